@@ -1,0 +1,38 @@
+"""User-facing errors and the command-line wrapper that reports them.
+
+Anything the user can get wrong (a config key, a data file, a flag) raises
+`UsageError` with a message that names the file, the key or the value. Command
+line entry points run through `run_cli`, which prints that message as one line
+and exits with status 2, never a traceback. Bugs in fasttrain itself are not
+`UsageError`s and still show their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn, Sequence
+
+
+class UsageError(Exception):
+    """A problem with the user's input, reported as one line with exit code 2."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
+    """Run `main(argv)` and exit: 0 on success, 2 on `UsageError`, 130 on Ctrl-C."""
+    try:
+        code = main(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag raises `UsageError` (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see --help)")
