@@ -1,0 +1,376 @@
+"""Run configuration: typed dataclasses, loaded from TOML with command-line overrides.
+
+Each TOML section ([model], [data], ...) maps to one dataclass below. A value is
+taken from, in increasing precedence: the dataclass default, the config file, then
+`--set section.key=value` on the command line. Everything is checked up front
+(names, types, ranges, combinations) so a typo fails in a second, not an hour into
+a run. Every problem is a one-line `UsageError` that starts with where the value
+came from (the file's path or `--set`), then names the key:
+
+    configs/tiny.toml: data.batch_size: must be > 0, got 0
+
+`save_config` writes the resolved config into the run directory, so a run can
+always be reproduced from what it wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence, get_args, get_origin, get_type_hints
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from fasttrain.errors import UsageError
+
+
+@dataclass
+class ModelConfig:
+    """[model]: the transformer's shape."""
+
+    vocab_size: int = 0  # embedding rows; 0 = take it from the prepared data's tokenizer
+    max_seq_len: int = 256  # longest context the model supports (size of the position table)
+    d_model: int = 256  # width of the residual stream
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads per block; must divide d_model
+
+
+@dataclass
+class DataConfig:
+    """[data]: where training text comes from and how it is batched."""
+
+    dir: str = "data/pydoc"  # prepared shards: train_*.bin, val_*.bin, meta.json, tokenizer.json
+    # What prepare reads when `dir` holds no prepared data: paths, globs, directories,
+    # JSONL files, or the embedded corpora builtin:pydoc / builtin:docstrings.
+    inputs: list[str] = field(default_factory=lambda: ["builtin:pydoc"])
+    tokenizer: str = ""  # an existing tokenizer.json to use; "" = prepare trains one
+    vocab_size: int = 4096  # vocabulary size of the BPE tokenizer prepare trains
+    val_fraction: float = 0.1  # fraction of documents held out for validation
+    batch_size: int = 16  # sequences per micro-batch, per rank
+    seq_len: int = 256  # tokens per training sequence
+    sampling: Literal["random", "sequential"] = "random"  # random windows, or one pass in order
+    prefetch: int = 2  # batches prepared ahead by a background thread; 0 = load in the training thread
+
+
+@dataclass
+class OptimConfig:
+    """[optim]: AdamW and gradient clipping."""
+
+    lr: float = 1e-3  # peak learning rate, reached at the end of warmup
+    weight_decay: float = 0.1  # decoupled (AdamW) weight decay
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator guard
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+
+
+@dataclass
+class ScheduleConfig:
+    """[schedule]: the learning rate over the run."""
+
+    warmup_steps: int = 100  # linear ramp from 0 to optim.lr
+    decay: Literal["cosine", "linear", "constant", "wsd"] = "cosine"  # shape after warmup (wsd = warmup-stable-decay)
+    min_lr: float = 1e-4  # learning rate at the last step
+
+
+@dataclass
+class TrainConfig:
+    """[train]: length, randomness, device and output of the run."""
+
+    steps: int = 2000  # optimizer steps in the whole run
+    seed: int = 1337  # seeds model init and data sampling
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda" or "cuda:N"
+    run_dir: str = "runs/base"  # where checkpoints, logs and the resolved config.toml go
+
+
+@dataclass
+class CheckpointConfig:
+    """[checkpoint]: how often to save and how many saves to keep."""
+
+    interval: int = 500  # save every this many steps (and at the end)
+    keep_last: int = 2  # older checkpoints are deleted
+
+
+@dataclass
+class LogConfig:
+    """[log]: how often to report progress."""
+
+    interval: int = 10  # report training metrics every this many steps
+
+
+@dataclass
+class Config:
+    """A whole run's settings, one attribute per TOML section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+OVERRIDE_SOURCE = "--set"  # how errors name values that came from the command line
+
+# How a TOML value is accepted for each field type: (accepts, convert, what an error says was expected).
+# bool is a subclass of int in Python, but `n_layers = true` is a mistake, never a number.
+# No setting means anything as inf or nan, and nan would slip through every range check.
+_TYPES: dict[Any, tuple[Callable[[Any], bool], Callable[[Any], Any], str]] = {
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), int, "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), float,
+            "a finite number"),
+    bool: (lambda v: isinstance(v, bool), bool, "true or false"),
+    str: (lambda v: isinstance(v, str), str, "a string"),
+    list[str]: (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), list, "a list of strings"),
+}
+
+# Allowed values, checked once all types are right: "section.key" -> (test, "must be ...").
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.vocab_size": _NON_NEGATIVE,
+    "model.max_seq_len": _POSITIVE,
+    "model.d_model": _POSITIVE,
+    "model.n_layers": _POSITIVE,
+    "model.n_heads": _POSITIVE,
+    "data.inputs": (bool, "a non-empty list"),
+    "data.vocab_size": (lambda v: v > 256, "> 256 (a byte-level BPE needs the 256 bytes plus an end-of-text token)"),
+    "data.val_fraction": _FRACTION,
+    "data.batch_size": _POSITIVE,
+    "data.seq_len": _POSITIVE,
+    "data.prefetch": _NON_NEGATIVE,
+    "optim.lr": _POSITIVE,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.beta1": _FRACTION,
+    "optim.beta2": _FRACTION,
+    "optim.eps": _POSITIVE,
+    "optim.max_grad_norm": _NON_NEGATIVE,
+    "schedule.warmup_steps": _NON_NEGATIVE,
+    "schedule.min_lr": _NON_NEGATIVE,
+    "train.steps": _POSITIVE,
+    "train.device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
+    "checkpoint.interval": _POSITIVE,
+    "checkpoint.keep_last": _POSITIVE,
+    "log.interval": _POSITIVE,
+}
+
+# Settings that must agree, checked after the ranges (so n_heads > 0 here):
+# (key, relation, other key, is_broken(cfg), why) -> "key = 1 <relation> other = 2 (why)".
+_CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
+    ("data.seq_len", "exceeds", "model.max_seq_len", lambda c: c.data.seq_len > c.model.max_seq_len,
+     "the model has no positions beyond its context"),
+    ("schedule.min_lr", "exceeds", "optim.lr", lambda c: c.schedule.min_lr > c.optim.lr,
+     "the schedule decays from lr down to min_lr"),
+    ("schedule.warmup_steps", "exceeds", "train.steps", lambda c: c.schedule.warmup_steps > c.train.steps,
+     "warmup would never finish"),
+    ("model.d_model", "is not divisible by", "model.n_heads", lambda c: c.model.d_model % c.model.n_heads != 0,
+     "each head gets d_model / n_heads dimensions"),
+    # With data.tokenizer set, the vocabulary size is only known once the tokenizer is read.
+    ("model.vocab_size", "is smaller than", "data.vocab_size",
+     lambda c: c.data.tokenizer == "" and 0 < c.model.vocab_size < c.data.vocab_size,
+     "the model could not embed every token; 0 takes the size from the tokenizer"),
+]
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
+    """Build a validated Config from defaults, the TOML file at `path` (None: none), then `overrides`.
+
+    Each override is `section.key=value`, with `value` a TOML literal (`8`, `"cpu"`,
+    `["a", "b"]`); text that is not a TOML literal is taken as a bare string, so
+    `train.device=cpu` works. Later overrides win. Raises UsageError (one line,
+    naming the file or `--set`, and the key) on any problem.
+    """
+    cfg = Config()
+    sources: dict[str, str] = {}  # "section.key" -> where its value came from
+    if path is not None:
+        source = os.fspath(path)
+        for section, table in _read_toml(path).items():
+            if not isinstance(table, dict):
+                got = f"{_show(table)} ({type(table).__name__})"
+                raise UsageError(f"{source}: {section}: expected a [section] table, got {got}")
+            part = _section(cfg, section, source)  # checked even when the table is empty
+            for key, value in table.items():
+                _assign(part, section, key, value, source, sources)
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        _assign(_section(cfg, section, OVERRIDE_SOURCE), section, key, value, OVERRIDE_SOURCE, sources)
+    _validate(cfg, sources)
+    return cfg
+
+
+def config_to_toml(cfg: Config) -> str:
+    """Render `cfg` as TOML text that `load_config` reads back to an equal Config."""
+    sections = []
+    for section in fields(cfg):
+        part = getattr(cfg, section.name)
+        lines = [f"[{section.name}]"] + [f"{f.name} = {_toml_value(getattr(part, f.name))}" for f in fields(part)]
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n"
+
+
+def save_config(cfg: Config, run_dir: str | os.PathLike[str]) -> Path:
+    """Write `cfg` to `run_dir/config.toml` (creating `run_dir`) and return that path.
+
+    The write is atomic: a crash leaves either the old file or the new one, never
+    half of one. Raises UsageError if the directory or file cannot be written.
+    """
+    path = Path(run_dir) / "config.toml"
+    tmp = path.with_name(f".config.toml.{os.getpid()}.tmp")  # same directory, so os.replace is a rename
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(config_to_toml(cfg))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"{path}: cannot write ({e.strerror or e})") from None
+    return path
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the positional `config` path and repeatable `--set SECTION.KEY=VALUE` to `parser`."""
+    parser.add_argument("config", help="TOML config file")
+    parser.add_argument(
+        "--set", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
+        help="override config values, after the config path; VALUE is TOML or a bare string, "
+        "e.g. --set data.batch_size=8 train.device=cpu",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load the Config named by arguments that `add_config_arguments` parsed."""
+    return load_config(args.config, args.set)
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed TOML document at `path`; UsageError if it is missing, unreadable or malformed."""
+    source = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{source}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"{source}: cannot read ({e.strerror or e})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # the message has the line and column
+        raise UsageError(f"{source}: invalid TOML: {' '.join(str(e).split())}") from None
+
+
+def _parse_override(item: str) -> tuple[str, str, Any]:
+    """Split `section.key=value` into its parts, the value parsed as a TOML literal or kept as text."""
+    name, eq, text = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not (eq and dot and section and key) or "." in key:
+        raise UsageError(f"{OVERRIDE_SOURCE} {item}: expected SECTION.KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return section, key, value
+
+
+def _section(cfg: Config, section: str, source: str) -> Any:
+    """The dataclass holding `cfg`'s [section]; UsageError if there is no such section."""
+    names = [f.name for f in fields(cfg)]
+    if section not in names:
+        raise _unknown(source, "section", section, names, lambda s: f"[{s}]")
+    return getattr(cfg, section)
+
+
+def _assign(part: Any, section: str, key: str, value: Any, source: str, sources: dict[str, str]) -> None:
+    """Set `part.<key>` (part is the [section] dataclass) to `value` if the key and type check out."""
+    types = get_type_hints(type(part))
+    if key not in types:
+        raise _unknown(source, "key", key, list(types), lambda k: f"{section}.{k}")
+    setattr(part, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
+    sources[f"{section}.{key}"] = source  # so later range and combination errors can name it
+
+
+def _unknown(source: str, kind: str, name: str, known: list[str], show: Callable[[str], str]) -> UsageError:
+    """The error for a misspelt section or key, suggesting the closest real one if any is close."""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {show(close[0])}?" if close else ""
+    return UsageError(f"{source}: unknown {kind} {show(name)}{hint}")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return `value` as field type `tp`, or raise UsageError prefixed with `where`."""
+    if get_origin(tp) is Literal:
+        allowed = get_args(tp)
+        if any(type(value) is type(a) and value == a for a in allowed):
+            return value
+        expected = "one of " + ", ".join(map(_toml_value, allowed))
+    else:
+        accepts, convert, expected = _TYPES[tp]
+        if accepts(value):
+            return convert(value)
+    raise UsageError(f"{where}: expected {expected}, got {_show(value)} ({type(value).__name__})")
+
+
+def _validate(cfg: Config, sources: dict[str, str]) -> None:
+    """Raise UsageError for the first value out of range, then for the first pair that disagrees."""
+    for name, (ok, requirement) in _RANGES.items():
+        value = _get(cfg, name)
+        if not ok(value):
+            raise UsageError(f"{_blame(sources, name)}: {name}: must be {requirement}, got {_show(value)}")
+    for name, relation, other, is_broken, why in _CONFLICTS:
+        if is_broken(cfg):
+            raise UsageError(
+                f"{_blame(sources, name, other)}: {name} = {_show(_get(cfg, name))} {relation} "
+                f"{other} = {_show(_get(cfg, other))} ({why})"
+            )
+
+
+def _get(cfg: Config, name: str) -> Any:
+    """The value of "section.key" in `cfg`."""
+    section, key = name.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _blame(sources: dict[str, str], *names: str) -> str:
+    """Where to send the user about a problem with `names`: --set if it gave one of them, else the file."""
+    given = [sources[n] for n in names if n in sources]
+    if OVERRIDE_SOURCE in given:  # applied last, so the most recent edit
+        return OVERRIDE_SOURCE
+    return given[0] if given else "defaults"
+
+
+def _toml_value(value: Any) -> str:
+    """`value` as a TOML literal; covers the types config fields can hold."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)  # always has a "." or an exponent, so it reads back as a float
+    if isinstance(value, str):
+        # A JSON string is a valid TOML basic string, except that TOML also forbids a raw DEL.
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _show(value: Any) -> str:
+    """`value` for an error message: as the user would write it in TOML where possible."""
+    try:
+        return _toml_value(value)
+    except TypeError:  # a table or a date where a plain value was expected
+        return repr(value)

@@ -1,0 +1,244 @@
+"""Tests for fasttrain.config: loading, overrides, round trips, and one-line errors."""
+
+import argparse
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fasttrain.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    add_config_arguments,
+    config_from_args,
+    config_to_toml,
+    load_config,
+    save_config,
+)
+from fasttrain.errors import UsageError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str, name: str = "cfg.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def test_defaults_load_and_validate():
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert cfg.data.inputs == ["builtin:pydoc"]
+    assert Config().data.inputs is not Config().data.inputs  # no shared mutable default
+
+
+def test_file_overrides_defaults(tmp_path):
+    path = write(tmp_path, """
+        [model]
+        d_model = 128
+        [optim]
+        lr = 1
+        [data]
+        inputs = ["docs/", "extra/*.txt"]
+        sampling = "sequential"
+    """)
+    cfg = load_config(path)
+    assert cfg.model.d_model == 128
+    assert cfg.model.n_layers == ModelConfig().n_layers
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.inputs == ["docs/", "extra/*.txt"]
+    assert cfg.data.sampling == "sequential"
+    assert cfg.data.batch_size == DataConfig().batch_size
+
+
+def test_overrides(tmp_path):
+    path = write(tmp_path, """
+        [data]
+        batch_size = 32
+        [train]
+        device = "cuda"
+    """)
+    cfg = load_config(path, [
+        "data.batch_size=8",
+        "train.device=cpu",  # bare string
+        'data.inputs=["a.txt", "b"]',
+        "optim.weight_decay=0",  # int for a float field
+        'train.run_dir="runs/x"',
+        "data.tokenizer=",  # empty bare string
+        "data.batch_size=4",  # later wins
+    ])
+    assert cfg.data.batch_size == 4
+    assert cfg.train.device == "cpu"
+    assert cfg.data.inputs == ["a.txt", "b"]
+    assert cfg.optim.weight_decay == 0.0 and isinstance(cfg.optim.weight_decay, float)
+    assert cfg.train.run_dir == "runs/x"
+    assert cfg.data.tokenizer == ""
+
+
+def test_consistent_edge_cases_are_accepted():
+    cfg = load_config(None, [
+        "schedule.warmup_steps=2000", "train.steps=2000",  # warmup may fill the whole run
+        "model.vocab_size=300", 'data.tokenizer="tok.json"',  # size checked later, against the tokenizer
+        "schedule.decay=wsd", "train.device=cuda:3", "optim.max_grad_norm=0", "data.prefetch=0",
+    ])
+    assert cfg.model.vocab_size == 300 and cfg.train.device == "cuda:3"
+
+
+def test_round_trip(tmp_path):
+    cfg = load_config(None, [
+        'data.dir="odd \\"quoted\\" \\\\ path\\nwith ünïcode, \\t tab and \\u007f"',
+        'data.inputs=["builtin:docstrings", "a b/*.txt"]',
+        "optim.lr=2.0", "optim.eps=1e-12", "optim.beta1=0.1234567890123", "schedule.min_lr=0",
+    ])
+    run_dir = tmp_path / "runs" / "one"
+    path = save_config(cfg, run_dir)
+    assert path == run_dir / "config.toml"
+    assert load_config(path) == cfg
+    save_config(Config(), run_dir)  # overwriting works too
+    assert load_config(path) == Config()
+    assert [p.name for p in run_dir.iterdir()] == ["config.toml"]  # no temp files left
+
+
+def test_toml_keeps_floats_floats():
+    cfg = Config()
+    cfg.optim.lr = 2.0
+    cfg.optim.max_grad_norm = math.nan
+    cfg.optim.eps = -math.inf
+    optim = tomllib.loads(config_to_toml(cfg))["optim"]
+    assert optim["lr"] == 2.0 and isinstance(optim["lr"], float)
+    assert math.isnan(optim["max_grad_norm"]) and optim["eps"] == -math.inf
+
+
+def test_argparse_helpers(tmp_path):
+    path = write(tmp_path, "[data]\nbatch_size = 2\n")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args([str(path), "--set", "data.seq_len=64", "model.n_layers=2", "--set", "data.batch_size=3"])
+    assert args.set == ["data.seq_len=64", "model.n_layers=2", "data.batch_size=3"]
+    cfg = config_from_args(args)
+    assert (cfg.data.seq_len, cfg.model.n_layers, cfg.data.batch_size) == (64, 2, 3)
+
+
+FILE, SET = "file", "--set"
+MISSING = None  # in place of the file's text: no file at all
+
+BAD_INPUTS = [
+    # (file text, overrides, who is blamed, phrases the message must contain)
+    pytest.param("[model\n", [], FILE, ["invalid TOML", "line 1"], id="malformed-toml"),
+    pytest.param("x = 1\nx = 2\n", [], FILE, ["invalid TOML"], id="duplicate-key"),
+    pytest.param(MISSING, [], FILE, ["no such file"], id="missing-file"),
+    pytest.param("[modle]\nd_model = 8\n", [], FILE, ["unknown section [modle]", "did you mean [model]?"],
+                 id="unknown-section"),
+    pytest.param("steps = 5\n", [], FILE, ["steps: expected a [section] table, got 5 (int)"], id="top-level-key"),
+    pytest.param("[data]\nbatch_sz = 3\n", [], FILE, ["unknown key data.batch_sz; did you mean data.batch_size?"],
+                 id="unknown-key"),
+    pytest.param('[data]\nbatch_size = "16"\n', [], FILE, ['data.batch_size: expected an integer, got "16" (str)'],
+                 id="string-for-int"),
+    pytest.param("[model]\nn_layers = true\n", [], FILE, ["model.n_layers: expected an integer, got true (bool)"],
+                 id="bool-for-int"),
+    pytest.param("[optim]\nlr = false\n", [], FILE, ["optim.lr: expected a finite number, got false (bool)"],
+                 id="bool-for-float"),
+    pytest.param("[train]\nsteps = 10.5\n", [], FILE, ["train.steps: expected an integer, got 10.5"],
+                 id="float-for-int"),
+    pytest.param("[data.extra]\nx = 1\n", [], FILE, ["unknown key data.extra"], id="nested-table"),
+    pytest.param('[data]\nsampling = "shuffled"\n', [], FILE,
+                 ['data.sampling: expected one of "random", "sequential", got "shuffled"'], id="literal"),
+    pytest.param('[data]\ninputs = ["a", 1]\n', [], FILE, ["data.inputs: expected a list of strings"],
+                 id="list-of-non-strings"),
+    pytest.param('[data]\ninputs = "a.txt"\n', [], FILE, ["data.inputs: expected a list of strings"],
+                 id="string-for-list"),
+    pytest.param("[data]\ninputs = []\n", [], FILE, ["data.inputs: must be a non-empty list"], id="empty-inputs"),
+    pytest.param("[data]\nbatch_size = 0\n", [], FILE, ["data.batch_size: must be > 0, got 0"], id="not-positive"),
+    pytest.param("[optim]\nlr = -0.001\n", [], FILE, ["optim.lr: must be > 0, got -0.001"], id="negative-lr"),
+    pytest.param("[optim]\nlr = nan\n", [], FILE, ["optim.lr: expected a finite number, got nan (float)"], id="nan"),
+    pytest.param("", ["optim.max_grad_norm=inf"], SET, ["optim.max_grad_norm: expected a finite number"], id="inf"),
+    pytest.param("[data]\nprefetch = -1\n", [], FILE, ["data.prefetch: must be >= 0, got -1"], id="negative"),
+    pytest.param("[model]\nvocab_size = -1\n", [], FILE, ["model.vocab_size: must be >= 0"], id="negative-vocab"),
+    pytest.param("[data]\nval_fraction = 1\n", [], FILE, ["data.val_fraction: must be in [0, 1), got 1.0"],
+                 id="fraction"),
+    pytest.param("[optim]\nbeta2 = 1.5\n", [], FILE, ["optim.beta2: must be in [0, 1)"], id="beta"),
+    pytest.param("[data]\nvocab_size = 256\n", [], FILE, ["data.vocab_size: must be > 256", "256 bytes"],
+                 id="tiny-bpe-vocab"),
+    pytest.param('[train]\ndevice = "gpu"\n', [], FILE, ['train.device: must be auto, cpu, cuda or cuda:N, got "gpu"'],
+                 id="device"),
+    pytest.param('[train]\ndevice = "cuda:"\n', [], FILE, ["train.device: must be"], id="device-no-index"),
+    pytest.param("[model]\nmax_seq_len = 128\n", [], FILE,
+                 ["data.seq_len = 256 exceeds model.max_seq_len = 128"], id="seq-len-vs-context"),
+    pytest.param("[optim]\nlr = 1e-5\n", [], FILE, ["schedule.min_lr = 0.0001 exceeds optim.lr = 1e-05"],
+                 id="min-lr-vs-lr"),
+    pytest.param("[train]\nsteps = 50\n", [], FILE, ["schedule.warmup_steps = 100 exceeds train.steps = 50"],
+                 id="warmup-vs-steps"),
+    pytest.param("[model]\nn_heads = 3\n", [], FILE, ["model.d_model = 256 is not divisible by model.n_heads = 3"],
+                 id="heads-vs-width"),
+    pytest.param("[model]\nvocab_size = 1000\n", [], FILE,
+                 ["model.vocab_size = 1000 is smaller than data.vocab_size = 4096"], id="model-vs-bpe-vocab"),
+    pytest.param("[model]\nmax_seq_len = 128\n", ["data.seq_len=200"], SET, ["data.seq_len = 200 exceeds"],
+                 id="conflict-blames-set"),
+    pytest.param("", ["data.batch_size=0"], SET, ["data.batch_size: must be > 0, got 0"], id="set-out-of-range"),
+    pytest.param("", ["batch_size=3"], SET, ["--set batch_size=3: expected SECTION.KEY=VALUE"], id="set-no-section"),
+    pytest.param("", ["data.batch_size"], SET, ["expected SECTION.KEY=VALUE"], id="set-no-value"),
+    pytest.param("", ["data.batch_size=abc"], SET, ['data.batch_size: expected an integer, got "abc" (str)'],
+                 id="set-bad-value"),
+    pytest.param("", ["dta.seq_len=3"], SET, ["unknown section [dta]; did you mean [data]?"], id="set-unknown-section"),
+    pytest.param("", ["schedule.decay=exp"], SET, ['expected one of "cosine", "linear", "constant", "wsd"'],
+                 id="set-literal"),
+]
+
+
+@pytest.mark.parametrize("text, overrides, blamed, phrases", BAD_INPUTS)
+def test_bad_inputs_raise_one_line_usage_errors(tmp_path, text, overrides, blamed, phrases):
+    path = tmp_path / "bad.toml"
+    if text is not MISSING:
+        path.write_text(text, encoding="utf-8")
+    with pytest.raises(UsageError) as excinfo:
+        load_config(path, overrides)
+    message = str(excinfo.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: " if blamed == FILE else "--set")
+    for phrase in phrases:
+        assert phrase in message
+
+
+def test_no_hint_when_nothing_is_close(tmp_path):
+    with pytest.raises(UsageError, match=r"unknown section \[zzzz\]$"):
+        load_config(write(tmp_path, "[zzzz]\n"))
+
+
+def test_unreadable_file(tmp_path):
+    with pytest.raises(UsageError, match="cannot read"):
+        load_config(tmp_path)  # a directory
+
+
+def test_cli_reports_one_line_and_exits_2(tmp_path):
+    path = write(tmp_path, "[data]\nbatch_size = 0\n")
+    script = textwrap.dedent("""
+        import argparse, sys
+        from fasttrain.config import add_config_arguments, config_from_args
+        from fasttrain.errors import run_cli
+
+        def main(argv):
+            parser = argparse.ArgumentParser()
+            add_config_arguments(parser)
+            config_from_args(parser.parse_args(argv))
+
+        run_cli(main, sys.argv[1:])
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path), "--set", "train.device=cpu"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:")
+    assert "data.batch_size: must be > 0, got 0" in lines[0]
