@@ -1,0 +1,187 @@
+"""Where documents come from: the user's files, or the corpus embedded in CPython.
+
+An input is a path, a glob, a directory (its text files, recursively), a JSONL
+file (one document per line, in a text field), or the name of an embedded
+corpus:
+
+    builtin:pydoc       the Python documentation topics shipped with CPython
+                        (`pydoc_data.topics`, ~465 KB of English, 79 documents)
+    builtin:docstrings  the docstrings of the standard library's modules, read
+                        with `ast` from the sources, never imported
+
+A plain text file is one document. Documents are streamed as `Piece`s of at most
+about `CHUNK_BYTES`, cut at line ends, so a multi-GB file is never read whole.
+Invalid UTF-8 is replaced with U+FFFD and counted, not fatal: real corpora have
+a few bad bytes and refusing the whole file would help nobody.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from fasttrain.errors import UsageError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTINS = ("pydoc", "docstrings")
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")  # what a directory contributes
+CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Part of a document: `text`, whether the document ends with it, and how many invalid UTF-8 sequences it replaced."""
+
+    text: str
+    ends_document: bool
+    replaced: int = 0
+
+
+@dataclass
+class Source:
+    """One file or embedded corpus to read."""
+
+    name: str  # a path, or builtin:NAME
+    size: int  # bytes on disk (an estimate for the embedded corpora), for progress
+
+    def pieces(self, text_field: str = "text") -> Iterator[Piece]:
+        if self.name.startswith(BUILTIN_PREFIX):
+            for doc in _builtin_documents(self.name[len(BUILTIN_PREFIX):]):
+                yield Piece(doc, True)
+        elif self.name.endswith(".jsonl"):
+            yield from self._jsonl_pieces(text_field)
+        else:
+            yield from self._text_pieces()
+
+    @staticmethod
+    def _piece(data: bytes, ends_document: bool) -> Piece:
+        text = data.decode("utf-8", errors="replace")
+        # Each invalid sequence became one U+FFFD; genuine U+FFFD characters are
+        # exactly the bytes EF BF BD, so the difference counts the damage.
+        replaced = text.count("\ufffd") - data.count(b"\xef\xbf\xbd") if "\ufffd" in text else 0
+        return Piece(text, ends_document, replaced)
+
+    def _text_pieces(self) -> Iterator[Piece]:
+        with _open(self.name) as f:
+            carry = b""
+            while True:
+                block = f.read(CHUNK_BYTES)
+                data = carry + block
+                if not block:
+                    yield self._piece(data, True)
+                    return
+                cut = _line_cut(data)
+                carry = data[cut:]
+                yield self._piece(data[:cut], False)
+
+    def _jsonl_pieces(self, text_field: str) -> Iterator[Piece]:
+        with _open(self.name) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{self.name}:{lineno}"
+                piece = self._piece(line, True)
+                try:
+                    record = json.loads(piece.text)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{where}: invalid JSON ({e.msg})") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    raise UsageError(f"{where}: no {text_field!r} field (choose one with --text-field)")
+                if not isinstance(record[text_field], str):
+                    kind = type(record[text_field]).__name__
+                    raise UsageError(f"{where}: field {text_field!r} is {kind}, expected a string")
+                yield Piece(record[text_field], True, piece.replaced)
+
+
+def _open(path: str):
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def _line_cut(data: bytes) -> int:
+    """Where to cut `data` so the first part ends a line (or, failing that, a UTF-8 character)."""
+    cut = data.rfind(b"\n") + 1
+    if cut == 0:  # one very long line: back off over UTF-8 continuation bytes instead
+        cut = len(data)
+        while cut > 0 and 0x80 <= data[cut - 1] < 0xC0:
+            cut -= 1
+        if cut > 0 and data[cut - 1] >= 0xC0:  # a lead byte whose continuation is cut off
+            cut -= 1
+        cut = cut or len(data)
+    return cut
+
+
+def resolve_inputs(inputs: Sequence[str]) -> list[Source]:
+    """Expand inputs into the ordered list of sources to read; a missing input is a `UsageError`."""
+    if not inputs:
+        raise UsageError("no inputs given")
+    sources: list[Source] = []
+    for spec in inputs:
+        if spec.startswith(BUILTIN_PREFIX):
+            name = spec[len(BUILTIN_PREFIX):]
+            if name not in BUILTINS:
+                known = ", ".join(BUILTIN_PREFIX + b for b in BUILTINS)
+                raise UsageError(f"{spec}: no such embedded corpus (known: {known})")
+            sources.append(Source(spec, size=_builtin_size(name)))
+            continue
+        if glob.has_magic(spec):
+            paths = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+            if not paths:
+                raise UsageError(f"{spec}: matches no files")
+        elif os.path.isdir(spec):
+            paths = sorted(
+                str(p) for p in Path(spec).rglob("*")
+                if p.is_file() and p.name.endswith(TEXT_SUFFIXES) and not p.name.startswith(".")
+            )
+            if not paths:
+                raise UsageError(f"{spec}: directory holds no text files ({', '.join(TEXT_SUFFIXES)})")
+        elif os.path.exists(spec):
+            paths = [spec]
+        else:
+            raise UsageError(f"{spec}: no such file or directory")
+        for p in paths:
+            if not os.access(p, os.R_OK):
+                raise UsageError(f"{p}: cannot read (permission denied)")
+            sources.append(Source(p, size=os.path.getsize(p)))
+    return sources
+
+
+def _builtin_size(name: str) -> int:
+    return 465_000 if name == "pydoc" else 4_000_000
+
+
+def _builtin_documents(name: str) -> Iterator[str]:
+    if name == "pydoc":
+        from pydoc_data.topics import topics
+
+        for key in sorted(topics):
+            yield topics[key]
+    else:
+        yield from _stdlib_docstrings()
+
+
+def _stdlib_docstrings() -> Iterator[str]:
+    """One document per standard-library module: its docstrings, in source order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__"}
+    for path in sorted(root.rglob("*.py")):
+        if skip.intersection(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError, OSError):
+            continue  # a file this Python cannot parse has no docstrings for us
+        nodes = [tree] + [
+            n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        ]
+        docs = [d for d in (ast.get_docstring(n) for n in nodes) if d]
+        if docs:
+            yield "\n\n".join(docs)

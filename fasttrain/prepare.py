@@ -1,0 +1,317 @@
+"""Tokenize a text corpus into train/val token shards.
+
+    python -m fasttrain.prepare --input PATH [PATH ...] --out DIR
+        [--vocab-size N | --tokenizer FILE] [--val-fraction F] [--overwrite]
+
+Writes into DIR: `train_000000.bin`, ... and `val_000000.bin`, ... (see
+fasttrain/shards.py), `tokenizer.json` and `meta.json` (vocabulary size, token
+and document counts, sources). Every document is preceded by the end-of-text
+token, so each one starts with a clean context, as in llm.c.
+
+The corpus is streamed: documents are read in pieces, tokenized in parallel
+batches and appended to shards on disk, so memory stays bounded whatever the
+corpus size. Everything is written into DIR/.prepare-tmp first and moved into
+place only once complete; an interrupted run leaves DIR as it was.
+
+The validation split is by documents: whole documents are held out until they
+make up about F of the text (see `split_documents`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from fasttrain.config import Config
+from fasttrain.corpus import Piece, Source, resolve_inputs
+from fasttrain.errors import ArgumentParser, UsageError, run_cli
+from fasttrain.shards import ShardInfo, ShardWriter, read_meta, token_dtype
+from fasttrain.tokenizer import Tokenizer
+
+SPLITS = ("train", "val")
+PREPARED = ("meta.json", "tokenizer.json", "train_*.bin", "val_*.bin")  # what --overwrite replaces
+TMP_NAME = ".prepare-tmp"
+
+
+def split_documents(sources: Sequence[Source], text_field: str, val_fraction: float) -> Iterator[tuple[str, Piece, bool]]:
+    """(split, piece, starts_document) for every piece of every source, in order.
+
+    A document joins the validation split when, counted in characters, the
+    validation split is behind `val_fraction` of everything before it. That
+    holds out about that fraction of the text, whole documents only, and is
+    deterministic; with two or more documents and a fraction above 0 the
+    validation split is never empty.
+    """
+    chars = {"train": 0, "val": 0}
+    split, starts = "train", True
+    for src in sources:
+        for piece in src.pieces(text_field):
+            if starts:
+                split = "val" if chars["val"] < val_fraction * (chars["train"] + chars["val"]) else "train"
+            chars[split] += len(piece.text)
+            yield split, piece, starts
+            starts = piece.ends_document
+
+
+def _train_texts(sources: Sequence[Source], text_field: str, val_fraction: float, max_chars: int) -> Iterator[str]:
+    """Training-split text for learning the tokenizer, stopping after about `max_chars` characters."""
+    seen = 0
+    for split, piece, _ in split_documents(sources, text_field, val_fraction):
+        if seen >= max_chars:
+            return
+        if split == "train":
+            seen += len(piece.text)
+            yield piece.text
+
+
+class _ShardSequence:
+    """Appends tokens to `{split}_000000.bin`, `{split}_000001.bin`, ..., starting a new shard every `shard_tokens`."""
+
+    def __init__(self, directory: Path, split: str, vocab_size: int, shard_tokens: int):
+        self.directory, self.split, self.vocab_size, self.shard_tokens = directory, split, vocab_size, shard_tokens
+        self.done: list[ShardInfo] = []
+        self.writer: ShardWriter | None = None
+        self.documents = 0
+        self.text_bytes = 0  # UTF-8 bytes of the text behind the tokens, for bits per byte
+        self.replaced = 0  # invalid UTF-8 sequences replaced in that text
+
+    def write(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            if self.writer is None:
+                name = f"{self.split}_{len(self.done):06d}.bin"
+                self.writer = ShardWriter(self.directory / name, self.vocab_size)
+            room = self.shard_tokens - self.writer.num_tokens
+            self.writer.write(tokens[:room])
+            tokens = tokens[room:]
+            if self.writer.num_tokens == self.shard_tokens:
+                self.done.append(self.writer.close())
+                self.writer = None
+
+    def close(self) -> list[ShardInfo]:
+        if self.writer is not None:
+            self.done.append(self.writer.close())
+            self.writer = None
+        return self.done
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.done) + (self.writer.num_tokens if self.writer else 0)
+
+
+def _encode_into(
+    sources: Sequence[Source],
+    tokenizer: Tokenizer,
+    outputs: dict[str, _ShardSequence],
+    val_fraction: float,
+    text_field: str,
+    batch_chars: int,
+    progress: tqdm,
+) -> None:
+    """Tokenize every document into its split's shards, a batch of pieces at a time."""
+    eot = np.array([tokenizer.eot_id], dtype=np.int64)
+    pieces = split_documents(sources, text_field, val_fraction)
+    while True:
+        # Gather about `batch_chars` of text, then encode it in one parallel call.
+        batch, chars = [], 0
+        for split, piece, starts in pieces:
+            if piece.text or not starts:  # skip empty documents
+                batch.append((split, piece, starts))
+                chars += len(piece.text)
+                if chars >= batch_chars:
+                    break
+        if not batch:
+            return
+        encoded = tokenizer.encode_batch([piece.text for _, piece, _ in batch])
+        for split, out in outputs.items():
+            parts = []
+            for (s, piece, starts), ids in zip(batch, encoded):
+                if s != split:
+                    continue
+                if starts:
+                    parts.append(eot)
+                    out.documents += 1
+                out.text_bytes += len(piece.text.encode("utf-8"))
+                out.replaced += piece.replaced
+                parts.append(np.asarray(ids, dtype=np.int64))
+            if parts:
+                out.write(np.concatenate(parts))
+        progress.update(chars)
+
+
+def prepare(
+    inputs: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    vocab_size: int = 4096,
+    tokenizer_path: str | None = None,
+    val_fraction: float = 0.1,
+    overwrite: bool = False,
+    shard_tokens: int = 100_000_000,
+    text_field: str = "text",
+    tokenizer_train_chars: int = 200_000_000,
+    batch_chars: int = 8_000_000,
+    quiet: bool = False,
+) -> dict:
+    """Tokenize `inputs` into shards in `out_dir` and return the contents of its meta.json.
+
+    The tokenizer is loaded from `tokenizer_path`, or else a byte-level BPE of
+    `vocab_size` tokens is trained on (up to `tokenizer_train_chars` of) the
+    training split. Bad input raises `UsageError` and leaves `out_dir` as it was.
+    """
+    if not 0 <= val_fraction < 1:
+        raise UsageError(f"--val-fraction: must be in [0, 1), got {val_fraction}")
+    if shard_tokens <= 0 or shard_tokens >= 1 << 31:
+        raise UsageError(f"--shard-tokens: must be in [1, 2^31), got {shard_tokens}")
+    sources = resolve_inputs(inputs)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    existing = sorted(p for pattern in PREPARED for p in out.glob(pattern))
+    if existing and not overwrite:
+        raise UsageError(f"{out}: already holds prepared data ({existing[0].name}); pass --overwrite to replace it")
+    tmp = out / TMP_NAME
+    try:
+        if tmp.exists():  # left by a run that was killed
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise UsageError(f"{out}: cannot write ({e.strerror})") from None
+
+    outputs: dict[str, _ShardSequence] = {}
+    try:
+        start = time.perf_counter()
+        if tokenizer_path:
+            tokenizer = Tokenizer.load(tokenizer_path)
+        else:
+            texts = _train_texts(sources, text_field, val_fraction, tokenizer_train_chars)
+            tokenizer = Tokenizer.train(texts, vocab_size)
+        tokenizer_seconds = time.perf_counter() - start
+
+        outputs = {s: _ShardSequence(tmp, s, tokenizer.vocab_size, shard_tokens) for s in SPLITS}
+        total = sum(src.size for src in sources)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=quiet or None) as progress:
+            _encode_into(sources, tokenizer, outputs, val_fraction, text_field, batch_chars, progress)
+        shards = {s: outputs[s].close() for s in SPLITS}
+        seconds = time.perf_counter() - start
+
+        counts = {s: outputs[s].num_tokens for s in SPLITS}
+        if counts["train"] == 0:
+            raise UsageError(f"{', '.join(inputs)}: no text found")
+        if val_fraction > 0 and counts["val"] == 0:
+            docs = outputs["train"].documents
+            raise UsageError(
+                f"--val-fraction {val_fraction}: no document was held out ({docs} documents in all); "
+                "give more documents (one per file or JSONL line) or --val-fraction 0"
+            )
+        tokenizer.save(tmp / "tokenizer.json")
+        meta = {
+            "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_id,
+            "token_dtype": token_dtype(tokenizer.vocab_size).name,
+            "tokens": counts,
+            "documents": {s: outputs[s].documents for s in SPLITS},
+            "text_bytes": {s: outputs[s].text_bytes for s in SPLITS},
+            "shards": {s: [Path(i.path).name for i in shards[s]] for s in SPLITS},
+            # What was asked for, so a config can tell whether this data is what it wants.
+            "request": _request(inputs, vocab_size, tokenizer_path, val_fraction),
+            "files": len(sources),
+            "invalid_utf8_replaced": sum(o.replaced for o in outputs.values()),
+            "seconds": {"tokenizer": round(tokenizer_seconds, 3), "total": round(seconds, 3)},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        # Move into place: old data out, new shards and tokenizer in, meta.json last
+        # (its presence marks a complete preparation).
+        for p in existing:
+            p.unlink()
+        for p in sorted(tmp.iterdir(), key=lambda p: p.name == "meta.json"):
+            os.replace(p, out / p.name)
+        tmp.rmdir()
+    except OSError as e:
+        raise UsageError(f"{out}: write failed ({e.strerror})") from None
+    finally:
+        for o in outputs.values():
+            o.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if not quiet:
+        n = counts["train"] + counts["val"]
+        replaced = meta["invalid_utf8_replaced"]
+        print(
+            f"prepared {counts['train']:,} train + {counts['val']:,} val tokens "
+            f"({meta['documents']['train']:,} + {meta['documents']['val']:,} documents, vocab {tokenizer.vocab_size}) "
+            f"in {seconds:.1f}s, {n / seconds:,.0f} tokens/s -> {out}"
+            + (f"; replaced {replaced} invalid UTF-8 sequences" if replaced else "")
+        )
+    return meta
+
+
+def _request(inputs: Sequence[str], vocab_size: int, tokenizer_path: str | None, val_fraction: float) -> dict:
+    return {"inputs": list(inputs), "tokenizer": tokenizer_path or None,
+            "vocab_size": None if tokenizer_path else vocab_size, "val_fraction": val_fraction}
+
+
+def ensure_prepared(cfg: Config, quiet: bool = False) -> dict:
+    """Make sure `cfg.data.dir` holds the data `cfg.data` asks for, and return its meta.json.
+
+    Prepares it from `cfg.data.inputs` when the directory has none; refuses data
+    prepared from other inputs or with another tokenizer, rather than train on
+    it silently. Fills in `cfg.model.vocab_size` from the tokenizer when it is 0.
+    """
+    d = cfg.data
+    wanted = _request(d.inputs, d.vocab_size, d.tokenizer, d.val_fraction)
+    meta = read_meta(d.dir)
+    if meta is None:
+        meta = prepare(d.inputs, d.dir, vocab_size=d.vocab_size, tokenizer_path=d.tokenizer or None,
+                       val_fraction=d.val_fraction, quiet=quiet)
+    differ = [f"{k}={v!r}" for k, v in meta.get("request", {}).items() if wanted.get(k) != v]
+    if differ or "request" not in meta:
+        raise UsageError(
+            f"{d.dir}: holds data prepared with {', '.join(differ) or 'unknown settings'}, not what [data] asks for; "
+            "point data.dir elsewhere or remove the directory"
+        )
+    vocab = int(meta["vocab_size"])
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = vocab
+    elif cfg.model.vocab_size < vocab:
+        raise UsageError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens in {d.dir}")
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m fasttrain.prepare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", nargs="+", default=["builtin:pydoc"], metavar="PATH",
+                        help="text files, globs, directories, JSONL files, or builtin:pydoc / builtin:docstrings "
+                             "(default: builtin:pydoc, the Python docs shipped with CPython)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory for the shards, tokenizer and meta.json")
+    tok = parser.add_mutually_exclusive_group()
+    tok.add_argument("--vocab-size", type=int, default=4096, metavar="N", help="train a BPE of N tokens (default 4096)")
+    tok.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer.json instead of training one")
+    parser.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                        help="fraction of documents held out for validation (default 0.1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    parser.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N",
+                        help="tokens per shard (default 100M)")
+    args = parser.parse_args(argv)
+    prepare(
+        args.input, args.out,
+        vocab_size=args.vocab_size, tokenizer_path=args.tokenizer, val_fraction=args.val_fraction,
+        overwrite=args.overwrite, shard_tokens=args.shard_tokens, text_field=args.text_field,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

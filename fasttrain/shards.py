@@ -1,0 +1,161 @@
+"""The prepared-data format: token shards (llm.c's convention) and meta.json; writer and validating readers.
+
+A shard is a header of 256 little-endian int32, then the tokens:
+
+    header[0]  magic 20240520
+    header[1]  version 1
+    header[2]  number of tokens
+    header[3]  bytes per token: 2 (uint16) or 4 (uint32, for vocabularies over 65536 ids)
+    header[4]  vocabulary size of the tokenizer that wrote it (0: unknown)
+    header[5]  largest token id in the shard + 1 (0: unknown)
+
+llm.c's own shards (magic 20240520 with uint16 tokens, or 20240801 with uint32
+tokens for Llama 3) leave header[3:] zero and read as well; a loader then has
+to scan them to learn their largest id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fasttrain.errors import UsageError
+
+MAGIC = 20240520
+LLMC_UINT32_MAGIC = 20240801  # llm.c's Llama 3 shards: uint32 tokens, no width field
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest dtype that holds every id below `vocab_size`."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str
+    num_tokens: int
+    dtype: np.dtype
+    vocab_size: int  # 0: unknown
+    id_bound: int  # every token id is below this; 0: unknown
+
+    @property
+    def file_size(self) -> int:
+        return HEADER_BYTES + self.num_tokens * self.dtype.itemsize
+
+
+def read_header(path: str | os.PathLike) -> ShardInfo:
+    """Read and check a shard's header against its file size; any problem is a `UsageError` naming the file."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(HEADER_BYTES)
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
+    if len(raw) < HEADER_BYTES:
+        raise UsageError(f"{path}: truncated shard: {len(raw)} bytes, shorter than the {HEADER_BYTES}-byte header")
+    header = np.frombuffer(raw, dtype="<i4")
+    magic, version, num_tokens, width, vocab_size, id_bound = (int(v) for v in header[:6])
+    if magic not in (MAGIC, LLMC_UINT32_MAGIC):
+        raise UsageError(f"{path}: not a token shard (magic {magic}, expected {MAGIC})")
+    if width == 0:  # an llm.c shard: the magic tells the width
+        width = 4 if magic == LLMC_UINT32_MAGIC else 2
+    if width not in (2, 4):
+        raise UsageError(f"{path}: unsupported token width {width} bytes (expected 2 or 4)")
+    if magic == MAGIC and version != VERSION:
+        raise UsageError(f"{path}: unsupported shard version {version} (expected {VERSION})")
+    if num_tokens < 0 or vocab_size < 0 or id_bound < 0:
+        raise UsageError(f"{path}: corrupt header (negative count)")
+    info = ShardInfo(path, num_tokens, np.dtype(np.uint16 if width == 2 else np.uint32), vocab_size, id_bound)
+    if size != info.file_size:
+        raise UsageError(
+            f"{path}: {'truncated' if size < info.file_size else 'oversized'} shard: header says "
+            f"{num_tokens} tokens ({info.file_size} bytes), file has {size} bytes"
+        )
+    return info
+
+
+def scan_id_bound(info: ShardInfo, chunk: int = 1 << 24) -> int:
+    """Largest token id + 1, read from the data itself (for shards whose header does not say)."""
+    bound = 0
+    with open(info.path, "rb") as f:
+        f.seek(HEADER_BYTES)
+        while block := f.read(chunk * info.dtype.itemsize):
+            bound = max(bound, int(np.frombuffer(block, dtype=info.dtype).max()) + 1)
+    return bound
+
+
+class ShardWriter:
+    """Writes one shard under a temporary name and renames it into place only when complete.
+
+    Tokens are streamed to disk as they come (memory stays bounded); `close()`
+    fills in the header, fsyncs and renames. `abort()` (or an exception inside a
+    `with` block) removes the temporary file, so a crash never leaves a
+    half-written shard under its final name.
+    """
+
+    def __init__(self, path: str | os.PathLike, vocab_size: int):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
+        self.dtype = token_dtype(vocab_size)
+        self.vocab_size = vocab_size
+        self.num_tokens = 0
+        self.id_bound = 0
+        self._f = open(self.tmp, "wb")
+        self._f.write(bytes(HEADER_BYTES))  # placeholder, filled in by close()
+
+    def write(self, tokens: np.ndarray) -> None:
+        if tokens.size == 0:
+            return
+        self.id_bound = max(self.id_bound, int(tokens.max()) + 1)
+        if self.id_bound > self.vocab_size:
+            raise ValueError(f"token id {self.id_bound - 1} is outside the vocabulary of {self.vocab_size}")
+        self._f.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        self.num_tokens += tokens.size
+
+    def close(self) -> ShardInfo:
+        if self.num_tokens >= 1 << 31:
+            self.abort()
+            raise ValueError(f"{self.path}: {self.num_tokens} tokens do not fit the header's int32 count")
+        header = np.zeros(HEADER_INTS, dtype="<i4")
+        header[:6] = [MAGIC, VERSION, self.num_tokens, self.dtype.itemsize, self.vocab_size, self.id_bound]
+        self._f.seek(0)
+        self._f.write(header.tobytes())
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        return ShardInfo(str(self.path), self.num_tokens, self.dtype, self.vocab_size, self.id_bound)
+
+    def abort(self) -> None:
+        self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._f.closed:
+            self.close()
+
+
+def read_meta(directory: str | os.PathLike) -> dict | None:
+    """The meta.json that prepare wrote into `directory`, or None if there is none."""
+    path = Path(directory) / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+        int(meta["vocab_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path}: unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    return meta

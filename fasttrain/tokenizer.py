@@ -1,0 +1,75 @@
+"""Byte-level BPE tokenizer: train one on a corpus, or load an existing tokenizer.json.
+
+Byte-level means every string encodes (no unknown token) and decode(encode(t))
+gives back t exactly. An end-of-text token separates documents; a loaded
+tokenizer must have one under one of the usual names (GPT-2's <|endoftext|>,
+Llama 3's <|end_of_text|>, SentencePiece-style </s>).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from fasttrain.errors import UsageError
+
+EOT = "<|endoftext|>"
+EOT_NAMES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the id of its end-of-text token."""
+
+    def __init__(self, tok: tokenizers.Tokenizer, source: str = "trained"):
+        eot = next((i for i in map(tok.token_to_id, EOT_NAMES) if i is not None), None)
+        if eot is None:
+            raise UsageError(f"{source}: tokenizer has no end-of-text token (one of {', '.join(EOT_NAMES)})")
+        self.tok = tok
+        self.eot_id: int = eot
+        self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+        """Learn a byte-level BPE of `vocab_size` tokens (including the end-of-text token) from `texts`."""
+        if vocab_size <= 256:
+            raise UsageError(f"vocab size {vocab_size} is too small: byte-level BPE needs 256 bytes + end-of-text")
+        tok = tokenizers.Tokenizer(models.BPE())
+        # No prefix space and no normalizer: the text is encoded byte for byte, so decoding is exact.
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise UsageError(f"{path}: no such tokenizer file")
+        try:
+            tok = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UsageError(f"{path}: not a valid tokenizer.json ({reason})") from None
+        return cls(tok, source=path)
+
+    def save(self, path: str | os.PathLike) -> None:
+        self.tok.save(os.fspath(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many texts at once, in parallel across the tokenizers library's threads."""
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)

@@ -1,0 +1,263 @@
+"""Preparation: corpus reading, tokenizer, shard format, splits, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fasttrain.corpus as corpus
+from fasttrain.errors import UsageError
+from fasttrain.config import load_config, save_config
+from fasttrain.prepare import ensure_prepared, main, prepare
+from fasttrain.shards import HEADER_BYTES, MAGIC, VERSION, ShardWriter, read_header
+from fasttrain.tokenizer import EOT, Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shard_tokens(directory: Path, split: str) -> np.ndarray:
+    infos = [read_header(p) for p in sorted(directory.glob(f"{split}_*.bin"))]
+    return np.concatenate([np.fromfile(i.path, dtype=i.dtype, offset=HEADER_BYTES) for i in infos]).astype(np.int64)
+
+
+def documents_in(directory: Path, split: str) -> list[str]:
+    """Decode a split back into its documents: each one starts with the end-of-text token."""
+    tok = Tokenizer.load(directory / "tokenizer.json")
+    tokens = shard_tokens(directory, split)
+    starts = np.flatnonzero(tokens == tok.eot_id)
+    assert starts.size and starts[0] == 0
+    return [tok.decode(doc[1:]) for doc in np.split(tokens, starts[1:])]
+
+
+def test_embedded_corpus_round_trips(pydoc_data):
+    from pydoc_data.topics import topics
+
+    train, val = documents_in(pydoc_data, "train"), documents_in(pydoc_data, "val")
+    assert sorted(train + val) == sorted(topics.values())  # every document, exactly, in one split
+    meta = json.loads((pydoc_data / "meta.json").read_text())
+    assert meta["documents"] == {"train": len(train), "val": len(val)}
+    assert meta["tokens"] == {s: shard_tokens(pydoc_data, s).size for s in ("train", "val")}
+    val_share = meta["text_bytes"]["val"] / (meta["text_bytes"]["train"] + meta["text_bytes"]["val"])
+    assert 0.07 < val_share < 0.13  # about the requested 10% of the text
+    assert meta["vocab_size"] == 512 and meta["token_dtype"] == "uint16"
+
+
+def test_shard_header(pydoc_data):
+    path = pydoc_data / "train_000000.bin"
+    header = np.fromfile(path, dtype="<i4", count=256)
+    tokens = shard_tokens(pydoc_data, "train")
+    assert list(header[:6]) == [MAGIC, VERSION, tokens.size, 2, 512, tokens.max() + 1]
+    assert not header[6:].any()
+    assert path.stat().st_size == HEADER_BYTES + 2 * tokens.size
+
+
+def test_wide_vocabularies_use_uint32(tmp_path):
+    with ShardWriter(tmp_path / "s.bin", vocab_size=1 << 16) as w:
+        w.write(np.array([65535]))
+    with ShardWriter(tmp_path / "t.bin", vocab_size=(1 << 16) + 1) as w:
+        w.write(np.array([65536, 3]))
+    assert read_header(tmp_path / "s.bin").dtype == np.uint16
+    info = read_header(tmp_path / "t.bin")
+    assert info.dtype == np.uint32 and info.num_tokens == 2 and info.id_bound == 65537
+    assert np.fromfile(tmp_path / "t.bin", dtype=np.uint32, offset=HEADER_BYTES).tolist() == [65536, 3]
+
+
+def test_shard_writer_leaves_nothing_on_failure(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path / "train_000000.bin", 512) as w:
+            w.write(np.arange(10))
+            raise RuntimeError("crash mid-shard")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("text", ["", "plain ascii", "héllo wörld — ünïcödé", "tabs\tand\n\nnewlines\r\n",
+                                  "emoji 😀🚀 and CJK 漢字", "  leading and trailing spaces  ", "\x00\x01 control",
+                                  EOT + " the special token as text"])
+def test_tokenizer_round_trip(pydoc_data, text):
+    tok = Tokenizer.load(pydoc_data / "tokenizer.json")
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_tokenizer_vocab_and_errors(tmp_path):
+    tok = Tokenizer.train(["some text to learn from " * 50, "and another document"], vocab_size=300)
+    assert tok.vocab_size <= 300 and tok.tok.token_to_id(EOT) == tok.eot_id
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(UsageError, match="not a valid tokenizer.json"):
+        Tokenizer.load(bad)
+    no_eot = json.loads(tok.tok.to_str())
+    no_eot["added_tokens"] = []
+    no_eot["model"]["vocab"].pop(EOT)
+    bad.write_text(json.dumps(no_eot))
+    with pytest.raises(UsageError, match="no end-of-text token"):
+        Tokenizer.load(bad)
+
+
+def test_files_directories_globs_and_jsonl(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    docs = {f"doc {i}: " + "lorem ipsum dolor sit amet " * (i + 1) for i in range(12)}
+    ordered = sorted(docs)
+    for i, d in enumerate(ordered[:4]):
+        (src / f"a{i}.txt").write_text(d)
+    for i, d in enumerate(ordered[4:8]):
+        (src / "sub" / f"b{i}.md").write_text(d)
+    (src / "sub" / "ignored.bin").write_bytes(b"\xff\xfe not text")
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for d in ordered[8:]:
+            f.write(json.dumps({"id": 1, "body": d}) + "\n\n")
+    out = tmp_path / "out"
+    meta = prepare([str(src / "a*.txt"), str(src / "sub"), str(tmp_path / "docs.jsonl")], out,
+                   vocab_size=300, val_fraction=0.2, text_field="body", quiet=True)
+    assert meta["files"] == 4 + 4 + 1
+    assert set(documents_in(out, "train") + documents_in(out, "val")) == docs
+    assert meta["documents"]["val"] >= 1 and meta["invalid_utf8_replaced"] == 0
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"good text \xff\xfe then more \xc3 and a real \xef\xbf\xbd here")
+    (tmp_path / "b.txt").write_text("a second document " * 20)
+    meta = prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], tmp_path / "out",
+                   vocab_size=300, val_fraction=0.5, quiet=True)
+    assert meta["invalid_utf8_replaced"] == 3
+    texts = documents_in(tmp_path / "out", "train") + documents_in(tmp_path / "out", "val")
+    assert "good text \ufffd\ufffd then more \ufffd and a real \ufffd here" in texts
+
+
+def test_large_files_stream_in_pieces(tmp_path, monkeypatch):
+    """A file bigger than a read chunk is cut at line ends (or UTF-8 boundaries) yet decodes back exactly."""
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 64)
+    lines = [("ünïcode line %d " % i) * (i % 7) for i in range(300)] + ["é" * 500]  # one line longer than a chunk
+    text = "\n".join(lines)
+    (tmp_path / "big.txt").write_text(text)
+    (tmp_path / "small.txt").write_text("another document " * 30)
+    pieces = list(corpus.resolve_inputs([str(tmp_path / "big.txt")])[0].pieces())
+    assert len(pieces) > 10 and "".join(p.text for p in pieces) == text
+    assert [p.ends_document for p in pieces].count(True) == 1
+    prepare([str(tmp_path / "big.txt"), str(tmp_path / "small.txt")], tmp_path / "out",
+            vocab_size=400, val_fraction=0.4, quiet=True, batch_chars=1000)
+    assert documents_in(tmp_path / "out", "train") + documents_in(tmp_path / "out", "val") in (
+        [text, "another document " * 30], ["another document " * 30, text])
+
+
+def test_shards_roll_over_and_an_existing_tokenizer_is_reused(pydoc_data, tmp_path):
+    out = tmp_path / "out"
+    meta = prepare(["builtin:pydoc"], out, tokenizer_path=str(pydoc_data / "tokenizer.json"),
+                   shard_tokens=10_000, quiet=True)
+    assert len(meta["shards"]["train"]) == -(-meta["tokens"]["train"] // 10_000) > 1
+    assert all(read_header(out / n).num_tokens == 10_000 for n in meta["shards"]["train"][:-1])
+    for split in ("train", "val"):  # same tokenizer, same split: the same tokens, just cut into more files
+        assert np.array_equal(shard_tokens(out, split), shard_tokens(pydoc_data, split))
+
+
+def test_overwrite_replaces_and_failure_keeps_old_data(pydoc_data, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    prepare(["builtin:pydoc"], out, vocab_size=300, quiet=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    with pytest.raises(UsageError, match="already holds prepared data"):
+        prepare(["builtin:pydoc"], out, vocab_size=400, quiet=True)
+
+    def crash(self, texts):
+        raise RuntimeError("killed mid-run")
+
+    monkeypatch.setattr(Tokenizer, "encode_batch", crash)
+    with pytest.raises(RuntimeError):
+        prepare(["builtin:pydoc"], out, vocab_size=400, overwrite=True, quiet=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched, no temp files
+    monkeypatch.undo()
+
+    meta = prepare(["builtin:pydoc"], out, vocab_size=400, overwrite=True, shard_tokens=50_000, quiet=True)
+    assert meta["vocab_size"] == 400
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["meta.json", "tokenizer.json"] + meta["shards"]["train"] + meta["shards"]["val"])
+
+
+def _write(name, content):
+    def make(d: Path):
+        p = d / name
+        p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
+        return [str(p)]
+    return make
+
+
+BAD = [
+    ("missing file", lambda d: [str(d / "nope.txt")], [], "nope.txt: no such file or directory"),
+    ("glob matching nothing", lambda d: [str(d / "*.zzz")], [], r"\*.zzz: matches no files"),
+    ("empty directory", lambda d: [str(d)], [], "directory holds no text files"),
+    ("empty file", _write("empty.txt", ""), [], "empty.txt: no text found"),
+    ("unknown embedded corpus", lambda d: ["builtin:nope"], [], "builtin:nope: no such embedded corpus"),
+    ("invalid JSON line", _write("x.jsonl", '{"text": "ok"}\n{"text": \n'), [], r"x.jsonl:2: invalid JSON"),
+    ("JSONL without the field", _write("x.jsonl", '{"body": "ok"}\n'), [], r"x.jsonl:1: no 'text' field"),
+    ("JSONL field not a string", _write("x.jsonl", '{"text": 3}\n'), [], r"x.jsonl:1: field 'text' is int"),
+    ("one document cannot be split", _write("one.txt", "a single document"), [], "no document was held out"),
+    ("vocab size too small", _write("a.txt", "text"), ["--vocab-size", "100"], "vocab size 100 is too small"),
+    ("val fraction out of range", _write("a.txt", "text"), ["--val-fraction", "1.5"], r"--val-fraction: must be in \[0, 1\)"),
+    ("non-numeric flag", _write("a.txt", "text"), ["--vocab-size", "lots"], "invalid int value: 'lots'"),
+    ("missing tokenizer", _write("a.txt", "text"), ["--tokenizer", "nope.json"], "nope.json: no such tokenizer file"),
+    ("malformed tokenizer", _write("a.txt", "text"), ["--tokenizer", "__file__"], "not a valid tokenizer.json"),
+    ("both tokenizer options", _write("a.txt", "text"), ["--tokenizer", "t.json", "--vocab-size", "300"], "not allowed with"),
+    ("output is a file", _write("a.txt", "text"), ["--out", "__file__"], "exists and is not a directory"),
+]
+
+
+@pytest.mark.parametrize("inputs, flags, message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_is_a_one_line_error(tmp_path, inputs, flags, message):
+    src = tmp_path / "src"
+    src.mkdir()
+    args = ["--input", *inputs(src)]
+    flags = [str(src / "a.txt") if f == "__file__" else f for f in flags]
+    if "--out" not in flags:
+        flags += ["--out", str(tmp_path / "out")]
+    with pytest.raises(UsageError, match=message) as e:
+        main(args + flags)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+def test_unreadable_file(tmp_path):
+    p = tmp_path / "secret.txt"
+    p.write_text("text")
+    p.chmod(0)
+    with pytest.raises(UsageError, match="secret.txt: cannot read"):
+        main(["--input", str(p), "--out", str(tmp_path / "out")])
+
+
+def test_command_line_exit_codes(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "fasttrain.prepare", *args], cwd=REPO,
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    ok = run("--out", str(tmp_path / "d"), "--vocab-size", "300")
+    assert ok.returncode == 0 and "tokens/s" in ok.stdout and (tmp_path / "d" / "meta.json").exists()
+    for bad in (run("--out", str(tmp_path / "d")), run("--input", str(tmp_path / "missing"), "--out", "x"), run()):
+        assert bad.returncode == 2
+        assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_config_drives_preparation_and_the_saved_config_has_the_vocab_size(pydoc_data, tmp_path):
+    data = tmp_path / "data"
+    cfg = load_config(None, [f'data.dir="{data}"', "data.vocab_size=300"])
+    meta = ensure_prepared(cfg, quiet=True)
+    assert cfg.model.vocab_size == meta["vocab_size"] == 300
+    saved = load_config(save_config(cfg, tmp_path / "run"))
+    assert saved == cfg and saved.model.vocab_size == 300
+
+    stamp = (data / "meta.json").stat().st_mtime_ns
+    ensure_prepared(load_config(None, [f'data.dir="{data}"', "data.vocab_size=300"]), quiet=True)
+    assert (data / "meta.json").stat().st_mtime_ns == stamp  # prepared data is reused, not redone
+
+    with pytest.raises(UsageError, match=r"data: holds data prepared with vocab_size=300, not what \[data\] asks for"):
+        ensure_prepared(load_config(None, [f'data.dir="{data}"', "data.vocab_size=400"]), quiet=True)
+    tokenizer = pydoc_data / "tokenizer.json"
+    small_model = load_config(None, [f'data.dir="{tmp_path / "d2"}"', f'data.tokenizer="{tokenizer}"',
+                                     "model.vocab_size=300"])
+    with pytest.raises(UsageError, match="model.vocab_size = 300 is smaller than the tokenizer's 512 tokens"):
+        ensure_prepared(small_model, quiet=True)
