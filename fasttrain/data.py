@@ -1,0 +1,293 @@
+"""The token loader: (x, y) batches of windows from token shards, prefetched, exactly resumable.
+
+Each shard is cut into non-overlapping windows of seq_len + 1 tokens (stride
+seq_len, so consecutive windows share one token); a batch is `batch_size`
+windows, x = window[:-1] and y = window[1:], both int64 of shape (B, T).
+Windows never cross a shard boundary.
+
+An epoch visits every window once, in a seeded random order (a permutation
+that depends only on (seed, epoch)) or in file order ("sequential"). Rank r of
+a data-parallel job of world_size ranks takes batches r, r + world_size, ... of
+that order, so ranks never share a window within an epoch. Whatever does not
+fill a whole round of ranks at the end of an epoch is dropped; the next
+epoch's order is different, so nothing is dropped for good.
+
+The position in the stream is one integer, the number of batches this rank has
+consumed; with the seed it determines everything else, so `state_dict()` is a
+few integers and a reloaded loader yields exactly the batches an uninterrupted
+one would have.
+
+Windows are read with `os.preadv` straight into a staging buffer, never through
+a memory map: a long run over a memory-mapped corpus keeps every page it has
+touched resident, and the process's memory grows with the corpus.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+
+from fasttrain.errors import UsageError
+from fasttrain.shards import HEADER_BYTES, ShardInfo, read_header, read_meta, scan_id_bound
+
+Sampling = Literal["random", "sequential"]
+
+
+class WindowReader:
+    """Reads batch number g of one rank's stream from the shards of one split; stateless between calls.
+
+    Kept apart from `TokenLoader` so the prefetch thread holds only this, and a
+    loader that is dropped without `close()` can still be collected.
+    """
+
+    def __init__(
+        self, shards: list[ShardInfo], batch_size: int, seq_len: int,
+        sampling: Sampling, seed: int, rank: int, world_size: int, pin_memory: bool,
+    ):
+        self.shards = shards
+        self.dtype = shards[0].dtype
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.sampling, self.seed = sampling, seed
+        self.rank, self.world_size = rank, world_size
+        self.pin_memory = pin_memory
+        windows = np.array([max(s.num_tokens - 1, 0) // seq_len for s in shards], dtype=np.int64)
+        self.first_window = np.concatenate([[0], np.cumsum(windows)])  # shard i holds windows [first[i], first[i+1])
+        self.num_windows = int(self.first_window[-1])
+        self.batches_per_epoch = self.num_windows // (batch_size * world_size)
+        self._fds = [os.open(s.path, os.O_RDONLY) for s in shards]
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) of the last random epoch
+
+    def windows_of_batch(self, g: int) -> np.ndarray:
+        """Global window ids of this rank's batch number `g` (counting across epochs)."""
+        epoch, i = divmod(g, self.batches_per_epoch)
+        first = (i * self.world_size + self.rank) * self.batch_size
+        positions = np.arange(first, first + self.batch_size)
+        if self.sampling == "sequential":
+            return positions
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._order = (epoch, rng.permutation(self.num_windows))
+        return self._order[1][positions]
+
+    def read(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch `g` as host tensors x, y of shape (B, T), int64 (pinned when `pin_memory`)."""
+        windows = self.windows_of_batch(g)
+        shard = np.searchsorted(self.first_window, windows, side="right") - 1
+        B, T = self.batch_size, self.seq_len
+        itemsize = self.dtype.itemsize
+        rows = np.empty((B, T + 1), dtype=self.dtype)
+        for row, (w, s) in enumerate(zip(windows.tolist(), shard.tolist())):
+            offset = HEADER_BYTES + (w - int(self.first_window[s])) * T * itemsize
+            if os.preadv(self._fds[s], [rows[row]], offset) != rows[row].nbytes:
+                raise UsageError(f"{self.shards[s].path}: short read at byte {offset} (truncated while in use?)")
+        x = torch.empty((B, T), dtype=torch.int64, pin_memory=self.pin_memory)
+        y = torch.empty((B, T), dtype=torch.int64, pin_memory=self.pin_memory)
+        np.copyto(x.numpy(), rows[:, :-1])
+        np.copyto(y.numpy(), rows[:, 1:])
+        return x, y
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    __del__ = close
+
+
+def find_shards(directory: str | os.PathLike, split: str) -> list[ShardInfo]:
+    """Every `*{split}_*.bin` shard in `directory` (llm.c's names match too), headers checked."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: no such data directory (run python -m fasttrain.prepare --out {directory})")
+    paths = sorted(directory.glob(f"*{split}_*.bin"))
+    if not paths:
+        raise UsageError(f"{directory}: no {split} shards ({split}_*.bin)")
+    shards = [read_header(p) for p in paths]
+    for s in shards:
+        if s.dtype != shards[0].dtype:
+            raise UsageError(f"{s.path}: {s.dtype} tokens, but {shards[0].path} has {shards[0].dtype}; one split, one width")
+    return shards
+
+
+class TokenLoader:
+    """Infinite iterator of (x, y) batches, shape (B, T) int64 on `device`, y = x shifted by one token.
+
+    `prefetch` > 0 reads that many batches ahead on a background thread (into
+    pinned buffers, copied to the GPU on a side stream when `device` is CUDA);
+    0 reads in the calling thread. Both give the same batches. `wait_seconds`
+    is the total time `next()` has spent waiting for data.
+
+    Every shard's header and size are checked at construction, and so is its
+    largest token id against `vocab_size` (default: meta.json's, else the
+    shards' own). Problems are `UsageError`s naming the file.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        *,
+        sampling: Sampling = "random",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        vocab_size: int | None = None,
+        prefetch: int = 2,
+        device: str | torch.device = "cpu",
+    ):
+        if batch_size <= 0 or seq_len <= 0 or prefetch < 0:
+            raise ValueError(f"batch_size and seq_len must be > 0 and prefetch >= 0, got {batch_size}, {seq_len}, {prefetch}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if sampling not in ("random", "sequential"):
+            raise ValueError(f"sampling must be 'random' or 'sequential', got {sampling!r}")
+        shards = find_shards(directory, split)
+        self.vocab_size = vocab_size or _vocab_size_of(Path(directory), shards)
+        if self.vocab_size:
+            for s in shards:
+                bound = s.id_bound or scan_id_bound(s)
+                if bound > self.vocab_size:
+                    raise UsageError(f"{s.path}: token id {bound - 1} is outside the vocabulary ({self.vocab_size} tokens)")
+        self.device = torch.device(device)
+        self.prefetch = prefetch
+        self.reader = WindowReader(
+            shards, batch_size, seq_len, sampling, seed, rank, world_size, pin_memory=self.device.type == "cuda"
+        )
+        if self.reader.batches_per_epoch == 0:
+            self.reader.close()
+            raise UsageError(
+                f"{directory}: the {split} split has {self.reader.num_windows} windows of {seq_len + 1} tokens, "
+                f"fewer than one batch of {batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data"
+            )
+        self.batches = 0  # consumed by the caller: the whole resumable state, with the seed
+        self.wait_seconds = 0.0
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # Not a bound method: the prefetch thread must not keep the loader alive.
+        self._load = functools.partial(_load_batch, self.reader, self.device, stream)
+        self._worker: _Prefetcher | None = None
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.reader.batch_size * self.reader.seq_len
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        start = time.perf_counter()
+        if self.prefetch == 0:
+            x, y, ready = self._load(self.batches)
+        else:
+            if self._worker is None:
+                self._worker = _Prefetcher(self._load, self.batches, self.prefetch)
+            x, y, ready = self._worker.get()
+        if ready is not None:  # make the compute stream wait for the copy, and keep the memory until it is done
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ready)
+            x.record_stream(stream)
+            y.record_stream(stream)
+        self.wait_seconds += time.perf_counter() - start
+        self.batches += 1
+        return x, y
+
+    def state_dict(self) -> dict[str, int | str]:
+        r = self.reader
+        return {
+            "batches": self.batches, "seed": r.seed, "sampling": r.sampling, "batch_size": r.batch_size,
+            "seq_len": r.seq_len, "rank": r.rank, "world_size": r.world_size, "num_windows": r.num_windows,
+        }
+
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
+        """Continue from `state`; the data and every setting but the position must match."""
+        mine = self.state_dict()
+        differ = [f"{k}={state.get(k)!r} (now {v!r})" for k, v in mine.items() if k != "batches" and state.get(k) != v]
+        if differ:
+            raise UsageError(f"loader state does not match this loader: {', '.join(differ)}")
+        self._stop_worker()
+        self.batches = int(state["batches"])
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+            self._worker = None
+
+    def close(self) -> None:
+        self._stop_worker()
+        self.reader.close()
+
+    def __enter__(self) -> TokenLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_worker", None) is not None:
+            self._stop_worker()
+
+
+def _load_batch(
+    reader: WindowReader, device: torch.device, stream: torch.cuda.Stream | None, g: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
+    """Batch `g` on `device`; on CUDA, copied on `stream` with an event that marks the copy done."""
+    x, y = reader.read(g)
+    if stream is None:
+        return x, y, None
+    with torch.cuda.stream(stream):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    return x, y, ready
+
+
+class _Prefetcher:
+    """A daemon thread that calls load(g), load(g + 1), ... and queues the results, `depth` ahead."""
+
+    def __init__(self, load, first: int, depth: int):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(load, first), daemon=True, name="fasttrain-prefetch")
+        self._thread.start()
+
+    def _run(self, load, g: int) -> None:
+        while not self._stopped.is_set():
+            try:
+                item = load(g)
+            except BaseException as e:  # handed to the consumer, which raises it
+                item = e
+            while not self._stopped.is_set():
+                try:
+                    self._queue.put(item, timeout=0.05)
+                    break
+                except queue.Full:
+                    pass
+            if isinstance(item, BaseException):
+                return
+            g += 1
+
+    def get(self):
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+
+def _vocab_size_of(directory: Path, shards: list[ShardInfo]) -> int:
+    """The vocabulary size recorded by prepare (meta.json), else by the shards (0 if none records it)."""
+    meta = read_meta(directory)
+    return int(meta["vocab_size"]) if meta else max(s.vocab_size for s in shards)
