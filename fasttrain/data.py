@@ -190,7 +190,11 @@ class TokenLoader:
         else:
             if self._worker is None:
                 self._worker = _Prefetcher(self._load, self.batches, self.prefetch)
-            x, y, ready = self._worker.get()
+            try:
+                x, y, ready = self._worker.get()
+            except BaseException:  # the thread has stopped; the next call starts a new one at the same batch
+                self._stop_worker()
+                raise
         if ready is not None:  # make the compute stream wait for the copy, and keep the memory until it is done
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(ready)
@@ -277,7 +281,13 @@ class _Prefetcher:
             g += 1
 
     def get(self):
-        item = self._queue.get()
+        while True:
+            try:
+                item = self._queue.get(timeout=0.5)
+                break
+            except queue.Empty:  # never wait on a thread that is gone
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("the prefetch thread stopped") from None
         if isinstance(item, BaseException):
             raise item
         return item

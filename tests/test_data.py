@@ -214,3 +214,32 @@ def test_resident_memory_does_not_grow_with_the_corpus(tmp_path):
     grown = _rss_bytes() - before
     assert grown < 16 << 20, f"resident memory grew by {grown / 2**20:.0f} MiB over a 64 MB shard"
     assert (tmp_path / "train_000000.bin").stat().st_size > HEADER_BYTES + 60_000_000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_cuda_batches_equal_cpu_batches(pydoc_data, prefetch):
+    cpu = TokenLoader(pydoc_data, "train", 8, 64, seed=2, prefetch=0)
+    gpu = TokenLoader(pydoc_data, "train", 8, 64, seed=2, prefetch=prefetch, device="cuda")
+    for _ in range(50):
+        (a, b), (c, d) = next(cpu), next(gpu)
+        assert c.is_cuda and d.is_cuda
+        assert torch.equal(a, c.cpu()) and torch.equal(b, d.cpu())
+
+
+def test_a_failing_read_is_raised_again_not_hung(counting_data, monkeypatch):
+    loader = TokenLoader(counting_data, "train", 4, T, prefetch=2)
+    first = next(loader)
+    original = loader.reader.read
+
+    def broken(g):
+        raise UsageError("disk went away")
+
+    monkeypatch.setattr(loader.reader, "read", broken)
+    loader.load_state_dict(loader.state_dict())  # drop the batches already prefetched
+    for _ in range(2):  # each call reports the failure; none waits forever on a dead thread
+        with pytest.raises(UsageError, match="disk went away"):
+            next(loader)
+    monkeypatch.setattr(loader.reader, "read", original)
+    assert loader.batches == 1
+    assert not torch.equal(next(loader)[0], first[0])

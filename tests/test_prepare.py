@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,12 @@ def test_embedded_corpus_round_trips(pydoc_data):
     val_share = meta["text_bytes"]["val"] / (meta["text_bytes"]["train"] + meta["text_bytes"]["val"])
     assert 0.07 < val_share < 0.13  # about the requested 10% of the text
     assert meta["vocab_size"] == 512 and meta["token_dtype"] == "uint16"
+
+
+def test_stdlib_docstrings_corpus():
+    first = list(islice(corpus.resolve_inputs(["builtin:docstrings"])[0].pieces(), 3))
+    assert len(first) == 3 and all(p.ends_document and p.text for p in first)
+    assert first[0].text.startswith("Record of phased-in incompatible language changes")  # __future__
 
 
 def test_shard_header(pydoc_data):
