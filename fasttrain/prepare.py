@@ -20,7 +20,6 @@ make up about F of the text (see `split_documents`).
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -126,7 +125,7 @@ def _encode_into(
         # Gather about `batch_chars` of text, then encode it in one parallel call.
         batch, chars = [], 0
         for split, piece, starts in pieces:
-            if piece.text or not starts:  # skip empty documents
+            if not (starts and piece.ends_document and not piece.text):  # an empty document adds nothing
                 batch.append((split, piece, starts))
                 chars += len(piece.text)
                 if chars >= batch_chars:
