@@ -176,10 +176,6 @@ class TokenLoader:
         self._load = functools.partial(_load_batch, self.reader, self.device, stream)
         self._worker: _Prefetcher | None = None
 
-    @property
-    def tokens_per_batch(self) -> int:
-        return self.reader.batch_size * self.reader.seq_len
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
 
@@ -274,8 +270,8 @@ class _Prefetcher:
                 try:
                     self._queue.put(item, timeout=0.05)
                     break
-                except queue.Full:
-                    pass
+                except queue.Full:  # the consumer is behind; look at the stop flag, then try again
+                    continue
             if isinstance(item, BaseException):
                 return
             g += 1
