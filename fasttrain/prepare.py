@@ -181,6 +181,7 @@ def prepare(
     if existing and not overwrite:
         raise UsageError(f"{out}: already holds prepared data ({existing[0].name}); pass --overwrite to replace it")
     tmp = out / TMP_NAME
+    created = not out.exists()  # removed again if this run fails, so DIR is left as it was
     try:
         if tmp.exists():  # left by a run that was killed
             shutil.rmtree(tmp)
@@ -243,6 +244,8 @@ def prepare(
         for o in outputs.values():
             o.abort()
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
     if not quiet:
         n = counts["train"] + counts["val"]
