@@ -7,7 +7,7 @@ taken from, in increasing precedence: the dataclass default, the config file, th
 a run. Every problem is a one-line `UsageError` that starts with where the value
 came from (the file's path or `--set`), then names the key:
 
-    configs/tiny.toml: data.batch_size: must be > 0, got 0
+    configs/tiny.toml: train.batch_size: must be > 0, got 0
 
 `save_config` writes the resolved config into the run directory, so a run can
 always be reproduced from what it wrote.
@@ -35,28 +35,35 @@ from fasttrain.errors import UsageError
 
 @dataclass
 class ModelConfig:
-    """[model]: the transformer's shape."""
+    """[model]: the transformer's shape (LLaMA-style; see fasttrain/model.py)."""
 
     vocab_size: int = 0  # embedding rows; 0 = take it from the prepared data's tokenizer
-    max_seq_len: int = 256  # longest context the model supports (size of the position table)
+    max_seq_len: int = 256  # longest context the model supports
     d_model: int = 256  # width of the residual stream
     n_layers: int = 4  # transformer blocks
-    n_heads: int = 4  # attention heads per block; must divide d_model
+    n_heads: int = 4  # query heads per block; must divide d_model
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = n_heads; must divide n_heads
+    ffn_hidden: int = 0  # SwiGLU hidden width; 0 = 8/3 x d_model rounded up to multiple_of
+    multiple_of: int = 64  # round the SwiGLU hidden width up to a multiple of this (matmul-friendly)
+    rope_theta: float = 10000.0  # RoPE base: larger stretches the rotary wavelengths for longer contexts
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # the output projection shares the token-embedding matrix
+    dropout: float = 0.0  # on attention weights and residual branches during training
 
 
 @dataclass
 class DataConfig:
-    """[data]: where training text comes from and how it is batched."""
+    """[data]: where training text comes from."""
 
-    dir: str = "data/pydoc"  # prepared shards: train_*.bin, val_*.bin, meta.json, tokenizer.json
+    # Prepared shards (train_*.bin, val_*.bin, meta.json, tokenizer.json). "" = prepare
+    # `inputs` into a cache directory keyed by these settings, reused on the next run.
+    dir: str = ""
     # What prepare reads when `dir` holds no prepared data: paths, globs, directories,
     # JSONL files, or the embedded corpora builtin:pydoc / builtin:docstrings.
     inputs: list[str] = field(default_factory=lambda: ["builtin:pydoc"])
     tokenizer: str = ""  # an existing tokenizer.json to use; "" = prepare trains one
     vocab_size: int = 4096  # vocabulary size of the BPE tokenizer prepare trains
     val_fraction: float = 0.1  # fraction of documents held out for validation
-    batch_size: int = 16  # sequences per micro-batch, per rank
-    seq_len: int = 256  # tokens per training sequence
     sampling: Literal["random", "sequential"] = "random"  # random windows, or one pass in order
     prefetch: int = 2  # batches prepared ahead by a background thread; 0 = load in the training thread
 
@@ -66,7 +73,8 @@ class OptimConfig:
     """[optim]: AdamW and gradient clipping."""
 
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
-    weight_decay: float = 0.1  # decoupled (AdamW) weight decay
+    weight_decay: float = 0.1  # decoupled (AdamW) weight decay, applied to weight matrices only
+    decay_embeddings: bool = False  # also decay the token embedding (norm gains and biases never are)
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW denominator guard
@@ -75,21 +83,35 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """[schedule]: the learning rate over the run."""
+    """[schedule]: the learning rate as a function of the step (fasttrain/schedule.py)."""
 
     warmup_steps: int = 100  # linear ramp from 0 to optim.lr
     decay: Literal["cosine", "linear", "constant", "wsd"] = "cosine"  # shape after warmup (wsd = warmup-stable-decay)
     min_lr: float = 1e-4  # learning rate at the last step
+    cooldown_fraction: float = 0.2  # wsd only: the last fraction of the steps, decayed linearly to min_lr
 
 
 @dataclass
 class TrainConfig:
-    """[train]: length, randomness, device and output of the run."""
+    """[train]: length, batch, precision, device, monitoring and output of the run."""
 
-    steps: int = 2000  # optimizer steps in the whole run
-    seed: int = 1337  # seeds model init and data sampling
+    max_steps: int = 2000  # optimizer steps in the whole run
+    seed: int = 1337  # seeds Python, NumPy, torch (model init) and data sampling
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda" or "cuda:N"
-    run_dir: str = "runs/base"  # where checkpoints, logs and the resolved config.toml go
+    out_dir: str = "runs/base"  # where checkpoints, metrics, samples and the resolved config.toml go
+    batch_size: int = 16  # sequences per micro-batch, per process
+    seq_len: int = 256  # tokens per training sequence
+    # Tokens per optimizer step; it sets gradient accumulation = tokens_per_update /
+    # (batch_size x seq_len x world size). 0 = one micro-batch per step.
+    tokens_per_update: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: Literal["auto", True, False] = "auto"  # torch.compile the model; auto = on CUDA only
+    log_interval: int = 10  # report training metrics every this many steps
+    eval_interval: int = 250  # validate (and sample) every this many steps, and at the end
+    eval_steps: int = 20  # validation batches per evaluation
+    sample_prompt: str = "The "  # the fixed prompt sampled at every evaluation
+    sample_tokens: int = 64  # tokens generated per sample; 0 = no samples
+    tensorboard: bool = True  # also write TensorBoard event files when tensorboard is installed
 
 
 @dataclass
@@ -98,13 +120,6 @@ class CheckpointConfig:
 
     interval: int = 500  # save every this many steps (and at the end)
     keep_last: int = 2  # older checkpoints are deleted
-
-
-@dataclass
-class LogConfig:
-    """[log]: how often to report progress."""
-
-    interval: int = 10  # report training metrics every this many steps
 
 
 @dataclass
@@ -117,7 +132,6 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
 
 
 OVERRIDE_SOURCE = "--set"  # how errors name values that came from the command line
@@ -144,11 +158,15 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.d_model": _POSITIVE,
     "model.n_layers": _POSITIVE,
     "model.n_heads": _POSITIVE,
+    "model.n_kv_heads": _NON_NEGATIVE,
+    "model.ffn_hidden": _NON_NEGATIVE,
+    "model.multiple_of": _POSITIVE,
+    "model.rope_theta": _POSITIVE,
+    "model.norm_eps": _POSITIVE,
+    "model.dropout": _FRACTION,
     "data.inputs": (bool, "a non-empty list"),
     "data.vocab_size": (lambda v: v > 256, "> 256 (a byte-level BPE needs the 256 bytes plus an end-of-text token)"),
     "data.val_fraction": _FRACTION,
-    "data.batch_size": _POSITIVE,
-    "data.seq_len": _POSITIVE,
     "data.prefetch": _NON_NEGATIVE,
     "optim.lr": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE,
@@ -158,24 +176,42 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.max_grad_norm": _NON_NEGATIVE,
     "schedule.warmup_steps": _NON_NEGATIVE,
     "schedule.min_lr": _NON_NEGATIVE,
-    "train.steps": _POSITIVE,
+    "schedule.cooldown_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "train.max_steps": _POSITIVE,
     "train.device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
+    "train.out_dir": (bool, "a directory path"),
+    "train.batch_size": _POSITIVE,
+    "train.seq_len": _POSITIVE,
+    "train.tokens_per_update": _NON_NEGATIVE,
+    "train.log_interval": _POSITIVE,
+    "train.eval_interval": _POSITIVE,
+    "train.eval_steps": _POSITIVE,
+    "train.sample_prompt": (bool, "non-empty (generation starts from it)"),
+    "train.sample_tokens": _NON_NEGATIVE,
     "checkpoint.interval": _POSITIVE,
     "checkpoint.keep_last": _POSITIVE,
-    "log.interval": _POSITIVE,
 }
 
 # Settings that must agree, checked after the ranges (so n_heads > 0 here):
 # (key, relation, other key, is_broken(cfg), why) -> "key = 1 <relation> other = 2 (why)".
 _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
-    ("data.seq_len", "exceeds", "model.max_seq_len", lambda c: c.data.seq_len > c.model.max_seq_len,
+    ("train.seq_len", "exceeds", "model.max_seq_len", lambda c: c.train.seq_len > c.model.max_seq_len,
      "the model has no positions beyond its context"),
     ("schedule.min_lr", "exceeds", "optim.lr", lambda c: c.schedule.min_lr > c.optim.lr,
      "the schedule decays from lr down to min_lr"),
-    ("schedule.warmup_steps", "exceeds", "train.steps", lambda c: c.schedule.warmup_steps > c.train.steps,
+    ("schedule.warmup_steps", "exceeds", "train.max_steps", lambda c: c.schedule.warmup_steps > c.train.max_steps,
      "warmup would never finish"),
     ("model.d_model", "is not divisible by", "model.n_heads", lambda c: c.model.d_model % c.model.n_heads != 0,
      "each head gets d_model / n_heads dimensions"),
+    ("model.n_heads", "is not divisible by", "model.n_kv_heads",
+     lambda c: c.model.n_kv_heads > 0 and c.model.n_heads % c.model.n_kv_heads != 0,
+     "each key/value head serves the same number of query heads"),
+    ("model.d_model", "/", "model.n_heads", lambda c: (c.model.d_model // c.model.n_heads) % 2 != 0,
+     "an odd head size, but RoPE rotates pairs of dimensions"),
+    # The world size is only known at launch, where the trainer checks the rest.
+    ("train.tokens_per_update", "is not a multiple of", "train.batch_size",
+     lambda c: c.train.tokens_per_update % (c.train.batch_size * c.train.seq_len) != 0,
+     "it must be a whole number of micro-batches of batch_size x seq_len tokens"),
     # With data.tokenizer set, the vocabulary size is only known once the tokenizer is read.
     ("model.vocab_size", "is smaller than", "data.vocab_size",
      lambda c: c.data.tokenizer == "" and 0 < c.model.vocab_size < c.data.vocab_size,
@@ -246,7 +282,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
         help="override config values, after the config path; VALUE is TOML or a bare string, "
-        "e.g. --set data.batch_size=8 train.device=cpu",
+        "e.g. --set train.batch_size=8 train.device=cpu",
     )
 
 

@@ -19,8 +19,10 @@ make up about F of the text (see `split_documents`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -264,15 +266,33 @@ def _request(inputs: Sequence[str], vocab_size: int, tokenizer_path: str | None,
             "vocab_size": None if tokenizer_path else vocab_size, "val_fraction": val_fraction}
 
 
+def cache_dir(request: dict) -> Path:
+    """Where data prepared for `request` is cached when the config leaves data.dir unset.
+
+    Under $FASTTRAIN_CACHE, else $XDG_CACHE_HOME/fasttrain, else ~/.cache/fasttrain;
+    one directory per distinct request, so changing the vocabulary never reuses
+    stale shards. Relative input paths are made absolute for the key, since what
+    they name depends on the working directory.
+    """
+    root = os.environ.get("FASTTRAIN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fasttrain"
+    keyed = dict(request, inputs=[i if i.startswith("builtin:") else os.path.abspath(i) for i in request["inputs"]])
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+    name = re.sub(r"[^A-Za-z0-9]+", "-", request["inputs"][0].removeprefix("builtin:")).strip("-")[-40:] or "data"
+    return Path(root) / f"{name}-{digest}"
+
+
 def ensure_prepared(cfg: Config, quiet: bool = False) -> dict:
     """Make sure `cfg.data.dir` holds the data `cfg.data` asks for, and return its meta.json.
 
     Prepares it from `cfg.data.inputs` when the directory has none; refuses data
     prepared from other inputs or with another tokenizer, rather than train on
-    it silently. Fills in `cfg.model.vocab_size` from the tokenizer when it is 0.
+    it silently. Fills in `cfg.data.dir` when it is "" (with `cache_dir`) and
+    `cfg.model.vocab_size` when it is 0, so the saved config names what was used.
     """
     d = cfg.data
     wanted = _request(d.inputs, d.vocab_size, d.tokenizer, d.val_fraction)
+    if not d.dir:
+        d.dir = str(cache_dir(wanted))
     meta = read_meta(d.dir)
     if meta is None:
         meta = prepare(d.inputs, d.dir, vocab_size=d.vocab_size, tokenizer_path=d.tokenizer or None,

@@ -11,8 +11,8 @@ import pytest
 
 from fasttrain.config import (
     Config,
-    DataConfig,
     ModelConfig,
+    TrainConfig,
     add_config_arguments,
     config_from_args,
     config_to_toml,
@@ -58,40 +58,41 @@ def test_file_overrides_defaults(tmp_path):
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
     assert cfg.data.inputs == ["docs/", "extra/*.txt"]
     assert cfg.data.sampling == "sequential"
-    assert cfg.data.batch_size == DataConfig().batch_size
+    assert cfg.train.batch_size == TrainConfig().batch_size
 
 
 def test_overrides(tmp_path):
     path = write(tmp_path, """
-        [data]
-        batch_size = 32
         [train]
+        batch_size = 32
         device = "cuda"
     """)
     cfg = load_config(path, [
-        "data.batch_size=8",
+        "train.batch_size=8",
         "train.device=cpu",  # bare string
         'data.inputs=["a.txt", "b"]',
         "optim.weight_decay=0",  # int for a float field
-        'train.run_dir="runs/x"',
+        'train.out_dir="runs/x"',
         "data.tokenizer=",  # empty bare string
-        "data.batch_size=4",  # later wins
+        "train.batch_size=4",  # later wins
     ])
-    assert cfg.data.batch_size == 4
+    assert cfg.train.batch_size == 4
     assert cfg.train.device == "cpu"
     assert cfg.data.inputs == ["a.txt", "b"]
     assert cfg.optim.weight_decay == 0.0 and isinstance(cfg.optim.weight_decay, float)
-    assert cfg.train.run_dir == "runs/x"
+    assert cfg.train.out_dir == "runs/x"
     assert cfg.data.tokenizer == ""
 
 
 def test_consistent_edge_cases_are_accepted():
     cfg = load_config(None, [
-        "schedule.warmup_steps=2000", "train.steps=2000",  # warmup may fill the whole run
+        "schedule.warmup_steps=2000", "train.max_steps=2000",  # warmup may fill the whole run
         "model.vocab_size=300", 'data.tokenizer="tok.json"',  # size checked later, against the tokenizer
         "schedule.decay=wsd", "train.device=cuda:3", "optim.max_grad_norm=0", "data.prefetch=0",
+        "train.compile=false", "model.n_kv_heads=1", "train.tokens_per_update=8192",  # 2 micro-batches
     ])
     assert cfg.model.vocab_size == 300 and cfg.train.device == "cuda:3"
+    assert cfg.train.compile is False and cfg.model.n_kv_heads == 1
 
 
 def test_round_trip(tmp_path):
@@ -120,13 +121,13 @@ def test_toml_keeps_floats_floats():
 
 
 def test_argparse_helpers(tmp_path):
-    path = write(tmp_path, "[data]\nbatch_size = 2\n")
+    path = write(tmp_path, "[train]\nbatch_size = 2\n")
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    args = parser.parse_args([str(path), "--set", "data.seq_len=64", "model.n_layers=2", "--set", "data.batch_size=3"])
-    assert args.set == ["data.seq_len=64", "model.n_layers=2", "data.batch_size=3"]
+    args = parser.parse_args([str(path), "--set", "train.seq_len=64", "model.n_layers=2", "--set", "train.batch_size=3"])
+    assert args.set == ["train.seq_len=64", "model.n_layers=2", "train.batch_size=3"]
     cfg = config_from_args(args)
-    assert (cfg.data.seq_len, cfg.model.n_layers, cfg.data.batch_size) == (64, 2, 3)
+    assert (cfg.train.seq_len, cfg.model.n_layers, cfg.train.batch_size) == (64, 2, 3)
 
 
 FILE, SET = "file", "--set"
@@ -140,15 +141,15 @@ BAD_INPUTS = [
     pytest.param("[modle]\nd_model = 8\n", [], FILE, ["unknown section [modle]", "did you mean [model]?"],
                  id="unknown-section"),
     pytest.param("steps = 5\n", [], FILE, ["steps: expected a [section] table, got 5 (int)"], id="top-level-key"),
-    pytest.param("[data]\nbatch_sz = 3\n", [], FILE, ["unknown key data.batch_sz; did you mean data.batch_size?"],
+    pytest.param("[train]\nbatch_sz = 3\n", [], FILE, ["unknown key train.batch_sz; did you mean train.batch_size?"],
                  id="unknown-key"),
-    pytest.param('[data]\nbatch_size = "16"\n', [], FILE, ['data.batch_size: expected an integer, got "16" (str)'],
+    pytest.param('[train]\nbatch_size = "16"\n', [], FILE, ['train.batch_size: expected an integer, got "16" (str)'],
                  id="string-for-int"),
     pytest.param("[model]\nn_layers = true\n", [], FILE, ["model.n_layers: expected an integer, got true (bool)"],
                  id="bool-for-int"),
     pytest.param("[optim]\nlr = false\n", [], FILE, ["optim.lr: expected a finite number, got false (bool)"],
                  id="bool-for-float"),
-    pytest.param("[train]\nsteps = 10.5\n", [], FILE, ["train.steps: expected an integer, got 10.5"],
+    pytest.param("[train]\nmax_steps = 10.5\n", [], FILE, ["train.max_steps: expected an integer, got 10.5"],
                  id="float-for-int"),
     pytest.param("[data.extra]\nx = 1\n", [], FILE, ["unknown key data.extra"], id="nested-table"),
     pytest.param('[data]\nsampling = "shuffled"\n', [], FILE,
@@ -158,7 +159,7 @@ BAD_INPUTS = [
     pytest.param('[data]\ninputs = "a.txt"\n', [], FILE, ["data.inputs: expected a list of strings"],
                  id="string-for-list"),
     pytest.param("[data]\ninputs = []\n", [], FILE, ["data.inputs: must be a non-empty list"], id="empty-inputs"),
-    pytest.param("[data]\nbatch_size = 0\n", [], FILE, ["data.batch_size: must be > 0, got 0"], id="not-positive"),
+    pytest.param("[train]\nbatch_size = 0\n", [], FILE, ["train.batch_size: must be > 0, got 0"], id="not-positive"),
     pytest.param("[optim]\nlr = -0.001\n", [], FILE, ["optim.lr: must be > 0, got -0.001"], id="negative-lr"),
     pytest.param("[optim]\nlr = nan\n", [], FILE, ["optim.lr: expected a finite number, got nan (float)"], id="nan"),
     pytest.param("", ["optim.max_grad_norm=inf"], SET, ["optim.max_grad_norm: expected a finite number"], id="inf"),
@@ -173,21 +174,35 @@ BAD_INPUTS = [
                  id="device"),
     pytest.param('[train]\ndevice = "cuda:"\n', [], FILE, ["train.device: must be"], id="device-no-index"),
     pytest.param("[model]\nmax_seq_len = 128\n", [], FILE,
-                 ["data.seq_len = 256 exceeds model.max_seq_len = 128"], id="seq-len-vs-context"),
+                 ["train.seq_len = 256 exceeds model.max_seq_len = 128"], id="seq-len-vs-context"),
     pytest.param("[optim]\nlr = 1e-5\n", [], FILE, ["schedule.min_lr = 0.0001 exceeds optim.lr = 1e-05"],
                  id="min-lr-vs-lr"),
-    pytest.param("[train]\nsteps = 50\n", [], FILE, ["schedule.warmup_steps = 100 exceeds train.steps = 50"],
+    pytest.param("[train]\nmax_steps = 50\n", [], FILE, ["schedule.warmup_steps = 100 exceeds train.max_steps = 50"],
                  id="warmup-vs-steps"),
     pytest.param("[model]\nn_heads = 3\n", [], FILE, ["model.d_model = 256 is not divisible by model.n_heads = 3"],
                  id="heads-vs-width"),
+    pytest.param("[model]\nn_kv_heads = 3\n", [], FILE, ["model.n_heads = 4 is not divisible by model.n_kv_heads = 3"],
+                 id="kv-heads-vs-heads"),
+    pytest.param("[model]\nd_model = 20\nn_heads = 4\n", [], FILE,
+                 ["model.d_model = 20 / model.n_heads = 4 (an odd head size"], id="odd-head-size"),
+    pytest.param("[train]\ntokens_per_update = 5000\n", [], FILE,
+                 ["train.tokens_per_update = 5000 is not a multiple of train.batch_size = 16", "batch_size x seq_len"],
+                 id="tokens-per-update"),
+    pytest.param('[train]\ncompile = "yes"\n', [], FILE, ['train.compile: expected one of "auto", true, false, got "yes"'],
+                 id="compile-literal"),
+    pytest.param('[train]\nprecision = "fp8"\n', [], FILE, ['train.precision: expected one of "auto", "fp32"'],
+                 id="precision-literal"),
+    pytest.param('[train]\nsample_prompt = ""\n', [], FILE, ["train.sample_prompt: must be non-empty"],
+                 id="empty-prompt"),
+    pytest.param("[model]\ndropout = 1.0\n", [], FILE, ["model.dropout: must be in [0, 1), got 1.0"], id="dropout"),
     pytest.param("[model]\nvocab_size = 1000\n", [], FILE,
                  ["model.vocab_size = 1000 is smaller than data.vocab_size = 4096"], id="model-vs-bpe-vocab"),
-    pytest.param("[model]\nmax_seq_len = 128\n", ["data.seq_len=200"], SET, ["data.seq_len = 200 exceeds"],
+    pytest.param("[model]\nmax_seq_len = 128\n", ["train.seq_len=200"], SET, ["train.seq_len = 200 exceeds"],
                  id="conflict-blames-set"),
-    pytest.param("", ["data.batch_size=0"], SET, ["data.batch_size: must be > 0, got 0"], id="set-out-of-range"),
+    pytest.param("", ["train.batch_size=0"], SET, ["train.batch_size: must be > 0, got 0"], id="set-out-of-range"),
     pytest.param("", ["batch_size=3"], SET, ["--set batch_size=3: expected SECTION.KEY=VALUE"], id="set-no-section"),
-    pytest.param("", ["data.batch_size"], SET, ["expected SECTION.KEY=VALUE"], id="set-no-value"),
-    pytest.param("", ["data.batch_size=abc"], SET, ['data.batch_size: expected an integer, got "abc" (str)'],
+    pytest.param("", ["train.batch_size"], SET, ["expected SECTION.KEY=VALUE"], id="set-no-value"),
+    pytest.param("", ["train.batch_size=abc"], SET, ['train.batch_size: expected an integer, got "abc" (str)'],
                  id="set-bad-value"),
     pytest.param("", ["dta.seq_len=3"], SET, ["unknown section [dta]; did you mean [data]?"], id="set-unknown-section"),
     pytest.param("", ["schedule.decay=exp"], SET, ['expected one of "cosine", "linear", "constant", "wsd"'],
@@ -220,7 +235,7 @@ def test_unreadable_file(tmp_path):
 
 
 def test_cli_reports_one_line_and_exits_2(tmp_path):
-    path = write(tmp_path, "[data]\nbatch_size = 0\n")
+    path = write(tmp_path, "[train]\nbatch_size = 0\n")
     script = textwrap.dedent("""
         import argparse, sys
         from fasttrain.config import add_config_arguments, config_from_args
@@ -241,4 +256,4 @@ def test_cli_reports_one_line_and_exits_2(tmp_path):
     assert "Traceback" not in result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")
-    assert "data.batch_size: must be > 0, got 0" in lines[0]
+    assert "train.batch_size: must be > 0, got 0" in lines[0]

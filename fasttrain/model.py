@@ -1,0 +1,229 @@
+"""A decoder-only, LLaMA-style transformer language model.
+
+    tokens -> embedding -> n_layers x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> output -> logits
+
+- Pre-norm residual blocks with RMSNorm; no biases anywhere.
+- Causal self-attention through `F.scaled_dot_product_attention` (flash kernels on
+  GPU), rotary position embeddings (RoPE) on queries and keys, and optional
+  grouped-query attention: `n_kv_heads` key/value heads shared by `n_heads` queries.
+- SwiGLU MLP: down(silu(gate(x)) * up(x)), hidden width 8/3 x d_model rounded up
+  to `multiple_of`, which keeps the parameter count of a 4x GELU MLP.
+- Optional weight tying between the embedding and the output projection.
+- Init: N(0, 0.02) everywhere, with the projections that write into the residual
+  stream scaled down by 1/sqrt(2 n_layers), so the stream's variance does not grow
+  with depth (GPT-2). At init every token is about equally likely, so the loss on
+  random tokens is close to ln(vocab_size).
+
+RoPE uses the "rotate half" layout (the first and second halves of a head are the
+two coordinates of each rotated pair), the layout Hugging Face's Llama uses, so
+exported weights need no permutation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fasttrain.config import ModelConfig
+
+INIT_STD = 0.02
+
+
+def ffn_hidden_size(cfg: ModelConfig) -> int:
+    """SwiGLU hidden width: `cfg.ffn_hidden`, or 8/3 x d_model rounded up to a multiple of `multiple_of`."""
+    if cfg.ffn_hidden:
+        return cfg.ffn_hidden
+    return cfg.multiple_of * math.ceil(8 * cfg.d_model / 3 / cfg.multiple_of)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, each (max_seq_len, head_dim / 2), in fp32.
+
+    Pair i of a head rotates at frequency theta^(-2i / head_dim): position p turns it by p x that.
+    """
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` (B, heads, T, head_dim) by the angles of its positions; cos/sin are (T, head_dim / 2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return rotated.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        # One matmul for queries, keys and values: [q heads | k heads | v heads].
+        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
+        self.out = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = ffn_hidden_size(cfg)
+        self.gate_up = nn.Linear(cfg.d_model, 2 * hidden, bias=False)  # gate and up in one matmul
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class Transformer(nn.Module):
+    """The language model: `forward(tokens (B, T)) -> logits (B, T, vocab_size)`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("ModelConfig.vocab_size must be set (> 0) before building the model")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.embed.weight
+        # Not saved in checkpoints: recomputed from the config, and kept in fp32 whatever the model's dtype.
+        cos, sin = rope_tables(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        residual_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                std = residual_std if name.endswith(("attn.out.weight", "mlp.down.weight")) else INIT_STD
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The final normalised hidden states (B, T, d_model), before the output projection."""
+        T = tokens.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.output(self.hidden(tokens))
+
+    def num_params(self) -> int:
+        """Trainable parameters, a tied matrix counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM's estimate 6N + 12 L H Q T.
+
+        N counts the parameters that take part in matmuls: every one except an untied
+        embedding table, which is only a lookup. The second term is attention's
+        score and value matmuls over a context of `seq_len`.
+        """
+        n = self.num_params() - (0 if self.cfg.tie_embeddings else self.embed.weight.numel())
+        c = self.cfg
+        return 6 * n + 12 * c.n_layers * c.n_heads * (c.d_model // c.n_heads) * seq_len
+
+    @torch.no_grad()
+    def generate(
+        self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+        top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend `tokens` (B, T) by `max_new_tokens` sampled tokens; returns (B, T + max_new_tokens).
+
+        temperature 0 is greedy decoding. top_k keeps the k likeliest tokens; top_p
+        keeps the smallest set whose probability reaches p (nucleus sampling). The
+        context is cropped to the model's last max_seq_len tokens. No KV cache: the
+        whole context is re-run per token, which is fine for samples during training.
+        """
+        for _ in range(max_new_tokens):
+            logits = self(tokens[:, -self.cfg.max_seq_len:])[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            tokens = torch.cat((tokens, nxt), dim=1)
+        return tokens
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """`logits` (B, V) with every token outside the top k, and outside the top-p nucleus, set to -inf."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token once the ones before it already reach top_p; the likeliest always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, -math.inf)
+    return logits
+
+
+class TextCodec(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def generate_text(
+    model: Transformer, tokenizer: TextCodec, prompt: str, max_new_tokens: int = 64,
+    temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None, seed: int | None = None,
+) -> str:
+    """The prompt followed by `max_new_tokens` sampled tokens, as text. `seed` makes it repeatable."""
+    device = next(model.parameters()).device
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise ValueError("the prompt must encode to at least one token")
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model.generate(ids, max_new_tokens, temperature, top_k, top_p, generator=generator)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out[0].tolist())

@@ -1,0 +1,39 @@
+"""AdamW with decoupled weight decay on weight matrices only.
+
+Decay pulls weights toward zero, which regularises matrices that mix features.
+It is wrong for RMSNorm gains (pulled toward 0 instead of their natural 1) and
+biases, and usually unhelpful for embeddings, whose rows are each updated only
+when their token appears; those go in a group with weight_decay = 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fasttrain.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
+    """Two AdamW groups: decayed matrices, and the rest (vectors, and embeddings unless `decay_embeddings`).
+
+    A parameter shared by two modules (tied embedding and output weights) is listed
+    once, and counts as an embedding.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():  # parameters() already skips repeats of a shared tensor
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_matrix = p.ndim >= 2 and (decay_embeddings or id(p) not in embeddings)
+        (decay if is_matrix else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model)`; torch's fused CUDA implementation on GPU (one kernel for all tensors)."""
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay, cfg.decay_embeddings),
+        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda",
+    )

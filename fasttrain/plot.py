@@ -1,0 +1,84 @@
+"""Plot a run's curves: training and validation loss, and the learning rate, to a PNG.
+
+    python -m fasttrain.plot RUN_DIR [--out FILE]
+
+Reads RUN_DIR/metrics.jsonl and writes RUN_DIR/curves.png (or FILE). Needs
+matplotlib (`pip install fasttrain[plot]`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from fasttrain.errors import ArgumentParser, UsageError, run_cli
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The events of `run_dir/metrics.jsonl`; UsageError if it is missing or has a malformed line."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file (is {run_dir} a run directory?)") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
+    events = []
+    for number, line in enumerate(lines, 1):
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # a run killed mid-write leaves a partial last line
+                break
+            raise UsageError(f"{path}:{number}: not a JSON object") from None
+    return events
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw loss (train and validation) and learning rate against step; returns the PNG's path."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError("plotting needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    events = read_metrics(run_dir)
+    train = [e for e in events if e.get("event") == "train"]
+    evals = [e for e in events if e.get("event") == "eval"]
+    if not train and not evals:
+        raise UsageError(f"{Path(run_dir) / 'metrics.jsonl'}: no train or eval events to plot")
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=[3, 1])
+    loss_ax.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss")
+    loss_ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation loss")
+    loss_ax.set_ylabel("loss (nats/token)")
+    loss_ax.set_title(str(run_dir))
+    loss_ax.grid(alpha=0.3)
+    loss_ax.legend()
+    lr_ax.plot([e["step"] for e in train], [e["lr"] for e in train], color="tab:green")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_xlabel("step")
+    lr_ax.grid(alpha=0.3)
+    fig.tight_layout()
+    try:
+        fig.savefig(out, dpi=120)
+    except OSError as e:
+        raise UsageError(f"{out}: cannot write ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m fasttrain.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a run directory (train.out_dir) holding metrics.jsonl")
+    parser.add_argument("--out", help="PNG to write (default: RUN_DIR/curves.png)")
+    args = parser.parse_args(argv)
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

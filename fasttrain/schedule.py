@@ -1,0 +1,41 @@
+"""The learning rate as a pure function of the optimizer step.
+
+Linear warmup from 0 over `warmup_steps`, then one of:
+- cosine:   min + 0.5 (max - min)(1 + cos(pi t / T)), t steps into the T decay steps
+- linear:   straight from max down to min
+- constant: max until the end
+- wsd:      warmup-stable-decay: max, then a linear cooldown to min over the last
+            `cooldown_fraction` of the run (lets one run be extended or stopped early)
+
+A pure function of the step makes resuming trivial: nothing to save but the step.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fasttrain.config import ScheduleConfig
+
+
+def lr_at(step: int, max_steps: int, lr: float, sched: ScheduleConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based) of a run of `max_steps` steps.
+
+    Warmup gives step s the rate lr x (s + 1) / warmup_steps, so the first update
+    is small but not zero and step warmup_steps - 1 reaches lr. The decay then
+    follows the formulas above with t = step - start and T = max_steps - start,
+    where start is warmup_steps (wsd: the first cooldown step).
+    """
+    warmup = sched.warmup_steps
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if sched.decay == "constant":
+        return lr
+    start = warmup
+    if sched.decay == "wsd":
+        start = max_steps - max(1, round(sched.cooldown_fraction * (max_steps - warmup)))
+    if step < start:
+        return lr
+    progress = min(1.0, (step - start) / max(1, max_steps - start))
+    if sched.decay == "cosine":
+        return sched.min_lr + 0.5 * (lr - sched.min_lr) * (1 + math.cos(math.pi * progress))
+    return lr + (sched.min_lr - lr) * progress  # linear, and wsd's cooldown

@@ -1,0 +1,177 @@
+"""The transformer: shapes, causality, RoPE, GQA, init, generation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasttrain.config import ModelConfig
+from fasttrain.model import Transformer, apply_rope, ffn_hidden_size, filter_logits, generate_text, rope_tables
+from fasttrain.tokenizer import Tokenizer
+
+
+def tiny(**overrides) -> ModelConfig:
+    fields = dict(vocab_size=97, max_seq_len=32, d_model=32, n_layers=2, n_heads=4)
+    return ModelConfig(**{**fields, **overrides})
+
+
+def test_forward_shape_and_dtype():
+    model = Transformer(tiny())
+    logits = model(torch.randint(0, 97, (3, 11)))
+    assert logits.shape == (3, 11, 97) and logits.dtype == torch.float32
+
+
+def test_initial_loss_is_close_to_uniform():
+    """At init every token is about equally likely: the loss on random tokens is about ln(V)."""
+    vocab = 512
+    model = Transformer(ModelConfig(vocab_size=vocab, max_seq_len=64, d_model=64, n_layers=4, n_heads=4))
+    tokens = torch.randint(0, vocab, (8, 65))
+    with torch.no_grad():
+        loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    assert abs(loss.item() - math.log(vocab)) < 0.3
+
+
+def test_attention_is_causal():
+    model = Transformer(tiny()).eval()
+    tokens = torch.randint(0, 97, (2, 16))
+    changed = tokens.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % 97
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :9], b[:, :9])  # earlier positions cannot see position 9
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_rope_depends_only_on_relative_position():
+    head_dim = 16
+    cos, sin = rope_tables(head_dim, 64, theta=10000.0)
+    q, k = torch.randn(head_dim, dtype=torch.float64), torch.randn(head_dim, dtype=torch.float64)
+
+    def at(x, pos):
+        return apply_rope(x.view(1, 1, 1, head_dim), cos[pos:pos + 1].double(), sin[pos:pos + 1].double()).flatten()
+
+    assert torch.allclose(at(q, 5).norm(), q.norm())  # a rotation keeps lengths
+    score = lambda i, j: torch.dot(at(q, i), at(k, j))  # noqa: E731
+    assert torch.allclose(score(7, 3), score(40, 36))
+    assert not torch.allclose(score(7, 3), score(7, 4))
+
+
+def test_rope_theta_changes_the_angles():
+    cos_a, _ = rope_tables(8, 16, theta=10000.0)
+    cos_b, _ = rope_tables(8, 16, theta=500000.0)
+    assert torch.equal(cos_a[:, 0], cos_b[:, 0])  # pair 0 always turns at frequency 1
+    assert not torch.allclose(cos_a[:, 1:], cos_b[:, 1:])
+
+
+def test_grouped_query_attention():
+    full, grouped = Transformer(tiny()), Transformer(tiny(n_kv_heads=2))
+    head_dim = 32 // 4
+    assert full.blocks[0].attn.qkv.weight.shape == (3 * 32, 32)
+    assert grouped.blocks[0].attn.qkv.weight.shape == (32 + 2 * 2 * head_dim, 32)
+    assert grouped(torch.randint(0, 97, (2, 8))).shape == (2, 8, 97)
+
+
+def test_gqa_equals_attention_with_repeated_key_value_heads():
+    """A grouped model is a full model whose key/value heads come in identical copies."""
+    grouped = Transformer(tiny(n_kv_heads=2, n_layers=1)).eval()
+    full = Transformer(tiny(n_layers=1)).eval()
+    full.load_state_dict({k: v for k, v in grouped.state_dict().items() if "qkv" not in k}, strict=False)
+    d, hd = 32, 8
+    q, k, v = grouped.blocks[0].attn.qkv.weight.detach().split([d, 2 * hd, 2 * hd])
+    repeat = lambda w: w.view(2, hd, d).repeat_interleave(2, dim=0).reshape(d, d)  # noqa: E731
+    with torch.no_grad():
+        full.blocks[0].attn.qkv.weight.copy_(torch.cat([q, repeat(k), repeat(v)]))
+    tokens = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(full(tokens), grouped(tokens))
+
+
+def test_swiglu_hidden_size():
+    assert ffn_hidden_size(ModelConfig(d_model=256, multiple_of=64)) == 704  # 682.7 rounded up to 64s
+    assert ffn_hidden_size(ModelConfig(d_model=768, multiple_of=256)) == 2048
+    assert ffn_hidden_size(ModelConfig(d_model=256, ffn_hidden=100)) == 100
+    model = Transformer(tiny(multiple_of=16))
+    assert model.blocks[0].mlp.down.weight.shape == (32, ffn_hidden_size(tiny(multiple_of=16))) == (32, 96)
+
+
+def test_weight_tying():
+    tied, untied = Transformer(tiny()), Transformer(tiny(tie_embeddings=False))
+    assert tied.output.weight is tied.embed.weight
+    assert untied.output.weight is not untied.embed.weight
+    assert untied.num_params() - tied.num_params() == 97 * 32
+    assert "output.weight" in tied.state_dict()  # both names saved, loading restores the tie
+
+
+def test_scaled_init_of_residual_projections():
+    cfg = ModelConfig(vocab_size=1000, d_model=256, n_layers=8, n_heads=4)
+    model = Transformer(cfg)
+    residual = torch.cat([torch.cat([b.attn.out.weight.flatten(), b.mlp.down.weight.flatten()]) for b in model.blocks])
+    other = torch.cat([b.attn.qkv.weight.flatten() for b in model.blocks])
+    assert residual.std().item() == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.05)
+    assert other.std().item() == pytest.approx(0.02, rel=0.05)
+    assert torch.equal(model.blocks[0].attn_norm.weight, torch.ones(256))
+
+
+def test_dropout_only_in_training():
+    model = Transformer(tiny(dropout=0.5))
+    tokens = torch.randint(0, 97, (2, 8))
+    model.train()
+    assert not torch.equal(model(tokens), model(tokens))
+    model.eval()
+    assert torch.equal(model(tokens), model(tokens))
+
+
+def test_flops_per_token_is_palm_formula():
+    cfg = tiny(tie_embeddings=False)
+    model = Transformer(cfg)
+    non_embedding = model.num_params() - 97 * 32
+    assert model.flops_per_token(16) == 6 * non_embedding + 12 * 2 * 4 * 8 * 16
+
+
+def test_context_limit():
+    with pytest.raises(ValueError, match="exceeds the model's context of 32"):
+        Transformer(tiny())(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_filter_logits():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2, top_p=None)).tolist() == [[False, False, True, True]]
+    # The nucleus of p = 0.7 needs the first two tokens (0.5 + 0.3 >= 0.7); the likeliest always stays.
+    assert torch.isinf(filter_logits(logits, None, top_p=0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, None, top_p=0.1)).tolist() == [[False, True, True, True]]
+    shuffled = logits[:, [2, 0, 3, 1]]  # order of the vocabulary must not matter
+    assert torch.isinf(filter_logits(shuffled, None, top_p=0.7)).tolist() == [[True, False, True, False]]
+
+
+def test_generate():
+    model = Transformer(tiny()).eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    greedy = model.generate(prompt, 40, temperature=0)  # longer than the context: it crops
+    assert greedy.shape == (2, 45) and torch.equal(greedy[:, :5], prompt)
+    assert torch.equal(model.generate(prompt, 10, top_k=1), greedy[:, :15])  # top-1 sampling is greedy
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(model.generate(prompt, 10, generator=g()), model.generate(prompt, 10, generator=g()))
+
+
+def test_generate_text(pydoc_data):
+    tokenizer = Tokenizer.load(pydoc_data / "tokenizer.json")
+    model = Transformer(tiny(vocab_size=tokenizer.vocab_size))
+    text = generate_text(model, tokenizer, "The module", max_new_tokens=8, seed=1)
+    assert text.startswith("The module") and len(tokenizer.encode(text)) >= 8
+    assert text == generate_text(model, tokenizer, "The module", max_new_tokens=8, seed=1)
+    assert model.training  # left as it was found
+
+
+@pytest.mark.parametrize("name, millions", [("gpt2-small", 124), ("gpt-350m", 360)])
+def test_gpu_configs_load_and_have_their_advertised_size(name, millions):
+    from pathlib import Path
+
+    from fasttrain.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml")
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        model = Transformer(cfg.model)
+    assert model.num_params() / 1e6 == pytest.approx(millions, rel=0.02)

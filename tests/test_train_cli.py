@@ -1,0 +1,88 @@
+"""`python -m fasttrain.train`: the main job end to end, its outputs, and `python -m fasttrain.plot`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttrain.config import load_config
+from fasttrain.plot import plot_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "train.batch_size=4", "train.seq_len=64",
+         "train.max_steps=6", "train.log_interval=2", "train.eval_interval=4", "train.eval_steps=2",
+         "schedule.warmup_steps=2", "train.sample_tokens=8", "checkpoint.interval=4", "train.tensorboard=false"]
+
+
+def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def main_job(pydoc_data, tmp_path_factory):
+    """The main job on the base config, shrunk by --set, on the already prepared embedded corpus."""
+    out = tmp_path_factory.mktemp("run")
+    result = run("fasttrain.train", "configs/base.toml", "--set", f"data.dir={pydoc_data}", "data.vocab_size=512",
+                 f"train.out_dir={out}", "train.device=cpu", *SMALL)
+    return result, out
+
+
+def test_main_job_trains_evaluates_samples_and_saves(main_job):
+    result, out = main_job
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    for expected in ("model: ", "step      2/6", "eval step 4: val loss", "sample: 'The ", "done: 6 steps",
+                     str(out / "config.toml"), str(out / "metrics.jsonl"), "step_0000006.pt", "python -m fasttrain.plot"):
+        assert expected in text
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step_0000004.pt", "step_0000006.pt"]
+    saved = load_config(out / "config.toml")
+    assert saved.model.vocab_size == 512 and saved.train.max_steps == 6  # resolved values, reloadable
+    state = torch.load(out / "checkpoints" / "step_0000006.pt", weights_only=True)
+    assert state["step"] == 6 and state["tokens_seen"] == 6 * 4 * 64
+
+
+def test_metrics_jsonl_fields(main_job):
+    _, out = main_job
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end"
+    train = [e for e in events if e["event"] == "train"]
+    assert [e["step"] for e in train] == [2, 4, 6]
+    for e in train:
+        for key in ("loss", "ppl", "lr", "grad_norm", "tokens", "tokens_per_s", "step_ms", "data_wait_pct",
+                    "peak_mem_gb", "progress"):
+            assert isinstance(e[key], (int, float)), key
+        assert "mfu" not in e  # no peak to compare against on a CPU
+    assert train[0]["loss"] > train[-1]["loss"]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [4, 6]
+    assert all({"val_loss", "val_bpb", "val_ppl", "best_val_loss"} <= e.keys() for e in evals)
+    samples = [e for e in events if e["event"] == "sample"]
+    assert len(samples) == 2 and all(s["text"].startswith("The ") for s in samples)
+
+
+def test_plot_writes_a_png(main_job, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, out = main_job
+    png = plot_run(out, tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = run("fasttrain.plot", str(tmp_path / "not-a-run"))
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "metrics.jsonl: no such file" in result.stderr
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path):
+    for args in (["configs/base.toml", "--set", "train.max_steps=0"],
+                 ["configs/base.toml", "--set", "train.device=cuda:7"] if not torch.cuda.is_available() else ["nope.toml"],
+                 ["configs/base.toml", "--set", "train.precision=fp16", "train.device=cpu", f"data.dir={tmp_path}"]):
+        result = run("fasttrain.train", *args, "--set", f"train.out_dir={tmp_path / 'out'}")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "out").exists()  # nothing was written for a run that never started

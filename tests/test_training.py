@@ -1,0 +1,204 @@
+"""The training step: schedule, decay groups, accumulation, clipping, overfitting, train_loop, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fasttrain import Trainer, train_loop
+from fasttrain.config import ModelConfig, ScheduleConfig, TrainConfig, load_config
+from fasttrain.errors import UsageError
+from fasttrain.model import Transformer
+from fasttrain.optim import param_groups
+from fasttrain.schedule import lr_at
+from fasttrain.trainer import accumulation_steps
+
+
+def tiny_config(data_dir, out_dir, *overrides: str):
+    """A config for a 2-layer, 32-wide model on prepared data, small enough for many steps in a test."""
+    return load_config(None, [
+        f'data.dir="{data_dir}"', f'train.out_dir="{out_dir}"', "train.device=cpu", "data.prefetch=0",
+        "data.vocab_size=512",  # as the pydoc_data fixture was prepared
+        "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
+        "train.batch_size=4", "train.seq_len=32", "train.max_steps=10", "schedule.warmup_steps=2",
+        "train.sample_tokens=4", "train.tensorboard=false", *overrides,
+    ])
+
+
+@pytest.mark.parametrize("decay, step, expected", [
+    ("cosine", 0, 1e-3 * 1 / 10),  # warmup: (s + 1) / warmup_steps of the peak
+    ("cosine", 9, 1e-3),  # the end of warmup reaches the peak
+    ("cosine", 10, 1e-3),  # t = 0 of the decay
+    ("cosine", 55, 1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 45 / 90))),  # halfway: the mean of max and min
+    ("cosine", 99, 1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 89 / 90))),
+    ("cosine", 100, 1e-4),
+    ("linear", 55, 1e-3 - 9e-4 * 45 / 90),
+    ("linear", 100, 1e-4),
+    ("constant", 5, 6e-4),
+    ("constant", 99, 1e-3),
+    ("wsd", 50, 1e-3),  # stable until the cooldown: the last 20% of the 90 decay-phase steps
+    ("wsd", 82, 1e-3),
+    ("wsd", 91, 1e-3 - 9e-4 * 9 / 18),
+    ("wsd", 100, 1e-4),
+])
+def test_schedule_values(decay, step, expected):
+    sched = ScheduleConfig(warmup_steps=10, decay=decay, min_lr=1e-4, cooldown_fraction=0.2)
+    assert lr_at(step, 100, 1e-3, sched) == pytest.approx(expected, rel=1e-12)
+
+
+def test_schedule_without_warmup_starts_at_the_peak():
+    assert lr_at(0, 50, 3e-4, ScheduleConfig(warmup_steps=0, min_lr=0.0)) == 3e-4
+
+
+def test_decay_groups():
+    model = Transformer(ModelConfig(vocab_size=50, max_seq_len=8, d_model=16, n_layers=2, n_heads=2))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, rest = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0
+    decayed = {names[id(p)] for p in decay["params"]}
+    undecayed = {names[id(p)] for p in rest["params"]}
+    assert all(n.endswith(("qkv.weight", "out.weight", "gate_up.weight", "down.weight")) for n in decayed)
+    assert len(decayed) == 2 * 4
+    assert "embed.weight" in undecayed and all("norm" in n for n in undecayed - {"embed.weight"})
+    assert len(decay["params"]) + len(rest["params"]) == len(list(model.parameters()))  # tied counted once
+    with_embeddings, _ = param_groups(model, 0.1, decay_embeddings=True)
+    assert {names[id(p)] for p in with_embeddings["params"]} == decayed | {"embed.weight"}
+    biased = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    d, r = param_groups(biased, 0.1)
+    assert [p.shape for p in d["params"]] == [(4, 4)] and len(r["params"]) == 3  # bias, norm weight and bias
+
+
+def test_accumulation_steps():
+    assert accumulation_steps(TrainConfig(batch_size=8, seq_len=64)) == 1
+    assert accumulation_steps(TrainConfig(batch_size=8, seq_len=64, tokens_per_update=8 * 64 * 6), world_size=2) == 3
+    with pytest.raises(UsageError, match="tokens_per_update = 3072 is not a multiple of .* = 8 x 64 x 4 = 2048"):
+        accumulation_steps(TrainConfig(batch_size=8, seq_len=64, tokens_per_update=3072), world_size=4)
+
+
+def test_accumulation_matches_one_large_batch(pydoc_data, tmp_path):
+    """4 micro-batches of 4 give the loss and gradients of 1 batch of 16 over the same sequences."""
+    common = ("data.sampling=sequential", "train.seed=5")
+    big = Trainer(tiny_config(pydoc_data, tmp_path / "a", *common, "train.batch_size=16"), quiet=True)
+    small = Trainer(tiny_config(pydoc_data, tmp_path / "b", *common, "train.batch_size=4",
+                                "train.tokens_per_update=512"), quiet=True)
+    assert small.accumulation == 4 and small.tokens_per_step == big.tokens_per_step == 512
+    torch.testing.assert_close(big.accumulate_gradients(), small.accumulate_gradients())
+    for p, q in zip(big.model.parameters(), small.model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7)
+        assert p.grad.abs().sum() > 0
+
+
+def test_clipping_scales_to_the_limit_and_reports_the_norm_before(pydoc_data, tmp_path):
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "optim.max_grad_norm=0.05"), quiet=True)
+    trainer.accumulate_gradients()
+    grads = [p.grad.clone() for p in trainer.model.parameters()]
+    before = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+    assert before > 0.05  # a fresh model's gradient is larger than this limit
+    torch.testing.assert_close(trainer.clip_gradients(), before)
+    after = [p.grad for p in trainer.model.parameters()]
+    torch.testing.assert_close(torch.linalg.vector_norm(torch.stack([g.norm() for g in after])), torch.tensor(0.05))
+    for g, a in zip(grads, after):  # the direction is kept
+        torch.testing.assert_close(a, g * (0.05 / before), rtol=1e-4, atol=1e-9)
+
+
+def test_clipping_disabled_measures_but_keeps_gradients(pydoc_data, tmp_path):
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "optim.max_grad_norm=0"), quiet=True)
+    trainer.accumulate_gradients()
+    grads = [p.grad.clone() for p in trainer.model.parameters()]
+    assert trainer.clip_gradients() > 0
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, trainer.model.parameters()))
+
+
+def _batches(n: int, vocab: int, seed: int, batch: int = 4, seq: int = 16) -> list[dict[str, torch.Tensor]]:
+    """n batches of a fixed next-token pattern (each token followed by its successor), as dicts."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, vocab, (n, batch, 1), generator=g)
+    seqs = (start + torch.arange(seq + 1)) % vocab
+    return [{"input_ids": s[:, :-1], "target_ids": s[:, 1:]} for s in seqs]
+
+
+def _tiny_model(vocab: int = 64) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=vocab, max_seq_len=16, d_model=32, n_layers=2, n_heads=2))
+
+
+def test_train_loop_lowers_the_loss_with_a_dataloader_of_dicts(capsys):
+    model = _tiny_model()
+    loader = torch.utils.data.DataLoader(_batches(32, 64, seed=1), batch_size=None, shuffle=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    history = train_loop(model, loader, optimizer, num_epochs=3, log_interval=8, device="cpu")
+    assert history["steps"] == [8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96]
+    assert history["losses"][-1] < 0.5 * history["losses"][0]
+    assert "step 96: loss" in capsys.readouterr().out
+
+
+def test_train_loop_overfits_a_single_batch_of_tuples():
+    model = _tiny_model()
+    (batch,) = _batches(1, 64, seed=2)
+    x, y = batch["input_ids"], batch["target_ids"].clone()
+    y[:, -1] = torch.randint(0, 64, (4,))  # arbitrary targets too: only memorising gets these right
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    history = train_loop(model, [(x, y)] * 150, optimizer, num_epochs=1, log_interval=50, device="cpu")
+    assert history["losses"][-1] < 0.05
+
+
+def test_train_loop_rejects_a_missing_device():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(UsageError, match="CUDA is not available"):
+        train_loop(_tiny_model(), _batches(1, 64, seed=0), torch.optim.SGD(_tiny_model().parameters()), 1)
+
+
+def test_train_loop_ignores_padding_targets():
+    model = _tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    (batch,) = _batches(1, 64, seed=3)
+    padded = dict(batch, target_ids=torch.full_like(batch["target_ids"], -100))
+    padded["target_ids"][:, :3] = batch["target_ids"][:, :3]
+    only = train_loop(model, [padded], optimizer, 1, log_interval=1, device="cpu")["losses"][0]
+    with torch.no_grad():
+        logits = model(batch["input_ids"])[:, :3]
+        expected = nn.functional.cross_entropy(logits.flatten(0, 1), batch["target_ids"][:, :3].flatten())
+    assert only == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_trainer_overfits_one_batch(pydoc_data, tmp_path):
+    """A model that cannot drive the loss on one repeated batch toward 0 has a broken training step."""
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "optim.lr=1e-2", "optim.weight_decay=0",
+                                  "schedule.decay=constant", "train.max_steps=150"), quiet=True)
+    x, y = next(trainer.train_loader)
+    trainer.train_loader = iter(lambda: (x, y), None)  # the same batch forever
+    for _ in range(150):
+        loss, _ = trainer.train_step()
+    assert loss.item() < 0.1
+
+
+def test_checkpoint_round_trip_continues_the_same_run(pydoc_data, tmp_path):
+    straight = Trainer(tiny_config(pydoc_data, tmp_path / "a"), quiet=True)
+    expected = [straight.train_step()[0].item() for _ in range(6)]
+
+    first = Trainer(tiny_config(pydoc_data, tmp_path / "b"), quiet=True)
+    losses = [first.train_step()[0].item() for _ in range(3)]
+    path = first.save_checkpoint()
+    resumed = Trainer(tiny_config(pydoc_data, tmp_path / "b"), quiet=True)
+    torch.manual_seed(99)
+    resumed.model.reset_parameters()  # the checkpoint, not the seed, must bring the weights back
+    resumed.load_checkpoint(path)
+    assert resumed.step == 3 and resumed.tokens_seen == 3 * 4 * 32
+    losses += [resumed.train_step()[0].item() for _ in range(3)]
+    assert losses == expected
+
+
+def test_evaluation_reports_bits_per_byte(pydoc_data, tmp_path):
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "train.eval_steps=3"), quiet=True)
+    first = trainer.evaluate()
+    assert first == trainer.evaluate()  # the same validation windows every time
+    meta = trainer.meta
+    bpb = first["val_loss"] * meta["tokens"]["val"] / (meta["text_bytes"]["val"] * math.log(2))
+    assert first["val_bpb"] == pytest.approx(bpb)
+    assert first["val_ppl"] == pytest.approx(math.exp(first["val_loss"]))
+    assert abs(first["val_loss"] - math.log(512)) < 0.3
+    assert trainer.model.training
