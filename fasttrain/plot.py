@@ -2,7 +2,8 @@
 
     python -m fasttrain.plot RUN_DIR [--out FILE]
 
-Reads RUN_DIR/metrics.jsonl and writes RUN_DIR/curves.png (or FILE). Needs
+Reads RUN_DIR/metrics.jsonl (the last run in it, if more than one wrote there)
+and writes RUN_DIR/curves.png (or FILE). Needs
 matplotlib (`pip install fasttrain[plot]`).
 """
 
@@ -45,6 +46,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     events = read_metrics(run_dir)
+    starts = [i for i, e in enumerate(events) if e.get("event") == "start"]
+    events = events[starts[-1]:] if starts else events  # a directory trained into twice: the last run
     train = [e for e in events if e.get("event") == "train"]
     evals = [e for e in events if e.get("event") == "eval"]
     if not train and not evals:

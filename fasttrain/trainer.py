@@ -89,7 +89,7 @@ class Trainer:
             vocab_size=cfg.model.vocab_size, prefetch=cfg.data.prefetch, device=self.device,
         )
         val_tokens, val_bytes = self.meta["tokens"]["val"], self.meta["text_bytes"]["val"]
-        self.val_bits_per_token_nat = val_tokens / (val_bytes * math.log(2))  # bits per byte per nat of loss
+        self.bpb_per_nat = val_tokens / (val_bytes * math.log(2))  # val bits per byte for each nat of loss
         self.flops_per_token = self.model.flops_per_token(t.seq_len)
         self.peak_flops = peak_flops(self.device)
         self.step = 0  # optimizer updates done
@@ -167,7 +167,7 @@ class Trainer:
         val_loss = total.item() / batches
         self.best_val_loss = min(self.best_val_loss, val_loss)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-                "val_bpb": val_loss * self.val_bits_per_token_nat, "best_val_loss": self.best_val_loss}
+                "val_bpb": val_loss * self.bpb_per_nat, "best_val_loss": self.best_val_loss}
 
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
         """Text generated from `prompt` (default: train.sample_prompt), the same random draws every call."""
@@ -296,7 +296,7 @@ class Trainer:
         mfu = self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None
         record = {
             "step": self.step, "progress": round(100 * self.step / t.max_steps, 2), "loss": loss,
-            "ppl": math.exp(min(loss, 50.0)), "lr": self.lr_of_last_step(), "grad_norm": grad_norm,
+            "ppl": math.exp(min(loss, 50.0)), "lr": self._lr_of_last_step(), "grad_norm": grad_norm,
             "tokens": self.tokens_seen, "tokens_per_s": round(tokens_per_s, 1),
             "step_ms": round(1000 * elapsed / meter.steps, 2), "data_wait_pct": round(100 * wait / elapsed, 2),
             "peak_mem_gb": round(peak_memory_gb(self.device), 3),
@@ -312,7 +312,7 @@ class Trainer:
             f"mem {record['peak_mem_gb']:.2f} GB")
         log.progress(self.step, loss=f"{loss:.3f}")
 
-    def lr_of_last_step(self) -> float:
+    def _lr_of_last_step(self) -> float:
         return lr_at(self.step - 1, self.cfg.train.max_steps, self.cfg.optim.lr, self.cfg.schedule)
 
     def _evaluate_and_sample(self, log: MetricsLog) -> dict[str, float]:

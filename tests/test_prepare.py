@@ -268,3 +268,18 @@ def test_config_drives_preparation_and_the_saved_config_has_the_vocab_size(pydoc
                                      "model.vocab_size=300"])
     with pytest.raises(UsageError, match="model.vocab_size = 300 is smaller than the tokenizer's 512 tokens"):
         ensure_prepared(small_model, quiet=True)
+
+
+def test_unset_data_dir_prepares_into_a_cache_keyed_by_the_request(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    cfg = load_config(None, ["data.vocab_size=300"])
+    assert cfg.data.dir == ""
+    meta = ensure_prepared(cfg, quiet=True)
+    first = Path(cfg.data.dir)
+    assert first.parent == tmp_path / "cache" and first.name.startswith("pydoc-") and meta["vocab_size"] == 300
+    again = load_config(None, ["data.vocab_size=300"])
+    ensure_prepared(again, quiet=True)
+    assert again.data.dir == cfg.data.dir  # the same request finds the same directory
+    other = load_config(None, ["data.vocab_size=310"])
+    ensure_prepared(other, quiet=True)
+    assert Path(other.data.dir).parent == first.parent and other.data.dir != cfg.data.dir
