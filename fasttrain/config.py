@@ -109,7 +109,7 @@ class TrainConfig:
     log_interval: int = 10  # report training metrics every this many steps
     eval_interval: int = 250  # validate (and sample) every this many steps, and at the end
     eval_steps: int = 20  # validation batches per evaluation
-    sample_prompt: str = "The "  # the fixed prompt sampled at every evaluation
+    sample_prompt: str = "The"  # sampled from at every evaluation; no trailing space (BPE words carry theirs)
     sample_tokens: int = 64  # tokens generated per sample; 0 = no samples
     tensorboard: bool = True  # also write TensorBoard event files when tensorboard is installed
 

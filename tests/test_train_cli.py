@@ -38,7 +38,7 @@ def test_main_job_trains_evaluates_samples_and_saves(main_job):
     result, out = main_job
     assert result.returncode == 0, result.stderr
     text = result.stdout
-    for expected in ("model: ", "step      2/6", "eval step 4: val loss", "sample: 'The ", "done: 6 steps",
+    for expected in ("model: ", "step      2/6", "eval step 4: val loss", "sample: 'The", "done: 6 steps",
                      str(out / "config.toml"), str(out / "metrics.jsonl"), "step_0000006.pt", "python -m fasttrain.plot"):
         assert expected in text
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
@@ -66,7 +66,7 @@ def test_metrics_jsonl_fields(main_job):
     assert [e["step"] for e in evals] == [4, 6]
     assert all({"val_loss", "val_bpb", "val_ppl", "best_val_loss"} <= e.keys() for e in evals)
     samples = [e for e in events if e["event"] == "sample"]
-    assert len(samples) == 2 and all(s["text"].startswith("The ") for s in samples)
+    assert len(samples) == 2 and all(s["text"].startswith("The") for s in samples)
 
 
 def test_plot_writes_a_png(main_job, tmp_path):

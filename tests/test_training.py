@@ -202,3 +202,15 @@ def test_evaluation_reports_bits_per_byte(pydoc_data, tmp_path):
     assert first["val_ppl"] == pytest.approx(math.exp(first["val_loss"]))
     assert abs(first["val_loss"] - math.log(512)) < 0.3
     assert trainer.model.training
+
+
+def test_tensorboard_events_when_installed(pydoc_data, tmp_path):
+    Trainer(tiny_config(pydoc_data, tmp_path, "train.max_steps=2", "train.tensorboard=true",
+                        "train.sample_tokens=0"), quiet=True).train()
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert not events  # an optional extra: without it, nothing, and no error
+    else:
+        assert len(events) == 1 and events[0].stat().st_size > 0
