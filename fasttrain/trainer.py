@@ -2,7 +2,7 @@
 
     trainer = Trainer(load_config("configs/base.toml"))
     summary = trainer.train()          # or drive it yourself:
-    loss, grad_norm = trainer.train_step()
+    loss, grad_norm = trainer.step()
     metrics = trainer.evaluate()
 
 A step is one optimizer update: `accumulation` micro-batches of batch_size x
@@ -92,7 +92,8 @@ class Trainer:
         self.bpb_per_nat = val_tokens / (val_bytes * math.log(2))  # val bits per byte for each nat of loss
         self.flops_per_token = self.model.flops_per_token(t.seq_len)
         self.peak_flops = peak_flops(self.device)
-        self.step = 0  # optimizer updates done
+        self.global_step = 0  # optimizer updates done
+        self.last_lr = 0.0  # the learning rate of the latest update
         self.tokens_seen = 0
         self.best_val_loss = math.inf
 
@@ -102,9 +103,9 @@ class Trainer:
 
     def lr(self) -> float:
         """The learning rate of the next update."""
-        return lr_at(self.step, self.cfg.train.max_steps, self.cfg.optim.lr, self.cfg.schedule)
+        return lr_at(self.global_step, self.cfg.train.max_steps, self.cfg.optim.lr, self.cfg.schedule)
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer update; returns its mean loss and pre-clip gradient norm, as device tensors."""
         loss = self.accumulate_gradients()
         grad_norm = self.clip_gradients()
@@ -134,13 +135,13 @@ class Trainer:
 
     def apply_update(self) -> None:
         """AdamW step at this step's learning rate, then clear the gradients and advance the step."""
-        lr = self.lr()
+        self.last_lr = self.lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = self.last_lr
         self.scaler.step(self.optimizer)  # skips the update if fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
+        self.global_step += 1
         self.tokens_seen += self.tokens_per_step
 
     @torch.no_grad()
@@ -192,30 +193,32 @@ class Trainer:
             self._announce(log)
             last_eval: dict[str, float] = {}
             meter = _IntervalMeter(self)
-            while self.step < t.max_steps:
-                loss, grad_norm = self.train_step()
-                done = self.step == t.max_steps
-                if self.step == 1 and self.compiled:  # the first step's time is mostly compilation
+            while self.global_step < t.max_steps:
+                loss, grad_norm = self.step()
+                done = self.global_step == t.max_steps
+                if self.global_step == 1 and self.compiled:  # the first step's time is mostly compilation
                     seconds = _synchronized_seconds(meter.start, self.device)
                     log.event("compile", step=1, seconds=round(seconds, 3))
                     log.print(f"compiled the model and ran the first step in {seconds:.1f} s")
                     meter.restart()
                 else:
                     meter.add(loss)
-                if (self.step % t.log_interval == 0 or done) and meter.steps:
+                if (self.global_step % t.log_interval == 0 or done) and meter.steps:
                     self._log_train(log, meter, grad_norm.item())
                     meter.restart()
                 paused = time.perf_counter()
-                if self.step % t.eval_interval == 0 or done:
+                if self.global_step % t.eval_interval == 0 or done:
                     last_eval = self._evaluate_and_sample(log)
-                if self.step % cfg.checkpoint.interval == 0 or done:
-                    log.event("checkpoint", step=self.step, path=str(self.save_checkpoint()))
+                if self.global_step % cfg.checkpoint.interval == 0 or done:
+                    log.event("checkpoint", step=self.global_step, path=str(self.save_checkpoint()))
                 meter.exclude(time.perf_counter() - paused)
-            summary = {"step": self.step, "tokens": self.tokens_seen, **last_eval,
-                       "out_dir": str(out), "checkpoint": str(self.checkpoint_path(self.step))}
+            last_eval = last_eval or self._evaluate_and_sample(log)  # nothing left to train: still report
+            summary = {"step": self.global_step, "tokens": self.tokens_seen, **last_eval,
+                       "out_dir": str(out), "checkpoint": str(self.checkpoint_path(self.global_step))}
             log.event("end", **summary)
-            log.print(f"done: {self.step} steps, {self.tokens_seen:,} tokens; val loss {last_eval['val_loss']:.3f}, "
-                      f"{last_eval['val_bpb']:.3f} bits/byte (best loss {self.best_val_loss:.3f})")
+            log.print(f"done: {self.global_step} steps, {self.tokens_seen:,} tokens; "
+                      f"val loss {last_eval['val_loss']:.3f}, {last_eval['val_bpb']:.3f} bits/byte "
+                      f"(best loss {self.best_val_loss:.3f})")
             log.print(f"  config      {out / 'config.toml'}\n  metrics     {log.path}\n"
                       f"  checkpoint  {summary['checkpoint']}\n  data        {cfg.data.dir}\n"
                       f"  plot with   python -m fasttrain.plot {out}")
@@ -232,12 +235,12 @@ class Trainer:
         Written under a temporary name, fsync'd and renamed, so a crash mid-save
         leaves the earlier checkpoints untouched. Keeps the newest `keep_last`.
         """
-        path = self.checkpoint_path(self.step)
+        path = self.checkpoint_path(self.global_step)
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "step": self.step,
+            "step": self.global_step,
             "tokens_seen": self.tokens_seen,
             "best_val_loss": self.best_val_loss,
             "train_loader": self.train_loader.state_dict(),
@@ -269,7 +272,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.train_loader.load_state_dict(state["train_loader"])
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.global_step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.best_val_loss = state["best_val_loss"]
         _set_rng_state(state["rng"])
 
@@ -295,8 +298,8 @@ class Trainer:
         tokens_per_s = meter.steps * self.tokens_per_step / elapsed
         mfu = self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None
         record = {
-            "step": self.step, "progress": round(100 * self.step / t.max_steps, 2), "loss": loss,
-            "ppl": math.exp(min(loss, 50.0)), "lr": self._lr_of_last_step(), "grad_norm": grad_norm,
+            "step": self.global_step, "progress": round(100 * self.global_step / t.max_steps, 2), "loss": loss,
+            "ppl": math.exp(min(loss, 50.0)), "lr": self.last_lr, "grad_norm": grad_norm,
             "tokens": self.tokens_seen, "tokens_per_s": round(tokens_per_s, 1),
             "step_ms": round(1000 * elapsed / meter.steps, 2), "data_wait_pct": round(100 * wait / elapsed, 2),
             "peak_mem_gb": round(peak_memory_gb(self.device), 3),
@@ -305,24 +308,21 @@ class Trainer:
             record["mfu"] = round(mfu, 4)
         log.event("train", **record)
         log.print(
-            f"step {self.step:>6}/{t.max_steps} ({record['progress']:5.1f}%) | loss {loss:.4f} | "
+            f"step {self.global_step:>6}/{t.max_steps} ({record['progress']:5.1f}%) | loss {loss:.4f} | "
             f"ppl {record['ppl']:8.2f} | lr {record['lr']:.2e} | grad norm {grad_norm:.3f} | "
             f"{tokens_per_s:,.0f} tok/s{f' | MFU {100 * mfu:.1f}%' if mfu is not None else ''} | "
             f"{record['step_ms']:.0f} ms/step | data wait {record['data_wait_pct']:.1f}% | "
             f"mem {record['peak_mem_gb']:.2f} GB")
-        log.progress(self.step, loss=f"{loss:.3f}")
-
-    def _lr_of_last_step(self) -> float:
-        return lr_at(self.step - 1, self.cfg.train.max_steps, self.cfg.optim.lr, self.cfg.schedule)
+        log.progress(self.global_step, loss=f"{loss:.3f}")
 
     def _evaluate_and_sample(self, log: MetricsLog) -> dict[str, float]:
         metrics = self.evaluate()
-        log.event("eval", step=self.step, **metrics)
-        log.print(f"eval step {self.step}: val loss {metrics['val_loss']:.4f} | ppl {metrics['val_ppl']:.2f} | "
+        log.event("eval", step=self.global_step, **metrics)
+        log.print(f"eval step {self.global_step}: val loss {metrics['val_loss']:.4f} | ppl {metrics['val_ppl']:.2f} | "
                   f"{metrics['val_bpb']:.4f} bits/byte | best {metrics['best_val_loss']:.4f}")
         if self.cfg.train.sample_tokens:
             text = self.sample()
-            log.event("sample", step=self.step, prompt=self.cfg.train.sample_prompt, text=text)
+            log.event("sample", step=self.global_step, prompt=self.cfg.train.sample_prompt, text=text)
             log.print(f"sample: {text!r}")
         return metrics
 

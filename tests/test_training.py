@@ -172,23 +172,23 @@ def test_trainer_overfits_one_batch(pydoc_data, tmp_path):
     x, y = next(trainer.train_loader)
     trainer.train_loader = iter(lambda: (x, y), None)  # the same batch forever
     for _ in range(150):
-        loss, _ = trainer.train_step()
+        loss, _ = trainer.step()
     assert loss.item() < 0.1
 
 
 def test_checkpoint_round_trip_continues_the_same_run(pydoc_data, tmp_path):
     straight = Trainer(tiny_config(pydoc_data, tmp_path / "a"), quiet=True)
-    expected = [straight.train_step()[0].item() for _ in range(6)]
+    expected = [straight.step()[0].item() for _ in range(6)]
 
     first = Trainer(tiny_config(pydoc_data, tmp_path / "b"), quiet=True)
-    losses = [first.train_step()[0].item() for _ in range(3)]
+    losses = [first.step()[0].item() for _ in range(3)]
     path = first.save_checkpoint()
     resumed = Trainer(tiny_config(pydoc_data, tmp_path / "b"), quiet=True)
     torch.manual_seed(99)
     resumed.model.reset_parameters()  # the checkpoint, not the seed, must bring the weights back
     resumed.load_checkpoint(path)
-    assert resumed.step == 3 and resumed.tokens_seen == 3 * 4 * 32
-    losses += [resumed.train_step()[0].item() for _ in range(3)]
+    assert resumed.global_step == 3 and resumed.tokens_seen == 3 * 4 * 32
+    losses += [resumed.step()[0].item() for _ in range(3)]
     assert losses == expected
 
 
