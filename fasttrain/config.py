@@ -30,6 +30,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from fasttrain.atomic import write_atomically
 from fasttrain.errors import UsageError
 
 
@@ -261,19 +262,8 @@ def save_config(cfg: Config, run_dir: str | os.PathLike[str]) -> Path:
     The write is atomic: a crash leaves either the old file or the new one, never
     half of one. Raises UsageError if the directory or file cannot be written.
     """
-    path = Path(run_dir) / "config.toml"
-    tmp = path.with_name(f".config.toml.{os.getpid()}.tmp")  # same directory, so os.replace is a rename
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(config_to_toml(cfg))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UsageError(f"{path}: cannot write ({e.strerror or e})") from None
-    return path
+    text = config_to_toml(cfg).encode("utf-8")
+    return write_atomically(Path(run_dir) / "config.toml", lambda f: f.write(text))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,12 +9,12 @@ accumulation, mixed precision, evaluation, checkpoints) is `fasttrain.Trainer`.
 
 from __future__ import annotations
 
-import math
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
+from fasttrain.metrics import perplexity
 from fasttrain.runtime import resolve_device
 from fasttrain.trainer import cross_entropy_loss
 
@@ -65,7 +65,7 @@ def train_loop(
                 value = loss.item()
                 history["losses"].append(value)
                 history["steps"].append(step)
-                print(f"epoch {epoch + 1} step {step}: loss {value:.4f} (ppl {math.exp(min(value, 50.0)):.2f})")
+                print(f"epoch {epoch + 1} step {step}: loss {value:.4f} (ppl {perplexity(value):.2f})")
     return history
 
 

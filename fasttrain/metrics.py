@@ -10,6 +10,7 @@ too when the `tensorboard` package is installed (and the config asks for them).
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 import time
@@ -34,6 +35,11 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
     ("L4", 121.0),
     ("A10", 125.0),
 ]
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped at exp(50) so a diverged run logs a large number rather than inf."""
+    return math.exp(min(loss, 50.0))
 
 
 def peak_flops(device: torch.device) -> float | None:

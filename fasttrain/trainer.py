@@ -16,7 +16,6 @@ loss and gradient norm stay on the device until they are printed.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -25,10 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fasttrain.atomic import write_atomically
 from fasttrain.config import Config, TrainConfig, config_to_toml, save_config
 from fasttrain.data import TokenLoader
 from fasttrain.errors import UsageError
-from fasttrain.metrics import MetricsLog, peak_flops, peak_memory_gb
+from fasttrain.metrics import MetricsLog, peak_flops, peak_memory_gb, perplexity
 from fasttrain.model import Transformer, generate_text
 from fasttrain.optim import build_optimizer
 from fasttrain.prepare import ensure_prepared
@@ -167,7 +167,7 @@ class Trainer:
             loader.close()
         val_loss = total.item() / batches
         self.best_val_loss = min(self.best_val_loss, val_loss)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+        return {"val_loss": val_loss, "val_ppl": perplexity(val_loss),
                 "val_bpb": val_loss * self.bpb_per_nat, "best_val_loss": self.best_val_loss}
 
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
@@ -247,17 +247,7 @@ class Trainer:
             "rng": _rng_state(),
             "config": config_to_toml(self.cfg),
         }
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise UsageError(f"{path}: cannot save checkpoint ({e.strerror or e})") from None
+        write_atomically(path, lambda f: torch.save(state, f), what="save checkpoint")
         for old in sorted(path.parent.glob("step_*.pt"))[:-self.cfg.checkpoint.keep_last]:
             old.unlink()
         return path
@@ -299,7 +289,7 @@ class Trainer:
         mfu = self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None
         record = {
             "step": self.global_step, "progress": round(100 * self.global_step / t.max_steps, 2), "loss": loss,
-            "ppl": math.exp(min(loss, 50.0)), "lr": self.last_lr, "grad_norm": grad_norm,
+            "ppl": perplexity(loss), "lr": self.last_lr, "grad_norm": grad_norm,
             "tokens": self.tokens_seen, "tokens_per_s": round(tokens_per_s, 1),
             "step_ms": round(1000 * elapsed / meter.steps, 2), "data_wait_pct": round(100 * wait / elapsed, 2),
             "peak_mem_gb": round(peak_memory_gb(self.device), 3),
