@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -25,6 +26,7 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], N
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # no directory (or not a directory): no temporary file either
+            tmp.unlink(missing_ok=True)
         raise UsageError(f"{path}: cannot {what} ({e.strerror or e})") from None
     return path

@@ -120,7 +120,17 @@ class CheckpointConfig:
     """[checkpoint]: how often to save and how many saves to keep."""
 
     interval: int = 500  # save every this many steps (and at the end)
-    keep_last: int = 2  # older checkpoints are deleted
+    keep_last: int = 2  # the newest this many saves are kept, older ones deleted (the best is kept too)
+    keep_best: bool = True  # save whenever validation loss reaches a new low, and keep the lowest
+
+
+@dataclass
+class RecoveryConfig:
+    """[recovery]: what to do when the loss or gradient norm stops being finite."""
+
+    max_skips: int = 3  # consecutive non-finite steps skipped (no update) before rolling back
+    lr_factor: float = 0.5  # a rollback reloads the latest checkpoint and multiplies the learning rate by this
+    max_rollbacks: int = 2  # rollbacks allowed in a run; the next divergence stops it (0: stop at once)
 
 
 @dataclass
@@ -133,6 +143,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
 
 
 OVERRIDE_SOURCE = "--set"  # how errors name values that came from the command line
@@ -191,6 +202,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.sample_tokens": _NON_NEGATIVE,
     "checkpoint.interval": _POSITIVE,
     "checkpoint.keep_last": _POSITIVE,
+    "recovery.max_skips": _POSITIVE,
+    "recovery.lr_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "recovery.max_rollbacks": _NON_NEGATIVE,
 }
 
 # Settings that must agree, checked after the ranges (so n_heads > 0 here):
@@ -228,17 +242,26 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
     `train.device=cpu` works. Later overrides win. Raises UsageError (one line,
     naming the file or `--set`, and the key) on any problem.
     """
+    source = os.fspath(path) if path is not None else "defaults"
+    return _build(_read_toml(path) if path is not None else {}, source, overrides)
+
+
+def parse_config(text: str, source: str) -> Config:
+    """A validated Config from TOML text, such as the one a checkpoint carries; `source` names it in errors."""
+    return _build(_parse_toml(text, source), source, ())
+
+
+def _build(doc: dict[str, Any], source: str, overrides: Sequence[str]) -> Config:
+    """Defaults, then the parsed TOML `doc` (from `source`), then `overrides`; validated."""
     cfg = Config()
     sources: dict[str, str] = {}  # "section.key" -> where its value came from
-    if path is not None:
-        source = os.fspath(path)
-        for section, table in _read_toml(path).items():
-            if not isinstance(table, dict):
-                got = f"{_show(table)} ({type(table).__name__})"
-                raise UsageError(f"{source}: {section}: expected a [section] table, got {got}")
-            part = _section(cfg, section, source)  # checked even when the table is empty
-            for key, value in table.items():
-                _assign(part, section, key, value, source, sources)
+    for section, table in doc.items():
+        if not isinstance(table, dict):
+            got = f"{_show(table)} ({type(table).__name__})"
+            raise UsageError(f"{source}: {section}: expected a [section] table, got {got}")
+        part = _section(cfg, section, source)  # checked even when the table is empty
+        for key, value in table.items():
+            _assign(part, section, key, value, source, sources)
     for item in overrides:
         section, key, value = _parse_override(item)
         _assign(_section(cfg, section, OVERRIDE_SOURCE), section, key, value, OVERRIDE_SOURCE, sources)
@@ -286,12 +309,22 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     source = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            raw = f.read()
     except FileNotFoundError:
         raise UsageError(f"{source}: no such file") from None
     except OSError as e:
         raise UsageError(f"{source}: cannot read ({e.strerror or e})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # the message has the line and column
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{source}: invalid TOML: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return _parse_toml(text, source)
+
+
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:  # the message has the line and column
         raise UsageError(f"{source}: invalid TOML: {' '.join(str(e).split())}") from None
 
 

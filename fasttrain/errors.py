@@ -18,13 +18,24 @@ class UsageError(Exception):
     """A problem with the user's input, reported as one line with exit code 2."""
 
 
+class RunStopped(Exception):
+    """A run that ended early and says why in one line: exit 128 + signal number, or 1 when it diverged."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run `main(argv)` and exit: 0 on success, 2 on `UsageError`, 130 on Ctrl-C."""
+    """Run `main(argv)` and exit: 0 on success, 2 on `UsageError`, RunStopped's own code, 130 on Ctrl-C."""
     try:
         code = main(argv)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunStopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -68,7 +69,10 @@ class MetricsLog:
         self.path = Path(out_dir) / "metrics.jsonl"
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = _ends_mid_line(self.path)  # a run killed mid-write; end its line so ours parse
             self._file = open(self.path, "a", encoding="utf-8")
+            if partial:
+                self._file.write("\n")
         except OSError as e:
             raise UsageError(f"{self.path}: cannot write ({e.strerror or e})") from None
         self._tb = _summary_writer(self.path.parent) if tensorboard else None
@@ -105,6 +109,18 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
         self._file.close()
+
+
+def _ends_mid_line(path: Path) -> bool:
+    """Whether the file at `path` exists and its last byte is not a newline."""
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, os.SEEK_END) == 0:
+                return False
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
 
 
 def _summary_writer(log_dir: Path):

@@ -2,9 +2,8 @@
 
     python -m fasttrain.plot RUN_DIR [--out FILE]
 
-Reads RUN_DIR/metrics.jsonl (the last run in it, if more than one wrote there)
-and writes RUN_DIR/curves.png (or FILE). Needs
-matplotlib (`pip install fasttrain[plot]`).
+Reads RUN_DIR/metrics.jsonl (the last run in it, resumes included) and writes
+RUN_DIR/curves.png (or FILE). Needs matplotlib (`pip install fasttrain[plot]`).
 """
 
 from __future__ import annotations
@@ -30,10 +29,27 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         try:
             events.append(json.loads(line))
         except json.JSONDecodeError:
-            if number == len(lines):  # a run killed mid-write leaves a partial last line
-                break
+            # A run killed mid-write leaves a partial line: the last one, or the one before a resumed run's start.
+            if number == len(lines) or '"event": "start"' in lines[number]:
+                continue
             raise UsageError(f"{path}:{number}: not a JSON object") from None
     return events
+
+
+def latest_run(events: list[dict]) -> list[dict]:
+    """The events of the run that wrote last, across its resumes.
+
+    A new run's "start" drops what came before it. A resumed run's start (at step s)
+    keeps the earlier events up to step s and drops the later ones, which were
+    trained again after the resume.
+    """
+    kept: list[dict] = []
+    for e in events:
+        if e.get("event") == "start":
+            resumed = e.get("resume_step")
+            kept = [] if resumed is None else [k for k in kept if k.get("step", 0) <= resumed]
+        kept.append(e)
+    return kept
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -45,9 +61,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    events = read_metrics(run_dir)
-    starts = [i for i, e in enumerate(events) if e.get("event") == "start"]
-    events = events[starts[-1]:] if starts else events  # a directory trained into twice: the last run
+    events = latest_run(read_metrics(run_dir))
     train = [e for e in events if e.get("event") == "train"]
     evals = [e for e in events if e.get("event") == "eval"]
     if not train and not evals:

@@ -9,25 +9,34 @@ A step is one optimizer update: `accumulation` micro-batches of batch_size x
 seq_len tokens, each loss divided by `accumulation` so the summed gradient is the
 gradient of the mean loss over the whole update. Then the global gradient norm is
 clipped, AdamW steps at the learning rate of the schedule, and the gradients are
-cleared. Nothing waits on the GPU except at log, eval and checkpoint points: the
-loss and gradient norm stay on the device until they are printed.
+cleared. A step whose loss or gradient norm is not finite is skipped instead (no
+update); after `recovery.max_skips` in a row the run rolls back to its latest
+checkpoint at a lower learning rate, or stops (`recovery.max_rollbacks`). The
+finiteness check is the one host sync per step; otherwise nothing waits on the GPU
+except at log, eval and checkpoint points.
+
+SIGINT (Ctrl-C) and SIGTERM during `train()` finish the current step, save a
+checkpoint and raise `Interrupted` (exit status 130 / 143 from the command line);
+`resume("auto")` continues exactly where it stopped.
 """
 
 from __future__ import annotations
 
 import math
-import random
+import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fasttrain.atomic import write_atomically
+from fasttrain import checkpoint
 from fasttrain.config import Config, TrainConfig, config_to_toml, save_config
 from fasttrain.data import TokenLoader
-from fasttrain.errors import UsageError
+from fasttrain.errors import RunStopped, UsageError
+from fasttrain.export import export_weights
 from fasttrain.metrics import MetricsLog, peak_flops, peak_memory_gb, perplexity
 from fasttrain.model import Transformer, generate_text
 from fasttrain.optim import build_optimizer
@@ -42,6 +51,10 @@ IGNORE_INDEX = -100  # targets with this value (padding) add nothing to the loss
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of `logits` (B, T, V) against `targets` (B, T), skipping IGNORE_INDEX."""
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class Interrupted(RunStopped):
+    """`train()` stopped on SIGINT or SIGTERM after saving a checkpoint; exit_code is 128 + the signal."""
 
 
 def accumulation_steps(cfg: TrainConfig, world_size: int = 1) -> int:
@@ -61,7 +74,8 @@ class Trainer:
 
     Construction prepares the data if needed (see `prepare.ensure_prepared`) and
     fills in `cfg.data.dir` and `cfg.model.vocab_size`; nothing is written to
-    `train.out_dir` until `train()` or `save_checkpoint()`.
+    `train.out_dir` until `train()` or `save_checkpoint()`. Call `resume()` before
+    `train()` to continue a saved run.
     """
 
     def __init__(self, cfg: Config, quiet: bool = False):
@@ -96,6 +110,16 @@ class Trainer:
         self.last_lr = 0.0  # the learning rate of the latest update
         self.tokens_seen = 0
         self.best_val_loss = math.inf
+        self.lr_scale = 1.0  # multiplies the schedule; each rollback after divergence lowers it
+        self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient norm, in all
+        self.consecutive_skips = 0
+        self.rollbacks = 0
+        self.resumed_from: Path | None = None
+        self._saved_step = -1  # the step of the latest save, so stopping right after one does not save twice
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.cfg.train.out_dir) / "checkpoints"
 
     @property
     def tokens_per_step(self) -> int:
@@ -103,13 +127,19 @@ class Trainer:
 
     def lr(self) -> float:
         """The learning rate of the next update."""
-        return lr_at(self.global_step, self.cfg.train.max_steps, self.cfg.optim.lr, self.cfg.schedule)
+        return self.lr_scale * lr_at(self.global_step, self.cfg.train.max_steps, self.cfg.optim.lr, self.cfg.schedule)
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer update; returns its mean loss and pre-clip gradient norm, as device tensors."""
+        """One optimizer update; returns its mean loss and pre-clip gradient norm, as device tensors.
+
+        If either is not finite the update is skipped: weights and optimizer state stay
+        as they were, the step still counts, and `skipped_steps` goes up.
+        """
         loss = self.accumulate_gradients()
         grad_norm = self.clip_gradients()
-        self.apply_update()
+        # With fp16 an overflowing gradient is the GradScaler's business: it skips and lowers its scale.
+        watched = loss if self.precision == "fp16" else loss + grad_norm
+        self.apply_update(skip=not torch.isfinite(watched).item())
         return loss, grad_norm
 
     def accumulate_gradients(self) -> torch.Tensor:
@@ -133,12 +163,17 @@ class Trainer:
         max_norm = self.cfg.optim.max_grad_norm or math.inf  # 0 disables clipping; the norm is still measured
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
 
-    def apply_update(self) -> None:
-        """AdamW step at this step's learning rate, then clear the gradients and advance the step."""
+    def apply_update(self, skip: bool = False) -> None:
+        """AdamW step at this step's learning rate (none if `skip`), then clear the gradients and advance."""
         self.last_lr = self.lr()
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.last_lr
-        self.scaler.step(self.optimizer)  # skips the update if fp16 gradients overflowed
+        if skip:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+        else:
+            self.consecutive_skips = 0
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.last_lr
+            self.scaler.step(self.optimizer)  # skips the update if fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
@@ -177,94 +212,178 @@ class Trainer:
             return generate_text(self.model, self.tokenizer, prompt or t.sample_prompt,
                                  max_new_tokens or t.sample_tokens, seed=t.seed)
 
-    def train(self) -> dict:
+    def train(self, overwrite: bool = False) -> dict:
         """Train to `train.max_steps`, logging, evaluating and checkpointing on the way; returns a summary.
 
-        Writes `config.toml` (the resolved config), `metrics.jsonl` and checkpoints
-        into `train.out_dir`. Compile time (the first step, on a compiled model) is
-        reported on its own and kept out of the throughput figures, as is time spent
-        evaluating, sampling and saving.
+        Writes `config.toml` (the resolved config), `metrics.jsonl`, checkpoints and,
+        at the end, the final weights (`final/`, see fasttrain/export.py) into
+        `train.out_dir`. A new run refuses a directory that holds another run's
+        checkpoints unless `overwrite`, which deletes them first. Compile time (the
+        first step, on a compiled model) is reported on its own and kept out of the
+        throughput figures, as is time spent evaluating, sampling and saving.
         """
         cfg, t = self.cfg, self.cfg.train
         out = Path(t.out_dir)
+        if self.resumed_from is None:
+            self._claim(out, overwrite)
         save_config(cfg, out)
         log = MetricsLog(out, t.max_steps, tensorboard=t.tensorboard, quiet=self.quiet)
         try:
             self._announce(log)
             last_eval: dict[str, float] = {}
             meter = _IntervalMeter(self)
-            while self.global_step < t.max_steps:
-                loss, grad_norm = self.step()
-                done = self.global_step == t.max_steps
-                if self.global_step == 1 and self.compiled:  # the first step's time is mostly compilation
-                    seconds = _synchronized_seconds(meter.start, self.device)
-                    log.event("compile", step=1, seconds=round(seconds, 3))
-                    log.print(f"compiled the model and ran the first step in {seconds:.1f} s")
-                    meter.restart()
-                else:
-                    meter.add(loss)
-                if (self.global_step % t.log_interval == 0 or done) and meter.steps:
-                    self._log_train(log, meter, grad_norm.item())
-                    meter.restart()
-                paused = time.perf_counter()
-                if self.global_step % t.eval_interval == 0 or done:
-                    last_eval = self._evaluate_and_sample(log)
-                if self.global_step % cfg.checkpoint.interval == 0 or done:
-                    log.event("checkpoint", step=self.global_step, path=str(self.save_checkpoint()))
-                meter.exclude(time.perf_counter() - paused)
+            with _SignalCatcher() as signals:
+                while self.global_step < t.max_steps:
+                    loss, grad_norm = self.step()
+                    done = self.global_step == t.max_steps
+                    if self.consecutive_skips:
+                        if self._on_skip(log, loss, grad_norm):  # rolled back to the latest checkpoint
+                            meter.restart()
+                            continue
+                    elif self.global_step == 1 and self.compiled:  # the first step's time is mostly compilation
+                        seconds = _synchronized_seconds(meter.start, self.device)
+                        log.event("compile", step=1, seconds=round(seconds, 3))
+                        log.print(f"compiled the model and ran the first step in {seconds:.1f} s")
+                        meter.restart()
+                    else:
+                        meter.add(loss)
+                    if (self.global_step % t.log_interval == 0 or done) and meter.steps:
+                        self._log_train(log, meter, grad_norm.item())
+                        meter.restart()
+                    paused = time.perf_counter()
+                    improved = False
+                    if self.global_step % t.eval_interval == 0 or done:
+                        previous_best = self.best_val_loss
+                        last_eval = self._evaluate_and_sample(log)
+                        improved = last_eval["val_loss"] < previous_best
+                    if (self.global_step % cfg.checkpoint.interval == 0 or done
+                            or (improved and cfg.checkpoint.keep_best)):
+                        self._save(log, best=improved)
+                    meter.exclude(time.perf_counter() - paused)
+                    if signals.received:
+                        self._stop(log, signals.received)
             last_eval = last_eval or self._evaluate_and_sample(log)  # nothing left to train: still report
-            summary = {"step": self.global_step, "tokens": self.tokens_seen, **last_eval,
-                       "out_dir": str(out), "checkpoint": str(self.checkpoint_path(self.global_step))}
+            final = export_weights(self.model.state_dict(), cfg, out / "final")[0]
+            summary = {"step": self.global_step, "tokens": self.tokens_seen, **last_eval, "out_dir": str(out),
+                       "checkpoint": str(checkpoint.pointed(self.checkpoint_dir, "latest")), "weights": str(final),
+                       "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks}
             log.event("end", **summary)
             log.print(f"done: {self.global_step} steps, {self.tokens_seen:,} tokens; "
                       f"val loss {last_eval['val_loss']:.3f}, {last_eval['val_bpb']:.3f} bits/byte "
-                      f"(best loss {self.best_val_loss:.3f})")
+                      f"(best loss {self.best_val_loss:.3f})"
+                      + (f"; {self.skipped_steps} steps skipped, {self.rollbacks} rollbacks" if self.skipped_steps else ""))
             log.print(f"  config      {out / 'config.toml'}\n  metrics     {log.path}\n"
-                      f"  checkpoint  {summary['checkpoint']}\n  data        {cfg.data.dir}\n"
+                      f"  checkpoint  {summary['checkpoint']}\n  weights     {final}\n  data        {cfg.data.dir}\n"
                       f"  plot with   python -m fasttrain.plot {out}")
             return summary
         finally:
             log.close()
 
-    def checkpoint_path(self, step: int) -> Path:
-        return Path(self.cfg.train.out_dir) / "checkpoints" / f"step_{step:07d}.pt"
-
-    def save_checkpoint(self) -> Path:
-        """Save everything needed to continue this run exactly; returns the file's path.
-
-        Written under a temporary name, fsync'd and renamed, so a crash mid-save
-        leaves the earlier checkpoints untouched. Keeps the newest `keep_last`.
-        """
-        path = self.checkpoint_path(self.global_step)
-        state = {
+    def state_dict(self) -> dict:
+        """Everything needed to continue this run exactly: what a checkpoint file holds."""
+        return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "step": self.global_step,
+            "step": self.global_step,  # the LR schedule's position too
             "tokens_seen": self.tokens_seen,
             "best_val_loss": self.best_val_loss,
+            "lr_scale": self.lr_scale,
+            "skipped_steps": self.skipped_steps,
+            "rollbacks": self.rollbacks,
             "train_loader": self.train_loader.state_dict(),
-            "rng": _rng_state(),
+            "rng": checkpoint.rng_state(),
             "config": config_to_toml(self.cfg),
         }
-        write_atomically(path, lambda f: torch.save(state, f), what="save checkpoint")
-        for old in sorted(path.parent.glob("step_*.pt"))[:-self.cfg.checkpoint.keep_last]:
-            old.unlink()
+
+    def save_checkpoint(self, best: bool = False) -> Path:
+        """Save `state_dict()` into the run's checkpoints/ (see fasttrain/checkpoint.py); returns the file.
+
+        Keeps the newest `checkpoint.keep_last` saves, and the best one: this save if `best`.
+        """
+        path = checkpoint.save(self.state_dict(), self.checkpoint_dir, self.global_step,
+                               self.cfg.checkpoint.keep_last, best)
+        self._saved_step = self.global_step
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Restore the state `save_checkpoint` wrote to `path` into this trainer."""
+        """Restore the state `save_checkpoint` wrote to `path` into this trainer.
+
+        The checkpoint must come from a model of the same shape as this config's;
+        otherwise a UsageError names the [model] keys that differ.
+        """
+        state = checkpoint.load(path, self.device)
+        checkpoint.check_same_model(state, self.cfg, path)
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except FileNotFoundError:
-            raise UsageError(f"{path}: no such checkpoint") from None
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.train_loader.load_state_dict(state["train_loader"])
-        self.global_step, self.tokens_seen = state["step"], state["tokens_seen"]
-        self.best_val_loss = state["best_val_loss"]
-        _set_rng_state(state["rng"])
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.train_loader.load_state_dict(state["train_loader"])
+            checkpoint.set_rng_state(state["rng"])
+            self.global_step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.best_val_loss, self.lr_scale = state["best_val_loss"], state["lr_scale"]
+            self.skipped_steps, self.rollbacks = state["skipped_steps"], state["rollbacks"]
+        except (RuntimeError, ValueError, KeyError, TypeError, UsageError) as e:
+            raise UsageError(f"{path}: cannot continue from it ({str(e).splitlines()[0]})") from None
+        self.consecutive_skips = 0
+        self._saved_step = self.global_step
+
+    def resume(self, spec: str | Path = "auto") -> Path:
+        """Continue a saved run: `spec` is "auto" (this run's latest save), a run directory or a checkpoint file."""
+        path = checkpoint.resolve(str(spec), self.cfg.train.out_dir)
+        self.load_checkpoint(path)
+        self.resumed_from = path
+        return path
+
+    def _claim(self, out: Path, overwrite: bool) -> None:
+        """Make `out` ready for a new run: refuse another run's checkpoints, or delete them if `overwrite`."""
+        saved = checkpoint.saved_steps(self.checkpoint_dir)
+        if saved and not overwrite:
+            raise UsageError(
+                f"{self.checkpoint_dir}: holds checkpoints of an earlier run (up to step "
+                f"{checkpoint.step_of(saved[-1])}); continue it with --resume auto, start over with --overwrite, "
+                "or set train.out_dir elsewhere")
+        if overwrite:
+            for old in (self.checkpoint_dir, out / "final", out / "tensorboard"):
+                shutil.rmtree(old, ignore_errors=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    def _save(self, log: MetricsLog, best: bool = False) -> Path:
+        path = self.save_checkpoint(best)
+        log.event("checkpoint", step=self.global_step, path=str(path), best=best)
+        return path
+
+    def _on_skip(self, log: MetricsLog, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Report a skipped update; after `recovery.max_skips` in a row roll back (True) or stop."""
+        r = self.cfg.recovery
+        log.event("skip", step=self.global_step, loss=loss.item(), grad_norm=grad_norm.item(),
+                  consecutive=self.consecutive_skips, skipped_steps=self.skipped_steps)
+        log.print(f"step {self.global_step}: loss {loss.item()} / grad norm {grad_norm.item()} is not finite; "
+                  f"update skipped ({self.consecutive_skips} in a row, {r.max_skips} allowed)")
+        if self.consecutive_skips < r.max_skips:
+            return False
+        latest = checkpoint.pointed(self.checkpoint_dir, "latest")
+        if latest is None or self.rollbacks >= r.max_rollbacks:
+            why = "there is no checkpoint to roll back to" if latest is None else f"after {self.rollbacks} rollbacks"
+            log.event("diverged", step=self.global_step, rollbacks=self.rollbacks)
+            raise RunStopped(
+                f"stopped at step {self.global_step}: loss or gradient norm not finite for {self.consecutive_skips} "
+                f"steps in a row, and {why}; lower optim.lr, lengthen schedule.warmup_steps, or run "
+                "python -m fasttrain.doctor on this config", 1)
+        keep = self.lr_scale * r.lr_factor, self.rollbacks + 1, self.skipped_steps
+        diverged_at = self.global_step
+        self.load_checkpoint(latest)
+        self.lr_scale, self.rollbacks, self.skipped_steps = keep
+        log.event("rollback", step=self.global_step, from_step=diverged_at, path=str(latest), lr_scale=self.lr_scale)
+        log.print(f"rolled back from step {diverged_at} to {latest} (step {self.global_step}); "
+                  f"learning rate now x{self.lr_scale:g} (rollback {self.rollbacks} of {r.max_rollbacks})")
+        return True
+
+    def _stop(self, log: MetricsLog, signum: int) -> None:
+        path = self._save(log) if self._saved_step != self.global_step else checkpoint.pointed(self.checkpoint_dir, "latest")
+        name = signal.Signals(signum).name
+        log.event("stopped", step=self.global_step, signal=name, checkpoint=str(path))
+        raise Interrupted(f"stopped by {name} at step {self.global_step}; saved {path}", 128 + signum)
 
     def _announce(self, log: MetricsLog) -> None:
         c, t = self.cfg, self.cfg.train
@@ -272,7 +391,8 @@ class Trainer:
         log.event("start", params=params, flops_per_token=self.flops_per_token, device=str(self.device),
                   precision=self.precision, compile=self.compiled, accumulation=self.accumulation,
                   tokens_per_step=self.tokens_per_step, train_tokens=self.meta["tokens"]["train"],
-                  val_tokens=self.meta["tokens"]["val"])
+                  val_tokens=self.meta["tokens"]["val"],
+                  **({"resumed_from": str(self.resumed_from), "resume_step": self.global_step} if self.resumed_from else {}))
         log.print(f"model: {params / 1e6:.2f}M parameters ({c.model.n_layers} layers, d_model {c.model.d_model}, "
                   f"{c.model.n_heads} heads, vocab {c.model.vocab_size}, context {c.model.max_seq_len})")
         log.print(f"data: {self.meta['tokens']['train']:,} train / {self.meta['tokens']['val']:,} val tokens "
@@ -280,6 +400,8 @@ class Trainer:
         log.print(f"run: {t.max_steps} steps x {self.tokens_per_step:,} tokens ({t.batch_size} x {t.seq_len}"
                   f" x {self.accumulation} accumulation) on {self.device}, {self.precision}"
                   f"{', compiled' if self.compiled else ''}; writing to {t.out_dir}")
+        if self.resumed_from:
+            log.print(f"resumed from {self.resumed_from} at step {self.global_step}")
 
     def _log_train(self, log: MetricsLog, meter: _IntervalMeter, grad_norm: float) -> None:
         t = self.cfg.train
@@ -352,21 +474,27 @@ def _synchronized_seconds(start: float, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _rng_state() -> dict:
-    """Python's, NumPy's and torch's (CPU and every CUDA device) generator states, in types torch.load accepts."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+class _SignalCatcher:
+    """While active, SIGINT and SIGTERM only set `received`, so training can stop at a step boundary.
 
+    The first signal of each kind puts the previous handler back, so a second Ctrl-C
+    stops at once (a checkpoint save cut short leaves the earlier ones intact).
+    Signals can only be caught in the main thread; elsewhere this does nothing.
+    """
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"].cpu())
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> _SignalCatcher:
+        self.received: int | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._catch) for s in self.SIGNALS}
+        return self
+
+    def _catch(self, signum: int, frame) -> None:
+        self.received = signum
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fasttrain.config import Config, load_config
 from fasttrain.prepare import prepare
 from fasttrain.shards import ShardWriter
 
@@ -32,3 +33,14 @@ def counting_data(tmp_path) -> Path:
     write_shard(tmp_path / "train_000001.bin", np.arange(10_000, 12_500))
     write_shard(tmp_path / "val_000000.bin", np.arange(20_000, 21_000))
     return tmp_path
+
+
+def tiny_config(data_dir, out_dir, *overrides: str) -> Config:
+    """A config for a 2-layer, 32-wide model on prepared data, small enough for many steps in a test."""
+    return load_config(None, [
+        f'data.dir="{data_dir}"', f'train.out_dir="{out_dir}"', "train.device=cpu", "data.prefetch=0",
+        "data.vocab_size=512",  # as the pydoc_data fixture was prepared
+        "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
+        "train.batch_size=4", "train.seq_len=32", "train.max_steps=10", "schedule.warmup_steps=2",
+        "train.sample_tokens=4", "train.tensorboard=false", *overrides,
+    ])

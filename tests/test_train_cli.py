@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fasttrain.config import load_config
-from fasttrain.plot import plot_run
+from fasttrain.metrics import MetricsLog
+from fasttrain.plot import latest_run, plot_run, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "train.batch_size=4", "train.seq_len=64",
@@ -39,10 +40,13 @@ def test_main_job_trains_evaluates_samples_and_saves(main_job):
     assert result.returncode == 0, result.stderr
     text = result.stdout
     for expected in ("model: ", "step      2/6", "eval step 4: val loss", "sample: 'The", "done: 6 steps",
-                     str(out / "config.toml"), str(out / "metrics.jsonl"), "step_0000006.pt", "python -m fasttrain.plot"):
+                     str(out / "config.toml"), str(out / "metrics.jsonl"), "step_0000006.pt",
+                     str(out / "final" / "model.safetensors"), "python -m fasttrain.plot"):
         assert expected in text
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
-    assert checkpoints == ["step_0000004.pt", "step_0000006.pt"]
+    assert checkpoints == ["best", "latest", "step_0000004.pt", "step_0000006.pt"]
+    assert (out / "checkpoints" / "latest").read_text() == "step_0000006.pt"
+    assert sorted(p.name for p in (out / "final").iterdir()) == ["config.toml", "model.safetensors", "tokenizer.json"]
     saved = load_config(out / "config.toml")
     assert saved.model.vocab_size == 512 and saved.train.max_steps == 6  # resolved values, reloadable
     state = torch.load(out / "checkpoints" / "step_0000006.pt", weights_only=True)
@@ -76,6 +80,23 @@ def test_plot_writes_a_png(main_job, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = run("fasttrain.plot", str(tmp_path / "not-a-run"))
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "metrics.jsonl: no such file" in result.stderr
+
+
+def test_metrics_follow_a_run_across_a_kill_and_a_resume(tmp_path):
+    killed = [{"event": "start"}] + [{"event": "train", "step": s, "loss": 9 - s} for s in (1, 2, 3)]
+    text = "".join(json.dumps(e) + "\n" for e in killed) + '{"event": "tra'  # killed mid-write
+    (tmp_path / "metrics.jsonl").write_text(text)
+    log = MetricsLog(tmp_path, 4, tensorboard=False, quiet=True)
+    log.event("start", resume_step=2)  # resumed from the checkpoint of step 2: step 3 is trained again
+    log.event("train", step=3, loss=0.5)
+    log.event("train", step=4, loss=0.25)
+    log.close()
+    run = latest_run(read_metrics(tmp_path))
+    assert [(e.get("step"), e.get("loss")) for e in run if e["event"] == "train"] == [(1, 8), (2, 7), (3, 0.5), (4, 0.25)]
+    log = MetricsLog(tmp_path, 4, tensorboard=False, quiet=True)
+    log.event("start")  # a new run in the same directory starts the plot afresh
+    log.close()
+    assert latest_run(read_metrics(tmp_path)) == [read_metrics(tmp_path)[-1]]
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path):

@@ -1,4 +1,4 @@
-"""The training step: schedule, decay groups, accumulation, clipping, overfitting, train_loop, checkpoints."""
+"""The training step: schedule, decay groups, accumulation, clipping, overfitting, train_loop, evaluation."""
 
 from __future__ import annotations
 
@@ -9,23 +9,13 @@ import torch
 from torch import nn
 
 from fasttrain import Trainer, train_loop
-from fasttrain.config import ModelConfig, ScheduleConfig, TrainConfig, load_config
+from fasttrain.config import ModelConfig, ScheduleConfig, TrainConfig
 from fasttrain.errors import UsageError
 from fasttrain.model import Transformer
 from fasttrain.optim import param_groups
 from fasttrain.schedule import lr_at
 from fasttrain.trainer import accumulation_steps
-
-
-def tiny_config(data_dir, out_dir, *overrides: str):
-    """A config for a 2-layer, 32-wide model on prepared data, small enough for many steps in a test."""
-    return load_config(None, [
-        f'data.dir="{data_dir}"', f'train.out_dir="{out_dir}"', "train.device=cpu", "data.prefetch=0",
-        "data.vocab_size=512",  # as the pydoc_data fixture was prepared
-        "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
-        "train.batch_size=4", "train.seq_len=32", "train.max_steps=10", "schedule.warmup_steps=2",
-        "train.sample_tokens=4", "train.tensorboard=false", *overrides,
-    ])
+from tests.conftest import tiny_config
 
 
 @pytest.mark.parametrize("decay, step, expected", [
@@ -174,22 +164,6 @@ def test_trainer_overfits_one_batch(pydoc_data, tmp_path):
     for _ in range(150):
         loss, _ = trainer.step()
     assert loss.item() < 0.1
-
-
-def test_checkpoint_round_trip_continues_the_same_run(pydoc_data, tmp_path):
-    straight = Trainer(tiny_config(pydoc_data, tmp_path / "a"), quiet=True)
-    expected = [straight.step()[0].item() for _ in range(6)]
-
-    first = Trainer(tiny_config(pydoc_data, tmp_path / "b"), quiet=True)
-    losses = [first.step()[0].item() for _ in range(3)]
-    path = first.save_checkpoint()
-    resumed = Trainer(tiny_config(pydoc_data, tmp_path / "b"), quiet=True)
-    torch.manual_seed(99)
-    resumed.model.reset_parameters()  # the checkpoint, not the seed, must bring the weights back
-    resumed.load_checkpoint(path)
-    assert resumed.global_step == 3 and resumed.tokens_seen == 3 * 4 * 32
-    losses += [resumed.step()[0].item() for _ in range(3)]
-    assert losses == expected
 
 
 def test_evaluation_reports_bits_per_byte(pydoc_data, tmp_path):

@@ -1,0 +1,150 @@
+"""Checkpoint files: atomic saves, the `latest` and `best` pointers, what is kept, and safe loading.
+
+A run directory's checkpoints/ holds
+
+    step_0000100.pt   one file per save (what is in it: Trainer.state_dict)
+    latest            the file name of the newest complete save
+    best              the file name of the save with the lowest validation loss
+
+Each file is written under a temporary name, fsync'd and renamed (fasttrain/atomic.py),
+and a pointer is updated only once the file it names is complete, so a crash or
+`kill -9` at any moment leaves `latest` naming a loadable checkpoint. Old saves are
+deleted last, and never one that a pointer names.
+
+Loading uses `torch.load(weights_only=True)`: a checkpoint may hold tensors, numbers,
+strings and containers of them, never code to run.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fasttrain.atomic import write_atomically
+from fasttrain.config import Config, parse_config
+from fasttrain.errors import UsageError
+
+REQUIRED_KEYS = ("model", "optimizer", "step", "config")  # what marks a file as a fasttrain checkpoint
+RESHAPE_FREE = ("dropout",)  # [model] keys a resumed run may change: they alter no weight
+
+
+def step_of(path: Path) -> int:
+    """The step of a `step_NNNNNNN.pt` file name."""
+    return int(re.fullmatch(r"step_(\d+)\.pt", path.name).group(1))
+
+
+def saved_steps(directory: Path) -> list[Path]:
+    """The checkpoint files in `directory`, oldest step first."""
+    return sorted(directory.glob("step_*.pt"), key=step_of)
+
+
+def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: int, best: bool) -> Path:
+    """Write `state` as `directory/step_<step>.pt`, point `latest` (and `best` if `best`) at it, prune.
+
+    Keeps the newest `keep_last` saves and the one `best` names. Raises UsageError,
+    with every earlier save intact, if the disk is full or the directory unwritable.
+    """
+    directory = Path(directory)
+    path = directory / f"step_{step:07d}.pt"
+    for stale in directory.glob(".step_*.tmp"):  # left by a save that was killed halfway
+        stale.unlink(missing_ok=True)
+    write_atomically(path, lambda f: torch.save(state, f), what="save checkpoint")
+    if best:
+        _point(directory, "best", path)
+    _point(directory, "latest", path)
+    keep = set(saved_steps(directory)[-keep_last:]) | {pointed(directory, "best")}
+    for old in saved_steps(directory):
+        if old not in keep:
+            old.unlink()
+    return path
+
+
+def pointed(directory: Path, pointer: str) -> Path | None:
+    """The file that `directory/<pointer>` names, or None if there is no such pointer."""
+    try:
+        return directory / (directory / pointer).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+
+
+def _point(directory: Path, pointer: str, path: Path) -> None:
+    name = path.name.encode("utf-8")
+    write_atomically(directory / pointer, lambda f: f.write(name), what="update the checkpoint pointer")
+
+
+def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
+    """The checkpoint file that `--resume spec` means.
+
+    "auto" is the latest save of the run in `out_dir`; a directory (a run directory or
+    its checkpoints/) is its latest save; anything else is a checkpoint file's path.
+    """
+    if spec != "auto" and not Path(spec).is_dir():
+        return Path(spec)
+    run = Path(out_dir if spec == "auto" else spec)
+    directory = run if (run / "latest").exists() or run.name == "checkpoints" else run / "checkpoints"
+    latest = pointed(directory, "latest")
+    if latest is None:
+        raise UsageError(f"{directory}: nothing to resume (no checkpoint saved there yet); "
+                         "start a new run without --resume")
+    if not latest.is_file():
+        raise UsageError(f"{directory / 'latest'}: names {latest.name}, which is missing; "
+                         "pass --resume a checkpoint file instead")
+    return latest
+
+
+def load(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> dict:
+    """The state saved at `path`; UsageError if it is missing, damaged, unsafe or not a fasttrain checkpoint."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such checkpoint") from None
+    except Exception as e:  # truncated, corrupt, or holding objects other than tensors and plain values
+        reason = " ".join(str(e).split("\n")[0].split())[:160]
+        raise UsageError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {reason})") from None
+    missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UsageError(f"{path}: not a fasttrain checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def saved_config(state: dict, path: str | os.PathLike[str]) -> Config:
+    """The config the run that saved `state` (from `path`) used."""
+    return parse_config(state["config"], f"{path} (its saved config)")
+
+
+def check_same_model(state: dict, cfg: Config, path: str | os.PathLike[str]) -> None:
+    """UsageError naming every [model] key in which `cfg` differs from the run that saved `state`."""
+    saved = saved_config(state, path).model
+    differ = [f"model.{f.name} = {getattr(saved, f.name)!r} there, {getattr(cfg.model, f.name)!r} here"
+              for f in fields(saved) if f.name not in RESHAPE_FREE
+              and getattr(saved, f.name) != getattr(cfg.model, f.name)]
+    if differ:
+        raise UsageError(f"{path}: saved by a model of another shape ({'; '.join(differ)}); "
+                         "resume with the config that run was started with")
+
+
+def rng_state() -> dict:
+    """Python's, NumPy's and torch's (CPU and every CUDA device) generator states, in types torch.load accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -1,0 +1,235 @@
+"""Checkpoints and faults: exact resume, pointers and retention, crashes mid-save, signals, non-finite steps."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttrain import Trainer, checkpoint
+from fasttrain.errors import RunStopped, UsageError
+from fasttrain.trainer import Interrupted
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# Dropout (torch's RNG), accumulation, random windows read ahead by the prefetch thread: all must resume exactly.
+EXACT = ["model.dropout=0.1", "train.tokens_per_update=256", "data.prefetch=2", "train.max_steps=8",
+         "train.log_interval=1", "train.eval_interval=4", "train.eval_steps=2", "checkpoint.interval=3"]
+
+
+def events(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
+def plant(trainer: Trainer, at_steps: set[int], action) -> None:
+    """Make `action(trainer)` happen after each step whose number (1-based) is in `at_steps`."""
+    original = trainer.step
+
+    def step():
+        out = original()
+        if trainer.global_step in at_steps:
+            action(trainer)
+        return out
+
+    trainer.step = step
+
+
+def nan_losses(trainer: Trainer, at_steps: set[int]) -> None:
+    """Make the forward pass of the steps numbered in `at_steps` (1-based, first attempt only) produce NaN."""
+    forward, attempts = trainer.forward, set()
+
+    def poisoned(x):
+        logits = forward(x)
+        step = trainer.global_step + 1
+        if step in at_steps and step not in attempts:
+            attempts.add(step)
+            return logits * float("nan")
+        return logits
+
+    trainer.forward = poisoned
+
+
+def test_resumed_training_is_bitwise_identical(pydoc_data, tmp_path):
+    straight = Trainer(tiny_config(pydoc_data, tmp_path / "straight", *EXACT), quiet=True)
+    straight.train()
+
+    interrupted = Trainer(tiny_config(pydoc_data, tmp_path / "resumed", *EXACT), quiet=True)
+    plant(interrupted, {5}, lambda t: signal.raise_signal(signal.SIGINT))
+    with pytest.raises(Interrupted, match="stopped by SIGINT at step 5; saved .*step_0000005.pt") as stop:
+        interrupted.train()
+    assert stop.value.exit_code == 130
+    resumed = Trainer(tiny_config(pydoc_data, tmp_path / "resumed", *EXACT), quiet=True)
+    torch.manual_seed(99)
+    resumed.model.reset_parameters()  # the checkpoint, not the seed, must bring the weights back
+    assert resumed.resume("auto").name == "step_0000005.pt"
+    assert resumed.global_step == 5 and resumed.tokens_seen == 5 * 256
+    resumed.train()
+
+    def losses(run, kind, key):
+        return [(e["step"], e[key]) for e in events(tmp_path / run, kind)]
+
+    assert losses("resumed", "train", "loss") == losses("straight", "train", "loss")  # floats compared exactly
+    assert losses("resumed", "train", "grad_norm") == losses("straight", "train", "grad_norm")
+    assert losses("resumed", "eval", "val_loss") == losses("straight", "eval", "val_loss")
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_pointers_and_retention(tmp_path):
+    for step in range(1, 7):
+        checkpoint.save({"step": step}, tmp_path, step, keep_last=2, best=step in (2, 3))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["best", "latest", "step_0000003.pt", "step_0000005.pt", "step_0000006.pt"]
+    assert checkpoint.pointed(tmp_path, "latest").name == "step_0000006.pt"
+    assert checkpoint.pointed(tmp_path, "best").name == "step_0000003.pt"
+    assert checkpoint.resolve(str(tmp_path), "elsewhere") == tmp_path / "step_0000006.pt"
+
+
+def test_steps_past_seven_digits_still_sort_by_number(tmp_path):
+    for step in (9_999_999, 10_000_000):
+        checkpoint.save({"step": step}, tmp_path, step, keep_last=1, best=False)
+    assert [p.name for p in checkpoint.saved_steps(tmp_path)] == ["step_10000000.pt"]
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(pydoc_data, tmp_path, monkeypatch):
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path), quiet=True)
+    trainer.step()
+    first = trainer.save_checkpoint()
+    trainer.step()
+
+    def full_disk(obj, f):
+        f.write(b"x" * 1000)  # part of the file made it to disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(UsageError, match=r"step_0000002.pt: cannot save checkpoint \(No space left on device\)"):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+    assert sorted(p.name for p in trainer.checkpoint_dir.iterdir()) == ["latest", "step_0000001.pt"]
+    assert checkpoint.resolve("auto", tmp_path) == first
+    assert checkpoint.load(first)["step"] == 1
+
+
+def test_unwritable_run_directory_is_a_clear_error(pydoc_data, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path / "file" / "run"), quiet=True)
+    with pytest.raises(UsageError, match=r"file/run/config.toml: cannot write"):
+        trainer.train()
+    trainer.step()
+    with pytest.raises(UsageError, match=r"step_0000001.pt: cannot save checkpoint"):
+        trainer.save_checkpoint()
+
+
+def train_cli(out: Path, *sets: str) -> subprocess.Popen:
+    """`python -m fasttrain.train` on a tiny model that saves every step, for as long as it is left running."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fasttrain.train", "configs/base.toml", "--set", f"train.out_dir={out}",
+         "train.device=cpu", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "train.batch_size=2",
+         "train.seq_len=32", "train.max_steps=100000", "schedule.warmup_steps=2", "train.log_interval=1",
+         "train.eval_interval=100000", "train.sample_tokens=0", "train.tensorboard=false", *sets],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint(pydoc_data, tmp_path):
+    data = [f"data.dir={pydoc_data}", "data.vocab_size=512", "checkpoint.interval=1", "checkpoint.keep_last=1"]
+    for attempt in range(2):
+        proc = train_cli(tmp_path, *data, *(["--resume", "auto"] if attempt else []))
+        wait_for(lambda: (tmp_path / "checkpoints" / "latest").exists() and proc.poll() is None)
+        time.sleep(random.uniform(0.2, 1.0))  # somewhere in a step or in the middle of a save
+        proc.kill()
+        proc.wait()
+        latest = checkpoint.resolve("auto", tmp_path)
+        state = checkpoint.load(latest)
+        assert state["step"] == checkpoint.step_of(latest) > 0
+    finish = subprocess.run(
+        [sys.executable, "-m", "fasttrain.train", "configs/base.toml", "--set", f"train.out_dir={tmp_path}",
+         *data, "train.device=cpu", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "train.batch_size=2",
+         "train.seq_len=32", f"train.max_steps={state['step'] + 1}", "schedule.warmup_steps=2",
+         "train.sample_tokens=0", "train.tensorboard=false", "--resume", "auto"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert finish.returncode == 0, finish.stderr
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))  # a killed save's leftovers are cleaned up
+
+
+def test_sigterm_saves_and_prints_how_to_resume(pydoc_data, tmp_path):
+    data = [f"data.dir={pydoc_data}", "data.vocab_size=512", "checkpoint.interval=1000"]
+    proc = train_cli(tmp_path, *data)
+    wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and events(tmp_path, "train"))
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert stderr.count("\n") == 1 and stderr.startswith("stopped by SIGTERM at step "), stderr
+    step = int(stderr.split("at step ")[1].split(";")[0])
+    assert f"saved {tmp_path / 'checkpoints' / f'step_{step:07d}.pt'}" in stderr
+    command = stderr.split("resume with: ")[1].split()
+    assert command[:3] == ["python", "-m", "fasttrain.train"] and command[-2:] == ["--resume", "auto"]
+    resumed = subprocess.run([sys.executable, *command[1:], "--set", f"train.max_steps={step + 2}"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    start = events(tmp_path, "start")[-1]
+    assert start["resume_step"] == step and events(tmp_path, "end")[-1]["step"] == step + 2
+
+
+def test_a_non_finite_step_is_skipped(pydoc_data, tmp_path):
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path), quiet=True)
+    trainer.step()
+    nan_losses(trainer, {2})
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    moments = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()]
+    loss, _ = trainer.step()
+    assert loss.isnan() and trainer.global_step == 2
+    assert trainer.skipped_steps == 1 and trainer.consecutive_skips == 1
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert all(torch.equal(m, s["exp_avg"]) for m, s in zip(moments, trainer.optimizer.state.values()))
+    assert all(p.grad is None for p in trainer.model.parameters())
+    trainer.step()
+    assert trainer.consecutive_skips == 0 and trainer.skipped_steps == 1
+
+
+def test_repeated_non_finite_steps_roll_back_with_a_lower_lr(pydoc_data, tmp_path):
+    cfg = tiny_config(pydoc_data, tmp_path, "train.max_steps=8", "checkpoint.interval=2", "train.log_interval=1",
+                      "recovery.max_skips=2", "recovery.lr_factor=0.25", "schedule.decay=constant")
+    trainer = Trainer(cfg, quiet=True)
+    nan_losses(trainer, {5, 6})
+    summary = trainer.train()
+    (rollback,) = events(tmp_path, "rollback")
+    assert rollback["from_step"] == 6 and rollback["step"] == 4 and rollback["lr_scale"] == 0.25
+    assert [e["step"] for e in events(tmp_path, "skip")] == [5, 6]
+    train = events(tmp_path, "train")
+    assert [e["step"] for e in train] == [1, 2, 3, 4, 5, 6, 7, 8]  # 5 and 6 trained again after the rollback
+    assert [e["lr"] for e in train[-4:]] == [0.25 * cfg.optim.lr] * 4
+    assert summary["rollbacks"] == 1 and summary["skipped_steps"] == 2 and summary["step"] == 8
+
+
+def test_divergence_without_a_way_back_stops_with_a_clear_message(pydoc_data, tmp_path):
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "recovery.max_skips=3"), quiet=True)
+    nan_losses(trainer, set(range(1, 100)))
+    with pytest.raises(RunStopped, match="stopped at step 3: .* not finite for 3 steps in a row, and there is no "
+                                         "checkpoint to roll back to; lower optim.lr") as stop:
+        trainer.train()
+    assert stop.value.exit_code == 1
+
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path / "b", "recovery.max_skips=1", "recovery.max_rollbacks=1",
+                                  "checkpoint.interval=1"), quiet=True)
+    forward = trainer.forward
+    trainer.forward = lambda x: forward(x) * (float("nan") if trainer.global_step >= 2 else 1.0)
+    with pytest.raises(RunStopped, match="stopped at step 3: .* and after 1 rollbacks"):
+        trainer.train()
+    assert trainer.rollbacks == 1 and trainer.lr_scale == 0.5
