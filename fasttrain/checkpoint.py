@@ -90,8 +90,7 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
     directory = run if (run / "latest").exists() or run.name == "checkpoints" else run / "checkpoints"
     latest = pointed(directory, "latest")
     if latest is None:
-        raise UsageError(f"{directory}: nothing to resume (no checkpoint saved there yet); "
-                         "start a new run without --resume")
+        raise UsageError(f"{directory}: no checkpoint saved there yet, so nothing to resume or export")
     if not latest.is_file():
         raise UsageError(f"{directory / 'latest'}: names {latest.name}, which is missing; "
                          "pass --resume a checkpoint file instead")

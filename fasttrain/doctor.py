@@ -116,8 +116,7 @@ def check_gradients(model: torch.nn.Module) -> Check:
         elif not p.grad.any():
             problems.append(f"{name} gradient all zero")
     if problems:
-        return Check("gradients", False, f"{len(problems)} of {len(params)} parameters: {'; '.join(problems[:3])}"
-                     + ("; ..." if len(problems) > 3 else ""),
+        return Check("gradients", False, _some(problems, len(params), "parameters"),
                      "a parameter without a gradient never trains: check requires_grad, that its module is "
                      "used in forward, and that nothing on its path is detached (.detach(), .data, no_grad)")
     return Check("gradients", True, f"all {len(params)} parameters have finite, non-zero gradients")
@@ -147,8 +146,7 @@ def check_lr(trainer: Trainer) -> Check:
 def check_update(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> Check:
     stuck = [name for name, p in model.named_parameters() if torch.equal(p.detach(), before[name])]
     if stuck:
-        return Check("update", False, f"{len(stuck)} of {len(before)} parameters unchanged: {', '.join(stuck[:3])}"
-                     + (", ..." if len(stuck) > 3 else ""),
+        return Check("update", False, _some(stuck, len(before), "parameters unchanged"),
                      "the optimizer does not move them: are they in its param groups, is their gradient zero, "
                      "is the learning rate zero?")
     return Check("update", True, f"all {len(before)} parameters changed")
@@ -174,6 +172,11 @@ def check_overfit(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int
                  f"not below {OVERFIT_TARGET:g} x the start",
                  "a model that cannot memorise one small batch has a broken training step: check that the loss "
                  "is backpropagated, optimizer.step() and zero_grad() run, and try a larger optim.lr")
+
+
+def _some(items: list[str], total: int, what: str) -> str:
+    """"2 of 14 <what>: a; b" naming at most three of `items`."""
+    return f"{len(items)} of {total} {what}: {'; '.join(items[:3])}" + ("; ..." if len(items) > 3 else "")
 
 
 def report(checks: Sequence[Check]) -> str:

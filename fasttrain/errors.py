@@ -43,7 +43,13 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises `UsageError` (one line) instead of printing usage and exiting."""
+    """argparse, but a bad flag raises `UsageError` (one line) instead of printing usage and exiting.
+
+    Abbreviated flags are not accepted: `--over` silently meaning `--overwrite` would delete a run.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message} (see --help)")

@@ -23,11 +23,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = ArgumentParser(prog="python -m fasttrain.train", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
-    parser.add_argument("--resume", metavar="auto|PATH",
-                        help="continue a saved run: auto = the latest checkpoint in train.out_dir; or a "
-                             "checkpoint file or run directory")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start a new run in a train.out_dir that holds another run's checkpoints, deleting them")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="auto|PATH",
+                       help="continue a saved run: auto = the latest checkpoint in train.out_dir; or a "
+                            "checkpoint file or run directory")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start a new run in a train.out_dir that holds another run's checkpoints, deleting them")
     parser.add_argument("--quiet", action="store_true", help="print nothing; metrics.jsonl still gets everything")
     args = parser.parse_args(argv)
     trainer = Trainer(config_from_args(args), quiet=args.quiet)

@@ -222,11 +222,11 @@ class Trainer:
         first step, on a compiled model) is reported on its own and kept out of the
         throughput figures, as is time spent evaluating, sampling and saving.
         """
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         out = Path(t.out_dir)
         if self.resumed_from is None:
             self._claim(out, overwrite)
-        save_config(cfg, out)
+        save_config(self.cfg, out)
         log = MetricsLog(out, t.max_steps, tensorboard=t.tensorboard, quiet=self.quiet)
         try:
             self._announce(log)
@@ -251,31 +251,11 @@ class Trainer:
                         self._log_train(log, meter, grad_norm.item())
                         meter.restart()
                     paused = time.perf_counter()
-                    improved = False
-                    if self.global_step % t.eval_interval == 0 or done:
-                        previous_best = self.best_val_loss
-                        last_eval = self._evaluate_and_sample(log)
-                        improved = last_eval["val_loss"] < previous_best
-                    if (self.global_step % cfg.checkpoint.interval == 0 or done
-                            or (improved and cfg.checkpoint.keep_best)):
-                        self._save(log, best=improved)
+                    last_eval = self._evaluate_and_save(log, done) or last_eval
                     meter.exclude(time.perf_counter() - paused)
                     if signals.received:
                         self._stop(log, signals.received)
-            last_eval = last_eval or self._evaluate_and_sample(log)  # nothing left to train: still report
-            final = export_weights(self.model.state_dict(), cfg, out / "final")[0]
-            summary = {"step": self.global_step, "tokens": self.tokens_seen, **last_eval, "out_dir": str(out),
-                       "checkpoint": str(checkpoint.pointed(self.checkpoint_dir, "latest")), "weights": str(final),
-                       "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks}
-            log.event("end", **summary)
-            log.print(f"done: {self.global_step} steps, {self.tokens_seen:,} tokens; "
-                      f"val loss {last_eval['val_loss']:.3f}, {last_eval['val_bpb']:.3f} bits/byte "
-                      f"(best loss {self.best_val_loss:.3f})"
-                      + (f"; {self.skipped_steps} steps skipped, {self.rollbacks} rollbacks" if self.skipped_steps else ""))
-            log.print(f"  config      {out / 'config.toml'}\n  metrics     {log.path}\n"
-                      f"  checkpoint  {summary['checkpoint']}\n  weights     {final}\n  data        {cfg.data.dir}\n"
-                      f"  plot with   python -m fasttrain.plot {out}")
-            return summary
+            return self._finish(log, last_eval or self._evaluate_and_sample(log))  # nothing trained: still report
         finally:
             log.close()
 
@@ -347,6 +327,35 @@ class Trainer:
             for old in (self.checkpoint_dir, out / "final", out / "tensorboard"):
                 shutil.rmtree(old, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    def _evaluate_and_save(self, log: MetricsLog, done: bool) -> dict[str, float] | None:
+        """Evaluate and save when due; a new best validation loss also saves, with checkpoint.keep_best."""
+        t, c = self.cfg.train, self.cfg.checkpoint
+        metrics, improved = None, False
+        if self.global_step % t.eval_interval == 0 or done:
+            previous_best = self.best_val_loss
+            metrics = self._evaluate_and_sample(log)
+            improved = metrics["val_loss"] < previous_best
+        if self.global_step % c.interval == 0 or done or (improved and c.keep_best):
+            self._save(log, best=improved)
+        return metrics
+
+    def _finish(self, log: MetricsLog, last_eval: dict[str, float]) -> dict:
+        """Export the final weights, then log and print the summary of the run, and where everything went."""
+        out = Path(self.cfg.train.out_dir)
+        final = export_weights(self.model.state_dict(), self.cfg, out / "final")[0]
+        summary = {"step": self.global_step, "tokens": self.tokens_seen, **last_eval, "out_dir": str(out),
+                   "checkpoint": str(checkpoint.pointed(self.checkpoint_dir, "latest")), "weights": str(final),
+                   "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks}
+        log.event("end", **summary)
+        log.print(f"done: {self.global_step} steps, {self.tokens_seen:,} tokens; "
+                  f"val loss {last_eval['val_loss']:.3f}, {last_eval['val_bpb']:.3f} bits/byte "
+                  f"(best loss {self.best_val_loss:.3f})"
+                  + (f"; {self.skipped_steps} steps skipped, {self.rollbacks} rollbacks" if self.skipped_steps else ""))
+        log.print(f"  config      {out / 'config.toml'}\n  metrics     {log.path}\n"
+                  f"  checkpoint  {summary['checkpoint']}\n  weights     {final}\n  data        {self.cfg.data.dir}\n"
+                  f"  plot with   python -m fasttrain.plot {out}")
+        return summary
 
     def _save(self, log: MetricsLog, best: bool = False) -> Path:
         path = self.save_checkpoint(best)

@@ -1,0 +1,193 @@
+"""Bad input across config, data, checkpoints and the command lines: one line, exit status 2, nothing damaged.
+
+Every case runs a real entry point (`main` of train, doctor, export, plot) through
+`run_cli`, the same wrapper `python -m` uses, against a run directory saved once
+for the module. After each case that run directory must be byte for byte as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttrain import doctor, export, plot, train
+from fasttrain.errors import run_cli
+
+
+class Case:
+    """Files and arguments for one bad input: `data` is the prepared corpus, `run` the saved run."""
+
+    def __init__(self, data: Path, run: Path, tmp: Path):
+        self.data, self.run, self.tmp = data, run, tmp
+
+    def train(self, *sets: str, config: str = "configs/base.toml", out: Path | None = None, flags=()) -> list[str]:
+        """Arguments of a tiny CPU run on the prepared corpus into `out` (default: a new directory)."""
+        return [config, *flags, "--set", f"data.dir={self.data}", "data.vocab_size=512", "train.device=cpu",
+                "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "train.batch_size=4", "train.seq_len=32",
+                "train.max_steps=2", "schedule.warmup_steps=1", "train.sample_tokens=0", "train.tensorboard=false",
+                f"train.out_dir={out or self.tmp / 'out'}", *sets]
+
+    def file(self, name: str, content: str | bytes) -> str:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return str(path)
+
+    def data_copy(self, damage) -> str:
+        """A copy of the prepared corpus, damaged by `damage(directory)`."""
+        copy = self.tmp / "data"
+        shutil.copytree(self.data, copy)
+        damage(copy)
+        return str(copy)
+
+    def run_copy(self) -> Path:
+        copy = self.tmp / "run"
+        shutil.copytree(self.run, copy)
+        return copy
+
+    def checkpoint(self) -> Path:
+        return self.run / "checkpoints" / "step_0000002.pt"
+
+
+def truncate(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+def unpickling_runs_code(c: Case) -> str:
+    """A checkpoint whose unpickling would create a file, if it were ever allowed to run code."""
+    class Payload:
+        def __reduce__(self):
+            return Path.touch, (c.tmp / "pwned",)
+    torch.save({"model": Payload(), "optimizer": {}, "step": 1, "config": ""}, c.tmp / "evil.pt")
+    return str(c.tmp / "evil.pt")
+
+
+def pointer_to_nothing(c: Case) -> list[str]:
+    run = c.run_copy()
+    (run / "checkpoints" / "latest").write_text("step_0000099.pt")
+    return c.train(out=run, flags=["--resume", "auto"])
+
+
+CASES = [
+    # config files
+    ("malformed TOML", train, lambda c: c.train(config=c.file("bad.toml", "[train\nmax_steps = 3")), "invalid TOML"),
+    ("config not UTF-8", train, lambda c: c.train(config=c.file("bad.toml", b"\xff\xfe[train]")), "not UTF-8"),
+    ("missing config", train, lambda c: c.train(config=str(c.tmp / "nope.toml")), "nope.toml: no such file"),
+    ("config is a directory", train, lambda c: c.train(config=str(c.tmp)), "cannot read"),
+    ("unknown section", train, lambda c: c.train(config=c.file("c.toml", "[trian]\nmax_steps = 3")),
+     "unknown section [trian]; did you mean [train]?"),
+    ("unknown key", train, lambda c: c.train("train.max_step=3"), "unknown key train.max_step; did you mean"),
+    ("section not a table", train, lambda c: c.train(config=c.file("c.toml", "train = 3")),
+     "train: expected a [section] table, got 3"),
+    ("string for an integer", train, lambda c: c.train('train.batch_size="8"'), 'expected an integer, got "8"'),
+    ("bool for an integer", train, lambda c: c.train("model.n_layers=true"), "expected an integer, got true"),
+    ("zero batch size", train, lambda c: c.train("train.batch_size=0"), "train.batch_size: must be > 0, got 0"),
+    ("negative learning rate", train, lambda c: c.train("optim.lr=-0.001"), "optim.lr: must be > 0"),
+    ("nan learning rate", train, lambda c: c.train("optim.lr=nan"), "expected a finite number, got nan"),
+    ("negative max steps", train, lambda c: c.train("train.max_steps=-5"), "train.max_steps: must be > 0"),
+    ("seq_len beyond the context", train, lambda c: c.train("train.seq_len=64", "model.max_seq_len=32"),
+     "train.seq_len = 64 exceeds model.max_seq_len = 32"),
+    ("heads do not divide d_model", train, lambda c: c.train("model.d_model=30", "model.n_heads=4"),
+     "model.d_model = 30 is not divisible by model.n_heads = 4"),
+    ("unknown precision", train, lambda c: c.train("train.precision=fp8"), 'expected one of "auto", "fp32"'),
+    ("unknown device", train, lambda c: c.train("train.device=tpu"), "must be auto, cpu, cuda or cuda:N"),
+    ("rollback factor above 1", train, lambda c: c.train("recovery.lr_factor=1.5"), "must be in (0, 1)"),
+    ("fp16 without CUDA", train, lambda c: c.train("train.precision=fp16"), 'train.precision = "fp16" needs a CUDA'),
+    ("model vocab below the data's", train, lambda c: c.train("model.vocab_size=300"),
+     "model.vocab_size = 300 is smaller than data.vocab_size = 512"),
+    # command lines
+    ("misspelt flag", train, lambda c: c.train(flags=["--resum", "auto"]), "unrecognized arguments: --resum"),
+    ("resume and overwrite at once", train, lambda c: c.train(flags=["--resume", "auto", "--overwrite"]),
+     "argument --overwrite: not allowed with argument --resume"),
+    ("--set without =", train, lambda c: c.train("train.max_steps"), "expected SECTION.KEY=VALUE"),
+    ("no config given", train, lambda c: [], "the following arguments are required: config"),
+    ("doctor: steps not a number", doctor, lambda c: ["configs/base.toml", "--overfit-steps", "many"],
+     "invalid int value: 'many'"),
+    ("export: unknown dtype", export, lambda c: [str(c.run), "--dtype", "fp8"], "invalid choice: 'fp8'"),
+    ("plot: not a run directory", plot, lambda c: [str(c.tmp)], "metrics.jsonl: no such file"),
+    # data
+    ("data of another vocabulary", train, lambda c: c.train("data.vocab_size=1024"),
+     "holds data prepared with vocab_size=512, not what [data] asks for"),
+    ("truncated shard", train, lambda c: c.train(f"data.dir={c.data_copy(lambda d: truncate(d / 'train_000000.bin', 0.5))}"),
+     "train_000000.bin: truncated shard"),
+    ("shard shorter than its header", train,
+     lambda c: c.train(f"data.dir={c.data_copy(lambda d: truncate(d / 'val_000000.bin', 0.0001))}"),
+     "shorter than the 1024-byte header"),
+    ("corrupt meta.json", train, lambda c: c.train(f"data.dir={c.data_copy(lambda d: truncate(d / 'meta.json', 0.5))}"),
+     "meta.json: unreadable"),
+    ("missing tokenizer", train,
+     lambda c: c.train(f"data.dir={c.data_copy(lambda d: (d / 'tokenizer.json').unlink())}"),
+     "tokenizer.json: no such tokenizer file"),
+    ("missing input files", train, lambda c: c.train(f"data.dir={c.tmp / 'fresh'}", f'data.inputs=["{c.tmp}/none/*.txt"]'),
+     "none/*.txt"),
+    ("batch larger than the data", train, lambda c: c.train("train.batch_size=100000"), "fewer than one batch"),
+    # checkpoints and resuming
+    ("resume with nothing saved", train, lambda c: c.train(flags=["--resume", "auto"]),
+     "out/checkpoints: no checkpoint saved there yet, so nothing to resume"),
+    ("resume from a missing file", train, lambda c: c.train(flags=["--resume", str(c.tmp / "gone.pt")]),
+     "gone.pt: no such checkpoint"),
+    ("resume from garbage", train, lambda c: c.train(flags=["--resume", c.file("junk.pt", b"\x00garbage" * 100)]),
+     "junk.pt: not a loadable checkpoint"),
+    ("resume from a truncated checkpoint", train,
+     lambda c: c.train(flags=["--resume", c.file("half.pt", c.checkpoint().read_bytes()[:5000])]),
+     "half.pt: not a loadable checkpoint"),
+    ("resume from a checkpoint that runs code", train, lambda c: c.train(flags=["--resume", unpickling_runs_code(c)]),
+     "evil.pt: not a loadable checkpoint"),
+    ("resume from another program's file", train,
+     lambda c: c.train(flags=["--resume", str(torch.save({"w": torch.ones(2)}, c.tmp / "w.pt") or c.tmp / "w.pt")]),
+     "w.pt: not a fasttrain checkpoint (no model, optimizer, step, config)"),
+    ("resume another model shape", train,
+     lambda c: c.train("model.d_model=64", "model.n_layers=3", out=c.run, flags=["--resume", "auto"]),
+     "saved by a model of another shape (model.d_model = 32 there, 64 here; model.n_layers = 2 there, 3 here)"),
+    ("resume with another batch size", train, lambda c: c.train("train.batch_size=2", out=c.run, flags=["--resume", "auto"]),
+     "cannot continue from it (loader state does not match this loader: batch_size=4 (now 2)"),
+    ("latest names a missing file", train, pointer_to_nothing, "names step_0000099.pt, which is missing"),
+    ("new run over saved checkpoints", train, lambda c: c.train(out=c.run),
+     "holds checkpoints of an earlier run (up to step 2); continue it with --resume auto"),
+    ("export a non-checkpoint", export, lambda c: [c.file("junk.pt", b"PK\x03\x04 nope")], "not a loadable checkpoint"),
+    ("export with nothing saved", export, lambda c: [str(c.tmp)], "no checkpoint saved there yet"),
+    # paths that cannot be written
+    ("run directory under a file", train, lambda c: c.train(out=Path(c.file("f", "x")) / "run"),
+     "config.toml: cannot write (Not a directory)"),
+    ("run directory is a file", train, lambda c: c.train(out=Path(c.file("f", "x"))), "cannot write"),
+    ("export into a file", export, lambda c: [str(c.run), "--out", c.file("f", "x")], "cannot write"),
+]
+
+
+@pytest.fixture(scope="module")
+def saved_run(pydoc_data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("saved")
+    with pytest.raises(SystemExit) as done:
+        run_cli(train.main, Case(pydoc_data, run, run).train("checkpoint.interval=1", out=run))
+    assert done.value.code == 0
+    return run
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_the_table_is_big_enough():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("program, make_args, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(program, make_args, expected, pydoc_data, saved_run, tmp_path, capsys):
+    if "CUDA" in expected and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    before = snapshot(saved_run)
+    args = make_args(Case(pydoc_data, saved_run, tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(program.main, args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
+    assert expected in err, err
+    assert snapshot(saved_run) == before  # nothing already saved was touched
+    assert not (tmp_path / "pwned").exists()  # and no checkpoint ran code
