@@ -52,7 +52,7 @@ def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: i
     """
     directory = Path(directory)
     path = directory / f"step_{step:07d}.pt"
-    for stale in directory.glob(".step_*.tmp"):  # left by a save that was killed halfway
+    for stale in directory.glob(".*.tmp"):  # left by a save or pointer update killed halfway
         stale.unlink(missing_ok=True)
     write_atomically(path, lambda f: torch.save(state, f), what="save checkpoint")
     if best:

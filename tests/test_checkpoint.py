@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import signal
@@ -17,6 +16,7 @@ import torch
 
 from fasttrain import Trainer, checkpoint
 from fasttrain.errors import RunStopped, UsageError
+from fasttrain.plot import read_metrics
 from fasttrain.trainer import Interrupted
 from tests.conftest import tiny_config
 
@@ -27,8 +27,7 @@ EXACT = ["model.dropout=0.1", "train.tokens_per_update=256", "data.prefetch=2", 
 
 
 def events(run_dir: Path, kind: str) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == kind]
+    return [e for e in read_metrics(run_dir) if e["event"] == kind]  # tolerates a line being written
 
 
 def plant(trainer: Trainer, at_steps: set[int], action) -> None:
@@ -140,18 +139,21 @@ def train_cli(out: Path, *sets: str) -> subprocess.Popen:
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(condition, timeout: float = 120) -> None:
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll until `condition()` while `proc` keeps running."""
     deadline = time.monotonic() + timeout
     while not condition():
+        assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
 
 
 def test_kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint(pydoc_data, tmp_path):
     data = [f"data.dir={pydoc_data}", "data.vocab_size=512", "checkpoint.interval=1", "checkpoint.keep_last=1"]
+    latest = None
     for attempt in range(2):
         proc = train_cli(tmp_path, *data, *(["--resume", "auto"] if attempt else []))
-        wait_for(lambda: (tmp_path / "checkpoints" / "latest").exists() and proc.poll() is None)
+        wait_for(lambda: checkpoint.pointed(tmp_path / "checkpoints", "latest") not in (None, latest), proc)
         time.sleep(random.uniform(0.2, 1.0))  # somewhere in a step or in the middle of a save
         proc.kill()
         proc.wait()
@@ -171,7 +173,7 @@ def test_kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint(pydoc_data, tm
 def test_sigterm_saves_and_prints_how_to_resume(pydoc_data, tmp_path):
     data = [f"data.dir={pydoc_data}", "data.vocab_size=512", "checkpoint.interval=1000"]
     proc = train_cli(tmp_path, *data)
-    wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and events(tmp_path, "train"))
+    wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and events(tmp_path, "train"), proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
