@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 
 import numpy as np
@@ -12,19 +13,14 @@ import torch
 def environment() -> dict[str, str]:
     info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "cpu": platform.processor() or platform.machine()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:  # Linux only
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
-    try:
+    with contextlib.suppress(ImportError):
         import triton
 
         info["triton"] = triton.__version__
-    except ImportError:
-        pass
     return info
 
 
