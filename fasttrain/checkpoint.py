@@ -58,8 +58,9 @@ def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: i
     if best:
         _point(directory, "best", path)
     _point(directory, "latest", path)
-    keep = set(saved_steps(directory)[-keep_last:]) | {pointed(directory, "best")}
-    for old in saved_steps(directory):
+    saved = saved_steps(directory)
+    keep = set(saved[-keep_last:]) | {pointed(directory, "best")}
+    for old in saved:
         if old not in keep:
             old.unlink()
     return path

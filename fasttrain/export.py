@@ -30,7 +30,7 @@ import torch
 
 from fasttrain import checkpoint
 from fasttrain.atomic import write_atomically
-from fasttrain.config import Config, ModelConfig, config_to_toml, load_config
+from fasttrain.config import Config, ModelConfig, load_config, save_config
 from fasttrain.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.model import Transformer, ffn_hidden_size
 from fasttrain.tokenizer import Tokenizer
@@ -150,7 +150,7 @@ def export_weights(model_state: dict[str, torch.Tensor], cfg: Config, out_dir: s
         written.append(_write(out / "config.json", json.dumps(config, indent=2).encode()))
         written.append(_write(out / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2).encode()))
     else:
-        written.append(_write(out / "config.toml", config_to_toml(cfg).encode("utf-8")))
+        written.append(save_config(cfg, out))
     return written
 
 

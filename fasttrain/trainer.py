@@ -115,7 +115,6 @@ class Trainer:
         self.consecutive_skips = 0
         self.rollbacks = 0
         self.resumed_from: Path | None = None
-        self._saved_step = -1  # the step of the latest save, so stopping right after one does not save twice
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -237,7 +236,7 @@ class Trainer:
                     loss, grad_norm = self.step()
                     done = self.global_step == t.max_steps
                     if self.consecutive_skips:
-                        if self._on_skip(log, loss, grad_norm):  # rolled back to the latest checkpoint
+                        if self._on_skip(log, loss.item(), grad_norm.item()):  # rolled back to the latest checkpoint
                             meter.restart()
                             continue
                     elif self.global_step == 1 and self.compiled:  # the first step's time is mostly compilation
@@ -281,10 +280,8 @@ class Trainer:
 
         Keeps the newest `checkpoint.keep_last` saves, and the best one: this save if `best`.
         """
-        path = checkpoint.save(self.state_dict(), self.checkpoint_dir, self.global_step,
+        return checkpoint.save(self.state_dict(), self.checkpoint_dir, self.global_step,
                                self.cfg.checkpoint.keep_last, best)
-        self._saved_step = self.global_step
-        return path
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore the state `save_checkpoint` wrote to `path` into this trainer.
@@ -306,7 +303,6 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError, TypeError, UsageError) as e:
             raise UsageError(f"{path}: cannot continue from it ({str(e).splitlines()[0]})") from None
         self.consecutive_skips = 0
-        self._saved_step = self.global_step
 
     def resume(self, spec: str | Path = "auto") -> Path:
         """Continue a saved run: `spec` is "auto" (this run's latest save), a run directory or a checkpoint file."""
@@ -362,12 +358,12 @@ class Trainer:
         log.event("checkpoint", step=self.global_step, path=str(path), best=best)
         return path
 
-    def _on_skip(self, log: MetricsLog, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    def _on_skip(self, log: MetricsLog, loss: float, grad_norm: float) -> bool:
         """Report a skipped update; after `recovery.max_skips` in a row roll back (True) or stop."""
         r = self.cfg.recovery
-        log.event("skip", step=self.global_step, loss=loss.item(), grad_norm=grad_norm.item(),
+        log.event("skip", step=self.global_step, loss=loss, grad_norm=grad_norm,
                   consecutive=self.consecutive_skips, skipped_steps=self.skipped_steps)
-        log.print(f"step {self.global_step}: loss {loss.item()} / grad norm {grad_norm.item()} is not finite; "
+        log.print(f"step {self.global_step}: loss {loss} / grad norm {grad_norm} is not finite; "
                   f"update skipped ({self.consecutive_skips} in a row, {r.max_skips} allowed)")
         if self.consecutive_skips < r.max_skips:
             return False
@@ -389,7 +385,9 @@ class Trainer:
         return True
 
     def _stop(self, log: MetricsLog, signum: int) -> None:
-        path = self._save(log) if self._saved_step != self.global_step else checkpoint.pointed(self.checkpoint_dir, "latest")
+        path = checkpoint.pointed(self.checkpoint_dir, "latest")
+        if path is None or checkpoint.step_of(path) != self.global_step:  # not saved at this step already
+            path = self._save(log)
         name = signal.Signals(signum).name
         log.event("stopped", step=self.global_step, signal=name, checkpoint=str(path))
         raise Interrupted(f"stopped by {name} at step {self.global_step}; saved {path}", 128 + signum)
