@@ -35,12 +35,22 @@ def counting_data(tmp_path) -> Path:
     return tmp_path
 
 
-def tiny_config(data_dir, out_dir, *overrides: str) -> Config:
-    """A config for a 2-layer, 32-wide model on prepared data, small enough for many steps in a test."""
-    return load_config(None, [
+def tiny_overrides(data_dir, out_dir) -> list[str]:
+    """`--set` items for a 2-layer, 32-wide model on prepared data, small enough for many steps in a test."""
+    return [
         f'data.dir="{data_dir}"', f'train.out_dir="{out_dir}"', "train.device=cpu", "data.prefetch=0",
         "data.vocab_size=512",  # as the pydoc_data fixture was prepared
         "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
         "train.batch_size=4", "train.seq_len=32", "train.max_steps=10", "schedule.warmup_steps=2",
-        "train.sample_tokens=4", "train.tensorboard=false", *overrides,
-    ])
+        "train.sample_tokens=4", "train.tensorboard=false",
+    ]
+
+
+def tiny_config(data_dir, out_dir, *overrides: str) -> Config:
+    """The tiny run as a Config, with `overrides` applied last."""
+    return load_config(None, [*tiny_overrides(data_dir, out_dir), *overrides])
+
+
+def tiny_args(data_dir, out_dir, *overrides: str, config: str = "configs/base.toml", flags=()) -> list[str]:
+    """The tiny run as command-line arguments (train, doctor) on top of `config`, `flags` before `--set`."""
+    return [config, *flags, "--set", *tiny_overrides(data_dir, out_dir), *overrides]

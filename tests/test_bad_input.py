@@ -16,6 +16,7 @@ import torch
 
 from fasttrain import doctor, export, plot, train
 from fasttrain.errors import run_cli
+from tests.conftest import tiny_args
 
 
 class Case:
@@ -26,10 +27,8 @@ class Case:
 
     def train(self, *sets: str, config: str = "configs/base.toml", out: Path | None = None, flags=()) -> list[str]:
         """Arguments of a tiny CPU run on the prepared corpus into `out` (default: a new directory)."""
-        return [config, *flags, "--set", f"data.dir={self.data}", "data.vocab_size=512", "train.device=cpu",
-                "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "train.batch_size=4", "train.seq_len=32",
-                "train.max_steps=2", "schedule.warmup_steps=1", "train.sample_tokens=0", "train.tensorboard=false",
-                f"train.out_dir={out or self.tmp / 'out'}", *sets]
+        return tiny_args(self.data, out or self.tmp / "out", "train.max_steps=2", "schedule.warmup_steps=1",
+                         "train.sample_tokens=0", *sets, config=config, flags=flags)
 
     def file(self, name: str, content: str | bytes) -> str:
         path = self.tmp / name

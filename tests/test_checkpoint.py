@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from fasttrain import Trainer, checkpoint
 from fasttrain.errors import RunStopped, UsageError
 from fasttrain.plot import read_metrics
 from fasttrain.trainer import Interrupted
-from tests.conftest import tiny_config
+from tests.conftest import tiny_args, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Dropout (torch's RNG), accumulation, random windows read ahead by the prefetch thread: all must resume exactly.
@@ -129,14 +130,15 @@ def test_unwritable_run_directory_is_a_clear_error(pydoc_data, tmp_path):
         trainer.save_checkpoint()
 
 
-def train_cli(out: Path, *sets: str) -> subprocess.Popen:
-    """`python -m fasttrain.train` on a tiny model that saves every step, for as long as it is left running."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "fasttrain.train", "configs/base.toml", "--set", f"train.out_dir={out}",
-         "train.device=cpu", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "train.batch_size=2",
-         "train.seq_len=32", "train.max_steps=100000", "schedule.warmup_steps=2", "train.log_interval=1",
-         "train.eval_interval=100000", "train.sample_tokens=0", "train.tensorboard=false", *sets],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+# A one-layer tiny run that goes on until it is stopped, logging every step and never evaluating.
+ENDLESS = ["model.n_layers=1", "train.batch_size=2", "train.max_steps=100000", "train.log_interval=1",
+           "train.eval_interval=100000", "train.sample_tokens=0"]
+
+
+def train_cli(args: list[str]) -> subprocess.Popen:
+    """`python -m fasttrain.train ARGS`, left running."""
+    return subprocess.Popen([sys.executable, "-m", "fasttrain.train", *args],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -149,10 +151,10 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 def test_kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint(pydoc_data, tmp_path):
-    data = [f"data.dir={pydoc_data}", "data.vocab_size=512", "checkpoint.interval=1", "checkpoint.keep_last=1"]
+    saving = [*ENDLESS, "checkpoint.interval=1", "checkpoint.keep_last=1"]
     latest = None
     for attempt in range(2):
-        proc = train_cli(tmp_path, *data, *(["--resume", "auto"] if attempt else []))
+        proc = train_cli(tiny_args(pydoc_data, tmp_path, *saving, flags=["--resume", "auto"] if attempt else []))
         wait_for(lambda: checkpoint.pointed(tmp_path / "checkpoints", "latest") not in (None, latest), proc)
         time.sleep(random.uniform(0.2, 1.0))  # somewhere in a step or in the middle of a save
         proc.kill()
@@ -161,18 +163,15 @@ def test_kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint(pydoc_data, tm
         state = checkpoint.load(latest)
         assert state["step"] == checkpoint.step_of(latest) > 0
     finish = subprocess.run(
-        [sys.executable, "-m", "fasttrain.train", "configs/base.toml", "--set", f"train.out_dir={tmp_path}",
-         *data, "train.device=cpu", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "train.batch_size=2",
-         "train.seq_len=32", f"train.max_steps={state['step'] + 1}", "schedule.warmup_steps=2",
-         "train.sample_tokens=0", "train.tensorboard=false", "--resume", "auto"],
+        [sys.executable, "-m", "fasttrain.train",
+         *tiny_args(pydoc_data, tmp_path, *saving, f"train.max_steps={state['step'] + 1}", flags=["--resume", "auto"])],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert finish.returncode == 0, finish.stderr
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))  # a killed save's leftovers are cleaned up
 
 
 def test_sigterm_saves_and_prints_how_to_resume(pydoc_data, tmp_path):
-    data = [f"data.dir={pydoc_data}", "data.vocab_size=512", "checkpoint.interval=1000"]
-    proc = train_cli(tmp_path, *data)
+    proc = train_cli(tiny_args(pydoc_data, tmp_path, *ENDLESS, "checkpoint.interval=1000"))
     wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and events(tmp_path, "train"), proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
@@ -180,7 +179,7 @@ def test_sigterm_saves_and_prints_how_to_resume(pydoc_data, tmp_path):
     assert stderr.count("\n") == 1 and stderr.startswith("stopped by SIGTERM at step "), stderr
     step = int(stderr.split("at step ")[1].split(";")[0])
     assert f"saved {tmp_path / 'checkpoints' / f'step_{step:07d}.pt'}" in stderr
-    command = stderr.split("resume with: ")[1].split()
+    command = shlex.split(stderr.split("resume with: ")[1])
     assert command[:3] == ["python", "-m", "fasttrain.train"] and command[-2:] == ["--resume", "auto"]
     resumed = subprocess.run([sys.executable, *command[1:], "--set", f"train.max_steps={step + 2}"],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -8,7 +8,7 @@ import torch
 from fasttrain import Trainer
 from fasttrain.doctor import diagnose, main, report
 from fasttrain.errors import run_cli
-from tests.conftest import tiny_config
+from tests.conftest import tiny_args, tiny_config
 
 CHECKS = ["data", "targets", "init loss", "gradients", "grad norm", "lr", "update", "overfit"]
 
@@ -81,9 +81,7 @@ def test_logits_too_large_at_init(pydoc_data, tmp_path):
 
 
 def test_the_command_exits_1_on_a_failure_and_0_when_healthy(pydoc_data, tmp_path, capsys):
-    args = ["configs/base.toml", "--set", f"data.dir={pydoc_data}", "data.vocab_size=512", "train.device=cpu",
-            "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "train.batch_size=4", "train.seq_len=32",
-            "optim.lr=1e-2", f"train.out_dir={tmp_path}"]
+    args = tiny_args(pydoc_data, tmp_path, "optim.lr=1e-2")
     with pytest.raises(SystemExit) as healthy:
         run_cli(main, args + ["--overfit-steps", "150"])
     out = capsys.readouterr().out
