@@ -6,3 +6,13 @@ inputs: CUDA tensors run the Triton kernels, CPU tensors a PyTorch
 implementation of the same math, and CPU tensors with TRITON_INTERPRET=1 set
 run the Triton kernels through Triton's interpreter (how CI tests them).
 """
+
+from kernels.cross_entropy import CrossEntropyLoss, cross_entropy, cross_entropy_reference
+from kernels.linear_cross_entropy import (
+    LinearCrossEntropyLoss, linear_cross_entropy, linear_cross_entropy_reference,
+)
+
+__all__ = [
+    "CrossEntropyLoss", "cross_entropy", "cross_entropy_reference",
+    "LinearCrossEntropyLoss", "linear_cross_entropy", "linear_cross_entropy_reference",
+]

@@ -1,12 +1,20 @@
-"""Shared fixtures: a prepared copy of the embedded corpus, and shards with known contents."""
+"""Shared fixtures: a prepared copy of the embedded corpus, shards with known contents, kernel backends."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+# Without a GPU the Triton kernels are tested through Triton's interpreter, which triton.jit
+# chooses when it decorates them: this must run before anything imports `kernels`.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kernels._backend  # noqa: E402  (after the environment is set)
 from fasttrain.config import Config, load_config
 from fasttrain.prepare import prepare
 from fasttrain.shards import ShardWriter
@@ -54,3 +62,21 @@ def tiny_config(data_dir, out_dir, *overrides: str) -> Config:
 def tiny_args(data_dir, out_dir, *overrides: str, config: str = "configs/base.toml", flags=()) -> list[str]:
     """The tiny run as command-line arguments (train, doctor) on top of `config`, `flags` before `--set`."""
     return [config, *flags, "--set", *tiny_overrides(data_dir, out_dir), *overrides]
+
+
+@pytest.fixture(params=["triton", "torch"])
+def kernel_device(request, monkeypatch) -> torch.device:
+    """Where a kernel test runs, once per implementation.
+
+    triton: the Triton kernels, on the GPU if there is one, else on the CPU through the
+    interpreter (skipped if TRITON_INTERPRET was not set at import). torch: the PyTorch
+    implementation that CPU tensors use outside the interpreter.
+    """
+    if request.param == "torch":
+        monkeypatch.setattr(kernels._backend, "INTERPRETING", False)
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if not kernels._backend.INTERPRETING:
+        pytest.skip("no GPU, and the kernels were imported without TRITON_INTERPRET=1")
+    return torch.device("cpu")

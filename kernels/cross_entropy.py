@@ -1,0 +1,369 @@
+"""Cross-entropy of (N, V) logits against (N,) targets, loss and gradient from one Triton kernel.
+
+    loss_i = lse_i - (1 - s) * x_i[t_i] - (s / V) * sum_j x_ij + z * lse_i**2
+
+where x = softcap * tanh(logits / softcap) when soft-capping (else the logits),
+lse_i = log sum_j exp(x_ij), s = label_smoothing and z = z_loss (PaLM's auxiliary
+loss that keeps the normaliser near 0). Rows whose target is ignore_index add
+nothing. With s = z = 0 and no softcap this is F.cross_entropy.
+
+Why fused: the logits are the largest activation of a language model (N x V,
+V ~ 50K-150K), so the op is bound by memory traffic. While a row is still in
+the cache the forward kernel also writes its gradient
+
+    d loss_i / d x_ij = softmax_ij * (1 + 2 z lse_i) - s / V - (1 - s) [j == t_i]
+
+(times tanh' when soft-capping, times 1/count for the mean), so forward plus
+backward read the logits once and write the gradient once. The backward then
+only has to multiply by the incoming gradient, and skips even that on the
+device when it is exactly 1 (a plain `loss.backward()`), without a host sync.
+
+fp16 logits are the exception: a gradient of p / count stored in fp16
+underflows for most of the vocabulary (p ~ 1/V), before the GradScaler's factor
+can lift it. For fp16 the forward keeps only the per-row log-sum-exp and the
+backward recomputes the gradient with the incoming (scaled) gradient folded in.
+
+Layout of this file: Triton kernels -> launchers (Triton or PyTorch) ->
+torch.library ops -> autograd.Function -> `cross_entropy` -> `CrossEntropyLoss`,
+with `cross_entropy_reference` (eager, any dtype) for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels._backend import num_warps_for, use_triton
+
+IGNORE_INDEX = -100
+REDUCTIONS = ("mean", "sum", "none")
+MAX_BLOCK = 8192  # columns a program holds at once; a 131072-wide row takes 16 blocks per pass
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _tanh(y):
+    # Portable tanh (the interpreter lacks libdevice's): a Taylor series where 1 - exp(-2|y|) would cancel.
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    a2 = a * a
+    series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 - a2 * (17.0 / 315.0))))
+    t = tl.where(a < 0.05, series, (1.0 - e) / (1.0 + e))
+    return tl.where(y < 0, -t, t)
+
+
+@triton.jit
+def _load_row_block(row_ptr, cols, mask, softcap, HAS_SOFTCAP: tl.constexpr):
+    """fp32 (soft-capped) logits of one block of a row; masked columns are 0."""
+    x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        x = softcap * _tanh(x / softcap)
+    return x
+
+
+@triton.jit
+def _cross_entropy_kernel(
+    logits_ptr, logits_stride, target_ptr, weight_ptr, weight_stride,
+    loss_ptr, lse_ptr, grad_ptr, grad_stride,
+    n_cols, ignore_index, label_smoothing, z_loss, softcap,
+    HAS_SOFTCAP: tl.constexpr, FORWARD: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per row. FORWARD: compute lse and the loss (pass 1), else load lse.
+    WRITE_GRAD: write weight[row] * d loss_row / d logits_row (pass 2)."""
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * logits_stride
+    target = tl.load(target_ptr + row)
+    valid = target != ignore_index
+    offsets = tl.arange(0, BLOCK)
+
+    if FORWARD:
+        # Pass 1: online log-sum-exp (running max m, running sum s of exp(x - m)), and sum x for smoothing.
+        m = float("-inf")
+        s = 0.0
+        x_sum = 0.0
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offsets
+            mask = cols < n_cols
+            x = _load_row_block(row_ptr, cols, mask, softcap, HAS_SOFTCAP)
+            x_sum += tl.sum(x, axis=0)
+            x = tl.where(mask, x, float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        safe_target = tl.where(valid, target, 0)
+        x_target = tl.load(row_ptr + safe_target).to(tl.float32)
+        if HAS_SOFTCAP:
+            x_target = softcap * _tanh(x_target / softcap)
+        loss = lse - (1.0 - label_smoothing) * x_target - label_smoothing * x_sum / n_cols + z_loss * lse * lse
+        tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+        tl.store(lse_ptr + row, lse)
+    else:
+        lse = tl.load(lse_ptr + row)
+
+    if WRITE_GRAD:
+        # Pass 2, last block first: those were read most recently, so they are likeliest still in L2.
+        weight = tl.where(valid, tl.load(weight_ptr + row * weight_stride), 0.0)
+        softmax_factor = 1.0 + 2.0 * z_loss * lse
+        n_blocks = tl.cdiv(n_cols, BLOCK)
+        for i in range(0, n_blocks):
+            cols = (n_blocks - 1 - i) * BLOCK + offsets
+            mask = cols < n_cols
+            x = _load_row_block(row_ptr, cols, mask, softcap, HAS_SOFTCAP)
+            g = tl.exp(x - lse) * softmax_factor - label_smoothing / n_cols
+            g = tl.where(cols == target, g - (1.0 - label_smoothing), g)
+            if HAS_SOFTCAP:
+                g = g * (1.0 - (x / softcap) * (x / softcap))  # d(c tanh(u / c))/du = 1 - tanh^2
+            tl.store(grad_ptr + row * grad_stride + cols, (g * weight).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_rows_kernel(x_ptr, x_stride, weight_ptr, weight_stride, n_cols, BLOCK: tl.constexpr):
+    """x[row] *= weight[row], skipped on the device when the weight is exactly 1."""
+    row = tl.program_id(0).to(tl.int64)
+    weight = tl.load(weight_ptr + row * weight_stride)
+    if weight != 1.0:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            ptrs = x_ptr + row * x_stride + cols
+            x = tl.load(ptrs, mask=mask).to(tl.float32)
+            tl.store(ptrs, (x * weight).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _block(n_cols: int) -> int:
+    return min(triton.next_power_of_2(n_cols), MAX_BLOCK)
+
+
+def _torch_rows(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, grad: Tensor | None,
+                ignore_index: int, label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor]:
+    """The kernel's math in PyTorch (the CPU path): (loss rows, lse), and the gradient into `grad`."""
+    x = logits.float()
+    if softcap:
+        x = softcap * torch.tanh(x / softcap)
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, 0).unsqueeze(1)
+    if lse is None:
+        lse = torch.logsumexp(x, dim=-1)
+    x_target = x.gather(1, safe_target).squeeze(1)
+    loss = lse - (1 - label_smoothing) * x_target - label_smoothing * x.mean(-1) + z_loss * lse * lse
+    loss = torch.where(valid, loss, 0.0)
+    if grad is not None:
+        g = torch.exp(x - lse.unsqueeze(1)) * (1 + 2 * z_loss * lse).unsqueeze(1) - label_smoothing / x.shape[1]
+        g.scatter_add_(1, safe_target, torch.full_like(x_target, label_smoothing - 1).unsqueeze(1))
+        if softcap:
+            g *= 1 - (x / softcap) ** 2
+        g *= torch.where(valid, weight.expand(valid.shape), 0.0).unsqueeze(1)
+        grad.copy_(g)
+    return loss, lse
+
+
+def _launch(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, grad: Tensor | None,
+            ignore_index: int, label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor]:
+    """Per-row loss and lse of `logits` (N, V); if `grad` is given, weight[row] * d loss_row / d logits into it.
+
+    `weight` is fp32, shape (1,) (one factor for every row) or (N,). Passing `lse`
+    (from an earlier forward) skips the first pass and computes only the gradient.
+    """
+    if not use_triton(logits):
+        return _torch_rows(logits, target, weight, lse, grad, ignore_index, label_smoothing, z_loss, softcap)
+    n_rows, n_cols = logits.shape
+    forward = lse is None
+    loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    if forward:
+        lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+    block = _block(n_cols)
+    _cross_entropy_kernel[(n_rows,)](
+        logits, logits.stride(0), target, weight, weight.stride(0) if weight.numel() > 1 else 0,
+        loss, lse, logits if grad is None else grad, logits.stride(0) if grad is None else grad.stride(0),
+        n_cols, ignore_index, label_smoothing, z_loss, softcap or 1.0,
+        HAS_SOFTCAP=bool(softcap), FORWARD=forward, WRITE_GRAD=grad is not None, BLOCK=block,
+        num_warps=num_warps_for(block),
+    )
+    return loss, lse
+
+
+def _scale_rows(x: Tensor, weight: Tensor) -> None:
+    """x (N, V) *= weight ((1,) or (N,), fp32) in place."""
+    if not use_triton(x):
+        if weight.numel() > 1:
+            x.mul_(weight.unsqueeze(1).to(x.dtype))
+        elif weight.item() != 1.0:  # on the CPU path a sync costs nothing
+            x.mul_(weight.to(x.dtype))
+        return
+    block = _block(x.shape[1])
+    _scale_rows_kernel[(x.shape[0],)](x, x.stride(0), weight, weight.stride(0) if weight.numel() > 1 else 0,
+                                      x.shape[1], BLOCK=block, num_warps=num_warps_for(block))
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+# Registered ops are opaque to torch.compile: a compiled model calls them with no graph break.
+# The fake (meta) implementations give compile the output shapes.
+
+
+@torch.library.custom_op("fasttrain::cross_entropy_rows", mutates_args=("grad",))
+def _rows_op(logits: Tensor, target: Tensor, weight: Tensor, grad: Tensor, write_grad: bool, ignore_index: int,
+             label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor]:
+    """(loss rows, lse), both fp32 (N,); with write_grad, weight * d loss / d logits into `grad` (may be `logits`)."""
+    return _launch(logits, target, weight, None, grad if write_grad else None,
+                   ignore_index, label_smoothing, z_loss, softcap)
+
+
+@_rows_op.register_fake
+def _(logits, target, weight, grad, write_grad, ignore_index, label_smoothing, z_loss, softcap):
+    rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    return rows, torch.empty_like(rows)
+
+
+@torch.library.custom_op("fasttrain::cross_entropy_grad", mutates_args=("grad",))
+def _grad_op(logits: Tensor, target: Tensor, lse: Tensor, weight: Tensor, grad: Tensor, ignore_index: int,
+             label_smoothing: float, z_loss: float, softcap: float) -> None:
+    """weight * d loss / d logits into `grad`, from the lse a forward saved."""
+    _launch(logits, target, weight, lse, grad, ignore_index, label_smoothing, z_loss, softcap)
+
+
+@_grad_op.register_fake
+def _(logits, target, lse, weight, grad, ignore_index, label_smoothing, z_loss, softcap):
+    return None
+
+
+@torch.library.custom_op("fasttrain::scale_rows_", mutates_args=("x",))
+def _scale_rows_op(x: Tensor, weight: Tensor) -> None:
+    """x (N, V) *= weight ((1,) or (N,)), in place; free on the device when the weight is 1."""
+    _scale_rows(x, weight)
+
+
+@_scale_rows_op.register_fake
+def _(x, weight):
+    return None
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def check_inputs(logits: Tensor, target: Tensor, reduction: str, label_smoothing: float, softcap: float | None,
+                 name: str = "logits") -> None:
+    """ValueError naming the first thing wrong with a call's shapes, dtypes or options."""
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(f"{name} must be (N, D) with target (N,); got {tuple(logits.shape)} and {tuple(target.shape)}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, not {logits.dtype}")
+    if target.dtype != torch.int64:
+        raise ValueError(f"target must be int64, not {target.dtype}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, not {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], not {label_smoothing}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive or None, not {softcap}")
+
+
+def mean_scale(target: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    """fp32 (1,): 1 / (non-ignored targets) for the mean (1 if there are none), else 1. No host sync."""
+    if reduction != "mean":
+        return torch.ones(1, device=target.device)
+    return 1.0 / (target != ignore_index).sum().clamp_min(1).float().reshape(1)
+
+
+def reduce_rows(rows: Tensor, scale: Tensor, reduction: str) -> Tensor:
+    """The per-row losses reduced as `reduction` asks (mean uses `scale` = 1 / count)."""
+    return rows if reduction == "none" else rows.sum() * scale.squeeze(0)
+
+
+def fuses_gradient(logits: Tensor) -> bool:
+    """Whether the forward writes the gradient (see the module docstring for why not fp16)."""
+    return logits.dtype != torch.float16
+
+
+class _CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, ignore_index: int, reduction: str, label_smoothing: float,
+                z_loss: float, softcap: float, needs_grad: bool, inplace: bool) -> Tensor:
+        if logits.stride(1) != 1:
+            logits = logits.contiguous()
+        scale = mean_scale(target, ignore_index, reduction)
+        ctx.fused = needs_grad and fuses_gradient(logits)
+        grad = (logits if inplace else torch.empty_like(logits)) if ctx.fused else logits.new_empty(0)
+        rows, lse = _rows_op(logits, target, scale, grad, ctx.fused, ignore_index, label_smoothing, z_loss, softcap)
+        ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
+        ctx.save_for_backward(grad if ctx.fused else logits, target, lse, scale)
+        return reduce_rows(rows, scale, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        saved, target, lse, scale = ctx.saved_tensors
+        ignore_index, reduction, label_smoothing, z_loss, softcap = ctx.options
+        weight = grad_loss.float().reshape(-1)
+        if ctx.fused:
+            _scale_rows_op(saved, weight)  # the forward already folded in the 1/count of the mean
+            grad = saved
+        else:
+            grad = torch.empty_like(saved)
+            _grad_op(saved, target, lse, weight * scale, grad, ignore_index, label_smoothing, z_loss, softcap)
+        return grad, None, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- functional and module
+
+
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
+                  label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
+                  inplace_backward: bool = False) -> Tensor:
+    """Cross-entropy of `logits` (N, V) against class indices `target` (N,); fp32 result.
+
+    F.cross_entropy's semantics where they overlap, plus `z_loss` (adds
+    z_loss * lse**2 per counted row) and `softcap` (logits -> softcap * tanh(logits
+    / softcap) first). reduction "mean" divides by the number of non-ignored
+    targets, computed on the device; when every target is ignored the loss and
+    gradient are 0 (F.cross_entropy gives nan). "none" returns per-row losses,
+    0 on ignored rows. Targets must be in [0, V) or equal ignore_index.
+
+    The gradient is computed in the forward (except for fp16, see the module
+    docstring) into a new (N, V) buffer; `inplace_backward=True` writes it into
+    `logits` instead, saving that buffer: the logits are overwritten, so use it
+    only when nothing else reads them afterwards (autograd raises if something
+    saved them for its backward).
+    """
+    check_inputs(logits, target, reduction, label_smoothing, softcap)
+    needs_grad = torch.is_grad_enabled() and logits.requires_grad
+    return _CrossEntropyFunction.apply(logits, target, ignore_index, reduction, label_smoothing, z_loss,
+                                       softcap or 0.0, needs_grad, inplace_backward)
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """`cross_entropy` as a module; logits of any leading shape (..., V) with targets (...)."""
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX, reduction: str = "mean", label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, softcap: float | None = None, inplace_backward: bool = False):
+        super().__init__()
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.z_loss, self.softcap, self.inplace_backward = z_loss, softcap, inplace_backward
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), self.ignore_index,
+                             self.reduction, self.label_smoothing, self.z_loss, self.softcap, self.inplace_backward)
+        return loss.reshape(target.shape) if self.reduction == "none" else loss
+
+
+def cross_entropy_reference(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX,
+                            reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                            softcap: float | None = None) -> Tensor:
+    """The same loss from stock PyTorch ops (F.cross_entropy and logsumexp) in the logits' dtype.
+
+    Differentiable by autograd. Call it on float64 logits for a reference to test against.
+    """
+    x = logits if softcap is None else softcap * torch.tanh(logits / softcap)
+    rows = F.cross_entropy(x, target, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    valid = target != ignore_index
+    rows = rows + torch.where(valid, z_loss * torch.logsumexp(x, dim=-1) ** 2, 0.0)
+    if reduction == "none":
+        return rows
+    return rows.sum() / (valid.sum().clamp_min(1) if reduction == "mean" else 1)

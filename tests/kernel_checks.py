@@ -1,0 +1,35 @@
+"""What the kernel tests share: random inputs and how close to an fp64 reference each dtype must come."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# (rtol, atol as a fraction of the reference's largest magnitude) for tensors stored in each dtype.
+# Losses are computed and returned in fp32 whatever the input dtype, so they use the fp32 row.
+# bf16/fp16 allow two roundings: the gradient is stored, then scaled by the incoming gradient.
+TOLERANCE = {
+    torch.float32: (1e-5, 1e-6),
+    torch.bfloat16: (1.6e-2, 2e-3),
+    torch.float16: (2e-3, 2e-4),
+}
+
+
+def assert_matches(ours: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype, what: str,
+                   min_rtol: float = 0.0, min_atol: float = 0.0) -> None:
+    """`ours` equals the fp64 `reference` within `dtype`'s row of TOLERANCE, loosened to the minimums given."""
+    assert ours.shape == reference.shape, what
+    assert torch.isfinite(ours).all(), f"{what}: not finite"
+    rtol, atol = TOLERANCE[dtype]
+    rtol, atol = max(rtol, min_rtol), max(atol, min_atol)
+    scale = reference.abs().max().item() or 1.0
+    torch.testing.assert_close(ours.double(), reference, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
+
+
+def random_targets(n: int, vocab: int, ignore_every: int, device, ignore_index: int = -100) -> torch.Tensor:
+    """n targets in [0, vocab), every `ignore_every`-th (from a random offset) set to ignore_index; 0 = none."""
+    target = torch.randint(0, vocab, (n,), device=device)
+    if ignore_every:
+        target[torch.randint(0, ignore_every, ()).item()::ignore_every] = ignore_index
+    return target

@@ -1,0 +1,164 @@
+"""kernels.cross_entropy against an fp64 eager reference: every dtype, option and reduction, both backends.
+
+Through the Triton interpreter on a CPU-only machine (see conftest.kernel_device),
+with the block shrunk so that rows span several blocks, the last one partial.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import CrossEntropyLoss, cross_entropy, cross_entropy_reference
+from tests.kernel_checks import DTYPES, assert_matches, random_targets
+
+# `kernels.cross_entropy` is the function (the package exports it), so fetch the module itself.
+ce_module = importlib.import_module("kernels.cross_entropy")
+
+OPTIONS = {
+    "plain": {},
+    "sum": {"reduction": "sum"},
+    "none": {"reduction": "none"},
+    "smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-3},
+    "softcap": {"softcap": 5.0},
+    "all": {"reduction": "none", "label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 3.0},
+}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(request, monkeypatch):
+    """On the CPU, several blocks per row even at test sizes."""
+    if "kernel_device" in request.fixturenames and request.getfixturevalue("kernel_device").type == "cpu":
+        monkeypatch.setattr(ce_module, "MAX_BLOCK", 256)
+
+
+def check_against_reference(logits: torch.Tensor, target: torch.Tensor, min_rtol: float = 0.0, **options) -> None:
+    """Loss and logits gradient (for a random incoming gradient) vs the fp64 reference."""
+    logits = logits.detach().requires_grad_()
+    loss = cross_entropy(logits, target, **options)
+    incoming = torch.randn_like(loss)
+    (grad,) = torch.autograd.grad(loss, logits, incoming)
+    x64 = logits.detach().double().requires_grad_()
+    reference = cross_entropy_reference(x64, target, **options)
+    (grad64,) = torch.autograd.grad(reference, x64, incoming.double())
+    assert loss.dtype == torch.float32 and grad.dtype == logits.dtype
+    assert_matches(loss, reference, torch.float32, "loss", min_rtol)
+    assert_matches(grad, grad64, logits.dtype, "gradient", min_rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", OPTIONS)
+def test_matches_reference(kernel_device, dtype, name):
+    n, vocab = 37, 1001  # odd sizes: no row or block boundary lines up
+    logits = (4 * torch.randn(n, vocab, device=kernel_device)).to(dtype)
+    check_against_reference(logits, random_targets(n, vocab, 5, kernel_device), **OPTIONS[name])
+
+
+@pytest.mark.parametrize("vocab", [50257, 32000])
+def test_real_vocabulary_sizes(kernel_device, vocab):
+    logits = torch.randn(3, vocab, device=kernel_device).to(torch.bfloat16)
+    target = torch.tensor([0, vocab - 1, 12345], device=kernel_device)
+    check_against_reference(logits, target)
+    check_against_reference(logits, target, reduction="none", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_huge_logits_do_not_overflow(kernel_device, dtype):
+    logits = (1e4 * torch.rand(16, 300, device=kernel_device) * torch.randn(16, 300, device=kernel_device).sign())
+    logits[:, 7] = 1e4  # ties at the maximum
+    # fp32 resolves 1e4 to ~1e-3, so exp(x - lse) is known to a few 1e-4 relative at best (eager fp32 too).
+    check_against_reference(logits.to(dtype), random_targets(16, 300, 4, kernel_device), min_rtol=2e-3,
+                            z_loss=1e-4)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_gradient(kernel_device, reduction):
+    logits = torch.randn(6, 50, device=kernel_device, requires_grad=True)
+    target = torch.full((6,), -100, device=kernel_device)
+    loss = cross_entropy(logits, target, reduction=reduction, z_loss=1e-3, label_smoothing=0.1)
+    loss.sum().backward()
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+    if reduction == "mean":
+        assert F.cross_entropy(logits, target).isnan()  # what we document differently
+
+
+def test_custom_ignore_index_and_module(kernel_device):
+    logits = torch.randn(2, 5, 40, device=kernel_device)
+    target = random_targets(10, 40, 3, kernel_device, ignore_index=0).view(2, 5)
+    ours = CrossEntropyLoss(ignore_index=0, reduction="none")(logits, target)
+    assert ours.shape == (2, 5)
+    reference = F.cross_entropy(logits.flatten(0, 1).double(), target.flatten(), ignore_index=0, reduction="none")
+    assert_matches(ours.flatten(), reference, torch.float32, "loss")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_logits_untouched_unless_inplace(kernel_device, dtype):
+    logits = torch.randn(9, 70, device=kernel_device).to(dtype).requires_grad_()
+    target = random_targets(9, 70, 4, kernel_device)
+    before = logits.detach().clone()
+    (grad,) = torch.autograd.grad(cross_entropy(logits, target), logits)
+    assert torch.equal(logits.detach(), before)
+
+    buffer = before.clone().requires_grad_()
+    (grad_inplace,) = torch.autograd.grad(cross_entropy(buffer * 1, target, inplace_backward=True), buffer)
+    assert torch.equal(grad_inplace, grad)
+    staged = before.clone().requires_grad_()
+    logits_view = staged * 1
+    cross_entropy(logits_view, target, inplace_backward=True)
+    assert not torch.equal(logits_view.detach(), before)  # the gradient went where the logits were
+
+
+def test_saved_logits_are_protected_from_inplace(kernel_device):
+    raw = torch.randn(4, 30, device=kernel_device, requires_grad=True)
+    logits = raw.exp()  # exp saves its output for the backward
+    loss = cross_entropy(logits, random_targets(4, 30, 0, kernel_device), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_no_grad_forward_matches(kernel_device):
+    logits = torch.randn(11, 90, device=kernel_device, requires_grad=True)
+    target = random_targets(11, 90, 3, kernel_device)
+    with torch.no_grad():
+        plain = cross_entropy(logits, target, softcap=2.0)
+    assert torch.equal(plain, cross_entropy(logits, target, softcap=2.0).detach())
+
+
+def test_twice_the_loss_doubles_the_gradient(kernel_device):
+    logits = torch.randn(5, 64, device=kernel_device, dtype=torch.bfloat16, requires_grad=True)
+    target = random_targets(5, 64, 0, kernel_device)
+    (once,) = torch.autograd.grad(cross_entropy(logits, target), logits)
+    (twice,) = torch.autograd.grad(2 * cross_entropy(logits, target), logits)
+    assert torch.equal(twice, 2 * once)  # the backward applied the incoming gradient exactly
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"logits": torch.zeros(4)}, "logits must be \\(N, D\\)"),
+    ({"target": torch.zeros(3, dtype=torch.int64)}, "got \\(4, 5\\) and \\(3,\\)"),
+    ({"logits": torch.zeros(4, 5, dtype=torch.int32)}, "float32, bfloat16 or float16"),
+    ({"target": torch.zeros(4, dtype=torch.int32)}, "target must be int64"),
+    ({"reduction": "avg"}, "reduction must be one of"),
+    ({"label_smoothing": 1.5}, "label_smoothing must be in"),
+    ({"softcap": 0.0}, "softcap must be positive"),
+])
+def test_bad_arguments(bad, message):
+    args = {"logits": torch.zeros(4, 5), "target": torch.zeros(4, dtype=torch.int64)} | bad
+    with pytest.raises(ValueError, match=message):
+        cross_entropy(**args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs only exist with a GPU")
+def test_no_host_sync_on_cuda():
+    logits = torch.randn(64, 1000, device="cuda", requires_grad=True)
+    target = random_targets(64, 1000, 3, "cuda")
+    cross_entropy(logits, target).backward()  # warm up: compile the kernels
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cross_entropy(logits, target, z_loss=1e-4).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
