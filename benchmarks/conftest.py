@@ -36,3 +36,47 @@ def record(benchmark):
             benchmark.extra_info[f"{unit}_per_s"] = round(per_call / stats.stats.median)
 
     return _record
+
+
+@pytest.fixture(scope="session")
+def cuda() -> torch.device:
+    """The GPU; GPU benchmarks skip (with this reason) on a machine without one."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    return torch.device("cuda")
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth(cuda) -> float:
+    """Bytes/s of a large device-to-device copy (read + write): the memory floor's practical peak."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=cuda)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * src.numel() * 20 / (start.elapsed_time(end) / 1e3)
+
+
+def time_cuda(benchmark, fn, rounds: int = 20) -> None:
+    """Benchmark `fn` on the GPU: warm-up calls first (compilation, autotuning), then each round synchronised."""
+
+    def call():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(call, warmup_rounds=3, rounds=rounds, iterations=1)
+
+
+def peak_extra_memory(fn) -> int:
+    """Bytes the GPU allocator held at the peak of `fn()` beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before

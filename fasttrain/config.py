@@ -134,6 +134,15 @@ class RecoveryConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """[kernels]: which of the Triton kernels (kernels/) the model uses; "auto" = on CUDA."""
+
+    # The loss straight from the final hidden states and the output weight, chunk by chunk,
+    # never holding the (tokens x vocab) logits (kernels/linear_cross_entropy.py).
+    linear_cross_entropy: Literal["auto", True, False] = "auto"
+
+
+@dataclass
 class Config:
     """A whole run's settings, one attribute per TOML section."""
 
@@ -144,6 +153,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
 
 
 OVERRIDE_SOURCE = "--set"  # how errors name values that came from the command line

@@ -30,7 +30,7 @@ import torch
 from fasttrain.config import add_config_arguments, config_from_args
 from fasttrain.errors import ArgumentParser, run_cli
 from fasttrain.runtime import autocast
-from fasttrain.trainer import IGNORE_INDEX, Trainer, cross_entropy_loss
+from fasttrain.trainer import IGNORE_INDEX, Trainer
 
 INIT_LOSS_TOLERANCE = 1.0  # nats from ln(V); random init with small logits lands well within it
 GRAD_NORM_RANGE = (1e-4, 1e3)  # outside it, gradients have vanished or exploded before any training
@@ -56,7 +56,7 @@ def diagnose(trainer: Trainer, overfit_steps: int = 200) -> list[Check]:
                          ("init loss", "gradients", "grad norm", "lr", "update", "overfit")]
     model = trainer.model
     with autocast(trainer.precision, trainer.device):
-        loss = cross_entropy_loss(trainer.forward(x), y)
+        loss = trainer.loss(x, y)
     trainer.scaler.scale(loss).backward()
     grad_norm = trainer.clip_gradients().item()
     checks += [check_initial_loss(loss.item(), vocab), check_gradients(model), check_grad_norm(grad_norm),
@@ -159,7 +159,7 @@ def check_overfit(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int
     first = loss = None
     for step in range(1, steps + 1):
         with autocast(trainer.precision, trainer.device):
-            loss = cross_entropy_loss(trainer.model(x), y)
+            loss = trainer.loss(x, y)
         trainer.scaler.scale(loss).backward()
         trainer.scaler.step(trainer.optimizer)
         trainer.scaler.update()

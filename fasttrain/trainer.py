@@ -22,6 +22,7 @@ checkpoint and raise `Interrupted` (exit status 130 / 143 from the command line)
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import signal
@@ -51,6 +52,21 @@ IGNORE_INDEX = -100  # targets with this value (padding) add nothing to the loss
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of `logits` (B, T, V) against `targets` (B, T), skipping IGNORE_INDEX."""
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def next_token_loss(model: Transformer, tokens: torch.Tensor, targets: torch.Tensor, fused: bool = False
+                    ) -> torch.Tensor:
+    """The model's mean next-token loss on `tokens` (B, T) against `targets` (B, T), skipping IGNORE_INDEX.
+
+    `fused`: the same loss from the final hidden states and the output weight by
+    kernels.linear_cross_entropy, which never holds the (B x T, vocab) logits.
+    """
+    if not fused:
+        return cross_entropy_loss(model(tokens), targets)
+    from kernels.linear_cross_entropy import linear_cross_entropy  # needs Triton, so only when asked for
+
+    return linear_cross_entropy(model.hidden(tokens).flatten(0, 1), model.output.weight, targets.flatten(),
+                                ignore_index=IGNORE_INDEX)
 
 
 class Interrupted(RunStopped):
@@ -93,9 +109,12 @@ class Trainer:
 
         self.model = Transformer(cfg.model).to(self.device)
         self.compiled = t.compile is True or (t.compile == "auto" and self.device.type == "cuda")
-        # The compiled module shares the parameters; it is what trains and evaluates. Sampling runs
-        # the plain module, whose growing sequence lengths would otherwise trigger recompiles.
-        self.forward = torch.compile(self.model) if self.compiled else self.model
+        fused = cfg.kernels.linear_cross_entropy
+        self.fused_loss = fused is True or (fused == "auto" and self.device.type == "cuda")
+        # `loss(tokens, targets)` is what trains and evaluates, compiled if asked. Sampling runs the
+        # plain module, whose growing sequence lengths would otherwise trigger recompiles.
+        loss = functools.partial(next_token_loss, self.model, fused=self.fused_loss)
+        self.loss = torch.compile(loss) if self.compiled else loss
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.train_loader = TokenLoader(
@@ -151,7 +170,7 @@ class Trainer:
         for _ in range(self.accumulation):
             x, y = next(self.train_loader)
             with autocast(self.precision, self.device):
-                loss = cross_entropy_loss(self.forward(x), y) / self.accumulation
+                loss = self.loss(x, y) / self.accumulation
             self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         return loss_sum
@@ -195,7 +214,7 @@ class Trainer:
             for _ in range(batches):
                 x, y = next(loader)
                 with autocast(self.precision, self.device):
-                    total += cross_entropy_loss(self.forward(x), y).float()
+                    total += self.loss(x, y).float()
         finally:
             self.model.train()
             loader.close()
@@ -396,7 +415,8 @@ class Trainer:
         c, t = self.cfg, self.cfg.train
         params = self.model.num_params()
         log.event("start", params=params, flops_per_token=self.flops_per_token, device=str(self.device),
-                  precision=self.precision, compile=self.compiled, accumulation=self.accumulation,
+                  precision=self.precision, compile=self.compiled, fused_loss=self.fused_loss,
+                  accumulation=self.accumulation,
                   tokens_per_step=self.tokens_per_step, train_tokens=self.meta["tokens"]["train"],
                   val_tokens=self.meta["tokens"]["val"],
                   **({"resumed_from": str(self.resumed_from), "resume_step": self.global_step} if self.resumed_from else {}))
@@ -406,7 +426,8 @@ class Trainer:
                   f"in {c.data.dir}")
         log.print(f"run: {t.max_steps} steps x {self.tokens_per_step:,} tokens ({t.batch_size} x {t.seq_len}"
                   f" x {self.accumulation} accumulation) on {self.device}, {self.precision}"
-                  f"{', compiled' if self.compiled else ''}; writing to {t.out_dir}")
+                  f"{', compiled' if self.compiled else ''}{', fused loss kernel' if self.fused_loss else ''}; "
+                  f"writing to {t.out_dir}")
         if self.resumed_from:
             log.print(f"resumed from {self.resumed_from} at step {self.global_step}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -69,8 +70,9 @@ def kernel_device(request, monkeypatch) -> torch.device:
     """Where a kernel test runs, once per implementation.
 
     triton: the Triton kernels, on the GPU if there is one, else on the CPU through the
-    interpreter (skipped if TRITON_INTERPRET was not set at import). torch: the PyTorch
-    implementation that CPU tensors use outside the interpreter.
+    interpreter (skipped if TRITON_INTERPRET was not set at import), with blocks small enough
+    that test-sized rows span several. torch: the PyTorch implementation that CPU tensors use
+    outside the interpreter.
     """
     if request.param == "torch":
         monkeypatch.setattr(kernels._backend, "INTERPRETING", False)
@@ -79,4 +81,6 @@ def kernel_device(request, monkeypatch) -> torch.device:
         return torch.device("cuda")
     if not kernels._backend.INTERPRETING:
         pytest.skip("no GPU, and the kernels were imported without TRITON_INTERPRET=1")
+    # `kernels.cross_entropy` is the function (the package exports it), so fetch the module itself.
+    monkeypatch.setattr(importlib.import_module("kernels.cross_entropy"), "MAX_BLOCK", 128)
     return torch.device("cpu")

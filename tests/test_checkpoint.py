@@ -45,18 +45,17 @@ def plant(trainer: Trainer, at_steps: set[int], action) -> None:
 
 
 def nan_losses(trainer: Trainer, at_steps: set[int]) -> None:
-    """Make the forward pass of the steps numbered in `at_steps` (1-based, first attempt only) produce NaN."""
-    forward, attempts = trainer.forward, set()
+    """Make the loss of the steps numbered in `at_steps` (1-based, first attempt only) NaN."""
+    loss, attempts = trainer.loss, set()
 
-    def poisoned(x):
-        logits = forward(x)
+    def poisoned(x, y):
         step = trainer.global_step + 1
         if step in at_steps and step not in attempts:
             attempts.add(step)
-            return logits * float("nan")
-        return logits
+            return loss(x, y) * float("nan")
+        return loss(x, y)
 
-    trainer.forward = poisoned
+    trainer.loss = poisoned
 
 
 def test_resumed_training_is_bitwise_identical(pydoc_data, tmp_path):
@@ -229,8 +228,8 @@ def test_divergence_without_a_way_back_stops_with_a_clear_message(pydoc_data, tm
 
     trainer = Trainer(tiny_config(pydoc_data, tmp_path / "b", "recovery.max_skips=1", "recovery.max_rollbacks=1",
                                   "checkpoint.interval=1"), quiet=True)
-    forward = trainer.forward
-    trainer.forward = lambda x: forward(x) * (float("nan") if trainer.global_step >= 2 else 1.0)
+    loss = trainer.loss
+    trainer.loss = lambda x, y: loss(x, y) * (float("nan") if trainer.global_step >= 2 else 1.0)
     with pytest.raises(RunStopped, match="stopped at step 3: .* and after 1 rollbacks"):
         trainer.train()
     assert trainer.rollbacks == 1 and trainer.lr_scale == 0.5

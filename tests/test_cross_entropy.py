@@ -6,17 +6,12 @@ with the block shrunk so that rows span several blocks, the last one partial.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels import CrossEntropyLoss, cross_entropy, cross_entropy_reference
 from tests.kernel_checks import DTYPES, assert_matches, random_targets
-
-# `kernels.cross_entropy` is the function (the package exports it), so fetch the module itself.
-ce_module = importlib.import_module("kernels.cross_entropy")
 
 OPTIONS = {
     "plain": {},
@@ -27,13 +22,6 @@ OPTIONS = {
     "softcap": {"softcap": 5.0},
     "all": {"reduction": "none", "label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 3.0},
 }
-
-
-@pytest.fixture(autouse=True)
-def small_blocks(request, monkeypatch):
-    """On the CPU, several blocks per row even at test sizes."""
-    if "kernel_device" in request.fixturenames and request.getfixturevalue("kernel_device").type == "cpu":
-        monkeypatch.setattr(ce_module, "MAX_BLOCK", 256)
 
 
 def check_against_reference(logits: torch.Tensor, target: torch.Tensor, min_rtol: float = 0.0, **options) -> None:

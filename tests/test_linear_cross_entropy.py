@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
 from kernels import LinearCrossEntropyLoss, cross_entropy, linear_cross_entropy, linear_cross_entropy_reference
 from tests.kernel_checks import DTYPES, assert_matches, random_targets
 
-ce_module = importlib.import_module("kernels.cross_entropy")
-
 # Gradients out of a GEMM over rounded logits: errors scale with the largest entry, not each entry.
 GEMM_ATOL = {torch.float32: 0.0, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-@pytest.fixture(autouse=True)
-def small_blocks(request, monkeypatch):
-    """On the CPU, several blocks per row even at test sizes."""
-    if "kernel_device" in request.fixturenames and request.getfixturevalue("kernel_device").type == "cpu":
-        monkeypatch.setattr(ce_module, "MAX_BLOCK", 128)
 
 
 def make_inputs(n, hidden_size, vocab, dtype, device, bias=True):

@@ -81,6 +81,19 @@ def test_accumulation_matches_one_large_batch(pydoc_data, tmp_path):
         assert p.grad.abs().sum() > 0
 
 
+def test_fused_loss_kernel_trains_like_the_plain_loss(pydoc_data, tmp_path):
+    """kernels.linear_cross_entropy=true (on by default on CUDA) changes no loss, norm or weight beyond fp32 noise."""
+    plain = Trainer(tiny_config(pydoc_data, tmp_path / "a", "kernels.linear_cross_entropy=false"), quiet=True)
+    fused = Trainer(tiny_config(pydoc_data, tmp_path / "b", "kernels.linear_cross_entropy=true"), quiet=True)
+    assert fused.fused_loss and not plain.fused_loss
+    for _ in range(3):
+        for a, b in zip(plain.step(), fused.step(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for p, q in zip(plain.model.parameters(), fused.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(plain.evaluate()["val_loss"], fused.evaluate()["val_loss"], rtol=1e-5, atol=0)
+
+
 def test_clipping_scales_to_the_limit_and_reports_the_norm_before(pydoc_data, tmp_path):
     trainer = Trainer(tiny_config(pydoc_data, tmp_path, "optim.max_grad_norm=0.05"), quiet=True)
     trainer.accumulate_gradients()

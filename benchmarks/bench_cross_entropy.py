@@ -1,0 +1,100 @@
+"""Cross-entropy and linear + cross-entropy, forward + backward, against stock PyTorch and Liger-Kernel.
+
+Cross-entropy is memory-bound: its floor is 4 bytes per logit in bf16 (read the
+logits once, write their gradient once), reported against a measured device copy
+bandwidth. Linear + cross-entropy is compute-bound: its floor is the 6 N H V FLOPs
+of the three GEMMs (forward, grad hidden, grad weight) at the GPU's peak bf16
+rate; we also record the peak memory beyond the inputs, against the unfused path.
+GPU only; Liger-Kernel's cases run when it is importable (never a dependency).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.conftest import peak_extra_memory, time_cuda
+from fasttrain.metrics import peak_flops
+from kernels import cross_entropy, linear_cross_entropy
+
+CE_SHAPES = [(8192, 50304), (8192, 131072), (16384, 131072)]  # (N, V)
+LINEAR_SHAPES = [(8192, 2048, 131072), (16384, 768, 50304)]  # (N, H, V)
+
+
+def _liger(name: str):
+    try:
+        from liger_kernel.transformers import functional
+    except ImportError:
+        pytest.skip("liger-kernel is not installed")
+    return getattr(functional, name)
+
+
+def eager_cross_entropy(logits, target):
+    return F.cross_entropy(logits, target)
+
+
+def ce_implementations():
+    compiled = torch.compile(eager_cross_entropy)
+    return {
+        "fasttrain": cross_entropy,
+        "eager": eager_cross_entropy,
+        "compiled": compiled,
+        "liger": lambda logits, target: _liger("liger_cross_entropy")(logits, target),
+    }
+
+
+@pytest.mark.parametrize("impl", ["fasttrain", "eager", "compiled", "liger"])
+@pytest.mark.parametrize("shape", CE_SHAPES, ids=lambda s: "N{}-V{}".format(*s))
+def test_cross_entropy_fwd_bwd(benchmark, record, cuda, copy_bandwidth, impl, shape):
+    n, vocab = shape
+    fn = ce_implementations()[impl]
+    logits = torch.randn(n, vocab, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, vocab, (n,), device=cuda)
+
+    def step():  # autograd.grad: no .grad accumulation, which would add a pass over the logits
+        torch.autograd.grad(fn(logits, target), logits)
+
+    time_cuda(benchmark, step)
+    median = benchmark.stats.stats.median
+    floor_bytes = 4 * n * vocab
+    record(impl=impl, n=n, vocab=vocab, dtype="bfloat16", gb_per_s=round(floor_bytes / median / 1e9, 1),
+           copy_gb_per_s=round(copy_bandwidth / 1e9, 1),
+           fraction_of_floor=round(floor_bytes / copy_bandwidth / median, 3),
+           peak_extra_gib=round(peak_extra_memory(step) / 2**30, 3))
+
+
+def linear_implementations():
+    def unfused(hidden, weight, target):
+        return F.cross_entropy(hidden @ weight.t(), target)
+
+    return {
+        "fasttrain": linear_cross_entropy,
+        "eager": unfused,
+        "compiled": torch.compile(unfused),
+        "liger": lambda h, w, t: _liger("liger_fused_linear_cross_entropy")(h, w, t),
+    }
+
+
+@pytest.mark.parametrize("impl", ["fasttrain", "eager", "compiled", "liger"])
+@pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "N{}-H{}-V{}".format(*s))
+def test_linear_cross_entropy_fwd_bwd(benchmark, record, cuda, impl, shape):
+    n, hidden_size, vocab = shape
+    fn = linear_implementations()[impl]
+    hidden = torch.randn(n, hidden_size, device=cuda, dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(vocab, hidden_size, device=cuda) / hidden_size**0.5).bfloat16().requires_grad_()
+    target = torch.randint(0, vocab, (n,), device=cuda)
+
+    def step():
+        torch.autograd.grad(fn(hidden, weight, target), (hidden, weight))
+
+    time_cuda(benchmark, step, rounds=10)
+    median = benchmark.stats.stats.median
+    flops = 6 * n * hidden_size * vocab
+    peak = peak_flops(cuda)
+    logits_bytes = 2 * n * vocab
+    extra = peak_extra_memory(step) - 2 * weight.numel() - 2 * hidden.numel()  # less the returned gradients
+    record(impl=impl, n=n, hidden=hidden_size, vocab=vocab, dtype="bfloat16",
+           tflop_per_s=round(flops / median / 1e12, 1),
+           fraction_of_floor=round(flops / peak / median, 3) if peak else None,
+           peak_extra_gib=round(extra / 2**30, 3), extra_over_logits=round(extra / logits_bytes, 3))
