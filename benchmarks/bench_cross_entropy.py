@@ -10,6 +10,8 @@ GPU only; Liger-Kernel's cases run when it is importable (never a dependency).
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,25 +32,39 @@ def _liger(name: str):
     return getattr(functional, name)
 
 
+@functools.cache
+def _compiled(fn):
+    """torch.compile(fn), made on first use: importing the compiler at collection costs every pytest run."""
+    return torch.compile(fn)
+
+
 def eager_cross_entropy(logits, target):
     return F.cross_entropy(logits, target)
 
 
-def ce_implementations():
-    compiled = torch.compile(eager_cross_entropy)
-    return {
-        "fasttrain": cross_entropy,
-        "eager": eager_cross_entropy,
-        "compiled": compiled,
-        "liger": lambda logits, target: _liger("liger_cross_entropy")(logits, target),
-    }
+def unfused_linear_cross_entropy(hidden, weight, target):
+    return F.cross_entropy(hidden @ weight.t(), target)
 
 
-@pytest.mark.parametrize("impl", ["fasttrain", "eager", "compiled", "liger"])
+CROSS_ENTROPY = {
+    "fasttrain": cross_entropy,
+    "eager": eager_cross_entropy,
+    "compiled": lambda logits, target: _compiled(eager_cross_entropy)(logits, target),
+    "liger": lambda logits, target: _liger("liger_cross_entropy")(logits, target),
+}
+LINEAR_CROSS_ENTROPY = {
+    "fasttrain": linear_cross_entropy,
+    "eager": unfused_linear_cross_entropy,
+    "compiled": lambda h, w, t: _compiled(unfused_linear_cross_entropy)(h, w, t),
+    "liger": lambda h, w, t: _liger("liger_fused_linear_cross_entropy")(h, w, t),
+}
+
+
+@pytest.mark.parametrize("impl", CROSS_ENTROPY)
 @pytest.mark.parametrize("shape", CE_SHAPES, ids=lambda s: "N{}-V{}".format(*s))
 def test_cross_entropy_fwd_bwd(benchmark, record, cuda, copy_bandwidth, impl, shape):
     n, vocab = shape
-    fn = ce_implementations()[impl]
+    fn = CROSS_ENTROPY[impl]
     logits = torch.randn(n, vocab, device=cuda, dtype=torch.bfloat16, requires_grad=True)
     target = torch.randint(0, vocab, (n,), device=cuda)
 
@@ -64,23 +80,11 @@ def test_cross_entropy_fwd_bwd(benchmark, record, cuda, copy_bandwidth, impl, sh
            peak_extra_gib=round(peak_extra_memory(step) / 2**30, 3))
 
 
-def linear_implementations():
-    def unfused(hidden, weight, target):
-        return F.cross_entropy(hidden @ weight.t(), target)
-
-    return {
-        "fasttrain": linear_cross_entropy,
-        "eager": unfused,
-        "compiled": torch.compile(unfused),
-        "liger": lambda h, w, t: _liger("liger_fused_linear_cross_entropy")(h, w, t),
-    }
-
-
-@pytest.mark.parametrize("impl", ["fasttrain", "eager", "compiled", "liger"])
+@pytest.mark.parametrize("impl", LINEAR_CROSS_ENTROPY)
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "N{}-H{}-V{}".format(*s))
 def test_linear_cross_entropy_fwd_bwd(benchmark, record, cuda, impl, shape):
     n, hidden_size, vocab = shape
-    fn = linear_implementations()[impl]
+    fn = LINEAR_CROSS_ENTROPY[impl]
     hidden = torch.randn(n, hidden_size, device=cuda, dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(vocab, hidden_size, device=cuda) / hidden_size**0.5).bfloat16().requires_grad_()
     target = torch.randint(0, vocab, (n,), device=cuda)

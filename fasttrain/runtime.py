@@ -35,6 +35,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def switched_on(setting: bool | str, device: torch.device) -> bool:
+    """A true / false / "auto" setting (train.compile, [kernels]) resolved: "auto" is on CUDA only."""
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast context for `precision` (nothing for fp32): matmuls in half precision, reductions in fp32."""
     dtype = PRECISIONS[precision]

@@ -42,7 +42,9 @@ from fasttrain.metrics import MetricsLog, peak_flops, peak_memory_gb, perplexity
 from fasttrain.model import Transformer, generate_text
 from fasttrain.optim import build_optimizer
 from fasttrain.prepare import ensure_prepared
-from fasttrain.runtime import autocast, configure_cuda, resolve_device, resolve_precision, seed_everything
+from fasttrain.runtime import (
+    autocast, configure_cuda, resolve_device, resolve_precision, seed_everything, switched_on,
+)
 from fasttrain.schedule import lr_at
 from fasttrain.tokenizer import Tokenizer
 
@@ -108,9 +110,8 @@ class Trainer:
         self.accumulation = accumulation_steps(t)
 
         self.model = Transformer(cfg.model).to(self.device)
-        self.compiled = t.compile is True or (t.compile == "auto" and self.device.type == "cuda")
-        fused = cfg.kernels.linear_cross_entropy
-        self.fused_loss = fused is True or (fused == "auto" and self.device.type == "cuda")
+        self.compiled = switched_on(t.compile, self.device)
+        self.fused_loss = switched_on(cfg.kernels.linear_cross_entropy, self.device)
         # `loss(tokens, targets)` is what trains and evaluates, compiled if asked. Sampling runs the
         # plain module, whose growing sequence lengths would otherwise trigger recompiles.
         loss = functools.partial(next_token_loss, self.model, fused=self.fused_loss)

@@ -143,6 +143,11 @@ def _block(n_cols: int) -> int:
     return min(triton.next_power_of_2(n_cols), MAX_BLOCK)
 
 
+def _row_stride(weight: Tensor) -> int:
+    """Stride of a (1,) or (N,) weight over rows: 0 repeats the one factor for every row."""
+    return weight.stride(0) if weight.numel() > 1 else 0
+
+
 def _torch_rows(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, grad: Tensor | None,
                 ignore_index: int, label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor]:
     """The kernel's math in PyTorch (the CPU path): (loss rows, lse), and the gradient into `grad`."""
@@ -177,12 +182,14 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, 
         return _torch_rows(logits, target, weight, lse, grad, ignore_index, label_smoothing, z_loss, softcap)
     n_rows, n_cols = logits.shape
     forward = lse is None
-    loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
     if forward:
-        lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+        loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+        lse = torch.empty_like(loss)
+    else:
+        loss = lse  # not written when FORWARD is off; the kernel only needs a pointer
     block = _block(n_cols)
     _cross_entropy_kernel[(n_rows,)](
-        logits, logits.stride(0), target, weight, weight.stride(0) if weight.numel() > 1 else 0,
+        logits, logits.stride(0), target, weight, _row_stride(weight),
         loss, lse, logits if grad is None else grad, logits.stride(0) if grad is None else grad.stride(0),
         n_cols, ignore_index, label_smoothing, z_loss, softcap or 1.0,
         HAS_SOFTCAP=bool(softcap), FORWARD=forward, WRITE_GRAD=grad is not None, BLOCK=block,
@@ -200,8 +207,8 @@ def _scale_rows(x: Tensor, weight: Tensor) -> None:
             x.mul_(weight.to(x.dtype))
         return
     block = _block(x.shape[1])
-    _scale_rows_kernel[(x.shape[0],)](x, x.stride(0), weight, weight.stride(0) if weight.numel() > 1 else 0,
-                                      x.shape[1], BLOCK=block, num_warps=num_warps_for(block))
+    _scale_rows_kernel[(x.shape[0],)](x, x.stride(0), weight, _row_stride(weight), x.shape[1], BLOCK=block,
+                                      num_warps=num_warps_for(block))
 
 
 # ----------------------------------------------------------------------------- torch.library ops
