@@ -11,8 +11,10 @@ from kernels.cross_entropy import CrossEntropyLoss, cross_entropy, cross_entropy
 from kernels.linear_cross_entropy import (
     LinearCrossEntropyLoss, linear_cross_entropy, linear_cross_entropy_reference,
 )
+from kernels.rms_norm import RMSNorm, rms_norm, rms_norm_reference
 
 __all__ = [
     "CrossEntropyLoss", "cross_entropy", "cross_entropy_reference",
     "LinearCrossEntropyLoss", "linear_cross_entropy", "linear_cross_entropy_reference",
+    "RMSNorm", "rms_norm", "rms_norm_reference",
 ]

@@ -70,9 +70,9 @@ def kernel_device(request, monkeypatch) -> torch.device:
     """Where a kernel test runs, once per implementation.
 
     triton: the Triton kernels, on the GPU if there is one, else on the CPU through the
-    interpreter (skipped if TRITON_INTERPRET was not set at import), with blocks small enough
-    that test-sized rows span several. torch: the PyTorch implementation that CPU tensors use
-    outside the interpreter.
+    interpreter (skipped if TRITON_INTERPRET was not set at import), with blocks and tiles
+    small enough that test-sized rows span several blocks and tiles end part-full.
+    torch: the PyTorch implementation that CPU tensors use outside the interpreter.
     """
     if request.param == "torch":
         monkeypatch.setattr(kernels._backend, "INTERPRETING", False)
@@ -81,6 +81,7 @@ def kernel_device(request, monkeypatch) -> torch.device:
         return torch.device("cuda")
     if not kernels._backend.INTERPRETING:
         pytest.skip("no GPU, and the kernels were imported without TRITON_INTERPRET=1")
-    # `kernels.cross_entropy` is the function (the package exports it), so fetch the module itself.
+    # The package exports functions named like their modules, so fetch the modules themselves.
     monkeypatch.setattr(importlib.import_module("kernels.cross_entropy"), "MAX_BLOCK", 128)
+    monkeypatch.setattr(importlib.import_module("kernels.rms_norm"), "TILE", 256)  # several short rows per tile
     return torch.device("cpu")

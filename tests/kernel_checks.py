@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+import kernels._backend
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # (rtol, atol as a fraction of the reference's largest magnitude) for tensors stored in each dtype.
@@ -17,13 +19,17 @@ TOLERANCE = {
 
 
 def assert_matches(ours: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype, what: str,
-                   min_rtol: float = 0.0, min_atol: float = 0.0) -> None:
-    """`ours` equals the fp64 `reference` within `dtype`'s row of TOLERANCE, loosened to the minimums given."""
+                   min_rtol: float = 0.0, min_atol: float = 0.0, scale: float | None = None) -> None:
+    """`ours` equals the fp64 `reference` within `dtype`'s row of TOLERANCE, loosened to the minimums given.
+
+    atol is a fraction of `scale`: by default the reference's largest magnitude; pass the size
+    of the terms when the result is a difference of larger ones that can cancel.
+    """
     assert ours.shape == reference.shape, what
     assert torch.isfinite(ours).all(), f"{what}: not finite"
     rtol, atol = TOLERANCE[dtype]
     rtol, atol = max(rtol, min_rtol), max(atol, min_atol)
-    scale = reference.abs().max().item() or 1.0
+    scale = scale or reference.abs().max().item() or 1.0
     torch.testing.assert_close(ours.double(), reference, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
 
@@ -33,3 +39,12 @@ def random_targets(n: int, vocab: int, ignore_every: int, device, ignore_index: 
     if ignore_every:
         target[torch.randint(0, ignore_every, ()).item()::ignore_every] = ignore_index
     return target
+
+
+def stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` rounded to `dtype` as a kernel under test stores it, back in `t`'s dtype. Round to nearest,
+    except that Triton's interpreter truncates fp32 to bf16 (toward zero) where a GPU rounds."""
+    if dtype == torch.bfloat16 and t.device.type == "cpu" and kernels._backend.INTERPRETING:
+        bits = t.float().view(torch.int32) & -65536  # keep sign, exponent and the top 7 mantissa bits
+        return bits.view(torch.float32).to(t.dtype)
+    return t.to(dtype).to(t.dtype)

@@ -1,0 +1,309 @@
+"""RMSNorm over the last dimension, optionally fused with the residual add before it.
+
+    h = x + residual                      (without a residual, h = x)
+    y = h * rstd * weight,   rstd = 1 / sqrt(mean(h**2) + eps)
+
+The mean of squares and rstd are fp32 whatever the dtype (an fp16 h**2 overflows
+at |h| > 256). y is stored in h's dtype, as torch.nn.RMSNorm does even when the
+weight is fp32, and h in the promoted dtype of x and residual, as `x + residual`.
+
+Why fuse the add: every pre-norm block computes `stream = stream + delta` and then
+normalises the new stream. As two ops that reads and writes 10 bytes per element
+in bf16 (the add: 2 reads and a write; the norm: a read and a write); fused, 8
+(reads x and residual, writes h and y). The backward gains more: the gradient
+reaching h is the norm's gradient plus the one flowing down the residual stream,
+and the kernel adds the two while it writes dx (8 bytes instead of 12).
+
+Backward, with n = h * rstd and g = dy * weight:
+
+    dh      = rstd * (g - n * mean(g * n)) + dh_out   (dh_out: gradient reaching h directly)
+    dweight = sum over rows of dy * n
+
+dx = dresidual = dh. Each backward program takes a contiguous run of rows and sums
+its dweight share in fp32 registers; the (programs, H) fp32 partials are summed
+afterwards, so dweight is deterministic and never accumulated in bf16.
+
+A program holds whole rows (up to MAX_HIDDEN columns): several short rows as one
+2-D tile, or a single long one. Layout of this file: Triton kernels -> launchers
+(Triton or PyTorch) -> torch.library ops -> autograd.Function -> `rms_norm` ->
+`RMSNorm`, with `rms_norm_reference` (stock ops) for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels._backend import num_warps_for, use_triton
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_HIDDEN = 65536  # a program holds a whole row in registers
+TILE = 4096  # elements per program tile: TILE // H short rows at once, or one long row
+BACKWARD_PROGRAMS_PER_SM = 2  # backward programs per streaming multiprocessor (one dweight partial each)
+CPU_BACKWARD_PROGRAMS = 4  # in the interpreter: several, so tests cover the partials' reduction
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _rms_norm_forward_kernel(
+    x_ptr, x_stride, residual_ptr, residual_stride, h_ptr, h_stride, weight_ptr, y_ptr, y_stride, rstd_ptr,
+    n_rows, n_cols, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """BLOCK_ROWS rows per program: h = x + residual (stored), rstd (stored, fp32), y = h * rstd * weight."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    h = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + rows[:, None] * residual_stride + cols[None, :], mask=mask, other=0.0)
+        # Round the sum to h's dtype before normalising it: the backward recomputes from the stored h.
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + rows[:, None] * h_stride + cols[None, :], h, mask=mask)
+    h = h.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
+    weight = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    y = h * rstd[:, None] * weight[None, :]
+    tl.store(y_ptr + rows[:, None] * y_stride + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rms_norm_backward_kernel(
+    dy_ptr, dy_stride, dh_ptr, dh_stride, h_ptr, h_stride, weight_ptr, rstd_ptr, dx_ptr, dx_stride,
+    dweight_ptr, n_rows, n_cols, rows_per_program,
+    HAS_DH: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """dx for `rows_per_program` consecutive rows, BLOCK_ROWS at a time (dx may be dy's own memory:
+    each tile is read before it is written); with WEIGHT_GRAD, their fp32 sum of dy * n as this
+    program's row of the dweight partials."""
+    program = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    col_mask = cols < n_cols
+    weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+    dweight = tl.zeros((BLOCK,), dtype=tl.float32)
+    first = program.to(tl.int64) * rows_per_program
+    last = tl.minimum(first + rows_per_program, n_rows)
+    for start in range(first, last, BLOCK_ROWS):
+        rows = start + tl.arange(0, BLOCK_ROWS)
+        row_mask = rows < last
+        mask = row_mask[:, None] & col_mask[None, :]
+        h = tl.load(h_ptr + rows[:, None] * h_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * dy_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        n = h * rstd[:, None]  # masked rows and columns are 0, so they add nothing below
+        if WEIGHT_GRAD:
+            dweight += tl.sum(dy * n, axis=0)
+        g = dy * weight[None, :]
+        dx = (g - n * (tl.sum(g * n, axis=1) / n_cols)[:, None]) * rstd[:, None]
+        if HAS_DH:
+            dx += tl.load(dh_ptr + rows[:, None] * dh_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + rows[:, None] * dx_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if WEIGHT_GRAD:
+        tl.store(dweight_ptr + program * n_cols + cols, dweight, mask=col_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _tiling(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK, BLOCK_ROWS, num_warps) for rows of `n_cols`: a power-of-2 block per row, TILE elements a tile."""
+    block = triton.next_power_of_2(n_cols)
+    block_rows = max(1, TILE // block)
+    return block, block_rows, num_warps_for(block * block_rows)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _backward_split(n_rows: int, block_rows: int, device: torch.device) -> tuple[int, int]:
+    """(rows per program, programs): runs of whole tiles, about BACKWARD_PROGRAMS_PER_SM per SM."""
+    wanted = BACKWARD_PROGRAMS_PER_SM * _multiprocessors(device) if device.type == "cuda" else CPU_BACKWARD_PROGRAMS
+    rows_per_program = block_rows * triton.cdiv(n_rows, wanted * block_rows)
+    return rows_per_program, triton.cdiv(n_rows, rows_per_program)
+
+
+def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, h, rstd) for rows `x` (M, H) [+ `residual` (M, H)]; h is empty without a residual."""
+    h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    n_rows, n_cols = x.shape
+    if not use_triton(x):  # the same math in PyTorch
+        h = x if residual is None else x + residual
+        hf = h.float()
+        rstd = torch.rsqrt(hf.square().mean(-1) + eps)
+        y = (hf * rstd.unsqueeze(1) * weight.float()).to(h_dtype)
+        return y, (x.new_empty(0) if residual is None else h), rstd
+    y = torch.empty(n_rows, n_cols, dtype=h_dtype, device=x.device)
+    h = x.new_empty(0) if residual is None else torch.empty_like(y)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block, block_rows, num_warps = _tiling(n_cols)
+    _rms_norm_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
+        x, x.stride(0), x if residual is None else residual, x.stride(0) if residual is None else residual.stride(0),
+        x if residual is None else h, n_cols, weight, y, n_cols, rstd, n_rows, n_cols, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK=block, num_warps=num_warps,
+    )
+    return y, h, rstd
+
+
+def _backward(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, rstd: Tensor, dx: Tensor,
+              weight_grad: bool) -> Tensor:
+    """dx (written into `dx`, which may be `dy`) and, with `weight_grad`, dweight (returned, else empty)."""
+    n_rows, n_cols = h.shape
+    if not use_triton(h):
+        n = h.float() * rstd.unsqueeze(1)
+        dyf = dy.float()
+        g = dyf * weight.float()
+        grad = (g - n * (g * n).mean(-1, keepdim=True)) * rstd.unsqueeze(1)
+        dx.copy_(grad if dh is None else grad + dh.float())
+        return (dyf * n).sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
+    block, block_rows, num_warps = _tiling(n_cols)
+    rows_per_program, programs = _backward_split(n_rows, block_rows, h.device)
+    partials = torch.empty(programs if weight_grad else 0, n_cols, dtype=torch.float32, device=h.device)
+    _rms_norm_backward_kernel[(programs,)](
+        dy, dy.stride(0), dy if dh is None else dh, dy.stride(0) if dh is None else dh.stride(0), h, h.stride(0),
+        weight, rstd, dx, dx.stride(0), partials, n_rows, n_cols, rows_per_program,
+        HAS_DH=dh is not None, WEIGHT_GRAD=weight_grad, BLOCK_ROWS=block_rows, BLOCK=block, num_warps=num_warps,
+    )
+    return partials.sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+# Opaque to torch.compile, which calls them without a graph break; the fakes give it shapes and dtypes.
+
+
+@torch.library.custom_op("fasttrain::rms_norm_forward", mutates_args=())
+def _forward_op(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, h, rstd) of rows x (M, H) [+ residual]; h is empty without a residual, rstd is fp32 (M,)."""
+    return _forward(x, residual, weight, eps)
+
+
+@_forward_op.register_fake
+def _(x, residual, weight, eps):
+    h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    y = x.new_empty(x.shape, dtype=h_dtype)
+    h = x.new_empty(0) if residual is None else torch.empty_like(y)
+    return y, h, x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fasttrain::rms_norm_backward", mutates_args=("dx",))
+def _backward_op(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, rstd: Tensor, dx: Tensor,
+                 weight_grad: bool) -> Tensor:
+    """dx into `dx` (may be `dy`); returns dweight in the weight's dtype if `weight_grad`, else an empty tensor."""
+    return _backward(dy, dh, h, weight, rstd, dx, weight_grad)
+
+
+@_backward_op.register_fake
+def _(dy, dh, h, weight, rstd, dx, weight_grad):
+    return weight.new_empty(weight.shape if weight_grad else 0)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def check_inputs(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float) -> None:
+    """ValueError naming the first thing wrong with a call's shapes, dtypes or options."""
+    for name, t in (("x", x), ("weight", weight), ("residual", residual)):
+        if t is not None and t.dtype not in DTYPES:
+            raise ValueError(f"rms_norm: {name} must be float32, bfloat16 or float16, not {t.dtype}")
+    if x.dim() == 0 or weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm: weight must be (H,) for x (..., H); got {tuple(weight.shape)} and "
+                         f"{tuple(x.shape)}")
+    if x.shape[-1] > MAX_HIDDEN:
+        raise ValueError(f"rms_norm: hidden size {x.shape[-1]} is over the kernel's limit of {MAX_HIDDEN}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"rms_norm: residual must have x's shape {tuple(x.shape)}, not {tuple(residual.shape)}")
+    if not eps >= 0:
+        raise ValueError(f"rms_norm: eps must be >= 0, not {eps}")
+
+
+def _rows(t: Tensor) -> Tensor:
+    """`t` (..., H) as (M, H) rows with unit column stride (a view when possible)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(1) == 1 else t.contiguous()
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, inplace_backward: bool):
+        y, h, rstd = _forward_op(x, residual, weight, eps)
+        ctx.has_residual, ctx.inplace_backward = residual is not None, inplace_backward
+        ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
+        ctx.set_materialize_grads(False)  # an unused y or h gets None, not a tensor of zeros to read
+        return (y, h) if ctx.has_residual else y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None, dh: Tensor | None = None):
+        if dy is None:  # only h was used downstream: it passes its gradient straight to x and residual
+            return dh, dh, None, None, None
+        h, weight, rstd = ctx.saved_tensors
+        dy, dh = _rows(dy), None if dh is None else _rows(dh)
+        overwrite = ctx.inplace_backward and dy.dtype == h.dtype and dy.is_contiguous()
+        dx = dy if overwrite else torch.empty_like(h)
+        dweight = _backward_op(dy, dh, h, weight, rstd, dx, ctx.needs_input_grad[2])
+        # The same gradient for x and the residual; autograd casts it to each one's dtype.
+        return (dx if ctx.needs_input_grad[0] else None, dx if ctx.needs_input_grad[1] else None,
+                dweight if ctx.needs_input_grad[2] else None, None, None)
+
+
+# ----------------------------------------------------------------------------- functional and module
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | None = None,
+             inplace_backward: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """RMSNorm of `x` (..., H) over its last dimension, scaled by `weight` (H,).
+
+    Returns y (x's shape, in x's dtype). With `residual` (x's shape) it normalises
+    h = x + residual instead and returns (y, h), h in the promoted dtype of the
+    two and y in h's: the add and the norm of a pre-norm block in one kernel. Both
+    are differentiable; the gradient reaching x equals the one reaching residual.
+
+    The backward writes dx into new memory; `inplace_backward=True` writes it over
+    the incoming gradient of y when that is contiguous and of the same dtype,
+    saving the allocation: use it only when nothing else reads that gradient.
+    """
+    check_inputs(x, weight, residual, eps)
+    out = _RMSNormFunction.apply(_rows(x), None if residual is None else _rows(residual), weight, eps,
+                                 inplace_backward)
+    if residual is None:
+        return out.view(x.shape)
+    y, h = out
+    return y.view(x.shape), h.view(x.shape)
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm over the last dimension with a learned scale: a drop-in for torch.nn.RMSNorm(dim, eps)
+    (same `weight` parameter and state_dict) whose forward also takes an optional residual."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, inplace_backward: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.dim, self.eps, self.inplace_backward = dim, eps, inplace_backward
+        self.weight = torch.nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.ones_(self.weight)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """y = norm(x), or (norm(x + residual), x + residual); see `rms_norm`."""
+        return rms_norm(x, self.weight, self.eps, residual, self.inplace_backward)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, eps={self.eps}"
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | None = None
+                       ) -> Tensor | tuple[Tensor, Tensor]:
+    """The same from stock PyTorch ops, differentiable by autograd: statistics and product in fp32
+    (fp64 for fp64 inputs), y rounded once to h's dtype. Call it on fp64 tensors for a test reference."""
+    h = x if residual is None else x + residual
+    hf = h.to(torch.promote_types(h.dtype, torch.float32))
+    y = (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps) * weight).to(h.dtype)
+    return y if residual is None else (y, h)

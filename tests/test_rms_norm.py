@@ -1,0 +1,213 @@
+"""kernels.rms_norm against an fp64 reference: outputs and all gradients, every dtype, both backends.
+
+Through the Triton interpreter on a CPU-only machine (see conftest.kernel_device), with
+tiles shrunk so that several short rows share one and the last tile of a program is part-full.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from kernels import RMSNorm, rms_norm, rms_norm_reference
+from tests.kernel_checks import DTYPES, assert_matches, stored
+
+# (rows, hidden): one row and many, hidden sizes from 2 to 16384 including odd ones.
+SHAPES = [(1, 2), (300, 2), (1, 127), (37, 127), (33, 760), (1, 2048), (1, 4097), (9, 4097), (3, 16384)]
+
+
+def reference_with_rounded_sum(x64, weight64, eps, residual=None, h_dtype=None):
+    """rms_norm_reference in fp64 of h = x + residual rounded to its storage dtype, as the op stores it
+    (as eager torch does too): the rounding is part of the result; its gradient passes straight through."""
+    if residual is None:
+        return rms_norm_reference(x64, weight64, eps)
+    exact = x64 + residual
+    h = exact + (stored(exact, h_dtype) - exact).detach()
+    return rms_norm_reference(h, weight64, eps), h
+
+
+def run_both(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float = 1e-6):
+    """Ours and the fp64 reference on the same inputs: y, h and the gradients of
+    sum(y * dy) + sum(h * dh) for random dy, dh. Returns ({name: ours}, {name: reference}, dx_scale).
+
+    dx = rstd * (dy * w - n * mean(dy * w * n)) is orthogonal to h: a difference of terms of
+    size |dy * w| * rstd, which cancel when dy * w is nearly parallel to h (often, for H = 2).
+    Its rounding is relative to those terms, so dx_scale is their largest magnitude.
+    """
+    h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    ours_fn = functools.partial(rms_norm, eps=eps)
+    reference_fn = functools.partial(reference_with_rounded_sum, eps=eps, h_dtype=h_dtype)
+    results = []
+    dy = dh = None
+    for fn, cast in ((ours_fn, lambda t: t), (reference_fn, torch.Tensor.double)):
+        leaves = {"x": x, "weight": weight, "residual": residual}
+        leaves = {k: cast(v.detach()).requires_grad_() for k, v in leaves.items() if v is not None}
+        out = fn(leaves["x"], leaves["weight"], residual=leaves.get("residual"))
+        y, h = out if residual is not None else (out, None)
+        if dy is None:
+            dy = torch.randn_like(y)
+            dh = None if h is None else torch.randn_like(h)
+        total = (y * cast(dy)).sum() + (0 if h is None else (h * cast(dh)).sum())
+        grads = torch.autograd.grad(total, list(leaves.values()))
+        results.append({"y": y, **({"h": h} if h is not None else {}),
+                        **{f"d{k}": g for k, g in zip(leaves, grads)}})
+    h64 = leaves["x"] if residual is None else h
+    rstd = torch.rsqrt(h64.detach().square().mean(-1, keepdim=True) + eps)
+    dx_scale = (dy.double() * weight.double() * rstd).abs().max().item()
+    return *results, dx_scale
+
+
+def assert_all_match(ours: dict, reference: dict, dx_scale: float) -> None:
+    """Every result of run_both within the tolerance of its own dtype."""
+    for name in ours:
+        scale = dx_scale if name in ("dx", "dresidual") else None
+        assert_matches(ours[name], reference[name], ours[name].dtype, name, scale=scale)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["norm", "add+norm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-H{}".format(*s))
+def test_matches_reference(kernel_device, shape, dtype, residual):
+    x = (3 * torch.randn(shape, device=kernel_device)).to(dtype)
+    weight = (1 + 0.5 * torch.randn(shape[1], device=kernel_device)).to(dtype)
+    r = torch.randn(shape, device=kernel_device).to(dtype) if residual else None
+    ours, reference, dx_scale = run_both(x, weight, r)
+    assert ours.keys() == reference.keys()
+    assert all(t.dtype == dtype for t in ours.values())
+    assert_all_match(ours, reference, dx_scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sum_is_exactly_x_plus_residual(kernel_device, dtype):
+    x = torch.randn(37, 300, device=kernel_device, dtype=dtype)
+    r = torch.randn(37, 300, device=kernel_device, dtype=dtype)
+    y, h = rms_norm(x, torch.ones(300, device=kernel_device, dtype=dtype), residual=r)
+    assert torch.equal(h, stored(x.double() + r.double(), dtype).to(dtype))  # x + r in torch, but see `stored`
+    assert torch.equal(y, rms_norm(h, torch.ones_like(h[0])))  # y is the norm of the stored (rounded) sum
+
+
+def test_mixed_dtypes_follow_torch(kernel_device):
+    """The autocast case: a bf16 delta added to an fp32 residual stream, an fp32 weight."""
+    x = torch.randn(2, 9, 130, device=kernel_device, dtype=torch.bfloat16)
+    r = torch.randn(2, 9, 130, device=kernel_device)
+    weight = 1 + 0.5 * torch.randn(130, device=kernel_device)
+    ours, reference, dx_scale = run_both(x, weight, r)
+    assert ours["h"].dtype == ours["y"].dtype == (x + r).dtype == torch.float32
+    assert ours["dx"].dtype == torch.bfloat16 and ours["dresidual"].dtype == ours["dweight"].dtype == torch.float32
+    assert_all_match(ours, reference, dx_scale)
+    y = rms_norm(x, weight)  # without a residual y keeps x's dtype, as torch.nn.RMSNorm's does
+    assert y.dtype == torch.nn.functional.rms_norm(x, (130,), weight.bfloat16()).dtype == torch.bfloat16
+
+
+def test_statistics_are_fp32(kernel_device):
+    """fp16 squares overflow above 256: only fp32 statistics give a finite, correct result."""
+    x = (1000 * torch.randn(5, 300, device=kernel_device)).half()
+    assert_all_match(*run_both(x, torch.ones(300, device=kernel_device).half(), None))
+
+
+def test_weight_gradient_sums_many_rows_in_fp32(kernel_device):
+    """dweight is a sum over all rows: a bf16 running sum of 4096 same-sign terms stalls far below it."""
+    x = torch.rand(4096, 8, device=kernel_device).add(0.5).bfloat16().requires_grad_()
+    weight = torch.ones(8, device=kernel_device, dtype=torch.bfloat16, requires_grad=True)
+    rms_norm(x, weight).sum().backward()
+    x64 = x.detach().double()
+    expected = (x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-6)).sum(0)
+    torch.testing.assert_close(weight.grad.double(), expected, rtol=4e-3, atol=0)  # one bf16 rounding
+
+
+def test_zero_rows_and_only_one_output_used(kernel_device):
+    x = torch.randn(6, 50, device=kernel_device)
+    x[2] = 0  # rstd = 1 / sqrt(eps): y and its gradient are finite
+    r = torch.randn(6, 50, device=kernel_device)
+    r[2] = 0
+    weight = torch.randn(50, device=kernel_device)
+    for keep in ("y", "h"):  # the other output gets no gradient (None: no zeros are made or read)
+        leaves = [t.clone().requires_grad_() for t in (x, r, weight)]
+        leaves64 = [t.double().requires_grad_() for t in (x, r, weight)]
+        y, h = rms_norm(leaves[0], leaves[2], residual=leaves[1])
+        y64, h64 = rms_norm_reference(leaves64[0], leaves64[2], residual=leaves64[1])
+        (y if keep == "y" else h).sum().backward()
+        (y64 if keep == "y" else h64).sum().backward()
+        for ours, ref, name in zip(leaves, leaves64, ("dx", "dresidual", "dweight")):
+            if ref.grad is None:  # the weight, when only h is used
+                assert ours.grad is None, f"{keep} only: {name}"
+            else:
+                assert_matches(ours.grad, ref.grad, torch.float32, f"{keep} only: {name}")
+
+
+def test_same_tensor_as_input_and_residual(kernel_device):
+    x = torch.randn(4, 70, device=kernel_device, requires_grad=True)
+    y, h = rms_norm(x, torch.ones(70, device=kernel_device), residual=x)
+    (y.sum() + h.sum()).backward()
+    x64 = x.detach().double().requires_grad_()
+    y64, h64 = rms_norm_reference(x64, torch.ones(70, dtype=torch.float64), residual=x64)
+    (y64.sum() + h64.sum()).backward()
+    assert_matches(x.grad, x64.grad, torch.float32, "both gradients accumulated")
+
+
+def test_incoming_gradient_is_kept_unless_asked(kernel_device):
+    x = torch.randn(8, 96, device=kernel_device, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(96, device=kernel_device, dtype=torch.bfloat16)
+    dy = torch.randn(8, 96, device=kernel_device, dtype=torch.bfloat16)
+    kept = dy.clone()
+    (dx,) = torch.autograd.grad(rms_norm(x, weight), x, dy)
+    assert torch.equal(dy, kept)
+    (dx_inplace,) = torch.autograd.grad(rms_norm(x, weight, inplace_backward=True), x, dy)
+    assert torch.equal(dx_inplace, dx) and torch.equal(dy, dx)  # asked for: dx written over dy
+
+
+def test_non_contiguous_input(kernel_device):
+    x = torch.randn(40, 6, device=kernel_device).t()  # (6, 40) with column stride 6
+    r = torch.randn(12, 40, device=kernel_device)[::2]  # (6, 40) with row stride 80
+    assert_all_match(*run_both(x, torch.randn(40, device=kernel_device), r))
+
+
+def test_module_is_a_drop_in_for_torch(kernel_device):
+    theirs = torch.nn.RMSNorm(130, eps=1e-5, device=kernel_device)
+    torch.nn.init.normal_(theirs.weight)
+    ours = RMSNorm(130, eps=1e-5, device=kernel_device)
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x = torch.randn(2, 3, 130, device=kernel_device, requires_grad=True)
+    y = ours(x)
+    (dx,) = torch.autograd.grad(y.square().sum(), x)
+    y_torch = theirs(x)
+    (dx_torch,) = torch.autograd.grad(y_torch.square().sum(), x)
+    torch.testing.assert_close(y, y_torch)
+    torch.testing.assert_close(dx, dx_torch)
+    theirs.load_state_dict(ours.state_dict())  # and back
+    y, h = ours(x, residual=x)
+    torch.testing.assert_close(h, 2 * x)
+
+
+def test_compiles_without_graph_breaks(kernel_device):
+    norms = torch.nn.ModuleList(RMSNorm(48, device=kernel_device) for _ in range(2))
+    for norm in norms:
+        torch.nn.init.normal_(norm.weight)
+
+    def block(x, delta):
+        y, h = norms[0](delta, x)
+        return norms[1](y.relu(), h)[0].square().sum()
+
+    x = torch.randn(3, 5, 48, device=kernel_device)
+    delta = torch.randn(3, 5, 48, device=kernel_device, requires_grad=True)
+    eager = torch.autograd.grad(block(x, delta), [delta, norms[0].weight, norms[1].weight])
+    # aot_eager traces forward and backward through the ops' fakes, which is where a bad schema fails.
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    for a, b in zip(torch.autograd.grad(compiled(x, delta), [delta, norms[0].weight, norms[1].weight]), eager):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("case, message", [
+    ({"weight": torch.ones(7)}, "weight must be"),
+    ({"x": torch.ones(4, 8, dtype=torch.int64)}, "x must be float32"),
+    ({"residual": torch.ones(4, 9)}, "residual must have"),
+    ({"x": torch.ones(1, 65537), "weight": torch.ones(65537)}, "over the kernel's limit"),
+    ({"eps": -1.0}, "eps must be"),
+])
+def test_bad_arguments(case, message):
+    args = {"x": torch.ones(4, 8), "weight": torch.ones(8), "residual": None, "eps": 1e-6, **case}
+    with pytest.raises(ValueError, match=message):
+        rms_norm(args["x"], args["weight"], args["eps"], args["residual"])
