@@ -10,32 +10,17 @@ GPU only; Liger-Kernel's cases run when it is importable (never a dependency).
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import peak_extra_memory, time_cuda
+from benchmarks.conftest import bandwidth, compiled, liger, peak_extra_memory, time_cuda
 from fasttrain.metrics import peak_flops
 from kernels import cross_entropy, linear_cross_entropy
 
 CE_SHAPES = [(8192, 50304), (8192, 131072), (16384, 131072)]  # (N, V)
 LINEAR_SHAPES = [(8192, 2048, 131072), (16384, 768, 50304)]  # (N, H, V)
-
-
-def _liger(name: str):
-    try:
-        from liger_kernel.transformers import functional
-    except ImportError:
-        pytest.skip("liger-kernel is not installed")
-    return getattr(functional, name)
-
-
-@functools.cache
-def _compiled(fn):
-    """torch.compile(fn), made on first use: importing the compiler at collection costs every pytest run."""
-    return torch.compile(fn)
+LIGER = "liger_kernel.transformers.functional"
 
 
 def eager_cross_entropy(logits, target):
@@ -49,14 +34,14 @@ def unfused_linear_cross_entropy(hidden, weight, target):
 CROSS_ENTROPY = {
     "fasttrain": cross_entropy,
     "eager": eager_cross_entropy,
-    "compiled": lambda logits, target: _compiled(eager_cross_entropy)(logits, target),
-    "liger": lambda logits, target: _liger("liger_cross_entropy")(logits, target),
+    "compiled": lambda logits, target: compiled(eager_cross_entropy)(logits, target),
+    "liger": lambda logits, target: liger(LIGER, "liger_cross_entropy")(logits, target),
 }
 LINEAR_CROSS_ENTROPY = {
     "fasttrain": linear_cross_entropy,
     "eager": unfused_linear_cross_entropy,
-    "compiled": lambda h, w, t: _compiled(unfused_linear_cross_entropy)(h, w, t),
-    "liger": lambda h, w, t: _liger("liger_fused_linear_cross_entropy")(h, w, t),
+    "compiled": lambda h, w, t: compiled(unfused_linear_cross_entropy)(h, w, t),
+    "liger": lambda h, w, t: liger(LIGER, "liger_fused_linear_cross_entropy")(h, w, t),
 }
 
 
@@ -72,11 +57,8 @@ def test_cross_entropy_fwd_bwd(benchmark, record, cuda, copy_bandwidth, impl, sh
         torch.autograd.grad(fn(logits, target), logits)
 
     time_cuda(benchmark, step)
-    median = benchmark.stats.stats.median
-    floor_bytes = 4 * n * vocab
-    record(impl=impl, n=n, vocab=vocab, dtype="bfloat16", gb_per_s=round(floor_bytes / median / 1e9, 1),
-           copy_gb_per_s=round(copy_bandwidth / 1e9, 1),
-           fraction_of_floor=round(floor_bytes / copy_bandwidth / median, 3),
+    record(impl=impl, n=n, vocab=vocab, dtype="bfloat16",
+           **bandwidth(4 * n * vocab, benchmark.stats.stats.median, copy_bandwidth),
            peak_extra_gib=round(peak_extra_memory(step) / 2**30, 3))
 
 

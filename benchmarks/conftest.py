@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import platform
 
 import numpy as np
@@ -62,6 +64,13 @@ def copy_bandwidth(cuda) -> float:
     return 2 * src.numel() * 20 / (start.elapsed_time(end) / 1e3)
 
 
+def bandwidth(floor_bytes: int, median_s: float, copy_bytes_per_s: float) -> dict[str, float]:
+    """What a memory-bound case records: GB/s of its floor traffic, the copy GB/s it is measured
+    against, and the fraction of that floor reached."""
+    return {"gb_per_s": round(floor_bytes / median_s / 1e9, 1), "copy_gb_per_s": round(copy_bytes_per_s / 1e9, 1),
+            "fraction_of_floor": round(floor_bytes / copy_bytes_per_s / median_s, 3)}
+
+
 def time_cuda(benchmark, fn, rounds: int = 20) -> None:
     """Benchmark `fn` on the GPU: warm-up calls first (compilation, autotuning), then each round synchronised."""
 
@@ -80,3 +89,17 @@ def peak_extra_memory(fn) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
+
+
+@functools.cache
+def compiled(fn):
+    """torch.compile(fn), made on first use: importing the compiler at collection costs every pytest run."""
+    return torch.compile(fn)
+
+
+def liger(module: str, name: str):
+    """`name` from Liger-Kernel's `module`, a baseline only: the case skips when it is not installed."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError:
+        pytest.skip("liger-kernel is not installed")

@@ -140,6 +140,8 @@ class KernelsConfig:
     # The loss straight from the final hidden states and the output weight, chunk by chunk,
     # never holding the (tokens x vocab) logits (kernels/linear_cross_entropy.py).
     linear_cross_entropy: Literal["auto", True, False] = "auto"
+    # Every RMSNorm, with the residual add before it, in one kernel (kernels/rms_norm.py).
+    rms_norm: Literal["auto", True, False] = "auto"
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
     tokens -> embedding -> n_layers x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> output -> logits
 
-- Pre-norm residual blocks with RMSNorm; no biases anywhere.
+- Pre-norm residual blocks with RMSNorm; no biases anywhere. Each residual add is
+  done by the norm right after it: `norm(delta, stream)` returns the normalised
+  new stream and the new stream itself, so on GPU one kernel (kernels.RMSNorm)
+  does the add and the norm (`norm_kernel=True`); the state_dict is the same.
 - Causal self-attention through `F.scaled_dot_product_attention` (flash kernels on
   GPU), rotary position embeddings (RoPE) on queries and keys, and optional
   grouped-query attention: `n_kv_heads` key/value heads shared by `n_heads` queries.
@@ -94,31 +97,62 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+class ResidualRMSNorm(nn.RMSNorm):
+    """torch.nn.RMSNorm with kernels.RMSNorm's forward: `norm(x)`, or `norm(x, residual)` ->
+    (norm(x + residual), x + residual). The plain-PyTorch twin of the fused kernel."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return super().forward(x)
+        h = x + residual
+        return super().forward(h), h
+
+
+def rms_norm(cfg: ModelConfig, kernel: bool) -> nn.Module:
+    """An RMSNorm over d_model: the fused Triton kernel's module, or the PyTorch one."""
+    if not kernel:
+        return ResidualRMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    from kernels.rms_norm import RMSNorm  # needs Triton, so only when asked for
+
+    return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, norm_kernel: bool = False):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn_norm = rms_norm(cfg, norm_kernel)
         self.attn = Attention(cfg)
-        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp_norm = rms_norm(cfg, norm_kernel)
         self.mlp = SwiGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+    def forward(self, delta: torch.Tensor | None, stream: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is `stream + delta` (just `stream` before the first block); returns
+        this block's (delta, stream), leaving its last add to the next norm."""
+        if delta is None:
+            y = self.attn_norm(stream)
+        else:
+            y, stream = self.attn_norm(delta, stream)
+        y, stream = self.mlp_norm(self.dropout(self.attn(y, cos, sin)), stream)
+        return self.dropout(self.mlp(y)), stream
 
 
 class Transformer(nn.Module):
-    """The language model: `forward(tokens (B, T)) -> logits (B, T, vocab_size)`."""
+    """The language model: `forward(tokens (B, T)) -> logits (B, T, vocab_size)`.
 
-    def __init__(self, cfg: ModelConfig):
+    `norm_kernel`: RMSNorms (with the residual adds) through the Triton kernel, which
+    needs Triton installed; the default is the PyTorch module. Either loads the other's weights.
+    """
+
+    def __init__(self, cfg: ModelConfig, norm_kernel: bool = False):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (> 0) before building the model")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.blocks = nn.ModuleList(Block(cfg, norm_kernel) for _ in range(cfg.n_layers))
+        self.norm = rms_norm(cfg, norm_kernel)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.embed.weight
@@ -143,10 +177,10 @@ class Transformer(nn.Module):
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
-        x = self.embed(tokens)
+        delta, stream = None, self.embed(tokens)
         for block in self.blocks:
-            x = block(x, cos, sin)
-        return self.norm(x)
+            delta, stream = block(delta, stream, cos, sin)
+        return self.norm(delta, stream)[0]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.output(self.hidden(tokens))

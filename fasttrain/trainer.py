@@ -22,6 +22,7 @@ checkpoint and raise `Interrupted` (exit status 130 / 143 from the command line)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import shutil
@@ -109,12 +110,13 @@ class Trainer:
         self.tokenizer = Tokenizer.load(Path(cfg.data.dir) / "tokenizer.json")
         self.accumulation = accumulation_steps(t)
 
-        self.model = Transformer(cfg.model).to(self.device)
+        # The [kernels] switched on, by name (the Triton kernels need Triton installed).
+        self.kernels = [k for k, on in dataclasses.asdict(cfg.kernels).items() if switched_on(on, self.device)]
+        self.model = Transformer(cfg.model, norm_kernel="rms_norm" in self.kernels).to(self.device)
         self.compiled = switched_on(t.compile, self.device)
-        self.fused_loss = switched_on(cfg.kernels.linear_cross_entropy, self.device)
         # `loss(tokens, targets)` is what trains and evaluates, compiled if asked. Sampling runs the
         # plain module, whose growing sequence lengths would otherwise trigger recompiles.
-        loss = functools.partial(next_token_loss, self.model, fused=self.fused_loss)
+        loss = functools.partial(next_token_loss, self.model, fused="linear_cross_entropy" in self.kernels)
         self.loss = torch.compile(loss) if self.compiled else loss
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -416,7 +418,7 @@ class Trainer:
         c, t = self.cfg, self.cfg.train
         params = self.model.num_params()
         log.event("start", params=params, flops_per_token=self.flops_per_token, device=str(self.device),
-                  precision=self.precision, compile=self.compiled, fused_loss=self.fused_loss,
+                  precision=self.precision, compile=self.compiled, kernels=self.kernels,
                   accumulation=self.accumulation,
                   tokens_per_step=self.tokens_per_step, train_tokens=self.meta["tokens"]["train"],
                   val_tokens=self.meta["tokens"]["val"],
@@ -425,9 +427,9 @@ class Trainer:
                   f"{c.model.n_heads} heads, vocab {c.model.vocab_size}, context {c.model.max_seq_len})")
         log.print(f"data: {self.meta['tokens']['train']:,} train / {self.meta['tokens']['val']:,} val tokens "
                   f"in {c.data.dir}")
+        speedups = ["compiled"] * self.compiled + [f"kernels: {', '.join(self.kernels)}"] * bool(self.kernels)
         log.print(f"run: {t.max_steps} steps x {self.tokens_per_step:,} tokens ({t.batch_size} x {t.seq_len}"
-                  f" x {self.accumulation} accumulation) on {self.device}, {self.precision}"
-                  f"{', compiled' if self.compiled else ''}{', fused loss kernel' if self.fused_loss else ''}; "
+                  f" x {self.accumulation} accumulation) on {self.device}, {', '.join([self.precision, *speedups])}; "
                   f"writing to {t.out_dir}")
         if self.resumed_from:
             log.print(f"resumed from {self.resumed_from} at step {self.global_step}")

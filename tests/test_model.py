@@ -115,6 +115,29 @@ def test_scaled_init_of_residual_projections():
     assert torch.equal(model.blocks[0].attn_norm.weight, torch.ones(256))
 
 
+def test_norm_kernel_model_matches_and_shares_weights():
+    """norm_kernel=True (kernels.RMSNorm fusing each residual add) loads the plain model's weights and
+    computes the same, also compiled: through the Triton interpreter in CI, the PyTorch path without it."""
+    plain = Transformer(tiny())
+    for name, p in plain.named_parameters():
+        if name.endswith("norm.weight"):  # not all ones, so a swapped or unused norm weight shows
+            torch.nn.init.normal_(p, 1.0, 0.2)
+    fused = Transformer(tiny(), norm_kernel=True)
+    fused.load_state_dict(plain.state_dict())
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    tokens = torch.randint(0, 97, (2, 12))
+
+    def loss_and_grads(model, forward):
+        model.zero_grad()
+        forward(tokens).square().mean().backward()
+        return [forward(tokens).detach()] + [p.grad for p in model.parameters()]
+
+    expected = loss_and_grads(plain, plain)
+    for forward in (fused, torch.compile(fused, fullgraph=True, backend="aot_eager")):
+        for a, b in zip(loss_and_grads(fused, forward), expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_dropout_only_in_training():
     model = Transformer(tiny(dropout=0.5))
     tokens = torch.randint(0, 97, (2, 8))

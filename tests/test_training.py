@@ -81,11 +81,13 @@ def test_accumulation_matches_one_large_batch(pydoc_data, tmp_path):
         assert p.grad.abs().sum() > 0
 
 
-def test_fused_loss_kernel_trains_like_the_plain_loss(pydoc_data, tmp_path):
-    """kernels.linear_cross_entropy=true (on by default on CUDA) changes no loss, norm or weight beyond fp32 noise."""
-    plain = Trainer(tiny_config(pydoc_data, tmp_path / "a", "kernels.linear_cross_entropy=false"), quiet=True)
-    fused = Trainer(tiny_config(pydoc_data, tmp_path / "b", "kernels.linear_cross_entropy=true"), quiet=True)
-    assert fused.fused_loss and not plain.fused_loss
+@pytest.mark.parametrize("kernel", ["linear_cross_entropy", "rms_norm"])
+def test_kernel_trains_like_plain_pytorch(pydoc_data, tmp_path, kernel):
+    """A [kernels] switch (on by default on CUDA) changes no loss, norm or weight beyond fp32 noise."""
+    off = [f"kernels.{name}=false" for name in ("linear_cross_entropy", "rms_norm")]
+    plain = Trainer(tiny_config(pydoc_data, tmp_path / "a", *off), quiet=True)
+    fused = Trainer(tiny_config(pydoc_data, tmp_path / "b", *off, f"kernels.{kernel}=true"), quiet=True)
+    assert fused.kernels == [kernel] and not plain.kernels
     for _ in range(3):
         for a, b in zip(plain.step(), fused.step(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
