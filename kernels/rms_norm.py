@@ -4,8 +4,9 @@
     y = h * rstd * weight,   rstd = 1 / sqrt(mean(h**2) + eps)
 
 The mean of squares and rstd are fp32 whatever the dtype (an fp16 h**2 overflows
-at |h| > 256). y is stored in h's dtype, as torch.nn.RMSNorm does even when the
-weight is fp32, and h in the promoted dtype of x and residual, as `x + residual`.
+at |h| > 256). h is stored in the promoted dtype of x and residual, as `x + residual`,
+and y in h's dtype, as torch.nn.RMSNorm does even when the weight is fp32, unless
+asked for another: under autocast the module writes y in the autocast dtype (see `RMSNorm`).
 
 Why fuse the add: every pre-norm block computes `stream = stream + delta` and then
 normalises the new stream. As two ops that reads and writes 10 bytes per element
@@ -132,18 +133,23 @@ def _backward_split(n_rows: int, block_rows: int, device: torch.device) -> tuple
     return rows_per_program, triton.cdiv(n_rows, rows_per_program)
 
 
-def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _sum_dtype(x: Tensor, residual: Tensor | None) -> torch.dtype:
+    """h's dtype: that of x + residual."""
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype
+             ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h, rstd) for rows `x` (M, H) [+ `residual` (M, H)]; h is empty without a residual."""
-    h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     n_rows, n_cols = x.shape
     if not use_triton(x):  # the same math in PyTorch
         h = x if residual is None else x + residual
         hf = h.float()
         rstd = torch.rsqrt(hf.square().mean(-1) + eps)
-        y = (hf * rstd.unsqueeze(1) * weight.float()).to(h_dtype)
+        y = (hf * rstd.unsqueeze(1) * weight.float()).to(out_dtype)
         return y, (x.new_empty(0) if residual is None else h), rstd
-    y = torch.empty(n_rows, n_cols, dtype=h_dtype, device=x.device)
-    h = x.new_empty(0) if residual is None else torch.empty_like(y)
+    y = torch.empty(n_rows, n_cols, dtype=out_dtype, device=x.device)
+    h = x.new_empty(0) if residual is None else torch.empty_like(x, dtype=_sum_dtype(x, residual))
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block, block_rows, num_warps = _tiling(n_cols)
     _rms_norm_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
@@ -181,17 +187,16 @@ def _backward(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, rstd: Te
 
 
 @torch.library.custom_op("fasttrain::rms_norm_forward", mutates_args=())
-def _forward_op(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _forward_op(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype
+                ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h, rstd) of rows x (M, H) [+ residual]; h is empty without a residual, rstd is fp32 (M,)."""
-    return _forward(x, residual, weight, eps)
+    return _forward(x, residual, weight, eps, out_dtype)
 
 
 @_forward_op.register_fake
-def _(x, residual, weight, eps):
-    h_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
-    y = x.new_empty(x.shape, dtype=h_dtype)
-    h = x.new_empty(0) if residual is None else torch.empty_like(y)
-    return y, h, x.new_empty(x.shape[0], dtype=torch.float32)
+def _(x, residual, weight, eps, out_dtype):
+    h = x.new_empty(0) if residual is None else torch.empty_like(x, dtype=_sum_dtype(x, residual))
+    return x.new_empty(x.shape, dtype=out_dtype), h, x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("fasttrain::rms_norm_backward", mutates_args=("dx",))
@@ -209,7 +214,8 @@ def _(dy, dh, h, weight, rstd, dx, weight_grad):
 # ----------------------------------------------------------------------------- autograd
 
 
-def check_inputs(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float) -> None:
+def check_inputs(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float,
+                 out_dtype: torch.dtype | None = None) -> None:
     """ValueError naming the first thing wrong with a call's shapes, dtypes or options."""
     for name, t in (("x", x), ("weight", weight), ("residual", residual)):
         if t is not None and t.dtype not in DTYPES:
@@ -223,6 +229,8 @@ def check_inputs(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float)
         raise ValueError(f"rms_norm: residual must have x's shape {tuple(x.shape)}, not {tuple(residual.shape)}")
     if not eps >= 0:
         raise ValueError(f"rms_norm: eps must be >= 0, not {eps}")
+    if out_dtype is not None and out_dtype not in DTYPES:
+        raise ValueError(f"rms_norm: out_dtype must be float32, bfloat16 or float16, not {out_dtype}")
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -233,8 +241,9 @@ def _rows(t: Tensor) -> Tensor:
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, inplace_backward: bool):
-        y, h, rstd = _forward_op(x, residual, weight, eps)
+    def forward(ctx, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype,
+                inplace_backward: bool):
+        y, h, rstd = _forward_op(x, residual, weight, eps, out_dtype)
         ctx.has_residual, ctx.inplace_backward = residual is not None, inplace_backward
         ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
         ctx.set_materialize_grads(False)  # an unused y or h gets None, not a tensor of zeros to read
@@ -243,7 +252,7 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor | None, dh: Tensor | None = None):
         if dy is None:  # only h was used downstream: it passes its gradient straight to x and residual
-            return dh, dh, None, None, None
+            return dh, dh, None, None, None, None
         h, weight, rstd = ctx.saved_tensors
         dy, dh = _rows(dy), None if dh is None else _rows(dh)
         overwrite = ctx.inplace_backward and dy.dtype == h.dtype and dy.is_contiguous()
@@ -251,28 +260,29 @@ class _RMSNormFunction(torch.autograd.Function):
         dweight = _backward_op(dy, dh, h, weight, rstd, dx, ctx.needs_input_grad[2])
         # The same gradient for x and the residual; autograd casts it to each one's dtype.
         return (dx if ctx.needs_input_grad[0] else None, dx if ctx.needs_input_grad[1] else None,
-                dweight if ctx.needs_input_grad[2] else None, None, None)
+                dweight if ctx.needs_input_grad[2] else None, None, None, None)
 
 
 # ----------------------------------------------------------------------------- functional and module
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | None = None,
-             inplace_backward: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+             inplace_backward: bool = False, out_dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """RMSNorm of `x` (..., H) over its last dimension, scaled by `weight` (H,).
 
     Returns y (x's shape, in x's dtype). With `residual` (x's shape) it normalises
     h = x + residual instead and returns (y, h), h in the promoted dtype of the
     two and y in h's: the add and the norm of a pre-norm block in one kernel. Both
     are differentiable; the gradient reaching x equals the one reaching residual.
+    `out_dtype` stores y in another dtype (rounded once from fp32).
 
     The backward writes dx into new memory; `inplace_backward=True` writes it over
     the incoming gradient of y when that is contiguous and of the same dtype,
     saving the allocation: use it only when nothing else reads that gradient.
     """
-    check_inputs(x, weight, residual, eps)
+    check_inputs(x, weight, residual, eps, out_dtype)
     out = _RMSNormFunction.apply(_rows(x), None if residual is None else _rows(residual), weight, eps,
-                                 inplace_backward)
+                                 out_dtype or _sum_dtype(x, residual), inplace_backward)
     if residual is None:
         return out.view(x.shape)
     y, h = out
@@ -281,9 +291,14 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | No
 
 class RMSNorm(torch.nn.Module):
     """RMSNorm over the last dimension with a learned scale: a drop-in for torch.nn.RMSNorm(dim, eps)
-    (same `weight` parameter and state_dict) whose forward also takes an optional residual."""
+    (same `weight` parameter and state_dict) whose forward also takes an optional residual.
 
-    def __init__(self, dim: int, eps: float = 1e-6, inplace_backward: bool = False, device=None, dtype=None):
+    Under autocast y comes out in the autocast dtype (torch.nn.RMSNorm's stays in its input's,
+    often fp32 in the residual stream). The matmul that reads a norm's output would round it to
+    that dtype anyway: the same values, without writing fp32 and reading it back to cast.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, *, inplace_backward: bool = False, device=None, dtype=None):
         super().__init__()
         self.dim, self.eps, self.inplace_backward = dim, eps, inplace_backward
         self.weight = torch.nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
@@ -293,7 +308,9 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """y = norm(x), or (norm(x + residual), x + residual); see `rms_norm`."""
-        return rms_norm(x, self.weight, self.eps, residual, self.inplace_backward)
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return rms_norm(x, self.weight, self.eps, residual, self.inplace_backward, out_dtype)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"

@@ -138,6 +138,22 @@ def test_norm_kernel_model_matches_and_shares_weights():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_norm_kernel_model_under_autocast():
+    """bf16 autocast: the kernel's norms write bf16 (what the matmuls after them read anyway)."""
+    plain = Transformer(tiny())
+    fused = Transformer(tiny(), norm_kernel=True)
+    fused.load_state_dict(plain.state_dict())
+    tokens = torch.randint(0, 97, (2, 12))
+    losses = []
+    for model in (plain, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(tokens).flatten(0, 1).float(), tokens.flatten())
+        loss.backward()
+        assert all(p.grad.dtype == torch.float32 and p.grad.isfinite().all() for p in model.parameters())
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-2)
+
+
 def test_dropout_only_in_training():
     model = Transformer(tiny(dropout=0.5))
     tokens = torch.randint(0, 97, (2, 8))

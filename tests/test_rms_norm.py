@@ -101,6 +101,28 @@ def test_mixed_dtypes_follow_torch(kernel_device):
     assert y.dtype == torch.nn.functional.rms_norm(x, (130,), weight.bfloat16()).dtype == torch.bfloat16
 
 
+def test_out_dtype_and_autocast(kernel_device):
+    """y stored straight in another dtype is the fp32 result rounded once, with the same gradients;
+    under autocast the module does that with the autocast dtype."""
+    x, r = torch.randn(2, 2, 7, 96, device=kernel_device).unbind(0)
+    weight = torch.randn(96, device=kernel_device)
+    dy = torch.randn(2, 7, 96, device=kernel_device).bfloat16()
+    results = {}
+    for out_dtype in (None, torch.bfloat16):
+        leaves = [t.clone().requires_grad_() for t in (x, r, weight)]
+        y, h = rms_norm(leaves[0], leaves[2], residual=leaves[1], out_dtype=out_dtype)
+        results[out_dtype] = (y, h, *torch.autograd.grad(y, leaves, dy.to(y.dtype)))
+    (y32, h32, *grads32), (y16, h16, *grads16) = results.values()
+    assert y16.dtype == torch.bfloat16 and h16.dtype == torch.float32
+    assert torch.equal(y16, stored(y32, torch.bfloat16).bfloat16()) and torch.equal(h16, h32)
+    assert all(torch.equal(a, b) for a, b in zip(grads16, grads32))
+
+    norm = RMSNorm(96, device=kernel_device)
+    with torch.autocast(kernel_device.type, dtype=torch.bfloat16):
+        y_auto, h_auto = norm(x, r)
+    assert y_auto.dtype == torch.bfloat16 and h_auto.dtype == torch.float32
+
+
 def test_statistics_are_fp32(kernel_device):
     """fp16 squares overflow above 256: only fp32 statistics give a finite, correct result."""
     x = (1000 * torch.randn(5, 300, device=kernel_device)).half()
@@ -182,14 +204,16 @@ def test_module_is_a_drop_in_for_torch(kernel_device):
     torch.testing.assert_close(h, 2 * x)
 
 
-def test_compiles_without_graph_breaks(kernel_device):
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
+def test_compiles_without_graph_breaks(kernel_device, autocast):
     norms = torch.nn.ModuleList(RMSNorm(48, device=kernel_device) for _ in range(2))
     for norm in norms:
         torch.nn.init.normal_(norm.weight)
 
     def block(x, delta):
-        y, h = norms[0](delta, x)
-        return norms[1](y.relu(), h)[0].square().sum()
+        with torch.autocast(kernel_device.type, dtype=torch.bfloat16, enabled=autocast):
+            y, h = norms[0](delta, x)
+            return norms[1](y.relu(), h)[0].float().square().sum()
 
     x = torch.randn(3, 5, 48, device=kernel_device)
     delta = torch.randn(3, 5, 48, device=kernel_device, requires_grad=True)
@@ -206,8 +230,9 @@ def test_compiles_without_graph_breaks(kernel_device):
     ({"residual": torch.ones(4, 9)}, "residual must have"),
     ({"x": torch.ones(1, 65537), "weight": torch.ones(65537)}, "over the kernel's limit"),
     ({"eps": -1.0}, "eps must be"),
+    ({"out_dtype": torch.int8}, "out_dtype must be"),
 ])
 def test_bad_arguments(case, message):
-    args = {"x": torch.ones(4, 8), "weight": torch.ones(8), "residual": None, "eps": 1e-6, **case}
+    args = {"x": torch.ones(4, 8), "weight": torch.ones(8), "residual": None, "eps": 1e-6, "out_dtype": None, **case}
     with pytest.raises(ValueError, match=message):
-        rms_norm(args["x"], args["weight"], args["eps"], args["residual"])
+        rms_norm(args["x"], args["weight"], args["eps"], args["residual"], out_dtype=args["out_dtype"])
