@@ -7,6 +7,8 @@ implementation of the same math, and CPU tensors with TRITON_INTERPRET=1 set
 run the Triton kernels through Triton's interpreter (how CI tests them).
 """
 
+from kernels.adamw import FusedAdamW
+from kernels.clip_grad_norm import clip_grad_norm_
 from kernels.cross_entropy import CrossEntropyLoss, cross_entropy, cross_entropy_reference
 from kernels.linear_cross_entropy import (
     LinearCrossEntropyLoss, linear_cross_entropy, linear_cross_entropy_reference,
@@ -14,6 +16,7 @@ from kernels.linear_cross_entropy import (
 from kernels.rms_norm import RMSNorm, rms_norm, rms_norm_reference
 
 __all__ = [
+    "FusedAdamW", "clip_grad_norm_",
     "CrossEntropyLoss", "cross_entropy", "cross_entropy_reference",
     "LinearCrossEntropyLoss", "linear_cross_entropy", "linear_cross_entropy_reference",
     "RMSNorm", "rms_norm", "rms_norm_reference",

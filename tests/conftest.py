@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kernels._backend  # noqa: E402  (after the environment is set)
+import kernels._multi_tensor  # noqa: E402
 from fasttrain.config import Config, load_config
 from fasttrain.prepare import prepare
 from fasttrain.shards import ShardWriter
@@ -84,4 +85,6 @@ def kernel_device(request, monkeypatch) -> torch.device:
     # The package exports functions named like their modules, so fetch the modules themselves.
     monkeypatch.setattr(importlib.import_module("kernels.cross_entropy"), "MAX_BLOCK", 128)
     monkeypatch.setattr(importlib.import_module("kernels.rms_norm"), "TILE", 256)  # several short rows per tile
+    monkeypatch.setattr(kernels._multi_tensor, "CHUNK", 64)  # tensors spread over several programs
+    monkeypatch.setattr(kernels._multi_tensor, "BLOCK", 16)
     return torch.device("cpu")
