@@ -142,6 +142,9 @@ class KernelsConfig:
     linear_cross_entropy: Literal["auto", True, False] = "auto"
     # Every RMSNorm, with the residual add before it, in one kernel (kernels/rms_norm.py).
     rms_norm: Literal["auto", True, False] = "auto"
+    # kernels.FusedAdamW instead of torch's fused AdamW, with the gradient clipping folded into its
+    # step (kernels/adamw.py): the clip costs one norm pass over the gradients, no scaling pass.
+    adamw: Literal["auto", True, False] = "auto"
 
 
 @dataclass

@@ -31,9 +31,18 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model)`; torch's fused CUDA implementation on GPU (one kernel for all tensors)."""
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, cfg.decay_embeddings),
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda",
-    )
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, kernel: bool = False
+                    ) -> torch.optim.Optimizer:
+    """AdamW over `param_groups(model)`: torch's (its fused CUDA implementation on GPU), or with `kernel`
+    kernels.FusedAdamW, which also clips the gradients to optim.max_grad_norm inside its step.
+
+    The two have the same math and state_dict, so a checkpoint of one resumes with the other.
+    """
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
+    if kernel:
+        from kernels.adamw import FusedAdamW  # needs Triton, so only when asked for
+
+        return FusedAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                          max_grad_norm=cfg.max_grad_norm or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=device.type == "cuda")

@@ -118,7 +118,7 @@ class Trainer:
         # plain module, whose growing sequence lengths would otherwise trigger recompiles.
         loss = functools.partial(next_token_loss, self.model, fused="linear_cross_entropy" in self.kernels)
         self.loss = torch.compile(loss) if self.compiled else loss
-        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device, kernel="adamw" in self.kernels)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.train_loader = TokenLoader(
             cfg.data.dir, "train", t.batch_size, t.seq_len, sampling=cfg.data.sampling, seed=t.seed,
@@ -179,8 +179,14 @@ class Trainer:
         return loss_sum
 
     def clip_gradients(self) -> torch.Tensor:
-        """Scale the gradients so their global L2 norm is at most optim.max_grad_norm; returns the norm before."""
+        """Scale the gradients so their global L2 norm is at most optim.max_grad_norm; returns the norm before.
+
+        With the AdamW kernel only the norm is computed here: the optimizer applies the clip
+        as it reads the gradients in its step, so the gradients themselves stay unscaled.
+        """
         self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
+        if "adamw" in self.kernels:
+            return self.optimizer.grad_norm()
         max_norm = self.cfg.optim.max_grad_norm or math.inf  # 0 disables clipping; the norm is still measured
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
 

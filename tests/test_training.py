@@ -81,10 +81,10 @@ def test_accumulation_matches_one_large_batch(pydoc_data, tmp_path):
         assert p.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kernel", ["linear_cross_entropy", "rms_norm"])
+@pytest.mark.parametrize("kernel", ["linear_cross_entropy", "rms_norm", "adamw"])
 def test_kernel_trains_like_plain_pytorch(pydoc_data, tmp_path, kernel):
     """A [kernels] switch (on by default on CUDA) changes no loss, norm or weight beyond fp32 noise."""
-    off = [f"kernels.{name}=false" for name in ("linear_cross_entropy", "rms_norm")]
+    off = [f"kernels.{name}=false" for name in ("linear_cross_entropy", "rms_norm", "adamw")]
     plain = Trainer(tiny_config(pydoc_data, tmp_path / "a", *off), quiet=True)
     fused = Trainer(tiny_config(pydoc_data, tmp_path / "b", *off, f"kernels.{kernel}=true"), quiet=True)
     assert fused.kernels == [kernel] and not plain.kernels
