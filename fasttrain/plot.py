@@ -52,8 +52,8 @@ def latest_run(events: list[dict]) -> list[dict]:
     return kept
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw loss (train and validation) and learning rate against step; returns the PNG's path."""
+def pyplot():
+    """matplotlib.pyplot drawing to files only; UsageError if matplotlib is not installed."""
     try:
         import matplotlib
     except ImportError:
@@ -61,6 +61,26 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Write `fig` to `out` and close it; UsageError naming the file if it cannot be written."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        fig.savefig(out, dpi=120)
+    except OSError as e:
+        raise UsageError(f"{out}: cannot write ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
+    return out
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw loss (train and validation) and learning rate against step; returns the PNG's path."""
+    plt = pyplot()
     events = latest_run(read_metrics(run_dir))
     train = [e for e in events if e.get("event") == "train"]
     evals = [e for e in events if e.get("event") == "eval"]
@@ -78,14 +98,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_xlabel("step")
     lr_ax.grid(alpha=0.3)
-    fig.tight_layout()
-    try:
-        fig.savefig(out, dpi=120)
-    except OSError as e:
-        raise UsageError(f"{out}: cannot write ({e.strerror or e})") from None
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

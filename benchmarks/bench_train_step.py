@@ -1,0 +1,94 @@
+"""A whole training step: fasttrain's Trainer against the same model built from stock PyTorch pieces.
+
+GPU (skipped without one): the GPT-2-small config (124M) and the ~350M config at
+T = 1024, bf16 autocast, compiled, one micro-batch of the config's batch size per
+step. "fasttrain" has its kernels on ([kernels] auto); "stock" has them off, which
+is the model built from stock pieces: torch.nn.RMSNorm with separate residual adds,
+logits + F.cross_entropy, torch.optim.AdamW(fused=True) + clip_grad_norm_, with the
+same torch.compile. Both run side by side in one session and record tokens/s, MFU
+(PaLM's FLOPs per token at the GPU's peak bf16 rate) and peak memory.
+
+CPU: the base config's model, Trainer.step against a plain PyTorch loop of the same
+model (forward, F.cross_entropy, backward, clip, AdamW), fp32, eager.
+
+The tokens are random and already on the device: the data pipeline is timed in
+bench_data.py. The first calls (compilation, autotuning) are warm-up, not timed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.conftest import time_cuda
+from fasttrain.config import load_config
+from fasttrain.model import Transformer
+from fasttrain.trainer import Trainer
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STOCK = ["kernels.linear_cross_entropy=false", "kernels.rms_norm=false", "kernels.adamw=false"]
+
+
+def random_batches(batch_size: int, seq_len: int, vocab_size: int, device: torch.device):
+    """Endless (inputs, targets) of random tokens, made on the device."""
+    while True:
+        tokens = torch.randint(0, vocab_size, (batch_size, seq_len + 1), device=device)
+        yield tokens[:, :-1], tokens[:, 1:]
+
+
+def make_trainer(config: str, data_dir: Path, *overrides: str) -> Trainer:
+    """`config`'s model and optimizer on the embedded corpus's tokenizer (the model keeps its own vocab
+    size, which may be larger), one micro-batch per step, random tokens; nothing written to disk."""
+    cfg = load_config(CONFIGS / config, [
+        f'data.dir="{data_dir}"', 'data.inputs=["builtin:pydoc"]', 'data.tokenizer=""', "data.vocab_size=4096",
+        f'train.out_dir="{data_dir / "run"}"', "train.tokens_per_update=0", "train.tensorboard=false", *overrides,
+    ])
+    trainer = Trainer(cfg, quiet=True)
+    t = cfg.train
+    trainer.train_loader = random_batches(t.batch_size, t.seq_len, cfg.model.vocab_size, trainer.device)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train-step")  # prepared once by the first trainer, reused after
+
+
+@pytest.mark.parametrize("impl", ["fasttrain", "stock"])
+@pytest.mark.parametrize("config", ["gpt2-small.toml", "gpt-350m.toml"])
+def test_gpu_train_step(benchmark, record, cuda, data_dir, config, impl):
+    trainer = make_trainer(config, data_dir, "train.device=cuda", "train.compile=true", 'train.precision="bf16"',
+                           *(STOCK if impl == "stock" else []))
+    time_cuda(benchmark, trainer.step, rounds=10)
+    torch.cuda.reset_peak_memory_stats()
+    trainer.step()
+    tokens_per_s = trainer.tokens_per_step / benchmark.stats.stats.median
+    record(per_call=trainer.tokens_per_step, impl=impl, config=config, params=trainer.model.num_params(),
+           batch_size=trainer.cfg.train.batch_size, seq_len=trainer.cfg.train.seq_len, dtype="bfloat16",
+           kernels=trainer.kernels, compiled=trainer.compiled,
+           mfu=round(trainer.flops_per_token * tokens_per_s / trainer.peak_flops, 4) if trainer.peak_flops else None,
+           peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+
+
+@pytest.mark.parametrize("impl", ["fasttrain", "plain"])
+def test_cpu_train_step(benchmark, record, data_dir, impl):
+    trainer = make_trainer("base.toml", data_dir, "train.device=cpu", "train.compile=false", 'train.precision="fp32"')
+    step = trainer.step
+    if impl == "plain":  # the same model, trained by the loop everyone writes first
+        model = Transformer(trainer.cfg.model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.cfg.optim.lr)
+        batches = trainer.train_loader
+
+        def step():
+            x, y = next(batches)
+            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.cfg.optim.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    benchmark.pedantic(step, warmup_rounds=1, rounds=5, iterations=1)
+    record(per_call=trainer.tokens_per_step, impl=impl, config="base.toml", params=trainer.model.num_params(),
+           batch_size=trainer.cfg.train.batch_size, seq_len=trainer.cfg.train.seq_len, dtype="float32")

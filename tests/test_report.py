@@ -1,0 +1,63 @@
+"""benchmarks.report: a results JSON to a markdown table and a bar chart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.report import main
+from fasttrain.errors import run_cli
+
+
+def case(name: str, params: dict, median: float, **extra) -> dict:
+    return {"name": name, "params": params, "stats": {"median": median},
+            "extra_info": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", **extra}}
+
+
+@pytest.fixture
+def results(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({
+        "commit_info": {"id": "0123456789abcdef", "dirty": False}, "datetime": "2026-11-21T10:00:00",
+        "command": "pytest benchmarks/ --benchmark-only",
+        "benchmarks": [
+            case("test_rms_norm[H768-fasttrain]", {"hidden": 768, "impl": "fasttrain"}, 2.5e-5,
+                 gb_per_s=2900.5, fraction_of_floor=0.93),
+            case("test_rms_norm[H768-eager]", {"hidden": 768, "impl": "eager"}, 8e-5, gb_per_s=910.2,
+                 fraction_of_floor=0.29),
+            case("test_gpu_train_step[gpt2-fasttrain]", {"config": "gpt2", "impl": "fasttrain"}, 0.31,
+                 tokens_per_s=1_057_000, mfu=0.512),
+        ],
+    }))
+    return path
+
+
+def test_table_and_chart(results, tmp_path, capsys):
+    assert main([str(results), "--markdown", str(tmp_path / "t.md"), "--chart", str(tmp_path / "c.png")]) == 0
+    table = (tmp_path / "t.md").read_text().splitlines()
+    assert table[0].startswith("NVIDIA H100 80GB HBM3, torch 2.11.0, triton 3.6.0, commit 0123456789ab, 2026-11-21")
+    assert table[2] == "| case | implementation | median | GB/s | tokens/s | of floor | MFU |"
+    assert table[4] == "| rms_norm hidden=768 | fasttrain | 25.0 us | 2,900.5 |  | 0.93 |  |"
+    assert table[6] == "| gpu_train_step config=gpt2 | fasttrain | 310.00 ms |  | 1,057,000 |  | 0.512 |"
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert capsys.readouterr().out.strip() == str(tmp_path / "c.png")
+
+
+def test_prints_the_table_without_a_file(results, capsys):
+    main([str(results)])
+    assert "| rms_norm hidden=768 | eager | 80.0 us | 910.2 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read"), ("{", "not JSON"), ('{"machine_info": {}}', "no 'benchmarks' list"),
+])
+def test_bad_results_file_is_one_line(tmp_path, capsys, content, message):
+    path = tmp_path / "r.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as exit:
+        run_cli(main, [str(path)])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and str(path) in err
