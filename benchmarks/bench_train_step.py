@@ -39,10 +39,11 @@ def random_batches(batch_size: int, seq_len: int, vocab_size: int, device: torch
         yield tokens[:, :-1], tokens[:, 1:]
 
 
-def make_trainer(config: str, data_dir: Path, *overrides: str) -> Trainer:
-    """`config`'s model and optimizer on the embedded corpus's tokenizer (the model keeps its own vocab
-    size, which may be larger), one micro-batch per step, random tokens; nothing written to disk."""
-    cfg = load_config(CONFIGS / config, [
+def make_trainer(config: Path, data_dir: Path, *overrides: str) -> Trainer:
+    """The model and optimizer of the run config at `config` on the embedded corpus's tokenizer (the
+    model keeps its own vocab size, which may be larger), one micro-batch per step, random tokens;
+    nothing written outside `data_dir`."""
+    cfg = load_config(config, [
         f'data.dir="{data_dir}"', 'data.inputs=["builtin:pydoc"]', 'data.tokenizer=""', "data.vocab_size=4096",
         f'train.out_dir="{data_dir / "run"}"', "train.tokens_per_update=0", "train.tensorboard=false", *overrides,
     ])
@@ -60,7 +61,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("impl", ["fasttrain", "stock"])
 @pytest.mark.parametrize("config", ["gpt2-small.toml", "gpt-350m.toml"])
 def test_gpu_train_step(benchmark, record, cuda, data_dir, config, impl):
-    trainer = make_trainer(config, data_dir, "train.device=cuda", "train.compile=true", 'train.precision="bf16"',
+    trainer = make_trainer(CONFIGS / config, data_dir, "train.device=cuda", "train.compile=true", 'train.precision="bf16"',
                            *(STOCK if impl == "stock" else []))
     time_cuda(benchmark, trainer.step, rounds=10)
     torch.cuda.reset_peak_memory_stats()
@@ -73,22 +74,26 @@ def test_gpu_train_step(benchmark, record, cuda, data_dir, config, impl):
            peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
 
 
+def plain_loop_step(trainer: Trainer):
+    """One step of the loop everyone writes first, on a fresh copy of `trainer`'s model and its batches."""
+    model = Transformer(trainer.cfg.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.cfg.optim.lr)
+    batches = trainer.train_loader
+
+    def step():
+        x, y = next(batches)
+        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.cfg.optim.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 @pytest.mark.parametrize("impl", ["fasttrain", "plain"])
 def test_cpu_train_step(benchmark, record, data_dir, impl):
-    trainer = make_trainer("base.toml", data_dir, "train.device=cpu", "train.compile=false", 'train.precision="fp32"')
-    step = trainer.step
-    if impl == "plain":  # the same model, trained by the loop everyone writes first
-        model = Transformer(trainer.cfg.model)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.cfg.optim.lr)
-        batches = trainer.train_loader
-
-        def step():
-            x, y = next(batches)
-            F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.cfg.optim.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
+    trainer = make_trainer(CONFIGS / "base.toml", data_dir, "train.device=cpu", "train.compile=false", 'train.precision="fp32"')
+    step = trainer.step if impl == "fasttrain" else plain_loop_step(trainer)
     benchmark.pedantic(step, warmup_rounds=1, rounds=5, iterations=1)
     record(per_call=trainer.tokens_per_step, impl=impl, config="base.toml", params=trainer.model.num_params(),
            batch_size=trainer.cfg.train.batch_size, seq_len=trainer.cfg.train.seq_len, dtype="float32")

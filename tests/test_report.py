@@ -1,4 +1,4 @@
-"""benchmarks.report: a results JSON to a markdown table and a bar chart."""
+"""benchmarks.report (a results JSON to a markdown table and a bar chart) and benchmarks.profile_step."""
 
 from __future__ import annotations
 
@@ -61,3 +61,14 @@ def test_bad_results_file_is_one_line(tmp_path, capsys, content, message):
     assert exit.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and str(path) in err
+
+
+def test_profile_step_writes_a_trace_and_a_table(tmp_path, capsys):
+    from benchmarks.profile_step import main as profile_main
+
+    tiny = ["train.device=cpu", "train.compile=false", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+            "model.max_seq_len=16", "train.batch_size=2", "train.seq_len=16"]
+    assert profile_main(["configs/base.toml", "--set", *tiny, "--steps", "1", "--out", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "aten::mm" in out and f"trace: {tmp_path / 'p' / 'trace.json'}" in out
+    assert json.loads((tmp_path / "p" / "trace.json").read_text())["traceEvents"]
