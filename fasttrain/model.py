@@ -108,7 +108,7 @@ class ResidualRMSNorm(nn.RMSNorm):
         return super().forward(h), h
 
 
-def rms_norm(cfg: ModelConfig, kernel: bool) -> nn.Module:
+def rms_norm_module(cfg: ModelConfig, kernel: bool) -> nn.Module:
     """An RMSNorm over d_model: the fused Triton kernel's module, or the PyTorch one."""
     if not kernel:
         return ResidualRMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -120,9 +120,9 @@ def rms_norm(cfg: ModelConfig, kernel: bool) -> nn.Module:
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, norm_kernel: bool = False):
         super().__init__()
-        self.attn_norm = rms_norm(cfg, norm_kernel)
+        self.attn_norm = rms_norm_module(cfg, norm_kernel)
         self.attn = Attention(cfg)
-        self.mlp_norm = rms_norm(cfg, norm_kernel)
+        self.mlp_norm = rms_norm_module(cfg, norm_kernel)
         self.mlp = SwiGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
@@ -152,7 +152,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, norm_kernel) for _ in range(cfg.n_layers))
-        self.norm = rms_norm(cfg, norm_kernel)
+        self.norm = rms_norm_module(cfg, norm_kernel)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.embed.weight
