@@ -30,7 +30,8 @@ import torch
 from fasttrain.config import add_config_arguments, config_from_args
 from fasttrain.errors import ArgumentParser, run_cli
 from fasttrain.runtime import autocast
-from fasttrain.trainer import IGNORE_INDEX, Trainer
+from fasttrain.model import IGNORE_INDEX
+from fasttrain.trainer import Trainer
 
 INIT_LOSS_TOLERANCE = 1.0  # nats from ln(V); random init with small logits lands well within it
 GRAD_NORM_RANGE = (1e-4, 1e3)  # outside it, gradients have vanished or exploded before any training

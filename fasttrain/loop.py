@@ -16,7 +16,7 @@ from torch import nn
 
 from fasttrain.metrics import perplexity
 from fasttrain.runtime import resolve_device
-from fasttrain.trainer import cross_entropy_loss
+from fasttrain.model import cross_entropy_loss
 
 Batch = Mapping[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor]
 

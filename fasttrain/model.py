@@ -34,6 +34,12 @@ from torch import nn
 from fasttrain.config import ModelConfig
 
 INIT_STD = 0.02
+IGNORE_INDEX = -100  # targets with this value (padding) add nothing to the loss or its gradient
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of `logits` (B, T, V) against `targets` (B, T), skipping IGNORE_INDEX."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def ffn_hidden_size(cfg: ModelConfig) -> int:
@@ -139,17 +145,19 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The language model: `forward(tokens (B, T)) -> logits (B, T, vocab_size)`.
+    """The language model: `forward(tokens (B, T)) -> logits (B, T, vocab_size)`, or with targets the loss.
 
-    `norm_kernel`: RMSNorms (with the residual adds) through the Triton kernel, which
-    needs Triton installed; the default is the PyTorch module. Either loads the other's weights.
+    Triton kernels (they need Triton installed; either setting loads the other's weights):
+    `norm_kernel` runs the RMSNorms with their residual adds through kernels.RMSNorm,
+    `loss_kernel` the loss through kernels.linear_cross_entropy, which never holds the logits.
     """
 
-    def __init__(self, cfg: ModelConfig, norm_kernel: bool = False):
+    def __init__(self, cfg: ModelConfig, norm_kernel: bool = False, loss_kernel: bool = False):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (> 0) before building the model")
         self.cfg = cfg
+        self.loss_kernel = loss_kernel
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, norm_kernel) for _ in range(cfg.n_layers))
         self.norm = rms_norm_module(cfg, norm_kernel)
@@ -182,8 +190,18 @@ class Transformer(nn.Module):
             delta, stream = block(delta, stream, cos, sin)
         return self.norm(delta, stream)[0]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.output(self.hidden(tokens))
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) of `tokens` (B, T); with `targets` (B, T), instead the mean
+        next-token cross-entropy, skipping IGNORE_INDEX. The loss is part of the forward so that a
+        wrapper (DDP, FSDP) sees every use of the output weight, the fused loss's included."""
+        if targets is None:
+            return self.output(self.hidden(tokens))
+        if not self.loss_kernel:
+            return cross_entropy_loss(self.output(self.hidden(tokens)), targets)
+        from kernels.linear_cross_entropy import linear_cross_entropy  # needs Triton, so only when asked for
+
+        return linear_cross_entropy(self.hidden(tokens).flatten(0, 1), self.output.weight, targets.flatten(),
+                                    ignore_index=IGNORE_INDEX)
 
     def num_params(self) -> int:
         """Trainable parameters, a tied matrix counted once."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttrain.config import ModelConfig
-from fasttrain.model import Transformer, apply_rope, ffn_hidden_size, filter_logits, generate_text, rope_tables
+from fasttrain.model import IGNORE_INDEX, Transformer, apply_rope, ffn_hidden_size, filter_logits, generate_text, rope_tables
 from fasttrain.tokenizer import Tokenizer
 
 
@@ -136,6 +136,20 @@ def test_norm_kernel_model_matches_and_shares_weights():
     for forward in (fused, torch.compile(fused, fullgraph=True, backend="aot_eager")):
         for a, b in zip(loss_and_grads(fused, forward), expected, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_forward_with_targets_is_the_loss_fused_or_not():
+    plain = Transformer(tiny())
+    fused = Transformer(tiny(), loss_kernel=True)
+    fused.load_state_dict(plain.state_dict())
+    tokens, targets = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
+    targets[0, :3] = IGNORE_INDEX  # padding counts for nothing
+    expected = F.cross_entropy(plain(tokens).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    for model in (plain, fused):
+        torch.testing.assert_close(model(tokens, targets), expected)
+        (grad,) = torch.autograd.grad(model(tokens, targets), model.embed.weight)
+        (expected_grad,) = torch.autograd.grad(expected, plain.embed.weight, retain_graph=True)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
 
 
 def test_norm_kernel_model_under_autocast():
