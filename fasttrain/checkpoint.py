@@ -44,6 +44,11 @@ def saved_steps(directory: Path) -> list[Path]:
     return sorted(directory.glob("step_*.pt"), key=step_of)
 
 
+def path_for(directory: str | os.PathLike[str], step: int) -> Path:
+    """The file the save at `step` goes to."""
+    return Path(directory) / f"step_{step:07d}.pt"
+
+
 def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: int, best: bool) -> Path:
     """Write `state` as `directory/step_<step>.pt`, point `latest` (and `best` if `best`) at it, prune.
 
@@ -51,7 +56,7 @@ def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: i
     with every earlier save intact, if the disk is full or the directory unwritable.
     """
     directory = Path(directory)
-    path = directory / f"step_{step:07d}.pt"
+    path = path_for(directory, step)
     for stale in directory.glob(".*.tmp"):  # left by a save or pointer update killed halfway
         stale.unlink(missing_ok=True)
     write_atomically(path, lambda f: torch.save(state, f), what="save checkpoint")

@@ -107,6 +107,9 @@ class TrainConfig:
     tokens_per_update: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: Literal["auto", True, False] = "auto"  # torch.compile the model; auto = on CUDA only
+    # Under torchrun with more than one process: "ddp" (every rank holds the whole model) or
+    # "fsdp" (FSDP2: parameters, gradients and optimizer state sharded over the ranks).
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     log_interval: int = 10  # report training metrics every this many steps
     eval_interval: int = 250  # validate (and sample) every this many steps, and at the end
     eval_steps: int = 20  # validation batches per evaluation

@@ -65,8 +65,13 @@ class MetricsLog:
     otherwise (a log file, CI) it prints plain lines only.
     """
 
-    def __init__(self, out_dir: str | Path, total_steps: int, tensorboard: bool = True, quiet: bool = False):
-        self.path = Path(out_dir) / "metrics.jsonl"
+    def __init__(self, out_dir: str | Path | None, total_steps: int, tensorboard: bool = True, quiet: bool = False):
+        """`out_dir` None: a log that records and prints nothing (the other ranks of a distributed run)."""
+        self.quiet = quiet or out_dir is None
+        self._file = self._tb = self._bar = None
+        self.path = None if out_dir is None else Path(out_dir) / "metrics.jsonl"
+        if self.path is None:
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = _ends_mid_line(self.path)  # a run killed mid-write; end its line so ours parse
@@ -76,11 +81,12 @@ class MetricsLog:
         except OSError as e:
             raise UsageError(f"{self.path}: cannot write ({e.strerror or e})") from None
         self._tb = _summary_writer(self.path.parent) if tensorboard else None
-        self.quiet = quiet
         self._bar = None if quiet or not sys.stdout.isatty() else tqdm(total=total_steps, unit="step", dynamic_ncols=True)
 
     def event(self, kind: str, **fields: Any) -> None:
         """Record one event; numeric fields of train and eval events also go to TensorBoard."""
+        if self._file is None:
+            return
         record = {"event": kind, "time": round(time.time(), 3), **fields}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
@@ -108,7 +114,8 @@ class MetricsLog:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def _ends_mid_line(path: Path) -> bool:

@@ -13,10 +13,16 @@ from fasttrain.errors import UsageError
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(name: str) -> torch.device:
-    """`name` ("auto", "cpu", "cuda", "cuda:N") as a torch.device; UsageError if it is not there."""
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`name` ("auto", "cpu", "cuda", "cuda:N") as a torch.device; UsageError if it is not there.
+
+    `local_rank`: this process's index on its machine under torchrun, which picks its GPU
+    (cuda:local_rank) when `name` is "auto" or "cuda".
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and local_rank is not None:
+        name = f"cuda:{local_rank}"
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():

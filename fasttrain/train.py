@@ -14,6 +14,7 @@ import shlex
 import sys
 from typing import Sequence
 
+from fasttrain import distributed
 from fasttrain.config import add_config_arguments, config_from_args
 from fasttrain.errors import ArgumentParser, run_cli
 from fasttrain.trainer import Interrupted, Trainer
@@ -31,13 +32,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="start a new run in a train.out_dir that holds another run's checkpoints, deleting them")
     parser.add_argument("--quiet", action="store_true", help="print nothing; metrics.jsonl still gets everything")
     args = parser.parse_args(argv)
-    trainer = Trainer(config_from_args(args), quiet=args.quiet)
-    if args.resume:
-        trainer.resume(args.resume)
     try:
+        trainer = Trainer(config_from_args(args), quiet=args.quiet)
+        if args.resume:
+            trainer.resume(args.resume)
         trainer.train(overwrite=args.overwrite)
     except Interrupted as e:
         raise Interrupted(f"{e}; resume with: {resume_command(argv)}", e.exit_code) from None
+    finally:
+        distributed.stop()  # under torchrun: leave the process group, whatever happened
     return 0
 
 

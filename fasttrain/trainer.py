@@ -23,7 +23,6 @@ checkpoint and raise `Interrupted` (exit status 130 / 143 from the command line)
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import shutil
 import signal
@@ -32,9 +31,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from fasttrain import checkpoint
+from fasttrain import checkpoint, distributed
 from fasttrain.config import Config, TrainConfig, config_to_toml, save_config
 from fasttrain.data import TokenLoader
 from fasttrain.errors import RunStopped, UsageError
@@ -48,29 +46,6 @@ from fasttrain.runtime import (
 )
 from fasttrain.schedule import lr_at
 from fasttrain.tokenizer import Tokenizer
-
-IGNORE_INDEX = -100  # targets with this value (padding) add nothing to the loss or its gradient
-
-
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of `logits` (B, T, V) against `targets` (B, T), skipping IGNORE_INDEX."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-
-
-def next_token_loss(model: Transformer, tokens: torch.Tensor, targets: torch.Tensor, fused: bool = False
-                    ) -> torch.Tensor:
-    """The model's mean next-token loss on `tokens` (B, T) against `targets` (B, T), skipping IGNORE_INDEX.
-
-    `fused`: the same loss from the final hidden states and the output weight by
-    kernels.linear_cross_entropy, which never holds the (B x T, vocab) logits.
-    """
-    if not fused:
-        return cross_entropy_loss(model(tokens), targets)
-    from kernels.linear_cross_entropy import linear_cross_entropy  # needs Triton, so only when asked for
-
-    return linear_cross_entropy(model.hidden(tokens).flatten(0, 1), model.output.weight, targets.flatten(),
-                                ignore_index=IGNORE_INDEX)
-
 
 class Interrupted(RunStopped):
     """`train()` stopped on SIGINT or SIGTERM after saving a checkpoint; exit_code is 128 + the signal."""
@@ -95,34 +70,53 @@ class Trainer:
     fills in `cfg.data.dir` and `cfg.model.vocab_size`; nothing is written to
     `train.out_dir` until `train()` or `save_checkpoint()`. Call `resume()` before
     `train()` to continue a saved run.
+
+    Under torchrun (see fasttrain/distributed.py) every rank builds a Trainer: each
+    reads its own part of the data, the gradients are averaged (DDP) or sharded
+    (FSDP), the logged loss is the mean over ranks, and only rank 0 prints and writes.
     """
 
     def __init__(self, cfg: Config, quiet: bool = False):
         self.cfg, t = cfg, cfg.train
-        self.quiet = quiet
-        self.device = resolve_device(t.device)
+        self.world = distributed.world_from_env()
+        self.quiet = quiet or not self.world.is_main
+        self.device = resolve_device(t.device, self.world.local_rank if self.world.distributed else None)
         self.precision = resolve_precision(t.precision, self.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             configure_cuda()
+        distributed.start(self.world, self.device)
         seed_everything(t.seed)
-        self.meta = ensure_prepared(cfg, quiet=quiet)
+        if not self.world.is_main:
+            distributed.barrier(self.world)  # rank 0 prepares the data first; the others then find it
+        self.meta = ensure_prepared(cfg, quiet=self.quiet)
+        if self.world.is_main:
+            distributed.barrier(self.world)
         self.tokenizer = Tokenizer.load(Path(cfg.data.dir) / "tokenizer.json")
-        self.accumulation = accumulation_steps(t)
+        self.accumulation = accumulation_steps(t, self.world.size)
 
         # The [kernels] switched on, by name (the Triton kernels need Triton installed).
         self.kernels = [k for k, on in dataclasses.asdict(cfg.kernels).items() if switched_on(on, self.device)]
-        self.model = Transformer(cfg.model, norm_kernel="rms_norm" in self.kernels).to(self.device)
+        self.fsdp = self.world.distributed and t.parallel == "fsdp"
+        if self.fsdp and "adamw" in self.kernels:  # its multi-tensor kernel takes whole tensors, not DTensor shards
+            if cfg.kernels.adamw is True:
+                raise UsageError('kernels.adamw = true does not work with train.parallel = "fsdp" yet; '
+                                 'set it to "auto" or false')
+            self.kernels.remove("adamw")
+        self.model = Transformer(cfg.model, norm_kernel="rms_norm" in self.kernels,
+                                 loss_kernel="linear_cross_entropy" in self.kernels).to(self.device)
         self.compiled = switched_on(t.compile, self.device)
-        # `loss(tokens, targets)` is what trains and evaluates, compiled if asked. Sampling runs the
-        # plain module, whose growing sequence lengths would otherwise trigger recompiles.
-        loss = functools.partial(next_token_loss, self.model, fused="linear_cross_entropy" in self.kernels)
-        self.loss = torch.compile(loss) if self.compiled else loss
+        # `loss(tokens, targets)` is what trains and evaluates: the model inside its DDP wrapper (or
+        # sharded by FSDP), compiled if asked. Sampling runs the plain module, whose growing sequence
+        # lengths would otherwise trigger recompiles.
+        self.wrapped = distributed.wrap(self.model, self.world, t.parallel, self.precision, self.device)
+        self.loss = torch.compile(self.wrapped) if self.compiled else self.wrapped
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device, kernel="adamw" in self.kernels)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.train_loader = TokenLoader(
             cfg.data.dir, "train", t.batch_size, t.seq_len, sampling=cfg.data.sampling, seed=t.seed,
             vocab_size=cfg.model.vocab_size, prefetch=cfg.data.prefetch, device=self.device,
+            rank=self.world.rank, world_size=self.world.size,
         )
         val_tokens, val_bytes = self.meta["tokens"]["val"], self.meta["text_bytes"]["val"]
         self.bpb_per_nat = val_tokens / (val_bytes * math.log(2))  # val bits per byte for each nat of loss
@@ -144,7 +138,8 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.accumulation * self.cfg.train.batch_size * self.cfg.train.seq_len
+        """Tokens per optimizer update, over all ranks."""
+        return self.accumulation * self.cfg.train.batch_size * self.cfg.train.seq_len * self.world.size
 
     def lr(self) -> float:
         """The learning rate of the next update."""
@@ -156,7 +151,7 @@ class Trainer:
         If either is not finite the update is skipped: weights and optimizer state stay
         as they were, the step still counts, and `skipped_steps` goes up.
         """
-        loss = self.accumulate_gradients()
+        loss = distributed.mean(self.accumulate_gradients(), self.world)  # every rank decides alike below
         grad_norm = self.clip_gradients()
         # With fp16 an overflowing gradient is the GradScaler's business: it skips and lowers its scale.
         watched = loss if self.precision == "fp16" else loss + grad_norm
@@ -167,14 +162,17 @@ class Trainer:
         """Forward and backward over the step's micro-batches; returns the mean loss (a device scalar).
 
         Each micro-batch's loss is divided by the number of micro-batches, so the
-        gradients summed in .grad are those of the mean over the whole update.
+        gradients summed in .grad are those of the mean over the whole update. With
+        several ranks the gradients are reduced across them in the last backward only.
+        This rank's mean loss is returned.
         """
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(self.accumulation):
+        for i in range(self.accumulation):
             x, y = next(self.train_loader)
-            with autocast(self.precision, self.device):
-                loss = self.loss(x, y) / self.accumulation
-            self.scaler.scale(loss).backward()
+            with distributed.gradient_sync(self.wrapped, enabled=i == self.accumulation - 1):
+                with autocast(self.precision, self.device):
+                    loss = self.loss(x, y) / self.accumulation
+                self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         return loss_sum
 
@@ -188,7 +186,8 @@ class Trainer:
         if "adamw" in self.kernels:
             return self.optimizer.grad_norm()
         max_norm = self.cfg.optim.max_grad_norm or math.inf  # 0 disables clipping; the norm is still measured
-        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        return norm.full_tensor() if self.fsdp else norm  # FSDP's is a DTensor (already reduced over ranks)
 
     def apply_update(self, skip: bool = False) -> None:
         """AdamW step at this step's learning rate (none if `skip`), then clear the gradients and advance."""
@@ -211,11 +210,14 @@ class Trainer:
         """Validation loss, perplexity and bits per byte over the first `eval_steps` batches of the val split.
 
         The same windows every time (sequential, from the start), so evaluations
-        along a run compare. Eval mode: no dropout.
+        along a run compare. Eval mode: no dropout. With several ranks each takes its
+        share of those windows (as many as one process with their batch sizes summed)
+        and the loss is the mean over ranks.
         """
         t = self.cfg.train
         loader = TokenLoader(self.cfg.data.dir, "val", t.batch_size, t.seq_len, sampling="sequential",
-                             vocab_size=self.cfg.model.vocab_size, prefetch=0, device=self.device)
+                             vocab_size=self.cfg.model.vocab_size, prefetch=0, device=self.device,
+                             rank=self.world.rank, world_size=self.world.size)
         batches = min(t.eval_steps, loader.reader.batches_per_epoch)
         total = torch.zeros((), device=self.device)
         self.model.eval()
@@ -227,7 +229,7 @@ class Trainer:
         finally:
             self.model.train()
             loader.close()
-        val_loss = total.item() / batches
+        val_loss = distributed.mean(total, self.world).item() / batches
         self.best_val_loss = min(self.best_val_loss, val_loss)
         return {"val_loss": val_loss, "val_ppl": perplexity(val_loss),
                 "val_bpb": val_loss * self.bpb_per_nat, "best_val_loss": self.best_val_loss}
@@ -253,8 +255,10 @@ class Trainer:
         out = Path(t.out_dir)
         if self.resumed_from is None:
             self._claim(out, overwrite)
-        save_config(self.cfg, out)
-        log = MetricsLog(out, t.max_steps, tensorboard=t.tensorboard, quiet=self.quiet)
+        if self.world.is_main:
+            save_config(self.cfg, out)
+        log = MetricsLog(out if self.world.is_main else None, t.max_steps, tensorboard=t.tensorboard,
+                         quiet=self.quiet)
         try:
             self._announce(log)
             last_eval: dict[str, float] = {}
@@ -280,17 +284,24 @@ class Trainer:
                     paused = time.perf_counter()
                     last_eval = self._evaluate_and_save(log, done) or last_eval
                     meter.exclude(time.perf_counter() - paused)
-                    if signals.received:
-                        self._stop(log, signals.received)
-            return self._finish(log, last_eval or self._evaluate_and_sample(log))  # nothing trained: still report
+                    if distributed.any_rank(bool(signals.received), self.world, self.device):  # stop together
+                        self._stop(log, signals.received or signal.SIGTERM)
+            summary = self._finish(log, last_eval or self._evaluate_and_sample(log))  # nothing trained: still report
+            distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
+            return summary
         finally:
             log.close()
 
     def state_dict(self) -> dict:
-        """Everything needed to continue this run exactly: what a checkpoint file holds."""
+        """Everything needed to continue this run exactly: what a checkpoint file holds.
+
+        Every rank must call it (FSDP gathers the full model and optimizer state, and each
+        rank's loader position and random state are collected into "ranks").
+        """
+        model, optimizer = distributed.full_state(self.model, self.optimizer, self.fsdp)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "scaler": self.scaler.state_dict(),
             "step": self.global_step,  # the LR schedule's position too
             "tokens_seen": self.tokens_seen,
@@ -298,8 +309,9 @@ class Trainer:
             "lr_scale": self.lr_scale,
             "skipped_steps": self.skipped_steps,
             "rollbacks": self.rollbacks,
-            "train_loader": self.train_loader.state_dict(),
-            "rng": checkpoint.rng_state(),
+            "ranks": distributed.gather({"train_loader": self.train_loader.state_dict(),
+                                         "rng": checkpoint.rng_state()}, self.world),
+            "parallel": self.cfg.train.parallel if self.world.distributed else "none",
             "config": config_to_toml(self.cfg),
         }
 
@@ -307,9 +319,14 @@ class Trainer:
         """Save `state_dict()` into the run's checkpoints/ (see fasttrain/checkpoint.py); returns the file.
 
         Keeps the newest `checkpoint.keep_last` saves, and the best one: this save if `best`.
+        Every rank must call it; rank 0 writes, and the others wait until it has.
         """
-        return checkpoint.save(self.state_dict(), self.checkpoint_dir, self.global_step,
-                               self.cfg.checkpoint.keep_last, best)
+        state = self.state_dict()
+        path = checkpoint.path_for(self.checkpoint_dir, self.global_step)
+        if self.world.is_main:
+            path = checkpoint.save(state, self.checkpoint_dir, self.global_step, self.cfg.checkpoint.keep_last, best)
+        distributed.barrier(self.world)
+        return path
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore the state `save_checkpoint` wrote to `path` into this trainer.
@@ -319,12 +336,18 @@ class Trainer:
         """
         state = checkpoint.load(path, self.device)
         checkpoint.check_same_model(state, self.cfg, path)
+        parallel = self.cfg.train.parallel if self.world.distributed else "none"
+        saved = (len(state.get("ranks", [])), state.get("parallel"))
+        if saved != (self.world.size, parallel):
+            raise UsageError(f"{path}: saved by {saved[0]} process(es) ({saved[1]}); this run has "
+                             f"{self.world.size} ({parallel}): resume with the same torchrun --nproc_per_node "
+                             "and train.parallel")
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            distributed.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.fsdp)
             self.scaler.load_state_dict(state["scaler"])
-            self.train_loader.load_state_dict(state["train_loader"])
-            checkpoint.set_rng_state(state["rng"])
+            mine = state["ranks"][self.world.rank]
+            self.train_loader.load_state_dict(mine["train_loader"])
+            checkpoint.set_rng_state(mine["rng"])
             self.global_step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.best_val_loss, self.lr_scale = state["best_val_loss"], state["lr_scale"]
             self.skipped_steps, self.rollbacks = state["skipped_steps"], state["rollbacks"]
@@ -347,10 +370,11 @@ class Trainer:
                 f"{self.checkpoint_dir}: holds checkpoints of an earlier run (up to step "
                 f"{checkpoint.step_of(saved[-1])}); continue it with --resume auto, start over with --overwrite, "
                 "or set train.out_dir elsewhere")
-        if overwrite:
+        if overwrite and self.world.is_main:
             for old in (self.checkpoint_dir, out / "final", out / "tensorboard"):
                 shutil.rmtree(old, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
+        distributed.barrier(self.world)  # every rank checked before rank 0 deleted anything
 
     def _evaluate_and_save(self, log: MetricsLog, done: bool) -> dict[str, float] | None:
         """Evaluate and save when due; a new best validation loss also saves, with checkpoint.keep_best."""
@@ -367,7 +391,8 @@ class Trainer:
     def _finish(self, log: MetricsLog, last_eval: dict[str, float]) -> dict:
         """Export the final weights, then log and print the summary of the run, and where everything went."""
         out = Path(self.cfg.train.out_dir)
-        final = export_weights(self.model.state_dict(), self.cfg, out / "final")[0]
+        weights = distributed.full_state(self.model, None, self.fsdp)[0]
+        final = export_weights(weights, self.cfg, out / "final")[0] if self.world.is_main else out / "final"
         summary = {"step": self.global_step, "tokens": self.tokens_seen, **last_eval, "out_dir": str(out),
                    "checkpoint": str(checkpoint.pointed(self.checkpoint_dir, "latest")), "weights": str(final),
                    "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks}
@@ -418,13 +443,15 @@ class Trainer:
             path = self._save(log)
         name = signal.Signals(signum).name
         log.event("stopped", step=self.global_step, signal=name, checkpoint=str(path))
+        distributed.barrier(self.world)
         raise Interrupted(f"stopped by {name} at step {self.global_step}; saved {path}", 128 + signum)
 
     def _announce(self, log: MetricsLog) -> None:
         c, t = self.cfg, self.cfg.train
         params = self.model.num_params()
         log.event("start", params=params, flops_per_token=self.flops_per_token, device=str(self.device),
-                  precision=self.precision, compile=self.compiled, kernels=self.kernels,
+                  precision=self.precision, compile=self.compiled, kernels=self.kernels, world_size=self.world.size,
+                  parallel=self.cfg.train.parallel if self.world.distributed else "none",
                   accumulation=self.accumulation,
                   tokens_per_step=self.tokens_per_step, train_tokens=self.meta["tokens"]["train"],
                   val_tokens=self.meta["tokens"]["val"],
@@ -434,8 +461,9 @@ class Trainer:
         log.print(f"data: {self.meta['tokens']['train']:,} train / {self.meta['tokens']['val']:,} val tokens "
                   f"in {c.data.dir}")
         speedups = ["compiled"] * self.compiled + [f"kernels: {', '.join(self.kernels)}"] * bool(self.kernels)
+        ranks = f" x {self.world.size} ranks, {t.parallel}" if self.world.distributed else ""
         log.print(f"run: {t.max_steps} steps x {self.tokens_per_step:,} tokens ({t.batch_size} x {t.seq_len}"
-                  f" x {self.accumulation} accumulation) on {self.device}, {', '.join([self.precision, *speedups])}; "
+                  f" x {self.accumulation} accumulation{ranks}) on {self.device}, {', '.join([self.precision, *speedups])}; "
                   f"writing to {t.out_dir}")
         if self.resumed_from:
             log.print(f"resumed from {self.resumed_from} at step {self.global_step}")

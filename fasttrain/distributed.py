@@ -1,0 +1,168 @@
+"""Data-parallel runs over processes started by torchrun: the process group, the model wrapper, reductions.
+
+    torchrun --nproc_per_node=N -m fasttrain.train CONFIG.toml
+
+torchrun gives each process RANK, WORLD_SIZE and LOCAL_RANK (and where to meet);
+a plain `python -m fasttrain.train` has none and is a world of one, with no process
+group and no wrapper. CUDA uses NCCL and one GPU per process (cuda:LOCAL_RANK);
+CPU uses gloo. Every collective has a timeout (FASTTRAIN_DIST_TIMEOUT seconds,
+default 600), so ranks waiting on a dead one fail with an error instead of hanging.
+
+Two ways to split the work (train.parallel):
+- "ddp": every rank holds the whole model; DistributedDataParallel averages the
+  gradients during the backward.
+- "fsdp": FSDP2 `fully_shard` on every block and the root; each rank holds a
+  1/N shard of the parameters, gradients and optimizer state, and gathers a block's
+  parameters only while it computes. With bf16/fp16 the gathered parameters are
+  cast to that dtype and gradients are reduced in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fasttrain.errors import UsageError
+from fasttrain.runtime import PRECISIONS
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run: rank `rank` of `size`, on local device `local_rank`."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that prints and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world_from_env() -> World:
+    """The World torchrun describes in the environment; a world of one without it."""
+    try:
+        world = World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                      int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError:
+        raise UsageError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+    if not 0 <= world.rank < world.size:
+        raise UsageError(f"RANK={world.rank} is outside WORLD_SIZE={world.size}")
+    return world
+
+
+def start(world: World, device: torch.device) -> None:
+    """Join the process group (NCCL on CUDA, gloo on CPU) when there is more than one rank."""
+    if world.distributed and not dist.is_initialized():
+        timeout = timedelta(seconds=float(os.environ.get("FASTTRAIN_DIST_TIMEOUT", 600)))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+
+
+def stop() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, world: World, parallel: str, precision: str, device: torch.device) -> nn.Module:
+    """The module that trains: `model` itself in a world of one; DDP around it; or, for FSDP, `model`
+    sharded in place (its parameters become DTensors) and returned."""
+    if not world.distributed:
+        return model
+    if parallel == "ddp":
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dtype = PRECISIONS[precision]
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
+
+
+def gradient_sync(wrapped: nn.Module, enabled: bool):
+    """A context in which the backward does (or, not `enabled`, skips) the gradient reduction:
+    skipped on every micro-batch but the last of an accumulated step."""
+    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if enabled else wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, fsdp: bool) -> tuple[dict, dict | None]:
+    """Unsharded state dicts of `model` and `optimizer` (None: not asked for) for a checkpoint or export.
+
+    Without FSDP these are the modules' own. With FSDP every rank must call this: the
+    shards are gathered (through torch.distributed.checkpoint) onto rank 0's CPU memory,
+    the other ranks get empty dicts, and the optimizer's state is keyed by parameter name.
+    """
+    if not fsdp:
+        return model.state_dict(), None if optimizer is None else optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict,
+                    fsdp: bool) -> None:
+    """Load what `full_state` returned (every rank read the same checkpoint file); FSDP re-shards it."""
+    if not fsdp:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def mean(value: torch.Tensor, world: World) -> torch.Tensor:
+    """`value` averaged over the ranks (a new tensor; `value` itself in a world of one)."""
+    if not world.distributed:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / world.size
+
+
+def any_rank(flag: bool, world: World, device: torch.device) -> bool:
+    """Whether `flag` is true on any rank (every rank gets the same answer)."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def gather(obj, world: World) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(world: World) -> None:
+    """Wait until every rank gets here (after rank 0 wrote a file the others will read)."""
+    if world.distributed:
+        dist.barrier()

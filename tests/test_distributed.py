@@ -1,0 +1,98 @@
+"""Data-parallel training under torchrun: 2 CPU processes over gloo against a single process.
+
+Each run is a real `torchrun --nproc_per_node=2 -m fasttrain.train`, on the tiny
+model and the prepared embedded corpus of the other tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttrain.export import read_safetensors
+from fasttrain.plot import read_metrics
+from tests.conftest import tiny_args
+
+ROOT = Path(__file__).resolve().parents[1]
+# 2 steps of 2 accumulated micro-batches: the gradient all-reduce is skipped on the first of each.
+RUN = ["train.max_steps=4", "train.log_interval=1", "train.eval_interval=2", "train.eval_steps=2",
+       "checkpoint.interval=2", "train.sample_tokens=0", "data.prefetch=0"]
+ENV = {"FASTTRAIN_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "fasttrain.train", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **ENV}, timeout=300)
+
+
+def single(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fasttrain.train", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **ENV}, timeout=300)
+
+
+def values(run_dir: Path, kind: str, key: str) -> list[float]:
+    return [e[key] for e in read_metrics(run_dir) if e["event"] == kind]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_train_like_one_process_with_the_same_global_batch(pydoc_data, tmp_path, parallel):
+    """4 sequences per micro-batch in one process = 2 on each of 2 ranks: the same windows, so the same
+    losses, gradient norms and validation loss (up to the order of fp32 sums)."""
+    one = single(tiny_args(pydoc_data, tmp_path / "one", *RUN, "train.batch_size=4", "train.tokens_per_update=256"))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(tiny_args(pydoc_data, tmp_path / "two", *RUN, "train.batch_size=2", "train.tokens_per_update=256",
+                             f'train.parallel="{parallel}"'))
+    assert two.returncode == 0, two.stderr
+    for kind, key in (("train", "loss"), ("train", "grad_norm"), ("eval", "val_loss")):
+        assert values(tmp_path / "two", kind, key) == pytest.approx(values(tmp_path / "one", kind, key), rel=1e-5)
+    ours, theirs = (read_safetensors(tmp_path / run / "final" / "model.safetensors") for run in ("two", "one"))
+    assert ours.keys() == theirs.keys()  # FSDP gathered the shards back into the whole model
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6)
+    start = [e for e in read_metrics(tmp_path / "two") if e["event"] == "start"][0]
+    assert start["tokens_per_step"] == 256 and start["accumulation"] == 2  # counted over both ranks
+    assert two.stdout.count("model: ") == 1  # only rank 0 prints
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_distributed_resume_is_exact_and_needs_the_same_world(pydoc_data, tmp_path, parallel):
+    # dropout: each rank's RNG must come back; fsdp: the sharded model and optimizer state too
+    exact = [*RUN, "train.batch_size=2", "model.dropout=0.1", f'train.parallel="{parallel}"']
+    straight = torchrun(tiny_args(pydoc_data, tmp_path / "straight", *exact))
+    assert straight.returncode == 0, straight.stderr
+    first = torchrun(tiny_args(pydoc_data, tmp_path / "resumed", *exact, "train.max_steps=2"))
+    assert first.returncode == 0, first.stderr
+    resumed = torchrun(tiny_args(pydoc_data, tmp_path / "resumed", *exact, flags=["--resume", "auto"]))
+    assert resumed.returncode == 0, resumed.stderr
+    # Each rank's loader position and random state (dropout) came back: the same floats exactly.
+    assert values(tmp_path / "resumed", "train", "loss") == values(tmp_path / "straight", "train", "loss")
+    alone = single(tiny_args(pydoc_data, tmp_path / "resumed", *exact, "train.max_steps=6", flags=["--resume", "auto"]))
+    assert alone.returncode == 2
+    assert alone.stderr.count("\n") == 1 and f"saved by 2 process(es) ({parallel}); this run has 1 (none)" in alone.stderr
+
+
+def test_a_dead_rank_ends_the_job_with_an_error(pydoc_data, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fasttrain.train",
+         *tiny_args(pydoc_data, tmp_path, "train.max_steps=100000", "train.log_interval=1", "train.eval_interval=100000",
+                    "checkpoint.interval=100000")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+    deadline = time.monotonic() + 120
+    while not ((tmp_path / "metrics.jsonl").exists() and values(tmp_path, "train", "loss")):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "no training step within 120 s"
+        time.sleep(0.1)
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)  # rank 1 dies mid-run
+    _, stderr = proc.communicate(timeout=180)  # the survivor must not hang
+    assert proc.returncode != 0
+    assert "Signal 9" in stderr or "SIGKILL" in stderr or "exitcode" in stderr, stderr[-2000:]
