@@ -113,6 +113,10 @@ class TrainConfig:
     log_interval: int = 10  # report training metrics every this many steps
     eval_interval: int = 250  # validate (and sample) every this many steps, and at the end
     eval_steps: int = 20  # validation batches per evaluation
+    # Stop once this many evaluations in a row have not lowered the best validation loss by at
+    # least early_stop_min_delta (a final checkpoint is saved, the best one kept); 0 = never.
+    early_stop_patience: int = 0
+    early_stop_min_delta: float = 0.0
     sample_prompt: str = "The"  # sampled from at every evaluation; no trailing space (BPE words carry theirs)
     sample_tokens: int = 64  # tokens generated per sample; 0 = no samples
     tensorboard: bool = True  # also write TensorBoard event files when tensorboard is installed
@@ -216,6 +220,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.log_interval": _POSITIVE,
     "train.eval_interval": _POSITIVE,
     "train.eval_steps": _POSITIVE,
+    "train.early_stop_patience": _NON_NEGATIVE,
+    "train.early_stop_min_delta": _NON_NEGATIVE,
     "train.sample_prompt": (bool, "non-empty (generation starts from it)"),
     "train.sample_tokens": _NON_NEGATIVE,
     "checkpoint.interval": _POSITIVE,

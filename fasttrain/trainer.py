@@ -130,6 +130,8 @@ class Trainer:
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient norm, in all
         self.consecutive_skips = 0
         self.rollbacks = 0
+        self.stale_evals = 0  # evaluations in a row without improving on the best by early_stop_min_delta
+        self.stopped_early = False
         self.resumed_from: Path | None = None
 
     @property
@@ -286,6 +288,9 @@ class Trainer:
                     meter.exclude(time.perf_counter() - paused)
                     if distributed.any_rank(bool(signals.received), self.world, self.device):  # stop together
                         self._stop(log, signals.received or signal.SIGTERM)
+                    if t.early_stop_patience and self.stale_evals >= t.early_stop_patience and not done:
+                        self._stop_early(log)
+                        break
             summary = self._finish(log, last_eval or self._evaluate_and_sample(log))  # nothing trained: still report
             distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
             return summary
@@ -309,6 +314,7 @@ class Trainer:
             "lr_scale": self.lr_scale,
             "skipped_steps": self.skipped_steps,
             "rollbacks": self.rollbacks,
+            "stale_evals": self.stale_evals,
             "ranks": distributed.gather({"train_loader": self.train_loader.state_dict(),
                                          "rng": checkpoint.rng_state()}, self.world),
             "parallel": self.cfg.train.parallel if self.world.distributed else "none",
@@ -351,6 +357,7 @@ class Trainer:
             self.global_step, self.tokens_seen = state["step"], state["tokens_seen"]
             self.best_val_loss, self.lr_scale = state["best_val_loss"], state["lr_scale"]
             self.skipped_steps, self.rollbacks = state["skipped_steps"], state["rollbacks"]
+            self.stale_evals = state["stale_evals"]
         except (RuntimeError, ValueError, KeyError, TypeError, UsageError) as e:
             raise UsageError(f"{path}: cannot continue from it ({str(e).splitlines()[0]})") from None
         self.consecutive_skips = 0
@@ -384,6 +391,8 @@ class Trainer:
             previous_best = self.best_val_loss
             metrics = self._evaluate_and_sample(log)
             improved = metrics["val_loss"] < previous_best
+            enough = metrics["val_loss"] < previous_best - t.early_stop_min_delta
+            self.stale_evals = 0 if enough else self.stale_evals + 1
         if self.global_step % c.interval == 0 or done or (improved and c.keep_best):
             self._save(log, best=improved)
         return metrics
@@ -395,7 +404,7 @@ class Trainer:
         final = export_weights(weights, self.cfg, out / "final")[0] if self.world.is_main else out / "final"
         summary = {"step": self.global_step, "tokens": self.tokens_seen, **last_eval, "out_dir": str(out),
                    "checkpoint": str(checkpoint.pointed(self.checkpoint_dir, "latest")), "weights": str(final),
-                   "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks}
+                   "skipped_steps": self.skipped_steps, "rollbacks": self.rollbacks, "stopped_early": self.stopped_early}
         log.event("end", **summary)
         log.print(f"done: {self.global_step} steps, {self.tokens_seen:,} tokens; "
                   f"val loss {last_eval['val_loss']:.3f}, {last_eval['val_bpb']:.3f} bits/byte "
@@ -437,10 +446,26 @@ class Trainer:
                   f"learning rate now x{self.lr_scale:g} (rollback {self.rollbacks} of {r.max_rollbacks})")
         return True
 
-    def _stop(self, log: MetricsLog, signum: int) -> None:
+    def _stop_early(self, log: MetricsLog) -> None:
+        """End the run here: validation has not improved enough for train.early_stop_patience evaluations."""
+        t = self.cfg.train
+        self._save_unless_saved(log)  # the final state, beside the best one that was kept
+        self.stopped_early = True
+        log.event("early_stop", step=self.global_step, evaluations=self.stale_evals,
+                  min_delta=t.early_stop_min_delta, best_val_loss=self.best_val_loss)
+        log.print(f"stopping early at step {self.global_step}: validation loss has not improved by "
+                  f"{t.early_stop_min_delta:g} or more in {self.stale_evals} evaluations "
+                  f"(best {self.best_val_loss:.4f}, kept as checkpoints/best)")
+
+    def _save_unless_saved(self, log: MetricsLog) -> Path:
+        """The checkpoint of this step: the latest one if it was saved at this step already, else a new save."""
         path = checkpoint.pointed(self.checkpoint_dir, "latest")
-        if path is None or checkpoint.step_of(path) != self.global_step:  # not saved at this step already
+        if path is None or checkpoint.step_of(path) != self.global_step:
             path = self._save(log)
+        return path
+
+    def _stop(self, log: MetricsLog, signum: int) -> None:
+        path = self._save_unless_saved(log)
         name = signal.Signals(signum).name
         log.event("stopped", step=self.global_step, signal=name, checkpoint=str(path))
         distributed.barrier(self.world)

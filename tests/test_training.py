@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from fasttrain import Trainer, train_loop
+from fasttrain import Trainer, checkpoint, train_loop
 from fasttrain.config import ModelConfig, ScheduleConfig, TrainConfig
 from fasttrain.errors import UsageError
 from fasttrain.model import Transformer
 from fasttrain.optim import param_groups
+from fasttrain.plot import read_metrics
 from fasttrain.schedule import lr_at
 from fasttrain.trainer import accumulation_steps
 from tests.conftest import tiny_config
@@ -203,3 +204,35 @@ def test_tensorboard_events_when_installed(pydoc_data, tmp_path):
         assert not events  # an optional extra: without it, nothing, and no error
     else:
         assert len(events) == 1 and events[0].stat().st_size > 0
+
+
+EVAL_EVERY_STEP = ["train.eval_interval=1", "train.eval_steps=2", "train.sample_tokens=0", "checkpoint.interval=1000"]
+
+
+def test_early_stopping_ends_the_run_when_validation_stalls(pydoc_data, tmp_path, capsys):
+    """min_delta larger than any gain: every evaluation after the first is stale, so patience 2 stops at step 3."""
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, *EVAL_EVERY_STEP, "train.early_stop_patience=2",
+                                  "train.early_stop_min_delta=10.0"))
+    summary = trainer.train()
+    assert summary["step"] == 3 and summary["stopped_early"] and trainer.stale_evals == 2
+    events = [e for e in read_metrics(tmp_path) if e["event"] == "early_stop"]
+    assert len(events) == 1 and events[0]["step"] == 3
+    assert "stopping early at step 3: validation loss has not improved by 10 or more in 2 evaluations" in \
+        capsys.readouterr().out
+    evals = [e for e in read_metrics(tmp_path) if e["event"] == "eval"]
+    best_step = min(evals, key=lambda e: e["val_loss"])["step"]
+    saved = {checkpoint.step_of(p) for p in checkpoint.saved_steps(tmp_path / "checkpoints")}
+    assert saved >= {best_step, 3}  # the best is kept beside the final state
+    assert checkpoint.step_of(checkpoint.pointed(tmp_path / "checkpoints", "best")) == best_step
+    resumed = Trainer(tiny_config(pydoc_data, tmp_path, *EVAL_EVERY_STEP, "train.early_stop_patience=2"), quiet=True)
+    resumed.resume("auto")
+    assert resumed.stale_evals == 2  # the count is part of the checkpoint
+
+
+def test_early_stopping_waits_while_validation_improves(pydoc_data, tmp_path):
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, *EVAL_EVERY_STEP, "train.max_steps=5", "optim.lr=1e-2",
+                                  "train.early_stop_patience=1"), quiet=True)
+    summary = trainer.train()
+    val = [e["val_loss"] for e in read_metrics(tmp_path) if e["event"] == "eval"]
+    assert val == sorted(val, reverse=True)  # each evaluation improved: no stop, all the way
+    assert summary["step"] == 5 and not summary["stopped_early"]
