@@ -69,11 +69,12 @@ def _load_row_block(row_ptr, cols, mask, softcap, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _cross_entropy_kernel(
     logits_ptr, logits_stride, target_ptr, weight_ptr, weight_stride,
-    loss_ptr, lse_ptr, grad_ptr, grad_stride,
+    loss_ptr, lse_ptr, correct_ptr, grad_ptr, grad_stride,
     n_cols, ignore_index, label_smoothing, z_loss, softcap,
     HAS_SOFTCAP: tl.constexpr, FORWARD: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One program per row. FORWARD: compute lse and the loss (pass 1), else load lse.
+    """One program per row. FORWARD: compute lse, the loss and whether the target is the row's maximum
+    (pass 1), else load lse.
     WRITE_GRAD: write weight[row] * d loss_row / d logits_row (pass 2)."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * logits_stride
@@ -103,6 +104,7 @@ def _cross_entropy_kernel(
         loss = lse - (1.0 - label_smoothing) * x_target - label_smoothing * x_sum / n_cols + z_loss * lse * lse
         tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
         tl.store(lse_ptr + row, lse)
+        tl.store(correct_ptr + row, tl.where(valid & (x_target >= m), 1.0, 0.0))  # a top-1 hit (ties count)
     else:
         lse = tl.load(lse_ptr + row)
 
@@ -150,7 +152,7 @@ def _row_stride(weight: Tensor) -> int:
 
 def _torch_rows(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, grad: Tensor | None,
                 ignore_index: int, label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor]:
-    """The kernel's math in PyTorch (the CPU path): (loss rows, lse), and the gradient into `grad`."""
+    """The kernel's math in PyTorch (the CPU path): (loss rows, lse, top-1 hits), and the gradient into `grad`."""
     x = logits.float()
     if softcap:
         x = softcap * torch.tanh(x / softcap)
@@ -161,6 +163,7 @@ def _torch_rows(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | No
     x_target = x.gather(1, safe_target).squeeze(1)
     loss = lse - (1 - label_smoothing) * x_target - label_smoothing * x.mean(-1) + z_loss * lse * lse
     loss = torch.where(valid, loss, 0.0)
+    correct = (valid & (x_target >= x.max(dim=-1).values)).float()
     if grad is not None:
         g = torch.exp(x - lse.unsqueeze(1)) * (1 + 2 * z_loss * lse).unsqueeze(1) - label_smoothing / x.shape[1]
         g.scatter_add_(1, safe_target, torch.full_like(x_target, label_smoothing - 1).unsqueeze(1))
@@ -168,12 +171,13 @@ def _torch_rows(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | No
             g *= 1 - (x / softcap) ** 2
         g *= torch.where(valid, weight.expand(valid.shape), 0.0).unsqueeze(1)
         grad.copy_(g)
-    return loss, lse
+    return loss, lse, correct
 
 
 def _launch(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, grad: Tensor | None,
-            ignore_index: int, label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor]:
-    """Per-row loss and lse of `logits` (N, V); if `grad` is given, weight[row] * d loss_row / d logits into it.
+            ignore_index: int, label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row loss, lse and top-1 hit (1.0 where a counted row's target has the largest logit) of
+    `logits` (N, V); if `grad` is given, weight[row] * d loss_row / d logits into it.
 
     `weight` is fp32, shape (1,) (one factor for every row) or (N,). Passing `lse`
     (from an earlier forward) skips the first pass and computes only the gradient.
@@ -184,18 +188,18 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, 
     forward = lse is None
     if forward:
         loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
-        lse = torch.empty_like(loss)
+        lse, correct = torch.empty_like(loss), torch.empty_like(loss)
     else:
-        loss = lse  # not written when FORWARD is off; the kernel only needs a pointer
+        loss = correct = lse  # not written when FORWARD is off; the kernel only needs pointers
     block = _block(n_cols)
     _cross_entropy_kernel[(n_rows,)](
         logits, logits.stride(0), target, weight, _row_stride(weight),
-        loss, lse, logits if grad is None else grad, logits.stride(0) if grad is None else grad.stride(0),
+        loss, lse, correct, logits if grad is None else grad, logits.stride(0) if grad is None else grad.stride(0),
         n_cols, ignore_index, label_smoothing, z_loss, softcap or 1.0,
         HAS_SOFTCAP=bool(softcap), FORWARD=forward, WRITE_GRAD=grad is not None, BLOCK=block,
         num_warps=num_warps_for(block),
     )
-    return loss, lse
+    return loss, lse, correct
 
 
 def _scale_rows(x: Tensor, weight: Tensor) -> None:
@@ -218,8 +222,9 @@ def _scale_rows(x: Tensor, weight: Tensor) -> None:
 
 @torch.library.custom_op("fasttrain::cross_entropy_rows", mutates_args=("grad",))
 def _rows_op(logits: Tensor, target: Tensor, weight: Tensor, grad: Tensor, write_grad: bool, ignore_index: int,
-             label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor]:
-    """(loss rows, lse), both fp32 (N,); with write_grad, weight * d loss / d logits into `grad` (may be `logits`)."""
+             label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss rows, lse, top-1 hits), fp32 (N,); with write_grad, weight * d loss / d logits into `grad` (may be
+    `logits`)."""
     return _launch(logits, target, weight, None, grad if write_grad else None,
                    ignore_index, label_smoothing, z_loss, softcap)
 
@@ -227,7 +232,7 @@ def _rows_op(logits: Tensor, target: Tensor, weight: Tensor, grad: Tensor, write
 @_rows_op.register_fake
 def _(logits, target, weight, grad, write_grad, ignore_index, label_smoothing, z_loss, softcap):
     rows = logits.new_empty(logits.shape[0], dtype=torch.float32)
-    return rows, torch.empty_like(rows)
+    return rows, torch.empty_like(rows), torch.empty_like(rows)
 
 
 @torch.library.custom_op("fasttrain::cross_entropy_grad", mutates_args=("grad",))
@@ -293,19 +298,22 @@ def fuses_gradient(logits: Tensor) -> bool:
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, ignore_index: int, reduction: str, label_smoothing: float,
-                z_loss: float, softcap: float, needs_grad: bool, inplace: bool) -> Tensor:
+                z_loss: float, softcap: float, needs_grad: bool, inplace: bool) -> tuple[Tensor, Tensor]:
         if logits.stride(1) != 1:
             logits = logits.contiguous()
         scale = mean_scale(target, ignore_index, reduction)
         ctx.fused = needs_grad and fuses_gradient(logits)
         grad = (logits if inplace else torch.empty_like(logits)) if ctx.fused else logits.new_empty(0)
-        rows, lse = _rows_op(logits, target, scale, grad, ctx.fused, ignore_index, label_smoothing, z_loss, softcap)
+        rows, lse, hits = _rows_op(logits, target, scale, grad, ctx.fused, ignore_index, label_smoothing, z_loss,
+                                   softcap)
         ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
         ctx.save_for_backward(grad if ctx.fused else logits, target, lse, scale)
-        return reduce_rows(rows, scale, reduction)
+        correct = hits.sum()
+        ctx.mark_non_differentiable(correct)
+        return reduce_rows(rows, scale, reduction), correct
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor):
+    def backward(ctx, grad_loss: Tensor, grad_correct: Tensor | None):
         saved, target, lse, scale = ctx.saved_tensors
         ignore_index, reduction, label_smoothing, z_loss, softcap = ctx.options
         weight = grad_loss.float().reshape(-1)
@@ -323,7 +331,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
                   label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
-                  inplace_backward: bool = False) -> Tensor:
+                  inplace_backward: bool = False, return_correct: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Cross-entropy of `logits` (N, V) against class indices `target` (N,); fp32 result.
 
     F.cross_entropy's semantics where they overlap, plus `z_loss` (adds
@@ -338,11 +346,16 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_IND
     `logits` instead, saving that buffer: the logits are overwritten, so use it
     only when nothing else reads them afterwards (autograd raises if something
     saved them for its backward).
+
+    `return_correct=True` returns (loss, correct): correct (fp32, 0-dim) counts the
+    non-ignored rows whose target has the largest (soft-capped) logit, ties
+    included: top-1 accuracy at no extra cost, since pass 1 has both values.
     """
     check_inputs(logits, target, reduction, label_smoothing, softcap)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    return _CrossEntropyFunction.apply(logits, target, ignore_index, reduction, label_smoothing, z_loss,
-                                       softcap or 0.0, needs_grad, inplace_backward)
+    loss, correct = _CrossEntropyFunction.apply(logits, target, ignore_index, reduction, label_smoothing, z_loss,
+                                                softcap or 0.0, needs_grad, inplace_backward)
+    return (loss, correct) if return_correct else loss
 
 
 class CrossEntropyLoss(torch.nn.Module):

@@ -55,14 +55,15 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
     """Go through the rows in chunks: losses and lse (when `lse` is None), and the requested gradients.
 
     `row_weight` ((1,) or (N,), fp32) multiplies each row's gradient. Returns
-    (loss rows, lse, (grad_hidden, grad_weight fp32, grad_bias fp32)), with None
-    for what was not computed.
+    (loss rows, lse, top-1 hits, (grad_hidden, grad_weight fp32, grad_bias fp32)),
+    with None for what was not computed.
     """
     n_rows = hidden.shape[0]
     want_grad = any(needs)
     forward = lse is None
     rows = hidden.new_empty(n_rows, dtype=torch.float32) if forward else None
     lse_out = hidden.new_empty(n_rows, dtype=torch.float32) if forward else lse
+    hits = hidden.new_empty(n_rows, dtype=torch.float32) if forward else None
     grad_hidden = torch.empty_like(hidden) if needs[0] else None
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs[1] else None
     grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs[2] else None
@@ -72,8 +73,7 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
         w = row_weight if row_weight.numel() == 1 else row_weight[start:end]
         logits = _project(h, weight, bias)  # ours, so the kernel may overwrite it with its gradient
         if forward:
-            r, s = _rows_op(logits, t, w, logits, want_grad, *options)
-            rows[start:end], lse_out[start:end] = r, s
+            rows[start:end], lse_out[start:end], hits[start:end] = _rows_op(logits, t, w, logits, want_grad, *options)
         else:
             _grad_op(logits, t, lse[start:end], w, logits, *options)
         if not want_grad:
@@ -87,32 +87,34 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
                 grad_weight += logits.t() @ h
         if grad_bias is not None:
             grad_bias += logits.sum(0, dtype=torch.float32)
-    return rows, lse_out, (grad_hidden, grad_weight, grad_bias)
+    return rows, lse_out, hits, (grad_hidden, grad_weight, grad_bias)
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
                 reduction: str, label_smoothing: float, z_loss: float, softcap: float, chunk_rows: int,
-                needs: tuple[bool, bool, bool], compute_dtype: torch.dtype) -> Tensor:
+                needs: tuple[bool, bool, bool], compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
         options = (ignore_index, label_smoothing, z_loss, softcap)
         scale = mean_scale(target, ignore_index, reduction)
         ctx.fused = any(needs) and reduction != "none" and fuses_gradient(h)
-        rows, lse, grads = _chunked_pass(h, w, b, target, scale, None, needs if ctx.fused else (False,) * 3,
-                                         options, chunk_rows)
+        rows, lse, hits, grads = _chunked_pass(h, w, b, target, scale, None, needs if ctx.fused else (False,) * 3,
+                                               options, chunk_rows)
         if ctx.fused:  # stored in the inputs' dtypes now, so the fp32 accumulators are freed at once
             grads = tuple(None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes))
             ctx.save_for_backward(*grads)
         else:
             ctx.save_for_backward(h, w, b, target, lse, scale)
         ctx.needs, ctx.options, ctx.chunk_rows = needs, options, chunk_rows
-        return reduce_rows(rows, scale, reduction)
+        correct = hits.sum()
+        ctx.mark_non_differentiable(correct)
+        return reduce_rows(rows, scale, reduction), correct
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor):
+    def backward(ctx, grad_loss: Tensor, grad_correct: Tensor | None):
         incoming = grad_loss.float().reshape(-1)
         if ctx.fused:
             grads = ctx.saved_tensors
@@ -121,8 +123,8 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
                     _scale_rows_op(g.view(-1, g.shape[-1]), incoming)
         else:
             h, w, b, target, lse, scale = ctx.saved_tensors
-            _, _, grads = _chunked_pass(h, w, b, target, incoming * scale, lse, ctx.needs, ctx.options,
-                                        ctx.chunk_rows)
+            *_, grads = _chunked_pass(h, w, b, target, incoming * scale, lse, ctx.needs, ctx.options,
+                                      ctx.chunk_rows)
             grads = tuple(None if g is None else g.to(d) for g, d in zip(grads, ctx.dtypes))
         return (*grads, None, None, None, None, None, None, None, None, None)
 
@@ -135,13 +137,14 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
                          ignore_index: int = IGNORE_INDEX, reduction: str = "mean", label_smoothing: float = 0.0,
-                         z_loss: float = 0.0, softcap: float | None = None, chunk_rows: int = CHUNK_ROWS) -> Tensor:
+                         z_loss: float = 0.0, softcap: float | None = None, chunk_rows: int = CHUNK_ROWS,
+                         return_correct: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """`cross_entropy(hidden @ weight.T + bias, target, ...)` for hidden (N, H), weight (V, H), bias (V,).
 
     Same options and result as kernels.cross_entropy (fp32 loss; a mean over no
-    counted rows is 0), computed `chunk_rows` rows at a time so the (N, V) logits
-    never exist. Gradients for hidden, weight and bias, the weight's and bias's
-    summed over chunks in fp32.
+    counted rows is 0; `return_correct` adds the top-1 hit count), computed
+    `chunk_rows` rows at a time so the (N, V) logits never exist. Gradients for
+    hidden, weight and bias, the weight's and bias's summed over chunks in fp32.
     """
     check_inputs(hidden, target, reduction, label_smoothing, softcap, name="hidden")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
@@ -154,8 +157,10 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    return _LinearCrossEntropyFunction.apply(hidden, weight, bias, target, ignore_index, reduction, label_smoothing,
-                                             z_loss, softcap or 0.0, chunk_rows, needs, _compute_dtype(hidden))
+    loss, correct = _LinearCrossEntropyFunction.apply(hidden, weight, bias, target, ignore_index, reduction,
+                                                      label_smoothing, z_loss, softcap or 0.0, chunk_rows, needs,
+                                                      _compute_dtype(hidden))
+    return (loss, correct) if return_correct else loss
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):

@@ -150,3 +150,27 @@ def test_no_host_sync_on_cuda():
         cross_entropy(logits, target, z_loss=1e-4).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def top1_hits(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> int:
+    """Counted rows whose target logit is the row's maximum (ties count), exactly, in fp64."""
+    x = logits.detach().double()
+    valid = target != ignore_index
+    at_target = x.gather(1, torch.where(valid, target, 0).unsqueeze(1)).squeeze(1)
+    return int(((at_target >= x.max(dim=-1).values) & valid).sum())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["plain", "all"])
+def test_return_correct_counts_top1_hits(kernel_device, dtype, name):
+    n, vocab = 37, 1001
+    logits = (4 * torch.randn(n, vocab, device=kernel_device)).to(dtype).requires_grad_()
+    target = random_targets(n, vocab, 5, kernel_device)
+    target[:12] = logits[:12].argmax(-1)  # hits for sure (one may be ignored below)
+    target[3] = -100
+    loss, correct = cross_entropy(logits, target, return_correct=True, **OPTIONS[name])
+    assert correct.dtype == torch.float32 and not correct.requires_grad
+    assert correct.item() == top1_hits(logits, target) >= 11  # softcap keeps the order: the same hits
+    torch.testing.assert_close(loss, cross_entropy(logits, target, **OPTIONS[name]))
+    loss.sum().backward()  # the count takes no part in the gradient
+    assert logits.grad is not None

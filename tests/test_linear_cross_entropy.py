@@ -152,3 +152,19 @@ def test_compiles_without_graph_breaks(kernel_device, fused):
     torch.testing.assert_close(loss, eager_loss)
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_return_correct_counts_top1_hits(kernel_device, dtype):
+    """Small integer inputs make every logit exact in any dtype and chunking, ties included."""
+    hidden = torch.randint(-3, 4, (53, 16), device=kernel_device).to(dtype).requires_grad_()
+    weight = torch.randint(-3, 4, (301, 16), device=kernel_device).to(dtype).requires_grad_()
+    logits = hidden.detach().double() @ weight.detach().double().t()
+    target = random_targets(53, 301, 4, kernel_device)
+    target[:20] = logits[:20].argmax(-1)
+    loss, correct = linear_cross_entropy(hidden, weight, target, chunk_rows=16, return_correct=True)
+    valid = target != -100
+    at_target = logits.gather(1, torch.where(valid, target, 0)[:, None]).squeeze(1)
+    assert correct.item() == int(((at_target >= logits.max(-1).values) & valid).sum()) >= 15
+    loss.backward()
+    assert hidden.grad is not None and weight.grad is not None
