@@ -190,18 +190,29 @@ class Transformer(nn.Module):
             delta, stream = block(delta, stream, cos, sin)
         return self.norm(delta, stream)[0]
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, accuracy: bool = False):
         """Logits (B, T, vocab_size) of `tokens` (B, T); with `targets` (B, T), instead the mean
         next-token cross-entropy, skipping IGNORE_INDEX. The loss is part of the forward so that a
-        wrapper (DDP, FSDP) sees every use of the output weight, the fused loss's included."""
+        wrapper (DDP, FSDP) sees every use of the output weight, the fused loss's included.
+
+        `accuracy`: return (loss, hits) instead, hits = fp32 [top-1 hits, counted targets]; a hit is
+        a target whose logit is the largest of its row (ties count).
+        """
         if targets is None:
             return self.output(self.hidden(tokens))
-        if not self.loss_kernel:
-            return cross_entropy_loss(self.output(self.hidden(tokens)), targets)
-        from kernels.linear_cross_entropy import linear_cross_entropy  # needs Triton, so only when asked for
+        valid = targets != IGNORE_INDEX
+        if self.loss_kernel:
+            from kernels.linear_cross_entropy import linear_cross_entropy  # needs Triton, so only when asked for
 
-        return linear_cross_entropy(self.hidden(tokens).flatten(0, 1), self.output.weight, targets.flatten(),
-                                    ignore_index=IGNORE_INDEX)
+            loss, correct = linear_cross_entropy(self.hidden(tokens).flatten(0, 1), self.output.weight,
+                                                 targets.flatten(), ignore_index=IGNORE_INDEX, return_correct=True)
+        else:
+            logits = self.output(self.hidden(tokens))
+            loss = cross_entropy_loss(logits, targets)
+            x = logits.detach()
+            at_target = x.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+            correct = ((at_target >= x.amax(dim=-1)) & valid).sum()
+        return (loss, torch.stack([correct.float(), valid.sum().float()])) if accuracy else loss
 
     def num_params(self) -> int:
         """Trainable parameters, a tied matrix counted once."""

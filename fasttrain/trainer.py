@@ -106,11 +106,12 @@ class Trainer:
         self.model = Transformer(cfg.model, norm_kernel="rms_norm" in self.kernels,
                                  loss_kernel="linear_cross_entropy" in self.kernels).to(self.device)
         self.compiled = switched_on(t.compile, self.device)
-        # `loss(tokens, targets)` is what trains and evaluates: the model inside its DDP wrapper (or
-        # sharded by FSDP), compiled if asked. Sampling runs the plain module, whose growing sequence
-        # lengths would otherwise trigger recompiles.
+        # `forward(tokens, targets)` is what trains and evaluates (through `loss`): the model inside its
+        # DDP wrapper (or sharded by FSDP), compiled if asked. Sampling runs the plain module, whose
+        # growing sequence lengths would otherwise trigger recompiles.
         self.wrapped = distributed.wrap(self.model, self.world, t.parallel, self.precision, self.device)
-        self.loss = torch.compile(self.wrapped) if self.compiled else self.wrapped
+        self.forward = torch.compile(self.wrapped) if self.compiled else self.wrapped
+        self.hits = torch.zeros(2, device=self.device)  # [top-1 hits, counted targets] of `loss` calls since reset
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device, kernel="adamw" in self.kernels)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.train_loader = TokenLoader(
@@ -130,6 +131,7 @@ class Trainer:
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient norm, in all
         self.consecutive_skips = 0
         self.rollbacks = 0
+        self.step_hits = torch.zeros(2, device=self.device)  # `hits` of the latest step, averaged over ranks
         self.stale_evals = 0  # evaluations in a row without improving on the best by early_stop_min_delta
         self.stopped_early = False
         self.resumed_from: Path | None = None
@@ -154,11 +156,19 @@ class Trainer:
         as they were, the step still counts, and `skipped_steps` goes up.
         """
         loss = distributed.mean(self.accumulate_gradients(), self.world)  # every rank decides alike below
+        self.step_hits = distributed.mean(self.hits.clone(), self.world)  # the ratio is what counts
         grad_norm = self.clip_gradients()
         # With fp16 an overflowing gradient is the GradScaler's business: it skips and lowers its scale.
         watched = loss if self.precision == "fp16" else loss + grad_norm
         self.apply_update(skip=not torch.isfinite(watched).item())
         return loss, grad_norm
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean next-token loss of batch (x, y) through the training module; its top-1 hits and
+        counted targets are added to `hits` (the step and the evaluation reset and read them)."""
+        loss, hits = self.forward(x, y, accuracy=True)
+        self.hits += hits
+        return loss
 
     def accumulate_gradients(self) -> torch.Tensor:
         """Forward and backward over the step's micro-batches; returns the mean loss (a device scalar).
@@ -169,6 +179,7 @@ class Trainer:
         This rank's mean loss is returned.
         """
         loss_sum = torch.zeros((), device=self.device)
+        self.hits.zero_()
         for i in range(self.accumulation):
             x, y = next(self.train_loader)
             with distributed.gradient_sync(self.wrapped, enabled=i == self.accumulation - 1):
@@ -222,6 +233,7 @@ class Trainer:
                              rank=self.world.rank, world_size=self.world.size)
         batches = min(t.eval_steps, loader.reader.batches_per_epoch)
         total = torch.zeros((), device=self.device)
+        self.hits.zero_()
         self.model.eval()
         try:
             for _ in range(batches):
@@ -232,8 +244,9 @@ class Trainer:
             self.model.train()
             loader.close()
         val_loss = distributed.mean(total, self.world).item() / batches
+        correct, counted = distributed.mean(self.hits, self.world).tolist()
         self.best_val_loss = min(self.best_val_loss, val_loss)
-        return {"val_loss": val_loss, "val_ppl": perplexity(val_loss),
+        return {"val_loss": val_loss, "val_accuracy": correct / max(counted, 1), "val_ppl": perplexity(val_loss),
                 "val_bpb": val_loss * self.bpb_per_nat, "best_val_loss": self.best_val_loss}
 
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
@@ -279,7 +292,7 @@ class Trainer:
                         log.print(f"compiled the model and ran the first step in {seconds:.1f} s")
                         meter.restart()
                     else:
-                        meter.add(loss)
+                        meter.add(loss, self.step_hits)
                     if (self.global_step % t.log_interval == 0 or done) and meter.steps:
                         self._log_train(log, meter, grad_norm.item())
                         meter.restart()
@@ -496,12 +509,13 @@ class Trainer:
     def _log_train(self, log: MetricsLog, meter: _IntervalMeter, grad_norm: float) -> None:
         t = self.cfg.train
         loss = meter.loss_sum.item() / meter.steps  # waits for the GPU, so the clock read next is honest
+        correct, counted = meter.hits.tolist()
         elapsed, wait = meter.elapsed(), meter.data_wait()
         tokens_per_s = meter.steps * self.tokens_per_step / elapsed
         mfu = self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None
         record = {
             "step": self.global_step, "progress": round(100 * self.global_step / t.max_steps, 2), "loss": loss,
-            "ppl": perplexity(loss), "lr": self.last_lr, "grad_norm": grad_norm,
+            "accuracy": round(correct / max(counted, 1), 4), "ppl": perplexity(loss), "lr": self.last_lr, "grad_norm": grad_norm,
             "tokens": self.tokens_seen, "tokens_per_s": round(tokens_per_s, 1),
             "step_ms": round(1000 * elapsed / meter.steps, 2), "data_wait_pct": round(100 * wait / elapsed, 2),
             "peak_mem_gb": round(peak_memory_gb(self.device), 3),
@@ -511,6 +525,7 @@ class Trainer:
         log.event("train", **record)
         log.print(
             f"step {self.global_step:>6}/{t.max_steps} ({record['progress']:5.1f}%) | loss {loss:.4f} | "
+            f"acc {100 * record['accuracy']:.1f}% | "
             f"ppl {record['ppl']:8.2f} | lr {record['lr']:.2e} | grad norm {grad_norm:.3f} | "
             f"{tokens_per_s:,.0f} tok/s{f' | MFU {100 * mfu:.1f}%' if mfu is not None else ''} | "
             f"{record['step_ms']:.0f} ms/step | data wait {record['data_wait_pct']:.1f}% | "
@@ -520,7 +535,8 @@ class Trainer:
     def _evaluate_and_sample(self, log: MetricsLog) -> dict[str, float]:
         metrics = self.evaluate()
         log.event("eval", step=self.global_step, **metrics)
-        log.print(f"eval step {self.global_step}: val loss {metrics['val_loss']:.4f} | ppl {metrics['val_ppl']:.2f} | "
+        log.print(f"eval step {self.global_step}: val loss {metrics['val_loss']:.4f} | "
+                  f"acc {100 * metrics['val_accuracy']:.1f}% | ppl {metrics['val_ppl']:.2f} | "
                   f"{metrics['val_bpb']:.4f} bits/byte | best {metrics['best_val_loss']:.4f}")
         if self.cfg.train.sample_tokens:
             text = self.sample()
@@ -535,16 +551,19 @@ class _IntervalMeter:
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
         self.loss_sum = torch.zeros((), device=trainer.device)  # summed on the device: no sync per step
+        self.hits = torch.zeros(2, device=trainer.device)  # [top-1 hits, counted targets]
         self.restart()
 
     def restart(self) -> None:
         self.loss_sum.zero_()
+        self.hits.zero_()
         self.steps = 0
         self.start, self.excluded = time.perf_counter(), 0.0
         self.wait_start = self.trainer.train_loader.wait_seconds
 
-    def add(self, loss: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, hits: torch.Tensor) -> None:
         self.loss_sum += loss
+        self.hits += hits
         self.steps += 1
 
     def exclude(self, seconds: float) -> None:

@@ -144,11 +144,20 @@ def test_forward_with_targets_is_the_loss_fused_or_not():
     fused.load_state_dict(plain.state_dict())
     tokens, targets = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
     targets[0, :3] = IGNORE_INDEX  # padding counts for nothing
-    expected = F.cross_entropy(plain(tokens).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    logits = plain(tokens).detach()
+    valid = targets != IGNORE_INDEX
+    targets[1, :4] = logits[1, :4].argmax(-1)  # a few sure hits
+    at_target = logits.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    hits = float(((at_target >= logits.amax(-1)) & valid).sum())
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     for model in (plain, fused):
+        loss, counts = model(tokens, targets, accuracy=True)
+        torch.testing.assert_close(loss, expected)
+        assert counts.tolist() == [hits, 21.0] and hits >= 4  # 24 targets, 3 ignored
         torch.testing.assert_close(model(tokens, targets), expected)
         (grad,) = torch.autograd.grad(model(tokens, targets), model.embed.weight)
-        (expected_grad,) = torch.autograd.grad(expected, plain.embed.weight, retain_graph=True)
+        live = F.cross_entropy(plain(tokens).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        (expected_grad,) = torch.autograd.grad(live, plain.embed.weight)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
 
 

@@ -180,6 +180,8 @@ def test_trainer_overfits_one_batch(pydoc_data, tmp_path):
     for _ in range(150):
         loss, _ = trainer.step()
     assert loss.item() < 0.1
+    correct, counted = trainer.step_hits.tolist()
+    assert counted == 4 * 32 and correct / counted > 0.95  # memorised: almost every next token is the top-1
 
 
 def test_evaluation_reports_bits_per_byte(pydoc_data, tmp_path):
@@ -233,6 +235,9 @@ def test_early_stopping_waits_while_validation_improves(pydoc_data, tmp_path):
     trainer = Trainer(tiny_config(pydoc_data, tmp_path, *EVAL_EVERY_STEP, "train.max_steps=5", "optim.lr=1e-2",
                                   "train.early_stop_patience=1"), quiet=True)
     summary = trainer.train()
-    val = [e["val_loss"] for e in read_metrics(tmp_path) if e["event"] == "eval"]
+    evals = [e for e in read_metrics(tmp_path) if e["event"] == "eval"]
+    val = [e["val_loss"] for e in evals]
     assert val == sorted(val, reverse=True)  # each evaluation improved: no stop, all the way
+    assert all(0 <= e["val_accuracy"] <= 1 for e in evals)
+    assert all(0 <= e["accuracy"] <= 1 for e in read_metrics(tmp_path) if e["event"] == "train")
     assert summary["step"] == 5 and not summary["stopped_early"]
