@@ -97,7 +97,8 @@ class Trainer:
 
         # The [kernels] switched on, by name (the Triton kernels need Triton installed).
         self.kernels = [k for k, on in dataclasses.asdict(cfg.kernels).items() if switched_on(on, self.device)]
-        self.fsdp = self.world.distributed and t.parallel == "fsdp"
+        self.parallel = t.parallel if self.world.distributed else "none"  # what a checkpoint records too
+        self.fsdp = self.parallel == "fsdp"
         if self.fsdp and "adamw" in self.kernels:  # its multi-tensor kernel takes whole tensors, not DTensor shards
             if cfg.kernels.adamw is True:
                 raise UsageError('kernels.adamw = true does not work with train.parallel = "fsdp" yet; '
@@ -330,7 +331,7 @@ class Trainer:
             "stale_evals": self.stale_evals,
             "ranks": distributed.gather({"train_loader": self.train_loader.state_dict(),
                                          "rng": checkpoint.rng_state()}, self.world),
-            "parallel": self.cfg.train.parallel if self.world.distributed else "none",
+            "parallel": self.parallel,
             "config": config_to_toml(self.cfg),
         }
 
@@ -355,11 +356,10 @@ class Trainer:
         """
         state = checkpoint.load(path, self.device)
         checkpoint.check_same_model(state, self.cfg, path)
-        parallel = self.cfg.train.parallel if self.world.distributed else "none"
         saved = (len(state.get("ranks", [])), state.get("parallel"))
-        if saved != (self.world.size, parallel):
+        if saved != (self.world.size, self.parallel):
             raise UsageError(f"{path}: saved by {saved[0]} process(es) ({saved[1]}); this run has "
-                             f"{self.world.size} ({parallel}): resume with the same torchrun --nproc_per_node "
+                             f"{self.world.size} ({self.parallel}): resume with the same torchrun --nproc_per_node "
                              "and train.parallel")
         try:
             distributed.load_full_state(self.model, self.optimizer, state["model"], state["optimizer"], self.fsdp)
@@ -489,7 +489,7 @@ class Trainer:
         params = self.model.num_params()
         log.event("start", params=params, flops_per_token=self.flops_per_token, device=str(self.device),
                   precision=self.precision, compile=self.compiled, kernels=self.kernels, world_size=self.world.size,
-                  parallel=self.cfg.train.parallel if self.world.distributed else "none",
+                  parallel=self.parallel,
                   accumulation=self.accumulation,
                   tokens_per_step=self.tokens_per_step, train_tokens=self.meta["tokens"]["train"],
                   val_tokens=self.meta["tokens"]["val"],
@@ -499,7 +499,7 @@ class Trainer:
         log.print(f"data: {self.meta['tokens']['train']:,} train / {self.meta['tokens']['val']:,} val tokens "
                   f"in {c.data.dir}")
         speedups = ["compiled"] * self.compiled + [f"kernels: {', '.join(self.kernels)}"] * bool(self.kernels)
-        ranks = f" x {self.world.size} ranks, {t.parallel}" if self.world.distributed else ""
+        ranks = f" x {self.world.size} ranks, {self.parallel}" if self.world.distributed else ""
         log.print(f"run: {t.max_steps} steps x {self.tokens_per_step:,} tokens ({t.batch_size} x {t.seq_len}"
                   f" x {self.accumulation} accumulation{ranks}) on {self.device}, {', '.join([self.precision, *speedups])}; "
                   f"writing to {t.out_dir}")
