@@ -1,24 +1,28 @@
-"""The token loader: (x, y) batches of windows from token shards, prefetched, exactly resumable.
+"""The token loader: (x, y) batches of rows from token shards, prefetched, exactly resumable.
 
-Each shard is cut into non-overlapping windows of seq_len + 1 tokens (stride
-seq_len, so consecutive windows share one token); a batch is `batch_size`
-windows, x = window[:-1] and y = window[1:], both int64 of shape (B, T).
-Windows never cross a shard boundary.
+A batch is `batch_size` rows (fasttrain/documents.py: packed windows, one document
+each, or document-aligned), x = row[:-1] and y = row[1:], both int64 of shape
+(B, L). L is seq_len, except that with `padding` "longest" or "bucketed" a batch
+is cut to its longest row. Rows shorter than L + 1 are padded: x with the
+end-of-text id, y with IGNORE_INDEX, so pads add nothing to the loss; with causal
+attention and the padding on the right, no real token ever attends to a pad.
+Rows never cross a shard boundary.
 
-An epoch visits every window once, in a seeded random order (a permutation
-that depends only on (seed, epoch)) or in file order ("sequential"). Rank r of
-a data-parallel job of world_size ranks takes batches r, r + world_size, ... of
-that order, so ranks never share a window within an epoch. Whatever does not
-fill a whole round of ranks at the end of an epoch is dropped; the next
-epoch's order is different, so nothing is dropped for good.
+An epoch visits every row once, in a seeded random order (a permutation that
+depends only on (seed, epoch)) or in file order ("sequential"). Bucketing sorts
+pools of rows by length so a batch holds rows of similar lengths and wastes less
+on pads. Rank r of a data-parallel job of world_size ranks takes batches r,
+r + world_size, ... of the epoch, so ranks never share a row within an epoch.
+Whatever does not fill a whole round of ranks at the end of an epoch is dropped;
+the next epoch's order is different, so nothing is dropped for good.
 
 The position in the stream is one integer, the number of batches this rank has
 consumed; with the seed it determines everything else, so `state_dict()` is a
 few integers and a reloaded loader yields exactly the batches an uninterrupted
 one would have.
 
-Windows are read with `os.preadv` straight into a staging buffer, never through
-a memory map: a long run over a memory-mapped corpus keeps every page it has
+Rows are read with `os.preadv` straight into a staging buffer, never through a
+memory map: a long run over a memory-mapped corpus keeps every page it has
 touched resident, and the process's memory grows with the corpus.
 """
 
@@ -35,63 +39,87 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
+from fasttrain.documents import Batching, Rows
 from fasttrain.errors import UsageError
+from fasttrain.model import IGNORE_INDEX
 from fasttrain.shards import HEADER_BYTES, ShardInfo, read_header, read_meta, scan_id_bound
 
 Sampling = Literal["random", "sequential"]
+Padding = Literal["fixed", "longest", "bucketed"]
+BUCKET_POOL = 64  # batches whose rows are sorted by length together: wider pools waste less, shuffle less
 
 
-class WindowReader:
-    """Reads batch number g of one rank's stream from the shards of one split; stateless between calls.
+class RowReader:
+    """Reads batch number g of one rank's stream from the rows of one split; stateless between calls.
 
     Kept apart from `TokenLoader` so the prefetch thread holds only this, and a
     loader that is dropped without `close()` can still be collected.
     """
 
     def __init__(
-        self, shards: list[ShardInfo], batch_size: int, seq_len: int,
-        sampling: Sampling, seed: int, rank: int, world_size: int, pin_memory: bool,
+        self, shards: list[ShardInfo], rows: Rows, batch_size: int, sampling: Sampling, padding: Padding,
+        seed: int, rank: int, world_size: int, pad_id: int, pad_multiple: int, pin_memory: bool,
     ):
-        self.shards = shards
+        self.shards, self.rows = shards, rows
         self.dtype = shards[0].dtype
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.sampling, self.seed = sampling, seed
+        self.batch_size, self.seq_len = batch_size, rows.seq_len
+        self.sampling, self.padding, self.seed = sampling, padding, seed
         self.rank, self.world_size = rank, world_size
+        self.pad_id, self.pad_multiple = pad_id, pad_multiple
         self.pin_memory = pin_memory
-        windows = np.array([max(s.num_tokens - 1, 0) // seq_len for s in shards], dtype=np.int64)
-        self.first_window = np.concatenate([[0], np.cumsum(windows)])  # shard i holds windows [first[i], first[i+1])
-        self.num_windows = int(self.first_window[-1])
-        self.batches_per_epoch = self.num_windows // (batch_size * world_size)
+        self.batches_per_epoch = rows.num_rows // (batch_size * world_size)
         self._fds = [os.open(s.path, os.O_RDONLY) for s in shards]
-        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) of the last random epoch
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its batches of rows) of the last epoch used
 
-    def windows_of_batch(self, g: int) -> np.ndarray:
-        """Global window ids of this rank's batch number `g` (counting across epochs)."""
+    def epoch_batches(self, epoch: int) -> np.ndarray:
+        """Row ids of every batch of `epoch`, (batches, batch_size); rank r takes batches r, r + world_size, ...
+
+        Random sampling permutes the rows with a generator seeded by (seed, epoch).
+        Bucketed padding then sorts each pool of BUCKET_POOL batches' rows by length,
+        cuts the pool into batches of similar lengths, and (random sampling) shuffles the batches.
+        """
+        if self._order is not None and self._order[0] == epoch:
+            return self._order[1]
+        B, n = self.batch_size, self.rows.num_rows // self.batch_size * self.batch_size
+        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+        order = np.arange(n) if self.sampling == "sequential" else rng.permutation(self.rows.num_rows)[:n]
+        bucketed = self.padding == "bucketed" and self.rows.batching != "packed"  # packed rows are all full
+        if bucketed:
+            lengths = self.rows.lengths()
+            pools = [order[i:i + BUCKET_POOL * B] for i in range(0, n, BUCKET_POOL * B)]
+            order = np.concatenate([p[np.argsort(-lengths[p], kind="stable")] for p in pools])
+        batches = order.reshape(-1, B)
+        if bucketed and self.sampling == "random":
+            batches = batches[rng.permutation(len(batches))]
+        self._order = (epoch, batches)
+        return batches
+
+    def rows_of_batch(self, g: int) -> np.ndarray:
+        """Row ids of this rank's batch number `g` (counting across epochs)."""
         epoch, i = divmod(g, self.batches_per_epoch)
-        first = (i * self.world_size + self.rank) * self.batch_size
-        positions = np.arange(first, first + self.batch_size)
-        if self.sampling == "sequential":
-            return positions
-        if self._order is None or self._order[0] != epoch:
-            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-            self._order = (epoch, rng.permutation(self.num_windows))
-        return self._order[1][positions]
+        return self.epoch_batches(epoch)[i * self.world_size + self.rank]
 
     def read(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch `g` as host tensors x, y of shape (B, T), int64 (pinned when `pin_memory`)."""
-        windows = self.windows_of_batch(g)
-        shard = np.searchsorted(self.first_window, windows, side="right") - 1
-        B, T = self.batch_size, self.seq_len
-        itemsize = self.dtype.itemsize
-        rows = np.empty((B, T + 1), dtype=self.dtype)
-        for row, (w, s) in enumerate(zip(windows.tolist(), shard.tolist())):
-            offset = HEADER_BYTES + (w - int(self.first_window[s])) * T * itemsize
-            if os.preadv(self._fds[s], [rows[row]], offset) != rows[row].nbytes:
-                raise UsageError(f"{self.shards[s].path}: short read at byte {offset} (truncated while in use?)")
-        x = torch.empty((B, T), dtype=torch.int64, pin_memory=self.pin_memory)
-        y = torch.empty((B, T), dtype=torch.int64, pin_memory=self.pin_memory)
+        """Batch `g` as host tensors x, y of shape (B, L), int64 (pinned when `pin_memory`).
+
+        L is seq_len, or with padding "longest"/"bucketed" the longest row's inputs rounded
+        up to pad_multiple (at most seq_len). Past a row's end x holds pad_id and y IGNORE_INDEX.
+        """
+        shard, offset, length = self.rows.lookup(self.rows_of_batch(g))
+        B, itemsize = self.batch_size, self.dtype.itemsize
+        L = self.seq_len
+        if self.padding != "fixed":
+            L = min(L, -(-(int(length.max()) - 1) // self.pad_multiple) * self.pad_multiple)
+        rows = np.full((B, L + 1), self.pad_id, dtype=self.dtype)
+        for row, (s, o, n) in enumerate(zip(shard.tolist(), offset.tolist(), length.tolist())):
+            at = HEADER_BYTES + o * itemsize
+            if os.preadv(self._fds[s], [rows[row, :n]], at) != n * itemsize:
+                raise UsageError(f"{self.shards[s].path}: short read at byte {at} (truncated while in use?)")
+        x = torch.empty((B, L), dtype=torch.int64, pin_memory=self.pin_memory)
+        y = torch.empty((B, L), dtype=torch.int64, pin_memory=self.pin_memory)
         np.copyto(x.numpy(), rows[:, :-1])
         np.copyto(y.numpy(), rows[:, 1:])
+        y.numpy()[np.arange(L) >= length[:, None] - 1] = IGNORE_INDEX
         return x, y
 
     def close(self) -> None:
@@ -118,7 +146,13 @@ def find_shards(directory: str | os.PathLike, split: str) -> list[ShardInfo]:
 
 
 class TokenLoader:
-    """Infinite iterator of (x, y) batches, shape (B, T) int64 on `device`, y = x shifted by one token.
+    """Infinite iterator of (x, y) batches, shape (B, L) int64 on `device`, y = x shifted by one token.
+
+    `batching` picks the rows (fasttrain/documents.py); "padded" and "aligned" need
+    `eot_id`, the end-of-text token that starts each document (also the pad input).
+    `padding` "fixed" makes every batch (B, seq_len); "longest" cuts each batch to its
+    longest row, rounded up to `pad_multiple`; "bucketed" also batches rows of similar
+    lengths together. Packed rows are always full, so there padding changes nothing.
 
     `prefetch` > 0 reads that many batches ahead on a background thread (into
     pinned buffers, copied to the GPU on a side stream when `device` is CUDA);
@@ -138,6 +172,10 @@ class TokenLoader:
         seq_len: int,
         *,
         sampling: Sampling = "random",
+        batching: Batching = "packed",
+        padding: Padding = "fixed",
+        eot_id: int | None = None,
+        pad_multiple: int = 16,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -145,12 +183,16 @@ class TokenLoader:
         prefetch: int = 2,
         device: str | torch.device = "cpu",
     ):
-        if batch_size <= 0 or seq_len <= 0 or prefetch < 0:
-            raise ValueError(f"batch_size and seq_len must be > 0 and prefetch >= 0, got {batch_size}, {seq_len}, {prefetch}")
+        if batch_size <= 0 or seq_len <= 0 or prefetch < 0 or pad_multiple <= 0:
+            raise ValueError(f"batch_size, seq_len and pad_multiple must be > 0 and prefetch >= 0, got "
+                             f"{batch_size}, {seq_len}, {pad_multiple}, {prefetch}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if sampling not in ("random", "sequential"):
             raise ValueError(f"sampling must be 'random' or 'sequential', got {sampling!r}")
+        if batching not in ("packed", "padded", "aligned") or padding not in ("fixed", "longest", "bucketed"):
+            raise ValueError(f"batching must be packed, padded or aligned and padding fixed, longest or bucketed, "
+                             f"got {batching!r} and {padding!r}")
         shards = find_shards(directory, split)
         self.vocab_size = vocab_size or _vocab_size_of(Path(directory), shards)
         if self.vocab_size:
@@ -160,13 +202,14 @@ class TokenLoader:
                     raise UsageError(f"{s.path}: token id {bound - 1} is outside the vocabulary ({self.vocab_size} tokens)")
         self.device = torch.device(device)
         self.prefetch = prefetch
-        self.reader = WindowReader(
-            shards, batch_size, seq_len, sampling, seed, rank, world_size, pin_memory=self.device.type == "cuda"
-        )
+        rows = Rows(shards, seq_len, batching, eot_id)
+        self.reader = RowReader(shards, rows, batch_size, sampling, padding, seed, rank, world_size,
+                                pad_id=eot_id or 0, pad_multiple=pad_multiple, pin_memory=self.device.type == "cuda")
         if self.reader.batches_per_epoch == 0:
             self.reader.close()
+            what = f"windows of {seq_len + 1} tokens" if batching == "packed" else f"{batching} rows"
             raise UsageError(
-                f"{directory}: the {split} split has {self.reader.num_windows} windows of {seq_len + 1} tokens, "
+                f"{directory}: the {split} split has {rows.num_rows} {what}, "
                 f"fewer than one batch of {batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data"
             )
         self.batches = 0  # consumed by the caller: the whole resumable state, with the seed
@@ -204,7 +247,8 @@ class TokenLoader:
         r = self.reader
         return {
             "batches": self.batches, "seed": r.seed, "sampling": r.sampling, "batch_size": r.batch_size,
-            "seq_len": r.seq_len, "rank": r.rank, "world_size": r.world_size, "num_windows": r.num_windows,
+            "seq_len": r.seq_len, "rank": r.rank, "world_size": r.world_size, "batching": r.rows.batching,
+            "padding": r.padding, "pad_multiple": r.pad_multiple, "num_rows": r.rows.num_rows,
         }
 
     def load_state_dict(self, state: dict[str, int | str]) -> None:
@@ -237,7 +281,7 @@ class TokenLoader:
 
 
 def _load_batch(
-    reader: WindowReader, device: torch.device, stream: torch.cuda.Stream | None, g: int
+    reader: RowReader, device: torch.device, stream: torch.cuda.Stream | None, g: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
     """Batch `g` on `device`; on CUDA, copied on `stream` with an event that marks the copy done."""
     x, y = reader.read(g)

@@ -38,7 +38,7 @@ from fasttrain.shards import ShardInfo, ShardWriter, read_meta, token_dtype
 from fasttrain.tokenizer import Tokenizer
 
 SPLITS = ("train", "val")
-PREPARED = ("meta.json", "tokenizer.json", "train_*.bin", "val_*.bin")  # what --overwrite replaces
+PREPARED = ("meta.json", "tokenizer.json", "train_*.bin", "val_*.bin", "*.bin.docs.npy")  # what --overwrite replaces
 TMP_NAME = ".prepare-tmp"
 
 

@@ -40,7 +40,7 @@ def test_shapes_shift_and_window_contents(counting_data):
 def test_an_epoch_visits_windows_once(counting_data, sampling):
     loader = TokenLoader(counting_data, "train", 5, T, sampling=sampling, seed=0, prefetch=0)
     per_epoch = loader.reader.batches_per_epoch
-    total = loader.reader.num_windows
+    total = loader.reader.rows.num_rows
     assert total == (3000 - 1) // T + (2500 - 1) // T
     seen = [s for _ in range(per_epoch) for s in window_starts(next(loader)[0])]
     assert len(seen) == len(set(seen)) == per_epoch * 5 > total - 5
@@ -58,7 +58,7 @@ def test_ranks_read_disjoint_windows(counting_data, sampling):
     loaders = [TokenLoader(counting_data, "train", 4, T, sampling=sampling, rank=r, world_size=world, seed=7)
                for r in range(world)]
     per_epoch = loaders[0].reader.batches_per_epoch
-    assert per_epoch == loaders[0].reader.num_windows // (4 * world)
+    assert per_epoch == loaders[0].reader.rows.num_rows // (4 * world)
     seen = [set(s for _ in range(per_epoch) for s in window_starts(next(L)[0])) for L in loaders]
     assert all(len(s) == per_epoch * 4 for s in seen)
     assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])

@@ -1,0 +1,134 @@
+"""Rows: the token spans a batch is made of, in each batching mode (`data.batching`).
+
+A row is `length` consecutive tokens of one shard, at most seq_len + 1: the
+inputs are its first length - 1 tokens and the targets the same shifted by one,
+so a row of fewer than seq_len + 1 tokens is padded (by the loader) and its
+missing targets are ignored.
+
+    packed   every shard cut into windows of seq_len + 1 tokens at stride seq_len,
+             across document boundaries (pre-training; every row full).
+    padded   one row per document: its end-of-text token, its text and the next
+             end-of-text token (so the model learns where a document ends),
+             truncated to seq_len + 1 tokens.
+    aligned  whole documents packed into rows in file order: a row starts at a
+             document start and takes the documents after it for as long as they fit
+             whole, and is padded after the last one (a document is never cut to fill
+             a row, so none loses its tail or starts a row mid-way). Only a document
+             longer than a row is split, into row-sized pieces; the documents after
+             its last piece share that piece's row.
+
+Documents are found from the end-of-text tokens: prepare writes one before every
+document (llm.c's shards do too). A shard's first token also starts a row, since
+a document may continue from the shard before. The positions of a shard's
+end-of-text tokens are cached beside it (`<shard>.docs.npy`), keyed on the
+shard's size, modification time and the end-of-text id, so a rewritten shard is
+scanned again; where the directory is read-only they are simply not cached.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import numpy as np
+
+from fasttrain.shards import HEADER_BYTES, ShardInfo
+
+Batching = Literal["packed", "padded", "aligned"]
+SCAN_TOKENS = 1 << 24  # tokens read at a time when looking for end-of-text tokens
+
+
+def index_path(shard: ShardInfo) -> str:
+    return shard.path + ".docs.npy"
+
+
+def document_starts(shard: ShardInfo, eot_id: int) -> np.ndarray:
+    """Positions in `shard` of its end-of-text tokens (int64, ascending), read from the cache when it is current."""
+    stat = os.stat(shard.path)
+    key = np.array([shard.num_tokens, eot_id, stat.st_mtime_ns], dtype=np.int64)
+    cache = index_path(shard)
+    try:
+        cached = np.load(cache)
+        if cached.dtype == np.int64 and np.array_equal(cached[:3], key):
+            return cached[3:]
+    except (OSError, ValueError):  # missing or unreadable: scan the shard
+        pass
+    found = []
+    with open(shard.path, "rb") as f:
+        f.seek(HEADER_BYTES)
+        base = 0
+        while block := f.read(SCAN_TOKENS * shard.dtype.itemsize):
+            tokens = np.frombuffer(block, dtype=shard.dtype)
+            found.append(np.flatnonzero(tokens == eot_id) + base)
+            base += tokens.size
+    starts = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    try:  # a cache is a convenience: a read-only data directory only means scanning again next time
+        with open(tmp, "wb") as f:
+            np.save(f, np.concatenate([key, starts]))
+        os.replace(tmp, cache)
+    except OSError:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return starts
+
+
+class Rows:
+    """The rows of one split in one batching mode: row i is tokens [offset[i], offset[i] + length[i]) of
+    shard[i]. Packed rows are computed from their number; the others are held as arrays."""
+
+    def __init__(self, shards: list[ShardInfo], seq_len: int, batching: Batching, eot_id: int | None = None):
+        self.seq_len = seq_len
+        self.batching = batching
+        if batching == "packed":
+            windows = np.array([max(s.num_tokens - 1, 0) // seq_len for s in shards], dtype=np.int64)
+            self._first_window = np.concatenate([[0], np.cumsum(windows)])  # shard i: rows [first[i], first[i+1])
+            self.num_rows = int(self._first_window[-1])
+            return
+        if eot_id is None:
+            raise ValueError(f"batching {batching!r} needs the end-of-text token id to find documents")
+        per_shard = [_document_rows(s.num_tokens, document_starts(s, eot_id), seq_len, batching) for s in shards]
+        self._shard = np.concatenate([np.full(len(o), i, dtype=np.int32) for i, (o, _) in enumerate(per_shard)])
+        self._offset = np.concatenate([o for o, _ in per_shard])
+        self._length = np.concatenate([n for _, n in per_shard]).astype(np.int32)
+        self.num_rows = len(self._offset)
+
+    def lookup(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard index, token offset in the shard, length) of each row in `rows`."""
+        if self.batching != "packed":
+            return self._shard[rows], self._offset[rows], self._length[rows]
+        shard = np.searchsorted(self._first_window, rows, side="right") - 1
+        offset = (rows - self._first_window[shard]) * self.seq_len
+        return shard, offset, np.full(len(rows), self.seq_len + 1)
+
+    def lengths(self) -> np.ndarray:
+        """Every row's length in tokens (for length bucketing)."""
+        if self.batching == "packed":
+            return np.full(self.num_rows, self.seq_len + 1)
+        return self._length
+
+
+def _document_rows(num_tokens: int, eots: np.ndarray, seq_len: int, batching: Batching
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, lengths) of one shard's rows, given the positions of its end-of-text tokens."""
+    starts = eots if len(eots) and eots[0] == 0 else np.concatenate([[0], eots]).astype(np.int64)
+    if batching == "padded":
+        # A document ends with the next one's end-of-text token (its last target); the last runs to the shard's end.
+        ends = np.append(starts[1:] + 1, num_tokens)
+        lengths = np.minimum(ends - starts, seq_len + 1)
+        keep = lengths >= 2  # at least one target
+        return starts[keep], lengths[keep]
+    # A row [p, q] ends at the last document boundary q <= p + seq_len (the next document's end-of-text
+    # token is its last target, the shard's last token at the end), and the next row starts at q. With no
+    # boundary in reach the document at p is longer than a row: the row is its next seq_len + 1 tokens.
+    bounds = np.append(starts, num_tokens - 1)
+    offsets, lengths = [], []
+    p = 0
+    while p < num_tokens - 1:
+        q = int(bounds[np.searchsorted(bounds, p + seq_len, side="right") - 1])
+        if q <= p:
+            q = p + seq_len
+        offsets.append(p)
+        lengths.append(q - p + 1)
+        p = q
+    return np.array(offsets, dtype=np.int64), np.array(lengths, dtype=np.int64)
