@@ -9,6 +9,11 @@
 - Causal self-attention through `F.scaled_dot_product_attention` (flash kernels on
   GPU), rotary position embeddings (RoPE) on queries and keys, and optional
   grouped-query attention: `n_kv_heads` key/value heads shared by `n_heads` queries.
+- Optional document masking: given document ids per token, a token attends only to
+  earlier tokens of its own document (flex_attention's block-sparse kernels on GPU, an
+  explicit boolean mask otherwise). Positions are not restarted per document: RoPE
+  scores depend only on the distance between query and key, so a masked document
+  gets the same attention wherever it sits in the row.
 - SwiGLU MLP: down(silu(gate(x)) * up(x)), hidden width 8/3 x d_model rounded up
   to `multiple_of`, which keeps the parameter count of a 4x GELU MLP.
 - Optional weight tying between the embedding and the output projection.
@@ -24,6 +29,7 @@ exported weights need no permutation.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Protocol, Sequence
 
@@ -66,6 +72,36 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return rotated.type_as(x)
 
 
+def use_flex_attention(device: torch.device) -> bool:
+    """Whether document masks are flex_attention BlockMasks on `device` (else explicit SDPA masks).
+    Only on GPU: there it is compiled into block-sparse kernels; on CPU it would run unfused."""
+    return device.type == "cuda"
+
+
+@functools.cache
+def flex_attention_on(device_type: str):
+    """flex_attention, compiled on GPU; uncompiled (CPU tests) it materialises the scores."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
+
+
+def document_mask(documents: torch.Tensor, flex: bool):
+    """The attention mask of a batch whose token i of row b belongs to document documents[b, i] (B, T):
+    a query sees the keys at or before it in the same document. A flex_attention BlockMask when
+    `flex`, else a bool tensor (B, 1, T, T) for `F.scaled_dot_product_attention`."""
+    B, T = documents.shape
+    if flex:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document_causal(b, h, q, k):
+            return (q >= k) & (documents[b, q] == documents[b, k])
+
+        return create_block_mask(same_document_causal, B, None, T, T, device=documents.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    return (documents[:, None, :, None] == documents[:, None, None, :]) & causal
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -77,17 +113,22 @@ class Attention(nn.Module):
         self.out = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+        """`mask`: None (causal), or a `document_mask` (a bool tensor, or a BlockMask for flex_attention)."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask
+            y = flex_attention_on(q.device.type)(q, k, v, block_mask=mask, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=gqa,
+            )
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -132,15 +173,15 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, delta: torch.Tensor | None, stream: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, delta: torch.Tensor | None, stream: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is `stream + delta` (just `stream` before the first block); returns
         this block's (delta, stream), leaving its last add to the next norm."""
         if delta is None:
             y = self.attn_norm(stream)
         else:
             y, stream = self.attn_norm(delta, stream)
-        y, stream = self.mlp_norm(self.dropout(self.attn(y, cos, sin)), stream)
+        y, stream = self.mlp_norm(self.dropout(self.attn(y, cos, sin, mask)), stream)
         return self.dropout(self.mlp(y)), stream
 
 
@@ -179,35 +220,42 @@ class Transformer(nn.Module):
                 std = residual_std if name.endswith(("attn.out.weight", "mlp.down.weight")) else INIT_STD
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The final normalised hidden states (B, T, d_model), before the output projection."""
+    def hidden(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+        """The final normalised hidden states (B, T, d_model), before the output projection.
+        `documents` (B, T): each token's document id, for document masking (None: plain causal)."""
         T = tokens.shape[1]
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.cfg.max_seq_len}")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        mask = None
+        if documents is not None:  # flex_attention has no attention dropout
+            flex = use_flex_attention(tokens.device) and not (self.training and self.cfg.dropout)
+            mask = document_mask(documents, flex)
         delta, stream = None, self.embed(tokens)
         for block in self.blocks:
-            delta, stream = block(delta, stream, cos, sin)
+            delta, stream = block(delta, stream, cos, sin, mask)
         return self.norm(delta, stream)[0]
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, accuracy: bool = False):
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, accuracy: bool = False,
+                documents: torch.Tensor | None = None):
         """Logits (B, T, vocab_size) of `tokens` (B, T); with `targets` (B, T), instead the mean
-        next-token cross-entropy, skipping IGNORE_INDEX. The loss is part of the forward so that a
+        next-token cross-entropy, skipping IGNORE_INDEX. `documents` (B, T) masks attention to
+        each token's own document (see `document_mask`). The loss is part of the forward so that a
         wrapper (DDP, FSDP) sees every use of the output weight, the fused loss's included.
 
         `accuracy`: return (loss, hits) instead, hits = fp32 [top-1 hits, counted targets]; a hit is
         a target whose logit is the largest of its row (ties count).
         """
         if targets is None:
-            return self.output(self.hidden(tokens))
+            return self.output(self.hidden(tokens, documents))
         valid = targets != IGNORE_INDEX
         if self.loss_kernel:
             from kernels.linear_cross_entropy import linear_cross_entropy  # needs Triton, so only when asked for
 
-            loss, correct = linear_cross_entropy(self.hidden(tokens).flatten(0, 1), self.output.weight,
+            loss, correct = linear_cross_entropy(self.hidden(tokens, documents).flatten(0, 1), self.output.weight,
                                                  targets.flatten(), ignore_index=IGNORE_INDEX, return_correct=True)
         else:
-            logits = self.output(self.hidden(tokens))
+            logits = self.output(self.hidden(tokens, documents))
             loss = cross_entropy_loss(logits, targets)
             x = logits.detach()
             at_target = x.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)

@@ -237,3 +237,61 @@ def test_gpu_configs_load_and_have_their_advertised_size(name, millions):
     with torch.device("meta"):  # shapes only: no memory, no init time
         model = Transformer(cfg.model)
     assert model.num_params() / 1e6 == pytest.approx(millions, rel=0.02)
+
+
+def test_pads_never_change_the_loss():
+    """A right-padded batch of documents (pad targets ignored) has the loss and gradients of the documents
+    run one by one without padding, averaged per target token, whatever the pad tokens are."""
+    torch.manual_seed(0)
+    model = Transformer(tiny(n_kv_heads=2)).double()
+    lengths = [3, 17, 9, 2]  # tokens per document (inputs + the last target)
+    docs = [torch.randint(0, 97, (n,)) for n in lengths]
+
+    def padded_loss(pad: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = torch.full((4, 20), pad)
+        y = torch.full((4, 20), IGNORE_INDEX)
+        for i, d in enumerate(docs):
+            x[i, :len(d) - 1], y[i, :len(d) - 1] = d[:-1], d[1:]
+        model.zero_grad()
+        loss = model(x, y)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    summed = sum(F.cross_entropy(model(d[None, :-1])[0], d[1:], reduction="sum") for d in docs)
+    (summed / (sum(lengths) - len(docs))).backward()
+    one_by_one = [p.grad.clone() for p in model.parameters()]
+    for pad in (0, 96):
+        loss, grads = padded_loss(pad)
+        torch.testing.assert_close(loss, summed.detach() / (sum(lengths) - len(docs)), rtol=1e-12, atol=0)
+        for a, b in zip(grads, one_by_one, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("flex", [False, True], ids=["sdpa-mask", "flex_attention"])
+def test_document_mask_keeps_documents_apart(monkeypatch, flex):
+    """With document ids, changing one document changes none of the others' logits (earlier or later
+    ones), and each document's logits are those of the document alone (RoPE is relative)."""
+    import fasttrain.model as model_module
+
+    monkeypatch.setattr(model_module, "use_flex_attention", lambda device: flex)
+    torch.manual_seed(1)
+    model = Transformer(tiny(n_kv_heads=2)).double().eval()
+    bounds = [0, 7, 19, 32]  # three documents in one row of 32
+    tokens = torch.randint(0, 97, (2, 32))
+    documents = torch.zeros(2, 32, dtype=torch.long)
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        documents[:, a:b] = i
+    changed = tokens.clone()
+    changed[:, 8:19] = (changed[:, 8:19] + 5) % 97  # the middle document
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        a, b = model(tokens, documents=documents), model(changed, documents=documents)
+        alone = [model(tokens[:, s:e]) for s, e in zip(bounds, bounds[1:])]
+        unmasked = model(changed)
+    torch.testing.assert_close(a[:, :7], b[:, :7], rtol=0, atol=0)
+    torch.testing.assert_close(a[:, 19:], b[:, 19:], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(a[:, 8:19], b[:, 8:19])
+    assert not torch.allclose(unmasked[:, 19:], b[:, 19:])  # without the mask the last one would see it
+    for (s, e), logits in zip(zip(bounds, bounds[1:]), alone):  # up to the fp32 RoPE tables' rounding
+        torch.testing.assert_close(a[:, s:e], logits, rtol=1e-6, atol=1e-6)
