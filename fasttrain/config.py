@@ -65,7 +65,17 @@ class DataConfig:
     tokenizer: str = ""  # an existing tokenizer.json to use; "" = prepare trains one
     vocab_size: int = 4096  # vocabulary size of the BPE tokenizer prepare trains
     val_fraction: float = 0.1  # fraction of documents held out for validation
-    sampling: Literal["random", "sequential"] = "random"  # random windows, or one pass in order
+    sampling: Literal["random", "sequential"] = "random"  # random rows, or one pass in order
+    # What a row of a batch holds (fasttrain/documents.py): "packed" windows across document
+    # boundaries (pre-training), "padded" one document per row (truncated to seq_len, pad
+    # targets ignored), or "aligned" rows that start at a document start and pack the next ones after.
+    batching: Literal["packed", "padded", "aligned"] = "packed"
+    # How short rows are padded: "fixed" to seq_len, "longest" to the batch's longest row, or
+    # "bucketed": rows of similar lengths batched together, then cut to the longest.
+    padding: Literal["fixed", "longest", "bucketed"] = "fixed"
+    # A token attends only to earlier tokens of its own document (documents start at end-of-text
+    # tokens); without it a packed or aligned row is one causal sequence across documents.
+    document_mask: bool = False
     prefetch: int = 2  # batches prepared ahead by a background thread; 0 = load in the training thread
 
 

@@ -6,8 +6,10 @@
     metrics = trainer.evaluate()
 
 A step is one optimizer update: `accumulation` micro-batches of batch_size x
-seq_len tokens, each loss divided by `accumulation` so the summed gradient is the
-gradient of the mean loss over the whole update. Then the global gradient norm is
+seq_len tokens, each loss weighted by its share of the update's counted targets
+(all of them when rows are packed; the padded ones are ignored), so the summed
+gradient is the gradient of the mean loss per real token over the whole update,
+over all ranks. Then the global gradient norm is
 clipped, AdamW steps at the learning rate of the schedule, and the gradients are
 cleared. A step whose loss or gradient norm is not finite is skipped instead (no
 update); after `recovery.max_skips` in a row the run rolls back to its latest
@@ -38,7 +40,7 @@ from fasttrain.data import TokenLoader
 from fasttrain.errors import RunStopped, UsageError
 from fasttrain.export import export_weights
 from fasttrain.metrics import MetricsLog, peak_flops, peak_memory_gb, perplexity
-from fasttrain.model import Transformer, generate_text
+from fasttrain.model import IGNORE_INDEX, Transformer, generate_text
 from fasttrain.optim import build_optimizer
 from fasttrain.prepare import ensure_prepared
 from fasttrain.runtime import (
@@ -115,11 +117,7 @@ class Trainer:
         self.hits = torch.zeros(2, device=self.device)  # [top-1 hits, counted targets] of `loss` calls since reset
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device, kernel="adamw" in self.kernels)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.train_loader = TokenLoader(
-            cfg.data.dir, "train", t.batch_size, t.seq_len, sampling=cfg.data.sampling, seed=t.seed,
-            vocab_size=cfg.model.vocab_size, prefetch=cfg.data.prefetch, device=self.device,
-            rank=self.world.rank, world_size=self.world.size,
-        )
+        self.train_loader = self.loader("train", cfg.data.sampling, cfg.data.prefetch)
         val_tokens, val_bytes = self.meta["tokens"]["val"], self.meta["text_bytes"]["val"]
         self.bpb_per_nat = val_tokens / (val_bytes * math.log(2))  # val bits per byte for each nat of loss
         self.flops_per_token = self.model.flops_per_token(t.seq_len)
@@ -143,8 +141,16 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
-        """Tokens per optimizer update, over all ranks."""
+        """Token slots per optimizer update, over all ranks (pads included; `tokens_seen` counts real ones)."""
         return self.accumulation * self.cfg.train.batch_size * self.cfg.train.seq_len * self.world.size
+
+    def loader(self, split: str, sampling: str, prefetch: int) -> TokenLoader:
+        """A loader of this rank's share of `split`, batched as [data] says."""
+        d, t = self.cfg.data, self.cfg.train
+        return TokenLoader(d.dir, split, t.batch_size, t.seq_len, sampling=sampling, batching=d.batching,
+                           padding=d.padding, eot_id=self.tokenizer.eot_id, seed=t.seed,
+                           vocab_size=self.cfg.model.vocab_size, prefetch=prefetch, device=self.device,
+                           rank=self.world.rank, world_size=self.world.size)
 
     def lr(self) -> float:
         """The learning rate of the next update."""
@@ -161,31 +167,40 @@ class Trainer:
         grad_norm = self.clip_gradients()
         # With fp16 an overflowing gradient is the GradScaler's business: it skips and lowers its scale.
         watched = loss if self.precision == "fp16" else loss + grad_norm
-        self.apply_update(skip=not torch.isfinite(watched).item())
+        # The one host sync of a step: whether to update, and how many real tokens it trained on.
+        finite, targets = torch.stack([torch.isfinite(watched).float(), self.step_hits[1]]).tolist()
+        self.apply_update(skip=not finite)
+        self.tokens_seen += round(targets * self.world.size)
         return loss, grad_norm
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean next-token loss of batch (x, y) through the training module; its top-1 hits and
-        counted targets are added to `hits` (the step and the evaluation reset and read them)."""
-        loss, hits = self.forward(x, y, accuracy=True)
+        counted targets are added to `hits` (the step and the evaluation reset and read them).
+        With data.document_mask, each end-of-text token in x starts a new document."""
+        documents = (x == self.tokenizer.eot_id).cumsum(1) if self.cfg.data.document_mask else None
+        loss, hits = self.forward(x, y, accuracy=True, documents=documents)
         self.hits += hits
         return loss
 
     def accumulate_gradients(self) -> torch.Tensor:
         """Forward and backward over the step's micro-batches; returns the mean loss (a device scalar).
 
-        Each micro-batch's loss is divided by the number of micro-batches, so the
-        gradients summed in .grad are those of the mean over the whole update. With
-        several ranks the gradients are reduced across them in the last backward only.
-        This rank's mean loss is returned.
+        Each micro-batch's mean loss is weighted by its counted targets over those of the
+        whole update on all ranks (times the world size, since the gradient reduction
+        averages over ranks), so the gradients summed in .grad are those of the mean
+        loss per counted target. With several ranks the gradients are reduced across
+        them in the last backward only. Returns this rank's term of the update's loss
+        times the world size (their mean over ranks, which `step` takes, is the loss).
         """
+        batches = [next(self.train_loader) for _ in range(self.accumulation)]
+        counts = torch.stack([(y != IGNORE_INDEX).sum() for _, y in batches]).float()
+        weights = counts / distributed.mean(counts.sum(), self.world)  # mean over ranks: x world size / total
         loss_sum = torch.zeros((), device=self.device)
         self.hits.zero_()
-        for i in range(self.accumulation):
-            x, y = next(self.train_loader)
+        for i, (x, y) in enumerate(batches):
             with distributed.gradient_sync(self.wrapped, enabled=i == self.accumulation - 1):
                 with autocast(self.precision, self.device):
-                    loss = self.loss(x, y) / self.accumulation
+                    loss = self.loss(x, y) * weights[i]
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
         return loss_sum
@@ -217,35 +232,33 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
-        self.tokens_seen += self.tokens_per_step
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss, perplexity and bits per byte over the first `eval_steps` batches of the val split.
 
-        The same windows every time (sequential, from the start), so evaluations
-        along a run compare. Eval mode: no dropout. With several ranks each takes its
-        share of those windows (as many as one process with their batch sizes summed)
-        and the loss is the mean over ranks.
+        The same rows every time (sequential, from the start, batched as in training),
+        so evaluations along a run compare. Eval mode: no dropout. With several ranks
+        each takes its share of those rows (as many as one process with their batch
+        sizes summed). The loss is the mean over every counted target of all ranks.
         """
-        t = self.cfg.train
-        loader = TokenLoader(self.cfg.data.dir, "val", t.batch_size, t.seq_len, sampling="sequential",
-                             vocab_size=self.cfg.model.vocab_size, prefetch=0, device=self.device,
-                             rank=self.world.rank, world_size=self.world.size)
-        batches = min(t.eval_steps, loader.reader.batches_per_epoch)
-        total = torch.zeros((), device=self.device)
+        loader = self.loader("val", "sequential", prefetch=0)
+        batches = min(self.cfg.train.eval_steps, loader.reader.batches_per_epoch)
+        total = torch.zeros((), device=self.device)  # summed loss of the counted targets
         self.hits.zero_()
         self.model.eval()
         try:
             for _ in range(batches):
                 x, y = next(loader)
+                before = self.hits[1].clone()
                 with autocast(self.precision, self.device):
-                    total += self.loss(x, y).float()
+                    loss = self.loss(x, y)
+                total += loss.float() * (self.hits[1] - before)  # x this batch's counted targets
         finally:
             self.model.train()
             loader.close()
-        val_loss = distributed.mean(total, self.world).item() / batches
-        correct, counted = distributed.mean(self.hits, self.world).tolist()
+        loss_sum, correct, counted = distributed.mean(torch.cat([total[None], self.hits]), self.world).tolist()
+        val_loss = loss_sum / max(counted, 1)
         self.best_val_loss = min(self.best_val_loss, val_loss)
         return {"val_loss": val_loss, "val_accuracy": correct / max(counted, 1), "val_ppl": perplexity(val_loss),
                 "val_bpb": val_loss * self.bpb_per_nat, "best_val_loss": self.best_val_loss}
@@ -511,7 +524,7 @@ class Trainer:
         loss = meter.loss_sum.item() / meter.steps  # waits for the GPU, so the clock read next is honest
         correct, counted = meter.hits.tolist()
         elapsed, wait = meter.elapsed(), meter.data_wait()
-        tokens_per_s = meter.steps * self.tokens_per_step / elapsed
+        tokens_per_s = (self.tokens_seen - meter.tokens_start) / elapsed  # real tokens: pads do not count
         mfu = self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None
         record = {
             "step": self.global_step, "progress": round(100 * self.global_step / t.max_steps, 2), "loss": loss,
@@ -558,6 +571,7 @@ class _IntervalMeter:
         self.loss_sum.zero_()
         self.hits.zero_()
         self.steps = 0
+        self.tokens_start = self.trainer.tokens_seen
         self.start, self.excluded = time.perf_counter(), 0.0
         self.wait_start = self.trainer.train_loader.wait_seconds
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 
@@ -30,6 +31,20 @@ def pydoc_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def paragraph_data(tmp_path_factory) -> Path:
+    """The embedded corpus's paragraphs as separate documents (mostly shorter than the tiny runs' 32-token
+    rows, some longer), prepared like `pydoc_data`: data whose rows need padding (shared, read-only)."""
+    from pydoc_data.topics import topics
+
+    src = tmp_path_factory.mktemp("paragraphs")
+    paragraphs = [" ".join(p.split()) for text in topics.values() for p in text.split("\n\n") if p.strip()]
+    paragraphs = [p[:int(len(p) ** 0.7)] for p in paragraphs]  # cut long ones more: 10 to 700 characters
+    (src / "docs.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    prepare([str(src / "docs.jsonl")], src / "data", vocab_size=512, quiet=True)
+    return src / "data"
+
+
 def write_shard(path: Path, tokens: np.ndarray, vocab_size: int = 1 << 16) -> Path:
     with ShardWriter(path, vocab_size) as w:
         w.write(np.asarray(tokens))
@@ -47,8 +62,10 @@ def counting_data(tmp_path) -> Path:
 
 def tiny_overrides(data_dir, out_dir) -> list[str]:
     """`--set` items for a 2-layer, 32-wide model on prepared data, small enough for many steps in a test."""
+    meta = Path(data_dir) / "meta.json"
+    inputs = json.loads(meta.read_text())["request"]["inputs"] if meta.is_file() else ["builtin:pydoc"]
     return [
-        f'data.dir="{data_dir}"', f'train.out_dir="{out_dir}"', "train.device=cpu", "data.prefetch=0",
+        f'data.dir="{data_dir}"', f"data.inputs={json.dumps(inputs)}", f'train.out_dir="{out_dir}"', "train.device=cpu", "data.prefetch=0",
         "data.vocab_size=512",  # as the pydoc_data fixture was prepared
         "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
         "train.batch_size=4", "train.seq_len=32", "train.max_steps=10", "schedule.warmup_steps=2",

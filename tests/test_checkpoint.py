@@ -58,20 +58,29 @@ def nan_losses(trainer: Trainer, at_steps: set[int]) -> None:
     trainer.loss = poisoned
 
 
-def test_resumed_training_is_bitwise_identical(pydoc_data, tmp_path):
-    straight = Trainer(tiny_config(pydoc_data, tmp_path / "straight", *EXACT), quiet=True)
+@pytest.mark.parametrize("batching", [
+    [], ["data.batching=padded", "data.padding=bucketed"],
+    ["data.batching=aligned", "data.padding=longest", "data.document_mask=true"],
+], ids=["packed", "padded-bucketed", "aligned-masked"])
+def test_resumed_training_is_bitwise_identical(pydoc_data, paragraph_data, tmp_path, batching):
+    data = paragraph_data if batching else pydoc_data
+    exact = [*EXACT, *batching]
+    straight = Trainer(tiny_config(data, tmp_path / "straight", *exact), quiet=True)
     straight.train()
 
-    interrupted = Trainer(tiny_config(pydoc_data, tmp_path / "resumed", *EXACT), quiet=True)
+    interrupted = Trainer(tiny_config(data, tmp_path / "resumed", *exact), quiet=True)
     plant(interrupted, {5}, lambda t: signal.raise_signal(signal.SIGINT))
     with pytest.raises(Interrupted, match="stopped by SIGINT at step 5; saved .*step_0000005.pt") as stop:
         interrupted.train()
     assert stop.value.exit_code == 130
-    resumed = Trainer(tiny_config(pydoc_data, tmp_path / "resumed", *EXACT), quiet=True)
+    resumed = Trainer(tiny_config(data, tmp_path / "resumed", *exact), quiet=True)
     torch.manual_seed(99)
     resumed.model.reset_parameters()  # the checkpoint, not the seed, must bring the weights back
     assert resumed.resume("auto").name == "step_0000005.pt"
-    assert resumed.global_step == 5 and resumed.tokens_seen == 5 * 256
+    tokens = {e["step"]: e["tokens"] for e in events(tmp_path / "straight", "train")}[5]
+    assert resumed.global_step == 5 and resumed.tokens_seen == tokens
+    if "data.batching=padded" in batching:
+        assert tokens < 5 * 256  # pads do not count
     resumed.train()
 
     def losses(run, kind, key):

@@ -154,6 +154,8 @@ BAD_INPUTS = [
     pytest.param("[data.extra]\nx = 1\n", [], FILE, ["unknown key data.extra"], id="nested-table"),
     pytest.param('[data]\nsampling = "shuffled"\n', [], FILE,
                  ['data.sampling: expected one of "random", "sequential", got "shuffled"'], id="literal"),
+    pytest.param("", ['data.batching="dynamic"'], SET,
+                 ['data.batching: expected one of "packed", "padded", "aligned", got "dynamic"'], id="batching"),
     pytest.param('[data]\ninputs = ["a", 1]\n', [], FILE, ["data.inputs: expected a list of strings"],
                  id="list-of-non-strings"),
     pytest.param('[data]\ninputs = "a.txt"\n', [], FILE, ["data.inputs: expected a list of strings"],

@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fasttrain import Trainer, checkpoint, train_loop
 from fasttrain.config import ModelConfig, ScheduleConfig, TrainConfig
 from fasttrain.errors import UsageError
-from fasttrain.model import Transformer
+from fasttrain.model import IGNORE_INDEX, Transformer
 from fasttrain.optim import param_groups
 from fasttrain.plot import read_metrics
 from fasttrain.schedule import lr_at
@@ -69,11 +70,16 @@ def test_accumulation_steps():
         accumulation_steps(TrainConfig(batch_size=8, seq_len=64, tokens_per_update=3072), world_size=4)
 
 
-def test_accumulation_matches_one_large_batch(pydoc_data, tmp_path):
-    """4 micro-batches of 4 give the loss and gradients of 1 batch of 16 over the same sequences."""
-    common = ("data.sampling=sequential", "train.seed=5")
-    big = Trainer(tiny_config(pydoc_data, tmp_path / "a", *common, "train.batch_size=16"), quiet=True)
-    small = Trainer(tiny_config(pydoc_data, tmp_path / "b", *common, "train.batch_size=4",
+@pytest.mark.parametrize("batching", [[], ["data.batching=padded", "data.padding=longest"]],
+                         ids=["packed", "padded"])
+def test_accumulation_matches_one_large_batch(pydoc_data, paragraph_data, tmp_path, batching):
+    """4 micro-batches of 4 give the loss and gradients of 1 batch of 16 over the same sequences; with
+    padding too, where the micro-batches hold different numbers of real tokens (a mean of their
+    means would weigh a short document's tokens more)."""
+    data = paragraph_data if batching else pydoc_data
+    common = ("data.sampling=sequential", "train.seed=5", *batching)
+    big = Trainer(tiny_config(data, tmp_path / "a", *common, "train.batch_size=16"), quiet=True)
+    small = Trainer(tiny_config(data, tmp_path / "b", *common, "train.batch_size=4",
                                 "train.tokens_per_update=512"), quiet=True)
     assert small.accumulation == 4 and small.tokens_per_step == big.tokens_per_step == 512
     torch.testing.assert_close(big.accumulate_gradients(), small.accumulate_gradients())
@@ -182,6 +188,36 @@ def test_trainer_overfits_one_batch(pydoc_data, tmp_path):
     assert loss.item() < 0.1
     correct, counted = trainer.step_hits.tolist()
     assert counted == 4 * 32 and correct / counted > 0.95  # memorised: almost every next token is the top-1
+
+
+@pytest.mark.parametrize("batching", ["padded", "aligned"])
+def test_document_batches_count_real_tokens_only(paragraph_data, tmp_path, batching):
+    """Step loss, tokens_seen and validation loss are per counted target: pads weigh nothing."""
+    trainer = Trainer(tiny_config(paragraph_data, tmp_path, f"data.batching={batching}", "data.padding=bucketed",
+                                  "data.document_mask=true", "train.eval_steps=3", "train.tokens_per_update=256"),
+                      quiet=True)
+
+    def summed_loss(batches) -> tuple[float, int]:
+        total, counted = 0.0, 0
+        with torch.no_grad():
+            for x, y in batches:
+                documents = (x == trainer.tokenizer.eot_id).cumsum(1)
+                logits = trainer.model(x, documents=documents)
+                total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
+                counted += int((y != IGNORE_INDEX).sum())
+        return total, counted
+
+    peek = trainer.loader("train", "random", prefetch=0)  # the same settings and seed: the step's batches
+    total, counted = summed_loss([next(peek) for _ in range(2)])
+    loss, _ = trainer.step()
+    assert trainer.tokens_seen == counted < trainer.tokens_per_step
+    assert loss.item() == pytest.approx(total / counted, rel=1e-5)
+
+    val = trainer.loader("val", "sequential", prefetch=0)
+    trainer.model.eval()
+    total, counted = summed_loss([next(val) for _ in range(3)])
+    trainer.model.train()
+    assert trainer.evaluate()["val_loss"] == pytest.approx(total / counted, rel=1e-5)
 
 
 def test_evaluation_reports_bits_per_byte(pydoc_data, tmp_path):
