@@ -1,7 +1,13 @@
-"""Data pipeline throughput: the loader (tokens/s delivered) and prepare (tokens/s written).
+"""Data pipeline throughput: the loader (tokens/s delivered) and prepare (tokens/s written); padding waste.
 
 Goal for the loader: >= 100M tokens/s host-side at B=64, T=1024, far above what
 a GPU step consumes (a GPT-2-small step on an H100 takes ~0.5M tokens/s).
+
+`test_padded_batches` measures how much of a padded run's compute goes to pads on
+a corpus of skewed document lengths: `pad_fraction` is the share of token slots
+over a whole epoch that hold pads (each slot costs the same in every matmul;
+attention's cost grows faster with the row, so there the waste of fixed padding is
+larger still). Its tokens/s counts real tokens only.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import numpy as np
 import pytest
 
 from fasttrain.data import TokenLoader
+from fasttrain.model import IGNORE_INDEX
 from fasttrain.prepare import prepare
 from fasttrain.shards import ShardWriter
 
@@ -36,6 +43,41 @@ def test_loader_throughput(benchmark, record, corpus_shards, sampling, prefetch)
     benchmark(next, loader)
     record(per_call=B * T, batch_size=B, seq_len=T, sampling=sampling, prefetch=prefetch)
     loader.close()
+
+
+GPT2_EOT = 50256
+
+
+@pytest.fixture(scope="module")
+def document_shards(tmp_path_factory):
+    """~4M GPT-2-vocabulary tokens of documents whose lengths are log-normal: median 200 tokens, a
+    tenth past 1,000 (web text looks like this), each after an end-of-text token."""
+    d = tmp_path_factory.mktemp("documents")
+    rng = np.random.default_rng(0)
+    lengths = rng.lognormal(np.log(200), 1.2, 12_000).astype(int) + 1
+    tokens = rng.integers(0, GPT2_EOT, int(lengths.sum() + len(lengths)))
+    tokens[np.cumsum(np.concatenate([[0], lengths[:-1] + 1]))] = GPT2_EOT
+    with ShardWriter(d / "train_000000.bin", 50257) as w:
+        w.write(tokens)
+    return d
+
+
+@pytest.mark.parametrize("padding", ["fixed", "longest", "bucketed"])
+def test_padded_batches(benchmark, record, document_shards, padding):
+    def loader():
+        return TokenLoader(document_shards, "train", 16, T, batching="padded", padding=padding, eot_id=GPT2_EOT,
+                           prefetch=0, vocab_size=50257)
+
+    epoch = loader()
+    slots = real = 0
+    for _ in range(epoch.reader.batches_per_epoch):
+        _, y = next(epoch)
+        slots += y.numel()
+        real += int((y != IGNORE_INDEX).sum())
+    timed = loader()
+    benchmark(next, timed)
+    record(per_call=real / epoch.reader.batches_per_epoch, pad_fraction=round(1 - real / slots, 4),
+           batch_size=16, seq_len=T, documents=epoch.reader.rows.num_rows, padding=padding)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from fasttrain.plot import pyplot, save_figure
 
 COLUMNS = {  # extra_info key: column title, in table order
     "gb_per_s": "GB/s", "tflop_per_s": "TFLOP/s", "tokens_per_s": "tokens/s", "fraction_of_floor": "of floor",
-    "mfu": "MFU", "peak_memory_gib": "peak GiB", "peak_extra_gib": "extra GiB",
+    "mfu": "MFU", "peak_memory_gib": "peak GiB", "peak_extra_gib": "extra GiB", "pad_fraction": "on pads",
 }
 HEADLINES = ("gb_per_s", "tflop_per_s", "tokens_per_s")  # a case's bar: the first of these it has
 

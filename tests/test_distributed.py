@@ -42,15 +42,22 @@ def values(run_dir: Path, kind: str, key: str) -> list[float]:
     return [e[key] for e in read_metrics(run_dir) if e["event"] == kind]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_ranks_train_like_one_process_with_the_same_global_batch(pydoc_data, tmp_path, parallel):
-    """4 sequences per micro-batch in one process = 2 on each of 2 ranks: the same windows, so the same
-    losses, gradient norms and validation loss (up to the order of fp32 sums)."""
-    one = single(tiny_args(pydoc_data, tmp_path / "one", *RUN, "train.batch_size=4", "train.tokens_per_update=256"))
+@pytest.mark.parametrize("parallel,batching", [
+    ("ddp", []), ("fsdp", []), ("ddp", ["data.batching=padded", "data.padding=longest"]),
+], ids=["ddp", "fsdp", "ddp-padded"])
+def test_two_ranks_train_like_one_process_with_the_same_global_batch(pydoc_data, paragraph_data, tmp_path, parallel,
+                                                                      batching):
+    """4 sequences per micro-batch in one process = 2 on each of 2 ranks: the same rows, so the same
+    losses, gradient norms and validation loss (up to the order of fp32 sums). Padded, the ranks hold
+    different numbers of real tokens, and every one still weighs the same."""
+    data = paragraph_data if batching else pydoc_data
+    one = single(tiny_args(data, tmp_path / "one", *RUN, *batching, "train.batch_size=4",
+                           "train.tokens_per_update=256"))
     assert one.returncode == 0, one.stderr
-    two = torchrun(tiny_args(pydoc_data, tmp_path / "two", *RUN, "train.batch_size=2", "train.tokens_per_update=256",
-                             f'train.parallel="{parallel}"'))
+    two = torchrun(tiny_args(data, tmp_path / "two", *RUN, *batching, "train.batch_size=2",
+                             "train.tokens_per_update=256", f'train.parallel="{parallel}"'))
     assert two.returncode == 0, two.stderr
+    assert values(tmp_path / "two", "train", "tokens") == values(tmp_path / "one", "train", "tokens")
     for kind, key in (("train", "loss"), ("train", "grad_norm"), ("eval", "val_loss")):
         assert values(tmp_path / "two", kind, key) == pytest.approx(values(tmp_path / "one", kind, key), rel=1e-5)
     ours, theirs = (read_safetensors(tmp_path / run / "final" / "model.safetensors") for run in ("two", "one"))
