@@ -50,7 +50,7 @@ GPT2_EOT = 50256
 
 @pytest.fixture(scope="module")
 def document_shards(tmp_path_factory):
-    """~4M GPT-2-vocabulary tokens of documents whose lengths are log-normal: median 200 tokens, a
+    """~4.9M GPT-2-vocabulary tokens of documents whose lengths are log-normal: median 200 tokens, a
     tenth past 1,000 (web text looks like this), each after an end-of-text token."""
     d = tmp_path_factory.mktemp("documents")
     rng = np.random.default_rng(0)
