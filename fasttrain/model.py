@@ -78,12 +78,21 @@ def use_flex_attention(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-@functools.cache
 def flex_attention_on(device_type: str):
-    """flex_attention, compiled on GPU; uncompiled (CPU tests) it materialises the scores."""
+    """flex_attention, compiled on GPU. Inside a compiled model it is compiled with the model; outside one
+    on CPU (tests) it runs uncompiled, which materialises the scores."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
+    if torch.compiler.is_compiling() or device_type != "cuda":
+        return flex_attention
+    return _compiled_flex_attention()
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
 
 
 def document_mask(documents: torch.Tensor, flex: bool):
@@ -123,7 +132,10 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         gqa = self.n_kv_heads != self.n_heads
         if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask
-            y = flex_attention_on(q.device.type)(q, k, v, block_mask=mask, enable_gqa=gqa)
+            # Compiled flex_attention has given wrong results for a strided v (a view into qkv) beside
+            # contiguous q and k (torch 2.13, inductor on CPU): hand it three contiguous tensors.
+            y = flex_attention_on(q.device.type)(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=mask,
+                                                 enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
