@@ -110,16 +110,20 @@ class RowReader:
         L = self.seq_len
         if self.padding != "fixed":
             L = min(L, -(-(int(length.max()) - 1) // self.pad_multiple) * self.pad_multiple)
-        rows = np.full((B, L + 1), self.pad_id, dtype=self.dtype)
-        for row, (s, o, n) in enumerate(zip(shard.tolist(), offset.tolist(), length.tolist())):
+        rows = np.empty((B, L + 1), dtype=self.dtype)
+        lengths = length.tolist()
+        for row, (s, o, n) in enumerate(zip(shard.tolist(), offset.tolist(), lengths)):
             at = HEADER_BYTES + o * itemsize
             if os.preadv(self._fds[s], [rows[row, :n]], at) != n * itemsize:
                 raise UsageError(f"{self.shards[s].path}: short read at byte {at} (truncated while in use?)")
+            rows[row, n:] = self.pad_id
         x = torch.empty((B, L), dtype=torch.int64, pin_memory=self.pin_memory)
         y = torch.empty((B, L), dtype=torch.int64, pin_memory=self.pin_memory)
         np.copyto(x.numpy(), rows[:, :-1])
-        np.copyto(y.numpy(), rows[:, 1:])
-        y.numpy()[np.arange(L) >= length[:, None] - 1] = IGNORE_INDEX
+        targets = y.numpy()
+        np.copyto(targets, rows[:, 1:])
+        for row, n in enumerate(lengths):  # a row of n tokens has n - 1 targets
+            targets[row, n - 1:] = IGNORE_INDEX
         return x, y
 
     def close(self) -> None:
