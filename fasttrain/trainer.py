@@ -183,7 +183,7 @@ class Trainer:
         return loss
 
     def accumulate_gradients(self) -> torch.Tensor:
-        """Forward and backward over the step's micro-batches; returns the mean loss (a device scalar).
+        """Forward and backward over the step's micro-batches; returns this rank's part of the loss (a device scalar).
 
         Each micro-batch's mean loss is weighted by its counted targets over those of the
         whole update on all ranks (times the world size, since the gradient reduction
