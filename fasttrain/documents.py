@@ -27,15 +27,17 @@ scanned again; where the directory is read-only they are simply not cached.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Literal
 
 import numpy as np
 
-from fasttrain.shards import HEADER_BYTES, ShardInfo
+from fasttrain.atomic import write_atomically
+from fasttrain.errors import UsageError
+from fasttrain.shards import ShardInfo, token_blocks
 
 Batching = Literal["packed", "padded", "aligned"]
-SCAN_TOKENS = 1 << 24  # tokens read at a time when looking for end-of-text tokens
 
 
 def index_path(shard: ShardInfo) -> str:
@@ -47,29 +49,17 @@ def document_starts(shard: ShardInfo, eot_id: int) -> np.ndarray:
     stat = os.stat(shard.path)
     key = np.array([shard.num_tokens, eot_id, stat.st_mtime_ns], dtype=np.int64)
     cache = index_path(shard)
-    try:
+    with contextlib.suppress(OSError, ValueError):  # missing or unreadable: scan the shard
         cached = np.load(cache)
         if cached.dtype == np.int64 and np.array_equal(cached[:3], key):
             return cached[3:]
-    except (OSError, ValueError):  # missing or unreadable: scan the shard
-        pass
-    found = []
-    with open(shard.path, "rb") as f:
-        f.seek(HEADER_BYTES)
-        base = 0
-        while block := f.read(SCAN_TOKENS * shard.dtype.itemsize):
-            tokens = np.frombuffer(block, dtype=shard.dtype)
-            found.append(np.flatnonzero(tokens == eot_id) + base)
-            base += tokens.size
+    found, base = [], 0
+    for tokens in token_blocks(shard):
+        found.append(np.flatnonzero(tokens == eot_id) + base)
+        base += tokens.size
     starts = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
-    tmp = f"{cache}.{os.getpid()}.tmp"
-    try:  # a cache is a convenience: a read-only data directory only means scanning again next time
-        with open(tmp, "wb") as f:
-            np.save(f, np.concatenate([key, starts]))
-        os.replace(tmp, cache)
-    except OSError:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with contextlib.suppress(UsageError):  # a cache is a convenience: a read-only directory means scanning again
+        write_atomically(cache, lambda f: np.save(f, np.concatenate([key, starts])), "cache the document index")
     return starts
 
 

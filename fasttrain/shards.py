@@ -20,6 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -82,14 +83,17 @@ def read_header(path: str | os.PathLike) -> ShardInfo:
     return info
 
 
-def scan_id_bound(info: ShardInfo, chunk: int = 1 << 24) -> int:
-    """Largest token id + 1, read from the data itself (for shards whose header does not say)."""
-    bound = 0
+def token_blocks(info: ShardInfo, chunk: int = 1 << 24) -> Iterator[np.ndarray]:
+    """The shard's tokens in order, `chunk` at a time (memory stays bounded for any shard size)."""
     with open(info.path, "rb") as f:
         f.seek(HEADER_BYTES)
         while block := f.read(chunk * info.dtype.itemsize):
-            bound = max(bound, int(np.frombuffer(block, dtype=info.dtype).max()) + 1)
-    return bound
+            yield np.frombuffer(block, dtype=info.dtype)
+
+
+def scan_id_bound(info: ShardInfo) -> int:
+    """Largest token id + 1, read from the data itself (for shards whose header does not say)."""
+    return max((int(block.max()) + 1 for block in token_blocks(info)), default=0)
 
 
 class ShardWriter:
