@@ -34,7 +34,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, get_args
 
 import numpy as np
 import torch
@@ -192,11 +192,10 @@ class TokenLoader:
                              f"{batch_size}, {seq_len}, {pad_multiple}, {prefetch}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        if sampling not in ("random", "sequential"):
-            raise ValueError(f"sampling must be 'random' or 'sequential', got {sampling!r}")
-        if batching not in ("packed", "padded", "aligned") or padding not in ("fixed", "longest", "bucketed"):
-            raise ValueError(f"batching must be packed, padded or aligned and padding fixed, longest or bucketed, "
-                             f"got {batching!r} and {padding!r}")
+        for name, value, choices in (("sampling", sampling, Sampling), ("batching", batching, Batching),
+                                     ("padding", padding, Padding)):
+            if value not in get_args(choices):
+                raise ValueError(f"{name} must be one of {get_args(choices)}, got {value!r}")
         shards = find_shards(directory, split)
         self.vocab_size = vocab_size or _vocab_size_of(Path(directory), shards)
         if self.vocab_size:

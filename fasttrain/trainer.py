@@ -250,10 +250,9 @@ class Trainer:
         try:
             for _ in range(batches):
                 x, y = next(loader)
-                before = self.hits[1].clone()
                 with autocast(self.precision, self.device):
                     loss = self.loss(x, y)
-                total += loss.float() * (self.hits[1] - before)  # x this batch's counted targets
+                total += loss.float() * (y != IGNORE_INDEX).sum()  # x this batch's counted targets, as in training
         finally:
             self.model.train()
             loader.close()
