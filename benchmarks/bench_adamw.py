@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.conftest import bandwidth, time_cuda
+from benchmarks.conftest import bandwidth, sizes, time_device
 from fasttrain.config import ModelConfig, load_config
 from fasttrain.model import Transformer
 from kernels import FusedAdamW
@@ -26,11 +26,15 @@ MAX_NORM = 1.0
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+MODELS = {  # name: the model whose parameters one step updates
+    "124M": lambda: load_config(CONFIGS / "gpt2-small.toml").model,
+    "1B": lambda: ModelConfig(vocab_size=50304, max_seq_len=2048, d_model=2048, n_layers=18, n_heads=16),
+    "tiny": lambda: ModelConfig(vocab_size=512, max_seq_len=64, d_model=64, n_layers=2, n_heads=2),  # dry runs
+}
+
+
 def parameter_shapes(name: str) -> list[torch.Size]:
-    if name == "124M":
-        cfg = load_config(CONFIGS / "gpt2-small.toml").model
-    else:
-        cfg = ModelConfig(vocab_size=50304, max_seq_len=2048, d_model=2048, n_layers=18, n_heads=16)
+    cfg = MODELS[name]()
     with torch.device("meta"):
         return [p.shape for p in Transformer(cfg).parameters()]
 
@@ -60,13 +64,13 @@ OPTIMIZERS = {"fasttrain": fasttrain_step, "torch_foreach": torch_step(foreach=T
 
 @pytest.mark.parametrize("impl", OPTIMIZERS)
 @pytest.mark.parametrize("clip", [False, True], ids=["step", "clip_step"])
-@pytest.mark.parametrize("model", ["124M", "1B"])
-def test_adamw_step(benchmark, record, cuda, copy_bandwidth, impl, clip, model):
-    params = [torch.randn(shape, device=cuda, requires_grad=True) for shape in parameter_shapes(model)]
+@pytest.mark.parametrize("model", sizes(["124M", "1B"], ["tiny"]))
+def test_adamw_step(benchmark, record, device, copy_bandwidth, impl, clip, model):
+    params = [torch.randn(shape, device=device, requires_grad=True) for shape in parameter_shapes(model)]
     for p in params:
         p.grad = torch.randn_like(p)
     n = sum(p.numel() for p in params)
-    time_cuda(benchmark, OPTIMIZERS[impl](params, clip))
+    time_device(benchmark, device, OPTIMIZERS[impl](params, clip))
     record(impl=impl, model=model, parameters=n, tensors=len(params), dtype="float32", clip=clip,
            bytes_per_param=FLOOR_BYTES[clip],
            **bandwidth(FLOOR_BYTES[clip] * n, benchmark.stats.stats.median, copy_bandwidth))

@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import bandwidth, compiled, liger, time_cuda
+from benchmarks.conftest import bandwidth, compiled, liger, require, sizes, time_device
 from kernels import rms_norm, rms_norm_reference
 
-ROWS = 32768
-HIDDEN = [768, 2048, 4096, 8192, 16384]
+ROWS = sizes(32768, 64)
+HIDDEN = sizes([768, 2048, 4096, 8192, 16384], [768])
 EPS = 1e-6
 FLOOR_BYTES = {  # per element: (forward, backward)
     False: (4, 6),
@@ -36,8 +36,6 @@ def torch_rms_norm(x, weight, residual):
 
 
 def liger_rms_norm(x, weight, residual):
-    if residual is not None:
-        pytest.skip("only Liger's RMSNorm alone is compared")
     return liger("liger_kernel.ops.rms_norm", "LigerRMSNormFunction").apply(x, weight, EPS)  # its defaults
 
 
@@ -54,10 +52,13 @@ RMS_NORM = {
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("residual", [False, True], ids=["norm", "add_norm"])
 @pytest.mark.parametrize("hidden", HIDDEN, ids=lambda h: f"H{h}")
-def test_rms_norm(benchmark, record, cuda, copy_bandwidth, impl, backward, residual, hidden):
+def test_rms_norm(benchmark, record, device, copy_bandwidth, impl, backward, residual, hidden):
+    require(impl)
+    if impl == "liger" and residual:
+        pytest.skip("only Liger's RMSNorm alone is compared")
     fn = RMS_NORM[impl]
-    x = torch.randn(ROWS, hidden, device=cuda, dtype=torch.bfloat16, requires_grad=True)
-    weight = (1 + 0.1 * torch.randn(hidden, device=cuda)).bfloat16().requires_grad_()
+    x = torch.randn(ROWS, hidden, device=device, dtype=torch.bfloat16, requires_grad=True)
+    weight = (1 + 0.1 * torch.randn(hidden, device=device)).bfloat16().requires_grad_()
     r = torch.randn_like(x, requires_grad=True) if residual else None
     inputs = [t for t in (x, weight, r) if t is not None]
     # Incoming gradients made once, outside the timing: of y, and of h when there is one.
@@ -68,7 +69,7 @@ def test_rms_norm(benchmark, record, cuda, copy_bandwidth, impl, backward, resid
         if backward:  # autograd.grad: no .grad accumulation, which would add passes of its own
             torch.autograd.grad(out, inputs, grads)
 
-    time_cuda(benchmark, step)
+    time_device(benchmark, device, step)
     floor_bytes = ROWS * hidden * (FLOOR_BYTES[residual][0] + backward * FLOOR_BYTES[residual][1])
     record(impl=impl, rows=ROWS, hidden=hidden, dtype="bfloat16", residual=residual,
            passes="forward+backward" if backward else "forward",

@@ -23,13 +23,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import time_cuda
+from benchmarks.conftest import DRY_RUN, sizes, time_device
 from fasttrain.config import load_config
 from fasttrain.model import Transformer
 from fasttrain.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STOCK = ["kernels.linear_cross_entropy=false", "kernels.rms_norm=false", "kernels.adamw=false"]
+GPU_CONFIGS = sizes(["gpt2-small.toml", "gpt-350m.toml"], ["base.toml"])
+# A dry run: the base config's model shrunk further, eager fp32 on the CPU (see conftest.DRY_RUN).
+GPU_SETTINGS = sizes(["train.compile=true", 'train.precision="bf16"'],
+                     ["train.compile=false", 'train.precision="fp32"', "model.n_layers=2", "model.d_model=64",
+                      "train.batch_size=4", "train.seq_len=64"])
 
 
 def random_batches(batch_size: int, seq_len: int, vocab_size: int, device: torch.device):
@@ -59,19 +64,20 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("impl", ["fasttrain", "stock"])
-@pytest.mark.parametrize("config", ["gpt2-small.toml", "gpt-350m.toml"])
-def test_gpu_train_step(benchmark, record, cuda, data_dir, config, impl):
-    trainer = make_trainer(CONFIGS / config, data_dir, "train.device=cuda", "train.compile=true", 'train.precision="bf16"',
+@pytest.mark.parametrize("config", GPU_CONFIGS)
+def test_gpu_train_step(benchmark, record, device, data_dir, config, impl):
+    trainer = make_trainer(CONFIGS / config, data_dir, f"train.device={device.type}", *GPU_SETTINGS,
                            *(STOCK if impl == "stock" else []))
-    time_cuda(benchmark, trainer.step, rounds=10)
-    torch.cuda.reset_peak_memory_stats()
-    trainer.step()
+    time_device(benchmark, device, trainer.step, rounds=10)
+    if not DRY_RUN:
+        torch.cuda.reset_peak_memory_stats()
+        trainer.step()
     tokens_per_s = trainer.tokens_per_step / benchmark.stats.stats.median
     record(per_call=trainer.tokens_per_step, impl=impl, config=config, params=trainer.model.num_params(),
-           batch_size=trainer.cfg.train.batch_size, seq_len=trainer.cfg.train.seq_len, dtype="bfloat16",
+           batch_size=trainer.cfg.train.batch_size, seq_len=trainer.cfg.train.seq_len, dtype=trainer.precision,
            kernels=trainer.kernels, compiled=trainer.compiled,
            mfu=round(trainer.flops_per_token * tokens_per_s / trainer.peak_flops, 4) if trainer.peak_flops else None,
-           peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+           peak_memory_gib=None if DRY_RUN else round(torch.cuda.max_memory_allocated() / 2**30, 2))
 
 
 def plain_loop_step(trainer: Trainer):

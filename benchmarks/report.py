@@ -39,7 +39,7 @@ def load_results(path: str | Path) -> dict:
     return results
 
 
-def _case(bench: dict) -> tuple[str, str]:
+def case_of(bench: dict) -> tuple[str, str]:
     """(group, implementation): the case's test and parameters without `impl`, and its `impl`
     (fasttrain for cases that have none: they measure fasttrain alone)."""
     params = dict(bench.get("params") or {})
@@ -71,7 +71,7 @@ def markdown(results: dict) -> str:
     lines.append("| case | implementation | median | " + " | ".join(COLUMNS[k] for k in keys) + " |")
     lines.append("| --- " * (3 + len(keys)) + "|")
     for b in benches:
-        group, impl = _case(b)
+        group, impl = case_of(b)
         extra = b.get("extra_info", {})
         cells = [group, impl, _seconds(b["stats"]["median"]), *(_number(extra[k]) if k in extra else "" for k in keys)]
         lines.append("| " + " | ".join(cells) + " |")
@@ -86,7 +86,7 @@ def chart(results: dict, out: str | Path) -> Path:
         extra = b.get("extra_info", {})
         headline = next((k for k in HEADLINES if k in extra), None)
         if headline is not None:
-            group, impl = _case(b)
+            group, impl = case_of(b)
             panels.setdefault(headline, {}).setdefault(group, {})[impl] = extra[headline]
     if not panels:
         raise UsageError("no case recorded GB/s, TFLOP/s or tokens/s: nothing to chart")

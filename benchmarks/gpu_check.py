@@ -1,0 +1,518 @@
+"""The GPU acceptance pack: every GPU check and measurement from one command, the results in four files.
+
+    python -m benchmarks.gpu_check [--stage env|tests|kernels|step|train ...] [--out DIR] [--dry-run]
+    python -m benchmarks.gpu_check --combine RESULTS.json [RESULTS.json ...] --out DIR
+
+Stages (default: all, in this order). Each runs in a process of its own under its own time
+limit, so a crash or a hang in one leaves the others' results intact:
+
+  env      GPU, driver and versions; the floors every figure is a fraction of, measured here:
+           a device-to-device copy (GB/s) and a large bf16 matmul (TFLOP/s)
+  tests    the test suite on the GPU, so the CUDA-only tests run too
+  kernels  every kernel benchmark against eager PyTorch, torch.compile and Liger-Kernel (when installed)
+  step     the 124M and 350M training step, fasttrain against the stock pieces: tokens/s, MFU, memory
+  train    a short real run of configs/gpt2-small.toml on the embedded docstrings corpus (bf16, compiled,
+           every kernel on): the loss falls, nothing recompiles after warm-up, a checkpoint resumes
+           bit for bit; then the document-masking path (bucketed padding, compiled flex attention)
+
+--out DIR receives gpu_check.json (pytest-benchmark's layout, so `python -m benchmarks.report` reads
+it, plus a "gpu_check" entry with every stage's checks and figures), gpu_check.md (the report),
+gpu_check.png (the chart) and gpu_check.log (what each stage printed); they are rewritten after
+every stage. A one-screen summary ends the output. The exit status is 1 if any check failed.
+
+On a GPU lent in 10-minute commands, run one stage per command and merge the JSON files afterwards
+with --combine. --dry-run runs every stage on the CPU at tiny sizes (CI does): it proves the
+plumbing, and its timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+from typing import Callable, Sequence
+
+from benchmarks.report import case_of, chart, load_results, markdown
+from fasttrain.errors import ArgumentParser, UsageError, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("env", "tests", "kernels", "step", "train")
+STAGE_SECONDS = 540  # each stage's limit: inside one 10-minute command on the lent GPU machine
+FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.png", "gpu_check.log")
+KERNEL_BENCHMARKS = ("bench_cross_entropy.py", "bench_rms_norm.py", "bench_adamw.py")
+LOG_TAIL = 200_000  # characters of a stage's output kept in the log
+
+
+@dataclasses.dataclass
+class Stage:
+    """What one stage found: named pass/fail checks, figures for the report, benchmark cases."""
+
+    checks: list[dict] = dataclasses.field(default_factory=list)
+    figures: dict = dataclasses.field(default_factory=dict)
+    benchmarks: list[dict] = dataclasses.field(default_factory=list)
+    summary: str = ""
+
+    def check(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.checks.append({"name": name, "ok": bool(ok), "detail": detail})
+        return ok
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every stage is given: where to work, how long it has, and whether this is a dry run."""
+
+    work: Path
+    deadline: float  # time.monotonic() by which the stage must be done
+    dry_run: bool
+
+    def seconds_left(self) -> float:
+        return max(self.deadline - time.monotonic(), 1.0)
+
+
+def run(command: Sequence[str], ctx: Context, env: dict[str, str] | None = None) -> tuple[int | None, str]:
+    """Run `command` in the repository (stdout and stderr merged), within the stage's time.
+
+    Returns (exit status, output); the status is None when time ran out, and then the
+    command's whole process group (pytest's workers, a trainer's loader threads) is killed.
+    The output is echoed, so it reaches the stage's log."""
+    print(f"+ {' '.join(command)}", flush=True)
+    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=ctx.seconds_left())
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        code = None
+    print(output[-LOG_TAIL:], flush=True)
+    return code, output
+
+
+def outcome(code: int | None) -> str:
+    return "timed out" if code is None else f"exit {code}"
+
+
+# ----------------------------------------------------------------------------- env
+
+
+def env_stage(ctx: Context) -> Stage:
+    import numpy as np
+    import torch
+
+    from benchmarks.conftest import copy_bytes_per_s, environment, synchronize
+
+    stage = Stage()
+    info = {**environment(), "cuda": torch.version.cuda or "none", "numpy": np.__version__}
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    if gpu:
+        props = torch.cuda.get_device_properties(device)
+        info.update(capability=f"sm_{props.major}{props.minor}", multiprocessors=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1))
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            query = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                                   capture_output=True, text=True)
+            info["driver"] = query.stdout.strip().splitlines()[0] if query.returncode == 0 and query.stdout else "?"
+    stage.check("a CUDA GPU is visible", gpu or ctx.dry_run, info.get("gpu", "none (a dry run on the CPU)"))
+
+    copy = copy_bytes_per_s(device, 1 << 30 if gpu else 1 << 24)
+    n, dtype = (8192, torch.bfloat16) if gpu else (256, torch.float32)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start, repeats = time.perf_counter(), 20
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    matmul = 2 * n**3 * repeats / (time.perf_counter() - start)
+    stage.figures = {"environment": info, "copy_gb_per_s": round(copy / 1e9, 1),
+                     "matmul_tflop_per_s": round(matmul / 1e12, 3), "matmul": f"{n}x{n}x{n} {str(dtype)[6:]}"}
+    stage.summary = (f"{info.get('gpu', info['cpu'])}: copy {copy / 1e9:,.0f} GB/s, "
+                     f"{stage.figures['matmul']} matmul {matmul / 1e12:,.3g} TFLOP/s")
+    return stage
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def tests_stage(ctx: Context) -> Stage:
+    """The suite as CI runs it, but on the GPU (tests/conftest.py uses the interpreter only without one)."""
+    stage = Stage()
+    junit = ctx.work / "tests.xml"
+    targets = ["tests/test_report.py"] if ctx.dry_run else ["tests"]
+    code, _ = run([sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"],
+                  ctx)
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    failed: list[str] = []
+    if junit.exists():
+        root = ElementTree.parse(junit).getroot()
+        for suite in root.iter("testsuite"):
+            for key in counts:
+                counts[key] += int(suite.get(key, 0))
+        failed = [f"{case.get('classname')}::{case.get('name')}" for case in root.iter("testcase")
+                  if case.find("failure") is not None or case.find("error") is not None]
+    bad = counts["failures"] + counts["errors"]
+    passed = counts["tests"] - bad - counts["skipped"]
+    stage.figures = {"passed": passed, "failed": bad, "skipped": counts["skipped"], "failing": failed[:30]}
+    stage.check("test suite", code == 0 and passed > 0,
+                f"{outcome(code)}: {passed} passed, {bad} failed, {counts['skipped']} skipped"
+                + (f"; first failures: {', '.join(failed[:5])}" if failed else ""))
+    stage.summary = stage.checks[-1]["detail"]
+    return stage
+
+
+# ----------------------------------------------------------------------------- kernels and step
+
+
+def benchmark_files(ctx: Context, stage: Stage, files: Sequence[str], select: str) -> None:
+    """Run benchmark files one at a time (one slow file costs only its own cases), keeping every case."""
+    for name in files:
+        out = ctx.work / f"{Path(name).stem}.json"
+        code, _ = run([sys.executable, "-m", "pytest", f"benchmarks/{name}", "-k", select, "--benchmark-only",
+                       f"--benchmark-json={out}", "-q", "-p", "no:cacheprovider"], ctx)
+        cases = json.loads(out.read_text())["benchmarks"] if out.exists() else []
+        stage.benchmarks.extend(cases)
+        stage.check(name, code == 0 and bool(cases), f"{outcome(code)}: {len(cases)} cases")
+
+
+def races(benchmarks: list[dict]) -> list[dict]:
+    """Per case: fasttrain's median against the fastest other implementation of the same case."""
+    groups: dict[str, dict[str, float]] = {}
+    for b in benchmarks:
+        group, impl = case_of(b)
+        groups.setdefault(group, {})[impl] = b["stats"]["median"]
+    rows = []
+    for group, medians in groups.items():
+        others = {impl: t for impl, t in medians.items() if impl != "fasttrain"}
+        if "fasttrain" in medians and others:
+            rival = min(others, key=others.get)
+            rows.append({"case": group, "fasttrain_s": medians["fasttrain"], "rival": rival,
+                         "rival_s": others[rival], "speedup": others[rival] / medians["fasttrain"]})
+    return rows
+
+
+def kernels_stage(ctx: Context) -> Stage:
+    stage = Stage()
+    benchmark_files(ctx, stage, KERNEL_BENCHMARKS, "not cpu")
+    rows = races(stage.benchmarks)
+    stage.figures = {"races": rows}
+    ahead = sum(r["speedup"] >= 1 for r in rows)
+    stage.summary = f"{len(stage.benchmarks)} cases; fasttrain fastest in {ahead} of {len(rows)} races"
+    return stage
+
+
+def step_stage(ctx: Context) -> Stage:
+    stage = Stage()
+    benchmark_files(ctx, stage, ("bench_train_step.py",), "gpu")
+    steps = [{k: b["extra_info"].get(k) for k in ("config", "impl", "tokens_per_s", "mfu", "peak_memory_gib")}
+             for b in stage.benchmarks]
+    stage.figures = {"steps": steps, "races": races(stage.benchmarks)}
+    stage.summary = "; ".join(f"{s['config']} {s['impl']} {s['tokens_per_s']:,} tok/s"
+                              + (f" MFU {s['mfu']:.1%}" if s["mfu"] else "") for s in steps)
+    return stage
+
+
+# ----------------------------------------------------------------------------- train
+
+LOSS_DROP = 0.1  # the loss must fall by 10% of its first value over a run, at least
+RECOMPILE = re.compile(r"Recompiling function (\S+)")  # TORCH_LOGS=recompiles: this line, then the guards
+GUARD_FAILURE = re.compile(r"\[__recompiles\]\s+- (.+)")
+
+
+def train_settings(ctx: Context, out_dir: Path) -> tuple[str, list[str]]:
+    """(config, --set overrides) of the short run: GPT-2 small on the docstrings corpus with every kernel
+    on; in a dry run the base config's model, tiny, eager, fp32 on the CPU."""
+    common = [f'data.dir="{ctx.work / "data"}"', 'data.tokenizer=""', "train.tokens_per_update=0",
+              f'train.out_dir="{out_dir}"', "train.log_interval=1", "train.tensorboard=false",
+              "train.eval_steps=4", "train.sample_tokens=16", "schedule.warmup_steps=5"]
+    if ctx.dry_run:
+        return "configs/base.toml", [*common, 'data.inputs=["builtin:pydoc"]', "data.vocab_size=512",
+                                     "model.n_layers=2", "model.d_model=64", "model.n_heads=2", "train.batch_size=4",
+                                     "optim.lr=1e-2",
+                                     "train.seq_len=64", "train.device=cpu", "train.compile=false",
+                                     'train.precision="fp32"']
+    return "configs/gpt2-small.toml", [*common, 'data.inputs=["builtin:docstrings"]', "data.vocab_size=8192",
+                                       "train.batch_size=16", "train.device=cuda", "train.compile=true",
+                                       'train.precision="bf16"', "kernels.linear_cross_entropy=true",
+                                       "kernels.rms_norm=true", "kernels.adamw=true"]
+
+
+def train_run(ctx: Context, out_dir: Path, steps: int, *extra: str, resume: Path | None = None
+              ) -> tuple[int | None, str, list[dict]]:
+    """Train `steps` steps through the command line (recompiles logged); (status, output, metrics events)."""
+    from fasttrain.plot import read_metrics
+
+    config, overrides = train_settings(ctx, out_dir)
+    command = [sys.executable, "-m", "fasttrain.train", config, "--set", *overrides, f"train.max_steps={steps}",
+               f"train.eval_interval={steps // 2}", f"checkpoint.interval={steps // 2}", *extra]
+    code, output = run([*command, *(["--resume", str(resume)] if resume else [])], ctx,
+                       env={"TORCH_LOGS": "recompiles"})
+    events = read_metrics(out_dir) if (out_dir / "metrics.jsonl").exists() else []
+    return code, output, events
+
+
+def train_losses(events: list[dict]) -> dict[int, tuple[float, float]]:
+    return {e["step"]: (e["loss"], e["grad_norm"]) for e in events if e["event"] == "train"}
+
+
+def loss_falls(stage: Stage, name: str, code: int | None, events: list[dict]) -> bool:
+    losses = [loss for loss, _ in train_losses(events).values()]
+    if not losses:
+        return stage.check(name, False, f"{outcome(code)}, no training step logged")
+    tail = losses[-max(len(losses) // 4, 1):]
+    end = sum(tail) / len(tail)
+    finite = all(abs(x) < float("inf") for x in losses)  # nan fails too
+    return stage.check(name, code == 0 and finite and end < (1 - LOSS_DROP) * losses[0],
+                       f"{outcome(code)}: loss {losses[0]:.3f} -> {end:.3f} over {len(losses)} steps")
+
+
+def late_recompiles(output: str) -> tuple[list[str], list[str]]:
+    """(every recompile, those after warm-up), each as "function: first failed guard". Warm-up ends once
+    the first evaluation has been printed (it may compile the eval-mode graph); from then on every step
+    and evaluation must hit the compiled cache."""
+    found: list[list[str]] = []  # [function, its first failed guard]
+    warm_from = None  # how many recompiles came before warm-up ended
+    for line in output.splitlines():
+        if recompile := RECOMPILE.search(line):
+            found.append([recompile.group(1), ""])
+        elif (guard := GUARD_FAILURE.search(line)) and found and not found[-1][1]:
+            found[-1][1] = guard.group(1).strip()
+        elif warm_from is None and line.startswith("eval step"):
+            warm_from = len(found)
+    recompiles = [f"{function}: {guard}" if guard else function for function, guard in found]
+    return recompiles, recompiles[warm_from:] if warm_from is not None else []
+
+
+def train_stage(ctx: Context) -> Stage:
+    from fasttrain import checkpoint
+
+    stage = Stage()
+    steps = 16 if ctx.dry_run else 60
+    straight = ctx.work / "straight"
+    code, output, events = train_run(ctx, straight, steps)
+    falls = loss_falls(stage, "the loss falls", code, events)
+    recompiles, late = late_recompiles(output)
+    stage.check("no recompiles after warm-up", code == 0 and not late,
+                f"{len(recompiles)} recompiles, {len(late)} after warm-up" + (f"; first: {late[0]}" if late else ""))
+    compile_events = [e for e in events if e["event"] == "compile"]
+    trains = [e for e in events if e["event"] == "train"]
+    stage.figures["straight"] = {
+        "steps": steps, "compile_s": compile_events[0]["seconds"] if compile_events else None,
+        "tokens_per_s": trains[-1].get("tokens_per_s") if trains else None, "mfu": trains[-1].get("mfu") if trains else None,
+        "final_loss": trains[-1]["loss"] if trains else None, "recompiles": recompiles[:10]}
+
+    half = steps // 2
+    saved = checkpoint.path_for(straight / "checkpoints", half)
+    if code == 0 and saved.exists():
+        code, _, resumed = train_run(ctx, ctx.work / "resumed", steps, resume=saved)
+        want = {s: v for s, v in train_losses(events).items() if s > half}
+        got = train_losses(resumed)
+        differ = [s for s in want if got.get(s) != want[s]]
+        stage.check("a checkpoint resumes bit for bit", code == 0 and bool(want) and not differ,
+                    f"{outcome(code)}: steps {half + 1}-{steps} from step {half}'s checkpoint, "
+                    + (f"{len(differ)} of {len(want)} losses or gradient norms differ, first at step {differ[0]}: "
+                       f"{want[differ[0]]} vs {got.get(differ[0])}" if differ else "loss and gradient norm identical"))
+    else:
+        stage.check("a checkpoint resumes bit for bit", False, f"no checkpoint at step {half} to resume from")
+
+    masked = ctx.work / "masked"
+    code, output, events = train_run(ctx, masked, steps, 'data.batching="padded"', 'data.padding="bucketed"',
+                                     "data.document_mask=true")
+    loss_falls(stage, "document masking (bucketed, compiled flex attention) trains", code, events)
+    trains = [e for e in events if e["event"] == "train"]
+    stage.figures["document_mask"] = {"recompiles": len(late_recompiles(output)[0]),
+                                      "tokens_per_s": trains[-1].get("tokens_per_s") if trains else None}
+    stage.summary = (f"{sum(c['ok'] for c in stage.checks)} of {len(stage.checks)} checks pass"
+                     + (f"; {stage.figures['straight']['tokens_per_s']:,.0f} tok/s" if falls else ""))
+    return stage
+
+
+WORKERS: dict[str, Callable[[Context], Stage]] = {
+    "env": env_stage, "tests": tests_stage, "kernels": kernels_stage, "step": step_stage, "train": train_stage,
+}
+
+
+# ----------------------------------------------------------------------------- orchestration and report
+
+
+def commit_id() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"  # no git: the lent GPU machine gets a copy of the working tree without .git
+
+
+def new_results(argv: Sequence[str], commit: str, dry_run: bool) -> dict:
+    return {"datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit_info": {"id": commit}, "command": "python -m benchmarks.gpu_check " + " ".join(argv),
+            "benchmarks": [], "gpu_check": {"dry_run": dry_run, "stages": {}}}
+
+
+def run_stage(name: str, out: Path, work: Path, seconds: float, dry_run: bool) -> dict:
+    """Run one stage's worker process under its limit; its record (status, seconds, checks, figures, cases)."""
+    result = work / f"{name}.json"
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--worker", name, "--work", str(work),
+               "--seconds", str(seconds), *(["--dry-run"] if dry_run else [])]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"FASTTRAIN_BENCH_DRY_RUN": "1"} if dry_run else {})}
+    start = time.monotonic()
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:  # the worker keeps to `seconds` itself; the extra minute is for a hang it cannot see past
+        output, _ = proc.communicate(timeout=seconds + 60)
+        ended = f"exit {proc.returncode}"
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        ended = f"killed after {seconds + 60:.0f} s"
+    elapsed = round(time.monotonic() - start, 1)
+    with open(out / "gpu_check.log", "a", encoding="utf-8") as log:
+        log.write(f"\n===== stage {name} ({elapsed} s, {ended})\n{output[-LOG_TAIL:]}")
+    if not result.exists():  # it crashed or hung: its last line is the best clue (the log has the rest)
+        last = (output.strip().splitlines() or ["no output"])[-1][-300:]
+        return {"status": "error", "seconds": elapsed, "summary": f"the stage died ({ended}): {last}",
+                "checks": [{"name": "the stage finished", "ok": False, "detail": f"{ended}: {last}"}],
+                "figures": {}, "benchmarks": []}
+    record = json.loads(result.read_text())
+    record["status"] = "pass" if all(c["ok"] for c in record["checks"]) else "fail"
+    record["seconds"] = elapsed
+    return record
+
+
+def add_stage(results: dict, name: str, record: dict) -> None:
+    """Put a stage's record into the results, replacing an earlier run of the same stage and its cases."""
+    cases = record.pop("benchmarks")
+    for case in cases:
+        case.setdefault("extra_info", {})["stage"] = name
+    results["benchmarks"] = [b for b in results["benchmarks"] if b.get("extra_info", {}).get("stage") != name] + cases
+    results["gpu_check"]["stages"][name] = record
+
+
+def report(results: dict) -> str:
+    """The markdown report: where, the checks, the floors, fasttrain's races, then every case."""
+    stages = results["gpu_check"]["stages"]
+    env = stages.get("env", {}).get("figures", {})
+    info = env.get("environment", {})
+    lines = [f"# GPU acceptance: {info.get('gpu') or info.get('cpu', 'unknown machine')}"
+             + (" (dry run on the CPU: timings mean nothing)" if results["gpu_check"].get("dry_run") else ""), "",
+             ", ".join(f"{k} {info[k]}" for k in ("driver", "cuda", "torch", "triton", "python") if k in info)
+             + f"; commit {results['commit_info']['id']}; {results['datetime']}", "",
+             f"`{results['command']}`", "", "## Checks", "", "| stage | check | result | detail |",
+             "| --- | --- | --- | --- |"]
+    for name in STAGES:
+        for c in stages.get(name, {}).get("checks", []):
+            lines.append(f"| {name} | {c['name']} | {'pass' if c['ok'] else '**FAIL**'} | {c['detail']} |")
+    if env:
+        lines += ["", f"Floors measured here: device copy {env['copy_gb_per_s']:,} GB/s (read + write), "
+                      f"{env['matmul']} matmul {env['matmul_tflop_per_s']:,} TFLOP/s."]
+    rows = [r for name in ("kernels", "step") for r in stages.get(name, {}).get("figures", {}).get("races", [])]
+    if rows:
+        lines += ["", "## fasttrain against the fastest other implementation", "",
+                  "| case | fasttrain | fastest other | its time | speedup |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {r['case']} | {r['fasttrain_s'] * 1e3:.3f} ms | {r['rival']} | {r['rival_s'] * 1e3:.3f} ms | "
+                  f"{r['speedup']:.2f}x |" for r in rows]
+    if results["benchmarks"]:
+        lines += ["", "## Every case", "", markdown(results)]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (out / "gpu_check.md").write_text(report(results), encoding="utf-8")
+    if results["benchmarks"]:
+        try:
+            chart(results, out / "gpu_check.png")
+        except UsageError as e:  # no matplotlib, or no case with a headline figure: the table still says it all
+            print(f"no chart: {e}")
+
+
+def summary(results: dict) -> str:
+    lines = [f"gpu_check ({'dry run, ' if results['gpu_check'].get('dry_run') else ''}"
+             f"commit {results['commit_info']['id'][:12]}):"]
+    for name in STAGES:
+        record = results["gpu_check"]["stages"].get(name)
+        if record:
+            lines.append(f"  {name:<8} {record['status'].upper():<5} {record['seconds']:>6.0f} s  {record['summary']}")
+            lines += [f"           failed: {c['name']}: {c['detail']}" for c in record["checks"] if not c["ok"]]
+    return "\n".join(lines)
+
+
+def writable_dir(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {path}: cannot create it ({e.strerror or e})") from None
+    return out
+
+
+def combine(paths: Sequence[str], out: Path) -> dict:
+    """One results file from several runs' (one stage each, say); a later run's stage replaces an earlier one's."""
+    results = None
+    for path in paths:
+        part = load_results(path)
+        if "gpu_check" not in part:
+            raise UsageError(f"{path}: no 'gpu_check' entry: not written by benchmarks.gpu_check")
+        if results is None:
+            results = part
+            continue
+        for name, record in part["gpu_check"]["stages"].items():
+            add_stage(results, name, {**record, "benchmarks": [b for b in part["benchmarks"]
+                                                               if b.get("extra_info", {}).get("stage") == name]})
+    write_outputs(results, out)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", action="append", choices=STAGES, help="a stage to run (repeatable; default: all)")
+    parser.add_argument("--out", default="gpu-check", help="where the four result files go (default: gpu-check/)")
+    parser.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes")
+    parser.add_argument("--seconds", type=float, default=STAGE_SECONDS, help="each stage's time limit")
+    parser.add_argument("--commit", help="the commit measured (default: git's HEAD, where there is a .git)")
+    parser.add_argument("--combine", nargs="+", metavar="RESULTS", help="merge these gpu_check.json files into --out")
+    parser.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:  # inside a stage's own process
+        ctx = Context(Path(args.work), time.monotonic() + args.seconds, args.dry_run)
+        stage = WORKERS[args.worker](ctx)
+        (ctx.work / f"{args.worker}.json").write_text(json.dumps(dataclasses.asdict(stage)), encoding="utf-8")
+        return 0
+
+    out = writable_dir(args.out)
+    if args.combine:
+        results = combine(args.combine, out)
+    else:
+        results = new_results(argv, args.commit or commit_id(), args.dry_run)
+        (out / "gpu_check.log").write_text(f"{results['command']}\n", encoding="utf-8")
+        with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
+            for name in [s for s in STAGES if s in (args.stage or STAGES)]:
+                print(f"gpu_check: stage {name} ...", flush=True)
+                add_stage(results, name, run_stage(name, out, Path(work), args.seconds, args.dry_run))
+                write_outputs(results, out)  # after every stage: a later crash keeps what is done
+    print(summary(results))
+    print(f"results: {', '.join(str(out / f) for f in FILES if (out / f).exists())}")
+    return 0 if all(r["status"] == "pass" for r in results["gpu_check"]["stages"].values()) else 1
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,131 @@
+"""benchmarks.gpu_check: the whole GPU acceptance pack as a dry run on the CPU, and its pieces."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_check
+from benchmarks.report import main as report_main
+from fasttrain.errors import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """Every stage, on the CPU at tiny sizes, as CI runs it."""
+    out = tmp_path_factory.mktemp("gpu-check")
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    return proc, out
+
+
+def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
+    proc, out = dry_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == sorted(gpu_check.FILES)
+    results = json.loads((out / "gpu_check.json").read_text())
+    stages = results["gpu_check"]["stages"]
+    assert list(stages) == list(gpu_check.STAGES)
+    for name, record in stages.items():
+        assert record["status"] == "pass" and record["checks"], name
+    # Every check of the short training run ran for real (on the CPU), the bitwise resume among them.
+    assert [c["name"] for c in stages["train"]["checks"]] == [
+        "the loss falls", "no recompiles after warm-up", "a checkpoint resumes bit for bit",
+        "document masking (bucketed, compiled flex attention) trains"]
+    assert stages["tests"]["figures"]["passed"] > 0 and stages["tests"]["figures"]["failed"] == 0
+    assert stages["env"]["figures"]["copy_gb_per_s"] > 0 and stages["env"]["figures"]["matmul_tflop_per_s"] > 0
+    # Each benchmark case is tagged with its stage; the kernels race eager PyTorch.
+    by_stage = {b["extra_info"]["stage"] for b in results["benchmarks"]}
+    assert by_stage == {"kernels", "step"}
+    races = stages["kernels"]["figures"]["races"]
+    assert {r["rival"] for r in races} >= {"eager"} and all(r["speedup"] > 0 for r in races)
+    report = (out / "gpu_check.md").read_text()
+    assert "dry run" in report and "## Checks" in report and "a checkpoint resumes bit for bit | pass" in report
+    assert "## Every case" in report
+    assert "gpu_check (dry run" in proc.stdout and "train    PASS" in proc.stdout
+
+
+def test_report_reads_the_results_file(dry_run, capsys):
+    _, out = dry_run
+    with pytest.raises(SystemExit) as e:
+        run_cli(report_main, [str(out / "gpu_check.json")])
+    assert e.value.code == 0
+    assert "rms_norm" in capsys.readouterr().out
+
+
+def test_combine_merges_stages_and_a_later_failure_wins(dry_run, tmp_path):
+    _, out = dry_run
+    results = json.loads((out / "gpu_check.json").read_text())
+    later = json.loads(json.dumps(results))
+    later["gpu_check"]["stages"] = {"tests": {**results["gpu_check"]["stages"]["tests"], "status": "fail",
+                                              "checks": [{"name": "test suite", "ok": False, "detail": "1 failed"}]}}
+    later["benchmarks"] = []
+    (tmp_path / "later.json").write_text(json.dumps(later))
+    merged = tmp_path / "merged"
+    with pytest.raises(SystemExit) as e:
+        run_cli(gpu_check.main, ["--combine", str(out / "gpu_check.json"), str(tmp_path / "later.json"),
+                                 "--out", str(merged)])
+    assert e.value.code == 1  # a failed check
+    combined = json.loads((merged / "gpu_check.json").read_text())
+    assert combined["gpu_check"]["stages"]["tests"]["status"] == "fail"
+    assert combined["gpu_check"]["stages"]["train"]["status"] == "pass"  # kept from the first file
+    assert len(combined["benchmarks"]) == len(results["benchmarks"])  # the later file had no cases to replace them
+    assert "| tests | test suite | **FAIL** | 1 failed |" in (merged / "gpu_check.md").read_text()
+
+
+def test_late_recompiles_counts_only_those_after_the_first_evaluation():
+    log = "\n".join([
+        "V1122 guards.py] [0/1] [__recompiles] Recompiling function forward in model.py:80",
+        "V1122 guards.py] [0/1] [__recompiles]     triggered by the following guard failure(s):",
+        "V1122 guards.py] [0/1] [__recompiles]     - 0/0: ___check_obj_id(self.training)",
+        "step      5/10 (50.0%) | loss 7.1",
+        "eval step 5: val loss 7.2",
+        "V1122 guards.py] [0/2] [__recompiles] Recompiling function forward in model.py:80",
+        "V1122 guards.py] [0/2] [__recompiles]     triggered by the following guard failure(s):",
+        "V1122 guards.py] [0/2] [__recompiles]     - 0/1: tensor 'x' size mismatch at index 1. expected 64, actual 48",
+        "V1122 guards.py] [0/2] [__recompiles]     - 0/0: ___check_obj_id(self.training)",
+    ])
+    every, late = gpu_check.late_recompiles(log)
+    assert every == ["forward: 0/0: ___check_obj_id(self.training)",
+                     "forward: 0/1: tensor 'x' size mismatch at index 1. expected 64, actual 48"]
+    assert late == every[1:]
+    assert gpu_check.late_recompiles("step 1\nstep 2\n") == ([], [])
+
+
+def test_a_command_past_the_stage_limit_is_killed_with_its_children(tmp_path):
+    ctx = gpu_check.Context(tmp_path, time.monotonic() + 1, dry_run=True)
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    start = time.monotonic()
+    code, _ = gpu_check.run([sys.executable, "-c", script], ctx)
+    assert code is None and time.monotonic() - start < 20
+
+
+def test_races_compare_fasttrain_with_the_fastest_other():
+    def case(impl, median):
+        return {"name": f"test_x[{impl}]", "params": {"n": 1, "impl": impl}, "stats": {"median": median}}
+
+    rows = gpu_check.races([case("fasttrain", 2.0), case("eager", 3.0), case("compiled", 2.5), case("other", 9.0)])
+    assert rows == [{"case": "x n=1", "fasttrain_s": 2.0, "rival": "compiled", "rival_s": 2.5, "speedup": 1.25}]
+    assert gpu_check.races([case("eager", 1.0)]) == []  # nothing to race
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stage", "warp"], "invalid choice: 'warp'"),
+    (["--combine", "{results}", "--out", "{tmp}/out"], "no 'gpu_check' entry"),
+    (["--out", "{file}"], "cannot create it"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, args, message):
+    (tmp_path / "results.json").write_text(json.dumps({"benchmarks": []}))
+    (tmp_path / "file").write_text("")
+    args = [a.format(results=tmp_path / "results.json", tmp=tmp_path, file=tmp_path / "file" / "sub") for a in args]
+    with pytest.raises(SystemExit) as e:
+        run_cli(gpu_check.main, args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error:") and message in err and len(err.strip().splitlines()) == 1
