@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.conftest import bandwidth, time_cuda
+from benchmarks.conftest import bandwidth, median_seconds, time_cuda
 from fasttrain.config import ModelConfig, load_config
 from fasttrain.model import Transformer
 from kernels import FusedAdamW
@@ -69,4 +69,4 @@ def test_adamw_step(benchmark, record, cuda, copy_bandwidth, impl, clip, model):
     time_cuda(benchmark, OPTIMIZERS[impl](params, clip))
     record(impl=impl, model=model, parameters=n, tensors=len(params), dtype="float32", clip=clip,
            bytes_per_param=FLOOR_BYTES[clip],
-           **bandwidth(FLOOR_BYTES[clip] * n, benchmark.stats.stats.median, copy_bandwidth))
+           **bandwidth(FLOOR_BYTES[clip] * n, median_seconds(benchmark), copy_bandwidth))

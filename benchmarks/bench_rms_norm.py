@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import bandwidth, compiled, liger, time_cuda
+from benchmarks.conftest import bandwidth, compiled, liger, median_seconds, time_cuda
 from kernels import rms_norm, rms_norm_reference
 
 ROWS = 32768
@@ -72,4 +72,4 @@ def test_rms_norm(benchmark, record, cuda, copy_bandwidth, impl, backward, resid
     floor_bytes = ROWS * hidden * (FLOOR_BYTES[residual][0] + backward * FLOOR_BYTES[residual][1])
     record(impl=impl, rows=ROWS, hidden=hidden, dtype="bfloat16", residual=residual,
            passes="forward+backward" if backward else "forward",
-           **bandwidth(floor_bytes, benchmark.stats.stats.median, copy_bandwidth))
+           **bandwidth(floor_bytes, median_seconds(benchmark), copy_bandwidth))
