@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.conftest import bandwidth, sizes, time_device
+from benchmarks.conftest import bandwidth, median_seconds, sizes, time_device
 from fasttrain.config import ModelConfig, load_config
 from fasttrain.model import Transformer
 from kernels import FusedAdamW
@@ -73,4 +73,4 @@ def test_adamw_step(benchmark, record, device, copy_bandwidth, impl, clip, model
     time_device(benchmark, device, OPTIMIZERS[impl](params, clip))
     record(impl=impl, model=model, parameters=n, tensors=len(params), dtype="float32", clip=clip,
            bytes_per_param=FLOOR_BYTES[clip],
-           **bandwidth(FLOOR_BYTES[clip] * n, benchmark.stats.stats.median, copy_bandwidth))
+           **bandwidth(FLOOR_BYTES[clip] * n, median_seconds(benchmark), copy_bandwidth))

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import bandwidth, compiled, liger, require, sizes, time_device
+from benchmarks.conftest import bandwidth, compiled, liger, median_seconds, require, sizes, time_device
 from kernels import rms_norm, rms_norm_reference
 
 ROWS = sizes(32768, 64)
@@ -73,4 +73,4 @@ def test_rms_norm(benchmark, record, device, copy_bandwidth, impl, backward, res
     floor_bytes = ROWS * hidden * (FLOOR_BYTES[residual][0] + backward * FLOOR_BYTES[residual][1])
     record(impl=impl, rows=ROWS, hidden=hidden, dtype="bfloat16", residual=residual,
            passes="forward+backward" if backward else "forward",
-           **bandwidth(floor_bytes, benchmark.stats.stats.median, copy_bandwidth))
+           **bandwidth(floor_bytes, median_seconds(benchmark), copy_bandwidth))

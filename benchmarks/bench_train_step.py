@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.conftest import DRY_RUN, sizes, time_device
+from benchmarks.conftest import DRY_RUN, median_seconds, sizes, time_device
 from fasttrain.config import load_config
 from fasttrain.model import Transformer
 from fasttrain.trainer import Trainer
@@ -72,11 +72,11 @@ def test_gpu_train_step(benchmark, record, device, data_dir, config, impl):
     if not DRY_RUN:
         torch.cuda.reset_peak_memory_stats()
         trainer.step()
-    tokens_per_s = trainer.tokens_per_step / benchmark.stats.stats.median
+    median = median_seconds(benchmark)
+    mfu = median and trainer.peak_flops and trainer.flops_per_token * trainer.tokens_per_step / median / trainer.peak_flops
     record(per_call=trainer.tokens_per_step, impl=impl, config=config, params=trainer.model.num_params(),
            batch_size=trainer.cfg.train.batch_size, seq_len=trainer.cfg.train.seq_len, dtype=trainer.precision,
-           kernels=trainer.kernels, compiled=trainer.compiled,
-           mfu=round(trainer.flops_per_token * tokens_per_s / trainer.peak_flops, 4) if trainer.peak_flops else None,
+           kernels=trainer.kernels, compiled=trainer.compiled, mfu=round(mfu, 4) if mfu else None,
            peak_memory_gib=None if DRY_RUN else round(torch.cuda.max_memory_allocated() / 2**30, 2))
 
 

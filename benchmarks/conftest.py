@@ -24,6 +24,21 @@ def sizes(full, tiny):
     return tiny if DRY_RUN else full
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config) -> None:
+    """Without --benchmark-only, run each benchmark once as a test, untimed: the default `pytest` run
+    checks that they work, quickly. (pytest-benchmark refuses --benchmark-disable in addopts beside
+    --benchmark-only, so the choice is made here, before its session reads the option.)"""
+    if not config.getoption("benchmark_only") and not config.getoption("benchmark_enable"):
+        config.option.benchmark_disable = True
+
+
+def median_seconds(benchmark) -> float | None:
+    """The median time of a benchmark's rounds; None when timing is off (a plain test run)."""
+    stats = getattr(benchmark, "stats", None)
+    return None if stats is None else stats.stats.median
+
+
 def environment() -> dict[str, str]:
     info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "cpu": platform.processor() or platform.machine()}
@@ -45,9 +60,9 @@ def record(benchmark):
     def _record(per_call: float | None = None, unit: str = "tokens", **info) -> None:
         benchmark.extra_info.update(environment())
         benchmark.extra_info.update(info)
-        stats = getattr(benchmark, "stats", None)
-        if per_call is not None and stats is not None:  # None when benchmarks are disabled
-            benchmark.extra_info[f"{unit}_per_s"] = round(per_call / stats.stats.median)
+        median = median_seconds(benchmark)
+        if per_call is not None and median is not None:
+            benchmark.extra_info[f"{unit}_per_s"] = round(per_call / median)
 
     return _record
 
@@ -68,7 +83,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def copy_bytes_per_s(device: torch.device, nbytes: int = 1 << 30, repeats: int = 20) -> float:
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 20) -> float:
     """Bytes/s of a large copy within `device` (read + write): the memory floor's practical peak."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
@@ -85,12 +100,14 @@ def copy_bytes_per_s(device: torch.device, nbytes: int = 1 << 30, repeats: int =
 @pytest.fixture(scope="session")
 def copy_bandwidth(device) -> float:
     """Bytes/s of a large device-to-device copy, measured once per session."""
-    return copy_bytes_per_s(device, sizes(1 << 30, 1 << 22))
+    return measure_copy_bandwidth(device, sizes(1 << 30, 1 << 22))
 
 
-def bandwidth(floor_bytes: int, median_s: float, copy_bytes_per_s: float) -> dict[str, float]:
+def bandwidth(floor_bytes: int, median_s: float | None, copy_bytes_per_s: float) -> dict[str, float]:
     """What a memory-bound case records: GB/s of its floor traffic, the copy GB/s it is measured
-    against, and the fraction of that floor reached."""
+    against, and the fraction of that floor reached (nothing when untimed)."""
+    if median_s is None:
+        return {}
     return {"gb_per_s": round(floor_bytes / median_s / 1e9, 1), "copy_gb_per_s": round(copy_bytes_per_s / 1e9, 1),
             "fraction_of_floor": round(floor_bytes / copy_bytes_per_s / median_s, 3)}
 

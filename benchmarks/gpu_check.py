@@ -111,7 +111,7 @@ def env_stage(ctx: Context) -> Stage:
     import numpy as np
     import torch
 
-    from benchmarks.conftest import copy_bytes_per_s, environment, synchronize
+    from benchmarks.conftest import environment, measure_copy_bandwidth, synchronize
 
     stage = Stage()
     info = {**environment(), "cuda": torch.version.cuda or "none", "numpy": np.__version__}
@@ -128,7 +128,7 @@ def env_stage(ctx: Context) -> Stage:
             info["driver"] = query.stdout.strip().splitlines()[0] if query.returncode == 0 and query.stdout else "?"
     stage.check("a CUDA GPU is visible", gpu or ctx.dry_run, info.get("gpu", "none (a dry run on the CPU)"))
 
-    copy = copy_bytes_per_s(device, 1 << 30 if gpu else 1 << 24)
+    copy = measure_copy_bandwidth(device, 1 << 30 if gpu else 1 << 24)
     n, dtype = (8192, torch.bfloat16) if gpu else (256, torch.float32)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):

@@ -158,6 +158,7 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.subprocess
 def test_kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint(pydoc_data, tmp_path):
     saving = [*ENDLESS, "checkpoint.interval=1", "checkpoint.keep_last=1"]
     latest = None
@@ -178,6 +179,7 @@ def test_kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint(pydoc_data, tm
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))  # a killed save's leftovers are cleaned up
 
 
+@pytest.mark.subprocess
 def test_sigterm_saves_and_prints_how_to_resume(pydoc_data, tmp_path):
     proc = train_cli(tiny_args(pydoc_data, tmp_path, *ENDLESS, "checkpoint.interval=1000"))
     wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and events(tmp_path, "train"), proc)

@@ -236,6 +236,7 @@ def test_unreadable_file(tmp_path):
         load_config(tmp_path)  # a directory
 
 
+@pytest.mark.subprocess
 def test_cli_reports_one_line_and_exits_2(tmp_path):
     path = write(tmp_path, "[train]\nbatch_size = 0\n")
     script = textwrap.dedent("""

@@ -20,6 +20,7 @@ from fasttrain.export import read_safetensors
 from fasttrain.plot import read_metrics
 from tests.conftest import tiny_args
 
+pytestmark = pytest.mark.subprocess  # every test here starts the command-line tools in new processes
 ROOT = Path(__file__).resolve().parents[1]
 # 2 steps of 2 accumulated micro-batches: the gradient all-reduce is skipped on the first of each.
 RUN = ["train.max_steps=4", "train.log_interval=1", "train.eval_interval=2", "train.eval_steps=2",

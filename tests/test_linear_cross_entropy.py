@@ -139,6 +139,7 @@ class TinyLM(torch.nn.Module):
         return cross_entropy(self.output(h), targets.flatten(), label_smoothing=0.1, softcap=3.0)
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("fused", [True, False], ids=["linear_cross_entropy", "cross_entropy"])
 def test_compiles_without_graph_breaks(kernel_device, fused):
     model = TinyLM().to(kernel_device)

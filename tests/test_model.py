@@ -115,6 +115,7 @@ def test_scaled_init_of_residual_projections():
     assert torch.equal(model.blocks[0].attn_norm.weight, torch.ones(256))
 
 
+@pytest.mark.compile
 def test_norm_kernel_model_matches_and_shares_weights():
     """norm_kernel=True (kernels.RMSNorm fusing each residual add) loads the plain model's weights and
     computes the same, also compiled: through the Triton interpreter in CI, the PyTorch path without it."""
@@ -297,6 +298,7 @@ def test_document_mask_keeps_documents_apart(monkeypatch, flex):
         torch.testing.assert_close(a[:, s:e], logits, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.compile
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_compiled_flex_document_mask_matches_eager(monkeypatch):
     """The GPU path (flex_attention inside the compiled model), compiled on CPU: the same logits as the

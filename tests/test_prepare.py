@@ -237,6 +237,7 @@ def test_unreadable_file(tmp_path):
         main(["--input", str(p), "--out", str(tmp_path / "out")])
 
 
+@pytest.mark.subprocess
 def test_command_line_exit_codes(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "fasttrain.prepare", *args], cwd=REPO,

@@ -204,6 +204,7 @@ def test_module_is_a_drop_in_for_torch(kernel_device):
     torch.testing.assert_close(h, 2 * x)
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast"])
 def test_compiles_without_graph_breaks(kernel_device, autocast):
     norms = torch.nn.ModuleList(RMSNorm(48, device=kernel_device) for _ in range(2))

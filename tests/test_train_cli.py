@@ -15,6 +15,7 @@ from fasttrain.config import load_config
 from fasttrain.metrics import MetricsLog
 from fasttrain.plot import latest_run, plot_run, read_metrics
 
+pytestmark = pytest.mark.subprocess  # every test here starts the command-line tools in new processes
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "train.batch_size=4", "train.seq_len=64",
          "train.max_steps=6", "train.log_interval=2", "train.eval_interval=4", "train.eval_steps=2",
