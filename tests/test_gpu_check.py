@@ -26,6 +26,7 @@ def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     return proc, out
 
 
+@pytest.mark.subprocess
 def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
     proc, out = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -52,6 +53,7 @@ def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
     assert "gpu_check (dry run" in proc.stdout and "train    PASS" in proc.stdout
 
 
+@pytest.mark.subprocess
 def test_report_reads_the_results_file(dry_run, capsys):
     _, out = dry_run
     with pytest.raises(SystemExit) as e:
@@ -60,6 +62,7 @@ def test_report_reads_the_results_file(dry_run, capsys):
     assert "rms_norm" in capsys.readouterr().out
 
 
+@pytest.mark.subprocess
 def test_combine_merges_stages_and_a_later_failure_wins(dry_run, tmp_path):
     _, out = dry_run
     results = json.loads((out / "gpu_check.json").read_text())
@@ -99,6 +102,7 @@ def test_late_recompiles_counts_only_those_after_the_first_evaluation():
     assert gpu_check.late_recompiles("step 1\nstep 2\n") == ([], [])
 
 
+@pytest.mark.subprocess
 def test_a_command_past_the_stage_limit_is_killed_with_its_children(tmp_path):
     ctx = gpu_check.Context(tmp_path, time.monotonic() + 1, dry_run=True)
     script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
