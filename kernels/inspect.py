@@ -12,9 +12,8 @@ decides whether a kernel fits a GPU and how many programs share an SM.
 Registers and spills come from ptxas's own report (`ptxas -v`), which Triton
 prints when its dump_ptxas_log knob is set: CompiledKernel's n_regs and n_spills
 are only filled in when a driver loads the binary. Shared memory is Triton's
-metadata.shared. Each run compiles into a fresh cache directory, since a cached
-kernel skips ptxas and so its report, and spreads the work over one process per
-CPU core.
+metadata.shared. Every variant is compiled afresh (a cached one would skip ptxas,
+and so its report), into a temporary cache directory, by one process per CPU core.
 
 sm_90 compiles to sm_90a (Hopper's arch-specific features), as Triton does for an H100.
 Exit status: 0, or 1 when a variant fails to compile or needs more shared memory
@@ -66,7 +65,7 @@ TARGETS = {
 
 @dataclass
 class Result:
-    """One variant compiled for one target; `error` (the compiler's first line) instead of figures on failure."""
+    """One variant compiled for one target; on failure `error` (the compiler's message) instead of figures."""
 
     arch: str
     kernel: str
@@ -114,6 +113,7 @@ def compile_for(spec: Specialization, arch: str) -> Result:
     from triton.backends.compiler import GPUTarget
 
     knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True  # a cached kernel would skip ptxas, and so its report
     # Triton 3.9 warns that its fp-fusion default will change; the launchers run with the default too.
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION")
     result = Result(arch, spec.name, spec.label, dict(spec.constexprs), spec.num_warps)
@@ -127,7 +127,7 @@ def compile_for(spec: Specialization, arch: str) -> Result:
         result.registers, result.spill_stores, result.spill_loads = _ptxas_report(log.getvalue())
         result.shared, result.num_warps = compiled.metadata.shared, compiled.metadata.num_warps
     except Exception as e:  # noqa: BLE001  (any compiler failure is a result to report, not a crash)
-        result.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        result.error = f"{type(e).__name__}: {str(e).strip()}"
     result.seconds = time.perf_counter() - start
     return result
 
@@ -136,16 +136,27 @@ def _compile_job(job: tuple[Specialization, str]) -> Result:
     return compile_for(*job)
 
 
+def _cores() -> int:
+    """CPU cores this process may run on (a CI container may get fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def compile_all(archs: list[str]) -> tuple[list[Result], float]:
     """Every variant for every arch in `archs`, compiled in parallel into a fresh cache; (results, seconds)."""
     jobs = [(spec, arch) for arch in archs for spec in all_specializations()]
     start = time.perf_counter()
+    user_cache = os.environ.get("TRITON_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="kernels-inspect-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # the workers inherit it
-        workers = min(os.cpu_count() or 1, len(jobs))
-        # spawn: forking a process that has imported torch can deadlock in its thread pools.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results = list(pool.map(_compile_job, jobs))
+        try:
+            # spawn: forking a process that has imported torch can deadlock in its thread pools.
+            with ProcessPoolExecutor(min(_cores(), len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+                results = list(pool.map(_compile_job, jobs))
+        finally:
+            if user_cache is None:
+                del os.environ["TRITON_CACHE_DIR"]
+            else:
+                os.environ["TRITON_CACHE_DIR"] = user_cache
     return results, time.perf_counter() - start
 
 
@@ -159,10 +170,11 @@ def _summary(arch: str, results: list[Result]) -> str:
     parts = [f"{arch} ({target.gpu}): {len(ok)}/{len(results)} variants compiled"]
     if ok:
         most = max(ok, key=lambda r: r.registers)
-        spilling = sorted({r.kernel for r in ok if r.spill_stores})
+        spilling = [r for r in ok if r.spill_stores]
         shared = max(ok, key=lambda r: r.shared)
+        kernels = ", ".join(sorted({r.kernel for r in spilling}))
         parts += [f"max {most.registers} registers ({most.kernel})",
-                  f"{sum(1 for r in ok if r.spill_stores)} spill" + (f" ({', '.join(spilling)})" if spilling else "s"),
+                  f"{len(spilling)} spilling ({kernels})" if spilling else "no spills",
                   f"max shared {shared.shared} bytes of {target.shared_limit}",
                   f"{sum(r.seconds for r in results):.0f} s of compiling"]
     return ", ".join(parts)
@@ -171,14 +183,14 @@ def _summary(arch: str, results: list[Result]) -> str:
 def format_table(results: list[Result]) -> str:
     """One line per result under a header, a summary line per arch."""
     width = max(len(r.variant) for r in results)
-    header = f"{'arch':<6} {'kernel':<26} {'variant':<{width}} {'warps':>5} {'regs':>4} {'spill':>5} {'shared':>6} {'s':>4}"
+    header = f"{'arch':<6} {'kernel':<26} {'variant':<{width}} {'warps':>5} {'regs':>4} {'spill':>5} {'shared':>6} {'time':>4}"
     lines = [header, "-" * len(header)]
     for r in results:
         if r.error is None:
             figures = f"{r.num_warps:>5} {r.registers:>4} {r.spill_stores:>5} {r.shared:>6} {r.seconds:>4.1f}"
             flag = "  over the shared memory limit" if over_limit(r) else ""
         else:
-            figures, flag = f"{r.num_warps or '':>5}", f"  error: {r.error}"
+            figures, flag = f"{r.num_warps or '':>5}", f"  error: {r.error.splitlines()[0]}"
         lines.append(f"{r.arch:<6} {r.kernel:<26} {r.variant:<{width}} {figures}{flag}")
     lines.append("")
     lines += [_summary(arch, [r for r in results if r.arch == arch]) for arch in dict.fromkeys(r.arch for r in results)]
@@ -205,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                           "results": [dataclasses.asdict(r) for r in results]}, indent=1))
     else:
         print(format_table(results))
-        print(f"triton {triton.__version__}, {seconds:.0f} s on {min(os.cpu_count() or 1, len(results))} processes")
+        print(f"triton {triton.__version__}, {seconds:.0f} s on {min(_cores(), len(results))} processes")
     return 1 if any(r.error is not None or over_limit(r) for r in results) else 0
 
 

@@ -26,21 +26,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Spills accepted, and why: (kernel, BLOCK) -> the most bytes a thread may spill, on either target.
 ACCEPTED_SPILLS = {
-    # Hidden sizes 8193..16384: a 512-thread program may have 128 registers a thread, and the backward keeps
-    # a 16384-wide row's weight and dweight partial in them across all its rows (64 registers) besides the
-    # row it works on. ptxas spills 70-150 bytes a thread; with one such program per SM they stay in L1,
-    # while each row streams 160-300 KB from memory. Splitting the row over programs would avoid them,
-    # for a second reduction; not done before GPU timings say it pays.
+    # Hidden sizes 8193..16384. A 512-thread program may use 128 registers a thread, and the backward keeps
+    # its 16384-wide weight row (and dweight partial) in registers across all its rows, besides the row's h,
+    # dy (and dh): 4 or 5 x 32 values a thread. ptxas spills 4-152 bytes a thread (Triton 3.6 and 3.9), at
+    # most 78 KB a program, one program per SM, so they can stay in L1, while each row moves 130-260 KB
+    # through HBM. Whether they cost anything is for a GPU timing to say; the way out, splitting a row
+    # over programs, costs a second reduction.
     ("_rms_norm_backward_kernel", 16384): 256,
-    # sm_80, 16-bit y at hidden 4097..8192: one 8-byte spill, a few bytes per row of 16-32 KB.
+    # sm_80, 16-bit y at hidden 4097..8192: one 8-byte spill at 40 registers (of 128 allowed), which
+    # ptxas chooses for itself; 8 bytes a thread against a row of 65-115 KB.
     ("_rms_norm_forward_kernel", 8192): 16,
 }
 
 
 def _subprocess_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    return env
+    """This environment without TRITON_INTERPRET; run from ROOT, `-m kernels.inspect` imports this checkout."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
 def _inspect(*args: str) -> subprocess.CompletedProcess:
