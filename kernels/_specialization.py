@@ -31,7 +31,6 @@ class Precision:
     """How a model's tensors are typed: activations and logits in `compute`, parameters (and the
     residual stream, which adds into fp32 when they are fp32) in `param`."""
 
-    name: str
     compute: torch.dtype
     param: torch.dtype
 
@@ -39,10 +38,10 @@ class Precision:
 # fasttrain's train.precision settings (fp32, or bf16/fp16 autocast over fp32 parameters), and a pure
 # bf16 model: FusedAdamW keeps fp32 masters of bf16 parameters.
 PRECISIONS = (
-    Precision("fp32", torch.float32, torch.float32),
-    Precision("bf16 autocast", torch.bfloat16, torch.float32),
-    Precision("fp16 autocast", torch.float16, torch.float32),
-    Precision("bf16", torch.bfloat16, torch.bfloat16),
+    Precision(torch.float32, torch.float32),
+    Precision(torch.bfloat16, torch.float32),  # bf16 autocast
+    Precision(torch.float16, torch.float32),  # fp16 autocast
+    Precision(torch.bfloat16, torch.bfloat16),  # a bf16 model
 )
 COMPUTE_DTYPES = tuple(dict.fromkeys(p.compute for p in PRECISIONS))
 
@@ -65,7 +64,8 @@ def triton_type(value: Any) -> str:
 
 def divisible_by_16(value: Any) -> bool:
     """Triton's other specialization, on values: a pointer 16-byte aligned (every tensor torch allocates
-    is) or an int a multiple of 16 is marked so, which lets the compiler vectorize loads."""
+    is) or an int a multiple of 16 is marked so, which lets the compiler vectorize loads. (An int equal
+    to 1 becomes a constant; the example values avoid 1, as the common launches do.)"""
     return isinstance(value, torch.dtype) or (isinstance(value, int) and value % 16 == 0)
 
 

@@ -183,7 +183,8 @@ def _summary(arch: str, results: list[Result]) -> str:
 def format_table(results: list[Result]) -> str:
     """One line per result under a header, a summary line per arch."""
     width = max(len(r.variant) for r in results)
-    header = f"{'arch':<6} {'kernel':<26} {'variant':<{width}} {'warps':>5} {'regs':>4} {'spill':>5} {'shared':>6} {'time':>4}"
+    header = (f"{'arch':<6} {'kernel':<26} {'variant':<{width}} "
+              f"{'warps':>5} {'regs':>4} {'spill':>5} {'shared':>6} {'time':>4}")
     lines = [header, "-" * len(header)]
     for r in results:
         if r.error is None:

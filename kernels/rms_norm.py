@@ -200,9 +200,9 @@ def specializations() -> list[Specialization]:
                 h = x if residual is None else torch.promote_types(x, residual)  # the dtype of x + residual
                 found.append(Specialization.of(
                     _rms_norm_forward_kernel, num_warps, dict(HAS_RESIDUAL=residual is not None, **tiles),
-                    x_ptr=x, x_stride=n_cols, residual_ptr=residual or x, residual_stride=n_cols, h_ptr=h,
-                    h_stride=n_cols, weight_ptr=stream, y_ptr=y, y_stride=n_cols, rstd_ptr=f32,
-                    n_rows=EXAMPLE_ROWS, n_cols=n_cols, eps=1e-6,
+                    x_ptr=x, x_stride=n_cols, residual_ptr=x if residual is None else residual,
+                    residual_stride=n_cols, h_ptr=h, h_stride=n_cols, weight_ptr=stream, y_ptr=y, y_stride=n_cols,
+                    rstd_ptr=f32, n_rows=EXAMPLE_ROWS, n_cols=n_cols, eps=1e-6,
                 ))
                 for has_dh in (False, True) if residual is not None else (False,):
                     for weight_grad in (True, False):

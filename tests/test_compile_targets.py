@@ -212,7 +212,8 @@ def test_argument_types_are_tritons():
 
 def test_ptxas_reports_are_read():
     for tool in ("ptxas", "ptxas-blackwell"):  # Triton 3.9 uses the second for sm_90
-        log = (f"{tool} info    : Compiling entry function 'k' for 'sm_90a'\n{tool} info    : Function properties for k\n"
+        log = (f"{tool} info    : Compiling entry function 'k' for 'sm_90a'\n"
+               f"{tool} info    : Function properties for k\n"
                "    8 bytes stack frame, 12 bytes spill stores, 16 bytes spill loads\n"
                f"{tool} info    : Used 168 registers, used 1 barriers, 400 bytes cmem[0]\n")
         assert _ptxas_report(log) == (168, 12, 16)
