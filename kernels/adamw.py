@@ -41,6 +41,7 @@ from torch import Tensor
 
 from kernels import _multi_tensor
 from kernels._backend import use_triton
+from kernels._specialization import Specialization
 from kernels.clip_grad_norm import clip_coefficient, grad_norm
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -92,6 +93,23 @@ def _adamw_kernel(rows_ptr, chunks_ptr, lr_ptr, coefficient_ptr, param_type_ptr,
         if HAS_MASTER:
             tl.store(master + index, p, mask=mask)
         tl.store(param + index, p.to(param_type_ptr.dtype.element_ty), mask=mask)
+
+
+def _constexprs(param_dtype: torch.dtype, clip: bool) -> dict[str, int]:
+    """The kernel's compile-time arguments for a launch over parameters of `param_dtype`."""
+    return dict(HAS_MASTER=param_dtype != torch.float32, CLIP=clip, CHUNK=_multi_tensor.CHUNK,
+                BLOCK=_multi_tensor.BLOCK)
+
+
+def specializations() -> list[Specialization]:
+    """What FusedAdamW compiles: per parameter dtype it takes (gradients in the same dtype), with and
+    without clipping folded in; the betas, eps, weight decay and learning rate are run-time values."""
+    f32 = torch.float32
+    return [Specialization.of(_adamw_kernel, None, _constexprs(dtype, clip), rows_ptr=torch.int64,
+                              chunks_ptr=torch.int64, lr_ptr=f32, coefficient_ptr=f32, param_type_ptr=dtype,
+                              grad_type_ptr=dtype, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=0.001,
+                              log_beta1=-0.1, log_beta2=-0.001, eps=1e-8, weight_decay=0.1)
+            for dtype in PARAM_DTYPES for clip in (False, True)]
 
 
 def _torch_update(params: list[Tensor], grads: list[Tensor], states: list[dict], lr: float, beta1: float,
@@ -229,7 +247,8 @@ class FusedAdamW(torch.optim.Optimizer):
             _torch_update(params, grads, states, float(group["lr"]), beta1, beta2, group["eps"],
                           group["weight_decay"], coefficient)
             return
-        has_master = params[0].dtype != torch.float32
+        constexprs = _constexprs(params[0].dtype, clip=coefficient is not None)
+        has_master = constexprs["HAS_MASTER"]
         columns = [params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                    [s["step"] for s in states], [s["master_param"] for s in states] if has_master else params]
         rows, chunks = self._tables.setdefault((index, *key), _multi_tensor.TensorTable())(columns)
@@ -238,8 +257,7 @@ class FusedAdamW(torch.optim.Optimizer):
             rows, chunks, lr, lr if coefficient is None else coefficient, params[0], grads[0],
             1 - beta1, beta2, 1 - beta2,  # 1 - beta in double, rounded once, as torch's scalars are
             math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
-            group["eps"], group["weight_decay"],
-            HAS_MASTER=has_master, CLIP=coefficient is not None, CHUNK=_multi_tensor.CHUNK, BLOCK=_multi_tensor.BLOCK,
+            group["eps"], group["weight_decay"], **constexprs,
         )
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -24,6 +24,8 @@ from torch import Tensor
 
 from kernels import _multi_tensor
 from kernels._backend import use_triton
+from kernels._specialization import Specialization
+
 
 @triton.jit
 def _sum_squares_kernel(rows_ptr, chunks_ptr, partials_ptr, grad_type_ptr, CHUNK: tl.constexpr,
@@ -57,6 +59,23 @@ def _scale_kernel(rows_ptr, chunks_ptr, coefficient_ptr, grad_type_ptr, CHUNK: t
             mask = index < numel
             g = tl.load(grad + index, mask=mask).to(tl.float32)
             tl.store(grad + index, (g * coefficient).to(grad_type_ptr.dtype.element_ty), mask=mask)
+
+
+def _constexprs() -> dict[str, int]:
+    """Both kernels' compile-time arguments: the work split of kernels/_multi_tensor.py."""
+    return dict(CHUNK=_multi_tensor.CHUNK, BLOCK=_multi_tensor.BLOCK)
+
+
+def specializations() -> list[Specialization]:
+    """What `grad_norm` and `clip_grad_norm_` compile: one variant of each kernel per gradient dtype."""
+    i64, f32 = torch.int64, torch.float32
+    found = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        found.append(Specialization.of(_sum_squares_kernel, None, _constexprs(), rows_ptr=i64, chunks_ptr=i64,
+                                       partials_ptr=f32, grad_type_ptr=dtype))
+        found.append(Specialization.of(_scale_kernel, None, _constexprs(), rows_ptr=i64, chunks_ptr=i64,
+                                       coefficient_ptr=f32, grad_type_ptr=dtype))
+    return found
 
 
 def _by_dtype(grads: list[Tensor]) -> dict[torch.dtype, list[Tensor]]:
@@ -93,8 +112,7 @@ def grad_norm(grads: list[Tensor], tables: dict | None = None) -> Tensor:
     for dtype, bucket in _by_dtype(grads).items():
         rows, chunks = tables.setdefault(("norm", dtype), _multi_tensor.TensorTable())([bucket])
         out = torch.empty(chunks.shape[0], dtype=torch.float32, device=bucket[0].device)
-        _sum_squares_kernel[(chunks.shape[0],)](rows, chunks, out, bucket[0], CHUNK=_multi_tensor.CHUNK,
-                                                BLOCK=_multi_tensor.BLOCK)
+        _sum_squares_kernel[(chunks.shape[0],)](rows, chunks, out, bucket[0], **_constexprs())
         partials.append(out)
     return torch.cat(partials).sum().sqrt()
 
@@ -122,6 +140,5 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float) -> T
         return norm
     for dtype, bucket in _by_dtype(grads).items():
         rows, chunks = _multi_tensor.TensorTable()([bucket])
-        _scale_kernel[(chunks.shape[0],)](rows, chunks, coefficient, bucket[0], CHUNK=_multi_tensor.CHUNK,
-                                          BLOCK=_multi_tensor.BLOCK)
+        _scale_kernel[(chunks.shape[0],)](rows, chunks, coefficient, bucket[0], **_constexprs())
     return norm

@@ -37,6 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels._backend import num_warps_for, use_triton
+from kernels._specialization import COMPUTE_DTYPES, VOCAB_SIZES, Specialization, choices
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum", "none")
@@ -141,8 +142,10 @@ def _scale_rows_kernel(x_ptr, x_stride, weight_ptr, weight_stride, n_cols, BLOCK
 # ----------------------------------------------------------------------------- launchers
 
 
-def _block(n_cols: int) -> int:
-    return min(triton.next_power_of_2(n_cols), MAX_BLOCK)
+def launch_config(n_cols: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of both kernels for rows of `n_cols`: the whole row in one block up to MAX_BLOCK."""
+    block = min(triton.next_power_of_2(n_cols), MAX_BLOCK)
+    return block, num_warps_for(block)
 
 
 def _row_stride(weight: Tensor) -> int:
@@ -191,13 +194,12 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, 
         lse, correct = torch.empty_like(loss), torch.empty_like(loss)
     else:
         loss = correct = lse  # not written when FORWARD is off; the kernel only needs pointers
-    block = _block(n_cols)
+    block, num_warps = launch_config(n_cols)
     _cross_entropy_kernel[(n_rows,)](
         logits, logits.stride(0), target, weight, _row_stride(weight),
         loss, lse, correct, logits if grad is None else grad, logits.stride(0) if grad is None else grad.stride(0),
         n_cols, ignore_index, label_smoothing, z_loss, softcap or 1.0,
-        HAS_SOFTCAP=bool(softcap), FORWARD=forward, WRITE_GRAD=grad is not None, BLOCK=block,
-        num_warps=num_warps_for(block),
+        HAS_SOFTCAP=bool(softcap), FORWARD=forward, WRITE_GRAD=grad is not None, BLOCK=block, num_warps=num_warps,
     )
     return loss, lse, correct
 
@@ -210,9 +212,47 @@ def _scale_rows(x: Tensor, weight: Tensor) -> None:
         elif weight.item() != 1.0:  # on the CPU path a sync costs nothing
             x.mul_(weight.to(x.dtype))
         return
-    block = _block(x.shape[1])
+    block, num_warps = launch_config(x.shape[1])
     _scale_rows_kernel[(x.shape[0],)](x, x.stride(0), weight, _row_stride(weight), x.shape[1], BLOCK=block,
-                                      num_warps=num_warps_for(block))
+                                      num_warps=num_warps)
+
+
+def rows_specialization(dtype: torch.dtype, n_cols: int, softcap: bool, forward: bool, write_grad: bool
+                        ) -> Specialization:
+    """The cross-entropy kernel as `_launch` compiles it for (N, n_cols) logits of `dtype` (the gradient in
+    the same dtype; one fp32 weight for every row, as for reduction mean or sum). label_smoothing and
+    z_loss are run-time floats: every value runs the same binary."""
+    block, num_warps = launch_config(n_cols)
+    f32 = torch.float32
+    return Specialization.of(
+        _cross_entropy_kernel, num_warps,
+        dict(HAS_SOFTCAP=softcap, FORWARD=forward, WRITE_GRAD=write_grad, BLOCK=block),
+        logits_ptr=dtype, logits_stride=n_cols, target_ptr=torch.int64, weight_ptr=f32, weight_stride=0,
+        loss_ptr=f32, lse_ptr=f32, correct_ptr=f32, grad_ptr=dtype, grad_stride=n_cols,
+        n_cols=n_cols, ignore_index=IGNORE_INDEX, label_smoothing=0.0, z_loss=0.0, softcap=1.0,
+    )
+
+
+def scale_rows_specialization(dtype: torch.dtype, n_cols: int) -> Specialization:
+    """The row-scaling kernel as `_scale_rows` compiles it for (N, n_cols) rows of `dtype`."""
+    block, num_warps = launch_config(n_cols)
+    return Specialization.of(_scale_rows_kernel, num_warps, dict(BLOCK=block), x_ptr=dtype, x_stride=n_cols,
+                             weight_ptr=torch.float32, weight_stride=0, n_cols=n_cols)
+
+
+def specializations() -> list[Specialization]:
+    """What `cross_entropy` compiles over the project's vocabularies and dtypes: per logits dtype, the
+    forward without a gradient (no_grad, or fp16), then the fused forward and its row scaling, or (fp16)
+    the separate backward; each with and without softcap."""
+    found = []
+    for n_cols in choices(launch_config, VOCAB_SIZES).values():
+        for dtype in COMPUTE_DTYPES:
+            fused = fuses_gradient(dtype)
+            for forward, write_grad in ((True, False), (True, True) if fused else (False, True)):
+                found += [rows_specialization(dtype, n_cols, softcap, forward, write_grad) for softcap in (False, True)]
+            if fused:
+                found.append(scale_rows_specialization(dtype, n_cols))
+    return found
 
 
 # ----------------------------------------------------------------------------- torch.library ops
@@ -290,9 +330,9 @@ def reduce_rows(rows: Tensor, scale: Tensor, reduction: str) -> Tensor:
     return rows if reduction == "none" else rows.sum() * scale.squeeze(0)
 
 
-def fuses_gradient(logits: Tensor) -> bool:
-    """Whether the forward writes the gradient (see the module docstring for why not fp16)."""
-    return logits.dtype != torch.float16
+def fuses_gradient(dtype: torch.dtype) -> bool:
+    """Whether the forward writes the gradient of logits of `dtype` (see the module docstring for why not fp16)."""
+    return dtype != torch.float16
 
 
 class _CrossEntropyFunction(torch.autograd.Function):
@@ -302,7 +342,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         if logits.stride(1) != 1:
             logits = logits.contiguous()
         scale = mean_scale(target, ignore_index, reduction)
-        ctx.fused = needs_grad and fuses_gradient(logits)
+        ctx.fused = needs_grad and fuses_gradient(logits.dtype)
         grad = (logits if inplace else torch.empty_like(logits)) if ctx.fused else logits.new_empty(0)
         rows, lse, hits = _rows_op(logits, target, scale, grad, ctx.fused, ignore_index, label_smoothing, z_loss,
                                    softcap)

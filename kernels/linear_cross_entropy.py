@@ -38,9 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels._specialization import HIDDEN_SIZES, PRECISIONS, VOCAB_SIZES, Specialization, choices
 from kernels.cross_entropy import (
     IGNORE_INDEX, _grad_op, _rows_op, _scale_rows_op, check_inputs, cross_entropy_reference, fuses_gradient,
-    mean_scale, reduce_rows,
+    launch_config, mean_scale, reduce_rows, rows_specialization, scale_rows_specialization,
 )
 
 CHUNK_ROWS = 1024  # rows of logits alive at once: 1024 x 131072 bf16 = 256 MiB
@@ -90,6 +91,28 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
     return rows, lse_out, hits, (grad_hidden, grad_weight, grad_bias)
 
 
+def specializations() -> list[Specialization]:
+    """What `linear_cross_entropy` compiles of the cross-entropy kernels, per precision: chunks of logits
+    in the compute dtype, forward (with the gradient when fused) and the recomputing backward
+    (reduction="none", fp16); when fused, the backward scales the finished gradients, the hidden
+    states' (compute dtype) and the weight's (parameter dtype) over hidden-size rows, the bias's over
+    one vocabulary-wide row."""
+    vocab = choices(launch_config, VOCAB_SIZES).values()
+    hidden = choices(launch_config, HIDDEN_SIZES).values()
+    found = []
+    for precision in PRECISIONS:
+        fused = fuses_gradient(precision.compute)
+        for n_cols in vocab:
+            for forward, write_grad in ((True, False), (True, fused), (False, True)):
+                found += [rows_specialization(precision.compute, n_cols, softcap, forward, write_grad)
+                          for softcap in (False, True)]
+        if fused:
+            found += [scale_rows_specialization(dtype, n_cols) for dtype in (precision.compute, precision.param)
+                      for n_cols in hidden]
+            found += [scale_rows_specialization(precision.param, n_cols) for n_cols in vocab]
+    return found
+
+
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
@@ -100,7 +123,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         b = None if bias is None else bias.to(compute_dtype)
         options = (ignore_index, label_smoothing, z_loss, softcap)
         scale = mean_scale(target, ignore_index, reduction)
-        ctx.fused = any(needs) and reduction != "none" and fuses_gradient(h)
+        ctx.fused = any(needs) and reduction != "none" and fuses_gradient(h.dtype)
         rows, lse, hits, grads = _chunked_pass(h, w, b, target, scale, None, needs if ctx.fused else (False,) * 3,
                                                options, chunk_rows)
         if ctx.fused:  # stored in the inputs' dtypes now, so the fp32 accumulators are freed at once

@@ -40,6 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels._backend import num_warps_for, use_triton
+from kernels._specialization import EXAMPLE_ROWS, HIDDEN_SIZES, PRECISIONS, Specialization, choices
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HIDDEN = 65536  # a program holds a whole row in registers
@@ -180,6 +181,39 @@ def _backward(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, rstd: Te
         HAS_DH=dh is not None, WEIGHT_GRAD=weight_grad, BLOCK_ROWS=block_rows, BLOCK=block, num_warps=num_warps,
     )
     return partials.sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
+
+
+def specializations() -> list[Specialization]:
+    """What `rms_norm` compiles over the project's hidden sizes, per precision: the stream (x without a
+    residual, the residual with one) and the weight in the parameter dtype, x with a residual (a block's
+    output) and y in the compute dtype; the backward with dweight or without (a frozen weight), and with
+    a residual, with or without a gradient reaching h. eps is a run-time float: every value runs the
+    same binary. The example rows_per_program is that of a single program (all rows): its value only
+    bounds a loop."""
+    found = []
+    f32 = torch.float32
+    for (block, block_rows, num_warps), n_cols in choices(_tiling, HIDDEN_SIZES).items():
+        tiles = dict(BLOCK_ROWS=block_rows, BLOCK=block)
+        for precision in PRECISIONS:
+            stream, y = precision.param, precision.compute
+            for x, residual in ((stream, None), (precision.compute, stream)):
+                h = x if residual is None else torch.promote_types(x, residual)  # the dtype of x + residual
+                found.append(Specialization.of(
+                    _rms_norm_forward_kernel, num_warps, dict(HAS_RESIDUAL=residual is not None, **tiles),
+                    x_ptr=x, x_stride=n_cols, residual_ptr=x if residual is None else residual,
+                    residual_stride=n_cols, h_ptr=h, h_stride=n_cols, weight_ptr=stream, y_ptr=y, y_stride=n_cols,
+                    rstd_ptr=f32, n_rows=EXAMPLE_ROWS, n_cols=n_cols, eps=1e-6,
+                ))
+                for has_dh in (False, True) if residual is not None else (False,):
+                    for weight_grad in (True, False):
+                        found.append(Specialization.of(
+                            _rms_norm_backward_kernel, num_warps,
+                            dict(HAS_DH=has_dh, WEIGHT_GRAD=weight_grad, **tiles),
+                            dy_ptr=y, dy_stride=n_cols, dh_ptr=h if has_dh else y, dh_stride=n_cols, h_ptr=h,
+                            h_stride=n_cols, weight_ptr=stream, rstd_ptr=f32, dx_ptr=h, dx_stride=n_cols,
+                            dweight_ptr=f32, n_rows=EXAMPLE_ROWS, n_cols=n_cols, rows_per_program=EXAMPLE_ROWS,
+                        ))
+    return found
 
 
 # ----------------------------------------------------------------------------- torch.library ops
