@@ -21,7 +21,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, get_args, get_origin, get_type_hints
 
@@ -301,6 +301,16 @@ def _build(doc: dict[str, Any], source: str, overrides: Sequence[str]) -> Config
         _assign(_section(cfg, section, OVERRIDE_SOURCE), section, key, value, OVERRIDE_SOURCE, sources)
     _validate(cfg, sources)
     return cfg
+
+
+def resolve(cfg: Config, data_dir: str, tokenizer_vocab: int) -> Config:
+    """A copy of `cfg` with what preparing its data found (prepare.ensure_prepared): the data
+    directory, and model.vocab_size when it is 0. The run records this one (config.toml), so it
+    names what was used. UsageError if the model's vocabulary is too small for the tokenizer's."""
+    vocab = cfg.model.vocab_size or tokenizer_vocab
+    if vocab < tokenizer_vocab:
+        raise UsageError(f"model.vocab_size = {vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens in {data_dir}")
+    return replace(cfg, data=replace(cfg.data, dir=data_dir), model=replace(cfg.model, vocab_size=vocab))
 
 
 def config_to_toml(cfg: Config) -> str:
