@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from fasttrain.data import TokenLoader
-from fasttrain.model import IGNORE_INDEX
+from fasttrain.documents import IGNORE_INDEX
 from fasttrain.prepare import prepare
 from fasttrain.shards import ShardWriter
 

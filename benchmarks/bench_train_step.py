@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from benchmarks.conftest import DRY_RUN, median_seconds, sizes, time_device
 from fasttrain.config import load_config
+from fasttrain.metrics import peak_flops
 from fasttrain.model import Transformer
 from fasttrain.trainer import Trainer
 
@@ -53,8 +54,8 @@ def make_trainer(config: Path, data_dir: Path, *overrides: str) -> Trainer:
         f'train.out_dir="{data_dir / "run"}"', "train.tokens_per_update=0", "train.tensorboard=false", *overrides,
     ])
     trainer = Trainer(cfg, quiet=True)
-    t = cfg.train
-    trainer.train_loader = random_batches(t.batch_size, t.seq_len, cfg.model.vocab_size, trainer.device)
+    t, vocab_size = trainer.cfg.train, trainer.cfg.model.vocab_size  # the resolved config: vocab_size is known
+    trainer.train_loader = random_batches(t.batch_size, t.seq_len, vocab_size, trainer.device)
     return trainer
 
 
@@ -72,11 +73,12 @@ def test_gpu_train_step(benchmark, record, device, data_dir, config, impl):
     if not DRY_RUN:
         torch.cuda.reset_peak_memory_stats()
         trainer.step()
-    median = median_seconds(benchmark)
-    mfu = median and trainer.peak_flops and trainer.flops_per_token * trainer.tokens_per_step / median / trainer.peak_flops
+    median, peak = median_seconds(benchmark), peak_flops(trainer.device)
+    flops_per_step = trainer.model.flops_per_token(trainer.cfg.train.seq_len) * trainer.tokens_per_step
+    mfu = median and peak and flops_per_step / median / peak
     record(per_call=trainer.tokens_per_step, impl=impl, config=config, params=trainer.model.num_params(),
            batch_size=trainer.cfg.train.batch_size, seq_len=trainer.cfg.train.seq_len, dtype=trainer.precision,
-           kernels=trainer.kernels, compiled=trainer.compiled, mfu=round(mfu, 4) if mfu else None,
+           kernels=trainer.kernels.names(), compiled=trainer.compiled, mfu=round(mfu, 4) if mfu else None,
            peak_memory_gib=None if DRY_RUN else round(torch.cuda.max_memory_allocated() / 2**30, 2))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 from dataclasses import fields
 from pathlib import Path
 
@@ -69,6 +70,22 @@ def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: i
         if old not in keep:
             old.unlink()
     return path
+
+
+def claim(run_dir: Path, overwrite: bool, delete: bool) -> None:
+    """Make `run_dir` ready for a new run: refuse it if its checkpoints/ holds another run's saves,
+    unless `overwrite`; then, if `delete` (rank 0 of a distributed run), delete them with that run's
+    metrics, final weights and TensorBoard files."""
+    directory = run_dir / "checkpoints"
+    saved = saved_steps(directory)
+    if saved and not overwrite:
+        raise UsageError(
+            f"{directory}: holds checkpoints of an earlier run (up to step {step_of(saved[-1])}); continue it "
+            "with --resume auto, start over with --overwrite, or set train.out_dir elsewhere")
+    if overwrite and delete:
+        for old in (directory, run_dir / "final", run_dir / "tensorboard"):
+            shutil.rmtree(old, ignore_errors=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def pointed(directory: Path, pointer: str) -> Path | None:
@@ -132,6 +149,14 @@ def check_same_model(state: dict, cfg: Config, path: str | os.PathLike[str]) -> 
     if differ:
         raise UsageError(f"{path}: saved by a model of another shape ({'; '.join(differ)}); "
                          "resume with the config that run was started with")
+
+
+def check_same_world(state: dict, world_size: int, parallel: str, path: str | os.PathLike[str]) -> None:
+    """UsageError unless `state` was saved by `world_size` ranks in `parallel` mode ("none": one process)."""
+    saved = (len(state.get("ranks", [])), state.get("parallel"))
+    if saved != (world_size, parallel):
+        raise UsageError(f"{path}: saved by {saved[0]} process(es) ({saved[1]}); this run has {world_size} "
+                         f"({parallel}): resume with the same torchrun --nproc_per_node and train.parallel")
 
 
 def rng_state() -> dict:

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, get_args, get_origin, get_type_hints
 
@@ -275,32 +275,47 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
     `["a", "b"]`); text that is not a TOML literal is taken as a bare string, so
     `train.device=cpu` works. Later overrides win. Raises UsageError (one line,
     naming the file or `--set`, and the key) on any problem.
+
+    A config file may start with `extends = "base.toml"` (a path relative to the file):
+    the base's values are read first, then this file's replace them key by key. A base
+    may extend another; a chain that comes back to a file it passed is an error.
     """
-    source = os.fspath(path) if path is not None else "defaults"
-    return _build(_read_toml(path) if path is not None else {}, source, overrides)
+    return _build(_read_layers(path) if path is not None else [], overrides)
 
 
 def parse_config(text: str, source: str) -> Config:
     """A validated Config from TOML text, such as the one a checkpoint carries; `source` names it in errors."""
-    return _build(_parse_toml(text, source), source, ())
+    return _build([(_parse_toml(text, source), source)], ())
 
 
-def _build(doc: dict[str, Any], source: str, overrides: Sequence[str]) -> Config:
-    """Defaults, then the parsed TOML `doc` (from `source`), then `overrides`; validated."""
+def _build(layers: Sequence[tuple[dict[str, Any], str]], overrides: Sequence[str]) -> Config:
+    """Defaults, then each parsed TOML document of `layers` (with the source it came from), then
+    `overrides`; validated."""
     cfg = Config()
     sources: dict[str, str] = {}  # "section.key" -> where its value came from
-    for section, table in doc.items():
-        if not isinstance(table, dict):
-            got = f"{_show(table)} ({type(table).__name__})"
-            raise UsageError(f"{source}: {section}: expected a [section] table, got {got}")
-        part = _section(cfg, section, source)  # checked even when the table is empty
-        for key, value in table.items():
-            _assign(part, section, key, value, source, sources)
+    for doc, source in layers:
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                got = f"{_show(table)} ({type(table).__name__})"
+                raise UsageError(f"{source}: {section}: expected a [section] table, got {got}")
+            part = _section(cfg, section, source)  # checked even when the table is empty
+            for key, value in table.items():
+                _assign(part, section, key, value, source, sources)
     for item in overrides:
         section, key, value = _parse_override(item)
         _assign(_section(cfg, section, OVERRIDE_SOURCE), section, key, value, OVERRIDE_SOURCE, sources)
     _validate(cfg, sources)
     return cfg
+
+
+def resolve(cfg: Config, data_dir: str, tokenizer_vocab: int) -> Config:
+    """A copy of `cfg` with what preparing its data found (prepare.ensure_prepared): the data
+    directory, and model.vocab_size when it is 0. The run records this one (config.toml), so it
+    names what was used. UsageError if the model's vocabulary is too small for the tokenizer's."""
+    vocab = cfg.model.vocab_size or tokenizer_vocab
+    if vocab < tokenizer_vocab:
+        raise UsageError(f"model.vocab_size = {vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens in {data_dir}")
+    return replace(cfg, data=replace(cfg.data, dir=data_dir), model=replace(cfg.model, vocab_size=vocab))
 
 
 def config_to_toml(cfg: Config) -> str:
@@ -336,6 +351,30 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Config:
     """Load the Config named by arguments that `add_config_arguments` parsed."""
     return load_config(args.config, args.set)
+
+
+def _read_layers(path: str | os.PathLike[str], chain: tuple[str, ...] = ()) -> list[tuple[dict[str, Any], str]]:
+    """The TOML documents that make up the config file at `path`, each with its path, base first:
+    those of the file it `extends` (if any), then its own. `chain`: the files that led here."""
+    source = os.fspath(path)
+    doc = _read_toml(path)
+    base = doc.pop("extends", None)
+    if base is None:
+        return [(doc, source)]
+    if not isinstance(base, str) or not base:
+        raise UsageError(f"{source}: extends: expected the path of a config file, got {_show(base)} "
+                         f"({type(base).__name__})")
+    here = (*chain, os.path.realpath(path))
+    base_path = Path(path).parent / base
+    if os.path.realpath(base_path) in here:
+        raise UsageError(f"{source}: extends = {_show(base)} comes back to {base_path}: configs cannot extend "
+                         "each other in a circle")
+    try:
+        return [*_read_layers(base_path, here), (doc, source)]
+    except UsageError as e:
+        if chain:  # the first file in the chain names the problem once
+            raise
+        raise UsageError(f"{source}: extends = {_show(base)}: {e}") from None
 
 
 def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:

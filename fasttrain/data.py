@@ -39,9 +39,8 @@ from typing import Iterator, Literal, get_args
 import numpy as np
 import torch
 
-from fasttrain.documents import Batching, Rows
+from fasttrain.documents import IGNORE_INDEX, Batching, Rows
 from fasttrain.errors import UsageError
-from fasttrain.model import IGNORE_INDEX
 from fasttrain.shards import HEADER_BYTES, ShardInfo, read_header, read_meta, scan_id_bound
 
 Sampling = Literal["random", "sequential"]

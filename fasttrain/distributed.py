@@ -23,6 +23,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -75,20 +76,21 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, world: World, parallel: str, precision: str, device: torch.device) -> nn.Module:
-    """The module that trains: `model` itself in a world of one; DDP around it; or, for FSDP, `model`
-    sharded in place (its parameters become DTensors) and returned."""
+def wrap(module: nn.Module, blocks: Iterable[nn.Module], world: World, parallel: str, precision: str,
+         device: torch.device) -> nn.Module:
+    """The module that trains: `module` itself in a world of one; DDP around it; or, for FSDP, `module`
+    sharded in place (its parameters become DTensors), each of its `blocks` a unit of its own, and returned."""
     if not world.distributed:
-        return model
+        return module
     if parallel == "ddp":
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     dtype = PRECISIONS[precision]
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
-    for block in model.blocks:
+    for block in blocks:
         fully_shard(block, mp_policy=policy)
-    return fully_shard(model, mp_policy=policy)
+    return fully_shard(module, mp_policy=policy)
 
 
 def gradient_sync(wrapped: nn.Module, enabled: bool):
@@ -135,13 +137,13 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
-def mean(value: torch.Tensor, world: World) -> torch.Tensor:
-    """`value` averaged over the ranks (a new tensor; `value` itself in a world of one)."""
+def total(value: torch.Tensor, world: World) -> torch.Tensor:
+    """`value` summed over the ranks (a new tensor; `value` itself in a world of one)."""
     if not world.distributed:
         return value
-    total = value.detach().clone()
-    dist.all_reduce(total)
-    return total / world.size
+    summed = value.detach().clone()
+    dist.all_reduce(summed)
+    return summed
 
 
 def any_rank(flag: bool, world: World, device: torch.device) -> bool:

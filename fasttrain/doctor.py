@@ -27,10 +27,10 @@ from typing import Sequence
 
 import torch
 
-from fasttrain.config import add_config_arguments, config_from_args
+from fasttrain.config import add_config_arguments, load_config
+from fasttrain.documents import IGNORE_INDEX
 from fasttrain.errors import ArgumentParser, run_cli
 from fasttrain.runtime import autocast
-from fasttrain.model import IGNORE_INDEX
 from fasttrain.trainer import Trainer
 
 INIT_LOSS_TOLERANCE = 1.0  # nats from ln(V); random init with small logits lands well within it
@@ -55,19 +55,25 @@ def diagnose(trainer: Trainer, overfit_steps: int = 200) -> list[Check]:
     if not checks[0].passed:  # out-of-range ids would crash the forward pass
         return checks + [Check(name, None, "not run: fix the data first") for name in
                          ("init loss", "gradients", "grad norm", "lr", "update", "overfit")]
-    model = trainer.model
-    with autocast(trainer.precision, trainer.device):
-        loss = trainer.loss(x, y)
-    trainer.scaler.scale(loss).backward()
-    grad_norm = trainer.clip_gradients().item()
+    model, updater = trainer.model, trainer.updater
+    loss = mean_loss(trainer, x, y)
+    updater.scale(loss).backward()
+    grad_norm = updater.clip_gradients().item()
     checks += [check_initial_loss(loss.item(), vocab), check_gradients(model), check_grad_norm(grad_norm),
                check_lr(trainer)]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer.apply_update()
+    updater.apply(trainer.lr())
     checks.append(check_update(model, before))
     checks.append(check_overfit(trainer, x[:OVERFIT_ROWS, :OVERFIT_TOKENS], y[:OVERFIT_ROWS, :OVERFIT_TOKENS],
                                 overfit_steps))
     return checks
+
+
+def mean_loss(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The mean loss per counted target of batch (x, y), through the trainer's objective."""
+    with autocast(trainer.precision, trainer.device):
+        sums = trainer.loss(x, y)
+    return sums.loss / sums.counted
 
 
 def check_data(x: torch.Tensor, y: torch.Tensor, vocab_size: int) -> Check:
@@ -136,7 +142,7 @@ def check_grad_norm(norm: float) -> Check:
 
 
 def check_lr(trainer: Trainer) -> Check:
-    first, peak = trainer.lr(), trainer.cfg.optim.lr * trainer.lr_scale
+    first, peak = trainer.lr(), trainer.cfg.optim.lr * trainer.run.lr_scale
     detail = f"first update {first:.3g}, peak {peak:.3g}"
     if first <= 0 or peak <= 0:
         return Check("lr", False, detail, "a zero learning rate changes nothing: check optim.lr, the schedule "
@@ -155,16 +161,11 @@ def check_update(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> Che
 
 def check_overfit(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int) -> Check:
     """Train on one small batch at the peak learning rate until the loss is a small fraction of its start."""
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = trainer.cfg.optim.lr
     first = loss = None
     for step in range(1, steps + 1):
-        with autocast(trainer.precision, trainer.device):
-            loss = trainer.loss(x, y)
-        trainer.scaler.scale(loss).backward()
-        trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        loss = mean_loss(trainer, x, y)
+        trainer.updater.scale(loss).backward()
+        trainer.updater.apply(trainer.cfg.optim.lr)
         loss = loss.item()
         first = first if first is not None else loss
         if loss < OVERFIT_TARGET * first:
@@ -198,12 +199,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overfit-steps", type=int, default=200, metavar="N",
                         help="steps allowed to memorise one small batch (default 200)")
     args = parser.parse_args(argv)
-    cfg = config_from_args(args)
-    cfg.data.prefetch = 0  # one batch is all it reads
+    cfg = load_config(args.config, [*args.set, "data.prefetch=0"])  # one batch is all it reads
     trainer = Trainer(cfg, quiet=True)
     t = cfg.train
     print(f"doctor: {args.config}: {trainer.model.num_params() / 1e6:.2f}M parameters, batch {t.batch_size} x "
-          f"{t.seq_len} from {cfg.data.dir}, on {trainer.device} ({trainer.precision})")
+          f"{t.seq_len} from {trainer.cfg.data.dir}, on {trainer.device} ({trainer.precision})")
     checks = diagnose(trainer, args.overfit_steps)
     print(report(checks))
     return 0 if all(c.passed for c in checks) else 1

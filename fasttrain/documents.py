@@ -38,6 +38,7 @@ from fasttrain.errors import UsageError
 from fasttrain.shards import ShardInfo, token_blocks
 
 Batching = Literal["packed", "padded", "aligned"]
+IGNORE_INDEX = -100  # the target of a pad: it adds nothing to the loss or its gradient
 
 
 def index_path(shard: ShardInfo) -> str:

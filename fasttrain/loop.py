@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from fasttrain.metrics import perplexity
+from fasttrain.objective import cross_entropy_loss
 from fasttrain.runtime import resolve_device
-from fasttrain.model import cross_entropy_loss
 
 Batch = Mapping[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor]
 

@@ -40,12 +40,6 @@ from torch import nn
 from fasttrain.config import ModelConfig
 
 INIT_STD = 0.02
-IGNORE_INDEX = -100  # targets with this value (padding) add nothing to the loss or its gradient
-
-
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of `logits` (B, T, V) against `targets` (B, T), skipping IGNORE_INDEX."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def ffn_hidden_size(cfg: ModelConfig) -> int:
@@ -198,19 +192,18 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The language model: `forward(tokens (B, T)) -> logits (B, T, vocab_size)`, or with targets the loss.
+    """The language model: `forward(tokens (B, T)) -> logits (B, T, vocab_size)`.
 
-    Triton kernels (they need Triton installed; either setting loads the other's weights):
-    `norm_kernel` runs the RMSNorms with their residual adds through kernels.RMSNorm,
-    `loss_kernel` the loss through kernels.linear_cross_entropy, which never holds the logits.
+    Its training loss is fasttrain/objective.py's NextTokenLoss, a module around it.
+    `norm_kernel` runs the RMSNorms with their residual adds through the Triton kernel
+    kernels.RMSNorm (it needs Triton installed; either setting loads the other's weights).
     """
 
-    def __init__(self, cfg: ModelConfig, norm_kernel: bool = False, loss_kernel: bool = False):
+    def __init__(self, cfg: ModelConfig, norm_kernel: bool = False):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (> 0) before building the model")
         self.cfg = cfg
-        self.loss_kernel = loss_kernel
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, norm_kernel) for _ in range(cfg.n_layers))
         self.norm = rms_norm_module(cfg, norm_kernel)
@@ -248,31 +241,10 @@ class Transformer(nn.Module):
             delta, stream = block(delta, stream, cos, sin, mask)
         return self.norm(delta, stream)[0]
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, accuracy: bool = False,
-                documents: torch.Tensor | None = None):
-        """Logits (B, T, vocab_size) of `tokens` (B, T); with `targets` (B, T), instead the mean
-        next-token cross-entropy, skipping IGNORE_INDEX. `documents` (B, T) masks attention to
-        each token's own document (see `document_mask`). The loss is part of the forward so that a
-        wrapper (DDP, FSDP) sees every use of the output weight, the fused loss's included.
-
-        `accuracy`: return (loss, hits) instead, hits = fp32 [top-1 hits, counted targets]; a hit is
-        a target whose logit is the largest of its row (ties count).
-        """
-        if targets is None:
-            return self.output(self.hidden(tokens, documents))
-        valid = targets != IGNORE_INDEX
-        if self.loss_kernel:
-            from kernels.linear_cross_entropy import linear_cross_entropy  # needs Triton, so only when asked for
-
-            loss, correct = linear_cross_entropy(self.hidden(tokens, documents).flatten(0, 1), self.output.weight,
-                                                 targets.flatten(), ignore_index=IGNORE_INDEX, return_correct=True)
-        else:
-            logits = self.output(self.hidden(tokens, documents))
-            loss = cross_entropy_loss(logits, targets)
-            x = logits.detach()
-            at_target = x.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
-            correct = ((at_target >= x.amax(dim=-1)) & valid).sum()
-        return (loss, torch.stack([correct.float(), valid.sum().float()])) if accuracy else loss
+    def forward(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) of `tokens` (B, T). `documents` (B, T) masks attention to each
+        token's own document (see `document_mask`)."""
+        return self.output(self.hidden(tokens, documents))
 
     def num_params(self) -> int:
         """Trainable parameters, a tied matrix counted once."""

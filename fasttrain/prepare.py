@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from fasttrain.config import Config
+from fasttrain.config import DataConfig
 from fasttrain.corpus import Piece, Source, resolve_inputs
 from fasttrain.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.shards import ShardInfo, ShardWriter, read_meta, token_dtype
@@ -281,34 +283,45 @@ def cache_dir(request: dict) -> Path:
     return Path(root) / f"{name}-{digest}"
 
 
-def ensure_prepared(cfg: Config, quiet: bool = False) -> dict:
-    """Make sure `cfg.data.dir` holds the data `cfg.data` asks for, and return its meta.json.
+@dataclass(frozen=True)
+class PreparedData:
+    """What `ensure_prepared` found: the directory of prepared data and its meta.json."""
 
-    Prepares it from `cfg.data.inputs` when the directory has none; refuses data
-    prepared from other inputs or with another tokenizer, rather than train on
-    it silently. Fills in `cfg.data.dir` when it is "" (with `cache_dir`) and
-    `cfg.model.vocab_size` when it is 0, so the saved config names what was used.
+    dir: str
+    meta: dict
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size, end-of-text included."""
+        return int(self.meta["vocab_size"])
+
+    @property
+    def bits_per_nat(self) -> float:
+        """Validation bits per byte of text for each nat of loss per token."""
+        return self.meta["tokens"]["val"] / (self.meta["text_bytes"]["val"] * math.log(2))
+
+
+def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
+    """Make sure prepared data for [data] `d` exists, and say where it is and what it holds.
+
+    The directory is `d.dir`, or when that is "" a cache directory keyed by the request
+    (`cache_dir`). Prepares it from `d.inputs` when it holds no data; refuses data
+    prepared from other inputs or with another tokenizer, rather than train on it
+    silently. `d` itself is left as it is: see config.resolve for the config a run records.
     """
-    d = cfg.data
     wanted = _request(d.inputs, d.vocab_size, d.tokenizer, d.val_fraction)
-    if not d.dir:
-        d.dir = str(cache_dir(wanted))
-    meta = read_meta(d.dir)
+    directory = d.dir or str(cache_dir(wanted))
+    meta = read_meta(directory)
     if meta is None:
-        meta = prepare(d.inputs, d.dir, vocab_size=d.vocab_size, tokenizer_path=d.tokenizer or None,
+        meta = prepare(d.inputs, directory, vocab_size=d.vocab_size, tokenizer_path=d.tokenizer or None,
                        val_fraction=d.val_fraction, quiet=quiet)
     differ = [f"{k}={v!r}" for k, v in meta.get("request", {}).items() if wanted.get(k) != v]
     if differ or "request" not in meta:
         raise UsageError(
-            f"{d.dir}: holds data prepared with {', '.join(differ) or 'unknown settings'}, not what [data] asks for; "
+            f"{directory}: holds data prepared with {', '.join(differ) or 'unknown settings'}, not what [data] asks for; "
             "point data.dir elsewhere or remove the directory"
         )
-    vocab = int(meta["vocab_size"])
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = vocab
-    elif cfg.model.vocab_size < vocab:
-        raise UsageError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens in {d.dir}")
-    return meta
+    return PreparedData(directory, meta)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,13 +1,15 @@
-"""Where and how a run computes: the device, mixed precision and seeding."""
+"""Where and how a run computes: the device, mixed precision, the Triton kernels switched on, and seeding."""
 
 from __future__ import annotations
 
 import contextlib
 import random
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
+from fasttrain.config import KernelsConfig
 from fasttrain.errors import UsageError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,6 +48,29 @@ def switched_on(setting: bool | str, device: torch.device) -> bool:
     return setting is True or (setting == "auto" and device.type == "cuda")
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """Which of the Triton kernels (kernels/, see KernelsConfig) a run uses."""
+
+    linear_cross_entropy: bool = False
+    rms_norm: bool = False
+    adamw: bool = False
+
+    def names(self) -> list[str]:
+        """The kernels switched on, by name, as a run's start event and line list them."""
+        return [f.name for f in fields(self) if getattr(self, f.name)]
+
+
+def kernels_on(cfg: KernelsConfig, device: torch.device, sharded: bool = False) -> Kernels:
+    """[kernels] resolved for `device` ("auto" is on CUDA). The AdamW kernel takes whole tensors, not
+    FSDP's DTensor shards, so `sharded` turns "auto" off and refuses true."""
+    if sharded and cfg.adamw is True:
+        raise UsageError('kernels.adamw = true does not work with train.parallel = "fsdp" yet; set it to "auto" or false')
+    return Kernels(linear_cross_entropy=switched_on(cfg.linear_cross_entropy, device),
+                   rms_norm=switched_on(cfg.rms_norm, device),
+                   adamw=switched_on(cfg.adamw, device) and not sharded)
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast context for `precision` (nothing for fp32): matmuls in half precision, reductions in fp32."""
     dtype = PRECISIONS[precision]
@@ -54,10 +79,15 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
-def configure_cuda() -> None:
-    """Let fp32 matmuls and convolutions use TF32 tensor cores (a 10-bit mantissa, plenty for training)."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+def use_device(name: str, local_rank: int | None = None) -> torch.device:
+    """`resolve_device(name, local_rank)`, made this process's current CUDA device if it is one, with
+    fp32 matmuls and convolutions on TF32 tensor cores (a 10-bit mantissa, plenty for training)."""
+    device = resolve_device(name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
 
 
 def seed_everything(seed: int) -> None:

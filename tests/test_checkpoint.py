@@ -18,6 +18,7 @@ import torch
 from fasttrain import Trainer, checkpoint
 from fasttrain.errors import RunStopped, UsageError
 from fasttrain.plot import read_metrics
+from fasttrain.policies import Recovery
 from fasttrain.trainer import Interrupted
 from tests.conftest import tiny_args, tiny_config
 
@@ -37,23 +38,25 @@ def plant(trainer: Trainer, at_steps: set[int], action) -> None:
 
     def step():
         out = original()
-        if trainer.global_step in at_steps:
+        if trainer.run.step in at_steps:
             action(trainer)
         return out
 
     trainer.step = step
 
 
-def nan_losses(trainer: Trainer, at_steps: set[int]) -> None:
-    """Make the loss of the steps numbered in `at_steps` (1-based, first attempt only) NaN."""
+def nan_losses(trainer: Trainer, at_steps: set[int], every_attempt: bool = False) -> None:
+    """Make the loss of the steps numbered in `at_steps` (1-based; first attempt only, unless
+    `every_attempt`) NaN."""
     loss, attempts = trainer.loss, set()
 
     def poisoned(x, y):
-        step = trainer.global_step + 1
-        if step in at_steps and step not in attempts:
+        step = trainer.run.step + 1
+        sums = loss(x, y)
+        if step in at_steps and (every_attempt or step not in attempts):
             attempts.add(step)
-            return loss(x, y) * float("nan")
-        return loss(x, y)
+            return sums._replace(loss=sums.loss * float("nan"))
+        return sums
 
     trainer.loss = poisoned
 
@@ -78,7 +81,7 @@ def test_resumed_training_is_bitwise_identical(pydoc_data, paragraph_data, tmp_p
     resumed.model.reset_parameters()  # the checkpoint, not the seed, must bring the weights back
     assert resumed.resume("auto").name == "step_0000005.pt"
     tokens = {e["step"]: e["tokens"] for e in events(tmp_path / "straight", "train")}[5]
-    assert resumed.global_step == 5 and resumed.tokens_seen == tokens
+    assert resumed.run.step == 5 and resumed.run.tokens_seen == tokens
     if "data.batching=padded" in batching:
         assert tokens < 5 * 256  # pads do not count
     resumed.train()
@@ -123,7 +126,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(pydoc_data, tmp_p
     with pytest.raises(UsageError, match=r"step_0000002.pt: cannot save checkpoint \(No space left on device\)"):
         trainer.save_checkpoint()
     monkeypatch.undo()
-    assert sorted(p.name for p in trainer.checkpoint_dir.iterdir()) == ["latest", "step_0000001.pt"]
+    assert sorted(p.name for p in trainer.checkpoints.directory.iterdir()) == ["latest", "step_0000001.pt"]
     assert checkpoint.resolve("auto", tmp_path) == first
     assert checkpoint.load(first)["step"] == 1
 
@@ -203,15 +206,16 @@ def test_a_non_finite_step_is_skipped(pydoc_data, tmp_path):
     trainer.step()
     nan_losses(trainer, {2})
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    moments = [s["exp_avg"].clone() for s in trainer.optimizer.state.values()]
-    loss, _ = trainer.step()
-    assert loss.isnan() and trainer.global_step == 2
-    assert trainer.skipped_steps == 1 and trainer.consecutive_skips == 1
+    moments = [s["exp_avg"].clone() for s in trainer.updater.optimizer.state.values()]
+    recovery = Recovery(trainer.cfg.recovery)  # what the training loop asks after each step
+    result = trainer.step()
+    assert result.loss.isnan() and result.skipped and trainer.run.step == 2
+    assert trainer.run.skipped_steps == 1 and not recovery.after_step(result.skipped) and recovery.in_a_row == 1
     assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
-    assert all(torch.equal(m, s["exp_avg"]) for m, s in zip(moments, trainer.optimizer.state.values()))
+    assert all(torch.equal(m, s["exp_avg"]) for m, s in zip(moments, trainer.updater.optimizer.state.values()))
     assert all(p.grad is None for p in trainer.model.parameters())
-    trainer.step()
-    assert trainer.consecutive_skips == 0 and trainer.skipped_steps == 1
+    result = trainer.step()
+    assert not recovery.after_step(result.skipped) and recovery.in_a_row == 0 and trainer.run.skipped_steps == 1
 
 
 def test_repeated_non_finite_steps_roll_back_with_a_lower_lr(pydoc_data, tmp_path):
@@ -239,8 +243,7 @@ def test_divergence_without_a_way_back_stops_with_a_clear_message(pydoc_data, tm
 
     trainer = Trainer(tiny_config(pydoc_data, tmp_path / "b", "recovery.max_skips=1", "recovery.max_rollbacks=1",
                                   "checkpoint.interval=1"), quiet=True)
-    loss = trainer.loss
-    trainer.loss = lambda x, y: loss(x, y) * (float("nan") if trainer.global_step >= 2 else 1.0)
+    nan_losses(trainer, set(range(3, 100)), every_attempt=True)
     with pytest.raises(RunStopped, match="stopped at step 3: .* and after 1 rollbacks"):
         trainer.train()
-    assert trainer.rollbacks == 1 and trainer.lr_scale == 0.5
+    assert trainer.run.rollbacks == 1 and trainer.run.lr_scale == 0.5

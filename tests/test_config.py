@@ -226,6 +226,54 @@ def test_bad_inputs_raise_one_line_usage_errors(tmp_path, text, overrides, blame
         assert phrase in message
 
 
+def test_a_config_extends_a_base_key_by_key(tmp_path):
+    write(tmp_path, """
+        [model]
+        d_model = 128
+        n_layers = 6
+        [train]
+        batch_size = 0
+    """, "base.toml")
+    (tmp_path / "sub").mkdir()
+    child = write(tmp_path, """
+        extends = "../base.toml"
+        [model]
+        n_layers = 2
+        [train]
+        batch_size = 3
+    """, "sub/child.toml")
+    grandchild = write(tmp_path, 'extends = "child.toml"\n[optim]\nlr = 0.5\n', "sub/grandchild.toml")
+    cfg = load_config(grandchild, ["model.n_layers=3"])
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.train.batch_size, cfg.optim.lr) == (128, 3, 3, 0.5)
+    assert load_config(child).model.n_layers == 2
+    with pytest.raises(UsageError, match=r"^.*base.toml: train.batch_size: must be > 0, got 0$"):
+        load_config(tmp_path / "base.toml")  # a value the base alone gets wrong is blamed on the base
+
+
+def test_the_350m_config_extends_gpt2_small():
+    small, large = (load_config(REPO_ROOT / "configs" / name) for name in ("gpt2-small.toml", "gpt-350m.toml"))
+    assert large.data == small.data and large.model.vocab_size == small.model.vocab_size == 50304
+    assert (large.model.d_model, large.model.n_layers, large.train.batch_size) == (1024, 24, 16)
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"a.toml": 'extends = "missing.toml"\n'}, 'a.toml: extends = "missing.toml": {tmp}/missing.toml: no such file'),
+    ({"a.toml": "extends = 3\n"}, "a.toml: extends: expected the path of a config file, got 3 (int)"),
+    ({"a.toml": 'extends = "a.toml"\n'}, 'a.toml: extends = "a.toml" comes back to {tmp}/a.toml: configs cannot '
+                                         "extend each other in a circle"),
+    ({"a.toml": 'extends = "b.toml"\n', "b.toml": 'extends = "a.toml"\n'},
+     'a.toml: extends = "b.toml": {tmp}/b.toml: extends = "a.toml" comes back to {tmp}/a.toml'),
+    ({"a.toml": 'extends = "b.toml"\n', "b.toml": "[train\n"}, 'a.toml: extends = "b.toml": {tmp}/b.toml: invalid TOML'),
+], ids=["missing", "not-a-path", "itself", "circle", "bad-base"])
+def test_bad_extends_is_a_one_line_error(tmp_path, files, message):
+    for name, text in files.items():
+        write(tmp_path, text, name)
+    with pytest.raises(UsageError) as excinfo:
+        load_config(tmp_path / "a.toml")
+    assert str(excinfo.value).startswith(f"{tmp_path}/" + message.format(tmp=tmp_path))
+    assert "\n" not in str(excinfo.value)
+
+
 def test_no_hint_when_nothing_is_close(tmp_path):
     with pytest.raises(UsageError, match=r"unknown section \[zzzz\]$"):
         load_config(write(tmp_path, "[zzzz]\n"))

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from fasttrain.data import TokenLoader
-from fasttrain.documents import Rows, document_starts, index_path
-from fasttrain.model import IGNORE_INDEX
+from fasttrain.documents import IGNORE_INDEX, Rows, document_starts, index_path
 from fasttrain.shards import read_header
 from tests.conftest import write_shard
 

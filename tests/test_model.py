@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from fasttrain.config import ModelConfig
-from fasttrain.model import IGNORE_INDEX, Transformer, apply_rope, ffn_hidden_size, filter_logits, generate_text, rope_tables
+from fasttrain.documents import IGNORE_INDEX
+from fasttrain.model import Transformer, apply_rope, ffn_hidden_size, filter_logits, generate_text, rope_tables
+from fasttrain.objective import NextTokenLoss
 from fasttrain.tokenizer import Tokenizer
 
 
@@ -139,10 +141,8 @@ def test_norm_kernel_model_matches_and_shares_weights():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_forward_with_targets_is_the_loss_fused_or_not():
+def test_next_token_loss_sums_the_loss_and_hits_fused_or_not():
     plain = Transformer(tiny())
-    fused = Transformer(tiny(), loss_kernel=True)
-    fused.load_state_dict(plain.state_dict())
     tokens, targets = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
     targets[0, :3] = IGNORE_INDEX  # padding counts for nothing
     logits = plain(tokens).detach()
@@ -150,14 +150,14 @@ def test_forward_with_targets_is_the_loss_fused_or_not():
     targets[1, :4] = logits[1, :4].argmax(-1)  # a few sure hits
     at_target = logits.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
     hits = float(((at_target >= logits.amax(-1)) & valid).sum())
-    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-    for model in (plain, fused):
-        loss, counts = model(tokens, targets, accuracy=True)
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    for objective in (NextTokenLoss(plain), NextTokenLoss(plain, fused=True)):
+        loss, correct, counted = objective(tokens, targets)
         torch.testing.assert_close(loss, expected)
-        assert counts.tolist() == [hits, 21.0] and hits >= 4  # 24 targets, 3 ignored
-        torch.testing.assert_close(model(tokens, targets), expected)
-        (grad,) = torch.autograd.grad(model(tokens, targets), model.embed.weight)
-        live = F.cross_entropy(plain(tokens).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        assert [correct.item(), counted.item()] == [hits, 21.0] and hits >= 4  # 24 targets, 3 ignored
+        (grad,) = torch.autograd.grad(objective(tokens, targets).loss, plain.embed.weight)
+        live = F.cross_entropy(plain(tokens).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
         (expected_grad,) = torch.autograd.grad(live, plain.embed.weight)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
 
@@ -254,7 +254,8 @@ def test_pads_never_change_the_loss():
         for i, d in enumerate(docs):
             x[i, :len(d) - 1], y[i, :len(d) - 1] = d[:-1], d[1:]
         model.zero_grad()
-        loss = model(x, y)
+        sums = NextTokenLoss(model)(x, y)
+        loss = sums.loss / sums.counted
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 

@@ -14,7 +14,7 @@ import pytest
 
 import fasttrain.corpus as corpus
 from fasttrain.errors import UsageError
-from fasttrain.config import load_config, save_config
+from fasttrain.config import load_config, resolve, save_config
 from fasttrain.prepare import ensure_prepared, main, prepare
 from fasttrain.shards import HEADER_BYTES, MAGIC, VERSION, ShardWriter, read_header
 from fasttrain.tokenizer import EOT, Tokenizer
@@ -253,34 +253,35 @@ def test_command_line_exit_codes(tmp_path):
 def test_config_drives_preparation_and_the_saved_config_has_the_vocab_size(pydoc_data, tmp_path):
     data = tmp_path / "data"
     cfg = load_config(None, [f'data.dir="{data}"', "data.vocab_size=300"])
-    meta = ensure_prepared(cfg, quiet=True)
-    assert cfg.model.vocab_size == meta["vocab_size"] == 300
-    saved = load_config(save_config(cfg, tmp_path / "run"))
-    assert saved == cfg and saved.model.vocab_size == 300
+    prepared = ensure_prepared(cfg.data, quiet=True)
+    assert prepared.vocab_size == prepared.meta["vocab_size"] == 300 and prepared.dir == str(data)
+    resolved = resolve(cfg, prepared.dir, prepared.vocab_size)
+    assert resolved.model.vocab_size == 300 and cfg.model.vocab_size == 0  # the checked config is not edited
+    saved = load_config(save_config(resolved, tmp_path / "run"))
+    assert saved == resolved and saved.model.vocab_size == 300
 
     stamp = (data / "meta.json").stat().st_mtime_ns
-    ensure_prepared(load_config(None, [f'data.dir="{data}"', "data.vocab_size=300"]), quiet=True)
+    ensure_prepared(load_config(None, [f'data.dir="{data}"', "data.vocab_size=300"]).data, quiet=True)
     assert (data / "meta.json").stat().st_mtime_ns == stamp  # prepared data is reused, not redone
 
     with pytest.raises(UsageError, match=r"data: holds data prepared with vocab_size=300, not what \[data\] asks for"):
-        ensure_prepared(load_config(None, [f'data.dir="{data}"', "data.vocab_size=400"]), quiet=True)
+        ensure_prepared(load_config(None, [f'data.dir="{data}"', "data.vocab_size=400"]).data, quiet=True)
     tokenizer = pydoc_data / "tokenizer.json"
     small_model = load_config(None, [f'data.dir="{tmp_path / "d2"}"', f'data.tokenizer="{tokenizer}"',
                                      "model.vocab_size=300"])
+    prepared = ensure_prepared(small_model.data, quiet=True)
     with pytest.raises(UsageError, match="model.vocab_size = 300 is smaller than the tokenizer's 512 tokens"):
-        ensure_prepared(small_model, quiet=True)
+        resolve(small_model, prepared.dir, prepared.vocab_size)
 
 
 def test_unset_data_dir_prepares_into_a_cache_keyed_by_the_request(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
     cfg = load_config(None, ["data.vocab_size=300"])
     assert cfg.data.dir == ""
-    meta = ensure_prepared(cfg, quiet=True)
-    first = Path(cfg.data.dir)
-    assert first.parent == tmp_path / "cache" and first.name.startswith("pydoc-") and meta["vocab_size"] == 300
-    again = load_config(None, ["data.vocab_size=300"])
-    ensure_prepared(again, quiet=True)
-    assert again.data.dir == cfg.data.dir  # the same request finds the same directory
-    other = load_config(None, ["data.vocab_size=310"])
-    ensure_prepared(other, quiet=True)
-    assert Path(other.data.dir).parent == first.parent and other.data.dir != cfg.data.dir
+    prepared = ensure_prepared(cfg.data, quiet=True)
+    first = Path(prepared.dir)
+    assert first.parent == tmp_path / "cache" and first.name.startswith("pydoc-") and prepared.vocab_size == 300
+    again = ensure_prepared(load_config(None, ["data.vocab_size=300"]).data, quiet=True)
+    assert again.dir == prepared.dir  # the same request finds the same directory
+    other = ensure_prepared(load_config(None, ["data.vocab_size=310"]).data, quiet=True)
+    assert Path(other.dir).parent == first.parent and other.dir != prepared.dir

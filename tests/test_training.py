@@ -11,8 +11,9 @@ from torch import nn
 
 from fasttrain import Trainer, checkpoint, train_loop
 from fasttrain.config import ModelConfig, ScheduleConfig, TrainConfig
+from fasttrain.documents import IGNORE_INDEX
 from fasttrain.errors import UsageError
-from fasttrain.model import IGNORE_INDEX, Transformer
+from fasttrain.model import Transformer
 from fasttrain.optim import param_groups
 from fasttrain.plot import read_metrics
 from fasttrain.schedule import lr_at
@@ -82,7 +83,7 @@ def test_accumulation_matches_one_large_batch(pydoc_data, paragraph_data, tmp_pa
     small = Trainer(tiny_config(data, tmp_path / "b", *common, "train.batch_size=4",
                                 "train.tokens_per_update=512"), quiet=True)
     assert small.accumulation == 4 and small.tokens_per_step == big.tokens_per_step == 512
-    torch.testing.assert_close(big.accumulate_gradients(), small.accumulate_gradients())
+    torch.testing.assert_close(big.accumulate_gradients(), small.accumulate_gradients())  # [loss, correct, counted] sums
     for p, q in zip(big.model.parameters(), small.model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7)
         assert p.grad.abs().sum() > 0
@@ -94,10 +95,11 @@ def test_kernel_trains_like_plain_pytorch(pydoc_data, tmp_path, kernel):
     off = [f"kernels.{name}=false" for name in ("linear_cross_entropy", "rms_norm", "adamw")]
     plain = Trainer(tiny_config(pydoc_data, tmp_path / "a", *off), quiet=True)
     fused = Trainer(tiny_config(pydoc_data, tmp_path / "b", *off, f"kernels.{kernel}=true"), quiet=True)
-    assert fused.kernels == [kernel] and not plain.kernels
+    assert fused.kernels.names() == [kernel] and not plain.kernels.names()
     for _ in range(3):
-        for a, b in zip(plain.step(), fused.step(), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        a, b = plain.step(), fused.step()
+        for x, y in ((a.loss, b.loss), (a.grad_norm, b.grad_norm)):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     for p, q in zip(plain.model.parameters(), fused.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(plain.evaluate()["val_loss"], fused.evaluate()["val_loss"], rtol=1e-5, atol=0)
@@ -109,7 +111,7 @@ def test_clipping_scales_to_the_limit_and_reports_the_norm_before(pydoc_data, tm
     grads = [p.grad.clone() for p in trainer.model.parameters()]
     before = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
     assert before > 0.05  # a fresh model's gradient is larger than this limit
-    torch.testing.assert_close(trainer.clip_gradients(), before)
+    torch.testing.assert_close(trainer.updater.clip_gradients(), before)
     after = [p.grad for p in trainer.model.parameters()]
     torch.testing.assert_close(torch.linalg.vector_norm(torch.stack([g.norm() for g in after])), torch.tensor(0.05))
     for g, a in zip(grads, after):  # the direction is kept
@@ -120,7 +122,7 @@ def test_clipping_disabled_measures_but_keeps_gradients(pydoc_data, tmp_path):
     trainer = Trainer(tiny_config(pydoc_data, tmp_path, "optim.max_grad_norm=0"), quiet=True)
     trainer.accumulate_gradients()
     grads = [p.grad.clone() for p in trainer.model.parameters()]
-    assert trainer.clip_gradients() > 0
+    assert trainer.updater.clip_gradients() > 0
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, trainer.model.parameters()))
 
 
@@ -184,9 +186,9 @@ def test_trainer_overfits_one_batch(pydoc_data, tmp_path):
     x, y = next(trainer.train_loader)
     trainer.train_loader = iter(lambda: (x, y), None)  # the same batch forever
     for _ in range(150):
-        loss, _ = trainer.step()
-    assert loss.item() < 0.1
-    correct, counted = trainer.step_hits.tolist()
+        result = trainer.step()
+    assert result.loss.item() < 0.1
+    correct, counted = result.correct.item(), result.counted.item()
     assert counted == 4 * 32 and correct / counted > 0.95  # memorised: almost every next token is the top-1
 
 
@@ -202,15 +204,15 @@ def test_document_batches_count_real_tokens_only(paragraph_data, tmp_path, batch
         with torch.no_grad():
             for x, y in batches:
                 documents = (x == trainer.tokenizer.eot_id).cumsum(1)
-                logits = trainer.model(x, documents=documents)
+                logits = trainer.model(x, documents)
                 total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
                 counted += int((y != IGNORE_INDEX).sum())
         return total, counted
 
     peek = trainer.loader("train", "random", prefetch=0)  # the same settings and seed: the step's batches
     total, counted = summed_loss([next(peek) for _ in range(2)])
-    loss, _ = trainer.step()
-    assert trainer.tokens_seen == counted < trainer.tokens_per_step
+    loss = trainer.step().loss
+    assert trainer.run.tokens_seen == counted < trainer.tokens_per_step
     assert loss.item() == pytest.approx(total / counted, rel=1e-5)
 
     val = trainer.loader("val", "sequential", prefetch=0)
@@ -224,7 +226,7 @@ def test_evaluation_reports_bits_per_byte(pydoc_data, tmp_path):
     trainer = Trainer(tiny_config(pydoc_data, tmp_path, "train.eval_steps=3"), quiet=True)
     first = trainer.evaluate()
     assert first == trainer.evaluate()  # the same validation windows every time
-    meta = trainer.meta
+    meta = trainer.data.meta
     bpb = first["val_loss"] * meta["tokens"]["val"] / (meta["text_bytes"]["val"] * math.log(2))
     assert first["val_bpb"] == pytest.approx(bpb)
     assert first["val_ppl"] == pytest.approx(math.exp(first["val_loss"]))
@@ -252,7 +254,7 @@ def test_early_stopping_ends_the_run_when_validation_stalls(pydoc_data, tmp_path
     trainer = Trainer(tiny_config(pydoc_data, tmp_path, *EVAL_EVERY_STEP, "train.early_stop_patience=2",
                                   "train.early_stop_min_delta=10.0"))
     summary = trainer.train()
-    assert summary["step"] == 3 and summary["stopped_early"] and trainer.stale_evals == 2
+    assert summary["step"] == 3 and summary["stopped_early"] and trainer.run.stale_evals == 2
     events = [e for e in read_metrics(tmp_path) if e["event"] == "early_stop"]
     assert len(events) == 1 and events[0]["step"] == 3
     assert "stopping early at step 3: validation loss has not improved by 10 or more in 2 evaluations" in \
@@ -264,7 +266,7 @@ def test_early_stopping_ends_the_run_when_validation_stalls(pydoc_data, tmp_path
     assert checkpoint.step_of(checkpoint.pointed(tmp_path / "checkpoints", "best")) == best_step
     resumed = Trainer(tiny_config(pydoc_data, tmp_path, *EVAL_EVERY_STEP, "train.early_stop_patience=2"), quiet=True)
     resumed.resume("auto")
-    assert resumed.stale_evals == 2  # the count is part of the checkpoint
+    assert resumed.run.stale_evals == 2  # the count is part of the checkpoint
 
 
 def test_early_stopping_waits_while_validation_improves(pydoc_data, tmp_path):

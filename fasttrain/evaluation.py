@@ -1,0 +1,39 @@
+"""Validation: the loss, accuracy, perplexity and bits per byte of a model on held-out rows."""
+
+from __future__ import annotations
+
+from itertools import islice
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fasttrain import distributed
+from fasttrain.data import TokenLoader
+from fasttrain.metrics import perplexity
+from fasttrain.objective import LossSums
+from fasttrain.runtime import autocast
+
+
+@torch.no_grad()
+def validate(loss: Callable[[torch.Tensor, torch.Tensor], LossSums], model: nn.Module, loader: TokenLoader,
+             max_batches: int, precision: str, world: distributed.World, bits_per_nat: float) -> dict[str, float]:
+    """val_loss, val_accuracy, val_ppl and val_bpb over the first `max_batches` batches of `loader`.
+
+    `loss(x, y)` gives a batch's sums (Trainer.loss); `model` is put in eval mode meanwhile (no
+    dropout), then back in train mode. Give a sequential loader from the start of the split, so
+    evaluations along a run see the same rows and compare. With several ranks each reads its
+    share of the rows, and the loss is the mean over every counted target of all ranks.
+    """
+    sums = torch.zeros(3, device=loader.device)
+    model.eval()
+    try:
+        for x, y in islice(loader, min(max_batches, loader.reader.batches_per_epoch)):
+            with autocast(precision, loader.device):
+                sums += loss(x, y).detached()
+    finally:
+        model.train()
+    loss_sum, correct, counted = distributed.total(sums, world).tolist()
+    val_loss = loss_sum / max(counted, 1)
+    return {"val_loss": val_loss, "val_accuracy": correct / max(counted, 1), "val_ppl": perplexity(val_loss),
+            "val_bpb": val_loss * bits_per_nat}

@@ -1,0 +1,79 @@
+"""The training objective: next-token cross-entropy, as sums that add up across batches and ranks.
+
+    objective = NextTokenLoss(model)               # what DDP / FSDP wrap and torch.compile compiles
+    sums = objective(tokens, targets)              # LossSums: summed loss, top-1 hits, counted targets
+    mean_loss = sums.loss / sums.counted
+
+The objective returns sums, never a mean: a mean per batch would have to be multiplied
+back by its count to combine batches of different counts (padded rows, ranks). The
+caller adds the sums of an update's micro-batches and divides once by the update's
+global count of targets. Targets equal to IGNORE_INDEX (pads) count for nothing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fasttrain.documents import IGNORE_INDEX
+from fasttrain.model import Transformer
+
+
+class LossSums(NamedTuple):
+    """A batch's next-token loss as sums over its counted targets (every target but IGNORE_INDEX)."""
+
+    loss: torch.Tensor  # summed cross-entropy, a scalar (fp32 under autocast) that carries the gradient
+    correct: torch.Tensor  # top-1 hits: counted targets whose logit is the largest of their row (ties count)
+    counted: torch.Tensor  # targets counted, as an fp32 scalar
+
+    def detached(self) -> torch.Tensor:
+        """[loss, correct, counted] as one fp32 tensor (3,) without gradient: to add up, and reduce over ranks."""
+        return torch.stack([self.loss.detach().float(), self.correct, self.counted])
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of `logits` (B, T, V) against `targets` (B, T), skipping IGNORE_INDEX."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def counted_targets(targets: torch.Tensor) -> torch.Tensor:
+    """How many of `targets` (any shape) count toward the loss: those that are not IGNORE_INDEX (an int scalar)."""
+    return (targets != IGNORE_INDEX).sum()
+
+
+class NextTokenLoss(nn.Module):
+    """`model`'s loss as a module: `forward(tokens, targets, documents=None) -> LossSums`.
+
+    The loss is a module of its own, holding the model, so that a wrapper (DDP, FSDP) and
+    torch.compile see every use of the output weight, the fused loss's included.
+    `fused`: the loss through kernels.linear_cross_entropy, straight from the final hidden
+    states and the output weight, chunk by chunk, never holding the logits (needs Triton).
+    """
+
+    def __init__(self, model: Transformer, fused: bool = False):
+        super().__init__()
+        self.model = model
+        self.fused = fused
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor | None = None
+                ) -> LossSums:
+        """The sums over `targets` (B, T) of `tokens` (B, T); `documents` (B, T) masks attention to each
+        token's own document (see model.document_mask)."""
+        valid = targets != IGNORE_INDEX
+        if self.fused:
+            from kernels.linear_cross_entropy import linear_cross_entropy  # needs Triton, so only when asked for
+
+            loss, correct = linear_cross_entropy(self.model.hidden(tokens, documents).flatten(0, 1),
+                                                 self.model.output.weight, targets.flatten(),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum", return_correct=True)
+        else:
+            logits = self.model(tokens, documents)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
+            x = logits.detach()
+            at_target = x.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+            correct = ((at_target >= x.amax(dim=-1)) & valid).sum()
+        return LossSums(loss, correct.float(), valid.sum().float())

@@ -1,0 +1,170 @@
+"""What a training run tells the user: each event (metrics.jsonl, see metrics.py) and console line,
+made from the values it is given. Nothing here reads the trainer.
+
+The training loop hands over a record per step (to IntervalMeter, which sums them on the
+device until the next log line), one per evaluation, and one per skip, rollback or stop.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fasttrain.config import Config
+from fasttrain.metrics import MetricsLog, peak_flops, peak_memory_gb, perplexity
+from fasttrain.run_state import RunState
+
+
+class IntervalMeter:
+    """Loss, hits and timing of the steps since the last log line, minus time spent evaluating or saving.
+
+    Losses and hit counts are summed on the device (no host sync per step); `tokens_seen` and
+    `wait_seconds` (the loader's time waiting for data, a running total) are read at the start
+    and at the end of an interval.
+    """
+
+    def __init__(self, device: torch.device, tokens_seen: int, wait_seconds: float):
+        self.sums = torch.zeros(3, device=device)  # [summed step losses, top-1 hits, counted targets]
+        self.restart(tokens_seen, wait_seconds)
+
+    def restart(self, tokens_seen: int, wait_seconds: float) -> None:
+        self.sums.zero_()
+        self.steps = 0
+        self.tokens_start, self.wait_start = tokens_seen, wait_seconds
+        self.start, self.excluded = time.perf_counter(), 0.0
+
+    def add(self, loss: torch.Tensor, correct: torch.Tensor, counted: torch.Tensor) -> None:
+        """One step's mean loss, top-1 hits and counted targets (device scalars)."""
+        self.sums += torch.stack([loss, correct, counted])
+        self.steps += 1
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start - self.excluded
+
+    def synchronized_elapsed(self, device: torch.device) -> float:
+        """Seconds since the start, once queued GPU work is done."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - self.start
+
+
+class Report:
+    """The events and lines of one run of `cfg` (resolved), written through `log`."""
+
+    def __init__(self, log: MetricsLog, cfg: Config, device: torch.device, flops_per_token: float):
+        self.log, self.cfg, self.device = log, cfg, device
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops(device)  # None off the GPU table: no MFU then
+
+    def start(self, run: RunState, resumed_from: Path | None, *, params: int, precision: str, compiled: bool,
+              kernels: list[str], world_size: int, parallel: str, accumulation: int, tokens_per_step: int,
+              tokens: dict[str, int]) -> None:
+        c, t = self.cfg, self.cfg.train
+        resumed = {"resumed_from": str(resumed_from), "resume_step": run.step} if resumed_from else {}
+        self.log.event("start", params=params, flops_per_token=self.flops_per_token, device=str(self.device),
+                       precision=precision, compile=compiled, kernels=kernels, world_size=world_size,
+                       parallel=parallel, accumulation=accumulation, tokens_per_step=tokens_per_step,
+                       train_tokens=tokens["train"], val_tokens=tokens["val"], **resumed)
+        self.log.print(f"model: {params / 1e6:.2f}M parameters ({c.model.n_layers} layers, d_model {c.model.d_model}, "
+                       f"{c.model.n_heads} heads, vocab {c.model.vocab_size}, context {c.model.max_seq_len})")
+        self.log.print(f"data: {tokens['train']:,} train / {tokens['val']:,} val tokens in {c.data.dir}")
+        speedups = ["compiled"] * compiled + [f"kernels: {', '.join(kernels)}"] * bool(kernels)
+        ranks = f" x {world_size} ranks, {parallel}" if world_size > 1 else ""
+        self.log.print(f"run: {t.max_steps} steps x {tokens_per_step:,} tokens ({t.batch_size} x {t.seq_len}"
+                       f" x {accumulation} accumulation{ranks}) on {self.device}, {', '.join([precision, *speedups])}; "
+                       f"writing to {t.out_dir}")
+        if resumed_from:
+            self.log.print(f"resumed from {resumed_from} at step {run.step}")
+
+    def compiled(self, seconds: float) -> None:
+        self.log.event("compile", step=1, seconds=round(seconds, 3))
+        self.log.print(f"compiled the model and ran the first step in {seconds:.1f} s")
+
+    def train(self, run: RunState, meter: IntervalMeter, lr: float, grad_norm: float, wait_seconds: float) -> None:
+        """The interval `meter` measured, ending at `run.step` (`wait_seconds`: the loader's running total)."""
+        t = self.cfg.train
+        loss_sum, correct, counted = meter.sums.tolist()  # waits for the GPU, so the clock read next is honest
+        loss = loss_sum / meter.steps
+        elapsed, wait = meter.elapsed(), wait_seconds - meter.wait_start
+        tokens_per_s = (run.tokens_seen - meter.tokens_start) / elapsed  # real tokens: pads do not count
+        mfu = self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None
+        record: dict[str, Any] = {
+            "step": run.step, "progress": round(100 * run.step / t.max_steps, 2), "loss": loss,
+            "accuracy": round(correct / max(counted, 1), 4), "ppl": perplexity(loss), "lr": lr, "grad_norm": grad_norm,
+            "tokens": run.tokens_seen, "tokens_per_s": round(tokens_per_s, 1),
+            "step_ms": round(1000 * elapsed / meter.steps, 2), "data_wait_pct": round(100 * wait / elapsed, 2),
+            "peak_mem_gb": round(peak_memory_gb(self.device), 3),
+        }
+        if mfu is not None:
+            record["mfu"] = round(mfu, 4)
+        self.log.event("train", **record)
+        self.log.print(
+            f"step {run.step:>6}/{t.max_steps} ({record['progress']:5.1f}%) | loss {loss:.4f} | "
+            f"acc {100 * record['accuracy']:.1f}% | "
+            f"ppl {record['ppl']:8.2f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+            f"{tokens_per_s:,.0f} tok/s{f' | MFU {100 * mfu:.1f}%' if mfu is not None else ''} | "
+            f"{record['step_ms']:.0f} ms/step | data wait {record['data_wait_pct']:.1f}% | "
+            f"mem {record['peak_mem_gb']:.2f} GB")
+        self.log.progress(run.step, loss=f"{loss:.3f}")
+
+    def evaluation(self, step: int, metrics: dict[str, float]) -> None:
+        """An evaluation's metrics (Trainer.evaluate's, with best_val_loss)."""
+        self.log.event("eval", step=step, **metrics)
+        self.log.print(f"eval step {step}: val loss {metrics['val_loss']:.4f} | "
+                       f"acc {100 * metrics['val_accuracy']:.1f}% | ppl {metrics['val_ppl']:.2f} | "
+                       f"{metrics['val_bpb']:.4f} bits/byte | best {metrics['best_val_loss']:.4f}")
+
+    def sample(self, step: int, text: str) -> None:
+        self.log.event("sample", step=step, prompt=self.cfg.train.sample_prompt, text=text)
+        self.log.print(f"sample: {text!r}")
+
+    def checkpoint(self, step: int, path: Path, best: bool) -> None:
+        self.log.event("checkpoint", step=step, path=str(path), best=best)
+
+    def skip(self, run: RunState, loss: float, grad_norm: float, in_a_row: int) -> None:
+        self.log.event("skip", step=run.step, loss=loss, grad_norm=grad_norm, consecutive=in_a_row,
+                       skipped_steps=run.skipped_steps)
+        self.log.print(f"step {run.step}: loss {loss} / grad norm {grad_norm} is not finite; "
+                       f"update skipped ({in_a_row} in a row, {self.cfg.recovery.max_skips} allowed)")
+
+    def diverged(self, run: RunState, in_a_row: int, has_checkpoint: bool) -> str:
+        """Record the end of a diverged run; returns the message to stop with."""
+        self.log.event("diverged", step=run.step, rollbacks=run.rollbacks)
+        why = f"after {run.rollbacks} rollbacks" if has_checkpoint else "there is no checkpoint to roll back to"
+        return (f"stopped at step {run.step}: loss or gradient norm not finite for {in_a_row} steps in a row, "
+                f"and {why}; lower optim.lr, lengthen schedule.warmup_steps, or run python -m fasttrain.doctor "
+                "on this config")
+
+    def rollback(self, run: RunState, from_step: int, path: Path) -> None:
+        self.log.event("rollback", step=run.step, from_step=from_step, path=str(path), lr_scale=run.lr_scale)
+        self.log.print(f"rolled back from step {from_step} to {path} (step {run.step}); learning rate now "
+                       f"x{run.lr_scale:g} (rollback {run.rollbacks} of {self.cfg.recovery.max_rollbacks})")
+
+    def early_stop(self, run: RunState) -> None:
+        t = self.cfg.train
+        self.log.event("early_stop", step=run.step, evaluations=run.stale_evals, min_delta=t.early_stop_min_delta,
+                       best_val_loss=run.best_val_loss)
+        self.log.print(f"stopping early at step {run.step}: validation loss has not improved by "
+                       f"{t.early_stop_min_delta:g} or more in {run.stale_evals} evaluations "
+                       f"(best {run.best_val_loss:.4f}, kept as checkpoints/best)")
+
+    def stopped(self, step: int, signal_name: str, path: Path) -> None:
+        self.log.event("stopped", step=step, signal=signal_name, checkpoint=str(path))
+
+    def end(self, summary: dict[str, Any], run: RunState) -> None:
+        """The summary Trainer.train returns, and where everything went."""
+        out = Path(self.cfg.train.out_dir)
+        self.log.event("end", **summary)
+        self.log.print(f"done: {run.step} steps, {run.tokens_seen:,} tokens; "
+                       f"val loss {summary['val_loss']:.3f}, {summary['val_bpb']:.3f} bits/byte "
+                       f"(best loss {run.best_val_loss:.3f})"
+                       + (f"; {run.skipped_steps} steps skipped, {run.rollbacks} rollbacks" if run.skipped_steps else ""))
+        self.log.print(f"  config      {out / 'config.toml'}\n  metrics     {self.log.path}\n"
+                       f"  checkpoint  {summary['checkpoint']}\n  weights     {summary['weights']}\n"
+                       f"  data        {self.cfg.data.dir}\n  plot with   python -m fasttrain.plot {out}")

@@ -1,0 +1,29 @@
+"""RunState: the counters of a run, which a checkpoint saves and loads as a whole."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass
+class RunState:
+    """Where a run stands. Everything else a resumed run needs is in the model, optimizer, loader
+    and random states; the learning rate is a pure function of `step` (times `lr_scale`)."""
+
+    step: int = 0  # optimizer updates done, skipped ones included
+    tokens_seen: int = 0  # real (counted) target tokens trained on, over all ranks; pads do not count
+    best_val_loss: float = math.inf
+    stale_evals: int = 0  # evaluations in a row without lowering the best by train.early_stop_min_delta
+    lr_scale: float = 1.0  # multiplies the schedule; each rollback after divergence lowers it
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient norm, in all
+    rollbacks: int = 0  # reloads of the latest checkpoint after repeated non-finite steps
+
+    def state_dict(self) -> dict[str, int | float]:
+        """The fields by name: top-level keys of a checkpoint (so tools read `state["step"]` directly)."""
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> RunState:
+        """The RunState in `state` (a checkpoint, which holds other keys too); KeyError if one is missing."""
+        return cls(**{f.name: state[f.name] for f in fields(cls)})

@@ -1,0 +1,32 @@
+"""Stopping a run at a step boundary on SIGINT (Ctrl-C) or SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+
+class SignalCatcher:
+    """While active, SIGINT and SIGTERM only set `received`, so training can stop at a step boundary.
+
+    The first signal of each kind puts the previous handler back, so a second Ctrl-C
+    stops at once (a checkpoint save cut short leaves the earlier ones intact).
+    Signals can only be caught in the main thread; elsewhere this does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> SignalCatcher:
+        self.received: int | None = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._catch) for s in self.SIGNALS}
+        return self
+
+    def _catch(self, signum: int, frame) -> None:
+        self.received = signum
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

@@ -1,0 +1,37 @@
+"""The training loop's policies on their own: recovery from non-finite steps, and early stopping."""
+
+from __future__ import annotations
+
+import math
+
+from fasttrain.config import RecoveryConfig
+from fasttrain.policies import EarlyStopping, Recovery
+from fasttrain.run_state import RunState
+
+
+def test_recovery_counts_skips_in_a_row_and_rolls_back_within_its_allowance():
+    recovery = Recovery(RecoveryConfig(max_skips=2, lr_factor=0.5, max_rollbacks=1))
+    assert [recovery.after_step(skipped) for skipped in (True, False, True)] == [False, False, False]
+    assert recovery.after_step(True) and recovery.in_a_row == 2  # a good step in between restarts the count
+    diverged = RunState(step=9, tokens_seen=900, lr_scale=0.5, skipped_steps=4, rollbacks=0)
+    restored = RunState(step=6, tokens_seen=600, best_val_loss=2.5, stale_evals=1, skipped_steps=1)
+    state = recovery.rolled_back(diverged, restored)
+    assert state == RunState(step=6, tokens_seen=600, best_val_loss=2.5, stale_evals=1, lr_scale=0.25,
+                             skipped_steps=4, rollbacks=1)
+    assert recovery.in_a_row == 0 and not recovery.can_roll_back(state) and recovery.can_roll_back(restored)
+
+
+def test_early_stopping_counts_evaluations_that_miss_the_best_by_min_delta():
+    stopping = EarlyStopping(patience=2, min_delta=0.1)
+    assert stopping.stale_evals(0, 3.0, math.inf) == 0
+    assert stopping.stale_evals(0, 2.95, 3.0) == 1  # better, but by less than min_delta
+    assert stopping.stale_evals(1, 2.8, 3.0) == 0
+    assert [stopping.should_stop(n) for n in (0, 1, 2)] == [False, False, True]
+    assert not EarlyStopping(patience=0, min_delta=0.0).should_stop(100)  # patience 0: never
+
+
+def test_run_state_round_trips_through_a_checkpoint_dict():
+    state = RunState(step=3, tokens_seen=384, best_val_loss=4.2, stale_evals=1, lr_scale=0.5, skipped_steps=2,
+                     rollbacks=1)
+    saved = {"model": {}, **state.state_dict()}  # a checkpoint holds other keys beside them
+    assert RunState.from_state_dict(saved) == state
