@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -52,6 +53,7 @@ STAGE_SECONDS = 540  # each stage's limit: inside one 10-minute command on the l
 FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.png", "gpu_check.log")
 KERNEL_BENCHMARKS = ("bench_cross_entropy.py", "bench_rms_norm.py", "bench_adamw.py")
 LOG_TAIL = 200_000  # characters of a stage's output kept in the log
+XDIST = importlib.util.find_spec("xdist") is not None  # pytest-xdist: the suite in parallel processes
 
 
 @dataclasses.dataclass
@@ -154,8 +156,10 @@ def tests_stage(ctx: Context) -> Stage:
     stage = Stage()
     junit = ctx.work / "tests.xml"
     targets = ["tests/test_report.py"] if ctx.dry_run else ["tests"]
-    code, _ = run([sys.executable, "-m", "pytest", *targets, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"],
-                  ctx)
+    # A file's tests stay in one worker (module fixtures run once); the suite is CPU-bound in good part.
+    parallel = ["-n", str(min(4, os.cpu_count() or 1)), "--dist", "loadfile"] if XDIST and not ctx.dry_run else []
+    code, _ = run([sys.executable, "-m", "pytest", *targets, *parallel, "-q", "-p", "no:cacheprovider",
+                   f"--junitxml={junit}"], ctx)
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     failed: list[str] = []
     if junit.exists():
