@@ -35,9 +35,12 @@ REQUIRED_KEYS = ("model", "optimizer", "step", "config")  # what marks a file as
 RESHAPE_FREE = ("dropout",)  # [model] keys a resumed run may change: they alter no weight
 
 
+SAVE_NAME = re.compile(r"step_(\d+)\.pt")
+
+
 def step_of(path: Path) -> int:
     """The step of a `step_NNNNNNN.pt` file name."""
-    return int(re.fullmatch(r"step_(\d+)\.pt", path.name).group(1))
+    return int(SAVE_NAME.fullmatch(path.name).group(1))
 
 
 def saved_steps(directory: Path) -> list[Path]:
@@ -77,6 +80,9 @@ def claim(run_dir: Path, overwrite: bool, delete: bool) -> None:
     unless `overwrite`; then, if `delete` (rank 0 of a distributed run), delete them with that run's
     metrics, final weights and TensorBoard files."""
     directory = run_dir / "checkpoints"
+    if directory.exists() and not directory.is_dir():  # found now, not at the first save after training
+        raise UsageError(f"{directory}: is not a directory, so no checkpoint can be saved there; move it away "
+                         "or set train.out_dir elsewhere")
     saved = saved_steps(directory)
     if saved and not overwrite:
         raise UsageError(
@@ -89,11 +95,28 @@ def claim(run_dir: Path, overwrite: bool, delete: bool) -> None:
 
 
 def pointed(directory: Path, pointer: str) -> Path | None:
-    """The file that `directory/<pointer>` names, or None if there is no such pointer."""
+    """The file that `directory/<pointer>` names, or None if there is no such pointer.
+
+    UsageError if the pointer cannot be read or does not hold a save's file name (a damaged
+    or hand-edited pointer must not become a path: it could name anything)."""
+    path = directory / pointer
     try:
-        return directory / (directory / pointer).read_text(encoding="utf-8").strip()
+        name = path.read_bytes().decode("utf-8").strip()
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise UsageError(f"{directory}: is not a directory, so it holds no checkpoints; "
+                         "pass --resume a checkpoint file instead") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a pointer file; pass --resume a checkpoint file instead") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not SAVE_NAME.fullmatch(name):
+        raise UsageError(f"{path}: does not name a checkpoint file (it should hold a name like step_0000100.pt); "
+                         "pass --resume a checkpoint file instead")
+    return directory / name
 
 
 def _point(directory: Path, pointer: str, path: Path) -> None:

@@ -183,6 +183,9 @@ def prepare(
         raise UsageError(f"{out}: exists and is not a directory")
     existing = sorted(p for pattern in PREPARED for p in out.glob(pattern))
     if existing and not overwrite:
+        if not (out / "meta.json").exists():  # shards without their description: not data that can be used
+            raise UsageError(f"{out}: holds {existing[0].name} but no meta.json (a damaged or unfinished "
+                             "preparation); pass --overwrite to prepare it again")
         raise UsageError(f"{out}: already holds prepared data ({existing[0].name}); pass --overwrite to replace it")
     tmp = out / TMP_NAME
     created = not out.exists()  # removed again if this run fails, so DIR is left as it was

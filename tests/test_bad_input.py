@@ -66,10 +66,29 @@ def unpickling_runs_code(c: Case) -> str:
     return str(c.tmp / "evil.pt")
 
 
-def pointer_to_nothing(c: Case) -> list[str]:
+def damaged(c: Case, damage) -> Path:
+    """A copy of the saved run after `damage(its checkpoints/ path)`."""
     run = c.run_copy()
-    (run / "checkpoints" / "latest").write_text("step_0000099.pt")
-    return c.train(out=run, flags=["--resume", "auto"])
+    damage(run / "checkpoints")
+    return run
+
+
+def resume_damaged(damage):
+    return lambda c: c.train(out=damaged(c, damage), flags=["--resume", "auto"])
+
+
+def latest_a_directory(checkpoints: Path) -> None:
+    (checkpoints / "latest").unlink()
+    (checkpoints / "latest").mkdir()
+
+
+def checkpoints_a_file(checkpoints: Path) -> None:
+    shutil.rmtree(checkpoints)
+    checkpoints.write_text("not a directory")
+
+
+def binary_latest(checkpoints: Path) -> None:
+    (checkpoints / "latest").write_bytes(b"\xff\xfe\x00\x01\x9c")
 
 
 CASES = [
@@ -119,6 +138,9 @@ CASES = [
      "shorter than the 1024-byte header"),
     ("corrupt meta.json", train, lambda c: c.train(f"data.dir={c.data_copy(lambda d: truncate(d / 'meta.json', 0.5))}"),
      "meta.json: unreadable"),
+    ("prepared data without meta.json", train,
+     lambda c: c.train(f"data.dir={c.data_copy(lambda d: (d / 'meta.json').unlink())}"),
+     "holds tokenizer.json but no meta.json (a damaged or unfinished preparation); pass --overwrite"),
     ("missing tokenizer", train,
      lambda c: c.train(f"data.dir={c.data_copy(lambda d: (d / 'tokenizer.json').unlink())}"),
      "tokenizer.json: no such tokenizer file"),
@@ -145,7 +167,22 @@ CASES = [
      "saved by a model of another shape (model.d_model = 32 there, 64 here; model.n_layers = 2 there, 3 here)"),
     ("resume with another batch size", train, lambda c: c.train("train.batch_size=2", out=c.run, flags=["--resume", "auto"]),
      "cannot continue from it (loader state does not match this loader: batch_size=4 (now 2)"),
-    ("latest names a missing file", train, pointer_to_nothing, "names step_0000099.pt, which is missing"),
+    ("latest names a missing file", train, resume_damaged(lambda d: (d / "latest").write_text("step_0000099.pt")),
+     "names step_0000099.pt, which is missing"),
+    ("latest holds binary bytes", train, resume_damaged(binary_latest), "latest: does not name a checkpoint file"),
+    ("latest names a path elsewhere", train, resume_damaged(lambda d: (d / "latest").write_text("../../config.toml")),
+     "latest: does not name a checkpoint file"),
+    ("a directory where latest should be", train, resume_damaged(latest_a_directory),
+     "latest: is a directory, not a pointer file"),
+    ("a file where checkpoints/ should be", train, resume_damaged(checkpoints_a_file),
+     "checkpoints: is not a directory, so it holds no checkpoints"),
+    ("a new run beside a file named checkpoints", train,
+     lambda c: c.train(out=Path(c.file("fresh/checkpoints", "x")).parent),
+     "checkpoints: is not a directory, so no checkpoint can be saved there"),
+    ("export from a binary latest", export, lambda c: [str(damaged(c, binary_latest))],
+     "latest: does not name a checkpoint file"),
+    ("export from a file where checkpoints/ should be", export, lambda c: [str(damaged(c, checkpoints_a_file))],
+     "checkpoints: is not a directory"),
     ("new run over saved checkpoints", train, lambda c: c.train(out=c.run),
      "holds checkpoints of an earlier run (up to step 2); continue it with --resume auto"),
     ("export a non-checkpoint", export, lambda c: [c.file("junk.pt", b"PK\x03\x04 nope")], "not a loadable checkpoint"),
