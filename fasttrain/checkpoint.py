@@ -53,10 +53,11 @@ def path_for(directory: str | os.PathLike[str], step: int) -> Path:
     return Path(directory) / f"step_{step:07d}.pt"
 
 
-def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: int, best: bool) -> Path:
+def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: int, best: bool,
+         keep: Path | None = None) -> Path:
     """Write `state` as `directory/step_<step>.pt`, point `latest` (and `best` if `best`) at it, prune.
 
-    Keeps the newest `keep_last` saves and the one `best` names. Raises UsageError,
+    Keeps the newest `keep_last` saves, the one `best` names and `keep`. Raises UsageError,
     with every earlier save intact, if the disk is full or the directory unwritable.
     """
     directory = Path(directory)
@@ -65,12 +66,12 @@ def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: i
         stale.unlink(missing_ok=True)
     write_atomically(path, lambda f: torch.save(state, f), what="save checkpoint")
     if best:
-        _point(directory, "best", path)
-    _point(directory, "latest", path)
+        point(directory, "best", path)
+    point(directory, "latest", path)
     saved = saved_steps(directory)
-    keep = set(saved[-keep_last:]) | {pointed(directory, "best")}
+    kept = set(saved[-keep_last:]) | {pointed(directory, "best"), keep}
     for old in saved:
-        if old not in keep:
+        if old not in kept:
             old.unlink()
     return path
 
@@ -119,7 +120,8 @@ def pointed(directory: Path, pointer: str) -> Path | None:
     return directory / name
 
 
-def _point(directory: Path, pointer: str, path: Path) -> None:
+def point(directory: Path, pointer: str, path: Path) -> None:
+    """Make `directory/<pointer>` name the save `path` (atomically)."""
     name = path.name.encode("utf-8")
     write_atomically(directory / pointer, lambda f: f.write(name), what="update the checkpoint pointer")
 

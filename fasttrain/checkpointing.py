@@ -50,13 +50,13 @@ class Checkpointer:
             "config": config_to_toml(self.cfg),
         }
 
-    def save(self, run: RunState, loader: TokenLoader, best: bool = False) -> Path:
+    def save(self, run: RunState, loader: TokenLoader, best: bool = False, keep: Path | None = None) -> Path:
         """Save the run at `run.step`; returns the file. Keeps the newest `checkpoint.keep_last` saves,
-        and the best one: this save if `best`."""
+        the best one (this save if `best`) and `keep`."""
         state = self.state_dict(run, loader)
         path = checkpoint.path_for(self.directory, run.step)
         if self.world.is_main:
-            path = checkpoint.save(state, self.directory, run.step, self.cfg.checkpoint.keep_last, best)
+            path = checkpoint.save(state, self.directory, run.step, self.cfg.checkpoint.keep_last, best, keep)
         distributed.barrier(self.world)
         return path
 
@@ -77,6 +77,12 @@ class Checkpointer:
             return RunState.from_state_dict(state)
         except (RuntimeError, ValueError, KeyError, TypeError, UsageError) as e:
             raise UsageError(f"{path}: cannot continue from it ({str(e).splitlines()[0]})") from None
+
+    def point_latest(self, path: Path) -> None:
+        """Make `latest` name `path` again (after a rollback to it), so a resume starts there too."""
+        if self.world.is_main:
+            checkpoint.point(self.directory, "latest", path)
+        distributed.barrier(self.world)
 
     def latest(self) -> Path | None:
         """The newest complete save, or None before the first."""

@@ -146,7 +146,7 @@ class RecoveryConfig:
     """[recovery]: what to do when the loss or gradient norm stops being finite."""
 
     max_skips: int = 3  # consecutive non-finite steps skipped (no update) before rolling back
-    lr_factor: float = 0.5  # a rollback reloads the latest checkpoint and multiplies the learning rate by this
+    lr_factor: float = 0.5  # a rollback reloads the last good checkpoint and multiplies the learning rate by this
     max_rollbacks: int = 2  # rollbacks allowed in a run; the next divergence stops it (0: stop at once)
 
 

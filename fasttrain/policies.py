@@ -7,6 +7,7 @@ out the answer (rolls back, stops) and reporting tells the user.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from fasttrain.config import RecoveryConfig
 from fasttrain.run_state import RunState
@@ -14,29 +15,49 @@ from fasttrain.run_state import RunState
 
 class Recovery:
     """[recovery]: a step whose loss or gradient norm is not finite is skipped (no update); after
-    `max_skips` in a row the run rolls back to its latest checkpoint with the learning rate times
-    `lr_factor`, at most `max_rollbacks` times, then stops.
+    `max_skips` in a row the run rolls back with the learning rate times `lr_factor`, at most
+    `max_rollbacks` times, then stops.
+
+    Where it rolls back to: the newest save whose next step was finite (`safe`). A save's weights
+    are those the next step starts from, so the save just before a streak holds the very weights
+    that produced it: returning there would only diverge again. So a save stays `unproven` until
+    the step after it comes out finite, no save is made during a streak (the weights have not moved
+    since it began), and the safe save is kept from pruning.
 
     The count of skips in a row lives here, not in RunState: a resumed or rolled-back run starts
     with none.
     """
 
-    def __init__(self, cfg: RecoveryConfig):
+    def __init__(self, cfg: RecoveryConfig, latest: Path | None = None):
         self.cfg = cfg
         self.in_a_row = 0
+        self.safe: Path | None = None
+        self.unproven = latest  # a resumed run's checkpoint: proven by its first step
 
     def after_step(self, skipped: bool) -> bool:
         """Count a step, `skipped` or not; True once `max_skips` in a row were skipped: roll back or stop now."""
-        self.in_a_row = self.in_a_row + 1 if skipped else 0
+        if skipped:
+            self.in_a_row += 1
+        else:
+            self.in_a_row = 0
+            if self.unproven is not None:
+                self.safe, self.unproven = self.unproven, None
         return self.in_a_row >= self.cfg.max_skips
 
+    def may_save(self) -> bool:
+        """No save in the middle of a streak of skipped steps."""
+        return self.in_a_row == 0
+
+    def saved(self, path: Path) -> None:
+        self.unproven = path
+
     def can_roll_back(self, run: RunState) -> bool:
-        return run.rollbacks < self.cfg.max_rollbacks
+        return self.safe is not None and run.rollbacks < self.cfg.max_rollbacks
 
     def rolled_back(self, diverged: RunState, restored: RunState) -> RunState:
-        """The state to continue from: the checkpoint's (`restored`), with the learning rate lowered,
+        """The state to continue from: the safe save's (`restored`), with the learning rate lowered,
         the rollback counted, and the skipped steps of the `diverged` run kept."""
-        self.in_a_row = 0
+        self.in_a_row, self.unproven = 0, None
         return dataclasses.replace(restored, lr_scale=diverged.lr_scale * self.cfg.lr_factor,
                                    rollbacks=diverged.rollbacks + 1, skipped_steps=diverged.skipped_steps)
 

@@ -136,7 +136,8 @@ class Report:
     def diverged(self, run: RunState, in_a_row: int, has_checkpoint: bool) -> str:
         """Record the end of a diverged run; returns the message to stop with."""
         self.log.event("diverged", step=run.step, rollbacks=run.rollbacks)
-        why = f"after {run.rollbacks} rollbacks" if has_checkpoint else "there is no checkpoint to roll back to"
+        why = (f"after {run.rollbacks} rollbacks" if has_checkpoint
+               else "there is no checkpoint from before the divergence to roll back to")
         return (f"stopped at step {run.step}: loss or gradient norm not finite for {in_a_row} steps in a row, "
                 f"and {why}; lower optim.lr, lengthen schedule.warmup_steps, or run python -m fasttrain.doctor "
                 "on this config")

@@ -13,7 +13,7 @@ summed gradient is that of the mean loss per real token. Then the global gradien
 norm is clipped, AdamW steps at the learning rate of the schedule, and the
 gradients are cleared (optim.Updater). A step whose loss or gradient norm is not
 finite is skipped instead (no update); after `recovery.max_skips` in a row the run
-rolls back to its latest checkpoint at a lower learning rate, or stops
+rolls back to its newest checkpoint whose next step was finite at a lower learning rate, or stops
 (policies.Recovery). The finiteness check is the one host sync per step; otherwise
 nothing waits on the GPU except at log, eval and checkpoint points.
 
@@ -238,7 +238,7 @@ class Trainer:
     def _loop(self, report: Report) -> dict:
         """Step to the end, asking the policies after each step and evaluation; returns the summary."""
         t = self.cfg.train
-        recovery = Recovery(self.cfg.recovery)
+        recovery = Recovery(self.cfg.recovery, self.checkpoints.latest())
         early_stopping = EarlyStopping(t.early_stop_patience, t.early_stop_min_delta)
         report.start(self.run, self.resumed_from, params=self.model.num_params(), precision=self.precision,
                      compiled=self.compiled, kernels=self.kernels.names(), world_size=self.world.size,
@@ -267,7 +267,7 @@ class Trainer:
                     report.train(self.run, meter, result.lr, result.grad_norm.item(), self.train_loader.wait_seconds)
                     meter.restart(self.run.tokens_seen, self.train_loader.wait_seconds)
                 paused = time.perf_counter()
-                last_eval = self._evaluate_and_save(report, early_stopping, done) or last_eval
+                last_eval = self._evaluate_and_save(report, early_stopping, recovery, done) or last_eval
                 meter.exclude(time.perf_counter() - paused)
                 if distributed.any_rank(bool(signals.received), self.world, self.device):  # stop together
                     self._stop(report, signals.received or signal.SIGTERM)
@@ -280,14 +280,16 @@ class Trainer:
             last_eval = self._evaluate_and_sample(report, early_stopping)[0]
         return self._finish(report, last_eval, stopped_early)
 
-    def _evaluate_and_save(self, report: Report, early_stopping: EarlyStopping, done: bool) -> dict[str, float] | None:
-        """Evaluate and save when due; a new best validation loss also saves, with checkpoint.keep_best."""
+    def _evaluate_and_save(self, report: Report, early_stopping: EarlyStopping, recovery: Recovery, done: bool
+                           ) -> dict[str, float] | None:
+        """Evaluate and save when due; a new best validation loss also saves, with checkpoint.keep_best.
+        No save during a streak of skipped steps (see policies.Recovery)."""
         t, c = self.cfg.train, self.cfg.checkpoint
         metrics, improved = None, False
         if self.run.step % t.eval_interval == 0 or done:
             metrics, improved = self._evaluate_and_sample(report, early_stopping)
-        if self.run.step % c.interval == 0 or done or (improved and c.keep_best):
-            self._save(report, best=improved)
+        if (self.run.step % c.interval == 0 or done or (improved and c.keep_best)) and recovery.may_save():
+            recovery.saved(self._save(report, best=improved, keep=recovery.safe))
         return metrics
 
     def _evaluate_and_sample(self, report: Report, early_stopping: EarlyStopping) -> tuple[dict[str, float], bool]:
@@ -304,14 +306,15 @@ class Trainer:
         return metrics, metrics["val_loss"] < best_before
 
     def _roll_back(self, report: Report, recovery: Recovery) -> None:
-        """Continue from the latest checkpoint at a lower learning rate; RunStopped if there is none, or
-        every rollback is spent."""
-        latest = self.checkpoints.latest()
-        if latest is None or not recovery.can_roll_back(self.run):
-            raise RunStopped(report.diverged(self.run, recovery.in_a_row, latest is not None), 1)
+        """Continue from the newest save whose next step was finite (recovery.safe) at a lower learning
+        rate, and point `latest` back at it; RunStopped if there is none, or every rollback is spent."""
+        safe = recovery.safe
+        if not recovery.can_roll_back(self.run):
+            raise RunStopped(report.diverged(self.run, recovery.in_a_row, safe is not None), 1)
         diverged = self.run
-        self.run = recovery.rolled_back(diverged, self.checkpoints.restore(latest, self.train_loader))
-        report.rollback(self.run, diverged.step, latest)
+        self.run = recovery.rolled_back(diverged, self.checkpoints.restore(safe, self.train_loader))
+        self.checkpoints.point_latest(safe)
+        report.rollback(self.run, diverged.step, safe)
 
     def _finish(self, report: Report, last_eval: dict[str, float], stopped_early: bool) -> dict:
         """Export the final weights, then report the summary of the run, and where everything went."""
@@ -325,8 +328,8 @@ class Trainer:
         report.end(summary, self.run)
         return summary
 
-    def _save(self, report: Report, best: bool = False) -> Path:
-        path = self.save_checkpoint(best)
+    def _save(self, report: Report, best: bool = False, keep: Path | None = None) -> Path:
+        path = self.checkpoints.save(self.run, self.train_loader, best, keep)
         report.checkpoint(self.run.step, path, best)
         return path
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import random
 import shlex
@@ -225,19 +226,47 @@ def test_repeated_non_finite_steps_roll_back_with_a_lower_lr(pydoc_data, tmp_pat
     nan_losses(trainer, {5, 6})
     summary = trainer.train()
     (rollback,) = events(tmp_path, "rollback")
-    assert rollback["from_step"] == 6 and rollback["step"] == 4 and rollback["lr_scale"] == 0.25
+    # Back to step 2's save, not step 4's: the step after step 4 diverged, so its weights are suspect.
+    assert rollback["from_step"] == 6 and rollback["step"] == 2 and rollback["lr_scale"] == 0.25
     assert [e["step"] for e in events(tmp_path, "skip")] == [5, 6]
     train = events(tmp_path, "train")
-    assert [e["step"] for e in train] == [1, 2, 3, 4, 5, 6, 7, 8]  # 5 and 6 trained again after the rollback
-    assert [e["lr"] for e in train[-4:]] == [0.25 * cfg.optim.lr] * 4
+    assert [e["step"] for e in train] == [1, 2, 3, 4, 3, 4, 5, 6, 7, 8]  # 3 to 6 trained again after the rollback
+    assert [e["lr"] for e in train[-6:]] == [0.25 * cfg.optim.lr] * 6
     assert summary["rollbacks"] == 1 and summary["skipped_steps"] == 2 and summary["step"] == 8
+
+
+def test_a_rollback_skips_the_save_that_holds_the_diverging_weights(pydoc_data, tmp_path):
+    """Weights broken by step 4's update diverge at every later step; step 4's save holds them. The run
+    must return to step 2's save, point latest there (a resume must not land on step 4's), and finish."""
+    cfg = tiny_config(pydoc_data, tmp_path, "train.max_steps=10", "checkpoint.interval=2", "checkpoint.keep_last=1",
+                      "recovery.max_skips=2", "recovery.max_rollbacks=1", "train.log_interval=1")
+    trainer = Trainer(cfg, quiet=True)
+    broken = set()
+
+    def break_weights(t: Trainer) -> None:  # once: the rolled-back run passes step 4 unharmed
+        if not broken:
+            broken.add(True)
+            with torch.no_grad():
+                t.model.parameters().__next__().fill_(float("inf"))
+
+    plant(trainer, {4}, break_weights)
+    rolled_back_to = []
+    original = trainer.checkpoints.point_latest
+    trainer.checkpoints.point_latest = lambda path: (rolled_back_to.append(path.name), original(path))
+    summary = trainer.train()
+    assert rolled_back_to == ["step_0000002.pt"]  # kept although keep_last=1: the safe save is never pruned
+    assert [e["step"] for e in events(tmp_path, "skip")] == [5, 6]
+    # Saves at 2 and 4, none at 6 during the streak, then 4, 6, 8, 10 again after the rollback to 2.
+    assert [e["step"] for e in events(tmp_path, "checkpoint")] == [2, 4, 4, 6, 8, 10]
+    assert summary["step"] == 10 and summary["rollbacks"] == 1 and math.isfinite(summary["val_loss"])
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
 def test_divergence_without_a_way_back_stops_with_a_clear_message(pydoc_data, tmp_path):
     trainer = Trainer(tiny_config(pydoc_data, tmp_path, "recovery.max_skips=3"), quiet=True)
     nan_losses(trainer, set(range(1, 100)))
     with pytest.raises(RunStopped, match="stopped at step 3: .* not finite for 3 steps in a row, and there is no "
-                                         "checkpoint to roll back to; lower optim.lr") as stop:
+                                         "checkpoint from before the divergence to roll back to; lower optim.lr") as stop:
         trainer.train()
     assert stop.value.exit_code == 1
 

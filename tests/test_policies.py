@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from fasttrain.config import RecoveryConfig
 from fasttrain.policies import EarlyStopping, Recovery
@@ -13,12 +14,30 @@ def test_recovery_counts_skips_in_a_row_and_rolls_back_within_its_allowance():
     recovery = Recovery(RecoveryConfig(max_skips=2, lr_factor=0.5, max_rollbacks=1))
     assert [recovery.after_step(skipped) for skipped in (True, False, True)] == [False, False, False]
     assert recovery.after_step(True) and recovery.in_a_row == 2  # a good step in between restarts the count
+    assert not recovery.can_roll_back(RunState())  # no save to return to yet
+    recovery.safe = Path("step_0000006.pt")
     diverged = RunState(step=9, tokens_seen=900, lr_scale=0.5, skipped_steps=4, rollbacks=0)
     restored = RunState(step=6, tokens_seen=600, best_val_loss=2.5, stale_evals=1, skipped_steps=1)
     state = recovery.rolled_back(diverged, restored)
     assert state == RunState(step=6, tokens_seen=600, best_val_loss=2.5, stale_evals=1, lr_scale=0.25,
                              skipped_steps=4, rollbacks=1)
     assert recovery.in_a_row == 0 and not recovery.can_roll_back(state) and recovery.can_roll_back(restored)
+
+
+def test_recovery_returns_only_to_a_save_whose_next_step_was_finite():
+    recovery = Recovery(RecoveryConfig(max_skips=2, lr_factor=0.5, max_rollbacks=3), latest=Path("step_2.pt"))
+    assert recovery.safe is None  # a resumed run's checkpoint is proven by its first step
+    recovery.after_step(False)
+    assert recovery.safe == Path("step_2.pt") and recovery.may_save()
+    recovery.saved(Path("step_4.pt"))
+    recovery.after_step(True)  # the step after step 4's save diverged: its weights are suspect
+    assert recovery.safe == Path("step_2.pt") and recovery.unproven == Path("step_4.pt")
+    assert not recovery.may_save()  # no save during the streak
+    recovery.rolled_back(RunState(step=6), RunState(step=2))
+    assert recovery.unproven is None and recovery.safe == Path("step_2.pt") and recovery.may_save()
+    recovery.saved(Path("step_4.pt"))
+    recovery.after_step(False)
+    assert recovery.safe == Path("step_4.pt") and recovery.unproven is None
 
 
 def test_early_stopping_counts_evaluations_that_miss_the_best_by_min_delta():
