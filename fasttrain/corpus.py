@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from fasttrain.errors import UsageError
+from fasttrain.shards import refuse_special_file
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("pydoc", "docstrings")
@@ -144,6 +145,7 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Source]:
             if not paths:
                 raise UsageError(f"{spec}: directory holds no text files ({', '.join(TEXT_SUFFIXES)})")
         elif os.path.exists(spec):
+            refuse_special_file(spec)  # globs and directories contribute regular files only
             paths = [spec]
         else:
             raise UsageError(f"{spec}: no such file or directory")

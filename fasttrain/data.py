@@ -41,7 +41,7 @@ import torch
 
 from fasttrain.documents import IGNORE_INDEX, Batching, Rows
 from fasttrain.errors import UsageError
-from fasttrain.shards import HEADER_BYTES, ShardInfo, read_header, read_meta, scan_id_bound
+from fasttrain.shards import HEADER_BYTES, ShardInfo, out_of_vocabulary, read_header, read_meta, scan_id_bound
 
 Sampling = Literal["random", "sequential"]
 Padding = Literal["fixed", "longest", "bucketed"]
@@ -57,9 +57,10 @@ class RowReader:
 
     def __init__(
         self, shards: list[ShardInfo], rows: Rows, batch_size: int, sampling: Sampling, padding: Padding,
-        seed: int, rank: int, world_size: int, pad_id: int, pad_multiple: int, pin_memory: bool,
+        seed: int, rank: int, world_size: int, pad_id: int, pad_multiple: int, pin_memory: bool, vocab_size: int,
     ):
         self.shards, self.rows = shards, rows
+        self.vocab_size = vocab_size  # every id read is checked against it; 0: unknown, not checked
         self.dtype = shards[0].dtype
         self.batch_size, self.seq_len = batch_size, rows.seq_len
         self.sampling, self.padding, self.seed = sampling, padding, seed
@@ -116,6 +117,12 @@ class RowReader:
             if os.preadv(self._fds[s], [rows[row, :n]], at) != n * itemsize:
                 raise UsageError(f"{self.shards[s].path}: short read at byte {at} (truncated while in use?)")
             rows[row, n:] = self.pad_id
+        # A header's largest id can lie (or be absent); an id beyond the vocabulary would index past the
+        # embedding (an IndexError, or silent garbage on a GPU), so check what was read, on the host.
+        if self.vocab_size and int(rows.max()) >= self.vocab_size:
+            row, col = (int(i) for i in np.argwhere(rows >= self.vocab_size)[0])
+            raise UsageError(out_of_vocabulary(self.shards[shard[row]].path, int(rows[row, col]),
+                                               int(offset[row]) + col, self.vocab_size))
         x = torch.empty((B, L), dtype=torch.int64, pin_memory=self.pin_memory)
         y = torch.empty((B, L), dtype=torch.int64, pin_memory=self.pin_memory)
         np.copyto(x.numpy(), rows[:, :-1])
@@ -164,7 +171,8 @@ class TokenLoader:
 
     Every shard's header and size are checked at construction, and so is its
     largest token id against `vocab_size` (default: meta.json's, else the
-    shards' own). Problems are `UsageError`s naming the file.
+    shards' own); since a header can lie, every batch's ids are checked again
+    as they are read. Problems are `UsageError`s naming the file.
     """
 
     def __init__(
@@ -206,7 +214,8 @@ class TokenLoader:
         self.prefetch = prefetch
         rows = Rows(shards, seq_len, batching, eot_id)
         self.reader = RowReader(shards, rows, batch_size, sampling, padding, seed, rank, world_size,
-                                pad_id=eot_id or 0, pad_multiple=pad_multiple, pin_memory=self.device.type == "cuda")
+                                pad_id=eot_id or 0, pad_multiple=pad_multiple, pin_memory=self.device.type == "cuda",
+                                vocab_size=self.vocab_size)
         if self.reader.batches_per_epoch == 0:
             self.reader.close()
             what = f"windows of {seq_len + 1} tokens" if batching == "packed" else f"{batching} rows"

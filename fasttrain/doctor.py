@@ -3,7 +3,8 @@
     python -m fasttrain.doctor CONFIG.toml [--set SECTION.KEY=VALUE ...] [--overfit-steps N]
 
 Builds the run exactly as `python -m fasttrain.train` would (config, data, model,
-optimizer), takes one training batch and checks, in order:
+optimizer), reads every token of both splits (an id beyond the vocabulary is bad
+input, whatever the shard headers say), then takes one training batch and checks, in order:
 
     data         token ids are int64 and inside [0, vocab_size)
     targets      the targets are the inputs shifted by one token
@@ -28,9 +29,11 @@ from typing import Sequence
 import torch
 
 from fasttrain.config import add_config_arguments, load_config
+from fasttrain.data import find_shards
 from fasttrain.documents import IGNORE_INDEX
 from fasttrain.errors import ArgumentParser, run_cli
 from fasttrain.runtime import autocast
+from fasttrain.shards import check_ids
 from fasttrain.trainer import Trainer
 
 INIT_LOSS_TOLERANCE = 1.0  # nats from ln(V); random init with small logits lands well within it
@@ -204,6 +207,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = cfg.train
     print(f"doctor: {args.config}: {trainer.model.num_params() / 1e6:.2f}M parameters, batch {t.batch_size} x "
           f"{t.seq_len} from {trainer.cfg.data.dir}, on {trainer.device} ({trainer.precision})")
+    for split in ("train", "val"):
+        for shard in find_shards(trainer.cfg.data.dir, split):
+            check_ids(shard, trainer.cfg.model.vocab_size)
     checks = diagnose(trainer, args.overfit_steps)
     print(report(checks))
     return 0 if all(c.passed for c in checks) else 1

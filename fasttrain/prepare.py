@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from fasttrain.config import DataConfig
 from fasttrain.corpus import Piece, Source, resolve_inputs
+from fasttrain.data import find_shards
 from fasttrain.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.shards import ShardInfo, ShardWriter, read_meta, token_dtype
 from fasttrain.tokenizer import Tokenizer
@@ -324,7 +325,24 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
             f"{directory}: holds data prepared with {', '.join(differ) or 'unknown settings'}, not what [data] asks for; "
             "point data.dir elsewhere or remove the directory"
         )
+    _check_consistent(Path(directory), meta)
     return PreparedData(directory, meta)
+
+
+def _check_consistent(directory: Path, meta: dict) -> None:
+    """Refuse prepared data whose parts disagree, at start-up: before a run deletes anything (--overwrite)
+    and before an evaluation, hours in, finds no val split or divides by a zero byte count."""
+    path = directory / "meta.json"
+    tokenizer = Tokenizer.load(directory / "tokenizer.json")
+    if tokenizer.vocab_size != int(meta["vocab_size"]):
+        raise UsageError(f"{path}: vocab_size = {meta['vocab_size']} disagrees with tokenizer.json's "
+                         f"{tokenizer.vocab_size}; prepare the data again")
+    find_shards(directory, "val")  # every run evaluates
+    text_bytes = meta.get("text_bytes")
+    val_bytes = text_bytes.get("val") if isinstance(text_bytes, dict) else None
+    if not isinstance(val_bytes, int) or val_bytes <= 0:
+        raise UsageError(f"{path}: text_bytes.val = {json.dumps(val_bytes)}, expected a count > 0 "
+                         "(validation bits per byte divide by it)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

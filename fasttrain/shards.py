@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -54,6 +55,7 @@ class ShardInfo:
 def read_header(path: str | os.PathLike) -> ShardInfo:
     """Read and check a shard's header against its file size; any problem is a `UsageError` naming the file."""
     path = os.fspath(path)
+    refuse_special_file(path)
     try:
         with open(path, "rb") as f:
             raw = f.read(HEADER_BYTES)
@@ -89,6 +91,31 @@ def token_blocks(info: ShardInfo, chunk: int = 1 << 24) -> Iterator[np.ndarray]:
         f.seek(HEADER_BYTES)
         while block := f.read(chunk * info.dtype.itemsize):
             yield np.frombuffer(block, dtype=info.dtype)
+
+
+def out_of_vocabulary(path: str, token: int, position: int, vocab_size: int) -> str:
+    """The message for a token id the model has no embedding for (one wording for every check)."""
+    return f"{path}: token id {token} at position {position} is beyond the vocabulary of {vocab_size}"
+
+
+def check_ids(info: ShardInfo, vocab_size: int) -> None:
+    """Read every token of the shard (not its header, which may lie) and refuse the first id >= `vocab_size`."""
+    start = 0
+    for block in token_blocks(info):
+        bad = np.flatnonzero(block >= vocab_size)
+        if bad.size:
+            raise UsageError(out_of_vocabulary(info.path, int(block[bad[0]]), start + int(bad[0]), vocab_size))
+        start += block.size
+
+
+def refuse_special_file(path: str) -> None:
+    """A FIFO, socket or device named as input is refused: reading one would block or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # opening it reports the problem, with the file's name
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise UsageError(f"{path}: not a regular file (a FIFO, socket or device); give a file")
 
 
 def scan_id_bound(info: ShardInfo) -> int:

@@ -18,6 +18,7 @@ from fasttrain.errors import UsageError
 
 EOT = "<|endoftext|>"
 EOT_NAMES = (EOT, "<|end_of_text|>", "</s>", "<eos>")
+MAX_VOCAB_SIZE = 1 << 20  # 4x the largest vocabularies in use; the BPE trainer allocates ~70 bytes per id up front
 
 
 class Tokenizer:
@@ -36,6 +37,8 @@ class Tokenizer:
         """Learn a byte-level BPE of `vocab_size` tokens (including the end-of-text token) from `texts`."""
         if vocab_size <= 256:
             raise UsageError(f"vocab size {vocab_size} is too small: byte-level BPE needs 256 bytes + end-of-text")
+        if vocab_size > MAX_VOCAB_SIZE:  # the tokenizers library allocates for it up front and aborts the process
+            raise UsageError(f"vocab size {vocab_size} is too large: at most {MAX_VOCAB_SIZE} (2^20)")
         tok = tokenizers.Tokenizer(models.BPE())
         # No prefix space and no normalizer: the text is encoded byte for byte, so decoding is exact.
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -47,6 +47,7 @@ from fasttrain.model import Transformer, generate_text
 from fasttrain.objective import LossSums, NextTokenLoss, counted_targets
 from fasttrain.optim import Updater
 from fasttrain.policies import EarlyStopping, Recovery
+from fasttrain.preflight import check_fits
 from fasttrain.prepare import ensure_prepared
 from fasttrain.reporting import IntervalMeter, Report
 from fasttrain.run_state import RunState
@@ -115,6 +116,7 @@ class Trainer:
         self.parallel = t.parallel if self.world.distributed else "none"  # what a checkpoint records too
         self.sharded = self.parallel == "fsdp"
         self.kernels = kernels_on(cfg.kernels, self.device, self.sharded)
+        check_fits(self.cfg, self.device, self.precision, self.world.size if self.sharded else 1)  # before allocating
         # `model` is the network: its weights, sampling, checkpoints. `objective` is its loss, what trains
         # and evaluates: inside DDP (or sharded by FSDP), and compiled in place if asked. Sampling runs
         # the plain model, whose growing sequence lengths would otherwise trigger recompiles.

@@ -8,13 +8,15 @@ for the module. After each case that run directory must be byte for byte as it w
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from fasttrain import doctor, export, plot, train
+from fasttrain import doctor, export, plot, prepare, train
 from fasttrain.errors import run_cli
 from tests.conftest import tiny_args
 
@@ -64,6 +66,30 @@ def unpickling_runs_code(c: Case) -> str:
             return Path.touch, (c.tmp / "pwned",)
     torch.save({"model": Payload(), "optimizer": {}, "step": 1, "config": ""}, c.tmp / "evil.pt")
     return str(c.tmp / "evil.pt")
+
+
+def lying_shard(d: Path) -> None:
+    """Token id 1000 from position 100 on in a train shard of the 512-token vocabulary; its header still says 512."""
+    shard = d / "train_000000.bin"
+    data = bytearray(shard.read_bytes())
+    start = 1024 + 2 * 100  # past the header, 100 uint16 tokens in
+    data[start:] = (1000).to_bytes(2, "little") * ((len(data) - start) // 2)
+    shard.write_bytes(data)
+
+
+def edit_meta(**changes):
+    """A damage for `Case.data_copy`: meta.json with `changes` applied."""
+    def damage(d: Path) -> None:
+        meta = json.loads((d / "meta.json").read_text())
+        (d / "meta.json").write_text(json.dumps({**meta, **changes}))
+    return damage
+
+
+def fifo(path: Path) -> str:
+    """A named pipe at `path` (nothing ever writes to it: opening it for reading would block forever)."""
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+    return str(path)
 
 
 def damaged(c: Case, damage) -> Path:
@@ -118,6 +144,15 @@ CASES = [
     ("fp16 without CUDA", train, lambda c: c.train("train.precision=fp16"), 'train.precision = "fp16" needs a CUDA'),
     ("model vocab below the data's", train, lambda c: c.train("model.vocab_size=300"),
      "model.vocab_size = 300 is smaller than data.vocab_size = 512"),
+    ("model wider than memory", train, lambda c: c.train("model.d_model=100000000"),
+     "the run needs about"),
+    ("a hundred million layers", train, lambda c: c.train("model.n_layers=100000000"),
+     "GiB available; reduce model.n_layers = 100000000"),
+    ("context longer than memory", train, lambda c: c.train("model.max_seq_len=1000000000000000"),
+     "model.max_seq_len = 1000000000000000"),
+    ("prepare: absurd vocabulary", prepare,
+     lambda c: ["--input", "builtin:pydoc", "--out", str(c.tmp / "p"), "--vocab-size", "100000000000"],
+     "vocab size 100000000000 is too large: at most 1048576"),
     # command lines
     ("misspelt flag", train, lambda c: c.train(flags=["--resum", "auto"]), "unrecognized arguments: --resum"),
     ("resume and overwrite at once", train, lambda c: c.train(flags=["--resume", "auto", "--overwrite"]),
@@ -146,6 +181,24 @@ CASES = [
      "tokenizer.json: no such tokenizer file"),
     ("missing input files", train, lambda c: c.train(f"data.dir={c.tmp / 'fresh'}", f'data.inputs=["{c.tmp}/none/*.txt"]'),
      "none/*.txt"),
+    ("ids beyond the vocabulary, header lying", train, lambda c: c.train(f"data.dir={c.data_copy(lying_shard)}"),
+     "train_000000.bin: token id 1000 at position"),
+    ("doctor: ids beyond the vocabulary", doctor, lambda c: c.train(f"data.dir={c.data_copy(lying_shard)}"),
+     "train_000000.bin: token id 1000 at position 100 is beyond the vocabulary of 512"),
+    ("meta.json vocabulary not the tokenizer's", train,
+     lambda c: c.train(f"data.dir={c.data_copy(edit_meta(vocab_size=600))}"),
+     "meta.json: vocab_size = 600 disagrees with tokenizer.json's 512"),
+    ("meta.json counts no val bytes", train,
+     lambda c: c.train(f"data.dir={c.data_copy(edit_meta(text_bytes={'train': 1, 'val': 0}))}"),
+     "meta.json: text_bytes.val = 0, expected a count > 0"),
+    ("no val split, with --overwrite", train,
+     lambda c: c.train(f"data.dir={c.data_copy(lambda d: [p.unlink() for p in d.glob('val_*.bin')])}", out=c.run,
+                       flags=["--overwrite"]),
+     "no val shards"),
+    ("shard is a FIFO", train, lambda c: c.train(f"data.dir={c.data_copy(lambda d: fifo(d / 'train_000000.bin'))}"),
+     "train_000000.bin: not a regular file"),
+    ("prepare: input is a FIFO", prepare, lambda c: ["--input", fifo(c.tmp / "pipe"), "--out", str(c.tmp / "p")],
+     "pipe: not a regular file"),
     ("batch larger than the data", train, lambda c: c.train("train.batch_size=100000"), "fewer than one batch"),
     # checkpoints and resuming
     ("resume with nothing saved", train, lambda c: c.train(flags=["--resume", "auto"]),

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fasttrain.config import ModelConfig
+from fasttrain.config import ModelConfig, load_config
 from fasttrain.documents import IGNORE_INDEX
 from fasttrain.model import Transformer, apply_rope, ffn_hidden_size, filter_logits, generate_text, rope_tables
 from fasttrain.objective import NextTokenLoss
+from fasttrain.preflight import num_params
 from fasttrain.tokenizer import Tokenizer
 
 
@@ -97,6 +98,16 @@ def test_swiglu_hidden_size():
     assert ffn_hidden_size(ModelConfig(d_model=256, ffn_hidden=100)) == 100
     model = Transformer(tiny(multiple_of=16))
     assert model.blocks[0].mlp.down.weight.shape == (32, ffn_hidden_size(tiny(multiple_of=16))) == (32, 96)
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.tie_embeddings=false", "model.n_kv_heads=4", "model.ffn_hidden=1000"]])
+def test_preflight_counts_the_parameters_the_model_has(overrides):
+    """preflight's arithmetic agrees with the real model (built on the meta device: shapes, no memory)."""
+    cfg = load_config("configs/gpt2-small.toml", overrides)
+    with torch.device("meta"):
+        assert num_params(cfg.model) == Transformer(cfg.model).num_params()
+    if not overrides:
+        assert num_params(cfg.model) == 123_587_328
 
 
 def test_weight_tying():
