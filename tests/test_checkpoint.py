@@ -7,6 +7,7 @@ import os
 import random
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fasttrain import Trainer, checkpoint
-from fasttrain.errors import RunStopped, UsageError
+from fasttrain import Trainer, checkpoint, train
+from fasttrain.errors import RunStopped, UsageError, run_cli
 from fasttrain.plot import read_metrics
 from fasttrain.policies import Recovery
 from fasttrain.trainer import Interrupted
@@ -134,7 +135,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(pydoc_data, tmp_p
 def test_unwritable_run_directory_is_a_clear_error(pydoc_data, tmp_path):
     (tmp_path / "file").write_text("not a directory")
     trainer = Trainer(tiny_config(pydoc_data, tmp_path / "file" / "run"), quiet=True)
-    with pytest.raises(UsageError, match=r"file/run/config.toml: cannot write"):
+    with pytest.raises(UsageError, match=r"file/run/.lock: cannot write \(Not a directory\)"):
         trainer.train()
     trainer.step()
     with pytest.raises(UsageError, match=r"step_0000001.pt: cannot save checkpoint"):
@@ -199,6 +200,41 @@ def test_sigterm_saves_and_prints_how_to_resume(pydoc_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     start = events(tmp_path, "start")[-1]
     assert start["resume_step"] == step and events(tmp_path, "end")[-1]["step"] == step + 2
+
+
+def hold_lock(run_dir: Path) -> subprocess.Popen:
+    """Another process holding `run_dir`'s lock (as a run training there does) until it is killed."""
+    code = ("import sys, time\nfrom fasttrain import run_lock\n"
+            "with run_lock.locked(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "locked\n"
+    return proc
+
+
+@pytest.mark.subprocess
+def test_a_run_directory_in_use_is_refused_until_its_holder_dies(pydoc_data, tmp_path, capsys):
+    args = tiny_args(pydoc_data, tmp_path, "train.max_steps=2", "schedule.warmup_steps=1", "train.sample_tokens=0")
+    with pytest.raises(SystemExit) as done:
+        run_cli(train.main, args)
+    assert done.value.code == 0
+    holder = hold_lock(tmp_path)
+    try:
+        saved = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        capsys.readouterr()
+        for flags in ([], ["--overwrite"], ["--resume", "auto"]):
+            with pytest.raises(SystemExit) as refused:
+                run_cli(train.main, [args[0], *flags, *args[1:]])
+            err = capsys.readouterr().err
+            assert refused.value.code == 2 and err == (
+                f"error: {tmp_path}: another run (pid {holder.pid} on host {socket.gethostname()}) is using it; "
+                "wait for it to end, stop it, or set train.out_dir elsewhere\n"), (flags, err)
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == saved
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, the lock goes with the process
+        holder.wait()
+    with pytest.raises(SystemExit) as done:
+        run_cli(train.main, [args[0], "--resume", "auto", *args[1:]])
+    assert done.value.code == 0
 
 
 def test_a_non_finite_step_is_skipped(pydoc_data, tmp_path):
