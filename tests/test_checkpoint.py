@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
+import itertools
+import json
 import os
 import random
 import shlex
@@ -16,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fasttrain import Trainer, checkpoint, train
+from fasttrain import Trainer, checkpoint, metrics, train
+from fasttrain.config import load_config
 from fasttrain.errors import RunStopped, UsageError, run_cli
 from fasttrain.plot import read_metrics
 from fasttrain.policies import Recovery
@@ -194,9 +198,13 @@ def test_sigterm_saves_and_prints_how_to_resume(pydoc_data, tmp_path):
     step = int(stderr.split("at step ")[1].split(";")[0])
     assert f"saved {tmp_path / 'checkpoints' / f'step_{step:07d}.pt'}" in stderr
     command = shlex.split(stderr.split("resume with: ")[1])
-    assert command[:3] == ["python", "-m", "fasttrain.train"] and command[-2:] == ["--resume", "auto"]
+    assert command[:4] == ["python", "-m", "fasttrain.train", str(ROOT / "configs/base.toml")]
+    assert command[-2:] == ["--resume", "auto"]
+    elsewhere = tmp_path / "elsewhere"  # the command works from any directory
+    elsewhere.mkdir()
     resumed = subprocess.run([sys.executable, *command[1:], "--set", f"train.max_steps={step + 2}"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                             text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     start = events(tmp_path, "start")[-1]
     assert start["resume_step"] == step and events(tmp_path, "end")[-1]["step"] == step + 2
@@ -235,6 +243,53 @@ def test_a_run_directory_in_use_is_refused_until_its_holder_dies(pydoc_data, tmp
     with pytest.raises(SystemExit) as done:
         run_cli(train.main, [args[0], "--resume", "auto", *args[1:]])
     assert done.value.code == 0
+
+
+def test_the_resume_command_names_the_run_by_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(config="base.toml", set=["train.max_steps=9", "train.out_dir=runs/a"], quiet=True)
+    cfg = load_config(None, ["train.out_dir=runs/a", "data.dir=data/b"])
+    assert shlex.split(train.resume_command(args, cfg)) == [
+        "python", "-m", "fasttrain.train", str(tmp_path / "base.toml"), "--quiet", "--set", "train.max_steps=9",
+        f"train.out_dir={tmp_path / 'runs/a'}", f"data.dir={tmp_path / 'data/b'}", "--resume", "auto"]
+
+
+def full_disk_after(lines: int):
+    """`open`, but a file opened to append takes `lines` writes, then writes half of one and raises ENOSPC."""
+    def open_(path, mode="r", **kwargs):
+        f = open(path, mode, **kwargs)
+        if "a" in mode:
+            write, count = f.write, itertools.count()
+
+            def filling(text: str) -> int:
+                if next(count) < lines:
+                    return write(text)
+                write(text[:len(text) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            f.write = filling
+        return f
+    return open_
+
+
+def test_a_full_disk_while_logging_is_one_line_and_the_resumed_log_parses(pydoc_data, tmp_path, monkeypatch,
+                                                                          capsys):
+    args = tiny_args(pydoc_data, tmp_path, "train.max_steps=4", "train.log_interval=1", "checkpoint.interval=1",
+                     "train.sample_tokens=0")
+    # Written: start, train, checkpoint, train; then step 2's checkpoint event fails, after its save.
+    monkeypatch.setattr(metrics, "open", full_disk_after(4), raising=False)
+    with pytest.raises(SystemExit) as full:
+        run_cli(train.main, args)
+    err = capsys.readouterr().err
+    assert full.value.code == 2
+    assert err == f"error: {tmp_path / 'metrics.jsonl'}: cannot write (No space left on device)\n"  # no traceback
+    assert not (tmp_path / "metrics.jsonl").read_text().endswith("\n")  # half a line made it to disk
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as done:
+        run_cli(train.main, [args[0], "--resume", "auto", *args[1:]])
+    assert done.value.code == 0, capsys.readouterr().err
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    kinds = [json.loads(line)["event"] for line in lines]  # every line parses
+    assert kinds[:5] == ["start", "train", "checkpoint", "train", "start"] and kinds[-1] == "end"
 
 
 def test_a_non_finite_step_is_skipped(pydoc_data, tmp_path):
