@@ -3,12 +3,15 @@
 Every event is one JSON object per line in `metrics.jsonl` with an "event" field
 ("start", "train", "eval", "sample", "end"); train events carry `step` and
 `loss`, eval events `step`, `val_loss` and `val_bpb`. The file is flushed per
-event, so a crashed run still has its curve. TensorBoard event files are written
+event, so a crashed run still has its curve; the next run in the directory first
+cuts off a line left unfinished, so every line parses. A failed write (a full
+disk) stops the run with a one-line UsageError. TensorBoard event files are written
 too when the `tensorboard` package is installed (and the config asks for them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -74,10 +77,8 @@ class MetricsLog:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = _ends_mid_line(self.path)  # a run killed mid-write; end its line so ours parse
+            _drop_partial_line(self.path)  # a run killed (or out of space) mid-write: every line must parse
             self._file = open(self.path, "a", encoding="utf-8")
-            if partial:
-                self._file.write("\n")
         except OSError as e:
             raise UsageError(f"{self.path}: cannot write ({e.strerror or e})") from None
         self._tb = _summary_writer(self.path.parent) if tensorboard else None
@@ -88,8 +89,14 @@ class MetricsLog:
         if self._file is None:
             return
         record = {"event": kind, "time": round(time.time(), 3), **fields}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk, say: the run stops with one line, not two chained tracebacks
+            with contextlib.suppress(OSError):  # closing flushes the unwritten rest again, and fails again
+                self._file.close()
+            self._file = None
+            raise UsageError(f"{self.path}: cannot write ({e.strerror or e})") from None
         if self._tb is not None and "step" in fields:
             for key, value in fields.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -118,16 +125,23 @@ class MetricsLog:
             self._file.close()
 
 
-def _ends_mid_line(path: Path) -> bool:
-    """Whether the file at `path` exists and its last byte is not a newline."""
+def _drop_partial_line(path: Path) -> None:
+    """Cut the file at `path` (if any) after its last newline, dropping a last line left unfinished."""
     try:
-        with open(path, "rb") as f:
-            if f.seek(0, os.SEEK_END) == 0:
-                return False
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) != b"\n"
+        with open(path, "r+b") as f:
+            size = end = f.seek(0, os.SEEK_END)
+            while end > 0:  # back from the end, a block at a time, to the last newline
+                start = max(end - 4096, 0)
+                f.seek(start)
+                newline = f.read(end - start).rfind(b"\n")
+                if newline >= 0:
+                    end = start + newline + 1
+                    break
+                end = start
+            if end < size:
+                f.truncate(end)
     except FileNotFoundError:
-        return False
+        pass
 
 
 def _summary_writer(log_dir: Path):

@@ -5,23 +5,23 @@
 With the default config and no other setup this prepares the embedded corpus
 (cached for later runs), trains a small model, evaluates and samples it along the
 way, saves checkpoints and the final weights, and prints where everything went.
-Ctrl-C (or SIGTERM) saves a checkpoint and prints the command that resumes it.
+Ctrl-C (or SIGTERM) saves a checkpoint and prints the command that resumes it, from any directory.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import shlex
-import sys
 from typing import Sequence
 
 from fasttrain import distributed
-from fasttrain.config import add_config_arguments, config_from_args
+from fasttrain.config import Config, add_config_arguments, config_from_args
 from fasttrain.errors import ArgumentParser, run_cli
 from fasttrain.trainer import Interrupted, Trainer
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
     parser = ArgumentParser(prog="python -m fasttrain.train", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     start = parser.add_mutually_exclusive_group()
@@ -38,21 +38,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             trainer.resume(args.resume)
         trainer.train(overwrite=args.overwrite)
     except Interrupted as e:
-        raise Interrupted(f"{e}; resume with: {resume_command(argv)}", e.exit_code) from None
+        raise Interrupted(f"{e}; resume with: {resume_command(args, trainer.cfg)}", e.exit_code) from None
     finally:
         distributed.stop()  # under torchrun: leave the process group, whatever happened
     return 0
 
 
-def resume_command(argv: Sequence[str]) -> str:
-    """The command line that continues the run `argv` started: its arguments with `--resume auto`."""
-    kept, skip_next = [], False
-    for arg in argv:
-        if skip_next or arg in ("--resume", "--overwrite") or arg.startswith("--resume="):
-            skip_next = arg == "--resume"
-            continue
-        kept.append(arg)
-    return shlex.join(["python", "-m", "fasttrain.train", *kept, "--resume", "auto"])
+def resume_command(args: argparse.Namespace, cfg: Config) -> str:
+    """The command line that continues the run that `args` started with (resolved) config `cfg`, from
+    any directory: the config file, train.out_dir and data.dir as absolute paths, the other --set
+    items as they were, and `--resume auto`."""
+    places = {"train.out_dir": cfg.train.out_dir, "data.dir": cfg.data.dir}
+    sets = [item for item in args.set if item.partition("=")[0].strip() not in places]
+    sets += [f"{key}={os.path.abspath(path)}" for key, path in places.items()]  # a bare string, see load_config
+    quiet = ["--quiet"] if args.quiet else []
+    return shlex.join(["python", "-m", "fasttrain.train", os.path.abspath(args.config), *quiet, "--set", *sets,
+                       "--resume", "auto"])
 
 
 if __name__ == "__main__":

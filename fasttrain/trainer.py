@@ -28,6 +28,7 @@ checkpoint and raise `Interrupted` (exit status 130 / 143 from the command line)
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 
-from fasttrain import checkpoint, distributed
+from fasttrain import checkpoint, distributed, run_lock
 from fasttrain.checkpointing import Checkpointer
 from fasttrain.config import Config, TrainConfig, resolve, save_config
 from fasttrain.data import TokenLoader
@@ -217,25 +218,28 @@ class Trainer:
 
         Writes `config.toml` (the resolved config), `metrics.jsonl`, checkpoints and,
         at the end, the final weights (`final/`, see fasttrain/export.py) into
-        `train.out_dir`. A new run refuses a directory that holds another run's
+        `train.out_dir`, which it locks for its duration (run_lock.py: UsageError if another
+        process trains there). A new run refuses a directory that holds another run's
         checkpoints unless `overwrite`, which deletes them first. Compile time (the
         first step, on a compiled model) is reported on its own and kept out of the
         throughput figures, as is time spent evaluating, sampling and saving.
         """
         t = self.cfg.train
         out = Path(t.out_dir)
-        if self.resumed_from is None:
-            self.checkpoints.claim(overwrite)
-        if self.world.is_main:
-            save_config(self.cfg, out)
-        log = MetricsLog(out if self.world.is_main else None, t.max_steps, tensorboard=t.tensorboard,
-                         quiet=self.quiet)
-        try:
-            summary = self._loop(Report(log, self.cfg, self.device, self.model.flops_per_token(t.seq_len)))
-            distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
-            return summary
-        finally:
-            log.close()
+        # Locked before anything in `out` is deleted or written: another process may be training there.
+        with run_lock.locked(out) if self.world.is_main else contextlib.nullcontext():
+            if self.resumed_from is None:
+                self.checkpoints.claim(overwrite)
+            if self.world.is_main:
+                save_config(self.cfg, out)
+            log = MetricsLog(out if self.world.is_main else None, t.max_steps, tensorboard=t.tensorboard,
+                             quiet=self.quiet)
+            try:
+                summary = self._loop(Report(log, self.cfg, self.device, self.model.flops_per_token(t.seq_len)))
+                distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
+                return summary
+            finally:
+                log.close()
 
     def _loop(self, report: Report) -> dict:
         """Step to the end, asking the policies after each step and evaluation; returns the summary."""

@@ -242,7 +242,7 @@ CASES = [
     ("export with nothing saved", export, lambda c: [str(c.tmp)], "no checkpoint saved there yet"),
     # paths that cannot be written
     ("run directory under a file", train, lambda c: c.train(out=Path(c.file("f", "x")) / "run"),
-     "config.toml: cannot write (Not a directory)"),
+     "run/.lock: cannot write (Not a directory)"),
     ("run directory is a file", train, lambda c: c.train(out=Path(c.file("f", "x"))), "cannot write"),
     ("export into a file", export, lambda c: [str(c.run), "--out", c.file("f", "x")], "cannot write"),
 ]

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
+import itertools
+import json
 import math
 import os
 import random
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fasttrain import Trainer, checkpoint
-from fasttrain.errors import RunStopped, UsageError
+from fasttrain import Trainer, checkpoint, metrics, train
+from fasttrain.config import load_config
+from fasttrain.errors import RunStopped, UsageError, run_cli
 from fasttrain.plot import read_metrics
 from fasttrain.policies import Recovery
 from fasttrain.trainer import Interrupted
@@ -135,7 +140,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(pydoc_data, tmp_p
 def test_unwritable_run_directory_is_a_clear_error(pydoc_data, tmp_path):
     (tmp_path / "file").write_text("not a directory")
     trainer = Trainer(tiny_config(pydoc_data, tmp_path / "file" / "run"), quiet=True)
-    with pytest.raises(UsageError, match=r"file/run/config.toml: cannot write"):
+    with pytest.raises(UsageError, match=r"file/run/.lock: cannot write \(Not a directory\)"):
         trainer.train()
     trainer.step()
     with pytest.raises(UsageError, match=r"step_0000001.pt: cannot save checkpoint"):
@@ -194,12 +199,98 @@ def test_sigterm_saves_and_prints_how_to_resume(pydoc_data, tmp_path):
     step = int(stderr.split("at step ")[1].split(";")[0])
     assert f"saved {tmp_path / 'checkpoints' / f'step_{step:07d}.pt'}" in stderr
     command = shlex.split(stderr.split("resume with: ")[1])
-    assert command[:3] == ["python", "-m", "fasttrain.train"] and command[-2:] == ["--resume", "auto"]
+    assert command[:4] == ["python", "-m", "fasttrain.train", str(ROOT / "configs/base.toml")]
+    assert command[-2:] == ["--resume", "auto"]
+    elsewhere = tmp_path / "elsewhere"  # the command works from any directory
+    elsewhere.mkdir()
     resumed = subprocess.run([sys.executable, *command[1:], "--set", f"train.max_steps={step + 2}"],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                             text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     start = events(tmp_path, "start")[-1]
     assert start["resume_step"] == step and events(tmp_path, "end")[-1]["step"] == step + 2
+
+
+def hold_lock(run_dir: Path) -> subprocess.Popen:
+    """Another process holding `run_dir`'s lock (as a run training there does) until it is killed."""
+    code = ("import sys, time\nfrom fasttrain import run_lock\n"
+            "with run_lock.locked(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "locked\n"
+    return proc
+
+
+@pytest.mark.subprocess
+def test_a_run_directory_in_use_is_refused_until_its_holder_dies(pydoc_data, tmp_path, capsys):
+    args = tiny_args(pydoc_data, tmp_path, "train.max_steps=2", "schedule.warmup_steps=1", "train.sample_tokens=0")
+    with pytest.raises(SystemExit) as done:
+        run_cli(train.main, args)
+    assert done.value.code == 0
+    holder = hold_lock(tmp_path)
+    try:
+        saved = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        capsys.readouterr()
+        for flags in ([], ["--overwrite"], ["--resume", "auto"]):
+            with pytest.raises(SystemExit) as refused:
+                run_cli(train.main, [args[0], *flags, *args[1:]])
+            err = capsys.readouterr().err
+            assert refused.value.code == 2 and err == (
+                f"error: {tmp_path}: another run (pid {holder.pid} on host {socket.gethostname()}) is using it; "
+                "wait for it to end, stop it, or set train.out_dir elsewhere\n"), (flags, err)
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == saved
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, the lock goes with the process
+        holder.wait()
+    with pytest.raises(SystemExit) as done:
+        run_cli(train.main, [args[0], "--resume", "auto", *args[1:]])
+    assert done.value.code == 0
+
+
+def test_the_resume_command_names_the_run_by_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(config="base.toml", set=["train.max_steps=9", "train.out_dir=runs/a"], quiet=True)
+    cfg = load_config(None, ["train.out_dir=runs/a", "data.dir=data/b"])
+    assert shlex.split(train.resume_command(args, cfg)) == [
+        "python", "-m", "fasttrain.train", str(tmp_path / "base.toml"), "--quiet", "--set", "train.max_steps=9",
+        f"train.out_dir={tmp_path / 'runs/a'}", f"data.dir={tmp_path / 'data/b'}", "--resume", "auto"]
+
+
+def full_disk_after(lines: int):
+    """`open`, but a file opened to append takes `lines` writes, then writes half of one and raises ENOSPC."""
+    def open_(path, mode="r", **kwargs):
+        f = open(path, mode, **kwargs)
+        if "a" in mode:
+            write, count = f.write, itertools.count()
+
+            def filling(text: str) -> int:
+                if next(count) < lines:
+                    return write(text)
+                write(text[:len(text) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            f.write = filling
+        return f
+    return open_
+
+
+def test_a_full_disk_while_logging_is_one_line_and_the_resumed_log_parses(pydoc_data, tmp_path, monkeypatch,
+                                                                          capsys):
+    args = tiny_args(pydoc_data, tmp_path, "train.max_steps=4", "train.log_interval=1", "checkpoint.interval=1",
+                     "train.sample_tokens=0")
+    # Written: start, train, checkpoint, train; then step 2's checkpoint event fails, after its save.
+    monkeypatch.setattr(metrics, "open", full_disk_after(4), raising=False)
+    with pytest.raises(SystemExit) as full:
+        run_cli(train.main, args)
+    err = capsys.readouterr().err
+    assert full.value.code == 2
+    assert err == f"error: {tmp_path / 'metrics.jsonl'}: cannot write (No space left on device)\n"  # no traceback
+    assert not (tmp_path / "metrics.jsonl").read_text().endswith("\n")  # half a line made it to disk
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as done:
+        run_cli(train.main, [args[0], "--resume", "auto", *args[1:]])
+    assert done.value.code == 0, capsys.readouterr().err
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    kinds = [json.loads(line)["event"] for line in lines]  # every line parses
+    assert kinds[:5] == ["start", "train", "checkpoint", "train", "start"] and kinds[-1] == "end"
 
 
 def test_a_non_finite_step_is_skipped(pydoc_data, tmp_path):
