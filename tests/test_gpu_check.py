@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -22,11 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """Every stage, on the CPU at tiny sizes, as CI runs it."""
     out = tmp_path_factory.mktemp("gpu-check")
-    # As from a shell: under pytest-xdist its worker variables would make the inner benchmark runs refuse
-    # --benchmark-only (pytest-benchmark switches itself off when it sees xdist).
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     return proc, out
 
 
