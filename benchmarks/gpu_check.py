@@ -157,7 +157,7 @@ def tests_stage(ctx: Context) -> Stage:
     junit = ctx.work / "tests.xml"
     targets = ["tests/test_report.py"] if ctx.dry_run else ["tests"]
     # A file's tests stay in one worker (module fixtures run once); the suite is CPU-bound in good part.
-    parallel = ["-n", str(min(4, os.cpu_count() or 1)), "--dist", "loadfile"] if XDIST and not ctx.dry_run else []
+    parallel = ["-n", str(min(8, os.cpu_count() or 1)), "--dist", "loadfile"] if XDIST and not ctx.dry_run else []
     code, _ = run([sys.executable, "-m", "pytest", *targets, *parallel, "-q", "-p", "no:cacheprovider",
                    f"--junitxml={junit}"], ctx)
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
