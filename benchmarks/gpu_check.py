@@ -188,7 +188,8 @@ def benchmark_files(ctx: Context, stage: Stage, files: Sequence[str], select: st
         out = ctx.work / f"{Path(name).stem}.json"
         code, _ = run([sys.executable, "-m", "pytest", f"benchmarks/{name}", "-k", select, "--benchmark-only",
                        f"--benchmark-json={out}", "-q", "-p", "no:cacheprovider"], ctx)
-        cases = json.loads(out.read_text())["benchmarks"] if out.exists() else []
+        text = out.read_text() if out.exists() else ""  # empty when pytest died before writing it
+        cases = json.loads(text)["benchmarks"] if text.strip() else []
         stage.benchmarks.extend(cases)
         stage.check(name, code == 0 and bool(cases), f"{outcome(code)}: {len(cases)} cases")
 

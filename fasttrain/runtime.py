@@ -31,6 +31,8 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
             raise UsageError(f"device {name!r} requested, but CUDA is not available on this machine (use cpu or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"device {name!r} requested, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+        if device.index is None:  # "cuda" means the current device; torch.cuda.set_device needs its index
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
