@@ -382,7 +382,9 @@ def run_stage(name: str, out: Path, work: Path, seconds: float, dry_run: bool) -
     # Without pytest-xdist's worker variables (when this runs inside a test): pytest-benchmark sees them
     # and refuses --benchmark-only in the stages' own pytest runs.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-    env.update(PYTHONUNBUFFERED="1", **({"FASTTRAIN_BENCH_DRY_RUN": "1"} if dry_run else {}))
+    env.update(PYTHONUNBUFFERED="1")
+    if dry_run:  # on the CPU even where there is a GPU: the plumbing, at toy sizes
+        env.update(FASTTRAIN_BENCH_DRY_RUN="1", CUDA_VISIBLE_DEVICES="")
     start = time.monotonic()
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

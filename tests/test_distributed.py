@@ -24,7 +24,8 @@ pytestmark = pytest.mark.subprocess  # every test here starts the command-line t
 ROOT = Path(__file__).resolve().parents[1]
 # 2 steps of 2 accumulated micro-batches: the gradient all-reduce is skipped on the first of each.
 RUN = ["train.max_steps=4", "train.log_interval=1", "train.eval_interval=2", "train.eval_steps=2",
-       "checkpoint.interval=2", "train.sample_tokens=0", "data.prefetch=0"]
+       "checkpoint.interval=2", "train.sample_tokens=0", "data.prefetch=0",
+       'train.device="cpu"']  # gloo on the CPU: two ranks need no two GPUs, and fp32 without TF32 compares tightly
 ENV = {"FASTTRAIN_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
 
 

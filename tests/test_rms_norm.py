@@ -115,7 +115,10 @@ def test_out_dtype_and_autocast(kernel_device):
     (y32, h32, *grads32), (y16, h16, *grads16) = results.values()
     assert y16.dtype == torch.bfloat16 and h16.dtype == torch.float32
     assert torch.equal(y16, stored(y32, torch.bfloat16).bfloat16()) and torch.equal(h16, h32)
-    assert all(torch.equal(a, b) for a, b in zip(grads16, grads32))
+    # Not bit for bit on a GPU: the backward compiled for a bf16 dy vectorizes its loads, and so its row
+    # sums, differently from the one for an fp32 dy (8 elements a thread instead of 4).
+    for a, b in zip(grads16, grads32):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
     norm = RMSNorm(96, device=kernel_device)
     with torch.autocast(kernel_device.type, dtype=torch.bfloat16):
@@ -164,7 +167,7 @@ def test_same_tensor_as_input_and_residual(kernel_device):
     y, h = rms_norm(x, torch.ones(70, device=kernel_device), residual=x)
     (y.sum() + h.sum()).backward()
     x64 = x.detach().double().requires_grad_()
-    y64, h64 = rms_norm_reference(x64, torch.ones(70, dtype=torch.float64), residual=x64)
+    y64, h64 = rms_norm_reference(x64, torch.ones(70, dtype=torch.float64, device=kernel_device), residual=x64)
     (y64.sum() + h64.sum()).backward()
     assert_matches(x.grad, x64.grad, torch.float32, "both gradients accumulated")
 
