@@ -84,13 +84,17 @@ def wrap(module: nn.Module, blocks: Iterable[nn.Module], world: World, parallel:
         return module
     if parallel == "ddp":
         return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     dtype = PRECISIONS[precision]
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    # The mesh on the run's device: fully_shard's default mesh takes a GPU whenever there is one,
+    # so a CPU run on a GPU machine would put rank r on cuda:r.
+    mesh = init_device_mesh(device.type, (world.size,))
     for block in blocks:
-        fully_shard(block, mp_policy=policy)
-    return fully_shard(module, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(module, mesh=mesh, mp_policy=policy)
 
 
 def gradient_sync(wrapped: nn.Module, enabled: bool):

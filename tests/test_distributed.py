@@ -65,7 +65,8 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(pydoc_data,
     ours, theirs = (read_safetensors(tmp_path / run / "final" / "model.safetensors") for run in ("two", "one"))
     assert ours.keys() == theirs.keys()  # FSDP gathered the shards back into the whole model
     for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-6)
+        # atol: a weight near zero moves by sums in another order (seen 2e-6 on a 16-core machine)
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5)
     start = [e for e in read_metrics(tmp_path / "two") if e["event"] == "start"][0]
     assert start["tokens_per_step"] == 256 and start["accumulation"] == 2  # counted over both ranks
     assert two.stdout.count("model: ") == 1  # only rank 0 prints
