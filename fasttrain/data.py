@@ -14,7 +14,12 @@ pools of rows by length so a batch holds rows of similar lengths and wastes less
 on pads. Rank r of a data-parallel job of world_size ranks takes batches r,
 r + world_size, ... of the epoch, so ranks never share a row within an epoch.
 Whatever does not fill a whole round of ranks at the end of an epoch is dropped;
-the next epoch's order is different, so nothing is dropped for good.
+the next epoch's order is different, so nothing is dropped for good. A loader made
+with `whole=True` (for evaluation) instead makes one pass over every row, the last
+round partial: its empty slots are filler rows of one token, no target, so every
+batch keeps its shape (B, L) (no recompilation) and every rank runs the same number
+of batches (sharded models need every rank in each forward), while nothing is counted
+twice. Packed rows then include each shard's final, shorter window, so every token is scored.
 
 The position in the stream is one integer, the number of batches this rank has
 consumed; with the seed it determines everything else, so `state_dict()` is a
@@ -46,6 +51,7 @@ from fasttrain.shards import HEADER_BYTES, ShardInfo, out_of_vocabulary, read_he
 Sampling = Literal["random", "sequential"]
 Padding = Literal["fixed", "longest", "bucketed"]
 BUCKET_POOL = 64  # batches whose rows are sorted by length together: wider pools waste less, shuffle less
+FILLER = -1  # the row id of an empty slot in the last round of a `whole` pass
 
 
 class RowReader:
@@ -58,8 +64,9 @@ class RowReader:
     def __init__(
         self, shards: list[ShardInfo], rows: Rows, batch_size: int, sampling: Sampling, padding: Padding,
         seed: int, rank: int, world_size: int, pad_id: int, pad_multiple: int, pin_memory: bool, vocab_size: int,
+        whole: bool = False,
     ):
-        self.shards, self.rows = shards, rows
+        self.shards, self.rows, self.whole = shards, rows, whole
         self.vocab_size = vocab_size  # every id read is checked against it; 0: unknown, not checked
         self.dtype = shards[0].dtype
         self.batch_size, self.seq_len = batch_size, rows.seq_len
@@ -67,7 +74,8 @@ class RowReader:
         self.rank, self.world_size = rank, world_size
         self.pad_id, self.pad_multiple = pad_id, pad_multiple
         self.pin_memory = pin_memory
-        self.batches_per_epoch = rows.num_rows // (batch_size * world_size)
+        per_round = batch_size * world_size
+        self.batches_per_epoch = -(-rows.num_rows // per_round) if whole else rows.num_rows // per_round
         self._fds = [os.open(s.path, os.O_RDONLY) for s in shards]
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its batches of rows) of the last epoch used
 
@@ -77,10 +85,12 @@ class RowReader:
         Random sampling permutes the rows with a generator seeded by (seed, epoch).
         Bucketed padding then sorts each pool of BUCKET_POOL batches' rows by length,
         cuts the pool into batches of similar lengths, and (random sampling) shuffles the batches.
+        A `whole` reader keeps every row and fills the last round with FILLER ids.
         """
         if self._order is not None and self._order[0] == epoch:
             return self._order[1]
-        B, n = self.batch_size, self.rows.num_rows // self.batch_size * self.batch_size
+        B = self.batch_size
+        n = self.rows.num_rows if self.whole else self.rows.num_rows // B * B
         rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
         order = np.arange(n) if self.sampling == "sequential" else rng.permutation(self.rows.num_rows)[:n]
         bucketed = self.padding == "bucketed" and self.rows.batching != "packed"  # packed rows are all full
@@ -88,6 +98,8 @@ class RowReader:
             lengths = self.rows.lengths()
             pools = [order[i:i + BUCKET_POOL * B] for i in range(0, n, BUCKET_POOL * B)]
             order = np.concatenate([p[np.argsort(-lengths[p], kind="stable")] for p in pools])
+        if self.whole:
+            order = np.append(order, np.full(self.batches_per_epoch * B * self.world_size - n, FILLER))
         batches = order.reshape(-1, B)
         if bucketed and self.sampling == "random":
             batches = batches[rng.permutation(len(batches))]
@@ -105,7 +117,11 @@ class RowReader:
         L is seq_len, or with padding "longest"/"bucketed" the longest row's inputs rounded
         up to pad_multiple (at most seq_len). Past a row's end x holds pad_id and y IGNORE_INDEX.
         """
-        shard, offset, length = self.rows.lookup(self.rows_of_batch(g))
+        ids = self.rows_of_batch(g)
+        filler = ids == FILLER
+        # A filler slot reads the first token of row 0: one token, so no target, and it never widens L.
+        shard, offset, length = self.rows.lookup(np.where(filler, 0, ids))
+        length = np.where(filler, 1, length)
         B, itemsize = self.batch_size, self.dtype.itemsize
         L = self.seq_len
         if self.padding != "fixed":
@@ -164,6 +180,10 @@ class TokenLoader:
     longest row, rounded up to `pad_multiple`; "bucketed" also batches rows of similar
     lengths together. Packed rows are always full, so there padding changes nothing.
 
+    `whole=True` makes the loader finite, for evaluation: one pass over every row of
+    the split, in `sampling` order, the last round partial (see the module docstring);
+    only an empty split is then an error.
+
     `prefetch` > 0 reads that many batches ahead on a background thread (into
     pinned buffers, copied to the GPU on a side stream when `device` is CUDA);
     0 reads in the calling thread. Both give the same batches. `wait_seconds`
@@ -193,6 +213,7 @@ class TokenLoader:
         vocab_size: int | None = None,
         prefetch: int = 2,
         device: str | torch.device = "cpu",
+        whole: bool = False,
     ):
         if batch_size <= 0 or seq_len <= 0 or prefetch < 0 or pad_multiple <= 0:
             raise ValueError(f"batch_size, seq_len and pad_multiple must be > 0 and prefetch >= 0, got "
@@ -212,12 +233,14 @@ class TokenLoader:
                     raise UsageError(f"{s.path}: token id {bound - 1} is outside the vocabulary ({self.vocab_size} tokens)")
         self.device = torch.device(device)
         self.prefetch = prefetch
-        rows = Rows(shards, seq_len, batching, eot_id)
+        rows = Rows(shards, seq_len, batching, eot_id, tails=whole)
         self.reader = RowReader(shards, rows, batch_size, sampling, padding, seed, rank, world_size,
                                 pad_id=eot_id or 0, pad_multiple=pad_multiple, pin_memory=self.device.type == "cuda",
-                                vocab_size=self.vocab_size)
+                                vocab_size=self.vocab_size, whole=whole)
         if self.reader.batches_per_epoch == 0:
             self.reader.close()
+            if whole:
+                raise UsageError(f"{directory}: the {split} split is empty (no row of two tokens or more)")
             what = f"windows of {seq_len + 1} tokens" if batching == "packed" else f"{batching} rows"
             raise UsageError(
                 f"{directory}: the {split} split has {rows.num_rows} {what}, "
@@ -234,6 +257,8 @@ class TokenLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reader.whole and self.batches >= self.reader.batches_per_epoch:
+            raise StopIteration
         start = time.perf_counter()
         if self.prefetch == 0:
             x, y, ready = self._load(self.batches)

@@ -6,7 +6,9 @@ so a row of fewer than seq_len + 1 tokens is padded (by the loader) and its
 missing targets are ignored.
 
     packed   every shard cut into windows of seq_len + 1 tokens at stride seq_len,
-             across document boundaries (pre-training; every row full).
+             across document boundaries (pre-training; every row full). With
+             `tails` (evaluation) each shard's last, shorter window is a row too,
+             so every token of the shard is a target of some row.
     padded   one row per document: its end-of-text token, its text and the next
              end-of-text token (so the model learns where a document ends),
              truncated to seq_len + 1 tokens.
@@ -68,11 +70,14 @@ class Rows:
     """The rows of one split in one batching mode: row i is tokens [offset[i], offset[i] + length[i]) of
     shard[i]. Packed rows are computed from their number; the others are held as arrays."""
 
-    def __init__(self, shards: list[ShardInfo], seq_len: int, batching: Batching, eot_id: int | None = None):
+    def __init__(self, shards: list[ShardInfo], seq_len: int, batching: Batching, eot_id: int | None = None,
+                 tails: bool = False):
         self.seq_len = seq_len
         self.batching = batching
         if batching == "packed":
-            windows = np.array([max(s.num_tokens - 1, 0) // seq_len for s in shards], dtype=np.int64)
+            self._num_tokens = np.array([s.num_tokens for s in shards], dtype=np.int64)
+            targets = np.maximum(self._num_tokens - 1, 0)  # a window of n tokens has n - 1 targets
+            windows = -(-targets // seq_len) if tails else targets // seq_len
             self._first_window = np.concatenate([[0], np.cumsum(windows)])  # shard i: rows [first[i], first[i+1])
             self.num_rows = int(self._first_window[-1])
             return
@@ -90,12 +95,12 @@ class Rows:
             return self._shard[rows], self._offset[rows], self._length[rows]
         shard = np.searchsorted(self._first_window, rows, side="right") - 1
         offset = (rows - self._first_window[shard]) * self.seq_len
-        return shard, offset, np.full(len(rows), self.seq_len + 1)
+        return shard, offset, np.minimum(self._num_tokens[shard] - offset, self.seq_len + 1)
 
     def lengths(self) -> np.ndarray:
         """Every row's length in tokens (for length bucketing)."""
         if self.batching == "packed":
-            return np.full(self.num_rows, self.seq_len + 1)
+            return self.lookup(np.arange(self.num_rows))[2]
         return self._length
 
 

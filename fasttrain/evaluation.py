@@ -21,14 +21,16 @@ def validate(loss: Callable[[torch.Tensor, torch.Tensor], LossSums], model: nn.M
     """val_loss, val_accuracy, val_ppl and val_bpb over the first `max_batches` batches of `loader`.
 
     `loss(x, y)` gives a batch's sums (Trainer.loss); `model` is put in eval mode meanwhile (no
-    dropout), then back in train mode. Give a sequential loader from the start of the split, so
-    evaluations along a run see the same rows and compare. With several ranks each reads its
-    share of the rows, and the loss is the mean over every counted target of all ranks.
+    dropout), then back in train mode. Give a sequential `whole` loader from the start of the
+    split, so evaluations along a run see the same rows and compare, and a split smaller than
+    `max_batches` batches is read to its last row. With several ranks each reads its share of
+    the rows, and the loss is the mean over every counted target of all ranks (sums, divided once,
+    so each token weighs the same whatever the size of its batch).
     """
     sums = torch.zeros(3, device=loader.device)
     model.eval()
     try:
-        for x, y in islice(loader, min(max_batches, loader.reader.batches_per_epoch)):
+        for x, y in islice(loader, max_batches):
             with autocast(precision, loader.device):
                 sums += loss(x, y).detached()
     finally:

@@ -139,13 +139,13 @@ class Trainer:
         """Token slots per optimizer update, over all ranks (pads included; `tokens_seen` counts real ones)."""
         return self.accumulation * self.cfg.train.batch_size * self.cfg.train.seq_len * self.world.size
 
-    def loader(self, split: str, sampling: str, prefetch: int) -> TokenLoader:
-        """A loader of this rank's share of `split`, batched as [data] says."""
+    def loader(self, split: str, sampling: str, prefetch: int, whole: bool = False) -> TokenLoader:
+        """A loader of this rank's share of `split`, batched as [data] says; `whole`: one pass over every row."""
         d, t = self.cfg.data, self.cfg.train
         return TokenLoader(d.dir, split, t.batch_size, t.seq_len, sampling=sampling, batching=d.batching,
                            padding=d.padding, eot_id=self.tokenizer.eot_id, seed=t.seed,
                            vocab_size=self.cfg.model.vocab_size, prefetch=prefetch, device=self.device,
-                           rank=self.world.rank, world_size=self.world.size)
+                           rank=self.world.rank, world_size=self.world.size, whole=whole)
 
     def lr(self) -> float:
         """The learning rate of the next update."""
@@ -201,8 +201,9 @@ class Trainer:
         return StepResult(loss, grad_norm, correct, counted, lr, skipped=not finite)
 
     def evaluate(self) -> dict[str, float]:
-        """Validation metrics (see evaluation.validate) over the first `eval_steps` batches of the val split."""
-        with self.loader("val", "sequential", prefetch=0) as loader:
+        """Validation metrics (see evaluation.validate) over the first `eval_steps` batches of the val split
+        (all of it, the last batch partial, when it holds fewer)."""
+        with self.loader("val", "sequential", prefetch=0, whole=True) as loader:
             return validate(self.loss, self.model, loader, self.cfg.train.eval_steps, self.precision, self.world,
                             self.data.bits_per_nat)
 
