@@ -14,7 +14,9 @@ corpus size. Everything is written into DIR/.prepare-tmp first and moved into
 place only once complete; an interrupted run leaves DIR as it was.
 
 The validation split is by documents: whole documents are held out until they
-make up about F of the text (see `split_documents`).
+make up about F of the text (see `split_documents`). When the input holds fewer
+than two documents (one big text file), the last F of the text is held out
+instead, cut at a line end; meta.json's "split" says which was done.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -45,33 +47,94 @@ PREPARED = ("meta.json", "tokenizer.json", "train_*.bin", "val_*.bin", "*.bin.do
 TMP_NAME = ".prepare-tmp"
 
 
-def split_documents(sources: Sequence[Source], text_field: str, val_fraction: float) -> Iterator[tuple[str, Piece, bool]]:
+@dataclass(frozen=True)
+class Split:
+    """How the validation split is made: "documents" (whole ones), or "end_of_text" when there are
+    too few documents for that, holding out what follows character `cut` (cut at a line end)."""
+
+    by: Literal["documents", "end_of_text"]
+    val_fraction: float
+    total_chars: int = 0  # end_of_text: the whole text's length, counted beforehand
+
+    @property
+    def cut(self) -> int:
+        return math.ceil((1 - self.val_fraction) * self.total_chars)
+
+    def describe(self) -> dict:
+        """For meta.json."""
+        return {"by": self.by} if self.by == "documents" else {"by": self.by, "cut_at_char": self.cut,
+                                                                "total_chars": self.total_chars}
+
+
+def plan_split(sources: Sequence[Source], text_field: str, val_fraction: float) -> Split:
+    """By documents if the input holds two non-empty ones or more, else by the end of the text.
+
+    Reads only until the second document in the usual case; a corpus of one document is read
+    through once to count its characters (cheap next to tokenizing it).
+    """
+    if val_fraction == 0:
+        return Split("documents", 0.0)
+    documents, chars, length = 0, 0, 0
+    for src in sources:
+        for piece in src.pieces(text_field):
+            length += len(piece.text)
+            if piece.ends_document:
+                documents += length > 0
+                chars, length = chars + length, 0
+                if documents >= 2:
+                    return Split("documents", val_fraction)
+    return Split("end_of_text", val_fraction, chars)
+
+
+def split_documents(sources: Sequence[Source], text_field: str, split: Split) -> Iterator[tuple[str, Piece, bool]]:
     """(split, piece, starts_document) for every piece of every source, in order.
 
-    A document joins the validation split when, counted in characters, the
-    validation split is behind `val_fraction` of everything before it. That
+    By documents: a document joins the validation split when, counted in characters,
+    the validation split is behind `val_fraction` of everything before it. That
     holds out about that fraction of the text, whole documents only, and is
     deterministic; with two or more documents and a fraction above 0 the
-    validation split is never empty.
+    validation split is never empty. By the end of the text: the piece holding
+    character `split.cut` is cut at its next line end, and what follows is
+    validation, starting as a document of its own (after an end-of-text token).
     """
+    if split.by == "end_of_text":
+        yield from _split_end_of_text(sources, text_field, split.cut)
+        return
     chars = {"train": 0, "val": 0}
-    split, starts = "train", True
+    which, starts = "train", True
     for src in sources:
         for piece in src.pieces(text_field):
             if starts:
-                split = "val" if chars["val"] < val_fraction * (chars["train"] + chars["val"]) else "train"
-            chars[split] += len(piece.text)
-            yield split, piece, starts
+                which = "val" if chars["val"] < split.val_fraction * (chars["train"] + chars["val"]) else "train"
+            chars[which] += len(piece.text)
+            yield which, piece, starts
             starts = piece.ends_document
 
 
-def _train_texts(sources: Sequence[Source], text_field: str, val_fraction: float, max_chars: int) -> Iterator[str]:
+def _split_end_of_text(sources: Sequence[Source], text_field: str, cut: int) -> Iterator[tuple[str, Piece, bool]]:
+    seen, starts, held_out = 0, True, False
+    for src in sources:
+        for piece in src.pieces(text_field):
+            if not held_out and seen + len(piece.text) > cut:
+                at = piece.text.find("\n", max(cut - seen, 0)) + 1  # 0: no line end here, cut in a later piece
+                if at:
+                    yield "train", Piece(piece.text[:at], False, piece.replaced), starts
+                    held_out, starts = True, True
+                    piece = Piece(piece.text[at:], piece.ends_document)
+                    if not piece.text:  # the cut fell at the piece's end: validation starts with the next one
+                        continue
+            seen += len(piece.text)
+            yield ("val" if held_out else "train"), piece, starts
+            starts = piece.ends_document
+
+
+def _train_texts(sources: Sequence[Source], text_field: str, split: Split, max_chars: int) -> Iterator[str]:
     """Training-split text for learning the tokenizer, stopping after about `max_chars` characters."""
     seen = 0
-    for split, piece, _ in split_documents(sources, text_field, val_fraction):
+    for which, piece, _ in split_documents(sources, text_field, split):
         if seen >= max_chars:
             return
-        if split == "train":
+        if which == "train":
             seen += len(piece.text)
             yield piece.text
 
@@ -118,14 +181,14 @@ def _encode_into(
     sources: Sequence[Source],
     tokenizer: Tokenizer,
     outputs: dict[str, _ShardSequence],
-    val_fraction: float,
+    split: Split,
     text_field: str,
     batch_chars: int,
     progress: tqdm,
 ) -> None:
     """Tokenize every document into its split's shards, a batch of pieces at a time."""
     eot = np.array([tokenizer.eot_id], dtype=np.int64)
-    pieces = split_documents(sources, text_field, val_fraction)
+    pieces = split_documents(sources, text_field, split)
     while True:
         # Gather about `batch_chars` of text, then encode it in one parallel call.
         batch, chars = [], 0
@@ -200,28 +263,31 @@ def prepare(
     outputs: dict[str, _ShardSequence] = {}
     try:
         start = time.perf_counter()
+        split = plan_split(sources, text_field, val_fraction)
+        if split.by == "end_of_text" and not quiet:
+            print(f"split: fewer than two documents, so the last {val_fraction:g} of the text "
+                  f"(from character {split.cut:,} of {split.total_chars:,}, at a line end) is held out for validation")
         if tokenizer_path:
             tokenizer = Tokenizer.load(tokenizer_path)
         else:
-            texts = _train_texts(sources, text_field, val_fraction, tokenizer_train_chars)
+            texts = _train_texts(sources, text_field, split, tokenizer_train_chars)
             tokenizer = Tokenizer.train(texts, vocab_size)
         tokenizer_seconds = time.perf_counter() - start
 
         outputs = {s: _ShardSequence(tmp, s, tokenizer.vocab_size, shard_tokens) for s in SPLITS}
         total = sum(src.size for src in sources)
         with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=quiet or None) as progress:
-            _encode_into(sources, tokenizer, outputs, val_fraction, text_field, batch_chars, progress)
+            _encode_into(sources, tokenizer, outputs, split, text_field, batch_chars, progress)
         shards = {s: outputs[s].close() for s in SPLITS}
         seconds = time.perf_counter() - start
 
         counts = {s: outputs[s].num_tokens for s in SPLITS}
         if counts["train"] == 0:
             raise UsageError(f"{', '.join(inputs)}: no text found")
-        if val_fraction > 0 and counts["val"] == 0:
-            docs = outputs["train"].documents
+        if val_fraction > 0 and counts["val"] == 0:  # by the end of the text, with no line end after the cut
             raise UsageError(
-                f"--val-fraction {val_fraction}: no document was held out ({docs} documents in all); "
-                "give more documents (one per file or JSONL line) or --val-fraction 0"
+                f"--val-fraction {val_fraction}: nothing was held out (one document, with no line end in its "
+                "last part to cut at); give more text or documents (one per file or JSONL line) or --val-fraction 0"
             )
         tokenizer.save(tmp / "tokenizer.json")
         meta = {
@@ -230,6 +296,7 @@ def prepare(
             "token_dtype": token_dtype(tokenizer.vocab_size).name,
             "tokens": counts,
             "documents": {s: outputs[s].documents for s in SPLITS},
+            "split": split.describe(),
             "text_bytes": {s: outputs[s].text_bytes for s in SPLITS},
             "shards": {s: [Path(i.path).name for i in shards[s]] for s in SPLITS},
             # What was asked for, so a config can tell whether this data is what it wants.
@@ -355,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tok.add_argument("--vocab-size", type=int, default=4096, metavar="N", help="train a BPE of N tokens (default 4096)")
     tok.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer.json instead of training one")
     parser.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
-                        help="fraction of documents held out for validation (default 0.1)")
+                        help="fraction of the text held out for validation: whole documents, or the end "
+                             "of the text when there are fewer than two (default 0.1)")
     parser.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     parser.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N",

@@ -153,6 +153,19 @@ def test_large_files_stream_in_pieces(tmp_path, monkeypatch):
         [text, "another document " * 30], ["another document " * 30, text])
 
 
+def test_one_big_file_holds_out_the_end_of_its_text(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 256)  # the cut falls inside one of many pieces
+    text = "\n".join(f"line {i}: " + "word " * (i % 13) for i in range(400))
+    (tmp_path / "one.txt").write_text(text)
+    meta = prepare([str(tmp_path / "one.txt")], tmp_path / "out", vocab_size=300, val_fraction=0.2)
+    train, val = (documents_in(tmp_path / "out", s) for s in ("train", "val"))
+    assert len(train) == len(val) == 1 and train[0] + val[0] == text
+    assert train[0].endswith("\n") and val[0].startswith("line ")  # cut at a line end
+    assert 0.19 < len(val[0]) / len(text) < 0.21
+    assert meta["split"] == {"by": "end_of_text", "cut_at_char": meta["split"]["cut_at_char"], "total_chars": len(text)}
+    assert "last 0.2 of the text" in capsys.readouterr().out
+
+
 def test_shards_roll_over_and_an_existing_tokenizer_is_reused(pydoc_data, tmp_path):
     out = tmp_path / "out"
     meta = prepare(["builtin:pydoc"], out, tokenizer_path=str(pydoc_data / "tokenizer.json"),
@@ -203,7 +216,7 @@ BAD = [
     ("invalid JSON line", _write("x.jsonl", '{"text": "ok"}\n{"text": \n'), [], r"x.jsonl:2: invalid JSON"),
     ("JSONL without the field", _write("x.jsonl", '{"body": "ok"}\n'), [], r"x.jsonl:1: no 'text' field"),
     ("JSONL field not a string", _write("x.jsonl", '{"text": 3}\n'), [], r"x.jsonl:1: field 'text' is int"),
-    ("one document cannot be split", _write("one.txt", "a single document"), [], "no document was held out"),
+    ("one line cannot be split", _write("one.txt", "a single document"), [], "nothing was held out"),
     ("vocab size too small", _write("a.txt", "text"), ["--vocab-size", "100"], "vocab size 100 is too small"),
     ("val fraction out of range", _write("a.txt", "text"), ["--val-fraction", "1.5"], r"--val-fraction: must be in \[0, 1\)"),
     ("non-numeric flag", _write("a.txt", "text"), ["--vocab-size", "lots"], "invalid int value: 'lots'"),
