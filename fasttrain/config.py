@@ -60,8 +60,9 @@ class DataConfig:
     # `inputs` into a cache directory keyed by these settings, reused on the next run.
     dir: str = ""
     # What prepare reads when `dir` holds no prepared data: paths, globs, directories,
-    # JSONL files, or the embedded corpora builtin:pydoc / builtin:docstrings.
+    # JSONL or Parquet files, or the embedded corpora builtin:pydoc / builtin:docstrings.
     inputs: list[str] = field(default_factory=lambda: ["builtin:pydoc"])
+    text_field: str = "text"  # the JSONL field or Parquet column holding a document's text
     tokenizer: str = ""  # an existing tokenizer.json to use; "" = prepare trains one
     vocab_size: int = 4096  # vocabulary size of the BPE tokenizer prepare trains
     val_fraction: float = 0.1  # fraction of documents held out for validation
@@ -209,6 +210,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.norm_eps": _POSITIVE,
     "model.dropout": _FRACTION,
     "data.inputs": (bool, "a non-empty list"),
+    "data.text_field": (bool, "a non-empty field name"),
     "data.vocab_size": (lambda v: v > 256, "> 256 (a byte-level BPE needs the 256 bytes plus an end-of-text token)"),
     "data.val_fraction": _FRACTION,
     "data.prefetch": _NON_NEGATIVE,

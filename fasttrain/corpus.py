@@ -1,7 +1,8 @@
 """Where documents come from: the user's files, or the corpus embedded in CPython.
 
 An input is a path, a glob, a directory (its text files, recursively), a JSONL
-file (one document per line, in a text field), or the name of an embedded
+file (one document per line, in a text field), a Parquet file (one document per
+row, in a text column; needs the `parquet` extra), or the name of an embedded
 corpus:
 
     builtin:pydoc       the Python documentation topics shipped with CPython
@@ -12,7 +13,9 @@ corpus:
 A plain text file is one document. Documents are streamed as `Piece`s of at most
 about `CHUNK_BYTES`, cut at line ends, so a multi-GB file is never read whole.
 Invalid UTF-8 is replaced with U+FFFD and counted, not fatal: real corpora have
-a few bad bytes and refusing the whole file would help nobody.
+a few bad bytes and refusing the whole file would help nobody. A Parquet file is
+read PARQUET_BATCH_ROWS rows of one column at a time, row group after row group,
+so its size does not matter either.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from fasttrain.shards import refuse_special_file
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("pydoc", "docstrings")
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl")  # what a directory contributes
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl", ".parquet")  # what a directory contributes
 CHUNK_BYTES = 1 << 20
+PARQUET_BATCH_ROWS = 1024  # rows decoded at once: bounded memory even in a file of one huge row group
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class Source:
                 yield Piece(doc, True)
         elif self.name.endswith(".jsonl"):
             yield from self._jsonl_pieces(text_field)
+        elif self.name.endswith(".parquet"):
+            yield from self._parquet_pieces(text_field)
         else:
             yield from self._text_pieces()
 
@@ -98,6 +104,39 @@ class Source:
                     kind = type(record[text_field]).__name__
                     raise UsageError(f"{where}: field {text_field!r} is {kind}, expected a string")
                 yield Piece(record[text_field], True, piece.replaced)
+
+    def _parquet_pieces(self, text_field: str) -> Iterator[Piece]:
+        import pyarrow as pa
+
+        f = _parquet_file(self.name)
+        schema = f.schema_arrow
+        if text_field not in schema.names:
+            raise UsageError(f"{self.name}: no {text_field!r} column (it has {', '.join(schema.names)}; "
+                             "choose one with --text-field)")
+        kind = schema.field(text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UsageError(f"{self.name}: column {text_field!r} is {kind}, expected strings")
+        for batch in f.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                yield Piece(text or "", True)  # a null is an empty document, which adds nothing
+
+
+def _parquet_file(path: str):
+    """`path` opened as a pyarrow ParquetFile; a missing pyarrow or a damaged file is a UsageError."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UsageError(f"{path}: reading Parquet needs pyarrow: pip install -e \".[parquet]\"") from None
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowIOError is an OSError, its ArrowInvalid a ValueError
+        raise UsageError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+
+
+def _parquet_text_size(path: str) -> int:
+    """The uncompressed bytes of a Parquet file's data (all columns: the text field is not known here)."""
+    meta = _parquet_file(path).metadata
+    return sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
 
 
 def _open(path: str):
@@ -152,7 +191,8 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Source]:
         for p in paths:
             if not os.access(p, os.R_OK):
                 raise UsageError(f"{p}: cannot read (permission denied)")
-            sources.append(Source(p, size=os.path.getsize(p)))
+            # Progress counts text: a Parquet file's is about its uncompressed size (read from its footer).
+            sources.append(Source(p, size=_parquet_text_size(p) if p.endswith(".parquet") else os.path.getsize(p)))
     return sources
 
 

@@ -300,7 +300,7 @@ def prepare(
             "text_bytes": {s: outputs[s].text_bytes for s in SPLITS},
             "shards": {s: [Path(i.path).name for i in shards[s]] for s in SPLITS},
             # What was asked for, so a config can tell whether this data is what it wants.
-            "request": _request(inputs, vocab_size, tokenizer_path, val_fraction),
+            "request": _request(inputs, vocab_size, tokenizer_path, val_fraction, text_field),
             "files": len(sources),
             "invalid_utf8_replaced": sum(o.replaced for o in outputs.values()),
             "seconds": {"tokenizer": round(tokenizer_seconds, 3), "total": round(seconds, 3)},
@@ -334,9 +334,13 @@ def prepare(
     return meta
 
 
-def _request(inputs: Sequence[str], vocab_size: int, tokenizer_path: str | None, val_fraction: float) -> dict:
-    return {"inputs": list(inputs), "tokenizer": tokenizer_path or None,
-            "vocab_size": None if tokenizer_path else vocab_size, "val_fraction": val_fraction}
+def _request(inputs: Sequence[str], vocab_size: int, tokenizer_path: str | None, val_fraction: float,
+             text_field: str) -> dict:
+    request = {"inputs": list(inputs), "tokenizer": tokenizer_path or None,
+               "vocab_size": None if tokenizer_path else vocab_size, "val_fraction": val_fraction}
+    if text_field != "text":  # recorded only when it is not the default, so earlier caches keep their keys
+        request["text_field"] = text_field
+    return request
 
 
 def cache_dir(request: dict) -> Path:
@@ -380,13 +384,14 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
     prepared from other inputs or with another tokenizer, rather than train on it
     silently. `d` itself is left as it is: see config.resolve for the config a run records.
     """
-    wanted = _request(d.inputs, d.vocab_size, d.tokenizer, d.val_fraction)
+    wanted = _request(d.inputs, d.vocab_size, d.tokenizer, d.val_fraction, d.text_field)
     directory = d.dir or str(cache_dir(wanted))
     meta = read_meta(directory)
     if meta is None:
         meta = prepare(d.inputs, directory, vocab_size=d.vocab_size, tokenizer_path=d.tokenizer or None,
-                       val_fraction=d.val_fraction, quiet=quiet)
-    differ = [f"{k}={v!r}" for k, v in meta.get("request", {}).items() if wanted.get(k) != v]
+                       val_fraction=d.val_fraction, text_field=d.text_field, quiet=quiet)
+    request = meta.get("request", {})
+    differ = [f"{k}={request.get(k)!r}" for k in sorted(request.keys() | wanted.keys()) if wanted.get(k) != request.get(k)]
     if differ or "request" not in meta:
         raise UsageError(
             f"{directory}: holds data prepared with {', '.join(differ) or 'unknown settings'}, not what [data] asks for; "
@@ -415,7 +420,7 @@ def _check_consistent(directory: Path, meta: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m fasttrain.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", nargs="+", default=["builtin:pydoc"], metavar="PATH",
-                        help="text files, globs, directories, JSONL files, or builtin:pydoc / builtin:docstrings "
+                        help="text files, globs, directories, JSONL or Parquet files, or builtin:pydoc / builtin:docstrings "
                              "(default: builtin:pydoc, the Python docs shipped with CPython)")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for the shards, tokenizer and meta.json")
     tok = parser.add_mutually_exclusive_group()
@@ -425,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="fraction of the text held out for validation: whole documents, or the end "
                              "of the text when there are fewer than two (default 0.1)")
     parser.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
-    parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    parser.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the text (default: text)")
     parser.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N",
                         help="tokens per shard (default 100M)")
     args = parser.parse_args(argv)

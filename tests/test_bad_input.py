@@ -77,6 +77,17 @@ def lying_shard(d: Path) -> None:
     shard.write_bytes(data)
 
 
+def parquet(c: Case, damaged: bool = False, **columns: list) -> str:
+    """docs.parquet holding `columns`, or (`damaged`) plain text; the case is skipped without pyarrow."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    if damaged:
+        return c.file("docs.parquet", "plain text")
+    pq.write_table(pa.table(columns), c.tmp / "docs.parquet")
+    return str(c.tmp / "docs.parquet")
+
+
 def edit_meta(**changes):
     """A damage for `Case.data_copy`: meta.json with `changes` applied."""
     def damage(d: Path) -> None:
@@ -199,6 +210,16 @@ CASES = [
      "train_000000.bin: not a regular file"),
     ("prepare: input is a FIFO", prepare, lambda c: ["--input", fifo(c.tmp / "pipe"), "--out", str(c.tmp / "p")],
      "pipe: not a regular file"),
+    ("prepare: Parquet without the text column", prepare,
+     lambda c: ["--input", parquet(c, body=["a", "b"]), "--out", str(c.tmp / "p")],
+     "docs.parquet: no 'text' column (it has body; choose one with --text-field)"),
+    ("prepare: Parquet text column of numbers", prepare,
+     lambda c: ["--input", parquet(c, text=[1, 2]), "--out", str(c.tmp / "p")],
+     "docs.parquet: column 'text' is int64, expected strings"),
+    ("prepare: a .parquet file that is not Parquet", prepare,
+     lambda c: ["--input", parquet(c, damaged=True), "--out", str(c.tmp / "p")],
+     "docs.parquet: not a readable Parquet file"),
+    ("empty data.text_field", train, lambda c: c.train('data.text_field=""'), "data.text_field"),
     ("batch larger than the data", train, lambda c: c.train("train.batch_size=100000"), "fewer than one batch"),
     # checkpoints and resuming
     ("resume with nothing saved", train, lambda c: c.train(flags=["--resume", "auto"]),

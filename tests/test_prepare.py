@@ -166,6 +166,30 @@ def test_one_big_file_holds_out_the_end_of_its_text(tmp_path, monkeypatch, capsy
     assert "last 0.2 of the text" in capsys.readouterr().out
 
 
+def test_parquet_row_groups_give_the_tokens_of_the_same_jsonl(tmp_path, monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    monkeypatch.setattr(corpus, "PARQUET_BATCH_ROWS", 4)  # several batches per row group, too
+    docs = [f"document {i}: " + "ünïcode words " * (i % 9) for i in range(40)] + [None, ""]
+    pq.write_table(pa.table({"id": list(range(42)), "body": docs}), tmp_path / "docs.parquet", row_group_size=10)
+    assert pq.ParquetFile(tmp_path / "docs.parquet").num_row_groups == 5
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": d or ""}) + "\n" for d in docs))
+    metas = {kind: prepare([str(tmp_path / f"docs.{kind}")], tmp_path / kind, vocab_size=300, val_fraction=0.2,
+                           text_field="body", quiet=True) for kind in ("parquet", "jsonl")}
+    for split in ("train", "val"):
+        assert np.array_equal(shard_tokens(tmp_path / "parquet", split), shard_tokens(tmp_path / "jsonl", split))
+    counts = metas["parquet"]["documents"]
+    assert counts == metas["jsonl"]["documents"] and counts["train"] + counts["val"] == 40  # null and "" add nothing
+
+
+def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
+    (tmp_path / "docs.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as if not installed
+    with pytest.raises(UsageError, match=r'docs.parquet: reading Parquet needs pyarrow: pip install -e "\.\[parquet\]"'):
+        prepare([str(tmp_path / "docs.parquet")], tmp_path / "out", quiet=True)
+
+
 def test_shards_roll_over_and_an_existing_tokenizer_is_reused(pydoc_data, tmp_path):
     out = tmp_path / "out"
     meta = prepare(["builtin:pydoc"], out, tokenizer_path=str(pydoc_data / "tokenizer.json"),
