@@ -106,3 +106,23 @@ def test_prepare_throughput(benchmark, record, text_corpus, tmp_path, train_toke
     tokens = meta["tokens"]["train"] + meta["tokens"]["val"]
     record(per_call=tokens, input_bytes=sum(p.stat().st_size for p in d.glob("*.txt")), tokens=tokens,
            train_tokenizer=train_tokenizer)
+
+
+def test_prepare_parquet_throughput(benchmark, record, text_corpus, tmp_path):
+    """The same documents as test_prepare_throughput[given-tokenizer], as rows of one Parquet file
+    (row groups of 64 rows): the cost of reading Parquet next to reading text files."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    d, tokenizer, _ = text_corpus
+    texts = [p.read_text() for p in sorted(d.glob("*.txt"))]  # the text files' order, so the same split
+    pq.write_table(pa.table({"text": texts}), tmp_path / "docs.parquet", row_group_size=64)
+    outs = iter(range(10**6))
+
+    def run():
+        return prepare([str(tmp_path / "docs.parquet")], tmp_path / f"out{next(outs)}", tokenizer_path=str(tokenizer),
+                       quiet=True)
+
+    meta = benchmark.pedantic(run, rounds=3, iterations=1)
+    tokens = meta["tokens"]["train"] + meta["tokens"]["val"]
+    record(per_call=tokens, input_bytes=(tmp_path / "docs.parquet").stat().st_size, tokens=tokens)
