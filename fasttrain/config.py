@@ -166,6 +166,19 @@ class KernelsConfig:
 
 
 @dataclass
+class LogConfig:
+    """[log]: where metrics go besides metrics.jsonl and the console."""
+
+    # Also log to Weights & Biases (the `wandb` extra): every metrics.jsonl event, the resolved
+    # config and the samples; a resumed run continues the same W&B run. WANDB_MODE=offline
+    # keeps it on disk (wandb sync uploads it later).
+    wandb: bool = False
+    project: str = "fasttrain"  # the W&B project
+    run_name: str = ""  # the W&B run's display name; "" = the name of train.out_dir
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     """A whole run's settings, one attribute per TOML section."""
 
@@ -177,6 +190,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 OVERRIDE_SOURCE = "--set"  # how errors name values that came from the command line
@@ -241,6 +255,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "recovery.max_skips": _POSITIVE,
     "recovery.lr_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
     "recovery.max_rollbacks": _NON_NEGATIVE,
+    "log.project": (bool, "a W&B project name"),
 }
 
 # Settings that must agree, checked after the ranges (so n_heads > 0 here):

@@ -6,7 +6,8 @@ Every event is one JSON object per line in `metrics.jsonl` with an "event" field
 event, so a crashed run still has its curve; the next run in the directory first
 cuts off a line left unfinished, so every line parses. A failed write (a full
 disk) stops the run with a one-line UsageError. TensorBoard event files are written
-too when the `tensorboard` package is installed (and the config asks for them).
+too when the `tensorboard` package is installed (and the config asks for them), and
+with [log] wandb = true every event goes to a Weights & Biases run as well (WandbSink).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from fasttrain.atomic import write_atomically
 from fasttrain.errors import UsageError
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' data sheets.
@@ -68,10 +70,13 @@ class MetricsLog:
     otherwise (a log file, CI) it prints plain lines only.
     """
 
-    def __init__(self, out_dir: str | Path | None, total_steps: int, tensorboard: bool = True, quiet: bool = False):
-        """`out_dir` None: a log that records and prints nothing (the other ranks of a distributed run)."""
+    def __init__(self, out_dir: str | Path | None, total_steps: int, tensorboard: bool = True, quiet: bool = False,
+                 wandb: WandbSink | None = None):
+        """`out_dir` None: a log that records and prints nothing (the other ranks of a distributed run).
+        `wandb`: a sink that receives every event too, closed with this log."""
         self.quiet = quiet or out_dir is None
         self._file = self._tb = self._bar = None
+        self._wandb = wandb
         self.path = None if out_dir is None else Path(out_dir) / "metrics.jsonl"
         if self.path is None:
             return
@@ -98,9 +103,10 @@ class MetricsLog:
             self._file = None
             raise UsageError(f"{self.path}: cannot write ({e.strerror or e})") from None
         if self._tb is not None and "step" in fields:
-            for key, value in fields.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"{kind}/{key}", value, fields["step"])
+            for key, value in _numbers(fields).items():
+                self._tb.add_scalar(f"{kind}/{key}", value, fields["step"])
+        if self._wandb is not None:
+            self._wandb.event(kind, fields)
 
     def print(self, line: str) -> None:
         if self.quiet:
@@ -123,6 +129,62 @@ class MetricsLog:
             self._tb.close()
         if self._file is not None:
             self._file.close()
+        if self._wandb is not None:
+            self._wandb.close()
+
+
+WANDB_ID_FILE = "wandb_run_id"  # in the run directory: the W&B run a resumed run continues
+
+
+def import_wandb():
+    """The wandb module; a UsageError naming the extra when it is not installed."""
+    try:
+        import wandb
+    except ImportError:
+        raise UsageError('log.wandb = true needs the wandb package: pip install -e ".[wandb]"') from None
+    return wandb
+
+
+class WandbSink:
+    """A Weights & Biases run that receives the events of metrics.jsonl.
+
+    Numeric fields of events with a step are logged as `{event}/{field}` at that step (as in
+    TensorBoard); the start event's fields join the run's config, beside the resolved config
+    itself; the end event's fields are the run's summary; samples accumulate in a table of
+    (step, prompt, text). The run's id is kept in `run_dir/wandb_run_id`: a resumed run
+    continues that W&B run (steps W&B has already seen, after a rollback, it ignores).
+    """
+
+    def __init__(self, config: dict[str, Any], run_dir: Path, *, project: str, name: str, tags: list[str],
+                 resume: bool):
+        self.wandb = import_wandb()
+        id_file = run_dir / WANDB_ID_FILE
+        run_id = id_file.read_text().strip() if resume and id_file.exists() else None  # None: W&B makes one
+        self.run = self.wandb.init(project=project, name=name, tags=tags, config=config, id=run_id,
+                                   resume="allow", dir=str(run_dir))
+        write_atomically(id_file, lambda f: f.write(self.run.id.encode()), "record the W&B run id")
+        self.samples: list[list[Any]] = []
+
+    def event(self, kind: str, fields: dict[str, Any]) -> None:
+        if kind == "start":
+            self.run.config.update({"start": fields}, allow_val_change=True)
+        elif kind == "end":
+            self.run.summary.update(fields)
+        elif kind == "sample":  # a W&B table is logged whole: each time with every sample so far
+            self.samples.append([fields["step"], fields["prompt"], fields["text"]])
+            table = self.wandb.Table(columns=["step", "prompt", "text"], data=self.samples)
+            self.run.log({"samples": table}, step=fields["step"])
+        elif "step" in fields and (numbers := _numbers(fields)):
+            self.run.log({f"{kind}/{key}": value for key, value in numbers.items()}, step=fields["step"])
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def _numbers(fields: dict[str, Any]) -> dict[str, int | float]:
+    """The numeric fields of an event, but its step (bools are not numbers here)."""
+    return {k: v for k, v in fields.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _drop_partial_line(path: Path) -> None:

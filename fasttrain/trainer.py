@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,7 +44,7 @@ from fasttrain.data import TokenLoader
 from fasttrain.errors import RunStopped, UsageError
 from fasttrain.export import export_weights
 from fasttrain.evaluation import validate
-from fasttrain.metrics import MetricsLog
+from fasttrain.metrics import MetricsLog, WandbSink, import_wandb
 from fasttrain.model import Transformer, generate_text
 from fasttrain.objective import LossSums, NextTokenLoss, counted_targets
 from fasttrain.optim import Updater
@@ -225,16 +226,21 @@ class Trainer:
         first step, on a compiled model) is reported on its own and kept out of the
         throughput figures, as is time spent evaluating, sampling and saving.
         """
-        t = self.cfg.train
+        t, lg = self.cfg.train, self.cfg.log
         out = Path(t.out_dir)
+        wandb = lg.wandb and self.world.is_main
+        if wandb:
+            import_wandb()  # a missing extra is an error before anything is written
         # Locked before anything in `out` is deleted or written: another process may be training there.
         with run_lock.locked(out) if self.world.is_main else contextlib.nullcontext():
             if self.resumed_from is None:
                 self.checkpoints.claim(overwrite)
             if self.world.is_main:
                 save_config(self.cfg, out)
+            sink = WandbSink(asdict(self.cfg), out, project=lg.project, name=lg.run_name or out.resolve().name,
+                             tags=lg.tags, resume=self.resumed_from is not None) if wandb else None
             log = MetricsLog(out if self.world.is_main else None, t.max_steps, tensorboard=t.tensorboard,
-                             quiet=self.quiet)
+                             quiet=self.quiet, wandb=sink)
             try:
                 summary = self._loop(Report(log, self.cfg, self.device, self.model.flops_per_token(t.seq_len)))
                 distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
