@@ -14,7 +14,7 @@ import pytest
 
 import fasttrain.corpus as corpus
 from fasttrain.errors import UsageError
-from fasttrain.config import load_config, resolve, save_config
+from fasttrain.config import DataConfig, load_config, resolve, save_config
 from fasttrain.prepare import ensure_prepared, main, prepare
 from fasttrain.shards import HEADER_BYTES, MAGIC, VERSION, ShardWriter, read_header
 from fasttrain.tokenizer import EOT, Tokenizer
@@ -181,6 +181,15 @@ def test_parquet_row_groups_give_the_tokens_of_the_same_jsonl(tmp_path, monkeypa
         assert np.array_equal(shard_tokens(tmp_path / "parquet", split), shard_tokens(tmp_path / "jsonl", split))
     counts = metas["parquet"]["documents"]
     assert counts == metas["jsonl"]["documents"] and counts["train"] + counts["val"] == 40  # null and "" add nothing
+
+
+def test_config_text_field_is_part_of_the_request(tmp_path):
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": f"document {i} " * 9}) + "\n" for i in range(6)))
+    wanted = DataConfig(dir=str(tmp_path / "out"), inputs=[str(tmp_path / "docs.jsonl")], vocab_size=300,
+                        text_field="body")
+    assert ensure_prepared(wanted, quiet=True).meta["request"]["text_field"] == "body"
+    with pytest.raises(UsageError, match="holds data prepared with text_field='body', not what"):
+        ensure_prepared(DataConfig(dir=wanted.dir, inputs=wanted.inputs, vocab_size=300), quiet=True)
 
 
 def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
