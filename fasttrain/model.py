@@ -17,6 +17,9 @@
 - SwiGLU MLP: down(silu(gate(x)) * up(x)), hidden width 8/3 x d_model rounded up
   to `multiple_of`, which keeps the parameter count of a 4x GELU MLP.
 - Optional weight tying between the embedding and the output projection.
+- Generation with a KV cache (`KVCache`): the prompt is run once, then each new
+  token is one forward of length 1 that attends to the keys and values kept from
+  the earlier positions (see `Transformer.stream`).
 - Init: N(0, 0.02) everywhere, with the projections that write into the residual
   stream scaled down by 1/sqrt(2 n_layers), so the stream's variance does not grow
   with depth (GPT-2). At init every token is about equally likely, so the loss on
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Protocol, Sequence
+from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -116,14 +119,18 @@ class Attention(nn.Module):
         self.out = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
-        """`mask`: None (causal), or a `document_mask` (a bool tensor, or a BlockMask for flex_attention)."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        """`mask`: None (causal), or a `document_mask` (a bool tensor, or a BlockMask for flex_attention), or
+        with a `cache` a bool tensor (T, cached + T). `cache`: this layer's keys and values of earlier positions."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None:  # generation: the queries also see every earlier position's keys and values
+            k, v = cache.store(k, v)
         gqa = self.n_kv_heads != self.n_heads
         if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask
             # Compiled flex_attention has given wrong results for a strided v (a view into qkv) beside
@@ -180,14 +187,14 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, delta: torch.Tensor | None, stream: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+                mask=None, cache: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is `stream + delta` (just `stream` before the first block); returns
         this block's (delta, stream), leaving its last add to the next norm."""
         if delta is None:
             y = self.attn_norm(stream)
         else:
             y, stream = self.attn_norm(delta, stream)
-        y, stream = self.mlp_norm(self.dropout(self.attn(y, cos, sin, mask)), stream)
+        y, stream = self.mlp_norm(self.dropout(self.attn(y, cos, sin, mask, cache)), stream)
         return self.dropout(self.mlp(y)), stream
 
 
@@ -225,26 +232,34 @@ class Transformer(nn.Module):
                 std = residual_std if name.endswith(("attn.out.weight", "mlp.down.weight")) else INIT_STD
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def hidden(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, documents: torch.Tensor | None = None,
+               cache: KVCache | None = None) -> torch.Tensor:
         """The final normalised hidden states (B, T, d_model), before the output projection.
-        `documents` (B, T): each token's document id, for document masking (None: plain causal)."""
+        `documents` (B, T): each token's document id, for document masking (None: plain causal).
+        `cache`: generation's keys and values of the positions before `tokens`, extended by them."""
         T = tokens.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        start = 0 if cache is None else cache.length
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the model's context of {self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         mask = None
         if documents is not None:  # flex_attention has no attention dropout
             flex = use_flex_attention(tokens.device) and not (self.training and self.cfg.dropout)
             mask = document_mask(documents, flex)
+        elif start:  # SDPA's is_causal aligns the queries with the first keys: new tokens after a cache need a mask
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(start)
         delta, stream = None, self.embed(tokens)
-        for block in self.blocks:
-            delta, stream = block(delta, stream, cos, sin, mask)
+        for i, block in enumerate(self.blocks):
+            delta, stream = block(delta, stream, cos, sin, mask, None if cache is None else LayerCache(cache, i))
+        if cache is not None:
+            cache.length += T
         return self.norm(delta, stream)[0]
 
-    def forward(self, tokens: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, documents: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) of `tokens` (B, T). `documents` (B, T) masks attention to each
-        token's own document (see `document_mask`)."""
-        return self.output(self.hidden(tokens, documents))
+        token's own document (see `document_mask`). `cache`: see `hidden`."""
+        return self.output(self.hidden(tokens, documents, cache))
 
     def num_params(self) -> int:
         """Trainable parameters, a tied matrix counted once."""
@@ -262,26 +277,81 @@ class Transformer(nn.Module):
         return 6 * n + 12 * c.n_layers * c.n_heads * (c.d_model // c.n_heads) * seq_len
 
     @torch.no_grad()
-    def generate(
+    def stream(
         self, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
         top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Extend `tokens` (B, T) by `max_new_tokens` sampled tokens; returns (B, T + max_new_tokens).
+        use_cache: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Yield `max_new_tokens` tokens (B, 1) sampled one after another to extend `tokens` (B, T).
 
         temperature 0 is greedy decoding. top_k keeps the k likeliest tokens; top_p
-        keeps the smallest set whose probability reaches p (nucleus sampling). The
-        context is cropped to the model's last max_seq_len tokens. No KV cache: the
-        whole context is re-run per token, which is fine for samples during training.
+        keeps the smallest set whose probability reaches p (nucleus sampling).
+
+        With `use_cache` the context is run once into a KVCache and each new token
+        is one forward of length 1. When the context reaches max_seq_len the cache
+        starts over from the last max_seq_len / 2 tokens, recomputed (positions are
+        baked into the cached keys, so a window cannot slide one token at a time):
+        one full forward per max_seq_len / 2 tokens. Without the cache the last
+        max_seq_len tokens are re-run for every token: a sliding window, slower.
+        Within the context both give the same logits.
         """
+        window = self.cfg.max_seq_len
+        cache = KVCache(self.cfg) if use_cache else None
+        context = tokens[:, -window:]
         for _ in range(max_new_tokens):
-            logits = self(tokens[:, -self.cfg.max_seq_len:])[:, -1, :].float()
+            if cache is not None and cache.length == window:  # full: start over from the later half
+                cache = KVCache(self.cfg)
+                context = tokens[:, -(window // 2):]
+            logits = self(context, cache=cache)[:, -1, :].float()
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
                 probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)
             tokens = torch.cat((tokens, nxt), dim=1)
-        return tokens
+            context = nxt if cache is not None else tokens[:, -window:]
+            yield nxt
+
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+        """`tokens` (B, T) extended by `max_new_tokens` sampled tokens, (B, T + max_new_tokens); `sampling`: see `stream`."""
+        return torch.cat((tokens, *self.stream(tokens, max_new_tokens, **sampling)), dim=1)
+
+
+class KVCache:
+    """Every layer's keys and values for the first `length` positions of the rows being generated.
+
+    Each layer's tensors (B, kv_heads, max_seq_len, head_dim) are allocated by its first
+    `store`, in the dtype autocast gave its keys; a forward with the cache appends its
+    tokens' keys and values there and advances `length`.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        self.max_len = cfg.max_seq_len
+        self.keys: list[torch.Tensor | None] = [None] * cfg.n_layers
+        self.values: list[torch.Tensor | None] = [None] * cfg.n_layers
+        self.length = 0
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Put `layer`'s new keys and values k, v (B, kv_heads, T, head_dim) at positions length..length + T;
+        returns that layer's keys and values of every position so far, (B, kv_heads, length + T, head_dim)."""
+        if self.keys[layer] is None:
+            B, heads, _, head_dim = k.shape
+            self.keys[layer] = k.new_empty(B, heads, self.max_len, head_dim)
+            self.values[layer] = v.new_empty(B, heads, self.max_len, head_dim)
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class LayerCache(NamedTuple):
+    """One layer's view of a KVCache, as Attention takes it."""
+
+    cache: KVCache
+    layer: int
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.store(self.layer, k, v)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -307,18 +377,37 @@ class TextCodec(Protocol):
 def generate_text(
     model: Transformer, tokenizer: TextCodec, prompt: str, max_new_tokens: int = 64,
     temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None, seed: int | None = None,
+    generator: torch.Generator | None = None, on_text: Callable[[str], object] | None = None,
+    use_cache: bool = True,
 ) -> str:
-    """The prompt followed by `max_new_tokens` sampled tokens, as text. `seed` makes it repeatable."""
+    """The prompt followed by `max_new_tokens` sampled tokens, as text: the trainer's samples and
+    `python -m fasttrain.sample`. `seed` makes it repeatable (or pass a `generator` to draw on).
+
+    `on_text(piece)` is called with each new piece of decoded text as it is generated (for
+    streaming); a token that ends partway through a UTF-8 character waits for the next one.
+    """
     device = next(model.parameters()).device
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         raise ValueError("the prompt must encode to at least one token")
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device).manual_seed(seed)
+    new: list[int] = []
+    shown = ""
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(ids, max_new_tokens, temperature, top_k, top_p, generator=generator)
+        for nxt in model.stream(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                generator=generator, use_cache=use_cache):
+            new.append(nxt.item())
+            if on_text is not None:
+                text = tokenizer.decode(new)
+                if not text.endswith("\ufffd"):  # byte-level BPE: a character may span tokens
+                    on_text(text[len(shown):])
+                    shown = text
     finally:
         model.train(was_training)
-    return tokenizer.decode(out[0].tolist())
+    if on_text is not None and shown != tokenizer.decode(new):  # what the last tokens held back
+        on_text(tokenizer.decode(new)[len(shown):])
+    return tokenizer.decode(prompt_ids + new)

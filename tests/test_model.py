@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fasttrain.config import ModelConfig, load_config
 from fasttrain.documents import IGNORE_INDEX
-from fasttrain.model import Transformer, apply_rope, ffn_hidden_size, filter_logits, generate_text, rope_tables
+from fasttrain.model import KVCache, Transformer, apply_rope, ffn_hidden_size, filter_logits, generate_text, rope_tables
 from fasttrain.objective import NextTokenLoss
 from fasttrain.preflight import num_params
 from fasttrain.tokenizer import Tokenizer
@@ -228,6 +228,38 @@ def test_generate():
     assert torch.equal(model.generate(prompt, 10, top_k=1), greedy[:, :15])  # top-1 sampling is greedy
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     assert torch.equal(model.generate(prompt, 10, generator=g()), model.generate(prompt, 10, generator=g()))
+
+
+@pytest.mark.parametrize("n_kv_heads", [0, 2])
+def test_cached_logits_match_the_full_forward(n_kv_heads):
+    model = Transformer(tiny(n_kv_heads=n_kv_heads)).eval()
+    tokens = torch.randint(0, 97, (2, 20))
+    full = model(tokens)
+    cache = KVCache(model.cfg)
+    prefill = model(tokens[:, :12], cache=cache)  # the prompt at once, then one token per forward
+    steps = [model(tokens[:, t:t + 1], cache=cache) for t in range(12, 20)]
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_cached_generation_is_uncached_generation():
+    model = Transformer(tiny()).eval()
+    prompt = torch.randint(0, 97, (2, 5))
+    # Within the context (32) greedy decoding picks the same tokens; past it the two crop differently.
+    greedy = model.generate(prompt, 50, temperature=0)  # past the context (32): the cache starts over
+    assert greedy.shape == (2, 55)
+    assert torch.equal(greedy[:, :32], model.generate(prompt, 27, temperature=0, use_cache=False))
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(model.generate(prompt, 10, top_p=0.9, generator=g()),
+                       model.generate(prompt, 10, top_p=0.9, generator=g(), use_cache=False))
+
+
+def test_generate_text_streams(pydoc_data):
+    tokenizer = Tokenizer.load(pydoc_data / "tokenizer.json")
+    model = Transformer(tiny(vocab_size=tokenizer.vocab_size))
+    pieces = []
+    text = generate_text(model, tokenizer, "The ", max_new_tokens=12, seed=2, on_text=pieces.append)
+    assert text == "The " + "".join(pieces) and len(pieces) > 1
 
 
 def test_generate_text(pydoc_data):
