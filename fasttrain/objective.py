@@ -44,6 +44,11 @@ def counted_targets(targets: torch.Tensor) -> torch.Tensor:
     return (targets != IGNORE_INDEX).sum()
 
 
+def document_ids(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """Each token's document number within its row of `tokens` (B, T): an end-of-text token starts a new one."""
+    return (tokens == eot_id).cumsum(1)
+
+
 class NextTokenLoss(nn.Module):
     """`model`'s loss as a module: `forward(tokens, targets, documents=None) -> LossSums`.
 

@@ -1,0 +1,83 @@
+"""A trained model loaded back for use (sampling, scoring): from a run's final weights or a checkpoint.
+
+    load_trained("runs/base")                        # runs/base/final/, else its latest checkpoint
+    load_trained("runs/base/final")                  # exported weights (fasttrain layout, see export.py)
+    load_trained("runs/base/checkpoints/step_0000100.pt")
+
+The model's config comes with the weights (config.toml beside them, or the one a
+checkpoint holds); the tokenizer is the one beside exported weights, else the run's
+prepared data's (data.dir), as the trainer records it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fasttrain import checkpoint
+from fasttrain.config import Config, load_config
+from fasttrain.errors import UsageError
+from fasttrain.export import load_exported
+from fasttrain.model import Transformer
+from fasttrain.runtime import resolve_precision
+from fasttrain.tokenizer import Tokenizer
+
+WEIGHTS = "model.safetensors"
+
+
+@dataclass
+class Trained:
+    """A trained model in eval mode with its run's config and tokenizer, and where they came from."""
+
+    model: Transformer
+    cfg: Config
+    tokenizer: Tokenizer
+    tokenizer_path: Path
+    source: Path  # the weights file or checkpoint loaded
+
+
+def weights_source(spec: str | os.PathLike[str]) -> Path:
+    """What `spec` names to load: a weights directory (holding model.safetensors), or a checkpoint file.
+
+    A run directory means its final/ weights when training finished, else its latest checkpoint.
+    """
+    path = Path(spec)
+    if not path.exists():
+        raise UsageError(f"{path}: no such run directory or checkpoint")
+    for directory in (path, path / "final"):
+        if directory.is_dir() and (directory / WEIGHTS).is_file():
+            return directory
+    return checkpoint.resolve(os.fspath(path), path)
+
+
+def load_trained(spec: str | os.PathLike[str], device: torch.device | str = "cpu") -> Trained:
+    """The model `spec` names (see `weights_source`) on `device`, in eval mode; UsageError naming the file if
+    something is missing or does not fit."""
+    source = weights_source(spec)
+    if source.is_dir():
+        model, cfg = load_exported(source), load_config(source / "config.toml")
+        tokenizer_path = source / "tokenizer.json"
+        if not tokenizer_path.is_file():  # exported before its data's tokenizer was copied
+            tokenizer_path = Path(cfg.data.dir) / "tokenizer.json"
+    else:
+        state = checkpoint.load(source)
+        cfg = checkpoint.saved_config(state, source)
+        model = Transformer(cfg.model)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise UsageError(f"{source}: its weights do not fit its config ({str(e).splitlines()[0]})") from None
+        tokenizer_path = Path(cfg.data.dir) / "tokenizer.json"
+    tokenizer = Tokenizer.load(tokenizer_path)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UsageError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, more than the model's "
+                         f"{cfg.model.vocab_size} ({source})")
+    return Trained(model.to(device).eval(), cfg, tokenizer, tokenizer_path, source)
+
+
+def inference_precision(cfg: Config, device: torch.device) -> str:
+    """The run's precision on a GPU; fp32 on the CPU, where autocast is slower and fp16 does not exist."""
+    return resolve_precision(cfg.train.precision, device) if device.type == "cuda" else "fp32"

@@ -1,0 +1,108 @@
+"""`python -m fasttrain.sample` and `python -m fasttrain.evaluate` on a tiny run trained once for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttrain import evaluate, sample
+from fasttrain.corpus import resolve_inputs
+from fasttrain.errors import run_cli
+from fasttrain.model import generate_text
+from fasttrain.prepare import prepare, split_documents
+from fasttrain.trained import load_trained
+from fasttrain.trainer import Trainer
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def trained_run(pydoc_data, tmp_path_factory) -> tuple[Path, dict]:
+    """A 3-step tiny run whose one evaluation covers the whole val split; its directory and summary.
+    Its corpus is a small part of the embedded one (pydoc_data's tokenizer), so scoring it all is quick."""
+    from pydoc_data.topics import topics
+
+    src = tmp_path_factory.mktemp("small")
+    (src / "docs.jsonl").write_text("".join(json.dumps({"text": topics[k][:800]}) + "\n" for k in sorted(topics)[:24]))
+    tokenizer = str(pydoc_data / "tokenizer.json")
+    prepare([str(src / "docs.jsonl")], src / "data", tokenizer_path=tokenizer, val_fraction=0.25, quiet=True)
+    out = src / "run"
+    summary = Trainer(tiny_config(src / "data", out, f"data.tokenizer={tokenizer}", "data.val_fraction=0.25",
+                                  "train.max_steps=3", "train.eval_steps=100000", "train.sample_tokens=0"),
+                      quiet=True).train()
+    return out, summary
+
+
+def cli(main, *args: str, capsys) -> str:
+    with pytest.raises(SystemExit) as done:
+        run_cli(main, list(args))
+    out, err = capsys.readouterr()
+    assert done.value.code == 0, err
+    return out
+
+
+def test_final_weights_and_checkpoints_load_the_same_model(trained_run):
+    run, _ = trained_run
+    final, saved = load_trained(run), load_trained(run / "checkpoints" / "step_0000003.pt")
+    assert final.source == run / "final" and saved.source.name == "step_0000003.pt"
+    assert all(torch.equal(a, b) for a, b in zip(final.model.state_dict().values(), saved.model.state_dict().values()))
+    assert not final.model.training
+
+
+def test_sample_streams_what_generate_text_returns(trained_run, capsys):
+    run, _ = trained_run
+    out = cli(sample.main, str(run), "--prompt", "The module", "--max-new-tokens", "40", "--temperature", "0",
+              capsys=capsys)  # 40 tokens: past the model's context of 32, so the cache starts over on the way
+    trained = load_trained(run)
+    assert out == generate_text(trained.model, trained.tokenizer, "The module", 40, temperature=0) + "\n"
+
+
+def test_sample_seeded_samples_repeat(trained_run, tmp_path, capsys):
+    run, _ = trained_run
+    (tmp_path / "prompt.txt").write_text("Lists")
+    args = [str(run), "--prompt-file", str(tmp_path / "prompt.txt"), "--max-new-tokens", "6", "--num-samples", "2",
+            "--seed", "1", "--top-p", "0.9"]
+    first = cli(sample.main, *args, capsys=capsys)
+    assert first == cli(sample.main, *args, capsys=capsys) and first.count("Lists") == 2 and "\n---\n" in first
+
+
+def test_evaluate_val_split_is_the_trainers_val_bpb(trained_run, capsys):
+    run, summary = trained_run
+    metrics = evaluate.score_split(load_trained(run), "val", 4, CPU)
+    assert metrics["bpb"] == pytest.approx(summary["val_bpb"], rel=1e-4)
+    assert metrics["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
+    out = cli(evaluate.main, str(run), "--split", "val", capsys=capsys)
+    assert f"bpb {summary['val_bpb']:.4f}" in out
+
+
+def test_evaluate_text_never_prepared(trained_run, tmp_path, capsys):
+    """The val documents, written out as a JSONL file and scored from there, score as the val split did."""
+    run, summary = trained_run
+    trained = load_trained(run)
+    docs = [piece.text for split, piece, _ in split_documents(resolve_inputs(trained.cfg.data.inputs), "text",
+                                                              trained.cfg.data.val_fraction) if split == "val"]
+    (tmp_path / "held_out.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    metrics = evaluate.score_inputs(trained, [str(tmp_path / "held_out.jsonl")], 4, CPU)
+    assert metrics["bpb"] == pytest.approx(summary["val_bpb"], rel=1e-4)
+    out = cli(evaluate.main, str(run), "--input", str(tmp_path / "held_out.jsonl"), capsys=capsys)
+    assert out.startswith("loss ") and " bpb " in out
+
+
+@pytest.mark.subprocess
+def test_both_command_lines(trained_run):
+    run, summary = trained_run
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    sampled = subprocess.run([sys.executable, "-m", "fasttrain.sample", str(run), "--prompt", "-", "--max-new-tokens",
+                              "5", "--device", "cpu"], input="The", capture_output=True, text=True, env=env, timeout=300)
+    assert sampled.returncode == 0 and sampled.stdout.startswith("The"), sampled.stderr
+    scored = subprocess.run([sys.executable, "-m", "fasttrain.evaluate", str(run / "checkpoints"), "--split", "val"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert scored.returncode == 0 and f"bpb {summary['val_bpb']:.4f}" in scored.stdout, scored.stderr
