@@ -1,6 +1,6 @@
 """Bad input across config, data, checkpoints and the command lines: one line, exit status 2, nothing damaged.
 
-Every case runs a real entry point (`main` of train, doctor, export, plot) through
+Every case runs a real entry point (`main` of train, doctor, export, plot, sample, evaluate) through
 `run_cli`, the same wrapper `python -m` uses, against a run directory saved once
 for the module. After each case that run directory must be byte for byte as it was.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fasttrain import doctor, export, plot, prepare, train
+from fasttrain import doctor, evaluate, export, plot, prepare, sample, train
 from fasttrain.errors import run_cli
 from tests.conftest import tiny_args
 
@@ -261,6 +261,24 @@ CASES = [
      "holds checkpoints of an earlier run (up to step 2); continue it with --resume auto"),
     ("export a non-checkpoint", export, lambda c: [c.file("junk.pt", b"PK\x03\x04 nope")], "not a loadable checkpoint"),
     ("export with nothing saved", export, lambda c: [str(c.tmp)], "no checkpoint saved there yet"),
+    # sampling and scoring a trained model
+    ("sample: missing run directory", sample, lambda c: [str(c.tmp / "nope")], "nope: no such run directory or checkpoint"),
+    ("sample: nothing saved", sample, lambda c: [str(c.tmp)], "no checkpoint saved there yet"),
+    ("sample: top-p above 1", sample, lambda c: [str(c.run), "--top-p", "1.5"], "--top-p: must be in (0, 1], got 1.5"),
+    ("sample: negative temperature", sample, lambda c: [str(c.run), "--temperature", "-1"],
+     "--temperature: must be a finite number >= 0"),
+    ("sample: empty prompt file", sample, lambda c: [str(c.run), "--prompt-file", c.file("p.txt", "")],
+     "p.txt: is empty"),
+    ("sample: garbage checkpoint", sample, lambda c: [c.file("junk.pt", b"\x00garbage" * 100)],
+     "junk.pt: not a loadable checkpoint"),
+    ("evaluate: missing input", evaluate, lambda c: [str(c.run), "--input", str(c.tmp / "held_out.txt")],
+     "held_out.txt: no such file or directory"),
+    ("evaluate: nothing to score", evaluate, lambda c: [str(c.run)],
+     "one of the arguments --input --split is required"),
+    ("evaluate: text shorter than a window", evaluate, lambda c: [str(c.run), "--input", c.file("short.txt", "Hi.")],
+     "short.txt: 4 tokens, fewer than one window of train.seq_len + 1 = 33"),
+    ("evaluate: zero batch size", evaluate, lambda c: [str(c.checkpoint()), "--split", "val", "--batch-size", "0"],
+     "--batch-size: must be >= 1, got 0"),
     # paths that cannot be written
     ("run directory under a file", train, lambda c: c.train(out=Path(c.file("f", "x")) / "run"),
      "run/.lock: cannot write (Not a directory)"),
