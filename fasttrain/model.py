@@ -293,16 +293,16 @@ class Transformer(nn.Module):
         baked into the cached keys, so a window cannot slide one token at a time):
         one full forward per max_seq_len / 2 tokens. Without the cache the last
         max_seq_len tokens are re-run for every token: a sliding window, slower.
-        Within the context both give the same logits.
+        Within the context both give the same logits, up to rounding.
         """
         window = self.cfg.max_seq_len
         cache = KVCache(self.cfg) if use_cache else None
         context = tokens[:, -window:]
         for _ in range(max_new_tokens):
             if cache is not None and cache.length == window:  # full: start over from the later half
-                cache = KVCache(self.cfg)
+                cache.length = 0
                 context = tokens[:, -(window // 2):]
-            logits = self(context, cache=cache)[:, -1, :].float()
+            logits = self.output(self.hidden(context, cache=cache)[:, -1]).float()  # the last position's only
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
