@@ -313,7 +313,8 @@ class Transformer(nn.Module):
             yield nxt
 
     def generate(self, tokens: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
-        """`tokens` (B, T) extended by `max_new_tokens` sampled tokens, (B, T + max_new_tokens); `sampling`: see `stream`."""
+        """`tokens` (B, T) extended by `max_new_tokens` sampled tokens: (B, T + max_new_tokens).
+        `sampling`: the keyword arguments of `stream`."""
         return torch.cat((tokens, *self.stream(tokens, max_new_tokens, **sampling)), dim=1)
 
 

@@ -48,19 +48,24 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str | None:
     return prompt
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float | None,
                    num_samples: int) -> None:
     """UsageError naming the flag whose value is out of range."""
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise UsageError(f"--temperature: must be a finite number >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UsageError(f"--top-k: must be >= 1, got {top_k}")
+    if top_k < 0:
+        raise UsageError(f"--top-k: must be >= 0 (0: no limit), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise UsageError(f"--top-p: must be in (0, 1], got {top_p}")
     if num_samples < 1:
         raise UsageError(f"--num-samples: must be >= 1, got {num_samples}")
+
+
+def show(text: str) -> None:
+    """Print `text` now, without a newline: the sample appears as it is generated."""
+    print(text, end="", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE (UTF-8)")
     parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to generate (default 200)")
     parser.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=50, metavar="K", help="sample from the K likeliest (default 50)")
+    parser.add_argument("--top-k", type=int, default=50, metavar="K",
+                        help="sample from the K likeliest, 0: all (default 50)")
     parser.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: keep probability P")
     parser.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples to draw (default 1)")
     parser.add_argument("--seed", type=int, default=None, help="make the samples repeatable")
@@ -85,14 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not trained.tokenizer.encode(text):
         raise UsageError("the prompt encodes to no tokens")
     generator = None if args.seed is None else torch.Generator(device).manual_seed(args.seed)
-    show = lambda piece: print(piece, end="", flush=True)  # noqa: E731
     with autocast(inference_precision(trained.cfg, device), device):
         for i in range(args.num_samples):
             if i:
                 print("\n---")
             show(text)
             generate_text(trained.model, trained.tokenizer, text, args.max_new_tokens, args.temperature,
-                          args.top_k, args.top_p, generator=generator, on_text=show)
+                          args.top_k or None, args.top_p, generator=generator, on_text=show)
     print()
     return 0
 

@@ -262,8 +262,10 @@ CASES = [
     ("export a non-checkpoint", export, lambda c: [c.file("junk.pt", b"PK\x03\x04 nope")], "not a loadable checkpoint"),
     ("export with nothing saved", export, lambda c: [str(c.tmp)], "no checkpoint saved there yet"),
     # sampling and scoring a trained model
-    ("sample: missing run directory", sample, lambda c: [str(c.tmp / "nope")], "nope: no such run directory or checkpoint"),
+    ("sample: missing run directory", sample, lambda c: [str(c.tmp / "nope")],
+     "nope: no such run directory or checkpoint"),
     ("sample: nothing saved", sample, lambda c: [str(c.tmp)], "no checkpoint saved there yet"),
+    ("sample: negative top-k", sample, lambda c: [str(c.run), "--top-k", "-3"], "--top-k: must be >= 0 (0: no limit)"),
     ("sample: top-p above 1", sample, lambda c: [str(c.run), "--top-p", "1.5"], "--top-p: must be in (0, 1], got 1.5"),
     ("sample: negative temperature", sample, lambda c: [str(c.run), "--temperature", "-1"],
      "--temperature: must be a finite number >= 0"),

@@ -103,8 +103,9 @@ def test_evaluate_text_never_prepared(trained_run, held_out):
 def test_both_command_lines(trained_run, held_out):
     run, summary = trained_run
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    sampled = subprocess.run([sys.executable, "-m", "fasttrain.sample", str(run), "--prompt", "-", "--max-new-tokens",
-                              "5", "--device", "cpu"], input="The", capture_output=True, text=True, env=env, timeout=300)
+    sampled = subprocess.run([sys.executable, "-m", "fasttrain.sample", str(run), "--prompt", "-",
+                              "--max-new-tokens", "5", "--device", "cpu"],
+                             input="The", capture_output=True, text=True, env=env, timeout=300)
     assert sampled.returncode == 0 and sampled.stdout.startswith("The"), sampled.stderr
     scored = subprocess.run([sys.executable, "-m", "fasttrain.evaluate", str(run / "checkpoints"), "--input",
                              str(held_out), "--batch-size", "4", "--device", "cpu"],
