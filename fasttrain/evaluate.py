@@ -8,13 +8,12 @@ directories, JSONL, builtin:NAME): the text is tokenized with the run's tokenize
 way prepare does it (an end-of-text token before each document) into a temporary
 directory, and scored there. --split val scores the run's own prepared val split.
 
-Scoring is the trainer's validation (evaluation.validate) over every batch of packed
-windows of train.seq_len + 1 tokens: the loss is the mean over the targets scored,
-and bits per byte is that loss, in bits, times the text's tokens per UTF-8 byte. With
---split val and the run's batch size this is the trainer's val_bpb whenever its
-evaluation covered the whole split (train.eval_steps large enough). Tokens past the last
-whole window, and windows past the last whole batch, are not scored: --input uses
-batches of one window by default so that only the short tail is left out.
+Scoring is the trainer's validation (evaluation.validate) in one pass over every row,
+as the run batches them ([data] batching, train.seq_len), the last batch part-full and
+each shard's short last window included: the loss is the mean over every target, and
+bits per byte is that loss, in bits, times the text's tokens per UTF-8 byte. With
+--split val this is the trainer's val_bpb whenever its evaluation covered the whole
+split (train.eval_steps large enough).
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ def score(trained: Trained, directory: str | Path, split: str, bits_per_nat: flo
 
     with TokenLoader(directory, split, batch_size, cfg.train.seq_len, sampling="sequential",
                      batching=cfg.data.batching, padding=cfg.data.padding, eot_id=eot_id,
-                     vocab_size=cfg.model.vocab_size, prefetch=0, device=device) as loader:
+                     vocab_size=cfg.model.vocab_size, prefetch=0, device=device, whole=True) as loader:
         metrics = validate(loss, trained.model, loader, loader.reader.batches_per_epoch,
                            inference_precision(cfg, device), World(), bits_per_nat)
     trained.model.eval()  # validate leaves the model in train mode
@@ -74,10 +73,6 @@ def score_inputs(trained: Trained, inputs: Sequence[str], batch_size: int, devic
         meta = prepare(inputs, tmp, tokenizer_path=str(trained.tokenizer_path), val_fraction=0.0,
                        text_field=text_field, quiet=True)
         tokens, text_bytes = meta["tokens"]["train"], meta["text_bytes"]["train"]
-        window = trained.cfg.train.seq_len + 1
-        if tokens < window:
-            raise UsageError(f"{', '.join(inputs)}: {tokens} tokens, fewer than one window of train.seq_len + 1 = "
-                             f"{window} to score")
         return score(trained, tmp, "train", tokens / (text_bytes * math.log(2)), batch_size, device)
 
 
@@ -89,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="text files, globs, directories, JSONL files or builtin:NAME, as prepare takes them")
     what.add_argument("--split", choices=["val"], help="the run's own prepared val split")
     parser.add_argument("--batch-size", type=int, metavar="N",
-                        help="windows per batch (default: 1 for --input, the run's train.batch_size for --split)")
+                        help="rows per batch (default: the run's train.batch_size)")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     args = parser.parse_args(argv)
@@ -100,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.split:
         metrics = score_split(trained, args.split, args.batch_size or trained.cfg.train.batch_size, device)
     else:
-        metrics = score_inputs(trained, args.input, args.batch_size or 1, device, args.text_field)
+        metrics = score_inputs(trained, args.input, args.batch_size or trained.cfg.train.batch_size, device,
+                               args.text_field)
     print(f"loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}  bpb {metrics['bpb']:.4f}  "
           f"accuracy {metrics['accuracy']:.4f}  ({trained.source})")
     return 0

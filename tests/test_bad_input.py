@@ -277,8 +277,8 @@ CASES = [
      "held_out.txt: no such file or directory"),
     ("evaluate: nothing to score", evaluate, lambda c: [str(c.run)],
      "one of the arguments --input --split is required"),
-    ("evaluate: text shorter than a window", evaluate, lambda c: [str(c.run), "--input", c.file("short.txt", "Hi.")],
-     "short.txt: 4 tokens, fewer than one window of train.seq_len + 1 = 33"),
+    ("evaluate: empty input", evaluate, lambda c: [str(c.run), "--input", c.file("empty.txt", "")],
+     "empty.txt: no text found"),
     ("evaluate: zero batch size", evaluate, lambda c: [str(c.checkpoint()), "--split", "val", "--batch-size", "0"],
      "--batch-size: must be >= 1, got 0"),
     # paths that cannot be written

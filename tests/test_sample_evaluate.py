@@ -15,7 +15,7 @@ from fasttrain import evaluate, sample
 from fasttrain.corpus import resolve_inputs
 from fasttrain.errors import run_cli
 from fasttrain.model import generate_text
-from fasttrain.prepare import prepare, split_documents
+from fasttrain.prepare import plan_split, prepare, split_documents
 from fasttrain.trained import load_trained
 from fasttrain.trainer import Trainer
 from tests.conftest import tiny_config
@@ -85,8 +85,9 @@ def test_evaluate_val_split_is_the_trainers_val_bpb(trained_run):
 def held_out(trained_run, tmp_path_factory) -> Path:
     """The run's val documents written out as a JSONL file: text the run never prepared as such."""
     trained = load_trained(trained_run[0])
-    docs = [piece.text for split, piece, _ in split_documents(resolve_inputs(trained.cfg.data.inputs), "text",
-                                                              trained.cfg.data.val_fraction) if split == "val"]
+    sources = resolve_inputs(trained.cfg.data.inputs)
+    split = plan_split(sources, "text", trained.cfg.data.val_fraction)
+    docs = [piece.text for which, piece, _ in split_documents(sources, "text", split) if which == "val"]
     path = tmp_path_factory.mktemp("held_out") / "held_out.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
