@@ -116,8 +116,21 @@ class TrainConfig:
     # Tokens per optimizer step; it sets gradient accumulation = tokens_per_update /
     # (batch_size x seq_len x world size). 0 = one micro-batch per step.
     tokens_per_update: int = 0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: Literal["auto", True, False] = "auto"  # torch.compile the model; auto = on CUDA only
+    # Autocast precision. auto: bf16 on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16 or
+    # AMX), fp32 elsewhere (emulated bf16 is slower than fp32). See runtime.resolve_precision.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # torch.compile the objective. auto: always on CUDA; on CPU only for runs of at least
+    # runtime.CPU_COMPILE_MIN_STEPS steps, long enough to earn back the compile time.
+    compile: Literal["auto", True, False] = "auto"
+    # torch.compile's mode: "default"; "max-autotune" (benchmarks matmul and kernel configs while
+    # compiling: slower to start, helps long GPU runs); "reduce-overhead" (CUDA graphs: cuts launch
+    # overhead of small models on GPU; needs static shapes, so data.padding = "fixed"; no effect on CPU).
+    compile_mode: Literal["default", "max-autotune", "reduce-overhead"] = "default"
+    # Recompute activations in backward instead of keeping them, trading compute for memory: "none";
+    # "full" (only each block's input is kept, the whole block runs again in backward, ~1/3 more
+    # compute); "selective" (a block keeps its matmul and attention outputs and recomputes only the
+    # cheap elementwise work: norms, RoPE, SwiGLU's activation, dropout). See model.Transformer.
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
     # Under torchrun with more than one process: "ddp" (every rank holds the whole model) or
     # "fsdp" (FSDP2: parameters, gradients and optimizer state sharded over the ranks).
     parallel: Literal["ddp", "fsdp"] = "ddp"
@@ -278,6 +291,9 @@ _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
     ("train.tokens_per_update", "is not a multiple of", "train.batch_size",
      lambda c: c.train.tokens_per_update % (c.train.batch_size * c.train.seq_len) != 0,
      "it must be a whole number of micro-batches of batch_size x seq_len tokens"),
+    ("train.compile_mode", "does not work with", "data.padding",
+     lambda c: c.train.compile_mode == "reduce-overhead" and c.data.batching != "packed" and c.data.padding != "fixed",
+     'CUDA graphs replay fixed shapes; use data.padding = "fixed"'),
     # With data.tokenizer set, the vocabulary size is only known once the tokenizer is read.
     ("model.vocab_size", "is smaller than", "data.vocab_size",
      lambda c: c.data.tokenizer == "" and 0 < c.model.vocab_size < c.data.vocab_size,

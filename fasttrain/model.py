@@ -20,6 +20,11 @@
 - Generation with a KV cache (`KVCache`): the prompt is run once, then each new
   token is one forward of length 1 that attends to the keys and values kept from
   the earlier positions (see `Transformer.stream`).
+- Optional activation checkpointing per block (`checkpointing`): "full" keeps only a
+  block's inputs and runs the whole block again in backward; "selective" keeps the
+  outputs of its matmuls and attention and recomputes only the elementwise work
+  between them (norms, RoPE, SwiGLU's activation and product, dropout), which costs
+  little compute and drops the activations of those ops.
 - Init: N(0, 0.02) everywhere, with the projections that write into the residual
   stream scaled down by 1/sqrt(2 n_layers), so the stream's variance does not grow
   with depth (GPT-2). At init every token is about equally likely, so the loss on
@@ -39,6 +44,7 @@ from typing import Callable, Iterator, NamedTuple, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from fasttrain.config import ModelConfig
 
@@ -198,19 +204,50 @@ class Block(nn.Module):
         return self.dropout(self.mlp(y)), stream
 
 
+# The ops whose outputs "selective" activation checkpointing keeps: the matmuls and attention, which
+# are most of a block's compute; everything else in the block is recomputed in backward.
+_KEPT_OPS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default,
+             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+             torch.ops.aten._scaled_dot_product_flash_attention.default,
+             torch.ops.aten._scaled_dot_product_efficient_attention.default,
+             torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_keep_matmuls)
+
+
+def run_block(block: nn.Module, checkpointing: str, *args):
+    """`block(*args)`, its activations recomputed in backward as `checkpointing` says ("none",
+    "full", "selective"; see the module docstring). Dropout draws the same masks again: the
+    checkpoint restores the RNG state before recomputing."""
+    if checkpointing == "none" or not torch.is_grad_enabled():
+        return block(*args)
+    if checkpointing == "full":
+        return checkpoint(block, *args, use_reentrant=False)
+    return checkpoint(block, *args, use_reentrant=False, context_fn=_selective_contexts)
+
+
 class Transformer(nn.Module):
     """The language model: `forward(tokens (B, T)) -> logits (B, T, vocab_size)`.
 
     Its training loss is fasttrain/objective.py's NextTokenLoss, a module around it.
     `norm_kernel` runs the RMSNorms with their residual adds through the Triton kernel
     kernels.RMSNorm (it needs Triton installed; either setting loads the other's weights).
+    `checkpointing`: activation checkpointing of the blocks in training, "none", "full" or
+    "selective" (see `run_block`); it changes memory and compute, never the results.
     """
 
-    def __init__(self, cfg: ModelConfig, norm_kernel: bool = False):
+    def __init__(self, cfg: ModelConfig, norm_kernel: bool = False, checkpointing: str = "none"):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (> 0) before building the model")
         self.cfg = cfg
+        self.checkpointing = checkpointing
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, norm_kernel) for _ in range(cfg.n_layers))
         self.norm = rms_norm_module(cfg, norm_kernel)
@@ -250,7 +287,8 @@ class Transformer(nn.Module):
             mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(start)
         delta, stream = None, self.embed(tokens)
         for i, block in enumerate(self.blocks):
-            delta, stream = block(delta, stream, cos, sin, mask, None if cache is None else LayerCache(cache, i))
+            delta, stream = run_block(block, self.checkpointing, delta, stream, cos, sin, mask,
+                                      None if cache is None else LayerCache(cache, i))
         if cache is not None:
             cache.length += T
         return self.norm(delta, stream)[0]

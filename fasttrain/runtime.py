@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 
-from fasttrain.config import KernelsConfig
+from fasttrain.config import KernelsConfig, TrainConfig
 from fasttrain.errors import UsageError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -36,18 +36,46 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     return device
 
 
+# train.compile = "auto" compiles on CPU only for runs this long: compiling the base model takes
+# ~1 minute on 2 cores and saves a fraction of a ~0.6 s step, so short runs would not earn it back.
+CPU_COMPILE_MIN_STEPS = 2000
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: CUDA, or a CPU with AVX512-BF16 or AMX
+    tiles. Elsewhere oneDNN emulates bf16 through fp32, slower than fp32 itself."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision a run uses: "auto" is bf16 on CUDA and fp32 elsewhere. fp16 needs CUDA."""
+    """The precision a run uses: "auto" is bf16 where the device has native bf16 matmuls
+    (`native_bf16`), else fp32. fp16 needs CUDA."""
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        return "bf16" if native_bf16(device) else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise UsageError(f"train.precision = \"fp16\" needs a CUDA device, not {device.type} (use bf16 or fp32)")
     return precision
 
 
 def switched_on(setting: bool | str, device: torch.device) -> bool:
-    """A true / false / "auto" setting (train.compile, [kernels]) resolved: "auto" is on CUDA only."""
+    """A true / false / "auto" setting ([kernels]) resolved: "auto" is on CUDA only."""
     return setting is True or (setting == "auto" and device.type == "cuda")
+
+
+def resolve_compile(setting: bool | str, device: torch.device, max_steps: int) -> bool:
+    """train.compile resolved: "auto" is on CUDA, and on CPU for runs of CPU_COMPILE_MIN_STEPS or more."""
+    if setting == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and max_steps >= CPU_COMPILE_MIN_STEPS)
+    return setting
+
+
+def resolve_train(t: TrainConfig, device: torch.device) -> TrainConfig:
+    """`t` with its "auto" precision and compile settings replaced by what they resolve to on
+    `device`, as a run's config.toml records them."""
+    return replace(t, precision=resolve_precision(t.precision, device),
+                   compile=resolve_compile(t.compile, device, t.max_steps))
 
 
 @dataclass(frozen=True)

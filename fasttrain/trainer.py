@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,7 +53,7 @@ from fasttrain.preflight import check_fits
 from fasttrain.prepare import ensure_prepared
 from fasttrain.reporting import IntervalMeter, Report
 from fasttrain.run_state import RunState
-from fasttrain.runtime import autocast, kernels_on, resolve_precision, seed_everything, switched_on, use_device
+from fasttrain.runtime import autocast, kernels_on, resolve_train, seed_everything, use_device
 from fasttrain.schedule import lr_at
 from fasttrain.signals import SignalCatcher
 from fasttrain.tokenizer import Tokenizer
@@ -100,11 +100,12 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, quiet: bool = False):
-        t = cfg.train
         self.world = distributed.world_from_env()
         self.quiet = quiet or not self.world.is_main
-        self.device = use_device(t.device, self.world.local_rank if self.world.distributed else None)
-        self.precision = resolve_precision(t.precision, self.device)
+        self.device = use_device(cfg.train.device, self.world.local_rank if self.world.distributed else None)
+        cfg = replace(cfg, train=resolve_train(cfg.train, self.device))  # no "auto" left in what config.toml records
+        t = cfg.train
+        self.precision = t.precision
         distributed.start(self.world, self.device)
         seed_everything(t.seed)
         if not self.world.is_main:
@@ -122,12 +123,13 @@ class Trainer:
         # `model` is the network: its weights, sampling, checkpoints. `objective` is its loss, what trains
         # and evaluates: inside DDP (or sharded by FSDP), and compiled in place if asked. Sampling runs
         # the plain model, whose growing sequence lengths would otherwise trigger recompiles.
-        self.model = Transformer(self.cfg.model, norm_kernel=self.kernels.rms_norm).to(self.device)
+        self.model = Transformer(self.cfg.model, norm_kernel=self.kernels.rms_norm,
+                                 checkpointing=t.activation_checkpointing).to(self.device)
         self.objective = distributed.wrap(NextTokenLoss(self.model, fused=self.kernels.linear_cross_entropy),
                                           self.model.blocks, self.world, t.parallel, self.precision, self.device)
-        self.compiled = switched_on(t.compile, self.device)
+        self.compiled = t.compile
         if self.compiled:
-            self.objective.compile()
+            self.objective.compile(mode=t.compile_mode)
         self.updater = Updater(self.model, self.cfg.optim, self.device, self.precision, kernel=self.kernels.adamw,
                                sharded=self.sharded)
         self.checkpoints = Checkpointer(self.cfg, self.model, self.updater, self.world, self.parallel, self.device)

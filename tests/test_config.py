@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from fasttrain.config import (
     Config,
@@ -20,6 +21,7 @@ from fasttrain.config import (
     save_config,
 )
 from fasttrain.errors import UsageError
+from fasttrain.runtime import CPU_COMPILE_MIN_STEPS, resolve_train
 
 try:
     import tomllib
@@ -308,3 +310,18 @@ def test_cli_reports_one_line_and_exits_2(tmp_path):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:")
     assert "train.batch_size: must be > 0, got 0" in lines[0]
+
+
+def test_auto_precision_and_compile_resolve_per_device(monkeypatch):
+    """bf16 on CPU only with native bf16 matmuls; compile on CPU only for long runs; explicit values stay."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert resolve_train(TrainConfig(), cpu).precision == ("bf16" if native else "fp32")
+        assert resolve_train(TrainConfig(precision="fp32"), cpu).precision == "fp32"
+    long_run = CPU_COMPILE_MIN_STEPS
+    assert resolve_train(TrainConfig(max_steps=long_run - 1), cpu).compile is False
+    assert resolve_train(TrainConfig(max_steps=long_run), cpu).compile is True
+    assert resolve_train(TrainConfig(max_steps=long_run, compile=False), cpu).compile is False
+    assert resolve_train(TrainConfig(max_steps=1), cuda) == TrainConfig(max_steps=1, precision="bf16", compile=True)

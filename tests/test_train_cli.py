@@ -14,6 +14,7 @@ import torch
 from fasttrain.config import load_config
 from fasttrain.metrics import MetricsLog
 from fasttrain.plot import latest_run, plot_run, read_metrics
+from fasttrain.runtime import resolve_precision
 
 pytestmark = pytest.mark.subprocess  # every test here starts the command-line tools in new processes
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,8 @@ def test_main_job_trains_evaluates_samples_and_saves(main_job):
     assert sorted(p.name for p in (out / "final").iterdir()) == ["config.toml", "model.safetensors", "tokenizer.json"]
     saved = load_config(out / "config.toml")
     assert saved.model.vocab_size == 512 and saved.train.max_steps == 6  # resolved values, reloadable
+    # "auto" resolved: too short a run to compile on CPU; bf16 only on a CPU with native bf16.
+    assert saved.train.compile is False and saved.train.precision == resolve_precision("auto", torch.device("cpu"))
     state = torch.load(out / "checkpoints" / "step_0000006.pt", weights_only=True)
     assert state["step"] == 6 and state["tokens_seen"] == 6 * 4 * 64
 
