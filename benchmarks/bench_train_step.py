@@ -9,7 +9,12 @@ same torch.compile. Both run side by side in one session and record tokens/s, MF
 (PaLM's FLOPs per token at the GPU's peak bf16 rate) and peak memory.
 
 CPU: the base config's model, Trainer.step against a plain PyTorch loop of the same
-model (forward, F.cross_entropy, backward, clip, AdamW), fp32, eager.
+model (forward, F.cross_entropy, backward, clip, AdamW), fp32, eager. Then Trainer.step
+in fp32 and bf16 autocast, eager and compiled, side by side, each with its achieved
+GFLOP/s as a fraction of a 2048^3 matmul's rate in its dtype, measured in the same
+session (the CPU's practical roofline). bf16 runs only on CPUs with native bf16
+matmuls (emulated bf16 is many times slower than fp32); the compiled cases only when
+timing (--benchmark-only), where their compile time is recorded, outside the timing.
 
 The tokens are random and already on the device: the data pipeline is timed in
 bench_data.py. The first calls (compilation, autotuning) are warm-up, not timed.
@@ -17,6 +22,7 @@ bench_data.py. The first calls (compilation, autotuning) are warm-up, not timed.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +33,7 @@ from benchmarks.conftest import DRY_RUN, median_seconds, sizes, time_device
 from fasttrain.config import load_config
 from fasttrain.metrics import peak_flops
 from fasttrain.model import Transformer
+from fasttrain.runtime import PRECISIONS, native_bf16
 from fasttrain.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -105,3 +112,53 @@ def test_cpu_train_step(benchmark, record, data_dir, impl):
     benchmark.pedantic(step, warmup_rounds=1, rounds=5, iterations=1)
     record(per_call=trainer.tokens_per_step, impl=impl, config="base.toml", params=trainer.model.num_params(),
            batch_size=trainer.cfg.train.batch_size, seq_len=trainer.cfg.train.seq_len, dtype="float32")
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of an n x n x n matmul in `dtype` on the CPU, the best of `repeats` after a warm-up."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+@pytest.fixture(scope="module")
+def benchmark_disabled(request) -> bool:
+    """True in an untimed run (plain pytest, see conftest.pytest_configure)."""
+    return request.config.getoption("benchmark_disable")
+
+
+@pytest.fixture(scope="module")
+def cpu_matmul_gflops(benchmark_disabled) -> dict[str, float]:
+    """The CPU's 2048^3 matmul GFLOP/s per precision, measured once (nothing in an untimed run)."""
+    if benchmark_disabled:
+        return {}
+    return {p: round(matmul_gflops(PRECISIONS[p] or torch.float32), 1)
+            for p in ("fp32", "bf16") if p == "fp32" or native_bf16(torch.device("cpu"))}
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.compile)], ids=["eager", "compiled"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_precision(benchmark, record, data_dir, cpu_matmul_gflops, benchmark_disabled, precision, compiled):
+    if precision == "bf16" and not native_bf16(torch.device("cpu")):
+        pytest.skip("this CPU has no native bf16 matmuls (AVX512-BF16 or AMX); emulated bf16 is slower than fp32")
+    if compiled and benchmark_disabled:
+        pytest.skip("compiling on CPU takes about a minute: runs only when timing (--benchmark-only)")
+    trainer = make_trainer(CONFIGS / "base.toml", data_dir, "train.device=cpu", f"train.compile={str(compiled).lower()}",
+                           f'train.precision="{precision}"')
+    start = time.perf_counter()
+    trainer.step()  # compiles, when compiled
+    first_step_s = time.perf_counter() - start
+    benchmark.pedantic(trainer.step, warmup_rounds=1, rounds=5, iterations=1)
+    median = median_seconds(benchmark)
+    flops_per_step = trainer.model.flops_per_token(trainer.cfg.train.seq_len) * trainer.tokens_per_step
+    gflops = median and flops_per_step / median / 1e9
+    matmul = cpu_matmul_gflops.get(precision)
+    record(per_call=trainer.tokens_per_step, impl=f"{precision}-{'compiled' if compiled else 'eager'}",
+           config="base.toml", dtype=precision, compiled=compiled, first_step_s=round(first_step_s, 2),
+           gflops=gflops and round(gflops, 1), matmul_gflops=cpu_matmul_gflops,
+           fraction_of_matmul=gflops and matmul and round(gflops / matmul, 3))
