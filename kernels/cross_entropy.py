@@ -153,27 +153,60 @@ def _row_stride(weight: Tensor) -> int:
     return weight.stride(0) if weight.numel() > 1 else 0
 
 
+# Rows the PyTorch path handles at once: 128 rows of a 4096-wide vocabulary are 2 MiB in fp32, so
+# each chunk's passes (max, exp, sum, scale) run in cache instead of streaming the whole (N, V) each time.
+TORCH_CHUNK_ELEMENTS = 1 << 19
+
+
 def _torch_rows(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, grad: Tensor | None,
                 ignore_index: int, label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor]:
-    """The kernel's math in PyTorch (the CPU path): (loss rows, lse, top-1 hits), and the gradient into `grad`."""
-    x = logits.float()
-    if softcap:
-        x = softcap * torch.tanh(x / softcap)
+    """The kernel's math in PyTorch (the CPU path): (loss rows, lse, top-1 hits), and the gradient into `grad`.
+    Like the kernel it goes row block by row block, each block's passes in cache; terms whose factor is 0
+    (label smoothing, z-loss, soft-capping) cost nothing."""
+    n_rows, n_cols = logits.shape
+    forward = lse is None
+    loss = logits.new_zeros(n_rows, dtype=torch.float32)
+    correct = torch.zeros_like(loss)
+    lse = torch.empty_like(loss) if forward else lse
     valid = target != ignore_index
     safe_target = torch.where(valid, target, 0).unsqueeze(1)
-    if lse is None:
-        lse = torch.logsumexp(x, dim=-1)
-    x_target = x.gather(1, safe_target).squeeze(1)
-    loss = lse - (1 - label_smoothing) * x_target - label_smoothing * x.mean(-1) + z_loss * lse * lse
-    loss = torch.where(valid, loss, 0.0)
-    correct = (valid & (x_target >= x.max(dim=-1).values)).float()
-    if grad is not None:
-        g = torch.exp(x - lse.unsqueeze(1)) * (1 + 2 * z_loss * lse).unsqueeze(1) - label_smoothing / x.shape[1]
-        g.scatter_add_(1, safe_target, torch.full_like(x_target, label_smoothing - 1).unsqueeze(1))
+    row_weight = torch.where(valid, weight.expand(valid.shape), 0.0)  # what each row's gradient is scaled by
+    chunk = max(1, TORCH_CHUNK_ELEMENTS // n_cols)
+    for start in range(0, n_rows, chunk):
+        rows = slice(start, start + chunk)
+        x = logits[rows].float()  # a view for fp32 logits: never written
         if softcap:
-            g *= 1 - (x / softcap) ** 2
-        g *= torch.where(valid, weight.expand(valid.shape), 0.0).unsqueeze(1)
-        grad.copy_(g)
+            x = softcap * torch.tanh(x / softcap)
+        t, v = safe_target[rows], valid[rows]
+        if forward:
+            top = x.amax(dim=-1, keepdim=True)
+            p = torch.exp(x - top)
+            total = p.sum(dim=-1, keepdim=True)
+            lse[rows] = (top + total.log()).squeeze(1)
+            x_target = x.gather(1, t).squeeze(1)
+            row_loss = lse[rows] - (1 - label_smoothing) * x_target
+            if label_smoothing:
+                row_loss -= label_smoothing * x.mean(-1)
+            if z_loss:
+                row_loss += z_loss * lse[rows] ** 2
+            loss[rows] = torch.where(v, row_loss, 0.0)
+            correct[rows] = (v & (x_target >= top.squeeze(1))).float()
+            if grad is not None:
+                p /= total  # the softmax
+        elif grad is not None:
+            p = torch.exp(x - lse[rows].unsqueeze(1))
+        if grad is None:
+            continue
+        w = row_weight[rows]
+        if z_loss:
+            w = w * (1 + 2 * z_loss * lse[rows])
+        p *= w.unsqueeze(1)
+        if label_smoothing:
+            p -= (label_smoothing / n_cols) * row_weight[rows].unsqueeze(1)
+        p.scatter_add_(1, t, ((label_smoothing - 1) * row_weight[rows]).unsqueeze(1))
+        if softcap:
+            p *= 1 - (x / softcap) ** 2
+        grad[rows] = p
     return loss, lse, correct
 
 
