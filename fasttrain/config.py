@@ -169,7 +169,8 @@ class KernelsConfig:
     """[kernels]: which of the Triton kernels (kernels/) the model uses; "auto" = on CUDA."""
 
     # The loss straight from the final hidden states and the output weight, chunk by chunk,
-    # never holding the (tokens x vocab) logits (kernels/linear_cross_entropy.py).
+    # never holding the (tokens x vocab) logits (kernels/linear_cross_entropy.py). "auto" is on
+    # CUDA, and on CPU under bf16, where its in-cache PyTorch path spares the fp32 copy of the logits.
     linear_cross_entropy: Literal["auto", True, False] = "auto"
     # Every RMSNorm, with the residual add before it, in one kernel (kernels/rms_norm.py).
     rms_norm: Literal["auto", True, False] = "auto"

@@ -91,12 +91,16 @@ class Kernels:
         return [f.name for f in fields(self) if getattr(self, f.name)]
 
 
-def kernels_on(cfg: KernelsConfig, device: torch.device, sharded: bool = False) -> Kernels:
+def kernels_on(cfg: KernelsConfig, device: torch.device, sharded: bool = False, precision: str = "fp32") -> Kernels:
     """[kernels] resolved for `device` ("auto" is on CUDA). The AdamW kernel takes whole tensors, not
-    FSDP's DTensor shards, so `sharded` turns "auto" off and refuses true."""
+    FSDP's DTensor shards, so `sharded` turns "auto" off and refuses true. The linear cross-entropy
+    is also "auto" on a CPU under bf16 (`precision`): F.cross_entropy would cast the whole bf16
+    logits to fp32 and stream them through memory several times, where its PyTorch path works on
+    row blocks in cache, writing the gradient in the forward."""
     if sharded and cfg.adamw is True:
         raise UsageError('kernels.adamw = true does not work with train.parallel = "fsdp" yet; set it to "auto" or false')
-    return Kernels(linear_cross_entropy=switched_on(cfg.linear_cross_entropy, device),
+    cpu_bf16 = cfg.linear_cross_entropy == "auto" and device.type == "cpu" and precision == "bf16"
+    return Kernels(linear_cross_entropy=switched_on(cfg.linear_cross_entropy, device) or cpu_bf16,
                    rms_norm=switched_on(cfg.rms_norm, device),
                    adamw=switched_on(cfg.adamw, device) and not sharded)
 

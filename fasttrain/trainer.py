@@ -118,7 +118,7 @@ class Trainer:
         self.accumulation = accumulation_steps(t, self.world.size)
         self.parallel = t.parallel if self.world.distributed else "none"  # what a checkpoint records too
         self.sharded = self.parallel == "fsdp"
-        self.kernels = kernels_on(cfg.kernels, self.device, self.sharded)
+        self.kernels = kernels_on(cfg.kernels, self.device, self.sharded, self.precision)
         check_fits(self.cfg, self.device, self.precision, self.world.size if self.sharded else 1)  # before allocating
         # `model` is the network: its weights, sampling, checkpoints. `objective` is its loss, what trains
         # and evaluates: inside DDP (or sharded by FSDP), and compiled in place if asked. Sampling runs

@@ -70,6 +70,7 @@ def tiny_overrides(data_dir, out_dir) -> list[str]:
         "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
         "train.batch_size=4", "train.seq_len=32", "train.max_steps=10", "schedule.warmup_steps=2",
         "train.sample_tokens=4", "train.tensorboard=false",
+        'train.precision="fp32"',  # "auto" would be bf16 on a CPU with native bf16: the same numbers everywhere
     ]
 
 

@@ -12,6 +12,7 @@ import torch
 
 from fasttrain.config import (
     Config,
+    KernelsConfig,
     ModelConfig,
     TrainConfig,
     add_config_arguments,
@@ -21,7 +22,7 @@ from fasttrain.config import (
     save_config,
 )
 from fasttrain.errors import UsageError
-from fasttrain.runtime import CPU_COMPILE_MIN_STEPS, resolve_train
+from fasttrain.runtime import CPU_COMPILE_MIN_STEPS, kernels_on, resolve_train
 
 try:
     import tomllib
@@ -325,3 +326,6 @@ def test_auto_precision_and_compile_resolve_per_device(monkeypatch):
     assert resolve_train(TrainConfig(max_steps=long_run), cpu).compile is True
     assert resolve_train(TrainConfig(max_steps=long_run, compile=False), cpu).compile is False
     assert resolve_train(TrainConfig(max_steps=1), cuda) == TrainConfig(max_steps=1, precision="bf16", compile=True)
+    # Under bf16 on CPU the loss skips the logits' fp32 copy through the linear cross-entropy's PyTorch path.
+    assert kernels_on(KernelsConfig(), cpu, precision="bf16").names() == ["linear_cross_entropy"]
+    assert kernels_on(KernelsConfig(), cpu, precision="fp32").names() == []
