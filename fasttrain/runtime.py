@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import random
 from dataclasses import dataclass, fields, replace
 
@@ -99,7 +100,8 @@ def kernels_on(cfg: KernelsConfig, device: torch.device, sharded: bool = False, 
     row blocks in cache, writing the gradient in the forward."""
     if sharded and cfg.adamw is True:
         raise UsageError('kernels.adamw = true does not work with train.parallel = "fsdp" yet; set it to "auto" or false')
-    cpu_bf16 = cfg.linear_cross_entropy == "auto" and device.type == "cpu" and precision == "bf16"
+    cpu_bf16 = (cfg.linear_cross_entropy == "auto" and device.type == "cpu" and precision == "bf16"
+                and importlib.util.find_spec("triton") is not None)  # kernels/ imports it, even for the CPU path
     return Kernels(linear_cross_entropy=switched_on(cfg.linear_cross_entropy, device) or cpu_bf16,
                    rms_norm=switched_on(cfg.rms_norm, device),
                    adamw=switched_on(cfg.adamw, device) and not sharded)
