@@ -89,6 +89,16 @@ def test_accumulation_matches_one_large_batch(pydoc_data, paragraph_data, tmp_pa
         assert p.grad.abs().sum() > 0
 
 
+def test_compile_mode_and_activation_checkpointing_reach_the_model(pydoc_data, tmp_path, monkeypatch):
+    """train.compile_mode goes to torch.compile (captured here: nothing compiles) and
+    train.activation_checkpointing to the model."""
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: modes.append(options["mode"]) or fn)
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "train.compile=true", 'train.compile_mode="max-autotune"',
+                                  'train.activation_checkpointing="selective"'), quiet=True)
+    assert modes == ["max-autotune"] and trainer.compiled and trainer.model.checkpointing == "selective"
+
+
 @pytest.mark.parametrize("kernel", ["linear_cross_entropy", "rms_norm", "adamw"])
 def test_kernel_trains_like_plain_pytorch(pydoc_data, tmp_path, kernel):
     """A [kernels] switch (on by default on CUDA) changes no loss, norm or weight beyond fp32 noise."""
