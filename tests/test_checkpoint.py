@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Dropout (torch's RNG), accumulation, random windows read ahead by the prefetch thread: all must resume exactly.
 EXACT = ["model.dropout=0.1", "train.tokens_per_update=256", "data.prefetch=2", "train.max_steps=8",
          "train.log_interval=1", "train.eval_interval=4", "train.eval_steps=2", "checkpoint.interval=3"]
-CHEAP = ["train.tokens_per_update=0", "train.sample_tokens=0", "train.eval_steps=1"]
+CHEAP = ["train.tokens_per_update=0", "train.sample_tokens=0", "train.eval_steps=1", "train.max_steps=6"]
 
 
 def events(run_dir: Path, kind: str) -> list[dict]:
@@ -72,7 +72,7 @@ def nan_losses(trainer: Trainer, at_steps: set[int], every_attempt: bool = False
     [], ["data.batching=padded", "data.padding=bucketed"],
     ["data.batching=aligned", "data.padding=longest", "data.document_mask=true"],
     # Each other optimizer's state (Muon's momentum, SGD's, Adafactor's factored moments) must resume too;
-    # without accumulation and samples, to keep them cheap.
+    # without accumulation or samples, and 6 steps, to keep them cheap.
     *[[*CHEAP, *opt] for opt in (["optim.name=muon"], ["optim.name=adafactor"],
                                  ["optim.name=sgd", "optim.sgd.nesterov=true", "schedule.decay=step",
                                   "schedule.step_every=3"])],
