@@ -64,9 +64,12 @@ def _symmetric_matmul_kernel(x_ptr, c_ptr, out_ptr, M, K, alpha, beta, HAS_C: tl
     if HAS_C:
         acc += beta * tl.load(c_ptr + rows[:, None] * M + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tile = acc.to(out_ptr.dtype.element_ty)
+    # A diagonal tile computes both x_r . x_c and x_c . x_r, which a dot may round differently: keep its upper
+    # triangle and mirror that, so the result is exactly symmetric. (Above the diagonal every row < every
+    # column: those tiles go whole to out[I, J] and, transposed, to out[J, I].)
+    mask = mask & (rows[:, None] <= cols[None, :])
     tl.store(out_ptr + rows[:, None] * M + cols[None, :], tile, mask=mask)
-    if i != j:  # the mirror tile: out[J, I] = out[I, J]ᵀ
-        tl.store(out_ptr + cols[None, :] * M + rows[:, None], tile, mask=mask)
+    tl.store(out_ptr + cols[None, :] * M + rows[:, None], tile, mask=mask)
 
 
 def specializations() -> list[Specialization]:

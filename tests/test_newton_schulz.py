@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from kernels import newton_schulz, newton_schulz_reference, symmetric_matmul
+from kernels._backend import use_triton
 from kernels.newton_schulz import COEFFICIENTS, DTYPES
 from tests.kernel_checks import assert_matches
 
@@ -31,7 +32,8 @@ def test_symmetric_matmul_matches_fp64(kernel_device, shape, dtype, with_c):
     x64 = x.double()
     reference = 0.7 * x64 @ x64.T + (0 if c is None else -1.3 * c.double())
     assert ours.dtype == dtype
-    assert torch.equal(ours, ours.T)  # the mirrored tiles are the computed ones, bit for bit
+    if use_triton(x):  # the mirrored tiles are the computed ones, bit for bit (a plain matmul's need not be)
+        assert torch.equal(ours, ours.T)
     # One rounding of a sum of K products: scaled by the largest |x| |x| sum, not by the result.
     scale = (x64.abs() @ x64.abs().T).max().item() * 0.7 + (0 if c is None else 1.3 * c.double().abs().max().item())
     assert_matches(ours, reference, dtype, "out", scale=scale)
