@@ -176,6 +176,14 @@ def check_same_model(state: dict, cfg: Config, path: str | os.PathLike[str]) -> 
                          "resume with the config that run was started with")
 
 
+def check_same_optimizer(state: dict, cfg: Config, path: str | os.PathLike[str]) -> None:
+    """UsageError unless `state` was saved by a run of `cfg`'s optimizer: each keeps a state of its own."""
+    saved = saved_config(state, path).optim.name
+    if saved != cfg.optim.name:
+        raise UsageError(f'{path}: saved by a run with optim.name = "{saved}", this one has "{cfg.optim.name}": '
+                         "one optimizer cannot continue from another's state; resume with the same optim.name")
+
+
 def check_same_world(state: dict, world_size: int, parallel: str, path: str | os.PathLike[str]) -> None:
     """UsageError unless `state` was saved by `world_size` ranks in `parallel` mode ("none": one process)."""
     saved = (len(state.get("ranks", [])), state.get("parallel"))

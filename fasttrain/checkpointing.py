@@ -62,10 +62,11 @@ class Checkpointer:
 
     def restore(self, path: str | Path, loader: TokenLoader) -> RunState:
         """Load the checkpoint at `path` into the model, optimizer, scaler, `loader` and the random
-        generators; returns its RunState. UsageError if it comes from a model of another shape, or
-        another number of ranks or parallel mode, or cannot be loaded."""
+        generators; returns its RunState. UsageError if it comes from a model of another shape, another
+        optimizer, or another number of ranks or parallel mode, or cannot be loaded."""
         state = checkpoint.load(path, self.device)
         checkpoint.check_same_model(state, self.cfg, path)
+        checkpoint.check_same_optimizer(state, self.cfg, path)
         checkpoint.check_same_world(state, self.world.size, self.parallel, path)
         try:
             distributed.load_full_state(self.model, self.updater.optimizer, state["model"], state["optimizer"],

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, get_args, get_origin, get_type_hints
 
@@ -81,16 +81,55 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
-    """[optim]: AdamW and gradient clipping."""
+class MuonConfig:
+    """[optim.muon]: torch.optim.Muon, for the hidden matrices of the blocks when optim.name = "muon"."""
 
+    lr: float = 0.02  # peak learning rate of the Muon group (the rest keeps optim.lr); the schedule scales both alike
+    momentum: float = 0.95  # decay of the momentum that Newton-Schulz orthogonalises
+    nesterov: bool = True  # orthogonalise the Nesterov look-ahead instead of the momentum itself
+    ns_steps: int = 5  # Newton-Schulz iterations per step
+    # How the rate is scaled by a matrix's shape (A, B): "original" by sqrt(max(1, A / B)); "match_rms_adamw"
+    # by 0.2 sqrt(max(A, B)), which gives updates of AdamW's size, so AdamW's lr carries over.
+    adjust_lr: Literal["original", "match_rms_adamw"] = "original"
+
+
+@dataclass
+class SGDConfig:
+    """[optim.sgd]: torch.optim.SGD when optim.name = "sgd"."""
+
+    momentum: float = 0.9  # heavy-ball momentum; 0 = plain SGD
+    nesterov: bool = False  # Nesterov momentum (needs momentum > 0)
+
+
+@dataclass
+class AdafactorConfig:
+    """[optim.adafactor]: torch.optim.Adafactor when optim.name = "adafactor"."""
+
+    beta2_decay: float = -0.8  # the second-moment decay at step t is 1 - t^beta2_decay
+    eps1: float = 0.0  # guard of the factored second moment; 0 = the parameter dtype's machine epsilon
+    eps2: float = 1e-3  # the smallest parameter scale the update is relative to
+    d: float = 1.0  # clip the update's RMS to this
+
+
+@dataclass
+class OptimConfig:
+    """[optim]: the optimizer and gradient clipping (fasttrain/optim.py).
+
+    beta1, beta2 and eps are AdamW's: they apply to "adamw" and to the AdamW half of "muon".
+    Each other optimizer has its own table, which may only be set when it is the one named.
+    """
+
+    name: Literal["adamw", "muon", "sgd", "adafactor"] = "adamw"
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
-    weight_decay: float = 0.1  # decoupled (AdamW) weight decay, applied to weight matrices only
+    weight_decay: float = 0.1  # weight decay (decoupled, except SGD's), applied to weight matrices only
     decay_embeddings: bool = False  # also decay the token embedding (norm gains and biases never are)
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW denominator guard
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    muon: MuonConfig = field(default_factory=MuonConfig)
+    sgd: SGDConfig = field(default_factory=SGDConfig)
+    adafactor: AdafactorConfig = field(default_factory=AdafactorConfig)
 
 
 @dataclass
@@ -98,9 +137,12 @@ class ScheduleConfig:
     """[schedule]: the learning rate as a function of the step (fasttrain/schedule.py)."""
 
     warmup_steps: int = 100  # linear ramp from 0 to optim.lr
-    decay: Literal["cosine", "linear", "constant", "wsd"] = "cosine"  # shape after warmup (wsd = warmup-stable-decay)
-    min_lr: float = 1e-4  # learning rate at the last step
+    # Shape after warmup (wsd = warmup-stable-decay; step = times step_factor every step_every steps).
+    decay: Literal["cosine", "linear", "constant", "wsd", "step"] = "cosine"
+    min_lr: float = 1e-4  # learning rate at the last step (step: the floor it never goes below)
     cooldown_fraction: float = 0.2  # wsd only: the last fraction of the steps, decayed linearly to min_lr
+    step_every: int = 100  # step only: steps between two multiplications by step_factor
+    step_factor: float = 0.5  # step only: what the rate is multiplied by every step_every steps
 
 
 @dataclass
@@ -248,9 +290,19 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.beta2": _FRACTION,
     "optim.eps": _POSITIVE,
     "optim.max_grad_norm": _NON_NEGATIVE,
+    "optim.muon.lr": _POSITIVE,
+    "optim.muon.momentum": _FRACTION,
+    "optim.muon.ns_steps": (lambda v: 0 < v < 100, "in [1, 99]"),  # torch.optim.Muon's own limit
+    "optim.sgd.momentum": _FRACTION,
+    "optim.adafactor.beta2_decay": (lambda v: v <= 0, "<= 0"),
+    "optim.adafactor.eps1": _NON_NEGATIVE,
+    "optim.adafactor.eps2": _NON_NEGATIVE,
+    "optim.adafactor.d": _POSITIVE,
     "schedule.warmup_steps": _NON_NEGATIVE,
     "schedule.min_lr": _NON_NEGATIVE,
     "schedule.cooldown_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "schedule.step_every": _POSITIVE,
+    "schedule.step_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
     "train.max_steps": _POSITIVE,
     "train.device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
     "train.out_dir": (bool, "a directory path"),
@@ -281,6 +333,8 @@ _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
      "the schedule decays from lr down to min_lr"),
     ("schedule.warmup_steps", "exceeds", "train.max_steps", lambda c: c.schedule.warmup_steps > c.train.max_steps,
      "warmup would never finish"),
+    ("optim.sgd.nesterov", "needs", "optim.sgd.momentum", lambda c: c.optim.sgd.nesterov and c.optim.sgd.momentum == 0,
+     "Nesterov momentum without momentum is plain SGD"),
     ("model.d_model", "is not divisible by", "model.n_heads", lambda c: c.model.d_model % c.model.n_heads != 0,
      "each head gets d_model / n_heads dimensions"),
     ("model.n_heads", "is not divisible by", "model.n_kv_heads",
@@ -299,6 +353,15 @@ _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
     ("model.vocab_size", "is smaller than", "data.vocab_size",
      lambda c: c.data.tokenizer == "" and 0 < c.model.vocab_size < c.data.vocab_size,
      "the model could not embed every token; 0 takes the size from the tokenizer"),
+]
+
+
+# Keys that mean something only for some values of another setting: (key or table, the setting, those values).
+# Setting one for another value is an error, not silently ignored; config_to_toml leaves it out.
+_APPLIES: list[tuple[str, str, tuple[str, ...]]] = [
+    *[(f"optim.{key}", "optim.name", ("adamw", "muon")) for key in ("beta1", "beta2", "eps")],
+    *[(f"optim.{name}", "optim.name", (name,)) for name in ("muon", "sgd", "adafactor")],
+    *[(f"schedule.{key}", "schedule.decay", ("step",)) for key in ("step_every", "step_factor")],
 ]
 
 
@@ -339,6 +402,7 @@ def _build(layers: Sequence[tuple[dict[str, Any], str]], overrides: Sequence[str
         section, key, value = _parse_override(item)
         _assign(_section(cfg, section, OVERRIDE_SOURCE), section, key, value, OVERRIDE_SOURCE, sources)
     _validate(cfg, sources)
+    _check_applicable(cfg, sources)
     return cfg
 
 
@@ -353,13 +417,23 @@ def resolve(cfg: Config, data_dir: str, tokenizer_vocab: int) -> Config:
 
 
 def config_to_toml(cfg: Config) -> str:
-    """Render `cfg` as TOML text that `load_config` reads back to an equal Config."""
-    sections = []
-    for section in fields(cfg):
-        part = getattr(cfg, section.name)
-        lines = [f"[{section.name}]"] + [f"{f.name} = {_toml_value(getattr(part, f.name))}" for f in fields(part)]
-        sections.append("\n".join(lines))
-    return "\n\n".join(sections) + "\n"
+    """Render `cfg` as TOML text that `load_config` reads back to an equal Config (keys that do not
+    apply are left out: they hold their defaults)."""
+    return "\n\n".join(table for section in fields(cfg) for table in _tables(cfg, section.name)) + "\n"
+
+
+def _tables(cfg: Config, name: str) -> list[str]:
+    """The TOML table [name] ("section" or "section.table"), then those nested in it."""
+    part, lines, nested = _get(cfg, name), [f"[{name}]"], []
+    for f in fields(part):
+        key = f"{name}.{f.name}"
+        if _applies(cfg, key) is not None:
+            continue
+        if is_dataclass(getattr(part, f.name)):
+            nested += _tables(cfg, key)
+        else:
+            lines.append(f"{f.name} = {_toml_value(getattr(part, f.name))}")
+    return ["\n".join(lines), *nested]
 
 
 def save_config(cfg: Config, run_dir: str | os.PathLike[str]) -> Path:
@@ -439,7 +513,7 @@ def _parse_override(item: str) -> tuple[str, str, Any]:
     """Split `section.key=value` into its parts, the value parsed as a TOML literal or kept as text."""
     name, eq, text = item.partition("=")
     section, dot, key = name.strip().partition(".")
-    if not (eq and dot and section and key) or "." in key:
+    if not (eq and dot and section) or "" in key.split("."):
         raise UsageError(f"{OVERRIDE_SOURCE} {item}: expected SECTION.KEY=VALUE")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
@@ -457,12 +531,24 @@ def _section(cfg: Config, section: str, source: str) -> Any:
 
 
 def _assign(part: Any, section: str, key: str, value: Any, source: str, sources: dict[str, str]) -> None:
-    """Set `part.<key>` (part is the [section] dataclass) to `value` if the key and type check out."""
+    """Set `part.<key>` (part is the [section] dataclass) to `value` if the key and type check out.
+
+    A key naming a nested table ([optim.muon]) takes a table of its keys, or is dotted (`muon.lr`) to one.
+    """
     types = get_type_hints(type(part))
-    if key not in types:
+    head, dot, rest = key.partition(".")
+    if head not in types or (dot and not is_dataclass(types[head])):
         raise _unknown(source, "key", key, list(types), lambda k: f"{section}.{k}")
-    setattr(part, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
-    sources[f"{section}.{key}"] = source  # so later range and combination errors can name it
+    name = f"{section}.{head}"
+    if is_dataclass(types[head]):
+        table = {rest: value} if dot else value
+        if not isinstance(table, dict):
+            raise UsageError(f"{source}: {name}: expected a [{name}] table, got {_show(value)} ({type(value).__name__})")
+        for k, v in table.items():
+            _assign(getattr(part, head), name, k, v, source, sources)
+        return
+    setattr(part, head, _coerce(value, types[head], f"{source}: {name}"))
+    sources[name] = source  # so later range and combination errors can name it
 
 
 def _unknown(source: str, kind: str, name: str, known: list[str], show: Callable[[str], str]) -> UsageError:
@@ -500,10 +586,31 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
             )
 
 
+def _check_applicable(cfg: Config, sources: dict[str, str]) -> None:
+    """UsageError for the first key given that does not apply to the setting it depends on (_APPLIES)."""
+    for name in sources:
+        rule = _applies(cfg, name)
+        if rule is not None:
+            setting, allowed = rule
+            only = " or ".join(map(_toml_value, allowed))
+            raise UsageError(f"{_blame(sources, name, setting)}: {name}: applies only with {setting} = {only}, "
+                             f"not {_show(_get(cfg, setting))}")
+
+
+def _applies(cfg: Config, name: str) -> tuple[str, tuple[str, ...]] | None:
+    """None if key or table `name` applies to `cfg`, else the (setting, values) it needs."""
+    for key, setting, allowed in _APPLIES:
+        if (name == key or name.startswith(key + ".")) and _get(cfg, setting) not in allowed:
+            return setting, allowed
+    return None
+
+
 def _get(cfg: Config, name: str) -> Any:
-    """The value of "section.key" in `cfg`."""
-    section, key = name.split(".")
-    return getattr(getattr(cfg, section), key)
+    """The value of "section.key" (or "section.table.key") in `cfg`."""
+    value = cfg
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _blame(sources: dict[str, str], *names: str) -> str:

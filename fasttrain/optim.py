@@ -1,29 +1,40 @@
-"""AdamW with decoupled weight decay on weight matrices only, and the gradient clipping before it.
+"""The optimizers (AdamW, Muon with AdamW, SGD, Adafactor), and the gradient clipping before them.
 
-Decay pulls weights toward zero, which regularises matrices that mix features.
+Weight decay pulls weights toward zero, which regularises matrices that mix features.
 It is wrong for RMSNorm gains (pulled toward 0 instead of their natural 1) and
 biases, and usually unhelpful for embeddings, whose rows are each updated only
-when their token appears; those go in a group with weight_decay = 0.
+when their token appears; those go in a group with weight_decay = 0. Every optimizer
+gets the same two groups (SGD's decay is torch's L2 term, the others' decoupled).
+
+Muon orthogonalises each update of a weight matrix (Newton-Schulz iterations on its
+momentum), which only makes sense for the hidden matrices of the blocks: the
+embedding is a lookup table and the output head maps to token scores, and vectors
+have no orthogonal form. So "muon" is a hybrid: torch.optim.Muon for the 2-D
+parameters of the blocks, AdamW for everything else, each with its own peak learning
+rate scaled by the same schedule.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
 from fasttrain.config import OptimConfig
+from fasttrain.errors import UsageError
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False) -> list[dict]:
-    """Two AdamW groups: decayed matrices, and the rest (vectors, and embeddings unless `decay_embeddings`).
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False,
+                 exclude: frozenset[int] = frozenset()) -> list[dict]:
+    """Two groups: decayed matrices, and the rest (vectors, and embeddings unless `decay_embeddings`).
 
     A parameter shared by two modules (tied embedding and output weights) is listed
-    once, and counts as an embedding.
+    once, and counts as an embedding. Parameters whose id is in `exclude` are left out.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
+    decay, no_decay, seen = [], [], set(exclude)
     for p in model.parameters():  # parameters() already skips repeats of a shared tensor
         if not p.requires_grad or id(p) in seen:
             continue
@@ -33,8 +44,90 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The 2-D parameters of the transformer blocks (attention and MLP weights): what Muon updates.
+
+    Not the embedding or output head (outside the blocks), nor the norm gains (vectors).
+    """
+    return [p for p in model.blocks.parameters() if p.ndim == 2 and p.requires_grad]
+
+
+class Hybrid:
+    """Optimizers over disjoint parameters, stepped, cleared and saved as one.
+
+    It has what GradScaler, clipping and checkpoints use of an optimizer: `param_groups`
+    (every part's, in order), step, zero_grad and a state_dict keyed by part name.
+    """
+
+    def __init__(self, **parts: torch.optim.Optimizer):
+        self.parts = parts
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for part in self.parts.values() for group in part.param_groups]
+
+    def step(self, closure: None = None) -> None:
+        for part in self.parts.values():
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts.values():
+            part.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, kernel: bool = False,
+                    sharded: bool = False) -> torch.optim.Optimizer | Hybrid:
+    """The optimizer that optim.name names, over `model`'s parameters, each group at its own peak lr.
+
+    `kernel`: kernels.FusedAdamW for AdamW (clipping folded in only for AdamW alone, see Updater).
+    UsageError for Muon under FSDP (Newton-Schulz needs whole matrices, FSDP gives each rank a
+    shard) or on a torch without torch.optim.Muon.
+    """
+    if cfg.name == "muon":
+        if sharded:
+            raise UsageError('optim.name = "muon" does not work with train.parallel = "fsdp": Newton-Schulz needs '
+                             'each whole matrix and FSDP shards them; use train.parallel = "ddp"')
+        if not hasattr(torch.optim, "Muon"):
+            raise UsageError(f'optim.name = "muon" needs torch.optim.Muon, added in torch 2.9; this is torch '
+                             f"{torch.__version__}")
+        matrices = hidden_matrices(model)
+        m = cfg.muon
+        muon = torch.optim.Muon(matrices, lr=m.lr, weight_decay=cfg.weight_decay, momentum=m.momentum,
+                                nesterov=m.nesterov, ns_steps=m.ns_steps, adjust_lr_fn=m.adjust_lr)
+        rest = param_groups(model, cfg.weight_decay, cfg.decay_embeddings, frozenset(map(id, matrices)))
+        return Hybrid(muon=muon, adamw=_adamw(rest, cfg, device, kernel, clip=False))
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd.momentum, nesterov=cfg.sgd.nesterov,
+                               fused=device.type == "cuda" or None)
+    if cfg.name == "adafactor":
+        a = cfg.adafactor
+        return torch.optim.Adafactor(groups, lr=cfg.lr, beta2_decay=a.beta2_decay, eps=(a.eps1 or None, a.eps2),
+                                     d=a.d)
+    return _adamw(groups, cfg, device, kernel, clip=True)
+
+
+def _adamw(groups: list[dict], cfg: OptimConfig, device: torch.device, kernel: bool, clip: bool
+           ) -> torch.optim.Optimizer:
+    """torch's AdamW (fused on CUDA), or kernels.FusedAdamW with the clipping in its step if `clip`."""
+    if kernel:
+        from kernels.adamw import FusedAdamW  # needs Triton, so only when asked for
+
+        return FusedAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                          max_grad_norm=(cfg.max_grad_norm or None) if clip else None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=device.type == "cuda")
+
+
 class Updater:
-    """What happens to the gradients after the backward: fp16 loss scaling, clipping, the AdamW step.
+    """What happens to the gradients after the backward: fp16 loss scaling, clipping, the optimizer step.
 
         updater.scale(loss).backward()       # per micro-batch
         norm = updater.clip_gradients()      # the global norm before clipping
@@ -44,24 +137,21 @@ class Updater:
     torch's AdamW (its fused CUDA implementation on GPU) the gradients are scaled here; with
     `kernel`, kernels.FusedAdamW applies the clip as it reads the gradients in its step, so
     only the norm is computed here and the gradients stay unscaled. The two have the same
-    math and state_dict, so a checkpoint of one resumes with the other.
+    math and state_dict, so a checkpoint of one resumes with the other. Other optimizers
+    (and the AdamW half of Muon) are clipped here.
+
+    The schedule gives the rate for optim.lr; each param group steps at that times its
+    own peak over optim.lr (1 except Muon's), so every group follows the same schedule.
     """
 
     def __init__(self, model: nn.Module, cfg: OptimConfig, device: torch.device, precision: str,
                  kernel: bool = False, sharded: bool = False):
-        groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
+        self.optimizer = build_optimizer(model, cfg, device, kernel, sharded)
         self.max_grad_norm = cfg.max_grad_norm or math.inf  # 0 disables clipping; the norm is still measured
-        self.clip_in_step = kernel
-        if kernel:
-            from kernels.adamw import FusedAdamW  # needs Triton, so only when asked for
-
-            self.optimizer = FusedAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                        max_grad_norm=cfg.max_grad_norm or None)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                               fused=device.type == "cuda")
+        self.clip_in_step = kernel and cfg.name == "adamw"
+        self.lr_ratios = [group["lr"] / cfg.lr for group in self.optimizer.param_groups]
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.parameters = [p for group in groups for p in group["params"]]
+        self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.sharded = sharded  # FSDP: the gradients are DTensor shards
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
@@ -77,11 +167,11 @@ class Updater:
         return norm.full_tensor() if self.sharded else norm  # FSDP's is a DTensor (already reduced over ranks)
 
     def apply(self, lr: float | None) -> None:
-        """One AdamW step at learning rate `lr` (none if `lr` is None; the GradScaler also skips it if
-        fp16 gradients overflowed), then clear the gradients."""
+        """One optimizer step at learning rate `lr`, scaled per group (none if `lr` is None; the GradScaler
+        also skips it if fp16 gradients overflowed), then clear the gradients."""
         if lr is not None:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            for group, ratio in zip(self.optimizer.param_groups, self.lr_ratios):
+                group["lr"] = lr * ratio
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

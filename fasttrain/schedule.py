@@ -6,6 +6,7 @@ Linear warmup from 0 over `warmup_steps`, then one of:
 - constant: max until the end
 - wsd:      warmup-stable-decay: max, then a linear cooldown to min over the last
             `cooldown_fraction` of the run (lets one run be extended or stopped early)
+- step:     max x step_factor^k after k x step_every decay steps, never below min
 
 A pure function of the step makes resuming trivial: nothing to save but the step.
 """
@@ -30,6 +31,8 @@ def lr_at(step: int, max_steps: int, lr: float, sched: ScheduleConfig) -> float:
         return lr * (step + 1) / warmup
     if sched.decay == "constant":
         return lr
+    if sched.decay == "step":
+        return max(sched.min_lr, lr * sched.step_factor ** ((step - warmup) // sched.step_every))
     start = warmup
     if sched.decay == "wsd":
         start = max_steps - max(1, round(sched.cooldown_fraction * (max_steps - warmup)))

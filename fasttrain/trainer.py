@@ -10,7 +10,7 @@ seq_len tokens. The objective returns each micro-batch's summed loss over its
 counted targets (all of them when rows are packed; the padded ones are ignored),
 divided once by the counted targets of the whole update over all ranks, so the
 summed gradient is that of the mean loss per real token. Then the global gradient
-norm is clipped, AdamW steps at the learning rate of the schedule, and the
+norm is clipped, the optimizer steps at the learning rate of the schedule, and the
 gradients are cleared (optim.Updater). A step whose loss or gradient norm is not
 finite is skipped instead (no update); after `recovery.max_skips` in a row the run
 rolls back to its newest checkpoint whose next step was finite at a lower learning rate, or stops

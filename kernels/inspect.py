@@ -55,7 +55,7 @@ class Target:
 
 # Every module that launches a kernel (linear cross-entropy reuses the cross-entropy kernels with other widths
 # and dtypes). By import path: the package exports functions of the same names as these modules.
-MODULES = ("cross_entropy", "linear_cross_entropy", "rms_norm", "adamw", "clip_grad_norm")
+MODULES = ("cross_entropy", "linear_cross_entropy", "rms_norm", "adamw", "clip_grad_norm", "newton_schulz")
 
 TARGETS = {
     "sm_80": Target(80, "A100", 166912),  # 163 KB

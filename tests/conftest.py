@@ -105,4 +105,7 @@ def kernel_device(request, monkeypatch) -> torch.device:
     monkeypatch.setattr(importlib.import_module("kernels.rms_norm"), "TILE", 256)  # several short rows per tile
     monkeypatch.setattr(kernels._multi_tensor, "CHUNK", 64)  # tensors spread over several programs
     monkeypatch.setattr(kernels._multi_tensor, "BLOCK", 16)
+    newton_schulz = importlib.import_module("kernels.newton_schulz")
+    monkeypatch.setattr(newton_schulz, "BLOCK_M", 16)  # several tiles on each side of the diagonal
+    monkeypatch.setattr(newton_schulz, "BLOCK_K", 16)
     return torch.device("cpu")

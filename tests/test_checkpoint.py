@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Dropout (torch's RNG), accumulation, random windows read ahead by the prefetch thread: all must resume exactly.
 EXACT = ["model.dropout=0.1", "train.tokens_per_update=256", "data.prefetch=2", "train.max_steps=8",
          "train.log_interval=1", "train.eval_interval=4", "train.eval_steps=2", "checkpoint.interval=3"]
+CHEAP = ["train.tokens_per_update=0", "train.sample_tokens=0", "train.eval_steps=1", "train.max_steps=6"]
 
 
 def events(run_dir: Path, kind: str) -> list[dict]:
@@ -70,9 +71,14 @@ def nan_losses(trainer: Trainer, at_steps: set[int], every_attempt: bool = False
 @pytest.mark.parametrize("batching", [
     [], ["data.batching=padded", "data.padding=bucketed"],
     ["data.batching=aligned", "data.padding=longest", "data.document_mask=true"],
-], ids=["packed", "padded-bucketed", "aligned-masked"])
+    # Each other optimizer's state (Muon's momentum, SGD's, Adafactor's factored moments) must resume too;
+    # without accumulation or samples, and 6 steps, to keep them cheap.
+    *[[*CHEAP, *opt] for opt in (["optim.name=muon"], ["optim.name=adafactor"],
+                                 ["optim.name=sgd", "optim.sgd.nesterov=true", "schedule.decay=step",
+                                  "schedule.step_every=3"])],
+], ids=["packed", "padded-bucketed", "aligned-masked", "muon", "adafactor", "sgd-step-decay"])
 def test_resumed_training_is_bitwise_identical(pydoc_data, paragraph_data, tmp_path, batching):
-    data = paragraph_data if batching else pydoc_data
+    data = paragraph_data if any(s.startswith("data.") for s in batching) else pydoc_data
     exact = [*EXACT, *batching]
     straight = Trainer(tiny_config(data, tmp_path / "straight", *exact), quiet=True)
     straight.train()

@@ -184,10 +184,20 @@ def test_adamw_and_clipping_launches_are_listed(launches, dtype):
     assert {k[0] for k in launches} == {"_sum_squares_kernel", "_scale_kernel", "_adamw_kernel"}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_newton_schulz_launches_are_listed(launches, dtype):
+    from kernels.newton_schulz import symmetric_matmul
+
+    s = symmetric_matmul(torch.zeros(40, 72, dtype=dtype))
+    symmetric_matmul(s, s, alpha=2.0315, beta=-4.775)
+    _check(launches)
+    assert [dict(k[2])["HAS_C"] for k in launches] == [False, True]
+
+
 def test_the_list_spans_the_project_shapes():
     blocks: dict[str, set[int]] = {}
     for s in all_specializations():
-        blocks.setdefault(s.name, set()).add(dict(s.constexprs)["BLOCK"])
+        blocks.setdefault(s.name, set()).add(dict(s.constexprs).get("BLOCK"))  # the matmul's tiles are not BLOCK
     assert blocks["_cross_entropy_kernel"] == {4096, 8192}  # vocabularies 4K..256K, MAX_BLOCK 8192
     assert blocks["_scale_rows_kernel"] == {2**k for k in range(6, 14)}  # hidden 64.. and vocabularies
     assert blocks["_rms_norm_forward_kernel"] == blocks["_rms_norm_backward_kernel"] == {2**k for k in range(6, 15)}

@@ -113,6 +113,26 @@ def test_round_trip(tmp_path):
     assert [p.name for p in run_dir.iterdir()] == ["config.toml"]  # no temp files left
 
 
+@pytest.mark.parametrize("optimizer", [
+    ["optim.name=muon", "optim.muon.lr=0.05", "optim.muon.adjust_lr=match_rms_adamw", "optim.beta2=0.99"],
+    ["optim.name=sgd", "optim.sgd.momentum=0.5", "schedule.decay=step", "schedule.step_factor=0.25"],
+    ["optim.name=adafactor", "optim.adafactor.d=2"],
+], ids=["muon", "sgd", "adafactor"])
+def test_round_trip_of_each_optimizer(tmp_path, optimizer):
+    """The chosen optimizer's [optim.<name>] table is written and read back; the others' are left out."""
+    cfg = load_config(None, optimizer)
+    text = config_to_toml(cfg)
+    tables = {line for line in text.splitlines() if line.startswith("[optim")}
+    assert tables == {"[optim]"} | ({f"[optim.{cfg.optim.name}]"} if cfg.optim.name != "adamw" else set())
+    assert load_config(save_config(cfg, tmp_path)) == cfg
+
+
+def test_nested_tables_in_a_file(tmp_path):
+    path = write(tmp_path, '[optim]\nname = "muon"\n\n[optim.muon]\nlr = 0.01\nnesterov = false\n')
+    cfg = load_config(path, ["optim.muon.ns_steps=3"])
+    assert (cfg.optim.muon.lr, cfg.optim.muon.nesterov, cfg.optim.muon.ns_steps) == (0.01, False, 3)
+
+
 def test_toml_keeps_floats_floats():
     cfg = Config()
     cfg.optim.lr = 2.0

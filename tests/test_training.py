@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasttrain import Trainer, checkpoint, train_loop
-from fasttrain.config import ModelConfig, ScheduleConfig, TrainConfig
+from fasttrain.config import ModelConfig, MuonConfig, OptimConfig, ScheduleConfig, TrainConfig
 from fasttrain.documents import IGNORE_INDEX
 from fasttrain.errors import UsageError
 from fasttrain.model import Transformer
-from fasttrain.optim import param_groups
+from fasttrain.optim import Updater, build_optimizer, param_groups
 from fasttrain.plot import read_metrics
 from fasttrain.schedule import lr_at
 from fasttrain.trainer import accumulation_steps
@@ -42,6 +42,12 @@ def test_schedule_values(decay, step, expected):
     assert lr_at(step, 100, 1e-3, sched) == pytest.approx(expected, rel=1e-12)
 
 
+def test_step_decay_multiplies_every_n_steps_down_to_the_floor():
+    sched = ScheduleConfig(warmup_steps=10, decay="step", min_lr=1e-4, step_every=20, step_factor=0.5)
+    assert [lr_at(s, 100, 1e-3, sched) for s in (9, 29, 30, 50, 70, 90, 99)] == [1e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4,
+                                                                              1e-4, 1e-4]
+
+
 def test_schedule_without_warmup_starts_at_the_peak():
     assert lr_at(0, 50, 3e-4, ScheduleConfig(warmup_steps=0, min_lr=0.0)) == 3e-4
 
@@ -62,6 +68,30 @@ def test_decay_groups():
     biased = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
     d, r = param_groups(biased, 0.1)
     assert [p.shape for p in d["params"]] == [(4, 4)] and len(r["params"]) == 3  # bias, norm weight and bias
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    model = Transformer(ModelConfig(vocab_size=50, max_seq_len=8, d_model=16, n_layers=2, n_heads=2))
+    names = {id(p): n for n, p in model.named_parameters()}
+    cfg = OptimConfig(name="muon", lr=1e-3, muon=MuonConfig(lr=0.02))
+    updater = Updater(model, cfg, torch.device("cpu"), "fp32")
+    muon, adamw = updater.optimizer.parts["muon"], updater.optimizer.parts["adamw"]
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    orthogonalised = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    assert len(orthogonalised) == 2 * 4 and all(n.startswith("blocks.") for n in orthogonalised)
+    rest = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert "embed.weight" in rest and not rest & orthogonalised and len(rest | orthogonalised) == len(names)
+    updater.apply(5e-4)  # half the peak: every group at half its own peak
+    assert [g["lr"] for g in updater.optimizer.param_groups] == [0.01, 5e-4, 5e-4]
+
+
+def test_muon_is_refused_where_it_cannot_work(monkeypatch):
+    model = Transformer(ModelConfig(vocab_size=50, max_seq_len=8, d_model=16, n_layers=1, n_heads=2))
+    with pytest.raises(UsageError, match='optim.name = "muon" does not work with train.parallel = "fsdp"'):
+        build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"), sharded=True)
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(UsageError, match=r"needs torch.optim.Muon, added in torch 2.9; this is torch"):
+        build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"))
 
 
 def test_accumulation_steps():
