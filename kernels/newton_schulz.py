@@ -105,10 +105,11 @@ def _gram_reference(x: Tensor, c: Tensor | None = None, alpha: float = 1.0, beta
     return alpha * (x @ x.T) if c is None else torch.addmm(c, x, x.T, beta=beta, alpha=alpha)
 
 
-def _iterate(g: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float, gram) -> Tensor:
-    """The iteration of the module docstring, with `gram` computing alpha x xᵀ + beta c."""
+def _iterate(g: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float, gram,
+             dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """The iteration of the module docstring in `dtype`, with `gram` computing alpha x xᵀ + beta c."""
     a, b, c = coefficients
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = x.size(0) > x.size(1)
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
         x = x.T
@@ -126,6 +127,7 @@ def newton_schulz(g: Tensor, steps: int = 5, coefficients: tuple[float, float, f
 
 
 def newton_schulz_reference(g: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = COEFFICIENTS,
-                            eps: float = 1e-7) -> Tensor:
-    """newton_schulz with plain matmuls (torch.optim.Muon's math): the baseline it is tested and timed against."""
-    return _iterate(g, steps, coefficients, eps, _gram_reference)
+                            eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """newton_schulz with plain matmuls (torch.optim.Muon's math): the baseline it is tested and timed against.
+    `dtype` float32 for CPUs without native bf16, where bf16 matmuls are emulated (~100x slower)."""
+    return _iterate(g, steps, coefficients, eps, _gram_reference, dtype)

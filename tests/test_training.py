@@ -14,7 +14,7 @@ from fasttrain.config import ModelConfig, MuonConfig, OptimConfig, ScheduleConfi
 from fasttrain.documents import IGNORE_INDEX
 from fasttrain.errors import UsageError
 from fasttrain.model import Transformer
-from fasttrain.optim import Updater, build_optimizer, param_groups
+from fasttrain.optim import Muon, Updater, build_optimizer, param_groups
 from fasttrain.plot import read_metrics
 from fasttrain.schedule import lr_at
 from fasttrain.trainer import accumulation_steps
@@ -83,6 +83,26 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert "embed.weight" in rest and not rest & orthogonalised and len(rest | orthogonalised) == len(names)
     updater.apply(5e-4)  # half the peak: every group at half its own peak
     assert [g["lr"] for g in updater.optimizer.param_groups] == [0.01, 5e-4, 5e-4]
+
+
+@pytest.mark.parametrize("nesterov,adjust_lr", [(True, None), (False, "match_rms_adamw")])
+def test_muon_in_fp32_steps_as_torchs_muon(nesterov, adjust_lr):
+    """The fp32 Newton-Schulz step (CPUs without native bf16) is torch.optim.Muon's rule: after three
+    steps each matrix has moved as torch's bf16 step moved it, up to bf16 rounding."""
+    torch.manual_seed(0)
+    start = [torch.randn(24, 40), torch.randn(40, 24)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    moved = []
+    for ns_dtype in (torch.float32, torch.bfloat16):  # ours, then torch's own step
+        params = [nn.Parameter(p.clone()) for p in start]
+        opt = Muon(params, ns_dtype=ns_dtype, lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust_lr)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        moved.append([p.detach() - p0 for p, p0 in zip(params, start)])
+    for ours, theirs in zip(*moved):
+        assert (ours - theirs).norm() / theirs.norm() < 0.02
 
 
 def test_muon_is_refused_where_it_cannot_work(monkeypatch):
