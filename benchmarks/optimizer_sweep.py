@@ -14,10 +14,9 @@ Every run decays to a tenth of its peak (schedule.min_lr).
 steps: one optimizer update of the GPT-2-small model (configs/gpt2-small.toml: width 768,
 vocabulary 50304) on the CPU, fp32, with random gradients: AdamW against Muon (AdamW for the
 embedding and norms, Newton-Schulz for the block matrices), SGD and Adafactor. The median of
---repeats calls after one warm-up call. Muon's Newton-Schulz runs in bf16, ~130 GFLOP of
-matmuls per block, and a CPU without bf16 matrix units runs those far slower than fp32
-(about a minute per block matrix on a loaded 2-core machine), so by default the model keeps
---layers 1 of its 12 blocks (the record says how many; --layers 12 is the whole 124M).
+--repeats calls after one warm-up call. Muon's Newton-Schulz is ~130 GFLOP of matmuls per
+block (in fp32 on a CPU without native bf16, see fasttrain.optim.Muon), so by default the
+model keeps --layers 1 of its 12 blocks (the record says how many; --layers 12 is the whole 124M).
 
 Writes one JSON (default benchmarks/results/cpu-optimizers-<date>.json) with the machine,
 the command and every result.

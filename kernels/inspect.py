@@ -141,9 +141,22 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def compile_all(archs: list[str]) -> tuple[list[Result], float]:
-    """Every variant for every arch in `archs`, compiled in parallel into a fresh cache; (results, seconds)."""
-    jobs = [(spec, arch) for arch in archs for spec in all_specializations()]
+def widest(specs: list[Specialization]) -> list[Specialization]:
+    """Of the variants that differ only in their row block (BLOCK, and BLOCK_ROWS with it), the one
+    with the widest block: where registers, spills and shared memory peak. A quick check."""
+    best: dict[tuple, Specialization] = {}
+    for spec in specs:
+        rest = tuple((k, v) for k, v in spec.constexprs if k not in ("BLOCK", "BLOCK_ROWS"))
+        key = (spec.name, tuple((n, triton_type(v)) for n, v in spec.args), rest)
+        if key not in best or dict(spec.constexprs).get("BLOCK", 0) > dict(best[key].constexprs).get("BLOCK", 0):
+            best[key] = spec
+    return list(best.values())
+
+
+def compile_all(archs: list[str], pick=lambda specs: specs) -> tuple[list[Result], float]:
+    """The variants `pick` keeps of every variant, for every arch in `archs`, compiled in parallel into a
+    fresh cache; (results, seconds)."""
+    jobs = [(spec, arch) for arch in archs for spec in pick(all_specializations())]
     start = time.perf_counter()
     user_cache = os.environ.get("TRITON_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="kernels-inspect-") as cache:
@@ -202,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sm_90", help="sm_80, sm_90 or all (default sm_90)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    parser.add_argument("--widest", action="store_true",
+                        help="only the widest-block variant of each kernel, dtype and flag set (about a third)")
     args = parser.parse_args(argv)
     if args.arch != "all" and args.arch not in TARGETS:
         print(f"error: --arch must be one of {', '.join(TARGETS)} or all, not {args.arch!r}", file=sys.stderr)
@@ -211,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
               "for a GPU; run without it", file=sys.stderr)
         return 2
     archs = list(TARGETS) if args.arch == "all" else [args.arch]
-    results, seconds = compile_all(archs)
+    results, seconds = compile_all(archs, widest if args.widest else lambda specs: specs)
     if args.json:
         print(json.dumps({"triton": triton.__version__, "seconds": seconds,
                           "targets": {a: dataclasses.asdict(TARGETS[a]) for a in archs},
