@@ -29,7 +29,7 @@ from fasttrain.data import TokenLoader
 from fasttrain.distributed import World
 from fasttrain.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.evaluation import validate
-from fasttrain.objective import NextTokenLoss, document_ids
+from fasttrain.objective import NextTokenLoss, batch_loss
 from fasttrain.prepare import PreparedData, prepare
 from fasttrain.runtime import use_device
 from fasttrain.shards import read_meta
@@ -45,7 +45,7 @@ def score(trained: Trained, directory: str | Path, split: str, bits_per_nat: flo
     objective = NextTokenLoss(trained.model)
 
     def loss(x: torch.Tensor, y: torch.Tensor):
-        return objective(x, y, document_ids(x, eot_id) if cfg.data.document_mask else None)
+        return batch_loss(objective, x, y, eot_id if cfg.data.document_mask else None)
 
     with TokenLoader(directory, split, batch_size, cfg.train.seq_len, sampling="sequential",
                      batching=cfg.data.batching, padding=cfg.data.padding, eot_id=eot_id,

@@ -447,6 +447,8 @@ def generate_text(
                     shown = text
     finally:
         model.train(was_training)
-    if on_text is not None and shown != tokenizer.decode(new):  # what the last tokens held back
-        on_text(tokenizer.decode(new)[len(shown):])
+    if on_text is not None:  # what the last tokens held back
+        text = tokenizer.decode(new)
+        if text != shown:
+            on_text(text[len(shown):])
     return tokenizer.decode(prompt_ids + new)

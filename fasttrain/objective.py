@@ -49,6 +49,12 @@ def document_ids(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
     return (tokens == eot_id).cumsum(1)
 
 
+def batch_loss(objective: nn.Module, x: torch.Tensor, y: torch.Tensor, mask_eot_id: int | None) -> LossSums:
+    """The loss sums of batch (x, y) (B, T) through `objective` (a NextTokenLoss, or its DDP/FSDP/compiled
+    wrapper). `mask_eot_id`: with document masking, the end-of-text id that starts each new document."""
+    return objective(x, y, None if mask_eot_id is None else document_ids(x, mask_eot_id))
+
+
 class NextTokenLoss(nn.Module):
     """`model`'s loss as a module: `forward(tokens, targets, documents=None) -> LossSums`.
 

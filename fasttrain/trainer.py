@@ -46,7 +46,7 @@ from fasttrain.export import export_weights
 from fasttrain.evaluation import validate
 from fasttrain.metrics import MetricsLog, WandbSink, import_wandb
 from fasttrain.model import Transformer, generate_text
-from fasttrain.objective import LossSums, NextTokenLoss, counted_targets, document_ids
+from fasttrain.objective import LossSums, NextTokenLoss, batch_loss, counted_targets
 from fasttrain.optim import Updater
 from fasttrain.policies import EarlyStopping, Recovery
 from fasttrain.preflight import check_fits
@@ -157,8 +157,7 @@ class Trainer:
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> LossSums:
         """The loss sums of batch (x, y) (B, T) through the objective. With data.document_mask, each
         end-of-text token in x starts a new document."""
-        documents = document_ids(x, self.tokenizer.eot_id) if self.cfg.data.document_mask else None
-        return self.objective(x, y, documents)
+        return batch_loss(self.objective, x, y, self.tokenizer.eot_id if self.cfg.data.document_mask else None)
 
     def accumulate_gradients(self) -> torch.Tensor:
         """Forward and backward over the step's micro-batches; returns this rank's sums [loss, correct,
