@@ -15,9 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.conftest import (
-    bandwidth, compiled, liger, median_seconds, peak_extra_memory, require, sizes, time_device,
+    bandwidth,
+    compiled,
+    liger,
+    median_seconds,
+    peak_extra_memory,
+    require,
+    sizes,
+    time_device,
 )
-from fasttrain.metrics import peak_flops
+from fasttrain.training.metrics import peak_flops
 from kernels import cross_entropy, linear_cross_entropy
 
 CE_SHAPES = sizes([(8192, 50304), (8192, 131072), (16384, 131072)], [(64, 1000)])  # (N, V)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fasttrain.data import TokenLoader
-from fasttrain.documents import IGNORE_INDEX
-from fasttrain.prepare import prepare
-from fasttrain.shards import ShardWriter
+from fasttrain.data.documents import IGNORE_INDEX
+from fasttrain.data.loader import TokenLoader
+from fasttrain.data.preparation import prepare
+from fasttrain.data.shards import ShardWriter
 
 B, T = 64, 1024
 

@@ -17,8 +17,9 @@ import torch
 
 from benchmarks.conftest import sizes, time_device
 from fasttrain.config import load_config
-from fasttrain.model import Transformer
-from fasttrain.runtime import autocast
+from fasttrain.model.generation import generate
+from fasttrain.model.transformer import Transformer
+from fasttrain.system.device import autocast
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -33,11 +34,11 @@ def run_generation(benchmark, record, device: torch.device, model: Transformer, 
                    new_tokens: int, precision: str, use_cache: bool, rounds: int) -> None:
     prompt = torch.randint(0, model.cfg.vocab_size, (batch_size, prompt_len), device=device)
 
-    def generate():
+    def greedy():
         with autocast(precision, device):
-            model.generate(prompt, new_tokens, temperature=0, use_cache=use_cache)
+            generate(model, prompt, new_tokens, temperature=0, use_cache=use_cache)
 
-    time_device(benchmark, device, generate, rounds=rounds)
+    time_device(benchmark, device, greedy, rounds=rounds)
     record(per_call=batch_size * new_tokens, cache=use_cache, batch_size=batch_size, prompt=prompt_len,
            new_tokens=new_tokens, context=model.cfg.max_seq_len, params=model.num_params(), dtype=precision)
 

@@ -17,8 +17,8 @@ import torch
 
 from benchmarks.bench_adamw import MODELS
 from benchmarks.conftest import compiled, median_seconds, require, sizes, time_device
-from fasttrain.model import Transformer
-from fasttrain.optim import hidden_matrices
+from fasttrain.model.transformer import Transformer
+from fasttrain.training.optimizers import hidden_matrices
 from kernels import newton_schulz, newton_schulz_reference
 
 STEPS = 5

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 
 from benchmarks.conftest import DRY_RUN, median_seconds, sizes, time_device
 from fasttrain.config import load_config
-from fasttrain.metrics import peak_flops
-from fasttrain.model import Transformer
-from fasttrain.runtime import PRECISIONS, native_bf16
-from fasttrain.trainer import Trainer
+from fasttrain.model.transformer import Transformer
+from fasttrain.system.device import PRECISIONS, native_bf16
+from fasttrain.training.metrics import peak_flops
+from fasttrain.training.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STOCK = ["kernels.linear_cross_entropy=false", "kernels.rms_norm=false", "kernels.adamw=false"]

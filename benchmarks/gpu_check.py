@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from benchmarks.report import case_of, chart, load_results, markdown
-from fasttrain.errors import ArgumentParser, UsageError, run_cli
+from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "tests", "kernels", "step", "train")
@@ -303,7 +303,7 @@ def late_recompiles(output: str) -> tuple[list[str], list[str]]:
 
 
 def train_stage(ctx: Context) -> Stage:
-    from fasttrain import checkpoint
+    from fasttrain.training import checkpoint
 
     stage = Stage()
     steps = 16 if ctx.dry_run else 60

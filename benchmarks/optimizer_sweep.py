@@ -15,7 +15,7 @@ steps: one optimizer update of the GPT-2-small model (configs/gpt2-small.toml: w
 vocabulary 50304) on the CPU, fp32, with random gradients: AdamW against Muon (AdamW for the
 embedding and norms, Newton-Schulz for the block matrices), SGD and Adafactor. The median of
 --repeats calls after one warm-up call. Muon's Newton-Schulz is ~130 GFLOP of matmuls per
-block (in fp32 on a CPU without native bf16, see fasttrain.optim.Muon), so by default the
+block (in fp32 on a CPU without native bf16, see fasttrain.training.optimizers.Muon), so by default the
 model keeps --layers 1 of its 12 blocks (the record says how many; --layers 12 is the whole 124M).
 
 Writes one JSON (default benchmarks/results/cpu-optimizers-<date>.json) with the machine,
@@ -38,10 +38,10 @@ import torch
 
 from benchmarks.conftest import environment
 from fasttrain.config import load_config
-from fasttrain.errors import ArgumentParser, run_cli
-from fasttrain.model import Transformer
-from fasttrain.optim import Updater
-from fasttrain.trainer import Trainer
+from fasttrain.model.transformer import Transformer
+from fasttrain.system.errors import ArgumentParser, run_cli
+from fasttrain.training.optimizers import Updater
+from fasttrain.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # optimizer: (the key its peak learning rate is set by, the rates tried). The AdamW rates bracket the

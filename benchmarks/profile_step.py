@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_train_step import make_trainer
-from fasttrain.errors import ArgumentParser, run_cli
+from fasttrain.system.errors import ArgumentParser, run_cli
 
 WARMUP_STEPS = 3
 

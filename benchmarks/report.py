@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from fasttrain.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.plot import pyplot, save_figure
+from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 COLUMNS = {  # extra_info key: column title, in table order
     "gb_per_s": "GB/s", "tflop_per_s": "TFLOP/s", "tokens_per_s": "tokens/s", "fraction_of_floor": "of floor",

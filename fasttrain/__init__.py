@@ -9,9 +9,9 @@ __all__ = ["Trainer", "train_loop"]
 def __getattr__(name: str):
     # Imported on first use, so `python -m fasttrain.prepare` and friends do not pay for the trainer.
     if name == "Trainer":
-        from fasttrain.trainer import Trainer
+        from fasttrain.training.trainer import Trainer
         return Trainer
     if name == "train_loop":
-        from fasttrain.loop import train_loop
+        from fasttrain.training.plain_loop import train_loop
         return train_loop
     raise AttributeError(f"module 'fasttrain' has no attribute {name!r}")

@@ -30,13 +30,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from fasttrain.atomic import write_atomically
-from fasttrain.errors import UsageError
+from fasttrain.system.atomic import write_atomically
+from fasttrain.system.errors import UsageError
 
 
 @dataclass
 class ModelConfig:
-    """[model]: the transformer's shape (LLaMA-style; see fasttrain/model.py)."""
+    """[model]: the transformer's shape (LLaMA-style; see fasttrain/model/transformer.py)."""
 
     vocab_size: int = 0  # embedding rows; 0 = take it from the prepared data's tokenizer
     max_seq_len: int = 256  # longest context the model supports
@@ -67,7 +67,7 @@ class DataConfig:
     vocab_size: int = 4096  # vocabulary size of the BPE tokenizer prepare trains
     val_fraction: float = 0.1  # fraction of documents held out for validation
     sampling: Literal["random", "sequential"] = "random"  # random rows, or one pass in order
-    # What a row of a batch holds (fasttrain/documents.py): "packed" windows across document
+    # What a row of a batch holds (fasttrain/data/documents.py): "packed" windows across document
     # boundaries (pre-training), "padded" one document per row (truncated to seq_len, pad
     # targets ignored), or "aligned" rows that start at a document start and pack the next ones after.
     batching: Literal["packed", "padded", "aligned"] = "packed"
@@ -113,7 +113,7 @@ class AdafactorConfig:
 
 @dataclass
 class OptimConfig:
-    """[optim]: the optimizer and gradient clipping (fasttrain/optim.py).
+    """[optim]: the optimizer and gradient clipping (fasttrain/training/optimizers.py).
 
     beta1, beta2 and eps are AdamW's: they apply to "adamw" and to the AdamW half of "muon".
     Each other optimizer has its own table, which may only be set when it is the one named.
@@ -134,7 +134,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """[schedule]: the learning rate as a function of the step (fasttrain/schedule.py)."""
+    """[schedule]: the learning rate as a function of the step (fasttrain/training/schedule.py)."""
 
     warmup_steps: int = 100  # linear ramp from 0 to optim.lr
     # Shape after warmup (wsd = warmup-stable-decay; step = times step_factor every step_every steps).
@@ -349,10 +349,8 @@ _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
     ("train.compile_mode", "does not work with", "data.padding",
      lambda c: c.train.compile_mode == "reduce-overhead" and c.data.batching != "packed" and c.data.padding != "fixed",
      'CUDA graphs replay fixed shapes; use data.padding = "fixed"'),
-    # With data.tokenizer set, the vocabulary size is only known once the tokenizer is read.
-    ("model.vocab_size", "is smaller than", "data.vocab_size",
-     lambda c: c.data.tokenizer == "" and 0 < c.model.vocab_size < c.data.vocab_size,
-     "the model could not embed every token; 0 takes the size from the tokenizer"),
+    # model.vocab_size against the tokenizer: check_vocab, once the tokenizer is known (data.vocab_size is
+    # what a BPE is asked for; it may learn fewer, so it cannot be checked here).
 ]
 
 
@@ -411,9 +409,16 @@ def resolve(cfg: Config, data_dir: str, tokenizer_vocab: int) -> Config:
     directory, and model.vocab_size when it is 0. The run records this one (config.toml), so it
     names what was used. UsageError if the model's vocabulary is too small for the tokenizer's."""
     vocab = cfg.model.vocab_size or tokenizer_vocab
-    if vocab < tokenizer_vocab:
-        raise UsageError(f"model.vocab_size = {vocab} is smaller than the tokenizer's {tokenizer_vocab} tokens in {data_dir}")
+    check_vocab(vocab, tokenizer_vocab, f"{data_dir}/tokenizer.json")
     return replace(cfg, data=replace(cfg.data, dir=data_dir), model=replace(cfg.model, vocab_size=vocab))
+
+
+def check_vocab(model_vocab: int, tokenizer_vocab: int, tokenizer: str) -> None:
+    """The one check of model.vocab_size, wherever a model meets its tokenizer (a run's resolve, a trained
+    model loaded back): UsageError if the model cannot embed every token of `tokenizer`."""
+    if model_vocab < tokenizer_vocab:
+        raise UsageError(f"model.vocab_size = {model_vocab} is smaller than the {tokenizer_vocab} tokens of {tokenizer}; "
+                         "0 takes the size from the tokenizer")
 
 
 def config_to_toml(cfg: Config) -> str:

@@ -4,16 +4,8 @@
 
 Builds the run exactly as `python -m fasttrain.train` would (config, data, model,
 optimizer), reads every token of both splits (an id beyond the vocabulary is bad
-input, whatever the shard headers say), then takes one training batch and checks, in order:
-
-    data         token ids are int64 and inside [0, vocab_size)
-    targets      the targets are the inputs shifted by one token
-    init loss    the loss before training is near ln(vocab_size), a uniform guess
-    gradients    every trainable parameter gets a finite, non-zero gradient
-    grad norm    the global gradient norm is in a sane range
-    lr           the learning rate of the first update and the schedule's peak are not zero
-    update       one optimizer step changes every trainable parameter
-    overfit      a slice of the batch is memorised within N steps at the peak learning rate
+input, whatever the shard headers say), then runs the checks of
+fasttrain/training/diagnosis.py on one training batch.
 
 Each check prints PASS or FAIL and what it measured; a failure also says what to
 look at. Nothing is written to the run directory. Exit status: 0 if every check
@@ -22,178 +14,13 @@ passes, 1 if one fails, 2 for bad input.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-
 from fasttrain.config import add_config_arguments, load_config
-from fasttrain.data import find_shards
-from fasttrain.documents import IGNORE_INDEX
-from fasttrain.errors import ArgumentParser, run_cli
-from fasttrain.runtime import autocast
-from fasttrain.shards import check_ids
-from fasttrain.trainer import Trainer
-
-INIT_LOSS_TOLERANCE = 1.0  # nats from ln(V); random init with small logits lands well within it
-GRAD_NORM_RANGE = (1e-4, 1e3)  # outside it, gradients have vanished or exploded before any training
-OVERFIT_ROWS, OVERFIT_TOKENS = 4, 64  # the slice of the batch to memorise
-OVERFIT_TARGET = 0.1  # memorised: the loss is below this fraction of where it started
-
-
-@dataclass
-class Check:
-    name: str
-    passed: bool | None  # None: not run, because an earlier failure makes it meaningless
-    detail: str  # what was measured
-    hint: str = ""  # what to look at, when it failed
-
-
-def diagnose(trainer: Trainer, overfit_steps: int = 200) -> list[Check]:
-    """Run every check on the next batch of `trainer`'s training data; changes the trainer's model."""
-    x, y = next(trainer.train_loader)
-    vocab = trainer.cfg.model.vocab_size
-    checks = [check_data(x, y, vocab), check_targets(x, y)]
-    if not checks[0].passed:  # out-of-range ids would crash the forward pass
-        return checks + [Check(name, None, "not run: fix the data first") for name in
-                         ("init loss", "gradients", "grad norm", "lr", "update", "overfit")]
-    model, updater = trainer.model, trainer.updater
-    loss = mean_loss(trainer, x, y)
-    updater.scale(loss).backward()
-    grad_norm = updater.clip_gradients().item()
-    checks += [check_initial_loss(loss.item(), vocab), check_gradients(model), check_grad_norm(grad_norm),
-               check_lr(trainer)]
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    updater.apply(trainer.lr())
-    checks.append(check_update(model, before))
-    checks.append(check_overfit(trainer, x[:OVERFIT_ROWS, :OVERFIT_TOKENS], y[:OVERFIT_ROWS, :OVERFIT_TOKENS],
-                                overfit_steps))
-    return checks
-
-
-def mean_loss(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The mean loss per counted target of batch (x, y), through the trainer's objective."""
-    with autocast(trainer.precision, trainer.device):
-        sums = trainer.loss(x, y)
-    return sums.loss / sums.counted
-
-
-def check_data(x: torch.Tensor, y: torch.Tensor, vocab_size: int) -> Check:
-    if x.dtype != torch.int64 or y.dtype != torch.int64:
-        return Check("data", False, f"inputs {x.dtype}, targets {y.dtype}",
-                     "the embedding and the loss need int64 (torch.long) token ids")
-    targets = y[y != IGNORE_INDEX]
-    low, high = min(x.min().item(), targets.min().item()), max(x.max().item(), targets.max().item())
-    detail = f"int64 {tuple(x.shape)}, ids {low}..{high}, vocabulary {vocab_size}"
-    if low < 0 or high >= vocab_size:
-        return Check("data", False, detail, "ids must lie in [0, model.vocab_size): is the data tokenized with the "
-                     "tokenizer the model was sized for (data.dir, model.vocab_size)?")
-    return Check("data", True, detail)
-
-
-def check_targets(x: torch.Tensor, y: torch.Tensor) -> Check:
-    counted = y[:, :-1] != IGNORE_INDEX
-    matches = (y[:, :-1] == x[:, 1:]) & counted
-    share = matches.sum().item() / max(counted.sum().item(), 1)
-    detail = f"targets[t] == inputs[t + 1] at {100 * share:.1f}% of {counted.sum().item()} positions"
-    return Check("targets", share == 1.0, detail,
-                 "the target of each position must be the next input token: windows of T + 1 tokens, "
-                 "x = w[:-1], y = w[1:]; look at the loader, or at shuffling applied to one but not the other")
-
-
-def check_initial_loss(loss: float, vocab_size: int) -> Check:
-    chance = math.log(vocab_size)
-    detail = f"{loss:.3f} nats vs ln({vocab_size}) = {chance:.3f}"
-    if loss > chance + INIT_LOSS_TOLERANCE or not math.isfinite(loss):
-        return Check("init loss", False, detail, "confidently wrong before training: the logits are too large at "
-                     "init; scale down the output layer's (or tied embedding's) initialisation")
-    if loss < chance - INIT_LOSS_TOLERANCE:
-        return Check("init loss", False, detail, "better than chance before training: the model can see the "
-                     "targets; check the causal mask and that targets are not among the inputs")
-    return Check("init loss", True, detail)
-
-
-def check_gradients(model: torch.nn.Module) -> Check:
-    problems, params = [], list(model.named_parameters())
-    for name, p in params:
-        if not p.requires_grad:
-            problems.append(f"{name} frozen (requires_grad=False)")
-        elif p.grad is None:
-            problems.append(f"{name} has no gradient")
-        elif not torch.isfinite(p.grad).all():
-            problems.append(f"{name} gradient not finite")
-        elif not p.grad.any():
-            problems.append(f"{name} gradient all zero")
-    if problems:
-        return Check("gradients", False, _some(problems, len(params), "parameters"),
-                     "a parameter without a gradient never trains: check requires_grad, that its module is "
-                     "used in forward, and that nothing on its path is detached (.detach(), .data, no_grad)")
-    return Check("gradients", True, f"all {len(params)} parameters have finite, non-zero gradients")
-
-
-def check_grad_norm(norm: float) -> Check:
-    low, high = GRAD_NORM_RANGE
-    detail = f"{norm:.4g} (sane: {low:g} to {high:g})"
-    if not math.isfinite(norm) or norm > high:
-        return Check("grad norm", False, detail, "exploding before training: check the init scale and the loss "
-                     "reduction (a sum instead of a mean grows with the batch); optim.max_grad_norm clips it")
-    if norm < low:
-        return Check("grad norm", False, detail, "vanishing: check that the loss depends on the parameters and "
-                     "that the init is not too small")
-    return Check("grad norm", True, detail)
-
-
-def check_lr(trainer: Trainer) -> Check:
-    first, peak = trainer.lr(), trainer.cfg.optim.lr * trainer.run.lr_scale
-    detail = f"first update {first:.3g}, peak {peak:.3g}"
-    if first <= 0 or peak <= 0:
-        return Check("lr", False, detail, "a zero learning rate changes nothing: check optim.lr, the schedule "
-                     "(warmup starts at lr / warmup_steps, not 0) and anything that sets param_groups' lr")
-    return Check("lr", True, detail)
-
-
-def check_update(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> Check:
-    stuck = [name for name, p in model.named_parameters() if torch.equal(p.detach(), before[name])]
-    if stuck:
-        return Check("update", False, _some(stuck, len(before), "parameters unchanged"),
-                     "the optimizer does not move them: are they in its param groups, is their gradient zero, "
-                     "is the learning rate zero?")
-    return Check("update", True, f"all {len(before)} parameters changed")
-
-
-def check_overfit(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int) -> Check:
-    """Train on one small batch at the peak learning rate until the loss is a small fraction of its start."""
-    first = loss = None
-    for step in range(1, steps + 1):
-        loss = mean_loss(trainer, x, y)
-        trainer.updater.scale(loss).backward()
-        trainer.updater.apply(trainer.cfg.optim.lr)
-        loss = loss.item()
-        first = first if first is not None else loss
-        if loss < OVERFIT_TARGET * first:
-            return Check("overfit", True, f"{x.numel()} tokens memorised in {step} steps: loss {first:.3f} -> {loss:.3f}")
-    return Check("overfit", False, f"after {steps} steps on {x.numel()} tokens: loss {first:.3f} -> {loss:.3f}, "
-                 f"not below {OVERFIT_TARGET:g} x the start",
-                 "a model that cannot memorise one small batch has a broken training step: check that the loss "
-                 "is backpropagated, optimizer.step() and zero_grad() run, and try a larger optim.lr")
-
-
-def _some(items: list[str], total: int, what: str) -> str:
-    """"2 of 14 <what>: a; b" naming at most three of `items`."""
-    return f"{len(items)} of {total} {what}: {'; '.join(items[:3])}" + ("; ..." if len(items) > 3 else "")
-
-
-def report(checks: Sequence[Check]) -> str:
-    lines = []
-    for c in checks:
-        status = "SKIP" if c.passed is None else "PASS" if c.passed else "FAIL"
-        lines.append(f"  {status}  {c.name:<10} {c.detail}")
-        if c.passed is False:
-            lines.append(f"        look at: {c.hint}")
-    failed = sum(c.passed is False for c in checks)
-    lines.append(f"{len(checks) - failed} of {len(checks)} checks passed" + (f"; {failed} failed" if failed else ""))
-    return "\n".join(lines)
+from fasttrain.data.shards import check_ids, find_shards
+from fasttrain.system.errors import ArgumentParser, run_cli
+from fasttrain.training.diagnosis import diagnose, report
+from fasttrain.training.trainer import Trainer
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,15 +25,15 @@ from typing import Sequence
 
 import torch
 
-from fasttrain.data import TokenLoader
-from fasttrain.distributed import World
-from fasttrain.errors import ArgumentParser, UsageError, run_cli
-from fasttrain.evaluation import validate
-from fasttrain.objective import NextTokenLoss, batch_loss
-from fasttrain.prepare import PreparedData, prepare
-from fasttrain.runtime import use_device
-from fasttrain.shards import read_meta
-from fasttrain.trained import Trained, inference_precision, load_trained
+from fasttrain.data.loader import TokenLoader
+from fasttrain.data.preparation import PreparedData, prepare
+from fasttrain.data.shards import read_meta
+from fasttrain.system.device import use_device
+from fasttrain.system.distributed import World
+from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
+from fasttrain.training.objective import NextTokenLoss, batch_loss
+from fasttrain.training.trained_model import Trained, inference_precision, load_trained
+from fasttrain.training.validation import validate
 
 
 def score(trained: Trained, directory: str | Path, split: str, bits_per_nat: float, batch_size: int,

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from fasttrain.errors import ArgumentParser, UsageError, run_cli
+from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -3,9 +3,9 @@
     python -m fasttrain.sample RUN_DIR|WEIGHTS_DIR|CHECKPOINT [--prompt TEXT | --prompt-file FILE]
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--num-samples N] [--seed S] [--device D]
 
-A run directory means its final/ weights, else its latest checkpoint (see trained.py).
+A run directory means its final/ weights, else its latest checkpoint (see fasttrain/training/trained_model.py).
 `--prompt -` reads the prompt from stdin; without a prompt the run's train.sample_prompt
-is used. Generation uses the model's KV cache (model.Transformer.stream); past the
+is used. Generation uses the model's KV cache (fasttrain.model.generation.stream); past the
 model's context it keeps the last half of the context and goes on.
 """
 
@@ -18,10 +18,10 @@ from typing import Sequence
 
 import torch
 
-from fasttrain.errors import ArgumentParser, UsageError, run_cli
-from fasttrain.model import generate_text
-from fasttrain.runtime import autocast, use_device
-from fasttrain.trained import inference_precision, load_trained
+from fasttrain.model.generation import generate_text
+from fasttrain.system.device import autocast, use_device
+from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
+from fasttrain.training.trained_model import inference_precision, load_trained
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str | None:

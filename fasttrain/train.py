@@ -15,10 +15,10 @@ import os
 import shlex
 from typing import Sequence
 
-from fasttrain import distributed
 from fasttrain.config import Config, add_config_arguments, config_from_args
-from fasttrain.errors import ArgumentParser, run_cli
-from fasttrain.trainer import Interrupted, Trainer
+from fasttrain.system import distributed
+from fasttrain.system.errors import ArgumentParser, run_cli
+from fasttrain.training.trainer import Interrupted, Trainer
 
 
 def main(argv: Sequence[str] | None = None) -> int:

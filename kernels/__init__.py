@@ -10,9 +10,7 @@ run the Triton kernels through Triton's interpreter (how CI tests them).
 from kernels.adamw import FusedAdamW
 from kernels.clip_grad_norm import clip_grad_norm_
 from kernels.cross_entropy import CrossEntropyLoss, cross_entropy, cross_entropy_reference
-from kernels.linear_cross_entropy import (
-    LinearCrossEntropyLoss, linear_cross_entropy, linear_cross_entropy_reference,
-)
+from kernels.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy, linear_cross_entropy_reference
 from kernels.newton_schulz import newton_schulz, newton_schulz_reference, symmetric_matmul
 from kernels.rms_norm import RMSNorm, rms_norm, rms_norm_reference
 

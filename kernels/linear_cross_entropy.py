@@ -40,8 +40,18 @@ from torch import Tensor
 
 from kernels._specialization import HIDDEN_SIZES, PRECISIONS, VOCAB_SIZES, Specialization, choices
 from kernels.cross_entropy import (
-    IGNORE_INDEX, _grad_op, _rows_op, _scale_rows_op, check_inputs, cross_entropy_reference, fuses_gradient,
-    launch_config, mean_scale, reduce_rows, rows_specialization, scale_rows_specialization,
+    IGNORE_INDEX,
+    _grad_op,
+    _rows_op,
+    _scale_rows_op,
+    check_inputs,
+    cross_entropy_reference,
+    fuses_gradient,
+    launch_config,
+    mean_scale,
+    reduce_rows,
+    rows_specialization,
+    scale_rows_specialization,
 )
 
 CHUNK_ROWS = 1024  # rows of logits alive at once: 1024 x 131072 bf16 = 256 MiB

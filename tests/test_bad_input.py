@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from fasttrain import doctor, evaluate, export, plot, prepare, sample, train
-from fasttrain.errors import run_cli
+from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
 
 
@@ -170,8 +170,8 @@ CASES = [
     ("unknown device", train, lambda c: c.train("train.device=tpu"), "must be auto, cpu, cuda or cuda:N"),
     ("rollback factor above 1", train, lambda c: c.train("recovery.lr_factor=1.5"), "must be in (0, 1)"),
     ("fp16 without CUDA", train, lambda c: c.train("train.precision=fp16"), 'train.precision = "fp16" needs a CUDA'),
-    ("model vocab below the data's", train, lambda c: c.train("model.vocab_size=300"),
-     "model.vocab_size = 300 is smaller than data.vocab_size = 512"),
+    ("model vocab below the tokenizer's", train, lambda c: c.train("model.vocab_size=300"),
+     "model.vocab_size = 300 is smaller than the 512 tokens of"),
     ("model wider than memory", train, lambda c: c.train("model.d_model=100000000"),
      "the run needs about"),
     ("a hundred million layers", train, lambda c: c.train("model.n_layers=100000000"),

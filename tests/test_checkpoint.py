@@ -20,12 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fasttrain import Trainer, checkpoint, metrics, train
+from fasttrain import Trainer, train
 from fasttrain.config import load_config
-from fasttrain.errors import RunStopped, UsageError, run_cli
 from fasttrain.plot import read_metrics
-from fasttrain.policies import Recovery
-from fasttrain.trainer import Interrupted
+from fasttrain.system.errors import RunStopped, UsageError, run_cli
+from fasttrain.training import checkpoint, metrics
+from fasttrain.training.policies import Recovery
+from fasttrain.training.trainer import Interrupted
 from tests.conftest import tiny_args, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,7 +220,7 @@ def test_sigterm_saves_and_prints_how_to_resume(pydoc_data, tmp_path):
 
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process holding `run_dir`'s lock (as a run training there does) until it is killed."""
-    code = ("import sys, time\nfrom fasttrain import run_lock\n"
+    code = ("import sys, time\nfrom fasttrain.system import run_lock\n"
             "with run_lock.locked(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "locked\n"

@@ -21,8 +21,8 @@ from fasttrain.config import (
     load_config,
     save_config,
 )
-from fasttrain.errors import UsageError
-from fasttrain.runtime import CPU_COMPILE_MIN_STEPS, kernels_on, resolve_train
+from fasttrain.system.device import CPU_COMPILE_MIN_STEPS, kernels_on, resolve_train
+from fasttrain.system.errors import UsageError
 
 try:
     import tomllib
@@ -220,8 +220,6 @@ BAD_INPUTS = [
     pytest.param('[train]\nsample_prompt = ""\n', [], FILE, ["train.sample_prompt: must be non-empty"],
                  id="empty-prompt"),
     pytest.param("[model]\ndropout = 1.0\n", [], FILE, ["model.dropout: must be in [0, 1), got 1.0"], id="dropout"),
-    pytest.param("[model]\nvocab_size = 1000\n", [], FILE,
-                 ["model.vocab_size = 1000 is smaller than data.vocab_size = 4096"], id="model-vs-bpe-vocab"),
     pytest.param("[model]\nmax_seq_len = 128\n", ["train.seq_len=200"], SET, ["train.seq_len = 200 exceeds"],
                  id="conflict-blames-set"),
     pytest.param("", ["train.batch_size=0"], SET, ["train.batch_size: must be > 0, got 0"], id="set-out-of-range"),
@@ -313,7 +311,7 @@ def test_cli_reports_one_line_and_exits_2(tmp_path):
     script = textwrap.dedent("""
         import argparse, sys
         from fasttrain.config import add_config_arguments, config_from_args
-        from fasttrain.errors import run_cli
+        from fasttrain.system.errors import run_cli
 
         def main(argv):
             parser = argparse.ArgumentParser()

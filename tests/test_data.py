@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from fasttrain.data import TokenLoader
-from fasttrain.errors import UsageError
-from fasttrain.shards import HEADER_BYTES, MAGIC, ShardWriter
+from fasttrain.data.loader import TokenLoader
+from fasttrain.data.shards import HEADER_BYTES, MAGIC, ShardWriter
+from fasttrain.system.errors import UsageError
 from tests.conftest import write_shard
 
 T = 16

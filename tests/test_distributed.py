@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fasttrain.export import read_safetensors
+from fasttrain.model.weights import read_safetensors
 from fasttrain.plot import read_metrics
 from tests.conftest import tiny_args
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from fasttrain import Trainer
-from fasttrain.doctor import diagnose, main, report
-from fasttrain.errors import run_cli
+from fasttrain.doctor import main
+from fasttrain.system.errors import run_cli
+from fasttrain.training.diagnosis import diagnose, report
 from tests.conftest import tiny_args, tiny_config
 
 CHECKS = ["data", "targets", "init loss", "gradients", "grad norm", "lr", "update", "overfit"]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from fasttrain.data import TokenLoader
-from fasttrain.documents import IGNORE_INDEX, Rows, document_starts, index_path
-from fasttrain.shards import read_header
+from fasttrain.data.documents import IGNORE_INDEX, Rows, document_starts, index_path
+from fasttrain.data.loader import TokenLoader
+from fasttrain.data.shards import read_header
 from tests.conftest import write_shard
 
 EOT = 0

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from fasttrain.config import ModelConfig
-from fasttrain.data import TokenLoader
-from fasttrain.distributed import World
-from fasttrain.documents import IGNORE_INDEX
-from fasttrain.errors import UsageError
-from fasttrain.evaluation import validate
-from fasttrain.model import Transformer
-from fasttrain.objective import NextTokenLoss
+from fasttrain.data.documents import IGNORE_INDEX
+from fasttrain.data.loader import TokenLoader
+from fasttrain.model.transformer import Transformer
+from fasttrain.system.distributed import World
+from fasttrain.system.errors import UsageError
+from fasttrain.training.objective import NextTokenLoss
+from fasttrain.training.validation import validate
 from tests.conftest import write_shard
 
 EOT, VOCAB, T, B = 0, 97, 16, 4

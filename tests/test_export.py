@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from fasttrain import Trainer
-from fasttrain.errors import run_cli
-from fasttrain.export import export, load_exported, read_safetensors, write_safetensors
+from fasttrain.export import export
 from fasttrain.export import main as export_main
+from fasttrain.model.weights import load_exported, read_safetensors, write_safetensors
+from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_config
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks import gpu_check
 from benchmarks.report import main as report_main
-from fasttrain.errors import run_cli
+from fasttrain.system.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

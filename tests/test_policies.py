@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 
 from fasttrain.config import RecoveryConfig
-from fasttrain.policies import EarlyStopping, Recovery
-from fasttrain.run_state import RunState
+from fasttrain.training.policies import EarlyStopping, Recovery
+from fasttrain.training.run_state import RunState
 
 
 def test_recovery_counts_skips_in_a_row_and_rolls_back_within_its_allowance():

@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fasttrain.corpus as corpus
-from fasttrain.errors import UsageError
+import fasttrain.data.corpus as corpus
 from fasttrain.config import DataConfig, load_config, resolve, save_config
-from fasttrain.prepare import ensure_prepared, main, prepare
-from fasttrain.shards import HEADER_BYTES, MAGIC, VERSION, ShardWriter, read_header
-from fasttrain.tokenizer import EOT, Tokenizer
+from fasttrain.data.preparation import ensure_prepared, prepare
+from fasttrain.data.shards import HEADER_BYTES, MAGIC, VERSION, ShardWriter, read_header
+from fasttrain.data.tokenizer import EOT, Tokenizer
+from fasttrain.prepare import main
+from fasttrain.system.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -316,8 +317,21 @@ def test_config_drives_preparation_and_the_saved_config_has_the_vocab_size(pydoc
     small_model = load_config(None, [f'data.dir="{tmp_path / "d2"}"', f'data.tokenizer="{tokenizer}"',
                                      "model.vocab_size=300"])
     prepared = ensure_prepared(small_model.data, quiet=True)
-    with pytest.raises(UsageError, match="model.vocab_size = 300 is smaller than the tokenizer's 512 tokens"):
+    with pytest.raises(UsageError, match="model.vocab_size = 300 is smaller than the 512 tokens of"):
         resolve(small_model, prepared.dir, prepared.vocab_size)
+
+
+def test_a_bpe_that_learns_fewer_ids_than_asked_records_a_config_that_loads_back(tmp_path):
+    """A small corpus gives the BPE fewer merges than data.vocab_size asks for: the resolved config (what a
+    run records in config.toml and its checkpoints) takes the tokenizer's size and must validate again."""
+    (tmp_path / "a.txt").write_text("abc abd abe\n" * 50)
+    (tmp_path / "b.txt").write_text("abd abc\n" * 20)
+    inputs = f'data.inputs=["{tmp_path / "a.txt"}", "{tmp_path / "b.txt"}"]'
+    cfg = load_config(None, [inputs, f'data.dir="{tmp_path / "data"}"', "data.vocab_size=300"])
+    prepared = ensure_prepared(cfg.data, quiet=True)
+    assert 256 < prepared.vocab_size < 300
+    resolved = resolve(cfg, prepared.dir, prepared.vocab_size)
+    assert load_config(save_config(resolved, tmp_path / "run")) == resolved
 
 
 def test_unset_data_dir_prepares_into_a_cache_keyed_by_the_request(tmp_path, monkeypatch):

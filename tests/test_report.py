@@ -7,7 +7,7 @@ import json
 import pytest
 
 from benchmarks.report import main
-from fasttrain.errors import run_cli
+from fasttrain.system.errors import run_cli
 
 
 def case(name: str, params: dict, median: float, **extra) -> dict:

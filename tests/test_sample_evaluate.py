@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from fasttrain import evaluate, sample
-from fasttrain.corpus import resolve_inputs
-from fasttrain.errors import run_cli
-from fasttrain.model import generate_text
-from fasttrain.prepare import plan_split, prepare, split_documents
-from fasttrain.trained import load_trained
-from fasttrain.trainer import Trainer
+from fasttrain.data.corpus import resolve_inputs
+from fasttrain.data.preparation import plan_split, prepare, split_documents
+from fasttrain.model.generation import generate_text
+from fasttrain.system.errors import run_cli
+from fasttrain.training.trained_model import load_trained
+from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from fasttrain.config import load_config
-from fasttrain.metrics import MetricsLog
 from fasttrain.plot import latest_run, plot_run, read_metrics
-from fasttrain.runtime import resolve_precision
+from fasttrain.system.device import resolve_precision
+from fasttrain.training.metrics import MetricsLog
 
 pytestmark = pytest.mark.subprocess  # every test here starts the command-line tools in new processes
 ROOT = Path(__file__).resolve().parents[1]

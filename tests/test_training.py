@@ -9,15 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttrain import Trainer, checkpoint, train_loop
+from fasttrain import Trainer, train_loop
 from fasttrain.config import ModelConfig, MuonConfig, OptimConfig, ScheduleConfig, TrainConfig
-from fasttrain.documents import IGNORE_INDEX
-from fasttrain.errors import UsageError
-from fasttrain.model import Transformer
-from fasttrain.optim import Muon, Updater, build_optimizer, param_groups
+from fasttrain.data.documents import IGNORE_INDEX
+from fasttrain.model.transformer import Transformer
 from fasttrain.plot import read_metrics
-from fasttrain.schedule import lr_at
-from fasttrain.trainer import accumulation_steps
+from fasttrain.system.errors import UsageError
+from fasttrain.training import checkpoint
+from fasttrain.training.optimizers import Muon, Updater, build_optimizer, param_groups
+from fasttrain.training.schedule import lr_at
+from fasttrain.training.trainer import accumulation_steps
 from tests.conftest import tiny_config
 
 

@@ -9,8 +9,8 @@ import types
 
 import pytest
 
-from fasttrain.errors import UsageError
-from fasttrain.trainer import Trainer
+from fasttrain.system.errors import UsageError
+from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_config
 
 EVERY_STEP = ["schedule.warmup_steps=1", "train.log_interval=1", "train.eval_interval=2", "train.eval_steps=1", "checkpoint.interval=2",

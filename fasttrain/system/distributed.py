@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fasttrain.errors import UsageError
-from fasttrain.runtime import PRECISIONS
+from fasttrain.system.device import PRECISIONS
+from fasttrain.system.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -116,9 +116,7 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, fsdp: 
     """
     if not fsdp:
         return model.state_dict(), None if optimizer is None else optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(model, options=options),
@@ -132,9 +130,7 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         return
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions, set_model_state_dict, set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)

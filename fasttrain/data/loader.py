@@ -1,6 +1,6 @@
 """The token loader: (x, y) batches of rows from token shards, prefetched, exactly resumable.
 
-A batch is `batch_size` rows (fasttrain/documents.py: packed windows, one document
+A batch is `batch_size` rows (fasttrain/data/documents.py: packed windows, one document
 each, or document-aligned), x = row[:-1] and y = row[1:], both int64 of shape
 (B, L). L is seq_len, except that with `padding` "longest" or "bucketed" a batch
 is cut to its longest row. Rows shorter than L + 1 are padded: x with the
@@ -44,9 +44,9 @@ from typing import Iterator, Literal, get_args
 import numpy as np
 import torch
 
-from fasttrain.documents import IGNORE_INDEX, Batching, Rows
-from fasttrain.errors import UsageError
-from fasttrain.shards import HEADER_BYTES, ShardInfo, out_of_vocabulary, read_header, read_meta, scan_id_bound
+from fasttrain.data.documents import IGNORE_INDEX, Batching, Rows
+from fasttrain.data.shards import HEADER_BYTES, ShardInfo, find_shards, out_of_vocabulary, read_meta, scan_id_bound
+from fasttrain.system.errors import UsageError
 
 Sampling = Literal["random", "sequential"]
 Padding = Literal["fixed", "longest", "bucketed"]
@@ -156,25 +156,10 @@ class RowReader:
     __del__ = close
 
 
-def find_shards(directory: str | os.PathLike, split: str) -> list[ShardInfo]:
-    """Every `*{split}_*.bin` shard in `directory` (llm.c's names match too), headers checked."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UsageError(f"{directory}: no such data directory (run python -m fasttrain.prepare --out {directory})")
-    paths = sorted(directory.glob(f"*{split}_*.bin"))
-    if not paths:
-        raise UsageError(f"{directory}: no {split} shards ({split}_*.bin)")
-    shards = [read_header(p) for p in paths]
-    for s in shards:
-        if s.dtype != shards[0].dtype:
-            raise UsageError(f"{s.path}: {s.dtype} tokens, but {shards[0].path} has {shards[0].dtype}; one split, one width")
-    return shards
-
-
 class TokenLoader:
     """Infinite iterator of (x, y) batches, shape (B, L) int64 on `device`, y = x shifted by one token.
 
-    `batching` picks the rows (fasttrain/documents.py); "padded" and "aligned" need
+    `batching` picks the rows (fasttrain/data/documents.py); "padded" and "aligned" need
     `eot_id`, the end-of-text token that starts each document (also the pad input).
     `padding` "fixed" makes every batch (B, seq_len); "longest" cuts each batch to its
     longest row, rounded up to `pad_multiple`; "bucketed" also batches rows of similar

@@ -1,7 +1,7 @@
 """A trained model loaded back for use (sampling, scoring): from a run's final weights or a checkpoint.
 
     load_trained("runs/base")                        # runs/base/final/, else its latest checkpoint
-    load_trained("runs/base/final")                  # exported weights (fasttrain layout, see export.py)
+    load_trained("runs/base/final")                  # exported weights (fasttrain layout, see fasttrain/model/weights.py)
     load_trained("runs/base/checkpoints/step_0000100.pt")
 
 The model's config comes with the weights (config.toml beside them, or the one a
@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from fasttrain import checkpoint
-from fasttrain.config import Config, load_config
-from fasttrain.errors import UsageError
-from fasttrain.export import load_exported
-from fasttrain.model import Transformer
-from fasttrain.runtime import resolve_precision
-from fasttrain.tokenizer import Tokenizer
+from fasttrain.config import Config, check_vocab, load_config
+from fasttrain.data.tokenizer import Tokenizer
+from fasttrain.model.transformer import Transformer
+from fasttrain.model.weights import load_exported
+from fasttrain.system.device import resolve_precision
+from fasttrain.system.errors import UsageError
+from fasttrain.training import checkpoint
 
 WEIGHTS = "model.safetensors"
 
@@ -72,9 +72,7 @@ def load_trained(spec: str | os.PathLike[str], device: torch.device | str = "cpu
             raise UsageError(f"{source}: its weights do not fit its config ({str(e).splitlines()[0]})") from None
         tokenizer_path = Path(cfg.data.dir) / "tokenizer.json"
     tokenizer = Tokenizer.load(tokenizer_path)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise UsageError(f"{tokenizer_path}: {tokenizer.vocab_size} tokens, more than the model's "
-                         f"{cfg.model.vocab_size} ({source})")
+    check_vocab(cfg.model.vocab_size, tokenizer.vocab_size, str(tokenizer_path))
     return Trained(model.to(device).eval(), cfg, tokenizer, tokenizer_path, source)
 
 

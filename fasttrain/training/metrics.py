@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fasttrain.atomic import write_atomically
-from fasttrain.errors import UsageError
+from fasttrain.system.atomic import write_atomically
+from fasttrain.system.errors import UsageError
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' data sheets.
 # Matched in order against torch.cuda.get_device_name(); the first match wins.

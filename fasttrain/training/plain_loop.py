@@ -14,9 +14,9 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from fasttrain.metrics import perplexity
-from fasttrain.objective import cross_entropy_loss
-from fasttrain.runtime import resolve_device
+from fasttrain.system.device import resolve_device
+from fasttrain.training.metrics import perplexity
+from fasttrain.training.objective import cross_entropy_loss
 
 Batch = Mapping[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor]
 

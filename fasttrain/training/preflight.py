@@ -2,9 +2,10 @@
 
 A model too large for the machine otherwise ends in an allocator traceback, deep
 in construction or in the first step, or (a million layers) in a construction
-that seems to hang. The estimate is arithmetic on the config, so it answers at
-once for any shape; it is rough (within a factor of about two of the real peak)
-and only meant to catch shapes that cannot possibly fit.
+that seems to hang. The estimate is arithmetic on the config, with the parameter count
+from the model's own modules on the meta device, so it answers at once for any shape;
+it is rough (within a factor of about two of the real peak) and only meant to catch
+shapes that cannot possibly fit.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import os
 
 import torch
 
-from fasttrain.config import Config, ModelConfig
-from fasttrain.errors import UsageError
-from fasttrain.model import ffn_hidden_size
+from fasttrain.config import Config
+from fasttrain.model.transformer import num_params
+from fasttrain.system.errors import UsageError
 
 # fp32 weights (4) + their gradients (4) + AdamW's two moments (8); autocast keeps the weights in fp32.
 STATE_BYTES_PER_PARAM = 16
@@ -24,17 +25,6 @@ STATE_BYTES_PER_PARAM = 16
 # gate, up and their product (3 x hidden, about 8 x d_model). Fused attention keeps no T x T scores.
 ACTIVATIONS_PER_TOKEN_LAYER = 18  # x d_model
 GIB = 1 << 30
-
-
-def num_params(m: ModelConfig) -> int:
-    """Trainable parameters of `Transformer(m)` (a tied matrix counted once), without building it."""
-    head_dim = m.d_model // m.n_heads
-    kv_heads = m.n_kv_heads or m.n_heads
-    hidden = ffn_hidden_size(m)
-    attention = m.d_model * (m.n_heads + 2 * kv_heads) * head_dim + m.n_heads * head_dim * m.d_model
-    block = attention + 3 * m.d_model * hidden + 2 * m.d_model  # qkv and out; gate_up and down; two norms
-    embeddings = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
-    return embeddings + m.n_layers * block + m.d_model  # + the final norm
 
 
 def estimate_bytes(cfg: Config, activation_bytes: int, shards: int = 1) -> dict[str, int]:

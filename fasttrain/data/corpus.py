@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from fasttrain.errors import UsageError
-from fasttrain.shards import refuse_special_file
+from fasttrain.data.shards import refuse_special_file
+from fasttrain.system.errors import UsageError
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("pydoc", "docstrings")

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from fasttrain.errors import UsageError
+from fasttrain.system.errors import UsageError
 
 
 def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], None], what: str = "write") -> Path:

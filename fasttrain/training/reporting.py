@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from fasttrain.config import Config
-from fasttrain.metrics import MetricsLog, peak_flops, peak_memory_gb, perplexity
-from fasttrain.run_state import RunState
+from fasttrain.training.metrics import MetricsLog, peak_flops, peak_memory_gb, perplexity
+from fasttrain.training.run_state import RunState
 
 
 class IntervalMeter:

@@ -37,26 +37,28 @@ from typing import NamedTuple
 
 import torch
 
-from fasttrain import checkpoint, distributed, run_lock
-from fasttrain.checkpointing import Checkpointer
 from fasttrain.config import Config, TrainConfig, resolve, save_config
-from fasttrain.data import TokenLoader
-from fasttrain.errors import RunStopped, UsageError
-from fasttrain.export import export_weights
-from fasttrain.evaluation import validate
-from fasttrain.metrics import MetricsLog, WandbSink, import_wandb
-from fasttrain.model import Transformer, generate_text
-from fasttrain.objective import LossSums, NextTokenLoss, batch_loss, counted_targets
-from fasttrain.optim import Updater
-from fasttrain.policies import EarlyStopping, Recovery
-from fasttrain.preflight import check_fits
-from fasttrain.prepare import ensure_prepared
-from fasttrain.reporting import IntervalMeter, Report
-from fasttrain.run_state import RunState
-from fasttrain.runtime import autocast, kernels_on, resolve_train, seed_everything, use_device
-from fasttrain.schedule import lr_at
-from fasttrain.signals import SignalCatcher
-from fasttrain.tokenizer import Tokenizer
+from fasttrain.data.loader import TokenLoader
+from fasttrain.data.preparation import ensure_prepared
+from fasttrain.data.tokenizer import Tokenizer
+from fasttrain.model.generation import generate_text
+from fasttrain.model.transformer import Transformer
+from fasttrain.model.weights import export_weights
+from fasttrain.system import distributed, run_lock
+from fasttrain.system.device import autocast, kernels_on, resolve_train, seed_everything, use_device
+from fasttrain.system.errors import RunStopped, UsageError
+from fasttrain.system.signals import SignalCatcher
+from fasttrain.training import checkpoint
+from fasttrain.training.checkpoint import Checkpointer
+from fasttrain.training.metrics import MetricsLog, WandbSink, import_wandb
+from fasttrain.training.objective import LossSums, NextTokenLoss, batch_loss, counted_targets
+from fasttrain.training.optimizers import Updater
+from fasttrain.training.policies import EarlyStopping, Recovery
+from fasttrain.training.preflight import check_fits
+from fasttrain.training.reporting import IntervalMeter, Report
+from fasttrain.training.run_state import RunState
+from fasttrain.training.schedule import lr_at
+from fasttrain.training.validation import validate
 
 
 class Interrupted(RunStopped):
@@ -94,7 +96,7 @@ class Trainer:
     config given is not changed); nothing is written to `train.out_dir` until
     `train()` or `save_checkpoint()`. Call `resume()` before `train()` to continue a saved run.
 
-    Under torchrun (see fasttrain/distributed.py) every rank builds a Trainer: each
+    Under torchrun (see fasttrain/system/distributed.py) every rank builds a Trainer: each
     reads its own part of the data, the gradients are averaged (DDP) or sharded
     (FSDP), the logged loss is over all ranks' targets, and only rank 0 prints and writes.
     """
@@ -220,8 +222,8 @@ class Trainer:
         """Train to `train.max_steps`, logging, evaluating and checkpointing on the way; returns a summary.
 
         Writes `config.toml` (the resolved config), `metrics.jsonl`, checkpoints and,
-        at the end, the final weights (`final/`, see fasttrain/export.py) into
-        `train.out_dir`, which it locks for its duration (run_lock.py: UsageError if another
+        at the end, the final weights (`final/`, see fasttrain/model/weights.py) into
+        `train.out_dir`, which it locks for its duration (fasttrain/system/run_lock.py: UsageError if another
         process trains there). A new run refuses a directory that holds another run's
         checkpoints unless `overwrite`, which deletes them first. Compile time (the
         first step, on a compiled model) is reported on its own and kept out of the
@@ -362,7 +364,7 @@ class Trainer:
         raise Interrupted(f"stopped by {name} at step {self.run.step}; saved {path}", 128 + signum)
 
     def save_checkpoint(self, best: bool = False) -> Path:
-        """Save the run into its checkpoints/ (see checkpointing.py), as the best one too if `best`;
+        """Save the run into its checkpoints/ (see checkpoint.py), as the best one too if `best`;
         returns the file. Every rank must call it."""
         return self.checkpoints.save(self.run, self.train_loader, best)
 

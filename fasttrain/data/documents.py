@@ -35,9 +35,9 @@ from typing import Literal
 
 import numpy as np
 
-from fasttrain.atomic import write_atomically
-from fasttrain.errors import UsageError
-from fasttrain.shards import ShardInfo, token_blocks
+from fasttrain.data.shards import ShardInfo, token_blocks
+from fasttrain.system.atomic import write_atomically
+from fasttrain.system.errors import UsageError
 
 Batching = Literal["packed", "padded", "aligned"]
 IGNORE_INDEX = -100  # the target of a pad: it adds nothing to the loss or its gradient

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fasttrain.config import KernelsConfig, TrainConfig
-from fasttrain.errors import UsageError
+from fasttrain.system.errors import UsageError
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from fasttrain.errors import UsageError
+from fasttrain.system.errors import UsageError
 
 MAGIC = 20240520
 LLMC_UINT32_MAGIC = 20240801  # llm.c's Llama 3 shards: uint32 tokens, no width field
@@ -190,3 +190,18 @@ def read_meta(directory: str | os.PathLike) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{path}: unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
     return meta
+
+
+def find_shards(directory: str | os.PathLike, split: str) -> list[ShardInfo]:
+    """Every `*{split}_*.bin` shard in `directory` (llm.c's names match too), headers checked."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: no such data directory (run python -m fasttrain.prepare --out {directory})")
+    paths = sorted(directory.glob(f"*{split}_*.bin"))
+    if not paths:
+        raise UsageError(f"{directory}: no {split} shards ({split}_*.bin)")
+    shards = [read_header(p) for p in paths]
+    for s in shards:
+        if s.dtype != shards[0].dtype:
+            raise UsageError(f"{s.path}: {s.dtype} tokens, but {shards[0].path} has {shards[0].dtype}; one split, one width")
+    return shards

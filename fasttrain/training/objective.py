@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fasttrain.documents import IGNORE_INDEX
-from fasttrain.model import Transformer
+from fasttrain.data.documents import IGNORE_INDEX
+from fasttrain.model.transformer import Transformer
 
 
 class LossSums(NamedTuple):

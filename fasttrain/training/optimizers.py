@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from fasttrain.config import OptimConfig
-from fasttrain.errors import UsageError
-from fasttrain.runtime import native_bf16
+from fasttrain.system.device import native_bf16
+from fasttrain.system.errors import UsageError
 from kernels.newton_schulz import newton_schulz_reference
 
 

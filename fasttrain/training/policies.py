@@ -10,7 +10,7 @@ import dataclasses
 from pathlib import Path
 
 from fasttrain.config import RecoveryConfig
-from fasttrain.run_state import RunState
+from fasttrain.training.run_state import RunState
 
 
 class Recovery:

@@ -8,11 +8,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fasttrain import distributed
-from fasttrain.data import TokenLoader
-from fasttrain.metrics import perplexity
-from fasttrain.objective import LossSums
-from fasttrain.runtime import autocast
+from fasttrain.data.loader import TokenLoader
+from fasttrain.system import distributed
+from fasttrain.system.device import autocast
+from fasttrain.training.metrics import perplexity
+from fasttrain.training.objective import LossSums
 
 
 @torch.no_grad()

@@ -1,18 +1,29 @@
-"""Checkpoint files: atomic saves, the `latest` and `best` pointers, what is kept, and safe loading.
+"""Checkpoints: what a run's checkpoint holds, its files and pointers, and saving and restoring it on every rank.
 
 A run directory's checkpoints/ holds
 
-    step_0000100.pt   one file per save (what is in it: Trainer.state_dict)
+    step_0000100.pt   one file per save
     latest            the file name of the newest complete save
     best              the file name of the save with the lowest validation loss
 
-Each file is written under a temporary name, fsync'd and renamed (fasttrain/atomic.py),
+A checkpoint file is a dict of
+
+    model, optimizer      full (unsharded) state dicts
+    scaler                the fp16 GradScaler's state
+    step, tokens_seen...  the RunState's fields, at the top level
+    ranks                 each rank's training-loader position and random generator states
+    parallel              "none", "ddp" or "fsdp": with len(ranks), what a resume must match
+    config                the run's resolved config, as TOML
+
+Each file is written under a temporary name, fsync'd and renamed (fasttrain/system/atomic.py),
 and a pointer is updated only once the file it names is complete, so a crash or
 `kill -9` at any moment leaves `latest` naming a loadable checkpoint. Old saves are
 deleted last, and never one that a pointer names.
 
 Loading uses `torch.load(weights_only=True)`: a checkpoint may hold tensors, numbers,
 strings and containers of them, never code to run.
+
+The functions below are the files; `Checkpointer` is what a run saves into them and restores from them.
 """
 
 from __future__ import annotations
@@ -26,10 +37,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from fasttrain.atomic import write_atomically
-from fasttrain.config import Config, parse_config
-from fasttrain.errors import UsageError
+from fasttrain.config import Config, config_to_toml, parse_config
+from fasttrain.data.loader import TokenLoader
+from fasttrain.system import distributed
+from fasttrain.system.atomic import write_atomically
+from fasttrain.system.errors import UsageError
+from fasttrain.training.optimizers import Updater
+from fasttrain.training.run_state import RunState
 
 REQUIRED_KEYS = ("model", "optimizer", "step", "config")  # what marks a file as a fasttrain checkpoint
 RESHAPE_FREE = ("dropout",)  # [model] keys a resumed run may change: they alter no weight
@@ -57,7 +73,7 @@ def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: i
          keep: Path | None = None) -> Path:
     """Write `state` as `directory/step_<step>.pt`, point `latest` (and `best` if `best`) at it, prune.
 
-    Keeps the newest `keep_last` saves, the one `best` names and `keep`. Raises UsageError,
+    Keeps the newest `checkpoint.keep_last` saves, the one `best` names and `keep`. Raises UsageError,
     with every earlier save intact, if the disk is full or the directory unwritable.
     """
     directory = Path(directory)
@@ -211,3 +227,73 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+class Checkpointer:
+    """Saves and restores the state of `model` and `updater`, with the RunState and loader given per
+    call, in `cfg.train.out_dir`/checkpoints. Every rank must call `save` and `restore`: FSDP gathers
+    and re-shards the full state, rank 0 alone writes and the others wait for it."""
+
+    def __init__(self, cfg: Config, model: nn.Module, updater: Updater, world: distributed.World, parallel: str,
+                 device: torch.device):
+        self.cfg, self.model, self.updater, self.world, self.parallel = cfg, model, updater, world, parallel
+        self.device = device  # where a restored state's tensors go
+        self.directory = Path(cfg.train.out_dir) / "checkpoints"
+
+    def state_dict(self, run: RunState, loader: TokenLoader) -> dict:
+        """Everything needed to continue the run exactly: what a checkpoint file holds."""
+        model, optimizer = distributed.full_state(self.model, self.updater.optimizer, self.parallel == "fsdp")
+        return {
+            "model": model,
+            "optimizer": optimizer,
+            "scaler": self.updater.scaler.state_dict(),
+            **run.state_dict(),  # "step" is the LR schedule's position too
+            "ranks": distributed.gather({"train_loader": loader.state_dict(), "rng": rng_state()},
+                                        self.world),
+            "parallel": self.parallel,
+            "config": config_to_toml(self.cfg),
+        }
+
+    def save(self, run: RunState, loader: TokenLoader, best: bool = False, keep: Path | None = None) -> Path:
+        """Save the run at `run.step`; returns the file. Keeps the newest `checkpoint.keep_last` saves,
+        the best one (this save if `best`) and `keep`."""
+        state = self.state_dict(run, loader)
+        path = path_for(self.directory, run.step)
+        if self.world.is_main:
+            path = save(state, self.directory, run.step, self.cfg.checkpoint.keep_last, best, keep)
+        distributed.barrier(self.world)
+        return path
+
+    def restore(self, path: str | Path, loader: TokenLoader) -> RunState:
+        """Load the checkpoint at `path` into the model, optimizer, scaler, `loader` and the random
+        generators; returns its RunState. UsageError if it comes from a model of another shape, another
+        optimizer, or another number of ranks or parallel mode, or cannot be loaded."""
+        state = load(path, self.device)
+        check_same_model(state, self.cfg, path)
+        check_same_optimizer(state, self.cfg, path)
+        check_same_world(state, self.world.size, self.parallel, path)
+        try:
+            distributed.load_full_state(self.model, self.updater.optimizer, state["model"], state["optimizer"],
+                                        self.parallel == "fsdp")
+            self.updater.scaler.load_state_dict(state["scaler"])
+            mine = state["ranks"][self.world.rank]
+            loader.load_state_dict(mine["train_loader"])
+            set_rng_state(mine["rng"])
+            return RunState.from_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError, UsageError) as e:
+            raise UsageError(f"{path}: cannot continue from it ({str(e).splitlines()[0]})") from None
+
+    def point_latest(self, path: Path) -> None:
+        """Make `latest` name `path` again (after a rollback to it), so a resume starts there too."""
+        if self.world.is_main:
+            point(self.directory, "latest", path)
+        distributed.barrier(self.world)
+
+    def latest(self) -> Path | None:
+        """The newest complete save, or None before the first."""
+        return pointed(self.directory, "latest")
+
+    def claim(self, overwrite: bool) -> None:
+        """Make the run directory ready for a new run (see claim); every rank checks first."""
+        claim(self.directory.parent, overwrite, delete=self.world.is_main)
+        distributed.barrier(self.world)

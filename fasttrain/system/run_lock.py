@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
-from fasttrain.errors import UsageError
+from fasttrain.system.errors import UsageError
 
 try:
     import fcntl

@@ -1,0 +1,415 @@
+"""Preparing data: a text corpus tokenized into train/val token shards (`prepare`), and the cache of
+prepared data a run without data.dir trains from (`ensure_prepared`). Its command line is
+`python -m fasttrain.prepare --input PATH [PATH ...] --out DIR`.
+
+Writes into DIR: `train_000000.bin`, ... and `val_000000.bin`, ... (see
+fasttrain/data/shards.py), `tokenizer.json` and `meta.json` (vocabulary size, token
+and document counts, sources). Every document is preceded by the end-of-text
+token, so each one starts with a clean context, as in llm.c.
+
+The corpus is streamed: documents are read in pieces, tokenized in parallel
+batches and appended to shards on disk, so memory stays bounded whatever the
+corpus size. Everything is written into DIR/.prepare-tmp first and moved into
+place only once complete; an interrupted run leaves DIR as it was.
+
+The validation split is by documents: whole documents are held out until they
+make up about F of the text (see `split_documents`). When the input holds fewer
+than two documents (one big text file), the last F of the text is held out
+instead, cut at a line end; meta.json's "split" says which was done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from fasttrain.config import DataConfig
+from fasttrain.data.corpus import Piece, Source, resolve_inputs
+from fasttrain.data.shards import ShardInfo, ShardWriter, find_shards, read_meta, token_dtype
+from fasttrain.data.tokenizer import Tokenizer
+from fasttrain.system.errors import UsageError
+
+SPLITS = ("train", "val")
+PREPARED = ("meta.json", "tokenizer.json", "train_*.bin", "val_*.bin", "*.bin.docs.npy")  # what --overwrite replaces
+TMP_NAME = ".prepare-tmp"
+
+
+@dataclass(frozen=True)
+class Split:
+    """How the validation split is made: "documents" (whole ones), or "end_of_text" when there are
+    too few documents for that, holding out what follows character `cut` (cut at a line end)."""
+
+    by: Literal["documents", "end_of_text"]
+    val_fraction: float
+    total_chars: int = 0  # end_of_text: the whole text's length, counted beforehand
+
+    @property
+    def cut(self) -> int:
+        return math.ceil((1 - self.val_fraction) * self.total_chars)
+
+    def describe(self) -> dict:
+        """For meta.json."""
+        return {"by": self.by} if self.by == "documents" else {"by": self.by, "cut_at_char": self.cut,
+                                                                "total_chars": self.total_chars}
+
+
+def plan_split(sources: Sequence[Source], text_field: str, val_fraction: float) -> Split:
+    """By documents if the input holds two non-empty ones or more, else by the end of the text.
+
+    Reads only until the second document in the usual case; a corpus of one document is read
+    through once to count its characters (cheap next to tokenizing it).
+    """
+    if val_fraction == 0:
+        return Split("documents", 0.0)
+    documents, chars, length = 0, 0, 0
+    for src in sources:
+        for piece in src.pieces(text_field):
+            length += len(piece.text)
+            if piece.ends_document:
+                documents += length > 0
+                chars, length = chars + length, 0
+                if documents >= 2:
+                    return Split("documents", val_fraction)
+    return Split("end_of_text", val_fraction, chars)
+
+
+def split_documents(sources: Sequence[Source], text_field: str, split: Split) -> Iterator[tuple[str, Piece, bool]]:
+    """(split, piece, starts_document) for every piece of every source, in order.
+
+    By documents: a document joins the validation split when, counted in characters,
+    the validation split is behind `val_fraction` of everything before it. That
+    holds out about that fraction of the text, whole documents only, and is
+    deterministic; with two or more documents and a fraction above 0 the
+    validation split is never empty. By the end of the text: the piece holding
+    character `split.cut` is cut at its next line end, and what follows is
+    validation, starting as a document of its own (after an end-of-text token).
+    """
+    if split.by == "end_of_text":
+        yield from _split_end_of_text(sources, text_field, split.cut)
+        return
+    chars = {"train": 0, "val": 0}
+    which, starts = "train", True
+    for src in sources:
+        for piece in src.pieces(text_field):
+            if starts:
+                which = "val" if chars["val"] < split.val_fraction * (chars["train"] + chars["val"]) else "train"
+            chars[which] += len(piece.text)
+            yield which, piece, starts
+            starts = piece.ends_document
+
+
+def _split_end_of_text(sources: Sequence[Source], text_field: str, cut: int) -> Iterator[tuple[str, Piece, bool]]:
+    seen, starts, held_out = 0, True, False
+    for src in sources:
+        for piece in src.pieces(text_field):
+            if not held_out and seen + len(piece.text) > cut:
+                at = piece.text.find("\n", max(cut - seen, 0)) + 1  # 0: no line end here, cut in a later piece
+                if at:
+                    yield "train", Piece(piece.text[:at], False, piece.replaced), starts
+                    held_out, starts = True, True
+                    piece = Piece(piece.text[at:], piece.ends_document)
+                    if not piece.text:  # the cut fell at the piece's end: validation starts with the next one
+                        continue
+            seen += len(piece.text)
+            yield ("val" if held_out else "train"), piece, starts
+            starts = piece.ends_document
+
+
+def _train_texts(sources: Sequence[Source], text_field: str, split: Split, max_chars: int) -> Iterator[str]:
+    """Training-split text for learning the tokenizer, stopping after about `max_chars` characters."""
+    seen = 0
+    for which, piece, _ in split_documents(sources, text_field, split):
+        if seen >= max_chars:
+            return
+        if which == "train":
+            seen += len(piece.text)
+            yield piece.text
+
+
+class _ShardSequence:
+    """Appends tokens to `{split}_000000.bin`, `{split}_000001.bin`, ..., starting a new shard every `shard_tokens`."""
+
+    def __init__(self, directory: Path, split: str, vocab_size: int, shard_tokens: int):
+        self.directory, self.split, self.vocab_size, self.shard_tokens = directory, split, vocab_size, shard_tokens
+        self.done: list[ShardInfo] = []
+        self.writer: ShardWriter | None = None
+        self.documents = 0
+        self.text_bytes = 0  # UTF-8 bytes of the text behind the tokens, for bits per byte
+        self.replaced = 0  # invalid UTF-8 sequences replaced in that text
+
+    def write(self, tokens: np.ndarray) -> None:
+        while tokens.size:
+            if self.writer is None:
+                name = f"{self.split}_{len(self.done):06d}.bin"
+                self.writer = ShardWriter(self.directory / name, self.vocab_size)
+            room = self.shard_tokens - self.writer.num_tokens
+            self.writer.write(tokens[:room])
+            tokens = tokens[room:]
+            if self.writer.num_tokens == self.shard_tokens:
+                self.done.append(self.writer.close())
+                self.writer = None
+
+    def close(self) -> list[ShardInfo]:
+        if self.writer is not None:
+            self.done.append(self.writer.close())
+            self.writer = None
+        return self.done
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.done) + (self.writer.num_tokens if self.writer else 0)
+
+
+def _encode_into(
+    sources: Sequence[Source],
+    tokenizer: Tokenizer,
+    outputs: dict[str, _ShardSequence],
+    split: Split,
+    text_field: str,
+    batch_chars: int,
+    progress: tqdm,
+) -> None:
+    """Tokenize every document into its split's shards, a batch of pieces at a time."""
+    eot = np.array([tokenizer.eot_id], dtype=np.int64)
+    pieces = split_documents(sources, text_field, split)
+    while True:
+        # Gather about `batch_chars` of text, then encode it in one parallel call.
+        batch, chars = [], 0
+        for split, piece, starts in pieces:
+            if not (starts and piece.ends_document and not piece.text):  # an empty document adds nothing
+                batch.append((split, piece, starts))
+                chars += len(piece.text)
+                if chars >= batch_chars:
+                    break
+        if not batch:
+            return
+        encoded = tokenizer.encode_batch([piece.text for _, piece, _ in batch])
+        for split, out in outputs.items():
+            parts = []
+            for (s, piece, starts), ids in zip(batch, encoded):
+                if s != split:
+                    continue
+                if starts:
+                    parts.append(eot)
+                    out.documents += 1
+                out.text_bytes += len(piece.text.encode("utf-8"))
+                out.replaced += piece.replaced
+                parts.append(np.asarray(ids, dtype=np.int64))
+            if parts:
+                out.write(np.concatenate(parts))
+        progress.update(chars)
+
+
+def prepare(
+    inputs: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    vocab_size: int = 4096,
+    tokenizer_path: str | None = None,
+    val_fraction: float = 0.1,
+    overwrite: bool = False,
+    shard_tokens: int = 100_000_000,
+    text_field: str = "text",
+    tokenizer_train_chars: int = 200_000_000,
+    batch_chars: int = 8_000_000,
+    quiet: bool = False,
+) -> dict:
+    """Tokenize `inputs` into shards in `out_dir` and return the contents of its meta.json.
+
+    The tokenizer is loaded from `tokenizer_path`, or else a byte-level BPE of
+    `vocab_size` tokens is trained on (up to `tokenizer_train_chars` of) the
+    training split. Bad input raises `UsageError` and leaves `out_dir` as it was.
+    """
+    if not 0 <= val_fraction < 1:
+        raise UsageError(f"--val-fraction: must be in [0, 1), got {val_fraction}")
+    if shard_tokens <= 0 or shard_tokens >= 1 << 31:
+        raise UsageError(f"--shard-tokens: must be in [1, 2^31), got {shard_tokens}")
+    sources = resolve_inputs(inputs)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    existing = sorted(p for pattern in PREPARED for p in out.glob(pattern))
+    if existing and not overwrite:
+        if not (out / "meta.json").exists():  # shards without their description: not data that can be used
+            raise UsageError(f"{out}: holds {existing[0].name} but no meta.json (a damaged or unfinished "
+                             "preparation); pass --overwrite to prepare it again")
+        raise UsageError(f"{out}: already holds prepared data ({existing[0].name}); pass --overwrite to replace it")
+    tmp = out / TMP_NAME
+    created = not out.exists()  # removed again if this run fails, so DIR is left as it was
+    try:
+        if tmp.exists():  # left by a run that was killed
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise UsageError(f"{out}: cannot write ({e.strerror})") from None
+
+    outputs: dict[str, _ShardSequence] = {}
+    try:
+        start = time.perf_counter()
+        split = plan_split(sources, text_field, val_fraction)
+        if split.by == "end_of_text" and not quiet:
+            print(f"split: fewer than two documents, so the last {val_fraction:g} of the text "
+                  f"(from character {split.cut:,} of {split.total_chars:,}, at a line end) is held out for validation")
+        if tokenizer_path:
+            tokenizer = Tokenizer.load(tokenizer_path)
+        else:
+            texts = _train_texts(sources, text_field, split, tokenizer_train_chars)
+            tokenizer = Tokenizer.train(texts, vocab_size)
+        tokenizer_seconds = time.perf_counter() - start
+
+        outputs = {s: _ShardSequence(tmp, s, tokenizer.vocab_size, shard_tokens) for s in SPLITS}
+        total = sum(src.size for src in sources)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=quiet or None) as progress:
+            _encode_into(sources, tokenizer, outputs, split, text_field, batch_chars, progress)
+        shards = {s: outputs[s].close() for s in SPLITS}
+        seconds = time.perf_counter() - start
+
+        counts = {s: outputs[s].num_tokens for s in SPLITS}
+        if counts["train"] == 0:
+            raise UsageError(f"{', '.join(inputs)}: no text found")
+        if val_fraction > 0 and counts["val"] == 0:  # by the end of the text, with no line end after the cut
+            raise UsageError(
+                f"--val-fraction {val_fraction}: nothing was held out (one document, with no line end in its "
+                "last part to cut at); give more text or documents (one per file or JSONL line) or --val-fraction 0"
+            )
+        tokenizer.save(tmp / "tokenizer.json")
+        meta = {
+            "vocab_size": tokenizer.vocab_size,
+            "eot_id": tokenizer.eot_id,
+            "token_dtype": token_dtype(tokenizer.vocab_size).name,
+            "tokens": counts,
+            "documents": {s: outputs[s].documents for s in SPLITS},
+            "split": split.describe(),
+            "text_bytes": {s: outputs[s].text_bytes for s in SPLITS},
+            "shards": {s: [Path(i.path).name for i in shards[s]] for s in SPLITS},
+            # What was asked for, so a config can tell whether this data is what it wants.
+            "request": _request(inputs, vocab_size, tokenizer_path, val_fraction, text_field),
+            "files": len(sources),
+            "invalid_utf8_replaced": sum(o.replaced for o in outputs.values()),
+            "seconds": {"tokenizer": round(tokenizer_seconds, 3), "total": round(seconds, 3)},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        # Move into place: old data out, new shards and tokenizer in, meta.json last
+        # (its presence marks a complete preparation).
+        for p in existing:
+            p.unlink()
+        for p in sorted(tmp.iterdir(), key=lambda p: p.name == "meta.json"):
+            os.replace(p, out / p.name)
+        tmp.rmdir()
+    except OSError as e:
+        raise UsageError(f"{out}: write failed ({e.strerror})") from None
+    finally:
+        for o in outputs.values():
+            o.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+    if not quiet:
+        n = counts["train"] + counts["val"]
+        replaced = meta["invalid_utf8_replaced"]
+        print(
+            f"prepared {counts['train']:,} train + {counts['val']:,} val tokens "
+            f"({meta['documents']['train']:,} + {meta['documents']['val']:,} documents, vocab {tokenizer.vocab_size}) "
+            f"in {seconds:.1f}s, {n / seconds:,.0f} tokens/s -> {out}"
+            + (f"; replaced {replaced} invalid UTF-8 sequences" if replaced else "")
+        )
+    return meta
+
+
+def _request(inputs: Sequence[str], vocab_size: int, tokenizer_path: str | None, val_fraction: float,
+             text_field: str) -> dict:
+    request = {"inputs": list(inputs), "tokenizer": tokenizer_path or None,
+               "vocab_size": None if tokenizer_path else vocab_size, "val_fraction": val_fraction}
+    if text_field != "text":  # recorded only when it is not the default, so earlier caches keep their keys
+        request["text_field"] = text_field
+    return request
+
+
+def cache_dir(request: dict) -> Path:
+    """Where data prepared for `request` is cached when the config leaves data.dir unset.
+
+    Under $FASTTRAIN_CACHE, else $XDG_CACHE_HOME/fasttrain, else ~/.cache/fasttrain;
+    one directory per distinct request, so changing the vocabulary never reuses
+    stale shards. Relative input paths are made absolute for the key, since what
+    they name depends on the working directory.
+    """
+    root = os.environ.get("FASTTRAIN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fasttrain"
+    keyed = dict(request, inputs=[i if i.startswith("builtin:") else os.path.abspath(i) for i in request["inputs"]])
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+    name = re.sub(r"[^A-Za-z0-9]+", "-", request["inputs"][0].removeprefix("builtin:")).strip("-")[-40:] or "data"
+    return Path(root) / f"{name}-{digest}"
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """What `ensure_prepared` found: the directory of prepared data and its meta.json."""
+
+    dir: str
+    meta: dict
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size, end-of-text included."""
+        return int(self.meta["vocab_size"])
+
+    @property
+    def bits_per_nat(self) -> float:
+        """Validation bits per byte of text for each nat of loss per token."""
+        return self.meta["tokens"]["val"] / (self.meta["text_bytes"]["val"] * math.log(2))
+
+
+def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
+    """Make sure prepared data for [data] `d` exists, and say where it is and what it holds.
+
+    The directory is `d.dir`, or when that is "" a cache directory keyed by the request
+    (`cache_dir`). Prepares it from `d.inputs` when it holds no data; refuses data
+    prepared from other inputs or with another tokenizer, rather than train on it
+    silently. `d` itself is left as it is: see config.resolve for the config a run records.
+    """
+    wanted = _request(d.inputs, d.vocab_size, d.tokenizer, d.val_fraction, d.text_field)
+    directory = d.dir or str(cache_dir(wanted))
+    meta = read_meta(directory)
+    if meta is None:
+        meta = prepare(d.inputs, directory, vocab_size=d.vocab_size, tokenizer_path=d.tokenizer or None,
+                       val_fraction=d.val_fraction, text_field=d.text_field, quiet=quiet)
+    request = meta.get("request", {})
+    differ = [f"{k}={request.get(k)!r}" for k in sorted(request.keys() | wanted.keys()) if wanted.get(k) != request.get(k)]
+    if differ or "request" not in meta:
+        raise UsageError(
+            f"{directory}: holds data prepared with {', '.join(differ) or 'unknown settings'}, not what [data] asks for; "
+            "point data.dir elsewhere or remove the directory"
+        )
+    _check_consistent(Path(directory), meta)
+    return PreparedData(directory, meta)
+
+
+def _check_consistent(directory: Path, meta: dict) -> None:
+    """Refuse prepared data whose parts disagree, at start-up: before a run deletes anything (--overwrite)
+    and before an evaluation, hours in, finds no val split or divides by a zero byte count."""
+    path = directory / "meta.json"
+    tokenizer = Tokenizer.load(directory / "tokenizer.json")
+    if tokenizer.vocab_size != int(meta["vocab_size"]):
+        raise UsageError(f"{path}: vocab_size = {meta['vocab_size']} disagrees with tokenizer.json's "
+                         f"{tokenizer.vocab_size}; prepare the data again")
+    find_shards(directory, "val")  # every run evaluates
+    text_bytes = meta.get("text_bytes")
+    val_bytes = text_bytes.get("val") if isinstance(text_bytes, dict) else None
+    if not isinstance(val_bytes, int) or val_bytes <= 0:
+        raise UsageError(f"{path}: text_bytes.val = {json.dumps(val_bytes)}, expected a count > 0 "
+                         "(validation bits per byte divide by it)")

@@ -1,0 +1,116 @@
+"""Generation: tokens sampled one at a time (`stream`, `generate`), through the model's KV cache, with
+top-k / top-p filtering; and `generate_text` (text in, streamed text out), which the trainer's samples
+and `python -m fasttrain.sample` use."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fasttrain.model.transformer import KVCache, Transformer
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """`logits` (B, V) with every token outside the top k, and outside the top-p nucleus, set to -inf."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token once the ones before it already reach top_p; the likeliest always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, -math.inf)
+    return logits
+
+
+@torch.no_grad()
+def stream(
+    model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+    top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yield `max_new_tokens` tokens (B, 1) that `model` samples one after another to extend `tokens` (B, T).
+
+    temperature 0 is greedy decoding. top_k keeps the k likeliest tokens; top_p
+    keeps the smallest set whose probability reaches p (nucleus sampling).
+
+    With `use_cache` the context is run once into a KVCache and each new token
+    is one forward of length 1. When the context reaches max_seq_len the cache
+    starts over from the last max_seq_len / 2 tokens, recomputed (positions are
+    baked into the cached keys, so a window cannot slide one token at a time):
+    one full forward per max_seq_len / 2 tokens. Without the cache the last
+    max_seq_len tokens are re-run for every token: a sliding window, slower.
+    Within the context both give the same logits, up to rounding.
+    """
+    window = model.cfg.max_seq_len
+    cache = KVCache(model.cfg) if use_cache else None
+    context = tokens[:, -window:]
+    for _ in range(max_new_tokens):
+        if cache is not None and cache.length == window:  # full: start over from the later half
+            cache.length = 0
+            context = tokens[:, -(window // 2):]
+        logits = model.output(model.hidden(context, cache=cache)[:, -1]).float()  # the last position's only
+        if temperature == 0:
+            nxt = logits.argmax(dim=-1, keepdim=True)
+        else:
+            probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+            nxt = torch.multinomial(probs, 1, generator=generator)
+        tokens = torch.cat((tokens, nxt), dim=1)
+        context = nxt if cache is not None else tokens[:, -window:]
+        yield nxt
+
+def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+    """`tokens` (B, T) extended by `max_new_tokens` sampled tokens: (B, T + max_new_tokens).
+    `sampling`: the keyword arguments of `stream`."""
+    return torch.cat((tokens, *stream(model, tokens, max_new_tokens, **sampling)), dim=1)
+
+
+class TextCodec(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def generate_text(
+    model: Transformer, tokenizer: TextCodec, prompt: str, max_new_tokens: int = 64,
+    temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None, seed: int | None = None,
+    generator: torch.Generator | None = None, on_text: Callable[[str], object] | None = None,
+    use_cache: bool = True,
+) -> str:
+    """The prompt followed by `max_new_tokens` sampled tokens, as text: the trainer's samples and
+    `python -m fasttrain.sample`. `seed` makes it repeatable (or pass a `generator` to draw on).
+
+    `on_text(piece)` is called with each new piece of decoded text as it is generated (for
+    streaming); a token that ends partway through a UTF-8 character waits for the next one.
+    """
+    device = next(model.parameters()).device
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids:
+        raise ValueError("the prompt must encode to at least one token")
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device).manual_seed(seed)
+    new: list[int] = []
+    shown = ""
+    was_training = model.training
+    model.eval()
+    try:
+        for nxt in stream(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                generator=generator, use_cache=use_cache):
+            new.append(nxt.item())
+            if on_text is not None:
+                text = tokenizer.decode(new)
+                if not text.endswith("\ufffd"):  # byte-level BPE: a character may span tokens
+                    on_text(text[len(shown):])
+                    shown = text
+    finally:
+        model.train(was_training)
+    if on_text is not None:  # what the last tokens held back
+        text = tokenizer.decode(new)
+        if text != shown:
+            on_text(text[len(shown):])
+    return tokenizer.decode(prompt_ids + new)

@@ -1,0 +1,106 @@
+"""The tree is the architecture: each layer imports only the layers below it, no two modules in a folder
+differ only by a suffix, and every module says what it is (README.md, Layout).
+
+Layers, lowest first: system/errors and system/atomic -> config -> the rest of system/ -> data/ -> model/
+-> training/ -> the commands and the package itself. kernels/ stands alone and never imports fasttrain.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SUFFIXES = ("ation", "ing", "ion", "ed", "er", "e", "s")  # what turns one concept's name into a twin's
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for package in ("fasttrain", "kernels") for p in (ROOT / package).rglob("*.py")}
+
+
+def layer(module: str) -> int:
+    """0 is the lowest layer; a module may import its own layer and those below."""
+    if module in ("fasttrain.system.errors", "fasttrain.system.atomic"):
+        return 0
+    if module == "fasttrain.config":
+        return 1
+    for rank, package in enumerate(("system", "data", "model", "training"), start=2):
+        if module.startswith(f"fasttrain.{package}.") or module == f"fasttrain.{package}":
+            return rank
+    return 6  # the commands and fasttrain/__init__.py
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The fasttrain and kernels modules `path` imports, lazily inside functions too."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:  # `from package import module` names the module
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if submodule in MODULES else node.module)
+    return {m for m in found if m.split(".")[0] in ("fasttrain", "kernels")}
+
+
+GRAPH = {name: imported_modules(path) for name, path in MODULES.items()}
+
+
+def test_every_import_points_down_the_layers():
+    upward = [f"{m} (layer {layer(m)}) imports {dep} (layer {layer(dep)})"
+              for m, deps in GRAPH.items() if m.startswith("fasttrain")
+              for dep in deps if dep.startswith("fasttrain") and layer(dep) > layer(m)]
+    assert not upward, "\n".join(upward)
+
+
+def test_kernels_stand_alone():
+    assert not [m for m, deps in GRAPH.items() if m.startswith("kernels") and any(d.startswith("fasttrain") for d in deps)]
+
+
+def test_no_import_cycles():
+    def cycle_from(start: str, path: tuple[str, ...]) -> tuple[str, ...] | None:
+        for dep in GRAPH.get(path[-1], ()):
+            if dep == start:
+                return path + (dep,)
+            if dep not in path and dep in GRAPH and dep > start:  # each cycle is found from its smallest name
+                found = cycle_from(start, path + (dep,))
+                if found:
+                    return found
+        return None
+
+    cycles = [" -> ".join(c) for m in GRAPH for c in [cycle_from(m, (m,))] if c]
+    assert not cycles, "\n".join(cycles)
+
+
+def stems(name: str) -> set[str]:
+    """`name` and what is left of it without each suffix it ends with (keeping at least 4 letters)."""
+    return {name} | {name[: -len(s)] for s in SUFFIXES if name.endswith(s) and len(name) - len(s) >= 4}
+
+
+def twins(a: str, b: str) -> bool:
+    return bool(stems(a) & stems(b))
+
+
+@pytest.mark.parametrize("folder", sorted({p.parent for p in MODULES.values()}), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_two_modules_in_a_folder_differ_only_by_a_suffix(folder):
+    names = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
+    found = [(a, b) for a, b in itertools.combinations(names, 2) if twins(a, b)]
+    assert not found, f"{folder.relative_to(ROOT)}: {found}"
+
+
+def test_the_twin_rule_catches_what_the_old_tree_had():
+    for a, b in (("checkpoint", "checkpointing"), ("evaluate", "evaluation"), ("trainer", "trained"), ("train", "trainer")):
+        assert twins(a, b)
+    assert not twins("trainer", "trained_model") and not twins("corpus", "documents")
+
+
+def test_every_module_has_a_docstring():
+    missing = [name for name, path in MODULES.items() if ast.get_docstring(ast.parse(path.read_text())) is None]
+    assert not missing, missing
