@@ -46,6 +46,7 @@ def environment() -> dict[str, str]:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+        info["capability"] = "sm_{}{}".format(*torch.cuda.get_device_capability())  # the dispatch table's key
     with contextlib.suppress(ImportError):
         import triton
 

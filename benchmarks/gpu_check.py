@@ -44,6 +44,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Callable, Sequence
 
+from benchmarks.dispatch_table import table_entries
 from benchmarks.report import case_of, chart, load_results, markdown
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
@@ -214,7 +215,8 @@ def kernels_stage(ctx: Context) -> Stage:
     stage = Stage()
     benchmark_files(ctx, stage, KERNEL_BENCHMARKS, "not cpu")
     rows = races(stage.benchmarks)
-    stage.figures = {"races": rows}
+    # what "auto" would choose from these results: python -m benchmarks.dispatch_table gpu_check.json writes it
+    stage.figures = {"races": rows, "kernel_table": table_entries(stage.benchmarks)}
     ahead = sum(r["speedup"] >= 1 for r in rows)
     stage.summary = f"{len(stage.benchmarks)} cases; fasttrain fastest in {ahead} of {len(rows)} races"
     return stage

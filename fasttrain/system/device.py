@@ -12,6 +12,7 @@ import torch
 
 from fasttrain.config import KernelsConfig, TrainConfig
 from fasttrain.system.errors import UsageError
+from fasttrain.system.kernel_table import OPS, load_table, lookup
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,11 +61,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def switched_on(setting: bool | str, device: torch.device) -> bool:
-    """A true / false / "auto" setting ([kernels]) resolved: "auto" is on CUDA only."""
-    return setting is True or (setting == "auto" and device.type == "cuda")
-
-
 def resolve_compile(setting: bool | str, device: torch.device, max_steps: int) -> bool:
     """train.compile resolved: "auto" is on CUDA, and on CPU for runs of CPU_COMPILE_MIN_STEPS or more."""
     if setting == "auto":
@@ -92,19 +88,31 @@ class Kernels:
         return [f.name for f in fields(self) if getattr(self, f.name)]
 
 
-def kernels_on(cfg: KernelsConfig, device: torch.device, sharded: bool = False, precision: str = "fp32") -> Kernels:
-    """[kernels] resolved for `device` ("auto" is on CUDA). The AdamW kernel takes whole tensors, not
-    FSDP's DTensor shards, so `sharded` turns "auto" off and refuses true. The linear cross-entropy
-    is also "auto" on a CPU under bf16 (`precision`): F.cross_entropy would cast the whole bf16
-    logits to fp32 and stream them through memory several times, where its PyTorch path works on
-    row blocks in cache, writing the gradient in the forward."""
+def kernels_on(cfg: KernelsConfig, device: torch.device, sharded: bool = False, precision: str = "fp32",
+               shapes: dict[str, dict[str, int]] | None = None, compiled: bool = False,
+               capability: str | None = None, table: list[dict] | None = None) -> Kernels:
+    """[kernels] resolved for `device`. true and false are taken as they are; "auto" on a GPU is the
+    measured dispatch table's verdict (fasttrain/system/kernel_table.py) for the run's `shapes` (per op:
+    rms_norm {"hidden"}, linear_cross_entropy {"hidden", "vocab"}, adamw {"params"}), in its mode
+    (`compiled` or eager) on a GPU of its `capability` ("sm_90"; default: the device's): on only where
+    the kernel was measured faster than stock there, else stock. `table`: its entries (default: the
+    committed one). The AdamW kernel takes whole tensors, not FSDP's DTensor shards, so `sharded` turns
+    "auto" off and refuses true. On a CPU "auto" is off, except the linear cross-entropy under bf16
+    (`precision`): F.cross_entropy would cast the whole bf16 logits to fp32 and stream them through
+    memory several times, where its PyTorch path works on row blocks in cache."""
     if sharded and cfg.adamw is True:
         raise UsageError('kernels.adamw = true does not work with train.parallel = "fsdp" yet; set it to "auto" or false')
-    cpu_bf16 = (cfg.linear_cross_entropy == "auto" and device.type == "cpu" and precision == "bf16"
-                and importlib.util.find_spec("triton") is not None)  # kernels/ imports it, even for the CPU path
-    return Kernels(linear_cross_entropy=switched_on(cfg.linear_cross_entropy, device) or cpu_bf16,
-                   rms_norm=switched_on(cfg.rms_norm, device),
-                   adamw=switched_on(cfg.adamw, device) and not sharded)
+    if device.type == "cuda":
+        if capability is None:
+            capability = "sm_{}{}".format(*torch.cuda.get_device_capability(device))
+        entries = load_table() if table is None else table
+        mode = "compiled" if compiled else "eager"
+        measured = {op: lookup(entries, capability, op, mode, shape) for op, shape in (shapes or {}).items()}
+        auto = {op: m is not None and m.use for op, m in measured.items()}
+    else:  # kernels/ imports triton even for its PyTorch path
+        auto = {"linear_cross_entropy": precision == "bf16" and importlib.util.find_spec("triton") is not None}
+    on = {op: getattr(cfg, op) is True or (getattr(cfg, op) == "auto" and auto.get(op, False)) for op in OPS}
+    return Kernels(**{**on, "adamw": on["adamw"] and not sharded})
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

@@ -42,7 +42,7 @@ from fasttrain.data.loader import TokenLoader
 from fasttrain.data.preparation import ensure_prepared
 from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.model.generation import generate_text
-from fasttrain.model.transformer import Transformer
+from fasttrain.model.transformer import Transformer, num_params
 from fasttrain.model.weights import export_weights
 from fasttrain.system import distributed, run_lock
 from fasttrain.system.device import autocast, kernels_on, resolve_train, seed_everything, use_device
@@ -120,7 +120,10 @@ class Trainer:
         self.accumulation = accumulation_steps(t, self.world.size)
         self.parallel = t.parallel if self.world.distributed else "none"  # what a checkpoint records too
         self.sharded = self.parallel == "fsdp"
-        self.kernels = kernels_on(cfg.kernels, self.device, self.sharded, self.precision)
+        m = self.cfg.model  # the shapes the measured dispatch table is read at ("auto" on a GPU)
+        shapes = {"rms_norm": {"hidden": m.d_model}, "linear_cross_entropy": {"hidden": m.d_model, "vocab": m.vocab_size},
+                  "adamw": {"params": num_params(m)}}
+        self.kernels = kernels_on(cfg.kernels, self.device, self.sharded, self.precision, shapes, compiled=t.compile)
         check_fits(self.cfg, self.device, self.precision, self.world.size if self.sharded else 1)  # before allocating
         # `model` is the network: its weights, sampling, checkpoints. `objective` is its loss, what trains
         # and evaluates: inside DDP (or sharded by FSDP), and compiled in place if asked. Sampling runs

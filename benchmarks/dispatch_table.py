@@ -1,0 +1,90 @@
+"""Write the measured dispatch table (fasttrain/system/kernel_table.py) from GPU benchmark results.
+
+    python -m benchmarks.dispatch_table RESULTS.json [RESULTS.json ...] [--out fasttrain/system/kernel_table.json]
+
+RESULTS are gpu_check.json files or `pytest benchmarks/ --benchmark-json` files from a GPU. Per GPU
+capability, op, shape and mode, the kernel's median is raced against the fastest stock path the trainer
+would run instead, and the entry says `use` only where the kernel is faster by MARGIN:
+
+    op                    case (bench file)                       stock, eager        stock, compiled
+    rms_norm              residual, forward + backward (rms_norm)  eager, torch        (none: needs a block A/B)
+    linear_cross_entropy  forward + backward (cross_entropy)       eager               compiled
+    adamw                 with clipping (adamw)                    torch_fused, torch_foreach (the optimizer is not compiled)
+
+A norm inside a compiled model is fused by inductor with its neighbours, so an op-level race says nothing
+about it there: compiled rms_norm entries wait for a whole-block A/B, and until then "auto" leaves it off
+under torch.compile. The gpu_check `kernels` stage records the same entries in its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fasttrain.system.kernel_table import TABLE
+
+MARGIN = 0.98  # on only where the kernel's median is at most this fraction of stock's: a 2% win, not noise
+
+# op -> (benchmark function, selects the trainer's case, its shape, stock implementations per mode)
+CASES = {
+    "rms_norm": ("test_rms_norm", lambda e: e.get("residual") and e.get("passes") == "forward+backward",
+                 lambda e: {"hidden": e["hidden"]}, {"eager": ("eager", "torch")}),
+    "linear_cross_entropy": ("test_linear_cross_entropy_fwd_bwd", lambda e: True,
+                             lambda e: {"hidden": e["hidden"], "vocab": e["vocab"]},
+                             {"eager": ("eager",), "compiled": ("compiled",)}),
+    "adamw": ("test_adamw_step", lambda e: e.get("clip"), lambda e: {"params": e["parameters"]},
+              {"eager": ("torch_fused", "torch_foreach"), "compiled": ("torch_fused", "torch_foreach")}),
+}
+
+
+def capability_of(results: dict) -> str | None:
+    """The GPU's compute capability as the gpu_check env stage recorded it ("sm_90"), if it did."""
+    env = results.get("gpu_check", {}).get("stages", {}).get("env", {}).get("figures", {}).get("environment", {})
+    return env.get("capability")
+
+
+def table_entries(benchmarks: list[dict], capability: str | None = None) -> list[dict]:
+    """The dispatch entries the GPU cases among `benchmarks` support (each case's extra_info names its gpu,
+    and its capability where `capability` does not)."""
+    medians: dict[tuple, dict[str, float]] = {}
+    for b in benchmarks:
+        e = b["extra_info"]
+        gpu, cap = e.get("gpu"), e.get("capability", capability)
+        for op, (function, selects, shape_of, _) in CASES.items():
+            if b["name"].split("[")[0] == function and gpu and cap and selects(e):
+                key = (cap, gpu, op, tuple(sorted(shape_of(e).items())))
+                medians.setdefault(key, {})[e["impl"]] = b["stats"]["median"]
+    entries = []
+    for (cap, gpu, op, shape), times in sorted(medians.items()):
+        for mode, stock_impls in CASES[op][3].items():
+            stock = {impl: times[impl] for impl in stock_impls if impl in times}
+            if "fasttrain" not in times or not stock:
+                continue
+            rival = min(stock, key=stock.get)
+            entries.append({"capability": cap, "gpu": gpu, "op": op, "mode": mode, "shape": dict(shape),
+                            "use": times["fasttrain"] <= MARGIN * stock[rival],
+                            "fasttrain_ms": round(times["fasttrain"] * 1e3, 4), "stock_ms": round(stock[rival] * 1e3, 4),
+                            "stock": rival})
+    return entries
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.dispatch_table", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", help="gpu_check.json or pytest-benchmark JSON files from a GPU")
+    parser.add_argument("--out", default=str(TABLE), help=f"where to write the table (default {TABLE})")
+    args = parser.parse_args(argv)
+    entries = []
+    for path in args.results:
+        results = json.loads(Path(path).read_text())
+        entries += table_entries(results["benchmarks"], capability_of(results))
+    lines = ",\n".join("  " + json.dumps(e) for e in entries)  # an entry a line: diffs read per entry
+    Path(args.out).write_text(f'{{"source": {json.dumps(args.results)}, "margin": {MARGIN}, "entries": [\n{lines}\n]}}\n')
+    for e in entries:
+        print(f"{e['capability']} {e['op']:<21} {e['mode']:<8} {e['shape']}: {'on ' if e['use'] else 'off'} "
+              f"{e['fasttrain_ms']:.4g} ms vs {e['stock']} {e['stock_ms']:.4g} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
