@@ -1,6 +1,6 @@
 """The GPU acceptance pack: every GPU check and measurement from one command, the results in four files.
 
-    python -m benchmarks.gpu_check [--stage env|tests|kernels|step|train ...] [--out DIR] [--dry-run]
+    python -m benchmarks.gpu_check [--stage env|tests|kernels|step|profile|train ...] [--out DIR] [--dry-run]
     python -m benchmarks.gpu_check --combine RESULTS.json [RESULTS.json ...] --out DIR
 
 Stages (default: all, in this order). Each runs in a process of its own under its own time
@@ -10,7 +10,10 @@ limit, so a crash or a hang in one leaves the others' results intact:
            a device-to-device copy (GB/s) and a large bf16 matmul (TFLOP/s)
   tests    the test suite on the GPU, so the CUDA-only tests run too
   kernels  every kernel benchmark against eager PyTorch, torch.compile and Liger-Kernel (when installed)
-  step     the 124M and 350M training step, fasttrain against the stock pieces: tokens/s, MFU, memory
+  step     the 124M and 350M training step: fasttrain (auto), every kernel on, and the stock pieces:
+           tokens/s, MFU, memory
+  profile  the 124M step of each of those: step times (min, median, spread) and the time per step by
+           kernel category (matmul, attention, norm, cross-entropy, optimizer, elementwise, idle)
   train    a short real run of configs/gpt2-small.toml on the embedded docstrings corpus (bf16, compiled,
            every kernel on): the loss falls, nothing recompiles after warm-up, a checkpoint resumes
            bit for bit; then the document-masking path (bucketed padding, compiled flex attention)
@@ -49,7 +52,7 @@ from benchmarks.report import case_of, chart, load_results, markdown
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("env", "tests", "kernels", "step", "train")
+STAGES = ("env", "tests", "kernels", "step", "profile", "train")
 STAGE_SECONDS = 540  # each stage's limit: inside one 10-minute command on the lent GPU machine
 FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.png", "gpu_check.log")
 KERNEL_BENCHMARKS = ("bench_cross_entropy.py", "bench_rms_norm.py", "bench_adamw.py")
@@ -233,6 +236,30 @@ def step_stage(ctx: Context) -> Stage:
     return stage
 
 
+def profile_stage(ctx: Context) -> Stage:
+    """Where the 124M step's time goes, for each kernel setting of bench_train_step (auto, every kernel on,
+    stock): step times from CUDA events (min, median, stdev: the spread), then the profiled time per step
+    by kernel category, the device's idle time included (benchmarks/profile_step.py)."""
+    from benchmarks.bench_train_step import CONFIGS, GPU_CONFIGS, GPU_SETTINGS, KERNELS, make_trainer
+    from benchmarks.conftest import sizes
+    from benchmarks.profile_step import profile_trainer
+
+    stage = Stage()
+    config = GPU_CONFIGS[0]
+    device = "train.device=cpu" if ctx.dry_run else "train.device=cuda"
+    for impl, settings in KERNELS.items():
+        data_dir = ctx.work / f"profile-{impl}"
+        trainer = make_trainer(CONFIGS / config, data_dir, device, *GPU_SETTINGS, *settings)
+        found = profile_trainer(trainer, sizes(20, 3), data_dir)
+        print(f"{config} {impl} (kernels: {', '.join(trainer.kernels.names()) or 'none'})\n{found['table']}")
+        stage.figures[impl] = {"config": config, "kernels": trainer.kernels.names(), "step_ms": found["step_ms"],
+                               "ms_per_step": found["ms_per_step"]}
+        stage.check(f"{impl} profiled", bool(found["ms_per_step"]), f"median step {found['step_ms']['median']:.2f} ms")
+    stage.summary = "; ".join(f"{impl} {f['step_ms']['median']:.1f} ms (stdev {f['step_ms']['stdev']:.1f})"
+                              for impl, f in stage.figures.items())
+    return stage
+
+
 # ----------------------------------------------------------------------------- train
 
 LOSS_DROP = 0.1  # the loss must fall by 10% of its first value over a run, at least
@@ -353,7 +380,8 @@ def train_stage(ctx: Context) -> Stage:
 
 
 WORKERS: dict[str, Callable[[Context], Stage]] = {
-    "env": env_stage, "tests": tests_stage, "kernels": kernels_stage, "step": step_stage, "train": train_stage,
+    "env": env_stage, "tests": tests_stage, "kernels": kernels_stage, "step": step_stage, "profile": profile_stage,
+    "train": train_stage,
 }
 
 

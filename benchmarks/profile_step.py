@@ -4,15 +4,22 @@
 
 Builds the config's Trainer as bench_train_step does (random tokens already on the
 device, one micro-batch per step), runs 3 warm-up steps (compilation, autotuning),
-then profiles --steps steps. Prints the ops that took the most time (GPU time on
-CUDA, CPU time otherwise) and writes DIR/trace.json for chrome://tracing or
+times --steps steps one by one (CUDA events, one sync at the end: min, median and
+spread), then profiles --steps steps. Prints the time per step by kernel category
+(matmul, attention, norm, cross-entropy, optimizer, elementwise, copies, and on a GPU
+the device idle: host work and gaps), the ops that took the most time (GPU time on
+CUDA, CPU time otherwise), and writes DIR/trace.json for chrome://tracing or
 Perfetto, where the gaps show: launch overhead between short kernels, host syncs
-(the device idle while the CPU waits), unfused elementwise chains.
+(the device idle while the CPU waits), unfused elementwise chains. The gpu_check
+`profile` stage records the same for the stock and fasttrain steps.
 """
 
 from __future__ import annotations
 
+import re
+import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -25,22 +32,77 @@ from fasttrain.system.errors import ArgumentParser, run_cli
 WARMUP_STEPS = 3
 
 
-def profile_steps(config: str, overrides: Sequence[str], steps: int, out: Path) -> str:
-    """Profile `steps` steps of `config`; writes out/trace.json and returns the top-ops table."""
-    with tempfile.TemporaryDirectory() as data_dir:
-        trainer = make_trainer(Path(config), Path(data_dir), *overrides)
-        out.mkdir(parents=True, exist_ok=True)
-        for _ in range(WARMUP_STEPS):
+# Kernel and op names -> category, first match wins (names lowercased). Inductor's generated kernels are
+# "triton_poi_/red_/per_fused_..." and fall to elementwise unless a category's name is in them.
+CATEGORIES = [
+    ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_|aten::(mm|addmm|bmm|matmul|linear)$"),
+    ("attention", r"flash|fmha|attention|sdpa|cudnn"),
+    ("norm", r"rms_norm|rmsnorm|layer_norm"),
+    ("cross-entropy", r"cross_entropy|log_softmax|nll_loss|softmax"),
+    ("optimizer", r"adam|multi_tensor|foreach|sum_squares|_scale_kernel|clip_grad"),
+    ("copies", r"memcpy|memset|copy|aten::cat$|aten::to$"),
+    ("elementwise", r"triton_|elementwise|vectorized|pointwise|reduce|aten::"),
+]
+
+
+def category(name: str) -> str:
+    name = name.lower()
+    return next((c for c, pattern in CATEGORIES if re.search(pattern, name)), "other")
+
+
+def step_times_ms(trainer, steps: int) -> list[float]:
+    """Each of `steps` steps' time in ms: CUDA events around each, one sync after the last (no host sync
+    inside the timed region); wall time on the CPU."""
+    if trainer.device.type != "cuda":
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
             trainer.step()
-        cuda = trainer.device.type == "cuda"
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
-            for _ in range(steps):
-                trainer.step()
-            if cuda:
-                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+    for start, end in events:
+        start.record()
+        trainer.step()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def profile_trainer(trainer, steps: int, out: Path) -> dict:
+    """Warm `trainer` up, time `steps` steps, then profile `steps` more (writing out/trace.json): the step
+    times (min, median, stdev in ms), the time per step by category, and the top-ops table."""
+    out.mkdir(parents=True, exist_ok=True)
+    for _ in range(WARMUP_STEPS):
+        trainer.step()
+    times = step_times_ms(trainer, steps)
+    cuda = trainer.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer.step()
+        if cuda:
+            torch.cuda.synchronize()
     prof.export_chrome_trace(str(out / "trace.json"))
-    return prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25)
+    by_category: dict[str, float] = {}
+    for e in prof.key_averages():
+        # self time: a kernel's own on the GPU; on the CPU an op's time outside the ops it calls
+        spent = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if spent > 0:
+            by_category[category(e.key)] = by_category.get(category(e.key), 0.0) + spent / 1e3 / steps
+    if cuda:  # the device idle: host work the kernels waited for, launch gaps, syncs
+        by_category["idle (host, gaps)"] = max(statistics.median(times) - sum(by_category.values()), 0.0)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25)
+    return {"step_ms": {"min": min(times), "median": statistics.median(times),
+                        "stdev": statistics.stdev(times) if len(times) > 1 else 0.0},
+            "ms_per_step": {k: round(v, 3) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+            "table": table}
+
+
+def profile_steps(config: str, overrides: Sequence[str], steps: int, out: Path) -> dict:
+    """`profile_trainer` on the Trainer of `config` with `overrides`, as bench_train_step builds it."""
+    with tempfile.TemporaryDirectory() as data_dir:
+        return profile_trainer(make_trainer(Path(config), Path(data_dir), *overrides), steps, out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,7 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="steps to profile after the warm-up (default 5)")
     parser.add_argument("--out", default="profile", help="directory for trace.json (default ./profile)")
     args = parser.parse_args(argv)
-    print(profile_steps(args.config, args.set, args.steps, Path(args.out)))
+    found = profile_steps(args.config, args.set, args.steps, Path(args.out))
+    print(found["table"])
+    step = found["step_ms"]
+    print(f"step: min {step['min']:.2f} ms, median {step['median']:.2f} ms, stdev {step['stdev']:.2f} ms")
+    for name, ms in found["ms_per_step"].items():
+        print(f"  {name:<18} {ms:9.3f} ms/step")
     print(f"trace: {Path(args.out) / 'trace.json'}")
     return 0
 

@@ -47,6 +47,12 @@ def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
     assert by_stage == {"kernels", "step"}
     races = stages["kernels"]["figures"]["races"]
     assert {r["rival"] for r in races} >= {"eager"} and all(r["speedup"] > 0 for r in races)
+    # The profile: each kernel setting's step time and where it goes, by category.
+    profiled = stages["profile"]["figures"]
+    assert list(profiled) == ["fasttrain", "kernels-on", "stock"] and profiled["stock"]["kernels"] == []
+    for found in profiled.values():
+        assert 0 < found["step_ms"]["min"] <= found["step_ms"]["median"]
+        assert found["ms_per_step"]["matmul"] > 0 and sum(found["ms_per_step"].values()) > 0
     report = (out / "gpu_check.md").read_text()
     assert "dry run" in report and "## Checks" in report and "a checkpoint resumes bit for bit | pass" in report
     assert "## Every case" in report
