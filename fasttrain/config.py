@@ -159,15 +159,24 @@ class TrainConfig:
     # (batch_size x seq_len x world size). 0 = one micro-batch per step.
     tokens_per_update: int = 0
     # Autocast precision. auto: bf16 on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16 or
-    # AMX), fp32 elsewhere (emulated bf16 is slower than fp32). See runtime.resolve_precision.
+    # AMX), fp32 elsewhere (emulated bf16 is slower than fp32). See system/device.py, resolve_precision.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # torch.compile the objective. auto: always on CUDA; on CPU only for runs of at least
-    # runtime.CPU_COMPILE_MIN_STEPS steps, long enough to earn back the compile time.
+    # system.device.CPU_COMPILE_MIN_STEPS steps, long enough to earn back the compile time.
     compile: Literal["auto", True, False] = "auto"
     # torch.compile's mode: "default"; "max-autotune" (benchmarks matmul and kernel configs while
-    # compiling: slower to start, helps long GPU runs); "reduce-overhead" (CUDA graphs: cuts launch
-    # overhead of small models on GPU; needs static shapes, so data.padding = "fixed"; no effect on CPU).
-    compile_mode: Literal["default", "max-autotune", "reduce-overhead"] = "default"
+    # compiling: slower to start, helps long GPU runs; with CUDA graphs) or "max-autotune-no-cudagraphs";
+    # "reduce-overhead" (CUDA graphs: cuts launch overhead of small models on GPU; needs static shapes,
+    # so data.padding = "fixed"; no effect on CPU).
+    compile_mode: Literal["default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"] = "default"
+    # Inductor's coordinate-descent tuning of its generated kernels' block sizes, in any compile_mode
+    # (the max-autotune modes already do it): a slower compile for faster elementwise and norm kernels.
+    coordinate_descent_tuning: bool = False
+    # The attention kernel: "auto" (F.scaled_dot_product_attention picks), one of its backends
+    # ("flash", "cudnn", "efficient", "math"), "fa3" (SDPA's flash backend with FlashAttention-3
+    # activated, where the installed torch offers it), or "flex" (flex_attention with a causal block
+    # mask, compiled). Only "auto", "math" and "flex" run on a CPU. Changes speed, not results.
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math", "fa3", "flex"] = "auto"
     # Recompute activations in backward instead of keeping them, trading compute for memory: "none";
     # "full" (only each block's input is kept, the whole block runs again in backward, ~1/3 more
     # compute); "selective" (a block keeps its matmul and attention outputs and recomputes only the
@@ -347,7 +356,8 @@ _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
      lambda c: c.train.tokens_per_update % (c.train.batch_size * c.train.seq_len) != 0,
      "it must be a whole number of micro-batches of batch_size x seq_len tokens"),
     ("train.compile_mode", "does not work with", "data.padding",
-     lambda c: c.train.compile_mode == "reduce-overhead" and c.data.batching != "packed" and c.data.padding != "fixed",
+     lambda c: c.train.compile_mode in ("reduce-overhead", "max-autotune") and c.data.batching != "packed"
+     and c.data.padding != "fixed",
      'CUDA graphs replay fixed shapes; use data.padding = "fixed"'),
     # model.vocab_size against the tokenizer: check_vocab, once the tokenizer is known (data.vocab_size is
     # what a BPE is asked for; it may learn fewer, so it cannot be checked here).

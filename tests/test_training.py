@@ -140,14 +140,35 @@ def test_accumulation_matches_one_large_batch(pydoc_data, paragraph_data, tmp_pa
         assert p.grad.abs().sum() > 0
 
 
-def test_compile_mode_and_activation_checkpointing_reach_the_model(pydoc_data, tmp_path, monkeypatch):
-    """train.compile_mode goes to torch.compile (captured here: nothing compiles) and
-    train.activation_checkpointing to the model."""
-    modes = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **options: modes.append(options["mode"]) or fn)
-    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "train.compile=true", 'train.compile_mode="max-autotune"',
+@pytest.mark.parametrize("mode,tuning,options", [
+    ("max-autotune", False, {"max_autotune": True, "triton.cudagraphs": True, "coordinate_descent_tuning": True}),
+    ("default", True, {"coordinate_descent_tuning": True}),
+    ("default", False, {}),
+])
+def test_compile_settings_and_activation_checkpointing_reach_the_model(pydoc_data, tmp_path, monkeypatch, mode,
+                                                                        tuning, options):
+    """train.compile_mode and train.coordinate_descent_tuning go to torch.compile as inductor options
+    (captured here: nothing compiles), train.activation_checkpointing and train.attention to the model."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "train.compile=true", f'train.compile_mode="{mode}"',
+                                  f"train.coordinate_descent_tuning={str(tuning).lower()}", 'train.attention="math"',
                                   'train.activation_checkpointing="selective"'), quiet=True)
-    assert modes == ["max-autotune"] and trainer.compiled and trainer.model.checkpointing == "selective"
+    assert seen == [{"options": options}] and trainer.compiled and trainer.model.checkpointing == "selective"
+    assert {block.attn.attention for block in trainer.model.blocks} == {"math"}
+
+
+def test_a_pinned_attention_backend_gives_the_same_logits(pydoc_data, tmp_path):
+    """train.attention changes the kernel, not the result: "math" pinned against SDPA's own choice, and
+    flex_attention's causal block mask (forward only: it has no backward on a CPU)."""
+    auto = Trainer(tiny_config(pydoc_data, tmp_path / "a"), quiet=True).model.double().eval()
+    tokens = torch.randint(0, auto.cfg.vocab_size, (2, 32))
+    with torch.no_grad():
+        expected = auto(tokens)
+        for attention in ("math", "flex"):
+            model = Transformer(auto.cfg, attention=attention).double().eval()
+            model.load_state_dict(auto.state_dict())
+            torch.testing.assert_close(model(tokens), expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("kernel", ["linear_cross_entropy", "rms_norm", "adamw"])

@@ -37,6 +37,7 @@ exported weights need no permutation.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import replace
@@ -45,6 +46,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from fasttrain.config import ModelConfig
@@ -99,6 +101,26 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention)
 
 
+# train.attention -> the F.scaled_dot_product_attention backend it pins ("auto" and "flex": none).
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "fa3": SDPBackend.FLASH_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "math": SDPBackend.MATH}
+
+
+def sdpa_backend(attention: str) -> contextlib.AbstractContextManager:
+    """The context that pins SDPA to `attention`'s backend (nothing for "auto" and "flex")."""
+    backend = SDPA_BACKENDS.get(attention)
+    return sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=8)
+def causal_block_mask(length: int, device: torch.device):
+    """flex_attention's BlockMask of plain causal attention over `length` positions (train.attention = "flex")."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(lambda b, h, q, k: q >= k, None, None, length, length, device=device)
+
+
 def document_mask(documents: torch.Tensor, flex: bool):
     """The attention mask of a batch whose token i of row b belongs to document documents[b, i] (B, T):
     a query sees the keys at or before it in the same document. A flex_attention BlockMask when
@@ -116,8 +138,9 @@ def document_mask(documents: torch.Tensor, flex: bool):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attention: str = "auto"):
         super().__init__()
+        self.attention = attention  # train.attention: the SDPA backend pinned, if any
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
@@ -145,10 +168,11 @@ class Attention(nn.Module):
             y = flex_attention_on(q.device.type)(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=mask,
                                                  enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
-                enable_gqa=gqa,
-            )
+            with sdpa_backend(self.attention):
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
+                    enable_gqa=gqa,
+                )
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -185,10 +209,10 @@ def rms_norm_module(cfg: ModelConfig, kernel: bool) -> nn.Module:
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, norm_kernel: bool = False):
+    def __init__(self, cfg: ModelConfig, norm_kernel: bool = False, attention: str = "auto"):
         super().__init__()
         self.attn_norm = rms_norm_module(cfg, norm_kernel)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, attention)
         self.mlp_norm = rms_norm_module(cfg, norm_kernel)
         self.mlp = SwiGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -250,16 +274,20 @@ class Transformer(nn.Module):
     kernels.RMSNorm (it needs Triton installed; either setting loads the other's weights).
     `checkpointing`: activation checkpointing of the blocks in training, "none", "full" or
     "selective" (see `run_block`); it changes memory and compute, never the results.
+    `attention`: the attention kernel (train.attention): "auto", an SDPA backend pinned, or "flex";
+    it too changes speed, not results (up to rounding).
     """
 
-    def __init__(self, cfg: ModelConfig, norm_kernel: bool = False, checkpointing: str = "none"):
+    def __init__(self, cfg: ModelConfig, norm_kernel: bool = False, checkpointing: str = "none",
+                 attention: str = "auto"):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (> 0) before building the model")
         self.cfg = cfg
         self.checkpointing = checkpointing
+        self.attention = attention
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, norm_kernel) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, norm_kernel, attention) for _ in range(cfg.n_layers))
         self.norm = rms_norm_module(cfg, norm_kernel)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -295,6 +323,8 @@ class Transformer(nn.Module):
             mask = document_mask(documents, flex)
         elif start:  # SDPA's is_causal aligns the queries with the first keys: new tokens after a cache need a mask
             mask = torch.ones(T, start + T, dtype=torch.bool, device=tokens.device).tril(start)
+        elif self.attention == "flex":
+            mask = causal_block_mask(T, tokens.device)
         delta, stream = None, self.embed(tokens)
         for i, block in enumerate(self.blocks):
             delta, stream = run_block(block, self.checkpointing, delta, stream, cos, sin, mask,

@@ -115,6 +115,32 @@ def kernels_on(cfg: KernelsConfig, device: torch.device, sharded: bool = False, 
     return Kernels(**{**on, "adamw": on["adamw"] and not sharded})
 
 
+def use_attention(attention: str, device: torch.device) -> None:
+    """Check that train.attention can run on `device`, and activate FlashAttention-3 for "fa3" (a
+    process-wide switch of SDPA's flash backend). UsageError naming the key otherwise."""
+    if device.type != "cuda" and attention not in ("auto", "math"):
+        raise UsageError(f'train.attention = "{attention}" needs a CUDA GPU (on a {device.type}: "auto" or "math")')
+    if attention == "fa3":
+        activate = getattr(torch.nn.attention, "activate_flash_attention_impl", None)
+        if activate is None:
+            raise UsageError(f'train.attention = "fa3": torch {torch.__version__} cannot switch SDPA to FlashAttention-3')
+        try:
+            activate("FA3")
+        except Exception as e:  # whatever the provider raises (not installed, not this GPU): one line
+            raise UsageError(f'train.attention = "fa3": FlashAttention-3 is not available ({str(e).splitlines()[0]})') from None
+
+
+def compile_options(mode: str, coordinate_descent_tuning: bool) -> dict:
+    """torch.compile's inductor options for train.compile_mode, with coordinate-descent tuning added when
+    asked (torch.compile takes a mode or options, not both, so the mode is spelled out as its options)."""
+    import torch._inductor
+
+    options = dict(torch._inductor.list_mode_options(mode))
+    if coordinate_descent_tuning:
+        options["coordinate_descent_tuning"] = True
+    return options
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast context for `precision` (nothing for fp32): matmuls in half precision, reductions in fp32."""
     dtype = PRECISIONS[precision]

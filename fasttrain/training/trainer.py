@@ -45,7 +45,15 @@ from fasttrain.model.generation import generate_text
 from fasttrain.model.transformer import Transformer, num_params
 from fasttrain.model.weights import export_weights
 from fasttrain.system import distributed, run_lock
-from fasttrain.system.device import autocast, kernels_on, resolve_train, seed_everything, use_device
+from fasttrain.system.device import (
+    autocast,
+    compile_options,
+    kernels_on,
+    resolve_train,
+    seed_everything,
+    use_attention,
+    use_device,
+)
 from fasttrain.system.errors import RunStopped, UsageError
 from fasttrain.system.signals import SignalCatcher
 from fasttrain.training import checkpoint
@@ -128,13 +136,14 @@ class Trainer:
         # `model` is the network: its weights, sampling, checkpoints. `objective` is its loss, what trains
         # and evaluates: inside DDP (or sharded by FSDP), and compiled in place if asked. Sampling runs
         # the plain model, whose growing sequence lengths would otherwise trigger recompiles.
+        use_attention(t.attention, self.device)
         self.model = Transformer(self.cfg.model, norm_kernel=self.kernels.rms_norm,
-                                 checkpointing=t.activation_checkpointing).to(self.device)
+                                 checkpointing=t.activation_checkpointing, attention=t.attention).to(self.device)
         self.objective = distributed.wrap(NextTokenLoss(self.model, fused=self.kernels.linear_cross_entropy),
                                           self.model.blocks, self.world, t.parallel, self.precision, self.device)
         self.compiled = t.compile
         if self.compiled:
-            self.objective.compile(mode=t.compile_mode)
+            self.objective.compile(options=compile_options(t.compile_mode, t.coordinate_descent_tuning))
         self.updater = Updater(self.model, self.cfg.optim, self.device, self.precision, kernel=self.kernels.adamw,
                                sharded=self.sharded)
         self.checkpoints = Checkpointer(self.cfg, self.model, self.updater, self.world, self.parallel, self.device)
