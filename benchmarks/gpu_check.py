@@ -1,6 +1,6 @@
 """The GPU acceptance pack: every GPU check and measurement from one command, the results in four files.
 
-    python -m benchmarks.gpu_check [--stage env|tests|kernels|step|profile|train ...] [--out DIR] [--dry-run]
+    python -m benchmarks.gpu_check [--stage env|tests|kernels|step|profile|ablation|train ...] [--out DIR] [--dry-run]
     python -m benchmarks.gpu_check --combine RESULTS.json [RESULTS.json ...] --out DIR
 
 Stages (default: all, in this order). Each runs in a process of its own under its own time
@@ -14,6 +14,8 @@ limit, so a crash or a hang in one leaves the others' results intact:
            tokens/s, MFU, memory
   profile  the 124M step of each of those: step times (min, median, spread) and the time per step by
            kernel category (matmul, attention, norm, cross-entropy, optimizer, elementwise, idle)
+  ablation the 124M step from stock pieces, stock + each lever (kernels auto, attention kernels, compile
+           modes and tuning, CUDA graphs, a doubled micro-batch), then the winners together
   train    a short real run of configs/gpt2-small.toml on the embedded docstrings corpus (bf16, compiled,
            every kernel on): the loss falls, nothing recompiles after warm-up, a checkpoint resumes
            bit for bit; then the document-masking path (bucketed padding, compiled flex attention)
@@ -52,7 +54,7 @@ from benchmarks.report import case_of, chart, load_results, markdown
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("env", "tests", "kernels", "step", "profile", "train")
+STAGES = ("env", "tests", "kernels", "step", "profile", "ablation", "train")
 STAGE_SECONDS = 540  # each stage's limit: inside one 10-minute command on the lent GPU machine
 FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.png", "gpu_check.log")
 KERNEL_BENCHMARKS = ("bench_cross_entropy.py", "bench_rms_norm.py", "bench_adamw.py")
@@ -379,9 +381,31 @@ def train_stage(ctx: Context) -> Stage:
     return stage
 
 
+def ablation_stage(ctx: Context) -> Stage:
+    """The 124M step from stock pieces, stock plus each lever, then the winners together
+    (benchmarks/ablation.py): tokens/s, MFU, step times, peak memory, first-step (compile) time."""
+    from benchmarks.ablation import CASES, STEPS, ablation, winners
+    from benchmarks.conftest import sizes
+
+    stage = Stage()
+    # The dry run proves the plumbing with a few cases: a measured lever, one a CPU skips, the batch
+    cases = sizes(CASES, ["stock", "kernels auto", "attention flash", "micro-batch x2"])
+    records = ablation(cases, sizes(STEPS, 3), ctx.deadline - 30)
+    stage.figures = {"cases": records, "winners": winners(records)}
+    for r in records:
+        stage.check(r["case"], r["error"] is None or r["skipped"],
+                    r["error"] or f"{r['tokens_per_s']:,} tok/s, first step {r['first_step_s']} s")
+    stock = next((r for r in records if r["case"] == "stock" and not r["error"]), None)
+    measured = [r for r in records if not r["error"]]
+    best = max(measured, key=lambda r: r["tokens_per_s"], default=None)
+    stage.summary = (f"stock {stock['tokens_per_s']:,} tok/s; best {best['case']} {best['tokens_per_s']:,} "
+                     f"({best['tokens_per_s'] / stock['tokens_per_s']:.2f}x)" if stock and best else "stock not measured")
+    return stage
+
+
 WORKERS: dict[str, Callable[[Context], Stage]] = {
     "env": env_stage, "tests": tests_stage, "kernels": kernels_stage, "step": step_stage, "profile": profile_stage,
-    "train": train_stage,
+    "ablation": ablation_stage, "train": train_stage,
 }
 
 

@@ -47,6 +47,11 @@ def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
     assert by_stage == {"kernels", "step"}
     races = stages["kernels"]["figures"]["races"]
     assert {r["rival"] for r in races} >= {"eager"} and all(r["speedup"] > 0 for r in races)
+    # The ablation: stock and each lever in a process of its own; a GPU-only lever is skipped on the CPU.
+    cases = {r["case"]: r for r in stages["ablation"]["figures"]["cases"]}
+    assert cases["stock"]["tokens_per_s"] > 0 and cases["stock"]["error"] is None
+    assert cases["attention flash"]["skipped"] and "needs a CUDA GPU" in cases["attention flash"]["error"]
+    assert cases["micro-batch x2"]["batch_size"] == 2 * cases["stock"]["batch_size"]
     # The profile: each kernel setting's step time and where it goes, by category.
     profiled = stages["profile"]["figures"]
     assert list(profiled) == ["fasttrain", "kernels-on", "stock"] and profiled["stock"]["kernels"] == []

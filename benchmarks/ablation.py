@@ -1,0 +1,169 @@
+"""The step ablation: the GPT-2-small step from stock pieces, stock plus each lever alone, then the
+levers that won together, each with tokens/s, MFU, step times, peak memory and its first step's time.
+
+    python -m benchmarks.ablation [--case NAME ...] [--out FILE.json]
+
+Each case runs in a process of its own (a lever such as FlashAttention-3 switches process-wide state,
+and a case that runs out of memory must not take the others with it), built as bench_train_step builds
+its trainer: random tokens on the device, one micro-batch per step, bf16, compiled. Steps are timed one
+by one with CUDA events after 3 warm-up steps; the first step's time (compilation, autotuning) is
+reported on its own. A lever that needs a GPU is skipped on a CPU (the dry run). The winners: every
+lever at least WIN faster than stock, one per group (one attention kernel, one compile mode), together.
+The gpu_check `ablation` stage runs this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WIN = 1.01  # a lever wins where its tokens/s is at least this times stock's
+STEPS = 20
+
+# name -> (group: at most one lever of a group is in the winners, --set overrides on top of stock)
+AUTO_KERNELS = ['kernels.linear_cross_entropy="auto"', 'kernels.rms_norm="auto"', 'kernels.adamw="auto"']
+LEVERS: dict[str, tuple[str, list[str]]] = {
+    "kernels auto": ("kernels", AUTO_KERNELS),
+    "attention flash": ("attention", ['train.attention="flash"']),
+    "attention cudnn": ("attention", ['train.attention="cudnn"']),
+    "attention fa3": ("attention", ['train.attention="fa3"']),
+    "attention flex": ("attention", ['train.attention="flex"']),
+    "coordinate descent tuning": ("tuning", ["train.coordinate_descent_tuning=true"]),
+    "max-autotune-no-cudagraphs": ("compile mode", ['train.compile_mode="max-autotune-no-cudagraphs"']),
+    "cuda graphs": ("compile mode", ['train.compile_mode="reduce-overhead"']),
+    "micro-batch x2": ("batch", []),  # the config's batch size doubled: see lever_settings
+}
+CASES = ["stock", *LEVERS]
+
+
+def stock_settings() -> list[str]:
+    from benchmarks.bench_train_step import GPU_SETTINGS, KERNELS
+
+    device = "train.device=cuda" if torch.cuda.is_available() else "train.device=cpu"
+    return [device, *GPU_SETTINGS, *KERNELS["stock"]]
+
+
+def lever_settings(name: str, stock: list[str]) -> list[str]:
+    """The --set overrides of case `name` on top of `stock`."""
+    if name == "micro-batch x2":
+        from benchmarks.bench_train_step import CONFIGS, GPU_CONFIGS
+        from fasttrain.config import load_config
+
+        return [f"train.batch_size={2 * load_config(CONFIGS / GPU_CONFIGS[0], stock).train.batch_size}"]
+    return LEVERS[name][1] if name in LEVERS else []
+
+
+def measure(settings: list[str], steps: int) -> dict:
+    """One case in this process: the step of configs/gpt2-small.toml (the dry run: tiny) with `settings`."""
+    from benchmarks.bench_train_step import CONFIGS, GPU_CONFIGS, make_trainer
+    from benchmarks.profile_step import WARMUP_STEPS, step_times_ms
+    from fasttrain.training.metrics import peak_flops
+
+    with tempfile.TemporaryDirectory() as data_dir:
+        trainer = make_trainer(CONFIGS / GPU_CONFIGS[0], Path(data_dir), *settings)
+        cuda = trainer.device.type == "cuda"
+        start = time.perf_counter()
+        trainer.step()
+        if cuda:
+            torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        for _ in range(WARMUP_STEPS - 1):
+            trainer.step()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = step_times_ms(trainer, steps)
+        median = statistics.median(times) / 1e3
+        peak = peak_flops(trainer.device)
+        flops = trainer.model.flops_per_token(trainer.cfg.train.seq_len) * trainer.tokens_per_step
+        return {"tokens_per_s": round(trainer.tokens_per_step / median), "mfu": round(flops / median / peak, 4) if peak else None,
+                "step_ms": {"min": round(min(times), 3), "median": round(statistics.median(times), 3),
+                            "stdev": round(statistics.stdev(times), 3) if len(times) > 1 else 0.0},
+                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                "first_step_s": round(first, 1), "kernels": trainer.kernels.names(),
+                "batch_size": trainer.cfg.train.batch_size}
+
+
+def run_case(name: str, settings: list[str], steps: int, timeout: float) -> dict:
+    """`measure` in a new process; the case's record, with its error line if it failed or was skipped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "case.json"
+        command = [sys.executable, "-m", "benchmarks.ablation", "--measure", json.dumps(settings),
+                   "--steps", str(steps), "--out", str(out)]
+        try:
+            proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            error = None if proc.returncode == 0 else ((proc.stderr or proc.stdout).strip().splitlines() or ["?"])[-1]
+        except subprocess.TimeoutExpired:
+            error = f"timed out after {timeout:.0f} s"
+        record = json.loads(out.read_text()) if error is None else {}
+    skipped = error is not None and "needs a CUDA GPU" in error
+    return {"case": name, "settings": settings, **record, "error": error, "skipped": skipped}
+
+
+def winners(records: list[dict]) -> list[str]:
+    """The levers at least WIN faster than stock, the fastest of each group."""
+    stock = next((r for r in records if r["case"] == "stock" and not r["error"]), None)
+    if stock is None:
+        return []
+    best: dict[str, dict] = {}
+    for r in records:
+        if r["case"] in LEVERS and not r["error"] and r["tokens_per_s"] >= WIN * stock["tokens_per_s"]:
+            group = LEVERS[r["case"]][0]
+            if group not in best or r["tokens_per_s"] > best[group]["tokens_per_s"]:
+                best[group] = r
+    return [r["case"] for r in best.values()]
+
+
+def ablation(cases: list[str], steps: int, deadline: float) -> list[dict]:
+    """Run `cases` (and then the winners together) while time is left before `deadline` (time.monotonic())."""
+    stock = stock_settings()
+    records = []
+    for name in cases:
+        left = deadline - time.monotonic()
+        if left < 60:
+            records.append({"case": name, "error": "not reached: out of time", "skipped": False})
+            continue
+        records.append(run_case(name, stock + lever_settings(name, stock), steps, left - 30))
+        print(json.dumps(records[-1]), flush=True)
+    chosen = winners(records)
+    if len(chosen) > 1 and deadline - time.monotonic() > 60:
+        settings = stock + [s for name in chosen for s in lever_settings(name, stock)]
+        records.append(run_case("winners: " + " + ".join(chosen), settings, steps, deadline - time.monotonic() - 30))
+        print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", nargs="+", choices=CASES, default=CASES, help="cases to run (default: all)")
+    parser.add_argument("--steps", type=int, default=STEPS, help=f"timed steps per case (default {STEPS})")
+    parser.add_argument("--seconds", type=float, default=3600, help="stop starting cases after this long")
+    parser.add_argument("--out", help="write the records as JSON here")
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # one case's settings, as JSON: the worker process
+    args = parser.parse_args(argv)
+    if args.measure is not None:
+        from fasttrain.system.errors import UsageError
+
+        try:
+            record = measure(json.loads(args.measure), args.steps)
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        Path(args.out).write_text(json.dumps(record))
+        return 0
+    records = ablation(args.case, args.steps, time.monotonic() + args.seconds)
+    if args.out:
+        Path(args.out).write_text(json.dumps(records, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
