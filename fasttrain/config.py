@@ -217,11 +217,13 @@ class RecoveryConfig:
 
 @dataclass
 class KernelsConfig:
-    """[kernels]: which of the Triton kernels (kernels/) the model uses; "auto" = on CUDA."""
+    """[kernels]: which of the Triton kernels (kernels/) the model uses. "auto" on a GPU: where the measured
+    dispatch table (fasttrain/system/kernel_table.py) says the kernel beat stock at the run's shapes and mode;
+    on a CPU: off, but for the linear cross-entropy under bf16."""
 
     # The loss straight from the final hidden states and the output weight, chunk by chunk,
-    # never holding the (tokens x vocab) logits (kernels/linear_cross_entropy.py). "auto" is on
-    # CUDA, and on CPU under bf16, where its in-cache PyTorch path spares the fp32 copy of the logits.
+    # never holding the (tokens x vocab) logits (kernels/linear_cross_entropy.py). On a CPU "auto" is
+    # on under bf16, where its in-cache PyTorch path spares the fp32 copy of the logits.
     linear_cross_entropy: Literal["auto", True, False] = "auto"
     # Every RMSNorm, with the residual add before it, in one kernel (kernels/rms_norm.py).
     rms_norm: Literal["auto", True, False] = "auto"

@@ -8,7 +8,7 @@ directories, JSONL, builtin:NAME): the text is tokenized with the run's tokenize
 way prepare does it (an end-of-text token before each document) into a temporary
 directory, and scored there. --split val scores the run's own prepared val split.
 
-Scoring is the trainer's validation (evaluation.validate) in one pass over every row,
+Scoring is the trainer's validation (fasttrain/training/validation.py, validate) in one pass over every row,
 as the run batches them ([data] batching, train.seq_len), the last batch part-full and
 each shard's short last window included: the loss is the mean over every target, and
 bits per byte is that loss, in bits, times the text's tokens per UTF-8 byte. With
