@@ -40,6 +40,8 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "coordinate descent tuning": ("tuning", ["train.coordinate_descent_tuning=true"]),
     "max-autotune-no-cudagraphs": ("compile mode", ['train.compile_mode="max-autotune-no-cudagraphs"']),
     "cuda graphs": ("compile mode", ['train.compile_mode="reduce-overhead"']),
+    "fp8 head": ("fp8", ['train.fp8="head"']),
+    "fp8 all": ("fp8", ['train.fp8="all"']),
     "micro-batch x2": ("batch", []),  # the config's batch size doubled: see lever_settings
 }
 CASES = ["stock", *LEVERS]
@@ -84,7 +86,8 @@ def measure(settings: list[str], steps: int) -> dict:
         median = statistics.median(times) / 1e3
         peak = peak_flops(trainer.device)
         flops = trainer.model.flops_per_token(trainer.cfg.train.seq_len) * trainer.tokens_per_step
-        return {"tokens_per_s": round(trainer.tokens_per_step / median), "mfu": round(flops / median / peak, 4) if peak else None,
+        return {"tokens_per_s": round(trainer.tokens_per_step / median),
+                "mfu": round(flops / median / peak, 4) if peak else None,
                 "step_ms": {"min": round(min(times), 3), "median": round(statistics.median(times), 3),
                             "stdev": round(statistics.stdev(times), 3) if len(times) > 1 else 0.0},
                 "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,

@@ -177,6 +177,11 @@ class TrainConfig:
     # activated, where the installed torch offers it), or "flex" (flex_attention with a causal block
     # mask, compiled). Only "auto", "math" and "flex" run on a CPU. Changes speed, not results.
     attention: Literal["auto", "flash", "cudnn", "efficient", "math", "fa3", "flex"] = "auto"
+    # FP8 matmuls (fasttrain/model/fp8.py: float8 with tensorwise current scaling, weights and
+    # gradients kept in their dtype): "none", the output "head", the "blocks"' projections, or "all".
+    # Needs a GPU with FP8 tensor cores (sm_89+), or a CPU whose torch runs _scaled_mm. The head in
+    # FP8 runs the logits and F.cross_entropy: the fused linear cross-entropy skips its matmul.
+    fp8: Literal["none", "head", "blocks", "all"] = "none"
     # Recompute activations in backward instead of keeping them, trading compute for memory: "none";
     # "full" (only each block's input is kept, the whole block runs again in backward, ~1/3 more
     # compute); "selective" (a block keeps its matmul and attention outputs and recomputes only the

@@ -50,6 +50,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from fasttrain.config import ModelConfig
+from fasttrain.model.fp8 import use_float8
 
 INIT_STD = 0.02
 
@@ -275,11 +276,12 @@ class Transformer(nn.Module):
     `checkpointing`: activation checkpointing of the blocks in training, "none", "full" or
     "selective" (see `run_block`); it changes memory and compute, never the results.
     `attention`: the attention kernel (train.attention): "auto", an SDPA backend pinned, or "flex";
-    it too changes speed, not results (up to rounding).
+    it too changes speed, not results (up to rounding). `fp8`: which matmuls run in float8
+    (train.fp8: "none", "head", "blocks", "all"; see fasttrain/model/fp8.py); the weights are the same.
     """
 
     def __init__(self, cfg: ModelConfig, norm_kernel: bool = False, checkpointing: str = "none",
-                 attention: str = "auto"):
+                 attention: str = "auto", fp8: str = "none"):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (> 0) before building the model")
@@ -297,6 +299,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
+        use_float8(self, fp8)
 
     def reset_parameters(self) -> None:
         residual_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import random
 from dataclasses import dataclass, fields, replace
@@ -90,7 +91,7 @@ class Kernels:
 
 def kernels_on(cfg: KernelsConfig, device: torch.device, sharded: bool = False, precision: str = "fp32",
                shapes: dict[str, dict[str, int]] | None = None, compiled: bool = False,
-               capability: str | None = None, table: list[dict] | None = None) -> Kernels:
+               capability: str | None = None, table: list[dict] | None = None, fp8: str = "none") -> Kernels:
     """[kernels] resolved for `device`. true and false are taken as they are; "auto" on a GPU is the
     measured dispatch table's verdict (fasttrain/system/kernel_table.py) for the run's `shapes` (per op:
     rms_norm {"hidden"}, linear_cross_entropy {"hidden", "vocab"}, adamw {"params"}), in its mode
@@ -99,9 +100,14 @@ def kernels_on(cfg: KernelsConfig, device: torch.device, sharded: bool = False, 
     committed one). The AdamW kernel takes whole tensors, not FSDP's DTensor shards, so `sharded` turns
     "auto" off and refuses true. On a CPU "auto" is off, except the linear cross-entropy under bf16
     (`precision`): F.cross_entropy would cast the whole bf16 logits to fp32 and stream them through
-    memory several times, where its PyTorch path works on row blocks in cache."""
+    memory several times, where its PyTorch path works on row blocks in cache. An FP8 head (`fp8`,
+    train.fp8) needs the logits, so it turns the linear cross-entropy's "auto" off and refuses true."""
     if sharded and cfg.adamw is True:
         raise UsageError('kernels.adamw = true does not work with train.parallel = "fsdp" yet; set it to "auto" or false')
+    fp8_head = fp8 in ("head", "all")
+    if fp8_head and cfg.linear_cross_entropy is True:
+        raise UsageError(f'kernels.linear_cross_entropy = true does not work with train.fp8 = "{fp8}": the fused '
+                         'loss never runs the head\'s matmul; set it to "auto" or false')
     if device.type == "cuda":
         if capability is None:
             capability = "sm_{}{}".format(*torch.cuda.get_device_capability(device))
@@ -112,7 +118,8 @@ def kernels_on(cfg: KernelsConfig, device: torch.device, sharded: bool = False, 
     else:  # kernels/ imports triton even for its PyTorch path
         auto = {"linear_cross_entropy": precision == "bf16" and importlib.util.find_spec("triton") is not None}
     on = {op: getattr(cfg, op) is True or (getattr(cfg, op) == "auto" and auto.get(op, False)) for op in OPS}
-    return Kernels(**{**on, "adamw": on["adamw"] and not sharded})
+    return Kernels(**{**on, "adamw": on["adamw"] and not sharded,
+                      "linear_cross_entropy": on["linear_cross_entropy"] and not fp8_head})
 
 
 def use_attention(attention: str, device: torch.device) -> None:
@@ -127,7 +134,32 @@ def use_attention(attention: str, device: torch.device) -> None:
         try:
             activate("FA3")
         except Exception as e:  # whatever the provider raises (not installed, not this GPU): one line
-            raise UsageError(f'train.attention = "fa3": FlashAttention-3 is not available ({str(e).splitlines()[0]})') from None
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UsageError(f'train.attention = "fa3": FlashAttention-3 is not available ({reason})') from None
+
+
+def check_fp8(fp8: str, device: torch.device) -> None:
+    """UsageError naming train.fp8 where `device` cannot run float8 matmuls: a GPU needs FP8 tensor cores
+    (sm_89 or newer); a CPU needs a torch whose _scaled_mm runs there (tried once, on a 16 x 16 matmul)."""
+    if fp8 == "none":
+        return
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise UsageError(f'train.fp8 = "{fp8}" needs FP8 tensor cores (sm_89 or newer); this GPU is sm_{major}{minor}')
+    elif not _cpu_scaled_mm():
+        raise UsageError(f'train.fp8 = "{fp8}": torch {torch.__version__} has no float8 matmul on the {device.type}')
+
+
+@functools.cache
+def _cpu_scaled_mm() -> bool:
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    one = torch.tensor(1.0)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def compile_options(mode: str, coordinate_descent_tuning: bool) -> dict:

@@ -47,6 +47,7 @@ from fasttrain.model.weights import export_weights
 from fasttrain.system import distributed, run_lock
 from fasttrain.system.device import (
     autocast,
+    check_fp8,
     compile_options,
     kernels_on,
     resolve_train,
@@ -131,14 +132,16 @@ class Trainer:
         m = self.cfg.model  # the shapes the measured dispatch table is read at ("auto" on a GPU)
         shapes = {"rms_norm": {"hidden": m.d_model}, "linear_cross_entropy": {"hidden": m.d_model, "vocab": m.vocab_size},
                   "adamw": {"params": num_params(m)}}
-        self.kernels = kernels_on(cfg.kernels, self.device, self.sharded, self.precision, shapes, compiled=t.compile)
+        self.kernels = kernels_on(cfg.kernels, self.device, self.sharded, self.precision, shapes, compiled=t.compile,
+                                  fp8=t.fp8)
         check_fits(self.cfg, self.device, self.precision, self.world.size if self.sharded else 1)  # before allocating
         # `model` is the network: its weights, sampling, checkpoints. `objective` is its loss, what trains
         # and evaluates: inside DDP (or sharded by FSDP), and compiled in place if asked. Sampling runs
         # the plain model, whose growing sequence lengths would otherwise trigger recompiles.
         use_attention(t.attention, self.device)
-        self.model = Transformer(self.cfg.model, norm_kernel=self.kernels.rms_norm,
-                                 checkpointing=t.activation_checkpointing, attention=t.attention).to(self.device)
+        check_fp8(t.fp8, self.device)
+        self.model = Transformer(self.cfg.model, norm_kernel=self.kernels.rms_norm, checkpointing=t.activation_checkpointing,
+                                 attention=t.attention, fp8=t.fp8).to(self.device)
         self.objective = distributed.wrap(NextTokenLoss(self.model, fused=self.kernels.linear_cross_entropy),
                                           self.model.blocks, self.world, t.parallel, self.precision, self.device)
         self.compiled = t.compile
