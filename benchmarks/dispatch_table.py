@@ -6,14 +6,15 @@ RESULTS are gpu_check.json files or `pytest benchmarks/ --benchmark-json` files 
 capability, op, shape and mode, the kernel's median is raced against the fastest stock path the trainer
 would run instead, and the entry says `use` only where the kernel is faster by MARGIN:
 
-    op                    case (bench file)                       stock, eager        stock, compiled
-    rms_norm              residual, forward + backward (rms_norm)  eager, torch        (none: needs a block A/B)
-    linear_cross_entropy  forward + backward (cross_entropy)       eager               compiled
-    adamw                 with clipping (adamw)                    torch_fused, torch_foreach (the optimizer is not compiled)
+    op                    mode      case (bench file)                          stock
+    rms_norm              eager     residual, forward + backward (rms_norm)     eager, torch
+    rms_norm              compiled  a whole compiled block (block)              stock (inductor fuses the norms)
+    linear_cross_entropy  eager     forward + backward (cross_entropy)          eager
+    linear_cross_entropy  compiled  forward + backward (cross_entropy)          compiled
+    adamw                 both      with clipping (adamw)                       torch_fused, torch_foreach
 
-A norm inside a compiled model is fused by inductor with its neighbours, so an op-level race says nothing
-about it there: compiled rms_norm entries wait for a whole-block A/B, and until then "auto" leaves it off
-under torch.compile. The gpu_check `kernels` stage records the same entries in its figures.
+A norm inside a compiled model is fused by inductor with its neighbours, so only the whole-block A/B
+decides it under torch.compile. The gpu_check `kernels` stage records the same entries.
 """
 
 from __future__ import annotations
@@ -26,16 +27,17 @@ from fasttrain.system.kernel_table import TABLE
 
 MARGIN = 0.98  # on only where the kernel's median is at most this fraction of stock's: a 2% win, not noise
 
-# op -> (benchmark function, selects the trainer's case, its shape, stock implementations per mode)
-CASES = {
-    "rms_norm": ("test_rms_norm", lambda e: e.get("residual") and e.get("passes") == "forward+backward",
-                 lambda e: {"hidden": e["hidden"]}, {"eager": ("eager", "torch")}),
-    "linear_cross_entropy": ("test_linear_cross_entropy_fwd_bwd", lambda e: True,
-                             lambda e: {"hidden": e["hidden"], "vocab": e["vocab"]},
-                             {"eager": ("eager",), "compiled": ("compiled",)}),
-    "adamw": ("test_adamw_step", lambda e: e.get("clip"), lambda e: {"params": e["parameters"]},
-              {"eager": ("torch_fused", "torch_foreach"), "compiled": ("torch_fused", "torch_foreach")}),
-}
+# (op, benchmark function, selects the trainer's case, its shape, stock implementations per mode)
+CASES = [
+    ("rms_norm", "test_rms_norm", lambda e: e.get("residual") and e.get("passes") == "forward+backward",
+     lambda e: {"hidden": e["hidden"]}, {"eager": ("eager", "torch")}),
+    ("rms_norm", "test_block_fwd_bwd", lambda e: e.get("compiled"), lambda e: {"hidden": e["hidden"]},
+     {"compiled": ("stock",)}),
+    ("linear_cross_entropy", "test_linear_cross_entropy_fwd_bwd", lambda e: True,
+     lambda e: {"hidden": e["hidden"], "vocab": e["vocab"]}, {"eager": ("eager",), "compiled": ("compiled",)}),
+    ("adamw", "test_adamw_step", lambda e: e.get("clip"), lambda e: {"params": e["parameters"]},
+     {"eager": ("torch_fused", "torch_foreach"), "compiled": ("torch_fused", "torch_foreach")}),
+]
 
 
 def capability_of(results: dict) -> str | None:
@@ -47,17 +49,18 @@ def capability_of(results: dict) -> str | None:
 def table_entries(benchmarks: list[dict], capability: str | None = None) -> list[dict]:
     """The dispatch entries the GPU cases among `benchmarks` support (each case's extra_info names its gpu,
     and its capability where `capability` does not)."""
-    medians: dict[tuple, dict[str, float]] = {}
+    medians: dict[tuple, dict[str, float]] = {}  # (capability, gpu, case index, shape) -> impl -> median
     for b in benchmarks:
         e = b["extra_info"]
         gpu, cap = e.get("gpu"), e.get("capability", capability)
-        for op, (function, selects, shape_of, _) in CASES.items():
+        for index, (op, function, selects, shape_of, _) in enumerate(CASES):
             if b["name"].split("[")[0] == function and gpu and cap and selects(e):
-                key = (cap, gpu, op, tuple(sorted(shape_of(e).items())))
+                key = (cap, gpu, index, tuple(sorted(shape_of(e).items())))
                 medians.setdefault(key, {})[e["impl"]] = b["stats"]["median"]
     entries = []
-    for (cap, gpu, op, shape), times in sorted(medians.items()):
-        for mode, stock_impls in CASES[op][3].items():
+    for (cap, gpu, index, shape), times in sorted(medians.items()):
+        op, stocks = CASES[index][0], CASES[index][4]
+        for mode, stock_impls in stocks.items():
             stock = {impl: times[impl] for impl in stock_impls if impl in times}
             if "fasttrain" not in times or not stock:
                 continue

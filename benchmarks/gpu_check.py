@@ -9,7 +9,8 @@ limit, so a crash or a hang in one leaves the others' results intact:
   env      GPU, driver and versions; the floors every figure is a fraction of, measured here:
            a device-to-device copy (GB/s) and a large bf16 matmul (TFLOP/s)
   tests    the test suite on the GPU, so the CUDA-only tests run too
-  kernels  every kernel benchmark against eager PyTorch, torch.compile and Liger-Kernel (when installed)
+  kernels  every kernel benchmark against eager PyTorch, torch.compile and Liger-Kernel (when installed),
+           and the RMSNorm kernel inside a compiled block against inductor's fusion (bench_block.py)
   step     the 124M and 350M training step: fasttrain (auto), every kernel on, and the stock pieces:
            tokens/s, MFU, memory
   profile  the 124M step of each of those: step times (min, median, spread) and the time per step by
@@ -57,7 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "tests", "kernels", "step", "profile", "ablation", "train")
 STAGE_SECONDS = 540  # each stage's limit: inside one 10-minute command on the lent GPU machine
 FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.png", "gpu_check.log")
-KERNEL_BENCHMARKS = ("bench_cross_entropy.py", "bench_rms_norm.py", "bench_adamw.py")
+KERNEL_BENCHMARKS = ("bench_cross_entropy.py", "bench_rms_norm.py", "bench_block.py", "bench_adamw.py")
 LOG_TAIL = 200_000  # characters of a stage's output kept in the log
 XDIST = importlib.util.find_spec("xdist") is not None  # pytest-xdist: the suite in parallel processes
 

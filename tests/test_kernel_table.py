@@ -101,9 +101,18 @@ def test_entries_are_on_only_where_the_kernel_beat_every_stock_path_by_the_margi
     ]
     entries = table_entries(benchmarks, capability="sm_90")
     got = {(e["op"], e["mode"]): (e["use"], e["stock"]) for e in entries}
-    # 1.0 against torch's 1.01 is inside the margin: stock. No compiled norm entry: it needs a block A/B.
+    # 1.0 against torch's 1.01 is inside the margin: stock. No compiled norm entry without a block A/B:
+    # the op-level "compiled" race (0.5) says nothing about a norm inductor fuses into its block.
     assert got == {("rms_norm", "eager"): (False, "torch"), ("linear_cross_entropy", "eager"): (True, "eager"),
                    ("linear_cross_entropy", "compiled"): (False, "compiled")}
+    block = dict(hidden=2048, compiled=True)
+    with_block = benchmarks + [case("test_block_fwd_bwd", "fasttrain", 1.0, **block),
+                               case("test_block_fwd_bwd", "stock", 1.1, **block),
+                               case("test_block_fwd_bwd", "fasttrain", 1.0, hidden=768, compiled=False),  # dry run
+                               case("test_block_fwd_bwd", "stock", 2.0, hidden=768, compiled=False)]
+    compiled_norm = [e for e in table_entries(with_block, capability="sm_90")
+                     if (e["op"], e["mode"]) == ("rms_norm", "compiled")]
+    assert [(e["shape"], e["use"], e["stock"]) for e in compiled_norm] == [({"hidden": 2048}, True, "stock")]
     assert MARGIN < 1
     assert table_entries(benchmarks) == []  # no capability known: nothing to key an entry by
 
