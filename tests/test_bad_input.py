@@ -251,6 +251,10 @@ CASES = [
     # checkpoints and resuming
     ("resume with nothing saved", train, lambda c: c.train(flags=["--resume", "auto"]),
      "out/checkpoints: no checkpoint saved there yet, so nothing to resume"),
+    ("resume from another run's checkpoint", train, lambda c: c.train(flags=["--resume", str(c.checkpoint())]),
+     "a checkpoint of the run in"),
+    ("resume from another run's directory", train, lambda c: c.train(flags=["--resume", str(c.run)]),
+     "a checkpoint of the run in"),
     ("resume from a missing file", train, lambda c: c.train(flags=["--resume", str(c.tmp / "gone.pt")]),
      "gone.pt: no such checkpoint"),
     ("resume from garbage", train, lambda c: c.train(flags=["--resume", c.file("junk.pt", b"\x00garbage" * 100)]),

@@ -10,6 +10,7 @@ import math
 import os
 import random
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -216,6 +217,33 @@ def test_sigterm_saves_and_prints_how_to_resume(pydoc_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     start = events(tmp_path, "start")[-1]
     assert start["resume_step"] == step and events(tmp_path, "end")[-1]["step"] == step + 2
+
+
+@pytest.mark.parametrize("changed", [["optim.weight_decay=0.5"], ["optim.beta2=0.9", "optim.eps=1e-6"]],
+                         ids=["weight_decay", "betas-eps"])
+def test_a_resume_applies_the_configs_optimizer_settings_and_says_so(pydoc_data, tmp_path, capsys, changed):
+    """The checkpoint brings the optimizer's state; the settings are the config's. Once they silently kept
+    the saved ones: the weights were bitwise those of a resume with the old values."""
+    cheap = ["train.max_steps=4", "checkpoint.interval=2", "train.sample_tokens=0"]
+    Trainer(tiny_config(pydoc_data, tmp_path / "run", *cheap, "train.max_steps=2"), quiet=True).train()
+    finals = {}
+    for name, sets in (("same", []), ("changed", changed)):
+        run = tmp_path / name
+        shutil.copytree(tmp_path / "run", run)
+        trainer = Trainer(tiny_config(pydoc_data, run, *cheap, *sets))
+        capsys.readouterr()
+        trainer.resume("auto")
+        said = capsys.readouterr().out
+        group = trainer.updater.optimizer.param_groups[0]
+        if name == "changed":
+            assert "the config's optimizer settings replace the checkpoint's" in said
+            assert (group["weight_decay"], group["betas"][1], group["eps"]) == (
+                trainer.cfg.optim.weight_decay, trainer.cfg.optim.beta2, trainer.cfg.optim.eps)
+        else:
+            assert "optimizer settings" not in said
+        trainer.train()
+        finals[name] = [p.detach().clone() for p in trainer.model.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(finals["same"], finals["changed"]))
 
 
 def hold_lock(run_dir: Path) -> subprocess.Popen:

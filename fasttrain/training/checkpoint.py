@@ -161,6 +161,17 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
     return latest
 
 
+def check_own(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> None:
+    """UsageError if `path` is a save of another run (in another run directory's checkpoints/): resuming it
+    into `directory`'s run would prune that run's saves and point its `latest` at the other's lineage.
+    A checkpoint file outside any run's checkpoints/ may start a run anywhere."""
+    parent, own = Path(path).resolve().parent, Path(directory).resolve()
+    if parent.name == "checkpoints" and parent != own:
+        raise UsageError(f"{path}: a checkpoint of the run in {parent.parent}, not of train.out_dir = {own.parent}; "
+                         f"resume it with train.out_dir = {parent.parent}, or copy the file out of that run "
+                         "directory to start this run from it")
+
+
 def load(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> dict:
     """The state saved at `path`; UsageError if it is missing, damaged, unsafe or not a fasttrain checkpoint."""
     try:

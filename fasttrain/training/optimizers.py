@@ -188,6 +188,23 @@ class Updater:
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.sharded = sharded  # FSDP: the gradients are DTensor shards
+        # What the config asks of each group besides the rate: a resumed run applies these, not the saved ones
+        self.configured = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")
+                            and not isinstance(v, torch.Tensor)} for group in self.optimizer.param_groups]
+
+    def use_configured_hyperparameters(self) -> list[str]:
+        """After a checkpoint's optimizer state is loaded (which brings its param groups' settings along):
+        put back the config's weight decay, betas, eps, momentum, ... (the rate follows the schedule
+        anyway); returns "name: saved -> now" for each that the config changed."""
+        changed = []
+        for group, configured in zip(self.optimizer.param_groups, self.configured):
+            for key, value in configured.items():
+                saved = group.get(key)
+                same = tuple(saved) == tuple(value) if isinstance(value, (tuple, list)) else saved == value
+                if not same:
+                    changed.append(f"{key}: {saved} -> {value}")
+                    group[key] = value
+        return sorted(set(changed))
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         """`loss` times the fp16 loss scale (itself otherwise), ready for backward()."""

@@ -384,8 +384,14 @@ class Trainer:
         return self.checkpoints.save(self.run, self.train_loader, best)
 
     def resume(self, spec: str | Path = "auto") -> Path:
-        """Continue a saved run: `spec` is "auto" (this run's latest save), a run directory or a checkpoint file."""
+        """Continue a saved run: `spec` is "auto" (this run's latest save), a run directory or a checkpoint file.
+        UsageError for a save of another run directory. The optimizer's state (moments, steps) comes from the
+        checkpoint, its settings (weight decay, betas, eps, ...) from this run's config, which says so."""
         path = checkpoint.resolve(str(spec), self.cfg.train.out_dir)
+        checkpoint.check_own(path, self.checkpoints.directory)
         self.run = self.checkpoints.restore(path, self.train_loader)
+        changed = self.updater.use_configured_hyperparameters()
+        if changed and not self.quiet:
+            print(f"resume: the config's optimizer settings replace the checkpoint's ({'; '.join(changed)})")
         self.resumed_from = path
         return path
