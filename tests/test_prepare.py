@@ -321,6 +321,24 @@ def test_config_drives_preparation_and_the_saved_config_has_the_vocab_size(pydoc
         resolve(small_model, prepared.dir, prepared.vocab_size)
 
 
+def test_links_to_a_parent_neither_repeat_nor_hang_and_each_file_is_read_once(tmp_path):
+    """A recursive glob through `d/loop -> .` read each file 41 times and put the same documents in train
+    and val; with two such links it never ended. Linked directories are not entered, and a file reached
+    twice (named twice, or through a file link) is one source."""
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("alpha\n")
+    (d / "sub" / "b.txt").write_text("beta\n")
+    os.symlink(".", d / "loop")
+    os.symlink("..", d / "sub" / "up")
+    os.symlink(d / "a.txt", d / "alias.txt")
+    want = [str(d / "a.txt"), str(d / "sub" / "b.txt")]
+    for inputs in ([f"{d}/**/*.txt"], [str(d)], [str(d / "a.txt"), f"{d}/**/*.txt", str(d)]):
+        assert [s.name for s in corpus.resolve_inputs(inputs)] == want, inputs
+    prepared = prepare([f"{d}/**/*.txt"], tmp_path / "out", vocab_size=300, quiet=True)
+    assert prepared["documents"]["train"] + prepared["documents"]["val"] == 2
+
+
 def test_a_bpe_that_learns_fewer_ids_than_asked_records_a_config_that_loads_back(tmp_path):
     """A small corpus gives the BPE fewer merges than data.vocab_size asks for: the resolved config (what a
     run records in config.toml and its checkpoints) takes the tokenizer's size and must validate again."""
