@@ -246,6 +246,22 @@ def test_a_resume_applies_the_configs_optimizer_settings_and_says_so(pydoc_data,
     assert any(not torch.equal(a, b) for a, b in zip(finals["same"], finals["changed"]))
 
 
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl"])
+def test_a_run_file_that_is_a_link_is_refused_and_its_target_untouched(pydoc_data, tmp_path, capsys, name):
+    """A .lock planted as a link truncated its target; a metrics.jsonl link had its target's last line cut
+    and events appended. Run files are opened without following links: one line, exit 2."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("first line\nno newline at the end")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.symlink(victim, run_dir / name)
+    with pytest.raises(SystemExit) as done:
+        run_cli(train.main, tiny_args(pydoc_data, run_dir, "train.max_steps=2", "train.sample_tokens=0"))
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1 and f"{name}: a symbolic link" in err
+    assert victim.read_text() == "first line\nno newline at the end"
+
+
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process holding `run_dir`'s lock (as a run training there does) until it is killed."""
     code = ("import sys, time\nfrom fasttrain.system import run_lock\n"

@@ -1,9 +1,13 @@
-"""Atomic file writes: a crash leaves either the old file or the new one, never half of one."""
+"""Safe writes: atomic replacement (a crash leaves either the old file or the new one, never half of one),
+and run files opened without following links (a link planted as metrics.jsonl or .lock must not redirect
+a write, or a truncation, to its target)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -30,3 +34,20 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], N
             tmp.unlink(missing_ok=True)
         raise UsageError(f"{path}: cannot {what} ({e.strerror or e})") from None
     return path
+
+
+def open_regular(path: str | os.PathLike[str], flags: int, mode: int = 0o644) -> int:
+    """os.open(`path`, `flags`) without following a link: the descriptor of a regular file (created with
+    O_CREAT). A link or anything but a regular file is a UsageError naming it; so is any OSError."""
+    path = Path(path)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(f"{path}: a symbolic link; remove it (fasttrain does not write through links)") from None
+        raise UsageError(f"{path}: cannot write ({e.strerror or e})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{path}: not a regular file; remove it")
+    os.set_blocking(fd, True)  # O_NONBLOCK only kept a FIFO from hanging the open
+    return fd

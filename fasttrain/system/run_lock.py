@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 from typing import Iterator
 
+from fasttrain.system.atomic import open_regular
 from fasttrain.system.errors import UsageError
 
 try:
@@ -36,9 +37,9 @@ def locked(out_dir: str | os.PathLike[str]) -> Iterator[None]:
     path = Path(out_dir) / LOCK_FILE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise UsageError(f"{path}: cannot write ({e.strerror or e})") from None
+    fd = open_regular(path, os.O_RDWR | os.O_CREAT)  # a link planted as .lock would truncate its target
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fasttrain.system.atomic import write_atomically
+from fasttrain.system.atomic import open_regular, write_atomically
 from fasttrain.system.errors import UsageError
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' data sheets.
@@ -82,8 +82,10 @@ class MetricsLog:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _drop_partial_line(self.path)  # a run killed (or out of space) mid-write: every line must parse
-            self._file = open(self.path, "a", encoding="utf-8")
+            # Never through a link: a metrics.jsonl planted as one would have its target cut and appended to
+            fd = open_regular(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+            _drop_partial_line(fd)  # a run killed (or out of space) mid-write: every line must parse
+            self._file = open(fd, "a", encoding="utf-8")
         except OSError as e:
             raise UsageError(f"{self.path}: cannot write ({e.strerror or e})") from None
         self._tb = _summary_writer(self.path.parent) if tensorboard else None
@@ -187,23 +189,18 @@ def _numbers(fields: dict[str, Any]) -> dict[str, int | float]:
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _drop_partial_line(path: Path) -> None:
-    """Cut the file at `path` (if any) after its last newline, dropping a last line left unfinished."""
-    try:
-        with open(path, "r+b") as f:
-            size = end = f.seek(0, os.SEEK_END)
-            while end > 0:  # back from the end, a block at a time, to the last newline
-                start = max(end - 4096, 0)
-                f.seek(start)
-                newline = f.read(end - start).rfind(b"\n")
-                if newline >= 0:
-                    end = start + newline + 1
-                    break
-                end = start
-            if end < size:
-                f.truncate(end)
-    except FileNotFoundError:
-        pass
+def _drop_partial_line(fd: int) -> None:
+    """Cut the open file `fd` after its last newline, dropping a last line left unfinished."""
+    size = end = os.fstat(fd).st_size
+    while end > 0:  # back from the end, a block at a time, to the last newline
+        start = max(end - 4096, 0)
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        if newline >= 0:
+            end = start + newline + 1
+            break
+        end = start
+    if end < size:
+        os.ftruncate(fd, end)
 
 
 def _summary_writer(log_dir: Path):
