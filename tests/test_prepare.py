@@ -339,6 +339,71 @@ def test_links_to_a_parent_neither_repeat_nor_hang_and_each_file_is_read_once(tm
     assert prepared["documents"]["train"] + prepared["documents"]["val"] == 2
 
 
+def corpus_files(directory: Path, word: str) -> list[str]:
+    directory.mkdir(parents=True)
+    for i in range(4):
+        (directory / f"{i}.txt").write_text(f"{word} {i} " * 40 + "\n")
+    return [str(directory / "*.txt")]
+
+
+def test_a_prepare_killed_while_moving_new_data_into_place_is_finished_by_the_next(tmp_path, monkeypatch):
+    """kill -9 between moving the old data out and the new in left neither (and the next prepare deleted the
+    new data it found in .prepare-tmp). A complete preparation is now finished by the next prepare or run;
+    until then the directory has no meta.json, so nothing reads it as prepared."""
+    out = tmp_path / "d"
+    prepare(corpus_files(tmp_path / "old", "old"), out, vocab_size=300, quiet=True)
+    new_inputs = corpus_files(tmp_path / "new", "new")
+    want = prepare(new_inputs, tmp_path / "ref", vocab_size=300, quiet=True)
+    real_replace, moved = os.replace, []
+
+    def killed_mid_move(src, dst):  # stands in for SIGKILL after two files of the move
+        if Path(dst).parent == out and Path(src).parent.name == ".prepare-tmp":
+            if len(moved) == 2:
+                raise KeyboardInterrupt
+            moved.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_mid_move)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(new_inputs, out, vocab_size=300, overwrite=True, quiet=True)
+    monkeypatch.undo()
+    assert len(moved) == 2 and not (out / "meta.json").exists() and (out / ".prepare-tmp" / "COMPLETE").exists()
+    cfg = load_config(None, [f'data.dir="{out}"', f"data.inputs={json.dumps(new_inputs)}", "data.vocab_size=300"])
+    got = ensure_prepared(cfg.data, quiet=True)  # a run of the same data finishes the move
+    assert got.meta["tokens"] == want["tokens"] and not (out / ".prepare-tmp").exists()
+    for split in ("train", "val"):
+        assert np.array_equal(shard_tokens(out, split), shard_tokens(tmp_path / "ref", split))
+
+
+def test_one_prepare_per_directory_and_a_run_waits_for_it(tmp_path, capsys):
+    """Two prepares of one directory moved each other's files away ("write failed"), or one exited 0 with
+    only meta.json left. A prepare while another holds the directory is one line naming it; a run that
+    needs the same data waits, then uses what the first prepared."""
+    out = tmp_path / "d"
+    inputs = corpus_files(tmp_path / "src", "word")
+    lock = tmp_path / ".d.prepare-lock"
+    code = ("import sys, time\nfrom pathlib import Path\nfrom fasttrain.system.run_lock import holding\n"
+            "with holding(Path(sys.argv[1]), str):\n    print('locked', flush=True)\n    time.sleep(float(sys.argv[2]))")
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock), "600"], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(UsageError, match=rf"{out}: another prepare \(pid {holder.pid} on host .*\) is writing it"):
+            prepare(inputs, out, vocab_size=300, quiet=True)
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock), "1.5"], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        cfg = load_config(None, [f'data.dir="{out}"', f"data.inputs={json.dumps(inputs)}", "data.vocab_size=300"])
+        assert ensure_prepared(cfg.data).meta["documents"]["train"] > 0
+        assert f"data: waiting for pid {holder.pid}" in capsys.readouterr().out
+    finally:
+        holder.wait()
+
+
 def test_a_bpe_that_learns_fewer_ids_than_asked_records_a_config_that_loads_back(tmp_path):
     """A small corpus gives the BPE fewer merges than data.vocab_size asks for: the resolved config (what a
     run records in config.toml and its checkpoints) takes the tokenizer's size and must validate again."""

@@ -39,10 +39,12 @@ from fasttrain.data.corpus import Piece, Source, resolve_inputs
 from fasttrain.data.shards import ShardInfo, ShardWriter, find_shards, read_meta, token_dtype
 from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.system.errors import UsageError
+from fasttrain.system.run_lock import holding
 
 SPLITS = ("train", "val")
 PREPARED = ("meta.json", "tokenizer.json", "train_*.bin", "val_*.bin", "*.bin.docs.npy")  # what --overwrite replaces
 TMP_NAME = ".prepare-tmp"
+COMPLETE = "COMPLETE"  # in TMP_NAME once the new data there is whole: a killed move is then finished, not undone
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,7 @@ def _encode_into(
         progress.update(chars)
 
 
-def prepare(
+def _prepare(
     inputs: Sequence[str],
     out_dir: str | os.PathLike,
     *,
@@ -229,12 +231,7 @@ def prepare(
     batch_chars: int = 8_000_000,
     quiet: bool = False,
 ) -> dict:
-    """Tokenize `inputs` into shards in `out_dir` and return the contents of its meta.json.
-
-    The tokenizer is loaded from `tokenizer_path`, or else a byte-level BPE of
-    `vocab_size` tokens is trained on (up to `tokenizer_train_chars` of) the
-    training split. Bad input raises `UsageError` and leaves `out_dir` as it was.
-    """
+    """`prepare`, for a caller that holds `out_dir`'s lock and has finished an interrupted move."""
     if not 0 <= val_fraction < 1:
         raise UsageError(f"--val-fraction: must be in [0, 1), got {val_fraction}")
     if shard_tokens <= 0 or shard_tokens >= 1 << 31:
@@ -252,7 +249,7 @@ def prepare(
     tmp = out / TMP_NAME
     created = not out.exists()  # removed again if this run fails, so DIR is left as it was
     try:
-        if tmp.exists():  # left by a run that was killed
+        if tmp.exists():  # left by a run killed before its preparation was complete
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     except OSError as e:
@@ -304,19 +301,21 @@ def prepare(
             "seconds": {"tokenizer": round(tokenizer_seconds, 3), "total": round(seconds, 3)},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        # Move into place: old data out, new shards and tokenizer in, meta.json last
-        # (its presence marks a complete preparation).
-        for p in existing:
-            p.unlink()
-        for p in sorted(tmp.iterdir(), key=lambda p: p.name == "meta.json"):
-            os.replace(p, out / p.name)
-        tmp.rmdir()
+        _fsync_tree(tmp)
+        # From here on the new data is the data: a killed move is finished, not undone. The marker lists the
+        # new files, so a finishing move knows which files in `out` are already new ones.
+        (tmp / COMPLETE).write_text(json.dumps(sorted(p.name for p in tmp.iterdir())))
+        _fsync_tree(tmp)
+        _move_into_place(out)
     except OSError as e:
-        raise UsageError(f"{out}: write failed ({e.strerror})") from None
+        unfinished = (tmp / COMPLETE).exists()
+        raise UsageError(f"{out}: write failed ({e.strerror})"
+                         + ("; prepare it again to finish moving the new data into place" if unfinished else "")) from None
     finally:
         for o in outputs.values():
             o.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not (tmp / COMPLETE).exists():
+            shutil.rmtree(tmp, ignore_errors=True)
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
 
@@ -330,6 +329,66 @@ def prepare(
             + (f"; replaced {replaced} invalid UTF-8 sequences" if replaced else "")
         )
     return meta
+
+
+def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, **options) -> dict:
+    """Tokenize `inputs` into shards in `out_dir` and return the contents of its meta.json.
+
+    The tokenizer is loaded from `tokenizer_path`, or else a byte-level BPE of
+    `vocab_size` tokens is trained on (up to `tokenizer_train_chars` of) the
+    training split (`options`: the keywords of `_prepare`). Bad input raises
+    `UsageError` and leaves `out_dir` as it was. The new data replaces the old only
+    once it is complete: a run killed while moving it into place is finished by the
+    next prepare (or run) of `out_dir`. A second process preparing `out_dir` at the
+    same time is a UsageError naming the first.
+    """
+    out = Path(out_dir)
+    busy = lambda holder: f"{out}: another prepare ({holder}) is writing it; wait for it to end"  # noqa: E731
+    with holding(_lock_path(out), busy):
+        _finish_interrupted_move(out)
+        return _prepare(inputs, out, **options)
+
+
+def _lock_path(out: Path) -> Path:
+    """The lock of preparing `out`: beside it, so that `out` itself can be created and removed."""
+    out = out.absolute()
+    return out.parent / f".{out.name}.prepare-lock"
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush `directory`'s files and the directory itself to disk (what a COMPLETE marker promises)."""
+    for path in [*directory.iterdir(), directory]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _move_into_place(out: Path) -> None:
+    """Replace the prepared data in `out` by the complete preparation in out/.prepare-tmp: the old meta.json
+    first (a directory half switched holds none, so nothing reads it as prepared), the old files the new
+    set lacks, then the new files, meta.json last. Repeatable: a killed move is finished by running it again."""
+    tmp = out / TMP_NAME
+    names = set(json.loads((tmp / COMPLETE).read_text()))  # the whole new set, moved or not yet
+    waiting = sorted((p for p in tmp.iterdir() if p.name in names), key=lambda p: p.name == "meta.json")
+    if waiting:  # a finished move has moved meta.json last: then the directory's meta.json is the new one
+        (out / "meta.json").unlink(missing_ok=True)
+    for old in (p for pattern in PREPARED for p in out.glob(pattern)):
+        if old.name not in names:
+            old.unlink()
+    for p in waiting:
+        os.replace(p, out / p.name)
+    shutil.rmtree(tmp)
+
+
+def _finish_interrupted_move(out: Path) -> None:
+    """Finish the move of a complete preparation that a killed prepare left in out/.prepare-tmp."""
+    if (out / TMP_NAME / COMPLETE).exists():
+        try:
+            _move_into_place(out)
+        except OSError as e:
+            raise UsageError(f"{out}: cannot finish moving the data prepared there into place ({e.strerror})") from None
 
 
 def _request(inputs: Sequence[str], vocab_size: int, tokenizer_path: str | None, val_fraction: float,
@@ -384,10 +443,17 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
     """
     wanted = _request(d.inputs, d.vocab_size, d.tokenizer, d.val_fraction, d.text_field)
     directory = d.dir or str(cache_dir(wanted))
-    meta = read_meta(directory)
-    if meta is None:
-        meta = prepare(d.inputs, directory, vocab_size=d.vocab_size, tokenizer_path=d.tokenizer or None,
-                       val_fraction=d.val_fraction, text_field=d.text_field, quiet=quiet)
+
+    def wait(holder: str) -> None:  # two runs preparing one cache: the second uses what the first made
+        if not quiet:
+            print(f"data: waiting for {holder}, which is preparing {directory}")
+
+    with holding(_lock_path(Path(directory)), busy=str, wait=wait):
+        _finish_interrupted_move(Path(directory))
+        meta = read_meta(directory)
+        if meta is None:
+            meta = _prepare(d.inputs, directory, vocab_size=d.vocab_size, tokenizer_path=d.tokenizer or None,
+                            val_fraction=d.val_fraction, text_field=d.text_field, quiet=quiet)
     request = meta.get("request", {})
     differ = [f"{k}={request.get(k)!r}" for k in sorted(request.keys() | wanted.keys()) if wanted.get(k) != request.get(k)]
     if differ or "request" not in meta:

@@ -1,11 +1,13 @@
-"""One run per directory: a training run holds an exclusive lock on `out_dir/.lock` while it trains.
+"""One process per directory: a training run holds an exclusive lock on `out_dir/.lock` while it
+trains, and a preparation of data into DIR one on `.DIR.prepare-lock` beside it.
 
 Two processes in one run directory would interleave their events in metrics.jsonl, race
-on checkpoint saves, or (with --overwrite) delete the other's files under it. The lock
-is flock(2) on an open file, so the kernel drops it when the holder exits, however it
-exits: a run killed with SIGKILL leaves the file but no stale lock, and the next run
-simply locks it again. While locked the file holds the holder's pid and host, for the
-error message another run gets. Without fcntl (Windows) runs are not locked.
+on checkpoint saves, or (with --overwrite) delete the other's files under it; two
+preparations of one directory would move each other's shards away. The lock is flock(2)
+on an open file, so the kernel drops it when the holder exits, however it exits: a process
+killed with SIGKILL leaves the file but no stale lock, and the next one simply locks it
+again. While locked the file holds the holder's pid and host, for the message another
+process gets. Without fcntl (Windows) nothing is locked.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import contextlib
 import os
 import socket
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from fasttrain.system.atomic import open_regular
 from fasttrain.system.errors import UsageError
@@ -31,28 +33,41 @@ LOCK_FILE = ".lock"
 def locked(out_dir: str | os.PathLike[str]) -> Iterator[None]:
     """Hold the lock of run directory `out_dir` (created if missing) for the `with` block; UsageError
     naming the holder if another process holds it."""
+    path = Path(out_dir) / LOCK_FILE
+    busy = lambda holder: (f"{path.parent}: another run ({holder}) is using it; wait for it to end, stop it, "  # noqa: E731
+                           "or set train.out_dir elsewhere")
+    with holding(path, busy):
+        yield
+
+
+@contextlib.contextmanager
+def holding(path: Path, busy: Callable[[str], str], wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created, with its directory) for the `with` block. If
+    another process holds it: UsageError(busy(holder)), or with `wait`, call wait(holder) and block until
+    it is free. The lock file is opened without following a link (a link planted there would be truncated)."""
     if fcntl is None:
         yield
         return
-    path = Path(out_dir) / LOCK_FILE
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"{path}: cannot write ({e.strerror or e})") from None
-    fd = open_regular(path, os.O_RDWR | os.O_CREAT)  # a link planted as .lock would truncate its target
+    fd = open_regular(path, os.O_RDWR | os.O_CREAT)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             # The holder writes its name right after locking: empty only in that instant.
-            holder = os.read(fd, 256).decode("utf-8", "replace").strip() or "one that is just starting"
-            raise UsageError(f"{path.parent}: another run ({holder}) is using it; wait for it to end, stop it, "
-                             "or set train.out_dir elsewhere") from None
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "one that is just starting"
+            if wait is None:
+                raise UsageError(busy(holder)) from None
+            wait(holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode())
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)  # names a holder only while there is one (a killed run's name stays, unlocked)
+            os.ftruncate(fd, 0)  # names a holder only while there is one (a killed one's name stays, unlocked)
     finally:
         os.close(fd)  # releases the lock
