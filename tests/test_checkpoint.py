@@ -272,6 +272,34 @@ def hold_lock(run_dir: Path) -> subprocess.Popen:
 
 
 @pytest.mark.subprocess
+def test_a_run_whose_directory_was_removed_and_reused_touches_nothing_there(pydoc_data, tmp_path):
+    """rm -rf of a live run's directory, then a new run there: the first run's pruning deleted the second's
+    checkpoints and moved its latest. Now it stops at its next save with one line, touching nothing."""
+    run_dir = tmp_path / "run"
+    trainer = Trainer(tiny_config(pydoc_data, run_dir, "train.max_steps=6", "checkpoint.interval=1",
+                                  "checkpoint.keep_last=1", "train.sample_tokens=0"), quiet=True)
+    holders = []
+
+    def replaced(t: Trainer) -> None:  # the directory removed, and a new run holding a new one by the name
+        shutil.rmtree(run_dir)
+        holders.append(hold_lock(run_dir))
+        (run_dir / "checkpoints").mkdir()
+        (run_dir / "checkpoints" / "step_0000001.pt").write_bytes(b"the new run's save")
+        (run_dir / "checkpoints" / "latest").write_text("step_0000001.pt\n")
+
+    plant(trainer, {3}, replaced)
+    try:
+        with pytest.raises(UsageError, match=r"now held by another run \(pid \d+ on host .*\), so this run's directory"):
+            trainer.train()
+        files = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
+        assert files == {"step_0000001.pt": b"the new run's save", "latest": b"step_0000001.pt\n"}
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait()
+
+
+@pytest.mark.subprocess
 def test_a_run_directory_in_use_is_refused_until_its_holder_dies(pydoc_data, tmp_path, capsys):
     args = tiny_args(pydoc_data, tmp_path, "train.max_steps=2", "schedule.warmup_steps=1", "train.sample_tokens=0")
     with pytest.raises(SystemExit) as done:

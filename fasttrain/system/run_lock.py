@@ -40,6 +40,32 @@ def locked(out_dir: str | os.PathLike[str]) -> Iterator[None]:
         yield
 
 
+def other_holder(out_dir: str | os.PathLike[str]) -> str | None:
+    """Who holds run directory `out_dir`'s lock, if that is another process: its "pid P on host H". None when
+    this process holds it or no one does. A run asks before it prunes or points at checkpoints: its
+    directory may have been removed and a new run started in a new one by the same name."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(Path(out_dir) / LOCK_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None  # no lock file: no run holds the directory
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted: no one holds it (this process included)
+            return None
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+            return None if holder == _identity() else holder or "one that is just starting"
+    finally:
+        os.close(fd)
+
+
+def _identity() -> str:
+    """What a holder writes into its lock file."""
+    return f"pid {os.getpid()} on host {socket.gethostname()}"
+
+
 @contextlib.contextmanager
 def holding(path: Path, busy: Callable[[str], str], wait: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold an exclusive lock on the file `path` (created, with its directory) for the `with` block. If
@@ -64,7 +90,7 @@ def holding(path: Path, busy: Callable[[str], str], wait: Callable[[str], None] 
             wait(holder)
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        os.pwrite(fd, f"{_identity()}\n".encode(), 0)
         try:
             yield
         finally:

@@ -44,6 +44,7 @@ from fasttrain.data.loader import TokenLoader
 from fasttrain.system import distributed
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
+from fasttrain.system.run_lock import other_holder
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.run_state import RunState
 
@@ -162,14 +163,17 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
 
 
 def check_own(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> None:
-    """UsageError if `path` is a save of another run (in another run directory's checkpoints/): resuming it
-    into `directory`'s run would prune that run's saves and point its `latest` at the other's lineage.
-    A checkpoint file outside any run's checkpoints/ may start a run anywhere."""
+    """UsageError if `path` is a save of another run (in another run directory's checkpoints/) while
+    `directory` holds this run's own saves or events: resuming it there would prune this run's saves, point
+    its `latest` at the other's lineage and mix both in metrics.jsonl. Into a new directory, or from a
+    checkpoint file outside any run's checkpoints/, a run may start from it."""
     parent, own = Path(path).resolve().parent, Path(directory).resolve()
-    if parent.name == "checkpoints" and parent != own:
-        raise UsageError(f"{path}: a checkpoint of the run in {parent.parent}, not of train.out_dir = {own.parent}; "
-                         f"resume it with train.out_dir = {parent.parent}, or copy the file out of that run "
-                         "directory to start this run from it")
+    if parent.name != "checkpoints" or parent == own:
+        return
+    if saved_steps(own) or (own / "latest").exists() or (own.parent / "metrics.jsonl").exists():
+        raise UsageError(f"{path}: a checkpoint of the run in {parent.parent}, but train.out_dir = {own.parent} "
+                         f"holds a run of its own; resume that one with train.out_dir = {parent.parent}, or start "
+                         "from it in a new directory")
 
 
 def load(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> dict:
@@ -271,6 +275,7 @@ class Checkpointer:
         state = self.state_dict(run, loader)
         path = path_for(self.directory, run.step)
         if self.world.is_main:
+            self.check_still_ours()
             path = save(state, self.directory, run.step, self.cfg.checkpoint.keep_last, best, keep)
         distributed.barrier(self.world)
         return path
@@ -297,8 +302,17 @@ class Checkpointer:
     def point_latest(self, path: Path) -> None:
         """Make `latest` name `path` again (after a rollback to it), so a resume starts there too."""
         if self.world.is_main:
+            self.check_still_ours()
             point(self.directory, "latest", path)
         distributed.barrier(self.world)
+
+    def check_still_ours(self) -> None:
+        """UsageError if another process now holds the run directory (this one was removed, say with rm -rf,
+        and a new run started there): its checkpoints must not be pruned or its `latest` moved by this run."""
+        holder = other_holder(self.directory.parent)
+        if holder is not None:
+            raise UsageError(f"{self.directory.parent}: now held by another run ({holder}), so this run's directory "
+                             "was removed or replaced; stopping without saving, pruning or pointing at anything there")
 
     def latest(self) -> Path | None:
         """The newest complete save, or None before the first."""
