@@ -292,7 +292,9 @@ def test_command_line_exit_codes(tmp_path):
 
     ok = run("--out", str(tmp_path / "d"), "--vocab-size", "300")
     assert ok.returncode == 0 and "tokens/s" in ok.stdout and (tmp_path / "d" / "meta.json").exists()
-    for bad in (run("--out", str(tmp_path / "d")), run("--input", str(tmp_path / "missing"), "--out", "x"), run()):
+    # a bad --input with an --out under tmp_path: a refused prepare leaves its lock file beside --out
+    missing = run("--input", str(tmp_path / "missing"), "--out", str(tmp_path / "x"))
+    for bad in (run("--out", str(tmp_path / "d")), missing, run()):
         assert bad.returncode == 2
         assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
