@@ -43,12 +43,6 @@ class Measurement:
     shape: dict[str, int]
     gpu: str
 
-    def reason(self) -> str:
-        """"on: 1.94 ms vs torch_fused 2.37 ms (NVIDIA H100 ..., params 123587328)", for the run's line."""
-        sizes = ", ".join(f"{k} {v}" for k, v in self.shape.items())
-        return (f"{'on' if self.use else 'off'}: {self.fasttrain_ms:.3g} ms vs {self.stock} {self.stock_ms:.3g} ms "
-                f"({self.gpu}, {sizes})")
-
 
 def load_table(path: str | Path = TABLE) -> list[dict]:
     """The entries of the table at `path` ([] when there is none); UsageError naming it if it is malformed."""
