@@ -10,7 +10,9 @@ token, so each one starts with a clean context, as in llm.c.
 The corpus is streamed: documents are read in pieces, tokenized in parallel
 batches and appended to shards on disk, so memory stays bounded whatever the
 corpus size. Everything is written into DIR/.prepare-tmp first and moved into
-place only once complete; an interrupted run leaves DIR as it was.
+place only once complete: a run that fails or is interrupted before then leaves DIR
+as it was, and one killed while moving the complete data in is finished by the next
+prepare or run of DIR. One process prepares a directory at a time (a lock beside it).
 
 The validation split is by documents: whole documents are held out until they
 make up about F of the text (see `split_documents`). When the input holds fewer
@@ -448,7 +450,7 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
         if not quiet:
             print(f"data: waiting for {holder}, which is preparing {directory}")
 
-    with holding(_lock_path(Path(directory)), busy=str, wait=wait):
+    with holding(_lock_path(Path(directory)), wait=wait):
         _finish_interrupted_move(Path(directory))
         meta = read_meta(directory)
         if meta is None:

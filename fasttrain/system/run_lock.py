@@ -55,8 +55,8 @@ def other_holder(out_dir: str | os.PathLike[str]) -> str | None:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # granted: no one holds it (this process included)
             return None
         except BlockingIOError:
-            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
-            return None if holder == _identity() else holder or "one that is just starting"
+            holder = _holder(fd)
+            return None if holder == _identity() else holder
     finally:
         os.close(fd)
 
@@ -66,11 +66,19 @@ def _identity() -> str:
     return f"pid {os.getpid()} on host {socket.gethostname()}"
 
 
+def _holder(fd: int) -> str:
+    """The holder named in the lock file open as `fd`. It writes its name right after locking, so the
+    file is empty only in that instant."""
+    return os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "one that is just starting"
+
+
 @contextlib.contextmanager
-def holding(path: Path, busy: Callable[[str], str], wait: Callable[[str], None] | None = None) -> Iterator[None]:
+def holding(path: Path, busy: Callable[[str], str] | None = None,
+            wait: Callable[[str], None] | None = None) -> Iterator[None]:
     """Hold an exclusive lock on the file `path` (created, with its directory) for the `with` block. If
-    another process holds it: UsageError(busy(holder)), or with `wait`, call wait(holder) and block until
-    it is free. The lock file is opened without following a link (a link planted there would be truncated)."""
+    another process holds it: UsageError(busy(holder)), or, given `wait` instead, call wait(holder) and
+    block until it is free. The lock file is opened without following a link (a link planted there would
+    be truncated)."""
     if fcntl is None:
         yield
         return
@@ -83,11 +91,9 @@ def holding(path: Path, busy: Callable[[str], str], wait: Callable[[str], None] 
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            # The holder writes its name right after locking: empty only in that instant.
-            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "one that is just starting"
             if wait is None:
-                raise UsageError(busy(holder)) from None
-            wait(holder)
+                raise UsageError(busy(_holder(fd))) from None
+            wait(_holder(fd))
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{_identity()}\n".encode(), 0)
