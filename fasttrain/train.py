@@ -11,6 +11,7 @@ Ctrl-C (or SIGTERM) saves a checkpoint and prints the command that resumes it, f
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shlex
 from typing import Sequence
@@ -32,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="start a new run in a train.out_dir that holds another run's checkpoints, deleting them")
     parser.add_argument("--quiet", action="store_true", help="print nothing; metrics.jsonl still gets everything")
     args = parser.parse_args(argv)
+    trainer = None
     try:
         trainer = Trainer(config_from_args(args), quiet=args.quiet)
         if args.resume:
@@ -40,6 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Interrupted as e:
         raise Interrupted(f"{e}; resume with: {resume_command(args, trainer.cfg)}", e.exit_code) from None
     finally:
+        # Free the model, its DDP wrapper and the loader now, while the interpreter is whole: left to the
+        # collector at exit, a communication thread that touches a Python object then aborts the process.
+        if trainer is not None:
+            trainer.close()
+        trainer = None
+        gc.collect()
         distributed.stop()  # under torchrun: leave the process group, whatever happened
     return 0
 

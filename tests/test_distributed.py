@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ["train.max_steps=4", "train.log_interval=1", "train.eval_interval=2", "train.eval_steps=2",
        "checkpoint.interval=2", "train.sample_tokens=0", "data.prefetch=0",
        'train.device="cpu"']  # gloo on the CPU: two ranks need no two GPUs, and fp32 without TF32 compares tightly
-ENV = {"FASTTRAIN_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+# PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack, so a rare failure explains itself.
+ENV = {"FASTTRAIN_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:

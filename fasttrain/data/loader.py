@@ -33,6 +33,7 @@ touched resident, and the process's memory grows with the corpus.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import queue
@@ -317,13 +318,19 @@ def _load_batch(
 
 
 class _Prefetcher:
-    """A daemon thread that calls load(g), load(g + 1), ... and queues the results, `depth` ahead."""
+    """A daemon thread that calls load(g), load(g + 1), ... and queues the results, `depth` ahead.
+
+    A prefetcher still running when the interpreter exits is stopped by an atexit hook. Left
+    running, the thread would be torn down wherever it stands, and inside a torch op (which
+    releases the GIL) that aborts the process ("terminate called without an active exception").
+    """
 
     def __init__(self, load, first: int, depth: int):
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(load, first), daemon=True, name="fasttrain-prefetch")
         self._thread.start()
+        atexit.register(self.stop)
 
     def _run(self, load, g: int) -> None:
         while not self._stopped.is_set():
@@ -354,6 +361,7 @@ class _Prefetcher:
         return item
 
     def stop(self) -> None:
+        atexit.unregister(self.stop)
         self._stopped.set()
         self._thread.join()
 

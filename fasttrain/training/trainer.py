@@ -154,6 +154,10 @@ class Trainer:
         self.run = RunState()
         self.resumed_from: Path | None = None  # the checkpoint `resume` restored, for the start report
 
+    def close(self) -> None:
+        """Stop the train loader's prefetch thread and close its files; the Trainer is not used after this."""
+        self.train_loader.close()
+
     @property
     def tokens_per_step(self) -> int:
         """Token slots per optimizer update, over all ranks (pads included; `tokens_seen` counts real ones)."""
