@@ -30,7 +30,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from fasttrain.system.atomic import write_atomically
+from fasttrain.system.atomic import read_regular, write_atomically
 from fasttrain.system.errors import UsageError
 
 
@@ -77,7 +77,7 @@ class DataConfig:
     # A token attends only to earlier tokens of its own document (documents start at end-of-text
     # tokens); without it a packed or aligned row is one causal sequence across documents.
     document_mask: bool = False
-    prefetch: int = 2  # batches prepared ahead by a background thread; 0 = load in the training thread
+    prefetch: int = 2  # batches prepared ahead by a background thread (at most 64); 0 = load in the training thread
 
 
 @dataclass
@@ -150,7 +150,7 @@ class TrainConfig:
     """[train]: length, batch, precision, device, monitoring and output of the run."""
 
     max_steps: int = 2000  # optimizer steps in the whole run
-    seed: int = 1337  # seeds Python, NumPy, torch (model init) and data sampling
+    seed: int = 1337  # seeds Python, NumPy, torch (model init) and data sampling; 0 to 2**32 - 1
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda" or "cuda:N"
     out_dir: str = "runs/base"  # where checkpoints, metrics, samples and the resolved config.toml go
     batch_size: int = 16  # sequences per micro-batch, per process
@@ -197,7 +197,7 @@ class TrainConfig:
     # least early_stop_min_delta (a final checkpoint is saved, the best one kept); 0 = never.
     early_stop_patience: int = 0
     early_stop_min_delta: float = 0.0
-    sample_prompt: str = "The"  # sampled from at every evaluation; no trailing space (BPE words carry theirs)
+    sample_prompt: str = "The"  # the samples' prompt (<= 65,536 chars); no trailing space: BPE words carry theirs
     sample_tokens: int = 64  # tokens generated per sample; 0 = no samples
     tensorboard: bool = True  # also write TensorBoard event files when tensorboard is installed
 
@@ -266,6 +266,11 @@ class Config:
 
 
 OVERRIDE_SOURCE = "--set"  # how errors name values that came from the command line
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few KiB; a bound keeps /dev/zero or a mistaken data file out
+MAX_EXTENDS = 32  # config files in one `extends` chain
+MAX_SEED = 2**32 - 1  # NumPy's generator takes 32-bit seeds; every tool accepts the same range
+MAX_PROMPT_CHARS = 65_536  # the model reads at most max_seq_len tokens of a prompt; tokenizing more costs memory
+MAX_PREFETCH = 64  # batches read ahead, each held in memory until used
 
 # How a TOML value is accepted for each field type: (accepts, convert, what an error says was expected).
 # bool is a subclass of int in Python, but `n_layers = true` is a mistake, never a number.
@@ -299,7 +304,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.text_field": (bool, "a non-empty field name"),
     "data.vocab_size": (lambda v: v > 256, "> 256 (a byte-level BPE needs the 256 bytes plus an end-of-text token)"),
     "data.val_fraction": _FRACTION,
-    "data.prefetch": _NON_NEGATIVE,
+    "data.prefetch": (lambda v: 0 <= v <= MAX_PREFETCH, f"in [0, {MAX_PREFETCH}] (batches held in memory ahead of use)"),
     "optim.lr": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE,
     "optim.beta1": _FRACTION,
@@ -330,7 +335,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.eval_steps": _POSITIVE,
     "train.early_stop_patience": _NON_NEGATIVE,
     "train.early_stop_min_delta": _NON_NEGATIVE,
-    "train.sample_prompt": (bool, "non-empty (generation starts from it)"),
+    "train.sample_prompt": (lambda v: 0 < len(v) <= MAX_PROMPT_CHARS,
+                            f"non-empty (generation starts from it) and at most {MAX_PROMPT_CHARS:,} characters"),
+    "train.seed": (lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}]"),
     "train.sample_tokens": _NON_NEGATIVE,
     "checkpoint.interval": _POSITIVE,
     "checkpoint.keep_last": _POSITIVE,
@@ -495,6 +502,8 @@ def _read_layers(path: str | os.PathLike[str], chain: tuple[str, ...] = ()) -> l
         raise UsageError(f"{source}: extends: expected the path of a config file, got {_show(base)} "
                          f"({type(base).__name__})")
     here = (*chain, os.path.realpath(path))
+    if len(here) >= MAX_EXTENDS:
+        raise UsageError(f"{source}: extends = {_show(base)}: a chain of more than {MAX_EXTENDS} config files")
     base_path = Path(path).parent / base
     if os.path.realpath(base_path) in here:
         raise UsageError(f"{source}: extends = {_show(base)} comes back to {base_path}: configs cannot extend "
@@ -510,13 +519,7 @@ def _read_layers(path: str | os.PathLike[str], chain: tuple[str, ...] = ()) -> l
 def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed TOML document at `path`; UsageError if it is missing, unreadable or malformed."""
     source = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise UsageError(f"{source}: no such file") from None
-    except OSError as e:
-        raise UsageError(f"{source}: cannot read ({e.strerror or e})") from None
+    raw = read_regular(path, MAX_CONFIG_BYTES, "config file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -570,6 +573,7 @@ def _assign(part: Any, section: str, key: str, value: Any, source: str, sources:
             _assign(getattr(part, head), name, k, v, source, sources)
         return
     setattr(part, head, _coerce(value, types[head], f"{source}: {name}"))
+    sources.pop(name, None)  # re-inserted: the dict's order is the order values were last set in
     sources[name] = source  # so later range and combination errors can name it
 
 
@@ -636,11 +640,11 @@ def _get(cfg: Config, name: str) -> Any:
 
 
 def _blame(sources: dict[str, str], *names: str) -> str:
-    """Where to send the user about a problem with `names`: --set if it gave one of them, else the file."""
-    given = [sources[n] for n in names if n in sources]
-    if OVERRIDE_SOURCE in given:  # applied last, so the most recent edit
-        return OVERRIDE_SOURCE
-    return given[0] if given else "defaults"
+    """Where to send the user about a problem with `names`: the source that set one of them last (--set
+    over files, a file over the base it extends: the most recent edit), else the defaults."""
+    order = list(sources)
+    given = [n for n in names if n in sources]
+    return sources[max(given, key=order.index)] if given else "defaults"
 
 
 def _toml_value(value: Any) -> str:
@@ -666,6 +670,7 @@ def _toml_value(value: Any) -> str:
 def _show(value: Any) -> str:
     """`value` for an error message: as the user would write it in TOML where possible."""
     try:
-        return _toml_value(value)
+        text = _toml_value(value)
     except TypeError:  # a table or a date where a plain value was expected
-        return repr(value)
+        text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"  # errors stay one short line

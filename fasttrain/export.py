@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from fasttrain.model.weights import DTYPE_NAMES, export_weights
-from fasttrain.system.errors import ArgumentParser, run_cli
+from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.training import checkpoint
 
 
@@ -24,6 +24,8 @@ def export(source: str | os.PathLike[str], out_dir: str | os.PathLike[str] | Non
 
     `out_dir` defaults to `export` (or `export-hf`) beside the checkpoints/ directory.
     """
+    if out_dir is not None and not os.fspath(out_dir):
+        raise UsageError("--out: is empty; name the directory to export into")
     path = checkpoint.resolve(os.fspath(source), source)
     state = checkpoint.load(path)
     cfg = checkpoint.saved_config(state, path)

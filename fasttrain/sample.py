@@ -13,43 +13,52 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from fasttrain.model.generation import generate_text
+from fasttrain.config import MAX_PROMPT_CHARS, MAX_SEED
+from fasttrain.model.generation import GREEDY_BELOW, generate_text
+from fasttrain.system.atomic import read_regular
 from fasttrain.system.device import autocast, use_device
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.training.trained_model import inference_precision, load_trained
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str | None:
-    """The prompt text: `prompt` ("-": stdin), or `prompt_file`'s contents; None when neither is given."""
+    """The prompt text: `prompt` ("-": stdin), or `prompt_file`'s contents; None when neither is given.
+    UsageError if it is empty, not UTF-8, or longer than MAX_PROMPT_CHARS."""
     if prompt_file is not None:
-        try:
-            prompt = Path(prompt_file).read_bytes().decode("utf-8")
-        except FileNotFoundError:
-            raise UsageError(f"--prompt-file {prompt_file}: no such file") from None
-        except IsADirectoryError:
-            raise UsageError(f"--prompt-file {prompt_file}: is a directory") from None
-        except OSError as e:
-            raise UsageError(f"--prompt-file {prompt_file}: cannot read ({e.strerror})") from None
-        except UnicodeDecodeError:
-            raise UsageError(f"--prompt-file {prompt_file}: not UTF-8 text") from None
-        if not prompt:
-            raise UsageError(f"--prompt-file {prompt_file}: is empty")
+        where = f"--prompt-file {prompt_file}"
+        prompt = _utf8(read_regular(prompt_file, 4 * MAX_PROMPT_CHARS, "prompt"), where)
     elif prompt == "-":
-        prompt = sys.stdin.read()
-        if not prompt:
-            raise UsageError("--prompt -: stdin was empty")
-    elif prompt == "":
-        raise UsageError("--prompt: is empty")
+        where = "--prompt -: stdin"
+        prompt = _utf8(sys.stdin.buffer.read(4 * MAX_PROMPT_CHARS + 1), where)
+    elif prompt is not None:
+        where = "--prompt"
+        try:  # bytes that are not UTF-8 arrive in argv as lone surrogates, which no tokenizer can take
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError("--prompt: not UTF-8 text") from None
+    else:
+        return None
+    if not prompt:
+        raise UsageError(f"{where}: is empty")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise UsageError(f"{where}: {len(prompt):,} characters, more than the {MAX_PROMPT_CHARS:,} a prompt may have "
+                         "(the model reads at most its context of it)")
     return prompt
 
 
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{where}: not UTF-8 text") from None
+
+
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float | None,
-                   num_samples: int) -> None:
+                   num_samples: int, seed: int | None) -> None:
     """UsageError naming the flag whose value is out of range."""
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
@@ -61,6 +70,11 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
         raise UsageError(f"--top-p: must be in (0, 1], got {top_p}")
     if num_samples < 1:
         raise UsageError(f"--num-samples: must be >= 1, got {num_samples}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed: must be in [0, {MAX_SEED}] (as train.seed), got {seed}")
+    if 0 < temperature < GREEDY_BELOW:
+        print(f"note: --temperature {temperature:g} is below {GREEDY_BELOW:g}: sampling greedily, as with 0",
+              file=sys.stderr)
 
 
 def show(text: str) -> None:
@@ -83,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="make the samples repeatable")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     args = parser.parse_args(argv)
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples, args.seed)
     text = read_prompt(args.prompt, args.prompt_file)
     device = use_device(args.device)
     trained = load_trained(args.source, device)

@@ -88,6 +88,16 @@ def parquet(c: Case, damaged: bool = False, **columns: list) -> str:
     return str(c.tmp / "docs.parquet")
 
 
+def damaged_parquet(c: Case) -> str:
+    """A Parquet file whose footer is whole but whose column chunk has 200 flipped bytes (skipped without pyarrow)."""
+    path = Path(parquet(c, text=[f"document number {i} " * 20 for i in range(3000)]))
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 3, len(data) // 3 + 200):
+        data[i] ^= 0x5A
+    path.write_bytes(data)
+    return str(path)
+
+
 def edit_meta(**changes):
     """A damage for `Case.data_copy`: meta.json with `changes` applied."""
     def damage(d: Path) -> None:
@@ -128,8 +138,37 @@ def binary_latest(checkpoints: Path) -> None:
     (checkpoints / "latest").write_bytes(b"\xff\xfe\x00\x01\x9c")
 
 
+def weights_with_list_header(c: Case) -> str:
+    """A copy of the run's final/ weights whose model.safetensors header is a JSON list, not an object."""
+    copy = c.tmp / "weights"
+    shutil.copytree(c.run / "final", copy)
+    head = b"[]" + b" " * 6
+    (copy / "model.safetensors").write_bytes(len(head).to_bytes(8, "little") + head)
+    return str(copy)
+
+
+def chain_of_configs(c: Case, n: int) -> str:
+    """c0.toml extends c1.toml ... up to c<n>.toml, which extends configs/base.toml."""
+    for i in range(n):
+        c.file(f"c{i}.toml", f'extends = "c{i + 1}.toml"\n')
+    c.file(f"c{n}.toml", f'extends = "{Path("configs/base.toml").resolve()}"\n')
+    return str(c.tmp / "c0.toml")
+
+
 CASES = [
     # config files
+    ("config is /dev/zero", train, lambda c: c.train(config="/dev/zero"), "/dev/zero: cannot read (not a regular file)"),
+    ("base config is a FIFO", train,
+     lambda c: c.train(config=c.file("c.toml", f'extends = "{fifo(c.tmp / "pipe")}"')), "pipe: cannot read (not a regular"),
+    ("extends chain of 1,100 files", train, lambda c: c.train(config=chain_of_configs(c, 1100)),
+     "a chain of more than 32 config files"),
+    ("negative seed", train, lambda c: c.train("train.seed=-1"), "train.seed: must be in [0, 4294967295], got -1"),
+    ("seed beyond 32 bits", train, lambda c: c.train("train.seed=99999999999"), "train.seed: must be in [0, 4294967295]"),
+    ("prefetch without bound", train, lambda c: c.train("data.prefetch=1000000"), "data.prefetch: must be in [0, 64]"),
+    ("SwiGLU wider than memory", train, lambda c: c.train("model.ffn_hidden=1000000000"),
+     "reduce model.n_layers = 2, model.d_model = 32, model.ffn_hidden = 1000000000, model.vocab_size"),
+    ("multiple_of wider than memory", train, lambda c: c.train("model.multiple_of=1000000000"),
+     "model.d_model = 32, model.multiple_of = 1000000000, model.vocab_size"),
     ("malformed TOML", train, lambda c: c.train(config=c.file("bad.toml", "[train\nmax_steps = 3")), "invalid TOML"),
     ("config not UTF-8", train, lambda c: c.train(config=c.file("bad.toml", b"\xff\xfe[train]")), "not UTF-8"),
     ("missing config", train, lambda c: c.train(config=str(c.tmp / "nope.toml")), "nope.toml: no such file"),
@@ -247,7 +286,7 @@ CASES = [
      lambda c: ["--input", parquet(c, damaged=True), "--out", str(c.tmp / "p")],
      "docs.parquet: not a readable Parquet file"),
     ("empty data.text_field", train, lambda c: c.train('data.text_field=""'), "data.text_field"),
-    ("batch larger than the data", train, lambda c: c.train("train.batch_size=100000"), "fewer than one batch"),
+    ("batch larger than the data", train, lambda c: c.train("train.batch_size=8000"), "fewer than one batch"),
     # checkpoints and resuming
     ("resume with nothing saved", train, lambda c: c.train(flags=["--resume", "auto"]),
      "out/checkpoints: no checkpoint saved there yet, so nothing to resume"),
@@ -305,6 +344,18 @@ CASES = [
      "--temperature: must be a finite number >= 0"),
     ("sample: empty prompt file", sample, lambda c: [str(c.run), "--prompt-file", c.file("p.txt", "")],
      "p.txt: is empty"),
+    ("sample: seed beyond 32 bits", sample, lambda c: [str(c.run), "--seed", str(2**70)],
+     "--seed: must be in [0, 4294967295] (as train.seed), got 1180591620717411303424"),
+    ("sample: prompt of invalid UTF-8 in argv", sample, lambda c: [str(c.run), "--prompt", b"ab\xff".decode(
+        "utf-8", "surrogateescape")], "--prompt: not UTF-8 text"),
+    ("sample: prompt file of invalid UTF-8", sample, lambda c: [str(c.run), "--prompt-file", c.file("p.txt", b"\xff")],
+     "p.txt: not UTF-8 text"),
+    ("sample: prompt file is a FIFO", sample, lambda c: [str(c.run), "--prompt-file", fifo(c.tmp / "p")],
+     "p: cannot read (not a regular file)"),
+    ("sample: 70,000-character prompt", sample, lambda c: [str(c.run), "--prompt-file", c.file("p.txt", "x" * 70_000)],
+     "70,000 characters, more than the 65,536 a prompt may have"),
+    ("sample: safetensors header a JSON list", sample, lambda c: [weights_with_list_header(c)],
+     "model.safetensors: not a safetensors file (ValueError: the header is a JSON list, not an object)"),
     ("sample: garbage checkpoint", sample, lambda c: [c.file("junk.pt", b"\x00garbage" * 100)],
      "junk.pt: not a loadable checkpoint"),
     ("evaluate: missing input", evaluate, lambda c: [str(c.run), "--input", str(c.tmp / "held_out.txt")],
@@ -320,6 +371,15 @@ CASES = [
      "run/.lock: cannot write (Not a directory)"),
     ("run directory is a file", train, lambda c: c.train(out=Path(c.file("f", "x"))), "cannot write"),
     ("export into a file", export, lambda c: [str(c.run), "--out", c.file("f", "x")], "cannot write"),
+    ("export: empty --out", export, lambda c: [str(c.run), "--out", ""], "--out: is empty"),
+    ("export: --hf over a fasttrain export", export, lambda c: [str(c.run), "--hf", "--out", str(c.run / "final")],
+     "final: holds a fasttrain-layout export (config.toml); export into another directory or remove it first"),
+    ("export: fasttrain layout over an --hf export", export,
+     lambda c: [str(c.run), "--out", str(Path(c.file("hf/config.json", "{}")).parent)],
+     "hf: holds a Hugging Face export (config.json)"),
+    ("prepare: a damaged Parquet column chunk", prepare,
+     lambda c: ["--input", damaged_parquet(c), "--out", str(c.tmp / "p"), "--vocab-size", "300"],
+     "docs.parquet: damaged Parquet data (Corrupt snappy compressed data.)"),
 ]
 
 

@@ -262,6 +262,26 @@ def test_a_run_file_that_is_a_link_is_refused_and_its_target_untouched(pydoc_dat
     assert victim.read_text() == "first line\nno newline at the end"
 
 
+@pytest.mark.parametrize("unwritable", ["directory", "link"])
+def test_a_resume_that_cannot_write_its_metrics_changes_nothing(pydoc_data, tmp_path, capsys, unwritable):
+    """Every write target is checked first: a resume refused for its metrics.jsonl had already rewritten
+    config.toml (here with the longer run's max_steps)."""
+    run_dir = tmp_path / "run"
+    cheap = ["checkpoint.interval=2", "train.sample_tokens=0"]
+    Trainer(tiny_config(pydoc_data, run_dir, *cheap, "train.max_steps=2"), quiet=True).train()
+    (run_dir / "metrics.jsonl").unlink()
+    if unwritable == "directory":
+        (run_dir / "metrics.jsonl").mkdir()
+    else:
+        os.symlink(tmp_path / "elsewhere.jsonl", run_dir / "metrics.jsonl")
+    before = {p.name: p.read_bytes() for p in [run_dir / "config.toml", *run_dir.glob("checkpoints/*")]}
+    with pytest.raises(SystemExit) as done:
+        run_cli(train.main, tiny_args(pydoc_data, run_dir, *cheap, "train.max_steps=4", flags=["--resume", "auto"]))
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1 and "metrics.jsonl" in err, err
+    assert {p.name: p.read_bytes() for p in [run_dir / "config.toml", *run_dir.glob("checkpoints/*")]} == before
+
+
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process holding `run_dir`'s lock (as a run training there does) until it is killed."""
     code = ("import sys, time\nfrom fasttrain.system import run_lock\n"

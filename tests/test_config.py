@@ -2,6 +2,7 @@
 
 import argparse
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -188,7 +189,14 @@ BAD_INPUTS = [
     pytest.param("[optim]\nlr = -0.001\n", [], FILE, ["optim.lr: must be > 0, got -0.001"], id="negative-lr"),
     pytest.param("[optim]\nlr = nan\n", [], FILE, ["optim.lr: expected a finite number, got nan (float)"], id="nan"),
     pytest.param("", ["optim.max_grad_norm=inf"], SET, ["optim.max_grad_norm: expected a finite number"], id="inf"),
-    pytest.param("[data]\nprefetch = -1\n", [], FILE, ["data.prefetch: must be >= 0, got -1"], id="negative"),
+    pytest.param("[data]\nprefetch = -1\n", [], FILE, ["data.prefetch: must be in [0, 64]", "got -1"], id="negative"),
+    pytest.param("[data]\nprefetch = 100000\n", [], FILE, ["data.prefetch: must be in [0, 64]", "in memory"],
+                 id="prefetch-unbounded"),
+    pytest.param("", ["train.seed=-1"], SET, ["train.seed: must be in [0, 4294967295], got -1"], id="negative-seed"),
+    pytest.param("", ["train.seed=99999999999"], SET, ["train.seed: must be in [0, 4294967295]"], id="seed-too-big"),
+    pytest.param(f'[train]\nsample_prompt = "{"x" * 70_000}"\n', [], FILE,
+                 ["train.sample_prompt: must be non-empty", "at most 65,536 characters", "(70,002 characters)"],
+                 id="50-MB-sample-prompt"),
     pytest.param("[model]\nvocab_size = -1\n", [], FILE, ["model.vocab_size: must be >= 0"], id="negative-vocab"),
     pytest.param("[data]\nval_fraction = 1\n", [], FILE, ["data.val_fraction: must be in [0, 1), got 1.0"],
                  id="fraction"),
@@ -285,14 +293,35 @@ def test_the_350m_config_extends_gpt2_small():
     ({"a.toml": 'extends = "b.toml"\n', "b.toml": 'extends = "a.toml"\n'},
      'a.toml: extends = "b.toml": {tmp}/b.toml: extends = "a.toml" comes back to {tmp}/a.toml'),
     ({"a.toml": 'extends = "b.toml"\n', "b.toml": "[train\n"}, 'a.toml: extends = "b.toml": {tmp}/b.toml: invalid TOML'),
-], ids=["missing", "not-a-path", "itself", "circle", "bad-base"])
+    ({"a.toml": 'extends = "1.toml"\n', **{f"{i}.toml": f'extends = "{i + 1}.toml"\n' for i in range(1, 1100)},
+      "1100.toml": ""}, 'a.toml: extends = "1.toml": {tmp}/31.toml: extends = "32.toml": a chain of more than 32'),
+    ({"a.toml": 'extends = "/dev/zero"\n'}, 'a.toml: extends = "/dev/zero": /dev/zero: cannot read (not a regular file)'),
+    ({"a.toml": 'extends = "pipe"\n', "pipe": None}, 'a.toml: extends = "pipe": {tmp}/pipe: cannot read (not a regular'),
+    ({"a.toml": 'extends = "big.toml"\n', "big.toml": "#" * (2 << 20)},
+     'a.toml: extends = "big.toml": {tmp}/big.toml: larger than 1,048,576 bytes, too large for a config file'),
+], ids=["missing", "not-a-path", "itself", "circle", "bad-base", "1100-files", "dev-zero", "fifo", "2-MiB"])
 def test_bad_extends_is_a_one_line_error(tmp_path, files, message):
     for name, text in files.items():
-        write(tmp_path, text, name)
+        if text is None:  # a FIFO nothing writes to: reading it would wait forever
+            os.mkfifo(tmp_path / name)
+        else:
+            write(tmp_path, text, name)
     with pytest.raises(UsageError) as excinfo:
         load_config(tmp_path / "a.toml")
     assert str(excinfo.value).startswith(f"{tmp_path}/" + message.format(tmp=tmp_path))
     assert "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("base, child, blamed", [
+    ("[train]\nseq_len = 64\n", '[model]\nmax_seq_len = 32\n', "child.toml"),
+    ('[model]\nmax_seq_len = 32\n', "[train]\nseq_len = 64\n", "child.toml"),
+    ("[train]\nseq_len = 64\n[model]\nmax_seq_len = 32\n", "", "base.toml"),
+], ids=["child-sets-the-second-key", "child-sets-the-first-key", "base-sets-both"])
+def test_a_conflict_blames_the_file_that_set_a_key_last(tmp_path, base, child, blamed):
+    write(tmp_path, base, "base.toml")
+    write(tmp_path, 'extends = "base.toml"\n' + child, "child.toml")
+    with pytest.raises(UsageError, match=rf"^{tmp_path}/{blamed}: train.seq_len = 64 exceeds model.max_seq_len = 32"):
+        load_config(tmp_path / "child.toml")
 
 
 def test_no_hint_when_nothing_is_close(tmp_path):

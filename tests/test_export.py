@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 
 import pytest
@@ -107,3 +108,16 @@ def test_hugging_face_llama_export_gives_the_same_logits(pydoc_data, tmp_path, t
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "def f(x):\n    return x + 1"
     assert tokenizer(text)["input_ids"] == trainer.tokenizer.encode(text)
+
+
+def test_hf_export_without_the_tokenizer_writes_nothing(pydoc_data, tmp_path, capsys):
+    """--hf needs the run's tokenizer: gone, the export stops before the weights are written, not after."""
+    data = tmp_path / "data"
+    shutil.copytree(pydoc_data, data)
+    Trainer(tiny_config(data, tmp_path / "run", "train.max_steps=2", "train.sample_tokens=0"), quiet=True).train()
+    (data / "tokenizer.json").unlink()
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(export_main, [str(tmp_path / "run"), "--hf", "--out", str(tmp_path / "hf")])
+    assert exit_.value.code == 2
+    assert "tokenizer.json: no such tokenizer file" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()

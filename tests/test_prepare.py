@@ -430,3 +430,27 @@ def test_unset_data_dir_prepares_into_a_cache_keyed_by_the_request(tmp_path, mon
     assert again.dir == prepared.dir  # the same request finds the same directory
     other = ensure_prepared(load_config(None, ["data.vocab_size=310"]).data, quiet=True)
     assert Path(other.dir).parent == first.parent and other.dir != prepared.dir
+
+
+@pytest.mark.subprocess
+def test_a_tokenizer_that_cannot_be_written_is_one_line(tmp_path):
+    """A failed tokenizer.json write (here past a file-size limit; a full disk alike) was tokenizers' bare
+    Exception and a traceback; it is one line naming the file, and nothing is left in --out."""
+    from pydoc_data.topics import topics
+
+    (tmp_path / "small.txt").write_text("".join(topics[k] for k in sorted(topics))[:30_000])
+
+    def limit_file_size() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, 12_000))  # the shards fit, a 512-token tokenizer not
+
+    result = subprocess.run([sys.executable, "-m", "fasttrain.prepare", "--input", str(tmp_path / "small.txt"),
+                             "--out", str(tmp_path / "out"), "--vocab-size", "512", "--shard-tokens", "2000"],
+                            capture_output=True, text=True,
+                            cwd=REPO, timeout=300, preexec_fn=limit_file_size)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "tokenizer.json: cannot save the tokenizer (File too large)" in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -112,3 +112,56 @@ def test_both_command_lines(trained_run, held_out):
                              str(held_out), "--batch-size", "4", "--device", "cpu"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert scored.returncode == 0 and f"bpb {summary['val_bpb']:.4f}" in scored.stdout, scored.stderr
+
+
+def test_a_tiny_temperature_samples_greedily(trained_run, capsys):
+    """1e-40 would divide the logits into inf and nan probabilities; it samples as temperature 0 does."""
+    run, _ = trained_run
+    args = [str(run), "--prompt", "The module", "--max-new-tokens", "8", "--seed", "3"]
+    greedy = cli(sample.main, *args, "--temperature", "0", capsys=capsys)
+    with pytest.raises(SystemExit) as done:
+        run_cli(sample.main, [*args, "--temperature", "1e-40"])
+    out, err = capsys.readouterr()
+    assert done.value.code == 0 and out == greedy
+    assert err == "note: --temperature 1e-40 is below 1e-06: sampling greedily, as with 0\n"
+
+
+class CountingCodec:
+    """A trained tokenizer that counts the token ids it is asked to decode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids) -> str:
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids)
+
+
+def test_streaming_decodes_each_token_a_bounded_number_of_times(trained_run):
+    """Streamed pieces join to the returned text, and decoding them costs O(1) per token: re-decoding
+    every token so far each time made a 32,000-token sample 8x slower than its generation."""
+    trained = load_trained(trained_run[0])
+    codec, pieces, n = CountingCodec(trained.tokenizer), [], 300
+    text = generate_text(trained.model, codec, "The module", n, temperature=1.0, top_k=None, seed=0,
+                         on_text=pieces.append)
+    assert "The module" + "".join(pieces) == text
+    assert codec.decoded < 40 * n  # was about n * n / 2
+
+
+def test_evaluate_caps_a_batch_larger_than_the_split(trained_run, capsys):
+    """--batch-size 100000 on a split of a few dozen rows scores as batches of the run's size do, in one
+    batch of the split's rows, not 100,000 rows of filler."""
+    run, summary = trained_run
+    out = cli(evaluate.main, str(run), "--split", "val", "--batch-size", "100000", "--device", "cpu", capsys=capsys)
+    assert f"bpb {summary['val_bpb']:.4f}" in out
+
+
+@pytest.mark.subprocess
+def test_a_prompt_of_invalid_utf8_on_stdin_is_one_line(trained_run):
+    sampled = subprocess.run([sys.executable, "-m", "fasttrain.sample", str(trained_run[0]), "--prompt", "-",
+                              "--device", "cpu"], input=b"The \xff\xfe", capture_output=True, cwd=ROOT, timeout=300)
+    assert sampled.returncode == 2
+    assert sampled.stderr.decode() == "error: --prompt -: stdin: not UTF-8 text\n"

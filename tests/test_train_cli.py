@@ -14,6 +14,7 @@ import torch
 from fasttrain.config import load_config
 from fasttrain.plot import latest_run, plot_run, read_metrics
 from fasttrain.system.device import resolve_precision
+from fasttrain.system.errors import run_cli
 from fasttrain.training.metrics import MetricsLog
 
 pytestmark = pytest.mark.subprocess  # every test here starts the command-line tools in new processes
@@ -111,3 +112,41 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "out").exists()  # nothing was written for a run that never started
+
+
+def limit_address_space(megabytes: int):
+    """A preexec_fn: the child's address space (ulimit -v) is its size after importing the trainer, plus `megabytes`."""
+    def limit() -> None:
+        import resource
+
+        import fasttrain.train  # noqa: F401 (what the child will have imported before pre-flight)
+
+        with open("/proc/self/status") as f:
+            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        room = size + megabytes * (1 << 20)
+        resource.setrlimit(resource.RLIMIT_AS, (room, room))
+    return limit
+
+
+@pytest.mark.subprocess
+def test_preflight_counts_the_address_space_limit(pydoc_data, tmp_path):
+    """Under `ulimit -v` below the run's need, pre-flight refuses in one line; it once read only the
+    machine's free memory and the run died in the allocator."""
+    args = ["fasttrain.train", "configs/base.toml", "--set", f"data.dir={pydoc_data}", "data.vocab_size=512",
+            f"train.out_dir={tmp_path}", "train.device=cpu", "model.d_model=1024", "model.n_layers=8"]
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            preexec_fn=limit_address_space(512))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: the run needs about") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_running_out_of_memory_is_one_line(capsys):
+    """An allocation the machine cannot give (past pre-flight's estimate) ends in one line, exit 2."""
+    def allocate(argv):
+        torch.empty(1 << 50, dtype=torch.uint8)  # a petabyte: the CPU allocator refuses it
+
+    with pytest.raises(SystemExit) as done:
+        run_cli(allocate, [])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: out of memory (you tried to allocate 1125899906842624 bytes"), err

@@ -116,7 +116,14 @@ class Source:
         kind = schema.field(text_field).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise UsageError(f"{self.name}: column {text_field!r} is {kind}, expected strings")
-        for batch in f.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+        batches = f.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field])
+        while True:
+            try:  # a footer can be whole while a column chunk is damaged: found only when it is read
+                batch = next(batches, None)
+            except (OSError, ValueError) as e:
+                raise UsageError(f"{self.name}: damaged Parquet data ({str(e).splitlines()[0]})") from None
+            if batch is None:
+                return
             for text in batch.column(0).to_pylist():
                 yield Piece(text or "", True)  # a null is an empty document, which adds nothing
 

@@ -16,10 +16,11 @@ r + world_size, ... of the epoch, so ranks never share a row within an epoch.
 Whatever does not fill a whole round of ranks at the end of an epoch is dropped;
 the next epoch's order is different, so nothing is dropped for good. A loader made
 with `whole=True` (for evaluation) instead makes one pass over every row, the last
-round partial: its empty slots are filler rows of one token, no target, so every
-batch keeps its shape (B, L) (no recompilation) and every rank runs the same number
-of batches (sharded models need every rank in each forward), while nothing is counted
-twice. Packed rows then include each shard's final, shorter window, so every token is scored.
+round partial (and B at most a rank's share of the rows): its empty slots are filler
+rows of one token, no target, so every batch keeps its shape (B, L) (no recompilation)
+and every rank runs the same number of batches (sharded models need every rank in each
+forward), while nothing is counted twice. Packed rows then include each shard's final,
+shorter window, so every token is scored.
 
 The position in the stream is one integer, the number of batches this rank has
 consumed; with the seed it determines everything else, so `state_dict()` is a
@@ -220,6 +221,8 @@ class TokenLoader:
         self.device = torch.device(device)
         self.prefetch = prefetch
         rows = Rows(shards, seq_len, batching, eot_id, tails=whole)
+        if whole:  # a batch wider than a rank's share of the rows would be filler, costing memory for nothing
+            batch_size = min(batch_size, max(1, -(-rows.num_rows // world_size)))
         self.reader = RowReader(shards, rows, batch_size, sampling, padding, seed, rank, world_size,
                                 pad_id=eot_id or 0, pad_multiple=pad_multiple, pin_memory=self.device.type == "cuda",
                                 vocab_size=self.vocab_size, whole=whole)

@@ -311,7 +311,7 @@ def _prepare(
         _move_into_place(out)
     except OSError as e:
         unfinished = (tmp / COMPLETE).exists()
-        raise UsageError(f"{out}: write failed ({e.strerror})"
+        raise UsageError(f"{out}: write failed ({e.strerror or e})"
                          + ("; prepare it again to finish moving the new data into place" if unfinished else "")) from None
     finally:
         for o in outputs.values():

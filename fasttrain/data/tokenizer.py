@@ -14,6 +14,7 @@ from typing import Iterable, Sequence
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
 
 EOT = "<|endoftext|>"
@@ -65,7 +66,10 @@ class Tokenizer:
         return cls(tok, source=path)
 
     def save(self, path: str | os.PathLike) -> None:
-        self.tok.save(os.fspath(path))
+        """Write the tokenizer.json at `path` atomically. Written here, not by tokenizers (whose failed
+        write, such as on a full disk, is a bare Exception): a failure is a UsageError naming `path`."""
+        text = self.tok.to_str(pretty=True).encode("utf-8")
+        write_atomically(path, lambda f: f.write(text), "save the tokenizer")
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

@@ -12,6 +12,9 @@ import torch.nn.functional as F
 
 from fasttrain.model.transformer import KVCache, Transformer
 
+GREEDY_BELOW = 1e-6  # a temperature below this samples greedily: dividing logits by it would overflow fp32
+DECODE_CONTEXT = 8  # tokens decoded before a new piece, so the piece reads as it will in the whole text
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
     """`logits` (B, V) with every token outside the top k, and outside the top-p nucleus, set to -inf."""
@@ -36,7 +39,7 @@ def stream(
 ) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` tokens (B, 1) that `model` samples one after another to extend `tokens` (B, T).
 
-    temperature 0 is greedy decoding. top_k keeps the k likeliest tokens; top_p
+    temperature 0 (or below GREEDY_BELOW) is greedy decoding. top_k keeps the k likeliest tokens; top_p
     keeps the smallest set whose probability reaches p (nucleus sampling).
 
     With `use_cache` the context is run once into a KVCache and each new token
@@ -55,7 +58,7 @@ def stream(
             cache.length = 0
             context = tokens[:, -(window // 2):]
         logits = model.output(model.hidden(context, cache=cache)[:, -1]).float()  # the last position's only
-        if temperature == 0:
+        if temperature < GREEDY_BELOW:
             nxt = logits.argmax(dim=-1, keepdim=True)
         else:
             probs = F.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
@@ -94,23 +97,29 @@ def generate_text(
     ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     if generator is None and seed is not None:
         generator = torch.Generator(device).manual_seed(seed)
-    new: list[int] = []
-    shown = ""
+    out = list(prompt_ids)
+    shown = len(out)  # out[:shown] is text already handed to on_text
     was_training = model.training
     model.eval()
     try:
         for nxt in stream(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                generator=generator, use_cache=use_cache):
-            new.append(nxt.item())
+                          generator=generator, use_cache=use_cache):
+            out.append(nxt.item())
             if on_text is not None:
-                text = tokenizer.decode(new)
-                if not text.endswith("\ufffd"):  # byte-level BPE: a character may span tokens
-                    on_text(text[len(shown):])
-                    shown = text
+                piece = _decode_piece(tokenizer, out, shown)
+                # Byte-level BPE: a character may span up to 4 tokens; past that the bytes are truly invalid.
+                if not piece.endswith("\ufffd") or len(out) - shown >= 4:
+                    on_text(piece)
+                    shown = len(out)
     finally:
         model.train(was_training)
-    if on_text is not None:  # what the last tokens held back
-        text = tokenizer.decode(new)
-        if text != shown:
-            on_text(text[len(shown):])
-    return tokenizer.decode(prompt_ids + new)
+    if on_text is not None and shown < len(out):  # what the last tokens held back
+        on_text(_decode_piece(tokenizer, out, shown))
+    return tokenizer.decode(out)
+
+
+def _decode_piece(tokenizer: TextCodec, ids: Sequence[int], start: int) -> str:
+    """The text that ids[start:] add after ids[:start]. Only DECODE_CONTEXT tokens before `start` are
+    decoded with them (a decoder may treat a first token specially), so streaming costs O(1) per token."""
+    before = list(ids[max(0, start - DECODE_CONTEXT):start])
+    return tokenizer.decode(before + list(ids[start:]))[len(tokenizer.decode(before)):]

@@ -38,6 +38,8 @@ _CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
           torch.bool: "BOOL"}
 _DTYPES = {code: dtype for dtype, code in _CODES.items()}
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_HF_ONLY = ("config.json", "tokenizer_config.json")  # the files one layout writes and the other does not
+_FASTTRAIN_ONLY = ("config.toml",)
 
 
 def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
@@ -68,6 +70,8 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         data = Path(path).read_bytes()
         (length,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8:8 + length])
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
         body = memoryview(data)[8 + length:]
         tensors = {}
         for name, info in header.items():
@@ -130,17 +134,24 @@ def export_weights(model_state: dict[str, torch.Tensor], cfg: Config, out_dir: s
                    hf: bool = False, dtype: torch.dtype = torch.float32) -> list[Path]:
     """Write `model_state` (a Transformer's state dict, trained with `cfg`) into `out_dir`; returns the files.
 
-    The tokenizer is copied from `cfg.data.dir` when it is still there.
+    The tokenizer is copied from `cfg.data.dir` when it is still there (the Hugging Face layout needs it).
+    Everything is checked before the first file is written: a directory holding the other layout's
+    export is refused (its config would be left beside these weights), as is --hf without the tokenizer.
     """
     out = Path(out_dir)
+    stale = [name for name in (_HF_ONLY if not hf else _FASTTRAIN_ONLY) if (out / name).exists()]
+    if stale:
+        other = "a Hugging Face" if not hf else "a fasttrain-layout"
+        raise UsageError(f"{out}: holds {other} export ({', '.join(stale)}); export into another directory "
+                         "or remove it first")
+    tokenizer_file = Path(cfg.data.dir) / "tokenizer.json"
+    tokenizer = Tokenizer.load(tokenizer_file) if hf else None  # UsageError naming it, before anything is written
     state = {k: v.to(dtype) for k, v in model_state.items()}
     tensors = hf_llama_tensors(state, cfg.model) if hf else fasttrain_tensors(state, cfg.model)
     written = [write_safetensors(out / "model.safetensors", tensors, {"format": "pt"})]
-    tokenizer_file = Path(cfg.data.dir) / "tokenizer.json"
     if tokenizer_file.is_file():
         written.append(_write(out / "tokenizer.json", tokenizer_file.read_bytes()))
-    if hf:
-        tokenizer = Tokenizer.load(tokenizer_file)
+    if tokenizer is not None:
         eot = tokenizer.tok.id_to_token(tokenizer.eot_id)
         config = hf_llama_config(cfg.model, tokenizer.eot_id, dtype)
         tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot, "eos_token": eot,

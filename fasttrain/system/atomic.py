@@ -1,6 +1,7 @@
-"""Safe writes: atomic replacement (a crash leaves either the old file or the new one, never half of one),
-and run files opened without following links (a link planted as metrics.jsonl or .lock must not redirect
-a write, or a truncation, to its target)."""
+"""Safe file access: atomic replacement (a crash leaves either the old file or the new one, never half of
+one), run files opened without following links (a link planted as metrics.jsonl or .lock must not redirect
+a write, or a truncation, to its target), and small files read only when they are regular files of bounded
+size (a FIFO would hang the read, /dev/zero would never end it)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,27 @@ def open_regular(path: str | os.PathLike[str], flags: int, mode: int = 0o644) ->
         raise UsageError(f"{path}: not a regular file; remove it")
     os.set_blocking(fd, True)  # O_NONBLOCK only kept a FIFO from hanging the open
     return fd
+
+
+def read_regular(path: str | os.PathLike[str], limit: int, what: str = "file") -> bytes:
+    """The bytes of the regular file at `path` (links followed), at most `limit` of them. A missing path,
+    a directory, a FIFO or device, a larger file or any OSError is a UsageError naming `path`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # opening a FIFO must not block
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UsageError(f"{path}: cannot read ({'is a directory' if stat.S_ISDIR(mode) else 'not a regular file'})")
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(data) > limit:
+        raise UsageError(f"{path}: larger than {limit:,} bytes, too large for a {what}")
+    return data

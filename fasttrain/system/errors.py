@@ -27,7 +27,8 @@ class RunStopped(Exception):
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run `main(argv)` and exit: 0 on success, 2 on `UsageError`, RunStopped's own code, 130 on Ctrl-C."""
+    """Run `main(argv)` and exit: 0 on success, 2 on `UsageError` or running out of memory (one line each),
+    RunStopped's own code, 130 on Ctrl-C."""
     try:
         code = main(argv)
     except UsageError as e:
@@ -39,7 +40,24 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError and CPU allocator failures are RuntimeErrors
+        reason = _out_of_memory(e)
+        if reason is None:
+            raise
+        print(f"error: out of memory ({reason}); lower the batch size or the model's size, or free memory "
+              "(pre-flight's estimate did not catch this one)", file=sys.stderr)
+        sys.exit(2)
     sys.exit(code or 0)
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """What an allocation failure `e` says, in one line; None if `e` is not one."""
+    text = " ".join(str(e).split())
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return text[:200] or "MemoryError"
+    if "can't allocate memory" in text:  # the CPU allocator: "... you tried to allocate N bytes ..."
+        return text[text.index("you tried"):][:200] if "you tried" in text else "the CPU allocator failed"
+    return None
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -63,6 +63,14 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def check_log_writable(out_dir: str | Path) -> None:
+    """UsageError if `out_dir`/metrics.jsonl exists but cannot be appended to (a link, a directory, a
+    read-only file): a run checks this before it changes anything in `out_dir`."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if os.path.lexists(path):
+        os.close(open_regular(path, os.O_WRONLY | os.O_APPEND))
+
+
 class MetricsLog:
     """Appends events to `out_dir/metrics.jsonl` (and TensorBoard); prints lines to the console.
 

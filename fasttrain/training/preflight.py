@@ -11,19 +11,20 @@ shapes that cannot possibly fit.
 from __future__ import annotations
 
 import os
+import resource
 
 import torch
 
 from fasttrain.config import Config
-from fasttrain.model.transformer import num_params
+from fasttrain.model.transformer import ffn_hidden_size, num_params
 from fasttrain.system.errors import UsageError
 
 # fp32 weights (4) + their gradients (4) + AdamW's two moments (8); autocast keeps the weights in fp32.
 STATE_BYTES_PER_PARAM = 16
 # Values per token per block kept for the backward pass: the two norms' inputs and outputs (4 x d_model),
-# q, k, v and the attention output (4 x d_model), the residual branches (2 x d_model) and the SwiGLU's
-# gate, up and their product (3 x hidden, about 8 x d_model). Fused attention keeps no T x T scores.
-ACTIVATIONS_PER_TOKEN_LAYER = 18  # x d_model
+# q, k, v and the attention output (4 x d_model) and the residual branches (2 x d_model); then the SwiGLU's
+# gate, up and their product (3 x its hidden width). Fused attention keeps no T x T scores.
+ACTIVATIONS_PER_TOKEN_LAYER = 10  # x d_model, plus 3 x the SwiGLU hidden width
 GIB = 1 << 30
 
 
@@ -36,23 +37,36 @@ def estimate_bytes(cfg: Config, activation_bytes: int, shards: int = 1) -> dict[
         "parameters, gradients and AdamW state": num_params(m) * STATE_BYTES_PER_PARAM // shards,
         # cos and sin in fp32, and the fp64 angles they are computed from
         "RoPE tables": m.max_seq_len * (m.d_model // m.n_heads) // 2 * 16,
-        "activations": tokens * m.n_layers * m.d_model * ACTIVATIONS_PER_TOKEN_LAYER * activation_bytes,
+        "activations": tokens * m.n_layers * (m.d_model * ACTIVATIONS_PER_TOKEN_LAYER + 3 * ffn_hidden_size(m))
+        * activation_bytes,
         "logits": tokens * m.vocab_size * 4,
     }
 
 
 def available_bytes(device: torch.device) -> int:
-    """Free memory on `device`: the GPU's free memory, or the host's MemAvailable (else its physical memory)."""
+    """Free memory on `device`: the GPU's free memory; on the host its MemAvailable (else its physical
+    memory), or less where the process's address-space limit (`ulimit -v`) leaves less room."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    have = _meminfo("/proc/meminfo", "MemAvailable:")
+    if have is None:  # not Linux
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        have = min(have, max(0, limit - (_meminfo("/proc/self/status", "VmSize:") or 0)))
+    return have
+
+
+def _meminfo(path: str, key: str) -> int | None:
+    """The size in bytes on the line of /proc file `path` that starts with `key` (a "... kB" line)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
     except OSError:
-        pass  # not Linux
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        pass
+    return None
 
 
 def check_fits(cfg: Config, device: torch.device, precision: str, shards: int = 1) -> None:
@@ -63,8 +77,10 @@ def check_fits(cfg: Config, device: torch.device, precision: str, shards: int = 
         return
     m, t = cfg.model, cfg.train
     biggest = ", ".join(f"{name} {size / GIB:,.1f} GiB" for name, size in sorted(parts.items(), key=lambda p: -p[1])[:2])
-    raise UsageError(
-        f"the run needs about {need / GIB:,.1f} GiB ({biggest}) but {device} has {have / GIB:,.1f} GiB available; "
-        f"reduce model.n_layers = {m.n_layers}, model.d_model = {m.d_model}, model.vocab_size = {m.vocab_size}, "
-        f"model.max_seq_len = {m.max_seq_len}, train.batch_size = {t.batch_size} or train.seq_len = {t.seq_len}"
-    )
+    keys = [f"model.n_layers = {m.n_layers}", f"model.d_model = {m.d_model}"]
+    if ffn_hidden_size(m) > 4 * m.d_model:  # wider than the usual 8/3 x d_model: name what made it so
+        keys.append(f"model.ffn_hidden = {m.ffn_hidden}" if m.ffn_hidden else f"model.multiple_of = {m.multiple_of}")
+    keys += [f"model.vocab_size = {m.vocab_size}", f"model.max_seq_len = {m.max_seq_len}",
+             f"train.batch_size = {t.batch_size}", f"train.seq_len = {t.seq_len}"]
+    raise UsageError(f"the run needs about {need / GIB:,.1f} GiB ({biggest}) but {device} has {have / GIB:,.1f} GiB "
+                     f"available; reduce {', '.join(keys[:-1])} or {keys[-1]}")

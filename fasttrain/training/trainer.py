@@ -59,7 +59,7 @@ from fasttrain.system.errors import RunStopped, UsageError
 from fasttrain.system.signals import SignalCatcher
 from fasttrain.training import checkpoint
 from fasttrain.training.checkpoint import Checkpointer
-from fasttrain.training.metrics import MetricsLog, WandbSink, import_wandb
+from fasttrain.training.metrics import MetricsLog, WandbSink, check_log_writable, import_wandb
 from fasttrain.training.objective import LossSums, NextTokenLoss, batch_loss, counted_targets
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.policies import EarlyStopping, Recovery
@@ -255,6 +255,8 @@ class Trainer:
             import_wandb()  # a missing extra is an error before anything is written
         # Locked before anything in `out` is deleted or written: another process may be training there.
         with run_lock.locked(out) if self.world.is_main else contextlib.nullcontext():
+            if self.world.is_main:  # every write target checked before anything in `out` changes
+                check_log_writable(out)
             if self.resumed_from is None:
                 self.checkpoints.claim(overwrite)
             if self.world.is_main:
