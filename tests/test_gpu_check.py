@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """Every stage, on the CPU at tiny sizes, as CI runs it."""
+    """Every stage, on the CPU at tiny sizes, as CI runs it: about 96 s of plumbing, so its tests are in the
+    second tier."""
     out = tmp_path_factory.mktemp("gpu-check")
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -27,6 +28,7 @@ def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
 
 
 @pytest.mark.subprocess
+@pytest.mark.second_tier
 def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
     proc, out = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -65,6 +67,7 @@ def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
 
 
 @pytest.mark.subprocess
+@pytest.mark.second_tier
 def test_report_reads_the_results_file(dry_run, capsys):
     _, out = dry_run
     with pytest.raises(SystemExit) as e:
@@ -74,6 +77,7 @@ def test_report_reads_the_results_file(dry_run, capsys):
 
 
 @pytest.mark.subprocess
+@pytest.mark.second_tier
 def test_combine_merges_stages_and_a_later_failure_wins(dry_run, tmp_path):
     _, out = dry_run
     results = json.loads((out / "gpu_check.json").read_text())
