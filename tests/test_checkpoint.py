@@ -219,6 +219,58 @@ def test_sigterm_saves_and_prints_how_to_resume(pydoc_data, tmp_path):
     assert start["resume_step"] == step and events(tmp_path, "end")[-1]["step"] == step + 2
 
 
+def test_sigterm_during_an_evaluation_stops_at_once_and_the_resume_evaluates_first(pydoc_data, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """A SIGTERM once waited for the whole evaluation (27 s in the report). It stops after the batch in
+    flight; the checkpoint says the evaluation is due, and the resumed run does it before its first
+    step, so its evaluations and weights are those of a run never stopped."""
+    run_args = ["train.max_steps=4", "train.eval_interval=2", "train.eval_steps=50", "checkpoint.interval=100",
+                "train.sample_tokens=0"]
+    assert run_cli_code(train.main, tiny_args(pydoc_data, tmp_path / "whole", *run_args)) == 0
+    batches = []
+    loss = Trainer.loss
+
+    def counting_loss(self, x, y):
+        if not self.model.training:  # an evaluation batch
+            batches.append(self.run.step)
+            if len(batches) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # caught: the run stops at the next check
+        return loss(self, x, y)
+
+    monkeypatch.setattr(Trainer, "loss", counting_loss)
+    assert run_cli_code(train.main, tiny_args(pydoc_data, tmp_path / "cut", *run_args)) == 143
+    assert batches == [2]  # one evaluation batch of 50, then the stop
+    assert "stopped by SIGTERM at step 2" in capsys.readouterr().err
+    assert checkpoint.load(tmp_path / "cut" / "checkpoints" / "step_0000002.pt")["eval_due"] is True
+    monkeypatch.undo()
+    assert run_cli_code(train.main, tiny_args(pydoc_data, tmp_path / "cut", *run_args, flags=["--resume", "auto"])) == 0
+    for kind in ("eval", "end"):
+        whole, cut = events(tmp_path / "whole", kind), events(tmp_path / "cut", kind)
+        assert [(e["step"], e["val_loss"]) for e in whole] == [(e["step"], e["val_loss"]) for e in cut], kind
+
+
+def test_a_resume_from_nan_weights_rolls_back_to_the_clean_checkpoint_before(pydoc_data, tmp_path, capsys):
+    """Resumed from a checkpoint whose weights are NaN, the run said there was no checkpoint to roll back
+    to, while the clean one of two steps earlier was still there. It goes back to that one."""
+    run_args = ["checkpoint.interval=2", "train.sample_tokens=0", "recovery.max_skips=2"]
+    assert run_cli_code(train.main, tiny_args(pydoc_data, tmp_path, *run_args, "train.max_steps=4")) == 0
+    poisoned = tmp_path / "checkpoints" / "step_0000004.pt"
+    state = checkpoint.load(poisoned)
+    state["model"] = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in state["model"].items()}
+    torch.save(state, poisoned)
+    args = tiny_args(pydoc_data, tmp_path, *run_args, "train.max_steps=8", flags=["--resume", "auto"])
+    assert run_cli_code(train.main, args) == 0, capsys.readouterr().err
+    [rollback] = events(tmp_path, "rollback")
+    assert rollback["from_step"] == 6 and rollback["path"] == str(tmp_path / "checkpoints" / "step_0000002.pt")
+    assert events(tmp_path, "end")[-1]["step"] == 8
+
+
+def run_cli_code(main, args: list[str]) -> int:
+    with pytest.raises(SystemExit) as done:
+        run_cli(main, args)
+    return done.value.code
+
+
 @pytest.mark.parametrize("changed", [["optim.weight_decay=0.5"], ["optim.beta2=0.9", "optim.eps=1e-6"]],
                          ids=["weight_decay", "betas-eps"])
 def test_a_resume_applies_the_configs_optimizer_settings_and_says_so(pydoc_data, tmp_path, capsys, changed):

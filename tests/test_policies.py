@@ -25,7 +25,7 @@ def test_recovery_counts_skips_in_a_row_and_rolls_back_within_its_allowance():
 
 
 def test_recovery_returns_only_to_a_save_whose_next_step_was_finite():
-    recovery = Recovery(RecoveryConfig(max_skips=2, lr_factor=0.5, max_rollbacks=3), latest=Path("step_2.pt"))
+    recovery = Recovery(RecoveryConfig(max_skips=2, lr_factor=0.5, max_rollbacks=3), saves=[Path("step_2.pt")])
     assert recovery.safe is None  # a resumed run's checkpoint is proven by its first step
     recovery.after_step(False)
     assert recovery.safe == Path("step_2.pt") and recovery.may_save()
@@ -38,6 +38,18 @@ def test_recovery_returns_only_to_a_save_whose_next_step_was_finite():
     recovery.saved(Path("step_4.pt"))
     recovery.after_step(False)
     assert recovery.safe == Path("step_4.pt") and recovery.unproven is None
+
+
+def test_a_resumed_run_whose_checkpoint_diverges_goes_back_to_its_earlier_saves():
+    """A resumed checkpoint may hold the weights that diverge (NaN weights, say): with nothing proven,
+    the run goes back to its earlier saves, newest first, each unproven until a step after it is finite."""
+    saves = [Path("step_2.pt"), Path("step_4.pt"), Path("step_6.pt")]
+    recovery = Recovery(RecoveryConfig(max_skips=1, lr_factor=0.5, max_rollbacks=3), saves=saves)
+    assert recovery.after_step(True) and recovery.target() == Path("step_4.pt")
+    recovery.rolled_back(RunState(step=7), RunState(step=4))
+    assert recovery.unproven == Path("step_4.pt") and recovery.target() == Path("step_2.pt")
+    recovery.after_step(False)  # step 5 was finite: step 4's save is proven, the older ones no longer matter
+    assert recovery.safe == Path("step_4.pt") and recovery.target() == Path("step_4.pt") and recovery.earlier == []
 
 
 def test_early_stopping_counts_evaluations_that_miss_the_best_by_min_delta():

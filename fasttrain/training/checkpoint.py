@@ -318,6 +318,13 @@ class Checkpointer:
         """The newest complete save, or None before the first."""
         return pointed(self.directory, "latest")
 
+    def history(self, upto: Path) -> list[Path]:
+        """The saves in this run's checkpoints/ from before `upto`'s step, oldest first, then `upto`:
+        what a run resumed from `upto` can go back to (policies.Recovery)."""
+        if SAVE_NAME.fullmatch(upto.name) is None:  # a checkpoint file renamed by hand: no step to compare
+            return [upto]
+        return [p for p in saved_steps(self.directory) if step_of(p) < step_of(upto)] + [upto]
+
     def claim(self, overwrite: bool) -> None:
         """Make the run directory ready for a new run (see claim); every rank checks first."""
         claim(self.directory.parent, overwrite, delete=self.world.is_main)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Sequence
 
 from fasttrain.config import RecoveryConfig
 from fasttrain.training.run_state import RunState
@@ -24,15 +25,21 @@ class Recovery:
     the step after it comes out finite, no save is made during a streak (the weights have not moved
     since it began), and the safe save is kept from pruning.
 
+    A resumed run has proven nothing yet: its checkpoint may hold the weights that diverge (even NaN
+    weights). Until a step proves it, the earlier saves of the run are where it can go back to, the
+    newest first, each unproven in turn.
+
     The count of skips in a row lives here, not in RunState: a resumed or rolled-back run starts
     with none.
     """
 
-    def __init__(self, cfg: RecoveryConfig, latest: Path | None = None):
+    def __init__(self, cfg: RecoveryConfig, saves: Sequence[Path] = ()):
+        """`saves`: the run's checkpoints so far, oldest first (a resumed run's; none for a new run)."""
         self.cfg = cfg
         self.in_a_row = 0
         self.safe: Path | None = None
-        self.unproven = latest  # a resumed run's checkpoint: proven by its first step
+        self.unproven = saves[-1] if saves else None  # a resumed run's checkpoint: proven by its first step
+        self.earlier = list(saves[:-1])  # where to go back to while nothing is proven
 
     def after_step(self, skipped: bool) -> bool:
         """Count a step, `skipped` or not; True once `max_skips` in a row were skipped: roll back or stop now."""
@@ -42,6 +49,7 @@ class Recovery:
             self.in_a_row = 0
             if self.unproven is not None:
                 self.safe, self.unproven = self.unproven, None
+                self.earlier.clear()
         return self.in_a_row >= self.cfg.max_skips
 
     def may_save(self) -> bool:
@@ -51,13 +59,20 @@ class Recovery:
     def saved(self, path: Path) -> None:
         self.unproven = path
 
+    def target(self) -> Path | None:
+        """Where a rollback goes: the safe save, else the newest earlier save of a resumed run."""
+        return self.safe if self.safe is not None else (self.earlier[-1] if self.earlier else None)
+
     def can_roll_back(self, run: RunState) -> bool:
-        return self.safe is not None and run.rollbacks < self.cfg.max_rollbacks
+        return self.target() is not None and run.rollbacks < self.cfg.max_rollbacks
 
     def rolled_back(self, diverged: RunState, restored: RunState) -> RunState:
-        """The state to continue from: the safe save's (`restored`), with the learning rate lowered,
-        the rollback counted, and the skipped steps of the `diverged` run kept."""
+        """The state to continue from: the target save's (`restored`), with the learning rate lowered,
+        the rollback counted, and the skipped steps of the `diverged` run kept. An earlier save gone
+        back to is unproven until a step after it is finite."""
         self.in_a_row, self.unproven = 0, None
+        if self.safe is None:
+            self.unproven = self.earlier.pop()
         return dataclasses.replace(restored, lr_scale=diverged.lr_scale * self.cfg.lr_factor,
                                    rollbacks=diverged.rollbacks + 1, skipped_steps=diverged.skipped_steps)
 

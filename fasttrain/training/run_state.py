@@ -18,6 +18,7 @@ class RunState:
     lr_scale: float = 1.0  # multiplies the schedule; each rollback after divergence lowers it
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient norm, in all
     rollbacks: int = 0  # reloads of the latest checkpoint after repeated non-finite steps
+    eval_due: bool = False  # this step's evaluation was cut short by a signal: a resumed run does it first
 
     def state_dict(self) -> dict[str, int | float]:
         """The fields by name: top-level keys of a checkpoint (so tools read `state["step"]` directly)."""
@@ -25,5 +26,6 @@ class RunState:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> RunState:
-        """The RunState in `state` (a checkpoint, which holds other keys too); KeyError if one is missing."""
-        return cls(**{f.name: state[f.name] for f in fields(cls)})
+        """The RunState in `state` (a checkpoint, which holds other keys too); KeyError if `step` is
+        missing. Another missing field (a checkpoint saved before it existed) takes its default."""
+        return cls(step=state["step"], **{f.name: state.get(f.name, f.default) for f in fields(cls) if f.name != "step"})

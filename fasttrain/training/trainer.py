@@ -33,7 +33,7 @@ import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -223,12 +223,12 @@ class Trainer:
         self.run.skipped_steps += not finite
         return StepResult(loss, grad_norm, correct, counted, lr, skipped=not finite)
 
-    def evaluate(self) -> dict[str, float]:
-        """Validation metrics (see evaluation.validate) over the first `eval_steps` batches of the val split
-        (all of it, the last batch partial, when it holds fewer)."""
+    def evaluate(self, stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
+        """Validation metrics (see validation.validate) over the first `eval_steps` batches of the val split
+        (all of it, the last batch partial, when it holds fewer); None if `stop()` cut it short."""
         with self.loader("val", "sequential", prefetch=0, whole=True) as loader:
             return validate(self.loss, self.model, loader, self.cfg.train.eval_steps, self.precision, self.world,
-                            self.data.bits_per_nat)
+                            self.data.bits_per_nat, stop)
 
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
         """Text generated from `prompt` (default: train.sample_prompt), the same random draws every call."""
@@ -275,7 +275,8 @@ class Trainer:
     def _loop(self, report: Report) -> dict:
         """Step to the end, asking the policies after each step and evaluation; returns the summary."""
         t = self.cfg.train
-        recovery = Recovery(self.cfg.recovery, self.checkpoints.latest())
+        resumed = self.resumed_from
+        recovery = Recovery(self.cfg.recovery, self.checkpoints.history(resumed) if resumed is not None else ())
         early_stopping = EarlyStopping(t.early_stop_patience, t.early_stop_min_delta)
         report.start(self.run, self.resumed_from, params=self.model.num_params(), precision=self.precision,
                      compiled=self.compiled, kernels=self.kernels.names(), world_size=self.world.size,
@@ -285,6 +286,14 @@ class Trainer:
         stopped_early = False
         meter = IntervalMeter(self.device, self.run.tokens_seen, self.train_loader.wait_seconds)
         with SignalCatcher() as signals:
+            def stop() -> bool:  # asked between evaluation batches: a signal need not wait for the whole of one
+                return distributed.any_rank(bool(signals.received), self.world, self.device)
+
+            if self.run.eval_due:  # the evaluation a stop cut short, before this run's first step
+                last_eval = self._evaluate_and_save(report, early_stopping, recovery, self.run.step == t.max_steps,
+                                                    stop) or last_eval
+                if stop():
+                    self._stop(report, signals.received or signal.SIGTERM)
             while self.run.step < t.max_steps:
                 result = self.step()
                 done = self.run.step == t.max_steps
@@ -304,9 +313,9 @@ class Trainer:
                     report.train(self.run, meter, result.lr, result.grad_norm.item(), self.train_loader.wait_seconds)
                     meter.restart(self.run.tokens_seen, self.train_loader.wait_seconds)
                 paused = time.perf_counter()
-                last_eval = self._evaluate_and_save(report, early_stopping, recovery, done) or last_eval
+                last_eval = self._evaluate_and_save(report, early_stopping, recovery, done, stop) or last_eval
                 meter.exclude(time.perf_counter() - paused)
-                if distributed.any_rank(bool(signals.received), self.world, self.device):  # stop together
+                if stop():  # every rank together
                     self._stop(report, signals.received or signal.SIGTERM)
                 if early_stopping.should_stop(self.run.stale_evals) and not done:
                     self._save_unless_saved(report)  # the final state, beside the best one that was kept
@@ -317,22 +326,30 @@ class Trainer:
             last_eval = self._evaluate_and_sample(report, early_stopping)[0]
         return self._finish(report, last_eval, stopped_early)
 
-    def _evaluate_and_save(self, report: Report, early_stopping: EarlyStopping, recovery: Recovery, done: bool
-                           ) -> dict[str, float] | None:
+    def _evaluate_and_save(self, report: Report, early_stopping: EarlyStopping, recovery: Recovery, done: bool,
+                           stop: Callable[[], bool]) -> dict[str, float] | None:
         """Evaluate and save when due; a new best validation loss also saves, with checkpoint.keep_best.
-        No save during a streak of skipped steps (see policies.Recovery)."""
+        No save during a streak of skipped steps (see policies.Recovery). An evaluation that `stop()` cuts
+        short is left due (run.eval_due) for the checkpoint the stop saves, and nothing else is done."""
         t, c = self.cfg.train, self.cfg.checkpoint
         metrics, improved = None, False
-        if self.run.step % t.eval_interval == 0 or done:
-            metrics, improved = self._evaluate_and_sample(report, early_stopping)
+        if self.run.step % t.eval_interval == 0 or done or self.run.eval_due:
+            found = self._evaluate_and_sample(report, early_stopping, stop)
+            self.run.eval_due = found is None
+            if found is None:
+                return None
+            metrics, improved = found
         if (self.run.step % c.interval == 0 or done or (improved and c.keep_best)) and recovery.may_save():
             recovery.saved(self._save(report, best=improved, keep=recovery.safe))
         return metrics
 
-    def _evaluate_and_sample(self, report: Report, early_stopping: EarlyStopping) -> tuple[dict[str, float], bool]:
+    def _evaluate_and_sample(self, report: Report, early_stopping: EarlyStopping,
+                             stop: Callable[[], bool] = lambda: False) -> tuple[dict[str, float], bool] | None:
         """Evaluate, count the evaluation for early stopping, report, and sample; returns the metrics
-        (with best_val_loss) and whether they lowered the best validation loss."""
-        metrics = self.evaluate()
+        (with best_val_loss) and whether they lowered the best validation loss; None if `stop()` cut it short."""
+        metrics = self.evaluate(stop)
+        if metrics is None:
+            return None
         best_before, run = self.run.best_val_loss, self.run
         run.stale_evals = early_stopping.stale_evals(run.stale_evals, metrics["val_loss"], best_before)
         run.best_val_loss = min(best_before, metrics["val_loss"])
@@ -343,15 +360,15 @@ class Trainer:
         return metrics, metrics["val_loss"] < best_before
 
     def _roll_back(self, report: Report, recovery: Recovery) -> None:
-        """Continue from the newest save whose next step was finite (recovery.safe) at a lower learning
+        """Continue from the newest save whose next step was finite (recovery.target) at a lower learning
         rate, and point `latest` back at it; RunStopped if there is none, or every rollback is spent."""
-        safe = recovery.safe
+        target = recovery.target()
         if not recovery.can_roll_back(self.run):
-            raise RunStopped(report.diverged(self.run, recovery.in_a_row, safe is not None), 1)
+            raise RunStopped(report.diverged(self.run, recovery.in_a_row, target is not None), 1)
         diverged = self.run
-        self.run = recovery.rolled_back(diverged, self.checkpoints.restore(safe, self.train_loader))
-        self.checkpoints.point_latest(safe)
-        report.rollback(self.run, diverged.step, safe)
+        self.run = recovery.rolled_back(diverged, self.checkpoints.restore(target, self.train_loader))
+        self.checkpoints.point_latest(target)
+        report.rollback(self.run, diverged.step, target)
 
     def _finish(self, report: Report, last_eval: dict[str, float], stopped_early: bool) -> dict:
         """Export the final weights, then report the summary of the run, and where everything went."""

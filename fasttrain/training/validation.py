@@ -17,8 +17,10 @@ from fasttrain.training.objective import LossSums
 
 @torch.no_grad()
 def validate(loss: Callable[[torch.Tensor, torch.Tensor], LossSums], model: nn.Module, loader: TokenLoader,
-             max_batches: int, precision: str, world: distributed.World, bits_per_nat: float) -> dict[str, float]:
-    """val_loss, val_accuracy, val_ppl and val_bpb over the first `max_batches` batches of `loader`.
+             max_batches: int, precision: str, world: distributed.World, bits_per_nat: float,
+             stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
+    """val_loss, val_accuracy, val_ppl and val_bpb over the first `max_batches` batches of `loader`;
+    None if `stop()`, asked before each batch (on every rank alike), says to give up.
 
     `loss(x, y)` gives a batch's sums (Trainer.loss); `model` is put in eval mode meanwhile (no
     dropout), then back in train mode. Give a sequential `whole` loader from the start of the
@@ -31,6 +33,8 @@ def validate(loss: Callable[[torch.Tensor, torch.Tensor], LossSums], model: nn.M
     model.eval()
     try:
         for x, y in islice(loader, max_batches):
+            if stop():
+                return None
             with autocast(precision, loader.device):
                 sums += loss(x, y).detached()
     finally:
