@@ -354,8 +354,6 @@ _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
      "the model has no positions beyond its context"),
     ("schedule.min_lr", "exceeds", "optim.lr", lambda c: c.schedule.min_lr > c.optim.lr,
      "the schedule decays from lr down to min_lr"),
-    ("schedule.warmup_steps", "exceeds", "train.max_steps", lambda c: c.schedule.warmup_steps > c.train.max_steps,
-     "warmup would never finish"),
     ("optim.sgd.nesterov", "needs", "optim.sgd.momentum", lambda c: c.optim.sgd.nesterov and c.optim.sgd.momentum == 0,
      "Nesterov momentum without momentum is plain SGD"),
     ("model.d_model", "is not divisible by", "model.n_heads", lambda c: c.model.d_model % c.model.n_heads != 0,
@@ -476,18 +474,28 @@ def save_config(cfg: Config, run_dir: str | os.PathLike[str]) -> Path:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the positional `config` path and repeatable `--set SECTION.KEY=VALUE` to `parser`."""
+    """Add the positional `config` path, repeatable `--set SECTION.KEY=VALUE`, and `--device` and `--seed`
+    (the flags sample and evaluate have too, here short for --set train.device / train.seed)."""
     parser.add_argument("config", help="TOML config file")
     parser.add_argument(
         "--set", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
         help="override config values, after the config path; VALUE is TOML or a bare string, "
         "e.g. --set train.batch_size=8 train.device=cpu",
     )
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (--set train.device=D)")
+    parser.add_argument("--seed", type=int, help="seeds everything (--set train.seed=S)")
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Load the Config named by arguments that `add_config_arguments` parsed."""
-    return load_config(args.config, args.set)
+def config_from_args(args: argparse.Namespace, *more: str) -> Config:
+    """Load the Config named by arguments that `add_config_arguments` parsed; `more` overrides come last."""
+    return load_config(args.config, config_overrides(args, *more))
+
+
+def config_overrides(args: argparse.Namespace, *more: str) -> list[str]:
+    """The --set items of `args`, then --device and --seed as the items they stand for, then `more`."""
+    flags = [f"train.{name}={value}" for name, value in (("device", args.device), ("seed", args.seed))
+             if value is not None]
+    return [*args.set, *flags, *more]
 
 
 def _read_layers(path: str | os.PathLike[str], chain: tuple[str, ...] = ()) -> list[tuple[dict[str, Any], str]]:

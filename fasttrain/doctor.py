@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from fasttrain.config import add_config_arguments, load_config
+from fasttrain.config import add_config_arguments, config_from_args
 from fasttrain.data.shards import check_ids, find_shards
 from fasttrain.system.errors import ArgumentParser, run_cli
 from fasttrain.training.diagnosis import diagnose, report
@@ -29,7 +29,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overfit-steps", type=int, default=200, metavar="N",
                         help="steps allowed to memorise one small batch (default 200)")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, [*args.set, "data.prefetch=0"])  # one batch is all it reads
+    cfg = config_from_args(args, "data.prefetch=0")  # one batch is all it reads
     trainer = Trainer(cfg, quiet=True)
     t = cfg.train
     print(f"doctor: {args.config}: {trainer.model.num_params() / 1e6:.2f}M parameters, batch {t.batch_size} x "

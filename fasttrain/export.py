@@ -1,6 +1,6 @@
 """Export trained weights as safetensors, in fasttrain's layout or in Hugging Face's Llama layout.
 
-    python -m fasttrain.export RUN_DIR|CHECKPOINT [--out DIR] [--hf] [--dtype fp32|bf16|fp16]
+    python -m fasttrain.export RUN_DIR|WEIGHTS_DIR|CHECKPOINT [--out DIR] [--hf] [--dtype fp32|bf16|fp16]
 
 The layouts and the file format are fasttrain/model/weights.py's.
 """
@@ -15,28 +15,29 @@ import torch
 
 from fasttrain.model.weights import DTYPE_NAMES, export_weights
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
-from fasttrain.training import checkpoint
+from fasttrain.training.trained_model import load_model
 
 
 def export(source: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None, hf: bool = False,
            dtype: torch.dtype = torch.float32) -> list[Path]:
-    """Export the checkpoint at `source` (a file, or a run directory's latest) into `out_dir`.
+    """Export the weights `source` names into `out_dir`: a run directory (its final/ weights, else its latest
+    checkpoint), RUN/final, a checkpoints/ directory or its `latest`, or a checkpoint file, as sample and
+    evaluate take them (fasttrain/training/trained_model.py).
 
-    `out_dir` defaults to `export` (or `export-hf`) beside the checkpoints/ directory.
+    `out_dir` defaults to `export` (or `export-hf`) in the run directory.
     """
     if out_dir is not None and not os.fspath(out_dir):
         raise UsageError("--out: is empty; name the directory to export into")
-    path = checkpoint.resolve(os.fspath(source), source)
-    state = checkpoint.load(path)
-    cfg = checkpoint.saved_config(state, path)
-    if out_dir is None:
-        out_dir = path.parent.parent / ("export-hf" if hf else "export")
-    return export_weights(state["model"], cfg, out_dir, hf=hf, dtype=dtype)
+    model, cfg, found = load_model(source)
+    if out_dir is None:  # the run directory: above final/, or above the checkpoint's checkpoints/
+        run_dir = found.parent if found.is_dir() else found.parent.parent
+        out_dir = run_dir / ("export-hf" if hf else "export")
+    return export_weights(model.state_dict(), cfg, out_dir, hf=hf, dtype=dtype)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m fasttrain.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="a checkpoint file, or a run directory (its latest checkpoint)")
+    parser.add_argument("source", help="a run directory, a weights directory (final/, export/) or a checkpoint file")
     parser.add_argument("--out", help="output directory (default: export/ or export-hf/ in the run directory)")
     parser.add_argument("--hf", action="store_true", help="Hugging Face Llama layout (config.json + safetensors)")
     parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default="fp32", help="weight dtype (default fp32)")

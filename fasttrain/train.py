@@ -16,7 +16,7 @@ import os
 import shlex
 from typing import Sequence
 
-from fasttrain.config import Config, add_config_arguments, config_from_args
+from fasttrain.config import Config, add_config_arguments, config_from_args, config_overrides
 from fasttrain.system import distributed
 from fasttrain.system.errors import ArgumentParser, run_cli
 from fasttrain.training.trainer import Interrupted, Trainer
@@ -57,7 +57,7 @@ def resume_command(args: argparse.Namespace, cfg: Config) -> str:
     any directory: the config file, train.out_dir and data.dir as absolute paths, the other --set
     items as they were, and `--resume auto`."""
     places = {"train.out_dir": cfg.train.out_dir, "data.dir": cfg.data.dir}
-    sets = [item for item in args.set if item.partition("=")[0].strip() not in places]
+    sets = [item for item in config_overrides(args) if item.partition("=")[0].strip() not in places]
     sets += [f"{key}={os.path.abspath(path)}" for key, path in places.items()]  # a bare string, see load_config
     quiet = ["--quiet"] if args.quiet else []
     return shlex.join(["python", "-m", "fasttrain.train", os.path.abspath(args.config), *quiet, "--set", *sets,

@@ -134,6 +134,14 @@ def checkpoints_a_file(checkpoints: Path) -> None:
     checkpoints.write_text("not a directory")
 
 
+def unfinished(damage):
+    """`damage`, to a run that never finished: without final/ weights, tools read its checkpoints."""
+    def damage_unfinished(checkpoints: Path) -> None:
+        shutil.rmtree(checkpoints.parent / "final")
+        damage(checkpoints)
+    return damage_unfinished
+
+
 def binary_latest(checkpoints: Path) -> None:
     (checkpoints / "latest").write_bytes(b"\xff\xfe\x00\x01\x9c")
 
@@ -326,10 +334,13 @@ CASES = [
     ("a new run beside a file named checkpoints", train,
      lambda c: c.train(out=Path(c.file("fresh/checkpoints", "x")).parent),
      "checkpoints: is not a directory, so no checkpoint can be saved there"),
-    ("export from a binary latest", export, lambda c: [str(damaged(c, binary_latest))],
+    ("export from a binary latest", export, lambda c: [str(damaged(c, unfinished(binary_latest)))],
      "latest: does not name a checkpoint file"),
-    ("export from a file where checkpoints/ should be", export, lambda c: [str(damaged(c, checkpoints_a_file))],
-     "checkpoints: is not a directory"),
+    ("export from a file where checkpoints/ should be", export,
+     lambda c: [str(damaged(c, unfinished(checkpoints_a_file)))], "checkpoints: is not a directory"),
+    ("export from a latest naming a missing file", export,
+     lambda c: [str(damaged(c, lambda d: (d / "latest").write_text("step_0000099.pt")) / "checkpoints" / "latest")],
+     "latest: names step_0000099.pt, which is missing"),
     ("new run over saved checkpoints", train, lambda c: c.train(out=c.run),
      "holds checkpoints of an earlier run (up to step 2); continue it with --resume auto"),
     ("export a non-checkpoint", export, lambda c: [c.file("junk.pt", b"PK\x03\x04 nope")], "not a loadable checkpoint"),

@@ -399,11 +399,13 @@ def test_a_run_directory_in_use_is_refused_until_its_holder_dies(pydoc_data, tmp
 
 def test_the_resume_command_names_the_run_by_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = argparse.Namespace(config="base.toml", set=["train.max_steps=9", "train.out_dir=runs/a"], quiet=True)
+    args = argparse.Namespace(config="base.toml", set=["train.max_steps=9", "train.out_dir=runs/a"], quiet=True,
+                              device="cpu", seed=None)
     cfg = load_config(None, ["train.out_dir=runs/a", "data.dir=data/b"])
     assert shlex.split(train.resume_command(args, cfg)) == [
         "python", "-m", "fasttrain.train", str(tmp_path / "base.toml"), "--quiet", "--set", "train.max_steps=9",
-        f"train.out_dir={tmp_path / 'runs/a'}", f"data.dir={tmp_path / 'data/b'}", "--resume", "auto"]
+        "train.device=cpu", f"train.out_dir={tmp_path / 'runs/a'}", f"data.dir={tmp_path / 'data/b'}",
+        "--resume", "auto"]
 
 
 def full_disk_after(lines: int):

@@ -210,8 +210,6 @@ BAD_INPUTS = [
                  ["train.seq_len = 256 exceeds model.max_seq_len = 128"], id="seq-len-vs-context"),
     pytest.param("[optim]\nlr = 1e-5\n", [], FILE, ["schedule.min_lr = 0.0001 exceeds optim.lr = 1e-05"],
                  id="min-lr-vs-lr"),
-    pytest.param("[train]\nmax_steps = 50\n", [], FILE, ["schedule.warmup_steps = 100 exceeds train.max_steps = 50"],
-                 id="warmup-vs-steps"),
     pytest.param("[model]\nn_heads = 3\n", [], FILE, ["model.d_model = 256 is not divisible by model.n_heads = 3"],
                  id="heads-vs-width"),
     pytest.param("[model]\nn_kv_heads = 3\n", [], FILE, ["model.n_heads = 4 is not divisible by model.n_kv_heads = 3"],

@@ -91,6 +91,19 @@ def test_export_cli_from_a_run_directory(trained, tmp_path, capsys):
     assert all(t.dtype == torch.bfloat16 for t in read_safetensors(tmp_path / "bf16" / "model.safetensors").values())
 
 
+@pytest.mark.parametrize("where", ["RUN", "RUN/final", "RUN/checkpoints", "RUN/checkpoints/latest",
+                                   "RUN/checkpoints/step_0000003.pt"])
+def test_export_takes_every_run_path_that_sample_and_evaluate_take(trained, tmp_path, capsys, where):
+    """`export RUN/final` once said there was no checkpoint there; every path names the same weights."""
+    trainer, out = trained
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(export_main, [where.replace("RUN", str(out)), "--out", str(tmp_path / "x")])
+    assert exit_.value.code == 0, capsys.readouterr().err
+    exported = read_safetensors(tmp_path / "x" / "model.safetensors")
+    assert exported.keys() == read_safetensors(out / "final" / "model.safetensors").keys()
+    assert all(torch.equal(exported[k], v) for k, v in trainer.model.state_dict().items() if k in exported)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_hugging_face_llama_export_gives_the_same_logits(pydoc_data, tmp_path, tied):
     transformers = pytest.importorskip("transformers")

@@ -15,6 +15,7 @@ from fasttrain.config import load_config
 from fasttrain.plot import latest_run, plot_run, read_metrics
 from fasttrain.system.device import resolve_precision
 from fasttrain.system.errors import run_cli
+from fasttrain.train import main as train_main
 from fasttrain.training.metrics import MetricsLog
 
 pytestmark = pytest.mark.subprocess  # every test here starts the command-line tools in new processes
@@ -150,3 +151,52 @@ def test_running_out_of_memory_is_one_line(capsys):
     err = capsys.readouterr().err
     assert done.value.code == 2 and err.count("\n") == 1
     assert err.startswith("error: out of memory (you tried to allocate 1125899906842624 bytes"), err
+
+
+def test_the_fasttrain_command_runs_each_tool_with_its_own_parser(pydoc_data, tmp_path, capsys):
+    """`fasttrain TOOL ARGS` is `python -m fasttrain.TOOL ARGS`; an unknown tool is one line with a hint."""
+    from fasttrain import cli
+
+    with pytest.raises(SystemExit) as done:
+        run_cli(cli.main, ["--help"])
+    listed = capsys.readouterr().out
+    assert done.value.code == 0 and all(f"  {tool} " in listed for tool in cli.TOOLS)
+    with pytest.raises(SystemExit) as done:
+        run_cli(cli.main, ["trian", "configs/base.toml"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and err == ("error: fasttrain: unknown tool 'trian'; did you mean train? one of "
+                                            "prepare, train, sample, evaluate, export, doctor, plot (see fasttrain --help)\n")
+    with pytest.raises(SystemExit) as done:  # the train tool's own flags: --device and --seed as sample has them
+        run_cli(cli.main, ["train", "configs/base.toml", "--device", "cpu", "--seed", "7", "--set",
+                           f"data.dir={pydoc_data}", "data.vocab_size=512", f"train.out_dir={tmp_path}",
+                           "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "train.batch_size=2",
+                           "train.seq_len=32", "train.max_steps=2", "train.sample_tokens=0", "train.tensorboard=false"])
+    assert done.value.code == 0, capsys.readouterr().err
+    recorded = load_config(tmp_path / "config.toml")
+    assert recorded.train.seed == 7 and recorded.train.device == "cpu"
+
+
+@pytest.mark.subprocess
+def test_python_m_fasttrain_and_the_console_script(tmp_path):
+    """Both spellings of the command reach the same tools; the script is what `pip install` made."""
+    shown = run("fasttrain", "sample", "--help")
+    assert shown.returncode == 0 and "--max-new-tokens" in shown.stdout, shown.stderr
+    script = Path(sys.executable).parent / "fasttrain"
+    if not script.exists():
+        pytest.skip("fasttrain is not installed in this environment (pip install -e . makes the script)")
+    listed = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0 and "export" in listed.stdout
+
+
+def test_a_smoke_run_shorter_than_its_warmup_runs_and_says_so(pydoc_data, tmp_path, capsys):
+    """A 5-step run of a config with 20 warmup steps was refused; it warms up over its first tenth."""
+    args = ["configs/base.toml", "--set", f"data.dir={pydoc_data}", "data.vocab_size=512", f"train.out_dir={tmp_path}",
+            "train.device=cpu", "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "train.batch_size=2",
+            "train.seq_len=32", "train.max_steps=5", "schedule.warmup_steps=20", "train.sample_tokens=0",
+            "train.tensorboard=false"]
+    with pytest.raises(SystemExit) as done:
+        run_cli(train_main, args)
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert "note: schedule.warmup_steps = 20 is longer than train.max_steps = 5: warming up over 0 steps instead" in out
+    assert load_config(tmp_path / "config.toml").schedule.warmup_steps == 0  # what the run did, so it loads back

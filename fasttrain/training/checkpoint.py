@@ -147,10 +147,17 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
     """The checkpoint file that `--resume spec` means.
 
     "auto" is the latest save of the run in `out_dir`; a directory (a run directory or
-    its checkpoints/) is its latest save; anything else is a checkpoint file's path.
+    its checkpoints/) is its latest save; a pointer file (checkpoints/latest or best) is the
+    save it names; anything else is a checkpoint file's path.
     """
     if spec != "auto" and not Path(spec).is_dir():
-        return Path(spec)
+        path = Path(spec)
+        if path.name in ("latest", "best") and path.is_file():
+            named = pointed(path.parent, path.name)
+            if not named.is_file():
+                raise UsageError(f"{path}: names {named.name}, which is missing")
+            return named
+        return path
     run = Path(out_dir if spec == "auto" else spec)
     directory = run if (run / "latest").exists() or run.name == "checkpoints" else run / "checkpoints"
     latest = pointed(directory, "latest")

@@ -14,6 +14,7 @@ A pure function of the step makes resuming trivial: nothing to save but the step
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from fasttrain.config import ScheduleConfig
 
@@ -42,3 +43,14 @@ def lr_at(step: int, max_steps: int, lr: float, sched: ScheduleConfig) -> float:
     if sched.decay == "cosine":
         return sched.min_lr + 0.5 * (lr - sched.min_lr) * (1 + math.cos(math.pi * progress))
     return lr + (sched.min_lr - lr) * progress  # linear, and wsd's cooldown
+
+
+def fit_warmup(sched: ScheduleConfig, max_steps: int) -> tuple[ScheduleConfig, str | None]:
+    """`sched` for a run of `max_steps` steps. A warmup longer than the whole run (a smoke run of a real
+    config) becomes the run's first tenth, with a note saying so; otherwise `sched` as it is and None."""
+    if sched.warmup_steps <= max_steps:
+        return sched, None
+    warmup = max_steps // 10
+    return replace(sched, warmup_steps=warmup), (
+        f"schedule.warmup_steps = {sched.warmup_steps} is longer than train.max_steps = {max_steps}: "
+        f"warming up over {warmup} step{'s' * (warmup != 1)} instead")

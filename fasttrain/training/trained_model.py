@@ -2,7 +2,7 @@
 
     load_trained("runs/base")                        # runs/base/final/, else its latest checkpoint
     load_trained("runs/base/final")                  # exported weights (fasttrain layout, see fasttrain/model/weights.py)
-    load_trained("runs/base/checkpoints/step_0000100.pt")
+    load_trained("runs/base/checkpoints/step_0000100.pt")  # or runs/base/checkpoints, .../checkpoints/latest
 
 The model's config comes with the weights (config.toml beside them, or the one a
 checkpoint holds); the tokenizer is the one beside exported weights, else the run's
@@ -53,23 +53,28 @@ def weights_source(spec: str | os.PathLike[str]) -> Path:
     return checkpoint.resolve(os.fspath(path), path)
 
 
-def load_trained(spec: str | os.PathLike[str], device: torch.device | str = "cpu") -> Trained:
-    """The model `spec` names (see `weights_source`) on `device`, in eval mode; UsageError naming the file if
-    something is missing or does not fit."""
+def load_model(spec: str | os.PathLike[str]) -> tuple[Transformer, Config, Path]:
+    """The model `spec` names (see `weights_source`) on the CPU, its run's config, and the weights directory
+    or checkpoint file it came from; UsageError naming the file if something is missing or does not fit."""
     source = weights_source(spec)
     if source.is_dir():
-        model, cfg = load_exported(source), load_config(source / "config.toml")
-        tokenizer_path = source / "tokenizer.json"
-        if not tokenizer_path.is_file():  # exported before its data's tokenizer was copied
-            tokenizer_path = Path(cfg.data.dir) / "tokenizer.json"
-    else:
-        state = checkpoint.load(source)
-        cfg = checkpoint.saved_config(state, source)
-        model = Transformer(cfg.model)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise UsageError(f"{source}: its weights do not fit its config ({str(e).splitlines()[0]})") from None
+        return load_exported(source), load_config(source / "config.toml"), source
+    state = checkpoint.load(source)
+    cfg = checkpoint.saved_config(state, source)
+    model = Transformer(cfg.model)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise UsageError(f"{source}: its weights do not fit its config ({str(e).splitlines()[0]})") from None
+    return model, cfg, source
+
+
+def load_trained(spec: str | os.PathLike[str], device: torch.device | str = "cpu") -> Trained:
+    """The model `spec` names (see `weights_source`) on `device`, in eval mode, with its tokenizer;
+    UsageError naming the file if something is missing or does not fit."""
+    model, cfg, source = load_model(spec)
+    tokenizer_path = source / "tokenizer.json" if source.is_dir() else Path(cfg.data.dir) / "tokenizer.json"
+    if not tokenizer_path.is_file():  # weights exported before their data's tokenizer was copied
         tokenizer_path = Path(cfg.data.dir) / "tokenizer.json"
     tokenizer = Tokenizer.load(tokenizer_path)
     check_vocab(cfg.model.vocab_size, tokenizer.vocab_size, str(tokenizer_path))

@@ -66,7 +66,7 @@ from fasttrain.training.policies import EarlyStopping, Recovery
 from fasttrain.training.preflight import check_fits
 from fasttrain.training.reporting import IntervalMeter, Report
 from fasttrain.training.run_state import RunState
-from fasttrain.training.schedule import lr_at
+from fasttrain.training.schedule import fit_warmup, lr_at
 from fasttrain.training.validation import validate
 
 
@@ -115,6 +115,10 @@ class Trainer:
         self.quiet = quiet or not self.world.is_main
         self.device = use_device(cfg.train.device, self.world.local_rank if self.world.distributed else None)
         cfg = replace(cfg, train=resolve_train(cfg.train, self.device))  # no "auto" left in what config.toml records
+        schedule, note = fit_warmup(cfg.schedule, cfg.train.max_steps)
+        if note and not self.quiet:
+            print(f"note: {note}")
+        cfg = replace(cfg, schedule=schedule)
         t = cfg.train
         self.precision = t.precision
         distributed.start(self.world, self.device)

@@ -1,0 +1,54 @@
+"""The `fasttrain` command: every tool under one name, as litgpt and torchtitan users expect.
+
+    fasttrain train configs/base.toml --set train.max_steps=50
+    fasttrain sample runs/base --prompt "The"
+    fasttrain --help
+
+`fasttrain TOOL ARGS...` is exactly `python -m fasttrain.TOOL ARGS...` (same parser, same
+errors and exit codes), and `python -m fasttrain TOOL ...` is the same again.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import sys
+from typing import Sequence
+
+from fasttrain.system.errors import UsageError, run_cli
+
+# tool -> (module, what it does): the order `fasttrain --help` lists them in, the order of a workflow
+TOOLS = {
+    "prepare": ("fasttrain.prepare", "tokenize text into shards (a prepared folder)"),
+    "train": ("fasttrain.train", "train a model from a TOML config"),
+    "sample": ("fasttrain.sample", "generate text from a run, its weights or a checkpoint"),
+    "evaluate": ("fasttrain.evaluate", "score a trained model: loss, perplexity, bits per byte"),
+    "export": ("fasttrain.export", "write safetensors, in fasttrain's or Hugging Face's Llama layout"),
+    "doctor": ("fasttrain.doctor", "check one real batch for why a loss would not fall"),
+    "plot": ("fasttrain.plot", "draw a run's loss and learning-rate curves"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: fasttrain TOOL [ARGS...]   (fasttrain TOOL --help for its arguments)", "", "tools:"]
+    lines += [f"  {name:<9} {what}" for name, (_, what) in TOOLS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the tool named by argv[0] on the rest of argv; 0 after --help or with no tool at all shows usage."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    tool, rest = argv[0], argv[1:]
+    if tool not in TOOLS:
+        close = difflib.get_close_matches(tool, TOOLS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UsageError(f"fasttrain: unknown tool {tool!r}; {hint}one of {', '.join(TOOLS)} (see fasttrain --help)")
+    return importlib.import_module(TOOLS[tool][0]).main(rest)
+
+
+def entry_point() -> None:
+    """The console script ([project.scripts] in pyproject.toml)."""
+    run_cli(main)
