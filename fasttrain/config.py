@@ -50,6 +50,9 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # the output projection shares the token-embedding matrix
     dropout: float = 0.0  # on attention weights and residual branches during training
+    # A Hugging Face Llama-family model directory (config.json, safetensors) to continue pre-training:
+    # the shape above comes from its config.json, a new run starts from its weights. "" = random init.
+    init_from: str = ""
 
 
 @dataclass
@@ -58,13 +61,16 @@ class DataConfig:
 
     # Prepared shards (train_*.bin, val_*.bin, meta.json, tokenizer.json). "" = prepare
     # `inputs` into a cache directory keyed by these settings, reused on the next run.
+    # A folder already prepared (`fasttrain prepare --out DIR`) is the data by itself: the keys
+    # below left at their defaults take its values; one set otherwise must agree with it.
     dir: str = ""
     # What prepare reads when `dir` holds no prepared data: paths, globs, directories,
     # JSONL or Parquet files, or the embedded corpora builtin:pydoc / builtin:docstrings.
-    inputs: list[str] = field(default_factory=lambda: ["builtin:pydoc"])
+    # [] = the prepared folder's inputs, or builtin:pydoc when there is none.
+    inputs: list[str] = field(default_factory=list)
     text_field: str = "text"  # the JSONL field or Parquet column holding a document's text
     tokenizer: str = ""  # an existing tokenizer.json to use; "" = prepare trains one
-    vocab_size: int = 4096  # vocabulary size of the BPE tokenizer prepare trains
+    vocab_size: int = 0  # of the BPE tokenizer prepare trains; 0 = the prepared folder's, or 4096
     val_fraction: float = 0.1  # fraction of documents held out for validation
     sampling: Literal["random", "sequential"] = "random"  # random rows, or one pass in order
     # What a row of a batch holds (fasttrain/data/documents.py): "packed" windows across document
@@ -271,6 +277,8 @@ MAX_EXTENDS = 32  # config files in one `extends` chain
 MAX_SEED = 2**32 - 1  # NumPy's generator takes 32-bit seeds; every tool accepts the same range
 MAX_PROMPT_CHARS = 65_536  # the model reads at most max_seq_len tokens of a prompt; tokenizing more costs memory
 MAX_PREFETCH = 64  # batches read ahead, each held in memory until used
+DEFAULT_INPUTS = ("builtin:pydoc",)  # what [data] prepares when it names no inputs and no prepared folder
+DEFAULT_VOCAB = 4096  # the BPE prepare trains when [data] gives no vocab_size
 
 # How a TOML value is accepted for each field type: (accepts, convert, what an error says was expected).
 # bool is a subclass of int in Python, but `n_layers = true` is a mistake, never a number.
@@ -300,9 +308,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.rope_theta": _POSITIVE,
     "model.norm_eps": _POSITIVE,
     "model.dropout": _FRACTION,
-    "data.inputs": (bool, "a non-empty list"),
+    "data.inputs": (lambda v: all(v), "a list of non-empty paths"),
     "data.text_field": (bool, "a non-empty field name"),
-    "data.vocab_size": (lambda v: v > 256, "> 256 (a byte-level BPE needs the 256 bytes plus an end-of-text token)"),
+    "data.vocab_size": (lambda v: v == 0 or v > 256,
+                        "0 or > 256 (a byte-level BPE needs the 256 bytes plus an end-of-text token)"),
     "data.val_fraction": _FRACTION,
     "data.prefetch": (lambda v: 0 <= v <= MAX_PREFETCH, f"in [0, {MAX_PREFETCH}] (batches held in memory ahead of use)"),
     "optim.lr": _POSITIVE,
@@ -426,13 +435,19 @@ def _build(layers: Sequence[tuple[dict[str, Any], str]], overrides: Sequence[str
     return cfg
 
 
-def resolve(cfg: Config, data_dir: str, tokenizer_vocab: int) -> Config:
+def resolve(cfg: Config, data_dir: str, tokenizer_vocab: int, request: dict | None = None) -> Config:
     """A copy of `cfg` with what preparing its data found (prepare.ensure_prepared): the data
-    directory, and model.vocab_size when it is 0. The run records this one (config.toml), so it
-    names what was used. UsageError if the model's vocabulary is too small for the tokenizer's."""
+    directory, model.vocab_size when it is 0, and the settings the data was prepared with (`request`,
+    its meta.json's). The run records this one (config.toml), so it names what was used and loads
+    back to the same data. UsageError if the model's vocabulary is too small for the tokenizer's."""
     vocab = cfg.model.vocab_size or tokenizer_vocab
     check_vocab(vocab, tokenizer_vocab, f"{data_dir}/tokenizer.json")
-    return replace(cfg, data=replace(cfg.data, dir=data_dir), model=replace(cfg.model, vocab_size=vocab))
+    data = replace(cfg.data, dir=data_dir)
+    if request:
+        data = replace(data, inputs=list(request["inputs"]), tokenizer=request.get("tokenizer") or "",
+                       vocab_size=request.get("vocab_size") or 0, val_fraction=request["val_fraction"],
+                       text_field=request.get("text_field", "text"))
+    return replace(cfg, data=data, model=replace(cfg.model, vocab_size=vocab))
 
 
 def check_vocab(model_vocab: int, tokenizer_vocab: int, tokenizer: str) -> None:

@@ -1,7 +1,7 @@
 """Tokenize a text corpus into train/val token shards.
 
     python -m fasttrain.prepare --input PATH [PATH ...] --out DIR
-        [--vocab-size N | --tokenizer FILE] [--val-fraction F] [--overwrite]
+        [--vocab-size N | --tokenizer FILE|DIR] [--val-fraction F] [--overwrite]
 
 The command line of fasttrain/data/preparation.py, which says what is written and how.
 """
@@ -10,19 +10,21 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB
 from fasttrain.data.preparation import prepare
 from fasttrain.system.errors import ArgumentParser, run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m fasttrain.prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", nargs="+", default=["builtin:pydoc"], metavar="PATH",
+    parser.add_argument("--input", nargs="+", default=list(DEFAULT_INPUTS), metavar="PATH",
                         help="text files, globs, directories, JSONL or Parquet files, or builtin:pydoc / builtin:docstrings "
                              "(default: builtin:pydoc, the Python docs shipped with CPython)")
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for the shards, tokenizer and meta.json")
     tok = parser.add_mutually_exclusive_group()
-    tok.add_argument("--vocab-size", type=int, default=4096, metavar="N", help="train a BPE of N tokens (default 4096)")
-    tok.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer.json instead of training one")
+    tok.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, metavar="N",
+                     help=f"train a BPE of N tokens (default {DEFAULT_VOCAB})")
+    tok.add_argument("--tokenizer", metavar="FILE|DIR", help="use this tokenizer.json (or a model directory's) instead of training one")
     parser.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                         help="fraction of the text held out for validation: whole documents, or the end "
                              "of the text when there are fewer than two (default 0.1)")

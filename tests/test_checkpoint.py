@@ -265,6 +265,23 @@ def test_a_resume_from_nan_weights_rolls_back_to_the_clean_checkpoint_before(pyd
     assert events(tmp_path, "end")[-1]["step"] == 8
 
 
+def test_extending_a_finished_run_says_what_the_schedule_does(pydoc_data, tmp_path, capsys):
+    """--resume with a longer train.max_steps re-lays the cosine over the new length: the learning rate
+    jumps back up. It once did so silently; the resume now says so in one line."""
+    cheap = ["checkpoint.interval=2", "train.sample_tokens=0", "schedule.warmup_steps=1"]
+    Trainer(tiny_config(pydoc_data, tmp_path, *cheap, "train.max_steps=4"), quiet=True).train()
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, *cheap, "train.max_steps=8"))
+    capsys.readouterr()
+    trainer.resume("auto")
+    said = capsys.readouterr().out
+    assert "resume: train.max_steps 4 -> 8: the cosine schedule now runs over 8 steps, so the learning rate " \
+           f"at step 4 is {trainer.lr():.3g}" in said and "docs/training.md (extending a run)" in said
+    same = Trainer(tiny_config(pydoc_data, tmp_path, *cheap, "train.max_steps=4"))
+    capsys.readouterr()
+    same.resume("auto")
+    assert "schedule" not in capsys.readouterr().out
+
+
 def run_cli_code(main, args: list[str]) -> int:
     with pytest.raises(SystemExit) as done:
         run_cli(main, args)

@@ -42,7 +42,7 @@ def write(tmp_path: Path, text: str, name: str = "cfg.toml") -> Path:
 def test_defaults_load_and_validate():
     cfg = load_config(None)
     assert cfg == Config()
-    assert cfg.data.inputs == ["builtin:pydoc"]
+    assert cfg.data.inputs == [] and cfg.data.vocab_size == 0  # a prepared folder's, else builtin:pydoc and 4096
     assert Config().data.inputs is not Config().data.inputs  # no shared mutable default
 
 
@@ -184,7 +184,8 @@ BAD_INPUTS = [
                  id="list-of-non-strings"),
     pytest.param('[data]\ninputs = "a.txt"\n', [], FILE, ["data.inputs: expected a list of strings"],
                  id="string-for-list"),
-    pytest.param("[data]\ninputs = []\n", [], FILE, ["data.inputs: must be a non-empty list"], id="empty-inputs"),
+    pytest.param('[data]\ninputs = [""]\n', [], FILE, ["data.inputs: must be a list of non-empty paths"],
+                 id="empty-input"),
     pytest.param("[train]\nbatch_size = 0\n", [], FILE, ["train.batch_size: must be > 0, got 0"], id="not-positive"),
     pytest.param("[optim]\nlr = -0.001\n", [], FILE, ["optim.lr: must be > 0, got -0.001"], id="negative-lr"),
     pytest.param("[optim]\nlr = nan\n", [], FILE, ["optim.lr: expected a finite number, got nan (float)"], id="nan"),
@@ -201,7 +202,7 @@ BAD_INPUTS = [
     pytest.param("[data]\nval_fraction = 1\n", [], FILE, ["data.val_fraction: must be in [0, 1), got 1.0"],
                  id="fraction"),
     pytest.param("[optim]\nbeta2 = 1.5\n", [], FILE, ["optim.beta2: must be in [0, 1)"], id="beta"),
-    pytest.param("[data]\nvocab_size = 256\n", [], FILE, ["data.vocab_size: must be > 256", "256 bytes"],
+    pytest.param("[data]\nvocab_size = 256\n", [], FILE, ["data.vocab_size: must be 0 or > 256", "256 bytes"],
                  id="tiny-bpe-vocab"),
     pytest.param('[train]\ndevice = "gpu"\n', [], FILE, ['train.device: must be auto, cpu, cuda or cuda:N, got "gpu"'],
                  id="device"),

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import ast
 import itertools
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,20 @@ def test_the_twin_rule_catches_what_the_old_tree_had():
 def test_every_module_has_a_docstring():
     missing = [name for name, path in MODULES.items() if ast.get_docstring(ast.parse(path.read_text())) is None]
     assert not missing, missing
+
+
+@pytest.mark.subprocess
+def test_another_package_named_kernels_is_refused_in_one_line(tmp_path):
+    """PyPI's other `kernels` (Hugging Face's) first on sys.path: fasttrain must not run on its code."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")
+    shadowed = subprocess.run([sys.executable, "-c", "import fasttrain"], cwd=tmp_path, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}, timeout=120)
+    assert shadowed.returncode != 0
+    last = shadowed.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: fasttrain needs its own `kernels` package") and str(tmp_path) in last
+    (tmp_path / "elsewhere").mkdir()
+    alone = subprocess.run([sys.executable, "-c", "import fasttrain"], cwd=tmp_path / "elsewhere", capture_output=True,
+                           text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert alone.returncode == 0, alone.stderr

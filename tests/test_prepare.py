@@ -189,8 +189,12 @@ def test_config_text_field_is_part_of_the_request(tmp_path):
     wanted = DataConfig(dir=str(tmp_path / "out"), inputs=[str(tmp_path / "docs.jsonl")], vocab_size=300,
                         text_field="body")
     assert ensure_prepared(wanted, quiet=True).meta["request"]["text_field"] == "body"
-    with pytest.raises(UsageError, match="holds data prepared with text_field='body', not what"):
-        ensure_prepared(DataConfig(dir=wanted.dir, inputs=wanted.inputs, vocab_size=300), quiet=True)
+    with pytest.raises(UsageError, match=r"holds data prepared with text_field='body', not what \[data\] asks for "
+                                         r"\(data.text_field = 'content'\)"):
+        ensure_prepared(DataConfig(dir=wanted.dir, inputs=wanted.inputs, vocab_size=300, text_field="content"),
+                        quiet=True)
+    # Left at its default, text_field is the folder's, as every other preparation key is.
+    assert ensure_prepared(DataConfig(dir=wanted.dir), quiet=True).meta["request"]["text_field"] == "body"
 
 
 def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
@@ -454,3 +458,29 @@ def test_a_tokenizer_that_cannot_be_written_is_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "tokenizer.json: cannot save the tokenizer (File too large)" in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_prepared_folder_is_the_data_by_itself(tmp_path, capsys):
+    """prepare --input mine.txt --out data/mine, then train on data.dir alone: the base config once had to
+    repeat the inputs and vocabulary size. A config that contradicts the folder names both values."""
+    from pydoc_data.topics import topics
+
+    from fasttrain import train
+    from fasttrain.system.errors import run_cli
+
+    (tmp_path / "mine.txt").write_text("\n\n".join(topics[k] for k in sorted(topics)[:30]))
+    assert main(["--input", str(tmp_path / "mine.txt"), "--out", str(tmp_path / "mine"), "--vocab-size", "300"]) == 0
+    run = ["configs/base.toml", "--device", "cpu", "--set", f"data.dir={tmp_path / 'mine'}", f"train.out_dir={tmp_path / 'run'}",
+           "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "train.batch_size=2", "train.seq_len=32",
+           "train.max_steps=2", "train.sample_tokens=0", "train.tensorboard=false"]
+    with pytest.raises(SystemExit) as done:
+        run_cli(train.main, run)
+    assert done.value.code == 0, capsys.readouterr().err
+    recorded = load_config(tmp_path / "run" / "config.toml")  # what the folder holds, so it loads back alike
+    assert recorded.data.inputs == [str(tmp_path / "mine.txt")] and recorded.data.vocab_size == 300
+    assert recorded.model.vocab_size == json.loads((tmp_path / "mine" / "meta.json").read_text())["vocab_size"]
+    with pytest.raises(SystemExit) as done:
+        run_cli(train.main, [*run, "data.vocab_size=4096", f"train.out_dir={tmp_path / 'other'}"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "holds data prepared with vocab_size=300, not what [data] asks for " \
+                                   "(data.vocab_size = 4096)" in err, err

@@ -36,7 +36,7 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from fasttrain.config import DataConfig
+from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB, DataConfig
 from fasttrain.data.corpus import Piece, Source, resolve_inputs
 from fasttrain.data.shards import ShardInfo, ShardWriter, find_shards, read_meta, token_dtype
 from fasttrain.data.tokenizer import Tokenizer
@@ -439,11 +439,14 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
     """Make sure prepared data for [data] `d` exists, and say where it is and what it holds.
 
     The directory is `d.dir`, or when that is "" a cache directory keyed by the request
-    (`cache_dir`). Prepares it from `d.inputs` when it holds no data; refuses data
-    prepared from other inputs or with another tokenizer, rather than train on it
-    silently. `d` itself is left as it is: see config.resolve for the config a run records.
+    (`cache_dir`). Prepares it from `d.inputs` (default builtin:pydoc, DEFAULT_VOCAB tokens)
+    when it holds no data. A folder already prepared is the data by itself: the [data] keys
+    left at their defaults take its values, and one set to anything else must agree with how
+    it was prepared (UsageError naming both values), rather than train on other data silently.
+    `d` itself is left as it is: see config.resolve for the config a run records.
     """
-    wanted = _request(d.inputs, d.vocab_size, d.tokenizer, d.val_fraction, d.text_field)
+    inputs, vocab_size = d.inputs or DEFAULT_INPUTS, d.vocab_size or DEFAULT_VOCAB
+    wanted = _request(inputs, vocab_size, d.tokenizer, d.val_fraction, d.text_field)
     directory = d.dir or str(cache_dir(wanted))
 
     def wait(holder: str) -> None:  # two runs preparing one cache: the second uses what the first made
@@ -454,17 +457,39 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
         _finish_interrupted_move(Path(directory))
         meta = read_meta(directory)
         if meta is None:
-            meta = _prepare(d.inputs, directory, vocab_size=d.vocab_size, tokenizer_path=d.tokenizer or None,
+            meta = _prepare(inputs, directory, vocab_size=vocab_size, tokenizer_path=d.tokenizer or None,
                             val_fraction=d.val_fraction, text_field=d.text_field, quiet=quiet)
-    request = meta.get("request", {})
-    differ = [f"{k}={request.get(k)!r}" for k in sorted(request.keys() | wanted.keys()) if wanted.get(k) != request.get(k)]
-    if differ or "request" not in meta:
+    request = meta.get("request")
+    if not isinstance(request, dict):
+        raise UsageError(f"{directory}: holds data prepared with unknown settings (meta.json has no request); "
+                         "point data.dir elsewhere or remove the directory")
+    found = {"text_field": "text", **request}
+    differ = [(key, value) for key, value in _given(d).items() if found.get(key) != value]
+    if differ:
         raise UsageError(
-            f"{directory}: holds data prepared with {', '.join(differ) or 'unknown settings'}, not what [data] asks for; "
-            "point data.dir elsewhere or remove the directory"
-        )
+            f"{directory}: holds data prepared with "
+            f"{', '.join(f'{k}={found.get(k)!r}' for k, _ in differ)}, not what [data] asks for "
+            f"({', '.join(f'data.{k} = {v!r}' for k, v in differ)}); leave those keys unset to train on this "
+            "folder as it is, point data.dir elsewhere, or remove the directory")
     _check_consistent(Path(directory), meta)
     return PreparedData(directory, meta)
+
+
+def _given(d: DataConfig) -> dict:
+    """The prepare settings [data] `d` sets: those not at their defaults, which defer to a prepared folder."""
+    defaults = DataConfig()
+    given: dict = {}
+    if d.inputs:
+        given["inputs"] = list(d.inputs)
+    if d.tokenizer:
+        given["tokenizer"] = d.tokenizer
+    elif d.vocab_size:
+        given["vocab_size"] = d.vocab_size
+    if d.val_fraction != defaults.val_fraction:
+        given["val_fraction"] = d.val_fraction
+    if d.text_field != defaults.text_field:
+        given["text_field"] = d.text_field
+    return given
 
 
 def _check_consistent(directory: Path, meta: dict) -> None:

@@ -55,7 +55,10 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """The tokenizer.json at `path`, or in directory `path` (a Hugging Face model's, say)."""
         path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(path):
             raise UsageError(f"{path}: no such tokenizer file")
         try:

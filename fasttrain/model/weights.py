@@ -13,30 +13,26 @@ tokenizer.json and tokenizer_config.json, so `transformers` loads DIR with
 `AutoModelForCausalLM.from_pretrained(DIR)`. No weight is permuted: fasttrain's RoPE
 already uses Llama's rotate-half layout.
 
-The safetensors format is small enough to write here rather than depend on a
-package: an 8-byte little-endian header length, a JSON header giving each tensor's
-dtype, shape and byte range, then the tensors' raw little-endian bytes.
+The files are read and written by the `safetensors` library, the format's reference; a write
+goes to a temporary file first (fasttrain/system/atomic.py), so a crash never leaves half a file.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
+from dataclasses import replace
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from fasttrain.config import Config, ModelConfig, load_config, save_config
 from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.model.transformer import Transformer, ffn_hidden_size
-from fasttrain.system.atomic import write_atomically
+from fasttrain.system.atomic import read_regular, write_atomically
 from fasttrain.system.errors import UsageError
 
-_CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-          torch.bool: "BOOL"}
-_DTYPES = {code: dtype for dtype, code in _CODES.items()}
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_ONLY = ("config.json", "tokenizer_config.json")  # the files one layout writes and the other does not
 _FASTTRAIN_ONLY = ("config.toml",)
@@ -45,45 +41,20 @@ _FASTTRAIN_ONLY = ("config.toml",)
 def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None = None) -> Path:
     """Write `tensors` (names to tensors on any device) to `path` in the safetensors format, atomically."""
-    header: dict = {"__metadata__": metadata} if metadata else {}
-    blobs, offset = [], 0
-    for name, t in tensors.items():
-        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        header[name] = {"dtype": _CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + raw.nbytes]}
-        blobs.append(raw)
-        offset += raw.nbytes
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)  # pad so the tensor bytes start 8-byte aligned
-
-    def write(f):
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for raw in blobs:
-            f.write(raw.data)
-
-    return write_atomically(path, write, what="write weights")
+    data = safetensors.torch.save({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, metadata)
+    return write_atomically(path, lambda f: f.write(data), what="write weights")
 
 
 def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """The tensors of the safetensors file at `path`, on the CPU."""
+    """The tensors of the safetensors file at `path`, on the CPU; UsageError if it is missing or not one."""
     try:
-        data = Path(path).read_bytes()
-        (length,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8:8 + length])
-        if not isinstance(header, dict):
-            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
-        body = memoryview(data)[8 + length:]
-        tensors = {}
-        for name, info in header.items():
-            if name != "__metadata__":
-                begin, end = info["data_offsets"]
-                flat = torch.frombuffer(bytearray(body[begin:end]), dtype=torch.uint8)
-                tensors[name] = flat.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        return safetensors.torch.load(Path(path).read_bytes())
     except FileNotFoundError:
         raise UsageError(f"{path}: no such file") from None
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError, struct.error) as e:
-        raise UsageError(f"{path}: not a safetensors file ({type(e).__name__}: {e})") from None
-    return tensors
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
+    except Exception as e:  # the library's SafetensorError for any malformed header or data
+        raise UsageError(f"{path}: not a safetensors file ({' '.join(str(e).split())[:200]})") from None
 
 
 def fasttrain_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -128,6 +99,92 @@ def hf_llama_config(cfg: ModelConfig, eot_id: int, dtype: torch.dtype) -> dict:
         "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
         "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": str(dtype).removeprefix("torch."),
     }
+
+
+# fasttrain's [model] keys and the config.json keys of a Hugging Face Llama that give them
+_HF_SHAPE = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+             "ffn_hidden": "intermediate_size", "vocab_size": "vocab_size", "max_seq_len": "max_position_embeddings",
+             "norm_eps": "rms_norm_eps"}
+
+
+def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) -> ModelConfig:
+    """`base` with the shape and numerics of the Hugging Face Llama-family model in `directory`, read from
+    its config.json (model.init_from). UsageError naming the config.json key fasttrain's transformer
+    cannot reproduce: another model type or activation, biases, scaled RoPE, a head_dim of its own."""
+    path = Path(directory) / "config.json"
+    try:
+        raw = json.loads(read_regular(path, 1 << 20, "config.json"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: not a JSON config ({e})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: not a JSON object")
+
+    def refuse(key: str, why: str) -> None:
+        raise UsageError(f"{path}: {key} = {json.dumps(raw.get(key))}: {why} (model.init_from takes the Llama-family "
+                         "models fasttrain's transformer reproduces)")
+
+    if raw.get("model_type") != "llama":
+        refuse("model_type", 'not "llama"')
+    if raw.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "the MLP here is SwiGLU, with silu")
+    for key in ("attention_bias", "mlp_bias"):
+        if raw.get(key):
+            refuse(key, "the linear layers here have no bias")
+    for key in ("rope_scaling", "rope_parameters"):  # transformers 5 keeps rope_theta in rope_parameters
+        rope = raw.get(key)
+        if rope is not None and (not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default"):
+            refuse(key, "only plain RoPE (rope_type default) is supported")
+    for key in _HF_SHAPE.values():
+        value = raw.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            refuse(key, "missing or not a positive number")
+    heads = int(raw["num_attention_heads"])
+    if raw.get("head_dim") not in (None, raw["hidden_size"] // heads):
+        refuse("head_dim", f"must be hidden_size / num_attention_heads = {raw['hidden_size'] // heads} here")
+    theta = (raw.get("rope_parameters") or {}).get("rope_theta", raw.get("rope_theta", 10000.0))
+    shape = {ours: int(raw[theirs]) for ours, theirs in _HF_SHAPE.items() if ours != "norm_eps"}
+    return replace(base, **shape, n_kv_heads=int(raw.get("num_key_value_heads") or heads), rope_theta=float(theta),
+                   norm_eps=float(raw["rms_norm_eps"]), tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
+
+
+def read_hf_llama_weights(directory: str | os.PathLike[str], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The weights of the Hugging Face Llama in `directory` (model.safetensors, or the shards that
+    model.safetensors.index.json lists) as a state dict of the Transformer of `cfg` (q, k, v and gate, up
+    fused back together); UsageError naming a missing file or tensor."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(read_regular(index, 64 << 20, "index"))["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise UsageError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    elif (directory / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise UsageError(f"{directory}: holds no model.safetensors or model.safetensors.index.json")
+    theirs: dict[str, torch.Tensor] = {}
+    for name in files:
+        theirs.update(read_safetensors(directory / name))
+
+    def take(*names: str) -> torch.Tensor:
+        missing = [n for n in names if n not in theirs]
+        if missing:
+            raise UsageError(f"{directory}: its weights have no {missing[0]}")
+        return torch.cat([theirs[n] for n in names])
+
+    state = {"embed.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    state["output.weight"] = state["embed.weight"] if cfg.tie_embeddings else take("lm_head.weight")
+    for i in range(cfg.n_layers):
+        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+        state.update({
+            ours + "attn_norm.weight": take(hf + "input_layernorm.weight"),
+            ours + "attn.qkv.weight": take(*(f"{hf}self_attn.{p}_proj.weight" for p in "qkv")),
+            ours + "attn.out.weight": take(hf + "self_attn.o_proj.weight"),
+            ours + "mlp_norm.weight": take(hf + "post_attention_layernorm.weight"),
+            ours + "mlp.gate_up.weight": take(hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
+            ours + "mlp.down.weight": take(hf + "mlp.down_proj.weight"),
+        })
+    return state
 
 
 def export_weights(model_state: dict[str, torch.Tensor], cfg: Config, out_dir: str | os.PathLike[str],

@@ -126,15 +126,23 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, fsdp: 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict,
                     fsdp: bool) -> None:
     """Load what `full_state` returned (every rank read the same checkpoint file); FSDP re-shards it."""
+    load_full_model_state(model, model_state, fsdp)
     if not fsdp:
-        model.load_state_dict(model_state)
         optimizer.load_state_dict(optimizer_state)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_model_state(model: nn.Module, model_state: dict, fsdp: bool) -> None:
+    """Load full (unsharded) weights that every rank read alike into `model`; FSDP re-shards them."""
+    if not fsdp:
+        model.load_state_dict(model_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
 
 
 def total(value: torch.Tensor, world: World) -> torch.Tensor:

@@ -49,7 +49,7 @@ from fasttrain.training.optimizers import Updater
 from fasttrain.training.run_state import RunState
 
 REQUIRED_KEYS = ("model", "optimizer", "step", "config")  # what marks a file as a fasttrain checkpoint
-RESHAPE_FREE = ("dropout",)  # [model] keys a resumed run may change: they alter no weight
+RESHAPE_FREE = ("dropout", "init_from")  # [model] keys a resumed run may change: they alter no saved weight
 
 
 SAVE_NAME = re.compile(r"step_(\d+)\.pt")
@@ -287,10 +287,11 @@ class Checkpointer:
         distributed.barrier(self.world)
         return path
 
-    def restore(self, path: str | Path, loader: TokenLoader) -> RunState:
+    def restore(self, path: str | Path, loader: TokenLoader) -> tuple[RunState, Config]:
         """Load the checkpoint at `path` into the model, optimizer, scaler, `loader` and the random
-        generators; returns its RunState. UsageError if it comes from a model of another shape, another
-        optimizer, or another number of ranks or parallel mode, or cannot be loaded."""
+        generators; returns its RunState and the config it was saved with. UsageError if it comes from a
+        model of another shape, another optimizer, or another number of ranks or parallel mode, or cannot
+        be loaded."""
         state = load(path, self.device)
         check_same_model(state, self.cfg, path)
         check_same_optimizer(state, self.cfg, path)
@@ -302,7 +303,7 @@ class Checkpointer:
             mine = state["ranks"][self.world.rank]
             loader.load_state_dict(mine["train_loader"])
             set_rng_state(mine["rng"])
-            return RunState.from_state_dict(state)
+            return RunState.from_state_dict(state), saved_config(state, path)
         except (RuntimeError, ValueError, KeyError, TypeError, UsageError) as e:
             raise UsageError(f"{path}: cannot continue from it ({str(e).splitlines()[0]})") from None
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from fasttrain.config import ScheduleConfig
+from fasttrain.config import Config, ScheduleConfig
 
 
 def lr_at(step: int, max_steps: int, lr: float, sched: ScheduleConfig) -> float:
@@ -54,3 +54,19 @@ def fit_warmup(sched: ScheduleConfig, max_steps: int) -> tuple[ScheduleConfig, s
     return replace(sched, warmup_steps=warmup), (
         f"schedule.warmup_steps = {sched.warmup_steps} is longer than train.max_steps = {max_steps}: "
         f"warming up over {warmup} step{'s' * (warmup != 1)} instead")
+
+
+def schedule_change(saved: Config, now: Config, step: int, lr_scale: float = 1.0) -> str | None:
+    """What resuming at `step` does to the learning rate when the run's length, schedule or peak rate
+    changed since the checkpoint (`saved`'s config), in one line; None when none did. The schedule is
+    a function of the step and the run's length, so a longer run re-lays the decay over the new length."""
+    before = (saved.train.max_steps, saved.optim.lr, saved.schedule)
+    if before == (now.train.max_steps, now.optim.lr, now.schedule):
+        return None
+    old = lr_scale * lr_at(min(step, saved.train.max_steps - 1), saved.train.max_steps, saved.optim.lr, saved.schedule)
+    new = lr_scale * lr_at(step, now.train.max_steps, now.optim.lr, now.schedule)
+    length = (f"train.max_steps {saved.train.max_steps} -> {now.train.max_steps}: "
+              if saved.train.max_steps != now.train.max_steps else "")
+    return (f"{length}the {now.schedule.decay} schedule now runs over {now.train.max_steps} steps, so the learning "
+            f"rate at step {step} is {new:.3g} (the saved run's was {old:.3g}); to go on at the rate it had "
+            "instead, see docs/training.md (extending a run)")

@@ -31,19 +31,19 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
-from fasttrain.config import Config, TrainConfig, resolve, save_config
+from fasttrain.config import Config, ModelConfig, TrainConfig, resolve, save_config
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.preparation import ensure_prepared
 from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.model.generation import generate_text
 from fasttrain.model.transformer import Transformer, num_params
-from fasttrain.model.weights import export_weights
+from fasttrain.model.weights import export_weights, hf_llama_model_config, read_hf_llama_weights
 from fasttrain.system import distributed, run_lock
 from fasttrain.system.device import (
     autocast,
@@ -66,7 +66,7 @@ from fasttrain.training.policies import EarlyStopping, Recovery
 from fasttrain.training.preflight import check_fits
 from fasttrain.training.reporting import IntervalMeter, Report
 from fasttrain.training.run_state import RunState
-from fasttrain.training.schedule import fit_warmup, lr_at
+from fasttrain.training.schedule import fit_warmup, lr_at, schedule_change
 from fasttrain.training.validation import validate
 
 
@@ -118,7 +118,7 @@ class Trainer:
         schedule, note = fit_warmup(cfg.schedule, cfg.train.max_steps)
         if note and not self.quiet:
             print(f"note: {note}")
-        cfg = replace(cfg, schedule=schedule)
+        cfg = replace(cfg, schedule=schedule, model=self._shape_of_init(cfg.model))
         t = cfg.train
         self.precision = t.precision
         distributed.start(self.world, self.device)
@@ -128,7 +128,7 @@ class Trainer:
         self.data = ensure_prepared(cfg.data, quiet=self.quiet)
         if self.world.is_main:
             distributed.barrier(self.world)
-        self.cfg = resolve(cfg, self.data.dir, self.data.vocab_size)  # what config.toml records
+        self.cfg = resolve(cfg, self.data.dir, self.data.vocab_size, self.data.meta["request"])  # config.toml
         self.tokenizer = Tokenizer.load(Path(self.data.dir) / "tokenizer.json")
         self.accumulation = accumulation_steps(t, self.world.size)
         self.parallel = t.parallel if self.world.distributed else "none"  # what a checkpoint records too
@@ -157,6 +157,26 @@ class Trainer:
         self.train_loader = self.loader("train", self.cfg.data.sampling, self.cfg.data.prefetch)
         self.run = RunState()
         self.resumed_from: Path | None = None  # the checkpoint `resume` restored, for the start report
+
+    def _shape_of_init(self, m: ModelConfig) -> ModelConfig:
+        """`m`, or with model.init_from the shape of that Hugging Face model (its config.json), saying which
+        of `m`'s values it replaced."""
+        if not m.init_from:
+            return m
+        shaped = hf_llama_model_config(m.init_from, m)
+        changed = [f"{f.name} {getattr(m, f.name)} -> {getattr(shaped, f.name)}" for f in fields(m)
+                   if getattr(m, f.name) != getattr(shaped, f.name)]
+        if changed and not self.quiet:
+            print(f"note: model.init_from: the shape is {m.init_from}/config.json's ({', '.join(changed)})")
+        return shaped
+
+    def _start_from_init(self) -> None:
+        """A new run with model.init_from starts from that model's weights (a resumed run has its own)."""
+        m = self.cfg.model
+        try:
+            distributed.load_full_model_state(self.model, read_hf_llama_weights(m.init_from, m), self.sharded)
+        except RuntimeError as e:
+            raise UsageError(f"{m.init_from}: its weights do not fit its config.json ({str(e).splitlines()[0]})") from None
 
     def close(self) -> None:
         """Stop the train loader's prefetch thread and close its files; the Trainer is not used after this."""
@@ -263,6 +283,8 @@ class Trainer:
                 check_log_writable(out)
             if self.resumed_from is None:
                 self.checkpoints.claim(overwrite)
+                if self.cfg.model.init_from:
+                    self._start_from_init()
             if self.world.is_main:
                 save_config(self.cfg, out)
             sink = WandbSink(asdict(self.cfg), out, project=lg.project, name=lg.run_name or out.resolve().name,
@@ -370,7 +392,7 @@ class Trainer:
         if not recovery.can_roll_back(self.run):
             raise RunStopped(report.diverged(self.run, recovery.in_a_row, target is not None), 1)
         diverged = self.run
-        self.run = recovery.rolled_back(diverged, self.checkpoints.restore(target, self.train_loader))
+        self.run = recovery.rolled_back(diverged, self.checkpoints.restore(target, self.train_loader)[0])
         self.checkpoints.point_latest(target)
         report.rollback(self.run, diverged.step, target)
 
@@ -416,9 +438,12 @@ class Trainer:
         checkpoint, its settings (weight decay, betas, eps, ...) from this run's config, which says so."""
         path = checkpoint.resolve(str(spec), self.cfg.train.out_dir)
         checkpoint.check_own(path, self.checkpoints.directory)
-        self.run = self.checkpoints.restore(path, self.train_loader)
+        self.run, saved = self.checkpoints.restore(path, self.train_loader)
         changed = self.updater.use_configured_hyperparameters()
         if changed and not self.quiet:
             print(f"resume: the config's optimizer settings replace the checkpoint's ({'; '.join(changed)})")
+        note = schedule_change(saved, self.cfg, self.run.step, self.run.lr_scale)
+        if note and not self.quiet:
+            print(f"resume: {note}")
         self.resumed_from = path
         return path
