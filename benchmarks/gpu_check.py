@@ -1,6 +1,6 @@
 """The GPU acceptance pack: every GPU check and measurement from one command, the results in four files.
 
-    python -m benchmarks.gpu_check [--stage env|tests|kernels|step|profile|ablation|train ...] [--out DIR] [--dry-run]
+    python -m benchmarks.gpu_check [--stage env|tests|kernels|step|profile|ablation|hf|train ...] [--out DIR] [--dry-run]
     python -m benchmarks.gpu_check --combine RESULTS.json [RESULTS.json ...] --out DIR
 
 Stages (default: all, in this order). Each runs in a process of its own under its own time
@@ -17,6 +17,8 @@ limit, so a crash or a hang in one leaves the others' results intact:
            kernel category (matmul, attention, norm, cross-entropy, optimizer, elementwise, idle)
   ablation the 124M step from stock pieces, stock + each lever (kernels auto, attention kernels, compile
            modes and tuning, CUDA graphs, a doubled micro-batch), then the winners together
+  hf       a transformers Llama trained unpatched, with kernels.patch_hf_model, and with Liger-Kernel's
+           patch when it is installed: tokens/s and peak memory
   train    a short real run of configs/gpt2-small.toml on the embedded docstrings corpus (bf16, compiled,
            every kernel on): the loss falls, nothing recompiles after warm-up, a checkpoint resumes
            bit for bit; then the document-masking path (bucketed padding, compiled flex attention)
@@ -55,7 +57,7 @@ from benchmarks.report import case_of, chart, load_results, markdown
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("env", "tests", "kernels", "step", "profile", "ablation", "train")
+STAGES = ("env", "tests", "kernels", "step", "profile", "ablation", "hf", "train")
 STAGE_SECONDS = 540  # each stage's limit: inside one 10-minute command on the lent GPU machine
 FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.png", "gpu_check.log")
 KERNEL_BENCHMARKS = ("bench_cross_entropy.py", "bench_rms_norm.py", "bench_block.py", "bench_adamw.py")
@@ -404,9 +406,28 @@ def ablation_stage(ctx: Context) -> Stage:
     return stage
 
 
+def hf_stage(ctx: Context) -> Stage:
+    """A transformers Llama trained unpatched, with kernels.patch_hf_model and with Liger-Kernel's patch
+    (benchmarks/hf_patch.py): tokens/s and peak memory; Liger is skipped where it is not installed."""
+    from benchmarks.hf_patch import compare
+
+    stage = Stage()
+    records = compare()
+    stage.figures = {"variants": records}
+    for r in records:
+        skipped = r["variant"] == "liger" and r["error"] is not None
+        stage.check(f"transformers Llama, {r['variant']}", r["error"] is None or skipped,
+                    r["error"] or f"{r['tokens_per_s']:,} tok/s, peak {r['peak_gb']} GB")
+    found = {r["variant"]: r for r in records if r["error"] is None}
+    if "unpatched" in found and "fasttrain" in found:
+        stage.summary = (f"patched {found['fasttrain']['tokens_per_s'] / found['unpatched']['tokens_per_s']:.2f}x "
+                         "unpatched tokens/s")
+    return stage
+
+
 WORKERS: dict[str, Callable[[Context], Stage]] = {
     "env": env_stage, "tests": tests_stage, "kernels": kernels_stage, "step": step_stage, "profile": profile_stage,
-    "ablation": ablation_stage, "train": train_stage,
+    "ablation": ablation_stage, "hf": hf_stage, "train": train_stage,
 }
 
 

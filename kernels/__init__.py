@@ -13,8 +13,10 @@ from kernels.cross_entropy import CrossEntropyLoss, cross_entropy, cross_entropy
 from kernels.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy, linear_cross_entropy_reference
 from kernels.newton_schulz import newton_schulz, newton_schulz_reference, symmetric_matmul
 from kernels.rms_norm import RMSNorm, rms_norm, rms_norm_reference
+from kernels.transformers_patch import patch_hf_model
 
 __all__ = [
+    "patch_hf_model",
     "FusedAdamW", "clip_grad_norm_",
     "CrossEntropyLoss", "cross_entropy", "cross_entropy_reference",
     "LinearCrossEntropyLoss", "linear_cross_entropy", "linear_cross_entropy_reference",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fasttrain import doctor, evaluate, export, plot, prepare, sample, train
+from fasttrain import cli, doctor, evaluate, export, plot, prepare, sample, train
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
 
@@ -144,6 +144,11 @@ def unfinished(damage):
 
 def binary_latest(checkpoints: Path) -> None:
     (checkpoints / "latest").write_bytes(b"\xff\xfe\x00\x01\x9c")
+
+
+# A Hugging Face Llama's config.json, as small as the tiny run's model
+LLAMA = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+         "intermediate_size": 64, "vocab_size": 512, "max_position_embeddings": 32, "rms_norm_eps": 1e-5}
 
 
 def weights_with_list_header(c: Case) -> str:
@@ -295,6 +300,19 @@ CASES = [
      "docs.parquet: not a readable Parquet file"),
     ("empty data.text_field", train, lambda c: c.train('data.text_field=""'), "data.text_field"),
     ("batch larger than the data", train, lambda c: c.train("train.batch_size=8000"), "fewer than one batch"),
+    ("gpt2-small without GPT-2's tokenizer", train,
+     lambda c: c.train(f"data.dir={c.tmp / 'fresh'}", f'data.inputs=["{c.file("a.txt", "some text")}"]',
+                       config="configs/gpt2-small.toml"),
+     "data/gpt2-tokenizer.json: no such tokenizer file; save a model's, e.g. python -c \"from tokenizers import"),
+    ("a prepared folder contradicted", train, lambda c: c.train("data.val_fraction=0.3"),
+     "holds data prepared with val_fraction=0.1, not what [data] asks for (data.val_fraction = 0.3)"),
+    ("init_from a model that is not a Llama", train,
+     lambda c: c.train(f"model.init_from={Path(c.file('hf/config.json', json.dumps({'model_type': 'gpt2'}))).parent}"),
+     'hf/config.json: model_type = "gpt2": not "llama"'),
+    ("init_from a Llama without weights", train,
+     lambda c: c.train(f"model.init_from={Path(c.file('hf/config.json', json.dumps(LLAMA))).parent}"),
+     "hf: holds no model.safetensors or model.safetensors.index.json"),
+    ("fasttrain: unknown tool", cli, lambda c: ["trian"], "fasttrain: unknown tool 'trian'; did you mean train?"),
     # checkpoints and resuming
     ("resume with nothing saved", train, lambda c: c.train(flags=["--resume", "auto"]),
      "out/checkpoints: no checkpoint saved there yet, so nothing to resume"),

@@ -238,6 +238,11 @@ def _prepare(
         raise UsageError(f"--val-fraction: must be in [0, 1), got {val_fraction}")
     if shard_tokens <= 0 or shard_tokens >= 1 << 31:
         raise UsageError(f"--shard-tokens: must be in [1, 2^31), got {shard_tokens}")
+    if tokenizer_path and not os.path.exists(tokenizer_path):  # before anything is read: say how to get one
+        raise UsageError(
+            f"{tokenizer_path}: no such tokenizer file; save a model's, e.g. python -c \"from tokenizers import "
+            f"Tokenizer; Tokenizer.from_pretrained('gpt2').save('{tokenizer_path}')\", or train one: leave "
+            "data.tokenizer (--tokenizer) unset and give data.vocab_size (--vocab-size)")
     sources = resolve_inputs(inputs)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

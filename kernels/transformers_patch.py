@@ -1,0 +1,101 @@
+"""Our kernels inside a Hugging Face transformers model, in one call (as Liger-Kernel's
+apply_liger_kernel_to_llama does for its own):
+
+    from kernels import patch_hf_model
+    model = patch_hf_model(AutoModelForCausalLM.from_pretrained(...))
+
+Every RMSNorm module becomes kernels.RMSNorm, sharing its weight (the state dict and any optimizer
+are unchanged), and forward(labels=...) computes the loss with kernels.linear_cross_entropy, so the
+(tokens x vocabulary) logits are never built. The loss is transformers' own: labels shifted one to
+the left (or `shift_labels`), -100 ignored, the mean over counted targets, or their sum divided by
+`num_items_in_batch` when the Trainer passes it. The logits come back only when asked for
+(`return_logits=True`, which takes the unpatched path) or when there are no labels (generation).
+
+The model is read by duck typing (a `.model` that returns `last_hidden_state`, an `.lm_head`, a
+`config.model_type`): this module imports transformers only to build the output a patched forward
+returns, so kernels/ still needs nothing but torch and triton.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.linear_cross_entropy import linear_cross_entropy
+from kernels.rms_norm import RMSNorm
+
+# Families whose RMSNorm is weight x normalised x (Gemma's is (1 + weight) x ..., so it is not here)
+# and whose head is a plain linear layer without a softcap.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+IGNORE_INDEX = -100  # transformers' ignore_index
+
+
+def patch_hf_model(model: nn.Module, rms_norm: bool = True, fused_loss: bool = True) -> nn.Module:
+    """Patch the transformers causal LM `model` (a family in FAMILIES) in place and return it: its
+    RMSNorm modules (`rms_norm`) and its loss (`fused_loss`), as the module docstring says. ValueError
+    for a model of another family or shape, naming what does not fit."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(f"patch_hf_model: model_type {model_type!r} is not one of {', '.join(FAMILIES)}")
+    if fused_loss and not (isinstance(getattr(model, "lm_head", None), nn.Linear) and hasattr(model, "model")):
+        raise ValueError(f"patch_hf_model: {type(model).__name__} has no .model and linear .lm_head to fuse the loss into")
+    if rms_norm:
+        _swap_rms_norms(model)
+    if fused_loss:
+        model.forward = types.MethodType(_fused_loss_forward(model.forward), model)
+    return model
+
+
+def _swap_rms_norms(model: nn.Module) -> int:
+    """Replace every module whose class is named *RMSNorm by kernels.RMSNorm with the same weight and eps."""
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not type(child).__name__.endswith("RMSNorm") or isinstance(child, RMSNorm):
+                continue
+            eps = getattr(child, "variance_epsilon", getattr(child, "eps", None))
+            if eps is None or getattr(child, "weight", None) is None or child.weight.dim() != 1:
+                raise ValueError(f"patch_hf_model: {type(child).__name__} has no eps or 1-d weight to carry over")
+            ours = RMSNorm(child.weight.shape[0], eps)
+            ours.weight = child.weight  # the same Parameter: state dict, optimizer and tying unchanged
+            setattr(parent, name, ours)
+            swapped += 1
+    return swapped
+
+
+def _fused_loss_forward(unpatched):
+    """A forward for a causal LM whose loss, given labels, goes through linear_cross_entropy."""
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, return_logits: bool = False,
+                **kwargs):
+        shift_labels = kwargs.pop("shift_labels", None)
+        if return_logits or (labels is None and shift_labels is None):  # logits wanted: the model as it was
+            if shift_labels is not None:
+                kwargs["shift_labels"] = shift_labels
+            return unpatched(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                             use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        hidden = out.last_hidden_state
+        if shift_labels is None:  # position t predicts token t + 1; the last predicts nothing
+            shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        weight = self.lm_head.weight
+        bias = self.lm_head.bias
+        if weight.dtype != hidden.dtype:  # under autocast the head would run in the hidden states' dtype
+            weight = weight.to(hidden.dtype)
+            bias = None if bias is None else bias.to(hidden.dtype)
+        items = kwargs.get("num_items_in_batch")
+        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                    shift_labels.reshape(-1).to(hidden.device), bias=bias, ignore_index=IGNORE_INDEX,
+                                    reduction="mean" if items is None else "sum")
+        if items is not None:
+            loss = loss / (items.to(loss.device) if isinstance(items, torch.Tensor) else items)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states, attentions=out.attentions)
+    return forward
