@@ -176,6 +176,7 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 @pytest.mark.subprocess
+@pytest.mark.second_tier  # 24 s of kills at random moments
 def test_kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint(pydoc_data, tmp_path):
     saving = [*ENDLESS, "checkpoint.interval=1", "checkpoint.keep_last=1"]
     latest = None

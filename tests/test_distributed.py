@@ -73,6 +73,7 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(pydoc_data,
     assert two.stdout.count("model: ") == 1  # only rank 0 prints
 
 
+@pytest.mark.second_tier  # 65 s of torchrun: the first tier keeps the two-rank training checks
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_distributed_resume_is_exact_and_needs_the_same_world(pydoc_data, tmp_path, parallel):
     # dropout: each rank's RNG must come back; fsdp: the sharded model and optimizer state too
