@@ -282,9 +282,9 @@ class Trainer:
             if self.world.is_main:  # every write target checked before anything in `out` changes
                 check_log_writable(out)
             if self.resumed_from is None:
-                self.checkpoints.claim(overwrite)
-                if self.cfg.model.init_from:
+                if self.cfg.model.init_from:  # read, or refused, before claim deletes what --overwrite replaces
                     self._start_from_init()
+                self.checkpoints.claim(overwrite)
             if self.world.is_main:
                 save_config(self.cfg, out)
             sink = WandbSink(asdict(self.cfg), out, project=lg.project, name=lg.run_name or out.resolve().name,
