@@ -17,6 +17,7 @@ from fasttrain.system.device import resolve_precision
 from fasttrain.system.errors import run_cli
 from fasttrain.train import main as train_main
 from fasttrain.training.metrics import MetricsLog
+from tests.conftest import tiny_args
 
 pytestmark = pytest.mark.subprocess  # every test here starts the command-line tools in new processes
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,10 +168,8 @@ def test_the_fasttrain_command_runs_each_tool_with_its_own_parser(pydoc_data, tm
     assert done.value.code == 2 and err == ("error: fasttrain: unknown tool 'trian'; did you mean train? one of "
                                             "prepare, train, sample, evaluate, export, doctor, plot (see fasttrain --help)\n")
     with pytest.raises(SystemExit) as done:  # the train tool's own flags: --device and --seed as sample has them
-        run_cli(cli.main, ["train", "configs/base.toml", "--device", "cpu", "--seed", "7", "--set",
-                           f"data.dir={pydoc_data}", "data.vocab_size=512", f"train.out_dir={tmp_path}",
-                           "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "train.batch_size=2",
-                           "train.seq_len=32", "train.max_steps=2", "train.sample_tokens=0", "train.tensorboard=false"])
+        run_cli(cli.main, ["train", *tiny_args(pydoc_data, tmp_path, "train.max_steps=2", "train.sample_tokens=0",
+                                               flags=["--device", "cpu", "--seed", "7"])])
     assert done.value.code == 0, capsys.readouterr().err
     recorded = load_config(tmp_path / "config.toml")
     assert recorded.train.seed == 7 and recorded.train.device == "cpu"
@@ -190,12 +189,9 @@ def test_python_m_fasttrain_and_the_console_script(tmp_path):
 
 def test_a_smoke_run_shorter_than_its_warmup_runs_and_says_so(pydoc_data, tmp_path, capsys):
     """A 5-step run of a config with 20 warmup steps was refused; it warms up over its first tenth."""
-    args = ["configs/base.toml", "--set", f"data.dir={pydoc_data}", "data.vocab_size=512", f"train.out_dir={tmp_path}",
-            "train.device=cpu", "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "train.batch_size=2",
-            "train.seq_len=32", "train.max_steps=5", "schedule.warmup_steps=20", "train.sample_tokens=0",
-            "train.tensorboard=false"]
     with pytest.raises(SystemExit) as done:
-        run_cli(train_main, args)
+        run_cli(train_main, tiny_args(pydoc_data, tmp_path, "train.max_steps=5", "schedule.warmup_steps=20",
+                                      "train.sample_tokens=0"))
     out = capsys.readouterr().out
     assert done.value.code == 0
     assert "note: schedule.warmup_steps = 20 is longer than train.max_steps = 5: warming up over 0 steps instead" in out

@@ -61,12 +61,9 @@ def _meminfo(path: str, key: str) -> int | None:
     """The size in bytes on the line of /proc file `path` that starts with `key` (a "... kB" line)."""
     try:
         with open(path) as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith(key)), None)
+    except OSError:  # not Linux
+        return None
 
 
 def check_fits(cfg: Config, device: torch.device, precision: str, shards: int = 1) -> None:
