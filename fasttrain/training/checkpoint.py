@@ -203,9 +203,10 @@ def saved_config(state: dict, path: str | os.PathLike[str]) -> Config:
     return parse_config(state["config"], f"{path} (its saved config)")
 
 
-def check_same_model(state: dict, cfg: Config, path: str | os.PathLike[str]) -> None:
-    """UsageError naming every [model] key in which `cfg` differs from the run that saved `state`."""
-    saved = saved_config(state, path).model
+def check_same_model(saved_cfg: Config, cfg: Config, path: str | os.PathLike[str]) -> None:
+    """UsageError naming every [model] key in which `cfg` differs from `saved_cfg`, the config of the run
+    that saved the checkpoint at `path`."""
+    saved = saved_cfg.model
     differ = [f"model.{f.name} = {getattr(saved, f.name)!r} there, {getattr(cfg.model, f.name)!r} here"
               for f in fields(saved) if f.name not in RESHAPE_FREE
               and getattr(saved, f.name) != getattr(cfg.model, f.name)]
@@ -214,9 +215,10 @@ def check_same_model(state: dict, cfg: Config, path: str | os.PathLike[str]) -> 
                          "resume with the config that run was started with")
 
 
-def check_same_optimizer(state: dict, cfg: Config, path: str | os.PathLike[str]) -> None:
-    """UsageError unless `state` was saved by a run of `cfg`'s optimizer: each keeps a state of its own."""
-    saved = saved_config(state, path).optim.name
+def check_same_optimizer(saved_cfg: Config, cfg: Config, path: str | os.PathLike[str]) -> None:
+    """UsageError unless the checkpoint at `path`, saved with `saved_cfg`, comes from a run of `cfg`'s
+    optimizer: each keeps a state of its own."""
+    saved = saved_cfg.optim.name
     if saved != cfg.optim.name:
         raise UsageError(f'{path}: saved by a run with optim.name = "{saved}", this one has "{cfg.optim.name}": '
                          "one optimizer cannot continue from another's state; resume with the same optim.name")
@@ -293,8 +295,9 @@ class Checkpointer:
         model of another shape, another optimizer, or another number of ranks or parallel mode, or cannot
         be loaded."""
         state = load(path, self.device)
-        check_same_model(state, self.cfg, path)
-        check_same_optimizer(state, self.cfg, path)
+        saved = saved_config(state, path)  # parsed once: the checks below and the caller read it
+        check_same_model(saved, self.cfg, path)
+        check_same_optimizer(saved, self.cfg, path)
         check_same_world(state, self.world.size, self.parallel, path)
         try:
             distributed.load_full_state(self.model, self.updater.optimizer, state["model"], state["optimizer"],
@@ -303,7 +306,7 @@ class Checkpointer:
             mine = state["ranks"][self.world.rank]
             loader.load_state_dict(mine["train_loader"])
             set_rng_state(mine["rng"])
-            return RunState.from_state_dict(state), saved_config(state, path)
+            return RunState.from_state_dict(state), saved
         except (RuntimeError, ValueError, KeyError, TypeError, UsageError) as e:
             raise UsageError(f"{path}: cannot continue from it ({str(e).splitlines()[0]})") from None
 
