@@ -71,16 +71,14 @@ def _fused_loss_forward(unpatched):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, return_logits: bool = False,
                 **kwargs):
-        shift_labels = kwargs.pop("shift_labels", None)
-        if return_logits or (labels is None and shift_labels is None):  # logits wanted: the model as it was
-            if shift_labels is not None:
-                kwargs["shift_labels"] = shift_labels
+        if return_logits or (labels is None and kwargs.get("shift_labels") is None):  # logits: the model as it was
             return unpatched(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                              use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state
+        shift_labels = kwargs.get("shift_labels")
         if shift_labels is None:  # position t predicts token t + 1; the last predicts nothing
             shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
         weight = self.lm_head.weight
