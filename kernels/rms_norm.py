@@ -20,19 +20,31 @@ Backward, with n = h * rstd and g = dy * weight:
     dh      = rstd * (g - n * mean(g * n)) + dh_out   (dh_out: gradient reaching h directly)
     dweight = sum over rows of dy * n
 
-dx = dresidual = dh. Each backward program takes a contiguous run of rows and sums
-its dweight share in fp32 registers; the (programs, H) fp32 partials are summed
-afterwards, so dweight is deterministic and never accumulated in bf16.
+dx = dresidual = dh, each written by the kernel in its own input's dtype: under
+autocast x (a block's output) is bf16 and the residual stream fp32, and a cast
+kernel afterwards would read the fp32 gradient again. The backward is persistent:
+a few programs per streaming multiprocessor, each taking a contiguous run of rows a
+tile at a time, prefetching the next tiles into shared memory while it works on
+this one (STAGES), and adding dy * n into an fp32 register tile that it reduces
+over rows once, at the end, into its row of (programs, H) fp32 partials. Those are
+summed afterwards, so dweight is deterministic and never accumulated in bf16.
 
 A program holds whole rows (up to MAX_HIDDEN columns): several short rows as one
-2-D tile, or a single long one. Layout of this file: Triton kernels -> launchers
-(Triton or PyTorch) -> torch.library ops -> autograd.Function -> `rms_norm` ->
-`RMSNorm`, with `rms_norm_reference` (stock ops) for tests and benchmarks.
+2-D tile, or a single long one. How many rows a tile, warps a program, programs per
+SM and stages is a `Tiling`, per row block and GPU: measured winners from
+`rms_norm_tilings.json` (written on a GPU by `python -m benchmarks.tune_rms_norm`)
+where it has them, else `default_tilings`. Layout of this file: Triton kernels ->
+tilings and launchers (Triton or PyTorch) -> torch.library ops -> autograd.Function
+-> `rms_norm` -> `RMSNorm`, with `rms_norm_reference` (stock ops) for tests and
+benchmarks.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import triton
@@ -44,8 +56,8 @@ from kernels._specialization import EXAMPLE_ROWS, HIDDEN_SIZES, PRECISIONS, Spec
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HIDDEN = 65536  # a program holds a whole row in registers
-TILE = 4096  # elements per program tile: TILE // H short rows at once, or one long row
-BACKWARD_PROGRAMS_PER_SM = 2  # backward programs per streaming multiprocessor (one dweight partial each)
+TILE = 4096  # elements per program tile by default: TILE // H short rows at once, or one long row
+TILINGS_FILE = Path(__file__).with_name("rms_norm_tilings.json")  # measured winners per GPU and row block
 CPU_BACKWARD_PROGRAMS = 4  # in the interpreter: several, so tests cover the partials' reduction
 
 
@@ -80,20 +92,24 @@ def _rms_norm_forward_kernel(
 @triton.jit
 def _rms_norm_backward_kernel(
     dy_ptr, dy_stride, dh_ptr, dh_stride, h_ptr, h_stride, weight_ptr, rstd_ptr, dx_ptr, dx_stride,
-    dweight_ptr, n_rows, n_cols, rows_per_program,
-    HAS_DH: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    dresidual_ptr, dresidual_stride, dweight_ptr, n_rows, n_cols, rows_per_program,
+    HAS_DH: tl.constexpr, WEIGHT_GRAD: tl.constexpr, SPLIT_DRESIDUAL: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """dx for `rows_per_program` consecutive rows, BLOCK_ROWS at a time (dx may be dy's own memory:
-    each tile is read before it is written); with WEIGHT_GRAD, their fp32 sum of dy * n as this
-    program's row of the dweight partials."""
+    """dx for `rows_per_program` consecutive rows, BLOCK_ROWS at a time with STAGES - 1 tiles prefetched
+    (dx may be dy's own memory: each tile is read before it is written); with SPLIT_DRESIDUAL the same
+    gradient again into dresidual, in that pointer's dtype. With WEIGHT_GRAD, the fp32 sum of dy * n
+    over the rows as this program's row of the dweight partials."""
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     col_mask = cols < n_cols
     weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-    dweight = tl.zeros((BLOCK,), dtype=tl.float32)
+    # Summed over rows once, after the loop: a reduction across the tile's rows in every iteration
+    # would cross warps (through shared memory, with a barrier) each time.
+    dweight = tl.zeros((BLOCK_ROWS, BLOCK), dtype=tl.float32)
     first = program.to(tl.int64) * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
-    for start in range(first, last, BLOCK_ROWS):
+    for start in tl.range(first, last, BLOCK_ROWS, num_stages=STAGES):
         rows = start + tl.arange(0, BLOCK_ROWS)
         row_mask = rows < last
         mask = row_mask[:, None] & col_mask[None, :]
@@ -102,24 +118,70 @@ def _rms_norm_backward_kernel(
         rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
         n = h * rstd[:, None]  # masked rows and columns are 0, so they add nothing below
         if WEIGHT_GRAD:
-            dweight += tl.sum(dy * n, axis=0)
+            dweight += dy * n
         g = dy * weight[None, :]
         dx = (g - n * (tl.sum(g * n, axis=1) / n_cols)[:, None]) * rstd[:, None]
         if HAS_DH:
             dx += tl.load(dh_ptr + rows[:, None] * dh_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * dx_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if SPLIT_DRESIDUAL:
+            tl.store(dresidual_ptr + rows[:, None] * dresidual_stride + cols[None, :],
+                     dx.to(dresidual_ptr.dtype.element_ty), mask=mask)
     if WEIGHT_GRAD:
-        tl.store(dweight_ptr + program * n_cols + cols, dweight, mask=col_mask)
+        tl.store(dweight_ptr + program * n_cols + cols, tl.sum(dweight, axis=0), mask=col_mask)
 
 
-# ----------------------------------------------------------------------------- launchers
+# ----------------------------------------------------------------------------- tilings and launchers
 
 
-def _tiling(n_cols: int) -> tuple[int, int, int]:
-    """(BLOCK, BLOCK_ROWS, num_warps) for rows of `n_cols`: a power-of-2 block per row, TILE elements a tile."""
-    block = triton.next_power_of_2(n_cols)
+@dataclass(frozen=True)
+class Tiling:
+    """How a launch covers rows of BLOCK columns: `block_rows` rows a tile, `num_warps` a program; for the
+    backward, `programs_per_sm` persistent programs per streaming multiprocessor, each with `stages` - 1
+    tiles in flight ahead of the one it works on (1: no prefetch). The forward takes one tile a program."""
+
+    block_rows: int
+    num_warps: int
+    programs_per_sm: int = 1
+    stages: int = 1
+
+
+def default_tilings(block: int) -> tuple[Tiling, Tiling]:
+    """(forward, backward) tilings for rows of `block` columns where nothing was measured: TILE elements a
+    tile; the backward with two programs per SM (at up to 128 registers a thread, two 8-warp programs fill
+    an SM's 64K registers), prefetching one tile ahead while a tile is at most TILE elements (at most 48 KiB
+    of shared memory, with fp32 h and dh), without prefetch beyond."""
     block_rows = max(1, TILE // block)
-    return block, block_rows, num_warps_for(block * block_rows)
+    num_warps = num_warps_for(block * block_rows)
+    return Tiling(block_rows, num_warps), Tiling(block_rows, num_warps, 2, 2 if block * block_rows <= TILE else 1)
+
+
+def _read_tilings(path: Path) -> dict[str, dict[int, tuple[Tiling, Tiling]]]:
+    """capability ("sm_90") -> row block -> (forward, backward), from the measured-winners file at `path`
+    ({} when it is absent). Its shape: {"tilings": {"sm_90": {"1024": {"forward": {...}, "backward":
+    {...}}}}, ...}, each tiling a dict of Tiling's fields."""
+    if not path.is_file():
+        return {}
+    found = json.loads(path.read_text())["tilings"]
+    return {capability: {int(block): (Tiling(**entry["forward"]), Tiling(**entry["backward"]))
+                         for block, entry in blocks.items()}
+            for capability, blocks in found.items()}
+
+
+MEASURED_TILINGS = _read_tilings(TILINGS_FILE)
+
+
+@functools.cache
+def _capability(device: torch.device) -> str | None:
+    """The dispatch key of the GPU behind `device` ("sm_90"); None off the GPU."""
+    return "sm_{}{}".format(*torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+
+
+def tilings(n_cols: int, capability: str | None) -> tuple[int, Tiling, Tiling]:
+    """(BLOCK, forward tiling, backward tiling) for rows of `n_cols` on a GPU of `capability`."""
+    block = triton.next_power_of_2(n_cols)
+    measured = MEASURED_TILINGS.get(capability, {}).get(block)
+    return (block, *(measured or default_tilings(block)))
 
 
 @functools.cache
@@ -127,10 +189,10 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _backward_split(n_rows: int, block_rows: int, device: torch.device) -> tuple[int, int]:
-    """(rows per program, programs): runs of whole tiles, about BACKWARD_PROGRAMS_PER_SM per SM."""
-    wanted = BACKWARD_PROGRAMS_PER_SM * _multiprocessors(device) if device.type == "cuda" else CPU_BACKWARD_PROGRAMS
-    rows_per_program = block_rows * triton.cdiv(n_rows, wanted * block_rows)
+def _backward_split(n_rows: int, tiling: Tiling, device: torch.device) -> tuple[int, int]:
+    """(rows per program, programs): runs of whole tiles, about `tiling.programs_per_sm` per SM."""
+    wanted = tiling.programs_per_sm * _multiprocessors(device) if device.type == "cuda" else CPU_BACKWARD_PROGRAMS
+    rows_per_program = tiling.block_rows * triton.cdiv(n_rows, wanted * tiling.block_rows)
     return rows_per_program, triton.cdiv(n_rows, rows_per_program)
 
 
@@ -139,9 +201,10 @@ def _sum_dtype(x: Tensor, residual: Tensor | None) -> torch.dtype:
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
-def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype
-             ) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, h, rstd) for rows `x` (M, H) [+ `residual` (M, H)]; h is empty without a residual."""
+def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype,
+             tiling: Tiling | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, h, rstd) for rows `x` (M, H) [+ `residual` (M, H)]; h is empty without a residual. `tiling`
+    overrides the chosen one (benchmarks.tune_rms_norm measures candidates so)."""
     n_rows, n_cols = x.shape
     if not use_triton(x):  # the same math in PyTorch
         h = x if residual is None else x + residual
@@ -152,72 +215,101 @@ def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out
     y = torch.empty(n_rows, n_cols, dtype=out_dtype, device=x.device)
     h = x.new_empty(0) if residual is None else torch.empty_like(x, dtype=_sum_dtype(x, residual))
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-    block, block_rows, num_warps = _tiling(n_cols)
-    _rms_norm_forward_kernel[(triton.cdiv(n_rows, block_rows),)](
+    block, chosen, _ = tilings(n_cols, _capability(x.device))
+    tiling = tiling or chosen
+    _rms_norm_forward_kernel[(triton.cdiv(n_rows, tiling.block_rows),)](
         x, x.stride(0), x if residual is None else residual, x.stride(0) if residual is None else residual.stride(0),
         x if residual is None else h, n_cols, weight, y, n_cols, rstd, n_rows, n_cols, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_ROWS=block_rows, BLOCK=block, num_warps=num_warps,
+        HAS_RESIDUAL=residual is not None, BLOCK_ROWS=tiling.block_rows, BLOCK=block, num_warps=tiling.num_warps,
     )
     return y, h, rstd
 
 
 def _backward(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, rstd: Tensor, dx: Tensor,
-              weight_grad: bool) -> Tensor:
-    """dx (written into `dx`, which may be `dy`) and, with `weight_grad`, dweight (returned, else empty)."""
+              dresidual: Tensor | None, weight_grad: bool, tiling: Tiling | None = None) -> Tensor:
+    """dx (written into `dx`, which may be `dy`), the same gradient into `dresidual` when given (in its
+    own dtype) and, with `weight_grad`, dweight (returned, else empty). `tiling` as for `_forward`."""
     n_rows, n_cols = h.shape
     if not use_triton(h):
         n = h.float() * rstd.unsqueeze(1)
         dyf = dy.float()
         g = dyf * weight.float()
         grad = (g - n * (g * n).mean(-1, keepdim=True)) * rstd.unsqueeze(1)
-        dx.copy_(grad if dh is None else grad + dh.float())
+        if dh is not None:
+            grad += dh.float()
+        for out in (dx, dresidual):
+            if out is not None:
+                out.copy_(grad)
         return (dyf * n).sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
-    block, block_rows, num_warps = _tiling(n_cols)
-    rows_per_program, programs = _backward_split(n_rows, block_rows, h.device)
+    block, _, chosen = tilings(n_cols, _capability(h.device))
+    tiling = tiling or chosen
+    rows_per_program, programs = _backward_split(n_rows, tiling, h.device)
     partials = torch.empty(programs if weight_grad else 0, n_cols, dtype=torch.float32, device=h.device)
     _rms_norm_backward_kernel[(programs,)](
         dy, dy.stride(0), dy if dh is None else dh, dy.stride(0) if dh is None else dh.stride(0), h, h.stride(0),
-        weight, rstd, dx, dx.stride(0), partials, n_rows, n_cols, rows_per_program,
-        HAS_DH=dh is not None, WEIGHT_GRAD=weight_grad, BLOCK_ROWS=block_rows, BLOCK=block, num_warps=num_warps,
+        weight, rstd, dx, dx.stride(0), dx if dresidual is None else dresidual,
+        dx.stride(0) if dresidual is None else dresidual.stride(0), partials, n_rows, n_cols, rows_per_program,
+        HAS_DH=dh is not None, WEIGHT_GRAD=weight_grad, SPLIT_DRESIDUAL=dresidual is not None,
+        BLOCK_ROWS=tiling.block_rows, BLOCK=block, STAGES=tiling.stages, num_warps=tiling.num_warps,
     )
     return partials.sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
 
 
+def _all_tilings() -> dict[int, set[tuple[Tiling, Tiling]]]:
+    """Row block -> every (forward, backward) the launchers may choose for it: the defaults over the
+    project's hidden sizes, and each GPU's measured ones."""
+    found: dict[int, set[tuple[Tiling, Tiling]]] = {}
+    for block in choices(triton.next_power_of_2, HIDDEN_SIZES):
+        found.setdefault(block, set()).add(default_tilings(block))
+    for measured in MEASURED_TILINGS.values():
+        for block, pair in measured.items():
+            found.setdefault(block, set()).add(pair)
+    return found
+
+
 def specializations() -> list[Specialization]:
-    """What `rms_norm` compiles over the project's hidden sizes, per precision: the stream (x without a
-    residual, the residual with one) and the weight in the parameter dtype, x with a residual (a block's
-    output) and y in the compute dtype; the backward with dweight or without (a frozen weight), and with
-    a residual, with or without a gradient reaching h. eps is a run-time float: every value runs the
-    same binary. The example rows_per_program is that of a single program (all rows): its value only
+    """What `rms_norm` compiles over the project's hidden sizes and every tiling it may choose, per
+    precision: the stream (x without a residual, the residual with one) and the weight in the parameter
+    dtype, x with a residual (a block's output) and y in the compute dtype; the backward with dweight or
+    without (a frozen weight), and with a residual, with or without a gradient reaching h, and with the
+    residual's gradient written apart when its dtype is not x's. eps is a run-time float: every value runs
+    the same binary. The example rows_per_program is that of a single program (all rows): its value only
     bounds a loop."""
     found = []
     f32 = torch.float32
-    for (block, block_rows, num_warps), n_cols in choices(_tiling, HIDDEN_SIZES).items():
-        tiles = dict(BLOCK_ROWS=block_rows, BLOCK=block)
-        for precision in PRECISIONS:
-            stream, y = precision.param, precision.compute
-            for x, residual in ((stream, None), (precision.compute, stream)):
-                h = x if residual is None else torch.promote_types(x, residual)  # the dtype of x + residual
-                found.append(Specialization.of(
-                    _rms_norm_forward_kernel, num_warps, dict(HAS_RESIDUAL=residual is not None, **tiles),
-                    x_ptr=x, x_stride=n_cols, residual_ptr=x if residual is None else residual,
-                    residual_stride=n_cols, h_ptr=h, h_stride=n_cols, weight_ptr=stream, y_ptr=y, y_stride=n_cols,
-                    rstd_ptr=f32, n_rows=EXAMPLE_ROWS, n_cols=n_cols, eps=1e-6,
-                ))
-                for has_dh in (False, True) if residual is not None else (False,):
-                    for weight_grad in (True, False):
-                        found.append(Specialization.of(
-                            _rms_norm_backward_kernel, num_warps,
-                            dict(HAS_DH=has_dh, WEIGHT_GRAD=weight_grad, **tiles),
-                            dy_ptr=y, dy_stride=n_cols, dh_ptr=h if has_dh else y, dh_stride=n_cols, h_ptr=h,
-                            h_stride=n_cols, weight_ptr=stream, rstd_ptr=f32, dx_ptr=h, dx_stride=n_cols,
-                            dweight_ptr=f32, n_rows=EXAMPLE_ROWS, n_cols=n_cols, rows_per_program=EXAMPLE_ROWS,
-                        ))
+    for block, pairs in _all_tilings().items():
+        n_cols = min(block, HIDDEN_SIZES[-1])  # the widest size of the block: int widths follow it
+        for forward, backward in pairs:
+            for precision in PRECISIONS:
+                stream, y = precision.param, precision.compute
+                for x, residual in ((stream, None), (precision.compute, stream)):
+                    h = x if residual is None else torch.promote_types(x, residual)  # the dtype of x + residual
+                    found.append(Specialization.of(
+                        _rms_norm_forward_kernel, forward.num_warps,
+                        dict(HAS_RESIDUAL=residual is not None, BLOCK_ROWS=forward.block_rows, BLOCK=block),
+                        x_ptr=x, x_stride=n_cols, residual_ptr=x if residual is None else residual,
+                        residual_stride=n_cols, h_ptr=h, h_stride=n_cols, weight_ptr=stream, y_ptr=y,
+                        y_stride=n_cols, rstd_ptr=f32, n_rows=EXAMPLE_ROWS, n_cols=n_cols, eps=1e-6,
+                    ))
+                    split = residual is not None and residual != x
+                    for has_dh in (False, True) if residual is not None else (False,):
+                        for weight_grad in (True, False):
+                            found.append(Specialization.of(
+                                _rms_norm_backward_kernel, backward.num_warps,
+                                dict(HAS_DH=has_dh, WEIGHT_GRAD=weight_grad, SPLIT_DRESIDUAL=split,
+                                     BLOCK_ROWS=backward.block_rows, BLOCK=block, STAGES=backward.stages),
+                                dy_ptr=y, dy_stride=n_cols, dh_ptr=h if has_dh else y, dh_stride=n_cols,
+                                h_ptr=h, h_stride=n_cols, weight_ptr=stream, rstd_ptr=f32, dx_ptr=x,
+                                dx_stride=n_cols, dresidual_ptr=residual if split else x, dresidual_stride=n_cols,
+                                dweight_ptr=f32, n_rows=EXAMPLE_ROWS, n_cols=n_cols,
+                                rows_per_program=EXAMPLE_ROWS,
+                            ))
     return found
 
 
 # ----------------------------------------------------------------------------- torch.library ops
 # Opaque to torch.compile, which calls them without a graph break; the fakes give it shapes and dtypes.
+# Eager calls skip them (see `_op`): the custom-op hop costs host time on every call and buys nothing there.
 
 
 @torch.library.custom_op("fasttrain::rms_norm_forward", mutates_args=())
@@ -233,16 +325,22 @@ def _(x, residual, weight, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype), h, x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("fasttrain::rms_norm_backward", mutates_args=("dx",))
+@torch.library.custom_op("fasttrain::rms_norm_backward", mutates_args=("dx", "dresidual"))
 def _backward_op(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, rstd: Tensor, dx: Tensor,
-                 weight_grad: bool) -> Tensor:
-    """dx into `dx` (may be `dy`); returns dweight in the weight's dtype if `weight_grad`, else an empty tensor."""
-    return _backward(dy, dh, h, weight, rstd, dx, weight_grad)
+                 dresidual: Tensor | None, weight_grad: bool) -> Tensor:
+    """dx into `dx` (may be `dy`) and into `dresidual` if given; returns dweight in the weight's dtype if
+    `weight_grad`, else an empty tensor."""
+    return _backward(dy, dh, h, weight, rstd, dx, dresidual, weight_grad)
 
 
 @_backward_op.register_fake
-def _(dy, dh, h, weight, rstd, dx, weight_grad):
+def _(dy, dh, h, weight, rstd, dx, dresidual, weight_grad):
     return weight.new_empty(weight.shape if weight_grad else 0)
+
+
+def _op(op, launcher):
+    """`op` while torch.compile traces (it must see an op), else the launcher behind it."""
+    return op if torch.compiler.is_compiling() else launcher
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -277,8 +375,9 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype,
                 inplace_backward: bool):
-        y, h, rstd = _forward_op(x, residual, weight, eps, out_dtype)
+        y, h, rstd = _op(_forward_op, _forward)(x, residual, weight, eps, out_dtype)
         ctx.has_residual, ctx.inplace_backward = residual is not None, inplace_backward
+        ctx.grad_dtypes = (x.dtype, None if residual is None else residual.dtype)
         ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
         ctx.set_materialize_grads(False)  # an unused y or h gets None, not a tensor of zeros to read
         return (y, h) if ctx.has_residual else y
@@ -289,11 +388,16 @@ class _RMSNormFunction(torch.autograd.Function):
             return dh, dh, None, None, None, None
         h, weight, rstd = ctx.saved_tensors
         dy, dh = _rows(dy), None if dh is None else _rows(dh)
-        overwrite = ctx.inplace_backward and dy.dtype == h.dtype and dy.is_contiguous()
-        dx = dy if overwrite else torch.empty_like(h)
-        dweight = _backward_op(dy, dh, h, weight, rstd, dx, ctx.needs_input_grad[2])
-        # The same gradient for x and the residual; autograd casts it to each one's dtype.
-        return (dx if ctx.needs_input_grad[0] else None, dx if ctx.needs_input_grad[1] else None,
+        # x and the residual get the same gradient, each in its own dtype: one output, or two when the
+        # dtypes differ (the kernel writes both, rather than autograd casting one after it).
+        wanted = [dtype for dtype, needed in zip(ctx.grad_dtypes, ctx.needs_input_grad) if needed]
+        first = wanted[0] if wanted else h.dtype  # a frozen x and residual: dx is only a scratch output
+        overwrite = ctx.inplace_backward and dy.dtype == first and dy.is_contiguous()
+        dx = dy if overwrite else torch.empty_like(h, dtype=first)
+        dresidual = torch.empty_like(h, dtype=wanted[1]) if len(wanted) == 2 and wanted[1] != first else None
+        dweight = _op(_backward_op, _backward)(dy, dh, h, weight, rstd, dx, dresidual, ctx.needs_input_grad[2])
+        residual_grad = dx if dresidual is None else dresidual
+        return (dx if ctx.needs_input_grad[0] else None, residual_grad if ctx.needs_input_grad[1] else None,
                 dweight if ctx.needs_input_grad[2] else None, None, None, None)
 
 

@@ -7,12 +7,17 @@ tiles shrunk so that several short rows share one and the last tile of a program
 from __future__ import annotations
 
 import functools
+import importlib
 
 import pytest
 import torch
 
+from benchmarks import tune_rms_norm
 from kernels import RMSNorm, rms_norm, rms_norm_reference
+from kernels.rms_norm import Tiling
 from tests.kernel_checks import DTYPES, assert_matches, stored
+
+norm_module = importlib.import_module("kernels.rms_norm")  # the package exports a function of that name
 
 # (rows, hidden): one row and many, hidden sizes from 2 to 16384 including odd ones.
 SHAPES = [(1, 2), (300, 2), (1, 127), (37, 127), (33, 760), (1, 2048), (1, 4097), (9, 4097), (3, 16384)]
@@ -240,3 +245,61 @@ def test_bad_arguments(case, message):
     args = {"x": torch.ones(4, 8), "weight": torch.ones(8), "residual": None, "eps": 1e-6, "out_dtype": None, **case}
     with pytest.raises(ValueError, match=message):
         rms_norm(args["x"], args["weight"], args["eps"], args["residual"], out_dtype=args["out_dtype"])
+
+
+def test_mixed_dtypes_with_a_frozen_input(kernel_device):
+    """Only the residual stream (fp32) or only x (bf16) wants a gradient: it comes back in its own dtype."""
+    x = torch.randn(5, 130, device=kernel_device, dtype=torch.bfloat16)
+    r = torch.randn(5, 130, device=kernel_device)
+    weight = torch.randn(130, device=kernel_device)
+    dy = torch.randn(5, 130, device=kernel_device)
+    for trained in ("x", "residual"):
+        leaves = {"x": x.clone(), "residual": r.clone()}
+        leaves[trained].requires_grad_()
+        y, _ = rms_norm(leaves["x"], weight, residual=leaves["residual"])
+        (grad,) = torch.autograd.grad(y, leaves[trained], dy.to(y.dtype))
+        x64, r64 = x.double(), r.double().requires_grad_()
+        y64, _ = reference_with_rounded_sum(x64, weight.double(), 1e-6, r64, torch.float32)
+        (expected,) = torch.autograd.grad(y64, r64, dy.double())
+        assert grad.dtype == leaves[trained].dtype
+        assert_matches(grad, expected, grad.dtype, f"d{trained}", min_rtol=1e-4,
+                       scale=(dy.abs() * weight.abs()).max().item())
+
+
+# Tilings unlike the defaults: one row a tile, several with no prefetch, deep prefetch over many programs.
+ODD_TILINGS = [
+    (Tiling(1, 4), Tiling(1, 4, 1, 3)),
+    (Tiling(2, 2), Tiling(4, 8, 8, 1)),
+    (Tiling(8, 1), Tiling(2, 1, 3, 2)),
+]
+
+
+@pytest.mark.parametrize("forward, backward", ODD_TILINGS, ids=["one-row", "no-prefetch", "deep"])
+def test_measured_tilings_compute_the_same(kernel_device, monkeypatch, forward, backward):
+    """Whatever tiling the measured table gives a row block, the results are the reference's (the interpreter
+    runs the tiling; on a GPU the table is keyed by its capability)."""
+    x = torch.randn(45, 200, device=kernel_device, dtype=torch.bfloat16)
+    r = torch.randn(45, 200, device=kernel_device)
+    weight = 1 + 0.5 * torch.randn(200, device=kernel_device)
+    capability = norm_module._capability(x.device)
+    monkeypatch.setattr(norm_module, "MEASURED_TILINGS", {capability: {256: (forward, backward)}})
+    assert norm_module.tilings(200, capability)[1:] == (forward, backward)
+    assert_all_match(*run_both(x, weight, r))
+
+
+def test_measured_tilings_are_read_per_gpu_and_compiled(tmp_path, monkeypatch):
+    """The tuner's file round-trips into the table; a GPU without entries, or a row block without one,
+    gets the defaults; every measured tiling is among the variants the compile check builds."""
+    out = tmp_path / "tilings.json"
+    assert tune_rms_norm.main(["--dry-run", "--out", str(out)]) == 0
+    table = norm_module._read_tilings(out)
+    (measured,) = table.values()
+    assert set(measured) == {64, 256} and all(isinstance(t, Tiling) for pair in measured.values() for t in pair)
+    odd = {"sm_90": {1024: ODD_TILINGS[0]}}
+    monkeypatch.setattr(norm_module, "MEASURED_TILINGS", odd)
+    assert norm_module.tilings(768, "sm_90") == (1024, *ODD_TILINGS[0])
+    assert norm_module.tilings(768, "sm_80") == (1024, *norm_module.default_tilings(1024))
+    assert norm_module.tilings(2048, "sm_90") == (2048, *norm_module.default_tilings(2048))
+    compiled = {(s.name, dict(s.constexprs)["BLOCK_ROWS"], s.num_warps) for s in norm_module.specializations()
+                if dict(s.constexprs)["BLOCK"] == 1024}
+    assert {("_rms_norm_forward_kernel", 1, 4), ("_rms_norm_backward_kernel", 1, 4)} <= compiled

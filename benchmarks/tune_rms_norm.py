@@ -1,0 +1,208 @@
+"""Measure RMSNorm tilings on this GPU and write the winners to the table the kernels read.
+
+    python -m benchmarks.tune_rms_norm [--hidden 768 2048 ...] [--rows 32768] [--out FILE] [--dry-run]
+
+For each hidden size, the forward and the backward launchers (kernels/rms_norm.py) are timed
+over candidate tilings (rows a tile, warps a program; for the backward, programs per SM and
+prefetch stages too), on the two dtype cases that matter: a bf16 model (everything bf16) and
+bf16 autocast over fp32 parameters (x and y bf16, the residual stream and h fp32), both with a
+residual. A tiling's score is the sum over the cases of its time over the case's best; the
+lowest score wins. The backward is swept in two rounds (tile shape at the default grid, then
+grid and stages for the winning shape): a full product would not fit a 10-minute command.
+
+Timing is triton.testing.do_bench: CUDA events around each call, L2 flushed before it, the
+median of the calls (min reported beside it). Every candidate's outputs must equal the default
+tiling's within rounding, or it is dropped; so is one that fails to compile or launch (too many
+registers or too much shared memory for this GPU).
+
+The winners are merged into --out (default: kernels/rms_norm_tilings.json, which `rms_norm`
+reads when it is imported) under this GPU's capability, with each winner's and the default's
+times beside it. --dry-run runs the plumbing on the CPU at hidden 64 and 200 (its times mean
+nothing) and writes only to an explicit --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import triton
+
+from kernels.rms_norm import Tiling, default_tilings
+
+norm = importlib.import_module("kernels.rms_norm")  # the module: the package exports a function of that name
+
+HIDDEN = (768, 2048, 4096, 8192, 16384)
+ROWS = 32768
+BLOCK_ROWS = (1, 2, 4, 8, 16)
+WARPS = (1, 2, 4, 8, 16)
+PROGRAMS_PER_SM = (1, 2, 4, 8)
+STAGES = (1, 2, 3)
+MIN_PER_THREAD, MAX_PER_THREAD = 4, 64  # elements of a tile per thread: fewer wastes lanes, more spills
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One dtype case: x (a block's output) and y in `compute`, the residual stream and weight in `stream`."""
+
+    name: str
+    compute: torch.dtype
+    stream: torch.dtype
+
+
+CASES = (Case("bf16", torch.bfloat16, torch.bfloat16), Case("bf16 autocast", torch.bfloat16, torch.float32))
+
+
+def tile_shapes(block: int) -> list[tuple[int, int]]:
+    """(rows a tile, warps) worth timing for rows of `block` columns: each thread holds 4-64 of the tile."""
+    return [(rows, warps) for rows in BLOCK_ROWS for warps in WARPS
+            if MIN_PER_THREAD <= rows * block // (32 * warps) <= MAX_PER_THREAD]
+
+
+def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(min, median) seconds of `fn` on `device`: CUDA events with L2 flushed, or a few host-timed calls."""
+    if device.type == "cuda":
+        low, median = triton.testing.do_bench(fn, warmup=10, rep=50, quantiles=[0.0, 0.5])
+        return low / 1e3, median / 1e3
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times), statistics.median(times)
+
+
+class Inputs:
+    """One case's tensors at (rows, hidden), and the default tiling's outputs to check candidates against."""
+
+    def __init__(self, case: Case, rows: int, hidden: int, device: torch.device):
+        self.x = torch.randn(rows, hidden, device=device, dtype=case.compute)
+        self.residual = torch.randn(rows, hidden, device=device, dtype=case.stream)
+        self.weight = (1 + 0.1 * torch.randn(hidden, device=device)).to(case.stream)
+        self.dy = torch.randn(rows, hidden, device=device, dtype=case.compute)
+        self.y, self.h, self.rstd = norm._forward(self.x, self.residual, self.weight, 1e-6, case.compute)
+        self.dh = torch.randn_like(self.h)
+        self.dx = torch.empty_like(self.x)
+        # The residual's gradient is written apart only when its dtype is not x's (autocast's fp32 stream).
+        self.dresidual = torch.empty_like(self.residual) if case.stream != case.compute else None
+        self.expected = self.outputs(None, None)
+
+    def forward(self, tiling: Tiling | None) -> tuple[torch.Tensor, ...]:
+        return norm._forward(self.x, self.residual, self.weight, 1e-6, self.y.dtype, tiling)
+
+    def backward(self, tiling: Tiling | None) -> torch.Tensor:
+        return norm._backward(self.dy, self.dh, self.h, self.weight, self.rstd, self.dx, self.dresidual, True, tiling)
+
+    def outputs(self, forward: Tiling | None, backward: Tiling | None) -> list[torch.Tensor]:
+        """Copies of y, dx, dweight (and dresidual when apart) from these tilings (None: the default)."""
+        y, dweight = self.forward(forward)[0], self.backward(backward)
+        return [t.clone() for t in (y, self.dx, dweight, self.dresidual) if t is not None]
+
+    def agrees(self, forward: Tiling | None, backward: Tiling | None) -> bool:
+        """The outputs of these tilings equal the default's within rounding (row sums may be ordered otherwise)."""
+        return all(torch.allclose(a.float(), b.float(), rtol=2e-2, atol=1e-2)
+                   for a, b in zip(self.outputs(forward, backward), self.expected))
+
+
+def best(candidates: Iterable[Tiling], time_one: Callable[[Case, Tiling], float], cases: Iterable[Case]
+         ) -> tuple[Tiling, dict[Tiling, float]]:
+    """The candidate with the lowest sum over `cases` of its time over the case's fastest, and every
+    candidate's score; a candidate whose `time_one` raises (fails to compile or launch) is dropped."""
+    times: dict[Tiling, dict[str, float]] = {}
+    for tiling in candidates:
+        try:
+            times[tiling] = {case.name: time_one(case, tiling) for case in cases}
+        except Exception as e:  # noqa: BLE001  (out of registers or shared memory on this GPU: not a candidate)
+            print(f"  {tiling}: dropped ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not times:
+        raise RuntimeError("no candidate tiling ran")
+    fastest = {case.name: min(t[case.name] for t in times.values()) for case in cases}
+    scores = {tiling: sum(t[name] / fastest[name] for name in t) for tiling, t in times.items()}
+    return min(scores, key=scores.get), scores
+
+
+def tune(hidden: int, rows: int, device: torch.device) -> dict:
+    """The winning (forward, backward) tilings for `hidden` and their times against the defaults'."""
+    block = triton.next_power_of_2(hidden)
+    inputs = {case.name: Inputs(case, rows, hidden, device) for case in CASES}
+    default_forward, default_backward = default_tilings(block)
+    medians: dict[tuple, float] = {}
+
+    def time_forward(case: Case, tiling: Tiling) -> float:
+        run = inputs[case.name]
+        if not run.agrees(tiling, None):
+            raise ValueError("outputs differ from the default tiling's")
+        medians["forward", case.name, tiling] = measure(lambda: run.forward(tiling), device)[1]
+        return medians["forward", case.name, tiling]
+
+    def time_backward(case: Case, tiling: Tiling) -> float:
+        run = inputs[case.name]
+        if not run.agrees(None, tiling):
+            raise ValueError("outputs differ from the default tiling's")
+        medians["backward", case.name, tiling] = measure(lambda: run.backward(tiling), device)[1]
+        return medians["backward", case.name, tiling]
+
+    shapes = tile_shapes(block) or [(default_forward.block_rows, default_forward.num_warps)]
+    forward, _ = best([Tiling(r, w) for r, w in shapes] + [default_forward], time_forward, CASES)
+    shape, _ = best([Tiling(r, w, default_backward.programs_per_sm, default_backward.stages) for r, w in shapes]
+                    + [default_backward], time_backward, CASES)
+    backward, _ = best([Tiling(shape.block_rows, shape.num_warps, p, s) for p in PROGRAMS_PER_SM for s in STAGES],
+                       time_backward, CASES)
+    return {
+        "hidden": hidden, "block": block, "rows": rows,
+        "forward": dataclasses.asdict(forward), "backward": dataclasses.asdict(backward),
+        "median_us": {f"{which} {case.name}": {"tuned": round(1e6 * medians[which, case.name, tuned], 2),
+                                               "default": round(1e6 * medians[which, case.name, default], 2)}
+                      for which, tuned, default in (("forward", forward, default_forward),
+                                                    ("backward", backward, default_backward))
+                      for case in CASES if (which, case.name, default) in medians},
+    }
+
+
+def merge(path: Path, capability: str, results: list[dict], source: str) -> dict:
+    """The table at `path` with `results` set under `capability` (other GPUs' entries kept)."""
+    table = json.loads(path.read_text()) if path.is_file() else {"tilings": {}}
+    entries = table["tilings"].setdefault(capability, {})
+    for r in results:
+        entries[str(r["block"])] = {"forward": r["forward"], "backward": r["backward"], "hidden": r["hidden"],
+                                    "median_us": r["median_us"]}
+    table["source"] = source
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_rms_norm", description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN))
+    parser.add_argument("--rows", type=int, default=ROWS)
+    parser.add_argument("--out", type=Path, help=f"default: {norm.TILINGS_FILE} (a dry run writes only to --out)")
+    parser.add_argument("--dry-run", action="store_true", help="the plumbing on the CPU at tiny sizes")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        device, capability, hidden, rows = torch.device("cpu"), "dry-run", [64, 200], 64
+    elif torch.cuda.is_available():
+        device, capability, hidden, rows = torch.device("cuda"), norm._capability(torch.device("cuda")), args.hidden, args.rows
+    else:
+        print("error: no CUDA GPU (use --dry-run to check the plumbing on the CPU)")
+        return 2
+    results = []
+    for h in hidden:
+        found = tune(h, rows, device)
+        print(f"hidden {h}: forward {found['forward']}, backward {found['backward']}: {found['median_us']}", flush=True)
+        results.append(found)
+    source = f"python -m benchmarks.tune_rms_norm --rows {rows} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}"
+    out = args.out or (None if args.dry_run else norm.TILINGS_FILE)
+    if out is not None:
+        out.write_text(json.dumps(merge(out, capability, results, source), indent=1) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
