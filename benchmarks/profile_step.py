@@ -51,8 +51,9 @@ def category(name: str) -> str:
 
 
 def step_times_ms(trainer, steps: int) -> list[float]:
-    """Each of `steps` steps' time in ms: CUDA events around each, one sync after the last (no host sync
-    inside the timed region); wall time on the CPU."""
+    """Each of `steps` steps' time in ms: CUDA events around each, one sync after the last, so the timing
+    adds no host sync (the step's own one stays, and the GPU's wait for the host after it counts, as it does
+    in training); wall time on the CPU."""
     if trainer.device.type != "cuda":
         times = []
         for _ in range(steps):

@@ -3,8 +3,8 @@
     pytest benchmarks/ --benchmark-only --benchmark-json results.json
     python -m benchmarks.report results.json [--markdown FILE.md] [--chart FILE.png]
 
-The table has a row per case: its name, median time, and the figures it recorded
-(GB/s, TFLOP/s, tokens/s, fraction of the floor, MFU, peak memory), under a line
+The table has a row per case: its name, median and min time, and the figures it recorded
+(GB/s, TFLOP/s, tokens/s, fraction of the floor, MFU, peak memory, host time per call), under a line
 naming the machine, versions, commit, date and command. The chart draws each case's
 headline figure (GB/s, TFLOP/s or tokens/s) as one bar per implementation, grouped
 by case, so every race reads at a glance. Without --markdown the table is printed.
@@ -22,6 +22,7 @@ from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 COLUMNS = {  # extra_info key: column title, in table order
     "gb_per_s": "GB/s", "tflop_per_s": "TFLOP/s", "tokens_per_s": "tokens/s", "fraction_of_floor": "of floor",
     "mfu": "MFU", "peak_memory_gib": "peak GiB", "peak_extra_gib": "extra GiB", "pad_fraction": "on pads",
+    "host_us_per_call": "host us/call", "timing": "timed by",
 }
 HEADLINES = ("gb_per_s", "tflop_per_s", "tokens_per_s")  # a case's bar: the first of these it has
 
@@ -48,7 +49,8 @@ def case_of(bench: dict) -> tuple[str, str]:
     return " ".join([test, *(f"{k}={v}" for k, v in params.items())]), impl
 
 
-def _seconds(t: float) -> str:
+def duration(t: float) -> str:
+    """Seconds `t` in the unit that reads best: "25.0 us", "1.38 ms", "2.10 s"."""
     return f"{t * 1e6:.1f} us" if t < 1e-3 else f"{t * 1e3:.2f} ms" if t < 1 else f"{t:.2f} s"
 
 
@@ -68,12 +70,13 @@ def markdown(results: dict) -> str:
              + (" (dirty)" if commit.get("dirty") else ""), str(results.get("datetime", "?"))[:10]]
     lines = [", ".join(where) + (f"; `{results['command']}`" if results.get("command") else ""), ""]
     keys = [k for k in COLUMNS if any(k in b.get("extra_info", {}) for b in benches)]
-    lines.append("| case | implementation | median | " + " | ".join(COLUMNS[k] for k in keys) + " |")
-    lines.append("| --- " * (3 + len(keys)) + "|")
+    lines.append("| case | implementation | median | min | " + " | ".join(COLUMNS[k] for k in keys) + " |")
+    lines.append("| --- " * (4 + len(keys)) + "|")
     for b in benches:
         group, impl = case_of(b)
         extra = b.get("extra_info", {})
-        cells = [group, impl, _seconds(b["stats"]["median"]), *(_number(extra[k]) if k in extra else "" for k in keys)]
+        cells = [group, impl, duration(b["stats"]["median"]), duration(b["stats"]["min"]),
+                 *(_number(extra[k]) if k in extra else "" for k in keys)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

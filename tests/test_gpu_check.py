@@ -48,7 +48,13 @@ def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
     by_stage = {b["extra_info"]["stage"] for b in results["benchmarks"]}
     assert by_stage == {"kernels", "step"}
     races = stages["kernels"]["figures"]["races"]
-    assert {r["rival"] for r in races} >= {"eager"} and all(r["speedup"] > 0 for r in races)
+    assert {r["rival"] for r in races} >= {"eager"} and all(r["speedup"] > 0 and r["min_speedup"] > 0 for r in races)
+    # Each kernel wrapper's host time per call, against stock PyTorch's (the CPU fallback's, in a dry run).
+    host = [b for b in results["benchmarks"] if b["name"].startswith("test_host_overhead")]
+    assert {b["params"]["op"] for b in host} == {"rms_norm", "add_rms_norm", "cross_entropy", "linear_cross_entropy",
+                                                 "adamw"}
+    assert all(b["extra_info"]["host_us_per_call"] > 0 and b["extra_info"]["timing"] == "host" for b in host)
+    assert any(r["case"].startswith("host_overhead") for r in races)
     # The ablation: stock and each lever in a process of its own; a GPU-only lever is skipped on the CPU.
     cases = {r["case"]: r for r in stages["ablation"]["figures"]["cases"]}
     assert cases["stock"]["tokens_per_s"] > 0 and cases["stock"]["error"] is None
@@ -127,12 +133,19 @@ def test_a_command_past_the_stage_limit_is_killed_with_its_children(tmp_path):
 
 
 def test_races_compare_fasttrain_with_the_fastest_other():
-    def case(impl, median):
-        return {"name": f"test_x[{impl}]", "params": {"n": 1, "impl": impl}, "stats": {"median": median}}
+    def case(impl, median, minimum):
+        return {"name": f"test_x[{impl}]", "params": {"n": 1, "impl": impl},
+                "stats": {"median": median, "min": minimum}, "extra_info": {"stage": "kernels"}}
 
-    rows = gpu_check.races([case("fasttrain", 2.0), case("eager", 3.0), case("compiled", 2.5), case("other", 9.0)])
-    assert rows == [{"case": "x n=1", "fasttrain_s": 2.0, "rival": "compiled", "rival_s": 2.5, "speedup": 1.25}]
-    assert gpu_check.races([case("eager", 1.0)]) == []  # nothing to race
+    # The fastest other is chosen by median: "other" has the lowest min but not the lowest median.
+    rows = gpu_check.races([case("fasttrain", 2.0, 1.0), case("eager", 3.0, 2.9), case("compiled", 2.5, 2.0),
+                            case("other", 9.0, 0.5)])
+    assert rows == [{"case": "x n=1", "fasttrain_s": 2.0, "fasttrain_min_s": 1.0, "rival": "compiled",
+                     "rival_s": 2.5, "rival_min_s": 2.0, "speedup": 1.25, "min_speedup": 2.0}]
+    assert gpu_check.races([case("eager", 1.0, 1.0)]) == []  # nothing to race
+    results = gpu_check.new_results([], "abc", dry_run=False)
+    results["benchmarks"] = [case("fasttrain", 2.0, 1.0), case("compiled", 2.5, 2.0)]
+    assert "| x n=1 | 2.00 s | 1.00 s | compiled | 2.50 s | 2.00 s | 1.25x | 2.00x |" in gpu_check.report(results)
 
 
 @pytest.mark.parametrize("args, message", [

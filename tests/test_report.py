@@ -10,8 +10,8 @@ from benchmarks.report import main
 from fasttrain.system.errors import run_cli
 
 
-def case(name: str, params: dict, median: float, **extra) -> dict:
-    return {"name": name, "params": params, "stats": {"median": median},
+def case(name: str, params: dict, median: float, minimum: float, **extra) -> dict:
+    return {"name": name, "params": params, "stats": {"median": median, "min": minimum},
             "extra_info": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", **extra}}
 
 
@@ -22,12 +22,15 @@ def results(tmp_path):
         "commit_info": {"id": "0123456789abcdef", "dirty": False}, "datetime": "2026-11-21T10:00:00",
         "command": "pytest benchmarks/ --benchmark-only",
         "benchmarks": [
-            case("test_rms_norm[H768-fasttrain]", {"hidden": 768, "impl": "fasttrain"}, 2.5e-5,
-                 gb_per_s=2900.5, fraction_of_floor=0.93),
-            case("test_rms_norm[H768-eager]", {"hidden": 768, "impl": "eager"}, 8e-5, gb_per_s=910.2,
-                 fraction_of_floor=0.29),
-            case("test_gpu_train_step[gpt2-fasttrain]", {"config": "gpt2", "impl": "fasttrain"}, 0.31,
-                 tokens_per_s=1_057_000, mfu=0.512),
+            case("test_rms_norm[H768-fasttrain]", {"hidden": 768, "impl": "fasttrain"}, 2.5e-5, 2.41e-5,
+                 gb_per_s=2900.5, fraction_of_floor=0.93, timing="cuda_events"),
+            case("test_rms_norm[H768-eager]", {"hidden": 768, "impl": "eager"}, 8e-5, 7.9e-5, gb_per_s=910.2,
+                 fraction_of_floor=0.29, timing="cuda_events"),
+            case("test_gpu_train_step[gpt2-fasttrain]", {"config": "gpt2", "impl": "fasttrain"}, 0.31, 0.305,
+                 tokens_per_s=1_057_000, mfu=0.512, timing="host"),
+            case("test_host_overhead[rms_norm-fwd-fasttrain]",
+                 {"op": "rms_norm", "passes": "fwd", "impl": "fasttrain"}, 1.834e-5, 1.8e-5, host_us_per_call=18.34,
+                 timing="host"),
         ],
     }))
     return path
@@ -37,16 +40,19 @@ def test_table_and_chart(results, tmp_path, capsys):
     assert main([str(results), "--markdown", str(tmp_path / "t.md"), "--chart", str(tmp_path / "c.png")]) == 0
     table = (tmp_path / "t.md").read_text().splitlines()
     assert table[0].startswith("NVIDIA H100 80GB HBM3, torch 2.11.0, triton 3.6.0, commit 0123456789ab, 2026-11-21")
-    assert table[2] == "| case | implementation | median | GB/s | tokens/s | of floor | MFU |"
-    assert table[4] == "| rms_norm hidden=768 | fasttrain | 25.0 us | 2,900.5 |  | 0.93 |  |"
-    assert table[6] == "| gpu_train_step config=gpt2 | fasttrain | 310.00 ms |  | 1,057,000 |  | 0.512 |"
+    assert table[2] == ("| case | implementation | median | min | GB/s | tokens/s | of floor | MFU | host us/call "
+                        "| timed by |")
+    assert table[4] == "| rms_norm hidden=768 | fasttrain | 25.0 us | 24.1 us | 2,900.5 |  | 0.93 |  |  | cuda_events |"
+    assert table[6] == "| gpu_train_step config=gpt2 | fasttrain | 310.00 ms | 305.00 ms |  | 1,057,000 |  | 0.512 |  | host |"
+    assert table[7] == ("| host_overhead op=rms_norm passes=fwd | fasttrain | 18.3 us | 18.0 us |  |  |  |  | 18.34 "
+                        "| host |")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert capsys.readouterr().out.strip() == str(tmp_path / "c.png")
 
 
 def test_prints_the_table_without_a_file(results, capsys):
     main([str(results)])
-    assert "| rms_norm hidden=768 | eager | 80.0 us | 910.2 |" in capsys.readouterr().out
+    assert "| rms_norm hidden=768 | eager | 80.0 us | 79.0 us | 910.2 |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("content, message", [
