@@ -1,6 +1,6 @@
 """The GPU acceptance pack: every GPU check and measurement from one command, the results in four files.
 
-    python -m benchmarks.gpu_check [--stage env|tests|kernels|step|profile|ablation|hf|train ...] [--out DIR] [--dry-run]
+    python -m benchmarks.gpu_check [--stage env|tests|tune|kernels|step|profile|ablation|hf|train ...] [--out DIR] [--dry-run]
     python -m benchmarks.gpu_check --combine RESULTS.json [RESULTS.json ...] --out DIR
 
 Stages (default: all, in this order). Each runs in a process of its own under its own time
@@ -9,6 +9,8 @@ limit, so a crash or a hang in one leaves the others' results intact:
   env      GPU, driver and versions; the floors every figure is a fraction of, measured here:
            a device-to-device copy (GB/s) and a large bf16 matmul (TFLOP/s)
   tests    the test suite on the GPU, so the CUDA-only tests run too
+  tune     RMSNorm tilings timed on this GPU (benchmarks/tune_rms_norm.py); the winners go into
+           kernels/rms_norm_tilings.json here (the later stages run them) and into the stage's figures
   kernels  every kernel benchmark against eager PyTorch, torch.compile and Liger-Kernel (when installed),
            GPU time from CUDA events with the L2 cache flushed; the RMSNorm kernel inside a compiled block
            against inductor's fusion (bench_block.py); each kernel wrapper's host time per call against
@@ -59,7 +61,7 @@ from benchmarks.report import case_of, chart, duration, load_results, markdown
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("env", "tests", "kernels", "step", "profile", "ablation", "hf", "train")
+STAGES = ("env", "tests", "tune", "kernels", "step", "profile", "ablation", "hf", "train")
 STAGE_SECONDS = 540  # each stage's limit: inside one 10-minute command on the lent GPU machine
 FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.png", "gpu_check.log")
 KERNEL_BENCHMARKS = ("bench_cross_entropy.py", "bench_rms_norm.py", "bench_block.py", "bench_adamw.py",
@@ -223,6 +225,27 @@ def races(benchmarks: list[dict]) -> list[dict]:
                          "rival_s": theirs["median"], "rival_min_s": theirs["min"],
                          "speedup": theirs["median"] / ours["median"], "min_speedup": theirs["min"] / ours["min"]})
     return rows
+
+
+def tune_stage(ctx: Context) -> Stage:
+    """RMSNorm's tilings measured on this GPU: the winners, with their and the defaults' median times, are
+    written to the tilings file the kernels read (a dry run writes a scratch copy), and kept in the figures
+    so that the results files carry them back from a lent GPU."""
+    stage = Stage()
+    table = ctx.work / "rms_norm_tilings.json" if ctx.dry_run else None
+    code, _ = run([sys.executable, "-m", "benchmarks.tune_rms_norm", *(["--dry-run", "--out", str(table)] if table
+                                                                       else [])], ctx)
+    from kernels.rms_norm import TILINGS_FILE
+
+    path = table or TILINGS_FILE
+    tilings = json.loads(path.read_text())["tilings"] if path.exists() else {}
+    stage.figures = {"tilings": tilings}
+    tuned = {block: entry for entries in tilings.values() for block, entry in entries.items()}
+    stage.check("RMSNorm tilings measured", code == 0 and bool(tuned), f"{outcome(code)}: {len(tuned)} row blocks")
+    gains = [f"{entry['hidden']}: {name} {t['default'] / t['tuned']:.2f}x" for block, entry in tuned.items()
+             for name, t in entry["median_us"].items() if name.endswith("bf16")]
+    stage.summary = "; ".join(gains) or "nothing tuned"
+    return stage
 
 
 def kernels_stage(ctx: Context) -> Stage:
@@ -432,7 +455,7 @@ def hf_stage(ctx: Context) -> Stage:
 
 
 WORKERS: dict[str, Callable[[Context], Stage]] = {
-    "env": env_stage, "tests": tests_stage, "kernels": kernels_stage, "step": step_stage, "profile": profile_stage,
+    "env": env_stage, "tests": tests_stage, "tune": tune_stage, "kernels": kernels_stage, "step": step_stage, "profile": profile_stage,
     "ablation": ablation_stage, "hf": hf_stage, "train": train_stage,
 }
 

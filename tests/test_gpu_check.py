@@ -44,6 +44,9 @@ def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
         "document masking (bucketed, compiled flex attention) trains"]
     assert stages["tests"]["figures"]["passed"] > 0 and stages["tests"]["figures"]["failed"] == 0
     assert stages["env"]["figures"]["copy_gb_per_s"] > 0 and stages["env"]["figures"]["matmul_tflop_per_s"] > 0
+    # The tuner measured RMSNorm tilings (into a scratch copy of the table, in a dry run).
+    (tuned,) = stages["tune"]["figures"]["tilings"].values()
+    assert set(tuned) == {"64", "256"} and all(set(e) >= {"forward", "backward", "median_us"} for e in tuned.values())
     # Each benchmark case is tagged with its stage; the kernels race eager PyTorch.
     by_stage = {b["extra_info"]["stage"] for b in results["benchmarks"]}
     assert by_stage == {"kernels", "step"}
