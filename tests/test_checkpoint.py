@@ -59,9 +59,9 @@ def nan_losses(trainer: Trainer, at_steps: set[int], every_attempt: bool = False
     `every_attempt`) NaN."""
     loss, attempts = trainer.loss, set()
 
-    def poisoned(x, y):
+    def poisoned(x, y, **options):
         step = trainer.run.step + 1
-        sums = loss(x, y)
+        sums = loss(x, y, **options)
         if step in at_steps and (every_attempt or step not in attempts):
             attempts.add(step)
             return sums._replace(loss=sums.loss * float("nan"))
@@ -231,12 +231,12 @@ def test_sigterm_during_an_evaluation_stops_at_once_and_the_resume_evaluates_fir
     batches = []
     loss = Trainer.loss
 
-    def counting_loss(self, x, y):
+    def counting_loss(self, x, y, **options):
         if not self.model.training:  # an evaluation batch
             batches.append(self.run.step)
             if len(batches) == 1:
                 os.kill(os.getpid(), signal.SIGTERM)  # caught: the run stops at the next check
-        return loss(self, x, y)
+        return loss(self, x, y, **options)
 
     monkeypatch.setattr(Trainer, "loss", counting_loss)
     assert run_cli_code(train.main, tiny_args(pydoc_data, tmp_path / "cut", *run_args)) == 143

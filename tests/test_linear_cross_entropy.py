@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from kernels import LinearCrossEntropyLoss, cross_entropy, linear_cross_entropy, linear_cross_entropy_reference
 from tests.kernel_checks import DTYPES, assert_matches, random_targets
+
+lce = importlib.import_module("kernels.linear_cross_entropy")  # the module: the package exports its function by name
 
 # Gradients out of a GEMM over rounded logits: errors scale with the largest entry, not each entry.
 GEMM_ATOL = {torch.float32: 0.0, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -27,6 +31,7 @@ def check_against_reference(hidden, weight, bias, target, **options):
     grads = torch.autograd.grad(loss, leaves, incoming)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     options.pop("chunk_rows", None)
+    options.pop("grad_scale", None)
     reference = linear_cross_entropy_reference(leaves64[0], leaves64[1], target, *leaves64[2:], **options)
     grads64 = torch.autograd.grad(reference, leaves64, incoming.double())
     assert_matches(loss, reference, hidden.dtype, "loss")  # the logits were rounded to that dtype
@@ -117,6 +122,7 @@ def test_module_takes_any_leading_shape(kernel_device):
     ({"weight": torch.zeros(30, 7)}, "weight must be \\(V, 8\\)"),
     ({"bias": torch.zeros(29)}, "bias must be \\(30,\\)"),
     ({"chunk_rows": 0}, "chunk_rows must be positive"),
+    ({"grad_scale": torch.ones(2)}, "grad_scale must be a one-element tensor"),
     ({"hidden": torch.zeros(4, 8, dtype=torch.float64)}, "hidden must be float32"),
 ])
 def test_bad_arguments(bad, message):
@@ -169,3 +175,142 @@ def test_return_correct_counts_top1_hits(kernel_device, dtype):
     assert correct.item() == int(((at_target >= logits.max(-1).values) & valid).sum()) >= 15
     loss.backward()
     assert hidden.grad is not None and weight.grad is not None
+
+
+@pytest.mark.parametrize("n_rows, n_cols, itemsize, sizes", [
+    (16384, 50304, 2, [4096] * 4),  # 41 multiples of 128 fit in 512 MiB: 128 multiples go in 4 chunks
+    (8192, 131072, 2, [2048] * 4),
+    (8193, 262144, 2, [896] * 4 + [1024] + [896] * 3 + [897]),  # not 8 x 1024 and a 1-row sliver
+    (1000, 50304, 2, [1000]),
+    (0, 50304, 2, []),
+])
+def test_default_chunks_at_real_shapes(n_rows, n_cols, itemsize, sizes):
+    bounds = lce.chunk_bounds(n_rows, n_cols, itemsize)
+    assert [b - a for a, b in zip(bounds[:-1], bounds[1:])] == sizes
+
+
+def test_default_chunks_are_few_balanced_and_within_the_budget(monkeypatch):
+    """Over every row count up to 40 chunks: the fewest chunks the budget allows, whole multiples of 128 rows
+    (the last ends at n_rows), none over the budget, sizes within one multiple of each other."""
+    monkeypatch.setattr(lce, "LOGITS_BUDGET", 1000 * 100 * 4)  # 1000 rows of 100 fp32 logits: 7 multiples
+    for n_rows in range(1, 40 * 896, 37):
+        bounds = lce.chunk_bounds(n_rows, 100, 4)
+        sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        assert bounds[0] == 0 and bounds[-1] == n_rows and min(sizes) > 0
+        assert len(sizes) == -(-n_rows // 896) and max(sizes) <= 896
+        assert all(size % 128 == 0 for size in sizes[:-1])
+        assert max(sizes) - min(sizes[:-1] or sizes) <= 128 and sizes[-1] > max(sizes) - 256
+    assert lce.chunk_bounds(100, 10**6, 4) == (0, 100)  # a row over the budget still goes, one multiple at a time
+    assert lce.chunk_bounds(300, 10**6, 4) == (0, 128, 256, 300)
+    assert lce.chunk_bounds(37, 10**6, 4, chunk_rows=16) == (0, 16, 32, 37)  # named: exactly that
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_budget_sized_chunks_match_the_reference(kernel_device, dtype, monkeypatch):
+    """A budget of 12 rows in multiples of 4 splits 37 rows into 8 + 12 + 8 + 9: the default path through
+    several uneven chunks, with every gradient (fp16: the recomputing backward)."""
+    monkeypatch.setattr(lce, "CHUNK_MULTIPLE", 4)
+    monkeypatch.setattr(lce, "LOGITS_BUDGET", 12 * 300 * dtype.itemsize)
+    projections = []
+    project = lce._project
+    monkeypatch.setattr(lce, "_project", lambda h, *rest: projections.append(h.shape[0]) or project(h, *rest))
+    hidden, weight, b = make_inputs(37, 24, 300, dtype, kernel_device)
+    target = random_targets(37, 300, 6, kernel_device)
+    check_against_reference(hidden, weight, b, target)
+    assert projections[:4] == [8, 12, 8, 9]
+
+
+def emulated_fp32_gemms(monkeypatch, calls: list) -> None:
+    """torch.mm and torch.addmm with out_dtype=float32 as CUDA runs them (16-bit operands, an fp32 result and
+    sum), for the CPU, whose build lacks them; each such call is recorded as (name, out is self)."""
+    mm, addmm = torch.mm, torch.addmm
+
+    def fake_mm(a, b, out_dtype=None, out=None):
+        if out_dtype is None:
+            return mm(a, b, out=out)
+        calls.append(("mm", False))
+        return out.copy_(a.to(out_dtype) @ b.to(out_dtype))
+
+    def fake_addmm(acc, a, b, out_dtype=None, out=None, **kwargs):
+        if out_dtype is None:
+            return addmm(acc, a, b, out=out, **kwargs)
+        calls.append(("addmm", out is acc))
+        return out.copy_(acc + a.to(out_dtype) @ b.to(out_dtype))
+
+    monkeypatch.setattr(torch, "mm", fake_mm)
+    monkeypatch.setattr(torch, "addmm", fake_addmm)
+
+
+def test_fp32_output_gemms_write_the_first_chunk_and_add_the_others(monkeypatch):
+    """Where the probe finds fp32-output GEMMs, bf16 chunks go through them: the first writes the weight's
+    gradient (no zero-fill), the others add into it in place. Same sums as the fallback, within bf16."""
+    calls = []
+    emulated_fp32_gemms(monkeypatch, calls)
+    monkeypatch.setattr(lce, "_gemm_adds_in_fp32", lambda device, dtype: True)
+    hidden, weight, b = make_inputs(37, 24, 300, torch.bfloat16, "cpu")
+    target = random_targets(37, 300, 6, "cpu")
+    check_against_reference(hidden, weight, b, target, chunk_rows=16)
+    assert calls == [("mm", False), ("addmm", True), ("addmm", True)]
+
+
+def test_the_probe_says_no_to_a_missing_or_rounding_fp32_gemm(monkeypatch):
+    probe = lce._gemm_adds_in_fp32.__wrapped__  # not the cached answer
+    cpu = torch.device("cpu")
+    assert not probe(cpu, torch.bfloat16)  # this build has no CPU kernel: it raises
+    emulated_fp32_gemms(monkeypatch, [])
+    assert probe(cpu, torch.bfloat16) and probe(cpu, torch.float16)
+    addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda acc, a, b, out_dtype, out: out.copy_(
+        addmm(acc, a, b, out_dtype=out_dtype, out=torch.empty_like(out)).to(a.dtype)))  # a 16-bit sum
+    assert not probe(cpu, torch.bfloat16)
+
+
+def scaled_gradients(hidden, weight, bias, target, factor, grad_scale, **options):
+    """Loss and gradients of (loss * factor).sum(), the loss told `grad_scale` (None: nothing)."""
+    leaves = [t.detach().requires_grad_() for t in (hidden, weight, bias) if t is not None]
+    announced = None if grad_scale is None else torch.tensor(grad_scale, device=hidden.device)
+    loss = linear_cross_entropy(leaves[0], leaves[1], target, *leaves[2:], grad_scale=announced, **options)
+    grads = torch.autograd.grad((loss * torch.tensor(factor, device=hidden.device)).sum(), leaves)
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_an_announced_grad_scale_changes_no_loss_or_gradient(kernel_device, dtype, reduction, monkeypatch):
+    """grad_scale = s, then backward of loss * s: the same loss and gradients as without it, and where the
+    forward computes the gradients (bf16, fp32; mean or sum) the backward's factor is exactly 1, which the
+    row scaling skips. Where the backward computes them (fp16, reduction none) grad_scale changes nothing."""
+    factors = []
+    scale_rows = lce._scale_rows_op
+    monkeypatch.setattr(lce, "_scale_rows_op", lambda x, w: factors.append(w.clone()) or scale_rows(x, w))
+    hidden, weight, b = make_inputs(37, 24, 300, dtype, kernel_device)
+    target = random_targets(37, 300, 6, kernel_device)
+    options = {"reduction": reduction, "chunk_rows": 16, "z_loss": 1e-3}
+    fused = dtype != torch.float16 and reduction != "none"
+    for s in (1.0, 0.25, 3 / 7, 1e-5):
+        expected_loss, expected = scaled_gradients(hidden, weight, b, target, s, None, **options)
+        factors.clear()
+        loss, grads = scaled_gradients(hidden, weight, b, target, s, s, **options)
+        assert torch.equal(loss, expected_loss)
+        assert len(factors) == (3 if fused else 0) and all(torch.equal(f, torch.ones(1)) for f in factors)
+        for name, ours, ref in zip(("hidden", "weight", "bias"), grads, expected):
+            assert_matches(ours, ref.double(), dtype, f"grad {name}, s={s}", min_atol=GEMM_ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["sum", "none"])  # not mean: fp16 gradients / 31 rows reach subnormals
+def test_an_incoming_gradient_other_than_announced_is_still_exact(kernel_device, dtype, reduction):
+    """grad_scale = 3/7 announced, then a random incoming gradient: the gradients are still the reference's."""
+    hidden, weight, b = make_inputs(37, 24, 300, dtype, kernel_device)
+    target = random_targets(37, 300, 6, kernel_device)
+    check_against_reference(hidden, weight, b, target, chunk_rows=16, reduction=reduction,
+                            grad_scale=torch.tensor(3 / 7, device=kernel_device))
+
+
+def test_no_rows(kernel_device):
+    """An empty batch: loss 0, zero gradients (the weight's accumulator is zeroed, no chunk writes it)."""
+    hidden, weight, b = make_inputs(0, 8, 30, torch.float32, kernel_device)
+    leaves = [t.requires_grad_() for t in (hidden, weight, b)]
+    loss = linear_cross_entropy(*leaves[:2], torch.zeros(0, dtype=torch.int64, device=kernel_device), leaves[2])
+    loss.backward()
+    assert loss.item() == 0 and all(torch.equal(t.grad, torch.zeros_like(t)) for t in leaves)

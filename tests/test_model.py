@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -175,6 +176,26 @@ def test_next_token_loss_sums_the_loss_and_hits_fused_or_not():
                                reduction="sum")
         (expected_grad,) = torch.autograd.grad(live, plain.embed.weight)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_next_token_loss_grad_scale_changes_no_gradient_fused_or_not(monkeypatch):
+    """grad_scale announces what the loss is multiplied by before the backward: the fused loss folds it into
+    the gradients it computes (so its backward scales them by exactly 1), the unfused one ignores it; the
+    gradients of loss * s are the same either way."""
+    lce = importlib.import_module("kernels.linear_cross_entropy")
+    factors = []
+    scale_rows = lce._scale_rows_op
+    monkeypatch.setattr(lce, "_scale_rows_op", lambda x, w: factors.append(w.item()) or scale_rows(x, w))
+    model = Transformer(tiny())
+    tokens, targets = torch.randint(0, 97, (2, 12)), torch.randint(0, 97, (2, 12))
+    targets[0, :3] = IGNORE_INDEX
+    s = torch.tensor(3 / 7)
+    for objective in (NextTokenLoss(model), NextTokenLoss(model, fused=True)):
+        told, untold = (torch.autograd.grad(objective(tokens, targets, grad_scale=g).loss * s, list(model.parameters()))
+                        for g in (s, None))
+        for a, b in zip(told, untold, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert factors == [1.0, 1.0, s.item(), s.item()]  # the fused loss's hidden states and output weight
 
 
 def test_norm_kernel_model_under_autocast():

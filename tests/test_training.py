@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -185,6 +186,19 @@ def test_kernel_trains_like_plain_pytorch(pydoc_data, tmp_path, kernel):
     for p, q in zip(plain.model.parameters(), fused.model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(plain.evaluate()["val_loss"], fused.evaluate()["val_loss"], rtol=1e-5, atol=0)
+
+
+def test_the_fused_loss_leaves_its_backward_nothing_to_scale(pydoc_data, tmp_path, monkeypatch):
+    """accumulate_gradients announces the factor it multiplies each micro-batch's loss by (world size / counted
+    targets) to the fused loss, which folds it into its gradients: the backward's factor is exactly 1."""
+    lce = importlib.import_module("kernels.linear_cross_entropy")
+    factors = []
+    scale_rows = lce._scale_rows_op
+    monkeypatch.setattr(lce, "_scale_rows_op", lambda x, w: factors.append(w.item()) or scale_rows(x, w))
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "kernels.linear_cross_entropy=true", "kernels.rms_norm=false",
+                                  "kernels.adamw=false"), quiet=True)
+    trainer.accumulate_gradients()
+    assert factors and set(factors) == {1.0}
 
 
 def test_clipping_scales_to_the_limit_and_reports_the_norm_before(pydoc_data, tmp_path):

@@ -88,13 +88,18 @@ def wrap(module: nn.Module, blocks: Iterable[nn.Module], world: World, parallel:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     dtype = PRECISIONS[precision]
-    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+    reduce_dtype = torch.float32 if dtype else None
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype)
     # The mesh on the run's device: fully_shard's default mesh takes a GPU whenever there is one,
     # so a CPU run on a GPU machine would put rank r on cuda:r.
     mesh = init_device_mesh(device.type, (world.size,))
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    return fully_shard(module, mesh=mesh, mp_policy=policy)
+    # The root's inputs are token ids, targets and the loss's fp32 grad_scale (NextTokenLoss): cast to bf16,
+    # that scale would no longer equal the gradient the backward receives, and the fused loss's backward
+    # would make the pass over its gradients that announcing the scale saves.
+    root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    return fully_shard(module, mesh=mesh, mp_policy=root_policy)
 
 
 def gradient_sync(wrapped: nn.Module, enabled: bool):

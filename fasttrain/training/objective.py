@@ -49,14 +49,16 @@ def document_ids(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
     return (tokens == eot_id).cumsum(1)
 
 
-def batch_loss(objective: nn.Module, x: torch.Tensor, y: torch.Tensor, mask_eot_id: int | None) -> LossSums:
+def batch_loss(objective: nn.Module, x: torch.Tensor, y: torch.Tensor, mask_eot_id: int | None,
+               grad_scale: torch.Tensor | None = None) -> LossSums:
     """The loss sums of batch (x, y) (B, T) through `objective` (a NextTokenLoss, or its DDP/FSDP/compiled
-    wrapper). `mask_eot_id`: with document masking, the end-of-text id that starts each new document."""
-    return objective(x, y, None if mask_eot_id is None else document_ids(x, mask_eot_id))
+    wrapper). `mask_eot_id`: with document masking, the end-of-text id that starts each new document.
+    `grad_scale`: what the caller multiplies the loss by before the backward (see NextTokenLoss)."""
+    return objective(x, y, None if mask_eot_id is None else document_ids(x, mask_eot_id), grad_scale=grad_scale)
 
 
 class NextTokenLoss(nn.Module):
-    """`model`'s loss as a module: `forward(tokens, targets, documents=None) -> LossSums`.
+    """`model`'s loss as a module: `forward(tokens, targets, documents=None, grad_scale=None) -> LossSums`.
 
     The loss is a module of its own, holding the model, so that a wrapper (DDP, FSDP) and
     torch.compile see every use of the output weight, the fused loss's included.
@@ -69,17 +71,24 @@ class NextTokenLoss(nn.Module):
         self.model = model
         self.fused = fused
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor | None = None
-                ) -> LossSums:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor | None = None,
+                grad_scale: torch.Tensor | None = None) -> LossSums:
         """The sums over `targets` (B, T) of `tokens` (B, T); `documents` (B, T) masks attention to each
-        token's own document (see model.document_mask)."""
+        token's own document (see model.document_mask).
+
+        `grad_scale` (a scalar tensor): the factor the caller will multiply the loss by before
+        its backward. The fused loss folds it into the gradients it computes in the forward, so
+        that backward has no pass left to make (see kernels/linear_cross_entropy.py); the loss
+        returned is not multiplied by it. The unfused loss has no use for it and ignores it.
+        """
         valid = targets != IGNORE_INDEX
         if self.fused:
             from kernels.linear_cross_entropy import linear_cross_entropy  # needs Triton, so only when asked for
 
             loss, correct = linear_cross_entropy(self.model.hidden(tokens, documents).flatten(0, 1),
                                                  self.model.output.weight, targets.flatten(),
-                                                 ignore_index=IGNORE_INDEX, reduction="sum", return_correct=True)
+                                                 ignore_index=IGNORE_INDEX, reduction="sum", return_correct=True,
+                                                 grad_scale=grad_scale)
         else:
             logits = self.model(tokens, documents)
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,

@@ -199,10 +199,12 @@ class Trainer:
         """The learning rate of the next update."""
         return self.run.lr_scale * lr_at(self.run.step, self.cfg.train.max_steps, self.cfg.optim.lr, self.cfg.schedule)
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> LossSums:
+    def loss(self, x: torch.Tensor, y: torch.Tensor, grad_scale: torch.Tensor | None = None) -> LossSums:
         """The loss sums of batch (x, y) (B, T) through the objective. With data.document_mask, each
-        end-of-text token in x starts a new document."""
-        return batch_loss(self.objective, x, y, self.tokenizer.eot_id if self.cfg.data.document_mask else None)
+        end-of-text token in x starts a new document. `grad_scale`: what the loss will be multiplied
+        by before the backward (see NextTokenLoss)."""
+        return batch_loss(self.objective, x, y, self.tokenizer.eot_id if self.cfg.data.document_mask else None,
+                          grad_scale)
 
     def accumulate_gradients(self) -> torch.Tensor:
         """Forward and backward over the step's micro-batches; returns this rank's sums [loss, correct,
@@ -221,7 +223,7 @@ class Trainer:
         for i, (x, y) in enumerate(batches):
             with distributed.gradient_sync(self.objective, enabled=i == self.accumulation - 1):
                 with autocast(self.precision, self.device):
-                    out = self.loss(x, y)
+                    out = self.loss(x, y, grad_scale=scale)  # announced, so the fused loss's backward is free
                 self.updater.scale(out.loss * scale).backward()
             sums += out.detached()
         return sums
