@@ -30,6 +30,8 @@ with `cross_entropy_reference` (eager, any dtype) for tests and benchmarks.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -37,11 +39,12 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels._backend import num_warps_for, use_triton
-from kernels._specialization import COMPUTE_DTYPES, VOCAB_SIZES, Specialization, choices
+from kernels._specialization import COMPUTE_DTYPES, EXAMPLE_ROWS, VOCAB_SIZES, Specialization, choices
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum", "none")
 MAX_BLOCK = 8192  # columns a program holds at once; a 131072-wide row takes 16 blocks per pass
+CPU_PROGRAMS = 3  # kernel programs in the interpreter, each looping over rows (see `programs_for`)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -71,58 +74,60 @@ def _load_row_block(row_ptr, cols, mask, softcap, HAS_SOFTCAP: tl.constexpr):
 def _cross_entropy_kernel(
     logits_ptr, logits_stride, target_ptr, weight_ptr, weight_stride,
     loss_ptr, lse_ptr, correct_ptr, grad_ptr, grad_stride,
-    n_cols, ignore_index, label_smoothing, z_loss, softcap,
+    n_rows, n_cols, ignore_index, label_smoothing, z_loss, softcap,
     HAS_SOFTCAP: tl.constexpr, FORWARD: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
-    """One program per row. FORWARD: compute lse, the loss and whether the target is the row's maximum
-    (pass 1), else load lse.
-    WRITE_GRAD: write weight[row] * d loss_row / d logits_row (pass 2)."""
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = logits_ptr + row * logits_stride
-    target = tl.load(target_ptr + row)
-    valid = target != ignore_index
+    """Rows program_id, program_id + programs, ... one at a time, each block of a row prefetched STAGES - 1
+    blocks ahead. FORWARD: compute lse, the loss and whether the target is the row's maximum (pass 1),
+    else load lse. WRITE_GRAD: write weight[row] * d loss_row / d logits_row (pass 2)."""
     offsets = tl.arange(0, BLOCK)
+    # 64-bit rows: row * logits_stride passes 2**31 from 16384 rows of 131072 on
+    for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+        row_ptr = logits_ptr + row * logits_stride
+        target = tl.load(target_ptr + row)
+        valid = target != ignore_index
 
-    if FORWARD:
-        # Pass 1: online log-sum-exp (running max m, running sum s of exp(x - m)), and sum x for smoothing.
-        m = float("-inf")
-        s = 0.0
-        x_sum = 0.0
-        for start in range(0, n_cols, BLOCK):
-            cols = start + offsets
-            mask = cols < n_cols
-            x = _load_row_block(row_ptr, cols, mask, softcap, HAS_SOFTCAP)
-            x_sum += tl.sum(x, axis=0)
-            x = tl.where(mask, x, float("-inf"))
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
-        lse = m + tl.log(s)
-        safe_target = tl.where(valid, target, 0)
-        x_target = tl.load(row_ptr + safe_target).to(tl.float32)
-        if HAS_SOFTCAP:
-            x_target = softcap * _tanh(x_target / softcap)
-        loss = lse - (1.0 - label_smoothing) * x_target - label_smoothing * x_sum / n_cols + z_loss * lse * lse
-        tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
-        tl.store(lse_ptr + row, lse)
-        tl.store(correct_ptr + row, tl.where(valid & (x_target >= m), 1.0, 0.0))  # a top-1 hit (ties count)
-    else:
-        lse = tl.load(lse_ptr + row)
-
-    if WRITE_GRAD:
-        # Pass 2, last block first: those were read most recently, so they are likeliest still in L2.
-        weight = tl.where(valid, tl.load(weight_ptr + row * weight_stride), 0.0)
-        softmax_factor = 1.0 + 2.0 * z_loss * lse
-        n_blocks = tl.cdiv(n_cols, BLOCK)
-        for i in range(0, n_blocks):
-            cols = (n_blocks - 1 - i) * BLOCK + offsets
-            mask = cols < n_cols
-            x = _load_row_block(row_ptr, cols, mask, softcap, HAS_SOFTCAP)
-            g = tl.exp(x - lse) * softmax_factor - label_smoothing / n_cols
-            g = tl.where(cols == target, g - (1.0 - label_smoothing), g)
+        if FORWARD:
+            # Pass 1: online log-sum-exp (running max m, running sum s of exp(x - m)), and sum x for smoothing.
+            m = float("-inf")
+            s = 0.0
+            x_sum = 0.0
+            for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+                cols = start + offsets
+                mask = cols < n_cols
+                x = _load_row_block(row_ptr, cols, mask, softcap, HAS_SOFTCAP)
+                x_sum += tl.sum(x, axis=0)
+                x = tl.where(mask, x, float("-inf"))
+                m_new = tl.maximum(m, tl.max(x, axis=0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+                m = m_new
+            lse = m + tl.log(s)
+            safe_target = tl.where(valid, target, 0)
+            x_target = tl.load(row_ptr + safe_target).to(tl.float32)
             if HAS_SOFTCAP:
-                g = g * (1.0 - (x / softcap) * (x / softcap))  # d(c tanh(u / c))/du = 1 - tanh^2
-            tl.store(grad_ptr + row * grad_stride + cols, (g * weight).to(grad_ptr.dtype.element_ty), mask=mask)
+                x_target = softcap * _tanh(x_target / softcap)
+            loss = lse - (1.0 - label_smoothing) * x_target - label_smoothing * x_sum / n_cols + z_loss * lse * lse
+            tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+            tl.store(lse_ptr + row, lse)
+            tl.store(correct_ptr + row, tl.where(valid & (x_target >= m), 1.0, 0.0))  # a top-1 hit (ties count)
+        else:
+            lse = tl.load(lse_ptr + row)
+
+        if WRITE_GRAD:
+            # Pass 2, last block first: those were read most recently, so they are likeliest still in L2.
+            weight = tl.where(valid, tl.load(weight_ptr + row * weight_stride), 0.0)
+            softmax_factor = 1.0 + 2.0 * z_loss * lse
+            n_blocks = tl.cdiv(n_cols, BLOCK)
+            for i in tl.range(0, n_blocks, num_stages=STAGES):
+                cols = (n_blocks - 1 - i) * BLOCK + offsets
+                mask = cols < n_cols
+                x = _load_row_block(row_ptr, cols, mask, softcap, HAS_SOFTCAP)
+                g = tl.exp(x - lse) * softmax_factor - label_smoothing / n_cols
+                g = tl.where(cols == target, g - (1.0 - label_smoothing), g)
+                if HAS_SOFTCAP:
+                    g = g * (1.0 - (x / softcap) * (x / softcap))  # d(c tanh(u / c))/du = 1 - tanh^2
+                tl.store(grad_ptr + row * grad_stride + cols, (g * weight).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -146,6 +151,39 @@ def launch_config(n_cols: int) -> tuple[int, int]:
     """(BLOCK, num_warps) of both kernels for rows of `n_cols`: the whole row in one block up to MAX_BLOCK."""
     block = min(triton.next_power_of_2(n_cols), MAX_BLOCK)
     return block, num_warps_for(block)
+
+
+def stages(n_cols: int, itemsize: int) -> int:
+    """The cross-entropy kernel's pipeline depth for rows of `n_cols` logits of `itemsize` bytes: with more
+    than one block a row, each 16-bit block is loaded while the one before is reduced (2); a one-block row
+    has nothing to overlap, and fp32 blocks are left unpipelined (the prefetched 32 KiB block makes the
+    soft-capped fused variant spill on sm_90)."""
+    return 2 if n_cols > MAX_BLOCK and itemsize <= 2 else 1
+
+
+@functools.cache
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """(streaming multiprocessors, L2 cache bytes) of a GPU."""
+    props = torch.cuda.get_device_properties(device)
+    return props.multi_processor_count, props.L2_cache_size
+
+
+def programs_for(n_rows: int, n_cols: int, itemsize: int, device: torch.device) -> int:
+    """Programs of the cross-entropy kernel, each taking every programs-th row.
+
+    A row of one block is read again at once, from cache, whatever the grid: one program per row. A
+    longer row is read block by block twice, and its second read comes from L2 only if the rows in
+    flight fit there: a 131072-wide bf16 row is 256 KiB, and with
+    a program per row the GPU keeps hundreds in flight, far beyond an H100's 50 MiB. So the rows in
+    flight are held to about half the L2 (at least a program per SM): 132 programs at V = 131072 on an
+    H100, 250 at 50304. On the CPU (the interpreter) a few, so tests cover programs that loop.
+    """
+    if device.type != "cuda":
+        return min(n_rows, CPU_PROGRAMS)
+    if n_cols <= MAX_BLOCK:
+        return n_rows
+    multiprocessors, l2_bytes = _device_limits(device)
+    return max(1, min(n_rows, max(multiprocessors, l2_bytes // 2 // (n_cols * itemsize))))
 
 
 def _row_stride(weight: Tensor) -> int:
@@ -228,11 +266,12 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, 
     else:
         loss = correct = lse  # not written when FORWARD is off; the kernel only needs pointers
     block, num_warps = launch_config(n_cols)
-    _cross_entropy_kernel[(n_rows,)](
+    _cross_entropy_kernel[(programs_for(n_rows, n_cols, logits.element_size(), logits.device),)](
         logits, logits.stride(0), target, weight, _row_stride(weight),
         loss, lse, correct, logits if grad is None else grad, logits.stride(0) if grad is None else grad.stride(0),
-        n_cols, ignore_index, label_smoothing, z_loss, softcap or 1.0,
-        HAS_SOFTCAP=bool(softcap), FORWARD=forward, WRITE_GRAD=grad is not None, BLOCK=block, num_warps=num_warps,
+        n_rows, n_cols, ignore_index, label_smoothing, z_loss, softcap or 1.0,
+        HAS_SOFTCAP=bool(softcap), FORWARD=forward, WRITE_GRAD=grad is not None, BLOCK=block,
+        STAGES=stages(n_cols, logits.element_size()), num_warps=num_warps,
     )
     return loss, lse, correct
 
@@ -259,10 +298,11 @@ def rows_specialization(dtype: torch.dtype, n_cols: int, softcap: bool, forward:
     f32 = torch.float32
     return Specialization.of(
         _cross_entropy_kernel, num_warps,
-        dict(HAS_SOFTCAP=softcap, FORWARD=forward, WRITE_GRAD=write_grad, BLOCK=block),
+        dict(HAS_SOFTCAP=softcap, FORWARD=forward, WRITE_GRAD=write_grad, BLOCK=block,
+             STAGES=stages(n_cols, dtype.itemsize)),
         logits_ptr=dtype, logits_stride=n_cols, target_ptr=torch.int64, weight_ptr=f32, weight_stride=0,
         loss_ptr=f32, lse_ptr=f32, correct_ptr=f32, grad_ptr=dtype, grad_stride=n_cols,
-        n_cols=n_cols, ignore_index=IGNORE_INDEX, label_smoothing=0.0, z_loss=0.0, softcap=1.0,
+        n_rows=EXAMPLE_ROWS, n_cols=n_cols, ignore_index=IGNORE_INDEX, label_smoothing=0.0, z_loss=0.0, softcap=1.0,
     )
 
 
