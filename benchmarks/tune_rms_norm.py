@@ -133,36 +133,38 @@ def tune(hidden: int, rows: int, device: torch.device) -> dict:
     block = triton.next_power_of_2(hidden)
     inputs = {case.name: Inputs(case, rows, hidden, device) for case in CASES}
     default_forward, default_backward = default_tilings(block)
-    medians: dict[tuple, float] = {}
+    timings: dict[tuple, tuple[float, float]] = {}  # (pass, case name, tiling) -> (min, median) seconds
 
-    def time_forward(case: Case, tiling: Tiling) -> float:
-        run = inputs[case.name]
-        if not run.agrees(tiling, None):
-            raise ValueError("outputs differ from the default tiling's")
-        medians["forward", case.name, tiling] = measure(lambda: run.forward(tiling), device)[1]
-        return medians["forward", case.name, tiling]
+    def timer(which: str) -> Callable[[Case, Tiling], float]:
+        """The median seconds of the `which` pass ("forward" or "backward") of a case under a tiling,
+        once that tiling has reproduced the default's outputs."""
 
-    def time_backward(case: Case, tiling: Tiling) -> float:
-        run = inputs[case.name]
-        if not run.agrees(None, tiling):
-            raise ValueError("outputs differ from the default tiling's")
-        medians["backward", case.name, tiling] = measure(lambda: run.backward(tiling), device)[1]
-        return medians["backward", case.name, tiling]
+        def time_one(case: Case, tiling: Tiling) -> float:
+            run = inputs[case.name]
+            if not run.agrees(*((tiling, None) if which == "forward" else (None, tiling))):
+                raise ValueError("outputs differ from the default tiling's")
+            timings[which, case.name, tiling] = measure(lambda: getattr(run, which)(tiling), device)
+            return timings[which, case.name, tiling][1]
+
+        return time_one
 
     shapes = tile_shapes(block) or [(default_forward.block_rows, default_forward.num_warps)]
-    forward, _ = best([Tiling(r, w) for r, w in shapes] + [default_forward], time_forward, CASES)
+    forward, _ = best([Tiling(r, w) for r, w in shapes] + [default_forward], timer("forward"), CASES)
     shape, _ = best([Tiling(r, w, default_backward.programs_per_sm, default_backward.stages) for r, w in shapes]
-                    + [default_backward], time_backward, CASES)
+                    + [default_backward], timer("backward"), CASES)
     backward, _ = best([Tiling(shape.block_rows, shape.num_warps, p, s) for p in PROGRAMS_PER_SM for s in STAGES],
-                       time_backward, CASES)
+                       timer("backward"), CASES)
+    winners = (("forward", forward, default_forward), ("backward", backward, default_backward))
+
+    def micros(statistic: int) -> dict:  # 0: min, 1: median
+        return {f"{which} {case.name}": {"tuned": round(1e6 * timings[which, case.name, tuned][statistic], 2),
+                                         "default": round(1e6 * timings[which, case.name, default][statistic], 2)}
+                for which, tuned, default in winners for case in CASES if (which, case.name, default) in timings}
+
     return {
         "hidden": hidden, "block": block, "rows": rows,
         "forward": dataclasses.asdict(forward), "backward": dataclasses.asdict(backward),
-        "median_us": {f"{which} {case.name}": {"tuned": round(1e6 * medians[which, case.name, tuned], 2),
-                                               "default": round(1e6 * medians[which, case.name, default], 2)}
-                      for which, tuned, default in (("forward", forward, default_forward),
-                                                    ("backward", backward, default_backward))
-                      for case in CASES if (which, case.name, default) in medians},
+        "median_us": micros(1), "min_us": micros(0),
     }
 
 
@@ -171,8 +173,7 @@ def merge(path: Path, capability: str, results: list[dict], source: str) -> dict
     table = json.loads(path.read_text()) if path.is_file() else {"tilings": {}}
     entries = table["tilings"].setdefault(capability, {})
     for r in results:
-        entries[str(r["block"])] = {"forward": r["forward"], "backward": r["backward"], "hidden": r["hidden"],
-                                    "median_us": r["median_us"]}
+        entries[str(r["block"])] = {key: r[key] for key in ("forward", "backward", "hidden", "median_us", "min_us")}
     table["source"] = source
     return table
 
