@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._backend import num_warps_for, use_triton
+from kernels._backend import library_op, num_warps_for, use_triton
 from kernels._specialization import COMPUTE_DTYPES, EXAMPLE_ROWS, VOCAB_SIZES, Specialization, choices
 
 IGNORE_INDEX = -100
@@ -173,10 +173,10 @@ def programs_for(n_rows: int, n_cols: int, itemsize: int, device: torch.device) 
 
     A row of one block is read again at once, from cache, whatever the grid: one program per row. A
     longer row is read block by block twice, and its second read comes from L2 only if the rows in
-    flight fit there: a 131072-wide bf16 row is 256 KiB, and with
-    a program per row the GPU keeps hundreds in flight, far beyond an H100's 50 MiB. So the rows in
-    flight are held to about half the L2 (at least a program per SM): 132 programs at V = 131072 on an
-    H100, 250 at 50304. On the CPU (the interpreter) a few, so tests cover programs that loop.
+    flight fit there: a 131072-wide bf16 row is 256 KiB, and with a program per row the GPU keeps
+    hundreds in flight, far beyond an H100's 50 MiB. So the rows in flight are held to about half the
+    L2 (at least a program per SM): 132 programs at V = 131072 on an H100, 250 at 50304. On the CPU (the
+    interpreter) a few, so tests cover programs that loop.
     """
     if device.type != "cuda":
         return min(n_rows, CPU_PROGRAMS)
@@ -330,10 +330,10 @@ def specializations() -> list[Specialization]:
 
 # ----------------------------------------------------------------------------- torch.library ops
 # Registered ops are opaque to torch.compile: a compiled model calls them with no graph break.
-# The fake (meta) implementations give compile the output shapes.
+# The fake (meta) implementations give compile the output shapes. Eager calls skip the op (LibraryOp).
 
 
-@torch.library.custom_op("fasttrain::cross_entropy_rows", mutates_args=("grad",))
+@library_op("fasttrain::cross_entropy_rows", mutates_args=("grad",))
 def _rows_op(logits: Tensor, target: Tensor, weight: Tensor, grad: Tensor, write_grad: bool, ignore_index: int,
              label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
     """(loss rows, lse, top-1 hits), fp32 (N,); with write_grad, weight * d loss / d logits into `grad` (may be
@@ -348,7 +348,7 @@ def _(logits, target, weight, grad, write_grad, ignore_index, label_smoothing, z
     return rows, torch.empty_like(rows), torch.empty_like(rows)
 
 
-@torch.library.custom_op("fasttrain::cross_entropy_grad", mutates_args=("grad",))
+@library_op("fasttrain::cross_entropy_grad", mutates_args=("grad",))
 def _grad_op(logits: Tensor, target: Tensor, lse: Tensor, weight: Tensor, grad: Tensor, ignore_index: int,
              label_smoothing: float, z_loss: float, softcap: float) -> None:
     """weight * d loss / d logits into `grad`, from the lse a forward saved."""
@@ -360,7 +360,7 @@ def _(logits, target, lse, weight, grad, ignore_index, label_smoothing, z_loss, 
     return None
 
 
-@torch.library.custom_op("fasttrain::scale_rows_", mutates_args=("x",))
+@library_op("fasttrain::scale_rows_", mutates_args=("x",))
 def _scale_rows_op(x: Tensor, weight: Tensor) -> None:
     """x (N, V) *= weight ((1,) or (N,)), in place; free on the device when the weight is 1."""
     _scale_rows(x, weight)

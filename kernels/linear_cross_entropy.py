@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels._backend import library_op
 from kernels._specialization import HIDDEN_SIZES, PRECISIONS, VOCAB_SIZES, Specialization, choices
 from kernels.cross_entropy import (
     IGNORE_INDEX,
@@ -124,7 +125,7 @@ def _gemm_adds_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
     return written and added
 
 
-@torch.library.custom_op("fasttrain::gemm_into_", mutates_args=("out",))
+@library_op("fasttrain::gemm_into_", mutates_args=("out",))
 def _gemm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
     """out (M, N) = a (M, K) @ b (K, N), or += when `accumulate`: the product in a's and b's dtype
     (fp32 inside), stored in out's, which is theirs or fp32.

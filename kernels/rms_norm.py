@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._backend import num_warps_for, use_triton
+from kernels._backend import library_op, num_warps_for, use_triton
 from kernels._specialization import EXAMPLE_ROWS, HIDDEN_SIZES, PRECISIONS, Specialization, choices
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -309,10 +309,10 @@ def specializations() -> list[Specialization]:
 
 # ----------------------------------------------------------------------------- torch.library ops
 # Opaque to torch.compile, which calls them without a graph break; the fakes give it shapes and dtypes.
-# Eager calls skip them (see `_op`): the custom-op hop costs host time on every call and buys nothing there.
+# Eager calls skip the op and call the function (kernels/_backend.py, LibraryOp).
 
 
-@torch.library.custom_op("fasttrain::rms_norm_forward", mutates_args=())
+@library_op("fasttrain::rms_norm_forward")
 def _forward_op(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype
                 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h, rstd) of rows x (M, H) [+ residual]; h is empty without a residual, rstd is fp32 (M,)."""
@@ -325,7 +325,7 @@ def _(x, residual, weight, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype), h, x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("fasttrain::rms_norm_backward", mutates_args=("dx", "dresidual"))
+@library_op("fasttrain::rms_norm_backward", mutates_args=("dx", "dresidual"))
 def _backward_op(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, rstd: Tensor, dx: Tensor,
                  dresidual: Tensor | None, weight_grad: bool) -> Tensor:
     """dx into `dx` (may be `dy`) and into `dresidual` if given; returns dweight in the weight's dtype if
@@ -336,11 +336,6 @@ def _backward_op(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, rstd:
 @_backward_op.register_fake
 def _(dy, dh, h, weight, rstd, dx, dresidual, weight_grad):
     return weight.new_empty(weight.shape if weight_grad else 0)
-
-
-def _op(op, launcher):
-    """`op` while torch.compile traces (it must see an op), else the launcher behind it."""
-    return op if torch.compiler.is_compiling() else launcher
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -375,7 +370,7 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype,
                 inplace_backward: bool):
-        y, h, rstd = _op(_forward_op, _forward)(x, residual, weight, eps, out_dtype)
+        y, h, rstd = _forward_op(x, residual, weight, eps, out_dtype)
         ctx.has_residual, ctx.inplace_backward = residual is not None, inplace_backward
         ctx.grad_dtypes = (x.dtype, None if residual is None else residual.dtype)
         ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
@@ -395,7 +390,7 @@ class _RMSNormFunction(torch.autograd.Function):
         overwrite = ctx.inplace_backward and dy.dtype == first and dy.is_contiguous()
         dx = dy if overwrite else torch.empty_like(h, dtype=first)
         dresidual = torch.empty_like(h, dtype=wanted[1]) if len(wanted) == 2 and wanted[1] != first else None
-        dweight = _op(_backward_op, _backward)(dy, dh, h, weight, rstd, dx, dresidual, ctx.needs_input_grad[2])
+        dweight = _backward_op(dy, dh, h, weight, rstd, dx, dresidual, ctx.needs_input_grad[2])
         residual_grad = dx if dresidual is None else dresidual
         return (dx if ctx.needs_input_grad[0] else None, residual_grad if ctx.needs_input_grad[1] else None,
                 dweight if ctx.needs_input_grad[2] else None, None, None, None)

@@ -303,3 +303,15 @@ def test_measured_tilings_are_read_per_gpu_and_compiled(tmp_path, monkeypatch):
     compiled = {(s.name, dict(s.constexprs)["BLOCK_ROWS"], s.num_warps) for s in norm_module.specializations()
                 if dict(s.constexprs)["BLOCK"] == 1024}
     assert {("_rms_norm_forward_kernel", 1, 4), ("_rms_norm_backward_kernel", 1, 4)} <= compiled
+
+
+def test_eager_calls_skip_the_library_op_but_keep_its_version_bumps(kernel_device, monkeypatch):
+    """Outside torch.compile the launcher runs without the op's dispatch; the tensors it writes still count
+    as modified in place, as the op would mark them, so autograd can refuse a clobbered saved tensor."""
+    for op in (norm_module._forward_op, norm_module._backward_op):
+        monkeypatch.setattr(op, "op", lambda *args: pytest.fail("the torch.library op was called in eager mode"))
+    x = torch.randn(3, 40, device=kernel_device, requires_grad=True)
+    dy = torch.randn(3, 40, device=kernel_device)
+    before = dy._version
+    (dx,) = torch.autograd.grad(rms_norm(x, torch.ones(40, device=kernel_device), inplace_backward=True), x, dy)
+    assert dx.data_ptr() == dy.data_ptr() and dy._version > before
