@@ -89,10 +89,15 @@ def test_gpu_train_step(benchmark, record, device, data_dir, config, impl):
     median, peak = median_seconds(benchmark), peak_flops(trainer.device)
     flops_per_step = trainer.model.flops_per_token(trainer.cfg.train.seq_len) * trainer.tokens_per_step
     mfu = median and peak and flops_per_step / median / peak
+    # Each timed step in order: a spread from one slow round (a late compile, an allocator event) reads
+    # differently from steady jitter (the 2026-11-22 H100 run: stdev 14 ms against stock's 0.8)
+    stats = getattr(benchmark, "stats", None)
+    round_ms = None if stats is None else [round(t * 1e3, 2) for t in stats.stats.data]
     record(per_call=trainer.tokens_per_step, impl=impl, config=config, params=trainer.model.num_params(),
            batch_size=trainer.cfg.train.batch_size, seq_len=trainer.cfg.train.seq_len, dtype=trainer.precision,
            kernels=trainer.kernels.names(), compiled=trainer.compiled, mfu=round(mfu, 4) if mfu else None,
-           peak_memory_gib=None if DRY_RUN else round(torch.cuda.max_memory_allocated() / 2**30, 2))
+           peak_memory_gib=None if DRY_RUN else round(torch.cuda.max_memory_allocated() / 2**30, 2),
+           round_ms=round_ms)
 
 
 def plain_loop_step(trainer: Trainer):
