@@ -175,8 +175,8 @@ def programs_for(n_rows: int, n_cols: int, itemsize: int, device: torch.device) 
     longer row is read block by block twice, and its second read comes from L2 only if the rows in
     flight fit there: a 131072-wide bf16 row is 256 KiB, and with a program per row the GPU keeps
     hundreds in flight, far beyond an H100's 50 MiB. So the rows in flight are held to about half the
-    L2 (at least a program per SM): 132 programs at V = 131072 on an H100, 250 at 50304. On the CPU (the
-    interpreter) a few, so tests cover programs that loop.
+    L2 (at least a program per SM): 132 programs at V = 131072 on an H100, about 260 at 50304. On the
+    CPU (the interpreter) a few, so tests cover programs that loop.
     """
     if device.type != "cuda":
         return min(n_rows, CPU_PROGRAMS)
