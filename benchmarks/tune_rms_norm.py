@@ -10,10 +10,10 @@ residual. A tiling's score is the sum over the cases of its time over the case's
 lowest score wins. The backward is swept in two rounds (tile shape at the default grid, then
 grid and stages for the winning shape): a full product would not fit a 10-minute command.
 
-Timing is triton.testing.do_bench: CUDA events around each call, L2 flushed before it, the
-median of the calls (min reported beside it). Every candidate's outputs must equal the default
-tiling's within rounding, or it is dropped; so is one that fails to compile or launch (too many
-registers or too much shared memory for this GPU).
+Timing is the kernel benchmarks' (benchmarks/conftest.py, cuda_event_seconds): CUDA events around
+each of 30 calls, L2 flushed before it, the median of the calls (min reported beside it). Every
+candidate's outputs must equal the default tiling's within rounding, or it is dropped; so is one
+that fails to compile or launch (too many registers or too much shared memory for this GPU).
 
 The winners are merged into --out (default: kernels/rms_norm_tilings.json, which `rms_norm`
 reads when it is imported) under this GPU's capability, with each winner's and the default's
@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import triton
 
+from benchmarks.conftest import cuda_event_seconds
 from kernels.rms_norm import Tiling, default_tilings
 
 norm = importlib.import_module("kernels.rms_norm")  # the module: the package exports a function of that name
@@ -67,16 +68,17 @@ def tile_shapes(block: int) -> list[tuple[int, int]]:
 
 
 def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
-    """(min, median) seconds of `fn` on `device`: CUDA events with L2 flushed, or a few host-timed calls."""
+    """(min, median) seconds of `fn` on `device`: GPU time as the kernel benchmarks take it (CUDA events,
+    L2 flushed before each call; benchmarks/conftest.py), or a few host-timed calls on the CPU."""
     if device.type == "cuda":
-        low, median = triton.testing.do_bench(fn, warmup=10, rep=50, quantiles=[0.0, 0.5])
-        return low / 1e3, median / 1e3
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times), statistics.median(times)
+        samples = cuda_event_seconds(fn, device, warmup=10, rounds=30)
+    else:
+        samples = []
+        for _ in range(2):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return min(samples), statistics.median(samples)
 
 
 class Inputs:

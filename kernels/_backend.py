@@ -9,6 +9,7 @@ without a GPU; CI tests them that way).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Callable, Sequence
@@ -22,6 +23,12 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 def use_triton(t: torch.Tensor) -> bool:
     """True if an op on `t` should launch its Triton kernel rather than the PyTorch path."""
     return t.is_cuda or (INTERPRETING and t.device.type == "cpu")
+
+
+@functools.cache
+def gpu_properties(device: torch.device):
+    """The CUDA properties of the GPU behind `device` (capability, SM count, L2 size), read once."""
+    return torch.cuda.get_device_properties(device)
 
 
 def num_warps_for(block: int) -> int:

@@ -30,15 +30,13 @@ with `cross_entropy_reference` (eager, any dtype) for tests and benchmarks.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._backend import library_op, num_warps_for, use_triton
+from kernels._backend import gpu_properties, library_op, num_warps_for, use_triton
 from kernels._specialization import COMPUTE_DTYPES, EXAMPLE_ROWS, VOCAB_SIZES, Specialization, choices
 
 IGNORE_INDEX = -100
@@ -161,13 +159,6 @@ def stages(n_cols: int, itemsize: int) -> int:
     return 2 if n_cols > MAX_BLOCK and itemsize <= 2 else 1
 
 
-@functools.cache
-def _device_limits(device: torch.device) -> tuple[int, int]:
-    """(streaming multiprocessors, L2 cache bytes) of a GPU."""
-    props = torch.cuda.get_device_properties(device)
-    return props.multi_processor_count, props.L2_cache_size
-
-
 def programs_for(n_rows: int, n_cols: int, itemsize: int, device: torch.device) -> int:
     """Programs of the cross-entropy kernel, each taking every programs-th row.
 
@@ -182,8 +173,8 @@ def programs_for(n_rows: int, n_cols: int, itemsize: int, device: torch.device) 
         return min(n_rows, CPU_PROGRAMS)
     if n_cols <= MAX_BLOCK:
         return n_rows
-    multiprocessors, l2_bytes = _device_limits(device)
-    return max(1, min(n_rows, max(multiprocessors, l2_bytes // 2 // (n_cols * itemsize))))
+    props = gpu_properties(device)
+    return max(1, min(n_rows, max(props.multi_processor_count, props.L2_cache_size // 2 // (n_cols * itemsize))))
 
 
 def _row_stride(weight: Tensor) -> int:

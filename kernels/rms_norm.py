@@ -41,7 +41,6 @@ benchmarks.
 
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._backend import library_op, num_warps_for, use_triton
+from kernels._backend import gpu_properties, library_op, num_warps_for, use_triton
 from kernels._specialization import EXAMPLE_ROWS, HIDDEN_SIZES, PRECISIONS, Specialization, choices
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -171,10 +170,12 @@ def _read_tilings(path: Path) -> dict[str, dict[int, tuple[Tiling, Tiling]]]:
 MEASURED_TILINGS = _read_tilings(TILINGS_FILE)
 
 
-@functools.cache
 def _capability(device: torch.device) -> str | None:
     """The dispatch key of the GPU behind `device` ("sm_90"); None off the GPU."""
-    return "sm_{}{}".format(*torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+    if device.type != "cuda":
+        return None
+    props = gpu_properties(device)
+    return f"sm_{props.major}{props.minor}"
 
 
 def tilings(n_cols: int, capability: str | None) -> tuple[int, Tiling, Tiling]:
@@ -184,14 +185,10 @@ def tilings(n_cols: int, capability: str | None) -> tuple[int, Tiling, Tiling]:
     return (block, *(measured or default_tilings(block)))
 
 
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _backward_split(n_rows: int, tiling: Tiling, device: torch.device) -> tuple[int, int]:
     """(rows per program, programs): runs of whole tiles, about `tiling.programs_per_sm` per SM."""
-    wanted = tiling.programs_per_sm * _multiprocessors(device) if device.type == "cuda" else CPU_BACKWARD_PROGRAMS
+    wanted = (tiling.programs_per_sm * gpu_properties(device).multi_processor_count if device.type == "cuda"
+              else CPU_BACKWARD_PROGRAMS)
     rows_per_program = tiling.block_rows * triton.cdiv(n_rows, wanted * tiling.block_rows)
     return rows_per_program, triton.cdiv(n_rows, rows_per_program)
 
