@@ -117,15 +117,20 @@ def test_bad_input_is_one_line_exit_2(tmp_path):
 
 
 def limit_address_space(megabytes: int):
-    """A preexec_fn: the child's address space (ulimit -v) is its size after importing the trainer, plus `megabytes`."""
+    """A preexec_fn: the child's address space (ulimit -v) is its size after importing the trainer, plus `megabytes`.
+
+    That size is measured in a fresh interpreter, as the child will be: the forked test process's own size
+    (a pytest worker that may have run many tests before) would give the child a room that varies with it,
+    enough at times for pre-flight to pass a run that then cannot allocate."""
+    script = ("import fasttrain.train\n"
+              "print(next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmSize:')))")
+    size = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                              check=True).stdout)
+    room = size + megabytes * (1 << 20)
+
     def limit() -> None:
         import resource
 
-        import fasttrain.train  # noqa: F401 (what the child will have imported before pre-flight)
-
-        with open("/proc/self/status") as f:
-            size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-        room = size + megabytes * (1 << 20)
         resource.setrlimit(resource.RLIMIT_AS, (room, room))
     return limit
 
