@@ -5,6 +5,7 @@ logits once, write their gradient once), reported against a measured device copy
 bandwidth. Linear + cross-entropy is compute-bound: its floor is the 6 N H V FLOPs
 of the three GEMMs (forward, grad hidden, grad weight) at the GPU's peak bf16
 rate; we also record the peak memory beyond the inputs, against the unfused path.
+"torch" is torch's own fused head, F.linear_cross_entropy chunked (torch 2.13 on; skipped before).
 GPU only; Liger-Kernel's cases run when it is importable (never a dependency).
 """
 
@@ -40,6 +41,11 @@ def unfused_linear_cross_entropy(hidden, weight, target):
     return F.cross_entropy(hidden @ weight.t(), target)
 
 
+def torch_linear_cross_entropy(hidden, weight, target):
+    """torch's own fused head (2.13 on): F.linear_cross_entropy on its chunked path, options at "auto"."""
+    return F.linear_cross_entropy(hidden, weight, target, options=torch.nn.LinearCrossEntropyOptions())
+
+
 CROSS_ENTROPY = {
     "fasttrain": cross_entropy,
     "eager": eager_cross_entropy,
@@ -50,6 +56,7 @@ LINEAR_CROSS_ENTROPY = {
     "fasttrain": linear_cross_entropy,
     "eager": unfused_linear_cross_entropy,
     "compiled": lambda h, w, t: compiled(unfused_linear_cross_entropy)(h, w, t),
+    "torch": torch_linear_cross_entropy,
     "liger": lambda h, w, t: liger(LIGER, "liger_fused_linear_cross_entropy")(h, w, t),
 }
 
@@ -76,6 +83,8 @@ def test_cross_entropy_fwd_bwd(benchmark, record, device, copy_bandwidth, impl, 
 @pytest.mark.parametrize("shape", LINEAR_SHAPES, ids=lambda s: "N{}-H{}-V{}".format(*s))
 def test_linear_cross_entropy_fwd_bwd(benchmark, record, device, impl, shape):
     require(impl)
+    if impl == "torch" and not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        pytest.skip(f"torch {torch.__version__} has no chunked F.linear_cross_entropy (2.13 on)")
     n, hidden_size, vocab = shape
     fn = LINEAR_CROSS_ENTROPY[impl]
     hidden = torch.randn(n, hidden_size, device=device, dtype=torch.bfloat16, requires_grad=True)
