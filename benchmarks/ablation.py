@@ -5,9 +5,10 @@ levers that won together, each with tokens/s, MFU, step times, peak memory and i
 
 Each case runs in a process of its own (a lever such as FlashAttention-3 switches process-wide state,
 and a case that runs out of memory must not take the others with it), built as bench_train_step builds
-its trainer: random tokens on the device, one micro-batch per step, bf16, compiled. Steps are timed one
-by one with CUDA events after 3 warm-up steps; the first step's time (compilation, autotuning) is
-reported on its own. A lever that needs a GPU is skipped on a CPU (the dry run). The winners: every
+its trainer: random tokens on the device, bf16, compiled, an update of two micro-batches (one of
+twice the size in the "micro-batch x2" case: the same tokens per update, as a real run keeps them).
+Steps are timed one by one with CUDA events after 10 warm-up steps; the first step's time
+(compilation, autotuning) is reported on its own. A lever that needs a GPU is skipped on a CPU (the dry run). The winners: every
 lever at least WIN faster than stock, one per group (one attention kernel, one compile mode), together.
 The gpu_check `ablation` stage runs this.
 """
@@ -28,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 WIN = 1.01  # a lever wins where its tokens/s is at least this times stock's
 STEPS = 20
+MICRO_BATCHES = 2  # per update, in every case but "micro-batch x2" (one of twice the size)
 
 # name -> (group: at most one lever of a group is in the winners, --set overrides on top of stock)
 AUTO_KERNELS = ['kernels.linear_cross_entropy="auto"', 'kernels.rms_norm="auto"', 'kernels.adamw="auto"']
@@ -42,16 +44,21 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "cuda graphs": ("compile mode", ['train.compile_mode="reduce-overhead"']),
     "fp8 head": ("fp8", ['train.fp8="head"']),
     "fp8 all": ("fp8", ['train.fp8="all"']),
-    "micro-batch x2": ("batch", []),  # the config's batch size doubled: see lever_settings
+    "micro-batch x2": ("batch", []),  # the config's batch size doubled, tokens per update kept: lever_settings
 }
 CASES = ["stock", *LEVERS]
 
 
 def stock_settings() -> list[str]:
-    from benchmarks.bench_train_step import GPU_SETTINGS, KERNELS
+    """Stock pieces, and an update of MICRO_BATCHES micro-batches of the config's batch size, so that the
+    "micro-batch x2" lever has the same tokens per update in half as many micro-batches."""
+    from benchmarks.bench_train_step import CONFIGS, GPU_CONFIGS, GPU_SETTINGS, KERNELS
+    from fasttrain.config import load_config
 
     device = "train.device=cuda" if torch.cuda.is_available() else "train.device=cpu"
-    return [device, *GPU_SETTINGS, *KERNELS["stock"]]
+    settings = [device, *GPU_SETTINGS, *KERNELS["stock"]]
+    t = load_config(CONFIGS / GPU_CONFIGS[0], settings).train
+    return [*settings, f"train.tokens_per_update={MICRO_BATCHES * t.batch_size * t.seq_len}"]
 
 
 def lever_settings(name: str, stock: list[str]) -> list[str]:
@@ -65,8 +72,11 @@ def lever_settings(name: str, stock: list[str]) -> list[str]:
 
 
 def measure(settings: list[str], steps: int) -> dict:
-    """One case in this process: the step of configs/gpt2-small.toml (the dry run: tiny) with `settings`."""
+    """One case in this process: the step of configs/gpt2-small.toml (the dry run: tiny) with `settings`:
+    tokens/s and MFU (the median step), step times (each in order), allocator events while timed,
+    peak memory and the first step's time."""
     from benchmarks.bench_train_step import CONFIGS, GPU_CONFIGS, make_trainer
+    from benchmarks.conftest import allocator_counts, counts_since
     from benchmarks.profile_step import WARMUP_STEPS, step_times_ms
     from fasttrain.training.metrics import peak_flops
 
@@ -82,6 +92,7 @@ def measure(settings: list[str], steps: int) -> dict:
             trainer.step()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        before = allocator_counts(trainer.device)
         times = step_times_ms(trainer, steps)
         median = statistics.median(times) / 1e3
         peak = peak_flops(trainer.device)
@@ -89,10 +100,12 @@ def measure(settings: list[str], steps: int) -> dict:
         return {"tokens_per_s": round(trainer.tokens_per_step / median),
                 "mfu": round(flops / median / peak, 4) if peak else None,
                 "step_ms": {"min": round(min(times), 3), "median": round(statistics.median(times), 3),
-                            "stdev": round(statistics.stdev(times), 3) if len(times) > 1 else 0.0},
+                            "stdev": round(statistics.stdev(times), 3) if len(times) > 1 else 0.0,
+                            "each": [round(t, 3) for t in times]},
+                "allocator": counts_since(before, trainer.device),
                 "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 "first_step_s": round(first, 1), "kernels": trainer.kernels.names(),
-                "batch_size": trainer.cfg.train.batch_size}
+                "batch_size": trainer.cfg.train.batch_size, "tokens_per_update": trainer.tokens_per_step}
 
 
 def run_case(name: str, settings: list[str], steps: int, timeout: float) -> dict:

@@ -116,8 +116,8 @@ def bandwidth(floor_bytes: int, median_s: float | None, copy_bytes_per_s: float)
 
 
 def time_device(benchmark, device: torch.device, fn: Callable[[], object], rounds: int = 20,
-                events: bool = True) -> None:
-    """Benchmark `fn` on `device` after warm-up calls (compilation, autotuning).
+                events: bool = True, warmup: int = 3) -> None:
+    """Benchmark `fn` on `device` after `warmup` untimed calls (compilation, autotuning; 1 in a dry run).
 
     On a GPU, with `events`, each round is GPU time alone (`cuda_event_seconds`): the host's Python,
     launches and syncs are outside it (bench_host_overhead.py measures that cost apart). `events=False`
@@ -131,7 +131,7 @@ def time_device(benchmark, device: torch.device, fn: Callable[[], object], round
         fn()
         synchronize(device)
 
-    warmup, rounds = sizes(3, 1), sizes(rounds, 2)
+    warmup, rounds = sizes(warmup, 1), sizes(rounds, 2)
     if device.type == "cuda" and events:
         benchmark.extra_info.update(timing="cuda_events", l2_flushed=True)
         record_samples(benchmark, lambda: cuda_event_seconds(fn, device, warmup, rounds), untimed=call)
@@ -251,3 +251,23 @@ def require(impl: str) -> None:
         pytest.skip("liger-kernel is not installed")
     if impl == "compiled" and DRY_RUN:
         pytest.skip("a dry run skips the torch.compile baselines: minutes of CPU compiling that prove nothing")
+
+
+# The CUDA caching allocator's running counts that explain a slow step: a retry (a cudaMalloc failed, so
+# every cached block was freed, with a device sync, and it tried again) costs tens of ms, and a cudaMalloc
+# or cudaFree after warm-up means the cache is still churning.
+ALLOCATOR_COUNTS = ("num_alloc_retries", "num_device_alloc", "num_device_free")
+
+
+def allocator_counts(device: torch.device) -> dict[str, int]:
+    """The caching allocator's ALLOCATOR_COUNTS on `device` so far; {} off CUDA (no such allocator)."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {k: stats.get(k, 0) for k in ALLOCATOR_COUNTS}
+
+
+def counts_since(before: dict[str, int], device: torch.device) -> dict[str, int]:
+    """The allocator events on `device` since `before` (an allocator_counts), per count."""
+    now = allocator_counts(device)
+    return {k: now[k] - before.get(k, 0) for k in now}

@@ -273,7 +273,8 @@ def step_stage(ctx: Context) -> Stage:
 def profile_stage(ctx: Context) -> Stage:
     """Where the 124M step's time goes, for each kernel setting of bench_train_step (auto, every kernel on,
     stock): step times from CUDA events (min, median, stdev: the spread), then the profiled time per step
-    by kernel category, the device's idle time included (benchmarks/profile_step.py)."""
+    by kernel category, the device's idle time included, and the allocator's cudaMalloc retries and calls
+    during the timed steps (benchmarks/profile_step.py)."""
     from benchmarks.bench_train_step import CONFIGS, GPU_CONFIGS, GPU_SETTINGS, KERNELS, make_trainer
     from benchmarks.conftest import sizes
     from benchmarks.profile_step import profile_trainer
@@ -287,7 +288,7 @@ def profile_stage(ctx: Context) -> Stage:
         found = profile_trainer(trainer, sizes(20, 3), data_dir)
         print(f"{config} {impl} (kernels: {', '.join(trainer.kernels.names()) or 'none'})\n{found['table']}")
         stage.figures[impl] = {"config": config, "kernels": trainer.kernels.names(), "step_ms": found["step_ms"],
-                               "ms_per_step": found["ms_per_step"]}
+                               "allocator": found["allocator"], "ms_per_step": found["ms_per_step"]}
         stage.check(f"{impl} profiled", bool(found["ms_per_step"]), f"median step {found['step_ms']['median']:.2f} ms")
     stage.summary = "; ".join(f"{impl} {f['step_ms']['median']:.1f} ms (stdev {f['step_ms']['stdev']:.1f})"
                               for impl, f in stage.figures.items())

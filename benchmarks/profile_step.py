@@ -3,9 +3,10 @@
     python -m benchmarks.profile_step configs/gpt2-small.toml [--set KEY=VALUE ...] [--steps 5] [--out DIR]
 
 Builds the config's Trainer as bench_train_step does (random tokens already on the
-device, one micro-batch per step), runs 3 warm-up steps (compilation, autotuning),
-times --steps steps one by one (CUDA events, one sync at the end: min, median and
-spread), then profiles --steps steps. Prints the time per step by kernel category
+device, one micro-batch per step), runs 10 warm-up steps (compilation, autotuning),
+times --steps steps one by one (CUDA events, one sync at the end: min, median, spread
+and each step in order, with the caching allocator's cudaMalloc retries and calls
+meanwhile: a slow step beside a retry is the allocator's), then profiles --steps steps. Prints the time per step by kernel category
 (matmul, attention, norm, cross-entropy, optimizer, elementwise, copies, and on a GPU
 the device idle: host work and gaps), the ops that took the most time (GPU time on
 CUDA, CPU time otherwise), and writes DIR/trace.json for chrome://tracing or
@@ -26,11 +27,9 @@ from typing import Sequence
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.bench_train_step import make_trainer
+from benchmarks.bench_train_step import WARMUP_STEPS, make_trainer
+from benchmarks.conftest import allocator_counts, counts_since
 from fasttrain.system.errors import ArgumentParser, run_cli
-
-WARMUP_STEPS = 3
-
 
 # Kernel and op names -> category, first match wins (names lowercased). Inductor's generated kernels are
 # "triton_poi_/red_/per_fused_..." and fall to elementwise unless a category's name is in them.
@@ -72,11 +71,14 @@ def step_times_ms(trainer, steps: int) -> list[float]:
 
 def profile_trainer(trainer, steps: int, out: Path) -> dict:
     """Warm `trainer` up, time `steps` steps, then profile `steps` more (writing out/trace.json): the step
-    times (min, median, stdev in ms), the time per step by category, and the top-ops table."""
+    times (min, median, stdev in ms, and each in order), the allocator events during the timed steps, the
+    time per step by category, and the top-ops table."""
     out.mkdir(parents=True, exist_ok=True)
     for _ in range(WARMUP_STEPS):
         trainer.step()
+    before = allocator_counts(trainer.device)
     times = step_times_ms(trainer, steps)
+    allocator = counts_since(before, trainer.device)
     cuda = trainer.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -95,7 +97,9 @@ def profile_trainer(trainer, steps: int, out: Path) -> dict:
         by_category["idle (host, gaps)"] = max(statistics.median(times) - sum(by_category.values()), 0.0)
     table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25)
     return {"step_ms": {"min": min(times), "median": statistics.median(times),
-                        "stdev": statistics.stdev(times) if len(times) > 1 else 0.0},
+                        "stdev": statistics.stdev(times) if len(times) > 1 else 0.0,
+                        "each": [round(t, 3) for t in times]},
+            "allocator": allocator,
             "ms_per_step": {k: round(v, 3) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
             "table": table}
 
@@ -117,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(found["table"])
     step = found["step_ms"]
     print(f"step: min {step['min']:.2f} ms, median {step['median']:.2f} ms, stdev {step['stdev']:.2f} ms")
+    print("each: " + " ".join(f"{t:.1f}" for t in step["each"]) + " ms")
+    if found["allocator"]:
+        print("allocator during the timed steps: " + ", ".join(f"{k} {v}" for k, v in found["allocator"].items()))
     for name, ms in found["ms_per_step"].items():
         print(f"  {name:<18} {ms:9.3f} ms/step")
     print(f"trace: {Path(args.out) / 'trace.json'}")

@@ -63,11 +63,15 @@ def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
     assert cases["stock"]["tokens_per_s"] > 0 and cases["stock"]["error"] is None
     assert cases["attention flash"]["skipped"] and "needs a CUDA GPU" in cases["attention flash"]["error"]
     assert cases["micro-batch x2"]["batch_size"] == 2 * cases["stock"]["batch_size"]
+    assert cases["micro-batch x2"]["tokens_per_update"] == cases["stock"]["tokens_per_update"]  # the same update
+    assert len(cases["stock"]["step_ms"]["each"]) == 3
     # The profile: each kernel setting's step time and where it goes, by category.
     profiled = stages["profile"]["figures"]
     assert list(profiled) == ["fasttrain", "kernels-on", "stock"] and profiled["stock"]["kernels"] == []
     for found in profiled.values():
         assert 0 < found["step_ms"]["min"] <= found["step_ms"]["median"]
+        assert min(found["step_ms"]["each"]) == pytest.approx(found["step_ms"]["min"], abs=1e-3)
+        assert found["allocator"] == {}  # the CPU has no caching allocator
         assert found["ms_per_step"]["matmul"] > 0 and sum(found["ms_per_step"].values()) > 0
     report = (out / "gpu_check.md").read_text()
     assert "dry run" in report and "## Checks" in report and "a checkpoint resumes bit for bit | pass" in report
