@@ -151,12 +151,13 @@ def launch_config(n_cols: int) -> tuple[int, int]:
     return block, num_warps_for(block)
 
 
-def stages(n_cols: int, itemsize: int) -> int:
+def stages(n_cols: int, itemsize: int, softcap: bool) -> int:
     """The cross-entropy kernel's pipeline depth for rows of `n_cols` logits of `itemsize` bytes: with more
     than one block a row, each 16-bit block is loaded while the one before is reduced (2); a one-block row
-    has nothing to overlap, and fp32 blocks are left unpipelined (the prefetched 32 KiB block makes the
-    soft-capped fused variant spill on sm_90)."""
-    return 2 if n_cols > MAX_BLOCK and itemsize <= 2 else 1
+    has nothing to overlap. fp32 blocks and soft-capped rows are left unpipelined: with the prefetched
+    block, the fused soft-capped variant spills (fp32: on sm_90 with Triton 3.9; bf16: 20-28 bytes a
+    thread on sm_80 and sm_90 with Triton 3.6, the GPU image's)."""
+    return 2 if n_cols > MAX_BLOCK and itemsize <= 2 and not softcap else 1
 
 
 def programs_for(n_rows: int, n_cols: int, itemsize: int, device: torch.device) -> int:
@@ -262,7 +263,7 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, 
         loss, lse, correct, logits if grad is None else grad, logits.stride(0) if grad is None else grad.stride(0),
         n_rows, n_cols, ignore_index, label_smoothing, z_loss, softcap or 1.0,
         HAS_SOFTCAP=bool(softcap), FORWARD=forward, WRITE_GRAD=grad is not None, BLOCK=block,
-        STAGES=stages(n_cols, logits.element_size()), num_warps=num_warps,
+        STAGES=stages(n_cols, logits.element_size(), bool(softcap)), num_warps=num_warps,
     )
     return loss, lse, correct
 
@@ -290,7 +291,7 @@ def rows_specialization(dtype: torch.dtype, n_cols: int, softcap: bool, forward:
     return Specialization.of(
         _cross_entropy_kernel, num_warps,
         dict(HAS_SOFTCAP=softcap, FORWARD=forward, WRITE_GRAD=write_grad, BLOCK=block,
-             STAGES=stages(n_cols, dtype.itemsize)),
+             STAGES=stages(n_cols, dtype.itemsize, softcap)),
         logits_ptr=dtype, logits_stride=n_cols, target_ptr=torch.int64, weight_ptr=f32, weight_stride=0,
         loss_ptr=f32, lse_ptr=f32, correct_ptr=f32, grad_ptr=dtype, grad_stride=n_cols,
         n_rows=EXAMPLE_ROWS, n_cols=n_cols, ignore_index=IGNORE_INDEX, label_smoothing=0.0, z_loss=0.0, softcap=1.0,
