@@ -1,6 +1,6 @@
 """The GPU acceptance pack: every GPU check and measurement from one command, the results in four files.
 
-    python -m benchmarks.gpu_check [--stage env|tests|tune|kernels|step|profile|ablation|hf|train ...] [--out DIR] [--dry-run]
+    python -m benchmarks.gpu_check [--stage env|tests|tune|kernels|step|profile|ablation|parity|hf|train ...] [--out DIR] [--dry-run]
     python -m benchmarks.gpu_check --combine RESULTS.json [RESULTS.json ...] --out DIR
 
 Stages (default: all, in this order). Each runs in a process of its own under its own time
@@ -17,10 +17,13 @@ limit, so a crash or a hang in one leaves the others' results intact:
            stock PyTorch's (bench_host_overhead.py)
   step     the 124M and 350M training step: fasttrain (auto), every kernel on, and the stock pieces:
            tokens/s, MFU, memory
-  profile  the 124M step of each of those: step times (min, median, spread) and the time per step by
-           kernel category (matmul, attention, norm, cross-entropy, optimizer, elementwise, idle)
+  profile  the 124M step of each of those: step times (min, median, spread, each), allocator events,
+           and the time per step by kernel category (matmul, attention, norm, cross-entropy, optimizer,
+           elementwise, idle)
   ablation the 124M step from stock pieces, stock + each lever (kernels auto, attention kernels, compile
            modes and tuning, CUDA graphs, a doubled micro-batch), then the winners together
+  parity   200 steps of a real run (configs/gpt2-small.toml on the docstrings corpus) with the configs'
+           defaults and with stock pieces, from the same seed: their final losses within 1%
   hf       a transformers Llama trained unpatched, with kernels.patch_hf_model, and with Liger-Kernel's
            patch when it is installed: tokens/s and peak memory
   train    a short real run of configs/gpt2-small.toml on the embedded docstrings corpus (bf16, compiled,
@@ -61,7 +64,7 @@ from benchmarks.report import case_of, chart, duration, load_results, markdown
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("env", "tests", "tune", "kernels", "step", "profile", "ablation", "hf", "train")
+STAGES = ("env", "tests", "tune", "kernels", "step", "profile", "ablation", "parity", "hf", "train")
 STAGE_SECONDS = 540  # each stage's limit: inside one 10-minute command on the lent GPU machine
 FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.png", "gpu_check.log")
 KERNEL_BENCHMARKS = ("bench_cross_entropy.py", "bench_rms_norm.py", "bench_block.py", "bench_adamw.py",
@@ -303,8 +306,8 @@ GUARD_FAILURE = re.compile(r"\[__recompiles\]\s+- (.+)")
 
 
 def train_settings(ctx: Context, out_dir: Path) -> tuple[str, list[str]]:
-    """(config, --set overrides) of the short run: GPT-2 small on the docstrings corpus with every kernel
-    on; in a dry run the base config's model, tiny, eager, fp32 on the CPU."""
+    """(config, --set overrides) of the short runs: GPT-2 small on the docstrings corpus with the config's
+    kernels (callers add theirs); in a dry run the base config's model, tiny, eager, fp32 on the CPU."""
     common = [f'data.dir="{ctx.work / "data"}"', 'data.tokenizer=""', "train.tokens_per_update=0",
               f'train.out_dir="{out_dir}"', "train.log_interval=1", "train.tensorboard=false",
               "train.eval_steps=4", "train.sample_tokens=16", "schedule.warmup_steps=5"]
@@ -316,8 +319,7 @@ def train_settings(ctx: Context, out_dir: Path) -> tuple[str, list[str]]:
                                      'train.precision="fp32"']
     return "configs/gpt2-small.toml", [*common, 'data.inputs=["builtin:docstrings"]', "data.vocab_size=8192",
                                        "train.batch_size=16", "train.device=cuda", "train.compile=true",
-                                       'train.precision="bf16"', "kernels.linear_cross_entropy=true",
-                                       "kernels.rms_norm=true", "kernels.adamw=true"]
+                                       'train.precision="bf16"']
 
 
 def train_run(ctx: Context, out_dir: Path, steps: int, *extra: str, resume: Path | None = None
@@ -367,12 +369,14 @@ def late_recompiles(output: str) -> tuple[list[str], list[str]]:
 
 
 def train_stage(ctx: Context) -> Stage:
+    from benchmarks.bench_train_step import KERNELS
     from fasttrain.training import checkpoint
 
     stage = Stage()
+    every = KERNELS["kernels-on"]
     steps = 16 if ctx.dry_run else 60
     straight = ctx.work / "straight"
-    code, output, events = train_run(ctx, straight, steps)
+    code, output, events = train_run(ctx, straight, steps, *every)
     falls = loss_falls(stage, "the loss falls", code, events)
     recompiles, late = late_recompiles(output)
     stage.check("no recompiles after warm-up", code == 0 and not late,
@@ -387,7 +391,7 @@ def train_stage(ctx: Context) -> Stage:
     half = steps // 2
     saved = checkpoint.path_for(straight / "checkpoints", half)
     if code == 0 and saved.exists():
-        code, _, resumed = train_run(ctx, ctx.work / "resumed", steps, resume=saved)
+        code, _, resumed = train_run(ctx, ctx.work / "resumed", steps, *every, resume=saved)
         want = {s: v for s, v in train_losses(events).items() if s > half}
         got = train_losses(resumed)
         differ = [s for s in want if got.get(s) != want[s]]
@@ -403,14 +407,50 @@ def train_stage(ctx: Context) -> Stage:
         stage.check("a checkpoint resumes bit for bit", False, f"no checkpoint at step {half} to resume from")
 
     masked = ctx.work / "masked"
-    code, output, events = train_run(ctx, masked, steps, 'data.batching="padded"', 'data.padding="bucketed"',
-                                     "data.document_mask=true")
+    code, output, events = train_run(ctx, masked, steps, *every, 'data.batching="padded"',
+                                     'data.padding="bucketed"', "data.document_mask=true")
     loss_falls(stage, "document masking (bucketed, compiled flex attention) trains", code, events)
     trains = [e for e in events if e["event"] == "train"]
     stage.figures["document_mask"] = {"recompiles": len(late_recompiles(output)[0]),
                                       "tokens_per_s": trains[-1].get("tokens_per_s") if trains else None}
     stage.summary = (f"{sum(c['ok'] for c in stage.checks)} of {len(stage.checks)} checks pass"
                      + (f"; {stage.figures['straight']['tokens_per_s']:,.0f} tok/s" if falls else ""))
+    return stage
+
+
+PARITY_STEPS = 200
+PARITY_GAP = 0.01  # the defaults' loss may differ from stock's by this fraction of it, at most
+
+
+def final_losses(events: list[dict]) -> dict[str, float | None]:
+    """A run's end: its last validation loss, and its mean training loss over the last tenth of its steps."""
+    trains = [e["loss"] for e in events if e["event"] == "train"]
+    evals = [e["val_loss"] for e in events if e["event"] == "eval"]
+    tail = trains[-max(len(trains) // 10, 1):]
+    return {"val_loss": evals[-1] if evals else None, "train_loss": sum(tail) / len(tail) if tail else None}
+
+
+def parity_stage(ctx: Context) -> Stage:
+    """The config's defaults (kernels auto and every lever the configs turn on) against stock pieces, each
+    PARITY_STEPS steps of the same run on the same data from the same seed: the losses they end at must
+    agree within PARITY_GAP, so a speed-up is not bought with a worse model."""
+    from benchmarks.bench_train_step import KERNELS
+
+    stage = Stage()
+    steps = 30 if ctx.dry_run else PARITY_STEPS
+    for name, settings in (("stock", KERNELS["stock"]), ("defaults", [])):
+        code, _, events = train_run(ctx, ctx.work / f"parity-{name}", steps, *settings)
+        trains = [e for e in events if e["event"] == "train"]
+        stage.figures[name] = {"status": code, "steps": len(trains), **final_losses(events),
+                               "tokens_per_s": trains[-1].get("tokens_per_s") if trains else None}
+    stock, defaults = stage.figures["stock"], stage.figures["defaults"]
+    for key in ("val_loss", "train_loss"):
+        a, b = stock[key], defaults[key]
+        gap = abs(b - a) / abs(a) if a and b is not None else None
+        stage.check(f"{key} within {PARITY_GAP:.0%} of stock's", gap is not None and gap <= PARITY_GAP,
+                    f"stock {a}, defaults {b}" + (f" ({gap:.2%} apart)" if gap is not None else "")
+                    + f" after {steps} steps")
+    stage.summary = "; ".join(f"{name} val_loss {f['val_loss']}" for name, f in stage.figures.items())
     return stage
 
 
@@ -457,7 +497,7 @@ def hf_stage(ctx: Context) -> Stage:
 
 WORKERS: dict[str, Callable[[Context], Stage]] = {
     "env": env_stage, "tests": tests_stage, "tune": tune_stage, "kernels": kernels_stage, "step": step_stage, "profile": profile_stage,
-    "ablation": ablation_stage, "hf": hf_stage, "train": train_stage,
+    "ablation": ablation_stage, "parity": parity_stage, "hf": hf_stage, "train": train_stage,
 }
 
 

@@ -65,6 +65,10 @@ def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
     assert cases["micro-batch x2"]["batch_size"] == 2 * cases["stock"]["batch_size"]
     assert cases["micro-batch x2"]["tokens_per_update"] == cases["stock"]["tokens_per_update"]  # the same update
     assert len(cases["stock"]["step_ms"]["each"]) == 3
+    # Parity: the defaults and stock pieces end 30 steps of the same run at losses within 1%.
+    parity = stages["parity"]
+    assert [c["name"] for c in parity["checks"]] == ["val_loss within 1% of stock's", "train_loss within 1% of stock's"]
+    assert parity["figures"]["stock"]["steps"] == parity["figures"]["defaults"]["steps"] == 30
     # The profile: each kernel setting's step time and where it goes, by category.
     profiled = stages["profile"]["figures"]
     assert list(profiled) == ["fasttrain", "kernels-on", "stock"] and profiled["stock"]["kernels"] == []
@@ -109,6 +113,15 @@ def test_combine_merges_stages_and_a_later_failure_wins(dry_run, tmp_path):
     assert combined["gpu_check"]["stages"]["train"]["status"] == "pass"  # kept from the first file
     assert len(combined["benchmarks"]) == len(results["benchmarks"])  # the later file had no cases to replace them
     assert "| tests | test suite | **FAIL** | 1 failed |" in (merged / "gpu_check.md").read_text()
+
+
+def test_final_losses_are_the_last_evaluation_and_the_training_tail():
+    losses = [10.0, 9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.5]
+    events = [{"event": "train", "step": i, "loss": x} for i, x in enumerate(losses, start=1)]
+    events += [{"event": "eval", "step": 6, "val_loss": 5.5}, {"event": "eval", "step": 12, "val_loss": 0.75}]
+    assert gpu_check.final_losses(events) == {"val_loss": 0.75, "train_loss": 0.5}  # the last tenth: 1 step
+    assert gpu_check.final_losses(events[:3]) == {"val_loss": None, "train_loss": 8.0}
+    assert gpu_check.final_losses([]) == {"val_loss": None, "train_loss": None}
 
 
 def test_late_recompiles_counts_only_those_after_the_first_evaluation():
