@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from benchmarks.dispatch_table import table_entries
+from benchmarks.goals import judge
 from benchmarks.report import case_of, chart, duration, load_results, markdown
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
@@ -568,7 +569,8 @@ def add_stage(results: dict, name: str, record: dict) -> None:
 
 
 def report(results: dict) -> str:
-    """The markdown report: where, the checks, the floors, fasttrain's races, then every case."""
+    """The markdown report: where, the checks, the issues' goals (benchmarks/goals.py), the floors,
+    fasttrain's races, then every case."""
     stages = results["gpu_check"]["stages"]
     env = stages.get("env", {}).get("figures", {})
     info = env.get("environment", {})
@@ -581,6 +583,11 @@ def report(results: dict) -> str:
     for name in STAGES:
         for c in stages.get(name, {}).get("checks", []):
             lines.append(f"| {name} | {c['name']} | {'pass' if c['ok'] else '**FAIL**'} | {c['detail']} |")
+    goals = judge(results["benchmarks"])
+    if goals:
+        lines += ["", f"## Goals of the open performance issues: {sum(g['met'] for g in goals)} of {len(goals)} met",
+                  "", "| goal | case | met | detail |", "| --- | --- | --- | --- |"]
+        lines += [f"| {g['goal']} | {g['case']} | {'yes' if g['met'] else '**no**'} | {g['detail']} |" for g in goals]
     if env:
         lines += ["", f"Floors measured here: device copy {env['copy_gb_per_s']:,} GB/s (read + write), "
                       f"{env['matmul']} matmul {env['matmul_tflop_per_s']:,} TFLOP/s."]
