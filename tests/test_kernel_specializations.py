@@ -57,8 +57,10 @@ def test_no_new_kernel_variant_after_the_first_step(pydoc_data, tmp_path, monkey
         for s in all_specializations():
             if getattr(module, s.name, None) is s.kernel:
                 monkeypatch.setattr(module, s.name, Recording(s.kernel, keys))
-    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "kernels.linear_cross_entropy=true", "kernels.rms_norm=true",
-                                  "kernels.adamw=true", "optim.max_grad_norm=1.0"), quiet=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: through the interpreter
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, f"train.device={device}", "train.compile=false",
+                                  "kernels.linear_cross_entropy=true", "kernels.rms_norm=true", "kernels.adamw=true",
+                                  "optim.max_grad_norm=1.0"), quiet=True)
     assert trainer.kernels.names() == ["linear_cross_entropy", "rms_norm", "adamw"]
     trainer.step()
     first = set(keys)
