@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.bench_train_step import WARMUP_STEPS, make_trainer
@@ -69,6 +70,21 @@ def step_times_ms(trainer, steps: int) -> list[float]:
     return [start.elapsed_time(end) for start, end in events]
 
 
+def ms_by_category(events, cuda: bool, steps: int) -> dict[str, float]:
+    """Milliseconds a step per category from the profiler's averaged `events`. On CUDA only the kernels'
+    own events count: the CPU op that launched a kernel carries that kernel's device time too, as does a
+    user annotation around it, and counting them would add each kernel two or three times (torch's own
+    table sums the same way). On the CPU, each op's time outside the ops it calls."""
+    by_category: dict[str, float] = {}
+    for e in events:
+        if cuda and (e.device_type != DeviceType.CUDA or e.is_user_annotation):
+            continue
+        spent = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if spent > 0:
+            by_category[category(e.key)] = by_category.get(category(e.key), 0.0) + spent / 1e3 / steps
+    return by_category
+
+
 def profile_trainer(trainer, steps: int, out: Path) -> dict:
     """Warm `trainer` up, time `steps` steps, then profile `steps` more (writing out/trace.json): the step
     times (min, median, stdev in ms, and each in order), the allocator events during the timed steps, the
@@ -87,12 +103,7 @@ def profile_trainer(trainer, steps: int, out: Path) -> dict:
         if cuda:
             torch.cuda.synchronize()
     prof.export_chrome_trace(str(out / "trace.json"))
-    by_category: dict[str, float] = {}
-    for e in prof.key_averages():
-        # self time: a kernel's own on the GPU; on the CPU an op's time outside the ops it calls
-        spent = e.self_device_time_total if cuda else e.self_cpu_time_total
-        if spent > 0:
-            by_category[category(e.key)] = by_category.get(category(e.key), 0.0) + spent / 1e3 / steps
+    by_category = ms_by_category(prof.key_averages(), cuda, steps)
     if cuda:  # the device idle: host work the kernels waited for, launch gaps, syncs
         by_category["idle (host, gaps)"] = max(statistics.median(times) - sum(by_category.values()), 0.0)
     table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25)

@@ -78,3 +78,26 @@ def test_profile_step_writes_a_trace_and_a_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "aten::mm" in out and f"trace: {tmp_path / 'p' / 'trace.json'}" in out
     assert json.loads((tmp_path / "p" / "trace.json").read_text())["traceEvents"]
+
+
+def test_profile_categories_count_each_kernel_once_on_cuda():
+    """A CPU op carries the device time of the kernel it launched, and so does a user annotation around it:
+    only the kernel's own event counts, or a step's matmul time doubles and the idle time reads 0."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    from benchmarks.profile_step import ms_by_category
+
+    op = FunctionEvent(id=1, name="aten::mm", thread=0, start_us=0, end_us=50, device_type=DeviceType.CPU,
+                       use_device="cuda", stack=[])
+    op.append_kernel("sm90_xmma_gemm_bf16", 0, 2000)
+    kernel = FunctionEvent(id=2, name="sm90_xmma_gemm_bf16", thread=0, start_us=0, end_us=2000,
+                           device_type=DeviceType.CUDA, use_device="cuda", device_index=0, stack=[])
+    norm = FunctionEvent(id=3, name="_rms_norm_forward_kernel", thread=0, start_us=2000, end_us=2500,
+                         device_type=DeviceType.CUDA, use_device="cuda", device_index=0, stack=[])
+    annotation = FunctionEvent(id=4, name="## Call CompiledFxGraph ##", thread=0, start_us=0, end_us=2500,
+                               device_type=DeviceType.CUDA, use_device="cuda", device_index=0, stack=[],
+                               is_user_annotation=True)
+    events = EventList([op, kernel, norm, annotation], use_device="cuda")
+    events._build_tree()
+    assert ms_by_category(events.key_averages(), cuda=True, steps=2) == {"matmul": 1.0, "norm": 0.25}
