@@ -9,6 +9,7 @@ import importlib.util
 import math
 import os
 import platform
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -235,8 +236,19 @@ def peak_extra_memory(device: torch.device, fn) -> int:
 
 @functools.cache
 def compiled(fn):
-    """torch.compile(fn), made on first use: importing the compiler at collection costs every pytest run."""
-    return torch.compile(fn)
+    """torch.compile(fn) for static shapes, made on first use: importing the compiler at collection costs
+    every pytest run. Static, and compiled afresh for each case (`fresh_compiler`): dynamo would otherwise
+    recompile a function's second shape with symbolic sizes, and the compiled baseline of every later
+    case would be a dynamic-shape graph, slower than what a user compiles for one shape."""
+    return torch.compile(fn, dynamic=False)
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler() -> None:
+    """Each case starts with dynamo's caches empty: a training step compiled for one model and batch
+    size must not make the next case's compile dynamic (nor count toward its recompile limit)."""
+    if "torch._dynamo" in sys.modules:  # nothing compiled yet: nothing to forget
+        torch._dynamo.reset()
 
 
 def liger(module: str, name: str):

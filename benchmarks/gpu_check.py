@@ -279,6 +279,8 @@ def profile_stage(ctx: Context) -> Stage:
     stock): step times from CUDA events (min, median, stdev: the spread), then the profiled time per step
     by kernel category, the device's idle time included, and the allocator's cudaMalloc retries and calls
     during the timed steps (benchmarks/profile_step.py)."""
+    import torch
+
     from benchmarks.bench_train_step import CONFIGS, GPU_CONFIGS, GPU_SETTINGS, KERNELS, make_trainer
     from benchmarks.conftest import sizes
     from benchmarks.profile_step import profile_trainer
@@ -287,6 +289,7 @@ def profile_stage(ctx: Context) -> Stage:
     config = GPU_CONFIGS[0]
     device = "train.device=cpu" if ctx.dry_run else "train.device=cuda"
     for impl, settings in KERNELS.items():
+        torch._dynamo.reset()  # each setting compiled afresh: static shapes, its own recompile limit
         data_dir = ctx.work / f"profile-{impl}"
         trainer = make_trainer(CONFIGS / config, data_dir, device, *GPU_SETTINGS, *settings)
         found = profile_trainer(trainer, sizes(20, 3), data_dir)
