@@ -2,15 +2,19 @@
 levers that won together, each with tokens/s, MFU, step times, peak memory and its first step's time.
 
     python -m benchmarks.ablation [--case NAME ...] [--out FILE.json]
+    python -m benchmarks.ablation --together LEVER [LEVER ...] [--out FILE.json]
 
 Each case runs in a process of its own (a lever such as FlashAttention-3 switches process-wide state,
 and a case that runs out of memory must not take the others with it), built as bench_train_step builds
 its trainer: random tokens on the device, bf16, compiled, an update of two micro-batches (one of
 twice the size in the "micro-batch x2" case: the same tokens per update, as a real run keeps them).
 Steps are timed one by one with CUDA events after 10 warm-up steps; the first step's time
-(compilation, autotuning) is reported on its own. A lever that needs a GPU is skipped on a CPU (the dry run). The winners: every
-lever at least WIN faster than stock, one per group (one attention kernel, one compile mode), together.
-The gpu_check `ablation` stage runs this.
+(compilation, autotuning) is reported on its own. The winners: every lever at least WIN faster than
+stock, one per group (one attention kernel, one compile mode), together.
+The gpu_check stages `ablation` and `ablation-compile` run it (STAGE_CASES), each within one 10-minute
+command; `--together` then measures the winners of both at once. A lever that cannot run here (the
+trainer refuses it: a GPU-only lever on a CPU, FlashAttention-3 not installed) is skipped, as is a case
+there was no time left for.
 """
 
 from __future__ import annotations
@@ -47,6 +51,14 @@ LEVERS: dict[str, tuple[str, list[str]]] = {
     "micro-batch x2": ("batch", []),  # the config's batch size doubled, tokens per update kept: lever_settings
 }
 CASES = ["stock", *LEVERS]
+# The gpu_check stages that run them, each with its own stock case and within one 10-minute command (a
+# compiled 124M case costs about a minute: a fresh process, the compile, the steps), most promising first.
+# The compile modes are apart: max-autotune alone can take minutes.
+STAGE_CASES = {
+    "ablation": ["stock", "kernels auto", "fp8 head", "attention cudnn", "attention fa3", "fp8 all", "micro-batch x2"],
+    "ablation-compile": ["stock", "cuda graphs", "attention flex", "attention flash", "coordinate descent tuning",
+                         "max-autotune-no-cudagraphs"],
+}
 
 
 def stock_settings() -> list[str]:
@@ -117,11 +129,13 @@ def run_case(name: str, settings: list[str], steps: int, timeout: float) -> dict
         try:
             proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
             error = None if proc.returncode == 0 else ((proc.stderr or proc.stdout).strip().splitlines() or ["?"])[-1]
+            # Exit status 2: the trainer refused the settings here (a GPU-only lever on a CPU, FlashAttention-3
+            # not installed): the lever cannot run on this machine, which is a skip, not a failure
+            unavailable = proc.returncode == 2
         except subprocess.TimeoutExpired:
-            error = f"timed out after {timeout:.0f} s"
+            error, unavailable = f"timed out after {timeout:.0f} s", False
         record = json.loads(out.read_text()) if error is None else {}
-    skipped = error is not None and "needs a CUDA GPU" in error
-    return {"case": name, "settings": settings, **record, "error": error, "skipped": skipped}
+    return {"case": name, "settings": settings, **record, "error": error, "skipped": unavailable}
 
 
 def winners(records: list[dict]) -> list[str]:
@@ -138,21 +152,27 @@ def winners(records: list[dict]) -> list[str]:
     return [r["case"] for r in best.values()]
 
 
+def together(levers: list[str], stock: list[str], steps: int, deadline: float) -> dict:
+    """One case of `levers` all on at once, on top of `stock`."""
+    settings = stock + [s for name in levers for s in lever_settings(name, stock)]
+    return run_case("together: " + " + ".join(levers), settings, steps, deadline - time.monotonic() - 30)
+
+
 def ablation(cases: list[str], steps: int, deadline: float) -> list[dict]:
-    """Run `cases` (and then the winners together) while time is left before `deadline` (time.monotonic())."""
+    """Run `cases` (and then the winners together) while time is left before `deadline` (time.monotonic()).
+    A case there is no time left for is recorded as skipped ("not reached"): run it with --case later."""
     stock = stock_settings()
     records = []
     for name in cases:
         left = deadline - time.monotonic()
         if left < 60:
-            records.append({"case": name, "error": "not reached: out of time", "skipped": False})
+            records.append({"case": name, "error": "not reached: out of time", "skipped": True})
             continue
         records.append(run_case(name, stock + lever_settings(name, stock), steps, left - 30))
         print(json.dumps(records[-1]), flush=True)
     chosen = winners(records)
     if len(chosen) > 1 and deadline - time.monotonic() > 60:
-        settings = stock + [s for name in chosen for s in lever_settings(name, stock)]
-        records.append(run_case("winners: " + " + ".join(chosen), settings, steps, deadline - time.monotonic() - 30))
+        records.append(together(chosen, stock, steps, deadline))
         print(json.dumps(records[-1]), flush=True)
     return records
 
@@ -160,6 +180,8 @@ def ablation(cases: list[str], steps: int, deadline: float) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", nargs="+", choices=CASES, default=CASES, help="cases to run (default: all)")
+    parser.add_argument("--together", nargs="+", choices=list(LEVERS), metavar="LEVER",
+                        help="instead, stock and these levers all on at once (the winners of both gpu_check stages)")
     parser.add_argument("--steps", type=int, default=STEPS, help=f"timed steps per case (default {STEPS})")
     parser.add_argument("--seconds", type=float, default=3600, help="stop starting cases after this long")
     parser.add_argument("--out", help="write the records as JSON here")
@@ -175,7 +197,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         Path(args.out).write_text(json.dumps(record))
         return 0
-    records = ablation(args.case, args.steps, time.monotonic() + args.seconds)
+    deadline = time.monotonic() + args.seconds
+    if args.together:
+        stock = stock_settings()
+        records = [run_case("stock", stock, args.steps, deadline - time.monotonic()),
+                   together(args.together, stock, args.steps, deadline)]
+    else:
+        records = ablation(args.case, args.steps, deadline)
     if args.out:
         Path(args.out).write_text(json.dumps(records, indent=1))
     return 0

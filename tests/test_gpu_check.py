@@ -61,7 +61,8 @@ def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
     # The ablation: stock and each lever in a process of its own; a GPU-only lever is skipped on the CPU.
     cases = {r["case"]: r for r in stages["ablation"]["figures"]["cases"]}
     assert cases["stock"]["tokens_per_s"] > 0 and cases["stock"]["error"] is None
-    assert cases["attention flash"]["skipped"] and "needs a CUDA GPU" in cases["attention flash"]["error"]
+    assert cases["attention cudnn"]["skipped"] and "needs a CUDA GPU" in cases["attention cudnn"]["error"]
+    assert [r["case"] for r in stages["ablation-compile"]["figures"]["cases"]] == ["stock"]
     assert cases["micro-batch x2"]["batch_size"] == 2 * cases["stock"]["batch_size"]
     assert cases["micro-batch x2"]["tokens_per_update"] == cases["stock"]["tokens_per_update"]  # the same update
     assert len(cases["stock"]["step_ms"]["each"]) == 3
@@ -113,6 +114,24 @@ def test_combine_merges_stages_and_a_later_failure_wins(dry_run, tmp_path):
     assert combined["gpu_check"]["stages"]["train"]["status"] == "pass"  # kept from the first file
     assert len(combined["benchmarks"]) == len(results["benchmarks"])  # the later file had no cases to replace them
     assert "| tests | test suite | **FAIL** | 1 failed |" in (merged / "gpu_check.md").read_text()
+
+
+def test_the_ablation_stages_cover_every_lever_once_each_after_its_own_stock():
+    from benchmarks.ablation import LEVERS, STAGE_CASES
+
+    assert list(STAGE_CASES) == [s for s in gpu_check.STAGES if s.startswith("ablation")]
+    assert all(cases[0] == "stock" for cases in STAGE_CASES.values())
+    levers = [case for cases in STAGE_CASES.values() for case in cases[1:]]
+    assert sorted(levers) == sorted(LEVERS)
+
+
+def test_an_ablation_case_without_time_left_is_skipped_not_failed(monkeypatch):
+    from benchmarks import ablation
+
+    monkeypatch.setattr(ablation, "stock_settings", lambda: [])
+    records = ablation.ablation(["stock", "fp8 head"], 3, deadline=time.monotonic() + 30)
+    assert [(r["case"], r["skipped"], r["error"]) for r in records] == [
+        ("stock", True, "not reached: out of time"), ("fp8 head", True, "not reached: out of time")]
 
 
 def test_final_losses_are_the_last_evaluation_and_the_training_tail():
