@@ -175,10 +175,12 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
     rows = hidden.new_empty(n_rows, dtype=torch.float32) if forward else None
     lse_out = hidden.new_empty(n_rows, dtype=torch.float32) if forward else lse
     hits = hidden.new_empty(n_rows, dtype=torch.float32) if forward else None
-    grad_hidden = torch.empty_like(hidden) if needs[0] else None
+    # Row-major whatever the inputs' strides (a transposed weight, column-major hidden states): the backward
+    # scales these gradients row by row, with unit column stride.
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs[0] else None
     # The first chunk writes the weight's gradient and the others add to it: no zero-fill (unless no chunk runs)
-    new_accumulator = torch.empty_like if n_rows else torch.zeros_like
-    grad_weight = new_accumulator(weight, dtype=torch.float32) if needs[1] else None
+    new_accumulator = torch.empty if n_rows else torch.zeros
+    grad_weight = new_accumulator(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
     grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs[2] else None
     for start, end in zip(bounds[:-1], bounds[1:]):
         h, t = hidden[start:end], target[start:end]

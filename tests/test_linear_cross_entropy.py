@@ -307,6 +307,18 @@ def test_an_incoming_gradient_other_than_announced_is_still_exact(kernel_device,
                             grad_scale=torch.tensor(3 / 7, device=kernel_device))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_transposed_inputs_get_exact_gradients(kernel_device, dtype):
+    """A weight stored (H, V) and passed as its transpose (as a tied or borrowed projection may be) and
+    column-major hidden states: the backward scales the gradients row by row, so they must be laid out
+    row-major whatever the inputs' strides (a random incoming gradient makes that scaling run)."""
+    hidden, weight, b = make_inputs(37, 24, 300, dtype, kernel_device)
+    hidden, weight = hidden.t().contiguous().t(), weight.t().contiguous().t()
+    assert hidden.stride() == (1, 37) and weight.stride() == (1, 300)
+    target = random_targets(37, 300, 6, kernel_device)
+    check_against_reference(hidden, weight, b, target, chunk_rows=16, reduction="sum")
+
+
 def test_no_rows(kernel_device):
     """An empty batch: loss 0, zero gradients (the weight's accumulator is zeroed, no chunk writes it)."""
     hidden, weight, b = make_inputs(0, 8, 30, torch.float32, kernel_device)
