@@ -189,8 +189,8 @@ def _backward_split(n_rows: int, tiling: Tiling, device: torch.device) -> tuple[
     """(rows per program, programs): runs of whole tiles, about `tiling.programs_per_sm` per SM."""
     wanted = (tiling.programs_per_sm * gpu_properties(device).multi_processor_count if device.type == "cuda"
               else CPU_BACKWARD_PROGRAMS)
-    rows_per_program = tiling.block_rows * triton.cdiv(n_rows, wanted * tiling.block_rows)
-    return rows_per_program, triton.cdiv(n_rows, rows_per_program)
+    rows_per_program = tiling.block_rows * max(triton.cdiv(n_rows, wanted * tiling.block_rows), 1)
+    return rows_per_program, triton.cdiv(n_rows, rows_per_program)  # no rows: no programs
 
 
 def _sum_dtype(x: Tensor, residual: Tensor | None) -> torch.dtype:

@@ -167,6 +167,20 @@ def test_zero_rows_and_only_one_output_used(kernel_device):
                 assert_matches(ours.grad, ref.grad, torch.float32, f"{keep} only: {name}")
 
 
+@pytest.mark.parametrize("residual", [False, True], ids=["norm", "add+norm"])
+def test_an_empty_batch(kernel_device, residual):
+    """No rows: empty outputs, empty input gradients and a zero weight gradient (the backward launches no
+    program rather than dividing its rows among none)."""
+    x = torch.randn(0, 50, device=kernel_device, requires_grad=True)
+    r = torch.randn(0, 50, device=kernel_device, requires_grad=True) if residual else None
+    weight = torch.randn(50, device=kernel_device, requires_grad=True)
+    out = rms_norm(x, weight, residual=r)
+    y = out[0] if residual else out
+    assert y.shape == (0, 50)
+    y.sum().backward()
+    assert x.grad.shape == (0, 50) and torch.equal(weight.grad, torch.zeros(50, device=kernel_device))
+
+
 def test_same_tensor_as_input_and_residual(kernel_device):
     x = torch.randn(4, 70, device=kernel_device, requires_grad=True)
     y, h = rms_norm(x, torch.ones(70, device=kernel_device), residual=x)
