@@ -125,6 +125,20 @@ def _gemm_adds_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
     return written and added
 
 
+def _fp32_gemm_known(device: torch.device, dtype: torch.dtype) -> bool:
+    """`_gemm_adds_in_fp32`, except while a CUDA graph is being captured: the probe syncs with the host,
+    which would break the capture and cache a false no. There (cudagraph trees run every graph eagerly
+    before capturing it, so it is rare) the slower path is taken, and the probe waits for a later call."""
+    key = (device, dtype)
+    if key not in _PROBED and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    _PROBED.add(key)
+    return _gemm_adds_in_fp32(device, dtype)
+
+
+_PROBED: set[tuple[torch.device, torch.dtype]] = set()  # what `_gemm_adds_in_fp32` has answered (cached)
+
+
 @library_op("fasttrain::gemm_into_", mutates_args=("out",))
 def _gemm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
     """out (M, N) = a (M, K) @ b (K, N), or += when `accumulate`: the product in a's and b's dtype
@@ -138,7 +152,7 @@ def _gemm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
             out.addmm_(a, b)
         else:
             torch.mm(a, b, out=out)
-    elif _gemm_adds_in_fp32(out.device, a.dtype):
+    elif _fp32_gemm_known(out.device, a.dtype):
         if accumulate:  # in place: out is `self` and the result, cuBLAS reads and writes it once (beta = 1)
             torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
         else:

@@ -253,6 +253,21 @@ def test_fp32_output_gemms_write_the_first_chunk_and_add_the_others(monkeypatch)
     assert calls == [("mm", False), ("addmm", True), ("addmm", True)]
 
 
+def test_the_probe_never_runs_inside_a_cuda_graph_capture(monkeypatch):
+    """The probe syncs with the host, which breaks a capture (and would cache a false no): while capturing,
+    an unprobed device takes the fallback without probing; once probed, its answer stands."""
+    probes = []
+    monkeypatch.setattr(lce, "_gemm_adds_in_fp32", lambda device, dtype: probes.append(dtype) or True)
+    monkeypatch.setattr(lce, "_PROBED", set())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    gpu = torch.device("cuda", 0)
+    assert not lce._fp32_gemm_known(gpu, torch.bfloat16) and probes == []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert lce._fp32_gemm_known(gpu, torch.bfloat16) and probes == [torch.bfloat16]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert lce._fp32_gemm_known(gpu, torch.bfloat16)
+
+
 def test_the_probe_says_no_to_a_missing_or_rounding_fp32_gemm(monkeypatch):
     probe = lce._gemm_adds_in_fp32.__wrapped__  # not the cached answer
     cpu = torch.device("cpu")
