@@ -31,6 +31,7 @@ class TensorTable:
     def __init__(self) -> None:
         self._key: tuple[int, ...] | None = None
         self._tables: tuple[Tensor, Tensor] | None = None
+        self.aligned = False  # whether every address in the tables is a multiple of 16 bytes
 
     def __call__(self, columns: Sequence[Sequence[Tensor]]) -> tuple[Tensor, Tensor]:
         """Tables for `columns`: equal-length lists, row i made of the i-th tensor of each (same numel)."""
@@ -47,6 +48,7 @@ class TensorTable:
             chunks = torch.stack([row_of_chunk, start], dim=1)
             self._tables = tuple(_to_device(t, first[0].device) for t in (rows, chunks))
             self._key = key
+            self.aligned = all(t.data_ptr() % 16 == 0 for column in columns for t in column)
         return self._tables
 
 

@@ -49,14 +49,62 @@ FP32_STATE = ("exp_avg", "exp_avg_sq", "master_param")  # kept fp32 whatever the
 
 
 @triton.jit
+def _load(ptr, index, numel, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + index, mask=index < numel, other=0.0)
+    else:
+        return tl.load(ptr + index)
+
+
+@triton.jit
+def _store(ptr, index, value, numel, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + index, value, mask=index < numel)
+    else:
+        tl.store(ptr + index, value)
+
+
+@triton.jit
+def _adamw_block(index, param, grad, exp_avg, exp_avg_sq, master, numel, decay, step_size, bias_correction2_sqrt,
+                 coefficient, one_minus_beta1, beta2, one_minus_beta2, eps,
+                 HAS_MASTER: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr):
+    """The update of the elements at `index` (masked to `numel` when MASKED)."""
+    g = _load(grad, index, numel, MASKED).to(tl.float32)
+    if CLIP:
+        g = g * coefficient
+    if HAS_MASTER:
+        p = _load(master, index, numel, MASKED)
+    else:
+        p = _load(param, index, numel, MASKED).to(tl.float32)
+    m = _load(exp_avg, index, numel, MASKED)
+    v = _load(exp_avg_sq, index, numel, MASKED)
+    # The order of torch's ops: mul_, lerp_, mul_ + addcmul_, then addcdiv_ by the denominator.
+    p = p * decay
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * (g * g)
+    p = p - step_size * (m / (tl.sqrt(v) / bias_correction2_sqrt + eps))
+    _store(exp_avg, index, m, numel, MASKED)
+    _store(exp_avg_sq, index, v, numel, MASKED)
+    if HAS_MASTER:
+        _store(master, index, p, numel, MASKED)
+    _store(param, index, p.to(param.dtype.element_ty), numel, MASKED)
+
+
+@triton.jit
 def _adamw_kernel(rows_ptr, chunks_ptr, lr_ptr, coefficient_ptr, param_type_ptr, grad_type_ptr,
                   one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay,
-                  HAS_MASTER: tl.constexpr, CLIP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_MASTER: tl.constexpr, CLIP: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                  BLOCK: tl.constexpr):
     """The update of one CHUNK of one parameter. Table row: (param, grad, exp_avg, exp_avg_sq, step,
-    master, numel); without a master copy its column repeats param's address and is not used."""
+    master, numel); without a master copy its column repeats param's address and is not used.
+
+    The addresses come from a table, so Triton knows nothing of their alignment, and an element
+    count of unknown divisibility in the mask would keep every access scalar. So a whole chunk
+    (all but each tensor's last) runs unmasked, and with ALIGNED (every address in the table
+    16-byte aligned, checked on the host) the pointers say so: 16-byte vector loads and stores."""
     chunk = tl.program_id(0)
     row = rows_ptr + tl.load(chunks_ptr + 2 * chunk) * 7
-    start = tl.load(chunks_ptr + 2 * chunk + 1)
+    start = tl.multiple_of(tl.load(chunks_ptr + 2 * chunk + 1), CHUNK)  # chunks start at multiples of CHUNK
     param = tl.load(row).to(tl.pointer_type(param_type_ptr.dtype.element_ty))
     grad = tl.load(row + 1).to(tl.pointer_type(grad_type_ptr.dtype.element_ty))
     exp_avg = tl.load(row + 2).to(tl.pointer_type(tl.float32))
@@ -64,40 +112,32 @@ def _adamw_kernel(rows_ptr, chunks_ptr, lr_ptr, coefficient_ptr, param_type_ptr,
     step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))
     master = tl.load(row + 5).to(tl.pointer_type(tl.float32))
     numel = tl.load(row + 6)
+    if ALIGNED:
+        param, grad = tl.multiple_of(param, 16), tl.multiple_of(grad, 16)
+        exp_avg, exp_avg_sq, master = tl.multiple_of(exp_avg, 16), tl.multiple_of(exp_avg_sq, 16), tl.multiple_of(master, 16)
 
     lr = tl.load(lr_ptr)
     decay = 1.0 - lr * weight_decay
     step_size = lr / (1.0 - tl.exp(step * log_beta1))  # beta**t as exp(t log beta): t stays on the device
     bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp(step * log_beta2))
+    coefficient = 1.0
     if CLIP:
         coefficient = tl.load(coefficient_ptr)
-    for offset in range(0, CHUNK, BLOCK):
-        index = start + offset + tl.arange(0, BLOCK)
-        mask = index < numel
-        g = tl.load(grad + index, mask=mask, other=0.0).to(tl.float32)
-        if CLIP:
-            g = g * coefficient
-        if HAS_MASTER:
-            p = tl.load(master + index, mask=mask, other=0.0)
-        else:
-            p = tl.load(param + index, mask=mask, other=0.0).to(tl.float32)
-        m = tl.load(exp_avg + index, mask=mask, other=0.0)
-        v = tl.load(exp_avg_sq + index, mask=mask, other=0.0)
-        # The order of torch's ops: mul_, lerp_, mul_ + addcmul_, then addcdiv_ by the denominator.
-        p = p * decay
-        m = m + one_minus_beta1 * (g - m)
-        v = v * beta2 + one_minus_beta2 * (g * g)
-        p = p - step_size * (m / (tl.sqrt(v) / bias_correction2_sqrt + eps))
-        tl.store(exp_avg + index, m, mask=mask)
-        tl.store(exp_avg_sq + index, v, mask=mask)
-        if HAS_MASTER:
-            tl.store(master + index, p, mask=mask)
-        tl.store(param + index, p.to(param_type_ptr.dtype.element_ty), mask=mask)
+    if start + CHUNK <= numel:
+        for offset in range(0, CHUNK, BLOCK):
+            _adamw_block(start + offset + tl.arange(0, BLOCK), param, grad, exp_avg, exp_avg_sq, master, numel,
+                         decay, step_size, bias_correction2_sqrt, coefficient, one_minus_beta1, beta2,
+                         one_minus_beta2, eps, HAS_MASTER, CLIP, False)
+    else:
+        for offset in range(0, CHUNK, BLOCK):
+            _adamw_block(start + offset + tl.arange(0, BLOCK), param, grad, exp_avg, exp_avg_sq, master, numel,
+                         decay, step_size, bias_correction2_sqrt, coefficient, one_minus_beta1, beta2,
+                         one_minus_beta2, eps, HAS_MASTER, CLIP, True)
 
 
-def _constexprs(param_dtype: torch.dtype, clip: bool) -> dict[str, int]:
+def _constexprs(param_dtype: torch.dtype, clip: bool, aligned: bool) -> dict[str, int]:
     """The kernel's compile-time arguments for a launch over parameters of `param_dtype`."""
-    return dict(HAS_MASTER=param_dtype != torch.float32, CLIP=clip, CHUNK=_multi_tensor.CHUNK,
+    return dict(HAS_MASTER=param_dtype != torch.float32, CLIP=clip, ALIGNED=aligned, CHUNK=_multi_tensor.CHUNK,
                 BLOCK=_multi_tensor.BLOCK)
 
 
@@ -105,11 +145,11 @@ def specializations() -> list[Specialization]:
     """What FusedAdamW compiles: per parameter dtype it takes (gradients in the same dtype), with and
     without clipping folded in; the betas, eps, weight decay and learning rate are run-time values."""
     f32 = torch.float32
-    return [Specialization.of(_adamw_kernel, None, _constexprs(dtype, clip), rows_ptr=torch.int64,
+    return [Specialization.of(_adamw_kernel, None, _constexprs(dtype, clip, aligned), rows_ptr=torch.int64,
                               chunks_ptr=torch.int64, lr_ptr=f32, coefficient_ptr=f32, param_type_ptr=dtype,
                               grad_type_ptr=dtype, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=0.001,
                               log_beta1=-0.1, log_beta2=-0.001, eps=1e-8, weight_decay=0.1)
-            for dtype in PARAM_DTYPES for clip in (False, True)]
+            for dtype in PARAM_DTYPES for clip in (False, True) for aligned in (False, True)]
 
 
 def _torch_update(params: list[Tensor], grads: list[Tensor], states: list[dict], lr: float, beta1: float,
@@ -247,11 +287,12 @@ class FusedAdamW(torch.optim.Optimizer):
             _torch_update(params, grads, states, float(group["lr"]), beta1, beta2, group["eps"],
                           group["weight_decay"], coefficient)
             return
-        constexprs = _constexprs(params[0].dtype, clip=coefficient is not None)
-        has_master = constexprs["HAS_MASTER"]
+        has_master = params[0].dtype != torch.float32
         columns = [params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
                    [s["step"] for s in states], [s["master_param"] for s in states] if has_master else params]
-        rows, chunks = self._tables.setdefault((index, *key), _multi_tensor.TensorTable())(columns)
+        table = self._tables.setdefault((index, *key), _multi_tensor.TensorTable())
+        rows, chunks = table(columns)
+        constexprs = _constexprs(params[0].dtype, clip=coefficient is not None, aligned=table.aligned)
         lr = self._device_lr(index, group["lr"], params[0].device)
         _adamw_kernel[(chunks.shape[0],)](
             rows, chunks, lr, lr if coefficient is None else coefficient, params[0], grads[0],

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kernels import FusedAdamW
+from kernels._backend import use_triton
 from tests.kernel_checks import stored
 
 SHAPES = [(37, 13), (1001,), (3,), (5, 7, 2), (130, 1)]
@@ -80,6 +81,27 @@ def test_matches_torch_adamw(kernel_device, name):
             schedule.step()  # a new lr every step, set as a float in the groups
     assert_same_state(ours, theirs, params, reference)
     assert ours.state[params[2]]["step"].item() == STEPS - STEPS // 4  # skipped while it had no gradient
+
+
+def test_parameters_at_unaligned_addresses(kernel_device):
+    """Parameters that are views into one flat buffer at 4-byte offsets (not 16-byte aligned): the kernel's
+    aligned (vector) variant must not be chosen for them, and the update is the same as torch's."""
+    flat = torch.randn(1 + sum(torch.Size(s).numel() for s in SHAPES), device=kernel_device)
+    params, offset = [], 1
+    for shape in SHAPES:
+        n = torch.Size(shape).numel()
+        params.append(torch.nn.Parameter(flat[offset:offset + n].view(shape)))
+        offset += n
+    assert params[0].data_ptr() % 16 == 4
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    ours, theirs = FusedAdamW(params, **SETTINGS["llm"]), torch.optim.AdamW(reference, **SETTINGS["llm"])
+    for step in range(3):
+        set_grads(step, params, reference)
+        ours.step()
+        theirs.step()
+    assert_same_state(ours, theirs, params, reference)
+    if use_triton(params[0]):  # the kernel ran, from tables that know the addresses are unaligned
+        assert ours._tables and not any(t.aligned for t in ours._tables.values())
 
 
 def test_bf16_parameters_follow_fp32_master_weights(kernel_device):
