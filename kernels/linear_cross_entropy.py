@@ -53,8 +53,6 @@ gradients come back in the inputs' own dtypes.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -100,10 +98,10 @@ def chunk_bounds(n_rows: int, n_cols: int, itemsize: int, chunk_rows: int | None
     return tuple(min(units * i // n_chunks * CHUNK_MULTIPLE, n_rows) for i in range(n_chunks + 1)) if units else (0,)
 
 
-@functools.cache
 def _gemm_adds_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `dtype` GEMMs on `device` can write an fp32 result, and add into one in place, as
-    `_gemm_into` calls them (torch.mm / torch.addmm with out_dtype; CUDA on recent torch).
+    `_gemm_into` calls them (torch.mm / torch.addmm with out_dtype; CUDA on recent torch). A probe that
+    syncs with the host; `_fp32_gemm_known` keeps its answers.
 
     Probed with a tiny call on exact operands (small integers, an accumulator whose fraction
     `dtype` cannot hold), so a missing kernel, an older signature or a wrong sum all say no.
@@ -126,17 +124,19 @@ def _gemm_adds_in_fp32(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _fp32_gemm_known(device: torch.device, dtype: torch.dtype) -> bool:
-    """`_gemm_adds_in_fp32`, except while a CUDA graph is being captured: the probe syncs with the host,
-    which would break the capture and cache a false no. There (cudagraph trees run every graph eagerly
-    before capturing it, so it is rare) the slower path is taken, and the probe waits for a later call."""
+    """`_gemm_adds_in_fp32`, probed once per device and dtype, but never while a CUDA graph is being
+    captured: the probe's host sync would break the capture, and its failure be kept as a no. There
+    (cudagraph trees run every graph eagerly before capturing it, so it is rare) the slower path is
+    taken, and the probe waits for a later call."""
     key = (device, dtype)
-    if key not in _PROBED and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
-    _PROBED.add(key)
-    return _gemm_adds_in_fp32(device, dtype)
+    if key not in _FP32_GEMM:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        _FP32_GEMM[key] = _gemm_adds_in_fp32(device, dtype)
+    return _FP32_GEMM[key]
 
 
-_PROBED: set[tuple[torch.device, torch.dtype]] = set()  # what `_gemm_adds_in_fp32` has answered (cached)
+_FP32_GEMM: dict[tuple[torch.device, torch.dtype], bool] = {}  # `_gemm_adds_in_fp32`'s answers
 
 
 @library_op("fasttrain::gemm_into_", mutates_args=("out",))

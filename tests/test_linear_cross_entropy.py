@@ -247,6 +247,7 @@ def test_fp32_output_gemms_write_the_first_chunk_and_add_the_others(monkeypatch)
     calls = []
     emulated_fp32_gemms(monkeypatch, calls)
     monkeypatch.setattr(lce, "_gemm_adds_in_fp32", lambda device, dtype: True)
+    monkeypatch.setattr(lce, "_FP32_GEMM", {})  # not an answer kept from an earlier test
     hidden, weight, b = make_inputs(37, 24, 300, torch.bfloat16, "cpu")
     target = random_targets(37, 300, 6, "cpu")
     check_against_reference(hidden, weight, b, target, chunk_rows=16)
@@ -258,7 +259,7 @@ def test_the_probe_never_runs_inside_a_cuda_graph_capture(monkeypatch):
     an unprobed device takes the fallback without probing; once probed, its answer stands."""
     probes = []
     monkeypatch.setattr(lce, "_gemm_adds_in_fp32", lambda device, dtype: probes.append(dtype) or True)
-    monkeypatch.setattr(lce, "_PROBED", set())
+    monkeypatch.setattr(lce, "_FP32_GEMM", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     gpu = torch.device("cuda", 0)
     assert not lce._fp32_gemm_known(gpu, torch.bfloat16) and probes == []
@@ -269,7 +270,7 @@ def test_the_probe_never_runs_inside_a_cuda_graph_capture(monkeypatch):
 
 
 def test_the_probe_says_no_to_a_missing_or_rounding_fp32_gemm(monkeypatch):
-    probe = lce._gemm_adds_in_fp32.__wrapped__  # not the cached answer
+    probe = lce._gemm_adds_in_fp32  # the probe itself, not the answer _fp32_gemm_known keeps
     cpu = torch.device("cpu")
     assert not probe(cpu, torch.bfloat16)  # this build has no CPU kernel: it raises
     emulated_fp32_gemms(monkeypatch, [])
