@@ -88,8 +88,7 @@ def measure(settings: list[str], steps: int) -> dict:
     tokens/s and MFU (the median step), step times (each in order), allocator events while timed,
     peak memory and the first step's time."""
     from benchmarks.bench_train_step import CONFIGS, GPU_CONFIGS, make_trainer
-    from benchmarks.conftest import allocator_counts, counts_since
-    from benchmarks.profile_step import WARMUP_STEPS, step_times_ms
+    from benchmarks.profile_step import WARMUP_STEPS, step_summary, timed_steps
     from fasttrain.training.metrics import peak_flops
 
     with tempfile.TemporaryDirectory() as data_dir:
@@ -104,17 +103,13 @@ def measure(settings: list[str], steps: int) -> dict:
             trainer.step()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        before = allocator_counts(trainer.device)
-        times = step_times_ms(trainer, steps)
+        times, allocator = timed_steps(trainer, steps)
         median = statistics.median(times) / 1e3
         peak = peak_flops(trainer.device)
         flops = trainer.model.flops_per_token(trainer.cfg.train.seq_len) * trainer.tokens_per_step
         return {"tokens_per_s": round(trainer.tokens_per_step / median),
                 "mfu": round(flops / median / peak, 4) if peak else None,
-                "step_ms": {"min": round(min(times), 3), "median": round(statistics.median(times), 3),
-                            "stdev": round(statistics.stdev(times), 3) if len(times) > 1 else 0.0,
-                            "each": [round(t, 3) for t in times]},
-                "allocator": counts_since(before, trainer.device),
+                "step_ms": step_summary(times), "allocator": allocator,
                 "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 "first_step_s": round(first, 1), "kernels": trainer.kernels.names(),
                 "batch_size": trainer.cfg.train.batch_size, "tokens_per_update": trainer.tokens_per_step}

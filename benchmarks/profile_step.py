@@ -70,6 +70,19 @@ def step_times_ms(trainer, steps: int) -> list[float]:
     return [start.elapsed_time(end) for start, end in events]
 
 
+def timed_steps(trainer, steps: int) -> tuple[list[float], dict[str, int]]:
+    """`step_times_ms` of `steps` steps, and the caching allocator's events meanwhile (conftest.allocator_counts)."""
+    before = allocator_counts(trainer.device)
+    times = step_times_ms(trainer, steps)
+    return times, counts_since(before, trainer.device)
+
+
+def step_summary(times: list[float]) -> dict:
+    """Step times in ms: min, median, stdev and each in order, to the microsecond."""
+    return {"min": round(min(times), 3), "median": round(statistics.median(times), 3),
+            "stdev": round(statistics.stdev(times), 3) if len(times) > 1 else 0.0, "each": [round(t, 3) for t in times]}
+
+
 def ms_by_category(events, cuda: bool, steps: int) -> dict[str, float]:
     """Milliseconds a step per category from the profiler's averaged `events`. On CUDA only the kernels'
     own events count: the CPU op that launched a kernel carries that kernel's device time too, as does a
@@ -92,9 +105,7 @@ def profile_trainer(trainer, steps: int, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     for _ in range(WARMUP_STEPS):
         trainer.step()
-    before = allocator_counts(trainer.device)
-    times = step_times_ms(trainer, steps)
-    allocator = counts_since(before, trainer.device)
+    times, allocator = timed_steps(trainer, steps)
     cuda = trainer.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
@@ -107,10 +118,7 @@ def profile_trainer(trainer, steps: int, out: Path) -> dict:
     if cuda:  # the device idle: host work the kernels waited for, launch gaps, syncs
         by_category["idle (host, gaps)"] = max(statistics.median(times) - sum(by_category.values()), 0.0)
     table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25)
-    return {"step_ms": {"min": min(times), "median": statistics.median(times),
-                        "stdev": statistics.stdev(times) if len(times) > 1 else 0.0,
-                        "each": [round(t, 3) for t in times]},
-            "allocator": allocator,
+    return {"step_ms": step_summary(times), "allocator": allocator,
             "ms_per_step": {k: round(v, 3) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
             "table": table}
 
