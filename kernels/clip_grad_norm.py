@@ -9,6 +9,10 @@ scaling pass reads the factor from the device and exits at once when it is 1, so
 norm under the limit costs only the norm pass, and nothing syncs with the host.
 FusedAdamW(max_grad_norm=...) folds the scaling into its update instead.
 
+Both passes walk the same work list. `clip_grad_norm_` keeps it between calls (one per
+device and gradient dtype), so clipping the same gradients every step builds and
+copies it to the device once, not twice a call.
+
 Layout: Triton kernels -> launchers (Triton or PyTorch foreach) -> `grad_norm`,
 `clip_coefficient`, `clip_grad_norm_`.
 """
@@ -97,6 +101,16 @@ def _gradients(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:
     return grads
 
 
+def _table(tables: dict, bucket: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The work list of `bucket` (gradients of one dtype on one device), cached in `tables`."""
+    key = ("grads", bucket[0].device, bucket[0].dtype)
+    return tables.setdefault(key, _multi_tensor.TensorTable())([bucket])
+
+
+# clip_grad_norm_'s work lists, kept between calls: rebuilt only when the gradients' addresses change.
+_CLIP_TABLES: dict = {}
+
+
 def grad_norm(grads: list[Tensor], tables: dict | None = None) -> Tensor:
     """The L2 norm over all of `grads` (contiguous, on one device), an fp32 0-dim tensor on their device.
 
@@ -109,8 +123,8 @@ def grad_norm(grads: list[Tensor], tables: dict | None = None) -> Tensor:
         return torch.linalg.vector_norm(torch.stack(norms))
     tables = {} if tables is None else tables
     partials = []
-    for dtype, bucket in _by_dtype(grads).items():
-        rows, chunks = tables.setdefault(("norm", dtype), _multi_tensor.TensorTable())([bucket])
+    for bucket in _by_dtype(grads).values():
+        rows, chunks = _table(tables, bucket)
         out = torch.empty(chunks.shape[0], dtype=torch.float32, device=bucket[0].device)
         _sum_squares_kernel[(chunks.shape[0],)](rows, chunks, out, bucket[0], **_constexprs())
         partials.append(out)
@@ -131,14 +145,14 @@ def clip_grad_norm_(parameters: Tensor | Iterable[Tensor], max_norm: float) -> T
     without a gradient are skipped. Gradients must be dense and contiguous.
     """
     grads = _gradients(parameters)
-    norm = grad_norm(grads)
+    norm = grad_norm(grads, _CLIP_TABLES)
     if not grads:
         return norm
     coefficient = clip_coefficient(norm, max_norm)
     if not use_triton(grads[0]):
         torch._foreach_mul_(grads, coefficient)
         return norm
-    for dtype, bucket in _by_dtype(grads).items():
-        rows, chunks = _multi_tensor.TensorTable()([bucket])
+    for bucket in _by_dtype(grads).values():
+        rows, chunks = _table(_CLIP_TABLES, bucket)  # the norm pass's, just built or kept
         _scale_kernel[(chunks.shape[0],)](rows, chunks, coefficient, bucket[0], **_constexprs())
     return norm

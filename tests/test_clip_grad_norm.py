@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+import kernels._backend
+import kernels._multi_tensor
 from kernels import clip_grad_norm_
 from tests.kernel_checks import assert_matches
 
@@ -77,3 +79,20 @@ def test_sparse_gradients_are_refused():
     p.grad = torch.zeros(4, 2).to_sparse()
     with pytest.raises(RuntimeError, match="sparse gradients"):
         clip_grad_norm_([p], 1.0)
+
+
+def test_repeated_clipping_builds_its_work_list_once(kernel_device, monkeypatch):
+    """Clipping the same gradients every step copies their work list to the device once, not per call;
+    new gradient addresses get a new one."""
+    if kernel_device.type == "cpu" and not kernels._backend.INTERPRETING:
+        pytest.skip("the PyTorch path has no work list")
+    built = []
+    to_device = kernels._multi_tensor._to_device
+    monkeypatch.setattr(kernels._multi_tensor, "_to_device", lambda t, device: built.append(t) or to_device(t, device))
+    params = with_grads(kernel_device)
+    for _ in range(3):
+        clip_grad_norm_(params, 0.5)
+    assert len(built) == 2  # rows and chunks, once
+    moved = copies(params)
+    clip_grad_norm_(moved, 0.5)
+    assert len(built) == 4
