@@ -37,14 +37,20 @@ def faster(rivals: tuple[str, ...], at_least: float) -> Judge:
     return judge
 
 
-def of_floor(at_least: float) -> Judge:
-    """Met where fasttrain reaches `at_least` of the case's floor (its recorded fraction_of_floor)."""
+def reaches(key: str, at_least: float, shown: str) -> Judge:
+    """Met where fasttrain's recorded `key` (of its extra_info) is at least `at_least`; `shown` formats
+    the value for the detail, e.g. "MFU {:.3f}"."""
 
     def judge(ours: dict, impls: dict[str, dict]) -> tuple[bool, str] | None:
-        fraction = ours["extra_info"].get("fraction_of_floor")
-        return None if fraction is None else (fraction >= at_least, f"{fraction:.2f} of the floor (goal {at_least:g})")
+        value = ours["extra_info"].get(key)
+        return None if value is None else (value >= at_least, f"{shown.format(value)} (goal {at_least:g})")
 
     return judge
+
+
+def of_floor(at_least: float) -> Judge:
+    """Met where fasttrain reaches `at_least` of the case's floor (its recorded fraction_of_floor)."""
+    return reaches("fraction_of_floor", at_least, "{:.2f} of the floor")
 
 
 def memory(rival: str, at_most: float) -> Judge:
@@ -61,11 +67,8 @@ def memory(rival: str, at_most: float) -> Judge:
 
 
 def mfu(at_least: float) -> Judge:
-    def judge(ours: dict, impls: dict[str, dict]) -> tuple[bool, str] | None:
-        value = ours["extra_info"].get("mfu")
-        return None if value is None else (value >= at_least, f"MFU {value:.3f} (goal {at_least:g})")
-
-    return judge
+    """Met where the step's recorded model FLOPs utilisation is at least `at_least`."""
+    return reaches("mfu", at_least, "MFU {:.3f}")
 
 
 @dataclass(frozen=True)

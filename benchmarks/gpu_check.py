@@ -482,9 +482,9 @@ def ablation_stage(ctx: Context, name: str) -> Stage:
     measured = [r for r in records if not r["error"]]
     best = max(measured, key=lambda r: r["tokens_per_s"], default=None)
     skipped = [r["case"] for r in records if r["skipped"]]
-    stage.summary = ((f"stock {stock['tokens_per_s']:,} tok/s; best {best['case']} {best['tokens_per_s']:,} "
-                      f"({best['tokens_per_s'] / stock['tokens_per_s']:.2f}x)" if stock and best else "stock not measured")
-                     + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
+    measured_summary = (f"stock {stock['tokens_per_s']:,} tok/s; best {best['case']} {best['tokens_per_s']:,} "
+                        f"({best['tokens_per_s'] / stock['tokens_per_s']:.2f}x)" if stock and best else "stock not measured")
+    stage.summary = measured_summary + (f"; skipped: {', '.join(skipped)}" if skipped else "")
     return stage
 
 
@@ -508,9 +508,10 @@ def hf_stage(ctx: Context) -> Stage:
 
 
 WORKERS: dict[str, Callable[[Context], Stage]] = {
-    "env": env_stage, "tests": tests_stage, "tune": tune_stage, "kernels": kernels_stage, "step": step_stage, "profile": profile_stage,
-    "ablation": functools.partial(ablation_stage, name="ablation"),
-    "ablation-compile": functools.partial(ablation_stage, name="ablation-compile"), "parity": parity_stage, "hf": hf_stage, "train": train_stage,
+    "env": env_stage, "tests": tests_stage, "tune": tune_stage, "kernels": kernels_stage, "step": step_stage,
+    "profile": profile_stage, "ablation": functools.partial(ablation_stage, name="ablation"),
+    "ablation-compile": functools.partial(ablation_stage, name="ablation-compile"), "parity": parity_stage,
+    "hf": hf_stage, "train": train_stage,
 }
 
 

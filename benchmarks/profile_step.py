@@ -6,8 +6,8 @@ Builds the config's Trainer as bench_train_step does (random tokens already on t
 device, one micro-batch per step), runs 10 warm-up steps (compilation, autotuning),
 times --steps steps one by one (CUDA events, one sync at the end: min, median, spread
 and each step in order, with the caching allocator's cudaMalloc retries and calls
-meanwhile: a slow step beside a retry is the allocator's), then profiles --steps steps. Prints the time per step by kernel category
-(matmul, attention, norm, cross-entropy, optimizer, elementwise, copies, and on a GPU
+meanwhile: a slow step beside a retry is the allocator's), then profiles --steps
+steps. Prints the time per step by kernel category (matmul, attention, norm, cross-entropy, optimizer, elementwise, copies, and on a GPU
 the device idle: host work and gaps), the ops that took the most time (GPU time on
 CUDA, CPU time otherwise), and writes DIR/trace.json for chrome://tracing or
 Perfetto, where the gaps show: launch overhead between short kernels, host syncs

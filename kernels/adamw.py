@@ -114,7 +114,8 @@ def _adamw_kernel(rows_ptr, chunks_ptr, lr_ptr, coefficient_ptr, param_type_ptr,
     numel = tl.load(row + 6)
     if ALIGNED:
         param, grad = tl.multiple_of(param, 16), tl.multiple_of(grad, 16)
-        exp_avg, exp_avg_sq, master = tl.multiple_of(exp_avg, 16), tl.multiple_of(exp_avg_sq, 16), tl.multiple_of(master, 16)
+        exp_avg, exp_avg_sq = tl.multiple_of(exp_avg, 16), tl.multiple_of(exp_avg_sq, 16)
+        master = tl.multiple_of(master, 16)
 
     lr = tl.load(lr_ptr)
     decay = 1.0 - lr * weight_decay
