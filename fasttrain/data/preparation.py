@@ -22,6 +22,7 @@ instead, cut at a line end; meta.json's "split" says which was done.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import math
@@ -38,12 +39,12 @@ from tqdm import tqdm
 
 from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB, DataConfig
 from fasttrain.data.corpus import Piece, Source, resolve_inputs
-from fasttrain.data.shards import ShardInfo, ShardWriter, find_shards, read_meta, token_dtype
-from fasttrain.data.tokenizer import Tokenizer
+from fasttrain.data.shards import SPLITS, ShardInfo, ShardWriter, check_meta, find_shards, read_meta, token_dtype
+from fasttrain.data.tokenizer import Tokenizer, fingerprint
+from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import holding
 
-SPLITS = ("train", "val")
 PREPARED = ("meta.json", "tokenizer.json", "train_*.bin", "val_*.bin", "*.bin.docs.npy")  # what --overwrite replaces
 TMP_NAME = ".prepare-tmp"
 COMPLETE = "COMPLETE"  # in TMP_NAME once the new data there is whole: a killed move is then finished, not undone
@@ -151,6 +152,7 @@ class _ShardSequence:
         self.documents = 0
         self.text_bytes = 0  # UTF-8 bytes of the text behind the tokens, for bits per byte
         self.replaced = 0  # invalid UTF-8 sequences replaced in that text
+        self.unknown = 0  # tokens that are the tokenizer's unknown token: text it could not encode, lost
 
     def write(self, tokens: np.ndarray) -> None:
         while tokens.size:
@@ -214,6 +216,8 @@ def _encode_into(
                 out.text_bytes += len(piece.text.encode("utf-8"))
                 out.replaced += piece.replaced
                 parts.append(np.asarray(ids, dtype=np.int64))
+                if tokenizer.unk_id is not None:
+                    out.unknown += int(np.count_nonzero(parts[-1] == tokenizer.unk_id))
             if parts:
                 out.write(np.concatenate(parts))
         progress.update(chars)
@@ -248,10 +252,12 @@ def _prepare(
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a directory")
     existing = sorted(p for pattern in PREPARED for p in out.glob(pattern))
+    if existing:
+        _refuse_foreign(out, existing[0].name)
     if existing and not overwrite:
         if not (out / "meta.json").exists():  # shards without their description: not data that can be used
             raise UsageError(f"{out}: holds {existing[0].name} but no meta.json (a damaged or unfinished "
-                             "preparation); pass --overwrite to prepare it again")
+                             f"preparation); prepare it again: fasttrain prepare --out {out} --overwrite")
         raise UsageError(f"{out}: already holds prepared data ({existing[0].name}); pass --overwrite to replace it")
     tmp = out / TMP_NAME
     created = not out.exists()  # removed again if this run fails, so DIR is left as it was
@@ -292,6 +298,7 @@ def _prepare(
                 "last part to cut at); give more text or documents (one per file or JSONL line) or --val-fraction 0"
             )
         tokenizer.save(tmp / "tokenizer.json")
+        unknown = sum(o.unknown for o in outputs.values())
         meta = {
             "vocab_size": tokenizer.vocab_size,
             "eot_id": tokenizer.eot_id,
@@ -305,15 +312,20 @@ def _prepare(
             "request": _request(inputs, vocab_size, tokenizer_path, val_fraction, text_field),
             "files": len(sources),
             "invalid_utf8_replaced": sum(o.replaced for o in outputs.values()),
+            "unknown_tokens": unknown,
+            # The tokenizer the shards were written with: one swapped in later is refused (_check_consistent).
+            "tokenizer_sha256": fingerprint(tmp / "tokenizer.json"),
             "seconds": {"tokenizer": round(tokenizer_seconds, 3), "total": round(seconds, 3)},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         _fsync_tree(tmp)
         # From here on the new data is the data: a killed move is finished, not undone. The marker lists the
-        # new files, so a finishing move knows which files in `out` are already new ones.
-        (tmp / COMPLETE).write_text(json.dumps(sorted(p.name for p in tmp.iterdir())))
+        # new files, so a finishing move knows which files in `out` are already new ones. Written atomically:
+        # a marker is whole or absent.
+        names = sorted(p.name for p in tmp.iterdir())
+        write_atomically(tmp / COMPLETE, lambda f: f.write(json.dumps(names).encode()), "write the COMPLETE marker")
         _fsync_tree(tmp)
-        _move_into_place(out)
+        _move_into_place(out, names)
     except OSError as e:
         unfinished = (tmp / COMPLETE).exists()
         raise UsageError(f"{out}: write failed ({e.strerror or e})"
@@ -335,6 +347,10 @@ def _prepare(
             f"in {seconds:.1f}s, {n / seconds:,.0f} tokens/s -> {out}"
             + (f"; replaced {replaced} invalid UTF-8 sequences" if replaced else "")
         )
+        if unknown:  # like invalid UTF-8, counted; unlike it, the text is gone, not one character
+            print(f"warning: {unknown:,} of the {n:,} tokens ({unknown / n:.1%}) are {tokenizer.source}'s unknown "
+                  f"token {tokenizer.tok.id_to_token(tokenizer.unk_id)}: text it cannot encode, lost from the data "
+                  "(meta.json's unknown_tokens); a byte-level BPE encodes any text")
     return meta
 
 
@@ -349,10 +365,12 @@ def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, **options) -> dic
     next prepare (or run) of `out_dir`. A second process preparing `out_dir` at the
     same time is a UsageError naming the first.
     """
+    if not os.fspath(out_dir):  # Path("") is the working directory
+        raise UsageError("--out: is empty; name the directory to prepare into")
     out = Path(out_dir)
     busy = lambda holder: f"{out}: another prepare ({holder}) is writing it; wait for it to end"  # noqa: E731
     with holding(_lock_path(out), busy):
-        _finish_interrupted_move(out)
+        _finish_interrupted_move(out, options.get("quiet", False))
         return _prepare(inputs, out, **options)
 
 
@@ -372,12 +390,12 @@ def _fsync_tree(directory: Path) -> None:
             os.close(fd)
 
 
-def _move_into_place(out: Path) -> None:
-    """Replace the prepared data in `out` by the complete preparation in out/.prepare-tmp: the old meta.json
-    first (a directory half switched holds none, so nothing reads it as prepared), the old files the new
-    set lacks, then the new files, meta.json last. Repeatable: a killed move is finished by running it again."""
+def _move_into_place(out: Path, names: list[str]) -> None:
+    """Replace the prepared data in `out` by the complete preparation in out/.prepare-tmp, whose files are
+    `names` (the whole new set, moved or not yet): the old meta.json first (a directory half switched holds
+    none, so nothing reads it as prepared), the old files the new set lacks, then the new files, meta.json
+    last. Repeatable: a killed move is finished by running it again."""
     tmp = out / TMP_NAME
-    names = set(json.loads((tmp / COMPLETE).read_text()))  # the whole new set, moved or not yet
     waiting = sorted((p for p in tmp.iterdir() if p.name in names), key=lambda p: p.name == "meta.json")
     if waiting:  # a finished move has moved meta.json last: then the directory's meta.json is the new one
         (out / "meta.json").unlink(missing_ok=True)
@@ -389,18 +407,58 @@ def _move_into_place(out: Path) -> None:
     shutil.rmtree(tmp)
 
 
-def _finish_interrupted_move(out: Path) -> None:
-    """Finish the move of a complete preparation that a killed prepare left in out/.prepare-tmp."""
-    if (out / TMP_NAME / COMPLETE).exists():
+def _finish_interrupted_move(out: Path, quiet: bool) -> None:
+    """Finish the move of a complete preparation that a killed prepare left in out/.prepare-tmp.
+
+    A COMPLETE marker that is not a list of names (empty or damaged: written by a prepare before markers were
+    written atomically, killed while writing it) was never followed by a move, so `out` holds its old data
+    whole: the unfinished preparation is discarded, and that said in one line."""
+    marker = out / TMP_NAME / COMPLETE
+    if not marker.exists():
+        return
+    try:
         try:
-            _move_into_place(out)
-        except OSError as e:
-            raise UsageError(f"{out}: cannot finish moving the data prepared there into place ({e.strerror})") from None
+            names = json.loads(marker.read_text())
+        except ValueError:
+            names = None
+        if isinstance(names, list) and all(isinstance(n, str) and "/" not in n for n in names):
+            _move_into_place(out, names)
+            return
+        shutil.rmtree(out / TMP_NAME)
+    except OSError as e:
+        raise UsageError(f"{out}: cannot finish moving the data prepared there into place ({e.strerror})") from None
+    if not quiet:
+        print(f"note: {marker}: damaged, so the move it marks never started; discarded that unfinished "
+              f"preparation ({out} holds its earlier data as it was)")
+
+
+def _refuse_foreign(out: Path, prepared_name: str) -> None:
+    """Refuse to write into `out`, whose `prepared_name` is named like a file prepare writes, when `out` is not
+    a preparation: it holds no meta.json of prepare's and holds files prepare never writes (a Hugging Face
+    model's config.json beside its tokenizer.json, say). Prepare would replace files it did not write."""
+    if _is_prepare_meta(out / "meta.json"):
+        return
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")
+                    and not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in PREPARED))
+    if others:
+        raise UsageError(f"{out}: not a prepared folder (no meta.json of prepare's; it holds {others[0]}), so its "
+                         f"{prepared_name} is not prepare's to replace; prepare into another directory")
+
+
+def _is_prepare_meta(path: Path) -> bool:
+    """Whether `path` is a meta.json prepare wrote (a JSON object with its "request"), damaged values or not."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "request" in meta
 
 
 def _request(inputs: Sequence[str], vocab_size: int, tokenizer_path: str | None, val_fraction: float,
              text_field: str) -> dict:
-    request = {"inputs": list(inputs), "tokenizer": tokenizer_path or None,
+    """What was asked for, paths made absolute: what they name must not depend on where the run started."""
+    request = {"inputs": [_absolute(i) for i in inputs],
+               "tokenizer": _absolute(tokenizer_path) if tokenizer_path else None,
                "vocab_size": None if tokenizer_path else vocab_size, "val_fraction": val_fraction}
     if text_field != "text":  # recorded only when it is not the default, so earlier caches keep their keys
         request["text_field"] = text_field
@@ -412,12 +470,11 @@ def cache_dir(request: dict) -> Path:
 
     Under $FASTTRAIN_CACHE, else $XDG_CACHE_HOME/fasttrain, else ~/.cache/fasttrain;
     one directory per distinct request, so changing the vocabulary never reuses
-    stale shards. Relative input paths are made absolute for the key, since what
-    they name depends on the working directory.
+    stale shards. Its paths are absolute (`_request`), since what a relative one
+    names depends on the working directory.
     """
     root = os.environ.get("FASTTRAIN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fasttrain"
-    keyed = dict(request, inputs=[i if i.startswith("builtin:") else os.path.abspath(i) for i in request["inputs"]])
-    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
     name = re.sub(r"[^A-Za-z0-9]+", "-", request["inputs"][0].removeprefix("builtin:")).strip("-")[-40:] or "data"
     return Path(root) / f"{name}-{digest}"
 
@@ -448,6 +505,7 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
     when it holds no data. A folder already prepared is the data by itself: the [data] keys
     left at their defaults take its values, and one set to anything else must agree with how
     it was prepared (UsageError naming both values), rather than train on other data silently.
+    The folder is checked whole (`open_prepared`) before anything is recorded or deleted.
     `d` itself is left as it is: see config.resolve for the config a run records.
     """
     inputs, vocab_size = d.inputs or DEFAULT_INPUTS, d.vocab_size or DEFAULT_VOCAB
@@ -459,35 +517,54 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
             print(f"data: waiting for {holder}, which is preparing {directory}")
 
     with holding(_lock_path(Path(directory)), wait=wait):
-        _finish_interrupted_move(Path(directory))
-        meta = read_meta(directory)
-        if meta is None:
-            meta = _prepare(inputs, directory, vocab_size=vocab_size, tokenizer_path=d.tokenizer or None,
-                            val_fraction=d.val_fraction, text_field=d.text_field, quiet=quiet)
-    request = meta.get("request")
-    if not isinstance(request, dict):
-        raise UsageError(f"{directory}: holds data prepared with unknown settings (meta.json has no request); "
-                         "point data.dir elsewhere or remove the directory")
-    found = {"text_field": "text", **request}
-    differ = [(key, value) for key, value in _given(d).items() if found.get(key) != value]
+        _finish_interrupted_move(Path(directory), quiet)
+        if read_meta(directory) is None:
+            if d.dir and not d.inputs and not quiet:  # a typo in data.dir would otherwise pass unnoticed
+                state = "is empty" if Path(directory).is_dir() else "does not exist"
+                if state == "does not exist" or not any(Path(directory).iterdir()):
+                    print(f"note: data.dir = {directory} {state}, so the default data.inputs "
+                          f"({', '.join(DEFAULT_INPUTS)}) is prepared into it; if it should name a prepared "
+                          "folder, check the path")
+            _prepare(inputs, directory, vocab_size=vocab_size, tokenizer_path=d.tokenizer or None,
+                     val_fraction=d.val_fraction, text_field=d.text_field, quiet=quiet)
+    prepared = open_prepared(directory)
+    found = {"text_field": "text", **prepared.meta["request"]}
+    differ = [(key, value) for key, value in _given(d).items() if _comparable(key, found.get(key)) != value]
     if differ:
         raise UsageError(
             f"{directory}: holds data prepared with "
             f"{', '.join(f'{k}={found.get(k)!r}' for k, _ in differ)}, not what [data] asks for "
             f"({', '.join(f'data.{k} = {v!r}' for k, v in differ)}); leave those keys unset to train on this "
             "folder as it is, point data.dir elsewhere, or remove the directory")
+    return prepared
+
+
+def open_prepared(directory: str | os.PathLike) -> PreparedData:
+    """The prepared folder `directory`, checked whole before a run uses it: its meta.json (`check_meta`: every
+    key read later, and counts that must agree), the tokenizer against the sha256 recorded at preparation
+    (folders prepared before that recorded none) and its vocabulary and end-of-text id, and each shard's
+    header against meta.json (the headers only: cheap). Any disagreement is a UsageError naming the file.
+    Use this, not read_meta, wherever a prepared folder's counts are read (bits per byte divide by them)."""
+    directory = os.fspath(directory)
+    path = Path(directory) / "meta.json"
+    meta = read_meta(directory)
+    if meta is None:
+        raise UsageError(f"{directory}: no prepared data there (no meta.json); prepare it with "
+                         f"fasttrain prepare --out {directory}")
+    check_meta(meta, path)
     _check_consistent(Path(directory), meta)
     return PreparedData(directory, meta)
 
 
 def _given(d: DataConfig) -> dict:
-    """The prepare settings [data] `d` sets: those not at their defaults, which defer to a prepared folder."""
+    """The prepare settings [data] `d` sets: those not at their defaults, which defer to a prepared folder.
+    Paths as `_comparable` makes them, so "./corpus" is the "corpus" a folder was prepared from."""
     defaults = DataConfig()
     given: dict = {}
     if d.inputs:
-        given["inputs"] = list(d.inputs)
+        given["inputs"] = _comparable("inputs", d.inputs)
     if d.tokenizer:
-        given["tokenizer"] = d.tokenizer
+        given["tokenizer"] = _comparable("tokenizer", d.tokenizer)
     elif d.vocab_size:
         given["vocab_size"] = d.vocab_size
     if d.val_fraction != defaults.val_fraction:
@@ -497,17 +574,54 @@ def _given(d: DataConfig) -> dict:
     return given
 
 
+def _absolute(spec: str) -> str:
+    """An input or tokenizer path made absolute (relative to the working directory); builtin: specs as they are."""
+    return spec if spec.startswith("builtin:") else os.path.abspath(spec)
+
+
+def _comparable(key: str, value: object) -> object:
+    """A request value as compared between a config and a prepared folder: paths absolute with links resolved
+    (meta.json of folders prepared before paths were recorded absolute may hold relative ones)."""
+    def resolved(spec: str) -> str:
+        return spec if spec.startswith("builtin:") else os.path.realpath(spec)
+    if key == "inputs" and isinstance(value, list):
+        return [resolved(i) for i in value]
+    if key == "tokenizer" and isinstance(value, str):
+        return resolved(value)
+    return value
+
+
 def _check_consistent(directory: Path, meta: dict) -> None:
     """Refuse prepared data whose parts disagree, at start-up: before a run deletes anything (--overwrite)
-    and before an evaluation, hours in, finds no val split or divides by a zero byte count."""
+    and before an evaluation, hours in, finds no val split or trains on shards of another preparation."""
     path = directory / "meta.json"
-    tokenizer = Tokenizer.load(directory / "tokenizer.json")
-    if tokenizer.vocab_size != int(meta["vocab_size"]):
+    tokenizer_file = directory / "tokenizer.json"
+    recorded = meta.get("tokenizer_sha256")
+    if recorded is not None and tokenizer_file.is_file() and fingerprint(tokenizer_file) != recorded:
+        raise UsageError(f"{tokenizer_file}: not the tokenizer this data was prepared with (its sha256 is "
+                         f"{fingerprint(tokenizer_file)[:16]}..., meta.json records {recorded[:16]}...); "
+                         "put the original back or prepare the data again")
+    tokenizer = Tokenizer.load(tokenizer_file)
+    if tokenizer.vocab_size != meta["vocab_size"]:
         raise UsageError(f"{path}: vocab_size = {meta['vocab_size']} disagrees with tokenizer.json's "
                          f"{tokenizer.vocab_size}; prepare the data again")
-    find_shards(directory, "val")  # every run evaluates
-    text_bytes = meta.get("text_bytes")
-    val_bytes = text_bytes.get("val") if isinstance(text_bytes, dict) else None
-    if not isinstance(val_bytes, int) or val_bytes <= 0:
-        raise UsageError(f"{path}: text_bytes.val = {json.dumps(val_bytes)}, expected a count > 0 "
-                         "(validation bits per byte divide by it)")
+    if tokenizer.eot_id != meta["eot_id"]:
+        raise UsageError(f"{path}: eot_id = {meta['eot_id']} disagrees with tokenizer.json's end-of-text id "
+                         f"{tokenizer.eot_id}; prepare the data again")
+    for split in SPLITS:  # every run evaluates: no val shards is an error too
+        shards = find_shards(directory, split)
+        names, listed = [Path(s.path).name for s in shards], meta["shards"][split]
+        for name in sorted(set(listed) - set(names)):
+            raise UsageError(f"{directory / name}: missing (a {split} shard meta.json lists); prepare the data again")
+        for name in sorted(set(names) - set(listed)):
+            raise UsageError(f"{directory / name}: a {split} shard meta.json does not list (from another "
+                             "preparation?); remove it or prepare the data again")
+        for s in shards:
+            if s.vocab_size != meta["vocab_size"] or s.dtype.name != meta["token_dtype"]:
+                raise UsageError(f"{s.path}: a shard of another preparation (its header says vocabulary "
+                                 f"{s.vocab_size}, {s.dtype} tokens; meta.json says {meta['vocab_size']}, "
+                                 f"{meta['token_dtype']}); prepare the data again")
+        total = sum(s.num_tokens for s in shards)
+        if total != meta["tokens"][split]:
+            raise UsageError(f"{directory}: its {split} shards hold {total:,} tokens, meta.json's tokens.{split} "
+                             f"says {meta['tokens'][split]:,}: shards of another preparation; prepare the data again")

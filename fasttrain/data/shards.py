@@ -21,7 +21,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -180,7 +180,8 @@ class ShardWriter:
 
 
 def read_meta(directory: str | os.PathLike) -> dict | None:
-    """The meta.json that prepare wrote into `directory`, or None if there is none."""
+    """The meta.json that prepare wrote into `directory`, or None if there is none. Only its vocab_size is checked
+    here (the loader needs no more); `check_meta` checks the rest, for a prepared folder a run trains from."""
     path = Path(directory) / "meta.json"
     if not path.is_file():
         return None
@@ -190,6 +191,91 @@ def read_meta(directory: str | os.PathLike) -> dict | None:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{path}: unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
     return meta
+
+
+SPLITS = ("train", "val")
+MAX_TOKENS_PER_BYTE = 4  # text tokens per UTF-8 byte: at most 2 in any tokenizer in use (a prefixed "▁" and a byte)
+
+
+def _count(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _text(v: object) -> bool:
+    return isinstance(v, str) and bool(v)
+
+
+def _fraction(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1  # nan fails the range too
+
+
+# Every key of meta.json that is read later (a run's config.toml records the request), with what it must hold.
+# Keys added since the first prepare (text_field, tokenizer_sha256) may be absent: older folders still load.
+_META_KEYS: list[tuple[str, bool, Callable[[object], bool], str]] = [  # (key, required, test, what is expected)
+    ("vocab_size", True, lambda v: _count(v) and v > 0, "an integer > 0"),
+    ("eot_id", True, _count, "a token id"),
+    ("token_dtype", True, lambda v: v in ("uint16", "uint32"), '"uint16" or "uint32"'),
+    *[(f"{part}.{s}", True, _count, "a count >= 0") for part in ("tokens", "documents", "text_bytes") for s in SPLITS],
+    *[(f"shards.{s}", True, lambda v: isinstance(v, list) and all(_text(n) and "/" not in n for n in v),
+       "a list of shard file names") for s in SPLITS],
+    ("request", True, lambda v: isinstance(v, dict), "an object: what prepare was asked for"),
+    ("request.inputs", True, lambda v: isinstance(v, list) and bool(v) and all(map(_text, v)),
+     "a list of input paths"),
+    ("request.tokenizer", True, lambda v: v is None or _text(v), "null or a tokenizer path"),
+    ("request.vocab_size", True, lambda v: v is None or (_count(v) and v > 256), "null or an integer > 256"),
+    ("request.val_fraction", True, _fraction, "a number in [0, 1)"),
+    ("request.text_field", False, _text, "a field name"),
+    ("tokenizer_sha256", False, lambda v: isinstance(v, str) and len(v) == 64, "a sha256 in hex"),
+]
+_MISSING = object()
+
+
+def check_meta(meta: object, path: str | os.PathLike) -> dict:
+    """`meta` (read from `path`) as prepare writes it, or a UsageError naming the key and its value: each key
+    read later has its type and range, and the counts that can be checked against each other agree. Checked
+    when a run opens its data, before it deletes or records anything."""
+    if not isinstance(meta, dict):
+        raise UsageError(f"{path}: expected a JSON object, got {_shown(meta)}; prepare the data again")
+
+    def get(key: str) -> object:
+        value: object = meta
+        for part in key.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        return value
+
+    def refuse(key: str, why: str) -> None:
+        raise UsageError(f"{path}: {key} = {_shown(get(key))}, {why}; prepare the data again")
+
+    for key, required, ok, expected in _META_KEYS:
+        value = get(key)
+        if (value is _MISSING and required) or (value is not _MISSING and not ok(value)):
+            refuse(key, f"expected {expected}")
+    if meta["eot_id"] >= meta["vocab_size"]:
+        refuse("eot_id", f"beyond the vocabulary of {meta['vocab_size']}")
+    if meta["token_dtype"] != token_dtype(meta["vocab_size"]).name:
+        refuse("token_dtype", f"but a vocabulary of {meta['vocab_size']} is stored as "
+               f"{token_dtype(meta['vocab_size'])}")
+    if (meta["request"]["tokenizer"] is None) == (meta["request"]["vocab_size"] is None):
+        refuse("request.vocab_size", "expected a vocab_size when no tokenizer was given, and none when one was")
+    if meta["tokens"]["train"] == 0:
+        refuse("tokens.train", "expected a count > 0")
+    if meta["text_bytes"]["val"] == 0:
+        refuse("text_bytes.val", "expected a count > 0 (validation bits per byte divide by it)")
+    for s in SPLITS:
+        tokens, documents, text_bytes = meta["tokens"][s], meta["documents"][s], meta["text_bytes"][s]
+        if documents > tokens:  # each document starts with its end-of-text token
+            refuse(f"documents.{s}", f"more than the {tokens} tokens.{s}, one end-of-text token each")
+        if tokens - documents > MAX_TOKENS_PER_BYTE * text_bytes:
+            refuse(f"text_bytes.{s}", f"too few for the {tokens - documents} text tokens of tokens.{s} "
+                   f"(at most {MAX_TOKENS_PER_BYTE} a byte)")
+    return meta
+
+
+def _shown(value: object) -> str:
+    if value is _MISSING:
+        return "(missing)"
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def find_shards(directory: str | os.PathLike, split: str) -> list[ShardInfo]:

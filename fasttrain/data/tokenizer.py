@@ -3,11 +3,14 @@
 Byte-level means every string encodes (no unknown token) and decode(encode(t))
 gives back t exactly. An end-of-text token separates documents; a loaded
 tokenizer must have one under one of the usual names (GPT-2's <|endoftext|>,
-Llama 3's <|end_of_text|>, SentencePiece-style </s>).
+Llama 3's <|end_of_text|>, SentencePiece-style </s>). A loaded tokenizer of another kind
+(WordLevel, WordPiece) may map text it does not know to its unknown token (`unk_id`),
+which prepare counts, or fail on it, which is a UsageError naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Iterable, Sequence
 
@@ -30,8 +33,11 @@ class Tokenizer:
         if eot is None:
             raise UsageError(f"{source}: tokenizer has no end-of-text token (one of {', '.join(EOT_NAMES)})")
         self.tok = tok
+        self.source = source
         self.eot_id: int = eot
         self.vocab_size: int = tok.get_vocab_size(with_added_tokens=True)
+        unk = getattr(tok.model, "unk_token", None)  # WordLevel, WordPiece, BPE; a byte-level BPE never emits it
+        self.unk_id: int | None = tok.token_to_id(unk) if unk else None
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -79,7 +85,23 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts at once, in parallel across the tokenizers library's threads."""
-        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+        try:
+            encoded = self.tok.encode_batch(list(texts), add_special_tokens=False)
+        except Exception as e:  # a bare Exception, e.g. a WordLevel vocabulary without its unknown token
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UsageError(f"{self.source}: cannot encode the text ({reason}); prepare needs a tokenizer that "
+                             "encodes any text, such as a byte-level BPE") from None
+        return [e.ids for e in encoded]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """The sha256 of the tokenizer.json at `path` (hex): prepare records it in meta.json, so a tokenizer swapped
+    in later, even one of the same size, is told apart from the one the shards were written with."""
+    try:
+        with open(path, "rb") as f:  # tokenizer.json files are a few MB at most
+            return hashlib.sha256(f.read()).hexdigest()
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read ({e.strerror})") from None
