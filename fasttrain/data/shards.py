@@ -194,7 +194,9 @@ def read_meta(directory: str | os.PathLike) -> dict | None:
 
 
 SPLITS = ("train", "val")
-MAX_TOKENS_PER_BYTE = 4  # text tokens per UTF-8 byte: at most 2 in any tokenizer in use (a prefixed "▁" and a byte)
+# Text tokens per UTF-8 byte of text, beyond which the counts cannot be right: a byte-level BPE emits at most 1,
+# a SentencePiece-style tokenizer about 2 at worst (a "▁" it prefixes, then the byte); 4 leaves room.
+MAX_TOKENS_PER_BYTE = 4
 
 
 def _count(v: object) -> bool:
@@ -259,6 +261,8 @@ def check_meta(meta: object, path: str | os.PathLike) -> dict:
         refuse("request.vocab_size", "expected a vocab_size when no tokenizer was given, and none when one was")
     if meta["tokens"]["train"] == 0:
         refuse("tokens.train", "expected a count > 0")
+    if meta["tokens"]["val"] == 0:  # prepared with --val-fraction 0, say: every run evaluates
+        refuse("tokens.val", "but a run evaluates on the val split (prepare with --val-fraction above 0)")
     if meta["text_bytes"]["val"] == 0:
         refuse("text_bytes.val", "expected a count > 0 (validation bits per byte divide by it)")
     for s in SPLITS:
