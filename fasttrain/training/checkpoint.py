@@ -99,7 +99,7 @@ def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: i
 # there (a user's notes, wandb/ with its offline runs) are never touched.
 RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "config.toml", "tensorboard", WANDB_ID_FILE,
              "export", "export-hf", "curves.png")
-REPLACED = ".replaced"  # where --overwrite moves the earlier run's RUN_FILES until the new run's first step
+REPLACED = ".replaced-by-overwrite"  # the earlier run's RUN_FILES, until the new run's first step
 
 
 def check_new_run(run_dir: Path, overwrite: bool) -> None:

@@ -112,7 +112,8 @@ class Trainer:
 
     Construction prepares the data if needed (prepare.ensure_prepared) and keeps the
     config resolved with what that found (`cfg`: data.dir, model.vocab_size; the
-    config given is not changed); nothing is written to `train.out_dir` until
+    config given is not changed); with model.init_from the model takes that model's shape
+    and starts from its weights. Nothing is written to `train.out_dir` until
     `train()` or `save_checkpoint()`. Call `resume()` before `train()` to continue a saved run.
 
     Under torchrun (see fasttrain/system/distributed.py) every rank builds a Trainer: each
