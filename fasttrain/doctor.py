@@ -2,10 +2,11 @@
 
     python -m fasttrain.doctor CONFIG.toml [--set SECTION.KEY=VALUE ...] [--overfit-steps N]
 
-Builds the run exactly as `python -m fasttrain.train` would (config, data, model,
-optimizer), reads every token of both splits (an id beyond the vocabulary is bad
-input, whatever the shard headers say), then runs the checks of
-fasttrain/training/diagnosis.py on one training batch.
+Builds the run exactly as `python -m fasttrain.train` would start it (config, data, model,
+optimizer; with model.init_from, that model's weights, refused as train refuses them),
+reads every token of both splits (an id beyond the vocabulary is bad input, whatever the
+shard headers say), then runs the checks of fasttrain/training/diagnosis.py on one
+training batch.
 
 Each check prints PASS or FAIL and what it measured; a failure also says what to
 look at. Nothing is written to the run directory. Exit status: 0 if every check
@@ -31,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args, "data.prefetch=0")  # one batch is all it reads
     trainer = Trainer(cfg, quiet=True)
+    trainer.check_new_start()  # the weights a new run would start from are the ones checked
     t = cfg.train
     print(f"doctor: {args.config}: {trainer.model.num_params() / 1e6:.2f}M parameters, batch {t.batch_size} x "
           f"{t.seq_len} from {trainer.cfg.data.dir}, on {trainer.device} ({trainer.precision})")

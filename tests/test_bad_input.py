@@ -19,6 +19,7 @@ import torch
 from fasttrain import cli, doctor, evaluate, export, plot, prepare, sample, train
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
+from tests.test_reliability_start import another_tokenizer, edit_config, edit_tensor, index_outside, init_from, nan
 
 
 class Case:
@@ -353,6 +354,29 @@ CASES = [
      "hf: holds no model.safetensors or model.safetensors.index.json"),
     ("fasttrain: unknown tool", cli, lambda c: ["trian"], "fasttrain: unknown tool 'trian'; did you mean train?"),
     # checkpoints and resuming
+    ("init_from: context shorter than train.seq_len, with --overwrite", train,
+     lambda c: c.train(init_from(c.run, c.tmp, edit_config(max_position_embeddings=16)), out=c.run,
+                       flags=["--overwrite"]),
+     "hf/config.json: train.seq_len = 32 exceeds model.max_seq_len = 16"),
+    ("init_from: heads that do not divide the width", train,
+     lambda c: c.train(init_from(c.run, c.tmp,
+                                 edit_config(num_attention_heads=3, num_key_value_heads=3, head_dim=None))),
+     "model.d_model = 32 is not divisible by model.n_heads = 3"),
+    ("init_from: a NaN weight", train,
+     lambda c: c.train(init_from(c.run, c.tmp, edit_tensor("model.layers.1.mlp.up_proj.weight", nan))),
+     "model.safetensors: model.layers.1.mlp.up_proj.weight holds NaN or infinite values"),
+    ("doctor: init_from with a NaN weight", doctor,
+     lambda c: c.train(init_from(c.run, c.tmp, edit_tensor("model.norm.weight", nan))),
+     "model.norm.weight holds NaN or infinite values"),
+    ("init_from: a weight of another shape", train,
+     lambda c: c.train(init_from(c.run, c.tmp, edit_tensor("model.layers.0.self_attn.k_proj.weight", lambda t: t[:8]))),
+     "model.layers.0.self_attn.k_proj.weight has shape [8, 32], but "),
+    ("init_from: an index naming a file outside the folder", train,
+     lambda c: c.train(init_from(c.run, c.tmp, index_outside)),
+     'model.safetensors.index.json: weight_map names "../elsewhere.safetensors", not a file inside'),
+    ("init_from: data tokenized with another tokenizer", train,
+     lambda c: c.train(init_from(c.run, c.tmp, another_tokenizer)),
+     "tokenizer.json: not the tokenizer of model.init_from ("),
     ("resume with nothing saved", train, lambda c: c.train(flags=["--resume", "auto"]),
      "out/checkpoints: no checkpoint saved there yet, so nothing to resume"),
     ("resume another run's checkpoint into a run", train,

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fasttrain import Trainer
+from fasttrain import Trainer, train
 from fasttrain.doctor import main
 from fasttrain.system.errors import run_cli
 from fasttrain.training.diagnosis import diagnose, report
 from tests.conftest import tiny_args, tiny_config
+from tests.test_reliability_start import edit_tensor, init_from
 
 CHECKS = ["data", "targets", "init loss", "gradients", "grad norm", "lr", "update", "overfit"]
 
@@ -93,3 +94,21 @@ def test_the_command_exits_1_on_a_failure_and_0_when_healthy(pydoc_data, tmp_pat
     out = capsys.readouterr().out
     assert hopeless.value.code == 1
     assert "FAIL  overfit" in out and "look at: a model that cannot memorise" in out and "7 of 8 checks passed" in out
+
+
+def test_the_doctor_checks_the_weights_model_init_from_starts_from(pydoc_data, tmp_path, capsys):
+    """The doctor checked a random model whatever model.init_from named, so imported weights that break
+    training passed. Here the source's logits are 100 times too large: its init loss fails, as training
+    from it would."""
+    quick = ["train.max_steps=2", "schedule.warmup_steps=1", "train.sample_tokens=0"]
+    with pytest.raises(SystemExit) as trained:
+        run_cli(train.main, tiny_args(pydoc_data, tmp_path / "run", *quick))
+    assert trained.value.code == 0
+    source = init_from(tmp_path / "run", tmp_path, edit_tensor("model.embed_tokens.weight", lambda t: t * 100))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        run_cli(main, tiny_args(pydoc_data, tmp_path / "new", *quick, source) + ["--overfit-steps", "2"])
+    out = capsys.readouterr().out
+    assert done.value.code == 1
+    assert "FAIL  init loss" in out and "worse than a uniform guess from model.init_from's weights" in out
+    assert not (tmp_path / "new").exists()

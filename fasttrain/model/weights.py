@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import safetensors.torch
+import tokenizers
 import torch
 
 from fasttrain.config import Config, ModelConfig, load_config, save_config
@@ -150,41 +151,87 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
 def read_hf_llama_weights(directory: str | os.PathLike[str], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The weights of the Hugging Face Llama in `directory` (model.safetensors, or the shards that
     model.safetensors.index.json lists) as a state dict of the Transformer of `cfg` (q, k, v and gate, up
-    fused back together); UsageError naming a missing file or tensor."""
+    fused back together); UsageError naming a missing file or tensor, a tensor whose shape is not the one
+    `cfg` (its config.json) gives, or one holding a NaN or infinity."""
     directory = Path(directory)
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(read_regular(index, 64 << 20, "index"))["weight_map"].values()))
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise UsageError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
-    elif (directory / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise UsageError(f"{directory}: holds no model.safetensors or model.safetensors.index.json")
     theirs: dict[str, torch.Tensor] = {}
-    for name in files:
-        theirs.update(read_safetensors(directory / name))
+    where: dict[str, Path] = {}  # the file each tensor came from, for the errors below
+    for path in _weight_files(directory):
+        for name, tensor in read_safetensors(path).items():
+            theirs[name], where[name] = tensor, path
+    head_dim = cfg.d_model // cfg.n_heads
+    d, q, kv = cfg.d_model, cfg.n_heads * head_dim, (cfg.n_kv_heads or cfg.n_heads) * head_dim
+    ffn = ffn_hidden_size(cfg)
 
-    def take(*names: str) -> torch.Tensor:
-        missing = [n for n in names if n not in theirs]
-        if missing:
-            raise UsageError(f"{directory}: its weights have no {missing[0]}")
-        return torch.cat([theirs[n] for n in names])
+    def take(*named: tuple[str, tuple[int, ...]]) -> torch.Tensor:
+        for name, shape in named:
+            if name not in theirs:
+                raise UsageError(f"{directory}: its weights have no {name}")
+            tensor = theirs[name]
+            if tuple(tensor.shape) != shape:
+                raise UsageError(f"{where[name]}: {name} has shape {list(tensor.shape)}, but "
+                                 f"{directory / 'config.json'} gives {list(shape)}")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise UsageError(f"{where[name]}: {name} holds NaN or infinite values; a run cannot start from it")
+        return torch.cat([theirs[name] for name, _ in named])
 
-    state = {"embed.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
-    state["output.weight"] = state["embed.weight"] if cfg.tie_embeddings else take("lm_head.weight")
+    vector = (d,)
+    state = {"embed.weight": take(("model.embed_tokens.weight", (cfg.vocab_size, d))),
+             "norm.weight": take(("model.norm.weight", vector))}
+    state["output.weight"] = (state["embed.weight"] if cfg.tie_embeddings
+                              else take(("lm_head.weight", (cfg.vocab_size, d))))
     for i in range(cfg.n_layers):
         ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+        attn, mlp = hf + "self_attn.", hf + "mlp."
         state.update({
-            ours + "attn_norm.weight": take(hf + "input_layernorm.weight"),
-            ours + "attn.qkv.weight": take(*(f"{hf}self_attn.{p}_proj.weight" for p in "qkv")),
-            ours + "attn.out.weight": take(hf + "self_attn.o_proj.weight"),
-            ours + "mlp_norm.weight": take(hf + "post_attention_layernorm.weight"),
-            ours + "mlp.gate_up.weight": take(hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"),
-            ours + "mlp.down.weight": take(hf + "mlp.down_proj.weight"),
+            ours + "attn_norm.weight": take((hf + "input_layernorm.weight", vector)),
+            ours + "attn.qkv.weight": take((attn + "q_proj.weight", (q, d)), (attn + "k_proj.weight", (kv, d)),
+                                           (attn + "v_proj.weight", (kv, d))),
+            ours + "attn.out.weight": take((attn + "o_proj.weight", (d, q))),
+            ours + "mlp_norm.weight": take((hf + "post_attention_layernorm.weight", vector)),
+            ours + "mlp.gate_up.weight": take((mlp + "gate_proj.weight", (ffn, d)), (mlp + "up_proj.weight", (ffn, d))),
+            ours + "mlp.down.weight": take((mlp + "down_proj.weight", (d, ffn))),
         })
     return state
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of the model in `directory`: model.safetensors, or the shards its
+    model.safetensors.index.json lists. UsageError for an index naming a file outside the folder (an
+    absolute path, or one through ..): a model folder's weights are its own files."""
+    index = directory / "model.safetensors.index.json"
+    if not index.is_file():
+        if not (directory / "model.safetensors").is_file():
+            raise UsageError(f"{directory}: holds no model.safetensors or model.safetensors.index.json")
+        return [directory / "model.safetensors"]
+    try:
+        weight_map = json.loads(read_regular(index, 64 << 20, "index"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise UsageError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
+    for name in names:
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise UsageError(f"{index}: weight_map names {json.dumps(name)}, not a file inside {directory}")
+    return [directory / name for name in names]
+
+
+def check_hf_tokenizer(directory: str | os.PathLike[str], data_tokenizer: Tokenizer, data_file: str) -> str | None:
+    """UsageError, naming both files, if `data_tokenizer` (the run's data's, read from `data_file`) is not the
+    tokenizer.json of the Hugging Face model in `directory`: the model's embeddings mean that tokenizer's ids,
+    and `export --hf` ships the data's. Compared by content, as tokenizers serializes it (prepare rewrites the
+    file it copies). A model folder without tokenizer.json cannot be compared: returns a note saying so."""
+    theirs = Path(directory) / "tokenizer.json"
+    if not os.path.lexists(theirs):
+        return (f"model.init_from: {directory} has no tokenizer.json to compare {data_file} with; the run "
+                "assumes the data was tokenized with the model's own tokenizer")
+    try:
+        same = tokenizers.Tokenizer.from_file(str(theirs)).to_str() == data_tokenizer.tok.to_str()
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed or unreadable file
+        raise UsageError(f"{theirs}: not a valid tokenizer.json ({' '.join(str(e).split())[:160]})") from None
+    if not same:
+        raise UsageError(f"{data_file}: not the tokenizer of model.init_from ({theirs}), so the data's token ids "
+                         f"are not the ones the model learned; prepare the data with --tokenizer {directory}")
+    return None
 
 
 def export_weights(model_state: dict[str, torch.Tensor], cfg: Config, out_dir: str | os.PathLike[str],

@@ -33,11 +33,21 @@ LOCK_FILE = ".lock"
 def locked(out_dir: str | os.PathLike[str]) -> Iterator[None]:
     """Hold the lock of run directory `out_dir` (created if missing) for the `with` block; UsageError
     naming the holder if another process holds it."""
-    path = Path(out_dir) / LOCK_FILE
-    busy = lambda holder: (f"{path.parent}: another run ({holder}) is using it; wait for it to end, stop it, "  # noqa: E731
-                           "or set train.out_dir elsewhere")
-    with holding(path, busy):
+    with holding(Path(out_dir) / LOCK_FILE, lambda holder: _busy(out_dir, holder)):
         yield
+
+
+def check_free(out_dir: str | os.PathLike[str]) -> None:
+    """The UsageError `locked` would raise if another process holds run directory `out_dir`, asked without
+    creating anything: a run refuses early, before its other checks and before its lock makes the directory."""
+    holder = other_holder(out_dir)
+    if holder is not None:
+        raise UsageError(_busy(out_dir, holder))
+
+
+def _busy(out_dir: str | os.PathLike[str], holder: str) -> str:
+    return (f"{Path(out_dir)}: another run ({holder}) is using it; wait for it to end, stop it, "
+            "or set train.out_dir elsewhere")
 
 
 def other_holder(out_dir: str | os.PathLike[str]) -> str | None:

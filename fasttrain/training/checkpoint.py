@@ -28,6 +28,7 @@ The functions below are the files; `Checkpointer` is what a run saves into them 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -43,8 +44,9 @@ from fasttrain.config import Config, config_to_toml, parse_config
 from fasttrain.data.loader import TokenLoader
 from fasttrain.system import distributed
 from fasttrain.system.atomic import write_atomically
-from fasttrain.system.errors import UsageError
-from fasttrain.system.run_lock import other_holder
+from fasttrain.system.errors import RunStopped, UsageError
+from fasttrain.system.run_lock import LOCK_FILE, other_holder
+from fasttrain.training.metrics import WANDB_ID_FILE
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.run_state import RunState
 
@@ -93,10 +95,16 @@ def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: i
     return path
 
 
-def claim(run_dir: Path, overwrite: bool, delete: bool) -> None:
-    """Make `run_dir` ready for a new run: refuse it if its checkpoints/ holds another run's saves,
-    unless `overwrite`; then, if `delete` (rank 0 of a distributed run), delete them with that run's
-    metrics, final weights and TensorBoard files."""
+# What a run and the tools write at the top of its run directory: what --overwrite replaces. Other files
+# there (a user's notes, wandb/ with its offline runs) are never touched.
+RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "config.toml", "tensorboard", WANDB_ID_FILE,
+             "export", "export-hf", "curves.png")
+REPLACED = ".replaced-by-overwrite"  # the earlier run's RUN_FILES, until the new run's first step
+
+
+def check_new_run(run_dir: Path, overwrite: bool) -> None:
+    """UsageError if a new run cannot start in `run_dir`: its checkpoints/ holds another run's saves (unless
+    `overwrite`), or is not a directory."""
     directory = run_dir / "checkpoints"
     if directory.exists() and not directory.is_dir():  # found now, not at the first save after training
         raise UsageError(f"{directory}: is not a directory, so no checkpoint can be saved there; move it away "
@@ -106,10 +114,92 @@ def claim(run_dir: Path, overwrite: bool, delete: bool) -> None:
         raise UsageError(
             f"{directory}: holds checkpoints of an earlier run (up to step {step_of(saved[-1])}); continue it "
             "with --resume auto, start over with --overwrite, or set train.out_dir elsewhere")
-    if overwrite and delete:
-        for old in (directory, run_dir / "final", run_dir / "tensorboard"):
-            shutil.rmtree(old, ignore_errors=True)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
+class RunStart:
+    """A new or resumed run starting in `run_dir`, on rank 0, as a `with` block around its start: what the
+    start changes in the directory is taken back if it fails before its first step is done (out of memory, a
+    compiler error), so the directory keeps what it had, and one that did not exist is not left behind. Every
+    check that can refuse the run comes before it (Trainer.train); it is made before the run's lock creates
+    the directory.
+
+    `claim(overwrite=True)` moves the earlier run's RUN_FILES into REPLACED: a failed start puts them back,
+    the first step (`started`) deletes them, as does the next new run's claim after a start killed outright."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.created = [d for d in (run_dir, *run_dir.parents) if not os.path.lexists(d)]  # the lock makes them
+        self.lock_existed = os.path.lexists(run_dir / LOCK_FILE)
+        self.set_aside = self.done = False
+        self.files: dict[str, bytes | None] | None = None  # what `record` found
+        self.metrics_size: int | None = None
+        self.tensorboard: set[str] | None = None
+
+    def claim(self, overwrite: bool) -> None:
+        """Clear the directory for a new run (checked first: check_new_run): set the earlier run aside if
+        `overwrite`."""
+        replaced = self.run_dir / REPLACED
+        shutil.rmtree(replaced, ignore_errors=True)  # left by a start killed before its first step
+        if overwrite:
+            replaced.mkdir()
+            self.set_aside = True
+            for name in RUN_FILES:
+                if os.path.lexists(self.run_dir / name):
+                    os.rename(self.run_dir / name, replaced / name)
+
+    def record(self) -> None:
+        """Note what the start is about to change: config.toml and the W&B run id (rewritten), metrics.jsonl
+        (appended to) and tensorboard/ (given a new event file)."""
+        d = self.run_dir
+        self.files = {name: (d / name).read_bytes() if (d / name).is_file() else None
+                      for name in ("config.toml", WANDB_ID_FILE)}
+        self.metrics_size = (d / "metrics.jsonl").stat().st_size if (d / "metrics.jsonl").is_file() else None
+        self.tensorboard = set(os.listdir(d / "tensorboard")) if (d / "tensorboard").is_dir() else None
+
+    def started(self) -> None:
+        """The first step is done: nothing is taken back now, and the run an --overwrite set aside is deleted."""
+        if not self.done:
+            self.done = True
+            shutil.rmtree(self.run_dir / REPLACED, ignore_errors=True)
+
+    def __enter__(self) -> RunStart:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is None:
+            self.started()
+        elif not self.done and not isinstance(error, RunStopped):  # a stop saves a checkpoint: that stays
+            self.undo()
+
+    def undo(self) -> None:
+        """Take back what the start changed (see record), put back what it set aside, and remove the lock
+        file and the directories the lock created (only if empty: nothing else may be lost)."""
+        d = self.run_dir
+        for name, data in (self.files or {}).items():
+            if data is None:
+                (d / name).unlink(missing_ok=True)
+            else:
+                write_atomically(d / name, lambda f, data=data: f.write(data), what="restore")
+        if self.files is not None:
+            metrics, tensorboard = d / "metrics.jsonl", d / "tensorboard"
+            if self.metrics_size is None:
+                metrics.unlink(missing_ok=True)
+            elif metrics.is_file() and metrics.stat().st_size > self.metrics_size:
+                os.truncate(metrics, self.metrics_size)
+            if self.tensorboard is None:
+                shutil.rmtree(tensorboard, ignore_errors=True)
+            elif tensorboard.is_dir():
+                for name in set(os.listdir(tensorboard)) - self.tensorboard:
+                    (tensorboard / name).unlink(missing_ok=True)
+        if self.set_aside:
+            for name in os.listdir(d / REPLACED):
+                os.replace(d / REPLACED / name, d / name)
+            os.rmdir(d / REPLACED)
+        if not self.lock_existed:
+            (d / LOCK_FILE).unlink(missing_ok=True)
+        for directory in self.created:  # the deepest first
+            with contextlib.suppress(OSError):
+                directory.rmdir()
 
 
 def pointed(directory: Path, pointer: str) -> Path | None:
@@ -336,7 +426,10 @@ class Checkpointer:
             return [upto]
         return [p for p in saved_steps(self.directory) if step_of(p) < step_of(upto)] + [upto]
 
-    def claim(self, overwrite: bool) -> None:
-        """Make the run directory ready for a new run (see claim); every rank checks first."""
-        claim(self.directory.parent, overwrite, delete=self.world.is_main)
+    def claim(self, overwrite: bool, start: RunStart | None) -> None:
+        """Make the run directory ready for a new run: every rank checks (check_new_run), rank 0 claims it
+        with `start`."""
+        check_new_run(self.directory.parent, overwrite)
+        if start is not None:
+            start.claim(overwrite)
         distributed.barrier(self.world)

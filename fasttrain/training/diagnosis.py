@@ -5,7 +5,8 @@ One training batch is checked, in order:
 
     data         token ids are int64 and inside [0, vocab_size)
     targets      the targets are the inputs shifted by one token
-    init loss    the loss before training is near ln(vocab_size), a uniform guess
+    init loss    the loss before training is near ln(vocab_size), a uniform guess (with model.init_from,
+                 a trained model's weights, not above it)
     gradients    every trainable parameter gets a finite, non-zero gradient
     grad norm    the global gradient norm is in a sane range
     lr           the learning rate of the first update and the schedule's peak are not zero
@@ -53,7 +54,8 @@ def diagnose(trainer: Trainer, overfit_steps: int = 200) -> list[Check]:
     loss = mean_loss(trainer, x, y)
     updater.scale(loss).backward()
     grad_norm = updater.clip_gradients().item()
-    checks += [check_initial_loss(loss.item(), vocab), check_gradients(model), check_grad_norm(grad_norm),
+    checks += [check_initial_loss(loss.item(), vocab, pretrained=bool(trainer.cfg.model.init_from)),
+               check_gradients(model), check_grad_norm(grad_norm),
                check_lr(trainer)]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     updater.apply(trainer.lr())
@@ -93,13 +95,16 @@ def check_targets(x: torch.Tensor, y: torch.Tensor) -> Check:
                  "x = w[:-1], y = w[1:]; look at the loader, or at shuffling applied to one but not the other")
 
 
-def check_initial_loss(loss: float, vocab_size: int) -> Check:
+def check_initial_loss(loss: float, vocab_size: int, pretrained: bool = False) -> Check:
+    """`pretrained`: the weights are a trained model's (model.init_from), which should beat chance."""
     chance = math.log(vocab_size)
     detail = f"{loss:.3f} nats vs ln({vocab_size}) = {chance:.3f}"
     if loss > chance + INIT_LOSS_TOLERANCE or not math.isfinite(loss):
-        return Check("init loss", False, detail, "confidently wrong before training: the logits are too large at "
-                     "init; scale down the output layer's (or tied embedding's) initialisation")
-    if loss < chance - INIT_LOSS_TOLERANCE:
+        hint = ("worse than a uniform guess from model.init_from's weights: is the data tokenized with that "
+                "model's tokenizer?" if pretrained else "confidently wrong before training: the logits are too "
+                "large at init; scale down the output layer's (or tied embedding's) initialisation")
+        return Check("init loss", False, detail, hint)
+    if loss < chance - INIT_LOSS_TOLERANCE and not pretrained:
         return Check("init loss", False, detail, "better than chance before training: the model can see the "
                      "targets; check the causal mask and that targets are not among the inputs")
     return Check("init loss", True, detail)

@@ -29,6 +29,7 @@ checkpoint and raise `Interrupted` (exit status 130 / 143 from the command line)
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import time
 from dataclasses import asdict, fields, replace
@@ -37,13 +38,22 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from fasttrain.config import Config, ModelConfig, TrainConfig, resolve, save_config
+from fasttrain.config import (
+    Config,
+    ModelConfig,
+    TrainConfig,
+    config_to_toml,
+    load_config,
+    parse_config,
+    resolve,
+    save_config,
+)
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.preparation import ensure_prepared
 from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.model.generation import generate_text
 from fasttrain.model.transformer import Transformer, num_params
-from fasttrain.model.weights import export_weights, hf_llama_model_config, read_hf_llama_weights
+from fasttrain.model.weights import check_hf_tokenizer, export_weights, hf_llama_model_config, read_hf_llama_weights
 from fasttrain.system import distributed, run_lock
 from fasttrain.system.device import (
     autocast,
@@ -58,7 +68,7 @@ from fasttrain.system.device import (
 from fasttrain.system.errors import RunStopped, UsageError
 from fasttrain.system.signals import SignalCatcher
 from fasttrain.training import checkpoint
-from fasttrain.training.checkpoint import Checkpointer
+from fasttrain.training.checkpoint import Checkpointer, RunStart
 from fasttrain.training.metrics import MetricsLog, WandbSink, check_log_writable, import_wandb
 from fasttrain.training.objective import LossSums, NextTokenLoss, batch_loss, counted_targets
 from fasttrain.training.optimizers import Updater
@@ -102,7 +112,8 @@ class Trainer:
 
     Construction prepares the data if needed (prepare.ensure_prepared) and keeps the
     config resolved with what that found (`cfg`: data.dir, model.vocab_size; the
-    config given is not changed); nothing is written to `train.out_dir` until
+    config given is not changed); with model.init_from the model takes that model's shape
+    and starts from its weights. Nothing is written to `train.out_dir` until
     `train()` or `save_checkpoint()`. Call `resume()` before `train()` to continue a saved run.
 
     Under torchrun (see fasttrain/system/distributed.py) every rank builds a Trainer: each
@@ -118,7 +129,9 @@ class Trainer:
         schedule, note = fit_warmup(cfg.schedule, cfg.train.max_steps)
         if note and not self.quiet:
             print(f"note: {note}")
-        cfg = replace(cfg, schedule=schedule, model=self._shape_of_init(cfg.model))
+        self.init_missing: UsageError | None = None  # model.init_from gone since the run began (_shape_of_init)
+        cfg = replace(cfg, schedule=schedule)
+        cfg = replace(cfg, model=self._shape_of_init(cfg))
         t = cfg.train
         self.precision = t.precision
         distributed.start(self.world, self.device)
@@ -130,6 +143,10 @@ class Trainer:
             distributed.barrier(self.world)
         self.cfg = resolve(cfg, self.data.dir, self.data.vocab_size, self.data.meta["request"])  # config.toml
         self.tokenizer = Tokenizer.load(Path(self.data.dir) / "tokenizer.json")
+        if cfg.model.init_from and self.init_missing is None:  # the model's ids must be the data's
+            note = check_hf_tokenizer(cfg.model.init_from, self.tokenizer, f"{self.data.dir}/tokenizer.json")
+            if note and not self.quiet:
+                print(f"note: {note}")
         self.accumulation = accumulation_steps(t, self.world.size)
         self.parallel = t.parallel if self.world.distributed else "none"  # what a checkpoint records too
         self.sharded = self.parallel == "fsdp"
@@ -154,29 +171,42 @@ class Trainer:
         self.updater = Updater(self.model, self.cfg.optim, self.device, self.precision, kernel=self.kernels.adamw,
                                sharded=self.sharded)
         self.checkpoints = Checkpointer(self.cfg, self.model, self.updater, self.world, self.parallel, self.device)
+        if m.init_from and self.init_missing is None:  # where the run starts (resume() replaces them)
+            distributed.load_full_model_state(self.model, read_hf_llama_weights(m.init_from, m), self.sharded)
         self.train_loader = self.loader("train", self.cfg.data.sampling, self.cfg.data.prefetch)
         self.run = RunState()
         self.resumed_from: Path | None = None  # the checkpoint `resume` restored, for the start report
 
-    def _shape_of_init(self, m: ModelConfig) -> ModelConfig:
-        """`m`, or with model.init_from the shape of that Hugging Face model (its config.json), saying which
-        of `m`'s values it replaced."""
+    def _shape_of_init(self, cfg: Config) -> ModelConfig:
+        """cfg.model, or with model.init_from the shape of that Hugging Face model (its config.json), saying
+        which of its values it replaced; UsageError if the config does not hold with that shape (train.seq_len
+        beyond its context, say), as config.py checks any config. A source gone since the run in
+        train.out_dir began: the shape that run recorded, and `init_missing` for a new run (check_new_start)."""
+        m = cfg.model
         if not m.init_from:
             return m
-        shaped = hf_llama_model_config(m.init_from, m)
+        source, recorded = Path(m.init_from) / "config.json", Path(cfg.train.out_dir) / "config.toml"
+        run = load_config(recorded).model if not os.path.lexists(source) and recorded.is_file() else None
+        if run is not None and run.init_from == m.init_from:  # its checkpoints hold the weights
+            self.init_missing = UsageError(f"{source}: no such file (model.init_from); a new run starts from its "
+                                           "weights, only --resume continues the run without them")
+            shaped = replace(run, dropout=m.dropout)
+            what = f"{recorded}'s, as {m.init_from} is gone"
+        else:
+            shaped = hf_llama_model_config(m.init_from, m)
+            what = f"{source}'s"
+        parse_config(config_to_toml(replace(cfg, model=shaped)), f"model.init_from {source}")  # validated whole
         changed = [f"{f.name} {getattr(m, f.name)} -> {getattr(shaped, f.name)}" for f in fields(m)
                    if getattr(m, f.name) != getattr(shaped, f.name)]
         if changed and not self.quiet:
-            print(f"note: model.init_from: the shape is {m.init_from}/config.json's ({', '.join(changed)})")
+            print(f"note: model.init_from: the shape is {what} ({', '.join(changed)})")
         return shaped
 
-    def _start_from_init(self) -> None:
-        """A new run with model.init_from starts from that model's weights (a resumed run has its own)."""
-        m = self.cfg.model
-        try:
-            distributed.load_full_model_state(self.model, read_hf_llama_weights(m.init_from, m), self.sharded)
-        except RuntimeError as e:
-            raise UsageError(f"{m.init_from}: its weights do not fit its config.json ({str(e).splitlines()[0]})") from None
+    def check_new_start(self) -> None:
+        """UsageError if a new run cannot start from this Trainer's weights: model.init_from is gone since the
+        run in train.out_dir began (see _shape_of_init). train() of a new run and the doctor ask."""
+        if self.init_missing is not None:
+            raise self.init_missing
 
     def close(self) -> None:
         """Stop the train loader's prefetch thread and close its files; the Trainer is not used after this."""
@@ -270,38 +300,50 @@ class Trainer:
         at the end, the final weights (`final/`, see fasttrain/model/weights.py) into
         `train.out_dir`, which it locks for its duration (fasttrain/system/run_lock.py: UsageError if another
         process trains there). A new run refuses a directory that holds another run's
-        checkpoints unless `overwrite`, which deletes them first. Compile time (the
+        checkpoints unless `overwrite`, which replaces that run's files (checkpoint.RUN_FILES).
+        Everything that can refuse the run is checked before anything there is created, moved or deleted,
+        and a start that fails before its first step is taken back (checkpoint.RunStart). Compile time (the
         first step, on a compiled model) is reported on its own and kept out of the
         throughput figures, as is time spent evaluating, sampling and saving.
         """
         t, lg = self.cfg.train, self.cfg.log
         out = Path(t.out_dir)
         wandb = lg.wandb and self.world.is_main
-        if wandb:
-            import_wandb()  # a missing extra is an error before anything is written
-        # Locked before anything in `out` is deleted or written: another process may be training there.
-        with run_lock.locked(out) if self.world.is_main else contextlib.nullcontext():
-            if self.world.is_main:  # every write target checked before anything in `out` changes
-                check_log_writable(out)
+        self._check_start(overwrite, wandb)
+        start = RunStart(out) if self.world.is_main else None
+        with run_lock.locked(out) if start else contextlib.nullcontext(), start or contextlib.nullcontext():
             if self.resumed_from is None:
-                if self.cfg.model.init_from:  # read, or refused, before claim deletes what --overwrite replaces
-                    self._start_from_init()
-                self.checkpoints.claim(overwrite)
-            if self.world.is_main:
+                self.checkpoints.claim(overwrite, start)
+            if start:
+                start.record()
                 save_config(self.cfg, out)
             sink = WandbSink(asdict(self.cfg), out, project=lg.project, name=lg.run_name or out.resolve().name,
                              tags=lg.tags, resume=self.resumed_from is not None) if wandb else None
             log = MetricsLog(out if self.world.is_main else None, t.max_steps, tensorboard=t.tensorboard,
                              quiet=self.quiet, wandb=sink)
             try:
-                summary = self._loop(Report(log, self.cfg, self.device, self.model.flops_per_token(t.seq_len)))
+                summary = self._loop(Report(log, self.cfg, self.device, self.model.flops_per_token(t.seq_len)), start)
                 distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
                 return summary
             finally:
                 log.close()
 
-    def _loop(self, report: Report) -> dict:
-        """Step to the end, asking the policies after each step and evaluation; returns the summary."""
+    def _check_start(self, overwrite: bool, wandb: bool) -> None:
+        """Every check that can refuse train(), made before anything in train.out_dir changes: another process
+        there, W&B missing, an unwritable metrics.jsonl, another run's checkpoints, init_from weights gone."""
+        out = Path(self.cfg.train.out_dir)
+        if self.world.is_main:
+            run_lock.check_free(out)
+            check_log_writable(out)
+        if wandb:
+            import_wandb()
+        if self.resumed_from is None:
+            self.check_new_start()
+            checkpoint.check_new_run(out, overwrite)
+
+    def _loop(self, report: Report, start: RunStart | None) -> dict:
+        """Step to the end, asking the policies after each step and evaluation; returns the summary. `start`
+        (rank 0) is told when the first step is done."""
         t = self.cfg.train
         resumed = self.resumed_from
         recovery = Recovery(self.cfg.recovery, self.checkpoints.history(resumed) if resumed is not None else ())
@@ -324,6 +366,8 @@ class Trainer:
                     self._stop(report, signals.received or signal.SIGTERM)
             while self.run.step < t.max_steps:
                 result = self.step()
+                if start:
+                    start.started()
                 done = self.run.step == t.max_steps
                 exhausted = recovery.after_step(result.skipped)
                 if result.skipped:
