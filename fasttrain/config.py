@@ -142,10 +142,11 @@ class OptimConfig:
 class ScheduleConfig:
     """[schedule]: the learning rate as a function of the step (fasttrain/training/schedule.py)."""
 
-    warmup_steps: int = 100  # linear ramp from 0 to optim.lr
+    # Linear ramp from 0 to optim.lr. A run shorter than this warms up over its first tenth (at least 2 steps).
+    warmup_steps: int = 100
     # Shape after warmup (wsd = warmup-stable-decay; step = times step_factor every step_every steps).
     decay: Literal["cosine", "linear", "constant", "wsd", "step"] = "cosine"
-    min_lr: float = 1e-4  # learning rate at the last step (step: the floor it never goes below)
+    min_lr: float = 1e-4  # learning rate of the last step (step: the floor it never goes below; constant: unused)
     cooldown_fraction: float = 0.2  # wsd only: the last fraction of the steps, decayed linearly to min_lr
     step_every: int = 100  # step only: steps between two multiplications by step_factor
     step_factor: float = 0.5  # step only: what the rate is multiplied by every step_every steps
@@ -545,7 +546,7 @@ def config_from_args(args: argparse.Namespace, *more: str) -> Config:
 def config_overrides(args: argparse.Namespace, *more: str) -> list[tuple[str, str]]:
     """The overrides `args` stand for, each with the flag it came from: the --set items, then --device and
     --seed as the train.device and train.seed items they stand for, then `more` (the tool's own, as --set)."""
-    flags = [(f"--{name}", f"train.{name}={_toml_value(value)}")
+    flags = [(f"--{name}", f"train.{name}={value}")
              for name, value in (("device", args.device), ("seed", args.seed)) if value is not None]
     return [*[(OVERRIDE_SOURCE, item) for item in args.set], *flags, *[(OVERRIDE_SOURCE, item) for item in more]]
 
