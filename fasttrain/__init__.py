@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -27,7 +28,19 @@ def _check_kernels_package() -> None:
             "uninstall that one (pip uninstall kernels) and reinstall fasttrain")
 
 
-_check_kernels_package()
+def _started_as_command() -> bool:
+    """Whether this process is a fasttrain command being started: `python -m fasttrain[.TOOL]` (while it finds
+    the module to run, Python sets sys.argv[0] to "-m" and imports this package) or the `fasttrain` script."""
+    return sys.argv[0] == "-m" or Path(sys.argv[0]).stem == "fasttrain"
+
+
+try:
+    _check_kernels_package()
+except ImportError as e:
+    if not _started_as_command():
+        raise  # `import fasttrain` from Python: the caller sees an ImportError
+    print(f"error: {e}", file=sys.stderr)  # a command says it in one line and exits 2, as on any bad input
+    sys.exit(2)
 
 
 def __getattr__(name: str):

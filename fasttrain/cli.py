@@ -3,6 +3,7 @@
     fasttrain train configs/base.toml --set train.max_steps=50
     fasttrain sample runs/base --prompt "The"
     fasttrain --help
+    fasttrain --version
 
 `fasttrain TOOL ARGS...` is exactly `python -m fasttrain.TOOL ARGS...` (same parser, same
 errors and exit codes), and `python -m fasttrain TOOL ...` is the same again.
@@ -15,6 +16,7 @@ import importlib
 import sys
 from typing import Sequence
 
+from fasttrain import __version__
 from fasttrain.system.errors import UsageError, run_cli
 
 # tool -> (module, what it does): the order `fasttrain --help` lists them in, the order of a workflow
@@ -30,16 +32,21 @@ TOOLS = {
 
 
 def usage() -> str:
-    lines = ["usage: fasttrain TOOL [ARGS...]   (fasttrain TOOL --help for its arguments)", "", "tools:"]
+    lines = ["usage: fasttrain TOOL [ARGS...]   (fasttrain TOOL --help for its arguments; fasttrain --version)", "",
+             "tools:"]
     lines += [f"  {name:<9} {what}" for name, (_, what) in TOOLS.items()]
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the tool named by argv[0] on the rest of argv; 0 after --help or with no tool at all shows usage."""
+    """Run the tool named by argv[0] on the rest of argv; 0 after --help or with no tool at all shows usage,
+    after --version the version."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
+        return 0
+    if argv[0] == "--version":
+        print(f"fasttrain {__version__}")
         return 0
     tool, rest = argv[0], argv[1:]
     if tool not in TOOLS:

@@ -142,10 +142,11 @@ class OptimConfig:
 class ScheduleConfig:
     """[schedule]: the learning rate as a function of the step (fasttrain/training/schedule.py)."""
 
-    warmup_steps: int = 100  # linear ramp from 0 to optim.lr
+    # Linear ramp from 0 to optim.lr. A run shorter than this warms up over its first tenth (at least 2 steps).
+    warmup_steps: int = 100
     # Shape after warmup (wsd = warmup-stable-decay; step = times step_factor every step_every steps).
     decay: Literal["cosine", "linear", "constant", "wsd", "step"] = "cosine"
-    min_lr: float = 1e-4  # learning rate at the last step (step: the floor it never goes below)
+    min_lr: float = 1e-4  # learning rate of the last step (step: the floor it never goes below; constant: unused)
     cooldown_fraction: float = 0.2  # wsd only: the last fraction of the steps, decayed linearly to min_lr
     step_every: int = 100  # step only: steps between two multiplications by step_factor
     step_factor: float = 0.5  # step only: what the rate is multiplied by every step_every steps
@@ -406,7 +407,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = 
     the base's values are read first, then this file's replace them key by key. A base
     may extend another; a chain that comes back to a file it passed is an error.
     """
-    return _build(_read_layers(path) if path is not None else [], overrides)
+    return _build(_read_layers(path) if path is not None else [], [(OVERRIDE_SOURCE, item) for item in overrides])
 
 
 def parse_config(text: str, source: str) -> Config:
@@ -414,9 +415,9 @@ def parse_config(text: str, source: str) -> Config:
     return _build([(_parse_toml(text, source), source)], ())
 
 
-def _build(layers: Sequence[tuple[dict[str, Any], str]], overrides: Sequence[str]) -> Config:
+def _build(layers: Sequence[tuple[dict[str, Any], str]], overrides: Sequence[tuple[str, str]]) -> Config:
     """Defaults, then each parsed TOML document of `layers` (with the source it came from), then
-    `overrides`; validated."""
+    `overrides` (each `section.key=value` with the flag it came from: --set, --seed, ...); validated."""
     cfg = Config()
     sources: dict[str, str] = {}  # "section.key" -> where its value came from
     for doc, source in layers:
@@ -427,9 +428,9 @@ def _build(layers: Sequence[tuple[dict[str, Any], str]], overrides: Sequence[str
             part = _section(cfg, section, source)  # checked even when the table is empty
             for key, value in table.items():
                 _assign(part, section, key, value, source, sources)
-    for item in overrides:
-        section, key, value = _parse_override(item)
-        _assign(_section(cfg, section, OVERRIDE_SOURCE), section, key, value, OVERRIDE_SOURCE, sources)
+    for source, item in overrides:
+        section, key, value = _parse_override(item, source)
+        _assign(_section(cfg, section, source), section, key, value, source, sources)
     _validate(cfg, sources)
     _check_applicable(cfg, sources)
     return cfg
@@ -439,7 +440,8 @@ def resolve(cfg: Config, data_dir: str, tokenizer_vocab: int, request: dict | No
     """A copy of `cfg` with what preparing its data found (prepare.ensure_prepared): the data
     directory, model.vocab_size when it is 0, and the settings the data was prepared with (`request`,
     its meta.json's). The run records this one (config.toml), so it names what was used and loads
-    back to the same data. UsageError if the model's vocabulary is too small for the tokenizer's."""
+    back to the same data, from any working directory: its paths are absolute. UsageError if the
+    model's vocabulary is too small for the tokenizer's."""
     vocab = cfg.model.vocab_size or tokenizer_vocab
     check_vocab(vocab, tokenizer_vocab, f"{data_dir}/tokenizer.json")
     data = replace(cfg.data, dir=data_dir)
@@ -447,7 +449,15 @@ def resolve(cfg: Config, data_dir: str, tokenizer_vocab: int, request: dict | No
         data = replace(data, inputs=list(request["inputs"]), tokenizer=request.get("tokenizer") or "",
                        vocab_size=request.get("vocab_size") or 0, val_fraction=request["val_fraction"],
                        text_field=request.get("text_field", "text"))
+    data = replace(data, dir=_absolute(data.dir), inputs=[_absolute(i) for i in data.inputs],
+                   tokenizer=_absolute(data.tokenizer))
     return replace(cfg, data=data, model=replace(cfg.model, vocab_size=vocab))
+
+
+def _absolute(spec: str) -> str:
+    """A path (or glob) of [data] as an absolute one, so tools run from another directory find it too; an
+    embedded corpus (builtin:NAME) and "" (unset) stay as they are."""
+    return spec if not spec or spec.startswith("builtin:") else os.path.abspath(spec)
 
 
 def check_vocab(model_vocab: int, tokenizer_vocab: int, tokenizer: str) -> None:
@@ -491,26 +501,54 @@ def save_config(cfg: Config, run_dir: str | os.PathLike[str]) -> Path:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the positional `config` path, repeatable `--set SECTION.KEY=VALUE`, and `--device` and `--seed`
     (the flags sample and evaluate have too, here short for --set train.device / train.seed)."""
-    parser.add_argument("config", help="TOML config file")
+    parser.add_argument("config", nargs="?", action=_ConfigPath, help="TOML config file")
     parser.add_argument(
-        "--set", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
-        help="override config values, after the config path; VALUE is TOML or a bare string, "
-        "e.g. --set train.batch_size=8 train.device=cpu",
+        "--set", nargs="+", action=_SetItems, default=[], metavar="SECTION.KEY=VALUE",
+        help="override config values; VALUE is TOML or a bare string, e.g. --set train.batch_size=8 train.device=cpu",
     )
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (--set train.device=D)")
     parser.add_argument("--seed", type=int, help="seeds everything (--set train.seed=S)")
 
 
+class _ConfigPath(argparse.Action):
+    """The positional config path. argparse calls this with None when no positional was left for it, which
+    must not undo the path a --set took (see _SetItems)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None:
+            return
+        if namespace.config is not None:
+            parser.error(f"two config files: {namespace.config} and {values}")
+        namespace.config = values
+
+
+class _SetItems(argparse.Action):
+    """--set's items, added to those of earlier --sets. nargs="+" takes every argument up to the next flag, so
+    in `--set a=b configs/base.toml` it takes the config path too: with no config given yet, the last item of a
+    --set that is no SECTION.KEY=VALUE but a file, or named like one (.toml), is the config path."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items, last = list(values), values[-1]
+        if namespace.config is None and "=" not in last and (last.endswith(".toml") or os.path.isfile(last)):
+            namespace.config, items = last, items[:-1]
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), *items])
+
+
 def config_from_args(args: argparse.Namespace, *more: str) -> Config:
-    """Load the Config named by arguments that `add_config_arguments` parsed; `more` overrides come last."""
-    return load_config(args.config, config_overrides(args, *more))
+    """Load the Config named by arguments that `add_config_arguments` parsed; `more` overrides come last.
+    Errors name the flag a value came from (--set, --device, --seed)."""
+    if args.config is None:
+        raise UsageError("the following arguments are required: config (the TOML file, e.g. configs/base.toml; "
+                         "see --help)")
+    return _build(_read_layers(args.config), config_overrides(args, *more))
 
 
-def config_overrides(args: argparse.Namespace, *more: str) -> list[str]:
-    """The --set items of `args`, then --device and --seed as the items they stand for, then `more`."""
-    flags = [f"train.{name}={value}" for name, value in (("device", args.device), ("seed", args.seed))
-             if value is not None]
-    return [*args.set, *flags, *more]
+def config_overrides(args: argparse.Namespace, *more: str) -> list[tuple[str, str]]:
+    """The overrides `args` stand for, each with the flag it came from: the --set items, then --device and
+    --seed as the train.device and train.seed items they stand for, then `more` (the tool's own, as --set)."""
+    flags = [(f"--{name}", f"train.{name}={value}")
+             for name, value in (("device", args.device), ("seed", args.seed)) if value is not None]
+    return [*[(OVERRIDE_SOURCE, item) for item in args.set], *flags, *[(OVERRIDE_SOURCE, item) for item in more]]
 
 
 def _read_layers(path: str | os.PathLike[str], chain: tuple[str, ...] = ()) -> list[tuple[dict[str, Any], str]]:
@@ -557,12 +595,12 @@ def _parse_toml(text: str, source: str) -> dict[str, Any]:
         raise UsageError(f"{source}: invalid TOML: {' '.join(str(e).split())}") from None
 
 
-def _parse_override(item: str) -> tuple[str, str, Any]:
+def _parse_override(item: str, source: str) -> tuple[str, str, Any]:
     """Split `section.key=value` into its parts, the value parsed as a TOML literal or kept as text."""
     name, eq, text = item.partition("=")
     section, dot, key = name.strip().partition(".")
     if not (eq and dot and section) or "" in key.split("."):
-        raise UsageError(f"{OVERRIDE_SOURCE} {item}: expected SECTION.KEY=VALUE")
+        raise UsageError(f"{source} {item}: expected SECTION.KEY=VALUE")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:

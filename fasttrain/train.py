@@ -57,7 +57,7 @@ def resume_command(args: argparse.Namespace, cfg: Config) -> str:
     any directory: the config file, train.out_dir and data.dir as absolute paths, the other --set
     items as they were, and `--resume auto`."""
     places = {"train.out_dir": cfg.train.out_dir, "data.dir": cfg.data.dir}
-    sets = [item for item in config_overrides(args) if item.partition("=")[0].strip() not in places]
+    sets = [item for _, item in config_overrides(args) if item.partition("=")[0].strip() not in places]
     sets += [f"{key}={os.path.abspath(path)}" for key, path in places.items()]  # a bare string, see load_config
     quiet = ["--quiet"] if args.quiet else []
     return shlex.join(["python", "-m", "fasttrain.train", os.path.abspath(args.config), *quiet, "--set", *sets,

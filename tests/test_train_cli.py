@@ -193,11 +193,15 @@ def test_python_m_fasttrain_and_the_console_script(tmp_path):
 
 
 def test_a_smoke_run_shorter_than_its_warmup_runs_and_says_so(pydoc_data, tmp_path, capsys):
-    """A 5-step run of a config with 20 warmup steps was refused; it warms up over its first tenth."""
+    """A 5-step run of a config with 20 warmup steps was refused; it warms up over its first tenth, but at least
+    over 2 steps, the least warmup there is (a 1-step warmup starts at the peak): 5 steps got none ("over 0")."""
     with pytest.raises(SystemExit) as done:
         run_cli(train_main, tiny_args(pydoc_data, tmp_path, "train.max_steps=5", "schedule.warmup_steps=20",
-                                      "train.sample_tokens=0"))
+                                      "train.sample_tokens=0", "train.log_interval=1"))
     out = capsys.readouterr().out
     assert done.value.code == 0
-    assert "note: schedule.warmup_steps = 20 is longer than train.max_steps = 5: warming up over 0 steps instead" in out
-    assert load_config(tmp_path / "config.toml").schedule.warmup_steps == 0  # what the run did, so it loads back
+    assert "note: schedule.warmup_steps = 20 is longer than train.max_steps = 5: warming up over 2 steps instead" in out
+    assert load_config(tmp_path / "config.toml").schedule.warmup_steps == 2  # what the run did, so it loads back
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [e["lr"] for e in events if e["event"] == "train"]  # base.toml: lr 2e-3, cosine down to min_lr 2e-4
+    assert lrs[:2] == [pytest.approx(1e-3), pytest.approx(2e-3)] and lrs[-1] == pytest.approx(2e-4)

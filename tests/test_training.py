@@ -26,18 +26,19 @@ from tests.conftest import tiny_config
 @pytest.mark.parametrize("decay, step, expected", [
     ("cosine", 0, 1e-3 * 1 / 10),  # warmup: (s + 1) / warmup_steps of the peak
     ("cosine", 9, 1e-3),  # the end of warmup reaches the peak
-    ("cosine", 10, 1e-3),  # t = 0 of the decay
-    ("cosine", 55, 1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 45 / 90))),  # halfway: the mean of max and min
-    ("cosine", 99, 1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 89 / 90))),
+    ("cosine", 10, 1e-3),  # t = 0 of the decay, which runs over steps 10 to 99: T = 89
+    ("cosine", 54, 1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 44 / 89))),  # about halfway: near the mean
+    ("cosine", 98, 1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 88 / 89))),
+    ("cosine", 99, 1e-4),  # the last step (of 100) uses min_lr, as schedule.min_lr promises
     ("cosine", 100, 1e-4),
-    ("linear", 55, 1e-3 - 9e-4 * 45 / 90),
-    ("linear", 100, 1e-4),
+    ("linear", 55, 1e-3 - 9e-4 * 45 / 89),
+    ("linear", 99, 1e-4),
     ("constant", 5, 6e-4),
     ("constant", 99, 1e-3),
-    ("wsd", 50, 1e-3),  # stable until the cooldown: the last 20% of the 90 decay-phase steps
+    ("wsd", 50, 1e-3),  # stable until the cooldown: the last 20% of the 90 decay-phase steps, 82 to 99
     ("wsd", 82, 1e-3),
-    ("wsd", 91, 1e-3 - 9e-4 * 9 / 18),
-    ("wsd", 100, 1e-4),
+    ("wsd", 91, 1e-3 - 9e-4 * 9 / 17),
+    ("wsd", 99, 1e-4),
 ])
 def test_schedule_values(decay, step, expected):
     sched = ScheduleConfig(warmup_steps=10, decay=decay, min_lr=1e-4, cooldown_fraction=0.2)

@@ -480,11 +480,19 @@ class Trainer:
 
     def resume(self, spec: str | Path = "auto") -> Path:
         """Continue a saved run: `spec` is "auto" (this run's latest save), a run directory or a checkpoint file.
-        UsageError for a save of another run directory. The optimizer's state (moments, steps) comes from the
-        checkpoint, its settings (weight decay, betas, eps, ...) from this run's config, which says so."""
+        UsageError for a save of another run directory, or one already past train.max_steps (a run cannot train
+        backwards, and recording the shorter length would misname it). The optimizer's state (moments, steps)
+        comes from the checkpoint, its settings (weight decay, betas, eps, ...) from this run's config, which says
+        so."""
         path = checkpoint.resolve(str(spec), self.cfg.train.out_dir)
         checkpoint.check_own(path, self.checkpoints.directory)
-        self.run, saved = self.checkpoints.restore(path, self.train_loader)
+        run, saved = self.checkpoints.restore(path, self.train_loader)
+        end = self.cfg.train.max_steps
+        if run.step > end:
+            raise UsageError(f"{path}: the run is at step {run.step}, past train.max_steps = {end}: nothing to train; "
+                             f"set train.max_steps to more than {run.step} to train on (sample, evaluate and export "
+                             "take the run as it is)")
+        self.run = run
         changed = self.updater.use_configured_hyperparameters()
         if changed and not self.quiet:
             print(f"resume: the config's optimizer settings replace the checkpoint's ({'; '.join(changed)})")

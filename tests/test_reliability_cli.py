@@ -1,0 +1,144 @@
+"""Issue 43's command-line and schedule items, each through the entry point a user runs: a run's recorded
+paths, `fasttrain --version`, `--set` before the config path, a foreign `kernels` package, and the
+learning-rate schedule at the ends of a run (the last step, a smoke run's warmup, extending and shortening a
+finished run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fasttrain import cli, export, sample
+from fasttrain.config import load_config
+from fasttrain.system.errors import run_cli
+from fasttrain.train import main as train_main
+from fasttrain.training.trainer import Trainer
+from tests.conftest import tiny_args, tiny_config, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def exit_code(main, argv) -> int:
+    with pytest.raises(SystemExit) as done:
+        run_cli(main, argv)
+    return done.value.code
+
+
+def lrs_logged(run: Path) -> dict[int, float]:
+    """step -> learning rate of the `train` events of the run's latest start in metrics.jsonl."""
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    start = max(i for i, e in enumerate(events) if e["event"] == "start")
+    return {e["step"]: e["lr"] for e in events[start:] if e["event"] == "train"}
+
+
+def test_a_run_records_absolute_data_paths_so_tools_work_from_another_directory(pydoc_data, tmp_path, monkeypatch):
+    """data.dir, data.inputs and data.tokenizer given relative to where the run started were recorded so: sample
+    from another directory could not find the tokenizer, and export silently left tokenizer.json out."""
+    from pydoc_data.topics import topics
+
+    here, elsewhere = tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    docs = [text for text in list(topics.values())[:60]]
+    (here / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    shutil.copy(pydoc_data / "tokenizer.json", here / "tok.json")
+    monkeypatch.chdir(here)
+    config = str(ROOT / "configs" / "base.toml")
+    args = [*tiny_args("data", "run", "train.max_steps=2", "train.sample_tokens=0", config=config),
+            'data.inputs=["corpus.jsonl"]', 'data.tokenizer="tok.json"', "data.vocab_size=0"]
+    assert exit_code(train_main, args) == 0
+    recorded = load_config(here / "run" / "config.toml").data
+    assert (recorded.dir, recorded.inputs, recorded.tokenizer) == (
+        str(here / "data"), [str(here / "corpus.jsonl")], str(here / "tok.json"))
+
+    monkeypatch.chdir(elsewhere)
+    checkpoint = here / "run" / "checkpoints" / "step_0000002.pt"
+    assert exit_code(sample.main, [str(checkpoint), "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert exit_code(export.main, [str(here / "run")]) == 0
+    assert (here / "run" / "export" / "tokenizer.json").read_bytes() == (here / "tok.json").read_bytes()
+
+
+def test_builtin_inputs_and_unset_paths_are_recorded_as_they_are(pydoc_data, tmp_path):
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path / "run"), quiet=True)
+    assert trainer.cfg.data.inputs == ["builtin:pydoc"] and trainer.cfg.data.tokenizer == ""
+    trainer.close()
+
+
+def test_version_prints_the_version_and_exits_0(capsys):
+    import fasttrain
+
+    assert exit_code(cli.main, ["--version"]) == 0
+    assert capsys.readouterr().out == f"fasttrain {fasttrain.__version__}\n"
+
+
+def test_set_before_the_config_path_takes_the_path_as_the_config(pydoc_data, tmp_path):
+    """`fasttrain train --set ... configs/base.toml`: --set took the path as one more item ("required: config")."""
+    args = ["--set", *tiny_overrides(pydoc_data, tmp_path), "train.max_steps=1", "schedule.warmup_steps=1",
+            "train.sample_tokens=0", "configs/base.toml"]
+    assert exit_code(cli.main, ["train", *args]) == 0
+    recorded = load_config(tmp_path / "config.toml")
+    assert recorded.train.max_steps == 1 and recorded.optim.lr == 2e-3  # both the --set and the file (not the default)
+
+
+@pytest.mark.subprocess
+def test_a_foreign_kernels_package_is_one_line_and_exit_2_from_every_command(tmp_path):
+    """Hugging Face's `kernels` first on the path: every command said so in an ImportError traceback."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("")  # another package named kernels
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    script = Path(sys.executable).parent / "fasttrain"  # the console script of an installed fasttrain
+    commands = [[sys.executable, "-m", "fasttrain", "--version"], [sys.executable, "-m", "fasttrain.train", "x.toml"],
+                [sys.executable, "-m", "fasttrain.export", "runs/x"]] + ([[str(script), "--help"]] * script.is_file())
+    for command in commands:
+        result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stderr.startswith("error: fasttrain needs its own `kernels` package"), (command, result.stderr)
+        assert result.stderr.count("\n") == 1 and str(tmp_path / "kernels") in result.stderr, result.stderr
+    imported = subprocess.run([sys.executable, "-c", "import fasttrain"], capture_output=True, text=True,
+                              cwd=tmp_path, env=env, timeout=300)
+    assert imported.returncode == 1 and "ImportError: fasttrain needs its own `kernels`" in imported.stderr
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "wsd"])
+def test_the_last_update_uses_min_lr(pydoc_data, tmp_path, decay):
+    """schedule.min_lr is the rate of the last step, as its comment says; the last step got (T-1)/T of the way."""
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "train.max_steps=5", "schedule.warmup_steps=1",
+                                  f'schedule.decay="{decay}"', "optim.lr=1e-3", "schedule.min_lr=1e-4"), quiet=True)
+    rates = [trainer.step().lr for _ in range(5)]
+    assert rates[0] == 1e-3 and rates[1] == pytest.approx(1e-3) and rates[-1] == 1e-4
+    assert all(a >= b for a, b in zip(rates, rates[1:]))  # decays from the peak, never back up
+    assert trainer.updater.optimizer.param_groups[0]["lr"] == 1e-4  # what the optimizer used for it
+    trainer.close()
+
+
+def test_the_floor_and_constant_schedules_keep_their_meaning(pydoc_data, tmp_path):
+    """step decay: min_lr is a floor, not the end; constant: the peak to the end (min_lr unused)."""
+    for decay, last in (('"step"', 5e-4), ('"constant"', 1e-3)):
+        extra = ["schedule.step_every=2"] if decay == '"step"' else []
+        trainer = Trainer(tiny_config(pydoc_data, tmp_path, "train.max_steps=5", "schedule.warmup_steps=1",
+                                      f"schedule.decay={decay}", "optim.lr=1e-3", "schedule.min_lr=1e-4", *extra),
+                          quiet=True)
+        assert [trainer.step().lr for _ in range(5)][-1] == pytest.approx(last)
+        trainer.close()
+
+
+def test_extending_a_smoke_run_says_it_warms_up_again(pydoc_data, tmp_path, capsys):
+    """A 5-step smoke run of a config with 20 warmup steps warms up over 2; resumed to 8 steps with 7 warmup
+    steps, the config's warmup applies again from step 5 on, which the resume did not say."""
+    smoke = tiny_args(pydoc_data, tmp_path, "train.max_steps=5", "schedule.warmup_steps=20", "train.sample_tokens=0",
+                      "train.log_interval=1")
+    assert exit_code(train_main, smoke) == 0
+    capsys.readouterr()
+    assert exit_code(train_main, [*smoke, "train.max_steps=8", "schedule.warmup_steps=7"] + ["--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("resume: train.max_steps 5 -> 8"))
+    assert ("back in a warmup until step 7 (schedule.warmup_steps = 7; the saved run warmed up over 2 steps: "
+            "--set schedule.warmup_steps=2 keeps that)") in line
+    lrs = lrs_logged(tmp_path)
+    assert lrs[6] == pytest.approx(2e-3 * 6 / 7) and lrs[7] == pytest.approx(2e-3)  # as it says (base.toml's lr)
