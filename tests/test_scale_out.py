@@ -68,7 +68,7 @@ def test_hsdp_trains_like_fsdp_and_ddp_and_resumes(pydoc_data, tmp_path):
     for rank in range(4):  # a 2 x 2 mesh: rank r holds shard r % 2 in replica r // 2
         mesh = json.loads((tmp_path / "hsdp" / f"mesh_{rank}.json").read_text())
         assert mesh == {"mesh": [[0, 1], [2, 3]], "names": ["replicate", "shard"], "coordinate": [rank // 2, rank % 2],
-                        "placements": ["Replicate()", "Shard(dim=0)"]}
+                        "placements": ["R", "S(0)"]}  # Replicate(), Shard(0)
     resumed = torchrun(tiny_args(pydoc_data, tmp_path / "hsdp", *hsdp, flags=["--resume", "auto"]), nproc=4)
     assert resumed.returncode == 0, resumed.stderr
     runs["hsdp"] = tmp_path / "hsdp"
@@ -83,9 +83,20 @@ def test_hsdp_trains_like_fsdp_and_ddp_and_resumes(pydoc_data, tmp_path):
         for name in ours:
             torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5)
     # The same-world check knows HSDP: one process cannot continue what 4 saved.
-    alone = single(tiny_args(pydoc_data, tmp_path / "hsdp", *hsdp, "train.max_steps=6", flags=["--resume", "auto"]))
+    alone = single(tiny_args(pydoc_data, tmp_path / "hsdp", *hsdp, "train.max_steps=6", "train.shard_group_size=1",
+                             flags=["--resume", "auto"]))  # a group of 1 divides a world of 1
     assert alone.returncode == 2
     assert alone.stderr.count("\n") == 1 and "saved by 4 process(es) (hsdp); this run has 1 (none)" in alone.stderr
+
+
+def test_an_hsdp_group_that_does_not_divide_the_world_stops_every_rank_before_it_joins(pydoc_data, tmp_path):
+    """Groups of 3 in a world of 2: each rank says so in one line and exits 2 before joining the process
+    group (no rank waits for another), then torchrun reports the failed ranks; nothing is written."""
+    proc = torchrun(tiny_args(pydoc_data, tmp_path / "run", 'train.parallel="hsdp"', "train.shard_group_size=3"))
+    assert proc.returncode != 0
+    line = "error: train.shard_group_size = 3 does not divide the world of 2 process(es) into whole replicas"
+    assert proc.stderr.count(line) == 2 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
 
 
 def free_port() -> int:
@@ -150,6 +161,7 @@ def run_nodes(args: list[str], logs: Path, timeout: float = 300) -> list[int]:
     pytest.fail(f"no free rendezvous port in 3 tries: {(logs / 'node0.err').read_text()[-2000:]}")
 
 
+@pytest.mark.second_tier  # 3 torchrun agents and 4 workers: 45-50 s on the 2 shared cores, about 20 s idle
 def test_two_nodes_train_like_one_node_with_two_processes(pydoc_data, tmp_path):
     """The same command on one node of 2 processes and on two nodes of 1 (two agents, one c10d rendezvous):
     the same losses. Under hsdp the default shard group is a node's processes: one group of 2 on one node

@@ -121,6 +121,7 @@ class Trainer:
         cfg = replace(cfg, schedule=schedule, model=self._shape_of_init(cfg.model))
         t = cfg.train
         self.precision = t.precision
+        self.shard_group = distributed.shard_group(self.world, t.parallel, t.shard_group_size)  # before joining
         distributed.start(self.world, self.device)
         seed_everything(t.seed)
         if not self.world.is_main:
@@ -133,7 +134,6 @@ class Trainer:
         self.accumulation = accumulation_steps(t, self.world.size)
         self.parallel = t.parallel if self.world.distributed else "none"  # what a checkpoint records too
         self.sharded = self.parallel in distributed.SHARDED
-        self.shard_group = distributed.shard_group(self.world, t.parallel, t.shard_group_size)  # ranks sharing a model
         m = self.cfg.model  # the shapes the measured dispatch table is read at ("auto" on a GPU)
         shapes = {"rms_norm": {"hidden": m.d_model}, "linear_cross_entropy": {"hidden": m.d_model, "vocab": m.vocab_size},
                   "adamw": {"params": num_params(m)}}
