@@ -194,9 +194,11 @@ class TrainConfig:
     # compute); "selective" (a block keeps its matmul and attention outputs and recomputes only the
     # cheap elementwise work: norms, RoPE, SwiGLU's activation, dropout). See model.Transformer.
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
-    # Under torchrun with more than one process: "ddp" (every rank holds the whole model) or
-    # "fsdp" (FSDP2: parameters, gradients and optimizer state sharded over the ranks).
-    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # Under torchrun with more than one process: "ddp" (every rank holds the whole model), "fsdp" (FSDP2:
+    # parameters, gradients and optimizer state sharded over the ranks) or "hsdp" (sharded within groups of
+    # shard_group_size ranks, the groups replicas of each other; see system/distributed.py).
+    parallel: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    shard_group_size: int = 0  # hsdp only: ranks per shard group, a divisor of the world; 0 = the node's processes
     log_interval: int = 10  # report training metrics every this many steps
     eval_interval: int = 250  # validate (and sample) every this many steps, and at the end
     eval_steps: int = 20  # validation batches per evaluation
@@ -349,6 +351,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
                             f"non-empty (generation starts from it) and at most {MAX_PROMPT_CHARS:,} characters"),
     "train.seed": (lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}]"),
     "train.sample_tokens": _NON_NEGATIVE,
+    "train.shard_group_size": _NON_NEGATIVE,  # that it divides the world is checked at launch
     "checkpoint.interval": _POSITIVE,
     "checkpoint.keep_last": _POSITIVE,
     "recovery.max_skips": _POSITIVE,
@@ -392,6 +395,7 @@ _APPLIES: list[tuple[str, str, tuple[str, ...]]] = [
     *[(f"optim.{key}", "optim.name", ("adamw", "muon")) for key in ("beta1", "beta2", "eps")],
     *[(f"optim.{name}", "optim.name", (name,)) for name in ("muon", "sgd", "adafactor")],
     *[(f"schedule.{key}", "schedule.decay", ("step",)) for key in ("step_every", "step_factor")],
+    ("train.shard_group_size", "train.parallel", ("hsdp",)),
 ]
 
 

@@ -469,6 +469,11 @@ CASES = [
     ("evaluate: zero batch size", evaluate, lambda c: [str(c.checkpoint()), "--split", "val", "--batch-size", "0"],
      "--batch-size: must be >= 1, got 0"),
     # paths that cannot be written
+    ("hsdp: a shard group that does not divide the world", train,
+     lambda c: c.train('train.parallel="hsdp"', "train.shard_group_size=3"),
+     "train.shard_group_size = 3 does not divide the world of 1 process(es) into whole replicas"),
+    ("shard_group_size without hsdp", train, lambda c: c.train("train.shard_group_size=2"),
+     'train.shard_group_size: applies only with train.parallel = "hsdp", not "ddp"'),
     ("run directory under a file", train, lambda c: c.train(out=Path(c.file("f", "x")) / "run"),
      "run/.lock: cannot write (Not a directory)"),
     ("run directory is a file", train, lambda c: c.train(out=Path(c.file("f", "x"))), "cannot write"),

@@ -15,6 +15,11 @@ Two ways to split the work (train.parallel):
   1/N shard of the parameters, gradients and optimizer state, and gathers a block's
   parameters only while it computes. With bf16/fp16 the gathered parameters are
   cast to that dtype and gradients are reduced in fp32.
+- "hsdp": FSDP2 on a 2-D mesh ("replicate", "shard"): the ranks form groups of
+  train.shard_group_size (default: the processes on one node, LOCAL_WORLD_SIZE); a
+  group shards the model as "fsdp" does, and the groups are replicas whose gradients
+  are averaged after each group's reduce-scatter. The gathers and reduce-scatters stay
+  within a node, and only the all-reduce of a shard crosses nodes.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1  # processes on this node (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -53,14 +59,32 @@ class World:
 
 def world_from_env() -> World:
     """The World torchrun describes in the environment; a world of one without it."""
+    env = os.environ
     try:
-        world = World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                      int(os.environ.get("LOCAL_RANK", 0)))
+        world = World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+                      int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))))
     except ValueError:
-        raise UsageError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+        raise UsageError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (as torchrun sets them)"
+                         ) from None
     if not 0 <= world.rank < world.size:
         raise UsageError(f"RANK={world.rank} is outside WORLD_SIZE={world.size}")
     return world
+
+
+SHARDED = ("fsdp", "hsdp")  # the train.parallel modes whose parameters are DTensors, split over ranks
+
+
+def shard_group(world: World, parallel: str, size: int) -> int:
+    """How many ranks one parameter is split over: the world under "fsdp", 1 under "ddp" and in a world of
+    one, and under "hsdp" `size` (train.shard_group_size; 0: the node's processes). UsageError, in any world,
+    if hsdp's group does not divide the world into whole replicas."""
+    if parallel == "hsdp":
+        size = size or world.local_size
+        if world.size % size != 0:
+            raise UsageError(f"train.shard_group_size = {size} does not divide the world of {world.size} process(es) "
+                             "into whole replicas (0: the processes on one node)")
+        return size
+    return world.size if parallel == "fsdp" else 1
 
 
 def start(world: World, device: torch.device) -> None:
@@ -76,10 +100,11 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-def wrap(module: nn.Module, blocks: Iterable[nn.Module], world: World, parallel: str, precision: str,
+def wrap(module: nn.Module, blocks: Iterable[nn.Module], world: World, parallel: str, group: int, precision: str,
          device: torch.device) -> nn.Module:
-    """The module that trains: `module` itself in a world of one; DDP around it; or, for FSDP, `module`
-    sharded in place (its parameters become DTensors), each of its `blocks` a unit of its own, and returned."""
+    """The module that trains: `module` itself in a world of one; DDP around it; or, for FSDP and HSDP, `module`
+    sharded in place over groups of `group` ranks (shard_group; its parameters become DTensors), each of its
+    `blocks` a unit of its own, and returned."""
     if not world.distributed:
         return module
     if parallel == "ddp":
@@ -91,8 +116,11 @@ def wrap(module: nn.Module, blocks: Iterable[nn.Module], world: World, parallel:
     reduce_dtype = torch.float32 if dtype else None
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype)
     # The mesh on the run's device: fully_shard's default mesh takes a GPU whenever there is one,
-    # so a CPU run on a GPU machine would put rank r on cuda:r.
-    mesh = init_device_mesh(device.type, (world.size,))
+    # so a CPU run on a GPU machine would put rank r on cuda:r. A 2-D mesh is HSDP: rank r is in replica
+    # r // group, and holds shard r % group. One group of the whole world is FSDP, built as such.
+    replicas = world.size // group
+    mesh = (init_device_mesh(device.type, (world.size,)) if replicas == 1 else
+            init_device_mesh(device.type, (replicas, group), mesh_dim_names=("replicate", "shard")))
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     # The root's inputs are token ids, targets and the loss's fp32 grad_scale (NextTokenLoss): cast to bf16,
@@ -115,7 +143,7 @@ def gradient_sync(wrapped: nn.Module, enabled: bool):
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, fsdp: bool) -> tuple[dict, dict | None]:
     """Unsharded state dicts of `model` and `optimizer` (None: not asked for) for a checkpoint or export.
 
-    Without FSDP these are the modules' own. With FSDP every rank must call this: the
+    Without FSDP these are the modules' own. With FSDP (or HSDP) every rank must call this: the
     shards are gathered (through torch.distributed.checkpoint) onto rank 0's CPU memory,
     the other ranks get empty dicts, and the optimizer's state is keyed by parameter name.
     """

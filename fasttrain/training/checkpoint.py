@@ -12,7 +12,7 @@ A checkpoint file is a dict of
     scaler                the fp16 GradScaler's state
     step, tokens_seen...  the RunState's fields, at the top level
     ranks                 each rank's training-loader position and random generator states
-    parallel              "none", "ddp" or "fsdp": with len(ranks), what a resume must match
+    parallel              "none", "ddp", "fsdp" or "hsdp": with len(ranks), what a resume must match
     config                the run's resolved config, as TOML
 
 Each file is written under a temporary name, fsync'd and renamed (fasttrain/system/atomic.py),
@@ -356,7 +356,8 @@ class Checkpointer:
 
     def state_dict(self, run: RunState, loader: TokenLoader) -> dict:
         """Everything needed to continue the run exactly: what a checkpoint file holds."""
-        model, optimizer = distributed.full_state(self.model, self.updater.optimizer, self.parallel == "fsdp")
+        model, optimizer = distributed.full_state(self.model, self.updater.optimizer,
+                                                  self.parallel in distributed.SHARDED)
         return {
             "model": model,
             "optimizer": optimizer,
@@ -391,7 +392,7 @@ class Checkpointer:
         check_same_world(state, self.world.size, self.parallel, path)
         try:
             distributed.load_full_state(self.model, self.updater.optimizer, state["model"], state["optimizer"],
-                                        self.parallel == "fsdp")
+                                        self.parallel in distributed.SHARDED)
             self.updater.scaler.load_state_dict(state["scaler"])
             mine = state["ranks"][self.world.rank]
             loader.load_state_dict(mine["train_loader"])

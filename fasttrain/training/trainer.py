@@ -134,6 +134,7 @@ class Trainer:
         cfg = replace(cfg, model=self._shape_of_init(cfg))
         t = cfg.train
         self.precision = t.precision
+        self.shard_group = distributed.shard_group(self.world, t.parallel, t.shard_group_size)  # before joining
         distributed.start(self.world, self.device)
         seed_everything(t.seed)
         if not self.world.is_main:
@@ -149,13 +150,13 @@ class Trainer:
                 print(f"note: {note}")
         self.accumulation = accumulation_steps(t, self.world.size)
         self.parallel = t.parallel if self.world.distributed else "none"  # what a checkpoint records too
-        self.sharded = self.parallel == "fsdp"
+        self.sharded = self.parallel in distributed.SHARDED
         m = self.cfg.model  # the shapes the measured dispatch table is read at ("auto" on a GPU)
         shapes = {"rms_norm": {"hidden": m.d_model}, "linear_cross_entropy": {"hidden": m.d_model, "vocab": m.vocab_size},
                   "adamw": {"params": num_params(m)}}
         self.kernels = kernels_on(cfg.kernels, self.device, self.sharded, self.precision, shapes, compiled=t.compile,
                                   fp8=t.fp8)
-        check_fits(self.cfg, self.device, self.precision, self.world.size if self.sharded else 1)  # before allocating
+        check_fits(self.cfg, self.device, self.precision, self.shard_group)  # before allocating
         # `model` is the network: its weights, sampling, checkpoints. `objective` is its loss, what trains
         # and evaluates: inside DDP (or sharded by FSDP), and compiled in place if asked. Sampling runs
         # the plain model, whose growing sequence lengths would otherwise trigger recompiles.
@@ -164,7 +165,8 @@ class Trainer:
         self.model = Transformer(self.cfg.model, norm_kernel=self.kernels.rms_norm, checkpointing=t.activation_checkpointing,
                                  attention=t.attention, fp8=t.fp8).to(self.device)
         self.objective = distributed.wrap(NextTokenLoss(self.model, fused=self.kernels.linear_cross_entropy),
-                                          self.model.blocks, self.world, t.parallel, self.precision, self.device)
+                                          self.model.blocks, self.world, t.parallel, self.shard_group, self.precision,
+                                          self.device)
         self.compiled = t.compile
         if self.compiled:
             self.objective.compile(options=compile_options(t.compile_mode, t.coordinate_descent_tuning))
