@@ -43,9 +43,9 @@ def patch_hf_model(model: nn.Module, rms_norm: bool = True, fused_loss: bool = T
     if fused_loss and not (isinstance(getattr(model, "lm_head", None), nn.Linear) and hasattr(model, "model")):
         raise ValueError(f"patch_hf_model: {type(model).__name__} has no .model and linear .lm_head to fuse the loss into")
     if rms_norm:
-        _swap_rms_norms(model)
-    if fused_loss:
-        model.forward = types.MethodType(_fused_loss_forward(model.forward), model)
+        _swap_rms_norms(model)  # a norm swapped already is skipped
+    if fused_loss and not getattr(model.forward, "fused_loss", False):  # patched twice, the second would wrap
+        model.forward = types.MethodType(_fused_loss_forward(model.forward), model)  # the first and lose the logits
     return model
 
 
@@ -75,8 +75,10 @@ def _fused_loss_forward(unpatched):
             return unpatched(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                              use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        return_dict = kwargs.pop("return_dict", None)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         return_dict=True, **kwargs)
         hidden = out.last_hidden_state
         shift_labels = kwargs.get("shift_labels")
         if shift_labels is None:  # position t predicts token t + 1; the last predicts nothing
@@ -86,14 +88,21 @@ def _fused_loss_forward(unpatched):
         if weight.dtype != hidden.dtype:  # under autocast the head would run in the hidden states' dtype
             weight = weight.to(hidden.dtype)
             bias = None if bias is None else bias.to(hidden.dtype)
+        targets = shift_labels.reshape(-1).to(hidden.device)
+        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets, bias=bias,
+                                    ignore_index=IGNORE_INDEX, reduction="sum")
+        # The sum over the counted targets, or over num_items_in_batch: every label -100 is 0 / 0, nan, as
+        # transformers gives (kernels' own mean over no targets is 0).
         items = kwargs.get("num_items_in_batch")
-        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                    shift_labels.reshape(-1).to(hidden.device), bias=bias, ignore_index=IGNORE_INDEX,
-                                    reduction="mean" if items is None else "sum")
-        if items is not None:
-            loss = loss / (items.to(loss.device) if isinstance(items, torch.Tensor) else items)
+        if items is None:
+            items = (targets != IGNORE_INDEX).sum()
+        loss = loss / (items.to(loss.device) if isinstance(items, torch.Tensor) else items)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states, attentions=out.attentions)
+        output = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                        hidden_states=out.hidden_states, attentions=out.attentions)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        return output if return_dict else output.to_tuple()  # as transformers: the fields that are not None
+    forward.fused_loss = True
     return forward

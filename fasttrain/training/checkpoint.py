@@ -124,16 +124,17 @@ def pointed(directory: Path, pointer: str) -> Path | None:
         return None
     except NotADirectoryError:
         raise UsageError(f"{directory}: is not a directory, so it holds no checkpoints; "
-                         "pass --resume a checkpoint file instead") from None
+                         "name a checkpoint file (step_*.pt) instead") from None
     except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a pointer file; pass --resume a checkpoint file instead") from None
+        raise UsageError(f"{path}: is a directory, not a pointer file; name a checkpoint file (step_*.pt) "
+                         "instead") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError:
         name = None
     if name is None or not SAVE_NAME.fullmatch(name):
         raise UsageError(f"{path}: does not name a checkpoint file (it should hold a name like step_0000100.pt); "
-                         "pass --resume a checkpoint file instead")
+                         "name a checkpoint file (step_*.pt) instead")
     return directory / name
 
 
@@ -152,6 +153,8 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
     """
     if spec != "auto" and not Path(spec).is_dir():
         path = Path(spec)
+        if path.is_symlink():  # a link to checkpoints/latest names a save beside its target, not beside the link
+            path = path.resolve()
         if path.name in ("latest", "best") and path.is_file():
             named = pointed(path.parent, path.name)
             if not named.is_file():
@@ -165,8 +168,24 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
         raise UsageError(f"{directory}: no checkpoint saved there yet, so nothing to resume or export")
     if not latest.is_file():
         raise UsageError(f"{directory / 'latest'}: names {latest.name}, which is missing; "
-                         "pass --resume a checkpoint file instead")
+                         "name a checkpoint file (step_*.pt) instead")
     return latest
+
+
+def keep_tokenizer(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str], resumed: bool,
+                   write: bool) -> None:
+    """Copy the data's tokenizer.json into the run directory, atomically (`write`: this process writes, rank 0):
+    the run's checkpoints decode with that copy even after data.dir is prepared again. UsageError, naming both
+    files, for a `resumed` run whose data's tokenizer is no longer the copy: its token ids mean other text."""
+    data, kept = Path(data_dir) / "tokenizer.json", Path(run_dir) / "tokenizer.json"
+    tokenizer = data.read_bytes()
+    if resumed and kept.is_file():
+        if kept.read_bytes() != tokenizer:
+            raise UsageError(f"{data}: differs from {kept}, the tokenizer this run trained with ({data_dir} was "
+                             "prepared again since); resume it on the data it was trained on, or start a new run")
+        return
+    if write:  # a new run, or one resumed from before these copies were made
+        write_atomically(kept, lambda f: f.write(tokenizer), what="copy the run's tokenizer")
 
 
 def check_own(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> None:
