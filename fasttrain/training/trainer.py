@@ -287,6 +287,7 @@ class Trainer:
                 if self.cfg.model.init_from:  # read, or refused, before claim deletes what --overwrite replaces
                     self._start_from_init()
                 self.checkpoints.claim(overwrite)
+            checkpoint.keep_tokenizer(self.data.dir, out, self.resumed_from is not None, write=self.world.is_main)
             if self.world.is_main:
                 save_config(self.cfg, out)
             sink = WandbSink(asdict(self.cfg), out, project=lg.project, name=lg.run_name or out.resolve().name,
