@@ -180,3 +180,13 @@ def test_hf_export_keeps_the_source_models_token_ids_and_generation_config(pydoc
     assert (tmp_path / "back" / generation_config).read_bytes() == (source / generation_config).read_bytes()
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
     assert back.generation_config.eos_token_id == [4, 5]
+
+
+def test_resume_through_a_link_to_latest(pydoc_data, run, tmp_path):
+    """The link's pointer was looked for beside the link: refused as not a loadable checkpoint."""
+    os.symlink(run / "checkpoints" / "latest", tmp_path / "latest")
+    trainer = Trainer(tiny_config(pydoc_data, run, "train.max_steps=2", "train.sample_tokens=0"), quiet=True)
+    try:
+        assert trainer.resume(tmp_path / "latest") == run / "checkpoints" / "step_0000002.pt"
+    finally:
+        trainer.close()
