@@ -7,9 +7,11 @@ apply_liger_kernel_to_llama does for its own):
 Every RMSNorm module becomes kernels.RMSNorm, sharing its weight (the state dict and any optimizer
 are unchanged), and forward(labels=...) computes the loss with kernels.linear_cross_entropy, so the
 (tokens x vocabulary) logits are never built. The loss is transformers' own: labels shifted one to
-the left (or `shift_labels`), -100 ignored, the mean over counted targets, or their sum divided by
-`num_items_in_batch` when the Trainer passes it. The logits come back only when asked for
-(`return_logits=True`, which takes the unpatched path) or when there are no labels (generation).
+the left (or `shift_labels`), -100 ignored, the mean over counted targets (nan when none counts, as
+there), or their sum divided by `num_items_in_batch` when the Trainer passes it. The logits come back only
+when asked for (`return_logits=True`, which takes the unpatched path) or when there are no labels
+(generation). `return_dict=False` gives transformers' tuple of the fields that are not None, the loss first.
+Patching a patched model changes nothing.
 
 The model is read by duck typing (a `.model` that returns `last_hidden_state`, an `.lm_head`, a
 `config.model_type`): this module imports transformers only to build the output a patched forward

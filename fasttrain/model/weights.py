@@ -9,7 +9,8 @@ tied output matrix stored once, as embed.weight), config.toml and tokenizer.json
 
 Hugging Face layout (--hf): config.json for LlamaForCausalLM, model.safetensors with
 Llama's parameter names (the fused qkv and gate_up matrices split apart),
-tokenizer.json and tokenizer_config.json, so `transformers` loads DIR with
+tokenizer.json and tokenizer_config.json (and for a model continued from a Hugging Face
+one, that model's bos/eos ids and generation_config.json), so `transformers` loads DIR with
 `AutoModelForCausalLM.from_pretrained(DIR)`. No weight is permuted: fasttrain's RoPE
 already uses Llama's rotate-half layout.
 
@@ -228,8 +229,8 @@ def _hf_files(cfg: Config, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str
             files["generation_config.json"] = read_regular(source / "generation_config.json", 1 << 20,
                                                            "generation config")
     elif source is not None:
-        print(f"note: model.init_from {source} is gone: config.json gets the end-of-text token as bos and eos, "
-              "and there is no generation_config.json to copy", file=sys.stderr)
+        print(f"note: {source / 'config.json'} (model.init_from) is not there: config.json gets the end-of-text "
+              "token as bos and eos, and no generation_config.json is copied", file=sys.stderr)
     tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast",
                         "bos_token": _token(tokenizer, config["bos_token_id"]),
                         "eos_token": _token(tokenizer, config["eos_token_id"]),

@@ -102,8 +102,10 @@ def tokenizer_file(source: Path, cfg: Config) -> Path:
     real = source.resolve()
     if real.is_dir():
         own = real / TOKENIZER
+    elif real.parent.name == "checkpoints":
+        own = run_directory(real) / TOKENIZER
     else:  # a checkpoint outside any run's checkpoints/ has no run copy beside it
-        own = real.parent.parent / TOKENIZER if real.parent.name == "checkpoints" else None
+        own = None
     return own if own is not None and own.is_file() else Path(cfg.data.dir) / TOKENIZER
 
 
