@@ -28,11 +28,10 @@ import torch
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.preparation import PreparedData, prepare
 from fasttrain.data.shards import read_meta
-from fasttrain.system.device import use_device
 from fasttrain.system.distributed import World
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.training.objective import NextTokenLoss, batch_loss
-from fasttrain.training.trained_model import Trained, inference_precision, load_trained
+from fasttrain.training.trained_model import Trained, inference_device, inference_precision, load_trained
 from fasttrain.training.validation import validate
 
 
@@ -62,6 +61,11 @@ def score_split(trained: Trained, split: str, batch_size: int, device: torch.dev
     meta = read_meta(directory)
     if meta is None:
         raise UsageError(f"{directory}: no prepared data (meta.json) there, so no {split} split to score")
+    prepared_with = Path(directory) / "tokenizer.json"
+    if prepared_with.is_file() and prepared_with.read_bytes() != trained.tokenizer_path.read_bytes():
+        raise UsageError(f"{prepared_with}: differs from {trained.tokenizer_path}, the tokenizer the model trained "
+                         f"with: {directory} was prepared again since, so its token ids are not the model's; "
+                         "score text with --input instead")
     return score(trained, directory, split, PreparedData(directory, meta).bits_per_nat, batch_size, device)
 
 
@@ -90,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
-    device = use_device(args.device)
+    device = inference_device(args.device)
     trained = load_trained(args.source, device)
     if args.split:
         metrics = score_split(trained, args.split, args.batch_size or trained.cfg.train.batch_size, device)

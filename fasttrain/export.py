@@ -15,7 +15,7 @@ import torch
 
 from fasttrain.model.weights import DTYPE_NAMES, export_weights
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
-from fasttrain.training.trained_model import load_model
+from fasttrain.training.trained_model import load_model, run_directory, tokenizer_file
 
 
 def export(source: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None, hf: bool = False,
@@ -24,15 +24,17 @@ def export(source: str | os.PathLike[str], out_dir: str | os.PathLike[str] | Non
     checkpoint), RUN/final, a checkpoints/ directory or its `latest`, or a checkpoint file, as sample and
     evaluate take them (fasttrain/training/trained_model.py).
 
-    `out_dir` defaults to `export` (or `export-hf`) in the run directory.
+    `out_dir` defaults to `export` (or `export-hf`) in the run directory, links resolved. The tokenizer copied is
+    the one the model trained with (trained_model.tokenizer_file), not the data folder's current one.
     """
     if out_dir is not None and not os.fspath(out_dir):
         raise UsageError("--out: is empty; name the directory to export into")
+    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UsageError(f"--out {out_dir}: is a file, not a directory; cannot write an export into it")
     model, cfg, found = load_model(source)
-    if out_dir is None:  # the run directory: above final/, or above the checkpoint's checkpoints/
-        run_dir = found.parent if found.is_dir() else found.parent.parent
-        out_dir = run_dir / ("export-hf" if hf else "export")
-    return export_weights(model.state_dict(), cfg, out_dir, hf=hf, dtype=dtype)
+    if out_dir is None:
+        out_dir = run_directory(found) / ("export-hf" if hf else "export")
+    return export_weights(model.state_dict(), cfg, out_dir, hf=hf, dtype=dtype, tokenizer=tokenizer_file(found, cfg))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

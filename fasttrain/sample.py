@@ -20,9 +20,9 @@ import torch
 from fasttrain.config import MAX_PROMPT_CHARS, MAX_SEED
 from fasttrain.model.generation import GREEDY_BELOW, generate_text
 from fasttrain.system.atomic import read_regular
-from fasttrain.system.device import autocast, use_device
+from fasttrain.system.device import autocast
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
-from fasttrain.training.trained_model import inference_precision, load_trained
+from fasttrain.training.trained_model import inference_device, inference_precision, load_trained
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str | None:
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_samples, args.seed)
     text = read_prompt(args.prompt, args.prompt_file)
-    device = use_device(args.device)
+    device = inference_device(args.device)
     trained = load_trained(args.source, device)
     text = trained.cfg.train.sample_prompt if text is None else text
     if not trained.tokenizer.encode(text):

@@ -7,9 +7,11 @@ apply_liger_kernel_to_llama does for its own):
 Every RMSNorm module becomes kernels.RMSNorm, sharing its weight (the state dict and any optimizer
 are unchanged), and forward(labels=...) computes the loss with kernels.linear_cross_entropy, so the
 (tokens x vocabulary) logits are never built. The loss is transformers' own: labels shifted one to
-the left (or `shift_labels`), -100 ignored, the mean over counted targets, or their sum divided by
-`num_items_in_batch` when the Trainer passes it. The logits come back only when asked for
-(`return_logits=True`, which takes the unpatched path) or when there are no labels (generation).
+the left (or `shift_labels`), -100 ignored, the mean over counted targets (nan when none counts, as
+there), or their sum divided by `num_items_in_batch` when the Trainer passes it. The logits come back only
+when asked for (`return_logits=True`, which takes the unpatched path) or when there are no labels
+(generation). `return_dict=False` gives transformers' tuple of the fields that are not None, the loss first.
+Patching a patched model changes nothing.
 
 The model is read by duck typing (a `.model` that returns `last_hidden_state`, an `.lm_head`, a
 `config.model_type`): this module imports transformers only to build the output a patched forward
@@ -43,9 +45,9 @@ def patch_hf_model(model: nn.Module, rms_norm: bool = True, fused_loss: bool = T
     if fused_loss and not (isinstance(getattr(model, "lm_head", None), nn.Linear) and hasattr(model, "model")):
         raise ValueError(f"patch_hf_model: {type(model).__name__} has no .model and linear .lm_head to fuse the loss into")
     if rms_norm:
-        _swap_rms_norms(model)
-    if fused_loss:
-        model.forward = types.MethodType(_fused_loss_forward(model.forward), model)
+        _swap_rms_norms(model)  # a norm swapped already is skipped
+    if fused_loss and not getattr(model.forward, "fused_loss", False):  # patched twice, the second would wrap
+        model.forward = types.MethodType(_fused_loss_forward(model.forward), model)  # the first and lose the logits
     return model
 
 
@@ -75,8 +77,10 @@ def _fused_loss_forward(unpatched):
             return unpatched(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                              use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+        return_dict = kwargs.pop("return_dict", None)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         return_dict=True, **kwargs)
         hidden = out.last_hidden_state
         shift_labels = kwargs.get("shift_labels")
         if shift_labels is None:  # position t predicts token t + 1; the last predicts nothing
@@ -86,14 +90,21 @@ def _fused_loss_forward(unpatched):
         if weight.dtype != hidden.dtype:  # under autocast the head would run in the hidden states' dtype
             weight = weight.to(hidden.dtype)
             bias = None if bias is None else bias.to(hidden.dtype)
+        targets = shift_labels.reshape(-1).to(hidden.device)
+        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets, bias=bias,
+                                    ignore_index=IGNORE_INDEX, reduction="sum")
+        # The sum over the counted targets, or over num_items_in_batch: every label -100 is 0 / 0, nan, as
+        # transformers gives (kernels' own mean over no targets is 0).
         items = kwargs.get("num_items_in_batch")
-        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                    shift_labels.reshape(-1).to(hidden.device), bias=bias, ignore_index=IGNORE_INDEX,
-                                    reduction="mean" if items is None else "sum")
-        if items is not None:
-            loss = loss / (items.to(loss.device) if isinstance(items, torch.Tensor) else items)
+        if items is None:
+            items = (targets != IGNORE_INDEX).sum()
+        loss = loss / (items.to(loss.device) if isinstance(items, torch.Tensor) else items)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
-                                      hidden_states=out.hidden_states, attentions=out.attentions)
+        output = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
+                                        hidden_states=out.hidden_states, attentions=out.attentions)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        return output if return_dict else output.to_tuple()  # as transformers: the fields that are not None
+    forward.fused_loss = True
     return forward

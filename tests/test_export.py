@@ -106,11 +106,13 @@ def test_hugging_face_llama_export_gives_the_same_logits(pydoc_data, tmp_path, t
 
 
 def test_hf_export_without_the_tokenizer_writes_nothing(pydoc_data, tmp_path, capsys):
-    """--hf needs the run's tokenizer: gone, the export stops before the weights are written, not after."""
+    """--hf needs the run's tokenizer: gone (final/'s, the run's copy and the data's), the export stops before
+    the weights are written, not after."""
     data = tmp_path / "data"
     shutil.copytree(pydoc_data, data)
     Trainer(tiny_config(data, tmp_path / "run", "train.max_steps=2", "train.sample_tokens=0"), quiet=True).train()
-    (data / "tokenizer.json").unlink()
+    for copy in (data, tmp_path / "run", tmp_path / "run" / "final"):
+        (copy / "tokenizer.json").unlink()
     with pytest.raises(SystemExit) as exit_:
         run_cli(export_main, [str(tmp_path / "run"), "--hf", "--out", str(tmp_path / "hf")])
     assert exit_.value.code == 2

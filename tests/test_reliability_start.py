@@ -164,7 +164,7 @@ def test_overwrite_replaces_the_earlier_runs_exports_and_plot_and_nothing_else(p
     code, err = cli(train.main, tiny_args(pydoc_data, run, *QUICK, flags=["--overwrite"]), capsys)
     assert code == 0, err
     assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.toml", "final", "metrics.jsonl",
-                                                       "notes.txt", "wandb"]
+                                                       "notes.txt", "tokenizer.json", "wandb"]
     assert (run / "notes.txt").read_text() == "mine" and (run / "wandb" / "offline-run").exists()
     assert [json.loads(line)["event"] for line in (run / "metrics.jsonl").read_text().splitlines()][0] == "start"
 

@@ -64,3 +64,32 @@ def test_a_model_of_another_family_is_refused():
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50)
     with pytest.raises(ValueError, match="model_type 'gpt2' is not one of llama, mistral, qwen2, qwen3"):
         patch_hf_model(transformers.GPT2LMHeadModel(config))
+
+
+def test_patching_twice_is_a_no_op():
+    """The second call wrapped the first: return_logits reached only the outer forward, and the logits were None."""
+    ref, ours = tiny(), patch_hf_model(patch_hf_model(tiny()))
+    ids, labels = batch()
+    with torch.no_grad():
+        wanted = ours(ids, labels=labels, return_logits=True)
+        torch.testing.assert_close(wanted.logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(ids, labels=labels).loss, ref(ids, labels=labels).loss, rtol=1e-5, atol=1e-5)
+
+
+def test_return_dict_false_returns_a_tuple_as_transformers_does():
+    """It was an AttributeError (the inner model returned a tuple); now the loss comes first, as unpatched."""
+    ref, ours = tiny(), patch_hf_model(tiny())
+    ids, labels = batch()
+    with torch.no_grad():
+        got, expected = ours(ids, labels=labels, return_dict=False), ref(ids, labels=labels, return_dict=False)
+    assert isinstance(got, tuple)
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_every_label_ignored_is_nan_as_unpatched():
+    """The kernels' mean over no counted target is 0; transformers' loss is 0 / 0, nan, and so is the patched one."""
+    ref, ours = tiny(), patch_hf_model(tiny())
+    ids, _ = batch()
+    ignored = torch.full_like(ids, -100)
+    with torch.no_grad():
+        assert ref(ids, labels=ignored).loss.isnan() and ours(ids, labels=ignored).loss.isnan()

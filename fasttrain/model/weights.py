@@ -9,7 +9,8 @@ tied output matrix stored once, as embed.weight), config.toml and tokenizer.json
 
 Hugging Face layout (--hf): config.json for LlamaForCausalLM, model.safetensors with
 Llama's parameter names (the fused qkv and gate_up matrices split apart),
-tokenizer.json and tokenizer_config.json, so `transformers` loads DIR with
+tokenizer.json and tokenizer_config.json (and for a model continued from a Hugging Face
+one, that model's bos/eos ids and generation_config.json), so `transformers` loads DIR with
 `AutoModelForCausalLM.from_pretrained(DIR)`. No weight is permuted: fasttrain's RoPE
 already uses Llama's rotate-half layout.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from fasttrain.system.atomic import read_regular, write_atomically
 from fasttrain.system.errors import UsageError
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_HF_ONLY = ("config.json", "tokenizer_config.json")  # the files one layout writes and the other does not
+_HF_ONLY = ("config.json", "tokenizer_config.json", "generation_config.json")  # one layout's files, not the other's
 _FASTTRAIN_ONLY = ("config.toml",)
 
 
@@ -235,36 +237,90 @@ def check_hf_tokenizer(directory: str | os.PathLike[str], data_tokenizer: Tokeni
 
 
 def export_weights(model_state: dict[str, torch.Tensor], cfg: Config, out_dir: str | os.PathLike[str],
-                   hf: bool = False, dtype: torch.dtype = torch.float32) -> list[Path]:
+                   hf: bool = False, dtype: torch.dtype = torch.float32,
+                   tokenizer: str | os.PathLike[str] | None = None) -> list[Path]:
     """Write `model_state` (a Transformer's state dict, trained with `cfg`) into `out_dir`; returns the files.
 
-    The tokenizer is copied from `cfg.data.dir` when it is still there (the Hugging Face layout needs it).
-    Everything is checked before the first file is written: a directory holding the other layout's
-    export is refused (its config would be left beside these weights), as is --hf without the tokenizer.
+    `tokenizer` is the tokenizer.json the model trained with (default: `cfg.data.dir`'s, the trainer's own
+    at the end of a run), copied when it is there; the Hugging Face layout needs it. A model continued
+    from a Hugging Face one (model.init_from) keeps that model's bos/eos token ids and generation_config.json.
+    Everything is checked before the first file is written: `out_dir` must be new, or hold only files this
+    export replaces (see `_check_out_dir`), and --hf needs the tokenizer.
     """
     out = Path(out_dir)
-    stale = [name for name in (_HF_ONLY if not hf else _FASTTRAIN_ONLY) if (out / name).exists()]
-    if stale:
-        other = "a Hugging Face" if not hf else "a fasttrain-layout"
-        raise UsageError(f"{out}: holds {other} export ({', '.join(stale)}); export into another directory "
-                         "or remove it first")
-    tokenizer_file = Path(cfg.data.dir) / "tokenizer.json"
-    tokenizer = Tokenizer.load(tokenizer_file) if hf else None  # UsageError naming it, before anything is written
+    tokenizer_file = Path(tokenizer) if tokenizer is not None else Path(cfg.data.dir) / "tokenizer.json"
+    files = {"tokenizer.json": tokenizer_file.read_bytes()} if tokenizer_file.is_file() else {}
+    if hf:  # Tokenizer.load: a UsageError naming the missing file, before anything is written
+        files.update(_hf_files(cfg, Tokenizer.load(tokenizer_file), dtype))
+    _check_out_dir(out, {"model.safetensors", *files, *([] if hf else _FASTTRAIN_ONLY)}, hf)
     state = {k: v.to(dtype) for k, v in model_state.items()}
     tensors = hf_llama_tensors(state, cfg.model) if hf else fasttrain_tensors(state, cfg.model)
     written = [write_safetensors(out / "model.safetensors", tensors, {"format": "pt"})]
-    if tokenizer_file.is_file():
-        written.append(_write(out / "tokenizer.json", tokenizer_file.read_bytes()))
-    if tokenizer is not None:
-        eot = tokenizer.tok.id_to_token(tokenizer.eot_id)
-        config = hf_llama_config(cfg.model, tokenizer.eot_id, dtype)
-        tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot, "eos_token": eot,
-                            "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False}
-        written.append(_write(out / "config.json", json.dumps(config, indent=2).encode()))
-        written.append(_write(out / "tokenizer_config.json", json.dumps(tokenizer_config, indent=2).encode()))
-    else:
+    written += [_write(out / name, data) for name, data in files.items()]
+    if not hf:
         written.append(save_config(cfg, out))
     return written
+
+
+def _hf_files(cfg: Config, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str, bytes]:
+    """config.json and tokenizer_config.json of the Hugging Face layout, with generation_config.json too for a
+    model continued from a Hugging Face one (model.init_from) whose folder has one. Such a model keeps its
+    bos_token_id and eos_token_id (its tokenizer is that model's own); any other model's are end-of-text."""
+    config = hf_llama_config(cfg.model, tokenizer.eot_id, dtype)
+    files = {}
+    source = Path(cfg.model.init_from) if cfg.model.init_from else None
+    if source is not None and (source / "config.json").is_file():
+        theirs = _json_object(source / "config.json")
+        config.update({k: theirs[k] for k in ("bos_token_id", "eos_token_id") if k in theirs})
+        if (source / "generation_config.json").is_file():
+            files["generation_config.json"] = read_regular(source / "generation_config.json", 1 << 20,
+                                                           "generation config")
+    elif source is not None:
+        print(f"note: {source / 'config.json'} (model.init_from) is not there: config.json gets the end-of-text "
+              "token as bos and eos, and no generation_config.json is copied", file=sys.stderr)
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast",
+                        "bos_token": _token(tokenizer, config["bos_token_id"]),
+                        "eos_token": _token(tokenizer, config["eos_token_id"]),
+                        "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False}
+    files["config.json"] = json.dumps(config, indent=2).encode()
+    files["tokenizer_config.json"] = json.dumps(tokenizer_config, indent=2).encode()
+    return files
+
+
+def _token(tokenizer: Tokenizer, ids: int | list[int] | None) -> str | None:
+    """The token a config.json's bos/eos id names (a list's first: transformers stops at any of them)."""
+    first = ids[0] if isinstance(ids, list) and ids else ids
+    return tokenizer.tok.id_to_token(first) if isinstance(first, int) and not isinstance(first, bool) else None
+
+
+def _json_object(path: Path) -> dict:
+    try:
+        raw = json.loads(read_regular(path, 1 << 20, "config.json"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: not a JSON config ({e})") from None
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: not a JSON object")
+    return raw
+
+
+def _check_out_dir(out: Path, writes: set[str], hf: bool) -> None:
+    """UsageError unless `out` is new or holds nothing but the files `writes` names (a previous export of
+    this layout, which this one replaces). Anything else would be read beside the new weights: the other
+    layout's config, another model's shards and index (model.safetensors.index.json takes precedence
+    over model.safetensors), pytorch_model.bin, a tokenizer file this export does not write. Names starting
+    with a dot (a killed write's temporary file) are no model's files and are left alone."""
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in writes and not p.name.startswith("."))
+    other_layout = [name for name in (_FASTTRAIN_ONLY if hf else _HF_ONLY) if name in foreign]
+    if other_layout:
+        other = "a fasttrain-layout" if hf else "a Hugging Face"
+        raise UsageError(f"{out}: holds {other} export ({', '.join(other_layout)}); export into another directory "
+                         "or remove it first")
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise UsageError(f"{out}: holds {foreign[0]}{more}, which this export would not replace and a loader would "
+                         "read beside the new weights; export into a new or empty directory, or remove them first")
 
 
 def load_exported(directory: str | os.PathLike[str]) -> Transformer:

@@ -97,8 +97,8 @@ def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: i
 
 # What a run and the tools write at the top of its run directory: what --overwrite replaces. Other files
 # there (a user's notes, wandb/ with its offline runs) are never touched.
-RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "config.toml", "tensorboard", WANDB_ID_FILE,
-             "export", "export-hf", "curves.png")
+RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "config.toml", "tokenizer.json", "tensorboard",
+             WANDB_ID_FILE, "export", "export-hf", "curves.png")
 REPLACED = ".replaced-by-overwrite"  # the earlier run's RUN_FILES, until the new run's first step
 
 
@@ -148,11 +148,11 @@ class RunStart:
                     os.rename(self.run_dir / name, replaced / name)
 
     def record(self) -> None:
-        """Note what the start is about to change: config.toml and the W&B run id (rewritten), metrics.jsonl
-        (appended to) and tensorboard/ (given a new event file)."""
+        """Note what the start is about to change: config.toml, tokenizer.json and the W&B run id (rewritten),
+        metrics.jsonl (appended to) and tensorboard/ (given a new event file)."""
         d = self.run_dir
         self.files = {name: (d / name).read_bytes() if (d / name).is_file() else None
-                      for name in ("config.toml", WANDB_ID_FILE)}
+                      for name in ("config.toml", "tokenizer.json", WANDB_ID_FILE)}
         self.metrics_size = (d / "metrics.jsonl").stat().st_size if (d / "metrics.jsonl").is_file() else None
         self.tensorboard = set(os.listdir(d / "tensorboard")) if (d / "tensorboard").is_dir() else None
 
@@ -214,16 +214,17 @@ def pointed(directory: Path, pointer: str) -> Path | None:
         return None
     except NotADirectoryError:
         raise UsageError(f"{directory}: is not a directory, so it holds no checkpoints; "
-                         "pass --resume a checkpoint file instead") from None
+                         "name a checkpoint file (step_*.pt) instead") from None
     except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a pointer file; pass --resume a checkpoint file instead") from None
+        raise UsageError(f"{path}: is a directory, not a pointer file; name a checkpoint file (step_*.pt) "
+                         "instead") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError:
         name = None
     if name is None or not SAVE_NAME.fullmatch(name):
         raise UsageError(f"{path}: does not name a checkpoint file (it should hold a name like step_0000100.pt); "
-                         "pass --resume a checkpoint file instead")
+                         "name a checkpoint file (step_*.pt) instead")
     return directory / name
 
 
@@ -242,6 +243,8 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
     """
     if spec != "auto" and not Path(spec).is_dir():
         path = Path(spec)
+        if path.is_symlink():  # a link to checkpoints/latest names a save beside its target, not beside the link
+            path = path.resolve()
         if path.name in ("latest", "best") and path.is_file():
             named = pointed(path.parent, path.name)
             if not named.is_file():
@@ -255,8 +258,24 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
         raise UsageError(f"{directory}: no checkpoint saved there yet, so nothing to resume or export")
     if not latest.is_file():
         raise UsageError(f"{directory / 'latest'}: names {latest.name}, which is missing; "
-                         "pass --resume a checkpoint file instead")
+                         "name a checkpoint file (step_*.pt) instead")
     return latest
+
+
+def check_kept_tokenizer(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str]) -> None:
+    """UsageError, naming both files, if the run in `run_dir` kept a tokenizer.json (keep_tokenizer) and the
+    data's is no longer that one: a resume would read token ids that mean other text."""
+    data, kept = Path(data_dir) / "tokenizer.json", Path(run_dir) / "tokenizer.json"
+    if kept.is_file() and kept.read_bytes() != data.read_bytes():
+        raise UsageError(f"{data}: differs from {kept}, the tokenizer this run trained with ({data_dir} was "
+                         "prepared again since); resume it on the data it was trained on, or start a new run")
+
+
+def keep_tokenizer(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str]) -> None:
+    """Copy the data's tokenizer.json into the run directory, atomically (rank 0): the run's checkpoints decode
+    with that copy even after data.dir is prepared again (a resume checks it first: check_kept_tokenizer)."""
+    tokenizer = (Path(data_dir) / "tokenizer.json").read_bytes()
+    write_atomically(Path(run_dir) / "tokenizer.json", lambda f: f.write(tokenizer), what="copy the run's tokenizer")
 
 
 def check_own(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> None:

@@ -5,12 +5,15 @@
     load_trained("runs/base/checkpoints/step_0000100.pt")  # or runs/base/checkpoints, .../checkpoints/latest
 
 The model's config comes with the weights (config.toml beside them, or the one a
-checkpoint holds); the tokenizer is the one beside exported weights, else the run's
-prepared data's (data.dir), as the trainer records it.
+checkpoint holds). The tokenizer is the one the model trained with: the one beside exported weights, or
+for a checkpoint its run's copy (RUN/tokenizer.json, written when the run started), never the data
+folder's current one, which `prepare --overwrite` may have replaced since. Only weights and runs from
+before those copies fall back to the run's prepared data's (data.dir).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +24,12 @@ from fasttrain.config import Config, check_vocab, load_config
 from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.model.transformer import Transformer
 from fasttrain.model.weights import load_exported
-from fasttrain.system.device import resolve_precision
+from fasttrain.system.device import resolve_precision, use_device
 from fasttrain.system.errors import UsageError
 from fasttrain.training import checkpoint
 
 WEIGHTS = "model.safetensors"
+TOKENIZER = "tokenizer.json"
 
 
 @dataclass
@@ -47,6 +51,10 @@ def weights_source(spec: str | os.PathLike[str]) -> Path:
     path = Path(spec)
     if not path.exists():
         raise UsageError(f"{path}: no such run directory or checkpoint")
+    if path.is_symlink():  # a link to checkpoints/latest: the pointer is read beside its target, not the link
+        path = path.resolve()
+    if path.is_file() and path.name == WEIGHTS:  # RUN/final/model.safetensors: the weights directory it is in
+        path = path.parent
     for directory in (path, path / "final"):
         if directory.is_dir() and (directory / WEIGHTS).is_file():
             return directory
@@ -73,12 +81,42 @@ def load_trained(spec: str | os.PathLike[str], device: torch.device | str = "cpu
     """The model `spec` names (see `weights_source`) on `device`, in eval mode, with its tokenizer;
     UsageError naming the file if something is missing or does not fit."""
     model, cfg, source = load_model(spec)
-    tokenizer_path = source / "tokenizer.json" if source.is_dir() else Path(cfg.data.dir) / "tokenizer.json"
-    if not tokenizer_path.is_file():  # weights exported before their data's tokenizer was copied
-        tokenizer_path = Path(cfg.data.dir) / "tokenizer.json"
+    tokenizer_path = tokenizer_file(source, cfg)
     tokenizer = Tokenizer.load(tokenizer_path)
     check_vocab(cfg.model.vocab_size, tokenizer.vocab_size, str(tokenizer_path))
     return Trained(model.to(device).eval(), cfg, tokenizer, tokenizer_path, source)
+
+
+def run_directory(source: Path) -> Path:
+    """The run directory of `source` (a weights directory or checkpoint file, as `weights_source` returns it),
+    links resolved: the directory above a weights directory (RUN/final) or above a checkpoint's checkpoints/;
+    for a checkpoint file anywhere else, the directory it is in."""
+    real = source.resolve()
+    return real.parent.parent if real.is_file() and real.parent.name == "checkpoints" else real.parent
+
+
+def tokenizer_file(source: Path, cfg: Config) -> Path:
+    """The tokenizer.json the model at `source` (see `weights_source`) was trained with: a weights directory's
+    own, a checkpoint's run's copy (RUN/tokenizer.json); else, for weights and runs saved before those copies
+    were made, the one in the run's data folder (data.dir), which may have been prepared again since."""
+    real = source.resolve()
+    if real.is_dir():
+        own = real / TOKENIZER
+    elif real.parent.name == "checkpoints":
+        own = run_directory(real) / TOKENIZER
+    else:  # a checkpoint outside any run's checkpoints/ has no run copy beside it
+        own = None
+    return own if own is not None and own.is_file() else Path(cfg.data.dir) / TOKENIZER
+
+
+def inference_device(name: str) -> torch.device:
+    """sample's and evaluate's `--device` as a torch.device: checked by the rule train.device has (auto, cpu, cuda
+    or cuda:N), then against the machine; UsageError naming --device."""
+    try:
+        load_config(None, [f"train.device={json.dumps(name)}"])  # the config's own check of train.device
+    except UsageError as e:
+        raise UsageError(f"--device: {str(e).partition('train.device: ')[2] or e}") from None
+    return use_device(name)
 
 
 def inference_precision(cfg: Config, device: torch.device) -> str:

@@ -318,6 +318,8 @@ class Trainer:
                 self.checkpoints.claim(overwrite, start)
             if start:
                 start.record()
+                checkpoint.keep_tokenizer(self.data.dir, out)
+            if self.world.is_main:
                 save_config(self.cfg, out)
             sink = WandbSink(asdict(self.cfg), out, project=lg.project, name=lg.run_name or out.resolve().name,
                              tags=lg.tags, resume=self.resumed_from is not None) if wandb else None
@@ -332,7 +334,8 @@ class Trainer:
 
     def _check_start(self, overwrite: bool, wandb: bool) -> None:
         """Every check that can refuse train(), made before anything in train.out_dir changes: another process
-        there, W&B missing, an unwritable metrics.jsonl, another run's checkpoints, init_from weights gone."""
+        there, W&B missing, an unwritable metrics.jsonl, another run's checkpoints, init_from weights gone, a
+        resumed run's data prepared again with another tokenizer."""
         out = Path(self.cfg.train.out_dir)
         if self.world.is_main:
             run_lock.check_free(out)
@@ -342,6 +345,8 @@ class Trainer:
         if self.resumed_from is None:
             self.check_new_start()
             checkpoint.check_new_run(out, overwrite)
+        else:
+            checkpoint.check_kept_tokenizer(self.data.dir, out)
 
     def _loop(self, report: Report, start: RunStart | None) -> dict:
         """Step to the end, asking the policies after each step and evaluation; returns the summary. `start`
