@@ -115,12 +115,7 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
     its config.json (model.init_from). UsageError naming the config.json key fasttrain's transformer
     cannot reproduce: another model type or activation, biases, scaled RoPE, a head_dim of its own."""
     path = Path(directory) / "config.json"
-    try:
-        raw = json.loads(read_regular(path, 1 << 20, "config.json"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: not a JSON config ({e})") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{path}: not a JSON object")
+    raw = _json_object(path)
 
     def refuse(key: str, why: str) -> None:
         raise UsageError(f"{path}: {key} = {json.dumps(raw.get(key))}: {why} (model.init_from takes the Llama-family "
@@ -294,6 +289,7 @@ def _token(tokenizer: Tokenizer, ids: int | list[int] | None) -> str | None:
 
 
 def _json_object(path: Path) -> dict:
+    """The JSON object in the config.json at `path` (at most 1 MiB); UsageError naming it if it is not one."""
     try:
         raw = json.loads(read_regular(path, 1 << 20, "config.json"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
