@@ -129,9 +129,8 @@ class Trainer:
         schedule, note = fit_warmup(cfg.schedule, cfg.train.max_steps)
         if note and not self.quiet:
             print(f"note: {note}")
-        self.init_missing: UsageError | None = None  # model.init_from gone since the run began (_shape_of_init)
-        cfg = replace(cfg, schedule=schedule)
-        cfg = replace(cfg, model=self._shape_of_init(cfg))
+        shape, self.init_missing = self._shape_of_init(cfg)  # init_missing: the source gone since the run began
+        cfg = replace(cfg, schedule=schedule, model=shape)
         t = cfg.train
         self.precision = t.precision
         self.shard_group = distributed.shard_group(self.world, t.parallel, t.shard_group_size)  # before joining
@@ -179,19 +178,20 @@ class Trainer:
         self.run = RunState()
         self.resumed_from: Path | None = None  # the checkpoint `resume` restored, for the start report
 
-    def _shape_of_init(self, cfg: Config) -> ModelConfig:
+    def _shape_of_init(self, cfg: Config) -> tuple[ModelConfig, UsageError | None]:
         """cfg.model, or with model.init_from the shape of that Hugging Face model (its config.json), saying
         which of its values it replaced; UsageError if the config does not hold with that shape (train.seq_len
-        beyond its context, say), as config.py checks any config. A source gone since the run in
-        train.out_dir began: the shape that run recorded, and `init_missing` for a new run (check_new_start)."""
-        m = cfg.model
+        beyond its context, say), as config.py checks any config. With it, the error a new run gets
+        (check_new_start) if the source is gone since the run in train.out_dir began: then the shape is the one
+        that run recorded, and only a resume can go on."""
+        m, missing = cfg.model, None
         if not m.init_from:
-            return m
+            return m, None
         source, recorded = Path(m.init_from) / "config.json", Path(cfg.train.out_dir) / "config.toml"
         run = load_config(recorded).model if not os.path.lexists(source) and recorded.is_file() else None
         if run is not None and run.init_from == m.init_from:  # its checkpoints hold the weights
-            self.init_missing = UsageError(f"{source}: no such file (model.init_from); a new run starts from its "
-                                           "weights, only --resume continues the run without them")
+            missing = UsageError(f"{source}: no such file (model.init_from); a new run starts from its "
+                                 "weights, only --resume continues the run without them")
             shaped = replace(run, dropout=m.dropout)
             what = f"{recorded}'s, as {m.init_from} is gone"
         else:
@@ -202,7 +202,7 @@ class Trainer:
                    if getattr(m, f.name) != getattr(shaped, f.name)]
         if changed and not self.quiet:
             print(f"note: model.init_from: the shape is {what} ({', '.join(changed)})")
-        return shaped
+        return shaped, missing
 
     def check_new_start(self) -> None:
         """UsageError if a new run cannot start from this Trainer's weights: model.init_from is gone since the
