@@ -158,8 +158,9 @@ class RowReader:
         if len(self.sources) == 1:
             return source, self.sources[0].at(position)
         ids = np.empty_like(position)
-        for j in np.unique(source).tolist():
-            ids[source == j] = self.sources[j].at(position[source == j])
+        for j in np.flatnonzero(np.bincount(source, minlength=len(self.sources))).tolist():
+            at = source == j
+            ids[at] = self.sources[j].at(position[at])
         return source, ids
 
     def lookup(self, source: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -170,7 +171,7 @@ class RowReader:
             shard, offset, length = self.sources[0].rows.lookup(ids)
         else:
             shard, offset, length = (np.empty(len(ids), dtype=np.int64) for _ in range(3))
-            for j in np.unique(source).tolist():
+            for j in np.flatnonzero(np.bincount(source, minlength=len(self.sources))).tolist():
                 at = source == j
                 shard[at], offset[at], length[at] = self.sources[j].rows.lookup(ids[at])
             shard = shard + self._first_shard[source]

@@ -109,6 +109,8 @@ class Blend:
             raise ValueError(f"round {round_} is before the blend's anchor at round {first}")
         if self.sources == 1:  # one source takes every row: nothing to play
             return (positions[0] + (round_ - first) * self.rows_per_round,), deficits
+        if round_ in self._memo:
+            return self._memo[round_]
         known = [r for r in self._memo if r <= round_]
         if known:
             first = max(known)
@@ -129,13 +131,10 @@ class Blend:
         weights, taken, owed = self.weights_at(round_), list(positions), list(deficits)
         if any(first == round_ for first, _ in self.phases):
             owed = [0.0] * self.sources  # a new mix: its shares count from here
-        picks, sources = [], range(self.sources)
-        for _ in range(rows):
-            best, most = 0, -1.0
-            for j in sources:
-                owed[j] += weights[j]
-                if owed[j] > most:
-                    best, most = j, owed[j]
+        picks = []
+        for _ in range(rows):  # the hot loop of a mixture's loader: plain lists, no numpy call per row
+            owed = [o + w for o, w in zip(owed, weights)]
+            best = owed.index(max(owed))  # the first of the sources owed the most
             owed[best] -= 1.0
             taken[best] += 1
             picks.append(best)
