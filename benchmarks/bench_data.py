@@ -45,6 +45,38 @@ def test_loader_throughput(benchmark, record, corpus_shards, sampling, prefetch)
     loader.close()
 
 
+@pytest.fixture(scope="module")
+def source_shards(tmp_path_factory):
+    """The same 32M random GPT-2-vocabulary tokens as `corpus_shards`, as 8 prepared sources of 4M each."""
+    d = tmp_path_factory.mktemp("sources")
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        with ShardWriter((d / f"s{i}").mkdir() or d / f"s{i}" / "train_000000.bin", 50257) as w:
+            w.write(rng.integers(0, 50257, 4_000_000))
+    return d
+
+
+@pytest.mark.parametrize("sources", [1, 2, 8])
+def test_mixture_throughput(benchmark, record, source_shards, sources):
+    """A mixture of `sources` sources of 32M tokens in all (weights 1, 2, ..., so every row is blended),
+    random sampling, prefetch 2: the blend's cost beside test_loader_throughput's one folder."""
+    per_source = 8 // sources
+    dirs = []
+    for i in range(sources):  # each source: the shards of 8 / sources of the 8 folders, linked together
+        d = source_shards / f"mix{sources}-{i}"
+        d.mkdir(exist_ok=True)
+        for k in range(per_source):
+            target = d / f"train_{k:06d}.bin"
+            if not target.exists():
+                target.symlink_to(source_shards / f"s{i * per_source + k}" / "train_000000.bin")
+        dirs.append(d)
+    loader = TokenLoader(dirs, "train", B, T, prefetch=2, vocab_size=50257, mix=[(0, list(range(1, sources + 1)))])
+    next(loader)  # start the prefetch thread outside the timing
+    benchmark(next, loader)
+    record(per_call=B * T, batch_size=B, seq_len=T, sources=sources, prefetch=2)
+    loader.close()
+
+
 GPT2_EOT = 50256
 
 

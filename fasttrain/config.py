@@ -56,6 +56,23 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One [[data.sources]] table: a prepared folder and its share of the training rows."""
+
+    dir: str = ""  # a folder prepared by `fasttrain prepare` (every source with one tokenizer)
+    weight: float = 1.0  # relative share of the training rows; the weights are normalized to sum to 1
+
+
+@dataclass
+class MixChange:
+    """One [[data.mix]] table: from a step on, the sources' weights change (an annealing mix, say)."""
+
+    step: int = 0  # the first step with these weights; or (not both)
+    fraction: float = 0.0  # of train.max_steps: the change is at step round(fraction x max_steps)
+    weights: list[float] = field(default_factory=list)  # one per [[data.sources]] table, in their order
+
+
+@dataclass
 class DataConfig:
     """[data]: where training text comes from."""
 
@@ -84,6 +101,11 @@ class DataConfig:
     # tokens); without it a packed or aligned row is one causal sequence across documents.
     document_mask: bool = False
     prefetch: int = 2  # batches prepared ahead by a background thread (at most 64); 0 = load in the training thread
+    # A mixture (fasttrain/data/mixture.py): [[data.sources]] tables of prepared folders by weight, instead of
+    # `dir` and `inputs`; [[data.mix]] tables change the weights from a step on. [] = the one folder above.
+    sources: list[SourceConfig] = field(default_factory=list)
+    mix: list[MixChange] = field(default_factory=list)
+    max_epochs: float = 4.0  # warn when the run would read a source more than this many times over
 
 
 @dataclass
@@ -293,6 +315,8 @@ _TYPES: dict[Any, tuple[Callable[[Any], bool], Callable[[Any], Any], str]] = {
     bool: (lambda v: isinstance(v, bool), bool, "true or false"),
     str: (lambda v: isinstance(v, str), str, "a string"),
     list[str]: (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), list, "a list of strings"),
+    list[float]: (lambda v: isinstance(v, list) and all(_TYPES[float][0](x) for x in v), lambda v: list(map(float, v)),
+                  "a list of finite numbers"),
 }
 
 # Allowed values, checked once all types are right: "section.key" -> (test, "must be ...").
@@ -317,6 +341,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
                         "0 or > 256 (a byte-level BPE needs the 256 bytes plus an end-of-text token)"),
     "data.val_fraction": _FRACTION,
     "data.prefetch": (lambda v: 0 <= v <= MAX_PREFETCH, f"in [0, {MAX_PREFETCH}] (batches held in memory ahead of use)"),
+    "data.max_epochs": _POSITIVE,
     "optim.lr": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE,
     "optim.beta1": _FRACTION,
@@ -448,6 +473,8 @@ def resolve(cfg: Config, data_dir: str, tokenizer_vocab: int, request: dict | No
     model's vocabulary is too small for the tokenizer's."""
     vocab = cfg.model.vocab_size or tokenizer_vocab
     check_vocab(vocab, tokenizer_vocab, f"{data_dir}/tokenizer.json")
+    if cfg.data.sources:  # a mixture names its prepared folders already
+        return replace(cfg, model=replace(cfg.model, vocab_size=vocab))
     data = replace(cfg.data, dir=data_dir)
     if request:
         data = replace(data, inputs=list(request["inputs"]), tokenizer=request.get("tokenizer") or "",
@@ -651,6 +678,8 @@ def _unknown(source: str, kind: str, name: str, known: list[str], show: Callable
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Return `value` as field type `tp`, or raise UsageError prefixed with `where`."""
+    if get_origin(tp) is list and is_dataclass(get_args(tp)[0]):
+        return _tables_of(value, get_args(tp)[0], where)
     if get_origin(tp) is Literal:
         allowed = get_args(tp)
         if any(type(value) is type(a) and value == a for a in allowed):
@@ -661,6 +690,68 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if accepts(value):
             return convert(value)
     raise UsageError(f"{where}: expected {expected}, got {_show(value)} ({type(value).__name__})")
+
+
+def _tables_of(value: Any, cls: type, where: str) -> list:
+    """`value`, a list of TOML tables ([[data.sources]]), as a list of `cls`, each key checked as its field's type."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise UsageError(f"{where}: expected a list of tables, got {_show(value)} ({type(value).__name__})")
+    types = get_type_hints(cls)
+    parts = []
+    for i, table in enumerate(value):
+        for key in table:
+            if key not in types:
+                raise _unknown(f"{where}[{i}]", "key", key, list(types), str)
+        parts.append(cls(**{k: _coerce(v, types[k], f"{where}[{i}].{k}") for k, v in table.items()}))
+    return parts
+
+
+def _check_mixture(cfg: Config, sources: dict[str, str]) -> None:
+    """UsageError for [[data.sources]] and [[data.mix]] tables that cannot make a mixture."""
+    d, where = cfg.data, _blame(sources, "data.sources", "data.mix")
+
+    def check_weights(name: str, weights: list[float]) -> None:  # name: "...{}..." with the index in {}
+        for i, w in enumerate(weights):
+            if w < 0:
+                raise UsageError(f"{where}: {name.format(i)}: must be >= 0, got {_show(w)}")
+        if not sum(weights) > 0:
+            raise UsageError(f"{where}: {name.format('*')}: every weight is 0; give a source a weight above 0")
+
+    if not d.sources:
+        if d.mix:
+            raise UsageError(f"{where}: data.mix changes the weights of [[data.sources]] tables, but there are none")
+        return
+    if d.dir or d.inputs:
+        raise UsageError(f"{where}: data.sources names the prepared folders of a mixture; leave data.dir and "
+                         "data.inputs unset (or give data.dir alone)")
+    seen: dict[str, int] = {}
+    for i, s in enumerate(d.sources):
+        if not s.dir:
+            raise UsageError(f"{where}: data.sources[{i}].dir: expected a prepared folder, got \"\"")
+        real = os.path.realpath(s.dir)
+        if real in seen:
+            raise UsageError(f"{where}: data.sources[{i}].dir = {_show(s.dir)} is the folder of "
+                             f"data.sources[{seen[real]}] again; name each folder once, with its whole weight")
+        seen[real] = i
+    check_weights("data.sources[{}].weight", [s.weight for s in d.sources])
+    last, max_steps = 0, cfg.train.max_steps
+    for i, change in enumerate(d.mix):
+        name = f"data.mix[{i}]"
+        if (change.step > 0) == (change.fraction > 0) or change.step < 0 or not change.fraction < 1:
+            raise UsageError(f"{where}: {name}: give step (>= 1) or fraction (in (0, 1)) of train.max_steps, one of "
+                             f"them, got step = {change.step}, fraction = {_show(change.fraction)}")
+        step = change.step or round(change.fraction * max_steps)
+        if step >= max_steps:
+            raise UsageError(f"{where}: {name}: the change at step {step} is past the run's last step "
+                             f"(train.max_steps = {max_steps})")
+        if step <= last:
+            raise UsageError(f"{where}: {name}: at step {step}, not after the change before it (step {last}); "
+                             "list the changes in the order of their steps")
+        last = step
+        if len(change.weights) != len(d.sources):
+            raise UsageError(f"{where}: {name}.weights: {len(change.weights)} weights for {len(d.sources)} "
+                             "[[data.sources]] tables; give one per source, in their order")
+        check_weights(name + ".weights[{}]", change.weights)
 
 
 def _validate(cfg: Config, sources: dict[str, str]) -> None:
@@ -675,6 +766,7 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
                 f"{_blame(sources, name, other)}: {name} = {_show(_get(cfg, name))} {relation} "
                 f"{other} = {_show(_get(cfg, other))} ({why})"
             )
+    _check_mixture(cfg, sources)
 
 
 def _check_applicable(cfg: Config, sources: dict[str, str]) -> None:
@@ -729,6 +821,8 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
         return "[" + ", ".join(map(_toml_value, value)) + "]"
+    if is_dataclass(value):  # a table of a list of tables, inline
+        return "{" + ", ".join(f"{f.name} = {_toml_value(getattr(value, f.name))}" for f in fields(value)) + "}"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 

@@ -1,4 +1,5 @@
-"""Plot a run's curves: training and validation loss, and the learning rate, to a PNG.
+"""Plot a run's curves: training and validation loss (of each source too, for a mixture), and the learning
+rate, to a PNG; a [[data.mix]] change is a dotted vertical line.
 
     python -m fasttrain.plot RUN_DIR [--out FILE]
 
@@ -90,6 +91,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=[3, 1])
     loss_ax.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss")
     loss_ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation loss")
+    for key in dict.fromkeys(k for e in evals for k in e if k.startswith("val_loss.")):  # a mixture's sources
+        steps = [e for e in evals if key in e]
+        loss_ax.plot([e["step"] for e in steps], [e[key] for e in steps], ".--", label=f"validation loss, {key[9:]}")
+    for change in (e for e in events if e.get("event") == "mix"):
+        for ax in (loss_ax, lr_ax):
+            ax.axvline(change["step"], color="gray", linestyle=":", linewidth=1)
     loss_ax.set_ylabel("loss (nats/token)")
     loss_ax.set_title(str(run_dir))
     loss_ax.grid(alpha=0.3)

@@ -107,6 +107,19 @@ def edit_meta(**changes):
     return damage
 
 
+def mix(c: Case, *tables: str) -> list[str]:
+    """--set items of a mixture of the TOML inline `tables` instead of the prepared corpus (data.dir)."""
+    return ['data.dir=""', "data.inputs=[]", f"data.sources=[{', '.join(tables)}]"]
+
+
+def other_data(c: Case, vocab_size: int) -> str:
+    """A folder prepared with a tokenizer of its own (of `vocab_size`), from text unlike the corpus's."""
+    out = c.tmp / f"other{vocab_size}"
+    prepare.main(["--input", c.file("o.txt", "\n".join(str(i * i) for i in range(5000))), "--out", str(out),
+                  "--vocab-size", str(vocab_size)])
+    return str(out)
+
+
 def fifo(path: Path) -> str:
     """A named pipe at `path` (nothing ever writes to it: opening it for reading would block forever)."""
     path.unlink(missing_ok=True)
@@ -363,6 +376,36 @@ CASES = [
      lambda c: c.train(f"model.init_from={Path(c.file('hf/config.json', json.dumps(LLAMA))).parent}"),
      "hf: holds no model.safetensors or model.safetensors.index.json"),
     ("fasttrain: unknown tool", cli, lambda c: ["trian"], "fasttrain: unknown tool 'trian'; did you mean train?"),
+    ("mixture: a negative weight", train, lambda c: c.train(*mix(c, f'{{dir="{c.data}", weight=-1}}')),
+     "data.sources[0].weight: must be >= 0, got -1.0"),
+    ("mixture: every weight zero", train,
+     lambda c: c.train(*mix(c, f'{{dir="{c.data}", weight=0}}', f'{{dir="{c.tmp}", weight=0.0}}')),
+     "data.sources[*].weight: every weight is 0"),
+    ("mixture: a NaN weight", train, lambda c: c.train(*mix(c, f'{{dir="{c.data}", weight=nan}}')),
+     "data.sources[0].weight: expected a finite number, got nan"),
+    ("mixture: a weight not a number", train, lambda c: c.train(*mix(c, f'{{dir="{c.data}", weight="0.5"}}')),
+     'data.sources[0].weight: expected a finite number, got "0.5" (str)'),
+    ("mixture: a source folder missing, with --overwrite", train,
+     lambda c: c.train(*mix(c, f'{{dir="{c.data}"}}', f'{{dir="{c.tmp / "none"}"}}'), out=c.run, flags=["--overwrite"]),
+     "data.sources[1]: "),
+    ("mixture: a source folder empty", train,
+     lambda c: c.train(*mix(c, f'{{dir="{c.data}"}}', f'{{dir="{(c.tmp / "empty").mkdir() or c.tmp / "empty"}"}}')),
+     "empty: no prepared data there (no meta.json)"),
+    ("mixture: a source of another tokenizer", train,
+     lambda c: c.train(*mix(c, f'{{dir="{c.data}"}}', f'{{dir="{other_data(c, 512)}"}}')),
+     "data.sources[1].dir = "),
+    ("mixture: a source of another vocabulary size", train,
+     lambda c: c.train(*mix(c, f'{{dir="{c.data}"}}', f'{{dir="{other_data(c, 300)}"}}')),
+     "has a vocabulary of 300 tokens"),
+    ("mixture: a source without a validation split", train,
+     lambda c: c.train(*mix(c, f'{{dir="{c.data}"}}', f'{{dir="{c.data_copy(lambda d: [p.unlink() for p in d.glob("val_*.bin")])}"}}')),
+     "no val shards"),
+    ("mixture: a change past the run's end", train,
+     lambda c: c.train(*mix(c, f'{{dir="{c.data}"}}'), "data.mix=[{step=2, weights=[1]}]"),
+     "data.mix[0]: the change at step 2 is past the run's last step (train.max_steps = 2)"),
+    ("mixture: the same folder twice", train,
+     lambda c: c.train(*mix(c, f'{{dir="{c.data}"}}', f'{{dir="{c.data}/."}}')),
+     "data.sources[1].dir = "),
     # checkpoints and resuming
     ("init_from: context shorter than train.seq_len, with --overwrite", train,
      lambda c: c.train(init_from(c.run, c.tmp, edit_config(max_position_embeddings=16)), out=c.run,

@@ -41,12 +41,13 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Literal, get_args
+from typing import Iterator, Literal, Sequence, get_args
 
 import numpy as np
 import torch
 
 from fasttrain.data.documents import IGNORE_INDEX, Batching, Rows
+from fasttrain.data.mixture import Blend
 from fasttrain.data.shards import HEADER_BYTES, ShardInfo, find_shards, out_of_vocabulary, read_meta, scan_id_bound
 from fasttrain.system.errors import UsageError
 
@@ -56,41 +57,33 @@ BUCKET_POOL = 64  # batches whose rows are sorted by length together: wider pool
 FILLER = -1  # the row id of an empty slot in the last round of a `whole` pass
 
 
-class RowReader:
-    """Reads batch number g of one rank's stream from the rows of one split; stateless between calls.
+class SourceRows:
+    """The rows of one source's split in their order over epochs: its p-th row is `at(p)`; stateless.
 
-    Kept apart from `TokenLoader` so the prefetch thread holds only this, and a
-    loader that is dropped without `close()` can still be collected.
+    An epoch visits `rows_per_epoch` rows: all of them but what does not fill a whole round of
+    batch_size x world_size rows (all of them, the last round made whole with FILLER ids, when `whole`).
     """
 
-    def __init__(
-        self, shards: list[ShardInfo], rows: Rows, batch_size: int, sampling: Sampling, padding: Padding,
-        seed: int, rank: int, world_size: int, pad_id: int, pad_multiple: int, pin_memory: bool, vocab_size: int,
-        whole: bool = False,
-    ):
+    def __init__(self, shards: list[ShardInfo], rows: Rows, batch_size: int, world_size: int, sampling: Sampling,
+                 padding: Padding, seed: int, whole: bool = False):
         self.shards, self.rows, self.whole = shards, rows, whole
-        self.vocab_size = vocab_size  # every id read is checked against it; 0: unknown, not checked
-        self.dtype = shards[0].dtype
-        self.batch_size, self.seq_len = batch_size, rows.seq_len
+        self.batch_size, self.world_size = batch_size, world_size
         self.sampling, self.padding, self.seed = sampling, padding, seed
-        self.rank, self.world_size = rank, world_size
-        self.pad_id, self.pad_multiple = pad_id, pad_multiple
-        self.pin_memory = pin_memory
         per_round = batch_size * world_size
-        self.batches_per_epoch = -(-rows.num_rows // per_round) if whole else rows.num_rows // per_round
-        self._fds = [os.open(s.path, os.O_RDONLY) for s in shards]
-        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its batches of rows) of the last epoch used
+        self.rows_per_epoch = (-(-rows.num_rows // per_round) if whole else rows.num_rows // per_round) * per_round
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its rows in order) of the last epoch used
 
-    def epoch_batches(self, epoch: int) -> np.ndarray:
-        """Row ids of every batch of `epoch`, (batches, batch_size); rank r takes batches r, r + world_size, ...
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Row ids of `epoch`, in the order they are read (rows_per_epoch of them).
 
         Random sampling permutes the rows with a generator seeded by (seed, epoch).
         Bucketed padding then sorts each pool of BUCKET_POOL batches' rows by length,
         cuts the pool into batches of similar lengths, and (random sampling) shuffles the batches.
-        A `whole` reader keeps every row and fills the last round with FILLER ids.
+        A `whole` source keeps every row and fills the last round with FILLER ids.
         """
-        if self._order is not None and self._order[0] == epoch:
-            return self._order[1]
+        cached = self._order
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
         B = self.batch_size
         n = self.rows.num_rows if self.whole else self.rows.num_rows // B * B
         rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
@@ -101,17 +94,88 @@ class RowReader:
             pools = [order[i:i + BUCKET_POOL * B] for i in range(0, n, BUCKET_POOL * B)]
             order = np.concatenate([p[np.argsort(-lengths[p], kind="stable")] for p in pools])
         if self.whole:
-            order = np.append(order, np.full(self.batches_per_epoch * B * self.world_size - n, FILLER))
-        batches = order.reshape(-1, B)
+            order = np.append(order, np.full(self.rows_per_epoch - n, FILLER))
         if bucketed and self.sampling == "random":
-            batches = batches[rng.permutation(len(batches))]
-        self._order = (epoch, batches)
-        return batches
+            order = order.reshape(-1, B)[rng.permutation(len(order) // B)].reshape(-1)
+        order = order[:self.rows_per_epoch]
+        self._order = (epoch, order)
+        return order
 
-    def rows_of_batch(self, g: int) -> np.ndarray:
-        """Row ids of this rank's batch number `g` (counting across epochs)."""
-        epoch, i = divmod(g, self.batches_per_epoch)
-        return self.epoch_batches(epoch)[i * self.world_size + self.rank]
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        """Row ids of the rows at `positions` (counting across epochs)."""
+        epochs, index = np.divmod(positions, self.rows_per_epoch)
+        if epochs.size and epochs.min() == epochs.max():
+            return self.epoch_order(int(epochs[0]))[index]
+        return np.array([self.epoch_order(int(e))[i] for e, i in zip(epochs.tolist(), index.tolist())], dtype=np.int64)
+
+    def targets_before(self, position: int) -> int:
+        """Targets (real tokens predicted) in the rows before `position`: what training on them has read."""
+        if self.rows.batching == "packed":  # every training row is a full window
+            return position * self.rows.seq_len
+        epochs, rest = divmod(position, self.rows_per_epoch)
+        targets = self.rows.lengths().astype(np.int64) - 1
+        per_epoch = int(targets[self.epoch_order(0)].sum()) if epochs else 0  # every epoch reads the same rows
+        return epochs * per_epoch + int(targets[self.epoch_order(epochs)[:rest]].sum())
+
+
+class RowReader:
+    """Reads batch number g of one rank's stream from the rows of one split of its sources; stateless
+    between calls (the blend's memory of recent rounds aside).
+
+    Batch g is this rank's part of round g of the global row sequence, and which source's rows it
+    holds is the blend's (fasttrain/data/mixture.py). Kept apart from `TokenLoader` so the prefetch
+    thread holds only this, and a loader that is dropped without `close()` can still be collected.
+    """
+
+    def __init__(
+        self, sources: list[SourceRows], blend: Blend, batch_size: int, padding: Padding, rank: int, world_size: int,
+        pad_id: int, pad_multiple: int, pin_memory: bool, vocab_size: int,
+    ):
+        self.sources, self.blend = sources, blend
+        self.shards = [s for source in sources for s in source.shards]
+        self._first_shard = np.cumsum([0] + [len(source.shards) for source in sources])
+        self.whole = sources[0].whole
+        self.vocab_size = vocab_size  # every id read is checked against it; 0: unknown, not checked
+        self.dtype = self.shards[0].dtype
+        self.batch_size, self.seq_len = batch_size, sources[0].rows.seq_len
+        self.padding = padding
+        self.rank, self.world_size = rank, world_size
+        self.pad_id, self.pad_multiple = pad_id, pad_multiple
+        self.pin_memory = pin_memory
+        self.batches_per_epoch = sources[0].rows_per_epoch // (batch_size * world_size)  # of a `whole` pass
+        self._fds = [os.open(s.path, os.O_RDONLY) for s in self.shards]
+
+    @property
+    def rows(self) -> Rows:
+        """The rows of the first source (of the only one, but in a mixture)."""
+        return self.sources[0].rows
+
+    def rows_of_batch(self, g: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, row id in that source) of each row of this rank's batch number `g` (counting across epochs)."""
+        source, position = self.blend.plan(g)
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        source, position = source[mine], position[mine]
+        if len(self.sources) == 1:
+            return source, self.sources[0].at(position)
+        ids = np.empty_like(position)
+        for j in np.flatnonzero(np.bincount(source, minlength=len(self.sources))).tolist():
+            at = source == j
+            ids[at] = self.sources[j].at(position[at])
+        return source, ids
+
+    def lookup(self, source: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(index into self.shards, token offset, length) of each row; a FILLER id is one token of row 0."""
+        filler = ids == FILLER
+        ids = np.where(filler, 0, ids)
+        if len(self.sources) == 1:
+            shard, offset, length = self.sources[0].rows.lookup(ids)
+        else:
+            shard, offset, length = (np.empty(len(ids), dtype=np.int64) for _ in range(3))
+            for j in np.flatnonzero(np.bincount(source, minlength=len(self.sources))).tolist():
+                at = source == j
+                shard[at], offset[at], length[at] = self.sources[j].rows.lookup(ids[at])
+            shard = shard + self._first_shard[source]
+        return shard, offset, np.where(filler, 1, length)
 
     def read(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch `g` as host tensors x, y of shape (B, L), int64 (pinned when `pin_memory`).
@@ -119,11 +183,8 @@ class RowReader:
         L is seq_len, or with padding "longest"/"bucketed" the longest row's inputs rounded
         up to pad_multiple (at most seq_len). Past a row's end x holds pad_id and y IGNORE_INDEX.
         """
-        ids = self.rows_of_batch(g)
-        filler = ids == FILLER
         # A filler slot reads the first token of row 0: one token, so no target, and it never widens L.
-        shard, offset, length = self.rows.lookup(np.where(filler, 0, ids))
-        length = np.where(filler, 1, length)
+        shard, offset, length = self.lookup(*self.rows_of_batch(g))
         B, itemsize = self.batch_size, self.dtype.itemsize
         L = self.seq_len
         if self.padding != "fixed":
@@ -201,6 +262,7 @@ class TokenLoader:
         prefetch: int = 2,
         device: str | torch.device = "cpu",
         whole: bool = False,
+        mix: Sequence[tuple[int, Sequence[float]]] | None = None,
     ):
         if batch_size <= 0 or seq_len <= 0 or prefetch < 0 or pad_multiple <= 0:
             raise ValueError(f"batch_size, seq_len and pad_multiple must be > 0 and prefetch >= 0, got "
@@ -211,30 +273,38 @@ class TokenLoader:
                                      ("padding", padding, Padding)):
             if value not in get_args(choices):
                 raise ValueError(f"{name} must be one of {get_args(choices)}, got {value!r}")
-        shards = find_shards(directory, split)
-        self.vocab_size = vocab_size or _vocab_size_of(Path(directory), shards)
+        directories = [directory] if isinstance(directory, (str, os.PathLike)) else list(directory)
+        if whole and len(directories) > 1:
+            raise ValueError("a `whole` pass reads one source; evaluate each source of a mixture on its own")
+        found = [find_shards(d, split) for d in directories]
+        self.vocab_size = vocab_size or _vocab_size_of(Path(directories[0]), found[0])
         if self.vocab_size:
-            for s in shards:
+            for s in (s for shards in found for s in shards):
                 bound = s.id_bound or scan_id_bound(s)
                 if bound > self.vocab_size:
                     raise UsageError(f"{s.path}: token id {bound - 1} is outside the vocabulary ({self.vocab_size} tokens)")
         self.device = torch.device(device)
         self.prefetch = prefetch
-        rows = Rows(shards, seq_len, batching, eot_id, tails=whole)
+        rows = [Rows(shards, seq_len, batching, eot_id, tails=whole) for shards in found]
         if whole:  # a batch wider than a rank's share of the rows would be filler, costing memory for nothing
-            batch_size = min(batch_size, max(1, -(-rows.num_rows // world_size)))
-        self.reader = RowReader(shards, rows, batch_size, sampling, padding, seed, rank, world_size,
-                                pad_id=eot_id or 0, pad_multiple=pad_multiple, pin_memory=self.device.type == "cuda",
-                                vocab_size=self.vocab_size, whole=whole)
-        if self.reader.batches_per_epoch == 0:
-            self.reader.close()
-            if whole:
-                raise UsageError(f"{directory}: the {split} split is empty (no row of two tokens or more)")
-            what = f"windows of {seq_len + 1} tokens" if batching == "packed" else f"{batching} rows"
-            raise UsageError(
-                f"{directory}: the {split} split has {rows.num_rows} {what}, "
-                f"fewer than one batch of {batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data"
-            )
+            batch_size = min(batch_size, max(1, -(-rows[0].num_rows // world_size)))
+        sources = [SourceRows(shards, r, batch_size, world_size, sampling, padding, seed, whole)
+                   for shards, r in zip(found, rows)]
+        for d, r, source in zip(directories, rows, sources):
+            if source.rows_per_epoch == 0:
+                if whole:
+                    raise UsageError(f"{d}: the {split} split is empty (no row of two tokens or more)")
+                what = f"windows of {seq_len + 1} tokens" if batching == "packed" else f"{batching} rows"
+                raise UsageError(
+                    f"{d}: the {split} split has {r.num_rows} {what}, fewer than one batch of "
+                    f"{batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data")
+        self.blend = Blend(mix or [(0, [1.0] * len(sources))], batch_size * world_size)
+        if self.blend.sources != len(sources):
+            raise ValueError(f"a mix of {self.blend.sources} weights for {len(sources)} sources")
+        self.sampling, self.seed = sampling, seed
+        self.reader = RowReader(sources, self.blend, batch_size, padding, rank, world_size, pad_id=eot_id or 0,
+                                pad_multiple=pad_multiple, pin_memory=self.device.type == "cuda",
+                                vocab_size=self.vocab_size)
         self.batches = 0  # consumed by the caller: the whole resumable state, with the seed
         self.wait_seconds = 0.0
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -268,22 +338,50 @@ class TokenLoader:
         self.batches += 1
         return x, y
 
-    def state_dict(self) -> dict[str, int | str]:
+    def positions(self) -> tuple[int, ...]:
+        """Rows taken from each source so far, over all ranks (up to the batch the caller has consumed)."""
+        return self.blend.start(self.batches)[0]
+
+    def source_tokens(self) -> list[int]:
+        """Targets (real tokens) read from each source so far, over all ranks."""
+        return [s.targets_before(p) for s, p in zip(self.reader.sources, self.positions())]
+
+    def source_epochs(self) -> list[float]:
+        """How many times over each source has been read so far (1.5: once, and half of it again)."""
+        return [p / s.rows_per_epoch for s, p in zip(self.reader.sources, self.positions())]
+
+    def planned_epochs(self, batches: int) -> list[float]:
+        """How many times over each source the first `batches` batches read."""
+        return [r / s.rows_per_epoch for r, s in zip(self.blend.planned_rows(batches), self.reader.sources)]
+
+    def state_dict(self) -> dict[str, int | str | list]:
         r = self.reader
+        positions, deficits = self.blend.start(self.batches)
         return {
-            "batches": self.batches, "seed": r.seed, "sampling": r.sampling, "batch_size": r.batch_size,
-            "seq_len": r.seq_len, "rank": r.rank, "world_size": r.world_size, "batching": r.rows.batching,
-            "padding": r.padding, "pad_multiple": r.pad_multiple, "num_rows": r.rows.num_rows,
+            "batches": self.batches, "seed": self.seed, "sampling": self.sampling, "batch_size": r.batch_size,
+            "seq_len": r.seq_len, "rank": r.rank, "world_size": r.world_size,
+            "batching": r.sources[0].rows.batching, "padding": r.padding, "pad_multiple": r.pad_multiple,
+            "num_rows": [s.rows.num_rows for s in r.sources],
+            # every source's position and deficit (fasttrain/data/mixture.py): where the blend continues from
+            "positions": list(positions), "deficits": list(deficits), "tokens": self.source_tokens(),
         }
 
-    def load_state_dict(self, state: dict[str, int | str]) -> None:
-        """Continue from `state`; the data and every setting but the position must match."""
+    def load_state_dict(self, state: dict[str, int | str | list]) -> None:
+        """Continue from `state`; the data and every setting but the position must match. The mix may differ:
+        it applies from the saved position on."""
         mine = self.state_dict()
-        differ = [f"{k}={state.get(k)!r} (now {v!r})" for k, v in mine.items() if k != "batches" and state.get(k) != v]
+        state = dict(state)
+        if isinstance(state.get("num_rows"), int):  # saved before mixtures: one source, its rows read in order
+            state["num_rows"] = [state["num_rows"]]
+            state.setdefault("positions", [int(state["batches"]) * self.blend.rows_per_round])
+            state.setdefault("deficits", [0.0])
+        position = ("batches", "positions", "deficits", "tokens")
+        differ = [f"{k}={state.get(k)!r} (now {v!r})" for k, v in mine.items() if k not in position and state.get(k) != v]
         if differ:
             raise UsageError(f"loader state does not match this loader: {', '.join(differ)}")
         self._stop_worker()
         self.batches = int(state["batches"])
+        self.blend.restart(self.batches, state["positions"], state["deficits"])
 
     def _stop_worker(self) -> None:
         if self._worker is not None:

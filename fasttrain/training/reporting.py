@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from fasttrain.config import Config
+from fasttrain.data.mixture import Source
 from fasttrain.training.metrics import MetricsLog, peak_flops, peak_memory_gb, perplexity
 from fasttrain.training.run_state import RunState
 
@@ -61,19 +62,40 @@ class Report:
         self.log, self.cfg, self.device = log, cfg, device
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops(device)  # None off the GPU table: no MFU then
+        self.names: list[str] = []  # the sources' (start), and what was read of each (train)
+        self.read: list[tuple[str, int, float]] = []
 
     def start(self, run: RunState, resumed_from: Path | None, *, params: int, precision: str, compiled: bool,
               kernels: list[str], world_size: int, parallel: str, accumulation: int, tokens_per_step: int,
-              tokens: dict[str, int]) -> None:
+              sources: list[Source], epochs: list[float]) -> None:
+        """`sources`: the run's data (one, or a mixture's); `epochs`: how many times over the run reads each."""
         c, t = self.cfg, self.cfg.train
+        self.names = [s.name for s in sources]
+        tokens = {split: sum(s.data.meta["tokens"][split] for s in sources) for split in ("train", "val")}
         resumed = {"resumed_from": str(resumed_from), "resume_step": run.step} if resumed_from else {}
+        mixture = {"sources": [{"name": s.name, "dir": s.dir, "weight": s.weight, "train_tokens": s.data.meta["tokens"]
+                                ["train"], "val_tokens": s.data.meta["tokens"]["val"], "planned_epochs": round(e, 4)}
+                               for s, e in zip(sources, epochs)]} if len(sources) > 1 else {}
         self.log.event("start", params=params, flops_per_token=self.flops_per_token, device=str(self.device),
                        precision=precision, compile=compiled, kernels=kernels, world_size=world_size,
                        parallel=parallel, accumulation=accumulation, tokens_per_step=tokens_per_step,
-                       train_tokens=tokens["train"], val_tokens=tokens["val"], **resumed)
+                       train_tokens=tokens["train"], val_tokens=tokens["val"], **mixture, **resumed)
         self.log.print(f"model: {params / 1e6:.2f}M parameters ({c.model.n_layers} layers, d_model {c.model.d_model}, "
                        f"{c.model.n_heads} heads, vocab {c.model.vocab_size}, context {c.model.max_seq_len})")
-        self.log.print(f"data: {tokens['train']:,} train / {tokens['val']:,} val tokens in {c.data.dir}")
+        if len(sources) == 1:
+            self.log.print(f"data: {tokens['train']:,} train / {tokens['val']:,} val tokens in {c.data.dir}")
+        else:
+            self.log.print(f"data: a mixture of {len(sources)} sources, {tokens['train']:,} train / {tokens['val']:,} "
+                           "val tokens:")
+            for s in mixture["sources"]:
+                self.log.print(f"  {s['name']:<12} weight {s['weight']:.3f}  {s['train_tokens']:,} train / "
+                               f"{s['val_tokens']:,} val tokens in {s['dir']}, read {s['planned_epochs']:.2f} times "
+                               "over by this run")
+        for name, e in zip(self.names, epochs):
+            if e > c.data.max_epochs:
+                self.log.print(f"warning: this run reads {name} {e:.1f} times over, more than data.max_epochs = "
+                               f"{c.data.max_epochs:g} (repeated data helps less with each pass and can make the model "
+                               "memorize it); add data, lower its weight, or raise data.max_epochs")
         speedups = ["compiled"] * compiled + [f"kernels: {', '.join(kernels)}"] * bool(kernels)
         ranks = f" x {world_size} ranks, {parallel}" if world_size > 1 else ""
         self.log.print(f"run: {t.max_steps} steps x {tokens_per_step:,} tokens ({t.batch_size} x {t.seq_len}"
@@ -86,8 +108,10 @@ class Report:
         self.log.event("compile", step=1, seconds=round(seconds, 3))
         self.log.print(f"compiled the model and ran the first step in {seconds:.1f} s")
 
-    def train(self, run: RunState, meter: IntervalMeter, lr: float, grad_norm: float, wait_seconds: float) -> None:
-        """The interval `meter` measured, ending at `run.step` (`wait_seconds`: the loader's running total)."""
+    def train(self, run: RunState, meter: IntervalMeter, lr: float, grad_norm: float, wait_seconds: float,
+              tokens: list[int], epochs: list[float]) -> None:
+        """The interval `meter` measured, ending at `run.step` (`wait_seconds`: the loader's running total;
+        `tokens` and `epochs`: what the run has read of each source so far, recorded for a mixture)."""
         t = self.cfg.train
         loss_sum, correct, counted = meter.sums.tolist()  # waits for the GPU, so the clock read next is honest
         loss = loss_sum / meter.steps
@@ -103,6 +127,10 @@ class Report:
         }
         if mfu is not None:
             record["mfu"] = round(mfu, 4)
+        self.read = list(zip(self.names, tokens, epochs))
+        if len(self.names) > 1:
+            record.update({f"tokens.{name}": n for name, n, _ in self.read})
+            record.update({f"epochs.{name}": round(e, 4) for name, _, e in self.read})
         self.log.event("train", **record)
         self.log.print(
             f"step {run.step:>6}/{t.max_steps} ({record['progress']:5.1f}%) | loss {loss:.4f} | "
@@ -118,7 +146,19 @@ class Report:
         self.log.event("eval", step=step, **metrics)
         self.log.print(f"eval step {step}: val loss {metrics['val_loss']:.4f} | "
                        f"acc {100 * metrics['val_accuracy']:.1f}% | ppl {metrics['val_ppl']:.2f} | "
-                       f"{metrics['val_bpb']:.4f} bits/byte | best {metrics['best_val_loss']:.4f}")
+                       f"{metrics['val_bpb']:.4f} bits/byte | best {metrics['best_val_loss']:.4f}"
+                       + (" (totals weighted as data.sources)" if len(self.names) > 1 else ""))
+        for name in self.names if len(self.names) > 1 else ():
+            self.log.print(f"  {name:<12} val loss {metrics[f'val_loss.{name}']:.4f} | "
+                           f"{metrics[f'val_bpb.{name}']:.4f} bits/byte")
+
+    def mix_change(self, step: int, mix: list[tuple[int, tuple[float, ...]]], accumulation: int) -> None:
+        """Say so when a [[data.mix]] change starts at `step` (`mix`: (first micro-batch, weights) pairs)."""
+        for first, weights in mix[1:]:
+            if first == step * accumulation:
+                self.log.event("mix", step=step, **{f"weight.{n}": w for n, w in zip(self.names, weights)})
+                self.log.print(f"mix: from step {step} the weights are "
+                               f"{', '.join(f'{n} {w:.3f}' for n, w in zip(self.names, weights))}")
 
     def sample(self, step: int, text: str) -> None:
         self.log.event("sample", step=step, prompt=self.cfg.train.sample_prompt, text=text)
@@ -166,6 +206,9 @@ class Report:
                        f"val loss {summary['val_loss']:.3f}, {summary['val_bpb']:.3f} bits/byte "
                        f"(best loss {run.best_val_loss:.3f})"
                        + (f"; {run.skipped_steps} steps skipped, {run.rollbacks} rollbacks" if run.skipped_steps else ""))
+        if len(self.names) > 1 and self.read:
+            self.log.print("  read        " + ", ".join(f"{name} {n:,} tokens ({e:.2f} epochs)" for name, n, e in self.read))
+        data = self.cfg.data.dir or ", ".join(s.dir for s in self.cfg.data.sources)
         self.log.print(f"  config      {out / 'config.toml'}\n  metrics     {self.log.path}\n"
                        f"  checkpoint  {summary['checkpoint']}\n  weights     {summary['weights']}\n"
-                       f"  data        {self.cfg.data.dir}\n  plot with   python -m fasttrain.plot {out}")
+                       f"  data        {data}\n  plot with   python -m fasttrain.plot {out}")

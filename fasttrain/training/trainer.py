@@ -49,7 +49,7 @@ from fasttrain.config import (
     save_config,
 )
 from fasttrain.data.loader import TokenLoader
-from fasttrain.data.preparation import ensure_prepared
+from fasttrain.data.mixture import Source, open_sources, phases
 from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.model.generation import generate_text
 from fasttrain.model.transformer import Transformer, num_params
@@ -77,7 +77,7 @@ from fasttrain.training.preflight import check_fits
 from fasttrain.training.reporting import IntervalMeter, Report
 from fasttrain.training.run_state import RunState
 from fasttrain.training.schedule import fit_warmup, lr_at, schedule_change
-from fasttrain.training.validation import validate
+from fasttrain.training.validation import mixture_metrics, validate
 
 
 class Interrupted(RunStopped):
@@ -138,7 +138,8 @@ class Trainer:
         seed_everything(t.seed)
         if not self.world.is_main:
             distributed.barrier(self.world)  # rank 0 prepares the data first; the others then find it
-        self.data = ensure_prepared(cfg.data, quiet=self.quiet)
+        self.sources = open_sources(cfg.data, quiet=self.quiet)  # data.dir, or each [[data.sources]] folder
+        self.data = self.sources[0].data
         if self.world.is_main:
             distributed.barrier(self.world)
         self.cfg = resolve(cfg, self.data.dir, self.data.vocab_size, self.data.meta["request"])  # config.toml
@@ -148,6 +149,9 @@ class Trainer:
             if note and not self.quiet:
                 print(f"note: {note}")
         self.accumulation = accumulation_steps(t, self.world.size)
+        self.mix, notes = phases(self.cfg.data, t.max_steps, self.accumulation)  # (first micro-batch, weights)
+        for note in notes if not self.quiet else ():
+            print(f"note: {note}")
         self.parallel = t.parallel if self.world.distributed else "none"  # what a checkpoint records too
         self.sharded = self.parallel in distributed.SHARDED
         m = self.cfg.model  # the shapes the measured dispatch table is read at ("auto" on a GPU)
@@ -219,13 +223,16 @@ class Trainer:
         """Token slots per optimizer update, over all ranks (pads included; `tokens_seen` counts real ones)."""
         return self.accumulation * self.cfg.train.batch_size * self.cfg.train.seq_len * self.world.size
 
-    def loader(self, split: str, sampling: str, prefetch: int, whole: bool = False) -> TokenLoader:
-        """A loader of this rank's share of `split`, batched as [data] says; `whole`: one pass over every row."""
+    def loader(self, split: str, sampling: str, prefetch: int, whole: bool = False,
+               source: Source | None = None) -> TokenLoader:
+        """A loader of this rank's share of `split`, batched as [data] says, of `source` or the mixture of them
+        all; `whole`: one pass over every row."""
         d, t = self.cfg.data, self.cfg.train
-        return TokenLoader(d.dir, split, t.batch_size, t.seq_len, sampling=sampling, batching=d.batching,
+        return TokenLoader([source.dir] if source else [s.dir for s in self.sources], split, t.batch_size, t.seq_len, sampling=sampling, batching=d.batching,
                            padding=d.padding, eot_id=self.tokenizer.eot_id, seed=t.seed,
                            vocab_size=self.cfg.model.vocab_size, prefetch=prefetch, device=self.device,
-                           rank=self.world.rank, world_size=self.world.size, whole=whole)
+                           rank=self.world.rank, world_size=self.world.size, whole=whole,
+                           mix=None if source else self.mix)
 
     def lr(self) -> float:
         """The learning rate of the next update."""
@@ -282,11 +289,17 @@ class Trainer:
         return StepResult(loss, grad_norm, correct, counted, lr, skipped=not finite)
 
     def evaluate(self, stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
-        """Validation metrics (see validation.validate) over the first `eval_steps` batches of the val split
-        (all of it, the last batch partial, when it holds fewer); None if `stop()` cut it short."""
-        with self.loader("val", "sequential", prefetch=0, whole=True) as loader:
-            return validate(self.loss, self.model, loader, self.cfg.train.eval_steps, self.precision, self.world,
-                            self.data.bits_per_nat, stop)
+        """Validation metrics (see validation.validate) over the first `eval_steps` batches of each source's val
+        split (all of it, the last batch partial, when it holds fewer), and of a mixture their total weighted
+        as data.sources (validation.mixture_metrics); None if `stop()` cut it short."""
+        found = {}
+        for source in self.sources:
+            with self.loader("val", "sequential", prefetch=0, whole=True, source=source) as loader:
+                found[source.name] = validate(self.loss, self.model, loader, self.cfg.train.eval_steps,
+                                              self.precision, self.world, source.data.bits_per_nat, stop)
+            if found[source.name] is None:
+                return None
+        return mixture_metrics(found, [s.weight for s in self.sources])
 
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
         """Text generated from `prompt` (default: train.sample_prompt), the same random draws every call."""
@@ -358,7 +371,7 @@ class Trainer:
         report.start(self.run, self.resumed_from, params=self.model.num_params(), precision=self.precision,
                      compiled=self.compiled, kernels=self.kernels.names(), world_size=self.world.size,
                      parallel=self.parallel, accumulation=self.accumulation, tokens_per_step=self.tokens_per_step,
-                     tokens=self.data.meta["tokens"])
+                     sources=self.sources, epochs=self.train_loader.planned_epochs(t.max_steps * self.accumulation))
         last_eval: dict[str, float] = {}
         stopped_early = False
         meter = IntervalMeter(self.device, self.run.tokens_seen, self.train_loader.wait_seconds)
@@ -372,6 +385,7 @@ class Trainer:
                 if stop():
                     self._stop(report, signals.received or signal.SIGTERM)
             while self.run.step < t.max_steps:
+                report.mix_change(self.run.step, self.mix, self.accumulation)  # a change starting at this step
                 result = self.step()
                 if start:
                     start.started()
@@ -389,7 +403,8 @@ class Trainer:
                 else:
                     meter.add(result.loss, result.correct, result.counted)
                 if (self.run.step % t.log_interval == 0 or done) and meter.steps:
-                    report.train(self.run, meter, result.lr, result.grad_norm.item(), self.train_loader.wait_seconds)
+                    report.train(self.run, meter, result.lr, result.grad_norm.item(), self.train_loader.wait_seconds,
+                                 self.train_loader.source_tokens(), self.train_loader.source_epochs())
                     meter.restart(self.run.tokens_seen, self.train_loader.wait_seconds)
                 paused = time.perf_counter()
                 last_eval = self._evaluate_and_save(report, early_stopping, recovery, done, stop) or last_eval

@@ -1,9 +1,9 @@
-"""Validation: the loss, accuracy, perplexity and bits per byte of a model on held-out rows."""
+"""Validation: the loss, accuracy, perplexity and bits per byte of a model on held-out rows, and of a mixture."""
 
 from __future__ import annotations
 
 from itertools import islice
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -43,3 +43,16 @@ def validate(loss: Callable[[torch.Tensor, torch.Tensor], LossSums], model: nn.M
     val_loss = loss_sum / max(counted, 1)
     return {"val_loss": val_loss, "val_accuracy": correct / max(counted, 1), "val_ppl": perplexity(val_loss),
             "val_bpb": val_loss * bits_per_nat}
+
+
+def mixture_metrics(found: dict[str, dict[str, float]], weights: Sequence[float]) -> dict[str, float]:
+    """The metrics of one source as they are; of a mixture (`found`: each source's, by name), the totals
+    weighted by the sources' base weights (data.sources, normalized: fixed, so evaluations along a run
+    compare, and `best` and early stopping judge them, whatever [[data.mix]] says), then each source's
+    val_loss, val_accuracy and val_bpb as "val_loss.<name>", ...."""
+    if len(found) == 1:
+        return next(iter(found.values()))
+    keys = ("val_loss", "val_accuracy", "val_bpb")
+    total = {k: sum(w * m[k] for w, m in zip(weights, found.values())) for k in keys}
+    total["val_ppl"] = perplexity(total["val_loss"])
+    return {**total, **{f"{k}.{name}": m[k] for name, m in found.items() for k in keys}}

@@ -1,0 +1,202 @@
+"""A mixture of prepared sources: which source each training row comes from, and where each source stands.
+
+The training rows of a run form one global sequence: round k (micro-batch k of every rank) is rows
+[k R, (k + 1) R), R = batch_size x world_size, and rank r takes rows [k R + r B, k R + (r + 1) B) of it.
+Which source each row comes from is Megatron's blend: every source is owed its weight for each row
+(its deficit grows by its weight), and the next row comes from the source owed the most (ties: the
+first listed), whose deficit then drops by one. So after any number of rows each source has had
+its weight's share to within a row, at every step and on any number of ranks (every rank plays the
+same rule over the same global sequence), and the choice depends on the weights and the position alone,
+never on chance. A source's own rows come in its own order (fasttrain/data/loader.py: a seeded permutation
+per epoch); a source smaller than its share is read again, in a new order, once it is used up.
+
+The weights may change from a given round on (`phases`; config [[data.mix]] tables give steps, which
+`phases` turns into rounds): the deficits start again from zero there, so the new shares hold from that
+round exactly. `Blend.start(k)` is the state at the start of round k: each source's position (rows
+taken so far) and deficit; a loader saves it with its position and a resumed one `restart`s from it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from fasttrain.config import DataConfig
+from fasttrain.data.preparation import PreparedData, ensure_prepared, open_prepared
+from fasttrain.data.tokenizer import fingerprint
+from fasttrain.system.errors import UsageError
+
+MEMO = 256  # round states kept besides the anchor: more than a prefetcher runs ahead (data.prefetch <= 64)
+
+
+def normalized(weights: Sequence[float]) -> tuple[float, ...]:
+    total = float(sum(weights))
+    if not all(w >= 0 for w in weights) or not total > 0:
+        raise ValueError(f"weights must be >= 0 and not all 0, got {list(weights)}")
+    return tuple(float(w) / total for w in weights)
+
+
+class Blend:
+    """Which source each row of the global row sequence comes from (see the module docstring).
+
+    `phases`: (first round, weights) pairs, the first at round 0; weights need not sum to 1.
+    Thread-safe: a prefetch thread plans rounds ahead while the training thread asks for the state
+    of the round it has reached.
+    """
+
+    def __init__(self, phases: Sequence[tuple[int, Sequence[float]]], rows_per_round: int):
+        if not phases or phases[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(phases, phases[1:])):
+            raise ValueError(f"phases must start at round 0, in increasing rounds, got {[p[0] for p in phases]}")
+        self.phases = [(int(r), normalized(w)) for r, w in phases]
+        self.sources = len(self.phases[0][1])
+        if any(len(w) != self.sources for _, w in self.phases):
+            raise ValueError("every phase needs one weight per source")
+        self.rows_per_round = rows_per_round
+        self._lock = threading.Lock()
+        zero = (0,) * self.sources, (0.0,) * self.sources
+        self._anchor = (0, *zero)  # (round, positions, deficits): where every other state is computed from
+        self._memo: dict[int, tuple[tuple[int, ...], tuple[float, ...]]] = {}
+
+    def planned_rows(self, rounds: int) -> list[float]:
+        """Rows each source gives to the first `rounds` rounds (to within one)."""
+        ends = [first for first, _ in self.phases[1:]] + [rounds]
+        rows = np.zeros(self.sources)
+        for (first, weights), end in zip(self.phases, ends):
+            rows += np.array(weights) * max(0, min(end, rounds) - first) * self.rows_per_round
+        return rows.tolist()
+
+    def weights_at(self, round_: int) -> tuple[float, ...]:
+        return next(w for first, w in reversed(self.phases) if first <= round_)
+
+    def restart(self, round_: int, positions: Sequence[int], deficits: Sequence[float]) -> None:
+        """Continue from the state `start(round_)` returned (a resumed run)."""
+        if len(positions) != self.sources or len(deficits) != self.sources:
+            raise ValueError(f"a state of {len(positions)} sources for a blend of {self.sources}")
+        with self._lock:
+            self._anchor = (round_, tuple(map(int, positions)), tuple(map(float, deficits)))
+            self._memo = {}
+
+    def start(self, round_: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        """(positions, deficits) at the start of round `round_`: rows taken from each source before it."""
+        with self._lock:
+            return self._start(round_)
+
+    def plan(self, round_: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source, position in that source's rows) of each of the R rows of round `round_`, int64 (R,) each."""
+        with self._lock:
+            positions, deficits = self._start(round_)
+            picks, *after = self._play(round_, positions, deficits)
+            if self.sources > 1:
+                self._memo[round_ + 1] = tuple(after)
+        positions_now = np.array(positions, dtype=np.int64)
+        if self.sources == 1:
+            return np.zeros(len(picks), dtype=np.int64), positions_now[0] + np.arange(len(picks))
+        source = np.array(picks, dtype=np.int64)
+        # The k-th row a round takes from source j is at j's position + k.
+        order = np.argsort(source, kind="stable")
+        rank_in_source = np.empty_like(source)
+        counts = np.bincount(source, minlength=self.sources)
+        rank_in_source[order] = np.arange(len(source)) - np.repeat(np.cumsum(counts) - counts, counts)
+        return source, positions_now[source] + rank_in_source
+
+    def _start(self, round_: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        first, positions, deficits = self._anchor
+        if round_ < first:
+            raise ValueError(f"round {round_} is before the blend's anchor at round {first}")
+        if self.sources == 1:  # one source takes every row: nothing to play
+            return (positions[0] + (round_ - first) * self.rows_per_round,), deficits
+        if round_ in self._memo:
+            return self._memo[round_]
+        known = [r for r in self._memo if r <= round_]
+        if known:
+            first = max(known)
+            positions, deficits = self._memo[first]
+        for r in range(first, round_):
+            positions, deficits = self._play(r, positions, deficits)[1:]
+            self._memo[r + 1] = positions, deficits
+        while len(self._memo) > MEMO:
+            del self._memo[min(self._memo)]
+        return positions, deficits
+
+    def _play(self, round_: int, positions: tuple[int, ...], deficits: tuple[float, ...]
+              ) -> tuple[list[int], tuple[int, ...], tuple[float, ...]]:
+        """The sources of round `round_`'s rows, and the state after it (deficits reset where a phase begins)."""
+        rows = self.rows_per_round
+        if self.sources == 1:
+            return [0] * rows, (positions[0] + rows,), deficits
+        weights, taken, owed = self.weights_at(round_), list(positions), list(deficits)
+        if any(first == round_ for first, _ in self.phases):
+            owed = [0.0] * self.sources  # a new mix: its shares count from here
+        picks = []
+        for _ in range(rows):  # the hot loop of a mixture's loader: plain lists, no numpy call per row
+            owed = [o + w for o, w in zip(owed, weights)]
+            best = owed.index(max(owed))  # the first of the sources owed the most
+            owed[best] -= 1.0
+            taken[best] += 1
+            picks.append(best)
+        return picks, tuple(taken), tuple(owed)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One prepared folder of a run's data, with its name (in metrics) and base weight (normalized)."""
+
+    name: str
+    dir: str
+    weight: float
+    data: PreparedData
+
+
+def open_sources(d: DataConfig, quiet: bool = False) -> list[Source]:
+    """The run's sources: the [[data.sources]] folders, each checked whole (preparation.open_prepared), sharing
+    one tokenizer; or the one folder of data.dir / data.inputs (prepared if need be: ensure_prepared) with
+    weight 1. UsageError naming the folder and key for one that is missing, empty, of another tokenizer or
+    vocabulary, or without a validation split."""
+    if not d.sources:
+        data = ensure_prepared(d, quiet=quiet)
+        return [Source(Path(data.dir).name, data.dir, 1.0, data)]
+    weights = normalized([s.weight for s in d.sources])
+    opened = []
+    for i, s in enumerate(d.sources):
+        try:
+            opened.append(open_prepared(s.dir))
+        except UsageError as e:
+            raise UsageError(f"data.sources[{i}]: {e}") from None
+    first = opened[0]
+    for i, data in enumerate(opened[1:], 1):
+        if data.vocab_size != first.vocab_size:
+            raise UsageError(f"data.sources[{i}].dir = {data.dir} has a vocabulary of {data.vocab_size} tokens, "
+                             f"data.sources[0].dir = {first.dir} one of {first.vocab_size}; a mixture needs one "
+                             f"tokenizer: prepare every source with --tokenizer {first.dir}/tokenizer.json")
+        if _tokenizer_sha(data) != _tokenizer_sha(first):
+            raise UsageError(f"data.sources[{i}].dir = {data.dir} was prepared with another tokenizer than "
+                             f"data.sources[0].dir = {first.dir} (their tokenizer.json differ); a mixture needs one: "
+                             f"prepare every source with --tokenizer {first.dir}/tokenizer.json")
+    names = [Path(s.dir).resolve().name for s in d.sources]
+    names = [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+    return [Source(n, s.dir, w, data) for n, s, w, data in zip(names, d.sources, weights, opened)]
+
+
+def _tokenizer_sha(data: PreparedData) -> str:
+    return data.meta.get("tokenizer_sha256") or fingerprint(Path(data.dir) / "tokenizer.json")
+
+
+def phases(d: DataConfig, max_steps: int, accumulation: int) -> tuple[list[tuple[int, tuple[float, ...]]], list[str]]:
+    """The mix of a run as (first round, normalized weights) pairs for `Blend` (a step is `accumulation`
+    rounds), and a note for each list of weights that did not sum to 1 (normalized, as docs/data.md says)."""
+    if not d.sources:
+        return [(0, (1.0,))], []
+    given = [(0, "data.sources weights", [s.weight for s in d.sources])]
+    given += [(change_step(c, max_steps), f"data.mix[{i}].weights", c.weights) for i, c in enumerate(d.mix)]
+    notes = [f"{name} sum to {sum(w):g}, not 1: normalized to {', '.join(f'{v:.4g}' for v in normalized(w))}"
+             for _, name, w in given if abs(sum(w) - 1) > 1e-9]
+    return [(step * accumulation, normalized(w)) for step, _, w in given], notes
+
+
+def change_step(change, max_steps: int) -> int:
+    """The first step of a [[data.mix]] change."""
+    return change.step or round(change.fraction * max_steps)

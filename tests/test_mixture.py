@@ -1,0 +1,189 @@
+"""Training on a mixture of prepared sources (issue 40): the blend's shares, a mix that changes, epochs and
+tokens per source, per-source validation, exact resume (every batching mode, prefetching, 2 ranks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fasttrain.data.loader import TokenLoader
+from fasttrain.data.mixture import Blend
+from fasttrain.data.preparation import prepare
+from fasttrain.model.weights import read_safetensors
+from fasttrain.plot import plot_run, read_metrics
+from fasttrain.training import checkpoint
+from fasttrain.training.trainer import Trainer
+from tests.conftest import tiny_config, tiny_overrides
+from tests.test_distributed import single, torchrun, values
+
+
+@pytest.fixture(scope="module")
+def code_data(pydoc_data, tmp_path_factory) -> Path:
+    """The json package's sources, prepared with pydoc_data's tokenizer: a second source of one tokenizer."""
+    out = tmp_path_factory.mktemp("code") / "code"
+    prepare([str(Path(json.__file__).parent / "*.py")], out, tokenizer_path=str(pydoc_data / "tokenizer.json"),
+            quiet=True)
+    return out
+
+
+def mixture(web: Path, code: Path, out: Path, *sets: str, weights=(0.7, 0.3)) -> list[str]:
+    """--set items of a tiny run on web and code by `weights` (the tiny run's data.dir and inputs dropped)."""
+    tiny = [s for s in tiny_overrides(web, out) if not s.startswith(("data.dir", "data.inputs", "data.vocab_size"))]
+    sources = f'data.sources=[{{dir="{web}", weight={weights[0]}}}, {{dir="{code}", weight={weights[1]}}}]'
+    return [*tiny, sources, *sets]
+
+
+def trainer(web: Path, code: Path, out: Path, *sets: str, **kw) -> Trainer:
+    from fasttrain.config import load_config
+    return Trainer(load_config(None, mixture(web, code, out, *sets, **kw)), quiet=True)
+
+
+def test_blend_shares_match_the_weights_at_every_step_over_1000_steps():
+    """Three sources, then a mix that changes at step 600: after every step (a round of 24 rows) each source
+    has had its share of the rows since the last change to within one row."""
+    rows, change = 24, 600
+    phases = [(0, (0.5, 0.3, 0.2)), (change, (0.1, 0.1, 0.8))]
+    blend = Blend(phases, rows)
+    for step in range(1, 1001):
+        positions = np.array(blend.start(step)[0])
+        first, weights = phases[step > change]
+        since = positions - (np.array(blend.start(first)[0]) if first else 0)
+        assert np.abs(since - np.array(weights) * (step - first) * rows).max() <= 1, step
+    source, position = blend.plan(1000)
+    assert sorted(position[source == 2].tolist()) == list(range(blend.start(1000)[0][2], blend.start(1001)[0][2]))
+
+
+def test_every_rank_reads_its_part_of_the_one_global_sequence(pydoc_data, code_data):
+    """2 ranks of 3 rows read, together, the rows one process of 6 reads: the blend is the same on any
+    number of ranks (and so are the sources' tokens counted)."""
+    def loader(batch, rank=0, world=1):
+        return TokenLoader([pydoc_data, code_data], "train", batch, 16, seed=3, rank=rank, world_size=world,
+                           prefetch=0, mix=[(0, (0.6, 0.4))])
+    one, ranks = loader(6), [loader(3, r, 2) for r in range(2)]
+    for _ in range(50):
+        x, _ = next(one)
+        assert torch.equal(x, torch.cat([next(r)[0] for r in ranks]))
+    assert one.source_tokens() == ranks[1].source_tokens() and sum(one.source_tokens()) == 50 * 6 * 16
+
+
+def test_a_source_smaller_than_its_share_repeats_and_is_counted(pydoc_data, code_data):
+    loader = TokenLoader([pydoc_data, code_data], "train", 8, 32, seed=1, prefetch=0, mix=[(0, (0.2, 0.8))])
+    rows = loader.reader.sources[1].rows_per_epoch
+    batches = 3 * rows // 8  # code is 80% of the rows: read 2.4 times over
+    for _ in range(batches):
+        next(loader)
+    epochs = loader.source_epochs()
+    assert 2.3 < epochs[1] == pytest.approx(loader.positions()[1] / rows) and epochs[0] < 1
+    assert loader.planned_epochs(batches)[1] == pytest.approx(epochs[1], abs=1 / rows)
+    assert loader.source_tokens() == [p * 32 for p in loader.positions()]
+
+
+@pytest.mark.parametrize("batching", ["packed", "padded", "aligned", "document_mask"])
+def test_an_interrupted_mixture_resumes_exactly(pydoc_data, code_data, tmp_path, batching):
+    """Through the Trainer, prefetching 2 batches, with a mix change between the save and the end: the
+    resumed run's final weights are the uninterrupted run's, bit for bit, and each source's tokens are in
+    the checkpoint and metrics.jsonl."""
+    mode = ["data.document_mask=true"] if batching == "document_mask" else [f'data.batching="{batching}"']
+    sets = [*mode, "data.prefetch=2", "train.max_steps=8", "checkpoint.interval=4", "train.log_interval=2",
+            "train.eval_interval=4", "train.sample_tokens=0", "data.mix=[{step=6, weights=[0.1, 0.9]}]"]
+    straight = trainer(pydoc_data, code_data, tmp_path / "straight", *sets)
+    straight.train()
+    straight.close()
+    first = trainer(pydoc_data, code_data, tmp_path / "resumed", *sets)
+    for _ in range(5):  # a step past the save at step 4: the resume goes back to it
+        first.step()
+    first.save_checkpoint()
+    first.close()
+    resumed = trainer(pydoc_data, code_data, tmp_path / "resumed", *sets)
+    resumed.resume(tmp_path / "resumed" / "checkpoints" / "step_0000005.pt")
+    resumed.train()
+    resumed.close()
+    a, b = (read_safetensors(tmp_path / run / "final" / "model.safetensors") for run in ("straight", "resumed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    saved = checkpoint.load(tmp_path / "straight" / "checkpoints" / "step_0000008.pt")["ranks"][0]["train_loader"]
+    last = [e for e in read_metrics(tmp_path / "straight") if e["event"] == "train"][-1]
+    name = pydoc_data.name
+    assert saved["tokens"] == [last[f"tokens.{name}"], last["tokens.code"]] and sum(saved["tokens"]) == last["tokens"]
+
+
+def test_a_mix_change_is_exact_at_its_step_logged_and_recorded(pydoc_data, code_data, tmp_path, capsys):
+    """A last-25% mix that reads code only: from step 6 of 8 every row is code's, the change is one console
+    line and a "mix" event; the weights that do not sum to 1 are normalized, and said so."""
+    from fasttrain.config import load_config
+    cfg = load_config(None, mixture(pydoc_data, code_data, tmp_path, "train.max_steps=8", "train.log_interval=1",
+                                    "train.sample_tokens=0", "data.mix=[{fraction=0.75, weights=[0, 2]}]",
+                                    weights=(3, 1)))
+    run = Trainer(cfg)
+    run.train()
+    run.close()
+    out = capsys.readouterr().out
+    assert "note: data.sources weights sum to 4, not 1: normalized to 0.75, 0.25" in out
+    assert out.count("mix: from step 6 the weights are") == 1
+    events = read_metrics(tmp_path)
+    mix = [{k: v for k, v in e.items() if k != "time"} for e in events if e["event"] == "mix"]
+    assert mix == [{"event": "mix", "step": 6, f"weight.{pydoc_data.name}": 0.0, "weight.code": 1.0}]
+    web = {e["step"]: e[f"tokens.{pydoc_data.name}"] for e in events if e["event"] == "train"}
+    code = {e["step"]: e["tokens.code"] for e in events if e["event"] == "train"}
+    assert web[6] == web[8] and code[8] - code[6] == 2 * 4 * 32  # steps 7 and 8: code only
+    assert abs(web[6] / 32 - 0.75 * 6 * 4) <= 1  # before: 3 to 1, to within a row
+
+
+def test_each_source_is_validated_and_the_total_is_weighted(pydoc_data, code_data, tmp_path):
+    """A mixture's evaluation holds each source's loss and bits per byte, as a run on that source alone
+    reports them (same seed: same initial model), and their total by weight, which `best` uses."""
+    mixed = trainer(pydoc_data, code_data, tmp_path / "m", weights=(0.25, 0.75))
+    metrics = mixed.evaluate()
+    mixed.close()
+    for source, data in (("code", code_data), (pydoc_data.name, pydoc_data)):
+        alone = Trainer(tiny_config(data, tmp_path / source, "data.vocab_size=0", "data.inputs=[]"), quiet=True)
+        own = alone.evaluate()
+        alone.close()
+        assert metrics[f"val_loss.{source}"] == own["val_loss"] and metrics[f"val_bpb.{source}"] == own["val_bpb"]
+    assert metrics["val_loss"] == pytest.approx(0.25 * metrics[f"val_loss.{pydoc_data.name}"]
+                                                + 0.75 * metrics["val_loss.code"])
+
+
+def test_a_mixture_run_reports_epochs_warns_and_plots(pydoc_data, code_data, tmp_path, capsys):
+    from fasttrain.config import load_config
+    cfg = load_config(None, mixture(pydoc_data, code_data, tmp_path, "train.max_steps=200", "train.log_interval=100",
+                                    "train.eval_interval=200", "train.sample_tokens=0", "train.eval_steps=1",
+                                    "data.max_epochs=0.5", weights=(0.1, 0.9)))
+    run = Trainer(cfg)
+    planned = run.train_loader.planned_epochs(200)
+    run.train()
+    run.close()
+    out = capsys.readouterr().out
+    assert f"warning: this run reads code {planned[1]:.1f} times over, more than data.max_epochs = 0.5" in out
+    assert f"warning: this run reads {pydoc_data.name}" not in out
+    last = [e for e in read_metrics(tmp_path) if e["event"] == "train"][-1]
+    assert last["epochs.code"] == pytest.approx(planned[1], abs=0.01)
+    pytest.importorskip("matplotlib")
+    assert plot_run(tmp_path).stat().st_size > 0
+
+
+@pytest.mark.subprocess
+@pytest.mark.second_tier  # torchrun, 4 runs
+def test_a_mixture_on_two_ranks_trains_like_one_process_and_resumes_exactly(pydoc_data, code_data, tmp_path):
+    """2 ranks of 2 rows read the rows one process of 4 reads (same losses); a resumed 2-rank run matches an
+    uninterrupted one exactly."""
+    run = ["train.max_steps=4", "train.log_interval=1", "train.eval_interval=2", "train.eval_steps=2",
+           "checkpoint.interval=2", "train.sample_tokens=0", "data.mix=[{step=1, weights=[0.2, 0.8]}]"]
+
+    def args(out: Path, *sets: str) -> list[str]:
+        return ["configs/base.toml", "--set", *mixture(pydoc_data, code_data, out, *run, *sets)]
+    one = single(args(tmp_path / "one", "train.batch_size=4"))
+    assert one.returncode == 0, one.stderr
+    two = torchrun(args(tmp_path / "two", "train.batch_size=2"))
+    assert two.returncode == 0, two.stderr
+    assert values(tmp_path / "two", "train", "loss") == pytest.approx(values(tmp_path / "one", "train", "loss"),
+                                                                       rel=1e-5)
+    assert values(tmp_path / "two", "train", "tokens.code") == values(tmp_path / "one", "train", "tokens.code")
+    cut = torchrun(args(tmp_path / "resumed", "train.batch_size=2", "train.max_steps=2"))
+    assert cut.returncode == 0, cut.stderr
+    resumed = torchrun([*args(tmp_path / "resumed", "train.batch_size=2"), "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert values(tmp_path / "resumed", "train", "loss") == values(tmp_path / "two", "train", "loss")
