@@ -35,10 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer.check_new_start()  # the weights a new run would start from are the ones checked
     t = cfg.train
     print(f"doctor: {args.config}: {trainer.model.num_params() / 1e6:.2f}M parameters, batch {t.batch_size} x "
-          f"{t.seq_len} from {trainer.cfg.data.dir}, on {trainer.device} ({trainer.precision})")
-    for split in ("train", "val"):
-        for shard in find_shards(trainer.cfg.data.dir, split):
-            check_ids(shard, trainer.cfg.model.vocab_size)
+          f"{t.seq_len} from {', '.join(str(s.dir) for s in trainer.sources)}, on {trainer.device} "
+          f"({trainer.precision})")
+    for source in trainer.sources:  # data.dir, or every [[data.sources]] folder of a mixture
+        for split in ("train", "val"):
+            for shard in find_shards(source.dir, split):
+                check_ids(shard, trainer.cfg.model.vocab_size)
     checks = diagnose(trainer, args.overfit_steps)
     print(report(checks))
     return 0 if all(c.passed for c in checks) else 1
