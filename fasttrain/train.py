@@ -1,11 +1,13 @@
 """Train a language model from a TOML config.
 
-    python -m fasttrain.train configs/base.toml [--set SECTION.KEY=VALUE ...] [--resume auto|PATH]
+    python -m fasttrain.train configs/base.toml [--set SECTION.KEY=VALUE ...] [--resume auto|auto-or-new|PATH]
 
 With the default config and no other setup this prepares the embedded corpus
 (cached for later runs), trains a small model, evaluates and samples it along the
 way, saves checkpoints and the final weights, and prints where everything went.
 Ctrl-C (or SIGTERM) saves a checkpoint and prints the command that resumes it, from any directory.
+`--resume auto-or-new` is the command line for `torchrun --max-restarts`, which runs it again after a failure:
+a new run the first time, and from then on the latest checkpoint (docs/multi-gpu.md, "Restarting after a failure").
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import gc
 import os
 import shlex
+from pathlib import Path
 from typing import Sequence
 
 from fasttrain.config import Config, add_config_arguments, config_from_args, config_overrides
@@ -21,14 +24,16 @@ from fasttrain.system import distributed
 from fasttrain.system.errors import ArgumentParser, run_cli
 from fasttrain.training.trainer import Interrupted, Trainer
 
+AUTO_OR_NEW = "auto-or-new"  # --resume auto, or a new run while train.out_dir has no checkpoint
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m fasttrain.train", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     start = parser.add_mutually_exclusive_group()
-    start.add_argument("--resume", metavar="auto|PATH",
-                       help="continue a saved run: auto = the latest checkpoint in train.out_dir; or a "
-                            "checkpoint file or run directory")
+    start.add_argument("--resume", metavar="auto|auto-or-new|PATH",
+                       help="continue a saved run: auto = the latest checkpoint in train.out_dir; auto-or-new = "
+                            "that, or a new run while train.out_dir has no checkpoint yet (for torchrun "
+                            "--max-restarts); or a checkpoint file or run directory")
     start.add_argument("--overwrite", action="store_true",
                        help="start a new run in a train.out_dir that holds another run's checkpoints, deleting them")
     parser.add_argument("--quiet", action="store_true", help="print nothing; metrics.jsonl still gets everything")
@@ -36,8 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = None
     try:
         trainer = Trainer(config_from_args(args), quiet=args.quiet)
-        if args.resume:
-            trainer.resume(args.resume)
+        resume = checkpoint_to_resume(args.resume, trainer.cfg.train.out_dir, trainer.quiet)
+        if resume:
+            trainer.resume(resume)
         trainer.train(overwrite=args.overwrite)
     except Interrupted as e:
         raise Interrupted(f"{e}; resume with: {resume_command(args, trainer.cfg)}", e.exit_code) from None
@@ -50,6 +56,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.collect()
         distributed.stop()  # under torchrun: leave the process group, whatever happened
     return 0
+
+
+def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | None:
+    """What `--resume spec` asks Trainer.resume for; None for a new run. auto-or-new is "auto" once the run in
+    `out_dir` has a `latest` checkpoint, a new run before: the first attempt of a job that torchrun restarts,
+    or one killed before its first save. That start is said in one line, so a mistyped train.out_dir shows."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart and not quiet:
+        print(f"note: torchrun restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}")
+    if spec != AUTO_OR_NEW:
+        return spec
+    if os.path.lexists(Path(out_dir) / "checkpoints" / "latest"):  # a damaged pointer: the resume says so
+        return "auto"
+    if not quiet:
+        print(f"resume: no checkpoint in {out_dir} yet, so a new run starts there (--resume {AUTO_OR_NEW})")
+    return None
 
 
 def resume_command(args: argparse.Namespace, cfg: Config) -> str:

@@ -1,0 +1,149 @@
+"""Elastic restarts: `torchrun --max-restarts=K ... --resume auto-or-new` runs the same command again after a
+rank dies, and the run continues from its latest checkpoint as if nothing had happened.
+
+`--resume auto-or-new` is a new run while train.out_dir has no checkpoint (the job's first attempt) and
+`--resume auto` from then on. The kill test SIGKILLs one rank, then the other, each at a step drawn from
+a seeded generator (the seed is in every failure message; FASTTRAIN_KILL_SEED=N replays it).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttrain import train
+from fasttrain.model.weights import read_safetensors
+from fasttrain.plot import latest_run, read_metrics
+from tests.conftest import tiny_args
+from tests.test_checkpoint import run_cli_code
+from tests.test_distributed import ENV, ROOT, torchrun
+from tests.test_scale_out import ended, wait_all
+
+# dropout: each rank's random state must come back too; 4 steps between saves, so a kill loses some steps
+ELASTIC = ["train.max_steps=40", "train.log_interval=1", "train.eval_interval=20", "train.eval_steps=1",
+           "checkpoint.interval=4", "train.sample_tokens=0", "data.prefetch=0", 'train.device="cpu"',
+           "train.batch_size=2", "model.dropout=0.1"]
+
+# torchrun's workaround for pytorch/pytorch#135712: the store its agent shares with the workers outlives a
+# restart, so a restarted group could read the dead attempt's gloo addresses and fail to connect
+RESTARTABLE = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def test_resume_auto_or_new_starts_a_new_run_then_continues_it(pydoc_data, tmp_path, capsys):
+    """The same command line twice: the first finds no checkpoint and starts (saying so), the second
+    continues from the first's latest save. `--resume auto` still refuses a directory with no checkpoint."""
+    run = ["train.max_steps=4", "checkpoint.interval=2", "train.sample_tokens=0", "train.eval_interval=4"]
+    assert run_cli_code(train.main, tiny_args(pydoc_data, tmp_path, *run, flags=["--resume", "auto"])) == 2
+    assert "no checkpoint saved there yet" in capsys.readouterr().err and not (tmp_path / "metrics.jsonl").exists()
+    same = tiny_args(pydoc_data, tmp_path, *run, flags=["--resume", "auto-or-new"])
+    assert run_cli_code(train.main, same) == 0
+    assert f"resume: no checkpoint in {tmp_path} yet, so a new run starts there" in capsys.readouterr().out
+    assert run_cli_code(train.main, [*same, "train.max_steps=6"]) == 0
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_0000004.pt'} at step 4" in capsys.readouterr().out
+    starts = [e for e in read_metrics(tmp_path) if e["event"] == "start"]
+    assert "resumed_from" not in starts[0] and starts[1]["resume_step"] == 4
+    assert [e["step"] for e in latest_run(read_metrics(tmp_path)) if e["event"] == "train"][-1] == 6
+
+
+def workers(agent: int) -> dict[int, tuple[int, int]]:
+    """The agent's worker processes, read from /proc: rank -> (pid, torchrun restart count). Children of
+    any of its threads; one gone meanwhile is left out."""
+    found = {}
+    for task in Path(f"/proc/{agent}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for pid in children:
+            try:
+                env = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                           if b"=" in item)
+            except OSError:
+                continue
+            if b"RANK" in env:  # exec'd as a worker, not a fork still on its way there
+                found[int(env[b"RANK"])] = (int(pid), int(env[b"TORCHELASTIC_RESTART_COUNT"]))
+    return found
+
+
+def attempts(run_dir: Path) -> list[list[dict]]:
+    """The events of each attempt in run_dir/metrics.jsonl (each begins with a "start"), none before it exists."""
+    if not (run_dir / "metrics.jsonl").exists():
+        return []
+    found: list[list[dict]] = []
+    for event in read_metrics(run_dir):
+        if event["event"] == "start":
+            found.append([])
+        if found:
+            found[-1].append(event)
+    return found
+
+
+def last_step(attempt: list[dict]) -> int:
+    return max((e["step"] for e in attempt if e["event"] == "train"), default=0)
+
+
+@pytest.mark.second_tier  # two torchrun jobs, the second started three times: about 60 s on the 2 shared cores
+def test_a_rank_killed_mid_run_is_restarted_and_the_run_ends_as_if_never_killed(pydoc_data, tmp_path):
+    """torchrun --max-restarts=2: attempt 0 loses one rank to SIGKILL, the restarted group (attempt 1) the
+    other; each restart resumes from the latest checkpoint, taking over the lock a killed rank 0 left and
+    appending to its metrics.jsonl, and attempt 2 finishes. The final weights are bitwise those of a job
+    never killed, and the losses, read as `fasttrain plot` reads them (each resume drops the steps trained
+    again), are that job's."""
+    seed = int(os.environ.get("FASTTRAIN_KILL_SEED", random.SystemRandom().randrange(10**6)))
+    rng = random.Random(seed)
+    victims = rng.sample([0, 1], 2)  # one rank each attempt, rank 0 first or second
+    straight = torchrun(tiny_args(pydoc_data, tmp_path / "straight", *ELASTIC, flags=["--resume", "auto-or-new"]))
+    assert straight.returncode == 0, straight.stderr
+    run_dir, logs = tmp_path / "elastic", tmp_path / "logs"
+    logs.mkdir()
+    killed = []  # (rank, the step it was to die after, the last step attempt logged)
+    with ended() as agents, open(logs / "out", "w") as out, open(logs / "err", "w") as err:
+        agents.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
+             "-m", "fasttrain.train", *tiny_args(pydoc_data, run_dir, *ELASTIC, flags=["--resume", "auto-or-new"])],
+            cwd=ROOT, stdout=out, stderr=err, env={**os.environ, **ENV, **RESTARTABLE}, start_new_session=True))
+        agent = agents[0]
+        for attempt, rank in enumerate(victims):
+            deadline, step = time.monotonic() + 120, None
+            while True:  # until this attempt has trained past its step to die at
+                runs = attempts(run_dir)
+                where = f"seed {seed}, attempt {attempt}, {len(runs)} started: {(logs / 'err').read_text()[-3000:]}"
+                assert agent.poll() is None and len(runs) <= attempt + 1, f"{where}: an attempt ended unkilled"
+                assert time.monotonic() < deadline, f"{where}: no progress in 120 s"
+                if len(runs) == attempt + 1:
+                    if step is None:  # past the checkpoint it resumed from, and not too near the end
+                        step = runs[-1][0].get("resume_step", 0) + rng.randint(1, 10)
+                    if last_step(runs[-1]) >= step:
+                        break
+                time.sleep(0.02)
+            pid, restart = workers(agent.pid)[rank]
+            assert restart == attempt, f"seed {seed}"
+            os.kill(pid, signal.SIGKILL)
+            killed.append((rank, step, last_step(attempts(run_dir)[-1])))
+        codes = wait_all(agents, 300)
+    report = f"seed {seed}: killed (rank, at step, last step logged) {killed}"
+    assert codes == [0], f"{report}: {(logs / 'err').read_text()[-3000:]}"
+    runs = attempts(run_dir)
+    assert len(runs) == 3, report
+    for (after, *_), (_, _, died_at) in zip(runs[1:], killed):
+        assert after["resume_step"] % 4 == 0 and after["resume_step"] <= died_at < 40, report  # killed mid-run
+        assert after["resumed_from"].endswith(f"step_{after['resume_step']:07d}.pt"), report
+    assert runs[-1][-1]["event"] == "end" and runs[-1][-1]["step"] == 40, report
+
+    def losses(directory: Path) -> list[tuple[int, float]]:
+        return [(e["step"], e["loss"]) for e in latest_run(read_metrics(directory)) if e["event"] == "train"]
+
+    assert losses(run_dir) == losses(tmp_path / "straight"), report
+    ours, theirs = (read_safetensors(d / "final" / "model.safetensors") for d in (run_dir, tmp_path / "straight"))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), f"{report}: {name} differs"
+    assert not list((run_dir / "checkpoints").glob(".*.tmp")), report
