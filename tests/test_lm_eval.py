@@ -31,6 +31,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 WINDOW = 32  # the tiny run's model.max_seq_len: several questions and every document are longer
 
 
+def with_lm_eval(args: list[str]) -> list[str]:
+    """`args` of a bad-input row (tests/test_bad_input.py) that needs lm-eval to say it: skipped without it."""
+    pytest.importorskip("lm_eval")
+    return args
+
+
 def lm_eval_or_skip():
     pytest.importorskip("transformers")
     pytest.importorskip("lm_eval")

@@ -16,6 +16,7 @@ layer runs only at the positions scored.
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from importlib import metadata
@@ -211,7 +212,7 @@ def known_tasks(manager: TaskManager, names: Sequence[str]) -> None:
     """UsageError naming the first of `names` that is no task, group or tag lm-eval knows (globs allowed)."""
     for name in names:
         if not manager.match_tasks([name]):
-            close = [t for t in manager.all_tasks if name.lower() in t.lower()][:3]
+            close = difflib.get_close_matches(name, manager.all_tasks, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise UsageError(f"--tasks: unknown task {name!r}{hint}; `lm_eval ls tasks` lists them")
 
