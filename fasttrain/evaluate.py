@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="text files, globs, directories, JSONL files or builtin:NAME, as prepare takes them")
     what.add_argument("--split", choices=["val"], help="the run's own prepared val split")
     what.add_argument("--tasks", metavar="T1,T2",
-                      help="lm-evaluation-harness tasks, comma-separated (needs the eval extra: pip install -e '.[eval]')")
+                      help="lm-evaluation-harness tasks, comma-separated (the eval extra: pip install -e '.[eval]')")
     parser.add_argument("--num-fewshot", type=int, metavar="N", help="--tasks: examples in each prompt (default: "
                         "each task's own)")
     parser.add_argument("--limit", type=float, metavar="N", help="--tasks: at most N documents per task (below 1: "
