@@ -1,7 +1,9 @@
-"""Score a trained model on text: loss, perplexity and bits per byte.
+"""Score a trained model on text (loss, perplexity and bits per byte) or on lm-evaluation-harness tasks.
 
     python -m fasttrain.evaluate RUN_DIR|WEIGHTS_DIR|CHECKPOINT (--input PATH [PATH ...] | --split val)
         [--batch-size N] [--text-field FIELD] [--device D]
+    python -m fasttrain.evaluate RUN --tasks hellaswag,arc_easy [--num-fewshot N] [--limit N]
+        [--include-path DIR] [--output FILE.json] [--batch-size N] [--device D]
 
 --input takes what `python -m fasttrain.prepare --input` takes (text files, globs,
 directories, JSONL, builtin:NAME): the text is tokenized with the run's tokenizer the
@@ -14,11 +16,18 @@ each shard's short last window included: the loss is the mean over every target,
 bits per byte is that loss, in bits, times the text's tokens per UTF-8 byte. With
 --split val this is the trainer's val_bpb whenever its evaluation covered the whole
 split (train.eval_steps large enough).
+
+--tasks runs lm-eval's tasks (the `eval` extra; fasttrain/training/harness.py) and prints a table of
+their scores; they also go to the run's metrics.jsonl as an `eval_tasks` event with the step scored,
+and with --output to a JSON file. --include-path adds a folder of one's own task YAML files.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import math
+import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -28,8 +37,12 @@ import torch
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.preparation import PreparedData, prepare
 from fasttrain.data.shards import read_meta
+from fasttrain.system.atomic import write_atomically
 from fasttrain.system.distributed import World
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
+from fasttrain.system.run_lock import locked
+from fasttrain.training import checkpoint
+from fasttrain.training.metrics import MetricsLog
 from fasttrain.training.objective import NextTokenLoss, batch_loss
 from fasttrain.training.trained_model import Trained, inference_device, inference_precision, load_trained
 from fasttrain.training.validation import validate
@@ -80,6 +93,53 @@ def score_inputs(trained: Trained, inputs: Sequence[str], batch_size: int, devic
         return score(trained, tmp, "train", tokens / (text_bytes * math.log(2)), batch_size, device)
 
 
+def scored_step(source: Path) -> tuple[Path | None, int | None]:
+    """The run directory that weights `source` came from (None outside a run: an export elsewhere) and the step
+    they were saved at: a checkpoint's own, or for RUN/final the step of the run's last `end` event."""
+    if source.is_file():
+        match = checkpoint.SAVE_NAME.fullmatch(source.name)
+        run = source.parent.parent  # RUN/checkpoints/step_N.pt
+        return (run if (run / "metrics.jsonl").is_file() else None), (int(match.group(1)) if match else None)
+    run = source.parent
+    if source.name != "final" or not (run / "metrics.jsonl").is_file():
+        return None, None
+    step = None
+    with open(run / "metrics.jsonl", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if '"end"' in line:
+                try:
+                    step = json.loads(line).get("step", step)
+                except json.JSONDecodeError:
+                    pass
+    return run, step
+
+
+def score_tasks(trained: Trained, args) -> int:
+    """Run args.tasks through lm-eval; print the table, log the event, write --output."""
+    harness = importlib.import_module("fasttrain.training.harness")  # UsageError if lm-eval is missing or too old
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = harness.run_tasks(trained, tasks, args.num_fewshot, args.limit, args.include_path,
+                                args.batch_size or trained.cfg.train.batch_size)
+    scores = harness.task_scores(results)
+    run, step = scored_step(trained.source)
+    record = {"step": step, "tasks": scores, "num_fewshot": args.num_fewshot, "limit": args.limit,
+              "source": str(trained.source), "lm_eval": harness.LM_EVAL_VERSION}
+    print(harness.scores_table(scores, results.get("n-shot", {})))
+    print(f"({trained.source}, step {step})")
+    if args.output:
+        text = json.dumps(record, indent=2).encode()
+        print(f"wrote {write_atomically(args.output, lambda f: f.write(text), 'write the scores')}")
+    if run is not None:
+        try:
+            with locked(run):  # not while a run trains there: two writers would interleave metrics.jsonl
+                log = MetricsLog(run, 0, tensorboard=False, quiet=True)
+                log.event("eval_tasks", **record)
+                log.close()
+        except UsageError as e:
+            print(f"note: the scores are not in {run / 'metrics.jsonl'}: {e}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m fasttrain.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a run directory, a weights directory (final/, export/) or a checkpoint file")
@@ -87,6 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     what.add_argument("--input", nargs="+", metavar="PATH",
                       help="text files, globs, directories, JSONL files or builtin:NAME, as prepare takes them")
     what.add_argument("--split", choices=["val"], help="the run's own prepared val split")
+    what.add_argument("--tasks", metavar="T1,T2",
+                      help="lm-evaluation-harness tasks, comma-separated (the eval extra: pip install -e '.[eval]')")
+    parser.add_argument("--num-fewshot", type=int, metavar="N", help="--tasks: examples in each prompt (default: "
+                        "each task's own)")
+    parser.add_argument("--limit", type=float, metavar="N", help="--tasks: at most N documents per task (below 1: "
+                        "that fraction)")
+    parser.add_argument("--include-path", metavar="DIR", help="--tasks: a folder of task YAML files of your own")
+    parser.add_argument("--output", metavar="FILE", help="--tasks: also write the scores to FILE as JSON")
     parser.add_argument("--batch-size", type=int, metavar="N",
                         help="rows per batch (default: the run's train.batch_size)")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
@@ -94,8 +162,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    task_only = [flag for flag, value in (("--num-fewshot", args.num_fewshot), ("--limit", args.limit),
+                                          ("--include-path", args.include_path), ("--output", args.output))
+                 if value is not None]
+    if task_only and not args.tasks:
+        raise UsageError(f"{task_only[0]}: only with --tasks")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UsageError(f"--num-fewshot: must be >= 0, got {args.num_fewshot}")
+    if args.limit is not None and not (args.limit > 0 and (args.limit < 1 or args.limit.is_integer())):
+        raise UsageError(f"--limit: must be a whole number of documents >= 1 or a fraction in (0, 1), got {args.limit}")
+    if args.limit is not None and args.limit >= 1:
+        args.limit = int(args.limit)
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise UsageError(f"--include-path: {args.include_path}: no such directory")
+    if args.tasks is not None:
+        if not args.tasks.replace(",", "").strip():
+            raise UsageError("--tasks: no task named")
+        importlib.import_module("fasttrain.training.harness")  # lm-eval missing: one line before the model loads
     device = inference_device(args.device)
     trained = load_trained(args.source, device)
+    if args.tasks:
+        return score_tasks(trained, args)
     if args.split:
         metrics = score_split(trained, args.split, args.batch_size or trained.cfg.train.batch_size, device)
     else:

@@ -19,6 +19,7 @@ import torch
 from fasttrain import cli, doctor, evaluate, export, plot, prepare, sample, train
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
+from tests.test_lm_eval import with_lm_eval
 from tests.test_reliability_start import another_tokenizer, edit_config, edit_tensor, index_outside, init_from, nan
 
 
@@ -495,6 +496,17 @@ CASES = [
     ("export: --hf into a sharded model's folder", export,
      lambda c: [str(c.run), "--hf", "--out", str(Path(c.file("llama/model.safetensors.index.json", "{}")).parent)],
      "llama: holds model.safetensors.index.json, which this export would not replace"),
+    ("evaluate: unknown task", evaluate, lambda c: with_lm_eval([str(c.run), "--tasks", "arc_easy,hellaswagg"]),
+     "--tasks: unknown task 'hellaswagg' (did you mean"),
+    ("evaluate: negative --num-fewshot", evaluate, lambda c: [str(c.run), "--tasks", "arc_easy", "--num-fewshot", "-1"],
+     "--num-fewshot: must be >= 0, got -1"),
+    ("evaluate: --num-fewshot without --tasks", evaluate,
+     lambda c: [str(c.run), "--split", "val", "--num-fewshot", "5"], "--num-fewshot: only with --tasks"),
+    ("evaluate: --limit 0", evaluate, lambda c: [str(c.run), "--tasks", "arc_easy", "--limit", "0"],
+     "--limit: must be a whole number of documents >= 1 or a fraction in (0, 1), got 0.0"),
+    ("evaluate: --include-path missing", evaluate, lambda c: [str(c.run), "--tasks", "mine", "--include-path",
+                                                               str(c.tmp / "tasks")], "tasks: no such directory"),
+    ("evaluate: --tasks empty", evaluate, lambda c: [str(c.run), "--tasks", ","], "--tasks: no task named"),
     ("sample: missing run directory", sample, lambda c: [str(c.tmp / "nope")],
      "nope: no such run directory or checkpoint"),
     ("sample: nothing saved", sample, lambda c: [str(c.tmp)], "no checkpoint saved there yet"),
@@ -521,7 +533,7 @@ CASES = [
     ("evaluate: missing input", evaluate, lambda c: [str(c.run), "--input", str(c.tmp / "held_out.txt")],
      "held_out.txt: no such file or directory"),
     ("evaluate: nothing to score", evaluate, lambda c: [str(c.run)],
-     "one of the arguments --input --split is required"),
+     "one of the arguments --input --split --tasks is required"),
     ("evaluate: empty input", evaluate, lambda c: [str(c.run), "--input", c.file("empty.txt", "")],
      "empty.txt: no text found"),
     ("evaluate: zero batch size", evaluate, lambda c: [str(c.checkpoint()), "--split", "val", "--batch-size", "0"],

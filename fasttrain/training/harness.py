@@ -1,0 +1,255 @@
+"""lm-evaluation-harness tasks (HellaSwag, ARC, ...) on a trained model: `FasttrainLM`, lm-eval's model API over
+a fasttrain model (registered in lm-eval as `fasttrain`), and `run_tasks`, which scores a task list.
+
+Importing this module needs lm-eval (the `eval` extra) in the SUPPORTED range: otherwise the import raises
+one UsageError saying what to install, so `evaluate --tasks` fails in one line before loading anything.
+
+The scores are meant to be the field's, so every request is scored as lm-eval's own Hugging Face model
+(`hf`) scores it on the exported weights (tests/test_lm_eval.py compares the two sample by sample):
+context and continuation are tokenized together and split where the context's own tokens end (lm-eval's
+TemplateLM, which `hf` uses too); an empty context is the end-of-text token; a sequence longer than the
+model's window keeps its last max_seq_len + 1 tokens; a document's rolling log-likelihood is the sum over
+windows that each predict up to max_seq_len new tokens with as much of the text before them as fits.
+What differs is speed: requests are sorted by length and batched, one forward per batch, and the output
+layer runs only at the positions scored.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from importlib import metadata
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fasttrain.system.device import autocast
+from fasttrain.system.errors import UsageError
+
+SUPPORTED = ((0, 4, 9), (0, 5, 0))  # lm-eval versions [low, high): the 0.4 API this module uses
+SUPPORTED_SPEC = "lm-eval>=0.4.9,<0.5"
+INSTALL = f"pip install -e '.[eval]' (or pip install '{SUPPORTED_SPEC}')"
+
+
+def check_lm_eval() -> str:
+    """The installed lm-eval's version; UsageError saying what to install when it is missing or outside SUPPORTED."""
+    try:
+        version = metadata.version("lm_eval")
+    except metadata.PackageNotFoundError:
+        raise UsageError(f"--tasks needs lm-evaluation-harness, which is not installed: {INSTALL}") from None
+    release = tuple(int(part) for part in re.findall(r"\d+", version)[:3])
+    if not SUPPORTED[0] <= release < SUPPORTED[1]:
+        raise UsageError(f"lm-eval {version} is installed, but --tasks supports {SUPPORTED_SPEC}: {INSTALL}")
+    return version
+
+
+LM_EVAL_VERSION = check_lm_eval()
+
+import lm_eval.models  # noqa: E402, F401  (lm-eval's own models: get_model reads its table only into an empty registry)
+from lm_eval import simple_evaluate  # noqa: E402  (after the version check: another version may not import)
+from lm_eval.api.model import TemplateLM  # noqa: E402
+from lm_eval.api.registry import register_model  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval.utils import simple_parse_args_string  # noqa: E402
+
+from fasttrain.model.generation import stream  # noqa: E402
+from fasttrain.model.transformer import Transformer  # noqa: E402
+from fasttrain.system.device import use_device  # noqa: E402
+from fasttrain.training.trained_model import Trained, inference_precision, load_trained  # noqa: E402
+
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's hf model's default for generation tasks that set no max_gen_toks
+
+
+@torch.no_grad()
+def score_continuations(model: Transformer, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int,
+                        precision: str = "fp32") -> list[tuple[float, bool]]:
+    """(log P(continuation | context), whether greedy decoding gives the continuation) per (context, continuation)
+    token pair. A pair longer than the window is cut from the left to its last max_seq_len + 1 tokens (the
+    first of them is only read). Longest first, `batch_size` rows right-padded into one forward."""
+    window = model.cfg.max_seq_len
+    device = next(model.parameters()).device
+    for context, continuation in pairs:
+        if len(continuation) > window:
+            raise UsageError(f"a continuation of {len(continuation)} tokens is longer than the model's context "
+                             f"(model.max_seq_len {window}): it cannot be scored")
+    rows = [(context + continuation)[-(window + 1):] for context, continuation in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: -len(rows[i]))  # longest first: each batch's width is its first
+    results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        inputs = torch.zeros(len(batch), len(rows[batch[0]]) - 1, dtype=torch.long)
+        where, targets = [], []  # (row, position) of every continuation token, and that token
+        for r, i in enumerate(batch):
+            inputs[r, :len(rows[i]) - 1] = torch.tensor(rows[i][:-1])
+            n = len(pairs[i][1])
+            where += [(r, p) for p in range(len(rows[i]) - 1 - n, len(rows[i]) - 1)]
+            targets += pairs[i][1]
+        with autocast(precision, device):
+            hidden = model.hidden(inputs.to(device))
+            rows_at, positions = torch.tensor(where, device=device).unbind(1)
+            # The output layer only where a continuation token is predicted: most positions are context.
+            logprobs = F.log_softmax(model.output(hidden[rows_at, positions]).float(), dim=-1)
+        targets_t = torch.tensor(targets, device=device)
+        picked = logprobs.gather(1, targets_t[:, None]).squeeze(1).cpu()
+        greedy = (logprobs.argmax(dim=1) == targets_t).cpu()
+        offset = 0
+        for i in batch:
+            n = len(pairs[i][1])
+            results[i] = (picked[offset:offset + n].sum().item(), bool(greedy[offset:offset + n].all()))
+            offset += n
+    return results
+
+
+def rolling_windows(tokens: list[int], prefix: int, window: int) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) pairs that predict every token of `tokens` once, `window` at a time, each with as
+    many tokens before it as the window holds (the first after `prefix`, the end-of-text token): the
+    perplexity windows of lm-eval's `hf` model."""
+    seq = [prefix] + tokens
+    pairs = []
+    for start in range(0, len(tokens), window):
+        end = min(start + window, len(tokens))  # predicts tokens[start:end] = seq[start + 1:end + 1]
+        pairs.append((seq[max(0, end - window):start + 1], seq[start + 1:end + 1]))
+    return pairs
+
+
+@register_model("fasttrain")
+class FasttrainLM(TemplateLM):
+    """lm-eval's model API over a trained fasttrain model.
+
+    `run`: a run directory, weights directory or checkpoint (anything `sample` and `evaluate` take), or a
+    Trained already loaded. From lm-eval's command line: --model_args run=RUN,device=cpu,batch_size=16.
+    """
+
+    def __init__(self, run: str | Trained, device: str = "auto", batch_size: int | str = DEFAULT_BATCH_SIZE,
+                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, **_ignored: Any):  # lm-eval also passes max_batch_size
+        super().__init__()
+        self.trained = run if isinstance(run, Trained) else load_trained(run, use_device(device))
+        self.model = self.trained.model
+        self._device = next(self.model.parameters()).device
+        self.precision = inference_precision(self.trained.cfg, self._device)
+        # lm-eval's command line passes "auto" or a number as text
+        self.batch_size = DEFAULT_BATCH_SIZE if str(batch_size).startswith("auto") else int(batch_size)
+        if self.batch_size < 1:
+            raise UsageError(f"batch_size: must be >= 1, got {batch_size}")
+        self.max_gen_toks = int(max_gen_toks)
+        self.window = self.model.cfg.max_seq_len
+        self.truncation_said = False
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
+        """--model_args win over lm-eval's own --device and --batch_size, whose defaults (cuda:0, 1) it always
+        passes: `--model_args run=RUN,device=cpu` means the CPU."""
+        given = {key: value for key, value in (additional_config or {}).items() if value is not None}
+        return cls(**{**given, **arg_dict})
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None):
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.trained.tokenizer.eot_id
+
+    @property
+    def tokenizer_name(self) -> str:  # lm-eval's request cache keys on it
+        return str(self.trained.tokenizer_path)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.trained.tokenizer.encode(string)  # fasttrain's tokenizers add no special tokens
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """`requests`: ((context, continuation) text, context tokens, continuation tokens), from TemplateLM."""
+        pairs = [(context, continuation) for _, context, continuation in requests]
+        longest = max((len(c) + len(t) for c, t in pairs), default=0)
+        if longest > self.window + 1 and not self.truncation_said:
+            self.truncation_said = True
+            print(f"note: contexts longer than the model's context ({self.window} tokens) lose their start, as with "
+                  f"lm-eval's hf model (the longest request: {longest} tokens)", file=sys.stderr)
+        return score_continuations(self.model, pairs, self.batch_size, self.precision)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows = [rolling_windows(self.tok_encode(text), self.prefix_token_id, self.window)
+                   for (text,) in (req.args for req in requests)]
+        scores = iter(score_continuations(self.model, [w for doc in windows for w in doc], self.batch_size,
+                                          self.precision))
+        return [sum(next(scores)[0] for _ in doc) for doc in windows]
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        return [self._generate(context, dict(kwargs)) for context, kwargs in (req.args for req in requests)]
+
+    def _generate(self, context: str, kwargs: dict[str, Any]) -> str:
+        """The text generated after `context` until a stop string, the end-of-text token or max_gen_toks."""
+        tokenizer = self.trained.tokenizer
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(next((kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens") if k in kwargs),
+                           self.max_gen_toks))
+        temperature = float(kwargs.get("temperature", 1.0)) if kwargs.get("do_sample") else 0.0
+        # Room for the answer in the window, as lm-eval's hf model leaves; a model too short for that keeps half
+        # its window and slides on as `sample` does.
+        keep = self.window - max_new if max_new < self.window else self.window // 2
+        ids = (self.tok_encode(context) or [self.prefix_token_id])[-keep:]
+        tokens = torch.tensor([ids], dtype=torch.long, device=self._device)
+        out: list[int] = []
+        with autocast(self.precision, self._device):
+            for nxt in stream(self.model, tokens, max_new, temperature=temperature, top_k=kwargs.get("top_k"),
+                              top_p=kwargs.get("top_p")):
+                if nxt.item() == self.eot_token_id:
+                    break
+                out.append(nxt.item())
+                if until and any(stop in tokenizer.decode(out) for stop in until):
+                    break
+        text = tokenizer.decode(out)
+        for stop in until:
+            text = text.split(stop)[0] if stop else text
+        return text
+
+
+def known_tasks(manager: TaskManager, names: Sequence[str]) -> None:
+    """UsageError naming the first of `names` that is no task, group or tag lm-eval knows (globs allowed)."""
+    for name in names:
+        if not manager.match_tasks([name]):
+            close = difflib.get_close_matches(name, manager.all_tasks, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UsageError(f"--tasks: unknown task {name!r}{hint}; `lm_eval ls tasks` lists them")
+
+
+def run_tasks(trained: Trained, tasks: Sequence[str], num_fewshot: int | None = None, limit: float | None = None,
+              include_path: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+              log_samples: bool = False) -> dict[str, Any]:
+    """lm-eval's results of `tasks` on `trained` (simple_evaluate's dict). `include_path`: a folder of task
+    YAML files of one's own; `limit`: documents per task (a fraction below 1)."""
+    manager = TaskManager(include_path=include_path)
+    known_tasks(manager, tasks)
+    return simple_evaluate(model=FasttrainLM(trained, batch_size=batch_size), tasks=list(tasks),
+                           num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=log_samples)
+
+
+def task_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{task: {metric: value}} from simple_evaluate's results ("acc,none" -> "acc", stderr kept as
+    "acc_stderr"); a metric under a filter other than "none" keeps the filter's name ("exact_match,strict")."""
+    scores: dict[str, dict[str, float]] = {}
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            if "," not in key or not isinstance(value, (int, float)):
+                continue  # "alias", "N/A" stderrs
+            metric, kind = key.split(",", 1)
+            scores.setdefault(task, {})[metric if kind == "none" else key] = float(value)
+    return scores
+
+
+def scores_table(scores: dict[str, dict[str, float]], shots: dict[str, Any]) -> str:
+    """A table of task, shots, metric, value and standard error, one metric per line."""
+    lines = [f"{'task':<24} {'shots':>5}  {'metric':<18} {'value':>9} {'stderr':>8}"]
+    for task, metrics in scores.items():
+        for metric, value in metrics.items():
+            if metric.endswith("_stderr") or "_stderr," in metric:
+                continue
+            base, _, kind = metric.partition(",")
+            stderr = metrics.get(f"{base}_stderr" + (f",{kind}" if kind else ""))
+            lines.append(f"{task:<24} {str(shots.get(task, '')):>5}  {metric:<18} {value:>9.4f} "
+                         f"{'' if stderr is None else f'{stderr:.4f}':>8}")
+    return "\n".join(lines)
