@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Literal, NewType, Sequence, get_args, get_origin, get_type_hints
 
 try:
     import tomllib
@@ -32,6 +32,22 @@ except ModuleNotFoundError:  # Python 3.10
 
 from fasttrain.system.atomic import read_regular, write_atomically
 from fasttrain.system.errors import UsageError
+
+Seconds = NewType("Seconds", float)  # a duration: a number of seconds, or text such as "3m" or "1h30m"
+_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?")
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in `text`: a number ("90", "2.5") or hours, minutes and seconds in that order ("1h30m", "3m",
+    "45s", "1m30s"); None if it is neither."""
+    text = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d*)?", text):
+        return float(text)
+    match = _DURATION.fullmatch(text)
+    if not text or match is None:
+        return None
+    hours, minutes, seconds = (float(part or 0) for part in match.groups())
+    return 3600 * hours + 60 * minutes + seconds
 
 
 @dataclass
@@ -172,13 +188,21 @@ class ScheduleConfig:
     cooldown_fraction: float = 0.2  # wsd only: the last fraction of the steps, decayed linearly to min_lr
     step_every: int = 100  # step only: steps between two multiplications by step_factor
     step_factor: float = 0.5  # step only: what the rate is multiplied by every step_every steps
+    # Replays a time-budgeted run step for step: the metrics.jsonl (or the run directory) of that run, whose
+    # recorded progress the schedule follows instead of a clock (with train.max_steps = the steps it reached
+    # and train.max_time = 0). "" = the run's own steps or clock.
+    progress_from: str = ""
 
 
 @dataclass
 class TrainConfig:
     """[train]: length, batch, precision, device, monitoring and output of the run."""
 
-    max_steps: int = 2000  # optimizer steps in the whole run
+    max_steps: int = 2000  # optimizer steps in the whole run; 0 = no step limit (with max_time)
+    # A time budget: seconds of training (a number, or a string such as "90s", "3m", "1h30m"), after which the
+    # run ends with its schedule finished; with max_steps, whichever comes first. 0 = none. Steps count, not
+    # compiling, evaluating, checkpointing or sampling (fasttrain/training/schedule.py, docs/training.md).
+    max_time: Seconds = 0.0
     seed: int = 1337  # seeds Python, NumPy, torch (model init) and data sampling; 0 to 2**32 - 1
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda" or "cuda:N"
     out_dir: str = "runs/base"  # where checkpoints, metrics, samples and the resolved config.toml go
@@ -317,6 +341,10 @@ _TYPES: dict[Any, tuple[Callable[[Any], bool], Callable[[Any], Any], str]] = {
     list[str]: (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), list, "a list of strings"),
     list[float]: (lambda v: isinstance(v, list) and all(_TYPES[float][0](x) for x in v), lambda v: list(map(float, v)),
                   "a list of finite numbers"),
+    Seconds: (lambda v: (isinstance(v, str) and parse_duration(v) is not None)
+              or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+              lambda v: parse_duration(v) if isinstance(v, str) else float(v),
+              'seconds or a duration such as "90s", "3m" or "1h30m"'),
 }
 
 # Allowed values, checked once all types are right: "section.key" -> (test, "must be ...").
@@ -361,7 +389,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "schedule.cooldown_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "schedule.step_every": _POSITIVE,
     "schedule.step_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "train.max_steps": _POSITIVE,
+    "train.max_steps": (lambda v: v >= 0, ">= 0 (0: no step limit, for a run with train.max_time)"),
+    "train.max_time": _NON_NEGATIVE,
     "train.device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
     "train.out_dir": (bool, "a directory path"),
     "train.batch_size": _POSITIVE,
@@ -390,6 +419,11 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
     ("train.seq_len", "exceeds", "model.max_seq_len", lambda c: c.train.seq_len > c.model.max_seq_len,
      "the model has no positions beyond its context"),
+    ("train.max_steps", "and", "train.max_time", lambda c: c.train.max_steps == 0 and c.train.max_time == 0,
+     "0 is no limit, and a run needs one: steps, a time budget or both"),
+    ("schedule.progress_from", "does not go with", "train.max_time",
+     lambda c: bool(c.schedule.progress_from) and c.train.max_time > 0,
+     "a replay follows the recorded progress, not a clock: set train.max_time = 0"),
     ("schedule.min_lr", "exceeds", "optim.lr", lambda c: c.schedule.min_lr > c.optim.lr,
      "the schedule decays from lr down to min_lr"),
     ("optim.sgd.nesterov", "needs", "optim.sgd.momentum", lambda c: c.optim.sgd.nesterov and c.optim.sgd.momentum == 0,
@@ -735,6 +769,9 @@ def _check_mixture(cfg: Config, sources: dict[str, str]) -> None:
         seen[real] = i
     check_weights("data.sources[{}].weight", [s.weight for s in d.sources])
     last, max_steps = 0, cfg.train.max_steps
+    if d.mix and not max_steps:  # a run on train.max_time alone: its last step is known only at its end
+        raise UsageError(f"{where}: data.mix: changes need train.max_steps to be placed at their steps; a run on "
+                         "train.max_time alone has none (give train.max_steps too)")
     for i, change in enumerate(d.mix):
         name = f"data.mix[{i}]"
         if (change.step > 0) == (change.fraction > 0) or change.step < 0 or not change.fraction < 1:

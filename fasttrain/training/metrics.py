@@ -126,9 +126,12 @@ class MetricsLog:
         else:
             print(line, flush=True)
 
-    def progress(self, step: int, **postfix: Any) -> None:
-        """Move the progress bar (if any) to `step`, showing `postfix` beside it."""
+    def progress(self, step: int, total: int | None = None, **postfix: Any) -> None:
+        """Move the progress bar (if any) to `step` of `total` (a time budget's projected last step; None: as
+        it was), showing `postfix` beside it."""
         if self._bar is not None:
+            if total:
+                self._bar.total = total
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(postfix, refresh=False)
 

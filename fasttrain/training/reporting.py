@@ -17,6 +17,7 @@ from fasttrain.config import Config
 from fasttrain.data.mixture import Source
 from fasttrain.training.metrics import MetricsLog, peak_flops, peak_memory_gb, perplexity
 from fasttrain.training.run_state import RunState
+from fasttrain.training.schedule import PROGRESS_EVENT, Budget, format_duration
 
 
 class IntervalMeter:
@@ -98,7 +99,7 @@ class Report:
                                "memorize it); add data, lower its weight, or raise data.max_epochs")
         speedups = ["compiled"] * compiled + [f"kernels: {', '.join(kernels)}"] * bool(kernels)
         ranks = f" x {world_size} ranks, {parallel}" if world_size > 1 else ""
-        self.log.print(f"run: {t.max_steps} steps x {tokens_per_step:,} tokens ({t.batch_size} x {t.seq_len}"
+        self.log.print(f"run: {Budget.of(t).describe()} x {tokens_per_step:,} tokens ({t.batch_size} x {t.seq_len}"
                        f" x {accumulation} accumulation{ranks}) on {self.device}, {', '.join([precision, *speedups])}; "
                        f"writing to {t.out_dir}")
         if resumed_from:
@@ -118,8 +119,9 @@ class Report:
         elapsed, wait = meter.elapsed(), wait_seconds - meter.wait_start
         tokens_per_s = (run.tokens_seen - meter.tokens_start) / elapsed  # real tokens: pads do not count
         mfu = self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None
+        standing = Budget.of(t).standing(run.step, run.train_seconds)
         record: dict[str, Any] = {
-            "step": run.step, "progress": round(100 * run.step / t.max_steps, 2), "loss": loss,
+            "step": run.step, "progress": round(100 * standing.progress, 2), "loss": loss,
             "accuracy": round(correct / max(counted, 1), 4), "ppl": perplexity(loss), "lr": lr, "grad_norm": grad_norm,
             "tokens": run.tokens_seen, "tokens_per_s": round(tokens_per_s, 1),
             "step_ms": round(1000 * elapsed / meter.steps, 2), "data_wait_pct": round(100 * wait / elapsed, 2),
@@ -131,15 +133,29 @@ class Report:
         if len(self.names) > 1:
             record.update({f"tokens.{name}": n for name, n, _ in self.read})
             record.update({f"epochs.{name}": round(e, 4) for name, _, e in self.read})
+        left = ""  # a time budget: what is left of it, and the step the run will end at
+        if standing.seconds_left is not None:
+            record.update(final_step=standing.final_step, seconds_left=round(standing.seconds_left, 1))
+            left = f" | {format_duration(standing.seconds_left)} left"
         self.log.event("train", **record)
+        final = f"~{standing.final_step}" if t.max_time else f"{t.max_steps}"
         self.log.print(
-            f"step {run.step:>6}/{t.max_steps} ({record['progress']:5.1f}%) | loss {loss:.4f} | "
+            f"step {run.step:>6}/{final} ({record['progress']:5.1f}%) | loss {loss:.4f} | "
             f"acc {100 * record['accuracy']:.1f}% | "
             f"ppl {record['ppl']:8.2f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
             f"{tokens_per_s:,.0f} tok/s{f' | MFU {100 * mfu:.1f}%' if mfu is not None else ''} | "
             f"{record['step_ms']:.0f} ms/step | data wait {record['data_wait_pct']:.1f}% | "
-            f"mem {record['peak_mem_gb']:.2f} GB")
-        self.log.progress(run.step, loss=f"{loss:.3f}")
+            f"mem {record['peak_mem_gb']:.2f} GB{left}")
+        self.log.progress(run.step, standing.final_step, loss=f"{loss:.3f}", **({"left": left[3:]} if left else {}))
+
+    def progress(self, run: RunState, progress: float) -> None:
+        """A budgeted run's update: the progress its learning rate was set at (what a replay follows, see
+        schedule.recorded_progress), and the seconds trained after it."""
+        self.log.event(PROGRESS_EVENT, step=run.step, progress=progress, seconds=round(run.train_seconds, 3))
+
+    def budget_within_one_step(self, run: RunState) -> None:
+        self.log.print(f"note: train.max_time = {format_duration(self.cfg.train.max_time)} is shorter than one step "
+                       f"({format_duration(run.train_seconds)} here): the run made that one step")
 
     def evaluation(self, step: int, metrics: dict[str, float]) -> None:
         """An evaluation's metrics (Trainer.evaluate's, with best_val_loss)."""
@@ -209,6 +225,11 @@ class Report:
         if len(self.names) > 1 and self.read:
             self.log.print("  read        " + ", ".join(f"{name} {n:,} tokens ({e:.2f} epochs)" for name, n, e in self.read))
         data = self.cfg.data.dir or ", ".join(s.dir for s in self.cfg.data.sources)
+        self.log.print(f"  time        {format_duration(summary['train_seconds'])} training (what train.max_time "
+                       f"counts), {format_duration(summary['wall_seconds'])} wall time in this process")
+        if self.cfg.train.max_time:
+            self.log.print(f"  replay      --set train.max_steps={run.step} train.max_time=0 "
+                           f"schedule.progress_from={self.log.path} (step for step)")
         self.log.print(f"  config      {out / 'config.toml'}\n  metrics     {self.log.path}\n"
                        f"  checkpoint  {summary['checkpoint']}\n  weights     {summary['weights']}\n"
                        f"  data        {data}\n  plot with   python -m fasttrain.plot {out}")

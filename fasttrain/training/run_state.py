@@ -9,7 +9,8 @@ from dataclasses import asdict, dataclass, fields
 @dataclass
 class RunState:
     """Where a run stands. Everything else a resumed run needs is in the model, optimizer, loader
-    and random states; the learning rate is a pure function of `step` (times `lr_scale`)."""
+    and random states; the learning rate is a pure function of `step` (times `lr_scale`), or under a time
+    budget of the progress, which `train_seconds` and `decay_from` give (see schedule.py)."""
 
     step: int = 0  # optimizer updates done, skipped ones included
     tokens_seen: int = 0  # real (counted) target tokens trained on, over all ranks; pads do not count
@@ -18,9 +19,13 @@ class RunState:
     lr_scale: float = 1.0  # multiplies the schedule; each rollback after divergence lowers it
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient norm, in all
     rollbacks: int = 0  # reloads of the latest checkpoint after repeated non-finite steps
+    # Seconds of training the run has counted, over all its resumes: the updates, their data waits included,
+    # but not a compiled run's first step (mostly compiling), evaluating, checkpointing or sampling.
+    train_seconds: float = 0.0
+    decay_from: float | None = None  # a budgeted run's progress when its decay began; None: still warming up
     eval_due: bool = False  # this step's evaluation was cut short by a signal: a resumed run does it first
 
-    def state_dict(self) -> dict[str, int | float]:
+    def state_dict(self) -> dict[str, int | float | None]:
         """The fields by name: top-level keys of a checkpoint (so tools read `state["step"]` directly)."""
         return asdict(self)
 

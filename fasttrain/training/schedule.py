@@ -1,4 +1,4 @@
-"""The learning rate as a pure function of the optimizer step.
+"""The learning rate as a pure function of the optimizer step, or of a time-budgeted run's progress.
 
 Linear warmup from 0 over `warmup_steps`, then one of:
 - cosine:   min + 0.5 (max - min)(1 + cos(pi t / T)), t steps into the decay, whose first
@@ -12,14 +12,28 @@ Linear warmup from 0 over `warmup_steps`, then one of:
             which the last step reaches only if the steps get there)
 
 A pure function of the step makes resuming trivial: nothing to save but the step.
+
+Under a time budget (train.max_time) the schedule runs on the run's progress instead: the larger of
+steps done / max_steps and seconds trained / max_time (Budget), so the decay and the final low rate happen
+within the budget on any machine (lr_on_progress). Then a resume needs the seconds trained too (RunState),
+and a replay the progress of each update, which the run records in metrics.jsonl (recorded_progress).
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import NamedTuple, Sequence
 
-from fasttrain.config import Config, ScheduleConfig
+from fasttrain.config import Config, ScheduleConfig, TrainConfig
+from fasttrain.system.errors import UsageError
+from fasttrain.training.run_state import RunState
+
+# Under a budget, warmup ends at this progress at the latest (a budgeted run's length in steps is not known
+# ahead, so fit_warmup cannot shorten it; the same tenth of the run it would give a smoke run).
+WARMUP_SHARE = 0.1
 
 
 def lr_at(step: int, max_steps: int, lr: float, sched: ScheduleConfig) -> float:
@@ -34,20 +48,177 @@ def lr_at(step: int, max_steps: int, lr: float, sched: ScheduleConfig) -> float:
     warmup = sched.warmup_steps
     if step < warmup:
         return lr * (step + 1) / warmup
-    if sched.decay == "constant":
-        return lr
-    if sched.decay == "step":
-        return max(sched.min_lr, lr * sched.step_factor ** ((step - warmup) // sched.step_every))
+    if sched.decay in ("constant", "step"):
+        return _by_step(step, lr, sched)
     start = warmup
     if sched.decay == "wsd":
         start = max_steps - max(1, round(sched.cooldown_fraction * (max_steps - warmup)))
     if step < start:
         return lr
     span = max_steps - 1 - start  # T; 0 when the decay is the last step alone, which gets min_lr
-    progress = 1.0 if span <= 0 else min(1.0, (step - start) / span)
+    return _decayed(1.0 if span <= 0 else min(1.0, (step - start) / span), lr, sched)
+
+
+def _by_step(step: int, lr: float, sched: ScheduleConfig) -> float:
+    """constant's and step's rate after warmup: functions of the step alone, in a budgeted run too."""
+    if sched.decay == "constant":
+        return lr
+    return max(sched.min_lr, lr * sched.step_factor ** (max(0, step - sched.warmup_steps) // sched.step_every))
+
+
+def _decayed(fraction: float, lr: float, sched: ScheduleConfig) -> float:
+    """cosine's, linear's or wsd's cooldown rate `fraction` (0 to 1) of the way through the decay."""
     if sched.decay == "cosine":
-        return sched.min_lr + 0.5 * (lr - sched.min_lr) * (1 + math.cos(math.pi * progress))
-    return sched.min_lr + (lr - sched.min_lr) * (1 - progress)  # linear, and wsd's cooldown: min_lr exactly at 1
+        return sched.min_lr + 0.5 * (lr - sched.min_lr) * (1 + math.cos(math.pi * fraction))
+    return sched.min_lr + (lr - sched.min_lr) * (1 - fraction)  # linear, and wsd's cooldown: min_lr exactly at 1
+
+
+def lr_on_progress(step: int, progress: float, decay_from: float | None, lr: float,
+                   sched: ScheduleConfig) -> tuple[float, float | None]:
+    """Learning rate of update `step` (0-based) of a budgeted run, at `progress` (the run's, projected for the
+    update's end: 1 is the budget's end), and the run's `decay_from` after it.
+
+    Warmup ramps as in lr_at over warmup_steps steps, and by WARMUP_SHARE of the budget at the latest (the
+    rate lr x max((step + 1) / warmup_steps, progress / WARMUP_SHARE)), so a slow machine does not spend its
+    budget warming up. The first update after it records its progress as `decay_from` (None until then).
+    cosine and linear then decay over the progress from decay_from to 1 as lr_at does over the steps, and
+    wsd cools down over the last cooldown_fraction of that span; from progress 1 on the rate is min_lr.
+    constant and step are functions of the step, as in lr_at.
+    """
+    warmup = sched.warmup_steps
+    if decay_from is None and step < warmup and progress <= WARMUP_SHARE:
+        return lr * max((step + 1) / warmup, progress / WARMUP_SHARE), None
+    start = decay_from = progress if decay_from is None else decay_from
+    if sched.decay in ("constant", "step"):
+        return _by_step(step, lr, sched), decay_from
+    if sched.decay == "wsd":
+        start = 1 - sched.cooldown_fraction * (1 - decay_from)
+    fraction = 1.0 if progress >= 1 or start >= 1 else max(0.0, (progress - start) / (1 - start))
+    return _decayed(fraction, lr, sched), decay_from
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When a run ends: after `max_steps` updates or `max_time` seconds of training, whichever comes first
+    (0: no such limit; at least one is set)."""
+
+    max_steps: int
+    max_time: float
+
+    @classmethod
+    def of(cls, t: TrainConfig) -> Budget:
+        return cls(t.max_steps, t.max_time)
+
+    def progress(self, steps: int, seconds: float) -> float:
+        """How far a run is after `steps` updates and `seconds` of training: 0 to 1, and 1 or more at its end."""
+        return max(steps / self.max_steps if self.max_steps else 0.0, seconds / self.max_time if self.max_time else 0.0)
+
+    def next_progress(self, steps: int, seconds: float) -> float:
+        """The progress projected for the end of the next update: one step more, and as many seconds more as
+        an update has taken on average (the first update: none)."""
+        return self.progress(steps + 1, seconds + (seconds / steps if steps else 0.0))
+
+    def reached(self, steps: int, seconds: float) -> bool:
+        return self.progress(steps, seconds) >= 1
+
+    def standing(self, steps: int, seconds: float) -> Standing:
+        """Where a run is, for its logs: its progress, the step it will end at (at the speed so far, when the
+        clock decides it) and the seconds of the budget left (None without one)."""
+        progress = self.progress(steps, seconds)
+        final = self.max_steps if not progress else round(steps / progress)
+        if self.max_steps:
+            final = min(final, self.max_steps)
+        left = max(0.0, self.max_time - seconds) if self.max_time else None
+        return Standing(progress, max(final, steps), left)
+
+    def describe(self) -> str:
+        """The budget in words: "200 steps", "3m of training" or "3m of training, at most 200 steps"."""
+        time = f"{format_duration(self.max_time)} of training" if self.max_time else ""
+        steps = f"{self.max_steps} steps" if self.max_steps else ""
+        return f"{time}, at most {steps}" if time and steps else time or steps
+
+
+class Standing(NamedTuple):
+    progress: float  # 0 to 1
+    final_step: int  # the step the run is projected to end at
+    seconds_left: float | None  # of the time budget; None without one
+
+
+def format_duration(seconds: float) -> str:
+    """`seconds` as a budget is written: "2.5s", "45s", "3m", "1h30m", "2m5s"."""
+    if seconds < 59.5:
+        return f"{seconds:.3g}s"
+    whole = round(seconds)
+    hours, minutes, rest = whole // 3600, whole % 3600 // 60, whole % 60
+    return "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (rest, "s")) if n)
+
+
+def budget_note(cfg: Config) -> str | None:
+    """One line on a time budget with a decay that does not run on progress (constant, step); else None."""
+    decay = cfg.schedule.decay
+    if not cfg.train.max_time or decay not in ("constant", "step"):
+        return None
+    if decay == "constant":
+        return 'schedule.decay = "constant" has no decay to finish: train.max_time only ends the run'
+    return ('schedule.decay = "step" counts steps, not time: under train.max_time how far it decays depends on '
+            "the machine's speed")
+
+
+class Update(NamedTuple):
+    """The learning rate of a run's next update (without the run's lr_scale), the progress it is at (None in
+    a step run, whose schedule counts steps) and the run's decay_from after it (see lr_on_progress)."""
+
+    lr: float
+    progress: float | None
+    decay_from: float | None
+
+
+def next_update(cfg: Config, run: RunState, recorded: Sequence[float] = ()) -> Update:
+    """The next update of `run` under `cfg`: by lr_at in a step run; by lr_on_progress in a budgeted run, at
+    the progress Budget projects, or in a replay (`recorded`: each update's progress, see recorded_progress)
+    at the progress that update had."""
+    t, step = cfg.train, run.step
+    if not t.max_time and not recorded:
+        return Update(lr_at(step, t.max_steps, cfg.optim.lr, cfg.schedule), None, None)
+    if recorded:  # past the updates it records (a finished replay, resumed), the run is at its end
+        progress = recorded[step] if step < len(recorded) else 1.0
+    else:
+        progress = Budget.of(t).next_progress(step, run.train_seconds)
+    rate, decay_from = lr_on_progress(step, progress, run.decay_from, cfg.optim.lr, cfg.schedule)
+    return Update(rate, progress, decay_from)
+
+
+PROGRESS_EVENT = "progress"  # metrics.jsonl: {"step": s, "progress": p, "seconds": t} after each budgeted update
+
+
+def recorded_progress(spec: str, steps: int) -> list[float]:
+    """The progress of the first `steps` updates of the budgeted run whose metrics.jsonl (or run directory) is
+    `spec`, update s at index s: the last value recorded for each (a resumed run's replace those of the steps
+    it trained again). UsageError if it cannot be read or does not cover `steps` updates."""
+    path = Path(spec) / "metrics.jsonl" if Path(spec).is_dir() else Path(spec)
+    where = f"schedule.progress_from = {spec}"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{where}: cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
+    progress: dict[int, float] = {}
+    for number, line in enumerate(lines, 1):
+        try:
+            event = json.loads(line)
+            if event.get("event") == PROGRESS_EVENT:
+                progress[int(event["step"])] = float(event["progress"])
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise UsageError(f"{where}: {path} line {number} is not a metrics.jsonl event") from None
+    if not progress:
+        raise UsageError(f"{where}: {path} records no progress: it is not the metrics.jsonl of a run with "
+                         "train.max_time (a step run is replayed by its config alone)")
+    missing = next((s for s in range(1, steps + 1) if s not in progress), None)
+    if missing is not None:
+        reached = max(progress)
+        raise UsageError(f"{where}: {path} records the progress of {reached} steps"
+                         + (f" but not of step {missing}" if missing <= reached else "")
+                         + f"; train.max_steps = {steps} needs every one up to {steps}")
+    return [progress[s] for s in range(1, steps + 1)]
 
 
 def fit_warmup(sched: ScheduleConfig, max_steps: int) -> tuple[ScheduleConfig, str | None]:
@@ -55,7 +226,7 @@ def fit_warmup(sched: ScheduleConfig, max_steps: int) -> tuple[ScheduleConfig, s
     config) becomes the run's first tenth, with a note saying so; otherwise `sched` as it is and None.
     Warmup was asked for, so it stays one: at least 2 steps (one below the peak, as lr_at counts them:
     a 1-step warmup starts at the peak), as far as the run is long."""
-    if sched.warmup_steps <= max_steps:
+    if not max_steps or sched.warmup_steps <= max_steps:  # 0: a time budget, whose warmup ends by WARMUP_SHARE
         return sched, None
     warmup = min(max_steps, max(2, max_steps // 10))
     return replace(sched, warmup_steps=warmup), (
@@ -63,23 +234,30 @@ def fit_warmup(sched: ScheduleConfig, max_steps: int) -> tuple[ScheduleConfig, s
         f"warming up over {warmup} step{'s' * (warmup != 1)} instead")
 
 
-def schedule_change(saved: Config, now: Config, step: int, lr_scale: float = 1.0) -> str | None:
-    """What resuming at `step` does to the learning rate when the run's length, schedule or peak rate
-    changed since the checkpoint (`saved`'s config), in one line; None when none did. The schedule is
-    a function of the step and the run's length, so a longer run re-lays the decay over the new length,
-    and a run past its warmup warms up again when the config's is longer (a smoke run, whose warmup
-    fit_warmup shortened, extended with the config that asked for more): said, with how to keep the old."""
-    before = (saved.train.max_steps, saved.optim.lr, saved.schedule)
-    if before == (now.train.max_steps, now.optim.lr, now.schedule):
+def schedule_change(saved: Config, now: Config, run: RunState, recorded: Sequence[float] = ()) -> str | None:
+    """What resuming `run` does to the learning rate when the run's length (steps or time), schedule or peak
+    rate changed since the checkpoint (`saved`'s config), in one line; None when none did. The schedule is
+    a function of the step (or the progress) and the run's length, so a longer run re-lays the decay over the
+    new length, and a run past its warmup warms up again when the config's is longer (a smoke run, whose
+    warmup fit_warmup shortened, extended with the config that asked for more): said, with how to keep the old.
+    `recorded`: the progress `now` replays (see recorded_progress)."""
+    def plan(c: Config) -> tuple:
+        return c.train.max_steps, c.train.max_time, c.optim.lr, c.schedule
+
+    if plan(saved) == plan(now):
         return None
-    old = lr_scale * lr_at(min(step, saved.train.max_steps - 1), saved.train.max_steps, saved.optim.lr, saved.schedule)
-    new = lr_scale * lr_at(step, now.train.max_steps, now.optim.lr, now.schedule)
-    length = (f"train.max_steps {saved.train.max_steps} -> {now.train.max_steps}: "
-              if saved.train.max_steps != now.train.max_steps else "")
+    step, t0, t1 = run.step, saved.train, now.train
+    ended = replace(run, step=min(step, t0.max_steps - 1)) if not t0.max_time else run  # a step run's last rate
+    old = run.lr_scale * next_update(saved, ended).lr
+    new = run.lr_scale * next_update(now, run, recorded).lr
+    times = (format_duration(t0.max_time), format_duration(t1.max_time))
+    changes = [f"train.max_steps {t0.max_steps} -> {t1.max_steps}"] * (t0.max_steps != t1.max_steps) + [
+        f"train.max_time {times[0]} -> {times[1]}"] * (t0.max_time != t1.max_time)
     was, warmup = saved.schedule.warmup_steps, now.schedule.warmup_steps
     again = "" if not was <= step < warmup else (
         f", back in a warmup until step {warmup} (schedule.warmup_steps = {warmup}; the saved run warmed up over "
         f"{was} step{'s' * (was != 1)}: --set schedule.warmup_steps={was} keeps that)")
-    return (f"{length}the {now.schedule.decay} schedule now runs over {now.train.max_steps} steps, so the learning "
+    return (f"{''.join(c + ', ' for c in changes[:-1])}{changes[-1] + ': ' if changes else ''}the "
+            f"{now.schedule.decay} schedule now runs over {Budget.of(t1).describe()}, so the learning "
             f"rate at step {step} is {new:.3g} (the saved run's was {old:.3g}){again}; to go on at the rate it had "
             "instead, see docs/training.md (extending a run)")

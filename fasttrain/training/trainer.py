@@ -5,6 +5,9 @@
     result = trainer.step()            # StepResult: loss, grad_norm, correct, counted, lr, skipped
     metrics = trainer.evaluate()
 
+A run ends after `train.max_steps` updates, or `train.max_time` seconds of training, whichever comes first;
+under a time budget the schedule runs on the run's progress (schedule.py), so it finishes on time.
+
 A step is one optimizer update: `accumulation` micro-batches of batch_size x
 seq_len tokens. The objective returns each micro-batch's summed loss over its
 counted targets (all of them when rows are packed; the padded ones are ignored),
@@ -76,7 +79,15 @@ from fasttrain.training.policies import EarlyStopping, Recovery
 from fasttrain.training.preflight import check_fits
 from fasttrain.training.reporting import IntervalMeter, Report
 from fasttrain.training.run_state import RunState
-from fasttrain.training.schedule import fit_warmup, lr_at, schedule_change
+from fasttrain.training.schedule import (
+    Budget,
+    budget_note,
+    fit_warmup,
+    format_duration,
+    next_update,
+    recorded_progress,
+    schedule_change,
+)
 from fasttrain.training.validation import mixture_metrics, validate
 
 
@@ -105,6 +116,7 @@ class StepResult(NamedTuple):
     counted: torch.Tensor  # counted targets
     lr: float  # the learning rate of the update
     skipped: bool  # the loss or gradient norm was not finite: no update was made
+    progress: float | None  # the progress the schedule set `lr` at (a budgeted run; None: a step run)
 
 
 class Trainer:
@@ -121,14 +133,21 @@ class Trainer:
     (FSDP), the logged loss is over all ranks' targets, and only rank 0 prints and writes.
     """
 
-    def __init__(self, cfg: Config, quiet: bool = False):
+    def __init__(self, cfg: Config, quiet: bool = False, clock: Callable[[], float] = time.perf_counter):
+        """`clock`: seconds, what train.max_time is counted in (a test gives a fake one)."""
+        self.clock, self.created = clock, clock()
         self.world = distributed.world_from_env()
         self.quiet = quiet or not self.world.is_main
         self.device = use_device(cfg.train.device, self.world.local_rank if self.world.distributed else None)
         cfg = replace(cfg, train=resolve_train(cfg.train, self.device))  # no "auto" left in what config.toml records
-        schedule, note = fit_warmup(cfg.schedule, cfg.train.max_steps)
-        if note and not self.quiet:
-            print(f"note: {note}")
+        budgeted = cfg.train.max_time > 0 or cfg.schedule.progress_from  # a replay keeps the warmup it replays
+        schedule, note = fit_warmup(cfg.schedule, 0 if budgeted else cfg.train.max_steps)
+        for line in (note, budget_note(cfg)):
+            if line and not self.quiet:
+                print(f"note: {line}")
+        if schedule.progress_from:  # config.toml records where, for a resume from any directory
+            schedule = replace(schedule, progress_from=os.path.abspath(schedule.progress_from))
+        self.recorded = recorded_progress(schedule.progress_from, cfg.train.max_steps) if schedule.progress_from else []
         shape, self.init_missing = self._shape_of_init(cfg)  # init_missing: the source gone since the run began
         cfg = replace(cfg, schedule=schedule, model=shape)
         t = cfg.train
@@ -179,6 +198,7 @@ class Trainer:
         if m.init_from and self.init_missing is None:  # where the run starts (resume() replaces them)
             distributed.load_full_model_state(self.model, read_hf_llama_weights(m.init_from, m), self.sharded)
         self.train_loader = self.loader("train", self.cfg.data.sampling, self.cfg.data.prefetch)
+        self.compiling = self.compiled  # the first step of a compiled objective compiles it: not training time
         self.run = RunState()
         self.resumed_from: Path | None = None  # the checkpoint `resume` restored, for the start report
 
@@ -236,7 +256,11 @@ class Trainer:
 
     def lr(self) -> float:
         """The learning rate of the next update."""
-        return self.run.lr_scale * lr_at(self.run.step, self.cfg.train.max_steps, self.cfg.optim.lr, self.cfg.schedule)
+        return self.run.lr_scale * next_update(self.cfg, self.run, self.recorded).lr
+
+    def finished(self) -> bool:
+        """Whether the run has reached train.max_steps or spent train.max_time."""
+        return Budget.of(self.cfg.train).reached(self.run.step, self.run.train_seconds)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, grad_scale: torch.Tensor | None = None) -> LossSums:
         """The loss sums of batch (x, y) (B, T) through the objective. With data.document_mask, each
@@ -272,8 +296,10 @@ class Trainer:
 
         If the loss or gradient norm is not finite the update is skipped: weights and
         optimizer state stay as they were, the step still counts, and so does
-        `run.skipped_steps`.
+        `run.skipped_steps`. Its seconds count toward train.max_time (run.train_seconds), rank 0's on every
+        rank, so that all take the same learning rate and stop together; a compiled objective's first not.
         """
+        began = self.clock()
         loss_sum, correct, counted = distributed.total(self.accumulate_gradients(), self.world)
         loss = loss_sum / counted
         grad_norm = self.updater.clip_gradients()
@@ -281,12 +307,20 @@ class Trainer:
         watched = loss if self.precision == "fp16" else loss + grad_norm
         # The one host sync of a step: whether to update, and how many real tokens it trained on.
         finite, targets = torch.stack([torch.isfinite(watched).float(), counted]).tolist()
-        lr = self.lr()
+        update = next_update(self.cfg, self.run, self.recorded)
+        lr = self.run.lr_scale * update.lr
         self.updater.apply(lr if finite else None)
         self.run.step += 1
         self.run.tokens_seen += round(targets)
         self.run.skipped_steps += not finite
-        return StepResult(loss, grad_norm, correct, counted, lr, skipped=not finite)
+        seconds = self.clock() - began
+        if update.progress is not None and self.world.distributed:
+            mine = torch.tensor(seconds if self.world.is_main else 0.0, dtype=torch.float64, device=self.device)
+            seconds = distributed.total(mine, self.world).item()
+        self.run.train_seconds += 0.0 if self.compiling else seconds
+        self.run.decay_from = update.decay_from
+        self.compiling = False
+        return StepResult(loss, grad_norm, correct, counted, lr, not finite, update.progress)
 
     def evaluate(self, stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
         """Validation metrics (see validation.validate) over the first `eval_steps` batches of each source's val
@@ -309,7 +343,8 @@ class Trainer:
                                  max_new_tokens or t.sample_tokens, seed=t.seed)
 
     def train(self, overwrite: bool = False) -> dict:
-        """Train to `train.max_steps`, logging, evaluating and checkpointing on the way; returns a summary.
+        """Train to `train.max_steps` or for `train.max_time`, logging, evaluating and checkpointing on the way;
+        returns a summary.
 
         Writes `config.toml` (the resolved config), `metrics.jsonl`, checkpoints and,
         at the end, the final weights (`final/`, see fasttrain/model/weights.py) into
@@ -318,8 +353,9 @@ class Trainer:
         checkpoints unless `overwrite`, which replaces that run's files (checkpoint.RUN_FILES).
         Everything that can refuse the run is checked before anything there is created, moved or deleted,
         and a start that fails before its first step is taken back (checkpoint.RunStart). Compile time (the
-        first step, on a compiled model) is reported on its own and kept out of the
-        throughput figures, as is time spent evaluating, sampling and saving.
+        first step, on a compiled model) is reported on its own and kept out of the throughput figures and
+        the time budget, as is time spent evaluating, sampling and saving; the summary gives the seconds
+        trained and the wall time since the Trainer was made.
         """
         t, lg = self.cfg.train, self.cfg.log
         out = Path(t.out_dir)
@@ -336,7 +372,7 @@ class Trainer:
                 save_config(self.cfg, out)
             sink = WandbSink(asdict(self.cfg), out, project=lg.project, name=lg.run_name or out.resolve().name,
                              tags=lg.tags, resume=self.resumed_from is not None) if wandb else None
-            log = MetricsLog(out if self.world.is_main else None, t.max_steps, tensorboard=t.tensorboard,
+            log = MetricsLog(out if self.world.is_main else None, t.max_steps or None, tensorboard=t.tensorboard,
                              quiet=self.quiet, wandb=sink)
             try:
                 summary = self._loop(Report(log, self.cfg, self.device, self.model.flops_per_token(t.seq_len)), start)
@@ -373,23 +409,27 @@ class Trainer:
                      parallel=self.parallel, accumulation=self.accumulation, tokens_per_step=self.tokens_per_step,
                      sources=self.sources, epochs=self.train_loader.planned_epochs(t.max_steps * self.accumulation))
         last_eval: dict[str, float] = {}
-        stopped_early = False
+        stopped_early, first = False, self.run.step
         meter = IntervalMeter(self.device, self.run.tokens_seen, self.train_loader.wait_seconds)
         with SignalCatcher() as signals:
             def stop() -> bool:  # asked between evaluation batches: a signal need not wait for the whole of one
                 return distributed.any_rank(bool(signals.received), self.world, self.device)
 
             if self.run.eval_due:  # the evaluation a stop cut short, before this run's first step
-                last_eval = self._evaluate_and_save(report, early_stopping, recovery, self.run.step == t.max_steps,
-                                                    stop) or last_eval
+                last_eval = (self._evaluate_and_save(report, early_stopping, recovery, self.finished(), stop)
+                             or last_eval)
                 if stop():
                     self._stop(report, signals.received or signal.SIGTERM)
-            while self.run.step < t.max_steps:
+            while not self.finished():
                 report.mix_change(self.run.step, self.mix, self.accumulation)  # a change starting at this step
                 result = self.step()
                 if start:
                     start.started()
-                done = self.run.step == t.max_steps
+                if result.progress is not None:  # what a replay of the run follows
+                    report.progress(self.run, result.progress)
+                done = self.finished()
+                if done and self.run.step - first == 1 and Budget(0, t.max_time).reached(0, self.run.train_seconds):
+                    report.budget_within_one_step(self.run)  # still a whole step: no partial updates
                 exhausted = recovery.after_step(result.skipped)
                 if result.skipped:
                     report.skip(self.run, result.loss.item(), result.grad_norm.item(), recovery.in_a_row)
@@ -460,7 +500,8 @@ class Trainer:
         if not recovery.can_roll_back(self.run):
             raise RunStopped(report.diverged(self.run, recovery.in_a_row, target is not None), 1)
         diverged = self.run
-        self.run = recovery.rolled_back(diverged, self.checkpoints.restore(target, self.train_loader)[0])
+        self.run = replace(recovery.rolled_back(diverged, self.checkpoints.restore(target, self.train_loader)[0]),
+                           train_seconds=diverged.train_seconds)  # time spent on the diverged steps stays spent
         self.checkpoints.point_latest(target)
         report.rollback(self.run, diverged.step, target)
 
@@ -472,7 +513,8 @@ class Trainer:
         summary = {"step": self.run.step, "tokens": self.run.tokens_seen, **last_eval, "out_dir": str(out),
                    "checkpoint": str(self.checkpoints.latest()), "weights": str(final),
                    "skipped_steps": self.run.skipped_steps, "rollbacks": self.run.rollbacks,
-                   "stopped_early": stopped_early}
+                   "stopped_early": stopped_early, "train_seconds": round(self.run.train_seconds, 3),
+                   "wall_seconds": round(self.clock() - self.created, 3)}
         report.end(summary, self.run)
         return summary
 
@@ -502,23 +544,29 @@ class Trainer:
 
     def resume(self, spec: str | Path = "auto") -> Path:
         """Continue a saved run: `spec` is "auto" (this run's latest save), a run directory or a checkpoint file.
-        UsageError for a save of another run directory, or one already past train.max_steps (a run cannot train
-        backwards, and recording the shorter length would misname it). The optimizer's state (moments, steps)
+        UsageError for a save of another run directory, or one already past train.max_steps, or past a
+        train.max_time shorter than its own (a run cannot train backwards, and recording the shorter length
+        would misname it); one at its end only evaluates and reports again. The optimizer's state (moments, steps)
         comes from the checkpoint, its settings (weight decay, betas, eps, ...) from this run's config, which says
         so."""
         path = checkpoint.resolve(str(spec), self.cfg.train.out_dir)
         checkpoint.check_own(path, self.checkpoints.directory)
         run, saved = self.checkpoints.restore(path, self.train_loader)
-        end = self.cfg.train.max_steps
-        if run.step > end:
+        end, budget, spent = self.cfg.train.max_steps, self.cfg.train.max_time, run.train_seconds
+        if end and run.step > end:
             raise UsageError(f"{path}: the run is at step {run.step}, past train.max_steps = {end}: nothing to train; "
                              f"set train.max_steps to more than {run.step} to train on (sample, evaluate and export "
                              "take the run as it is)")
+        if budget and spent >= budget and not 0 < saved.train.max_time <= budget:  # its own budget's end is no past
+            raise UsageError(f"{path}: the run has trained {format_duration(spent)}, past train.max_time = "
+                             f"{format_duration(budget)}: nothing to train; set train.max_time to more than "
+                             f"{format_duration(spent)} to train on (sample, evaluate and export take the run as "
+                             "it is)")
         self.run = run
         changed = self.updater.use_configured_hyperparameters()
         if changed and not self.quiet:
             print(f"resume: the config's optimizer settings replace the checkpoint's ({'; '.join(changed)})")
-        note = schedule_change(saved, self.cfg, self.run.step, self.run.lr_scale)
+        note = schedule_change(saved, self.cfg, self.run, self.recorded)
         if note and not self.quiet:
             print(f"resume: {note}")
         self.resumed_from = path
