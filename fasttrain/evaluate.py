@@ -35,8 +35,8 @@ from typing import Sequence
 import torch
 
 from fasttrain.data.loader import TokenLoader
-from fasttrain.data.preparation import PreparedData, prepare
-from fasttrain.data.shards import read_meta
+from fasttrain.data.mixture import normalized
+from fasttrain.data.preparation import open_prepared, prepare
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.distributed import World
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
@@ -45,7 +45,7 @@ from fasttrain.training import checkpoint
 from fasttrain.training.metrics import MetricsLog
 from fasttrain.training.objective import NextTokenLoss, batch_loss
 from fasttrain.training.trained_model import Trained, inference_device, inference_precision, load_trained
-from fasttrain.training.validation import validate
+from fasttrain.training.validation import mixture_metrics, validate
 
 
 def score(trained: Trained, directory: str | Path, split: str, bits_per_nat: float, batch_size: int,
@@ -69,17 +69,23 @@ def score(trained: Trained, directory: str | Path, split: str, bits_per_nat: flo
 
 
 def score_split(trained: Trained, split: str, batch_size: int, device: torch.device) -> dict[str, float]:
-    """The metrics of the run's own prepared `split` (data.dir), as the trainer computes them."""
-    directory = trained.cfg.data.dir
-    meta = read_meta(directory)
-    if meta is None:
-        raise UsageError(f"{directory}: no prepared data (meta.json) there, so no {split} split to score")
-    prepared_with = Path(directory) / "tokenizer.json"
-    if prepared_with.is_file() and prepared_with.read_bytes() != trained.tokenizer_path.read_bytes():
-        raise UsageError(f"{prepared_with}: differs from {trained.tokenizer_path}, the tokenizer the model trained "
-                         f"with: {directory} was prepared again since, so its token ids are not the model's; "
-                         "score text with --input instead")
-    return score(trained, directory, split, PreparedData(directory, meta).bits_per_nat, batch_size, device)
+    """The metrics of the run's own prepared `split`, as the trainer computes them: of data.dir, or of a
+    mixture's every [[data.sources]] folder, then their total weighted as the trainer weighs it
+    (validation.mixture_metrics: "loss" the total, "loss.<name>" each source's, ...)."""
+    d = trained.cfg.data
+    folders = {Path(s.dir).resolve().name: s.dir for s in d.sources} if d.sources else {"": d.dir}
+    found = {}
+    for name, directory in folders.items():
+        data = open_prepared(directory)  # meta.json checked whole: bits per byte divide by its counts
+        prepared_with = Path(directory) / "tokenizer.json"
+        if prepared_with.read_bytes() != trained.tokenizer_path.read_bytes():
+            raise UsageError(f"{prepared_with}: differs from {trained.tokenizer_path}, the tokenizer the model "
+                             f"trained with: {directory} was prepared again since, so its token ids are not the "
+                             "model's; score text with --input instead")
+        metrics = score(trained, directory, split, data.bits_per_nat, batch_size, device)
+        found[name] = {f"val_{k}": v for k, v in metrics.items()}
+    weights = normalized([s.weight for s in d.sources]) if d.sources else [1.0]
+    return {k.removeprefix("val_"): v for k, v in mixture_metrics(found, weights).items()}
 
 
 def score_inputs(trained: Trained, inputs: Sequence[str], batch_size: int, device: torch.device,
@@ -190,6 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                args.text_field)
     print(f"loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}  bpb {metrics['bpb']:.4f}  "
           f"accuracy {metrics['accuracy']:.4f}  ({trained.source})")
+    for name in sorted({k.partition(".")[2] for k in metrics if "." in k}):  # a mixture's sources
+        print(f"  {name}: loss {metrics[f'loss.{name}']:.4f}  bpb {metrics[f'bpb.{name}']:.4f}  "
+              f"accuracy {metrics[f'accuracy.{name}']:.4f}")
     return 0
 
 

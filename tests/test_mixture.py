@@ -165,6 +165,27 @@ def test_a_mixture_run_reports_epochs_warns_and_plots(pydoc_data, code_data, tmp
     assert plot_run(tmp_path).stat().st_size > 0
 
 
+def test_the_tools_read_a_mixture_run(pydoc_data, code_data, tmp_path, capsys):
+    """A mixture has no data.dir: its final/ weights carry the run's tokenizer (final/ lacked it, and sample,
+    evaluate and export of RUN failed: "tokenizer.json: no such tokenizer file"), the doctor reads every
+    source's shards (it read data.dir: ".: no train shards"), and evaluate --split val scores each source
+    and their total as the trainer's evaluation does."""
+    from fasttrain import doctor, evaluate, train
+
+    sets = mixture(pydoc_data, code_data, tmp_path / "run", "train.max_steps=2", "train.sample_tokens=0",
+                   "train.eval_steps=1000", weights=(0.25, 0.75))
+    assert train.main(["configs/base.toml", "--quiet", "--set", *sets]) == 0
+    assert (tmp_path / "run" / "final" / "tokenizer.json").read_bytes() == (pydoc_data / "tokenizer.json").read_bytes()
+    capsys.readouterr()
+    assert evaluate.main([str(tmp_path / "run"), "--split", "val"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    end = [e for e in read_metrics(tmp_path / "run") if e["event"] == "eval"][-1]
+    assert lines[0].startswith(f"loss {end['val_loss']:.4f}")
+    assert lines[1].startswith(f"  code: loss {end['val_loss.code']:.4f}")
+    assert doctor.main(["configs/base.toml", "--overfit-steps", "1", "--set", *sets]) in (0, 1)
+    assert f"from {pydoc_data}, {code_data}" in capsys.readouterr().out
+
+
 @pytest.mark.subprocess
 @pytest.mark.second_tier  # torchrun, 4 runs
 def test_a_mixture_on_two_ranks_trains_like_one_process_and_resumes_exactly(pydoc_data, code_data, tmp_path):

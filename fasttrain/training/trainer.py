@@ -509,7 +509,8 @@ class Trainer:
         """Export the final weights, then report the summary of the run, and where everything went."""
         out = Path(self.cfg.train.out_dir)
         weights = distributed.full_state(self.model, None, self.sharded)[0]
-        final = export_weights(weights, self.cfg, out / "final")[0] if self.world.is_main else out / "final"
+        final = (export_weights(weights, self.cfg, out / "final", tokenizer=out / "tokenizer.json")[0]  # the run's copy
+                 if self.world.is_main else out / "final")
         summary = {"step": self.run.step, "tokens": self.run.tokens_seen, **last_eval, "out_dir": str(out),
                    "checkpoint": str(self.checkpoints.latest()), "weights": str(final),
                    "skipped_steps": self.run.skipped_steps, "rollbacks": self.run.rollbacks,
