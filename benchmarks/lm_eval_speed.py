@@ -41,23 +41,15 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.toml"
 def write_tasks(folder: Path) -> list[str]:
     from pydoc_data.topics import topics
 
+    from fasttrain.training.harness import write_local_task
+
     texts = [" ".join(t.split()) for t in topics.values() if len(t) > 3000]
-    questions = [{"q": f"{texts[i % len(texts)][:100 + 37 * i % 1500]}\nAnswer:",
+    questions = [{"question": f"{texts[i % len(texts)][:100 + 37 * i % 1500]}\nAnswer:",
                   "choices": [" yes", " no, it is not", " the module", " a list of items"], "label": i % 4}
                  for i in range(100)]
     documents = [{"text": texts[i % len(texts)][:200 + 80 * i]} for i in range(20)]
-    for name, rows, spec in [
-        ("mc", questions, 'output_type: multiple_choice\ndoc_to_text: "{{q}}"\ndoc_to_target: label\n'
-                          'doc_to_choice: "{{choices}}"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n'
-                          '    higher_is_better: true\n'),
-        ("ppl", documents, 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-                           'metric_list:\n  - metric: bits_per_byte\n    aggregation: bits_per_byte\n'
-                           '    higher_is_better: false\n'),
-    ]:
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (folder / f"{name}.yaml").write_text(
-            f"task: speed_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-            f"    test: {folder / f'{name}.jsonl'}\n  cache_dir: {folder / 'cache'}\ntest_split: test\n{spec}")
+    write_local_task(folder, "speed_mc", "multiple_choice", questions)
+    write_local_task(folder, "speed_ppl", "rolling", documents)
     return ["speed_mc", "speed_ppl"]
 
 

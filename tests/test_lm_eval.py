@@ -59,28 +59,15 @@ def write_tasks(folder: Path) -> Path:
     perplexity (documents up to 5 windows) and greedy generation to a stop string."""
     from pydoc_data.topics import topics
 
+    write_local_task = lm_eval_or_skip().write_local_task
     texts = [" ".join(t.split()) for t in topics.values()]
     questions = [{"question": f"{t[:40 + 60 * (i % 5)]}\nAnswer:", "choices": [" yes", " no", " maybe so", " x"],
                   "label": i % 4} for i, t in enumerate(texts[:12])]
     documents = [{"text": t[:60 + 90 * i]} for i, t in enumerate(texts[20:26])] + [{"text": ""}]
     prompts = [{"prompt": t[:50], "answer": t[50:60]} for t in texts[30:34]]
-    cache = folder / "datasets-cache"
-    for name, rows, spec in [
-        ("mc", questions, 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_target: label\n'
-                          'doc_to_choice: "{{choices}}"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n'
-                          '    higher_is_better: true\n'),
-        ("ppl", documents, 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-                           'metric_list:\n  - metric: bits_per_byte\n    aggregation: bits_per_byte\n'
-                           '    higher_is_better: false\n'),
-        ("gen", prompts, 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
-                         'generation_kwargs:\n  until: ["."]\n  max_gen_toks: 8\n  do_sample: false\n'
-                         'metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n'),
-    ]:
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (folder / f"{name}.yaml").write_text(
-            f"task: tiny_{name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-            f"    test: {folder / f'{name}.jsonl'}\n  cache_dir: {cache}\ntest_split: test\n{spec}"
-            "metadata:\n  version: 1.0\n")
+    for name, kind, rows in [("mc", "multiple_choice", questions), ("ppl", "rolling", documents),
+                             ("gen", "generate", prompts)]:
+        write_local_task(folder, f"tiny_{name}", kind, rows)
     return folder
 
 

@@ -17,9 +17,11 @@ layer runs only at the positions scored.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -253,3 +255,28 @@ def scores_table(scores: dict[str, dict[str, float]], shots: dict[str, Any]) -> 
             lines.append(f"{task:<24} {str(shots.get(task, '')):>5}  {metric:<18} {value:>9.4f} "
                          f"{'' if stderr is None else f'{stderr:.4f}':>8}")
     return "\n".join(lines)
+
+
+# The YAML of a local task's kind: what lm-eval reads from each JSONL row and which metric it reports.
+TASK_KINDS = {
+    "multiple_choice": 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_target: label\n'
+                       'doc_to_choice: "{{choices}}"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n'
+                       '    higher_is_better: true\n',
+    "rolling": 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+               'metric_list:\n  - metric: bits_per_byte\n    aggregation: bits_per_byte\n    higher_is_better: false\n',
+    "generate": 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
+                'generation_kwargs:\n  until: ["."]\n  max_gen_toks: 8\n  do_sample: false\n'
+                'metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n',
+}
+
+
+def write_local_task(folder: Path, task: str, kind: str, rows: Sequence[dict[str, Any]]) -> None:
+    """An lm-eval task named `task` over `rows` in `folder` (task.jsonl and task.yaml; pass the folder as
+    --include-path): "multiple_choice" rows hold question, choices and label; "rolling" rows a text;
+    "generate" rows a prompt and its answer (greedy, up to 8 tokens, to the first "."). Nothing is downloaded."""
+    data = folder / f"{task}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{task}.yaml").write_text(
+        f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        f"  cache_dir: {folder / 'datasets-cache'}\ntest_split: test\n{TASK_KINDS[kind]}metadata:\n  version: 1.0\n")
+
