@@ -306,6 +306,17 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """[eval]: lm-evaluation-harness tasks that `fasttrain train` scores on the final weights, as
+    `fasttrain evaluate RUN --tasks ...` would (the eval extra; see docs/tools.md). Checked before training."""
+
+    tasks: list[str] = field(default_factory=list)  # e.g. ["hellaswag", "arc_easy"]; [] = none (the default)
+    num_fewshot: int = 0  # examples before each question
+    limit: int = 0  # documents per task; 0 = every one
+    include_path: str = ""  # a folder of task YAML files of one's own ("" = lm-eval's tasks only)
+
+
+@dataclass
 class Config:
     """A whole run's settings, one attribute per TOML section."""
 
@@ -318,6 +329,7 @@ class Config:
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 OVERRIDE_SOURCE = "--set"  # how errors name values that came from the command line
@@ -405,7 +417,9 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
                             f"non-empty (generation starts from it) and at most {MAX_PROMPT_CHARS:,} characters"),
     "train.seed": (lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}]"),
     "train.sample_tokens": _NON_NEGATIVE,
-    "train.shard_group_size": _NON_NEGATIVE,  # that it divides the world is checked at launch
+    "train.shard_group_size": _NON_NEGATIVE,
+    "eval.num_fewshot": _NON_NEGATIVE,
+    "eval.limit": _NON_NEGATIVE,  # that it divides the world is checked at launch
     "checkpoint.interval": _POSITIVE,
     "checkpoint.keep_last": _POSITIVE,
     "recovery.max_skips": _POSITIVE,

@@ -120,21 +120,21 @@ def scored_step(source: Path) -> tuple[Path | None, int | None]:
     return run, step
 
 
-def score_tasks(trained: Trained, args) -> int:
-    """Run args.tasks through lm-eval; print the table, log the event, write --output."""
+def score_tasks(trained: Trained, tasks: Sequence[str], num_fewshot: int | None, limit: float | None,
+                include_path: str | None, batch_size: int, output: str | None = None) -> dict[str, dict[str, float]]:
+    """Run `tasks` through lm-eval; print the table, log an eval_tasks event in the run's metrics.jsonl (when
+    `trained` came from a run), write `output`; returns the scores."""
     harness = importlib.import_module("fasttrain.training.harness")  # UsageError if lm-eval is missing or too old
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    results = harness.run_tasks(trained, tasks, args.num_fewshot, args.limit, args.include_path,
-                                args.batch_size or trained.cfg.train.batch_size)
+    results = harness.run_tasks(trained, tasks, num_fewshot, limit, include_path, batch_size)
     scores = harness.task_scores(results)
     run, step = scored_step(trained.source)
-    record = {"step": step, "tasks": scores, "num_fewshot": args.num_fewshot, "limit": args.limit,
+    record = {"step": step, "tasks": scores, "num_fewshot": num_fewshot, "limit": limit,
               "source": str(trained.source), "lm_eval": harness.LM_EVAL_VERSION}
     print(harness.scores_table(scores, results.get("n-shot", {})))
     print(f"({trained.source}, step {step})")
-    if args.output:
+    if output:
         text = json.dumps(record, indent=2).encode()
-        print(f"wrote {write_atomically(args.output, lambda f: f.write(text), 'write the scores')}")
+        print(f"wrote {write_atomically(output, lambda f: f.write(text), 'write the scores')}")
     if run is not None:
         try:
             with locked(run):  # not while a run trains there: two writers would interleave metrics.jsonl
@@ -143,7 +143,7 @@ def score_tasks(trained: Trained, args) -> int:
                 log.close()
         except UsageError as e:
             print(f"note: the scores are not in {run / 'metrics.jsonl'}: {e}", file=sys.stderr)
-    return 0
+    return scores
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -188,7 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = inference_device(args.device)
     trained = load_trained(args.source, device)
     if args.tasks:
-        return score_tasks(trained, args)
+        score_tasks(trained, [t.strip() for t in args.tasks.split(",") if t.strip()], args.num_fewshot, args.limit,
+                    args.include_path, args.batch_size or trained.cfg.train.batch_size, args.output)
+        return 0
     if args.split:
         metrics = score_split(trained, args.split, args.batch_size or trained.cfg.train.batch_size, device)
     else:

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import os
 import shlex
 from pathlib import Path
 from typing import Sequence
 
-from fasttrain.config import Config, add_config_arguments, config_from_args, config_overrides
+from fasttrain.config import Config, EvalConfig, add_config_arguments, config_from_args, config_overrides
+from fasttrain.evaluate import score_tasks
 from fasttrain.system import distributed
-from fasttrain.system.errors import ArgumentParser, run_cli
+from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
+from fasttrain.training.trained_model import load_trained
 from fasttrain.training.trainer import Interrupted, Trainer
 
 AUTO_OR_NEW = "auto-or-new"  # --resume auto, or a new run while train.out_dir has no checkpoint
@@ -38,13 +41,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="start a new run in a train.out_dir that holds another run's checkpoints, deleting them")
     parser.add_argument("--quiet", action="store_true", help="print nothing; metrics.jsonl still gets everything")
     args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    if cfg.eval.tasks:  # lm-eval missing, or a task it does not know: said now, not after the run
+        check_tasks(cfg.eval)
     trainer = None
     try:
-        trainer = Trainer(config_from_args(args), quiet=args.quiet)
+        trainer = Trainer(cfg, quiet=args.quiet)
         resume = checkpoint_to_resume(args.resume, trainer.cfg.train.out_dir, trainer.quiet)
         if resume:
             trainer.resume(resume)
-        trainer.train(overwrite=args.overwrite)
+        summary = trainer.train(overwrite=args.overwrite)
+        device, batch_size = trainer.device, trainer.cfg.train.batch_size
     except Interrupted as e:
         raise Interrupted(f"{e}; resume with: {resume_command(args, trainer.cfg)}", e.exit_code) from None
     finally:
@@ -55,7 +62,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         trainer = None
         gc.collect()
         distributed.stop()  # under torchrun: leave the process group, whatever happened
+    if cfg.eval.tasks and distributed.world_from_env().is_main:  # the final weights, as evaluate --tasks scores them
+        e = cfg.eval
+        score_tasks(load_trained(summary["weights"], device), e.tasks, e.num_fewshot, e.limit or None,
+                    e.include_path or None, batch_size)
     return 0
+
+
+def check_tasks(e: EvalConfig) -> None:
+    """UsageError (one line) if eval.tasks cannot be scored: lm-eval missing or outside the supported versions,
+    eval.include_path not a folder, or a task lm-eval does not know."""
+    if e.include_path and not Path(e.include_path).is_dir():
+        raise UsageError(f"eval.include_path: {e.include_path}: no such directory")
+    harness = importlib.import_module("fasttrain.training.harness")
+    try:
+        harness.known_tasks(harness.TaskManager(include_path=e.include_path or None), e.tasks)
+    except UsageError as error:
+        raise UsageError(f"eval.tasks: {str(error).removeprefix('--tasks: ')}") from None
 
 
 def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | None:

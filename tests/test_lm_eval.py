@@ -22,7 +22,7 @@ from fasttrain import evaluate as evaluate_cli
 from fasttrain.export import export
 from fasttrain.system.errors import run_cli
 from fasttrain.training.trained_model import load_trained
-from tests.conftest import tiny_config
+from tests.conftest import tiny_args, tiny_config
 
 # Before lm-eval imports `datasets`, which reads these once: local JSON files only, never the Hub.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -154,6 +154,25 @@ def test_evaluate_tasks_prints_logs_and_writes_the_scores(run, tasks, tmp_path, 
     direct = harness.task_scores(harness.run_tasks(load_trained(run), ["tiny_mc"], num_fewshot=1, limit=8,
                                                    include_path=str(tasks), batch_size=4))
     assert direct["tiny_mc"]["acc"] == acc
+
+
+def test_train_scores_eval_tasks_on_its_final_weights(pydoc_data, tasks, tmp_path, capsys):
+    """eval.tasks: `fasttrain train` scores the tasks on the final weights at the end, as evaluate --tasks
+    does (an eval_tasks event at the last step); an unknown task is refused before anything is written."""
+    harness = lm_eval_or_skip()
+    from fasttrain import train
+
+    sets = [f"eval.include_path={tasks}", "eval.limit=6", "train.max_steps=3", "train.sample_tokens=0"]
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(train.main, tiny_args(pydoc_data, tmp_path / "bad", *sets, 'eval.tasks=["tiny_mcq"]'))
+    assert exit_.value.code == 2 and "eval.tasks: unknown task 'tiny_mcq'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert train.main(tiny_args(pydoc_data, tmp_path / "run", *sets, 'eval.tasks=["tiny_mc"]')) == 0
+    event = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert event["event"] == "eval_tasks" and event["step"] == 3 and event["limit"] == 6
+    direct = harness.task_scores(harness.run_tasks(load_trained(tmp_path / "run"), ["tiny_mc"], num_fewshot=0,
+                                                   limit=6, include_path=str(tasks), batch_size=4))
+    assert event["tasks"]["tiny_mc"]["acc"] == direct["tiny_mc"]["acc"]
 
 
 @pytest.mark.subprocess
