@@ -373,3 +373,29 @@ def _vocab_size_of(directory: Path, shards: list[ShardInfo]) -> int:
     """The vocabulary size recorded by prepare (meta.json), else by the shards (0 if none records it)."""
     meta = read_meta(directory)
     return int(meta["vocab_size"]) if meta else max(s.vocab_size for s in shards)
+
+
+def reshard(saved: list[dict], rank: int, world_size: int) -> dict:
+    """The state for `rank` of `world_size` that continues the stream where `saved` (every rank's state_dict,
+    from a world of len(saved) ranks at the same batch count) stopped: the global position carries over.
+
+    An epoch's batches do not depend on the world: rank r of W takes batches r, r + W, ..., so after b
+    batches per rank the world has consumed global batches 0 .. i * W - 1 of epoch e (divmod(b, per-rank
+    batches per epoch) = (e, i)). A world of M continues at i * W / M batches per rank, the same rows next.
+    Each epoch's tail that fills no whole round of M ranks is dropped, as in any epoch. UsageError if i * W
+    is not a multiple of M: no per-rank count starts there."""
+    state = saved[0]
+    counts = {s["batches"] for s in saved}
+    if len(counts) != 1:
+        raise UsageError(f"the saved ranks stopped at different loader positions ({sorted(counts)} batches)")
+    rows_per_batch, num_rows = state["batch_size"], state["num_rows"]
+    epoch, i = divmod(state["batches"], num_rows // (rows_per_batch * len(saved)))
+    done = i * len(saved)  # global batches of this epoch consumed
+    per_rank = num_rows // (rows_per_batch * world_size)
+    if done >= per_rank * world_size:  # in the tail this world drops: its next epoch comes next
+        epoch, done = epoch + 1, 0
+    if done % world_size:
+        raise UsageError(f"the run stopped after {done} batches of {rows_per_batch} rows into epoch {epoch}, which "
+                         f"{world_size} processes cannot split evenly (each takes every {world_size}th batch); resume "
+                         f"with a number of processes that divides {done}, or with the {len(saved)} it was saved with")
+    return {**state, "batches": epoch * per_rank + done // world_size, "rank": rank, "world_size": world_size}

@@ -12,7 +12,7 @@ A checkpoint file is a dict of
     scaler                the fp16 GradScaler's state
     step, tokens_seen...  the RunState's fields, at the top level
     ranks                 each rank's training-loader position and random generator states
-    parallel              "none", "ddp", "fsdp" or "hsdp": with len(ranks), what a resume must match
+    parallel              "none", "ddp", "fsdp" or "hsdp": the world that saved it, with len(ranks)
     config                the run's resolved config, as TOML
 
 Each file is written under a temporary name, fsync'd and renamed (fasttrain/system/atomic.py),
@@ -41,9 +41,10 @@ import torch
 from torch import nn
 
 from fasttrain.config import Config, config_to_toml, parse_config
-from fasttrain.data.loader import TokenLoader
+from fasttrain.data.loader import TokenLoader, reshard
 from fasttrain.system import distributed
 from fasttrain.system.atomic import write_atomically
+from fasttrain.system.device import seed_everything
 from fasttrain.system.errors import RunStopped, UsageError
 from fasttrain.system.run_lock import LOCK_FILE, other_holder
 from fasttrain.training.metrics import WANDB_ID_FILE
@@ -333,14 +334,6 @@ def check_same_optimizer(saved_cfg: Config, cfg: Config, path: str | os.PathLike
                          "one optimizer cannot continue from another's state; resume with the same optim.name")
 
 
-def check_same_world(state: dict, world_size: int, parallel: str, path: str | os.PathLike[str]) -> None:
-    """UsageError unless `state` was saved by `world_size` ranks in `parallel` mode ("none": one process)."""
-    saved = (len(state.get("ranks", [])), state.get("parallel"))
-    if saved != (world_size, parallel):
-        raise UsageError(f"{path}: saved by {saved[0]} process(es) ({saved[1]}); this run has {world_size} "
-                         f"({parallel}): resume with the same torchrun --nproc_per_node and train.parallel")
-
-
 def rng_state() -> dict:
     """Python's, NumPy's and torch's (CPU and every CUDA device) generator states, in types torch.load accepts."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -350,6 +343,23 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+
+
+def seed_rng(seed: int, step: int, rank: int) -> None:
+    """Seed every generator from (train.seed, step, rank): the random state of a rank that has no saved one."""
+    seed_everything(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+
+
+def world_change(saved_size: int, saved_parallel: str | None, size: int, parallel: str) -> list[str]:
+    """What a resume on `size` processes in `parallel` mode says about a checkpoint saved by `saved_size`
+    in `saved_parallel`: nothing in the same world."""
+    if (saved_size, saved_parallel) == (size, parallel):
+        return []
+    note = (f"saved by {saved_size} process(es) ({saved_parallel}), continued by {size} ({parallel}): the model and "
+            "optimizer state are whole, and the data stream goes on from the same global batch")
+    if size > saved_size:
+        note += f"; ranks {saved_size}-{size - 1} have no saved random state, seeded from train.seed, the step and the rank"
+    return [note]
 
 
 def set_rng_state(state: dict) -> None:
@@ -399,26 +409,32 @@ class Checkpointer:
         distributed.barrier(self.world)
         return path
 
-    def restore(self, path: str | Path, loader: TokenLoader) -> tuple[RunState, Config]:
+    def restore(self, path: str | Path, loader: TokenLoader) -> tuple[RunState, Config, list[str]]:
         """Load the checkpoint at `path` into the model, optimizer, scaler, `loader` and the random
-        generators; returns its RunState and the config it was saved with. UsageError if it comes from a
-        model of another shape, another optimizer, or another number of ranks or parallel mode, or cannot
-        be loaded."""
+        generators; returns its RunState, the config it was saved with and notes for the user. A checkpoint
+        saved by another number of processes or another parallel mode continues the data stream at the same
+        global batch, split over this world (loader.reshard); a rank with no saved random state gets one
+        seeded from train.seed, the step and its rank. UsageError if it comes from a model of another shape,
+        another optimizer, a position this world cannot continue from, or cannot be loaded."""
         state = load(path, self.device)
         saved = saved_config(state, path)  # parsed once: the checks below and the caller read it
         check_same_model(saved, self.cfg, path)
         check_same_optimizer(saved, self.cfg, path)
-        check_same_world(state, self.world.size, self.parallel, path)
         try:
+            ranks, rank = state["ranks"], self.world.rank
+            position = reshard([r["train_loader"] for r in ranks], rank, self.world.size)
             distributed.load_full_state(self.model, self.updater.optimizer, state["model"], state["optimizer"],
                                         self.parallel in distributed.SHARDED)
             self.updater.scaler.load_state_dict(state["scaler"])
-            mine = state["ranks"][self.world.rank]
-            loader.load_state_dict(mine["train_loader"])
-            set_rng_state(mine["rng"])
-            return RunState.from_state_dict(state), saved
+            loader.load_state_dict(position)
+            if rank < len(ranks):
+                set_rng_state(ranks[rank]["rng"])
+            else:
+                seed_rng(self.cfg.train.seed, state["step"], rank)
+            run = RunState.from_state_dict(state)
         except (RuntimeError, ValueError, KeyError, TypeError, UsageError) as e:
             raise UsageError(f"{path}: cannot continue from it ({str(e).splitlines()[0]})") from None
+        return run, saved, world_change(len(ranks), state.get("parallel"), self.world.size, self.parallel)
 
     def point_latest(self, path: Path) -> None:
         """Make `latest` name `path` again (after a rollback to it), so a resume starts there too."""

@@ -493,7 +493,9 @@ class Trainer:
         so."""
         path = checkpoint.resolve(str(spec), self.cfg.train.out_dir)
         checkpoint.check_own(path, self.checkpoints.directory)
-        run, saved = self.checkpoints.restore(path, self.train_loader)
+        run, saved, notes = self.checkpoints.restore(path, self.train_loader)
+        for note in notes if not self.quiet else ():
+            print(f"resume: {note}")
         end = self.cfg.train.max_steps
         if run.step > end:
             raise UsageError(f"{path}: the run is at step {run.step}, past train.max_steps = {end}: nothing to train; "
