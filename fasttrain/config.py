@@ -218,6 +218,9 @@ class CheckpointConfig:
     interval: int = 500  # save every this many steps (and at the end)
     keep_last: int = 2  # the newest this many saves are kept, older ones deleted (the best is kept too)
     keep_best: bool = True  # save whenever validation loss reaches a new low, and keep the lowest
+    # "sharded": a folder each rank writes its own part of (torch.distributed.checkpoint); "file": one file of
+    # the whole state, gathered onto rank 0; "auto": sharded under fsdp and hsdp, a file otherwise
+    format: Literal["auto", "file", "sharded"] = "auto"
 
 
 @dataclass

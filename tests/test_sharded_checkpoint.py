@@ -3,11 +3,16 @@ goes on from the same global batch (fasttrain/data/loader.py's `reshard`, fasttr
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 
+from fasttrain import evaluate, export, sample, train
 from fasttrain.data.loader import TokenLoader, reshard
-from fasttrain.system.errors import UsageError
+from fasttrain.model.weights import read_safetensors
+from fasttrain.system.errors import UsageError, run_cli
 from tests.conftest import tiny_args
 from tests.test_distributed import RUN, single, torchrun, values
 
@@ -70,3 +75,59 @@ def test_a_run_saved_by_two_processes_resumes_on_another_world_with_the_same_los
     assert values(tmp_path / "resumed", "train", "tokens") == values(tmp_path / "straight", "train", "tokens")
     assert values(tmp_path / "resumed", "train", "loss") == pytest.approx(values(tmp_path / "straight", "train", "loss"),
                                                                         rel=1e-5)
+
+
+def cli(program, args: list[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        run_cli(program.main, args)
+    assert done.value.code == 0
+
+
+SHARDED = [*RUN, 'checkpoint.format="sharded"', "train.sample_tokens=0"]
+
+
+def test_a_sharded_checkpoint_resumes_exactly_and_every_tool_reads_it(pydoc_data, tmp_path, capsys):
+    cli(train, tiny_args(pydoc_data, tmp_path / "straight", *SHARDED, "model.dropout=0.1"))
+    cli(train, tiny_args(pydoc_data, tmp_path / "run", *SHARDED, "model.dropout=0.1", "train.max_steps=2"))
+    cli(train, tiny_args(pydoc_data, tmp_path / "run", *SHARDED, "model.dropout=0.1", flags=["--resume", "auto"]))
+    assert values(tmp_path / "run", "train", "loss") == values(tmp_path / "straight", "train", "loss")  # bit for bit
+    saved = tmp_path / "run" / "checkpoints" / "step_0000004"
+    assert saved.is_dir() and {".metadata", "__0_0.distcp", "state.pt"} <= set(os.listdir(saved))
+    assert (saved.parent / "latest").read_text() == "step_0000004"
+    # The last save holds the final weights: export reads the folder directly, as sample and evaluate do.
+    for spec in (saved, saved.parent, saved.parent / "latest"):
+        cli(export, [str(spec), "--out", str(tmp_path / "export")])
+        ours, final = (read_safetensors(tmp_path / d / "model.safetensors") for d in ("export", "run/final"))
+        assert ours.keys() == final.keys() and all(torch.equal(ours[k], final[k]) for k in ours)
+        shutil.rmtree(tmp_path / "export")
+    cli(export, [str(saved), "--hf", "--out", str(tmp_path / "hf")])
+    assert (tmp_path / "hf" / "config.json").is_file()
+    cli(sample, [str(saved), "--max-new-tokens", "4", "--prompt", "The"])
+    cli(evaluate, [str(saved), "--split", "val"])
+    capsys.readouterr()
+
+
+def test_an_old_checkpoint_file_resumes_into_sharded_saves(pydoc_data, tmp_path):
+    cli(train, tiny_args(pydoc_data, tmp_path / "straight", *SHARDED))
+    cli(train, tiny_args(pydoc_data, tmp_path / "run", *RUN, 'checkpoint.format="file"', "train.max_steps=2"))
+    assert (tmp_path / "run" / "checkpoints" / "step_0000002.pt").is_file()
+    cli(train, tiny_args(pydoc_data, tmp_path / "run", *SHARDED, flags=["--resume", "auto"]))
+    assert values(tmp_path / "run", "train", "loss") == values(tmp_path / "straight", "train", "loss")
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["best", "latest", "step_0000002.pt",
+                                                                    "step_0000004"]
+
+
+def test_pruning_removes_old_folders_and_a_killed_save_stays_invisible(pydoc_data, tmp_path):
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    cli(train, tiny_args(pydoc_data, run, *SHARDED, "train.max_steps=6", "checkpoint.keep_last=1"))
+    assert (checkpoints / "latest").read_text() == "step_0000006"
+    assert "step_0000002" not in os.listdir(checkpoints)  # pruned: older than what latest, best and recovery keep
+    # A save killed halfway leaves only its temporary folder: latest still names a complete save, and the next
+    # save clears it away.
+    shutil.copytree(checkpoints / "step_0000006", checkpoints / ".step_0000008.tmp")
+    (checkpoints / ".step_0000008.tmp" / ".metadata").unlink()
+    cli(train, tiny_args(pydoc_data, run, *SHARDED, "train.max_steps=8", "checkpoint.keep_last=1",
+                         flags=["--resume", "auto"]))
+    assert (checkpoints / "latest").read_text() == "step_0000008"
+    assert not [name for name in os.listdir(checkpoints) if name.endswith(".tmp")]

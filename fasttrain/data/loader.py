@@ -396,6 +396,6 @@ def reshard(saved: list[dict], rank: int, world_size: int) -> dict:
         epoch, done = epoch + 1, 0
     if done % world_size:
         raise UsageError(f"the run stopped after {done} batches of {rows_per_batch} rows into epoch {epoch}, which "
-                         f"{world_size} processes cannot split evenly (each takes every {world_size}th batch); resume "
+                         f"{world_size} processes cannot split evenly (each takes one batch in {world_size}); resume "
                          f"with a number of processes that divides {done}, or with the {len(saved)} it was saved with")
     return {**state, "batches": epoch * per_rank + done // world_size, "rank": rank, "world_size": world_size}

@@ -188,6 +188,26 @@ def keyed_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dic
             "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in groups]}
 
 
+def _torch_optimizers(optimizer) -> torch.optim.Optimizer | tuple[torch.optim.Optimizer, ...]:
+    """`optimizer`, or a Hybrid's parts: DCP's state dict functions take torch optimizers."""
+    return tuple(optimizer.parts.values()) if hasattr(optimizer, "parts") else optimizer
+
+
+def local_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """State dicts of `model` and `optimizer` as this rank holds them, for a sharded checkpoint: DTensor shards
+    under FSDP and HSDP, whole tensors otherwise; the optimizer's keyed by parameter name. Nothing is gathered."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(model, _torch_optimizers(optimizer))
+
+
+def load_local_state(model: nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Load what `local_state` returned (filled from a checkpoint) into `model` and `optimizer`."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(model, _torch_optimizers(optimizer), model_state_dict=model_state, optim_state_dict=optimizer_state)
+
+
 def load_full_model_state(model: nn.Module, model_state: dict, fsdp: bool) -> None:
     """Load full (unsharded) weights that every rank read alike into `model`; FSDP re-shards them."""
     if not fsdp:
