@@ -221,6 +221,9 @@ class CheckpointConfig:
     # "sharded": a folder each rank writes its own part of (torch.distributed.checkpoint); "file": one file of
     # the whole state, gathered onto rank 0; "auto": sharded under fsdp and hsdp, a file otherwise
     format: Literal["auto", "file", "sharded"] = "auto"
+    # copy the state to CPU memory and write it in the background while training goes on (sharded saves only;
+    # a step waits for the copy, and for a save still in flight when the next is due, at the end, on a stop)
+    async_save: bool = False
 
 
 @dataclass

@@ -13,7 +13,7 @@ from fasttrain import evaluate, export, sample, train
 from fasttrain.data.loader import TokenLoader, reshard
 from fasttrain.model.weights import read_safetensors
 from fasttrain.system.errors import UsageError, run_cli
-from tests.conftest import tiny_args
+from tests.conftest import tiny_args, tiny_config
 from tests.test_distributed import RUN, single, torchrun, values
 
 
@@ -131,3 +131,37 @@ def test_pruning_removes_old_folders_and_a_killed_save_stays_invisible(pydoc_dat
                          flags=["--resume", "auto"]))
     assert (checkpoints / "latest").read_text() == "step_0000008"
     assert not [name for name in os.listdir(checkpoints) if name.endswith(".tmp")]
+
+
+def test_async_saves_resume_exactly_and_the_end_waits_for_the_last(pydoc_data, tmp_path):
+    background = [*SHARDED, "checkpoint.async_save=true", "checkpoint.interval=1"]
+    cli(train, tiny_args(pydoc_data, tmp_path / "straight", *SHARDED))
+    cli(train, tiny_args(pydoc_data, tmp_path / "run", *background, "train.max_steps=2"))  # the second waits
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_0000002"  # the run ended only once its last save was done
+    assert {".metadata", "state.pt"} <= set(os.listdir(checkpoints / "step_0000002"))
+    cli(train, tiny_args(pydoc_data, tmp_path / "run", *background, flags=["--resume", "auto"]))
+    assert values(tmp_path / "run", "train", "loss") == values(tmp_path / "straight", "train", "loss")
+
+
+def test_a_failed_background_write_is_one_line_and_latest_keeps_the_last_complete_save(pydoc_data, tmp_path,
+                                                                                        monkeypatch, capsys):
+    from concurrent.futures import Future
+
+    from fasttrain.training import sharded_files
+    from fasttrain.training.trainer import Trainer
+
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, *SHARDED, "checkpoint.async_save=true"), quiet=True)
+    trainer.step()
+    first = trainer.save_checkpoint()
+    assert trainer.checkpoints.latest() == first  # waited for, then published
+    failed: Future = Future()
+    failed.set_exception(OSError(28, "No space left on device"))
+    monkeypatch.setattr(sharded_files, "write_async", lambda *args: failed)
+    trainer.step()
+    trainer.save_checkpoint()
+    assert trainer.checkpoints.latest() == first
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step_0000002: the background checkpoint write failed (OSError" in err, err
+    assert "latest still names" in err and not list((tmp_path / "checkpoints").glob(".*.tmp"))
+    trainer.close()

@@ -94,6 +94,12 @@ def start(world: World, device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
 
 
+def new_group(world: World):
+    """A gloo process group of every rank, for collectives on a thread beside training's (None in a world of
+    one). Every rank must call it, in the same order."""
+    return dist.new_group(backend="gloo") if world.distributed else None
+
+
 def stop() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_initialized():

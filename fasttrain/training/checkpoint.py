@@ -37,7 +37,9 @@ import os
 import random
 import re
 import shutil
-from dataclasses import fields
+import sys
+from concurrent.futures import Future
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -439,6 +441,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+@dataclass
+class InFlight:
+    """A save whose background write is under way: what publishing it needs once `future` is done."""
+
+    future: Future
+    staging: Path
+    path: Path
+    rest: dict
+    best: bool
+    keep: Path | None
+
+
 class Checkpointer:
     """Saves and restores the state of `model` and `updater`, with the RunState and loader given per
     call, in `cfg.train.out_dir`/checkpoints. Every rank must call `save` and `restore`. A sharded save
@@ -450,8 +464,12 @@ class Checkpointer:
         self.cfg, self.model, self.updater, self.world, self.parallel = cfg, model, updater, world, parallel
         self.device = device  # where a restored state's tensors go
         self.directory = Path(cfg.train.out_dir) / "checkpoints"
-        fmt = cfg.checkpoint.format
-        self.sharded = fmt == "sharded" or (fmt == "auto" and parallel in distributed.SHARDED)
+        fmt, self.background = cfg.checkpoint.format, cfg.checkpoint.async_save
+        self.sharded = fmt == "sharded" or (fmt == "auto" and parallel in distributed.SHARDED) or self.background
+        # A background write meets the other ranks on a gloo group of its own (DCP's collectives on the training
+        # group would interleave with the steps'); made now, on every rank in the same order.
+        self.write_group = distributed.new_group(world) if self.background else None
+        self.in_flight: InFlight | None = None
 
     def run_state(self, run: RunState, loader: TokenLoader) -> dict:
         """What a checkpoint holds besides the model and optimizer: small, gathered onto every rank."""
@@ -484,35 +502,69 @@ class Checkpointer:
 
     def save_sharded(self, run: RunState, loader: TokenLoader, best: bool, keep: Path | None) -> Path:
         """Every rank writes its part into `.step_N.tmp/`, rank 0 adds state.pt, fsyncs the folder and renames
-        it `step_N/`, then moves the pointers and prunes: complete or invisible, as a file save."""
+        it `step_N/`, then moves the pointers and prunes: complete or invisible, as a file save. With
+        checkpoint.async_save this returns once the state is copied to CPU memory, and the rest is done when the
+        write is (`wait`)."""
+        self.wait()  # the save still in flight, if any, comes first
         path = path_for(self.directory, run.step, sharded=True)
         staging = self.directory / f".{path.name}.tmp"
         rest = self.run_state(run, loader)
         model, optimizer = distributed.local_state(self.model, self.updater.optimizer)
+        rest["optimizer_groups"] = optimizer["param_groups"]
         if self.world.is_main:
             self.check_still_ours()
             clear_stale(self.directory)
             make_directory(staging)
         distributed.barrier(self.world)
+        state = {"model": model, "optimizer": {"state": optimizer["state"]}}
+        if self.background:
+            self.in_flight = InFlight(sharded_files.write_async(staging, state, self.write_group), staging, path,
+                                      rest, best, keep)
+            return path
         try:
-            sharded_files.write(staging, {"model": model, "optimizer": {"state": optimizer["state"]}})
+            sharded_files.write(staging, state)
         except (OSError, dcp_exception()) as e:
             raise UsageError(f"{staging}: cannot save checkpoint ({sharded_files.one_line(e)})") from None
         if self.world.is_main:
-            rest["optimizer_groups"] = optimizer["param_groups"]
-            write_atomically(staging / STATE_FILE, lambda f: torch.save(rest, f), what="save checkpoint")
-            try:
-                sync_directory(staging)
-                if path.exists():  # this step saved before (a folder cannot be renamed over): set it aside
-                    os.rename(path, self.directory / f".{path.name}.old.tmp")
-                os.rename(staging, path)
-                sync_directory(self.directory)
-            except OSError as e:
-                raise UsageError(f"{path}: cannot save checkpoint ({e.strerror or e})") from None
-            clear_stale(self.directory)
-            publish(self.directory, path, self.cfg.checkpoint.keep_last, best, keep)
+            self.publish_folder(staging, path, rest, best, keep)
         distributed.barrier(self.world)
         return path
+
+    def publish_folder(self, staging: Path, path: Path, rest: dict, best: bool, keep: Path | None) -> None:
+        """Rank 0, once every rank's part is in `staging`: add state.pt, rename the folder `path`, point, prune."""
+        write_atomically(staging / STATE_FILE, lambda f: torch.save(rest, f), what="save checkpoint")
+        try:
+            sync_directory(staging)
+            if path.exists():  # this step saved before (a folder cannot be renamed over): set it aside
+                os.rename(path, self.directory / f".{path.name}.old.tmp")
+            os.rename(staging, path)
+            sync_directory(self.directory)
+        except OSError as e:
+            raise UsageError(f"{path}: cannot save checkpoint ({e.strerror or e})") from None
+        clear_stale(self.directory)
+        publish(self.directory, path, self.cfg.checkpoint.keep_last, best, keep)
+
+    def poll(self) -> None:
+        """Publish the save in flight if its background write is done (called after each step: cheap)."""
+        if self.in_flight is not None and self.in_flight.future.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait for the save in flight, if any, and publish it (rank 0). A failed background write is one line
+        on stderr, its folder removed, and `latest` keeps naming the last complete save."""
+        flight, self.in_flight = self.in_flight, None
+        if flight is None:
+            return
+        try:
+            flight.future.result()
+        except (Exception, dcp_exception()) as e:
+            if self.world.is_main:
+                remove(flight.staging)
+                print(f"warning: {flight.path}: the background checkpoint write failed ({sharded_files.one_line(e)}); "
+                      f"latest still names {pointed(self.directory, 'latest')}", file=sys.stderr, flush=True)
+            return
+        if self.world.is_main:
+            self.publish_folder(flight.staging, flight.path, flight.rest, flight.best, flight.keep)
 
     def restore(self, path: str | Path, loader: TokenLoader) -> tuple[RunState, Config, list[str]]:
         """Load the checkpoint at `path` into the model, optimizer, scaler, `loader` and the random
@@ -521,6 +573,7 @@ class Checkpointer:
         global batch, split over this world (loader.reshard); a rank with no saved random state gets one
         seeded from train.seed, the step and its rank. UsageError if it comes from a model of another shape,
         another optimizer, a position this world cannot continue from, or cannot be loaded."""
+        self.wait()  # a rollback may go back to the save in flight
         path = Path(path)
         state = load(path, self.device, whole_model=False)
         saved = saved_config(state, path)  # parsed once: the checks below and the caller read it
@@ -564,7 +617,8 @@ class Checkpointer:
                              "was removed or replaced; stopping without saving, pruning or pointing at anything there")
 
     def latest(self) -> Path | None:
-        """The newest complete save, or None before the first."""
+        """The newest complete save, or None before the first; a save in flight is waited for first."""
+        self.wait()
         return pointed(self.directory, "latest")
 
     def history(self, upto: Path) -> list[Path]:

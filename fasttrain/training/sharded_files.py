@@ -103,6 +103,15 @@ def write(path: Path, state: dict, process_group=None) -> None:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(path), process_group=process_group, no_dist=alone())
 
 
+def write_async(path: Path, state: dict, process_group=None):
+    """Like `write`, but return once `state` is copied to CPU memory: a future that is done when the folder is
+    written (its result raises what the write raised). `process_group`: a gloo group of its own, so the
+    background write's collectives never interleave with training's."""
+    with quietly():
+        return dcp.async_save(state, storage_writer=dcp.FileSystemWriter(path), process_group=process_group,
+                              no_dist=alone())
+
+
 def read_into(path: Path, state: dict) -> None:
     """Fill `state` (this rank's tensors, shaped as it holds them) from the folder `path`, in any world:
     DCP reads the pieces each tensor needs. UsageError if the folder does not hold them."""

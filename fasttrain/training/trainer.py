@@ -373,6 +373,7 @@ class Trainer:
                     self._stop(report, signals.received or signal.SIGTERM)
             while self.run.step < t.max_steps:
                 result = self.step()
+                self.checkpoints.poll()  # publish a background save that has finished
                 if start:
                     start.started()
                 done = self.run.step == t.max_steps
