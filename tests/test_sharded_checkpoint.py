@@ -165,3 +165,19 @@ def test_a_failed_background_write_is_one_line_and_latest_keeps_the_last_complet
     assert err.count("\n") == 1 and "step_0000002: the background checkpoint write failed (OSError" in err, err
     assert "latest still names" in err and not list((tmp_path / "checkpoints").glob(".*.tmp"))
     trainer.close()
+
+
+@pytest.mark.second_tier  # about 60 s of torchrun on 2 cores
+def test_async_saves_under_torchrun_resume_exactly(pydoc_data, tmp_path):
+    background = [*RUN, "train.batch_size=2", 'train.parallel="fsdp"', "checkpoint.async_save=true",
+                  "checkpoint.interval=1"]
+    straight = torchrun(tiny_args(pydoc_data, tmp_path / "straight", *background))
+    assert straight.returncode == 0, straight.stderr
+    first = torchrun(tiny_args(pydoc_data, tmp_path / "run", *background, "train.max_steps=2"))
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_0000002"
+    resumed = torchrun(tiny_args(pydoc_data, tmp_path / "run", *background, flags=["--resume", "auto"]))
+    assert resumed.returncode == 0, resumed.stderr
+    assert values(tmp_path / "run", "train", "loss") == values(tmp_path / "straight", "train", "loss")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step_"))[-1] \
+        == "step_0000004"
