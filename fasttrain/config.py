@@ -264,6 +264,12 @@ class CheckpointConfig:
     interval: int = 500  # save every this many steps (and at the end)
     keep_last: int = 2  # the newest this many saves are kept, older ones deleted (the best is kept too)
     keep_best: bool = True  # save whenever validation loss reaches a new low, and keep the lowest
+    # "sharded": a folder each rank writes its own part of (torch.distributed.checkpoint); "file": one file of
+    # the whole state, gathered onto rank 0; "auto": sharded under fsdp and hsdp, a file otherwise
+    format: Literal["auto", "file", "sharded"] = "auto"
+    # copy the state to CPU memory and write it in the background while training goes on (sharded saves only;
+    # a step waits for the copy, and for a save still in flight when the next is due, at the end, on a stop)
+    async_save: bool = False
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -68,6 +69,24 @@ def unpickling_runs_code(c: Case) -> str:
             return Path.touch, (c.tmp / "pwned",)
     torch.save({"model": Payload(), "optimizer": {}, "step": 1, "config": ""}, c.tmp / "evil.pt")
     return str(c.tmp / "evil.pt")
+
+
+def sharded_run(c: Case, damage) -> Path:
+    """The latest save of a run in sharded checkpoints (a world of one), damaged by `damage(folder)`."""
+    run = c.tmp / "sharded"
+    with pytest.raises(SystemExit):
+        run_cli(train.main, c.train('checkpoint.format="sharded"', out=run))
+    damage(run / "checkpoints" / "step_0000002")
+    return run / "checkpoints" / "step_0000002"
+
+
+def evil_metadata(c: Case, folder: Path) -> None:
+    """A sharded checkpoint's .metadata (a pickle, which DCP's own reader loads with pickle.load) that would
+    create a file when unpickled."""
+    class Payload:
+        def __reduce__(self):
+            return Path.touch, (c.tmp / "pwned",)
+    (folder / ".metadata").write_bytes(pickle.dumps(Payload()))
 
 
 def lying_shard(d: Path) -> None:
@@ -428,6 +447,18 @@ CASES = [
      lambda c: c.train(*mix(c, f'{{dir="{c.data}"}}', f'{{dir="{c.data}/."}}')),
      "data.sources[1].dir = "),
     # checkpoints and resuming
+    ("sharded checkpoint missing a rank's shard", train,
+     lambda c: c.train(flags=["--resume", str(sharded_run(c, lambda d: (d / "__0_0.distcp").unlink()))]),
+     "__0_0.distcp: missing, a shard of the checkpoint step_0000002"),
+    ("sharded checkpoint with a truncated shard", train,
+     lambda c: c.train(flags=["--resume", str(sharded_run(c, lambda d: truncate(d / "__0_0.distcp", 0.5)))]),
+     "__0_0.distcp: truncated"),
+    ("sharded checkpoint whose metadata runs code", train,
+     lambda c: c.train(flags=["--resume", str(sharded_run(c, lambda d: evil_metadata(c, d)))]),
+     ".metadata: not a checkpoint's metadata (UnpicklingError: pathlib.Path.touch is not part of"),
+    ("export a sharded checkpoint whose metadata runs code", export,
+     lambda c: [str(sharded_run(c, lambda d: evil_metadata(c, d)))],
+     ".metadata: not a checkpoint's metadata (UnpicklingError: pathlib.Path.touch is not part of"),
     ("init_from: context shorter than train.seq_len, with --overwrite", train,
      lambda c: c.train(init_from(c.run, c.tmp, edit_config(max_position_embeddings=16)), out=c.run,
                        flags=["--overwrite"]),

@@ -176,9 +176,12 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 @pytest.mark.subprocess
-@pytest.mark.second_tier  # 24 s of kills at random moments
-def test_kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint(pydoc_data, tmp_path):
-    saving = [*ENDLESS, "checkpoint.interval=1", "checkpoint.keep_last=1"]
+@pytest.mark.second_tier  # 24 s of kills at random moments, per format
+@pytest.mark.parametrize("kind", [[], ['checkpoint.format="sharded"'],
+                                  ['checkpoint.format="sharded"', "checkpoint.async_save=true"]],
+                         ids=["file", "sharded", "async"])
+def test_kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint(pydoc_data, tmp_path, kind):
+    saving = [*ENDLESS, "checkpoint.interval=1", "checkpoint.keep_last=1", *kind]
     latest = None
     for attempt in range(2):
         proc = train_cli(tiny_args(pydoc_data, tmp_path, *saving, flags=["--resume", "auto"] if attempt else []))

@@ -471,3 +471,40 @@ def _vocab_size_of(directory: Path, shards: list[ShardInfo]) -> int:
     """The vocabulary size recorded by prepare (meta.json), else by the shards (0 if none records it)."""
     meta = read_meta(directory)
     return int(meta["vocab_size"]) if meta else max(s.vocab_size for s in shards)
+
+
+def reshard(saved: list[dict], rank: int, world_size: int) -> dict:
+    """The state for `rank` of `world_size` that continues the stream where `saved` (every rank's state_dict,
+    from a world of len(saved) ranks at the same batch count) stopped: the global position carries over.
+
+    One source's epoch does not depend on the world: rank r of W takes part r of each round of W batches, so
+    after b batches per rank the world has consumed global batches 0 .. i * W - 1 of epoch e (divmod(b,
+    per-rank batches per epoch) = (e, i)). A world of M continues at i * W / M batches per rank, the same rows
+    next. Each epoch's tail that fills no whole round of M ranks is dropped, as in any epoch. UsageError if
+    i * W is not a multiple of M (no per-rank count starts there), or for a mixture saved by another world:
+    each source's epochs are cut into rounds of the world's rows, so its positions mean other rows there."""
+    state = dict(saved[0])
+    counts = {s["batches"] for s in saved}
+    if len(counts) != 1:
+        raise UsageError(f"the saved ranks stopped at different loader positions ({sorted(counts)} batches)")
+    if len(saved) == world_size:
+        return {**state, "rank": rank, "world_size": world_size}
+    num_rows = state["num_rows"] if isinstance(state["num_rows"], list) else [state["num_rows"]]  # pre-mixture
+    if len(num_rows) > 1:
+        raise UsageError(f"a mixture saved by {len(saved)} process(es) resumes on that many; its sources' "
+                         f"positions cannot be split over {world_size} yet")
+    rows_per_batch = state["batch_size"]
+    epoch, i = divmod(state["batches"], num_rows[0] // (rows_per_batch * len(saved)))
+    done = i * len(saved)  # global batches of this epoch consumed
+    per_rank = num_rows[0] // (rows_per_batch * world_size)
+    if done >= per_rank * world_size:  # in the tail this world drops: its next epoch comes next
+        epoch, done = epoch + 1, 0
+    if done % world_size:
+        raise UsageError(f"the run stopped after {done} batches of {rows_per_batch} rows into epoch {epoch}, which "
+                         f"{world_size} processes cannot split evenly (each takes one batch in {world_size}); resume "
+                         f"with a number of processes that divides {done}, or with the {len(saved)} it was saved with")
+    batches = epoch * per_rank + done // world_size
+    # the one source's position in rows, in this world's epochs (its deficit is always 0)
+    position = epoch * per_rank * world_size * rows_per_batch + done * rows_per_batch
+    return {**state, "batches": batches, "rank": rank, "world_size": world_size, "num_rows": num_rows,
+            "positions": [position], "deficits": [0.0]}

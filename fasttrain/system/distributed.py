@@ -94,6 +94,12 @@ def start(world: World, device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
 
 
+def new_group(world: World):
+    """A gloo process group of every rank, for collectives on a thread beside training's (None in a world of
+    one). Every rank must call it, in the same order."""
+    return dist.new_group(backend="gloo") if world.distributed else None
+
+
 def stop() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_initialized():
@@ -158,14 +164,54 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, fsdp: 
 
 def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict,
                     fsdp: bool) -> None:
-    """Load what `full_state` returned (every rank read the same checkpoint file); FSDP re-shards it."""
+    """Load what `full_state` returned (every rank read the same checkpoint file), in any mode: FSDP re-shards
+    it, and an optimizer state keyed by parameter index (saved without FSDP) or by name (with) is re-keyed
+    to what this mode loads."""
     load_full_model_state(model, model_state, fsdp)
+    optimizer_state = keyed_by_name(model, optimizer, optimizer_state, by_name=fsdp)
     if not fsdp:
         optimizer.load_state_dict(optimizer_state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+
+
+def keyed_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, by_name: bool) -> dict:
+    """A torch optimizer's full `state` keyed by parameter name (`by_name`, as FSDP's full state dicts are) or
+    by index (as `optimizer.state_dict()` is), whichever it was keyed by. The index of a parameter is its place
+    in the optimizer's groups, its name the one `model.named_parameters()` gives it. Other states (a Hybrid
+    optimizer's, keyed by part) are returned as they are."""
+    groups = state.get("param_groups")
+    if not (isinstance(groups, list) and groups and isinstance(groups[0], dict) and groups[0].get("params")):
+        return state
+    if isinstance(groups[0]["params"][0], str) == by_name:
+        return state
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    key = dict(enumerate(order)) if by_name else {name: i for i, name in enumerate(order)}
+    return {"state": {key[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in groups]}
+
+
+def _torch_optimizers(optimizer) -> torch.optim.Optimizer | tuple[torch.optim.Optimizer, ...]:
+    """`optimizer`, or a Hybrid's parts: DCP's state dict functions take torch optimizers."""
+    return tuple(optimizer.parts.values()) if hasattr(optimizer, "parts") else optimizer
+
+
+def local_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
+    """State dicts of `model` and `optimizer` as this rank holds them, for a sharded checkpoint: DTensor shards
+    under FSDP and HSDP, whole tensors otherwise; the optimizer's keyed by parameter name. Nothing is gathered."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(model, _torch_optimizers(optimizer))
+
+
+def load_local_state(model: nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """Load what `local_state` returned (filled from a checkpoint) into `model` and `optimizer`."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(model, _torch_optimizers(optimizer), model_state_dict=model_state, optim_state_dict=optimizer_state)
 
 
 def load_full_model_state(model: nn.Module, model_state: dict, fsdp: bool) -> None:

@@ -2,9 +2,10 @@
 
 A run directory's checkpoints/ holds
 
-    step_0000100.pt   one file per save
-    latest            the file name of the newest complete save
-    best              the file name of the save with the lowest validation loss
+    step_0000100.pt   a save as one file (checkpoint.format "file")
+    step_0000100/     or as a folder each rank writes its part of ("sharded", see sharded_files.py)
+    latest            the name of the newest complete save
+    best              the name of the save with the lowest validation loss
 
 A checkpoint file is a dict of
 
@@ -12,16 +13,19 @@ A checkpoint file is a dict of
     scaler                the fp16 GradScaler's state
     step, tokens_seen...  the RunState's fields, at the top level
     ranks                 each rank's training-loader position and random generator states
-    parallel              "none", "ddp", "fsdp" or "hsdp": with len(ranks), what a resume must match
+    parallel              "none", "ddp", "fsdp" or "hsdp": the world that saved it, with len(ranks)
     config                the run's resolved config, as TOML
 
-Each file is written under a temporary name, fsync'd and renamed (fasttrain/system/atomic.py),
-and a pointer is updated only once the file it names is complete, so a crash or
-`kill -9` at any moment leaves `latest` naming a loadable checkpoint. Old saves are
-deleted last, and never one that a pointer names.
+A sharded folder holds the same: the model's and optimizer's tensors in DCP's files, the rest (with the
+optimizer's param_groups as "optimizer_groups") in its state.pt. Either kind resumes in any world.
 
-Loading uses `torch.load(weights_only=True)`: a checkpoint may hold tensors, numbers,
-strings and containers of them, never code to run.
+Each file is written under a temporary name, fsync'd and renamed (fasttrain/system/atomic.py), a folder
+under a temporary name too, and a pointer is updated only once the save it names is complete, so a crash
+or `kill -9` at any moment leaves `latest` naming a loadable checkpoint. Old saves are deleted last, and
+never one that a pointer names.
+
+Loading uses `torch.load(weights_only=True)`, and a folder's metadata a restricted unpickler: a checkpoint
+may hold tensors, numbers, strings and containers of them, never code to run.
 
 The functions below are the files; `Checkpointer` is what a run saves into them and restores from them.
 """
@@ -33,7 +37,9 @@ import os
 import random
 import re
 import shutil
-from dataclasses import fields
+import sys
+from concurrent.futures import Future
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +47,13 @@ import torch
 from torch import nn
 
 from fasttrain.config import Config, config_to_toml, parse_config
-from fasttrain.data.loader import TokenLoader
+from fasttrain.data.loader import TokenLoader, reshard
 from fasttrain.system import distributed
 from fasttrain.system.atomic import write_atomically
+from fasttrain.system.device import seed_everything
 from fasttrain.system.errors import RunStopped, UsageError
 from fasttrain.system.run_lock import LOCK_FILE, other_holder
+from fasttrain.training import sharded_files
 from fasttrain.training.metrics import WANDB_ID_FILE
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.run_state import RunState
@@ -54,36 +62,58 @@ REQUIRED_KEYS = ("model", "optimizer", "step", "config")  # what marks a file as
 RESHAPE_FREE = ("dropout", "init_from")  # [model] keys a resumed run may change: they alter no saved weight
 
 
-SAVE_NAME = re.compile(r"step_(\d+)\.pt")
+SAVE_NAME = re.compile(r"step_(\d+)(\.pt)?")  # a file (gathered) or a folder (sharded)
+STATE_FILE = "state.pt"  # in a sharded checkpoint's folder: everything but the model's and optimizer's tensors
 
 
 def step_of(path: Path) -> int:
-    """The step of a `step_NNNNNNN.pt` file name."""
+    """The step of a `step_NNNNNNN.pt` file's or `step_NNNNNNN` folder's name."""
     return int(SAVE_NAME.fullmatch(path.name).group(1))
 
 
 def saved_steps(directory: Path) -> list[Path]:
-    """The checkpoint files in `directory`, oldest step first."""
-    return sorted(directory.glob("step_*.pt"), key=step_of)
+    """The checkpoints (files and folders) in `directory`, oldest step first."""
+    return sorted((p for p in directory.glob("step_*") if SAVE_NAME.fullmatch(p.name)), key=step_of)
 
 
-def path_for(directory: str | os.PathLike[str], step: int) -> Path:
-    """The file the save at `step` goes to."""
-    return Path(directory) / f"step_{step:07d}.pt"
+def path_for(directory: str | os.PathLike[str], step: int, sharded: bool = False) -> Path:
+    """The file (or, `sharded`, the folder) the save at `step` goes to."""
+    return Path(directory) / f"step_{step:07d}{'' if sharded else '.pt'}"
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether `path` is a sharded checkpoint: a folder named like a save."""
+    return path.is_dir() and SAVE_NAME.fullmatch(path.name) is not None and not path.name.endswith(".pt")
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint file or folder (or a temporary one)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clear_stale(directory: Path) -> None:
+    """Remove the temporary files and folders a save or pointer update killed halfway left in `directory`."""
+    for stale in directory.glob(".*.tmp"):
+        remove(stale)
 
 
 def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: int, best: bool,
          keep: Path | None = None) -> Path:
-    """Write `state` as `directory/step_<step>.pt`, point `latest` (and `best` if `best`) at it, prune.
-
-    Keeps the newest `checkpoint.keep_last` saves, the one `best` names and `keep`. Raises UsageError,
-    with every earlier save intact, if the disk is full or the directory unwritable.
-    """
+    """Write `state` as `directory/step_<step>.pt`, then publish it (see `publish`). Raises UsageError, with
+    every earlier save intact, if the disk is full or the directory unwritable."""
     directory = Path(directory)
     path = path_for(directory, step)
-    for stale in directory.glob(".*.tmp"):  # left by a save or pointer update killed halfway
-        stale.unlink(missing_ok=True)
+    clear_stale(directory)
     write_atomically(path, lambda f: torch.save(state, f), what="save checkpoint")
+    return publish(directory, path, keep_last, best, keep)
+
+
+def publish(directory: Path, path: Path, keep_last: int, best: bool, keep: Path | None = None) -> Path:
+    """Point `latest` (and `best` if `best`) at the complete save `path`, then prune: keeps the newest
+    `checkpoint.keep_last` saves, the one `best` names and `keep`."""
     if best:
         point(directory, "best", path)
     point(directory, "latest", path)
@@ -91,7 +121,7 @@ def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: i
     kept = set(saved[-keep_last:]) | {pointed(directory, "best"), keep}
     for old in saved:
         if old not in kept:
-            old.unlink()
+            remove(old)
     return path
 
 
@@ -228,6 +258,30 @@ def pointed(directory: Path, pointer: str) -> Path | None:
     return directory / name
 
 
+def make_directory(path: Path) -> None:
+    """mkdir -p `path`; UsageError naming it if the disk or the permissions refuse."""
+    try:
+        path.mkdir(parents=True)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot save checkpoint ({e.strerror or e})") from None
+
+
+def sync_directory(path: Path) -> None:
+    """fsync the directory `path`: the names in it (a renamed folder, new files) survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dcp_exception() -> type[BaseException]:
+    """DCP's CheckpointException (a BaseException): what a failed collective save raises on every rank."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
 def point(directory: Path, pointer: str, path: Path) -> None:
     """Make `directory/<pointer>` name the save `path` (atomically)."""
     name = path.name.encode("utf-8")
@@ -241,13 +295,13 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
     its checkpoints/) is its latest save; a pointer file (checkpoints/latest or best) is the
     save it names; anything else is a checkpoint file's path.
     """
-    if spec != "auto" and not Path(spec).is_dir():
+    if spec != "auto" and (not Path(spec).is_dir() or is_sharded(Path(spec).resolve())):
         path = Path(spec)
         if path.is_symlink():  # a link to checkpoints/latest names a save beside its target, not beside the link
             path = path.resolve()
         if path.name in ("latest", "best") and path.is_file():
             named = pointed(path.parent, path.name)
-            if not named.is_file():
+            if not named.exists():
                 raise UsageError(f"{path}: names {named.name}, which is missing")
             return named
         return path
@@ -256,7 +310,7 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
     latest = pointed(directory, "latest")
     if latest is None:
         raise UsageError(f"{directory}: no checkpoint saved there yet, so nothing to resume or export")
-    if not latest.is_file():
+    if not latest.exists():
         raise UsageError(f"{directory / 'latest'}: names {latest.name}, which is missing; "
                          "name a checkpoint file (step_*.pt) instead")
     return latest
@@ -292,19 +346,35 @@ def check_own(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -
                          "from it in a new directory")
 
 
-def load(path: str | os.PathLike[str], device: torch.device | str = "cpu") -> dict:
-    """The state saved at `path`; UsageError if it is missing, damaged, unsafe or not a fasttrain checkpoint."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such checkpoint") from None
-    except Exception as e:  # truncated, corrupt, or holding objects other than tensors and plain values
-        reason = " ".join(str(e).split("\n")[0].split())[:160]
-        raise UsageError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {reason})") from None
-    missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
+def load(path: str | os.PathLike[str], device: torch.device | str = "cpu", whole_model: bool = True) -> dict:
+    """The state saved at `path`; UsageError if it is missing, damaged, unsafe or not a fasttrain checkpoint.
+
+    A sharded checkpoint's (a folder) holds no "optimizer" here but its "optimizer_groups", and "model" only if
+    `whole_model`: its weights read whole (for the tools; a resume reads each rank's part: Checkpointer)."""
+    path = Path(path)
+    sharded = is_sharded(path)
+    state = read_trusted(path / STATE_FILE if sharded else path, device, path)
+    if sharded:
+        sharded_files.check_complete(path)
+        if whole_model and isinstance(state, dict):
+            state["model"] = sharded_files.read_whole(path, "model", path)
+    missing = [k for k in (("optimizer_groups", "step", "config") if sharded else REQUIRED_KEYS)
+               if not isinstance(state, dict) or k not in state]
     if missing:
         raise UsageError(f"{path}: not a fasttrain checkpoint (no {', '.join(missing)})")
     return state
+
+
+def read_trusted(file: Path, device: torch.device | str, path: Path):
+    """What `torch.load(weights_only=True)` reads from `file` (of the checkpoint at `path`): tensors, numbers,
+    strings and containers, never code to run; UsageError naming `path` otherwise."""
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{file}: no such checkpoint") from None
+    except Exception as e:  # truncated, corrupt, or holding objects other than tensors and plain values
+        reason = " ".join(str(e).split("\n")[0].split())[:160]
+        raise UsageError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {reason})") from None
 
 
 def saved_config(state: dict, path: str | os.PathLike[str]) -> Config:
@@ -333,14 +403,6 @@ def check_same_optimizer(saved_cfg: Config, cfg: Config, path: str | os.PathLike
                          "one optimizer cannot continue from another's state; resume with the same optim.name")
 
 
-def check_same_world(state: dict, world_size: int, parallel: str, path: str | os.PathLike[str]) -> None:
-    """UsageError unless `state` was saved by `world_size` ranks in `parallel` mode ("none": one process)."""
-    saved = (len(state.get("ranks", [])), state.get("parallel"))
-    if saved != (world_size, parallel):
-        raise UsageError(f"{path}: saved by {saved[0]} process(es) ({saved[1]}); this run has {world_size} "
-                         f"({parallel}): resume with the same torchrun --nproc_per_node and train.parallel")
-
-
 def rng_state() -> dict:
     """Python's, NumPy's and torch's (CPU and every CUDA device) generator states, in types torch.load accepts."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -350,6 +412,23 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+
+
+def seed_rng(seed: int, step: int, rank: int) -> None:
+    """Seed every generator from (train.seed, step, rank): the random state of a rank that has no saved one."""
+    seed_everything(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+
+
+def world_change(saved_size: int, saved_parallel: str | None, size: int, parallel: str) -> list[str]:
+    """What a resume on `size` processes in `parallel` mode says about a checkpoint saved by `saved_size`
+    in `saved_parallel`: nothing in the same world."""
+    if (saved_size, saved_parallel) == (size, parallel):
+        return []
+    note = (f"saved by {saved_size} process(es) ({saved_parallel}), continued by {size} ({parallel}): the model and "
+            "optimizer state are whole, and the data stream goes on from the same global batch")
+    if size > saved_size:
+        note += f"; ranks {saved_size}-{size - 1} have no saved random state, seeded from train.seed, the step and the rank"
+    return [note]
 
 
 def set_rng_state(state: dict) -> None:
@@ -362,35 +441,57 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+@dataclass
+class InFlight:
+    """A save whose background write is under way: what publishing it needs once `future` is done."""
+
+    future: Future
+    staging: Path
+    path: Path
+    rest: dict
+    best: bool
+    keep: Path | None
+
+
 class Checkpointer:
     """Saves and restores the state of `model` and `updater`, with the RunState and loader given per
-    call, in `cfg.train.out_dir`/checkpoints. Every rank must call `save` and `restore`: FSDP gathers
-    and re-shards the full state, rank 0 alone writes and the others wait for it."""
+    call, in `cfg.train.out_dir`/checkpoints. Every rank must call `save` and `restore`. A sharded save
+    (checkpoint.format) has every rank write its own part into a folder; a file save gathers the whole
+    state onto rank 0, which writes it while the others wait. Either kind is restored in any world."""
 
     def __init__(self, cfg: Config, model: nn.Module, updater: Updater, world: distributed.World, parallel: str,
                  device: torch.device):
         self.cfg, self.model, self.updater, self.world, self.parallel = cfg, model, updater, world, parallel
         self.device = device  # where a restored state's tensors go
         self.directory = Path(cfg.train.out_dir) / "checkpoints"
+        fmt, self.background = cfg.checkpoint.format, cfg.checkpoint.async_save
+        self.sharded = fmt == "sharded" or (fmt == "auto" and parallel in distributed.SHARDED) or self.background
+        # A background write meets the other ranks on a gloo group of its own (DCP's collectives on the training
+        # group would interleave with the steps'); made now, on every rank in the same order.
+        self.write_group = distributed.new_group(world) if self.background else None
+        self.in_flight: InFlight | None = None
+
+    def run_state(self, run: RunState, loader: TokenLoader) -> dict:
+        """What a checkpoint holds besides the model and optimizer: small, gathered onto every rank."""
+        return {
+            "scaler": self.updater.scaler.state_dict(),
+            **run.state_dict(),  # "step" is the LR schedule's position too
+            "ranks": distributed.gather({"train_loader": loader.state_dict(), "rng": rng_state()}, self.world),
+            "parallel": self.parallel,
+            "config": config_to_toml(self.cfg),
+        }
 
     def state_dict(self, run: RunState, loader: TokenLoader) -> dict:
         """Everything needed to continue the run exactly: what a checkpoint file holds."""
         model, optimizer = distributed.full_state(self.model, self.updater.optimizer,
                                                   self.parallel in distributed.SHARDED)
-        return {
-            "model": model,
-            "optimizer": optimizer,
-            "scaler": self.updater.scaler.state_dict(),
-            **run.state_dict(),  # "step" is the LR schedule's position too
-            "ranks": distributed.gather({"train_loader": loader.state_dict(), "rng": rng_state()},
-                                        self.world),
-            "parallel": self.parallel,
-            "config": config_to_toml(self.cfg),
-        }
+        return {"model": model, "optimizer": optimizer, **self.run_state(run, loader)}
 
     def save(self, run: RunState, loader: TokenLoader, best: bool = False, keep: Path | None = None) -> Path:
-        """Save the run at `run.step`; returns the file. Keeps the newest `checkpoint.keep_last` saves,
-        the best one (this save if `best`) and `keep`."""
+        """Save the run at `run.step`; returns the file or folder. Keeps the newest `checkpoint.keep_last`
+        saves, the best one (this save if `best`) and `keep`."""
+        if self.sharded:
+            return self.save_sharded(run, loader, best, keep)
         state = self.state_dict(run, loader)
         path = path_for(self.directory, run.step)
         if self.world.is_main:
@@ -399,26 +500,106 @@ class Checkpointer:
         distributed.barrier(self.world)
         return path
 
-    def restore(self, path: str | Path, loader: TokenLoader) -> tuple[RunState, Config]:
+    def save_sharded(self, run: RunState, loader: TokenLoader, best: bool, keep: Path | None) -> Path:
+        """Every rank writes its part into `.step_N.tmp/`, rank 0 adds state.pt, fsyncs the folder and renames
+        it `step_N/`, then moves the pointers and prunes: complete or invisible, as a file save. With
+        checkpoint.async_save this returns once the state is copied to CPU memory, and the rest is done when the
+        write is (`wait`)."""
+        self.wait()  # the save still in flight, if any, comes first
+        path = path_for(self.directory, run.step, sharded=True)
+        staging = self.directory / f".{path.name}.tmp"
+        rest = self.run_state(run, loader)
+        model, optimizer = distributed.local_state(self.model, self.updater.optimizer)
+        rest["optimizer_groups"] = optimizer["param_groups"]
+        if self.world.is_main:
+            self.check_still_ours()
+            clear_stale(self.directory)
+            make_directory(staging)
+        distributed.barrier(self.world)
+        state = {"model": model, "optimizer": {"state": optimizer["state"]}}
+        if self.background:
+            self.in_flight = InFlight(sharded_files.write_async(staging, state, self.write_group), staging, path,
+                                      rest, best, keep)
+            return path
+        try:
+            sharded_files.write(staging, state)
+        except (OSError, dcp_exception()) as e:
+            raise UsageError(f"{staging}: cannot save checkpoint ({sharded_files.one_line(e)})") from None
+        if self.world.is_main:
+            self.publish_folder(staging, path, rest, best, keep)
+        distributed.barrier(self.world)
+        return path
+
+    def publish_folder(self, staging: Path, path: Path, rest: dict, best: bool, keep: Path | None) -> None:
+        """Rank 0, once every rank's part is in `staging`: add state.pt, rename the folder `path`, point, prune."""
+        write_atomically(staging / STATE_FILE, lambda f: torch.save(rest, f), what="save checkpoint")
+        try:
+            sync_directory(staging)
+            if path.exists():  # this step saved before (a folder cannot be renamed over): set it aside
+                os.rename(path, self.directory / f".{path.name}.old.tmp")
+            os.rename(staging, path)
+            sync_directory(self.directory)
+        except OSError as e:
+            raise UsageError(f"{path}: cannot save checkpoint ({e.strerror or e})") from None
+        clear_stale(self.directory)
+        publish(self.directory, path, self.cfg.checkpoint.keep_last, best, keep)
+
+    def poll(self) -> None:
+        """Publish the save in flight if its background write is done (called after each step: cheap)."""
+        if self.in_flight is not None and self.in_flight.future.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait for the save in flight, if any, and publish it (rank 0). A failed background write is one line
+        on stderr, its folder removed, and `latest` keeps naming the last complete save."""
+        flight, self.in_flight = self.in_flight, None
+        if flight is None:
+            return
+        try:
+            flight.future.result()
+        except (Exception, dcp_exception()) as e:
+            if self.world.is_main:
+                remove(flight.staging)
+                print(f"warning: {flight.path}: the background checkpoint write failed ({sharded_files.one_line(e)}); "
+                      f"latest still names {pointed(self.directory, 'latest')}", file=sys.stderr, flush=True)
+            return
+        if self.world.is_main:
+            self.publish_folder(flight.staging, flight.path, flight.rest, flight.best, flight.keep)
+
+    def restore(self, path: str | Path, loader: TokenLoader) -> tuple[RunState, Config, list[str]]:
         """Load the checkpoint at `path` into the model, optimizer, scaler, `loader` and the random
-        generators; returns its RunState and the config it was saved with. UsageError if it comes from a
-        model of another shape, another optimizer, or another number of ranks or parallel mode, or cannot
-        be loaded."""
-        state = load(path, self.device)
+        generators; returns its RunState, the config it was saved with and notes for the user. A checkpoint
+        saved by another number of processes or another parallel mode continues the data stream at the same
+        global batch, split over this world (loader.reshard); a rank with no saved random state gets one
+        seeded from train.seed, the step and its rank. UsageError if it comes from a model of another shape,
+        another optimizer, a position this world cannot continue from, or cannot be loaded."""
+        self.wait()  # a rollback may go back to the save in flight
+        path = Path(path)
+        state = load(path, self.device, whole_model=False)
         saved = saved_config(state, path)  # parsed once: the checks below and the caller read it
         check_same_model(saved, self.cfg, path)
         check_same_optimizer(saved, self.cfg, path)
-        check_same_world(state, self.world.size, self.parallel, path)
         try:
-            distributed.load_full_state(self.model, self.updater.optimizer, state["model"], state["optimizer"],
-                                        self.parallel in distributed.SHARDED)
+            ranks, rank = state["ranks"], self.world.rank
+            position = reshard([r["train_loader"] for r in ranks], rank, self.world.size)
+            if is_sharded(path):
+                model, optimizer = distributed.local_state(self.model, self.updater.optimizer)
+                sharded_files.read_into(path, {"model": model, "optimizer": {"state": optimizer["state"]}})
+                distributed.load_local_state(self.model, self.updater.optimizer, model,
+                                             {"state": optimizer["state"], "param_groups": state["optimizer_groups"]})
+            else:
+                distributed.load_full_state(self.model, self.updater.optimizer, state["model"], state["optimizer"],
+                                            self.parallel in distributed.SHARDED)
             self.updater.scaler.load_state_dict(state["scaler"])
-            mine = state["ranks"][self.world.rank]
-            loader.load_state_dict(mine["train_loader"])
-            set_rng_state(mine["rng"])
-            return RunState.from_state_dict(state), saved
+            loader.load_state_dict(position)
+            if rank < len(ranks):
+                set_rng_state(ranks[rank]["rng"])
+            else:
+                seed_rng(self.cfg.train.seed, state["step"], rank)
+            run = RunState.from_state_dict(state)
         except (RuntimeError, ValueError, KeyError, TypeError, UsageError) as e:
             raise UsageError(f"{path}: cannot continue from it ({str(e).splitlines()[0]})") from None
+        return run, saved, world_change(len(ranks), state.get("parallel"), self.world.size, self.parallel)
 
     def point_latest(self, path: Path) -> None:
         """Make `latest` name `path` again (after a rollback to it), so a resume starts there too."""
@@ -436,7 +617,8 @@ class Checkpointer:
                              "was removed or replaced; stopping without saving, pruning or pointing at anything there")
 
     def latest(self) -> Path | None:
-        """The newest complete save, or None before the first."""
+        """The newest complete save, or None before the first; a save in flight is waited for first."""
+        self.wait()
         return pointed(self.directory, "latest")
 
     def history(self, upto: Path) -> list[Path]:

@@ -2,7 +2,7 @@
 
     load_trained("runs/base")                        # runs/base/final/, else its latest checkpoint
     load_trained("runs/base/final")                  # exported weights (fasttrain layout, see fasttrain/model/weights.py)
-    load_trained("runs/base/checkpoints/step_0000100.pt")  # or runs/base/checkpoints, .../checkpoints/latest
+    load_trained("runs/base/checkpoints/step_0000100.pt")  # or a sharded step_0000100/, runs/base/checkpoints, .../latest
 
 The model's config comes with the weights (config.toml beside them, or the one a
 checkpoint holds). The tokenizer is the one the model trained with: the one beside exported weights, or
@@ -65,7 +65,7 @@ def load_model(spec: str | os.PathLike[str]) -> tuple[Transformer, Config, Path]
     """The model `spec` names (see `weights_source`) on the CPU, its run's config, and the weights directory
     or checkpoint file it came from; UsageError naming the file if something is missing or does not fit."""
     source = weights_source(spec)
-    if source.is_dir():
+    if source.is_dir() and not checkpoint.is_sharded(source):
         return load_exported(source), load_config(source / "config.toml"), source
     state = checkpoint.load(source)
     cfg = checkpoint.saved_config(state, source)
@@ -92,7 +92,8 @@ def run_directory(source: Path) -> Path:
     links resolved: the directory above a weights directory (RUN/final) or above a checkpoint's checkpoints/;
     for a checkpoint file anywhere else, the directory it is in."""
     real = source.resolve()
-    return real.parent.parent if real.is_file() and real.parent.name == "checkpoints" else real.parent
+    saved = real.is_file() or checkpoint.is_sharded(real)
+    return real.parent.parent if saved and real.parent.name == "checkpoints" else real.parent
 
 
 def tokenizer_file(source: Path, cfg: Config) -> Path:
@@ -100,7 +101,7 @@ def tokenizer_file(source: Path, cfg: Config) -> Path:
     own, a checkpoint's run's copy (RUN/tokenizer.json); else, for weights and runs saved before those copies
     were made, the one in the run's data folder (data.dir), which may have been prepared again since."""
     real = source.resolve()
-    if real.is_dir():
+    if real.is_dir() and not checkpoint.is_sharded(real):
         own = real / TOKENIZER
     elif real.parent.name == "checkpoints":
         own = run_directory(real) / TOKENIZER

@@ -423,6 +423,7 @@ class Trainer:
             while not self.finished():
                 report.mix_change(self.run.step, self.mix, self.accumulation)  # a change starting at this step
                 result = self.step()
+                self.checkpoints.poll()  # publish a background save that has finished
                 if start:
                     start.started()
                 if result.progress is not None:  # what a replay of the run follows
@@ -552,7 +553,9 @@ class Trainer:
         so."""
         path = checkpoint.resolve(str(spec), self.cfg.train.out_dir)
         checkpoint.check_own(path, self.checkpoints.directory)
-        run, saved = self.checkpoints.restore(path, self.train_loader)
+        run, saved, notes = self.checkpoints.restore(path, self.train_loader)
+        for note in notes if not self.quiet else ():
+            print(f"resume: {note}")
         end, budget, spent = self.cfg.train.max_steps, self.cfg.train.max_time, run.train_seconds
         if end and run.step > end:
             raise UsageError(f"{path}: the run is at step {run.step}, past train.max_steps = {end}: nothing to train; "

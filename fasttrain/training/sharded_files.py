@@ -1,0 +1,156 @@
+"""Sharded checkpoint folders: torch.distributed.checkpoint (DCP) on disk, written by every rank, read safely.
+
+A folder `step_0000100/` holds
+
+    .metadata             DCP's index: every tensor's shape, dtype and which file and bytes hold each piece
+    __0_0.distcp, ...     the tensors, one file per rank that wrote some (each rank writes only what it holds)
+    state.pt              the rest (checkpoint.py): run state, every rank's loader and RNG, config, scaler
+
+Each tensor is read with `torch.load(weights_only=True)` by DCP itself. `.metadata` is a pickle that DCP's own
+reader loads with plain `pickle.load`, which would run any code a planted file names; here it is read by an
+unpickler that builds only DCP's metadata classes, torch.Size and dtypes, and an index naming anything but
+tensors (DCP would unpickle those entries in full) or files outside the folder is refused. So a checkpoint
+folder, like a checkpoint file, cannot run code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pickle
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
+from fasttrain.system.errors import UsageError
+
+METADATA = ".metadata"
+_ALLOWED = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "MetadataIndex",
+        "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"), ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata and nothing else: no other class or function can be named, so none is called."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def read_metadata(path: Path) -> Metadata:
+    """The index of the checkpoint folder `path`; UsageError naming the file if it is missing, damaged, names
+    anything a safe load cannot read, or points outside the folder."""
+    file = path / METADATA
+    try:
+        with open(file, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise UsageError(f"{file}: missing, so {path.name} is not a complete checkpoint") from None
+    except Exception as e:  # truncated, garbage, or naming code to run
+        reason = " ".join(str(e).split("\n")[0].split())[:160]
+        raise UsageError(f"{file}: not a checkpoint's metadata ({type(e).__name__}: {reason})") from None
+    if not isinstance(metadata, Metadata):
+        raise UsageError(f"{file}: not a checkpoint's metadata (a {type(metadata).__name__})")
+    for key, item in metadata.state_dict_metadata.items():
+        if not isinstance(item, TensorStorageMetadata):
+            raise UsageError(f"{file}: entry {key} is not a tensor; fasttrain checkpoints hold only tensors there")
+    for info in (metadata.storage_data or {}).values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", "..") \
+                or getattr(info, "transform_descriptors", None):
+            raise UsageError(f"{file}: names a shard {name!r} that is not a plain file of the folder")
+    if metadata.storage_meta is None:
+        metadata.storage_meta = StorageMeta()
+    return metadata
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's file reader with the metadata read by `read_metadata` instead of pickle.load."""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        metadata = read_metadata(Path(self.path))
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def check_complete(path: Path) -> None:
+    """UsageError naming the file if the folder `path` lacks a shard its metadata names, or holds one shorter
+    than the bytes it should hold (truncated): found before anything is loaded, on every rank alike."""
+    sizes: dict[str, int] = {}
+    for info in read_metadata(path).storage_data.values():
+        sizes[info.relative_path] = max(sizes.get(info.relative_path, 0), info.offset + info.length)
+    for name, needed in sorted(sizes.items()):
+        file = path / name
+        if not file.is_file():
+            raise UsageError(f"{file}: missing, a shard of the checkpoint {path.name} (a rank's part of its state)")
+        if file.stat().st_size < needed:
+            raise UsageError(f"{file}: truncated ({file.stat().st_size} bytes, the checkpoint's metadata needs "
+                             f"{needed})")
+
+
+def write(path: Path, state: dict, process_group=None) -> None:
+    """Every rank writes its part of `state` (tensors: DTensor shards, or whole ones that DCP assigns to one
+    rank each) into the folder `path`; rank 0 writes .metadata last."""
+    with quietly():
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(path), process_group=process_group, no_dist=alone())
+
+
+def write_async(path: Path, state: dict, process_group=None):
+    """Like `write`, but return once `state` is copied to CPU memory: a future that is done when the folder is
+    written (its result raises what the write raised). `process_group`: a gloo group of its own, so the
+    background write's collectives never interleave with training's."""
+    with quietly():
+        return dcp.async_save(state, storage_writer=dcp.FileSystemWriter(path), process_group=process_group,
+                              no_dist=alone())
+
+
+def read_into(path: Path, state: dict) -> None:
+    """Fill `state` (this rank's tensors, shaped as it holds them) from the folder `path`, in any world:
+    DCP reads the pieces each tensor needs. UsageError if the folder does not hold them."""
+    try:
+        with quietly():
+            dcp.load(state, storage_reader=SafeReader(path), no_dist=alone())
+    except (Exception, dcp.api.CheckpointException) as e:
+        raise UsageError(f"{path}: cannot read its shards ({one_line(e)})") from None
+
+
+def read_whole(path: Path, prefix: str, what: Path) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix` (e.g. "model") in the folder `path`, whole, on the CPU, in one process."""
+    metadata = read_metadata(path)
+    tensors = {key[len(prefix) + 1:]: torch.empty(item.size, dtype=item.properties.dtype)
+               for key, item in metadata.state_dict_metadata.items() if key.startswith(prefix + ".")}
+    try:
+        with quietly():
+            dcp.load({prefix: tensors}, storage_reader=SafeReader(path), no_dist=True)
+    except (Exception, dcp.api.CheckpointException) as e:
+        raise UsageError(f"{what}: cannot read its shards ({one_line(e)})") from None
+    return tensors
+
+
+def alone() -> bool:
+    """Whether this process is a world of one (no process group): DCP then reads and writes without meeting."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+@contextlib.contextmanager
+def quietly():
+    """A context without DCP's warning, on every save and load in a world of one, that it assumes one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def one_line(error: BaseException) -> str:
+    """The gist of `error` in one line: for DCP's CheckpointException, the first rank's own error."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        error = next(iter(failures.values()))[0]
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"

@@ -1,0 +1,194 @@
+"""Checkpoints across worlds: a run saved by N processes resumes on M, in any parallel mode, and its data stream
+goes on from the same global batch (fasttrain/data/loader.py's `reshard`, fasttrain/training/checkpoint.py)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from fasttrain import evaluate, export, sample, train
+from fasttrain.data.loader import TokenLoader, reshard
+from fasttrain.model.weights import read_safetensors
+from fasttrain.system.errors import UsageError, run_cli
+from tests.conftest import tiny_args, tiny_config
+from tests.test_distributed import RUN, single, torchrun, values
+
+
+def stream(data, world: int, batches: int, start: list[dict] | None = None) -> tuple[list[torch.Tensor], list[dict]]:
+    """The global stream of `world` ranks taking `batches` each, in rank order per round (the rows a step of
+    that world trains on together), and every rank's state at the end; from `start` (another world's states)."""
+    loaders = [TokenLoader(data, "train", 2, 8, seed=3, rank=r, world_size=world, prefetch=0) for r in range(world)]
+    if start is not None:
+        for r, loader in enumerate(loaders):
+            loader.load_state_dict(reshard(start, r, world))
+    rows = [next(loader)[0] for _ in range(batches) for loader in loaders]
+    states = [loader.state_dict() for loader in loaders]
+    for loader in loaders:
+        loader.close()
+    return rows, states
+
+
+@pytest.mark.parametrize("saved, resumed", [(2, 1), (2, 3), (1, 2), (3, 2), (2, 2)])
+def test_the_stream_goes_on_from_the_same_global_batch_on_any_world(counting_data, saved, resumed):
+    whole, _ = stream(counting_data, 1, 24)  # one process: the order every world splits
+    before, states = stream(counting_data, saved, 6 // saved)
+    after, _ = stream(counting_data, resumed, 18 // resumed, start=states)
+    assert all(torch.equal(a, b) for a, b in zip(before + after, whole, strict=True))  # nothing twice, nothing skipped
+
+
+def test_an_epoch_tail_another_world_drops_starts_the_next_epoch(counting_data):
+    per_epoch = TokenLoader(counting_data, "train", 2, 8, world_size=1, prefetch=0).reader.batches_per_epoch
+    assert per_epoch % 3 != 0  # so 3 ranks drop the epoch's last batch(es), which 1 process reads
+    last = [{**TokenLoader(counting_data, "train", 2, 8, prefetch=0).state_dict(), "batches": per_epoch - 1}]
+    assert reshard(last, 0, 3)["batches"] == per_epoch // 3  # the first batch of epoch 1
+
+
+def test_a_position_the_new_world_cannot_split_is_refused(counting_data):
+    _, states = stream(counting_data, 2, 1)  # 2 global batches done: 3 ranks cannot each start at the same count
+    with pytest.raises(UsageError, match="after 2 batches of 2 rows into epoch 0, which 3 processes cannot split"):
+        reshard(states, 0, 3)
+
+
+def test_a_mixture_resumes_on_its_own_world_and_is_refused_on_another(counting_data):
+    """A mixture's sources are cut into epochs by rounds of the world's rows, so its positions carry over only to
+    the world that saved them (the position of one source is checked by the stream tests above)."""
+    mixed = {**TokenLoader(counting_data, "train", 2, 8, prefetch=0).state_dict(), "num_rows": [40, 60],
+             "positions": [3, 5], "deficits": [0.2, -0.2], "batches": 2}
+    states = [{**mixed, "rank": r, "world_size": 2} for r in range(2)]
+    assert reshard(states, 1, 2) == {**mixed, "rank": 1, "world_size": 2}
+    with pytest.raises(UsageError, match="a mixture saved by 2 process"):
+        reshard(states, 0, 1)
+
+
+# 6 micro-batches of 2 rows per update: 1 process accumulates 6, 2 accumulate 3, 3 accumulate 2; 4 (hsdp) need 12.
+@pytest.mark.second_tier  # about 60 s of torchrun per case on 2 cores
+@pytest.mark.parametrize("saved, nproc, parallel, update", [
+    ("fsdp", 1, "ddp", 384), ("ddp", 3, "fsdp", 384), ("fsdp", 4, "hsdp", 768),
+], ids=["fsdp2-to-1", "ddp2-to-fsdp3", "fsdp2-to-hsdp4"])
+def test_a_run_saved_by_two_processes_resumes_on_another_world_with_the_same_losses(pydoc_data, tmp_path, saved, nproc,
+                                                                                    parallel, update):
+    common = [*RUN, "train.batch_size=2", f"train.tokens_per_update={update}"]
+    straight = torchrun(tiny_args(pydoc_data, tmp_path / "straight", *common, f'train.parallel="{saved}"'))
+    assert straight.returncode == 0, straight.stderr
+    first = torchrun(tiny_args(pydoc_data, tmp_path / "resumed", *common, f'train.parallel="{saved}"',
+                               "train.max_steps=2"))
+    assert first.returncode == 0, first.stderr
+    args = tiny_args(pydoc_data, tmp_path / "resumed", *common, f'train.parallel="{parallel}"',
+                     *(["train.shard_group_size=2"] if parallel == "hsdp" else []), flags=["--resume", "auto"])
+    resumed = single(args) if nproc == 1 else torchrun(args, nproc=nproc)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"saved by 2 process(es) ({saved}), continued by {nproc} ({'none' if nproc == 1 else parallel})" \
+        in resumed.stdout
+    assert ("ranks 2-" in resumed.stdout) == (nproc > 2)  # the ranks with no saved random state are named
+    assert values(tmp_path / "resumed", "train", "tokens") == values(tmp_path / "straight", "train", "tokens")
+    assert values(tmp_path / "resumed", "train", "loss") == pytest.approx(values(tmp_path / "straight", "train", "loss"),
+                                                                        rel=1e-5)
+
+
+def cli(program, args: list[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        run_cli(program.main, args)
+    assert done.value.code == 0
+
+
+SHARDED = [*RUN, 'checkpoint.format="sharded"', "train.sample_tokens=0"]
+
+
+def test_a_sharded_checkpoint_resumes_exactly_and_every_tool_reads_it(pydoc_data, tmp_path, capsys):
+    cli(train, tiny_args(pydoc_data, tmp_path / "straight", *SHARDED, "model.dropout=0.1"))
+    cli(train, tiny_args(pydoc_data, tmp_path / "run", *SHARDED, "model.dropout=0.1", "train.max_steps=2"))
+    cli(train, tiny_args(pydoc_data, tmp_path / "run", *SHARDED, "model.dropout=0.1", flags=["--resume", "auto"]))
+    assert values(tmp_path / "run", "train", "loss") == values(tmp_path / "straight", "train", "loss")  # bit for bit
+    saved = tmp_path / "run" / "checkpoints" / "step_0000004"
+    assert saved.is_dir() and {".metadata", "__0_0.distcp", "state.pt"} <= set(os.listdir(saved))
+    assert (saved.parent / "latest").read_text() == "step_0000004"
+    # The last save holds the final weights: export reads the folder directly, as sample and evaluate do.
+    for spec in (saved, saved.parent, saved.parent / "latest"):
+        cli(export, [str(spec), "--out", str(tmp_path / "export")])
+        ours, final = (read_safetensors(tmp_path / d / "model.safetensors") for d in ("export", "run/final"))
+        assert ours.keys() == final.keys() and all(torch.equal(ours[k], final[k]) for k in ours)
+        shutil.rmtree(tmp_path / "export")
+    cli(export, [str(saved), "--hf", "--out", str(tmp_path / "hf")])
+    assert (tmp_path / "hf" / "config.json").is_file()
+    cli(sample, [str(saved), "--max-new-tokens", "4", "--prompt", "The"])
+    cli(evaluate, [str(saved), "--split", "val"])
+    capsys.readouterr()
+
+
+def test_an_old_checkpoint_file_resumes_into_sharded_saves(pydoc_data, tmp_path):
+    cli(train, tiny_args(pydoc_data, tmp_path / "straight", *SHARDED))
+    cli(train, tiny_args(pydoc_data, tmp_path / "run", *RUN, 'checkpoint.format="file"', "train.max_steps=2"))
+    assert (tmp_path / "run" / "checkpoints" / "step_0000002.pt").is_file()
+    cli(train, tiny_args(pydoc_data, tmp_path / "run", *SHARDED, flags=["--resume", "auto"]))
+    assert values(tmp_path / "run", "train", "loss") == values(tmp_path / "straight", "train", "loss")
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["best", "latest", "step_0000002.pt",
+                                                                    "step_0000004"]
+
+
+def test_pruning_removes_old_folders_and_a_killed_save_stays_invisible(pydoc_data, tmp_path):
+    run = tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    cli(train, tiny_args(pydoc_data, run, *SHARDED, "train.max_steps=6", "checkpoint.keep_last=1"))
+    assert (checkpoints / "latest").read_text() == "step_0000006"
+    assert "step_0000002" not in os.listdir(checkpoints)  # pruned: older than what latest, best and recovery keep
+    # A save killed halfway leaves only its temporary folder: latest still names a complete save, and the next
+    # save clears it away.
+    shutil.copytree(checkpoints / "step_0000006", checkpoints / ".step_0000008.tmp")
+    (checkpoints / ".step_0000008.tmp" / ".metadata").unlink()
+    cli(train, tiny_args(pydoc_data, run, *SHARDED, "train.max_steps=8", "checkpoint.keep_last=1",
+                         flags=["--resume", "auto"]))
+    assert (checkpoints / "latest").read_text() == "step_0000008"
+    assert not [name for name in os.listdir(checkpoints) if name.endswith(".tmp")]
+
+
+def test_async_saves_resume_exactly_and_the_end_waits_for_the_last(pydoc_data, tmp_path):
+    background = [*SHARDED, "checkpoint.async_save=true", "checkpoint.interval=1"]
+    cli(train, tiny_args(pydoc_data, tmp_path / "straight", *SHARDED))
+    cli(train, tiny_args(pydoc_data, tmp_path / "run", *background, "train.max_steps=2"))  # the second waits
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_0000002"  # the run ended only once its last save was done
+    assert {".metadata", "state.pt"} <= set(os.listdir(checkpoints / "step_0000002"))
+    cli(train, tiny_args(pydoc_data, tmp_path / "run", *background, flags=["--resume", "auto"]))
+    assert values(tmp_path / "run", "train", "loss") == values(tmp_path / "straight", "train", "loss")
+
+
+def test_a_failed_background_write_is_one_line_and_latest_keeps_the_last_complete_save(pydoc_data, tmp_path,
+                                                                                        monkeypatch, capsys):
+    from concurrent.futures import Future
+
+    from fasttrain.training import sharded_files
+    from fasttrain.training.trainer import Trainer
+
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, *SHARDED, "checkpoint.async_save=true"), quiet=True)
+    trainer.step()
+    first = trainer.save_checkpoint()
+    assert trainer.checkpoints.latest() == first  # waited for, then published
+    failed: Future = Future()
+    failed.set_exception(OSError(28, "No space left on device"))
+    monkeypatch.setattr(sharded_files, "write_async", lambda *args: failed)
+    trainer.step()
+    trainer.save_checkpoint()
+    assert trainer.checkpoints.latest() == first
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step_0000002: the background checkpoint write failed (OSError" in err, err
+    assert "latest still names" in err and not list((tmp_path / "checkpoints").glob(".*.tmp"))
+    trainer.close()
+
+
+@pytest.mark.second_tier  # about 60 s of torchrun on 2 cores
+def test_async_saves_under_torchrun_resume_exactly(pydoc_data, tmp_path):
+    background = [*RUN, "train.batch_size=2", 'train.parallel="fsdp"', "checkpoint.async_save=true",
+                  "checkpoint.interval=1"]
+    straight = torchrun(tiny_args(pydoc_data, tmp_path / "straight", *background))
+    assert straight.returncode == 0, straight.stderr
+    first = torchrun(tiny_args(pydoc_data, tmp_path / "run", *background, "train.max_steps=2"))
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_0000002"
+    resumed = torchrun(tiny_args(pydoc_data, tmp_path / "run", *background, flags=["--resume", "auto"]))
+    assert resumed.returncode == 0, resumed.stderr
+    assert values(tmp_path / "run", "train", "loss") == values(tmp_path / "straight", "train", "loss")
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step_"))[-1] \
+        == "step_0000004"
