@@ -24,6 +24,7 @@ and with --output to a JSON file. --include-path adds a folder of one's own task
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -44,7 +45,7 @@ from fasttrain.system.run_lock import locked
 from fasttrain.training import checkpoint
 from fasttrain.training.metrics import MetricsLog
 from fasttrain.training.objective import NextTokenLoss, batch_loss
-from fasttrain.training.trained_model import Trained, inference_device, inference_precision, load_trained
+from fasttrain.training.trained_model import Trained, inference_device, inference_precision, load_trained, run_directory
 from fasttrain.training.validation import mixture_metrics, validate
 
 
@@ -101,22 +102,21 @@ def score_inputs(trained: Trained, inputs: Sequence[str], batch_size: int, devic
 
 def scored_step(source: Path) -> tuple[Path | None, int | None]:
     """The run directory that weights `source` came from (None outside a run: an export elsewhere) and the step
-    they were saved at: a checkpoint's own, or for RUN/final the step of the run's last `end` event."""
-    if source.is_file():
-        match = checkpoint.SAVE_NAME.fullmatch(source.name)
-        run = source.parent.parent  # RUN/checkpoints/step_N.pt
+    they were saved at: a checkpoint's own (a file or a sharded folder), or for RUN/final the step of the run's
+    last `end` event."""
+    real = source.resolve()
+    if real.is_file() or checkpoint.is_sharded(real):
+        run, match = run_directory(real), checkpoint.SAVE_NAME.fullmatch(real.name)
         return (run if (run / "metrics.jsonl").is_file() else None), (int(match.group(1)) if match else None)
-    run = source.parent
-    if source.name != "final" or not (run / "metrics.jsonl").is_file():
+    run = real.parent
+    if real.name != "final" or not (run / "metrics.jsonl").is_file():
         return None, None
     step = None
     with open(run / "metrics.jsonl", encoding="utf-8", errors="replace") as f:
         for line in f:
             if '"end"' in line:
-                try:
+                with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill: the end before it
                     step = json.loads(line).get("step", step)
-                except json.JSONDecodeError:
-                    pass
     return run, step
 
 

@@ -165,3 +165,18 @@ def test_a_prompt_of_invalid_utf8_on_stdin_is_one_line(trained_run):
                               "--device", "cpu"], input=b"The \xff\xfe", capture_output=True, cwd=ROOT, timeout=300)
     assert sampled.returncode == 2
     assert sampled.stderr.decode() == "error: --prompt -: stdin: not UTF-8 text\n"
+
+
+def test_scores_are_logged_at_a_sharded_checkpoints_step(tmp_path):
+    """evaluate --tasks logs its eval_tasks event at the step of the weights it scored: a sharded checkpoint is a
+    step_N folder, whose step and run were missed (only a step_N.pt file was read as a checkpoint)."""
+    from fasttrain.evaluate import scored_step
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_0000004").mkdir(parents=True)
+    (run / "checkpoints" / "step_0000002.pt").write_bytes(b"")
+    (run / "metrics.jsonl").write_text('{"event": "end", "step": 4}\n')
+    assert scored_step(run / "checkpoints" / "step_0000004") == (run.resolve(), 4)
+    assert scored_step(run / "checkpoints" / "step_0000002.pt") == (run.resolve(), 2)
+    (run / "final").mkdir()
+    assert scored_step(run / "final") == (run.resolve(), 4)
