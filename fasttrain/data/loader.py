@@ -376,7 +376,8 @@ class TokenLoader:
             state.setdefault("positions", [int(state["batches"]) * self.blend.rows_per_round])
             state.setdefault("deficits", [0.0])
         position = ("batches", "positions", "deficits", "tokens")
-        differ = [f"{k}={state.get(k)!r} (now {v!r})" for k, v in mine.items() if k not in position and state.get(k) != v]
+        differ = [f"{k}={state.get(k)!r} (now {v!r})" for k, v in mine.items()
+                  if k not in position and state.get(k) != v]
         if differ:
             raise UsageError(f"loader state does not match this loader: {', '.join(differ)}")
         self._stop_worker()

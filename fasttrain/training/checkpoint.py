@@ -427,7 +427,8 @@ def world_change(saved_size: int, saved_parallel: str | None, size: int, paralle
     note = (f"saved by {saved_size} process(es) ({saved_parallel}), continued by {size} ({parallel}): the model and "
             "optimizer state are whole, and the data stream goes on from the same global batch")
     if size > saved_size:
-        note += f"; ranks {saved_size}-{size - 1} have no saved random state, seeded from train.seed, the step and the rank"
+        note += (f"; ranks {saved_size}-{size - 1} have no saved random state, seeded from train.seed, the step "
+                 "and the rank")
     return [note]
 
 

@@ -223,7 +223,8 @@ class Report:
                        f"(best loss {run.best_val_loss:.3f})"
                        + (f"; {run.skipped_steps} steps skipped, {run.rollbacks} rollbacks" if run.skipped_steps else ""))
         if len(self.names) > 1 and self.read:
-            self.log.print("  read        " + ", ".join(f"{name} {n:,} tokens ({e:.2f} epochs)" for name, n, e in self.read))
+            self.log.print("  read        " + ", ".join(f"{name} {n:,} tokens ({e:.2f} epochs)"
+                                                      for name, n, e in self.read))
         data = self.cfg.data.dir or ", ".join(s.dir for s in self.cfg.data.sources)
         self.log.print(f"  time        {format_duration(summary['train_seconds'])} training (what train.max_time "
                        f"counts), {format_duration(summary['wall_seconds'])} wall time in this process")

@@ -248,7 +248,8 @@ class Trainer:
         """A loader of this rank's share of `split`, batched as [data] says, of `source` or the mixture of them
         all; `whole`: one pass over every row."""
         d, t = self.cfg.data, self.cfg.train
-        return TokenLoader([source.dir] if source else [s.dir for s in self.sources], split, t.batch_size, t.seq_len, sampling=sampling, batching=d.batching,
+        dirs = [source.dir] if source else [s.dir for s in self.sources]
+        return TokenLoader(dirs, split, t.batch_size, t.seq_len, sampling=sampling, batching=d.batching,
                            padding=d.padding, eot_id=self.tokenizer.eot_id, seed=t.seed,
                            vocab_size=self.cfg.model.vocab_size, prefetch=prefetch, device=self.device,
                            rank=self.world.rank, world_size=self.world.size, whole=whole,
