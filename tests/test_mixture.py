@@ -57,6 +57,17 @@ def test_blend_shares_match_the_weights_at_every_step_over_1000_steps():
     assert sorted(position[source == 2].tolist()) == list(range(blend.start(1000)[0][2], blend.start(1001)[0][2]))
 
 
+def test_the_blends_memory_of_rounds_stays_bounded_over_a_long_run():
+    """plan() remembers the state after each round it plays (so the next is not replayed from the anchor);
+    a long run plays millions of rounds, so only the latest are kept, and a round long past is replayed."""
+    from fasttrain.data.mixture import MEMO
+    blend, fresh = Blend([(0, (0.6, 0.4))], 8), Blend([(0, (0.6, 0.4))], 8)
+    for k in range(5 * MEMO):
+        blend.plan(k)
+        assert len(blend._memo) <= 2 * MEMO, k
+    assert blend.start(3) == fresh.start(3) and blend.start(5 * MEMO) == fresh.start(5 * MEMO)
+
+
 def test_every_rank_reads_its_part_of_the_one_global_sequence(pydoc_data, code_data):
     """2 ranks of 3 rows read, together, the rows one process of 6 reads: the blend is the same on any
     number of ranks (and so are the sources' tokens counted)."""

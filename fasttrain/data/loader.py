@@ -150,31 +150,31 @@ class RowReader:
         """The rows of the first source (of the only one, but in a mixture)."""
         return self.sources[0].rows
 
-    def rows_of_batch(self, g: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source, row id in that source) of each row of this rank's batch number `g` (counting across epochs)."""
+    def spans(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(index into self.shards, token offset, length) of each row of this rank's batch number `g` (counting
+        across epochs); a FILLER slot is one token of row 0 (no target, and it never widens a batch)."""
         source, position = self.blend.plan(g)
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         source, position = source[mine], position[mine]
         if len(self.sources) == 1:
-            return source, self.sources[0].at(position)
-        ids = np.empty_like(position)
-        for j in np.flatnonzero(np.bincount(source, minlength=len(self.sources))).tolist():
-            at = source == j
-            ids[at] = self.sources[j].at(position[at])
-        return source, ids
+            return self._spans_of(0, position)
+        shard, offset, length = (np.empty(len(source), dtype=np.int64) for _ in range(3))
+        order = np.argsort(source, kind="stable")  # this batch's rows grouped by source
+        ends = np.cumsum(np.bincount(source, minlength=len(self.sources))).tolist()
+        for j, (a, b) in enumerate(zip([0] + ends, ends)):
+            if a < b:
+                at = order[a:b]
+                shard[at], offset[at], length[at] = self._spans_of(j, position[at])
+                shard[at] += self._first_shard[j]
+        return shard, offset, length
 
-    def lookup(self, source: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(index into self.shards, token offset, length) of each row; a FILLER id is one token of row 0."""
+    def _spans_of(self, j: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`spans` of the rows at `positions` of source j, its shards counted from 0."""
+        ids = self.sources[j].at(positions)
+        if not self.whole:
+            return self.sources[j].rows.lookup(ids)
         filler = ids == FILLER
-        ids = np.where(filler, 0, ids)
-        if len(self.sources) == 1:
-            shard, offset, length = self.sources[0].rows.lookup(ids)
-        else:
-            shard, offset, length = (np.empty(len(ids), dtype=np.int64) for _ in range(3))
-            for j in np.flatnonzero(np.bincount(source, minlength=len(self.sources))).tolist():
-                at = source == j
-                shard[at], offset[at], length[at] = self.sources[j].rows.lookup(ids[at])
-            shard = shard + self._first_shard[source]
+        shard, offset, length = self.sources[j].rows.lookup(np.where(filler, 0, ids))
         return shard, offset, np.where(filler, 1, length)
 
     def read(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,19 +183,19 @@ class RowReader:
         L is seq_len, or with padding "longest"/"bucketed" the longest row's inputs rounded
         up to pad_multiple (at most seq_len). Past a row's end x holds pad_id and y IGNORE_INDEX.
         """
-        # A filler slot reads the first token of row 0: one token, so no target, and it never widens L.
-        shard, offset, length = self.lookup(*self.rows_of_batch(g))
+        shard, offset, length = self.spans(g)
         B, itemsize = self.batch_size, self.dtype.itemsize
         L = self.seq_len
         if self.padding != "fixed":
             L = min(L, -(-(int(length.max()) - 1) // self.pad_multiple) * self.pad_multiple)
         rows = np.empty((B, L + 1), dtype=self.dtype)
-        lengths = length.tolist()
-        for row, (s, o, n) in enumerate(zip(shard.tolist(), offset.tolist(), lengths)):
-            at = HEADER_BYTES + o * itemsize
-            if os.preadv(self._fds[s], [rows[row, :n]], at) != n * itemsize:
-                raise UsageError(f"{self.shards[s].path}: short read at byte {at} (truncated while in use?)")
-            rows[row, n:] = self.pad_id
+        fds, lengths = self._fds, length.tolist()
+        for row, s, start, n in zip(rows, shard.tolist(), (HEADER_BYTES + offset * itemsize).tolist(), lengths):
+            if os.preadv(fds[s], [row if n == L + 1 else row[:n]], start) != n * itemsize:  # packed rows: all whole
+                raise UsageError(f"{self.shards[s].path}: short read at byte {start} (truncated while in use?)")
+        short = np.flatnonzero(length < L + 1).tolist()
+        for row in short:  # past a row's end: pad inputs
+            rows[row, lengths[row]:] = self.pad_id
         # A header's largest id can lie (or be absent); an id beyond the vocabulary would index past the
         # embedding (an IndexError, or silent garbage on a GPU), so check what was read, on the host.
         if self.vocab_size and int(rows.max()) >= self.vocab_size:
@@ -207,8 +207,8 @@ class RowReader:
         np.copyto(x.numpy(), rows[:, :-1])
         targets = y.numpy()
         np.copyto(targets, rows[:, 1:])
-        for row, n in enumerate(lengths):  # a row of n tokens has n - 1 targets
-            targets[row, n - 1:] = IGNORE_INDEX
+        for row in short:  # a row of n tokens has n - 1 targets
+            targets[row, lengths[row] - 1:] = IGNORE_INDEX
         return x, y
 
     def close(self) -> None:

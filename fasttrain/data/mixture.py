@@ -30,7 +30,7 @@ from fasttrain.data.preparation import PreparedData, ensure_prepared, open_prepa
 from fasttrain.data.tokenizer import fingerprint
 from fasttrain.system.errors import UsageError
 
-MEMO = 256  # round states kept besides the anchor: more than a prefetcher runs ahead (data.prefetch <= 64)
+MEMO = 256  # round states kept (up to twice as many) besides the anchor: more than a prefetcher runs ahead (data.prefetch <= 64)
 
 
 def normalized(weights: Sequence[float]) -> tuple[float, ...]:
@@ -89,19 +89,11 @@ class Blend:
         """(source, position in that source's rows) of each of the R rows of round `round_`, int64 (R,) each."""
         with self._lock:
             positions, deficits = self._start(round_)
-            picks, *after = self._play(round_, positions, deficits)
-            if self.sources > 1:
-                self._memo[round_ + 1] = tuple(after)
-        positions_now = np.array(positions, dtype=np.int64)
-        if self.sources == 1:
-            return np.zeros(len(picks), dtype=np.int64), positions_now[0] + np.arange(len(picks))
-        source = np.array(picks, dtype=np.int64)
-        # The k-th row a round takes from source j is at j's position + k.
-        order = np.argsort(source, kind="stable")
-        rank_in_source = np.empty_like(source)
-        counts = np.bincount(source, minlength=self.sources)
-        rank_in_source[order] = np.arange(len(source)) - np.repeat(np.cumsum(counts) - counts, counts)
-        return source, positions_now[source] + rank_in_source
+            if self.sources == 1:
+                return np.zeros(self.rows_per_round, dtype=np.int64), positions[0] + np.arange(self.rows_per_round)
+            picks, at, *after = self._play(round_, positions, deficits)
+            self._remember(round_ + 1, tuple(after))
+        return np.array(picks, dtype=np.int64), np.array(at, dtype=np.int64)
 
     def _start(self, round_: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
         first, positions, deficits = self._anchor
@@ -116,29 +108,35 @@ class Blend:
             first = max(known)
             positions, deficits = self._memo[first]
         for r in range(first, round_):
-            positions, deficits = self._play(r, positions, deficits)[1:]
-            self._memo[r + 1] = positions, deficits
-        while len(self._memo) > MEMO:
-            del self._memo[min(self._memo)]
+            positions, deficits = self._play(r, positions, deficits)[2:]
+            self._remember(r + 1, (positions, deficits))
         return positions, deficits
 
+    def _remember(self, round_: int, state: tuple[tuple[int, ...], tuple[float, ...]]) -> None:
+        self._memo[round_] = state
+        if len(self._memo) > 2 * MEMO:  # a long run plans millions of rounds: keep the latest MEMO
+            self._memo = {r: self._memo[r] for r in sorted(self._memo)[-MEMO:]}
+
     def _play(self, round_: int, positions: tuple[int, ...], deficits: tuple[float, ...]
-              ) -> tuple[list[int], tuple[int, ...], tuple[float, ...]]:
-        """The sources of round `round_`'s rows, and the state after it (deficits reset where a phase begins)."""
-        rows = self.rows_per_round
-        if self.sources == 1:
-            return [0] * rows, (positions[0] + rows,), deficits
-        weights, taken, owed = self.weights_at(round_), list(positions), list(deficits)
+              ) -> tuple[list[int], list[int], tuple[int, ...], tuple[float, ...]]:
+        """The source of each row of round `round_` and the row's position in it, then the state after the
+        round (deficits reset where a phase begins)."""
+        taken, owed = list(positions), list(deficits)
         if any(first == round_ for first, _ in self.phases):
             owed = [0.0] * self.sources  # a new mix: its shares count from here
-        picks = []
-        for _ in range(rows):  # the hot loop of a mixture's loader: plain lists, no numpy call per row
-            owed = [o + w for o, w in zip(owed, weights)]
+        weights = list(enumerate(self.weights_at(round_)))
+        picks, at = [], []
+        # The hot loop of a mixture's loader: plain lists updated in place (the same sums, in the same order, as
+        # adding the weights anew), no numpy call per row.
+        for _ in range(self.rows_per_round):
+            for j, w in weights:
+                owed[j] += w
             best = owed.index(max(owed))  # the first of the sources owed the most
             owed[best] -= 1.0
-            taken[best] += 1
             picks.append(best)
-        return picks, tuple(taken), tuple(owed)
+            at.append(taken[best])
+            taken[best] += 1
+        return picks, at, tuple(taken), tuple(owed)
 
 
 @dataclass(frozen=True)
