@@ -71,6 +71,26 @@ def write_tasks(folder: Path) -> Path:
     return folder
 
 
+def wordlevel_run(folder: Path) -> list[str]:
+    """`evaluate` arguments scoring a local task (tiny_words) of words outside the run's tokenizer: a tiny run
+    trained on five words with a WordLevel tokenizer of those words and no unknown token in its vocabulary."""
+    from fasttrain.data.preparation import prepare
+
+    words = ["the", "cat", "sat", "on", "mat"]
+    tokenizer = {"model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate([*words, "</s>"])},
+                           "unk_token": "[UNK]"}, "pre_tokenizer": {"type": "Whitespace"}}
+    (folder / "wordlevel.json").write_text(json.dumps(tokenizer))
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": " ".join(words[(i * k) % 5] for k in range(60))})
+                                               + "\n" for i in range(40)))
+    prepare([str(folder / "docs.jsonl")], folder / "data", tokenizer_path=str(folder / "wordlevel.json"), quiet=True)
+    Trainer(tiny_config(folder / "data", folder / "run", "data.vocab_size=0", "train.max_steps=2",
+                        "train.sample_tokens=0"), quiet=True).train()
+    (folder / "tasks").mkdir()
+    lm_eval_or_skip().write_local_task(folder / "tasks", "tiny_words", "multiple_choice",
+                                       [{"question": "the dog sat", "choices": [" on", " mat"], "label": 0}])
+    return [str(folder / "run"), "--tasks", "tiny_words", "--include-path", str(folder / "tasks")]
+
+
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory) -> Path:
     return write_tasks(tmp_path_factory.mktemp("tasks"))
@@ -222,6 +242,26 @@ def test_a_continuation_longer_than_the_window_is_refused(run):
 
     with pytest.raises(UsageError, match="a continuation of 33 tokens is longer than the model's context"):
         harness.score_continuations(load_trained(run).model, [([1], list(range(33)))], batch_size=1)
+
+
+def test_text_read_as_the_unknown_token_is_scored_with_one_note(run, capsys):
+    """A WordLevel tokenizer with its unknown token encodes any text, unknown words as that token: the request is
+    scored (the model never saw those words), and one note says so, whatever the number of requests."""
+    import dataclasses
+
+    import tokenizers
+
+    from fasttrain.data.tokenizer import Tokenizer
+
+    harness = lm_eval_or_skip()
+    vocab = {"the": 0, "cat": 1, "[UNK]": 2, "</s>": 3}
+    wordlevel = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    wordlevel.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    lm = harness.FasttrainLM(dataclasses.replace(load_trained(run), tokenizer=Tokenizer(wordlevel)))
+    assert lm.tok_encode("the cat") == [0, 1] and "note" not in capsys.readouterr().err
+    assert lm.tok_encode("the dog") == [0, 2] and lm.tok_encode("a cow") == [2, 2]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "reads some of the tasks' text as its unknown token (first in 'the dog')" in err
 
 
 def test_scores_in_bf16_on_a_gpu_stay_close(run):

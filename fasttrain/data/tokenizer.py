@@ -81,17 +81,24 @@ class Tokenizer:
         write_atomically(path, lambda f: f.write(text), "save the tokenizer")
 
     def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        """The ids of `text`; UsageError naming the file if the tokenizer cannot encode it (see encode_batch)."""
+        try:
+            return self.tok.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # a bare Exception, as in encode_batch
+            raise self._cannot_encode(e) from None
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts at once, in parallel across the tokenizers library's threads."""
         try:
             encoded = self.tok.encode_batch(list(texts), add_special_tokens=False)
         except Exception as e:  # a bare Exception, e.g. a WordLevel vocabulary without its unknown token
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise UsageError(f"{self.source}: cannot encode the text ({reason}); prepare needs a tokenizer that "
-                             "encodes any text, such as a byte-level BPE") from None
+            raise self._cannot_encode(e) from None
         return [e.ids for e in encoded]
+
+    def _cannot_encode(self, e: Exception) -> UsageError:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return UsageError(f"{self.source}: cannot encode the text ({reason}); this needs a tokenizer that encodes "
+                          "any text, such as a byte-level BPE")
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)

@@ -62,6 +62,7 @@ from fasttrain.system.device import use_device  # noqa: E402
 from fasttrain.training.trained_model import Trained, inference_precision, load_trained  # noqa: E402
 
 DEFAULT_BATCH_SIZE = 16
+PROBE = "Zqx 7? caf\u00e9 \u4e2d\u6587"  # a task's text may hold any of it: letters, digits, punctuation, accents, CJK
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's hf model's default for generation tasks that set no max_gen_toks
 
 
@@ -138,7 +139,12 @@ class FasttrainLM(TemplateLM):
             raise UsageError(f"batch_size: must be >= 1, got {batch_size}")
         self.max_gen_toks = int(max_gen_toks)
         self.window = self.model.cfg.max_seq_len
-        self.truncation_said = False
+        self.truncation_said = self.unknown_said = False
+        try:  # a WordLevel vocabulary without its unknown token fails on any word outside it: say so before scoring
+            self.trained.tokenizer.encode(PROBE)
+        except UsageError as e:
+            raise UsageError(f"--tasks: the run's tokenizer cannot encode text outside its vocabulary, which tasks "
+                             f"hold ({e})") from None
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
@@ -160,7 +166,16 @@ class FasttrainLM(TemplateLM):
         return str(self.trained.tokenizer_path)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        return self.trained.tokenizer.encode(string)  # fasttrain's tokenizers add no special tokens
+        """The ids of a task's text (fasttrain's tokenizers add no special tokens). Text the tokenizer reads as
+        its unknown token is scored, with one note: the model never sees what that text said."""
+        tokenizer = self.trained.tokenizer
+        ids = tokenizer.encode(string)
+        if tokenizer.unk_id is not None and not self.unknown_said and tokenizer.unk_id in ids:
+            self.unknown_said = True
+            print(f"note: the run's tokenizer ({self.trained.tokenizer_path}) reads some of the tasks' text as its "
+                  f"unknown token (first in {string[:40]!r}); scores of that text compare what the model cannot "
+                  "see", file=sys.stderr)
+        return ids
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         """`requests`: ((context, continuation) text, context tokens, continuation tokens), from TemplateLM."""
@@ -224,9 +239,10 @@ def run_tasks(trained: Trained, tasks: Sequence[str], num_fewshot: int | None = 
               log_samples: bool = False) -> dict[str, Any]:
     """lm-eval's results of `tasks` on `trained` (simple_evaluate's dict). `include_path`: a folder of task
     YAML files of one's own; `limit`: documents per task (a fraction below 1)."""
+    model = FasttrainLM(trained, batch_size=batch_size)  # checks the tokenizer before lm-eval indexes its tasks
     manager = TaskManager(include_path=include_path)
     known_tasks(manager, tasks)
-    return simple_evaluate(model=FasttrainLM(trained, batch_size=batch_size), tasks=list(tasks),
+    return simple_evaluate(model=model, tasks=list(tasks),
                            num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=log_samples)
 
 
