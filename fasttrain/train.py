@@ -24,6 +24,7 @@ from fasttrain.config import Config, EvalConfig, add_config_arguments, config_fr
 from fasttrain.evaluate import score_tasks
 from fasttrain.system import distributed
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
+from fasttrain.training.checkpoint import saved_steps
 from fasttrain.training.trained_model import load_trained
 from fasttrain.training.trainer import Interrupted, Trainer
 
@@ -90,7 +91,9 @@ def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | N
         print(f"note: torchrun restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}")
     if spec != AUTO_OR_NEW:
         return spec
-    if os.path.lexists(Path(out_dir) / "checkpoints" / "latest"):  # a damaged pointer: the resume says so
+    checkpoints = Path(out_dir) / "checkpoints"
+    # A damaged pointer: the resume says so. Saves without one: the first save was killed before its pointer.
+    if os.path.lexists(checkpoints / "latest") or saved_steps(checkpoints):
         return "auto"
     if not quiet:
         print(f"resume: no checkpoint in {out_dir} yet, so a new run starts there (--resume {AUTO_OR_NEW})")

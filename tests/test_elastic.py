@@ -22,6 +22,7 @@ import torch
 from fasttrain import train
 from fasttrain.model.weights import read_safetensors
 from fasttrain.plot import latest_run, read_metrics
+from fasttrain.training.checkpoint import resolve
 from tests.conftest import tiny_args
 from tests.test_checkpoint import run_cli_code
 from tests.test_distributed import ENV, ROOT, torchrun
@@ -51,6 +52,21 @@ def test_resume_auto_or_new_starts_a_new_run_then_continues_it(pydoc_data, tmp_p
     starts = [e for e in read_metrics(tmp_path) if e["event"] == "start"]
     assert "resumed_from" not in starts[0] and starts[1]["resume_step"] == 4
     assert [e["step"] for e in latest_run(read_metrics(tmp_path)) if e["event"] == "train"][-1] == 6
+
+
+def test_a_first_save_without_its_pointer_is_resumed(pydoc_data, tmp_path, capsys):
+    """A kill after the first save was renamed into place and before `latest` was written left a run that
+    auto-or-new took for none: the new run then refused the directory (it holds checkpoints) on every restart.
+    The newest save is the latest; `--resume auto` and the tools read it too."""
+    run = ["train.max_steps=4", "checkpoint.interval=2", "train.sample_tokens=0", "train.eval_interval=4"]
+    same = tiny_args(pydoc_data, tmp_path, *run, flags=["--resume", "auto-or-new"])
+    assert run_cli_code(train.main, [*same, "train.max_steps=2"]) == 0
+    (tmp_path / "checkpoints" / "latest").unlink()
+    capsys.readouterr()
+    assert run_cli_code(train.main, same) == 0
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_0000002.pt'} at step 2" in capsys.readouterr().out
+    (tmp_path / "checkpoints" / "latest").unlink()
+    assert resolve("auto", tmp_path) == resolve(str(tmp_path), "") == tmp_path / "checkpoints" / "step_0000004.pt"
 
 
 def workers(agent: int) -> dict[int, tuple[int, int]]:

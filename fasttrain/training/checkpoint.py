@@ -292,8 +292,9 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
     """The checkpoint file that `--resume spec` means.
 
     "auto" is the latest save of the run in `out_dir`; a directory (a run directory or
-    its checkpoints/) is its latest save; a pointer file (checkpoints/latest or best) is the
-    save it names; anything else is a checkpoint file's path.
+    its checkpoints/) is its latest save (the newest step when there is no `latest` pointer yet);
+    a pointer file (checkpoints/latest or best) is the save it names; anything else is a
+    checkpoint file's path.
     """
     if spec != "auto" and (not Path(spec).is_dir() or is_sharded(Path(spec).resolve())):
         path = Path(spec)
@@ -308,8 +309,11 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
     run = Path(out_dir if spec == "auto" else spec)
     directory = run if (run / "latest").exists() or run.name == "checkpoints" else run / "checkpoints"
     latest = pointed(directory, "latest")
-    if latest is None:
-        raise UsageError(f"{directory}: no checkpoint saved there yet, so nothing to resume or export")
+    if latest is None:  # none yet, or the first save is in place and its pointer not (a run killed in between)
+        saved = saved_steps(directory) if directory.is_dir() else []
+        if not saved:
+            raise UsageError(f"{directory}: no checkpoint saved there yet, so nothing to resume or export")
+        return saved[-1]  # a save is renamed into place whole: one that exists is complete
     if not latest.exists():
         raise UsageError(f"{directory / 'latest'}: names {latest.name}, which is missing; "
                          "name a checkpoint file (step_*.pt) instead")
