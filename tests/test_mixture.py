@@ -4,6 +4,7 @@ tokens per source, per-source validation, exact resume (every batching mode, pre
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -201,12 +202,13 @@ def test_the_tools_read_a_mixture_run(pydoc_data, code_data, tmp_path, capsys):
 @pytest.mark.second_tier  # torchrun, 4 runs
 def test_a_mixture_on_two_ranks_trains_like_one_process_and_resumes_exactly(pydoc_data, code_data, tmp_path):
     """2 ranks of 2 rows read the rows one process of 4 reads (same losses); a resumed 2-rank run matches an
-    uninterrupted one exactly."""
+    uninterrupted one exactly, and so does (to rounding) one process of 2 rows accumulating 2 that resumes it,
+    across the mix change at step 3 (the first two steps' run, without it, refuses a change past its end)."""
     run = ["train.max_steps=4", "train.log_interval=1", "train.eval_interval=2", "train.eval_steps=2",
-           "checkpoint.interval=2", "train.sample_tokens=0", "data.mix=[{step=1, weights=[0.2, 0.8]}]"]
+           "checkpoint.interval=2", "train.sample_tokens=0", "train.tokens_per_update=128"]
 
-    def args(out: Path, *sets: str) -> list[str]:
-        return ["configs/base.toml", "--set", *mixture(pydoc_data, code_data, out, *run, *sets)]
+    def args(out: Path, *sets: str, mix: str = "data.mix=[{step=3, weights=[0.2, 0.8]}]") -> list[str]:
+        return ["configs/base.toml", "--set", *mixture(pydoc_data, code_data, out, *run, *sets, mix)]
     one = single(args(tmp_path / "one", "train.batch_size=4"))
     assert one.returncode == 0, one.stderr
     two = torchrun(args(tmp_path / "two", "train.batch_size=2"))
@@ -214,8 +216,14 @@ def test_a_mixture_on_two_ranks_trains_like_one_process_and_resumes_exactly(pydo
     assert values(tmp_path / "two", "train", "loss") == pytest.approx(values(tmp_path / "one", "train", "loss"),
                                                                        rel=1e-5)
     assert values(tmp_path / "two", "train", "tokens.code") == values(tmp_path / "one", "train", "tokens.code")
-    cut = torchrun(args(tmp_path / "resumed", "train.batch_size=2", "train.max_steps=2"))
+    cut = torchrun(args(tmp_path / "resumed", "train.batch_size=2", "train.max_steps=2", mix="data.mix=[]"))
     assert cut.returncode == 0, cut.stderr
+    shutil.copytree(tmp_path / "resumed", tmp_path / "moved")
     resumed = torchrun([*args(tmp_path / "resumed", "train.batch_size=2"), "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr
     assert values(tmp_path / "resumed", "train", "loss") == values(tmp_path / "two", "train", "loss")
+    moved = single([*args(tmp_path / "moved", "train.batch_size=2"), "--resume", "auto"])
+    assert moved.returncode == 0, moved.stderr
+    assert values(tmp_path / "moved", "train", "loss") == pytest.approx(values(tmp_path / "two", "train", "loss"),
+                                                                         rel=1e-5)
+    assert values(tmp_path / "moved", "train", "tokens.code") == values(tmp_path / "two", "train", "tokens.code")

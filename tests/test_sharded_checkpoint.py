@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +14,7 @@ from fasttrain import evaluate, export, sample, train
 from fasttrain.data.loader import TokenLoader, reshard
 from fasttrain.model.weights import read_safetensors
 from fasttrain.system.errors import UsageError, run_cli
-from tests.conftest import tiny_args, tiny_config
+from tests.conftest import tiny_args, tiny_config, write_shard
 from tests.test_distributed import RUN, single, torchrun, values
 
 
@@ -52,15 +53,50 @@ def test_a_position_the_new_world_cannot_split_is_refused(counting_data):
         reshard(states, 0, 3)
 
 
-def test_a_mixture_resumes_on_its_own_world_and_is_refused_on_another(counting_data):
-    """A mixture's sources are cut into epochs by rounds of the world's rows, so its positions carry over only to
-    the world that saved them (the position of one source is checked by the stream tests above)."""
-    mixed = {**TokenLoader(counting_data, "train", 2, 8, prefetch=0).state_dict(), "num_rows": [40, 60],
-             "positions": [3, 5], "deficits": [0.2, -0.2], "batches": 2}
-    states = [{**mixed, "rank": r, "world_size": 2} for r in range(2)]
-    assert reshard(states, 1, 2) == {**mixed, "rank": 1, "world_size": 2}
-    with pytest.raises(UsageError, match="a mixture saved by 2 process"):
-        reshard(states, 0, 1)
+@pytest.fixture
+def two_sources(counting_data, tmp_path_factory) -> list:
+    """counting_data and a small second source (74 rows of 8 + 1 tokens, its own numbers): a mixture whose
+    second source's epoch is 72 rows in rounds of 4 or 6 rows and 74 in rounds of 2."""
+    small = tmp_path_factory.mktemp("small")
+    write_shard(small / "train_000000.bin", np.arange(30_000, 30_000 + 74 * 8 + 1))
+    return [counting_data, small]
+
+
+def mixed_stream(sources, world: int, batches: int, start: list[dict] | None = None, rounds: int | None = None
+                 ) -> tuple[list[torch.Tensor], list[dict]]:
+    """`stream` for a mixture of `sources` by weights 2 and 1."""
+    loaders = [TokenLoader(sources, "train", 2, 8, seed=3, rank=r, world_size=world, prefetch=0,
+                           mix=[(0, (2.0, 1.0))]) for r in range(world)]
+    if start is not None:
+        for r, loader in enumerate(loaders):
+            loader.load_state_dict(reshard(start, r, world, rounds))
+    rows = [next(loader)[0] for _ in range(batches) for loader in loaders]
+    states = [loader.state_dict() for loader in loaders]
+    for loader in loaders:
+        loader.close()
+    return rows, states
+
+
+@pytest.mark.parametrize("saved, resumed", [(2, 1), (2, 3), (1, 2), (3, 2), (2, 2)])
+def test_a_mixture_goes_on_from_the_same_global_row_on_any_world(two_sources, saved, resumed):
+    """The blend is the world's: after 12 rows on one world, another goes on with the 13th row of the one global
+    sequence (the same rows, sources and shares as one process reading all 36; no source ends an epoch here)."""
+    whole, _ = mixed_stream(two_sources, 1, 18)
+    before, states = mixed_stream(two_sources, saved, 6 // saved)
+    after, after_states = mixed_stream(two_sources, resumed, 12 // resumed, start=states, rounds=6 // resumed)
+    assert all(torch.equal(a, b) for a, b in zip(before + after, whole, strict=True))
+    assert after_states[0]["batches"] == 18 // resumed and after_states[0]["positions"] == [24, 12]
+
+
+def test_a_mixtures_positions_are_counted_again_in_the_new_worlds_epochs(two_sources):
+    """Source 1 has 74 rows: one process reads all 74 an epoch, 2 ranks (rounds of 4 rows) 72. A position in its
+    second epoch keeps its place there; one in the rows 2 ranks drop moves to their next epoch's start."""
+    _, states = mixed_stream(two_sources, 1, 1)
+    for saved, expected in ((74 + 6, 72 + 6), (74 + 73, 2 * 72), (5, 5)):
+        moved = reshard([{**states[0], "positions": [4, saved], "deficits": [0.25, -0.25]}], 1, 2, rounds=7)
+        assert moved["positions"] == [4, expected] and moved["deficits"] == [0.25, -0.25]
+        assert (moved["batches"], moved["rank"], moved["world_size"]) == (7, 1, 2)
+    assert reshard(states, 0, 1)["batches"] == states[0]["batches"]  # no rounds given: the count saved
 
 
 # 6 micro-batches of 2 rows per update: 1 process accumulates 6, 2 accumulate 3, 3 accumulate 2; 4 (hsdp) need 12.

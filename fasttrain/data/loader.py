@@ -474,7 +474,7 @@ def _vocab_size_of(directory: Path, shards: list[ShardInfo]) -> int:
     return int(meta["vocab_size"]) if meta else max(s.vocab_size for s in shards)
 
 
-def reshard(saved: list[dict], rank: int, world_size: int) -> dict:
+def reshard(saved: list[dict], rank: int, world_size: int, rounds: int | None = None) -> dict:
     """The state for `rank` of `world_size` that continues the stream where `saved` (every rank's state_dict,
     from a world of len(saved) ranks at the same batch count) stopped: the global position carries over.
 
@@ -482,19 +482,28 @@ def reshard(saved: list[dict], rank: int, world_size: int) -> dict:
     after b batches per rank the world has consumed global batches 0 .. i * W - 1 of epoch e (divmod(b,
     per-rank batches per epoch) = (e, i)). A world of M continues at i * W / M batches per rank, the same rows
     next. Each epoch's tail that fills no whole round of M ranks is dropped, as in any epoch. UsageError if
-    i * W is not a multiple of M (no per-rank count starts there), or for a mixture saved by another world:
-    each source's epochs are cut into rounds of the world's rows, so its positions mean other rows there."""
+    i * W is not a multiple of M (no per-rank count starts there).
+
+    A mixture's blend state (each source's position and deficit) is the world's, not a rank's: the blend goes on
+    from it in rounds of this world's rows. Each source's epochs are cut into rounds of the world's rows, so a
+    position (e, i) of the saved world's epochs becomes (e, i) of this world's (the start of epoch e + 1 if i
+    falls in the tail this world drops; the order of an epoch's rows does not depend on the world). `rounds` is
+    the batch count the loader goes on from: the run's step times this world's accumulation, which its mix
+    changes count in (None: the saved count). Tokens per source are counted again in this world's epochs: each
+    finished epoch of the saved world counts at this world's length, less than a round of rows apart."""
     state = dict(saved[0])
     counts = {s["batches"] for s in saved}
     if len(counts) != 1:
         raise UsageError(f"the saved ranks stopped at different loader positions ({sorted(counts)} batches)")
+    num_rows = state["num_rows"] if isinstance(state["num_rows"], list) else [state["num_rows"]]  # pre-mixture
+    rows_per_batch = state["batch_size"]
+    if len(num_rows) > 1:
+        positions = [_renumbered(p, n, rows_per_batch, len(saved), world_size)
+                     for p, n in zip(state["positions"], num_rows)]
+        return {**state, "batches": state["batches"] if rounds is None else rounds, "rank": rank,
+                "world_size": world_size, "positions": positions}
     if len(saved) == world_size:
         return {**state, "rank": rank, "world_size": world_size}
-    num_rows = state["num_rows"] if isinstance(state["num_rows"], list) else [state["num_rows"]]  # pre-mixture
-    if len(num_rows) > 1:
-        raise UsageError(f"a mixture saved by {len(saved)} process(es) resumes on that many; its sources' "
-                         f"positions cannot be split over {world_size} yet")
-    rows_per_batch = state["batch_size"]
     epoch, i = divmod(state["batches"], num_rows[0] // (rows_per_batch * len(saved)))
     done = i * len(saved)  # global batches of this epoch consumed
     per_rank = num_rows[0] // (rows_per_batch * world_size)
@@ -509,3 +518,11 @@ def reshard(saved: list[dict], rank: int, world_size: int) -> dict:
     position = epoch * per_rank * world_size * rows_per_batch + done * rows_per_batch
     return {**state, "batches": batches, "rank": rank, "world_size": world_size, "num_rows": num_rows,
             "positions": [position], "deficits": [0.0]}
+
+
+def _renumbered(position: int, num_rows: int, batch_size: int, saved_world: int, world_size: int) -> int:
+    """A source's `position` counted in the epochs of a world of `saved_world` ranks, counted in those of
+    `world_size` ranks: the same row of the same epoch, or the next epoch's first if this world drops it."""
+    saved_epoch, epoch = (num_rows // (batch_size * w) * batch_size * w for w in (saved_world, world_size))
+    passed, index = divmod(position, saved_epoch)
+    return passed * epoch + min(index, epoch)

@@ -30,7 +30,7 @@ from fasttrain.data.preparation import PreparedData, ensure_prepared, open_prepa
 from fasttrain.data.tokenizer import fingerprint
 from fasttrain.system.errors import UsageError
 
-MEMO = 256  # round states kept (up to twice as many) besides the anchor: more than a prefetcher runs ahead (data.prefetch <= 64)
+MEMO = 256  # round states kept (up to twice as many) besides the anchor: more than a prefetcher runs ahead
 
 
 def normalized(weights: Sequence[float]) -> tuple[float, ...]:

@@ -571,12 +571,14 @@ class Checkpointer:
         if self.world.is_main:
             self.publish_folder(flight.staging, flight.path, flight.rest, flight.best, flight.keep)
 
-    def restore(self, path: str | Path, loader: TokenLoader) -> tuple[RunState, Config, list[str]]:
+    def restore(self, path: str | Path, loader: TokenLoader, accumulation: int
+                ) -> tuple[RunState, Config, list[str]]:
         """Load the checkpoint at `path` into the model, optimizer, scaler, `loader` and the random
         generators; returns its RunState, the config it was saved with and notes for the user. A checkpoint
         saved by another number of processes or another parallel mode continues the data stream at the same
-        global batch, split over this world (loader.reshard); a rank with no saved random state gets one
-        seeded from train.seed, the step and its rank. UsageError if it comes from a model of another shape,
+        global batch, split over this world (loader.reshard; `accumulation`: this run's micro-batches per step,
+        which a mixture's loader counts in); a rank with no saved random state gets one seeded from train.seed,
+        the step and its rank. UsageError if it comes from a model of another shape,
         another optimizer, a position this world cannot continue from, or cannot be loaded."""
         self.wait()  # a rollback may go back to the save in flight
         path = Path(path)
@@ -586,7 +588,8 @@ class Checkpointer:
         check_same_optimizer(saved, self.cfg, path)
         try:
             ranks, rank = state["ranks"], self.world.rank
-            position = reshard([r["train_loader"] for r in ranks], rank, self.world.size)
+            position = reshard([r["train_loader"] for r in ranks], rank, self.world.size,
+                               state["step"] * accumulation)
             if is_sharded(path):
                 model, optimizer = distributed.local_state(self.model, self.updater.optimizer)
                 sharded_files.read_into(path, {"model": model, "optimizer": {"state": optimizer["state"]}})

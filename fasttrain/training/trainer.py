@@ -502,7 +502,8 @@ class Trainer:
         if not recovery.can_roll_back(self.run):
             raise RunStopped(report.diverged(self.run, recovery.in_a_row, target is not None), 1)
         diverged = self.run
-        self.run = replace(recovery.rolled_back(diverged, self.checkpoints.restore(target, self.train_loader)[0]),
+        restored = self.checkpoints.restore(target, self.train_loader, self.accumulation)[0]
+        self.run = replace(recovery.rolled_back(diverged, restored),
                            train_seconds=diverged.train_seconds)  # time spent on the diverged steps stays spent
         self.checkpoints.point_latest(target)
         report.rollback(self.run, diverged.step, target)
@@ -554,7 +555,7 @@ class Trainer:
         so."""
         path = checkpoint.resolve(str(spec), self.cfg.train.out_dir)
         checkpoint.check_own(path, self.checkpoints.directory)
-        run, saved, notes = self.checkpoints.restore(path, self.train_loader)
+        run, saved, notes = self.checkpoints.restore(path, self.train_loader, self.accumulation)
         for note in notes if not self.quiet else ():
             print(f"resume: {note}")
         end, budget, spent = self.cfg.train.max_steps, self.cfg.train.max_time, run.train_seconds
