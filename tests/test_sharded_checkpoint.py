@@ -214,6 +214,39 @@ def test_a_failed_background_write_is_one_line_and_latest_keeps_the_last_complet
     trainer.close()
 
 
+def test_a_rollback_never_goes_to_a_save_whose_background_write_failed(pydoc_data, tmp_path, monkeypatch, capsys):
+    """Saves at step 2 (written) and step 4 (its background write fails); step 5 is finite, which proves step 4's
+    save, then steps 6 and 7 diverge. The rollback went to step 4's save and failed ("missing"): it goes back to
+    step 2's, the safe save before it, and the run finishes."""
+    from concurrent.futures import Future
+
+    from fasttrain.training import sharded_files
+    from fasttrain.training.trainer import Trainer
+    from tests.test_checkpoint import events, nan_losses
+
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, *SHARDED, "checkpoint.async_save=true", "train.max_steps=8",
+                                  "checkpoint.interval=2", "recovery.max_skips=2", "train.log_interval=1",
+                                  "train.eval_interval=8"), quiet=True)
+    real, calls = sharded_files.write_async, []
+
+    def second_fails(*args):
+        calls.append(args[0])
+        if len(calls) != 2:
+            return real(*args)
+        failed: Future = Future()
+        failed.set_exception(OSError(28, "No space left on device"))
+        return failed
+
+    monkeypatch.setattr(sharded_files, "write_async", second_fails)
+    nan_losses(trainer, {6, 7})
+    summary = trainer.train()
+    (rollback,) = events(tmp_path, "rollback")
+    assert (rollback["from_step"], rollback["step"]) == (7, 2) and rollback["path"].endswith("step_0000002")
+    assert summary["step"] == 8 and summary["rollbacks"] == 1
+    assert "step_0000004: the background checkpoint write failed (OSError" in capsys.readouterr().err
+    trainer.close()
+
+
 @pytest.mark.second_tier  # about 60 s of torchrun on 2 cores
 def test_async_saves_under_torchrun_resume_exactly(pydoc_data, tmp_path):
     background = [*RUN, "train.batch_size=2", 'train.parallel="fsdp"', "checkpoint.async_save=true",

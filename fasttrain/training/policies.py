@@ -27,7 +27,8 @@ class Recovery:
 
     A resumed run has proven nothing yet: its checkpoint may hold the weights that diverge (even NaN
     weights). Until a step proves it, the earlier saves of the run are where it can go back to, the
-    newest first, each unproven in turn.
+    newest first, each unproven in turn. A save whose background write failed is `lost`: the safe save
+    before it, if it is still on disk, is the way back then.
 
     The count of skips in a row lives here, not in RunState: a resumed or rolled-back run starts
     with none.
@@ -47,9 +48,9 @@ class Recovery:
             self.in_a_row += 1
         else:
             self.in_a_row = 0
-            if self.unproven is not None:
+            if self.unproven is not None:  # the safe save before it stays as the way back if this one is lost
+                self.earlier = [self.safe] if self.safe is not None else []
                 self.safe, self.unproven = self.unproven, None
-                self.earlier.clear()
         return self.in_a_row >= self.cfg.max_skips
 
     def may_save(self) -> bool:
@@ -58,6 +59,12 @@ class Recovery:
 
     def saved(self, path: Path) -> None:
         self.unproven = path
+
+    def lost(self, path: Path) -> None:
+        """`path` is not on disk (its background write failed, or it was pruned): never a target again."""
+        if self.safe == path:
+            self.safe = None
+        self.earlier = [p for p in self.earlier if p != path]
 
     def target(self) -> Path | None:
         """Where a rollback goes: the safe save, else the newest earlier save of a resumed run."""

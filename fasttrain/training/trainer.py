@@ -498,7 +498,10 @@ class Trainer:
     def _roll_back(self, report: Report, recovery: Recovery) -> None:
         """Continue from the newest save whose next step was finite (recovery.target) at a lower learning
         rate, and point `latest` back at it; RunStopped if there is none, or every rollback is spent."""
-        target = recovery.target()
+        self.checkpoints.wait()  # the save in flight may be the target: published, or failed and said so, first
+        distributed.barrier(self.world)  # rank 0 publishes: after this every rank sees the same saves
+        while (target := recovery.target()) is not None and not target.exists():
+            recovery.lost(target)
         if not recovery.can_roll_back(self.run):
             raise RunStopped(report.diverged(self.run, recovery.in_a_row, target is not None), 1)
         diverged = self.run
