@@ -77,6 +77,21 @@ def test_version_prints_the_version_and_exits_0(capsys):
     assert capsys.readouterr().out == f"fasttrain {fasttrain.__version__}\n"
 
 
+@pytest.mark.subprocess
+def test_output_to_a_reader_that_went_away_ends_quietly():
+    """`fasttrain --help | head -1`: the reader closes the pipe, and the tool ended in a BrokenPipeError traceback.
+    It stops quietly with SIGPIPE's status, as a shell tool does."""
+    tool = subprocess.Popen([sys.executable, "-m", "fasttrain", "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        tool.stdout.close()  # before the tool writes: its first print finds no reader
+        assert tool.wait(timeout=120) == 141
+        assert tool.stderr.read() == b""
+    finally:
+        tool.kill()
+        tool.stderr.close()
+
+
 def test_set_before_the_config_path_takes_the_path_as_the_config(pydoc_data, tmp_path):
     """`fasttrain train --set ... configs/base.toml`: --set took the path as one more item ("required: config")."""
     args = ["--set", *tiny_overrides(pydoc_data, tmp_path), "train.max_steps=1", "schedule.warmup_steps=1",

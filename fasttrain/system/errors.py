@@ -10,6 +10,7 @@ and exits with status 2, never a traceback. Bugs in fasttrain itself are not
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NoReturn, Sequence
 
@@ -28,7 +29,7 @@ class RunStopped(Exception):
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
     """Run `main(argv)` and exit: 0 on success, 2 on `UsageError` or running out of memory (one line each),
-    RunStopped's own code, 130 on Ctrl-C."""
+    RunStopped's own code, 130 on Ctrl-C, 141 when the reader of its output went away (SIGPIPE's status)."""
     try:
         code = main(argv)
     except UsageError as e:
@@ -40,6 +41,9 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a shell tool killed by SIGPIPE does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting does not flush into the pipe
+        sys.exit(141)  # 128 + SIGPIPE, the status the shell shows for such a tool
     except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError and CPU allocator failures are RuntimeErrors
         reason = _out_of_memory(e)
         if reason is None:
