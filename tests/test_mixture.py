@@ -199,13 +199,15 @@ def test_the_tools_read_a_mixture_run(pydoc_data, code_data, tmp_path, capsys):
 
 
 @pytest.mark.subprocess
-@pytest.mark.second_tier  # torchrun, 4 runs
-def test_a_mixture_on_two_ranks_trains_like_one_process_and_resumes_exactly(pydoc_data, code_data, tmp_path):
+@pytest.mark.second_tier  # torchrun, 3 runs, and 2 single processes
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_mixture_on_two_ranks_trains_like_one_process_and_resumes_exactly(pydoc_data, code_data, tmp_path, parallel):
     """2 ranks of 2 rows read the rows one process of 4 reads (same losses); a resumed 2-rank run matches an
     uninterrupted one exactly, and so does (to rounding) one process of 2 rows accumulating 2 that resumes it,
     across the mix change at step 3 (the first two steps' run, without it, refuses a change past its end)."""
     run = ["train.max_steps=4", "train.log_interval=1", "train.eval_interval=2", "train.eval_steps=2",
-           "checkpoint.interval=2", "train.sample_tokens=0", "train.tokens_per_update=128"]
+           "checkpoint.interval=2", "train.sample_tokens=0", "train.tokens_per_update=128",
+           f'train.parallel="{parallel}"']
 
     def args(out: Path, *sets: str, mix: str = "data.mix=[{step=3, weights=[0.2, 0.8]}]") -> list[str]:
         return ["configs/base.toml", "--set", *mixture(pydoc_data, code_data, out, *run, *sets, mix)]
