@@ -47,8 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_tasks(cfg.eval)
     trainer = None
     try:
-        trainer = Trainer(cfg, quiet=args.quiet)
-        resume = checkpoint_to_resume(args.resume, trainer.cfg.train.out_dir, trainer.quiet)
+        resume = checkpoint_to_resume(args.resume, cfg.train.out_dir,
+                                      args.quiet or not distributed.world_from_env().is_main)
+        trainer = Trainer(cfg, quiet=args.quiet, resuming=resume is not None)
         if resume:
             trainer.resume(resume)
         summary = trainer.train(overwrite=args.overwrite)

@@ -186,6 +186,28 @@ def test_a_resumed_init_from_run_needs_no_source_folder(pydoc_data, trained, tmp
     assert snapshot(run) == before
 
 
+def test_a_resumed_init_from_run_reads_its_checkpoint_not_the_source_weights(pydoc_data, trained, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A resume read model.init_from's weights (minutes for a large model, at every elastic restart) and then
+    replaced them with the checkpoint's. A new run reads them once; so does a Trainer made `resuming` that
+    starts anew after all."""
+    from fasttrain.training import trainer as trainer_module
+
+    run, sets = tmp_path / "run", [*QUICK, init_from(trained, tmp_path)]
+    real, reads = trainer_module.read_hf_llama_weights, []
+    monkeypatch.setattr(trainer_module, "read_hf_llama_weights", lambda *args: reads.append(args) or real(*args))
+    assert cli(train.main, tiny_args(pydoc_data, run, *sets, flags=["--resume", "auto-or-new"]), capsys)[0] == 0
+    assert len(reads) == 1
+    code, err = cli(train.main, tiny_args(pydoc_data, run, *sets, "train.max_steps=4", flags=["--resume", "auto"]),
+                    capsys)
+    assert code == 0 and len(reads) == 1, err
+    fresh = Trainer(tiny_config(pydoc_data, tmp_path / "fresh", *sets), quiet=True, resuming=True)
+    assert len(reads) == 1
+    fresh.train()
+    assert len(reads) == 2
+    fresh.close()
+
+
 def test_an_init_from_folder_without_a_tokenizer_trains_with_a_note(pydoc_data, trained, tmp_path, capsys):
     """Nothing to compare the data's tokenizer with (a folder holding tokenizer.model only, say): the run
     goes on, and says what it assumes."""

@@ -133,8 +133,11 @@ class Trainer:
     (FSDP), the logged loss is over all ranks' targets, and only rank 0 prints and writes.
     """
 
-    def __init__(self, cfg: Config, quiet: bool = False, clock: Callable[[], float] = time.perf_counter):
-        """`clock`: seconds, what train.max_time is counted in (a test gives a fake one)."""
+    def __init__(self, cfg: Config, quiet: bool = False, clock: Callable[[], float] = time.perf_counter,
+                 resuming: bool = False):
+        """`clock`: seconds, what train.max_time is counted in (a test gives a fake one). `resuming`: resume()
+        comes next, so model.init_from's weights are not read now (the checkpoint replaces them; a model's
+        weights can take minutes to read); train() reads them if it starts a new run after all."""
         self.clock, self.created = clock, clock()
         self.world = distributed.world_from_env()
         self.quiet = quiet or not self.world.is_main
@@ -195,12 +198,19 @@ class Trainer:
         self.updater = Updater(self.model, self.cfg.optim, self.device, self.precision, kernel=self.kernels.adamw,
                                sharded=self.sharded)
         self.checkpoints = Checkpointer(self.cfg, self.model, self.updater, self.world, self.parallel, self.device)
-        if m.init_from and self.init_missing is None:  # where the run starts (resume() replaces them)
-            distributed.load_full_model_state(self.model, read_hf_llama_weights(m.init_from, m), self.sharded)
+        self.init_pending = bool(m.init_from) and self.init_missing is None  # init_from's weights not read yet
+        if self.init_pending and not resuming:
+            self._start_from_init()
         self.train_loader = self.loader("train", self.cfg.data.sampling, self.cfg.data.prefetch)
         self.compiling = self.compiled  # the first step of a compiled objective compiles it: not training time
         self.run = RunState()
         self.resumed_from: Path | None = None  # the checkpoint `resume` restored, for the start report
+
+    def _start_from_init(self) -> None:
+        """Load model.init_from's weights: where a new run starts."""
+        m = self.cfg.model
+        distributed.load_full_model_state(self.model, read_hf_llama_weights(m.init_from, m), self.sharded)
+        self.init_pending = False
 
     def _shape_of_init(self, cfg: Config) -> tuple[ModelConfig, UsageError | None]:
         """cfg.model, or with model.init_from the shape of that Hugging Face model (its config.json), saying
@@ -362,6 +372,8 @@ class Trainer:
         out = Path(t.out_dir)
         wandb = lg.wandb and self.world.is_main
         self._check_start(overwrite, wandb)
+        if self.resumed_from is None and self.init_pending:  # made `resuming`, then started anew
+            self._start_from_init()
         start = RunStart(out) if self.world.is_main else None
         with run_lock.locked(out) if start else contextlib.nullcontext(), start or contextlib.nullcontext():
             if self.resumed_from is None:
