@@ -18,13 +18,16 @@ from tests.conftest import tiny_args, tiny_config, write_shard
 from tests.test_distributed import RUN, single, torchrun, values
 
 
-def stream(data, world: int, batches: int, start: list[dict] | None = None) -> tuple[list[torch.Tensor], list[dict]]:
+def stream(data, world: int, batches: int, start: list[dict] | None = None, rounds: int | None = None,
+           mix=None) -> tuple[list[torch.Tensor], list[dict]]:
     """The global stream of `world` ranks taking `batches` each, in rank order per round (the rows a step of
-    that world trains on together), and every rank's state at the end; from `start` (another world's states)."""
-    loaders = [TokenLoader(data, "train", 2, 8, seed=3, rank=r, world_size=world, prefetch=0) for r in range(world)]
+    that world trains on together), and every rank's state at the end; from `start` (another world's states,
+    going on at batch `rounds`). `data`: a folder, or the sources of a mixture by `mix`."""
+    loaders = [TokenLoader(data, "train", 2, 8, seed=3, rank=r, world_size=world, prefetch=0, mix=mix)
+               for r in range(world)]
     if start is not None:
         for r, loader in enumerate(loaders):
-            loader.load_state_dict(reshard(start, r, world))
+            loader.load_state_dict(reshard(start, r, world, rounds))
     rows = [next(loader)[0] for _ in range(batches) for loader in loaders]
     states = [loader.state_dict() for loader in loaders]
     for loader in loaders:
@@ -62,28 +65,17 @@ def two_sources(counting_data, tmp_path_factory) -> list:
     return [counting_data, small]
 
 
-def mixed_stream(sources, world: int, batches: int, start: list[dict] | None = None, rounds: int | None = None
-                 ) -> tuple[list[torch.Tensor], list[dict]]:
-    """`stream` for a mixture of `sources` by weights 2 and 1."""
-    loaders = [TokenLoader(sources, "train", 2, 8, seed=3, rank=r, world_size=world, prefetch=0,
-                           mix=[(0, (2.0, 1.0))]) for r in range(world)]
-    if start is not None:
-        for r, loader in enumerate(loaders):
-            loader.load_state_dict(reshard(start, r, world, rounds))
-    rows = [next(loader)[0] for _ in range(batches) for loader in loaders]
-    states = [loader.state_dict() for loader in loaders]
-    for loader in loaders:
-        loader.close()
-    return rows, states
+MIX = [(0, (2.0, 1.0))]
 
 
 @pytest.mark.parametrize("saved, resumed", [(2, 1), (2, 3), (1, 2), (3, 2), (2, 2)])
 def test_a_mixture_goes_on_from_the_same_global_row_on_any_world(two_sources, saved, resumed):
     """The blend is the world's: after 12 rows on one world, another goes on with the 13th row of the one global
     sequence (the same rows, sources and shares as one process reading all 36; no source ends an epoch here)."""
-    whole, _ = mixed_stream(two_sources, 1, 18)
-    before, states = mixed_stream(two_sources, saved, 6 // saved)
-    after, after_states = mixed_stream(two_sources, resumed, 12 // resumed, start=states, rounds=6 // resumed)
+    whole, _ = stream(two_sources, 1, 18, mix=MIX)
+    before, states = stream(two_sources, saved, 6 // saved, mix=MIX)
+    after, after_states = stream(two_sources, resumed, 12 // resumed, start=states, rounds=6 // resumed,
+                                     mix=MIX)
     assert all(torch.equal(a, b) for a, b in zip(before + after, whole, strict=True))
     assert after_states[0]["batches"] == 18 // resumed and after_states[0]["positions"] == [24, 12]
 
@@ -91,7 +83,7 @@ def test_a_mixture_goes_on_from_the_same_global_row_on_any_world(two_sources, sa
 def test_a_mixtures_positions_are_counted_again_in_the_new_worlds_epochs(two_sources):
     """Source 1 has 74 rows: one process reads all 74 an epoch, 2 ranks (rounds of 4 rows) 72. A position in its
     second epoch keeps its place there; one in the rows 2 ranks drop moves to their next epoch's start."""
-    _, states = mixed_stream(two_sources, 1, 1)
+    _, states = stream(two_sources, 1, 1, mix=MIX)
     for saved, expected in ((74 + 6, 72 + 6), (74 + 73, 2 * 72), (5, 5)):
         moved = reshard([{**states[0], "positions": [4, saved], "deficits": [0.25, -0.25]}], 1, 2, rounds=7)
         assert moved["positions"] == [4, expected] and moved["deficits"] == [0.25, -0.25]
