@@ -91,6 +91,15 @@ def test_a_mixtures_positions_are_counted_again_in_the_new_worlds_epochs(two_sou
     assert reshard(states, 0, 1)["batches"] == states[0]["batches"]  # no rounds given: the count saved
 
 
+def test_tokens_per_source_carry_over_exactly_to_another_world(two_sources):
+    """Source 1's epoch is 74 rows for one process and 72 for 2 ranks: after 2 epochs of it and some, the
+    tokens read must carry over as read, not be counted again at the new world's epoch length."""
+    _, states = stream(two_sources, 1, 120, mix=MIX)  # 240 rows: 80 of source 1, its second epoch and 6 more
+    assert states[0]["positions"][1] == 80 and states[0]["tokens"][1] == 80 * 8
+    _, moved = stream(two_sources, 2, 3, start=states, rounds=60, mix=MIX)  # 12 rows more, 4 of source 1
+    assert [s["tokens"][1] for s in moved] == [84 * 8] * 2
+
+
 # 6 micro-batches of 2 rows per update: 1 process accumulates 6, 2 accumulate 3, 3 accumulate 2; 4 (hsdp) need 12.
 @pytest.mark.second_tier  # about 60 s of torchrun per case on 2 cores
 @pytest.mark.parametrize("saved, nproc, parallel, update", [

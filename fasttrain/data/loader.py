@@ -306,6 +306,7 @@ class TokenLoader:
                                 pad_multiple=pad_multiple, pin_memory=self.device.type == "cuda",
                                 vocab_size=self.vocab_size)
         self.batches = 0  # consumed by the caller: the whole resumable state, with the seed
+        self._tokens_carried = [0] * len(sources)  # see load_state_dict
         self.wait_seconds = 0.0
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # Not a bound method: the prefetch thread must not keep the loader alive.
@@ -344,7 +345,8 @@ class TokenLoader:
 
     def source_tokens(self) -> list[int]:
         """Targets (real tokens) read from each source so far, over all ranks."""
-        return [s.targets_before(p) for s, p in zip(self.reader.sources, self.positions())]
+        return [s.targets_before(p) + carried for s, p, carried in
+                zip(self.reader.sources, self.positions(), self._tokens_carried)]
 
     def source_epochs(self) -> list[float]:
         """How many times over each source has been read so far (1.5: once, and half of it again)."""
@@ -383,6 +385,11 @@ class TokenLoader:
         self._stop_worker()
         self.batches = int(state["batches"])
         self.blend.restart(self.batches, state["positions"], state["deficits"])
+        # What the saved world read beyond what its positions count in this world's epochs (reshard): 0 but
+        # after a resume on another number of processes, whose epochs are cut at other lengths.
+        self._tokens_carried = [0] * len(self.reader.sources)
+        if "tokens" in state:
+            self._tokens_carried = [int(t) - n for t, n in zip(state["tokens"], self.source_tokens())]
 
     def _stop_worker(self) -> None:
         if self._worker is not None:
@@ -489,8 +496,8 @@ def reshard(saved: list[dict], rank: int, world_size: int, rounds: int | None = 
     position (e, i) of the saved world's epochs becomes (e, i) of this world's (the start of epoch e + 1 if i
     falls in the tail this world drops; the order of an epoch's rows does not depend on the world). `rounds` is
     the batch count the loader goes on from: the run's step times this world's accumulation, which its mix
-    changes count in (None: the saved count). Tokens per source are counted again in this world's epochs: each
-    finished epoch of the saved world counts at this world's length, less than a round of rows apart."""
+    changes count in (None: the saved count). The tokens read from each source carry over as they were read
+    (load_state_dict keeps what the new epochs' count misses)."""
     state = dict(saved[0])
     counts = {s["batches"] for s in saved}
     if len(counts) != 1:
