@@ -94,8 +94,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processor": platform.processor()
                     or platform.machine(), "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in os.getloadavg()],
-                    "note": "the CPU was shared with other processes (see the load averages)"},
+                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "versions": {"torch": torch.__version__, "lm_eval": LM_EVAL_VERSION},
         "requests": {"speed_mc": 400, "speed_ppl_documents": 20},
         "seconds": seconds,
