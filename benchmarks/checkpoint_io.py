@@ -148,8 +148,8 @@ def main() -> None:
     report = {
         "what": "checkpoint save (2 processes, fsdp, CPU, gloo): gathered file, sharded folder, async sharded; and "
                 "resume of the last (sharded) save on 1, 2 and 3 processes; one save each, so rough",
-        "machine": {"cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
-                    "note": "shared with other jobs while measured"},
+        "machine": {"cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg()},
+        "command": f"python -m benchmarks.checkpoint_io --out {args.out} --layers {args.layers}",
         "model": [*MODEL, f"model.n_layers={args.layers}"], "checkpoint_bytes": sizes,
         "saves": [r for r in rows if "file" in r], "resumes": [r for r in rows if "resume_s" in r],
     }
