@@ -215,35 +215,38 @@ def test_a_failed_background_write_is_one_line_and_latest_keeps_the_last_complet
     trainer.close()
 
 
-def test_a_rollback_never_goes_to_a_save_whose_background_write_failed(pydoc_data, tmp_path, monkeypatch, capsys):
-    """Saves at step 2 (written) and step 4 (its background write fails); step 5 is finite, which proves step 4's
-    save, then steps 6 and 7 diverge. The rollback went to step 4's save and failed ("missing"): it goes back to
-    step 2's, the safe save before it, and the run finishes."""
+@pytest.mark.parametrize("fails", ["at once", "after step 5"])
+def test_a_rollback_never_goes_to_a_save_whose_background_write_failed(pydoc_data, tmp_path, monkeypatch, capsys,
+                                                                        fails):
+    """Saves at steps 2 and 6 written, step 4's background write fails (at once, or only after step 5, whose
+    finite loss proved step 4's save), steps 7 and 8 diverge, keep_last=1. The rollback went to step 4's save
+    and died ("missing"), and step 2's, the way back, was pruned by step 6's save: it goes back to step 2."""
     from concurrent.futures import Future
 
     from fasttrain.training import sharded_files
     from fasttrain.training.trainer import Trainer
-    from tests.test_checkpoint import events, nan_losses
+    from tests.test_checkpoint import events, nan_losses, plant
 
-    trainer = Trainer(tiny_config(pydoc_data, tmp_path, *SHARDED, "checkpoint.async_save=true", "train.max_steps=8",
-                                  "checkpoint.interval=2", "recovery.max_skips=2", "train.log_interval=1",
-                                  "train.eval_interval=8"), quiet=True)
-    real, calls = sharded_files.write_async, []
+    trainer = Trainer(tiny_config(pydoc_data, tmp_path, *SHARDED, "checkpoint.async_save=true", "train.max_steps=10",
+                                  "checkpoint.interval=2", "checkpoint.keep_last=1", "recovery.max_skips=2",
+                                  "train.log_interval=1", "train.eval_interval=10"), quiet=True)
+    real, calls, failing = sharded_files.write_async, [], Future()
 
     def second_fails(*args):
         calls.append(args[0])
-        if len(calls) != 2:
-            return real(*args)
-        failed: Future = Future()
-        failed.set_exception(OSError(28, "No space left on device"))
-        return failed
+        return failing if len(calls) == 2 else real(*args)
+
+    def fail(_: Trainer) -> None:
+        if not failing.done():
+            failing.set_exception(OSError(28, "No space left on device"))
 
     monkeypatch.setattr(sharded_files, "write_async", second_fails)
-    nan_losses(trainer, {6, 7})
+    plant(trainer, {4} if fails == "at once" else {5}, fail)
+    nan_losses(trainer, {7, 8})
     summary = trainer.train()
     (rollback,) = events(tmp_path, "rollback")
-    assert (rollback["from_step"], rollback["step"]) == (7, 2) and rollback["path"].endswith("step_0000002")
-    assert summary["step"] == 8 and summary["rollbacks"] == 1
+    assert (rollback["from_step"], rollback["step"]) == (8, 2) and rollback["path"].endswith("step_0000002")
+    assert summary["step"] == 10 and summary["rollbacks"] == 1
     assert "step_0000004: the background checkpoint write failed (OSError" in capsys.readouterr().err
     trainer.close()
 

@@ -475,6 +475,7 @@ class Checkpointer:
         # group would interleave with the steps'); made now, on every rank in the same order.
         self.write_group = distributed.new_group(world) if self.background else None
         self.in_flight: InFlight | None = None
+        self.unsettled: tuple[Path, bool] | None = None  # the last background save waited for; failed here?
 
     def run_state(self, run: RunState, loader: TokenLoader) -> dict:
         """What a checkpoint holds besides the model and optimizer: small, gathered onto every rank."""
@@ -563,13 +564,26 @@ class Checkpointer:
         try:
             flight.future.result()
         except (Exception, dcp_exception()) as e:
+            self.unsettled = (flight.path, True)
             if self.world.is_main:
                 remove(flight.staging)
                 print(f"warning: {flight.path}: the background checkpoint write failed ({sharded_files.one_line(e)}); "
                       f"latest still names {pointed(self.directory, 'latest')}", file=sys.stderr, flush=True)
             return
+        self.unsettled = (flight.path, False)
         if self.world.is_main:
             self.publish_folder(flight.staging, flight.path, flight.rest, flight.best, flight.keep)
+
+    def settle(self) -> Path | None:
+        """Wait for the save in flight; the last background save waited for (here or by an earlier `poll`) if
+        its write failed on any rank, else None: a save that is no way back. Every rank must call it at the
+        same point; they all get the same answer."""
+        if not self.background:
+            return None
+        self.wait()
+        done, self.unsettled = self.unsettled, None
+        failed = distributed.any_rank(done is not None and done[1], self.world, self.device)
+        return done[0] if failed and done is not None else None
 
     def restore(self, path: str | Path, loader: TokenLoader, accumulation: int
                 ) -> tuple[RunState, Config, list[str]]:

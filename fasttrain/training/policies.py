@@ -23,12 +23,12 @@ class Recovery:
     are those the next step starts from, so the save just before a streak holds the very weights
     that produced it: returning there would only diverge again. So a save stays `unproven` until
     the step after it comes out finite, no save is made during a streak (the weights have not moved
-    since it began), and the safe save is kept from pruning.
+    since it began), and the way back (`target`) is kept from pruning.
 
     A resumed run has proven nothing yet: its checkpoint may hold the weights that diverge (even NaN
     weights). Until a step proves it, the earlier saves of the run are where it can go back to, the
     newest first, each unproven in turn. A save whose background write failed is `lost`: the safe save
-    before it, if it is still on disk, is the way back then.
+    before it, kept as the way back, is the target then.
 
     The count of skips in a row lives here, not in RunState: a resumed or rolled-back run starts
     with none.
@@ -64,6 +64,8 @@ class Recovery:
         """`path` is not on disk (its background write failed, or it was pruned): never a target again."""
         if self.safe == path:
             self.safe = None
+        if self.unproven == path:
+            self.unproven = None
         self.earlier = [p for p in self.earlier if p != path]
 
     def target(self) -> Path | None:

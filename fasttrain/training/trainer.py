@@ -488,7 +488,10 @@ class Trainer:
                 return None
             metrics, improved = found
         if (self.run.step % c.interval == 0 or done or (improved and c.keep_best)) and recovery.may_save():
-            recovery.saved(self._save(report, best=improved, keep=recovery.safe))
+            lost = self.checkpoints.settle()  # the save still writing first, as save() would wait for it anyway
+            if lost is not None:
+                recovery.lost(lost)
+            recovery.saved(self._save(report, best=improved, keep=recovery.target()))  # the way back is kept
         return metrics
 
     def _evaluate_and_sample(self, report: Report, early_stopping: EarlyStopping,
@@ -510,9 +513,13 @@ class Trainer:
     def _roll_back(self, report: Report, recovery: Recovery) -> None:
         """Continue from the newest save whose next step was finite (recovery.target) at a lower learning
         rate, and point `latest` back at it; RunStopped if there is none, or every rollback is spent."""
-        self.checkpoints.wait()  # the save in flight may be the target: published, or failed and said so, first
+        lost = self.checkpoints.settle()  # the save in flight may be the target: published, or failed, first
+        if lost is not None:
+            recovery.lost(lost)
         distributed.barrier(self.world)  # rank 0 publishes: after this every rank sees the same saves
-        while (target := recovery.target()) is not None and not target.exists():
+        # An earlier save of a resumed run may have been pruned; decided together, so every rank restores one save.
+        while (target := recovery.target()) is not None and distributed.any_rank(not target.exists(), self.world,
+                                                                                 self.device):
             recovery.lost(target)
         if not recovery.can_roll_back(self.run):
             raise RunStopped(report.diverged(self.run, recovery.in_a_row, target is not None), 1)
