@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import sys
 from typing import Callable, NoReturn, Sequence
 
@@ -31,7 +32,12 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     """Run `main(argv)` and exit: 0 on success, 2 on `UsageError` or running out of memory (one line each),
     RunStopped's own code, 130 on Ctrl-C, 141 when the reader of its output went away (SIGPIPE's status)."""
     try:
-        code = main(argv)
+        try:
+            code = main(argv)
+        except SystemExit:  # argparse's --help: what it printed is flushed here, where a closed pipe is caught
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # buffered output meets a closed pipe here, not at the interpreter's exit
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -41,7 +47,10 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as a shell tool killed by SIGPIPE does
+    except BrokenPipeError:
+        if not _reader_gone():  # another pipe than standard output's: not ours to silence
+            raise
+        # The reader of standard output went away (`| head`): stop quietly, as a tool killed by SIGPIPE does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting does not flush into the pipe
         sys.exit(141)  # 128 + SIGPIPE, the status the shell shows for such a tool
     except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError and CPU allocator failures are RuntimeErrors
@@ -52,6 +61,19 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
               "(pre-flight's estimate did not catch this one)", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)
+
+
+def _reader_gone() -> bool:
+    """Whether standard output is a pipe whose reading end has been closed."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced (a test's capture) or closed: no pipe of ours
+        return False
+    if not hasattr(select, "poll"):  # Windows
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def _out_of_memory(e: BaseException) -> str | None:
