@@ -50,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         resume = checkpoint_to_resume(args.resume, cfg.train.out_dir,
                                       args.quiet or not distributed.world_from_env().is_main)
         trainer = Trainer(cfg, quiet=args.quiet, resuming=resume is not None)
+        if cfg.eval.tasks:  # the data's tokenizer must encode the tasks' text: said now, not after the run
+            importlib.import_module("fasttrain.training.harness").check_tokenizer(trainer.tokenizer, "eval.tasks")
         if resume:
             trainer.resume(resume)
         summary = trainer.train(overwrite=args.overwrite)

@@ -20,7 +20,7 @@ import torch
 from fasttrain import cli, doctor, evaluate, export, plot, prepare, sample, train
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
-from tests.test_lm_eval import with_lm_eval, wordlevel_run
+from tests.test_lm_eval import with_lm_eval, wordlevel_run, wordlevel_training
 from tests.test_reliability_start import another_tokenizer, edit_config, edit_tensor, index_outside, init_from, nan
 
 
@@ -560,6 +560,8 @@ CASES = [
     ("evaluate: --tasks empty", evaluate, lambda c: [str(c.run), "--tasks", ","], "--tasks: no task named"),
     ("evaluate: a task's text the run's tokenizer cannot encode", evaluate, lambda c: wordlevel_run(c.tmp),
      "--tasks: the run's tokenizer cannot encode text outside its vocabulary, which tasks hold ("),
+    ("train: eval.tasks with a tokenizer that cannot encode a task's text", train,
+     lambda c: wordlevel_training(c.tmp), "eval.tasks: the run's tokenizer cannot encode text outside its vocabulary"),
     ("sample: missing run directory", sample, lambda c: [str(c.tmp / "nope")],
      "nope: no such run directory or checkpoint"),
     ("sample: nothing saved", sample, lambda c: [str(c.tmp)], "no checkpoint saved there yet"),

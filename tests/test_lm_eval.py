@@ -19,10 +19,11 @@ import torch
 
 from fasttrain import Trainer
 from fasttrain import evaluate as evaluate_cli
+from fasttrain.config import load_config
 from fasttrain.export import export
 from fasttrain.system.errors import run_cli
 from fasttrain.training.trained_model import load_trained
-from tests.conftest import tiny_args, tiny_config
+from tests.conftest import tiny_args, tiny_config, tiny_overrides
 
 # Before lm-eval imports `datasets`, which reads these once: local JSON files only, never the Hub.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -71,9 +72,9 @@ def write_tasks(folder: Path) -> Path:
     return folder
 
 
-def wordlevel_run(folder: Path) -> list[str]:
-    """`evaluate` arguments scoring a local task (tiny_words) of words outside the run's tokenizer: a tiny run
-    trained on five words with a WordLevel tokenizer of those words and no unknown token in its vocabulary."""
+def wordlevel_data(folder: Path) -> list[str]:
+    """--set items of a tiny run on five words prepared with a WordLevel tokenizer of those words and no unknown
+    token in its vocabulary, and a local task (tiny_words, in folder/tasks) of words outside it."""
     from fasttrain.data.preparation import prepare
 
     words = ["the", "cat", "sat", "on", "mat"]
@@ -83,12 +84,23 @@ def wordlevel_run(folder: Path) -> list[str]:
     (folder / "docs.jsonl").write_text("".join(json.dumps({"text": " ".join(words[(i * k) % 5] for k in range(60))})
                                                + "\n" for i in range(40)))
     prepare([str(folder / "docs.jsonl")], folder / "data", tokenizer_path=str(folder / "wordlevel.json"), quiet=True)
-    Trainer(tiny_config(folder / "data", folder / "run", "data.vocab_size=0", "train.max_steps=2",
-                        "train.sample_tokens=0"), quiet=True).train()
     (folder / "tasks").mkdir()
     lm_eval_or_skip().write_local_task(folder / "tasks", "tiny_words", "multiple_choice",
                                        [{"question": "the dog sat", "choices": [" on", " mat"], "label": 0}])
+    return [*tiny_overrides(folder / "data", folder / "run"), "data.vocab_size=0", "train.max_steps=2",
+            "train.sample_tokens=0"]
+
+
+def wordlevel_run(folder: Path) -> list[str]:
+    """`evaluate` arguments scoring tiny_words on a tiny run trained on `wordlevel_data`."""
+    Trainer(load_config(None, wordlevel_data(folder)), quiet=True).train()
     return [str(folder / "run"), "--tasks", "tiny_words", "--include-path", str(folder / "tasks")]
+
+
+def wordlevel_training(folder: Path) -> list[str]:
+    """`train` arguments of that run with eval.tasks = tiny_words, scored at its end."""
+    return ["configs/base.toml", "--set", *wordlevel_data(folder), 'eval.tasks=["tiny_words"]',
+            f'eval.include_path="{folder / "tasks"}"']
 
 
 @pytest.fixture(scope="module")

@@ -56,6 +56,7 @@ from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from lm_eval.utils import simple_parse_args_string  # noqa: E402
 
+from fasttrain.data.tokenizer import Tokenizer  # noqa: E402
 from fasttrain.model.generation import stream  # noqa: E402
 from fasttrain.model.transformer import Transformer  # noqa: E402
 from fasttrain.system.device import use_device  # noqa: E402
@@ -118,6 +119,16 @@ def rolling_windows(tokens: list[int], prefix: int, window: int) -> list[tuple[l
     return pairs
 
 
+def check_tokenizer(tokenizer: Tokenizer, key: str = "--tasks") -> None:
+    """UsageError if `tokenizer` cannot encode text outside its vocabulary, which any task's text may hold (a
+    WordLevel vocabulary without its unknown token fails on every word it does not know)."""
+    try:
+        tokenizer.encode(PROBE)
+    except UsageError as e:
+        raise UsageError(f"{key}: the run's tokenizer cannot encode text outside its vocabulary, which tasks hold "
+                         f"({e})") from None
+
+
 @register_model("fasttrain")
 class FasttrainLM(TemplateLM):
     """lm-eval's model API over a trained fasttrain model.
@@ -140,11 +151,7 @@ class FasttrainLM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.window = self.model.cfg.max_seq_len
         self.truncation_said = self.unknown_said = False
-        try:  # a WordLevel vocabulary without its unknown token fails on any word outside it: say so before scoring
-            self.trained.tokenizer.encode(PROBE)
-        except UsageError as e:
-            raise UsageError(f"--tasks: the run's tokenizer cannot encode text outside its vocabulary, which tasks "
-                             f"hold ({e})") from None
+        check_tokenizer(self.trained.tokenizer)  # before scoring anything
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
