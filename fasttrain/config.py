@@ -252,6 +252,9 @@ class TrainConfig:
     # least early_stop_min_delta (a final checkpoint is saved, the best one kept); 0 = never.
     early_stop_patience: int = 0
     early_stop_min_delta: float = 0.0
+    # The validation loss `best` checkpoints and early stopping follow: "val_loss", a mixture's total weighted as
+    # data.sources, or "val_loss.NAME", one source's (NAME: its folder's name, as metrics.jsonl records it).
+    monitor: str = "val_loss"
     sample_prompt: str = "The"  # the samples' prompt (<= 65,536 chars); no trailing space: BPE words carry theirs
     sample_tokens: int = 64  # tokens generated per sample; 0 = no samples
     tensorboard: bool = True  # also write TensorBoard event files when tensorboard is installed

@@ -560,6 +560,8 @@ CASES = [
     ("evaluate: --tasks empty", evaluate, lambda c: [str(c.run), "--tasks", ","], "--tasks: no task named"),
     ("evaluate: a task's text the run's tokenizer cannot encode", evaluate, lambda c: wordlevel_run(c.tmp),
      "--tasks: the run's tokenizer cannot encode text outside its vocabulary, which tasks hold ("),
+    ("train.monitor naming no validation loss of the run", train, lambda c: c.train('train.monitor="val_loss.web"'),
+     "train.monitor = 'val_loss.web': not a validation loss of this run; one of val_loss"),
     ("train: eval.tasks with a tokenizer that cannot encode a task's text", train,
      lambda c: wordlevel_training(c.tmp), "eval.tasks: the run's tokenizer cannot encode text outside its vocabulary"),
     ("sample: missing run directory", sample, lambda c: [str(c.tmp / "nope")],

@@ -16,6 +16,7 @@ from fasttrain.data.mixture import Blend
 from fasttrain.data.preparation import prepare
 from fasttrain.model.weights import read_safetensors
 from fasttrain.plot import plot_run, read_metrics
+from fasttrain.system.errors import UsageError
 from fasttrain.training import checkpoint
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_config, tiny_overrides
@@ -157,6 +158,39 @@ def test_each_source_is_validated_and_the_total_is_weighted(pydoc_data, code_dat
         assert metrics[f"val_loss.{source}"] == own["val_loss"] and metrics[f"val_bpb.{source}"] == own["val_bpb"]
     assert metrics["val_loss"] == pytest.approx(0.25 * metrics[f"val_loss.{pydoc_data.name}"]
                                                 + 0.75 * metrics["val_loss.code"])
+
+
+def test_best_and_early_stopping_follow_train_monitor(pydoc_data, code_data, tmp_path, capsys):
+    """train.monitor = "val_loss.code": the best loss, the `best` checkpoint and early stopping follow code's
+    validation loss, not the total. A resume that monitors the total starts its best anew, and a name that is no
+    source's loss is one line before anything is written."""
+    sets = ("train.max_steps=6", "train.eval_interval=1", "train.eval_steps=1", "train.sample_tokens=0",
+            "checkpoint.interval=100", "schedule.warmup_steps=1", "optim.lr=0.03", "train.early_stop_patience=3",
+            "train.early_stop_min_delta=0.05")
+    from fasttrain.config import load_config
+
+    def loud(*more: str) -> Trainer:
+        return Trainer(load_config(None, mixture(pydoc_data, code_data, tmp_path, *sets, *more)))
+    run = loud('train.monitor="val_loss.code"')
+    run.train()
+    run.close()
+    evals = [e for e in read_metrics(tmp_path) if e["event"] == "eval"]
+    code = [e["val_loss.code"] for e in evals]
+    assert [e["best_val_loss"] for e in evals] == [min(code[:i + 1]) for i in range(len(code))]
+    best = checkpoint.pointed(tmp_path / "checkpoints", "best")
+    assert checkpoint.step_of(best) == evals[code.index(min(code))]["step"]
+    assert f"best val_loss.code {min(code):.4f}" in capsys.readouterr().out
+
+    resumed = loud("train.max_steps=7")
+    resumed.resume()
+    assert resumed.run.best_val_loss == float("inf") and resumed.run.stale_evals == 0
+    resumed.close()
+    assert "resume: train.monitor is val_loss, not val_loss.code: the best validation loss" in capsys.readouterr().out
+
+    with pytest.raises(UsageError, match=r"train.monitor = 'val_loss.web': not a validation loss of this run; "
+                                         rf"one of val_loss, val_loss.{pydoc_data.name}, val_loss.code"):
+        trainer(pydoc_data, code_data, tmp_path / "other", 'train.monitor="val_loss.web"')
+    assert not (tmp_path / "other").exists()
 
 
 def test_a_mixture_run_reports_epochs_warns_and_plots(pydoc_data, code_data, tmp_path, capsys):

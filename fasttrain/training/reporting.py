@@ -160,9 +160,10 @@ class Report:
     def evaluation(self, step: int, metrics: dict[str, float]) -> None:
         """An evaluation's metrics (Trainer.evaluate's, with best_val_loss)."""
         self.log.event("eval", step=step, **metrics)
+        monitored = "" if self.cfg.train.monitor == "val_loss" else f"{self.cfg.train.monitor} "
         self.log.print(f"eval step {step}: val loss {metrics['val_loss']:.4f} | "
                        f"acc {100 * metrics['val_accuracy']:.1f}% | ppl {metrics['val_ppl']:.2f} | "
-                       f"{metrics['val_bpb']:.4f} bits/byte | best {metrics['best_val_loss']:.4f}"
+                       f"{metrics['val_bpb']:.4f} bits/byte | best {monitored}{metrics['best_val_loss']:.4f}"
                        + (" (totals weighted as data.sources)" if len(self.names) > 1 else ""))
         for name in self.names if len(self.names) > 1 else ():
             self.log.print(f"  {name:<12} val loss {metrics[f'val_loss.{name}']:.4f} | "
@@ -207,8 +208,9 @@ class Report:
         t = self.cfg.train
         self.log.event("early_stop", step=run.step, evaluations=run.stale_evals, min_delta=t.early_stop_min_delta,
                        best_val_loss=run.best_val_loss)
-        self.log.print(f"stopping early at step {run.step}: validation loss has not improved by "
-                       f"{t.early_stop_min_delta:g} or more in {run.stale_evals} evaluations "
+        source = t.monitor.partition(".")[2]  # train.monitor: val_loss, or val_loss.NAME
+        self.log.print(f"stopping early at step {run.step}: {f'{source} ' if source else ''}validation loss has not "
+                       f"improved by {t.early_stop_min_delta:g} or more in {run.stale_evals} evaluations "
                        f"(best {run.best_val_loss:.4f}, kept as checkpoints/best)")
 
     def stopped(self, step: int, signal_name: str, path: Path) -> None:

@@ -32,6 +32,7 @@ checkpoint and raise `Interrupted` (exit status 130 / 143 from the command line)
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import time
@@ -162,6 +163,10 @@ class Trainer:
             distributed.barrier(self.world)  # rank 0 prepares the data first; the others then find it
         self.sources = open_sources(cfg.data, quiet=self.quiet)  # data.dir, or each [[data.sources]] folder
         self.data = self.sources[0].data
+        losses = ["val_loss", *(f"val_loss.{s.name}" for s in self.sources if len(self.sources) > 1)]
+        if t.monitor not in losses:
+            raise UsageError(f"train.monitor = {t.monitor!r}: not a validation loss of this run; one of "
+                             f"{', '.join(losses)}")
         if self.world.is_main:
             distributed.barrier(self.world)
         self.cfg = resolve(cfg, self.data.dir, self.data.vocab_size, self.data.meta["request"])  # config.toml
@@ -497,18 +502,19 @@ class Trainer:
     def _evaluate_and_sample(self, report: Report, early_stopping: EarlyStopping,
                              stop: Callable[[], bool] = lambda: False) -> tuple[dict[str, float], bool] | None:
         """Evaluate, count the evaluation for early stopping, report, and sample; returns the metrics
-        (with best_val_loss) and whether they lowered the best validation loss; None if `stop()` cut it short."""
+        (with best_val_loss: the best of train.monitor's loss) and whether they lowered it; None if `stop()` cut
+        it short."""
         metrics = self.evaluate(stop)
         if metrics is None:
             return None
-        best_before, run = self.run.best_val_loss, self.run
-        run.stale_evals = early_stopping.stale_evals(run.stale_evals, metrics["val_loss"], best_before)
-        run.best_val_loss = min(best_before, metrics["val_loss"])
+        best_before, run, loss = self.run.best_val_loss, self.run, metrics[self.cfg.train.monitor]
+        run.stale_evals = early_stopping.stale_evals(run.stale_evals, loss, best_before)
+        run.best_val_loss = min(best_before, loss)
         metrics["best_val_loss"] = run.best_val_loss
         report.evaluation(run.step, metrics)
         if self.cfg.train.sample_tokens:
             report.sample(run.step, self.sample())
-        return metrics, metrics["val_loss"] < best_before
+        return metrics, loss < best_before
 
     def _roll_back(self, report: Report, recovery: Recovery) -> None:
         """Continue from the newest save whose next step was finite (recovery.target) at a lower learning
@@ -597,5 +603,10 @@ class Trainer:
         note = schedule_change(saved, self.cfg, self.run, self.recorded)
         if note and not self.quiet:
             print(f"resume: {note}")
+        if saved.train.monitor != self.cfg.train.monitor:  # the best so far is of another loss: it starts anew
+            self.run.best_val_loss, self.run.stale_evals = math.inf, 0
+            if not self.quiet:
+                print(f"resume: train.monitor is {self.cfg.train.monitor}, not {saved.train.monitor}: the best "
+                      "validation loss and early stopping's count start anew")
         self.resumed_from = path
         return path
