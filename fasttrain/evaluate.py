@@ -31,7 +31,7 @@ import math
 import sys
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -47,6 +47,9 @@ from fasttrain.training.metrics import MetricsLog
 from fasttrain.training.objective import NextTokenLoss, batch_loss
 from fasttrain.training.trained_model import Trained, inference_device, inference_precision, load_trained, run_directory
 from fasttrain.training.validation import mixture_metrics, validate
+
+if TYPE_CHECKING:  # lm-eval is the optional eval extra
+    from lm_eval.tasks import TaskManager
 
 
 def score(trained: Trained, directory: str | Path, split: str, bits_per_nat: float, batch_size: int,
@@ -121,11 +124,12 @@ def scored_step(source: Path) -> tuple[Path | None, int | None]:
 
 
 def score_tasks(trained: Trained, tasks: Sequence[str], num_fewshot: int | None, limit: float | None,
-                include_path: str | None, batch_size: int, output: str | None = None) -> dict[str, dict[str, float]]:
-    """Run `tasks` through lm-eval; print the table, log an eval_tasks event in the run's metrics.jsonl (when
-    `trained` came from a run), write `output`; returns the scores."""
-    harness = importlib.import_module("fasttrain.training.harness")  # UsageError if lm-eval is missing or too old
-    results = harness.run_tasks(trained, tasks, num_fewshot, limit, include_path, batch_size)
+                index: TaskManager, batch_size: int, output: str | None = None) -> dict[str, dict[str, float]]:
+    """Run `tasks` through lm-eval (`index`: harness.task_index's, which found them); print the table, log an
+    eval_tasks event in the run's metrics.jsonl (when `trained` came from a run), write `output`; returns the
+    scores."""
+    harness = importlib.import_module("fasttrain.training.harness")
+    results = harness.run_tasks(trained, tasks, num_fewshot, limit, batch_size=batch_size, index=index)
     scores = harness.task_scores(results)
     run, step = scored_step(trained.source)
     record = {"step": step, "tasks": scores, "num_fewshot": num_fewshot, "limit": limit,
@@ -179,23 +183,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--limit: must be a whole number of documents >= 1 or a fraction in (0, 1), got {args.limit}")
     if args.limit is not None and args.limit >= 1:
         args.limit = int(args.limit)
-    if args.include_path is not None and not Path(args.include_path).is_dir():
-        raise UsageError(f"--include-path: {args.include_path}: no such directory")
-    if args.tasks is not None:
-        if not args.tasks.replace(",", "").strip():
-            raise UsageError("--tasks: no task named")
-        importlib.import_module("fasttrain.training.harness")  # lm-eval missing: one line before the model loads
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    if args.tasks is not None and not tasks:
+        raise UsageError("--tasks: no task named")
+    index = None
+    if tasks:  # lm-eval missing, an include path or a task it cannot find: one line before the model loads
+        index = importlib.import_module("fasttrain.training.harness").task_index(tasks, args.include_path)
     device = inference_device(args.device)
     trained = load_trained(args.source, device)
-    if args.tasks:
-        score_tasks(trained, [t.strip() for t in args.tasks.split(",") if t.strip()], args.num_fewshot, args.limit,
-                    args.include_path, args.batch_size or trained.cfg.train.batch_size, args.output)
+    batch_size = args.batch_size or trained.cfg.train.batch_size
+    if index is not None:
+        score_tasks(trained, tasks, args.num_fewshot, args.limit, index, batch_size, args.output)
         return 0
     if args.split:
-        metrics = score_split(trained, args.split, args.batch_size or trained.cfg.train.batch_size, device)
+        metrics = score_split(trained, args.split, batch_size, device)
     else:
-        metrics = score_inputs(trained, args.input, args.batch_size or trained.cfg.train.batch_size, device,
-                               args.text_field)
+        metrics = score_inputs(trained, args.input, batch_size, device, args.text_field)
     print(f"loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}  bpb {metrics['bpb']:.4f}  "
           f"accuracy {metrics['accuracy']:.4f}  ({trained.source})")
     for name in sorted({k.partition(".")[2] for k in metrics if "." in k}):  # a mixture's sources

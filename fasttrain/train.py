@@ -20,10 +20,10 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
-from fasttrain.config import Config, EvalConfig, add_config_arguments, config_from_args, config_overrides
+from fasttrain.config import Config, add_config_arguments, config_from_args, config_overrides
 from fasttrain.evaluate import score_tasks
 from fasttrain.system import distributed
-from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
+from fasttrain.system.errors import ArgumentParser, run_cli
 from fasttrain.training.checkpoint import saved_steps
 from fasttrain.training.trained_model import load_trained
 from fasttrain.training.trainer import Interrupted, Trainer
@@ -43,15 +43,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="print nothing; metrics.jsonl still gets everything")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    if cfg.eval.tasks:  # lm-eval missing, or a task it does not know: said now, not after the run
-        check_tasks(cfg.eval)
+    index = harness = None
+    if cfg.eval.tasks:  # lm-eval missing, an include path or a task it cannot find: said now, not after the run
+        harness = importlib.import_module("fasttrain.training.harness")
+        index = harness.task_index(cfg.eval.tasks, cfg.eval.include_path or None, ("eval.tasks", "eval.include_path"))
     trainer = None
     try:
         resume = checkpoint_to_resume(args.resume, cfg.train.out_dir,
                                       args.quiet or not distributed.world_from_env().is_main)
         trainer = Trainer(cfg, quiet=args.quiet, resuming=resume is not None)
-        if cfg.eval.tasks:  # the data's tokenizer must encode the tasks' text: said now, not after the run
-            importlib.import_module("fasttrain.training.harness").check_tokenizer(trainer.tokenizer, "eval.tasks")
+        if harness is not None:  # the data's tokenizer must encode the tasks' text: said now, not after the run
+            harness.check_tokenizer(trainer.tokenizer, "eval.tasks")
         if resume:
             trainer.resume(resume)
         summary = trainer.train(overwrite=args.overwrite)
@@ -68,21 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.stop()  # under torchrun: leave the process group, whatever happened
     if cfg.eval.tasks and distributed.world_from_env().is_main:  # the final weights, as evaluate --tasks scores them
         e = cfg.eval
-        score_tasks(load_trained(summary["weights"], device), e.tasks, e.num_fewshot, e.limit or None,
-                    e.include_path or None, batch_size)
+        score_tasks(load_trained(summary["weights"], device), e.tasks, e.num_fewshot, e.limit or None, index,
+                    batch_size)
     return 0
-
-
-def check_tasks(e: EvalConfig) -> None:
-    """UsageError (one line) if eval.tasks cannot be scored: lm-eval missing or outside the supported versions,
-    eval.include_path not a folder, or a task lm-eval does not know."""
-    if e.include_path and not Path(e.include_path).is_dir():
-        raise UsageError(f"eval.include_path: {e.include_path}: no such directory")
-    harness = importlib.import_module("fasttrain.training.harness")
-    try:
-        harness.known_tasks(harness.TaskManager(include_path=e.include_path or None), e.tasks)
-    except UsageError as error:
-        raise UsageError(f"eval.tasks: {str(error).removeprefix('--tasks: ')}") from None
 
 
 def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | None:

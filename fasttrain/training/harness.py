@@ -232,25 +232,32 @@ class FasttrainLM(TemplateLM):
         return text
 
 
-def known_tasks(manager: TaskManager, names: Sequence[str]) -> None:
-    """UsageError naming the first of `names` that is no task, group or tag lm-eval knows (globs allowed)."""
-    for name in names:
+def task_index(tasks: Sequence[str], include_path: str | None = None,
+               keys: tuple[str, str] = ("--tasks", "--include-path")) -> TaskManager:
+    """lm-eval's index of tasks (about 12 s to build), with the task YAML files of `include_path`, once every one
+    of `tasks` is found in it (names of tasks, groups or tags; globs allowed). UsageError, naming `keys` (the
+    flags or config keys they came from), for an include path that is no folder or a task lm-eval does not know."""
+    if include_path and not Path(include_path).is_dir():
+        raise UsageError(f"{keys[1]}: {include_path}: no such directory")
+    manager = TaskManager(include_path=include_path)
+    for name in tasks:
         if not manager.match_tasks([name]):
             close = difflib.get_close_matches(name, manager.all_tasks, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UsageError(f"--tasks: unknown task {name!r}{hint}; `lm_eval ls tasks` lists them")
+            raise UsageError(f"{keys[0]}: unknown task {name!r}{hint}; `lm_eval ls tasks` lists them")
+    return manager
 
 
 def run_tasks(trained: Trained, tasks: Sequence[str], num_fewshot: int | None = None, limit: float | None = None,
-              include_path: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-              log_samples: bool = False) -> dict[str, Any]:
+              include_path: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, log_samples: bool = False,
+              index: TaskManager | None = None) -> dict[str, Any]:
     """lm-eval's results of `tasks` on `trained` (simple_evaluate's dict). `include_path`: a folder of task
-    YAML files of one's own; `limit`: documents per task (a fraction below 1)."""
-    model = FasttrainLM(trained, batch_size=batch_size)  # checks the tokenizer before lm-eval indexes its tasks
-    manager = TaskManager(include_path=include_path)
-    known_tasks(manager, tasks)
+    YAML files of one's own; `limit`: documents per task (a fraction below 1); `index`: task_index's, when the
+    caller has built it already (else built here, after the model has checked its tokenizer)."""
+    model = FasttrainLM(trained, batch_size=batch_size)
+    index = task_index(tasks, include_path) if index is None else index
     return simple_evaluate(model=model, tasks=list(tasks),
-                           num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=log_samples)
+                           num_fewshot=num_fewshot, limit=limit, task_manager=index, log_samples=log_samples)
 
 
 def task_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
