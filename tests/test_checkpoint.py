@@ -200,13 +200,23 @@ def test_kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint(pydoc_data, tm
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))  # a killed save's leftovers are cleaned up
 
 
+def stopped_by_sigterm(args: list[str], tmp_path: Path) -> tuple[int, str]:
+    """(exit status, stderr) of an endless run in `tmp_path` sent SIGTERM after its first step; killed in any case."""
+    proc = train_cli(args)
+    try:
+        wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and events(tmp_path, "train"), proc)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+        return proc.returncode, stderr
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.subprocess
 def test_sigterm_saves_and_prints_how_to_resume(pydoc_data, tmp_path):
-    proc = train_cli(tiny_args(pydoc_data, tmp_path, *ENDLESS, "checkpoint.interval=1000"))
-    wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and events(tmp_path, "train"), proc)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr
+    code, stderr = stopped_by_sigterm(tiny_args(pydoc_data, tmp_path, *ENDLESS, "checkpoint.interval=1000"), tmp_path)
+    assert code == 143, stderr
     assert stderr.count("\n") == 1 and stderr.startswith("stopped by SIGTERM at step "), stderr
     step = int(stderr.split("at step ")[1].split(";")[0])
     assert f"saved {tmp_path / 'checkpoints' / f'step_{step:07d}.pt'}" in stderr
@@ -221,6 +231,19 @@ def test_sigterm_saves_and_prints_how_to_resume(pydoc_data, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     start = events(tmp_path, "start")[-1]
     assert start["resume_step"] == step and events(tmp_path, "end")[-1]["step"] == step + 2
+
+
+@pytest.mark.subprocess
+def test_sigterm_with_async_saves_publishes_the_save_before_exiting(pydoc_data, tmp_path):
+    """The SIGTERM's save was written in the background and the process exited first: the folder stayed a
+    temporary one, `latest` did not name it, and the next start deleted it. It is waited for, then published."""
+    code, stderr = stopped_by_sigterm(tiny_args(pydoc_data, tmp_path, *ENDLESS, "checkpoint.interval=1000",
+                                                "checkpoint.async_save=true"), tmp_path)
+    assert code == 143 and stderr.startswith("stopped by SIGTERM at step "), stderr
+    step = int(stderr.split("at step ")[1].split(";")[0])
+    assert checkpoint.pointed(tmp_path / "checkpoints", "latest") == tmp_path / "checkpoints" / f"step_{step:07d}"
+    assert (tmp_path / "checkpoints" / f"step_{step:07d}" / "state.pt").is_file()
+    assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
 
 
 def test_sigterm_during_an_evaluation_stops_at_once_and_the_resume_evaluates_first(pydoc_data, tmp_path, capsys,

@@ -193,6 +193,39 @@ def test_best_and_early_stopping_follow_train_monitor(pydoc_data, code_data, tmp
     assert not (tmp_path / "other").exists()
 
 
+def test_a_rollback_to_a_save_from_before_a_monitor_change_starts_the_best_anew(pydoc_data, code_data, tmp_path):
+    """A run monitoring code's loss, resumed monitoring the total: the resume starts the best anew, and so must
+    a rollback to a save from before the resume (its best was code's loss, not comparable with the total)."""
+    from fasttrain.config import load_config
+    from tests.test_checkpoint import events
+
+    sets = ("train.eval_interval=1", "train.eval_steps=1", "train.sample_tokens=0", "checkpoint.interval=2",
+            "schedule.warmup_steps=1", "train.log_interval=1", "recovery.max_skips=2")
+    first = Trainer(load_config(None, mixture(pydoc_data, code_data, tmp_path, *sets, "train.max_steps=4",
+                                              'train.monitor="val_loss.code"')), quiet=True)
+    first.train()
+    first.close()
+    resumed = Trainer(load_config(None, mixture(pydoc_data, code_data, tmp_path, *sets, "train.max_steps=8")),
+                      quiet=True)
+    resumed.resume()
+    loss = resumed.loss
+
+    def diverging(x, y, **options):  # training steps 5 and 6, once: the resumed save (step 4) is unproven, so
+        sums = loss(x, y, **options)  # the rollback goes to an earlier one, saved monitoring code's loss
+        if resumed.model.training and resumed.run.step + 1 in (5, 6) and not resumed.run.rollbacks:
+            return sums._replace(loss=sums.loss * float("nan"))
+        return sums
+
+    resumed.loss = diverging
+    resumed.train()
+    resumed.close()
+    (rollback,) = events(tmp_path, "rollback")
+    assert rollback["step"] < 4  # a save of the first run's (a best one, or step 2's)
+    after = events(tmp_path, "eval")[-(8 - rollback["step"]):]  # the steps trained again after the rollback
+    assert [e["step"] for e in after] == list(range(rollback["step"] + 1, 9))
+    assert [e["best_val_loss"] for e in after] == [min(e["val_loss"] for e in after[:i + 1]) for i in range(len(after))]
+
+
 def test_a_mixture_run_reports_epochs_warns_and_plots(pydoc_data, code_data, tmp_path, capsys):
     from fasttrain.config import load_config
     cfg = load_config(None, mixture(pydoc_data, code_data, tmp_path, "train.max_steps=200", "train.log_interval=100",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,25 @@ def test_output_to_a_reader_that_went_away_ends_quietly(args):
         finally:
             tool.kill()
             tool.stderr.close()
+
+
+@pytest.mark.subprocess
+def test_an_error_keeps_its_status_when_the_reader_went_away_and_a_closed_stdout_is_no_crash(tmp_path):
+    """A failing command whose reader went away ended with 120 ("Exception ignored ... BrokenPipeError"), which hid
+    its own status; one started with standard output closed (`cmd >&-`) crashed flushing it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    tool = subprocess.Popen([sys.executable, "-m", "fasttrain", "sample", str(tmp_path / "nope")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        tool.stdout.close()
+        assert tool.wait(timeout=120) == 2
+        assert tool.stderr.read().decode().endswith("nope: no such run directory or checkpoint\n")
+    finally:
+        tool.kill()
+        tool.stderr.close()
+    closed = subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} -m fasttrain --version >&-"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert (closed.returncode, closed.stderr) == (0, "")
 
 
 def test_set_before_the_config_path_takes_the_path_as_the_config(pydoc_data, tmp_path):

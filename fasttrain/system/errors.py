@@ -30,37 +30,44 @@ class RunStopped(Exception):
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
     """Run `main(argv)` and exit: 0 on success, 2 on `UsageError` or running out of memory (one line each),
-    RunStopped's own code, 130 on Ctrl-C, 141 when the reader of its output went away (SIGPIPE's status)."""
+    RunStopped's own code, 130 on Ctrl-C; 141 (SIGPIPE's status) when the reader of its output went away, quietly,
+    unless it was already failing with a code of its own."""
+    code: int | str | None = None
     try:
-        try:
-            code = main(argv)
-        except SystemExit:  # argparse's --help: what it printed is flushed here, where a closed pipe is caught
-            sys.stdout.flush()
-            raise
-        sys.stdout.flush()  # buffered output meets a closed pipe here, not at the interpreter's exit
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RunStopped as e:
-        print(e, file=sys.stderr)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        code = _exit_code(main, argv)
+        if sys.stdout is not None:  # None: started with standard output closed
+            sys.stdout.flush()  # buffered output meets a closed pipe here, not at the interpreter's exit
     except BrokenPipeError:
         if not _reader_gone():  # another pipe than standard output's: not ours to silence
             raise
         # The reader of standard output went away (`| head`): stop quietly, as a tool killed by SIGPIPE does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exiting does not flush into the pipe
-        sys.exit(141)  # 128 + SIGPIPE, the status the shell shows for such a tool
+        code = code or 141
+    sys.exit(code)
+
+
+def _exit_code(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None) -> int | str | None:
+    """`main(argv)`'s exit status; what went wrong is said on stderr in one line (see run_cli)."""
+    try:
+        return main(argv) or 0
+    except SystemExit as e:  # argparse's --help: its output is flushed by run_cli, where a closed pipe is caught
+        return e.code
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RunStopped as e:
+        print(e, file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError and CPU allocator failures are RuntimeErrors
         reason = _out_of_memory(e)
         if reason is None:
             raise
         print(f"error: out of memory ({reason}); lower the batch size or the model's size, or free memory "
               "(pre-flight's estimate did not catch this one)", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code or 0)
+        return 2
 
 
 def _reader_gone() -> bool:

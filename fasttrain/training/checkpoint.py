@@ -582,8 +582,10 @@ class Checkpointer:
             return None
         self.wait()
         done, self.unsettled = self.unsettled, None
-        failed = distributed.any_rank(done is not None and done[1], self.world, self.device)
-        return done[0] if failed and done is not None else None
+        if done is None or not distributed.any_rank(done[1], self.world, self.device):
+            return None
+        # A failed write of a step saved before (a resumed run's evaluation saves it again) left that save whole.
+        return None if distributed.any_rank(done[0].exists(), self.world, self.device) else done[0]
 
     def restore(self, path: str | Path, loader: TokenLoader, accumulation: int
                 ) -> tuple[RunState, Config, list[str]]:

@@ -207,7 +207,7 @@ class Report:
     def early_stop(self, run: RunState) -> None:
         t = self.cfg.train
         self.log.event("early_stop", step=run.step, evaluations=run.stale_evals, min_delta=t.early_stop_min_delta,
-                       best_val_loss=run.best_val_loss)
+                       best_val_loss=run.best_val_loss, monitor=t.monitor)
         source = t.monitor.partition(".")[2]  # train.monitor: val_loss, or val_loss.NAME
         self.log.print(f"stopping early at step {run.step}: {f'{source} ' if source else ''}validation loss has not "
                        f"improved by {t.early_stop_min_delta:g} or more in {run.stale_evals} evaluations "
@@ -222,7 +222,8 @@ class Report:
         self.log.event("end", **summary)
         self.log.print(f"done: {run.step} steps, {run.tokens_seen:,} tokens; "
                        f"val loss {summary['val_loss']:.3f}, {summary['val_bpb']:.3f} bits/byte "
-                       f"(best loss {run.best_val_loss:.3f})"
+                       f"(best {'loss' if self.cfg.train.monitor == 'val_loss' else self.cfg.train.monitor} "
+                       f"{run.best_val_loss:.3f})"
                        + (f"; {run.skipped_steps} steps skipped, {run.rollbacks} rollbacks" if run.skipped_steps else ""))
         if len(self.names) > 1 and self.read:
             self.log.print("  read        " + ", ".join(f"{name} {n:,} tokens ({e:.2f} epochs)"

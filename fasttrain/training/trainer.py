@@ -163,12 +163,12 @@ class Trainer:
             distributed.barrier(self.world)  # rank 0 prepares the data first; the others then find it
         self.sources = open_sources(cfg.data, quiet=self.quiet)  # data.dir, or each [[data.sources]] folder
         self.data = self.sources[0].data
-        losses = ["val_loss", *(f"val_loss.{s.name}" for s in self.sources if len(self.sources) > 1)]
-        if t.monitor not in losses:
-            raise UsageError(f"train.monitor = {t.monitor!r}: not a validation loss of this run; one of "
-                             f"{', '.join(losses)}")
         if self.world.is_main:
             distributed.barrier(self.world)
+        losses = ["val_loss", *(f"val_loss.{s.name}" for s in self.sources if len(self.sources) > 1)]
+        if t.monitor not in losses:  # after the barrier: every rank says it, none waits for the others
+            raise UsageError(f"train.monitor = {t.monitor!r}: not a validation loss of this run; one of "
+                             f"{', '.join(losses)}")
         self.cfg = resolve(cfg, self.data.dir, self.data.vocab_size, self.data.meta["request"])  # config.toml
         self.tokenizer = Tokenizer.load(Path(self.data.dir) / "tokenizer.json")
         if cfg.model.init_from and self.init_missing is None:  # the model's ids must be the data's
@@ -530,7 +530,8 @@ class Trainer:
         if not recovery.can_roll_back(self.run):
             raise RunStopped(report.diverged(self.run, recovery.in_a_row, target is not None), 1)
         diverged = self.run
-        restored = self.checkpoints.restore(target, self.train_loader, self.accumulation)[0]
+        restored, saved, _ = self.checkpoints.restore(target, self.train_loader, self.accumulation)
+        self._monitor_anew(restored, saved)  # a save from before a resume that changed train.monitor
         self.run = replace(recovery.rolled_back(diverged, restored),
                            train_seconds=diverged.train_seconds)  # time spent on the diverged steps stays spent
         self.checkpoints.point_latest(target)
@@ -562,8 +563,19 @@ class Trainer:
             path = self._save(report)
         return path
 
+    def _monitor_anew(self, run: RunState, saved: Config) -> str | None:
+        """If `saved` (the config `run` was saved with) monitored another loss than this run's train.monitor, its
+        best loss and early stopping's count start anew in `run` (they measured the other loss); says so."""
+        if saved.train.monitor == self.cfg.train.monitor:
+            return None
+        run.best_val_loss, run.stale_evals = math.inf, 0
+        return (f"train.monitor is {self.cfg.train.monitor}, not {saved.train.monitor}: the best validation loss "
+                "and early stopping's count start anew")
+
     def _stop(self, report: Report, signum: int) -> None:
         path = self._save_unless_saved(report)
+        if self.checkpoints.settle() is not None:  # a background write, done before the process ends, failed
+            path = self.checkpoints.latest()  # (said on stderr) the last complete save
         name = signal.Signals(signum).name
         report.stopped(self.run.step, name, path)
         distributed.barrier(self.world)
@@ -603,10 +615,8 @@ class Trainer:
         note = schedule_change(saved, self.cfg, self.run, self.recorded)
         if note and not self.quiet:
             print(f"resume: {note}")
-        if saved.train.monitor != self.cfg.train.monitor:  # the best so far is of another loss: it starts anew
-            self.run.best_val_loss, self.run.stale_evals = math.inf, 0
-            if not self.quiet:
-                print(f"resume: train.monitor is {self.cfg.train.monitor}, not {saved.train.monitor}: the best "
-                      "validation loss and early stopping's count start anew")
+        note = self._monitor_anew(self.run, saved)
+        if note and not self.quiet:
+            print(f"resume: {note}")
         self.resumed_from = path
         return path
