@@ -15,7 +15,6 @@ folder, like a checkpoint file, cannot run code.
 
 from __future__ import annotations
 
-import contextlib
 import pickle
 import warnings
 from pathlib import Path
@@ -25,6 +24,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from fasttrain.system.errors import UsageError
+
+# In a world of one DCP warns, on every save and load, that it assumes one process: so it does, by design. An
+# async save warns from its background thread, after any warnings.catch_warnings() around the call has ended,
+# so the filter is the process's.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 METADATA = ".metadata"
 _ALLOWED = {
@@ -99,25 +103,22 @@ def check_complete(path: Path) -> None:
 def write(path: Path, state: dict, process_group=None) -> None:
     """Every rank writes its part of `state` (tensors: DTensor shards, or whole ones that DCP assigns to one
     rank each) into the folder `path`; rank 0 writes .metadata last."""
-    with quietly():
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(path), process_group=process_group, no_dist=alone())
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(path), process_group=process_group, no_dist=alone())
 
 
 def write_async(path: Path, state: dict, process_group=None):
     """Like `write`, but return once `state` is copied to CPU memory: a future that is done when the folder is
     written (its result raises what the write raised). `process_group`: a gloo group of its own, so the
     background write's collectives never interleave with training's."""
-    with quietly():
-        return dcp.async_save(state, storage_writer=dcp.FileSystemWriter(path), process_group=process_group,
-                              no_dist=alone())
+    return dcp.async_save(state, storage_writer=dcp.FileSystemWriter(path), process_group=process_group,
+                          no_dist=alone())
 
 
 def read_into(path: Path, state: dict) -> None:
     """Fill `state` (this rank's tensors, shaped as it holds them) from the folder `path`, in any world:
     DCP reads the pieces each tensor needs. UsageError if the folder does not hold them."""
     try:
-        with quietly():
-            dcp.load(state, storage_reader=SafeReader(path), no_dist=alone())
+        dcp.load(state, storage_reader=SafeReader(path), no_dist=alone())
     except (Exception, dcp.api.CheckpointException) as e:
         raise UsageError(f"{path}: cannot read its shards ({one_line(e)})") from None
 
@@ -128,8 +129,7 @@ def read_whole(path: Path, prefix: str, what: Path) -> dict[str, torch.Tensor]:
     tensors = {key[len(prefix) + 1:]: torch.empty(item.size, dtype=item.properties.dtype)
                for key, item in metadata.state_dict_metadata.items() if key.startswith(prefix + ".")}
     try:
-        with quietly():
-            dcp.load({prefix: tensors}, storage_reader=SafeReader(path), no_dist=True)
+        dcp.load({prefix: tensors}, storage_reader=SafeReader(path), no_dist=True)
     except (Exception, dcp.api.CheckpointException) as e:
         raise UsageError(f"{what}: cannot read its shards ({one_line(e)})") from None
     return tensors
@@ -138,14 +138,6 @@ def read_whole(path: Path, prefix: str, what: Path) -> dict[str, torch.Tensor]:
 def alone() -> bool:
     """Whether this process is a world of one (no process group): DCP then reads and writes without meeting."""
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
-
-
-@contextlib.contextmanager
-def quietly():
-    """A context without DCP's warning, on every save and load in a world of one, that it assumes one process."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
 
 
 def one_line(error: BaseException) -> str:
