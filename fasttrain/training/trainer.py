@@ -493,9 +493,7 @@ class Trainer:
                 return None
             metrics, improved = found
         if (self.run.step % c.interval == 0 or done or (improved and c.keep_best)) and recovery.may_save():
-            lost = self.checkpoints.settle()  # the save still writing first, as save() would wait for it anyway
-            if lost is not None:
-                recovery.lost(lost)
+            self._settle(recovery)  # the save still writing first, as save() would wait for it anyway
             recovery.saved(self._save(report, best=improved, keep=recovery.target()))  # the way back is kept
         return metrics
 
@@ -519,9 +517,7 @@ class Trainer:
     def _roll_back(self, report: Report, recovery: Recovery) -> None:
         """Continue from the newest save whose next step was finite (recovery.target) at a lower learning
         rate, and point `latest` back at it; RunStopped if there is none, or every rollback is spent."""
-        lost = self.checkpoints.settle()  # the save in flight may be the target: published, or failed, first
-        if lost is not None:
-            recovery.lost(lost)
+        self._settle(recovery)  # the save in flight may be the target: published, or failed, first
         distributed.barrier(self.world)  # rank 0 publishes: after this every rank sees the same saves
         # An earlier save of a resumed run may have been pruned; decided together, so every rank restores one save.
         while (target := recovery.target()) is not None and distributed.any_rank(not target.exists(), self.world,
@@ -562,6 +558,12 @@ class Trainer:
         if path is None or checkpoint.step_of(path) != self.run.step:
             path = self._save(report)
         return path
+
+    def _settle(self, recovery: Recovery) -> None:
+        """Wait for the save in flight (every rank); one whose background write failed is no way back."""
+        lost = self.checkpoints.settle()
+        if lost is not None:
+            recovery.lost(lost)
 
     def _monitor_anew(self, run: RunState, saved: Config) -> str | None:
         """If `saved` (the config `run` was saved with) monitored another loss than this run's train.monitor, its
@@ -612,11 +614,8 @@ class Trainer:
         changed = self.updater.use_configured_hyperparameters()
         if changed and not self.quiet:
             print(f"resume: the config's optimizer settings replace the checkpoint's ({'; '.join(changed)})")
-        note = schedule_change(saved, self.cfg, self.run, self.recorded)
-        if note and not self.quiet:
-            print(f"resume: {note}")
-        note = self._monitor_anew(self.run, saved)
-        if note and not self.quiet:
-            print(f"resume: {note}")
+        for note in (schedule_change(saved, self.cfg, self.run, self.recorded), self._monitor_anew(self.run, saved)):
+            if note and not self.quiet:
+                print(f"resume: {note}")
         self.resumed_from = path
         return path
