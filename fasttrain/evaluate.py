@@ -187,8 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tasks is not None and not tasks:
         raise UsageError("--tasks: no task named")
     index = None
-    if tasks:  # lm-eval missing, an include path or a task it cannot find: one line before the model loads
-        index = importlib.import_module("fasttrain.training.harness").task_index(tasks, args.include_path)
+    if tasks:  # lm-eval missing, a task it cannot find or cannot run: one line before the model loads
+        harness = importlib.import_module("fasttrain.training.harness")
+        index = harness.task_index(tasks, args.include_path, args.num_fewshot)
     device = inference_device(args.device)
     trained = load_trained(args.source, device)
     batch_size = args.batch_size or trained.cfg.train.batch_size

@@ -46,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     index = harness = None
     if cfg.eval.tasks:  # lm-eval missing, an include path or a task it cannot find: said now, not after the run
         harness = importlib.import_module("fasttrain.training.harness")
-        index = harness.task_index(cfg.eval.tasks, cfg.eval.include_path or None, ("eval.tasks", "eval.include_path"))
+        index = harness.task_index(cfg.eval.tasks, cfg.eval.include_path or None, cfg.eval.num_fewshot,
+                                    ("eval.tasks", "eval.include_path", "eval.num_fewshot"))
     trainer = None
     try:
         resume = checkpoint_to_resume(args.resume, cfg.train.out_dir,

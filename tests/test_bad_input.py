@@ -20,7 +20,7 @@ import torch
 from fasttrain import cli, doctor, evaluate, export, plot, prepare, sample, train
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
-from tests.test_lm_eval import with_lm_eval, wordlevel_run, wordlevel_training
+from tests.test_lm_eval import faulty_task, with_lm_eval, wordlevel_run, wordlevel_training
 from tests.test_reliability_start import another_tokenizer, edit_config, edit_tensor, index_outside, init_from, nan
 
 
@@ -564,6 +564,22 @@ CASES = [
      "train.monitor = 'val_loss.web': not a validation loss of this run; one of val_loss"),
     ("train: eval.tasks with a tokenizer that cannot encode a task's text", train,
      lambda c: wordlevel_training(c.tmp), "eval.tasks: the run's tokenizer cannot encode text outside its vocabulary"),
+    # round five: lm-eval tasks that fail after the model has loaded: one line before it loads
+    ("evaluate: --num-fewshot above the task's documents", evaluate,
+     lambda c: [str(c.run), "--tasks", "three", "--include-path", str(faulty_task(c.tmp / "t", "three")),
+                "--num-fewshot", "4"], "--num-fewshot: 4 examples per prompt, but task three has 3 documents"),
+    ("train: eval.num_fewshot above the task's documents", train,
+     lambda c: c.train('eval.tasks=["three"]', f'eval.include_path="{faulty_task(c.tmp / "t", "three")}"',
+                       "eval.num_fewshot=5"), "eval.num_fewshot: 5 examples per prompt, but task three has 3"),
+    ("evaluate: a task whose data file is missing", evaluate,
+     lambda c: [str(c.run), "--tasks", "no_data", "--include-path", str(faulty_task(c.tmp / "t", "no_data"))],
+     "--tasks: no_data: lm-eval cannot build the task: FileNotFoundError: Unable to find"),
+    ("evaluate: a task template naming a missing field", evaluate,
+     lambda c: [str(c.run), "--tasks", "no_field", "--include-path", str(faulty_task(c.tmp / "t", "no_field"))],
+     "--tasks: no_field: lm-eval cannot build the task: UndefinedError: 'title' is undefined"),
+    ("evaluate: a malformed task YAML in --include-path", evaluate,
+     lambda c: [str(c.run), "--tasks", "broken", "--include-path", str(faulty_task(c.tmp / "t", "broken"))],
+     "--tasks: unknown task 'broken'; --include-path has task files lm-eval could not read: broken.yaml (line 2: "),
     ("sample: missing run directory", sample, lambda c: [str(c.tmp / "nope")],
      "nope: no such run directory or checkpoint"),
     ("sample: nothing saved", sample, lambda c: [str(c.tmp)], "no checkpoint saved there yet"),

@@ -103,6 +103,24 @@ def wordlevel_training(folder: Path) -> list[str]:
             f'eval.include_path="{folder / "tasks"}"']
 
 
+def faulty_task(folder: Path, fault: str) -> Path:
+    """A folder of task YAML files (for --include-path) holding task `fault`, which lm-eval cannot run: "three" (a
+    multiple-choice task of three documents), "no_data" (its data file missing), "no_field" (a template naming a
+    field its rows lack) or "broken" (YAML that does not parse, which lm-eval's index skips without a word)."""
+    rows = [{"question": f"q{i}", "choices": [" a", " b"], "label": i % 2} for i in range(3)]
+    folder.mkdir(parents=True, exist_ok=True)
+    if fault == "broken":
+        (folder / "broken.yaml").write_text("task: broken\n  dataset_path: [\n")
+        return folder
+    lm_eval_or_skip().write_local_task(folder, fault, "multiple_choice", rows)
+    if fault == "no_data":
+        (folder / "no_data.jsonl").unlink()
+    if fault == "no_field":
+        yaml = folder / "no_field.yaml"
+        yaml.write_text(yaml.read_text().replace("{{question}}", "{{title}}"))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory) -> Path:
     return write_tasks(tmp_path_factory.mktemp("tasks"))

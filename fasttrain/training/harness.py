@@ -53,7 +53,7 @@ import lm_eval.models  # noqa: E402, F401  (lm-eval's own models: get_model read
 from lm_eval import simple_evaluate  # noqa: E402  (after the version check: another version may not import)
 from lm_eval.api.model import TemplateLM  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval.tasks import TaskManager, get_task_dict  # noqa: E402
 from lm_eval.utils import simple_parse_args_string  # noqa: E402
 
 from fasttrain.data.tokenizer import Tokenizer  # noqa: E402
@@ -232,11 +232,14 @@ class FasttrainLM(TemplateLM):
         return text
 
 
-def task_index(tasks: Sequence[str], include_path: str | None = None,
-               keys: tuple[str, str] = ("--tasks", "--include-path")) -> TaskManager:
+def task_index(tasks: Sequence[str], include_path: str | None = None, num_fewshot: int | None = None,
+               keys: tuple[str, str, str] = ("--tasks", "--include-path", "--num-fewshot")) -> TaskManager:
     """lm-eval's index of tasks (about 12 s to build), with the task YAML files of `include_path`, once every one
-    of `tasks` is found in it (names of tasks, groups or tags; globs allowed). UsageError, naming `keys` (the
-    flags or config keys they came from), for an include path that is no folder or a task lm-eval does not know."""
+    of `tasks` is found in it (names of tasks, groups or tags; globs allowed) and can be run with `num_fewshot`
+    examples per prompt (None: each task's own), all before a model is loaded. UsageError, naming `keys` (the
+    flags or config keys they came from), for an include path that is no folder, a task lm-eval does not know
+    (with the include path's YAML files that failed to load, which lm-eval skips without a word), or one that
+    cannot run (see check_task)."""
     if include_path and not Path(include_path).is_dir():
         raise UsageError(f"{keys[1]}: {include_path}: no such directory")
     manager = TaskManager(include_path=include_path)
@@ -244,8 +247,86 @@ def task_index(tasks: Sequence[str], include_path: str | None = None,
         if not manager.match_tasks([name]):
             close = difflib.get_close_matches(name, manager.all_tasks, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise UsageError(f"{keys[0]}: unknown task {name!r}{hint}; `lm_eval ls tasks` lists them")
+            broken = unreadable_task_files(Path(include_path)) if include_path else []
+            skipped = f"; {keys[1]} has task files lm-eval could not read: {', '.join(broken)}" if broken else ""
+            raise UsageError(f"{keys[0]}: unknown task {name!r}{hint}{skipped}; `lm_eval ls tasks` lists them")
+    for name in tasks:
+        for task_name, task in leaf_tasks(manager, name, keys[0]).items():
+            check_task(task_name, task, num_fewshot, keys)
     return manager
+
+
+def unreadable_task_files(folder: Path) -> list[str]:
+    """'FILE: why' for each YAML file under `folder` that is not a mapping as YAML reads it (lm-eval's own tags,
+    such as !function, allowed): the files lm-eval's index skips."""
+    import yaml
+
+    class AnyTags(yaml.SafeLoader):  # a tag's value is not needed to tell whether the file parses
+        pass
+
+    AnyTags.add_multi_constructor("!", lambda loader, suffix, node: None)
+    broken = []
+    for path in sorted(folder.glob("**/*.yaml")):
+        try:
+            content = yaml.load(path.read_text(errors="replace"), Loader=AnyTags)  # noqa: S506 (a safe loader)
+            if not isinstance(content, dict):
+                raise ValueError(f"holds a {type(content).__name__}, not a mapping of keys")
+        except yaml.MarkedYAMLError as e:
+            where = f"line {e.problem_mark.line + 1}: " if e.problem_mark else ""
+            broken.append(f"{path.relative_to(folder)} ({where}{e.problem or e.context})")
+        except (yaml.YAMLError, ValueError) as e:
+            broken.append(f"{path.relative_to(folder)} ({' '.join(str(e).split())})")
+    return broken
+
+
+def leaf_tasks(manager: TaskManager, name: str, key: str) -> dict[str, Any]:
+    """The tasks `name` (a task, group, tag or glob) stands for, built with their data; UsageError naming the task
+    when lm-eval cannot build it (a missing data file, a dataset not on this machine, a template naming a field
+    the documents lack)."""
+    def flat(found: dict) -> dict[str, Any]:  # a group maps to a dict of its tasks (and subgroups)
+        return {k: v for group, sub in found.items()
+                for k, v in (flat(sub).items() if isinstance(sub, dict) else [(str(group), sub)])}
+
+    import datasets
+
+    datasets.disable_progress_bars()  # a check says nothing but its one line; building a dataset draws a bar
+    try:
+        return flat(get_task_dict([name], manager))
+    except Exception as e:  # noqa: BLE001 (datasets, jinja and lm-eval raise their own kinds; each is said in a line)
+        raise UsageError(f"{key}: {name}: lm-eval cannot build the task: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    finally:
+        datasets.enable_progress_bars()
+
+
+def check_task(name: str, task: Any, num_fewshot: int | None, keys: tuple[str, str, str]) -> None:
+    """UsageError, naming the task and the cause, if lm-eval would fail on `task` after the model has loaded: its
+    templates name a field its documents lack (tried on the first document), or it asks for more few-shot examples
+    than it has documents to draw them from (lm-eval draws one more when they come from the scored split)."""
+    docs = task.eval_docs
+    if len(docs):
+        try:
+            first = docs[0]
+            task.doc_to_text(first)
+            task.doc_to_target(first)
+            if task.get_config("output_type") == "multiple_choice":
+                task.doc_to_choice(first)
+        except Exception as e:  # noqa: BLE001 (jinja's UndefinedError...; lm-eval 0.4.13 finds these when it builds the task)
+            raise UsageError(f"{keys[0]}: {name}: its template cannot be filled from its documents "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    own = task.get_config("num_fewshot")
+    shots = own or 0 if num_fewshot is None or own == 0 else num_fewshot  # lm-eval never overrides a task's 0
+    if shots == 0:
+        return
+    # lm-eval leaves the scored document out of its examples (drawing one more) only when the task names its
+    # scored split as its few-shot split; otherwise the examples come from fewshot_docs() as they are.
+    split = task.get_config("fewshot_split")
+    excluded = split is not None and split == task.get_config("test_split")
+    available = len(task.fewshot_docs()) - excluded
+    if shots > available:
+        given = keys[2] if num_fewshot is not None else f"{name}'s num_fewshot"
+        raise UsageError(f"{given}: {shots} examples per prompt, but task {name} has {max(available, 0)} documents "
+                         "to draw them from")
 
 
 def run_tasks(trained: Trained, tasks: Sequence[str], num_fewshot: int | None = None, limit: float | None = None,
@@ -255,7 +336,7 @@ def run_tasks(trained: Trained, tasks: Sequence[str], num_fewshot: int | None = 
     YAML files of one's own; `limit`: documents per task (a fraction below 1); `index`: task_index's, when the
     caller has built it already (else built here, after the model has checked its tokenizer)."""
     model = FasttrainLM(trained, batch_size=batch_size)
-    index = task_index(tasks, include_path) if index is None else index
+    index = task_index(tasks, include_path, num_fewshot) if index is None else index
     return simple_evaluate(model=model, tasks=list(tasks),
                            num_fewshot=num_fewshot, limit=limit, task_manager=index, log_samples=log_samples)
 
