@@ -1,6 +1,6 @@
 """The `fasttrain` command: every tool under one name, as litgpt and torchtitan users expect.
 
-    fasttrain train configs/base.toml --set train.max_steps=50
+    fasttrain train base --set train.max_steps=50       (a shipped config by name, or a file's path)
     fasttrain sample runs/base --prompt "The"
     fasttrain --help
     fasttrain --version
@@ -22,7 +22,9 @@ from fasttrain.system.errors import UsageError, run_cli
 # tool -> (module, what it does): the order `fasttrain --help` lists them in, the order of a workflow
 TOOLS = {
     "prepare": ("fasttrain.prepare", "tokenize text into shards (a prepared folder)"),
-    "train": ("fasttrain.train", "train a model from a TOML config"),
+    "configs": ("fasttrain.configs", "list the shipped configs (fasttrain train NAME runs one)"),
+    "init": ("fasttrain.init", "write a copy of a shipped config to edit"),
+    "train": ("fasttrain.train", "train a model from a TOML config or a shipped config's name"),
     "sample": ("fasttrain.sample", "generate text from a run, its weights or a checkpoint"),
     "evaluate": ("fasttrain.evaluate", "score a trained model: loss, perplexity, bits per byte"),
     "export": ("fasttrain.export", "write safetensors, in fasttrain's or Hugging Face's Llama layout"),

@@ -30,6 +30,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from fasttrain import configs
 from fasttrain.system.atomic import read_regular, write_atomically
 from fasttrain.system.errors import UsageError
 
@@ -589,7 +590,8 @@ def save_config(cfg: Config, run_dir: str | os.PathLike[str]) -> Path:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the positional `config` path, repeatable `--set SECTION.KEY=VALUE`, and `--device` and `--seed`
     (the flags sample and evaluate have too, here short for --set train.device / train.seed)."""
-    parser.add_argument("config", nargs="?", action=_ConfigPath, help="TOML config file")
+    parser.add_argument("config", nargs="?", action=_ConfigPath,
+                        help="a TOML config file, or a shipped config by name (fasttrain configs lists them)")
     parser.add_argument(
         "--set", nargs="+", action=_SetItems, default=[], metavar="SECTION.KEY=VALUE",
         help="override config values; VALUE is TOML or a bare string, e.g. --set train.batch_size=8 train.device=cpu",
@@ -626,9 +628,9 @@ def config_from_args(args: argparse.Namespace, *more: str) -> Config:
     """Load the Config named by arguments that `add_config_arguments` parsed; `more` overrides come last.
     Errors name the flag a value came from (--set, --device, --seed)."""
     if args.config is None:
-        raise UsageError("the following arguments are required: config (the TOML file, e.g. configs/base.toml; "
-                         "see --help)")
-    return _build(_read_layers(args.config), config_overrides(args, *more))
+        raise UsageError("the following arguments are required: config (a TOML file or a shipped config's name, "
+                         "e.g. base; see --help)")
+    return _build(_read_layers(configs.locate(args.config)[0]), config_overrides(args, *more))
 
 
 def config_overrides(args: argparse.Namespace, *more: str) -> list[tuple[str, str]]:
@@ -663,6 +665,12 @@ def _read_layers(path: str | os.PathLike[str], chain: tuple[str, ...] = ()) -> l
         if chain:  # the first file in the chain names the problem once
             raise
         raise UsageError(f"{source}: extends = {_show(base)}: {e}") from None
+
+
+def extended_path(path: str | os.PathLike[str]) -> str | None:
+    """What the config file at `path` `extends` (a path relative to it), None if it extends nothing."""
+    base = _read_toml(path).get("extends")
+    return base if isinstance(base, str) else None
 
 
 def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:

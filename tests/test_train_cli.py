@@ -171,7 +171,8 @@ def test_the_fasttrain_command_runs_each_tool_with_its_own_parser(pydoc_data, tm
         run_cli(cli.main, ["trian", "configs/base.toml"])
     err = capsys.readouterr().err
     assert done.value.code == 2 and err == ("error: fasttrain: unknown tool 'trian'; did you mean train? one of "
-                                            "prepare, train, sample, evaluate, export, doctor, plot (see fasttrain --help)\n")
+                                            "prepare, configs, init, train, sample, evaluate, export, doctor, plot (see "
+                                            "fasttrain --help)\n")
     with pytest.raises(SystemExit) as done:  # the train tool's own flags: --device and --seed as sample has them
         run_cli(cli.main, ["train", *tiny_args(pydoc_data, tmp_path, "train.max_steps=2", "train.sample_tokens=0",
                                                flags=["--device", "cpu", "--seed", "7"])])

@@ -1,0 +1,71 @@
+"""The prose: every relative link and anchor in README.md, CHANGELOG.md and docs/ resolves (a file that exists, a
+heading that exists, as GitHub renders them)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # [text](target): the target, up to a space or the parenthesis
+FENCE = re.compile(r"^(```|~~~)")
+
+
+def prose(page: Path) -> list[str]:
+    """The page's lines outside fenced code blocks (links there are code, not links)."""
+    lines, fenced = [], False
+    for line in page.read_text(encoding="utf-8").splitlines():
+        if FENCE.match(line.strip()):
+            fenced = not fenced
+        elif not fenced:
+            lines.append(line)
+    return lines
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives the page's headings: lower case, punctuation but hyphens and underscores dropped,
+    spaces to hyphens, and a repeated heading numbered (-1, -2, ...)."""
+    seen: dict[str, int] = {}
+    found = set()
+    for line in prose(page):
+        heading = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not heading:
+            continue
+        text = re.sub(r"`|\*\*|\[([^\]]*)\]\([^)]*\)", r"\1", heading.group(1)).lower()
+        slug = re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        found.add(slug if count == 0 else f"{slug}-{count}")
+    return found
+
+
+def links(page: Path) -> list[str]:
+    targets = []
+    for line in prose(page):
+        line = re.sub(r"`[^`]*`", "", line)  # inline code is not a link
+        targets += LINK.findall(line)
+    return targets
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_every_relative_link_and_anchor_resolves(page):
+    broken = []
+    for target in links(page):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...: not checked here (no network in CI)
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            broken.append(f"{target}: no such file")
+        elif anchor and file.suffix == ".md" and anchor not in anchors(file):
+            broken.append(f"{target}: no heading #{anchor} in {file.relative_to(ROOT)}")
+    assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
+
+
+def test_the_anchor_rule_follows_github():
+    page = ROOT / "docs" / "checkpoints.md"
+    assert "faults" in anchors(page)
+    assert anchors(ROOT / "README.md") >= {"quickstart", "status"}
