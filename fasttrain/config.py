@@ -77,6 +77,9 @@ class SourceConfig:
 
     dir: str = ""  # a folder prepared by `fasttrain prepare` (every source with one tokenizer)
     weight: float = 1.0  # relative share of the training rows; the weights are normalized to sum to 1
+    # Its name in metrics (val_loss.NAME, tokens.NAME) and train.monitor; "" = the folder's name, or the shortest
+    # ending of its path that tells it from the other sources' ("web/prepared" beside "src/prepared").
+    name: str = ""
 
 
 @dataclass
@@ -782,7 +785,16 @@ def _check_mixture(cfg: Config, sources: dict[str, str]) -> None:
         raise UsageError(f"{where}: data.sources names the prepared folders of a mixture; leave data.dir and "
                          "data.inputs unset (or give data.dir alone)")
     seen: dict[str, int] = {}
+    named: dict[str, int] = {}
     for i, s in enumerate(d.sources):
+        if s.name and not re.fullmatch(r"\S+", s.name):
+            raise UsageError(f"{where}: data.sources[{i}].name = {_show(s.name)}: a name without spaces, as "
+                             "metrics record it (val_loss.NAME)")
+        if s.name in named:
+            raise UsageError(f"{where}: data.sources[{i}].name = {_show(s.name)} is the name of "
+                             f"data.sources[{named[s.name]}] too; give each source a name of its own")
+        if s.name:
+            named[s.name] = i
         if not s.dir:
             raise UsageError(f"{where}: data.sources[{i}].dir: expected a prepared folder, got \"\"")
         real = os.path.realpath(s.dir)

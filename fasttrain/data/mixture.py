@@ -18,6 +18,7 @@ taken so far) and deficit; a loader saves it with its position and a resumed one
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,22 @@ MEMO = 256  # round states kept (up to twice as many) besides the anchor: more t
 
 
 def normalized(weights: Sequence[float]) -> tuple[float, ...]:
-    total = float(sum(weights))
-    if not all(w >= 0 for w in weights) or not total > 0:
-        raise ValueError(f"weights must be >= 0 and not all 0, got {list(weights)}")
-    return tuple(float(w) / total for w in weights)
+    """`weights` (finite, >= 0, not all 0) divided by their sum. Weights whose sum overflows a float (1e308
+    twice) are divided by the largest first; any other weights are divided by their sum as given, so the
+    blend of a run saved before stays bit for bit the same."""
+    weights = [float(w) for w in weights]
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights}")
+    if math.isinf(sum(weights)):
+        weights = [w / max(weights) for w in weights]
+    total = sum(weights)
+    return tuple(w / total for w in weights)
+
+
+def weights_sum(weights: Sequence[float]) -> str:
+    """The sum of `weights` for a message: as a number, or "more than 1.8e308" where it overflows."""
+    total = sum(weights)
+    return f"{total:g}" if math.isfinite(total) else "more than 1.8e308"
 
 
 class Blend:
@@ -139,9 +152,35 @@ class Blend:
         return picks, at, tuple(taken), tuple(owed)
 
 
+def source_names(d: DataConfig) -> list[str]:
+    """The name of each [[data.sources]] table in metrics (`val_loss.NAME`, `tokens.NAME`), train.monitor and the
+    console, distinct in every case: its `name` if given, else the shortest ending of its folder's resolved path
+    that no other unnamed source's path shares and no source is given as its name ("code", or "web/prepared"
+    beside "src/prepared"). The trainer and `evaluate --split val` both name the sources here."""
+    given = {s.name for s in d.sources if s.name}
+    paths = {i: Path(s.dir).resolve().parts for i, s in enumerate(d.sources) if not s.name}
+    names = []
+    for i, s in enumerate(d.sources):
+        if s.name:
+            names.append(s.name)
+            continue
+        parts = paths[i]
+        others = [p for j, p in paths.items() if j != i]
+        for k in range(1, len(parts) + 1):
+            name = str(Path(*parts[-k:]))
+            if name not in given and all(p[-k:] != parts[-k:] for p in others):
+                break
+        else:  # a name given to another source is this folder's whole path
+            raise UsageError(f"data.sources[{i}].dir = {s.dir}: every name for it is taken by another source's "
+                             "`name`; give this source a name of its own")
+        names.append(name)
+    return names
+
+
 @dataclass(frozen=True)
 class Source:
-    """One prepared folder of a run's data, with its name (in metrics) and base weight (normalized)."""
+    """One prepared folder of a run's data, with its name (in metrics; see source_names) and base weight
+    (normalized)."""
 
     name: str
     dir: str
@@ -174,9 +213,7 @@ def open_sources(d: DataConfig, quiet: bool = False) -> list[Source]:
             raise UsageError(f"data.sources[{i}].dir = {data.dir} was prepared with another tokenizer than "
                              f"data.sources[0].dir = {first.dir} (their tokenizer.json differ); a mixture needs one: "
                              f"prepare every source with --tokenizer {first.dir}/tokenizer.json")
-    names = [Path(s.dir).resolve().name for s in d.sources]
-    names = [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
-    return [Source(n, s.dir, w, data) for n, s, w, data in zip(names, d.sources, weights, opened)]
+    return [Source(n, s.dir, w, data) for n, s, w, data in zip(source_names(d), d.sources, weights, opened)]
 
 
 def _tokenizer_sha(data: PreparedData) -> str:
@@ -190,7 +227,7 @@ def phases(d: DataConfig, max_steps: int, accumulation: int) -> tuple[list[tuple
         return [(0, (1.0,))], []
     given = [(0, "data.sources weights", [s.weight for s in d.sources])]
     given += [(change_step(c, max_steps), f"data.mix[{i}].weights", c.weights) for i, c in enumerate(d.mix)]
-    notes = [f"{name} sum to {sum(w):g}, not 1: normalized to {', '.join(f'{v:.4g}' for v in normalized(w))}"
+    notes = [f"{name} sum to {weights_sum(w)}, not 1: normalized to {', '.join(f'{v:.4g}' for v in normalized(w))}"
              for _, name, w in given if abs(sum(w) - 1) > 1e-9]
     return [(step * accumulation, normalized(w)) for step, _, w in given], notes
 

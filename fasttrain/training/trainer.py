@@ -349,7 +349,7 @@ class Trainer:
                                               self.precision, self.world, source.data.bits_per_nat, stop)
             if found[source.name] is None:
                 return None
-        return mixture_metrics(found, [s.weight for s in self.sources])
+        return mixture_metrics([(s.name, found[s.name]) for s in self.sources], [s.weight for s in self.sources])
 
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
         """Text generated from `prompt` (default: train.sample_prompt), the same random draws every call."""

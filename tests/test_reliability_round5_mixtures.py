@@ -1,0 +1,79 @@
+"""Issue 49 (reliability, round five), mixtures and time budgets: each case through the real entry points
+(`python -m fasttrain.train` and `evaluate`, by `run_cli`), each failing before its fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fasttrain import evaluate, train
+from fasttrain.data.preparation import prepare
+from fasttrain.system.errors import run_cli
+from tests.conftest import tiny_args
+
+QUIET = ("train.sample_tokens=0", "train.log_interval=1", "schedule.warmup_steps=1")
+
+
+@pytest.fixture(scope="module")
+def code_data(pydoc_data, tmp_path_factory) -> Path:
+    """The json package's sources, prepared with pydoc_data's tokenizer: a second source of one tokenizer."""
+    out = tmp_path_factory.mktemp("code") / "code"
+    prepare([str(Path(json.__file__).parent / "*.py")], out, tokenizer_path=str(pydoc_data / "tokenizer.json"),
+            quiet=True)
+    return out
+
+
+def copy(data: Path, tmp: Path, name: str) -> Path:
+    """A copy of the prepared folder `data` at `tmp / name` (a path such as "a/x")."""
+    shutil.copytree(data, tmp / name)
+    return tmp / name
+
+
+def sources(folders: list[Path], weights: list[float]) -> list[str]:
+    """--set items of a mixture of `folders` by `weights`, in place of the tiny run's data.dir."""
+    tables = ", ".join(f'{{dir="{f}", weight={w}}}' for f, w in zip(folders, weights))
+    return ['data.dir=""', "data.inputs=[]", f"data.sources=[{tables}]"]
+
+
+def run(data: Path, out: Path, *sets: str, program=train, argv: list[str] | None = None) -> int:
+    """The exit status of `program` (default: a tiny training run of `data` into `out` with `sets`)."""
+    with pytest.raises(SystemExit) as done:
+        run_cli(program.main, argv if argv is not None else tiny_args(data, out, *QUIET, *sets))
+    return done.value.code
+
+
+def events(out: Path, kind: str) -> list[dict]:
+    return [e for e in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if e["event"] == kind]
+
+
+def test_sources_whose_folders_share_a_name_get_distinct_names_and_the_whole_total(pydoc_data, code_data, tmp_path):
+    """Item 2: sources a/x, b/x and x0 were named x0, x1, x0: the per-source figures collapsed and the total
+    validation loss weighed two sources of three. Now each has its own name (the shortest distinguishing end
+    of its path) and the total weighs all three."""
+    folders = [copy(pydoc_data, tmp_path, "a/x"), copy(code_data, tmp_path, "b/x"), copy(pydoc_data, tmp_path, "x0")]
+    out = tmp_path / "run"
+    assert run(pydoc_data, out, "train.max_steps=1", "train.eval_steps=2", *sources(folders, [0.5, 0.3, 0.2]),
+               'train.monitor="val_loss.b/x"') == 0
+    last = events(out, "eval")[-1]
+    names = ["a/x", "b/x", "x0"]
+    assert sorted(k.partition(".")[2] for k in last if k.startswith("val_loss.")) == names
+    assert last["val_loss"] == pytest.approx(sum(w * last[f"val_loss.{n}"] for w, n in zip([0.5, 0.3, 0.2], names)))
+    assert [s["name"] for s in events(out, "start")[0]["sources"]] == names
+
+
+def test_evaluate_split_val_names_and_totals_sources_as_the_trainer(pydoc_data, code_data, tmp_path, capsys):
+    """Item 3: `evaluate --split val` of a mixture of web/prepared and src/prepared reported the last source as
+    the total; now its names and total are the trainer's."""
+    folders = [copy(pydoc_data, tmp_path, "web/prepared"), copy(code_data, tmp_path, "src/prepared")]
+    out = tmp_path / "run"
+    assert run(pydoc_data, out, "train.max_steps=1", "train.eval_steps=1000", *sources(folders, [0.25, 0.75])) == 0
+    trained = events(out, "eval")[-1]
+    capsys.readouterr()
+    assert run(pydoc_data, out, program=evaluate, argv=[str(out), "--split", "val"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"loss {trained['val_loss']:.4f}")
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["src/prepared", "web/prepared"]
+    assert f"loss {trained['val_loss.web/prepared']:.4f}" in lines[2]
