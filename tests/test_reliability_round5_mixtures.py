@@ -77,3 +77,21 @@ def test_evaluate_split_val_names_and_totals_sources_as_the_trainer(pydoc_data, 
     assert lines[0].startswith(f"loss {trained['val_loss']:.4f}")
     assert [line.split(":")[0].strip() for line in lines[1:]] == ["src/prepared", "web/prepared"]
     assert f"loss {trained['val_loss.web/prepared']:.4f}" in lines[2]
+
+
+def test_a_longer_resume_keeps_a_fraction_change_the_run_had_entered(pydoc_data, code_data, tmp_path, capsys):
+    """Item 4: a run of 6 steps entered its code-only mix at step 3 (fraction 0.5); resumed with
+    train.max_steps = 24 the change moved to step 12, and steps 7 to 12 went back to the base weights. Now the
+    change stays where it began, and the resume says so."""
+    out = tmp_path / "run"
+    sets = (*sources([pydoc_data, code_data], [0.5, 0.5]), "data.mix=[{fraction=0.5, weights=[0, 1]}]",
+            "train.eval_interval=100", "checkpoint.interval=100")
+    assert run(pydoc_data, out, "train.max_steps=6", *sets) == 0
+    capsys.readouterr()
+    argv = tiny_args(pydoc_data, out, *QUIET, "train.max_steps=24", *sets, flags=["--resume", "auto"])
+    assert run(pydoc_data, out, argv=argv) == 0
+    assert "resume: data.mix[0] began at step 3 and stays in force (this config alone would place it at step 12)" \
+        in capsys.readouterr().out
+    web = {e["step"]: e[f"tokens.{pydoc_data.name}"] for e in events(out, "train")}
+    assert web[3] == web[6] == web[12] == web[24]  # code only from step 3 on
+    assert not [e for e in events(out, "mix") if e["step"] == 12]

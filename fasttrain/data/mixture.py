@@ -62,9 +62,7 @@ class Blend:
     """
 
     def __init__(self, phases: Sequence[tuple[int, Sequence[float]]], rows_per_round: int):
-        if not phases or phases[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(phases, phases[1:])):
-            raise ValueError(f"phases must start at round 0, in increasing rounds, got {[p[0] for p in phases]}")
-        self.phases = [(int(r), normalized(w)) for r, w in phases]
+        self.phases = _checked([(int(r), normalized(w)) for r, w in phases])
         self.sources = len(self.phases[0][1])
         if any(len(w) != self.sources for _, w in self.phases):
             raise ValueError("every phase needs one weight per source")
@@ -85,11 +83,23 @@ class Blend:
     def weights_at(self, round_: int) -> tuple[float, ...]:
         return next(w for first, w in reversed(self.phases) if first <= round_)
 
-    def restart(self, round_: int, positions: Sequence[int], deficits: Sequence[float]) -> None:
-        """Continue from the state `start(round_)` returned (a resumed run)."""
+    def entered(self, round_: int) -> list[int]:
+        """The first rounds of the phases begun by the start of round `round_` (a saved position)."""
+        return [first for first, _ in self.phases if first <= round_]
+
+    def restart(self, round_: int, positions: Sequence[int], deficits: Sequence[float],
+                entered: Sequence[int] | None = None) -> None:
+        """Continue from the state `start(round_)` returned (a resumed run). `entered`: the first rounds of the
+        phases the saved run had begun (its `entered(round_)`; None: not recorded, a save from before): those
+        stay where they began, whatever this blend's phases say (a longer run moves a `fraction` change later,
+        but the saved run is already in it), and a phase not begun there starts at `round_` at the earliest."""
         if len(positions) != self.sources or len(deficits) != self.sources:
             raise ValueError(f"a state of {len(positions)} sources for a blend of {self.sources}")
         with self._lock:
+            if entered is not None:
+                kept = [int(r) for r in entered][:len(self.phases)]
+                self.phases = _checked([(kept[i] if i < len(kept) else max(first, round_), weights)
+                                        for i, (first, weights) in enumerate(self.phases)])
             self._anchor = (round_, tuple(map(int, positions)), tuple(map(float, deficits)))
             self._memo = {}
 
@@ -175,6 +185,14 @@ def source_names(d: DataConfig) -> list[str]:
                              "`name`; give this source a name of its own")
         names.append(name)
     return names
+
+
+def _checked(phases: list[tuple[int, tuple[float, ...]]]) -> list[tuple[int, tuple[float, ...]]]:
+    """`phases` if they start at round 0 and their rounds never go down; several at one round (changes a resume
+    brought forward to its position) leave the last of them in force."""
+    if not phases or phases[0][0] != 0 or any(a[0] > b[0] for a, b in zip(phases, phases[1:])):
+        raise ValueError(f"phases must start at round 0, in increasing rounds, got {[p[0] for p in phases]}")
+    return phases
 
 
 @dataclass(frozen=True)

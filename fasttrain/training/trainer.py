@@ -528,6 +528,7 @@ class Trainer:
         diverged = self.run
         restored, saved, _ = self.checkpoints.restore(target, self.train_loader, self.accumulation)
         self._monitor_anew(restored, saved)  # a save from before a resume that changed train.monitor
+        self._mix_kept()
         self.run = replace(recovery.rolled_back(diverged, restored),
                            train_seconds=diverged.train_seconds)  # time spent on the diverged steps stays spent
         self.checkpoints.point_latest(target)
@@ -565,6 +566,20 @@ class Trainer:
         if lost is not None:
             recovery.lost(lost)
 
+    def _mix_kept(self) -> list[str]:
+        """Take the mix as the restored loader keeps it (a change the saved run had begun stays where it began;
+        see mixture.Blend.restart) for the reports and the replay; says where it differs from the config's."""
+        planned, self.mix = self.mix, list(self.train_loader.blend.phases)
+        a, notes = self.accumulation, []
+        for i, ((placed, _), (first, _)) in enumerate(zip(planned[1:], self.mix[1:])):
+            if first < placed:
+                notes.append(f"data.mix[{i}] began at step {first // a} and stays in force (this config alone would "
+                             f"place it at step {placed // a})")
+            elif first > placed:
+                notes.append(f"data.mix[{i}] at step {placed // a} is before the saved step: its weights apply "
+                             f"from step {first // a}")
+        return notes
+
     def _monitor_anew(self, run: RunState, saved: Config) -> str | None:
         """If `saved` (the config `run` was saved with) monitored another loss than this run's train.monitor, its
         best loss and early stopping's count start anew in `run` (they measured the other loss); says so."""
@@ -598,7 +613,7 @@ class Trainer:
         path = checkpoint.resolve(str(spec), self.cfg.train.out_dir)
         checkpoint.check_own(path, self.checkpoints.directory)
         run, saved, notes = self.checkpoints.restore(path, self.train_loader, self.accumulation)
-        for note in notes if not self.quiet else ():
+        for note in [*notes, *self._mix_kept()] if not self.quiet else ():
             print(f"resume: {note}")
         end, budget, spent = self.cfg.train.max_steps, self.cfg.train.max_time, run.train_seconds
         if end and run.step > end:
