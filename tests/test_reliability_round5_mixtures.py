@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -95,3 +96,31 @@ def test_a_longer_resume_keeps_a_fraction_change_the_run_had_entered(pydoc_data,
     web = {e["step"]: e[f"tokens.{pydoc_data.name}"] for e in events(out, "train")}
     assert web[3] == web[6] == web[12] == web[24]  # code only from step 3 on
     assert not [e for e in events(out, "mix") if e["step"] == 12]
+
+
+def test_the_replay_of_a_budgeted_mixture_reads_the_mix_the_run_read(pydoc_data, code_data, tmp_path, capsys):
+    """Item 5: the replay command a budgeted run prints (a step run of the steps it reached) placed a `fraction`
+    change on its own, shorter length (step 2 of 9, where the run changed at step 5 of its 20) and refused a
+    `step` change the run never reached. Now it pins each change at the step it took effect and leaves out the
+    others: the replay's losses are the run's."""
+    from fasttrain.config import load_config
+    from fasttrain.training.trainer import Trainer
+    from tests.conftest import tiny_overrides
+    from tests.test_time_budget import FakeClock, timed
+
+    out = tmp_path / "budgeted"
+    sets = (*QUIET, *sources([pydoc_data, code_data], [0.5, 0.5]), "train.eval_interval=100",
+            "checkpoint.interval=100", "data.mix=[{fraction=0.25, weights=[0.1, 0.9]}, {step=12, weights=[1, 0]}]")
+    budgeted = Trainer(load_config(None, [*tiny_overrides(pydoc_data, out), "train.max_steps=20", "train.max_time=9",
+                                          *sets]), clock=FakeClock())
+    timed(budgeted, [1.0]).train()
+    budgeted.close()
+    said = capsys.readouterr().out
+    line = next(line for line in said.splitlines() if line.startswith("  replay "))
+    replay = shlex.split(line.partition("--set ")[2].removesuffix(" (step for step)"))
+    assert replay[-1] == "data.mix=[{step = 5, weights = [0.1, 0.9]}]"
+    again, defaults = tmp_path / "replay", tmp_path / "defaults.toml"  # the Trainer's config: the defaults
+    defaults.write_text("")
+    assert run(pydoc_data, again, argv=tiny_args(pydoc_data, again, *sets, *replay, config=str(defaults))) == 0
+    assert [e["loss"] for e in events(again, "train")] == [e["loss"] for e in events(out, "train")]
+    assert [e["step"] for e in events(again, "mix")] == [5]

@@ -250,6 +250,22 @@ def phases(d: DataConfig, max_steps: int, accumulation: int) -> tuple[list[tuple
     return [(step * accumulation, normalized(w)) for step, _, w in given], notes
 
 
+def replay_mix(d: DataConfig, mix: Sequence[tuple[int, Sequence[float]]], accumulation: int, steps: int) -> str:
+    """The `--set` item that makes a replay of a run's first `steps` steps (a budgeted run's, as step run) read
+    the mix the run read: each [[data.mix]] change pinned at the step it took effect at (`mix`: the run's phases
+    as the loader had them, see `phases` and Blend.restart), with its weights as given; the changes the run
+    never reached left out. "" for a run without changes."""
+    if not d.mix:
+        return ""
+    pinned: dict[int, list[float]] = {}  # step -> weights; changes a resume brought to one step: the last holds
+    for (first, _), change in zip(mix[1:], d.mix):
+        if first // accumulation < steps:
+            pinned[first // accumulation] = change.weights
+    tables = ", ".join(f"{{step = {step}, weights = [{', '.join(repr(float(w)) for w in weights)}]}}"
+                       for step, weights in pinned.items())
+    return f"data.mix=[{tables}]"
+
+
 def change_step(change, max_steps: int) -> int:
     """The first step of a [[data.mix]] change."""
     return change.step or round(change.fraction * max_steps)

@@ -7,6 +7,7 @@ device until the next log line), one per evaluation, and one per skip, rollback 
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -216,8 +217,9 @@ class Report:
     def stopped(self, step: int, signal_name: str, path: Path) -> None:
         self.log.event("stopped", step=step, signal=signal_name, checkpoint=str(path))
 
-    def end(self, summary: dict[str, Any], run: RunState) -> None:
-        """The summary Trainer.train returns, and where everything went."""
+    def end(self, summary: dict[str, Any], run: RunState, replay_mix: str = "") -> None:
+        """The summary Trainer.train returns, and where everything went; `replay_mix`: the --set item that pins a
+        budgeted run's mix changes in its replay (mixture.replay_mix)."""
         out = Path(self.cfg.train.out_dir)
         self.log.event("end", **summary)
         self.log.print(f"done: {run.step} steps, {run.tokens_seen:,} tokens; "
@@ -232,8 +234,9 @@ class Report:
         self.log.print(f"  time        {format_duration(summary['train_seconds'])} training (what train.max_time "
                        f"counts), {format_duration(summary['wall_seconds'])} wall time in this process")
         if self.cfg.train.max_time:
+            mix = f" {shlex.quote(replay_mix)}" if replay_mix else ""
             self.log.print(f"  replay      --set train.max_steps={run.step} train.max_time=0 "
-                           f"schedule.progress_from={self.log.path} (step for step)")
+                           f"schedule.progress_from={self.log.path}{mix} (step for step)")
         self.log.print(f"  config      {out / 'config.toml'}\n  metrics     {self.log.path}\n"
                        f"  checkpoint  {summary['checkpoint']}\n  weights     {summary['weights']}\n"
                        f"  data        {data}\n  plot with   python -m fasttrain.plot {out}")

@@ -53,7 +53,7 @@ from fasttrain.config import (
     save_config,
 )
 from fasttrain.data.loader import TokenLoader
-from fasttrain.data.mixture import Source, open_sources, phases
+from fasttrain.data.mixture import Source, open_sources, phases, replay_mix
 from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.model.generation import generate_text
 from fasttrain.model.transformer import Transformer, num_params
@@ -545,7 +545,7 @@ class Trainer:
                    "skipped_steps": self.run.skipped_steps, "rollbacks": self.run.rollbacks,
                    "stopped_early": stopped_early, "train_seconds": round(self.run.train_seconds, 3),
                    "wall_seconds": round(self.clock() - self.created, 3)}
-        report.end(summary, self.run)
+        report.end(summary, self.run, replay_mix(self.cfg.data, self.mix, self.accumulation, self.run.step))
         return summary
 
     def _save(self, report: Report, best: bool = False, keep: Path | None = None) -> Path:
