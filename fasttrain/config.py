@@ -533,8 +533,9 @@ def resolve(cfg: Config, data_dir: str, tokenizer_vocab: int, request: dict | No
     model's vocabulary is too small for the tokenizer's."""
     vocab = cfg.model.vocab_size or tokenizer_vocab
     check_vocab(vocab, tokenizer_vocab, f"{data_dir}/tokenizer.json")
-    if cfg.data.sources:  # a mixture names its prepared folders already
-        return replace(cfg, model=replace(cfg.model, vocab_size=vocab))
+    if cfg.data.sources:  # a mixture names its prepared folders already: recorded absolute, as data.dir is
+        sources = [replace(s, dir=_absolute(s.dir)) for s in cfg.data.sources]
+        return replace(cfg, data=replace(cfg.data, sources=sources), model=replace(cfg.model, vocab_size=vocab))
     data = replace(cfg.data, dir=data_dir)
     if request:
         data = replace(data, inputs=list(request["inputs"]), tokenizer=request.get("tokenizer") or "",
@@ -813,12 +814,17 @@ def _check_mixture(cfg: Config, sources: dict[str, str]) -> None:
             raise UsageError(f"{where}: {name}: give step (>= 1) or fraction (in (0, 1)) of train.max_steps, one of "
                              f"them, got step = {change.step}, fraction = {_show(change.fraction)}")
         step = change.step or round(change.fraction * max_steps)
+        placed = f"fraction {_show(change.fraction)} of train.max_steps = {max_steps} is step {step}"
+        if step == 0:  # a fraction rounded down to the first step, where data.sources' weights hold
+            raise UsageError(f"{where}: {name}: {placed}, the run's first, where the data.sources weights "
+                             "apply; give a larger fraction or a step >= 1 (or these weights to data.sources)")
         if step >= max_steps:
             raise UsageError(f"{where}: {name}: the change at step {step} is past the run's last step "
                              f"(train.max_steps = {max_steps})")
         if step <= last:
-            raise UsageError(f"{where}: {name}: at step {step}, not after the change before it (step {last}); "
-                             "list the changes in the order of their steps")
+            raise UsageError(f"{where}: {name}: at step {step}{f' ({placed})' if change.fraction else ''}, not "
+                             f"after the change before it (step {last}); list the changes in the order of their "
+                             "steps, far enough apart to fall on different steps")
         last = step
         if len(change.weights) != len(d.sources):
             raise UsageError(f"{where}: {name}.weights: {len(change.weights)} weights for {len(d.sources)} "

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fasttrain import evaluate, train
+from fasttrain.config import load_config
 from fasttrain.data.preparation import prepare
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
@@ -103,7 +104,6 @@ def test_the_replay_of_a_budgeted_mixture_reads_the_mix_the_run_read(pydoc_data,
     change on its own, shorter length (step 2 of 9, where the run changed at step 5 of its 20) and refused a
     `step` change the run never reached. Now it pins each change at the step it took effect and leaves out the
     others: the replay's losses are the run's."""
-    from fasttrain.config import load_config
     from fasttrain.training.trainer import Trainer
     from tests.conftest import tiny_overrides
     from tests.test_time_budget import FakeClock, timed
@@ -124,3 +124,53 @@ def test_the_replay_of_a_budgeted_mixture_reads_the_mix_the_run_read(pydoc_data,
     assert run(pydoc_data, again, argv=tiny_args(pydoc_data, again, *sets, *replay, config=str(defaults))) == 0
     assert [e["loss"] for e in events(again, "train")] == [e["loss"] for e in events(out, "train")]
     assert [e["step"] for e in events(again, "mix")] == [5]
+
+
+def test_a_budgeted_mixture_says_what_its_plans_assume(pydoc_data, code_data, tmp_path, capsys):
+    """Item 14: a budgeted mixture laid its epochs per source and its mix changes out on train.max_steps alone
+    ("read 4545 times over by this run", for a budget that read 9.6). Now the start says the figures hold for
+    max_steps only if the budget gets there, and a resume lays them out on the end the budget projects."""
+    sets = (*sources([pydoc_data, code_data], [0.5, 0.5]), "data.mix=[{fraction=0.5, weights=[0, 1]}]",
+            "train.max_steps=50000", "train.eval_interval=100000", "checkpoint.interval=100000")
+    out = tmp_path / "run"
+    assert run(pydoc_data, out, *sets, "train.max_time=0.2") == 0
+    said = capsys.readouterr().out
+    assert "times over in 50000 steps, if train.max_time lets the run get that far" in said
+    assert "data.mix[0] from step 25000 (if train.max_time lets the run get that far)" in said
+    assert "by this run" not in said
+    argv = tiny_args(pydoc_data, out, *QUIET, *sets, "train.max_time=0.4", flags=["--resume", "auto"])
+    assert run(pydoc_data, out, argv=argv) == 0
+    said = capsys.readouterr().out
+    assert "data.mix[0] from step 25000 (not reached by step ~" in said
+    assert ", where train.max_time is projected to end the run" in said
+
+
+def test_weights_whose_sum_overflows_are_normalized(pydoc_data, code_data, tmp_path, capsys):
+    """Item 8: weights 9e307 and 9e307 (a sum past the largest float) were "normalized to 0, 0", then a
+    ValueError traceback. They are divided by the largest first: an even mix."""
+    sets = (*sources([pydoc_data, code_data], [9e307, 9e307]), "data.mix=[{step=1, weights=[1e308, 1e308]}]",
+            "train.max_steps=2")
+    assert run(pydoc_data, tmp_path / "run", *sets) == 0
+    said = capsys.readouterr().out
+    assert "note: data.sources weights sum to more than 1.8e308, not 1: normalized to 0.5, 0.5" in said
+    assert "note: data.mix[0].weights sum to more than 1.8e308, not 1: normalized to 0.5, 0.5" in said
+
+
+def test_config_toml_records_mixture_folders_absolute(pydoc_data, code_data, tmp_path, monkeypatch, capsys):
+    """Item 12: a run's config.toml recorded [[data.sources]] folders as typed (relative), so evaluate run from
+    another directory failed, or would score another folder of that name. They are recorded absolute."""
+    base = str(Path("configs/base.toml").resolve())
+    monkeypatch.chdir(tmp_path)
+    web, code = copy(pydoc_data, tmp_path, "web"), copy(code_data, tmp_path, "code")
+    out = tmp_path / "run"
+    argv = tiny_args(pydoc_data, out, *QUIET, "train.max_steps=1", *sources([Path("web"), Path("code")], [0.5, 0.5]),
+                     config=base)
+    assert run(pydoc_data, out, argv=argv) == 0
+    recorded = load_config(out / "config.toml").data.sources
+    assert [s.dir for s in recorded] == [str(web), str(code)]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert run(pydoc_data, out, program=evaluate, argv=[str(out), "--split", "val"]) == 0
+    assert "  web: loss" in capsys.readouterr().out

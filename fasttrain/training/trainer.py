@@ -78,7 +78,7 @@ from fasttrain.training.objective import LossSums, NextTokenLoss, batch_loss, co
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.policies import EarlyStopping, Recovery
 from fasttrain.training.preflight import check_fits
-from fasttrain.training.reporting import IntervalMeter, Report
+from fasttrain.training.reporting import IntervalMeter, Plan, Report
 from fasttrain.training.run_state import RunState
 from fasttrain.training.schedule import (
     Budget,
@@ -425,7 +425,7 @@ class Trainer:
         report.start(self.run, self.resumed_from, params=self.model.num_params(), precision=self.precision,
                      compiled=self.compiled, kernels=self.kernels.names(), world_size=self.world.size,
                      parallel=self.parallel, accumulation=self.accumulation, tokens_per_step=self.tokens_per_step,
-                     sources=self.sources, epochs=self.train_loader.planned_epochs(t.max_steps * self.accumulation))
+                     sources=self.sources, plan=self._plan())
         last_eval: dict[str, float] = {}
         stopped_early, first = False, self.run.step
         meter = IntervalMeter(self.device, self.run.tokens_seen, self.train_loader.wait_seconds)
@@ -478,6 +478,13 @@ class Trainer:
         if not last_eval:  # nothing trained (resumed at the end): still report
             last_eval = self._evaluate_and_sample(report, early_stopping)[0]
         return self._finish(report, last_eval, stopped_early)
+
+    def _plan(self) -> Plan:
+        """What the start report says the run will read (Budget.horizon): each source's epochs and the step of
+        each [[data.mix]] change, up to the step the run is planned or projected to end at."""
+        end, words = Budget.of(self.cfg.train).horizon(self.run.step, self.run.train_seconds)
+        epochs = None if end is None else self.train_loader.planned_epochs(end * self.accumulation)
+        return Plan(epochs, end, words, [(first // self.accumulation, w) for first, w in self.mix[1:]])
 
     def _evaluate_and_save(self, report: Report, early_stopping: EarlyStopping, recovery: Recovery, done: bool,
                            stop: Callable[[], bool]) -> dict[str, float] | None:
