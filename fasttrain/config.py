@@ -78,6 +78,9 @@ class SourceConfig:
 
     dir: str = ""  # a folder prepared by `fasttrain prepare` (every source with one tokenizer)
     weight: float = 1.0  # relative share of the training rows; the weights are normalized to sum to 1
+    # Its name in metrics (val_loss.NAME, tokens.NAME) and train.monitor; "" = the folder's name, or the shortest
+    # ending of its path that tells it from the other sources' ("web/prepared" beside "src/prepared").
+    name: str = ""
 
 
 @dataclass
@@ -531,8 +534,9 @@ def resolve(cfg: Config, data_dir: str, tokenizer_vocab: int, request: dict | No
     model's vocabulary is too small for the tokenizer's."""
     vocab = cfg.model.vocab_size or tokenizer_vocab
     check_vocab(vocab, tokenizer_vocab, f"{data_dir}/tokenizer.json")
-    if cfg.data.sources:  # a mixture names its prepared folders already
-        return replace(cfg, model=replace(cfg.model, vocab_size=vocab))
+    if cfg.data.sources:  # a mixture names its prepared folders already: recorded absolute, as data.dir is
+        sources = [replace(s, dir=_absolute(s.dir)) for s in cfg.data.sources]
+        return replace(cfg, data=replace(cfg.data, sources=sources), model=replace(cfg.model, vocab_size=vocab))
     data = replace(cfg.data, dir=data_dir)
     if request:
         data = replace(data, inputs=list(request["inputs"]), tokenizer=request.get("tokenizer") or "",
@@ -790,7 +794,16 @@ def _check_mixture(cfg: Config, sources: dict[str, str]) -> None:
         raise UsageError(f"{where}: data.sources names the prepared folders of a mixture; leave data.dir and "
                          "data.inputs unset (or give data.dir alone)")
     seen: dict[str, int] = {}
+    named: dict[str, int] = {}
     for i, s in enumerate(d.sources):
+        if s.name and not re.fullmatch(r"\S+", s.name):
+            raise UsageError(f"{where}: data.sources[{i}].name = {_show(s.name)}: a name without spaces, as "
+                             "metrics record it (val_loss.NAME)")
+        if s.name in named:
+            raise UsageError(f"{where}: data.sources[{i}].name = {_show(s.name)} is the name of "
+                             f"data.sources[{named[s.name]}] too; give each source a name of its own")
+        if s.name:
+            named[s.name] = i
         if not s.dir:
             raise UsageError(f"{where}: data.sources[{i}].dir: expected a prepared folder, got \"\"")
         real = os.path.realpath(s.dir)
@@ -809,12 +822,17 @@ def _check_mixture(cfg: Config, sources: dict[str, str]) -> None:
             raise UsageError(f"{where}: {name}: give step (>= 1) or fraction (in (0, 1)) of train.max_steps, one of "
                              f"them, got step = {change.step}, fraction = {_show(change.fraction)}")
         step = change.step or round(change.fraction * max_steps)
+        placed = f"fraction {_show(change.fraction)} of train.max_steps = {max_steps} is step {step}"
+        if step == 0:  # a fraction rounded down to the first step, where data.sources' weights hold
+            raise UsageError(f"{where}: {name}: {placed}, the run's first, where the data.sources weights "
+                             "apply; give a larger fraction or a step >= 1 (or these weights to data.sources)")
         if step >= max_steps:
             raise UsageError(f"{where}: {name}: the change at step {step} is past the run's last step "
                              f"(train.max_steps = {max_steps})")
         if step <= last:
-            raise UsageError(f"{where}: {name}: at step {step}, not after the change before it (step {last}); "
-                             "list the changes in the order of their steps")
+            raise UsageError(f"{where}: {name}: at step {step}{f' ({placed})' if change.fraction else ''}, not "
+                             f"after the change before it (step {last}); list the changes in the order of their "
+                             "steps, far enough apart to fall on different steps")
         last = step
         if len(change.weights) != len(d.sources):
             raise UsageError(f"{where}: {name}.weights: {len(change.weights)} weights for {len(d.sources)} "

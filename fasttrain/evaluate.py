@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from fasttrain.data.loader import TokenLoader
-from fasttrain.data.mixture import normalized
+from fasttrain.data.mixture import normalized, source_names
 from fasttrain.data.preparation import open_prepared, prepare
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.distributed import World
@@ -77,9 +77,9 @@ def score_split(trained: Trained, split: str, batch_size: int, device: torch.dev
     mixture's every [[data.sources]] folder, then their total weighted as the trainer weighs it
     (validation.mixture_metrics: "loss" the total, "loss.<name>" each source's, ...)."""
     d = trained.cfg.data
-    folders = {Path(s.dir).resolve().name: s.dir for s in d.sources} if d.sources else {"": d.dir}
-    found = {}
-    for name, directory in folders.items():
+    folders = list(zip(source_names(d), [s.dir for s in d.sources])) if d.sources else [("", d.dir)]
+    found = []
+    for name, directory in folders:
         data = open_prepared(directory)  # meta.json checked whole: bits per byte divide by its counts
         prepared_with = Path(directory) / "tokenizer.json"
         if prepared_with.read_bytes() != trained.tokenizer_path.read_bytes():
@@ -87,7 +87,7 @@ def score_split(trained: Trained, split: str, batch_size: int, device: torch.dev
                              f"trained with: {directory} was prepared again since, so its token ids are not the "
                              "model's; score text with --input instead")
         metrics = score(trained, directory, split, data.bits_per_nat, batch_size, device)
-        found[name] = {f"val_{k}": v for k, v in metrics.items()}
+        found.append((name, {f"val_{k}": v for k, v in metrics.items()}))
     weights = normalized([s.weight for s in d.sources]) if d.sources else [1.0]
     return {k.removeprefix("val_"): v for k, v in mixture_metrics(found, weights).items()}
 

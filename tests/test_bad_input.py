@@ -630,7 +630,32 @@ CASES = [
     ("prepare: a damaged Parquet column chunk", prepare,
      lambda c: ["--input", damaged_parquet(c), "--out", str(c.tmp / "p"), "--vocab-size", "300"],
      "docs.parquet: damaged Parquet data (Corrupt snappy compressed data.)"),
+    # round five: mixtures
+    ("mixture: two sources given one name", train,
+     lambda c: c.train(*mix(c, f'{{dir="{c.data}", name="web"}}', f'{{dir="{c.data_copy(lambda d: None)}", name="web"}}')),
+     'data.sources[1].name = "web" is the name of data.sources[0] too; give each source a name of its own'),
+    ("mixture: a source name with a space", train, lambda c: c.train(*mix(c, f'{{dir="{c.data}", name="my web"}}')),
+     'data.sources[0].name = "my web": a name without spaces'),
+    ("mixture: a fraction that rounds to step 0", train,
+     lambda c: c.train(*mix(c, f'{{dir="{c.data}"}}'), "data.mix=[{fraction=0.1, weights=[1]}]"),
+     "data.mix[0]: fraction 0.1 of train.max_steps = 2 is step 0, the run's first"),
+    ("mixture: two fractions that round to one step", train,
+     lambda c: c.train(*mix(c, f'{{dir="{c.data}"}}'), "train.max_steps=10",
+                       "data.mix=[{fraction=0.5, weights=[1]}, {fraction=0.52, weights=[1]}]"),
+     "data.mix[1]: at step 5 (fraction 0.52 of train.max_steps = 10 is step 5), not after the change before it"),
+    ("replay: a recorded progress that is NaN", train,
+     lambda c: c.train(f"schedule.progress_from={c.file('m.jsonl', progress_record('NaN'))}"),
+     "m.jsonl line 2: progress nan is not a finite number >= 0"),
+    ("replay: a recorded progress that is infinite", train,
+     lambda c: c.train(f"schedule.progress_from={c.file('m.jsonl', progress_record('1e999'))}"),
+     "m.jsonl line 2: progress inf is not a finite number >= 0"),
 ]
+
+
+def progress_record(second: str) -> str:
+    """A budgeted run's metrics.jsonl whose second update's recorded progress is `second` (JSON text)."""
+    return ('{"event": "progress", "step": 1, "progress": 0.5}\n'
+            f'{{"event": "progress", "step": 2, "progress": {second}}}\n')
 
 
 @pytest.fixture(scope="module")

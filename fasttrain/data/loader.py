@@ -366,25 +366,27 @@ class TokenLoader:
             "num_rows": [s.rows.num_rows for s in r.sources],
             # every source's position and deficit (fasttrain/data/mixture.py): where the blend continues from
             "positions": list(positions), "deficits": list(deficits), "tokens": self.source_tokens(),
+            "mix_rounds": self.blend.entered(self.batches),  # where each mix change in force began: it stays there
         }
 
     def load_state_dict(self, state: dict[str, int | str | list]) -> None:
         """Continue from `state`; the data and every setting but the position must match. The mix may differ:
-        it applies from the saved position on."""
+        its weights apply from the saved position on, and the changes the saved run had entered stay where
+        they began (Blend.restart). `blend.phases` then says where each phase begins."""
         mine = self.state_dict()
         state = dict(state)
         if isinstance(state.get("num_rows"), int):  # saved before mixtures: one source, its rows read in order
             state["num_rows"] = [state["num_rows"]]
             state.setdefault("positions", [int(state["batches"]) * self.blend.rows_per_round])
             state.setdefault("deficits", [0.0])
-        position = ("batches", "positions", "deficits", "tokens")
+        position = ("batches", "positions", "deficits", "tokens", "mix_rounds")
         differ = [f"{k}={state.get(k)!r} (now {v!r})" for k, v in mine.items()
                   if k not in position and state.get(k) != v]
         if differ:
             raise UsageError(f"loader state does not match this loader: {', '.join(differ)}")
         self._stop_worker()
         self.batches = int(state["batches"])
-        self.blend.restart(self.batches, state["positions"], state["deficits"])
+        self.blend.restart(self.batches, state["positions"], state["deficits"], state.get("mix_rounds"))
         # What the saved world read beyond what its positions count in this world's epochs (reshard): 0 but
         # after a resume on another number of processes, whose epochs are cut at other lengths.
         self._tokens_carried = [0] * len(self.reader.sources)
@@ -507,8 +509,10 @@ def reshard(saved: list[dict], rank: int, world_size: int, rounds: int | None = 
     if len(num_rows) > 1:
         positions = [_renumbered(p, n, rows_per_batch, len(saved), world_size)
                      for p, n in zip(state["positions"], num_rows)]
-        return {**state, "batches": state["batches"] if rounds is None else rounds, "rank": rank,
-                "world_size": world_size, "positions": positions}
+        batches = state["batches"] if rounds is None else rounds
+        if "mix_rounds" in state and state["batches"]:  # step x the saved accumulation -> step x this world's
+            state["mix_rounds"] = [r * batches // state["batches"] for r in state["mix_rounds"]]
+        return {**state, "batches": batches, "rank": rank, "world_size": world_size, "positions": positions}
     if len(saved) == world_size:
         return {**state, "rank": rank, "world_size": world_size}
     epoch, i = divmod(state["batches"], num_rows[0] // (rows_per_batch * len(saved)))

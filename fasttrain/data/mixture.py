@@ -18,6 +18,7 @@ taken so far) and deficit; a loader saves it with its position and a resumed one
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +35,22 @@ MEMO = 256  # round states kept (up to twice as many) besides the anchor: more t
 
 
 def normalized(weights: Sequence[float]) -> tuple[float, ...]:
-    total = float(sum(weights))
-    if not all(w >= 0 for w in weights) or not total > 0:
-        raise ValueError(f"weights must be >= 0 and not all 0, got {list(weights)}")
-    return tuple(float(w) / total for w in weights)
+    """`weights` (finite, >= 0, not all 0) divided by their sum. Weights whose sum overflows a float (1e308
+    twice) are divided by the largest first; any other weights are divided by their sum as given, so the
+    blend of a run saved before stays bit for bit the same."""
+    weights = [float(w) for w in weights]
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights}")
+    if math.isinf(sum(weights)):
+        weights = [w / max(weights) for w in weights]
+    total = sum(weights)
+    return tuple(w / total for w in weights)
+
+
+def weights_sum(weights: Sequence[float]) -> str:
+    """The sum of `weights` for a message: as a number, or "more than 1.8e308" where it overflows."""
+    total = sum(weights)
+    return f"{total:g}" if math.isfinite(total) else "more than 1.8e308"
 
 
 class Blend:
@@ -49,9 +62,7 @@ class Blend:
     """
 
     def __init__(self, phases: Sequence[tuple[int, Sequence[float]]], rows_per_round: int):
-        if not phases or phases[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(phases, phases[1:])):
-            raise ValueError(f"phases must start at round 0, in increasing rounds, got {[p[0] for p in phases]}")
-        self.phases = [(int(r), normalized(w)) for r, w in phases]
+        self.phases = _checked([(int(r), normalized(w)) for r, w in phases])
         self.sources = len(self.phases[0][1])
         if any(len(w) != self.sources for _, w in self.phases):
             raise ValueError("every phase needs one weight per source")
@@ -72,11 +83,23 @@ class Blend:
     def weights_at(self, round_: int) -> tuple[float, ...]:
         return next(w for first, w in reversed(self.phases) if first <= round_)
 
-    def restart(self, round_: int, positions: Sequence[int], deficits: Sequence[float]) -> None:
-        """Continue from the state `start(round_)` returned (a resumed run)."""
+    def entered(self, round_: int) -> list[int]:
+        """The first rounds of the phases begun by the start of round `round_` (a saved position)."""
+        return [first for first, _ in self.phases if first <= round_]
+
+    def restart(self, round_: int, positions: Sequence[int], deficits: Sequence[float],
+                entered: Sequence[int] | None = None) -> None:
+        """Continue from the state `start(round_)` returned (a resumed run). `entered`: the first rounds of the
+        phases the saved run had begun (its `entered(round_)`; None: not recorded, a save from before): those
+        stay where they began, whatever this blend's phases say (a longer run moves a `fraction` change later,
+        but the saved run is already in it), and a phase not begun there starts at `round_` at the earliest."""
         if len(positions) != self.sources or len(deficits) != self.sources:
             raise ValueError(f"a state of {len(positions)} sources for a blend of {self.sources}")
         with self._lock:
+            if entered is not None:
+                kept = [int(r) for r in entered][:len(self.phases)]
+                self.phases = _checked([(kept[i] if i < len(kept) else max(first, round_), weights)
+                                        for i, (first, weights) in enumerate(self.phases)])
             self._anchor = (round_, tuple(map(int, positions)), tuple(map(float, deficits)))
             self._memo = {}
 
@@ -139,9 +162,43 @@ class Blend:
         return picks, at, tuple(taken), tuple(owed)
 
 
+def source_names(d: DataConfig) -> list[str]:
+    """The name of each [[data.sources]] table in metrics (`val_loss.NAME`, `tokens.NAME`), train.monitor and the
+    console, distinct in every case: its `name` if given, else the shortest ending of its folder's resolved path
+    that no other unnamed source's path shares and no source is given as its name ("code", or "web/prepared"
+    beside "src/prepared"). The trainer and `evaluate --split val` both name the sources here."""
+    given = {s.name for s in d.sources if s.name}
+    paths = {i: Path(s.dir).resolve().parts for i, s in enumerate(d.sources) if not s.name}
+    names = []
+    for i, s in enumerate(d.sources):
+        if s.name:
+            names.append(s.name)
+            continue
+        parts = paths[i]
+        others = [p for j, p in paths.items() if j != i]
+        for k in range(1, len(parts) + 1):
+            name = str(Path(*parts[-k:]))
+            if name not in given and all(p[-k:] != parts[-k:] for p in others):
+                break
+        else:  # a name given to another source is this folder's whole path
+            raise UsageError(f"data.sources[{i}].dir = {s.dir}: every name for it is taken by another source's "
+                             "`name`; give this source a name of its own")
+        names.append(name)
+    return names
+
+
+def _checked(phases: list[tuple[int, tuple[float, ...]]]) -> list[tuple[int, tuple[float, ...]]]:
+    """`phases` if they start at round 0 and their rounds never go down; several at one round (changes a resume
+    brought forward to its position) leave the last of them in force."""
+    if not phases or phases[0][0] != 0 or any(a[0] > b[0] for a, b in zip(phases, phases[1:])):
+        raise ValueError(f"phases must start at round 0, in increasing rounds, got {[p[0] for p in phases]}")
+    return phases
+
+
 @dataclass(frozen=True)
 class Source:
-    """One prepared folder of a run's data, with its name (in metrics) and base weight (normalized)."""
+    """One prepared folder of a run's data, with its name (in metrics; see source_names) and base weight
+    (normalized)."""
 
     name: str
     dir: str
@@ -174,9 +231,7 @@ def open_sources(d: DataConfig, quiet: bool = False) -> list[Source]:
             raise UsageError(f"data.sources[{i}].dir = {data.dir} was prepared with another tokenizer than "
                              f"data.sources[0].dir = {first.dir} (their tokenizer.json differ); a mixture needs one: "
                              f"prepare every source with --tokenizer {first.dir}/tokenizer.json")
-    names = [Path(s.dir).resolve().name for s in d.sources]
-    names = [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
-    return [Source(n, s.dir, w, data) for n, s, w, data in zip(names, d.sources, weights, opened)]
+    return [Source(n, s.dir, w, data) for n, s, w, data in zip(source_names(d), d.sources, weights, opened)]
 
 
 def _tokenizer_sha(data: PreparedData) -> str:
@@ -190,9 +245,25 @@ def phases(d: DataConfig, max_steps: int, accumulation: int) -> tuple[list[tuple
         return [(0, (1.0,))], []
     given = [(0, "data.sources weights", [s.weight for s in d.sources])]
     given += [(change_step(c, max_steps), f"data.mix[{i}].weights", c.weights) for i, c in enumerate(d.mix)]
-    notes = [f"{name} sum to {sum(w):g}, not 1: normalized to {', '.join(f'{v:.4g}' for v in normalized(w))}"
+    notes = [f"{name} sum to {weights_sum(w)}, not 1: normalized to {', '.join(f'{v:.4g}' for v in normalized(w))}"
              for _, name, w in given if abs(sum(w) - 1) > 1e-9]
     return [(step * accumulation, normalized(w)) for step, _, w in given], notes
+
+
+def replay_mix(d: DataConfig, mix: Sequence[tuple[int, Sequence[float]]], accumulation: int, steps: int) -> str:
+    """The `--set` item that makes a replay of a run's first `steps` steps (a budgeted run's, as step run) read
+    the mix the run read: each [[data.mix]] change pinned at the step it took effect at (`mix`: the run's phases
+    as the loader had them, see `phases` and Blend.restart), with its weights as given; the changes the run
+    never reached left out. "" for a run without changes."""
+    if not d.mix:
+        return ""
+    pinned: dict[int, list[float]] = {}  # step -> weights; changes a resume brought to one step: the last holds
+    for (first, _), change in zip(mix[1:], d.mix):
+        if first // accumulation < steps:
+            pinned[first // accumulation] = change.weights
+    tables = ", ".join(f"{{step = {step}, weights = [{', '.join(repr(float(w)) for w in weights)}]}}"
+                       for step, weights in pinned.items())
+    return f"data.mix=[{tables}]"
 
 
 def change_step(change, max_steps: int) -> int:

@@ -7,9 +7,10 @@ device until the next log line), one per evaluation, and one per skip, rollback 
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -56,6 +57,15 @@ class IntervalMeter:
         return time.perf_counter() - self.start
 
 
+class Plan(NamedTuple):
+    """What a run will read, for its start report (Trainer._plan)."""
+
+    epochs: list[float] | None  # how many times over it reads each source; None: not known (a clock alone)
+    end: int | None  # the step that is laid out to (Budget.horizon)
+    words: str  # how to say that end: "by this run", "in 200 steps, if train.max_time lets the run get that far"
+    changes: list[tuple[int, tuple[float, ...]]]  # each [[data.mix]] change: (first step, normalized weights)
+
+
 class Report:
     """The events and lines of one run of `cfg` (resolved), written through `log`."""
 
@@ -68,15 +78,17 @@ class Report:
 
     def start(self, run: RunState, resumed_from: Path | None, *, params: int, precision: str, compiled: bool,
               kernels: list[str], world_size: int, parallel: str, accumulation: int, tokens_per_step: int,
-              sources: list[Source], epochs: list[float]) -> None:
-        """`sources`: the run's data (one, or a mixture's); `epochs`: how many times over the run reads each."""
+              sources: list[Source], plan: Plan) -> None:
+        """`sources`: the run's data (one, or a mixture's); `plan`: what the run will read of them."""
         c, t = self.cfg, self.cfg.train
         self.names = [s.name for s in sources]
         tokens = {split: sum(s.data.meta["tokens"][split] for s in sources) for split in ("train", "val")}
         resumed = {"resumed_from": str(resumed_from), "resume_step": run.step} if resumed_from else {}
+        epochs = plan.epochs or [None] * len(sources)
         mixture = {"sources": [{"name": s.name, "dir": s.dir, "weight": s.weight, "train_tokens": s.data.meta["tokens"]
-                                ["train"], "val_tokens": s.data.meta["tokens"]["val"], "planned_epochs": round(e, 4)}
-                               for s, e in zip(sources, epochs)]} if len(sources) > 1 else {}
+                                ["train"], "val_tokens": s.data.meta["tokens"]["val"],
+                                "planned_epochs": None if e is None else round(e, 4)}
+                               for s, e in zip(sources, epochs)], "planned_to_step": plan.end} if len(sources) > 1 else {}
         self.log.event("start", params=params, flops_per_token=self.flops_per_token, device=str(self.device),
                        precision=precision, compile=compiled, kernels=kernels, world_size=world_size,
                        parallel=parallel, accumulation=accumulation, tokens_per_step=tokens_per_step,
@@ -89,14 +101,19 @@ class Report:
             self.log.print(f"data: a mixture of {len(sources)} sources, {tokens['train']:,} train / {tokens['val']:,} "
                            "val tokens:")
             for s in mixture["sources"]:
+                read = "" if s["planned_epochs"] is None else f", read {s['planned_epochs']:.2f} times over {plan.words}"
                 self.log.print(f"  {s['name']:<12} weight {s['weight']:.3f}  {s['train_tokens']:,} train / "
-                               f"{s['val_tokens']:,} val tokens in {s['dir']}, read {s['planned_epochs']:.2f} times "
-                               "over by this run")
+                               f"{s['val_tokens']:,} val tokens in {s['dir']}{read}")
+            for i, (step, weights) in enumerate(plan.changes):
+                when = ("" if not t.max_time else f" (not reached {plan.words})" if step >= (plan.end or step + 1)
+                        else " (if train.max_time lets the run get that far)")
+                self.log.print(f"  data.mix[{i}] from step {step}{when}: "
+                               f"{', '.join(f'{n} {w:.3f}' for n, w in zip(self.names, weights))}")
         for name, e in zip(self.names, epochs):
-            if e > c.data.max_epochs:
-                self.log.print(f"warning: this run reads {name} {e:.1f} times over, more than data.max_epochs = "
-                               f"{c.data.max_epochs:g} (repeated data helps less with each pass and can make the model "
-                               "memorize it); add data, lower its weight, or raise data.max_epochs")
+            if e is not None and e > c.data.max_epochs:
+                self.log.print(f"warning: this run reads {name} {e:.1f} times over{f' {plan.words}' * bool(t.max_time)}, more than "
+                               f"data.max_epochs = {c.data.max_epochs:g} (repeated data helps less with each pass and "
+                               "can make the model memorize it); add data, lower its weight, or raise data.max_epochs")
         speedups = ["compiled"] * compiled + [f"kernels: {', '.join(kernels)}"] * bool(kernels)
         ranks = f" x {world_size} ranks, {parallel}" if world_size > 1 else ""
         self.log.print(f"run: {Budget.of(t).describe()} x {tokens_per_step:,} tokens ({t.batch_size} x {t.seq_len}"
@@ -216,8 +233,9 @@ class Report:
     def stopped(self, step: int, signal_name: str, path: Path) -> None:
         self.log.event("stopped", step=step, signal=signal_name, checkpoint=str(path))
 
-    def end(self, summary: dict[str, Any], run: RunState) -> None:
-        """The summary Trainer.train returns, and where everything went."""
+    def end(self, summary: dict[str, Any], run: RunState, replay_mix: str = "") -> None:
+        """The summary Trainer.train returns, and where everything went; `replay_mix`: the --set item that pins a
+        budgeted run's mix changes in its replay (mixture.replay_mix)."""
         out = Path(self.cfg.train.out_dir)
         self.log.event("end", **summary)
         self.log.print(f"done: {run.step} steps, {run.tokens_seen:,} tokens; "
@@ -232,8 +250,9 @@ class Report:
         self.log.print(f"  time        {format_duration(summary['train_seconds'])} training (what train.max_time "
                        f"counts), {format_duration(summary['wall_seconds'])} wall time in this process")
         if self.cfg.train.max_time:
+            mix = f" {shlex.quote(replay_mix)}" if replay_mix else ""
             self.log.print(f"  replay      --set train.max_steps={run.step} train.max_time=0 "
-                           f"schedule.progress_from={self.log.path} (step for step)")
+                           f"schedule.progress_from={self.log.path}{mix} (step for step)")
         self.log.print(f"  config      {out / 'config.toml'}\n  metrics     {self.log.path}\n"
                        f"  checkpoint  {summary['checkpoint']}\n  weights     {summary['weights']}\n"
                        f"  data        {data}\n  plot with   python -m fasttrain.plot {out}")

@@ -131,6 +131,20 @@ class Budget:
         left = max(0.0, self.max_time - seconds) if self.max_time else None
         return Standing(progress, max(final, steps), left)
 
+    def horizon(self, steps: int, seconds: float) -> tuple[int | None, str]:
+        """The step a run's plans (how often it reads each source, where its mix changes fall) are laid out to,
+        after `steps` updates and `seconds` of training, and the words that say so: max_steps without a clock;
+        under one, the end the speed so far projects (a resumed run), else max_steps if the clock lets the run
+        get that far (None without max_steps: a clock alone says nothing of steps before the first)."""
+        if not self.max_time:
+            return self.max_steps, "by this run"
+        if steps and seconds:
+            final = self.standing(steps, seconds).final_step
+            return final, f"by step ~{final}, where train.max_time is projected to end the run"
+        if self.max_steps:
+            return self.max_steps, f"in {self.max_steps} steps, if train.max_time lets the run get that far"
+        return None, "in as many steps as train.max_time allows"
+
     def describe(self) -> str:
         """The budget in words: "200 steps", "3m of training" or "3m of training, at most 200 steps"."""
         time = f"{format_duration(self.max_time)} of training" if self.max_time else ""
@@ -205,10 +219,14 @@ def recorded_progress(spec: str, steps: int) -> list[float]:
     for number, line in enumerate(lines, 1):
         try:
             event = json.loads(line)
-            if event.get("event") == PROGRESS_EVENT:
-                progress[int(event["step"])] = float(event["progress"])
+            if event.get("event") != PROGRESS_EVENT:
+                continue
+            step, value = int(event["step"]), float(event["progress"])
         except (ValueError, TypeError, KeyError, AttributeError):
             raise UsageError(f"{where}: {path} line {number} is not a metrics.jsonl event") from None
+        if not (math.isfinite(value) and value >= 0):  # NaN would hold the rate at its peak for good
+            raise UsageError(f"{where}: {path} line {number}: progress {value} is not a finite number >= 0")
+        progress[step] = value
     if not progress:
         raise UsageError(f"{where}: {path} records no progress: it is not the metrics.jsonl of a run with "
                          "train.max_time (a step run is replayed by its config alone)")

@@ -53,7 +53,7 @@ from fasttrain.config import (
     save_config,
 )
 from fasttrain.data.loader import TokenLoader
-from fasttrain.data.mixture import Source, open_sources, phases
+from fasttrain.data.mixture import Source, open_sources, phases, replay_mix
 from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.model.generation import generate_text
 from fasttrain.model.transformer import Transformer, num_params
@@ -78,7 +78,7 @@ from fasttrain.training.objective import LossSums, NextTokenLoss, batch_loss, co
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.policies import EarlyStopping, Recovery
 from fasttrain.training.preflight import check_fits
-from fasttrain.training.reporting import IntervalMeter, Report
+from fasttrain.training.reporting import IntervalMeter, Plan, Report
 from fasttrain.training.run_state import RunState
 from fasttrain.training.schedule import (
     Budget,
@@ -349,7 +349,7 @@ class Trainer:
                                               self.precision, self.world, source.data.bits_per_nat, stop)
             if found[source.name] is None:
                 return None
-        return mixture_metrics(found, [s.weight for s in self.sources])
+        return mixture_metrics([(s.name, found[s.name]) for s in self.sources], [s.weight for s in self.sources])
 
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
         """Text generated from `prompt` (default: train.sample_prompt), the same random draws every call."""
@@ -425,7 +425,7 @@ class Trainer:
         report.start(self.run, self.resumed_from, params=self.model.num_params(), precision=self.precision,
                      compiled=self.compiled, kernels=self.kernels.names(), world_size=self.world.size,
                      parallel=self.parallel, accumulation=self.accumulation, tokens_per_step=self.tokens_per_step,
-                     sources=self.sources, epochs=self.train_loader.planned_epochs(t.max_steps * self.accumulation))
+                     sources=self.sources, plan=self._plan())
         last_eval: dict[str, float] = {}
         stopped_early, first = False, self.run.step
         meter = IntervalMeter(self.device, self.run.tokens_seen, self.train_loader.wait_seconds)
@@ -479,6 +479,13 @@ class Trainer:
             last_eval = self._evaluate_and_sample(report, early_stopping)[0]
         return self._finish(report, last_eval, stopped_early)
 
+    def _plan(self) -> Plan:
+        """What the start report says the run will read (Budget.horizon): each source's epochs and the step of
+        each [[data.mix]] change, up to the step the run is planned or projected to end at."""
+        end, words = Budget.of(self.cfg.train).horizon(self.run.step, self.run.train_seconds)
+        epochs = None if end is None else self.train_loader.planned_epochs(end * self.accumulation)
+        return Plan(epochs, end, words, [(first // self.accumulation, w) for first, w in self.mix[1:]])
+
     def _evaluate_and_save(self, report: Report, early_stopping: EarlyStopping, recovery: Recovery, done: bool,
                            stop: Callable[[], bool]) -> dict[str, float] | None:
         """Evaluate and save when due; a new best validation loss also saves, with checkpoint.keep_best.
@@ -528,6 +535,7 @@ class Trainer:
         diverged = self.run
         restored, saved, _ = self.checkpoints.restore(target, self.train_loader, self.accumulation)
         self._monitor_anew(restored, saved)  # a save from before a resume that changed train.monitor
+        self._mix_kept()
         self.run = replace(recovery.rolled_back(diverged, restored),
                            train_seconds=diverged.train_seconds)  # time spent on the diverged steps stays spent
         self.checkpoints.point_latest(target)
@@ -544,7 +552,7 @@ class Trainer:
                    "skipped_steps": self.run.skipped_steps, "rollbacks": self.run.rollbacks,
                    "stopped_early": stopped_early, "train_seconds": round(self.run.train_seconds, 3),
                    "wall_seconds": round(self.clock() - self.created, 3)}
-        report.end(summary, self.run)
+        report.end(summary, self.run, replay_mix(self.cfg.data, self.mix, self.accumulation, self.run.step))
         return summary
 
     def _save(self, report: Report, best: bool = False, keep: Path | None = None) -> Path:
@@ -564,6 +572,20 @@ class Trainer:
         lost = self.checkpoints.settle()
         if lost is not None:
             recovery.lost(lost)
+
+    def _mix_kept(self) -> list[str]:
+        """Take the mix as the restored loader keeps it (a change the saved run had begun stays where it began;
+        see mixture.Blend.restart) for the reports and the replay; says where it differs from the config's."""
+        planned, self.mix = self.mix, list(self.train_loader.blend.phases)
+        a, notes = self.accumulation, []
+        for i, ((placed, _), (first, _)) in enumerate(zip(planned[1:], self.mix[1:])):
+            if first < placed:
+                notes.append(f"data.mix[{i}] began at step {first // a} and stays in force (this config alone would "
+                             f"place it at step {placed // a})")
+            elif first > placed:
+                notes.append(f"data.mix[{i}] at step {placed // a} is before the saved step: its weights apply "
+                             f"from step {first // a}")
+        return notes
 
     def _monitor_anew(self, run: RunState, saved: Config) -> str | None:
         """If `saved` (the config `run` was saved with) monitored another loss than this run's train.monitor, its
@@ -598,7 +620,7 @@ class Trainer:
         path = checkpoint.resolve(str(spec), self.cfg.train.out_dir)
         checkpoint.check_own(path, self.checkpoints.directory)
         run, saved, notes = self.checkpoints.restore(path, self.train_loader, self.accumulation)
-        for note in notes if not self.quiet else ():
+        for note in [*notes, *self._mix_kept()] if not self.quiet else ():
             print(f"resume: {note}")
         end, budget, spent = self.cfg.train.max_steps, self.cfg.train.max_time, run.train_seconds
         if end and run.step > end:

@@ -45,14 +45,19 @@ def validate(loss: Callable[[torch.Tensor, torch.Tensor], LossSums], model: nn.M
             "val_bpb": val_loss * bits_per_nat}
 
 
-def mixture_metrics(found: dict[str, dict[str, float]], weights: Sequence[float]) -> dict[str, float]:
-    """The metrics of one source as they are; of a mixture (`found`: each source's, by name), the totals
-    weighted by the sources' base weights (data.sources, normalized: fixed, so evaluations along a run
-    compare, and `best` and early stopping judge them, whatever [[data.mix]] says), then each source's
-    val_loss, val_accuracy and val_bpb as "val_loss.<name>", ...."""
+def mixture_metrics(found: Sequence[tuple[str, dict[str, float]]], weights: Sequence[float]) -> dict[str, float]:
+    """The metrics of one source as they are; of a mixture (`found`: each source's name and metrics, in the
+    order of `weights`), the totals weighted by the sources' base weights (data.sources, normalized: fixed, so
+    evaluations along a run compare, and `best` and early stopping judge them, whatever [[data.mix]] says),
+    then each source's val_loss, val_accuracy and val_bpb as "val_loss.<name>", ....
+    ValueError unless there is one weight per source and the names are distinct: no source's figures may
+    stand in for another's, nor drop out of the total."""
+    names = [name for name, _ in found]
+    if len(found) != len(weights) or len(set(names)) != len(names):
+        raise ValueError(f"{len(weights)} weights for the sources {names}: one each, by distinct names")
     if len(found) == 1:
-        return next(iter(found.values()))
+        return found[0][1]
     keys = ("val_loss", "val_accuracy", "val_bpb")
-    total = {k: sum(w * m[k] for w, m in zip(weights, found.values())) for k in keys}
+    total = {k: sum(w * m[k] for w, (_, m) in zip(weights, found)) for k in keys}
     total["val_ppl"] = perplexity(total["val_loss"])
-    return {**total, **{f"{k}.{name}": m[k] for name, m in found.items() for k in keys}}
+    return {**total, **{f"{k}.{name}": m[k] for name, m in found for k in keys}}
