@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import json
 import os
 import shlex
 from pathlib import Path
@@ -95,15 +96,21 @@ def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | N
 
 def resume_command(args: argparse.Namespace, cfg: Config) -> str:
     """The command line that continues the run that `args` started with (resolved) config `cfg`, from
-    any directory: the config file, train.out_dir and data.dir as absolute paths, the other --set
-    items as they were, and `--resume auto`."""
-    places = {"train.out_dir": cfg.train.out_dir, "data.dir": cfg.data.dir}
+    any directory: the config file, train.out_dir and the data as absolute paths (data.dir, or a mixture's
+    data.sources, each folder absolute: a relative one means the folder beside the directory the run started
+    in), the other --set items as they were, and `--resume auto`."""
+    places = {"train.out_dir": os.path.abspath(cfg.train.out_dir)}
+    if cfg.data.sources:  # a mixture has no data.dir (setting one is refused): its sources are the data
+        places["data.sources"] = "[" + ", ".join(
+            f"{{dir = {json.dumps(os.path.abspath(s.dir))}, weight = {json.dumps(s.weight)}}}"
+            for s in cfg.data.sources) + "]"
+    else:
+        places["data.dir"] = os.path.abspath(cfg.data.dir)
     sets = [item for _, item in config_overrides(args) if item.partition("=")[0].strip() not in places]
-    sets += [f"{key}={os.path.abspath(path)}" for key, path in places.items()]  # a bare string, see load_config
+    sets += [f"{key}={value}" for key, value in places.items()]  # a path as a bare string, see load_config
     quiet = ["--quiet"] if args.quiet else []
     return shlex.join(["python", "-m", "fasttrain.train", os.path.abspath(args.config), *quiet, "--set", *sets,
                        "--resume", "auto"])
-
 
 if __name__ == "__main__":
     run_cli(main)

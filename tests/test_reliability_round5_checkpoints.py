@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import resource
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,8 @@ import pytest
 
 from fasttrain import train
 from tests.conftest import tiny_args
-from tests.test_checkpoint import ROOT, run_cli_code
+from tests.test_checkpoint import ENDLESS, ROOT, events, run_cli_code, wait_for
+from tests.test_mixture import code_data, mixture  # noqa: F401 (code_data: a fixture)
 from tests.test_reliability_start import QUICK, snapshot
 
 
@@ -54,3 +57,32 @@ def test_a_save_beyond_the_file_size_limit_is_one_line_and_keeps_the_earlier_sav
     now = snapshot(run / "checkpoints")
     assert {name: now[name] for name in saved} == saved
     assert not list((run / "checkpoints").glob(".*"))  # no temporary file left
+
+
+@pytest.mark.subprocess
+def test_the_resume_command_of_a_stopped_mixture_run_works_from_another_directory(
+        pydoc_data, code_data, tmp_path):  # noqa: F811 (the fixture imported above)
+    """Item 11: SIGTERM of a mixture run printed a command that set data.dir to the working directory, which a
+    mixture refuses (and its sources, named relative to where it started, were not found from elsewhere)."""
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(pydoc_data, work / "web")
+    shutil.copytree(code_data, work / "code")
+    elsewhere.mkdir()
+    run = tmp_path / "run"
+    sets = [*mixture(Path("web"), Path("code"), run), *ENDLESS, "checkpoint.interval=1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "fasttrain.train", str(ROOT / "configs/base.toml"), "--set", *sets],
+                            cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").exists() and events(run, "train"), proc)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 143 and "resume with: " in stderr, stderr
+    step = int(stderr.split("at step ")[1].split(";")[0])
+    command = shlex.split(stderr.split("resume with: ")[1])
+    resumed = train_process([*command[3:], "--set", f"train.max_steps={step + 2}"], cwd=elsewhere)
+    assert resumed.returncode == 0, resumed.stderr
+    assert events(run, "start")[-1]["resume_step"] == step and events(run, "end")[-1]["step"] == step + 2
