@@ -25,7 +25,7 @@ from fasttrain.config import Config, add_config_arguments, config_from_args, con
 from fasttrain.evaluate import score_tasks
 from fasttrain.system import distributed
 from fasttrain.system.errors import ArgumentParser, run_cli
-from fasttrain.training.checkpoint import saved_steps
+from fasttrain.training.checkpoint import REPLACED, put_back_replaced, saved_steps
 from fasttrain.training.trained_model import load_trained
 from fasttrain.training.trainer import Interrupted, Trainer
 
@@ -49,9 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         harness = importlib.import_module("fasttrain.training.harness")
         index = harness.task_index(cfg.eval.tasks, cfg.eval.include_path or None, ("eval.tasks", "eval.include_path"))
     trainer = None
+    world = distributed.world_from_env()
+    # Before anything reads the directory: Trainer's process group then holds the other ranks until this is done.
+    note = put_back_replaced(cfg.train.out_dir) if world.is_main else None
+    if note and not args.quiet:
+        print(f"note: {note}")
     try:
         resume = checkpoint_to_resume(args.resume, cfg.train.out_dir,
-                                      args.quiet or not distributed.world_from_env().is_main)
+                                      args.quiet or not world.is_main)
         trainer = Trainer(cfg, quiet=args.quiet, resuming=resume is not None)
         if harness is not None:  # the data's tokenizer must encode the tasks' text: said now, not after the run
             harness.check_tokenizer(trainer.tokenizer, "eval.tasks")
@@ -85,9 +90,11 @@ def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | N
         print(f"note: torchrun restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}")
     if spec != AUTO_OR_NEW:
         return spec
-    checkpoints = Path(out_dir) / "checkpoints"
-    # A damaged pointer: the resume says so. Saves without one: the first save was killed before its pointer.
-    if os.path.lexists(checkpoints / "latest") or saved_steps(checkpoints):
+    # A damaged pointer: the resume says so. Saves without one: the first save was killed before its pointer. A run
+    # an --overwrite start set aside is rank 0's to put back (put_back_replaced): another rank may look while it
+    # does, so where it was first, then where it goes (a rename between the two looks is seen by the second).
+    if any(os.path.lexists(d / "latest") or saved_steps(d)
+           for d in (Path(out_dir) / REPLACED / "checkpoints", Path(out_dir) / "checkpoints")):
         return "auto"
     if not quiet:
         print(f"resume: no checkpoint in {out_dir} yet, so a new run starts there (--resume {AUTO_OR_NEW})")

@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from fasttrain import train
+from fasttrain import export, train
+from fasttrain.system.errors import run_cli
+from fasttrain.training import checkpoint
+from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_args
 from tests.test_checkpoint import ENDLESS, ROOT, events, run_cli_code, wait_for
 from tests.test_mixture import code_data, mixture  # noqa: F401 (code_data: a fixture)
@@ -86,3 +89,75 @@ def test_the_resume_command_of_a_stopped_mixture_run_works_from_another_director
     resumed = train_process([*command[3:], "--set", f"train.max_steps={step + 2}"], cwd=elsewhere)
     assert resumed.returncode == 0, resumed.stderr
     assert events(run, "start")[-1]["resume_step"] == step and events(run, "end")[-1]["step"] == step + 2
+
+
+def kill_an_overwrite_after_its_first_step(pydoc_data, trained: Path, run: Path) -> None:
+    """A copy of `trained` in `run`, then `kill -9` of an --overwrite start there (a one-layer run, saving
+    rarely) once its first step is logged, before any save."""
+    shutil.copytree(trained, run)
+    earlier = events(trained, "start")[0]["params"]
+    proc = subprocess.Popen([sys.executable, "-m", "fasttrain.train",
+                             *tiny_args(pydoc_data, run, *ENDLESS, "checkpoint.interval=100000", flags=["--overwrite"])],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:  # the new run's metrics.jsonl, not the earlier run's before the start moved it
+        wait_for(lambda: (run / "metrics.jsonl").exists() and events(run, "start")[0]["params"] != earlier
+                 and events(run, "train"), proc)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.subprocess
+def test_an_overwrite_killed_before_its_first_save_keeps_the_earlier_run(pydoc_data, trained, tmp_path, capsys):
+    """kill -9 of an --overwrite start after its first step, before its first save: the earlier run was deleted
+    at the first step (and after a kill during it, left in .replaced-by-overwrite/, which the tools never named
+    and the next start, `--resume auto-or-new` too, deleted without a word). Now it is kept until the new run's
+    first complete save, the tools name it, and the next start puts it back: auto-or-new (the torchrun restart)
+    continues it."""
+    run = tmp_path / "run"
+    before = snapshot(trained / "checkpoints")
+    kill_an_overwrite_after_its_first_step(pydoc_data, trained, run)
+    code = run_cli_code(export.main, [str(run)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{run / '.replaced-by-overwrite' / 'checkpoints'} (the next `python -m fasttrain.train`" in err
+
+    code = run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK))  # a plain start: the earlier run is back
+    out, err = capsys.readouterr()
+    assert code == 2 and "holds checkpoints of an earlier run (up to step 2)" in err, err
+    assert "put back the run an --overwrite start had set aside" in out
+    assert snapshot(run / "checkpoints") == before and not (run / ".replaced-by-overwrite").exists()
+
+    shutil.rmtree(run)  # once more, for a torchrun restart: auto-or-new continues the earlier run
+    kill_an_overwrite_after_its_first_step(pydoc_data, trained, run)
+    code = run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK, "train.max_steps=3",
+                                              flags=["--resume", "auto-or-new"]))
+    assert code == 0, capsys.readouterr().err
+    assert events(run, "start")[-1]["resume_step"] == 2 and events(run, "end")[-1]["step"] == 3
+
+
+@pytest.mark.parametrize("sets", [[], ['checkpoint.format="sharded"', "checkpoint.async_save=true"]],
+                         ids=["file", "async"])
+def test_an_overwrite_that_fails_after_its_first_step_before_its_first_save_keeps_the_earlier_run(
+        pydoc_data, trained, tmp_path, monkeypatch, sets):
+    """The earlier run was deleted at the new run's first step: a failure at its second, before any save, left
+    neither run. Now the earlier run is put back as it was; and a first save that completes replaces it."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = snapshot(run)
+    step = Trainer.step
+
+    def fail_at_the_second(trainer: Trainer):
+        if trainer.run.step == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return step(trainer)
+
+    monkeypatch.setattr(Trainer, "step", fail_at_the_second)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_cli(train.main, tiny_args(pydoc_data, run, *QUICK, *sets, "checkpoint.interval=2", flags=["--overwrite"]))
+    assert snapshot(run) == before
+    monkeypatch.setattr(Trainer, "step", step)
+    assert run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK, *sets, "checkpoint.interval=1",
+                                              "train.max_steps=3", flags=["--overwrite"])) == 0
+    assert not (run / ".replaced-by-overwrite").exists()
+    assert [p.name for p in checkpoint.saved_steps(run / "checkpoints")][-1].startswith("step_0000003")
