@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import json
 import os
 import shlex
 from pathlib import Path
@@ -25,7 +26,7 @@ from fasttrain.config import Config, add_config_arguments, config_from_args, con
 from fasttrain.evaluate import score_tasks
 from fasttrain.system import distributed
 from fasttrain.system.errors import ArgumentParser, run_cli
-from fasttrain.training.checkpoint import saved_steps
+from fasttrain.training.checkpoint import REPLACED, put_back_replaced, saved_steps
 from fasttrain.training.trained_model import load_trained
 from fasttrain.training.trainer import Interrupted, Trainer
 
@@ -53,9 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         index = harness.task_index(cfg.eval.tasks, cfg.eval.include_path or None, cfg.eval.num_fewshot,
                                     ("eval.tasks", "eval.include_path", "eval.num_fewshot"))
     trainer = None
+    world = distributed.world_from_env()
+    # Before anything reads the directory: Trainer's process group then holds the other ranks until this is done.
+    note = put_back_replaced(cfg.train.out_dir) if world.is_main else None
+    if note and not args.quiet:
+        print(f"note: {note}")
     try:
         resume = checkpoint_to_resume(args.resume, cfg.train.out_dir,
-                                      args.quiet or not distributed.world_from_env().is_main)
+                                      args.quiet or not world.is_main)
         trainer = Trainer(cfg, quiet=args.quiet, resuming=resume is not None)
         if harness is not None:  # the data's tokenizer must encode the tasks' text: said now, not after the run
             harness.check_tokenizer(trainer.tokenizer, "eval.tasks")
@@ -89,9 +95,11 @@ def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | N
         print(f"note: torchrun restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}")
     if spec != AUTO_OR_NEW:
         return spec
-    checkpoints = Path(out_dir) / "checkpoints"
-    # A damaged pointer: the resume says so. Saves without one: the first save was killed before its pointer.
-    if os.path.lexists(checkpoints / "latest") or saved_steps(checkpoints):
+    # A damaged pointer: the resume says so. Saves without one: the first save was killed before its pointer. A run
+    # an --overwrite start set aside is rank 0's to put back (put_back_replaced): another rank may look while it
+    # does, so where it was first, then where it goes (a rename between the two looks is seen by the second).
+    if any(os.path.lexists(d / "latest") or saved_steps(d)
+           for d in (Path(out_dir) / REPLACED / "checkpoints", Path(out_dir) / "checkpoints")):
         return "auto"
     if not quiet:
         print(f"resume: no checkpoint in {out_dir} yet, so a new run starts there (--resume {AUTO_OR_NEW})")
@@ -100,16 +108,22 @@ def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | N
 
 def resume_command(args: argparse.Namespace, cfg: Config) -> str:
     """The command line that continues the run that `args` started with (resolved) config `cfg`, from
-    any directory: the config file, train.out_dir and data.dir as absolute paths, the other --set
-    items as they were, and `--resume auto`."""
-    places = {"train.out_dir": cfg.train.out_dir, "data.dir": cfg.data.dir}
+    any directory: the config file, train.out_dir and the data as absolute paths (data.dir, or a mixture's
+    data.sources, each folder absolute: a relative one means the folder beside the directory the run started
+    in), the other --set items as they were, and `--resume auto`."""
+    places = {"train.out_dir": os.path.abspath(cfg.train.out_dir)}
+    if cfg.data.sources:  # a mixture has no data.dir (setting one is refused): its sources are the data
+        places["data.sources"] = "[" + ", ".join(
+            f"{{dir = {json.dumps(os.path.abspath(s.dir))}, weight = {json.dumps(s.weight)}}}"
+            for s in cfg.data.sources) + "]"
+    else:
+        places["data.dir"] = os.path.abspath(cfg.data.dir)
     sets = [item for _, item in config_overrides(args) if item.partition("=")[0].strip() not in places]
-    sets += [f"{key}={os.path.abspath(path)}" for key, path in places.items()]  # a bare string, see load_config
+    sets += [f"{key}={value}" for key, value in places.items()]  # a path as a bare string, see load_config
     quiet = ["--quiet"] if args.quiet else []
     config_file = configs.locate(args.config)[0]  # a shipped config's name: its file, wherever it is run from
     return shlex.join(["python", "-m", "fasttrain.train", os.path.abspath(config_file), *quiet, "--set", *sets,
                        "--resume", "auto"])
-
 
 if __name__ == "__main__":
     run_cli(main)

@@ -71,6 +71,18 @@ def unpickling_runs_code(c: Case) -> str:
     return str(c.tmp / "evil.pt")
 
 
+def overwrite_killed(c: Case) -> Path:
+    """A copy of the run as `kill -9` of an --overwrite start there leaves it before the new run's first save: the
+    earlier run's files in .replaced-by-overwrite/, the new run's config and metrics beside it."""
+    run = c.run_copy()
+    (run / ".replaced-by-overwrite").mkdir()
+    for name in ("checkpoints", "final", "metrics.jsonl", "config.toml"):
+        (run / name).rename(run / ".replaced-by-overwrite" / name)
+    shutil.copy(run / ".replaced-by-overwrite" / "config.toml", run / "config.toml")
+    (run / "metrics.jsonl").write_text("")
+    return run
+
+
 def sharded_run(c: Case, damage) -> Path:
     """The latest save of a run in sharded checkpoints (a world of one), damaged by `damage(folder)`."""
     run = c.tmp / "sharded"
@@ -649,6 +661,11 @@ CASES = [
     ("replay: a recorded progress that is infinite", train,
      lambda c: c.train(f"schedule.progress_from={c.file('m.jsonl', progress_record('1e999'))}"),
      "m.jsonl line 2: progress inf is not a finite number >= 0"),
+    # round five: checkpoints
+    ("sample: a run an interrupted --overwrite set aside", sample, lambda c: [str(overwrite_killed(c))],
+     "/run/.replaced-by-overwrite/checkpoints (the next `python -m fasttrain.train` there puts it back)"),
+    ("export: a run an interrupted --overwrite set aside", export, lambda c: [str(overwrite_killed(c) / "checkpoints")],
+     "the earlier run, set aside by an --overwrite start stopped before its first checkpoint, is in "),
 ]
 
 

@@ -18,8 +18,9 @@ from fasttrain.system.errors import UsageError
 def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], None], what: str = "write") -> Path:
     """Create `path`'s directory, call `write(f)` on a temporary file beside it, fsync, rename over `path`.
 
-    The temporary name is in the same directory, so the rename is atomic. Any OSError
-    removes the temporary file and becomes a UsageError: "<path>: cannot <what> (<reason>)".
+    The temporary name is in the same directory, so the rename is atomic. Any OSError (ENOSPC, EFBIG past
+    `ulimit -f`, EACCES...) removes the temporary file and becomes a UsageError: "<path>: cannot <what>
+    (<reason>)".
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -30,10 +31,15 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], N
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch.save writes through C++, which turns the OSError of f.write into a RuntimeError of its own (a
+        # traceback): the OSError is still its context.
+        error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(error, OSError):
+            raise
         with contextlib.suppress(OSError):  # no directory (or not a directory): no temporary file either
             tmp.unlink(missing_ok=True)
-        raise UsageError(f"{path}: cannot {what} ({e.strerror or e})") from None
+        raise UsageError(f"{path}: cannot {what} ({error.strerror or error})") from None
     return path
 
 

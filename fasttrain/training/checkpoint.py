@@ -52,7 +52,7 @@ from fasttrain.system import distributed
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.device import seed_everything
 from fasttrain.system.errors import RunStopped, UsageError
-from fasttrain.system.run_lock import LOCK_FILE, other_holder
+from fasttrain.system.run_lock import LOCK_FILE, locked, other_holder
 from fasttrain.training import sharded_files
 from fasttrain.training.metrics import WANDB_ID_FILE
 from fasttrain.training.optimizers import Updater
@@ -122,6 +122,7 @@ def publish(directory: Path, path: Path, keep_last: int, best: bool, keep: Path 
     for old in saved:
         if old not in kept:
             remove(old)
+    shutil.rmtree(directory.parent / REPLACED, ignore_errors=True)  # the new run's first save is complete
     return path
 
 
@@ -129,7 +130,7 @@ def publish(directory: Path, path: Path, keep_last: int, best: bool, keep: Path 
 # there (a user's notes, wandb/ with its offline runs) are never touched.
 RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "config.toml", "tokenizer.json", "tensorboard",
              WANDB_ID_FILE, "export", "export-hf", "curves.png")
-REPLACED = ".replaced-by-overwrite"  # the earlier run's RUN_FILES, until the new run's first step
+REPLACED = ".replaced-by-overwrite"  # the earlier run's RUN_FILES, until the new run's first complete save
 
 
 def check_new_run(run_dir: Path, overwrite: bool) -> None:
@@ -139,6 +140,9 @@ def check_new_run(run_dir: Path, overwrite: bool) -> None:
     if directory.exists() and not directory.is_dir():  # found now, not at the first save after training
         raise UsageError(f"{directory}: is not a directory, so no checkpoint can be saved there; move it away "
                          "or set train.out_dir elsewhere")
+    if (run_dir / REPLACED).is_dir():  # `train` puts it back first (put_back_replaced): another start left it
+        raise UsageError(f"{run_dir / REPLACED}: holds the run an --overwrite start set aside and stopped before "
+                         "its first checkpoint; `python -m fasttrain.train` puts it back when it starts there")
     saved = saved_steps(directory)
     if saved and not overwrite:
         raise UsageError(
@@ -153,8 +157,12 @@ class RunStart:
     check that can refuse the run comes before it (Trainer.train); it is made before the run's lock creates
     the directory.
 
-    `claim(overwrite=True)` moves the earlier run's RUN_FILES into REPLACED: a failed start puts them back,
-    the first step (`started`) deletes them, as does the next new run's claim after a start killed outright."""
+    `claim(overwrite=True)` moves the earlier run's RUN_FILES into REPLACED, where they stay until the new run
+    has a checkpoint that can be resumed: its first complete save deletes them (`publish`; for a background
+    save, once its write is done), as does a run that ends without error (its final/ weights). Until then the
+    earlier run is put back (`put_back`) by a start that fails, before its first step or after it, and, after
+    a start killed outright, by the next `train` in the directory (put_back_replaced), before it decides
+    what to resume: --overwrite replaces a run only once the new one has something to show for it."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -169,7 +177,6 @@ class RunStart:
         """Clear the directory for a new run (checked first: check_new_run): set the earlier run aside if
         `overwrite`."""
         replaced = self.run_dir / REPLACED
-        shutil.rmtree(replaced, ignore_errors=True)  # left by a start killed before its first step
         if overwrite:
             replaced.mkdir()
             self.set_aside = True
@@ -187,19 +194,20 @@ class RunStart:
         self.tensorboard = set(os.listdir(d / "tensorboard")) if (d / "tensorboard").is_dir() else None
 
     def started(self) -> None:
-        """The first step is done: nothing is taken back now, and the run an --overwrite set aside is deleted."""
-        if not self.done:
-            self.done = True
-            shutil.rmtree(self.run_dir / REPLACED, ignore_errors=True)
+        """The first step is done: what the start changed is not taken back now (the run set aside still is,
+        until the first complete save)."""
+        self.done = True
 
     def __enter__(self) -> RunStart:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        if error is None:
-            self.started()
+        if error is None:  # the run ended whole, with its final/ weights
+            shutil.rmtree(self.run_dir / REPLACED, ignore_errors=True)
         elif not self.done and not isinstance(error, RunStopped):  # a stop saves a checkpoint: that stays
             self.undo()
+        elif self.set_aside and other_holder(self.run_dir) is None:  # not a directory another run took over
+            put_back(self.run_dir)
 
     def undo(self) -> None:
         """Take back what the start changed (see record), put back what it set aside, and remove the lock
@@ -222,14 +230,56 @@ class RunStart:
                 for name in set(os.listdir(tensorboard)) - self.tensorboard:
                     (tensorboard / name).unlink(missing_ok=True)
         if self.set_aside:
-            for name in os.listdir(d / REPLACED):
-                os.replace(d / REPLACED / name, d / name)
-            os.rmdir(d / REPLACED)
+            put_back(d)
         if not self.lock_existed:
             (d / LOCK_FILE).unlink(missing_ok=True)
         for directory in self.created:  # the deepest first
             with contextlib.suppress(OSError):
                 directory.rmdir()
+
+
+def put_back(run_dir: Path) -> bool:
+    """Finish what an --overwrite start in `run_dir` left in REPLACED (rank 0, holding the run's lock). Before
+    the new run's first complete save (or its final/ weights) the earlier run is put back, the new run's files
+    deleted (they hold no checkpoint: nothing to resume); after it, the set-aside run is deleted (a start
+    killed between the two). Returns whether the earlier run was put back."""
+    replaced = run_dir / REPLACED
+    if not replaced.is_dir():
+        return False
+    if saved_steps(run_dir / "checkpoints") or (run_dir / "final").is_dir():  # a save is renamed into place whole
+        shutil.rmtree(replaced)
+        return False
+    for name in RUN_FILES:
+        if os.path.lexists(run_dir / name):
+            remove(run_dir / name)
+    for name in os.listdir(replaced):
+        os.replace(replaced / name, run_dir / name)
+    os.rmdir(replaced)
+    return True
+
+
+def put_back_replaced(run_dir: str | os.PathLike[str]) -> str | None:
+    """What `train` does first, on rank 0: put back the run an --overwrite start killed before its first
+    checkpoint set aside (put_back), unless another process holds the directory (a start still under way:
+    its own lock check refuses). Returns a note when a run was put back."""
+    run_dir = Path(run_dir)
+    if not (run_dir / REPLACED).is_dir() or other_holder(run_dir) is not None:
+        return None
+    with locked(run_dir):
+        if not put_back(run_dir):
+            return None
+    return (f"{run_dir / REPLACED}: put back the run an --overwrite start had set aside (that start was stopped "
+            "before its first checkpoint)")
+
+
+def set_aside_note(directory: Path) -> str:
+    """For a message about `directory` (a run's checkpoints/) holding no save: where the run an --overwrite start
+    set aside is, if one did and was stopped before its first checkpoint."""
+    aside = directory.parent / REPLACED / "checkpoints"
+    if directory.name != "checkpoints" or not (aside.is_dir() and saved_steps(aside)):
+        return ""
+    return (f"; the earlier run, set aside by an --overwrite start stopped before its first checkpoint, is in "
+            f"{aside} (the next `python -m fasttrain.train` there puts it back)")
 
 
 def pointed(directory: Path, pointer: str) -> Path | None:
@@ -312,7 +362,8 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
     if latest is None:  # none yet, or the first save is in place and its pointer not (a run killed in between)
         saved = saved_steps(directory) if directory.is_dir() else []
         if not saved:
-            raise UsageError(f"{directory}: no checkpoint saved there yet, so nothing to resume or export")
+            raise UsageError(f"{directory}: no checkpoint saved there yet, so nothing to resume or export"
+                             f"{set_aside_note(directory)}")
         return saved[-1]  # a save is renamed into place whole: one that exists is complete
     if not latest.exists():
         raise UsageError(f"{directory / 'latest'}: names {latest.name}, which is missing; "

@@ -50,7 +50,7 @@ def weights_source(spec: str | os.PathLike[str]) -> Path:
     """
     path = Path(spec)
     if not path.exists():
-        raise UsageError(f"{path}: no such run directory or checkpoint")
+        raise UsageError(f"{path}: no such run directory or checkpoint{checkpoint.set_aside_note(path)}")
     if path.is_symlink():  # a link to checkpoints/latest: the pointer is read beside its target, not the link
         path = path.resolve()
     if path.is_file() and path.name == WEIGHTS:  # RUN/final/model.safetensors: the weights directory it is in
