@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable
@@ -94,16 +96,30 @@ def start(world: World, device: torch.device) -> None:
     if world.distributed and not dist.is_initialized():
         seconds = float(os.environ.get("FASTTRAIN_DIST_TIMEOUT", 600))
         timeout = timedelta(seconds=seconds)
-        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        failed = (f"error: rank {world.rank} of {world.size} could not join the process group at "
+                  f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+                  f"FASTTRAIN_DIST_TIMEOUT={seconds:g} s")
+        # Gloo's full-mesh connect can wait past its own timeout after a restart (seen once in 7 kills under
+        # torchrun, stuck in ProcessGroupGloo's constructor): a timer bounds the join whatever torch does.
+        watchdog = threading.Timer(seconds + 10, _give_up, (f"{failed}: no answer from its peers",))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             store, _, _ = next(dist.rendezvous("env://", world.rank, world.size, timeout=timeout))
             store.set_timeout(timeout)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=_attempt_store(world, store),
                                     rank=world.rank, world_size=world.size, timeout=timeout)
         except RuntimeError as e:  # torch's DistError, DistStoreError, gloo's and NCCL's are all RuntimeErrors
-            reason = " ".join(str(e).split())[:300]
-            raise RunStopped(f"error: rank {world.rank} of {world.size} could not join the process group at {where} "
-                             f"within FASTTRAIN_DIST_TIMEOUT={seconds:g} s: {reason}", 1) from None
+            raise RunStopped(f"{failed}: {' '.join(str(e).split())[:300]}", 1) from None
+        finally:
+            watchdog.cancel()
+
+
+def _give_up(message: str) -> None:
+    """End the process with `message` as its one line, exit status 1: the join hangs in torch, which no
+    exception reaches, so the timer's thread ends it."""
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _attempt_store(world: World, store: dist.Store) -> dist.Store:
