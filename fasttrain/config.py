@@ -251,7 +251,7 @@ class TrainConfig:
     shard_group_size: int = 0  # hsdp only: ranks per shard group, a divisor of the world; 0 = the node's processes
     log_interval: int = 10  # report training metrics every this many steps
     eval_interval: int = 250  # validate (and sample) every this many steps, and at the end
-    eval_steps: int = 20  # validation batches per evaluation
+    eval_steps: int = 20  # validation reads the val split's first eval_steps x batch_size rows, in any world
     # Stop once this many evaluations in a row have not lowered the best validation loss by at
     # least early_stop_min_delta (a final checkpoint is saved, the best one kept); 0 = never.
     early_stop_patience: int = 0

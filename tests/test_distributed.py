@@ -51,13 +51,14 @@ def values(run_dir: Path, kind: str, key: str) -> list[float]:
 def test_two_ranks_train_like_one_process_with_the_same_global_batch(pydoc_data, paragraph_data, tmp_path, parallel,
                                                                       batching):
     """4 sequences per micro-batch in one process = 2 on each of 2 ranks: the same rows, so the same
-    losses, gradient norms and validation loss (up to the order of fp32 sums). Padded, the ranks hold
-    different numbers of real tokens, and every one still weighs the same."""
+    losses, gradient norms and validation loss (up to the order of fp32 sums; validation reads eval_steps x
+    batch_size rows, 2 x 4 = 4 x 2). Padded, the ranks hold different numbers of real tokens, and every one
+    still weighs the same."""
     data = paragraph_data if batching else pydoc_data
     one = single(tiny_args(data, tmp_path / "one", *RUN, *batching, "train.batch_size=4",
                            "train.tokens_per_update=256"))
     assert one.returncode == 0, one.stderr
-    two = torchrun(tiny_args(data, tmp_path / "two", *RUN, *batching, "train.batch_size=2",
+    two = torchrun(tiny_args(data, tmp_path / "two", *RUN, *batching, "train.batch_size=2", "train.eval_steps=4",
                              "train.tokens_per_update=256", f'train.parallel="{parallel}"'))
     assert two.returncode == 0, two.stderr
     assert values(tmp_path / "two", "train", "tokens") == values(tmp_path / "one", "train", "tokens")
@@ -91,6 +92,32 @@ def test_distributed_resume_is_exact_and_continues_on_one_process(pydoc_data, tm
     assert alone.returncode == 0, alone.stderr
     assert f"saved by 2 process(es) ({parallel}), continued by 1 (none)" in alone.stdout
     assert values(tmp_path / "resumed", "train", "step")[-2:] == [5, 6]
+
+
+# One sequence per micro-batch on every rank and 192 tokens a step: 6 micro-batches accumulated on 1 process, 3 on
+# 2, 2 on 3, the same rows each step. eval_steps=5: 5 validation rows, which neither 2 nor 3 ranks split evenly.
+ANY_WORLD = ["train.max_steps=4", "train.log_interval=1", "train.eval_interval=2", "train.eval_steps=5",
+             "checkpoint.interval=100", "train.sample_tokens=0", "data.prefetch=0", 'train.device="cpu"',
+             "train.batch_size=1", "train.tokens_per_update=192"]
+
+
+@pytest.mark.parametrize("nproc,parallel", [
+    (2, "ddp"), pytest.param(3, "fsdp", marks=pytest.mark.second_tier),  # 3 ranks: 30 s more on 2 cores
+])
+def test_validation_reads_the_same_rows_in_every_world(pydoc_data, tmp_path, nproc, parallel):
+    """The same config trained on 1 process and on `nproc` (the same rows each step) validates over the same
+    eval_steps x batch_size rows of the split, shared out among the ranks: the same val_loss up to the order
+    of fp32 sums. It read eval_steps batches per rank, nproc times the rows (5.8876 on 1 process, 5.8669 on
+    2), so `best` and early stopping compared other rows after a resume on another world."""
+    one = single(tiny_args(pydoc_data, tmp_path / "one", *ANY_WORLD))
+    assert one.returncode == 0, one.stderr
+    many = torchrun(tiny_args(pydoc_data, tmp_path / "many", *ANY_WORLD, f'train.parallel="{parallel}"'), nproc=nproc)
+    assert many.returncode == 0, many.stderr
+    assert values(tmp_path / "many", "train", "loss") == pytest.approx(values(tmp_path / "one", "train", "loss"),
+                                                                       rel=1e-5)
+    for key in ("val_loss", "val_accuracy"):
+        ours, theirs = values(tmp_path / "many", "eval", key), values(tmp_path / "one", "eval", key)
+        assert len(ours) == 2 and ours == pytest.approx(theirs, rel=1e-5), key
 
 
 def test_a_dead_rank_ends_the_job_with_an_error(pydoc_data, tmp_path):

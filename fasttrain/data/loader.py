@@ -20,7 +20,10 @@ round partial (and B at most a rank's share of the rows): its empty slots are fi
 rows of one token, no target, so every batch keeps its shape (B, L) (no recompilation)
 and every rank runs the same number of batches (sharded models need every rank in each
 forward), while nothing is counted twice. Packed rows then include each shard's final,
-shorter window, so every token is scored.
+shorter window, so every token is scored. `first_rows` cuts such a pass to the split's
+first rows in its order: a set of rows that does not depend on the world, which only
+decides each rank's share of it (validation: the same rows, so the same loss, on any
+number of processes).
 
 The position in the stream is one integer, the number of batches this rank has
 consumed; with the seed it determines everything else, so `state_dict()` is a
@@ -61,16 +64,18 @@ class SourceRows:
     """The rows of one source's split in their order over epochs: its p-th row is `at(p)`; stateless.
 
     An epoch visits `rows_per_epoch` rows: all of them but what does not fill a whole round of
-    batch_size x world_size rows (all of them, the last round made whole with FILLER ids, when `whole`).
+    batch_size x world_size rows (when `whole`: all of them, or the first `first_rows` in the epoch's order
+    if fewer, the last round made whole with FILLER ids).
     """
 
     def __init__(self, shards: list[ShardInfo], rows: Rows, batch_size: int, world_size: int, sampling: Sampling,
-                 padding: Padding, seed: int, whole: bool = False):
+                 padding: Padding, seed: int, whole: bool = False, first_rows: int = 0):
         self.shards, self.rows, self.whole = shards, rows, whole
         self.batch_size, self.world_size = batch_size, world_size
         self.sampling, self.padding, self.seed = sampling, padding, seed
+        self.whole_rows = min(rows.num_rows, first_rows or rows.num_rows)  # the rows a `whole` pass reads
         per_round = batch_size * world_size
-        self.rows_per_epoch = (-(-rows.num_rows // per_round) if whole else rows.num_rows // per_round) * per_round
+        self.rows_per_epoch = (-(-self.whole_rows // per_round) if whole else rows.num_rows // per_round) * per_round
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its rows in order) of the last epoch used
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -85,7 +90,7 @@ class SourceRows:
         if cached is not None and cached[0] == epoch:
             return cached[1]
         B = self.batch_size
-        n = self.rows.num_rows if self.whole else self.rows.num_rows // B * B
+        n = self.whole_rows if self.whole else self.rows.num_rows // B * B
         rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
         order = np.arange(n) if self.sampling == "sequential" else rng.permutation(self.rows.num_rows)[:n]
         bucketed = self.padding == "bucketed" and self.rows.batching != "packed"  # packed rows are all full
@@ -230,7 +235,8 @@ class TokenLoader:
 
     `whole=True` makes the loader finite, for evaluation: one pass over every row of
     the split, in `sampling` order, the last round partial (see the module docstring);
-    only an empty split is then an error.
+    only an empty split is then an error. `first_rows` > 0 makes that pass read only the
+    first `first_rows` rows (all of them if the split has fewer), whatever the world.
 
     `prefetch` > 0 reads that many batches ahead on a background thread (into
     pinned buffers, copied to the GPU on a side stream when `device` is CUDA);
@@ -262,6 +268,7 @@ class TokenLoader:
         prefetch: int = 2,
         device: str | torch.device = "cpu",
         whole: bool = False,
+        first_rows: int = 0,
         mix: Sequence[tuple[int, Sequence[float]]] | None = None,
     ):
         if batch_size <= 0 or seq_len <= 0 or prefetch < 0 or pad_multiple <= 0:
@@ -287,8 +294,9 @@ class TokenLoader:
         self.prefetch = prefetch
         rows = [Rows(shards, seq_len, batching, eot_id, tails=whole) for shards in found]
         if whole:  # a batch wider than a rank's share of the rows would be filler, costing memory for nothing
-            batch_size = min(batch_size, max(1, -(-rows[0].num_rows // world_size)))
-        sources = [SourceRows(shards, r, batch_size, world_size, sampling, padding, seed, whole)
+            read = min(rows[0].num_rows, first_rows or rows[0].num_rows)
+            batch_size = min(batch_size, max(1, -(-read // world_size)))
+        sources = [SourceRows(shards, r, batch_size, world_size, sampling, padding, seed, whole, first_rows)
                    for shards, r in zip(found, rows)]
         for d, r, source in zip(directories, rows, sources):
             if source.rows_per_epoch == 0:

@@ -6,7 +6,8 @@ torchrun gives each process RANK, WORLD_SIZE and LOCAL_RANK (and where to meet);
 a plain `python -m fasttrain.train` has none and is a world of one, with no process
 group and no wrapper. CUDA uses NCCL and one GPU per process (cuda:LOCAL_RANK);
 CPU uses gloo. Every collective has a timeout (FASTTRAIN_DIST_TIMEOUT seconds,
-default 600), so ranks waiting on a dead one fail with an error instead of hanging.
+default 600), so ranks waiting on a dead one fail with an error instead of hanging;
+so does joining the group, which then says in one line why it could not.
 
 Two ways to split the work (train.parallel):
 - "ddp": every rank holds the whole model; DistributedDataParallel averages the
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable
@@ -35,7 +38,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fasttrain.system.device import PRECISIONS
-from fasttrain.system.errors import UsageError
+from fasttrain.system.errors import RunStopped, UsageError
 
 
 @dataclass(frozen=True)
@@ -88,10 +91,51 @@ def shard_group(world: World, parallel: str, size: int) -> int:
 
 
 def start(world: World, device: torch.device) -> None:
-    """Join the process group (NCCL on CUDA, gloo on CPU) when there is more than one rank."""
+    """Join the process group (NCCL on CUDA, gloo on CPU) when there is more than one rank; RunStopped (one
+    line, exit status 1) if the ranks cannot meet within FASTTRAIN_DIST_TIMEOUT seconds."""
     if world.distributed and not dist.is_initialized():
-        timeout = timedelta(seconds=float(os.environ.get("FASTTRAIN_DIST_TIMEOUT", 600)))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        seconds = float(os.environ.get("FASTTRAIN_DIST_TIMEOUT", 600))
+        timeout = timedelta(seconds=seconds)
+        failed = (f"error: rank {world.rank} of {world.size} could not join the process group at "
+                  f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+                  f"FASTTRAIN_DIST_TIMEOUT={seconds:g} s")
+        # Gloo's full-mesh connect can wait past its own timeout after a restart (seen once in 7 kills under
+        # torchrun, stuck in ProcessGroupGloo's constructor): a timer bounds the join whatever torch does.
+        watchdog = threading.Timer(seconds + 10, _give_up, (f"{failed}: no answer from its peers",))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            store, _, _ = next(dist.rendezvous("env://", world.rank, world.size, timeout=timeout))
+            store.set_timeout(timeout)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=_attempt_store(world, store),
+                                    rank=world.rank, world_size=world.size, timeout=timeout)
+        except RuntimeError as e:  # torch's DistError, DistStoreError, gloo's and NCCL's are all RuntimeErrors
+            raise RunStopped(f"{failed}: {' '.join(str(e).split())[:300]}", 1) from None
+        finally:
+            watchdog.cancel()
+
+
+def _give_up(message: str) -> None:
+    """End the process with `message` as its one line, exit status 1: the join hangs in torch, which no
+    exception reaches, so the timer's thread ends it."""
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def _attempt_store(world: World, store: dist.Store) -> dist.Store:
+    """The store this attempt's group meets in: `store`, under a prefix of its own for each torchrun restart.
+
+    torchrun's static rendezvous (its default, without --standalone or --rdzv-backend) always hands the
+    workers the store its agent hosts, which lives as long as the agent: a restarted group found the dead
+    attempt's keys there (each rank's gloo address, the group barriers' counts), read a peer's old address
+    before the peer wrote its new one, and failed with "Gloo connectFullMesh failed ... Connection refused"
+    or waited forever. Each attempt's keys under its own prefix, the old ones are never read. The restart
+    count is the same on every rank only when one agent started them all (one node), so only then; several
+    nodes restart through a c10d rendezvous, which gives each round a new store (with
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, see docs/multi-gpu.md)."""
+    if world.local_size != world.size:
+        return store
+    return dist.PrefixStore(f"fasttrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def new_group(world: World):

@@ -259,15 +259,15 @@ class Trainer:
         return self.accumulation * self.cfg.train.batch_size * self.cfg.train.seq_len * self.world.size
 
     def loader(self, split: str, sampling: str, prefetch: int, whole: bool = False,
-               source: Source | None = None) -> TokenLoader:
+               source: Source | None = None, first_rows: int = 0) -> TokenLoader:
         """A loader of this rank's share of `split`, batched as [data] says, of `source` or the mixture of them
-        all; `whole`: one pass over every row."""
+        all; `whole`: one pass over every row (`first_rows` > 0: over the first that many)."""
         d, t = self.cfg.data, self.cfg.train
         dirs = [source.dir] if source else [s.dir for s in self.sources]
         return TokenLoader(dirs, split, t.batch_size, t.seq_len, sampling=sampling, batching=d.batching,
                            padding=d.padding, eot_id=self.tokenizer.eot_id, seed=t.seed,
                            vocab_size=self.cfg.model.vocab_size, prefetch=prefetch, device=self.device,
-                           rank=self.world.rank, world_size=self.world.size, whole=whole,
+                           rank=self.world.rank, world_size=self.world.size, whole=whole, first_rows=first_rows,
                            mix=None if source else self.mix)
 
     def lr(self) -> float:
@@ -339,13 +339,16 @@ class Trainer:
         return StepResult(loss, grad_norm, correct, counted, lr, not finite, update.progress)
 
     def evaluate(self, stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
-        """Validation metrics (see validation.validate) over the first `eval_steps` batches of each source's val
-        split (all of it, the last batch partial, when it holds fewer), and of a mixture their total weighted
-        as data.sources (validation.mixture_metrics); None if `stop()` cut it short."""
+        """Validation metrics (see validation.validate) over the first eval_steps x batch_size rows of each
+        source's val split (all of it when it holds fewer), shared out among the ranks, so the same rows in any
+        world; of a mixture their total weighted as data.sources (validation.mixture_metrics); None if `stop()`
+        cut it short."""
         found = {}
+        t = self.cfg.train
         for source in self.sources:
-            with self.loader("val", "sequential", prefetch=0, whole=True, source=source) as loader:
-                found[source.name] = validate(self.loss, self.model, loader, self.cfg.train.eval_steps,
+            with self.loader("val", "sequential", prefetch=0, whole=True, source=source,
+                             first_rows=t.eval_steps * t.batch_size) as loader:
+                found[source.name] = validate(self.loss, self.model, loader, loader.reader.batches_per_epoch,
                                               self.precision, self.world, source.data.bits_per_nat, stop)
             if found[source.name] is None:
                 return None

@@ -24,10 +24,13 @@ def validate(loss: Callable[[torch.Tensor, torch.Tensor], LossSums], model: nn.M
 
     `loss(x, y)` gives a batch's sums (Trainer.loss); `model` is put in eval mode meanwhile (no
     dropout), then back in train mode. Give a sequential `whole` loader from the start of the
-    split, so evaluations along a run see the same rows and compare, and a split smaller than
-    `max_batches` batches is read to its last row. With several ranks each reads its share of
-    the rows, and the loss is the mean over every counted target of all ranks (sums, divided once,
-    so each token weighs the same whatever the size of its batch).
+    split, so evaluations along a run see the same rows and compare, and its whole pass
+    (`max_batches` = loader.reader.batches_per_epoch): the rows it holds are then those the
+    loader was made for (TokenLoader's `first_rows`), whatever the world, and a split smaller
+    than that is read to its last row. With several ranks each reads its share of the rows
+    (the same number of batches on every rank, the last ones filled out with rows that count
+    nothing), and the loss is the mean over every counted target of all ranks (sums, divided once,
+    so each token weighs the same whatever the size of its batch or the number of ranks).
     """
     sums = torch.zeros(3, device=loader.device)
     model.eval()
