@@ -32,11 +32,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the text (default: text)")
     parser.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N",
                         help="tokens per shard (default 100M)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="threads that encode at once (default: one per core this process may use)")
     args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error(f"--workers: must be >= 0, got {args.workers}")
     prepare(
         args.input, args.out,
         vocab_size=args.vocab_size, tokenizer_path=args.tokenizer, val_fraction=args.val_fraction,
-        overwrite=args.overwrite, shard_tokens=args.shard_tokens, text_field=args.text_field,
+        overwrite=args.overwrite, shard_tokens=args.shard_tokens, text_field=args.text_field, workers=args.workers,
     )
     return 0
 

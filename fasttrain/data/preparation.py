@@ -7,17 +7,18 @@ fasttrain/data/shards.py), `tokenizer.json` and `meta.json` (vocabulary size, to
 and document counts, sources). Every document is preceded by the end-of-text
 token, so each one starts with a clean context, as in llm.c.
 
-The corpus is streamed: documents are read in pieces, tokenized in parallel
-batches and appended to shards on disk, so memory stays bounded whatever the
-corpus size. Everything is written into DIR/.prepare-tmp first and moved into
+The corpus is streamed: documents are read in pieces, tokenized in batches on
+`workers` threads (fasttrain/data/pipeline.py), with tiktoken where it gives the
+tokenizer's own ids (fasttrain/data/encoder.py), and appended to shards on disk,
+so memory stays bounded whatever the corpus size. Everything is written into DIR/.prepare-tmp first and moved into
 place only once complete: a run that fails or is interrupted before then leaves DIR
 as it was, and one killed while moving the complete data in is finished by the next
 prepare or run of DIR. One process prepares a directory at a time (a lock beside it).
 
-The validation split is by documents: whole documents are held out until they
-make up about F of the text (see `split_documents`). When the input holds fewer
-than two documents (one big text file), the last F of the text is held out
-instead, cut at a line end; meta.json's "split" says which was done.
+The validation split is by documents, each by a hash of its own text (see
+fasttrain/data/split.py): about F of the documents are held out. When the input
+holds fewer than two documents (one big text file), the last F of the text is held
+out instead, cut at a line end; meta.json's "split" says which was done.
 """
 
 from __future__ import annotations
@@ -31,15 +32,18 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Sequence
 
-import numpy as np
 from tqdm import tqdm
 
 from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB, DataConfig
-from fasttrain.data.corpus import Piece, Source, resolve_inputs
-from fasttrain.data.shards import SPLITS, ShardInfo, ShardWriter, check_meta, find_shards, read_meta, token_dtype
+from fasttrain.data.corpus import resolve_inputs
+from fasttrain.data.encoder import choose_encoder
+from fasttrain.data.pipeline import ShardSequence, encode_into
+from fasttrain.data.shards import SPLITS, check_meta, find_shards, read_meta, token_dtype
+from fasttrain.data.split import Sample, all_pieces, plan_split, split_documents, tokenizer_sample
 from fasttrain.data.tokenizer import Tokenizer, fingerprint
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
@@ -48,179 +52,6 @@ from fasttrain.system.run_lock import holding
 PREPARED = ("meta.json", "tokenizer.json", "train_*.bin", "val_*.bin", "*.bin.docs.npy")  # what --overwrite replaces
 TMP_NAME = ".prepare-tmp"
 COMPLETE = "COMPLETE"  # in TMP_NAME once the new data there is whole: a killed move is then finished, not undone
-
-
-@dataclass(frozen=True)
-class Split:
-    """How the validation split is made: "documents" (whole ones), or "end_of_text" when there are
-    too few documents for that, holding out what follows character `cut` (cut at a line end)."""
-
-    by: Literal["documents", "end_of_text"]
-    val_fraction: float
-    total_chars: int = 0  # end_of_text: the whole text's length, counted beforehand
-
-    @property
-    def cut(self) -> int:
-        return math.ceil((1 - self.val_fraction) * self.total_chars)
-
-    def describe(self) -> dict:
-        """For meta.json."""
-        return {"by": self.by} if self.by == "documents" else {"by": self.by, "cut_at_char": self.cut,
-                                                                "total_chars": self.total_chars}
-
-
-def plan_split(sources: Sequence[Source], text_field: str, val_fraction: float) -> Split:
-    """By documents if the input holds two non-empty ones or more, else by the end of the text.
-
-    Reads only until the second document in the usual case; a corpus of one document is read
-    through once to count its characters (cheap next to tokenizing it).
-    """
-    if val_fraction == 0:
-        return Split("documents", 0.0)
-    documents, chars, length = 0, 0, 0
-    for src in sources:
-        for piece in src.pieces(text_field):
-            length += len(piece.text)
-            if piece.ends_document:
-                documents += length > 0
-                chars, length = chars + length, 0
-                if documents >= 2:
-                    return Split("documents", val_fraction)
-    return Split("end_of_text", val_fraction, chars)
-
-
-def split_documents(sources: Sequence[Source], text_field: str, split: Split) -> Iterator[tuple[str, Piece, bool]]:
-    """(split, piece, starts_document) for every piece of every source, in order.
-
-    By documents: a document joins the validation split when, counted in characters,
-    the validation split is behind `val_fraction` of everything before it. That
-    holds out about that fraction of the text, whole documents only, and is
-    deterministic; with two or more documents and a fraction above 0 the
-    validation split is never empty. By the end of the text: the piece holding
-    character `split.cut` is cut at its next line end, and what follows is
-    validation, starting as a document of its own (after an end-of-text token).
-    """
-    if split.by == "end_of_text":
-        yield from _split_end_of_text(sources, text_field, split.cut)
-        return
-    chars = {"train": 0, "val": 0}
-    which, starts = "train", True
-    for src in sources:
-        for piece in src.pieces(text_field):
-            if starts:
-                which = "val" if chars["val"] < split.val_fraction * (chars["train"] + chars["val"]) else "train"
-            chars[which] += len(piece.text)
-            yield which, piece, starts
-            starts = piece.ends_document
-
-
-def _split_end_of_text(sources: Sequence[Source], text_field: str, cut: int) -> Iterator[tuple[str, Piece, bool]]:
-    seen, starts, held_out = 0, True, False
-    for src in sources:
-        for piece in src.pieces(text_field):
-            if not held_out and seen + len(piece.text) > cut:
-                at = piece.text.find("\n", max(cut - seen, 0)) + 1  # 0: no line end here, cut in a later piece
-                if at:
-                    yield "train", Piece(piece.text[:at], False, piece.replaced), starts
-                    held_out, starts = True, True
-                    piece = Piece(piece.text[at:], piece.ends_document)
-                    if not piece.text:  # the cut fell at the piece's end: validation starts with the next one
-                        continue
-            seen += len(piece.text)
-            yield ("val" if held_out else "train"), piece, starts
-            starts = piece.ends_document
-
-
-def _train_texts(sources: Sequence[Source], text_field: str, split: Split, max_chars: int) -> Iterator[str]:
-    """Training-split text for learning the tokenizer, stopping after about `max_chars` characters."""
-    seen = 0
-    for which, piece, _ in split_documents(sources, text_field, split):
-        if seen >= max_chars:
-            return
-        if which == "train":
-            seen += len(piece.text)
-            yield piece.text
-
-
-class _ShardSequence:
-    """Appends tokens to `{split}_000000.bin`, `{split}_000001.bin`, ..., starting a new shard every `shard_tokens`."""
-
-    def __init__(self, directory: Path, split: str, vocab_size: int, shard_tokens: int):
-        self.directory, self.split, self.vocab_size, self.shard_tokens = directory, split, vocab_size, shard_tokens
-        self.done: list[ShardInfo] = []
-        self.writer: ShardWriter | None = None
-        self.documents = 0
-        self.text_bytes = 0  # UTF-8 bytes of the text behind the tokens, for bits per byte
-        self.replaced = 0  # invalid UTF-8 sequences replaced in that text
-        self.unknown = 0  # tokens that are the tokenizer's unknown token: text it could not encode, lost
-
-    def write(self, tokens: np.ndarray) -> None:
-        while tokens.size:
-            if self.writer is None:
-                name = f"{self.split}_{len(self.done):06d}.bin"
-                self.writer = ShardWriter(self.directory / name, self.vocab_size)
-            room = self.shard_tokens - self.writer.num_tokens
-            self.writer.write(tokens[:room])
-            tokens = tokens[room:]
-            if self.writer.num_tokens == self.shard_tokens:
-                self.done.append(self.writer.close())
-                self.writer = None
-
-    def close(self) -> list[ShardInfo]:
-        if self.writer is not None:
-            self.done.append(self.writer.close())
-            self.writer = None
-        return self.done
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.done) + (self.writer.num_tokens if self.writer else 0)
-
-
-def _encode_into(
-    sources: Sequence[Source],
-    tokenizer: Tokenizer,
-    outputs: dict[str, _ShardSequence],
-    split: Split,
-    text_field: str,
-    batch_chars: int,
-    progress: tqdm,
-) -> None:
-    """Tokenize every document into its split's shards, a batch of pieces at a time."""
-    eot = np.array([tokenizer.eot_id], dtype=np.int64)
-    pieces = split_documents(sources, text_field, split)
-    while True:
-        # Gather about `batch_chars` of text, then encode it in one parallel call.
-        batch, chars = [], 0
-        for split, piece, starts in pieces:
-            if not (starts and piece.ends_document and not piece.text):  # an empty document adds nothing
-                batch.append((split, piece, starts))
-                chars += len(piece.text)
-                if chars >= batch_chars:
-                    break
-        if not batch:
-            return
-        encoded = tokenizer.encode_batch([piece.text for _, piece, _ in batch])
-        for split, out in outputs.items():
-            parts = []
-            for (s, piece, starts), ids in zip(batch, encoded):
-                if s != split:
-                    continue
-                if starts:
-                    parts.append(eot)
-                    out.documents += 1
-                out.text_bytes += len(piece.text.encode("utf-8"))
-                out.replaced += piece.replaced
-                parts.append(np.asarray(ids, dtype=np.int64))
-                if tokenizer.unk_id is not None:
-                    out.unknown += int(np.count_nonzero(parts[-1] == tokenizer.unk_id))
-            if parts:
-                out.write(np.concatenate(parts))
-        progress.update(chars)
 
 
 def _prepare(
@@ -234,7 +65,8 @@ def _prepare(
     shard_tokens: int = 100_000_000,
     text_field: str = "text",
     tokenizer_train_chars: int = 200_000_000,
-    batch_chars: int = 8_000_000,
+    batch_chars: int = 1_000_000,
+    workers: int = 0,
     quiet: bool = False,
 ) -> dict:
     """`prepare`, for a caller that holds `out_dir`'s lock and has finished an interrupted move."""
@@ -268,24 +100,30 @@ def _prepare(
     except OSError as e:
         raise UsageError(f"{out}: cannot write ({e.strerror})") from None
 
-    outputs: dict[str, _ShardSequence] = {}
+    outputs: dict[str, ShardSequence] = {}
     try:
         start = time.perf_counter()
         split = plan_split(sources, text_field, val_fraction)
         if split.by == "end_of_text" and not quiet:
             print(f"split: fewer than two documents, so the last {val_fraction:g} of the text "
                   f"(from character {split.cut:,} of {split.total_chars:,}, at a line end) is held out for validation")
+        sample = Sample()
         if tokenizer_path:
             tokenizer = Tokenizer.load(tokenizer_path)
         else:
-            texts = _train_texts(sources, text_field, split, tokenizer_train_chars)
-            tokenizer = Tokenizer.train(texts, vocab_size)
+            tokenizer = Tokenizer.train(tokenizer_sample(sources, text_field, split, tokenizer_train_chars, sample),
+                                        vocab_size)
         tokenizer_seconds = time.perf_counter() - start
+        encode, encoder_name, note = choose_encoder(tokenizer, _corpus_sample(sources, text_field))
+        if note and not quiet:
+            print(note)
 
-        outputs = {s: _ShardSequence(tmp, s, tokenizer.vocab_size, shard_tokens) for s in SPLITS}
+        outputs = {s: ShardSequence(tmp, s, tokenizer.vocab_size, shard_tokens) for s in SPLITS}
         total = sum(src.size for src in sources)
         with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=quiet or None) as progress:
-            _encode_into(sources, tokenizer, outputs, split, text_field, batch_chars, progress)
+            encode_into(split_documents(sources, text_field, split), encode, outputs,
+                        eot_id=tokenizer.eot_id, unk_id=tokenizer.unk_id, batch_chars=batch_chars,
+                        workers=workers or default_workers(), progress=progress)
         shards = {s: outputs[s].close() for s in SPLITS}
         seconds = time.perf_counter() - start
 
@@ -315,6 +153,8 @@ def _prepare(
             "unknown_tokens": unknown,
             # The tokenizer the shards were written with: one swapped in later is refused (_check_consistent).
             "tokenizer_sha256": fingerprint(tmp / "tokenizer.json"),
+            "tokenizer_learned_from": None if tokenizer_path else sample.describe(),
+            "encoder": encoder_name,
             "seconds": {"tokenizer": round(tokenizer_seconds, 3), "total": round(seconds, 3)},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -352,6 +192,22 @@ def _prepare(
                   f"token {tokenizer.tok.id_to_token(tokenizer.unk_id)}: text it cannot encode, lost from the data "
                   "(meta.json's unknown_tokens); a byte-level BPE encodes any text")
     return meta
+
+
+def default_workers() -> int:
+    """Encoding threads when --workers is not given: the cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _corpus_sample(sources: Sequence, text_field: str, chars: int = 200_000) -> list[str]:
+    """The first `chars` or so of the corpus, the pieces the encoder check compares ids on."""
+    taken, total = [], 0
+    for piece in islice(all_pieces(sources, text_field), 1000):
+        taken.append(piece.text)
+        total += len(piece.text)
+        if total >= chars:
+            break
+    return taken
 
 
 def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, **options) -> dict:
