@@ -9,6 +9,7 @@ import pytest
 import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers
 
+import fasttrain.data.pipeline as pipeline
 import fasttrain.data.preparation as preparation
 from fasttrain.data.encoder import PROBES, Inexpressible, choose_encoder, fast_encoder, slow_encoder
 from fasttrain.data.tokenizer import EOT, Tokenizer
@@ -137,7 +138,7 @@ def test_shards_are_the_same_whichever_encoder_runs(tmp_path, monkeypatch):
     fast = prepare_into(tmp_path / "fast", tmp_path / "docs.jsonl")
     import fasttrain.data.encoder as encoder
 
-    monkeypatch.setattr(preparation, "choose_encoder",
+    monkeypatch.setattr(pipeline, "choose_encoder",
                         lambda tok, sample: (encoder.slow_encoder(tok), "tokenizers", None))
     slow = prepare_into(tmp_path / "slow", tmp_path / "docs.jsonl")
     assert (fast["encoder"], slow["encoder"]) == ("tiktoken", "tokenizers")

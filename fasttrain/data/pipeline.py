@@ -18,8 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from fasttrain.data.corpus import Piece
-from fasttrain.data.encoder import Encode
-from fasttrain.data.shards import ShardInfo, ShardWriter
+from fasttrain.data.encoder import Encode, choose_encoder
+from fasttrain.data.shards import SPLITS, ShardInfo, ShardWriter
+from fasttrain.data.tokenizer import Tokenizer
 
 
 class ShardSequence:
@@ -124,3 +125,32 @@ def encode_into(
             write(done, future.result())
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def write_shards(directory: Path, pieces: Iterable[tuple[str, Piece, bool]], tokenizer: Tokenizer,
+                 sample: list[str], *, shard_tokens: int, batch_chars: int, workers: int, total_bytes: int,
+                 quiet: bool) -> dict:
+    """Tokenize `pieces` (split, piece, starts_document) into `directory`'s train and val shards with the
+    fastest encoder that gives `tokenizer`'s ids on `sample` (its choice said in one line when it is not
+    tiktoken); returns meta.json's counts. Nothing half-written is left if it fails."""
+    encode, encoder_name, note = choose_encoder(tokenizer, sample)
+    if note and not quiet:
+        print(note)
+    outputs = {s: ShardSequence(directory, s, tokenizer.vocab_size, shard_tokens) for s in SPLITS}
+    try:
+        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=quiet or None) as bar:
+            encode_into(pieces, encode, outputs, eot_id=tokenizer.eot_id, unk_id=tokenizer.unk_id,
+                        batch_chars=batch_chars, workers=workers, progress=bar)
+        shards = {s: [Path(i.path).name for i in outputs[s].close()] for s in SPLITS}
+    finally:
+        for o in outputs.values():
+            o.abort()
+    return {
+        "tokens": {s: outputs[s].num_tokens for s in SPLITS},
+        "documents": {s: outputs[s].documents for s in SPLITS},
+        "text_bytes": {s: outputs[s].text_bytes for s in SPLITS},
+        "shards": shards,
+        "invalid_utf8_replaced": sum(o.replaced for o in outputs.values()),
+        "unknown_tokens": sum(o.unknown for o in outputs.values()),
+        "encoder": encoder_name,
+    }

@@ -36,12 +36,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Sequence
 
-from tqdm import tqdm
-
 from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB, DataConfig
 from fasttrain.data.corpus import resolve_inputs
-from fasttrain.data.encoder import choose_encoder
-from fasttrain.data.pipeline import ShardSequence, encode_into
+from fasttrain.data.pipeline import write_shards
 from fasttrain.data.shards import SPLITS, check_meta, find_shards, read_meta, token_dtype
 from fasttrain.data.split import Sample, all_pieces, plan_split, split_documents, tokenizer_sample
 from fasttrain.data.tokenizer import Tokenizer, fingerprint
@@ -70,27 +67,10 @@ def _prepare(
     quiet: bool = False,
 ) -> dict:
     """`prepare`, for a caller that holds `out_dir`'s lock and has finished an interrupted move."""
-    if not 0 <= val_fraction < 1:
-        raise UsageError(f"--val-fraction: must be in [0, 1), got {val_fraction}")
-    if shard_tokens <= 0 or shard_tokens >= 1 << 31:
-        raise UsageError(f"--shard-tokens: must be in [1, 2^31), got {shard_tokens}")
-    if tokenizer_path and not os.path.exists(tokenizer_path):  # before anything is read: say how to get one
-        raise UsageError(
-            f"{tokenizer_path}: no such tokenizer file; save a model's, e.g. python -c \"from tokenizers import "
-            f"Tokenizer; Tokenizer.from_pretrained('gpt2').save('{tokenizer_path}')\", or train one: leave "
-            "data.tokenizer (--tokenizer) unset and give data.vocab_size (--vocab-size)")
+    check_options(val_fraction, shard_tokens, tokenizer_path)
     sources = resolve_inputs(inputs)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out}: exists and is not a directory")
-    existing = sorted(p for pattern in PREPARED for p in out.glob(pattern))
-    if existing:
-        _refuse_foreign(out, existing[0].name)
-    if existing and not overwrite:
-        if not (out / "meta.json").exists():  # shards without their description: not data that can be used
-            raise UsageError(f"{out}: holds {existing[0].name} but no meta.json (a damaged or unfinished "
-                             f"preparation); prepare it again: fasttrain prepare --out {out} --overwrite")
-        raise UsageError(f"{out}: already holds prepared data ({existing[0].name}); pass --overwrite to replace it")
+    _check_writable(out, overwrite)
     tmp = out / TMP_NAME
     created = not out.exists()  # removed again if this run fails, so DIR is left as it was
     try:
@@ -100,7 +80,6 @@ def _prepare(
     except OSError as e:
         raise UsageError(f"{out}: cannot write ({e.strerror})") from None
 
-    outputs: dict[str, ShardSequence] = {}
     try:
         start = time.perf_counter()
         split = plan_split(sources, text_field, val_fraction)
@@ -114,84 +93,115 @@ def _prepare(
             tokenizer = Tokenizer.train(tokenizer_sample(sources, text_field, split, tokenizer_train_chars, sample),
                                         vocab_size)
         tokenizer_seconds = time.perf_counter() - start
-        encode, encoder_name, note = choose_encoder(tokenizer, _corpus_sample(sources, text_field))
-        if note and not quiet:
-            print(note)
-
-        outputs = {s: ShardSequence(tmp, s, tokenizer.vocab_size, shard_tokens) for s in SPLITS}
-        total = sum(src.size for src in sources)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=quiet or None) as progress:
-            encode_into(split_documents(sources, text_field, split), encode, outputs,
-                        eot_id=tokenizer.eot_id, unk_id=tokenizer.unk_id, batch_chars=batch_chars,
-                        workers=workers or default_workers(), progress=progress)
-        shards = {s: outputs[s].close() for s in SPLITS}
+        counts = write_shards(tmp, split_documents(sources, text_field, split), tokenizer,
+                              corpus_sample(sources, text_field), shard_tokens=shard_tokens, batch_chars=batch_chars,
+                              workers=workers or default_workers(), total_bytes=sum(s.size for s in sources),
+                              quiet=quiet)
         seconds = time.perf_counter() - start
-
-        counts = {s: outputs[s].num_tokens for s in SPLITS}
-        if counts["train"] == 0:
-            raise UsageError(f"{', '.join(inputs)}: no text found")
-        if val_fraction > 0 and counts["val"] == 0:  # by the end of the text, with no line end after the cut
-            raise UsageError(
-                f"--val-fraction {val_fraction}: nothing was held out (one document, with no line end in its "
-                "last part to cut at); give more text or documents (one per file or JSONL line) or --val-fraction 0"
-            )
+        check_counts(counts, inputs, val_fraction)
         tokenizer.save(tmp / "tokenizer.json")
-        unknown = sum(o.unknown for o in outputs.values())
         meta = {
-            "vocab_size": tokenizer.vocab_size,
-            "eot_id": tokenizer.eot_id,
-            "token_dtype": token_dtype(tokenizer.vocab_size).name,
-            "tokens": counts,
-            "documents": {s: outputs[s].documents for s in SPLITS},
+            **describe(tokenizer, counts),
             "split": split.describe(),
-            "text_bytes": {s: outputs[s].text_bytes for s in SPLITS},
-            "shards": {s: [Path(i.path).name for i in shards[s]] for s in SPLITS},
             # What was asked for, so a config can tell whether this data is what it wants.
-            "request": _request(inputs, vocab_size, tokenizer_path, val_fraction, text_field),
+            "request": request_of(inputs, vocab_size, tokenizer_path, val_fraction, text_field),
             "files": len(sources),
-            "invalid_utf8_replaced": sum(o.replaced for o in outputs.values()),
-            "unknown_tokens": unknown,
             # The tokenizer the shards were written with: one swapped in later is refused (_check_consistent).
             "tokenizer_sha256": fingerprint(tmp / "tokenizer.json"),
             "tokenizer_learned_from": None if tokenizer_path else sample.describe(),
-            "encoder": encoder_name,
             "seconds": {"tokenizer": round(tokenizer_seconds, 3), "total": round(seconds, 3)},
         }
+        publish(out, meta)
+    except OSError as e:  # a shard or the tokenizer that cannot be written: the disk is full, say
+        raise UsageError(f"{out}: write failed ({e.strerror or e})") from None
+    finally:
+        if not (tmp / COMPLETE).exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+    if not quiet:
+        report(meta, tokenizer, out)
+    return meta
+
+
+def check_options(val_fraction: float, shard_tokens: int, tokenizer_path: str | None) -> None:
+    """Refuse options out of range, and a tokenizer path that names nothing, before anything is read."""
+    if not 0 <= val_fraction < 1:
+        raise UsageError(f"--val-fraction: must be in [0, 1), got {val_fraction}")
+    if shard_tokens <= 0 or shard_tokens >= 1 << 31:
+        raise UsageError(f"--shard-tokens: must be in [1, 2^31), got {shard_tokens}")
+    if tokenizer_path and not os.path.exists(tokenizer_path):  # before anything is read: say how to get one
+        raise UsageError(
+            f"{tokenizer_path}: no such tokenizer file; save a model's, e.g. python -c \"from tokenizers import "
+            f"Tokenizer; Tokenizer.from_pretrained('gpt2').save('{tokenizer_path}')\", or train one: leave "
+            "data.tokenizer (--tokenizer) unset and give data.vocab_size (--vocab-size)")
+
+
+def _check_writable(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that is a file, someone else's folder, or prepared data without --overwrite."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is not a directory")
+    existing = sorted(p for pattern in PREPARED for p in out.glob(pattern))
+    if existing:
+        _refuse_foreign(out, existing[0].name)
+    if existing and not overwrite:
+        if not (out / "meta.json").exists():  # shards without their description: not data that can be used
+            raise UsageError(f"{out}: holds {existing[0].name} but no meta.json (a damaged or unfinished "
+                             f"preparation); prepare it again: fasttrain prepare --out {out} --overwrite")
+        raise UsageError(f"{out}: already holds prepared data ({existing[0].name}); pass --overwrite to replace it")
+
+
+def check_counts(counts: dict, inputs: Sequence[str], val_fraction: float) -> None:
+    """Refuse a preparation with no training text, or no validation text when some was asked for."""
+    if counts["tokens"]["train"] == 0:
+        raise UsageError(f"{', '.join(inputs)}: no text found")
+    if val_fraction > 0 and counts["tokens"]["val"] == 0:  # by the end of the text, with no line end after the cut
+        raise UsageError(
+            f"--val-fraction {val_fraction}: nothing was held out (one document, with no line end in its "
+            "last part to cut at); give more text or documents (one per file or JSONL line) or --val-fraction 0"
+        )
+
+
+def describe(tokenizer: Tokenizer, counts: dict) -> dict:
+    """meta.json's description of the tokenizer and of the shards `counts` (from write_shards) hold."""
+    return {"vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
+            "token_dtype": token_dtype(tokenizer.vocab_size).name, **counts}
+
+
+def publish(out: Path, meta: dict) -> None:
+    """Write `meta` into out/.prepare-tmp, whose shards and tokenizer are complete, and move it all into place."""
+    tmp = out / TMP_NAME
+    try:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         # From here on the new data is the data: a killed move is finished, not undone. The marker lists the
         # new files, so a finishing move knows which files in `out` are already new ones. Written atomically:
         # a marker is whole or absent.
         names = sorted(p.name for p in tmp.iterdir())
         write_atomically(tmp / COMPLETE, lambda f: f.write(json.dumps(names).encode()), "write the COMPLETE marker")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         _move_into_place(out, names)
     except OSError as e:
         unfinished = (tmp / COMPLETE).exists()
         raise UsageError(f"{out}: write failed ({e.strerror or e})"
                          + ("; prepare it again to finish moving the new data into place" if unfinished else "")) from None
-    finally:
-        for o in outputs.values():
-            o.abort()
-        if not (tmp / COMPLETE).exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
 
-    if not quiet:
-        n = counts["train"] + counts["val"]
-        replaced = meta["invalid_utf8_replaced"]
-        print(
-            f"prepared {counts['train']:,} train + {counts['val']:,} val tokens "
-            f"({meta['documents']['train']:,} + {meta['documents']['val']:,} documents, vocab {tokenizer.vocab_size}) "
-            f"in {seconds:.1f}s, {n / seconds:,.0f} tokens/s -> {out}"
-            + (f"; replaced {replaced} invalid UTF-8 sequences" if replaced else "")
-        )
-        if unknown:  # like invalid UTF-8, counted; unlike it, the text is gone, not one character
-            print(f"warning: {unknown:,} of the {n:,} tokens ({unknown / n:.1%}) are {tokenizer.source}'s unknown "
-                  f"token {tokenizer.tok.id_to_token(tokenizer.unk_id)}: text it cannot encode, lost from the data "
-                  "(meta.json's unknown_tokens); a byte-level BPE encodes any text")
-    return meta
+
+def report(meta: dict, tokenizer: Tokenizer, out: Path) -> None:
+    """The one line that says what was prepared (and a warning for unknown tokens)."""
+    counts, seconds = meta["tokens"], meta["seconds"]["total"]
+    n = counts["train"] + counts["val"]
+    replaced, unknown = meta["invalid_utf8_replaced"], meta["unknown_tokens"]
+    print(
+        f"prepared {counts['train']:,} train + {counts['val']:,} val tokens "
+        f"({meta['documents']['train']:,} + {meta['documents']['val']:,} documents, vocab {tokenizer.vocab_size}) "
+        f"in {seconds:.1f}s, {n / max(seconds, 1e-9):,.0f} tokens/s -> {out}"
+        + (f"; replaced {replaced} invalid UTF-8 sequences" if replaced else "")
+    )
+    if unknown:  # like invalid UTF-8, counted; unlike it, the text is gone, not one character
+        print(f"warning: {unknown:,} of the {n:,} tokens ({unknown / n:.1%}) are {tokenizer.source}'s unknown "
+              f"token {tokenizer.tok.id_to_token(tokenizer.unk_id)}: text it cannot encode, lost from the data "
+              "(meta.json's unknown_tokens); a byte-level BPE encodes any text")
 
 
 def default_workers() -> int:
@@ -199,7 +209,7 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _corpus_sample(sources: Sequence, text_field: str, chars: int = 200_000) -> list[str]:
+def corpus_sample(sources: Sequence, text_field: str, chars: int = 200_000) -> list[str]:
     """The first `chars` or so of the corpus, the pieces the encoder check compares ids on."""
     taken, total = [], 0
     for piece in islice(all_pieces(sources, text_field), 1000):
@@ -225,18 +235,18 @@ def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, **options) -> dic
         raise UsageError("--out: is empty; name the directory to prepare into")
     out = Path(out_dir)
     busy = lambda holder: f"{out}: another prepare ({holder}) is writing it; wait for it to end"  # noqa: E731
-    with holding(_lock_path(out), busy):
-        _finish_interrupted_move(out, options.get("quiet", False))
+    with holding(lock_path(out), busy):
+        finish_interrupted_move(out, options.get("quiet", False))
         return _prepare(inputs, out, **options)
 
 
-def _lock_path(out: Path) -> Path:
+def lock_path(out: Path) -> Path:
     """The lock of preparing `out`: beside it, so that `out` itself can be created and removed."""
     out = out.absolute()
     return out.parent / f".{out.name}.prepare-lock"
 
 
-def _fsync_tree(directory: Path) -> None:
+def fsync_tree(directory: Path) -> None:
     """Flush `directory`'s files and the directory itself to disk (what a COMPLETE marker promises)."""
     for path in [*directory.iterdir(), directory]:
         fd = os.open(path, os.O_RDONLY)
@@ -263,7 +273,7 @@ def _move_into_place(out: Path, names: list[str]) -> None:
     shutil.rmtree(tmp)
 
 
-def _finish_interrupted_move(out: Path, quiet: bool) -> None:
+def finish_interrupted_move(out: Path, quiet: bool) -> None:
     """Finish the move of a complete preparation that a killed prepare left in out/.prepare-tmp.
 
     A COMPLETE marker that is not a list of names (empty or damaged: written by a prepare before markers were
@@ -310,7 +320,7 @@ def _is_prepare_meta(path: Path) -> bool:
     return isinstance(meta, dict) and "request" in meta
 
 
-def _request(inputs: Sequence[str], vocab_size: int, tokenizer_path: str | None, val_fraction: float,
+def request_of(inputs: Sequence[str], vocab_size: int, tokenizer_path: str | None, val_fraction: float,
              text_field: str) -> dict:
     """What was asked for, paths made absolute: what they name must not depend on where the run started."""
     request = {"inputs": [_absolute(i) for i in inputs],
@@ -326,7 +336,7 @@ def cache_dir(request: dict) -> Path:
 
     Under $FASTTRAIN_CACHE, else $XDG_CACHE_HOME/fasttrain, else ~/.cache/fasttrain;
     one directory per distinct request, so changing the vocabulary never reuses
-    stale shards. Its paths are absolute (`_request`), since what a relative one
+    stale shards. Its paths are absolute (`request_of`), since what a relative one
     names depends on the working directory.
     """
     root = os.environ.get("FASTTRAIN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fasttrain"
@@ -365,15 +375,15 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
     `d` itself is left as it is: see config.resolve for the config a run records.
     """
     inputs, vocab_size = d.inputs or DEFAULT_INPUTS, d.vocab_size or DEFAULT_VOCAB
-    wanted = _request(inputs, vocab_size, d.tokenizer, d.val_fraction, d.text_field)
+    wanted = request_of(inputs, vocab_size, d.tokenizer, d.val_fraction, d.text_field)
     directory = d.dir or str(cache_dir(wanted))
 
     def wait(holder: str) -> None:  # two runs preparing one cache: the second uses what the first made
         if not quiet:
             print(f"data: waiting for {holder}, which is preparing {directory}")
 
-    with holding(_lock_path(Path(directory)), wait=wait):
-        _finish_interrupted_move(Path(directory), quiet)
+    with holding(lock_path(Path(directory)), wait=wait):
+        finish_interrupted_move(Path(directory), quiet)
         if read_meta(directory) is None:
             if d.dir and not d.inputs and not quiet:  # a typo in data.dir would otherwise pass unnoticed
                 state = "is empty" if Path(directory).is_dir() else "does not exist"
