@@ -138,8 +138,12 @@ def prepare_part(inputs: Sequence[str], out_dir: str | os.PathLike, k: int, n: i
             raise UsageError(f"{name}: no tokenizer; every part needs the same one: give --tokenizer, or learn "
                              f"one first, once: fasttrain prepare --input ... --out {out} --learn-tokenizer-only "
                              "--vocab-size N")
-        learned = json.loads((parts / LEARNED_META).read_text())
-        request, learned_from = learned["request"], learned["learned_from"]
+        try:
+            learned = json.loads((parts / LEARNED_META).read_text())
+            request, learned_from = learned["request"], learned["learned_from"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"{name}: {parts / LEARNED_META} unreadable ({type(e).__name__}); learn the tokenizer "
+                             "again with --learn-tokenizer-only") from None
     sources = resolve_inputs(inputs)
     if request is None:
         request = prep.request_of(inputs, 0, tokenizer_path, val_fraction, text_field)
