@@ -1,9 +1,11 @@
 """Tokenize a text corpus into train/val token shards.
 
     python -m fasttrain.prepare --input PATH [PATH ...] --out DIR
-        [--vocab-size N | --tokenizer FILE|DIR] [--val-fraction F] [--overwrite]
+        [--vocab-size N | --tokenizer FILE|DIR] [--val-fraction F] [--overwrite] [--workers N]
 
-The command line of fasttrain/data/preparation.py, which says what is written and how.
+On many machines: --learn-tokenizer-only once (unless --tokenizer is given), --part K/N on each, then
+--merge once. The command line of fasttrain/data/preparation.py and fasttrain/data/parts.py, which say
+what is written and how.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB
+from fasttrain.data.parts import learn_tokenizer, merge, parse_part, prepare_part
 from fasttrain.data.preparation import prepare
 from fasttrain.system.errors import ArgumentParser, run_cli
 
@@ -32,11 +35,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the text (default: text)")
     parser.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N",
                         help="tokens per shard (default 100M)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="threads that encode at once (default: one per core this process may use)")
+    many = parser.add_mutually_exclusive_group()
+    many.add_argument("--part", metavar="K/N", help="prepare part K of N (K from 0) of the inputs into "
+                      "OUT/parts/K-of-N, for --merge to join; the tokenizer must be given or learned first")
+    many.add_argument("--merge", action="store_true", help="join the N complete parts in OUT/parts into OUT")
+    many.add_argument("--learn-tokenizer-only", action="store_true",
+                      help="learn the BPE of --vocab-size that every --part will use, into OUT/parts/tokenizer.json")
     args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error(f"--workers: must be >= 0, got {args.workers}")
+    if args.merge:
+        merge(args.out)
+        return 0
+    if args.learn_tokenizer_only:
+        if args.tokenizer:
+            parser.error("--learn-tokenizer-only: a --tokenizer is given already; pass it to each --part")
+        learn_tokenizer(args.input, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                        text_field=args.text_field)
+        return 0
+    if args.part is not None:
+        k, n = parse_part(args.part)
+        prepare_part(args.input, args.out, k, n, tokenizer_path=args.tokenizer, val_fraction=args.val_fraction,
+                     shard_tokens=args.shard_tokens, text_field=args.text_field, workers=args.workers)
+        return 0
     prepare(
         args.input, args.out,
         vocab_size=args.vocab_size, tokenizer_path=args.tokenizer, val_fraction=args.val_fraction,
-        overwrite=args.overwrite, shard_tokens=args.shard_tokens, text_field=args.text_field,
+        overwrite=args.overwrite, shard_tokens=args.shard_tokens, text_field=args.text_field, workers=args.workers,
     )
     return 0
 

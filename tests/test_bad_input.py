@@ -666,6 +666,36 @@ CASES = [
      "/run/.replaced-by-overwrite/checkpoints (the next `python -m fasttrain.train` there puts it back)"),
     ("export: a run an interrupted --overwrite set aside", export, lambda c: [str(overwrite_killed(c) / "checkpoints")],
      "the earlier run, set aside by an --overwrite start stopped before its first checkpoint, is in "),
+    # round five: prepare parts
+    *[(f"prepare --part {spec}", prepare, lambda c, spec=spec: ["--input", "builtin:pydoc", "--out", str(c.tmp / "p"),
+                                                                f"--part={spec}"],
+       f"--part {spec}: expected K/N with 0 <= K < N") for spec in ("3/2", "-1/2", "a/b", "0/0")],
+    ("prepare --part without a tokenizer", prepare,
+     lambda c: ["--input", "builtin:pydoc", "--out", str(c.tmp / "p"), "--part", "0/2"],
+     "part 0/2: no tokenizer; every part needs the same one: give --tokenizer, or learn one first"),
+    ("prepare --merge with a part missing", prepare, lambda c: parts_case(c, lambda out: shutil.rmtree(
+        out / "parts" / "1-of-2")), "part 1/2: missing; run it"),
+    ("prepare --merge with a part unfinished", prepare, lambda c: parts_case(c, lambda out: (out / "parts" / "1-of-2").rename(
+        out / "parts" / ".1-of-2.tmp")), "part 1/2: unfinished (killed while it ran); run it again"),
+    ("prepare --merge of parts from other inputs", prepare, lambda c: parts_case(c, lambda out: (
+        shutil.rmtree(out / "parts" / "1-of-2"), parts_case(c, None, k=1, text="other text"))),
+     "part 1/2: made from other inputs than part 0/2"),
+    ("prepare --merge of parts with another tokenizer", prepare, lambda c: parts_case(c, lambda out: (
+        shutil.rmtree(out / "parts" / "1-of-2"), parts_case(c, None, k=1, tokenizer=c.data_copy(another_tokenizer) + "/tokenizer.json"))),
+     "part 1/2: made from another tokenizer than part 0/2"),
+    ("prepare --merge of parts with other options", prepare, lambda c: parts_case(c, lambda out: (
+        shutil.rmtree(out / "parts" / "1-of-2"), parts_case(c, None, k=1, val_fraction=0.3))),
+     "part 1/2: made from other options than part 0/2"),
+    ("prepare --part being written by another process", prepare, lambda c: parts_case(c, lambda out: (
+        shutil.rmtree(out / "parts" / "1-of-2"), hold(out / "parts" / ".1-of-2.lock")),
+        args=["--part", "1/2"]), "part 1/2: another prepare ("),
+    ("prepare --merge while a part is being written", prepare, lambda c: parts_case(c, lambda out: hold(
+        out / "parts" / ".1-of-2.lock")), "part 1/2: still being written ("),
+    ("prepare --part after the merge", prepare, lambda c: parts_case(c, lambda out: prepare.main(
+        ["--out", str(out), "--merge"]), args=["--part", "0/2"]),
+     "already holds prepared data (merged, or prepared whole); it is not changed"),
+    ("prepare --merge with no parts", prepare, lambda c: ["--out", str(c.tmp / "none"), "--merge"],
+     "none/parts: no parts there; prepare them first with --part K/N"),
 ]
 
 
@@ -673,6 +703,30 @@ def progress_record(second: str) -> str:
     """A budgeted run's metrics.jsonl whose second update's recorded progress is `second` (JSON text)."""
     return ('{"event": "progress", "step": 1, "progress": 0.5}\n'
             f'{{"event": "progress", "step": 2, "progress": {second}}}\n')
+
+
+def parts_case(c: Case, damage, k: int | None = None, text: str = "", tokenizer: str = "",
+               val_fraction: float = 0.1, args=("--merge",)) -> list[str]:
+    """Arguments for --out c.tmp/pp: parts 0 and 1 of 2 of a small corpus prepared there (only part `k`
+    when given, with its own text, tokenizer or options), then `damage(out)`; `args` follow --out."""
+    out = c.tmp / "pp"
+    docs = str(c.tmp / "pp-in" / "docs.jsonl")
+    if text or not os.path.exists(docs):  # written again only to change the inputs
+        c.file("pp-in/docs.jsonl", "".join(json.dumps({"text": f"document {i} {text}" * 20}) + "\n" for i in range(30)))
+    tokenizer = tokenizer or str(c.data / "tokenizer.json")
+    for part in ([k] if k is not None else [0, 1]):
+        prepare.main(["--input", docs, "--out", str(out), "--part", f"{part}/2", "--tokenizer", tokenizer,
+                      "--val-fraction", str(val_fraction), "--workers", "1"])
+    if damage:
+        damage(out)
+    return ["--input", docs, "--out", str(out), "--tokenizer", tokenizer, *args]
+
+
+def hold(lock: Path) -> None:
+    """Hold `lock` as another process writing a part would, until the test ends."""
+    import fcntl
+
+    fcntl.flock(os.open(lock, os.O_RDWR | os.O_CREAT), fcntl.LOCK_EX)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import fasttrain.data.corpus as corpus
 from fasttrain.config import DataConfig, load_config, resolve, save_config
 from fasttrain.data.preparation import ensure_prepared, prepare
 from fasttrain.data.shards import HEADER_BYTES, MAGIC, VERSION, ShardWriter, read_header
+from fasttrain.data.split import document_hash
 from fasttrain.data.tokenizer import EOT, Tokenizer
 from fasttrain.prepare import main
 from fasttrain.system.errors import UsageError
@@ -45,8 +46,10 @@ def test_embedded_corpus_round_trips(pydoc_data):
     meta = json.loads((pydoc_data / "meta.json").read_text())
     assert meta["documents"] == {"train": len(train), "val": len(val)}
     assert meta["tokens"] == {s: shard_tokens(pydoc_data, s).size for s in ("train", "val")}
-    val_share = meta["text_bytes"]["val"] / (meta["text_bytes"]["train"] + meta["text_bytes"]["val"])
-    assert 0.07 < val_share < 0.13  # about the requested 10% of the text
+    # Each document by the hash of its text, the first always held out, the second always kept.
+    ordered = [topics[k] for k in sorted(topics)]
+    assert val == [d for i, d in enumerate(ordered) if i == 0 or (i != 1 and document_hash(d)[0] < 0.1)]
+    assert meta["split"]["by"] == "document_hash" and 5 <= len(val) <= 12
     assert meta["vocab_size"] == 512 and meta["token_dtype"] == "uint16"
 
 

@@ -55,12 +55,18 @@ class Source:
     name: str  # a path, or builtin:NAME
     size: int  # bytes on disk (an estimate for the embedded corpora), for progress
 
-    def pieces(self, text_field: str = "text") -> Iterator[Piece]:
+    @property
+    def divisible(self) -> bool:
+        """Whether parts may share this source by byte ranges (a JSONL file, cut between lines)."""
+        return self.name.endswith(".jsonl") and not self.name.startswith(BUILTIN_PREFIX)
+
+    def pieces(self, text_field: str = "text", start: int = 0, end: int | None = None) -> Iterator[Piece]:
+        """The source's pieces; of a JSONL file, only the lines that start in bytes [start, end)."""
         if self.name.startswith(BUILTIN_PREFIX):
             for doc in _builtin_documents(self.name[len(BUILTIN_PREFIX):]):
                 yield Piece(doc, True)
         elif self.name.endswith(".jsonl"):
-            yield from self._jsonl_pieces(text_field)
+            yield from self._jsonl_pieces(text_field, start, end)
         elif self.name.endswith(".parquet"):
             yield from self._parquet_pieces(text_field)
         else:
@@ -87,12 +93,22 @@ class Source:
                 carry = data[cut:]
                 yield self._piece(data[:cut], False)
 
-    def _jsonl_pieces(self, text_field: str) -> Iterator[Piece]:
+    def _jsonl_pieces(self, text_field: str, start: int, end: int | None) -> Iterator[Piece]:
         with _open(self.name) as f:
-            for lineno, line in enumerate(f, 1):
+            pos = start
+            if start:  # the line that began before `start` belongs to the range before
+                f.seek(start - 1)
+                pos += len(f.readline()) - 1
+            lineno = 0
+            while end is None or pos < end:
+                line = f.readline()
+                if not line:
+                    return
+                lineno += 1  # counted from `start`: a range after the first names its lines by byte offset
+                where = f"{self.name}:{lineno}" if not start else f"{self.name} (the line at byte {pos})"
+                pos += len(line)
                 if not line.strip():
                     continue
-                where = f"{self.name}:{lineno}"
                 piece = self._piece(line, True)
                 try:
                     record = json.loads(piece.text)

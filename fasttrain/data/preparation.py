@@ -7,17 +7,18 @@ fasttrain/data/shards.py), `tokenizer.json` and `meta.json` (vocabulary size, to
 and document counts, sources). Every document is preceded by the end-of-text
 token, so each one starts with a clean context, as in llm.c.
 
-The corpus is streamed: documents are read in pieces, tokenized in parallel
-batches and appended to shards on disk, so memory stays bounded whatever the
-corpus size. Everything is written into DIR/.prepare-tmp first and moved into
+The corpus is streamed: documents are read in pieces, tokenized in batches on
+`workers` threads (fasttrain/data/pipeline.py), with tiktoken where it gives the
+tokenizer's own ids (fasttrain/data/encoder.py), and appended to shards on disk,
+so memory stays bounded whatever the corpus size. Everything is written into DIR/.prepare-tmp first and moved into
 place only once complete: a run that fails or is interrupted before then leaves DIR
 as it was, and one killed while moving the complete data in is finished by the next
 prepare or run of DIR. One process prepares a directory at a time (a lock beside it).
 
-The validation split is by documents: whole documents are held out until they
-make up about F of the text (see `split_documents`). When the input holds fewer
-than two documents (one big text file), the last F of the text is held out
-instead, cut at a line end; meta.json's "split" says which was done.
+The validation split is by documents, each by a hash of its own text (see
+fasttrain/data/split.py): about F of the documents are held out. When the input
+holds fewer than two documents (one big text file), the last F of the text is held
+out instead, cut at a line end; meta.json's "split" says which was done.
 """
 
 from __future__ import annotations
@@ -31,15 +32,15 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
-
-import numpy as np
-from tqdm import tqdm
+from typing import Sequence
 
 from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB, DataConfig
-from fasttrain.data.corpus import Piece, Source, resolve_inputs
-from fasttrain.data.shards import SPLITS, ShardInfo, ShardWriter, check_meta, find_shards, read_meta, token_dtype
+from fasttrain.data.corpus import resolve_inputs
+from fasttrain.data.pipeline import write_shards
+from fasttrain.data.shards import SPLITS, check_meta, find_shards, read_meta, token_dtype
+from fasttrain.data.split import Sample, all_pieces, plan_split, split_documents, tokenizer_sample
 from fasttrain.data.tokenizer import Tokenizer, fingerprint
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
@@ -48,179 +49,6 @@ from fasttrain.system.run_lock import holding
 PREPARED = ("meta.json", "tokenizer.json", "train_*.bin", "val_*.bin", "*.bin.docs.npy")  # what --overwrite replaces
 TMP_NAME = ".prepare-tmp"
 COMPLETE = "COMPLETE"  # in TMP_NAME once the new data there is whole: a killed move is then finished, not undone
-
-
-@dataclass(frozen=True)
-class Split:
-    """How the validation split is made: "documents" (whole ones), or "end_of_text" when there are
-    too few documents for that, holding out what follows character `cut` (cut at a line end)."""
-
-    by: Literal["documents", "end_of_text"]
-    val_fraction: float
-    total_chars: int = 0  # end_of_text: the whole text's length, counted beforehand
-
-    @property
-    def cut(self) -> int:
-        return math.ceil((1 - self.val_fraction) * self.total_chars)
-
-    def describe(self) -> dict:
-        """For meta.json."""
-        return {"by": self.by} if self.by == "documents" else {"by": self.by, "cut_at_char": self.cut,
-                                                                "total_chars": self.total_chars}
-
-
-def plan_split(sources: Sequence[Source], text_field: str, val_fraction: float) -> Split:
-    """By documents if the input holds two non-empty ones or more, else by the end of the text.
-
-    Reads only until the second document in the usual case; a corpus of one document is read
-    through once to count its characters (cheap next to tokenizing it).
-    """
-    if val_fraction == 0:
-        return Split("documents", 0.0)
-    documents, chars, length = 0, 0, 0
-    for src in sources:
-        for piece in src.pieces(text_field):
-            length += len(piece.text)
-            if piece.ends_document:
-                documents += length > 0
-                chars, length = chars + length, 0
-                if documents >= 2:
-                    return Split("documents", val_fraction)
-    return Split("end_of_text", val_fraction, chars)
-
-
-def split_documents(sources: Sequence[Source], text_field: str, split: Split) -> Iterator[tuple[str, Piece, bool]]:
-    """(split, piece, starts_document) for every piece of every source, in order.
-
-    By documents: a document joins the validation split when, counted in characters,
-    the validation split is behind `val_fraction` of everything before it. That
-    holds out about that fraction of the text, whole documents only, and is
-    deterministic; with two or more documents and a fraction above 0 the
-    validation split is never empty. By the end of the text: the piece holding
-    character `split.cut` is cut at its next line end, and what follows is
-    validation, starting as a document of its own (after an end-of-text token).
-    """
-    if split.by == "end_of_text":
-        yield from _split_end_of_text(sources, text_field, split.cut)
-        return
-    chars = {"train": 0, "val": 0}
-    which, starts = "train", True
-    for src in sources:
-        for piece in src.pieces(text_field):
-            if starts:
-                which = "val" if chars["val"] < split.val_fraction * (chars["train"] + chars["val"]) else "train"
-            chars[which] += len(piece.text)
-            yield which, piece, starts
-            starts = piece.ends_document
-
-
-def _split_end_of_text(sources: Sequence[Source], text_field: str, cut: int) -> Iterator[tuple[str, Piece, bool]]:
-    seen, starts, held_out = 0, True, False
-    for src in sources:
-        for piece in src.pieces(text_field):
-            if not held_out and seen + len(piece.text) > cut:
-                at = piece.text.find("\n", max(cut - seen, 0)) + 1  # 0: no line end here, cut in a later piece
-                if at:
-                    yield "train", Piece(piece.text[:at], False, piece.replaced), starts
-                    held_out, starts = True, True
-                    piece = Piece(piece.text[at:], piece.ends_document)
-                    if not piece.text:  # the cut fell at the piece's end: validation starts with the next one
-                        continue
-            seen += len(piece.text)
-            yield ("val" if held_out else "train"), piece, starts
-            starts = piece.ends_document
-
-
-def _train_texts(sources: Sequence[Source], text_field: str, split: Split, max_chars: int) -> Iterator[str]:
-    """Training-split text for learning the tokenizer, stopping after about `max_chars` characters."""
-    seen = 0
-    for which, piece, _ in split_documents(sources, text_field, split):
-        if seen >= max_chars:
-            return
-        if which == "train":
-            seen += len(piece.text)
-            yield piece.text
-
-
-class _ShardSequence:
-    """Appends tokens to `{split}_000000.bin`, `{split}_000001.bin`, ..., starting a new shard every `shard_tokens`."""
-
-    def __init__(self, directory: Path, split: str, vocab_size: int, shard_tokens: int):
-        self.directory, self.split, self.vocab_size, self.shard_tokens = directory, split, vocab_size, shard_tokens
-        self.done: list[ShardInfo] = []
-        self.writer: ShardWriter | None = None
-        self.documents = 0
-        self.text_bytes = 0  # UTF-8 bytes of the text behind the tokens, for bits per byte
-        self.replaced = 0  # invalid UTF-8 sequences replaced in that text
-        self.unknown = 0  # tokens that are the tokenizer's unknown token: text it could not encode, lost
-
-    def write(self, tokens: np.ndarray) -> None:
-        while tokens.size:
-            if self.writer is None:
-                name = f"{self.split}_{len(self.done):06d}.bin"
-                self.writer = ShardWriter(self.directory / name, self.vocab_size)
-            room = self.shard_tokens - self.writer.num_tokens
-            self.writer.write(tokens[:room])
-            tokens = tokens[room:]
-            if self.writer.num_tokens == self.shard_tokens:
-                self.done.append(self.writer.close())
-                self.writer = None
-
-    def close(self) -> list[ShardInfo]:
-        if self.writer is not None:
-            self.done.append(self.writer.close())
-            self.writer = None
-        return self.done
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_tokens for s in self.done) + (self.writer.num_tokens if self.writer else 0)
-
-
-def _encode_into(
-    sources: Sequence[Source],
-    tokenizer: Tokenizer,
-    outputs: dict[str, _ShardSequence],
-    split: Split,
-    text_field: str,
-    batch_chars: int,
-    progress: tqdm,
-) -> None:
-    """Tokenize every document into its split's shards, a batch of pieces at a time."""
-    eot = np.array([tokenizer.eot_id], dtype=np.int64)
-    pieces = split_documents(sources, text_field, split)
-    while True:
-        # Gather about `batch_chars` of text, then encode it in one parallel call.
-        batch, chars = [], 0
-        for split, piece, starts in pieces:
-            if not (starts and piece.ends_document and not piece.text):  # an empty document adds nothing
-                batch.append((split, piece, starts))
-                chars += len(piece.text)
-                if chars >= batch_chars:
-                    break
-        if not batch:
-            return
-        encoded = tokenizer.encode_batch([piece.text for _, piece, _ in batch])
-        for split, out in outputs.items():
-            parts = []
-            for (s, piece, starts), ids in zip(batch, encoded):
-                if s != split:
-                    continue
-                if starts:
-                    parts.append(eot)
-                    out.documents += 1
-                out.text_bytes += len(piece.text.encode("utf-8"))
-                out.replaced += piece.replaced
-                parts.append(np.asarray(ids, dtype=np.int64))
-                if tokenizer.unk_id is not None:
-                    out.unknown += int(np.count_nonzero(parts[-1] == tokenizer.unk_id))
-            if parts:
-                out.write(np.concatenate(parts))
-        progress.update(chars)
 
 
 def _prepare(
@@ -234,10 +62,70 @@ def _prepare(
     shard_tokens: int = 100_000_000,
     text_field: str = "text",
     tokenizer_train_chars: int = 200_000_000,
-    batch_chars: int = 8_000_000,
+    batch_chars: int = 1_000_000,
+    workers: int = 0,
     quiet: bool = False,
 ) -> dict:
     """`prepare`, for a caller that holds `out_dir`'s lock and has finished an interrupted move."""
+    check_options(val_fraction, shard_tokens, tokenizer_path)
+    sources = resolve_inputs(inputs)
+    out = Path(out_dir)
+    _check_writable(out, overwrite)
+    tmp = out / TMP_NAME
+    created = not out.exists()  # removed again if this run fails, so DIR is left as it was
+    try:
+        if tmp.exists():  # left by a run killed before its preparation was complete
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise UsageError(f"{out}: cannot write ({e.strerror})") from None
+
+    try:
+        start = time.perf_counter()
+        split = plan_split(sources, text_field, val_fraction)
+        if split.by == "end_of_text" and not quiet:
+            print(f"split: fewer than two documents, so the last {val_fraction:g} of the text "
+                  f"(from character {split.cut:,} of {split.total_chars:,}, at a line end) is held out for validation")
+        sample = Sample()
+        if tokenizer_path:
+            tokenizer = Tokenizer.load(tokenizer_path)
+        else:
+            tokenizer = Tokenizer.train(tokenizer_sample(sources, text_field, split, tokenizer_train_chars, sample),
+                                        vocab_size)
+        tokenizer_seconds = time.perf_counter() - start
+        counts = write_shards(tmp, split_documents(sources, text_field, split), tokenizer,
+                              corpus_sample(sources, text_field), shard_tokens=shard_tokens, batch_chars=batch_chars,
+                              workers=workers or default_workers(), total_bytes=sum(s.size for s in sources),
+                              quiet=quiet)
+        seconds = time.perf_counter() - start
+        check_counts(counts, inputs, val_fraction)
+        tokenizer.save(tmp / "tokenizer.json")
+        meta = {
+            **describe(tokenizer, counts),
+            "split": split.describe(),
+            # What was asked for, so a config can tell whether this data is what it wants.
+            "request": request_of(inputs, vocab_size, tokenizer_path, val_fraction, text_field),
+            "files": len(sources),
+            # The tokenizer the shards were written with: one swapped in later is refused (_check_consistent).
+            "tokenizer_sha256": fingerprint(tmp / "tokenizer.json"),
+            "tokenizer_learned_from": None if tokenizer_path else sample.describe(),
+            "seconds": {"tokenizer": round(tokenizer_seconds, 3), "total": round(seconds, 3)},
+        }
+        publish(out, meta)
+    except OSError as e:  # a shard or the tokenizer that cannot be written: the disk is full, say
+        raise UsageError(f"{out}: write failed ({e.strerror or e})") from None
+    finally:
+        if not (tmp / COMPLETE).exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+    if not quiet:
+        report(meta, tokenizer, out)
+    return meta
+
+
+def check_options(val_fraction: float, shard_tokens: int, tokenizer_path: str | None) -> None:
+    """Refuse options out of range, and a tokenizer path that names nothing, before anything is read."""
     if not 0 <= val_fraction < 1:
         raise UsageError(f"--val-fraction: must be in [0, 1), got {val_fraction}")
     if shard_tokens <= 0 or shard_tokens >= 1 << 31:
@@ -247,8 +135,10 @@ def _prepare(
             f"{tokenizer_path}: no such tokenizer file; save a model's, e.g. python -c \"from tokenizers import "
             f"Tokenizer; Tokenizer.from_pretrained('gpt2').save('{tokenizer_path}')\", or train one: leave "
             "data.tokenizer (--tokenizer) unset and give data.vocab_size (--vocab-size)")
-    sources = resolve_inputs(inputs)
-    out = Path(out_dir)
+
+
+def _check_writable(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that is a file, someone else's folder, or prepared data without --overwrite."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a directory")
     existing = sorted(p for pattern in PREPARED for p in out.glob(pattern))
@@ -259,99 +149,75 @@ def _prepare(
             raise UsageError(f"{out}: holds {existing[0].name} but no meta.json (a damaged or unfinished "
                              f"preparation); prepare it again: fasttrain prepare --out {out} --overwrite")
         raise UsageError(f"{out}: already holds prepared data ({existing[0].name}); pass --overwrite to replace it")
+
+
+def check_counts(counts: dict, inputs: Sequence[str], val_fraction: float) -> None:
+    """Refuse a preparation with no training text, or no validation text when some was asked for."""
+    if counts["tokens"]["train"] == 0:
+        raise UsageError(f"{', '.join(inputs)}: no text found")
+    if val_fraction > 0 and counts["tokens"]["val"] == 0:  # by the end of the text, with no line end after the cut
+        raise UsageError(
+            f"--val-fraction {val_fraction}: nothing was held out (one document, with no line end in its "
+            "last part to cut at); give more text or documents (one per file or JSONL line) or --val-fraction 0"
+        )
+
+
+def describe(tokenizer: Tokenizer, counts: dict) -> dict:
+    """meta.json's description of the tokenizer and of the shards `counts` (from write_shards) hold."""
+    return {"vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
+            "token_dtype": token_dtype(tokenizer.vocab_size).name, **counts}
+
+
+def publish(out: Path, meta: dict) -> None:
+    """Write `meta` into out/.prepare-tmp, whose shards and tokenizer are complete, and move it all into place."""
     tmp = out / TMP_NAME
-    created = not out.exists()  # removed again if this run fails, so DIR is left as it was
     try:
-        if tmp.exists():  # left by a run killed before its preparation was complete
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    except OSError as e:
-        raise UsageError(f"{out}: cannot write ({e.strerror})") from None
-
-    outputs: dict[str, _ShardSequence] = {}
-    try:
-        start = time.perf_counter()
-        split = plan_split(sources, text_field, val_fraction)
-        if split.by == "end_of_text" and not quiet:
-            print(f"split: fewer than two documents, so the last {val_fraction:g} of the text "
-                  f"(from character {split.cut:,} of {split.total_chars:,}, at a line end) is held out for validation")
-        if tokenizer_path:
-            tokenizer = Tokenizer.load(tokenizer_path)
-        else:
-            texts = _train_texts(sources, text_field, split, tokenizer_train_chars)
-            tokenizer = Tokenizer.train(texts, vocab_size)
-        tokenizer_seconds = time.perf_counter() - start
-
-        outputs = {s: _ShardSequence(tmp, s, tokenizer.vocab_size, shard_tokens) for s in SPLITS}
-        total = sum(src.size for src in sources)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=quiet or None) as progress:
-            _encode_into(sources, tokenizer, outputs, split, text_field, batch_chars, progress)
-        shards = {s: outputs[s].close() for s in SPLITS}
-        seconds = time.perf_counter() - start
-
-        counts = {s: outputs[s].num_tokens for s in SPLITS}
-        if counts["train"] == 0:
-            raise UsageError(f"{', '.join(inputs)}: no text found")
-        if val_fraction > 0 and counts["val"] == 0:  # by the end of the text, with no line end after the cut
-            raise UsageError(
-                f"--val-fraction {val_fraction}: nothing was held out (one document, with no line end in its "
-                "last part to cut at); give more text or documents (one per file or JSONL line) or --val-fraction 0"
-            )
-        tokenizer.save(tmp / "tokenizer.json")
-        unknown = sum(o.unknown for o in outputs.values())
-        meta = {
-            "vocab_size": tokenizer.vocab_size,
-            "eot_id": tokenizer.eot_id,
-            "token_dtype": token_dtype(tokenizer.vocab_size).name,
-            "tokens": counts,
-            "documents": {s: outputs[s].documents for s in SPLITS},
-            "split": split.describe(),
-            "text_bytes": {s: outputs[s].text_bytes for s in SPLITS},
-            "shards": {s: [Path(i.path).name for i in shards[s]] for s in SPLITS},
-            # What was asked for, so a config can tell whether this data is what it wants.
-            "request": _request(inputs, vocab_size, tokenizer_path, val_fraction, text_field),
-            "files": len(sources),
-            "invalid_utf8_replaced": sum(o.replaced for o in outputs.values()),
-            "unknown_tokens": unknown,
-            # The tokenizer the shards were written with: one swapped in later is refused (_check_consistent).
-            "tokenizer_sha256": fingerprint(tmp / "tokenizer.json"),
-            "seconds": {"tokenizer": round(tokenizer_seconds, 3), "total": round(seconds, 3)},
-        }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         # From here on the new data is the data: a killed move is finished, not undone. The marker lists the
         # new files, so a finishing move knows which files in `out` are already new ones. Written atomically:
         # a marker is whole or absent.
         names = sorted(p.name for p in tmp.iterdir())
         write_atomically(tmp / COMPLETE, lambda f: f.write(json.dumps(names).encode()), "write the COMPLETE marker")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         _move_into_place(out, names)
     except OSError as e:
         unfinished = (tmp / COMPLETE).exists()
         raise UsageError(f"{out}: write failed ({e.strerror or e})"
                          + ("; prepare it again to finish moving the new data into place" if unfinished else "")) from None
-    finally:
-        for o in outputs.values():
-            o.abort()
-        if not (tmp / COMPLETE).exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
 
-    if not quiet:
-        n = counts["train"] + counts["val"]
-        replaced = meta["invalid_utf8_replaced"]
-        print(
-            f"prepared {counts['train']:,} train + {counts['val']:,} val tokens "
-            f"({meta['documents']['train']:,} + {meta['documents']['val']:,} documents, vocab {tokenizer.vocab_size}) "
-            f"in {seconds:.1f}s, {n / seconds:,.0f} tokens/s -> {out}"
-            + (f"; replaced {replaced} invalid UTF-8 sequences" if replaced else "")
-        )
-        if unknown:  # like invalid UTF-8, counted; unlike it, the text is gone, not one character
-            print(f"warning: {unknown:,} of the {n:,} tokens ({unknown / n:.1%}) are {tokenizer.source}'s unknown "
-                  f"token {tokenizer.tok.id_to_token(tokenizer.unk_id)}: text it cannot encode, lost from the data "
-                  "(meta.json's unknown_tokens); a byte-level BPE encodes any text")
-    return meta
+
+def report(meta: dict, tokenizer: Tokenizer, out: Path) -> None:
+    """The one line that says what was prepared (and a warning for unknown tokens)."""
+    counts, seconds = meta["tokens"], meta["seconds"]["total"]
+    n = counts["train"] + counts["val"]
+    replaced, unknown = meta["invalid_utf8_replaced"], meta["unknown_tokens"]
+    print(
+        f"prepared {counts['train']:,} train + {counts['val']:,} val tokens "
+        f"({meta['documents']['train']:,} + {meta['documents']['val']:,} documents, vocab {tokenizer.vocab_size}) "
+        f"in {seconds:.1f}s, {n / max(seconds, 1e-9):,.0f} tokens/s -> {out}"
+        + (f"; replaced {replaced} invalid UTF-8 sequences" if replaced else "")
+    )
+    if unknown:  # like invalid UTF-8, counted; unlike it, the text is gone, not one character
+        print(f"warning: {unknown:,} of the {n:,} tokens ({unknown / n:.1%}) are {tokenizer.source}'s unknown "
+              f"token {tokenizer.tok.id_to_token(tokenizer.unk_id)}: text it cannot encode, lost from the data "
+              "(meta.json's unknown_tokens); a byte-level BPE encodes any text")
+
+
+def default_workers() -> int:
+    """Encoding threads when --workers is not given: the cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def corpus_sample(sources: Sequence, text_field: str, chars: int = 200_000) -> list[str]:
+    """The first `chars` or so of the corpus, the pieces the encoder check compares ids on."""
+    taken, total = [], 0
+    for piece in islice(all_pieces(sources, text_field), 1000):
+        taken.append(piece.text)
+        total += len(piece.text)
+        if total >= chars:
+            break
+    return taken
 
 
 def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, **options) -> dict:
@@ -369,18 +235,18 @@ def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, **options) -> dic
         raise UsageError("--out: is empty; name the directory to prepare into")
     out = Path(out_dir)
     busy = lambda holder: f"{out}: another prepare ({holder}) is writing it; wait for it to end"  # noqa: E731
-    with holding(_lock_path(out), busy):
-        _finish_interrupted_move(out, options.get("quiet", False))
+    with holding(lock_path(out), busy):
+        finish_interrupted_move(out, options.get("quiet", False))
         return _prepare(inputs, out, **options)
 
 
-def _lock_path(out: Path) -> Path:
+def lock_path(out: Path) -> Path:
     """The lock of preparing `out`: beside it, so that `out` itself can be created and removed."""
     out = out.absolute()
     return out.parent / f".{out.name}.prepare-lock"
 
 
-def _fsync_tree(directory: Path) -> None:
+def fsync_tree(directory: Path) -> None:
     """Flush `directory`'s files and the directory itself to disk (what a COMPLETE marker promises)."""
     for path in [*directory.iterdir(), directory]:
         fd = os.open(path, os.O_RDONLY)
@@ -407,7 +273,7 @@ def _move_into_place(out: Path, names: list[str]) -> None:
     shutil.rmtree(tmp)
 
 
-def _finish_interrupted_move(out: Path, quiet: bool) -> None:
+def finish_interrupted_move(out: Path, quiet: bool) -> None:
     """Finish the move of a complete preparation that a killed prepare left in out/.prepare-tmp.
 
     A COMPLETE marker that is not a list of names (empty or damaged: written by a prepare before markers were
@@ -454,7 +320,7 @@ def _is_prepare_meta(path: Path) -> bool:
     return isinstance(meta, dict) and "request" in meta
 
 
-def _request(inputs: Sequence[str], vocab_size: int, tokenizer_path: str | None, val_fraction: float,
+def request_of(inputs: Sequence[str], vocab_size: int, tokenizer_path: str | None, val_fraction: float,
              text_field: str) -> dict:
     """What was asked for, paths made absolute: what they name must not depend on where the run started."""
     request = {"inputs": [_absolute(i) for i in inputs],
@@ -470,7 +336,7 @@ def cache_dir(request: dict) -> Path:
 
     Under $FASTTRAIN_CACHE, else $XDG_CACHE_HOME/fasttrain, else ~/.cache/fasttrain;
     one directory per distinct request, so changing the vocabulary never reuses
-    stale shards. Its paths are absolute (`_request`), since what a relative one
+    stale shards. Its paths are absolute (`request_of`), since what a relative one
     names depends on the working directory.
     """
     root = os.environ.get("FASTTRAIN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fasttrain"
@@ -509,15 +375,15 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
     `d` itself is left as it is: see config.resolve for the config a run records.
     """
     inputs, vocab_size = d.inputs or DEFAULT_INPUTS, d.vocab_size or DEFAULT_VOCAB
-    wanted = _request(inputs, vocab_size, d.tokenizer, d.val_fraction, d.text_field)
+    wanted = request_of(inputs, vocab_size, d.tokenizer, d.val_fraction, d.text_field)
     directory = d.dir or str(cache_dir(wanted))
 
     def wait(holder: str) -> None:  # two runs preparing one cache: the second uses what the first made
         if not quiet:
             print(f"data: waiting for {holder}, which is preparing {directory}")
 
-    with holding(_lock_path(Path(directory)), wait=wait):
-        _finish_interrupted_move(Path(directory), quiet)
+    with holding(lock_path(Path(directory)), wait=wait):
+        finish_interrupted_move(Path(directory), quiet)
         if read_meta(directory) is None:
             if d.dir and not d.inputs and not quiet:  # a typo in data.dir would otherwise pass unnoticed
                 state = "is empty" if Path(directory).is_dir() else "does not exist"

@@ -1,0 +1,206 @@
+"""Encoding at tiktoken's speed: a byte-level BPE tokenizer.json re-expressed as a tiktoken Encoding.
+
+The `tokenizers` library encodes about 7 MB/s of Python source per core here; tiktoken, given the same
+vocabulary, merges and split pattern, about 20. `fast_encoder` builds that Encoding from a loaded tokenizer
+when the two can agree, and `choose_encoder` proves they do on a sample before prepare uses it: a
+tokenizer tiktoken cannot express, or one that encodes the sample differently, is encoded by `tokenizers`,
+said in one line. Shards are the same whichever encoder wrote them.
+
+Why the two agree, and when they would not:
+- Split: tiktoken cuts text into pieces with one regex and drops what falls between matches; `tokenizers`
+  keeps everything. Only patterns that match every character (GPT-2's, Llama 3's) are expressible, so the
+  pre-tokenizer must be ByteLevel with its regex (GPT-2's pattern), or a Split on a regex, isolated, followed
+  by a ByteLevel without one (Llama 3's); a normalizer, a prefix space or a Metaspace is not expressible.
+- Merges: `tokenizers` applies the merge of lowest priority (its index in `merges`), tiktoken the pair whose
+  joined bytes have the lowest rank. Ranks are therefore derived from the merges' order (bytes first, then
+  each merge's result), not taken from the ids, and the ranks are mapped back to ids afterwards.
+- Whole pieces: tiktoken emits a piece that is itself in the vocabulary as one token; `tokenizers` does only
+  when `ignore_merges` is set, and otherwise merges it. Without `ignore_merges` every merged token must
+  therefore come out of `tokenizers`' own merges as itself (checked, one call per token).
+- Special tokens: `tokenizers` cuts its added tokens out of any text, special or not, before splitting; so
+  does tiktoken with every added token allowed, provided no added token strips whitespace or is a prefix
+  of another (tiktoken's alternation takes the first match, `tokenizers` the longest).
+A pair of tokens joined into a token by another merge than the recorded one could still make them differ
+inside a longer piece; no tokenizer tested does, and the sample check is the guard.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Sequence
+
+import numpy as np
+import tokenizers
+
+from fasttrain.data.tokenizer import Tokenizer
+
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+# Text each sample check encodes besides the corpus's own: what tends to tell two BPE implementations apart.
+PROBES = (
+    "", " ", "  \n\n\t  x", "don't I'll we've they're it's I'M 'S", "1234567890 3.14159 1e-9 ١٢٣ ٤٥",
+    "héllo wörld — ünïcödé ñ ß ø", "Привет мир, Ελληνικά, עברית, العربية, हिन्दी, ไทย, 한국어, 日本語の文章, 汉字",
+    "emoji 😀🚀👩‍👩‍👧‍👦🏳️‍🌈 and flags 🇫🇷", "\ufffd\ufffd replaced \ufffd", "\x00\x01\x7f control \u200b\u2028",
+    " " * 40 + "\n" * 9 + "\t" * 5 + "9" * 50, "def f(x):\n    return x  # <|endoftext|> inside\n",
+    "a<|endoftext|>b <|endoftext|><|endoftext|>", "<|end_of_text|></s><eos>",
+)
+
+Encode = Callable[[Sequence[str]], list[np.ndarray]]  # a batch of texts to their ids, one array each
+
+
+class Inexpressible(Exception):
+    """The tokenizer is not one tiktoken encodes identically; the message says why."""
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """The byte-level BPE's printable stand-in character for each byte (GPT-2's), mapped back to the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _pattern(pre: dict | None) -> str:
+    """The one regex tiktoken splits with, for the tokenizer.json pre_tokenizer `pre`."""
+    def byte_level(p: dict, with_regex: bool) -> None:
+        if p.get("type") != "ByteLevel" or p.get("add_prefix_space") or p.get("use_regex", True) != with_regex:
+            raise Inexpressible(f"pre-tokenizer {json.dumps(p)[:80]} is not a byte-level split tiktoken can express")
+
+    if pre is None:
+        raise Inexpressible("no pre-tokenizer (not byte-level)")
+    if pre.get("type") == "ByteLevel":
+        byte_level(pre, True)
+        return GPT2_PATTERN
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if len(steps) == 1 and steps[0].get("type") == "ByteLevel":
+        byte_level(steps[0], True)
+        return GPT2_PATTERN
+    if len(steps) == 2 and steps[0].get("type") == "Split" and "Regex" in steps[0].get("pattern", {}):
+        split = steps[0]
+        if split.get("behavior") != "Isolated" or split.get("invert"):
+            raise Inexpressible(f"a Split that is {split.get('behavior')}{', inverted' if split.get('invert') else ''}")
+        byte_level(steps[1], False)
+        return split["pattern"]["Regex"]
+    raise Inexpressible(f"pre-tokenizer {pre.get('type')} is not a byte-level split tiktoken can express")
+
+
+def fast_encoder(tok: tokenizers.Tokenizer) -> Encode:
+    """tiktoken encoding `tok`'s way; raises Inexpressible (saying why) for a tokenizer it cannot express."""
+    import tiktoken
+
+    spec = json.loads(tok.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise Inexpressible(f"a {model.get('type')} model, not a BPE")
+    if spec.get("normalizer"):
+        raise Inexpressible(f"a {spec['normalizer'].get('type')} normalizer")
+    if spec.get("truncation") or spec.get("padding"):
+        raise Inexpressible("truncation or padding set")
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise Inexpressible(f"BPE {key} = {model[key]!r}")
+    if model.get("byte_fallback"):
+        raise Inexpressible("a byte-fallback BPE (SentencePiece-style)")
+    pattern = _pattern(spec.get("pre_tokenizer"))
+
+    alphabet = _byte_alphabet()
+    vocab: dict[str, int] = model["vocab"]
+
+    def as_bytes(token: str) -> bytes:
+        try:
+            return bytes(alphabet[c] for c in token)
+        except KeyError:
+            raise Inexpressible(f"token {token!r} is not in the byte-level alphabet") from None
+
+    missing = [c for c in alphabet if c not in vocab]
+    if missing:
+        raise Inexpressible(f"{len(missing)} of the 256 bytes have no token")
+    # Ranks in merge order: the 256 bytes, then each merge's result. rank_ids maps a rank back to its id.
+    ranks: dict[bytes, int] = {}
+    ranked: list[int] = []
+    for c in sorted(alphabet, key=alphabet.get):
+        ranks[bytes([alphabet[c]])] = len(ranked)
+        ranked.append(vocab[c])
+    merged: list[str] = []
+    for merge in model["merges"]:
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        token = left + right
+        if token not in vocab:
+            raise Inexpressible(f"merge {left!r} + {right!r} makes no token of the vocabulary")
+        key = as_bytes(token)
+        if key in ranks:
+            raise Inexpressible(f"token {token!r} is made by two merges")
+        ranks[key] = len(ranked)
+        ranked.append(vocab[token])
+        merged.append(token)
+    added = spec.get("added_tokens") or []
+    if model.get("ignore_merges"):  # a whole piece in the vocabulary is one token, however it was made
+        contents = {a["content"] for a in added}
+        for token, i in vocab.items():
+            if token not in contents and as_bytes(token) not in ranks:
+                ranks[as_bytes(token)] = len(ranked)
+                ranked.append(i)
+    else:  # tiktoken takes a whole piece that is a token as that token: tokenizers' merges must make it too
+        for token in merged:
+            made = tok.model.tokenize(token)
+            if len(made) != 1:
+                raise Inexpressible(f"token {token!r} is not what its own merges make of it")
+    specials: dict[str, int] = {}
+    for a in added:
+        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
+            raise Inexpressible(f"added token {a['content']!r} strips whitespace or matches single words only")
+        specials[a["content"]] = len(ranked)
+        ranked.append(a["id"])
+    if any(a != b and b.startswith(a) for a in specials for b in specials):
+        raise Inexpressible("one added token is a prefix of another")
+    try:
+        encoding = tiktoken.Encoding("fasttrain", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    except Exception as e:  # a pattern tiktoken's regex engine refuses: a bare ValueError from Rust
+        raise Inexpressible(f"tiktoken refuses it ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    ids = np.asarray(ranked, dtype=np.uint32)
+    identity = bool((ids == np.arange(ids.size)).all())
+    allowed = frozenset(specials)
+
+    def encode(texts: Sequence[str]) -> list[np.ndarray]:
+        out = [encoding.encode_to_numpy(t, allowed_special=allowed, disallowed_special=()) for t in texts]
+        return out if identity else [ids[o] for o in out]
+
+    return encode
+
+
+def slow_encoder(tokenizer: Tokenizer) -> Encode:
+    """The `tokenizers` library's own encoding (it runs its batch on its own threads)."""
+    def encode(texts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.uint32) for ids in tokenizer.encode_batch(texts)]
+    return encode
+
+
+def choose_encoder(tokenizer: Tokenizer, sample: Sequence[str]) -> tuple[Encode, str, str | None]:
+    """(encode, its name, a note or None): tiktoken when it expresses the tokenizer and gives its ids on
+    `sample` (some of the corpus) and PROBES, else `tokenizers`; the note says why not, in one line. A batch
+    tiktoken cannot encode (a lone surrogate from a JSON escape, say) is encoded by `tokenizers`, whose
+    error, if it has one, is prepare's."""
+    slow = slow_encoder(tokenizer)
+    try:
+        fast = fast_encoder(tokenizer.tok)
+    except Inexpressible as e:
+        return slow, "tokenizers", f"encoder: tokenizers (tiktoken cannot express {tokenizer.source}: {e})"
+    texts = [*PROBES, *sample]
+    try:
+        same = all(np.array_equal(a, b) for a, b in zip(fast(texts), slow(texts), strict=True))
+    except Exception as e:  # text one of them cannot encode: prepare's own encoding reports it
+        return slow, "tokenizers", f"encoder: tokenizers (the sample check failed: {str(e).splitlines()[0][:80]})"
+    if not same:
+        return slow, "tokenizers", f"encoder: tokenizers (tiktoken gave other ids than {tokenizer.source} on a sample)"
+
+    def encode(texts: Sequence[str]) -> list[np.ndarray]:
+        try:
+            return fast(texts)
+        except Exception:
+            return slow(texts)
+    return encode, "tiktoken", None
