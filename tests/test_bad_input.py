@@ -100,6 +100,12 @@ def flipped_copy(c: Case) -> str:
     return str(copy)
 
 
+def planted_checksum(folder: Path, name: str) -> None:
+    """A sharded checkpoint whose state.pt records a checksum for `name` (a FIFO's would hang a read)."""
+    state = torch.load(folder / "state.pt", weights_only=True)
+    torch.save({**state, "checksums": {**state["checksums"], name: 0}}, folder / "state.pt")
+
+
 def evil_metadata(c: Case, folder: Path) -> None:
     """A sharded checkpoint's .metadata (a pickle, which DCP's own reader loads with pickle.load) that would
     create a file when unpickled."""
@@ -675,19 +681,22 @@ CASES = [
     ("export: a run an interrupted --overwrite set aside", export, lambda c: [str(overwrite_killed(c) / "checkpoints")],
      "the earlier run, set aside by an --overwrite start stopped before its first checkpoint, is in "),
     ("resume: a bit flipped in a checkpoint file", train,
-     resume_damaged(lambda d: flip_a_bit(d / "step_0000002.pt")), "step_0000002.pt: checksum mismatch in its record "),
+     resume_damaged(lambda d: flip_a_bit(d / "step_0000002.pt")), "step_0000002.pt: checksum mismatch, damaged since it was saved (its record "),
     ("export: a bit flipped in a checkpoint file", export,
      lambda c: [flipped_copy(c)],
-     "flipped.pt: checksum mismatch in its record "),
+     "flipped.pt: checksum mismatch, damaged since it was saved (its record "),
     ("resume: a bit flipped in a sharded checkpoint's .distcp", train,
      lambda c: c.train(flags=["--resume", str(sharded_run(c, lambda d: flip_a_bit(d / "__0_0.distcp")))]),
-     "__0_0.distcp: checksum mismatch: CRC-32 "),
+     "__0_0.distcp: checksum mismatch, damaged since it was saved (CRC-32 "),
     ("sample: a bit flipped in a sharded checkpoint's .distcp", sample,
      lambda c: [str(sharded_run(c, lambda d: flip_a_bit(d / "__0_0.distcp")))],
-     "__0_0.distcp: checksum mismatch: CRC-32 "),
+     "__0_0.distcp: checksum mismatch, damaged since it was saved (CRC-32 "),
     ("evaluate: a bit flipped in a sharded checkpoint's state.pt", evaluate,
      lambda c: [str(sharded_run(c, lambda d: flip_a_bit(d / "state.pt", 0.3))), "--split", "val"],
-     "state.pt: checksum mismatch in its record "),
+     "state.pt: checksum mismatch, damaged since it was saved (its record "),
+    ("export: a sharded checkpoint's checksums naming a file outside it", export,
+     lambda c: [str(sharded_run(c, lambda d: planted_checksum(d, "../../config.toml")))],
+     "state.pt: checksums unreadable, damaged since it was saved (one for '../../config.toml', not a file of "),
     # round five: prepare parts
     *[(f"prepare --part {spec}", prepare, lambda c, spec=spec: ["--input", "builtin:pydoc", "--out", str(c.tmp / "p"),
                                                                 f"--part={spec}"],
