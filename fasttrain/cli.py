@@ -5,8 +5,8 @@
     fasttrain --help
     fasttrain --version
 
-`fasttrain TOOL ARGS...` is exactly `python -m fasttrain.TOOL ARGS...` (same parser, same
-errors and exit codes), and `python -m fasttrain TOOL ...` is the same again.
+`fasttrain TOOL ARGS...` is exactly `python -m MODULE ARGS...` of the tool's module in TOOLS (same
+parser, same errors and exit codes), and `python -m fasttrain TOOL ...` is the same again.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fasttrain.system.errors import UsageError, run_cli
 # tool -> (module, what it does): the order `fasttrain --help` lists them in, the order of a workflow
 TOOLS = {
     "prepare": ("fasttrain.prepare", "tokenize text into shards (a prepared folder)"),
-    "configs": ("fasttrain.configs", "list the shipped configs (fasttrain train NAME runs one)"),
+    "configs": ("fasttrain.config.shipped", "list the shipped configs (fasttrain train NAME runs one)"),
     "init": ("fasttrain.init", "write a copy of a shipped config to edit"),
     "train": ("fasttrain.train", "train a model from a TOML config or a shipped config's name"),
     "sample": ("fasttrain.sample", "generate text from a run, its weights or a checkpoint"),

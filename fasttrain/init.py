@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from fasttrain import config, configs
+from fasttrain import config
+from fasttrain.config import shipped
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
@@ -22,7 +23,7 @@ from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 def copies(name: str, path: Path) -> list[tuple[Path, bytes]]:
     """(where, content) of every file `init` writes for shipped config `name` at `path`: the config, then each
     file it extends, named as the config names it, in the same directory."""
-    source = configs.shipped(name)
+    source = shipped.file_of(name)
     files = [(path, source.read_bytes())]
     while (base := config.extended_path(source)) is not None:
         source = source.parent / base

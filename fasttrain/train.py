@@ -21,8 +21,7 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
-from fasttrain import configs
-from fasttrain.config import Config, add_config_arguments, config_from_args, config_overrides
+from fasttrain.config import Config, add_config_arguments, config_from_args, config_overrides, shipped
 from fasttrain.evaluate import score_tasks
 from fasttrain.system import distributed
 from fasttrain.system.errors import ArgumentParser, run_cli
@@ -45,8 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="print nothing; metrics.jsonl still gets everything")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-    config_file, shipped = configs.locate(args.config)
-    if shipped and not args.quiet and distributed.world_from_env().is_main:
+    config_file, is_shipped = shipped.locate(args.config)
+    if is_shipped and not args.quiet and distributed.world_from_env().is_main:
         print(f"config: {args.config} (shipped, {config_file})")
     index = harness = None
     if cfg.eval.tasks:  # lm-eval missing, an include path or a task it cannot find: said now, not after the run
@@ -121,7 +120,7 @@ def resume_command(args: argparse.Namespace, cfg: Config) -> str:
     sets = [item for _, item in config_overrides(args) if item.partition("=")[0].strip() not in places]
     sets += [f"{key}={value}" for key, value in places.items()]  # a path as a bare string, see load_config
     quiet = ["--quiet"] if args.quiet else []
-    config_file = configs.locate(args.config)[0]  # a shipped config's name: its file, wherever it is run from
+    config_file = shipped.locate(args.config)[0]  # a shipped config's name: its file, wherever it is run from
     return shlex.join(["python", "-m", "fasttrain.train", os.path.abspath(config_file), *quiet, "--set", *sets,
                        "--resume", "auto"])
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fasttrain import cli, configs, init
+from fasttrain import cli, init
+from fasttrain.config import shipped
 from fasttrain.system.errors import run_cli
 
 try:
@@ -41,7 +42,7 @@ def test_configs_lists_every_shipped_file_with_one_line(capsys):
     code, out, _ = run(cli.main, ["configs"], capsys)
     assert code == 0
     names = sorted(p.stem for p in (ROOT / "configs").glob("*.toml"))
-    assert names == list(configs.available()) and len(names) >= 3
+    assert names == list(shipped.available()) and len(names) >= 3
     for name in names:
         line = next(line for line in out.splitlines() if line.startswith(name + " "))
         assert len(line.split()) > 3  # the name and its description
@@ -49,10 +50,10 @@ def test_configs_lists_every_shipped_file_with_one_line(capsys):
 
 def test_a_name_runs_the_shipped_config_from_any_directory_and_a_file_wins(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert configs.locate("base") == (str(ROOT / "configs" / "base.toml"), True)
+    assert shipped.locate("base") == (str(ROOT / "configs" / "base.toml"), True)
     (tmp_path / "base").write_text("[train]\nmax_steps = 3\n")
-    assert configs.locate("base") == ("base", False)  # a file of that name here wins
-    assert configs.locate("sub/x.toml") == ("sub/x.toml", False)  # a path: its error comes where it is read
+    assert shipped.locate("base") == ("base", False)  # a file of that name here wins
+    assert shipped.locate("sub/x.toml") == ("sub/x.toml", False)  # a path: its error comes where it is read
 
 
 @pytest.mark.parametrize("make, args, expected", [

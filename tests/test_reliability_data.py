@@ -91,14 +91,16 @@ def test_text_a_wordlevel_tokenizer_cannot_encode_is_counted_and_warned(tmp_path
                            "unk_token": "[UNK]"}, "pre_tokenizer": {"type": "Whitespace"}}
     (tmp_path / "wordlevel.json").write_text(json.dumps(tokenizer))
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": "the cat sat on the mat dog " * 20}) + "\n" for _ in range(10)))
+    # documents of different lengths: identical ones would all be validation, as the first document is
+    docs.write_text("".join(json.dumps({"text": "the cat sat on the mat dog " * (20 + i)}) + "\n" for i in range(10)))
     code, out, err = cli(capsys, "--input", str(docs), "--out", str(tmp_path / "data"),
                          "--tokenizer", str(tmp_path / "wordlevel.json"))
     assert code == 0, err
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
-    assert meta["unknown_tokens"] == 10 * 20  # "dog", once a repeat of each document
+    unknown = sum(20 + i for i in range(10))  # "dog", once a repeat of each document
+    assert meta["unknown_tokens"] == unknown
     total = meta["tokens"]["train"] + meta["tokens"]["val"]
-    assert f"warning: 200 of the {total:,} tokens" in out and "unknown token [UNK]" in out, out
+    assert f"warning: {unknown} of the {total:,} tokens" in out and "unknown token [UNK]" in out, out
 
 
 def test_paths_are_recorded_absolute_and_compared_resolved(tmp_path, monkeypatch, capsys):

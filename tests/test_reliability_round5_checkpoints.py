@@ -22,7 +22,7 @@ from fasttrain.training import checkpoint
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_args
 from tests.test_checkpoint import ENDLESS, ROOT, events, run_cli_code, wait_for
-from tests.test_mixture import code_data, mixture  # noqa: F401 (code_data: a fixture)
+from tests.test_mixture import mixture
 from tests.test_reliability_start import QUICK, snapshot
 
 
@@ -65,7 +65,7 @@ def test_a_save_beyond_the_file_size_limit_is_one_line_and_keeps_the_earlier_sav
 
 @pytest.mark.subprocess
 def test_the_resume_command_of_a_stopped_mixture_run_works_from_another_directory(
-        pydoc_data, code_data, tmp_path):  # noqa: F811 (the fixture imported above)
+        pydoc_data, code_data, tmp_path):
     """Item 11: SIGTERM of a mixture run printed a command that set data.dir to the working directory, which a
     mixture refuses (and its sources, named relative to where it started, were not found from elsewhere)."""
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 
-from fasttrain import configs
 from fasttrain.config.loading import OVERRIDE_SOURCE, _build, _read_layers
 from fasttrain.config.sections import Config
 from fasttrain.system.errors import UsageError
@@ -55,7 +54,9 @@ def config_from_args(args: argparse.Namespace, *more: str) -> Config:
     if args.config is None:
         raise UsageError("the following arguments are required: config (a TOML file or a shipped config's name, "
                          "e.g. base; see --help)")
-    return _build(_read_layers(configs.locate(args.config)[0]), config_overrides(args, *more))
+    from fasttrain.config import shipped  # here: `python -m fasttrain.config.shipped` runs that module as __main__
+
+    return _build(_read_layers(shipped.locate(args.config)[0]), config_overrides(args, *more))
 
 
 def config_overrides(args: argparse.Namespace, *more: str) -> list[tuple[str, str]]:

@@ -153,6 +153,10 @@ def _check_writable(out: Path, overwrite: bool) -> None:
 
 def check_counts(counts: dict, inputs: Sequence[str], val_fraction: float) -> None:
     """Refuse a preparation with no training text, or no validation text when some was asked for."""
+    if counts["tokens"]["train"] == 0 and counts["tokens"]["val"] > 0:  # every document was the first's text
+        raise UsageError(f"{', '.join(inputs)}: every document went to validation (the first document's text is "
+                         "always validation, and identical documents stay in one split); give documents of other "
+                         "text, or --val-fraction 0")
     if counts["tokens"]["train"] == 0:
         raise UsageError(f"{', '.join(inputs)}: no text found")
     if val_fraction > 0 and counts["tokens"]["val"] == 0:  # by the end of the text, with no line end after the cut

@@ -1,6 +1,6 @@
 """The configs that ship with fasttrain, taken by name: `fasttrain train base` from any directory.
 
-    python -m fasttrain.configs          (fasttrain configs: each shipped config, one line each)
+    python -m fasttrain.config.shipped          (fasttrain configs: each shipped config, one line each)
 
 The files are the repository's top-level configs/, one copy of each: a wheel carries them as
 fasttrain/config_files/ (pyproject.toml maps that package onto configs/), and a clone or an editable
@@ -16,7 +16,7 @@ from typing import Sequence
 
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parents[1]  # fasttrain/
 
 
 def folder() -> Path:
@@ -38,7 +38,7 @@ def available() -> dict[str, str]:
     return found
 
 
-def shipped(name: str) -> Path:
+def file_of(name: str) -> Path:
     """The shipped config called `name`; UsageError listing the names when there is none."""
     if name not in available():
         raise UsageError(f"{name!r}: not a shipped config; one of {', '.join(available())} "
@@ -65,7 +65,7 @@ def locate(spec: str) -> tuple[str, bool]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m fasttrain.configs", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m fasttrain.config.shipped", description=__doc__.split("\n\n")[0])
     parser.parse_args(argv)
     names = available()
     width = max(map(len, names), default=0)
