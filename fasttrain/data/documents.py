@@ -52,9 +52,9 @@ def document_starts(shard: ShardInfo, eot_id: int, cache: bool = True) -> np.nda
     a scan is cached unless not `cache` (a dry run writes nothing)."""
     stat = os.stat(shard.path)
     key = np.array([shard.num_tokens, eot_id, stat.st_mtime_ns], dtype=np.int64)
-    cache = index_path(shard)
+    path = index_path(shard)
     with contextlib.suppress(OSError, ValueError):  # missing or unreadable: scan the shard
-        cached = np.load(cache)
+        cached = np.load(path)
         if cached.dtype == np.int64 and np.array_equal(cached[:3], key):
             return cached[3:]
     found, base = [], 0
@@ -65,7 +65,7 @@ def document_starts(shard: ShardInfo, eot_id: int, cache: bool = True) -> np.nda
     if not cache:
         return starts
     with contextlib.suppress(UsageError):  # a cache is a convenience: a read-only directory means scanning again
-        write_atomically(cache, lambda f: np.save(f, np.concatenate([key, starts])), "cache the document index")
+        write_atomically(path, lambda f: np.save(f, np.concatenate([key, starts])), "cache the document index")
     return starts
 
 
