@@ -1,6 +1,7 @@
 """Train a language model from a TOML config.
 
     python -m fasttrain.train configs/base.toml [--set SECTION.KEY=VALUE ...] [--resume auto|auto-or-new|PATH]
+    python -m fasttrain.train configs/base.toml --dry-run [--json] [--measure N]
 
 With the default config and no other setup this prepares the embedded corpus
 (cached for later runs), trains a small model, evaluates and samples it along the
@@ -8,6 +9,8 @@ way, saves checkpoints and the final weights, and prints where everything went.
 Ctrl-C (or SIGTERM) saves a checkpoint and prints the command that resumes it, from any directory.
 `--resume auto-or-new` is the command line for `torchrun --max-restarts`, which runs it again after a failure:
 a new run the first time, and from then on the latest checkpoint (docs/multi-gpu.md, "Restarting after a failure").
+`--dry-run` prints the run's plan (fasttrain/training/plan.py) and writes nothing; the data is prepared here,
+before the Trainer is built.
 """
 
 from __future__ import annotations
@@ -24,10 +27,14 @@ from typing import Sequence
 from fasttrain.config import Config, add_config_arguments, config_from_args, config_overrides, shipped
 from fasttrain.evaluate import score_tasks
 from fasttrain.system import distributed
-from fasttrain.system.errors import ArgumentParser, run_cli
+from fasttrain.system.device import use_device
+from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.training.checkpoint import REPLACED, put_back_replaced, saved_steps
+from fasttrain.training.measure import measure, measure_line
+from fasttrain.training.plan import plan_run
+from fasttrain.training.plan_table import plan_table
 from fasttrain.training.trained_model import load_trained
-from fasttrain.training.trainer import Interrupted, Trainer
+from fasttrain.training.trainer import Interrupted, Trainer, start_run
 
 AUTO_OR_NEW = "auto-or-new"  # --resume auto, or a new run while train.out_dir has no checkpoint
 
@@ -42,8 +49,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     start.add_argument("--overwrite", action="store_true",
                        help="start a new run in a train.out_dir that holds another run's checkpoints, deleting them")
     parser.add_argument("--quiet", action="store_true", help="print nothing; metrics.jsonl still gets everything")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what the run would do (its plan) and exit, writing nothing")
+    parser.add_argument("--json", action="store_true", help="--dry-run: the plan as one JSON object")
+    parser.add_argument("--measure", type=positive_int, metavar="N",
+                        help="--dry-run: time N real steps (saved nowhere) and project the run's time")
     args = parser.parse_args(argv)
+    if (args.json or args.measure) and not args.dry_run:
+        raise UsageError(f"{'--json' if args.json else '--measure'}: only with --dry-run")
     cfg = config_from_args(args)
+    if args.dry_run:
+        return dry_run(cfg, args.json, args.measure)
     config_file, is_shipped = shipped.locate(args.config)
     if is_shipped and not args.quiet and distributed.world_from_env().is_main:
         print(f"config: {args.config} (shipped, {config_file})")
@@ -61,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         resume = checkpoint_to_resume(args.resume, cfg.train.out_dir,
                                       args.quiet or not world.is_main)
-        trainer = Trainer(cfg, quiet=args.quiet, resuming=resume is not None)
+        trainer = Trainer(cfg, quiet=args.quiet, resuming=resume is not None, plan=start_run(cfg, args.quiet))
         if harness is not None:  # the data's tokenizer must encode the tasks' text: said now, not after the run
             harness.check_tokenizer(trainer.tokenizer, "eval.tasks")
         if resume:
@@ -83,6 +99,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         score_tasks(load_trained(summary["weights"], device), e.tasks, e.num_fewshot, e.limit or None, index,
                     batch_size)
     return 0
+
+
+def dry_run(cfg: Config, as_json: bool, measure_steps: int | None) -> int:
+    """Print the plan of a run of `cfg` (rank 0 prints the world's), as a table or one JSON object with the
+    start event's keys; with `measure_steps`, time that many real steps too. Writes nothing: the data must be
+    prepared for a measurement (a plan says what would be prepared)."""
+    world = distributed.world_from_env()
+    device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
+    plan = plan_run(cfg, world, device)
+    found = {}
+    if measure_steps:
+        if plan.prepare:
+            raise UsageError(f"--measure: the data is not prepared yet (the run prepares {plan.prepare}); prepare "
+                             "it first (fasttrain prepare, or a run), or leave out --measure")
+        distributed.start(world, device)
+        try:
+            found = measure(plan, measure_steps)
+        finally:
+            distributed.stop()
+    if world.is_main:
+        print(json.dumps({**plan.record(), **found}) if as_json else
+              "\n".join([plan_table(plan), *([measure_line(found)] if found else [])]))
+    return 0
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {value}")
+    return value
 
 
 def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | None:

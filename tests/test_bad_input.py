@@ -338,6 +338,13 @@ CASES = [
     ("resume and overwrite at once", train, lambda c: c.train(flags=["--resume", "auto", "--overwrite"]),
      "argument --overwrite: not allowed with argument --resume"),
     ("--set without =", train, lambda c: c.train("train.max_steps"), "expected SECTION.KEY=VALUE"),
+    ("--measure 0", train, lambda c: c.train(flags=["--dry-run", "--measure", "0"]),
+     "argument --measure: expected an integer > 0, got 0"),
+    ("--measure negative", train, lambda c: c.train(flags=["--dry-run", "--measure=-1"]),
+     "argument --measure: expected an integer > 0, got -1"),
+    ("--measure not a number", train, lambda c: c.train(flags=["--dry-run", "--measure", "abc"]),
+     "argument --measure: expected an integer > 0, got 'abc'"),
+    ("--json without --dry-run", train, lambda c: c.train(flags=["--json"]), "--json: only with --dry-run"),
     ("no config given", train, lambda c: [], "the following arguments are required: config"),
     ("doctor: steps not a number", doctor, lambda c: ["configs/base.toml", "--overfit-steps", "many"],
      "invalid int value: 'many'"),
@@ -796,3 +803,39 @@ def test_bad_input(program, make_args, expected, pydoc_data, saved_run, tmp_path
     assert expected in err, err
     assert snapshot(saved_run) == before  # nothing already saved was touched
     assert not (tmp_path / "pwned").exists()  # and no checkpoint ran code
+
+
+def not_planned(name: str) -> str | None:
+    """Why a dry run cannot give the run's line for the train row `name`; None where it must."""
+    if any(word in name for word in ("resume", "latest", "sharded checkpoint", "--overwrite")):
+        return "resuming, and --overwrite, are the started run's: the plan is of a new run"
+    if any(word in name for word in ("checkpoints", "run directory")):
+        return "train.out_dir's state is checked as the run starts (with --resume and --overwrite): not planned yet"
+    if name.startswith("init_from") and "not a Llama" not in name:
+        return "the weights are read as the model is built; the plan reads config.json alone"
+    if name.startswith("train: eval."):
+        return "eval.tasks are checked against the built tokenizer, after the plan"
+    if name == "ids beyond the vocabulary, header lying":
+        return "found as the first batches are read"
+    if name == "--json without --dry-run":
+        return "the row is about a missing --dry-run"
+    return None
+
+
+TRAIN_ROWS = [c for c in CASES if c[1] is train and not_planned(c[0]) is None]
+
+
+@pytest.mark.parametrize("make_args, expected", [c[2:] for c in TRAIN_ROWS], ids=[c[0] for c in TRAIN_ROWS])
+def test_a_dry_run_refuses_with_the_runs_line(make_args, expected, pydoc_data, saved_run, tmp_path, capsys):
+    """`--dry-run` on each config the run refuses stops with the run's own line, and writes nothing."""
+    if "CUDA" in expected and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args = make_args(Case(pydoc_data, saved_run, tmp_path))
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(train.main, [*args, "--dry-run"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert expected in err, err
+    assert snapshot(tmp_path) == before

@@ -47,13 +47,14 @@ def index_path(shard: ShardInfo) -> str:
     return shard.path + ".docs.npy"
 
 
-def document_starts(shard: ShardInfo, eot_id: int) -> np.ndarray:
-    """Positions in `shard` of its end-of-text tokens (int64, ascending), read from the cache when it is current."""
+def document_starts(shard: ShardInfo, eot_id: int, cache: bool = True) -> np.ndarray:
+    """Positions in `shard` of its end-of-text tokens (int64, ascending), read from the cache when it is current;
+    a scan is cached unless not `cache` (a dry run writes nothing)."""
     stat = os.stat(shard.path)
     key = np.array([shard.num_tokens, eot_id, stat.st_mtime_ns], dtype=np.int64)
-    cache = index_path(shard)
+    path = index_path(shard)
     with contextlib.suppress(OSError, ValueError):  # missing or unreadable: scan the shard
-        cached = np.load(cache)
+        cached = np.load(path)
         if cached.dtype == np.int64 and np.array_equal(cached[:3], key):
             return cached[3:]
     found, base = [], 0
@@ -61,17 +62,20 @@ def document_starts(shard: ShardInfo, eot_id: int) -> np.ndarray:
         found.append(np.flatnonzero(tokens == eot_id) + base)
         base += tokens.size
     starts = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    if not cache:
+        return starts
     with contextlib.suppress(UsageError):  # a cache is a convenience: a read-only directory means scanning again
-        write_atomically(cache, lambda f: np.save(f, np.concatenate([key, starts])), "cache the document index")
+        write_atomically(path, lambda f: np.save(f, np.concatenate([key, starts])), "cache the document index")
     return starts
 
 
 class Rows:
     """The rows of one split in one batching mode: row i is tokens [offset[i], offset[i] + length[i]) of
-    shard[i]. Packed rows are computed from their number; the others are held as arrays."""
+    shard[i]. Packed rows are computed from their number; the others are held as arrays (`cache`: see
+    document_starts)."""
 
     def __init__(self, shards: list[ShardInfo], seq_len: int, batching: Batching, eot_id: int | None = None,
-                 tails: bool = False):
+                 tails: bool = False, cache: bool = True):
         self.seq_len = seq_len
         self.batching = batching
         if batching == "packed":
@@ -83,7 +87,7 @@ class Rows:
             return
         if eot_id is None:
             raise ValueError(f"batching {batching!r} needs the end-of-text token id to find documents")
-        per_shard = [_document_rows(s.num_tokens, document_starts(s, eot_id), seq_len, batching) for s in shards]
+        per_shard = [_document_rows(s.num_tokens, document_starts(s, eot_id, cache), seq_len, batching) for s in shards]
         self._shard = np.concatenate([np.full(len(o), i, dtype=np.int32) for i, (o, _) in enumerate(per_shard)])
         self._offset = np.concatenate([o for o, _ in per_shard])
         self._length = np.concatenate([n for _, n in per_shard]).astype(np.int32)

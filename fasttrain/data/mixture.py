@@ -27,7 +27,8 @@ from typing import Sequence
 import numpy as np
 
 from fasttrain.config import DataConfig
-from fasttrain.data.preparation import PreparedData, ensure_prepared, open_prepared
+from fasttrain.data.preparation import find_prepared
+from fasttrain.data.prepared import PreparedData, open_prepared
 from fasttrain.data.tokenizer import fingerprint
 from fasttrain.system.errors import UsageError
 
@@ -206,14 +207,15 @@ class Source:
     data: PreparedData
 
 
-def open_sources(d: DataConfig, quiet: bool = False) -> list[Source]:
-    """The run's sources: the [[data.sources]] folders, each checked whole (preparation.open_prepared), sharing
-    one tokenizer; or the one folder of data.dir / data.inputs (prepared if need be: ensure_prepared) with
-    weight 1. UsageError naming the folder and key for one that is missing, empty, of another tokenizer or
-    vocabulary, or without a validation split."""
+def open_sources(d: DataConfig) -> list[Source]:
+    """The run's sources as they are now: the [[data.sources]] folders, each checked whole
+    (prepared.open_prepared), sharing one tokenizer; or the one folder of data.dir / data.inputs with weight 1
+    (preparation.find_prepared), none while nothing is prepared there yet (preparation.ensure_prepared prepares
+    it). UsageError naming the folder and key for one that is missing, empty, of another tokenizer or
+    vocabulary, or without a validation split. Reads, never writes."""
     if not d.sources:
-        data = ensure_prepared(d, quiet=quiet)
-        return [Source(Path(data.dir).name, data.dir, 1.0, data)]
+        directory, data = find_prepared(d)
+        return [Source(Path(directory).name, directory, 1.0, data)] if data else []
     weights = normalized([s.weight for s in d.sources])
     opened = []
     for i, s in enumerate(d.sources):

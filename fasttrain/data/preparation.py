@@ -26,12 +26,10 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Sequence
@@ -39,7 +37,8 @@ from typing import Sequence
 from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB, DataConfig
 from fasttrain.data.corpus import resolve_inputs
 from fasttrain.data.pipeline import write_shards
-from fasttrain.data.shards import SPLITS, check_meta, find_shards, read_meta, token_dtype
+from fasttrain.data.prepared import PreparedData, open_prepared
+from fasttrain.data.shards import read_meta, token_dtype
 from fasttrain.data.split import Sample, all_pieces, plan_split, split_documents, tokenizer_sample
 from fasttrain.data.tokenizer import Tokenizer, fingerprint
 from fasttrain.system.atomic import write_atomically
@@ -67,10 +66,8 @@ def _prepare(
     quiet: bool = False,
 ) -> dict:
     """`prepare`, for a caller that holds `out_dir`'s lock and has finished an interrupted move."""
-    check_options(val_fraction, shard_tokens, tokenizer_path)
-    sources = resolve_inputs(inputs)
     out = Path(out_dir)
-    _check_writable(out, overwrite)
+    sources = check_preparable(inputs, out, val_fraction, shard_tokens, tokenizer_path, overwrite)
     tmp = out / TMP_NAME
     created = not out.exists()  # removed again if this run fails, so DIR is left as it was
     try:
@@ -122,6 +119,16 @@ def _prepare(
     if not quiet:
         report(meta, tokenizer, out)
     return meta
+
+
+def check_preparable(inputs: Sequence[str], out: Path, val_fraction: float, shard_tokens: int = 100_000_000,
+                     tokenizer_path: str | None = None, overwrite: bool = False) -> list:
+    """Everything that can refuse preparing `inputs` into `out` before anything is read or written (options,
+    inputs that name nothing, an `out` that is not ours to fill); returns the inputs' sources (corpus.Source)."""
+    check_options(val_fraction, shard_tokens, tokenizer_path)
+    sources = resolve_inputs(inputs)
+    _check_writable(out, overwrite)
+    return sources
 
 
 def check_options(val_fraction: float, shard_tokens: int, tokenizer_path: str | None) -> None:
@@ -349,24 +356,6 @@ def cache_dir(request: dict) -> Path:
     return Path(root) / f"{name}-{digest}"
 
 
-@dataclass(frozen=True)
-class PreparedData:
-    """What `ensure_prepared` found: the directory of prepared data and its meta.json."""
-
-    dir: str
-    meta: dict
-
-    @property
-    def vocab_size(self) -> int:
-        """The tokenizer's vocabulary size, end-of-text included."""
-        return int(self.meta["vocab_size"])
-
-    @property
-    def bits_per_nat(self) -> float:
-        """Validation bits per byte of text for each nat of loss per token."""
-        return self.meta["tokens"]["val"] / (self.meta["text_bytes"]["val"] * math.log(2))
-
-
 def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
     """Make sure prepared data for [data] `d` exists, and say where it is and what it holds.
 
@@ -379,8 +368,7 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
     `d` itself is left as it is: see config.resolve for the config a run records.
     """
     inputs, vocab_size = d.inputs or DEFAULT_INPUTS, d.vocab_size or DEFAULT_VOCAB
-    wanted = request_of(inputs, vocab_size, d.tokenizer, d.val_fraction, d.text_field)
-    directory = d.dir or str(cache_dir(wanted))
+    directory = prepared_dir(d)
 
     def wait(holder: str) -> None:  # two runs preparing one cache: the second uses what the first made
         if not quiet:
@@ -397,6 +385,21 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
                           "folder, check the path")
             _prepare(inputs, directory, vocab_size=vocab_size, tokenizer_path=d.tokenizer or None,
                      val_fraction=d.val_fraction, text_field=d.text_field, quiet=quiet)
+    return find_prepared(d)[1]
+
+
+def prepared_dir(d: DataConfig) -> str:
+    """The folder [data] `d` trains from: data.dir, or the cache directory of its request (`cache_dir`)."""
+    return d.dir or str(cache_dir(request_of(d.inputs or DEFAULT_INPUTS, d.vocab_size or DEFAULT_VOCAB, d.tokenizer,
+                                             d.val_fraction, d.text_field)))
+
+
+def find_prepared(d: DataConfig) -> tuple[str, PreparedData | None]:
+    """Where [data] `d`'s prepared data is (`prepared_dir`) and what it holds, checked whole (`open_prepared`) and
+    against what `d` asks for (see ensure_prepared); None while nothing is prepared there. Reads, never writes."""
+    directory = prepared_dir(d)
+    if read_meta(directory) is None:
+        return directory, None
     prepared = open_prepared(directory)
     found = {"text_field": "text", **prepared.meta["request"]}
     differ = [(key, value) for key, value in _given(d).items() if _comparable(key, found.get(key)) != value]
@@ -406,24 +409,7 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
             f"{', '.join(f'{k}={found.get(k)!r}' for k, _ in differ)}, not what [data] asks for "
             f"({', '.join(f'data.{k} = {v!r}' for k, v in differ)}); leave those keys unset to train on this "
             "folder as it is, point data.dir elsewhere, or remove the directory")
-    return prepared
-
-
-def open_prepared(directory: str | os.PathLike) -> PreparedData:
-    """The prepared folder `directory`, checked whole before a run uses it: its meta.json (`check_meta`: every
-    key read later, and counts that must agree), the tokenizer against the sha256 recorded at preparation
-    (folders prepared before that recorded none) and its vocabulary and end-of-text id, and each shard's
-    header against meta.json (the headers only: cheap). Any disagreement is a UsageError naming the file.
-    Use this, not read_meta, wherever a prepared folder's counts are read (bits per byte divide by them)."""
-    directory = os.fspath(directory)
-    path = Path(directory) / "meta.json"
-    meta = read_meta(directory)
-    if meta is None:
-        raise UsageError(f"{directory}: no prepared data there (no meta.json); prepare it with "
-                         f"fasttrain prepare --out {directory}")
-    check_meta(meta, path)
-    _check_consistent(Path(directory), meta)
-    return PreparedData(directory, meta)
+    return directory, prepared
 
 
 def _given(d: DataConfig) -> dict:
@@ -459,39 +445,3 @@ def _comparable(key: str, value: object) -> object:
     if key == "tokenizer" and isinstance(value, str):
         return resolved(value)
     return value
-
-
-def _check_consistent(directory: Path, meta: dict) -> None:
-    """Refuse prepared data whose parts disagree, at start-up: before a run deletes anything (--overwrite)
-    and before an evaluation, hours in, finds no val split or trains on shards of another preparation."""
-    path = directory / "meta.json"
-    tokenizer_file = directory / "tokenizer.json"
-    recorded = meta.get("tokenizer_sha256")
-    if recorded is not None and tokenizer_file.is_file() and fingerprint(tokenizer_file) != recorded:
-        raise UsageError(f"{tokenizer_file}: not the tokenizer this data was prepared with (its sha256 is "
-                         f"{fingerprint(tokenizer_file)[:16]}..., meta.json records {recorded[:16]}...); "
-                         "put the original back or prepare the data again")
-    tokenizer = Tokenizer.load(tokenizer_file)
-    if tokenizer.vocab_size != meta["vocab_size"]:
-        raise UsageError(f"{path}: vocab_size = {meta['vocab_size']} disagrees with tokenizer.json's "
-                         f"{tokenizer.vocab_size}; prepare the data again")
-    if tokenizer.eot_id != meta["eot_id"]:
-        raise UsageError(f"{path}: eot_id = {meta['eot_id']} disagrees with tokenizer.json's end-of-text id "
-                         f"{tokenizer.eot_id}; prepare the data again")
-    for split in SPLITS:  # every run evaluates: no val shards is an error too
-        shards = find_shards(directory, split)
-        names, listed = [Path(s.path).name for s in shards], meta["shards"][split]
-        for name in sorted(set(listed) - set(names)):
-            raise UsageError(f"{directory / name}: missing (a {split} shard meta.json lists); prepare the data again")
-        for name in sorted(set(names) - set(listed)):
-            raise UsageError(f"{directory / name}: a {split} shard meta.json does not list (from another "
-                             "preparation?); remove it or prepare the data again")
-        for s in shards:
-            if s.vocab_size != meta["vocab_size"] or s.dtype.name != meta["token_dtype"]:
-                raise UsageError(f"{s.path}: a shard of another preparation (its header says vocabulary "
-                                 f"{s.vocab_size}, {s.dtype} tokens; meta.json says {meta['vocab_size']}, "
-                                 f"{meta['token_dtype']}); prepare the data again")
-        total = sum(s.num_tokens for s in shards)
-        if total != meta["tokens"][split]:
-            raise UsageError(f"{directory}: its {split} shards hold {total:,} tokens, meta.json's tokens.{split} "
-                             f"says {meta['tokens'][split]:,}: shards of another preparation; prepare the data again")

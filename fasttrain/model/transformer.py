@@ -267,6 +267,17 @@ def num_params(cfg: ModelConfig) -> int:
     return one.num_params() + (cfg.n_layers - 1) * per_block
 
 
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward) of `Transformer(cfg)`, PaLM's estimate 6N + 12 L H Q T.
+
+    N counts the parameters that take part in matmuls: every one except an untied
+    embedding table, which is only a lookup. The second term is attention's
+    score and value matmuls over a context of `seq_len`.
+    """
+    n = num_params(cfg) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * (cfg.d_model // cfg.n_heads) * seq_len
+
+
 class Transformer(nn.Module):
     """The language model: `forward(tokens (B, T)) -> logits (B, T, vocab_size)`.
 
@@ -347,15 +358,8 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward), PaLM's estimate 6N + 12 L H Q T.
-
-        N counts the parameters that take part in matmuls: every one except an untied
-        embedding table, which is only a lookup. The second term is attention's
-        score and value matmuls over a context of `seq_len`.
-        """
-        n = self.num_params() - (0 if self.cfg.tie_embeddings else self.embed.weight.numel())
-        c = self.cfg
-        return 6 * n + 12 * c.n_layers * c.n_heads * (c.d_model // c.n_heads) * seq_len
+        """Training FLOPs per token of this model: see the module's `flops_per_token`."""
+        return flops_per_token(self.cfg, seq_len)
 
 
 class KVCache:

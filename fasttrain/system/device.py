@@ -122,11 +122,16 @@ def kernels_on(cfg: KernelsConfig, device: torch.device, sharded: bool = False, 
                       "linear_cross_entropy": on["linear_cross_entropy"] and not fp8_head})
 
 
+def check_attention(attention: str, device: torch.device) -> None:
+    """UsageError naming train.attention where it cannot run on `device`'s kind at all."""
+    if device.type != "cuda" and attention not in ("auto", "math"):
+        raise UsageError(f'train.attention = "{attention}" needs a CUDA GPU (on a {device.type}: "auto" or "math")')
+
+
 def use_attention(attention: str, device: torch.device) -> None:
     """Check that train.attention can run on `device`, and activate FlashAttention-3 for "fa3" (a
     process-wide switch of SDPA's flash backend). UsageError naming the key otherwise."""
-    if device.type != "cuda" and attention not in ("auto", "math"):
-        raise UsageError(f'train.attention = "{attention}" needs a CUDA GPU (on a {device.type}: "auto" or "math")')
+    check_attention(attention, device)
     if attention == "fa3":
         activate = getattr(torch.nn.attention, "activate_flash_attention_impl", None)
         if activate is None:

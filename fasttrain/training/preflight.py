@@ -66,12 +66,13 @@ def _meminfo(path: str, key: str) -> int | None:
         return None
 
 
-def check_fits(cfg: Config, device: torch.device, precision: str, shards: int = 1) -> None:
-    """Refuse, naming the estimate, what is available and the config keys behind it, a run that cannot fit."""
+def check_fits(cfg: Config, device: torch.device, precision: str, shards: int = 1) -> tuple[dict[str, int], int]:
+    """The estimate (`estimate_bytes`) and the bytes `device` has available (`available_bytes`); a run that
+    cannot fit is refused, naming both and the config keys behind the estimate."""
     parts = estimate_bytes(cfg, 4 if precision == "fp32" else 2, shards)
     need, have = sum(parts.values()), available_bytes(device)
     if need <= have:
-        return
+        return parts, have
     m, t = cfg.model, cfg.train
     biggest = ", ".join(f"{name} {size / GIB:,.1f} GiB" for name, size in sorted(parts.items(), key=lambda p: -p[1])[:2])
     keys = [f"model.n_layers = {m.n_layers}", f"model.d_model = {m.d_model}"]

@@ -10,13 +10,13 @@ from __future__ import annotations
 import shlex
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from fasttrain.config import Config
-from fasttrain.data.mixture import Source
 from fasttrain.training.metrics import MetricsLog, peak_flops, peak_memory_gb, perplexity
+from fasttrain.training.plan import Reading, RunPlan
 from fasttrain.training.run_state import RunState
 from fasttrain.training.schedule import PROGRESS_EVENT, Budget, format_duration
 
@@ -57,13 +57,42 @@ class IntervalMeter:
         return time.perf_counter() - self.start
 
 
-class Plan(NamedTuple):
-    """What a run will read, for its start report (Trainer._plan)."""
-
-    epochs: list[float] | None  # how many times over it reads each source; None: not known (a clock alone)
-    end: int | None  # the step that is laid out to (Budget.horizon)
-    words: str  # how to say that end: "by this run", "in 200 steps, if train.max_time lets the run get that far"
-    changes: list[tuple[int, tuple[float, ...]]]  # each [[data.mix]] change: (first step, normalized weights)
+def start_lines(plan: RunPlan, reading: Reading) -> list[str]:
+    """What a run says of its plan as it starts (a dry run says more: plan_table.py): the model, the data and how
+    often each source is read, and the batch and budget."""
+    c, t, record = plan.cfg, plan.cfg.train, plan.record(reading)
+    lines = [f"model: {plan.params / 1e6:.2f}M parameters ({c.model.n_layers} layers, d_model {c.model.d_model}, "
+             f"{c.model.n_heads} heads, vocab {c.model.vocab_size}, context {c.model.max_seq_len})"]
+    sources = record["sources"]
+    if not sources:
+        lines.append(f"data: not prepared yet; the run prepares {plan.prepare}")
+    elif len(sources) == 1:
+        lines.append(f"data: {record['train_tokens']:,} train / {record['val_tokens']:,} val tokens in {c.data.dir}")
+    else:
+        lines.append(f"data: a mixture of {len(sources)} sources, {record['train_tokens']:,} train / "
+                     f"{record['val_tokens']:,} val tokens:")
+        for s in sources:
+            read = "" if s["planned_epochs"] is None else f", read {s['planned_epochs']:.2f} times over {reading.words}"
+            lines.append(f"  {s['name']:<12} weight {s['weight']:.3f}  {s['train_tokens']:,} train / "
+                         f"{s['val_tokens']:,} val tokens in {s['dir']}{read}")
+        for i, (step, weights) in enumerate(reading.changes):
+            when = ("" if not t.max_time else f" (not reached {reading.words})" if step >= (reading.end or step + 1)
+                    else " (if train.max_time lets the run get that far)")
+            lines.append(f"  data.mix[{i}] from step {step}{when}: "
+                         f"{', '.join(f'{name} {w:.3f}' for name, w in zip(plan.names, weights))}")
+    for s in sources:
+        e = s["planned_epochs"]
+        if e is not None and e > c.data.max_epochs:
+            lines.append(f"warning: this run reads {s['name']} {e:.1f} times over{f' {reading.words}' * bool(t.max_time)}, "
+                         f"more than data.max_epochs = {c.data.max_epochs:g} (repeated data helps less with each pass "
+                         "and can make the model memorize it); add data, lower its weight, or raise data.max_epochs")
+    kernels = plan.kernels.names()
+    speedups = ["compiled"] * plan.compiled + [f"kernels: {', '.join(kernels)}"] * bool(kernels)
+    ranks = f" x {plan.world.size} ranks, {plan.parallel}" if plan.world.size > 1 else ""
+    lines.append(f"run: {Budget.of(t).describe()} x {plan.tokens_per_step:,} tokens ({t.batch_size} x {t.seq_len}"
+                 f" x {plan.accumulation} accumulation{ranks}) on {plan.device}, "
+                 f"{', '.join([plan.precision, *speedups])}; writing to {t.out_dir}")
+    return lines
 
 
 class Report:
@@ -76,49 +105,14 @@ class Report:
         self.names: list[str] = []  # the sources' (start), and what was read of each (train)
         self.read: list[tuple[str, int, float]] = []
 
-    def start(self, run: RunState, resumed_from: Path | None, *, params: int, precision: str, compiled: bool,
-              kernels: list[str], world_size: int, parallel: str, accumulation: int, tokens_per_step: int,
-              sources: list[Source], plan: Plan) -> None:
-        """`sources`: the run's data (one, or a mixture's); `plan`: what the run will read of them."""
-        c, t = self.cfg, self.cfg.train
-        self.names = [s.name for s in sources]
-        tokens = {split: sum(s.data.meta["tokens"][split] for s in sources) for split in ("train", "val")}
+    def start(self, run: RunState, resumed_from: Path | None, plan: RunPlan, reading: Reading) -> None:
+        """The start event, written from the run's `plan` (RunPlan.record), and its console lines; `reading`:
+        what the run will read, from where it starts (a resumed run from its step)."""
+        self.names = plan.names
         resumed = {"resumed_from": str(resumed_from), "resume_step": run.step} if resumed_from else {}
-        epochs = plan.epochs or [None] * len(sources)
-        mixture = {"sources": [{"name": s.name, "dir": s.dir, "weight": s.weight, "train_tokens": s.data.meta["tokens"]
-                                ["train"], "val_tokens": s.data.meta["tokens"]["val"],
-                                "planned_epochs": None if e is None else round(e, 4)}
-                               for s, e in zip(sources, epochs)], "planned_to_step": plan.end} if len(sources) > 1 else {}
-        self.log.event("start", params=params, flops_per_token=self.flops_per_token, device=str(self.device),
-                       precision=precision, compile=compiled, kernels=kernels, world_size=world_size,
-                       parallel=parallel, accumulation=accumulation, tokens_per_step=tokens_per_step,
-                       train_tokens=tokens["train"], val_tokens=tokens["val"], **mixture, **resumed)
-        self.log.print(f"model: {params / 1e6:.2f}M parameters ({c.model.n_layers} layers, d_model {c.model.d_model}, "
-                       f"{c.model.n_heads} heads, vocab {c.model.vocab_size}, context {c.model.max_seq_len})")
-        if len(sources) == 1:
-            self.log.print(f"data: {tokens['train']:,} train / {tokens['val']:,} val tokens in {c.data.dir}")
-        else:
-            self.log.print(f"data: a mixture of {len(sources)} sources, {tokens['train']:,} train / {tokens['val']:,} "
-                           "val tokens:")
-            for s in mixture["sources"]:
-                read = "" if s["planned_epochs"] is None else f", read {s['planned_epochs']:.2f} times over {plan.words}"
-                self.log.print(f"  {s['name']:<12} weight {s['weight']:.3f}  {s['train_tokens']:,} train / "
-                               f"{s['val_tokens']:,} val tokens in {s['dir']}{read}")
-            for i, (step, weights) in enumerate(plan.changes):
-                when = ("" if not t.max_time else f" (not reached {plan.words})" if step >= (plan.end or step + 1)
-                        else " (if train.max_time lets the run get that far)")
-                self.log.print(f"  data.mix[{i}] from step {step}{when}: "
-                               f"{', '.join(f'{n} {w:.3f}' for n, w in zip(self.names, weights))}")
-        for name, e in zip(self.names, epochs):
-            if e is not None and e > c.data.max_epochs:
-                self.log.print(f"warning: this run reads {name} {e:.1f} times over{f' {plan.words}' * bool(t.max_time)}, more than "
-                               f"data.max_epochs = {c.data.max_epochs:g} (repeated data helps less with each pass and "
-                               "can make the model memorize it); add data, lower its weight, or raise data.max_epochs")
-        speedups = ["compiled"] * compiled + [f"kernels: {', '.join(kernels)}"] * bool(kernels)
-        ranks = f" x {world_size} ranks, {parallel}" if world_size > 1 else ""
-        self.log.print(f"run: {Budget.of(t).describe()} x {tokens_per_step:,} tokens ({t.batch_size} x {t.seq_len}"
-                       f" x {accumulation} accumulation{ranks}) on {self.device}, {', '.join([precision, *speedups])}; "
-                       f"writing to {t.out_dir}")
+        self.log.event("start", **plan.record(reading), **resumed)
+        for line in start_lines(plan, reading):
+            self.log.print(line)
         if resumed_from:
             self.log.print(f"resumed from {resumed_from} at step {run.step}")
 

@@ -33,42 +33,24 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
-from fasttrain.config import (
-    Config,
-    ModelConfig,
-    TrainConfig,
-    config_to_toml,
-    load_config,
-    parse_config,
-    resolve,
-    save_config,
-)
+from fasttrain.config import Config, save_config
 from fasttrain.data.loader import TokenLoader
-from fasttrain.data.mixture import Source, open_sources, phases, replay_mix
+from fasttrain.data.mixture import Source, replay_mix
+from fasttrain.data.preparation import ensure_prepared
 from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.model.generation import generate_text
-from fasttrain.model.transformer import Transformer, num_params
-from fasttrain.model.weights import check_hf_tokenizer, export_weights, hf_llama_model_config, read_hf_llama_weights
+from fasttrain.model.transformer import Transformer
+from fasttrain.model.weights import export_weights, read_hf_llama_weights
 from fasttrain.system import distributed, run_lock
-from fasttrain.system.device import (
-    autocast,
-    check_fp8,
-    compile_options,
-    kernels_on,
-    resolve_train,
-    seed_everything,
-    use_attention,
-    use_device,
-)
+from fasttrain.system.device import autocast, compile_options, seed_everything, use_attention, use_device
 from fasttrain.system.errors import RunStopped, UsageError
 from fasttrain.system.signals import SignalCatcher
 from fasttrain.training import checkpoint
@@ -76,19 +58,11 @@ from fasttrain.training.checkpoint import Checkpointer, RunStart
 from fasttrain.training.metrics import MetricsLog, WandbSink, check_log_writable, import_wandb
 from fasttrain.training.objective import LossSums, NextTokenLoss, batch_loss, counted_targets
 from fasttrain.training.optimizers import Updater
+from fasttrain.training.plan import RunPlan, accumulation_steps, plan_run  # noqa: F401 (accumulation_steps: kept for the Python API)
 from fasttrain.training.policies import EarlyStopping, Recovery
-from fasttrain.training.preflight import check_fits
-from fasttrain.training.reporting import IntervalMeter, Plan, Report
+from fasttrain.training.reporting import IntervalMeter, Report
 from fasttrain.training.run_state import RunState
-from fasttrain.training.schedule import (
-    Budget,
-    budget_note,
-    fit_warmup,
-    format_duration,
-    next_update,
-    recorded_progress,
-    schedule_change,
-)
+from fasttrain.training.schedule import Budget, format_duration, next_update, schedule_change
 from fasttrain.training.validation import mixture_metrics, validate
 
 
@@ -96,16 +70,24 @@ class Interrupted(RunStopped):
     """`train()` stopped on SIGINT or SIGTERM after saving a checkpoint; exit_code is 128 + the signal."""
 
 
-def accumulation_steps(cfg: TrainConfig, world_size: int = 1) -> int:
-    """Micro-batches per optimizer step: tokens_per_update / (batch_size x seq_len x world_size)."""
-    per_micro_batch = cfg.batch_size * cfg.seq_len * world_size
-    if cfg.tokens_per_update == 0:
-        return 1
-    if cfg.tokens_per_update % per_micro_batch:
-        raise UsageError(
-            f"train.tokens_per_update = {cfg.tokens_per_update} is not a multiple of batch_size x seq_len x "
-            f"world size = {cfg.batch_size} x {cfg.seq_len} x {world_size} = {per_micro_batch}")
-    return cfg.tokens_per_update // per_micro_batch
+def start_run(cfg: Config, quiet: bool = False) -> RunPlan:
+    """The plan of a run of `cfg` in this process's world (plan.plan_run), on the device it names (this rank's
+    under torchrun), its data prepared first if need be: rank 0 prepares it while the other ranks wait, in the
+    process group this joins, then they find it. Prints the plan's notes (rank 0, unless `quiet`)."""
+    world = distributed.world_from_env()
+    device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
+    plan = plan_run(cfg, world, device)  # a config the run refuses is refused before anything is prepared
+    distributed.start(world, device)
+    if plan.prepare:
+        if not world.is_main:
+            distributed.barrier(world)
+        ensure_prepared(cfg.data, quiet=quiet or not world.is_main)
+        if world.is_main:
+            distributed.barrier(world)
+        plan = plan_run(cfg, world, device)
+    for note in plan.notes if world.is_main and not quiet else ():
+        print(f"note: {note}")
+    return plan
 
 
 class StepResult(NamedTuple):
@@ -135,75 +117,40 @@ class Trainer:
     """
 
     def __init__(self, cfg: Config, quiet: bool = False, clock: Callable[[], float] = time.perf_counter,
-                 resuming: bool = False):
-        """`clock`: seconds, what train.max_time is counted in (a test gives a fake one). `resuming`: resume()
-        comes next, so model.init_from's weights are not read now (the checkpoint replaces them; a model's
-        weights can take minutes to read); train() reads them if it starts a new run after all."""
+                 resuming: bool = False, plan: RunPlan | None = None):
+        """`plan`: the run's plan (plan.plan_run) of prepared data, as `fasttrain train` makes it; without one the
+        Trainer makes it (start_run: preparing the data first if need be, and printing its notes). `clock`:
+        seconds, what train.max_time is counted in (a test gives a fake one). `resuming`: resume() comes next,
+        so model.init_from's weights are not read now (the checkpoint replaces them; a model's weights can take
+        minutes to read); train() reads them if it starts a new run after all."""
         self.clock, self.created = clock, clock()
-        self.world = distributed.world_from_env()
+        plan = plan or start_run(cfg, quiet)
+        if plan.prepare:
+            raise ValueError(f"a plan of data not prepared yet ({plan.prepare}): make it with start_run")
+        self.plan, self.world, self.device, self.cfg = plan, plan.world, plan.device, plan.cfg
         self.quiet = quiet or not self.world.is_main
-        self.device = use_device(cfg.train.device, self.world.local_rank if self.world.distributed else None)
-        cfg = replace(cfg, train=resolve_train(cfg.train, self.device))  # no "auto" left in what config.toml records
-        budgeted = cfg.train.max_time > 0 or cfg.schedule.progress_from  # a replay keeps the warmup it replays
-        schedule, note = fit_warmup(cfg.schedule, 0 if budgeted else cfg.train.max_steps)
-        for line in (note, budget_note(cfg)):
-            if line and not self.quiet:
-                print(f"note: {line}")
-        if schedule.progress_from:  # config.toml records where, for a resume from any directory
-            schedule = replace(schedule, progress_from=os.path.abspath(schedule.progress_from))
-        self.recorded = recorded_progress(schedule.progress_from, cfg.train.max_steps) if schedule.progress_from else []
-        shape, self.init_missing = self._shape_of_init(cfg)  # init_missing: the source gone since the run began
-        cfg = replace(cfg, schedule=schedule, model=shape)
-        t = cfg.train
-        self.precision = t.precision
-        self.shard_group = distributed.shard_group(self.world, t.parallel, t.shard_group_size)  # before joining
-        distributed.start(self.world, self.device)
-        seed_everything(t.seed)
-        if not self.world.is_main:
-            distributed.barrier(self.world)  # rank 0 prepares the data first; the others then find it
-        self.sources = open_sources(cfg.data, quiet=self.quiet)  # data.dir, or each [[data.sources]] folder
+        self.precision, self.compiled, self.kernels, self.sharded = plan.precision, plan.compiled, plan.kernels, plan.sharded
+        self.accumulation, self.tokens_per_step, self.recorded = plan.accumulation, plan.tokens_per_step, plan.recorded
+        self.sources, self.mix = list(plan.sources), list(plan.mix)  # the mix as a resumed loader keeps it
         self.data = self.sources[0].data
-        if self.world.is_main:
-            distributed.barrier(self.world)
-        losses = ["val_loss", *(f"val_loss.{s.name}" for s in self.sources if len(self.sources) > 1)]
-        if t.monitor not in losses:  # after the barrier: every rank says it, none waits for the others
-            raise UsageError(f"train.monitor = {t.monitor!r}: not a validation loss of this run; one of "
-                             f"{', '.join(losses)}")
-        self.cfg = resolve(cfg, self.data.dir, self.data.vocab_size, self.data.meta["request"])  # config.toml
         self.tokenizer = Tokenizer.load(Path(self.data.dir) / "tokenizer.json")
-        if cfg.model.init_from and self.init_missing is None:  # the model's ids must be the data's
-            note = check_hf_tokenizer(cfg.model.init_from, self.tokenizer, f"{self.data.dir}/tokenizer.json")
-            if note and not self.quiet:
-                print(f"note: {note}")
-        self.accumulation = accumulation_steps(t, self.world.size)
-        self.mix, notes = phases(self.cfg.data, t.max_steps, self.accumulation)  # (first micro-batch, weights)
-        for note in notes if not self.quiet else ():
-            print(f"note: {note}")
-        self.parallel = t.parallel if self.world.distributed else "none"  # what a checkpoint records too
-        self.sharded = self.parallel in distributed.SHARDED
-        m = self.cfg.model  # the shapes the measured dispatch table is read at ("auto" on a GPU)
-        shapes = {"rms_norm": {"hidden": m.d_model}, "linear_cross_entropy": {"hidden": m.d_model, "vocab": m.vocab_size},
-                  "adamw": {"params": num_params(m)}}
-        self.kernels = kernels_on(cfg.kernels, self.device, self.sharded, self.precision, shapes, compiled=t.compile,
-                                  fp8=t.fp8)
-        check_fits(self.cfg, self.device, self.precision, self.shard_group)  # before allocating
+        t = self.cfg.train
+        seed_everything(t.seed)
         # `model` is the network: its weights, sampling, checkpoints. `objective` is its loss, what trains
         # and evaluates: inside DDP (or sharded by FSDP), and compiled in place if asked. Sampling runs
         # the plain model, whose growing sequence lengths would otherwise trigger recompiles.
         use_attention(t.attention, self.device)
-        check_fp8(t.fp8, self.device)
         self.model = Transformer(self.cfg.model, norm_kernel=self.kernels.rms_norm, checkpointing=t.activation_checkpointing,
                                  attention=t.attention, fp8=t.fp8).to(self.device)
         self.objective = distributed.wrap(NextTokenLoss(self.model, fused=self.kernels.linear_cross_entropy),
-                                          self.model.blocks, self.world, t.parallel, self.shard_group, self.precision,
+                                          self.model.blocks, self.world, t.parallel, plan.shard_group, self.precision,
                                           self.device)
-        self.compiled = t.compile
         if self.compiled:
             self.objective.compile(options=compile_options(t.compile_mode, t.coordinate_descent_tuning))
         self.updater = Updater(self.model, self.cfg.optim, self.device, self.precision, kernel=self.kernels.adamw,
                                sharded=self.sharded)
-        self.checkpoints = Checkpointer(self.cfg, self.model, self.updater, self.world, self.parallel, self.device)
-        self.init_pending = bool(m.init_from) and self.init_missing is None  # init_from's weights not read yet
+        self.checkpoints = Checkpointer(self.cfg, self.model, self.updater, self.world, plan.parallel, self.device)
+        self.init_pending = bool(self.cfg.model.init_from) and not plan.init_missing  # its weights not read yet
         if self.init_pending and not resuming:
             self._start_from_init()
         self.train_loader = self.loader("train", self.cfg.data.sampling, self.cfg.data.prefetch)
@@ -217,46 +164,15 @@ class Trainer:
         distributed.load_full_model_state(self.model, read_hf_llama_weights(m.init_from, m), self.sharded)
         self.init_pending = False
 
-    def _shape_of_init(self, cfg: Config) -> tuple[ModelConfig, UsageError | None]:
-        """cfg.model, or with model.init_from the shape of that Hugging Face model (its config.json), saying
-        which of its values it replaced; UsageError if the config does not hold with that shape (train.seq_len
-        beyond its context, say), as config.py checks any config. With it, the error a new run gets
-        (check_new_start) if the source is gone since the run in train.out_dir began: then the shape is the one
-        that run recorded, and only a resume can go on."""
-        m, missing = cfg.model, None
-        if not m.init_from:
-            return m, None
-        source, recorded = Path(m.init_from) / "config.json", Path(cfg.train.out_dir) / "config.toml"
-        run = load_config(recorded).model if not os.path.lexists(source) and recorded.is_file() else None
-        if run is not None and run.init_from == m.init_from:  # its checkpoints hold the weights
-            missing = UsageError(f"{source}: no such file (model.init_from); a new run starts from its "
-                                 "weights, only --resume continues the run without them")
-            shaped = replace(run, dropout=m.dropout)
-            what = f"{recorded}'s, as {m.init_from} is gone"
-        else:
-            shaped = hf_llama_model_config(m.init_from, m)
-            what = f"{source}'s"
-        parse_config(config_to_toml(replace(cfg, model=shaped)), f"model.init_from {source}")  # validated whole
-        changed = [f"{f.name} {getattr(m, f.name)} -> {getattr(shaped, f.name)}" for f in fields(m)
-                   if getattr(m, f.name) != getattr(shaped, f.name)]
-        if changed and not self.quiet:
-            print(f"note: model.init_from: the shape is {what} ({', '.join(changed)})")
-        return shaped, missing
-
     def check_new_start(self) -> None:
         """UsageError if a new run cannot start from this Trainer's weights: model.init_from is gone since the
-        run in train.out_dir began (see _shape_of_init). train() of a new run and the doctor ask."""
-        if self.init_missing is not None:
-            raise self.init_missing
+        run in train.out_dir began (see plan.init_shape). train() of a new run and the doctor ask."""
+        if self.plan.init_missing:
+            raise UsageError(self.plan.init_missing)
 
     def close(self) -> None:
         """Stop the train loader's prefetch thread and close its files; the Trainer is not used after this."""
         self.train_loader.close()
-
-    @property
-    def tokens_per_step(self) -> int:
-        """Token slots per optimizer update, over all ranks (pads included; `tokens_seen` counts real ones)."""
-        return self.accumulation * self.cfg.train.batch_size * self.cfg.train.seq_len * self.world.size
 
     def loader(self, split: str, sampling: str, prefetch: int, whole: bool = False,
                source: Source | None = None, first_rows: int = 0) -> TokenLoader:
@@ -396,7 +312,7 @@ class Trainer:
             log = MetricsLog(out if self.world.is_main else None, t.max_steps or None, tensorboard=t.tensorboard,
                              quiet=self.quiet, wandb=sink)
             try:
-                summary = self._loop(Report(log, self.cfg, self.device, self.model.flops_per_token(t.seq_len)), start)
+                summary = self._loop(Report(log, self.cfg, self.device, self.plan.flops_per_token), start)
                 distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
                 return summary
             finally:
@@ -425,10 +341,8 @@ class Trainer:
         resumed = self.resumed_from
         recovery = Recovery(self.cfg.recovery, self.checkpoints.history(resumed) if resumed is not None else ())
         early_stopping = EarlyStopping(t.early_stop_patience, t.early_stop_min_delta)
-        report.start(self.run, self.resumed_from, params=self.model.num_params(), precision=self.precision,
-                     compiled=self.compiled, kernels=self.kernels.names(), world_size=self.world.size,
-                     parallel=self.parallel, accumulation=self.accumulation, tokens_per_step=self.tokens_per_step,
-                     sources=self.sources, plan=self._plan())
+        report.start(self.run, self.resumed_from, self.plan,
+                     self.plan.reading(self.run.step, self.run.train_seconds, tuple(self.mix)))
         last_eval: dict[str, float] = {}
         stopped_early, first = False, self.run.step
         meter = IntervalMeter(self.device, self.run.tokens_seen, self.train_loader.wait_seconds)
@@ -481,13 +395,6 @@ class Trainer:
         if not last_eval:  # nothing trained (resumed at the end): still report
             last_eval = self._evaluate_and_sample(report, early_stopping)[0]
         return self._finish(report, last_eval, stopped_early)
-
-    def _plan(self) -> Plan:
-        """What the start report says the run will read (Budget.horizon): each source's epochs and the step of
-        each [[data.mix]] change, up to the step the run is planned or projected to end at."""
-        end, words = Budget.of(self.cfg.train).horizon(self.run.step, self.run.train_seconds)
-        epochs = None if end is None else self.train_loader.planned_epochs(end * self.accumulation)
-        return Plan(epochs, end, words, [(first // self.accumulation, w) for first, w in self.mix[1:]])
 
     def _evaluate_and_save(self, report: Report, early_stopping: EarlyStopping, recovery: Recovery, done: bool,
                            stop: Callable[[], bool]) -> dict[str, float] | None:

@@ -1,0 +1,48 @@
+"""`fasttrain train CONFIG --dry-run --measure N`: N real steps of a planned run, saved nowhere, timed."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fasttrain.training.metrics import peak_flops
+from fasttrain.training.plan import RunPlan
+from fasttrain.training.schedule import format_duration
+from fasttrain.training.trainer import Trainer
+
+
+def measure(plan: RunPlan, steps: int) -> dict:
+    """Seconds per step, tokens per second, MFU (None off the GPU table) and the projected training time of
+    the run `plan` (of prepared data), from `steps` real steps after one untimed one (compilation, warm
+    caches). The Trainer is built as the run builds it, and nothing is saved: train.out_dir is not touched."""
+    trainer = Trainer(plan.cfg, quiet=True, plan=plan)
+    try:
+        trainer.step()
+        _synchronize(plan.device)
+        began = time.perf_counter()
+        for _ in range(steps):
+            trainer.step()
+        _synchronize(plan.device)
+        seconds = (time.perf_counter() - began) / steps
+    finally:
+        trainer.close()
+    t = plan.cfg.train
+    tokens_per_s = plan.tokens_per_step / seconds
+    peak = peak_flops(plan.device)
+    projected = min(t.max_steps * seconds if t.max_steps else t.max_time, t.max_time or t.max_steps * seconds)
+    return {"measured_steps": steps, "s_per_step": round(seconds, 4), "tokens_per_s": round(tokens_per_s, 1),
+            "mfu": round(plan.flops_per_token * tokens_per_s / peak, 4) if peak else None,
+            "projected_seconds": round(projected, 1)}
+
+
+def measure_line(found: dict) -> str:
+    mfu = f", MFU {100 * found['mfu']:.1f}%" if found["mfu"] is not None else ""
+    return (f"measured: {found['s_per_step']:.3f} s/step over {found['measured_steps']} steps, "
+            f"{found['tokens_per_s']:,.0f} tokens/s{mfu}; the run would train for about "
+            f"{format_duration(found['projected_seconds'])}")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

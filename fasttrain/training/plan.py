@@ -1,0 +1,287 @@
+"""A run's plan: everything a run of a config decides before it allocates anything, decided once.
+
+    plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
+    plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
+
+`plan_run` is the one place that answers "what will this run do": the device and precision, the model's
+shape (model.init_from's config.json), its parameter count and FLOPs per token, the batch geometry, the
+schedule with its fitted warmup and the budget, how many times each source is read, the mix phases, each
+kernel's choice and why, the parallel mode and checkpoint format, the memory estimate against what the
+device has, and the evaluation and checkpoint cadence. It refuses, with the one line the run would stop
+with, a config the run would refuse. It prepares nothing, writes nothing and builds no model: data not
+prepared yet is planned as what will be prepared, from which inputs (`RunPlan.prepare`), and the figures
+that need it are None until it is. `fasttrain train --dry-run` prints it (plan_table.py); the Trainer
+assembles its parts from it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from fasttrain.config import (
+    DEFAULT_INPUTS,
+    DEFAULT_VOCAB,
+    Config,
+    ModelConfig,
+    TrainConfig,
+    config_to_toml,
+    load_config,
+    parse_config,
+    resolve,
+)
+from fasttrain.data.documents import Rows
+from fasttrain.data.mixture import Blend, Source, open_sources, phases
+from fasttrain.data.preparation import check_preparable, prepared_dir, request_of
+from fasttrain.data.shards import find_shards
+from fasttrain.data.tokenizer import Tokenizer
+from fasttrain.model.transformer import flops_per_token, num_params
+from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
+from fasttrain.system import distributed
+from fasttrain.system.device import Kernels, check_attention, check_fp8, kernels_on, resolve_train
+from fasttrain.system.errors import UsageError
+from fasttrain.training.preflight import check_fits
+from fasttrain.training.schedule import Budget, budget_note, fit_warmup, recorded_progress
+
+Phases = tuple[tuple[int, tuple[float, ...]], ...]  # (first micro-batch, normalized weights), see mixture.phases
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What a run reads of its sources, laid out to a step (Budget.horizon)."""
+
+    epochs: tuple[float, ...] | None  # how many times over it reads each source; None: not known yet
+    end: int | None  # the step that is laid out to
+    words: str  # how to say that end: "by this run", "in 200 steps, if train.max_time lets the run get that far"
+    changes: Phases  # each [[data.mix]] change: (first step, normalized weights)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every derived value a run of `cfg` uses (see the module docstring). Frozen: made once, by `plan_run`."""
+
+    cfg: Config  # resolved: what config.toml records ("auto"s, warmup, model shape, data paths and vocabulary)
+    world: distributed.World
+    device: torch.device
+    sources: tuple[Source, ...]  # the prepared data; () while it is not prepared yet (`prepare`)
+    prepare: str  # "" or what will be prepared before the run: "builtin:pydoc into DIR (a 4096-token BPE)"
+    rows_per_epoch: tuple[int, ...]  # training rows of each source one epoch reads, whole rounds of all ranks
+    accumulation: int  # micro-batches per optimizer step
+    mix: Phases  # the mix of the run's rounds, for the loader's Blend
+    kernels: Kernels
+    kernel_reasons: tuple[str, ...]  # why each of kernel_table.OPS is on or off
+    parallel: str  # "none" in a world of one, else train.parallel
+    shard_group: int  # ranks one parameter is split over
+    checkpoint_format: str  # "file" or "sharded"
+    params: int
+    flops_per_token: float
+    memory: tuple[tuple[str, int], ...]  # the estimate of one rank's bytes, by part (preflight.estimate_bytes)
+    available: int  # bytes the device has available
+    recorded: tuple[float, ...]  # schedule.progress_from's progress per update (a replay); () otherwise
+    init_missing: str  # model.init_from gone since the run in train.out_dir began: the error a new run gets
+    notes: tuple[str, ...]  # the "note: ..." lines the run prints before it starts
+
+    @property
+    def precision(self) -> str:
+        return self.cfg.train.precision
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self.cfg.train.compile)
+
+    @property
+    def sharded(self) -> bool:
+        return self.parallel in distributed.SHARDED
+
+    @property
+    def names(self) -> list[str]:
+        """The sources' names, as metrics name them (val_loss.NAME)."""
+        return [s.name for s in self.sources]
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Token slots per optimizer update, over all ranks (pads included; a run's `tokens_seen` counts real ones)."""
+        t = self.cfg.train
+        return self.accumulation * t.batch_size * t.seq_len * self.world.size
+
+    def reading(self, step: int = 0, seconds: float = 0.0, mix: Phases | None = None) -> Reading:
+        """What the run reads from `step` after `seconds` of training on (a resumed run projects its end from
+        its speed so far) with `mix` (default: the plan's; a resumed loader keeps the changes it had begun)."""
+        t, a = self.cfg.train, self.accumulation
+        mix = tuple(mix or self.mix)
+        end, words = Budget.of(t).horizon(step, seconds)
+        epochs = None
+        if end is not None and self.rows_per_epoch:
+            rows = Blend(mix, t.batch_size * self.world.size).planned_rows(end * a)
+            epochs = tuple(r / n for r, n in zip(rows, self.rows_per_epoch))
+        return Reading(epochs, end, words, tuple((first // a, w) for first, w in mix[1:]))
+
+    def record(self, reading: Reading | None = None) -> dict:
+        """The run's start event (metrics.jsonl), as `--dry-run --json` prints it too: `reading` (default: a new
+        run's) says how often each source is read. Token counts are None while the data is not prepared."""
+        t, c = self.cfg.train, self.cfg
+        reading = reading or self.reading()
+        epochs = reading.epochs or (None,) * len(self.sources)
+        tokens = {split: sum(s.data.meta["tokens"][split] for s in self.sources) if self.sources else None
+                  for split in ("train", "val")}
+        return {
+            "params": self.params, "flops_per_token": self.flops_per_token, "device": str(self.device),
+            "precision": self.precision, "compile": self.compiled, "kernels": self.kernels.names(),
+            "world_size": self.world.size, "parallel": self.parallel, "accumulation": self.accumulation,
+            "tokens_per_step": self.tokens_per_step, "train_tokens": tokens["train"], "val_tokens": tokens["val"],
+            "sources": [{"name": s.name, "dir": s.dir, "weight": s.weight, "train_tokens": s.data.meta["tokens"]["train"],
+                         "val_tokens": s.data.meta["tokens"]["val"], "planned_epochs": None if e is None else round(e, 4)}
+                        for s, e in zip(self.sources, epochs)],
+            "planned_to_step": reading.end, "prepare": self.prepare,
+            "batch_size": t.batch_size, "seq_len": t.seq_len, "max_steps": t.max_steps, "max_time": t.max_time,
+            "warmup_steps": c.schedule.warmup_steps, "decay": c.schedule.decay, "lr": c.optim.lr,
+            "mix_changes": [[step, list(w)] for step, w in reading.changes],
+            "kernel_reasons": list(self.kernel_reasons), "shard_group": self.shard_group,
+            "checkpoint_format": self.checkpoint_format, "memory_bytes": sum(b for _, b in self.memory),
+            "available_bytes": self.available, "log_interval": t.log_interval, "eval_interval": t.eval_interval,
+            "checkpoint_interval": c.checkpoint.interval, "out_dir": t.out_dir,
+        }
+
+
+def plan_run(cfg: Config, world: distributed.World, device: torch.device) -> RunPlan:
+    """The plan of a run of `cfg` (validated) by `world` on `device` (this rank's). UsageError, in one line, for
+    what the run would refuse before its first step; reads only what it must and writes nothing."""
+    notes: list[str] = []
+    t = resolve_train(cfg.train, device)  # no "auto" left in what config.toml records
+    budgeted = t.max_time > 0 or cfg.schedule.progress_from  # a replay keeps the warmup it replays
+    schedule, note = fit_warmup(cfg.schedule, 0 if budgeted else t.max_steps)
+    notes += [line for line in (note, budget_note(cfg)) if line]
+    if schedule.progress_from:  # config.toml records where, for a resume from any directory
+        schedule = replace(schedule, progress_from=os.path.abspath(schedule.progress_from))
+    recorded = tuple(recorded_progress(schedule.progress_from, t.max_steps)) if schedule.progress_from else ()
+    shape, note, init_missing = init_shape(cfg)
+    notes += [note] if note else []
+    cfg = replace(cfg, train=t, schedule=schedule, model=shape)
+    shard_group = distributed.shard_group(world, t.parallel, t.shard_group_size)
+    sources = tuple(open_sources(cfg.data))  # data.dir, or each [[data.sources]] folder
+    prepare, vocab = "", 0
+    if sources:
+        vocab = sources[0].data.vocab_size
+    else:  # one folder, not prepared yet: what preparing it will need is checked now, nothing is read
+        prepare, vocab = _pending(cfg)
+    losses = ["val_loss", *(f"val_loss.{s.name}" for s in sources if len(sources) > 1)]
+    if t.monitor not in losses:
+        raise UsageError(f"train.monitor = {t.monitor!r}: not a validation loss of this run; one of {', '.join(losses)}")
+    directory = sources[0].dir if sources else prepared_dir(cfg.data)
+    cfg = resolve(cfg, directory, vocab, sources[0].data.meta["request"] if sources else None)
+    if sources and shape.init_from and not init_missing:  # the model's ids must be the data's
+        tokenizer_file = f"{directory}/tokenizer.json"
+        note = check_hf_tokenizer(shape.init_from, Tokenizer.load(tokenizer_file), tokenizer_file)
+        notes += [note] if note else []
+    accumulation = accumulation_steps(t, world.size)
+    mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)
+    notes += mix_notes
+    parallel = t.parallel if world.distributed else "none"  # what a checkpoint records too
+    sharded = parallel in distributed.SHARDED
+    m = cfg.model  # the shapes the measured dispatch table is read at ("auto" on a GPU)
+    shapes = {"rms_norm": {"hidden": m.d_model}, "linear_cross_entropy": {"hidden": m.d_model, "vocab": m.vocab_size},
+              "adamw": {"params": num_params(m)}}
+    kernels = kernels_on(cfg.kernels, device, sharded, t.precision, shapes, compiled=t.compile, fp8=t.fp8)
+    memory, available = check_fits(cfg, device, t.precision, shard_group)
+    check_attention(t.attention, device)
+    check_fp8(t.fp8, device)
+    k = cfg.checkpoint
+    sharded_saves = k.format == "sharded" or (k.format == "auto" and sharded) or k.async_save  # as Checkpointer
+    return RunPlan(
+        cfg=cfg, world=world, device=device, sources=sources, prepare=prepare,
+        rows_per_epoch=tuple(rows_per_epoch(s, cfg, world.size) for s in sources), accumulation=accumulation,
+        mix=tuple(mix), kernels=kernels, kernel_reasons=kernel_reasons(cfg, kernels, device, sharded),
+        parallel=parallel, shard_group=shard_group, checkpoint_format="sharded" if sharded_saves else "file",
+        params=num_params(m), flops_per_token=flops_per_token(m, t.seq_len), memory=tuple(memory.items()),
+        available=available, recorded=recorded, init_missing=init_missing, notes=tuple(notes))
+
+
+def accumulation_steps(t: TrainConfig, world_size: int = 1) -> int:
+    """Micro-batches per optimizer step: tokens_per_update / (batch_size x seq_len x world_size)."""
+    per_micro_batch = t.batch_size * t.seq_len * world_size
+    if t.tokens_per_update == 0:
+        return 1
+    if t.tokens_per_update % per_micro_batch:
+        raise UsageError(
+            f"train.tokens_per_update = {t.tokens_per_update} is not a multiple of batch_size x seq_len x "
+            f"world size = {t.batch_size} x {t.seq_len} x {world_size} = {per_micro_batch}")
+    return t.tokens_per_update // per_micro_batch
+
+
+def init_shape(cfg: Config) -> tuple[ModelConfig, str, str]:
+    """cfg.model, or with model.init_from the shape of that Hugging Face model (its config.json), with a note
+    saying which of its values it replaced ("" if none); UsageError if the config does not hold with that shape
+    (train.seq_len beyond its context, say), as config.py checks any config. Third, the error a new run gets
+    if the source is gone since the run in train.out_dir began ("" if not): then the shape is the one that run
+    recorded, and only a resume can go on."""
+    m, missing = cfg.model, ""
+    if not m.init_from:
+        return m, "", ""
+    source, recorded = Path(m.init_from) / "config.json", Path(cfg.train.out_dir) / "config.toml"
+    run = load_config(recorded).model if not os.path.lexists(source) and recorded.is_file() else None
+    if run is not None and run.init_from == m.init_from:  # its checkpoints hold the weights
+        missing = (f"{source}: no such file (model.init_from); a new run starts from its weights, only --resume "
+                   "continues the run without them")
+        shaped = replace(run, dropout=m.dropout)
+        what = f"{recorded}'s, as {m.init_from} is gone"
+    else:
+        shaped = hf_llama_model_config(m.init_from, m)
+        what = f"{source}'s"
+    parse_config(config_to_toml(replace(cfg, model=shaped)), f"model.init_from {source}")  # validated whole
+    changed = [f"{f.name} {getattr(m, f.name)} -> {getattr(shaped, f.name)}" for f in fields(m)
+               if getattr(m, f.name) != getattr(shaped, f.name)]
+    note = f"model.init_from: the shape is {what} ({', '.join(changed)})" if changed else ""
+    return shaped, note, missing
+
+
+def _pending(cfg: Config) -> tuple[str, int]:
+    """What preparing the one folder of a run will make (in words) and its vocabulary size; UsageError for what
+    would refuse the preparation (inputs that name nothing, a folder that is not ours to fill, ...)."""
+    d = cfg.data
+    directory, inputs = prepared_dir(d), d.inputs or list(DEFAULT_INPUTS)
+    check_preparable(inputs, Path(directory), d.val_fraction, tokenizer_path=d.tokenizer or None)
+    if d.tokenizer:
+        vocab, tokenizer = Tokenizer.load(d.tokenizer).vocab_size, f"the tokenizer {d.tokenizer}"
+    else:
+        vocab = d.vocab_size or DEFAULT_VOCAB
+        tokenizer = f"a {vocab}-token BPE trained on it"
+    request = request_of(inputs, vocab, d.tokenizer, d.val_fraction, d.text_field)
+    return f"{', '.join(request['inputs'])} into {directory}, with {tokenizer}", vocab
+
+
+def rows_per_epoch(source: Source, cfg: Config, world_size: int) -> int:
+    """Training rows of `source` one epoch reads: its rows (data.batching) that fill whole rounds of batch_size x
+    world_size; UsageError if not even one round (as the run's loader says). Reads shard headers, and for
+    document rows the shards' document index (never cached here: see documents.document_starts)."""
+    t, d = cfg.train, cfg.data
+    rows = Rows(find_shards(source.dir, "train"), t.seq_len, d.batching, source.data.meta["eot_id"], cache=False)
+    per_round = t.batch_size * world_size
+    if rows.num_rows < per_round:
+        what = f"windows of {t.seq_len + 1} tokens" if d.batching == "packed" else f"{d.batching} rows"
+        raise UsageError(f"{source.dir}: the train split has {rows.num_rows} {what}, fewer than one batch of "
+                         f"{t.batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data")
+    return rows.num_rows // per_round * per_round
+
+
+def kernel_reasons(cfg: Config, kernels: Kernels, device: torch.device, sharded: bool) -> tuple[str, ...]:
+    """Why each kernel (kernel_table.OPS order) is on or off, as system/device.kernels_on decided."""
+    reasons = []
+    for op in ("linear_cross_entropy", "rms_norm", "adamw"):
+        setting, on = getattr(cfg.kernels, op), getattr(kernels, op)
+        if setting is not True and setting is not False:  # "auto"
+            if op == "adamw" and sharded:
+                why = "off: the AdamW kernel takes whole tensors, not FSDP's shards"
+            elif op == "linear_cross_entropy" and cfg.train.fp8 in ("head", "all"):
+                why = "off: an FP8 head needs the logits"
+            elif device.type == "cuda":
+                why = "on: measured faster than stock here" if on else "off: not measured faster than stock here"
+            else:
+                why = ("on: under bf16 its PyTorch path works on row blocks in cache" if on
+                       else f"off on the {device.type}")
+            reasons.append(f"{op}: auto, {why}")
+        else:
+            reasons.append(f"{op}: {'on' if on else 'off'}, kernels.{op} = {str(setting).lower()}")
+    return tuple(reasons)

@@ -1,0 +1,37 @@
+"""A run's plan as `fasttrain train CONFIG --dry-run` prints it: the lines a run prints as it starts
+(reporting.start_lines), then the schedule, the kernels and why, the parallel layout, memory and cadence."""
+
+from __future__ import annotations
+
+from fasttrain.training.plan import RunPlan
+from fasttrain.training.preflight import GIB
+from fasttrain.training.reporting import start_lines
+from fasttrain.training.schedule import format_duration
+
+
+def plan_table(plan: RunPlan) -> str:
+    """The plan of a new run, a line per decision, each "what: value"."""
+    c, t = plan.cfg, plan.cfg.train
+    reading = plan.reading()
+    s = c.schedule
+    budget = ", ".join(([f"{t.max_steps} steps"] if t.max_steps else [])
+                       + ([f"{format_duration(t.max_time)} of training"] if t.max_time else []))
+    warmup = f"warmup {s.warmup_steps} steps" if s.warmup_steps or not t.max_time else "warmup by progress"
+    end = f"; the data is laid out to step {reading.end} ({reading.words})" if reading.end is not None else ""
+    need = sum(b for _, b in plan.memory)
+    parts = ", ".join(f"{name} {b / GIB:.2f}" for name, b in plan.memory)
+    lines = [
+        *start_lines(plan, reading),
+        f"schedule: {s.decay}, lr {c.optim.lr:g} (min {s.min_lr:g}), {warmup}; ends after {budget}{end}",
+        f"flops: {plan.flops_per_token / 1e6:,.1f} MFLOP per token, {plan.flops_per_token * plan.tokens_per_step / 1e12:,.3f}"
+        " TFLOP per step",
+        *(f"kernel: {why}" for why in plan.kernel_reasons),
+        f"parallel: {plan.parallel}, world {plan.world.size}, parameters split over {plan.shard_group} rank(s); "
+        f"checkpoints as {plan.checkpoint_format}",
+        f"memory: about {need / GIB:.2f} GiB per rank ({parts} GiB) of {plan.available / GIB:.2f} GiB available "
+        f"on {plan.device}",
+        f"cadence: log every {t.log_interval} steps, evaluate every {t.eval_interval} ({t.eval_steps} batches), "
+        f"save every {c.checkpoint.interval} (keep {c.checkpoint.keep_last}{', and the best' * c.checkpoint.keep_best})",
+        *(f"note: {note}" for note in plan.notes),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""A run's plan (fasttrain/training/plan.py) and `fasttrain train --dry-run`: the plan's figures are the real
+run's start event, and a dry run writes nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttrain import train
+from fasttrain.config import load_config
+from fasttrain.model.transformer import Transformer
+from fasttrain.system.errors import run_cli
+from tests.conftest import tiny_args
+from tests.test_reliability_start import init_from
+
+pytestmark = pytest.mark.subprocess  # whole runs, if in this process
+VARIES = {"available_bytes"}  # what the device has free: read anew by each process
+
+
+def dry_run(*args: str) -> tuple[int, str]:
+    """`fasttrain train ARGS --dry-run`: the exit status and what it printed."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as done:
+        run_cli(train.main, [*args, "--dry-run"])
+    return done.value.code, out.getvalue()
+
+
+def start_event(out: Path) -> dict:
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return next({k: v for k, v in e.items() if k not in ("event", "time")} for e in events if e["event"] == "start")
+
+
+def mixture(pydoc_data: Path, tmp_path: Path) -> list[str]:
+    """A mixture of the corpus and a copy of it (one tokenizer), weighted 3:1, then 1:1 from step 2."""
+    shutil.copytree(pydoc_data, tmp_path / "copy")
+    return ['data.dir=""', "data.inputs=[]", "data.vocab_size=0",
+            f'data.sources=[{{dir="{pydoc_data}", weight=3}}, {{dir="{tmp_path / "copy"}", weight=1}}]',
+            "data.mix=[{step=2, weights=[1, 1]}]"]
+
+
+def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
+    """Every path under `roots` with its size and modification time."""
+    return {str(p): (p.lstat().st_size, p.lstat().st_mtime_ns) for root in roots for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def trained(pydoc_data, tmp_path_factory) -> Path:
+    """A tiny run, for an init_from model folder."""
+    out = tmp_path_factory.mktemp("trained")
+    with pytest.raises(SystemExit) as done:
+        run_cli(train.main, tiny_args(pydoc_data, out, "train.max_steps=2", "train.sample_tokens=0",
+                                      flags=["--quiet"]))
+    assert done.value.code == 0
+    return out
+
+
+@pytest.mark.parametrize("case", ["base", "mixture", "init_from", "budgeted"])
+def test_the_plan_is_the_runs_start_event(case, pydoc_data, trained, tmp_path):
+    """The dry run's figures, --json, equal the start event the real run writes from its own plan."""
+    sets = {"base": [], "mixture": mixture(pydoc_data, tmp_path),
+            "init_from": [init_from(trained, tmp_path)],
+            "budgeted": ["train.max_time=600", "train.max_steps=4", "schedule.warmup_steps=50"]}[case]
+    args = tiny_args(pydoc_data, tmp_path / "run", "train.max_steps=4", "train.sample_tokens=0", "train.eval_steps=2",
+                     *sets, flags=["--quiet"])
+    status, printed = dry_run(*args, "--json")
+    assert status == 0
+    planned = json.loads(printed)
+    assert not (tmp_path / "run").exists()  # the dry run wrote nothing there
+    with pytest.raises(SystemExit) as done:
+        run_cli(train.main, args)
+    assert done.value.code == 0
+    started = start_event(tmp_path / "run")
+    assert {k: v for k, v in planned.items() if k not in VARIES} == {k: v for k, v in started.items() if k not in VARIES}
+    assert planned["params"] > 0 and planned["tokens_per_step"] == 4 * 32
+    if case == "mixture":
+        assert [s["planned_epochs"] > 0 for s in planned["sources"]] == [True, True]
+        assert planned["mix_changes"] == [[2, [0.5, 0.5]]]
+    if case == "budgeted":
+        assert planned["warmup_steps"] == 50 and planned["max_time"] == 600  # a budget's warmup is not fitted
+
+
+def test_gpt2_small_plans_the_model_it_builds(pydoc_data, tmp_path):
+    """The shipped gpt2-small config, planned on the CPU (too big to train here): its figures are the model's."""
+    sets = [f"data.dir={pydoc_data}", "data.inputs=[]", 'data.tokenizer=""', "train.device=cpu",
+            "train.batch_size=2", f"train.out_dir={tmp_path / 'run'}"]
+    status, printed = dry_run("configs/gpt2-small.toml", "--json", "--set", *sets)
+    assert status == 0
+    plan = json.loads(printed)
+    cfg = load_config("configs/gpt2-small.toml", sets)
+    with torch.device("meta"):
+        model = Transformer(replace(cfg.model, vocab_size=50304))
+    assert plan["params"] == model.num_params() and plan["flops_per_token"] == model.flops_per_token(1024)
+    assert plan["tokens_per_step"] == 524288 and plan["accumulation"] == 524288 // (2 * 1024)
+    assert plan["warmup_steps"] == 700 and plan["max_steps"] == 19000
+
+
+def test_a_dry_run_of_unprepared_data_says_what_it_would_prepare_and_writes_nothing(tmp_path, monkeypatch):
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    cache.mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.delenv("FASTTRAIN_CACHE", raising=False)
+    before = snapshot(tmp_path)
+    status, printed = dry_run("configs/base.toml", "--set", f"train.out_dir={out}", "train.device=cpu")
+    assert status == 0
+    assert "data: not prepared yet; the run prepares builtin:pydoc into " + str(cache / "fasttrain") in printed
+    for line in ("model: 2.56M parameters", "run: 200 steps x 4,096 tokens (16 x 256 x 1 accumulation) on cpu",
+                 "memory: about", "kernel: rms_norm: auto, off on the cpu", "cadence: log every 10 steps"):
+        assert line in printed
+    assert snapshot(tmp_path) == before
+
+
+def test_a_dry_run_of_document_rows_leaves_the_data_as_it_was(paragraph_data, tmp_path):
+    """Padded rows need the shards' document index: a dry run computes it and caches nothing."""
+    data = tmp_path / "data"
+    shutil.copytree(paragraph_data, data)
+    for index in data.glob("*.docs.npy"):
+        index.unlink()
+    before = snapshot(tmp_path)
+    status, printed = dry_run(*tiny_args(data, tmp_path / "run", "data.batching=padded"))
+    assert status == 0 and "read " not in printed.split("data:")[0]
+    assert snapshot(tmp_path) == before
+
+
+def test_measure_times_real_steps_and_saves_nothing(pydoc_data, tmp_path):
+    before = snapshot(tmp_path)
+    status, printed = dry_run(*tiny_args(pydoc_data, tmp_path / "run"), "--measure", "2", "--json")
+    assert status == 0
+    found = json.loads(printed)
+    assert found["measured_steps"] == 2 and found["s_per_step"] > 0 and found["mfu"] is None
+    assert found["tokens_per_s"] == pytest.approx(4 * 32 / found["s_per_step"], rel=0.01)
+    assert found["projected_seconds"] == pytest.approx(10 * found["s_per_step"], abs=0.1)  # rounded to 0.1 s
+    assert snapshot(tmp_path) == before
