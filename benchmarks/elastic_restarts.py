@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,6 +125,7 @@ def trial(data_dir: Path, work: Path, parallel: str, rank: int, kill_after: int 
     ends = [e for e in events(work / "run") if e.get("event") == "end"]
     notes = re.findall(r"^note: torchrun restart (\d+) of", (work / "out").read_text(), re.MULTILINE)
     result.update(exit_code=agent.returncode, seconds=round(time.monotonic() - began, 1), attempts=len(starts),
+                  load_average=round(os.getloadavg()[0], 2),
                   restarts=max(map(int, notes), default=0),
                   resume_step=starts[-1].get("resume_step") if len(starts) > 1 else None,
                   end_step=ends[-1]["step"] if ends else None)
@@ -134,12 +136,26 @@ def trial(data_dir: Path, work: Path, parallel: str, rank: int, kill_after: int 
     return result
 
 
+def summary(results: list[dict]) -> dict:
+    """Kills recovered, how many restarts the jobs used (restarts: jobs), seconds per trial (mean, max)."""
+    seconds = [r["seconds"] for r in results]
+    used: dict[int, int] = {}
+    for r in results:
+        used[r["restarts"]] = used.get(r["restarts"], 0) + 1
+    return {"recovered": f"{sum(r['ok'] for r in results)} of {len(results)} kills",
+            "restarts_used": {str(k): used[k] for k in sorted(used)},
+            "seconds_mean": round(sum(seconds) / max(len(seconds), 1), 1), "seconds_max": max(seconds, default=0)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20, help="kills per parallel mode")
     parser.add_argument("--parallel", nargs="+", default=["ddp", "fsdp"])
     parser.add_argument("--out", type=Path, help="write the results here (JSON)")
+    parser.add_argument("--notes", default="", help="what else ran on the machine meanwhile, recorded as given")
+    parser.add_argument("--keep", type=Path, help="copy a failed trial's stdout and stderr into this folder")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     from fasttrain.data.preparation import prepare
 
     with tempfile.TemporaryDirectory(prefix="fasttrain-elastic-") as tmp:
@@ -154,13 +170,18 @@ def main() -> None:
                 print(json.dumps({k: v for k, v in found.items() if k != "stderr_tail"}), flush=True)
                 if not found["ok"]:
                     print(found["stderr_tail"], file=sys.stderr, flush=True)
+                    if args.keep:
+                        args.keep.mkdir(parents=True, exist_ok=True)
+                        for name in ("out", "err"):
+                            shutil.copy(Path(tmp) / f"{parallel}-{i}" / name, args.keep / f"{parallel}-{i}.{name}")
         example = command(Path("DATA"), Path("OUT"), "PARALLEL", 0)
         report = {
             "command": " ".join(f"{k}={v}" for k, v in ENV.items()) + " " + shlex.join(example[1:]).replace(
                 "-m torch.distributed.run", "torchrun").replace("--master-port=0", "--master-port=FREE_PORT"),
-            "summary": {p: f"{sum(r['ok'] for r in rs)} of {len(rs)} kills recovered" for p, rs in results.items()},
+            "summary": {p: summary(rs) for p, rs in results.items()},
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                        "load_average": os.getloadavg()},
+                        "load_average_before": load_before, "load_average": os.getloadavg()},
+            "notes": args.notes,
             "trials": results,
         }
         import torch
