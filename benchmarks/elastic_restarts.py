@@ -93,8 +93,24 @@ def events(out_dir: Path) -> list[dict]:
 
 def trial(data_dir: Path, work: Path, parallel: str, rank: int, kill_after: int = 6, timeout: float = 240) -> dict:
     """One run of the documented command in `work`, its worker of `rank` SIGKILLed once the run has logged
-    step `kill_after` (past the first save at step 4): what happened, "ok" true if the job recovered."""
+    step `kill_after` (past the first save at step 4): what happened, "ok" true if the job recovered. A port
+    taken by another process between free_port() and the agent's start (its store fails to listen, before
+    any worker runs) is tried again on a new one, twice at most ("port_retries")."""
     work.mkdir(parents=True)
+    for retry in range(3):
+        result = _run(data_dir, work, parallel, rank, kill_after, timeout)
+        if not (result.get("error") == "ended before the kill" and result["attempts"] == 0
+                and "EADDRINUSE" in (work / "err").read_text()):
+            break
+        shutil.rmtree(work / "run", ignore_errors=True)
+    result["port_retries"] = retry
+    if not result["ok"]:
+        result["stderr_tail"] = (work / "err").read_text()[-2500:]
+    return result
+
+
+def _run(data_dir: Path, work: Path, parallel: str, rank: int, kill_after: int, timeout: float) -> dict:
+    """trial's job, on a port free_port() picked."""
     port = free_port()
     argv = command(data_dir, work / "run", parallel, port)
     began = time.monotonic()
@@ -109,16 +125,20 @@ def trial(data_dir: Path, work: Path, parallel: str, rank: int, kill_after: int 
                 break
             time.sleep(0.05)
         else:
-            pid, _ = workers(agent.pid)[rank]
-            os.kill(pid, signal.SIGKILL)
-            result["killed_at"] = round(time.monotonic() - began, 1)
-            agent.wait(timeout=max(1.0, timeout - (time.monotonic() - began)))
+            victim = workers(agent.pid).get(rank)
+            if victim is None:  # gone since its step was logged: the job failed or already ended
+                result["error"] = f"no worker of rank {rank} to kill"
+            else:
+                os.kill(victim[0], signal.SIGKILL)
+                result["killed_at"] = round(time.monotonic() - began, 1)
+                agent.wait(timeout=max(1.0, timeout - (time.monotonic() - began)))
     except subprocess.TimeoutExpired:
         result["error"] = f"still running after {timeout:.0f} s"
     finally:
         if agent.poll() is None:  # its workers lead process groups of their own
             for pid, _ in workers(agent.pid).values():
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             os.killpg(agent.pid, signal.SIGKILL)
         agent.wait()
     starts = [e for e in events(work / "run") if e.get("event") == "start"]
@@ -131,8 +151,6 @@ def trial(data_dir: Path, work: Path, parallel: str, rank: int, kill_after: int 
                   end_step=ends[-1]["step"] if ends else None)
     result["ok"] = (agent.returncode == 0 and len(starts) == 2 and bool(result["resume_step"])
                     and result["end_step"] == 24 and "error" not in result)
-    if not result["ok"]:
-        result["stderr_tail"] = (work / "err").read_text()[-2500:]
     return result
 
 
