@@ -58,6 +58,15 @@ def pydoc_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def code_data(pydoc_data, tmp_path_factory) -> Path:
+    """The json package's sources, prepared with pydoc_data's tokenizer: a second source of one tokenizer."""
+    out = tmp_path_factory.mktemp("code") / "code"
+    prepare([str(Path(json.__file__).parent / "*.py")], out, tokenizer_path=str(pydoc_data / "tokenizer.json"),
+            quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def paragraph_data(tmp_path_factory) -> Path:
     """The embedded corpus's paragraphs as separate documents (mostly shorter than the tiny runs' 32-token
     rows, some longer), prepared like `pydoc_data`: data whose rows need padding (shared, read-only)."""

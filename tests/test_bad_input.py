@@ -21,6 +21,7 @@ from fasttrain import cli, doctor, evaluate, export, plot, prepare, sample, trai
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
 from tests.test_lm_eval import faulty_task, with_lm_eval, wordlevel_run, wordlevel_training
+from tests.test_reliability_round5_checkpoints import flip_a_bit
 from tests.test_reliability_start import another_tokenizer, edit_config, edit_tensor, index_outside, init_from, nan
 
 
@@ -90,6 +91,19 @@ def sharded_run(c: Case, damage) -> Path:
         run_cli(train.main, c.train('checkpoint.format="sharded"', out=run))
     damage(run / "checkpoints" / "step_0000002")
     return run / "checkpoints" / "step_0000002"
+
+
+def flipped_copy(c: Case) -> str:
+    """A copy of the run's last checkpoint file with one bit flipped in its tensors' bytes."""
+    copy = Path(c.file("flipped.pt", c.checkpoint().read_bytes()))
+    flip_a_bit(copy)
+    return str(copy)
+
+
+def planted_checksum(folder: Path, name: str) -> None:
+    """A sharded checkpoint whose state.pt records a checksum for `name` (a FIFO's would hang a read)."""
+    state = torch.load(folder / "state.pt", weights_only=True)
+    torch.save({**state, "checksums": {**state["checksums"], name: 0}}, folder / "state.pt")
 
 
 def evil_metadata(c: Case, folder: Path) -> None:
@@ -666,6 +680,23 @@ CASES = [
      "/run/.replaced-by-overwrite/checkpoints (the next `python -m fasttrain.train` there puts it back)"),
     ("export: a run an interrupted --overwrite set aside", export, lambda c: [str(overwrite_killed(c) / "checkpoints")],
      "the earlier run, set aside by an --overwrite start stopped before its first checkpoint, is in "),
+    ("resume: a bit flipped in a checkpoint file", train,
+     resume_damaged(lambda d: flip_a_bit(d / "step_0000002.pt")), "step_0000002.pt: checksum mismatch, damaged since it was saved (its record "),
+    ("export: a bit flipped in a checkpoint file", export,
+     lambda c: [flipped_copy(c)],
+     "flipped.pt: checksum mismatch, damaged since it was saved (its record "),
+    ("resume: a bit flipped in a sharded checkpoint's .distcp", train,
+     lambda c: c.train(flags=["--resume", str(sharded_run(c, lambda d: flip_a_bit(d / "__0_0.distcp")))]),
+     "__0_0.distcp: checksum mismatch, damaged since it was saved (CRC-32 "),
+    ("sample: a bit flipped in a sharded checkpoint's .distcp", sample,
+     lambda c: [str(sharded_run(c, lambda d: flip_a_bit(d / "__0_0.distcp")))],
+     "__0_0.distcp: checksum mismatch, damaged since it was saved (CRC-32 "),
+    ("evaluate: a bit flipped in a sharded checkpoint's state.pt", evaluate,
+     lambda c: [str(sharded_run(c, lambda d: flip_a_bit(d / "state.pt", 0.3))), "--split", "val"],
+     "state.pt: checksum mismatch, damaged since it was saved (its record "),
+    ("export: a sharded checkpoint's checksums naming a file outside it", export,
+     lambda c: [str(sharded_run(c, lambda d: planted_checksum(d, "../../config.toml")))],
+     "state.pt: checksums unreadable, damaged since it was saved (one for '../../config.toml', not a file of "),
     # round five: prepare parts
     *[(f"prepare --part {spec}", prepare, lambda c, spec=spec: ["--input", "builtin:pydoc", "--out", str(c.tmp / "p"),
                                                                 f"--part={spec}"],

@@ -32,7 +32,7 @@ def layer(module: str) -> int:
     """0 is the lowest layer; a module may import its own layer and those below."""
     if module in ("fasttrain.system.errors", "fasttrain.system.atomic"):
         return 0
-    if module == "fasttrain.config":
+    if module == "fasttrain.config" or module.startswith("fasttrain.config."):
         return 1
     for rank, package in enumerate(("system", "data", "model", "training"), start=2):
         if module.startswith(f"fasttrain.{package}.") or module == f"fasttrain.{package}":

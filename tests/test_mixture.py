@@ -3,7 +3,6 @@ tokens per source, per-source validation, exact resume (every batching mode, pre
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import torch
 
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import Blend
-from fasttrain.data.preparation import prepare
 from fasttrain.model.weights import read_safetensors
 from fasttrain.plot import plot_run, read_metrics
 from fasttrain.system.errors import UsageError
@@ -21,15 +19,6 @@ from fasttrain.training import checkpoint
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_config, tiny_overrides
 from tests.test_distributed import single, torchrun, values
-
-
-@pytest.fixture(scope="module")
-def code_data(pydoc_data, tmp_path_factory) -> Path:
-    """The json package's sources, prepared with pydoc_data's tokenizer: a second source of one tokenizer."""
-    out = tmp_path_factory.mktemp("code") / "code"
-    prepare([str(Path(json.__file__).parent / "*.py")], out, tokenizer_path=str(pydoc_data / "tokenizer.json"),
-            quiet=True)
-    return out
 
 
 def mixture(web: Path, code: Path, out: Path, *sets: str, weights=(0.7, 0.3)) -> list[str]:

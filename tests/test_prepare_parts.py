@@ -39,7 +39,7 @@ def test_every_document_goes_to_exactly_one_part(corpus):
         assert parts == whole, n
 
 
-@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_parts_merged_are_one_prepare(corpus, tmp_path, n):
     whole = prepare(corpus, tmp_path / "whole", vocab_size=600, quiet=True)
     tokenizer = str(tmp_path / "whole" / "tokenizer.json")

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from fasttrain import export, train
+from fasttrain import evaluate, export, sample, train
 from fasttrain.system.errors import run_cli
 from fasttrain.training import checkpoint
 from fasttrain.training.trainer import Trainer
@@ -161,3 +162,66 @@ def test_an_overwrite_that_fails_after_its_first_step_before_its_first_save_keep
                                               "train.max_steps=3", flags=["--overwrite"])) == 0
     assert not (run / ".replaced-by-overwrite").exists()
     assert [p.name for p in checkpoint.saved_steps(run / "checkpoints")][-1].startswith("step_0000003")
+
+
+def flip_a_bit(file: Path, at: float = 0.6) -> None:
+    """Change one bit of `file`, `at` of the way into it (in the tensors' bytes, for a checkpoint)."""
+    data = bytearray(file.read_bytes())
+    data[int(len(data) * at)] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+def the_largest_file(saved: Path) -> Path:
+    """The checkpoint file `saved`, or the largest of a sharded folder's tensor files."""
+    return saved if saved.is_file() else max(saved.glob("*.distcp"), key=lambda f: f.stat().st_size)
+
+
+FORMATS = pytest.mark.parametrize("sets", [[], ['checkpoint.format="sharded"'],
+                                           ['checkpoint.format="sharded"', "checkpoint.async_save=true"]],
+                                  ids=["file", "sharded", "async"])
+
+
+@FORMATS
+def test_a_bit_changed_in_a_saved_checkpoint_is_found_by_resume_export_sample_and_evaluate(pydoc_data, tmp_path,
+                                                                                          capsys, sets):
+    """A flipped bit in a .pt's or a .distcp's tensor bytes loaded silently: a different model, no word. Each file's
+    CRC-32 is recorded when it is saved (a background save's once its write is done) and compared by every load:
+    the untouched save exports, the damaged one is one line naming the file, exit 2, as a truncated one is, and
+    nothing in the run is deleted or moved (the earlier save is there to resume from)."""
+    run = tmp_path / "run"
+    assert run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK, *sets, "checkpoint.interval=1")) == 0
+    saved = checkpoint.resolve("auto", run)
+    assert run_cli_code(export.main, [str(saved), "--out", str(tmp_path / "untouched")]) == 0
+    capsys.readouterr()
+    damaged = the_largest_file(saved)
+    flip_a_bit(damaged)
+    before = snapshot(run / "checkpoints")
+    for program, args in ((train, tiny_args(pydoc_data, run, *QUICK, *sets, "train.max_steps=3",
+                                            flags=["--resume", "auto"])),
+                          (export, [str(saved)]), (sample, [str(saved), "--max-new-tokens", "2"]),
+                          (evaluate, [str(saved), "--split", "val"])):
+        code = run_cli_code(program.main, args)
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"error: {damaged}: checksum mismatch, damaged since it was saved ("), err
+    assert snapshot(run / "checkpoints") == before and not (run / "export").exists()
+    earlier = checkpoint.saved_steps(run / "checkpoints")[-2]
+    assert run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK, *sets, "train.max_steps=3",
+                                              flags=["--resume", str(earlier)])) == 0
+    assert (run / "checkpoints" / "latest").read_text().startswith("step_0000003")
+
+
+def test_a_sharded_checkpoint_saved_before_checksums_still_loads(pydoc_data, tmp_path, capsys):
+    """A folder whose state.pt records no checksums (saved before they were) resumes and exports without a word
+    about them: its files are taken as they are."""
+    run = tmp_path / "run"
+    assert run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK, 'checkpoint.format="sharded"')) == 0
+    saved = checkpoint.resolve("auto", run)
+    state = torch.load(saved / checkpoint.STATE_FILE, weights_only=True)
+    assert set(state.pop("checksums")) == {p.name for p in saved.iterdir()} - {checkpoint.STATE_FILE}
+    torch.save(state, saved / checkpoint.STATE_FILE)
+    capsys.readouterr()
+    assert run_cli_code(export.main, [str(saved)]) == 0
+    assert run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK, 'checkpoint.format="sharded"',
+                                              "train.max_steps=3", flags=["--resume", "auto"])) == 0
+    assert "checksum" not in capsys.readouterr().err

@@ -12,20 +12,10 @@ import pytest
 
 from fasttrain import evaluate, train
 from fasttrain.config import load_config
-from fasttrain.data.preparation import prepare
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
 
 QUIET = ("train.sample_tokens=0", "train.log_interval=1", "schedule.warmup_steps=1")
-
-
-@pytest.fixture(scope="module")
-def code_data(pydoc_data, tmp_path_factory) -> Path:
-    """The json package's sources, prepared with pydoc_data's tokenizer: a second source of one tokenizer."""
-    out = tmp_path_factory.mktemp("code") / "code"
-    prepare([str(Path(json.__file__).parent / "*.py")], out, tokenizer_path=str(pydoc_data / "tokenizer.json"),
-            quiet=True)
-    return out
 
 
 def copy(data: Path, tmp: Path, name: str) -> Path:

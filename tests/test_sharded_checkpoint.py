@@ -265,3 +265,6 @@ def test_async_saves_under_torchrun_resume_exactly(pydoc_data, tmp_path):
     assert values(tmp_path / "run", "train", "loss") == values(tmp_path / "straight", "train", "loss")
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step_"))[-1] \
         == "step_0000004"
+    last = tmp_path / "run" / "checkpoints" / "step_0000004"  # rank 0 read back both ranks' files in the background
+    assert set(torch.load(last / "state.pt", weights_only=True)["checksums"]) == {".metadata", "__0_0.distcp",
+                                                                                 "__1_0.distcp"}

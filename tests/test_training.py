@@ -312,9 +312,10 @@ def test_document_batches_count_real_tokens_only(paragraph_data, tmp_path, batch
     assert trainer.run.tokens_seen == counted < trainer.tokens_per_step
     assert loss.item() == pytest.approx(total / counted, rel=1e-5)
 
-    val = trainer.loader("val", "sequential", prefetch=0)
+    # validation's rows: the split's first eval_steps x batch_size, in one pass (bucketed among themselves)
+    val = trainer.loader("val", "sequential", prefetch=0, whole=True, first_rows=3 * trainer.cfg.train.batch_size)
     trainer.model.eval()
-    total, counted = summed_loss([next(val) for _ in range(3)])
+    total, counted = summed_loss(list(val))
     trainer.model.train()
     assert trainer.evaluate()["val_loss"] == pytest.approx(total / counted, rel=1e-5)
 

@@ -31,197 +31,31 @@ few integers and a reloaded loader yields exactly the batches an uninterrupted
 one would have.
 
 Rows are read with `os.preadv` straight into a staging buffer, never through a
-memory map: a long run over a memory-mapped corpus keeps every page it has
-touched resident, and the process's memory grows with the corpus.
+memory map (fasttrain/data/reader.py says why). The loader is the front of four
+modules: sampling.py (each source's row order over epochs), reader.py (a batch read
+from the shards), prefetch.py (batches read ahead on a thread) and resharding.py
+(a saved position carried to another number of processes; `reshard` is importable
+from here too).
 """
 
 from __future__ import annotations
 
-import atexit
 import functools
 import os
-import queue
-import threading
 import time
 from pathlib import Path
-from typing import Iterator, Literal, Sequence, get_args
+from typing import Iterator, Sequence, get_args
 
-import numpy as np
 import torch
 
-from fasttrain.data.documents import IGNORE_INDEX, Batching, Rows
+from fasttrain.data.documents import Batching, Rows
 from fasttrain.data.mixture import Blend
-from fasttrain.data.shards import HEADER_BYTES, ShardInfo, find_shards, out_of_vocabulary, read_meta, scan_id_bound
+from fasttrain.data.prefetch import Prefetcher, load_batch
+from fasttrain.data.reader import RowReader
+from fasttrain.data.resharding import reshard as reshard  # importable from here, as before the split
+from fasttrain.data.sampling import Padding, Sampling, SourceRows
+from fasttrain.data.shards import ShardInfo, find_shards, read_meta, scan_id_bound
 from fasttrain.system.errors import UsageError
-
-Sampling = Literal["random", "sequential"]
-Padding = Literal["fixed", "longest", "bucketed"]
-BUCKET_POOL = 64  # batches whose rows are sorted by length together: wider pools waste less, shuffle less
-FILLER = -1  # the row id of an empty slot in the last round of a `whole` pass
-
-
-class SourceRows:
-    """The rows of one source's split in their order over epochs: its p-th row is `at(p)`; stateless.
-
-    An epoch visits `rows_per_epoch` rows: all of them but what does not fill a whole round of
-    batch_size x world_size rows (when `whole`: all of them, or the first `first_rows` in the epoch's order
-    if fewer, the last round made whole with FILLER ids).
-    """
-
-    def __init__(self, shards: list[ShardInfo], rows: Rows, batch_size: int, world_size: int, sampling: Sampling,
-                 padding: Padding, seed: int, whole: bool = False, first_rows: int = 0):
-        self.shards, self.rows, self.whole = shards, rows, whole
-        self.batch_size, self.world_size = batch_size, world_size
-        self.sampling, self.padding, self.seed = sampling, padding, seed
-        self.whole_rows = min(rows.num_rows, first_rows or rows.num_rows)  # the rows a `whole` pass reads
-        per_round = batch_size * world_size
-        self.rows_per_epoch = (-(-self.whole_rows // per_round) if whole else rows.num_rows // per_round) * per_round
-        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its rows in order) of the last epoch used
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """Row ids of `epoch`, in the order they are read (rows_per_epoch of them).
-
-        Random sampling permutes the rows with a generator seeded by (seed, epoch).
-        Bucketed padding then sorts each pool of BUCKET_POOL batches' rows by length,
-        cuts the pool into batches of similar lengths, and (random sampling) shuffles the batches.
-        A `whole` source keeps every row and fills the last round with FILLER ids.
-        """
-        cached = self._order
-        if cached is not None and cached[0] == epoch:
-            return cached[1]
-        B = self.batch_size
-        n = self.whole_rows if self.whole else self.rows.num_rows // B * B
-        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
-        order = np.arange(n) if self.sampling == "sequential" else rng.permutation(self.rows.num_rows)[:n]
-        bucketed = self.padding == "bucketed" and self.rows.batching != "packed"  # packed rows are all full
-        if bucketed:
-            lengths = self.rows.lengths()
-            pools = [order[i:i + BUCKET_POOL * B] for i in range(0, n, BUCKET_POOL * B)]
-            order = np.concatenate([p[np.argsort(-lengths[p], kind="stable")] for p in pools])
-        if self.whole:
-            order = np.append(order, np.full(self.rows_per_epoch - n, FILLER))
-        if bucketed and self.sampling == "random":
-            order = order.reshape(-1, B)[rng.permutation(len(order) // B)].reshape(-1)
-        order = order[:self.rows_per_epoch]
-        self._order = (epoch, order)
-        return order
-
-    def at(self, positions: np.ndarray) -> np.ndarray:
-        """Row ids of the rows at `positions` (counting across epochs)."""
-        epochs, index = np.divmod(positions, self.rows_per_epoch)
-        if epochs.size and epochs.min() == epochs.max():
-            return self.epoch_order(int(epochs[0]))[index]
-        return np.array([self.epoch_order(int(e))[i] for e, i in zip(epochs.tolist(), index.tolist())], dtype=np.int64)
-
-    def targets_before(self, position: int) -> int:
-        """Targets (real tokens predicted) in the rows before `position`: what training on them has read."""
-        if self.rows.batching == "packed":  # every training row is a full window
-            return position * self.rows.seq_len
-        epochs, rest = divmod(position, self.rows_per_epoch)
-        targets = self.rows.lengths().astype(np.int64) - 1
-        per_epoch = int(targets[self.epoch_order(0)].sum()) if epochs else 0  # every epoch reads the same rows
-        return epochs * per_epoch + int(targets[self.epoch_order(epochs)[:rest]].sum())
-
-
-class RowReader:
-    """Reads batch number g of one rank's stream from the rows of one split of its sources; stateless
-    between calls (the blend's memory of recent rounds aside).
-
-    Batch g is this rank's part of round g of the global row sequence, and which source's rows it
-    holds is the blend's (fasttrain/data/mixture.py). Kept apart from `TokenLoader` so the prefetch
-    thread holds only this, and a loader that is dropped without `close()` can still be collected.
-    """
-
-    def __init__(
-        self, sources: list[SourceRows], blend: Blend, batch_size: int, padding: Padding, rank: int, world_size: int,
-        pad_id: int, pad_multiple: int, pin_memory: bool, vocab_size: int,
-    ):
-        self.sources, self.blend = sources, blend
-        self.shards = [s for source in sources for s in source.shards]
-        self._first_shard = np.cumsum([0] + [len(source.shards) for source in sources])
-        self.whole = sources[0].whole
-        self.vocab_size = vocab_size  # every id read is checked against it; 0: unknown, not checked
-        self.dtype = self.shards[0].dtype
-        self.batch_size, self.seq_len = batch_size, sources[0].rows.seq_len
-        self.padding = padding
-        self.rank, self.world_size = rank, world_size
-        self.pad_id, self.pad_multiple = pad_id, pad_multiple
-        self.pin_memory = pin_memory
-        self.batches_per_epoch = sources[0].rows_per_epoch // (batch_size * world_size)  # of a `whole` pass
-        self._fds = [os.open(s.path, os.O_RDONLY) for s in self.shards]
-
-    @property
-    def rows(self) -> Rows:
-        """The rows of the first source (of the only one, but in a mixture)."""
-        return self.sources[0].rows
-
-    def spans(self, g: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(index into self.shards, token offset, length) of each row of this rank's batch number `g` (counting
-        across epochs); a FILLER slot is one token of row 0 (no target, and it never widens a batch)."""
-        source, position = self.blend.plan(g)
-        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        source, position = source[mine], position[mine]
-        if len(self.sources) == 1:
-            return self._spans_of(0, position)
-        shard, offset, length = (np.empty(len(source), dtype=np.int64) for _ in range(3))
-        order = np.argsort(source, kind="stable")  # this batch's rows grouped by source
-        ends = np.cumsum(np.bincount(source, minlength=len(self.sources))).tolist()
-        for j, (a, b) in enumerate(zip([0] + ends, ends)):
-            if a < b:
-                at = order[a:b]
-                shard[at], offset[at], length[at] = self._spans_of(j, position[at])
-                shard[at] += self._first_shard[j]
-        return shard, offset, length
-
-    def _spans_of(self, j: int, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`spans` of the rows at `positions` of source j, its shards counted from 0."""
-        ids = self.sources[j].at(positions)
-        if not self.whole:
-            return self.sources[j].rows.lookup(ids)
-        filler = ids == FILLER
-        shard, offset, length = self.sources[j].rows.lookup(np.where(filler, 0, ids))
-        return shard, offset, np.where(filler, 1, length)
-
-    def read(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch `g` as host tensors x, y of shape (B, L), int64 (pinned when `pin_memory`).
-
-        L is seq_len, or with padding "longest"/"bucketed" the longest row's inputs rounded
-        up to pad_multiple (at most seq_len). Past a row's end x holds pad_id and y IGNORE_INDEX.
-        """
-        shard, offset, length = self.spans(g)
-        B, itemsize = self.batch_size, self.dtype.itemsize
-        L = self.seq_len
-        if self.padding != "fixed":
-            L = min(L, -(-(int(length.max()) - 1) // self.pad_multiple) * self.pad_multiple)
-        rows = np.empty((B, L + 1), dtype=self.dtype)
-        fds, lengths = self._fds, length.tolist()
-        for row, s, start, n in zip(rows, shard.tolist(), (HEADER_BYTES + offset * itemsize).tolist(), lengths):
-            if os.preadv(fds[s], [row if n == L + 1 else row[:n]], start) != n * itemsize:  # packed rows: all whole
-                raise UsageError(f"{self.shards[s].path}: short read at byte {start} (truncated while in use?)")
-        short = np.flatnonzero(length < L + 1).tolist()
-        for row in short:  # past a row's end: pad inputs
-            rows[row, lengths[row]:] = self.pad_id
-        # A header's largest id can lie (or be absent); an id beyond the vocabulary would index past the
-        # embedding (an IndexError, or silent garbage on a GPU), so check what was read, on the host.
-        if self.vocab_size and int(rows.max()) >= self.vocab_size:
-            row, col = (int(i) for i in np.argwhere(rows >= self.vocab_size)[0])
-            raise UsageError(out_of_vocabulary(self.shards[shard[row]].path, int(rows[row, col]),
-                                               int(offset[row]) + col, self.vocab_size))
-        x = torch.empty((B, L), dtype=torch.int64, pin_memory=self.pin_memory)
-        y = torch.empty((B, L), dtype=torch.int64, pin_memory=self.pin_memory)
-        np.copyto(x.numpy(), rows[:, :-1])
-        targets = y.numpy()
-        np.copyto(targets, rows[:, 1:])
-        for row in short:  # a row of n tokens has n - 1 targets
-            targets[row, lengths[row] - 1:] = IGNORE_INDEX
-        return x, y
-
-    def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        self._fds = []
-
-    __del__ = close
 
 
 class TokenLoader:
@@ -318,8 +152,8 @@ class TokenLoader:
         self.wait_seconds = 0.0
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # Not a bound method: the prefetch thread must not keep the loader alive.
-        self._load = functools.partial(_load_batch, self.reader, self.device, stream)
-        self._worker: _Prefetcher | None = None
+        self._load = functools.partial(load_batch, self.reader, self.device, stream)
+        self._worker: Prefetcher | None = None
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self
@@ -332,7 +166,7 @@ class TokenLoader:
             x, y, ready = self._load(self.batches)
         else:
             if self._worker is None:
-                self._worker = _Prefetcher(self._load, self.batches, self.prefetch)
+                self._worker = Prefetcher(self._load, self.batches, self.prefetch)
             try:
                 x, y, ready = self._worker.get()
             except BaseException:  # the thread has stopped; the next call starts a new one at the same batch
@@ -421,127 +255,8 @@ class TokenLoader:
             self._stop_worker()
 
 
-def _load_batch(
-    reader: RowReader, device: torch.device, stream: torch.cuda.Stream | None, g: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None]:
-    """Batch `g` on `device`; on CUDA, copied on `stream` with an event that marks the copy done."""
-    x, y = reader.read(g)
-    if stream is None:
-        return x, y, None
-    with torch.cuda.stream(stream):
-        x = x.to(device, non_blocking=True)
-        y = y.to(device, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record(stream)
-    return x, y, ready
-
-
-class _Prefetcher:
-    """A daemon thread that calls load(g), load(g + 1), ... and queues the results, `depth` ahead.
-
-    A prefetcher still running when the interpreter exits is stopped by an atexit hook. Left
-    running, the thread would be torn down wherever it stands, and inside a torch op (which
-    releases the GIL) that aborts the process ("terminate called without an active exception").
-    """
-
-    def __init__(self, load, first: int, depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(load, first), daemon=True, name="fasttrain-prefetch")
-        self._thread.start()
-        atexit.register(self.stop)
-
-    def _run(self, load, g: int) -> None:
-        while not self._stopped.is_set():
-            try:
-                item = load(g)
-            except BaseException as e:  # handed to the consumer, which raises it
-                item = e
-            while not self._stopped.is_set():
-                try:
-                    self._queue.put(item, timeout=0.05)
-                    break
-                except queue.Full:  # the consumer is behind; look at the stop flag, then try again
-                    continue
-            if isinstance(item, BaseException):
-                return
-            g += 1
-
-    def get(self):
-        while True:
-            try:
-                item = self._queue.get(timeout=0.5)
-                break
-            except queue.Empty:  # never wait on a thread that is gone
-                if not self._thread.is_alive() and self._queue.empty():
-                    raise RuntimeError("the prefetch thread stopped") from None
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def stop(self) -> None:
-        atexit.unregister(self.stop)
-        self._stopped.set()
-        self._thread.join()
-
 
 def _vocab_size_of(directory: Path, shards: list[ShardInfo]) -> int:
     """The vocabulary size recorded by prepare (meta.json), else by the shards (0 if none records it)."""
     meta = read_meta(directory)
     return int(meta["vocab_size"]) if meta else max(s.vocab_size for s in shards)
-
-
-def reshard(saved: list[dict], rank: int, world_size: int, rounds: int | None = None) -> dict:
-    """The state for `rank` of `world_size` that continues the stream where `saved` (every rank's state_dict,
-    from a world of len(saved) ranks at the same batch count) stopped: the global position carries over.
-
-    One source's epoch does not depend on the world: rank r of W takes part r of each round of W batches, so
-    after b batches per rank the world has consumed global batches 0 .. i * W - 1 of epoch e (divmod(b,
-    per-rank batches per epoch) = (e, i)). A world of M continues at i * W / M batches per rank, the same rows
-    next. Each epoch's tail that fills no whole round of M ranks is dropped, as in any epoch. UsageError if
-    i * W is not a multiple of M (no per-rank count starts there).
-
-    A mixture's blend state (each source's position and deficit) is the world's, not a rank's: the blend goes on
-    from it in rounds of this world's rows. Each source's epochs are cut into rounds of the world's rows, so a
-    position (e, i) of the saved world's epochs becomes (e, i) of this world's (the start of epoch e + 1 if i
-    falls in the tail this world drops; the order of an epoch's rows does not depend on the world). `rounds` is
-    the batch count the loader goes on from: the run's step times this world's accumulation, which its mix
-    changes count in (None: the saved count). The tokens read from each source carry over as they were read
-    (load_state_dict keeps what the new epochs' count misses)."""
-    state = dict(saved[0])
-    counts = {s["batches"] for s in saved}
-    if len(counts) != 1:
-        raise UsageError(f"the saved ranks stopped at different loader positions ({sorted(counts)} batches)")
-    num_rows = state["num_rows"] if isinstance(state["num_rows"], list) else [state["num_rows"]]  # pre-mixture
-    rows_per_batch = state["batch_size"]
-    if len(num_rows) > 1:
-        positions = [_renumbered(p, n, rows_per_batch, len(saved), world_size)
-                     for p, n in zip(state["positions"], num_rows)]
-        batches = state["batches"] if rounds is None else rounds
-        if "mix_rounds" in state and state["batches"]:  # step x the saved accumulation -> step x this world's
-            state["mix_rounds"] = [r * batches // state["batches"] for r in state["mix_rounds"]]
-        return {**state, "batches": batches, "rank": rank, "world_size": world_size, "positions": positions}
-    if len(saved) == world_size:
-        return {**state, "rank": rank, "world_size": world_size}
-    epoch, i = divmod(state["batches"], num_rows[0] // (rows_per_batch * len(saved)))
-    done = i * len(saved)  # global batches of this epoch consumed
-    per_rank = num_rows[0] // (rows_per_batch * world_size)
-    if done >= per_rank * world_size:  # in the tail this world drops: its next epoch comes next
-        epoch, done = epoch + 1, 0
-    if done % world_size:
-        raise UsageError(f"the run stopped after {done} batches of {rows_per_batch} rows into epoch {epoch}, which "
-                         f"{world_size} processes cannot split evenly (each takes one batch in {world_size}); resume "
-                         f"with a number of processes that divides {done}, or with the {len(saved)} it was saved with")
-    batches = epoch * per_rank + done // world_size
-    # the one source's position in rows, in this world's epochs (its deficit is always 0)
-    position = epoch * per_rank * world_size * rows_per_batch + done * rows_per_batch
-    return {**state, "batches": batches, "rank": rank, "world_size": world_size, "num_rows": num_rows,
-            "positions": [position], "deficits": [0.0]}
-
-
-def _renumbered(position: int, num_rows: int, batch_size: int, saved_world: int, world_size: int) -> int:
-    """A source's `position` counted in the epochs of a world of `saved_world` ranks, counted in those of
-    `world_size` ranks: the same row of the same epoch, or the next epoch's first if this world drops it."""
-    saved_epoch, epoch = (num_rows // (batch_size * w) * batch_size * w for w in (saved_world, world_size))
-    passed, index = divmod(position, saved_epoch)
-    return passed * epoch + min(index, epoch)

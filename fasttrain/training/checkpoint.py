@@ -25,7 +25,9 @@ or `kill -9` at any moment leaves `latest` naming a loadable checkpoint. Old sav
 never one that a pointer names.
 
 Loading uses `torch.load(weights_only=True)`, and a folder's metadata a restricted unpickler: a checkpoint
-may hold tensors, numbers, strings and containers of them, never code to run.
+may hold tensors, numbers, strings and containers of them, never code to run. A load first compares each file
+with the checksums recorded when it was saved (checksums.py): a bit changed on disk is one line naming the
+file, not a silently different model.
 
 The functions below are the files; `Checkpointer` is what a run saves into them and restores from them.
 """
@@ -53,7 +55,7 @@ from fasttrain.system.atomic import write_atomically
 from fasttrain.system.device import seed_everything
 from fasttrain.system.errors import RunStopped, UsageError
 from fasttrain.system.run_lock import LOCK_FILE, locked, other_holder
-from fasttrain.training import sharded_files
+from fasttrain.training import checksums, sharded_files
 from fasttrain.training.metrics import WANDB_ID_FILE
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.run_state import RunState
@@ -411,6 +413,7 @@ def load(path: str | os.PathLike[str], device: torch.device | str = "cpu", whole
     state = read_trusted(path / STATE_FILE if sharded else path, device, path)
     if sharded:
         sharded_files.check_complete(path)
+        checksums.verify(path, state.get("checksums") if isinstance(state, dict) else None)
         if whole_model and isinstance(state, dict):
             state["model"] = sharded_files.read_whole(path, "model", path)
     missing = [k for k in (("optimizer_groups", "step", "config") if sharded else REQUIRED_KEYS)
@@ -421,8 +424,11 @@ def load(path: str | os.PathLike[str], device: torch.device | str = "cpu", whole
 
 
 def read_trusted(file: Path, device: torch.device | str, path: Path):
-    """What `torch.load(weights_only=True)` reads from `file` (of the checkpoint at `path`): tensors, numbers,
-    strings and containers, never code to run; UsageError naming `path` otherwise."""
+    """What `torch.load(weights_only=True)` reads from `file` (of the checkpoint at `path`), its records' checksums
+    checked first: tensors, numbers, strings and containers, never code to run; UsageError naming `path` (or
+    `file`) otherwise."""
+    if file.is_file():
+        checksums.check_records(file)
     try:
         return torch.load(file, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -575,20 +581,21 @@ class Checkpointer:
         distributed.barrier(self.world)
         state = {"model": model, "optimizer": {"state": optimizer["state"]}}
         if self.background:
-            self.in_flight = InFlight(sharded_files.write_async(staging, state, self.write_group), staging, path,
-                                      rest, best, keep)
+            self.in_flight = InFlight(sharded_files.write_async(staging, state, self.write_group, self.world.is_main),
+                                      staging, path, rest, best, keep)
             return path
         try:
             sharded_files.write(staging, state)
         except (OSError, dcp_exception()) as e:
             raise UsageError(f"{staging}: cannot save checkpoint ({sharded_files.one_line(e)})") from None
         if self.world.is_main:
-            self.publish_folder(staging, path, rest, best, keep)
+            self.publish_folder(staging, path, {**rest, "checksums": checksums.of_folder(staging)}, best, keep)
         distributed.barrier(self.world)
         return path
 
     def publish_folder(self, staging: Path, path: Path, rest: dict, best: bool, keep: Path | None) -> None:
-        """Rank 0, once every rank's part is in `staging`: add state.pt, rename the folder `path`, point, prune."""
+        """Rank 0, once every rank's part is in `staging`: add state.pt (`rest`, with the other files' checksums),
+        rename the folder `path`, point, prune."""
         write_atomically(staging / STATE_FILE, lambda f: torch.save(rest, f), what="save checkpoint")
         try:
             sync_directory(staging)
@@ -613,7 +620,7 @@ class Checkpointer:
         if flight is None:
             return
         try:
-            flight.future.result()
+            sums = flight.future.result()  # rank 0: the folder's checksums
         except (Exception, dcp_exception()) as e:
             self.unsettled = (flight.path, True)
             if self.world.is_main:
@@ -623,7 +630,8 @@ class Checkpointer:
             return
         self.unsettled = (flight.path, False)
         if self.world.is_main:
-            self.publish_folder(flight.staging, flight.path, flight.rest, flight.best, flight.keep)
+            self.publish_folder(flight.staging, flight.path, {**flight.rest, "checksums": sums}, flight.best,
+                                flight.keep)
 
     def settle(self) -> Path | None:
         """Wait for the save in flight; the last background save waited for (here or by an earlier `poll`) if

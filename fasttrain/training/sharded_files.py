@@ -4,19 +4,22 @@ A folder `step_0000100/` holds
 
     .metadata             DCP's index: every tensor's shape, dtype and which file and bytes hold each piece
     __0_0.distcp, ...     the tensors, one file per rank that wrote some (each rank writes only what it holds)
-    state.pt              the rest (checkpoint.py): run state, every rank's loader and RNG, config, scaler
+    state.pt              the rest (checkpoint.py): run state, every rank's loader and RNG, config, scaler,
+                          and the CRC-32 of each file above ("checksums"), read back once they are written
 
 Each tensor is read with `torch.load(weights_only=True)` by DCP itself. `.metadata` is a pickle that DCP's own
 reader loads with plain `pickle.load`, which would run any code a planted file names; here it is read by an
 unpickler that builds only DCP's metadata classes, torch.Size and dtypes, and an index naming anything but
 tensors (DCP would unpickle those entries in full) or files outside the folder is refused. So a checkpoint
-folder, like a checkpoint file, cannot run code.
+folder, like a checkpoint file, cannot run code. A load compares each file with the CRC-32 state.pt recorded
+(checksums.py; state.pt itself is checked by its own records' CRC-32, as a checkpoint file is).
 """
 
 from __future__ import annotations
 
 import pickle
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -24,6 +27,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from fasttrain.system.errors import UsageError
+from fasttrain.training import checksums
 
 # In a world of one DCP warns, on every save and load, that it assumes one process: so it does, by design. An
 # async save warns from its background thread, after any warnings.catch_warnings() around the call has ended,
@@ -106,12 +110,26 @@ def write(path: Path, state: dict, process_group=None) -> None:
     dcp.save(state, storage_writer=dcp.FileSystemWriter(path), process_group=process_group, no_dist=alone())
 
 
-def write_async(path: Path, state: dict, process_group=None):
+def write_async(path: Path, state: dict, process_group=None, checksum: bool = False) -> Future:
     """Like `write`, but return once `state` is copied to CPU memory: a future that is done when the folder is
-    written (its result raises what the write raised). `process_group`: a gloo group of its own, so the
-    background write's collectives never interleave with training's."""
-    return dcp.async_save(state, storage_writer=dcp.FileSystemWriter(path), process_group=process_group,
-                          no_dist=alone())
+    written (its result raises what the write raised). With `checksum` (rank 0: its write is done once every
+    rank's part is), its result is the folder's checksums (checksums.of_folder), read back on a thread of its
+    own, as the write is done in the background: the run does not wait for them. `process_group`: a gloo group
+    of its own, so the background write's collectives never interleave with training's."""
+    written = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(path), process_group=process_group,
+                             no_dist=alone())
+    if not checksum:
+        return written
+
+    def written_then_summed() -> dict[str, int]:
+        written.result()  # raises what the write raised
+        return checksums.of_folder(path)
+
+    # Not a done-callback of `written`: one added after the write is done runs at once, on the training thread.
+    summing = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-checksums")
+    summed = summing.submit(written_then_summed)
+    summing.shutdown(wait=False)  # its thread ends once the checksums are done
+    return summed
 
 
 def read_into(path: Path, state: dict) -> None:

@@ -1,0 +1,63 @@
+"""Run configuration: typed dataclasses, loaded from TOML with command-line overrides.
+
+Each TOML section ([model], [data], ...) maps to one dataclass (sections.py). A value is
+taken from, in increasing precedence: the dataclass default, the config file, then
+`--set section.key=value` on the command line. Everything is checked up front
+(names, types, ranges, combinations) so a typo fails in a second, not an hour into
+a run. Every problem is a one-line `UsageError` that starts with where the value
+came from (the file's path or `--set`), then names the key:
+
+    configs/tiny.toml: train.batch_size: must be > 0, got 0
+
+`save_config` writes the resolved config into the run directory, so a run can
+always be reproduced from what it wrote.
+
+The package, lowest first: values.py (the field types, TOML values to and from them), sections.py (the
+dataclasses), rules.py (ranges, agreements, what applies when), loading.py (files, `extends`, `--set`),
+writing.py (back to TOML), prepared.py (completed with the prepared data), arguments.py (the command line).
+Import from here: `from fasttrain.config import Config, load_config`.
+"""
+
+from fasttrain.config.arguments import add_config_arguments, config_from_args, config_overrides
+from fasttrain.config.loading import (
+    MAX_CONFIG_BYTES,
+    MAX_EXTENDS,
+    OVERRIDE_SOURCE,
+    extended_path,
+    load_config,
+    parse_config,
+)
+from fasttrain.config.prepared import check_vocab, resolve
+from fasttrain.config.rules import MAX_PREFETCH, MAX_PROMPT_CHARS, MAX_SEED
+from fasttrain.config.sections import (
+    DEFAULT_INPUTS,
+    DEFAULT_VOCAB,
+    AdafactorConfig,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    EvalConfig,
+    KernelsConfig,
+    LogConfig,
+    MixChange,
+    ModelConfig,
+    MuonConfig,
+    OptimConfig,
+    RecoveryConfig,
+    ScheduleConfig,
+    SGDConfig,
+    SourceConfig,
+    TrainConfig,
+)
+from fasttrain.config.values import Seconds, parse_duration
+from fasttrain.config.writing import config_to_toml, save_config
+
+__all__ = [
+    "AdafactorConfig", "CheckpointConfig", "Config", "DataConfig", "EvalConfig", "KernelsConfig", "LogConfig",
+    "MixChange", "ModelConfig", "MuonConfig", "OptimConfig", "RecoveryConfig", "SGDConfig", "ScheduleConfig",
+    "Seconds", "SourceConfig", "TrainConfig",
+    "DEFAULT_INPUTS", "DEFAULT_VOCAB", "MAX_CONFIG_BYTES", "MAX_EXTENDS", "MAX_PREFETCH", "MAX_PROMPT_CHARS",
+    "MAX_SEED", "OVERRIDE_SOURCE",
+    "add_config_arguments", "check_vocab", "config_from_args", "config_overrides", "config_to_toml", "extended_path",
+    "load_config", "parse_config", "parse_duration", "resolve", "save_config",
+]

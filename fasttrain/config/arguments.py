@@ -1,0 +1,66 @@
+"""The command-line face of a config: the positional config (a file or a shipped config's name), `--set`,
+`--device` and `--seed`, and the Config they name."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from fasttrain import configs
+from fasttrain.config.loading import OVERRIDE_SOURCE, _build, _read_layers
+from fasttrain.config.sections import Config
+from fasttrain.system.errors import UsageError
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the positional `config` path, repeatable `--set SECTION.KEY=VALUE`, and `--device` and `--seed`
+    (the flags sample and evaluate have too, here short for --set train.device / train.seed)."""
+    parser.add_argument("config", nargs="?", action=_ConfigPath,
+                        help="a TOML config file, or a shipped config by name (fasttrain configs lists them)")
+    parser.add_argument(
+        "--set", nargs="+", action=_SetItems, default=[], metavar="SECTION.KEY=VALUE",
+        help="override config values; VALUE is TOML or a bare string, e.g. --set train.batch_size=8 train.device=cpu",
+    )
+    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (--set train.device=D)")
+    parser.add_argument("--seed", type=int, help="seeds everything (--set train.seed=S)")
+
+
+class _ConfigPath(argparse.Action):
+    """The positional config path. argparse calls this with None when no positional was left for it, which
+    must not undo the path a --set took (see _SetItems)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if values is None:
+            return
+        if namespace.config is not None:
+            parser.error(f"two config files: {namespace.config} and {values}")
+        namespace.config = values
+
+
+class _SetItems(argparse.Action):
+    """--set's items, added to those of earlier --sets. nargs="+" takes every argument up to the next flag, so
+    in `--set a=b configs/base.toml` it takes the config path too: with no config given yet, the last item of a
+    --set that is no SECTION.KEY=VALUE but a file, or named like one (.toml), is the config path."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items, last = list(values), values[-1]
+        if namespace.config is None and "=" not in last and (last.endswith(".toml") or os.path.isfile(last)):
+            namespace.config, items = last, items[:-1]
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), *items])
+
+
+def config_from_args(args: argparse.Namespace, *more: str) -> Config:
+    """Load the Config named by arguments that `add_config_arguments` parsed; `more` overrides come last.
+    Errors name the flag a value came from (--set, --device, --seed)."""
+    if args.config is None:
+        raise UsageError("the following arguments are required: config (a TOML file or a shipped config's name, "
+                         "e.g. base; see --help)")
+    return _build(_read_layers(configs.locate(args.config)[0]), config_overrides(args, *more))
+
+
+def config_overrides(args: argparse.Namespace, *more: str) -> list[tuple[str, str]]:
+    """The overrides `args` stand for, each with the flag it came from: the --set items, then --device and
+    --seed as the train.device and train.seed items they stand for, then `more` (the tool's own, as --set)."""
+    flags = [(f"--{name}", f"train.{name}={value}")
+             for name, value in (("device", args.device), ("seed", args.seed)) if value is not None]
+    return [*[(OVERRIDE_SOURCE, item) for item in args.set], *flags, *[(OVERRIDE_SOURCE, item) for item in more]]

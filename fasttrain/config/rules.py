@@ -1,0 +1,244 @@
+"""What a config may hold beyond its types: each value's range, the settings that must agree, a mixture's
+[[data.sources]] and [[data.mix]] tables, and the keys that apply only with some value of another setting.
+Every problem is a one-line UsageError naming where the value came from (`_blame`)."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Callable
+
+from fasttrain.config.sections import Config
+from fasttrain.config.values import _show, _toml_value
+from fasttrain.system.errors import UsageError
+
+MAX_SEED = 2**32 - 1  # NumPy's generator takes 32-bit seeds; every tool accepts the same range
+MAX_PROMPT_CHARS = 65_536  # the model reads at most max_seq_len tokens of a prompt; tokenizing more costs memory
+MAX_PREFETCH = 64  # batches read ahead, each held in memory until used
+
+# Allowed values, checked once all types are right: "section.key" -> (test, "must be ...").
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.vocab_size": _NON_NEGATIVE,
+    "model.max_seq_len": _POSITIVE,
+    "model.d_model": _POSITIVE,
+    "model.n_layers": _POSITIVE,
+    "model.n_heads": _POSITIVE,
+    "model.n_kv_heads": _NON_NEGATIVE,
+    "model.ffn_hidden": _NON_NEGATIVE,
+    "model.multiple_of": _POSITIVE,
+    "model.rope_theta": _POSITIVE,
+    "model.norm_eps": _POSITIVE,
+    "model.dropout": _FRACTION,
+    "data.inputs": (lambda v: all(v), "a list of non-empty paths"),
+    "data.text_field": (bool, "a non-empty field name"),
+    "data.vocab_size": (lambda v: v == 0 or v > 256,
+                        "0 or > 256 (a byte-level BPE needs the 256 bytes plus an end-of-text token)"),
+    "data.val_fraction": _FRACTION,
+    "data.prefetch": (lambda v: 0 <= v <= MAX_PREFETCH, f"in [0, {MAX_PREFETCH}] (batches held in memory ahead of use)"),
+    "data.max_epochs": _POSITIVE,
+    "optim.lr": _POSITIVE,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.beta1": _FRACTION,
+    "optim.beta2": _FRACTION,
+    "optim.eps": _POSITIVE,
+    "optim.max_grad_norm": _NON_NEGATIVE,
+    "optim.muon.lr": _POSITIVE,
+    "optim.muon.momentum": _FRACTION,
+    "optim.muon.ns_steps": (lambda v: 0 < v < 100, "in [1, 99]"),  # torch.optim.Muon's own limit
+    "optim.sgd.momentum": _FRACTION,
+    "optim.adafactor.beta2_decay": (lambda v: v <= 0, "<= 0"),
+    "optim.adafactor.eps1": _NON_NEGATIVE,
+    "optim.adafactor.eps2": _NON_NEGATIVE,
+    "optim.adafactor.d": _POSITIVE,
+    "schedule.warmup_steps": _NON_NEGATIVE,
+    "schedule.min_lr": _NON_NEGATIVE,
+    "schedule.cooldown_fraction": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "schedule.step_every": _POSITIVE,
+    "schedule.step_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "train.max_steps": (lambda v: v >= 0, ">= 0 (0: no step limit, for a run with train.max_time)"),
+    "train.max_time": _NON_NEGATIVE,
+    "train.device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
+    "train.out_dir": (bool, "a directory path"),
+    "train.batch_size": _POSITIVE,
+    "train.seq_len": _POSITIVE,
+    "train.tokens_per_update": _NON_NEGATIVE,
+    "train.log_interval": _POSITIVE,
+    "train.eval_interval": _POSITIVE,
+    "train.eval_steps": _POSITIVE,
+    "train.early_stop_patience": _NON_NEGATIVE,
+    "train.early_stop_min_delta": _NON_NEGATIVE,
+    "train.sample_prompt": (lambda v: 0 < len(v) <= MAX_PROMPT_CHARS,
+                            f"non-empty (generation starts from it) and at most {MAX_PROMPT_CHARS:,} characters"),
+    "train.seed": (lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}]"),
+    "train.sample_tokens": _NON_NEGATIVE,
+    "train.shard_group_size": _NON_NEGATIVE,
+    "eval.num_fewshot": _NON_NEGATIVE,
+    "eval.limit": _NON_NEGATIVE,  # that it divides the world is checked at launch
+    "checkpoint.interval": _POSITIVE,
+    "checkpoint.keep_last": _POSITIVE,
+    "recovery.max_skips": _POSITIVE,
+    "recovery.lr_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "recovery.max_rollbacks": _NON_NEGATIVE,
+    "log.project": (bool, "a W&B project name"),
+}
+
+# Settings that must agree, checked after the ranges (so n_heads > 0 here):
+# (key, relation, other key, is_broken(cfg), why) -> "key = 1 <relation> other = 2 (why)".
+_CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
+    ("train.seq_len", "exceeds", "model.max_seq_len", lambda c: c.train.seq_len > c.model.max_seq_len,
+     "the model has no positions beyond its context"),
+    ("train.max_steps", "and", "train.max_time", lambda c: c.train.max_steps == 0 and c.train.max_time == 0,
+     "0 is no limit, and a run needs one: steps, a time budget or both"),
+    ("schedule.progress_from", "does not go with", "train.max_time",
+     lambda c: bool(c.schedule.progress_from) and c.train.max_time > 0,
+     "a replay follows the recorded progress, not a clock: set train.max_time = 0"),
+    ("schedule.min_lr", "exceeds", "optim.lr", lambda c: c.schedule.min_lr > c.optim.lr,
+     "the schedule decays from lr down to min_lr"),
+    ("optim.sgd.nesterov", "needs", "optim.sgd.momentum", lambda c: c.optim.sgd.nesterov and c.optim.sgd.momentum == 0,
+     "Nesterov momentum without momentum is plain SGD"),
+    ("model.d_model", "is not divisible by", "model.n_heads", lambda c: c.model.d_model % c.model.n_heads != 0,
+     "each head gets d_model / n_heads dimensions"),
+    ("model.n_heads", "is not divisible by", "model.n_kv_heads",
+     lambda c: c.model.n_kv_heads > 0 and c.model.n_heads % c.model.n_kv_heads != 0,
+     "each key/value head serves the same number of query heads"),
+    ("model.d_model", "/", "model.n_heads", lambda c: (c.model.d_model // c.model.n_heads) % 2 != 0,
+     "an odd head size, but RoPE rotates pairs of dimensions"),
+    # The world size is only known at launch, where the trainer checks the rest.
+    ("train.tokens_per_update", "is not a multiple of", "train.batch_size",
+     lambda c: c.train.tokens_per_update % (c.train.batch_size * c.train.seq_len) != 0,
+     "it must be a whole number of micro-batches of batch_size x seq_len tokens"),
+    ("train.compile_mode", "does not work with", "data.padding",
+     lambda c: c.train.compile_mode in ("reduce-overhead", "max-autotune") and c.data.batching != "packed"
+     and c.data.padding != "fixed",
+     'CUDA graphs replay fixed shapes; use data.padding = "fixed"'),
+    # model.vocab_size against the tokenizer: check_vocab, once the tokenizer is known (data.vocab_size is
+    # what a BPE is asked for; it may learn fewer, so it cannot be checked here).
+]
+
+
+# Keys that mean something only for some values of another setting: (key or table, the setting, those values).
+# Setting one for another value is an error, not silently ignored; config_to_toml leaves it out.
+_APPLIES: list[tuple[str, str, tuple[str, ...]]] = [
+    *[(f"optim.{key}", "optim.name", ("adamw", "muon")) for key in ("beta1", "beta2", "eps")],
+    *[(f"optim.{name}", "optim.name", (name,)) for name in ("muon", "sgd", "adafactor")],
+    *[(f"schedule.{key}", "schedule.decay", ("step",)) for key in ("step_every", "step_factor")],
+    ("train.shard_group_size", "train.parallel", ("hsdp",)),
+]
+
+
+def _check_mixture(cfg: Config, sources: dict[str, str]) -> None:
+    """UsageError for [[data.sources]] and [[data.mix]] tables that cannot make a mixture."""
+    d, where = cfg.data, _blame(sources, "data.sources", "data.mix")
+
+    def check_weights(name: str, weights: list[float]) -> None:  # name: "...{}..." with the index in {}
+        for i, w in enumerate(weights):
+            if w < 0:
+                raise UsageError(f"{where}: {name.format(i)}: must be >= 0, got {_show(w)}")
+        if not sum(weights) > 0:
+            raise UsageError(f"{where}: {name.format('*')}: every weight is 0; give a source a weight above 0")
+
+    if not d.sources:
+        if d.mix:
+            raise UsageError(f"{where}: data.mix changes the weights of [[data.sources]] tables, but there are none")
+        return
+    if d.dir or d.inputs:
+        raise UsageError(f"{where}: data.sources names the prepared folders of a mixture; leave data.dir and "
+                         "data.inputs unset (or give data.dir alone)")
+    seen: dict[str, int] = {}
+    named: dict[str, int] = {}
+    for i, s in enumerate(d.sources):
+        if s.name and not re.fullmatch(r"\S+", s.name):
+            raise UsageError(f"{where}: data.sources[{i}].name = {_show(s.name)}: a name without spaces, as "
+                             "metrics record it (val_loss.NAME)")
+        if s.name in named:
+            raise UsageError(f"{where}: data.sources[{i}].name = {_show(s.name)} is the name of "
+                             f"data.sources[{named[s.name]}] too; give each source a name of its own")
+        if s.name:
+            named[s.name] = i
+        if not s.dir:
+            raise UsageError(f"{where}: data.sources[{i}].dir: expected a prepared folder, got \"\"")
+        real = os.path.realpath(s.dir)
+        if real in seen:
+            raise UsageError(f"{where}: data.sources[{i}].dir = {_show(s.dir)} is the folder of "
+                             f"data.sources[{seen[real]}] again; name each folder once, with its whole weight")
+        seen[real] = i
+    check_weights("data.sources[{}].weight", [s.weight for s in d.sources])
+    last, max_steps = 0, cfg.train.max_steps
+    if d.mix and not max_steps:  # a run on train.max_time alone: its last step is known only at its end
+        raise UsageError(f"{where}: data.mix: changes need train.max_steps to be placed at their steps; a run on "
+                         "train.max_time alone has none (give train.max_steps too)")
+    for i, change in enumerate(d.mix):
+        name = f"data.mix[{i}]"
+        if (change.step > 0) == (change.fraction > 0) or change.step < 0 or not change.fraction < 1:
+            raise UsageError(f"{where}: {name}: give step (>= 1) or fraction (in (0, 1)) of train.max_steps, one of "
+                             f"them, got step = {change.step}, fraction = {_show(change.fraction)}")
+        step = change.step or round(change.fraction * max_steps)
+        placed = f"fraction {_show(change.fraction)} of train.max_steps = {max_steps} is step {step}"
+        if step == 0:  # a fraction rounded down to the first step, where data.sources' weights hold
+            raise UsageError(f"{where}: {name}: {placed}, the run's first, where the data.sources weights "
+                             "apply; give a larger fraction or a step >= 1 (or these weights to data.sources)")
+        if step >= max_steps:
+            raise UsageError(f"{where}: {name}: the change at step {step} is past the run's last step "
+                             f"(train.max_steps = {max_steps})")
+        if step <= last:
+            raise UsageError(f"{where}: {name}: at step {step}{f' ({placed})' if change.fraction else ''}, not "
+                             f"after the change before it (step {last}); list the changes in the order of their "
+                             "steps, far enough apart to fall on different steps")
+        last = step
+        if len(change.weights) != len(d.sources):
+            raise UsageError(f"{where}: {name}.weights: {len(change.weights)} weights for {len(d.sources)} "
+                             "[[data.sources]] tables; give one per source, in their order")
+        check_weights(name + ".weights[{}]", change.weights)
+
+
+def _validate(cfg: Config, sources: dict[str, str]) -> None:
+    """Raise UsageError for the first value out of range, then for the first pair that disagrees."""
+    for name, (ok, requirement) in _RANGES.items():
+        value = _get(cfg, name)
+        if not ok(value):
+            raise UsageError(f"{_blame(sources, name)}: {name}: must be {requirement}, got {_show(value)}")
+    for name, relation, other, is_broken, why in _CONFLICTS:
+        if is_broken(cfg):
+            raise UsageError(
+                f"{_blame(sources, name, other)}: {name} = {_show(_get(cfg, name))} {relation} "
+                f"{other} = {_show(_get(cfg, other))} ({why})"
+            )
+    _check_mixture(cfg, sources)
+
+
+def _check_applicable(cfg: Config, sources: dict[str, str]) -> None:
+    """UsageError for the first key given that does not apply to the setting it depends on (_APPLIES)."""
+    for name in sources:
+        rule = _applies(cfg, name)
+        if rule is not None:
+            setting, allowed = rule
+            only = " or ".join(map(_toml_value, allowed))
+            raise UsageError(f"{_blame(sources, name, setting)}: {name}: applies only with {setting} = {only}, "
+                             f"not {_show(_get(cfg, setting))}")
+
+
+def _applies(cfg: Config, name: str) -> tuple[str, tuple[str, ...]] | None:
+    """None if key or table `name` applies to `cfg`, else the (setting, values) it needs."""
+    for key, setting, allowed in _APPLIES:
+        if (name == key or name.startswith(key + ".")) and _get(cfg, setting) not in allowed:
+            return setting, allowed
+    return None
+
+
+def _get(cfg: Config, name: str) -> Any:
+    """The value of "section.key" (or "section.table.key") in `cfg`."""
+    value = cfg
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _blame(sources: dict[str, str], *names: str) -> str:
+    """Where to send the user about a problem with `names`: the source that set one of them last (--set
+    over files, a file over the base it extends: the most recent edit), else the defaults."""
+    order = list(sources)
+    given = [n for n in names if n in sources]
+    return sources[max(given, key=order.index)] if given else "defaults"

@@ -1,0 +1,80 @@
+"""Which rows a source's batches take, in what order, epoch after epoch: a seeded permutation per epoch (or
+file order), pools of rows bucketed by length, the tail that fills no whole round of ranks dropped, and a
+`whole` pass's last round made whole with filler (the epochs and passes of fasttrain/data/loader.py)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from fasttrain.data.documents import Rows
+from fasttrain.data.shards import ShardInfo
+
+Sampling = Literal["random", "sequential"]
+Padding = Literal["fixed", "longest", "bucketed"]
+BUCKET_POOL = 64  # batches whose rows are sorted by length together: wider pools waste less, shuffle less
+FILLER = -1  # the row id of an empty slot in the last round of a `whole` pass
+
+
+class SourceRows:
+    """The rows of one source's split in their order over epochs: its p-th row is `at(p)`; stateless.
+
+    An epoch visits `rows_per_epoch` rows: all of them but what does not fill a whole round of
+    batch_size x world_size rows (when `whole`: all of them, or the first `first_rows` in the epoch's order
+    if fewer, the last round made whole with FILLER ids).
+    """
+
+    def __init__(self, shards: list[ShardInfo], rows: Rows, batch_size: int, world_size: int, sampling: Sampling,
+                 padding: Padding, seed: int, whole: bool = False, first_rows: int = 0):
+        self.shards, self.rows, self.whole = shards, rows, whole
+        self.batch_size, self.world_size = batch_size, world_size
+        self.sampling, self.padding, self.seed = sampling, padding, seed
+        self.whole_rows = min(rows.num_rows, first_rows or rows.num_rows)  # the rows a `whole` pass reads
+        per_round = batch_size * world_size
+        self.rows_per_epoch = (-(-self.whole_rows // per_round) if whole else rows.num_rows // per_round) * per_round
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its rows in order) of the last epoch used
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Row ids of `epoch`, in the order they are read (rows_per_epoch of them).
+
+        Random sampling permutes the rows with a generator seeded by (seed, epoch).
+        Bucketed padding then sorts each pool of BUCKET_POOL batches' rows by length,
+        cuts the pool into batches of similar lengths, and (random sampling) shuffles the batches.
+        A `whole` source keeps every row and fills the last round with FILLER ids.
+        """
+        cached = self._order
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        B = self.batch_size
+        n = self.whole_rows if self.whole else self.rows.num_rows // B * B
+        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+        order = np.arange(n) if self.sampling == "sequential" else rng.permutation(self.rows.num_rows)[:n]
+        bucketed = self.padding == "bucketed" and self.rows.batching != "packed"  # packed rows are all full
+        if bucketed:
+            lengths = self.rows.lengths()
+            pools = [order[i:i + BUCKET_POOL * B] for i in range(0, n, BUCKET_POOL * B)]
+            order = np.concatenate([p[np.argsort(-lengths[p], kind="stable")] for p in pools])
+        if self.whole:
+            order = np.append(order, np.full(self.rows_per_epoch - n, FILLER))
+        if bucketed and self.sampling == "random":
+            order = order.reshape(-1, B)[rng.permutation(len(order) // B)].reshape(-1)
+        order = order[:self.rows_per_epoch]
+        self._order = (epoch, order)
+        return order
+
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        """Row ids of the rows at `positions` (counting across epochs)."""
+        epochs, index = np.divmod(positions, self.rows_per_epoch)
+        if epochs.size and epochs.min() == epochs.max():
+            return self.epoch_order(int(epochs[0]))[index]
+        return np.array([self.epoch_order(int(e))[i] for e, i in zip(epochs.tolist(), index.tolist())], dtype=np.int64)
+
+    def targets_before(self, position: int) -> int:
+        """Targets (real tokens predicted) in the rows before `position`: what training on them has read."""
+        if self.rows.batching == "packed":  # every training row is a full window
+            return position * self.rows.seq_len
+        epochs, rest = divmod(position, self.rows_per_epoch)
+        targets = self.rows.lengths().astype(np.int64) - 1
+        per_epoch = int(targets[self.epoch_order(0)].sum()) if epochs else 0  # every epoch reads the same rows
+        return epochs * per_epoch + int(targets[self.epoch_order(epochs)[:rest]].sum())

@@ -1,0 +1,86 @@
+"""Checksums of a checkpoint's files: a bit that changes on disk after a save is found when the save is read,
+as one line naming the file, never loaded as a silently different model.
+
+A checkpoint file (and a sharded folder's state.pt) is a torch.save zip, in which torch.save records the CRC-32
+of every record as it writes it; torch.load never compares them, `check_records` does. A sharded folder's other
+files (`.metadata`, `__R_0.distcp`) are read back once written and their CRC-32 recorded in its state.pt
+(`of_folder`), which `verify` compares at every load.
+
+Why CRC-32: it is the zip's own, so one kind of checksum covers both formats and a file save records its
+checksums at no cost; zlib's is the fastest of the standard library's, two to five times blake2b's and
+sha256's rate (docs/checkpoints.md, "Checksums"); and it finds every error of up to 32 bits in a row. What it
+guards against is the disk's damage, not a forger's, who would edit the recorded checksums too.
+"""
+
+from __future__ import annotations
+
+import zipfile
+import zlib
+from pathlib import Path
+
+from fasttrain.system.errors import UsageError
+
+PIECE = 1 << 24  # bytes read at a time: large enough that zlib works at full rate, small enough to keep in cache
+
+
+def damaged(file: Path, detail: str, what: str = "checksum mismatch") -> UsageError:
+    """The error for `file` of a checkpoint, whose bytes are no longer those saved: `what` was found (`detail`)."""
+    return UsageError(f"{file}: {what}, damaged since it was saved ({detail}); use an earlier checkpoint")
+
+
+def crc32(file: Path) -> int:
+    """The CRC-32 of the bytes of `file`."""
+    crc = 0
+    with open(file, "rb") as f:
+        while piece := f.read(PIECE):
+            crc = zlib.crc32(piece, crc)  # zlib lets other threads run meanwhile: a background save's checksums
+    return crc
+
+
+def of_folder(path: Path) -> dict[str, int]:
+    """The CRC-32 of every file in the written folder `path`, by name, read back from it: what landed."""
+    return {file.name: crc32(file) for file in sorted(path.iterdir()) if file.is_file()}
+
+
+def verify(path: Path, sums: object) -> None:
+    """UsageError naming the first file of the folder `path` whose CRC-32 is not the one `sums` (of_folder, from
+    its state.pt) recorded; `sums` None: a folder saved before checksums were recorded, taken as it is. The
+    names come from a file too: only a regular file directly in the folder is read (a name like ../x or one of
+    a FIFO, which would never end, is refused)."""
+    if sums is None:
+        return
+    if not isinstance(sums, dict) or not all(isinstance(n, str) and isinstance(c, int) for n, c in sums.items()):
+        raise damaged(path / "state.pt", "not file names with their CRC-32", what="checksums unreadable")
+    for name, recorded in sorted(sums.items()):
+        file = path / name
+        if "/" in name or "\\" in name or name in ("", ".", "..") or not file.is_file():
+            raise damaged(path / "state.pt", f"one for {name!r}, not a file of {path.name}",
+                          what="checksums unreadable")
+        found = crc32(file)
+        if found != recorded:
+            raise damaged(file, f"CRC-32 {found:08x}, {recorded:08x} recorded")
+
+
+def check_records(file: Path) -> None:
+    """UsageError naming `file`, a torch.save zip, if a record's bytes no longer have the CRC-32 torch.save
+    recorded for them. A file that is no zip at all is left to torch.load to refuse; a record with CRC 0 is
+    empty, or was saved with torch's checksums turned off (torch.serialization.set_crc32_options)."""
+    try:
+        archive = zipfile.ZipFile(file)
+    except (zipfile.BadZipFile, OSError):
+        return
+    with archive:
+        for record in archive.infolist():
+            if record.CRC == 0:
+                continue
+            try:
+                with archive.open(record) as f:  # zipfile compares the CRC-32 once the last piece is read
+                    while f.read(PIECE):
+                        pass
+            except zipfile.BadZipFile as e:  # a CRC that differs, or a record's header that changed
+                if str(e).startswith("Bad CRC-32"):
+                    raise damaged(file, f"its record {record.filename}") from None
+                raise damaged(file, f"its record {record.filename}: {' '.join(str(e).split())[:120]}",
+                              what="unreadable") from None
+            except (OSError, EOFError) as e:  # shorter than its index says
+                raise damaged(file, f"its record {record.filename}: {e}", what="unreadable") from None
