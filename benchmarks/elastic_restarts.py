@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -92,8 +93,24 @@ def events(out_dir: Path) -> list[dict]:
 
 def trial(data_dir: Path, work: Path, parallel: str, rank: int, kill_after: int = 6, timeout: float = 240) -> dict:
     """One run of the documented command in `work`, its worker of `rank` SIGKILLed once the run has logged
-    step `kill_after` (past the first save at step 4): what happened, "ok" true if the job recovered."""
+    step `kill_after` (past the first save at step 4): what happened, "ok" true if the job recovered. A port
+    taken by another process between free_port() and the agent's start (its store fails to listen, before
+    any worker runs) is tried again on a new one, twice at most ("port_retries")."""
     work.mkdir(parents=True)
+    for retry in range(3):
+        result = _run(data_dir, work, parallel, rank, kill_after, timeout)
+        if not (result.get("error") == "ended before the kill" and result["attempts"] == 0
+                and "EADDRINUSE" in (work / "err").read_text()):
+            break
+        shutil.rmtree(work / "run", ignore_errors=True)
+    result["port_retries"] = retry
+    if not result["ok"]:
+        result["stderr_tail"] = (work / "err").read_text()[-2500:]
+    return result
+
+
+def _run(data_dir: Path, work: Path, parallel: str, rank: int, kill_after: int, timeout: float) -> dict:
+    """trial's job, on a port free_port() picked."""
     port = free_port()
     argv = command(data_dir, work / "run", parallel, port)
     began = time.monotonic()
@@ -108,30 +125,44 @@ def trial(data_dir: Path, work: Path, parallel: str, rank: int, kill_after: int 
                 break
             time.sleep(0.05)
         else:
-            pid, _ = workers(agent.pid)[rank]
-            os.kill(pid, signal.SIGKILL)
-            result["killed_at"] = round(time.monotonic() - began, 1)
-            agent.wait(timeout=max(1.0, timeout - (time.monotonic() - began)))
+            victim = workers(agent.pid).get(rank)
+            if victim is None:  # gone since its step was logged: the job failed or already ended
+                result["error"] = f"no worker of rank {rank} to kill"
+            else:
+                os.kill(victim[0], signal.SIGKILL)
+                result["killed_at"] = round(time.monotonic() - began, 1)
+                agent.wait(timeout=max(1.0, timeout - (time.monotonic() - began)))
     except subprocess.TimeoutExpired:
         result["error"] = f"still running after {timeout:.0f} s"
     finally:
         if agent.poll() is None:  # its workers lead process groups of their own
             for pid, _ in workers(agent.pid).values():
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             os.killpg(agent.pid, signal.SIGKILL)
         agent.wait()
     starts = [e for e in events(work / "run") if e.get("event") == "start"]
     ends = [e for e in events(work / "run") if e.get("event") == "end"]
     notes = re.findall(r"^note: torchrun restart (\d+) of", (work / "out").read_text(), re.MULTILINE)
     result.update(exit_code=agent.returncode, seconds=round(time.monotonic() - began, 1), attempts=len(starts),
+                  load_average=round(os.getloadavg()[0], 2),
                   restarts=max(map(int, notes), default=0),
                   resume_step=starts[-1].get("resume_step") if len(starts) > 1 else None,
                   end_step=ends[-1]["step"] if ends else None)
     result["ok"] = (agent.returncode == 0 and len(starts) == 2 and bool(result["resume_step"])
                     and result["end_step"] == 24 and "error" not in result)
-    if not result["ok"]:
-        result["stderr_tail"] = (work / "err").read_text()[-2500:]
     return result
+
+
+def summary(results: list[dict]) -> dict:
+    """Kills recovered, how many restarts the jobs used (restarts: jobs), seconds per trial (mean, max)."""
+    seconds = [r["seconds"] for r in results]
+    used: dict[int, int] = {}
+    for r in results:
+        used[r["restarts"]] = used.get(r["restarts"], 0) + 1
+    return {"recovered": f"{sum(r['ok'] for r in results)} of {len(results)} kills",
+            "restarts_used": {str(k): used[k] for k in sorted(used)},
+            "seconds_mean": round(sum(seconds) / max(len(seconds), 1), 1), "seconds_max": max(seconds, default=0)}
 
 
 def main() -> None:
@@ -139,7 +170,10 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20, help="kills per parallel mode")
     parser.add_argument("--parallel", nargs="+", default=["ddp", "fsdp"])
     parser.add_argument("--out", type=Path, help="write the results here (JSON)")
+    parser.add_argument("--notes", default="", help="what else ran on the machine meanwhile, recorded as given")
+    parser.add_argument("--keep", type=Path, help="copy a failed trial's stdout and stderr into this folder")
     args = parser.parse_args()
+    load_before = os.getloadavg()
     from fasttrain.data.preparation import prepare
 
     with tempfile.TemporaryDirectory(prefix="fasttrain-elastic-") as tmp:
@@ -154,13 +188,18 @@ def main() -> None:
                 print(json.dumps({k: v for k, v in found.items() if k != "stderr_tail"}), flush=True)
                 if not found["ok"]:
                     print(found["stderr_tail"], file=sys.stderr, flush=True)
+                    if args.keep:
+                        args.keep.mkdir(parents=True, exist_ok=True)
+                        for name in ("out", "err"):
+                            shutil.copy(Path(tmp) / f"{parallel}-{i}" / name, args.keep / f"{parallel}-{i}.{name}")
         example = command(Path("DATA"), Path("OUT"), "PARALLEL", 0)
         report = {
             "command": " ".join(f"{k}={v}" for k, v in ENV.items()) + " " + shlex.join(example[1:]).replace(
                 "-m torch.distributed.run", "torchrun").replace("--master-port=0", "--master-port=FREE_PORT"),
-            "summary": {p: f"{sum(r['ok'] for r in rs)} of {len(rs)} kills recovered" for p, rs in results.items()},
+            "summary": {p: summary(rs) for p, rs in results.items()},
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                        "load_average": os.getloadavg()},
+                        "load_average_before": load_before, "load_average": os.getloadavg()},
+            "notes": args.notes,
             "trials": results,
         }
         import torch

@@ -18,11 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from benchmarks.elastic_restarts import trial
 from fasttrain import train
 from fasttrain.model.weights import read_safetensors
 from fasttrain.plot import latest_run, read_metrics
+from fasttrain.system import distributed
+from fasttrain.system.distributed import World
 from fasttrain.training.checkpoint import resolve
 from tests.conftest import tiny_args
 from tests.test_checkpoint import run_cli_code
@@ -192,9 +195,50 @@ def test_a_rank_that_cannot_join_its_group_says_so_in_one_line_within_the_timeou
 def test_the_documented_restart_command_recovers_from_every_kill(pydoc_data, tmp_path, parallel):
     """docs/multi-gpu.md's restart command (torchrun's static rendezvous, --max-restarts, --resume
     auto-or-new), one worker SIGKILLed mid-run, rank 0 then rank 1: each job restarts once, resumes from its
-    checkpoint and finishes. The restarted group met in the store the dead one left behind and read its gloo
-    addresses: 1 of 4 kills recovered under ddp and 1 of 4 under fsdp (benchmarks/elastic_restarts.py runs 20;
+    checkpoint and finishes. Before each attempt met under a prefix of its own, the restarted group met in the
+    store the dead one left behind and read its gloo addresses: 1 of 4 kills recovered under ddp and 1 of 4
+    under fsdp; since, 20 of 20 each (benchmarks/elastic_restarts.py,
     benchmarks/results/cpu-elastic-restarts-2026-11-24.json)."""
     for rank in (0, 1):
         found = trial(pydoc_data, tmp_path / f"rank{rank}", parallel, rank)
         assert found["ok"], found
+
+
+def test_each_torchrun_attempt_meets_under_a_prefix_of_its_own(monkeypatch):
+    """torchrun's static rendezvous hands every attempt the store its agent hosts, which outlives a restart:
+    what attempt 0 wrote there (a rank's gloo address, a barrier's count) must not be what attempt 1 reads.
+    On several nodes (an agent and a restart count each) the store is used as it is."""
+    store, one_node = dist.HashStore(), World(0, 2, 0, 2)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    distributed._attempt_store(one_node, store).set("rank_1", "the dead attempt's address")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    again = distributed._attempt_store(one_node, store)
+    assert not again.check(["rank_1"]) and store.check(["fasttrain/attempt_0/rank_1"])
+    again.set("rank_1", "the new address")
+    assert store.get("fasttrain/attempt_1/rank_1") == b"the new address"
+    assert distributed._attempt_store(World(0, 2, 0, 1), store) is store
+
+
+@pytest.mark.subprocess
+def test_a_join_that_hangs_inside_torch_ends_in_one_line_after_the_timeout_and_10_s(tmp_path):
+    """Gloo's full-mesh connect once hung past its own timeout after a restart, where no exception reaches
+    fasttrain: a timer ends the rank FASTTRAIN_DIST_TIMEOUT + 10 s into the join, with the one line and exit
+    status 1, so torchrun can restart it. Here the group's constructor never returns."""
+    script = """if True:
+        import threading, torch, torch.distributed as dist
+        from fasttrain.system import distributed
+        dist.rendezvous = lambda *args, **kwargs: iter([(dist.HashStore(), 0, 2)])
+        dist.init_process_group = lambda *args, **kwargs: threading.Event().wait()  # never returns
+        distributed.start(distributed.World(0, 2, 0, 2), torch.device("cpu"))
+        print("joined")
+    """
+    port = free_port()
+    env = {**os.environ, **ENV, "FASTTRAIN_DIST_TIMEOUT": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert 11 <= time.monotonic() - began < 60
+    assert proc.returncode == 1 and "joined" not in proc.stdout, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: rank 0 of 2 could not join the process group at 127.0.0.1:{port} within FASTTRAIN_DIST_TIMEOUT=1 s: "
+        "no answer from its peers"], proc.stderr[-3000:]
