@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from benchmarks.elastic_restarts import trial
+from benchmarks.elastic_restarts import trial, workers
 from fasttrain import train
 from fasttrain.model.weights import read_safetensors
 from fasttrain.plot import latest_run, read_metrics
@@ -71,26 +71,6 @@ def test_a_first_save_without_its_pointer_is_resumed(pydoc_data, tmp_path, capsy
     assert f"resumed from {tmp_path / 'checkpoints' / 'step_0000002.pt'} at step 2" in capsys.readouterr().out
     (tmp_path / "checkpoints" / "latest").unlink()
     assert resolve("auto", tmp_path) == resolve(str(tmp_path), "") == tmp_path / "checkpoints" / "step_0000004.pt"
-
-
-def workers(agent: int) -> dict[int, tuple[int, int]]:
-    """The agent's worker processes, read from /proc: rank -> (pid, torchrun restart count). Children of
-    any of its threads; one gone meanwhile is left out."""
-    found = {}
-    for task in Path(f"/proc/{agent}/task").iterdir():
-        try:
-            children = (task / "children").read_text().split()
-        except OSError:
-            continue
-        for pid in children:
-            try:
-                env = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                           if b"=" in item)
-            except OSError:
-                continue
-            if b"RANK" in env:  # exec'd as a worker, not a fork still on its way there
-                found[int(env[b"RANK"])] = (int(pid), int(env[b"TORCHELASTIC_RESTART_COUNT"]))
-    return found
 
 
 def attempts(run_dir: Path) -> list[list[dict]]:
