@@ -33,8 +33,8 @@ def write_corpus(path: Path, edited: bool) -> None:
     from pydoc_data.topics import topics
 
     docs = [topics[k][:800] for k in sorted(topics)[:40]]
-    if edited:
-        docs[0] = docs[0].replace(" the ", " a ")
+    if edited:  # every document: the first is validation, and the tokenizer learns from a sample of the rest
+        docs = [doc.replace(" the ", " teh ") for doc in docs]  # the same shape of text: as many tokens
     path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
 
 
