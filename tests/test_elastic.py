@@ -23,7 +23,7 @@ from benchmarks.elastic_restarts import trial
 from fasttrain import train
 from fasttrain.model.weights import read_safetensors
 from fasttrain.plot import latest_run, read_metrics
-from fasttrain.training.checkpoint import resolve
+from fasttrain.training.checkpoint_files import resolve
 from tests.conftest import tiny_args
 from tests.test_checkpoint import run_cli_code
 from tests.test_distributed import ENV, ROOT, torchrun
