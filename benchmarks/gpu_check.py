@@ -379,7 +379,7 @@ def late_recompiles(output: str) -> tuple[list[str], list[str]]:
 
 def train_stage(ctx: Context) -> Stage:
     from benchmarks.bench_train_step import KERNELS
-    from fasttrain.training import checkpoint
+    from fasttrain.training import saves
 
     stage = Stage()
     every = KERNELS["kernels-on"]
@@ -398,7 +398,7 @@ def train_stage(ctx: Context) -> Stage:
         "final_loss": trains[-1]["loss"] if trains else None, "recompiles": recompiles[:10]}
 
     half = steps // 2
-    saved = checkpoint.path_for(straight / "checkpoints", half)
+    saved = saves.path_for(straight / "checkpoints", half)
     if code == 0 and saved.exists():
         code, _, resumed = train_run(ctx, ctx.work / "resumed", steps, *every, resume=saved)
         want = {s: v for s, v in train_losses(events).items() if s > half}

@@ -43,7 +43,7 @@ from fasttrain.system.atomic import write_atomically
 from fasttrain.system.distributed import World
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.system.run_lock import locked
-from fasttrain.training import checkpoint
+from fasttrain.training import saves
 from fasttrain.training.metrics import MetricsLog
 from fasttrain.training.objective import NextTokenLoss, batch_loss
 from fasttrain.training.trained_model import Trained, inference_device, inference_precision, load_trained, run_directory
@@ -109,8 +109,8 @@ def scored_step(source: Path) -> tuple[Path | None, int | None]:
     they were saved at: a checkpoint's own (a file or a sharded folder), or for RUN/final the step of the run's
     last `end` event."""
     real = source.resolve()
-    if real.is_file() or checkpoint.is_sharded(real):
-        run, match = run_directory(real), checkpoint.SAVE_NAME.fullmatch(real.name)
+    if real.is_file() or saves.is_sharded(real):
+        run, match = run_directory(real), saves.SAVE_NAME.fullmatch(real.name)
         return (run if (run / "metrics.jsonl").is_file() else None), (int(match.group(1)) if match else None)
     run = real.parent
     if real.name != "final" or not (run / "metrics.jsonl").is_file():

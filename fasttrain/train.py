@@ -29,10 +29,11 @@ from fasttrain.evaluate import score_tasks
 from fasttrain.system import distributed
 from fasttrain.system.device import use_device
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
-from fasttrain.training.checkpoint import REPLACED, put_back_replaced, saved_steps
 from fasttrain.training.measure import measure, measure_line
 from fasttrain.training.plan import plan_run
 from fasttrain.training.plan_table import plan_table
+from fasttrain.training.run_directory import REPLACED, put_back_replaced
+from fasttrain.training.saves import saved_steps
 from fasttrain.training.trained_model import load_trained
 from fasttrain.training.trainer import Interrupted, Trainer, start_run
 

@@ -25,7 +25,7 @@ from fasttrain import Trainer, train
 from fasttrain.config import load_config
 from fasttrain.plot import read_metrics
 from fasttrain.system.errors import RunStopped, UsageError, run_cli
-from fasttrain.training import checkpoint, metrics
+from fasttrain.training import checkpoint_files, metrics, saves
 from fasttrain.training.policies import Recovery
 from fasttrain.training.trainer import Interrupted
 from tests.conftest import tiny_args, tiny_config
@@ -112,18 +112,18 @@ def test_resumed_training_is_bitwise_identical(pydoc_data, paragraph_data, tmp_p
 
 def test_pointers_and_retention(tmp_path):
     for step in range(1, 7):
-        checkpoint.save({"step": step}, tmp_path, step, keep_last=2, best=step in (2, 3))
+        checkpoint_files.save({"step": step}, tmp_path, step, keep_last=2, best=step in (2, 3))
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["best", "latest", "step_0000003.pt", "step_0000005.pt", "step_0000006.pt"]
-    assert checkpoint.pointed(tmp_path, "latest").name == "step_0000006.pt"
-    assert checkpoint.pointed(tmp_path, "best").name == "step_0000003.pt"
-    assert checkpoint.resolve(str(tmp_path), "elsewhere") == tmp_path / "step_0000006.pt"
+    assert saves.pointed(tmp_path, "latest").name == "step_0000006.pt"
+    assert saves.pointed(tmp_path, "best").name == "step_0000003.pt"
+    assert checkpoint_files.resolve(str(tmp_path), "elsewhere") == tmp_path / "step_0000006.pt"
 
 
 def test_steps_past_seven_digits_still_sort_by_number(tmp_path):
     for step in (9_999_999, 10_000_000):
-        checkpoint.save({"step": step}, tmp_path, step, keep_last=1, best=False)
-    assert [p.name for p in checkpoint.saved_steps(tmp_path)] == ["step_10000000.pt"]
+        checkpoint_files.save({"step": step}, tmp_path, step, keep_last=1, best=False)
+    assert [p.name for p in saves.saved_steps(tmp_path)] == ["step_10000000.pt"]
 
 
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(pydoc_data, tmp_path, monkeypatch):
@@ -136,13 +136,13 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(pydoc_data, tmp_p
         f.write(b"x" * 1000)  # part of the file made it to disk
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    monkeypatch.setattr(checkpoint_files.torch, "save", full_disk)
     with pytest.raises(UsageError, match=r"step_0000002.pt: cannot save checkpoint \(No space left on device\)"):
         trainer.save_checkpoint()
     monkeypatch.undo()
     assert sorted(p.name for p in trainer.checkpoints.directory.iterdir()) == ["latest", "step_0000001.pt"]
-    assert checkpoint.resolve("auto", tmp_path) == first
-    assert checkpoint.load(first)["step"] == 1
+    assert checkpoint_files.resolve("auto", tmp_path) == first
+    assert checkpoint_files.load(first)["step"] == 1
 
 
 def test_unwritable_run_directory_is_a_clear_error(pydoc_data, tmp_path):
@@ -185,13 +185,13 @@ def test_kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint(pydoc_data, tm
     latest = None
     for attempt in range(2):
         proc = train_cli(tiny_args(pydoc_data, tmp_path, *saving, flags=["--resume", "auto"] if attempt else []))
-        wait_for(lambda: checkpoint.pointed(tmp_path / "checkpoints", "latest") not in (None, latest), proc)
+        wait_for(lambda: saves.pointed(tmp_path / "checkpoints", "latest") not in (None, latest), proc)
         time.sleep(random.uniform(0.2, 1.0))  # somewhere in a step or in the middle of a save
         proc.kill()
         proc.wait()
-        latest = checkpoint.resolve("auto", tmp_path)
-        state = checkpoint.load(latest)
-        assert state["step"] == checkpoint.step_of(latest) > 0
+        latest = checkpoint_files.resolve("auto", tmp_path)
+        state = checkpoint_files.load(latest)
+        assert state["step"] == saves.step_of(latest) > 0
     finish = subprocess.run(
         [sys.executable, "-m", "fasttrain.train",
          *tiny_args(pydoc_data, tmp_path, *saving, f"train.max_steps={state['step'] + 1}", flags=["--resume", "auto"])],
@@ -241,7 +241,7 @@ def test_sigterm_with_async_saves_publishes_the_save_before_exiting(pydoc_data, 
                                                 "checkpoint.async_save=true"), tmp_path)
     assert code == 143 and stderr.startswith("stopped by SIGTERM at step "), stderr
     step = int(stderr.split("at step ")[1].split(";")[0])
-    assert checkpoint.pointed(tmp_path / "checkpoints", "latest") == tmp_path / "checkpoints" / f"step_{step:07d}"
+    assert saves.pointed(tmp_path / "checkpoints", "latest") == tmp_path / "checkpoints" / f"step_{step:07d}"
     assert (tmp_path / "checkpoints" / f"step_{step:07d}" / "state.pt").is_file()
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
 
@@ -268,7 +268,7 @@ def test_sigterm_during_an_evaluation_stops_at_once_and_the_resume_evaluates_fir
     assert run_cli_code(train.main, tiny_args(pydoc_data, tmp_path / "cut", *run_args)) == 143
     assert batches == [2]  # one evaluation batch of 50, then the stop
     assert "stopped by SIGTERM at step 2" in capsys.readouterr().err
-    assert checkpoint.load(tmp_path / "cut" / "checkpoints" / "step_0000002.pt")["eval_due"] is True
+    assert checkpoint_files.load(tmp_path / "cut" / "checkpoints" / "step_0000002.pt")["eval_due"] is True
     monkeypatch.undo()
     assert run_cli_code(train.main, tiny_args(pydoc_data, tmp_path / "cut", *run_args, flags=["--resume", "auto"])) == 0
     for kind in ("eval", "end"):
@@ -282,7 +282,7 @@ def test_a_resume_from_nan_weights_rolls_back_to_the_clean_checkpoint_before(pyd
     run_args = ["checkpoint.interval=2", "train.sample_tokens=0", "recovery.max_skips=2"]
     assert run_cli_code(train.main, tiny_args(pydoc_data, tmp_path, *run_args, "train.max_steps=4")) == 0
     poisoned = tmp_path / "checkpoints" / "step_0000004.pt"
-    state = checkpoint.load(poisoned)
+    state = checkpoint_files.load(poisoned)
     state["model"] = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in state["model"].items()}
     torch.save(state, poisoned)
     args = tiny_args(pydoc_data, tmp_path, *run_args, "train.max_steps=8", flags=["--resume", "auto"])

@@ -15,7 +15,7 @@ from fasttrain.data.mixture import Blend
 from fasttrain.model.weights import read_safetensors
 from fasttrain.plot import plot_run, read_metrics
 from fasttrain.system.errors import UsageError
-from fasttrain.training import checkpoint
+from fasttrain.training import checkpoint_files, saves
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_config, tiny_overrides
 from tests.test_distributed import single, torchrun, values
@@ -106,7 +106,7 @@ def test_an_interrupted_mixture_resumes_exactly(pydoc_data, code_data, tmp_path,
     resumed.close()
     a, b = (read_safetensors(tmp_path / run / "final" / "model.safetensors") for run in ("straight", "resumed"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    saved = checkpoint.load(tmp_path / "straight" / "checkpoints" / "step_0000008.pt")["ranks"][0]["train_loader"]
+    saved = checkpoint_files.load(tmp_path / "straight" / "checkpoints" / "step_0000008.pt")["ranks"][0]["train_loader"]
     last = [e for e in read_metrics(tmp_path / "straight") if e["event"] == "train"][-1]
     name = pydoc_data.name
     assert saved["tokens"] == [last[f"tokens.{name}"], last["tokens.code"]] and sum(saved["tokens"]) == last["tokens"]
@@ -166,8 +166,8 @@ def test_best_and_early_stopping_follow_train_monitor(pydoc_data, code_data, tmp
     evals = [e for e in read_metrics(tmp_path) if e["event"] == "eval"]
     code = [e["val_loss.code"] for e in evals]
     assert [e["best_val_loss"] for e in evals] == [min(code[:i + 1]) for i in range(len(code))]
-    best = checkpoint.pointed(tmp_path / "checkpoints", "best")
-    assert checkpoint.step_of(best) == evals[code.index(min(code))]["step"]
+    best = saves.pointed(tmp_path / "checkpoints", "best")
+    assert saves.step_of(best) == evals[code.index(min(code))]["step"]
     assert f"best val_loss.code {min(code):.4f}" in capsys.readouterr().out
 
     resumed = loud("train.max_steps=7")

@@ -18,7 +18,7 @@ import torch
 
 from fasttrain import evaluate, export, sample, train
 from fasttrain.system.errors import run_cli
-from fasttrain.training import checkpoint
+from fasttrain.training import checkpoint_files, saves
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_args
 from tests.test_checkpoint import ENDLESS, ROOT, events, run_cli_code, wait_for
@@ -161,7 +161,7 @@ def test_an_overwrite_that_fails_after_its_first_step_before_its_first_save_keep
     assert run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK, *sets, "checkpoint.interval=1",
                                               "train.max_steps=3", flags=["--overwrite"])) == 0
     assert not (run / ".replaced-by-overwrite").exists()
-    assert [p.name for p in checkpoint.saved_steps(run / "checkpoints")][-1].startswith("step_0000003")
+    assert [p.name for p in saves.saved_steps(run / "checkpoints")][-1].startswith("step_0000003")
 
 
 def flip_a_bit(file: Path, at: float = 0.6) -> None:
@@ -190,7 +190,7 @@ def test_a_bit_changed_in_a_saved_checkpoint_is_found_by_resume_export_sample_an
     nothing in the run is deleted or moved (the earlier save is there to resume from)."""
     run = tmp_path / "run"
     assert run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK, *sets, "checkpoint.interval=1")) == 0
-    saved = checkpoint.resolve("auto", run)
+    saved = checkpoint_files.resolve("auto", run)
     assert run_cli_code(export.main, [str(saved), "--out", str(tmp_path / "untouched")]) == 0
     capsys.readouterr()
     damaged = the_largest_file(saved)
@@ -205,7 +205,7 @@ def test_a_bit_changed_in_a_saved_checkpoint_is_found_by_resume_export_sample_an
         assert code == 2 and err.count("\n") == 1, err
         assert err.startswith(f"error: {damaged}: checksum mismatch, damaged since it was saved ("), err
     assert snapshot(run / "checkpoints") == before and not (run / "export").exists()
-    earlier = checkpoint.saved_steps(run / "checkpoints")[-2]
+    earlier = saves.saved_steps(run / "checkpoints")[-2]
     assert run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK, *sets, "train.max_steps=3",
                                               flags=["--resume", str(earlier)])) == 0
     assert (run / "checkpoints" / "latest").read_text().startswith("step_0000003")
@@ -216,10 +216,10 @@ def test_a_sharded_checkpoint_saved_before_checksums_still_loads(pydoc_data, tmp
     about them: its files are taken as they are."""
     run = tmp_path / "run"
     assert run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK, 'checkpoint.format="sharded"')) == 0
-    saved = checkpoint.resolve("auto", run)
-    state = torch.load(saved / checkpoint.STATE_FILE, weights_only=True)
-    assert set(state.pop("checksums")) == {p.name for p in saved.iterdir()} - {checkpoint.STATE_FILE}
-    torch.save(state, saved / checkpoint.STATE_FILE)
+    saved = checkpoint_files.resolve("auto", run)
+    state = torch.load(saved / checkpoint_files.STATE_FILE, weights_only=True)
+    assert set(state.pop("checksums")) == {p.name for p in saved.iterdir()} - {checkpoint_files.STATE_FILE}
+    torch.save(state, saved / checkpoint_files.STATE_FILE)
     capsys.readouterr()
     assert run_cli_code(export.main, [str(saved)]) == 0
     assert run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK, 'checkpoint.format="sharded"',

@@ -16,7 +16,7 @@ from fasttrain.data.documents import IGNORE_INDEX
 from fasttrain.model.transformer import Transformer
 from fasttrain.plot import read_metrics
 from fasttrain.system.errors import UsageError
-from fasttrain.training import checkpoint
+from fasttrain.training import saves
 from fasttrain.training.optimizers import Muon, Updater, build_optimizer, param_groups
 from fasttrain.training.schedule import lr_at
 from fasttrain.training.trainer import accumulation_steps
@@ -359,9 +359,9 @@ def test_early_stopping_ends_the_run_when_validation_stalls(pydoc_data, tmp_path
         capsys.readouterr().out
     evals = [e for e in read_metrics(tmp_path) if e["event"] == "eval"]
     best_step = min(evals, key=lambda e: e["val_loss"])["step"]
-    saved = {checkpoint.step_of(p) for p in checkpoint.saved_steps(tmp_path / "checkpoints")}
+    saved = {saves.step_of(p) for p in saves.saved_steps(tmp_path / "checkpoints")}
     assert saved >= {best_step, 3}  # the best is kept beside the final state
-    assert checkpoint.step_of(checkpoint.pointed(tmp_path / "checkpoints", "best")) == best_step
+    assert saves.step_of(saves.pointed(tmp_path / "checkpoints", "best")) == best_step
     resumed = Trainer(tiny_config(pydoc_data, tmp_path, *EVAL_EVERY_STEP, "train.early_stop_patience=2"), quiet=True)
     resumed.resume("auto")
     assert resumed.run.stale_evals == 2  # the count is part of the checkpoint

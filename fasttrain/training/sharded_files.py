@@ -4,7 +4,7 @@ A folder `step_0000100/` holds
 
     .metadata             DCP's index: every tensor's shape, dtype and which file and bytes hold each piece
     __0_0.distcp, ...     the tensors, one file per rank that wrote some (each rank writes only what it holds)
-    state.pt              the rest (checkpoint.py): run state, every rank's loader and RNG, config, scaler,
+    state.pt              the rest (checkpoint_files.py): run state, every rank's loader and RNG, config, scaler,
                           and the CRC-32 of each file above ("checksums"), read back once they are written
 
 Each tensor is read with `torch.load(weights_only=True)` by DCP itself. `.metadata` is a pickle that DCP's own

@@ -26,7 +26,8 @@ from fasttrain.model.transformer import Transformer
 from fasttrain.model.weights import load_exported
 from fasttrain.system.device import resolve_precision, use_device
 from fasttrain.system.errors import UsageError
-from fasttrain.training import checkpoint
+from fasttrain.training import checkpoint_files, saves
+from fasttrain.training.run_directory import set_aside_note
 
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
@@ -50,7 +51,7 @@ def weights_source(spec: str | os.PathLike[str]) -> Path:
     """
     path = Path(spec)
     if not path.exists():
-        raise UsageError(f"{path}: no such run directory or checkpoint{checkpoint.set_aside_note(path)}")
+        raise UsageError(f"{path}: no such run directory or checkpoint{set_aside_note(path)}")
     if path.is_symlink():  # a link to checkpoints/latest: the pointer is read beside its target, not the link
         path = path.resolve()
     if path.is_file() and path.name == WEIGHTS:  # RUN/final/model.safetensors: the weights directory it is in
@@ -58,17 +59,17 @@ def weights_source(spec: str | os.PathLike[str]) -> Path:
     for directory in (path, path / "final"):
         if directory.is_dir() and (directory / WEIGHTS).is_file():
             return directory
-    return checkpoint.resolve(os.fspath(path), path)
+    return checkpoint_files.resolve(os.fspath(path), path)
 
 
 def load_model(spec: str | os.PathLike[str]) -> tuple[Transformer, Config, Path]:
     """The model `spec` names (see `weights_source`) on the CPU, its run's config, and the weights directory
     or checkpoint file it came from; UsageError naming the file if something is missing or does not fit."""
     source = weights_source(spec)
-    if source.is_dir() and not checkpoint.is_sharded(source):
+    if source.is_dir() and not saves.is_sharded(source):
         return load_exported(source), load_config(source / "config.toml"), source
-    state = checkpoint.load(source)
-    cfg = checkpoint.saved_config(state, source)
+    state = checkpoint_files.load(source)
+    cfg = checkpoint_files.saved_config(state, source)
     model = Transformer(cfg.model)
     try:
         model.load_state_dict(state["model"])
@@ -92,7 +93,7 @@ def run_directory(source: Path) -> Path:
     links resolved: the directory above a weights directory (RUN/final) or above a checkpoint's checkpoints/;
     for a checkpoint file anywhere else, the directory it is in."""
     real = source.resolve()
-    saved = real.is_file() or checkpoint.is_sharded(real)
+    saved = real.is_file() or saves.is_sharded(real)
     return real.parent.parent if saved and real.parent.name == "checkpoints" else real.parent
 
 
@@ -101,7 +102,7 @@ def tokenizer_file(source: Path, cfg: Config) -> Path:
     own, a checkpoint's run's copy (RUN/tokenizer.json); else, for weights and runs saved before those copies
     were made, the one in the run's data folder (data.dir), which may have been prepared again since."""
     real = source.resolve()
-    if real.is_dir() and not checkpoint.is_sharded(real):
+    if real.is_dir() and not saves.is_sharded(real):
         own = real / TOKENIZER
     elif real.parent.name == "checkpoints":
         own = run_directory(real) / TOKENIZER

@@ -54,13 +54,14 @@ from fasttrain.system.device import autocast, compile_options, seed_everything, 
 from fasttrain.system.errors import RunStopped, UsageError
 from fasttrain.system.signals import SignalCatcher
 from fasttrain.training import checkpoint
-from fasttrain.training.checkpoint import Checkpointer, RunStart
+from fasttrain.training.checkpoint import Checkpointer
 from fasttrain.training.metrics import MetricsLog, WandbSink, check_log_writable, import_wandb
 from fasttrain.training.objective import LossSums, NextTokenLoss, batch_loss, counted_targets
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.plan import RunPlan, accumulation_steps, plan_run  # noqa: F401 (accumulation_steps: kept for the Python API)
 from fasttrain.training.policies import EarlyStopping, Recovery
 from fasttrain.training.reporting import IntervalMeter, Report
+from fasttrain.training.run_directory import RunStart
 from fasttrain.training.run_state import RunState
 from fasttrain.training.schedule import Budget, format_duration, next_update, schedule_change
 from fasttrain.training.validation import mixture_metrics, validate

@@ -1,0 +1,142 @@
+"""Checkpoint files: what a save holds, writing one and making it the run's latest, finding the save a
+`--resume` means, and reading one back.
+
+A checkpoint file is a dict of
+
+    model, optimizer      full (unsharded) state dicts
+    scaler                the fp16 GradScaler's state
+    step, tokens_seen...  the RunState's fields, at the top level
+    ranks                 each rank's training-loader position and random generator states
+    parallel              "none", "ddp", "fsdp" or "hsdp": the world that saved it, with len(ranks)
+    config                the run's resolved config, as TOML
+
+A sharded folder holds the same: the model's and optimizer's tensors in DCP's files, the rest (with the
+optimizer's param_groups as "optimizer_groups") in its state.pt. Either kind resumes in any world.
+
+Each file is written under a temporary name, fsync'd and renamed (fasttrain/system/atomic.py), a folder
+under a temporary name too, and a pointer is updated only once the save it names is complete, so a crash
+or `kill -9` at any moment leaves `latest` naming a loadable checkpoint. Old saves are deleted last, and
+never one that a pointer names.
+
+Loading uses `torch.load(weights_only=True)`, and a folder's metadata a restricted unpickler: a checkpoint
+may hold tensors, numbers, strings and containers of them, never code to run. A load first compares each file
+with the checksums recorded when it was saved (checksums.py): a bit changed on disk is one line naming the
+file, not a silently different model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from fasttrain.config import Config, parse_config
+from fasttrain.system.atomic import write_atomically
+from fasttrain.system.errors import UsageError
+from fasttrain.training import checksums, sharded_files
+from fasttrain.training.run_directory import REPLACED, set_aside_note
+from fasttrain.training.saves import clear_stale, is_sharded, path_for, point, pointed, remove, saved_steps
+
+REQUIRED_KEYS = ("model", "optimizer", "step", "config")  # what marks a file as a fasttrain checkpoint
+STATE_FILE = "state.pt"  # in a sharded checkpoint's folder: everything but the model's and optimizer's tensors
+
+
+def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: int, best: bool,
+         keep: Path | None = None) -> Path:
+    """Write `state` as `directory/step_<step>.pt`, then publish it (see `publish`). Raises UsageError, with
+    every earlier save intact, if the disk is full or the directory unwritable."""
+    directory = Path(directory)
+    path = path_for(directory, step)
+    clear_stale(directory)
+    write_atomically(path, lambda f: torch.save(state, f), what="save checkpoint")
+    return publish(directory, path, keep_last, best, keep)
+
+
+def publish(directory: Path, path: Path, keep_last: int, best: bool, keep: Path | None = None) -> Path:
+    """Point `latest` (and `best` if `best`) at the complete save `path`, then prune: keeps the newest
+    `checkpoint.keep_last` saves, the one `best` names and `keep`."""
+    if best:
+        point(directory, "best", path)
+    point(directory, "latest", path)
+    saved = saved_steps(directory)
+    kept = set(saved[-keep_last:]) | {pointed(directory, "best"), keep}
+    for old in saved:
+        if old not in kept:
+            remove(old)
+    shutil.rmtree(directory.parent / REPLACED, ignore_errors=True)  # the new run's first save is complete
+    return path
+
+
+def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
+    """The checkpoint file that `--resume spec` means.
+
+    "auto" is the latest save of the run in `out_dir`; a directory (a run directory or
+    its checkpoints/) is its latest save (the newest step when there is no `latest` pointer yet);
+    a pointer file (checkpoints/latest or best) is the save it names; anything else is a
+    checkpoint file's path.
+    """
+    if spec != "auto" and (not Path(spec).is_dir() or is_sharded(Path(spec).resolve())):
+        path = Path(spec)
+        if path.is_symlink():  # a link to checkpoints/latest names a save beside its target, not beside the link
+            path = path.resolve()
+        if path.name in ("latest", "best") and path.is_file():
+            named = pointed(path.parent, path.name)
+            if not named.exists():
+                raise UsageError(f"{path}: names {named.name}, which is missing")
+            return named
+        return path
+    run = Path(out_dir if spec == "auto" else spec)
+    directory = run if (run / "latest").exists() or run.name == "checkpoints" else run / "checkpoints"
+    latest = pointed(directory, "latest")
+    if latest is None:  # none yet, or the first save is in place and its pointer not (a run killed in between)
+        saved = saved_steps(directory) if directory.is_dir() else []
+        if not saved:
+            raise UsageError(f"{directory}: no checkpoint saved there yet, so nothing to resume or export"
+                             f"{set_aside_note(directory)}")
+        return saved[-1]  # a save is renamed into place whole: one that exists is complete
+    if not latest.exists():
+        raise UsageError(f"{directory / 'latest'}: names {latest.name}, which is missing; "
+                         "name a checkpoint file (step_*.pt) instead")
+    return latest
+
+
+def load(path: str | os.PathLike[str], device: torch.device | str = "cpu", whole_model: bool = True) -> dict:
+    """The state saved at `path`; UsageError if it is missing, damaged, unsafe or not a fasttrain checkpoint.
+
+    A sharded checkpoint's (a folder) holds no "optimizer" here but its "optimizer_groups", and "model" only if
+    `whole_model`: its weights read whole (for the tools; a resume reads each rank's part: Checkpointer)."""
+    path = Path(path)
+    sharded = is_sharded(path)
+    state = read_trusted(path / STATE_FILE if sharded else path, device, path)
+    if sharded:
+        sharded_files.check_complete(path)
+        checksums.verify(path, state.get("checksums") if isinstance(state, dict) else None)
+        if whole_model and isinstance(state, dict):
+            state["model"] = sharded_files.read_whole(path, "model", path)
+    missing = [k for k in (("optimizer_groups", "step", "config") if sharded else REQUIRED_KEYS)
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UsageError(f"{path}: not a fasttrain checkpoint (no {', '.join(missing)})")
+    return state
+
+
+def read_trusted(file: Path, device: torch.device | str, path: Path):
+    """What `torch.load(weights_only=True)` reads from `file` (of the checkpoint at `path`), its records' checksums
+    checked first: tensors, numbers, strings and containers, never code to run; UsageError naming `path` (or
+    `file`) otherwise."""
+    if file.is_file():
+        checksums.check_records(file)
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{file}: no such checkpoint") from None
+    except Exception as e:  # truncated, corrupt, or holding objects other than tensors and plain values
+        reason = " ".join(str(e).split("\n")[0].split())[:160]
+        raise UsageError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {reason})") from None
+
+
+def saved_config(state: dict, path: str | os.PathLike[str]) -> Config:
+    """The config the run that saved `state` (from `path`) used."""
+    return parse_config(state["config"], f"{path} (its saved config)")

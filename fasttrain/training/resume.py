@@ -1,0 +1,79 @@
+"""What a resume checks and restores besides the model's and optimizer's tensors: that the checkpoint comes
+from a model of the same shape and the same optimizer, the random generators' states, and what it says when
+the world that continues is not the one that saved.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import fields
+
+import numpy as np
+import torch
+
+from fasttrain.config import Config
+from fasttrain.system.device import seed_everything
+from fasttrain.system.errors import UsageError
+
+RESHAPE_FREE = ("dropout", "init_from")  # [model] keys a resumed run may change: they alter no saved weight
+
+
+def check_same_model(saved_cfg: Config, cfg: Config, path: str | os.PathLike[str]) -> None:
+    """UsageError naming every [model] key in which `cfg` differs from `saved_cfg`, the config of the run
+    that saved the checkpoint at `path`."""
+    saved = saved_cfg.model
+    differ = [f"model.{f.name} = {getattr(saved, f.name)!r} there, {getattr(cfg.model, f.name)!r} here"
+              for f in fields(saved) if f.name not in RESHAPE_FREE
+              and getattr(saved, f.name) != getattr(cfg.model, f.name)]
+    if differ:
+        raise UsageError(f"{path}: saved by a model of another shape ({'; '.join(differ)}); "
+                         "resume with the config that run was started with")
+
+
+def check_same_optimizer(saved_cfg: Config, cfg: Config, path: str | os.PathLike[str]) -> None:
+    """UsageError unless the checkpoint at `path`, saved with `saved_cfg`, comes from a run of `cfg`'s
+    optimizer: each keeps a state of its own."""
+    saved = saved_cfg.optim.name
+    if saved != cfg.optim.name:
+        raise UsageError(f'{path}: saved by a run with optim.name = "{saved}", this one has "{cfg.optim.name}": '
+                         "one optimizer cannot continue from another's state; resume with the same optim.name")
+
+
+def rng_state() -> dict:
+    """Python's, NumPy's and torch's (CPU and every CUDA device) generator states, in types torch.load accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def seed_rng(seed: int, step: int, rank: int) -> None:
+    """Seed every generator from (train.seed, step, rank): the random state of a rank that has no saved one."""
+    seed_everything(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+
+
+def world_change(saved_size: int, saved_parallel: str | None, size: int, parallel: str) -> list[str]:
+    """What a resume on `size` processes in `parallel` mode says about a checkpoint saved by `saved_size`
+    in `saved_parallel`: nothing in the same world."""
+    if (saved_size, saved_parallel) == (size, parallel):
+        return []
+    note = (f"saved by {saved_size} process(es) ({saved_parallel}), continued by {size} ({parallel}): the model and "
+            "optimizer state are whole, and the data stream goes on from the same global batch")
+    if size > saved_size:
+        note += (f"; ranks {saved_size}-{size - 1} have no saved random state, seeded from train.seed, the step "
+                 "and the rank")
+    return [note]
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned."""
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
