@@ -387,7 +387,9 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
                           "folder, check the path")
             _prepare(inputs, directory, vocab_size=vocab_size, tokenizer_path=d.tokenizer or None,
                      val_fraction=d.val_fraction, text_field=d.text_field, quiet=quiet)
-    return find_prepared(d)[1]
+    data = find_prepared(d)[1]
+    assert data is not None  # prepared above, by this process or the lock's holder
+    return data
 
 
 def prepared_dir(d: DataConfig) -> str:
