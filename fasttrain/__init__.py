@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["Trainer", "train_loop"]
@@ -43,7 +44,7 @@ except ImportError as e:
     sys.exit(2)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # Imported on first use, so `python -m fasttrain.prepare` and friends do not pay for the trainer.
     if name == "Trainer":
         from fasttrain.training.trainer import Trainer

@@ -69,6 +69,7 @@ def score(trained: Trained, directory: str | Path, split: str, bits_per_nat: flo
                      vocab_size=cfg.model.vocab_size, prefetch=0, device=device, whole=True) as loader:
         metrics = validate(loss, trained.model, loader, loader.reader.batches_per_epoch,
                            inference_precision(cfg, device), World(), bits_per_nat)
+    assert metrics is not None  # None only when a stop() given to validate says to give up
     trained.model.eval()  # validate leaves the model in train mode
     return {name.removeprefix("val_"): value for name, value in metrics.items()}
 

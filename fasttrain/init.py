@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if where.exists() and not args.overwrite and (where == path or where.read_bytes() != content):
             raise UsageError(f"{where}: exists; give another PATH, or --overwrite to replace it")
     for where, content in files:
-        write_atomically(where, lambda f, content=content: f.write(content), what="write")
+        write_atomically(where, lambda f: f.write(content), what="write")  # called before the loop goes on
     extra = f" (with {', '.join(str(w) for w, _ in files[1:])}, which it extends)" if files[1:] else ""
     print(f"wrote {path}{extra}; run it with: fasttrain train {path}")
     return 0

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING, Sequence
 
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -53,7 +57,7 @@ def latest_run(events: list[dict]) -> list[dict]:
     return kept
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     """matplotlib.pyplot drawing to files only; UsageError if matplotlib is not installed."""
     try:
         import matplotlib
@@ -65,7 +69,7 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, out: Path) -> Path:
+def save_figure(fig: Figure, out: Path) -> Path:
     """Write `fig` to `out` and close it; UsageError naming the file if it cannot be written."""
     import matplotlib.pyplot as plt
 

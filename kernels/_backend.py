@@ -13,6 +13,7 @@ import functools
 import inspect
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 @functools.cache
-def gpu_properties(device: torch.device):
+def gpu_properties(device: torch.device) -> Any:
     """The CUDA properties of the GPU behind `device` (capability, SM count, L2 size), read once."""
     return torch.cuda.get_device_properties(device)
 
@@ -52,7 +53,7 @@ class LibraryOp:
         names = list(inspect.signature(launcher).parameters)
         self.mutated = [names.index(name) for name in mutates_args]
 
-    def __call__(self, *args):
+    def __call__(self, *args: Any) -> Any:
         if torch.compiler.is_compiling():
             return self.op(*args)
         out = self.launcher(*args)

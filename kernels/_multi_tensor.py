@@ -46,9 +46,10 @@ class TensorTable:
             first_chunk = torch.cumsum(per_tensor, 0) - per_tensor
             start = (torch.arange(len(row_of_chunk)) - first_chunk[row_of_chunk]) * CHUNK
             chunks = torch.stack([row_of_chunk, start], dim=1)
-            self._tables = tuple(_to_device(t, first[0].device) for t in (rows, chunks))
+            self._tables = (_to_device(rows, first[0].device), _to_device(chunks, first[0].device))
             self._key = key
             self.aligned = all(t.data_ptr() % 16 == 0 for column in columns for t in column)
+        assert self._tables is not None  # built above on the first call
         return self._tables
 
 

@@ -15,7 +15,7 @@ import functools
 import importlib
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -24,6 +24,8 @@ HIDDEN_SIZES = range(64, 16384 + 1)  # d_model of the smallest test model to tha
 # Rows of one launch (tokens of a batch) in the example arguments: a multiple of 16, as batch x length
 # usually is, so Triton marks it divisible by 16 as it would at run time.
 EXAMPLE_ROWS = 8192
+
+K = TypeVar("K", bound=Hashable)  # what choices() keys its sizes by
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class Specialization:
             raise ValueError(f"{kernel.__name__}: arguments {sorted(given)} do not match {sorted(kernel.arg_names)}")
         return cls(kernel, tuple(args.items()), tuple(constexprs.items()), num_warps)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Callable[..., Specialization], tuple[Any, ...]]:
         # A JITFunction does not pickle: send worker processes its module and name instead.
         return _rebuild, (self.kernel.fn.__module__, self.name, self.args, self.constexprs, self.num_warps)
 
@@ -118,10 +120,10 @@ def _rebuild(module: str, kernel: str, *fields: Any) -> Specialization:
 
 
 @functools.cache  # a sweep takes seconds, and several kernels share one
-def choices(choose: Callable[[int], Hashable], sizes: Iterable[int]) -> dict[Hashable, int]:
+def choices(choose: Callable[[int], K], sizes: Iterable[int]) -> dict[K, int]:
     """Every distinct `choose(size)` over `sizes`, each with the largest size that gets it (so that an
     argument which grows with the size takes its widest type)."""
-    chosen: dict[Hashable, int] = {}
+    chosen: dict[K, int] = {}
     for size in sizes:
         chosen[choose(size)] = size
     return chosen

@@ -32,7 +32,8 @@ gradient as it loads it, so clipping costs the norm pass only.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import overload
 
 import torch
 import triton
@@ -159,7 +160,7 @@ def _torch_update(params: list[Tensor], grads: list[Tensor], states: list[dict],
     has_master = "master_param" in states[0]
     targets = [s["master_param"] for s in states] if has_master else params
     exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-    g = [x.float() for x in grads]
+    g: list[Tensor] | tuple[Tensor, ...] = [x.float() for x in grads]
     if coefficient is not None:
         g = torch._foreach_mul(g, coefficient)
     torch._foreach_mul_(targets, 1 - lr * weight_decay)
@@ -225,7 +226,9 @@ class FusedAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _grad(p: Tensor) -> Tensor:
-        return p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+        grad = p.grad
+        assert grad is not None  # _gradients() keeps only the parameters that have one
+        return grad if grad.is_contiguous() else grad.contiguous()
 
     @torch.no_grad()
     def grad_norm(self) -> Tensor:
@@ -256,8 +259,12 @@ class FusedAdamW(torch.optim.Optimizer):
             buffer = self._lr[index] = torch.empty((), dtype=torch.float32, device=device)
         return buffer.fill_(lr)  # a launch with the value, not a host sync
 
+    @overload  # as torch.optim.Optimizer.step: None without a closure
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """One AdamW update of every parameter with a gradient; returns closure() if given."""
         loss = None
         if closure is not None:
@@ -275,6 +282,7 @@ class FusedAdamW(torch.optim.Optimizer):
         for index, group, params in work:
             buckets: dict[tuple, list[Tensor]] = {}
             for p in params:  # one launch per (parameter dtype, gradient dtype): the pointers are typed
+                assert p.grad is not None  # _gradients() keeps only the parameters that have one
                 buckets.setdefault((p.dtype, p.grad.dtype), []).append(p)
             for key, bucket in buckets.items():
                 self._update(index, group, key, bucket, coefficient)

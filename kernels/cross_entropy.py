@@ -30,6 +30,8 @@ with `cross_entropy_reference` (eager, any dtype) for tests and benchmarks.
 
 from __future__ import annotations
 
+from typing import Literal, overload
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -190,7 +192,8 @@ TORCH_CHUNK_ELEMENTS = 1 << 19
 
 
 def _torch_rows(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, grad: Tensor | None,
-                ignore_index: int, label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor]:
+                ignore_index: int, label_smoothing: float, z_loss: float, softcap: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel's math in PyTorch (the CPU path): (loss rows, lse, top-1 hits), and the gradient into `grad`.
     Like the kernel it goes row block by row block, each block's passes in cache; terms whose factor is 0
     (label smoothing, z-loss, soft-capping) cost nothing."""
@@ -198,7 +201,7 @@ def _torch_rows(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | No
     forward = lse is None
     loss = logits.new_zeros(n_rows, dtype=torch.float32)
     correct = torch.zeros_like(loss)
-    lse = torch.empty_like(loss) if forward else lse
+    lse = torch.empty_like(loss) if lse is None else lse
     valid = target != ignore_index
     safe_target = torch.where(valid, target, 0).unsqueeze(1)
     row_weight = torch.where(valid, weight.expand(valid.shape), 0.0)  # what each row's gradient is scaled by
@@ -253,7 +256,7 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, 
         return _torch_rows(logits, target, weight, lse, grad, ignore_index, label_smoothing, z_loss, softcap)
     n_rows, n_cols = logits.shape
     forward = lse is None
-    if forward:
+    if lse is None:
         loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
         lse, correct = torch.empty_like(loss), torch.empty_like(loss)
     else:
@@ -435,6 +438,18 @@ class _CrossEntropyFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------- functional and module
 
 
+@overload
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = ..., reduction: str = ...,
+                  label_smoothing: float = ..., z_loss: float = ..., softcap: float | None = ...,
+                  inplace_backward: bool = ..., return_correct: Literal[False] = ...) -> Tensor: ...
+@overload
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = ..., reduction: str = ...,
+                  label_smoothing: float = ..., z_loss: float = ..., softcap: float | None = ...,
+                  inplace_backward: bool = ..., *, return_correct: Literal[True]) -> tuple[Tensor, Tensor]: ...
+@overload
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = ..., reduction: str = ...,
+                  label_smoothing: float = ..., z_loss: float = ..., softcap: float | None = ...,
+                  inplace_backward: bool = ..., return_correct: bool = ...) -> Tensor | tuple[Tensor, Tensor]: ...
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
                   label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
                   inplace_backward: bool = False, return_correct: bool = False) -> Tensor | tuple[Tensor, Tensor]:

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -153,7 +154,8 @@ def widest(specs: list[Specialization]) -> list[Specialization]:
     return list(best.values())
 
 
-def compile_all(archs: list[str], pick=lambda specs: specs) -> tuple[list[Result], float]:
+def compile_all(archs: list[str], pick: Callable[[list[Specialization]], list[Specialization]] = lambda specs: specs
+                ) -> tuple[list[Result], float]:
     """The variants `pick` keeps of every variant, for every arch in `archs`, compiled in parallel into a
     fresh cache; (results, seconds)."""
     jobs = [(spec, arch) for arch in archs for spec in pick(all_specializations())]
@@ -182,9 +184,9 @@ def _summary(arch: str, results: list[Result]) -> str:
     target = TARGETS[arch]
     parts = [f"{arch} ({target.gpu}): {len(ok)}/{len(results)} variants compiled"]
     if ok:
-        most = max(ok, key=lambda r: r.registers)
+        most = max(ok, key=lambda r: r.registers or 0)  # set on every compiled variant
         spilling = [r for r in ok if r.spill_stores]
-        shared = max(ok, key=lambda r: r.shared)
+        shared = max(ok, key=lambda r: r.shared or 0)
         kernels = ", ".join(sorted({r.kernel for r in spilling}))
         parts += [f"max {most.registers} registers ({most.kernel})",
                   f"{len(spilling)} spilling ({kernels})" if spilling else "no spills",

@@ -53,6 +53,8 @@ gradients come back in the inputs' own dtypes.
 
 from __future__ import annotations
 
+from typing import Any, Literal, overload
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -187,7 +189,7 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
     want_grad = any(needs)
     forward = lse is None
     rows = hidden.new_empty(n_rows, dtype=torch.float32) if forward else None
-    lse_out = hidden.new_empty(n_rows, dtype=torch.float32) if forward else lse
+    lse_out = hidden.new_empty(n_rows, dtype=torch.float32) if lse is None else lse
     hits = hidden.new_empty(n_rows, dtype=torch.float32) if forward else None
     # Row-major whatever the inputs' strides (a transposed weight, column-major hidden states): the backward
     # scales these gradients row by row, with unit column stride.
@@ -195,15 +197,16 @@ def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: T
     # The first chunk writes the weight's gradient and the others add to it: no zero-fill (unless no chunk runs)
     new_accumulator = torch.empty if n_rows else torch.zeros
     grad_weight = new_accumulator(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] else None
-    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs[2] else None
+    grad_bias = torch.zeros_like(bias, dtype=torch.float32) if needs[2] and bias is not None else None
     for start, end in zip(bounds[:-1], bounds[1:]):
         h, t = hidden[start:end], target[start:end]
         w = row_weight if row_weight.numel() == 1 else row_weight[start:end]
         logits = _project(h, weight, bias)  # ours, so the kernel may overwrite it with its gradient
         if forward:
+            assert rows is not None and hits is not None  # made above for the forward
             rows[start:end], lse_out[start:end], hits[start:end] = _rows_op(logits, t, w, logits, want_grad, *options)
         else:
-            _grad_op(logits, t, lse[start:end], w, logits, *options)
+            _grad_op(logits, t, lse_out[start:end], w, logits, *options)  # lse_out is lse here
         if not want_grad:
             continue
         if grad_hidden is not None:
@@ -294,6 +297,22 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
 
 
+@overload
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = ...,
+                         ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ...,
+                         z_loss: float = ..., softcap: float | None = ..., chunk_rows: int | None = ...,
+                         return_correct: Literal[False] = ..., grad_scale: Tensor | None = ...) -> Tensor: ...
+@overload
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = ...,
+                         ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ...,
+                         z_loss: float = ..., softcap: float | None = ..., chunk_rows: int | None = ..., *,
+                         return_correct: Literal[True], grad_scale: Tensor | None = ...) -> tuple[Tensor, Tensor]: ...
+@overload
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = ...,
+                         ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ...,
+                         z_loss: float = ..., softcap: float | None = ..., chunk_rows: int | None = ...,
+                         return_correct: bool = ..., grad_scale: Tensor | None = ...
+                         ) -> Tensor | tuple[Tensor, Tensor]: ...
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
                          ignore_index: int = IGNORE_INDEX, reduction: str = "mean", label_smoothing: float = 0.0,
                          z_loss: float = 0.0, softcap: float | None = None, chunk_rows: int | None = None,
@@ -354,6 +373,6 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
 
 def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
-                                   **options) -> Tensor:
+                                   **options: Any) -> Tensor:
     """The unfused path: F.linear, then `cross_entropy_reference` on the full logits."""
     return cross_entropy_reference(F.linear(hidden, weight, bias), target, **options)

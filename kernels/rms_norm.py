@@ -155,10 +155,11 @@ def default_tilings(block: int) -> tuple[Tiling, Tiling]:
     return Tiling(block_rows, num_warps), Tiling(block_rows, num_warps, 2, 2 if block * block_rows <= TILE else 1)
 
 
-def _read_tilings(path: Path) -> dict[str, dict[int, tuple[Tiling, Tiling]]]:
+def _read_tilings(path: Path) -> dict[str | None, dict[int, tuple[Tiling, Tiling]]]:
     """capability ("sm_90") -> row block -> (forward, backward), from the measured-winners file at `path`
     ({} when it is absent). Its shape: {"tilings": {"sm_90": {"1024": {"forward": {...}, "backward":
-    {...}}}}, ...}, each tiling a dict of Tiling's fields."""
+    {...}}}}, ...}, each tiling a dict of Tiling's fields. (The file has no None, the capability off the GPU:
+    tests put tilings for the interpreter there.)"""
     if not path.is_file():
         return {}
     found = json.loads(path.read_text())["tilings"]
@@ -428,7 +429,8 @@ class RMSNorm(torch.nn.Module):
     that dtype anyway: the same values, without writing fp32 and reading it back to cast.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, *, inplace_backward: bool = False, device=None, dtype=None):
+    def __init__(self, dim: int, eps: float = 1e-6, *, inplace_backward: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.dim, self.eps, self.inplace_backward = dim, eps, inplace_backward
         self.weight = torch.nn.Parameter(torch.ones(dim, device=device, dtype=dtype))

@@ -59,10 +59,11 @@ def _swap_rms_norms(model: nn.Module) -> int:
             if not type(child).__name__.endswith("RMSNorm") or isinstance(child, RMSNorm):
                 continue
             eps = getattr(child, "variance_epsilon", getattr(child, "eps", None))
-            if eps is None or getattr(child, "weight", None) is None or child.weight.dim() != 1:
+            weight = getattr(child, "weight", None)
+            if eps is None or weight is None or weight.dim() != 1:
                 raise ValueError(f"patch_hf_model: {type(child).__name__} has no eps or 1-d weight to carry over")
-            ours = RMSNorm(child.weight.shape[0], eps)
-            ours.weight = child.weight  # the same Parameter: state dict, optimizer and tying unchanged
+            ours = RMSNorm(weight.shape[0], eps)
+            ours.weight = weight  # the same Parameter: state dict, optimizer and tying unchanged
             setattr(parent, name, ours)
             swapped += 1
     return swapped
@@ -106,5 +107,5 @@ def _fused_loss_forward(unpatched):
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         return output if return_dict else output.to_tuple()  # as transformers: the fields that are not None
-    forward.fused_loss = True
+    setattr(forward, "fused_loss", True)  # a mark patch_hf_model reads; mypy knows no attributes of functions
     return forward

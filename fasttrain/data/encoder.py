@@ -123,7 +123,7 @@ def fast_encoder(tok: tokenizers.Tokenizer) -> Encode:
     # Ranks in merge order: the 256 bytes, then each merge's result. rank_ids maps a rank back to its id.
     ranks: dict[bytes, int] = {}
     ranked: list[int] = []
-    for c in sorted(alphabet, key=alphabet.get):
+    for c in sorted(alphabet, key=alphabet.__getitem__):
         ranks[bytes([alphabet[c]])] = len(ranked)
         ranked.append(vocab[c])
     merged: list[str] = []
@@ -132,10 +132,10 @@ def fast_encoder(tok: tokenizers.Tokenizer) -> Encode:
         token = left + right
         if token not in vocab:
             raise Inexpressible(f"merge {left!r} + {right!r} makes no token of the vocabulary")
-        key = as_bytes(token)
-        if key in ranks:
+        encoded = as_bytes(token)
+        if encoded in ranks:
             raise Inexpressible(f"token {token!r} is made by two merges")
-        ranks[key] = len(ranked)
+        ranks[encoded] = len(ranked)
         ranked.append(vocab[token])
         merged.append(token)
     added = spec.get("added_tokens") or []

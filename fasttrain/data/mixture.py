@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from fasttrain.config import DataConfig
+from fasttrain.config import DataConfig, MixChange
 from fasttrain.data.preparation import find_prepared
 from fasttrain.data.prepared import PreparedData, open_prepared
 from fasttrain.data.tokenizer import fingerprint
@@ -115,8 +115,8 @@ class Blend:
             positions, deficits = self._start(round_)
             if self.sources == 1:
                 return np.zeros(self.rows_per_round, dtype=np.int64), positions[0] + np.arange(self.rows_per_round)
-            picks, at, *after = self._play(round_, positions, deficits)
-            self._remember(round_ + 1, tuple(after))
+            picks, at, taken, owed = self._play(round_, positions, deficits)
+            self._remember(round_ + 1, (taken, owed))
         return np.array(picks, dtype=np.int64), np.array(at, dtype=np.int64)
 
     def _start(self, round_: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -268,6 +268,6 @@ def replay_mix(d: DataConfig, mix: Sequence[tuple[int, Sequence[float]]], accumu
     return f"data.mix=[{tables}]"
 
 
-def change_step(change, max_steps: int) -> int:
+def change_step(change: MixChange, max_steps: int) -> int:
     """The first step of a [[data.mix]] change."""
     return change.step or round(change.fraction * max_steps)

@@ -207,8 +207,9 @@ def merge(out_dir: str | os.PathLike, *, quiet: bool = False) -> dict:
         _refuse_merged(out, "--merge")
         n = _count_parts(parts)
         for k in range(n):  # no part is being written while the merge reads it, nor starts before it ends
-            locks.enter_context(holding(_lock(out, k, n), lambda h, k=k: f"part {k}/{n}: still being written "
-                                        f"({h}); merge once it has ended"))
+            def still_written(h: str, k: int = k) -> str:
+                return f"part {k}/{n}: still being written ({h}); merge once it has ended"
+            locks.enter_context(holding(_lock(out, k, n), still_written))
         manifests = [_read_part(parts, k, n) for k in range(n)]
         for m in manifests[1:]:
             for key, what in _SAME:

@@ -6,10 +6,14 @@ from __future__ import annotations
 import atexit
 import queue
 import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import torch
 
 from fasttrain.data.reader import RowReader
+
+T = TypeVar("T")  # what load(g) returns
 
 
 def load_batch(
@@ -27,7 +31,7 @@ def load_batch(
     return x, y, ready
 
 
-class Prefetcher:
+class Prefetcher(Generic[T]):
     """A daemon thread that calls load(g), load(g + 1), ... and queues the results, `depth` ahead.
 
     A prefetcher still running when the interpreter exits is stopped by an atexit hook. Left
@@ -35,15 +39,16 @@ class Prefetcher:
     releases the GIL) that aborts the process ("terminate called without an active exception").
     """
 
-    def __init__(self, load, first: int, depth: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+    def __init__(self, load: Callable[[int], T], first: int, depth: int):
+        self._queue: queue.Queue[T | BaseException] = queue.Queue(maxsize=depth)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(load, first), daemon=True, name="fasttrain-prefetch")
         self._thread.start()
         atexit.register(self.stop)
 
-    def _run(self, load, g: int) -> None:
+    def _run(self, load: Callable[[int], T], g: int) -> None:
         while not self._stopped.is_set():
+            item: T | BaseException
             try:
                 item = load(g)
             except BaseException as e:  # handed to the consumer, which raises it
@@ -58,7 +63,7 @@ class Prefetcher:
                 return
             g += 1
 
-    def get(self):
+    def get(self) -> T:
         while True:
             try:
                 item = self._queue.get(timeout=0.5)

@@ -32,7 +32,7 @@ import shutil
 import time
 from itertools import islice
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB, DataConfig
 from fasttrain.data.corpus import resolve_inputs
@@ -209,7 +209,9 @@ def report(meta: dict, tokenizer: Tokenizer, out: Path) -> None:
         f"in {seconds:.1f}s, {n / max(seconds, 1e-9):,.0f} tokens/s -> {out}"
         + (f"; replaced {replaced} invalid UTF-8 sequences" if replaced else "")
     )
-    if unknown:  # like invalid UTF-8, counted; unlike it, the text is gone, not one character
+    # Like invalid UTF-8, counted; unlike it, the text is gone, not one character. (Only a tokenizer with an
+    # unknown token makes unknown tokens.)
+    if unknown and tokenizer.unk_id is not None:
         print(f"warning: {unknown:,} of the {n:,} tokens ({unknown / n:.1%}) are {tokenizer.source}'s unknown "
               f"token {tokenizer.tok.id_to_token(tokenizer.unk_id)}: text it cannot encode, lost from the data "
               "(meta.json's unknown_tokens); a byte-level BPE encodes any text")
@@ -231,7 +233,7 @@ def corpus_sample(sources: Sequence, text_field: str, chars: int = 200_000) -> l
     return taken
 
 
-def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, **options) -> dict:
+def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, **options: Any) -> dict:
     """Tokenize `inputs` into shards in `out_dir` and return the contents of its meta.json.
 
     The tokenizer is loaded from `tokenizer_path`, or else a byte-level BPE of
@@ -385,7 +387,9 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
                           "folder, check the path")
             _prepare(inputs, directory, vocab_size=vocab_size, tokenizer_path=d.tokenizer or None,
                      val_fraction=d.val_fraction, text_field=d.text_field, quiet=quiet)
-    return find_prepared(d)[1]
+    data = find_prepared(d)[1]
+    assert data is not None  # prepared above, by this process or the lock's holder
+    return data
 
 
 def prepared_dir(d: DataConfig) -> str:

@@ -21,7 +21,8 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from types import TracebackType
+from typing import Callable, Iterator, TypeGuard
 
 import numpy as np
 
@@ -172,7 +173,8 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is not None:
             self.abort()
         elif not self._f.closed:
@@ -199,7 +201,7 @@ SPLITS = ("train", "val")
 MAX_TOKENS_PER_BYTE = 4
 
 
-def _count(v: object) -> bool:
+def _count(v: object) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 

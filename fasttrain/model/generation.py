@@ -5,7 +5,7 @@ and `python -m fasttrain.sample` use."""
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +67,7 @@ def stream(
         context = nxt if cache is not None else tokens[:, -window:]
         yield nxt
 
-def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
     """`tokens` (B, T) extended by `max_new_tokens` sampled tokens: (B, T + max_new_tokens).
     `sampling`: the keyword arguments of `stream`."""
     return torch.cat((tokens, *stream(model, tokens, max_new_tokens, **sampling)), dim=1)
@@ -104,7 +104,7 @@ def generate_text(
     try:
         for nxt in stream(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                           generator=generator, use_cache=use_cache):
-            out.append(nxt.item())
+            out.append(int(nxt.item()))
             if on_text is not None:
                 piece = _decode_piece(tokenizer, out, shown)
                 # Byte-level BPE: a character may span up to 4 tokens; past that the bytes are truly invalid.

@@ -41,7 +41,7 @@ import contextlib
 import functools
 import math
 from dataclasses import replace
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, overload
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,9 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from fasttrain.config import ModelConfig
 from fasttrain.model.fp8 import use_float8
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 INIT_STD = 0.02
 
@@ -85,7 +88,7 @@ def use_flex_attention(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def flex_attention_on(device_type: str):
+def flex_attention_on(device_type: str) -> Callable[..., Any]:
     """flex_attention, compiled on GPU. Inside a compiled model it is compiled with the model; outside one
     on CPU (tests) it runs uncompiled, which materialises the scores."""
     from torch.nn.attention.flex_attention import flex_attention
@@ -115,14 +118,14 @@ def sdpa_backend(attention: str) -> contextlib.AbstractContextManager:
 
 
 @functools.lru_cache(maxsize=8)
-def causal_block_mask(length: int, device: torch.device):
+def causal_block_mask(length: int, device: torch.device) -> BlockMask:
     """flex_attention's BlockMask of plain causal attention over `length` positions (train.attention = "flex")."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     return create_block_mask(lambda b, h, q, k: q >= k, None, None, length, length, device=device)
 
 
-def document_mask(documents: torch.Tensor, flex: bool):
+def document_mask(documents: torch.Tensor, flex: bool) -> torch.Tensor | BlockMask:
     """The attention mask of a batch whose token i of row b belongs to document documents[b, i] (B, T):
     a query sees the keys at or before it in the same document. A flex_attention BlockMask when
     `flex`, else a bool tensor (B, 1, T, T) for `F.scaled_dot_product_attention`."""
@@ -150,8 +153,8 @@ class Attention(nn.Module):
         self.out = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None,
-                cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | BlockMask | None = None, cache: LayerCache | None = None) -> torch.Tensor:
         """`mask`: None (causal), or a `document_mask` (a bool tensor, or a BlockMask for flex_attention), or
         with a `cache` a bool tensor (T, cached + T). `cache`: this layer's keys and values of earlier positions."""
         B, T, _ = x.shape
@@ -193,7 +196,12 @@ class ResidualRMSNorm(nn.RMSNorm):
     """torch.nn.RMSNorm with kernels.RMSNorm's forward: `norm(x)`, or `norm(x, residual)` ->
     (norm(x + residual), x + residual). The plain-PyTorch twin of the fused kernel."""
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    @overload
+    def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor: ...
+    @overload
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return super().forward(x)
         h = x + residual
@@ -219,7 +227,8 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, delta: torch.Tensor | None, stream: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask=None, cache: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: torch.Tensor | BlockMask | None = None, cache: LayerCache | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is `stream + delta` (just `stream` before the first block); returns
         this block's (delta, stream), leaving its last add to the next norm."""
         if delta is None:
@@ -247,7 +256,7 @@ def _selective_contexts():
     return create_selective_checkpoint_contexts(_keep_matmuls)
 
 
-def run_block(block: nn.Module, checkpointing: str, *args):
+def run_block(block: nn.Module, checkpointing: str, *args: Any) -> Any:
     """`block(*args)`, its activations recomputed in backward as `checkpointing` says ("none",
     "full", "selective"; see the module docstring). Dropout draws the same masks again: the
     checkpoint restores the RNG state before recomputing."""
@@ -290,6 +299,9 @@ class Transformer(nn.Module):
     it too changes speed, not results (up to rounding). `fp8`: which matmuls run in float8
     (train.fp8: "none", "head", "blocks", "all"; see fasttrain/model/fp8.py); the weights are the same.
     """
+
+    rope_cos: torch.Tensor  # buffers (register_buffer in __init__), declared for the type checker
+    rope_sin: torch.Tensor
 
     def __init__(self, cfg: ModelConfig, norm_kernel: bool = False, checkpointing: str = "none",
                  attention: str = "auto", fp8: str = "none"):
@@ -379,14 +391,15 @@ class KVCache:
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Put `layer`'s new keys and values k, v (B, kv_heads, T, head_dim) at positions length..length + T;
         returns that layer's keys and values of every position so far, (B, kv_heads, length + T, head_dim)."""
-        if self.keys[layer] is None:
+        keys, values = self.keys[layer], self.values[layer]
+        if keys is None or values is None:  # both, at once
             B, heads, _, head_dim = k.shape
-            self.keys[layer] = k.new_empty(B, heads, self.max_len, head_dim)
-            self.values[layer] = v.new_empty(B, heads, self.max_len, head_dim)
+            keys = self.keys[layer] = k.new_empty(B, heads, self.max_len, head_dim)
+            values = self.values[layer] = v.new_empty(B, heads, self.max_len, head_dim)
         end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        keys[:, :, self.length:end] = k
+        values[:, :, self.length:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
 
 class LayerCache(NamedTuple):

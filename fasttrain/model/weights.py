@@ -25,6 +25,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import tokenizers
@@ -140,7 +141,7 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
     if raw.get("head_dim") not in (None, raw["hidden_size"] // heads):
         refuse("head_dim", f"must be hidden_size / num_attention_heads = {raw['hidden_size'] // heads} here")
     theta = (raw.get("rope_parameters") or {}).get("rope_theta", raw.get("rope_theta", 10000.0))
-    shape = {ours: int(raw[theirs]) for ours, theirs in _HF_SHAPE.items() if ours != "norm_eps"}
+    shape: dict[str, Any] = {ours: int(raw[theirs]) for ours, theirs in _HF_SHAPE.items() if ours != "norm_eps"}
     return replace(base, **shape, n_kv_heads=int(raw.get("num_key_value_heads") or heads), rope_theta=float(theta),
                    norm_eps=float(raw["rms_norm_eps"]), tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
 

@@ -15,7 +15,7 @@ from typing import BinaryIO, Callable
 from fasttrain.system.errors import UsageError
 
 
-def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], None], what: str = "write") -> Path:
+def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], object], what: str = "write") -> Path:
     """Create `path`'s directory, call `write(f)` on a temporary file beside it, fsync, rename over `path`.
 
     The temporary name is in the same directory, so the rename is atomic. Any OSError (ENOSPC, EFBIG past

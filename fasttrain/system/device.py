@@ -7,6 +7,7 @@ import functools
 import importlib.util
 import random
 from dataclasses import dataclass, fields, replace
+from typing import Literal
 
 import numpy as np
 import torch
@@ -52,7 +53,8 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: Literal["auto", "fp32", "bf16", "fp16"], device: torch.device
+                      ) -> Literal["fp32", "bf16", "fp16"]:
     """The precision a run uses: "auto" is bf16 where the device has native bf16 matmuls
     (`native_bf16`), else fp32. fp16 needs CUDA."""
     if precision == "auto":
@@ -62,7 +64,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def resolve_compile(setting: bool | str, device: torch.device, max_steps: int) -> bool:
+def resolve_compile(setting: Literal["auto", True, False], device: torch.device, max_steps: int) -> bool:
     """train.compile resolved: "auto" is on CUDA, and on CPU for runs of CPU_COMPILE_MIN_STEPS or more."""
     if setting == "auto":
         return device.type == "cuda" or (device.type == "cpu" and max_steps >= CPU_COMPILE_MIN_STEPS)

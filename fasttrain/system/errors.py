@@ -13,7 +13,7 @@ import argparse
 import os
 import select
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 
 class UsageError(Exception):
@@ -99,8 +99,8 @@ class ArgumentParser(argparse.ArgumentParser):
     Abbreviated flags are not accepted: `--over` silently meaning `--overwrite` would delete a run.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
+    def __init__(self, **kwargs: Any) -> None:  # keywords only: a positional argument could fill allow_abbrev's slot
+        super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: {message} (see --help)")

@@ -16,11 +16,13 @@ import contextlib
 import os
 import socket
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Iterator
 
 from fasttrain.system.atomic import open_regular
 from fasttrain.system.errors import UsageError
 
+fcntl: ModuleType | None
 try:
     import fcntl
 except ImportError:  # not POSIX
@@ -102,7 +104,8 @@ def holding(path: Path, busy: Callable[[str], str] | None = None,
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if wait is None:
-                raise UsageError(busy(_holder(fd))) from None
+                holder = _holder(fd)
+                raise UsageError(busy(holder) if busy is not None else f"{path}: held by {holder}") from None
             wait(_holder(fd))
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)

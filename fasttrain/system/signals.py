@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 
 class SignalCatcher:
@@ -18,15 +21,15 @@ class SignalCatcher:
 
     def __enter__(self) -> SignalCatcher:
         self.received: int | None = None
-        self.previous = {}
+        self.previous: dict[int, Callable[[int, FrameType | None], Any] | int | None] = {}
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._catch) for s in self.SIGNALS}
         return self
 
-    def _catch(self, signum: int, frame) -> None:
+    def _catch(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
         signal.signal(signum, self.previous[signum])
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)

@@ -160,16 +160,16 @@ def check_update(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> Che
 
 def check_overfit(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int) -> Check:
     """Train on one small batch at the peak learning rate until the loss is a small fraction of its start."""
-    first = loss = None
+    first = last = None
     for step in range(1, steps + 1):
         loss = mean_loss(trainer, x, y)
         trainer.updater.scale(loss).backward()
         trainer.updater.apply(trainer.cfg.optim.lr)
-        loss = loss.item()
-        first = first if first is not None else loss
-        if loss < OVERFIT_TARGET * first:
-            return Check("overfit", True, f"{x.numel()} tokens memorised in {step} steps: loss {first:.3f} -> {loss:.3f}")
-    return Check("overfit", False, f"after {steps} steps on {x.numel()} tokens: loss {first:.3f} -> {loss:.3f}, "
+        last = loss.item()
+        first = first if first is not None else last
+        if last < OVERFIT_TARGET * first:
+            return Check("overfit", True, f"{x.numel()} tokens memorised in {step} steps: loss {first:.3f} -> {last:.3f}")
+    return Check("overfit", False, f"after {steps} steps on {x.numel()} tokens: loss {first:.3f} -> {last:.3f}, "
                  f"not below {OVERFIT_TARGET:g} x the start",
                  "a model that cannot memorise one small batch has a broken training step: check that the loss "
                  "is backpropagated, optimizer.step() and zero_grad() run, and try a larger optim.lr")

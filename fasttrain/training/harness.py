@@ -51,6 +51,7 @@ LM_EVAL_VERSION = check_lm_eval()
 
 import lm_eval.models  # noqa: E402, F401  (lm-eval's own models: get_model reads its table only into an empty registry)
 from lm_eval import simple_evaluate  # noqa: E402  (after the version check: another version may not import)
+from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.model import TemplateLM  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.tasks import TaskManager, get_task_dict  # noqa: E402
@@ -154,14 +155,16 @@ class FasttrainLM(TemplateLM):
         check_tokenizer(self.trained.tokenizer)  # before scoring anything
 
     @classmethod
-    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None):
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
+                            ) -> FasttrainLM:
         """--model_args win over lm-eval's own --device and --batch_size, whose defaults (cuda:0, 1) it always
         passes: `--model_args run=RUN,device=cpu` means the CPU."""
         given = {key: value for key, value in (additional_config or {}).items() if value is not None}
         return cls(**{**given, **arg_dict})
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None):
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None
+                               ) -> FasttrainLM:
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @property
@@ -194,14 +197,14 @@ class FasttrainLM(TemplateLM):
                   f"lm-eval's hf model (the longest request: {longest} tokens)", file=sys.stderr)
         return score_continuations(self.model, pairs, self.batch_size, self.precision)
 
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+    def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
         windows = [rolling_windows(self.tok_encode(text), self.prefix_token_id, self.window)
                    for (text,) in (req.args for req in requests)]
         scores = iter(score_continuations(self.model, [w for doc in windows for w in doc], self.batch_size,
                                           self.precision))
         return [sum(next(scores)[0] for _ in doc) for doc in windows]
 
-    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         return [self._generate(context, dict(kwargs)) for context, kwargs in (req.args for req in requests)]
 
     def _generate(self, context: str, kwargs: dict[str, Any]) -> str:
@@ -223,7 +226,7 @@ class FasttrainLM(TemplateLM):
                               top_p=kwargs.get("top_p")):
                 if nxt.item() == self.eot_token_id:
                     break
-                out.append(nxt.item())
+                out.append(int(nxt.item()))
                 if until and any(stop in tokenizer.decode(out) for stop in until):
                     break
         text = tokenizer.decode(out)

@@ -20,6 +20,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -149,7 +150,7 @@ class MetricsLog:
 WANDB_ID_FILE = "wandb_run_id"  # in the run directory: the W&B run a resumed run continues
 
 
-def import_wandb():
+def import_wandb() -> ModuleType:
     """The wandb module; a UsageError naming the extra when it is not installed."""
     try:
         import wandb

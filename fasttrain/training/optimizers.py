@@ -17,7 +17,8 @@ rate scaled by the same schedule.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import torch
 from torch import nn
@@ -27,8 +28,18 @@ from fasttrain.system.device import native_bf16
 from fasttrain.system.errors import UsageError
 from kernels.newton_schulz import newton_schulz_reference
 
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+    from torch.optim.optimizer import ParamsT
 
-class Muon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):
+    from kernels.adamw import FusedAdamW
+
+    _MuonBase = torch.optim.Muon
+else:  # torch.optim.Muon is torch 2.9's; without it build_optimizer refuses "muon" before building one
+    _MuonBase = getattr(torch.optim, "Muon", torch.optim.Optimizer)
+
+
+class Muon(_MuonBase):
     """torch.optim.Muon (its groups, state and update rule) with Newton-Schulz in `ns_dtype`.
 
     torch's own step iterates in bf16 always, which on a CPU without native bf16 is emulated:
@@ -36,18 +47,28 @@ class Muon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):
     same iteration runs in fp32 (float32 matmuls, ~100x faster); elsewhere torch's step runs.
     """
 
-    def __init__(self, params, ns_dtype: torch.dtype, **kwargs: Any):
+    def __init__(self, params: ParamsT, ns_dtype: torch.dtype, **kwargs: Any):
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype
 
+    @overload  # as torch.optim.Optimizer.step: None without a closure
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         if self.ns_dtype == torch.bfloat16:
             return super().step(closure)
         from torch.optim._muon import _adjust_lr  # torch's own rule, so both paths scale alike
 
+        loss = None
+        if closure is not None:  # as torch's step does
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
-            params, grads, buffers = [], [], []
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            buffers: list[torch.Tensor] = []
             self._init_group(group, params, grads, buffers)
             momentum = group["momentum"]
             for p, g, buffer in zip(params, grads, buffers):
@@ -57,7 +78,7 @@ class Muon(getattr(torch.optim, "Muon", torch.optim.Optimizer)):
                                                  dtype=self.ns_dtype)
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
-        return None
+        return loss
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False,
@@ -68,7 +89,9 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
     once, and counts as an embedding. Parameters whose id is in `exclude` are left out.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set(exclude)
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen = set(exclude)
     for p in model.parameters():  # parameters() already skips repeats of a shared tensor
         if not p.requires_grad or id(p) in seen:
             continue
@@ -83,7 +106,8 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
 
     Not the embedding or output head (outside the blocks), nor the norm gains (vectors).
     """
-    return [p for p in model.blocks.parameters() if p.ndim == 2 and p.requires_grad]
+    blocks = cast(nn.ModuleList, model.blocks)  # a Transformer's
+    return [p for p in blocks.parameters() if p.ndim == 2 and p.requires_grad]
 
 
 class Hybrid:
@@ -200,7 +224,8 @@ class Updater:
         for group, configured in zip(self.optimizer.param_groups, self.configured):
             for key, value in configured.items():
                 saved = group.get(key)
-                same = tuple(saved) == tuple(value) if isinstance(value, (tuple, list)) else saved == value
+                same = ((saved is not None and tuple(saved) == tuple(value)) if isinstance(value, (tuple, list))
+                        else saved == value)
                 if not same:
                     changed.append(f"{key}: {saved} -> {value}")
                     group[key] = value
@@ -212,11 +237,13 @@ class Updater:
 
     def clip_gradients(self) -> torch.Tensor:
         """Clip the gradients to a global L2 norm of optim.max_grad_norm; returns the norm before (a device scalar)."""
-        self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the fp16-scaled ones
+        # Clip the true gradients, not the fp16-scaled ones. A Hybrid has what GradScaler uses of an optimizer.
+        self.scaler.unscale_(cast(torch.optim.Optimizer, self.optimizer))
         if self.clip_in_step:
-            return self.optimizer.grad_norm()
+            return cast("FusedAdamW", self.optimizer).grad_norm()  # what build_optimizer built for `kernel`
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm, foreach=True)
-        return norm.full_tensor() if self.sharded else norm  # FSDP's is a DTensor (already reduced over ranks)
+        # FSDP's is a DTensor (already reduced over ranks)
+        return cast("DTensor", norm).full_tensor() if self.sharded else norm
 
     def apply(self, lr: float | None) -> None:
         """One optimizer step at learning rate `lr`, scaled per group (none if `lr` is None; the GradScaler
@@ -224,6 +251,6 @@ class Updater:
         if lr is not None:
             for group, ratio in zip(self.optimizer.param_groups, self.lr_ratios):
                 group["lr"] = lr * ratio
-            self.scaler.step(self.optimizer)
+            self.scaler.step(cast(torch.optim.Optimizer, self.optimizer))
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

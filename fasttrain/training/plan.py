@@ -184,7 +184,7 @@ def plan_run(cfg: Config, world: distributed.World, device: torch.device) -> Run
     m = cfg.model  # the shapes the measured dispatch table is read at ("auto" on a GPU)
     shapes = {"rms_norm": {"hidden": m.d_model}, "linear_cross_entropy": {"hidden": m.d_model, "vocab": m.vocab_size},
               "adamw": {"params": num_params(m)}}
-    kernels = kernels_on(cfg.kernels, device, sharded, t.precision, shapes, compiled=t.compile, fp8=t.fp8)
+    kernels = kernels_on(cfg.kernels, device, sharded, t.precision, shapes, compiled=bool(t.compile), fp8=t.fp8)
     memory, available = check_fits(cfg, device, t.precision, shard_group)
     check_attention(t.attention, device)
     check_fp8(t.fp8, device)
