@@ -86,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = trainer.train(overwrite=args.overwrite)
         device, batch_size = trainer.device, trainer.cfg.train.batch_size
     except Interrupted as e:
-        raise Interrupted(f"{e}; resume with: {resume_command(args, trainer.cfg)}", e.exit_code) from None
+        resolved = trainer.cfg if trainer is not None else cfg  # the Trainer's: what config.toml records
+        raise Interrupted(f"{e}; resume with: {resume_command(args, resolved)}", e.exit_code) from None
     finally:
         # Free the model, its DDP wrapper and the loader now, while the interpreter is whole: left to the
         # collector at exit, a communication thread that touches a Python object then aborts the process.
@@ -96,9 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.collect()
         distributed.stop()  # under torchrun: leave the process group, whatever happened
     if cfg.eval.tasks and distributed.world_from_env().is_main:  # the final weights, as evaluate --tasks scores them
-        e = cfg.eval
-        score_tasks(load_trained(summary["weights"], device), e.tasks, e.num_fewshot, e.limit or None, index,
-                    batch_size)
+        tasks = cfg.eval
+        score_tasks(load_trained(summary["weights"], device), tasks.tasks, tasks.num_fewshot, tasks.limit or None,
+                    index, batch_size)
     return 0
 
 

@@ -16,22 +16,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fasttrain", "kernels")
 
-# Gaps in files being reworked elsewhere at the time the check was added, to be annotated there. Each entry must
-# still be a gap (the test fails once one is fixed, so that it is taken off this list); nothing is to be added.
-PENDING = {
-    "fasttrain/data/loader.py: TokenLoader.__exit__: exc",
-    "fasttrain/system/distributed.py: new_group: return",
-    "fasttrain/system/distributed.py: gradient_sync: return",
-    "fasttrain/system/distributed.py: local_state: optimizer",
-    "fasttrain/system/distributed.py: load_local_state: optimizer",
-    "fasttrain/system/distributed.py: gather: obj",
-    "fasttrain/training/checkpoint.py: RunStart.__exit__: kind, error, traceback",
-    "fasttrain/training/checkpoint.py: read_trusted: return",
-    "fasttrain/training/sharded_files.py: SafeReader.read_metadata: args, kwargs",
-    "fasttrain/training/sharded_files.py: write: process_group",
-    "fasttrain/training/sharded_files.py: write_async: process_group",
-}
-
 
 def is_public(name: str) -> bool:
     return not name.startswith("_") or (name.startswith("__") and name.endswith("__"))
@@ -78,13 +62,8 @@ def all_gaps() -> set[str]:
 
 
 def test_public_functions_are_annotated():
-    new = sorted(all_gaps() - PENDING)
-    assert not new, "public functions without annotations (parameters or return):\n" + "\n".join(new)
-
-
-def test_pending_gaps_are_still_gaps():
-    fixed = sorted(PENDING - all_gaps())
-    assert not fixed, "annotated now: take these off test_typing.PENDING:\n" + "\n".join(fixed)
+    found = sorted(all_gaps())
+    assert not found, "public functions without annotations (parameters or return):\n" + "\n".join(found)
 
 
 def test_the_walk_finds_gaps(tmp_path):

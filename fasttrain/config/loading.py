@@ -5,13 +5,14 @@ all are in (fasttrain/config/rules.py)."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, Sequence, get_type_hints
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10
+else:  # Python 3.10
     import tomli as tomllib
 
 from fasttrain.config.rules import _check_applicable, _validate

@@ -168,7 +168,7 @@ class TrainConfig:
     # A time budget: seconds of training (a number, or a string such as "90s", "3m", "1h30m"), after which the
     # run ends with its schedule finished; with max_steps, whichever comes first. 0 = none. Steps count, not
     # compiling, evaluating, checkpointing or sampling (fasttrain/training/schedule.py, docs/training.md).
-    max_time: Seconds = 0.0
+    max_time: Seconds = Seconds(0.0)
     seed: int = 1337  # seeds Python, NumPy, torch (model init) and data sampling; 0 to 2**32 - 1
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda" or "cuda:N"
     out_dir: str = "runs/base"  # where checkpoints, metrics, samples and the resolved config.toml go

@@ -44,7 +44,7 @@ import functools
 import os
 import time
 from pathlib import Path
-from typing import Iterator, Sequence, get_args
+from typing import Any, Iterator, Sequence, get_args
 
 import torch
 
@@ -211,7 +211,7 @@ class TokenLoader:
             "mix_rounds": self.blend.entered(self.batches),  # where each mix change in force began: it stays there
         }
 
-    def load_state_dict(self, state: dict[str, int | str | list]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state`; the data and every setting but the position must match. The mix may differ:
         its weights apply from the saved position on, and the changes the saved run had entered stay where
         they began (Blend.restart). `blend.phases` then says where each phase begins."""
@@ -247,7 +247,7 @@ class TokenLoader:
     def __enter__(self) -> TokenLoader:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:

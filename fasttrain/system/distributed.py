@@ -31,7 +31,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterable
+from typing import Any, ContextManager, Iterable, Protocol, cast
 
 import torch
 import torch.distributed as dist
@@ -138,7 +138,7 @@ def _attempt_store(world: World, store: dist.Store) -> dist.Store:
     return dist.PrefixStore(f"fasttrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def new_group(world: World):
+def new_group(world: World) -> dist.ProcessGroup | None:
     """A gloo process group of every rank, for collectives on a thread beside training's (None in a world of
     one). Every rank must call it, in the same order."""
     return dist.new_group(backend="gloo") if world.distributed else None
@@ -177,20 +177,32 @@ def wrap(module: nn.Module, blocks: Iterable[nn.Module], world: World, parallel:
     # that scale would no longer equal the gradient the backward receives, and the fused loss's backward
     # would make the pass over its gradients that announcing the scale saves.
     root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
-    return fully_shard(module, mesh=mesh, mp_policy=root_policy)
+    return cast(nn.Module, fully_shard(module, mesh=mesh, mp_policy=root_policy))  # the module, sharded in place
 
 
-def gradient_sync(wrapped: nn.Module, enabled: bool):
+def gradient_sync(wrapped: nn.Module, enabled: bool) -> ContextManager[None]:
     """A context in which the backward does (or, not `enabled`, skips) the gradient reduction:
     skipped on every micro-batch but the last of an accumulated step."""
     if isinstance(wrapped, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext() if enabled else wrapped.no_sync()
-    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
-        wrapped.set_requires_gradient_sync(enabled)
+    set_sync = getattr(wrapped, "set_requires_gradient_sync", None)  # FSDP2's (its module imported only with it)
+    if set_sync is not None:
+        set_sync(enabled)
     return contextlib.nullcontext()
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, fsdp: bool) -> tuple[dict, dict | None]:
+class Optimizer(Protocol):
+    """What checkpoints use of an optimizer: a torch one, or the training layer's Hybrid of several."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any], /) -> None: ...
+
+
+def full_state(model: nn.Module, optimizer: Optimizer | None, fsdp: bool) -> tuple[dict, dict | None]:
     """Unsharded state dicts of `model` and `optimizer` (None: not asked for) for a checkpoint or export.
 
     Without FSDP these are the modules' own. With FSDP (or HSDP) every rank must call this: the
@@ -203,10 +215,10 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, fsdp: 
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (get_model_state_dict(model, options=options),
-            None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options))
+            None if optimizer is None else get_optimizer_state_dict(model, _torch_optimizers(optimizer), options=options))
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optimizer_state: dict,
+def load_full_state(model: nn.Module, optimizer: Optimizer, model_state: dict, optimizer_state: dict,
                     fsdp: bool) -> None:
     """Load what `full_state` returned (every rank read the same checkpoint file), in any mode: FSDP re-shards
     it, and an optimizer state keyed by parameter index (saved without FSDP) or by name (with) is re-keyed
@@ -218,10 +230,10 @@ def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_st
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, _torch_optimizers(optimizer), optimizer_state, options=StateDictOptions(full_state_dict=True))
 
 
-def keyed_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, by_name: bool) -> dict:
+def keyed_by_name(model: nn.Module, optimizer: Optimizer, state: dict, by_name: bool) -> dict:
     """A torch optimizer's full `state` keyed by parameter name (`by_name`, as FSDP's full state dicts are) or
     by index (as `optimizer.state_dict()` is), whichever it was keyed by. The index of a parameter is its place
     in the optimizer's groups, its name the one `model.named_parameters()` gives it. Other states (a Hybrid
@@ -238,12 +250,13 @@ def keyed_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dic
             "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in groups]}
 
 
-def _torch_optimizers(optimizer) -> torch.optim.Optimizer | tuple[torch.optim.Optimizer, ...]:
+def _torch_optimizers(optimizer: Optimizer) -> torch.optim.Optimizer | tuple[torch.optim.Optimizer, ...]:
     """`optimizer`, or a Hybrid's parts: DCP's state dict functions take torch optimizers."""
-    return tuple(optimizer.parts.values()) if hasattr(optimizer, "parts") else optimizer
+    parts = getattr(optimizer, "parts", None)
+    return tuple(parts.values()) if parts is not None else cast(torch.optim.Optimizer, optimizer)
 
 
-def local_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
+def local_state(model: nn.Module, optimizer: Optimizer) -> tuple[dict, dict]:
     """State dicts of `model` and `optimizer` as this rank holds them, for a sharded checkpoint: DTensor shards
     under FSDP and HSDP, whole tensors otherwise; the optimizer's keyed by parameter name. Nothing is gathered."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -251,7 +264,7 @@ def local_state(model: nn.Module, optimizer) -> tuple[dict, dict]:
     return get_state_dict(model, _torch_optimizers(optimizer))
 
 
-def load_local_state(model: nn.Module, optimizer, model_state: dict, optimizer_state: dict) -> None:
+def load_local_state(model: nn.Module, optimizer: Optimizer, model_state: dict, optimizer_state: dict) -> None:
     """Load what `local_state` returned (filled from a checkpoint) into `model` and `optimizer`."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
@@ -286,7 +299,7 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     return t.item() > 0
 
 
-def gather(obj, world: World) -> list:
+def gather(obj: Any, world: World) -> list:
     """Every rank's `obj`, in rank order, on every rank."""
     if not world.distributed:
         return [obj]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,6 +84,8 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
             path = path.resolve()
         if path.name in ("latest", "best") and path.is_file():
             named = pointed(path.parent, path.name)
+            if named is None:  # removed since is_file()
+                raise UsageError(f"{path}: no such file")
             if not named.exists():
                 raise UsageError(f"{path}: names {named.name}, which is missing")
             return named
@@ -122,7 +125,7 @@ def load(path: str | os.PathLike[str], device: torch.device | str = "cpu", whole
     return state
 
 
-def read_trusted(file: Path, device: torch.device | str, path: Path):
+def read_trusted(file: Path, device: torch.device | str, path: Path) -> Any:
     """What `torch.load(weights_only=True)` reads from `file` (of the checkpoint at `path`), its records' checksums
     checked first: tensors, numbers, strings and containers, never code to run; UsageError naming `path` (or
     `file`) otherwise."""

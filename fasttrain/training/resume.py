@@ -42,7 +42,10 @@ def check_same_optimizer(saved_cfg: Config, cfg: Config, path: str | os.PathLike
 
 def rng_state() -> dict:
     """Python's, NumPy's and torch's (CPU and every CUDA device) generator states, in types torch.load accepts."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = np.random.get_state(legacy=True)
+    if not isinstance(state, tuple):  # legacy=True gives the tuple; numpy's stubs also allow a dict
+        raise TypeError(f"numpy.random.get_state(legacy=True) gave a {type(state).__name__}")
+    name, keys, pos, has_gauss, gauss = state
     return {
         "python": random.getstate(),
         "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),

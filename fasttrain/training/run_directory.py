@@ -93,7 +93,7 @@ class RunStart:
     def __enter__(self) -> RunStart:
         return self
 
-    def __exit__(self, kind, error, traceback) -> None:
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: object) -> None:
         if error is None:  # the run ended whole, with its final/ weights
             shutil.rmtree(self.run_dir / REPLACED, ignore_errors=True)
         elif not self.done and not isinstance(error, RunStopped):  # a stop saves a checkpoint: that stays
@@ -109,7 +109,8 @@ class RunStart:
             if data is None:
                 (d / name).unlink(missing_ok=True)
             else:
-                write_atomically(d / name, lambda f, data=data: f.write(data), what="restore")
+                content: bytes = data  # written now, in this iteration: the closure sees this file's bytes
+                write_atomically(d / name, lambda f: f.write(content), what="restore")
         if self.files is not None:
             metrics, tensorboard = d / "metrics.jsonl", d / "tensorboard"
             if self.metrics_size is None:

@@ -25,7 +25,10 @@ SAVE_NAME = re.compile(r"step_(\d+)(\.pt)?")  # a file (gathered) or a folder (s
 
 def step_of(path: Path) -> int:
     """The step of a `step_NNNNNNN.pt` file's or `step_NNNNNNN` folder's name."""
-    return int(SAVE_NAME.fullmatch(path.name).group(1))
+    match = SAVE_NAME.fullmatch(path.name)
+    if match is None:
+        raise ValueError(f"{path.name}: not a save's name (step_NNNNNNN.pt or step_NNNNNNN)")
+    return int(match.group(1))
 
 
 def saved_steps(directory: Path) -> list[Path]:

@@ -21,8 +21,10 @@ import pickle
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
@@ -83,9 +85,10 @@ def read_metadata(path: Path) -> Metadata:
 class SafeReader(dcp.FileSystemReader):
     """DCP's file reader with the metadata read by `read_metadata` instead of pickle.load."""
 
-    def read_metadata(self, *args, **kwargs) -> Metadata:
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         metadata = read_metadata(Path(self.path))
-        metadata.storage_meta.load_id = self.load_id
+        if metadata.storage_meta is not None:
+            metadata.storage_meta.load_id = self.load_id
         return metadata
 
 
@@ -104,20 +107,20 @@ def check_complete(path: Path) -> None:
                              f"{needed})")
 
 
-def write(path: Path, state: dict, process_group=None) -> None:
+def write(path: Path, state: dict, process_group: dist.ProcessGroup | None = None) -> None:
     """Every rank writes its part of `state` (tensors: DTensor shards, or whole ones that DCP assigns to one
     rank each) into the folder `path`; rank 0 writes .metadata last."""
     dcp.save(state, storage_writer=dcp.FileSystemWriter(path), process_group=process_group, no_dist=alone())
 
 
-def write_async(path: Path, state: dict, process_group=None, checksum: bool = False) -> Future:
+def write_async(path: Path, state: dict, process_group: dist.ProcessGroup | None = None, checksum: bool = False) -> Future:
     """Like `write`, but return once `state` is copied to CPU memory: a future that is done when the folder is
     written (its result raises what the write raised). With `checksum` (rank 0: its write is done once every
     rank's part is), its result is the folder's checksums (checksums.of_folder), read back on a thread of its
     own, as the write is done in the background: the run does not wait for them. `process_group`: a gloo group
     of its own, so the background write's collectives never interleave with training's."""
-    written = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(path), process_group=process_group,
-                             no_dist=alone())
+    written = cast(Future, dcp.async_save(state, storage_writer=dcp.FileSystemWriter(path),  # a Future: no stager
+                                          process_group=process_group, no_dist=alone()))
     if not checksum:
         return written
 
@@ -145,7 +148,8 @@ def read_whole(path: Path, prefix: str, what: Path) -> dict[str, torch.Tensor]:
     """The tensors under `prefix` (e.g. "model") in the folder `path`, whole, on the CPU, in one process."""
     metadata = read_metadata(path)
     tensors = {key[len(prefix) + 1:]: torch.empty(item.size, dtype=item.properties.dtype)
-               for key, item in metadata.state_dict_metadata.items() if key.startswith(prefix + ".")}
+               for key, item in metadata.state_dict_metadata.items()
+               if key.startswith(prefix + ".") and isinstance(item, TensorStorageMetadata)}
     try:
         dcp.load({prefix: tensors}, storage_reader=SafeReader(path), no_dist=True)
     except (Exception, dcp.api.CheckpointException) as e:
