@@ -38,7 +38,7 @@ import torch
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import normalized, source_names
 from fasttrain.data.preparation import prepare
-from fasttrain.data.prepared import open_prepared
+from fasttrain.data.prepared_folder import open_prepared
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.distributed import World
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli

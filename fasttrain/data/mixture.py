@@ -28,7 +28,7 @@ import numpy as np
 
 from fasttrain.config import DataConfig, MixChange
 from fasttrain.data.preparation import find_prepared
-from fasttrain.data.prepared import PreparedData, open_prepared
+from fasttrain.data.prepared_folder import PreparedData, open_prepared
 from fasttrain.data.tokenizer import fingerprint
 from fasttrain.system.errors import UsageError
 
@@ -209,7 +209,7 @@ class Source:
 
 def open_sources(d: DataConfig) -> list[Source]:
     """The run's sources as they are now: the [[data.sources]] folders, each checked whole
-    (prepared.open_prepared), sharing one tokenizer; or the one folder of data.dir / data.inputs with weight 1
+    (prepared_folder.open_prepared), sharing one tokenizer; or the one folder of data.dir / data.inputs with weight 1
     (preparation.find_prepared), none while nothing is prepared there yet (preparation.ensure_prepared prepares
     it). UsageError naming the folder and key for one that is missing, empty, of another tokenizer or
     vocabulary, or without a validation split. Reads, never writes."""

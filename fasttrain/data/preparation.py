@@ -37,7 +37,7 @@ from typing import Any, Sequence
 from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB, DataConfig
 from fasttrain.data.corpus import resolve_inputs
 from fasttrain.data.pipeline import write_shards
-from fasttrain.data.prepared import PreparedData, open_prepared
+from fasttrain.data.prepared_folder import PreparedData, open_prepared
 from fasttrain.data.shards import read_meta, token_dtype
 from fasttrain.data.split import Sample, all_pieces, plan_split, split_documents, tokenizer_sample
 from fasttrain.data.tokenizer import Tokenizer, fingerprint
