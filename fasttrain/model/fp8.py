@@ -20,14 +20,11 @@ steps) run the ordinary matmul.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-if TYPE_CHECKING:
-    from fasttrain.model.transformer import Block
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 FP8_CHOICES = ("none", "head", "blocks", "all")
@@ -106,8 +103,8 @@ def use_float8(model: nn.Module, which: str) -> nn.Module:
     if which in ("head", "all"):
         _swap(model, "output")
     if which in ("blocks", "all"):
-        for block in cast("Iterable[Block]", model.blocks):  # a Transformer's
-            for parent in (block.attn, block.mlp):
+        for block in cast(Iterable[nn.Module], model.blocks):  # a Transformer's
+            for parent in (cast(nn.Module, block.attn), cast(nn.Module, block.mlp)):
                 for name, child in list(parent.named_children()):
                     if type(child) is nn.Linear:
                         _swap(parent, name)
