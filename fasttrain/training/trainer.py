@@ -530,7 +530,8 @@ class Trainer:
         path = checkpoint.resolve(str(spec), self.cfg.train.out_dir)
         checkpoint.check_own(path, self.checkpoints.directory)
         run, saved, notes = self.checkpoints.restore(path, self.train_loader, self.accumulation)
-        for note in [*notes, *self._mix_kept()] if not self.quiet else ():
+        notes = [*notes, *self._mix_kept()]  # the mix is taken quiet or not: the reports and the replay follow it
+        for note in notes if not self.quiet else ():
             print(f"resume: {note}")
         end, budget, spent = self.cfg.train.max_steps, self.cfg.train.max_time, run.train_seconds
         if end and run.step > end:
