@@ -89,6 +89,19 @@ def test_a_longer_resume_keeps_a_fraction_change_the_run_had_entered(pydoc_data,
     assert not [e for e in events(out, "mix") if e["step"] == 12]
 
 
+def test_a_quiet_resume_reports_the_mix_its_loader_keeps(pydoc_data, code_data, tmp_path):
+    """A --quiet resume skipped taking the mix its loader keeps along with the notes it did not print: the run
+    read code only from step 3 on, but its metrics said the change began at step 12. Quiet or not, the events
+    are the same."""
+    out = tmp_path / "run"
+    sets = (*sources([pydoc_data, code_data], [0.5, 0.5]), "data.mix=[{fraction=0.5, weights=[0, 1]}]",
+            "train.eval_interval=100", "checkpoint.interval=100")
+    assert run(pydoc_data, out, "train.max_steps=6", *sets) == 0
+    argv = tiny_args(pydoc_data, out, *QUIET, "train.max_steps=24", *sets, flags=["--resume", "auto", "--quiet"])
+    assert run(pydoc_data, out, argv=argv) == 0
+    assert [e["step"] for e in events(out, "mix")] == [3]
+
+
 def test_the_replay_of_a_budgeted_mixture_reads_the_mix_the_run_read(pydoc_data, code_data, tmp_path, capsys):
     """Item 5: the replay command a budgeted run prints (a step run of the steps it reached) placed a `fraction`
     change on its own, shorter length (step 2 of 9, where the run changed at step 5 of its 20) and refused a

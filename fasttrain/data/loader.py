@@ -85,7 +85,7 @@ class TokenLoader:
 
     def __init__(
         self,
-        directory: str | os.PathLike,
+        directory: str | os.PathLike | Sequence[str | os.PathLike],
         split: str,
         batch_size: int,
         seq_len: int,

@@ -26,7 +26,6 @@ from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import other_holder
 from fasttrain.training import checksums, sharded_files
 from fasttrain.training.checkpoint_files import STATE_FILE, load, publish, save, saved_config
-from fasttrain.training.checkpoint_files import resolve as resolve  # `x as x`: trainer.py's checkpoint.x, as before
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.resume import (
     check_same_model,
@@ -37,9 +36,6 @@ from fasttrain.training.resume import (
     world_change,
 )
 from fasttrain.training.run_directory import RunStart, check_new_run
-from fasttrain.training.run_directory import check_kept_tokenizer as check_kept_tokenizer  # the same
-from fasttrain.training.run_directory import check_own as check_own  # the same
-from fasttrain.training.run_directory import keep_tokenizer as keep_tokenizer  # the same
 from fasttrain.training.run_state import RunState
 from fasttrain.training.saves import (
     SAVE_NAME,

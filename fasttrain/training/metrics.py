@@ -79,7 +79,7 @@ class MetricsLog:
     otherwise (a log file, CI) it prints plain lines only.
     """
 
-    def __init__(self, out_dir: str | Path | None, total_steps: int, tensorboard: bool = True, quiet: bool = False,
+    def __init__(self, out_dir: str | Path | None, total_steps: int | None, tensorboard: bool = True, quiet: bool = False,
                  wandb: WandbSink | None = None):
         """`out_dir` None: a log that records and prints nothing (the other ranks of a distributed run).
         `wandb`: a sink that receives every event too, closed with this log."""

@@ -1,16 +1,18 @@
 """The training loop's policies: what to do after non-finite steps, and when to stop early.
 
 Each is a small object the loop asks after a step or an evaluation; the loop carries
-out the answer (rolls back, stops) and reporting tells the user.
+out the answer (rolls back, stops) and reporting tells the user. A restored save that
+monitored another loss starts early stopping's count anew (monitor_anew).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Sequence
 
-from fasttrain.config import RecoveryConfig
+from fasttrain.config import Config, RecoveryConfig
 from fasttrain.training.run_state import RunState
 
 
@@ -100,3 +102,13 @@ class EarlyStopping:
 
     def should_stop(self, stale_evals: int) -> bool:
         return self.patience > 0 and stale_evals >= self.patience
+
+
+def monitor_anew(run: RunState, saved: Config, cfg: Config) -> str | None:
+    """If `saved` (the config `run` was saved with) monitored another loss than `cfg`'s train.monitor, the best
+    loss and early stopping's count start anew in `run` (they measured the other loss); says so."""
+    if saved.train.monitor == cfg.train.monitor:
+        return None
+    run.best_val_loss, run.stale_evals = math.inf, 0
+    return (f"train.monitor is {cfg.train.monitor}, not {saved.train.monitor}: the best validation loss "
+            "and early stopping's count start anew")

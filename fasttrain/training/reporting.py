@@ -224,7 +224,7 @@ class Report:
                        f"improved by {t.early_stop_min_delta:g} or more in {run.stale_evals} evaluations "
                        f"(best {run.best_val_loss:.4f}, kept as checkpoints/best)")
 
-    def stopped(self, step: int, signal_name: str, path: Path) -> None:
+    def stopped(self, step: int, signal_name: str, path: Path | None) -> None:
         self.log.event("stopped", step=step, signal=signal_name, checkpoint=str(path))
 
     def end(self, summary: dict[str, Any], run: RunState, replay_mix: str = "") -> None:

@@ -20,9 +20,10 @@ rolls back to its newest checkpoint whose next step was finite at a lower learni
 (policies.Recovery). The finiteness check is the one host sync per step; otherwise
 nothing waits on the GPU except at log, eval and checkpoint points.
 
-The Trainer holds the run's parts and its RunState (run_state.py), and runs the
-loop; the loop asks the policies (policies.py) after each step and evaluation, and
-hands values to reporting (reporting.py), which writes every event and line.
+The Trainer assembles the run's parts from its plan (plan.py), holds its RunState
+(run_state.py), and runs the loop (run_loop.py), which asks the policies (policies.py)
+after each step and evaluation, and hands values to reporting (reporting.py), which
+writes every event and line.
 
 SIGINT (Ctrl-C) and SIGTERM during `train()` finish the current step, save a
 checkpoint and raise `Interrupted` (exit status 130 / 143 from the command line);
@@ -31,44 +32,36 @@ checkpoint and raise `Interrupted` (exit status 130 / 143 from the command line)
 
 from __future__ import annotations
 
-import contextlib
-import math
-import signal
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, cast
 
 import torch
 
-from fasttrain.config import Config, save_config
+from fasttrain.config import Config
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import Source, replay_mix
 from fasttrain.data.preparation import ensure_prepared
+from fasttrain.data.sampling import Sampling
 from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.model.generation import generate_text
 from fasttrain.model.transformer import Transformer
 from fasttrain.model.weights import export_weights, read_hf_llama_weights
-from fasttrain.system import distributed, run_lock
+from fasttrain.system import distributed
 from fasttrain.system.device import autocast, compile_options, seed_everything, use_attention, use_device
-from fasttrain.system.errors import RunStopped, UsageError
-from fasttrain.system.signals import SignalCatcher
-from fasttrain.training import checkpoint
+from fasttrain.system.errors import UsageError
+from fasttrain.training import checkpoint_files, run_directory
 from fasttrain.training.checkpoint import Checkpointer
-from fasttrain.training.metrics import MetricsLog, WandbSink, check_log_writable, import_wandb
+from fasttrain.training.launch import check_start, opened
 from fasttrain.training.objective import LossSums, NextTokenLoss, batch_loss, counted_targets
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.plan import RunPlan, accumulation_steps, plan_run  # noqa: F401 (accumulation_steps: kept for the Python API)
-from fasttrain.training.policies import EarlyStopping, Recovery
-from fasttrain.training.reporting import IntervalMeter, Report
-from fasttrain.training.run_directory import RunStart
+from fasttrain.training.policies import monitor_anew
+from fasttrain.training.reporting import Report
+from fasttrain.training.run_loop import Interrupted, Loop, StepResult  # noqa: F401 (Interrupted: what train() raises)
 from fasttrain.training.run_state import RunState
 from fasttrain.training.schedule import Budget, format_duration, next_update, schedule_change
 from fasttrain.training.validation import mixture_metrics, validate
-
-
-class Interrupted(RunStopped):
-    """`train()` stopped on SIGINT or SIGTERM after saving a checkpoint; exit_code is 128 + the signal."""
 
 
 def start_run(cfg: Config, quiet: bool = False) -> RunPlan:
@@ -89,18 +82,6 @@ def start_run(cfg: Config, quiet: bool = False) -> RunPlan:
     for note in plan.notes if world.is_main and not quiet else ():
         print(f"note: {note}")
     return plan
-
-
-class StepResult(NamedTuple):
-    """One optimizer update, over all ranks."""
-
-    loss: torch.Tensor  # mean loss per counted target (a device scalar, as are the next three)
-    grad_norm: torch.Tensor  # global gradient norm before clipping
-    correct: torch.Tensor  # top-1 hits
-    counted: torch.Tensor  # counted targets
-    lr: float  # the learning rate of the update
-    skipped: bool  # the loss or gradient norm was not finite: no update was made
-    progress: float | None  # the progress the schedule set `lr` at (a budgeted run; None: a step run)
 
 
 class Trainer:
@@ -175,7 +156,7 @@ class Trainer:
         """Stop the train loader's prefetch thread and close its files; the Trainer is not used after this."""
         self.train_loader.close()
 
-    def loader(self, split: str, sampling: str, prefetch: int, whole: bool = False,
+    def loader(self, split: str, sampling: Sampling, prefetch: int, whole: bool = False,
                source: Source | None = None, first_rows: int = 0) -> TokenLoader:
         """A loader of this rank's share of `split`, batched as [data] says, of `source` or the mixture of them
         all; `whole`: one pass over every row (`first_rows` > 0: over the first that many)."""
@@ -213,7 +194,7 @@ class Trainer:
         backward only.
         """
         batches = [next(self.train_loader) for _ in range(self.accumulation)]
-        counted = distributed.total(sum(counted_targets(y) for _, y in batches).float(), self.world)
+        counted = distributed.total(cast(torch.Tensor, sum(counted_targets(y) for _, y in batches)).float(), self.world)
         scale = self.world.size / counted
         sums = torch.zeros(3, device=self.device)
         for i, (x, y) in enumerate(batches):
@@ -260,15 +241,16 @@ class Trainer:
         source's val split (all of it when it holds fewer), shared out among the ranks, so the same rows in any
         world; of a mixture their total weighted as data.sources (validation.mixture_metrics); None if `stop()`
         cut it short."""
-        found = {}
+        found: dict[str, dict[str, float]] = {}
         t = self.cfg.train
         for source in self.sources:
             with self.loader("val", "sequential", prefetch=0, whole=True, source=source,
                              first_rows=t.eval_steps * t.batch_size) as loader:
-                found[source.name] = validate(self.loss, self.model, loader, loader.reader.batches_per_epoch,
-                                              self.precision, self.world, source.data.bits_per_nat, stop)
-            if found[source.name] is None:
+                metrics = validate(self.loss, self.model, loader, loader.reader.batches_per_epoch,
+                                   self.precision, self.world, source.data.bits_per_nat, stop)
+            if metrics is None:
                 return None
+            found[source.name] = metrics
         return mixture_metrics([(s.name, found[s.name]) for s in self.sources], [s.weight for s in self.sources])
 
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
@@ -286,171 +268,22 @@ class Trainer:
         at the end, the final weights (`final/`, see fasttrain/model/weights.py) into
         `train.out_dir`, which it locks for its duration (fasttrain/system/run_lock.py: UsageError if another
         process trains there). A new run refuses a directory that holds another run's
-        checkpoints unless `overwrite`, which replaces that run's files (checkpoint.RUN_FILES).
+        checkpoints unless `overwrite`, which replaces that run's files (run_directory.RUN_FILES).
         Everything that can refuse the run is checked before anything there is created, moved or deleted,
-        and a start that fails before its first step is taken back (checkpoint.RunStart). Compile time (the
+        and a start that fails before its first step is taken back (run_directory.RunStart). Compile time (the
         first step, on a compiled model) is reported on its own and kept out of the throughput figures and
         the time budget, as is time spent evaluating, sampling and saving; the summary gives the seconds
         trained and the wall time since the Trainer was made.
         """
-        t, lg = self.cfg.train, self.cfg.log
-        out = Path(t.out_dir)
-        wandb = lg.wandb and self.world.is_main
-        self._check_start(overwrite, wandb)
-        if self.resumed_from is None and self.init_pending:  # made `resuming`, then started anew
+        resumed = self.resumed_from is not None
+        check_start(self.plan, resumed, overwrite)
+        if not resumed and self.init_pending:  # made `resuming`, then started anew
             self._start_from_init()
-        start = RunStart(out) if self.world.is_main else None
-        with run_lock.locked(out) if start else contextlib.nullcontext(), start or contextlib.nullcontext():
-            if self.resumed_from is None:
-                self.checkpoints.claim(overwrite, start)
-            if start:
-                start.record()
-                checkpoint.keep_tokenizer(self.data.dir, out)
-            if self.world.is_main:
-                save_config(self.cfg, out)
-            sink = WandbSink(asdict(self.cfg), out, project=lg.project, name=lg.run_name or out.resolve().name,
-                             tags=lg.tags, resume=self.resumed_from is not None) if wandb else None
-            log = MetricsLog(out if self.world.is_main else None, t.max_steps or None, tensorboard=t.tensorboard,
-                             quiet=self.quiet, wandb=sink)
-            try:
-                summary = self._loop(Report(log, self.cfg, self.device, self.plan.flops_per_token), start)
-                distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
-                return summary
-            finally:
-                log.close()
-
-    def _check_start(self, overwrite: bool, wandb: bool) -> None:
-        """Every check that can refuse train(), made before anything in train.out_dir changes: another process
-        there, W&B missing, an unwritable metrics.jsonl, another run's checkpoints, init_from weights gone, a
-        resumed run's data prepared again with another tokenizer."""
-        out = Path(self.cfg.train.out_dir)
-        if self.world.is_main:
-            run_lock.check_free(out)
-            check_log_writable(out)
-        if wandb:
-            import_wandb()
-        if self.resumed_from is None:
-            self.check_new_start()
-            checkpoint.check_new_run(out, overwrite)
-        else:
-            checkpoint.check_kept_tokenizer(self.data.dir, out)
-
-    def _loop(self, report: Report, start: RunStart | None) -> dict:
-        """Step to the end, asking the policies after each step and evaluation; returns the summary. `start`
-        (rank 0) is told when the first step is done."""
-        t = self.cfg.train
-        resumed = self.resumed_from
-        recovery = Recovery(self.cfg.recovery, self.checkpoints.history(resumed) if resumed is not None else ())
-        early_stopping = EarlyStopping(t.early_stop_patience, t.early_stop_min_delta)
-        report.start(self.run, self.resumed_from, self.plan,
-                     self.plan.reading(self.run.step, self.run.train_seconds, tuple(self.mix)))
-        last_eval: dict[str, float] = {}
-        stopped_early, first = False, self.run.step
-        meter = IntervalMeter(self.device, self.run.tokens_seen, self.train_loader.wait_seconds)
-        with SignalCatcher() as signals:
-            def stop() -> bool:  # asked between evaluation batches: a signal need not wait for the whole of one
-                return distributed.any_rank(bool(signals.received), self.world, self.device)
-
-            if self.run.eval_due:  # the evaluation a stop cut short, before this run's first step
-                last_eval = (self._evaluate_and_save(report, early_stopping, recovery, self.finished(), stop)
-                             or last_eval)
-                if stop():
-                    self._stop(report, signals.received or signal.SIGTERM)
-            while not self.finished():
-                report.mix_change(self.run.step, self.mix, self.accumulation)  # a change starting at this step
-                result = self.step()
-                self.checkpoints.poll()  # publish a background save that has finished
-                if start:
-                    start.started()
-                if result.progress is not None:  # what a replay of the run follows
-                    report.progress(self.run, result.progress)
-                done = self.finished()
-                if done and self.run.step - first == 1 and Budget(0, t.max_time).reached(0, self.run.train_seconds):
-                    report.budget_within_one_step(self.run)  # still a whole step: no partial updates
-                exhausted = recovery.after_step(result.skipped)
-                if result.skipped:
-                    report.skip(self.run, result.loss.item(), result.grad_norm.item(), recovery.in_a_row)
-                    if exhausted:  # max_skips in a row: back to the latest checkpoint, or stop
-                        self._roll_back(report, recovery)
-                        meter.restart(self.run.tokens_seen, self.train_loader.wait_seconds)
-                        continue
-                elif self.run.step == 1 and self.compiled:  # the first step's time is mostly compilation
-                    report.compiled(meter.synchronized_elapsed(self.device))
-                    meter.restart(self.run.tokens_seen, self.train_loader.wait_seconds)
-                else:
-                    meter.add(result.loss, result.correct, result.counted)
-                if (self.run.step % t.log_interval == 0 or done) and meter.steps:
-                    report.train(self.run, meter, result.lr, result.grad_norm.item(), self.train_loader.wait_seconds,
-                                 self.train_loader.source_tokens(), self.train_loader.source_epochs())
-                    meter.restart(self.run.tokens_seen, self.train_loader.wait_seconds)
-                paused = time.perf_counter()
-                last_eval = self._evaluate_and_save(report, early_stopping, recovery, done, stop) or last_eval
-                meter.exclude(time.perf_counter() - paused)
-                if stop():  # every rank together
-                    self._stop(report, signals.received or signal.SIGTERM)
-                if early_stopping.should_stop(self.run.stale_evals) and not done:
-                    self._save_unless_saved(report)  # the final state, beside the best one that was kept
-                    report.early_stop(self.run)
-                    stopped_early = True
-                    break
-        if not last_eval:  # nothing trained (resumed at the end): still report
-            last_eval = self._evaluate_and_sample(report, early_stopping)[0]
-        return self._finish(report, last_eval, stopped_early)
-
-    def _evaluate_and_save(self, report: Report, early_stopping: EarlyStopping, recovery: Recovery, done: bool,
-                           stop: Callable[[], bool]) -> dict[str, float] | None:
-        """Evaluate and save when due; a new best validation loss also saves, with checkpoint.keep_best.
-        No save during a streak of skipped steps (see policies.Recovery). An evaluation that `stop()` cuts
-        short is left due (run.eval_due) for the checkpoint the stop saves, and nothing else is done."""
-        t, c = self.cfg.train, self.cfg.checkpoint
-        metrics, improved = None, False
-        if self.run.step % t.eval_interval == 0 or done or self.run.eval_due:
-            found = self._evaluate_and_sample(report, early_stopping, stop)
-            self.run.eval_due = found is None
-            if found is None:
-                return None
-            metrics, improved = found
-        if (self.run.step % c.interval == 0 or done or (improved and c.keep_best)) and recovery.may_save():
-            self._settle(recovery)  # the save still writing first, as save() would wait for it anyway
-            recovery.saved(self._save(report, best=improved, keep=recovery.target()))  # the way back is kept
-        return metrics
-
-    def _evaluate_and_sample(self, report: Report, early_stopping: EarlyStopping,
-                             stop: Callable[[], bool] = lambda: False) -> tuple[dict[str, float], bool] | None:
-        """Evaluate, count the evaluation for early stopping, report, and sample; returns the metrics
-        (with best_val_loss: the best of train.monitor's loss) and whether they lowered it; None if `stop()` cut
-        it short."""
-        metrics = self.evaluate(stop)
-        if metrics is None:
-            return None
-        best_before, run, loss = self.run.best_val_loss, self.run, metrics[self.cfg.train.monitor]
-        run.stale_evals = early_stopping.stale_evals(run.stale_evals, loss, best_before)
-        run.best_val_loss = min(best_before, loss)
-        metrics["best_val_loss"] = run.best_val_loss
-        report.evaluation(run.step, metrics)
-        if self.cfg.train.sample_tokens:
-            report.sample(run.step, self.sample())
-        return metrics, loss < best_before
-
-    def _roll_back(self, report: Report, recovery: Recovery) -> None:
-        """Continue from the newest save whose next step was finite (recovery.target) at a lower learning
-        rate, and point `latest` back at it; RunStopped if there is none, or every rollback is spent."""
-        self._settle(recovery)  # the save in flight may be the target: published, or failed, first
-        distributed.barrier(self.world)  # rank 0 publishes: after this every rank sees the same saves
-        # An earlier save of a resumed run may have been pruned; decided together, so every rank restores one save.
-        while (target := recovery.target()) is not None and distributed.any_rank(not target.exists(), self.world,
-                                                                                 self.device):
-            recovery.lost(target)
-        if not recovery.can_roll_back(self.run):
-            raise RunStopped(report.diverged(self.run, recovery.in_a_row, target is not None), 1)
-        diverged = self.run
-        restored, saved, _ = self.checkpoints.restore(target, self.train_loader, self.accumulation)
-        self._monitor_anew(restored, saved)  # a save from before a resume that changed train.monitor
-        self._mix_kept()
-        self.run = replace(recovery.rolled_back(diverged, restored),
-                           train_seconds=diverged.train_seconds)  # time spent on the diverged steps stays spent
-        self.checkpoints.point_latest(target)
-        report.rollback(self.run, diverged.step, target)
+        with opened(self.plan, self.checkpoints, resumed, overwrite, self.quiet) as (log, start):
+            report = Report(log, self.cfg, self.device, self.plan.flops_per_token)
+            summary = self._finish(report, *Loop(self, report, start).run())
+            distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
+            return summary
 
     def _finish(self, report: Report, last_eval: dict[str, float], stopped_early: bool) -> dict:
         """Export the final weights, then report the summary of the run, and where everything went."""
@@ -466,29 +299,14 @@ class Trainer:
         report.end(summary, self.run, replay_mix(self.cfg.data, self.mix, self.accumulation, self.run.step))
         return summary
 
-    def _save(self, report: Report, best: bool = False, keep: Path | None = None) -> Path:
-        path = self.checkpoints.save(self.run, self.train_loader, best, keep)
-        report.checkpoint(self.run.step, path, best)
-        return path
-
-    def _save_unless_saved(self, report: Report) -> Path:
-        """The checkpoint of this step: the latest one if it was saved at this step already, else a new save."""
-        path = self.checkpoints.latest()
-        if path is None or checkpoint.step_of(path) != self.run.step:
-            path = self._save(report)
-        return path
-
-    def _settle(self, recovery: Recovery) -> None:
-        """Wait for the save in flight (every rank); one whose background write failed is no way back."""
-        lost = self.checkpoints.settle()
-        if lost is not None:
-            recovery.lost(lost)
-
-    def _mix_kept(self) -> list[str]:
-        """Take the mix as the restored loader keeps it (a change the saved run had begun stays where it began;
-        see mixture.Blend.restart) for the reports and the replay; says where it differs from the config's."""
+    def restore(self, path: Path) -> tuple[RunState, Config, list[str]]:
+        """Load the save at `path` into the model, optimizer and train loader (Checkpointer.restore) and take the
+        mix that loader keeps (a change the saved run had begun stays where it began; see mixture.Blend.restart)
+        for the reports and the replay; returns the save's RunState, the config it was saved with, and notes for
+        the user, on the world and on where the mix differs from the config's."""
+        run, saved, notes = self.checkpoints.restore(path, self.train_loader, self.accumulation)
         planned, self.mix = self.mix, list(self.train_loader.blend.phases)
-        a, notes = self.accumulation, []
+        a = self.accumulation
         for i, ((placed, _), (first, _)) in enumerate(zip(planned[1:], self.mix[1:])):
             if first < placed:
                 notes.append(f"data.mix[{i}] began at step {first // a} and stays in force (this config alone would "
@@ -496,25 +314,7 @@ class Trainer:
             elif first > placed:
                 notes.append(f"data.mix[{i}] at step {placed // a} is before the saved step: its weights apply "
                              f"from step {first // a}")
-        return notes
-
-    def _monitor_anew(self, run: RunState, saved: Config) -> str | None:
-        """If `saved` (the config `run` was saved with) monitored another loss than this run's train.monitor, its
-        best loss and early stopping's count start anew in `run` (they measured the other loss); says so."""
-        if saved.train.monitor == self.cfg.train.monitor:
-            return None
-        run.best_val_loss, run.stale_evals = math.inf, 0
-        return (f"train.monitor is {self.cfg.train.monitor}, not {saved.train.monitor}: the best validation loss "
-                "and early stopping's count start anew")
-
-    def _stop(self, report: Report, signum: int) -> None:
-        path = self._save_unless_saved(report)
-        if self.checkpoints.settle() is not None:  # a background write, done before the process ends, failed
-            path = self.checkpoints.latest()  # (said on stderr) the last complete save
-        name = signal.Signals(signum).name
-        report.stopped(self.run.step, name, path)
-        distributed.barrier(self.world)
-        raise Interrupted(f"stopped by {name} at step {self.run.step}; saved {path}", 128 + signum)
+        return run, saved, notes
 
     def save_checkpoint(self, best: bool = False) -> Path:
         """Save the run into its checkpoints/ (see checkpoint.py), as the best one too if `best`;
@@ -528,10 +328,10 @@ class Trainer:
         would misname it); one at its end only evaluates and reports again. The optimizer's state (moments, steps)
         comes from the checkpoint, its settings (weight decay, betas, eps, ...) from this run's config, which says
         so."""
-        path = checkpoint.resolve(str(spec), self.cfg.train.out_dir)
-        checkpoint.check_own(path, self.checkpoints.directory)
-        run, saved, notes = self.checkpoints.restore(path, self.train_loader, self.accumulation)
-        for note in [*notes, *self._mix_kept()] if not self.quiet else ():
+        path = checkpoint_files.resolve(str(spec), self.cfg.train.out_dir)
+        run_directory.check_own(path, self.checkpoints.directory)
+        run, saved, notes = self.restore(path)
+        for note in notes if not self.quiet else ():
             print(f"resume: {note}")
         end, budget, spent = self.cfg.train.max_steps, self.cfg.train.max_time, run.train_seconds
         if end and run.step > end:
@@ -547,8 +347,10 @@ class Trainer:
         changed = self.updater.use_configured_hyperparameters()
         if changed and not self.quiet:
             print(f"resume: the config's optimizer settings replace the checkpoint's ({'; '.join(changed)})")
-        for note in (schedule_change(saved, self.cfg, self.run, self.recorded), self._monitor_anew(self.run, saved)):
-            if note and not self.quiet:
-                print(f"resume: {note}")
+        lines: tuple[str | None, ...] = (schedule_change(saved, self.cfg, self.run, self.recorded),
+                                         monitor_anew(self.run, saved, self.cfg))
+        for line in lines:
+            if line and not self.quiet:
+                print(f"resume: {line}")
         self.resumed_from = path
         return path

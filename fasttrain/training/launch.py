@@ -1,0 +1,66 @@
+"""How train() takes up its directory, train.out_dir: every check that can refuse the run first (check_start),
+then, with nothing refused, the directory opened for the run (opened): locked for its duration
+(system/run_lock.py), claimed by a new run, the resolved config written and the metrics log opened. A start
+that fails before its first step is taken back whole (run_directory.RunStart).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+from fasttrain.config import save_config
+from fasttrain.system import run_lock
+from fasttrain.system.errors import UsageError
+from fasttrain.training import run_directory
+from fasttrain.training.checkpoint import Checkpointer
+from fasttrain.training.metrics import MetricsLog, WandbSink, check_log_writable, import_wandb
+from fasttrain.training.plan import RunPlan
+from fasttrain.training.run_directory import RunStart
+
+
+def check_start(plan: RunPlan, resumed: bool, overwrite: bool) -> None:
+    """Every check that can refuse train() of `plan`, made before anything in train.out_dir changes: another
+    process there, W&B missing, an unwritable metrics.jsonl; for a new run another run's checkpoints (unless
+    `overwrite`) or init_from weights gone, for a `resumed` one its data prepared again with another tokenizer."""
+    out, is_main = Path(plan.cfg.train.out_dir), plan.world.is_main
+    if is_main:
+        run_lock.check_free(out)
+        check_log_writable(out)
+    if plan.cfg.log.wandb and is_main:
+        import_wandb()
+    if not resumed:
+        if plan.init_missing:
+            raise UsageError(plan.init_missing)
+        run_directory.check_new_run(out, overwrite)
+    else:
+        run_directory.check_kept_tokenizer(plan.sources[0].data.dir, out)
+
+
+@contextlib.contextmanager
+def opened(plan: RunPlan, checkpoints: Checkpointer, resumed: bool, overwrite: bool,
+           quiet: bool) -> Iterator[tuple[MetricsLog, RunStart | None]]:
+    """train.out_dir ready for the run of `plan`, as check_start found it: yields the run's metrics log and,
+    on rank 0, its RunStart (to be told when the first step is done). A new run claims the directory, replacing
+    another run's files if `overwrite` (run_directory.RUN_FILES)."""
+    cfg, world = plan.cfg, plan.world
+    t, lg, out = cfg.train, cfg.log, Path(cfg.train.out_dir)
+    start = RunStart(out) if world.is_main else None
+    with run_lock.locked(out) if start else contextlib.nullcontext(), start or contextlib.nullcontext():
+        if not resumed:
+            checkpoints.claim(overwrite, start)
+        if start:
+            start.record()
+            run_directory.keep_tokenizer(plan.sources[0].data.dir, out)
+        if world.is_main:
+            save_config(cfg, out)
+        sink = WandbSink(asdict(cfg), out, project=lg.project, name=lg.run_name or out.resolve().name,
+                         tags=lg.tags, resume=resumed) if lg.wandb and world.is_main else None
+        log = MetricsLog(out if world.is_main else None, t.max_steps or None, tensorboard=t.tensorboard,
+                         quiet=quiet, wandb=sink)
+        try:
+            yield log, start
+        finally:
+            log.close()
