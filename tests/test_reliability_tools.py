@@ -28,13 +28,13 @@ def cli(main, args: list[str], capsys) -> tuple[int, str, str]:
 
 
 def write_corpus(path: Path, edited: bool) -> None:
-    """A JSONL corpus of 40 of the embedded corpus's topics; `edited`: its first with " a " for " the ", which
-    changes the tokenizer trained on it but not the number of tokens (the rows a resumed loader checks)."""
+    """A JSONL corpus of 40 of the embedded corpus's topics; `edited`: each with " a " for " the ", which changes
+    the tokenizer trained on it (and the number of rows, which a resume checks after the tokenizer)."""
     from pydoc_data.topics import topics
 
     docs = [topics[k][:800] for k in sorted(topics)[:40]]
     if edited:  # every document: the first is validation, and the tokenizer learns from a sample of the rest
-        docs = [doc.replace(" the ", " teh ") for doc in docs]  # the same shape of text: as many tokens
+        docs = [doc.replace(" the ", " a ") for doc in docs]
     path.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
 
 
@@ -93,8 +93,8 @@ def test_resuming_on_a_data_folder_prepared_again_is_refused(reprepared):
     data, run, trained_with = reprepared
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
     trainer = Trainer(tiny_config(data, run, "train.max_steps=4", "train.sample_tokens=0"), quiet=True)
-    trainer.resume("auto")
-    with pytest.raises(UsageError, match="differs from") as refused:
+    with pytest.raises(UsageError, match="differs from") as refused:  # at resume, before the loader's rows
+        trainer.resume("auto")
         trainer.train()
     trainer.close()
     assert str(data / "tokenizer.json") in str(refused.value) and str(run / "tokenizer.json") in str(refused.value)

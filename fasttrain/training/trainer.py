@@ -330,6 +330,8 @@ class Trainer:
         so."""
         path = checkpoint_files.resolve(str(spec), self.cfg.train.out_dir)
         run_directory.check_own(path, self.checkpoints.directory)
+        # Before the loader's state: data prepared again has other rows too, and its tokenizer is the real cause.
+        run_directory.check_kept_tokenizer(self.sources[0].data.dir, self.cfg.train.out_dir)
         run, saved, notes = self.restore(path)
         for note in notes if not self.quiet else ():
             print(f"resume: {note}")
