@@ -56,8 +56,14 @@ CASES = ["stock", *LEVERS]
 # The compile modes are apart: max-autotune alone can take minutes.
 STAGE_CASES = {
     "ablation": ["stock", "kernels auto", "fp8 head", "attention cudnn", "attention fa3", "fp8 all", "micro-batch x2"],
-    "ablation-compile": ["stock", "cuda graphs", "attention flex", "attention flash", "coordinate descent tuning",
-                         "max-autotune-no-cudagraphs"],
+    "ablation-compile": [
+        "stock",
+        "cuda graphs",
+        "attention flex",
+        "attention flash",
+        "coordinate descent tuning",
+        "max-autotune-no-cudagraphs",
+    ],
 }
 
 
@@ -107,20 +113,34 @@ def measure(settings: list[str], steps: int) -> dict:
         median = statistics.median(times) / 1e3
         peak = peak_flops(trainer.device)
         flops = trainer.model.flops_per_token(trainer.cfg.train.seq_len) * trainer.tokens_per_step
-        return {"tokens_per_s": round(trainer.tokens_per_step / median),
-                "mfu": round(flops / median / peak, 4) if peak else None,
-                "step_ms": step_summary(times), "allocator": allocator,
-                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-                "first_step_s": round(first, 1), "kernels": trainer.kernels.names(),
-                "batch_size": trainer.cfg.train.batch_size, "tokens_per_update": trainer.tokens_per_step}
+        return {
+            "tokens_per_s": round(trainer.tokens_per_step / median),
+            "mfu": round(flops / median / peak, 4) if peak else None,
+            "step_ms": step_summary(times),
+            "allocator": allocator,
+            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "first_step_s": round(first, 1),
+            "kernels": trainer.kernels.names(),
+            "batch_size": trainer.cfg.train.batch_size,
+            "tokens_per_update": trainer.tokens_per_step,
+        }
 
 
 def run_case(name: str, settings: list[str], steps: int, timeout: float) -> dict:
     """`measure` in a new process; the case's record, with its error line if it failed or was skipped."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "case.json"
-        command = [sys.executable, "-m", "benchmarks.ablation", "--measure", json.dumps(settings),
-                   "--steps", str(steps), "--out", str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.ablation",
+            "--measure",
+            json.dumps(settings),
+            "--steps",
+            str(steps),
+            "--out",
+            str(out),
+        ]
         try:
             proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
             error = None if proc.returncode == 0 else ((proc.stderr or proc.stdout).strip().splitlines() or ["?"])[-1]
@@ -175,8 +195,13 @@ def ablation(cases: list[str], steps: int, deadline: float) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", nargs="+", choices=CASES, default=CASES, help="cases to run (default: all)")
-    parser.add_argument("--together", nargs="+", choices=list(LEVERS), metavar="LEVER",
-                        help="instead, stock and these levers all on at once (the winners of both gpu_check stages)")
+    parser.add_argument(
+        "--together",
+        nargs="+",
+        choices=list(LEVERS),
+        metavar="LEVER",
+        help="instead, stock and these levers all on at once (the winners of both gpu_check stages)",
+    )
     parser.add_argument("--steps", type=int, default=STEPS, help=f"timed steps per case (default {STEPS})")
     parser.add_argument("--seconds", type=float, default=3600, help="stop starting cases after this long")
     parser.add_argument("--out", help="write the records as JSON here")
@@ -195,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.seconds
     if args.together:
         stock = stock_settings()
-        records = [run_case("stock", stock, args.steps, deadline - time.monotonic()),
-                   together(args.together, stock, args.steps, deadline)]
+        records = [
+            run_case("stock", stock, args.steps, deadline - time.monotonic()),
+            together(args.together, stock, args.steps, deadline),
+        ]
     else:
         records = ablation(args.case, args.steps, deadline)
     if args.out:

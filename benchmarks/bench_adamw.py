@@ -59,7 +59,11 @@ def torch_step(**options):
     return make
 
 
-OPTIMIZERS = {"fasttrain": fasttrain_step, "torch_foreach": torch_step(foreach=True), "torch_fused": torch_step(fused=True)}
+OPTIMIZERS = {
+    "fasttrain": fasttrain_step,
+    "torch_foreach": torch_step(foreach=True),
+    "torch_fused": torch_step(fused=True),
+}
 
 
 @pytest.mark.parametrize("impl", OPTIMIZERS)
@@ -71,6 +75,13 @@ def test_adamw_step(benchmark, record, device, copy_bandwidth, impl, clip, model
         p.grad = torch.randn_like(p)
     n = sum(p.numel() for p in params)
     time_device(benchmark, device, OPTIMIZERS[impl](params, clip))
-    record(impl=impl, model=model, parameters=n, tensors=len(params), dtype="float32", clip=clip,
-           bytes_per_param=FLOOR_BYTES[clip],
-           **bandwidth(FLOOR_BYTES[clip] * n, median_seconds(benchmark), copy_bandwidth))
+    record(
+        impl=impl,
+        model=model,
+        parameters=n,
+        tensors=len(params),
+        dtype="float32",
+        clip=clip,
+        bytes_per_param=FLOOR_BYTES[clip],
+        **bandwidth(FLOOR_BYTES[clip] * n, median_seconds(benchmark), copy_bandwidth),
+    )

@@ -41,5 +41,6 @@ def test_block_fwd_bwd(benchmark, record, device, impl, hidden):
         torch.autograd.grad(out, [delta, stream, *block.parameters()], grads)
 
     time_device(benchmark, device, step)
-    record(per_call=BATCH * SEQ, impl=impl, hidden=hidden, tokens=BATCH * SEQ, dtype=str(dtype)[6:],
-           compiled=not DRY_RUN)
+    record(
+        per_call=BATCH * SEQ, impl=impl, hidden=hidden, tokens=BATCH * SEQ, dtype=str(dtype)[6:], compiled=not DRY_RUN
+    )

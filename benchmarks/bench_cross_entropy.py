@@ -74,9 +74,14 @@ def test_cross_entropy_fwd_bwd(benchmark, record, device, copy_bandwidth, impl, 
         torch.autograd.grad(fn(logits, target), logits)
 
     time_device(benchmark, device, step)
-    record(impl=impl, n=n, vocab=vocab, dtype="bfloat16",
-           **bandwidth(4 * n * vocab, median_seconds(benchmark), copy_bandwidth),
-           peak_extra_gib=round(peak_extra_memory(device, step) / 2**30, 3))
+    record(
+        impl=impl,
+        n=n,
+        vocab=vocab,
+        dtype="bfloat16",
+        **bandwidth(4 * n * vocab, median_seconds(benchmark), copy_bandwidth),
+        peak_extra_gib=round(peak_extra_memory(device, step) / 2**30, 3),
+    )
 
 
 @pytest.mark.parametrize("impl", LINEAR_CROSS_ENTROPY)
@@ -100,7 +105,21 @@ def test_linear_cross_entropy_fwd_bwd(benchmark, record, device, impl, shape):
     peak = peak_flops(device)
     logits_bytes = 2 * n * vocab
     extra = peak_extra_memory(device, step) - 2 * weight.numel() - 2 * hidden.numel()  # less the returned gradients
-    timed = {} if median is None else {"tflop_per_s": round(flops / median / 1e12, 1),
-                                       "fraction_of_floor": round(flops / peak / median, 3) if peak else None}
-    record(impl=impl, n=n, hidden=hidden_size, vocab=vocab, dtype="bfloat16", **timed,
-           peak_extra_gib=round(extra / 2**30, 3), extra_over_logits=round(extra / logits_bytes, 3))
+    timed = (
+        {}
+        if median is None
+        else {
+            "tflop_per_s": round(flops / median / 1e12, 1),
+            "fraction_of_floor": round(flops / peak / median, 3) if peak else None,
+        }
+    )
+    record(
+        impl=impl,
+        n=n,
+        hidden=hidden_size,
+        vocab=vocab,
+        dtype="bfloat16",
+        **timed,
+        peak_extra_gib=round(extra / 2**30, 3),
+        extra_over_logits=round(extra / logits_bytes, 3),
+    )

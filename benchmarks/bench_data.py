@@ -97,8 +97,17 @@ def document_shards(tmp_path_factory):
 @pytest.mark.parametrize("padding", ["fixed", "longest", "bucketed"])
 def test_padded_batches(benchmark, record, document_shards, padding):
     def loader():
-        return TokenLoader(document_shards, "train", 16, T, batching="padded", padding=padding, eot_id=GPT2_EOT,
-                           prefetch=0, vocab_size=50257)
+        return TokenLoader(
+            document_shards,
+            "train",
+            16,
+            T,
+            batching="padded",
+            padding=padding,
+            eot_id=GPT2_EOT,
+            prefetch=0,
+            vocab_size=50257,
+        )
 
     epoch = loader()
     slots = real = 0
@@ -108,8 +117,14 @@ def test_padded_batches(benchmark, record, document_shards, padding):
         real += int((y != IGNORE_INDEX).sum())
     timed = loader()
     benchmark(next, timed)
-    record(per_call=real / epoch.reader.batches_per_epoch, pad_fraction=round(1 - real / slots, 4),
-           batch_size=16, seq_len=T, documents=epoch.reader.rows.num_rows, padding=padding)
+    record(
+        per_call=real / epoch.reader.batches_per_epoch,
+        pad_fraction=round(1 - real / slots, 4),
+        batch_size=16,
+        seq_len=T,
+        documents=epoch.reader.rows.num_rows,
+        padding=padding,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -131,13 +146,22 @@ def test_prepare_throughput(benchmark, record, text_corpus, tmp_path, train_toke
     outs = iter(range(10**6))
 
     def run():
-        return prepare([str(d / "*.txt")], tmp_path / f"out{next(outs)}", vocab_size=4096,
-                       tokenizer_path=None if train_tokenizer else str(tokenizer), quiet=True)
+        return prepare(
+            [str(d / "*.txt")],
+            tmp_path / f"out{next(outs)}",
+            vocab_size=4096,
+            tokenizer_path=None if train_tokenizer else str(tokenizer),
+            quiet=True,
+        )
 
     meta = benchmark.pedantic(run, rounds=3, iterations=1)
     tokens = meta["tokens"]["train"] + meta["tokens"]["val"]
-    record(per_call=tokens, input_bytes=sum(p.stat().st_size for p in d.glob("*.txt")), tokens=tokens,
-           train_tokenizer=train_tokenizer)
+    record(
+        per_call=tokens,
+        input_bytes=sum(p.stat().st_size for p in d.glob("*.txt")),
+        tokens=tokens,
+        train_tokenizer=train_tokenizer,
+    )
 
 
 def test_prepare_parquet_throughput(benchmark, record, text_corpus, tmp_path):
@@ -152,8 +176,9 @@ def test_prepare_parquet_throughput(benchmark, record, text_corpus, tmp_path):
     outs = iter(range(10**6))
 
     def run():
-        return prepare([str(tmp_path / "docs.parquet")], tmp_path / f"out{next(outs)}", tokenizer_path=str(tokenizer),
-                       quiet=True)
+        return prepare(
+            [str(tmp_path / "docs.parquet")], tmp_path / f"out{next(outs)}", tokenizer_path=str(tokenizer), quiet=True
+        )
 
     meta = benchmark.pedantic(run, rounds=3, iterations=1)
     tokens = meta["tokens"]["train"] + meta["tokens"]["val"]

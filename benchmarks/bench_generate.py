@@ -25,13 +25,24 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def model_of(config: str, device: torch.device, *overrides: str) -> Transformer:
-    cfg = load_config(CONFIGS / config, ["model.vocab_size=50304" if "gpt2" in config else "model.vocab_size=4096",
-                                         *overrides])
+    cfg = load_config(
+        CONFIGS / config, ["model.vocab_size=50304" if "gpt2" in config else "model.vocab_size=4096", *overrides]
+    )
     return Transformer(cfg.model).to(device).eval()
 
 
-def run_generation(benchmark, record, device: torch.device, model: Transformer, batch_size: int, prompt_len: int,
-                   new_tokens: int, precision: str, use_cache: bool, rounds: int) -> None:
+def run_generation(
+    benchmark,
+    record,
+    device: torch.device,
+    model: Transformer,
+    batch_size: int,
+    prompt_len: int,
+    new_tokens: int,
+    precision: str,
+    use_cache: bool,
+    rounds: int,
+) -> None:
     prompt = torch.randint(0, model.cfg.vocab_size, (batch_size, prompt_len), device=device)
 
     def greedy():
@@ -41,8 +52,16 @@ def run_generation(benchmark, record, device: torch.device, model: Transformer, 
     # Host timing: decoding is thousands of small launches a call, paced by the host, so its cost is its
     # wall time; no GPU work queued ahead of a call this long could keep the host out of an event interval
     time_device(benchmark, device, greedy, rounds=rounds, events=False)
-    record(per_call=batch_size * new_tokens, cache=use_cache, batch_size=batch_size, prompt=prompt_len,
-           new_tokens=new_tokens, context=model.cfg.max_seq_len, params=model.num_params(), dtype=precision)
+    record(
+        per_call=batch_size * new_tokens,
+        cache=use_cache,
+        batch_size=batch_size,
+        prompt=prompt_len,
+        new_tokens=new_tokens,
+        context=model.cfg.max_seq_len,
+        params=model.num_params(),
+        dtype=precision,
+    )
 
 
 @pytest.mark.parametrize("use_cache", [True, False], ids=["cached", "uncached"])
@@ -56,5 +75,6 @@ def test_cpu_generate(benchmark, record, use_cache):
 def test_gpu_generate(benchmark, record, device, use_cache, batch_size):
     model = model_of(*sizes(("gpt2-small.toml", device), ("base.toml", device, "model.n_layers=2")))
     precision = sizes("bf16", "fp32")
-    run_generation(benchmark, record, device, model, batch_size, sizes(128, 16), sizes(512, 16), precision,
-                   use_cache, rounds=5)
+    run_generation(
+        benchmark, record, device, model, batch_size, sizes(128, 16), sizes(512, 16), precision, use_cache, rounds=5
+    )

@@ -101,5 +101,13 @@ def test_host_overhead(benchmark, record, device, op, passes, impl):
     fn, info = optimizer_step(impl, device) if op == "adamw" else kernel_call(op, impl, passes, device)
     record_samples(benchmark, lambda: host_seconds_per_call(fn, device), untimed=fn)
     median = median_seconds(benchmark)
-    record(impl=impl, op=op, passes=passes, calls=CALLS, timing="host", l2_flushed=False, **info,
-           **({} if median is None else {"host_us_per_call": round(median * 1e6, 2)}))
+    record(
+        impl=impl,
+        op=op,
+        passes=passes,
+        calls=CALLS,
+        timing="host",
+        l2_flushed=False,
+        **info,
+        **({} if median is None else {"host_us_per_call": round(median * 1e6, 2)}),
+    )

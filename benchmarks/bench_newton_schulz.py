@@ -49,7 +49,7 @@ SHAPES = sizes([(m, s) for m in ("124M", "1B") for s in matrix_shapes(m)], [("ti
 
 def flops(shape: tuple[int, int]) -> int:
     m, k = sorted(shape)
-    return STEPS * (4 * m * m * k + 2 * m ** 3)
+    return STEPS * (4 * m * m * k + 2 * m**3)
 
 
 @pytest.mark.parametrize("impl", NEWTON_SCHULZ)
@@ -61,5 +61,11 @@ def test_newton_schulz(benchmark, record, device, impl, model, shape):
     g = torch.randn(shape, device=device)
     time_device(benchmark, device, lambda: NEWTON_SCHULZ[impl](g))
     median = median_seconds(benchmark)
-    record(impl=impl, model=model, shape=list(shape), steps=STEPS, dtype="bfloat16",
-           **({} if median is None else {"tflop_per_s": round(flops(shape) / median / 1e12, 1)}))
+    record(
+        impl=impl,
+        model=model,
+        shape=list(shape),
+        steps=STEPS,
+        dtype="bfloat16",
+        **({} if median is None else {"tflop_per_s": round(flops(shape) / median / 1e12, 1)}),
+    )

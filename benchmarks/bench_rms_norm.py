@@ -71,6 +71,12 @@ def test_rms_norm(benchmark, record, device, copy_bandwidth, impl, backward, res
 
     time_device(benchmark, device, step)
     floor_bytes = ROWS * hidden * (FLOOR_BYTES[residual][0] + backward * FLOOR_BYTES[residual][1])
-    record(impl=impl, rows=ROWS, hidden=hidden, dtype="bfloat16", residual=residual,
-           passes="forward+backward" if backward else "forward",
-           **bandwidth(floor_bytes, median_seconds(benchmark), copy_bandwidth))
+    record(
+        impl=impl,
+        rows=ROWS,
+        hidden=hidden,
+        dtype="bfloat16",
+        residual=residual,
+        passes="forward+backward" if backward else "forward",
+        **bandwidth(floor_bytes, median_seconds(benchmark), copy_bandwidth),
+    )

@@ -39,9 +39,11 @@ from fasttrain.training.metrics import peak_flops
 from fasttrain.training.trainer import Trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-KERNELS = {"fasttrain": [],  # [kernels] auto
-           "kernels-on": ["kernels.linear_cross_entropy=true", "kernels.rms_norm=true", "kernels.adamw=true"],
-           "stock": ["kernels.linear_cross_entropy=false", "kernels.rms_norm=false", "kernels.adamw=false"]}
+KERNELS = {
+    "fasttrain": [],  # [kernels] auto
+    "kernels-on": ["kernels.linear_cross_entropy=true", "kernels.rms_norm=true", "kernels.adamw=true"],
+    "stock": ["kernels.linear_cross_entropy=false", "kernels.rms_norm=false", "kernels.adamw=false"],
+}
 # Untimed steps before the timed ones. The first compiles; the 2026-11-22 H100 run, after 3, still had
 # slow rounds at the start of the session's first case of each config (124M every kernel on: 82, 84, 81,
 # 95, 123, then 77-81 ms; 350M: 192, then 99-111), while the stock cases timed after them in the same
@@ -50,9 +52,17 @@ KERNELS = {"fasttrain": [],  # [kernels] auto
 WARMUP_STEPS = sizes(10, 2)  # a dry run: 2
 GPU_CONFIGS = sizes(["gpt2-small.toml", "gpt-350m.toml"], ["base.toml"])
 # A dry run: the base config's model shrunk further, eager fp32 on the CPU (see conftest.DRY_RUN).
-GPU_SETTINGS = sizes(["train.compile=true", 'train.precision="bf16"'],
-                     ["train.compile=false", 'train.precision="fp32"', "model.n_layers=2", "model.d_model=64",
-                      "train.batch_size=4", "train.seq_len=64"])
+GPU_SETTINGS = sizes(
+    ["train.compile=true", 'train.precision="bf16"'],
+    [
+        "train.compile=false",
+        'train.precision="fp32"',
+        "model.n_layers=2",
+        "model.d_model=64",
+        "train.batch_size=4",
+        "train.seq_len=64",
+    ],
+)
 
 
 def random_batches(batch_size: int, seq_len: int, vocab_size: int, device: torch.device):
@@ -66,10 +76,19 @@ def make_trainer(config: Path, data_dir: Path, *overrides: str) -> Trainer:
     """The model and optimizer of the run config at `config` on the embedded corpus's tokenizer (the
     model keeps its own vocab size, which may be larger), one micro-batch per step, random tokens;
     nothing written outside `data_dir`."""
-    cfg = load_config(config, [
-        f'data.dir="{data_dir}"', 'data.inputs=["builtin:pydoc"]', 'data.tokenizer=""', "data.vocab_size=4096",
-        f'train.out_dir="{data_dir / "run"}"', "train.tokens_per_update=0", "train.tensorboard=false", *overrides,
-    ])
+    cfg = load_config(
+        config,
+        [
+            f'data.dir="{data_dir}"',
+            'data.inputs=["builtin:pydoc"]',
+            'data.tokenizer=""',
+            "data.vocab_size=4096",
+            f'train.out_dir="{data_dir / "run"}"',
+            "train.tokens_per_update=0",
+            "train.tensorboard=false",
+            *overrides,
+        ],
+    )
     trainer = Trainer(cfg, quiet=True)
     t, vocab_size = trainer.cfg.train, trainer.cfg.model.vocab_size  # the resolved config: vocab_size is known
     trainer.train_loader = random_batches(t.batch_size, t.seq_len, vocab_size, trainer.device)
@@ -84,8 +103,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("impl", list(KERNELS))
 @pytest.mark.parametrize("config", GPU_CONFIGS)
 def test_gpu_train_step(benchmark, record, device, data_dir, config, impl):
-    trainer = make_trainer(CONFIGS / config, data_dir, f"train.device={device.type}", *GPU_SETTINGS,
-                           *KERNELS[impl])
+    trainer = make_trainer(CONFIGS / config, data_dir, f"train.device={device.type}", *GPU_SETTINGS, *KERNELS[impl])
     # Host timing: the step syncs once inside (whether to update), after which the GPU waits for the host's
     # launches, so events could not leave the host out; a step costs its wall time
     before = allocator_counts(device)
@@ -101,11 +119,21 @@ def test_gpu_train_step(benchmark, record, device, data_dir, config, impl):
     # differently from steady jitter (the 2026-11-22 H100 run: stdev 14 ms against stock's 0.8)
     stats = getattr(benchmark, "stats", None)
     round_ms = None if stats is None else [round(t * 1e3, 2) for t in stats.stats.data]
-    record(per_call=trainer.tokens_per_step, impl=impl, config=config, params=trainer.model.num_params(),
-           batch_size=trainer.cfg.train.batch_size, seq_len=trainer.cfg.train.seq_len, dtype=trainer.precision,
-           kernels=trainer.kernels.names(), compiled=trainer.compiled, mfu=round(mfu, 4) if mfu else None,
-           peak_memory_gib=None if DRY_RUN else round(torch.cuda.max_memory_allocated() / 2**30, 2),
-           round_ms=round_ms, allocator=allocator or None)
+    record(
+        per_call=trainer.tokens_per_step,
+        impl=impl,
+        config=config,
+        params=trainer.model.num_params(),
+        batch_size=trainer.cfg.train.batch_size,
+        seq_len=trainer.cfg.train.seq_len,
+        dtype=trainer.precision,
+        kernels=trainer.kernels.names(),
+        compiled=trainer.compiled,
+        mfu=round(mfu, 4) if mfu else None,
+        peak_memory_gib=None if DRY_RUN else round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        round_ms=round_ms,
+        allocator=allocator or None,
+    )
 
 
 def plain_loop_step(trainer: Trainer):
@@ -126,11 +154,20 @@ def plain_loop_step(trainer: Trainer):
 
 @pytest.mark.parametrize("impl", ["fasttrain", "plain"])
 def test_cpu_train_step(benchmark, record, data_dir, impl):
-    trainer = make_trainer(CONFIGS / "base.toml", data_dir, "train.device=cpu", "train.compile=false", 'train.precision="fp32"')
+    trainer = make_trainer(
+        CONFIGS / "base.toml", data_dir, "train.device=cpu", "train.compile=false", 'train.precision="fp32"'
+    )
     step = trainer.step if impl == "fasttrain" else plain_loop_step(trainer)
     benchmark.pedantic(step, warmup_rounds=1, rounds=5, iterations=1)
-    record(per_call=trainer.tokens_per_step, impl=impl, config="base.toml", params=trainer.model.num_params(),
-           batch_size=trainer.cfg.train.batch_size, seq_len=trainer.cfg.train.seq_len, dtype="float32")
+    record(
+        per_call=trainer.tokens_per_step,
+        impl=impl,
+        config="base.toml",
+        params=trainer.model.num_params(),
+        batch_size=trainer.cfg.train.batch_size,
+        seq_len=trainer.cfg.train.seq_len,
+        dtype="float32",
+    )
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
@@ -156,8 +193,11 @@ def cpu_matmul_gflops(benchmark_disabled) -> dict[str, float]:
     """The CPU's 2048^3 matmul GFLOP/s per precision, measured once (nothing in an untimed run)."""
     if benchmark_disabled:
         return {}
-    return {p: round(matmul_gflops(PRECISIONS[p] or torch.float32), 1)
-            for p in ("fp32", "bf16") if p == "fp32" or native_bf16(torch.device("cpu"))}
+    return {
+        p: round(matmul_gflops(PRECISIONS[p] or torch.float32), 1)
+        for p in ("fp32", "bf16")
+        if p == "fp32" or native_bf16(torch.device("cpu"))
+    }
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.compile)], ids=["eager", "compiled"])
@@ -167,8 +207,13 @@ def test_cpu_precision(benchmark, record, data_dir, cpu_matmul_gflops, benchmark
         pytest.skip("this CPU has no native bf16 matmuls (AVX512-BF16 or AMX); emulated bf16 is slower than fp32")
     if compiled and benchmark_disabled:
         pytest.skip("compiling on CPU takes about a minute: runs only when timing (--benchmark-only)")
-    trainer = make_trainer(CONFIGS / "base.toml", data_dir, "train.device=cpu", f"train.compile={str(compiled).lower()}",
-                           f'train.precision="{precision}"')
+    trainer = make_trainer(
+        CONFIGS / "base.toml",
+        data_dir,
+        "train.device=cpu",
+        f"train.compile={str(compiled).lower()}",
+        f'train.precision="{precision}"',
+    )
     start = time.perf_counter()
     trainer.step()  # compiles, when compiled
     first_step_s = time.perf_counter() - start
@@ -177,7 +222,14 @@ def test_cpu_precision(benchmark, record, data_dir, cpu_matmul_gflops, benchmark
     flops_per_step = trainer.model.flops_per_token(trainer.cfg.train.seq_len) * trainer.tokens_per_step
     gflops = median and flops_per_step / median / 1e9
     matmul = cpu_matmul_gflops.get(precision)
-    record(per_call=trainer.tokens_per_step, impl=f"{precision}-{'compiled' if compiled else 'eager'}",
-           config="base.toml", dtype=precision, compiled=compiled, first_step_s=round(first_step_s, 2),
-           gflops=gflops and round(gflops, 1), matmul_gflops=cpu_matmul_gflops,
-           fraction_of_matmul=gflops and matmul and round(gflops / matmul, 3))
+    record(
+        per_call=trainer.tokens_per_step,
+        impl=f"{precision}-{'compiled' if compiled else 'eager'}",
+        config="base.toml",
+        dtype=precision,
+        compiled=compiled,
+        first_step_s=round(first_step_s, 2),
+        gflops=gflops and round(gflops, 1),
+        matmul_gflops=cpu_matmul_gflops,
+        fraction_of_matmul=gflops and matmul and round(gflops / matmul, 3),
+    )

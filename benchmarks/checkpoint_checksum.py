@@ -44,10 +44,12 @@ from fasttrain.model.transformer import Transformer
 from fasttrain.system.atomic import write_atomically
 from fasttrain.training import checksums, sharded_files
 
-SHAPES = {"~150M (d_model 1024, 12 layers)": ModelConfig(vocab_size=4096, max_seq_len=256, d_model=1024, n_layers=12,
-                                                          n_heads=16),
-          "base (configs/base.toml)": ModelConfig(vocab_size=4096, max_seq_len=256, d_model=192, n_layers=4,
-                                                  n_heads=4)}
+SHAPES = {
+    "~150M (d_model 1024, 12 layers)": ModelConfig(
+        vocab_size=4096, max_seq_len=256, d_model=1024, n_layers=12, n_heads=16
+    ),
+    "base (configs/base.toml)": ModelConfig(vocab_size=4096, max_seq_len=256, d_model=192, n_layers=4, n_heads=4),
+}
 
 
 def timed(work: Callable[[], object], repeats: int, before: Callable[[], object] = lambda: None) -> dict:
@@ -58,8 +60,11 @@ def timed(work: Callable[[], object], repeats: int, before: Callable[[], object]
         start = time.perf_counter()
         work()
         runs.append(time.perf_counter() - start)
-    return {"min_s": round(min(runs), 3), "median_s": round(statistics.median(runs), 3),
-            "runs_s": [round(r, 3) for r in runs]}
+    return {
+        "min_s": round(min(runs), 3),
+        "median_s": round(statistics.median(runs), 3),
+        "runs_s": [round(r, 3) for r in runs],
+    }
 
 
 def drop_cache(*paths: Path) -> None:
@@ -99,9 +104,11 @@ def measure_file(state: dict, file: Path, repeats: int) -> dict:
 
     with torch_crc32(False):
         without = timed(save, repeats)
-    out = {"save (today: torch's CRC-32 of each record)": timed(save, repeats),
-           "save with torch's CRC-32 turned off": without,
-           "bytes": file.stat().st_size}
+    out = {
+        "save (today: torch's CRC-32 of each record)": timed(save, repeats),
+        "save with torch's CRC-32 turned off": without,
+        "bytes": file.stat().st_size,
+    }
 
     def load() -> None:
         torch.load(file, weights_only=True)
@@ -131,14 +138,19 @@ def measure_sharded(state: dict, folder: Path, repeats: int) -> dict:
             returns.append(time.perf_counter() - start)
             future.result()
             done.append(time.perf_counter() - start)
-        return {"returns": {"min_s": round(min(returns), 3), "median_s": round(statistics.median(returns), 3)},
-                "done": {"min_s": round(min(done), 3), "median_s": round(statistics.median(done), 3)}}
+        return {
+            "returns": {"min_s": round(min(returns), 3), "median_s": round(statistics.median(returns), 3)},
+            "done": {"min_s": round(min(done), 3), "median_s": round(statistics.median(done), 3)},
+        }
 
     sharded_files.write_async(folder, state).result()  # untimed: the first async save starts DCP's machinery
-    out = {"write (DCP)": timed(lambda: sharded_files.write(folder, state), repeats, clear),
-           "checksums at save (of_folder), cached": timed(lambda: checksums.of_folder(folder), repeats),
-           "async save without checksums": write_async(False), "async save with checksums": write_async(True),
-           "bytes": sum(f.stat().st_size for f in folder.iterdir())}
+    out = {
+        "write (DCP)": timed(lambda: sharded_files.write(folder, state), repeats, clear),
+        "checksums at save (of_folder), cached": timed(lambda: checksums.of_folder(folder), repeats),
+        "async save without checksums": write_async(False),
+        "async save with checksums": write_async(True),
+        "bytes": sum(f.stat().st_size for f in folder.iterdir()),
+    }
     sums = checksums.of_folder(folder)  # the last write's: each save's .metadata differs (DCP's save id)
 
     def read() -> None:
@@ -159,7 +171,7 @@ def measure_sharded(state: dict, folder: Path, repeats: int) -> dict:
 def hash_rates(file: Path) -> dict[str, float]:
     """GiB/s of each checksum over `file`'s bytes in memory (16 MiB pieces, as checksums.crc32 reads), best of 3."""
     data = memoryview(file.read_bytes())
-    pieces = [data[i:i + checksums.PIECE] for i in range(0, len(data), checksums.PIECE)]
+    pieces = [data[i : i + checksums.PIECE] for i in range(0, len(data), checksums.PIECE)]
 
     def crc() -> None:
         value = 0
@@ -172,39 +184,63 @@ def hash_rates(file: Path) -> dict[str, float]:
             for piece in pieces:
                 h.update(piece)
             h.digest()
+
         return run
 
     gib = len(data) / 2**30
-    return {name: round(gib / timed(work, 3)["min_s"], 2)
-            for name, work in (("zlib.crc32", crc), ("hashlib.blake2b", digest("blake2b")),
-                               ("hashlib.sha256", digest("sha256")))}
+    return {
+        name: round(gib / timed(work, 3)["min_s"], 2)
+        for name, work in (
+            ("zlib.crc32", crc),
+            ("hashlib.blake2b", digest("blake2b")),
+            ("hashlib.sha256", digest("sha256")),
+        )
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dir", type=Path, default=None, help="where the checkpoints are written (default: a "
-                                                                "temporary directory)")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where the checkpoints are written (default: a temporary directory)"
+    )
     args = parser.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    results = {"what": " ".join(__doc__.split("\n\n", 2)[2].split()),
-               "command": " ".join(["python -m benchmarks.checkpoint_checksum", *sys.argv[1:]]),
-               "machine": {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
-                           "torch": torch.__version__, "zlib": zlib.ZLIB_RUNTIME_VERSION,
-                           "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
-                           "load_average_before": [round(x, 2) for x in os.getloadavg()]},
-               "shapes": {}}
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    results = {
+        "what": " ".join(__doc__.split("\n\n", 2)[2].split()),
+        "command": " ".join(["python -m benchmarks.checkpoint_checksum", *sys.argv[1:]]),
+        "machine": {
+            "cpu": cpu,
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "zlib": zlib.ZLIB_RUNTIME_VERSION,
+            "memory_gib": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
+            "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        },
+        "shapes": {},
+    }
     torch.manual_seed(0)
     for name, cfg in SHAPES.items():
         state, params = state_of(cfg)
         with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
             file, folder = Path(tmp) / "step_0000001.pt", Path(tmp) / "step_0000001"
-            shape = {"params": params, "file": measure_file(state, file, args.repeats),
-                     "sharded": measure_sharded(state, folder, args.repeats)}
-            shape["checksum GiB/s (in memory)"] = hash_rates(max(folder.glob("*.distcp"),
-                                                                 key=lambda f: f.stat().st_size))
+            shape = {
+                "params": params,
+                "file": measure_file(state, file, args.repeats),
+                "sharded": measure_sharded(state, folder, args.repeats),
+            }
+            shape["checksum GiB/s (in memory)"] = hash_rates(
+                max(folder.glob("*.distcp"), key=lambda f: f.stat().st_size)
+            )
         results["shapes"][name] = shape
         del state
         print(name, json.dumps(shape), flush=True)

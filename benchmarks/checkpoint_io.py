@@ -22,10 +22,25 @@ import threading
 import time
 from pathlib import Path
 
-MODEL = ["model.d_model=1024", "train.tokens_per_update=0", "model.n_heads=16", "model.max_seq_len=128",
-         "train.seq_len=128", "train.batch_size=1", "train.device=cpu", 'train.precision="fp32"', "data.prefetch=0",
-         "train.sample_tokens=0", "train.tensorboard=false", "train.compile=false", "data.vocab_size=512",
-         "train.eval_steps=1", "train.eval_interval=1000", "checkpoint.interval=1000", "train.log_interval=1"]
+MODEL = [
+    "model.d_model=1024",
+    "train.tokens_per_update=0",
+    "model.n_heads=16",
+    "model.max_seq_len=128",
+    "train.seq_len=128",
+    "train.batch_size=1",
+    "train.device=cpu",
+    'train.precision="fp32"',
+    "data.prefetch=0",
+    "train.sample_tokens=0",
+    "train.tensorboard=false",
+    "train.compile=false",
+    "data.vocab_size=512",
+    "train.eval_steps=1",
+    "train.eval_interval=1000",
+    "checkpoint.interval=1000",
+    "train.log_interval=1",
+]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -67,9 +82,18 @@ def worker(mode: str, out_dir: str, data_dir: str, result: str, layers: str) -> 
     from fasttrain.system import distributed
     from fasttrain.training.trainer import Trainer
 
-    cfg = load_config("configs/base.toml", [*MODEL, f"model.n_layers={layers}", f'data.dir="{data_dir}"', f'train.out_dir="{out_dir}"',
-                                            'data.inputs=["builtin:pydoc"]', 'train.parallel="fsdp"',
-                                            "train.max_steps=10"])
+    cfg = load_config(
+        "configs/base.toml",
+        [
+            *MODEL,
+            f"model.n_layers={layers}",
+            f'data.dir="{data_dir}"',
+            f'train.out_dir="{out_dir}"',
+            'data.inputs=["builtin:pydoc"]',
+            'train.parallel="fsdp"',
+            "train.max_steps=10",
+        ],
+    )
     trainer = Trainer(cfg, quiet=True)
     rows = {"rank": trainer.world.rank, "world": trainer.world.size}
     if mode == "save":
@@ -85,9 +109,12 @@ def worker(mode: str, out_dir: str, data_dir: str, result: str, layers: str) -> 
                 start = time.perf_counter()
                 trainer.checkpoints.save(trainer.run, trainer.train_loader)
                 seconds = time.perf_counter() - start
-            rows[name] = {"save_s": round(seconds, 3), "step_blocked_s": round(seconds, 3),
-                          "peak_rss_gb": round(memory.peak / 2**30, 3),
-                          "rss_growth_gb": round((memory.peak - memory.before) / 2**30, 3)}
+            rows[name] = {
+                "save_s": round(seconds, 3),
+                "step_blocked_s": round(seconds, 3),
+                "peak_rss_gb": round(memory.peak / 2**30, 3),
+                "rss_growth_gb": round((memory.peak - memory.before) / 2**30, 3),
+            }
         # Async: the save returns after the copy to CPU memory; a step runs while the write goes on.
         checkpoints = trainer.checkpoints
         checkpoints.background, checkpoints.write_group = True, distributed.new_group(trainer.world)
@@ -99,9 +126,13 @@ def worker(mode: str, out_dir: str, data_dir: str, result: str, layers: str) -> 
             step = timed_step(trainer)
             checkpoints.wait()
             seconds = time.perf_counter() - start
-        rows["async"] = {"save_s": round(seconds, 3), "step_blocked_s": round(blocked, 3),
-                         "step_during_write_s": round(step, 3), "peak_rss_gb": round(memory.peak / 2**30, 3),
-                         "rss_growth_gb": round((memory.peak - memory.before) / 2**30, 3)}
+        rows["async"] = {
+            "save_s": round(seconds, 3),
+            "step_blocked_s": round(blocked, 3),
+            "step_during_write_s": round(step, 3),
+            "peak_rss_gb": round(memory.peak / 2**30, 3),
+            "rss_growth_gb": round((memory.peak - memory.before) / 2**30, 3),
+        }
         rows["params"] = trainer.model.num_params()
     else:
         distributed.barrier(trainer.world)
@@ -119,8 +150,17 @@ def worker(mode: str, out_dir: str, data_dir: str, result: str, layers: str) -> 
 
 def torchrun(nproc: int, *args: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "benchmarks.checkpoint_io", "--worker", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "benchmarks.checkpoint_io",
+        "--worker",
+        *args,
+    ]
     subprocess.run(command, cwd=ROOT, env=env, check=True)
 
 
@@ -143,15 +183,19 @@ def main() -> None:
         for nproc in (1, 2, 3):
             torchrun(nproc, "resume", run, data, result, str(args.layers))
         rows = [json.loads(line) for line in Path(result).read_text().splitlines()]
-        sizes = {p.name: sum(f.stat().st_size for f in p.rglob("*")) if p.is_dir() else p.stat().st_size
-                 for p in Path(run, "checkpoints").glob("step_*")}
+        sizes = {
+            p.name: sum(f.stat().st_size for f in p.rglob("*")) if p.is_dir() else p.stat().st_size
+            for p in Path(run, "checkpoints").glob("step_*")
+        }
     report = {
         "what": "checkpoint save (2 processes, fsdp, CPU, gloo): gathered file, sharded folder, async sharded; and "
-                "resume of the last (sharded) save on 1, 2 and 3 processes; one save each, so rough",
+        "resume of the last (sharded) save on 1, 2 and 3 processes; one save each, so rough",
         "machine": {"cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "command": f"python -m benchmarks.checkpoint_io --out {args.out} --layers {args.layers}",
-        "model": [*MODEL, f"model.n_layers={args.layers}"], "checkpoint_bytes": sizes,
-        "saves": [r for r in rows if "file" in r], "resumes": [r for r in rows if "resume_s" in r],
+        "model": [*MODEL, f"model.n_layers={args.layers}"],
+        "checkpoint_bytes": sizes,
+        "saves": [r for r in rows if "file" in r],
+        "resumes": [r for r in rows if "resume_s" in r],
     }
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))

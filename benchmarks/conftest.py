@@ -43,8 +43,12 @@ def median_seconds(benchmark) -> float | None:
 
 
 def environment() -> dict[str, str]:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "cpu": platform.processor() or platform.machine()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:  # Linux only
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     if torch.cuda.is_available():
@@ -112,12 +116,16 @@ def bandwidth(floor_bytes: int, median_s: float | None, copy_bytes_per_s: float)
     against, and the fraction of that floor reached (nothing when untimed)."""
     if median_s is None:
         return {}
-    return {"gb_per_s": round(floor_bytes / median_s / 1e9, 1), "copy_gb_per_s": round(copy_bytes_per_s / 1e9, 1),
-            "fraction_of_floor": round(floor_bytes / copy_bytes_per_s / median_s, 3)}
+    return {
+        "gb_per_s": round(floor_bytes / median_s / 1e9, 1),
+        "copy_gb_per_s": round(copy_bytes_per_s / 1e9, 1),
+        "fraction_of_floor": round(floor_bytes / copy_bytes_per_s / median_s, 3),
+    }
 
 
-def time_device(benchmark, device: torch.device, fn: Callable[[], object], rounds: int = 20,
-                events: bool = True, warmup: int = 3) -> None:
+def time_device(
+    benchmark, device: torch.device, fn: Callable[[], object], rounds: int = 20, events: bool = True, warmup: int = 3
+) -> None:
     """Benchmark `fn` on `device` after `warmup` untimed calls (compilation, autotuning; 1 in a dry run).
 
     On a GPU, with `events`, each round is GPU time alone (`cuda_event_seconds`): the host's Python,
@@ -217,8 +225,10 @@ def record_samples(benchmark, measure: Callable[[], Sequence[float]], untimed: C
     recorded = benchmark.stats.stats.data if benchmark.stats else []
     if len(recorded) != len(samples) or not all(map(math.isclose, recorded, samples)):
         benchmark.has_error = True  # keeps the wrong stats out of --benchmark-json, as for any failed case
-        raise RuntimeError("pytest-benchmark did not record the durations measured outside it: its fixture no "
-                           "longer times pedantic rounds with `_timer` (benchmarks/conftest.py, record_samples)")
+        raise RuntimeError(
+            "pytest-benchmark did not record the durations measured outside it: its fixture no "
+            "longer times pedantic rounds with `_timer` (benchmarks/conftest.py, record_samples)"
+        )
 
 
 def peak_extra_memory(device: torch.device, fn) -> int:

@@ -29,14 +29,34 @@ MARGIN = 0.98  # on only where the kernel's median is at most this fraction of s
 
 # (op, benchmark function, selects the trainer's case, its shape, stock implementations per mode)
 CASES = [
-    ("rms_norm", "test_rms_norm", lambda e: e.get("residual") and e.get("passes") == "forward+backward",
-     lambda e: {"hidden": e["hidden"]}, {"eager": ("eager", "torch")}),
-    ("rms_norm", "test_block_fwd_bwd", lambda e: e.get("compiled"), lambda e: {"hidden": e["hidden"]},
-     {"compiled": ("stock",)}),
-    ("linear_cross_entropy", "test_linear_cross_entropy_fwd_bwd", lambda e: True,
-     lambda e: {"hidden": e["hidden"], "vocab": e["vocab"]}, {"eager": ("eager",), "compiled": ("compiled",)}),
-    ("adamw", "test_adamw_step", lambda e: e.get("clip"), lambda e: {"params": e["parameters"]},
-     {"eager": ("torch_fused", "torch_foreach"), "compiled": ("torch_fused", "torch_foreach")}),
+    (
+        "rms_norm",
+        "test_rms_norm",
+        lambda e: e.get("residual") and e.get("passes") == "forward+backward",
+        lambda e: {"hidden": e["hidden"]},
+        {"eager": ("eager", "torch")},
+    ),
+    (
+        "rms_norm",
+        "test_block_fwd_bwd",
+        lambda e: e.get("compiled"),
+        lambda e: {"hidden": e["hidden"]},
+        {"compiled": ("stock",)},
+    ),
+    (
+        "linear_cross_entropy",
+        "test_linear_cross_entropy_fwd_bwd",
+        lambda e: True,
+        lambda e: {"hidden": e["hidden"], "vocab": e["vocab"]},
+        {"eager": ("eager",), "compiled": ("compiled",)},
+    ),
+    (
+        "adamw",
+        "test_adamw_step",
+        lambda e: e.get("clip"),
+        lambda e: {"params": e["parameters"]},
+        {"eager": ("torch_fused", "torch_foreach"), "compiled": ("torch_fused", "torch_foreach")},
+    ),
 ]
 
 
@@ -65,10 +85,19 @@ def table_entries(benchmarks: list[dict], capability: str | None = None) -> list
             if "fasttrain" not in times or not stock:
                 continue
             rival = min(stock, key=stock.get)
-            entries.append({"capability": cap, "gpu": gpu, "op": op, "mode": mode, "shape": dict(shape),
-                            "use": times["fasttrain"] <= MARGIN * stock[rival],
-                            "fasttrain_ms": round(times["fasttrain"] * 1e3, 4), "stock_ms": round(stock[rival] * 1e3, 4),
-                            "stock": rival})
+            entries.append(
+                {
+                    "capability": cap,
+                    "gpu": gpu,
+                    "op": op,
+                    "mode": mode,
+                    "shape": dict(shape),
+                    "use": times["fasttrain"] <= MARGIN * stock[rival],
+                    "fasttrain_ms": round(times["fasttrain"] * 1e3, 4),
+                    "stock_ms": round(stock[rival] * 1e3, 4),
+                    "stock": rival,
+                }
+            )
     return entries
 
 
@@ -82,10 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(Path(path).read_text())
         entries += table_entries(results["benchmarks"], capability_of(results))
     lines = ",\n".join("  " + json.dumps(e) for e in entries)  # an entry a line: diffs read per entry
-    Path(args.out).write_text(f'{{"source": {json.dumps(args.results)}, "margin": {MARGIN}, "entries": [\n{lines}\n]}}\n')
+    Path(args.out).write_text(
+        f'{{"source": {json.dumps(args.results)}, "margin": {MARGIN}, "entries": [\n{lines}\n]}}\n'
+    )
     for e in entries:
-        print(f"{e['capability']} {e['op']:<21} {e['mode']:<8} {e['shape']}: {'on ' if e['use'] else 'off'} "
-              f"{e['fasttrain_ms']:.4g} ms vs {e['stock']} {e['stock_ms']:.4g} ms")
+        print(
+            f"{e['capability']} {e['op']:<21} {e['mode']:<8} {e['shape']}: {'on ' if e['use'] else 'off'} "
+            f"{e['fasttrain_ms']:.4g} ms vs {e['stock']} {e['stock_ms']:.4g} ms"
+        )
     return 0
 
 

@@ -32,15 +32,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny model of the tests, one sequence per rank, a save every 4 steps; dropout: each rank's random state
 # must come back too.
-RUN = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32", "train.seq_len=32",
-       "train.batch_size=2", "train.max_steps=24", "train.log_interval=1", "train.eval_interval=1000",
-       "train.eval_steps=1", "checkpoint.interval=4", "train.sample_tokens=0", "data.prefetch=0",
-       "train.device=cpu", 'train.precision="fp32"', "train.tensorboard=false", "train.compile=false",
-       "model.dropout=0.1", "schedule.warmup_steps=2", "data.vocab_size=512"]
+RUN = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.max_seq_len=32",
+    "train.seq_len=32",
+    "train.batch_size=2",
+    "train.max_steps=24",
+    "train.log_interval=1",
+    "train.eval_interval=1000",
+    "train.eval_steps=1",
+    "checkpoint.interval=4",
+    "train.sample_tokens=0",
+    "data.prefetch=0",
+    "train.device=cpu",
+    'train.precision="fp32"',
+    "train.tensorboard=false",
+    "train.compile=false",
+    "model.dropout=0.1",
+    "schedule.warmup_steps=2",
+    "data.vocab_size=512",
+]
 # The documented command's environment; FASTTRAIN_DIST_TIMEOUT: a rank that cannot reach its peers gives up
 # within a minute, so a failed trial ends instead of hanging. OMP_NUM_THREADS=1: 2 workers on a shared CPU.
-ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "FASTTRAIN_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1",
-       "PYTHONFAULTHANDLER": "1"}
+ENV = {
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    "FASTTRAIN_DIST_TIMEOUT": "60",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONFAULTHANDLER": "1",
+}
 
 
 def free_port() -> int:
@@ -53,10 +74,25 @@ def free_port() -> int:
 def command(data_dir: Path, out_dir: Path, parallel: str, port: int) -> list[str]:
     """The restart command of docs/multi-gpu.md for 2 CPU processes: torchrun's default (static) rendezvous,
     on 127.0.0.1:`port` rather than 29500, so trials and tests side by side do not meet."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=3",
-            f"--master-port={port}", "-m", "fasttrain.train", "configs/base.toml", "--resume", "auto-or-new",
-            "--set", f'data.dir="{data_dir}"', 'data.inputs=["builtin:pydoc"]', f'train.out_dir="{out_dir}"',
-            *RUN, f'train.parallel="{parallel}"']
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--max-restarts=3",
+        f"--master-port={port}",
+        "-m",
+        "fasttrain.train",
+        "configs/base.toml",
+        "--resume",
+        "auto-or-new",
+        "--set",
+        f'data.dir="{data_dir}"',
+        'data.inputs=["builtin:pydoc"]',
+        f'train.out_dir="{out_dir}"',
+        *RUN,
+        f'train.parallel="{parallel}"',
+    ]
 
 
 def workers(agent: int) -> dict[int, tuple[int, int]]:
@@ -69,8 +105,11 @@ def workers(agent: int) -> dict[int, tuple[int, int]]:
             continue
         for pid in children:
             try:
-                env = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-                           if b"=" in item)
+                env = dict(
+                    item.split(b"=", 1)
+                    for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    if b"=" in item
+                )
             except OSError:
                 continue
             if b"RANK" in env:  # exec'd as a worker, not a fork still on its way there
@@ -99,8 +138,11 @@ def trial(data_dir: Path, work: Path, parallel: str, rank: int, kill_after: int 
     work.mkdir(parents=True)
     for retry in range(3):
         result = _run(data_dir, work, parallel, rank, kill_after, timeout)
-        if not (result.get("error") == "ended before the kill" and result["attempts"] == 0
-                and "EADDRINUSE" in (work / "err").read_text()):
+        if not (
+            result.get("error") == "ended before the kill"
+            and result["attempts"] == 0
+            and "EADDRINUSE" in (work / "err").read_text()
+        ):
             break
         shutil.rmtree(work / "run", ignore_errors=True)
     result["port_retries"] = retry
@@ -116,8 +158,9 @@ def _run(data_dir: Path, work: Path, parallel: str, rank: int, kill_after: int, 
     began = time.monotonic()
     result: dict = {"parallel": parallel, "killed_rank": rank, "port": port}
     with open(work / "out", "w") as out, open(work / "err", "w") as err:
-        agent = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=err, env={**os.environ, **ENV},
-                                 start_new_session=True)
+        agent = subprocess.Popen(
+            argv, cwd=ROOT, stdout=out, stderr=err, env={**os.environ, **ENV}, start_new_session=True
+        )
     try:
         while not any(e.get("event") == "train" and e["step"] >= kill_after for e in events(work / "run")):
             if agent.poll() is not None or time.monotonic() - began > timeout:
@@ -144,13 +187,22 @@ def _run(data_dir: Path, work: Path, parallel: str, rank: int, kill_after: int, 
     starts = [e for e in events(work / "run") if e.get("event") == "start"]
     ends = [e for e in events(work / "run") if e.get("event") == "end"]
     notes = re.findall(r"^note: torchrun restart (\d+) of", (work / "out").read_text(), re.MULTILINE)
-    result.update(exit_code=agent.returncode, seconds=round(time.monotonic() - began, 1), attempts=len(starts),
-                  load_average=round(os.getloadavg()[0], 2),
-                  restarts=max(map(int, notes), default=0),
-                  resume_step=starts[-1].get("resume_step") if len(starts) > 1 else None,
-                  end_step=ends[-1]["step"] if ends else None)
-    result["ok"] = (agent.returncode == 0 and len(starts) == 2 and bool(result["resume_step"])
-                    and result["end_step"] == 24 and "error" not in result)
+    result.update(
+        exit_code=agent.returncode,
+        seconds=round(time.monotonic() - began, 1),
+        attempts=len(starts),
+        load_average=round(os.getloadavg()[0], 2),
+        restarts=max(map(int, notes), default=0),
+        resume_step=starts[-1].get("resume_step") if len(starts) > 1 else None,
+        end_step=ends[-1]["step"] if ends else None,
+    )
+    result["ok"] = (
+        agent.returncode == 0
+        and len(starts) == 2
+        and bool(result["resume_step"])
+        and result["end_step"] == 24
+        and "error" not in result
+    )
     return result
 
 
@@ -160,9 +212,12 @@ def summary(results: list[dict]) -> dict:
     used: dict[int, int] = {}
     for r in results:
         used[r["restarts"]] = used.get(r["restarts"], 0) + 1
-    return {"recovered": f"{sum(r['ok'] for r in results)} of {len(results)} kills",
-            "restarts_used": {str(k): used[k] for k in sorted(used)},
-            "seconds_mean": round(sum(seconds) / max(len(seconds), 1), 1), "seconds_max": max(seconds, default=0)}
+    return {
+        "recovered": f"{sum(r['ok'] for r in results)} of {len(results)} kills",
+        "restarts_used": {str(k): used[k] for k in sorted(used)},
+        "seconds_mean": round(sum(seconds) / max(len(seconds), 1), 1),
+        "seconds_max": max(seconds, default=0),
+    }
 
 
 def main() -> None:
@@ -194,11 +249,19 @@ def main() -> None:
                             shutil.copy(Path(tmp) / f"{parallel}-{i}" / name, args.keep / f"{parallel}-{i}.{name}")
         example = command(Path("DATA"), Path("OUT"), "PARALLEL", 0)
         report = {
-            "command": " ".join(f"{k}={v}" for k, v in ENV.items()) + " " + shlex.join(example[1:]).replace(
-                "-m torch.distributed.run", "torchrun").replace("--master-port=0", "--master-port=FREE_PORT"),
+            "command": " ".join(f"{k}={v}" for k, v in ENV.items())
+            + " "
+            + shlex.join(example[1:])
+            .replace("-m torch.distributed.run", "torchrun")
+            .replace("--master-port=0", "--master-port=FREE_PORT"),
             "summary": {p: summary(rs) for p, rs in results.items()},
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                        "load_average_before": load_before, "load_average": os.getloadavg()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "load_average_before": load_before,
+                "load_average": os.getloadavg(),
+            },
             "notes": args.notes,
             "trials": results,
         }

@@ -83,24 +83,49 @@ TORCH_NORMS = ("torch", "eager", "compiled")  # torch's own RMSNorm: F.rms_norm,
 
 GOALS = (
     # issue 29: kernels that win at the shapes we train
-    Goal("linear + CE >= 1.0x torch.compile", "test_linear_cross_entropy_fwd_bwd", lambda e: True,
-         faster(("compiled",), 1.0)),
-    Goal("linear + CE extra memory <= 25% of torch.compile's", "test_linear_cross_entropy_fwd_bwd", lambda e: True,
-         memory("compiled", 0.25)),
-    Goal("RMSNorm >= 1.0x torch's own", "test_rms_norm", lambda e: 768 <= e["hidden"] <= 8192,
-         faster(TORCH_NORMS, 1.0)),
+    Goal(
+        "linear + CE >= 1.0x torch.compile",
+        "test_linear_cross_entropy_fwd_bwd",
+        lambda e: True,
+        faster(("compiled",), 1.0),
+    ),
+    Goal(
+        "linear + CE extra memory <= 25% of torch.compile's",
+        "test_linear_cross_entropy_fwd_bwd",
+        lambda e: True,
+        memory("compiled", 0.25),
+    ),
+    Goal(
+        "RMSNorm >= 1.0x torch's own", "test_rms_norm", lambda e: 768 <= e["hidden"] <= 8192, faster(TORCH_NORMS, 1.0)
+    ),
     Goal("RMSNorm >= 0.75 of the copy floor", "test_rms_norm", lambda e: 2048 <= e["hidden"] <= 8192, of_floor(0.75)),
-    Goal("cross-entropy >= 0.75 of the floor", "test_cross_entropy_fwd_bwd", lambda e: e["vocab"] >= 131072,
-         of_floor(0.75)),
-    Goal("cross-entropy >= 1.0x Liger and torch.compile", "test_cross_entropy_fwd_bwd", lambda e: True,
-         faster(("liger", "compiled"), 1.0)),
+    Goal(
+        "cross-entropy >= 0.75 of the floor",
+        "test_cross_entropy_fwd_bwd",
+        lambda e: e["vocab"] >= 131072,
+        of_floor(0.75),
+    ),
+    Goal(
+        "cross-entropy >= 1.0x Liger and torch.compile",
+        "test_cross_entropy_fwd_bwd",
+        lambda e: True,
+        faster(("liger", "compiled"), 1.0),
+    ),
     Goal("AdamW >= 1.0x torch fused", "test_adamw_step", lambda e: True, faster(("torch_fused",), 1.0)),
     # issue 28: the step faster than stock torch.compile
-    Goal("GPT-2-small step >= 1.2x stock", "test_gpu_train_step", lambda e: e["config"] == "gpt2-small.toml",
-         faster(("stock",), 1.2)),
+    Goal(
+        "GPT-2-small step >= 1.2x stock",
+        "test_gpu_train_step",
+        lambda e: e["config"] == "gpt2-small.toml",
+        faster(("stock",), 1.2),
+    ),
     Goal("GPT-2-small MFU >= 0.46", "test_gpu_train_step", lambda e: e["config"] == "gpt2-small.toml", mfu(0.46)),
-    Goal("350M step >= 1.15x stock", "test_gpu_train_step", lambda e: e["config"] == "gpt-350m.toml",
-         faster(("stock",), 1.15)),
+    Goal(
+        "350M step >= 1.15x stock",
+        "test_gpu_train_step",
+        lambda e: e["config"] == "gpt-350m.toml",
+        faster(("stock",), 1.15),
+    ),
 )
 
 

@@ -73,8 +73,13 @@ STAGES = ("env", "tests", "tune", "kernels", "step", "profile", "ablation", "abl
 # limit is 10 minutes, installing the project included: 8 + 1 leaves a minute.
 STAGE_SECONDS = 480
 FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.png", "gpu_check.log")
-KERNEL_BENCHMARKS = ("bench_cross_entropy.py", "bench_rms_norm.py", "bench_block.py", "bench_adamw.py",
-                     "bench_host_overhead.py")
+KERNEL_BENCHMARKS = (
+    "bench_cross_entropy.py",
+    "bench_rms_norm.py",
+    "bench_block.py",
+    "bench_adamw.py",
+    "bench_host_overhead.py",
+)
 LOG_TAIL = 200_000  # characters of a stage's output kept in the log
 XDIST = importlib.util.find_spec("xdist") is not None  # pytest-xdist: the suite in parallel processes
 
@@ -112,8 +117,15 @@ def run(command: Sequence[str], ctx: Context, env: dict[str, str] | None = None)
     command's whole process group (pytest's workers, a trainer's loader threads) is killed.
     The output is echoed, so it reaches the stage's log."""
     print(f"+ {' '.join(command)}", flush=True)
-    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=ctx.seconds_left())
         code = proc.returncode
@@ -144,12 +156,16 @@ def env_stage(ctx: Context) -> Stage:
     device = torch.device("cuda" if gpu else "cpu")
     if gpu:
         props = torch.cuda.get_device_properties(device)
-        info.update(capability=f"sm_{props.major}{props.minor}", multiprocessors=props.multi_processor_count,
-                    memory_gib=round(props.total_memory / 2**30, 1))
+        info.update(
+            capability=f"sm_{props.major}{props.minor}",
+            multiprocessors=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+        )
         smi = shutil.which("nvidia-smi")
         if smi:
-            query = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
-                                   capture_output=True, text=True)
+            query = subprocess.run(
+                [smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            )
             info["driver"] = query.stdout.strip().splitlines()[0] if query.returncode == 0 and query.stdout else "?"
     stage.check("a CUDA GPU is visible", gpu or ctx.dry_run, info.get("gpu", "none (a dry run on the CPU)"))
 
@@ -164,10 +180,16 @@ def env_stage(ctx: Context) -> Stage:
         a @ b
     synchronize(device)
     matmul = 2 * n**3 * repeats / (time.perf_counter() - start)
-    stage.figures = {"environment": info, "copy_gb_per_s": round(copy / 1e9, 1),
-                     "matmul_tflop_per_s": round(matmul / 1e12, 3), "matmul": f"{n}x{n}x{n} {str(dtype)[6:]}"}
-    stage.summary = (f"{info.get('gpu', info['cpu'])}: copy {copy / 1e9:,.0f} GB/s, "
-                     f"{stage.figures['matmul']} matmul {matmul / 1e12:,.3g} TFLOP/s")
+    stage.figures = {
+        "environment": info,
+        "copy_gb_per_s": round(copy / 1e9, 1),
+        "matmul_tflop_per_s": round(matmul / 1e12, 3),
+        "matmul": f"{n}x{n}x{n} {str(dtype)[6:]}",
+    }
+    stage.summary = (
+        f"{info.get('gpu', info['cpu'])}: copy {copy / 1e9:,.0f} GB/s, "
+        f"{stage.figures['matmul']} matmul {matmul / 1e12:,.3g} TFLOP/s"
+    )
     return stage
 
 
@@ -181,8 +203,10 @@ def tests_stage(ctx: Context) -> Stage:
     targets = ["tests/test_report.py"] if ctx.dry_run else ["tests"]
     # A file's tests stay in one worker (module fixtures run once); the suite is CPU-bound in good part.
     parallel = ["-n", str(min(8, os.cpu_count() or 1)), "--dist", "loadfile"] if XDIST and not ctx.dry_run else []
-    code, _ = run([sys.executable, "-m", "pytest", *targets, *parallel, "-q", "-p", "no:cacheprovider",
-                   f"--junitxml={junit}"], ctx)
+    code, _ = run(
+        [sys.executable, "-m", "pytest", *targets, *parallel, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"],
+        ctx,
+    )
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     failed: list[str] = []
     if junit.exists():
@@ -190,14 +214,20 @@ def tests_stage(ctx: Context) -> Stage:
         for suite in root.iter("testsuite"):
             for key in counts:
                 counts[key] += int(suite.get(key, 0))
-        failed = [f"{case.get('classname')}::{case.get('name')}" for case in root.iter("testcase")
-                  if case.find("failure") is not None or case.find("error") is not None]
+        failed = [
+            f"{case.get('classname')}::{case.get('name')}"
+            for case in root.iter("testcase")
+            if case.find("failure") is not None or case.find("error") is not None
+        ]
     bad = counts["failures"] + counts["errors"]
     passed = counts["tests"] - bad - counts["skipped"]
     stage.figures = {"passed": passed, "failed": bad, "skipped": counts["skipped"], "failing": failed[:30]}
-    stage.check("test suite", code == 0 and passed > 0,
-                f"{outcome(code)}: {passed} passed, {bad} failed, {counts['skipped']} skipped"
-                + (f"; first failures: {', '.join(failed[:5])}" if failed else ""))
+    stage.check(
+        "test suite",
+        code == 0 and passed > 0,
+        f"{outcome(code)}: {passed} passed, {bad} failed, {counts['skipped']} skipped"
+        + (f"; first failures: {', '.join(failed[:5])}" if failed else ""),
+    )
     stage.summary = stage.checks[-1]["detail"]
     return stage
 
@@ -209,8 +239,22 @@ def benchmark_files(ctx: Context, stage: Stage, files: Sequence[str], select: st
     """Run benchmark files one at a time (one slow file costs only its own cases), keeping every case."""
     for name in files:
         out = ctx.work / f"{Path(name).stem}.json"
-        code, _ = run([sys.executable, "-m", "pytest", f"benchmarks/{name}", "-k", select, "--benchmark-only",
-                       f"--benchmark-json={out}", "-q", "-p", "no:cacheprovider"], ctx)
+        code, _ = run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                f"benchmarks/{name}",
+                "-k",
+                select,
+                "--benchmark-only",
+                f"--benchmark-json={out}",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+            ],
+            ctx,
+        )
         text = out.read_text() if out.exists() else ""  # empty when pytest died before writing it
         cases = json.loads(text)["benchmarks"] if text.strip() else []
         stage.benchmarks.extend(cases)
@@ -230,9 +274,18 @@ def races(benchmarks: list[dict]) -> list[dict]:
         if "fasttrain" in stats and others:
             rival = min(others, key=lambda impl: others[impl]["median"])
             ours, theirs = stats["fasttrain"], others[rival]
-            rows.append({"case": group, "fasttrain_s": ours["median"], "fasttrain_min_s": ours["min"], "rival": rival,
-                         "rival_s": theirs["median"], "rival_min_s": theirs["min"],
-                         "speedup": theirs["median"] / ours["median"], "min_speedup": theirs["min"] / ours["min"]})
+            rows.append(
+                {
+                    "case": group,
+                    "fasttrain_s": ours["median"],
+                    "fasttrain_min_s": ours["min"],
+                    "rival": rival,
+                    "rival_s": theirs["median"],
+                    "rival_min_s": theirs["min"],
+                    "speedup": theirs["median"] / ours["median"],
+                    "min_speedup": theirs["min"] / ours["min"],
+                }
+            )
     return rows
 
 
@@ -242,8 +295,9 @@ def tune_stage(ctx: Context) -> Stage:
     so that the results files carry them back from a lent GPU."""
     stage = Stage()
     table = ctx.work / "rms_norm_tilings.json" if ctx.dry_run else None
-    code, _ = run([sys.executable, "-m", "benchmarks.tune_rms_norm", *(["--dry-run", "--out", str(table)] if table
-                                                                       else [])], ctx)
+    code, _ = run(
+        [sys.executable, "-m", "benchmarks.tune_rms_norm", *(["--dry-run", "--out", str(table)] if table else [])], ctx
+    )
     from kernels.rms_norm import TILINGS_FILE
 
     path = table or TILINGS_FILE
@@ -251,8 +305,12 @@ def tune_stage(ctx: Context) -> Stage:
     stage.figures = {"tilings": tilings}
     tuned = {block: entry for entries in tilings.values() for block, entry in entries.items()}
     stage.check("RMSNorm tilings measured", code == 0 and bool(tuned), f"{outcome(code)}: {len(tuned)} row blocks")
-    gains = [f"{entry['hidden']}: {name} {t['default'] / t['tuned']:.2f}x" for block, entry in tuned.items()
-             for name, t in entry["median_us"].items() if name.endswith("bf16")]
+    gains = [
+        f"{entry['hidden']}: {name} {t['default'] / t['tuned']:.2f}x"
+        for block, entry in tuned.items()
+        for name, t in entry["median_us"].items()
+        if name.endswith("bf16")
+    ]
     stage.summary = "; ".join(gains) or "nothing tuned"
     return stage
 
@@ -271,11 +329,15 @@ def kernels_stage(ctx: Context) -> Stage:
 def step_stage(ctx: Context) -> Stage:
     stage = Stage()
     benchmark_files(ctx, stage, ("bench_train_step.py",), "gpu")
-    steps = [{k: b["extra_info"].get(k) for k in ("config", "impl", "tokens_per_s", "mfu", "peak_memory_gib")}
-             for b in stage.benchmarks]
+    steps = [
+        {k: b["extra_info"].get(k) for k in ("config", "impl", "tokens_per_s", "mfu", "peak_memory_gib")}
+        for b in stage.benchmarks
+    ]
     stage.figures = {"steps": steps, "races": races(stage.benchmarks)}
-    stage.summary = "; ".join(f"{s['config']} {s['impl']} {s['tokens_per_s']:,} tok/s"
-                              + (f" MFU {s['mfu']:.1%}" if s["mfu"] else "") for s in steps)
+    stage.summary = "; ".join(
+        f"{s['config']} {s['impl']} {s['tokens_per_s']:,} tok/s" + (f" MFU {s['mfu']:.1%}" if s["mfu"] else "")
+        for s in steps
+    )
     return stage
 
 
@@ -299,11 +361,18 @@ def profile_stage(ctx: Context) -> Stage:
         trainer = make_trainer(CONFIGS / config, data_dir, device, *GPU_SETTINGS, *settings)
         found = profile_trainer(trainer, sizes(20, 3), data_dir)
         print(f"{config} {impl} (kernels: {', '.join(trainer.kernels.names()) or 'none'})\n{found['table']}")
-        stage.figures[impl] = {"config": config, "kernels": trainer.kernels.names(), "step_ms": found["step_ms"],
-                               "allocator": found["allocator"], "ms_per_step": found["ms_per_step"]}
+        stage.figures[impl] = {
+            "config": config,
+            "kernels": trainer.kernels.names(),
+            "step_ms": found["step_ms"],
+            "allocator": found["allocator"],
+            "ms_per_step": found["ms_per_step"],
+        }
         stage.check(f"{impl} profiled", bool(found["ms_per_step"]), f"median step {found['step_ms']['median']:.2f} ms")
-    stage.summary = "; ".join(f"{impl} {f['step_ms']['median']:.1f} ms (stdev {f['step_ms']['stdev']:.1f})"
-                              for impl, f in stage.figures.items())
+    stage.summary = "; ".join(
+        f"{impl} {f['step_ms']['median']:.1f} ms (stdev {f['step_ms']['stdev']:.1f})"
+        for impl, f in stage.figures.items()
+    )
     return stage
 
 
@@ -317,30 +386,65 @@ GUARD_FAILURE = re.compile(r"\[__recompiles\]\s+- (.+)")
 def train_settings(ctx: Context, out_dir: Path) -> tuple[str, list[str]]:
     """(config, --set overrides) of the short runs: GPT-2 small on the docstrings corpus with the config's
     kernels (callers add theirs); in a dry run the base config's model, tiny, eager, fp32 on the CPU."""
-    common = [f'data.dir="{ctx.work / "data"}"', 'data.tokenizer=""', "train.tokens_per_update=0",
-              f'train.out_dir="{out_dir}"', "train.log_interval=1", "train.tensorboard=false",
-              "train.eval_steps=4", "train.sample_tokens=16", "schedule.warmup_steps=5"]
+    common = [
+        f'data.dir="{ctx.work / "data"}"',
+        'data.tokenizer=""',
+        "train.tokens_per_update=0",
+        f'train.out_dir="{out_dir}"',
+        "train.log_interval=1",
+        "train.tensorboard=false",
+        "train.eval_steps=4",
+        "train.sample_tokens=16",
+        "schedule.warmup_steps=5",
+    ]
     if ctx.dry_run:
-        return "configs/base.toml", [*common, 'data.inputs=["builtin:pydoc"]', "data.vocab_size=512",
-                                     "model.n_layers=2", "model.d_model=64", "model.n_heads=2", "train.batch_size=4",
-                                     "optim.lr=1e-2",
-                                     "train.seq_len=64", "train.device=cpu", "train.compile=false",
-                                     'train.precision="fp32"']
-    return "configs/gpt2-small.toml", [*common, 'data.inputs=["builtin:docstrings"]', "data.vocab_size=8192",
-                                       "train.batch_size=16", "train.device=cuda", "train.compile=true",
-                                       'train.precision="bf16"']
+        return "configs/base.toml", [
+            *common,
+            'data.inputs=["builtin:pydoc"]',
+            "data.vocab_size=512",
+            "model.n_layers=2",
+            "model.d_model=64",
+            "model.n_heads=2",
+            "train.batch_size=4",
+            "optim.lr=1e-2",
+            "train.seq_len=64",
+            "train.device=cpu",
+            "train.compile=false",
+            'train.precision="fp32"',
+        ]
+    return "configs/gpt2-small.toml", [
+        *common,
+        'data.inputs=["builtin:docstrings"]',
+        "data.vocab_size=8192",
+        "train.batch_size=16",
+        "train.device=cuda",
+        "train.compile=true",
+        'train.precision="bf16"',
+    ]
 
 
-def train_run(ctx: Context, out_dir: Path, steps: int, *extra: str, resume: Path | None = None
-              ) -> tuple[int | None, str, list[dict]]:
+def train_run(
+    ctx: Context, out_dir: Path, steps: int, *extra: str, resume: Path | None = None
+) -> tuple[int | None, str, list[dict]]:
     """Train `steps` steps through the command line (recompiles logged); (status, output, metrics events)."""
     from fasttrain.plot import read_metrics
 
     config, overrides = train_settings(ctx, out_dir)
-    command = [sys.executable, "-m", "fasttrain.train", config, "--set", *overrides, f"train.max_steps={steps}",
-               f"train.eval_interval={steps // 2}", f"checkpoint.interval={steps // 2}", *extra]
-    code, output = run([*command, *(["--resume", str(resume)] if resume else [])], ctx,
-                       env={"TORCH_LOGS": "recompiles"})
+    command = [
+        sys.executable,
+        "-m",
+        "fasttrain.train",
+        config,
+        "--set",
+        *overrides,
+        f"train.max_steps={steps}",
+        f"train.eval_interval={steps // 2}",
+        f"checkpoint.interval={steps // 2}",
+        *extra,
+    ]
+    code, output = run(
+        [*command, *(["--resume", str(resume)] if resume else [])], ctx, env={"TORCH_LOGS": "recompiles"}
+    )
     events = read_metrics(out_dir) if (out_dir / "metrics.jsonl").exists() else []
     return code, output, events
 
@@ -353,11 +457,14 @@ def loss_falls(stage: Stage, name: str, code: int | None, events: list[dict]) ->
     losses = [loss for loss, _ in train_losses(events).values()]
     if not losses:
         return stage.check(name, False, f"{outcome(code)}, no training step logged")
-    tail = losses[-max(len(losses) // 4, 1):]
+    tail = losses[-max(len(losses) // 4, 1) :]
     end = sum(tail) / len(tail)
     finite = all(abs(x) < float("inf") for x in losses)  # nan fails too
-    return stage.check(name, code == 0 and finite and end < (1 - LOSS_DROP) * losses[0],
-                       f"{outcome(code)}: loss {losses[0]:.3f} -> {end:.3f} over {len(losses)} steps")
+    return stage.check(
+        name,
+        code == 0 and finite and end < (1 - LOSS_DROP) * losses[0],
+        f"{outcome(code)}: loss {losses[0]:.3f} -> {end:.3f} over {len(losses)} steps",
+    )
 
 
 def late_recompiles(output: str) -> tuple[list[str], list[str]]:
@@ -388,14 +495,21 @@ def train_stage(ctx: Context) -> Stage:
     code, output, events = train_run(ctx, straight, steps, *every)
     falls = loss_falls(stage, "the loss falls", code, events)
     recompiles, late = late_recompiles(output)
-    stage.check("no recompiles after warm-up", code == 0 and not late,
-                f"{len(recompiles)} recompiles, {len(late)} after warm-up" + (f"; first: {late[0]}" if late else ""))
+    stage.check(
+        "no recompiles after warm-up",
+        code == 0 and not late,
+        f"{len(recompiles)} recompiles, {len(late)} after warm-up" + (f"; first: {late[0]}" if late else ""),
+    )
     compile_events = [e for e in events if e["event"] == "compile"]
     trains = [e for e in events if e["event"] == "train"]
     stage.figures["straight"] = {
-        "steps": steps, "compile_s": compile_events[0]["seconds"] if compile_events else None,
-        "tokens_per_s": trains[-1].get("tokens_per_s") if trains else None, "mfu": trains[-1].get("mfu") if trains else None,
-        "final_loss": trains[-1]["loss"] if trains else None, "recompiles": recompiles[:10]}
+        "steps": steps,
+        "compile_s": compile_events[0]["seconds"] if compile_events else None,
+        "tokens_per_s": trains[-1].get("tokens_per_s") if trains else None,
+        "mfu": trains[-1].get("mfu") if trains else None,
+        "final_loss": trains[-1]["loss"] if trains else None,
+        "recompiles": recompiles[:10],
+    }
 
     half = steps // 2
     saved = saves.path_for(straight / "checkpoints", half)
@@ -405,25 +519,36 @@ def train_stage(ctx: Context) -> Stage:
         got = train_losses(resumed)
         differ = [s for s in want if got.get(s) != want[s]]
         # How far apart tells a resume bug (large) from a nondeterministic GPU kernel (rounding-sized).
-        gap = max((abs(a - b) / max(abs(a), 1e-30) for s in differ if s in got for a, b in zip(want[s], got[s])),
-                  default=0.0)
-        stage.check("a checkpoint resumes bit for bit", code == 0 and bool(want) and not differ,
-                    f"{outcome(code)}: steps {half + 1}-{steps} from step {half}'s checkpoint, "
-                    + (f"{len(differ)} of {len(want)} steps differ (largest relative difference {gap:.1e}), first "
-                       f"at step {differ[0]}: {want[differ[0]]} vs {got.get(differ[0])}" if differ
-                       else "loss and gradient norm identical"))
+        gap = max(
+            (abs(a - b) / max(abs(a), 1e-30) for s in differ if s in got for a, b in zip(want[s], got[s])), default=0.0
+        )
+        stage.check(
+            "a checkpoint resumes bit for bit",
+            code == 0 and bool(want) and not differ,
+            f"{outcome(code)}: steps {half + 1}-{steps} from step {half}'s checkpoint, "
+            + (
+                f"{len(differ)} of {len(want)} steps differ (largest relative difference {gap:.1e}), first "
+                f"at step {differ[0]}: {want[differ[0]]} vs {got.get(differ[0])}"
+                if differ
+                else "loss and gradient norm identical"
+            ),
+        )
     else:
         stage.check("a checkpoint resumes bit for bit", False, f"no checkpoint at step {half} to resume from")
 
     masked = ctx.work / "masked"
-    code, output, events = train_run(ctx, masked, steps, *every, 'data.batching="padded"',
-                                     'data.padding="bucketed"', "data.document_mask=true")
+    code, output, events = train_run(
+        ctx, masked, steps, *every, 'data.batching="padded"', 'data.padding="bucketed"', "data.document_mask=true"
+    )
     loss_falls(stage, "document masking (bucketed, compiled flex attention) trains", code, events)
     trains = [e for e in events if e["event"] == "train"]
-    stage.figures["document_mask"] = {"recompiles": len(late_recompiles(output)[0]),
-                                      "tokens_per_s": trains[-1].get("tokens_per_s") if trains else None}
-    stage.summary = (f"{sum(c['ok'] for c in stage.checks)} of {len(stage.checks)} checks pass"
-                     + (f"; {stage.figures['straight']['tokens_per_s']:,.0f} tok/s" if falls else ""))
+    stage.figures["document_mask"] = {
+        "recompiles": len(late_recompiles(output)[0]),
+        "tokens_per_s": trains[-1].get("tokens_per_s") if trains else None,
+    }
+    stage.summary = f"{sum(c['ok'] for c in stage.checks)} of {len(stage.checks)} checks pass" + (
+        f"; {stage.figures['straight']['tokens_per_s']:,.0f} tok/s" if falls else ""
+    )
     return stage
 
 
@@ -435,7 +560,7 @@ def final_losses(events: list[dict]) -> dict[str, float | None]:
     """A run's end: its last validation loss, and its mean training loss over the last tenth of its steps."""
     trains = [e["loss"] for e in events if e["event"] == "train"]
     evals = [e["val_loss"] for e in events if e["event"] == "eval"]
-    tail = trains[-max(len(trains) // 10, 1):]
+    tail = trains[-max(len(trains) // 10, 1) :]
     return {"val_loss": evals[-1] if evals else None, "train_loss": sum(tail) / len(tail) if tail else None}
 
 
@@ -450,15 +575,21 @@ def parity_stage(ctx: Context) -> Stage:
     for name, settings in (("stock", KERNELS["stock"]), ("defaults", [])):
         code, _, events = train_run(ctx, ctx.work / f"parity-{name}", steps, *settings)
         trains = [e for e in events if e["event"] == "train"]
-        stage.figures[name] = {"status": code, "steps": len(trains), **final_losses(events),
-                               "tokens_per_s": trains[-1].get("tokens_per_s") if trains else None}
+        stage.figures[name] = {
+            "status": code,
+            "steps": len(trains),
+            **final_losses(events),
+            "tokens_per_s": trains[-1].get("tokens_per_s") if trains else None,
+        }
     stock, defaults = stage.figures["stock"], stage.figures["defaults"]
     for key in ("val_loss", "train_loss"):
         a, b = stock[key], defaults[key]
         gap = abs(b - a) / abs(a) if a and b is not None else None
-        stage.check(f"{key} within {PARITY_GAP:.0%} of stock's", gap is not None and gap <= PARITY_GAP,
-                    f"stock {a}, defaults {b}" + (f" ({gap:.2%} apart)" if gap is not None else "")
-                    + f" after {steps} steps")
+        stage.check(
+            f"{key} within {PARITY_GAP:.0%} of stock's",
+            gap is not None and gap <= PARITY_GAP,
+            f"stock {a}, defaults {b}" + (f" ({gap:.2%} apart)" if gap is not None else "") + f" after {steps} steps",
+        )
     stage.summary = "; ".join(f"{name} val_loss {f['val_loss']}" for name, f in stage.figures.items())
     return stage
 
@@ -476,14 +607,21 @@ def ablation_stage(ctx: Context, name: str) -> Stage:
     records = ablation(sizes(STAGE_CASES[name], dry[name]), sizes(STEPS, 3), ctx.deadline - 30)
     stage.figures = {"cases": records, "winners": winners(records)}
     for r in records:
-        stage.check(r["case"], r["error"] is None or r["skipped"],
-                    r["error"] or f"{r['tokens_per_s']:,} tok/s, first step {r['first_step_s']} s")
+        stage.check(
+            r["case"],
+            r["error"] is None or r["skipped"],
+            r["error"] or f"{r['tokens_per_s']:,} tok/s, first step {r['first_step_s']} s",
+        )
     stock = next((r for r in records if r["case"] == "stock" and not r["error"]), None)
     measured = [r for r in records if not r["error"]]
     best = max(measured, key=lambda r: r["tokens_per_s"], default=None)
     skipped = [r["case"] for r in records if r["skipped"]]
-    measured_summary = (f"stock {stock['tokens_per_s']:,} tok/s; best {best['case']} {best['tokens_per_s']:,} "
-                        f"({best['tokens_per_s'] / stock['tokens_per_s']:.2f}x)" if stock and best else "stock not measured")
+    measured_summary = (
+        f"stock {stock['tokens_per_s']:,} tok/s; best {best['case']} {best['tokens_per_s']:,} "
+        f"({best['tokens_per_s'] / stock['tokens_per_s']:.2f}x)"
+        if stock and best
+        else "stock not measured"
+    )
     stage.summary = measured_summary + (f"; skipped: {', '.join(skipped)}" if skipped else "")
     return stage
 
@@ -498,20 +636,31 @@ def hf_stage(ctx: Context) -> Stage:
     stage.figures = {"variants": records}
     for r in records:
         skipped = r["variant"] == "liger" and r["error"] is not None
-        stage.check(f"transformers Llama, {r['variant']}", r["error"] is None or skipped,
-                    r["error"] or f"{r['tokens_per_s']:,} tok/s, peak {r['peak_gb']} GB")
+        stage.check(
+            f"transformers Llama, {r['variant']}",
+            r["error"] is None or skipped,
+            r["error"] or f"{r['tokens_per_s']:,} tok/s, peak {r['peak_gb']} GB",
+        )
     found = {r["variant"]: r for r in records if r["error"] is None}
     if "unpatched" in found and "fasttrain" in found:
-        stage.summary = (f"patched {found['fasttrain']['tokens_per_s'] / found['unpatched']['tokens_per_s']:.2f}x "
-                         "unpatched tokens/s")
+        stage.summary = (
+            f"patched {found['fasttrain']['tokens_per_s'] / found['unpatched']['tokens_per_s']:.2f}x unpatched tokens/s"
+        )
     return stage
 
 
 WORKERS: dict[str, Callable[[Context], Stage]] = {
-    "env": env_stage, "tests": tests_stage, "tune": tune_stage, "kernels": kernels_stage, "step": step_stage,
-    "profile": profile_stage, "ablation": functools.partial(ablation_stage, name="ablation"),
-    "ablation-compile": functools.partial(ablation_stage, name="ablation-compile"), "parity": parity_stage,
-    "hf": hf_stage, "train": train_stage,
+    "env": env_stage,
+    "tests": tests_stage,
+    "tune": tune_stage,
+    "kernels": kernels_stage,
+    "step": step_stage,
+    "profile": profile_stage,
+    "ablation": functools.partial(ablation_stage, name="ablation"),
+    "ablation-compile": functools.partial(ablation_stage, name="ablation-compile"),
+    "parity": parity_stage,
+    "hf": hf_stage,
+    "train": train_stage,
 }
 
 
@@ -521,24 +670,39 @@ WORKERS: dict[str, Callable[[Context], Stage]] = {
 def commit_id() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"  # no git: the lent GPU machine gets a copy of the working tree without .git
 
 
 def new_results(argv: Sequence[str], commit: str, dry_run: bool) -> dict:
-    return {"datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit_info": {"id": commit}, "command": "python -m benchmarks.gpu_check " + " ".join(argv),
-            "benchmarks": [], "gpu_check": {"dry_run": dry_run, "stages": {}}}
+    return {
+        "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit_info": {"id": commit},
+        "command": "python -m benchmarks.gpu_check " + " ".join(argv),
+        "benchmarks": [],
+        "gpu_check": {"dry_run": dry_run, "stages": {}},
+    }
 
 
 def run_stage(name: str, out: Path, work: Path, seconds: float, dry_run: bool) -> dict:
     """Run one stage's worker process under its limit; its record (status, seconds, checks, figures, cases)."""
     result = work / f"{name}.json"
-    command = [sys.executable, "-m", "benchmarks.gpu_check", "--worker", name, "--work", str(work),
-               "--seconds", str(seconds), *(["--dry-run"] if dry_run else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.gpu_check",
+        "--worker",
+        name,
+        "--work",
+        str(work),
+        "--seconds",
+        str(seconds),
+        *(["--dry-run"] if dry_run else []),
+    ]
     # Without pytest-xdist's worker variables (when this runs inside a test): pytest-benchmark sees them
     # and refuses --benchmark-only in the stages' own pytest runs.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
@@ -549,8 +713,9 @@ def run_stage(name: str, out: Path, work: Path, seconds: float, dry_run: bool) -
         # forced-on cases ran Triton's interpreter, seconds a step, for figures that mean nothing here.
         env.pop("TRITON_INTERPRET", None)
     start = time.monotonic()
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:  # the worker keeps to `seconds` itself; the extra minute is for a hang it cannot see past
         output, _ = proc.communicate(timeout=seconds + 60)
         ended = f"exit {proc.returncode}"
@@ -563,9 +728,14 @@ def run_stage(name: str, out: Path, work: Path, seconds: float, dry_run: bool) -
         log.write(f"\n===== stage {name} ({elapsed} s, {ended})\n{output[-LOG_TAIL:]}")
     if not result.exists():  # it crashed or hung: its last line is the best clue (the log has the rest)
         last = (output.strip().splitlines() or ["no output"])[-1][-300:]
-        return {"status": "error", "seconds": elapsed, "summary": f"the stage died ({ended}): {last}",
-                "checks": [{"name": "the stage finished", "ok": False, "detail": f"{ended}: {last}"}],
-                "figures": {}, "benchmarks": []}
+        return {
+            "status": "error",
+            "seconds": elapsed,
+            "summary": f"the stage died ({ended}): {last}",
+            "checks": [{"name": "the stage finished", "ok": False, "detail": f"{ended}: {last}"}],
+            "figures": {},
+            "benchmarks": [],
+        }
     record = json.loads(result.read_text())
     record["status"] = "pass" if all(c["ok"] for c in record["checks"]) else "fail"
     record["seconds"] = elapsed
@@ -587,33 +757,59 @@ def report(results: dict) -> str:
     stages = results["gpu_check"]["stages"]
     env = stages.get("env", {}).get("figures", {})
     info = env.get("environment", {})
-    lines = [f"# GPU acceptance: {info.get('gpu') or info.get('cpu', 'unknown machine')}"
-             + (" (dry run on the CPU: timings mean nothing)" if results["gpu_check"].get("dry_run") else ""), "",
-             ", ".join(f"{k} {info[k]}" for k in ("driver", "cuda", "torch", "triton", "python") if k in info)
-             + f"; commit {results['commit_info']['id']}; {results['datetime']}", "",
-             f"`{results['command']}`", "", "## Checks", "", "| stage | check | result | detail |",
-             "| --- | --- | --- | --- |"]
+    lines = [
+        f"# GPU acceptance: {info.get('gpu') or info.get('cpu', 'unknown machine')}"
+        + (" (dry run on the CPU: timings mean nothing)" if results["gpu_check"].get("dry_run") else ""),
+        "",
+        ", ".join(f"{k} {info[k]}" for k in ("driver", "cuda", "torch", "triton", "python") if k in info)
+        + f"; commit {results['commit_info']['id']}; {results['datetime']}",
+        "",
+        f"`{results['command']}`",
+        "",
+        "## Checks",
+        "",
+        "| stage | check | result | detail |",
+        "| --- | --- | --- | --- |",
+    ]
     for name in STAGES:
         for c in stages.get(name, {}).get("checks", []):
             lines.append(f"| {name} | {c['name']} | {'pass' if c['ok'] else '**FAIL**'} | {c['detail']} |")
     goals = judge(results["benchmarks"])
     if goals:
-        lines += ["", f"## Goals of the open performance issues: {sum(g['met'] for g in goals)} of {len(goals)} met",
-                  "", "| goal | case | met | detail |", "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"## Goals of the open performance issues: {sum(g['met'] for g in goals)} of {len(goals)} met",
+            "",
+            "| goal | case | met | detail |",
+            "| --- | --- | --- | --- |",
+        ]
         lines += [f"| {g['goal']} | {g['case']} | {'yes' if g['met'] else '**no**'} | {g['detail']} |" for g in goals]
     if env:
-        lines += ["", f"Floors measured here: device copy {env['copy_gb_per_s']:,} GB/s (read + write), "
-                      f"{env['matmul']} matmul {env['matmul_tflop_per_s']:,} TFLOP/s."]
+        lines += [
+            "",
+            f"Floors measured here: device copy {env['copy_gb_per_s']:,} GB/s (read + write), "
+            f"{env['matmul']} matmul {env['matmul_tflop_per_s']:,} TFLOP/s.",
+        ]
     # From the cases rather than the stages' stored races: results written before those had mins still read
-    rows = [r for name in ("kernels", "step")
-            for r in races([b for b in results["benchmarks"] if b.get("extra_info", {}).get("stage") == name])]
+    rows = [
+        r
+        for name in ("kernels", "step")
+        for r in races([b for b in results["benchmarks"] if b.get("extra_info", {}).get("stage") == name])
+    ]
     if rows:
-        lines += ["", "## fasttrain against the fastest other implementation (by median)", "",
-                  "| case | fasttrain median | min | fastest other | its median | min | speedup (median) | (min) |",
-                  "| --- " * 8 + "|"]
-        lines += [f"| {r['case']} | {duration(r['fasttrain_s'])} | {duration(r['fasttrain_min_s'])} | {r['rival']} | "
-                  f"{duration(r['rival_s'])} | {duration(r['rival_min_s'])} | {r['speedup']:.2f}x | "
-                  f"{r['min_speedup']:.2f}x |" for r in rows]
+        lines += [
+            "",
+            "## fasttrain against the fastest other implementation (by median)",
+            "",
+            "| case | fasttrain median | min | fastest other | its median | min | speedup (median) | (min) |",
+            "| --- " * 8 + "|",
+        ]
+        lines += [
+            f"| {r['case']} | {duration(r['fasttrain_s'])} | {duration(r['fasttrain_min_s'])} | {r['rival']} | "
+            f"{duration(r['rival_s'])} | {duration(r['rival_min_s'])} | {r['speedup']:.2f}x | "
+            f"{r['min_speedup']:.2f}x |"
+            for r in rows
+        ]
     if results["benchmarks"]:
         lines += ["", "## Every case", "", markdown(results)]
     return "\n".join(lines) + "\n"
@@ -630,8 +826,10 @@ def write_outputs(results: dict, out: Path) -> None:
 
 
 def summary(results: dict) -> str:
-    lines = [f"gpu_check ({'dry run, ' if results['gpu_check'].get('dry_run') else ''}"
-             f"commit {results['commit_info']['id'][:12]}):"]
+    lines = [
+        f"gpu_check ({'dry run, ' if results['gpu_check'].get('dry_run') else ''}"
+        f"commit {results['commit_info']['id'][:12]}):"
+    ]
     for name in STAGES:
         record = results["gpu_check"]["stages"].get(name)
         if record:
@@ -660,8 +858,14 @@ def combine(paths: Sequence[str], out: Path) -> dict:
             results = part
             continue
         for name, record in part["gpu_check"]["stages"].items():
-            add_stage(results, name, {**record, "benchmarks": [b for b in part["benchmarks"]
-                                                               if b.get("extra_info", {}).get("stage") == name]})
+            add_stage(
+                results,
+                name,
+                {
+                    **record,
+                    "benchmarks": [b for b in part["benchmarks"] if b.get("extra_info", {}).get("stage") == name],
+                },
+            )
     write_outputs(results, out)
     return results
 

@@ -30,11 +30,28 @@ def llama(device: torch.device) -> torch.nn.Module:
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**sizes(
-        dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-             num_key_value_heads=4, max_position_embeddings=2048),
-        dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)))
+    config = transformers.LlamaConfig(
+        **sizes(
+            dict(
+                vocab_size=32000,
+                hidden_size=768,
+                intermediate_size=2048,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                num_key_value_heads=4,
+                max_position_embeddings=2048,
+            ),
+            dict(
+                vocab_size=300,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+            ),
+        )
+    )
     return transformers.LlamaForCausalLM(config).to(device)
 
 
@@ -88,9 +105,12 @@ def measure(variant: str, steps: int, batch: int, seq_len: int) -> dict:
             times.append(elapsed)
             losses.append(round(loss.item(), 4))
     median = statistics.median(times)
-    record.update(tokens_per_s=round(batch * seq_len / median), step_ms={"min": round(min(times) * 1e3, 2),
-                  "median": round(median * 1e3, 2)}, losses=losses,
-                  peak_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None)
+    record.update(
+        tokens_per_s=round(batch * seq_len / median),
+        step_ms={"min": round(min(times) * 1e3, 2), "median": round(median * 1e3, 2)},
+        losses=losses,
+        peak_gb=round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None,
+    )
     return record
 
 

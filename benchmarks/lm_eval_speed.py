@@ -44,10 +44,15 @@ def write_tasks(folder: Path) -> list[str]:
     from fasttrain.training.harness import write_local_task
 
     texts = [" ".join(t.split()) for t in topics.values() if len(t) > 3000]
-    questions = [{"question": f"{texts[i % len(texts)][:100 + 37 * i % 1500]}\nAnswer:",
-                  "choices": [" yes", " no, it is not", " the module", " a list of items"], "label": i % 4}
-                 for i in range(100)]
-    documents = [{"text": texts[i % len(texts)][:200 + 80 * i]} for i in range(20)]
+    questions = [
+        {
+            "question": f"{texts[i % len(texts)][: 100 + 37 * i % 1500]}\nAnswer:",
+            "choices": [" yes", " no, it is not", " the module", " a list of items"],
+            "label": i % 4,
+        }
+        for i in range(100)
+    ]
+    documents = [{"text": texts[i % len(texts)][: 200 + 80 * i]} for i in range(20)]
     write_local_task(folder, "speed_mc", "multiple_choice", questions)
     write_local_task(folder, "speed_ppl", "rolling", documents)
     return ["speed_mc", "speed_ppl"]
@@ -68,9 +73,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lm-eval-speed-") as tmp:
         tmp = Path(tmp)
         prepare(["builtin:pydoc"], tmp / "data", vocab_size=4096, quiet=True)
-        cfg = load_config(CONFIG, [f'data.dir="{tmp / "data"}"', f'train.out_dir="{tmp / "run"}"', "train.device=cpu",
-                                   "train.max_steps=2", "train.sample_tokens=0", 'train.precision="fp32"',
-                                   "train.compile=false", "train.tensorboard=false"])
+        cfg = load_config(
+            CONFIG,
+            [
+                f'data.dir="{tmp / "data"}"',
+                f'train.out_dir="{tmp / "run"}"',
+                "train.device=cpu",
+                "train.max_steps=2",
+                "train.sample_tokens=0",
+                'train.precision="fp32"',
+                "train.compile=false",
+                "train.tensorboard=false",
+            ],
+        )
         Trainer(cfg, quiet=True).train()
         export(tmp / "run", tmp / "hf", hf=True)
         names = write_tasks(tmp)
@@ -92,9 +107,13 @@ def main() -> None:
     result = {
         "what": __doc__.split("\n\n")[0],
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "processor": platform.processor()
-                    or platform.machine(), "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine(),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "versions": {"torch": torch.__version__, "lm_eval": LM_EVAL_VERSION},
         "requests": {"speed_mc": 400, "speed_ppl_documents": 20},
         "seconds": seconds,
@@ -105,8 +124,11 @@ def main() -> None:
         "command": "python -m benchmarks.lm_eval_speed --out " + args.out,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("median_seconds", "speedup_over_hf_batch_1", "speedup_over_hf_batch_16")},
-                     indent=2))
+    print(
+        json.dumps(
+            {k: result[k] for k in ("median_seconds", "speedup_over_hf_batch_1", "speedup_over_hf_batch_16")}, indent=2
+        )
+    )
 
 
 if __name__ == "__main__":

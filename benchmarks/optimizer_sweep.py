@@ -58,9 +58,18 @@ def sweep_overrides(name: str, key: str, lr: float, max_steps: int, out_dir: Pat
     """The --set overrides of one run of the grid."""
     base = load_config(ROOT / "configs/base.toml")
     scheduled = lr if key == "optim.lr" else base.optim.lr  # the rate the schedule (and min_lr) is relative to
-    return [f"optim.name={name}", f"{key}={lr}", f"schedule.min_lr={scheduled / 10:g}",
-            f"schedule.warmup_steps={min(base.schedule.warmup_steps, max_steps)}", f"train.max_steps={max_steps}", f"train.eval_interval={max_steps}", f"checkpoint.interval={max_steps}",
-            "train.sample_tokens=0", "train.tensorboard=false", f"train.out_dir={out_dir}"]
+    return [
+        f"optim.name={name}",
+        f"{key}={lr}",
+        f"schedule.min_lr={scheduled / 10:g}",
+        f"schedule.warmup_steps={min(base.schedule.warmup_steps, max_steps)}",
+        f"train.max_steps={max_steps}",
+        f"train.eval_interval={max_steps}",
+        f"checkpoint.interval={max_steps}",
+        "train.sample_tokens=0",
+        "train.tensorboard=false",
+        f"train.out_dir={out_dir}",
+    ]
 
 
 def run_grid(max_steps: int, names: Sequence[str]) -> list[dict]:
@@ -73,9 +82,17 @@ def run_grid(max_steps: int, names: Sequence[str]) -> list[dict]:
                 start = time.perf_counter()
                 summary = Trainer(load_config(ROOT / "configs/base.toml", overrides), quiet=True).train()
                 seconds = time.perf_counter() - start
-                results.append({"optimizer": name, key: lr, "final_val_bpb": round(summary["val_bpb"], 4),
-                                "final_val_loss": round(summary["val_loss"], 4), "wall_seconds": round(seconds, 1),
-                                "skipped_steps": summary["skipped_steps"], "overrides": overrides[:-1]})
+                results.append(
+                    {
+                        "optimizer": name,
+                        key: lr,
+                        "final_val_bpb": round(summary["val_bpb"], 4),
+                        "final_val_loss": round(summary["val_loss"], 4),
+                        "wall_seconds": round(seconds, 1),
+                        "skipped_steps": summary["skipped_steps"],
+                        "overrides": overrides[:-1],
+                    }
+                )
                 print(json.dumps(results[-1]), flush=True)
     return results
 
@@ -97,9 +114,15 @@ def time_steps(names: Sequence[str], repeats: int, layers: int) -> list[dict]:
             start = time.perf_counter()
             updater.apply(optim.lr)
             times.append(time.perf_counter() - start)
-        results.append({"optimizer": name, "model": f"gpt2-small with {layers} of its 12 blocks",
-                        "parameters": model.num_params(), "median_step_seconds": round(statistics.median(times[1:]), 3),
-                        "step_seconds": [round(t, 3) for t in times[1:]]})
+        results.append(
+            {
+                "optimizer": name,
+                "model": f"gpt2-small with {layers} of its 12 blocks",
+                "parameters": model.num_params(),
+                "median_step_seconds": round(statistics.median(times[1:]), 3),
+                "step_seconds": [round(t, 3) for t in times[1:]],
+            }
+        )
         print(json.dumps(results[-1]), flush=True)
     return results
 
@@ -116,15 +139,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--optimizers", nargs="+", choices=list(GRID), default=list(GRID))
     parser.add_argument("--repeats", type=int, default=1, help="timed calls of each 124M step (after one warm-up)")
     parser.add_argument("--layers", type=int, default=1, help="blocks of the 124M model kept for the step timings")
-    parser.add_argument("--out", type=Path,
-                        default=ROOT / f"benchmarks/results/cpu-optimizers-{datetime.date.today()}.json")
+    parser.add_argument(
+        "--out", type=Path, default=ROOT / f"benchmarks/results/cpu-optimizers-{datetime.date.today()}.json"
+    )
     args = parser.parse_args(argv)
-    report = {"what": "issue #22: the optimizers on configs/base.toml, and one 124M optimizer step on the CPU",
-              "date": str(datetime.date.today()), "commit": git_commit(), "machine": environment(),
-              "command": " ".join(["python -m benchmarks.optimizer_sweep", *(argv or sys.argv[1:])])}
+    report = {
+        "what": "issue #22: the optimizers on configs/base.toml, and one 124M optimizer step on the CPU",
+        "date": str(datetime.date.today()),
+        "commit": git_commit(),
+        "machine": environment(),
+        "command": " ".join(["python -m benchmarks.optimizer_sweep", *(argv or sys.argv[1:])]),
+    }
     if args.part in ("all", "runs"):
-        report["runs"] = {"config": "configs/base.toml", "max_steps": args.max_steps,
-                          "results": run_grid(args.max_steps, args.optimizers)}
+        report["runs"] = {
+            "config": "configs/base.toml",
+            "max_steps": args.max_steps,
+            "results": run_grid(args.max_steps, args.optimizers),
+        }
     if args.part in ("all", "steps"):
         report["steps"] = time_steps(args.optimizers, args.repeats, args.layers)
     args.out.parent.mkdir(parents=True, exist_ok=True)

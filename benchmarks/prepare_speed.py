@@ -62,8 +62,12 @@ def make_corpus(path: Path, mb: float) -> int:
 def spawn(args: list[str], rss_file: Path) -> subprocess.Popen:
     """`args` under /usr/bin/time, which writes its peak RSS (KB) into `rss_file`. Not wait4's own figure:
     Linux carries the spawning process's high-water mark across exec, and this process holds the corpus."""
-    return subprocess.Popen(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.Popen(
+        ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def finish(proc: subprocess.Popen, rss_file: Path) -> int:
@@ -81,8 +85,18 @@ def run_measured(args: list[str], rss_file: Path) -> tuple[float, int]:
 
 
 def prepare_args(corpus: Path, tokenizer: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "fasttrain.prepare", "--input", str(corpus), "--out", str(out),
-            "--tokenizer", str(tokenizer), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "fasttrain.prepare",
+        "--input",
+        str(corpus),
+        "--out",
+        str(out),
+        "--tokenizer",
+        str(tokenizer),
+        *extra,
+    ]
 
 
 def parts_case(corpus: Path, tokenizer: Path, out: Path) -> tuple[float, int]:
@@ -90,11 +104,14 @@ def parts_case(corpus: Path, tokenizer: Path, out: Path) -> tuple[float, int]:
     and the largest peak RSS of the three."""
     start = time.perf_counter()
     rss_files = [out.parent / f"rss-part-{k}" for k in range(2)]
-    procs = [spawn(prepare_args(corpus, tokenizer, out, "--part", f"{k}/2", "--workers", "1"), rss_files[k])
-             for k in range(2)]
+    procs = [
+        spawn(prepare_args(corpus, tokenizer, out, "--part", f"{k}/2", "--workers", "1"), rss_files[k])
+        for k in range(2)
+    ]
     rss = max(finish(p, f) for p, f in zip(procs, rss_files))
-    _, merge_rss = run_measured([sys.executable, "-m", "fasttrain.prepare", "--out", str(out), "--merge"],
-                                out.parent / "rss-merge")
+    _, merge_rss = run_measured(
+        [sys.executable, "-m", "fasttrain.prepare", "--out", str(out), "--merge"], out.parent / "rss-merge"
+    )
     return time.perf_counter() - start, max(rss, merge_rss)
 
 
@@ -112,16 +129,25 @@ def main() -> None:
         documents = make_corpus(corpus, args.mb)
         mb = corpus.stat().st_size / 1e6
         texts = [json.loads(line)["text"] for line in open(corpus)]
-        results = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "corpus": {
-            "what": "CPython standard library .py files cut at blank lines into documents of >= 2,000 characters, as JSONL",
-            "documents": documents, "jsonl_mb": round(mb, 2)}, "cores": cores, "rounds": args.rounds,
-            "load_average_before": os.getloadavg(), "python": platform.python_version(), "vocabularies": {}}
+        results = {
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "corpus": {
+                "what": "CPython standard library .py files cut at blank lines into documents of >= 2,000 characters, as JSONL",
+                "documents": documents,
+                "jsonl_mb": round(mb, 2),
+            },
+            "cores": cores,
+            "rounds": args.rounds,
+            "load_average_before": os.getloadavg(),
+            "python": platform.python_version(),
+            "vocabularies": {},
+        }
         for vocab in args.vocab:
             tok = Tokenizer.train(texts[::3], vocab)  # learning is not measured
             tokenizer = work / f"tokenizer-{vocab}.json"
             tok.save(tokenizer)
             fast = fast_encoder(tok.tok)
-            batches = [texts[i:i + 200] for i in range(0, len(texts), 200)]
+            batches = [texts[i : i + 200] for i in range(0, len(texts), 200)]
 
             def tiktoken_alone(threads: int) -> float:
                 start = time.perf_counter()
@@ -160,15 +186,28 @@ def main() -> None:
             for name, measured in runs.items():
                 seconds = statistics.median(s for s, _ in measured)
                 rss = [r for _, r in measured if r is not None]
-                table[name] = {"seconds": [round(s, 3) for s, _ in measured], "median_s": round(seconds, 3),
-                               "mb_per_s": round(mb / seconds, 1), "peak_rss_mb": max(rss) if rss else None,
-                               "hours_for_100_gb": round(seconds / mb * 1e5 / 3600, 2)}
+                table[name] = {
+                    "seconds": [round(s, 3) for s, _ in measured],
+                    "median_s": round(seconds, 3),
+                    "mb_per_s": round(mb / seconds, 1),
+                    "peak_rss_mb": max(rss) if rss else None,
+                    "hours_for_100_gb": round(seconds / mb * 1e5 / 3600, 2),
+                }
             base = table["tokenizers encode_batch alone"]["median_s"]
             for row in table.values():
                 row["x_tokenizers_encode_batch"] = round(base / row["median_s"], 2)
             results["vocabularies"][str(vocab)] = table
-            print(json.dumps({vocab: {k: (v["mb_per_s"], v["x_tokenizers_encode_batch"], v["peak_rss_mb"])
-                                      for k, v in table.items()}}, indent=1))
+            print(
+                json.dumps(
+                    {
+                        vocab: {
+                            k: (v["mb_per_s"], v["x_tokenizers_encode_batch"], v["peak_rss_mb"])
+                            for k, v in table.items()
+                        }
+                    },
+                    indent=1,
+                )
+            )
         results["load_average_after"] = os.getloadavg()
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     finally:

@@ -79,8 +79,12 @@ def timed_steps(trainer, steps: int) -> tuple[list[float], dict[str, int]]:
 
 def step_summary(times: list[float]) -> dict:
     """Step times in ms: min, median, stdev and each in order, to the microsecond."""
-    return {"min": round(min(times), 3), "median": round(statistics.median(times), 3),
-            "stdev": round(statistics.stdev(times), 3) if len(times) > 1 else 0.0, "each": [round(t, 3) for t in times]}
+    return {
+        "min": round(min(times), 3),
+        "median": round(statistics.median(times), 3),
+        "stdev": round(statistics.stdev(times), 3) if len(times) > 1 else 0.0,
+        "each": [round(t, 3) for t in times],
+    }
 
 
 def ms_by_category(events, cuda: bool, steps: int) -> dict[str, float]:
@@ -118,9 +122,12 @@ def profile_trainer(trainer, steps: int, out: Path) -> dict:
     if cuda:  # the device idle: host work the kernels waited for, launch gaps, syncs
         by_category["idle (host, gaps)"] = max(statistics.median(times) - sum(by_category.values()), 0.0)
     table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25)
-    return {"step_ms": step_summary(times), "allocator": allocator,
-            "ms_per_step": {k: round(v, 3) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
-            "table": table}
+    return {
+        "step_ms": step_summary(times),
+        "allocator": allocator,
+        "ms_per_step": {k: round(v, 3) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+        "table": table,
+    }
 
 
 def profile_steps(config: str, overrides: Sequence[str], steps: int, out: Path) -> dict:

@@ -20,9 +20,16 @@ from fasttrain.plot import pyplot, save_figure
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 COLUMNS = {  # extra_info key: column title, in table order
-    "gb_per_s": "GB/s", "tflop_per_s": "TFLOP/s", "tokens_per_s": "tokens/s", "fraction_of_floor": "of floor",
-    "mfu": "MFU", "peak_memory_gib": "peak GiB", "peak_extra_gib": "extra GiB", "pad_fraction": "on pads",
-    "host_us_per_call": "host us/call", "timing": "timed by",
+    "gb_per_s": "GB/s",
+    "tflop_per_s": "TFLOP/s",
+    "tokens_per_s": "tokens/s",
+    "fraction_of_floor": "of floor",
+    "mfu": "MFU",
+    "peak_memory_gib": "peak GiB",
+    "peak_extra_gib": "extra GiB",
+    "pad_fraction": "on pads",
+    "host_us_per_call": "host us/call",
+    "timing": "timed by",
 }
 HEADLINES = ("gb_per_s", "tflop_per_s", "tokens_per_s")  # a case's bar: the first of these it has
 
@@ -65,9 +72,13 @@ def markdown(results: dict) -> str:
     benches = results["benchmarks"]
     info = benches[0].get("extra_info", {}) if benches else {}
     commit = results.get("commit_info") or {}
-    where = [info.get("gpu") or info.get("cpu") or "unknown machine", f"torch {info.get('torch', '?')}",
-             f"triton {info.get('triton', '?')}", f"commit {str(commit.get('id', '?'))[:12]}"
-             + (" (dirty)" if commit.get("dirty") else ""), str(results.get("datetime", "?"))[:10]]
+    where = [
+        info.get("gpu") or info.get("cpu") or "unknown machine",
+        f"torch {info.get('torch', '?')}",
+        f"triton {info.get('triton', '?')}",
+        f"commit {str(commit.get('id', '?'))[:12]}" + (" (dirty)" if commit.get("dirty") else ""),
+        str(results.get("datetime", "?"))[:10],
+    ]
     lines = [", ".join(where) + (f"; `{results['command']}`" if results.get("command") else ""), ""]
     keys = [k for k in COLUMNS if any(k in b.get("extra_info", {}) for b in benches)]
     lines.append("| case | implementation | median | min | " + " | ".join(COLUMNS[k] for k in keys) + " |")
@@ -75,8 +86,13 @@ def markdown(results: dict) -> str:
     for b in benches:
         group, impl = case_of(b)
         extra = b.get("extra_info", {})
-        cells = [group, impl, duration(b["stats"]["median"]), duration(b["stats"]["min"]),
-                 *(_number(extra[k]) if k in extra else "" for k in keys)]
+        cells = [
+            group,
+            impl,
+            duration(b["stats"]["median"]),
+            duration(b["stats"]["min"]),
+            *(_number(extra[k]) if k in extra else "" for k in keys),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -95,8 +111,9 @@ def chart(results: dict, out: str | Path) -> Path:
         raise UsageError("no case recorded GB/s, TFLOP/s or tokens/s: nothing to chart")
     impls = sorted({impl for groups in panels.values() for bars in groups.values() for impl in bars})
     heights = [len(groups) for groups in panels.values()]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1 + 0.5 * sum(heights) + len(panels)),
-                             height_ratios=heights, squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(10, 1 + 0.5 * sum(heights) + len(panels)), height_ratios=heights, squeeze=False
+    )
     width = 0.8 / len(impls)
     for ax, (headline, groups) in zip(axes[:, 0], panels.items()):
         for i, impl in enumerate(impls):

@@ -63,8 +63,12 @@ CASES = (Case("bf16", torch.bfloat16, torch.bfloat16), Case("bf16 autocast", tor
 
 def tile_shapes(block: int) -> list[tuple[int, int]]:
     """(rows a tile, warps) worth timing for rows of `block` columns: each thread holds 4-64 of the tile."""
-    return [(rows, warps) for rows in BLOCK_ROWS for warps in WARPS
-            if MIN_PER_THREAD <= rows * block // (32 * warps) <= MAX_PER_THREAD]
+    return [
+        (rows, warps)
+        for rows in BLOCK_ROWS
+        for warps in WARPS
+        if MIN_PER_THREAD <= rows * block // (32 * warps) <= MAX_PER_THREAD
+    ]
 
 
 def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
@@ -109,12 +113,15 @@ class Inputs:
 
     def agrees(self, forward: Tiling | None, backward: Tiling | None) -> bool:
         """The outputs of these tilings equal the default's within rounding (row sums may be ordered otherwise)."""
-        return all(torch.allclose(a.float(), b.float(), rtol=2e-2, atol=1e-2)
-                   for a, b in zip(self.outputs(forward, backward), self.expected))
+        return all(
+            torch.allclose(a.float(), b.float(), rtol=2e-2, atol=1e-2)
+            for a, b in zip(self.outputs(forward, backward), self.expected)
+        )
 
 
-def best(candidates: Iterable[Tiling], time_one: Callable[[Case, Tiling], float], cases: Iterable[Case]
-         ) -> tuple[Tiling, dict[Tiling, float]]:
+def best(
+    candidates: Iterable[Tiling], time_one: Callable[[Case, Tiling], float], cases: Iterable[Case]
+) -> tuple[Tiling, dict[Tiling, float]]:
     """The candidate with the lowest sum over `cases` of its time over the case's fastest, and every
     candidate's score; a candidate whose `time_one` raises (fails to compile or launch) is dropped."""
     times: dict[Tiling, dict[str, float]] = {}
@@ -152,21 +159,38 @@ def tune(hidden: int, rows: int, device: torch.device) -> dict:
 
     shapes = tile_shapes(block) or [(default_forward.block_rows, default_forward.num_warps)]
     forward, _ = best([Tiling(r, w) for r, w in shapes] + [default_forward], timer("forward"), CASES)
-    shape, _ = best([Tiling(r, w, default_backward.programs_per_sm, default_backward.stages) for r, w in shapes]
-                    + [default_backward], timer("backward"), CASES)
-    backward, _ = best([Tiling(shape.block_rows, shape.num_warps, p, s) for p in PROGRAMS_PER_SM for s in STAGES],
-                       timer("backward"), CASES)
+    shape, _ = best(
+        [Tiling(r, w, default_backward.programs_per_sm, default_backward.stages) for r, w in shapes]
+        + [default_backward],
+        timer("backward"),
+        CASES,
+    )
+    backward, _ = best(
+        [Tiling(shape.block_rows, shape.num_warps, p, s) for p in PROGRAMS_PER_SM for s in STAGES],
+        timer("backward"),
+        CASES,
+    )
     winners = (("forward", forward, default_forward), ("backward", backward, default_backward))
 
     def micros(statistic: int) -> dict:  # 0: min, 1: median
-        return {f"{which} {case.name}": {"tuned": round(1e6 * timings[which, case.name, tuned][statistic], 2),
-                                         "default": round(1e6 * timings[which, case.name, default][statistic], 2)}
-                for which, tuned, default in winners for case in CASES if (which, case.name, default) in timings}
+        return {
+            f"{which} {case.name}": {
+                "tuned": round(1e6 * timings[which, case.name, tuned][statistic], 2),
+                "default": round(1e6 * timings[which, case.name, default][statistic], 2),
+            }
+            for which, tuned, default in winners
+            for case in CASES
+            if (which, case.name, default) in timings
+        }
 
     return {
-        "hidden": hidden, "block": block, "rows": rows,
-        "forward": dataclasses.asdict(forward), "backward": dataclasses.asdict(backward),
-        "median_us": micros(1), "min_us": micros(0),
+        "hidden": hidden,
+        "block": block,
+        "rows": rows,
+        "forward": dataclasses.asdict(forward),
+        "backward": dataclasses.asdict(backward),
+        "median_us": micros(1),
+        "min_us": micros(0),
     }
 
 
@@ -190,7 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         device, capability, hidden, rows = torch.device("cpu"), "dry-run", [64, 200], 64
     elif torch.cuda.is_available():
-        device, capability, hidden, rows = torch.device("cuda"), norm._capability(torch.device("cuda")), args.hidden, args.rows
+        device, capability, hidden, rows = (
+            torch.device("cuda"),
+            norm._capability(torch.device("cuda")),
+            args.hidden,
+            args.rows,
+        )
     else:
         print("error: no CUDA GPU (use --dry-run to check the plumbing on the CPU)")
         return 2
@@ -204,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps(merge(out, capability, [found], source), indent=1) + "\n")
             print(f"wrote {out}", flush=True)
     return 0
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

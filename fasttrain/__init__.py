@@ -26,7 +26,8 @@ def _check_kernels_package() -> None:
         raise ImportError(
             f"fasttrain needs its own `kernels` package ({ours}), but `import kernels` finds "
             f"{found or 'nothing'}: another package named `kernels` (Hugging Face's?) shadows or replaced it; "
-            "uninstall that one (pip uninstall kernels) and reinstall fasttrain")
+            "uninstall that one (pip uninstall kernels) and reinstall fasttrain"
+        )
 
 
 def _started_as_command() -> bool:
@@ -48,8 +49,10 @@ def __getattr__(name: str) -> Any:
     # Imported on first use, so `python -m fasttrain.prepare` and friends do not pay for the trainer.
     if name == "Trainer":
         from fasttrain.training.trainer import Trainer
+
         return Trainer
     if name == "train_loop":
         from fasttrain.training.plain_loop import train_loop
+
         return train_loop
     raise AttributeError(f"module 'fasttrain' has no attribute {name!r}")

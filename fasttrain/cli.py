@@ -34,8 +34,11 @@ TOOLS = {
 
 
 def usage() -> str:
-    lines = ["usage: fasttrain TOOL [ARGS...]   (fasttrain TOOL --help for its arguments; fasttrain --version)", "",
-             "tools:"]
+    lines = [
+        "usage: fasttrain TOOL [ARGS...]   (fasttrain TOOL --help for its arguments; fasttrain --version)",
+        "",
+        "tools:",
+    ]
     lines += [f"  {name:<9} {what}" for name, (_, what) in TOOLS.items()]
     return "\n".join(lines)
 

@@ -27,16 +27,23 @@ from fasttrain.training.trainer import Trainer
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m fasttrain.doctor", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
-    parser.add_argument("--overfit-steps", type=int, default=200, metavar="N",
-                        help="steps allowed to memorise one small batch (default 200)")
+    parser.add_argument(
+        "--overfit-steps",
+        type=int,
+        default=200,
+        metavar="N",
+        help="steps allowed to memorise one small batch (default 200)",
+    )
     args = parser.parse_args(argv)
     cfg = config_from_args(args, "data.prefetch=0")  # one batch is all it reads
     trainer = Trainer(cfg, quiet=True)
     trainer.check_new_start()  # the weights a new run would start from are the ones checked
     t = cfg.train
-    print(f"doctor: {args.config}: {trainer.model.num_params() / 1e6:.2f}M parameters, batch {t.batch_size} x "
-          f"{t.seq_len} from {', '.join(str(s.dir) for s in trainer.sources)}, on {trainer.device} "
-          f"({trainer.precision})")
+    print(
+        f"doctor: {args.config}: {trainer.model.num_params() / 1e6:.2f}M parameters, batch {t.batch_size} x "
+        f"{t.seq_len} from {', '.join(str(s.dir) for s in trainer.sources)}, on {trainer.device} "
+        f"({trainer.precision})"
+    )
     for source in trainer.sources:  # data.dir, or every [[data.sources]] folder of a mixture
         for split in ("train", "val"):
             for shard in find_shards(source.dir, split):

@@ -53,8 +53,9 @@ if TYPE_CHECKING:  # lm-eval is the optional eval extra
     from lm_eval.tasks import TaskManager
 
 
-def score(trained: Trained, directory: str | Path, split: str, bits_per_nat: float, batch_size: int,
-          device: torch.device) -> dict[str, float]:
+def score(
+    trained: Trained, directory: str | Path, split: str, bits_per_nat: float, batch_size: int, device: torch.device
+) -> dict[str, float]:
     """loss, accuracy, ppl and bpb of `trained` over every batch of `split` in prepared `directory`, windows
     as the run trained on ([data] batching and padding, train.seq_len). `bits_per_nat`: the split's
     tokens / (UTF-8 bytes x ln 2)."""
@@ -64,11 +65,29 @@ def score(trained: Trained, directory: str | Path, split: str, bits_per_nat: flo
     def loss(x: torch.Tensor, y: torch.Tensor):
         return batch_loss(objective, x, y, eot_id if cfg.data.document_mask else None)
 
-    with TokenLoader(directory, split, batch_size, cfg.train.seq_len, sampling="sequential",
-                     batching=cfg.data.batching, padding=cfg.data.padding, eot_id=eot_id,
-                     vocab_size=cfg.model.vocab_size, prefetch=0, device=device, whole=True) as loader:
-        metrics = validate(loss, trained.model, loader, loader.reader.batches_per_epoch,
-                           inference_precision(cfg, device), World(), bits_per_nat)
+    with TokenLoader(
+        directory,
+        split,
+        batch_size,
+        cfg.train.seq_len,
+        sampling="sequential",
+        batching=cfg.data.batching,
+        padding=cfg.data.padding,
+        eot_id=eot_id,
+        vocab_size=cfg.model.vocab_size,
+        prefetch=0,
+        device=device,
+        whole=True,
+    ) as loader:
+        metrics = validate(
+            loss,
+            trained.model,
+            loader,
+            loader.reader.batches_per_epoch,
+            inference_precision(cfg, device),
+            World(),
+            bits_per_nat,
+        )
     assert metrics is not None  # None only when a stop() given to validate says to give up
     trained.model.eval()  # validate leaves the model in train mode
     return {name.removeprefix("val_"): value for name, value in metrics.items()}
@@ -85,22 +104,26 @@ def score_split(trained: Trained, split: str, batch_size: int, device: torch.dev
         data = open_prepared(directory)  # meta.json checked whole: bits per byte divide by its counts
         prepared_with = Path(directory) / "tokenizer.json"
         if prepared_with.read_bytes() != trained.tokenizer_path.read_bytes():
-            raise UsageError(f"{prepared_with}: differs from {trained.tokenizer_path}, the tokenizer the model "
-                             f"trained with: {directory} was prepared again since, so its token ids are not the "
-                             "model's; score text with --input instead")
+            raise UsageError(
+                f"{prepared_with}: differs from {trained.tokenizer_path}, the tokenizer the model "
+                f"trained with: {directory} was prepared again since, so its token ids are not the "
+                "model's; score text with --input instead"
+            )
         metrics = score(trained, directory, split, data.bits_per_nat, batch_size, device)
         found.append((name, {f"val_{k}": v for k, v in metrics.items()}))
     weights = normalized([s.weight for s in d.sources]) if d.sources else [1.0]
     return {k.removeprefix("val_"): v for k, v in mixture_metrics(found, weights).items()}
 
 
-def score_inputs(trained: Trained, inputs: Sequence[str], batch_size: int, device: torch.device,
-                 text_field: str = "text") -> dict[str, float]:
+def score_inputs(
+    trained: Trained, inputs: Sequence[str], batch_size: int, device: torch.device, text_field: str = "text"
+) -> dict[str, float]:
     """The metrics of the text in `inputs` (anything prepare reads), tokenized by the run's tokenizer."""
     with tempfile.TemporaryDirectory(prefix="fasttrain-evaluate-") as tmp:
         # Everything goes into the train split (val_fraction 0); it is only read back here.
-        meta = prepare(inputs, tmp, tokenizer_path=str(trained.tokenizer_path), val_fraction=0.0,
-                       text_field=text_field, quiet=True)
+        meta = prepare(
+            inputs, tmp, tokenizer_path=str(trained.tokenizer_path), val_fraction=0.0, text_field=text_field, quiet=True
+        )
         tokens, text_bytes = meta["tokens"]["train"], meta["text_bytes"]["train"]
         return score(trained, tmp, "train", tokens / (text_bytes * math.log(2)), batch_size, device)
 
@@ -125,8 +148,15 @@ def scored_step(source: Path) -> tuple[Path | None, int | None]:
     return run, step
 
 
-def score_tasks(trained: Trained, tasks: Sequence[str], num_fewshot: int | None, limit: float | None,
-                index: TaskManager, batch_size: int, output: str | None = None) -> dict[str, dict[str, float]]:
+def score_tasks(
+    trained: Trained,
+    tasks: Sequence[str],
+    num_fewshot: int | None,
+    limit: float | None,
+    index: TaskManager,
+    batch_size: int,
+    output: str | None = None,
+) -> dict[str, dict[str, float]]:
     """Run `tasks` through lm-eval (`index`: harness.task_index's, which found them); print the table, log an
     eval_tasks event in the run's metrics.jsonl (when `trained` came from a run), write `output`; returns the
     scores."""
@@ -134,8 +164,14 @@ def score_tasks(trained: Trained, tasks: Sequence[str], num_fewshot: int | None,
     results = harness.run_tasks(trained, tasks, num_fewshot, limit, batch_size=batch_size, index=index)
     scores = harness.task_scores(results)
     run, step = scored_step(trained.source)
-    record = {"step": step, "tasks": scores, "num_fewshot": num_fewshot, "limit": limit,
-              "source": str(trained.source), "lm_eval": harness.LM_EVAL_VERSION}
+    record = {
+        "step": step,
+        "tasks": scores,
+        "num_fewshot": num_fewshot,
+        "limit": limit,
+        "source": str(trained.source),
+        "lm_eval": harness.LM_EVAL_VERSION,
+    }
     print(harness.scores_table(scores, results.get("n-shot", {})))
     print(f"({trained.source}, step {step})")
     if output:
@@ -156,27 +192,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m fasttrain.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a run directory, a weights directory (final/, export/) or a checkpoint file")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--input", nargs="+", metavar="PATH",
-                      help="text files, globs, directories, JSONL files or builtin:NAME, as prepare takes them")
+    what.add_argument(
+        "--input",
+        nargs="+",
+        metavar="PATH",
+        help="text files, globs, directories, JSONL files or builtin:NAME, as prepare takes them",
+    )
     what.add_argument("--split", choices=["val"], help="the run's own prepared val split")
-    what.add_argument("--tasks", metavar="T1,T2",
-                      help="lm-evaluation-harness tasks, comma-separated (the eval extra: pip install -e '.[eval]')")
-    parser.add_argument("--num-fewshot", type=int, metavar="N", help="--tasks: examples in each prompt (default: "
-                        "each task's own)")
-    parser.add_argument("--limit", type=float, metavar="N", help="--tasks: at most N documents per task (below 1: "
-                        "that fraction)")
+    what.add_argument(
+        "--tasks",
+        metavar="T1,T2",
+        help="lm-evaluation-harness tasks, comma-separated (the eval extra: pip install -e '.[eval]')",
+    )
+    parser.add_argument(
+        "--num-fewshot", type=int, metavar="N", help="--tasks: examples in each prompt (default: each task's own)"
+    )
+    parser.add_argument(
+        "--limit", type=float, metavar="N", help="--tasks: at most N documents per task (below 1: that fraction)"
+    )
     parser.add_argument("--include-path", metavar="DIR", help="--tasks: a folder of task YAML files of your own")
     parser.add_argument("--output", metavar="FILE", help="--tasks: also write the scores to FILE as JSON")
-    parser.add_argument("--batch-size", type=int, metavar="N",
-                        help="rows per batch (default: the run's train.batch_size)")
+    parser.add_argument(
+        "--batch-size", type=int, metavar="N", help="rows per batch (default: the run's train.batch_size)"
+    )
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     args = parser.parse_args(argv)
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
-    task_only = [flag for flag, value in (("--num-fewshot", args.num_fewshot), ("--limit", args.limit),
-                                          ("--include-path", args.include_path), ("--output", args.output))
-                 if value is not None]
+    task_only = [
+        flag
+        for flag, value in (
+            ("--num-fewshot", args.num_fewshot),
+            ("--limit", args.limit),
+            ("--include-path", args.include_path),
+            ("--output", args.output),
+        )
+        if value is not None
+    ]
     if task_only and not args.tasks:
         raise UsageError(f"{task_only[0]}: only with --tasks")
     if args.num_fewshot is not None and args.num_fewshot < 0:
@@ -202,11 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         metrics = score_split(trained, args.split, batch_size, device)
     else:
         metrics = score_inputs(trained, args.input, batch_size, device, args.text_field)
-    print(f"loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}  bpb {metrics['bpb']:.4f}  "
-          f"accuracy {metrics['accuracy']:.4f}  ({trained.source})")
+    print(
+        f"loss {metrics['loss']:.4f}  ppl {metrics['ppl']:.2f}  bpb {metrics['bpb']:.4f}  "
+        f"accuracy {metrics['accuracy']:.4f}  ({trained.source})"
+    )
     for name in sorted({k.partition(".")[2] for k in metrics if "." in k}):  # a mixture's sources
-        print(f"  {name}: loss {metrics[f'loss.{name}']:.4f}  bpb {metrics[f'bpb.{name}']:.4f}  "
-              f"accuracy {metrics[f'accuracy.{name}']:.4f}")
+        print(
+            f"  {name}: loss {metrics[f'loss.{name}']:.4f}  bpb {metrics[f'bpb.{name}']:.4f}  "
+            f"accuracy {metrics[f'accuracy.{name}']:.4f}"
+        )
     return 0
 
 

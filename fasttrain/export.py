@@ -18,8 +18,12 @@ from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.training.trained_model import load_model, run_directory, tokenizer_file
 
 
-def export(source: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None, hf: bool = False,
-           dtype: torch.dtype = torch.float32) -> list[Path]:
+def export(
+    source: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str] | None = None,
+    hf: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> list[Path]:
     """Export the weights `source` names into `out_dir`: a run directory (its final/ weights, else its latest
     checkpoint), RUN/final, a checkpoints/ directory or its `latest`, or a checkpoint file, as sample and
     evaluate take them (fasttrain/training/trained_model.py).

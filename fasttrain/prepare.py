@@ -20,29 +20,63 @@ from fasttrain.system.errors import ArgumentParser, run_cli
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m fasttrain.prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", nargs="+", default=list(DEFAULT_INPUTS), metavar="PATH",
-                        help="text files, globs, directories, JSONL or Parquet files, or builtin:pydoc / builtin:docstrings "
-                             "(default: builtin:pydoc, the Python docs shipped with CPython)")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        default=list(DEFAULT_INPUTS),
+        metavar="PATH",
+        help="text files, globs, directories, JSONL or Parquet files, or builtin:pydoc / builtin:docstrings "
+        "(default: builtin:pydoc, the Python docs shipped with CPython)",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for the shards, tokenizer and meta.json")
     tok = parser.add_mutually_exclusive_group()
-    tok.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB, metavar="N",
-                     help=f"train a BPE of N tokens (default {DEFAULT_VOCAB})")
-    tok.add_argument("--tokenizer", metavar="FILE|DIR", help="use this tokenizer.json (or a model directory's) instead of training one")
-    parser.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
-                        help="fraction of the text held out for validation: whole documents, or the end "
-                             "of the text when there are fewer than two (default 0.1)")
+    tok.add_argument(
+        "--vocab-size",
+        type=int,
+        default=DEFAULT_VOCAB,
+        metavar="N",
+        help=f"train a BPE of N tokens (default {DEFAULT_VOCAB})",
+    )
+    tok.add_argument(
+        "--tokenizer",
+        metavar="FILE|DIR",
+        help="use this tokenizer.json (or a model directory's) instead of training one",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="fraction of the text held out for validation: whole documents, or the end "
+        "of the text when there are fewer than two (default 0.1)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace prepared data already in --out")
-    parser.add_argument("--text-field", default="text", help="JSONL field or Parquet column holding the text (default: text)")
-    parser.add_argument("--shard-tokens", type=int, default=100_000_000, metavar="N",
-                        help="tokens per shard (default 100M)")
-    parser.add_argument("--workers", type=int, default=0, metavar="N",
-                        help="threads that encode at once (default: one per core this process may use)")
+    parser.add_argument(
+        "--text-field", default="text", help="JSONL field or Parquet column holding the text (default: text)"
+    )
+    parser.add_argument(
+        "--shard-tokens", type=int, default=100_000_000, metavar="N", help="tokens per shard (default 100M)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="threads that encode at once (default: one per core this process may use)",
+    )
     many = parser.add_mutually_exclusive_group()
-    many.add_argument("--part", metavar="K/N", help="prepare part K of N (K from 0) of the inputs into "
-                      "OUT/parts/K-of-N, for --merge to join; the tokenizer must be given or learned first")
+    many.add_argument(
+        "--part",
+        metavar="K/N",
+        help="prepare part K of N (K from 0) of the inputs into "
+        "OUT/parts/K-of-N, for --merge to join; the tokenizer must be given or learned first",
+    )
     many.add_argument("--merge", action="store_true", help="join the N complete parts in OUT/parts into OUT")
-    many.add_argument("--learn-tokenizer-only", action="store_true",
-                      help="learn the BPE of --vocab-size that every --part will use, into OUT/parts/tokenizer.json")
+    many.add_argument(
+        "--learn-tokenizer-only",
+        action="store_true",
+        help="learn the BPE of --vocab-size that every --part will use, into OUT/parts/tokenizer.json",
+    )
     args = parser.parse_args(argv)
     if args.workers < 0:
         parser.error(f"--workers: must be >= 0, got {args.workers}")
@@ -52,18 +86,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.learn_tokenizer_only:
         if args.tokenizer:
             parser.error("--learn-tokenizer-only: a --tokenizer is given already; pass it to each --part")
-        learn_tokenizer(args.input, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                        text_field=args.text_field)
+        learn_tokenizer(
+            args.input, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction, text_field=args.text_field
+        )
         return 0
     if args.part is not None:
         k, n = parse_part(args.part)
-        prepare_part(args.input, args.out, k, n, tokenizer_path=args.tokenizer, val_fraction=args.val_fraction,
-                     shard_tokens=args.shard_tokens, text_field=args.text_field, workers=args.workers)
+        prepare_part(
+            args.input,
+            args.out,
+            k,
+            n,
+            tokenizer_path=args.tokenizer,
+            val_fraction=args.val_fraction,
+            shard_tokens=args.shard_tokens,
+            text_field=args.text_field,
+            workers=args.workers,
+        )
         return 0
     prepare(
-        args.input, args.out,
-        vocab_size=args.vocab_size, tokenizer_path=args.tokenizer, val_fraction=args.val_fraction,
-        overwrite=args.overwrite, shard_tokens=args.shard_tokens, text_field=args.text_field, workers=args.workers,
+        args.input,
+        args.out,
+        vocab_size=args.vocab_size,
+        tokenizer_path=args.tokenizer,
+        val_fraction=args.val_fraction,
+        overwrite=args.overwrite,
+        shard_tokens=args.shard_tokens,
+        text_field=args.text_field,
+        workers=args.workers,
     )
     return 0
 

@@ -45,8 +45,10 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str | None:
     if not prompt:
         raise UsageError(f"{where}: is empty")
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise UsageError(f"{where}: {len(prompt):,} characters, more than the {MAX_PROMPT_CHARS:,} a prompt may have "
-                         "(the model reads at most its context of it)")
+        raise UsageError(
+            f"{where}: {len(prompt):,} characters, more than the {MAX_PROMPT_CHARS:,} a prompt may have "
+            "(the model reads at most its context of it)"
+        )
     return prompt
 
 
@@ -57,8 +59,9 @@ def _utf8(raw: bytes, where: str) -> str:
         raise UsageError(f"{where}: not UTF-8 text") from None
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float | None,
-                   num_samples: int, seed: int | None) -> None:
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int, top_p: float | None, num_samples: int, seed: int | None
+) -> None:
     """UsageError naming the flag whose value is out of range."""
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
@@ -73,8 +76,10 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise UsageError(f"--seed: must be in [0, {MAX_SEED}] (as train.seed), got {seed}")
     if 0 < temperature < GREEDY_BELOW:
-        print(f"note: --temperature {temperature:g} is below {GREEDY_BELOW:g}: sampling greedily, as with 0",
-              file=sys.stderr)
+        print(
+            f"note: --temperature {temperature:g} is below {GREEDY_BELOW:g}: sampling greedily, as with 0",
+            file=sys.stderr,
+        )
 
 
 def show(text: str) -> None:
@@ -90,8 +95,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE (UTF-8)")
     parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to generate (default 200)")
     parser.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 is greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=50, metavar="K",
-                        help="sample from the K likeliest, 0: all (default 50)")
+    parser.add_argument(
+        "--top-k", type=int, default=50, metavar="K", help="sample from the K likeliest, 0: all (default 50)"
+    )
     parser.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: keep probability P")
     parser.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples to draw (default 1)")
     parser.add_argument("--seed", type=int, default=None, help="make the samples repeatable")
@@ -110,8 +116,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             if i:
                 print("\n---")
             show(text)
-            generate_text(trained.model, trained.tokenizer, text, args.max_new_tokens, args.temperature,
-                          args.top_k or None, args.top_p, generator=generator, on_text=show)
+            generate_text(
+                trained.model,
+                trained.tokenizer,
+                text,
+                args.max_new_tokens,
+                args.temperature,
+                args.top_k or None,
+                args.top_p,
+                generator=generator,
+                on_text=show,
+            )
     print()
     return 0
 

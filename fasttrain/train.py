@@ -39,22 +39,34 @@ from fasttrain.training.trainer import Interrupted, Trainer, start_run
 
 AUTO_OR_NEW = "auto-or-new"  # --resume auto, or a new run while train.out_dir has no checkpoint
 
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m fasttrain.train", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     start = parser.add_mutually_exclusive_group()
-    start.add_argument("--resume", metavar="auto|auto-or-new|PATH",
-                       help="continue a saved run: auto = the latest checkpoint in train.out_dir; auto-or-new = "
-                            "that, or a new run while train.out_dir has no checkpoint yet (for torchrun "
-                            "--max-restarts); or a checkpoint file or run directory")
-    start.add_argument("--overwrite", action="store_true",
-                       help="start a new run in a train.out_dir that holds another run's checkpoints, deleting them")
+    start.add_argument(
+        "--resume",
+        metavar="auto|auto-or-new|PATH",
+        help="continue a saved run: auto = the latest checkpoint in train.out_dir; auto-or-new = "
+        "that, or a new run while train.out_dir has no checkpoint yet (for torchrun "
+        "--max-restarts); or a checkpoint file or run directory",
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a train.out_dir that holds another run's checkpoints, deleting them",
+    )
     parser.add_argument("--quiet", action="store_true", help="print nothing; metrics.jsonl still gets everything")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print what the run would do (its plan) and exit, writing nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print what the run would do (its plan) and exit, writing nothing"
+    )
     parser.add_argument("--json", action="store_true", help="--dry-run: the plan as one JSON object")
-    parser.add_argument("--measure", type=positive_int, metavar="N",
-                        help="--dry-run: time N real steps (saved nowhere) and project the run's time")
+    parser.add_argument(
+        "--measure",
+        type=positive_int,
+        metavar="N",
+        help="--dry-run: time N real steps (saved nowhere) and project the run's time",
+    )
     args = parser.parse_args(argv)
     if (args.json or args.measure) and not args.dry_run:
         raise UsageError(f"{'--json' if args.json else '--measure'}: only with --dry-run")
@@ -67,8 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     index = harness = None
     if cfg.eval.tasks:  # lm-eval missing, an include path or a task it cannot find: said now, not after the run
         harness = importlib.import_module("fasttrain.training.harness")
-        index = harness.task_index(cfg.eval.tasks, cfg.eval.include_path or None, cfg.eval.num_fewshot,
-                                    ("eval.tasks", "eval.include_path", "eval.num_fewshot"))
+        index = harness.task_index(
+            cfg.eval.tasks,
+            cfg.eval.include_path or None,
+            cfg.eval.num_fewshot,
+            ("eval.tasks", "eval.include_path", "eval.num_fewshot"),
+        )
     trainer = None
     world = distributed.world_from_env()
     # Before anything reads the directory: Trainer's process group then holds the other ranks until this is done.
@@ -76,8 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if note and not args.quiet:
         print(f"note: {note}")
     try:
-        resume = checkpoint_to_resume(args.resume, cfg.train.out_dir,
-                                      args.quiet or not world.is_main)
+        resume = checkpoint_to_resume(args.resume, cfg.train.out_dir, args.quiet or not world.is_main)
         trainer = Trainer(cfg, quiet=args.quiet, resuming=resume is not None, plan=start_run(cfg, args.quiet))
         if harness is not None:  # the data's tokenizer must encode the tasks' text: said now, not after the run
             harness.check_tokenizer(trainer.tokenizer, "eval.tasks")
@@ -98,8 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         distributed.stop()  # under torchrun: leave the process group, whatever happened
     if cfg.eval.tasks and distributed.world_from_env().is_main:  # the final weights, as evaluate --tasks scores them
         tasks = cfg.eval
-        score_tasks(load_trained(summary["weights"], device), tasks.tasks, tasks.num_fewshot, tasks.limit or None,
-                    index, batch_size)
+        score_tasks(
+            load_trained(summary["weights"], device),
+            tasks.tasks,
+            tasks.num_fewshot,
+            tasks.limit or None,
+            index,
+            batch_size,
+        )
     return 0
 
 
@@ -113,16 +134,21 @@ def dry_run(cfg: Config, as_json: bool, measure_steps: int | None) -> int:
     found = {}
     if measure_steps:
         if plan.prepare:
-            raise UsageError(f"--measure: the data is not prepared yet (the run prepares {plan.prepare}); prepare "
-                             "it first (fasttrain prepare, or a run), or leave out --measure")
+            raise UsageError(
+                f"--measure: the data is not prepared yet (the run prepares {plan.prepare}); prepare "
+                "it first (fasttrain prepare, or a run), or leave out --measure"
+            )
         distributed.start(world, device)
         try:
             found = measure(plan, measure_steps)
         finally:
             distributed.stop()
     if world.is_main:
-        print(json.dumps({**plan.record(), **found}) if as_json else
-              "\n".join([plan_table(plan), *([measure_line(found)] if found else [])]))
+        print(
+            json.dumps({**plan.record(), **found})
+            if as_json
+            else "\n".join([plan_table(plan), *([measure_line(found)] if found else [])])
+        )
     return 0
 
 
@@ -149,8 +175,10 @@ def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | N
     # A damaged pointer: the resume says so. Saves without one: the first save was killed before its pointer. A run
     # an --overwrite start set aside is rank 0's to put back (put_back_replaced): another rank may look while it
     # does, so where it was first, then where it goes (a rename between the two looks is seen by the second).
-    if any(os.path.lexists(d / "latest") or saved_steps(d)
-           for d in (Path(out_dir) / REPLACED / "checkpoints", Path(out_dir) / "checkpoints")):
+    if any(
+        os.path.lexists(d / "latest") or saved_steps(d)
+        for d in (Path(out_dir) / REPLACED / "checkpoints", Path(out_dir) / "checkpoints")
+    ):
         return "auto"
     if not quiet:
         print(f"resume: no checkpoint in {out_dir} yet, so a new run starts there (--resume {AUTO_OR_NEW})")
@@ -164,17 +192,24 @@ def resume_command(args: argparse.Namespace, cfg: Config) -> str:
     in), the other --set items as they were, and `--resume auto`."""
     places = {"train.out_dir": os.path.abspath(cfg.train.out_dir)}
     if cfg.data.sources:  # a mixture has no data.dir (setting one is refused): its sources are the data
-        places["data.sources"] = "[" + ", ".join(
-            f"{{dir = {json.dumps(os.path.abspath(s.dir))}, weight = {json.dumps(s.weight)}}}"
-            for s in cfg.data.sources) + "]"
+        places["data.sources"] = (
+            "["
+            + ", ".join(
+                f"{{dir = {json.dumps(os.path.abspath(s.dir))}, weight = {json.dumps(s.weight)}}}"
+                for s in cfg.data.sources
+            )
+            + "]"
+        )
     else:
         places["data.dir"] = os.path.abspath(cfg.data.dir)
     sets = [item for _, item in config_overrides(args) if item.partition("=")[0].strip() not in places]
     sets += [f"{key}={value}" for key, value in places.items()]  # a path as a bare string, see load_config
     quiet = ["--quiet"] if args.quiet else []
     config_file = shipped.locate(args.config)[0]  # a shipped config's name: its file, wherever it is run from
-    return shlex.join(["python", "-m", "fasttrain.train", os.path.abspath(config_file), *quiet, "--set", *sets,
-                       "--resume", "auto"])
+    return shlex.join(
+        ["python", "-m", "fasttrain.train", os.path.abspath(config_file), *quiet, "--set", *sets, "--resume", "auto"]
+    )
+
 
 if __name__ == "__main__":
     run_cli(main)

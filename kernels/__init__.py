@@ -17,9 +17,18 @@ from kernels.transformers_patch import patch_hf_model
 
 __all__ = [
     "patch_hf_model",
-    "FusedAdamW", "clip_grad_norm_",
-    "CrossEntropyLoss", "cross_entropy", "cross_entropy_reference",
-    "LinearCrossEntropyLoss", "linear_cross_entropy", "linear_cross_entropy_reference",
-    "newton_schulz", "newton_schulz_reference", "symmetric_matmul",
-    "RMSNorm", "rms_norm", "rms_norm_reference",
+    "FusedAdamW",
+    "clip_grad_norm_",
+    "CrossEntropyLoss",
+    "cross_entropy",
+    "cross_entropy_reference",
+    "LinearCrossEntropyLoss",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
+    "newton_schulz",
+    "newton_schulz_reference",
+    "symmetric_matmul",
+    "RMSNorm",
+    "rms_norm",
+    "rms_norm_reference",
 ]

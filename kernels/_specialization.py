@@ -58,7 +58,7 @@ def triton_type(value: Any) -> str:
     if isinstance(value, bool):
         raise TypeError("the kernels take no bool arguments at run time")
     if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
     if isinstance(value, float):
         return "fp32"
     raise TypeError(f"no Triton type for {value!r}")

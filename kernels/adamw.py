@@ -66,9 +66,26 @@ def _store(ptr, index, value, numel, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _adamw_block(index, param, grad, exp_avg, exp_avg_sq, master, numel, decay, step_size, bias_correction2_sqrt,
-                 coefficient, one_minus_beta1, beta2, one_minus_beta2, eps,
-                 HAS_MASTER: tl.constexpr, CLIP: tl.constexpr, MASKED: tl.constexpr):
+def _adamw_block(
+    index,
+    param,
+    grad,
+    exp_avg,
+    exp_avg_sq,
+    master,
+    numel,
+    decay,
+    step_size,
+    bias_correction2_sqrt,
+    coefficient,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    HAS_MASTER: tl.constexpr,
+    CLIP: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """The update of the elements at `index` (masked to `numel` when MASKED)."""
     g = _load(grad, index, numel, MASKED).to(tl.float32)
     if CLIP:
@@ -92,10 +109,26 @@ def _adamw_block(index, param, grad, exp_avg, exp_avg_sq, master, numel, decay, 
 
 
 @triton.jit
-def _adamw_kernel(rows_ptr, chunks_ptr, lr_ptr, coefficient_ptr, param_type_ptr, grad_type_ptr,
-                  one_minus_beta1, beta2, one_minus_beta2, log_beta1, log_beta2, eps, weight_decay,
-                  HAS_MASTER: tl.constexpr, CLIP: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def _adamw_kernel(
+    rows_ptr,
+    chunks_ptr,
+    lr_ptr,
+    coefficient_ptr,
+    param_type_ptr,
+    grad_type_ptr,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    log_beta1,
+    log_beta2,
+    eps,
+    weight_decay,
+    HAS_MASTER: tl.constexpr,
+    CLIP: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """The update of one CHUNK of one parameter. Table row: (param, grad, exp_avg, exp_avg_sq, step,
     master, numel); without a master copy its column repeats param's address and is not used.
 
@@ -127,35 +160,101 @@ def _adamw_kernel(rows_ptr, chunks_ptr, lr_ptr, coefficient_ptr, param_type_ptr,
         coefficient = tl.load(coefficient_ptr)
     if start + CHUNK <= numel:
         for offset in range(0, CHUNK, BLOCK):
-            _adamw_block(start + offset + tl.arange(0, BLOCK), param, grad, exp_avg, exp_avg_sq, master, numel,
-                         decay, step_size, bias_correction2_sqrt, coefficient, one_minus_beta1, beta2,
-                         one_minus_beta2, eps, HAS_MASTER, CLIP, False)
+            _adamw_block(
+                start + offset + tl.arange(0, BLOCK),
+                param,
+                grad,
+                exp_avg,
+                exp_avg_sq,
+                master,
+                numel,
+                decay,
+                step_size,
+                bias_correction2_sqrt,
+                coefficient,
+                one_minus_beta1,
+                beta2,
+                one_minus_beta2,
+                eps,
+                HAS_MASTER,
+                CLIP,
+                False,
+            )
     else:
         for offset in range(0, CHUNK, BLOCK):
-            _adamw_block(start + offset + tl.arange(0, BLOCK), param, grad, exp_avg, exp_avg_sq, master, numel,
-                         decay, step_size, bias_correction2_sqrt, coefficient, one_minus_beta1, beta2,
-                         one_minus_beta2, eps, HAS_MASTER, CLIP, True)
+            _adamw_block(
+                start + offset + tl.arange(0, BLOCK),
+                param,
+                grad,
+                exp_avg,
+                exp_avg_sq,
+                master,
+                numel,
+                decay,
+                step_size,
+                bias_correction2_sqrt,
+                coefficient,
+                one_minus_beta1,
+                beta2,
+                one_minus_beta2,
+                eps,
+                HAS_MASTER,
+                CLIP,
+                True,
+            )
 
 
 def _constexprs(param_dtype: torch.dtype, clip: bool, aligned: bool) -> dict[str, int]:
     """The kernel's compile-time arguments for a launch over parameters of `param_dtype`."""
-    return dict(HAS_MASTER=param_dtype != torch.float32, CLIP=clip, ALIGNED=aligned, CHUNK=_multi_tensor.CHUNK,
-                BLOCK=_multi_tensor.BLOCK)
+    return dict(
+        HAS_MASTER=param_dtype != torch.float32,
+        CLIP=clip,
+        ALIGNED=aligned,
+        CHUNK=_multi_tensor.CHUNK,
+        BLOCK=_multi_tensor.BLOCK,
+    )
 
 
 def specializations() -> list[Specialization]:
     """What FusedAdamW compiles: per parameter dtype it takes (gradients in the same dtype), with and
     without clipping folded in; the betas, eps, weight decay and learning rate are run-time values."""
     f32 = torch.float32
-    return [Specialization.of(_adamw_kernel, None, _constexprs(dtype, clip, aligned), rows_ptr=torch.int64,
-                              chunks_ptr=torch.int64, lr_ptr=f32, coefficient_ptr=f32, param_type_ptr=dtype,
-                              grad_type_ptr=dtype, one_minus_beta1=0.1, beta2=0.999, one_minus_beta2=0.001,
-                              log_beta1=-0.1, log_beta2=-0.001, eps=1e-8, weight_decay=0.1)
-            for dtype in PARAM_DTYPES for clip in (False, True) for aligned in (False, True)]
+    return [
+        Specialization.of(
+            _adamw_kernel,
+            None,
+            _constexprs(dtype, clip, aligned),
+            rows_ptr=torch.int64,
+            chunks_ptr=torch.int64,
+            lr_ptr=f32,
+            coefficient_ptr=f32,
+            param_type_ptr=dtype,
+            grad_type_ptr=dtype,
+            one_minus_beta1=0.1,
+            beta2=0.999,
+            one_minus_beta2=0.001,
+            log_beta1=-0.1,
+            log_beta2=-0.001,
+            eps=1e-8,
+            weight_decay=0.1,
+        )
+        for dtype in PARAM_DTYPES
+        for clip in (False, True)
+        for aligned in (False, True)
+    ]
 
 
-def _torch_update(params: list[Tensor], grads: list[Tensor], states: list[dict], lr: float, beta1: float,
-                  beta2: float, eps: float, weight_decay: float, coefficient: Tensor | None) -> None:
+def _torch_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    coefficient: Tensor | None,
+) -> None:
     """The same update with PyTorch foreach ops (the CPU path)."""
     has_master = "master_param" in states[0]
     targets = [s["master_param"] for s in states] if has_master else params
@@ -189,9 +288,16 @@ class FusedAdamW(torch.optim.Optimizer):
     for logging or a finiteness check, and the next step reuses it.
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float | Tensor = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 *, max_grad_norm: float | None = None):
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        max_grad_norm: float | None = None,
+    ):
         if not 0.0 <= lr:
             raise ValueError(f"FusedAdamW: invalid learning rate {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -202,8 +308,15 @@ class FusedAdamW(torch.optim.Optimizer):
             raise ValueError(f"FusedAdamW: max_grad_norm must be positive or None, not {max_grad_norm}")
         # The last three keys are torch.optim.AdamW's: without them, AdamW loading our state would
         # default decoupled_weight_decay to False and silently become Adam with L2 regularisation.
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        amsgrad=False, maximize=False, decoupled_weight_decay=True)
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            amsgrad=False,
+            maximize=False,
+            decoupled_weight_decay=True,
+        )
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self._grad_norm: Tensor | None = None  # from grad_norm(), for the next step
@@ -219,8 +332,10 @@ class FusedAdamW(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("FusedAdamW does not support sparse gradients")
                 if p.dtype not in PARAM_DTYPES or not p.is_contiguous():
-                    raise RuntimeError(f"FusedAdamW needs contiguous float32/bfloat16/float16 parameters, "
-                                       f"got a {p.dtype} one of shape {tuple(p.shape)} and strides {p.stride()}")
+                    raise RuntimeError(
+                        f"FusedAdamW needs contiguous float32/bfloat16/float16 parameters, "
+                        f"got a {p.dtype} one of shape {tuple(p.shape)} and strides {p.stride()}"
+                    )
             work.append((index, group, params))
         return work
 
@@ -293,21 +408,46 @@ class FusedAdamW(torch.optim.Optimizer):
         grads = [self._grad(p) for p in params]
         states = [self.state[p] for p in params]
         if not use_triton(params[0]):
-            _torch_update(params, grads, states, float(group["lr"]), beta1, beta2, group["eps"],
-                          group["weight_decay"], coefficient)
+            _torch_update(
+                params,
+                grads,
+                states,
+                float(group["lr"]),
+                beta1,
+                beta2,
+                group["eps"],
+                group["weight_decay"],
+                coefficient,
+            )
             return
         has_master = params[0].dtype != torch.float32
-        columns = [params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                   [s["step"] for s in states], [s["master_param"] for s in states] if has_master else params]
+        columns = [
+            params,
+            grads,
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            [s["master_param"] for s in states] if has_master else params,
+        ]
         table = self._tables.setdefault((index, *key), _multi_tensor.TensorTable())
         rows, chunks = table(columns)
         constexprs = _constexprs(params[0].dtype, clip=coefficient is not None, aligned=table.aligned)
         lr = self._device_lr(index, group["lr"], params[0].device)
         _adamw_kernel[(chunks.shape[0],)](
-            rows, chunks, lr, lr if coefficient is None else coefficient, params[0], grads[0],
-            1 - beta1, beta2, 1 - beta2,  # 1 - beta in double, rounded once, as torch's scalars are
-            math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
-            group["eps"], group["weight_decay"], **constexprs,
+            rows,
+            chunks,
+            lr,
+            lr if coefficient is None else coefficient,
+            params[0],
+            grads[0],
+            1 - beta1,
+            beta2,
+            1 - beta2,  # 1 - beta in double, rounded once, as torch's scalars are
+            math.log(beta1) if beta1 > 0 else -math.inf,
+            math.log(beta2) if beta2 > 0 else -math.inf,
+            group["eps"],
+            group["weight_decay"],
+            **constexprs,
         )
 
     def load_state_dict(self, state_dict: dict) -> None:

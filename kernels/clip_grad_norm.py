@@ -32,8 +32,7 @@ from kernels._specialization import Specialization
 
 
 @triton.jit
-def _sum_squares_kernel(rows_ptr, chunks_ptr, partials_ptr, grad_type_ptr, CHUNK: tl.constexpr,
-                        BLOCK: tl.constexpr):
+def _sum_squares_kernel(rows_ptr, chunks_ptr, partials_ptr, grad_type_ptr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """partials[chunk] = sum of g**2 over this program's CHUNK of one gradient, in fp32."""
     chunk = tl.program_id(0)
     row = rows_ptr + tl.load(chunks_ptr + 2 * chunk) * 2
@@ -75,10 +74,28 @@ def specializations() -> list[Specialization]:
     i64, f32 = torch.int64, torch.float32
     found = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        found.append(Specialization.of(_sum_squares_kernel, None, _constexprs(), rows_ptr=i64, chunks_ptr=i64,
-                                       partials_ptr=f32, grad_type_ptr=dtype))
-        found.append(Specialization.of(_scale_kernel, None, _constexprs(), rows_ptr=i64, chunks_ptr=i64,
-                                       coefficient_ptr=f32, grad_type_ptr=dtype))
+        found.append(
+            Specialization.of(
+                _sum_squares_kernel,
+                None,
+                _constexprs(),
+                rows_ptr=i64,
+                chunks_ptr=i64,
+                partials_ptr=f32,
+                grad_type_ptr=dtype,
+            )
+        )
+        found.append(
+            Specialization.of(
+                _scale_kernel,
+                None,
+                _constexprs(),
+                rows_ptr=i64,
+                chunks_ptr=i64,
+                coefficient_ptr=f32,
+                grad_type_ptr=dtype,
+            )
+        )
     return found
 
 

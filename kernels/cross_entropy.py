@@ -72,10 +72,26 @@ def _load_row_block(row_ptr, cols, mask, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _cross_entropy_kernel(
-    logits_ptr, logits_stride, target_ptr, weight_ptr, weight_stride,
-    loss_ptr, lse_ptr, correct_ptr, grad_ptr, grad_stride,
-    n_rows, n_cols, ignore_index, label_smoothing, z_loss, softcap,
-    HAS_SOFTCAP: tl.constexpr, FORWARD: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    logits_ptr,
+    logits_stride,
+    target_ptr,
+    weight_ptr,
+    weight_stride,
+    loss_ptr,
+    lse_ptr,
+    correct_ptr,
+    grad_ptr,
+    grad_stride,
+    n_rows,
+    n_cols,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    FORWARD: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
     STAGES: tl.constexpr,
 ):
     """Rows program_id, program_id + programs, ... one at a time, each block of a row prefetched STAGES - 1
@@ -191,9 +207,17 @@ def _row_stride(weight: Tensor) -> int:
 TORCH_CHUNK_ELEMENTS = 1 << 19
 
 
-def _torch_rows(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, grad: Tensor | None,
-                ignore_index: int, label_smoothing: float, z_loss: float, softcap: float
-                ) -> tuple[Tensor, Tensor, Tensor]:
+def _torch_rows(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor,
+    lse: Tensor | None,
+    grad: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel's math in PyTorch (the CPU path): (loss rows, lse, top-1 hits), and the gradient into `grad`.
     Like the kernel it goes row block by row block, each block's passes in cache; terms whose factor is 0
     (label smoothing, z-loss, soft-capping) cost nothing."""
@@ -244,8 +268,17 @@ def _torch_rows(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | No
     return loss, lse, correct
 
 
-def _launch(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, grad: Tensor | None,
-            ignore_index: int, label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+def _launch(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor,
+    lse: Tensor | None,
+    grad: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row loss, lse and top-1 hit (1.0 where a counted row's target has the largest logit) of
     `logits` (N, V); if `grad` is given, weight[row] * d loss_row / d logits into it.
 
@@ -263,11 +296,28 @@ def _launch(logits: Tensor, target: Tensor, weight: Tensor, lse: Tensor | None, 
         loss = correct = lse  # not written when FORWARD is off; the kernel only needs pointers
     block, num_warps = launch_config(n_cols)
     _cross_entropy_kernel[(programs_for(n_rows, n_cols, logits.element_size(), logits.device),)](
-        logits, logits.stride(0), target, weight, _row_stride(weight),
-        loss, lse, correct, logits if grad is None else grad, logits.stride(0) if grad is None else grad.stride(0),
-        n_rows, n_cols, ignore_index, label_smoothing, z_loss, softcap or 1.0,
-        HAS_SOFTCAP=bool(softcap), FORWARD=forward, WRITE_GRAD=grad is not None, BLOCK=block,
-        STAGES=stages(n_cols, logits.element_size(), bool(softcap)), num_warps=num_warps,
+        logits,
+        logits.stride(0),
+        target,
+        weight,
+        _row_stride(weight),
+        loss,
+        lse,
+        correct,
+        logits if grad is None else grad,
+        logits.stride(0) if grad is None else grad.stride(0),
+        n_rows,
+        n_cols,
+        ignore_index,
+        label_smoothing,
+        z_loss,
+        softcap or 1.0,
+        HAS_SOFTCAP=bool(softcap),
+        FORWARD=forward,
+        WRITE_GRAD=grad is not None,
+        BLOCK=block,
+        STAGES=stages(n_cols, logits.element_size(), bool(softcap)),
+        num_warps=num_warps,
     )
     return loss, lse, correct
 
@@ -281,32 +331,61 @@ def _scale_rows(x: Tensor, weight: Tensor) -> None:
             x.mul_(weight.to(x.dtype))
         return
     block, num_warps = launch_config(x.shape[1])
-    _scale_rows_kernel[(x.shape[0],)](x, x.stride(0), weight, _row_stride(weight), x.shape[1], BLOCK=block,
-                                      num_warps=num_warps)
+    _scale_rows_kernel[(x.shape[0],)](
+        x, x.stride(0), weight, _row_stride(weight), x.shape[1], BLOCK=block, num_warps=num_warps
+    )
 
 
-def rows_specialization(dtype: torch.dtype, n_cols: int, softcap: bool, forward: bool, write_grad: bool
-                        ) -> Specialization:
+def rows_specialization(
+    dtype: torch.dtype, n_cols: int, softcap: bool, forward: bool, write_grad: bool
+) -> Specialization:
     """The cross-entropy kernel as `_launch` compiles it for (N, n_cols) logits of `dtype` (the gradient in
     the same dtype; one fp32 weight for every row, as for reduction mean or sum). label_smoothing and
     z_loss are run-time floats: every value runs the same binary."""
     block, num_warps = launch_config(n_cols)
     f32 = torch.float32
     return Specialization.of(
-        _cross_entropy_kernel, num_warps,
-        dict(HAS_SOFTCAP=softcap, FORWARD=forward, WRITE_GRAD=write_grad, BLOCK=block,
-             STAGES=stages(n_cols, dtype.itemsize, softcap)),
-        logits_ptr=dtype, logits_stride=n_cols, target_ptr=torch.int64, weight_ptr=f32, weight_stride=0,
-        loss_ptr=f32, lse_ptr=f32, correct_ptr=f32, grad_ptr=dtype, grad_stride=n_cols,
-        n_rows=EXAMPLE_ROWS, n_cols=n_cols, ignore_index=IGNORE_INDEX, label_smoothing=0.0, z_loss=0.0, softcap=1.0,
+        _cross_entropy_kernel,
+        num_warps,
+        dict(
+            HAS_SOFTCAP=softcap,
+            FORWARD=forward,
+            WRITE_GRAD=write_grad,
+            BLOCK=block,
+            STAGES=stages(n_cols, dtype.itemsize, softcap),
+        ),
+        logits_ptr=dtype,
+        logits_stride=n_cols,
+        target_ptr=torch.int64,
+        weight_ptr=f32,
+        weight_stride=0,
+        loss_ptr=f32,
+        lse_ptr=f32,
+        correct_ptr=f32,
+        grad_ptr=dtype,
+        grad_stride=n_cols,
+        n_rows=EXAMPLE_ROWS,
+        n_cols=n_cols,
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=0.0,
+        z_loss=0.0,
+        softcap=1.0,
     )
 
 
 def scale_rows_specialization(dtype: torch.dtype, n_cols: int) -> Specialization:
     """The row-scaling kernel as `_scale_rows` compiles it for (N, n_cols) rows of `dtype`."""
     block, num_warps = launch_config(n_cols)
-    return Specialization.of(_scale_rows_kernel, num_warps, dict(BLOCK=block), x_ptr=dtype, x_stride=n_cols,
-                             weight_ptr=torch.float32, weight_stride=0, n_cols=n_cols)
+    return Specialization.of(
+        _scale_rows_kernel,
+        num_warps,
+        dict(BLOCK=block),
+        x_ptr=dtype,
+        x_stride=n_cols,
+        weight_ptr=torch.float32,
+        weight_stride=0,
+        n_cols=n_cols,
+    )
 
 
 def specializations() -> list[Specialization]:
@@ -330,12 +409,22 @@ def specializations() -> list[Specialization]:
 
 
 @library_op("fasttrain::cross_entropy_rows", mutates_args=("grad",))
-def _rows_op(logits: Tensor, target: Tensor, weight: Tensor, grad: Tensor, write_grad: bool, ignore_index: int,
-             label_smoothing: float, z_loss: float, softcap: float) -> tuple[Tensor, Tensor, Tensor]:
+def _rows_op(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor,
+    grad: Tensor,
+    write_grad: bool,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(loss rows, lse, top-1 hits), fp32 (N,); with write_grad, weight * d loss / d logits into `grad` (may be
     `logits`)."""
-    return _launch(logits, target, weight, None, grad if write_grad else None,
-                   ignore_index, label_smoothing, z_loss, softcap)
+    return _launch(
+        logits, target, weight, None, grad if write_grad else None, ignore_index, label_smoothing, z_loss, softcap
+    )
 
 
 @_rows_op.register_fake
@@ -345,8 +434,17 @@ def _(logits, target, weight, grad, write_grad, ignore_index, label_smoothing, z
 
 
 @library_op("fasttrain::cross_entropy_grad", mutates_args=("grad",))
-def _grad_op(logits: Tensor, target: Tensor, lse: Tensor, weight: Tensor, grad: Tensor, ignore_index: int,
-             label_smoothing: float, z_loss: float, softcap: float) -> None:
+def _grad_op(
+    logits: Tensor,
+    target: Tensor,
+    lse: Tensor,
+    weight: Tensor,
+    grad: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float,
+) -> None:
     """weight * d loss / d logits into `grad`, from the lse a forward saved."""
     _launch(logits, target, weight, lse, grad, ignore_index, label_smoothing, z_loss, softcap)
 
@@ -370,8 +468,9 @@ def _(x, weight):
 # ----------------------------------------------------------------------------- autograd
 
 
-def check_inputs(logits: Tensor, target: Tensor, reduction: str, label_smoothing: float, softcap: float | None,
-                 name: str = "logits") -> None:
+def check_inputs(
+    logits: Tensor, target: Tensor, reduction: str, label_smoothing: float, softcap: float | None, name: str = "logits"
+) -> None:
     """ValueError naming the first thing wrong with a call's shapes, dtypes or options."""
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
         raise ValueError(f"{name} must be (N, D) with target (N,); got {tuple(logits.shape)} and {tuple(target.shape)}")
@@ -406,15 +505,26 @@ def fuses_gradient(dtype: torch.dtype) -> bool:
 
 class _CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, ignore_index: int, reduction: str, label_smoothing: float,
-                z_loss: float, softcap: float, needs_grad: bool, inplace: bool) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx,
+        logits: Tensor,
+        target: Tensor,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+        z_loss: float,
+        softcap: float,
+        needs_grad: bool,
+        inplace: bool,
+    ) -> tuple[Tensor, Tensor]:
         if logits.stride(1) != 1:
             logits = logits.contiguous()
         scale = mean_scale(target, ignore_index, reduction)
         ctx.fused = needs_grad and fuses_gradient(logits.dtype)
         grad = (logits if inplace else torch.empty_like(logits)) if ctx.fused else logits.new_empty(0)
-        rows, lse, hits = _rows_op(logits, target, scale, grad, ctx.fused, ignore_index, label_smoothing, z_loss,
-                                   softcap)
+        rows, lse, hits = _rows_op(
+            logits, target, scale, grad, ctx.fused, ignore_index, label_smoothing, z_loss, softcap
+        )
         ctx.options = (ignore_index, reduction, label_smoothing, z_loss, softcap)
         ctx.save_for_backward(grad if ctx.fused else logits, target, lse, scale)
         correct = hits.sum()
@@ -439,20 +549,53 @@ class _CrossEntropyFunction(torch.autograd.Function):
 
 
 @overload
-def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = ..., reduction: str = ...,
-                  label_smoothing: float = ..., z_loss: float = ..., softcap: float | None = ...,
-                  inplace_backward: bool = ..., return_correct: Literal[False] = ...) -> Tensor: ...
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = ...,
+    reduction: str = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    inplace_backward: bool = ...,
+    return_correct: Literal[False] = ...,
+) -> Tensor: ...
 @overload
-def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = ..., reduction: str = ...,
-                  label_smoothing: float = ..., z_loss: float = ..., softcap: float | None = ...,
-                  inplace_backward: bool = ..., *, return_correct: Literal[True]) -> tuple[Tensor, Tensor]: ...
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = ...,
+    reduction: str = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    inplace_backward: bool = ...,
+    *,
+    return_correct: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
 @overload
-def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = ..., reduction: str = ...,
-                  label_smoothing: float = ..., z_loss: float = ..., softcap: float | None = ...,
-                  inplace_backward: bool = ..., return_correct: bool = ...) -> Tensor | tuple[Tensor, Tensor]: ...
-def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
-                  label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
-                  inplace_backward: bool = False, return_correct: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = ...,
+    reduction: str = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    inplace_backward: bool = ...,
+    return_correct: bool = ...,
+) -> Tensor | tuple[Tensor, Tensor]: ...
+def cross_entropy(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+    return_correct: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Cross-entropy of `logits` (N, V) against class indices `target` (N,); fp32 result.
 
     F.cross_entropy's semantics where they overlap, plus `z_loss` (adds
@@ -474,29 +617,51 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_IND
     """
     check_inputs(logits, target, reduction, label_smoothing, softcap)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, correct = _CrossEntropyFunction.apply(logits, target, ignore_index, reduction, label_smoothing, z_loss,
-                                                softcap or 0.0, needs_grad, inplace_backward)
+    loss, correct = _CrossEntropyFunction.apply(
+        logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap or 0.0, needs_grad, inplace_backward
+    )
     return (loss, correct) if return_correct else loss
 
 
 class CrossEntropyLoss(torch.nn.Module):
     """`cross_entropy` as a module; logits of any leading shape (..., V) with targets (...)."""
 
-    def __init__(self, ignore_index: int = IGNORE_INDEX, reduction: str = "mean", label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, softcap: float | None = None, inplace_backward: bool = False):
+    def __init__(
+        self,
+        ignore_index: int = IGNORE_INDEX,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        inplace_backward: bool = False,
+    ):
         super().__init__()
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.z_loss, self.softcap, self.inplace_backward = z_loss, softcap, inplace_backward
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), self.ignore_index,
-                             self.reduction, self.label_smoothing, self.z_loss, self.softcap, self.inplace_backward)
+        loss = cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            target.reshape(-1),
+            self.ignore_index,
+            self.reduction,
+            self.label_smoothing,
+            self.z_loss,
+            self.softcap,
+            self.inplace_backward,
+        )
         return loss.reshape(target.shape) if self.reduction == "none" else loss
 
 
-def cross_entropy_reference(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX,
-                            reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                            softcap: float | None = None) -> Tensor:
+def cross_entropy_reference(
+    logits: Tensor,
+    target: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+) -> Tensor:
     """The same loss from stock PyTorch ops (F.cross_entropy and logsumexp) in the logits' dtype.
 
     Differentiable by autograd. Call it on float64 logits for a reference to test against.

@@ -154,8 +154,9 @@ def widest(specs: list[Specialization]) -> list[Specialization]:
     return list(best.values())
 
 
-def compile_all(archs: list[str], pick: Callable[[list[Specialization]], list[Specialization]] = lambda specs: specs
-                ) -> tuple[list[Result], float]:
+def compile_all(
+    archs: list[str], pick: Callable[[list[Specialization]], list[Specialization]] = lambda specs: specs
+) -> tuple[list[Result], float]:
     """The variants `pick` keeps of every variant, for every arch in `archs`, compiled in parallel into a
     fresh cache; (results, seconds)."""
     jobs = [(spec, arch) for arch in archs for spec in pick(all_specializations())]
@@ -188,18 +189,22 @@ def _summary(arch: str, results: list[Result]) -> str:
         spilling = [r for r in ok if r.spill_stores]
         shared = max(ok, key=lambda r: r.shared or 0)
         kernels = ", ".join(sorted({r.kernel for r in spilling}))
-        parts += [f"max {most.registers} registers ({most.kernel})",
-                  f"{len(spilling)} spilling ({kernels})" if spilling else "no spills",
-                  f"max shared {shared.shared} bytes of {target.shared_limit}",
-                  f"{sum(r.seconds for r in results):.0f} s of compiling"]
+        parts += [
+            f"max {most.registers} registers ({most.kernel})",
+            f"{len(spilling)} spilling ({kernels})" if spilling else "no spills",
+            f"max shared {shared.shared} bytes of {target.shared_limit}",
+            f"{sum(r.seconds for r in results):.0f} s of compiling",
+        ]
     return ", ".join(parts)
 
 
 def format_table(results: list[Result]) -> str:
     """One line per result under a header, a summary line per arch."""
     width = max(len(r.variant) for r in results)
-    header = (f"{'arch':<6} {'kernel':<26} {'variant':<{width}} "
-              f"{'warps':>5} {'regs':>4} {'spill':>5} {'shared':>6} {'time':>4}")
+    header = (
+        f"{'arch':<6} {'kernel':<26} {'variant':<{width}} "
+        f"{'warps':>5} {'regs':>4} {'spill':>5} {'shared':>6} {'time':>4}"
+    )
     lines = [header, "-" * len(header)]
     for r in results:
         if r.error is None:
@@ -217,22 +222,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sm_90", help="sm_80, sm_90 or all (default sm_90)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
-    parser.add_argument("--widest", action="store_true",
-                        help="only the widest-block variant of each kernel, dtype and flag set (about a third)")
+    parser.add_argument(
+        "--widest",
+        action="store_true",
+        help="only the widest-block variant of each kernel, dtype and flag set (about a third)",
+    )
     args = parser.parse_args(argv)
     if args.arch != "all" and args.arch not in TARGETS:
         print(f"error: --arch must be one of {', '.join(TARGETS)} or all, not {args.arch!r}", file=sys.stderr)
         return 2
     if _backend.INTERPRETING:
-        print("error: TRITON_INTERPRET=1 is set: triton.jit built interpreter objects, which cannot be compiled "
-              "for a GPU; run without it", file=sys.stderr)
+        print(
+            "error: TRITON_INTERPRET=1 is set: triton.jit built interpreter objects, which cannot be compiled "
+            "for a GPU; run without it",
+            file=sys.stderr,
+        )
         return 2
     archs = list(TARGETS) if args.arch == "all" else [args.arch]
     results, seconds = compile_all(archs, widest if args.widest else lambda specs: specs)
     if args.json:
-        print(json.dumps({"triton": triton.__version__, "seconds": seconds,
-                          "targets": {a: dataclasses.asdict(TARGETS[a]) for a in archs},
-                          "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "triton": triton.__version__,
+                    "seconds": seconds,
+                    "targets": {a: dataclasses.asdict(TARGETS[a]) for a in archs},
+                    "results": [dataclasses.asdict(r) for r in results],
+                },
+                indent=1,
+            )
+        )
     else:
         print(format_table(results))
         print(f"triton {triton.__version__}, {seconds:.0f} s on {min(_cores(), len(results))} processes")

@@ -176,8 +176,17 @@ def _project(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
 
 
-def _chunked_pass(hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, row_weight: Tensor,
-                  lse: Tensor | None, needs: tuple[bool, bool, bool], options: tuple, bounds: tuple[int, ...]):
+def _chunked_pass(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    row_weight: Tensor,
+    lse: Tensor | None,
+    needs: tuple[bool, bool, bool],
+    options: tuple,
+    bounds: tuple[int, ...],
+):
     """Go through the rows in chunks (`chunk_bounds`): losses and lse (when `lse` is None), and the
     requested gradients.
 
@@ -231,21 +240,38 @@ def specializations() -> list[Specialization]:
         fused = fuses_gradient(precision.compute)
         for n_cols in vocab:
             for forward, write_grad in ((True, False), (True, fused), (False, True)):
-                found += [rows_specialization(precision.compute, n_cols, softcap, forward, write_grad)
-                          for softcap in (False, True)]
+                found += [
+                    rows_specialization(precision.compute, n_cols, softcap, forward, write_grad)
+                    for softcap in (False, True)
+                ]
         if fused:
-            found += [scale_rows_specialization(dtype, n_cols) for dtype in (precision.compute, precision.param)
-                      for n_cols in hidden]
+            found += [
+                scale_rows_specialization(dtype, n_cols)
+                for dtype in (precision.compute, precision.param)
+                for n_cols in hidden
+            ]
             found += [scale_rows_specialization(precision.param, n_cols) for n_cols in vocab]
     return found
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, ignore_index: int,
-                reduction: str, label_smoothing: float, z_loss: float, softcap: float, bounds: tuple[int, ...],
-                needs: tuple[bool, bool, bool], compute_dtype: torch.dtype, grad_scale: Tensor | None
-                ) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        target: Tensor,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+        z_loss: float,
+        softcap: float,
+        bounds: tuple[int, ...],
+        needs: tuple[bool, bool, bool],
+        compute_dtype: torch.dtype,
+        grad_scale: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
@@ -298,26 +324,65 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 
 
 @overload
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = ...,
-                         ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ...,
-                         z_loss: float = ..., softcap: float | None = ..., chunk_rows: int | None = ...,
-                         return_correct: Literal[False] = ..., grad_scale: Tensor | None = ...) -> Tensor: ...
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = ...,
+    ignore_index: int = ...,
+    reduction: str = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    chunk_rows: int | None = ...,
+    return_correct: Literal[False] = ...,
+    grad_scale: Tensor | None = ...,
+) -> Tensor: ...
 @overload
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = ...,
-                         ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ...,
-                         z_loss: float = ..., softcap: float | None = ..., chunk_rows: int | None = ..., *,
-                         return_correct: Literal[True], grad_scale: Tensor | None = ...) -> tuple[Tensor, Tensor]: ...
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = ...,
+    ignore_index: int = ...,
+    reduction: str = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    chunk_rows: int | None = ...,
+    *,
+    return_correct: Literal[True],
+    grad_scale: Tensor | None = ...,
+) -> tuple[Tensor, Tensor]: ...
 @overload
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = ...,
-                         ignore_index: int = ..., reduction: str = ..., label_smoothing: float = ...,
-                         z_loss: float = ..., softcap: float | None = ..., chunk_rows: int | None = ...,
-                         return_correct: bool = ..., grad_scale: Tensor | None = ...
-                         ) -> Tensor | tuple[Tensor, Tensor]: ...
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
-                         ignore_index: int = IGNORE_INDEX, reduction: str = "mean", label_smoothing: float = 0.0,
-                         z_loss: float = 0.0, softcap: float | None = None, chunk_rows: int | None = None,
-                         return_correct: bool = False, grad_scale: Tensor | None = None
-                         ) -> Tensor | tuple[Tensor, Tensor]:
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = ...,
+    ignore_index: int = ...,
+    reduction: str = ...,
+    label_smoothing: float = ...,
+    z_loss: float = ...,
+    softcap: float | None = ...,
+    chunk_rows: int | None = ...,
+    return_correct: bool = ...,
+    grad_scale: Tensor | None = ...,
+) -> Tensor | tuple[Tensor, Tensor]: ...
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    bias: Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_rows: int | None = None,
+    return_correct: bool = False,
+    grad_scale: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """`cross_entropy(hidden @ weight.T + bias, target, ...)` for hidden (N, H), weight (V, H), bias (V,).
 
     Same options and result as kernels.cross_entropy (fp32 loss; a mean over no
@@ -334,23 +399,41 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor, bias: T
     """
     check_inputs(hidden, target, reduction, label_smoothing, softcap, name="hidden")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be (V, {hidden.shape[1]}) for hidden {tuple(hidden.shape)}, "
-                         f"not {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be (V, {hidden.shape[1]}) for hidden {tuple(hidden.shape)}, not {tuple(weight.shape)}"
+        )
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must be ({weight.shape[0]},), not {tuple(bias.shape)}")
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, not {chunk_rows}")
     if grad_scale is not None and (grad_scale.numel() != 1 or grad_scale.device != hidden.device):
-        raise ValueError(f"grad_scale must be a one-element tensor on {hidden.device}, not {tuple(grad_scale.shape)} "
-                         f"on {grad_scale.device}")
+        raise ValueError(
+            f"grad_scale must be a one-element tensor on {hidden.device}, not {tuple(grad_scale.shape)} "
+            f"on {grad_scale.device}"
+        )
     compute_dtype = _compute_dtype(hidden)
     bounds = chunk_bounds(hidden.shape[0], weight.shape[0], compute_dtype.itemsize, chunk_rows)
     grad_on = torch.is_grad_enabled()
-    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-             grad_on and bias is not None and bias.requires_grad)
-    loss, correct = _LinearCrossEntropyFunction.apply(hidden, weight, bias, target, ignore_index, reduction,
-                                                      label_smoothing, z_loss, softcap or 0.0, bounds, needs,
-                                                      compute_dtype, grad_scale)
+    needs = (
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    loss, correct = _LinearCrossEntropyFunction.apply(
+        hidden,
+        weight,
+        bias,
+        target,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        softcap or 0.0,
+        bounds,
+        needs,
+        compute_dtype,
+        grad_scale,
+    )
     return (loss, correct) if return_correct else loss
 
 
@@ -358,21 +441,45 @@ class LinearCrossEntropyLoss(torch.nn.Module):
     """`linear_cross_entropy` as a module: forward(hidden (..., H), weight (V, H), target (...), bias=None,
     grad_scale=None)."""
 
-    def __init__(self, ignore_index: int = IGNORE_INDEX, reduction: str = "mean", label_smoothing: float = 0.0,
-                 z_loss: float = 0.0, softcap: float | None = None, chunk_rows: int | None = None):
+    def __init__(
+        self,
+        ignore_index: int = IGNORE_INDEX,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: float | None = None,
+        chunk_rows: int | None = None,
+    ):
         super().__init__()
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.z_loss, self.softcap, self.chunk_rows = z_loss, softcap, chunk_rows
 
-    def forward(self, hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
-                grad_scale: Tensor | None = None) -> Tensor:
-        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), bias,
-                                    self.ignore_index, self.reduction, self.label_smoothing, self.z_loss,
-                                    self.softcap, self.chunk_rows, grad_scale=grad_scale)
+    def forward(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        target: Tensor,
+        bias: Tensor | None = None,
+        grad_scale: Tensor | None = None,
+    ) -> Tensor:
+        loss = linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]),
+            weight,
+            target.reshape(-1),
+            bias,
+            self.ignore_index,
+            self.reduction,
+            self.label_smoothing,
+            self.z_loss,
+            self.softcap,
+            self.chunk_rows,
+            grad_scale=grad_scale,
+        )
         return loss.reshape(target.shape) if self.reduction == "none" else loss
 
 
-def linear_cross_entropy_reference(hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None,
-                                   **options: Any) -> Tensor:
+def linear_cross_entropy_reference(
+    hidden: Tensor, weight: Tensor, target: Tensor, bias: Tensor | None = None, **options: Any
+) -> Tensor:
     """The unfused path: F.linear, then `cross_entropy_reference` on the full logits."""
     return cross_entropy_reference(F.linear(hidden, weight, bias), target, **options)

@@ -39,8 +39,9 @@ _DOT_IN_FP32 = tl.constexpr(INTERPRETING)
 
 
 @triton.jit
-def _symmetric_matmul_kernel(x_ptr, c_ptr, out_ptr, M, K, alpha, beta, HAS_C: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _symmetric_matmul_kernel(
+    x_ptr, c_ptr, out_ptr, M, K, alpha, beta, HAS_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr
+):
     """out[I, J] = alpha x[I] x[J]ᵀ + beta c[I, J] for the tile (I, J) of this program, if I <= J, and its
     transpose into out[J, I]. x is (M, K), c and out (M, M), all contiguous. Programs below the diagonal
     return at once: launching them costs far less than mapping a 1-D grid onto the triangle."""
@@ -74,9 +75,22 @@ def _symmetric_matmul_kernel(x_ptr, c_ptr, out_ptr, M, K, alpha, beta, HAS_C: tl
 
 def specializations() -> list[Specialization]:
     """What `symmetric_matmul` compiles: per input dtype, with and without the added c."""
-    return [Specialization.of(_symmetric_matmul_kernel, NUM_WARPS, dict(HAS_C=has_c, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K),
-                              x_ptr=dtype, c_ptr=dtype, out_ptr=dtype, M=4096, K=4096, alpha=2.0, beta=2.0)
-            for dtype in DTYPES for has_c in (False, True)]
+    return [
+        Specialization.of(
+            _symmetric_matmul_kernel,
+            NUM_WARPS,
+            dict(HAS_C=has_c, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K),
+            x_ptr=dtype,
+            c_ptr=dtype,
+            out_ptr=dtype,
+            M=4096,
+            K=4096,
+            alpha=2.0,
+            beta=2.0,
+        )
+        for dtype in DTYPES
+        for has_c in (False, True)
+    ]
 
 
 def symmetric_matmul(x: Tensor, c: Tensor | None = None, alpha: float = 1.0, beta: float = 0.0) -> Tensor:
@@ -94,9 +108,19 @@ def symmetric_matmul(x: Tensor, c: Tensor | None = None, alpha: float = 1.0, bet
     M, K = x.shape
     out = torch.empty(M, M, dtype=x.dtype, device=x.device)
     tiles = triton.cdiv(M, BLOCK_M)
-    _symmetric_matmul_kernel[(tiles, tiles)](x, out if c is None else c.contiguous(), out, M, K, float(alpha),
-                                             float(beta), HAS_C=c is not None, BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K,
-                                             num_warps=NUM_WARPS)
+    _symmetric_matmul_kernel[(tiles, tiles)](
+        x,
+        out if c is None else c.contiguous(),
+        out,
+        M,
+        K,
+        float(alpha),
+        float(beta),
+        HAS_C=c is not None,
+        BLOCK_M=BLOCK_M,
+        BLOCK_K=BLOCK_K,
+        num_warps=NUM_WARPS,
+    )
     return out
 
 
@@ -105,8 +129,14 @@ def _gram_reference(x: Tensor, c: Tensor | None = None, alpha: float = 1.0, beta
     return alpha * (x @ x.T) if c is None else torch.addmm(c, x, x.T, beta=beta, alpha=alpha)
 
 
-def _iterate(g: Tensor, steps: int, coefficients: tuple[float, float, float], eps: float, gram,
-             dtype: torch.dtype = torch.bfloat16) -> Tensor:
+def _iterate(
+    g: Tensor,
+    steps: int,
+    coefficients: tuple[float, float, float],
+    eps: float,
+    gram,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
     """The iteration of the module docstring in `dtype`, with `gram` computing alpha x xᵀ + beta c."""
     a, b, c = coefficients
     x = g.to(dtype)
@@ -120,14 +150,20 @@ def _iterate(g: Tensor, steps: int, coefficients: tuple[float, float, float], ep
     return x.T if tall else x
 
 
-def newton_schulz(g: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = COEFFICIENTS,
-                  eps: float = 1e-7) -> Tensor:
+def newton_schulz(
+    g: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = COEFFICIENTS, eps: float = 1e-7
+) -> Tensor:
     """Roughly the orthogonal factor of the 2-D `g`, in bf16: Muon's update direction (see the module docstring)."""
     return _iterate(g, steps, coefficients, eps, symmetric_matmul)
 
 
-def newton_schulz_reference(g: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = COEFFICIENTS,
-                            eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+def newton_schulz_reference(
+    g: Tensor,
+    steps: int = 5,
+    coefficients: tuple[float, float, float] = COEFFICIENTS,
+    eps: float = 1e-7,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
     """newton_schulz with plain matmuls (torch.optim.Muon's math): the baseline it is tested and timed against.
     `dtype` float32 for CPUs without native bf16, where bf16 matmuls are emulated (~100x slower)."""
     return _iterate(g, steps, coefficients, eps, _gram_reference, dtype)

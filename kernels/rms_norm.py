@@ -65,9 +65,22 @@ CPU_BACKWARD_PROGRAMS = 4  # in the interpreter: several, so tests cover the par
 
 @triton.jit
 def _rms_norm_forward_kernel(
-    x_ptr, x_stride, residual_ptr, residual_stride, h_ptr, h_stride, weight_ptr, y_ptr, y_stride, rstd_ptr,
-    n_rows, n_cols, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    x_stride,
+    residual_ptr,
+    residual_stride,
+    h_ptr,
+    h_stride,
+    weight_ptr,
+    y_ptr,
+    y_stride,
+    rstd_ptr,
+    n_rows,
+    n_cols,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """BLOCK_ROWS rows per program: h = x + residual (stored), rstd (stored, fp32), y = h * rstd * weight."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -90,10 +103,28 @@ def _rms_norm_forward_kernel(
 
 @triton.jit
 def _rms_norm_backward_kernel(
-    dy_ptr, dy_stride, dh_ptr, dh_stride, h_ptr, h_stride, weight_ptr, rstd_ptr, dx_ptr, dx_stride,
-    dresidual_ptr, dresidual_stride, dweight_ptr, n_rows, n_cols, rows_per_program,
-    HAS_DH: tl.constexpr, WEIGHT_GRAD: tl.constexpr, SPLIT_DRESIDUAL: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
+    dy_ptr,
+    dy_stride,
+    dh_ptr,
+    dh_stride,
+    h_ptr,
+    h_stride,
+    weight_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dx_stride,
+    dresidual_ptr,
+    dresidual_stride,
+    dweight_ptr,
+    n_rows,
+    n_cols,
+    rows_per_program,
+    HAS_DH: tl.constexpr,
+    WEIGHT_GRAD: tl.constexpr,
+    SPLIT_DRESIDUAL: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """dx for `rows_per_program` consecutive rows, BLOCK_ROWS at a time with STAGES - 1 tiles prefetched
     (dx may be dy's own memory: each tile is read before it is written); with SPLIT_DRESIDUAL the same
@@ -124,8 +155,11 @@ def _rms_norm_backward_kernel(
             dx += tl.load(dh_ptr + rows[:, None] * dh_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * dx_stride + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if SPLIT_DRESIDUAL:
-            tl.store(dresidual_ptr + rows[:, None] * dresidual_stride + cols[None, :],
-                     dx.to(dresidual_ptr.dtype.element_ty), mask=mask)
+            tl.store(
+                dresidual_ptr + rows[:, None] * dresidual_stride + cols[None, :],
+                dx.to(dresidual_ptr.dtype.element_ty),
+                mask=mask,
+            )
     if WEIGHT_GRAD:
         tl.store(dweight_ptr + program * n_cols + cols, tl.sum(dweight, axis=0), mask=col_mask)
 
@@ -163,9 +197,12 @@ def _read_tilings(path: Path) -> dict[str | None, dict[int, tuple[Tiling, Tiling
     if not path.is_file():
         return {}
     found = json.loads(path.read_text())["tilings"]
-    return {capability: {int(block): (Tiling(**entry["forward"]), Tiling(**entry["backward"]))
-                         for block, entry in blocks.items()}
-            for capability, blocks in found.items()}
+    return {
+        capability: {
+            int(block): (Tiling(**entry["forward"]), Tiling(**entry["backward"])) for block, entry in blocks.items()
+        }
+        for capability, blocks in found.items()
+    }
 
 
 MEASURED_TILINGS = _read_tilings(TILINGS_FILE)
@@ -188,8 +225,11 @@ def tilings(n_cols: int, capability: str | None) -> tuple[int, Tiling, Tiling]:
 
 def _backward_split(n_rows: int, tiling: Tiling, device: torch.device) -> tuple[int, int]:
     """(rows per program, programs): runs of whole tiles, about `tiling.programs_per_sm` per SM."""
-    wanted = (tiling.programs_per_sm * gpu_properties(device).multi_processor_count if device.type == "cuda"
-              else CPU_BACKWARD_PROGRAMS)
+    wanted = (
+        tiling.programs_per_sm * gpu_properties(device).multi_processor_count
+        if device.type == "cuda"
+        else CPU_BACKWARD_PROGRAMS
+    )
     rows_per_program = tiling.block_rows * max(triton.cdiv(n_rows, wanted * tiling.block_rows), 1)
     return rows_per_program, triton.cdiv(n_rows, rows_per_program)  # no rows: no programs
 
@@ -199,8 +239,9 @@ def _sum_dtype(x: Tensor, residual: Tensor | None) -> torch.dtype:
     return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
 
 
-def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype,
-             tiling: Tiling | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def _forward(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype, tiling: Tiling | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h, rstd) for rows `x` (M, H) [+ `residual` (M, H)]; h is empty without a residual. `tiling`
     overrides the chosen one (benchmarks.tune_rms_norm measures candidates so)."""
     n_rows, n_cols = x.shape
@@ -216,15 +257,38 @@ def _forward(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out
     block, chosen, _ = tilings(n_cols, _capability(x.device))
     tiling = tiling or chosen
     _rms_norm_forward_kernel[(triton.cdiv(n_rows, tiling.block_rows),)](
-        x, x.stride(0), x if residual is None else residual, x.stride(0) if residual is None else residual.stride(0),
-        x if residual is None else h, n_cols, weight, y, n_cols, rstd, n_rows, n_cols, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_ROWS=tiling.block_rows, BLOCK=block, num_warps=tiling.num_warps,
+        x,
+        x.stride(0),
+        x if residual is None else residual,
+        x.stride(0) if residual is None else residual.stride(0),
+        x if residual is None else h,
+        n_cols,
+        weight,
+        y,
+        n_cols,
+        rstd,
+        n_rows,
+        n_cols,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_ROWS=tiling.block_rows,
+        BLOCK=block,
+        num_warps=tiling.num_warps,
     )
     return y, h, rstd
 
 
-def _backward(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, rstd: Tensor, dx: Tensor,
-              dresidual: Tensor | None, weight_grad: bool, tiling: Tiling | None = None) -> Tensor:
+def _backward(
+    dy: Tensor,
+    dh: Tensor | None,
+    h: Tensor,
+    weight: Tensor,
+    rstd: Tensor,
+    dx: Tensor,
+    dresidual: Tensor | None,
+    weight_grad: bool,
+    tiling: Tiling | None = None,
+) -> Tensor:
     """dx (written into `dx`, which may be `dy`), the same gradient into `dresidual` when given (in its
     own dtype) and, with `weight_grad`, dweight (returned, else empty). `tiling` as for `_forward`."""
     n_rows, n_cols = h.shape
@@ -244,11 +308,29 @@ def _backward(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, rstd: Te
     rows_per_program, programs = _backward_split(n_rows, tiling, h.device)
     partials = torch.empty(programs if weight_grad else 0, n_cols, dtype=torch.float32, device=h.device)
     _rms_norm_backward_kernel[(programs,)](
-        dy, dy.stride(0), dy if dh is None else dh, dy.stride(0) if dh is None else dh.stride(0), h, h.stride(0),
-        weight, rstd, dx, dx.stride(0), dx if dresidual is None else dresidual,
-        dx.stride(0) if dresidual is None else dresidual.stride(0), partials, n_rows, n_cols, rows_per_program,
-        HAS_DH=dh is not None, WEIGHT_GRAD=weight_grad, SPLIT_DRESIDUAL=dresidual is not None,
-        BLOCK_ROWS=tiling.block_rows, BLOCK=block, STAGES=tiling.stages, num_warps=tiling.num_warps,
+        dy,
+        dy.stride(0),
+        dy if dh is None else dh,
+        dy.stride(0) if dh is None else dh.stride(0),
+        h,
+        h.stride(0),
+        weight,
+        rstd,
+        dx,
+        dx.stride(0),
+        dx if dresidual is None else dresidual,
+        dx.stride(0) if dresidual is None else dresidual.stride(0),
+        partials,
+        n_rows,
+        n_cols,
+        rows_per_program,
+        HAS_DH=dh is not None,
+        WEIGHT_GRAD=weight_grad,
+        SPLIT_DRESIDUAL=dresidual is not None,
+        BLOCK_ROWS=tiling.block_rows,
+        BLOCK=block,
+        STAGES=tiling.stages,
+        num_warps=tiling.num_warps,
     )
     return partials.sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
 
@@ -282,26 +364,59 @@ def specializations() -> list[Specialization]:
                 stream, y = precision.param, precision.compute
                 for x, residual in ((stream, None), (precision.compute, stream)):
                     h = x if residual is None else torch.promote_types(x, residual)  # the dtype of x + residual
-                    found.append(Specialization.of(
-                        _rms_norm_forward_kernel, forward.num_warps,
-                        dict(HAS_RESIDUAL=residual is not None, BLOCK_ROWS=forward.block_rows, BLOCK=block),
-                        x_ptr=x, x_stride=n_cols, residual_ptr=x if residual is None else residual,
-                        residual_stride=n_cols, h_ptr=h, h_stride=n_cols, weight_ptr=stream, y_ptr=y,
-                        y_stride=n_cols, rstd_ptr=f32, n_rows=EXAMPLE_ROWS, n_cols=n_cols, eps=1e-6,
-                    ))
+                    found.append(
+                        Specialization.of(
+                            _rms_norm_forward_kernel,
+                            forward.num_warps,
+                            dict(HAS_RESIDUAL=residual is not None, BLOCK_ROWS=forward.block_rows, BLOCK=block),
+                            x_ptr=x,
+                            x_stride=n_cols,
+                            residual_ptr=x if residual is None else residual,
+                            residual_stride=n_cols,
+                            h_ptr=h,
+                            h_stride=n_cols,
+                            weight_ptr=stream,
+                            y_ptr=y,
+                            y_stride=n_cols,
+                            rstd_ptr=f32,
+                            n_rows=EXAMPLE_ROWS,
+                            n_cols=n_cols,
+                            eps=1e-6,
+                        )
+                    )
                     split = residual is not None and residual != x
                     for has_dh in (False, True) if residual is not None else (False,):
                         for weight_grad in (True, False):
-                            found.append(Specialization.of(
-                                _rms_norm_backward_kernel, backward.num_warps,
-                                dict(HAS_DH=has_dh, WEIGHT_GRAD=weight_grad, SPLIT_DRESIDUAL=split,
-                                     BLOCK_ROWS=backward.block_rows, BLOCK=block, STAGES=backward.stages),
-                                dy_ptr=y, dy_stride=n_cols, dh_ptr=h if has_dh else y, dh_stride=n_cols,
-                                h_ptr=h, h_stride=n_cols, weight_ptr=stream, rstd_ptr=f32, dx_ptr=x,
-                                dx_stride=n_cols, dresidual_ptr=residual if split else x, dresidual_stride=n_cols,
-                                dweight_ptr=f32, n_rows=EXAMPLE_ROWS, n_cols=n_cols,
-                                rows_per_program=EXAMPLE_ROWS,
-                            ))
+                            found.append(
+                                Specialization.of(
+                                    _rms_norm_backward_kernel,
+                                    backward.num_warps,
+                                    dict(
+                                        HAS_DH=has_dh,
+                                        WEIGHT_GRAD=weight_grad,
+                                        SPLIT_DRESIDUAL=split,
+                                        BLOCK_ROWS=backward.block_rows,
+                                        BLOCK=block,
+                                        STAGES=backward.stages,
+                                    ),
+                                    dy_ptr=y,
+                                    dy_stride=n_cols,
+                                    dh_ptr=h if has_dh else y,
+                                    dh_stride=n_cols,
+                                    h_ptr=h,
+                                    h_stride=n_cols,
+                                    weight_ptr=stream,
+                                    rstd_ptr=f32,
+                                    dx_ptr=x,
+                                    dx_stride=n_cols,
+                                    dresidual_ptr=residual if split else x,
+                                    dresidual_stride=n_cols,
+                                    dweight_ptr=f32,
+                                    n_rows=EXAMPLE_ROWS,
+                                    n_cols=n_cols,
+                                    rows_per_program=EXAMPLE_ROWS,
+                                )
+                            )
     return found
 
 
@@ -311,8 +426,9 @@ def specializations() -> list[Specialization]:
 
 
 @library_op("fasttrain::rms_norm_forward")
-def _forward_op(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype
-                ) -> tuple[Tensor, Tensor, Tensor]:
+def _forward_op(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h, rstd) of rows x (M, H) [+ residual]; h is empty without a residual, rstd is fp32 (M,)."""
     return _forward(x, residual, weight, eps, out_dtype)
 
@@ -324,8 +440,16 @@ def _(x, residual, weight, eps, out_dtype):
 
 
 @library_op("fasttrain::rms_norm_backward", mutates_args=("dx", "dresidual"))
-def _backward_op(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor, rstd: Tensor, dx: Tensor,
-                 dresidual: Tensor | None, weight_grad: bool) -> Tensor:
+def _backward_op(
+    dy: Tensor,
+    dh: Tensor | None,
+    h: Tensor,
+    weight: Tensor,
+    rstd: Tensor,
+    dx: Tensor,
+    dresidual: Tensor | None,
+    weight_grad: bool,
+) -> Tensor:
     """dx into `dx` (may be `dy`) and into `dresidual` if given; returns dweight in the weight's dtype if
     `weight_grad`, else an empty tensor."""
     return _backward(dy, dh, h, weight, rstd, dx, dresidual, weight_grad)
@@ -339,15 +463,17 @@ def _(dy, dh, h, weight, rstd, dx, dresidual, weight_grad):
 # ----------------------------------------------------------------------------- autograd
 
 
-def check_inputs(x: Tensor, weight: Tensor, residual: Tensor | None, eps: float,
-                 out_dtype: torch.dtype | None = None) -> None:
+def check_inputs(
+    x: Tensor, weight: Tensor, residual: Tensor | None, eps: float, out_dtype: torch.dtype | None = None
+) -> None:
     """ValueError naming the first thing wrong with a call's shapes, dtypes or options."""
     for name, t in (("x", x), ("weight", weight), ("residual", residual)):
         if t is not None and t.dtype not in DTYPES:
             raise ValueError(f"rms_norm: {name} must be float32, bfloat16 or float16, not {t.dtype}")
     if x.dim() == 0 or weight.shape != x.shape[-1:]:
-        raise ValueError(f"rms_norm: weight must be (H,) for x (..., H); got {tuple(weight.shape)} and "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"rms_norm: weight must be (H,) for x (..., H); got {tuple(weight.shape)} and {tuple(x.shape)}"
+        )
     if x.shape[-1] > MAX_HIDDEN:
         raise ValueError(f"rms_norm: hidden size {x.shape[-1]} is over the kernel's limit of {MAX_HIDDEN}")
     if residual is not None and residual.shape != x.shape:
@@ -366,8 +492,15 @@ def _rows(t: Tensor) -> Tensor:
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype,
-                inplace_backward: bool):
+    def forward(
+        ctx,
+        x: Tensor,
+        residual: Tensor | None,
+        weight: Tensor,
+        eps: float,
+        out_dtype: torch.dtype,
+        inplace_backward: bool,
+    ):
         y, h, rstd = _forward_op(x, residual, weight, eps, out_dtype)
         ctx.has_residual, ctx.inplace_backward = residual is not None, inplace_backward
         ctx.grad_dtypes = (x.dtype, None if residual is None else residual.dtype)
@@ -390,15 +523,27 @@ class _RMSNormFunction(torch.autograd.Function):
         dresidual = torch.empty_like(h, dtype=wanted[1]) if len(wanted) == 2 and wanted[1] != first else None
         dweight = _backward_op(dy, dh, h, weight, rstd, dx, dresidual, ctx.needs_input_grad[2])
         residual_grad = dx if dresidual is None else dresidual
-        return (dx if ctx.needs_input_grad[0] else None, residual_grad if ctx.needs_input_grad[1] else None,
-                dweight if ctx.needs_input_grad[2] else None, None, None, None)
+        return (
+            dx if ctx.needs_input_grad[0] else None,
+            residual_grad if ctx.needs_input_grad[1] else None,
+            dweight if ctx.needs_input_grad[2] else None,
+            None,
+            None,
+            None,
+        )
 
 
 # ----------------------------------------------------------------------------- functional and module
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | None = None,
-             inplace_backward: bool = False, out_dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:
+def rms_norm(
+    x: Tensor,
+    weight: Tensor,
+    eps: float = 1e-6,
+    residual: Tensor | None = None,
+    inplace_backward: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
     """RMSNorm of `x` (..., H) over its last dimension, scaled by `weight` (H,).
 
     Returns y (x's shape, in x's dtype). With `residual` (x's shape) it normalises
@@ -412,8 +557,14 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | No
     saving the allocation: use it only when nothing else reads that gradient.
     """
     check_inputs(x, weight, residual, eps, out_dtype)
-    out = _RMSNormFunction.apply(_rows(x), None if residual is None else _rows(residual), weight, eps,
-                                 out_dtype or _sum_dtype(x, residual), inplace_backward)
+    out = _RMSNormFunction.apply(
+        _rows(x),
+        None if residual is None else _rows(residual),
+        weight,
+        eps,
+        out_dtype or _sum_dtype(x, residual),
+        inplace_backward,
+    )
     if residual is None:
         return out.view(x.shape)
     y, h = out
@@ -429,8 +580,15 @@ class RMSNorm(torch.nn.Module):
     that dtype anyway: the same values, without writing fp32 and reading it back to cast.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, *, inplace_backward: bool = False,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        eps: float = 1e-6,
+        *,
+        inplace_backward: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.dim, self.eps, self.inplace_backward = dim, eps, inplace_backward
         self.weight = torch.nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
@@ -448,8 +606,9 @@ class RMSNorm(torch.nn.Module):
         return f"{self.dim}, eps={self.eps}"
 
 
-def rms_norm_reference(x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | None = None
-                       ) -> Tensor | tuple[Tensor, Tensor]:
+def rms_norm_reference(
+    x: Tensor, weight: Tensor, eps: float = 1e-6, residual: Tensor | None = None
+) -> Tensor | tuple[Tensor, Tensor]:
     """The same from stock PyTorch ops, differentiable by autograd: statistics and product in fp32
     (fp64 for fp64 inputs), y rounded once to h's dtype. Call it on fp64 tensors for a test reference."""
     h = x if residual is None else x + residual

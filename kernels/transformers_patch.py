@@ -43,7 +43,9 @@ def patch_hf_model(model: nn.Module, rms_norm: bool = True, fused_loss: bool = T
     if model_type not in FAMILIES:
         raise ValueError(f"patch_hf_model: model_type {model_type!r} is not one of {', '.join(FAMILIES)}")
     if fused_loss and not (isinstance(getattr(model, "lm_head", None), nn.Linear) and hasattr(model, "model")):
-        raise ValueError(f"patch_hf_model: {type(model).__name__} has no .model and linear .lm_head to fuse the loss into")
+        raise ValueError(
+            f"patch_hf_model: {type(model).__name__} has no .model and linear .lm_head to fuse the loss into"
+        )
     if rms_norm:
         _swap_rms_norms(model)  # a norm swapped already is skipped
     if fused_loss and not getattr(model.forward, "fused_loss", False):  # patched twice, the second would wrap
@@ -71,17 +73,43 @@ def _swap_rms_norms(model: nn.Module) -> int:
 
 def _fused_loss_forward(unpatched):
     """A forward for a causal LM whose loss, given labels, goes through linear_cross_entropy."""
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, return_logits: bool = False,
-                **kwargs):
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        return_logits: bool = False,
+        **kwargs,
+    ):
         if return_logits or (labels is None and kwargs.get("shift_labels") is None):  # logits: the model as it was
-            return unpatched(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                             use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+            return unpatched(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
         return_dict = kwargs.pop("return_dict", None)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         return_dict=True, **kwargs)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
         hidden = out.last_hidden_state
         shift_labels = kwargs.get("shift_labels")
         if shift_labels is None:  # position t predicts token t + 1; the last predicts nothing
@@ -92,8 +120,9 @@ def _fused_loss_forward(unpatched):
             weight = weight.to(hidden.dtype)
             bias = None if bias is None else bias.to(hidden.dtype)
         targets = shift_labels.reshape(-1).to(hidden.device)
-        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets, bias=bias,
-                                    ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = linear_cross_entropy(
+            hidden.reshape(-1, hidden.shape[-1]), weight, targets, bias=bias, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         # The sum over the counted targets, or over num_items_in_batch: every label -100 is 0 / 0, nan, as
         # transformers gives (kernels' own mean over no targets is 0).
         items = kwargs.get("num_items_in_batch")
@@ -102,10 +131,16 @@ def _fused_loss_forward(unpatched):
         loss = loss / (items.to(loss.device) if isinstance(items, torch.Tensor) else items)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        output = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=out.past_key_values,
-                                        hidden_states=out.hidden_states, attentions=out.attentions)
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=None,
+            past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+        )
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         return output if return_dict else output.to_tuple()  # as transformers: the fields that are not None
+
     setattr(forward, "fused_loss", True)  # a mark patch_hf_model reads; mypy knows no attributes of functions
     return forward

@@ -26,8 +26,11 @@ from fasttrain.data.shards import ShardWriter
 
 
 def pytest_addoption(parser) -> None:
-    parser.addoption("--second-tier", action="store_true",
-                     help="run only the tests marked second_tier (slow checks CI runs after the README's command)")
+    parser.addoption(
+        "--second-tier",
+        action="store_true",
+        help="run only the tests marked second_tier (slow checks CI runs after the README's command)",
+    )
 
 
 def pytest_collection_modifyitems(config, items) -> None:
@@ -61,8 +64,9 @@ def pydoc_data(tmp_path_factory) -> Path:
 def code_data(pydoc_data, tmp_path_factory) -> Path:
     """The json package's sources, prepared with pydoc_data's tokenizer: a second source of one tokenizer."""
     out = tmp_path_factory.mktemp("code") / "code"
-    prepare([str(Path(json.__file__).parent / "*.py")], out, tokenizer_path=str(pydoc_data / "tokenizer.json"),
-            quiet=True)
+    prepare(
+        [str(Path(json.__file__).parent / "*.py")], out, tokenizer_path=str(pydoc_data / "tokenizer.json"), quiet=True
+    )
     return out
 
 
@@ -74,7 +78,7 @@ def paragraph_data(tmp_path_factory) -> Path:
 
     src = tmp_path_factory.mktemp("paragraphs")
     paragraphs = [" ".join(p.split()) for text in topics.values() for p in text.split("\n\n") if p.strip()]
-    paragraphs = [p[:int(len(p) ** 0.7)] for p in paragraphs]  # cut long ones more: 10 to 700 characters
+    paragraphs = [p[: int(len(p) ** 0.7)] for p in paragraphs]  # cut long ones more: 10 to 700 characters
     (src / "docs.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
     prepare([str(src / "docs.jsonl")], src / "data", vocab_size=512, quiet=True)
     return src / "data"
@@ -100,11 +104,22 @@ def tiny_overrides(data_dir, out_dir) -> list[str]:
     meta = Path(data_dir) / "meta.json"
     inputs = json.loads(meta.read_text())["request"]["inputs"] if meta.is_file() else ["builtin:pydoc"]
     return [
-        f'data.dir="{data_dir}"', f"data.inputs={json.dumps(inputs)}", f'train.out_dir="{out_dir}"', "train.device=cpu", "data.prefetch=0",
+        f'data.dir="{data_dir}"',
+        f"data.inputs={json.dumps(inputs)}",
+        f'train.out_dir="{out_dir}"',
+        "train.device=cpu",
+        "data.prefetch=0",
         "data.vocab_size=512",  # as the pydoc_data fixture was prepared
-        "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
-        "train.batch_size=4", "train.seq_len=32", "train.max_steps=10", "schedule.warmup_steps=2",
-        "train.sample_tokens=4", "train.tensorboard=false",
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.n_heads=2",
+        "model.max_seq_len=32",
+        "train.batch_size=4",
+        "train.seq_len=32",
+        "train.max_steps=10",
+        "schedule.warmup_steps=2",
+        "train.sample_tokens=4",
+        "train.tensorboard=false",
         'train.precision="fp32"',  # "auto" would be bf16 on a CPU with native bf16: the same numbers everywhere
     ]
 

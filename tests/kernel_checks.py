@@ -11,15 +11,18 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # (rtol, atol as a fraction of the reference's largest magnitude) for tensors stored in each dtype.
 # Losses are computed and returned in fp32 whatever the input dtype, so they use the fp32 row.
 # bf16/fp16 allow two roundings: the gradient is stored, then scaled by the incoming gradient.
-TOLERANCE = {
-    torch.float32: (1e-5, 1e-6),
-    torch.bfloat16: (1.6e-2, 2e-3),
-    torch.float16: (2e-3, 2e-4),
-}
+TOLERANCE = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (1.6e-2, 2e-3), torch.float16: (2e-3, 2e-4)}
 
 
-def assert_matches(ours: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype, what: str,
-                   min_rtol: float = 0.0, min_atol: float = 0.0, scale: float | None = None) -> None:
+def assert_matches(
+    ours: torch.Tensor,
+    reference: torch.Tensor,
+    dtype: torch.dtype,
+    what: str,
+    min_rtol: float = 0.0,
+    min_atol: float = 0.0,
+    scale: float | None = None,
+) -> None:
     """`ours` equals the fp64 `reference` within `dtype`'s row of TOLERANCE, loosened to the minimums given.
 
     atol is a fraction of `scale`: by default the reference's largest magnitude; pass the size
@@ -37,7 +40,7 @@ def random_targets(n: int, vocab: int, ignore_every: int, device, ignore_index: 
     """n targets in [0, vocab), every `ignore_every`-th (from a random offset) set to ignore_index; 0 = none."""
     target = torch.randint(0, vocab, (n,), device=device)
     if ignore_every:
-        target[torch.randint(0, ignore_every, ()).item()::ignore_every] = ignore_index
+        target[torch.randint(0, ignore_every, ()).item() :: ignore_every] = ignore_index
     return target
 
 

@@ -59,8 +59,9 @@ def assert_close_fp32(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> No
 
 def assert_same_state(ours: FusedAdamW, theirs: torch.optim.AdamW, params, reference_params) -> None:
     for i, (p, q) in enumerate(zip(params, reference_params)):
-        assert_close_fp32(p.detach().float() if p.dtype == torch.float32 else ours.state[p]["master_param"],
-                          q.detach(), f"param {i}")
+        assert_close_fp32(
+            p.detach().float() if p.dtype == torch.float32 else ours.state[p]["master_param"], q.detach(), f"param {i}"
+        )
         for key in ("exp_avg", "exp_avg_sq"):
             assert ours.state[p][key].dtype == torch.float32
             assert_close_fp32(ours.state[p][key], theirs.state[q][key].float(), f"{key} {i}")
@@ -90,7 +91,7 @@ def test_parameters_at_unaligned_addresses(kernel_device):
     params, offset = [], 1
     for shape in SHAPES:
         n = torch.Size(shape).numel()
-        params.append(torch.nn.Parameter(flat[offset:offset + n].view(shape)))
+        params.append(torch.nn.Parameter(flat[offset : offset + n].view(shape)))
         offset += n
     assert params[0].data_ptr() % 16 == 4
     reference = [p.detach().clone().requires_grad_() for p in params]
@@ -107,7 +108,10 @@ def test_parameters_at_unaligned_addresses(kernel_device):
 def test_bf16_parameters_follow_fp32_master_weights(kernel_device):
     params = make_params(kernel_device, torch.bfloat16)
     reference = [p.detach().float().requires_grad_() for p in params]  # fp32 AdamW from the same start
-    ours, theirs = FusedAdamW(groups(params), **SETTINGS["llm"]), torch.optim.AdamW(groups(reference), **SETTINGS["llm"])
+    ours, theirs = (
+        FusedAdamW(groups(params), **SETTINGS["llm"]),
+        torch.optim.AdamW(groups(reference), **SETTINGS["llm"]),
+    )
     for step in range(STEPS):
         set_grads(step, params, reference)  # bf16 gradients, the same values in fp32 for torch
         ours.step()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = '''
+CASES = """
 import time
 
 import pytest
@@ -31,7 +31,7 @@ def test_a_fixture_that_ignores_its_timer(benchmark, monkeypatch):
         lambda loops, timer=time.perf_counter: make_runner(self, *args)(loops, timer)))
     with pytest.raises(RuntimeError, match="no longer times pedantic rounds"):
         record_samples(benchmark, lambda: [3e-5, 1e-5], untimed=lambda: None)
-'''
+"""
 
 
 @pytest.mark.subprocess
@@ -40,9 +40,24 @@ def test_samples_are_the_stats_and_a_changed_pytest_benchmark_fails_loudly(tmp_p
     out = tmp_path / "results.json"
     # Without pytest-xdist's worker variables: pytest-benchmark refuses --benchmark-only where it sees them.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")} | {"PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "test_cases.py", "--benchmark-only",
-                           f"--benchmark-json={out}", "-q", "-p", "no:cacheprovider"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "test_cases.py",
+            "--benchmark-only",
+            f"--benchmark-json={out}",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     [case] = json.loads(out.read_text())["benchmarks"]  # the failed one's wrong stats are left out
     assert case["name"] == "test_given_samples" and case["options"]["timer"] == "externally_measured"

@@ -32,8 +32,16 @@ from tests.conftest import tiny_args, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Dropout (torch's RNG), accumulation, random windows read ahead by the prefetch thread: all must resume exactly.
-EXACT = ["model.dropout=0.1", "train.tokens_per_update=256", "data.prefetch=2", "train.max_steps=8",
-         "train.log_interval=1", "train.eval_interval=4", "train.eval_steps=2", "checkpoint.interval=3"]
+EXACT = [
+    "model.dropout=0.1",
+    "train.tokens_per_update=256",
+    "data.prefetch=2",
+    "train.max_steps=8",
+    "train.log_interval=1",
+    "train.eval_interval=4",
+    "train.eval_steps=2",
+    "checkpoint.interval=3",
+]
 CHEAP = ["train.tokens_per_update=0", "train.sample_tokens=0", "train.eval_steps=1", "train.max_steps=6"]
 
 
@@ -70,15 +78,25 @@ def nan_losses(trainer: Trainer, at_steps: set[int], every_attempt: bool = False
     trainer.loss = poisoned
 
 
-@pytest.mark.parametrize("batching", [
-    [], ["data.batching=padded", "data.padding=bucketed"],
-    ["data.batching=aligned", "data.padding=longest", "data.document_mask=true"],
-    # Each other optimizer's state (Muon's momentum, SGD's, Adafactor's factored moments) must resume too;
-    # without accumulation or samples, and 6 steps, to keep them cheap.
-    *[[*CHEAP, *opt] for opt in (["optim.name=muon"], ["optim.name=adafactor"],
-                                 ["optim.name=sgd", "optim.sgd.nesterov=true", "schedule.decay=step",
-                                  "schedule.step_every=3"])],
-], ids=["packed", "padded-bucketed", "aligned-masked", "muon", "adafactor", "sgd-step-decay"])
+@pytest.mark.parametrize(
+    "batching",
+    [
+        [],
+        ["data.batching=padded", "data.padding=bucketed"],
+        ["data.batching=aligned", "data.padding=longest", "data.document_mask=true"],
+        # Each other optimizer's state (Muon's momentum, SGD's, Adafactor's factored moments) must resume too;
+        # without accumulation or samples, and 6 steps, to keep them cheap.
+        *[
+            [*CHEAP, *opt]
+            for opt in (
+                ["optim.name=muon"],
+                ["optim.name=adafactor"],
+                ["optim.name=sgd", "optim.sgd.nesterov=true", "schedule.decay=step", "schedule.step_every=3"],
+            )
+        ],
+    ],
+    ids=["packed", "padded-bucketed", "aligned-masked", "muon", "adafactor", "sgd-step-decay"],
+)
 def test_resumed_training_is_bitwise_identical(pydoc_data, paragraph_data, tmp_path, batching):
     data = paragraph_data if any(s.startswith("data.") for s in batching) else pydoc_data
     exact = [*EXACT, *batching]
@@ -156,14 +174,25 @@ def test_unwritable_run_directory_is_a_clear_error(pydoc_data, tmp_path):
 
 
 # A one-layer tiny run that goes on until it is stopped, logging every step and never evaluating.
-ENDLESS = ["model.n_layers=1", "train.batch_size=2", "train.max_steps=100000", "train.log_interval=1",
-           "train.eval_interval=100000", "train.sample_tokens=0"]
+ENDLESS = [
+    "model.n_layers=1",
+    "train.batch_size=2",
+    "train.max_steps=100000",
+    "train.log_interval=1",
+    "train.eval_interval=100000",
+    "train.sample_tokens=0",
+]
 
 
 def train_cli(args: list[str]) -> subprocess.Popen:
     """`python -m fasttrain.train ARGS`, left running."""
-    return subprocess.Popen([sys.executable, "-m", "fasttrain.train", *args],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fasttrain.train", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -177,9 +206,11 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 @pytest.mark.subprocess
 @pytest.mark.second_tier  # 24 s of kills at random moments, per format
-@pytest.mark.parametrize("kind", [[], ['checkpoint.format="sharded"'],
-                                  ['checkpoint.format="sharded"', "checkpoint.async_save=true"]],
-                         ids=["file", "sharded", "async"])
+@pytest.mark.parametrize(
+    "kind",
+    [[], ['checkpoint.format="sharded"'], ['checkpoint.format="sharded"', "checkpoint.async_save=true"]],
+    ids=["file", "sharded", "async"],
+)
 def test_kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint(pydoc_data, tmp_path, kind):
     saving = [*ENDLESS, "checkpoint.interval=1", "checkpoint.keep_last=1", *kind]
     latest = None
@@ -193,9 +224,19 @@ def test_kill_9_at_any_moment_leaves_a_loadable_latest_checkpoint(pydoc_data, tm
         state = checkpoint_files.load(latest)
         assert state["step"] == saves.step_of(latest) > 0
     finish = subprocess.run(
-        [sys.executable, "-m", "fasttrain.train",
-         *tiny_args(pydoc_data, tmp_path, *saving, f"train.max_steps={state['step'] + 1}", flags=["--resume", "auto"])],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "fasttrain.train",
+            *tiny_args(
+                pydoc_data, tmp_path, *saving, f"train.max_steps={state['step'] + 1}", flags=["--resume", "auto"]
+            ),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert finish.returncode == 0, finish.stderr
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))  # a killed save's leftovers are cleaned up
 
@@ -225,9 +266,14 @@ def test_sigterm_saves_and_prints_how_to_resume(pydoc_data, tmp_path):
     assert command[-2:] == ["--resume", "auto"]
     elsewhere = tmp_path / "elsewhere"  # the command works from any directory
     elsewhere.mkdir()
-    resumed = subprocess.run([sys.executable, *command[1:], "--set", f"train.max_steps={step + 2}"],
-                             cwd=elsewhere, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, *command[1:], "--set", f"train.max_steps={step + 2}"],
+        cwd=elsewhere,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     start = events(tmp_path, "start")[-1]
     assert start["resume_step"] == step and events(tmp_path, "end")[-1]["step"] == step + 2
@@ -237,8 +283,9 @@ def test_sigterm_saves_and_prints_how_to_resume(pydoc_data, tmp_path):
 def test_sigterm_with_async_saves_publishes_the_save_before_exiting(pydoc_data, tmp_path):
     """The SIGTERM's save was written in the background and the process exited first: the folder stayed a
     temporary one, `latest` did not name it, and the next start deleted it. It is waited for, then published."""
-    code, stderr = stopped_by_sigterm(tiny_args(pydoc_data, tmp_path, *ENDLESS, "checkpoint.interval=1000",
-                                                "checkpoint.async_save=true"), tmp_path)
+    code, stderr = stopped_by_sigterm(
+        tiny_args(pydoc_data, tmp_path, *ENDLESS, "checkpoint.interval=1000", "checkpoint.async_save=true"), tmp_path
+    )
     assert code == 143 and stderr.startswith("stopped by SIGTERM at step "), stderr
     step = int(stderr.split("at step ")[1].split(";")[0])
     assert saves.pointed(tmp_path / "checkpoints", "latest") == tmp_path / "checkpoints" / f"step_{step:07d}"
@@ -246,13 +293,19 @@ def test_sigterm_with_async_saves_publishes_the_save_before_exiting(pydoc_data, 
     assert not list((tmp_path / "checkpoints").glob(".*.tmp"))
 
 
-def test_sigterm_during_an_evaluation_stops_at_once_and_the_resume_evaluates_first(pydoc_data, tmp_path, capsys,
-                                                                                  monkeypatch):
+def test_sigterm_during_an_evaluation_stops_at_once_and_the_resume_evaluates_first(
+    pydoc_data, tmp_path, capsys, monkeypatch
+):
     """A SIGTERM once waited for the whole evaluation (27 s in the report). It stops after the batch in
     flight; the checkpoint says the evaluation is due, and the resumed run does it before its first
     step, so its evaluations and weights are those of a run never stopped."""
-    run_args = ["train.max_steps=4", "train.eval_interval=2", "train.eval_steps=50", "checkpoint.interval=100",
-                "train.sample_tokens=0"]
+    run_args = [
+        "train.max_steps=4",
+        "train.eval_interval=2",
+        "train.eval_steps=50",
+        "checkpoint.interval=100",
+        "train.sample_tokens=0",
+    ]
     assert run_cli_code(train.main, tiny_args(pydoc_data, tmp_path / "whole", *run_args)) == 0
     batches = []
     loss = Trainer.loss
@@ -283,7 +336,9 @@ def test_a_resume_from_nan_weights_rolls_back_to_the_clean_checkpoint_before(pyd
     assert run_cli_code(train.main, tiny_args(pydoc_data, tmp_path, *run_args, "train.max_steps=4")) == 0
     poisoned = tmp_path / "checkpoints" / "step_0000004.pt"
     state = checkpoint_files.load(poisoned)
-    state["model"] = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in state["model"].items()}
+    state["model"] = {
+        k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in state["model"].items()
+    }
     torch.save(state, poisoned)
     args = tiny_args(pydoc_data, tmp_path, *run_args, "train.max_steps=8", flags=["--resume", "auto"])
     assert run_cli_code(train.main, args) == 0, capsys.readouterr().err
@@ -301,8 +356,12 @@ def test_extending_a_finished_run_says_what_the_schedule_does(pydoc_data, tmp_pa
     capsys.readouterr()
     trainer.resume("auto")
     said = capsys.readouterr().out
-    assert "resume: train.max_steps 4 -> 8: the cosine schedule now runs over 8 steps, so the learning rate " \
-           f"at step 4 is {trainer.lr():.3g}" in said and "docs/training.md (extending a run)" in said
+    assert (
+        "resume: train.max_steps 4 -> 8: the cosine schedule now runs over 8 steps, so the learning rate "
+        f"at step 4 is {trainer.lr():.3g}"
+        in said
+        and "docs/training.md (extending a run)" in said
+    )
     same = Trainer(tiny_config(pydoc_data, tmp_path, *cheap, "train.max_steps=4"))
     capsys.readouterr()
     same.resume("auto")
@@ -315,8 +374,9 @@ def run_cli_code(main, args: list[str]) -> int:
     return done.value.code
 
 
-@pytest.mark.parametrize("changed", [["optim.weight_decay=0.5"], ["optim.beta2=0.9", "optim.eps=1e-6"]],
-                         ids=["weight_decay", "betas-eps"])
+@pytest.mark.parametrize(
+    "changed", [["optim.weight_decay=0.5"], ["optim.beta2=0.9", "optim.eps=1e-6"]], ids=["weight_decay", "betas-eps"]
+)
 def test_a_resume_applies_the_configs_optimizer_settings_and_says_so(pydoc_data, tmp_path, capsys, changed):
     """The checkpoint brings the optimizer's state; the settings are the config's. Once they silently kept
     the saved ones: the weights were bitwise those of a resume with the old values."""
@@ -334,7 +394,10 @@ def test_a_resume_applies_the_configs_optimizer_settings_and_says_so(pydoc_data,
         if name == "changed":
             assert "the config's optimizer settings replace the checkpoint's" in said
             assert (group["weight_decay"], group["betas"][1], group["eps"]) == (
-                trainer.cfg.optim.weight_decay, trainer.cfg.optim.beta2, trainer.cfg.optim.eps)
+                trainer.cfg.optim.weight_decay,
+                trainer.cfg.optim.beta2,
+                trainer.cfg.optim.eps,
+            )
         else:
             assert "optimizer settings" not in said
         trainer.train()
@@ -380,8 +443,10 @@ def test_a_resume_that_cannot_write_its_metrics_changes_nothing(pydoc_data, tmp_
 
 def hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process holding `run_dir`'s lock (as a run training there does) until it is killed."""
-    code = ("import sys, time\nfrom fasttrain.system import run_lock\n"
-            "with run_lock.locked(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)")
+    code = (
+        "import sys, time\nfrom fasttrain.system import run_lock\n"
+        "with run_lock.locked(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "locked\n"
     return proc
@@ -392,8 +457,17 @@ def test_a_run_whose_directory_was_removed_and_reused_touches_nothing_there(pydo
     """rm -rf of a live run's directory, then a new run there: the first run's pruning deleted the second's
     checkpoints and moved its latest. Now it stops at its next save with one line, touching nothing."""
     run_dir = tmp_path / "run"
-    trainer = Trainer(tiny_config(pydoc_data, run_dir, "train.max_steps=6", "checkpoint.interval=1",
-                                  "checkpoint.keep_last=1", "train.sample_tokens=0"), quiet=True)
+    trainer = Trainer(
+        tiny_config(
+            pydoc_data,
+            run_dir,
+            "train.max_steps=6",
+            "checkpoint.interval=1",
+            "checkpoint.keep_last=1",
+            "train.sample_tokens=0",
+        ),
+        quiet=True,
+    )
     holders = []
 
     def replaced(t: Trainer) -> None:  # the directory removed, and a new run holding a new one by the name
@@ -405,7 +479,9 @@ def test_a_run_whose_directory_was_removed_and_reused_touches_nothing_there(pydo
 
     plant(trainer, {3}, replaced)
     try:
-        with pytest.raises(UsageError, match=r"now held by another run \(pid \d+ on host .*\), so this run's directory"):
+        with pytest.raises(
+            UsageError, match=r"now held by another run \(pid \d+ on host .*\), so this run's directory"
+        ):
             trainer.train()
         files = {p.name: p.read_bytes() for p in (run_dir / "checkpoints").iterdir()}
         assert files == {"step_0000001.pt": b"the new run's save", "latest": b"step_0000001.pt\n"}
@@ -431,7 +507,8 @@ def test_a_run_directory_in_use_is_refused_until_its_holder_dies(pydoc_data, tmp
             err = capsys.readouterr().err
             assert refused.value.code == 2 and err == (
                 f"error: {tmp_path}: another run (pid {holder.pid} on host {socket.gethostname()}) is using it; "
-                "wait for it to end, stop it, or set train.out_dir elsewhere\n"), (flags, err)
+                "wait for it to end, stop it, or set train.out_dir elsewhere\n"
+            ), (flags, err)
         assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == saved
     finally:
         holder.kill()  # SIGKILL: the lock file stays, the lock goes with the process
@@ -443,17 +520,29 @@ def test_a_run_directory_in_use_is_refused_until_its_holder_dies(pydoc_data, tmp
 
 def test_the_resume_command_names_the_run_by_absolute_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = argparse.Namespace(config="base.toml", set=["train.max_steps=9", "train.out_dir=runs/a"], quiet=True,
-                              device="cpu", seed=None)
+    args = argparse.Namespace(
+        config="base.toml", set=["train.max_steps=9", "train.out_dir=runs/a"], quiet=True, device="cpu", seed=None
+    )
     cfg = load_config(None, ["train.out_dir=runs/a", "data.dir=data/b"])
     assert shlex.split(train.resume_command(args, cfg)) == [
-        "python", "-m", "fasttrain.train", str(tmp_path / "base.toml"), "--quiet", "--set", "train.max_steps=9",
-        "train.device=cpu", f"train.out_dir={tmp_path / 'runs/a'}", f"data.dir={tmp_path / 'data/b'}",
-        "--resume", "auto"]
+        "python",
+        "-m",
+        "fasttrain.train",
+        str(tmp_path / "base.toml"),
+        "--quiet",
+        "--set",
+        "train.max_steps=9",
+        "train.device=cpu",
+        f"train.out_dir={tmp_path / 'runs/a'}",
+        f"data.dir={tmp_path / 'data/b'}",
+        "--resume",
+        "auto",
+    ]
 
 
 def full_disk_after(lines: int):
     """`open`, but a file opened to append takes `lines` writes, then writes half of one and raises ENOSPC."""
+
     def open_(path, mode="r", **kwargs):
         f = open(path, mode, **kwargs)
         if "a" in mode:
@@ -462,17 +551,24 @@ def full_disk_after(lines: int):
             def filling(text: str) -> int:
                 if next(count) < lines:
                     return write(text)
-                write(text[:len(text) // 2])
+                write(text[: len(text) // 2])
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
             f.write = filling
         return f
+
     return open_
 
 
-def test_a_full_disk_while_logging_is_one_line_and_the_resumed_log_parses(pydoc_data, tmp_path, monkeypatch,
-                                                                          capsys):
-    args = tiny_args(pydoc_data, tmp_path, "train.max_steps=4", "train.log_interval=1", "checkpoint.interval=1",
-                     "train.sample_tokens=0")
+def test_a_full_disk_while_logging_is_one_line_and_the_resumed_log_parses(pydoc_data, tmp_path, monkeypatch, capsys):
+    args = tiny_args(
+        pydoc_data,
+        tmp_path,
+        "train.max_steps=4",
+        "train.log_interval=1",
+        "checkpoint.interval=1",
+        "train.sample_tokens=0",
+    )
     # Written: start, train, checkpoint, train; then step 2's checkpoint event fails, after its save.
     monkeypatch.setattr(metrics, "open", full_disk_after(4), raising=False)
     with pytest.raises(SystemExit) as full:
@@ -508,8 +604,16 @@ def test_a_non_finite_step_is_skipped(pydoc_data, tmp_path):
 
 
 def test_repeated_non_finite_steps_roll_back_with_a_lower_lr(pydoc_data, tmp_path):
-    cfg = tiny_config(pydoc_data, tmp_path, "train.max_steps=8", "checkpoint.interval=2", "train.log_interval=1",
-                      "recovery.max_skips=2", "recovery.lr_factor=0.25", "schedule.decay=constant")
+    cfg = tiny_config(
+        pydoc_data,
+        tmp_path,
+        "train.max_steps=8",
+        "checkpoint.interval=2",
+        "train.log_interval=1",
+        "recovery.max_skips=2",
+        "recovery.lr_factor=0.25",
+        "schedule.decay=constant",
+    )
     trainer = Trainer(cfg, quiet=True)
     nan_losses(trainer, {5, 6})
     summary = trainer.train()
@@ -526,8 +630,16 @@ def test_repeated_non_finite_steps_roll_back_with_a_lower_lr(pydoc_data, tmp_pat
 def test_a_rollback_skips_the_save_that_holds_the_diverging_weights(pydoc_data, tmp_path):
     """Weights broken by step 4's update diverge at every later step; step 4's save holds them. The run
     must return to step 2's save, point latest there (a resume must not land on step 4's), and finish."""
-    cfg = tiny_config(pydoc_data, tmp_path, "train.max_steps=10", "checkpoint.interval=2", "checkpoint.keep_last=1",
-                      "recovery.max_skips=2", "recovery.max_rollbacks=1", "train.log_interval=1")
+    cfg = tiny_config(
+        pydoc_data,
+        tmp_path,
+        "train.max_steps=10",
+        "checkpoint.interval=2",
+        "checkpoint.keep_last=1",
+        "recovery.max_skips=2",
+        "recovery.max_rollbacks=1",
+        "train.log_interval=1",
+    )
     trainer = Trainer(cfg, quiet=True)
     broken = set()
 
@@ -553,13 +665,20 @@ def test_a_rollback_skips_the_save_that_holds_the_diverging_weights(pydoc_data, 
 def test_divergence_without_a_way_back_stops_with_a_clear_message(pydoc_data, tmp_path):
     trainer = Trainer(tiny_config(pydoc_data, tmp_path, "recovery.max_skips=3"), quiet=True)
     nan_losses(trainer, set(range(1, 100)))
-    with pytest.raises(RunStopped, match="stopped at step 3: .* not finite for 3 steps in a row, and there is no "
-                                         "checkpoint from before the divergence to roll back to; lower optim.lr") as stop:
+    with pytest.raises(
+        RunStopped,
+        match="stopped at step 3: .* not finite for 3 steps in a row, and there is no "
+        "checkpoint from before the divergence to roll back to; lower optim.lr",
+    ) as stop:
         trainer.train()
     assert stop.value.exit_code == 1
 
-    trainer = Trainer(tiny_config(pydoc_data, tmp_path / "b", "recovery.max_skips=1", "recovery.max_rollbacks=1",
-                                  "checkpoint.interval=1"), quiet=True)
+    trainer = Trainer(
+        tiny_config(
+            pydoc_data, tmp_path / "b", "recovery.max_skips=1", "recovery.max_rollbacks=1", "checkpoint.interval=1"
+        ),
+        quiet=True,
+    )
     nan_losses(trainer, set(range(3, 100)), every_attempt=True)
     with pytest.raises(RunStopped, match="stopped at step 3: .* and after 1 rollbacks"):
         trainer.train()

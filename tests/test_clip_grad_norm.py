@@ -40,7 +40,9 @@ def test_matches_torch(kernel_device, max_norm):
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
     if max_norm == 0.5:
-        assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ours])).item() == pytest.approx(0.5, rel=1e-5)
+        assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ours])).item() == pytest.approx(
+            0.5, rel=1e-5
+        )
 
 
 def test_low_precision_gradients_sum_in_fp32(kernel_device):

@@ -61,8 +61,14 @@ def _subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def _inspect(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kernels.inspect", *args], cwd=ROOT, env=_subprocess_env(**env),
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "kernels.inspect", *args],
+        cwd=ROOT,
+        env=_subprocess_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
 
 
 def _check_report(run: subprocess.CompletedProcess, archs: list[str], variants: list) -> None:
@@ -79,12 +85,15 @@ def _check_report(run: subprocess.CompletedProcess, archs: list[str], variants: 
         assert r["spill_stores"] <= allowed, f"{what}: spills {r['spill_stores']} bytes a thread"
 
 
-@pytest.mark.parametrize("arch,widest_only", [
-    pytest.param("sm_90", True, id="sm_90-widest"),
-    pytest.param("sm_80", True, id="sm_80-widest"),
-    pytest.param("sm_90", False, id="sm_90-every-variant", marks=pytest.mark.second_tier),
-    pytest.param("sm_80", False, id="sm_80-every-variant", marks=pytest.mark.second_tier),
-])
+@pytest.mark.parametrize(
+    "arch,widest_only",
+    [
+        pytest.param("sm_90", True, id="sm_90-widest"),
+        pytest.param("sm_80", True, id="sm_80-widest"),
+        pytest.param("sm_90", False, id="sm_90-every-variant", marks=pytest.mark.second_tier),
+        pytest.param("sm_80", False, id="sm_80-every-variant", marks=pytest.mark.second_tier),
+    ],
+)
 def test_every_variant_compiles(arch, widest_only):
     """Every variant compiles for the H100 and the A100 (whose shared memory is smaller) within the limits.
     The first tier compiles the widest block of each variant (where registers, spills and shared memory
@@ -104,15 +113,34 @@ def test_every_variant_compiles_with_the_gpu_images_triton(tmp_path):
     and put first on the compiling process's path: its ptxas and register allocation differ from the newer
     Triton's (a 28-byte spill in one cross-entropy variant on sm_90 was found this way)."""
     target = tmp_path / "triton"
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
-                          f"triton=={GPU_IMAGE_TRITON}"], capture_output=True, text=True, timeout=600)
+    pip = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            f"triton=={GPU_IMAGE_TRITON}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if pip.returncode != 0:
         pytest.skip(f"cannot install triton {GPU_IMAGE_TRITON}: {(pip.stderr.strip().splitlines() or ['?'])[-1]}")
-    version = subprocess.run([sys.executable, "-c", "import triton; print(triton.__version__)"], capture_output=True,
-                             text=True, env=_subprocess_env(PYTHONPATH=str(target)))
+    version = subprocess.run(
+        [sys.executable, "-c", "import triton; print(triton.__version__)"],
+        capture_output=True,
+        text=True,
+        env=_subprocess_env(PYTHONPATH=str(target)),
+    )
     assert version.stdout.strip() == GPU_IMAGE_TRITON, version.stderr[-2000:]
-    _check_report(_inspect("--arch", "all", "--json", PYTHONPATH=str(target)), ["sm_80", "sm_90"],
-                  all_specializations())
+    _check_report(
+        _inspect("--arch", "all", "--json", PYTHONPATH=str(target)), ["sm_80", "sm_90"], all_specializations()
+    )
 
 
 # ----------------------------------------------------------------------------- the list is the launchers'
@@ -123,8 +151,10 @@ def _normal(name: str, types: dict[str, str], constexprs: dict, num_warps: int |
 
 
 def _listed() -> set[tuple]:
-    return {_normal(s.name, {n: triton_type(v) for n, v in s.args}, dict(s.constexprs), s.num_warps)
-            for s in all_specializations()}
+    return {
+        _normal(s.name, {n: triton_type(v) for n, v in s.args}, dict(s.constexprs), s.num_warps)
+        for s in all_specializations()
+    }
 
 
 class _Recorder:
@@ -140,6 +170,7 @@ class _Recorder:
             types = {n: triton_type(v) for n, v in values.items() if n not in self.constexpr_names}
             constexprs = {n: v for n, v in values.items() if n in self.constexpr_names}
             self.launches.append(_normal(self.kernel.__name__, types, constexprs, num_warps))
+
         return launch
 
 
@@ -272,10 +303,12 @@ def test_argument_types_are_tritons():
 
 def test_ptxas_reports_are_read():
     for tool in ("ptxas", "ptxas-blackwell"):  # Triton 3.9 uses the second for sm_90
-        log = (f"{tool} info    : Compiling entry function 'k' for 'sm_90a'\n"
-               f"{tool} info    : Function properties for k\n"
-               "    8 bytes stack frame, 12 bytes spill stores, 16 bytes spill loads\n"
-               f"{tool} info    : Used 168 registers, used 1 barriers, 400 bytes cmem[0]\n")
+        log = (
+            f"{tool} info    : Compiling entry function 'k' for 'sm_90a'\n"
+            f"{tool} info    : Function properties for k\n"
+            "    8 bytes stack frame, 12 bytes spill stores, 16 bytes spill loads\n"
+            f"{tool} info    : Used 168 registers, used 1 barriers, 400 bytes cmem[0]\n"
+        )
         assert _ptxas_report(log) == (168, 12, 16)
     with pytest.raises(RuntimeError, match="no ptxas report"):
         _ptxas_report("")
@@ -287,13 +320,22 @@ def test_specialization_needs_every_argument():
         Specialization.of(kernel, 4, dict(BLOCK=64), logits_ptr=torch.float32)
 
 
-@pytest.mark.parametrize("args, env, message", [
-    (["--arch", "sm_70"], {}, "--arch must be one of sm_80, sm_90 or all"),
-    ([], {"TRITON_INTERPRET": "1"}, "TRITON_INTERPRET=1"),
-])
+@pytest.mark.parametrize(
+    "args, env, message",
+    [
+        (["--arch", "sm_70"], {}, "--arch must be one of sm_80, sm_90 or all"),
+        ([], {"TRITON_INTERPRET": "1"}, "TRITON_INTERPRET=1"),
+    ],
+)
 def test_cli_refuses_bad_input(args, env, message):
-    run = subprocess.run([sys.executable, "-m", "kernels.inspect", *args], cwd=ROOT, capture_output=True, text=True,
-                         env=_subprocess_env() | env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "kernels.inspect", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=_subprocess_env() | env,
+        timeout=300,
+    )
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], run.stderr

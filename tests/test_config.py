@@ -47,7 +47,9 @@ def test_defaults_load_and_validate():
 
 
 def test_file_overrides_defaults(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         [model]
         d_model = 128
         [optim]
@@ -55,7 +57,8 @@ def test_file_overrides_defaults(tmp_path):
         [data]
         inputs = ["docs/", "extra/*.txt"]
         sampling = "sequential"
-    """)
+    """,
+    )
     cfg = load_config(path)
     assert cfg.model.d_model == 128
     assert cfg.model.n_layers == ModelConfig().n_layers
@@ -66,20 +69,26 @@ def test_file_overrides_defaults(tmp_path):
 
 
 def test_overrides(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         [train]
         batch_size = 32
         device = "cuda"
-    """)
-    cfg = load_config(path, [
-        "train.batch_size=8",
-        "train.device=cpu",  # bare string
-        'data.inputs=["a.txt", "b"]',
-        "optim.weight_decay=0",  # int for a float field
-        'train.out_dir="runs/x"',
-        "data.tokenizer=",  # empty bare string
-        "train.batch_size=4",  # later wins
-    ])
+    """,
+    )
+    cfg = load_config(
+        path,
+        [
+            "train.batch_size=8",
+            "train.device=cpu",  # bare string
+            'data.inputs=["a.txt", "b"]',
+            "optim.weight_decay=0",  # int for a float field
+            'train.out_dir="runs/x"',
+            "data.tokenizer=",  # empty bare string
+            "train.batch_size=4",  # later wins
+        ],
+    )
     assert cfg.train.batch_size == 4
     assert cfg.train.device == "cpu"
     assert cfg.data.inputs == ["a.txt", "b"]
@@ -89,22 +98,38 @@ def test_overrides(tmp_path):
 
 
 def test_consistent_edge_cases_are_accepted():
-    cfg = load_config(None, [
-        "schedule.warmup_steps=2000", "train.max_steps=2000",  # warmup may fill the whole run
-        "model.vocab_size=300", 'data.tokenizer="tok.json"',  # size checked later, against the tokenizer
-        "schedule.decay=wsd", "train.device=cuda:3", "optim.max_grad_norm=0", "data.prefetch=0",
-        "train.compile=false", "model.n_kv_heads=1", "train.tokens_per_update=8192",  # 2 micro-batches
-    ])
+    cfg = load_config(
+        None,
+        [
+            "schedule.warmup_steps=2000",
+            "train.max_steps=2000",  # warmup may fill the whole run
+            "model.vocab_size=300",
+            'data.tokenizer="tok.json"',  # size checked later, against the tokenizer
+            "schedule.decay=wsd",
+            "train.device=cuda:3",
+            "optim.max_grad_norm=0",
+            "data.prefetch=0",
+            "train.compile=false",
+            "model.n_kv_heads=1",
+            "train.tokens_per_update=8192",  # 2 micro-batches
+        ],
+    )
     assert cfg.model.vocab_size == 300 and cfg.train.device == "cuda:3"
     assert cfg.train.compile is False and cfg.model.n_kv_heads == 1
 
 
 def test_round_trip(tmp_path):
-    cfg = load_config(None, [
-        'data.dir="odd \\"quoted\\" \\\\ path\\nwith ünïcode, \\t tab and \\u007f"',
-        'data.inputs=["builtin:docstrings", "a b/*.txt"]',
-        "optim.lr=2.0", "optim.eps=1e-12", "optim.beta1=0.1234567890123", "schedule.min_lr=0",
-    ])
+    cfg = load_config(
+        None,
+        [
+            'data.dir="odd \\"quoted\\" \\\\ path\\nwith ünïcode, \\t tab and \\u007f"',
+            'data.inputs=["builtin:docstrings", "a b/*.txt"]',
+            "optim.lr=2.0",
+            "optim.eps=1e-12",
+            "optim.beta1=0.1234567890123",
+            "schedule.min_lr=0",
+        ],
+    )
     run_dir = tmp_path / "runs" / "one"
     path = save_config(cfg, run_dir)
     assert path == run_dir / "config.toml"
@@ -114,11 +139,15 @@ def test_round_trip(tmp_path):
     assert [p.name for p in run_dir.iterdir()] == ["config.toml"]  # no temp files left
 
 
-@pytest.mark.parametrize("optimizer", [
-    ["optim.name=muon", "optim.muon.lr=0.05", "optim.muon.adjust_lr=match_rms_adamw", "optim.beta2=0.99"],
-    ["optim.name=sgd", "optim.sgd.momentum=0.5", "schedule.decay=step", "schedule.step_factor=0.25"],
-    ["optim.name=adafactor", "optim.adafactor.d=2"],
-], ids=["muon", "sgd", "adafactor"])
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        ["optim.name=muon", "optim.muon.lr=0.05", "optim.muon.adjust_lr=match_rms_adamw", "optim.beta2=0.99"],
+        ["optim.name=sgd", "optim.sgd.momentum=0.5", "schedule.decay=step", "schedule.step_factor=0.25"],
+        ["optim.name=adafactor", "optim.adafactor.d=2"],
+    ],
+    ids=["muon", "sgd", "adafactor"],
+)
 def test_round_trip_of_each_optimizer(tmp_path, optimizer):
     """The chosen optimizer's [optim.<name>] table is written and read back; the others' are left out."""
     cfg = load_config(None, optimizer)
@@ -148,7 +177,9 @@ def test_argparse_helpers(tmp_path):
     path = write(tmp_path, "[train]\nbatch_size = 2\n")
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    args = parser.parse_args([str(path), "--set", "train.seq_len=64", "model.n_layers=2", "--set", "train.batch_size=3"])
+    args = parser.parse_args(
+        [str(path), "--set", "train.seq_len=64", "model.n_layers=2", "--set", "train.batch_size=3"]
+    )
     assert args.set == ["train.seq_len=64", "model.n_layers=2", "train.batch_size=3"]
     cfg = config_from_args(args)
     assert (cfg.train.seq_len, cfg.model.n_layers, cfg.train.batch_size) == (64, 2, 3)
@@ -162,81 +193,179 @@ BAD_INPUTS = [
     pytest.param("[model\n", [], FILE, ["invalid TOML", "line 1"], id="malformed-toml"),
     pytest.param("x = 1\nx = 2\n", [], FILE, ["invalid TOML"], id="duplicate-key"),
     pytest.param(MISSING, [], FILE, ["no such file"], id="missing-file"),
-    pytest.param("[modle]\nd_model = 8\n", [], FILE, ["unknown section [modle]", "did you mean [model]?"],
-                 id="unknown-section"),
+    pytest.param(
+        "[modle]\nd_model = 8\n", [], FILE, ["unknown section [modle]", "did you mean [model]?"], id="unknown-section"
+    ),
     pytest.param("steps = 5\n", [], FILE, ["steps: expected a [section] table, got 5 (int)"], id="top-level-key"),
-    pytest.param("[train]\nbatch_sz = 3\n", [], FILE, ["unknown key train.batch_sz; did you mean train.batch_size?"],
-                 id="unknown-key"),
-    pytest.param('[train]\nbatch_size = "16"\n', [], FILE, ['train.batch_size: expected an integer, got "16" (str)'],
-                 id="string-for-int"),
-    pytest.param("[model]\nn_layers = true\n", [], FILE, ["model.n_layers: expected an integer, got true (bool)"],
-                 id="bool-for-int"),
-    pytest.param("[optim]\nlr = false\n", [], FILE, ["optim.lr: expected a finite number, got false (bool)"],
-                 id="bool-for-float"),
-    pytest.param("[train]\nmax_steps = 10.5\n", [], FILE, ["train.max_steps: expected an integer, got 10.5"],
-                 id="float-for-int"),
+    pytest.param(
+        "[train]\nbatch_sz = 3\n",
+        [],
+        FILE,
+        ["unknown key train.batch_sz; did you mean train.batch_size?"],
+        id="unknown-key",
+    ),
+    pytest.param(
+        '[train]\nbatch_size = "16"\n',
+        [],
+        FILE,
+        ['train.batch_size: expected an integer, got "16" (str)'],
+        id="string-for-int",
+    ),
+    pytest.param(
+        "[model]\nn_layers = true\n",
+        [],
+        FILE,
+        ["model.n_layers: expected an integer, got true (bool)"],
+        id="bool-for-int",
+    ),
+    pytest.param(
+        "[optim]\nlr = false\n", [], FILE, ["optim.lr: expected a finite number, got false (bool)"], id="bool-for-float"
+    ),
+    pytest.param(
+        "[train]\nmax_steps = 10.5\n", [], FILE, ["train.max_steps: expected an integer, got 10.5"], id="float-for-int"
+    ),
     pytest.param("[data.extra]\nx = 1\n", [], FILE, ["unknown key data.extra"], id="nested-table"),
-    pytest.param('[data]\nsampling = "shuffled"\n', [], FILE,
-                 ['data.sampling: expected one of "random", "sequential", got "shuffled"'], id="literal"),
-    pytest.param("", ['data.batching="dynamic"'], SET,
-                 ['data.batching: expected one of "packed", "padded", "aligned", got "dynamic"'], id="batching"),
-    pytest.param('[data]\ninputs = ["a", 1]\n', [], FILE, ["data.inputs: expected a list of strings"],
-                 id="list-of-non-strings"),
-    pytest.param('[data]\ninputs = "a.txt"\n', [], FILE, ["data.inputs: expected a list of strings"],
-                 id="string-for-list"),
-    pytest.param('[data]\ninputs = [""]\n', [], FILE, ["data.inputs: must be a list of non-empty paths"],
-                 id="empty-input"),
+    pytest.param(
+        '[data]\nsampling = "shuffled"\n',
+        [],
+        FILE,
+        ['data.sampling: expected one of "random", "sequential", got "shuffled"'],
+        id="literal",
+    ),
+    pytest.param(
+        "",
+        ['data.batching="dynamic"'],
+        SET,
+        ['data.batching: expected one of "packed", "padded", "aligned", got "dynamic"'],
+        id="batching",
+    ),
+    pytest.param(
+        '[data]\ninputs = ["a", 1]\n', [], FILE, ["data.inputs: expected a list of strings"], id="list-of-non-strings"
+    ),
+    pytest.param(
+        '[data]\ninputs = "a.txt"\n', [], FILE, ["data.inputs: expected a list of strings"], id="string-for-list"
+    ),
+    pytest.param(
+        '[data]\ninputs = [""]\n', [], FILE, ["data.inputs: must be a list of non-empty paths"], id="empty-input"
+    ),
     pytest.param("[train]\nbatch_size = 0\n", [], FILE, ["train.batch_size: must be > 0, got 0"], id="not-positive"),
     pytest.param("[optim]\nlr = -0.001\n", [], FILE, ["optim.lr: must be > 0, got -0.001"], id="negative-lr"),
     pytest.param("[optim]\nlr = nan\n", [], FILE, ["optim.lr: expected a finite number, got nan (float)"], id="nan"),
     pytest.param("", ["optim.max_grad_norm=inf"], SET, ["optim.max_grad_norm: expected a finite number"], id="inf"),
     pytest.param("[data]\nprefetch = -1\n", [], FILE, ["data.prefetch: must be in [0, 64]", "got -1"], id="negative"),
-    pytest.param("[data]\nprefetch = 100000\n", [], FILE, ["data.prefetch: must be in [0, 64]", "in memory"],
-                 id="prefetch-unbounded"),
+    pytest.param(
+        "[data]\nprefetch = 100000\n",
+        [],
+        FILE,
+        ["data.prefetch: must be in [0, 64]", "in memory"],
+        id="prefetch-unbounded",
+    ),
     pytest.param("", ["train.seed=-1"], SET, ["train.seed: must be in [0, 4294967295], got -1"], id="negative-seed"),
     pytest.param("", ["train.seed=99999999999"], SET, ["train.seed: must be in [0, 4294967295]"], id="seed-too-big"),
-    pytest.param(f'[train]\nsample_prompt = "{"x" * 70_000}"\n', [], FILE,
-                 ["train.sample_prompt: must be non-empty", "at most 65,536 characters", "(70,002 characters)"],
-                 id="50-MB-sample-prompt"),
+    pytest.param(
+        f'[train]\nsample_prompt = "{"x" * 70_000}"\n',
+        [],
+        FILE,
+        ["train.sample_prompt: must be non-empty", "at most 65,536 characters", "(70,002 characters)"],
+        id="50-MB-sample-prompt",
+    ),
     pytest.param("[model]\nvocab_size = -1\n", [], FILE, ["model.vocab_size: must be >= 0"], id="negative-vocab"),
-    pytest.param("[data]\nval_fraction = 1\n", [], FILE, ["data.val_fraction: must be in [0, 1), got 1.0"],
-                 id="fraction"),
+    pytest.param(
+        "[data]\nval_fraction = 1\n", [], FILE, ["data.val_fraction: must be in [0, 1), got 1.0"], id="fraction"
+    ),
     pytest.param("[optim]\nbeta2 = 1.5\n", [], FILE, ["optim.beta2: must be in [0, 1)"], id="beta"),
-    pytest.param("[data]\nvocab_size = 256\n", [], FILE, ["data.vocab_size: must be 0 or > 256", "256 bytes"],
-                 id="tiny-bpe-vocab"),
-    pytest.param('[train]\ndevice = "gpu"\n', [], FILE, ['train.device: must be auto, cpu, cuda or cuda:N, got "gpu"'],
-                 id="device"),
+    pytest.param(
+        "[data]\nvocab_size = 256\n",
+        [],
+        FILE,
+        ["data.vocab_size: must be 0 or > 256", "256 bytes"],
+        id="tiny-bpe-vocab",
+    ),
+    pytest.param(
+        '[train]\ndevice = "gpu"\n',
+        [],
+        FILE,
+        ['train.device: must be auto, cpu, cuda or cuda:N, got "gpu"'],
+        id="device",
+    ),
     pytest.param('[train]\ndevice = "cuda:"\n', [], FILE, ["train.device: must be"], id="device-no-index"),
-    pytest.param("[model]\nmax_seq_len = 128\n", [], FILE,
-                 ["train.seq_len = 256 exceeds model.max_seq_len = 128"], id="seq-len-vs-context"),
-    pytest.param("[optim]\nlr = 1e-5\n", [], FILE, ["schedule.min_lr = 0.0001 exceeds optim.lr = 1e-05"],
-                 id="min-lr-vs-lr"),
-    pytest.param("[model]\nn_heads = 3\n", [], FILE, ["model.d_model = 256 is not divisible by model.n_heads = 3"],
-                 id="heads-vs-width"),
-    pytest.param("[model]\nn_kv_heads = 3\n", [], FILE, ["model.n_heads = 4 is not divisible by model.n_kv_heads = 3"],
-                 id="kv-heads-vs-heads"),
-    pytest.param("[model]\nd_model = 20\nn_heads = 4\n", [], FILE,
-                 ["model.d_model = 20 / model.n_heads = 4 (an odd head size"], id="odd-head-size"),
-    pytest.param("[train]\ntokens_per_update = 5000\n", [], FILE,
-                 ["train.tokens_per_update = 5000 is not a multiple of train.batch_size = 16", "batch_size x seq_len"],
-                 id="tokens-per-update"),
-    pytest.param('[train]\ncompile = "yes"\n', [], FILE, ['train.compile: expected one of "auto", true, false, got "yes"'],
-                 id="compile-literal"),
-    pytest.param('[train]\nprecision = "fp8"\n', [], FILE, ['train.precision: expected one of "auto", "fp32"'],
-                 id="precision-literal"),
-    pytest.param('[train]\nsample_prompt = ""\n', [], FILE, ["train.sample_prompt: must be non-empty"],
-                 id="empty-prompt"),
+    pytest.param(
+        "[model]\nmax_seq_len = 128\n",
+        [],
+        FILE,
+        ["train.seq_len = 256 exceeds model.max_seq_len = 128"],
+        id="seq-len-vs-context",
+    ),
+    pytest.param(
+        "[optim]\nlr = 1e-5\n", [], FILE, ["schedule.min_lr = 0.0001 exceeds optim.lr = 1e-05"], id="min-lr-vs-lr"
+    ),
+    pytest.param(
+        "[model]\nn_heads = 3\n",
+        [],
+        FILE,
+        ["model.d_model = 256 is not divisible by model.n_heads = 3"],
+        id="heads-vs-width",
+    ),
+    pytest.param(
+        "[model]\nn_kv_heads = 3\n",
+        [],
+        FILE,
+        ["model.n_heads = 4 is not divisible by model.n_kv_heads = 3"],
+        id="kv-heads-vs-heads",
+    ),
+    pytest.param(
+        "[model]\nd_model = 20\nn_heads = 4\n",
+        [],
+        FILE,
+        ["model.d_model = 20 / model.n_heads = 4 (an odd head size"],
+        id="odd-head-size",
+    ),
+    pytest.param(
+        "[train]\ntokens_per_update = 5000\n",
+        [],
+        FILE,
+        ["train.tokens_per_update = 5000 is not a multiple of train.batch_size = 16", "batch_size x seq_len"],
+        id="tokens-per-update",
+    ),
+    pytest.param(
+        '[train]\ncompile = "yes"\n',
+        [],
+        FILE,
+        ['train.compile: expected one of "auto", true, false, got "yes"'],
+        id="compile-literal",
+    ),
+    pytest.param(
+        '[train]\nprecision = "fp8"\n',
+        [],
+        FILE,
+        ['train.precision: expected one of "auto", "fp32"'],
+        id="precision-literal",
+    ),
+    pytest.param(
+        '[train]\nsample_prompt = ""\n', [], FILE, ["train.sample_prompt: must be non-empty"], id="empty-prompt"
+    ),
     pytest.param("[model]\ndropout = 1.0\n", [], FILE, ["model.dropout: must be in [0, 1), got 1.0"], id="dropout"),
-    pytest.param("[model]\nmax_seq_len = 128\n", ["train.seq_len=200"], SET, ["train.seq_len = 200 exceeds"],
-                 id="conflict-blames-set"),
+    pytest.param(
+        "[model]\nmax_seq_len = 128\n",
+        ["train.seq_len=200"],
+        SET,
+        ["train.seq_len = 200 exceeds"],
+        id="conflict-blames-set",
+    ),
     pytest.param("", ["train.batch_size=0"], SET, ["train.batch_size: must be > 0, got 0"], id="set-out-of-range"),
     pytest.param("", ["batch_size=3"], SET, ["--set batch_size=3: expected SECTION.KEY=VALUE"], id="set-no-section"),
     pytest.param("", ["train.batch_size"], SET, ["expected SECTION.KEY=VALUE"], id="set-no-value"),
-    pytest.param("", ["train.batch_size=abc"], SET, ['train.batch_size: expected an integer, got "abc" (str)'],
-                 id="set-bad-value"),
+    pytest.param(
+        "",
+        ["train.batch_size=abc"],
+        SET,
+        ['train.batch_size: expected an integer, got "abc" (str)'],
+        id="set-bad-value",
+    ),
     pytest.param("", ["dta.seq_len=3"], SET, ["unknown section [dta]; did you mean [data]?"], id="set-unknown-section"),
-    pytest.param("", ["schedule.decay=exp"], SET, ['expected one of "cosine", "linear", "constant", "wsd"'],
-                 id="set-literal"),
+    pytest.param(
+        "", ["schedule.decay=exp"], SET, ['expected one of "cosine", "linear", "constant", "wsd"'], id="set-literal"
+    ),
 ]
 
 
@@ -255,21 +384,29 @@ def test_bad_inputs_raise_one_line_usage_errors(tmp_path, text, overrides, blame
 
 
 def test_a_config_extends_a_base_key_by_key(tmp_path):
-    write(tmp_path, """
+    write(
+        tmp_path,
+        """
         [model]
         d_model = 128
         n_layers = 6
         [train]
         batch_size = 0
-    """, "base.toml")
+    """,
+        "base.toml",
+    )
     (tmp_path / "sub").mkdir()
-    child = write(tmp_path, """
+    child = write(
+        tmp_path,
+        """
         extends = "../base.toml"
         [model]
         n_layers = 2
         [train]
         batch_size = 3
-    """, "sub/child.toml")
+    """,
+        "sub/child.toml",
+    )
     grandchild = write(tmp_path, 'extends = "child.toml"\n[optim]\nlr = 0.5\n', "sub/grandchild.toml")
     cfg = load_config(grandchild, ["model.n_layers=3"])
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.train.batch_size, cfg.optim.lr) == (128, 3, 3, 0.5)
@@ -284,21 +421,49 @@ def test_the_350m_config_extends_gpt2_small():
     assert (large.model.d_model, large.model.n_layers, large.train.batch_size) == (1024, 24, 16)
 
 
-@pytest.mark.parametrize("files, message", [
-    ({"a.toml": 'extends = "missing.toml"\n'}, 'a.toml: extends = "missing.toml": {tmp}/missing.toml: no such file'),
-    ({"a.toml": "extends = 3\n"}, "a.toml: extends: expected the path of a config file, got 3 (int)"),
-    ({"a.toml": 'extends = "a.toml"\n'}, 'a.toml: extends = "a.toml" comes back to {tmp}/a.toml: configs cannot '
-                                         "extend each other in a circle"),
-    ({"a.toml": 'extends = "b.toml"\n', "b.toml": 'extends = "a.toml"\n'},
-     'a.toml: extends = "b.toml": {tmp}/b.toml: extends = "a.toml" comes back to {tmp}/a.toml'),
-    ({"a.toml": 'extends = "b.toml"\n', "b.toml": "[train\n"}, 'a.toml: extends = "b.toml": {tmp}/b.toml: invalid TOML'),
-    ({"a.toml": 'extends = "1.toml"\n', **{f"{i}.toml": f'extends = "{i + 1}.toml"\n' for i in range(1, 1100)},
-      "1100.toml": ""}, 'a.toml: extends = "1.toml": {tmp}/31.toml: extends = "32.toml": a chain of more than 32'),
-    ({"a.toml": 'extends = "/dev/zero"\n'}, 'a.toml: extends = "/dev/zero": /dev/zero: cannot read (not a regular file)'),
-    ({"a.toml": 'extends = "pipe"\n', "pipe": None}, 'a.toml: extends = "pipe": {tmp}/pipe: cannot read (not a regular'),
-    ({"a.toml": 'extends = "big.toml"\n', "big.toml": "#" * (2 << 20)},
-     'a.toml: extends = "big.toml": {tmp}/big.toml: larger than 1,048,576 bytes, too large for a config file'),
-], ids=["missing", "not-a-path", "itself", "circle", "bad-base", "1100-files", "dev-zero", "fifo", "2-MiB"])
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        (
+            {"a.toml": 'extends = "missing.toml"\n'},
+            'a.toml: extends = "missing.toml": {tmp}/missing.toml: no such file',
+        ),
+        ({"a.toml": "extends = 3\n"}, "a.toml: extends: expected the path of a config file, got 3 (int)"),
+        (
+            {"a.toml": 'extends = "a.toml"\n'},
+            'a.toml: extends = "a.toml" comes back to {tmp}/a.toml: configs cannot extend each other in a circle',
+        ),
+        (
+            {"a.toml": 'extends = "b.toml"\n', "b.toml": 'extends = "a.toml"\n'},
+            'a.toml: extends = "b.toml": {tmp}/b.toml: extends = "a.toml" comes back to {tmp}/a.toml',
+        ),
+        (
+            {"a.toml": 'extends = "b.toml"\n', "b.toml": "[train\n"},
+            'a.toml: extends = "b.toml": {tmp}/b.toml: invalid TOML',
+        ),
+        (
+            {
+                "a.toml": 'extends = "1.toml"\n',
+                **{f"{i}.toml": f'extends = "{i + 1}.toml"\n' for i in range(1, 1100)},
+                "1100.toml": "",
+            },
+            'a.toml: extends = "1.toml": {tmp}/31.toml: extends = "32.toml": a chain of more than 32',
+        ),
+        (
+            {"a.toml": 'extends = "/dev/zero"\n'},
+            'a.toml: extends = "/dev/zero": /dev/zero: cannot read (not a regular file)',
+        ),
+        (
+            {"a.toml": 'extends = "pipe"\n', "pipe": None},
+            'a.toml: extends = "pipe": {tmp}/pipe: cannot read (not a regular',
+        ),
+        (
+            {"a.toml": 'extends = "big.toml"\n', "big.toml": "#" * (2 << 20)},
+            'a.toml: extends = "big.toml": {tmp}/big.toml: larger than 1,048,576 bytes, too large for a config file',
+        ),
+    ],
+    ids=["missing", "not-a-path", "itself", "circle", "bad-base", "1100-files", "dev-zero", "fifo", "2-MiB"],
+)
 def test_bad_extends_is_a_one_line_error(tmp_path, files, message):
     for name, text in files.items():
         if text is None:  # a FIFO nothing writes to: reading it would wait forever
@@ -311,11 +476,15 @@ def test_bad_extends_is_a_one_line_error(tmp_path, files, message):
     assert "\n" not in str(excinfo.value)
 
 
-@pytest.mark.parametrize("base, child, blamed", [
-    ("[train]\nseq_len = 64\n", '[model]\nmax_seq_len = 32\n', "child.toml"),
-    ('[model]\nmax_seq_len = 32\n', "[train]\nseq_len = 64\n", "child.toml"),
-    ("[train]\nseq_len = 64\n[model]\nmax_seq_len = 32\n", "", "base.toml"),
-], ids=["child-sets-the-second-key", "child-sets-the-first-key", "base-sets-both"])
+@pytest.mark.parametrize(
+    "base, child, blamed",
+    [
+        ("[train]\nseq_len = 64\n", "[model]\nmax_seq_len = 32\n", "child.toml"),
+        ("[model]\nmax_seq_len = 32\n", "[train]\nseq_len = 64\n", "child.toml"),
+        ("[train]\nseq_len = 64\n[model]\nmax_seq_len = 32\n", "", "base.toml"),
+    ],
+    ids=["child-sets-the-second-key", "child-sets-the-first-key", "base-sets-both"],
+)
 def test_a_conflict_blames_the_file_that_set_a_key_last(tmp_path, base, child, blamed):
     write(tmp_path, base, "base.toml")
     write(tmp_path, 'extends = "base.toml"\n' + child, "child.toml")
@@ -350,7 +519,10 @@ def test_cli_reports_one_line_and_exits_2(tmp_path):
     """)
     result = subprocess.run(
         [sys.executable, "-c", script, str(path), "--set", "train.device=cpu"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

@@ -57,11 +57,10 @@ def test_real_vocabulary_sizes(kernel_device, vocab):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_huge_logits_do_not_overflow(kernel_device, dtype):
-    logits = (1e4 * torch.rand(16, 300, device=kernel_device) * torch.randn(16, 300, device=kernel_device).sign())
+    logits = 1e4 * torch.rand(16, 300, device=kernel_device) * torch.randn(16, 300, device=kernel_device).sign()
     logits[:, 7] = 1e4  # ties at the maximum
     # fp32 resolves 1e4 to ~1e-3, so exp(x - lse) is known to a few 1e-4 relative at best (eager fp32 too).
-    check_against_reference(logits.to(dtype), random_targets(16, 300, 4, kernel_device), min_rtol=2e-3,
-                            z_loss=1e-4)
+    check_against_reference(logits.to(dtype), random_targets(16, 300, 4, kernel_device), min_rtol=2e-3, z_loss=1e-4)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -126,15 +125,18 @@ def test_twice_the_loss_doubles_the_gradient(kernel_device):
     assert torch.equal(twice, 2 * once)  # the backward applied the incoming gradient exactly
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"logits": torch.zeros(4)}, "logits must be \\(N, D\\)"),
-    ({"target": torch.zeros(3, dtype=torch.int64)}, "got \\(4, 5\\) and \\(3,\\)"),
-    ({"logits": torch.zeros(4, 5, dtype=torch.int32)}, "float32, bfloat16 or float16"),
-    ({"target": torch.zeros(4, dtype=torch.int32)}, "target must be int64"),
-    ({"reduction": "avg"}, "reduction must be one of"),
-    ({"label_smoothing": 1.5}, "label_smoothing must be in"),
-    ({"softcap": 0.0}, "softcap must be positive"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"logits": torch.zeros(4)}, "logits must be \\(N, D\\)"),
+        ({"target": torch.zeros(3, dtype=torch.int64)}, "got \\(4, 5\\) and \\(3,\\)"),
+        ({"logits": torch.zeros(4, 5, dtype=torch.int32)}, "float32, bfloat16 or float16"),
+        ({"target": torch.zeros(4, dtype=torch.int32)}, "target must be int64"),
+        ({"reduction": "avg"}, "reduction must be one of"),
+        ({"label_smoothing": 1.5}, "label_smoothing must be in"),
+        ({"softcap": 0.0}, "softcap must be positive"),
+    ],
+)
 def test_bad_arguments(bad, message):
     args = {"logits": torch.zeros(4, 5), "target": torch.zeros(4, dtype=torch.int64)} | bad
     with pytest.raises(ValueError, match=message):

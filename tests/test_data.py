@@ -59,8 +59,10 @@ def test_an_epoch_visits_windows_once(counting_data, sampling):
 @pytest.mark.parametrize("sampling", ["random", "sequential"])
 def test_ranks_read_disjoint_windows(counting_data, sampling):
     world = 3
-    loaders = [TokenLoader(counting_data, "train", 4, T, sampling=sampling, rank=r, world_size=world, seed=7)
-               for r in range(world)]
+    loaders = [
+        TokenLoader(counting_data, "train", 4, T, sampling=sampling, rank=r, world_size=world, seed=7)
+        for r in range(world)
+    ]
     per_epoch = loaders[0].reader.batches_per_epoch
     assert per_epoch == loaders[0].reader.rows.num_rows // (4 * world)
     seen = [set(s for _ in range(per_epoch) for s in window_starts(next(L)[0])) for L in loaders]
@@ -175,15 +177,18 @@ def _mixed_widths(d):
     write_shard(d / "train_000001.bin", np.arange(500), vocab_size=70_000)
 
 
-@pytest.mark.parametrize("make, message", [
-    (_bad_magic, r"train_000000.bin: not a token shard \(magic 1234"),
-    (_truncated, r"train_000000.bin: truncated shard: header says 500 tokens \(2024 bytes\), file has 2017 bytes"),
-    (_short_header, r"train_000000.bin: truncated shard: 100 bytes"),
-    (_id_beyond_vocab, r"train_000000.bin: token id 499 is outside the vocabulary \(300 tokens\)"),
-    (_too_little_data, r"the train split has 2 windows of 17 tokens, fewer than one batch of 4"),
-    (_mixed_widths, r"train_000001.bin: uint32 tokens, but .*train_000000.bin has uint16"),
-    (lambda d: None, r"no train shards"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (_bad_magic, r"train_000000.bin: not a token shard \(magic 1234"),
+        (_truncated, r"train_000000.bin: truncated shard: header says 500 tokens \(2024 bytes\), file has 2017 bytes"),
+        (_short_header, r"train_000000.bin: truncated shard: 100 bytes"),
+        (_id_beyond_vocab, r"train_000000.bin: token id 499 is outside the vocabulary \(300 tokens\)"),
+        (_too_little_data, r"the train split has 2 windows of 17 tokens, fewer than one batch of 4"),
+        (_mixed_widths, r"train_000001.bin: uint32 tokens, but .*train_000000.bin has uint16"),
+        (lambda d: None, r"no train shards"),
+    ],
+)
 def test_bad_data_is_a_one_line_error(tmp_path, make, message):
     make(tmp_path)
     with pytest.raises(UsageError, match=message) as e:
@@ -253,10 +258,16 @@ def test_a_failing_read_is_raised_again_not_hung(counting_data, monkeypatch):
 def test_a_process_that_exits_while_its_loader_reads_ahead_exits_cleanly(counting_data):
     """The prefetch thread is stopped at exit, not torn down inside a torch op, which aborted the process
     ("terminate called without an active exception") in about 7 of 10 such exits before."""
-    script = ("import sys; from fasttrain.data.loader import TokenLoader; "  # a queue that never fills: always reading
-              "loader = TokenLoader(sys.argv[1], 'train', 1, 8, prefetch=10**6); next(loader)")
-    runs = [subprocess.Popen([sys.executable, "-c", script, str(counting_data)], cwd=ROOT, stderr=subprocess.PIPE,
-                             text=True) for _ in range(4)]
+    script = (
+        "import sys; from fasttrain.data.loader import TokenLoader; "  # a queue that never fills: always reading
+        "loader = TokenLoader(sys.argv[1], 'train', 1, 8, prefetch=10**6); next(loader)"
+    )
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(counting_data)], cwd=ROOT, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
     for run in runs:
         err = run.communicate(timeout=120)[1]
         assert run.returncode == 0, err

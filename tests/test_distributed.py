@@ -23,43 +23,84 @@ from tests.conftest import tiny_args
 pytestmark = pytest.mark.subprocess  # every test here starts the command-line tools in new processes
 ROOT = Path(__file__).resolve().parents[1]
 # 2 steps of 2 accumulated micro-batches: the gradient all-reduce is skipped on the first of each.
-RUN = ["train.max_steps=4", "train.log_interval=1", "train.eval_interval=2", "train.eval_steps=2",
-       "checkpoint.interval=2", "train.sample_tokens=0", "data.prefetch=0",
-       'train.device="cpu"']  # gloo on the CPU: two ranks need no two GPUs, and fp32 without TF32 compares tightly
+RUN = [
+    "train.max_steps=4",
+    "train.log_interval=1",
+    "train.eval_interval=2",
+    "train.eval_steps=2",
+    "checkpoint.interval=2",
+    "train.sample_tokens=0",
+    "data.prefetch=0",
+    'train.device="cpu"',
+]  # gloo on the CPU: two ranks need no two GPUs, and fp32 without TF32 compares tightly
 # PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack, so a rare failure explains itself.
 ENV = {"FASTTRAIN_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           "-m", "fasttrain.train", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **ENV}, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "fasttrain.train",
+            *args,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV},
+        timeout=300,
+    )
 
 
 def single(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fasttrain.train", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **ENV}, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fasttrain.train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV},
+        timeout=300,
+    )
 
 
 def values(run_dir: Path, kind: str, key: str) -> list[float]:
     return [e[key] for e in read_metrics(run_dir) if e["event"] == kind]
 
 
-@pytest.mark.parametrize("parallel,batching", [
-    ("ddp", []), ("fsdp", []), ("ddp", ["data.batching=padded", "data.padding=longest"]),
-], ids=["ddp", "fsdp", "ddp-padded"])
-def test_two_ranks_train_like_one_process_with_the_same_global_batch(pydoc_data, paragraph_data, tmp_path, parallel,
-                                                                      batching):
+@pytest.mark.parametrize(
+    "parallel,batching",
+    [("ddp", []), ("fsdp", []), ("ddp", ["data.batching=padded", "data.padding=longest"])],
+    ids=["ddp", "fsdp", "ddp-padded"],
+)
+def test_two_ranks_train_like_one_process_with_the_same_global_batch(
+    pydoc_data, paragraph_data, tmp_path, parallel, batching
+):
     """4 sequences per micro-batch in one process = 2 on each of 2 ranks: the same rows, so the same
     losses, gradient norms and validation loss (up to the order of fp32 sums; validation reads eval_steps x
     batch_size rows, 2 x 4 = 4 x 2). Padded, the ranks hold different numbers of real tokens, and every one
     still weighs the same."""
     data = paragraph_data if batching else pydoc_data
-    one = single(tiny_args(data, tmp_path / "one", *RUN, *batching, "train.batch_size=4",
-                           "train.tokens_per_update=256"))
+    one = single(
+        tiny_args(data, tmp_path / "one", *RUN, *batching, "train.batch_size=4", "train.tokens_per_update=256")
+    )
     assert one.returncode == 0, one.stderr
-    two = torchrun(tiny_args(data, tmp_path / "two", *RUN, *batching, "train.batch_size=2", "train.eval_steps=4",
-                             "train.tokens_per_update=256", f'train.parallel="{parallel}"'))
+    two = torchrun(
+        tiny_args(
+            data,
+            tmp_path / "two",
+            *RUN,
+            *batching,
+            "train.batch_size=2",
+            "train.eval_steps=4",
+            "train.tokens_per_update=256",
+            f'train.parallel="{parallel}"',
+        )
+    )
     assert two.returncode == 0, two.stderr
     assert values(tmp_path / "two", "train", "tokens") == values(tmp_path / "one", "train", "tokens")
     for kind, key in (("train", "loss"), ("train", "grad_norm"), ("eval", "val_loss")):
@@ -96,14 +137,27 @@ def test_distributed_resume_is_exact_and_continues_on_one_process(pydoc_data, tm
 
 # One sequence per micro-batch on every rank and 192 tokens a step: 6 micro-batches accumulated on 1 process, 3 on
 # 2, 2 on 3, the same rows each step. eval_steps=5: 5 validation rows, which neither 2 nor 3 ranks split evenly.
-ANY_WORLD = ["train.max_steps=4", "train.log_interval=1", "train.eval_interval=2", "train.eval_steps=5",
-             "checkpoint.interval=100", "train.sample_tokens=0", "data.prefetch=0", 'train.device="cpu"',
-             "train.batch_size=1", "train.tokens_per_update=192"]
+ANY_WORLD = [
+    "train.max_steps=4",
+    "train.log_interval=1",
+    "train.eval_interval=2",
+    "train.eval_steps=5",
+    "checkpoint.interval=100",
+    "train.sample_tokens=0",
+    "data.prefetch=0",
+    'train.device="cpu"',
+    "train.batch_size=1",
+    "train.tokens_per_update=192",
+]
 
 
-@pytest.mark.parametrize("nproc,parallel", [
-    (2, "ddp"), pytest.param(3, "fsdp", marks=pytest.mark.second_tier),  # 3 ranks: 30 s more on 2 cores
-])
+@pytest.mark.parametrize(
+    "nproc,parallel",
+    [
+        (2, "ddp"),
+        pytest.param(3, "fsdp", marks=pytest.mark.second_tier),  # 3 ranks: 30 s more on 2 cores
+    ],
+)
 def test_validation_reads_the_same_rows_in_every_world(pydoc_data, tmp_path, nproc, parallel):
     """The same config trained on 1 process and on `nproc` (the same rows each step) validates over the same
     eval_steps x batch_size rows of the split, shared out among the ranks: the same val_loss up to the order
@@ -113,8 +167,9 @@ def test_validation_reads_the_same_rows_in_every_world(pydoc_data, tmp_path, npr
     assert one.returncode == 0, one.stderr
     many = torchrun(tiny_args(pydoc_data, tmp_path / "many", *ANY_WORLD, f'train.parallel="{parallel}"'), nproc=nproc)
     assert many.returncode == 0, many.stderr
-    assert values(tmp_path / "many", "train", "loss") == pytest.approx(values(tmp_path / "one", "train", "loss"),
-                                                                       rel=1e-5)
+    assert values(tmp_path / "many", "train", "loss") == pytest.approx(
+        values(tmp_path / "one", "train", "loss"), rel=1e-5
+    )
     for key in ("val_loss", "val_accuracy"):
         ours, theirs = values(tmp_path / "many", "eval", key), values(tmp_path / "one", "eval", key)
         assert len(ours) == 2 and ours == pytest.approx(theirs, rel=1e-5), key
@@ -122,10 +177,29 @@ def test_validation_reads_the_same_rows_in_every_world(pydoc_data, tmp_path, npr
 
 def test_a_dead_rank_ends_the_job_with_an_error(pydoc_data, tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fasttrain.train",
-         *tiny_args(pydoc_data, tmp_path, "train.max_steps=100000", "train.log_interval=1", "train.eval_interval=100000",
-                    "checkpoint.interval=100000")],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "fasttrain.train",
+            *tiny_args(
+                pydoc_data,
+                tmp_path,
+                "train.max_steps=100000",
+                "train.log_interval=1",
+                "train.eval_interval=100000",
+                "checkpoint.interval=100000",
+            ),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **ENV},
+    )
     deadline = time.monotonic() + 120
     while not ((tmp_path / "metrics.jsonl").exists() and values(tmp_path, "train", "loss")):
         assert proc.poll() is None, proc.stderr.read()

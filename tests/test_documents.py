@@ -16,8 +16,13 @@ from tests.conftest import write_shard
 
 EOT = 0
 T = 32
-MODES = [("padded", "fixed"), ("padded", "longest"), ("padded", "bucketed"), ("aligned", "fixed"),
-         ("aligned", "longest")]
+MODES = [
+    ("padded", "fixed"),
+    ("padded", "longest"),
+    ("padded", "bucketed"),
+    ("aligned", "fixed"),
+    ("aligned", "longest"),
+]
 
 
 def documents(rng: np.random.Generator, count: int) -> list[int]:
@@ -47,8 +52,9 @@ def document_data(tmp_path):
 
 def loader(directory, batching, padding="fixed", **kw) -> TokenLoader:
     kw = {"batch_size": 4, "seed": 3, "prefetch": 0, **kw}
-    return TokenLoader(directory, "train", seq_len=T, batching=batching, padding=padding, eot_id=EOT,
-                       pad_multiple=4, **kw)
+    return TokenLoader(
+        directory, "train", seq_len=T, batching=batching, padding=padding, eot_id=EOT, pad_multiple=4, **kw
+    )
 
 
 def real_lengths(y: torch.Tensor) -> list[int]:
@@ -84,7 +90,7 @@ def test_padded_rows_are_whole_documents_each_once_an_epoch(document_data):
     for tokens in shards:
         starts = starts_of(tokens)
         for s, e in zip(starts, [*starts[1:] + 1, len(tokens)]):
-            expected[(int(tokens[s]), int(tokens[s + 1]))] = tokens[s:min(e, s + T + 1)]
+            expected[(int(tokens[s]), int(tokens[s + 1]))] = tokens[s : min(e, s + T + 1)]
     seen = []
     for _ in range(L.reader.batches_per_epoch):
         x, y = next(L)
@@ -94,7 +100,7 @@ def test_padded_rows_are_whole_documents_each_once_an_epoch(document_data):
             assert n == len(want) - 1
             assert np.array_equal(row_x[:n].numpy(), want[:-1]) and np.array_equal(row_y[:n].numpy(), want[1:])
             if n < T:  # the last token is only a target, but sits in x too; pads follow
-                assert row_x[n] == want[-1] and (row_x[n + 1:] == EOT).all()
+                assert row_x[n] == want[-1] and (row_x[n + 1 :] == EOT).all()
             seen.append((int(row_x[0]), int(row_x[1])))
     assert len(seen) == len(set(seen)) == L.reader.batches_per_epoch * 5 > len(expected) - 5
     assert L.reader.rows.num_rows == len(expected)
@@ -118,7 +124,7 @@ def test_aligned_rows_pack_whole_documents_and_skip_nothing(document_data):
     L = loader(document_data, "aligned", sampling="sequential", batch_size=rows.num_rows // 2)
     x, y = next(L)  # the loader's rows are these, padded
     n = real_lengths(y)
-    assert n == (length[:len(n)] - 1).tolist() and x[:, 0].tolist() == tokens[offset[:len(n)]].tolist()
+    assert n == (length[: len(n)] - 1).tolist() and x[:, 0].tolist() == tokens[offset[: len(n)]].tolist()
 
 
 @pytest.mark.parametrize("batching", ["padded", "aligned"])
@@ -129,8 +135,8 @@ def test_longest_padding_cuts_each_batch_to_its_longest_row(document_data, batch
         (fx, fy), (lx, ly) = next(fixed), next(longest)
         n = max(real_lengths(fy))
         assert lx.shape[1] == min(T, -(-n // 4) * 4)  # rounded up to pad_multiple=4
-        assert torch.equal(fx[:, :lx.shape[1]], lx) and torch.equal(fy[:, :ly.shape[1]], ly)
-        assert (fy[:, ly.shape[1]:] == IGNORE_INDEX).all()
+        assert torch.equal(fx[:, : lx.shape[1]], lx) and torch.equal(fy[:, : ly.shape[1]], ly)
+        assert (fy[:, ly.shape[1] :] == IGNORE_INDEX).all()
         cut += lx.shape[1] < T
     assert cut > 0
 

@@ -33,9 +33,18 @@ from tests.test_distributed import ENV, ROOT, torchrun
 from tests.test_scale_out import ended, free_port, wait_all
 
 # dropout: each rank's random state must come back too; 4 steps between saves, so a kill loses some steps
-ELASTIC = ["train.max_steps=40", "train.log_interval=1", "train.eval_interval=20", "train.eval_steps=1",
-           "checkpoint.interval=4", "train.sample_tokens=0", "data.prefetch=0", 'train.device="cpu"',
-           "train.batch_size=2", "model.dropout=0.1"]
+ELASTIC = [
+    "train.max_steps=40",
+    "train.log_interval=1",
+    "train.eval_interval=20",
+    "train.eval_steps=1",
+    "checkpoint.interval=4",
+    "train.sample_tokens=0",
+    "data.prefetch=0",
+    'train.device="cpu"',
+    "train.batch_size=2",
+    "model.dropout=0.1",
+]
 
 # torchrun's workaround for pytorch/pytorch#135712: the store its agent shares with the workers outlives a
 # restart, so a restarted group could read the dead attempt's gloo addresses and fail to connect
@@ -106,10 +115,26 @@ def test_a_rank_killed_mid_run_is_restarted_and_the_run_ends_as_if_never_killed(
     logs.mkdir()
     killed = []  # (rank, the step it was to die after, the last step attempt logged)
     with ended() as agents, open(logs / "out", "w") as out, open(logs / "err", "w") as err:
-        agents.append(subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=2",
-             "-m", "fasttrain.train", *tiny_args(pydoc_data, run_dir, *ELASTIC, flags=["--resume", "auto-or-new"])],
-            cwd=ROOT, stdout=out, stderr=err, env={**os.environ, **ENV, **RESTARTABLE}, start_new_session=True))
+        agents.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc_per_node=2",
+                    "--max-restarts=2",
+                    "-m",
+                    "fasttrain.train",
+                    *tiny_args(pydoc_data, run_dir, *ELASTIC, flags=["--resume", "auto-or-new"]),
+                ],
+                cwd=ROOT,
+                stdout=out,
+                stderr=err,
+                env={**os.environ, **ENV, **RESTARTABLE},
+                start_new_session=True,
+            )
+        )
         agent = agents[0]
         for attempt, rank in enumerate(victims):
             deadline, step = time.monotonic() + 120, None
@@ -156,17 +181,38 @@ def test_a_rank_that_cannot_join_its_group_says_so_in_one_line_within_the_timeou
     nothing listens on MASTER_PORT) gives up after FASTTRAIN_DIST_TIMEOUT seconds with one line naming the
     address and the timeout, exit status 1, no traceback (torch's C++ log may say more before it); it ended in a
     Python traceback (after 600 s by default)."""
-    env = {**os.environ, **ENV, "FASTTRAIN_DIST_TIMEOUT": "3", "RANK": str(rank), "LOCAL_RANK": str(rank),
-           "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "TORCHELASTIC_RESTART_COUNT": "1"}
+    env = {
+        **os.environ,
+        **ENV,
+        "FASTTRAIN_DIST_TIMEOUT": "3",
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "TORCHELASTIC_RESTART_COUNT": "1",
+    }
     began = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "fasttrain.train", *tiny_args(pydoc_data, tmp_path / "run")],
-                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fasttrain.train", *tiny_args(pydoc_data, tmp_path / "run")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert time.monotonic() - began < 60
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: rank {rank} of 2 could not join the process group at "
-                               f"{env['MASTER_ADDR']}:{env['MASTER_PORT']} within FASTTRAIN_DIST_TIMEOUT=3 s: "), proc.stderr[-3000:]
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"error: rank {rank} of 2 could not join the process group at "
+            f"{env['MASTER_ADDR']}:{env['MASTER_PORT']} within FASTTRAIN_DIST_TIMEOUT=3 s: "
+        )
+    ), proc.stderr[-3000:]
 
 
 @pytest.mark.subprocess
@@ -215,10 +261,12 @@ def test_a_join_that_hangs_inside_torch_ends_in_one_line_after_the_timeout_and_1
     port = free_port()
     env = {**os.environ, **ENV, "FASTTRAIN_DIST_TIMEOUT": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     began = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120
+    )
     assert 11 <= time.monotonic() - began < 60
     assert proc.returncode == 1 and "joined" not in proc.stdout, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == [
         f"error: rank 0 of 2 could not join the process group at 127.0.0.1:{port} within FASTTRAIN_DIST_TIMEOUT=1 s: "
-        "no answer from its peers"], proc.stderr[-3000:]
+        "no answer from its peers"
+    ], proc.stderr[-3000:]

@@ -14,8 +14,10 @@ import fasttrain.data.preparation as preparation
 from fasttrain.data.encoder import PROBES, Inexpressible, choose_encoder, fast_encoder, slow_encoder
 from fasttrain.data.tokenizer import EOT, Tokenizer
 
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 # Text that tells BPE implementations apart: every script, emoji sequences, runs of spaces and digits,
 # contractions, replaced invalid UTF-8, the end-of-text token's spelling inside a document, and nothing.
@@ -25,9 +27,12 @@ ADVERSARIAL = [
     "x" * 3000 + " " * 500 + "0" * 777 + "\n" * 300,
     "Ǆ ǅ ǆ ﬁ ﬀ Å Å ℌ ㈱ ﹏ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𐍈 ᚠᛇᚻ ⠁⠃ ꙮ ߷ ᎠᏍᏗ ⵣ ᠮᠣᠩ",
     "I'd've y'all'd'n't SHE'LL 'tis o'clock ''' '' '",
-    "<|endoftext|>", "<|endoftext|", "|endoftext|>", "x<|endoftext|>y<|endoftext|>",
+    "<|endoftext|>",
+    "<|endoftext|",
+    "|endoftext|>",
+    "x<|endoftext|>y<|endoftext|>",
     "\r\n\r\n  \r \u00a0\u3000\u2009 tabs\t\t\tend",
-    "def f(a, b):\n\t\"\"\"Doc.\"\"\"\n    return {k: v for k, v in zip(a, b)}  # ünïcode 𝛑\n",
+    'def f(a, b):\n\t"""Doc."""\n    return {k: v for k, v in zip(a, b)}  # ünïcode 𝛑\n',
 ]
 
 
@@ -46,9 +51,13 @@ def variant(tok: Tokenizer, change) -> Tokenizer:
 
 def llama3_like(spec: dict) -> None:
     """Llama 3's layout: a Split on its regex, then a ByteLevel without one, whole words as tokens."""
-    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    spec["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ],
+    }
     spec["model"]["ignore_merges"] = True
 
 
@@ -99,12 +108,15 @@ def _tokenizer(make) -> Tokenizer:
     return Tokenizer(tok, source="t.json")
 
 
-@pytest.mark.parametrize("make, why", [
-    (lambda t: None, "a WordLevel model, not a BPE"),
-    ("normalizer", "a NFC normalizer"),
-    ("metaspace", "pre-tokenizer Metaspace is not a byte-level split"),
-    ("prefix space", "is not a byte-level split tiktoken can express"),
-])
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (lambda t: None, "a WordLevel model, not a BPE"),
+        ("normalizer", "a NFC normalizer"),
+        ("metaspace", "pre-tokenizer Metaspace is not a byte-level split"),
+        ("prefix space", "is not a byte-level split tiktoken can express"),
+    ],
+)
 def test_what_tiktoken_cannot_express_falls_back_in_one_line(learned, make, why):
     if make == "normalizer":
         tok = Tokenizer.train(["some text " * 20], 300)
@@ -138,8 +150,7 @@ def test_shards_are_the_same_whichever_encoder_runs(tmp_path, monkeypatch):
     fast = prepare_into(tmp_path / "fast", tmp_path / "docs.jsonl")
     import fasttrain.data.encoder as encoder
 
-    monkeypatch.setattr(pipeline, "choose_encoder",
-                        lambda tok, sample: (encoder.slow_encoder(tok), "tokenizers", None))
+    monkeypatch.setattr(pipeline, "choose_encoder", lambda tok, sample: (encoder.slow_encoder(tok), "tokenizers", None))
     slow = prepare_into(tmp_path / "slow", tmp_path / "docs.jsonl")
     assert (fast["encoder"], slow["encoder"]) == ("tiktoken", "tokenizers")
     names = sorted(p.name for p in (tmp_path / "fast").iterdir())
@@ -150,5 +161,6 @@ def test_shards_are_the_same_whichever_encoder_runs(tmp_path, monkeypatch):
 
 
 def prepare_into(out, path, **options) -> dict:
-    return preparation.prepare([str(path)], out, vocab_size=700, val_fraction=0.2, quiet=True, batch_chars=2000,
-                               **options)
+    return preparation.prepare(
+        [str(path)], out, vocab_size=700, val_fraction=0.2, quiet=True, batch_chars=2000, **options
+    )

@@ -27,8 +27,9 @@ def val_data(tmp_path):
     rng = np.random.default_rng(0)
     shards = []
     for i, docs in enumerate((7, 6)):
-        tokens = np.concatenate([np.concatenate([[EOT], rng.integers(1, VOCAB, rng.integers(3, 41))])
-                                 for _ in range(docs)])
+        tokens = np.concatenate(
+            [np.concatenate([[EOT], rng.integers(1, VOCAB, rng.integers(3, 41))]) for _ in range(docs)]
+        )
         write_shard(tmp_path / f"val_{i:06d}.bin", tokens, VOCAB)
         shards.append(tokens)
     return tmp_path, shards
@@ -39,11 +40,11 @@ def reference_rows(shards: list[np.ndarray], batching: str) -> list[np.ndarray]:
     rows = []
     for tokens in shards:
         if batching == "packed":
-            rows += [tokens[s:s + T + 1] for s in range(0, len(tokens) - 1, T)]
+            rows += [tokens[s : s + T + 1] for s in range(0, len(tokens) - 1, T)]
         else:
             starts = np.flatnonzero(tokens == EOT)
             ends = np.append(starts[1:] + 1, len(tokens))  # the next document's end-of-text is the last target
-            rows += [tokens[s:min(e, s + T + 1)] for s, e in zip(starts, ends)]
+            rows += [tokens[s : min(e, s + T + 1)] for s, e in zip(starts, ends)]
     return rows
 
 
@@ -56,12 +57,29 @@ def test_val_loss_covers_every_row_with_a_partial_last_batch(val_data, batching)
     rows = reference_rows(shards, batching)
     assert len(rows) % B != 0
     with torch.no_grad():  # the mean over all targets of all rows, one row at a time
-        losses = [F.cross_entropy(model(torch.as_tensor(r[None, :-1], dtype=torch.int64))[0],
-                                  torch.as_tensor(r[1:], dtype=torch.int64), reduction="sum") for r in rows]
+        losses = [
+            F.cross_entropy(
+                model(torch.as_tensor(r[None, :-1], dtype=torch.int64))[0],
+                torch.as_tensor(r[1:], dtype=torch.int64),
+                reduction="sum",
+            )
+            for r in rows
+        ]
     expected = float(sum(losses)) / sum(len(r) - 1 for r in rows)
 
-    loader = TokenLoader(directory, "val", B, T, sampling="sequential", batching=batching, padding="longest",
-                         eot_id=EOT, vocab_size=VOCAB, prefetch=0, whole=True)
+    loader = TokenLoader(
+        directory,
+        "val",
+        B,
+        T,
+        sampling="sequential",
+        batching=batching,
+        padding="longest",
+        eot_id=EOT,
+        vocab_size=VOCAB,
+        prefetch=0,
+        whole=True,
+    )
     assert loader.reader.batches_per_epoch == -(-len(rows) // B)
     metrics = validate(objective, model, loader, 100, "fp32", World(), 1.0)
     assert metrics["val_loss"] == pytest.approx(expected, rel=1e-5)
@@ -73,8 +91,20 @@ def test_ranks_share_the_rows_and_run_the_same_number_of_batches(val_data):
     rows = reference_rows(shards, "padded")
     seen, batches = [], []
     for rank in range(3):
-        with TokenLoader(directory, "val", B, T, sampling="sequential", batching="padded", eot_id=EOT,
-                         vocab_size=VOCAB, prefetch=0, rank=rank, world_size=3, whole=True) as loader:
+        with TokenLoader(
+            directory,
+            "val",
+            B,
+            T,
+            sampling="sequential",
+            batching="padded",
+            eot_id=EOT,
+            vocab_size=VOCAB,
+            prefetch=0,
+            rank=rank,
+            world_size=3,
+            whole=True,
+        ) as loader:
             got = list(loader)
         batches.append(len(got))
         for x, y in got:

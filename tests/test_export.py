@@ -42,15 +42,25 @@ def test_safetensors_round_trip_every_dtype_through_the_reference_library(tmp_pa
     loaded = read_safetensors(path)
     assert all(torch.equal(loaded[k], v) and loaded[k].dtype == v.dtype for k, v in tensors.items())
     (length,) = struct.unpack("<Q", path.read_bytes()[:8])
-    assert json.loads(path.read_bytes()[8:8 + length])["__metadata__"] == {"format": "pt"}
+    assert json.loads(path.read_bytes()[8 : 8 + length])["__metadata__"] == {"format": "pt"}
 
 
 @pytest.fixture(scope="module")
 def trained(pydoc_data, tmp_path_factory):
     """A tiny run with grouped-query attention, trained a few steps so no weight is at its init value."""
     out = tmp_path_factory.mktemp("run")
-    trainer = Trainer(tiny_config(pydoc_data, out, "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
-                                  "train.max_steps=3", "train.sample_tokens=0"), quiet=True)
+    trainer = Trainer(
+        tiny_config(
+            pydoc_data,
+            out,
+            "model.d_model=64",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "train.max_steps=3",
+            "train.sample_tokens=0",
+        ),
+        quiet=True,
+    )
     trainer.train()
     return trainer, out
 
@@ -73,8 +83,9 @@ def test_export_cli_from_a_run_directory(trained, tmp_path, capsys):
     assert all(t.dtype == torch.bfloat16 for t in read_safetensors(tmp_path / "bf16" / "model.safetensors").values())
 
 
-@pytest.mark.parametrize("where", ["RUN", "RUN/final", "RUN/checkpoints", "RUN/checkpoints/latest",
-                                   "RUN/checkpoints/step_0000003.pt"])
+@pytest.mark.parametrize(
+    "where", ["RUN", "RUN/final", "RUN/checkpoints", "RUN/checkpoints/latest", "RUN/checkpoints/step_0000003.pt"]
+)
 def test_export_takes_every_run_path_that_sample_and_evaluate_take(trained, tmp_path, capsys, where):
     """`export RUN/final` once said there was no checkpoint there; every path names the same weights."""
     trainer, out = trained
@@ -89,10 +100,21 @@ def test_export_takes_every_run_path_that_sample_and_evaluate_take(trained, tmp_
 @pytest.mark.parametrize("tied", [True, False])
 def test_hugging_face_llama_export_gives_the_same_logits(pydoc_data, tmp_path, tied):
     transformers = pytest.importorskip("transformers")
-    trainer = Trainer(tiny_config(pydoc_data, tmp_path / "run", "model.d_model=64", "model.n_heads=4",
-                                  "model.n_kv_heads=2", "model.rope_theta=500.0", "model.norm_eps=1e-6",
-                                  f"model.tie_embeddings={str(tied).lower()}", "train.max_steps=2",
-                                  "train.sample_tokens=0"), quiet=True)
+    trainer = Trainer(
+        tiny_config(
+            pydoc_data,
+            tmp_path / "run",
+            "model.d_model=64",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "model.rope_theta=500.0",
+            "model.norm_eps=1e-6",
+            f"model.tie_embeddings={str(tied).lower()}",
+            "train.max_steps=2",
+            "train.sample_tokens=0",
+        ),
+        quiet=True,
+    )
     trainer.train()
     export(tmp_path / "run", tmp_path / "hf", hf=True)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()

@@ -97,7 +97,8 @@ def test_an_fp8_head_refuses_the_fused_loss_forced_on():
         kernels_on(KernelsConfig(linear_cross_entropy=True), torch.device("cpu"), fp8="head")
     assert kernels_on(KernelsConfig(), torch.device("cpu"), precision="bf16", fp8="all").names() == []
     assert kernels_on(KernelsConfig(), torch.device("cpu"), precision="bf16", fp8="blocks").names() == [
-        "linear_cross_entropy"]
+        "linear_cross_entropy"
+    ]
 
 
 @cpu_float8
@@ -120,8 +121,10 @@ def test_the_float8_matmuls_compile_whole():
     torch.testing.assert_close(grads, (x.grad, layer.weight.grad), rtol=0, atol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-                    reason="needs a GPU with FP8 tensor cores (sm_89 or newer)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs a GPU with FP8 tensor cores (sm_89 or newer)",
+)
 def test_on_the_gpu_float8_follows_the_bf16_loss_curve(pydoc_data, tmp_path):
     """Twenty steps of the tiny run on the GPU in bf16 autocast, with every matmul in float8 and without:
     each float8 loss within 2% of bf16's (float8 keeps 2-3 mantissa bits to bf16's 7), and not equal to

@@ -13,8 +13,12 @@ H100 = Path(__file__).resolve().parents[1] / "benchmarks/results/h100-2026-11-22
 
 def case(name: str, impl: str, median: float, **info) -> dict:
     params = {k: v for k, v in info.items() if k in ("shape", "config")}
-    return {"name": f"{name}[{impl}]", "params": {**params, "impl": impl}, "stats": {"median": median},
-            "extra_info": {"impl": impl, **info}}
+    return {
+        "name": f"{name}[{impl}]",
+        "params": {**params, "impl": impl},
+        "stats": {"median": median},
+        "extra_info": {"impl": impl, **info},
+    }
 
 
 def test_the_first_h100_run_is_judged_as_its_issues_describe_it():
@@ -44,7 +48,13 @@ def test_a_goal_without_its_rival_is_not_judged_and_limits_are_inclusive():
 
 def test_step_goals_read_the_configs_and_mfu():
     small = {"config": "gpt2-small.toml"}
-    rows = judge([case("test_gpu_train_step", "fasttrain", 1.0, mfu=0.47, **small),
-                  case("test_gpu_train_step", "stock", 1.2, mfu=0.39, **small)])
-    assert [(r["goal"], r["met"]) for r in rows] == [("GPT-2-small step >= 1.2x stock", True),
-                                                     ("GPT-2-small MFU >= 0.46", True)]
+    rows = judge(
+        [
+            case("test_gpu_train_step", "fasttrain", 1.0, mfu=0.47, **small),
+            case("test_gpu_train_step", "stock", 1.2, mfu=0.39, **small),
+        ]
+    )
+    assert [(r["goal"], r["met"]) for r in rows] == [
+        ("GPT-2-small step >= 1.2x stock", True),
+        ("GPT-2-small MFU >= 0.46", True),
+    ]

@@ -22,8 +22,13 @@ def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """Every stage, on the CPU at tiny sizes, as CI runs it: about 96 s of plumbing, so its tests are in the
     second tier."""
     out = tmp_path_factory.mktemp("gpu-check")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     return proc, out
 
 
@@ -40,8 +45,11 @@ def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
         assert record["status"] == "pass" and record["checks"], name
     # Every check of the short training run ran for real (on the CPU), the bitwise resume among them.
     assert [c["name"] for c in stages["train"]["checks"]] == [
-        "the loss falls", "no recompiles after warm-up", "a checkpoint resumes bit for bit",
-        "document masking (bucketed, compiled flex attention) trains"]
+        "the loss falls",
+        "no recompiles after warm-up",
+        "a checkpoint resumes bit for bit",
+        "document masking (bucketed, compiled flex attention) trains",
+    ]
     assert stages["tests"]["figures"]["passed"] > 0 and stages["tests"]["figures"]["failed"] == 0
     assert stages["env"]["figures"]["copy_gb_per_s"] > 0 and stages["env"]["figures"]["matmul_tflop_per_s"] > 0
     # The tuner measured RMSNorm tilings (into a scratch copy of the table, in a dry run).
@@ -54,8 +62,13 @@ def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
     assert {r["rival"] for r in races} >= {"eager"} and all(r["speedup"] > 0 and r["min_speedup"] > 0 for r in races)
     # Each kernel wrapper's host time per call, against stock PyTorch's (the CPU fallback's, in a dry run).
     host = [b for b in results["benchmarks"] if b["name"].startswith("test_host_overhead")]
-    assert {b["params"]["op"] for b in host} == {"rms_norm", "add_rms_norm", "cross_entropy", "linear_cross_entropy",
-                                                 "adamw"}
+    assert {b["params"]["op"] for b in host} == {
+        "rms_norm",
+        "add_rms_norm",
+        "cross_entropy",
+        "linear_cross_entropy",
+        "adamw",
+    }
     assert all(b["extra_info"]["host_us_per_call"] > 0 and b["extra_info"]["timing"] == "host" for b in host)
     assert any(r["case"].startswith("host_overhead") for r in races)
     # The ablation: stock and each lever in a process of its own; a GPU-only lever is skipped on the CPU.
@@ -100,14 +113,21 @@ def test_combine_merges_stages_and_a_later_failure_wins(dry_run, tmp_path):
     _, out = dry_run
     results = json.loads((out / "gpu_check.json").read_text())
     later = json.loads(json.dumps(results))
-    later["gpu_check"]["stages"] = {"tests": {**results["gpu_check"]["stages"]["tests"], "status": "fail",
-                                              "checks": [{"name": "test suite", "ok": False, "detail": "1 failed"}]}}
+    later["gpu_check"]["stages"] = {
+        "tests": {
+            **results["gpu_check"]["stages"]["tests"],
+            "status": "fail",
+            "checks": [{"name": "test suite", "ok": False, "detail": "1 failed"}],
+        }
+    }
     later["benchmarks"] = []
     (tmp_path / "later.json").write_text(json.dumps(later))
     merged = tmp_path / "merged"
     with pytest.raises(SystemExit) as e:
-        run_cli(gpu_check.main, ["--combine", str(out / "gpu_check.json"), str(tmp_path / "later.json"),
-                                 "--out", str(merged)])
+        run_cli(
+            gpu_check.main,
+            ["--combine", str(out / "gpu_check.json"), str(tmp_path / "later.json"), "--out", str(merged)],
+        )
     assert e.value.code == 1  # a failed check
     combined = json.loads((merged / "gpu_check.json").read_text())
     assert combined["gpu_check"]["stages"]["tests"]["status"] == "fail"
@@ -131,7 +151,9 @@ def test_an_ablation_case_without_time_left_is_skipped_not_failed(monkeypatch):
     monkeypatch.setattr(ablation, "stock_settings", lambda: [])
     records = ablation.ablation(["stock", "fp8 head"], 3, deadline=time.monotonic() + 30)
     assert [(r["case"], r["skipped"], r["error"]) for r in records] == [
-        ("stock", True, "not reached: out of time"), ("fp8 head", True, "not reached: out of time")]
+        ("stock", True, "not reached: out of time"),
+        ("fp8 head", True, "not reached: out of time"),
+    ]
 
 
 def test_final_losses_are_the_last_evaluation_and_the_training_tail():
@@ -144,20 +166,24 @@ def test_final_losses_are_the_last_evaluation_and_the_training_tail():
 
 
 def test_late_recompiles_counts_only_those_after_the_first_evaluation():
-    log = "\n".join([
-        "V1122 guards.py] [0/1] [__recompiles] Recompiling function forward in model.py:80",
-        "V1122 guards.py] [0/1] [__recompiles]     triggered by the following guard failure(s):",
-        "V1122 guards.py] [0/1] [__recompiles]     - 0/0: ___check_obj_id(self.training)",
-        "step      5/10 (50.0%) | loss 7.1",
-        "eval step 5: val loss 7.2",
-        "V1122 guards.py] [0/2] [__recompiles] Recompiling function forward in model.py:80",
-        "V1122 guards.py] [0/2] [__recompiles]     triggered by the following guard failure(s):",
-        "V1122 guards.py] [0/2] [__recompiles]     - 0/1: tensor 'x' size mismatch at index 1. expected 64, actual 48",
-        "V1122 guards.py] [0/2] [__recompiles]     - 0/0: ___check_obj_id(self.training)",
-    ])
+    log = "\n".join(
+        [
+            "V1122 guards.py] [0/1] [__recompiles] Recompiling function forward in model.py:80",
+            "V1122 guards.py] [0/1] [__recompiles]     triggered by the following guard failure(s):",
+            "V1122 guards.py] [0/1] [__recompiles]     - 0/0: ___check_obj_id(self.training)",
+            "step      5/10 (50.0%) | loss 7.1",
+            "eval step 5: val loss 7.2",
+            "V1122 guards.py] [0/2] [__recompiles] Recompiling function forward in model.py:80",
+            "V1122 guards.py] [0/2] [__recompiles]     triggered by the following guard failure(s):",
+            "V1122 guards.py] [0/2] [__recompiles]     - 0/1: tensor 'x' size mismatch at index 1. expected 64, actual 48",
+            "V1122 guards.py] [0/2] [__recompiles]     - 0/0: ___check_obj_id(self.training)",
+        ]
+    )
     every, late = gpu_check.late_recompiles(log)
-    assert every == ["forward: 0/0: ___check_obj_id(self.training)",
-                     "forward: 0/1: tensor 'x' size mismatch at index 1. expected 64, actual 48"]
+    assert every == [
+        "forward: 0/0: ___check_obj_id(self.training)",
+        "forward: 0/1: tensor 'x' size mismatch at index 1. expected 64, actual 48",
+    ]
     assert late == every[1:]
     assert gpu_check.late_recompiles("step 1\nstep 2\n") == ([], [])
 
@@ -173,25 +199,43 @@ def test_a_command_past_the_stage_limit_is_killed_with_its_children(tmp_path):
 
 def test_races_compare_fasttrain_with_the_fastest_other():
     def case(impl, median, minimum):
-        return {"name": f"test_x[{impl}]", "params": {"n": 1, "impl": impl},
-                "stats": {"median": median, "min": minimum}, "extra_info": {"stage": "kernels"}}
+        return {
+            "name": f"test_x[{impl}]",
+            "params": {"n": 1, "impl": impl},
+            "stats": {"median": median, "min": minimum},
+            "extra_info": {"stage": "kernels"},
+        }
 
     # The fastest other is chosen by median: "other" has the lowest min but not the lowest median.
-    rows = gpu_check.races([case("fasttrain", 2.0, 1.0), case("eager", 3.0, 2.9), case("compiled", 2.5, 2.0),
-                            case("other", 9.0, 0.5)])
-    assert rows == [{"case": "x n=1", "fasttrain_s": 2.0, "fasttrain_min_s": 1.0, "rival": "compiled",
-                     "rival_s": 2.5, "rival_min_s": 2.0, "speedup": 1.25, "min_speedup": 2.0}]
+    rows = gpu_check.races(
+        [case("fasttrain", 2.0, 1.0), case("eager", 3.0, 2.9), case("compiled", 2.5, 2.0), case("other", 9.0, 0.5)]
+    )
+    assert rows == [
+        {
+            "case": "x n=1",
+            "fasttrain_s": 2.0,
+            "fasttrain_min_s": 1.0,
+            "rival": "compiled",
+            "rival_s": 2.5,
+            "rival_min_s": 2.0,
+            "speedup": 1.25,
+            "min_speedup": 2.0,
+        }
+    ]
     assert gpu_check.races([case("eager", 1.0, 1.0)]) == []  # nothing to race
     results = gpu_check.new_results([], "abc", dry_run=False)
     results["benchmarks"] = [case("fasttrain", 2.0, 1.0), case("compiled", 2.5, 2.0)]
     assert "| x n=1 | 2.00 s | 1.00 s | compiled | 2.50 s | 2.00 s | 1.25x | 2.00x |" in gpu_check.report(results)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--stage", "warp"], "invalid choice: 'warp'"),
-    (["--combine", "{results}", "--out", "{tmp}/out"], "no 'gpu_check' entry"),
-    (["--out", "{file}"], "cannot create it"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--stage", "warp"], "invalid choice: 'warp'"),
+        (["--combine", "{results}", "--out", "{tmp}/out"], "no 'gpu_check' entry"),
+        (["--out", "{file}"], "cannot create it"),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, capsys, args, message):
     (tmp_path / "results.json").write_text(json.dumps({"benchmarks": []}))
     (tmp_path / "file").write_text("")

@@ -22,9 +22,18 @@ def tiny_llama(directory: Path, tokenizer: Path, tied: bool, shards: bool) -> tr
     """A random 2-layer Llama with grouped-query attention and a non-default RoPE base and eps, saved to
     `directory` (in several safetensors shards when `shards`) with `tokenizer` beside it."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                      rope_theta=500000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied)
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+    )
     model = transformers.LlamaForCausalLM(config).eval()
     model.save_pretrained(directory, max_shard_size="100KB" if shards else "1GB")
     shutil.copy(tokenizer, directory / "tokenizer.json")
@@ -45,11 +54,27 @@ def test_continue_from_a_hugging_face_llama_and_export_it_back(pydoc_data, tmp_p
     move a weight, export --hf loads in transformers with the source model's logits."""
     source = tiny_llama(tmp_path / "hf", pydoc_data / "tokenizer.json", tied, shards)
     assert shards == (tmp_path / "hf" / "model.safetensors.index.json").exists()
-    cli(prepare.main, ["--input", "builtin:pydoc", "--out", str(tmp_path / "data"), "--tokenizer",
-                       str(tmp_path / "hf")], capsys)  # the model's own tokenizer, named by its directory
-    said = cli(train.main, tiny_args(tmp_path / "data", tmp_path / "run", f"model.init_from={tmp_path / 'hf'}",
-                                     "data.inputs=[]", "data.vocab_size=0", "train.max_steps=1", "optim.lr=1e-30", "schedule.min_lr=0",
-                                     "optim.weight_decay=0", "train.sample_tokens=0"), capsys)
+    cli(
+        prepare.main,
+        ["--input", "builtin:pydoc", "--out", str(tmp_path / "data"), "--tokenizer", str(tmp_path / "hf")],
+        capsys,
+    )  # the model's own tokenizer, named by its directory
+    said = cli(
+        train.main,
+        tiny_args(
+            tmp_path / "data",
+            tmp_path / "run",
+            f"model.init_from={tmp_path / 'hf'}",
+            "data.inputs=[]",
+            "data.vocab_size=0",
+            "train.max_steps=1",
+            "optim.lr=1e-30",
+            "schedule.min_lr=0",
+            "optim.weight_decay=0",
+            "train.sample_tokens=0",
+        ),
+        capsys,
+    )
     assert "note: model.init_from: the shape is" in said and "d_model 32 -> 64" in said
     cli(export.main, [str(tmp_path / "run"), "--hf", "--out", str(tmp_path / "back")], capsys)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
@@ -60,24 +85,37 @@ def test_continue_from_a_hugging_face_llama_and_export_it_back(pydoc_data, tmp_p
 
 def hf_dir(tmp_path: Path, **changes) -> str:
     """A Llama config.json with `changes` (no weights: the shape is read, and refused, first)."""
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4).to_dict()
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4
+    ).to_dict()
     (tmp_path / "hf").mkdir(exist_ok=True)
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **changes}))
     return str(tmp_path / "hf")
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"model_type": "gpt2"}, 'config.json: model_type = "gpt2": not "llama"'),
-    ({"attention_bias": True}, "config.json: attention_bias = true: the linear layers here have no bias"),
-    ({"hidden_act": "gelu"}, 'config.json: hidden_act = "gelu": the MLP here is SwiGLU, with silu'),
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "config.json: rope_scaling = "),
-    ({"head_dim": 32}, "config.json: head_dim = 32: must be hidden_size / num_attention_heads = 16 here"),
-    ({}, "hf: holds no model.safetensors or model.safetensors.index.json"),
-], ids=["not-llama", "bias", "gelu", "scaled-rope", "head-dim", "no-weights"])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model_type": "gpt2"}, 'config.json: model_type = "gpt2": not "llama"'),
+        ({"attention_bias": True}, "config.json: attention_bias = true: the linear layers here have no bias"),
+        ({"hidden_act": "gelu"}, 'config.json: hidden_act = "gelu": the MLP here is SwiGLU, with silu'),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "config.json: rope_scaling = "),
+        ({"head_dim": 32}, "config.json: head_dim = 32: must be hidden_size / num_attention_heads = 16 here"),
+        ({}, "hf: holds no model.safetensors or model.safetensors.index.json"),
+    ],
+    ids=["not-llama", "bias", "gelu", "scaled-rope", "head-dim", "no-weights"],
+)
 def test_what_cannot_be_mapped_is_one_line(pydoc_data, tmp_path, capsys, changes, message):
     with pytest.raises(SystemExit) as done:
-        run_cli(train.main, tiny_args(pydoc_data, tmp_path / "run", f"model.init_from={hf_dir(tmp_path, **changes)}",
-                                      "train.max_steps=2", "train.sample_tokens=0"))
+        run_cli(
+            train.main,
+            tiny_args(
+                pydoc_data,
+                tmp_path / "run",
+                f"model.init_from={hf_dir(tmp_path, **changes)}",
+                "train.max_steps=2",
+                "train.sample_tokens=0",
+            ),
+        )
     err = capsys.readouterr().err
     assert done.value.code == 2 and err.count("\n") == 1 and message in err, err

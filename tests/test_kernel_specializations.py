@@ -20,8 +20,10 @@ from fasttrain.training.trainer import Trainer
 from kernels.inspect import MODULES, all_specializations
 from tests.conftest import tiny_config
 
-pytestmark = pytest.mark.skipif(not kernels._backend.INTERPRETING and not torch.cuda.is_available(),
-                                reason="no GPU, and the kernels were imported without TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(
+    not kernels._backend.INTERPRETING and not torch.cuda.is_available(),
+    reason="no GPU, and the kernels were imported without TRITON_INTERPRET=1",
+)
 
 
 def specialization(value) -> object:
@@ -31,7 +33,7 @@ def specialization(value) -> object:
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, int):
-        return "i64" if not -2**31 <= value < 2**31 else "i32", value == 1, value % 16 == 0
+        return "i64" if not -(2**31) <= value < 2**31 else "i32", value == 1, value % 16 == 0
     return type(value).__name__
 
 
@@ -58,14 +60,29 @@ def test_no_new_kernel_variant_after_the_first_step(pydoc_data, tmp_path, monkey
             if getattr(module, s.name, None) is s.kernel:
                 monkeypatch.setattr(module, s.name, Recording(s.kernel, keys))
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: through the interpreter
-    trainer = Trainer(tiny_config(pydoc_data, tmp_path, f"train.device={device}", "train.compile=false",
-                                  "kernels.linear_cross_entropy=true", "kernels.rms_norm=true", "kernels.adamw=true",
-                                  "optim.max_grad_norm=1.0"), quiet=True)
+    trainer = Trainer(
+        tiny_config(
+            pydoc_data,
+            tmp_path,
+            f"train.device={device}",
+            "train.compile=false",
+            "kernels.linear_cross_entropy=true",
+            "kernels.rms_norm=true",
+            "kernels.adamw=true",
+            "optim.max_grad_norm=1.0",
+        ),
+        quiet=True,
+    )
     assert trainer.kernels.names() == ["linear_cross_entropy", "rms_norm", "adamw"]
     trainer.step()
     first = set(keys)
-    assert {name for name, _ in first} >= {"_cross_entropy_kernel", "_rms_norm_forward_kernel",
-                                           "_rms_norm_backward_kernel", "_adamw_kernel", "_sum_squares_kernel"}
+    assert {name for name, _ in first} >= {
+        "_cross_entropy_kernel",
+        "_rms_norm_forward_kernel",
+        "_rms_norm_backward_kernel",
+        "_adamw_kernel",
+        "_sum_squares_kernel",
+    }
     for _ in range(4):
         trainer.step()
     assert keys == first, f"new variants after the first step: {sorted(keys - first)[:3]}"

@@ -21,31 +21,45 @@ CUDA = torch.device("cuda")  # never touched: the capability is given, so this r
 
 
 def entry(op: str, shape: dict, use: bool, mode: str = "compiled", capability: str = "sm_90") -> dict:
-    return {"capability": capability, "gpu": "test GPU", "op": op, "mode": mode, "shape": shape, "use": use,
-            "fasttrain_ms": 1.0 if use else 2.0, "stock_ms": 1.5, "stock": "torch"}
+    return {
+        "capability": capability,
+        "gpu": "test GPU",
+        "op": op,
+        "mode": mode,
+        "shape": shape,
+        "use": use,
+        "fasttrain_ms": 1.0 if use else 2.0,
+        "stock_ms": 1.5,
+        "stock": "torch",
+    }
 
 
 SYNTHETIC = [
-    entry("rms_norm", {"hidden": 768}, False), entry("rms_norm", {"hidden": 4096}, True),
+    entry("rms_norm", {"hidden": 768}, False),
+    entry("rms_norm", {"hidden": 4096}, True),
     entry("rms_norm", {"hidden": 8192}, True),
-    entry("adamw", {"params": 100_000_000}, True), entry("adamw", {"params": 1_000_000_000}, True),
+    entry("adamw", {"params": 100_000_000}, True),
+    entry("adamw", {"params": 1_000_000_000}, True),
     entry("linear_cross_entropy", {"hidden": 768, "vocab": 50304}, False),
     entry("linear_cross_entropy", {"hidden": 4096, "vocab": 131072}, True),
 ]
 
 
-@pytest.mark.parametrize("op,shape,expected", [
-    ("rms_norm", {"hidden": 768}, False),
-    ("rms_norm", {"hidden": 1024}, False),            # nearest, within a factor of two
-    ("rms_norm", {"hidden": 5000}, True),
-    ("rms_norm", {"hidden": 6000}, True),             # between two that agree
-    ("rms_norm", {"hidden": 1600}, None),             # between two that disagree, near neither
-    ("rms_norm", {"hidden": 64}, None),               # below everything measured
-    ("rms_norm", {"hidden": 65536}, None),            # above
-    ("adamw", {"params": 350_000_000}, True),         # bracketed by two wins
-    ("linear_cross_entropy", {"hidden": 1024, "vocab": 50304}, False),
-    ("linear_cross_entropy", {"hidden": 4096, "vocab": 32000}, None),  # vocab 4x off: no bracketing in 2-D
-])
+@pytest.mark.parametrize(
+    "op,shape,expected",
+    [
+        ("rms_norm", {"hidden": 768}, False),
+        ("rms_norm", {"hidden": 1024}, False),  # nearest, within a factor of two
+        ("rms_norm", {"hidden": 5000}, True),
+        ("rms_norm", {"hidden": 6000}, True),  # between two that agree
+        ("rms_norm", {"hidden": 1600}, None),  # between two that disagree, near neither
+        ("rms_norm", {"hidden": 64}, None),  # below everything measured
+        ("rms_norm", {"hidden": 65536}, None),  # above
+        ("adamw", {"params": 350_000_000}, True),  # bracketed by two wins
+        ("linear_cross_entropy", {"hidden": 1024, "vocab": 50304}, False),
+        ("linear_cross_entropy", {"hidden": 4096, "vocab": 32000}, None),  # vocab 4x off: no bracketing in 2-D
+    ],
+)
 def test_lookup_takes_the_nearest_measurement_or_none(op, shape, expected):
     found = lookup(SYNTHETIC, "sm_90", op, "compiled", shape)
     assert (None if found is None else found.use) is expected
@@ -59,10 +73,14 @@ def test_lookup_keeps_to_the_capability_and_mode():
 
 def test_auto_is_the_tables_verdict_and_explicit_settings_win():
     def chosen(cfg=KernelsConfig(), hidden=4096, params=100_000_000, capability="sm_90", sharded=False):
-        shapes = {"rms_norm": {"hidden": hidden}, "adamw": {"params": params},
-                  "linear_cross_entropy": {"hidden": hidden, "vocab": 131072}}
-        return kernels_on(cfg, CUDA, sharded, "bf16", shapes, compiled=True, capability=capability,
-                          table=SYNTHETIC).names()
+        shapes = {
+            "rms_norm": {"hidden": hidden},
+            "adamw": {"params": params},
+            "linear_cross_entropy": {"hidden": hidden, "vocab": 131072},
+        }
+        return kernels_on(
+            cfg, CUDA, sharded, "bf16", shapes, compiled=True, capability=capability, table=SYNTHETIC
+        ).names()
 
     assert chosen() == ["linear_cross_entropy", "rms_norm", "adamw"]
     assert chosen(hidden=768) == ["adamw"]  # measured slower there: stock
@@ -75,23 +93,32 @@ def test_auto_is_the_tables_verdict_and_explicit_settings_win():
 
 def test_a_malformed_table_is_one_line_naming_it(tmp_path):
     assert load_table(tmp_path / "missing.json") == []
-    for text in ("{", '{"entries": [{"op": "softmax"}]}', json.dumps({"entries": [entry("adamw", {"params": 0}, True)]})):
+    for text in (
+        "{",
+        '{"entries": [{"op": "softmax"}]}',
+        json.dumps({"entries": [entry("adamw", {"params": 0}, True)]}),
+    ):
         (tmp_path / "t.json").write_text(text)
         with pytest.raises(UsageError, match="t.json: not a kernel table"):
             load_table(tmp_path / "t.json")
 
 
 def case(function: str, impl: str, seconds: float, **info) -> dict:
-    return {"name": f"{function}[x-{impl}]", "stats": {"median": seconds},
-            "extra_info": {"impl": impl, "gpu": "test GPU", **info}}
+    return {
+        "name": f"{function}[x-{impl}]",
+        "stats": {"median": seconds},
+        "extra_info": {"impl": impl, "gpu": "test GPU", **info},
+    }
 
 
 def test_entries_are_on_only_where_the_kernel_beat_every_stock_path_by_the_margin():
     norm = dict(residual=True, passes="forward+backward", hidden=2048)
     lce = dict(hidden=768, vocab=50304)
     benchmarks = [
-        case("test_rms_norm", "fasttrain", 1.0, **norm), case("test_rms_norm", "torch", 1.01, **norm),
-        case("test_rms_norm", "eager", 3.0, **norm), case("test_rms_norm", "compiled", 0.5, **norm),
+        case("test_rms_norm", "fasttrain", 1.0, **norm),
+        case("test_rms_norm", "torch", 1.01, **norm),
+        case("test_rms_norm", "eager", 3.0, **norm),
+        case("test_rms_norm", "compiled", 0.5, **norm),
         case("test_rms_norm", "fasttrain", 1.0, **{**norm, "residual": False}),  # not the trainer's case
         case("test_linear_cross_entropy_fwd_bwd", "fasttrain", 1.0, **lce),
         case("test_linear_cross_entropy_fwd_bwd", "eager", 2.0, **lce),
@@ -103,15 +130,21 @@ def test_entries_are_on_only_where_the_kernel_beat_every_stock_path_by_the_margi
     got = {(e["op"], e["mode"]): (e["use"], e["stock"]) for e in entries}
     # 1.0 against torch's 1.01 is inside the margin: stock. No compiled norm entry without a block A/B:
     # the op-level "compiled" race (0.5) says nothing about a norm inductor fuses into its block.
-    assert got == {("rms_norm", "eager"): (False, "torch"), ("linear_cross_entropy", "eager"): (True, "eager"),
-                   ("linear_cross_entropy", "compiled"): (False, "compiled")}
+    assert got == {
+        ("rms_norm", "eager"): (False, "torch"),
+        ("linear_cross_entropy", "eager"): (True, "eager"),
+        ("linear_cross_entropy", "compiled"): (False, "compiled"),
+    }
     block = dict(hidden=2048, compiled=True)
-    with_block = benchmarks + [case("test_block_fwd_bwd", "fasttrain", 1.0, **block),
-                               case("test_block_fwd_bwd", "stock", 1.1, **block),
-                               case("test_block_fwd_bwd", "fasttrain", 1.0, hidden=768, compiled=False),  # dry run
-                               case("test_block_fwd_bwd", "stock", 2.0, hidden=768, compiled=False)]
-    compiled_norm = [e for e in table_entries(with_block, capability="sm_90")
-                     if (e["op"], e["mode"]) == ("rms_norm", "compiled")]
+    with_block = benchmarks + [
+        case("test_block_fwd_bwd", "fasttrain", 1.0, **block),
+        case("test_block_fwd_bwd", "stock", 1.1, **block),
+        case("test_block_fwd_bwd", "fasttrain", 1.0, hidden=768, compiled=False),  # dry run
+        case("test_block_fwd_bwd", "stock", 2.0, hidden=768, compiled=False),
+    ]
+    compiled_norm = [
+        e for e in table_entries(with_block, capability="sm_90") if (e["op"], e["mode"]) == ("rms_norm", "compiled")
+    ]
     assert [(e["shape"], e["use"], e["stock"]) for e in compiled_norm] == [({"hidden": 2048}, True, "stock")]
     assert MARGIN < 1
     assert table_entries(benchmarks) == []  # no capability known: nothing to key an entry by
@@ -123,6 +156,11 @@ def test_the_committed_table_is_what_the_committed_h100_results_give():
     assert committed["entries"] == table_entries(results["benchmarks"], capability_of(results))
     assert load_table() == committed["entries"]
     # GPT-2 small compiled on the H100: only the AdamW kernel was measured faster there.
-    shapes = {"rms_norm": {"hidden": 768}, "linear_cross_entropy": {"hidden": 768, "vocab": 50304},
-              "adamw": {"params": 123_587_328}}
-    assert kernels_on(KernelsConfig(), CUDA, False, "bf16", shapes, compiled=True, capability="sm_90").names() == ["adamw"]
+    shapes = {
+        "rms_norm": {"hidden": 768},
+        "linear_cross_entropy": {"hidden": 768, "vocab": 50304},
+        "adamw": {"params": 123_587_328},
+    }
+    assert kernels_on(KernelsConfig(), CUDA, False, "bf16", shapes, compiled=True, capability="sm_90").names() == [
+        "adamw"
+    ]

@@ -57,14 +57,20 @@ GRAPH = {name: imported_modules(path) for name, path in MODULES.items()}
 
 
 def test_every_import_points_down_the_layers():
-    upward = [f"{m} (layer {layer(m)}) imports {dep} (layer {layer(dep)})"
-              for m, deps in GRAPH.items() if m.startswith("fasttrain")
-              for dep in deps if dep.startswith("fasttrain") and layer(dep) > layer(m)]
+    upward = [
+        f"{m} (layer {layer(m)}) imports {dep} (layer {layer(dep)})"
+        for m, deps in GRAPH.items()
+        if m.startswith("fasttrain")
+        for dep in deps
+        if dep.startswith("fasttrain") and layer(dep) > layer(m)
+    ]
     assert not upward, "\n".join(upward)
 
 
 def test_kernels_stand_alone():
-    assert not [m for m, deps in GRAPH.items() if m.startswith("kernels") and any(d.startswith("fasttrain") for d in deps)]
+    assert not [
+        m for m, deps in GRAPH.items() if m.startswith("kernels") and any(d.startswith("fasttrain") for d in deps)
+    ]
 
 
 def test_no_import_cycles():
@@ -99,7 +105,12 @@ def test_no_two_modules_in_a_folder_differ_only_by_a_suffix(folder):
 
 
 def test_the_twin_rule_catches_what_the_old_tree_had():
-    for a, b in (("checkpoint", "checkpointing"), ("evaluate", "evaluation"), ("trainer", "trained"), ("train", "trainer")):
+    for a, b in (
+        ("checkpoint", "checkpointing"),
+        ("evaluate", "evaluation"),
+        ("trainer", "trained"),
+        ("train", "trainer"),
+    ):
         assert twins(a, b)
     assert not twins("trainer", "trained_model") and not twins("corpus", "documents")
 
@@ -114,13 +125,24 @@ def test_another_package_named_kernels_is_refused_in_one_line(tmp_path):
     """PyPI's other `kernels` (Hugging Face's) first on sys.path: fasttrain must not run on its code."""
     (tmp_path / "kernels").mkdir()
     (tmp_path / "kernels" / "__init__.py").write_text("")
-    shadowed = subprocess.run([sys.executable, "-c", "import fasttrain"], cwd=tmp_path, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}, timeout=120)
+    shadowed = subprocess.run(
+        [sys.executable, "-c", "import fasttrain"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
+        timeout=120,
+    )
     assert shadowed.returncode != 0
     last = shadowed.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: fasttrain needs its own `kernels` package") and str(tmp_path) in last
     (tmp_path / "elsewhere").mkdir()
-    alone = subprocess.run([sys.executable, "-c", "import fasttrain"], cwd=tmp_path / "elsewhere", capture_output=True,
-                           text=True,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    alone = subprocess.run(
+        [sys.executable, "-c", "import fasttrain"],
+        cwd=tmp_path / "elsewhere",
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert alone.returncode == 0, alone.stderr

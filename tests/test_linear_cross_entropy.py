@@ -41,11 +41,11 @@ def check_against_reference(hidden, weight, bias, target, **options):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("options", [
-    {},
-    {"reduction": "none", "label_smoothing": 0.1},
-    {"reduction": "sum", "z_loss": 1e-3, "softcap": 4.0},
-], ids=["mean", "none", "sum-options"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"reduction": "none", "label_smoothing": 0.1}, {"reduction": "sum", "z_loss": 1e-3, "softcap": 4.0}],
+    ids=["mean", "none", "sum-options"],
+)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_matches_reference(kernel_device, dtype, options, bias):
     hidden, weight, b = make_inputs(37, 24, 300, dtype, kernel_device, bias)
@@ -118,13 +118,16 @@ def test_module_takes_any_leading_shape(kernel_device):
     assert_matches(ours.flatten(), reference, torch.float32, "loss")
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"weight": torch.zeros(30, 7)}, "weight must be \\(V, 8\\)"),
-    ({"bias": torch.zeros(29)}, "bias must be \\(30,\\)"),
-    ({"chunk_rows": 0}, "chunk_rows must be positive"),
-    ({"grad_scale": torch.ones(2)}, "grad_scale must be a one-element tensor"),
-    ({"hidden": torch.zeros(4, 8, dtype=torch.float64)}, "hidden must be float32"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"weight": torch.zeros(30, 7)}, "weight must be \\(V, 8\\)"),
+        ({"bias": torch.zeros(29)}, "bias must be \\(30,\\)"),
+        ({"chunk_rows": 0}, "chunk_rows must be positive"),
+        ({"grad_scale": torch.ones(2)}, "grad_scale must be a one-element tensor"),
+        ({"hidden": torch.zeros(4, 8, dtype=torch.float64)}, "hidden must be float32"),
+    ],
+)
 def test_bad_arguments(bad, message):
     args = {"hidden": torch.zeros(4, 8), "weight": torch.zeros(30, 8), "target": torch.zeros(4, dtype=torch.int64)}
     with pytest.raises(ValueError, match=message):
@@ -140,8 +143,9 @@ class TinyLM(torch.nn.Module):
     def forward(self, tokens, targets, fused):
         h = torch.tanh(self.embed(tokens)).flatten(0, 1)
         if fused:
-            return linear_cross_entropy(h, self.output.weight, targets.flatten(), self.output.bias, chunk_rows=8,
-                                        z_loss=1e-3)
+            return linear_cross_entropy(
+                h, self.output.weight, targets.flatten(), self.output.bias, chunk_rows=8, z_loss=1e-3
+            )
         return cross_entropy(self.output(h), targets.flatten(), label_smoothing=0.1, softcap=3.0)
 
 
@@ -177,13 +181,16 @@ def test_return_correct_counts_top1_hits(kernel_device, dtype):
     assert hidden.grad is not None and weight.grad is not None
 
 
-@pytest.mark.parametrize("n_rows, n_cols, itemsize, sizes", [
-    (16384, 50304, 2, [4096] * 4),  # 41 multiples of 128 fit in 512 MiB: 128 multiples go in 4 chunks
-    (8192, 131072, 2, [2048] * 4),
-    (8193, 262144, 2, [896] * 4 + [1024] + [896] * 3 + [897]),  # not 8 x 1024 and a 1-row sliver
-    (1000, 50304, 2, [1000]),
-    (0, 50304, 2, []),
-])
+@pytest.mark.parametrize(
+    "n_rows, n_cols, itemsize, sizes",
+    [
+        (16384, 50304, 2, [4096] * 4),  # 41 multiples of 128 fit in 512 MiB: 128 multiples go in 4 chunks
+        (8192, 131072, 2, [2048] * 4),
+        (8193, 262144, 2, [896] * 4 + [1024] + [896] * 3 + [897]),  # not 8 x 1024 and a 1-row sliver
+        (1000, 50304, 2, [1000]),
+        (0, 50304, 2, []),
+    ],
+)
 def test_default_chunks_at_real_shapes(n_rows, n_cols, itemsize, sizes):
     bounds = lce.chunk_bounds(n_rows, n_cols, itemsize)
     assert [b - a for a, b in zip(bounds[:-1], bounds[1:])] == sizes
@@ -276,8 +283,13 @@ def test_the_probe_says_no_to_a_missing_or_rounding_fp32_gemm(monkeypatch):
     emulated_fp32_gemms(monkeypatch, [])
     assert probe(cpu, torch.bfloat16) and probe(cpu, torch.float16)
     addmm = torch.addmm
-    monkeypatch.setattr(torch, "addmm", lambda acc, a, b, out_dtype, out: out.copy_(
-        addmm(acc, a, b, out_dtype=out_dtype, out=torch.empty_like(out)).to(a.dtype)))  # a 16-bit sum
+    monkeypatch.setattr(
+        torch,
+        "addmm",
+        lambda acc, a, b, out_dtype, out: out.copy_(
+            addmm(acc, a, b, out_dtype=out_dtype, out=torch.empty_like(out)).to(a.dtype)
+        ),
+    )  # a 16-bit sum
     assert not probe(cpu, torch.bfloat16)
 
 
@@ -319,8 +331,15 @@ def test_an_incoming_gradient_other_than_announced_is_still_exact(kernel_device,
     """grad_scale = 3/7 announced, then a random incoming gradient: the gradients are still the reference's."""
     hidden, weight, b = make_inputs(37, 24, 300, dtype, kernel_device)
     target = random_targets(37, 300, 6, kernel_device)
-    check_against_reference(hidden, weight, b, target, chunk_rows=16, reduction=reduction,
-                            grad_scale=torch.tensor(3 / 7, device=kernel_device))
+    check_against_reference(
+        hidden,
+        weight,
+        b,
+        target,
+        chunk_rows=16,
+        reduction=reduction,
+        grad_scale=torch.tensor(3 / 7, device=kernel_device),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

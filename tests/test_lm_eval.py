@@ -42,6 +42,7 @@ def lm_eval_or_skip():
     pytest.importorskip("transformers")
     pytest.importorskip("lm_eval")
     from fasttrain.training import harness
+
     return harness
 
 
@@ -49,8 +50,19 @@ def lm_eval_or_skip():
 def run(pydoc_data, tmp_path_factory) -> Path:
     """A tiny run (GQA, untied output), trained a few steps, with its Hugging Face export in RUN/hf."""
     out = tmp_path_factory.mktemp("run")
-    Trainer(tiny_config(pydoc_data, out, "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
-                        "model.tie_embeddings=false", "train.max_steps=6", "train.sample_tokens=0"), quiet=True).train()
+    Trainer(
+        tiny_config(
+            pydoc_data,
+            out,
+            "model.d_model=64",
+            "model.n_heads=4",
+            "model.n_kv_heads=2",
+            "model.tie_embeddings=false",
+            "train.max_steps=6",
+            "train.sample_tokens=0",
+        ),
+        quiet=True,
+    ).train()
     export(out, out / "hf", hf=True)
     return out
 
@@ -62,12 +74,21 @@ def write_tasks(folder: Path) -> Path:
 
     write_local_task = lm_eval_or_skip().write_local_task
     texts = [" ".join(t.split()) for t in topics.values()]
-    questions = [{"question": f"{t[:40 + 60 * (i % 5)]}\nAnswer:", "choices": [" yes", " no", " maybe so", " x"],
-                  "label": i % 4} for i, t in enumerate(texts[:12])]
-    documents = [{"text": t[:60 + 90 * i]} for i, t in enumerate(texts[20:26])] + [{"text": ""}]
+    questions = [
+        {
+            "question": f"{t[: 40 + 60 * (i % 5)]}\nAnswer:",
+            "choices": [" yes", " no", " maybe so", " x"],
+            "label": i % 4,
+        }
+        for i, t in enumerate(texts[:12])
+    ]
+    documents = [{"text": t[: 60 + 90 * i]} for i, t in enumerate(texts[20:26])] + [{"text": ""}]
     prompts = [{"prompt": t[:50], "answer": t[50:60]} for t in texts[30:34]]
-    for name, kind, rows in [("mc", "multiple_choice", questions), ("ppl", "rolling", documents),
-                             ("gen", "generate", prompts)]:
+    for name, kind, rows in [
+        ("mc", "multiple_choice", questions),
+        ("ppl", "rolling", documents),
+        ("gen", "generate", prompts),
+    ]:
         write_local_task(folder, f"tiny_{name}", kind, rows)
     return folder
 
@@ -78,17 +99,28 @@ def wordlevel_data(folder: Path) -> list[str]:
     from fasttrain.data.preparation import prepare
 
     words = ["the", "cat", "sat", "on", "mat"]
-    tokenizer = {"model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate([*words, "</s>"])},
-                           "unk_token": "[UNK]"}, "pre_tokenizer": {"type": "Whitespace"}}
+    tokenizer = {
+        "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate([*words, "</s>"])}, "unk_token": "[UNK]"},
+        "pre_tokenizer": {"type": "Whitespace"},
+    }
     (folder / "wordlevel.json").write_text(json.dumps(tokenizer))
-    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": " ".join(words[(i * k) % 5] for k in range(60))})
-                                               + "\n" for i in range(40)))
+    (folder / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": " ".join(words[(i * k) % 5] for k in range(60))}) + "\n" for i in range(40))
+    )
     prepare([str(folder / "docs.jsonl")], folder / "data", tokenizer_path=str(folder / "wordlevel.json"), quiet=True)
     (folder / "tasks").mkdir()
-    lm_eval_or_skip().write_local_task(folder / "tasks", "tiny_words", "multiple_choice",
-                                       [{"question": "the dog sat", "choices": [" on", " mat"], "label": 0}])
-    return [*tiny_overrides(folder / "data", folder / "run"), "data.vocab_size=0", "train.max_steps=2",
-            "train.sample_tokens=0"]
+    lm_eval_or_skip().write_local_task(
+        folder / "tasks",
+        "tiny_words",
+        "multiple_choice",
+        [{"question": "the dog sat", "choices": [" on", " mat"], "label": 0}],
+    )
+    return [
+        *tiny_overrides(folder / "data", folder / "run"),
+        "data.vocab_size=0",
+        "train.max_steps=2",
+        "train.sample_tokens=0",
+    ]
 
 
 def wordlevel_run(folder: Path) -> list[str]:
@@ -99,8 +131,13 @@ def wordlevel_run(folder: Path) -> list[str]:
 
 def wordlevel_training(folder: Path) -> list[str]:
     """`train` arguments of that run with eval.tasks = tiny_words, scored at its end."""
-    return ["configs/base.toml", "--set", *wordlevel_data(folder), 'eval.tasks=["tiny_words"]',
-            f'eval.include_path="{folder / "tasks"}"']
+    return [
+        "configs/base.toml",
+        "--set",
+        *wordlevel_data(folder),
+        'eval.tasks=["tiny_words"]',
+        f'eval.include_path="{folder / "tasks"}"',
+    ]
 
 
 def faulty_task(folder: Path, fault: str) -> Path:
@@ -147,9 +184,15 @@ def test_every_sample_matches_lm_evals_hugging_face_model_on_the_export(run, tas
     names = ["tiny_mc", "tiny_ppl", "tiny_gen"]
     ours = harness.run_tasks(load_trained(run), names, include_path=str(tasks), batch_size=5, log_samples=True)
     notes = capsys.readouterr().err.count("note: contexts longer than the model's context (32 tokens)")
-    theirs = simple_evaluate(model="hf", model_args={"pretrained": str(run / "hf"), "dtype": "float32"},
-                             tasks=names, device="cpu", batch_size=3, log_samples=True,
-                             task_manager=TaskManager(include_path=str(tasks)))
+    theirs = simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(run / "hf"), "dtype": "float32"},
+        tasks=names,
+        device="cpu",
+        batch_size=3,
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(tasks)),
+    )
     for task in names:
         a, b = per_sample(ours, task), per_sample(theirs, task)
         assert close(a, b, 1e-4), (task, a, b)
@@ -186,9 +229,24 @@ def test_batching_and_sorting_change_no_score(run):
 def test_evaluate_tasks_prints_logs_and_writes_the_scores(run, tasks, tmp_path, capsys):
     harness = lm_eval_or_skip()
     with pytest.raises(SystemExit) as exit_:
-        run_cli(evaluate_cli.main, [str(run), "--tasks", "tiny_mc,tiny_ppl", "--include-path", str(tasks),
-                                    "--limit", "8", "--num-fewshot", "1", "--device", "cpu",
-                                    "--output", str(tmp_path / "scores.json")])
+        run_cli(
+            evaluate_cli.main,
+            [
+                str(run),
+                "--tasks",
+                "tiny_mc,tiny_ppl",
+                "--include-path",
+                str(tasks),
+                "--limit",
+                "8",
+                "--num-fewshot",
+                "1",
+                "--device",
+                "cpu",
+                "--output",
+                str(tmp_path / "scores.json"),
+            ],
+        )
     out = capsys.readouterr().out
     assert exit_.value.code == 0, out
     written = json.loads((tmp_path / "scores.json").read_text())
@@ -196,13 +254,16 @@ def test_evaluate_tasks_prints_logs_and_writes_the_scores(run, tasks, tmp_path, 
     assert set(written["tasks"]) == {"tiny_mc", "tiny_ppl"} and 0 <= written["tasks"]["tiny_mc"]["acc"] <= 1
     assert written["lm_eval"] == metadata.version("lm_eval")
     acc = written["tasks"]["tiny_mc"]["acc"]
-    assert any(line.split()[:3] == ["tiny_mc", "1", "acc"] and float(line.split()[3]) == round(acc, 4)
-               for line in out.splitlines()), out
+    assert any(
+        line.split()[:3] == ["tiny_mc", "1", "acc"] and float(line.split()[3]) == round(acc, 4)
+        for line in out.splitlines()
+    ), out
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "eval_tasks" and events[-1]["step"] == 6
     assert events[-1]["tasks"] == written["tasks"]
-    direct = harness.task_scores(harness.run_tasks(load_trained(run), ["tiny_mc"], num_fewshot=1, limit=8,
-                                                   include_path=str(tasks), batch_size=4))
+    direct = harness.task_scores(
+        harness.run_tasks(load_trained(run), ["tiny_mc"], num_fewshot=1, limit=8, include_path=str(tasks), batch_size=4)
+    )
     assert direct["tiny_mc"]["acc"] == acc
 
 
@@ -220,8 +281,11 @@ def test_train_scores_eval_tasks_on_its_final_weights(pydoc_data, tasks, tmp_pat
     assert train.main(tiny_args(pydoc_data, tmp_path / "run", *sets, 'eval.tasks=["tiny_mc"]')) == 0
     event = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert event["event"] == "eval_tasks" and event["step"] == 3 and event["limit"] == 6
-    direct = harness.task_scores(harness.run_tasks(load_trained(tmp_path / "run"), ["tiny_mc"], num_fewshot=0,
-                                                   limit=6, include_path=str(tasks), batch_size=4))
+    direct = harness.task_scores(
+        harness.run_tasks(
+            load_trained(tmp_path / "run"), ["tiny_mc"], num_fewshot=0, limit=6, include_path=str(tasks), batch_size=4
+        )
+    )
     assert event["tasks"]["tiny_mc"]["acc"] == direct["tiny_mc"]["acc"]
 
 
@@ -229,21 +293,40 @@ def test_train_scores_eval_tasks_on_its_final_weights(pydoc_data, tasks, tmp_pat
 def test_lm_evals_command_line_runs_the_fasttrain_model(run, tasks, tmp_path):
     """`python -m fasttrain.lm_eval` is lm-eval's command line with `--model fasttrain` known to it."""
     lm_eval_or_skip()
-    done = subprocess.run([sys.executable, "-m", "fasttrain.lm_eval", "--model", "fasttrain", "--model_args",
-                           f"run={run / 'checkpoints' / 'step_0000006.pt'},device=cpu", "--tasks", "tiny_mc",
-                           "--include_path", str(tasks), "--output_path", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fasttrain.lm_eval",
+            "--model",
+            "fasttrain",
+            "--model_args",
+            f"run={run / 'checkpoints' / 'step_0000006.pt'},device=cpu",
+            "--tasks",
+            "tiny_mc",
+            "--include_path",
+            str(tasks),
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "tiny_mc" in done.stdout and "acc" in done.stdout
     results = json.loads(next((tmp_path / "out").rglob("results*.json")).read_text())
     assert 0 <= results["results"]["tiny_mc"]["acc,none"] <= 1
 
 
-@pytest.mark.parametrize("version, expected", [
-    (None, "--tasks needs lm-evaluation-harness, which is not installed: pip install -e '.[eval]'"),
-    ("0.3.0", "lm-eval 0.3.0 is installed, but --tasks supports lm-eval>=0.4.9,<0.5"),
-    ("0.5.1", "lm-eval 0.5.1 is installed, but --tasks supports lm-eval>=0.4.9,<0.5"),
-])
+@pytest.mark.parametrize(
+    "version, expected",
+    [
+        (None, "--tasks needs lm-evaluation-harness, which is not installed: pip install -e '.[eval]'"),
+        ("0.3.0", "lm-eval 0.3.0 is installed, but --tasks supports lm-eval>=0.4.9,<0.5"),
+        ("0.5.1", "lm-eval 0.5.1 is installed, but --tasks supports lm-eval>=0.4.9,<0.5"),
+    ],
+)
 def test_lm_eval_missing_or_of_another_version_is_one_line(run, monkeypatch, capsys, version, expected):
     """Checked before the model loads, through the real entry point; the run is left as it was."""
     real = metadata.version

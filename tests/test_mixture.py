@@ -30,6 +30,7 @@ def mixture(web: Path, code: Path, out: Path, *sets: str, weights=(0.7, 0.3)) ->
 
 def trainer(web: Path, code: Path, out: Path, *sets: str, **kw) -> Trainer:
     from fasttrain.config import load_config
+
     return Trainer(load_config(None, mixture(web, code, out, *sets, **kw)), quiet=True)
 
 
@@ -52,6 +53,7 @@ def test_the_blends_memory_of_rounds_stays_bounded_over_a_long_run():
     """plan() remembers the state after each round it plays (so the next is not replayed from the anchor);
     a long run plays millions of rounds, so only the latest are kept, and a round long past is replayed."""
     from fasttrain.data.mixture import MEMO
+
     blend, fresh = Blend([(0, (0.6, 0.4))], 8), Blend([(0, (0.6, 0.4))], 8)
     for k in range(5 * MEMO):
         blend.plan(k)
@@ -62,9 +64,20 @@ def test_the_blends_memory_of_rounds_stays_bounded_over_a_long_run():
 def test_every_rank_reads_its_part_of_the_one_global_sequence(pydoc_data, code_data):
     """2 ranks of 3 rows read, together, the rows one process of 6 reads: the blend is the same on any
     number of ranks (and so are the sources' tokens counted)."""
+
     def loader(batch, rank=0, world=1):
-        return TokenLoader([pydoc_data, code_data], "train", batch, 16, seed=3, rank=rank, world_size=world,
-                           prefetch=0, mix=[(0, (0.6, 0.4))])
+        return TokenLoader(
+            [pydoc_data, code_data],
+            "train",
+            batch,
+            16,
+            seed=3,
+            rank=rank,
+            world_size=world,
+            prefetch=0,
+            mix=[(0, (0.6, 0.4))],
+        )
+
     one, ranks = loader(6), [loader(3, r, 2) for r in range(2)]
     for _ in range(50):
         x, _ = next(one)
@@ -90,8 +103,16 @@ def test_an_interrupted_mixture_resumes_exactly(pydoc_data, code_data, tmp_path,
     resumed run's final weights are the uninterrupted run's, bit for bit, and each source's tokens are in
     the checkpoint and metrics.jsonl."""
     mode = ["data.document_mask=true"] if batching == "document_mask" else [f'data.batching="{batching}"']
-    sets = [*mode, "data.prefetch=2", "train.max_steps=8", "checkpoint.interval=4", "train.log_interval=2",
-            "train.eval_interval=4", "train.sample_tokens=0", "data.mix=[{step=6, weights=[0.1, 0.9]}]"]
+    sets = [
+        *mode,
+        "data.prefetch=2",
+        "train.max_steps=8",
+        "checkpoint.interval=4",
+        "train.log_interval=2",
+        "train.eval_interval=4",
+        "train.sample_tokens=0",
+        "data.mix=[{step=6, weights=[0.1, 0.9]}]",
+    ]
     straight = trainer(pydoc_data, code_data, tmp_path / "straight", *sets)
     straight.train()
     straight.close()
@@ -116,9 +137,20 @@ def test_a_mix_change_is_exact_at_its_step_logged_and_recorded(pydoc_data, code_
     """A last-25% mix that reads code only: from step 6 of 8 every row is code's, the change is one console
     line and a "mix" event; the weights that do not sum to 1 are normalized, and said so."""
     from fasttrain.config import load_config
-    cfg = load_config(None, mixture(pydoc_data, code_data, tmp_path, "train.max_steps=8", "train.log_interval=1",
-                                    "train.sample_tokens=0", "data.mix=[{fraction=0.75, weights=[0, 2]}]",
-                                    weights=(3, 1)))
+
+    cfg = load_config(
+        None,
+        mixture(
+            pydoc_data,
+            code_data,
+            tmp_path,
+            "train.max_steps=8",
+            "train.log_interval=1",
+            "train.sample_tokens=0",
+            "data.mix=[{fraction=0.75, weights=[0, 2]}]",
+            weights=(3, 1),
+        ),
+    )
     run = Trainer(cfg)
     run.train()
     run.close()
@@ -145,27 +177,37 @@ def test_each_source_is_validated_and_the_total_is_weighted(pydoc_data, code_dat
         own = alone.evaluate()
         alone.close()
         assert metrics[f"val_loss.{source}"] == own["val_loss"] and metrics[f"val_bpb.{source}"] == own["val_bpb"]
-    assert metrics["val_loss"] == pytest.approx(0.25 * metrics[f"val_loss.{pydoc_data.name}"]
-                                                + 0.75 * metrics["val_loss.code"])
+    assert metrics["val_loss"] == pytest.approx(
+        0.25 * metrics[f"val_loss.{pydoc_data.name}"] + 0.75 * metrics["val_loss.code"]
+    )
 
 
 def test_best_and_early_stopping_follow_train_monitor(pydoc_data, code_data, tmp_path, capsys):
     """train.monitor = "val_loss.code": the best loss, the `best` checkpoint and early stopping follow code's
     validation loss, not the total. A resume that monitors the total starts its best anew, and a name that is no
     source's loss is one line before anything is written."""
-    sets = ("train.max_steps=6", "train.eval_interval=1", "train.eval_steps=1", "train.sample_tokens=0",
-            "checkpoint.interval=100", "schedule.warmup_steps=1", "optim.lr=0.03", "train.early_stop_patience=3",
-            "train.early_stop_min_delta=0.05")
+    sets = (
+        "train.max_steps=6",
+        "train.eval_interval=1",
+        "train.eval_steps=1",
+        "train.sample_tokens=0",
+        "checkpoint.interval=100",
+        "schedule.warmup_steps=1",
+        "optim.lr=0.03",
+        "train.early_stop_patience=3",
+        "train.early_stop_min_delta=0.05",
+    )
     from fasttrain.config import load_config
 
     def loud(*more: str) -> Trainer:
         return Trainer(load_config(None, mixture(pydoc_data, code_data, tmp_path, *sets, *more)))
+
     run = loud('train.monitor="val_loss.code"')
     run.train()
     run.close()
     evals = [e for e in read_metrics(tmp_path) if e["event"] == "eval"]
     code = [e["val_loss.code"] for e in evals]
-    assert [e["best_val_loss"] for e in evals] == [min(code[:i + 1]) for i in range(len(code))]
+    assert [e["best_val_loss"] for e in evals] == [min(code[: i + 1]) for i in range(len(code))]
     best = saves.pointed(tmp_path / "checkpoints", "best")
     assert saves.step_of(best) == evals[code.index(min(code))]["step"]
     assert f"best val_loss.code {min(code):.4f}" in capsys.readouterr().out
@@ -176,8 +218,11 @@ def test_best_and_early_stopping_follow_train_monitor(pydoc_data, code_data, tmp
     resumed.close()
     assert "resume: train.monitor is val_loss, not val_loss.code: the best validation loss" in capsys.readouterr().out
 
-    with pytest.raises(UsageError, match=r"train.monitor = 'val_loss.web': not a validation loss of this run; "
-                                         rf"one of val_loss, val_loss.{pydoc_data.name}, val_loss.code"):
+    with pytest.raises(
+        UsageError,
+        match=r"train.monitor = 'val_loss.web': not a validation loss of this run; "
+        rf"one of val_loss, val_loss.{pydoc_data.name}, val_loss.code",
+    ):
         trainer(pydoc_data, code_data, tmp_path / "other", 'train.monitor="val_loss.web"')
     assert not (tmp_path / "other").exists()
 
@@ -188,14 +233,26 @@ def test_a_rollback_to_a_save_from_before_a_monitor_change_starts_the_best_anew(
     from fasttrain.config import load_config
     from tests.test_checkpoint import events
 
-    sets = ("train.eval_interval=1", "train.eval_steps=1", "train.sample_tokens=0", "checkpoint.interval=2",
-            "schedule.warmup_steps=1", "train.log_interval=1", "recovery.max_skips=2")
-    first = Trainer(load_config(None, mixture(pydoc_data, code_data, tmp_path, *sets, "train.max_steps=4",
-                                              'train.monitor="val_loss.code"')), quiet=True)
+    sets = (
+        "train.eval_interval=1",
+        "train.eval_steps=1",
+        "train.sample_tokens=0",
+        "checkpoint.interval=2",
+        "schedule.warmup_steps=1",
+        "train.log_interval=1",
+        "recovery.max_skips=2",
+    )
+    first = Trainer(
+        load_config(
+            None, mixture(pydoc_data, code_data, tmp_path, *sets, "train.max_steps=4", 'train.monitor="val_loss.code"')
+        ),
+        quiet=True,
+    )
     first.train()
     first.close()
-    resumed = Trainer(load_config(None, mixture(pydoc_data, code_data, tmp_path, *sets, "train.max_steps=8")),
-                      quiet=True)
+    resumed = Trainer(
+        load_config(None, mixture(pydoc_data, code_data, tmp_path, *sets, "train.max_steps=8")), quiet=True
+    )
     resumed.resume()
     loss = resumed.loss
 
@@ -210,16 +267,31 @@ def test_a_rollback_to_a_save_from_before_a_monitor_change_starts_the_best_anew(
     resumed.close()
     (rollback,) = events(tmp_path, "rollback")
     assert rollback["step"] < 4  # a save of the first run's (a best one, or step 2's)
-    after = events(tmp_path, "eval")[-(8 - rollback["step"]):]  # the steps trained again after the rollback
+    after = events(tmp_path, "eval")[-(8 - rollback["step"]) :]  # the steps trained again after the rollback
     assert [e["step"] for e in after] == list(range(rollback["step"] + 1, 9))
-    assert [e["best_val_loss"] for e in after] == [min(e["val_loss"] for e in after[:i + 1]) for i in range(len(after))]
+    assert [e["best_val_loss"] for e in after] == [
+        min(e["val_loss"] for e in after[: i + 1]) for i in range(len(after))
+    ]
 
 
 def test_a_mixture_run_reports_epochs_warns_and_plots(pydoc_data, code_data, tmp_path, capsys):
     from fasttrain.config import load_config
-    cfg = load_config(None, mixture(pydoc_data, code_data, tmp_path, "train.max_steps=200", "train.log_interval=100",
-                                    "train.eval_interval=200", "train.sample_tokens=0", "train.eval_steps=1",
-                                    "data.max_epochs=0.5", weights=(0.1, 0.9)))
+
+    cfg = load_config(
+        None,
+        mixture(
+            pydoc_data,
+            code_data,
+            tmp_path,
+            "train.max_steps=200",
+            "train.log_interval=100",
+            "train.eval_interval=200",
+            "train.sample_tokens=0",
+            "train.eval_steps=1",
+            "data.max_epochs=0.5",
+            weights=(0.1, 0.9),
+        ),
+    )
     run = Trainer(cfg)
     planned = run.train_loader.planned_epochs(200)
     run.train()
@@ -240,8 +312,15 @@ def test_the_tools_read_a_mixture_run(pydoc_data, code_data, tmp_path, capsys):
     and their total as the trainer's evaluation does."""
     from fasttrain import doctor, evaluate, train
 
-    sets = mixture(pydoc_data, code_data, tmp_path / "run", "train.max_steps=2", "train.sample_tokens=0",
-                   "train.eval_steps=1000", weights=(0.25, 0.75))
+    sets = mixture(
+        pydoc_data,
+        code_data,
+        tmp_path / "run",
+        "train.max_steps=2",
+        "train.sample_tokens=0",
+        "train.eval_steps=1000",
+        weights=(0.25, 0.75),
+    )
     assert train.main(["configs/base.toml", "--quiet", "--set", *sets]) == 0
     assert (tmp_path / "run" / "final" / "tokenizer.json").read_bytes() == (pydoc_data / "tokenizer.json").read_bytes()
     capsys.readouterr()
@@ -261,18 +340,27 @@ def test_a_mixture_on_two_ranks_trains_like_one_process_and_resumes_exactly(pydo
     """2 ranks of 2 rows read the rows one process of 4 reads (same losses); a resumed 2-rank run matches an
     uninterrupted one exactly, and so does (to rounding) one process of 2 rows accumulating 2 that resumes it,
     across the mix change at step 3 (the first two steps' run, without it, refuses a change past its end)."""
-    run = ["train.max_steps=4", "train.log_interval=1", "train.eval_interval=2", "train.eval_steps=2",
-           "checkpoint.interval=2", "train.sample_tokens=0", "train.tokens_per_update=128",
-           f'train.parallel="{parallel}"']
+    run = [
+        "train.max_steps=4",
+        "train.log_interval=1",
+        "train.eval_interval=2",
+        "train.eval_steps=2",
+        "checkpoint.interval=2",
+        "train.sample_tokens=0",
+        "train.tokens_per_update=128",
+        f'train.parallel="{parallel}"',
+    ]
 
     def args(out: Path, *sets: str, mix: str = "data.mix=[{step=3, weights=[0.2, 0.8]}]") -> list[str]:
         return ["configs/base.toml", "--set", *mixture(pydoc_data, code_data, out, *run, *sets, mix)]
+
     one = single(args(tmp_path / "one", "train.batch_size=4"))
     assert one.returncode == 0, one.stderr
     two = torchrun(args(tmp_path / "two", "train.batch_size=2"))
     assert two.returncode == 0, two.stderr
-    assert values(tmp_path / "two", "train", "loss") == pytest.approx(values(tmp_path / "one", "train", "loss"),
-                                                                       rel=1e-5)
+    assert values(tmp_path / "two", "train", "loss") == pytest.approx(
+        values(tmp_path / "one", "train", "loss"), rel=1e-5
+    )
     assert values(tmp_path / "two", "train", "tokens.code") == values(tmp_path / "one", "train", "tokens.code")
     cut = torchrun(args(tmp_path / "resumed", "train.batch_size=2", "train.max_steps=2", mix="data.mix=[]"))
     assert cut.returncode == 0, cut.stderr
@@ -282,6 +370,7 @@ def test_a_mixture_on_two_ranks_trains_like_one_process_and_resumes_exactly(pydo
     assert values(tmp_path / "resumed", "train", "loss") == values(tmp_path / "two", "train", "loss")
     moved = single([*args(tmp_path / "moved", "train.batch_size=2"), "--resume", "auto"])
     assert moved.returncode == 0, moved.stderr
-    assert values(tmp_path / "moved", "train", "loss") == pytest.approx(values(tmp_path / "two", "train", "loss"),
-                                                                         rel=1e-5)
+    assert values(tmp_path / "moved", "train", "loss") == pytest.approx(
+        values(tmp_path / "two", "train", "loss"), rel=1e-5
+    )
     assert values(tmp_path / "moved", "train", "tokens.code") == values(tmp_path / "two", "train", "tokens.code")

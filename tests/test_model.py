@@ -55,7 +55,7 @@ def test_rope_depends_only_on_relative_position():
     q, k = torch.randn(head_dim, dtype=torch.float64), torch.randn(head_dim, dtype=torch.float64)
 
     def at(x, pos):
-        return apply_rope(x.view(1, 1, 1, head_dim), cos[pos:pos + 1].double(), sin[pos:pos + 1].double()).flatten()
+        return apply_rope(x.view(1, 1, 1, head_dim), cos[pos : pos + 1].double(), sin[pos : pos + 1].double()).flatten()
 
     # The tables are fp32, so a score is exact to about fp32's epsilon times |q| |k|, not relative to the
     # score itself: one near zero failed a relative tolerance for about 1 in 200 draws.
@@ -105,7 +105,9 @@ def test_swiglu_hidden_size():
     assert model.blocks[0].mlp.down.weight.shape == (32, ffn_hidden_size(tiny(multiple_of=16))) == (32, 96)
 
 
-@pytest.mark.parametrize("overrides", [[], ["model.tie_embeddings=false", "model.n_kv_heads=4", "model.ffn_hidden=1000"]])
+@pytest.mark.parametrize(
+    "overrides", [[], ["model.tie_embeddings=false", "model.n_kv_heads=4", "model.ffn_hidden=1000"]]
+)
 def test_preflight_counts_the_parameters_the_model_has(overrides):
     """preflight's arithmetic agrees with the real model (built on the meta device: shapes, no memory)."""
     cfg = load_config("configs/gpt2-small.toml", overrides)
@@ -172,8 +174,9 @@ def test_next_token_loss_sums_the_loss_and_hits_fused_or_not():
         torch.testing.assert_close(loss, expected)
         assert [correct.item(), counted.item()] == [hits, 21.0] and hits >= 4  # 24 targets, 3 ignored
         (grad,) = torch.autograd.grad(objective(tokens, targets).loss, plain.embed.weight)
-        live = F.cross_entropy(plain(tokens).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum")
+        live = F.cross_entropy(
+            plain(tokens).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         (expected_grad,) = torch.autograd.grad(live, plain.embed.weight)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
 
@@ -191,8 +194,10 @@ def test_next_token_loss_grad_scale_changes_no_gradient_fused_or_not(monkeypatch
     targets[0, :3] = IGNORE_INDEX
     s = torch.tensor(3 / 7)
     for objective in (NextTokenLoss(model), NextTokenLoss(model, fused=True)):
-        told, untold = (torch.autograd.grad(objective(tokens, targets, grad_scale=g).loss * s, list(model.parameters()))
-                        for g in (s, None))
+        told, untold = (
+            torch.autograd.grad(objective(tokens, targets, grad_scale=g).loss * s, list(model.parameters()))
+            for g in (s, None)
+        )
         for a, b in zip(told, untold, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     assert factors == [1.0, 1.0, s.item(), s.item()]  # the fused loss's hidden states and output weight
@@ -284,7 +289,7 @@ def test_cached_logits_match_the_full_forward(n_kv_heads):
     full = model(tokens)
     cache = KVCache(model.cfg)
     prefill = model(tokens[:, :12], cache=cache)  # the prompt at once, then one token per forward
-    steps = [model(tokens[:, t:t + 1], cache=cache) for t in range(12, 20)]
+    steps = [model(tokens[:, t : t + 1], cache=cache) for t in range(12, 20)]
     assert cache.length == 20
     torch.testing.assert_close(torch.cat([prefill, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -297,8 +302,10 @@ def test_cached_generation_is_uncached_generation():
     assert greedy.shape == (2, 55)
     assert torch.equal(greedy[:, :32], generate(model, prompt, 27, temperature=0, use_cache=False))
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    assert torch.equal(generate(model, prompt, 10, top_p=0.9, generator=g()),
-                       generate(model, prompt, 10, top_p=0.9, generator=g(), use_cache=False))
+    assert torch.equal(
+        generate(model, prompt, 10, top_p=0.9, generator=g()),
+        generate(model, prompt, 10, top_p=0.9, generator=g(), use_cache=False),
+    )
 
 
 def test_generate_text_streams(pydoc_data):
@@ -342,7 +349,7 @@ def test_pads_never_change_the_loss():
         x = torch.full((4, 20), pad)
         y = torch.full((4, 20), IGNORE_INDEX)
         for i, d in enumerate(docs):
-            x[i, :len(d) - 1], y[i, :len(d) - 1] = d[:-1], d[1:]
+            x[i, : len(d) - 1], y[i, : len(d) - 1] = d[:-1], d[1:]
         model.zero_grad()
         sums = NextTokenLoss(model)(x, y)
         loss = sums.loss / sums.counted

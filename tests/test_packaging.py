@@ -33,8 +33,11 @@ def run(program, args: list[str], capsys) -> tuple[int, str, str]:
 
 def test_every_package_of_the_tree_is_in_pyproject():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {".".join(p.parent.relative_to(ROOT).parts) for top in ("fasttrain", "kernels")
-             for p in (ROOT / top).rglob("__init__.py")}
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts)
+        for top in ("fasttrain", "kernels")
+        for p in (ROOT / top).rglob("__init__.py")
+    }
     assert listed == found | {"fasttrain.config_files"}  # the wheel's name for configs/
 
 
@@ -56,13 +59,20 @@ def test_a_name_runs_the_shipped_config_from_any_directory_and_a_file_wins(tmp_p
     assert shipped.locate("sub/x.toml") == ("sub/x.toml", False)  # a path: its error comes where it is read
 
 
-@pytest.mark.parametrize("make, args, expected", [
-    (None, ["train", "bse"], "bse: neither a config file nor a shipped config; shipped: base, gpt-350m, gpt2-small"),
-    ("dir", ["train", "base"], "base: is a directory here and the name of a shipped config"),
-    (None, ["init", "nope"], "'nope': not a shipped config; one of base, gpt-350m, gpt2-small"),
-    ("file", ["init", "base", "mine.toml"], "mine.toml: exists; give another PATH, or --overwrite to replace it"),
-    ("file", ["init", "gpt-350m", "mine.toml"], "mine.toml: exists"),
-])
+@pytest.mark.parametrize(
+    "make, args, expected",
+    [
+        (
+            None,
+            ["train", "bse"],
+            "bse: neither a config file nor a shipped config; shipped: base, gpt-350m, gpt2-small",
+        ),
+        ("dir", ["train", "base"], "base: is a directory here and the name of a shipped config"),
+        (None, ["init", "nope"], "'nope': not a shipped config; one of base, gpt-350m, gpt2-small"),
+        ("file", ["init", "base", "mine.toml"], "mine.toml: exists; give another PATH, or --overwrite to replace it"),
+        ("file", ["init", "gpt-350m", "mine.toml"], "mine.toml: exists"),
+    ],
+)
 def test_bad_names_and_init_over_a_file_are_one_line(make, args, expected, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     if make == "dir":
@@ -87,7 +97,10 @@ def test_init_writes_a_copy_with_the_file_it_extends(tmp_path, monkeypatch, caps
     assert code == 2 and "runs/gpt-350m.toml: exists" in err
     (tmp_path / "runs" / "gpt-350m.toml").write_text("# edited\n")
     code, _, _ = run(init.main, ["gpt-350m", "runs/", "--overwrite"], capsys)
-    assert code == 0 and (tmp_path / "runs" / "gpt-350m.toml").read_bytes() == (ROOT / "configs/gpt-350m.toml").read_bytes()
+    assert (
+        code == 0
+        and (tmp_path / "runs" / "gpt-350m.toml").read_bytes() == (ROOT / "configs/gpt-350m.toml").read_bytes()
+    )
 
 
 @pytest.mark.second_tier
@@ -97,8 +110,9 @@ def test_the_wheel_runs_the_main_job_from_outside_the_checkout(tmp_path):
     virtual environment, runs `fasttrain train base`, sample and evaluate, and imports kernels, in a folder
     outside the checkout (so nothing of the clone can be imported)."""
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)], check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--outdir", str(dist), str(ROOT)], check=True, capture_output=True, timeout=600
+    )
     wheel = next(dist.glob("fasttrain-*.whl"))
     assert next(dist.glob("fasttrain-*.tar.gz"))
     env_dir = tmp_path / "venv"
@@ -125,6 +139,12 @@ def test_the_wheel_runs_the_main_job_from_outside_the_checkout(tmp_path):
     assert "config: base (shipped," in out and (work / "run" / "final").is_dir()
     assert fasttrain("sample", "run", "--max-new-tokens", "8").strip()
     assert "bpb" in fasttrain("evaluate", "run", "--split", "val")
-    where = subprocess.run([python, "-c", "import fasttrain, kernels; print(fasttrain.__file__, kernels.__file__)"],
-                           cwd=work, env=env, capture_output=True, text=True, check=True).stdout
+    where = subprocess.run(
+        [python, "-c", "import fasttrain, kernels; print(fasttrain.__file__, kernels.__file__)"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert str(ROOT) not in where and str(env_dir) in where

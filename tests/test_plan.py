@@ -40,9 +40,13 @@ def start_event(out: Path) -> dict:
 def mixture(pydoc_data: Path, tmp_path: Path) -> list[str]:
     """A mixture of the corpus and a copy of it (one tokenizer), weighted 3:1, then 1:1 from step 2."""
     shutil.copytree(pydoc_data, tmp_path / "copy")
-    return ['data.dir=""', "data.inputs=[]", "data.vocab_size=0",
-            f'data.sources=[{{dir="{pydoc_data}", weight=3}}, {{dir="{tmp_path / "copy"}", weight=1}}]',
-            "data.mix=[{step=2, weights=[1, 1]}]"]
+    return [
+        'data.dir=""',
+        "data.inputs=[]",
+        "data.vocab_size=0",
+        f'data.sources=[{{dir="{pydoc_data}", weight=3}}, {{dir="{tmp_path / "copy"}", weight=1}}]',
+        "data.mix=[{step=2, weights=[1, 1]}]",
+    ]
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[int, int]]:
@@ -55,8 +59,7 @@ def trained(pydoc_data, tmp_path_factory) -> Path:
     """A tiny run, for an init_from model folder."""
     out = tmp_path_factory.mktemp("trained")
     with pytest.raises(SystemExit) as done:
-        run_cli(train.main, tiny_args(pydoc_data, out, "train.max_steps=2", "train.sample_tokens=0",
-                                      flags=["--quiet"]))
+        run_cli(train.main, tiny_args(pydoc_data, out, "train.max_steps=2", "train.sample_tokens=0", flags=["--quiet"]))
     assert done.value.code == 0
     return out
 
@@ -64,11 +67,21 @@ def trained(pydoc_data, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("case", ["base", "mixture", "init_from", "budgeted"])
 def test_the_plan_is_the_runs_start_event(case, pydoc_data, trained, tmp_path):
     """The dry run's figures, --json, equal the start event the real run writes from its own plan."""
-    sets = {"base": [], "mixture": mixture(pydoc_data, tmp_path),
-            "init_from": [init_from(trained, tmp_path)],
-            "budgeted": ["train.max_time=600", "train.max_steps=4", "schedule.warmup_steps=50"]}[case]
-    args = tiny_args(pydoc_data, tmp_path / "run", "train.max_steps=4", "train.sample_tokens=0", "train.eval_steps=2",
-                     *sets, flags=["--quiet"])
+    sets = {
+        "base": [],
+        "mixture": mixture(pydoc_data, tmp_path),
+        "init_from": [init_from(trained, tmp_path)],
+        "budgeted": ["train.max_time=600", "train.max_steps=4", "schedule.warmup_steps=50"],
+    }[case]
+    args = tiny_args(
+        pydoc_data,
+        tmp_path / "run",
+        "train.max_steps=4",
+        "train.sample_tokens=0",
+        "train.eval_steps=2",
+        *sets,
+        flags=["--quiet"],
+    )
     status, printed = dry_run(*args, "--json")
     assert status == 0
     planned = json.loads(printed)
@@ -77,7 +90,9 @@ def test_the_plan_is_the_runs_start_event(case, pydoc_data, trained, tmp_path):
         run_cli(train.main, args)
     assert done.value.code == 0
     started = start_event(tmp_path / "run")
-    assert {k: v for k, v in planned.items() if k not in VARIES} == {k: v for k, v in started.items() if k not in VARIES}
+    assert {k: v for k, v in planned.items() if k not in VARIES} == {
+        k: v for k, v in started.items() if k not in VARIES
+    }
     assert planned["params"] > 0 and planned["tokens_per_step"] == 4 * 32
     if case == "mixture":
         assert [s["planned_epochs"] > 0 for s in planned["sources"]] == [True, True]
@@ -88,8 +103,14 @@ def test_the_plan_is_the_runs_start_event(case, pydoc_data, trained, tmp_path):
 
 def test_gpt2_small_plans_the_model_it_builds(pydoc_data, tmp_path):
     """The shipped gpt2-small config, planned on the CPU (too big to train here): its figures are the model's."""
-    sets = [f"data.dir={pydoc_data}", "data.inputs=[]", 'data.tokenizer=""', "train.device=cpu",
-            "train.batch_size=2", f"train.out_dir={tmp_path / 'run'}"]
+    sets = [
+        f"data.dir={pydoc_data}",
+        "data.inputs=[]",
+        'data.tokenizer=""',
+        "train.device=cpu",
+        "train.batch_size=2",
+        f"train.out_dir={tmp_path / 'run'}",
+    ]
     status, printed = dry_run("configs/gpt2-small.toml", "--json", "--set", *sets)
     assert status == 0
     plan = json.loads(printed)
@@ -110,8 +131,13 @@ def test_a_dry_run_of_unprepared_data_says_what_it_would_prepare_and_writes_noth
     status, printed = dry_run("configs/base.toml", "--set", f"train.out_dir={out}", "train.device=cpu")
     assert status == 0
     assert "data: not prepared yet; the run prepares builtin:pydoc into " + str(cache / "fasttrain") in printed
-    for line in ("model: 2.56M parameters", "run: 200 steps x 4,096 tokens (16 x 256 x 1 accumulation) on cpu",
-                 "memory: about", "kernel: rms_norm: auto, off on the cpu", "cadence: log every 10 steps"):
+    for line in (
+        "model: 2.56M parameters",
+        "run: 200 steps x 4,096 tokens (16 x 256 x 1 accumulation) on cpu",
+        "memory: about",
+        "kernel: rms_norm: auto, off on the cpu",
+        "cadence: log every 10 steps",
+    ):
         assert line in printed
     assert snapshot(tmp_path) == before
 

@@ -19,8 +19,9 @@ def test_recovery_counts_skips_in_a_row_and_rolls_back_within_its_allowance():
     diverged = RunState(step=9, tokens_seen=900, lr_scale=0.5, skipped_steps=4, rollbacks=0)
     restored = RunState(step=6, tokens_seen=600, best_val_loss=2.5, stale_evals=1, skipped_steps=1)
     state = recovery.rolled_back(diverged, restored)
-    assert state == RunState(step=6, tokens_seen=600, best_val_loss=2.5, stale_evals=1, lr_scale=0.25,
-                             skipped_steps=4, rollbacks=1)
+    assert state == RunState(
+        step=6, tokens_seen=600, best_val_loss=2.5, stale_evals=1, lr_scale=0.25, skipped_steps=4, rollbacks=1
+    )
     assert recovery.in_a_row == 0 and not recovery.can_roll_back(state) and recovery.can_roll_back(restored)
 
 
@@ -62,7 +63,8 @@ def test_early_stopping_counts_evaluations_that_miss_the_best_by_min_delta():
 
 
 def test_run_state_round_trips_through_a_checkpoint_dict():
-    state = RunState(step=3, tokens_seen=384, best_val_loss=4.2, stale_evals=1, lr_scale=0.5, skipped_steps=2,
-                     rollbacks=1)
+    state = RunState(
+        step=3, tokens_seen=384, best_val_loss=4.2, stale_evals=1, lr_scale=0.5, skipped_steps=2, rollbacks=1
+    )
     saved = {"model": {}, **state.state_dict()}  # a checkpoint holds other keys beside them
     assert RunState.from_state_dict(saved) == state

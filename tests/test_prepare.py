@@ -87,9 +87,19 @@ def test_shard_writer_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("text", ["", "plain ascii", "héllo wörld — ünïcödé", "tabs\tand\n\nnewlines\r\n",
-                                  "emoji 😀🚀 and CJK 漢字", "  leading and trailing spaces  ", "\x00\x01 control",
-                                  EOT + " the special token as text"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "plain ascii",
+        "héllo wörld — ünïcödé",
+        "tabs\tand\n\nnewlines\r\n",
+        "emoji 😀🚀 and CJK 漢字",
+        "  leading and trailing spaces  ",
+        "\x00\x01 control",
+        EOT + " the special token as text",
+    ],
+)
 def test_tokenizer_round_trip(pydoc_data, text):
     tok = Tokenizer.load(pydoc_data / "tokenizer.json")
     assert tok.decode(tok.encode(text)) == text
@@ -124,8 +134,14 @@ def test_files_directories_globs_and_jsonl(tmp_path):
         for d in ordered[8:]:
             f.write(json.dumps({"id": 1, "body": d}) + "\n\n")
     out = tmp_path / "out"
-    meta = prepare([str(src / "a*.txt"), str(src / "sub"), str(tmp_path / "docs.jsonl")], out,
-                   vocab_size=300, val_fraction=0.2, text_field="body", quiet=True)
+    meta = prepare(
+        [str(src / "a*.txt"), str(src / "sub"), str(tmp_path / "docs.jsonl")],
+        out,
+        vocab_size=300,
+        val_fraction=0.2,
+        text_field="body",
+        quiet=True,
+    )
     assert meta["files"] == 4 + 4 + 1
     assert set(documents_in(out, "train") + documents_in(out, "val")) == docs
     assert meta["documents"]["val"] >= 1 and meta["invalid_utf8_replaced"] == 0
@@ -134,8 +150,13 @@ def test_files_directories_globs_and_jsonl(tmp_path):
 def test_invalid_utf8_is_replaced_and_counted(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"good text \xff\xfe then more \xc3 and a real \xef\xbf\xbd here")
     (tmp_path / "b.txt").write_text("a second document " * 20)
-    meta = prepare([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], tmp_path / "out",
-                   vocab_size=300, val_fraction=0.5, quiet=True)
+    meta = prepare(
+        [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
+        tmp_path / "out",
+        vocab_size=300,
+        val_fraction=0.5,
+        quiet=True,
+    )
     assert meta["invalid_utf8_replaced"] == 3
     texts = documents_in(tmp_path / "out", "train") + documents_in(tmp_path / "out", "val")
     assert "good text \ufffd\ufffd then more \ufffd and a real \ufffd here" in texts
@@ -151,10 +172,18 @@ def test_large_files_stream_in_pieces(tmp_path, monkeypatch):
     pieces = list(corpus.resolve_inputs([str(tmp_path / "big.txt")])[0].pieces())
     assert len(pieces) > 10 and "".join(p.text for p in pieces) == text
     assert [p.ends_document for p in pieces].count(True) == 1
-    prepare([str(tmp_path / "big.txt"), str(tmp_path / "small.txt")], tmp_path / "out",
-            vocab_size=400, val_fraction=0.4, quiet=True, batch_chars=1000)
+    prepare(
+        [str(tmp_path / "big.txt"), str(tmp_path / "small.txt")],
+        tmp_path / "out",
+        vocab_size=400,
+        val_fraction=0.4,
+        quiet=True,
+        batch_chars=1000,
+    )
     assert documents_in(tmp_path / "out", "train") + documents_in(tmp_path / "out", "val") in (
-        [text, "another document " * 30], ["another document " * 30, text])
+        [text, "another document " * 30],
+        ["another document " * 30, text],
+    )
 
 
 def test_one_big_file_holds_out_the_end_of_its_text(tmp_path, monkeypatch, capsys):
@@ -179,8 +208,17 @@ def test_parquet_row_groups_give_the_tokens_of_the_same_jsonl(tmp_path, monkeypa
     pq.write_table(pa.table({"id": list(range(42)), "body": docs}), tmp_path / "docs.parquet", row_group_size=10)
     assert pq.ParquetFile(tmp_path / "docs.parquet").num_row_groups == 5
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": d or ""}) + "\n" for d in docs))
-    metas = {kind: prepare([str(tmp_path / f"docs.{kind}")], tmp_path / kind, vocab_size=300, val_fraction=0.2,
-                           text_field="body", quiet=True) for kind in ("parquet", "jsonl")}
+    metas = {
+        kind: prepare(
+            [str(tmp_path / f"docs.{kind}")],
+            tmp_path / kind,
+            vocab_size=300,
+            val_fraction=0.2,
+            text_field="body",
+            quiet=True,
+        )
+        for kind in ("parquet", "jsonl")
+    }
     for split in ("train", "val"):
         assert np.array_equal(shard_tokens(tmp_path / "parquet", split), shard_tokens(tmp_path / "jsonl", split))
     counts = metas["parquet"]["documents"]
@@ -189,13 +227,18 @@ def test_parquet_row_groups_give_the_tokens_of_the_same_jsonl(tmp_path, monkeypa
 
 def test_config_text_field_is_part_of_the_request(tmp_path):
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": f"document {i} " * 9}) + "\n" for i in range(6)))
-    wanted = DataConfig(dir=str(tmp_path / "out"), inputs=[str(tmp_path / "docs.jsonl")], vocab_size=300,
-                        text_field="body")
+    wanted = DataConfig(
+        dir=str(tmp_path / "out"), inputs=[str(tmp_path / "docs.jsonl")], vocab_size=300, text_field="body"
+    )
     assert ensure_prepared(wanted, quiet=True).meta["request"]["text_field"] == "body"
-    with pytest.raises(UsageError, match=r"holds data prepared with text_field='body', not what \[data\] asks for "
-                                         r"\(data.text_field = 'content'\)"):
-        ensure_prepared(DataConfig(dir=wanted.dir, inputs=wanted.inputs, vocab_size=300, text_field="content"),
-                        quiet=True)
+    with pytest.raises(
+        UsageError,
+        match=r"holds data prepared with text_field='body', not what \[data\] asks for "
+        r"\(data.text_field = 'content'\)",
+    ):
+        ensure_prepared(
+            DataConfig(dir=wanted.dir, inputs=wanted.inputs, vocab_size=300, text_field="content"), quiet=True
+        )
     # Left at its default, text_field is the folder's, as every other preparation key is.
     assert ensure_prepared(DataConfig(dir=wanted.dir), quiet=True).meta["request"]["text_field"] == "body"
 
@@ -203,14 +246,17 @@ def test_config_text_field_is_part_of_the_request(tmp_path):
 def test_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
     (tmp_path / "docs.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # import fails as if not installed
-    with pytest.raises(UsageError, match=r'docs.parquet: reading Parquet needs pyarrow: pip install -e "\.\[parquet\]"'):
+    with pytest.raises(
+        UsageError, match=r'docs.parquet: reading Parquet needs pyarrow: pip install -e "\.\[parquet\]"'
+    ):
         prepare([str(tmp_path / "docs.parquet")], tmp_path / "out", quiet=True)
 
 
 def test_shards_roll_over_and_an_existing_tokenizer_is_reused(pydoc_data, tmp_path):
     out = tmp_path / "out"
-    meta = prepare(["builtin:pydoc"], out, tokenizer_path=str(pydoc_data / "tokenizer.json"),
-                   shard_tokens=10_000, quiet=True)
+    meta = prepare(
+        ["builtin:pydoc"], out, tokenizer_path=str(pydoc_data / "tokenizer.json"), shard_tokens=10_000, quiet=True
+    )
     assert len(meta["shards"]["train"]) == -(-meta["tokens"]["train"] // 10_000) > 1
     assert all(read_header(out / n).num_tokens == 10_000 for n in meta["shards"]["train"][:-1])
     for split in ("train", "val"):  # same tokenizer, same split: the same tokens, just cut into more files
@@ -237,7 +283,8 @@ def test_overwrite_replaces_and_failure_keeps_old_data(pydoc_data, tmp_path, mon
     meta = prepare(["builtin:pydoc"], out, vocab_size=400, overwrite=True, shard_tokens=50_000, quiet=True)
     assert meta["vocab_size"] == 400
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["meta.json", "tokenizer.json"] + meta["shards"]["train"] + meta["shards"]["val"])
+        ["meta.json", "tokenizer.json"] + meta["shards"]["train"] + meta["shards"]["val"]
+    )
 
 
 def _write(name, content):
@@ -245,6 +292,7 @@ def _write(name, content):
         p = d / name
         p.write_bytes(content) if isinstance(content, bytes) else p.write_text(content)
         return [str(p)]
+
     return make
 
 
@@ -259,11 +307,21 @@ BAD = [
     ("JSONL field not a string", _write("x.jsonl", '{"text": 3}\n'), [], r"x.jsonl:1: field 'text' is int"),
     ("one line cannot be split", _write("one.txt", "a single document"), [], "nothing was held out"),
     ("vocab size too small", _write("a.txt", "text"), ["--vocab-size", "100"], "vocab size 100 is too small"),
-    ("val fraction out of range", _write("a.txt", "text"), ["--val-fraction", "1.5"], r"--val-fraction: must be in \[0, 1\)"),
+    (
+        "val fraction out of range",
+        _write("a.txt", "text"),
+        ["--val-fraction", "1.5"],
+        r"--val-fraction: must be in \[0, 1\)",
+    ),
     ("non-numeric flag", _write("a.txt", "text"), ["--vocab-size", "lots"], "invalid int value: 'lots'"),
     ("missing tokenizer", _write("a.txt", "text"), ["--tokenizer", "nope.json"], "nope.json: no such tokenizer file"),
     ("malformed tokenizer", _write("a.txt", "text"), ["--tokenizer", "__file__"], "not a valid tokenizer.json"),
-    ("both tokenizer options", _write("a.txt", "text"), ["--tokenizer", "t.json", "--vocab-size", "300"], "not allowed with"),
+    (
+        "both tokenizer options",
+        _write("a.txt", "text"),
+        ["--tokenizer", "t.json", "--vocab-size", "300"],
+        "not allowed with",
+    ),
     ("output is a file", _write("a.txt", "text"), ["--out", "__file__"], "exists and is not a directory"),
 ]
 
@@ -294,8 +352,13 @@ def test_unreadable_file(tmp_path):
 @pytest.mark.subprocess
 def test_command_line_exit_codes(tmp_path):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "fasttrain.prepare", *args], cwd=REPO,
-                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        return subprocess.run(
+            [sys.executable, "-m", "fasttrain.prepare", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
 
     ok = run("--out", str(tmp_path / "d"), "--vocab-size", "300")
     assert ok.returncode == 0 and "tokens/s" in ok.stdout and (tmp_path / "d" / "meta.json").exists()
@@ -323,8 +386,9 @@ def test_config_drives_preparation_and_the_saved_config_has_the_vocab_size(pydoc
     with pytest.raises(UsageError, match=r"data: holds data prepared with vocab_size=300, not what \[data\] asks for"):
         ensure_prepared(load_config(None, [f'data.dir="{data}"', "data.vocab_size=400"]).data, quiet=True)
     tokenizer = pydoc_data / "tokenizer.json"
-    small_model = load_config(None, [f'data.dir="{tmp_path / "d2"}"', f'data.tokenizer="{tokenizer}"',
-                                     "model.vocab_size=300"])
+    small_model = load_config(
+        None, [f'data.dir="{tmp_path / "d2"}"', f'data.tokenizer="{tokenizer}"', "model.vocab_size=300"]
+    )
     prepared = ensure_prepared(small_model.data, quiet=True)
     with pytest.raises(UsageError, match="model.vocab_size = 300 is smaller than the 512 tokens of"):
         resolve(small_model, prepared.dir, prepared.vocab_size)
@@ -391,10 +455,14 @@ def test_one_prepare_per_directory_and_a_run_waits_for_it(tmp_path, capsys):
     out = tmp_path / "d"
     inputs = corpus_files(tmp_path / "src", "word")
     lock = tmp_path / ".d.prepare-lock"
-    code = ("import sys, time\nfrom pathlib import Path\nfrom fasttrain.system.run_lock import holding\n"
-            "with holding(Path(sys.argv[1]), str):\n    print('locked', flush=True)\n    time.sleep(float(sys.argv[2]))")
+    code = (
+        "import sys, time\nfrom pathlib import Path\nfrom fasttrain.system.run_lock import holding\n"
+        "with holding(Path(sys.argv[1]), str):\n    print('locked', flush=True)\n    time.sleep(float(sys.argv[2]))"
+    )
     root = Path(__file__).resolve().parents[1]
-    holder = subprocess.Popen([sys.executable, "-c", code, str(lock), "600"], cwd=root, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(lock), "600"], cwd=root, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
         with pytest.raises(UsageError, match=rf"{out}: another prepare \(pid {holder.pid} on host .*\) is writing it"):
@@ -403,7 +471,9 @@ def test_one_prepare_per_directory_and_a_run_waits_for_it(tmp_path, capsys):
     finally:
         holder.kill()
         holder.wait()
-    holder = subprocess.Popen([sys.executable, "-c", code, str(lock), "1.5"], cwd=root, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(lock), "1.5"], cwd=root, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline() == "locked\n"
         cfg = load_config(None, [f'data.dir="{out}"', f"data.inputs={json.dumps(inputs)}", "data.vocab_size=300"])
@@ -454,12 +524,30 @@ def test_a_tokenizer_that_cannot_be_written_is_one_line(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (12_000, 12_000))  # the shards fit, a 512-token tokenizer not
 
-    result = subprocess.run([sys.executable, "-m", "fasttrain.prepare", "--input", str(tmp_path / "small.txt"),
-                             "--out", str(tmp_path / "out"), "--vocab-size", "512", "--shard-tokens", "2000"],
-                            capture_output=True, text=True,
-                            cwd=REPO, timeout=300, preexec_fn=limit_file_size)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fasttrain.prepare",
+            "--input",
+            str(tmp_path / "small.txt"),
+            "--out",
+            str(tmp_path / "out"),
+            "--vocab-size",
+            "512",
+            "--shard-tokens",
+            "2000",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        preexec_fn=limit_file_size,
+    )
     assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and "tokenizer.json: cannot save the tokenizer (File too large)" in result.stderr
+    assert (
+        result.stderr.count("\n") == 1 and "tokenizer.json: cannot save the tokenizer (File too large)" in result.stderr
+    )
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
@@ -473,9 +561,22 @@ def test_a_prepared_folder_is_the_data_by_itself(tmp_path, capsys):
 
     (tmp_path / "mine.txt").write_text("\n\n".join(topics[k] for k in sorted(topics)[:30]))
     assert main(["--input", str(tmp_path / "mine.txt"), "--out", str(tmp_path / "mine"), "--vocab-size", "300"]) == 0
-    run = ["configs/base.toml", "--device", "cpu", "--set", f"data.dir={tmp_path / 'mine'}", f"train.out_dir={tmp_path / 'run'}",
-           "model.n_layers=1", "model.d_model=32", "model.n_heads=2", "train.batch_size=2", "train.seq_len=32",
-           "train.max_steps=2", "train.sample_tokens=0", "train.tensorboard=false"]
+    run = [
+        "configs/base.toml",
+        "--device",
+        "cpu",
+        "--set",
+        f"data.dir={tmp_path / 'mine'}",
+        f"train.out_dir={tmp_path / 'run'}",
+        "model.n_layers=1",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "train.batch_size=2",
+        "train.seq_len=32",
+        "train.max_steps=2",
+        "train.sample_tokens=0",
+        "train.tensorboard=false",
+    ]
     with pytest.raises(SystemExit) as done:
         run_cli(train.main, run)
     assert done.value.code == 0, capsys.readouterr().err
@@ -485,5 +586,7 @@ def test_a_prepared_folder_is_the_data_by_itself(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         run_cli(train.main, [*run, "data.vocab_size=4096", f"train.out_dir={tmp_path / 'other'}"])
     err = capsys.readouterr().err
-    assert done.value.code == 2 and "holds data prepared with vocab_size=300, not what [data] asks for " \
-                                   "(data.vocab_size = 4096)" in err, err
+    assert (
+        done.value.code == 2
+        and "holds data prepared with vocab_size=300, not what [data] asks for (data.vocab_size = 4096)" in err
+    ), err

@@ -66,14 +66,17 @@ def test_a_learned_tokenizer_is_learned_once_before_the_parts(corpus, tmp_path, 
     meta = open_prepared(tmp_path / "out").meta
     assert meta["request"]["vocab_size"] == 600 and meta["request"]["tokenizer"] is None
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tmp_path / "whole" / "tokenizer.json").read_bytes()
-    assert meta["tokenizer_learned_from"] == json.loads((tmp_path / "whole" / "meta.json").read_text())[
-        "tokenizer_learned_from"]
+    assert (
+        meta["tokenizer_learned_from"]
+        == json.loads((tmp_path / "whole" / "meta.json").read_text())["tokenizer_learned_from"]
+    )
     assert "learned a BPE of 600 tokens" in capsys.readouterr().out
 
 
 def test_workers_do_not_change_the_output(corpus, tmp_path):
-    metas = {w: prepare(corpus, tmp_path / str(w), vocab_size=600, workers=w, batch_chars=3000, quiet=True)
-             for w in (1, 2)}
+    metas = {
+        w: prepare(corpus, tmp_path / str(w), vocab_size=600, workers=w, batch_chars=3000, quiet=True) for w in (1, 2)
+    }
     names = sorted(p.name for p in (tmp_path / "1").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "2").iterdir())
     for name in names:

@@ -51,12 +51,19 @@ def test_a_run_records_absolute_data_paths_so_tools_work_from_another_directory(
     shutil.copy(pydoc_data / "tokenizer.json", here / "tok.json")
     monkeypatch.chdir(here)
     config = str(ROOT / "configs" / "base.toml")
-    args = [*tiny_args("data", "run", "train.max_steps=2", "train.sample_tokens=0", config=config),
-            'data.inputs=["corpus.jsonl"]', 'data.tokenizer="tok.json"', "data.vocab_size=0"]
+    args = [
+        *tiny_args("data", "run", "train.max_steps=2", "train.sample_tokens=0", config=config),
+        'data.inputs=["corpus.jsonl"]',
+        'data.tokenizer="tok.json"',
+        "data.vocab_size=0",
+    ]
     assert exit_code(train_main, args) == 0
     recorded = load_config(here / "run" / "config.toml").data
     assert (recorded.dir, recorded.inputs, recorded.tokenizer) == (
-        str(here / "data"), [str(here / "corpus.jsonl")], str(here / "tok.json"))
+        str(here / "data"),
+        [str(here / "corpus.jsonl")],
+        str(here / "tok.json"),
+    )
 
     monkeypatch.chdir(elsewhere)
     checkpoint = here / "run" / "checkpoints" / "step_0000002.pt"
@@ -79,8 +86,11 @@ def test_version_prints_the_version_and_exits_0(capsys):
 
 
 @pytest.mark.subprocess
-@pytest.mark.parametrize("args", [["fasttrain", "--help"], ["fasttrain", "--version"], ["fasttrain.train", "--help"]],
-                         ids=["help", "version", "argparse-help"])
+@pytest.mark.parametrize(
+    "args",
+    [["fasttrain", "--help"], ["fasttrain", "--version"], ["fasttrain.train", "--help"]],
+    ids=["help", "version", "argparse-help"],
+)
 def test_output_to_a_reader_that_went_away_ends_quietly(args):
     """`fasttrain --help | head -1`: the reader closes the pipe, and the tool ended in a BrokenPipeError traceback
     (or, its output buffered, "Exception ignored ... BrokenPipeError" and status 120 at exit). It stops quietly
@@ -105,8 +115,12 @@ def test_an_error_keeps_its_status_when_the_reader_went_away_and_a_closed_stdout
     """A failing command whose reader went away ended with 120 ("Exception ignored ... BrokenPipeError"), which hid
     its own status; one started with standard output closed (`cmd >&-`) crashed flushing it."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    tool = subprocess.Popen([sys.executable, "-m", "fasttrain", "sample", str(tmp_path / "nope")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    tool = subprocess.Popen(
+        [sys.executable, "-m", "fasttrain", "sample", str(tmp_path / "nope")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     try:
         tool.stdout.close()
         assert tool.wait(timeout=120) == 2
@@ -114,15 +128,26 @@ def test_an_error_keeps_its_status_when_the_reader_went_away_and_a_closed_stdout
     finally:
         tool.kill()
         tool.stderr.close()
-    closed = subprocess.run(["bash", "-c", f"{shlex.quote(sys.executable)} -m fasttrain --version >&-"],
-                            capture_output=True, text=True, env=env, timeout=120)
+    closed = subprocess.run(
+        ["bash", "-c", f"{shlex.quote(sys.executable)} -m fasttrain --version >&-"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert (closed.returncode, closed.stderr) == (0, "")
 
 
 def test_set_before_the_config_path_takes_the_path_as_the_config(pydoc_data, tmp_path):
     """`fasttrain train --set ... configs/base.toml`: --set took the path as one more item ("required: config")."""
-    args = ["--set", *tiny_overrides(pydoc_data, tmp_path), "train.max_steps=1", "schedule.warmup_steps=1",
-            "train.sample_tokens=0", "configs/base.toml"]
+    args = [
+        "--set",
+        *tiny_overrides(pydoc_data, tmp_path),
+        "train.max_steps=1",
+        "schedule.warmup_steps=1",
+        "train.sample_tokens=0",
+        "configs/base.toml",
+    ]
     assert exit_code(cli.main, ["train", *args]) == 0
     recorded = load_config(tmp_path / "config.toml")
     assert recorded.train.max_steps == 1 and recorded.optim.lr == 2e-3  # both the --set and the file (not the default)
@@ -135,23 +160,37 @@ def test_a_foreign_kernels_package_is_one_line_and_exit_2_from_every_command(tmp
     (tmp_path / "kernels" / "__init__.py").write_text("")  # another package named kernels
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     script = Path(sys.executable).parent / "fasttrain"  # the console script of an installed fasttrain
-    commands = [[sys.executable, "-m", "fasttrain", "--version"], [sys.executable, "-m", "fasttrain.train", "x.toml"],
-                [sys.executable, "-m", "fasttrain.export", "runs/x"]] + ([[str(script), "--help"]] * script.is_file())
+    commands = [
+        [sys.executable, "-m", "fasttrain", "--version"],
+        [sys.executable, "-m", "fasttrain.train", "x.toml"],
+        [sys.executable, "-m", "fasttrain.export", "runs/x"],
+    ] + ([[str(script), "--help"]] * script.is_file())
     for command in commands:
         result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
         assert result.returncode == 2, (command, result.stderr)
         assert result.stderr.startswith("error: fasttrain needs its own `kernels` package"), (command, result.stderr)
         assert result.stderr.count("\n") == 1 and str(tmp_path / "kernels") in result.stderr, result.stderr
-    imported = subprocess.run([sys.executable, "-c", "import fasttrain"], capture_output=True, text=True,
-                              cwd=tmp_path, env=env, timeout=300)
+    imported = subprocess.run(
+        [sys.executable, "-c", "import fasttrain"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+    )
     assert imported.returncode == 1 and "ImportError: fasttrain needs its own `kernels`" in imported.stderr
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "wsd"])
 def test_the_last_update_uses_min_lr(pydoc_data, tmp_path, decay):
     """schedule.min_lr is the rate of the last step, as its comment says; the last step got (T-1)/T of the way."""
-    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "train.max_steps=5", "schedule.warmup_steps=1",
-                                  f'schedule.decay="{decay}"', "optim.lr=1e-3", "schedule.min_lr=1e-4"), quiet=True)
+    trainer = Trainer(
+        tiny_config(
+            pydoc_data,
+            tmp_path,
+            "train.max_steps=5",
+            "schedule.warmup_steps=1",
+            f'schedule.decay="{decay}"',
+            "optim.lr=1e-3",
+            "schedule.min_lr=1e-4",
+        ),
+        quiet=True,
+    )
     rates = [trainer.step().lr for _ in range(5)]
     assert rates[0] == 1e-3 and rates[1] == pytest.approx(1e-3) and rates[-1] == 1e-4
     assert all(a >= b for a, b in zip(rates, rates[1:]))  # decays from the peak, never back up
@@ -163,9 +202,19 @@ def test_the_floor_and_constant_schedules_keep_their_meaning(pydoc_data, tmp_pat
     """step decay: min_lr is a floor, not the end; constant: the peak to the end (min_lr unused)."""
     for decay, last in (('"step"', 5e-4), ('"constant"', 1e-3)):
         extra = ["schedule.step_every=2"] if decay == '"step"' else []
-        trainer = Trainer(tiny_config(pydoc_data, tmp_path, "train.max_steps=5", "schedule.warmup_steps=1",
-                                      f"schedule.decay={decay}", "optim.lr=1e-3", "schedule.min_lr=1e-4", *extra),
-                          quiet=True)
+        trainer = Trainer(
+            tiny_config(
+                pydoc_data,
+                tmp_path,
+                "train.max_steps=5",
+                "schedule.warmup_steps=1",
+                f"schedule.decay={decay}",
+                "optim.lr=1e-3",
+                "schedule.min_lr=1e-4",
+                *extra,
+            ),
+            quiet=True,
+        )
         assert [trainer.step().lr for _ in range(5)][-1] == pytest.approx(last)
         trainer.close()
 
@@ -173,14 +222,22 @@ def test_the_floor_and_constant_schedules_keep_their_meaning(pydoc_data, tmp_pat
 def test_extending_a_smoke_run_says_it_warms_up_again(pydoc_data, tmp_path, capsys):
     """A 5-step smoke run of a config with 20 warmup steps warms up over 2; resumed to 8 steps with 7 warmup
     steps, the config's warmup applies again from step 5 on, which the resume did not say."""
-    smoke = tiny_args(pydoc_data, tmp_path, "train.max_steps=5", "schedule.warmup_steps=20", "train.sample_tokens=0",
-                      "train.log_interval=1")
+    smoke = tiny_args(
+        pydoc_data,
+        tmp_path,
+        "train.max_steps=5",
+        "schedule.warmup_steps=20",
+        "train.sample_tokens=0",
+        "train.log_interval=1",
+    )
     assert exit_code(train_main, smoke) == 0
     capsys.readouterr()
     assert exit_code(train_main, [*smoke, "train.max_steps=8", "schedule.warmup_steps=7"] + ["--resume", "auto"]) == 0
     out = capsys.readouterr().out
     line = next(line for line in out.splitlines() if line.startswith("resume: train.max_steps 5 -> 8"))
-    assert ("back in a warmup until step 7 (schedule.warmup_steps = 7; the saved run warmed up over 2 steps: "
-            "--set schedule.warmup_steps=2 keeps that)") in line
+    assert (
+        "back in a warmup until step 7 (schedule.warmup_steps = 7; the saved run warmed up over 2 steps: "
+        "--set schedule.warmup_steps=2 keeps that)"
+    ) in line
     lrs = lrs_logged(tmp_path)
     assert lrs[6] == pytest.approx(2e-3 * 6 / 7) and lrs[7] == pytest.approx(2e-3)  # as it says (base.toml's lr)

@@ -87,14 +87,21 @@ def test_text_a_wordlevel_tokenizer_cannot_encode_is_counted_and_warned(tmp_path
     """A WordLevel tokenizer turned a fifth of the words into its unknown token, silently. The unknown tokens
     are counted in meta.json (as invalid UTF-8 is) and a warning line says how much text was lost."""
     words = ["the", "cat", "sat", "on", "mat"]
-    tokenizer = {"model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate([*words, "[UNK]", "</s>"])},
-                           "unk_token": "[UNK]"}, "pre_tokenizer": {"type": "Whitespace"}}
+    tokenizer = {
+        "model": {
+            "type": "WordLevel",
+            "vocab": {w: i for i, w in enumerate([*words, "[UNK]", "</s>"])},
+            "unk_token": "[UNK]",
+        },
+        "pre_tokenizer": {"type": "Whitespace"},
+    }
     (tmp_path / "wordlevel.json").write_text(json.dumps(tokenizer))
     docs = tmp_path / "docs.jsonl"
     # documents of different lengths: identical ones would all be validation, as the first document is
     docs.write_text("".join(json.dumps({"text": "the cat sat on the mat dog " * (20 + i)}) + "\n" for i in range(10)))
-    code, out, err = cli(capsys, "--input", str(docs), "--out", str(tmp_path / "data"),
-                         "--tokenizer", str(tmp_path / "wordlevel.json"))
+    code, out, err = cli(
+        capsys, "--input", str(docs), "--out", str(tmp_path / "data"), "--tokenizer", str(tmp_path / "wordlevel.json")
+    )
     assert code == 0, err
     meta = json.loads((tmp_path / "data" / "meta.json").read_text())
     unknown = sum(20 + i for i in range(10))  # "dog", once a repeat of each document
@@ -129,8 +136,10 @@ def test_a_data_dir_that_names_nothing_says_what_is_prepared_into_it(tmp_path, c
     typo = tmp_path / "dta"
     ensure_prepared(DataConfig(dir=str(typo), vocab_size=300))
     out = capsys.readouterr().out
-    assert (f"note: data.dir = {typo} does not exist, so the default data.inputs (builtin:pydoc) is prepared "
-            "into it; if it should name a prepared folder, check the path") in out
+    assert (
+        f"note: data.dir = {typo} does not exist, so the default data.inputs (builtin:pydoc) is prepared "
+        "into it; if it should name a prepared folder, check the path"
+    ) in out
     ensure_prepared(DataConfig(dir=str(typo), vocab_size=300))  # prepared now: nothing more to say
     assert "note:" not in capsys.readouterr().out
 

@@ -37,12 +37,19 @@ def trained(pydoc_data, tmp_path_factory) -> Path:
 def train_process(args: list[str], cwd: Path = ROOT, limit_bytes: int | None = None) -> subprocess.CompletedProcess:
     """`python -m fasttrain.train ARGS` run to its end from `cwd`, its files limited to `limit_bytes` each
     (RLIMIT_FSIZE, as `ulimit -f`: set in the child only)."""
+
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
-    return subprocess.run([sys.executable, "-m", "fasttrain.train", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
-                          preexec_fn=limit if limit_bytes else None)
+    return subprocess.run(
+        [sys.executable, "-m", "fasttrain.train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+        preexec_fn=limit if limit_bytes else None,
+    )
 
 
 @pytest.mark.subprocess
@@ -53,8 +60,9 @@ def test_a_save_beyond_the_file_size_limit_is_one_line_and_keeps_the_earlier_sav
     shutil.copytree(trained, run)
     saved = {name: snapshot(run / "checkpoints")[name] for name in ("step_0000001.pt", "step_0000002.pt", "latest")}
     size = (run / "checkpoints" / "step_0000002.pt").stat().st_size
-    done = train_process(tiny_args(pydoc_data, run, *QUICK, "train.max_steps=4", flags=["--resume", "auto"]),
-                         limit_bytes=size // 2)
+    done = train_process(
+        tiny_args(pydoc_data, run, *QUICK, "train.max_steps=4", flags=["--resume", "auto"]), limit_bytes=size // 2
+    )
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1, done.stderr
     assert "step_0000004.pt: cannot save checkpoint (File too large)" in done.stderr
@@ -64,8 +72,7 @@ def test_a_save_beyond_the_file_size_limit_is_one_line_and_keeps_the_earlier_sav
 
 
 @pytest.mark.subprocess
-def test_the_resume_command_of_a_stopped_mixture_run_works_from_another_directory(
-        pydoc_data, code_data, tmp_path):
+def test_the_resume_command_of_a_stopped_mixture_run_works_from_another_directory(pydoc_data, code_data, tmp_path):
     """Item 11: SIGTERM of a mixture run printed a command that set data.dir to the working directory, which a
     mixture refuses (and its sources, named relative to where it started, were not found from elsewhere)."""
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
@@ -74,9 +81,14 @@ def test_the_resume_command_of_a_stopped_mixture_run_works_from_another_director
     elsewhere.mkdir()
     run = tmp_path / "run"
     sets = [*mixture(Path("web"), Path("code"), run), *ENDLESS, "checkpoint.interval=1000"]
-    proc = subprocess.Popen([sys.executable, "-m", "fasttrain.train", str(ROOT / "configs/base.toml"), "--set", *sets],
-                            cwd=work, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fasttrain.train", str(ROOT / "configs/base.toml"), "--set", *sets],
+        cwd=work,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: (run / "metrics.jsonl").exists() and events(run, "train"), proc)
         proc.send_signal(signal.SIGTERM)
@@ -97,12 +109,27 @@ def kill_an_overwrite_after_its_first_step(pydoc_data, trained: Path, run: Path)
     rarely) once its first step is logged, before any save."""
     shutil.copytree(trained, run)
     earlier = events(trained, "start")[0]["params"]
-    proc = subprocess.Popen([sys.executable, "-m", "fasttrain.train",
-                             *tiny_args(pydoc_data, run, *ENDLESS, "checkpoint.interval=100000", flags=["--overwrite"])],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fasttrain.train",
+            *tiny_args(pydoc_data, run, *ENDLESS, "checkpoint.interval=100000", flags=["--overwrite"]),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:  # the new run's metrics.jsonl, not the earlier run's before the start moved it
-        wait_for(lambda: (run / "metrics.jsonl").exists() and events(run, "start")[0]["params"] != earlier
-                 and events(run, "train"), proc)
+        wait_for(
+            lambda: (
+                (run / "metrics.jsonl").exists()
+                and events(run, "start")[0]["params"] != earlier
+                and events(run, "train")
+            ),
+            proc,
+        )
     finally:
         proc.kill()
         proc.wait()
@@ -131,16 +158,19 @@ def test_an_overwrite_killed_before_its_first_save_keeps_the_earlier_run(pydoc_d
 
     shutil.rmtree(run)  # once more, for a torchrun restart: auto-or-new continues the earlier run
     kill_an_overwrite_after_its_first_step(pydoc_data, trained, run)
-    code = run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK, "train.max_steps=3",
-                                              flags=["--resume", "auto-or-new"]))
+    code = run_cli_code(
+        train.main, tiny_args(pydoc_data, run, *QUICK, "train.max_steps=3", flags=["--resume", "auto-or-new"])
+    )
     assert code == 0, capsys.readouterr().err
     assert events(run, "start")[-1]["resume_step"] == 2 and events(run, "end")[-1]["step"] == 3
 
 
-@pytest.mark.parametrize("sets", [[], ['checkpoint.format="sharded"', "checkpoint.async_save=true"]],
-                         ids=["file", "async"])
+@pytest.mark.parametrize(
+    "sets", [[], ['checkpoint.format="sharded"', "checkpoint.async_save=true"]], ids=["file", "async"]
+)
 def test_an_overwrite_that_fails_after_its_first_step_before_its_first_save_keeps_the_earlier_run(
-        pydoc_data, trained, tmp_path, monkeypatch, sets):
+    pydoc_data, trained, tmp_path, monkeypatch, sets
+):
     """The earlier run was deleted at the new run's first step: a failure at its second, before any save, left
     neither run. Now the earlier run is put back as it was; and a first save that completes replaces it."""
     run = tmp_path / "run"
@@ -158,8 +188,15 @@ def test_an_overwrite_that_fails_after_its_first_step_before_its_first_save_keep
         run_cli(train.main, tiny_args(pydoc_data, run, *QUICK, *sets, "checkpoint.interval=2", flags=["--overwrite"]))
     assert snapshot(run) == before
     monkeypatch.setattr(Trainer, "step", step)
-    assert run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK, *sets, "checkpoint.interval=1",
-                                              "train.max_steps=3", flags=["--overwrite"])) == 0
+    assert (
+        run_cli_code(
+            train.main,
+            tiny_args(
+                pydoc_data, run, *QUICK, *sets, "checkpoint.interval=1", "train.max_steps=3", flags=["--overwrite"]
+            ),
+        )
+        == 0
+    )
     assert not (run / ".replaced-by-overwrite").exists()
     assert [p.name for p in saves.saved_steps(run / "checkpoints")][-1].startswith("step_0000003")
 
@@ -176,14 +213,17 @@ def the_largest_file(saved: Path) -> Path:
     return saved if saved.is_file() else max(saved.glob("*.distcp"), key=lambda f: f.stat().st_size)
 
 
-FORMATS = pytest.mark.parametrize("sets", [[], ['checkpoint.format="sharded"'],
-                                           ['checkpoint.format="sharded"', "checkpoint.async_save=true"]],
-                                  ids=["file", "sharded", "async"])
+FORMATS = pytest.mark.parametrize(
+    "sets",
+    [[], ['checkpoint.format="sharded"'], ['checkpoint.format="sharded"', "checkpoint.async_save=true"]],
+    ids=["file", "sharded", "async"],
+)
 
 
 @FORMATS
-def test_a_bit_changed_in_a_saved_checkpoint_is_found_by_resume_export_sample_and_evaluate(pydoc_data, tmp_path,
-                                                                                          capsys, sets):
+def test_a_bit_changed_in_a_saved_checkpoint_is_found_by_resume_export_sample_and_evaluate(
+    pydoc_data, tmp_path, capsys, sets
+):
     """A flipped bit in a .pt's or a .distcp's tensor bytes loaded silently: a different model, no word. Each file's
     CRC-32 is recorded when it is saved (a background save's once its write is done) and compared by every load:
     the untouched save exports, the damaged one is one line naming the file, exit 2, as a truncated one is, and
@@ -196,18 +236,24 @@ def test_a_bit_changed_in_a_saved_checkpoint_is_found_by_resume_export_sample_an
     damaged = the_largest_file(saved)
     flip_a_bit(damaged)
     before = snapshot(run / "checkpoints")
-    for program, args in ((train, tiny_args(pydoc_data, run, *QUICK, *sets, "train.max_steps=3",
-                                            flags=["--resume", "auto"])),
-                          (export, [str(saved)]), (sample, [str(saved), "--max-new-tokens", "2"]),
-                          (evaluate, [str(saved), "--split", "val"])):
+    for program, args in (
+        (train, tiny_args(pydoc_data, run, *QUICK, *sets, "train.max_steps=3", flags=["--resume", "auto"])),
+        (export, [str(saved)]),
+        (sample, [str(saved), "--max-new-tokens", "2"]),
+        (evaluate, [str(saved), "--split", "val"]),
+    ):
         code = run_cli_code(program.main, args)
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1, err
         assert err.startswith(f"error: {damaged}: checksum mismatch, damaged since it was saved ("), err
     assert snapshot(run / "checkpoints") == before and not (run / "export").exists()
     earlier = saves.saved_steps(run / "checkpoints")[-2]
-    assert run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK, *sets, "train.max_steps=3",
-                                              flags=["--resume", str(earlier)])) == 0
+    assert (
+        run_cli_code(
+            train.main, tiny_args(pydoc_data, run, *QUICK, *sets, "train.max_steps=3", flags=["--resume", str(earlier)])
+        )
+        == 0
+    )
     assert (run / "checkpoints" / "latest").read_text().startswith("step_0000003")
 
 
@@ -222,6 +268,13 @@ def test_a_sharded_checkpoint_saved_before_checksums_still_loads(pydoc_data, tmp
     torch.save(state, saved / checkpoint_files.STATE_FILE)
     capsys.readouterr()
     assert run_cli_code(export.main, [str(saved)]) == 0
-    assert run_cli_code(train.main, tiny_args(pydoc_data, run, *QUICK, 'checkpoint.format="sharded"',
-                                              "train.max_steps=3", flags=["--resume", "auto"])) == 0
+    assert (
+        run_cli_code(
+            train.main,
+            tiny_args(
+                pydoc_data, run, *QUICK, 'checkpoint.format="sharded"', "train.max_steps=3", flags=["--resume", "auto"]
+            ),
+        )
+        == 0
+    )
     assert "checksum" not in capsys.readouterr().err

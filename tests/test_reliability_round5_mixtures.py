@@ -47,8 +47,17 @@ def test_sources_whose_folders_share_a_name_get_distinct_names_and_the_whole_tot
     of its path) and the total weighs all three."""
     folders = [copy(pydoc_data, tmp_path, "a/x"), copy(code_data, tmp_path, "b/x"), copy(pydoc_data, tmp_path, "x0")]
     out = tmp_path / "run"
-    assert run(pydoc_data, out, "train.max_steps=1", "train.eval_steps=2", *sources(folders, [0.5, 0.3, 0.2]),
-               'train.monitor="val_loss.b/x"') == 0
+    assert (
+        run(
+            pydoc_data,
+            out,
+            "train.max_steps=1",
+            "train.eval_steps=2",
+            *sources(folders, [0.5, 0.3, 0.2]),
+            'train.monitor="val_loss.b/x"',
+        )
+        == 0
+    )
     last = events(out, "eval")[-1]
     names = ["a/x", "b/x", "x0"]
     assert sorted(k.partition(".")[2] for k in last if k.startswith("val_loss.")) == names
@@ -76,14 +85,20 @@ def test_a_longer_resume_keeps_a_fraction_change_the_run_had_entered(pydoc_data,
     train.max_steps = 24 the change moved to step 12, and steps 7 to 12 went back to the base weights. Now the
     change stays where it began, and the resume says so."""
     out = tmp_path / "run"
-    sets = (*sources([pydoc_data, code_data], [0.5, 0.5]), "data.mix=[{fraction=0.5, weights=[0, 1]}]",
-            "train.eval_interval=100", "checkpoint.interval=100")
+    sets = (
+        *sources([pydoc_data, code_data], [0.5, 0.5]),
+        "data.mix=[{fraction=0.5, weights=[0, 1]}]",
+        "train.eval_interval=100",
+        "checkpoint.interval=100",
+    )
     assert run(pydoc_data, out, "train.max_steps=6", *sets) == 0
     capsys.readouterr()
     argv = tiny_args(pydoc_data, out, *QUIET, "train.max_steps=24", *sets, flags=["--resume", "auto"])
     assert run(pydoc_data, out, argv=argv) == 0
-    assert "resume: data.mix[0] began at step 3 and stays in force (this config alone would place it at step 12)" \
+    assert (
+        "resume: data.mix[0] began at step 3 and stays in force (this config alone would place it at step 12)"
         in capsys.readouterr().out
+    )
     web = {e["step"]: e[f"tokens.{pydoc_data.name}"] for e in events(out, "train")}
     assert web[3] == web[6] == web[12] == web[24]  # code only from step 3 on
     assert not [e for e in events(out, "mix") if e["step"] == 12]
@@ -94,8 +109,12 @@ def test_a_quiet_resume_reports_the_mix_its_loader_keeps(pydoc_data, code_data, 
     read code only from step 3 on, but its metrics said the change began at step 12. Quiet or not, the events
     are the same."""
     out = tmp_path / "run"
-    sets = (*sources([pydoc_data, code_data], [0.5, 0.5]), "data.mix=[{fraction=0.5, weights=[0, 1]}]",
-            "train.eval_interval=100", "checkpoint.interval=100")
+    sets = (
+        *sources([pydoc_data, code_data], [0.5, 0.5]),
+        "data.mix=[{fraction=0.5, weights=[0, 1]}]",
+        "train.eval_interval=100",
+        "checkpoint.interval=100",
+    )
     assert run(pydoc_data, out, "train.max_steps=6", *sets) == 0
     argv = tiny_args(pydoc_data, out, *QUIET, "train.max_steps=24", *sets, flags=["--resume", "auto", "--quiet"])
     assert run(pydoc_data, out, argv=argv) == 0
@@ -112,10 +131,17 @@ def test_the_replay_of_a_budgeted_mixture_reads_the_mix_the_run_read(pydoc_data,
     from tests.test_time_budget import FakeClock, timed
 
     out = tmp_path / "budgeted"
-    sets = (*QUIET, *sources([pydoc_data, code_data], [0.5, 0.5]), "train.eval_interval=100",
-            "checkpoint.interval=100", "data.mix=[{fraction=0.25, weights=[0.1, 0.9]}, {step=12, weights=[1, 0]}]")
-    budgeted = Trainer(load_config(None, [*tiny_overrides(pydoc_data, out), "train.max_steps=20", "train.max_time=9",
-                                          *sets]), clock=FakeClock())
+    sets = (
+        *QUIET,
+        *sources([pydoc_data, code_data], [0.5, 0.5]),
+        "train.eval_interval=100",
+        "checkpoint.interval=100",
+        "data.mix=[{fraction=0.25, weights=[0.1, 0.9]}, {step=12, weights=[1, 0]}]",
+    )
+    budgeted = Trainer(
+        load_config(None, [*tiny_overrides(pydoc_data, out), "train.max_steps=20", "train.max_time=9", *sets]),
+        clock=FakeClock(),
+    )
     timed(budgeted, [1.0]).train()
     budgeted.close()
     said = capsys.readouterr().out
@@ -133,8 +159,13 @@ def test_a_budgeted_mixture_says_what_its_plans_assume(pydoc_data, code_data, tm
     """Item 14: a budgeted mixture laid its epochs per source and its mix changes out on train.max_steps alone
     ("read 4545 times over by this run", for a budget that read 9.6). Now the start says the figures hold for
     max_steps only if the budget gets there, and a resume lays them out on the end the budget projects."""
-    sets = (*sources([pydoc_data, code_data], [0.5, 0.5]), "data.mix=[{fraction=0.5, weights=[0, 1]}]",
-            "train.max_steps=50000", "train.eval_interval=100000", "checkpoint.interval=100000")
+    sets = (
+        *sources([pydoc_data, code_data], [0.5, 0.5]),
+        "data.mix=[{fraction=0.5, weights=[0, 1]}]",
+        "train.max_steps=50000",
+        "train.eval_interval=100000",
+        "checkpoint.interval=100000",
+    )
     out = tmp_path / "run"
     assert run(pydoc_data, out, *sets, "train.max_time=0.2") == 0
     said = capsys.readouterr().out
@@ -151,8 +182,11 @@ def test_a_budgeted_mixture_says_what_its_plans_assume(pydoc_data, code_data, tm
 def test_weights_whose_sum_overflows_are_normalized(pydoc_data, code_data, tmp_path, capsys):
     """Item 8: weights 9e307 and 9e307 (a sum past the largest float) were "normalized to 0, 0", then a
     ValueError traceback. They are divided by the largest first: an even mix."""
-    sets = (*sources([pydoc_data, code_data], [9e307, 9e307]), "data.mix=[{step=1, weights=[1e308, 1e308]}]",
-            "train.max_steps=2")
+    sets = (
+        *sources([pydoc_data, code_data], [9e307, 9e307]),
+        "data.mix=[{step=1, weights=[1e308, 1e308]}]",
+        "train.max_steps=2",
+    )
     assert run(pydoc_data, tmp_path / "run", *sets) == 0
     said = capsys.readouterr().out
     assert "note: data.sources weights sum to more than 1.8e308, not 1: normalized to 0.5, 0.5" in said
@@ -166,8 +200,9 @@ def test_config_toml_records_mixture_folders_absolute(pydoc_data, code_data, tmp
     monkeypatch.chdir(tmp_path)
     web, code = copy(pydoc_data, tmp_path, "web"), copy(code_data, tmp_path, "code")
     out = tmp_path / "run"
-    argv = tiny_args(pydoc_data, out, *QUIET, "train.max_steps=1", *sources([Path("web"), Path("code")], [0.5, 0.5]),
-                     config=base)
+    argv = tiny_args(
+        pydoc_data, out, *QUIET, "train.max_steps=1", *sources([Path("web"), Path("code")], [0.5, 0.5]), config=base
+    )
     assert run(pydoc_data, out, argv=argv) == 0
     recorded = load_config(out / "config.toml").data.sources
     assert [s.dir for s in recorded] == [str(web), str(code)]

@@ -46,6 +46,7 @@ def init_from(run: Path, tmp: Path, damage: Callable[[Path], None] | None = None
 def edit_config(**changes) -> Callable[[Path], None]:
     def damage(d: Path) -> None:
         (d / "config.json").write_text(json.dumps({**json.loads((d / "config.json").read_text()), **changes}))
+
     return damage
 
 
@@ -54,6 +55,7 @@ def edit_tensor(name: str, change: Callable[[torch.Tensor], torch.Tensor]) -> Ca
         tensors = safetensors.torch.load_file(d / "model.safetensors")
         tensors[name] = change(tensors[name]).contiguous()
         safetensors.torch.save_file(tensors, d / "model.safetensors", {"format": "pt"})
+
     return damage
 
 
@@ -78,8 +80,10 @@ def another_tokenizer(d: Path) -> None:
 
 def snapshot(directory: Path) -> dict[str, str]:
     """Every file and directory under `directory`, files with a hash of their bytes."""
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(directory.rglob("*"))}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(directory.rglob("*"))
+    }
 
 
 def cli(main, args: list[str], capsys) -> tuple[int, str]:
@@ -100,15 +104,17 @@ def trained(pydoc_data, tmp_path_factory) -> Path:
 
 
 def test_overwrite_refused_for_an_init_from_context_shorter_than_seq_len_keeps_the_old_run(
-        pydoc_data, trained, tmp_path, capsys):
+    pydoc_data, trained, tmp_path, capsys
+):
     """max_position_embeddings 16 against train.seq_len 32: --overwrite deleted checkpoints/ and final/, then the
     first step died with a ValueError. Now the init_from shape is validated as any config is, first."""
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     before = snapshot(run)
     source = hf_model(trained, tmp_path / "hf", edit_config(max_position_embeddings=16))
-    code, err = cli(train.main, tiny_args(pydoc_data, run, *QUICK, f"model.init_from={source}", flags=["--overwrite"]),
-                    capsys)
+    code, err = cli(
+        train.main, tiny_args(pydoc_data, run, *QUICK, f"model.init_from={source}", flags=["--overwrite"]), capsys
+    )
     assert code == 2 and err.count("\n") == 1, err
     assert "train.seq_len = 32 exceeds model.max_seq_len = 16" in err and "hf/config.json" in err
     assert snapshot(run) == before
@@ -120,7 +126,8 @@ def out_of_memory(trainer: Trainer):
 
 @pytest.mark.parametrize("where", ["new nested directory", "directory with a user file", "resumed run", "overwrite"])
 def test_a_start_that_fails_before_its_first_step_leaves_the_directory_as_it_was(
-        pydoc_data, trained, tmp_path, monkeypatch, where):
+    pydoc_data, trained, tmp_path, monkeypatch, where
+):
     """A first step that fails (out of memory, a compiler error) left `.lock`, config.toml and metrics.jsonl in
     a new directory, rewrote a resumed run's config.toml and appended to its metrics, and after --overwrite the
     earlier run was gone. Now the start is taken back whole."""
@@ -163,8 +170,16 @@ def test_overwrite_replaces_the_earlier_runs_exports_and_plot_and_nothing_else(p
     assert {"export", "export-hf", "curves.png"} <= {p.name for p in run.iterdir()}
     code, err = cli(train.main, tiny_args(pydoc_data, run, *QUICK, flags=["--overwrite"]), capsys)
     assert code == 0, err
-    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.toml", "final", "metrics.jsonl",
-                                                       "notes.txt", "tokenizer.json", "wandb"]
+    assert sorted(p.name for p in run.iterdir()) == [
+        ".lock",
+        "checkpoints",
+        "config.toml",
+        "final",
+        "metrics.jsonl",
+        "notes.txt",
+        "tokenizer.json",
+        "wandb",
+    ]
     assert (run / "notes.txt").read_text() == "mine" and (run / "wandb" / "offline-run").exists()
     assert [json.loads(line)["event"] for line in (run / "metrics.jsonl").read_text().splitlines()][0] == "start"
 
@@ -176,8 +191,9 @@ def test_a_resumed_init_from_run_needs_no_source_folder(pydoc_data, trained, tmp
     code, err = cli(train.main, tiny_args(pydoc_data, run, *sets), capsys)
     assert code == 0, err
     shutil.rmtree(tmp_path / "hf")
-    code, err = cli(train.main, tiny_args(pydoc_data, run, *sets, "train.max_steps=4", flags=["--resume", "auto"]),
-                    capsys)
+    code, err = cli(
+        train.main, tiny_args(pydoc_data, run, *sets, "train.max_steps=4", flags=["--resume", "auto"]), capsys
+    )
     assert code == 0, err
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
     before = snapshot(run)
@@ -186,8 +202,9 @@ def test_a_resumed_init_from_run_needs_no_source_folder(pydoc_data, trained, tmp
     assert snapshot(run) == before
 
 
-def test_a_resumed_init_from_run_reads_its_checkpoint_not_the_source_weights(pydoc_data, trained, tmp_path, capsys,
-                                                                                monkeypatch):
+def test_a_resumed_init_from_run_reads_its_checkpoint_not_the_source_weights(
+    pydoc_data, trained, tmp_path, capsys, monkeypatch
+):
     """A resume read model.init_from's weights (minutes for a large model, at every elastic restart) and then
     replaced them with the checkpoint's. A new run reads them once; so does a Trainer made `resuming` that
     starts anew after all."""
@@ -198,8 +215,9 @@ def test_a_resumed_init_from_run_reads_its_checkpoint_not_the_source_weights(pyd
     monkeypatch.setattr(trainer_module, "read_hf_llama_weights", lambda *args: reads.append(args) or real(*args))
     assert cli(train.main, tiny_args(pydoc_data, run, *sets, flags=["--resume", "auto-or-new"]), capsys)[0] == 0
     assert len(reads) == 1
-    code, err = cli(train.main, tiny_args(pydoc_data, run, *sets, "train.max_steps=4", flags=["--resume", "auto"]),
-                    capsys)
+    code, err = cli(
+        train.main, tiny_args(pydoc_data, run, *sets, "train.max_steps=4", flags=["--resume", "auto"]), capsys
+    )
     assert code == 0 and len(reads) == 1, err
     fresh = Trainer(tiny_config(pydoc_data, tmp_path / "fresh", *sets), quiet=True, resuming=True)
     assert len(reads) == 1

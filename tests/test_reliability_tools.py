@@ -60,8 +60,7 @@ def reprepared(tmp_path_factory) -> tuple[Path, Path, bytes]:
 def test_export_copies_the_tokenizer_the_run_trained_with(reprepared, tmp_path, capsys, where, hf):
     """Once the data's current tokenizer.json was copied, though final/ held the one the model trained with."""
     _, run, trained_with = reprepared
-    code, _, err = cli(export.main, [where.replace("RUN", str(run)), "--out", tmp_path / "x", *(["--hf"] * hf)],
-                       capsys)
+    code, _, err = cli(export.main, [where.replace("RUN", str(run)), "--out", tmp_path / "x", *(["--hf"] * hf)], capsys)
     assert code == 0, err
     assert (tmp_path / "x" / "tokenizer.json").read_bytes() == trained_with
 
@@ -136,8 +135,11 @@ def test_an_export_replaces_a_previous_export_of_its_layout(run, tmp_path, capsy
 def test_export_through_a_link_exports_into_the_run_directory(run, tmp_path, capsys, monkeypatch, link):
     """Through a link to a checkpoint the default --out was ./export in the working directory, through a link
     to final/ links/export, and a link to checkpoints/latest was refused (its pointer read beside the link)."""
-    target = {"checkpoint": run / "checkpoints" / "step_0000002.pt", "final": run / "final",
-              "latest": run / "checkpoints" / "latest"}[link]
+    target = {
+        "checkpoint": run / "checkpoints" / "step_0000002.pt",
+        "final": run / "final",
+        "latest": run / "checkpoints" / "latest",
+    }[link]
     (tmp_path / "links").mkdir()
     os.symlink(target, tmp_path / "links" / link)
     monkeypatch.chdir(tmp_path)
@@ -161,17 +163,33 @@ def test_hf_export_keeps_the_source_models_token_ids_and_generation_config(pydoc
     left out its generation_config.json."""
     transformers = pytest.importorskip("transformers")
     source = tmp_path / "hf"
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, max_position_embeddings=32, bos_token_id=3,
-                                      eos_token_id=[4, 5])
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=3,
+        eos_token_id=[4, 5],
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(source)
     shutil.copy(pydoc_data / "tokenizer.json", source / "tokenizer.json")
     assert (source / "generation_config.json").is_file()
     data = tmp_path / "data"
     prepare(["builtin:pydoc"], data, tokenizer_path=str(source / "tokenizer.json"), quiet=True)
-    Trainer(tiny_config(data, tmp_path / "run", f"model.init_from={json.dumps(str(source))}", "data.vocab_size=0",
-                        f"data.tokenizer={json.dumps(str(source / 'tokenizer.json'))}", "train.max_steps=1",
-                        "train.sample_tokens=0"), quiet=True).train()
+    Trainer(
+        tiny_config(
+            data,
+            tmp_path / "run",
+            f"model.init_from={json.dumps(str(source))}",
+            "data.vocab_size=0",
+            f"data.tokenizer={json.dumps(str(source / 'tokenizer.json'))}",
+            "train.max_steps=1",
+            "train.sample_tokens=0",
+        ),
+        quiet=True,
+    ).train()
     code, _, err = cli(export.main, [tmp_path / "run", "--hf", "--out", tmp_path / "back"], capsys)
     assert code == 0, err
     exported = json.loads((tmp_path / "back" / "config.json").read_text())

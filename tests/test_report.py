@@ -11,28 +11,63 @@ from fasttrain.system.errors import run_cli
 
 
 def case(name: str, params: dict, median: float, minimum: float, **extra) -> dict:
-    return {"name": name, "params": params, "stats": {"median": median, "min": minimum},
-            "extra_info": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", **extra}}
+    return {
+        "name": name,
+        "params": params,
+        "stats": {"median": median, "min": minimum},
+        "extra_info": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", **extra},
+    }
 
 
 @pytest.fixture
 def results(tmp_path):
     path = tmp_path / "results.json"
-    path.write_text(json.dumps({
-        "commit_info": {"id": "0123456789abcdef", "dirty": False}, "datetime": "2026-11-21T10:00:00",
-        "command": "pytest benchmarks/ --benchmark-only",
-        "benchmarks": [
-            case("test_rms_norm[H768-fasttrain]", {"hidden": 768, "impl": "fasttrain"}, 2.5e-5, 2.41e-5,
-                 gb_per_s=2900.5, fraction_of_floor=0.93, timing="cuda_events"),
-            case("test_rms_norm[H768-eager]", {"hidden": 768, "impl": "eager"}, 8e-5, 7.9e-5, gb_per_s=910.2,
-                 fraction_of_floor=0.29, timing="cuda_events"),
-            case("test_gpu_train_step[gpt2-fasttrain]", {"config": "gpt2", "impl": "fasttrain"}, 0.31, 0.305,
-                 tokens_per_s=1_057_000, mfu=0.512, timing="host"),
-            case("test_host_overhead[rms_norm-fwd-fasttrain]",
-                 {"op": "rms_norm", "passes": "fwd", "impl": "fasttrain"}, 1.834e-5, 1.8e-5, host_us_per_call=18.34,
-                 timing="host"),
-        ],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "commit_info": {"id": "0123456789abcdef", "dirty": False},
+                "datetime": "2026-11-21T10:00:00",
+                "command": "pytest benchmarks/ --benchmark-only",
+                "benchmarks": [
+                    case(
+                        "test_rms_norm[H768-fasttrain]",
+                        {"hidden": 768, "impl": "fasttrain"},
+                        2.5e-5,
+                        2.41e-5,
+                        gb_per_s=2900.5,
+                        fraction_of_floor=0.93,
+                        timing="cuda_events",
+                    ),
+                    case(
+                        "test_rms_norm[H768-eager]",
+                        {"hidden": 768, "impl": "eager"},
+                        8e-5,
+                        7.9e-5,
+                        gb_per_s=910.2,
+                        fraction_of_floor=0.29,
+                        timing="cuda_events",
+                    ),
+                    case(
+                        "test_gpu_train_step[gpt2-fasttrain]",
+                        {"config": "gpt2", "impl": "fasttrain"},
+                        0.31,
+                        0.305,
+                        tokens_per_s=1_057_000,
+                        mfu=0.512,
+                        timing="host",
+                    ),
+                    case(
+                        "test_host_overhead[rms_norm-fwd-fasttrain]",
+                        {"op": "rms_norm", "passes": "fwd", "impl": "fasttrain"},
+                        1.834e-5,
+                        1.8e-5,
+                        host_us_per_call=18.34,
+                        timing="host",
+                    ),
+                ],
+            }
+        )
+    )
     return path
 
 
@@ -40,12 +75,17 @@ def test_table_and_chart(results, tmp_path, capsys):
     assert main([str(results), "--markdown", str(tmp_path / "t.md"), "--chart", str(tmp_path / "c.png")]) == 0
     table = (tmp_path / "t.md").read_text().splitlines()
     assert table[0].startswith("NVIDIA H100 80GB HBM3, torch 2.11.0, triton 3.6.0, commit 0123456789ab, 2026-11-21")
-    assert table[2] == ("| case | implementation | median | min | GB/s | tokens/s | of floor | MFU | host us/call "
-                        "| timed by |")
+    assert table[2] == (
+        "| case | implementation | median | min | GB/s | tokens/s | of floor | MFU | host us/call | timed by |"
+    )
     assert table[4] == "| rms_norm hidden=768 | fasttrain | 25.0 us | 24.1 us | 2,900.5 |  | 0.93 |  |  | cuda_events |"
-    assert table[6] == "| gpu_train_step config=gpt2 | fasttrain | 310.00 ms | 305.00 ms |  | 1,057,000 |  | 0.512 |  | host |"
-    assert table[7] == ("| host_overhead op=rms_norm passes=fwd | fasttrain | 18.3 us | 18.0 us |  |  |  |  | 18.34 "
-                        "| host |")
+    assert (
+        table[6]
+        == "| gpu_train_step config=gpt2 | fasttrain | 310.00 ms | 305.00 ms |  | 1,057,000 |  | 0.512 |  | host |"
+    )
+    assert table[7] == (
+        "| host_overhead op=rms_norm passes=fwd | fasttrain | 18.3 us | 18.0 us |  |  |  |  | 18.34 | host |"
+    )
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert capsys.readouterr().out.strip() == str(tmp_path / "c.png")
 
@@ -55,9 +95,9 @@ def test_prints_the_table_without_a_file(results, capsys):
     assert "| rms_norm hidden=768 | eager | 80.0 us | 79.0 us | 910.2 |" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "cannot read"), ("{", "not JSON"), ('{"machine_info": {}}', "no 'benchmarks' list"),
-])
+@pytest.mark.parametrize(
+    "content, message", [(None, "cannot read"), ("{", "not JSON"), ('{"machine_info": {}}', "no 'benchmarks' list")]
+)
 def test_bad_results_file_is_one_line(tmp_path, capsys, content, message):
     path = tmp_path / "r.json"
     if content is not None:
@@ -72,8 +112,16 @@ def test_bad_results_file_is_one_line(tmp_path, capsys, content, message):
 def test_profile_step_writes_a_trace_and_a_table(tmp_path, capsys):
     from benchmarks.profile_step import main as profile_main
 
-    tiny = ["train.device=cpu", "train.compile=false", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
-            "model.max_seq_len=16", "train.batch_size=2", "train.seq_len=16"]
+    tiny = [
+        "train.device=cpu",
+        "train.compile=false",
+        "model.d_model=32",
+        "model.n_layers=1",
+        "model.n_heads=2",
+        "model.max_seq_len=16",
+        "train.batch_size=2",
+        "train.seq_len=16",
+    ]
     assert profile_main(["configs/base.toml", "--set", *tiny, "--steps", "1", "--out", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
     assert "aten::mm" in out and f"trace: {tmp_path / 'p' / 'trace.json'}" in out
@@ -88,16 +136,44 @@ def test_profile_categories_count_each_kernel_once_on_cuda():
 
     from benchmarks.profile_step import ms_by_category
 
-    op = FunctionEvent(id=1, name="aten::mm", thread=0, start_us=0, end_us=50, device_type=DeviceType.CPU,
-                       use_device="cuda", stack=[])
+    op = FunctionEvent(
+        id=1, name="aten::mm", thread=0, start_us=0, end_us=50, device_type=DeviceType.CPU, use_device="cuda", stack=[]
+    )
     op.append_kernel("sm90_xmma_gemm_bf16", 0, 2000)
-    kernel = FunctionEvent(id=2, name="sm90_xmma_gemm_bf16", thread=0, start_us=0, end_us=2000,
-                           device_type=DeviceType.CUDA, use_device="cuda", device_index=0, stack=[])
-    norm = FunctionEvent(id=3, name="_rms_norm_forward_kernel", thread=0, start_us=2000, end_us=2500,
-                         device_type=DeviceType.CUDA, use_device="cuda", device_index=0, stack=[])
-    annotation = FunctionEvent(id=4, name="## Call CompiledFxGraph ##", thread=0, start_us=0, end_us=2500,
-                               device_type=DeviceType.CUDA, use_device="cuda", device_index=0, stack=[],
-                               is_user_annotation=True)
+    kernel = FunctionEvent(
+        id=2,
+        name="sm90_xmma_gemm_bf16",
+        thread=0,
+        start_us=0,
+        end_us=2000,
+        device_type=DeviceType.CUDA,
+        use_device="cuda",
+        device_index=0,
+        stack=[],
+    )
+    norm = FunctionEvent(
+        id=3,
+        name="_rms_norm_forward_kernel",
+        thread=0,
+        start_us=2000,
+        end_us=2500,
+        device_type=DeviceType.CUDA,
+        use_device="cuda",
+        device_index=0,
+        stack=[],
+    )
+    annotation = FunctionEvent(
+        id=4,
+        name="## Call CompiledFxGraph ##",
+        thread=0,
+        start_us=0,
+        end_us=2500,
+        device_type=DeviceType.CUDA,
+        use_device="cuda",
+        device_index=0,
+        stack=[],
+        is_user_annotation=True,
+    )
     events = EventList([op, kernel, norm, annotation], use_device="cuda")
     events._build_tree()
     assert ms_by_category(events.key_averages(), cuda=True, steps=2) == {"matmul": 1.0, "norm": 0.25}

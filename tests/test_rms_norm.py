@@ -56,8 +56,7 @@ def run_both(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | Non
             dh = None if h is None else torch.randn_like(h)
         total = (y * cast(dy)).sum() + (0 if h is None else (h * cast(dh)).sum())
         grads = torch.autograd.grad(total, list(leaves.values()))
-        results.append({"y": y, **({"h": h} if h is not None else {}),
-                        **{f"d{k}": g for k, g in zip(leaves, grads)}})
+        results.append({"y": y, **({"h": h} if h is not None else {}), **{f"d{k}": g for k, g in zip(leaves, grads)}})
     h64 = leaves["x"] if residual is None else h
     rstd = torch.rsqrt(h64.detach().square().mean(-1, keepdim=True) + eps)
     dx_scale = (dy.double() * weight.double() * rstd).abs().max().item()
@@ -247,14 +246,17 @@ def test_compiles_without_graph_breaks(kernel_device, autocast):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("case, message", [
-    ({"weight": torch.ones(7)}, "weight must be"),
-    ({"x": torch.ones(4, 8, dtype=torch.int64)}, "x must be float32"),
-    ({"residual": torch.ones(4, 9)}, "residual must have"),
-    ({"x": torch.ones(1, 65537), "weight": torch.ones(65537)}, "over the kernel's limit"),
-    ({"eps": -1.0}, "eps must be"),
-    ({"out_dtype": torch.int8}, "out_dtype must be"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ({"weight": torch.ones(7)}, "weight must be"),
+        ({"x": torch.ones(4, 8, dtype=torch.int64)}, "x must be float32"),
+        ({"residual": torch.ones(4, 9)}, "residual must have"),
+        ({"x": torch.ones(1, 65537), "weight": torch.ones(65537)}, "over the kernel's limit"),
+        ({"eps": -1.0}, "eps must be"),
+        ({"out_dtype": torch.int8}, "out_dtype must be"),
+    ],
+)
 def test_bad_arguments(case, message):
     args = {"x": torch.ones(4, 8), "weight": torch.ones(8), "residual": None, "eps": 1e-6, "out_dtype": None, **case}
     with pytest.raises(ValueError, match=message):
@@ -276,8 +278,9 @@ def test_mixed_dtypes_with_a_frozen_input(kernel_device):
         y64, _ = reference_with_rounded_sum(x64, weight.double(), 1e-6, r64, torch.float32)
         (expected,) = torch.autograd.grad(y64, r64, dy.double())
         assert grad.dtype == leaves[trained].dtype
-        assert_matches(grad, expected, grad.dtype, f"d{trained}", min_rtol=1e-4,
-                       scale=(dy.abs() * weight.abs()).max().item())
+        assert_matches(
+            grad, expected, grad.dtype, f"d{trained}", min_rtol=1e-4, scale=(dy.abs() * weight.abs()).max().item()
+        )
 
 
 # Tilings unlike the defaults: one row a tile, several with no prefetch, deep prefetch over many programs.
@@ -314,8 +317,11 @@ def test_measured_tilings_are_read_per_gpu_and_compiled(tmp_path, monkeypatch):
     assert norm_module.tilings(768, "sm_90") == (1024, *ODD_TILINGS[0])
     assert norm_module.tilings(768, "sm_80") == (1024, *norm_module.default_tilings(1024))
     assert norm_module.tilings(2048, "sm_90") == (2048, *norm_module.default_tilings(2048))
-    compiled = {(s.name, dict(s.constexprs)["BLOCK_ROWS"], s.num_warps) for s in norm_module.specializations()
-                if dict(s.constexprs)["BLOCK"] == 1024}
+    compiled = {
+        (s.name, dict(s.constexprs)["BLOCK_ROWS"], s.num_warps)
+        for s in norm_module.specializations()
+        if dict(s.constexprs)["BLOCK"] == 1024
+    }
     assert {("_rms_norm_forward_kernel", 1, 4), ("_rms_norm_backward_kernel", 1, 4)} <= compiled
 
 

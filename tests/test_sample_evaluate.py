@@ -35,9 +35,18 @@ def trained_run(pydoc_data, tmp_path_factory) -> tuple[Path, dict]:
     tokenizer = str(pydoc_data / "tokenizer.json")
     prepare([str(src / "docs.jsonl")], src / "data", tokenizer_path=tokenizer, val_fraction=0.25, quiet=True)
     out = src / "run"
-    summary = Trainer(tiny_config(src / "data", out, f"data.tokenizer={tokenizer}", "data.val_fraction=0.25",
-                                  "train.max_steps=2", "train.eval_steps=100000", "train.sample_tokens=0"),
-                      quiet=True).train()
+    summary = Trainer(
+        tiny_config(
+            src / "data",
+            out,
+            f"data.tokenizer={tokenizer}",
+            "data.val_fraction=0.25",
+            "train.max_steps=2",
+            "train.eval_steps=100000",
+            "train.sample_tokens=0",
+        ),
+        quiet=True,
+    ).train()
     return out, summary
 
 
@@ -59,8 +68,9 @@ def test_final_weights_and_checkpoints_load_the_same_model(trained_run):
 
 def test_sample_streams_what_generate_text_returns(trained_run, capsys):
     run, _ = trained_run
-    out = cli(sample.main, str(run), "--prompt", "The module", "--max-new-tokens", "40", "--temperature", "0",
-              capsys=capsys)  # 40 tokens: past the model's context of 32, so the cache starts over on the way
+    out = cli(
+        sample.main, str(run), "--prompt", "The module", "--max-new-tokens", "40", "--temperature", "0", capsys=capsys
+    )  # 40 tokens: past the model's context of 32, so the cache starts over on the way
     trained = load_trained(run)
     assert out == generate_text(trained.model, trained.tokenizer, "The module", 40, temperature=0) + "\n"
 
@@ -68,8 +78,19 @@ def test_sample_streams_what_generate_text_returns(trained_run, capsys):
 def test_sample_seeded_samples_repeat(trained_run, tmp_path, capsys):
     run, _ = trained_run
     (tmp_path / "prompt.txt").write_text("Lists")
-    args = [str(run), "--prompt-file", str(tmp_path / "prompt.txt"), "--max-new-tokens", "6", "--num-samples", "2",
-            "--seed", "1", "--top-p", "0.9"]
+    args = [
+        str(run),
+        "--prompt-file",
+        str(tmp_path / "prompt.txt"),
+        "--max-new-tokens",
+        "6",
+        "--num-samples",
+        "2",
+        "--seed",
+        "1",
+        "--top-p",
+        "0.9",
+    ]
     first = cli(sample.main, *args, capsys=capsys)
     assert first == cli(sample.main, *args, capsys=capsys) and first.count("Lists") == 2 and "\n---\n" in first
 
@@ -104,13 +125,44 @@ def test_evaluate_text_never_prepared(trained_run, held_out):
 def test_both_command_lines(trained_run, held_out):
     run, summary = trained_run
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    sampled = subprocess.run([sys.executable, "-m", "fasttrain.sample", str(run), "--prompt", "-",
-                              "--max-new-tokens", "5", "--device", "cpu"],
-                             input="The", capture_output=True, text=True, env=env, timeout=300)
+    sampled = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fasttrain.sample",
+            str(run),
+            "--prompt",
+            "-",
+            "--max-new-tokens",
+            "5",
+            "--device",
+            "cpu",
+        ],
+        input="The",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert sampled.returncode == 0 and sampled.stdout.startswith("The"), sampled.stderr
-    scored = subprocess.run([sys.executable, "-m", "fasttrain.evaluate", str(run / "checkpoints"), "--input",
-                             str(held_out), "--batch-size", "4", "--device", "cpu"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    scored = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fasttrain.evaluate",
+            str(run / "checkpoints"),
+            "--input",
+            str(held_out),
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert scored.returncode == 0 and f"bpb {summary['val_bpb']:.4f}" in scored.stdout, scored.stderr
 
 
@@ -145,8 +197,9 @@ def test_streaming_decodes_each_token_a_bounded_number_of_times(trained_run):
     every token so far each time made a 32,000-token sample 8x slower than its generation."""
     trained = load_trained(trained_run[0])
     codec, pieces, n = CountingCodec(trained.tokenizer), [], 300
-    text = generate_text(trained.model, codec, "The module", n, temperature=1.0, top_k=None, seed=0,
-                         on_text=pieces.append)
+    text = generate_text(
+        trained.model, codec, "The module", n, temperature=1.0, top_k=None, seed=0, on_text=pieces.append
+    )
     assert "The module" + "".join(pieces) == text
     assert codec.decoded < 40 * n  # was about n * n / 2
 
@@ -161,8 +214,13 @@ def test_evaluate_caps_a_batch_larger_than_the_split(trained_run, capsys):
 
 @pytest.mark.subprocess
 def test_a_prompt_of_invalid_utf8_on_stdin_is_one_line(trained_run):
-    sampled = subprocess.run([sys.executable, "-m", "fasttrain.sample", str(trained_run[0]), "--prompt", "-",
-                              "--device", "cpu"], input=b"The \xff\xfe", capture_output=True, cwd=ROOT, timeout=300)
+    sampled = subprocess.run(
+        [sys.executable, "-m", "fasttrain.sample", str(trained_run[0]), "--prompt", "-", "--device", "cpu"],
+        input=b"The \xff\xfe",
+        capture_output=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert sampled.returncode == 2
     assert sampled.stderr.decode() == "error: --prompt -: stdin: not UTF-8 text\n"
 

@@ -55,20 +55,39 @@ def test_hsdp_trains_like_fsdp_and_ddp_and_resumes(pydoc_data, tmp_path):
     run stops at step 2 and resumes from its (sharded) checkpoint, then continues on one process."""
     runs = {}
     for parallel in ("ddp", "fsdp"):
-        proc = torchrun(tiny_args(pydoc_data, tmp_path / parallel, *RUN, *FOUR, f'train.parallel="{parallel}"'), nproc=4)
+        proc = torchrun(
+            tiny_args(pydoc_data, tmp_path / parallel, *RUN, *FOUR, f'train.parallel="{parallel}"'), nproc=4
+        )
         assert proc.returncode == 0, proc.stderr
         runs[parallel] = tmp_path / parallel
     hsdp = [*RUN, *FOUR, 'train.parallel="hsdp"', "train.shard_group_size=2"]
     script = tmp_path / "mesh.py"
     script.write_text(MESH_SCRIPT)
-    first = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-                            str(script), *tiny_args(pydoc_data, tmp_path / "hsdp", *hsdp, "train.max_steps=2")],
-                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=300)
+    first = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=4",
+            str(script),
+            *tiny_args(pydoc_data, tmp_path / "hsdp", *hsdp, "train.max_steps=2"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV},
+        timeout=300,
+    )
     assert first.returncode == 0, first.stderr
     for rank in range(4):  # a 2 x 2 mesh: rank r holds shard r % 2 in replica r // 2
         mesh = json.loads((tmp_path / "hsdp" / f"mesh_{rank}.json").read_text())
-        assert mesh == {"mesh": [[0, 1], [2, 3]], "names": ["replicate", "shard"], "coordinate": [rank // 2, rank % 2],
-                        "placements": ["R", "S(0)"]}  # Replicate(), Shard(0)
+        assert mesh == {
+            "mesh": [[0, 1], [2, 3]],
+            "names": ["replicate", "shard"],
+            "coordinate": [rank // 2, rank % 2],
+            "placements": ["R", "S(0)"],
+        }  # Replicate(), Shard(0)
     resumed = torchrun(tiny_args(pydoc_data, tmp_path / "hsdp", *hsdp, flags=["--resume", "auto"]), nproc=4)
     assert resumed.returncode == 0, resumed.stderr
     runs["hsdp"] = tmp_path / "hsdp"
@@ -83,8 +102,16 @@ def test_hsdp_trains_like_fsdp_and_ddp_and_resumes(pydoc_data, tmp_path):
         for name in ours:
             torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5)
     # One process continues what 4 saved under HSDP (test_sharded_checkpoint.py compares such losses).
-    alone = single(tiny_args(pydoc_data, tmp_path / "hsdp", *hsdp, "train.max_steps=6", "train.shard_group_size=1",
-                             flags=["--resume", "auto"]))  # a group of 1 divides a world of 1
+    alone = single(
+        tiny_args(
+            pydoc_data,
+            tmp_path / "hsdp",
+            *hsdp,
+            "train.max_steps=6",
+            "train.shard_group_size=1",
+            flags=["--resume", "auto"],
+        )
+    )  # a group of 1 divides a world of 1
     assert alone.returncode == 0, alone.stderr
     assert "saved by 4 process(es) (hsdp), continued by 1 (none)" in alone.stdout
 
@@ -116,10 +143,26 @@ def agent(node: int, nodes: int, port: int, args: list[str], logs: Path, conf: s
     out, err = (open(logs / f"node{node}.{kind}", "w") for kind in ("out", "err"))
     with out, err:
         return subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc-per-node=1",
-             "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=test-{port}",
-             f"--rdzv-conf=is_host={int(node == 0)}{conf}", "-m", "fasttrain.train", *args],
-            cwd=ROOT, stdout=out, stderr=err, env={**os.environ, **ENV}, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nnodes={nodes}",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                f"--rdzv-id=test-{port}",
+                f"--rdzv-conf=is_host={int(node == 0)}{conf}",
+                "-m",
+                "fasttrain.train",
+                *args,
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=err,
+            env={**os.environ, **ENV},
+            start_new_session=True,
+        )
 
 
 @contextlib.contextmanager

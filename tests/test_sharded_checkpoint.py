@@ -18,13 +18,15 @@ from tests.conftest import tiny_args, tiny_config, write_shard
 from tests.test_distributed import RUN, single, torchrun, values
 
 
-def stream(data, world: int, batches: int, start: list[dict] | None = None, rounds: int | None = None,
-           mix=None) -> tuple[list[torch.Tensor], list[dict]]:
+def stream(
+    data, world: int, batches: int, start: list[dict] | None = None, rounds: int | None = None, mix=None
+) -> tuple[list[torch.Tensor], list[dict]]:
     """The global stream of `world` ranks taking `batches` each, in rank order per round (the rows a step of
     that world trains on together), and every rank's state at the end; from `start` (another world's states,
     going on at batch `rounds`). `data`: a folder, or the sources of a mixture by `mix`."""
-    loaders = [TokenLoader(data, "train", 2, 8, seed=3, rank=r, world_size=world, prefetch=0, mix=mix)
-               for r in range(world)]
+    loaders = [
+        TokenLoader(data, "train", 2, 8, seed=3, rank=r, world_size=world, prefetch=0, mix=mix) for r in range(world)
+    ]
     if start is not None:
         for r, loader in enumerate(loaders):
             loader.load_state_dict(reshard(start, r, world, rounds))
@@ -74,8 +76,7 @@ def test_a_mixture_goes_on_from_the_same_global_row_on_any_world(two_sources, sa
     sequence (the same rows, sources and shares as one process reading all 36; no source ends an epoch here)."""
     whole, _ = stream(two_sources, 1, 18, mix=MIX)
     before, states = stream(two_sources, saved, 6 // saved, mix=MIX)
-    after, after_states = stream(two_sources, resumed, 12 // resumed, start=states, rounds=6 // resumed,
-                                     mix=MIX)
+    after, after_states = stream(two_sources, resumed, 12 // resumed, start=states, rounds=6 // resumed, mix=MIX)
     assert all(torch.equal(a, b) for a, b in zip(before + after, whole, strict=True))
     assert after_states[0]["batches"] == 18 // resumed and after_states[0]["positions"] == [24, 12]
 
@@ -102,27 +103,40 @@ def test_tokens_per_source_carry_over_exactly_to_another_world(two_sources):
 
 # 6 micro-batches of 2 rows per update: 1 process accumulates 6, 2 accumulate 3, 3 accumulate 2; 4 (hsdp) need 12.
 @pytest.mark.second_tier  # about 60 s of torchrun per case on 2 cores
-@pytest.mark.parametrize("saved, nproc, parallel, update", [
-    ("fsdp", 1, "ddp", 384), ("ddp", 3, "fsdp", 384), ("fsdp", 4, "hsdp", 768),
-], ids=["fsdp2-to-1", "ddp2-to-fsdp3", "fsdp2-to-hsdp4"])
-def test_a_run_saved_by_two_processes_resumes_on_another_world_with_the_same_losses(pydoc_data, tmp_path, saved, nproc,
-                                                                                    parallel, update):
+@pytest.mark.parametrize(
+    "saved, nproc, parallel, update",
+    [("fsdp", 1, "ddp", 384), ("ddp", 3, "fsdp", 384), ("fsdp", 4, "hsdp", 768)],
+    ids=["fsdp2-to-1", "ddp2-to-fsdp3", "fsdp2-to-hsdp4"],
+)
+def test_a_run_saved_by_two_processes_resumes_on_another_world_with_the_same_losses(
+    pydoc_data, tmp_path, saved, nproc, parallel, update
+):
     common = [*RUN, "train.batch_size=2", f"train.tokens_per_update={update}"]
     straight = torchrun(tiny_args(pydoc_data, tmp_path / "straight", *common, f'train.parallel="{saved}"'))
     assert straight.returncode == 0, straight.stderr
-    first = torchrun(tiny_args(pydoc_data, tmp_path / "resumed", *common, f'train.parallel="{saved}"',
-                               "train.max_steps=2"))
+    first = torchrun(
+        tiny_args(pydoc_data, tmp_path / "resumed", *common, f'train.parallel="{saved}"', "train.max_steps=2")
+    )
     assert first.returncode == 0, first.stderr
-    args = tiny_args(pydoc_data, tmp_path / "resumed", *common, f'train.parallel="{parallel}"',
-                     *(["train.shard_group_size=2"] if parallel == "hsdp" else []), flags=["--resume", "auto"])
+    args = tiny_args(
+        pydoc_data,
+        tmp_path / "resumed",
+        *common,
+        f'train.parallel="{parallel}"',
+        *(["train.shard_group_size=2"] if parallel == "hsdp" else []),
+        flags=["--resume", "auto"],
+    )
     resumed = single(args) if nproc == 1 else torchrun(args, nproc=nproc)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"saved by 2 process(es) ({saved}), continued by {nproc} ({'none' if nproc == 1 else parallel})" \
+    assert (
+        f"saved by 2 process(es) ({saved}), continued by {nproc} ({'none' if nproc == 1 else parallel})"
         in resumed.stdout
+    )
     assert ("ranks 2-" in resumed.stdout) == (nproc > 2)  # the ranks with no saved random state are named
     assert values(tmp_path / "resumed", "train", "tokens") == values(tmp_path / "straight", "train", "tokens")
-    assert values(tmp_path / "resumed", "train", "loss") == pytest.approx(values(tmp_path / "straight", "train", "loss"),
-                                                                        rel=1e-5)
+    assert values(tmp_path / "resumed", "train", "loss") == pytest.approx(
+        values(tmp_path / "straight", "train", "loss"), rel=1e-5
+    )
 
 
 def cli(program, args: list[str]) -> None:
@@ -161,8 +175,7 @@ def test_an_old_checkpoint_file_resumes_into_sharded_saves(pydoc_data, tmp_path)
     assert (tmp_path / "run" / "checkpoints" / "step_0000002.pt").is_file()
     cli(train, tiny_args(pydoc_data, tmp_path / "run", *SHARDED, flags=["--resume", "auto"]))
     assert values(tmp_path / "run", "train", "loss") == values(tmp_path / "straight", "train", "loss")
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["best", "latest", "step_0000002.pt",
-                                                                    "step_0000004"]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["best", "latest", "step_0000002.pt", "step_0000004"]
 
 
 def test_pruning_removes_old_folders_and_a_killed_save_stays_invisible(pydoc_data, tmp_path):
@@ -175,8 +188,10 @@ def test_pruning_removes_old_folders_and_a_killed_save_stays_invisible(pydoc_dat
     # save clears it away.
     shutil.copytree(checkpoints / "step_0000006", checkpoints / ".step_0000008.tmp")
     (checkpoints / ".step_0000008.tmp" / ".metadata").unlink()
-    cli(train, tiny_args(pydoc_data, run, *SHARDED, "train.max_steps=8", "checkpoint.keep_last=1",
-                         flags=["--resume", "auto"]))
+    cli(
+        train,
+        tiny_args(pydoc_data, run, *SHARDED, "train.max_steps=8", "checkpoint.keep_last=1", flags=["--resume", "auto"]),
+    )
     assert (checkpoints / "latest").read_text() == "step_0000008"
     assert not [name for name in os.listdir(checkpoints) if name.endswith(".tmp")]
 
@@ -192,8 +207,9 @@ def test_async_saves_resume_exactly_and_the_end_waits_for_the_last(pydoc_data, t
     assert values(tmp_path / "run", "train", "loss") == values(tmp_path / "straight", "train", "loss")
 
 
-def test_a_failed_background_write_is_one_line_and_latest_keeps_the_last_complete_save(pydoc_data, tmp_path,
-                                                                                        monkeypatch, capsys):
+def test_a_failed_background_write_is_one_line_and_latest_keeps_the_last_complete_save(
+    pydoc_data, tmp_path, monkeypatch, capsys
+):
     from concurrent.futures import Future
 
     from fasttrain.training import sharded_files
@@ -216,8 +232,9 @@ def test_a_failed_background_write_is_one_line_and_latest_keeps_the_last_complet
 
 
 @pytest.mark.parametrize("fails", ["at once", "after step 5"])
-def test_a_rollback_never_goes_to_a_save_whose_background_write_failed(pydoc_data, tmp_path, monkeypatch, capsys,
-                                                                        fails):
+def test_a_rollback_never_goes_to_a_save_whose_background_write_failed(
+    pydoc_data, tmp_path, monkeypatch, capsys, fails
+):
     """Saves at steps 2 and 6 written, step 4's background write fails (at once, or only after step 5, whose
     finite loss proved step 4's save), steps 7 and 8 diverge, keep_last=1. The rollback went to step 4's save
     and died ("missing"), and step 2's, the way back, was pruned by step 6's save: it goes back to step 2."""
@@ -227,9 +244,21 @@ def test_a_rollback_never_goes_to_a_save_whose_background_write_failed(pydoc_dat
     from fasttrain.training.trainer import Trainer
     from tests.test_checkpoint import events, nan_losses, plant
 
-    trainer = Trainer(tiny_config(pydoc_data, tmp_path, *SHARDED, "checkpoint.async_save=true", "train.max_steps=10",
-                                  "checkpoint.interval=2", "checkpoint.keep_last=1", "recovery.max_skips=2",
-                                  "train.log_interval=1", "train.eval_interval=10"), quiet=True)
+    trainer = Trainer(
+        tiny_config(
+            pydoc_data,
+            tmp_path,
+            *SHARDED,
+            "checkpoint.async_save=true",
+            "train.max_steps=10",
+            "checkpoint.interval=2",
+            "checkpoint.keep_last=1",
+            "recovery.max_skips=2",
+            "train.log_interval=1",
+            "train.eval_interval=10",
+        ),
+        quiet=True,
+    )
     real, calls, failing = sharded_files.write_async, [], Future()
 
     def second_fails(*args):
@@ -253,8 +282,13 @@ def test_a_rollback_never_goes_to_a_save_whose_background_write_failed(pydoc_dat
 
 @pytest.mark.second_tier  # about 60 s of torchrun on 2 cores
 def test_async_saves_under_torchrun_resume_exactly(pydoc_data, tmp_path):
-    background = [*RUN, "train.batch_size=2", 'train.parallel="fsdp"', "checkpoint.async_save=true",
-                  "checkpoint.interval=1"]
+    background = [
+        *RUN,
+        "train.batch_size=2",
+        'train.parallel="fsdp"',
+        "checkpoint.async_save=true",
+        "checkpoint.interval=1",
+    ]
     straight = torchrun(tiny_args(pydoc_data, tmp_path / "straight", *background))
     assert straight.returncode == 0, straight.stderr
     first = torchrun(tiny_args(pydoc_data, tmp_path / "run", *background, "train.max_steps=2"))
@@ -263,8 +297,13 @@ def test_async_saves_under_torchrun_resume_exactly(pydoc_data, tmp_path):
     resumed = torchrun(tiny_args(pydoc_data, tmp_path / "run", *background, flags=["--resume", "auto"]))
     assert resumed.returncode == 0, resumed.stderr
     assert values(tmp_path / "run", "train", "loss") == values(tmp_path / "straight", "train", "loss")
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step_"))[-1] \
+    assert (
+        sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.startswith("step_"))[-1]
         == "step_0000004"
+    )
     last = tmp_path / "run" / "checkpoints" / "step_0000004"  # rank 0 read back both ranks' files in the background
-    assert set(torch.load(last / "state.pt", weights_only=True)["checksums"]) == {".metadata", "__0_0.distcp",
-                                                                                 "__1_0.distcp"}
+    assert set(torch.load(last / "state.pt", weights_only=True)["checksums"]) == {
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    }

@@ -50,8 +50,9 @@ def timed(trainer: Trainer, durations: Iterable[float]) -> Trainer:
 
 
 def budgeted(pydoc_data, out: Path, durations: Iterable[float], *overrides: str, quiet: bool = True) -> Trainer:
-    return timed(Trainer(tiny_config(pydoc_data, out, *QUIET_RUN, *overrides), quiet=quiet, clock=FakeClock()),
-                 durations)
+    return timed(
+        Trainer(tiny_config(pydoc_data, out, *QUIET_RUN, *overrides), quiet=quiet, clock=FakeClock()), durations
+    )
 
 
 def events(run: Path, kind: str) -> list[dict]:
@@ -67,7 +68,11 @@ def test_durations_parse_and_print_as_written():
     cfg = load_config(None, ["train.max_time=1h30m", "train.max_steps=0"])
     assert (cfg.train.max_time, cfg.train.max_steps) == (5400.0, 0)
     assert [load_config(None, [f"train.max_time={v}"]).train.max_time for v in ("90", '"3m"', "2.5", "1m30s")] == [
-        90.0, 180.0, 2.5, 90.0]
+        90.0,
+        180.0,
+        2.5,
+        90.0,
+    ]
     assert [format_duration(s) for s in (2.5, 45, 180, 5400, 125)] == ["2.5s", "45s", "3m", "1h30m", "2m5s"]
 
 
@@ -83,8 +88,15 @@ def test_a_budgeted_run_ends_on_time_with_its_schedule_finished(pydoc_data, tmp_
     """Steps of 1 s against a 12 s budget, no step limit: 12 updates, each at the progress projected for its
     end (the first, with no step timed yet, at 0), the last at min_lr exactly; the warmup of 100 steps ended by
     a tenth of the budget."""
-    trainer = budgeted(pydoc_data, tmp_path, [1.0], "train.max_steps=0", "train.max_time=12",
-                       "schedule.warmup_steps=100", "schedule.min_lr=1e-4")
+    trainer = budgeted(
+        pydoc_data,
+        tmp_path,
+        [1.0],
+        "train.max_steps=0",
+        "train.max_time=12",
+        "schedule.warmup_steps=100",
+        "schedule.min_lr=1e-4",
+    )
     summary = trainer.train()
     assert (summary["step"], summary["train_seconds"]) == (12, 12.0)
     progress = events(tmp_path, "progress")
@@ -101,8 +113,15 @@ def test_a_budgeted_run_ends_on_time_with_its_schedule_finished(pydoc_data, tmp_
 def test_the_step_limit_ends_a_budgeted_run_on_a_fast_machine(pydoc_data, tmp_path):
     """Whichever comes first: 20 steps well within an hour's budget. The schedule then runs on the steps'
     progress, at a step run's rates (lr_at: its warmup is no more than a tenth), and ends at min_lr exactly."""
-    trainer = budgeted(pydoc_data, tmp_path, [0.5], "train.max_steps=20", "train.max_time=1h",
-                       "schedule.warmup_steps=2", "schedule.decay=linear")
+    trainer = budgeted(
+        pydoc_data,
+        tmp_path,
+        [0.5],
+        "train.max_steps=20",
+        "train.max_time=1h",
+        "schedule.warmup_steps=2",
+        "schedule.decay=linear",
+    )
     assert trainer.train()["step"] == 20
     lrs = [e["lr"] for e in events(tmp_path, "train")]
     assert lrs == pytest.approx([lr_at(s, 20, 1e-3, trainer.cfg.schedule) for s in range(20)], rel=1e-12)
@@ -112,8 +131,14 @@ def test_the_step_limit_ends_a_budgeted_run_on_a_fast_machine(pydoc_data, tmp_pa
 def test_a_slow_step_moves_the_schedule_on(pydoc_data, tmp_path):
     """Progress is by time, not steps: a step that takes 3 s of a 10 s budget moves the schedule three
     times as far as one of 1 s, and the run stops when the 10 s are spent."""
-    trainer = budgeted(pydoc_data, tmp_path, [1.0, 1.0, 3.0, 1.0, 1.0, 1.0, 1.0, 1.0], "train.max_steps=100",
-                       "train.max_time=10", "schedule.warmup_steps=0")
+    trainer = budgeted(
+        pydoc_data,
+        tmp_path,
+        [1.0, 1.0, 3.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        "train.max_steps=100",
+        "train.max_time=10",
+        "schedule.warmup_steps=0",
+    )
     assert trainer.train()["step"] == 8
     assert [e["seconds"] for e in events(tmp_path, "progress")] == [1, 2, 5, 6, 7, 8, 9, 10]
     progress = [e["progress"] for e in events(tmp_path, "progress")]
@@ -166,8 +191,9 @@ def test_the_recorded_progress_replays_the_run_bit_for_bit(pydoc_data, tmp_path,
     schedule.progress_from=...` from the command line: the same weights, bit for bit, on CPU in fp32. The
     step run of N steps without the record is not the same run (its rate differs at every step)."""
     run = tmp_path / "budgeted"
-    budgeted(pydoc_data, run, [0.7, 1.3, 0.9, 2.1, 1.0, 0.8, 1.6], "train.max_steps=0", "train.max_time=9",
-             quiet=False).train()
+    budgeted(
+        pydoc_data, run, [0.7, 1.3, 0.9, 2.1, 1.0, 0.8, 1.6], "train.max_steps=0", "train.max_time=9", quiet=False
+    ).train()
     steps = events(run, "end")[-1]["step"]
     assert steps == 8
     said = capsys.readouterr().out
@@ -178,8 +204,18 @@ def test_the_recorded_progress_replays_the_run_bit_for_bit(pydoc_data, tmp_path,
 
     def replay(out: Path, *sets: str) -> dict[str, torch.Tensor]:
         with pytest.raises(SystemExit) as done:
-            run_cli(train_main, tiny_args(pydoc_data, out, *QUIET_RUN, f"train.max_steps={steps}",
-                                          "train.max_time=0", *sets, config=str(defaults)))
+            run_cli(
+                train_main,
+                tiny_args(
+                    pydoc_data,
+                    out,
+                    *QUIET_RUN,
+                    f"train.max_steps={steps}",
+                    "train.max_time=0",
+                    *sets,
+                    config=str(defaults),
+                ),
+            )
         assert done.value.code == 0
         return weights(out)
 
@@ -199,8 +235,16 @@ def test_a_budget_shorter_than_one_step_makes_one_step_and_says_so(pydoc_data, t
 
 
 def test_a_constant_rate_under_a_budget_is_said_once(pydoc_data, tmp_path, capsys):
-    trainer = budgeted(pydoc_data, tmp_path, [1.0], "train.max_steps=0", "train.max_time=3", "schedule.decay=constant",
-                       "schedule.warmup_steps=0", quiet=False)
+    trainer = budgeted(
+        pydoc_data,
+        tmp_path,
+        [1.0],
+        "train.max_steps=0",
+        "train.max_time=3",
+        "schedule.decay=constant",
+        "schedule.warmup_steps=0",
+        quiet=False,
+    )
     assert trainer.train()["step"] == 3
     said = capsys.readouterr().out
     assert said.count('note: schedule.decay = "constant" has no decay to finish') == 1
@@ -209,8 +253,15 @@ def test_a_constant_rate_under_a_budget_is_said_once(pydoc_data, tmp_path, capsy
 
 def test_the_summary_gives_training_and_wall_time(pydoc_data, tmp_path):
     """What counts: the steps only, not the evaluations, the sampling or the checkpoints between them."""
-    trainer = budgeted(pydoc_data, tmp_path, [1.0], "train.max_steps=0", "train.max_time=3", "train.eval_interval=1",
-                       "checkpoint.interval=1")
+    trainer = budgeted(
+        pydoc_data,
+        tmp_path,
+        [1.0],
+        "train.max_steps=0",
+        "train.max_time=3",
+        "train.eval_interval=1",
+        "checkpoint.interval=1",
+    )
     real_evaluate = trainer.evaluate
 
     def slow_evaluate(stop=lambda: False):

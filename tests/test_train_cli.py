@@ -21,22 +21,48 @@ from tests.conftest import tiny_args
 
 pytestmark = pytest.mark.subprocess  # every test here starts the command-line tools in new processes
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "train.batch_size=4", "train.seq_len=64",
-         "train.max_steps=6", "train.log_interval=2", "train.eval_interval=4", "train.eval_steps=2",
-         "schedule.warmup_steps=2", "train.sample_tokens=8", "checkpoint.interval=4", "train.tensorboard=false"]
+SMALL = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "train.batch_size=4",
+    "train.seq_len=64",
+    "train.max_steps=6",
+    "train.log_interval=2",
+    "train.eval_interval=4",
+    "train.eval_steps=2",
+    "schedule.warmup_steps=2",
+    "train.sample_tokens=8",
+    "checkpoint.interval=4",
+    "train.tensorboard=false",
+]
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **(env or {})}, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
 def main_job(pydoc_data, tmp_path_factory):
     """The main job on the base config, shrunk by --set, on the already prepared embedded corpus."""
     out = tmp_path_factory.mktemp("run")
-    result = run("fasttrain.train", "configs/base.toml", "--set", f"data.dir={pydoc_data}", "data.vocab_size=512",
-                 f"train.out_dir={out}", "train.device=cpu", *SMALL)
+    result = run(
+        "fasttrain.train",
+        "configs/base.toml",
+        "--set",
+        f"data.dir={pydoc_data}",
+        "data.vocab_size=512",
+        f"train.out_dir={out}",
+        "train.device=cpu",
+        *SMALL,
+    )
     return result, out
 
 
@@ -44,9 +70,18 @@ def test_main_job_trains_evaluates_samples_and_saves(main_job):
     result, out = main_job
     assert result.returncode == 0, result.stderr
     text = result.stdout
-    for expected in ("model: ", "step      2/6", "eval step 4: val loss", "sample: 'The", "done: 6 steps",
-                     str(out / "config.toml"), str(out / "metrics.jsonl"), "step_0000006.pt",
-                     str(out / "final" / "model.safetensors"), "python -m fasttrain.plot"):
+    for expected in (
+        "model: ",
+        "step      2/6",
+        "eval step 4: val loss",
+        "sample: 'The",
+        "done: 6 steps",
+        str(out / "config.toml"),
+        str(out / "metrics.jsonl"),
+        "step_0000006.pt",
+        str(out / "final" / "model.safetensors"),
+        "python -m fasttrain.plot",
+    ):
         assert expected in text
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert checkpoints == ["best", "latest", "step_0000004.pt", "step_0000006.pt"]
@@ -68,8 +103,18 @@ def test_metrics_jsonl_fields(main_job):
     train = [e for e in events if e["event"] == "train"]
     assert [e["step"] for e in train] == [2, 4, 6]
     for e in train:
-        for key in ("loss", "ppl", "lr", "grad_norm", "tokens", "tokens_per_s", "step_ms", "data_wait_pct",
-                    "peak_mem_gb", "progress"):
+        for key in (
+            "loss",
+            "ppl",
+            "lr",
+            "grad_norm",
+            "tokens",
+            "tokens_per_s",
+            "step_ms",
+            "data_wait_pct",
+            "peak_mem_gb",
+            "progress",
+        ):
             assert isinstance(e[key], (int, float)), key
         assert "mfu" not in e  # no peak to compare against on a CPU
     assert train[0]["loss"] > train[-1]["loss"]
@@ -86,7 +131,11 @@ def test_plot_writes_a_png(main_job, tmp_path):
     png = plot_run(out, tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = run("fasttrain.plot", str(tmp_path / "not-a-run"))
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and "metrics.jsonl: no such file" in result.stderr
+    assert (
+        result.returncode == 2
+        and result.stderr.startswith("error: ")
+        and "metrics.jsonl: no such file" in result.stderr
+    )
 
 
 def test_metrics_follow_a_run_across_a_kill_and_a_resume(tmp_path):
@@ -99,7 +148,12 @@ def test_metrics_follow_a_run_across_a_kill_and_a_resume(tmp_path):
     log.event("train", step=4, loss=0.25)
     log.close()
     run = latest_run(read_metrics(tmp_path))
-    assert [(e.get("step"), e.get("loss")) for e in run if e["event"] == "train"] == [(1, 8), (2, 7), (3, 0.5), (4, 0.25)]
+    assert [(e.get("step"), e.get("loss")) for e in run if e["event"] == "train"] == [
+        (1, 8),
+        (2, 7),
+        (3, 0.5),
+        (4, 0.25),
+    ]
     log = MetricsLog(tmp_path, 4, tensorboard=False, quiet=True)
     log.event("start")  # a new run in the same directory starts the plot afresh
     log.close()
@@ -107,9 +161,11 @@ def test_metrics_follow_a_run_across_a_kill_and_a_resume(tmp_path):
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path):
-    for args in (["configs/base.toml", "--set", "train.max_steps=0"],
-                 ["configs/base.toml", "--set", "train.device=cuda:7"] if not torch.cuda.is_available() else ["nope.toml"],
-                 ["configs/base.toml", "--set", "train.precision=fp16", "train.device=cpu", f"data.dir={tmp_path}"]):
+    for args in (
+        ["configs/base.toml", "--set", "train.max_steps=0"],
+        ["configs/base.toml", "--set", "train.device=cuda:7"] if not torch.cuda.is_available() else ["nope.toml"],
+        ["configs/base.toml", "--set", "train.precision=fp16", "train.device=cpu", f"data.dir={tmp_path}"],
+    ):
         result = run("fasttrain.train", *args, "--set", f"train.out_dir={tmp_path / 'out'}")
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
@@ -122,16 +178,20 @@ def limit_address_space(megabytes: int):
     That size is measured in a fresh interpreter, as the child will be: the forked test process's own size
     (a pytest worker that may have run many tests before) would give the child a room that varies with it,
     enough at times for pre-flight to pass a run that then cannot allocate."""
-    script = ("import fasttrain.train\n"
-              "print(next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmSize:')))")
-    size = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                              check=True).stdout)
+    script = (
+        "import fasttrain.train\n"
+        "print(next(int(line.split()[1]) * 1024 for line in open('/proc/self/status') if line.startswith('VmSize:')))"
+    )
+    size = int(
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    )
     room = size + megabytes * (1 << 20)
 
     def limit() -> None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (room, room))
+
     return limit
 
 
@@ -139,16 +199,32 @@ def limit_address_space(megabytes: int):
 def test_preflight_counts_the_address_space_limit(pydoc_data, tmp_path):
     """Under `ulimit -v` below the run's need, pre-flight refuses in one line; it once read only the
     machine's free memory and the run died in the allocator."""
-    args = ["fasttrain.train", "configs/base.toml", "--set", f"data.dir={pydoc_data}", "data.vocab_size=512",
-            f"train.out_dir={tmp_path}", "train.device=cpu", "model.d_model=1024", "model.n_layers=8"]
-    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            preexec_fn=limit_address_space(512))
+    args = [
+        "fasttrain.train",
+        "configs/base.toml",
+        "--set",
+        f"data.dir={pydoc_data}",
+        "data.vocab_size=512",
+        f"train.out_dir={tmp_path}",
+        "train.device=cpu",
+        "model.d_model=1024",
+        "model.n_layers=8",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        preexec_fn=limit_address_space(512),
+    )
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: the run needs about") and result.stderr.count("\n") == 1, result.stderr
 
 
 def test_running_out_of_memory_is_one_line(capsys):
     """An allocation the machine cannot give (past pre-flight's estimate) ends in one line, exit 2."""
+
     def allocate(argv):
         torch.empty(1 << 50, dtype=torch.uint8)  # a petabyte: the CPU allocator refuses it
 
@@ -170,12 +246,25 @@ def test_the_fasttrain_command_runs_each_tool_with_its_own_parser(pydoc_data, tm
     with pytest.raises(SystemExit) as done:
         run_cli(cli.main, ["trian", "configs/base.toml"])
     err = capsys.readouterr().err
-    assert done.value.code == 2 and err == ("error: fasttrain: unknown tool 'trian'; did you mean train? one of "
-                                            "prepare, configs, init, train, sample, evaluate, export, doctor, plot (see "
-                                            "fasttrain --help)\n")
+    assert done.value.code == 2 and err == (
+        "error: fasttrain: unknown tool 'trian'; did you mean train? one of "
+        "prepare, configs, init, train, sample, evaluate, export, doctor, plot (see "
+        "fasttrain --help)\n"
+    )
     with pytest.raises(SystemExit) as done:  # the train tool's own flags: --device and --seed as sample has them
-        run_cli(cli.main, ["train", *tiny_args(pydoc_data, tmp_path, "train.max_steps=2", "train.sample_tokens=0",
-                                               flags=["--device", "cpu", "--seed", "7"])])
+        run_cli(
+            cli.main,
+            [
+                "train",
+                *tiny_args(
+                    pydoc_data,
+                    tmp_path,
+                    "train.max_steps=2",
+                    "train.sample_tokens=0",
+                    flags=["--device", "cpu", "--seed", "7"],
+                ),
+            ],
+        )
     assert done.value.code == 0, capsys.readouterr().err
     recorded = load_config(tmp_path / "config.toml")
     assert recorded.train.seed == 7 and recorded.train.device == "cpu"
@@ -197,8 +286,17 @@ def test_a_smoke_run_shorter_than_its_warmup_runs_and_says_so(pydoc_data, tmp_pa
     """A 5-step run of a config with 20 warmup steps was refused; it warms up over its first tenth, but at least
     over 2 steps, the least warmup there is (a 1-step warmup starts at the peak): 5 steps got none ("over 0")."""
     with pytest.raises(SystemExit) as done:
-        run_cli(train_main, tiny_args(pydoc_data, tmp_path, "train.max_steps=5", "schedule.warmup_steps=20",
-                                      "train.sample_tokens=0", "train.log_interval=1"))
+        run_cli(
+            train_main,
+            tiny_args(
+                pydoc_data,
+                tmp_path,
+                "train.max_steps=5",
+                "schedule.warmup_steps=20",
+                "train.sample_tokens=0",
+                "train.log_interval=1",
+            ),
+        )
     out = capsys.readouterr().out
     assert done.value.code == 0
     assert "note: schedule.warmup_steps = 20 is longer than train.max_steps = 5: warming up over 2 steps instead" in out

@@ -23,23 +23,26 @@ from fasttrain.training.trainer import accumulation_steps
 from tests.conftest import tiny_config
 
 
-@pytest.mark.parametrize("decay, step, expected", [
-    ("cosine", 0, 1e-3 * 1 / 10),  # warmup: (s + 1) / warmup_steps of the peak
-    ("cosine", 9, 1e-3),  # the end of warmup reaches the peak
-    ("cosine", 10, 1e-3),  # t = 0 of the decay, which runs over steps 10 to 99: T = 89
-    ("cosine", 54, 1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 44 / 89))),  # about halfway: near the mean
-    ("cosine", 98, 1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 88 / 89))),
-    ("cosine", 99, 1e-4),  # the last step (of 100) uses min_lr, as schedule.min_lr promises
-    ("cosine", 100, 1e-4),
-    ("linear", 55, 1e-3 - 9e-4 * 45 / 89),
-    ("linear", 99, 1e-4),
-    ("constant", 5, 6e-4),
-    ("constant", 99, 1e-3),
-    ("wsd", 50, 1e-3),  # stable until the cooldown: the last 20% of the 90 decay-phase steps, 82 to 99
-    ("wsd", 82, 1e-3),
-    ("wsd", 91, 1e-3 - 9e-4 * 9 / 17),
-    ("wsd", 99, 1e-4),
-])
+@pytest.mark.parametrize(
+    "decay, step, expected",
+    [
+        ("cosine", 0, 1e-3 * 1 / 10),  # warmup: (s + 1) / warmup_steps of the peak
+        ("cosine", 9, 1e-3),  # the end of warmup reaches the peak
+        ("cosine", 10, 1e-3),  # t = 0 of the decay, which runs over steps 10 to 99: T = 89
+        ("cosine", 54, 1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 44 / 89))),  # about halfway: near the mean
+        ("cosine", 98, 1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 88 / 89))),
+        ("cosine", 99, 1e-4),  # the last step (of 100) uses min_lr, as schedule.min_lr promises
+        ("cosine", 100, 1e-4),
+        ("linear", 55, 1e-3 - 9e-4 * 45 / 89),
+        ("linear", 99, 1e-4),
+        ("constant", 5, 6e-4),
+        ("constant", 99, 1e-3),
+        ("wsd", 50, 1e-3),  # stable until the cooldown: the last 20% of the 90 decay-phase steps, 82 to 99
+        ("wsd", 82, 1e-3),
+        ("wsd", 91, 1e-3 - 9e-4 * 9 / 17),
+        ("wsd", 99, 1e-4),
+    ],
+)
 def test_schedule_values(decay, step, expected):
     sched = ScheduleConfig(warmup_steps=10, decay=decay, min_lr=1e-4, cooldown_fraction=0.2)
     assert lr_at(step, 100, 1e-3, sched) == pytest.approx(expected, rel=1e-12)
@@ -47,8 +50,15 @@ def test_schedule_values(decay, step, expected):
 
 def test_step_decay_multiplies_every_n_steps_down_to_the_floor():
     sched = ScheduleConfig(warmup_steps=10, decay="step", min_lr=1e-4, step_every=20, step_factor=0.5)
-    assert [lr_at(s, 100, 1e-3, sched) for s in (9, 29, 30, 50, 70, 90, 99)] == [1e-3, 1e-3, 5e-4, 2.5e-4, 1.25e-4,
-                                                                              1e-4, 1e-4]
+    assert [lr_at(s, 100, 1e-3, sched) for s in (9, 29, 30, 50, 70, 90, 99)] == [
+        1e-3,
+        1e-3,
+        5e-4,
+        2.5e-4,
+        1.25e-4,
+        1e-4,
+        1e-4,
+    ]
 
 
 def test_schedule_without_warmup_starts_at_the_peak():
@@ -124,8 +134,7 @@ def test_accumulation_steps():
         accumulation_steps(TrainConfig(batch_size=8, seq_len=64, tokens_per_update=3072), world_size=4)
 
 
-@pytest.mark.parametrize("batching", [[], ["data.batching=padded", "data.padding=longest"]],
-                         ids=["packed", "padded"])
+@pytest.mark.parametrize("batching", [[], ["data.batching=padded", "data.padding=longest"]], ids=["packed", "padded"])
 def test_accumulation_matches_one_large_batch(pydoc_data, paragraph_data, tmp_path, batching):
     """4 micro-batches of 4 give the loss and gradients of 1 batch of 16 over the same sequences; with
     padding too, where the micro-batches hold different numbers of real tokens (a mean of their
@@ -133,29 +142,45 @@ def test_accumulation_matches_one_large_batch(pydoc_data, paragraph_data, tmp_pa
     data = paragraph_data if batching else pydoc_data
     common = ("data.sampling=sequential", "train.seed=5", *batching)
     big = Trainer(tiny_config(data, tmp_path / "a", *common, "train.batch_size=16"), quiet=True)
-    small = Trainer(tiny_config(data, tmp_path / "b", *common, "train.batch_size=4",
-                                "train.tokens_per_update=512"), quiet=True)
+    small = Trainer(
+        tiny_config(data, tmp_path / "b", *common, "train.batch_size=4", "train.tokens_per_update=512"), quiet=True
+    )
     assert small.accumulation == 4 and small.tokens_per_step == big.tokens_per_step == 512
-    torch.testing.assert_close(big.accumulate_gradients(), small.accumulate_gradients())  # [loss, correct, counted] sums
+    torch.testing.assert_close(
+        big.accumulate_gradients(), small.accumulate_gradients()
+    )  # [loss, correct, counted] sums
     for p, q in zip(big.model.parameters(), small.model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7)
         assert p.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("mode,tuning,options", [
-    ("max-autotune", False, {"max_autotune": True, "triton.cudagraphs": True, "coordinate_descent_tuning": True}),
-    ("default", True, {"coordinate_descent_tuning": True}),
-    ("default", False, {}),
-])
-def test_compile_settings_and_activation_checkpointing_reach_the_model(pydoc_data, tmp_path, monkeypatch, mode,
-                                                                        tuning, options):
+@pytest.mark.parametrize(
+    "mode,tuning,options",
+    [
+        ("max-autotune", False, {"max_autotune": True, "triton.cudagraphs": True, "coordinate_descent_tuning": True}),
+        ("default", True, {"coordinate_descent_tuning": True}),
+        ("default", False, {}),
+    ],
+)
+def test_compile_settings_and_activation_checkpointing_reach_the_model(
+    pydoc_data, tmp_path, monkeypatch, mode, tuning, options
+):
     """train.compile_mode and train.coordinate_descent_tuning go to torch.compile as inductor options
     (captured here: nothing compiles), train.activation_checkpointing and train.attention to the model."""
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
-    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "train.compile=true", f'train.compile_mode="{mode}"',
-                                  f"train.coordinate_descent_tuning={str(tuning).lower()}", 'train.attention="math"',
-                                  'train.activation_checkpointing="selective"'), quiet=True)
+    trainer = Trainer(
+        tiny_config(
+            pydoc_data,
+            tmp_path,
+            "train.compile=true",
+            f'train.compile_mode="{mode}"',
+            f"train.coordinate_descent_tuning={str(tuning).lower()}",
+            'train.attention="math"',
+            'train.activation_checkpointing="selective"',
+        ),
+        quiet=True,
+    )
     assert seen == [{"options": options}] and trainer.compiled and trainer.model.checkpointing == "selective"
     assert {block.attn.attention for block in trainer.model.blocks} == {"math"}
 
@@ -196,8 +221,12 @@ def test_the_fused_loss_leaves_its_backward_nothing_to_scale(pydoc_data, tmp_pat
     factors = []
     scale_rows = lce._scale_rows_op
     monkeypatch.setattr(lce, "_scale_rows_op", lambda x, w: factors.append(w.item()) or scale_rows(x, w))
-    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "kernels.linear_cross_entropy=true", "kernels.rms_norm=false",
-                                  "kernels.adamw=false"), quiet=True)
+    trainer = Trainer(
+        tiny_config(
+            pydoc_data, tmp_path, "kernels.linear_cross_entropy=true", "kernels.rms_norm=false", "kernels.adamw=false"
+        ),
+        quiet=True,
+    )
     trainer.accumulate_gradients()
     assert factors and set(factors) == {1.0}
 
@@ -278,8 +307,17 @@ def test_train_loop_ignores_padding_targets():
 
 def test_trainer_overfits_one_batch(pydoc_data, tmp_path):
     """A model that cannot drive the loss on one repeated batch toward 0 has a broken training step."""
-    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "optim.lr=1e-2", "optim.weight_decay=0",
-                                  "schedule.decay=constant", "train.max_steps=150"), quiet=True)
+    trainer = Trainer(
+        tiny_config(
+            pydoc_data,
+            tmp_path,
+            "optim.lr=1e-2",
+            "optim.weight_decay=0",
+            "schedule.decay=constant",
+            "train.max_steps=150",
+        ),
+        quiet=True,
+    )
     x, y = next(trainer.train_loader)
     trainer.train_loader = iter(lambda: (x, y), None)  # the same batch forever
     for _ in range(150):
@@ -292,9 +330,18 @@ def test_trainer_overfits_one_batch(pydoc_data, tmp_path):
 @pytest.mark.parametrize("batching", ["padded", "aligned"])
 def test_document_batches_count_real_tokens_only(paragraph_data, tmp_path, batching):
     """Step loss, tokens_seen and validation loss are per counted target: pads weigh nothing."""
-    trainer = Trainer(tiny_config(paragraph_data, tmp_path, f"data.batching={batching}", "data.padding=bucketed",
-                                  "data.document_mask=true", "train.eval_steps=3", "train.tokens_per_update=256"),
-                      quiet=True)
+    trainer = Trainer(
+        tiny_config(
+            paragraph_data,
+            tmp_path,
+            f"data.batching={batching}",
+            "data.padding=bucketed",
+            "data.document_mask=true",
+            "train.eval_steps=3",
+            "train.tokens_per_update=256",
+        ),
+        quiet=True,
+    )
 
     def summed_loss(batches) -> tuple[float, int]:
         total, counted = 0.0, 0
@@ -333,8 +380,10 @@ def test_evaluation_reports_bits_per_byte(pydoc_data, tmp_path):
 
 
 def test_tensorboard_events_when_installed(pydoc_data, tmp_path):
-    Trainer(tiny_config(pydoc_data, tmp_path, "train.max_steps=2", "train.tensorboard=true",
-                        "train.sample_tokens=0"), quiet=True).train()
+    Trainer(
+        tiny_config(pydoc_data, tmp_path, "train.max_steps=2", "train.tensorboard=true", "train.sample_tokens=0"),
+        quiet=True,
+    ).train()
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     try:
         import tensorboard  # noqa: F401
@@ -349,14 +398,19 @@ EVAL_EVERY_STEP = ["train.eval_interval=1", "train.eval_steps=2", "train.sample_
 
 def test_early_stopping_ends_the_run_when_validation_stalls(pydoc_data, tmp_path, capsys):
     """min_delta larger than any gain: every evaluation after the first is stale, so patience 2 stops at step 3."""
-    trainer = Trainer(tiny_config(pydoc_data, tmp_path, *EVAL_EVERY_STEP, "train.early_stop_patience=2",
-                                  "train.early_stop_min_delta=10.0"))
+    trainer = Trainer(
+        tiny_config(
+            pydoc_data, tmp_path, *EVAL_EVERY_STEP, "train.early_stop_patience=2", "train.early_stop_min_delta=10.0"
+        )
+    )
     summary = trainer.train()
     assert summary["step"] == 3 and summary["stopped_early"] and trainer.run.stale_evals == 2
     events = [e for e in read_metrics(tmp_path) if e["event"] == "early_stop"]
     assert len(events) == 1 and events[0]["step"] == 3
-    assert "stopping early at step 3: validation loss has not improved by 10 or more in 2 evaluations" in \
-        capsys.readouterr().out
+    assert (
+        "stopping early at step 3: validation loss has not improved by 10 or more in 2 evaluations"
+        in capsys.readouterr().out
+    )
     evals = [e for e in read_metrics(tmp_path) if e["event"] == "eval"]
     best_step = min(evals, key=lambda e: e["val_loss"])["step"]
     saved = {saves.step_of(p) for p in saves.saved_steps(tmp_path / "checkpoints")}
@@ -368,8 +422,12 @@ def test_early_stopping_ends_the_run_when_validation_stalls(pydoc_data, tmp_path
 
 
 def test_early_stopping_waits_while_validation_improves(pydoc_data, tmp_path):
-    trainer = Trainer(tiny_config(pydoc_data, tmp_path, *EVAL_EVERY_STEP, "train.max_steps=5", "optim.lr=1e-2",
-                                  "train.early_stop_patience=1"), quiet=True)
+    trainer = Trainer(
+        tiny_config(
+            pydoc_data, tmp_path, *EVAL_EVERY_STEP, "train.max_steps=5", "optim.lr=1e-2", "train.early_stop_patience=1"
+        ),
+        quiet=True,
+    )
     summary = trainer.train()
     evals = [e for e in read_metrics(tmp_path) if e["event"] == "eval"]
     val = [e["val_loss"] for e in evals]

@@ -16,9 +16,16 @@ transformers = pytest.importorskip("transformers")
 def tiny(family: str = "llama", tied: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
     configs = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
-    config = configs[family](vocab_size=300, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                             tie_word_embeddings=tied)
+    config = configs[family](
+        vocab_size=300,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+    )
     return transformers.AutoModelForCausalLM.from_config(config).float()
 
 

@@ -36,7 +36,7 @@ def unannotated(function: ast.FunctionDef | ast.AsyncFunctionDef, in_class: bool
 
 
 def gaps(path: Path, root: Path = ROOT) -> list[str]:
-    """"file: Class.function: what is not annotated" for each public function of the module at `path`."""
+    """ "file: Class.function: what is not annotated" for each public function of the module at `path`."""
     found = []
     relative = path.relative_to(root).as_posix()
 
@@ -68,7 +68,7 @@ def test_public_functions_are_annotated():
 
 def test_the_walk_finds_gaps(tmp_path):
     """The check itself: what it reports and what it leaves alone."""
-    source = '''
+    source = """
 def f(x, y: int) -> int: ...
 def g(x: int): ...
 def _private(x): ...
@@ -89,11 +89,17 @@ def outer() -> None:
     def nested(x): ...
 if True:
     def conditional(x) -> None: ...
-'''
+"""
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "mod.py").write_text(source)
     assert gaps(package / "mod.py", tmp_path) == [
-        "pkg/mod.py: f: x", "pkg/mod.py: g: return", "pkg/mod.py: __getattr__: return",
-        "pkg/mod.py: C.__init__: a", "pkg/mod.py: C.m: args, kwargs", "pkg/mod.py: C.s: self",
-        "pkg/mod.py: C.Inner.n: return", "pkg/mod.py: conditional: x"]
+        "pkg/mod.py: f: x",
+        "pkg/mod.py: g: return",
+        "pkg/mod.py: __getattr__: return",
+        "pkg/mod.py: C.__init__: a",
+        "pkg/mod.py: C.m: args, kwargs",
+        "pkg/mod.py: C.s: self",
+        "pkg/mod.py: C.Inner.n: return",
+        "pkg/mod.py: conditional: x",
+    ]

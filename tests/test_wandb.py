@@ -13,8 +13,15 @@ from fasttrain.system.errors import UsageError
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_config
 
-EVERY_STEP = ["schedule.warmup_steps=1", "train.log_interval=1", "train.eval_interval=2", "train.eval_steps=1", "checkpoint.interval=2",
-              "log.wandb=true", 'log.tags=["test"]']
+EVERY_STEP = [
+    "schedule.warmup_steps=1",
+    "train.log_interval=1",
+    "train.eval_interval=2",
+    "train.eval_steps=1",
+    "checkpoint.interval=2",
+    "log.wandb=true",
+    'log.tags=["test"]',
+]
 
 
 class FakeRun:
@@ -33,8 +40,9 @@ class FakeRun:
 
 def test_events_config_samples_and_resuming(pydoc_data, tmp_path, monkeypatch):
     calls = []
-    fake = types.SimpleNamespace(init=lambda id, **kw: FakeRun(calls, id, **kw),
-                                 Table=lambda columns, data: (columns, list(data)))
+    fake = types.SimpleNamespace(
+        init=lambda id, **kw: FakeRun(calls, id, **kw), Table=lambda columns, data: (columns, list(data))
+    )
     monkeypatch.setitem(sys.modules, "wandb", fake)
     Trainer(tiny_config(pydoc_data, tmp_path, "train.max_steps=2", *EVERY_STEP), quiet=True).train()
     (_, init), *rest = calls
@@ -42,8 +50,11 @@ def test_events_config_samples_and_resuming(pydoc_data, tmp_path, monkeypatch):
     assert init["resume"] == "allow" and init["config"]["model"]["d_model"] == 32  # the resolved config
     assert (tmp_path / "wandb_run_id").read_text() == "run0"
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    numbers = lambda e: {f"{e['event']}/{k}": v for k, v in e.items()  # noqa: E731
-                         if k not in ("event", "time", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numbers = lambda e: {
+        f"{e['event']}/{k}": v
+        for k, v in e.items()  # noqa: E731
+        if k not in ("event", "time", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     for e in events:
         if e["event"] in ("train", "eval"):  # the same fields as metrics.jsonl, at the same step
             assert ("log", e["step"], numbers(e)) in rest
@@ -70,7 +81,9 @@ def test_offline_run(pydoc_data, tmp_path, monkeypatch):
 
 def test_without_wandb_the_error_names_the_extra(pydoc_data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import fails as if not installed
-    trainer = Trainer(tiny_config(pydoc_data, tmp_path, "train.max_steps=1", "schedule.warmup_steps=1", "log.wandb=true"), quiet=True)
+    trainer = Trainer(
+        tiny_config(pydoc_data, tmp_path, "train.max_steps=1", "schedule.warmup_steps=1", "log.wandb=true"), quiet=True
+    )
     with pytest.raises(UsageError, match=r'log.wandb = true needs the wandb package: pip install -e "\.\[wandb\]"'):
         trainer.train()
     assert not (tmp_path / "config.toml").exists()  # nothing written

@@ -14,10 +14,18 @@ from fasttrain.system.errors import UsageError
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the positional `config` path, repeatable `--set SECTION.KEY=VALUE`, and `--device` and `--seed`
     (the flags sample and evaluate have too, here short for --set train.device / train.seed)."""
-    parser.add_argument("config", nargs="?", action=_ConfigPath,
-                        help="a TOML config file, or a shipped config by name (fasttrain configs lists them)")
     parser.add_argument(
-        "--set", nargs="+", action=_SetItems, default=[], metavar="SECTION.KEY=VALUE",
+        "config",
+        nargs="?",
+        action=_ConfigPath,
+        help="a TOML config file, or a shipped config by name (fasttrain configs lists them)",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        action=_SetItems,
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override config values; VALUE is TOML or a bare string, e.g. --set train.batch_size=8 train.device=cpu",
     )
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N (--set train.device=D)")
@@ -52,8 +60,10 @@ def config_from_args(args: argparse.Namespace, *more: str) -> Config:
     """Load the Config named by arguments that `add_config_arguments` parsed; `more` overrides come last.
     Errors name the flag a value came from (--set, --device, --seed)."""
     if args.config is None:
-        raise UsageError("the following arguments are required: config (a TOML file or a shipped config's name, "
-                         "e.g. base; see --help)")
+        raise UsageError(
+            "the following arguments are required: config (a TOML file or a shipped config's name, "
+            "e.g. base; see --help)"
+        )
     from fasttrain.config import shipped  # here: `python -m fasttrain.config.shipped` runs that module as __main__
 
     return _build(_read_layers(shipped.locate(args.config)[0]), config_overrides(args, *more))
@@ -62,6 +72,9 @@ def config_from_args(args: argparse.Namespace, *more: str) -> Config:
 def config_overrides(args: argparse.Namespace, *more: str) -> list[tuple[str, str]]:
     """The overrides `args` stand for, each with the flag it came from: the --set items, then --device and
     --seed as the train.device and train.seed items they stand for, then `more` (the tool's own, as --set)."""
-    flags = [(f"--{name}", f"train.{name}={value}")
-             for name, value in (("device", args.device), ("seed", args.seed)) if value is not None]
+    flags = [
+        (f"--{name}", f"train.{name}={value}")
+        for name, value in (("device", args.device), ("seed", args.seed))
+        if value is not None
+    ]
     return [*[(OVERRIDE_SOURCE, item) for item in args.set], *flags, *[(OVERRIDE_SOURCE, item) for item in more]]

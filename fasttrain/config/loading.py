@@ -67,7 +67,6 @@ def _build(layers: Sequence[tuple[dict[str, Any], str]], overrides: Sequence[tup
     return cfg
 
 
-
 def _read_layers(path: str | os.PathLike[str], chain: tuple[str, ...] = ()) -> list[tuple[dict[str, Any], str]]:
     """The TOML documents that make up the config file at `path`, each with its path, base first:
     those of the file it `extends` (if any), then its own. `chain`: the files that led here."""
@@ -77,15 +76,17 @@ def _read_layers(path: str | os.PathLike[str], chain: tuple[str, ...] = ()) -> l
     if base is None:
         return [(doc, source)]
     if not isinstance(base, str) or not base:
-        raise UsageError(f"{source}: extends: expected the path of a config file, got {_show(base)} "
-                         f"({type(base).__name__})")
+        raise UsageError(
+            f"{source}: extends: expected the path of a config file, got {_show(base)} ({type(base).__name__})"
+        )
     here = (*chain, os.path.realpath(path))
     if len(here) >= MAX_EXTENDS:
         raise UsageError(f"{source}: extends = {_show(base)}: a chain of more than {MAX_EXTENDS} config files")
     base_path = Path(path).parent / base
     if os.path.realpath(base_path) in here:
-        raise UsageError(f"{source}: extends = {_show(base)} comes back to {base_path}: configs cannot extend "
-                         "each other in a circle")
+        raise UsageError(
+            f"{source}: extends = {_show(base)} comes back to {base_path}: configs cannot extend each other in a circle"
+        )
     try:
         return [*_read_layers(base_path, here), (doc, source)]
     except UsageError as e:
@@ -152,7 +153,9 @@ def _assign(part: Any, section: str, key: str, value: Any, source: str, sources:
     if is_dataclass(types[head]):
         table = {rest: value} if dot else value
         if not isinstance(table, dict):
-            raise UsageError(f"{source}: {name}: expected a [{name}] table, got {_show(value)} ({type(value).__name__})")
+            raise UsageError(
+                f"{source}: {name}: expected a [{name}] table, got {_show(value)} ({type(value).__name__})"
+            )
         for k, v in table.items():
             _assign(getattr(part, head), name, k, v, source, sources)
         return

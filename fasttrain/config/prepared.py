@@ -23,11 +23,17 @@ def resolve(cfg: Config, data_dir: str, tokenizer_vocab: int, request: dict | No
         return replace(cfg, data=replace(cfg.data, sources=sources), model=replace(cfg.model, vocab_size=vocab))
     data = replace(cfg.data, dir=data_dir)
     if request:
-        data = replace(data, inputs=list(request["inputs"]), tokenizer=request.get("tokenizer") or "",
-                       vocab_size=request.get("vocab_size") or 0, val_fraction=request["val_fraction"],
-                       text_field=request.get("text_field", "text"))
-    data = replace(data, dir=_absolute(data.dir), inputs=[_absolute(i) for i in data.inputs],
-                   tokenizer=_absolute(data.tokenizer))
+        data = replace(
+            data,
+            inputs=list(request["inputs"]),
+            tokenizer=request.get("tokenizer") or "",
+            vocab_size=request.get("vocab_size") or 0,
+            val_fraction=request["val_fraction"],
+            text_field=request.get("text_field", "text"),
+        )
+    data = replace(
+        data, dir=_absolute(data.dir), inputs=[_absolute(i) for i in data.inputs], tokenizer=_absolute(data.tokenizer)
+    )
     return replace(cfg, data=data, model=replace(cfg.model, vocab_size=vocab))
 
 
@@ -41,5 +47,7 @@ def check_vocab(model_vocab: int, tokenizer_vocab: int, tokenizer: str) -> None:
     """The one check of model.vocab_size, wherever a model meets its tokenizer (a run's resolve, a trained
     model loaded back): UsageError if the model cannot embed every token of `tokenizer`."""
     if model_vocab < tokenizer_vocab:
-        raise UsageError(f"model.vocab_size = {model_vocab} is smaller than the {tokenizer_vocab} tokens of {tokenizer}; "
-                         "0 takes the size from the tokenizer")
+        raise UsageError(
+            f"model.vocab_size = {model_vocab} is smaller than the {tokenizer_vocab} tokens of {tokenizer}; "
+            "0 takes the size from the tokenizer"
+        )

@@ -34,10 +34,15 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.dropout": _FRACTION,
     "data.inputs": (lambda v: all(v), "a list of non-empty paths"),
     "data.text_field": (bool, "a non-empty field name"),
-    "data.vocab_size": (lambda v: v == 0 or v > 256,
-                        "0 or > 256 (a byte-level BPE needs the 256 bytes plus an end-of-text token)"),
+    "data.vocab_size": (
+        lambda v: v == 0 or v > 256,
+        "0 or > 256 (a byte-level BPE needs the 256 bytes plus an end-of-text token)",
+    ),
     "data.val_fraction": _FRACTION,
-    "data.prefetch": (lambda v: 0 <= v <= MAX_PREFETCH, f"in [0, {MAX_PREFETCH}] (batches held in memory ahead of use)"),
+    "data.prefetch": (
+        lambda v: 0 <= v <= MAX_PREFETCH,
+        f"in [0, {MAX_PREFETCH}] (batches held in memory ahead of use)",
+    ),
     "data.max_epochs": _POSITIVE,
     "optim.lr": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE,
@@ -70,8 +75,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.eval_steps": _POSITIVE,
     "train.early_stop_patience": _NON_NEGATIVE,
     "train.early_stop_min_delta": _NON_NEGATIVE,
-    "train.sample_prompt": (lambda v: 0 < len(v) <= MAX_PROMPT_CHARS,
-                            f"non-empty (generation starts from it) and at most {MAX_PROMPT_CHARS:,} characters"),
+    "train.sample_prompt": (
+        lambda v: 0 < len(v) <= MAX_PROMPT_CHARS,
+        f"non-empty (generation starts from it) and at most {MAX_PROMPT_CHARS:,} characters",
+    ),
     "train.seed": (lambda v: 0 <= v <= MAX_SEED, f"in [0, {MAX_SEED}]"),
     "train.sample_tokens": _NON_NEGATIVE,
     "train.shard_group_size": _NON_NEGATIVE,
@@ -88,32 +95,81 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 # Settings that must agree, checked after the ranges (so n_heads > 0 here):
 # (key, relation, other key, is_broken(cfg), why) -> "key = 1 <relation> other = 2 (why)".
 _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
-    ("train.seq_len", "exceeds", "model.max_seq_len", lambda c: c.train.seq_len > c.model.max_seq_len,
-     "the model has no positions beyond its context"),
-    ("train.max_steps", "and", "train.max_time", lambda c: c.train.max_steps == 0 and c.train.max_time == 0,
-     "0 is no limit, and a run needs one: steps, a time budget or both"),
-    ("schedule.progress_from", "does not go with", "train.max_time",
-     lambda c: bool(c.schedule.progress_from) and c.train.max_time > 0,
-     "a replay follows the recorded progress, not a clock: set train.max_time = 0"),
-    ("schedule.min_lr", "exceeds", "optim.lr", lambda c: c.schedule.min_lr > c.optim.lr,
-     "the schedule decays from lr down to min_lr"),
-    ("optim.sgd.nesterov", "needs", "optim.sgd.momentum", lambda c: c.optim.sgd.nesterov and c.optim.sgd.momentum == 0,
-     "Nesterov momentum without momentum is plain SGD"),
-    ("model.d_model", "is not divisible by", "model.n_heads", lambda c: c.model.d_model % c.model.n_heads != 0,
-     "each head gets d_model / n_heads dimensions"),
-    ("model.n_heads", "is not divisible by", "model.n_kv_heads",
-     lambda c: c.model.n_kv_heads > 0 and c.model.n_heads % c.model.n_kv_heads != 0,
-     "each key/value head serves the same number of query heads"),
-    ("model.d_model", "/", "model.n_heads", lambda c: (c.model.d_model // c.model.n_heads) % 2 != 0,
-     "an odd head size, but RoPE rotates pairs of dimensions"),
+    (
+        "train.seq_len",
+        "exceeds",
+        "model.max_seq_len",
+        lambda c: c.train.seq_len > c.model.max_seq_len,
+        "the model has no positions beyond its context",
+    ),
+    (
+        "train.max_steps",
+        "and",
+        "train.max_time",
+        lambda c: c.train.max_steps == 0 and c.train.max_time == 0,
+        "0 is no limit, and a run needs one: steps, a time budget or both",
+    ),
+    (
+        "schedule.progress_from",
+        "does not go with",
+        "train.max_time",
+        lambda c: bool(c.schedule.progress_from) and c.train.max_time > 0,
+        "a replay follows the recorded progress, not a clock: set train.max_time = 0",
+    ),
+    (
+        "schedule.min_lr",
+        "exceeds",
+        "optim.lr",
+        lambda c: c.schedule.min_lr > c.optim.lr,
+        "the schedule decays from lr down to min_lr",
+    ),
+    (
+        "optim.sgd.nesterov",
+        "needs",
+        "optim.sgd.momentum",
+        lambda c: c.optim.sgd.nesterov and c.optim.sgd.momentum == 0,
+        "Nesterov momentum without momentum is plain SGD",
+    ),
+    (
+        "model.d_model",
+        "is not divisible by",
+        "model.n_heads",
+        lambda c: c.model.d_model % c.model.n_heads != 0,
+        "each head gets d_model / n_heads dimensions",
+    ),
+    (
+        "model.n_heads",
+        "is not divisible by",
+        "model.n_kv_heads",
+        lambda c: c.model.n_kv_heads > 0 and c.model.n_heads % c.model.n_kv_heads != 0,
+        "each key/value head serves the same number of query heads",
+    ),
+    (
+        "model.d_model",
+        "/",
+        "model.n_heads",
+        lambda c: (c.model.d_model // c.model.n_heads) % 2 != 0,
+        "an odd head size, but RoPE rotates pairs of dimensions",
+    ),
     # The world size is only known at launch, where the trainer checks the rest.
-    ("train.tokens_per_update", "is not a multiple of", "train.batch_size",
-     lambda c: c.train.tokens_per_update % (c.train.batch_size * c.train.seq_len) != 0,
-     "it must be a whole number of micro-batches of batch_size x seq_len tokens"),
-    ("train.compile_mode", "does not work with", "data.padding",
-     lambda c: c.train.compile_mode in ("reduce-overhead", "max-autotune") and c.data.batching != "packed"
-     and c.data.padding != "fixed",
-     'CUDA graphs replay fixed shapes; use data.padding = "fixed"'),
+    (
+        "train.tokens_per_update",
+        "is not a multiple of",
+        "train.batch_size",
+        lambda c: c.train.tokens_per_update % (c.train.batch_size * c.train.seq_len) != 0,
+        "it must be a whole number of micro-batches of batch_size x seq_len tokens",
+    ),
+    (
+        "train.compile_mode",
+        "does not work with",
+        "data.padding",
+        lambda c: (
+            c.train.compile_mode in ("reduce-overhead", "max-autotune")
+            and c.data.batching != "packed"
+            and c.data.padding != "fixed"
+        ),
+        'CUDA graphs replay fixed shapes; use data.padding = "fixed"',
+    ),
     # model.vocab_size against the tokenizer: check_vocab, once the tokenizer is known (data.vocab_size is
     # what a BPE is asked for; it may learn fewer, so it cannot be checked here).
 ]
@@ -145,52 +201,72 @@ def _check_mixture(cfg: Config, sources: dict[str, str]) -> None:
             raise UsageError(f"{where}: data.mix changes the weights of [[data.sources]] tables, but there are none")
         return
     if d.dir or d.inputs:
-        raise UsageError(f"{where}: data.sources names the prepared folders of a mixture; leave data.dir and "
-                         "data.inputs unset (or give data.dir alone)")
+        raise UsageError(
+            f"{where}: data.sources names the prepared folders of a mixture; leave data.dir and "
+            "data.inputs unset (or give data.dir alone)"
+        )
     seen: dict[str, int] = {}
     named: dict[str, int] = {}
     for i, s in enumerate(d.sources):
         if s.name and not re.fullmatch(r"\S+", s.name):
-            raise UsageError(f"{where}: data.sources[{i}].name = {_show(s.name)}: a name without spaces, as "
-                             "metrics record it (val_loss.NAME)")
+            raise UsageError(
+                f"{where}: data.sources[{i}].name = {_show(s.name)}: a name without spaces, as "
+                "metrics record it (val_loss.NAME)"
+            )
         if s.name in named:
-            raise UsageError(f"{where}: data.sources[{i}].name = {_show(s.name)} is the name of "
-                             f"data.sources[{named[s.name]}] too; give each source a name of its own")
+            raise UsageError(
+                f"{where}: data.sources[{i}].name = {_show(s.name)} is the name of "
+                f"data.sources[{named[s.name]}] too; give each source a name of its own"
+            )
         if s.name:
             named[s.name] = i
         if not s.dir:
-            raise UsageError(f"{where}: data.sources[{i}].dir: expected a prepared folder, got \"\"")
+            raise UsageError(f'{where}: data.sources[{i}].dir: expected a prepared folder, got ""')
         real = os.path.realpath(s.dir)
         if real in seen:
-            raise UsageError(f"{where}: data.sources[{i}].dir = {_show(s.dir)} is the folder of "
-                             f"data.sources[{seen[real]}] again; name each folder once, with its whole weight")
+            raise UsageError(
+                f"{where}: data.sources[{i}].dir = {_show(s.dir)} is the folder of "
+                f"data.sources[{seen[real]}] again; name each folder once, with its whole weight"
+            )
         seen[real] = i
     check_weights("data.sources[{}].weight", [s.weight for s in d.sources])
     last, max_steps = 0, cfg.train.max_steps
     if d.mix and not max_steps:  # a run on train.max_time alone: its last step is known only at its end
-        raise UsageError(f"{where}: data.mix: changes need train.max_steps to be placed at their steps; a run on "
-                         "train.max_time alone has none (give train.max_steps too)")
+        raise UsageError(
+            f"{where}: data.mix: changes need train.max_steps to be placed at their steps; a run on "
+            "train.max_time alone has none (give train.max_steps too)"
+        )
     for i, change in enumerate(d.mix):
         name = f"data.mix[{i}]"
         if (change.step > 0) == (change.fraction > 0) or change.step < 0 or not change.fraction < 1:
-            raise UsageError(f"{where}: {name}: give step (>= 1) or fraction (in (0, 1)) of train.max_steps, one of "
-                             f"them, got step = {change.step}, fraction = {_show(change.fraction)}")
+            raise UsageError(
+                f"{where}: {name}: give step (>= 1) or fraction (in (0, 1)) of train.max_steps, one of "
+                f"them, got step = {change.step}, fraction = {_show(change.fraction)}"
+            )
         step = change.step or round(change.fraction * max_steps)
         placed = f"fraction {_show(change.fraction)} of train.max_steps = {max_steps} is step {step}"
         if step == 0:  # a fraction rounded down to the first step, where data.sources' weights hold
-            raise UsageError(f"{where}: {name}: {placed}, the run's first, where the data.sources weights "
-                             "apply; give a larger fraction or a step >= 1 (or these weights to data.sources)")
+            raise UsageError(
+                f"{where}: {name}: {placed}, the run's first, where the data.sources weights "
+                "apply; give a larger fraction or a step >= 1 (or these weights to data.sources)"
+            )
         if step >= max_steps:
-            raise UsageError(f"{where}: {name}: the change at step {step} is past the run's last step "
-                             f"(train.max_steps = {max_steps})")
+            raise UsageError(
+                f"{where}: {name}: the change at step {step} is past the run's last step "
+                f"(train.max_steps = {max_steps})"
+            )
         if step <= last:
-            raise UsageError(f"{where}: {name}: at step {step}{f' ({placed})' if change.fraction else ''}, not "
-                             f"after the change before it (step {last}); list the changes in the order of their "
-                             "steps, far enough apart to fall on different steps")
+            raise UsageError(
+                f"{where}: {name}: at step {step}{f' ({placed})' if change.fraction else ''}, not "
+                f"after the change before it (step {last}); list the changes in the order of their "
+                "steps, far enough apart to fall on different steps"
+            )
         last = step
         if len(change.weights) != len(d.sources):
-            raise UsageError(f"{where}: {name}.weights: {len(change.weights)} weights for {len(d.sources)} "
-                             "[[data.sources]] tables; give one per source, in their order")
+            raise UsageError(
+                f"{where}: {name}.weights: {len(change.weights)} weights for {len(d.sources)} "
+                "[[data.sources]] tables; give one per source, in their order"
+            )
         check_weights(name + ".weights[{}]", change.weights)
 
 
@@ -216,8 +292,10 @@ def _check_applicable(cfg: Config, sources: dict[str, str]) -> None:
         if rule is not None:
             setting, allowed = rule
             only = " or ".join(map(_toml_value, allowed))
-            raise UsageError(f"{_blame(sources, name, setting)}: {name}: applies only with {setting} = {only}, "
-                             f"not {_show(_get(cfg, setting))}")
+            raise UsageError(
+                f"{_blame(sources, name, setting)}: {name}: applies only with {setting} = {only}, "
+                f"not {_show(_get(cfg, setting))}"
+            )
 
 
 def _applies(cfg: Config, name: str) -> tuple[str, tuple[str, ...]] | None:

@@ -41,8 +41,9 @@ def available() -> dict[str, str]:
 def file_of(name: str) -> Path:
     """The shipped config called `name`; UsageError listing the names when there is none."""
     if name not in available():
-        raise UsageError(f"{name!r}: not a shipped config; one of {', '.join(available())} "
-                         "(`fasttrain configs` lists them)")
+        raise UsageError(
+            f"{name!r}: not a shipped config; one of {', '.join(available())} (`fasttrain configs` lists them)"
+        )
     return folder() / f"{name}.toml"
 
 
@@ -55,12 +56,16 @@ def locate(spec: str) -> tuple[str, bool]:
     names = available()
     if spec in names:
         if os.path.isdir(spec):
-            raise UsageError(f"{spec}: is a directory here and the name of a shipped config; give the path of a "
-                             f"config file, or run from another directory for the shipped {spec!r}")
+            raise UsageError(
+                f"{spec}: is a directory here and the name of a shipped config; give the path of a "
+                f"config file, or run from another directory for the shipped {spec!r}"
+            )
         return str(folder() / f"{spec}.toml"), True
     if not os.path.lexists(spec) and os.sep not in spec and not spec.endswith(".toml"):
-        raise UsageError(f"{spec}: neither a config file nor a shipped config; shipped: {', '.join(names)} "
-                         "(`fasttrain configs` lists them)")
+        raise UsageError(
+            f"{spec}: neither a config file nor a shipped config; shipped: {', '.join(names)} "
+            "(`fasttrain configs` lists them)"
+        )
     return spec, False  # a path: what is wrong with it is said where it is read
 
 

@@ -35,17 +35,27 @@ def parse_duration(text: str) -> float | None:
 # No setting means anything as inf or nan, and nan would slip through every range check.
 _TYPES: dict[Any, tuple[Callable[[Any], bool], Callable[[Any], Any], str]] = {
     int: (lambda v: isinstance(v, int) and not isinstance(v, bool), int, "an integer"),
-    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), float,
-            "a finite number"),
+    float: (
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        float,
+        "a finite number",
+    ),
     bool: (lambda v: isinstance(v, bool), bool, "true or false"),
     str: (lambda v: isinstance(v, str), str, "a string"),
     list[str]: (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), list, "a list of strings"),
-    list[float]: (lambda v: isinstance(v, list) and all(_TYPES[float][0](x) for x in v), lambda v: list(map(float, v)),
-                  "a list of finite numbers"),
-    Seconds: (lambda v: (isinstance(v, str) and parse_duration(v) is not None)
-              or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
-              lambda v: parse_duration(v) if isinstance(v, str) else float(v),
-              'seconds or a duration such as "90s", "3m" or "1h30m"'),
+    list[float]: (
+        lambda v: isinstance(v, list) and all(_TYPES[float][0](x) for x in v),
+        lambda v: list(map(float, v)),
+        "a list of finite numbers",
+    ),
+    Seconds: (
+        lambda v: (
+            (isinstance(v, str) and parse_duration(v) is not None)
+            or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        ),
+        lambda v: parse_duration(v) if isinstance(v, str) else float(v),
+        'seconds or a duration such as "90s", "3m" or "1h30m"',
+    ),
 }
 
 
@@ -84,7 +94,6 @@ def _tables_of(value: Any, cls: type, where: str) -> list:
                 raise _unknown(f"{where}[{i}]", "key", key, list(types), str)
         parts.append(cls(**{k: _coerce(v, types[k], f"{where}[{i}].{k}") for k, v in table.items()}))
     return parts
-
 
 
 def _toml_value(value: Any) -> str:

@@ -63,7 +63,7 @@ class Source:
     def pieces(self, text_field: str = "text", start: int = 0, end: int | None = None) -> Iterator[Piece]:
         """The source's pieces; of a JSONL file, only the lines that start in bytes [start, end)."""
         if self.name.startswith(BUILTIN_PREFIX):
-            for doc in _builtin_documents(self.name[len(BUILTIN_PREFIX):]):
+            for doc in _builtin_documents(self.name[len(BUILTIN_PREFIX) :]):
                 yield Piece(doc, True)
         elif self.name.endswith(".jsonl"):
             yield from self._jsonl_pieces(text_field, start, end)
@@ -127,8 +127,10 @@ class Source:
         f = _parquet_file(self.name)
         schema = f.schema_arrow
         if text_field not in schema.names:
-            raise UsageError(f"{self.name}: no {text_field!r} column (it has {', '.join(schema.names)}; "
-                             "choose one with --text-field)")
+            raise UsageError(
+                f"{self.name}: no {text_field!r} column (it has {', '.join(schema.names)}; "
+                "choose one with --text-field)"
+            )
         kind = schema.field(text_field).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise UsageError(f"{self.name}: column {text_field!r} is {kind}, expected strings")
@@ -149,7 +151,7 @@ def _parquet_file(path: str):
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise UsageError(f"{path}: reading Parquet needs pyarrow: pip install -e \".[parquet]\"") from None
+        raise UsageError(f'{path}: reading Parquet needs pyarrow: pip install -e ".[parquet]"') from None
     try:
         # Read column chunks through a 1 MiB buffer, not whole: with the defaults, resident memory grew
         # with the file (+72 MB reading 43 MB of text, +158 MB reading 342 MB); this way it stays at +68 MB.
@@ -203,7 +205,7 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Source]:
     seen: set[str] = set()  # real paths already among the sources
     for spec in inputs:
         if spec.startswith(BUILTIN_PREFIX):
-            name = spec[len(BUILTIN_PREFIX):]
+            name = spec[len(BUILTIN_PREFIX) :]
             if name not in BUILTINS:
                 known = ", ".join(BUILTIN_PREFIX + b for b in BUILTINS)
                 raise UsageError(f"{spec}: no such embedded corpus (known: {known})")
@@ -215,7 +217,8 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Source]:
                 raise UsageError(f"{spec}: matches no files")
         elif os.path.isdir(spec):
             paths = sorted(
-                str(p) for p in Path(spec).rglob("*")
+                str(p)
+                for p in Path(spec).rglob("*")
                 if p.is_file() and p.name.endswith(TEXT_SUFFIXES) and not p.name.startswith(".")
             )
             if not paths:

@@ -74,8 +74,15 @@ class Rows:
     shard[i]. Packed rows are computed from their number; the others are held as arrays (`cache`: see
     document_starts)."""
 
-    def __init__(self, shards: list[ShardInfo], seq_len: int, batching: Batching, eot_id: int | None = None,
-                 tails: bool = False, cache: bool = True):
+    def __init__(
+        self,
+        shards: list[ShardInfo],
+        seq_len: int,
+        batching: Batching,
+        eot_id: int | None = None,
+        tails: bool = False,
+        cache: bool = True,
+    ):
         self.seq_len = seq_len
         self.batching = batching
         if batching == "packed":
@@ -108,8 +115,9 @@ class Rows:
         return self._length
 
 
-def _document_rows(num_tokens: int, eots: np.ndarray, seq_len: int, batching: Batching
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def _document_rows(
+    num_tokens: int, eots: np.ndarray, seq_len: int, batching: Batching
+) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, lengths) of one shard's rows, given the positions of its end-of-text tokens."""
     starts = eots if len(eots) and eots[0] == 0 else np.concatenate([[0], eots]).astype(np.int64)
     if batching == "padded":

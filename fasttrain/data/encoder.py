@@ -38,11 +38,20 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 
 # Text each sample check encodes besides the corpus's own: what tends to tell two BPE implementations apart.
 PROBES = (
-    "", " ", "  \n\n\t  x", "don't I'll we've they're it's I'M 'S", "1234567890 3.14159 1e-9 ١٢٣ ٤٥",
-    "héllo wörld — ünïcödé ñ ß ø", "Привет мир, Ελληνικά, עברית, العربية, हिन्दी, ไทย, 한국어, 日本語の文章, 汉字",
-    "emoji 😀🚀👩‍👩‍👧‍👦🏳️‍🌈 and flags 🇫🇷", "\ufffd\ufffd replaced \ufffd", "\x00\x01\x7f control \u200b\u2028",
-    " " * 40 + "\n" * 9 + "\t" * 5 + "9" * 50, "def f(x):\n    return x  # <|endoftext|> inside\n",
-    "a<|endoftext|>b <|endoftext|><|endoftext|>", "<|end_of_text|></s><eos>",
+    "",
+    " ",
+    "  \n\n\t  x",
+    "don't I'll we've they're it's I'M 'S",
+    "1234567890 3.14159 1e-9 ١٢٣ ٤٥",
+    "héllo wörld — ünïcödé ñ ß ø",
+    "Привет мир, Ελληνικά, עברית, العربية, हिन्दी, ไทย, 한국어, 日本語の文章, 汉字",
+    "emoji 😀🚀👩‍👩‍👧‍👦🏳️‍🌈 and flags 🇫🇷",
+    "\ufffd\ufffd replaced \ufffd",
+    "\x00\x01\x7f control \u200b\u2028",
+    " " * 40 + "\n" * 9 + "\t" * 5 + "9" * 50,
+    "def f(x):\n    return x  # <|endoftext|> inside\n",
+    "a<|endoftext|>b <|endoftext|><|endoftext|>",
+    "<|end_of_text|></s><eos>",
 )
 
 Encode = Callable[[Sequence[str]], list[np.ndarray]]  # a batch of texts to their ids, one array each
@@ -67,6 +76,7 @@ def _byte_alphabet() -> dict[str, int]:
 
 def _pattern(pre: dict | None) -> str:
     """The one regex tiktoken splits with, for the tokenizer.json pre_tokenizer `pre`."""
+
     def byte_level(p: dict, with_regex: bool) -> None:
         if p.get("type") != "ByteLevel" or p.get("add_prefix_space") or p.get("use_regex", True) != with_regex:
             raise Inexpressible(f"pre-tokenizer {json.dumps(p)[:80]} is not a byte-level split tiktoken can express")
@@ -175,8 +185,10 @@ def fast_encoder(tok: tokenizers.Tokenizer) -> Encode:
 
 def slow_encoder(tokenizer: Tokenizer) -> Encode:
     """The `tokenizers` library's own encoding (it runs its batch on its own threads)."""
+
     def encode(texts: Sequence[str]) -> list[np.ndarray]:
         return [np.asarray(ids, dtype=np.uint32) for ids in tokenizer.encode_batch(texts)]
+
     return encode
 
 
@@ -203,4 +215,5 @@ def choose_encoder(tokenizer: Tokenizer, sample: Sequence[str]) -> tuple[Encode,
             return fast(texts)
         except Exception:
             return slow(texts)
+
     return encode, "tiktoken", None

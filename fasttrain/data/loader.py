@@ -106,12 +106,17 @@ class TokenLoader:
         mix: Sequence[tuple[int, Sequence[float]]] | None = None,
     ):
         if batch_size <= 0 or seq_len <= 0 or prefetch < 0 or pad_multiple <= 0:
-            raise ValueError(f"batch_size, seq_len and pad_multiple must be > 0 and prefetch >= 0, got "
-                             f"{batch_size}, {seq_len}, {pad_multiple}, {prefetch}")
+            raise ValueError(
+                f"batch_size, seq_len and pad_multiple must be > 0 and prefetch >= 0, got "
+                f"{batch_size}, {seq_len}, {pad_multiple}, {prefetch}"
+            )
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        for name, value, choices in (("sampling", sampling, Sampling), ("batching", batching, Batching),
-                                     ("padding", padding, Padding)):
+        for name, value, choices in (
+            ("sampling", sampling, Sampling),
+            ("batching", batching, Batching),
+            ("padding", padding, Padding),
+        ):
             if value not in get_args(choices):
                 raise ValueError(f"{name} must be one of {get_args(choices)}, got {value!r}")
         directories = [directory] if isinstance(directory, (str, os.PathLike)) else list(directory)
@@ -123,15 +128,19 @@ class TokenLoader:
             for s in (s for shards in found for s in shards):
                 bound = s.id_bound or scan_id_bound(s)
                 if bound > self.vocab_size:
-                    raise UsageError(f"{s.path}: token id {bound - 1} is outside the vocabulary ({self.vocab_size} tokens)")
+                    raise UsageError(
+                        f"{s.path}: token id {bound - 1} is outside the vocabulary ({self.vocab_size} tokens)"
+                    )
         self.device = torch.device(device)
         self.prefetch = prefetch
         rows = [Rows(shards, seq_len, batching, eot_id, tails=whole) for shards in found]
         if whole:  # a batch wider than a rank's share of the rows would be filler, costing memory for nothing
             read = min(rows[0].num_rows, first_rows or rows[0].num_rows)
             batch_size = min(batch_size, max(1, -(-read // world_size)))
-        sources = [SourceRows(shards, r, batch_size, world_size, sampling, padding, seed, whole, first_rows)
-                   for shards, r in zip(found, rows)]
+        sources = [
+            SourceRows(shards, r, batch_size, world_size, sampling, padding, seed, whole, first_rows)
+            for shards, r in zip(found, rows)
+        ]
         for d, r, source in zip(directories, rows, sources):
             if source.rows_per_epoch == 0:
                 if whole:
@@ -139,14 +148,24 @@ class TokenLoader:
                 what = f"windows of {seq_len + 1} tokens" if batching == "packed" else f"{batching} rows"
                 raise UsageError(
                     f"{d}: the {split} split has {r.num_rows} {what}, fewer than one batch of "
-                    f"{batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data")
+                    f"{batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data"
+                )
         self.blend = Blend(mix or [(0, [1.0] * len(sources))], batch_size * world_size)
         if self.blend.sources != len(sources):
             raise ValueError(f"a mix of {self.blend.sources} weights for {len(sources)} sources")
         self.sampling, self.seed = sampling, seed
-        self.reader = RowReader(sources, self.blend, batch_size, padding, rank, world_size, pad_id=eot_id or 0,
-                                pad_multiple=pad_multiple, pin_memory=self.device.type == "cuda",
-                                vocab_size=self.vocab_size)
+        self.reader = RowReader(
+            sources,
+            self.blend,
+            batch_size,
+            padding,
+            rank,
+            world_size,
+            pad_id=eot_id or 0,
+            pad_multiple=pad_multiple,
+            pin_memory=self.device.type == "cuda",
+            vocab_size=self.vocab_size,
+        )
         self.batches = 0  # consumed by the caller: the whole resumable state, with the seed
         self._tokens_carried = [0] * len(sources)  # see load_state_dict
         self.wait_seconds = 0.0
@@ -187,8 +206,10 @@ class TokenLoader:
 
     def source_tokens(self) -> list[int]:
         """Targets (real tokens) read from each source so far, over all ranks."""
-        return [s.targets_before(p) + carried for s, p, carried in
-                zip(self.reader.sources, self.positions(), self._tokens_carried)]
+        return [
+            s.targets_before(p) + carried
+            for s, p, carried in zip(self.reader.sources, self.positions(), self._tokens_carried)
+        ]
 
     def source_epochs(self) -> list[float]:
         """How many times over each source has been read so far (1.5: once, and half of it again)."""
@@ -202,12 +223,21 @@ class TokenLoader:
         r = self.reader
         positions, deficits = self.blend.start(self.batches)
         return {
-            "batches": self.batches, "seed": self.seed, "sampling": self.sampling, "batch_size": r.batch_size,
-            "seq_len": r.seq_len, "rank": r.rank, "world_size": r.world_size,
-            "batching": r.sources[0].rows.batching, "padding": r.padding, "pad_multiple": r.pad_multiple,
+            "batches": self.batches,
+            "seed": self.seed,
+            "sampling": self.sampling,
+            "batch_size": r.batch_size,
+            "seq_len": r.seq_len,
+            "rank": r.rank,
+            "world_size": r.world_size,
+            "batching": r.sources[0].rows.batching,
+            "padding": r.padding,
+            "pad_multiple": r.pad_multiple,
             "num_rows": [s.rows.num_rows for s in r.sources],
             # every source's position and deficit (fasttrain/data/mixture.py): where the blend continues from
-            "positions": list(positions), "deficits": list(deficits), "tokens": self.source_tokens(),
+            "positions": list(positions),
+            "deficits": list(deficits),
+            "tokens": self.source_tokens(),
             "mix_rounds": self.blend.entered(self.batches),  # where each mix change in force began: it stays there
         }
 
@@ -222,8 +252,9 @@ class TokenLoader:
             state.setdefault("positions", [int(state["batches"]) * self.blend.rows_per_round])
             state.setdefault("deficits", [0.0])
         position = ("batches", "positions", "deficits", "tokens", "mix_rounds")
-        differ = [f"{k}={state.get(k)!r} (now {v!r})" for k, v in mine.items()
-                  if k not in position and state.get(k) != v]
+        differ = [
+            f"{k}={state.get(k)!r} (now {v!r})" for k, v in mine.items() if k not in position and state.get(k) != v
+        ]
         if differ:
             raise UsageError(f"loader state does not match this loader: {', '.join(differ)}")
         self._stop_worker()
@@ -253,7 +284,6 @@ class TokenLoader:
     def __del__(self) -> None:
         if getattr(self, "_worker", None) is not None:
             self._stop_worker()
-
 
 
 def _vocab_size_of(directory: Path, shards: list[ShardInfo]) -> int:

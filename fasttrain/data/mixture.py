@@ -88,8 +88,9 @@ class Blend:
         """The first rounds of the phases begun by the start of round `round_` (a saved position)."""
         return [first for first, _ in self.phases if first <= round_]
 
-    def restart(self, round_: int, positions: Sequence[int], deficits: Sequence[float],
-                entered: Sequence[int] | None = None) -> None:
+    def restart(
+        self, round_: int, positions: Sequence[int], deficits: Sequence[float], entered: Sequence[int] | None = None
+    ) -> None:
         """Continue from the state `start(round_)` returned (a resumed run). `entered`: the first rounds of the
         phases the saved run had begun (its `entered(round_)`; None: not recorded, a save from before): those
         stay where they began, whatever this blend's phases say (a longer run moves a `fraction` change later,
@@ -98,9 +99,13 @@ class Blend:
             raise ValueError(f"a state of {len(positions)} sources for a blend of {self.sources}")
         with self._lock:
             if entered is not None:
-                kept = [int(r) for r in entered][:len(self.phases)]
-                self.phases = _checked([(kept[i] if i < len(kept) else max(first, round_), weights)
-                                        for i, (first, weights) in enumerate(self.phases)])
+                kept = [int(r) for r in entered][: len(self.phases)]
+                self.phases = _checked(
+                    [
+                        (kept[i] if i < len(kept) else max(first, round_), weights)
+                        for i, (first, weights) in enumerate(self.phases)
+                    ]
+                )
             self._anchor = (round_, tuple(map(int, positions)), tuple(map(float, deficits)))
             self._memo = {}
 
@@ -141,8 +146,9 @@ class Blend:
         if len(self._memo) > 2 * MEMO:  # a long run plans millions of rounds: keep the latest MEMO
             self._memo = {r: self._memo[r] for r in sorted(self._memo)[-MEMO:]}
 
-    def _play(self, round_: int, positions: tuple[int, ...], deficits: tuple[float, ...]
-              ) -> tuple[list[int], list[int], tuple[int, ...], tuple[float, ...]]:
+    def _play(
+        self, round_: int, positions: tuple[int, ...], deficits: tuple[float, ...]
+    ) -> tuple[list[int], list[int], tuple[int, ...], tuple[float, ...]]:
         """The source of each row of round `round_` and the row's position in it, then the state after the
         round (deficits reset where a phase begins)."""
         taken, owed = list(positions), list(deficits)
@@ -182,8 +188,10 @@ def source_names(d: DataConfig) -> list[str]:
             if name not in given and all(p[-k:] != parts[-k:] for p in others):
                 break
         else:  # a name given to another source is this folder's whole path
-            raise UsageError(f"data.sources[{i}].dir = {s.dir}: every name for it is taken by another source's "
-                             "`name`; give this source a name of its own")
+            raise UsageError(
+                f"data.sources[{i}].dir = {s.dir}: every name for it is taken by another source's "
+                "`name`; give this source a name of its own"
+            )
         names.append(name)
     return names
 
@@ -226,13 +234,17 @@ def open_sources(d: DataConfig) -> list[Source]:
     first = opened[0]
     for i, data in enumerate(opened[1:], 1):
         if data.vocab_size != first.vocab_size:
-            raise UsageError(f"data.sources[{i}].dir = {data.dir} has a vocabulary of {data.vocab_size} tokens, "
-                             f"data.sources[0].dir = {first.dir} one of {first.vocab_size}; a mixture needs one "
-                             f"tokenizer: prepare every source with --tokenizer {first.dir}/tokenizer.json")
+            raise UsageError(
+                f"data.sources[{i}].dir = {data.dir} has a vocabulary of {data.vocab_size} tokens, "
+                f"data.sources[0].dir = {first.dir} one of {first.vocab_size}; a mixture needs one "
+                f"tokenizer: prepare every source with --tokenizer {first.dir}/tokenizer.json"
+            )
         if _tokenizer_sha(data) != _tokenizer_sha(first):
-            raise UsageError(f"data.sources[{i}].dir = {data.dir} was prepared with another tokenizer than "
-                             f"data.sources[0].dir = {first.dir} (their tokenizer.json differ); a mixture needs one: "
-                             f"prepare every source with --tokenizer {first.dir}/tokenizer.json")
+            raise UsageError(
+                f"data.sources[{i}].dir = {data.dir} was prepared with another tokenizer than "
+                f"data.sources[0].dir = {first.dir} (their tokenizer.json differ); a mixture needs one: "
+                f"prepare every source with --tokenizer {first.dir}/tokenizer.json"
+            )
     return [Source(n, s.dir, w, data) for n, s, w, data in zip(source_names(d), d.sources, weights, opened)]
 
 
@@ -247,8 +259,11 @@ def phases(d: DataConfig, max_steps: int, accumulation: int) -> tuple[list[tuple
         return [(0, (1.0,))], []
     given = [(0, "data.sources weights", [s.weight for s in d.sources])]
     given += [(change_step(c, max_steps), f"data.mix[{i}].weights", c.weights) for i, c in enumerate(d.mix)]
-    notes = [f"{name} sum to {weights_sum(w)}, not 1: normalized to {', '.join(f'{v:.4g}' for v in normalized(w))}"
-             for _, name, w in given if abs(sum(w) - 1) > 1e-9]
+    notes = [
+        f"{name} sum to {weights_sum(w)}, not 1: normalized to {', '.join(f'{v:.4g}' for v in normalized(w))}"
+        for _, name, w in given
+        if abs(sum(w) - 1) > 1e-9
+    ]
     return [(step * accumulation, normalized(w)) for step, _, w in given], notes
 
 
@@ -263,8 +278,10 @@ def replay_mix(d: DataConfig, mix: Sequence[tuple[int, Sequence[float]]], accumu
     for (first, _), change in zip(mix[1:], d.mix):
         if first // accumulation < steps:
             pinned[first // accumulation] = change.weights
-    tables = ", ".join(f"{{step = {step}, weights = [{', '.join(repr(float(w)) for w in weights)}]}}"
-                       for step, weights in pinned.items())
+    tables = ", ".join(
+        f"{{step = {step}, weights = [{', '.join(repr(float(w)) for w in weights)}]}}"
+        for step, weights in pinned.items()
+    )
     return f"data.mix=[{tables}]"
 
 

@@ -78,11 +78,13 @@ def share(sources: Sequence[Source], k: int, n: int) -> list[tuple[Source, int, 
 
 def identity(sources: Sequence[Source]) -> list[dict]:
     """What the inputs were, to tell whether parts read the same files: paths, sizes and modification times."""
+
     def one(src: Source) -> dict:
         if src.name.startswith("builtin:"):
             return {"path": src.name, "python": sys.version.split()[0]}
         st = os.stat(src.name)
         return {"path": os.path.abspath(src.name), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
     return [one(s) for s in sources]
 
 
@@ -96,12 +98,22 @@ def _lock(out: Path, k: int, n: int) -> Path:
 
 def _refuse_merged(out: Path, what: str) -> None:
     if (out / "meta.json").exists():
-        raise UsageError(f"{what}: {out} already holds prepared data (merged, or prepared whole); it is "
-                         "not changed: prepare the parts into another --out")
+        raise UsageError(
+            f"{what}: {out} already holds prepared data (merged, or prepared whole); it is "
+            "not changed: prepare the parts into another --out"
+        )
 
 
-def learn_tokenizer(inputs: Sequence[str], out_dir: str | os.PathLike, *, vocab_size: int, val_fraction: float,
-                    text_field: str, tokenizer_train_chars: int = 200_000_000, quiet: bool = False) -> Path:
+def learn_tokenizer(
+    inputs: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    vocab_size: int,
+    val_fraction: float,
+    text_field: str,
+    tokenizer_train_chars: int = 200_000_000,
+    quiet: bool = False,
+) -> Path:
     """Learn the BPE every part will use, from the training split's sample spread over all the inputs, into
     DIR/parts/tokenizer.json (with what it learned from beside it). Returns its path."""
     out = Path(out_dir)
@@ -115,19 +127,34 @@ def learn_tokenizer(inputs: Sequence[str], out_dir: str | os.PathLike, *, vocab_
     parts = _parts_dir(out)
     with holding(parts / ".tokenizer.lock", lambda h: f"{parts}: another prepare ({h}) is learning its tokenizer"):
         tokenizer.save(parts / LEARNED)
-        learned = {"request": prep.request_of(inputs, vocab_size, None, val_fraction, text_field),
-                   "learned_from": sample.describe(), "seconds": round(time.perf_counter() - start, 3)}
+        learned = {
+            "request": prep.request_of(inputs, vocab_size, None, val_fraction, text_field),
+            "learned_from": sample.describe(),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
         (parts / LEARNED_META).write_text(json.dumps(learned, indent=2) + "\n")
     if not quiet:
-        print(f"learned a BPE of {tokenizer.vocab_size} tokens from {sample.chars:,} characters of "
-              f"{sample.documents:,} documents in {sample.files} files -> {parts / LEARNED}")
+        print(
+            f"learned a BPE of {tokenizer.vocab_size} tokens from {sample.chars:,} characters of "
+            f"{sample.documents:,} documents in {sample.files} files -> {parts / LEARNED}"
+        )
     return parts / LEARNED
 
 
-def prepare_part(inputs: Sequence[str], out_dir: str | os.PathLike, k: int, n: int, *,
-                 tokenizer_path: str | None = None, val_fraction: float = 0.1, shard_tokens: int = 100_000_000,
-                 text_field: str = "text", batch_chars: int = 1_000_000, workers: int = 0,
-                 quiet: bool = False) -> dict:
+def prepare_part(
+    inputs: Sequence[str],
+    out_dir: str | os.PathLike,
+    k: int,
+    n: int,
+    *,
+    tokenizer_path: str | None = None,
+    val_fraction: float = 0.1,
+    shard_tokens: int = 100_000_000,
+    text_field: str = "text",
+    batch_chars: int = 1_000_000,
+    workers: int = 0,
+    quiet: bool = False,
+) -> dict:
     """Prepare part k of n of `inputs` into DIR/parts/k-of-n; returns its manifest."""
     out, name = Path(out_dir), f"part {k}/{n}"
     prep.check_options(val_fraction, shard_tokens, tokenizer_path)
@@ -135,21 +162,27 @@ def prepare_part(inputs: Sequence[str], out_dir: str | os.PathLike, k: int, n: i
     request, learned_from = None, None
     if not tokenizer_path:
         if not (parts / LEARNED).is_file():
-            raise UsageError(f"{name}: no tokenizer; every part needs the same one: give --tokenizer, or learn "
-                             f"one first, once: fasttrain prepare --input ... --out {out} --learn-tokenizer-only "
-                             "--vocab-size N")
+            raise UsageError(
+                f"{name}: no tokenizer; every part needs the same one: give --tokenizer, or learn "
+                f"one first, once: fasttrain prepare --input ... --out {out} --learn-tokenizer-only "
+                "--vocab-size N"
+            )
         try:
             learned = json.loads((parts / LEARNED_META).read_text())
             request, learned_from = learned["request"], learned["learned_from"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(f"{name}: {parts / LEARNED_META} unreadable ({type(e).__name__}); learn the tokenizer "
-                             "again with --learn-tokenizer-only") from None
+            raise UsageError(
+                f"{name}: {parts / LEARNED_META} unreadable ({type(e).__name__}); learn the tokenizer "
+                "again with --learn-tokenizer-only"
+            ) from None
     sources = resolve_inputs(inputs)
     if request is None:
         request = prep.request_of(inputs, 0, tokenizer_path, val_fraction, text_field)
     elif {**request, "vocab_size": 0} != {**prep.request_of(inputs, 0, None, val_fraction, text_field)}:
-        raise UsageError(f"{name}: {parts / LEARNED} was learned from other inputs or options "
-                         f"({json.dumps(request)[:120]}); learn it again for these")
+        raise UsageError(
+            f"{name}: {parts / LEARNED} was learned from other inputs or options "
+            f"({json.dumps(request)[:120]}); learn it again for these"
+        )
     _refuse_merged(out, name)  # before the lock, which would make DIR/parts again
     busy = lambda holder: f"{name}: another prepare ({holder}) is writing it; wait for it to end"  # noqa: E731
     with holding(_lock(out, k, n), busy):
@@ -165,16 +198,28 @@ def prepare_part(inputs: Sequence[str], out_dir: str | os.PathLike, k: int, n: i
             split = plan_split(sources, text_field, val_fraction)  # the whole input's: the same in every part
             taken = share(sources, k, n)
             pieces: Iterator[Piece] = chain.from_iterable(s.pieces(text_field, a, b) for s, a, b in taken)
-            counts = write_shards(tmp, split_pieces(pieces, split), tokenizer,
-                                  prep.corpus_sample(sources, text_field), shard_tokens=shard_tokens,
-                                  batch_chars=batch_chars, workers=workers or prep.default_workers(),
-                                  total_bytes=sum(s.size for s, _, _ in taken), quiet=quiet)
+            counts = write_shards(
+                tmp,
+                split_pieces(pieces, split),
+                tokenizer,
+                prep.corpus_sample(sources, text_field),
+                shard_tokens=shard_tokens,
+                batch_chars=batch_chars,
+                workers=workers or prep.default_workers(),
+                total_bytes=sum(s.size for s, _, _ in taken),
+                quiet=quiet,
+            )
             tokenizer.save(tmp / "tokenizer.json")
             manifest = {
-                "part": k, "parts": n, **counts,
-                "inputs": identity(sources), "files": len(taken),
+                "part": k,
+                "parts": n,
+                **counts,
+                "inputs": identity(sources),
+                "files": len(taken),
                 "tokenizer_sha256": fingerprint(tmp / "tokenizer.json"),
-                "request": request, "shard_tokens": shard_tokens, "split": split.describe(),
+                "request": request,
+                "shard_tokens": shard_tokens,
+                "split": split.describe(),
                 "tokenizer_learned_from": learned_from,
                 "seconds": round(time.perf_counter() - start, 3),
             }
@@ -187,14 +232,21 @@ def prepare_part(inputs: Sequence[str], out_dir: str | os.PathLike, k: int, n: i
             shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
         t = counts["tokens"]
-        print(f"{name}: {t['train']:,} train + {t['val']:,} val tokens from {len(taken)} inputs in "
-              f"{manifest['seconds']:.1f}s -> {final}")
+        print(
+            f"{name}: {t['train']:,} train + {t['val']:,} val tokens from {len(taken)} inputs in "
+            f"{manifest['seconds']:.1f}s -> {final}"
+        )
     return manifest
 
 
 # What every part must agree on, with how a disagreement is named.
-_SAME = (("inputs", "other inputs"), ("tokenizer_sha256", "another tokenizer"),
-         ("request", "other options"), ("shard_tokens", "other options"), ("split", "another split"))
+_SAME = (
+    ("inputs", "other inputs"),
+    ("tokenizer_sha256", "another tokenizer"),
+    ("request", "other options"),
+    ("shard_tokens", "other options"),
+    ("split", "another split"),
+)
 
 
 def merge(out_dir: str | os.PathLike, *, quiet: bool = False) -> dict:
@@ -207,20 +259,25 @@ def merge(out_dir: str | os.PathLike, *, quiet: bool = False) -> dict:
         _refuse_merged(out, "--merge")
         n = _count_parts(parts)
         for k in range(n):  # no part is being written while the merge reads it, nor starts before it ends
+
             def still_written(h: str, k: int = k) -> str:
                 return f"part {k}/{n}: still being written ({h}); merge once it has ended"
+
             locks.enter_context(holding(_lock(out, k, n), still_written))
         manifests = [_read_part(parts, k, n) for k in range(n)]
         for m in manifests[1:]:
             for key, what in _SAME:
                 if _compared(m, key) != _compared(manifests[0], key):
-                    raise UsageError(f"part {m['part']}/{n}: made from {what} than part 0/{n} "
-                                     f"({_difference(_compared(m, key), _compared(manifests[0], key), key)}); "
-                                     "prepare it again like "
-                                     "the others")
+                    raise UsageError(
+                        f"part {m['part']}/{n}: made from {what} than part 0/{n} "
+                        f"({_difference(_compared(m, key), _compared(manifests[0], key), key)}); "
+                        "prepare it again like "
+                        "the others"
+                    )
         first = manifests[0]
-        counts = {key: {s: sum(m[key][s] for m in manifests) for s in SPLITS}
-                  for key in ("tokens", "documents", "text_bytes")}
+        counts = {
+            key: {s: sum(m[key][s] for m in manifests) for s in SPLITS} for key in ("tokens", "documents", "text_bytes")
+        }
         request = first["request"]
         prep.check_counts(counts, request["inputs"], request["val_fraction"])
         tmp = out / prep.TMP_NAME
@@ -237,7 +294,9 @@ def merge(out_dir: str | os.PathLike, *, quiet: bool = False) -> dict:
             tokenizer = Tokenizer.load(tmp / "tokenizer.json")
             meta = {
                 **prep.describe(tokenizer, {**counts, "shards": names}),
-                "split": first["split"], "request": request, "files": len(first["inputs"]),
+                "split": first["split"],
+                "request": request,
+                "files": len(first["inputs"]),
                 "invalid_utf8_replaced": sum(m["invalid_utf8_replaced"] for m in manifests),
                 "unknown_tokens": sum(m["unknown_tokens"] for m in manifests),
                 "encoder": "+".join(sorted({m["encoder"] for m in manifests})),
@@ -248,7 +307,9 @@ def merge(out_dir: str | os.PathLike, *, quiet: bool = False) -> dict:
             }
             prep.publish(out, meta)
         except OSError as e:
-            raise UsageError(f"{out}: merge failed ({e.strerror or e}); the parts are as they were, merge again") from None
+            raise UsageError(
+                f"{out}: merge failed ({e.strerror or e}); the parts are as they were, merge again"
+            ) from None
         finally:
             if not (tmp / prep.COMPLETE).exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -279,13 +340,18 @@ def _difference(value: object, first: object, key: str) -> str:
 
 def _count_parts(parts: Path) -> int:
     """N, from the part folders (finished or not) in DIR/parts; they must all say the same."""
-    found = {int(m[2]) for p in (parts.iterdir() if parts.is_dir() else ())
-             if (m := _NAME.fullmatch(p.name.removeprefix(".").removesuffix(".tmp")))}
+    found = {
+        int(m[2])
+        for p in (parts.iterdir() if parts.is_dir() else ())
+        if (m := _NAME.fullmatch(p.name.removeprefix(".").removesuffix(".tmp")))
+    }
     if not found:
         raise UsageError(f"--merge: {parts}: no parts there; prepare them first with --part K/N")
     if len(found) > 1:
-        raise UsageError(f"--merge: {parts}: holds parts of {' and of '.join(map(str, sorted(found)))}; keep one "
-                         "division (remove the other's folders)")
+        raise UsageError(
+            f"--merge: {parts}: holds parts of {' and of '.join(map(str, sorted(found)))}; keep one "
+            "division (remove the other's folders)"
+        )
     return found.pop()
 
 
@@ -294,15 +360,19 @@ def _read_part(parts: Path, k: int, n: int) -> dict:
     folder = parts / f"{k}-of-{n}"
     if not folder.is_dir():
         if (parts / f".{k}-of-{n}.tmp").exists():
-            raise UsageError(f"part {k}/{n}: unfinished (killed while it ran); run it again: fasttrain prepare "
-                             f"--input ... --out {parts.parent} --part {k}/{n}")
-        raise UsageError(f"part {k}/{n}: missing; run it: fasttrain prepare --input ... --out {parts.parent} "
-                         f"--part {k}/{n}")
+            raise UsageError(
+                f"part {k}/{n}: unfinished (killed while it ran); run it again: fasttrain prepare "
+                f"--input ... --out {parts.parent} --part {k}/{n}"
+            )
+        raise UsageError(
+            f"part {k}/{n}: missing; run it: fasttrain prepare --input ... --out {parts.parent} --part {k}/{n}"
+        )
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as e:
-        raise UsageError(f"part {k}/{n}: {folder / MANIFEST} unreadable ({type(e).__name__}); run the part "
-                         "again") from None
+        raise UsageError(
+            f"part {k}/{n}: {folder / MANIFEST} unreadable ({type(e).__name__}); run the part again"
+        ) from None
     for s in SPLITS:
         for shard in manifest["shards"][s]:
             if not (folder / shard).is_file():

@@ -127,9 +127,18 @@ def encode_into(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def write_shards(directory: Path, pieces: Iterable[tuple[str, Piece, bool]], tokenizer: Tokenizer,
-                 sample: list[str], *, shard_tokens: int, batch_chars: int, workers: int, total_bytes: int,
-                 quiet: bool) -> dict:
+def write_shards(
+    directory: Path,
+    pieces: Iterable[tuple[str, Piece, bool]],
+    tokenizer: Tokenizer,
+    sample: list[str],
+    *,
+    shard_tokens: int,
+    batch_chars: int,
+    workers: int,
+    total_bytes: int,
+    quiet: bool,
+) -> dict:
     """Tokenize `pieces` (split, piece, starts_document) into `directory`'s train and val shards with the
     fastest encoder that gives `tokenizer`'s ids on `sample` (its choice said in one line when it is not
     tiktoken); returns meta.json's counts. Nothing half-written is left if it fails."""
@@ -139,8 +148,16 @@ def write_shards(directory: Path, pieces: Iterable[tuple[str, Piece, bool]], tok
     outputs = {s: ShardSequence(directory, s, tokenizer.vocab_size, shard_tokens) for s in SPLITS}
     try:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=quiet or None) as bar:
-            encode_into(pieces, encode, outputs, eot_id=tokenizer.eot_id, unk_id=tokenizer.unk_id,
-                        batch_chars=batch_chars, workers=workers, progress=bar)
+            encode_into(
+                pieces,
+                encode,
+                outputs,
+                eot_id=tokenizer.eot_id,
+                unk_id=tokenizer.unk_id,
+                batch_chars=batch_chars,
+                workers=workers,
+                progress=bar,
+            )
         shards = {s: [Path(i.path).name for i in outputs[s].close()] for s in SPLITS}
     finally:
         for o in outputs.values():

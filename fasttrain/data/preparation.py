@@ -81,19 +81,29 @@ def _prepare(
         start = time.perf_counter()
         split = plan_split(sources, text_field, val_fraction)
         if split.by == "end_of_text" and not quiet:
-            print(f"split: fewer than two documents, so the last {val_fraction:g} of the text "
-                  f"(from character {split.cut:,} of {split.total_chars:,}, at a line end) is held out for validation")
+            print(
+                f"split: fewer than two documents, so the last {val_fraction:g} of the text "
+                f"(from character {split.cut:,} of {split.total_chars:,}, at a line end) is held out for validation"
+            )
         sample = Sample()
         if tokenizer_path:
             tokenizer = Tokenizer.load(tokenizer_path)
         else:
-            tokenizer = Tokenizer.train(tokenizer_sample(sources, text_field, split, tokenizer_train_chars, sample),
-                                        vocab_size)
+            tokenizer = Tokenizer.train(
+                tokenizer_sample(sources, text_field, split, tokenizer_train_chars, sample), vocab_size
+            )
         tokenizer_seconds = time.perf_counter() - start
-        counts = write_shards(tmp, split_documents(sources, text_field, split), tokenizer,
-                              corpus_sample(sources, text_field), shard_tokens=shard_tokens, batch_chars=batch_chars,
-                              workers=workers or default_workers(), total_bytes=sum(s.size for s in sources),
-                              quiet=quiet)
+        counts = write_shards(
+            tmp,
+            split_documents(sources, text_field, split),
+            tokenizer,
+            corpus_sample(sources, text_field),
+            shard_tokens=shard_tokens,
+            batch_chars=batch_chars,
+            workers=workers or default_workers(),
+            total_bytes=sum(s.size for s in sources),
+            quiet=quiet,
+        )
         seconds = time.perf_counter() - start
         check_counts(counts, inputs, val_fraction)
         tokenizer.save(tmp / "tokenizer.json")
@@ -121,8 +131,14 @@ def _prepare(
     return meta
 
 
-def check_preparable(inputs: Sequence[str], out: Path, val_fraction: float, shard_tokens: int = 100_000_000,
-                     tokenizer_path: str | None = None, overwrite: bool = False) -> list:
+def check_preparable(
+    inputs: Sequence[str],
+    out: Path,
+    val_fraction: float,
+    shard_tokens: int = 100_000_000,
+    tokenizer_path: str | None = None,
+    overwrite: bool = False,
+) -> list:
     """Everything that can refuse preparing `inputs` into `out` before anything is read or written (options,
     inputs that name nothing, an `out` that is not ours to fill); returns the inputs' sources (corpus.Source)."""
     check_options(val_fraction, shard_tokens, tokenizer_path)
@@ -141,7 +157,8 @@ def check_options(val_fraction: float, shard_tokens: int, tokenizer_path: str | 
         raise UsageError(
             f"{tokenizer_path}: no such tokenizer file; save a model's, e.g. python -c \"from tokenizers import "
             f"Tokenizer; Tokenizer.from_pretrained('gpt2').save('{tokenizer_path}')\", or train one: leave "
-            "data.tokenizer (--tokenizer) unset and give data.vocab_size (--vocab-size)")
+            "data.tokenizer (--tokenizer) unset and give data.vocab_size (--vocab-size)"
+        )
 
 
 def _check_writable(out: Path, overwrite: bool) -> None:
@@ -153,17 +170,21 @@ def _check_writable(out: Path, overwrite: bool) -> None:
         _refuse_foreign(out, existing[0].name)
     if existing and not overwrite:
         if not (out / "meta.json").exists():  # shards without their description: not data that can be used
-            raise UsageError(f"{out}: holds {existing[0].name} but no meta.json (a damaged or unfinished "
-                             f"preparation); prepare it again: fasttrain prepare --out {out} --overwrite")
+            raise UsageError(
+                f"{out}: holds {existing[0].name} but no meta.json (a damaged or unfinished "
+                f"preparation); prepare it again: fasttrain prepare --out {out} --overwrite"
+            )
         raise UsageError(f"{out}: already holds prepared data ({existing[0].name}); pass --overwrite to replace it")
 
 
 def check_counts(counts: dict, inputs: Sequence[str], val_fraction: float) -> None:
     """Refuse a preparation with no training text, or no validation text when some was asked for."""
     if counts["tokens"]["train"] == 0 and counts["tokens"]["val"] > 0:  # every document was the first's text
-        raise UsageError(f"{', '.join(inputs)}: every document went to validation (the first document's text is "
-                         "always validation, and identical documents stay in one split); give documents of other "
-                         "text, or --val-fraction 0")
+        raise UsageError(
+            f"{', '.join(inputs)}: every document went to validation (the first document's text is "
+            "always validation, and identical documents stay in one split); give documents of other "
+            "text, or --val-fraction 0"
+        )
     if counts["tokens"]["train"] == 0:
         raise UsageError(f"{', '.join(inputs)}: no text found")
     if val_fraction > 0 and counts["tokens"]["val"] == 0:  # by the end of the text, with no line end after the cut
@@ -175,8 +196,12 @@ def check_counts(counts: dict, inputs: Sequence[str], val_fraction: float) -> No
 
 def describe(tokenizer: Tokenizer, counts: dict) -> dict:
     """meta.json's description of the tokenizer and of the shards `counts` (from write_shards) hold."""
-    return {"vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
-            "token_dtype": token_dtype(tokenizer.vocab_size).name, **counts}
+    return {
+        "vocab_size": tokenizer.vocab_size,
+        "eot_id": tokenizer.eot_id,
+        "token_dtype": token_dtype(tokenizer.vocab_size).name,
+        **counts,
+    }
 
 
 def publish(out: Path, meta: dict) -> None:
@@ -194,8 +219,10 @@ def publish(out: Path, meta: dict) -> None:
         _move_into_place(out, names)
     except OSError as e:
         unfinished = (tmp / COMPLETE).exists()
-        raise UsageError(f"{out}: write failed ({e.strerror or e})"
-                         + ("; prepare it again to finish moving the new data into place" if unfinished else "")) from None
+        raise UsageError(
+            f"{out}: write failed ({e.strerror or e})"
+            + ("; prepare it again to finish moving the new data into place" if unfinished else "")
+        ) from None
 
 
 def report(meta: dict, tokenizer: Tokenizer, out: Path) -> None:
@@ -212,9 +239,11 @@ def report(meta: dict, tokenizer: Tokenizer, out: Path) -> None:
     # Like invalid UTF-8, counted; unlike it, the text is gone, not one character. (Only a tokenizer with an
     # unknown token makes unknown tokens.)
     if unknown and tokenizer.unk_id is not None:
-        print(f"warning: {unknown:,} of the {n:,} tokens ({unknown / n:.1%}) are {tokenizer.source}'s unknown "
-              f"token {tokenizer.tok.id_to_token(tokenizer.unk_id)}: text it cannot encode, lost from the data "
-              "(meta.json's unknown_tokens); a byte-level BPE encodes any text")
+        print(
+            f"warning: {unknown:,} of the {n:,} tokens ({unknown / n:.1%}) are {tokenizer.source}'s unknown "
+            f"token {tokenizer.tok.id_to_token(tokenizer.unk_id)}: text it cannot encode, lost from the data "
+            "(meta.json's unknown_tokens); a byte-level BPE encodes any text"
+        )
 
 
 def default_workers() -> int:
@@ -307,8 +336,10 @@ def finish_interrupted_move(out: Path, quiet: bool) -> None:
     except OSError as e:
         raise UsageError(f"{out}: cannot finish moving the data prepared there into place ({e.strerror})") from None
     if not quiet:
-        print(f"note: {marker}: damaged, so the move it marks never started; discarded that unfinished "
-              f"preparation ({out} holds its earlier data as it was)")
+        print(
+            f"note: {marker}: damaged, so the move it marks never started; discarded that unfinished "
+            f"preparation ({out} holds its earlier data as it was)"
+        )
 
 
 def _refuse_foreign(out: Path, prepared_name: str) -> None:
@@ -317,11 +348,16 @@ def _refuse_foreign(out: Path, prepared_name: str) -> None:
     model's config.json beside its tokenizer.json, say). Prepare would replace files it did not write."""
     if _is_prepare_meta(out / "meta.json"):
         return
-    others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")
-                    and not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in PREPARED))
+    others = sorted(
+        p.name
+        for p in out.iterdir()
+        if not p.name.startswith(".") and not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in PREPARED)
+    )
     if others:
-        raise UsageError(f"{out}: not a prepared folder (no meta.json of prepare's; it holds {others[0]}), so its "
-                         f"{prepared_name} is not prepare's to replace; prepare into another directory")
+        raise UsageError(
+            f"{out}: not a prepared folder (no meta.json of prepare's; it holds {others[0]}), so its "
+            f"{prepared_name} is not prepare's to replace; prepare into another directory"
+        )
 
 
 def _is_prepare_meta(path: Path) -> bool:
@@ -333,12 +369,16 @@ def _is_prepare_meta(path: Path) -> bool:
     return isinstance(meta, dict) and "request" in meta
 
 
-def request_of(inputs: Sequence[str], vocab_size: int, tokenizer_path: str | None, val_fraction: float,
-             text_field: str) -> dict:
+def request_of(
+    inputs: Sequence[str], vocab_size: int, tokenizer_path: str | None, val_fraction: float, text_field: str
+) -> dict:
     """What was asked for, paths made absolute: what they name must not depend on where the run started."""
-    request = {"inputs": [_absolute(i) for i in inputs],
-               "tokenizer": _absolute(tokenizer_path) if tokenizer_path else None,
-               "vocab_size": None if tokenizer_path else vocab_size, "val_fraction": val_fraction}
+    request = {
+        "inputs": [_absolute(i) for i in inputs],
+        "tokenizer": _absolute(tokenizer_path) if tokenizer_path else None,
+        "vocab_size": None if tokenizer_path else vocab_size,
+        "val_fraction": val_fraction,
+    }
     if text_field != "text":  # recorded only when it is not the default, so earlier caches keep their keys
         request["text_field"] = text_field
     return request
@@ -352,7 +392,10 @@ def cache_dir(request: dict) -> Path:
     stale shards. Its paths are absolute (`request_of`), since what a relative one
     names depends on the working directory.
     """
-    root = os.environ.get("FASTTRAIN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fasttrain"
+    root = (
+        os.environ.get("FASTTRAIN_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fasttrain"
+    )
     digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
     name = re.sub(r"[^A-Za-z0-9]+", "-", request["inputs"][0].removeprefix("builtin:")).strip("-")[-40:] or "data"
     return Path(root) / f"{name}-{digest}"
@@ -382,11 +425,20 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
             if d.dir and not d.inputs and not quiet:  # a typo in data.dir would otherwise pass unnoticed
                 state = "is empty" if Path(directory).is_dir() else "does not exist"
                 if state == "does not exist" or not any(Path(directory).iterdir()):
-                    print(f"note: data.dir = {directory} {state}, so the default data.inputs "
-                          f"({', '.join(DEFAULT_INPUTS)}) is prepared into it; if it should name a prepared "
-                          "folder, check the path")
-            _prepare(inputs, directory, vocab_size=vocab_size, tokenizer_path=d.tokenizer or None,
-                     val_fraction=d.val_fraction, text_field=d.text_field, quiet=quiet)
+                    print(
+                        f"note: data.dir = {directory} {state}, so the default data.inputs "
+                        f"({', '.join(DEFAULT_INPUTS)}) is prepared into it; if it should name a prepared "
+                        "folder, check the path"
+                    )
+            _prepare(
+                inputs,
+                directory,
+                vocab_size=vocab_size,
+                tokenizer_path=d.tokenizer or None,
+                val_fraction=d.val_fraction,
+                text_field=d.text_field,
+                quiet=quiet,
+            )
     data = find_prepared(d)[1]
     assert data is not None  # prepared above, by this process or the lock's holder
     return data
@@ -394,8 +446,13 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
 
 def prepared_dir(d: DataConfig) -> str:
     """The folder [data] `d` trains from: data.dir, or the cache directory of its request (`cache_dir`)."""
-    return d.dir or str(cache_dir(request_of(d.inputs or DEFAULT_INPUTS, d.vocab_size or DEFAULT_VOCAB, d.tokenizer,
-                                             d.val_fraction, d.text_field)))
+    return d.dir or str(
+        cache_dir(
+            request_of(
+                d.inputs or DEFAULT_INPUTS, d.vocab_size or DEFAULT_VOCAB, d.tokenizer, d.val_fraction, d.text_field
+            )
+        )
+    )
 
 
 def find_prepared(d: DataConfig) -> tuple[str, PreparedData | None]:
@@ -412,7 +469,8 @@ def find_prepared(d: DataConfig) -> tuple[str, PreparedData | None]:
             f"{directory}: holds data prepared with "
             f"{', '.join(f'{k}={found.get(k)!r}' for k, _ in differ)}, not what [data] asks for "
             f"({', '.join(f'data.{k} = {v!r}' for k, v in differ)}); leave those keys unset to train on this "
-            "folder as it is, point data.dir elsewhere, or remove the directory")
+            "folder as it is, point data.dir elsewhere, or remove the directory"
+        )
     return directory, prepared
 
 
@@ -442,8 +500,10 @@ def _absolute(spec: str) -> str:
 def _comparable(key: str, value: object) -> object:
     """A request value as compared between a config and a prepared folder: paths absolute with links resolved
     (meta.json of folders prepared before paths were recorded absolute may hold relative ones)."""
+
     def resolved(spec: str) -> str:
         return spec if spec.startswith("builtin:") else os.path.realpath(spec)
+
     if key == "inputs" and isinstance(value, list):
         return [resolved(i) for i in value]
     if key == "tokenizer" and isinstance(value, str):

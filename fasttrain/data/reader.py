@@ -29,8 +29,17 @@ class RowReader:
     """
 
     def __init__(
-        self, sources: list[SourceRows], blend: Blend, batch_size: int, padding: Padding, rank: int, world_size: int,
-        pad_id: int, pad_multiple: int, pin_memory: bool, vocab_size: int,
+        self,
+        sources: list[SourceRows],
+        blend: Blend,
+        batch_size: int,
+        padding: Padding,
+        rank: int,
+        world_size: int,
+        pad_id: int,
+        pad_multiple: int,
+        pin_memory: bool,
+        vocab_size: int,
     ):
         self.sources, self.blend = sources, blend
         self.shards = [s for source in sources for s in source.shards]
@@ -96,20 +105,23 @@ class RowReader:
                 raise UsageError(f"{self.shards[s].path}: short read at byte {start} (truncated while in use?)")
         short = np.flatnonzero(length < L + 1).tolist()
         for row in short:  # past a row's end: pad inputs
-            rows[row, lengths[row]:] = self.pad_id
+            rows[row, lengths[row] :] = self.pad_id
         # A header's largest id can lie (or be absent); an id beyond the vocabulary would index past the
         # embedding (an IndexError, or silent garbage on a GPU), so check what was read, on the host.
         if self.vocab_size and int(rows.max()) >= self.vocab_size:
             row, col = (int(i) for i in np.argwhere(rows >= self.vocab_size)[0])
-            raise UsageError(out_of_vocabulary(self.shards[shard[row]].path, int(rows[row, col]),
-                                               int(offset[row]) + col, self.vocab_size))
+            raise UsageError(
+                out_of_vocabulary(
+                    self.shards[shard[row]].path, int(rows[row, col]), int(offset[row]) + col, self.vocab_size
+                )
+            )
         x = torch.empty((B, L), dtype=torch.int64, pin_memory=self.pin_memory)
         y = torch.empty((B, L), dtype=torch.int64, pin_memory=self.pin_memory)
         np.copyto(x.numpy(), rows[:, :-1])
         targets = y.numpy()
         np.copyto(targets, rows[:, 1:])
         for row in short:  # a row of n tokens has n - 1 targets
-            targets[row, lengths[row] - 1:] = IGNORE_INDEX
+            targets[row, lengths[row] - 1 :] = IGNORE_INDEX
         return x, y
 
     def close(self) -> None:

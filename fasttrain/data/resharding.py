@@ -30,8 +30,9 @@ def reshard(saved: list[dict], rank: int, world_size: int, rounds: int | None = 
     num_rows = state["num_rows"] if isinstance(state["num_rows"], list) else [state["num_rows"]]  # pre-mixture
     rows_per_batch = state["batch_size"]
     if len(num_rows) > 1:
-        positions = [_renumbered(p, n, rows_per_batch, len(saved), world_size)
-                     for p, n in zip(state["positions"], num_rows)]
+        positions = [
+            _renumbered(p, n, rows_per_batch, len(saved), world_size) for p, n in zip(state["positions"], num_rows)
+        ]
         batches = state["batches"] if rounds is None else rounds
         if "mix_rounds" in state and state["batches"]:  # step x the saved accumulation -> step x this world's
             state["mix_rounds"] = [r * batches // state["batches"] for r in state["mix_rounds"]]
@@ -44,14 +45,23 @@ def reshard(saved: list[dict], rank: int, world_size: int, rounds: int | None = 
     if done >= per_rank * world_size:  # in the tail this world drops: its next epoch comes next
         epoch, done = epoch + 1, 0
     if done % world_size:
-        raise UsageError(f"the run stopped after {done} batches of {rows_per_batch} rows into epoch {epoch}, which "
-                         f"{world_size} processes cannot split evenly (each takes one batch in {world_size}); resume "
-                         f"with a number of processes that divides {done}, or with the {len(saved)} it was saved with")
+        raise UsageError(
+            f"the run stopped after {done} batches of {rows_per_batch} rows into epoch {epoch}, which "
+            f"{world_size} processes cannot split evenly (each takes one batch in {world_size}); resume "
+            f"with a number of processes that divides {done}, or with the {len(saved)} it was saved with"
+        )
     batches = epoch * per_rank + done // world_size
     # the one source's position in rows, in this world's epochs (its deficit is always 0)
     position = epoch * per_rank * world_size * rows_per_batch + done * rows_per_batch
-    return {**state, "batches": batches, "rank": rank, "world_size": world_size, "num_rows": num_rows,
-            "positions": [position], "deficits": [0.0]}
+    return {
+        **state,
+        "batches": batches,
+        "rank": rank,
+        "world_size": world_size,
+        "num_rows": num_rows,
+        "positions": [position],
+        "deficits": [0.0],
+    }
 
 
 def _renumbered(position: int, num_rows: int, batch_size: int, saved_world: int, world_size: int) -> int:

@@ -25,8 +25,18 @@ class SourceRows:
     if fewer, the last round made whole with FILLER ids).
     """
 
-    def __init__(self, shards: list[ShardInfo], rows: Rows, batch_size: int, world_size: int, sampling: Sampling,
-                 padding: Padding, seed: int, whole: bool = False, first_rows: int = 0):
+    def __init__(
+        self,
+        shards: list[ShardInfo],
+        rows: Rows,
+        batch_size: int,
+        world_size: int,
+        sampling: Sampling,
+        padding: Padding,
+        seed: int,
+        whole: bool = False,
+        first_rows: int = 0,
+    ):
         self.shards, self.rows, self.whole = shards, rows, whole
         self.batch_size, self.world_size = batch_size, world_size
         self.sampling, self.padding, self.seed = sampling, padding, seed
@@ -53,13 +63,13 @@ class SourceRows:
         bucketed = self.padding == "bucketed" and self.rows.batching != "packed"  # packed rows are all full
         if bucketed:
             lengths = self.rows.lengths()
-            pools = [order[i:i + BUCKET_POOL * B] for i in range(0, n, BUCKET_POOL * B)]
+            pools = [order[i : i + BUCKET_POOL * B] for i in range(0, n, BUCKET_POOL * B)]
             order = np.concatenate([p[np.argsort(-lengths[p], kind="stable")] for p in pools])
         if self.whole:
             order = np.append(order, np.full(self.rows_per_epoch - n, FILLER))
         if bucketed and self.sampling == "random":
             order = order.reshape(-1, B)[rng.permutation(len(order) // B)].reshape(-1)
-        order = order[:self.rows_per_epoch]
+        order = order[: self.rows_per_epoch]
         self._order = (epoch, order)
         return order
 

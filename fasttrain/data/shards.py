@@ -173,8 +173,9 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is not None:
             self.abort()
         elif not self._f.closed:
@@ -220,11 +221,17 @@ _META_KEYS: list[tuple[str, bool, Callable[[object], bool], str]] = [  # (key, r
     ("eot_id", True, _count, "a token id"),
     ("token_dtype", True, lambda v: v in ("uint16", "uint32"), '"uint16" or "uint32"'),
     *[(f"{part}.{s}", True, _count, "a count >= 0") for part in ("tokens", "documents", "text_bytes") for s in SPLITS],
-    *[(f"shards.{s}", True, lambda v: isinstance(v, list) and all(_text(n) and "/" not in n for n in v),
-       "a list of shard file names") for s in SPLITS],
+    *[
+        (
+            f"shards.{s}",
+            True,
+            lambda v: isinstance(v, list) and all(_text(n) and "/" not in n for n in v),
+            "a list of shard file names",
+        )
+        for s in SPLITS
+    ],
     ("request", True, lambda v: isinstance(v, dict), "an object: what prepare was asked for"),
-    ("request.inputs", True, lambda v: isinstance(v, list) and bool(v) and all(map(_text, v)),
-     "a list of input paths"),
+    ("request.inputs", True, lambda v: isinstance(v, list) and bool(v) and all(map(_text, v)), "a list of input paths"),
     ("request.tokenizer", True, lambda v: v is None or _text(v), "null or a tokenizer path"),
     ("request.vocab_size", True, lambda v: v is None or (_count(v) and v > 256), "null or an integer > 256"),
     ("request.val_fraction", True, _fraction, "a number in [0, 1)"),
@@ -257,8 +264,9 @@ def check_meta(meta: object, path: str | os.PathLike) -> dict:
     if meta["eot_id"] >= meta["vocab_size"]:
         refuse("eot_id", f"beyond the vocabulary of {meta['vocab_size']}")
     if meta["token_dtype"] != token_dtype(meta["vocab_size"]).name:
-        refuse("token_dtype", f"but a vocabulary of {meta['vocab_size']} is stored as "
-               f"{token_dtype(meta['vocab_size'])}")
+        refuse(
+            "token_dtype", f"but a vocabulary of {meta['vocab_size']} is stored as {token_dtype(meta['vocab_size'])}"
+        )
     if (meta["request"]["tokenizer"] is None) == (meta["request"]["vocab_size"] is None):
         refuse("request.vocab_size", "expected a vocab_size when no tokenizer was given, and none when one was")
     if meta["tokens"]["train"] == 0:
@@ -272,8 +280,11 @@ def check_meta(meta: object, path: str | os.PathLike) -> dict:
         if documents > tokens:  # each document starts with its end-of-text token
             refuse(f"documents.{s}", f"more than the {tokens} tokens.{s}, one end-of-text token each")
         if tokens - documents > MAX_TOKENS_PER_BYTE * text_bytes:
-            refuse(f"text_bytes.{s}", f"too few for the {tokens - documents} text tokens of tokens.{s} "
-                   f"(at most {MAX_TOKENS_PER_BYTE} a byte)")
+            refuse(
+                f"text_bytes.{s}",
+                f"too few for the {tokens - documents} text tokens of tokens.{s} "
+                f"(at most {MAX_TOKENS_PER_BYTE} a byte)",
+            )
     return meta
 
 
@@ -295,5 +306,7 @@ def find_shards(directory: str | os.PathLike, split: str) -> list[ShardInfo]:
     shards = [read_header(p) for p in paths]
     for s in shards:
         if s.dtype != shards[0].dtype:
-            raise UsageError(f"{s.path}: {s.dtype} tokens, but {shards[0].path} has {shards[0].dtype}; one split, one width")
+            raise UsageError(
+                f"{s.path}: {s.dtype} tokens, but {shards[0].path} has {shards[0].dtype}; one split, one width"
+            )
     return shards

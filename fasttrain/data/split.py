@@ -56,9 +56,12 @@ class Split:
     def describe(self) -> dict:
         """For meta.json."""
         if self.by == "document_hash":
-            return {"by": self.by, "hash": "blake2b-128 of the document's first piece; val when its first 8 "
-                                           "bytes / 2^64 < val_fraction", "first_document": "val",
-                    "second_document": "train"}
+            return {
+                "by": self.by,
+                "hash": "blake2b-128 of the document's first piece; val when its first 8 bytes / 2^64 < val_fraction",
+                "first_document": "val",
+                "second_document": "train",
+            }
         return {"by": self.by, "cut_at_char": self.cut, "total_chars": self.total_chars}
 
 
@@ -142,8 +145,9 @@ class Sample:
         return {"documents": self.documents, "chars": self.chars, "files": self.files}
 
 
-def tokenizer_sample(sources: Sequence[Source], text_field: str, split: Split, max_chars: int,
-                     sample: Sample) -> Iterator[str]:
+def tokenizer_sample(
+    sources: Sequence[Source], text_field: str, split: Split, max_chars: int, sample: Sample
+) -> Iterator[str]:
     """Training-split text to learn the tokenizer from: about `max_chars` characters spread over the whole
     input, streamed (memory bounded by the tokenizer trainer, not by the corpus). Each training document is
     taken when its hash's sample value is below max_chars / the input's size, so every file contributes

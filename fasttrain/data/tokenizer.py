@@ -97,8 +97,10 @@ class Tokenizer:
 
     def _cannot_encode(self, e: Exception) -> UsageError:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return UsageError(f"{self.source}: cannot encode the text ({reason}); this needs a tokenizer that encodes "
-                          "any text, such as a byte-level BPE")
+        return UsageError(
+            f"{self.source}: cannot encode the text ({reason}); this needs a tokenizer that encodes "
+            "any text, such as a byte-level BPE"
+        )
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)

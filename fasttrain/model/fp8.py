@@ -39,8 +39,9 @@ def to_float8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     return (t.float() * scale).clamp(-top, top).to(dtype), scale
 
 
-def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-              out_dtype: torch.dtype) -> torch.Tensor:
+def scaled_mm(
+    a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
     """a (M, K) @ b (K, N) of float8 tensors, a row-major and b column-major, un-scaled: (M, N) in out_dtype."""
     return torch._scaled_mm(a, b, scale_a=a_scale.reciprocal(), scale_b=b_scale.reciprocal(), out_dtype=out_dtype)
 

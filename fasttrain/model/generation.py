@@ -33,8 +33,13 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 
 @torch.no_grad()
 def stream(
-    model: Transformer, tokens: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-    top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+    model: Transformer,
+    tokens: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
     use_cache: bool = True,
 ) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` tokens (B, 1) that `model` samples one after another to extend `tokens` (B, T).
@@ -56,7 +61,7 @@ def stream(
     for _ in range(max_new_tokens):
         if cache is not None and cache.length == window:  # full: start over from the later half
             cache.length = 0
-            context = tokens[:, -(window // 2):]
+            context = tokens[:, -(window // 2) :]
         logits = model.output(model.hidden(context, cache=cache)[:, -1]).float()  # the last position's only
         if temperature < GREEDY_BELOW:
             nxt = logits.argmax(dim=-1, keepdim=True)
@@ -66,6 +71,7 @@ def stream(
         tokens = torch.cat((tokens, nxt), dim=1)
         context = nxt if cache is not None else tokens[:, -window:]
         yield nxt
+
 
 def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
     """`tokens` (B, T) extended by `max_new_tokens` sampled tokens: (B, T + max_new_tokens).
@@ -79,9 +85,16 @@ class TextCodec(Protocol):
 
 
 def generate_text(
-    model: Transformer, tokenizer: TextCodec, prompt: str, max_new_tokens: int = 64,
-    temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None, seed: int | None = None,
-    generator: torch.Generator | None = None, on_text: Callable[[str], object] | None = None,
+    model: Transformer,
+    tokenizer: TextCodec,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    on_text: Callable[[str], object] | None = None,
     use_cache: bool = True,
 ) -> str:
     """The prompt followed by `max_new_tokens` sampled tokens, as text: the trainer's samples and
@@ -102,8 +115,16 @@ def generate_text(
     was_training = model.training
     model.eval()
     try:
-        for nxt in stream(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          generator=generator, use_cache=use_cache):
+        for nxt in stream(
+            model,
+            ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+            use_cache=use_cache,
+        ):
             out.append(int(nxt.item()))
             if on_text is not None:
                 piece = _decode_piece(tokenizer, out, shown)
@@ -121,5 +142,5 @@ def generate_text(
 def _decode_piece(tokenizer: TextCodec, ids: Sequence[int], start: int) -> str:
     """The text that ids[start:] add after ids[:start]. Only DECODE_CONTEXT tokens before `start` are
     decoded with them (a decoder may treat a first token specially), so streaming costs O(1) per token."""
-    before = list(ids[max(0, start - DECODE_CONTEXT):start])
-    return tokenizer.decode(before + list(ids[start:]))[len(tokenizer.decode(before)):]
+    before = list(ids[max(0, start - DECODE_CONTEXT) : start])
+    return tokenizer.decode(before + list(ids[start:]))[len(tokenizer.decode(before)) :]

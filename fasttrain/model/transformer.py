@@ -106,9 +106,13 @@ def _compiled_flex_attention():
 
 
 # train.attention -> the F.scaled_dot_product_attention backend it pins ("auto" and "flex": none).
-SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "fa3": SDPBackend.FLASH_ATTENTION,
-                 "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                 "math": SDPBackend.MATH}
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "fa3": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 def sdpa_backend(attention: str) -> contextlib.AbstractContextManager:
@@ -153,13 +157,20 @@ class Attention(nn.Module):
         self.out = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | BlockMask | None = None, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | BlockMask | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
         """`mask`: None (causal), or a `document_mask` (a bool tensor, or a BlockMask for flex_attention), or
         with a `cache` a bool tensor (T, cached + T). `cache`: this layer's keys and values of earlier positions."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
+        )
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -169,12 +180,18 @@ class Attention(nn.Module):
         if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask
             # Compiled flex_attention has given wrong results for a strided v (a view into qkv) beside
             # contiguous q and k (torch 2.13, inductor on CPU): hand it three contiguous tensors.
-            y = flex_attention_on(q.device.type)(q.contiguous(), k.contiguous(), v.contiguous(), block_mask=mask,
-                                                 enable_gqa=gqa)
+            y = flex_attention_on(q.device.type)(
+                q.contiguous(), k.contiguous(), v.contiguous(), block_mask=mask, enable_gqa=gqa
+            )
         else:
             with sdpa_backend(self.attention):
                 y = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=self.dropout if self.training else 0.0,
+                    q,
+                    k,
+                    v,
+                    attn_mask=mask,
+                    is_causal=mask is None,
+                    dropout_p=self.dropout if self.training else 0.0,
                     enable_gqa=gqa,
                 )
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
@@ -200,8 +217,9 @@ class ResidualRMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor, residual: None = None) -> torch.Tensor: ...
     @overload
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return super().forward(x)
         h = x + residual
@@ -226,9 +244,15 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, delta: torch.Tensor | None, stream: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | BlockMask | None = None, cache: LayerCache | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        delta: torch.Tensor | None,
+        stream: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | BlockMask | None = None,
+        cache: LayerCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is `stream + delta` (just `stream` before the first block); returns
         this block's (delta, stream), leaving its last add to the next norm."""
         if delta is None:
@@ -241,11 +265,14 @@ class Block(nn.Module):
 
 # The ops whose outputs "selective" activation checkpointing keeps: the matmuls and attention, which
 # are most of a block's compute; everything else in the block is recomputed in backward.
-_KEPT_OPS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default,
-             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-             torch.ops.aten._scaled_dot_product_flash_attention.default,
-             torch.ops.aten._scaled_dot_product_efficient_attention.default,
-             torch.ops.aten._scaled_dot_product_cudnn_attention.default}
+_KEPT_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
 
 
 def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -303,8 +330,14 @@ class Transformer(nn.Module):
     rope_cos: torch.Tensor  # buffers (register_buffer in __init__), declared for the type checker
     rope_sin: torch.Tensor
 
-    def __init__(self, cfg: ModelConfig, norm_kernel: bool = False, checkpointing: str = "none",
-                 attention: str = "auto", fp8: str = "none"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        norm_kernel: bool = False,
+        checkpointing: str = "none",
+        attention: str = "auto",
+        fp8: str = "none",
+    ):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("ModelConfig.vocab_size must be set (> 0) before building the model")
@@ -333,8 +366,9 @@ class Transformer(nn.Module):
                 std = residual_std if name.endswith(("attn.out.weight", "mlp.down.weight")) else INIT_STD
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def hidden(self, tokens: torch.Tensor, documents: torch.Tensor | None = None,
-               cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(
+        self, tokens: torch.Tensor, documents: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """The final normalised hidden states (B, T, d_model), before the output projection.
         `documents` (B, T): each token's document id, for document masking (None: plain causal).
         `cache`: generation's keys and values of the positions before `tokens`, extended by them."""
@@ -342,7 +376,7 @@ class Transformer(nn.Module):
         start = 0 if cache is None else cache.length
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds the model's context of {self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         mask = None
         if documents is not None:  # flex_attention has no attention dropout
             flex = use_flex_attention(tokens.device) and not (self.training and self.cfg.dropout)
@@ -353,14 +387,23 @@ class Transformer(nn.Module):
             mask = causal_block_mask(T, tokens.device)
         delta, stream = None, self.embed(tokens)
         for i, block in enumerate(self.blocks):
-            delta, stream = run_block(block, self.checkpointing, delta, stream, cos, sin, mask,
-                                      None if cache is None else LayerCache(cache, i))
+            delta, stream = run_block(
+                block,
+                self.checkpointing,
+                delta,
+                stream,
+                cos,
+                sin,
+                mask,
+                None if cache is None else LayerCache(cache, i),
+            )
         if cache is not None:
             cache.length += T
         return self.norm(delta, stream)[0]
 
-    def forward(self, tokens: torch.Tensor, documents: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, documents: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """Logits (B, T, vocab_size) of `tokens` (B, T). `documents` (B, T) masks attention to each
         token's own document (see `document_mask`). `cache`: see `hidden`."""
         return self.output(self.hidden(tokens, documents, cache))
@@ -397,8 +440,8 @@ class KVCache:
             keys = self.keys[layer] = k.new_empty(B, heads, self.max_len, head_dim)
             values = self.values[layer] = v.new_empty(B, heads, self.max_len, head_dim)
         end = self.length + k.shape[2]
-        keys[:, :, self.length:end] = k
-        values[:, :, self.length:end] = v
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
         return keys[:, :, :end], values[:, :, :end]
 
 

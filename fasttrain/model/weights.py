@@ -42,8 +42,9 @@ _HF_ONLY = ("config.json", "tokenizer_config.json", "generation_config.json")  #
 _FASTTRAIN_ONLY = ("config.toml",)
 
 
-def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
-                      metadata: dict[str, str] | None = None) -> Path:
+def write_safetensors(
+    path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
     """Write `tensors` (names to tensors on any device) to `path` in the safetensors format, atomically."""
     data = safetensors.torch.save({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, metadata)
     return write_atomically(path, lambda f: f.write(data), what="write weights")
@@ -77,38 +78,58 @@ def hf_llama_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
         wq, wk, wv = state[ours + "attn.qkv.weight"].split([q, kv, kv])
         gate, up = state[ours + "mlp.gate_up.weight"].chunk(2)
-        out.update({
-            theirs + "input_layernorm.weight": state[ours + "attn_norm.weight"],
-            theirs + "self_attn.q_proj.weight": wq,
-            theirs + "self_attn.k_proj.weight": wk,
-            theirs + "self_attn.v_proj.weight": wv,
-            theirs + "self_attn.o_proj.weight": state[ours + "attn.out.weight"],
-            theirs + "post_attention_layernorm.weight": state[ours + "mlp_norm.weight"],
-            theirs + "mlp.gate_proj.weight": gate,
-            theirs + "mlp.up_proj.weight": up,
-            theirs + "mlp.down_proj.weight": state[ours + "mlp.down.weight"],
-        })
+        out.update(
+            {
+                theirs + "input_layernorm.weight": state[ours + "attn_norm.weight"],
+                theirs + "self_attn.q_proj.weight": wq,
+                theirs + "self_attn.k_proj.weight": wk,
+                theirs + "self_attn.v_proj.weight": wv,
+                theirs + "self_attn.o_proj.weight": state[ours + "attn.out.weight"],
+                theirs + "post_attention_layernorm.weight": state[ours + "mlp_norm.weight"],
+                theirs + "mlp.gate_proj.weight": gate,
+                theirs + "mlp.up_proj.weight": up,
+                theirs + "mlp.down_proj.weight": state[ours + "mlp.down.weight"],
+            }
+        )
     return out
 
 
 def hf_llama_config(cfg: ModelConfig, eot_id: int, dtype: torch.dtype) -> dict:
     """config.json for LlamaForCausalLM with the same shape and numerics as `cfg`."""
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": ffn_hidden_size(cfg),
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads, "head_dim": cfg.d_model // cfg.n_heads,
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None, "hidden_act": "silu",
-        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
-        "bos_token_id": eot_id, "eos_token_id": eot_id, "torch_dtype": str(dtype).removeprefix("torch."),
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": ffn_hidden_size(cfg),
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+        "head_dim": cfg.d_model // cfg.n_heads,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "hidden_act": "silu",
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": eot_id,
+        "eos_token_id": eot_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 
 # fasttrain's [model] keys and the config.json keys of a Hugging Face Llama that give them
-_HF_SHAPE = {"d_model": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
-             "ffn_hidden": "intermediate_size", "vocab_size": "vocab_size", "max_seq_len": "max_position_embeddings",
-             "norm_eps": "rms_norm_eps"}
+_HF_SHAPE = {
+    "d_model": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "ffn_hidden": "intermediate_size",
+    "vocab_size": "vocab_size",
+    "max_seq_len": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+}
 
 
 def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) -> ModelConfig:
@@ -119,8 +140,10 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
     raw = _json_object(path)
 
     def refuse(key: str, why: str) -> None:
-        raise UsageError(f"{path}: {key} = {json.dumps(raw.get(key))}: {why} (model.init_from takes the Llama-family "
-                         "models fasttrain's transformer reproduces)")
+        raise UsageError(
+            f"{path}: {key} = {json.dumps(raw.get(key))}: {why} (model.init_from takes the Llama-family "
+            "models fasttrain's transformer reproduces)"
+        )
 
     if raw.get("model_type") != "llama":
         refuse("model_type", 'not "llama"')
@@ -131,7 +154,9 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
             refuse(key, "the linear layers here have no bias")
     for key in ("rope_scaling", "rope_parameters"):  # transformers 5 keeps rope_theta in rope_parameters
         rope = raw.get(key)
-        if rope is not None and (not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default"):
+        if rope is not None and (
+            not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default"
+        ):
             refuse(key, "only plain RoPE (rope_type default) is supported")
     for key in _HF_SHAPE.values():
         value = raw.get(key)
@@ -142,8 +167,14 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
         refuse("head_dim", f"must be hidden_size / num_attention_heads = {raw['hidden_size'] // heads} here")
     theta = (raw.get("rope_parameters") or {}).get("rope_theta", raw.get("rope_theta", 10000.0))
     shape: dict[str, Any] = {ours: int(raw[theirs]) for ours, theirs in _HF_SHAPE.items() if ours != "norm_eps"}
-    return replace(base, **shape, n_kv_heads=int(raw.get("num_key_value_heads") or heads), rope_theta=float(theta),
-                   norm_eps=float(raw["rms_norm_eps"]), tie_embeddings=bool(raw.get("tie_word_embeddings", False)))
+    return replace(
+        base,
+        **shape,
+        n_kv_heads=int(raw.get("num_key_value_heads") or heads),
+        rope_theta=float(theta),
+        norm_eps=float(raw["rms_norm_eps"]),
+        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+    )
 
 
 def read_hf_llama_weights(directory: str | os.PathLike[str], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -167,29 +198,41 @@ def read_hf_llama_weights(directory: str | os.PathLike[str], cfg: ModelConfig) -
                 raise UsageError(f"{directory}: its weights have no {name}")
             tensor = theirs[name]
             if tuple(tensor.shape) != shape:
-                raise UsageError(f"{where[name]}: {name} has shape {list(tensor.shape)}, but "
-                                 f"{directory / 'config.json'} gives {list(shape)}")
+                raise UsageError(
+                    f"{where[name]}: {name} has shape {list(tensor.shape)}, but "
+                    f"{directory / 'config.json'} gives {list(shape)}"
+                )
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise UsageError(f"{where[name]}: {name} holds NaN or infinite values; a run cannot start from it")
         return torch.cat([theirs[name] for name, _ in named])
 
     vector = (d,)
-    state = {"embed.weight": take(("model.embed_tokens.weight", (cfg.vocab_size, d))),
-             "norm.weight": take(("model.norm.weight", vector))}
-    state["output.weight"] = (state["embed.weight"] if cfg.tie_embeddings
-                              else take(("lm_head.weight", (cfg.vocab_size, d))))
+    state = {
+        "embed.weight": take(("model.embed_tokens.weight", (cfg.vocab_size, d))),
+        "norm.weight": take(("model.norm.weight", vector)),
+    }
+    state["output.weight"] = (
+        state["embed.weight"] if cfg.tie_embeddings else take(("lm_head.weight", (cfg.vocab_size, d)))
+    )
     for i in range(cfg.n_layers):
         ours, hf = f"blocks.{i}.", f"model.layers.{i}."
         attn, mlp = hf + "self_attn.", hf + "mlp."
-        state.update({
-            ours + "attn_norm.weight": take((hf + "input_layernorm.weight", vector)),
-            ours + "attn.qkv.weight": take((attn + "q_proj.weight", (q, d)), (attn + "k_proj.weight", (kv, d)),
-                                           (attn + "v_proj.weight", (kv, d))),
-            ours + "attn.out.weight": take((attn + "o_proj.weight", (d, q))),
-            ours + "mlp_norm.weight": take((hf + "post_attention_layernorm.weight", vector)),
-            ours + "mlp.gate_up.weight": take((mlp + "gate_proj.weight", (ffn, d)), (mlp + "up_proj.weight", (ffn, d))),
-            ours + "mlp.down.weight": take((mlp + "down_proj.weight", (d, ffn))),
-        })
+        state.update(
+            {
+                ours + "attn_norm.weight": take((hf + "input_layernorm.weight", vector)),
+                ours + "attn.qkv.weight": take(
+                    (attn + "q_proj.weight", (q, d)),
+                    (attn + "k_proj.weight", (kv, d)),
+                    (attn + "v_proj.weight", (kv, d)),
+                ),
+                ours + "attn.out.weight": take((attn + "o_proj.weight", (d, q))),
+                ours + "mlp_norm.weight": take((hf + "post_attention_layernorm.weight", vector)),
+                ours + "mlp.gate_up.weight": take(
+                    (mlp + "gate_proj.weight", (ffn, d)), (mlp + "up_proj.weight", (ffn, d))
+                ),
+                ours + "mlp.down.weight": take((mlp + "down_proj.weight", (d, ffn))),
+            }
+        )
     return state
 
 
@@ -220,21 +263,30 @@ def check_hf_tokenizer(directory: str | os.PathLike[str], data_tokenizer: Tokeni
     file it copies). A model folder without tokenizer.json cannot be compared: returns a note saying so."""
     theirs = Path(directory) / "tokenizer.json"
     if not os.path.lexists(theirs):
-        return (f"model.init_from: {directory} has no tokenizer.json to compare {data_file} with; the run "
-                "assumes the data was tokenized with the model's own tokenizer")
+        return (
+            f"model.init_from: {directory} has no tokenizer.json to compare {data_file} with; the run "
+            "assumes the data was tokenized with the model's own tokenizer"
+        )
     try:
         same = tokenizers.Tokenizer.from_file(str(theirs)).to_str() == data_tokenizer.tok.to_str()
     except Exception as e:  # tokenizers raises a bare Exception on a malformed or unreadable file
         raise UsageError(f"{theirs}: not a valid tokenizer.json ({' '.join(str(e).split())[:160]})") from None
     if not same:
-        raise UsageError(f"{data_file}: not the tokenizer of model.init_from ({theirs}), so the data's token ids "
-                         f"are not the ones the model learned; prepare the data with --tokenizer {directory}")
+        raise UsageError(
+            f"{data_file}: not the tokenizer of model.init_from ({theirs}), so the data's token ids "
+            f"are not the ones the model learned; prepare the data with --tokenizer {directory}"
+        )
     return None
 
 
-def export_weights(model_state: dict[str, torch.Tensor], cfg: Config, out_dir: str | os.PathLike[str],
-                   hf: bool = False, dtype: torch.dtype = torch.float32,
-                   tokenizer: str | os.PathLike[str] | None = None) -> list[Path]:
+def export_weights(
+    model_state: dict[str, torch.Tensor],
+    cfg: Config,
+    out_dir: str | os.PathLike[str],
+    hf: bool = False,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: str | os.PathLike[str] | None = None,
+) -> list[Path]:
     """Write `model_state` (a Transformer's state dict, trained with `cfg`) into `out_dir`; returns the files.
 
     `tokenizer` is the tokenizer.json the model trained with (default: `cfg.data.dir`'s, the trainer's own
@@ -269,15 +321,22 @@ def _hf_files(cfg: Config, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str
         theirs = _json_object(source / "config.json")
         config.update({k: theirs[k] for k in ("bos_token_id", "eos_token_id") if k in theirs})
         if (source / "generation_config.json").is_file():
-            files["generation_config.json"] = read_regular(source / "generation_config.json", 1 << 20,
-                                                           "generation config")
+            files["generation_config.json"] = read_regular(
+                source / "generation_config.json", 1 << 20, "generation config"
+            )
     elif source is not None:
-        print(f"note: {source / 'config.json'} (model.init_from) is not there: config.json gets the end-of-text "
-              "token as bos and eos, and no generation_config.json is copied", file=sys.stderr)
-    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast",
-                        "bos_token": _token(tokenizer, config["bos_token_id"]),
-                        "eos_token": _token(tokenizer, config["eos_token_id"]),
-                        "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False}
+        print(
+            f"note: {source / 'config.json'} (model.init_from) is not there: config.json gets the end-of-text "
+            "token as bos and eos, and no generation_config.json is copied",
+            file=sys.stderr,
+        )
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": _token(tokenizer, config["bos_token_id"]),
+        "eos_token": _token(tokenizer, config["eos_token_id"]),
+        "model_max_length": cfg.model.max_seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
     files["config.json"] = json.dumps(config, indent=2).encode()
     files["tokenizer_config.json"] = json.dumps(tokenizer_config, indent=2).encode()
     return files
@@ -312,12 +371,15 @@ def _check_out_dir(out: Path, writes: set[str], hf: bool) -> None:
     other_layout = [name for name in (_FASTTRAIN_ONLY if hf else _HF_ONLY) if name in foreign]
     if other_layout:
         other = "a fasttrain-layout" if hf else "a Hugging Face"
-        raise UsageError(f"{out}: holds {other} export ({', '.join(other_layout)}); export into another directory "
-                         "or remove it first")
+        raise UsageError(
+            f"{out}: holds {other} export ({', '.join(other_layout)}); export into another directory or remove it first"
+        )
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise UsageError(f"{out}: holds {foreign[0]}{more}, which this export would not replace and a loader would "
-                         "read beside the new weights; export into a new or empty directory, or remove them first")
+        raise UsageError(
+            f"{out}: holds {foreign[0]}{more}, which this export would not replace and a loader would "
+            "read beside the new weights; export into a new or empty directory, or remove them first"
+        )
 
 
 def load_exported(directory: str | os.PathLike[str]) -> Transformer:
@@ -331,7 +393,9 @@ def load_exported(directory: str | os.PathLike[str]) -> Transformer:
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:
-        raise UsageError(f"{directory / 'model.safetensors'}: does not fit config.toml ({str(e).splitlines()[0]})") from None
+        raise UsageError(
+            f"{directory / 'model.safetensors'}: does not fit config.toml ({str(e).splitlines()[0]})"
+        ) from None
     return model
 
 

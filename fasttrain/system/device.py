@@ -34,7 +34,9 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
         if not torch.cuda.is_available():
             raise UsageError(f"device {name!r} requested, but CUDA is not available on this machine (use cpu or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"device {name!r} requested, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(
+                f"device {name!r} requested, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
         if device.index is None:  # "cuda" means the current device; torch.cuda.set_device needs its index
             device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -53,14 +55,15 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def resolve_precision(precision: Literal["auto", "fp32", "bf16", "fp16"], device: torch.device
-                      ) -> Literal["fp32", "bf16", "fp16"]:
+def resolve_precision(
+    precision: Literal["auto", "fp32", "bf16", "fp16"], device: torch.device
+) -> Literal["fp32", "bf16", "fp16"]:
     """The precision a run uses: "auto" is bf16 where the device has native bf16 matmuls
     (`native_bf16`), else fp32. fp16 needs CUDA."""
     if precision == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise UsageError(f"train.precision = \"fp16\" needs a CUDA device, not {device.type} (use bf16 or fp32)")
+        raise UsageError(f'train.precision = "fp16" needs a CUDA device, not {device.type} (use bf16 or fp32)')
     return precision
 
 
@@ -74,8 +77,9 @@ def resolve_compile(setting: Literal["auto", True, False], device: torch.device,
 def resolve_train(t: TrainConfig, device: torch.device) -> TrainConfig:
     """`t` with its "auto" precision and compile settings replaced by what they resolve to on
     `device`, as a run's config.toml records them."""
-    return replace(t, precision=resolve_precision(t.precision, device),
-                   compile=resolve_compile(t.compile, device, t.max_steps))
+    return replace(
+        t, precision=resolve_precision(t.precision, device), compile=resolve_compile(t.compile, device, t.max_steps)
+    )
 
 
 @dataclass(frozen=True)
@@ -91,9 +95,17 @@ class Kernels:
         return [f.name for f in fields(self) if getattr(self, f.name)]
 
 
-def kernels_on(cfg: KernelsConfig, device: torch.device, sharded: bool = False, precision: str = "fp32",
-               shapes: dict[str, dict[str, int]] | None = None, compiled: bool = False,
-               capability: str | None = None, table: list[dict] | None = None, fp8: str = "none") -> Kernels:
+def kernels_on(
+    cfg: KernelsConfig,
+    device: torch.device,
+    sharded: bool = False,
+    precision: str = "fp32",
+    shapes: dict[str, dict[str, int]] | None = None,
+    compiled: bool = False,
+    capability: str | None = None,
+    table: list[dict] | None = None,
+    fp8: str = "none",
+) -> Kernels:
     """[kernels] resolved for `device`. true and false are taken as they are; "auto" on a GPU is the
     measured dispatch table's verdict (fasttrain/system/kernel_table.py) for the run's `shapes` (per op:
     rms_norm {"hidden"}, linear_cross_entropy {"hidden", "vocab"}, adamw {"params"}), in its mode
@@ -105,11 +117,15 @@ def kernels_on(cfg: KernelsConfig, device: torch.device, sharded: bool = False, 
     memory several times, where its PyTorch path works on row blocks in cache. An FP8 head (`fp8`,
     train.fp8) needs the logits, so it turns the linear cross-entropy's "auto" off and refuses true."""
     if sharded and cfg.adamw is True:
-        raise UsageError('kernels.adamw = true does not work with train.parallel = "fsdp" yet; set it to "auto" or false')
+        raise UsageError(
+            'kernels.adamw = true does not work with train.parallel = "fsdp" yet; set it to "auto" or false'
+        )
     fp8_head = fp8 in ("head", "all")
     if fp8_head and cfg.linear_cross_entropy is True:
-        raise UsageError(f'kernels.linear_cross_entropy = true does not work with train.fp8 = "{fp8}": the fused '
-                         'loss never runs the head\'s matmul; set it to "auto" or false')
+        raise UsageError(
+            f'kernels.linear_cross_entropy = true does not work with train.fp8 = "{fp8}": the fused '
+            'loss never runs the head\'s matmul; set it to "auto" or false'
+        )
     if device.type == "cuda":
         if capability is None:
             capability = "sm_{}{}".format(*torch.cuda.get_device_capability(device))
@@ -120,8 +136,13 @@ def kernels_on(cfg: KernelsConfig, device: torch.device, sharded: bool = False, 
     else:  # kernels/ imports triton even for its PyTorch path
         auto = {"linear_cross_entropy": precision == "bf16" and importlib.util.find_spec("triton") is not None}
     on = {op: getattr(cfg, op) is True or (getattr(cfg, op) == "auto" and auto.get(op, False)) for op in OPS}
-    return Kernels(**{**on, "adamw": on["adamw"] and not sharded,
-                      "linear_cross_entropy": on["linear_cross_entropy"] and not fp8_head})
+    return Kernels(
+        **{
+            **on,
+            "adamw": on["adamw"] and not sharded,
+            "linear_cross_entropy": on["linear_cross_entropy"] and not fp8_head,
+        }
+    )
 
 
 def check_attention(attention: str, device: torch.device) -> None:
@@ -137,7 +158,9 @@ def use_attention(attention: str, device: torch.device) -> None:
     if attention == "fa3":
         activate = getattr(torch.nn.attention, "activate_flash_attention_impl", None)
         if activate is None:
-            raise UsageError(f'train.attention = "fa3": torch {torch.__version__} cannot switch SDPA to FlashAttention-3')
+            raise UsageError(
+                f'train.attention = "fa3": torch {torch.__version__} cannot switch SDPA to FlashAttention-3'
+            )
         try:
             activate("FA3")
         except Exception as e:  # whatever the provider raises (not installed, not this GPU): one line
@@ -153,7 +176,9 @@ def check_fp8(fp8: str, device: torch.device) -> None:
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
-            raise UsageError(f'train.fp8 = "{fp8}" needs FP8 tensor cores (sm_89 or newer); this GPU is sm_{major}{minor}')
+            raise UsageError(
+                f'train.fp8 = "{fp8}" needs FP8 tensor cores (sm_89 or newer); this GPU is sm_{major}{minor}'
+            )
     elif not _cpu_scaled_mm():
         raise UsageError(f'train.fp8 = "{fp8}": torch {torch.__version__} has no float8 matmul on the {device.type}')
 

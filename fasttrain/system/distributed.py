@@ -64,11 +64,16 @@ def world_from_env() -> World:
     """The World torchrun describes in the environment; a world of one without it."""
     env = os.environ
     try:
-        world = World(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
-                      int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))))
+        world = World(
+            int(env.get("RANK", 0)),
+            int(env.get("WORLD_SIZE", 1)),
+            int(env.get("LOCAL_RANK", 0)),
+            int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))),
+        )
     except ValueError:
-        raise UsageError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (as torchrun sets them)"
-                         ) from None
+        raise UsageError(
+            "RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (as torchrun sets them)"
+        ) from None
     if not 0 <= world.rank < world.size:
         raise UsageError(f"RANK={world.rank} is outside WORLD_SIZE={world.size}")
     return world
@@ -84,8 +89,10 @@ def shard_group(world: World, parallel: str, size: int) -> int:
     if parallel == "hsdp":
         size = size or world.local_size
         if world.size % size != 0:
-            raise UsageError(f"train.shard_group_size = {size} does not divide the world of {world.size} process(es) "
-                             "into whole replicas (0: the processes on one node)")
+            raise UsageError(
+                f"train.shard_group_size = {size} does not divide the world of {world.size} process(es) "
+                "into whole replicas (0: the processes on one node)"
+            )
         return size
     return world.size if parallel == "fsdp" else 1
 
@@ -96,9 +103,11 @@ def start(world: World, device: torch.device) -> None:
     if world.distributed and not dist.is_initialized():
         seconds = float(os.environ.get("FASTTRAIN_DIST_TIMEOUT", 600))
         timeout = timedelta(seconds=seconds)
-        failed = (f"error: rank {world.rank} of {world.size} could not join the process group at "
-                  f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
-                  f"FASTTRAIN_DIST_TIMEOUT={seconds:g} s")
+        failed = (
+            f"error: rank {world.rank} of {world.size} could not join the process group at "
+            f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')} within "
+            f"FASTTRAIN_DIST_TIMEOUT={seconds:g} s"
+        )
         # Gloo's full-mesh connect can wait past its own timeout after a restart (seen once in 7 kills under
         # torchrun, stuck in ProcessGroupGloo's constructor): a timer bounds the join whatever torch does.
         watchdog = threading.Timer(seconds + 10, _give_up, (f"{failed}: no answer from its peers",))
@@ -107,8 +116,13 @@ def start(world: World, device: torch.device) -> None:
         try:
             store, _, _ = next(dist.rendezvous("env://", world.rank, world.size, timeout=timeout))
             store.set_timeout(timeout)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=_attempt_store(world, store),
-                                    rank=world.rank, world_size=world.size, timeout=timeout)
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo",
+                store=_attempt_store(world, store),
+                rank=world.rank,
+                world_size=world.size,
+                timeout=timeout,
+            )
         except RuntimeError as e:  # torch's DistError, DistStoreError, gloo's and NCCL's are all RuntimeErrors
             raise RunStopped(f"{failed}: {' '.join(str(e).split())[:300]}", 1) from None
         finally:
@@ -150,8 +164,15 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-def wrap(module: nn.Module, blocks: Iterable[nn.Module], world: World, parallel: str, group: int, precision: str,
-         device: torch.device) -> nn.Module:
+def wrap(
+    module: nn.Module,
+    blocks: Iterable[nn.Module],
+    world: World,
+    parallel: str,
+    group: int,
+    precision: str,
+    device: torch.device,
+) -> nn.Module:
     """The module that trains: `module` itself in a world of one; DDP around it; or, for FSDP and HSDP, `module`
     sharded in place over groups of `group` ranks (shard_group; its parameters become DTensors), each of its
     `blocks` a unit of its own, and returned."""
@@ -169,8 +190,11 @@ def wrap(module: nn.Module, blocks: Iterable[nn.Module], world: World, parallel:
     # so a CPU run on a GPU machine would put rank r on cuda:r. A 2-D mesh is HSDP: rank r is in replica
     # r // group, and holds shard r % group. One group of the whole world is FSDP, built as such.
     replicas = world.size // group
-    mesh = (init_device_mesh(device.type, (world.size,)) if replicas == 1 else
-            init_device_mesh(device.type, (replicas, group), mesh_dim_names=("replicate", "shard")))
+    mesh = (
+        init_device_mesh(device.type, (world.size,))
+        if replicas == 1
+        else init_device_mesh(device.type, (replicas, group), mesh_dim_names=("replicate", "shard"))
+    )
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     # The root's inputs are token ids, targets and the loss's fp32 grad_scale (NextTokenLoss): cast to bf16,
@@ -214,12 +238,15 @@ def full_state(model: nn.Module, optimizer: Optimizer | None, fsdp: bool) -> tup
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
-            None if optimizer is None else get_optimizer_state_dict(model, _torch_optimizers(optimizer), options=options))
+    return (
+        get_model_state_dict(model, options=options),
+        None if optimizer is None else get_optimizer_state_dict(model, _torch_optimizers(optimizer), options=options),
+    )
 
 
-def load_full_state(model: nn.Module, optimizer: Optimizer, model_state: dict, optimizer_state: dict,
-                    fsdp: bool) -> None:
+def load_full_state(
+    model: nn.Module, optimizer: Optimizer, model_state: dict, optimizer_state: dict, fsdp: bool
+) -> None:
     """Load what `full_state` returned (every rank read the same checkpoint file), in any mode: FSDP re-shards
     it, and an optimizer state keyed by parameter index (saved without FSDP) or by name (with) is re-keyed
     to what this mode loads."""
@@ -230,7 +257,9 @@ def load_full_state(model: nn.Module, optimizer: Optimizer, model_state: dict, o
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, _torch_optimizers(optimizer), optimizer_state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        model, _torch_optimizers(optimizer), optimizer_state, options=StateDictOptions(full_state_dict=True)
+    )
 
 
 def keyed_by_name(model: nn.Module, optimizer: Optimizer, state: dict, by_name: bool) -> dict:
@@ -246,8 +275,10 @@ def keyed_by_name(model: nn.Module, optimizer: Optimizer, state: dict, by_name: 
     names = {id(p): name for name, p in model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     key = dict(enumerate(order)) if by_name else {name: i for i, name in enumerate(order)}
-    return {"state": {key[k]: v for k, v in state["state"].items()},
-            "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in groups]}
+    return {
+        "state": {key[k]: v for k, v in state["state"].items()},
+        "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in groups],
+    }
 
 
 def _torch_optimizers(optimizer: Optimizer) -> torch.optim.Optimizer | tuple[torch.optim.Optimizer, ...]:

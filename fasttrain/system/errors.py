@@ -65,8 +65,11 @@ def _exit_code(main: Callable[[Sequence[str] | None], int | None], argv: Sequenc
         reason = _out_of_memory(e)
         if reason is None:
             raise
-        print(f"error: out of memory ({reason}); lower the batch size or the model's size, or free memory "
-              "(pre-flight's estimate did not catch this one)", file=sys.stderr)
+        print(
+            f"error: out of memory ({reason}); lower the batch size or the model's size, or free memory "
+            "(pre-flight's estimate did not catch this one)",
+            file=sys.stderr,
+        )
         return 2
 
 
@@ -89,7 +92,7 @@ def _out_of_memory(e: BaseException) -> str | None:
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         return text[:200] or "MemoryError"
     if "can't allocate memory" in text:  # the CPU allocator: "... you tried to allocate N bytes ..."
-        return text[text.index("you tried"):][:200] if "you tried" in text else "the CPU allocator failed"
+        return text[text.index("you tried") :][:200] if "you tried" in text else "the CPU allocator failed"
     return None
 
 

@@ -65,8 +65,11 @@ def lookup(entries: list[dict], capability: str, op: str, mode: str, shape: dict
     """The measurement of `op` at `shape` on `capability` in `mode`: the nearest entry within a factor of two
     in every size, else, for a one-size shape (hidden, params), the nearer of two entries on either side
     that agree; None when neither exists (then "auto" runs stock)."""
-    candidates = [e for e in entries
-                  if (e["capability"], e["op"], e["mode"]) == (capability, op, mode) and e["shape"].keys() == shape.keys()]
+    candidates = [
+        e
+        for e in entries
+        if (e["capability"], e["op"], e["mode"]) == (capability, op, mode) and e["shape"].keys() == shape.keys()
+    ]
     if not candidates or not shape:
         return None
 
@@ -77,7 +80,7 @@ def lookup(entries: list[dict], capability: str, op: str, mode: str, shape: dict
     if max(gaps(nearest)) > NEAR:
         if len(shape) != 1:
             return None
-        (key, size), = shape.items()
+        ((key, size),) = shape.items()
         below = [e for e in candidates if e["shape"][key] <= size]
         above = [e for e in candidates if e["shape"][key] >= size]
         if not below or not above:
@@ -86,5 +89,11 @@ def lookup(entries: list[dict], capability: str, op: str, mode: str, shape: dict
         if low["use"] != high["use"]:
             return None
         nearest = min((low, high), key=lambda e: sum(gaps(e)))
-    return Measurement(nearest["use"], nearest["fasttrain_ms"], nearest["stock_ms"], nearest["stock"],
-                       dict(nearest["shape"]), nearest.get("gpu", capability))
+    return Measurement(
+        nearest["use"],
+        nearest["fasttrain_ms"],
+        nearest["stock_ms"],
+        nearest["stock"],
+        dict(nearest["shape"]),
+        nearest.get("gpu", capability),
+    )

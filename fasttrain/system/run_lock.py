@@ -48,8 +48,10 @@ def check_free(out_dir: str | os.PathLike[str]) -> None:
 
 
 def _busy(out_dir: str | os.PathLike[str], holder: str) -> str:
-    return (f"{Path(out_dir)}: another run ({holder}) is using it; wait for it to end, stop it, "
-            "or set train.out_dir elsewhere")
+    return (
+        f"{Path(out_dir)}: another run ({holder}) is using it; wait for it to end, stop it, "
+        "or set train.out_dir elsewhere"
+    )
 
 
 def other_holder(out_dir: str | os.PathLike[str]) -> str | None:
@@ -59,7 +61,9 @@ def other_holder(out_dir: str | os.PathLike[str]) -> str | None:
     if fcntl is None:
         return None
     try:
-        fd = os.open(Path(out_dir) / LOCK_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(
+            Path(out_dir) / LOCK_FILE, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+        )
     except OSError:
         return None  # no lock file: no run holds the directory
     try:
@@ -85,8 +89,9 @@ def _holder(fd: int) -> str:
 
 
 @contextlib.contextmanager
-def holding(path: Path, busy: Callable[[str], str] | None = None,
-            wait: Callable[[str], None] | None = None) -> Iterator[None]:
+def holding(
+    path: Path, busy: Callable[[str], str] | None = None, wait: Callable[[str], None] | None = None
+) -> Iterator[None]:
     """Hold an exclusive lock on the file `path` (created, with its directory) for the `with` block. If
     another process holds it: UsageError(busy(holder)), or, given `wait` instead, call wait(holder) and
     block until it is free. The lock file is opened without following a link (a link planted there would

@@ -92,8 +92,15 @@ class Checkpointer:
     (checkpoint.format) has every rank write its own part into a folder; a file save gathers the whole
     state onto rank 0, which writes it while the others wait. Either kind is restored in any world."""
 
-    def __init__(self, cfg: Config, model: nn.Module, updater: Updater, world: distributed.World, parallel: str,
-                 device: torch.device):
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module,
+        updater: Updater,
+        world: distributed.World,
+        parallel: str,
+        device: torch.device,
+    ):
         self.cfg, self.model, self.updater, self.world, self.parallel = cfg, model, updater, world, parallel
         self.device = device  # where a restored state's tensors go
         self.directory = Path(cfg.train.out_dir) / "checkpoints"
@@ -117,8 +124,9 @@ class Checkpointer:
 
     def state_dict(self, run: RunState, loader: TokenLoader) -> dict:
         """Everything needed to continue the run exactly: what a checkpoint file holds."""
-        model, optimizer = distributed.full_state(self.model, self.updater.optimizer,
-                                                  self.parallel in distributed.SHARDED)
+        model, optimizer = distributed.full_state(
+            self.model, self.updater.optimizer, self.parallel in distributed.SHARDED
+        )
         return {"model": model, "optimizer": optimizer, **self.run_state(run, loader)}
 
     def save(self, run: RunState, loader: TokenLoader, best: bool = False, keep: Path | None = None) -> Path:
@@ -152,8 +160,14 @@ class Checkpointer:
         distributed.barrier(self.world)
         state = {"model": model, "optimizer": {"state": optimizer["state"]}}
         if self.background:
-            self.in_flight = InFlight(sharded_files.write_async(staging, state, self.write_group, self.world.is_main),
-                                      staging, path, rest, best, keep)
+            self.in_flight = InFlight(
+                sharded_files.write_async(staging, state, self.write_group, self.world.is_main),
+                staging,
+                path,
+                rest,
+                best,
+                keep,
+            )
             return path
         try:
             sharded_files.write(staging, state)
@@ -196,13 +210,18 @@ class Checkpointer:
             self.unsettled = (flight.path, True)
             if self.world.is_main:
                 remove(flight.staging)
-                print(f"warning: {flight.path}: the background checkpoint write failed ({sharded_files.one_line(e)}); "
-                      f"latest still names {pointed(self.directory, 'latest')}", file=sys.stderr, flush=True)
+                print(
+                    f"warning: {flight.path}: the background checkpoint write failed ({sharded_files.one_line(e)}); "
+                    f"latest still names {pointed(self.directory, 'latest')}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return
         self.unsettled = (flight.path, False)
         if self.world.is_main:
-            self.publish_folder(flight.staging, flight.path, {**flight.rest, "checksums": sums}, flight.best,
-                                flight.keep)
+            self.publish_folder(
+                flight.staging, flight.path, {**flight.rest, "checksums": sums}, flight.best, flight.keep
+            )
 
     def settle(self) -> Path | None:
         """Wait for the save in flight; the last background save waited for (here or by an earlier `poll`) if
@@ -217,8 +236,7 @@ class Checkpointer:
         # A failed write of a step saved before (a resumed run's evaluation saves it again) left that save whole.
         return None if distributed.any_rank(done[0].exists(), self.world, self.device) else done[0]
 
-    def restore(self, path: str | Path, loader: TokenLoader, accumulation: int
-                ) -> tuple[RunState, Config, list[str]]:
+    def restore(self, path: str | Path, loader: TokenLoader, accumulation: int) -> tuple[RunState, Config, list[str]]:
         """Load the checkpoint at `path` into the model, optimizer, scaler, `loader` and the random
         generators; returns its RunState, the config it was saved with and notes for the user. A checkpoint
         saved by another number of processes or another parallel mode continues the data stream at the same
@@ -234,16 +252,24 @@ class Checkpointer:
         check_same_optimizer(saved, self.cfg, path)
         try:
             ranks, rank = state["ranks"], self.world.rank
-            position = reshard([r["train_loader"] for r in ranks], rank, self.world.size,
-                               state["step"] * accumulation)
+            position = reshard([r["train_loader"] for r in ranks], rank, self.world.size, state["step"] * accumulation)
             if is_sharded(path):
                 model, optimizer = distributed.local_state(self.model, self.updater.optimizer)
                 sharded_files.read_into(path, {"model": model, "optimizer": {"state": optimizer["state"]}})
-                distributed.load_local_state(self.model, self.updater.optimizer, model,
-                                             {"state": optimizer["state"], "param_groups": state["optimizer_groups"]})
+                distributed.load_local_state(
+                    self.model,
+                    self.updater.optimizer,
+                    model,
+                    {"state": optimizer["state"], "param_groups": state["optimizer_groups"]},
+                )
             else:
-                distributed.load_full_state(self.model, self.updater.optimizer, state["model"], state["optimizer"],
-                                            self.parallel in distributed.SHARDED)
+                distributed.load_full_state(
+                    self.model,
+                    self.updater.optimizer,
+                    state["model"],
+                    state["optimizer"],
+                    self.parallel in distributed.SHARDED,
+                )
             self.updater.scaler.load_state_dict(state["scaler"])
             loader.load_state_dict(position)
             if rank < len(ranks):
@@ -267,8 +293,10 @@ class Checkpointer:
         and a new run started there): its checkpoints must not be pruned or its `latest` moved by this run."""
         holder = other_holder(self.directory.parent)
         if holder is not None:
-            raise UsageError(f"{self.directory.parent}: now held by another run ({holder}), so this run's directory "
-                             "was removed or replaced; stopping without saving, pruning or pointing at anything there")
+            raise UsageError(
+                f"{self.directory.parent}: now held by another run ({holder}), so this run's directory "
+                "was removed or replaced; stopping without saving, pruning or pointing at anything there"
+            )
 
     def latest(self) -> Path | None:
         """The newest complete save, or None before the first; a save in flight is waited for first."""

@@ -44,8 +44,9 @@ REQUIRED_KEYS = ("model", "optimizer", "step", "config")  # what marks a file as
 STATE_FILE = "state.pt"  # in a sharded checkpoint's folder: everything but the model's and optimizer's tensors
 
 
-def save(state: dict, directory: str | os.PathLike[str], step: int, keep_last: int, best: bool,
-         keep: Path | None = None) -> Path:
+def save(
+    state: dict, directory: str | os.PathLike[str], step: int, keep_last: int, best: bool, keep: Path | None = None
+) -> Path:
     """Write `state` as `directory/step_<step>.pt`, then publish it (see `publish`). Raises UsageError, with
     every earlier save intact, if the disk is full or the directory unwritable."""
     directory = Path(directory)
@@ -96,12 +97,14 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
     if latest is None:  # none yet, or the first save is in place and its pointer not (a run killed in between)
         saved = saved_steps(directory) if directory.is_dir() else []
         if not saved:
-            raise UsageError(f"{directory}: no checkpoint saved there yet, so nothing to resume or export"
-                             f"{set_aside_note(directory)}")
+            raise UsageError(
+                f"{directory}: no checkpoint saved there yet, so nothing to resume or export{set_aside_note(directory)}"
+            )
         return saved[-1]  # a save is renamed into place whole: one that exists is complete
     if not latest.exists():
-        raise UsageError(f"{directory / 'latest'}: names {latest.name}, which is missing; "
-                         "name a checkpoint file (step_*.pt) instead")
+        raise UsageError(
+            f"{directory / 'latest'}: names {latest.name}, which is missing; name a checkpoint file (step_*.pt) instead"
+        )
     return latest
 
 
@@ -118,8 +121,11 @@ def load(path: str | os.PathLike[str], device: torch.device | str = "cpu", whole
         checksums.verify(path, state.get("checksums") if isinstance(state, dict) else None)
         if whole_model and isinstance(state, dict):
             state["model"] = sharded_files.read_whole(path, "model", path)
-    missing = [k for k in (("optimizer_groups", "step", "config") if sharded else REQUIRED_KEYS)
-               if not isinstance(state, dict) or k not in state]
+    missing = [
+        k
+        for k in (("optimizer_groups", "step", "config") if sharded else REQUIRED_KEYS)
+        if not isinstance(state, dict) or k not in state
+    ]
     if missing:
         raise UsageError(f"{path}: not a fasttrain checkpoint (no {', '.join(missing)})")
     return state

@@ -54,8 +54,9 @@ def verify(path: Path, sums: object) -> None:
     for name, recorded in sorted(sums.items()):
         file = path / name
         if "/" in name or "\\" in name or name in ("", ".", "..") or not file.is_file():
-            raise damaged(path / "state.pt", f"one for {name!r}, not a file of {path.name}",
-                          what="checksums unreadable")
+            raise damaged(
+                path / "state.pt", f"one for {name!r}, not a file of {path.name}", what="checksums unreadable"
+            )
         found = crc32(file)
         if found != recorded:
             raise damaged(file, f"CRC-32 {found:08x}, {recorded:08x} recorded")
@@ -80,7 +81,8 @@ def check_records(file: Path) -> None:
             except zipfile.BadZipFile as e:  # a CRC that differs, or a record's header that changed
                 if str(e).startswith("Bad CRC-32"):
                     raise damaged(file, f"its record {record.filename}") from None
-                raise damaged(file, f"its record {record.filename}: {' '.join(str(e).split())[:120]}",
-                              what="unreadable") from None
+                raise damaged(
+                    file, f"its record {record.filename}: {' '.join(str(e).split())[:120]}", what="unreadable"
+                ) from None
             except (OSError, EOFError) as e:  # shorter than its index says
                 raise damaged(file, f"its record {record.filename}: {e}", what="unreadable") from None

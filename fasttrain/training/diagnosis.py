@@ -48,20 +48,26 @@ def diagnose(trainer: Trainer, overfit_steps: int = 200) -> list[Check]:
     vocab = trainer.cfg.model.vocab_size
     checks = [check_data(x, y, vocab), check_targets(x, y)]
     if not checks[0].passed:  # out-of-range ids would crash the forward pass
-        return checks + [Check(name, None, "not run: fix the data first") for name in
-                         ("init loss", "gradients", "grad norm", "lr", "update", "overfit")]
+        return checks + [
+            Check(name, None, "not run: fix the data first")
+            for name in ("init loss", "gradients", "grad norm", "lr", "update", "overfit")
+        ]
     model, updater = trainer.model, trainer.updater
     loss = mean_loss(trainer, x, y)
     updater.scale(loss).backward()
     grad_norm = updater.clip_gradients().item()
-    checks += [check_initial_loss(loss.item(), vocab, pretrained=bool(trainer.cfg.model.init_from)),
-               check_gradients(model), check_grad_norm(grad_norm),
-               check_lr(trainer)]
+    checks += [
+        check_initial_loss(loss.item(), vocab, pretrained=bool(trainer.cfg.model.init_from)),
+        check_gradients(model),
+        check_grad_norm(grad_norm),
+        check_lr(trainer),
+    ]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     updater.apply(trainer.lr())
     checks.append(check_update(model, before))
-    checks.append(check_overfit(trainer, x[:OVERFIT_ROWS, :OVERFIT_TOKENS], y[:OVERFIT_ROWS, :OVERFIT_TOKENS],
-                                overfit_steps))
+    checks.append(
+        check_overfit(trainer, x[:OVERFIT_ROWS, :OVERFIT_TOKENS], y[:OVERFIT_ROWS, :OVERFIT_TOKENS], overfit_steps)
+    )
     return checks
 
 
@@ -74,14 +80,23 @@ def mean_loss(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 
 def check_data(x: torch.Tensor, y: torch.Tensor, vocab_size: int) -> Check:
     if x.dtype != torch.int64 or y.dtype != torch.int64:
-        return Check("data", False, f"inputs {x.dtype}, targets {y.dtype}",
-                     "the embedding and the loss need int64 (torch.long) token ids")
+        return Check(
+            "data",
+            False,
+            f"inputs {x.dtype}, targets {y.dtype}",
+            "the embedding and the loss need int64 (torch.long) token ids",
+        )
     targets = y[y != IGNORE_INDEX]
     low, high = min(x.min().item(), targets.min().item()), max(x.max().item(), targets.max().item())
     detail = f"int64 {tuple(x.shape)}, ids {low}..{high}, vocabulary {vocab_size}"
     if low < 0 or high >= vocab_size:
-        return Check("data", False, detail, "ids must lie in [0, model.vocab_size): is the data tokenized with the "
-                     "tokenizer the model was sized for (data.dir, model.vocab_size)?")
+        return Check(
+            "data",
+            False,
+            detail,
+            "ids must lie in [0, model.vocab_size): is the data tokenized with the "
+            "tokenizer the model was sized for (data.dir, model.vocab_size)?",
+        )
     return Check("data", True, detail)
 
 
@@ -90,9 +105,13 @@ def check_targets(x: torch.Tensor, y: torch.Tensor) -> Check:
     matches = (y[:, :-1] == x[:, 1:]) & counted
     share = matches.sum().item() / max(counted.sum().item(), 1)
     detail = f"targets[t] == inputs[t + 1] at {100 * share:.1f}% of {counted.sum().item()} positions"
-    return Check("targets", share == 1.0, detail,
-                 "the target of each position must be the next input token: windows of T + 1 tokens, "
-                 "x = w[:-1], y = w[1:]; look at the loader, or at shuffling applied to one but not the other")
+    return Check(
+        "targets",
+        share == 1.0,
+        detail,
+        "the target of each position must be the next input token: windows of T + 1 tokens, "
+        "x = w[:-1], y = w[1:]; look at the loader, or at shuffling applied to one but not the other",
+    )
 
 
 def check_initial_loss(loss: float, vocab_size: int, pretrained: bool = False) -> Check:
@@ -100,13 +119,22 @@ def check_initial_loss(loss: float, vocab_size: int, pretrained: bool = False) -
     chance = math.log(vocab_size)
     detail = f"{loss:.3f} nats vs ln({vocab_size}) = {chance:.3f}"
     if loss > chance + INIT_LOSS_TOLERANCE or not math.isfinite(loss):
-        hint = ("worse than a uniform guess from model.init_from's weights: is the data tokenized with that "
-                "model's tokenizer?" if pretrained else "confidently wrong before training: the logits are too "
-                "large at init; scale down the output layer's (or tied embedding's) initialisation")
+        hint = (
+            "worse than a uniform guess from model.init_from's weights: is the data tokenized with that "
+            "model's tokenizer?"
+            if pretrained
+            else "confidently wrong before training: the logits are too "
+            "large at init; scale down the output layer's (or tied embedding's) initialisation"
+        )
         return Check("init loss", False, detail, hint)
     if loss < chance - INIT_LOSS_TOLERANCE and not pretrained:
-        return Check("init loss", False, detail, "better than chance before training: the model can see the "
-                     "targets; check the causal mask and that targets are not among the inputs")
+        return Check(
+            "init loss",
+            False,
+            detail,
+            "better than chance before training: the model can see the "
+            "targets; check the causal mask and that targets are not among the inputs",
+        )
     return Check("init loss", True, detail)
 
 
@@ -122,9 +150,13 @@ def check_gradients(model: torch.nn.Module) -> Check:
         elif not p.grad.any():
             problems.append(f"{name} gradient all zero")
     if problems:
-        return Check("gradients", False, _some(problems, len(params), "parameters"),
-                     "a parameter without a gradient never trains: check requires_grad, that its module is "
-                     "used in forward, and that nothing on its path is detached (.detach(), .data, no_grad)")
+        return Check(
+            "gradients",
+            False,
+            _some(problems, len(params), "parameters"),
+            "a parameter without a gradient never trains: check requires_grad, that its module is "
+            "used in forward, and that nothing on its path is detached (.detach(), .data, no_grad)",
+        )
     return Check("gradients", True, f"all {len(params)} parameters have finite, non-zero gradients")
 
 
@@ -132,11 +164,20 @@ def check_grad_norm(norm: float) -> Check:
     low, high = GRAD_NORM_RANGE
     detail = f"{norm:.4g} (sane: {low:g} to {high:g})"
     if not math.isfinite(norm) or norm > high:
-        return Check("grad norm", False, detail, "exploding before training: check the init scale and the loss "
-                     "reduction (a sum instead of a mean grows with the batch); optim.max_grad_norm clips it")
+        return Check(
+            "grad norm",
+            False,
+            detail,
+            "exploding before training: check the init scale and the loss "
+            "reduction (a sum instead of a mean grows with the batch); optim.max_grad_norm clips it",
+        )
     if norm < low:
-        return Check("grad norm", False, detail, "vanishing: check that the loss depends on the parameters and "
-                     "that the init is not too small")
+        return Check(
+            "grad norm",
+            False,
+            detail,
+            "vanishing: check that the loss depends on the parameters and that the init is not too small",
+        )
     return Check("grad norm", True, detail)
 
 
@@ -144,17 +185,26 @@ def check_lr(trainer: Trainer) -> Check:
     first, peak = trainer.lr(), trainer.cfg.optim.lr * trainer.run.lr_scale
     detail = f"first update {first:.3g}, peak {peak:.3g}"
     if first <= 0 or peak <= 0:
-        return Check("lr", False, detail, "a zero learning rate changes nothing: check optim.lr, the schedule "
-                     "(warmup starts at lr / warmup_steps, not 0) and anything that sets param_groups' lr")
+        return Check(
+            "lr",
+            False,
+            detail,
+            "a zero learning rate changes nothing: check optim.lr, the schedule "
+            "(warmup starts at lr / warmup_steps, not 0) and anything that sets param_groups' lr",
+        )
     return Check("lr", True, detail)
 
 
 def check_update(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> Check:
     stuck = [name for name, p in model.named_parameters() if torch.equal(p.detach(), before[name])]
     if stuck:
-        return Check("update", False, _some(stuck, len(before), "parameters unchanged"),
-                     "the optimizer does not move them: are they in its param groups, is their gradient zero, "
-                     "is the learning rate zero?")
+        return Check(
+            "update",
+            False,
+            _some(stuck, len(before), "parameters unchanged"),
+            "the optimizer does not move them: are they in its param groups, is their gradient zero, "
+            "is the learning rate zero?",
+        )
     return Check("update", True, f"all {len(before)} parameters changed")
 
 
@@ -168,15 +218,21 @@ def check_overfit(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int
         last = loss.item()
         first = first if first is not None else last
         if last < OVERFIT_TARGET * first:
-            return Check("overfit", True, f"{x.numel()} tokens memorised in {step} steps: loss {first:.3f} -> {last:.3f}")
-    return Check("overfit", False, f"after {steps} steps on {x.numel()} tokens: loss {first:.3f} -> {last:.3f}, "
-                 f"not below {OVERFIT_TARGET:g} x the start",
-                 "a model that cannot memorise one small batch has a broken training step: check that the loss "
-                 "is backpropagated, optimizer.step() and zero_grad() run, and try a larger optim.lr")
+            return Check(
+                "overfit", True, f"{x.numel()} tokens memorised in {step} steps: loss {first:.3f} -> {last:.3f}"
+            )
+    return Check(
+        "overfit",
+        False,
+        f"after {steps} steps on {x.numel()} tokens: loss {first:.3f} -> {last:.3f}, "
+        f"not below {OVERFIT_TARGET:g} x the start",
+        "a model that cannot memorise one small batch has a broken training step: check that the loss "
+        "is backpropagated, optimizer.step() and zero_grad() run, and try a larger optim.lr",
+    )
 
 
 def _some(items: list[str], total: int, what: str) -> str:
-    """"2 of 14 <what>: a; b" naming at most three of `items`."""
+    """ "2 of 14 <what>: a; b" naming at most three of `items`."""
     return f"{len(items)} of {total} {what}: {'; '.join(items[:3])}" + ("; ..." if len(items) > 3 else "")
 
 

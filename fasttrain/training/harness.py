@@ -69,8 +69,9 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's hf model's default for generation tasks 
 
 
 @torch.no_grad()
-def score_continuations(model: Transformer, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int,
-                        precision: str = "fp32") -> list[tuple[float, bool]]:
+def score_continuations(
+    model: Transformer, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int, precision: str = "fp32"
+) -> list[tuple[float, bool]]:
     """(log P(continuation | context), whether greedy decoding gives the continuation) per (context, continuation)
     token pair. A pair longer than the window is cut from the left to its last max_seq_len + 1 tokens (the
     first of them is only read). Longest first, `batch_size` rows right-padded into one forward."""
@@ -78,17 +79,19 @@ def score_continuations(model: Transformer, pairs: Sequence[tuple[list[int], lis
     device = next(model.parameters()).device
     for context, continuation in pairs:
         if len(continuation) > window:
-            raise UsageError(f"a continuation of {len(continuation)} tokens is longer than the model's context "
-                             f"(model.max_seq_len {window}): it cannot be scored")
-    rows = [(context + continuation)[-(window + 1):] for context, continuation in pairs]
+            raise UsageError(
+                f"a continuation of {len(continuation)} tokens is longer than the model's context "
+                f"(model.max_seq_len {window}): it cannot be scored"
+            )
+    rows = [(context + continuation)[-(window + 1) :] for context, continuation in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -len(rows[i]))  # longest first: each batch's width is its first
     results: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         inputs = torch.zeros(len(batch), len(rows[batch[0]]) - 1, dtype=torch.long)
         where, targets = [], []  # (row, position) of every continuation token, and that token
         for r, i in enumerate(batch):
-            inputs[r, :len(rows[i]) - 1] = torch.tensor(rows[i][:-1])
+            inputs[r, : len(rows[i]) - 1] = torch.tensor(rows[i][:-1])
             n = len(pairs[i][1])
             where += [(r, p) for p in range(len(rows[i]) - 1 - n, len(rows[i]) - 1)]
             targets += pairs[i][1]
@@ -103,7 +106,7 @@ def score_continuations(model: Transformer, pairs: Sequence[tuple[list[int], lis
         offset = 0
         for i in batch:
             n = len(pairs[i][1])
-            results[i] = (picked[offset:offset + n].sum().item(), bool(greedy[offset:offset + n].all()))
+            results[i] = (picked[offset : offset + n].sum().item(), bool(greedy[offset : offset + n].all()))
             offset += n
     return results
 
@@ -116,7 +119,7 @@ def rolling_windows(tokens: list[int], prefix: int, window: int) -> list[tuple[l
     pairs = []
     for start in range(0, len(tokens), window):
         end = min(start + window, len(tokens))  # predicts tokens[start:end] = seq[start + 1:end + 1]
-        pairs.append((seq[max(0, end - window):start + 1], seq[start + 1:end + 1]))
+        pairs.append((seq[max(0, end - window) : start + 1], seq[start + 1 : end + 1]))
     return pairs
 
 
@@ -126,8 +129,9 @@ def check_tokenizer(tokenizer: Tokenizer, key: str = "--tasks") -> None:
     try:
         tokenizer.encode(PROBE)
     except UsageError as e:
-        raise UsageError(f"{key}: the run's tokenizer cannot encode text outside its vocabulary, which tasks hold "
-                         f"({e})") from None
+        raise UsageError(
+            f"{key}: the run's tokenizer cannot encode text outside its vocabulary, which tasks hold ({e})"
+        ) from None
 
 
 @register_model("fasttrain")
@@ -138,8 +142,14 @@ class FasttrainLM(TemplateLM):
     Trained already loaded. From lm-eval's command line: --model_args run=RUN,device=cpu,batch_size=16.
     """
 
-    def __init__(self, run: str | Trained, device: str = "auto", batch_size: int | str = DEFAULT_BATCH_SIZE,
-                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, **_ignored: Any):  # lm-eval also passes max_batch_size
+    def __init__(
+        self,
+        run: str | Trained,
+        device: str = "auto",
+        batch_size: int | str = DEFAULT_BATCH_SIZE,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        **_ignored: Any,
+    ):  # lm-eval also passes max_batch_size
         super().__init__()
         self.trained = run if isinstance(run, Trained) else load_trained(run, use_device(device))
         self.model = self.trained.model
@@ -155,16 +165,16 @@ class FasttrainLM(TemplateLM):
         check_tokenizer(self.trained.tokenizer)  # before scoring anything
 
     @classmethod
-    def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
-                            ) -> FasttrainLM:
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
+    ) -> FasttrainLM:
         """--model_args win over lm-eval's own --device and --batch_size, whose defaults (cuda:0, 1) it always
         passes: `--model_args run=RUN,device=cpu` means the CPU."""
         given = {key: value for key, value in (additional_config or {}).items() if value is not None}
         return cls(**{**given, **arg_dict})
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None
-                               ) -> FasttrainLM:
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict[str, Any] | None = None) -> FasttrainLM:
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @property
@@ -182,9 +192,12 @@ class FasttrainLM(TemplateLM):
         ids = tokenizer.encode(string)
         if tokenizer.unk_id is not None and not self.unknown_said and tokenizer.unk_id in ids:
             self.unknown_said = True
-            print(f"note: the run's tokenizer ({self.trained.tokenizer_path}) reads some of the tasks' text as its "
-                  f"unknown token (first in {string[:40]!r}); scores of that text compare what the model cannot "
-                  "see", file=sys.stderr)
+            print(
+                f"note: the run's tokenizer ({self.trained.tokenizer_path}) reads some of the tasks' text as its "
+                f"unknown token (first in {string[:40]!r}); scores of that text compare what the model cannot "
+                "see",
+                file=sys.stderr,
+            )
         return ids
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
@@ -193,15 +206,21 @@ class FasttrainLM(TemplateLM):
         longest = max((len(c) + len(t) for c, t in pairs), default=0)
         if longest > self.window + 1 and not self.truncation_said:
             self.truncation_said = True
-            print(f"note: contexts longer than the model's context ({self.window} tokens) lose their start, as with "
-                  f"lm-eval's hf model (the longest request: {longest} tokens)", file=sys.stderr)
+            print(
+                f"note: contexts longer than the model's context ({self.window} tokens) lose their start, as with "
+                f"lm-eval's hf model (the longest request: {longest} tokens)",
+                file=sys.stderr,
+            )
         return score_continuations(self.model, pairs, self.batch_size, self.precision)
 
     def loglikelihood_rolling(self, requests: list[Instance], disable_tqdm: bool = False) -> list[float]:
-        windows = [rolling_windows(self.tok_encode(text), self.prefix_token_id, self.window)
-                   for (text,) in (req.args for req in requests)]
-        scores = iter(score_continuations(self.model, [w for doc in windows for w in doc], self.batch_size,
-                                          self.precision))
+        windows = [
+            rolling_windows(self.tok_encode(text), self.prefix_token_id, self.window)
+            for (text,) in (req.args for req in requests)
+        ]
+        scores = iter(
+            score_continuations(self.model, [w for doc in windows for w in doc], self.batch_size, self.precision)
+        )
         return [sum(next(scores)[0] for _ in doc) for doc in windows]
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
@@ -212,8 +231,11 @@ class FasttrainLM(TemplateLM):
         tokenizer = self.trained.tokenizer
         until = kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
-        max_new = int(next((kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens") if k in kwargs),
-                           self.max_gen_toks))
+        max_new = int(
+            next(
+                (kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens") if k in kwargs), self.max_gen_toks
+            )
+        )
         temperature = float(kwargs.get("temperature", 1.0)) if kwargs.get("do_sample") else 0.0
         # Room for the answer in the window, as lm-eval's hf model leaves; a model too short for that keeps half
         # its window and slides on as `sample` does.
@@ -222,8 +244,14 @@ class FasttrainLM(TemplateLM):
         tokens = torch.tensor([ids], dtype=torch.long, device=self._device)
         out: list[int] = []
         with autocast(self.precision, self._device):
-            for nxt in stream(self.model, tokens, max_new, temperature=temperature, top_k=kwargs.get("top_k"),
-                              top_p=kwargs.get("top_p")):
+            for nxt in stream(
+                self.model,
+                tokens,
+                max_new,
+                temperature=temperature,
+                top_k=kwargs.get("top_k"),
+                top_p=kwargs.get("top_p"),
+            ):
                 if nxt.item() == self.eot_token_id:
                     break
                 out.append(int(nxt.item()))
@@ -235,8 +263,12 @@ class FasttrainLM(TemplateLM):
         return text
 
 
-def task_index(tasks: Sequence[str], include_path: str | None = None, num_fewshot: int | None = None,
-               keys: tuple[str, str, str] = ("--tasks", "--include-path", "--num-fewshot")) -> TaskManager:
+def task_index(
+    tasks: Sequence[str],
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    keys: tuple[str, str, str] = ("--tasks", "--include-path", "--num-fewshot"),
+) -> TaskManager:
     """lm-eval's index of tasks (about 12 s to build), with the task YAML files of `include_path`, once every one
     of `tasks` is found in it (names of tasks, groups or tags; globs allowed) and can be run with `num_fewshot`
     examples per prompt (None: each task's own), all before a model is loaded. UsageError, naming `keys` (the
@@ -286,9 +318,13 @@ def leaf_tasks(manager: TaskManager, name: str, key: str) -> dict[str, Any]:
     """The tasks `name` (a task, group, tag or glob) stands for, built with their data; UsageError naming the task
     when lm-eval cannot build it (a missing data file, a dataset not on this machine, a template naming a field
     the documents lack)."""
+
     def flat(found: dict) -> dict[str, Any]:  # a group maps to a dict of its tasks (and subgroups)
-        return {k: v for group, sub in found.items()
-                for k, v in (flat(sub).items() if isinstance(sub, dict) else [(str(group), sub)])}
+        return {
+            k: v
+            for group, sub in found.items()
+            for k, v in (flat(sub).items() if isinstance(sub, dict) else [(str(group), sub)])
+        }
 
     import datasets
 
@@ -296,8 +332,9 @@ def leaf_tasks(manager: TaskManager, name: str, key: str) -> dict[str, Any]:
     try:
         return flat(get_task_dict([name], manager))
     except Exception as e:  # noqa: BLE001 (datasets, jinja and lm-eval raise their own kinds; each is said in a line)
-        raise UsageError(f"{key}: {name}: lm-eval cannot build the task: {type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:300]}") from None
+        raise UsageError(
+            f"{key}: {name}: lm-eval cannot build the task: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        ) from None
     finally:
         datasets.enable_progress_bars()
 
@@ -315,8 +352,10 @@ def check_task(name: str, task: Any, num_fewshot: int | None, keys: tuple[str, s
             if task.get_config("output_type") == "multiple_choice":
                 task.doc_to_choice(first)
         except Exception as e:  # noqa: BLE001 (jinja's UndefinedError...; lm-eval 0.4.13 finds these when it builds the task)
-            raise UsageError(f"{keys[0]}: {name}: its template cannot be filled from its documents "
-                             f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+            raise UsageError(
+                f"{keys[0]}: {name}: its template cannot be filled from its documents "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+            ) from None
     own = task.get_config("num_fewshot")
     shots = own or 0 if num_fewshot is None or own == 0 else num_fewshot  # lm-eval never overrides a task's 0
     if shots == 0:
@@ -328,20 +367,34 @@ def check_task(name: str, task: Any, num_fewshot: int | None, keys: tuple[str, s
     available = len(task.fewshot_docs()) - excluded
     if shots > available:
         given = keys[2] if num_fewshot is not None else f"{name}'s num_fewshot"
-        raise UsageError(f"{given}: {shots} examples per prompt, but task {name} has {max(available, 0)} documents "
-                         "to draw them from")
+        raise UsageError(
+            f"{given}: {shots} examples per prompt, but task {name} has {max(available, 0)} documents to draw them from"
+        )
 
 
-def run_tasks(trained: Trained, tasks: Sequence[str], num_fewshot: int | None = None, limit: float | None = None,
-              include_path: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE, log_samples: bool = False,
-              index: TaskManager | None = None) -> dict[str, Any]:
+def run_tasks(
+    trained: Trained,
+    tasks: Sequence[str],
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    include_path: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    log_samples: bool = False,
+    index: TaskManager | None = None,
+) -> dict[str, Any]:
     """lm-eval's results of `tasks` on `trained` (simple_evaluate's dict). `include_path`: a folder of task
     YAML files of one's own; `limit`: documents per task (a fraction below 1); `index`: task_index's, when the
     caller has built it already (else built here, after the model has checked its tokenizer)."""
     model = FasttrainLM(trained, batch_size=batch_size)
     index = task_index(tasks, include_path, num_fewshot) if index is None else index
-    return simple_evaluate(model=model, tasks=list(tasks),
-                           num_fewshot=num_fewshot, limit=limit, task_manager=index, log_samples=log_samples)
+    return simple_evaluate(
+        model=model,
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=index,
+        log_samples=log_samples,
+    )
 
 
 def task_scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -366,21 +419,23 @@ def scores_table(scores: dict[str, dict[str, float]], shots: dict[str, Any]) -> 
                 continue
             base, _, kind = metric.partition(",")
             stderr = metrics.get(f"{base}_stderr" + (f",{kind}" if kind else ""))
-            lines.append(f"{task:<24} {str(shots.get(task, '')):>5}  {metric:<18} {value:>9.4f} "
-                         f"{'' if stderr is None else f'{stderr:.4f}':>8}")
+            lines.append(
+                f"{task:<24} {str(shots.get(task, '')):>5}  {metric:<18} {value:>9.4f} "
+                f"{'' if stderr is None else f'{stderr:.4f}':>8}"
+            )
     return "\n".join(lines)
 
 
 # The YAML of a local task's kind: what lm-eval reads from each JSONL row and which metric it reports.
 TASK_KINDS = {
     "multiple_choice": 'output_type: multiple_choice\ndoc_to_text: "{{question}}"\ndoc_to_target: label\n'
-                       'doc_to_choice: "{{choices}}"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n'
-                       '    higher_is_better: true\n',
+    'doc_to_choice: "{{choices}}"\nmetric_list:\n  - metric: acc\n    aggregation: mean\n'
+    "    higher_is_better: true\n",
     "rolling": 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-               'metric_list:\n  - metric: bits_per_byte\n    aggregation: bits_per_byte\n    higher_is_better: false\n',
+    "metric_list:\n  - metric: bits_per_byte\n    aggregation: bits_per_byte\n    higher_is_better: false\n",
     "generate": 'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{answer}}"\n'
-                'generation_kwargs:\n  until: ["."]\n  max_gen_toks: 8\n  do_sample: false\n'
-                'metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n',
+    'generation_kwargs:\n  until: ["."]\n  max_gen_toks: 8\n  do_sample: false\n'
+    "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n",
 }
 
 
@@ -392,5 +447,5 @@ def write_local_task(folder: Path, task: str, kind: str, rows: Sequence[dict[str
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / f"{task}.yaml").write_text(
         f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-        f"  cache_dir: {folder / 'datasets-cache'}\ntest_split: test\n{TASK_KINDS[kind]}metadata:\n  version: 1.0\n")
-
+        f"  cache_dir: {folder / 'datasets-cache'}\ntest_split: test\n{TASK_KINDS[kind]}metadata:\n  version: 1.0\n"
+    )

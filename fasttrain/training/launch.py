@@ -40,8 +40,9 @@ def check_start(plan: RunPlan, resumed: bool, overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def opened(plan: RunPlan, checkpoints: Checkpointer, resumed: bool, overwrite: bool,
-           quiet: bool) -> Iterator[tuple[MetricsLog, RunStart | None]]:
+def opened(
+    plan: RunPlan, checkpoints: Checkpointer, resumed: bool, overwrite: bool, quiet: bool
+) -> Iterator[tuple[MetricsLog, RunStart | None]]:
     """train.out_dir ready for the run of `plan`, as check_start found it: yields the run's metrics log and,
     on rank 0, its RunStart (to be told when the first step is done). A new run claims the directory, replacing
     another run's files if `overwrite` (run_directory.RUN_FILES)."""
@@ -56,10 +57,21 @@ def opened(plan: RunPlan, checkpoints: Checkpointer, resumed: bool, overwrite: b
             run_directory.keep_tokenizer(plan.sources[0].data.dir, out)
         if world.is_main:
             save_config(cfg, out)
-        sink = WandbSink(asdict(cfg), out, project=lg.project, name=lg.run_name or out.resolve().name,
-                         tags=lg.tags, resume=resumed) if lg.wandb and world.is_main else None
-        log = MetricsLog(out if world.is_main else None, t.max_steps or None, tensorboard=t.tensorboard,
-                         quiet=quiet, wandb=sink)
+        sink = (
+            WandbSink(
+                asdict(cfg),
+                out,
+                project=lg.project,
+                name=lg.run_name or out.resolve().name,
+                tags=lg.tags,
+                resume=resumed,
+            )
+            if lg.wandb and world.is_main
+            else None
+        )
+        log = MetricsLog(
+            out if world.is_main else None, t.max_steps or None, tensorboard=t.tensorboard, quiet=quiet, wandb=sink
+        )
         try:
             yield log, start
         finally:

@@ -31,16 +31,22 @@ def measure(plan: RunPlan, steps: int) -> dict:
     tokens_per_s = plan.tokens_per_step / seconds
     peak = peak_flops(plan.device)
     projected = min(t.max_steps * seconds if t.max_steps else t.max_time, t.max_time or t.max_steps * seconds)
-    return {"measured_steps": steps, "s_per_step": round(seconds, 4), "tokens_per_s": round(tokens_per_s, 1),
-            "mfu": round(plan.flops_per_token * tokens_per_s / peak, 4) if peak else None,
-            "projected_seconds": round(projected, 1)}
+    return {
+        "measured_steps": steps,
+        "s_per_step": round(seconds, 4),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "mfu": round(plan.flops_per_token * tokens_per_s / peak, 4) if peak else None,
+        "projected_seconds": round(projected, 1),
+    }
 
 
 def measure_line(found: dict) -> str:
     mfu = f", MFU {100 * found['mfu']:.1f}%" if found["mfu"] is not None else ""
-    return (f"measured: {found['s_per_step']:.3f} s/step over {found['measured_steps']} steps, "
-            f"{found['tokens_per_s']:,.0f} tokens/s{mfu}; the run would train for about "
-            f"{format_duration(found['projected_seconds'])}")
+    return (
+        f"measured: {found['s_per_step']:.3f} s/step over {found['measured_steps']} steps, "
+        f"{found['tokens_per_s']:,.0f} tokens/s{mfu}; the run would train for about "
+        f"{format_duration(found['projected_seconds'])}"
+    )
 
 
 def _synchronize(device: torch.device) -> None:

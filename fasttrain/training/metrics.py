@@ -79,8 +79,14 @@ class MetricsLog:
     otherwise (a log file, CI) it prints plain lines only.
     """
 
-    def __init__(self, out_dir: str | Path | None, total_steps: int | None, tensorboard: bool = True, quiet: bool = False,
-                 wandb: WandbSink | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path | None,
+        total_steps: int | None,
+        tensorboard: bool = True,
+        quiet: bool = False,
+        wandb: WandbSink | None = None,
+    ):
         """`out_dir` None: a log that records and prints nothing (the other ranks of a distributed run).
         `wandb`: a sink that receives every event too, closed with this log."""
         self.quiet = quiet or out_dir is None
@@ -98,7 +104,9 @@ class MetricsLog:
         except OSError as e:
             raise UsageError(f"{self.path}: cannot write ({e.strerror or e})") from None
         self._tb = _summary_writer(self.path.parent) if tensorboard else None
-        self._bar = None if quiet or not sys.stdout.isatty() else tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+        self._bar = (
+            None if quiet or not sys.stdout.isatty() else tqdm(total=total_steps, unit="step", dynamic_ncols=True)
+        )
 
     def event(self, kind: str, **fields: Any) -> None:
         """Record one event; numeric fields of train and eval events also go to TensorBoard."""
@@ -169,13 +177,15 @@ class WandbSink:
     continues that W&B run (steps W&B has already seen, after a rollback, it ignores).
     """
 
-    def __init__(self, config: dict[str, Any], run_dir: Path, *, project: str, name: str, tags: list[str],
-                 resume: bool):
+    def __init__(
+        self, config: dict[str, Any], run_dir: Path, *, project: str, name: str, tags: list[str], resume: bool
+    ):
         self.wandb = import_wandb()
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if resume and id_file.exists() else None  # None: W&B makes one
-        self.run = self.wandb.init(project=project, name=name, tags=tags, config=config, id=run_id,
-                                   resume="allow", dir=str(run_dir))
+        self.run = self.wandb.init(
+            project=project, name=name, tags=tags, config=config, id=run_id, resume="allow", dir=str(run_dir)
+        )
         write_atomically(id_file, lambda f: f.write(self.run.id.encode()), "record the W&B run id")
         self.samples: list[list[Any]] = []
 
@@ -197,8 +207,7 @@ class WandbSink:
 
 def _numbers(fields: dict[str, Any]) -> dict[str, int | float]:
     """The numeric fields of an event, but its step (bools are not numbers here)."""
-    return {k: v for k, v in fields.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: v for k, v in fields.items() if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _drop_partial_line(fd: int) -> None:

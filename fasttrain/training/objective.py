@@ -49,8 +49,13 @@ def document_ids(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
     return (tokens == eot_id).cumsum(1)
 
 
-def batch_loss(objective: nn.Module, x: torch.Tensor, y: torch.Tensor, mask_eot_id: int | None,
-               grad_scale: torch.Tensor | None = None) -> LossSums:
+def batch_loss(
+    objective: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mask_eot_id: int | None,
+    grad_scale: torch.Tensor | None = None,
+) -> LossSums:
     """The loss sums of batch (x, y) (B, T) through `objective` (a NextTokenLoss, or its DDP/FSDP/compiled
     wrapper). `mask_eot_id`: with document masking, the end-of-text id that starts each new document.
     `grad_scale`: what the caller multiplies the loss by before the backward (see NextTokenLoss)."""
@@ -71,8 +76,13 @@ class NextTokenLoss(nn.Module):
         self.model = model
         self.fused = fused
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor | None = None,
-                grad_scale: torch.Tensor | None = None) -> LossSums:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor,
+        documents: torch.Tensor | None = None,
+        grad_scale: torch.Tensor | None = None,
+    ) -> LossSums:
         """The sums over `targets` (B, T) of `tokens` (B, T); `documents` (B, T) masks attention to each
         token's own document (see model.document_mask).
 
@@ -85,14 +95,18 @@ class NextTokenLoss(nn.Module):
         if self.fused:
             from kernels.linear_cross_entropy import linear_cross_entropy  # needs Triton, so only when asked for
 
-            loss, correct = linear_cross_entropy(self.model.hidden(tokens, documents).flatten(0, 1),
-                                                 self.model.output.weight, targets.flatten(),
-                                                 ignore_index=IGNORE_INDEX, reduction="sum", return_correct=True,
-                                                 grad_scale=grad_scale)
+            loss, correct = linear_cross_entropy(
+                self.model.hidden(tokens, documents).flatten(0, 1),
+                self.model.output.weight,
+                targets.flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+                return_correct=True,
+                grad_scale=grad_scale,
+            )
         else:
             logits = self.model(tokens, documents)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum")
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
             x = logits.detach()
             at_target = x.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
             correct = ((at_target >= x.amax(dim=-1)) & valid).sum()

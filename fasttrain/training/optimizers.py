@@ -74,15 +74,17 @@ class Muon(_MuonBase):
             for p, g, buffer in zip(params, grads, buffers):
                 buffer.lerp_(g, 1 - momentum)
                 update = g.lerp(buffer, momentum) if group["nesterov"] else buffer
-                update = newton_schulz_reference(update, group["ns_steps"], group["ns_coefficients"], group["eps"],
-                                                 dtype=self.ns_dtype)
+                update = newton_schulz_reference(
+                    update, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype=self.ns_dtype
+                )
                 p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
         return loss
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False,
-                 exclude: frozenset[int] = frozenset()) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, decay_embeddings: bool = False, exclude: frozenset[int] = frozenset()
+) -> list[dict]:
     """Two groups: decayed matrices, and the rest (vectors, and embeddings unless `decay_embeddings`).
 
     A parameter shared by two modules (tied embedding and output weights) is listed
@@ -140,8 +142,9 @@ class Hybrid:
             part.load_state_dict(state[name])
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, kernel: bool = False,
-                    sharded: bool = False) -> torch.optim.Optimizer | Hybrid:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device: torch.device, kernel: bool = False, sharded: bool = False
+) -> torch.optim.Optimizer | Hybrid:
     """The optimizer that optim.name names, over `model`'s parameters, each group at its own peak lr.
 
     `kernel`: kernels.FusedAdamW for AdamW (clipping folded in only for AdamW alone, see Updater).
@@ -150,39 +153,54 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, ke
     """
     if cfg.name == "muon":
         if sharded:
-            raise UsageError('optim.name = "muon" does not work with train.parallel = "fsdp": Newton-Schulz needs '
-                             'each whole matrix and FSDP shards them; use train.parallel = "ddp"')
+            raise UsageError(
+                'optim.name = "muon" does not work with train.parallel = "fsdp": Newton-Schulz needs '
+                'each whole matrix and FSDP shards them; use train.parallel = "ddp"'
+            )
         if not hasattr(torch.optim, "Muon"):
-            raise UsageError(f'optim.name = "muon" needs torch.optim.Muon, added in torch 2.9; this is torch '
-                             f"{torch.__version__}")
+            raise UsageError(
+                f'optim.name = "muon" needs torch.optim.Muon, added in torch 2.9; this is torch {torch.__version__}'
+            )
         matrices = hidden_matrices(model)
         m = cfg.muon
-        muon = Muon(matrices, ns_dtype=torch.bfloat16 if native_bf16(device) else torch.float32, lr=m.lr,
-                    weight_decay=cfg.weight_decay, momentum=m.momentum, nesterov=m.nesterov, ns_steps=m.ns_steps,
-                    adjust_lr_fn=m.adjust_lr)
+        muon = Muon(
+            matrices,
+            ns_dtype=torch.bfloat16 if native_bf16(device) else torch.float32,
+            lr=m.lr,
+            weight_decay=cfg.weight_decay,
+            momentum=m.momentum,
+            nesterov=m.nesterov,
+            ns_steps=m.ns_steps,
+            adjust_lr_fn=m.adjust_lr,
+        )
         rest = param_groups(model, cfg.weight_decay, cfg.decay_embeddings, frozenset(map(id, matrices)))
         return Hybrid(muon=muon, adamw=_adamw(rest, cfg, device, kernel, clip=False))
     groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.sgd.momentum, nesterov=cfg.sgd.nesterov,
-                               fused=device.type == "cuda" or None)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.sgd.momentum, nesterov=cfg.sgd.nesterov, fused=device.type == "cuda" or None
+        )
     if cfg.name == "adafactor":
         a = cfg.adafactor
-        return torch.optim.Adafactor(groups, lr=cfg.lr, beta2_decay=a.beta2_decay, eps=(a.eps1 or None, a.eps2),
-                                     d=a.d)
+        return torch.optim.Adafactor(groups, lr=cfg.lr, beta2_decay=a.beta2_decay, eps=(a.eps1 or None, a.eps2), d=a.d)
     return _adamw(groups, cfg, device, kernel, clip=True)
 
 
-def _adamw(groups: list[dict], cfg: OptimConfig, device: torch.device, kernel: bool, clip: bool
-           ) -> torch.optim.Optimizer:
+def _adamw(
+    groups: list[dict], cfg: OptimConfig, device: torch.device, kernel: bool, clip: bool
+) -> torch.optim.Optimizer:
     """torch's AdamW (fused on CUDA), or kernels.FusedAdamW with the clipping in its step if `clip`."""
     if kernel:
         from kernels.adamw import FusedAdamW  # needs Triton, so only when asked for
 
-        return FusedAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                          max_grad_norm=(cfg.max_grad_norm or None) if clip else None)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type == "cuda")
+        return FusedAdamW(
+            groups,
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            max_grad_norm=(cfg.max_grad_norm or None) if clip else None,
+        )
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=device.type == "cuda")
 
 
 class Updater:
@@ -203,8 +221,15 @@ class Updater:
     own peak over optim.lr (1 except Muon's), so every group follows the same schedule.
     """
 
-    def __init__(self, model: nn.Module, cfg: OptimConfig, device: torch.device, precision: str,
-                 kernel: bool = False, sharded: bool = False):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: OptimConfig,
+        device: torch.device,
+        precision: str,
+        kernel: bool = False,
+        sharded: bool = False,
+    ):
         self.optimizer = build_optimizer(model, cfg, device, kernel, sharded)
         self.max_grad_norm = cfg.max_grad_norm or math.inf  # 0 disables clipping; the norm is still measured
         self.clip_in_step = kernel and cfg.name == "adamw"
@@ -213,8 +238,14 @@ class Updater:
         self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.sharded = sharded  # FSDP: the gradients are DTensor shards
         # What the config asks of each group besides the rate: a resumed run applies these, not the saved ones
-        self.configured = [{k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")
-                            and not isinstance(v, torch.Tensor)} for group in self.optimizer.param_groups]
+        self.configured = [
+            {
+                k: v
+                for k, v in group.items()
+                if k not in ("params", "lr", "initial_lr") and not isinstance(v, torch.Tensor)
+            }
+            for group in self.optimizer.param_groups
+        ]
 
     def use_configured_hyperparameters(self) -> list[str]:
         """After a checkpoint's optimizer state is loaded (which brings its param groups' settings along):
@@ -224,8 +255,11 @@ class Updater:
         for group, configured in zip(self.optimizer.param_groups, self.configured):
             for key, value in configured.items():
                 saved = group.get(key)
-                same = ((saved is not None and tuple(saved) == tuple(value)) if isinstance(value, (tuple, list))
-                        else saved == value)
+                same = (
+                    (saved is not None and tuple(saved) == tuple(value))
+                    if isinstance(value, (tuple, list))
+                    else saved == value
+                )
                 if not same:
                     changed.append(f"{key}: {saved} -> {value}")
                     group[key] = value

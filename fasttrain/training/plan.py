@@ -125,24 +125,53 @@ class RunPlan:
         t, c = self.cfg.train, self.cfg
         reading = reading or self.reading()
         epochs = reading.epochs or (None,) * len(self.sources)
-        tokens = {split: sum(s.data.meta["tokens"][split] for s in self.sources) if self.sources else None
-                  for split in ("train", "val")}
+        tokens = {
+            split: sum(s.data.meta["tokens"][split] for s in self.sources) if self.sources else None
+            for split in ("train", "val")
+        }
         return {
-            "params": self.params, "flops_per_token": self.flops_per_token, "device": str(self.device),
-            "precision": self.precision, "compile": self.compiled, "kernels": self.kernels.names(),
-            "world_size": self.world.size, "parallel": self.parallel, "accumulation": self.accumulation,
-            "tokens_per_step": self.tokens_per_step, "train_tokens": tokens["train"], "val_tokens": tokens["val"],
-            "sources": [{"name": s.name, "dir": s.dir, "weight": s.weight, "train_tokens": s.data.meta["tokens"]["train"],
-                         "val_tokens": s.data.meta["tokens"]["val"], "planned_epochs": None if e is None else round(e, 4)}
-                        for s, e in zip(self.sources, epochs)],
-            "planned_to_step": reading.end, "prepare": self.prepare,
-            "batch_size": t.batch_size, "seq_len": t.seq_len, "max_steps": t.max_steps, "max_time": t.max_time,
-            "warmup_steps": c.schedule.warmup_steps, "decay": c.schedule.decay, "lr": c.optim.lr,
+            "params": self.params,
+            "flops_per_token": self.flops_per_token,
+            "device": str(self.device),
+            "precision": self.precision,
+            "compile": self.compiled,
+            "kernels": self.kernels.names(),
+            "world_size": self.world.size,
+            "parallel": self.parallel,
+            "accumulation": self.accumulation,
+            "tokens_per_step": self.tokens_per_step,
+            "train_tokens": tokens["train"],
+            "val_tokens": tokens["val"],
+            "sources": [
+                {
+                    "name": s.name,
+                    "dir": s.dir,
+                    "weight": s.weight,
+                    "train_tokens": s.data.meta["tokens"]["train"],
+                    "val_tokens": s.data.meta["tokens"]["val"],
+                    "planned_epochs": None if e is None else round(e, 4),
+                }
+                for s, e in zip(self.sources, epochs)
+            ],
+            "planned_to_step": reading.end,
+            "prepare": self.prepare,
+            "batch_size": t.batch_size,
+            "seq_len": t.seq_len,
+            "max_steps": t.max_steps,
+            "max_time": t.max_time,
+            "warmup_steps": c.schedule.warmup_steps,
+            "decay": c.schedule.decay,
+            "lr": c.optim.lr,
             "mix_changes": [[step, list(w)] for step, w in reading.changes],
-            "kernel_reasons": list(self.kernel_reasons), "shard_group": self.shard_group,
-            "checkpoint_format": self.checkpoint_format, "memory_bytes": sum(b for _, b in self.memory),
-            "available_bytes": self.available, "log_interval": t.log_interval, "eval_interval": t.eval_interval,
-            "checkpoint_interval": c.checkpoint.interval, "out_dir": t.out_dir,
+            "kernel_reasons": list(self.kernel_reasons),
+            "shard_group": self.shard_group,
+            "checkpoint_format": self.checkpoint_format,
+            "memory_bytes": sum(b for _, b in self.memory),
+            "available_bytes": self.available,
+            "log_interval": t.log_interval,
+            "eval_interval": t.eval_interval,
+            "checkpoint_interval": c.checkpoint.interval,
+            "out_dir": t.out_dir,
         }
 
 
@@ -169,7 +198,9 @@ def plan_run(cfg: Config, world: distributed.World, device: torch.device) -> Run
         prepare, vocab = _pending(cfg)
     losses = ["val_loss", *(f"val_loss.{s.name}" for s in sources if len(sources) > 1)]
     if t.monitor not in losses:
-        raise UsageError(f"train.monitor = {t.monitor!r}: not a validation loss of this run; one of {', '.join(losses)}")
+        raise UsageError(
+            f"train.monitor = {t.monitor!r}: not a validation loss of this run; one of {', '.join(losses)}"
+        )
     directory = sources[0].dir if sources else prepared_dir(cfg.data)
     cfg = resolve(cfg, directory, vocab, sources[0].data.meta["request"] if sources else None)
     if sources and shape.init_from and not init_missing:  # the model's ids must be the data's
@@ -182,8 +213,11 @@ def plan_run(cfg: Config, world: distributed.World, device: torch.device) -> Run
     parallel = t.parallel if world.distributed else "none"  # what a checkpoint records too
     sharded = parallel in distributed.SHARDED
     m = cfg.model  # the shapes the measured dispatch table is read at ("auto" on a GPU)
-    shapes = {"rms_norm": {"hidden": m.d_model}, "linear_cross_entropy": {"hidden": m.d_model, "vocab": m.vocab_size},
-              "adamw": {"params": num_params(m)}}
+    shapes = {
+        "rms_norm": {"hidden": m.d_model},
+        "linear_cross_entropy": {"hidden": m.d_model, "vocab": m.vocab_size},
+        "adamw": {"params": num_params(m)},
+    }
     kernels = kernels_on(cfg.kernels, device, sharded, t.precision, shapes, compiled=bool(t.compile), fp8=t.fp8)
     memory, available = check_fits(cfg, device, t.precision, shard_group)
     check_attention(t.attention, device)
@@ -191,12 +225,27 @@ def plan_run(cfg: Config, world: distributed.World, device: torch.device) -> Run
     k = cfg.checkpoint
     sharded_saves = k.format == "sharded" or (k.format == "auto" and sharded) or k.async_save  # as Checkpointer
     return RunPlan(
-        cfg=cfg, world=world, device=device, sources=sources, prepare=prepare,
-        rows_per_epoch=tuple(rows_per_epoch(s, cfg, world.size) for s in sources), accumulation=accumulation,
-        mix=tuple(mix), kernels=kernels, kernel_reasons=kernel_reasons(cfg, kernels, device, sharded),
-        parallel=parallel, shard_group=shard_group, checkpoint_format="sharded" if sharded_saves else "file",
-        params=num_params(m), flops_per_token=flops_per_token(m, t.seq_len), memory=tuple(memory.items()),
-        available=available, recorded=recorded, init_missing=init_missing, notes=tuple(notes))
+        cfg=cfg,
+        world=world,
+        device=device,
+        sources=sources,
+        prepare=prepare,
+        rows_per_epoch=tuple(rows_per_epoch(s, cfg, world.size) for s in sources),
+        accumulation=accumulation,
+        mix=tuple(mix),
+        kernels=kernels,
+        kernel_reasons=kernel_reasons(cfg, kernels, device, sharded),
+        parallel=parallel,
+        shard_group=shard_group,
+        checkpoint_format="sharded" if sharded_saves else "file",
+        params=num_params(m),
+        flops_per_token=flops_per_token(m, t.seq_len),
+        memory=tuple(memory.items()),
+        available=available,
+        recorded=recorded,
+        init_missing=init_missing,
+        notes=tuple(notes),
+    )
 
 
 def accumulation_steps(t: TrainConfig, world_size: int = 1) -> int:
@@ -207,7 +256,8 @@ def accumulation_steps(t: TrainConfig, world_size: int = 1) -> int:
     if t.tokens_per_update % per_micro_batch:
         raise UsageError(
             f"train.tokens_per_update = {t.tokens_per_update} is not a multiple of batch_size x seq_len x "
-            f"world size = {t.batch_size} x {t.seq_len} x {world_size} = {per_micro_batch}")
+            f"world size = {t.batch_size} x {t.seq_len} x {world_size} = {per_micro_batch}"
+        )
     return t.tokens_per_update // per_micro_batch
 
 
@@ -223,16 +273,21 @@ def init_shape(cfg: Config) -> tuple[ModelConfig, str, str]:
     source, recorded = Path(m.init_from) / "config.json", Path(cfg.train.out_dir) / "config.toml"
     run = load_config(recorded).model if not os.path.lexists(source) and recorded.is_file() else None
     if run is not None and run.init_from == m.init_from:  # its checkpoints hold the weights
-        missing = (f"{source}: no such file (model.init_from); a new run starts from its weights, only --resume "
-                   "continues the run without them")
+        missing = (
+            f"{source}: no such file (model.init_from); a new run starts from its weights, only --resume "
+            "continues the run without them"
+        )
         shaped = replace(run, dropout=m.dropout)
         what = f"{recorded}'s, as {m.init_from} is gone"
     else:
         shaped = hf_llama_model_config(m.init_from, m)
         what = f"{source}'s"
     parse_config(config_to_toml(replace(cfg, model=shaped)), f"model.init_from {source}")  # validated whole
-    changed = [f"{f.name} {getattr(m, f.name)} -> {getattr(shaped, f.name)}" for f in fields(m)
-               if getattr(m, f.name) != getattr(shaped, f.name)]
+    changed = [
+        f"{f.name} {getattr(m, f.name)} -> {getattr(shaped, f.name)}"
+        for f in fields(m)
+        if getattr(m, f.name) != getattr(shaped, f.name)
+    ]
     note = f"model.init_from: the shape is {what} ({', '.join(changed)})" if changed else ""
     return shaped, note, missing
 
@@ -261,8 +316,10 @@ def rows_per_epoch(source: Source, cfg: Config, world_size: int) -> int:
     per_round = t.batch_size * world_size
     if rows.num_rows < per_round:
         what = f"windows of {t.seq_len + 1} tokens" if d.batching == "packed" else f"{d.batching} rows"
-        raise UsageError(f"{source.dir}: the train split has {rows.num_rows} {what}, fewer than one batch of "
-                         f"{t.batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data")
+        raise UsageError(
+            f"{source.dir}: the train split has {rows.num_rows} {what}, fewer than one batch of "
+            f"{t.batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data"
+        )
     return rows.num_rows // per_round * per_round
 
 
@@ -279,8 +336,11 @@ def kernel_reasons(cfg: Config, kernels: Kernels, device: torch.device, sharded:
             elif device.type == "cuda":
                 why = "on: measured faster than stock here" if on else "off: not measured faster than stock here"
             else:
-                why = ("on: under bf16 its PyTorch path works on row blocks in cache" if on
-                       else f"off on the {device.type}")
+                why = (
+                    "on: under bf16 its PyTorch path works on row blocks in cache"
+                    if on
+                    else f"off on the {device.type}"
+                )
             reasons.append(f"{op}: auto, {why}")
         else:
             reasons.append(f"{op}: {'on' if on else 'off'}, kernels.{op} = {str(setting).lower()}")

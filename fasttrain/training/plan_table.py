@@ -14,8 +14,10 @@ def plan_table(plan: RunPlan) -> str:
     c, t = plan.cfg, plan.cfg.train
     reading = plan.reading()
     s = c.schedule
-    budget = ", ".join(([f"{t.max_steps} steps"] if t.max_steps else [])
-                       + ([f"{format_duration(t.max_time)} of training"] if t.max_time else []))
+    budget = ", ".join(
+        ([f"{t.max_steps} steps"] if t.max_steps else [])
+        + ([f"{format_duration(t.max_time)} of training"] if t.max_time else [])
+    )
     warmup = f"warmup {s.warmup_steps} steps" if s.warmup_steps or not t.max_time else "warmup by progress"
     end = f"; the data is laid out to step {reading.end} ({reading.words})" if reading.end is not None else ""
     need = sum(b for _, b in plan.memory)

@@ -84,8 +84,12 @@ class Recovery:
         self.in_a_row, self.unproven = 0, None
         if self.safe is None:
             self.unproven = self.earlier.pop()
-        return dataclasses.replace(restored, lr_scale=diverged.lr_scale * self.cfg.lr_factor,
-                                   rollbacks=diverged.rollbacks + 1, skipped_steps=diverged.skipped_steps)
+        return dataclasses.replace(
+            restored,
+            lr_scale=diverged.lr_scale * self.cfg.lr_factor,
+            rollbacks=diverged.rollbacks + 1,
+            skipped_steps=diverged.skipped_steps,
+        )
 
 
 class EarlyStopping:
@@ -110,5 +114,7 @@ def monitor_anew(run: RunState, saved: Config, cfg: Config) -> str | None:
     if saved.train.monitor == cfg.train.monitor:
         return None
     run.best_val_loss, run.stale_evals = math.inf, 0
-    return (f"train.monitor is {cfg.train.monitor}, not {saved.train.monitor}: the best validation loss "
-            "and early stopping's count start anew")
+    return (
+        f"train.monitor is {cfg.train.monitor}, not {saved.train.monitor}: the best validation loss "
+        "and early stopping's count start anew"
+    )

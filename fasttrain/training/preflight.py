@@ -37,7 +37,9 @@ def estimate_bytes(cfg: Config, activation_bytes: int, shards: int = 1) -> dict[
         "parameters, gradients and AdamW state": num_params(m) * STATE_BYTES_PER_PARAM // shards,
         # cos and sin in fp32, and the fp64 angles they are computed from
         "RoPE tables": m.max_seq_len * (m.d_model // m.n_heads) // 2 * 16,
-        "activations": tokens * m.n_layers * (m.d_model * ACTIVATIONS_PER_TOKEN_LAYER + 3 * ffn_hidden_size(m))
+        "activations": tokens
+        * m.n_layers
+        * (m.d_model * ACTIVATIONS_PER_TOKEN_LAYER + 3 * ffn_hidden_size(m))
         * activation_bytes,
         "logits": tokens * m.vocab_size * 4,
     }
@@ -74,11 +76,19 @@ def check_fits(cfg: Config, device: torch.device, precision: str, shards: int = 
     if need <= have:
         return parts, have
     m, t = cfg.model, cfg.train
-    biggest = ", ".join(f"{name} {size / GIB:,.1f} GiB" for name, size in sorted(parts.items(), key=lambda p: -p[1])[:2])
+    biggest = ", ".join(
+        f"{name} {size / GIB:,.1f} GiB" for name, size in sorted(parts.items(), key=lambda p: -p[1])[:2]
+    )
     keys = [f"model.n_layers = {m.n_layers}", f"model.d_model = {m.d_model}"]
     if ffn_hidden_size(m) > 4 * m.d_model:  # wider than the usual 8/3 x d_model: name what made it so
         keys.append(f"model.ffn_hidden = {m.ffn_hidden}" if m.ffn_hidden else f"model.multiple_of = {m.multiple_of}")
-    keys += [f"model.vocab_size = {m.vocab_size}", f"model.max_seq_len = {m.max_seq_len}",
-             f"train.batch_size = {t.batch_size}", f"train.seq_len = {t.seq_len}"]
-    raise UsageError(f"the run needs about {need / GIB:,.1f} GiB ({biggest}) but {device} has {have / GIB:,.1f} GiB "
-                     f"available; reduce {', '.join(keys[:-1])} or {keys[-1]}")
+    keys += [
+        f"model.vocab_size = {m.vocab_size}",
+        f"model.max_seq_len = {m.max_seq_len}",
+        f"train.batch_size = {t.batch_size}",
+        f"train.seq_len = {t.seq_len}",
+    ]
+    raise UsageError(
+        f"the run needs about {need / GIB:,.1f} GiB ({biggest}) but {device} has {have / GIB:,.1f} GiB "
+        f"available; reduce {', '.join(keys[:-1])} or {keys[-1]}"
+    )

@@ -61,37 +61,54 @@ def start_lines(plan: RunPlan, reading: Reading) -> list[str]:
     """What a run says of its plan as it starts (a dry run says more: plan_table.py): the model, the data and how
     often each source is read, and the batch and budget."""
     c, t, record = plan.cfg, plan.cfg.train, plan.record(reading)
-    lines = [f"model: {plan.params / 1e6:.2f}M parameters ({c.model.n_layers} layers, d_model {c.model.d_model}, "
-             f"{c.model.n_heads} heads, vocab {c.model.vocab_size}, context {c.model.max_seq_len})"]
+    lines = [
+        f"model: {plan.params / 1e6:.2f}M parameters ({c.model.n_layers} layers, d_model {c.model.d_model}, "
+        f"{c.model.n_heads} heads, vocab {c.model.vocab_size}, context {c.model.max_seq_len})"
+    ]
     sources = record["sources"]
     if not sources:
         lines.append(f"data: not prepared yet; the run prepares {plan.prepare}")
     elif len(sources) == 1:
         lines.append(f"data: {record['train_tokens']:,} train / {record['val_tokens']:,} val tokens in {c.data.dir}")
     else:
-        lines.append(f"data: a mixture of {len(sources)} sources, {record['train_tokens']:,} train / "
-                     f"{record['val_tokens']:,} val tokens:")
+        lines.append(
+            f"data: a mixture of {len(sources)} sources, {record['train_tokens']:,} train / "
+            f"{record['val_tokens']:,} val tokens:"
+        )
         for s in sources:
             read = "" if s["planned_epochs"] is None else f", read {s['planned_epochs']:.2f} times over {reading.words}"
-            lines.append(f"  {s['name']:<12} weight {s['weight']:.3f}  {s['train_tokens']:,} train / "
-                         f"{s['val_tokens']:,} val tokens in {s['dir']}{read}")
+            lines.append(
+                f"  {s['name']:<12} weight {s['weight']:.3f}  {s['train_tokens']:,} train / "
+                f"{s['val_tokens']:,} val tokens in {s['dir']}{read}"
+            )
         for i, (step, weights) in enumerate(reading.changes):
-            when = ("" if not t.max_time else f" (not reached {reading.words})" if step >= (reading.end or step + 1)
-                    else " (if train.max_time lets the run get that far)")
-            lines.append(f"  data.mix[{i}] from step {step}{when}: "
-                         f"{', '.join(f'{name} {w:.3f}' for name, w in zip(plan.names, weights))}")
+            when = (
+                ""
+                if not t.max_time
+                else f" (not reached {reading.words})"
+                if step >= (reading.end or step + 1)
+                else " (if train.max_time lets the run get that far)"
+            )
+            lines.append(
+                f"  data.mix[{i}] from step {step}{when}: "
+                f"{', '.join(f'{name} {w:.3f}' for name, w in zip(plan.names, weights))}"
+            )
     for s in sources:
         e = s["planned_epochs"]
         if e is not None and e > c.data.max_epochs:
-            lines.append(f"warning: this run reads {s['name']} {e:.1f} times over{f' {reading.words}' * bool(t.max_time)}, "
-                         f"more than data.max_epochs = {c.data.max_epochs:g} (repeated data helps less with each pass "
-                         "and can make the model memorize it); add data, lower its weight, or raise data.max_epochs")
+            lines.append(
+                f"warning: this run reads {s['name']} {e:.1f} times over{f' {reading.words}' * bool(t.max_time)}, "
+                f"more than data.max_epochs = {c.data.max_epochs:g} (repeated data helps less with each pass "
+                "and can make the model memorize it); add data, lower its weight, or raise data.max_epochs"
+            )
     kernels = plan.kernels.names()
     speedups = ["compiled"] * plan.compiled + [f"kernels: {', '.join(kernels)}"] * bool(kernels)
     ranks = f" x {plan.world.size} ranks, {plan.parallel}" if plan.world.size > 1 else ""
-    lines.append(f"run: {Budget.of(t).describe()} x {plan.tokens_per_step:,} tokens ({t.batch_size} x {t.seq_len}"
-                 f" x {plan.accumulation} accumulation{ranks}) on {plan.device}, "
-                 f"{', '.join([plan.precision, *speedups])}; writing to {t.out_dir}")
+    lines.append(
+        f"run: {Budget.of(t).describe()} x {plan.tokens_per_step:,} tokens ({t.batch_size} x {t.seq_len}"
+        f" x {plan.accumulation} accumulation{ranks}) on {plan.device}, "
+        f"{', '.join([plan.precision, *speedups])}; writing to {t.out_dir}"
+    )
     return lines
 
 
@@ -120,8 +137,16 @@ class Report:
         self.log.event("compile", step=1, seconds=round(seconds, 3))
         self.log.print(f"compiled the model and ran the first step in {seconds:.1f} s")
 
-    def train(self, run: RunState, meter: IntervalMeter, lr: float, grad_norm: float, wait_seconds: float,
-              tokens: list[int], epochs: list[float]) -> None:
+    def train(
+        self,
+        run: RunState,
+        meter: IntervalMeter,
+        lr: float,
+        grad_norm: float,
+        wait_seconds: float,
+        tokens: list[int],
+        epochs: list[float],
+    ) -> None:
         """The interval `meter` measured, ending at `run.step` (`wait_seconds`: the loader's running total;
         `tokens` and `epochs`: what the run has read of each source so far, recorded for a mixture)."""
         t = self.cfg.train
@@ -132,10 +157,17 @@ class Report:
         mfu = self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None
         standing = Budget.of(t).standing(run.step, run.train_seconds)
         record: dict[str, Any] = {
-            "step": run.step, "progress": round(100 * standing.progress, 2), "loss": loss,
-            "accuracy": round(correct / max(counted, 1), 4), "ppl": perplexity(loss), "lr": lr, "grad_norm": grad_norm,
-            "tokens": run.tokens_seen, "tokens_per_s": round(tokens_per_s, 1),
-            "step_ms": round(1000 * elapsed / meter.steps, 2), "data_wait_pct": round(100 * wait / elapsed, 2),
+            "step": run.step,
+            "progress": round(100 * standing.progress, 2),
+            "loss": loss,
+            "accuracy": round(correct / max(counted, 1), 4),
+            "ppl": perplexity(loss),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": run.tokens_seen,
+            "tokens_per_s": round(tokens_per_s, 1),
+            "step_ms": round(1000 * elapsed / meter.steps, 2),
+            "data_wait_pct": round(100 * wait / elapsed, 2),
             "peak_mem_gb": round(peak_memory_gb(self.device), 3),
         }
         if mfu is not None:
@@ -156,7 +188,8 @@ class Report:
             f"ppl {record['ppl']:8.2f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
             f"{tokens_per_s:,.0f} tok/s{f' | MFU {100 * mfu:.1f}%' if mfu is not None else ''} | "
             f"{record['step_ms']:.0f} ms/step | data wait {record['data_wait_pct']:.1f}% | "
-            f"mem {record['peak_mem_gb']:.2f} GB{left}")
+            f"mem {record['peak_mem_gb']:.2f} GB{left}"
+        )
         self.log.progress(run.step, standing.final_step, loss=f"{loss:.3f}", **({"left": left[3:]} if left else {}))
 
     def progress(self, run: RunState, progress: float) -> None:
@@ -165,28 +198,35 @@ class Report:
         self.log.event(PROGRESS_EVENT, step=run.step, progress=progress, seconds=round(run.train_seconds, 3))
 
     def budget_within_one_step(self, run: RunState) -> None:
-        self.log.print(f"note: train.max_time = {format_duration(self.cfg.train.max_time)} is shorter than one step "
-                       f"({format_duration(run.train_seconds)} here): the run made that one step")
+        self.log.print(
+            f"note: train.max_time = {format_duration(self.cfg.train.max_time)} is shorter than one step "
+            f"({format_duration(run.train_seconds)} here): the run made that one step"
+        )
 
     def evaluation(self, step: int, metrics: dict[str, float]) -> None:
         """An evaluation's metrics (Trainer.evaluate's, with best_val_loss)."""
         self.log.event("eval", step=step, **metrics)
         monitored = "" if self.cfg.train.monitor == "val_loss" else f"{self.cfg.train.monitor} "
-        self.log.print(f"eval step {step}: val loss {metrics['val_loss']:.4f} | "
-                       f"acc {100 * metrics['val_accuracy']:.1f}% | ppl {metrics['val_ppl']:.2f} | "
-                       f"{metrics['val_bpb']:.4f} bits/byte | best {monitored}{metrics['best_val_loss']:.4f}"
-                       + (" (totals weighted as data.sources)" if len(self.names) > 1 else ""))
+        self.log.print(
+            f"eval step {step}: val loss {metrics['val_loss']:.4f} | "
+            f"acc {100 * metrics['val_accuracy']:.1f}% | ppl {metrics['val_ppl']:.2f} | "
+            f"{metrics['val_bpb']:.4f} bits/byte | best {monitored}{metrics['best_val_loss']:.4f}"
+            + (" (totals weighted as data.sources)" if len(self.names) > 1 else "")
+        )
         for name in self.names if len(self.names) > 1 else ():
-            self.log.print(f"  {name:<12} val loss {metrics[f'val_loss.{name}']:.4f} | "
-                           f"{metrics[f'val_bpb.{name}']:.4f} bits/byte")
+            self.log.print(
+                f"  {name:<12} val loss {metrics[f'val_loss.{name}']:.4f} | {metrics[f'val_bpb.{name}']:.4f} bits/byte"
+            )
 
     def mix_change(self, step: int, mix: list[tuple[int, tuple[float, ...]]], accumulation: int) -> None:
         """Say so when a [[data.mix]] change starts at `step` (`mix`: (first micro-batch, weights) pairs)."""
         for first, weights in mix[1:]:
             if first == step * accumulation:
                 self.log.event("mix", step=step, **{f"weight.{n}": w for n, w in zip(self.names, weights)})
-                self.log.print(f"mix: from step {step} the weights are "
-                               f"{', '.join(f'{n} {w:.3f}' for n, w in zip(self.names, weights))}")
+                self.log.print(
+                    f"mix: from step {step} the weights are "
+                    f"{', '.join(f'{n} {w:.3f}' for n, w in zip(self.names, weights))}"
+                )
 
     def sample(self, step: int, text: str) -> None:
         self.log.event("sample", step=step, prompt=self.cfg.train.sample_prompt, text=text)
@@ -196,33 +236,51 @@ class Report:
         self.log.event("checkpoint", step=step, path=str(path), best=best)
 
     def skip(self, run: RunState, loss: float, grad_norm: float, in_a_row: int) -> None:
-        self.log.event("skip", step=run.step, loss=loss, grad_norm=grad_norm, consecutive=in_a_row,
-                       skipped_steps=run.skipped_steps)
-        self.log.print(f"step {run.step}: loss {loss} / grad norm {grad_norm} is not finite; "
-                       f"update skipped ({in_a_row} in a row, {self.cfg.recovery.max_skips} allowed)")
+        self.log.event(
+            "skip", step=run.step, loss=loss, grad_norm=grad_norm, consecutive=in_a_row, skipped_steps=run.skipped_steps
+        )
+        self.log.print(
+            f"step {run.step}: loss {loss} / grad norm {grad_norm} is not finite; "
+            f"update skipped ({in_a_row} in a row, {self.cfg.recovery.max_skips} allowed)"
+        )
 
     def diverged(self, run: RunState, in_a_row: int, has_checkpoint: bool) -> str:
         """Record the end of a diverged run; returns the message to stop with."""
         self.log.event("diverged", step=run.step, rollbacks=run.rollbacks)
-        why = (f"after {run.rollbacks} rollbacks" if has_checkpoint
-               else "there is no checkpoint from before the divergence to roll back to")
-        return (f"stopped at step {run.step}: loss or gradient norm not finite for {in_a_row} steps in a row, "
-                f"and {why}; lower optim.lr, lengthen schedule.warmup_steps, or run python -m fasttrain.doctor "
-                "on this config")
+        why = (
+            f"after {run.rollbacks} rollbacks"
+            if has_checkpoint
+            else "there is no checkpoint from before the divergence to roll back to"
+        )
+        return (
+            f"stopped at step {run.step}: loss or gradient norm not finite for {in_a_row} steps in a row, "
+            f"and {why}; lower optim.lr, lengthen schedule.warmup_steps, or run python -m fasttrain.doctor "
+            "on this config"
+        )
 
     def rollback(self, run: RunState, from_step: int, path: Path) -> None:
         self.log.event("rollback", step=run.step, from_step=from_step, path=str(path), lr_scale=run.lr_scale)
-        self.log.print(f"rolled back from step {from_step} to {path} (step {run.step}); learning rate now "
-                       f"x{run.lr_scale:g} (rollback {run.rollbacks} of {self.cfg.recovery.max_rollbacks})")
+        self.log.print(
+            f"rolled back from step {from_step} to {path} (step {run.step}); learning rate now "
+            f"x{run.lr_scale:g} (rollback {run.rollbacks} of {self.cfg.recovery.max_rollbacks})"
+        )
 
     def early_stop(self, run: RunState) -> None:
         t = self.cfg.train
-        self.log.event("early_stop", step=run.step, evaluations=run.stale_evals, min_delta=t.early_stop_min_delta,
-                       best_val_loss=run.best_val_loss, monitor=t.monitor)
+        self.log.event(
+            "early_stop",
+            step=run.step,
+            evaluations=run.stale_evals,
+            min_delta=t.early_stop_min_delta,
+            best_val_loss=run.best_val_loss,
+            monitor=t.monitor,
+        )
         source = t.monitor.partition(".")[2]  # train.monitor: val_loss, or val_loss.NAME
-        self.log.print(f"stopping early at step {run.step}: {f'{source} ' if source else ''}validation loss has not "
-                       f"improved by {t.early_stop_min_delta:g} or more in {run.stale_evals} evaluations "
-                       f"(best {run.best_val_loss:.4f}, kept as checkpoints/best)")
+        self.log.print(
+            f"stopping early at step {run.step}: {f'{source} ' if source else ''}validation loss has not "
+            f"improved by {t.early_stop_min_delta:g} or more in {run.stale_evals} evaluations "
+            f"(best {run.best_val_loss:.4f}, kept as checkpoints/best)"
+        )
 
     def stopped(self, step: int, signal_name: str, path: Path | None) -> None:
         self.log.event("stopped", step=step, signal=signal_name, checkpoint=str(path))
@@ -232,21 +290,30 @@ class Report:
         budgeted run's mix changes in its replay (mixture.replay_mix)."""
         out = Path(self.cfg.train.out_dir)
         self.log.event("end", **summary)
-        self.log.print(f"done: {run.step} steps, {run.tokens_seen:,} tokens; "
-                       f"val loss {summary['val_loss']:.3f}, {summary['val_bpb']:.3f} bits/byte "
-                       f"(best {'loss' if self.cfg.train.monitor == 'val_loss' else self.cfg.train.monitor} "
-                       f"{run.best_val_loss:.3f})"
-                       + (f"; {run.skipped_steps} steps skipped, {run.rollbacks} rollbacks" if run.skipped_steps else ""))
+        self.log.print(
+            f"done: {run.step} steps, {run.tokens_seen:,} tokens; "
+            f"val loss {summary['val_loss']:.3f}, {summary['val_bpb']:.3f} bits/byte "
+            f"(best {'loss' if self.cfg.train.monitor == 'val_loss' else self.cfg.train.monitor} "
+            f"{run.best_val_loss:.3f})"
+            + (f"; {run.skipped_steps} steps skipped, {run.rollbacks} rollbacks" if run.skipped_steps else "")
+        )
         if len(self.names) > 1 and self.read:
-            self.log.print("  read        " + ", ".join(f"{name} {n:,} tokens ({e:.2f} epochs)"
-                                                      for name, n, e in self.read))
+            self.log.print(
+                "  read        " + ", ".join(f"{name} {n:,} tokens ({e:.2f} epochs)" for name, n, e in self.read)
+            )
         data = self.cfg.data.dir or ", ".join(s.dir for s in self.cfg.data.sources)
-        self.log.print(f"  time        {format_duration(summary['train_seconds'])} training (what train.max_time "
-                       f"counts), {format_duration(summary['wall_seconds'])} wall time in this process")
+        self.log.print(
+            f"  time        {format_duration(summary['train_seconds'])} training (what train.max_time "
+            f"counts), {format_duration(summary['wall_seconds'])} wall time in this process"
+        )
         if self.cfg.train.max_time:
             mix = f" {shlex.quote(replay_mix)}" if replay_mix else ""
-            self.log.print(f"  replay      --set train.max_steps={run.step} train.max_time=0 "
-                           f"schedule.progress_from={self.log.path}{mix} (step for step)")
-        self.log.print(f"  config      {out / 'config.toml'}\n  metrics     {self.log.path}\n"
-                       f"  checkpoint  {summary['checkpoint']}\n  weights     {summary['weights']}\n"
-                       f"  data        {data}\n  plot with   python -m fasttrain.plot {out}")
+            self.log.print(
+                f"  replay      --set train.max_steps={run.step} train.max_time=0 "
+                f"schedule.progress_from={self.log.path}{mix} (step for step)"
+            )
+        self.log.print(
+            f"  config      {out / 'config.toml'}\n  metrics     {self.log.path}\n"
+            f"  checkpoint  {summary['checkpoint']}\n  weights     {summary['weights']}\n"
+            f"  data        {data}\n  plot with   python -m fasttrain.plot {out}"
+        )

@@ -23,12 +23,16 @@ def check_same_model(saved_cfg: Config, cfg: Config, path: str | os.PathLike[str
     """UsageError naming every [model] key in which `cfg` differs from `saved_cfg`, the config of the run
     that saved the checkpoint at `path`."""
     saved = saved_cfg.model
-    differ = [f"model.{f.name} = {getattr(saved, f.name)!r} there, {getattr(cfg.model, f.name)!r} here"
-              for f in fields(saved) if f.name not in RESHAPE_FREE
-              and getattr(saved, f.name) != getattr(cfg.model, f.name)]
+    differ = [
+        f"model.{f.name} = {getattr(saved, f.name)!r} there, {getattr(cfg.model, f.name)!r} here"
+        for f in fields(saved)
+        if f.name not in RESHAPE_FREE and getattr(saved, f.name) != getattr(cfg.model, f.name)
+    ]
     if differ:
-        raise UsageError(f"{path}: saved by a model of another shape ({'; '.join(differ)}); "
-                         "resume with the config that run was started with")
+        raise UsageError(
+            f"{path}: saved by a model of another shape ({'; '.join(differ)}); "
+            "resume with the config that run was started with"
+        )
 
 
 def check_same_optimizer(saved_cfg: Config, cfg: Config, path: str | os.PathLike[str]) -> None:
@@ -36,8 +40,10 @@ def check_same_optimizer(saved_cfg: Config, cfg: Config, path: str | os.PathLike
     optimizer: each keeps a state of its own."""
     saved = saved_cfg.optim.name
     if saved != cfg.optim.name:
-        raise UsageError(f'{path}: saved by a run with optim.name = "{saved}", this one has "{cfg.optim.name}": '
-                         "one optimizer cannot continue from another's state; resume with the same optim.name")
+        raise UsageError(
+            f'{path}: saved by a run with optim.name = "{saved}", this one has "{cfg.optim.name}": '
+            "one optimizer cannot continue from another's state; resume with the same optim.name"
+        )
 
 
 def rng_state() -> dict:
@@ -64,11 +70,14 @@ def world_change(saved_size: int, saved_parallel: str | None, size: int, paralle
     in `saved_parallel`: nothing in the same world."""
     if (saved_size, saved_parallel) == (size, parallel):
         return []
-    note = (f"saved by {saved_size} process(es) ({saved_parallel}), continued by {size} ({parallel}): the model and "
-            "optimizer state are whole, and the data stream goes on from the same global batch")
+    note = (
+        f"saved by {saved_size} process(es) ({saved_parallel}), continued by {size} ({parallel}): the model and "
+        "optimizer state are whole, and the data stream goes on from the same global batch"
+    )
     if size > saved_size:
-        note += (f"; ranks {saved_size}-{size - 1} have no saved random state, seeded from train.seed, the step "
-                 "and the rank")
+        note += (
+            f"; ranks {saved_size}-{size - 1} have no saved random state, seeded from train.seed, the step and the rank"
+        )
     return [note]
 
 

@@ -20,8 +20,18 @@ from fasttrain.training.saves import remove, saved_steps, step_of
 
 # What a run and the tools write at the top of its run directory: what --overwrite replaces. Other files
 # there (a user's notes, wandb/ with its offline runs) are never touched.
-RUN_FILES = ("checkpoints", "final", "metrics.jsonl", "config.toml", "tokenizer.json", "tensorboard",
-             WANDB_ID_FILE, "export", "export-hf", "curves.png")
+RUN_FILES = (
+    "checkpoints",
+    "final",
+    "metrics.jsonl",
+    "config.toml",
+    "tokenizer.json",
+    "tensorboard",
+    WANDB_ID_FILE,
+    "export",
+    "export-hf",
+    "curves.png",
+)
 REPLACED = ".replaced-by-overwrite"  # the earlier run's RUN_FILES, until the new run's first complete save
 
 
@@ -30,16 +40,21 @@ def check_new_run(run_dir: Path, overwrite: bool) -> None:
     `overwrite`), or is not a directory."""
     directory = run_dir / "checkpoints"
     if directory.exists() and not directory.is_dir():  # found now, not at the first save after training
-        raise UsageError(f"{directory}: is not a directory, so no checkpoint can be saved there; move it away "
-                         "or set train.out_dir elsewhere")
+        raise UsageError(
+            f"{directory}: is not a directory, so no checkpoint can be saved there; move it away "
+            "or set train.out_dir elsewhere"
+        )
     if (run_dir / REPLACED).is_dir():  # `train` puts it back first (put_back_replaced): another start left it
-        raise UsageError(f"{run_dir / REPLACED}: holds the run an --overwrite start set aside and stopped before "
-                         "its first checkpoint; `python -m fasttrain.train` puts it back when it starts there")
+        raise UsageError(
+            f"{run_dir / REPLACED}: holds the run an --overwrite start set aside and stopped before "
+            "its first checkpoint; `python -m fasttrain.train` puts it back when it starts there"
+        )
     saved = saved_steps(directory)
     if saved and not overwrite:
         raise UsageError(
             f"{directory}: holds checkpoints of an earlier run (up to step {step_of(saved[-1])}); continue it "
-            "with --resume auto, start over with --overwrite, or set train.out_dir elsewhere")
+            "with --resume auto, start over with --overwrite, or set train.out_dir elsewhere"
+        )
 
 
 class RunStart:
@@ -80,8 +95,10 @@ class RunStart:
         """Note what the start is about to change: config.toml, tokenizer.json and the W&B run id (rewritten),
         metrics.jsonl (appended to) and tensorboard/ (given a new event file)."""
         d = self.run_dir
-        self.files = {name: (d / name).read_bytes() if (d / name).is_file() else None
-                      for name in ("config.toml", "tokenizer.json", WANDB_ID_FILE)}
+        self.files = {
+            name: (d / name).read_bytes() if (d / name).is_file() else None
+            for name in ("config.toml", "tokenizer.json", WANDB_ID_FILE)
+        }
         self.metrics_size = (d / "metrics.jsonl").stat().st_size if (d / "metrics.jsonl").is_file() else None
         self.tensorboard = set(os.listdir(d / "tensorboard")) if (d / "tensorboard").is_dir() else None
 
@@ -161,8 +178,10 @@ def put_back_replaced(run_dir: str | os.PathLike[str]) -> str | None:
     with locked(run_dir):
         if not put_back(run_dir):
             return None
-    return (f"{run_dir / REPLACED}: put back the run an --overwrite start had set aside (that start was stopped "
-            "before its first checkpoint)")
+    return (
+        f"{run_dir / REPLACED}: put back the run an --overwrite start had set aside (that start was stopped "
+        "before its first checkpoint)"
+    )
 
 
 def set_aside_note(directory: Path) -> str:
@@ -171,8 +190,10 @@ def set_aside_note(directory: Path) -> str:
     aside = directory.parent / REPLACED / "checkpoints"
     if directory.name != "checkpoints" or not (aside.is_dir() and saved_steps(aside)):
         return ""
-    return (f"; the earlier run, set aside by an --overwrite start stopped before its first checkpoint, is in "
-            f"{aside} (the next `python -m fasttrain.train` there puts it back)")
+    return (
+        f"; the earlier run, set aside by an --overwrite start stopped before its first checkpoint, is in "
+        f"{aside} (the next `python -m fasttrain.train` there puts it back)"
+    )
 
 
 def check_kept_tokenizer(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str]) -> None:
@@ -180,8 +201,10 @@ def check_kept_tokenizer(data_dir: str | os.PathLike[str], run_dir: str | os.Pat
     data's is no longer that one: a resume would read token ids that mean other text."""
     data, kept = Path(data_dir) / "tokenizer.json", Path(run_dir) / "tokenizer.json"
     if kept.is_file() and kept.read_bytes() != data.read_bytes():
-        raise UsageError(f"{data}: differs from {kept}, the tokenizer this run trained with ({data_dir} was "
-                         "prepared again since); resume it on the data it was trained on, or start a new run")
+        raise UsageError(
+            f"{data}: differs from {kept}, the tokenizer this run trained with ({data_dir} was "
+            "prepared again since); resume it on the data it was trained on, or start a new run"
+        )
 
 
 def keep_tokenizer(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str]) -> None:
@@ -200,6 +223,8 @@ def check_own(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -
     if parent.name != "checkpoints" or parent == own:
         return
     if saved_steps(own) or (own / "latest").exists() or (own.parent / "metrics.jsonl").exists():
-        raise UsageError(f"{path}: a checkpoint of the run in {parent.parent}, but train.out_dir = {own.parent} "
-                         f"holds a run of its own; resume that one with train.out_dir = {parent.parent}, or start "
-                         "from it in a new directory")
+        raise UsageError(
+            f"{path}: a checkpoint of the run in {parent.parent}, but train.out_dir = {own.parent} "
+            f"holds a run of its own; resume that one with train.out_dir = {parent.parent}, or start "
+            "from it in a new directory"
+        )

@@ -83,12 +83,14 @@ class Loop:
         """Step to the end, asking the policies after each step and evaluation; returns the last evaluation's
         metrics and whether the run stopped early."""
         tr, report, t, world = self.trainer, self.report, self.cfg.train, self.plan.world
-        report.start(tr.run, tr.resumed_from, self.plan, self.plan.reading(tr.run.step, tr.run.train_seconds,
-                                                                           tuple(tr.mix)))
+        report.start(
+            tr.run, tr.resumed_from, self.plan, self.plan.reading(tr.run.step, tr.run.train_seconds, tuple(tr.mix))
+        )
         last_eval: dict[str, float] = {}
         stopped_early, first = False, tr.run.step
         meter = IntervalMeter(self.plan.device, tr.run.tokens_seen, tr.train_loader.wait_seconds)
         with SignalCatcher() as signals:
+
             def stop() -> bool:  # asked between evaluation batches: a signal need not wait for the whole of one
                 return distributed.any_rank(bool(signals.received), world, self.plan.device)
 
@@ -120,8 +122,15 @@ class Loop:
                 else:
                     meter.add(result.loss, result.correct, result.counted)
                 if (tr.run.step % t.log_interval == 0 or done) and meter.steps:
-                    report.train(tr.run, meter, result.lr, result.grad_norm.item(), tr.train_loader.wait_seconds,
-                                 tr.train_loader.source_tokens(), tr.train_loader.source_epochs())
+                    report.train(
+                        tr.run,
+                        meter,
+                        result.lr,
+                        result.grad_norm.item(),
+                        tr.train_loader.wait_seconds,
+                        tr.train_loader.source_tokens(),
+                        tr.train_loader.source_epochs(),
+                    )
                     meter.restart(tr.run.tokens_seen, tr.train_loader.wait_seconds)
                 paused = time.perf_counter()
                 last_eval = self._evaluate_and_save(done, stop) or last_eval
@@ -156,8 +165,7 @@ class Loop:
             self.recovery.saved(self._save(best=improved, keep=self.recovery.target()))  # the way back is kept
         return metrics
 
-    def _evaluate_and_sample(self, stop: Callable[[], bool] = lambda: False
-                             ) -> tuple[dict[str, float], bool] | None:
+    def _evaluate_and_sample(self, stop: Callable[[], bool] = lambda: False) -> tuple[dict[str, float], bool] | None:
         """Evaluate, count the evaluation for early stopping, report, and sample; returns the metrics
         (with best_val_loss: the best of train.monitor's loss) and whether they lowered it; None if `stop()` cut
         it short."""
@@ -180,16 +188,18 @@ class Loop:
         self._settle()  # the save in flight may be the target: published, or failed, first
         distributed.barrier(world)  # rank 0 publishes: after this every rank sees the same saves
         # An earlier save of a resumed run may have been pruned; decided together, so every rank restores one save.
-        while (target := recovery.target()) is not None and distributed.any_rank(not target.exists(), world,
-                                                                                 self.plan.device):
+        while (target := recovery.target()) is not None and distributed.any_rank(
+            not target.exists(), world, self.plan.device
+        ):
             recovery.lost(target)
         if target is None or not recovery.can_roll_back(tr.run):
             raise RunStopped(self.report.diverged(tr.run, recovery.in_a_row, target is not None), 1)
         diverged = tr.run
         restored, saved, _ = tr.restore(target)
         monitor_anew(restored, saved, self.cfg)  # a save from before a resume that changed train.monitor
-        tr.run = replace(recovery.rolled_back(diverged, restored),
-                         train_seconds=diverged.train_seconds)  # time spent on the diverged steps stays spent
+        tr.run = replace(
+            recovery.rolled_back(diverged, restored), train_seconds=diverged.train_seconds
+        )  # time spent on the diverged steps stays spent
         tr.checkpoints.point_latest(target)
         self.report.rollback(tr.run, diverged.step, target)
 
@@ -221,4 +231,3 @@ class Loop:
         self.report.stopped(step, name, path)
         distributed.barrier(self.plan.world)
         raise Interrupted(f"stopped by {name} at step {step}; saved {path}", 128 + signum)
-

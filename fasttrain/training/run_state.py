@@ -33,4 +33,6 @@ class RunState:
     def from_state_dict(cls, state: dict) -> RunState:
         """The RunState in `state` (a checkpoint, which holds other keys too); KeyError if `step` is
         missing. Another missing field (a checkpoint saved before it existed) takes its default."""
-        return cls(step=state["step"], **{f.name: state.get(f.name, f.default) for f in fields(cls) if f.name != "step"})
+        return cls(
+            step=state["step"], **{f.name: state.get(f.name, f.default) for f in fields(cls) if f.name != "step"}
+        )

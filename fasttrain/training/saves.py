@@ -71,18 +71,22 @@ def pointed(directory: Path, pointer: str) -> Path | None:
     except FileNotFoundError:
         return None
     except NotADirectoryError:
-        raise UsageError(f"{directory}: is not a directory, so it holds no checkpoints; "
-                         "name a checkpoint file (step_*.pt) instead") from None
+        raise UsageError(
+            f"{directory}: is not a directory, so it holds no checkpoints; name a checkpoint file (step_*.pt) instead"
+        ) from None
     except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, not a pointer file; name a checkpoint file (step_*.pt) "
-                         "instead") from None
+        raise UsageError(
+            f"{path}: is a directory, not a pointer file; name a checkpoint file (step_*.pt) instead"
+        ) from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
     except UnicodeDecodeError:
         name = None
     if name is None or not SAVE_NAME.fullmatch(name):
-        raise UsageError(f"{path}: does not name a checkpoint file (it should hold a name like step_0000100.pt); "
-                         "name a checkpoint file (step_*.pt) instead")
+        raise UsageError(
+            f"{path}: does not name a checkpoint file (it should hold a name like step_0000100.pt); "
+            "name a checkpoint file (step_*.pt) instead"
+        )
     return directory / name
 
 

@@ -73,8 +73,9 @@ def _decayed(fraction: float, lr: float, sched: ScheduleConfig) -> float:
     return sched.min_lr + (lr - sched.min_lr) * (1 - fraction)  # linear, and wsd's cooldown: min_lr exactly at 1
 
 
-def lr_on_progress(step: int, progress: float, decay_from: float | None, lr: float,
-                   sched: ScheduleConfig) -> tuple[float, float | None]:
+def lr_on_progress(
+    step: int, progress: float, decay_from: float | None, lr: float, sched: ScheduleConfig
+) -> tuple[float, float | None]:
     """Learning rate of update `step` (0-based) of a budgeted run, at `progress` (the run's, projected for the
     update's end: 1 is the budget's end), and the run's `decay_from` after it.
 
@@ -174,8 +175,10 @@ def budget_note(cfg: Config) -> str | None:
         return None
     if decay == "constant":
         return 'schedule.decay = "constant" has no decay to finish: train.max_time only ends the run'
-    return ('schedule.decay = "step" counts steps, not time: under train.max_time how far it decays depends on '
-            "the machine's speed")
+    return (
+        'schedule.decay = "step" counts steps, not time: under train.max_time how far it decays depends on '
+        "the machine's speed"
+    )
 
 
 class Update(NamedTuple):
@@ -228,14 +231,18 @@ def recorded_progress(spec: str, steps: int) -> list[float]:
             raise UsageError(f"{where}: {path} line {number}: progress {value} is not a finite number >= 0")
         progress[step] = value
     if not progress:
-        raise UsageError(f"{where}: {path} records no progress: it is not the metrics.jsonl of a run with "
-                         "train.max_time (a step run is replayed by its config alone)")
+        raise UsageError(
+            f"{where}: {path} records no progress: it is not the metrics.jsonl of a run with "
+            "train.max_time (a step run is replayed by its config alone)"
+        )
     missing = next((s for s in range(1, steps + 1) if s not in progress), None)
     if missing is not None:
         reached = max(progress)
-        raise UsageError(f"{where}: {path} records the progress of {reached} steps"
-                         + (f" but not of step {missing}" if missing <= reached else "")
-                         + f"; train.max_steps = {steps} needs every one up to {steps}")
+        raise UsageError(
+            f"{where}: {path} records the progress of {reached} steps"
+            + (f" but not of step {missing}" if missing <= reached else "")
+            + f"; train.max_steps = {steps} needs every one up to {steps}"
+        )
     return [progress[s] for s in range(1, steps + 1)]
 
 
@@ -249,7 +256,8 @@ def fit_warmup(sched: ScheduleConfig, max_steps: int) -> tuple[ScheduleConfig, s
     warmup = min(max_steps, max(2, max_steps // 10))
     return replace(sched, warmup_steps=warmup), (
         f"schedule.warmup_steps = {sched.warmup_steps} is longer than train.max_steps = {max_steps}: "
-        f"warming up over {warmup} step{'s' * (warmup != 1)} instead")
+        f"warming up over {warmup} step{'s' * (warmup != 1)} instead"
+    )
 
 
 def schedule_change(saved: Config, now: Config, run: RunState, recorded: Sequence[float] = ()) -> str | None:
@@ -259,6 +267,7 @@ def schedule_change(saved: Config, now: Config, run: RunState, recorded: Sequenc
     new length, and a run past its warmup warms up again when the config's is longer (a smoke run, whose
     warmup fit_warmup shortened, extended with the config that asked for more): said, with how to keep the old.
     `recorded`: the progress `now` replays (see recorded_progress)."""
+
     def plan(c: Config) -> tuple:
         return c.train.max_steps, c.train.max_time, c.optim.lr, c.schedule
 
@@ -270,12 +279,20 @@ def schedule_change(saved: Config, now: Config, run: RunState, recorded: Sequenc
     new = run.lr_scale * next_update(now, run, recorded).lr
     times = (format_duration(t0.max_time), format_duration(t1.max_time))
     changes = [f"train.max_steps {t0.max_steps} -> {t1.max_steps}"] * (t0.max_steps != t1.max_steps) + [
-        f"train.max_time {times[0]} -> {times[1]}"] * (t0.max_time != t1.max_time)
+        f"train.max_time {times[0]} -> {times[1]}"
+    ] * (t0.max_time != t1.max_time)
     was, warmup = saved.schedule.warmup_steps, now.schedule.warmup_steps
-    again = "" if not was <= step < warmup else (
-        f", back in a warmup until step {warmup} (schedule.warmup_steps = {warmup}; the saved run warmed up over "
-        f"{was} step{'s' * (was != 1)}: --set schedule.warmup_steps={was} keeps that)")
-    return (f"{''.join(c + ', ' for c in changes[:-1])}{changes[-1] + ': ' if changes else ''}the "
-            f"{now.schedule.decay} schedule now runs over {Budget.of(t1).describe()}, so the learning "
-            f"rate at step {step} is {new:.3g} (the saved run's was {old:.3g}){again}; to go on at the rate it had "
-            "instead, see docs/training.md (extending a run)")
+    again = (
+        ""
+        if not was <= step < warmup
+        else (
+            f", back in a warmup until step {warmup} (schedule.warmup_steps = {warmup}; the saved run warmed up over "
+            f"{was} step{'s' * (was != 1)}: --set schedule.warmup_steps={was} keeps that)"
+        )
+    )
+    return (
+        f"{''.join(c + ', ' for c in changes[:-1])}{changes[-1] + ': ' if changes else ''}the "
+        f"{now.schedule.decay} schedule now runs over {Budget.of(t1).describe()}, so the learning "
+        f"rate at step {step} is {new:.3g} (the saved run's was {old:.3g}){again}; to go on at the rate it had "
+        "instead, see docs/training.md (extending a run)"
+    )

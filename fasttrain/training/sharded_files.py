@@ -38,11 +38,23 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 METADATA = ".metadata"
 _ALLOWED = {
-    *(("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "MetadataIndex",
-        "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "TensorProperties",
+            "ChunkStorageMetadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"), ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
 }
 
 
@@ -74,8 +86,13 @@ def read_metadata(path: Path) -> Metadata:
             raise UsageError(f"{file}: entry {key} is not a tensor; fasttrain checkpoints hold only tensors there")
     for info in (metadata.storage_data or {}).values():
         name = getattr(info, "relative_path", None)
-        if not isinstance(name, str) or "/" in name or "\\" in name or name in ("", ".", "..") \
-                or getattr(info, "transform_descriptors", None):
+        if (
+            not isinstance(name, str)
+            or "/" in name
+            or "\\" in name
+            or name in ("", ".", "..")
+            or getattr(info, "transform_descriptors", None)
+        ):
             raise UsageError(f"{file}: names a shard {name!r} that is not a plain file of the folder")
     if metadata.storage_meta is None:
         metadata.storage_meta = StorageMeta()
@@ -103,8 +120,9 @@ def check_complete(path: Path) -> None:
         if not file.is_file():
             raise UsageError(f"{file}: missing, a shard of the checkpoint {path.name} (a rank's part of its state)")
         if file.stat().st_size < needed:
-            raise UsageError(f"{file}: truncated ({file.stat().st_size} bytes, the checkpoint's metadata needs "
-                             f"{needed})")
+            raise UsageError(
+                f"{file}: truncated ({file.stat().st_size} bytes, the checkpoint's metadata needs {needed})"
+            )
 
 
 def write(path: Path, state: dict, process_group: dist.ProcessGroup | None = None) -> None:
@@ -113,14 +131,23 @@ def write(path: Path, state: dict, process_group: dist.ProcessGroup | None = Non
     dcp.save(state, storage_writer=dcp.FileSystemWriter(path), process_group=process_group, no_dist=alone())
 
 
-def write_async(path: Path, state: dict, process_group: dist.ProcessGroup | None = None, checksum: bool = False) -> Future:
+def write_async(
+    path: Path, state: dict, process_group: dist.ProcessGroup | None = None, checksum: bool = False
+) -> Future:
     """Like `write`, but return once `state` is copied to CPU memory: a future that is done when the folder is
     written (its result raises what the write raised). With `checksum` (rank 0: its write is done once every
     rank's part is), its result is the folder's checksums (checksums.of_folder), read back on a thread of its
     own, as the write is done in the background: the run does not wait for them. `process_group`: a gloo group
     of its own, so the background write's collectives never interleave with training's."""
-    written = cast(Future, dcp.async_save(state, storage_writer=dcp.FileSystemWriter(path),  # a Future: no stager
-                                          process_group=process_group, no_dist=alone()))
+    written = cast(
+        Future,
+        dcp.async_save(
+            state,
+            storage_writer=dcp.FileSystemWriter(path),  # a Future: no stager
+            process_group=process_group,
+            no_dist=alone(),
+        ),
+    )
     if not checksum:
         return written
 
@@ -147,9 +174,11 @@ def read_into(path: Path, state: dict) -> None:
 def read_whole(path: Path, prefix: str, what: Path) -> dict[str, torch.Tensor]:
     """The tensors under `prefix` (e.g. "model") in the folder `path`, whole, on the CPU, in one process."""
     metadata = read_metadata(path)
-    tensors = {key[len(prefix) + 1:]: torch.empty(item.size, dtype=item.properties.dtype)
-               for key, item in metadata.state_dict_metadata.items()
-               if key.startswith(prefix + ".") and isinstance(item, TensorStorageMetadata)}
+    tensors = {
+        key[len(prefix) + 1 :]: torch.empty(item.size, dtype=item.properties.dtype)
+        for key, item in metadata.state_dict_metadata.items()
+        if key.startswith(prefix + ".") and isinstance(item, TensorStorageMetadata)
+    }
     try:
         dcp.load({prefix: tensors}, storage_reader=SafeReader(path), no_dist=True)
     except (Exception, dcp.api.CheckpointException) as e:

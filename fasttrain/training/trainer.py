@@ -98,8 +98,14 @@ class Trainer:
     (FSDP), the logged loss is over all ranks' targets, and only rank 0 prints and writes.
     """
 
-    def __init__(self, cfg: Config, quiet: bool = False, clock: Callable[[], float] = time.perf_counter,
-                 resuming: bool = False, plan: RunPlan | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        quiet: bool = False,
+        clock: Callable[[], float] = time.perf_counter,
+        resuming: bool = False,
+        plan: RunPlan | None = None,
+    ):
         """`plan`: the run's plan (plan.plan_run) of prepared data, as `fasttrain train` makes it; without one the
         Trainer makes it (start_run: preparing the data first if need be, and printing its notes). `clock`:
         seconds, what train.max_time is counted in (a test gives a fake one). `resuming`: resume() comes next,
@@ -111,7 +117,12 @@ class Trainer:
             raise ValueError(f"a plan of data not prepared yet ({plan.prepare}): make it with start_run")
         self.plan, self.world, self.device, self.cfg = plan, plan.world, plan.device, plan.cfg
         self.quiet = quiet or not self.world.is_main
-        self.precision, self.compiled, self.kernels, self.sharded = plan.precision, plan.compiled, plan.kernels, plan.sharded
+        self.precision, self.compiled, self.kernels, self.sharded = (
+            plan.precision,
+            plan.compiled,
+            plan.kernels,
+            plan.sharded,
+        )
         self.accumulation, self.tokens_per_step, self.recorded = plan.accumulation, plan.tokens_per_step, plan.recorded
         self.sources, self.mix = list(plan.sources), list(plan.mix)  # the mix as a resumed loader keeps it
         self.data = self.sources[0].data
@@ -122,15 +133,27 @@ class Trainer:
         # and evaluates: inside DDP (or sharded by FSDP), and compiled in place if asked. Sampling runs
         # the plain model, whose growing sequence lengths would otherwise trigger recompiles.
         use_attention(t.attention, self.device)
-        self.model = Transformer(self.cfg.model, norm_kernel=self.kernels.rms_norm, checkpointing=t.activation_checkpointing,
-                                 attention=t.attention, fp8=t.fp8).to(self.device)
-        self.objective = distributed.wrap(NextTokenLoss(self.model, fused=self.kernels.linear_cross_entropy),
-                                          self.model.blocks, self.world, t.parallel, plan.shard_group, self.precision,
-                                          self.device)
+        self.model = Transformer(
+            self.cfg.model,
+            norm_kernel=self.kernels.rms_norm,
+            checkpointing=t.activation_checkpointing,
+            attention=t.attention,
+            fp8=t.fp8,
+        ).to(self.device)
+        self.objective = distributed.wrap(
+            NextTokenLoss(self.model, fused=self.kernels.linear_cross_entropy),
+            self.model.blocks,
+            self.world,
+            t.parallel,
+            plan.shard_group,
+            self.precision,
+            self.device,
+        )
         if self.compiled:
             self.objective.compile(options=compile_options(t.compile_mode, t.coordinate_descent_tuning))
-        self.updater = Updater(self.model, self.cfg.optim, self.device, self.precision, kernel=self.kernels.adamw,
-                               sharded=self.sharded)
+        self.updater = Updater(
+            self.model, self.cfg.optim, self.device, self.precision, kernel=self.kernels.adamw, sharded=self.sharded
+        )
         self.checkpoints = Checkpointer(self.cfg, self.model, self.updater, self.world, plan.parallel, self.device)
         self.init_pending = bool(self.cfg.model.init_from) and not plan.init_missing  # its weights not read yet
         if self.init_pending and not resuming:
@@ -156,17 +179,38 @@ class Trainer:
         """Stop the train loader's prefetch thread and close its files; the Trainer is not used after this."""
         self.train_loader.close()
 
-    def loader(self, split: str, sampling: Sampling, prefetch: int, whole: bool = False,
-               source: Source | None = None, first_rows: int = 0) -> TokenLoader:
+    def loader(
+        self,
+        split: str,
+        sampling: Sampling,
+        prefetch: int,
+        whole: bool = False,
+        source: Source | None = None,
+        first_rows: int = 0,
+    ) -> TokenLoader:
         """A loader of this rank's share of `split`, batched as [data] says, of `source` or the mixture of them
         all; `whole`: one pass over every row (`first_rows` > 0: over the first that many)."""
         d, t = self.cfg.data, self.cfg.train
         dirs = [source.dir] if source else [s.dir for s in self.sources]
-        return TokenLoader(dirs, split, t.batch_size, t.seq_len, sampling=sampling, batching=d.batching,
-                           padding=d.padding, eot_id=self.tokenizer.eot_id, seed=t.seed,
-                           vocab_size=self.cfg.model.vocab_size, prefetch=prefetch, device=self.device,
-                           rank=self.world.rank, world_size=self.world.size, whole=whole, first_rows=first_rows,
-                           mix=None if source else self.mix)
+        return TokenLoader(
+            dirs,
+            split,
+            t.batch_size,
+            t.seq_len,
+            sampling=sampling,
+            batching=d.batching,
+            padding=d.padding,
+            eot_id=self.tokenizer.eot_id,
+            seed=t.seed,
+            vocab_size=self.cfg.model.vocab_size,
+            prefetch=prefetch,
+            device=self.device,
+            rank=self.world.rank,
+            world_size=self.world.size,
+            whole=whole,
+            first_rows=first_rows,
+            mix=None if source else self.mix,
+        )
 
     def lr(self) -> float:
         """The learning rate of the next update."""
@@ -180,8 +224,9 @@ class Trainer:
         """The loss sums of batch (x, y) (B, T) through the objective. With data.document_mask, each
         end-of-text token in x starts a new document. `grad_scale`: what the loss will be multiplied
         by before the backward (see NextTokenLoss)."""
-        return batch_loss(self.objective, x, y, self.tokenizer.eot_id if self.cfg.data.document_mask else None,
-                          grad_scale)
+        return batch_loss(
+            self.objective, x, y, self.tokenizer.eot_id if self.cfg.data.document_mask else None, grad_scale
+        )
 
     def accumulate_gradients(self) -> torch.Tensor:
         """Forward and backward over the step's micro-batches; returns this rank's sums [loss, correct,
@@ -244,10 +289,19 @@ class Trainer:
         found: dict[str, dict[str, float]] = {}
         t = self.cfg.train
         for source in self.sources:
-            with self.loader("val", "sequential", prefetch=0, whole=True, source=source,
-                             first_rows=t.eval_steps * t.batch_size) as loader:
-                metrics = validate(self.loss, self.model, loader, loader.reader.batches_per_epoch,
-                                   self.precision, self.world, source.data.bits_per_nat, stop)
+            with self.loader(
+                "val", "sequential", prefetch=0, whole=True, source=source, first_rows=t.eval_steps * t.batch_size
+            ) as loader:
+                metrics = validate(
+                    self.loss,
+                    self.model,
+                    loader,
+                    loader.reader.batches_per_epoch,
+                    self.precision,
+                    self.world,
+                    source.data.bits_per_nat,
+                    stop,
+                )
             if metrics is None:
                 return None
             found[source.name] = metrics
@@ -257,8 +311,9 @@ class Trainer:
         """Text generated from `prompt` (default: train.sample_prompt), the same random draws every call."""
         t = self.cfg.train
         with autocast(self.precision, self.device):
-            return generate_text(self.model, self.tokenizer, prompt or t.sample_prompt,
-                                 max_new_tokens or t.sample_tokens, seed=t.seed)
+            return generate_text(
+                self.model, self.tokenizer, prompt or t.sample_prompt, max_new_tokens or t.sample_tokens, seed=t.seed
+            )
 
     def train(self, overwrite: bool = False) -> dict:
         """Train to `train.max_steps` or for `train.max_time`, logging, evaluating and checkpointing on the way;
@@ -289,13 +344,24 @@ class Trainer:
         """Export the final weights, then report the summary of the run, and where everything went."""
         out = Path(self.cfg.train.out_dir)
         weights = distributed.full_state(self.model, None, self.sharded)[0]
-        final = (export_weights(weights, self.cfg, out / "final", tokenizer=out / "tokenizer.json")[0]  # the run's copy
-                 if self.world.is_main else out / "final")
-        summary = {"step": self.run.step, "tokens": self.run.tokens_seen, **last_eval, "out_dir": str(out),
-                   "checkpoint": str(self.checkpoints.latest()), "weights": str(final),
-                   "skipped_steps": self.run.skipped_steps, "rollbacks": self.run.rollbacks,
-                   "stopped_early": stopped_early, "train_seconds": round(self.run.train_seconds, 3),
-                   "wall_seconds": round(self.clock() - self.created, 3)}
+        final = (
+            export_weights(weights, self.cfg, out / "final", tokenizer=out / "tokenizer.json")[0]  # the run's copy
+            if self.world.is_main
+            else out / "final"
+        )
+        summary = {
+            "step": self.run.step,
+            "tokens": self.run.tokens_seen,
+            **last_eval,
+            "out_dir": str(out),
+            "checkpoint": str(self.checkpoints.latest()),
+            "weights": str(final),
+            "skipped_steps": self.run.skipped_steps,
+            "rollbacks": self.run.rollbacks,
+            "stopped_early": stopped_early,
+            "train_seconds": round(self.run.train_seconds, 3),
+            "wall_seconds": round(self.clock() - self.created, 3),
+        }
         report.end(summary, self.run, replay_mix(self.cfg.data, self.mix, self.accumulation, self.run.step))
         return summary
 
@@ -309,11 +375,15 @@ class Trainer:
         a = self.accumulation
         for i, ((placed, _), (first, _)) in enumerate(zip(planned[1:], self.mix[1:])):
             if first < placed:
-                notes.append(f"data.mix[{i}] began at step {first // a} and stays in force (this config alone would "
-                             f"place it at step {placed // a})")
+                notes.append(
+                    f"data.mix[{i}] began at step {first // a} and stays in force (this config alone would "
+                    f"place it at step {placed // a})"
+                )
             elif first > placed:
-                notes.append(f"data.mix[{i}] at step {placed // a} is before the saved step: its weights apply "
-                             f"from step {first // a}")
+                notes.append(
+                    f"data.mix[{i}] at step {placed // a} is before the saved step: its weights apply "
+                    f"from step {first // a}"
+                )
         return run, saved, notes
 
     def save_checkpoint(self, best: bool = False) -> Path:
@@ -337,20 +407,26 @@ class Trainer:
             print(f"resume: {note}")
         end, budget, spent = self.cfg.train.max_steps, self.cfg.train.max_time, run.train_seconds
         if end and run.step > end:
-            raise UsageError(f"{path}: the run is at step {run.step}, past train.max_steps = {end}: nothing to train; "
-                             f"set train.max_steps to more than {run.step} to train on (sample, evaluate and export "
-                             "take the run as it is)")
+            raise UsageError(
+                f"{path}: the run is at step {run.step}, past train.max_steps = {end}: nothing to train; "
+                f"set train.max_steps to more than {run.step} to train on (sample, evaluate and export "
+                "take the run as it is)"
+            )
         if budget and spent >= budget and not 0 < saved.train.max_time <= budget:  # its own budget's end is no past
-            raise UsageError(f"{path}: the run has trained {format_duration(spent)}, past train.max_time = "
-                             f"{format_duration(budget)}: nothing to train; set train.max_time to more than "
-                             f"{format_duration(spent)} to train on (sample, evaluate and export take the run as "
-                             "it is)")
+            raise UsageError(
+                f"{path}: the run has trained {format_duration(spent)}, past train.max_time = "
+                f"{format_duration(budget)}: nothing to train; set train.max_time to more than "
+                f"{format_duration(spent)} to train on (sample, evaluate and export take the run as "
+                "it is)"
+            )
         self.run = run
         changed = self.updater.use_configured_hyperparameters()
         if changed and not self.quiet:
             print(f"resume: the config's optimizer settings replace the checkpoint's ({'; '.join(changed)})")
-        lines: tuple[str | None, ...] = (schedule_change(saved, self.cfg, self.run, self.recorded),
-                                         monitor_anew(self.run, saved, self.cfg))
+        lines: tuple[str | None, ...] = (
+            schedule_change(saved, self.cfg, self.run, self.recorded),
+            monitor_anew(self.run, saved, self.cfg),
+        )
         for line in lines:
             if line and not self.quiet:
                 print(f"resume: {line}")

@@ -16,9 +16,16 @@ from fasttrain.training.objective import LossSums
 
 
 @torch.no_grad()
-def validate(loss: Callable[[torch.Tensor, torch.Tensor], LossSums], model: nn.Module, loader: TokenLoader,
-             max_batches: int, precision: str, world: distributed.World, bits_per_nat: float,
-             stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
+def validate(
+    loss: Callable[[torch.Tensor, torch.Tensor], LossSums],
+    model: nn.Module,
+    loader: TokenLoader,
+    max_batches: int,
+    precision: str,
+    world: distributed.World,
+    bits_per_nat: float,
+    stop: Callable[[], bool] = lambda: False,
+) -> dict[str, float] | None:
     """val_loss, val_accuracy, val_ppl and val_bpb over the first `max_batches` batches of `loader`;
     None if `stop()`, asked before each batch (on every rank alike), says to give up.
 
@@ -44,8 +51,12 @@ def validate(loss: Callable[[torch.Tensor, torch.Tensor], LossSums], model: nn.M
         model.train()
     loss_sum, correct, counted = distributed.total(sums, world).tolist()
     val_loss = loss_sum / max(counted, 1)
-    return {"val_loss": val_loss, "val_accuracy": correct / max(counted, 1), "val_ppl": perplexity(val_loss),
-            "val_bpb": val_loss * bits_per_nat}
+    return {
+        "val_loss": val_loss,
+        "val_accuracy": correct / max(counted, 1),
+        "val_ppl": perplexity(val_loss),
+        "val_bpb": val_loss * bits_per_nat,
+    }
 
 
 def mixture_metrics(found: Sequence[tuple[str, dict[str, float]]], weights: Sequence[float]) -> dict[str, float]:
