@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args, "data.prefetch=0")  # one batch is all it reads
     trainer = Trainer(cfg, quiet=True)
-    trainer.check_new_start()  # the weights a new run would start from are the ones checked
+    trainer.plan.check_new_start()  # the weights a new run would start from are the ones checked
     t = cfg.train
     print(
         f"doctor: {args.config}: {trainer.model.num_params() / 1e6:.2f}M parameters, batch {t.batch_size} x "

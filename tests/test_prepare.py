@@ -14,7 +14,8 @@ import pytest
 
 import fasttrain.data.corpus as corpus
 from fasttrain.config import DataConfig, load_config, resolve, save_config
-from fasttrain.data.preparation import ensure_prepared, prepare
+from fasttrain.data.cache import ensure_prepared
+from fasttrain.data.preparation import prepare
 from fasttrain.data.shards import HEADER_BYTES, MAGIC, VERSION, ShardWriter, read_header
 from fasttrain.data.split import document_hash
 from fasttrain.data.tokenizer import EOT, Tokenizer

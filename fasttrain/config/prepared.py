@@ -11,7 +11,7 @@ from fasttrain.system.errors import UsageError
 
 
 def resolve(cfg: Config, data_dir: str, tokenizer_vocab: int, request: dict | None = None) -> Config:
-    """A copy of `cfg` with what preparing its data found (prepare.ensure_prepared): the data
+    """A copy of `cfg` with what preparing its data found (cache.ensure_prepared): the data
     directory, model.vocab_size when it is 0, and the settings the data was prepared with (`request`,
     its meta.json's). The run records this one (config.toml), so it names what was used and loads
     back to the same data, from any working directory: its paths are absolute. UsageError if the

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from fasttrain.config import DataConfig, MixChange
-from fasttrain.data.preparation import find_prepared
+from fasttrain.data.cache import find_prepared
 from fasttrain.data.prepared_folder import PreparedData, open_prepared
 from fasttrain.data.tokenizer import fingerprint
 from fasttrain.system.errors import UsageError
@@ -218,7 +218,7 @@ class Source:
 def open_sources(d: DataConfig) -> list[Source]:
     """The run's sources as they are now: the [[data.sources]] folders, each checked whole
     (prepared_folder.open_prepared), sharing one tokenizer; or the one folder of data.dir / data.inputs with weight 1
-    (preparation.find_prepared), none while nothing is prepared there yet (preparation.ensure_prepared prepares
+    (cache.find_prepared), none while nothing is prepared there yet (cache.ensure_prepared prepares
     it). UsageError naming the folder and key for one that is missing, empty, of another tokenizer or
     vocabulary, or without a validation split. Reads, never writes."""
     if not d.sources:
@@ -288,3 +288,23 @@ def replay_mix(d: DataConfig, mix: Sequence[tuple[int, Sequence[float]]], accumu
 def change_step(change: MixChange, max_steps: int) -> int:
     """The first step of a [[data.mix]] change."""
     return change.step or round(change.fraction * max_steps)
+
+
+def kept_mix_notes(
+    planned: Sequence[tuple[int, Sequence[float]]], kept: Sequence[tuple[int, Sequence[float]]], accumulation: int
+) -> list[str]:
+    """What a resume says where the mix its loader keeps (`kept`, from the saved run: Blend.restart) differs from
+    the config's placement (`planned`): phases as (first micro-batch, weights), the base phase first."""
+    notes, a = [], accumulation
+    for i, ((placed, _), (first, _)) in enumerate(zip(planned[1:], kept[1:])):
+        if first < placed:
+            notes.append(
+                f"data.mix[{i}] began at step {first // a} and stays in force (this config alone would "
+                f"place it at step {placed // a})"
+            )
+        elif first > placed:
+            notes.append(
+                f"data.mix[{i}] at step {placed // a} is before the saved step: its weights apply "
+                f"from step {first // a}"
+            )
+    return notes

@@ -13,7 +13,6 @@ from typing import Iterator
 
 from fasttrain.config import save_config
 from fasttrain.system import run_lock
-from fasttrain.system.errors import UsageError
 from fasttrain.training import run_directory
 from fasttrain.training.checkpoint import Checkpointer
 from fasttrain.training.metrics import MetricsLog, WandbSink, check_log_writable, import_wandb
@@ -32,8 +31,7 @@ def check_start(plan: RunPlan, resumed: bool, overwrite: bool) -> None:
     if plan.cfg.log.wandb and is_main:
         import_wandb()
     if not resumed:
-        if plan.init_missing:
-            raise UsageError(plan.init_missing)
+        plan.check_new_start()
         run_directory.check_new_run(out, overwrite)
     else:
         run_directory.check_kept_tokenizer(plan.sources[0].data.dir, out)

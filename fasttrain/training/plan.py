@@ -33,9 +33,10 @@ from fasttrain.config import (
     parse_config,
     resolve,
 )
+from fasttrain.data.cache import prepared_dir
 from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Blend, Source, open_sources, phases
-from fasttrain.data.preparation import check_preparable, prepared_dir, request_of
+from fasttrain.data.preparation import check_preparable, request_of
 from fasttrain.data.shards import find_shards
 from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.model.transformer import flops_per_token, num_params
@@ -118,6 +119,12 @@ class RunPlan:
             rows = Blend(mix, t.batch_size * self.world.size).planned_rows(end * a)
             epochs = tuple(r / n for r, n in zip(rows, self.rows_per_epoch))
         return Reading(epochs, end, words, tuple((first // a, w) for first, w in mix[1:]))
+
+    def check_new_start(self) -> None:
+        """UsageError if a new run cannot start from this plan's weights: model.init_from is gone since the run in
+        train.out_dir began (init_shape). train() of a new run and the doctor ask."""
+        if self.init_missing:
+            raise UsageError(self.init_missing)
 
     def record(self, reading: Reading | None = None) -> dict:
         """The run's start event (metrics.jsonl), as `--dry-run --json` prints it too: `reading` (default: a new

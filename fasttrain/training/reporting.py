@@ -317,3 +317,29 @@ class Report:
             f"  checkpoint  {summary['checkpoint']}\n  weights     {summary['weights']}\n"
             f"  data        {data}\n  plot with   python -m fasttrain.plot {out}"
         )
+
+
+def run_summary(
+    run: RunState,
+    last_eval: dict[str, float],
+    out: Path,
+    checkpoint: Path | None,
+    weights: Path,
+    stopped_early: bool,
+    wall_seconds: float,
+) -> dict[str, Any]:
+    """What Trainer.train returns and the end event records: where the run ended, its last evaluation, and
+    where its files are."""
+    return {
+        "step": run.step,
+        "tokens": run.tokens_seen,
+        **last_eval,
+        "out_dir": str(out),
+        "checkpoint": str(checkpoint),
+        "weights": str(weights),
+        "skipped_steps": run.skipped_steps,
+        "rollbacks": run.rollbacks,
+        "stopped_early": stopped_early,
+        "train_seconds": round(run.train_seconds, 3),
+        "wall_seconds": round(wall_seconds, 3),
+    }

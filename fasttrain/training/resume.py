@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +16,8 @@ import torch
 from fasttrain.config import Config
 from fasttrain.system.device import seed_everything
 from fasttrain.system.errors import UsageError
+from fasttrain.training.run_state import RunState
+from fasttrain.training.schedule import format_duration
 
 RESHAPE_FREE = ("dropout", "init_from")  # [model] keys a resumed run may change: they alter no saved weight
 
@@ -89,3 +92,23 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def check_not_past_end(path: Path, run: RunState, saved: Config, cfg: Config) -> None:
+    """UsageError if the save at `path` (its `run`, its config `saved`) is already past this config's
+    train.max_steps, or past a train.max_time shorter than its own: a run cannot train backwards, and recording
+    the shorter length would misname it. A run at its end is not past it (it only evaluates and reports again)."""
+    end, budget, spent = cfg.train.max_steps, cfg.train.max_time, run.train_seconds
+    if end and run.step > end:
+        raise UsageError(
+            f"{path}: the run is at step {run.step}, past train.max_steps = {end}: nothing to train; "
+            f"set train.max_steps to more than {run.step} to train on (sample, evaluate and export "
+            "take the run as it is)"
+        )
+    if budget and spent >= budget and not 0 < saved.train.max_time <= budget:  # its own budget's end is no past
+        raise UsageError(
+            f"{path}: the run has trained {format_duration(spent)}, past train.max_time = "
+            f"{format_duration(budget)}: nothing to train; set train.max_time to more than "
+            f"{format_duration(spent)} to train on (sample, evaluate and export take the run as "
+            "it is)"
+        )

@@ -39,9 +39,9 @@ from typing import Callable, cast
 import torch
 
 from fasttrain.config import Config
+from fasttrain.data.cache import ensure_prepared
 from fasttrain.data.loader import TokenLoader
-from fasttrain.data.mixture import Source, replay_mix
-from fasttrain.data.preparation import ensure_prepared
+from fasttrain.data.mixture import Source, kept_mix_notes, replay_mix
 from fasttrain.data.sampling import Sampling
 from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.model.generation import generate_text
@@ -49,7 +49,6 @@ from fasttrain.model.transformer import Transformer
 from fasttrain.model.weights import export_weights, read_hf_llama_weights
 from fasttrain.system import distributed
 from fasttrain.system.device import autocast, compile_options, seed_everything, use_attention, use_device
-from fasttrain.system.errors import UsageError
 from fasttrain.training import checkpoint_files, run_directory
 from fasttrain.training.checkpoint import Checkpointer
 from fasttrain.training.launch import check_start, opened
@@ -57,10 +56,11 @@ from fasttrain.training.objective import LossSums, NextTokenLoss, batch_loss, co
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.plan import RunPlan, accumulation_steps, plan_run  # noqa: F401 (accumulation_steps: kept for the Python API)
 from fasttrain.training.policies import monitor_anew
-from fasttrain.training.reporting import Report
+from fasttrain.training.reporting import Report, run_summary
+from fasttrain.training.resume import check_not_past_end
 from fasttrain.training.run_loop import Interrupted, Loop, StepResult  # noqa: F401 (Interrupted: what train() raises)
 from fasttrain.training.run_state import RunState
-from fasttrain.training.schedule import Budget, format_duration, next_update, schedule_change
+from fasttrain.training.schedule import Budget, next_update, schedule_change
 from fasttrain.training.validation import mixture_metrics, validate
 
 
@@ -87,7 +87,7 @@ def start_run(cfg: Config, quiet: bool = False) -> RunPlan:
 class Trainer:
     """Builds the model, objective, optimizer and data of a Config, and trains, evaluates, samples and checkpoints.
 
-    Construction prepares the data if needed (prepare.ensure_prepared) and keeps the
+    Construction prepares the data if needed (cache.ensure_prepared) and keeps the
     config resolved with what that found (`cfg`: data.dir, model.vocab_size; the
     config given is not changed); with model.init_from the model takes that model's shape
     and starts from its weights. Nothing is written to `train.out_dir` until
@@ -117,12 +117,8 @@ class Trainer:
             raise ValueError(f"a plan of data not prepared yet ({plan.prepare}): make it with start_run")
         self.plan, self.world, self.device, self.cfg = plan, plan.world, plan.device, plan.cfg
         self.quiet = quiet or not self.world.is_main
-        self.precision, self.compiled, self.kernels, self.sharded = (
-            plan.precision,
-            plan.compiled,
-            plan.kernels,
-            plan.sharded,
-        )
+        self.precision, self.compiled = plan.precision, plan.compiled
+        self.kernels, self.sharded = plan.kernels, plan.sharded
         self.accumulation, self.tokens_per_step, self.recorded = plan.accumulation, plan.tokens_per_step, plan.recorded
         self.sources, self.mix = list(plan.sources), list(plan.mix)  # the mix as a resumed loader keeps it
         self.data = self.sources[0].data
@@ -140,14 +136,9 @@ class Trainer:
             attention=t.attention,
             fp8=t.fp8,
         ).to(self.device)
+        loss = NextTokenLoss(self.model, fused=self.kernels.linear_cross_entropy)
         self.objective = distributed.wrap(
-            NextTokenLoss(self.model, fused=self.kernels.linear_cross_entropy),
-            self.model.blocks,
-            self.world,
-            t.parallel,
-            plan.shard_group,
-            self.precision,
-            self.device,
+            loss, self.model.blocks, self.world, t.parallel, plan.shard_group, self.precision, self.device
         )
         if self.compiled:
             self.objective.compile(options=compile_options(t.compile_mode, t.coordinate_descent_tuning))
@@ -168,12 +159,6 @@ class Trainer:
         m = self.cfg.model
         distributed.load_full_model_state(self.model, read_hf_llama_weights(m.init_from, m), self.sharded)
         self.init_pending = False
-
-    def check_new_start(self) -> None:
-        """UsageError if a new run cannot start from this Trainer's weights: model.init_from is gone since the
-        run in train.out_dir began (see plan.init_shape). train() of a new run and the doctor ask."""
-        if self.plan.init_missing:
-            raise UsageError(self.plan.init_missing)
 
     def close(self) -> None:
         """Stop the train loader's prefetch thread and close its files; the Trainer is not used after this."""
@@ -349,19 +334,9 @@ class Trainer:
             if self.world.is_main
             else out / "final"
         )
-        summary = {
-            "step": self.run.step,
-            "tokens": self.run.tokens_seen,
-            **last_eval,
-            "out_dir": str(out),
-            "checkpoint": str(self.checkpoints.latest()),
-            "weights": str(final),
-            "skipped_steps": self.run.skipped_steps,
-            "rollbacks": self.run.rollbacks,
-            "stopped_early": stopped_early,
-            "train_seconds": round(self.run.train_seconds, 3),
-            "wall_seconds": round(self.clock() - self.created, 3),
-        }
+        summary = run_summary(
+            self.run, last_eval, out, self.checkpoints.latest(), final, stopped_early, self.clock() - self.created
+        )
         report.end(summary, self.run, replay_mix(self.cfg.data, self.mix, self.accumulation, self.run.step))
         return summary
 
@@ -372,19 +347,7 @@ class Trainer:
         the user, on the world and on where the mix differs from the config's."""
         run, saved, notes = self.checkpoints.restore(path, self.train_loader, self.accumulation)
         planned, self.mix = self.mix, list(self.train_loader.blend.phases)
-        a = self.accumulation
-        for i, ((placed, _), (first, _)) in enumerate(zip(planned[1:], self.mix[1:])):
-            if first < placed:
-                notes.append(
-                    f"data.mix[{i}] began at step {first // a} and stays in force (this config alone would "
-                    f"place it at step {placed // a})"
-                )
-            elif first > placed:
-                notes.append(
-                    f"data.mix[{i}] at step {placed // a} is before the saved step: its weights apply "
-                    f"from step {first // a}"
-                )
-        return run, saved, notes
+        return run, saved, notes + kept_mix_notes(planned, self.mix, self.accumulation)
 
     def save_checkpoint(self, best: bool = False) -> Path:
         """Save the run into its checkpoints/ (see checkpoint.py), as the best one too if `best`;
@@ -405,20 +368,7 @@ class Trainer:
         run, saved, notes = self.restore(path)
         for note in notes if not self.quiet else ():
             print(f"resume: {note}")
-        end, budget, spent = self.cfg.train.max_steps, self.cfg.train.max_time, run.train_seconds
-        if end and run.step > end:
-            raise UsageError(
-                f"{path}: the run is at step {run.step}, past train.max_steps = {end}: nothing to train; "
-                f"set train.max_steps to more than {run.step} to train on (sample, evaluate and export "
-                "take the run as it is)"
-            )
-        if budget and spent >= budget and not 0 < saved.train.max_time <= budget:  # its own budget's end is no past
-            raise UsageError(
-                f"{path}: the run has trained {format_duration(spent)}, past train.max_time = "
-                f"{format_duration(budget)}: nothing to train; set train.max_time to more than "
-                f"{format_duration(spent)} to train on (sample, evaluate and export take the run as "
-                "it is)"
-            )
+        check_not_past_end(path, run, saved, self.cfg)
         self.run = run
         changed = self.updater.use_configured_hyperparameters()
         if changed and not self.quiet:

@@ -1,0 +1,141 @@
+"""The cache of prepared data: where [data] settings' prepared folder is (`prepared_dir`: data.dir, else a
+folder under $FASTTRAIN_CACHE or ~/.cache/fasttrain keyed by the settings), what is there (`find_prepared`),
+and the folder a run trains from, prepared first if need be (`ensure_prepared`). Preparing itself is
+fasttrain/data/preparation.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB, DataConfig
+from fasttrain.data.preparation import finish_interrupted_move, lock_path, prepare_locked, request_of
+from fasttrain.data.prepared_folder import PreparedData, open_prepared
+from fasttrain.data.shards import read_meta
+from fasttrain.system.errors import UsageError
+from fasttrain.system.run_lock import holding
+
+
+def cache_dir(request: dict) -> Path:
+    """Where data prepared for `request` is cached when the config leaves data.dir unset.
+
+    Under $FASTTRAIN_CACHE, else $XDG_CACHE_HOME/fasttrain, else ~/.cache/fasttrain;
+    one directory per distinct request, so changing the vocabulary never reuses
+    stale shards. Its paths are absolute (`request_of`), since what a relative one
+    names depends on the working directory.
+    """
+    root = (
+        os.environ.get("FASTTRAIN_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fasttrain"
+    )
+    digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
+    name = re.sub(r"[^A-Za-z0-9]+", "-", request["inputs"][0].removeprefix("builtin:")).strip("-")[-40:] or "data"
+    return Path(root) / f"{name}-{digest}"
+
+
+def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
+    """Make sure prepared data for [data] `d` exists, and say where it is and what it holds.
+
+    The directory is `d.dir`, or when that is "" a cache directory keyed by the request
+    (`cache_dir`). Prepares it from `d.inputs` (default builtin:pydoc, DEFAULT_VOCAB tokens)
+    when it holds no data. A folder already prepared is the data by itself: the [data] keys
+    left at their defaults take its values, and one set to anything else must agree with how
+    it was prepared (UsageError naming both values), rather than train on other data silently.
+    The folder is checked whole (`open_prepared`) before anything is recorded or deleted.
+    `d` itself is left as it is: see config.resolve for the config a run records.
+    """
+    inputs, vocab_size = d.inputs or DEFAULT_INPUTS, d.vocab_size or DEFAULT_VOCAB
+    directory = prepared_dir(d)
+
+    def wait(holder: str) -> None:  # two runs preparing one cache: the second uses what the first made
+        if not quiet:
+            print(f"data: waiting for {holder}, which is preparing {directory}")
+
+    with holding(lock_path(Path(directory)), wait=wait):
+        finish_interrupted_move(Path(directory), quiet)
+        if read_meta(directory) is None:
+            if d.dir and not d.inputs and not quiet:  # a typo in data.dir would otherwise pass unnoticed
+                state = "is empty" if Path(directory).is_dir() else "does not exist"
+                if state == "does not exist" or not any(Path(directory).iterdir()):
+                    print(
+                        f"note: data.dir = {directory} {state}, so the default data.inputs "
+                        f"({', '.join(DEFAULT_INPUTS)}) is prepared into it; if it should name a prepared "
+                        "folder, check the path"
+                    )
+            prepare_locked(
+                inputs,
+                directory,
+                vocab_size=vocab_size,
+                tokenizer_path=d.tokenizer or None,
+                val_fraction=d.val_fraction,
+                text_field=d.text_field,
+                quiet=quiet,
+            )
+    data = find_prepared(d)[1]
+    assert data is not None  # prepared above, by this process or the lock's holder
+    return data
+
+
+def prepared_dir(d: DataConfig) -> str:
+    """The folder [data] `d` trains from: data.dir, or the cache directory of its request (`cache_dir`)."""
+    return d.dir or str(
+        cache_dir(
+            request_of(
+                d.inputs or DEFAULT_INPUTS, d.vocab_size or DEFAULT_VOCAB, d.tokenizer, d.val_fraction, d.text_field
+            )
+        )
+    )
+
+
+def find_prepared(d: DataConfig) -> tuple[str, PreparedData | None]:
+    """Where [data] `d`'s prepared data is (`prepared_dir`) and what it holds, checked whole (`open_prepared`) and
+    against what `d` asks for (see ensure_prepared); None while nothing is prepared there. Reads, never writes."""
+    directory = prepared_dir(d)
+    if read_meta(directory) is None:
+        return directory, None
+    prepared = open_prepared(directory)
+    found = {"text_field": "text", **prepared.meta["request"]}
+    differ = [(key, value) for key, value in _given(d).items() if _comparable(key, found.get(key)) != value]
+    if differ:
+        raise UsageError(
+            f"{directory}: holds data prepared with "
+            f"{', '.join(f'{k}={found.get(k)!r}' for k, _ in differ)}, not what [data] asks for "
+            f"({', '.join(f'data.{k} = {v!r}' for k, v in differ)}); leave those keys unset to train on this "
+            "folder as it is, point data.dir elsewhere, or remove the directory"
+        )
+    return directory, prepared
+
+
+def _given(d: DataConfig) -> dict:
+    """The prepare settings [data] `d` sets: those not at their defaults, which defer to a prepared folder.
+    Paths as `_comparable` makes them, so "./corpus" is the "corpus" a folder was prepared from."""
+    defaults = DataConfig()
+    given: dict = {}
+    if d.inputs:
+        given["inputs"] = _comparable("inputs", d.inputs)
+    if d.tokenizer:
+        given["tokenizer"] = _comparable("tokenizer", d.tokenizer)
+    elif d.vocab_size:
+        given["vocab_size"] = d.vocab_size
+    if d.val_fraction != defaults.val_fraction:
+        given["val_fraction"] = d.val_fraction
+    if d.text_field != defaults.text_field:
+        given["text_field"] = d.text_field
+    return given
+
+
+def _comparable(key: str, value: object) -> object:
+    """A request value as compared between a config and a prepared folder: paths absolute with links resolved
+    (meta.json of folders prepared before paths were recorded absolute may hold relative ones)."""
+
+    def resolved(spec: str) -> str:
+        return spec if spec.startswith("builtin:") else os.path.realpath(spec)
+
+    if key == "inputs" and isinstance(value, list):
+        return [resolved(i) for i in value]
+    if key == "tokenizer" and isinstance(value, str):
+        return resolved(value)
+    return value
