@@ -29,6 +29,8 @@ from fasttrain.evaluate import score_tasks
 from fasttrain.system import distributed
 from fasttrain.system.device import use_device
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
+from fasttrain.training.checkpoint_files import resolve
+from fasttrain.training.launch import check_start
 from fasttrain.training.measure import measure, measure_line
 from fasttrain.training.plan import plan_run
 from fasttrain.training.plan_table import plan_table
@@ -72,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"{'--json' if args.json else '--measure'}: only with --dry-run")
     cfg = config_from_args(args)
     if args.dry_run:
-        return dry_run(cfg, args.json, args.measure)
+        return dry_run(cfg, args.json, args.measure, args.resume, args.overwrite)
     config_file, is_shipped = shipped.locate(args.config)
     if is_shipped and not args.quiet and distributed.world_from_env().is_main:
         print(f"config: {args.config} (shipped, {config_file})")
@@ -124,13 +126,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def dry_run(cfg: Config, as_json: bool, measure_steps: int | None) -> int:
+def dry_run(cfg: Config, as_json: bool, measure_steps: int | None, resume: str | None, overwrite: bool) -> int:
     """Print the plan of a run of `cfg` (rank 0 prints the world's), as a table or one JSON object with the
     start event's keys; with `measure_steps`, time that many real steps too. Writes nothing: the data must be
-    prepared for a measurement (a plan says what would be prepared)."""
+    prepared for a measurement (a plan says what would be prepared). Before the plan is printed, train.out_dir
+    gets the checks the run would make of it started with `resume` or `overwrite` (another run's checkpoints
+    there, a save to resume that is not there, another process using it, ...), each its own one line."""
     world = distributed.world_from_env()
     device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
     plan = plan_run(cfg, world, device)
+    spec = checkpoint_to_resume(resume, cfg.train.out_dir, quiet=True)
+    if spec is not None:
+        resolve(spec, cfg.train.out_dir)  # the save a resume would load: there, or the run's own line
+    if spec is None or plan.sources:  # a resume's tokenizer check needs the prepared data
+        check_start(plan, spec is not None, overwrite)
     found = {}
     if measure_steps:
         if plan.prepare:

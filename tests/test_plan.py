@@ -18,6 +18,7 @@ from fasttrain.config import load_config
 from fasttrain.model.transformer import Transformer
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
+from tests.test_checkpoint import run_cli_code
 from tests.test_reliability_start import init_from
 
 pytestmark = pytest.mark.subprocess  # whole runs, if in this process
@@ -163,3 +164,26 @@ def test_measure_times_real_steps_and_saves_nothing(pydoc_data, tmp_path):
     assert found["tokens_per_s"] == pytest.approx(4 * 32 / found["s_per_step"], rel=0.01)
     assert found["projected_seconds"] == pytest.approx(10 * found["s_per_step"], abs=0.1)  # rounded to 0.1 s
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ([], "holds checkpoints of an earlier run (up to step 2)"),
+        (["--resume", "auto-or-new"], None),
+        (["--overwrite"], None),
+        (["--resume", "EMPTY"], "no checkpoint saved there yet"),
+    ],
+)
+def test_a_dry_run_checks_train_out_dir_as_the_run_would(flags, expected, pydoc_data, trained, tmp_path, capsys):
+    """A new run over another run's checkpoints (no --overwrite), or a resume of a folder without saves, is the
+    run's own line; resuming the run there, or replacing it, plans. Nothing changes there."""
+    flags = [str(tmp_path) if f == "EMPTY" else f for f in flags]
+    before = snapshot(trained)
+    code = run_cli_code(train.main, [*tiny_args(pydoc_data, trained, "train.max_steps=4"), *flags, "--dry-run"])
+    err = capsys.readouterr().err
+    if expected is None:
+        assert code == 0, err
+    else:
+        assert code == 2 and expected in err and err.count("\n") == 1, err
+    assert snapshot(trained) == before

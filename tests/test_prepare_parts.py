@@ -9,7 +9,8 @@ import pytest
 
 from fasttrain.data.corpus import resolve_inputs
 from fasttrain.data.parts import merge, prepare_part, share
-from fasttrain.data.preparation import open_prepared, prepare
+from fasttrain.data.preparation import prepare
+from fasttrain.data.prepared_folder import open_prepared
 from fasttrain.data.split import Sample, plan_split, tokenizer_sample
 from fasttrain.prepare import main
 from fasttrain.system.errors import UsageError
