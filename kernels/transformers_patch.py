@@ -74,42 +74,17 @@ def _swap_rms_norms(model: nn.Module) -> int:
 def _fused_loss_forward(unpatched):
     """A forward for a causal LM whose loss, given labels, goes through linear_cross_entropy."""
 
+    # The first three arguments keep their places in transformers' signature; the rest are keywords and pass
+    # through as given (the KV cache among them, which transformers 5.24 renamed from past_key_values to cache).
     def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        inputs_embeds=None,
-        labels=None,
-        use_cache=None,
-        logits_to_keep=0,
-        return_logits: bool = False,
-        **kwargs,
+        self, input_ids=None, attention_mask=None, position_ids=None, *, labels=None, return_logits=False, **kwargs
     ):
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         if return_logits or (labels is None and kwargs.get("shift_labels") is None):  # logits: the model as it was
-            return unpatched(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                use_cache=use_cache,
-                logits_to_keep=logits_to_keep,
-                **kwargs,
-            )
+            return unpatched(labels=labels, **kwargs)
         return_dict = kwargs.pop("return_dict", None)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            return_dict=True,
-            **kwargs,
-        )
+        kwargs.pop("logits_to_keep", None)  # no logits are built on this path
+        out = self.model(return_dict=True, **kwargs)
         hidden = out.last_hidden_state
         shift_labels = kwargs.get("shift_labels")
         if shift_labels is None:  # position t predicts token t + 1; the last predicts nothing
@@ -131,13 +106,10 @@ def _fused_loss_forward(unpatched):
         loss = loss / (items.to(loss.device) if isinstance(items, torch.Tensor) else items)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
-        output = CausalLMOutputWithPast(
-            loss=loss,
-            logits=None,
-            past_key_values=out.past_key_values,
-            hidden_states=out.hidden_states,
-            attentions=out.attentions,
-        )
+        # The base model's fields but its last hidden state, under whatever names this transformers gives them
+        # (the cache's changed in 5.24): the LM output names them the same way.
+        passed = {key: value for key, value in out.items() if key != "last_hidden_state"}
+        output = CausalLMOutputWithPast(loss=loss, logits=None, **passed)
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         return output if return_dict else output.to_tuple()  # as transformers: the fields that are not None

@@ -100,3 +100,21 @@ def test_every_label_ignored_is_nan_as_unpatched():
     ignored = torch.full_like(ids, -100)
     with torch.no_grad():
         assert ref(ids, labels=ignored).loss.isnan() and ours(ids, labels=ignored).loss.isnan()
+
+
+def test_a_positional_mask_and_the_kv_cache_come_through_as_unpatched():
+    """The patched forward named past_key_values, which transformers 5.24 renamed to cache: every call with labels
+    failed there. The mask still goes second, and the cache comes back under this transformers' own name."""
+    ref, ours = tiny(), patch_hf_model(tiny())
+    ids, labels = batch()
+    mask = torch.ones_like(ids)
+    mask[2, 15:] = 0  # the padding labels[2, 15:] ignores
+    with torch.no_grad():
+        got = ours(ids, mask, labels=labels, use_cache=True)
+        expected = ref(ids, mask, labels=labels, use_cache=True)
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-5)
+    assert set(got.keys()) == set(expected.keys()) - {"logits"}
+    (cache_name,) = set(got.keys()) - {"loss"}
+    assert got[cache_name].get_seq_length() == expected[cache_name].get_seq_length() == ids.shape[1]
+    with pytest.raises(TypeError):  # labels is a keyword, as in every transformers call: never taken as a mask
+        ours(ids, mask, None, None, None, labels)
