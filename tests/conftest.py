@@ -18,6 +18,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist starts one worker per core: each worker, and every process its tests start, gets one core's
+# share of OpenMP threads. By default every process takes a thread per core, and on the 2-core CI machine
+# 2 workers x 2 threads plus the processes they start spun waiting for each other: the first tier took
+# 554 s of pytest, 460 s with one thread each. Plain `pytest` (one process) keeps every core.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _workers:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 import kernels._backend  # noqa: E402  (after the environment is set)
 import kernels._multi_tensor  # noqa: E402
 from fasttrain.config import Config, load_config
