@@ -135,6 +135,23 @@ def test_what_tiktoken_cannot_express_falls_back_in_one_line(learned, make, why)
     assert name == "tokenizers" and why in note and "\n" not in note
 
 
+def unreachable_token(spec: dict) -> None:
+    """Merges a+b, b+c, then a+bc: tokenizers' merges make [ab, c] of "abc", tiktoken the token abc whole."""
+    vocab = spec["model"]["vocab"]
+    a, b, c = "\u00a1", "\u00a2", "\u00a3"  # bytes 0xa1-0xa3 in the byte-level alphabet
+    assert not {a + b, b + c, a + b + c} & set(vocab)
+    for token in (a + b, b + c, a + b + c):
+        vocab[token] = len(vocab) + len(spec["added_tokens"])
+    spec["model"]["merges"][:0] = [[a, b], [b, c], [a, b + c]]
+
+
+def test_a_token_its_own_merges_do_not_make_falls_back(learned):
+    tok = variant(learned, unreachable_token)
+    with pytest.raises(Inexpressible, match="is not what its own merges make of it"):
+        fast_encoder(tok.tok)
+    assert choose_encoder(tok, ["\u00a1\u00a2\u00a3"])[1] == "tokenizers"
+
+
 def test_a_sample_that_disagrees_falls_back(learned, monkeypatch):
     import fasttrain.data.encoder as encoder
 
