@@ -6,6 +6,7 @@ model and the prepared embedded corpus of the other tests.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -211,3 +212,24 @@ def test_a_dead_rank_ends_the_job_with_an_error(pydoc_data, tmp_path):
     _, stderr = proc.communicate(timeout=180)  # the survivor must not hang
     assert proc.returncode != 0
     assert "Signal 9" in stderr or "SIGKILL" in stderr or "exitcode" in stderr, stderr[-2000:]
+
+
+@pytest.mark.second_tier  # two processes and a torchrun job, 8-15 s: the first tier is near its 10 minutes
+def test_a_dry_run_under_torchrun_plans_the_whole_world_once_and_writes_nothing(pydoc_data, tmp_path):
+    """Every rank plans the run; rank 0 prints the world's plan, once: 2 ranks halve the accumulation of one
+    process for the same tokens per step. --measure starts the process group and times real steps on both
+    ranks. Nothing is written: not train.out_dir, not the data folder."""
+    out = tmp_path / "run"
+    args = tiny_args(pydoc_data, out, *RUN, "train.batch_size=2", "train.tokens_per_update=256")
+    before = sorted(p.name for p in pydoc_data.rglob("*"))
+    one = single([*args, "--dry-run", "--json"])
+    two = torchrun([*args, "--dry-run", "--json", "--measure", "1"])
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    (alone,) = [json.loads(line) for line in one.stdout.splitlines() if line.startswith("{")]
+    (world,) = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
+    assert (alone["world_size"], world["world_size"]) == (1, 2)
+    assert alone["tokens_per_step"] == world["tokens_per_step"] == 256
+    assert alone["accumulation"] == 2 * world["accumulation"]
+    assert world["measured_steps"] == 1 and world["tokens_per_s"] > 0
+    assert not out.exists() and sorted(p.name for p in pydoc_data.rglob("*")) == before
