@@ -80,11 +80,8 @@ def test_evaluate_split_val_names_and_totals_sources_as_the_trainer(pydoc_data, 
     assert f"loss {trained['val_loss.web/prepared']:.4f}" in lines[2]
 
 
-def test_a_longer_resume_keeps_a_fraction_change_the_run_had_entered(pydoc_data, code_data, tmp_path, capsys):
-    """Item 4: a run of 6 steps entered its code-only mix at step 3 (fraction 0.5); resumed with
-    train.max_steps = 24 the change moved to step 12, and steps 7 to 12 went back to the base weights. Now the
-    change stays where it began, and the resume says so."""
-    out = tmp_path / "run"
+def ran_into_a_fraction_change(pydoc_data: Path, code_data: Path, out: Path) -> tuple[str, ...]:
+    """A 6-step mixture run into `out` that enters its code-only mix at step 3 (fraction 0.5); its --set items."""
     sets = (
         *sources([pydoc_data, code_data], [0.5, 0.5]),
         "data.mix=[{fraction=0.5, weights=[0, 1]}]",
@@ -92,6 +89,15 @@ def test_a_longer_resume_keeps_a_fraction_change_the_run_had_entered(pydoc_data,
         "checkpoint.interval=100",
     )
     assert run(pydoc_data, out, "train.max_steps=6", *sets) == 0
+    return sets
+
+
+def test_a_longer_resume_keeps_a_fraction_change_the_run_had_entered(pydoc_data, code_data, tmp_path, capsys):
+    """Item 4: a run of 6 steps entered its code-only mix at step 3 (fraction 0.5); resumed with
+    train.max_steps = 24 the change moved to step 12, and steps 7 to 12 went back to the base weights. Now the
+    change stays where it began, and the resume says so."""
+    out = tmp_path / "run"
+    sets = ran_into_a_fraction_change(pydoc_data, code_data, out)
     capsys.readouterr()
     argv = tiny_args(pydoc_data, out, *QUIET, "train.max_steps=24", *sets, flags=["--resume", "auto"])
     assert run(pydoc_data, out, argv=argv) == 0
@@ -109,13 +115,7 @@ def test_a_quiet_resume_reports_the_mix_its_loader_keeps(pydoc_data, code_data, 
     read code only from step 3 on, but its metrics said the change began at step 12. Quiet or not, the events
     are the same."""
     out = tmp_path / "run"
-    sets = (
-        *sources([pydoc_data, code_data], [0.5, 0.5]),
-        "data.mix=[{fraction=0.5, weights=[0, 1]}]",
-        "train.eval_interval=100",
-        "checkpoint.interval=100",
-    )
-    assert run(pydoc_data, out, "train.max_steps=6", *sets) == 0
+    sets = ran_into_a_fraction_change(pydoc_data, code_data, out)
     argv = tiny_args(pydoc_data, out, *QUIET, "train.max_steps=24", *sets, flags=["--resume", "auto", "--quiet"])
     assert run(pydoc_data, out, argv=argv) == 0
     assert [e["step"] for e in events(out, "mix")] == [3]
