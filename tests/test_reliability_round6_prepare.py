@@ -6,6 +6,13 @@ and --merge, --part and --learn-tokenizer-only refusing the options they would i
 from __future__ import annotations
 
 import json
+import os
+import random
+import re
+import string
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +20,8 @@ import pytest
 from fasttrain import prepare
 from fasttrain.system.errors import run_cli
 from tests.test_prepare import documents_in, shard_tokens
+
+REPO = Path(__file__).resolve().parents[1]
 
 # JSONL lines as a web crawl writes them: JSON escapes of lone surrogates (valid JSON, no valid text), and a
 # proper pair, which is one character.
@@ -114,3 +123,64 @@ def test_the_replaced_count_is_the_same_for_any_workers_and_summed_over_parts(tm
     for split in ("train", "val"):
         assert (shard_tokens(out, split) == shard_tokens(tmp_path / "w1", split)).all()
     assert "replaced 40 invalid UTF-8 sequences or lone surrogates" in merged
+
+
+def test_learning_pieces_cut_every_long_run_and_nothing_else():
+    from fasttrain.data.split import LONGEST_RUN, learning_pieces
+
+    rng = random.Random(0)
+    runs = [(" \n\t\u3000" if i % 2 else string.ascii_letters + "=9") for i in range(60)]
+    text = "".join("".join(rng.choices(chars, k=rng.choice([1, 7, 511, 512, 513, 1024, 1025, 3000]))) for chars in runs)
+    pieces, cut = learning_pieces(text)
+    assert "".join(pieces) == text
+    assert cut == sum(len(m[0]) > LONGEST_RUN for m in re.finditer(r"\S+|\s+", text)) > 0
+    assert max(len(m[0]) for piece in pieces for m in re.finditer(r"\S+|\s+", piece)) <= LONGEST_RUN
+    assert learning_pieces("x" * LONGEST_RUN) == (["x" * LONGEST_RUN], 0)
+
+
+def blob(chars: int) -> str:
+    """`chars` random letters: one pre-token of the trainer's split (what a hex-free blob or a DNA read is)."""
+    return "".join(random.choices(string.ascii_letters, k=chars))
+
+
+def long_runs_corpus(directory: Path, letters: int) -> tuple[list[str], list[str]]:
+    """(inputs, their documents): a few of words, one of `letters` letters without a space, and one with a rule of
+    '=' and a run of spaces of 100K characters each: 3 runs over LONGEST_RUN."""
+    directory.mkdir(parents=True, exist_ok=True)
+    docs = [f"document {i} of words " * 30 for i in range(4)]
+    docs += [blob(letters), "a rule\n" + "=" * 100_000 + "\n" + " " * 100_000 + "end"]
+    (directory / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return [str(directory / "docs.jsonl")], docs
+
+
+def test_a_whitespace_free_document_is_learned_from_in_linear_time(tmp_path, capsys):
+    """Learning from one word of 500K letters and runs of 100K '=' and spaces took this prepare a minute here (time
+    growing with the square of the longest; 3M letters, some 20 minutes); now they are cut into 512-character pieces for
+    learning (1 s), said in the summary, and the shards still hold every document whole."""
+    inputs, docs = long_runs_corpus(tmp_path / "in", 500_000)
+    start = time.perf_counter()
+    code, out, err = run(["--input", *inputs, "--out", str(tmp_path / "out"), "--val-fraction", "0"], capsys)
+    seconds = time.perf_counter() - start
+    assert code == 0, err
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["tokenizer_learned_from"]["long_runs_cut"] == 3
+    assert "cut 3 runs of over 512 characters (of whitespace, or without any) into pieces" in out
+    assert documents_in(tmp_path / "out", "train") == docs  # lossless: the cut is the learning's alone
+    assert seconds < 15, seconds  # about 1 s here, 2 cores shared
+
+
+@pytest.mark.second_tier
+@pytest.mark.subprocess
+def test_a_multi_megabyte_single_token_document_prepares_in_seconds(tmp_path):
+    """4M letters without a space, and --learn-tokenizer-only on them: each in seconds (12 s and 8 s here, on 2
+    shared cores), where learning from them took half an hour or more before."""
+    inputs, docs = long_runs_corpus(tmp_path / "in", 4_000_000)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "fasttrain.prepare", "--input", *inputs, "--val-fraction", "0"]
+    for how in (["--out", str(tmp_path / "out")], ["--out", str(tmp_path / "parts"), "--learn-tokenizer-only"]):
+        start = time.perf_counter()
+        done = subprocess.run([*command, *how], env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stderr
+        assert "cut 3 runs of over 512 characters" in done.stdout, done.stdout
+        assert time.perf_counter() - start < 120
+    assert documents_in(tmp_path / "out", "train") == docs
