@@ -184,3 +184,46 @@ def test_a_multi_megabyte_single_token_document_prepares_in_seconds(tmp_path):
         assert "cut 3 runs of over 512 characters" in done.stdout, done.stdout
         assert time.perf_counter() - start < 120
     assert documents_in(tmp_path / "out", "train") == docs
+
+
+def parts_of(inputs: list[str], out: Path, tokenizer: Path, capsys) -> None:
+    for k in range(2):
+        code, _, err = run(
+            ["--input", *inputs, "--out", str(out), "--part", f"{k}/2", "--tokenizer", str(tokenizer)], capsys
+        )
+        assert code == 0, err
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "mode, options, refused",
+    [
+        (
+            ["--merge"],
+            ["--input", "x.jsonl", "--val-fraction", "0.2", "--vocab-size", "300"],
+            "--input, --vocab-size, --val-fraction",
+        ),
+        (["--merge"], ["--val-fraction", "0.1"], "--val-fraction"),  # the default's value, still not taken
+        (["--merge"], ["--workers", "2", "--overwrite"], "--overwrite, --workers"),
+        (["--part", "0/2"], ["--vocab-size", "300"], "--vocab-size"),
+        (["--part", "1/2"], ["--overwrite"], "--overwrite"),
+        (["--learn-tokenizer-only"], ["--shard-tokens", "1000", "--workers", "1"], "--shard-tokens, --workers"),
+    ],
+)
+def test_a_mode_refuses_the_options_it_does_not_take(mode, options, refused, pydoc_data, tmp_path, capsys):
+    """--merge ignored --input, --val-fraction and --vocab-size (and --part its --vocab-size): each is now a
+    one-line error naming them, exit 2, the parts as they were; with only what it takes, the merge still works."""
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(20)))
+    inputs, out = [str(tmp_path / "docs.jsonl")], tmp_path / "out"
+    parts_of(inputs, out, pydoc_data / "tokenizer.json", capsys)
+    before = snapshot(out)
+    given = ["--input", *inputs] if "--merge" not in mode and "--input" not in options else []
+    code, _, err = run([*given, "--out", str(out), *mode, *options], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{mode[0]}: does not take {refused}; it takes only --out" in err, err
+    assert snapshot(out) == before
+    code, _, err = run(["--out", str(out), "--merge"], capsys)
+    assert code == 0 and (out / "meta.json").exists() and not (out / "parts").exists(), err
