@@ -10,12 +10,23 @@ what is written and how.
 
 from __future__ import annotations
 
+import argparse
 from typing import Sequence
 
 from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB
 from fasttrain.data.parts import learn_tokenizer, merge, parse_part, prepare_part
 from fasttrain.data.preparation import prepare
 from fasttrain.system.errors import ArgumentParser, run_cli
+
+# The options besides --out that --merge, --learn-tokenizer-only and --part each take (a plain prepare takes all).
+# Any other option given with them is refused, not ignored: `--merge --vocab-size 8192` would look as if it made
+# something of 8192 tokens, and change nothing.
+TAKES = {
+    "merge": (),
+    "learn_tokenizer_only": ("input", "vocab_size", "val_fraction", "text_field"),
+    "part": ("input", "tokenizer", "val_fraction", "text_field", "shard_tokens", "workers"),
+}
+SETTINGS = ("input", "vocab_size", "tokenizer", "val_fraction", "overwrite", "text_field", "shard_tokens", "workers")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,15 +88,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="learn the BPE of --vocab-size that every --part will use, into OUT/parts/tokenizer.json",
     )
-    args = parser.parse_args(argv)
+    args, given = parse_given(parser, argv)
     if args.workers < 0:
         parser.error(f"--workers: must be >= 0, got {args.workers}")
+    if args.learn_tokenizer_only and args.tokenizer:
+        parser.error("--learn-tokenizer-only: a --tokenizer is given already; pass it to each --part")
+    for mode, takes in TAKES.items():
+        refused = [option(name) for name in given if getattr(args, mode) and name not in takes]
+        if refused:
+            parser.error(
+                f"{option(mode)}: does not take {', '.join(refused)}; it takes only "
+                + ", ".join(option(name) for name in ("out", *takes))
+            )
     if args.merge:
         merge(args.out)
         return 0
     if args.learn_tokenizer_only:
-        if args.tokenizer:
-            parser.error("--learn-tokenizer-only: a --tokenizer is given already; pass it to each --part")
         learn_tokenizer(
             args.input, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction, text_field=args.text_field
         )
@@ -116,6 +134,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=args.workers,
     )
     return 0
+
+
+def parse_given(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """The parsed arguments, defaults filled in, and which of SETTINGS the command line gave (a value given equal
+    to its default included). argparse fills a default only where the namespace it is handed lacks the name, so
+    a namespace holding a marker for each setting tells the given ones apart."""
+    unset = object()
+    parsed = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(SETTINGS, unset)))
+    given = [name for name in SETTINGS if getattr(parsed, name) is not unset]
+    values = {name: parser.get_default(name) if value is unset else value for name, value in vars(parsed).items()}
+    return argparse.Namespace(**values), given
+
+
+def option(name: str) -> str:
+    """The command-line spelling of an argument's name: vocab_size -> --vocab-size."""
+    return "--" + name.replace("_", "-")
 
 
 if __name__ == "__main__":

@@ -1531,6 +1531,19 @@ CASES = [
         lambda c: ["--out", str(c.tmp / "none"), "--merge"],
         "none/parts: no parts there; prepare them first with --part K/N",
     ),
+    # round six: prepare's modes refuse the options they would ignore
+    (
+        "prepare --merge with options it does not take",
+        prepare,
+        lambda c: ["--out", str(c.tmp / "p"), "--merge", "--input", "x.jsonl", "--val-fraction", "0.2"],
+        "--merge: does not take --input, --val-fraction; it takes only --out",
+    ),
+    (
+        "prepare --part with --vocab-size",
+        prepare,
+        lambda c: ["--input", "builtin:pydoc", "--out", str(c.tmp / "p"), "--part", "0/2", "--vocab-size", "600"],
+        "--part: does not take --vocab-size; it takes only --out, --input, --tokenizer,",
+    ),
 ]
 
 
@@ -1577,6 +1590,8 @@ def parts_case(
         )
     if damage:
         damage(out)
+    if "--merge" in args:  # which takes --out alone
+        return ["--out", str(out), *args]
     return ["--input", docs, "--out", str(out), "--tokenizer", tokenizer, *args]
 
 

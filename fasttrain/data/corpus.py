@@ -13,7 +13,9 @@ corpus:
 A plain text file is one document. Documents are streamed as `Piece`s of at most
 about `CHUNK_BYTES`, cut at line ends, so a multi-GB file is never read whole.
 Invalid UTF-8 is replaced with U+FFFD and counted, not fatal: real corpora have
-a few bad bytes and refusing the whole file would help nobody. A Parquet file is
+a few bad bytes and refusing the whole file would help nobody. So is a lone
+surrogate, the other text no UTF-8 can carry (a JSON escape such as \\ud800,
+common in web crawls), whatever the source (`Piece.of`). A Parquet file is
 read PARQUET_BATCH_ROWS rows of one column at a time, row group after row group,
 through a buffer of CHUNK_BYTES, so its size does not matter either.
 """
@@ -24,6 +26,7 @@ import ast
 import glob
 import json
 import os
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,15 +40,34 @@ BUILTINS = ("pydoc", "docstrings")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl", ".parquet")  # what a directory contributes
 CHUNK_BYTES = 1 << 20
 PARQUET_BATCH_ROWS = 1024  # rows decoded at once: bounded memory even in a file of one huge row group
+# Any surrogate code point in a str: UTF-8 encodes none (json.loads joins an escaped pair into the character it means).
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
 class Piece:
-    """Part of a document: `text`, whether the document ends with it, and how many invalid UTF-8 sequences it replaced."""
+    """Part of a document: `text`, whether the document ends with it, and how much text it replaced (invalid UTF-8
+    sequences and lone surrogates, each by one U+FFFD)."""
 
     text: str
     ends_document: bool
     replaced: int = 0
+
+    @classmethod
+    def of(cls, data: bytes | str, ends_document: bool, replaced: int = 0) -> Piece:
+        """`data` as a piece of text UTF-8 can carry, which every tokenizer encodes: invalid UTF-8 in bytes, or lone
+        surrogates in a str (a JSON escape such as \\ud800), replaced with U+FFFD and counted on top of `replaced`.
+        Every source's text comes through here."""
+        if isinstance(data, bytes):
+            text = data.decode("utf-8", errors="replace")
+            # Each invalid sequence became one U+FFFD; genuine U+FFFD characters are
+            # exactly the bytes EF BF BD, so the difference counts the damage.
+            found = text.count("\ufffd") - data.count(b"\xef\xbf\xbd") if "\ufffd" in text else 0
+        elif data.isascii():  # most text, at no cost: the search below reads about 450 MB/s
+            text, found = data, 0
+        else:
+            text, found = _LONE_SURROGATE.subn("\ufffd", data)
+        return cls(text, ends_document, replaced + found)
 
 
 @dataclass
@@ -64,21 +86,13 @@ class Source:
         """The source's pieces; of a JSONL file, only the lines that start in bytes [start, end)."""
         if self.name.startswith(BUILTIN_PREFIX):
             for doc in _builtin_documents(self.name[len(BUILTIN_PREFIX) :]):
-                yield Piece(doc, True)
+                yield Piece.of(doc, True)  # a docstring can hold a surrogate escape
         elif self.name.endswith(".jsonl"):
             yield from self._jsonl_pieces(text_field, start, end)
         elif self.name.endswith(".parquet"):
             yield from self._parquet_pieces(text_field)
         else:
             yield from self._text_pieces()
-
-    @staticmethod
-    def _piece(data: bytes, ends_document: bool) -> Piece:
-        text = data.decode("utf-8", errors="replace")
-        # Each invalid sequence became one U+FFFD; genuine U+FFFD characters are
-        # exactly the bytes EF BF BD, so the difference counts the damage.
-        replaced = text.count("\ufffd") - data.count(b"\xef\xbf\xbd") if "\ufffd" in text else 0
-        return Piece(text, ends_document, replaced)
 
     def _text_pieces(self) -> Iterator[Piece]:
         with _open(self.name) as f:
@@ -87,11 +101,11 @@ class Source:
                 block = f.read(CHUNK_BYTES)
                 data = carry + block
                 if not block:
-                    yield self._piece(data, True)
+                    yield Piece.of(data, True)
                     return
                 cut = _line_cut(data)
                 carry = data[cut:]
-                yield self._piece(data[:cut], False)
+                yield Piece.of(data[:cut], False)
 
     def _jsonl_pieces(self, text_field: str, start: int, end: int | None) -> Iterator[Piece]:
         with _open(self.name) as f:
@@ -109,7 +123,7 @@ class Source:
                 pos += len(line)
                 if not line.strip():
                     continue
-                piece = self._piece(line, True)
+                piece = Piece.of(line, True)
                 try:
                     record = json.loads(piece.text)
                 except json.JSONDecodeError as e:
@@ -119,7 +133,7 @@ class Source:
                 if not isinstance(record[text_field], str):
                     kind = type(record[text_field]).__name__
                     raise UsageError(f"{where}: field {text_field!r} is {kind}, expected a string")
-                yield Piece(record[text_field], True, piece.replaced)
+                yield Piece.of(record[text_field], True, piece.replaced)
 
     def _parquet_pieces(self, text_field: str) -> Iterator[Piece]:
         import pyarrow as pa
@@ -135,6 +149,9 @@ class Source:
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
             raise UsageError(f"{self.name}: column {text_field!r} is {kind}, expected strings")
         batches = f.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field])
+        # Read as bytes, decoded here: a file written by another tool can hold invalid UTF-8, which pyarrow's own
+        # decoding raises on (a UnicodeDecodeError) where a text file's is replaced and counted.
+        as_bytes = pa.large_binary() if pa.types.is_large_string(kind) else pa.binary()
         while True:
             try:  # a footer can be whole while a column chunk is damaged: found only when it is read
                 batch = next(batches, None)
@@ -142,8 +159,8 @@ class Source:
                 raise UsageError(f"{self.name}: damaged Parquet data ({str(e).splitlines()[0]})") from None
             if batch is None:
                 return
-            for text in batch.column(0).to_pylist():
-                yield Piece(text or "", True)  # a null is an empty document, which adds nothing
+            for data in batch.column(0).cast(as_bytes).to_pylist():
+                yield Piece.of(data or b"", True)  # a null is an empty document, which adds nothing
 
 
 def _parquet_file(path: str):

@@ -137,6 +137,7 @@ def learn_tokenizer(
         print(
             f"learned a BPE of {tokenizer.vocab_size} tokens from {sample.chars:,} characters of "
             f"{sample.documents:,} documents in {sample.files} files -> {parts / LEARNED}"
+            + prep.runs_cut(sample.describe())
         )
     return parts / LEARNED
 

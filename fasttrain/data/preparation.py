@@ -35,7 +35,7 @@ from typing import Any, Sequence
 from fasttrain.data.corpus import resolve_inputs
 from fasttrain.data.pipeline import write_shards
 from fasttrain.data.shards import token_dtype
-from fasttrain.data.split import Sample, all_pieces, plan_split, split_documents, tokenizer_sample
+from fasttrain.data.split import LONGEST_RUN, Sample, all_pieces, plan_split, split_documents, tokenizer_sample
 from fasttrain.data.tokenizer import Tokenizer, fingerprint
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
@@ -230,7 +230,8 @@ def report(meta: dict, tokenizer: Tokenizer, out: Path) -> None:
         f"prepared {counts['train']:,} train + {counts['val']:,} val tokens "
         f"({meta['documents']['train']:,} + {meta['documents']['val']:,} documents, vocab {tokenizer.vocab_size}) "
         f"in {seconds:.1f}s, {n / max(seconds, 1e-9):,.0f} tokens/s -> {out}"
-        + (f"; replaced {replaced} invalid UTF-8 sequences" if replaced else "")
+        + (f"; replaced {replaced:,} invalid UTF-8 sequences or lone surrogates with U+FFFD" if replaced else "")
+        + runs_cut(meta["tokenizer_learned_from"])
     )
     # Like invalid UTF-8, counted; unlike it, the text is gone, not one character. (Only a tokenizer with an
     # unknown token makes unknown tokens.)
@@ -242,17 +243,30 @@ def report(meta: dict, tokenizer: Tokenizer, out: Path) -> None:
         )
 
 
+def runs_cut(learned_from: dict | None) -> str:
+    """What the summary line says of the long runs cut from the tokenizer's sample (split.learning_pieces): nothing
+    when none were (or the tokenizer was given, or learned before runs were cut)."""
+    cut = (learned_from or {}).get("long_runs_cut", 0)
+    if not cut:
+        return ""
+    return (
+        f"; cut {cut:,} run{'s' if cut > 1 else ''} of over {LONGEST_RUN} characters (of whitespace, or without any) "
+        "into pieces to learn the tokenizer; the shards hold the text whole"
+    )
+
+
 def default_workers() -> int:
     """Encoding threads when --workers is not given: the cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def corpus_sample(sources: Sequence, text_field: str, chars: int = 200_000) -> list[str]:
-    """The first `chars` or so of the corpus, the pieces the encoder check compares ids on."""
+    """The first `chars` of the corpus, the pieces the encoder check compares ids on (the last one cut short: one
+    document of megabytes would otherwise be encoded twice over before the first shard is written)."""
     taken, total = [], 0
     for piece in islice(all_pieces(sources, text_field), 1000):
-        taken.append(piece.text)
-        total += len(piece.text)
+        taken.append(piece.text[: chars - total])
+        total += len(taken[-1])
         if total >= chars:
             break
     return taken
