@@ -36,6 +36,15 @@ def assert_matches(
     torch.testing.assert_close(ours.double(), reference, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
 
 
+def assert_fp32_sums_close(ours: torch.Tensor, theirs: torch.Tensor, what: str = "", rtol: float = 1e-6) -> None:
+    """Two fp32 results of the same sums taken in another order (another kernel, batching or CPU instruction
+    set: oneDNN and ATen sum in other orders on AMX, AVX-512 and AVX2 machines) agree within `rtol`, and
+    absolutely within 1e-6 of the largest |theirs|: an element near zero is the difference of larger terms and
+    keeps their rounding (some ulp of the largest, 1.2e-7 each), not an ulp of its own small size."""
+    scale = theirs.abs().max().item() or 1.0
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=1e-6 * scale, msg=lambda m: f"{what}: {m}")
+
+
 def random_targets(n: int, vocab: int, ignore_every: int, device, ignore_index: int = -100) -> torch.Tensor:
     """n targets in [0, vocab), every `ignore_every`-th (from a random offset) set to ignore_index; 0 = none."""
     target = torch.randint(0, vocab, (n,), device=device)
