@@ -1,5 +1,5 @@
 """The prose: every relative link and anchor in README.md, CHANGELOG.md and docs/ resolves (a file that exists, a
-heading that exists, as GitHub renders them)."""
+heading that exists, as GitHub renders them), and the README's two test commands sit where .ci/run reads them."""
 
 from __future__ import annotations
 
@@ -69,3 +69,22 @@ def test_the_anchor_rule_follows_github():
     page = ROOT / "docs" / "checkpoints.md"
     assert "faults" in anchors(page)
     assert anchors(ROOT / "README.md") >= {"quickstart", "status"}
+
+
+def ci_command(readme: str, marker: str) -> list[str]:
+    """The marker's line and the three after it: .ci/run runs the third line after the marker
+    (`grep -A2 "<!-- ci: X -->" README.md | sed -n 3p`), so they must be the marker, a bash fence, the command
+    and the fence's end."""
+    lines = readme.splitlines()
+    found = [i for i, line in enumerate(lines) if f"<!-- ci: {marker} -->" in line]
+    assert len(found) == 1, f"README.md: {len(found)} lines hold <!-- ci: {marker} -->, .ci/run needs exactly one"
+    return lines[found[0] : found[0] + 4]
+
+
+@pytest.mark.parametrize("marker", ["test command", "second tier"])
+def test_the_ci_commands_follow_their_markers(marker):
+    marker_line, fence, command, end = ci_command((ROOT / "README.md").read_text(encoding="utf-8"), marker)
+    assert marker_line.strip() == f"<!-- ci: {marker} -->"
+    assert fence == "```bash" and end == "```", f"<!-- ci: {marker} --> must be followed by a bash fence"
+    assert "pytest -n auto --dist loadfile" in command
+    assert ("--second-tier" in command) == (marker == "second tier")
