@@ -39,10 +39,10 @@ from typing import Callable, Iterator
 
 import torch
 
+from fasttrain.checkpoints import checksums, sharded_files
 from fasttrain.config import ModelConfig
 from fasttrain.model.transformer import Transformer
 from fasttrain.system.atomic import write_atomically
-from fasttrain.training import checksums, sharded_files
 
 SHAPES = {
     "~150M (d_model 1024, 12 layers)": ModelConfig(

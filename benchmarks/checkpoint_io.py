@@ -173,7 +173,7 @@ def main() -> None:
     if args.worker:
         worker(*args.worker)
         return
-    from fasttrain.data.preparation import prepare
+    from fasttrain.preparation.preparation import prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         data, run, result = f"{tmp}/data", f"{tmp}/run", f"{tmp}/rows.jsonl"

@@ -229,7 +229,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="copy a failed trial's stdout and stderr into this folder")
     args = parser.parse_args()
     load_before = os.getloadavg()
-    from fasttrain.data.preparation import prepare
+    from fasttrain.preparation.preparation import prepare
 
     with tempfile.TemporaryDirectory(prefix="fasttrain-elastic-") as tmp:
         data = Path(tmp) / "data"

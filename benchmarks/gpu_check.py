@@ -486,7 +486,7 @@ def late_recompiles(output: str) -> tuple[list[str], list[str]]:
 
 def train_stage(ctx: Context) -> Stage:
     from benchmarks.bench_train_step import KERNELS
-    from fasttrain.training import saves
+    from fasttrain.checkpoints import saves
 
     stage = Stage()
     every = KERNELS["kernels-on"]

@@ -1,5 +1,5 @@
 """Task-scoring speed on the CPU: one local lm-eval task through fasttrain's model (`--model fasttrain`,
-fasttrain/training/harness.py) and through lm-eval's own Hugging Face model (`hf`) on the same weights exported
+fasttrain/evaluation/harness.py) and through lm-eval's own Hugging Face model (`hf`) on the same weights exported
 with `export --hf`, both fp32.
 
     python -m benchmarks.lm_eval_speed [--out benchmarks/results/cpu-lm-eval-DATE.json] [--rounds 2]
@@ -31,9 +31,9 @@ import torch  # noqa: E402
 
 from fasttrain import Trainer  # noqa: E402
 from fasttrain.config import load_config  # noqa: E402
-from fasttrain.data.preparation import prepare  # noqa: E402
+from fasttrain.evaluation.trained_model import load_trained  # noqa: E402
 from fasttrain.export import export  # noqa: E402
-from fasttrain.training.trained_model import load_trained  # noqa: E402
+from fasttrain.preparation.preparation import prepare  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.toml"
 
@@ -41,7 +41,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.toml"
 def write_tasks(folder: Path) -> list[str]:
     from pydoc_data.topics import topics
 
-    from fasttrain.training.harness import write_local_task
+    from fasttrain.evaluation.harness import write_local_task
 
     texts = [" ".join(t.split()) for t in topics.values() if len(t) > 3000]
     questions = [
@@ -67,7 +67,7 @@ def main() -> None:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from fasttrain.training.harness import LM_EVAL_VERSION, FasttrainLM
+    from fasttrain.evaluation.harness import LM_EVAL_VERSION, FasttrainLM
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="lm-eval-speed-") as tmp:

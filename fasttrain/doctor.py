@@ -5,7 +5,7 @@
 Builds the run exactly as `python -m fasttrain.train` would start it (config, data, model,
 optimizer; with model.init_from, that model's weights, refused as train refuses them),
 reads every token of both splits (an id beyond the vocabulary is bad input, whatever the
-shard headers say), then runs the checks of fasttrain/training/diagnosis.py on one
+shard headers say), then runs the checks of fasttrain/evaluation/diagnosis.py on one
 training batch.
 
 Each check prints PASS or FAIL and what it measured; a failure also says what to
@@ -19,8 +19,8 @@ from typing import Sequence
 
 from fasttrain.config import add_config_arguments, config_from_args
 from fasttrain.data.shards import check_ids, find_shards
+from fasttrain.evaluation.diagnosis import diagnose, report
 from fasttrain.system.errors import ArgumentParser, run_cli
-from fasttrain.training.diagnosis import diagnose, report
 from fasttrain.training.trainer import Trainer
 
 

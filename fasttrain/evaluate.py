@@ -10,14 +10,14 @@ directories, JSONL, builtin:NAME): the text is tokenized with the run's tokenize
 way prepare does it (an end-of-text token before each document) into a temporary
 directory, and scored there. --split val scores the run's own prepared val split.
 
-Scoring is the trainer's validation (fasttrain/training/validation.py, validate) in one pass over every row,
+Scoring is the trainer's validation (fasttrain/evaluation/validation.py, validate) in one pass over every row,
 as the run batches them ([data] batching, train.seq_len), the last batch part-full and
 each shard's short last window included: the loss is the mean over every target, and
 bits per byte is that loss, in bits, times the text's tokens per UTF-8 byte. With
 --split val this is the trainer's val_bpb whenever its evaluation covered the whole
 split (train.eval_steps large enough).
 
---tasks runs lm-eval's tasks (the `eval` extra; fasttrain/training/harness.py) and prints a table of
+--tasks runs lm-eval's tasks (the `eval` extra; fasttrain/evaluation/harness.py) and prints a table of
 their scores; they also go to the run's metrics.jsonl as an `eval_tasks` event with the step scored,
 and with --output to a JSON file. --include-path adds a folder of one's own task YAML files.
 """
@@ -35,19 +35,25 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from fasttrain.checkpoints import saves
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import normalized, source_names
-from fasttrain.data.preparation import prepare
 from fasttrain.data.prepared_folder import open_prepared
+from fasttrain.evaluation.trained_model import (
+    Trained,
+    inference_device,
+    inference_precision,
+    load_trained,
+    run_directory,
+)
+from fasttrain.evaluation.validation import mixture_metrics, validate
+from fasttrain.preparation.preparation import prepare
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.distributed import World
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.system.run_lock import locked
-from fasttrain.training import saves
 from fasttrain.training.metrics import MetricsLog
 from fasttrain.training.objective import NextTokenLoss, batch_loss
-from fasttrain.training.trained_model import Trained, inference_device, inference_precision, load_trained, run_directory
-from fasttrain.training.validation import mixture_metrics, validate
 
 if TYPE_CHECKING:  # lm-eval is the optional eval extra
     from lm_eval.tasks import TaskManager
@@ -160,7 +166,7 @@ def score_tasks(
     """Run `tasks` through lm-eval (`index`: harness.task_index's, which found them); print the table, log an
     eval_tasks event in the run's metrics.jsonl (when `trained` came from a run), write `output`; returns the
     scores."""
-    harness = importlib.import_module("fasttrain.training.harness")
+    harness = importlib.import_module("fasttrain.evaluation.harness")
     results = harness.run_tasks(trained, tasks, num_fewshot, limit, batch_size=batch_size, index=index)
     scores = harness.task_scores(results)
     run, step = scored_step(trained.source)
@@ -243,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError("--tasks: no task named")
     index = None
     if tasks:  # lm-eval missing, a task it cannot find or cannot run: one line before the model loads
-        harness = importlib.import_module("fasttrain.training.harness")
+        harness = importlib.import_module("fasttrain.evaluation.harness")
         index = harness.task_index(tasks, args.include_path, args.num_fewshot)
     device = inference_device(args.device)
     trained = load_trained(args.source, device)

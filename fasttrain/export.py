@@ -13,9 +13,9 @@ from typing import Sequence
 
 import torch
 
+from fasttrain.evaluation.trained_model import load_model, run_directory, tokenizer_file
 from fasttrain.model.weights import DTYPE_NAMES, export_weights
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
-from fasttrain.training.trained_model import load_model, run_directory, tokenizer_file
 
 
 def export(
@@ -26,7 +26,7 @@ def export(
 ) -> list[Path]:
     """Export the weights `source` names into `out_dir`: a run directory (its final/ weights, else its latest
     checkpoint), RUN/final, a checkpoints/ directory or its `latest`, or a checkpoint file, as sample and
-    evaluate take them (fasttrain/training/trained_model.py).
+    evaluate take them (fasttrain/evaluation/trained_model.py).
 
     `out_dir` defaults to `export` (or `export-hf`) in the run directory, links resolved. The tokenizer copied is
     the one the model trained with (trained_model.tokenizer_file), not the data folder's current one.

@@ -7,7 +7,7 @@ Everything after the module name is lm-eval's (lm-eval 0.4.x: run, ls, validate,
 subcommand). It is here because `lm_eval --model fasttrain` itself cannot work: lm-eval 0.4.13 finds models in
 a fixed table of its own (lm_eval/models/__init__.py) and reads no plugin entry points, so a model from another
 package exists for lm-eval only once that package has been imported, which this module does
-(fasttrain/training/harness.py registers `fasttrain`) before handing over to lm-eval's command line.
+(fasttrain/evaluation/harness.py registers `fasttrain`) before handing over to lm-eval's command line.
 `fasttrain evaluate RUN --tasks ...` gives the same scores through fasttrain's own command line.
 """
 
@@ -21,7 +21,7 @@ from fasttrain.system.errors import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    importlib.import_module("fasttrain.training.harness")  # registers the model; one line if lm-eval is missing
+    importlib.import_module("fasttrain.evaluation.harness")  # registers the model; one line if lm-eval is missing
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]  # lm-eval's parser reads sys.argv

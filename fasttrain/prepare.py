@@ -4,7 +4,7 @@
         [--vocab-size N | --tokenizer FILE|DIR] [--val-fraction F] [--overwrite] [--workers N]
 
 On many machines: --learn-tokenizer-only once (unless --tokenizer is given), --part K/N on each, then
---merge once. The command line of fasttrain/data/preparation.py and fasttrain/data/parts.py, which say
+--merge once. The command line of fasttrain/preparation/preparation.py and fasttrain/preparation/parts.py, which say
 what is written and how.
 """
 
@@ -14,8 +14,8 @@ import argparse
 from typing import Sequence
 
 from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB
-from fasttrain.data.parts import learn_tokenizer, merge, parse_part, prepare_part
-from fasttrain.data.preparation import prepare
+from fasttrain.preparation.parts import learn_tokenizer, merge, parse_part, prepare_part
+from fasttrain.preparation.preparation import prepare
 from fasttrain.system.errors import ArgumentParser, run_cli
 
 # The options besides --out that --merge, --learn-tokenizer-only and --part each take (a plain prepare takes all).

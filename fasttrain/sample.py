@@ -3,7 +3,7 @@
     python -m fasttrain.sample RUN_DIR|WEIGHTS_DIR|CHECKPOINT [--prompt TEXT | --prompt-file FILE]
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--num-samples N] [--seed S] [--device D]
 
-A run directory means its final/ weights, else its latest checkpoint (see fasttrain/training/trained_model.py).
+A run directory means its final/ weights, else its latest checkpoint (see fasttrain/evaluation/trained_model.py).
 `--prompt -` reads the prompt from stdin; without a prompt the run's train.sample_prompt
 is used. Generation uses the model's KV cache (fasttrain.model.generation.stream); past the
 model's context it keeps the last half of the context and goes on.
@@ -18,11 +18,11 @@ from typing import Sequence
 import torch
 
 from fasttrain.config import MAX_PROMPT_CHARS, MAX_SEED
+from fasttrain.evaluation.trained_model import inference_device, inference_precision, load_trained
 from fasttrain.model.generation import GREEDY_BELOW, generate_text
 from fasttrain.system.atomic import read_regular
 from fasttrain.system.device import autocast
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
-from fasttrain.training.trained_model import inference_device, inference_precision, load_trained
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str | None:

@@ -24,19 +24,19 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
+from fasttrain.checkpoints.checkpoint_files import resolve
+from fasttrain.checkpoints.run_directory import REPLACED, put_back_replaced
+from fasttrain.checkpoints.saves import saved_steps
 from fasttrain.config import Config, add_config_arguments, config_from_args, config_overrides, shipped
 from fasttrain.evaluate import score_tasks
+from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.system import distributed
 from fasttrain.system.device import use_device
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
-from fasttrain.training.checkpoint_files import resolve
 from fasttrain.training.launch import check_start
 from fasttrain.training.measure import measure, measure_line
 from fasttrain.training.plan import plan_run
 from fasttrain.training.plan_table import plan_table
-from fasttrain.training.run_directory import REPLACED, put_back_replaced
-from fasttrain.training.saves import saved_steps
-from fasttrain.training.trained_model import load_trained
 from fasttrain.training.trainer import Interrupted, Trainer, start_run
 
 AUTO_OR_NEW = "auto-or-new"  # --resume auto, or a new run while train.out_dir has no checkpoint
@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"config: {args.config} (shipped, {config_file})")
     index = harness = None
     if cfg.eval.tasks:  # lm-eval missing, an include path or a task it cannot find: said now, not after the run
-        harness = importlib.import_module("fasttrain.training.harness")
+        harness = importlib.import_module("fasttrain.evaluation.harness")
         index = harness.task_index(
             cfg.eval.tasks,
             cfg.eval.include_path or None,

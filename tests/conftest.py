@@ -30,8 +30,8 @@ if _workers:
 import kernels._backend  # noqa: E402  (after the environment is set)
 import kernels._multi_tensor  # noqa: E402
 from fasttrain.config import Config, load_config
-from fasttrain.data.preparation import prepare
 from fasttrain.data.shards import ShardWriter
+from fasttrain.preparation.preparation import prepare
 
 
 def pytest_addoption(parser) -> None:

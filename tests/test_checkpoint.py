@@ -22,10 +22,11 @@ import pytest
 import torch
 
 from fasttrain import Trainer, train
+from fasttrain.checkpoints import checkpoint_files, saves
 from fasttrain.config import load_config
 from fasttrain.plot import read_metrics
 from fasttrain.system.errors import RunStopped, UsageError, run_cli
-from fasttrain.training import checkpoint_files, metrics, saves
+from fasttrain.training import metrics
 from fasttrain.training.policies import Recovery
 from fasttrain.training.trainer import Interrupted
 from tests.conftest import tiny_args, tiny_config

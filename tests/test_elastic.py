@@ -22,11 +22,11 @@ import torch.distributed as dist
 
 from benchmarks.elastic_restarts import trial, workers
 from fasttrain import train
+from fasttrain.checkpoints.checkpoint_files import resolve
 from fasttrain.model.weights import read_safetensors
 from fasttrain.plot import latest_run, read_metrics
 from fasttrain.system import distributed
 from fasttrain.system.distributed import World
-from fasttrain.training.checkpoint_files import resolve
 from tests.conftest import tiny_args
 from tests.test_checkpoint import run_cli_code
 from tests.test_distributed import ENV, ROOT, torchrun

@@ -9,10 +9,10 @@ import pytest
 import tokenizers
 from tokenizers import models, normalizers, pre_tokenizers
 
-import fasttrain.data.pipeline as pipeline
-import fasttrain.data.preparation as preparation
-from fasttrain.data.encoder import PROBES, Inexpressible, choose_encoder, fast_encoder, slow_encoder
-from fasttrain.data.tokenizer import EOT, Tokenizer
+import fasttrain.preparation.pipeline as pipeline
+import fasttrain.preparation.preparation as preparation
+from fasttrain.preparation.encoder import PROBES, Inexpressible, choose_encoder, fast_encoder, slow_encoder
+from fasttrain.preparation.tokenizer import EOT, Tokenizer
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -153,7 +153,7 @@ def test_a_token_its_own_merges_do_not_make_falls_back(learned):
 
 
 def test_a_sample_that_disagrees_falls_back(learned, monkeypatch):
-    import fasttrain.data.encoder as encoder
+    import fasttrain.preparation.encoder as encoder
 
     real = encoder.fast_encoder
     monkeypatch.setattr(encoder, "fast_encoder", lambda tok: lambda texts: [a[::-1] for a in real(tok)(texts)])
@@ -165,7 +165,7 @@ def test_shards_are_the_same_whichever_encoder_runs(tmp_path, monkeypatch):
     docs = [*ADVERSARIAL, *(f"document {i}: " + "ünïcode words, digits 12345 " * (i % 13) for i in range(60))]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     fast = prepare_into(tmp_path / "fast", tmp_path / "docs.jsonl")
-    import fasttrain.data.encoder as encoder
+    import fasttrain.preparation.encoder as encoder
 
     monkeypatch.setattr(pipeline, "choose_encoder", lambda tok, sample: (encoder.slow_encoder(tok), "tokenizers", None))
     slow = prepare_into(tmp_path / "slow", tmp_path / "docs.jsonl")

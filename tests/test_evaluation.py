@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from fasttrain.config import ModelConfig
 from fasttrain.data.documents import IGNORE_INDEX
 from fasttrain.data.loader import TokenLoader
+from fasttrain.evaluation.validation import validate
 from fasttrain.model.transformer import Transformer
 from fasttrain.system.distributed import World
 from fasttrain.system.errors import UsageError
 from fasttrain.training.objective import NextTokenLoss
-from fasttrain.training.validation import validate
 from tests.conftest import write_shard
 
 EOT, VOCAB, T, B = 0, 97, 16, 4

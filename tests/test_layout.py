@@ -1,8 +1,10 @@
 """The tree is the architecture: each layer imports only the layers below it, no two modules in a folder
 differ only by a suffix, and every module says what it is (README.md, Layout).
 
-Layers, lowest first: system/errors and system/atomic -> config -> the rest of system/ -> data/ -> model/
--> training/ -> the commands and the package itself. kernels/ stands alone and never imports fasttrain.
+Layers, lowest first: system/errors and system/atomic -> config -> the rest of system/ -> data/ and
+preparation/ -> model/ -> the run (training/, checkpoints/, evaluation/) -> the commands and the package itself.
+kernels/ stands alone and never imports fasttrain. No folder holds more than MAX_MODULES modules, and each
+package's __init__ names its modules in reading order.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import ast
 import itertools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +37,8 @@ def layer(module: str) -> int:
         return 0
     if module == "fasttrain.config" or module.startswith("fasttrain.config."):
         return 1
-    for rank, package in enumerate(("system", "data", "model", "training"), start=2):
+    layers = {"system": 2, "data": 3, "preparation": 3, "model": 4, "training": 5, "checkpoints": 5, "evaluation": 5}
+    for package, rank in layers.items():
         if module.startswith(f"fasttrain.{package}.") or module == f"fasttrain.{package}":
             return rank
     return 6  # the commands and fasttrain/__init__.py
@@ -146,3 +150,22 @@ def test_another_package_named_kernels_is_refused_in_one_line(tmp_path):
         timeout=120,
     )
     assert alone.returncode == 0, alone.stderr
+
+
+MAX_MODULES = 15  # a folder a reader can hold in their head; the next concept gets a folder of its own
+FOLDERS = sorted({p.parent for p in MODULES.values()})
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_folder_holds_more_than_fifteen_modules(folder):
+    names = [p.stem for p in folder.glob("*.py") if p.stem != "__init__"]
+    assert len(names) <= MAX_MODULES, f"{folder.relative_to(ROOT)}: {len(names)} modules"
+
+
+@pytest.mark.parametrize(
+    "folder", [f for f in FOLDERS if f.parent.name == "fasttrain"], ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_each_package_names_its_modules_in_its_opening_lines(folder):
+    opening = ast.get_docstring(ast.parse((folder / "__init__.py").read_text())) or ""
+    unnamed = [p.stem for p in folder.glob("*.py") if p.stem != "__init__" and not re.search(rf"\b{p.stem}\b", opening)]
+    assert not unnamed, f"{folder.relative_to(ROOT)}/__init__.py does not name {unnamed}"

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness tasks on a fasttrain run (fasttrain/training/harness.py, `evaluate --tasks`), cross-checked
+"""lm-evaluation-harness tasks on a fasttrain run (fasttrain/evaluation/harness.py, `evaluate --tasks`), cross-checked
 sample by sample against lm-eval's own Hugging Face model (`hf`) on the run's `export --hf` weights.
 
 Nothing is downloaded: the tasks are YAML files over JSONL files written here, read with HF_DATASETS_OFFLINE=1
@@ -20,9 +20,9 @@ import torch
 from fasttrain import Trainer
 from fasttrain import evaluate as evaluate_cli
 from fasttrain.config import load_config
+from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.export import export
 from fasttrain.system.errors import run_cli
-from fasttrain.training.trained_model import load_trained
 from tests.conftest import tiny_args, tiny_config, tiny_overrides
 
 # Before lm-eval imports `datasets`, which reads these once: local JSON files only, never the Hub.
@@ -41,7 +41,7 @@ def with_lm_eval(args: list[str]) -> list[str]:
 def lm_eval_or_skip():
     pytest.importorskip("transformers")
     pytest.importorskip("lm_eval")
-    from fasttrain.training import harness
+    from fasttrain.evaluation import harness
 
     return harness
 
@@ -96,7 +96,7 @@ def write_tasks(folder: Path) -> Path:
 def wordlevel_data(folder: Path) -> list[str]:
     """--set items of a tiny run on five words prepared with a WordLevel tokenizer of those words and no unknown
     token in its vocabulary, and a local task (tiny_words, in folder/tasks) of words outside it."""
-    from fasttrain.data.preparation import prepare
+    from fasttrain.preparation.preparation import prepare
 
     words = ["the", "cat", "sat", "on", "mat"]
     tokenizer = {
@@ -339,7 +339,7 @@ def test_lm_eval_missing_or_of_another_version_is_one_line(run, monkeypatch, cap
         return version
 
     monkeypatch.setattr(metadata, "version", installed)
-    monkeypatch.delitem(sys.modules, "fasttrain.training.harness", raising=False)  # import it again, checked
+    monkeypatch.delitem(sys.modules, "fasttrain.evaluation.harness", raising=False)  # import it again, checked
     before = (run / "metrics.jsonl").read_bytes()
     with pytest.raises(SystemExit) as exit_:
         run_cli(evaluate_cli.main, [str(run), "--tasks", "hellaswag"])
@@ -364,7 +364,7 @@ def test_text_read_as_the_unknown_token_is_scored_with_one_note(run, capsys):
 
     import tokenizers
 
-    from fasttrain.data.tokenizer import Tokenizer
+    from fasttrain.preparation.tokenizer import Tokenizer
 
     harness = lm_eval_or_skip()
     vocab = {"the": 0, "cat": 1, "[UNK]": 2, "</s>": 3}

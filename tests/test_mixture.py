@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from fasttrain.checkpoints import checkpoint_files, saves
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import Blend
 from fasttrain.model.weights import read_safetensors
 from fasttrain.plot import plot_run, read_metrics
 from fasttrain.system.errors import UsageError
-from fasttrain.training import checkpoint_files, saves
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_config, tiny_overrides
 from tests.test_distributed import single, torchrun, values

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fasttrain.data.corpus as corpus
+import fasttrain.preparation.corpus as corpus
 from fasttrain.config import DataConfig, load_config, resolve, save_config
-from fasttrain.data.cache import ensure_prepared
-from fasttrain.data.preparation import prepare
 from fasttrain.data.shards import HEADER_BYTES, MAGIC, VERSION, ShardWriter, read_header
-from fasttrain.data.split import document_hash
-from fasttrain.data.tokenizer import EOT, Tokenizer
+from fasttrain.preparation.cache import ensure_prepared
+from fasttrain.preparation.preparation import prepare
+from fasttrain.preparation.split import document_hash
+from fasttrain.preparation.tokenizer import EOT, Tokenizer
 from fasttrain.prepare import main
 from fasttrain.system.errors import UsageError
 

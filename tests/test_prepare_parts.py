@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from fasttrain.data.corpus import resolve_inputs
-from fasttrain.data.parts import merge, prepare_part, share
-from fasttrain.data.preparation import prepare
 from fasttrain.data.prepared_folder import open_prepared
-from fasttrain.data.split import Sample, plan_split, tokenizer_sample
+from fasttrain.preparation.corpus import resolve_inputs
+from fasttrain.preparation.parts import merge, prepare_part, share
+from fasttrain.preparation.preparation import prepare
+from fasttrain.preparation.split import Sample, plan_split, tokenizer_sample
 from fasttrain.prepare import main
 from fasttrain.system.errors import UsageError
 from tests.test_prepare import documents_in, shard_tokens

@@ -12,7 +12,7 @@ import pytest
 
 from fasttrain import prepare
 from fasttrain.config import DataConfig
-from fasttrain.data.cache import ensure_prepared
+from fasttrain.preparation.cache import ensure_prepared
 from fasttrain.system.errors import run_cli
 
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from fasttrain import evaluate, export, sample, train
+from fasttrain.checkpoints import checkpoint_files, saves
 from fasttrain.system.errors import run_cli
-from fasttrain.training import checkpoint_files, saves
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_args
 from tests.test_checkpoint import ENDLESS, ROOT, events, run_cli_code, wait_for

@@ -126,7 +126,7 @@ def test_the_replaced_count_is_the_same_for_any_workers_and_summed_over_parts(tm
 
 
 def test_learning_pieces_cut_every_long_run_and_nothing_else():
-    from fasttrain.data.split import LONGEST_RUN, learning_pieces
+    from fasttrain.preparation.split import LONGEST_RUN, learning_pieces
 
     rng = random.Random(0)
     runs = [(" \n\t\u3000" if i % 2 else string.ascii_letters + "=9") for i in range(60)]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fasttrain import evaluate, export, sample
-from fasttrain.data.preparation import prepare
+from fasttrain.preparation.preparation import prepare
 from fasttrain.system.errors import UsageError, run_cli
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_config

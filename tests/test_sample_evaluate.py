@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from fasttrain import evaluate, sample
-from fasttrain.data.corpus import resolve_inputs
-from fasttrain.data.preparation import plan_split, prepare, split_documents
+from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.model.generation import generate_text
+from fasttrain.preparation.corpus import resolve_inputs
+from fasttrain.preparation.preparation import plan_split, prepare, split_documents
 from fasttrain.system.errors import run_cli
-from fasttrain.training.trained_model import load_trained
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_config
 

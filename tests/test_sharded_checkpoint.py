@@ -1,5 +1,5 @@
 """Checkpoints across worlds: a run saved by N processes resumes on M, in any parallel mode, and its data stream
-goes on from the same global batch (fasttrain/data/loader.py's `reshard`, fasttrain/training/checkpoint.py)."""
+goes on from the same global batch (fasttrain/data/loader.py's `reshard`, fasttrain/checkpoints/checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -212,7 +212,7 @@ def test_a_failed_background_write_is_one_line_and_latest_keeps_the_last_complet
 ):
     from concurrent.futures import Future
 
-    from fasttrain.training import sharded_files
+    from fasttrain.checkpoints import sharded_files
     from fasttrain.training.trainer import Trainer
 
     trainer = Trainer(tiny_config(pydoc_data, tmp_path, *SHARDED, "checkpoint.async_save=true"), quiet=True)
@@ -240,7 +240,7 @@ def test_a_rollback_never_goes_to_a_save_whose_background_write_failed(
     and died ("missing"), and step 2's, the way back, was pruned by step 6's save: it goes back to step 2."""
     from concurrent.futures import Future
 
-    from fasttrain.training import sharded_files
+    from fasttrain.checkpoints import sharded_files
     from fasttrain.training.trainer import Trainer
     from tests.test_checkpoint import events, nan_losses, plant
 

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasttrain import Trainer, train_loop
+from fasttrain.checkpoints import saves
 from fasttrain.config import ModelConfig, MuonConfig, OptimConfig, ScheduleConfig, TrainConfig
 from fasttrain.data.documents import IGNORE_INDEX
 from fasttrain.model.transformer import Transformer
 from fasttrain.plot import read_metrics
 from fasttrain.system.errors import UsageError
-from fasttrain.training import saves
 from fasttrain.training.optimizers import Muon, Updater, build_optimizer, param_groups
 from fasttrain.training.schedule import lr_at
 from fasttrain.training.trainer import accumulation_steps

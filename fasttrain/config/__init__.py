@@ -14,7 +14,8 @@ always be reproduced from what it wrote.
 
 The package, lowest first: values.py (the field types, TOML values to and from them), sections.py (the
 dataclasses), rules.py (ranges, agreements, what applies when), loading.py (files, `extends`, `--set`),
-writing.py (back to TOML), prepared.py (completed with the prepared data), arguments.py (the command line).
+writing.py (back to TOML), prepared.py (completed with the prepared data), arguments.py (the command line),
+shipped.py (the configs that ship with fasttrain, found by name).
 Import from here: `from fasttrain.config import Config, load_config`.
 """
 

@@ -1,5 +1,11 @@
-"""The data path, in the order data flows: where documents come from (corpus), the byte-level BPE
-(tokenizer), a corpus tokenized into shards and the cache of prepared data (preparation), the shard
-format and meta.json (shards), the rows a batch is made of in each batching mode (documents), and the
-batches a run trains on (loader; its row order over epochs in sampling, the reading of a batch in reader,
-the read-ahead thread in prefetch, a saved position carried to another world size in resharding)."""
+"""Data: prepared token shards read as the batches a run trains on.
+
+Modules, in reading order: shards (the prepared format: token shards and meta.json), prepared_folder (a
+prepared folder checked as a run reads it), documents (the rows a batch is made of, in each batching mode),
+sampling (which rows a source's batches take, epoch after epoch), mixture (prepared sources mixed by weight),
+reader (reading one batch of one rank's stream), prefetch (batches read ahead on a thread), resharding (a
+saved position carried to another number of processes), loader (`TokenLoader`: the batches, exactly resumable).
+
+They import the layers below (system, config) and, at the same layer, preparation's tokenizer and cache.
+docs/architecture.md has the tour.
+"""

@@ -27,9 +27,9 @@ from typing import Sequence
 import numpy as np
 
 from fasttrain.config import DataConfig, MixChange
-from fasttrain.data.cache import find_prepared
 from fasttrain.data.prepared_folder import PreparedData, open_prepared
-from fasttrain.data.tokenizer import fingerprint
+from fasttrain.preparation.cache import find_prepared
+from fasttrain.preparation.tokenizer import fingerprint
 from fasttrain.system.errors import UsageError
 
 MEMO = 256  # round states kept (up to twice as many) besides the anchor: more than a prefetcher runs ahead

@@ -1,5 +1,5 @@
 """A prepared folder as a run reads it: its meta.json, tokenizer and shard headers checked against each
-other before anything trains on them (`open_prepared`). fasttrain/data/preparation.py makes such folders."""
+other before anything trains on them (`open_prepared`). fasttrain/preparation/preparation.py makes such folders."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fasttrain.data.shards import SPLITS, check_meta, find_shards, read_meta
-from fasttrain.data.tokenizer import Tokenizer, fingerprint
+from fasttrain.preparation.tokenizer import Tokenizer, fingerprint
 from fasttrain.system.errors import UsageError
 
 

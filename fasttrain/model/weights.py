@@ -32,8 +32,8 @@ import tokenizers
 import torch
 
 from fasttrain.config import Config, ModelConfig, load_config, save_config
-from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.model.transformer import Transformer, ffn_hidden_size
+from fasttrain.preparation.tokenizer import Tokenizer
 from fasttrain.system.atomic import read_regular, write_atomically
 from fasttrain.system.errors import UsageError
 

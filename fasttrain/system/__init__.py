@@ -1,3 +1,3 @@
 """The run's system concerns, below everything else: how errors reach the user (errors), atomic writes
-(atomic), the device, precision, kernels and seeds (device), processes under torchrun (distributed),
-one run per directory (run_lock) and stopping on a signal (signals)."""
+(atomic), the device, precision, kernels and seeds (device), the measured kernel dispatch table (kernel_table),
+processes under torchrun (distributed), one run per directory (run_lock) and stopping on a signal (signals)."""

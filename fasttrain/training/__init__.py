@@ -1,3 +1,13 @@
-"""Training: the Trainer and the plain loop, the objective, optimizers and schedule, the policies after
-bad steps, checkpoints, validation, what a run reports (reporting, metrics), its counters (run_state),
-the memory check before a run allocates (preflight), and a trained model loaded back (trained_model)."""
+"""Training: a run of a config, from its plan to its last step.
+
+Modules, in reading order: plan (everything a run decides before it allocates), preflight (its memory
+estimate), plan_table (the plan as --dry-run prints it), trainer (the `Trainer`: assembles a run and takes a
+step), objective (the next-token loss), optimizers (AdamW, Muon, SGD, Adafactor and the clipping), schedule (the
+learning rate), run_loop (the loop between the steps), policies (after a bad step, early stopping), run_state
+(the counters a checkpoint saves), launch (taking up the run directory), reporting and metrics (what a run
+tells: console, metrics.jsonl, TensorBoard, MFU), measure (--dry-run --measure), plain_loop (`train_loop`, for
+code that brings its own model and data).
+
+They import the layers below (system, config, data, model) and, at the same layer, checkpoints and
+evaluation. docs/architecture.md has the tour.
+"""

@@ -11,13 +11,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
+from fasttrain.checkpoints import run_directory
+from fasttrain.checkpoints.checkpoint import Checkpointer
+from fasttrain.checkpoints.run_directory import RunStart
 from fasttrain.config import save_config
 from fasttrain.system import run_lock
-from fasttrain.training import run_directory
-from fasttrain.training.checkpoint import Checkpointer
 from fasttrain.training.metrics import MetricsLog, WandbSink, check_log_writable, import_wandb
 from fasttrain.training.plan import RunPlan
-from fasttrain.training.run_directory import RunStart
 
 
 def check_start(plan: RunPlan, resumed: bool, overwrite: bool) -> None:

@@ -33,14 +33,14 @@ from fasttrain.config import (
     parse_config,
     resolve,
 )
-from fasttrain.data.cache import prepared_dir
 from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Blend, Source, open_sources, phases
-from fasttrain.data.preparation import check_preparable, request_of
 from fasttrain.data.shards import find_shards
-from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
+from fasttrain.preparation.cache import prepared_dir
+from fasttrain.preparation.preparation import check_preparable, request_of
+from fasttrain.preparation.tokenizer import Tokenizer
 from fasttrain.system import distributed
 from fasttrain.system.device import Kernels, check_attention, check_fp8, kernels_on, resolve_train
 from fasttrain.system.errors import UsageError

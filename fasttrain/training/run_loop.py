@@ -16,18 +16,18 @@ from typing import Callable, NamedTuple, Protocol
 
 import torch
 
+from fasttrain.checkpoints.checkpoint import Checkpointer
+from fasttrain.checkpoints.run_directory import RunStart
+from fasttrain.checkpoints.saves import step_of
 from fasttrain.config import Config
 from fasttrain.data.loader import TokenLoader
 from fasttrain.system import distributed
 from fasttrain.system.errors import RunStopped
 from fasttrain.system.signals import SignalCatcher
-from fasttrain.training.checkpoint import Checkpointer
 from fasttrain.training.plan import RunPlan
 from fasttrain.training.policies import EarlyStopping, Recovery, monitor_anew
 from fasttrain.training.reporting import IntervalMeter, Report
-from fasttrain.training.run_directory import RunStart
 from fasttrain.training.run_state import RunState
-from fasttrain.training.saves import step_of
 from fasttrain.training.schedule import Budget
 
 

@@ -38,30 +38,30 @@ from typing import Callable, cast
 
 import torch
 
+from fasttrain.checkpoints import checkpoint_files, run_directory
+from fasttrain.checkpoints.checkpoint import Checkpointer
+from fasttrain.checkpoints.resume import check_not_past_end
 from fasttrain.config import Config
-from fasttrain.data.cache import ensure_prepared
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import Source, kept_mix_notes, replay_mix
 from fasttrain.data.sampling import Sampling
-from fasttrain.data.tokenizer import Tokenizer
+from fasttrain.evaluation.validation import mixture_metrics, validate
 from fasttrain.model.generation import generate_text
 from fasttrain.model.transformer import Transformer
 from fasttrain.model.weights import export_weights, read_hf_llama_weights
+from fasttrain.preparation.cache import ensure_prepared
+from fasttrain.preparation.tokenizer import Tokenizer
 from fasttrain.system import distributed
 from fasttrain.system.device import autocast, compile_options, seed_everything, use_attention, use_device
-from fasttrain.training import checkpoint_files, run_directory
-from fasttrain.training.checkpoint import Checkpointer
 from fasttrain.training.launch import check_start, opened
 from fasttrain.training.objective import LossSums, NextTokenLoss, batch_loss, counted_targets
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.plan import RunPlan, accumulation_steps, plan_run  # noqa: F401 (accumulation_steps: kept for the Python API)
 from fasttrain.training.policies import monitor_anew
 from fasttrain.training.reporting import Report, run_summary
-from fasttrain.training.resume import check_not_past_end
 from fasttrain.training.run_loop import Interrupted, Loop, StepResult  # noqa: F401 (Interrupted: what train() raises)
 from fasttrain.training.run_state import RunState
 from fasttrain.training.schedule import Budget, next_update, schedule_change
-from fasttrain.training.validation import mixture_metrics, validate
 
 
 def start_run(cfg: Config, quiet: bool = False) -> RunPlan:

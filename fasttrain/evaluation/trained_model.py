@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 
+from fasttrain.checkpoints import checkpoint_files, saves
+from fasttrain.checkpoints.run_directory import set_aside_note
 from fasttrain.config import Config, check_vocab, load_config
-from fasttrain.data.tokenizer import Tokenizer
 from fasttrain.model.transformer import Transformer
 from fasttrain.model.weights import load_exported
+from fasttrain.preparation.tokenizer import Tokenizer
 from fasttrain.system.device import resolve_precision, use_device
 from fasttrain.system.errors import UsageError
-from fasttrain.training import checkpoint_files, saves
-from fasttrain.training.run_directory import set_aside_note
 
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"

@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
+from fasttrain.checkpoints import checksums
 from fasttrain.system.errors import UsageError
-from fasttrain.training import checksums
 
 # In a world of one DCP warns, on every save and load, that it assumes one process: so it does, by design. An
 # async save warns from its background thread, after any warnings.catch_warnings() around the call has ended,

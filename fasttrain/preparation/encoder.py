@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tokenizers
 
-from fasttrain.data.tokenizer import Tokenizer
+from fasttrain.preparation.tokenizer import Tokenizer
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 

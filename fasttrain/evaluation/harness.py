@@ -57,11 +57,11 @@ from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.tasks import TaskManager, get_task_dict  # noqa: E402
 from lm_eval.utils import simple_parse_args_string  # noqa: E402
 
-from fasttrain.data.tokenizer import Tokenizer  # noqa: E402
+from fasttrain.evaluation.trained_model import Trained, inference_precision, load_trained  # noqa: E402
 from fasttrain.model.generation import stream  # noqa: E402
 from fasttrain.model.transformer import Transformer  # noqa: E402
+from fasttrain.preparation.tokenizer import Tokenizer  # noqa: E402
 from fasttrain.system.device import use_device  # noqa: E402
-from fasttrain.training.trained_model import Trained, inference_precision, load_trained  # noqa: E402
 
 DEFAULT_BATCH_SIZE = 16
 PROBE = "Zqx 7? caf\u00e9 \u4e2d\u6587"  # a task's text may hold any of it: letters, digits, punctuation, accents, CJK

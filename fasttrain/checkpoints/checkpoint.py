@@ -18,16 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fasttrain.config import Config, config_to_toml
-from fasttrain.data.loader import TokenLoader, reshard
-from fasttrain.system import distributed
-from fasttrain.system.atomic import write_atomically
-from fasttrain.system.errors import UsageError
-from fasttrain.system.run_lock import other_holder
-from fasttrain.training import checksums, sharded_files
-from fasttrain.training.checkpoint_files import STATE_FILE, load, publish, save, saved_config
-from fasttrain.training.optimizers import Updater
-from fasttrain.training.resume import (
+from fasttrain.checkpoints import checksums, sharded_files
+from fasttrain.checkpoints.checkpoint_files import STATE_FILE, load, publish, save, saved_config
+from fasttrain.checkpoints.resume import (
     check_same_model,
     check_same_optimizer,
     rng_state,
@@ -35,9 +28,8 @@ from fasttrain.training.resume import (
     set_rng_state,
     world_change,
 )
-from fasttrain.training.run_directory import RunStart, check_new_run
-from fasttrain.training.run_state import RunState
-from fasttrain.training.saves import (
+from fasttrain.checkpoints.run_directory import RunStart, check_new_run
+from fasttrain.checkpoints.saves import (
     SAVE_NAME,
     clear_stale,
     is_sharded,
@@ -48,6 +40,14 @@ from fasttrain.training.saves import (
     saved_steps,
     step_of,
 )
+from fasttrain.config import Config, config_to_toml
+from fasttrain.data.loader import TokenLoader, reshard
+from fasttrain.system import distributed
+from fasttrain.system.atomic import write_atomically
+from fasttrain.system.errors import UsageError
+from fasttrain.system.run_lock import other_holder
+from fasttrain.training.optimizers import Updater
+from fasttrain.training.run_state import RunState
 
 
 def make_directory(path: Path) -> None:

@@ -12,11 +12,11 @@ import os
 import shutil
 from pathlib import Path
 
+from fasttrain.checkpoints.saves import remove, saved_steps, step_of
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import RunStopped, UsageError
 from fasttrain.system.run_lock import LOCK_FILE, locked, other_holder
 from fasttrain.training.metrics import WANDB_ID_FILE
-from fasttrain.training.saves import remove, saved_steps, step_of
 
 # What a run and the tools write at the top of its run directory: what --overwrite replaces. Other files
 # there (a user's notes, wandb/ with its offline runs) are never touched.

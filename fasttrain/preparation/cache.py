@@ -1,7 +1,7 @@
 """The cache of prepared data: where [data] settings' prepared folder is (`prepared_dir`: data.dir, else a
 folder under $FASTTRAIN_CACHE or ~/.cache/fasttrain keyed by the settings), what is there (`find_prepared`),
 and the folder a run trains from, prepared first if need be (`ensure_prepared`). Preparing itself is
-fasttrain/data/preparation.py."""
+fasttrain/preparation/preparation.py."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 
 from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB, DataConfig
-from fasttrain.data.preparation import finish_interrupted_move, lock_path, prepare_locked, request_of
 from fasttrain.data.prepared_folder import PreparedData, open_prepared
 from fasttrain.data.shards import read_meta
+from fasttrain.preparation.preparation import finish_interrupted_move, lock_path, prepare_locked, request_of
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import holding
 

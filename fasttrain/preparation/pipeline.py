@@ -17,10 +17,10 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from fasttrain.data.corpus import Piece
-from fasttrain.data.encoder import Encode, choose_encoder
 from fasttrain.data.shards import SPLITS, ShardInfo, ShardWriter
-from fasttrain.data.tokenizer import Tokenizer
+from fasttrain.preparation.corpus import Piece
+from fasttrain.preparation.encoder import Encode, choose_encoder
+from fasttrain.preparation.tokenizer import Tokenizer
 
 
 class ShardSequence:

@@ -1,7 +1,7 @@
 """Which text is validation, and which text the tokenizer is learned from.
 
 Both are decided by each document's own text, never by where it falls in the stream: one prepare and N
-parts merged (fasttrain/data/parts.py) hold out the same documents and learn from the same sample. A
+parts merged (fasttrain/preparation/parts.py) hold out the same documents and learn from the same sample. A
 document's hash is BLAKE2b of its first piece (the whole document, except a plain text file over
 corpus.CHUNK_BYTES, whose first piece is its first MiB): its first 8 bytes, as a fraction of 2^64, put it
 in validation when below --val-fraction; the next 8 choose the tokenizer's sample. So that neither split
@@ -30,7 +30,7 @@ from typing import Iterator, Literal, Sequence
 
 import numpy as np
 
-from fasttrain.data.corpus import Piece, Source
+from fasttrain.preparation.corpus import Piece, Source
 
 _SCALE = float(1 << 64)
 

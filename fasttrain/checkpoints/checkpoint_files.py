@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
+from fasttrain.checkpoints import checksums, sharded_files
+from fasttrain.checkpoints.run_directory import REPLACED, set_aside_note
+from fasttrain.checkpoints.saves import clear_stale, is_sharded, path_for, point, pointed, remove, saved_steps
 from fasttrain.config import Config, parse_config
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
-from fasttrain.training import checksums, sharded_files
-from fasttrain.training.run_directory import REPLACED, set_aside_note
-from fasttrain.training.saves import clear_stale, is_sharded, path_for, point, pointed, remove, saved_steps
 
 REQUIRED_KEYS = ("model", "optimizer", "step", "config")  # what marks a file as a fasttrain checkpoint
 STATE_FILE = "state.pt"  # in a sharded checkpoint's folder: everything but the model's and optimizer's tensors

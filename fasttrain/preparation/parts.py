@@ -8,7 +8,7 @@ Part K takes the documents that start in the K-th N-th of the inputs' bytes, tak
 file is cut between lines, any other file (text, Parquet, an embedded corpus) goes whole to the part
 holding its first byte. So every document goes to exactly one part, and the parts follow the inputs'
 order. The validation split and the tokenizer's sample are decided by each document's own text
-(fasttrain/data/split.py), so N parts merged hold the same documents in each split, with the same ids, as
+(fasttrain/preparation/split.py), so N parts merged hold the same documents in each split, with the same ids, as
 one prepare of the same inputs.
 
 A part writes into DIR/parts/.K-of-N.tmp and renames it DIR/parts/K-of-N once complete: a killed part
@@ -34,12 +34,12 @@ from itertools import chain
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from fasttrain.data import preparation as prep
-from fasttrain.data.corpus import Piece, Source, resolve_inputs
-from fasttrain.data.pipeline import write_shards
 from fasttrain.data.shards import SPLITS
-from fasttrain.data.split import Sample, plan_split, split_pieces, tokenizer_sample
-from fasttrain.data.tokenizer import Tokenizer, fingerprint
+from fasttrain.preparation import preparation as prep
+from fasttrain.preparation.corpus import Piece, Source, resolve_inputs
+from fasttrain.preparation.pipeline import write_shards
+from fasttrain.preparation.split import Sample, plan_split, split_pieces, tokenizer_sample
+from fasttrain.preparation.tokenizer import Tokenizer, fingerprint
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import holding
 

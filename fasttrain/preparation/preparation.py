@@ -8,15 +8,15 @@ and document counts, sources). Every document is preceded by the end-of-text
 token, so each one starts with a clean context, as in llm.c.
 
 The corpus is streamed: documents are read in pieces, tokenized in batches on
-`workers` threads (fasttrain/data/pipeline.py), with tiktoken where it gives the
-tokenizer's own ids (fasttrain/data/encoder.py), and appended to shards on disk,
+`workers` threads (fasttrain/preparation/pipeline.py), with tiktoken where it gives the
+tokenizer's own ids (fasttrain/preparation/encoder.py), and appended to shards on disk,
 so memory stays bounded whatever the corpus size. Everything is written into DIR/.prepare-tmp first and moved into
 place only once complete: a run that fails or is interrupted before then leaves DIR
 as it was, and one killed while moving the complete data in is finished by the next
 prepare or run of DIR. One process prepares a directory at a time (a lock beside it).
 
 The validation split is by documents, each by a hash of its own text (see
-fasttrain/data/split.py): about F of the documents are held out. When the input
+fasttrain/preparation/split.py): about F of the documents are held out. When the input
 holds fewer than two documents (one big text file), the last F of the text is held
 out instead, cut at a line end; meta.json's "split" says which was done.
 """
@@ -32,11 +32,11 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Sequence
 
-from fasttrain.data.corpus import resolve_inputs
-from fasttrain.data.pipeline import write_shards
 from fasttrain.data.shards import token_dtype
-from fasttrain.data.split import LONGEST_RUN, Sample, all_pieces, plan_split, split_documents, tokenizer_sample
-from fasttrain.data.tokenizer import Tokenizer, fingerprint
+from fasttrain.preparation.corpus import resolve_inputs
+from fasttrain.preparation.pipeline import write_shards
+from fasttrain.preparation.split import LONGEST_RUN, Sample, all_pieces, plan_split, split_documents, tokenizer_sample
+from fasttrain.preparation.tokenizer import Tokenizer, fingerprint
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import holding

@@ -1,0 +1,11 @@
+"""Preparation: text corpora tokenized into the shards a run reads (`python -m fasttrain.prepare`).
+
+Modules, in reading order: corpus (where documents come from: files, JSONL, Parquet, the embedded corpus),
+split (which text is validation, which the tokenizer learns from), tokenizer (the byte-level BPE: learned or
+loaded), encoder (the same tokenizer at tiktoken's speed), pipeline (reading, encoding and writing shards on
+every core), preparation (`prepare`: a corpus into a prepared folder), parts (one corpus prepared on many
+machines, then merged), cache (where [data] settings' prepared folder is, prepared once and reused).
+
+They import the layers below (system, config) and, at the same layer, data's shard format (shards) and
+prepared folders. docs/architecture.md has the tour.
+"""
