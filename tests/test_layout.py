@@ -1,5 +1,5 @@
 """The tree is the architecture: each layer imports only the layers below it, no two modules in a folder
-differ only by a suffix, and every module says what it is (README.md, Layout).
+differ only by a suffix, and every module says what it is (docs/architecture.md).
 
 Layers, lowest first: system/errors and system/atomic -> config -> the rest of system/ -> data/ and
 preparation/ -> model/ -> the run (training/, checkpoints/, evaluation/) -> the commands and the package itself.
