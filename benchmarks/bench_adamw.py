@@ -19,7 +19,7 @@ import torch
 from benchmarks.conftest import bandwidth, median_seconds, sizes, time_device
 from fasttrain.config import ModelConfig, load_config
 from fasttrain.model.transformer import Transformer
-from kernels import FusedAdamW
+from fasttrain_kernels import FusedAdamW
 
 FLOOR_BYTES = {False: 28, True: 32}  # per parameter, without and with clipping
 MAX_NORM = 1.0

@@ -26,7 +26,7 @@ from benchmarks.conftest import (
     time_device,
 )
 from fasttrain.training.metrics import peak_flops
-from kernels import cross_entropy, linear_cross_entropy
+from fasttrain_kernels import cross_entropy, linear_cross_entropy
 
 CE_SHAPES = sizes([(8192, 50304), (8192, 131072), (16384, 131072)], [(64, 1000)])  # (N, V)
 LINEAR_SHAPES = sizes([(8192, 2048, 131072), (16384, 768, 50304)], [(64, 32, 1000)])  # (N, H, V)

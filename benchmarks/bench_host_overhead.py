@@ -27,7 +27,7 @@ from benchmarks.bench_adamw import parameter_shapes
 from benchmarks.bench_cross_entropy import unfused_linear_cross_entropy
 from benchmarks.bench_rms_norm import EPS, torch_rms_norm
 from benchmarks.conftest import median_seconds, record_samples, sizes, synchronize
-from kernels import FusedAdamW, cross_entropy, linear_cross_entropy, rms_norm
+from fasttrain_kernels import FusedAdamW, cross_entropy, linear_cross_entropy, rms_norm
 
 ROWS, HIDDEN, VOCAB = 16, 256, 256
 DTYPE = sizes(torch.bfloat16, torch.float32)  # the GPU cases' dtype; fp32 for the CPU fallback

@@ -7,7 +7,7 @@ the FLOPs), shows its saving as a higher rate. Implementations: "torch" is the
 function torch.optim.Muon calls (private, skipped where absent); "eager" the same
 math in kernels.newton_schulz_reference; "compiled" that under torch.compile;
 "fasttrain" kernels.newton_schulz. Shapes: the block matrices of the GPT-2-small
-config (124M) and of a 1B model of the same family (kernels/ benchmarks' sizes). GPU only.
+config (124M) and of a 1B model of the same family (fasttrain_kernels/ benchmarks' sizes). GPU only.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from benchmarks.bench_adamw import MODELS
 from benchmarks.conftest import compiled, median_seconds, require, sizes, time_device
 from fasttrain.model.transformer import Transformer
 from fasttrain.training.optimizers import hidden_matrices
-from kernels import newton_schulz, newton_schulz_reference
+from fasttrain_kernels import newton_schulz, newton_schulz_reference
 
 STEPS = 5
 

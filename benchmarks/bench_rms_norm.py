@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.conftest import bandwidth, compiled, liger, median_seconds, require, sizes, time_device
-from kernels import rms_norm, rms_norm_reference
+from fasttrain_kernels import rms_norm, rms_norm_reference
 
 ROWS = sizes(32768, 64)
 HIDDEN = sizes([768, 2048, 4096, 8192, 16384], [768])

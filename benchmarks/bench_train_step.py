@@ -31,7 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels._backend
+import fasttrain_kernels._backend
 from benchmarks.conftest import DRY_RUN, allocator_counts, counts_since, median_seconds, sizes, time_device
 from fasttrain.config import load_config
 from fasttrain.model.transformer import Transformer
@@ -208,7 +208,7 @@ def test_cpu_precision(
 ):
     # What a CPU run uses: the PyTorch path. Under the test suite's TRITON_INTERPRET=1 the kernels would run in
     # Triton's interpreter, which measures nothing a user gets (and took 53 s of the suite's 2 cores in bf16).
-    monkeypatch.setattr(kernels._backend, "INTERPRETING", False)
+    monkeypatch.setattr(fasttrain_kernels._backend, "INTERPRETING", False)
     if precision == "bf16" and not native_bf16(torch.device("cpu")):
         pytest.skip("this CPU has no native bf16 matmuls (AVX512-BF16 or AMX); emulated bf16 is slower than fp32")
     if compiled and benchmark_disabled:

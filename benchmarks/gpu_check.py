@@ -10,7 +10,7 @@ limit, so a crash or a hang in one leaves the others' results intact:
            a device-to-device copy (GB/s) and a large bf16 matmul (TFLOP/s)
   tests    the test suite on the GPU, so the CUDA-only tests run too
   tune     RMSNorm tilings timed on this GPU (benchmarks/tune_rms_norm.py); the winners go into
-           kernels/rms_norm_tilings.json here (the later stages run them) and into the stage's figures
+           fasttrain_kernels/rms_norm_tilings.json here (the later stages run them) and into the stage's figures
   kernels  every kernel benchmark against eager PyTorch, torch.compile and Liger-Kernel (when installed),
            GPU time from CUDA events with the L2 cache flushed; the RMSNorm kernel inside a compiled block
            against inductor's fusion (bench_block.py); each kernel wrapper's host time per call against
@@ -298,7 +298,7 @@ def tune_stage(ctx: Context) -> Stage:
     code, _ = run(
         [sys.executable, "-m", "benchmarks.tune_rms_norm", *(["--dry-run", "--out", str(table)] if table else [])], ctx
     )
-    from kernels.rms_norm import TILINGS_FILE
+    from fasttrain_kernels.rms_norm import TILINGS_FILE
 
     path = table or TILINGS_FILE
     tilings = json.loads(path.read_text())["tilings"] if path.exists() else {}

@@ -58,7 +58,7 @@ def llama(device: torch.device) -> torch.nn.Module:
 def patch(model: torch.nn.Module, variant: str) -> str | None:
     """Apply `variant`'s patch to `model`; the reason it cannot run here, else None."""
     if variant == "fasttrain":
-        from kernels import patch_hf_model
+        from fasttrain_kernels import patch_hf_model
 
         patch_hf_model(model)
     elif variant == "liger":

@@ -2,7 +2,7 @@
 
     python -m benchmarks.tune_rms_norm [--hidden 768 2048 ...] [--rows 32768] [--out FILE] [--dry-run]
 
-For each hidden size, the forward and the backward launchers (kernels/rms_norm.py) are timed
+For each hidden size, the forward and the backward launchers (fasttrain_kernels/rms_norm.py) are timed
 over candidate tilings (rows a tile, warps a program; for the backward, programs per SM and
 prefetch stages too), on the two dtype cases that matter: a bf16 model (everything bf16) and
 bf16 autocast over fp32 parameters (x and y bf16, the residual stream and h fp32), both with a
@@ -15,7 +15,7 @@ each of 30 calls, L2 flushed before it, the median of the calls (min reported be
 candidate's outputs must equal the default tiling's within rounding, or it is dropped; so is one
 that fails to compile or launch (too many registers or too much shared memory for this GPU).
 
-The winners are merged into --out (default: kernels/rms_norm_tilings.json, which `rms_norm`
+The winners are merged into --out (default: fasttrain_kernels/rms_norm_tilings.json, which `rms_norm`
 reads when it is imported) under this GPU's capability, with each winner's and the default's
 times beside it. --dry-run runs the plumbing on the CPU at hidden 64 and 200 (its times mean
 nothing) and writes only to an explicit --out.
@@ -36,9 +36,9 @@ import torch
 import triton
 
 from benchmarks.conftest import cuda_event_seconds
-from kernels.rms_norm import Tiling, default_tilings
+from fasttrain_kernels.rms_norm import Tiling, default_tilings
 
-norm = importlib.import_module("kernels.rms_norm")  # the module: the package exports a function of that name
+norm = importlib.import_module("fasttrain_kernels.rms_norm")  # the module: the package exports a function of that name
 
 HIDDEN = (768, 2048, 4096, 8192)  # 16384 already wins by 1.35-1.69x on the defaults (H100, 2026-11-22)
 ROWS = 32768

@@ -12,21 +12,20 @@ __all__ = ["Trainer", "train_loop"]
 
 
 def _check_kernels_package() -> None:
-    """ImportError (one line) unless `import kernels` would find fasttrain's own kernels package.
+    """ImportError (one line) unless `import fasttrain_kernels` finds the kernels beside this fasttrain.
 
-    PyPI has another package named `kernels` (Hugging Face's kernel hub). Installed beside fasttrain it
-    can come first on sys.path (an editable install) or overwrite our files (a wheel install); either
-    way the trainer would import the wrong code. Ours is installed beside this package and holds
-    rms_norm.py and linear_cross_entropy.py; this only looks at files, it imports nothing.
+    The kernels ship as `fasttrain_kernels`, a name this project owns, so Hugging Face's `kernels` package
+    installs beside it. What can still go wrong is two fasttrains: a clone on PYTHONPATH while an older wheel's
+    fasttrain_kernels comes first, and the trainer would run on kernels of another version. This only looks at
+    files, it imports nothing.
     """
-    spec = importlib.util.find_spec("kernels")
+    spec = importlib.util.find_spec("fasttrain_kernels")
     found = Path(spec.origin).resolve().parent if spec is not None and spec.origin else None
-    ours = Path(__file__).resolve().parent.parent / "kernels"
-    if found != ours or not all((found / name).is_file() for name in ("rms_norm.py", "linear_cross_entropy.py")):
+    ours = Path(__file__).resolve().parent.parent / "fasttrain_kernels"
+    if found != ours:
         raise ImportError(
-            f"fasttrain needs its own `kernels` package ({ours}), but `import kernels` finds "
-            f"{found or 'nothing'}: another package named `kernels` (Hugging Face's?) shadows or replaced it; "
-            "uninstall that one (pip uninstall kernels) and reinstall fasttrain"
+            f"fasttrain needs the fasttrain_kernels beside it ({ours}), but `import fasttrain_kernels` finds "
+            f"{found or 'nothing'}: another fasttrain's comes first on the path; uninstall one of them"
         )
 
 

@@ -1,34 +1,8 @@
-"""Hand-written Triton kernels for language-model training.
+"""`from kernels import ...` in a clone of fasttrain: the kernels of `fasttrain_kernels`, the same objects.
 
-This package stands alone: it depends on torch and triton only, so other
-projects can use it without the fasttrain trainer. Kernels dispatch on their
-inputs: CUDA tensors run the Triton kernels, CPU tensors a PyTorch
-implementation of the same math, and CPU tensors with TRITON_INTERPRET=1 set
-run the Triton kernels through Triton's interpreter (how CI tests them).
+The wheel installs them as `fasttrain_kernels` only, so that Hugging Face's `kernels` package can be installed
+beside it; this folder is not in the wheel. Code outside a clone imports `fasttrain_kernels`.
 """
 
-from kernels.adamw import FusedAdamW
-from kernels.clip_grad_norm import clip_grad_norm_
-from kernels.cross_entropy import CrossEntropyLoss, cross_entropy, cross_entropy_reference
-from kernels.linear_cross_entropy import LinearCrossEntropyLoss, linear_cross_entropy, linear_cross_entropy_reference
-from kernels.newton_schulz import newton_schulz, newton_schulz_reference, symmetric_matmul
-from kernels.rms_norm import RMSNorm, rms_norm, rms_norm_reference
-from kernels.transformers_patch import patch_hf_model
-
-__all__ = [
-    "patch_hf_model",
-    "FusedAdamW",
-    "clip_grad_norm_",
-    "CrossEntropyLoss",
-    "cross_entropy",
-    "cross_entropy_reference",
-    "LinearCrossEntropyLoss",
-    "linear_cross_entropy",
-    "linear_cross_entropy_reference",
-    "newton_schulz",
-    "newton_schulz_reference",
-    "symmetric_matmul",
-    "RMSNorm",
-    "rms_norm",
-    "rms_norm_reference",
-]
+from fasttrain_kernels import *  # noqa: F403
+from fasttrain_kernels import __all__ as __all__

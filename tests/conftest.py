@@ -27,8 +27,8 @@ if _workers:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-import kernels._backend  # noqa: E402  (after the environment is set)
-import kernels._multi_tensor  # noqa: E402
+import fasttrain_kernels._backend  # noqa: E402  (after the environment is set)
+import fasttrain_kernels._multi_tensor  # noqa: E402
 from fasttrain.config import Config, load_config
 from fasttrain.data.shards import ShardWriter
 from fasttrain.preparation.preparation import prepare
@@ -153,18 +153,20 @@ def kernel_device(request, monkeypatch) -> torch.device:
     torch: the PyTorch implementation that CPU tensors use outside the interpreter.
     """
     if request.param == "torch":
-        monkeypatch.setattr(kernels._backend, "INTERPRETING", False)
+        monkeypatch.setattr(fasttrain_kernels._backend, "INTERPRETING", False)
         return torch.device("cpu")
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if not kernels._backend.INTERPRETING:
+    if not fasttrain_kernels._backend.INTERPRETING:
         pytest.skip("no GPU, and the kernels were imported without TRITON_INTERPRET=1")
     # The package exports functions named like their modules, so fetch the modules themselves.
-    monkeypatch.setattr(importlib.import_module("kernels.cross_entropy"), "MAX_BLOCK", 128)
-    monkeypatch.setattr(importlib.import_module("kernels.rms_norm"), "TILE", 256)  # several short rows per tile
-    monkeypatch.setattr(kernels._multi_tensor, "CHUNK", 64)  # tensors spread over several programs
-    monkeypatch.setattr(kernels._multi_tensor, "BLOCK", 16)
-    newton_schulz = importlib.import_module("kernels.newton_schulz")
+    monkeypatch.setattr(importlib.import_module("fasttrain_kernels.cross_entropy"), "MAX_BLOCK", 128)
+    monkeypatch.setattr(
+        importlib.import_module("fasttrain_kernels.rms_norm"), "TILE", 256
+    )  # several short rows per tile
+    monkeypatch.setattr(fasttrain_kernels._multi_tensor, "CHUNK", 64)  # tensors spread over several programs
+    monkeypatch.setattr(fasttrain_kernels._multi_tensor, "BLOCK", 16)
+    newton_schulz = importlib.import_module("fasttrain_kernels.newton_schulz")
     monkeypatch.setattr(newton_schulz, "BLOCK_M", 16)  # several tiles on each side of the diagonal
     monkeypatch.setattr(newton_schulz, "BLOCK_K", 16)
     return torch.device("cpu")

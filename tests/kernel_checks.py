@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-import kernels._backend
+import fasttrain_kernels._backend
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -56,7 +56,7 @@ def random_targets(n: int, vocab: int, ignore_every: int, device, ignore_index: 
 def stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`t` rounded to `dtype` as a kernel under test stores it, back in `t`'s dtype. Round to nearest,
     except that Triton's interpreter truncates fp32 to bf16 (toward zero) where a GPU rounds."""
-    if dtype == torch.bfloat16 and t.device.type == "cpu" and kernels._backend.INTERPRETING:
+    if dtype == torch.bfloat16 and t.device.type == "cpu" and fasttrain_kernels._backend.INTERPRETING:
         bits = t.float().view(torch.int32) & -65536  # keep sign, exponent and the top 7 mantissa bits
         return bits.view(torch.float32).to(t.dtype)
     return t.to(dtype).to(t.dtype)

@@ -11,8 +11,8 @@ import io
 import pytest
 import torch
 
-from kernels import FusedAdamW
-from kernels._backend import use_triton
+from fasttrain_kernels import FusedAdamW
+from fasttrain_kernels._backend import use_triton
 from tests.kernel_checks import assert_fp32_sums_close, stored
 
 SHAPES = [(37, 13), (1001,), (3,), (5, 7, 2), (130, 1)]

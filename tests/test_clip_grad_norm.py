@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-import kernels._backend
-import kernels._multi_tensor
-from kernels import clip_grad_norm_
+import fasttrain_kernels._backend
+import fasttrain_kernels._multi_tensor
+from fasttrain_kernels import clip_grad_norm_
 from tests.kernel_checks import assert_matches
 
 SHAPES = [(37, 13), (1001,), (3,), (5, 7, 2), (130, 1)]  # with the test CHUNK of 64: several programs each
@@ -86,11 +86,13 @@ def test_sparse_gradients_are_refused():
 def test_repeated_clipping_builds_its_work_list_once(kernel_device, monkeypatch):
     """Clipping the same gradients every step copies their work list to the device once, not per call;
     new gradient addresses get a new one."""
-    if kernel_device.type == "cpu" and not kernels._backend.INTERPRETING:
+    if kernel_device.type == "cpu" and not fasttrain_kernels._backend.INTERPRETING:
         pytest.skip("the PyTorch path has no work list")
     built = []
-    to_device = kernels._multi_tensor._to_device
-    monkeypatch.setattr(kernels._multi_tensor, "_to_device", lambda t, device: built.append(t) or to_device(t, device))
+    to_device = fasttrain_kernels._multi_tensor._to_device
+    monkeypatch.setattr(
+        fasttrain_kernels._multi_tensor, "_to_device", lambda t, device: built.append(t) or to_device(t, device)
+    )
     params = with_grads(kernel_device)
     for _ in range(3):
         clip_grad_norm_(params, 0.5)

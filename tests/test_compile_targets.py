@@ -1,6 +1,6 @@
 """Every Triton kernel variant the launchers choose compiles for A100 (sm_80) and H100 (sm_90), without a GPU.
 
-The compile runs `python -m kernels.inspect` in a subprocess without TRITON_INTERPRET
+The compile runs `python -m fasttrain_kernels.inspect` in a subprocess without TRITON_INTERPRET
 (conftest sets it for the kernel tests, and under it triton.jit builds interpreter
 objects that cannot be compiled for a GPU). The rest checks that the list of variants
 is what the launchers really launch.
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels._backend
-from kernels._specialization import Specialization, divisible_by_16, triton_type
-from kernels.inspect import MODULES, TARGETS, _ptxas_report, all_specializations, widest
+import fasttrain_kernels._backend
+from fasttrain_kernels._specialization import Specialization, divisible_by_16, triton_type
+from fasttrain_kernels.inspect import MODULES, TARGETS, _ptxas_report, all_specializations, widest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,14 +55,14 @@ ACCEPTED_SPILLS = {
 
 
 def _subprocess_env(**extra: str) -> dict[str, str]:
-    """This environment without TRITON_INTERPRET, plus `extra`; run from ROOT, `-m kernels.inspect` imports
+    """This environment without TRITON_INTERPRET, plus `extra`; run from ROOT, `-m fasttrain_kernels.inspect` imports
     this checkout."""
     return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **extra}
 
 
 def _inspect(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "kernels.inspect", *args],
+        [sys.executable, "-m", "fasttrain_kernels.inspect", *args],
         cwd=ROOT,
         env=_subprocess_env(**env),
         capture_output=True,
@@ -177,13 +177,13 @@ class _Recorder:
 @pytest.fixture
 def launches(monkeypatch) -> list[tuple]:
     """Launch through the Triton path on the CPU (as under the interpreter), into recorders instead of kernels."""
-    monkeypatch.setattr(kernels._backend, "INTERPRETING", True)
+    monkeypatch.setattr(fasttrain_kernels._backend, "INTERPRETING", True)
     recorded: list[tuple] = []
     constexprs: dict[str, set[str]] = {}
     for s in all_specializations():
         constexprs.setdefault(s.name, set()).update(n for n, _ in s.constexprs)
     for module_name in MODULES:
-        module = importlib.import_module(f"kernels.{module_name}")
+        module = importlib.import_module(f"fasttrain_kernels.{module_name}")
         for s in all_specializations():
             if getattr(module, s.name, None) is s.kernel:
                 monkeypatch.setattr(module, s.name, _Recorder(s.kernel, constexprs[s.name], recorded))
@@ -199,7 +199,7 @@ def _check(launches: list[tuple]) -> None:
 @pytest.mark.parametrize("vocab", [4096, 131072, 262144])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cross_entropy_launches_are_listed(launches, vocab, dtype):
-    from kernels.cross_entropy import cross_entropy
+    from fasttrain_kernels.cross_entropy import cross_entropy
 
     logits = torch.zeros(2, vocab, dtype=dtype, requires_grad=True)
     target = torch.tensor([0, vocab - 1])
@@ -215,7 +215,7 @@ def test_cross_entropy_launches_are_listed(launches, vocab, dtype):
 @pytest.mark.parametrize("hidden", [64, 768])
 @pytest.mark.parametrize("precision", ["fp32", "bf16 autocast", "fp16 autocast", "bf16"])
 def test_linear_cross_entropy_launches_are_listed(launches, hidden, precision):
-    from kernels.linear_cross_entropy import linear_cross_entropy
+    from fasttrain_kernels.linear_cross_entropy import linear_cross_entropy
 
     compute = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision.split()[0], torch.float16)
     param = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -233,7 +233,7 @@ def test_linear_cross_entropy_launches_are_listed(launches, hidden, precision):
 @pytest.mark.parametrize("hidden", [64, 768, 16384])
 @pytest.mark.parametrize("precision", ["fp32", "bf16 autocast", "bf16"])
 def test_rms_norm_launches_are_listed(launches, hidden, precision):
-    from kernels.rms_norm import rms_norm
+    from fasttrain_kernels.rms_norm import rms_norm
 
     compute = torch.float32 if precision == "fp32" else torch.bfloat16
     param = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -252,8 +252,8 @@ def test_rms_norm_launches_are_listed(launches, hidden, precision):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_adamw_and_clipping_launches_are_listed(launches, dtype):
-    from kernels.adamw import FusedAdamW
-    from kernels.clip_grad_norm import clip_grad_norm_
+    from fasttrain_kernels.adamw import FusedAdamW
+    from fasttrain_kernels.clip_grad_norm import clip_grad_norm_
 
     params = [torch.nn.Parameter(torch.zeros(100, dtype=dtype)) for _ in range(2)]
     for p in params:
@@ -267,7 +267,7 @@ def test_adamw_and_clipping_launches_are_listed(launches, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_newton_schulz_launches_are_listed(launches, dtype):
-    from kernels.newton_schulz import symmetric_matmul
+    from fasttrain_kernels.newton_schulz import symmetric_matmul
 
     s = symmetric_matmul(torch.zeros(40, 72, dtype=dtype))
     symmetric_matmul(s, s, alpha=2.0315, beta=-4.775)
@@ -329,7 +329,7 @@ def test_specialization_needs_every_argument():
 )
 def test_cli_refuses_bad_input(args, env, message):
     run = subprocess.run(
-        [sys.executable, "-m", "kernels.inspect", *args],
+        [sys.executable, "-m", "fasttrain_kernels.inspect", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

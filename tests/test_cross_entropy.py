@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import CrossEntropyLoss, cross_entropy, cross_entropy_reference
+from fasttrain_kernels import CrossEntropyLoss, cross_entropy, cross_entropy_reference
 from tests.kernel_checks import DTYPES, assert_matches, random_targets
 
 OPTIONS = {

@@ -15,13 +15,13 @@ import importlib
 import pytest
 import torch
 
-import kernels._backend
+import fasttrain_kernels._backend
 from fasttrain.training.trainer import Trainer
-from kernels.inspect import MODULES, all_specializations
+from fasttrain_kernels.inspect import MODULES, all_specializations
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(
-    not kernels._backend.INTERPRETING and not torch.cuda.is_available(),
+    not fasttrain_kernels._backend.INTERPRETING and not torch.cuda.is_available(),
     reason="no GPU, and the kernels were imported without TRITON_INTERPRET=1",
 )
 
@@ -55,7 +55,7 @@ class Recording:
 def test_no_new_kernel_variant_after_the_first_step(pydoc_data, tmp_path, monkeypatch):
     keys: set = set()
     for module_name in MODULES:
-        module = importlib.import_module(f"kernels.{module_name}")
+        module = importlib.import_module(f"fasttrain_kernels.{module_name}")
         for s in all_specializations():
             if getattr(module, s.name, None) is s.kernel:
                 monkeypatch.setattr(module, s.name, Recording(s.kernel, keys))

@@ -3,7 +3,7 @@ differ only by a suffix, and every module says what it is (docs/architecture.md)
 
 Layers, lowest first: system/errors and system/atomic -> config -> the rest of system/ -> data/ and
 preparation/ -> model/ -> the run (training/, checkpoints/, evaluation/) -> the commands and the package itself.
-kernels/ stands alone and never imports fasttrain. No folder holds more than MAX_MODULES modules, and each
+fasttrain_kernels/ stands alone and never imports fasttrain. No folder holds more than MAX_MODULES modules, and each
 package's __init__ names its modules in reading order.
 """
 
@@ -28,7 +28,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = {module_name(p): p for package in ("fasttrain", "kernels") for p in (ROOT / package).rglob("*.py")}
+MODULES = {module_name(p): p for package in ("fasttrain", "fasttrain_kernels") for p in (ROOT / package).rglob("*.py")}
 
 
 def layer(module: str) -> int:
@@ -45,7 +45,7 @@ def layer(module: str) -> int:
 
 
 def imported_modules(path: Path) -> set[str]:
-    """The fasttrain and kernels modules `path` imports, lazily inside functions too."""
+    """The fasttrain and fasttrain_kernels modules `path` imports, lazily inside functions too."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -54,7 +54,7 @@ def imported_modules(path: Path) -> set[str]:
             for alias in node.names:  # `from package import module` names the module
                 submodule = f"{node.module}.{alias.name}"
                 found.add(submodule if submodule in MODULES else node.module)
-    return {m for m in found if m.split(".")[0] in ("fasttrain", "kernels")}
+    return {m for m in found if m.split(".")[0] in ("fasttrain", "fasttrain_kernels")}
 
 
 GRAPH = {name: imported_modules(path) for name, path in MODULES.items()}
@@ -64,16 +64,18 @@ def test_every_import_points_down_the_layers():
     upward = [
         f"{m} (layer {layer(m)}) imports {dep} (layer {layer(dep)})"
         for m, deps in GRAPH.items()
-        if m.startswith("fasttrain")
+        if m.split(".")[0] == "fasttrain"
         for dep in deps
-        if dep.startswith("fasttrain") and layer(dep) > layer(m)
+        if dep.split(".")[0] == "fasttrain" and layer(dep) > layer(m)
     ]
     assert not upward, "\n".join(upward)
 
 
 def test_kernels_stand_alone():
     assert not [
-        m for m, deps in GRAPH.items() if m.startswith("kernels") and any(d.startswith("fasttrain") for d in deps)
+        m
+        for m, deps in GRAPH.items()
+        if m.split(".")[0] == "fasttrain_kernels" and any(d.split(".")[0] == "fasttrain" for d in deps)
     ]
 
 
@@ -125,31 +127,30 @@ def test_every_module_has_a_docstring():
 
 
 @pytest.mark.subprocess
-def test_another_package_named_kernels_is_refused_in_one_line(tmp_path):
-    """PyPI's other `kernels` (Hugging Face's) first on sys.path: fasttrain must not run on its code."""
-    (tmp_path / "kernels").mkdir()
-    (tmp_path / "kernels" / "__init__.py").write_text("")
-    shadowed = subprocess.run(
-        [sys.executable, "-c", "import fasttrain"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"},
-        timeout=120,
+def test_hugging_faces_kernels_installs_beside_ours_and_another_fasttrain_kernels_is_refused(tmp_path):
+    """PyPI's other `kernels` (Hugging Face's) first on sys.path changes nothing: ours is fasttrain_kernels. A
+    fasttrain_kernels that is not the one beside this fasttrain (another fasttrain's) is refused in one line."""
+    for where, name in (("hf", "kernels"), ("other", "fasttrain_kernels")):
+        (tmp_path / where / name).mkdir(parents=True)
+        (tmp_path / where / name / "__init__.py").write_text("")
+
+    def python(code: str, *path: Path) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [*path, ROOT]))}
+        return subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120
+        )
+
+    both = python(
+        "import kernels, fasttrain, fasttrain_kernels; from fasttrain_kernels import FusedAdamW; "
+        "print(kernels.__file__); print(fasttrain_kernels.__file__)",
+        tmp_path / "hf",
     )
-    assert shadowed.returncode != 0
-    last = shadowed.stderr.strip().splitlines()[-1]
-    assert last.startswith("ImportError: fasttrain needs its own `kernels` package") and str(tmp_path) in last
-    (tmp_path / "elsewhere").mkdir()
-    alone = subprocess.run(
-        [sys.executable, "-c", "import fasttrain"],
-        cwd=tmp_path / "elsewhere",
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=120,
-    )
-    assert alone.returncode == 0, alone.stderr
+    hf_file, ours_file = both.stdout.split()
+    assert both.returncode == 0 and hf_file.startswith(str(tmp_path)) and ours_file.startswith(str(ROOT)), both
+    other = python("import fasttrain", tmp_path / "other")  # another fasttrain_kernels first
+    assert other.returncode != 0
+    last = other.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: fasttrain needs the fasttrain_kernels beside it") and str(tmp_path) in last
 
 
 MAX_MODULES = 15  # a folder a reader can hold in their head; the next concept gets a folder of its own

@@ -7,10 +7,17 @@ import importlib
 import pytest
 import torch
 
-from kernels import LinearCrossEntropyLoss, cross_entropy, linear_cross_entropy, linear_cross_entropy_reference
+from fasttrain_kernels import (
+    LinearCrossEntropyLoss,
+    cross_entropy,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
 from tests.kernel_checks import DTYPES, assert_matches, random_targets
 
-lce = importlib.import_module("kernels.linear_cross_entropy")  # the module: the package exports its function by name
+lce = importlib.import_module(
+    "fasttrain_kernels.linear_cross_entropy"
+)  # the module: the package exports its function by name
 
 # Gradients out of a GEMM over rounded logits: errors scale with the largest entry, not each entry.
 GEMM_ATOL = {torch.float32: 0.0, torch.bfloat16: 1e-2, torch.float16: 2e-3}

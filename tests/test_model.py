@@ -186,7 +186,7 @@ def test_next_token_loss_grad_scale_changes_no_gradient_fused_or_not(monkeypatch
     """grad_scale announces what the loss is multiplied by before the backward: the fused loss folds it into
     the gradients it computes (so its backward scales them by exactly 1), the unfused one ignores it; the
     gradients of loss * s are the same either way."""
-    lce = importlib.import_module("kernels.linear_cross_entropy")
+    lce = importlib.import_module("fasttrain_kernels.linear_cross_entropy")
     factors = []
     scale_rows = lce._scale_rows_op
     monkeypatch.setattr(lce, "_scale_rows_op", lambda x, w: factors.append(w.item()) or scale_rows(x, w))

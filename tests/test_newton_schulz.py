@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import newton_schulz, newton_schulz_reference, symmetric_matmul
-from kernels._backend import use_triton
-from kernels.newton_schulz import COEFFICIENTS, DTYPES
+from fasttrain_kernels import newton_schulz, newton_schulz_reference, symmetric_matmul
+from fasttrain_kernels._backend import use_triton
+from fasttrain_kernels.newton_schulz import COEFFICIENTS, DTYPES
 from tests.kernel_checks import assert_matches
 
 # (M, K): one row in a part-full tile, then several tiles a side with a part-full last one, K over one and three tiles.

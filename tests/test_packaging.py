@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def test_every_package_of_the_tree_is_in_pyproject():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {
         ".".join(p.parent.relative_to(ROOT).parts)
-        for top in ("fasttrain", "kernels")
+        for top in ("fasttrain", "fasttrain_kernels")
         for p in (ROOT / top).rglob("__init__.py")
     }
     assert listed == found | {"fasttrain.config_files"}  # the wheel's name for configs/
@@ -107,7 +108,7 @@ def test_init_writes_a_copy_with_the_file_it_extends(tmp_path, monkeypatch, caps
 @pytest.mark.subprocess
 def test_the_wheel_runs_the_main_job_from_outside_the_checkout(tmp_path):
     """python -m build gives the sdist and wheel; the wheel, installed with its dependencies into a fresh
-    virtual environment, runs `fasttrain train base`, sample and evaluate, and imports kernels, in a folder
+    virtual environment, runs `fasttrain train base`, sample and evaluate, and imports fasttrain_kernels, in a folder
     outside the checkout (so nothing of the clone can be imported)."""
     dist = tmp_path / "dist"
     subprocess.run(
@@ -140,7 +141,7 @@ def test_the_wheel_runs_the_main_job_from_outside_the_checkout(tmp_path):
     assert fasttrain("sample", "run", "--max-new-tokens", "8").strip()
     assert "bpb" in fasttrain("evaluate", "run", "--split", "val")
     where = subprocess.run(
-        [python, "-c", "import fasttrain, kernels; print(fasttrain.__file__, kernels.__file__)"],
+        [python, "-c", "import fasttrain, fasttrain_kernels; print(fasttrain.__file__, fasttrain_kernels.__file__)"],
         cwd=work,
         env=env,
         capture_output=True,
@@ -148,3 +149,5 @@ def test_the_wheel_runs_the_main_job_from_outside_the_checkout(tmp_path):
         check=True,
     ).stdout
     assert str(ROOT) not in where and str(env_dir) in where
+    # The wheel ships no top-level `kernels`: Hugging Face's package of that name installs beside it.
+    assert not [n for n in zipfile.ZipFile(wheel).namelist() if n.split("/")[0] == "kernels"]

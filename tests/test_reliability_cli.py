@@ -1,5 +1,5 @@
 """Issue 43's command-line and schedule items, each through the entry point a user runs: a run's recorded
-paths, `fasttrain --version`, `--set` before the config path, a foreign `kernels` package, and the
+paths, `fasttrain --version`, `--set` before the config path, another fasttrain's kernels package, and the
 learning-rate schedule at the ends of a run (the last step, a smoke run's warmup, extending and shortening a
 finished run)."""
 
@@ -154,10 +154,11 @@ def test_set_before_the_config_path_takes_the_path_as_the_config(pydoc_data, tmp
 
 
 @pytest.mark.subprocess
-def test_a_foreign_kernels_package_is_one_line_and_exit_2_from_every_command(tmp_path):
-    """Hugging Face's `kernels` first on the path: every command said so in an ImportError traceback."""
-    (tmp_path / "kernels").mkdir()
-    (tmp_path / "kernels" / "__init__.py").write_text("")  # another package named kernels
+def test_another_fasttrain_kernels_is_one_line_and_exit_2_from_every_command(tmp_path):
+    """Another fasttrain's kernels first on the path (an older wheel's, with this clone on PYTHONPATH): every
+    command said so in an ImportError traceback."""
+    (tmp_path / "fasttrain_kernels").mkdir()
+    (tmp_path / "fasttrain_kernels" / "__init__.py").write_text("")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     script = Path(sys.executable).parent / "fasttrain"  # the console script of an installed fasttrain
     commands = [
@@ -168,12 +169,17 @@ def test_a_foreign_kernels_package_is_one_line_and_exit_2_from_every_command(tmp
     for command in commands:
         result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
         assert result.returncode == 2, (command, result.stderr)
-        assert result.stderr.startswith("error: fasttrain needs its own `kernels` package"), (command, result.stderr)
-        assert result.stderr.count("\n") == 1 and str(tmp_path / "kernels") in result.stderr, result.stderr
+        assert result.stderr.startswith("error: fasttrain needs the fasttrain_kernels beside it"), (
+            command,
+            result.stderr,
+        )
+        assert result.stderr.count("\n") == 1 and str(tmp_path / "fasttrain_kernels") in result.stderr, result.stderr
     imported = subprocess.run(
         [sys.executable, "-c", "import fasttrain"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
     )
-    assert imported.returncode == 1 and "ImportError: fasttrain needs its own `kernels`" in imported.stderr
+    assert (
+        imported.returncode == 1 and "ImportError: fasttrain needs the fasttrain_kernels beside it" in imported.stderr
+    )
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "wsd"])

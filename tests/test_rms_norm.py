@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from benchmarks import tune_rms_norm
-from kernels import RMSNorm, rms_norm, rms_norm_reference
-from kernels.rms_norm import Tiling
+from fasttrain_kernels import RMSNorm, rms_norm, rms_norm_reference
+from fasttrain_kernels.rms_norm import Tiling
 from tests.kernel_checks import DTYPES, assert_matches, stored
 
-norm_module = importlib.import_module("kernels.rms_norm")  # the package exports a function of that name
+norm_module = importlib.import_module("fasttrain_kernels.rms_norm")  # the package exports a function of that name
 
 # (rows, hidden): one row and many, hidden sizes from 2 to 16384 including odd ones.
 SHAPES = [(1, 2), (300, 2), (1, 127), (37, 127), (33, 760), (1, 2048), (1, 4097), (9, 4097), (3, 16384)]

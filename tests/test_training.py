@@ -218,7 +218,7 @@ def test_kernel_trains_like_plain_pytorch(pydoc_data, tmp_path, kernel):
 def test_the_fused_loss_leaves_its_backward_nothing_to_scale(pydoc_data, tmp_path, monkeypatch):
     """accumulate_gradients announces the factor it multiplies each micro-batch's loss by (world size / counted
     targets) to the fused loss, which folds it into its gradients: the backward's factor is exactly 1."""
-    lce = importlib.import_module("kernels.linear_cross_entropy")
+    lce = importlib.import_module("fasttrain_kernels.linear_cross_entropy")
     factors = []
     scale_rows = lce._scale_rows_op
     monkeypatch.setattr(lce, "_scale_rows_op", lambda x, w: factors.append(w.item()) or scale_rows(x, w))

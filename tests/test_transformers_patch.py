@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from kernels import RMSNorm, patch_hf_model
+from fasttrain_kernels import RMSNorm, patch_hf_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""The public API is typed: every public function and method of fasttrain/ and kernels/ annotates each parameter
+"""The public API is typed: every public function and method of fasttrain/ and fasttrain_kernels/ annotates each parameter
 and its return, so that mypy (in the README's test command) checks their callers against them.
 
 mypy itself cannot require annotations on public functions only (--disallow-untyped-defs takes every function),
@@ -14,7 +14,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("fasttrain", "kernels")
+PACKAGES = ("fasttrain", "fasttrain_kernels")
 
 
 def is_public(name: str) -> bool:

@@ -252,18 +252,18 @@ class RecoveryConfig:
 
 @dataclass
 class KernelsConfig:
-    """[kernels]: which of the Triton kernels (kernels/) the model uses. "auto" on a GPU: where the measured
+    """[kernels]: which of the Triton kernels (fasttrain_kernels/) the model uses. "auto" on a GPU: where the measured
     dispatch table (fasttrain/system/kernel_table.py) says the kernel beat stock at the run's shapes and mode;
     on a CPU: off, but for the linear cross-entropy under bf16."""
 
     # The loss straight from the final hidden states and the output weight, chunk by chunk,
-    # never holding the (tokens x vocab) logits (kernels/linear_cross_entropy.py). On a CPU "auto" is
+    # never holding the (tokens x vocab) logits (fasttrain_kernels/linear_cross_entropy.py). On a CPU "auto" is
     # on under bf16, where its in-cache PyTorch path spares the fp32 copy of the logits.
     linear_cross_entropy: Literal["auto", True, False] = "auto"
-    # Every RMSNorm, with the residual add before it, in one kernel (kernels/rms_norm.py).
+    # Every RMSNorm, with the residual add before it, in one kernel (fasttrain_kernels/rms_norm.py).
     rms_norm: Literal["auto", True, False] = "auto"
     # kernels.FusedAdamW instead of torch's fused AdamW, with the gradient clipping folded into its
-    # step (kernels/adamw.py): the clip costs one norm pass over the gradients, no scaling pass.
+    # step (fasttrain_kernels/adamw.py): the clip costs one norm pass over the gradients, no scaling pass.
     adamw: Literal["auto", True, False] = "auto"
 
 

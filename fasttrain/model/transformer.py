@@ -230,7 +230,7 @@ def rms_norm_module(cfg: ModelConfig, kernel: bool) -> nn.Module:
     """An RMSNorm over d_model: the fused Triton kernel's module, or the PyTorch one."""
     if not kernel:
         return ResidualRMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    from kernels.rms_norm import RMSNorm  # needs Triton, so only when asked for
+    from fasttrain_kernels.rms_norm import RMSNorm  # needs Triton, so only when asked for
 
     return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 

@@ -133,7 +133,7 @@ def kernels_on(
         mode = "compiled" if compiled else "eager"
         measured = {op: lookup(entries, capability, op, mode, shape) for op, shape in (shapes or {}).items()}
         auto = {op: m is not None and m.use for op, m in measured.items()}
-    else:  # kernels/ imports triton even for its PyTorch path
+    else:  # fasttrain_kernels/ imports triton even for its PyTorch path
         auto = {"linear_cross_entropy": precision == "bf16" and importlib.util.find_spec("triton") is not None}
     on = {op: getattr(cfg, op) is True or (getattr(cfg, op) == "auto" and auto.get(op, False)) for op in OPS}
     return Kernels(

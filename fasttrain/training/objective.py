@@ -88,12 +88,14 @@ class NextTokenLoss(nn.Module):
 
         `grad_scale` (a scalar tensor): the factor the caller will multiply the loss by before
         its backward. The fused loss folds it into the gradients it computes in the forward, so
-        that backward has no pass left to make (see kernels/linear_cross_entropy.py); the loss
+        that backward has no pass left to make (see fasttrain_kernels/linear_cross_entropy.py); the loss
         returned is not multiplied by it. The unfused loss has no use for it and ignores it.
         """
         valid = targets != IGNORE_INDEX
         if self.fused:
-            from kernels.linear_cross_entropy import linear_cross_entropy  # needs Triton, so only when asked for
+            from fasttrain_kernels.linear_cross_entropy import (
+                linear_cross_entropy,  # needs Triton, so only when asked for
+            )
 
             loss, correct = linear_cross_entropy(
                 self.model.hidden(tokens, documents).flatten(0, 1),

@@ -26,13 +26,13 @@ from torch import nn
 from fasttrain.config import OptimConfig
 from fasttrain.system.device import native_bf16
 from fasttrain.system.errors import UsageError
-from kernels.newton_schulz import newton_schulz_reference
+from fasttrain_kernels.newton_schulz import newton_schulz_reference
 
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
     from torch.optim.optimizer import ParamsT
 
-    from kernels.adamw import FusedAdamW
+    from fasttrain_kernels.adamw import FusedAdamW
 
     _MuonBase = torch.optim.Muon
 else:  # torch.optim.Muon is torch 2.9's; without it build_optimizer refuses "muon" before building one
@@ -191,7 +191,7 @@ def _adamw(
 ) -> torch.optim.Optimizer:
     """torch's AdamW (fused on CUDA), or kernels.FusedAdamW with the clipping in its step if `clip`."""
     if kernel:
-        from kernels.adamw import FusedAdamW  # needs Triton, so only when asked for
+        from fasttrain_kernels.adamw import FusedAdamW  # needs Triton, so only when asked for
 
         return FusedAdamW(
             groups,

@@ -1,7 +1,7 @@
 """Our kernels inside a Hugging Face transformers model, in one call (as Liger-Kernel's
 apply_liger_kernel_to_llama does for its own):
 
-    from kernels import patch_hf_model
+    from fasttrain_kernels import patch_hf_model
     model = patch_hf_model(AutoModelForCausalLM.from_pretrained(...))
 
 Every RMSNorm module becomes kernels.RMSNorm, sharing its weight (the state dict and any optimizer
@@ -15,7 +15,7 @@ Patching a patched model changes nothing.
 
 The model is read by duck typing (a `.model` that returns `last_hidden_state`, an `.lm_head`, a
 `config.model_type`): this module imports transformers only to build the output a patched forward
-returns, so kernels/ still needs nothing but torch and triton.
+returns, so fasttrain_kernels/ still needs nothing but torch and triton.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.linear_cross_entropy import linear_cross_entropy
-from kernels.rms_norm import RMSNorm
+from fasttrain_kernels.linear_cross_entropy import linear_cross_entropy
+from fasttrain_kernels.rms_norm import RMSNorm
 
 # Families whose RMSNorm is weight x normalised x (Gemma's is (1 + weight) x ..., so it is not here)
 # and whose head is a plain linear layer without a softcap.

@@ -43,7 +43,7 @@ what it announced, which the device skips.
 
 Two cases recompute instead (chunked the same way, in the backward):
 reduction="none", where each row's incoming gradient is only known then, and
-fp16, for the underflow reason given in kernels/cross_entropy.py. That costs
+fp16, for the underflow reason given in fasttrain_kernels/cross_entropy.py. That costs
 one more projection, 8 N H V in all. There `grad_scale` changes nothing: the
 incoming gradient is folded in when the gradient is computed.
 
@@ -59,9 +59,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._backend import library_op
-from kernels._specialization import HIDDEN_SIZES, PRECISIONS, VOCAB_SIZES, Specialization, choices
-from kernels.cross_entropy import (
+from fasttrain_kernels._backend import library_op
+from fasttrain_kernels._specialization import HIDDEN_SIZES, PRECISIONS, VOCAB_SIZES, Specialization, choices
+from fasttrain_kernels.cross_entropy import (
     IGNORE_INDEX,
     _grad_op,
     _rows_op,

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._backend import gpu_properties, library_op, num_warps_for, use_triton
-from kernels._specialization import COMPUTE_DTYPES, EXAMPLE_ROWS, VOCAB_SIZES, Specialization, choices
+from fasttrain_kernels._backend import gpu_properties, library_op, num_warps_for, use_triton
+from fasttrain_kernels._specialization import COMPUTE_DTYPES, EXAMPLE_ROWS, VOCAB_SIZES, Specialization, choices
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum", "none")

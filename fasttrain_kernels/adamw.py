@@ -9,7 +9,7 @@ folded in), moments m and v, and step t (counted per parameter, as torch does):
     p = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
 
 The update is bound by memory traffic: in fp32 it reads p, g, m, v and writes p, m,
-v, 28 bytes per parameter, in a single pass (kernels/_multi_tensor.py spreads every
+v, 28 bytes per parameter, in a single pass (fasttrain_kernels/_multi_tensor.py spreads every
 tensor of a group over the programs of one launch). lr and the steps are device
 tensors read by the kernel, so a step never waits for the host; with `lr` given as a
 tensor (updated in place) a step can be captured in a CUDA graph.
@@ -25,7 +25,7 @@ noise per weight, and the outcome depends on a random stream. Master weights are
 deterministic and match fp32 AdamW, for 27% more traffic and 4 more bytes per parameter.
 
 Gradient clipping folds in: with `max_grad_norm`, the step computes the global
-norm (kernels/clip_grad_norm.py, one read of the gradients) and scales each
+norm (fasttrain_kernels/clip_grad_norm.py, one read of the gradients) and scales each
 gradient as it loads it, so clipping costs the norm pass only.
 """
 
@@ -40,10 +40,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import _multi_tensor
-from kernels._backend import use_triton
-from kernels._specialization import Specialization
-from kernels.clip_grad_norm import clip_coefficient, grad_norm
+from fasttrain_kernels import _multi_tensor
+from fasttrain_kernels._backend import use_triton
+from fasttrain_kernels._specialization import Specialization
+from fasttrain_kernels.clip_grad_norm import clip_coefficient, grad_norm
 
 PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP32_STATE = ("exp_avg", "exp_avg_sq", "master_param")  # kept fp32 whatever the parameter's dtype

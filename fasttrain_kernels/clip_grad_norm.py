@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import _multi_tensor
-from kernels._backend import use_triton
-from kernels._specialization import Specialization
+from fasttrain_kernels import _multi_tensor
+from fasttrain_kernels._backend import use_triton
+from fasttrain_kernels._specialization import Specialization
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def _scale_kernel(rows_ptr, chunks_ptr, coefficient_ptr, grad_type_ptr, CHUNK: t
 
 
 def _constexprs() -> dict[str, int]:
-    """Both kernels' compile-time arguments: the work split of kernels/_multi_tensor.py."""
+    """Both kernels' compile-time arguments: the work split of fasttrain_kernels/_multi_tensor.py."""
     return dict(CHUNK=_multi_tensor.CHUNK, BLOCK=_multi_tensor.BLOCK)
 
 

@@ -1,10 +1,10 @@
 """Compile every Triton kernel variant for real GPU targets on a machine without a GPU, and table what each needs.
 
-    python -m kernels.inspect [--arch sm_80|sm_90|all] [--json]
+    python -m fasttrain_kernels.inspect [--arch sm_80|sm_90|all] [--json]
 
 Triton compiles for a CUDA target without a driver: `triton.compile` lowers a
 kernel to PTX and assembles it with the ptxas that ships with Triton. The
-variants are those the launchers choose (see kernels/_specialization.py); for each
+variants are those the launchers choose (see fasttrain_kernels/_specialization.py); for each
 the table gives num_warps, registers per thread, spilled bytes (registers stored
 to local memory because they did not fit) and shared memory per program: what
 decides whether a kernel fits a GPU and how many programs share an SM.
@@ -43,8 +43,8 @@ from dataclasses import dataclass
 
 import triton
 
-from kernels import _backend
-from kernels._specialization import Specialization, divisible_by_16, triton_type
+from fasttrain_kernels import _backend
+from fasttrain_kernels._specialization import Specialization, divisible_by_16, triton_type
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class Result:
 @functools.cache
 def all_specializations() -> list[Specialization]:
     """Every distinct variant the launchers of MODULES compile."""
-    found = [s for module in MODULES for s in importlib.import_module(f"kernels.{module}").specializations()]
+    found = [s for module in MODULES for s in importlib.import_module(f"fasttrain_kernels.{module}").specializations()]
     return list({s.key: s for s in found}.values())
 
 
@@ -219,7 +219,7 @@ def format_table(results: list[Result]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.inspect", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fasttrain_kernels.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sm_90", help="sm_80, sm_90 or all (default sm_90)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     parser.add_argument(

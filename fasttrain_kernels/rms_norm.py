@@ -50,8 +50,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._backend import gpu_properties, library_op, num_warps_for, use_triton
-from kernels._specialization import EXAMPLE_ROWS, HIDDEN_SIZES, PRECISIONS, Specialization, choices
+from fasttrain_kernels._backend import gpu_properties, library_op, num_warps_for, use_triton
+from fasttrain_kernels._specialization import EXAMPLE_ROWS, HIDDEN_SIZES, PRECISIONS, Specialization, choices
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HIDDEN = 65536  # a program holds a whole row in registers
@@ -422,7 +422,7 @@ def specializations() -> list[Specialization]:
 
 # ----------------------------------------------------------------------------- torch.library ops
 # Opaque to torch.compile, which calls them without a graph break; the fakes give it shapes and dtypes.
-# Eager calls skip the op and call the function (kernels/_backend.py, LibraryOp).
+# Eager calls skip the op and call the function (fasttrain_kernels/_backend.py, LibraryOp).
 
 
 @library_op("fasttrain::rms_norm_forward")

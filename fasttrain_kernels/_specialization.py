@@ -6,7 +6,7 @@ int is i32, or i64 when its value needs it; a float is fp32). Each kernel module
 `specializations()` lists those its launchers choose for the ranges below, by
 calling the launchers' own choice functions on every size in them (a size maps to
 one BLOCK, many sizes to the same one: the set is deduplicated), so the list cannot
-drift from what runs. `python -m kernels.inspect` compiles the list for GPU targets.
+drift from what runs. `python -m fasttrain_kernels.inspect` compiles the list for GPU targets.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._backend import INTERPRETING, use_triton
-from kernels._specialization import Specialization
+from fasttrain_kernels._backend import INTERPRETING, use_triton
+from fasttrain_kernels._specialization import Specialization
 
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's: (a, b, c) above
 # 128 x 128 output tiles, K in steps of 64: two 16 KB input tiles per pipeline stage.
