@@ -21,7 +21,7 @@ from torch import nn
 from fasttrain.config import Config, config_to_toml
 from fasttrain.data.loader import TokenLoader, reshard
 from fasttrain.system import distributed
-from fasttrain.system.atomic import write_atomically
+from fasttrain.system.atomic import sync_directory, write_atomically
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import other_holder
 from fasttrain.training import checksums, sharded_files
@@ -56,15 +56,6 @@ def make_directory(path: Path) -> None:
         path.mkdir(parents=True)
     except OSError as e:
         raise UsageError(f"{path}: cannot save checkpoint ({e.strerror or e})") from None
-
-
-def sync_directory(path: Path) -> None:
-    """fsync the directory `path`: the names in it (a renamed folder, new files) survive a power cut."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def dcp_exception() -> type[BaseException]:
