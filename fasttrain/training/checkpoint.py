@@ -305,6 +305,7 @@ class Checkpointer:
         """Make the run directory ready for a new run: every rank checks (check_new_run), rank 0 claims it
         with `start`."""
         check_new_run(self.directory.parent, overwrite)
+        distributed.barrier(self.world)  # no rank checks a directory that rank 0 has begun to set aside
         if start is not None:
             start.claim(overwrite)
         distributed.barrier(self.world)

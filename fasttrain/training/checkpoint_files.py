@@ -27,7 +27,6 @@ file, not a silently different model.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from fasttrain.config import Config, parse_config
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
 from fasttrain.training import checksums, sharded_files
-from fasttrain.training.run_directory import REPLACED, set_aside_note
+from fasttrain.training.run_directory import discard_set_aside, set_aside_note
 from fasttrain.training.saves import clear_stale, is_sharded, path_for, point, pointed, remove, saved_steps
 
 REQUIRED_KEYS = ("model", "optimizer", "step", "config")  # what marks a file as a fasttrain checkpoint
@@ -67,7 +66,7 @@ def publish(directory: Path, path: Path, keep_last: int, best: bool, keep: Path 
     for old in saved:
         if old not in kept:
             remove(old)
-    shutil.rmtree(directory.parent / REPLACED, ignore_errors=True)  # the new run's first save is complete
+    discard_set_aside(directory.parent)  # the new run's first save is complete: the run it replaces goes
     return path
 
 
