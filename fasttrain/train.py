@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fasttrain.checkpoints.checkpoint_files import resolve
-from fasttrain.checkpoints.run_directory import REPLACED, put_back_replaced
+from fasttrain.checkpoints.run_directory import REPLACED, finish_overwrite
 from fasttrain.checkpoints.saves import saved_steps
 from fasttrain.config import Config, add_config_arguments, config_from_args, config_overrides, shipped
 from fasttrain.evaluate import score_tasks
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = None
     world = distributed.world_from_env()
     # Before anything reads the directory: Trainer's process group then holds the other ranks until this is done.
-    note = put_back_replaced(cfg.train.out_dir) if world.is_main else None
+    note = finish_overwrite(cfg.train.out_dir) if world.is_main else None
     if note and not args.quiet:
         print(f"note: {note}")
     try:
@@ -182,7 +182,7 @@ def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | N
     if spec != AUTO_OR_NEW:
         return spec
     # A damaged pointer: the resume says so. Saves without one: the first save was killed before its pointer. A run
-    # an --overwrite start set aside is rank 0's to put back (put_back_replaced): another rank may look while it
+    # an --overwrite start set aside is rank 0's to put back (finish_overwrite): another rank may look while it
     # does, so where it was first, then where it goes (a rename between the two looks is seen by the second).
     if any(
         os.path.lexists(d / "latest") or saved_steps(d)

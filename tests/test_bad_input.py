@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fasttrain import cli, doctor, evaluate, export, plot, prepare, sample, train
+from fasttrain.checkpoints.run_directory import SET_ASIDE, write_journal
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
 from tests.test_lm_eval import faulty_task, with_lm_eval, wordlevel_run, wordlevel_training
@@ -87,8 +88,10 @@ def overwrite_killed(c: Case) -> Path:
     earlier run's files in .replaced-by-overwrite/, the new run's config and metrics beside it."""
     run = c.run_copy()
     (run / ".replaced-by-overwrite").mkdir()
-    for name in ("checkpoints", "final", "metrics.jsonl", "config.toml"):
+    names = ["checkpoints", "final", "metrics.jsonl", "config.toml"]
+    for name in names:
         (run / name).rename(run / ".replaced-by-overwrite" / name)
+    write_journal(run, SET_ASIDE, names)  # the record the start left: every name moved
     shutil.copy(run / ".replaced-by-overwrite" / "config.toml", run / "config.toml")
     (run / "metrics.jsonl").write_text("")
     return run

@@ -43,7 +43,7 @@ from fasttrain.checkpoints.saves import (
 from fasttrain.config import Config, config_to_toml
 from fasttrain.data.loader import TokenLoader, reshard
 from fasttrain.system import distributed
-from fasttrain.system.atomic import write_atomically
+from fasttrain.system.atomic import sync_directory, write_atomically
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import other_holder
 from fasttrain.training.optimizers import Updater
@@ -56,15 +56,6 @@ def make_directory(path: Path) -> None:
         path.mkdir(parents=True)
     except OSError as e:
         raise UsageError(f"{path}: cannot save checkpoint ({e.strerror or e})") from None
-
-
-def sync_directory(path: Path) -> None:
-    """fsync the directory `path`: the names in it (a renamed folder, new files) survive a power cut."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def dcp_exception() -> type[BaseException]:
@@ -314,6 +305,7 @@ class Checkpointer:
         """Make the run directory ready for a new run: every rank checks (check_new_run), rank 0 claims it
         with `start`."""
         check_new_run(self.directory.parent, overwrite)
+        distributed.barrier(self.world)  # no rank checks a directory that rank 0 has begun to set aside
         if start is not None:
             start.claim(overwrite)
         distributed.barrier(self.world)

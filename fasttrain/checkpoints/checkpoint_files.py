@@ -27,14 +27,13 @@ file, not a silently different model.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fasttrain.checkpoints import checksums, sharded_files
-from fasttrain.checkpoints.run_directory import REPLACED, set_aside_note
+from fasttrain.checkpoints.run_directory import discard_set_aside, set_aside_note
 from fasttrain.checkpoints.saves import clear_stale, is_sharded, path_for, point, pointed, remove, saved_steps
 from fasttrain.config import Config, parse_config
 from fasttrain.system.atomic import write_atomically
@@ -67,7 +66,7 @@ def publish(directory: Path, path: Path, keep_last: int, best: bool, keep: Path 
     for old in saved:
         if old not in kept:
             remove(old)
-    shutil.rmtree(directory.parent / REPLACED, ignore_errors=True)  # the new run's first save is complete
+    discard_set_aside(directory.parent)  # the new run's first save is complete: the run it replaces goes
     return path
 
 

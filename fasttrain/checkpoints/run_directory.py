@@ -1,5 +1,6 @@
 """A run directory and a run's start in it: the checks that a new run may start there or a resumed one go on
-there, what an --overwrite start sets aside and puts back (RunStart), and the tokenizer a run keeps.
+there, what an --overwrite start sets aside and puts back (RunStart; journalled, so that a start killed at any
+point is finished or undone exactly by the next), and the tokenizer a run keeps.
 
 Its checkpoints/ holds the run's saves (saves.py); the rest of what a run and the tools write at its top is
 RUN_FILES.
@@ -8,12 +9,14 @@ RUN_FILES.
 from __future__ import annotations
 
 import contextlib
+import glob
+import json
 import os
 import shutil
 from pathlib import Path
 
-from fasttrain.checkpoints.saves import remove, saved_steps, step_of
-from fasttrain.system.atomic import write_atomically
+from fasttrain.checkpoints.saves import saved_steps, step_of
+from fasttrain.system.atomic import read_regular, sync_directory, write_atomically
 from fasttrain.system.errors import RunStopped, UsageError
 from fasttrain.system.run_lock import LOCK_FILE, locked, other_holder
 from fasttrain.training.metrics import WANDB_ID_FILE
@@ -33,21 +36,35 @@ RUN_FILES = (
     "curves.png",
 )
 REPLACED = ".replaced-by-overwrite"  # the earlier run's RUN_FILES, until the new run's first complete save
+DISCARDED = ".discarded-by-overwrite"  # the new run's RUN_FILES on their way out while the earlier run is put back
+# The journal of an --overwrite start: the phase it is in and the names of the earlier run's RUN_FILES. Each phase
+# is written (file and directory fsync'd) before the first move or deletion it announces, and the journal is
+# removed last, so the next start knows which entries are whose and finishes the phase (settle).
+JOURNAL = ".overwrite.json"
+SETTING_ASIDE = "setting-aside"  # moving the names into REPLACED; the new run has written nothing yet
+SET_ASIDE = "set-aside"  # all moved: every RUN_FILES entry at the top is now the new run's
+PUTTING_BACK = "putting-back"  # the new run's entries into DISCARDED, the names back from REPLACED
+DISCARDING = "discarding"  # the new run has a complete save: REPLACED is being deleted
+PHASES = (SETTING_ASIDE, SET_ASIDE, PUTTING_BACK, DISCARDING)
+# What a start writes at the top through a temporary `.NAME.PID.tmp` (write_atomically): one killed in the middle
+# of a write leaves that file, which the next start removes (finish_overwrite).
+WRITTEN_ATOMICALLY = ("config.toml", "tokenizer.json", WANDB_ID_FILE, JOURNAL)
 
 
 def check_new_run(run_dir: Path, overwrite: bool) -> None:
     """UsageError if a new run cannot start in `run_dir`: its checkpoints/ holds another run's saves (unless
-    `overwrite`), or is not a directory."""
+    `overwrite`), or is not a directory, or an --overwrite start there stopped halfway."""
     directory = run_dir / "checkpoints"
     if directory.exists() and not directory.is_dir():  # found now, not at the first save after training
         raise UsageError(
             f"{directory}: is not a directory, so no checkpoint can be saved there; move it away "
             "or set train.out_dir elsewhere"
         )
-    if (run_dir / REPLACED).is_dir():  # `train` puts it back first (put_back_replaced): another start left it
+    left = run_dir / JOURNAL if os.path.lexists(run_dir / JOURNAL) else run_dir / REPLACED
+    if os.path.lexists(left):  # `train` finishes it first (finish_overwrite): another start left it
         raise UsageError(
-            f"{run_dir / REPLACED}: holds the run an --overwrite start set aside and stopped before "
-            "its first checkpoint; `python -m fasttrain.train` puts it back when it starts there"
+            f"{left}: left by an --overwrite start stopped before its first checkpoint; `python -m fasttrain.train` "
+            "puts the earlier run back (or finishes replacing it) when it starts there"
         )
     saved = saved_steps(directory)
     if saved and not overwrite:
@@ -64,18 +81,21 @@ class RunStart:
     check that can refuse the run comes before it (Trainer.train); it is made before the run's lock creates
     the directory.
 
-    `claim(overwrite=True)` moves the earlier run's RUN_FILES into REPLACED, where they stay until the new run
-    has a checkpoint that can be resumed: its first complete save deletes them (`publish`; for a background
-    save, once its write is done), as does a run that ends without error (its final/ weights). Until then the
-    earlier run is put back (`put_back`) by a start that fails, before its first step or after it, and, after
-    a start killed outright, by the next `train` in the directory (put_back_replaced), before it decides
-    what to resume: --overwrite replaces a run only once the new one has something to show for it."""
+    `claim(overwrite=True)` moves the earlier run's RUN_FILES into REPLACED (set_aside), where they stay until
+    the new run has a checkpoint that can be resumed: its first complete save deletes them (`publish`; for a
+    background save, once its write is done), as does a run that ends without error (its final/ weights). Until
+    then the earlier run is put back by a start that fails, before its first step or after it, and, after a
+    start killed outright, by the next `train` in the directory (finish_overwrite), before it decides what to
+    resume: --overwrite replaces a run only once the new one has something to show for it. Meanwhile `sample`,
+    `evaluate`, `export` and `--resume` name the folder the earlier run is in (set_aside_note). Every move and
+    deletion of the set-aside, the put-back and the deletion is journalled (JOURNAL): a kill at any point
+    leaves the earlier run whole, or the new run whole once it has saved, never a mix of the two."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.created = [d for d in (run_dir, *run_dir.parents) if not os.path.lexists(d)]  # the lock makes them
         self.lock_existed = os.path.lexists(run_dir / LOCK_FILE)
-        self.set_aside = self.done = False
+        self.replacing = self.done = False
         self.files: dict[str, bytes | None] | None = None  # what `record` found
         self.metrics_size: int | None = None
         self.tensorboard: set[str] | None = None
@@ -83,13 +103,9 @@ class RunStart:
     def claim(self, overwrite: bool) -> None:
         """Clear the directory for a new run (checked first: check_new_run): set the earlier run aside if
         `overwrite`."""
-        replaced = self.run_dir / REPLACED
         if overwrite:
-            replaced.mkdir()
-            self.set_aside = True
-            for name in RUN_FILES:
-                if os.path.lexists(self.run_dir / name):
-                    os.rename(self.run_dir / name, replaced / name)
+            self.replacing = True  # before the first move: a start failing in the middle of them is undone too
+            set_aside(self.run_dir)
 
     def record(self) -> None:
         """Note what the start is about to change: config.toml, tokenizer.json and the W&B run id (rewritten),
@@ -112,11 +128,12 @@ class RunStart:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: object) -> None:
         if error is None:  # the run ended whole, with its final/ weights
-            shutil.rmtree(self.run_dir / REPLACED, ignore_errors=True)
+            if self.replacing:
+                discard_set_aside(self.run_dir)
         elif not self.done and not isinstance(error, RunStopped):  # a stop saves a checkpoint: that stays
             self.undo()
-        elif self.set_aside and other_holder(self.run_dir) is None:  # not a directory another run took over
-            put_back(self.run_dir)
+        elif self.replacing and other_holder(self.run_dir) is None:  # not a directory another run took over
+            settle(self.run_dir)
 
     def undo(self) -> None:
         """Take back what the start changed (see record), put back what it set aside, and remove the lock
@@ -139,8 +156,8 @@ class RunStart:
             elif tensorboard.is_dir():
                 for name in set(os.listdir(tensorboard)) - self.tensorboard:
                     (tensorboard / name).unlink(missing_ok=True)
-        if self.set_aside:
-            put_back(d)
+        if self.replacing:
+            settle(d)
         if not self.lock_existed:
             (d / LOCK_FILE).unlink(missing_ok=True)
         for directory in self.created:  # the deepest first
@@ -148,35 +165,134 @@ class RunStart:
                 directory.rmdir()
 
 
-def put_back(run_dir: Path) -> bool:
-    """Finish what an --overwrite start in `run_dir` left in REPLACED (rank 0, holding the run's lock). Before
-    the new run's first complete save (or its final/ weights) the earlier run is put back, the new run's files
-    deleted (they hold no checkpoint: nothing to resume); after it, the set-aside run is deleted (a start
-    killed between the two). Returns whether the earlier run was put back."""
+def set_aside(run_dir: Path) -> None:
+    """Move the earlier run's RUN_FILES in `run_dir`, if any, into REPLACED (rank 0, holding the run's lock).
+    Their names are journalled before the first move, so a start killed between two moves is undone by the
+    next (settle), and only once all are moved is a RUN_FILES entry at the top the new run's."""
+    names = [name for name in RUN_FILES if os.path.lexists(run_dir / name)]
+    if not names:
+        return
+    write_journal(run_dir, SETTING_ASIDE, names)
     replaced = run_dir / REPLACED
-    if not replaced.is_dir():
+    replaced.mkdir()
+    for name in names:
+        os.rename(run_dir / name, replaced / name)
+    sync_directory(replaced)
+    sync_directory(run_dir)  # the moves out of it on disk before the phase that makes the top the new run's
+    write_journal(run_dir, SET_ASIDE, names)
+
+
+def settle(run_dir: Path) -> bool:
+    """Finish what an --overwrite start in `run_dir` left unfinished, as its journal says (rank 0, holding the
+    run's lock): the earlier run is put back, unless the new run has a complete save, which it keeps (the earlier
+    run is deleted). A save is renamed into place whole, and once the earlier run is wholly set aside every save
+    at the top is the new run's. Returns whether the earlier run was put back."""
+    journal = read_journal(run_dir)
+    if journal is None:
         return False
-    if saved_steps(run_dir / "checkpoints") or (run_dir / "final").is_dir():  # a save is renamed into place whole
-        shutil.rmtree(replaced)
+    phase, names = journal
+    if phase == DISCARDING or (phase == SET_ASIDE and saved_steps(run_dir / "checkpoints")):
+        discard(run_dir, phase, names)
         return False
-    for name in RUN_FILES:
-        if os.path.lexists(run_dir / name):
-            remove(run_dir / name)
-    for name in os.listdir(replaced):
-        os.replace(replaced / name, run_dir / name)
-    os.rmdir(replaced)
+    put_back(run_dir, phase, names)
     return True
 
 
-def put_back_replaced(run_dir: str | os.PathLike[str]) -> str | None:
-    """What `train` does first, on rank 0: put back the run an --overwrite start killed before its first
-    checkpoint set aside (put_back), unless another process holds the directory (a start still under way:
-    its own lock check refuses). Returns a note when a run was put back."""
-    run_dir = Path(run_dir)
-    if not (run_dir / REPLACED).is_dir() or other_holder(run_dir) is not None:
+def put_back(run_dir: Path, phase: str, names: list[str]) -> None:
+    """Put the earlier run's `names` back from REPLACED, journalled in `phase`. The new run's entries at the top
+    (any RUN_FILES entry there but one of `names` that is not in REPLACED: back already, or never moved) go into
+    DISCARDED first; it is deleted once the earlier run is whole again. Each move checks where its entry is, so
+    a put-back killed at any point is finished by the next."""
+    if phase != PUTTING_BACK:  # before any move: a save back at the top must not read as the new run's
+        write_journal(run_dir, PUTTING_BACK, names)
+    replaced, discarded = run_dir / REPLACED, run_dir / DISCARDED
+    discarded.mkdir(exist_ok=True)
+    for name in RUN_FILES:
+        here, aside = run_dir / name, replaced / name
+        earlier = name in names and os.path.lexists(aside)
+        if os.path.lexists(here) and (earlier or name not in names):  # the new run's
+            os.rename(here, discarded / name)
+        if earlier:
+            os.rename(aside, here)
+    sync_directory(run_dir)
+    shutil.rmtree(discarded)
+    if replaced.is_dir():
+        if os.listdir(replaced):
+            raise UsageError(
+                f"{replaced}: holds {', '.join(sorted(os.listdir(replaced)))} besides the files an --overwrite start "
+                f"set aside, which are back in {run_dir}; move them away"
+            )
+        replaced.rmdir()
+    (run_dir / JOURNAL).unlink()
+    sync_directory(run_dir)
+
+
+def discard(run_dir: Path, phase: str, names: list[str]) -> None:
+    """Delete the earlier run set aside in REPLACED (the new run has a complete save), journalled in `phase`:
+    a deletion killed halfway is finished by the next start."""
+    if phase != DISCARDING:
+        write_journal(run_dir, DISCARDING, names)
+    shutil.rmtree(run_dir / REPLACED, ignore_errors=True)
+    if not os.path.lexists(run_dir / REPLACED):  # else (a permission refused) the next start tries again
+        (run_dir / JOURNAL).unlink()
+        sync_directory(run_dir)
+
+
+def discard_set_aside(run_dir: Path) -> None:
+    """The new run in `run_dir` has a complete save (or its final/ weights): delete the run its --overwrite start
+    set aside, if one is wholly set aside (rank 0). Cheap when there is none: every save asks."""
+    journal = read_journal(run_dir)
+    if journal is not None and journal[0] in (SET_ASIDE, DISCARDING):
+        if (run_dir / "checkpoints").is_dir():  # the save's rename on disk before the phase that trusts it
+            sync_directory(run_dir / "checkpoints")
+        discard(run_dir, *journal)
+
+
+def write_journal(run_dir: Path, phase: str, names: list[str]) -> None:
+    """Record `phase` and the earlier run's `names` in the journal, on disk before this returns."""
+    data = json.dumps({"phase": phase, "names": names}).encode()
+    write_atomically(run_dir / JOURNAL, lambda f: f.write(data), what="record what --overwrite moves")
+    sync_directory(run_dir)
+
+
+def read_journal(run_dir: Path) -> tuple[str, list[str]] | None:
+    """The phase and names the journal in `run_dir` records; None without one. UsageError if it is not one
+    fasttrain wrote."""
+    path = run_dir / JOURNAL
+    if not os.path.lexists(path):
         return None
+    try:
+        record = json.loads(read_regular(path, 4096, "record of an --overwrite"))
+        phase, names = record["phase"], record["names"]
+    except (ValueError, KeyError, TypeError):  # a UnicodeDecodeError is a ValueError
+        phase, names = None, None
+    if phase not in PHASES or not isinstance(names, list) or not all(name in RUN_FILES for name in names):
+        raise UsageError(
+            f"{path}: not the record of an --overwrite start (its phase and the names it moves); "
+            f"put back by hand what {run_dir / REPLACED} holds, or delete it, then remove {path}"
+        )
+    return phase, names
+
+
+def finish_overwrite(run_dir: str | os.PathLike[str]) -> str | None:
+    """What `train` does first, on rank 0: finish what an --overwrite start in `run_dir` killed halfway left
+    (settle), and remove the temporary files a start killed while writing one left at the top (WRITTEN_ATOMICALLY),
+    unless another process holds the directory (a start still under way: its own lock check refuses). Returns
+    a note when the earlier run was put back."""
+    run_dir = Path(run_dir)
+    stale = [p for name in WRITTEN_ATOMICALLY for p in run_dir.glob(f".{glob.escape(name)}.*.tmp")]
+    journal = os.path.lexists(run_dir / JOURNAL)
+    if not (stale or journal or (run_dir / REPLACED).is_dir()) or other_holder(run_dir) is not None:
+        return None
+    if not journal and (run_dir / REPLACED).is_dir():  # nothing says which files are whose: none is moved
+        raise UsageError(
+            f"{run_dir / REPLACED}: holds files an --overwrite start set aside with no record of which or how far "
+            f"it got (an earlier fasttrain's); move back into {run_dir} those of the run to keep, then remove it"
+        )
     with locked(run_dir):
-        if not put_back(run_dir):
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if not settle(run_dir):
             return None
     return (
         f"{run_dir / REPLACED}: put back the run an --overwrite start had set aside (that start was stopped "
@@ -190,10 +306,12 @@ def set_aside_note(directory: Path) -> str:
     aside = directory.parent / REPLACED / "checkpoints"
     if directory.name != "checkpoints" or not (aside.is_dir() and saved_steps(aside)):
         return ""
-    return (
-        f"; the earlier run, set aside by an --overwrite start stopped before its first checkpoint, is in "
-        f"{aside} (the next `python -m fasttrain.train` there puts it back)"
+    then = (
+        "the next `python -m fasttrain.train` there puts it back"
+        if os.path.lexists(directory.parent / JOURNAL)
+        else "with no record of the set-aside: move it back by hand"
     )
+    return f"; the earlier run, set aside by an --overwrite start stopped before its first checkpoint, is in {aside} ({then})"
 
 
 def check_kept_tokenizer(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str]) -> None:

@@ -1,7 +1,8 @@
 """Safe file access: atomic replacement (a crash leaves either the old file or the new one, never half of
-one), run files opened without following links (a link planted as metrics.jsonl or .lock must not redirect
-a write, or a truncation, to its target), and small files read only when they are regular files of bounded
-size (a FIFO would hang the read, /dev/zero would never end it)."""
+one), directories synced (a rename in them survives a power cut), run files opened without following links
+(a link planted as metrics.jsonl or .lock must not redirect a write, or a truncation, to its target), and
+small files read only when they are regular files of bounded size (a FIFO would hang the read, /dev/zero
+would never end it)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,15 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], o
             tmp.unlink(missing_ok=True)
         raise UsageError(f"{path}: cannot {what} ({error.strerror or error})") from None
     return path
+
+
+def sync_directory(path: str | os.PathLike[str]) -> None:
+    """fsync the directory `path`: the names in it (a renamed folder, new files) survive a power cut."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def open_regular(path: str | os.PathLike[str], flags: int, mode: int = 0o644) -> int:
