@@ -10,12 +10,14 @@ torch 2.13), one that fails to compile (as inductor's C++ compile does under ATE
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from fasttrain.config import shipped
 from fasttrain.system.errors import run_cli
 from fasttrain.train import main as train_main
 from fasttrain.training.objective import NextTokenLoss
@@ -104,3 +106,45 @@ def test_a_compile_that_fails_is_one_line_and_takes_the_start_back(pydoc_data, t
     code, out, err = train(tiny_args(pydoc_data, mine, *RUN), capsys)
     assert code == 2 and err.startswith("error: torch.compile could not compile")
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]  # one that existed keeps exactly what it had
+
+
+def test_a_dry_run_names_the_config_file_it_planned(pydoc_data, tmp_path, capsys, monkeypatch):
+    """A local file `base` wins over the shipped config of that name: the dry run said neither which."""
+    shipped_base = shipped.file_of("base")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base").write_text(shipped_base.read_text())
+    sets = tiny_args(pydoc_data, tmp_path / "run", config="base")
+    code, out, err = train([*sets, "--dry-run"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[0] == f"config: {tmp_path / 'base'} (a file here, not the shipped 'base')"
+    code, out, err = train([*sets, "--dry-run", "--json"], capsys)
+    assert code == 0 and json.loads(out)["config_file"] == str(tmp_path / "base")
+    (tmp_path / "base").unlink()
+    code, out, err = train([*sets, "--dry-run"], capsys)
+    assert code == 0 and out.splitlines()[0] == f"config: base (shipped, {shipped_base})"
+    code, out, err = train([*sets, "--dry-run", "--json"], capsys)
+    assert json.loads(out)["config_file"] == str(shipped_base)
+
+
+def test_a_copied_run_directory_says_its_config_writes_into_the_original(pydoc_data, tmp_path, capsys):
+    """train.out_dir is recorded absolute: the copy's config.toml trained into the original, silently."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    code, _, err = train(tiny_args(pydoc_data, original, "train.max_steps=2", "train.sample_tokens=0"), capsys)
+    assert code == 0, err
+    shutil.copytree(original, copy)
+    note = (
+        f"note: {copy / 'config.toml'} is the config of the run in {copy}, but its train.out_dir is {original}: "
+        f"this run reads and writes there (--set train.out_dir={copy} for the run in this folder)"
+    )
+    code, out, err = train([str(copy / "config.toml"), "--dry-run"], capsys)  # refused: the original is a run
+    assert code == 2 and note in out.splitlines() and "--overwrite" in err
+    code, out, err = train([str(copy / "config.toml"), "--dry-run", "--resume", "auto"], capsys)
+    assert code == 0 and note in out.splitlines()
+    code, out, err = train([str(copy / "config.toml"), "--dry-run", "--resume", "auto", "--json"], capsys)
+    assert code == 0 and json.loads(out) and err.splitlines() == [note]
+    code, out, err = train([str(copy / "config.toml"), "--resume", "auto"], capsys)  # at its end: evaluates again
+    assert code == 0 and note in out.splitlines()
+    # No note where the config is its own run's, or where --set chose the folder.
+    for args in ([str(original / "config.toml")], [str(copy / "config.toml"), "--set", f"train.out_dir={copy}"]):
+        code, out, err = train([*args, "--dry-run", "--resume", "auto"], capsys)
+        assert code == 0 and "note:" not in out
