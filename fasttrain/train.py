@@ -21,13 +21,22 @@ import importlib
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Sequence
 
 from fasttrain.checkpoints.checkpoint_files import resolve
 from fasttrain.checkpoints.run_directory import REPLACED, finish_overwrite
 from fasttrain.checkpoints.saves import saved_steps
-from fasttrain.config import Config, add_config_arguments, config_from_args, config_overrides, shipped
+from fasttrain.config import (
+    Config,
+    add_config_arguments,
+    config_from_args,
+    config_line,
+    config_overrides,
+    copied_run_note,
+    shipped,
+)
 from fasttrain.evaluate import score_tasks
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.system import distributed
@@ -74,10 +83,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"{'--json' if args.json else '--measure'}: only with --dry-run")
     cfg = config_from_args(args)
     if args.dry_run:
-        return dry_run(cfg, args.json, args.measure, args.resume, args.overwrite)
+        return dry_run(cfg, args)
     config_file, is_shipped = shipped.locate(args.config)
     if is_shipped and not args.quiet and distributed.world_from_env().is_main:
         print(f"config: {args.config} (shipped, {config_file})")
+    moved = copied_run_note(args, cfg)  # a copied run directory's config.toml names the original
+    if moved and not args.quiet and distributed.world_from_env().is_main:
+        print(f"note: {moved}")
     index = harness = None
     if cfg.eval.tasks:  # lm-eval missing, an include path or a task it cannot find: said now, not after the run
         harness = importlib.import_module("fasttrain.evaluation.harness")
@@ -126,13 +138,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def dry_run(cfg: Config, as_json: bool, measure_steps: int | None, resume: str | None, overwrite: bool) -> int:
-    """Print the plan of a run of `cfg` (rank 0 prints the world's), as a table or one JSON object with the
-    start event's keys; with `measure_steps`, time that many real steps too. Writes nothing: the data must be
-    prepared for a measurement (a plan says what would be prepared). Before the plan is printed, train.out_dir
-    gets the checks the run would make of it started with `resume` or `overwrite` (another run's checkpoints
-    there, a save to resume that is not there, another process using it, ...), each its own one line."""
+def dry_run(cfg: Config, args: argparse.Namespace) -> int:
+    """Print the plan of a run of `cfg` (rank 0 prints the world's), as a table after the config file's line, or
+    (--json) one JSON object with the start event's keys and `config_file` (its absolute path); with --measure N,
+    time N real steps too. Writes nothing: the data must be prepared for a measurement (a plan says what would be
+    prepared). Before the plan is printed, train.out_dir gets the checks the run would make of it started with
+    --resume or --overwrite (another run's checkpoints there, a save to resume that is not there, another process
+    using it, ...), each its own one line."""
+    as_json, measure_steps, resume, overwrite = args.json, args.measure, args.resume, args.overwrite
     world = distributed.world_from_env()
+    moved = copied_run_note(args, cfg)  # before a refusal of the directory it names, as the run says it
+    if world.is_main and not as_json:
+        print(config_line(args.config))
+    if world.is_main and moved:
+        print(f"note: {moved}", file=sys.stderr if as_json else sys.stdout)  # --json: the object alone on stdout
     device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
     plan = plan_run(cfg, world, device)
     spec = checkpoint_to_resume(resume, cfg.train.out_dir, quiet=True)
@@ -153,8 +172,9 @@ def dry_run(cfg: Config, as_json: bool, measure_steps: int | None, resume: str |
         finally:
             distributed.stop()
     if world.is_main:
+        config_file = os.path.abspath(shipped.locate(args.config)[0])
         print(
-            json.dumps({**plan.record(), **found})
+            json.dumps({"config_file": config_file, **plan.record(), **found})
             if as_json
             else "\n".join([plan_table(plan), *([measure_line(found)] if found else [])])
         )

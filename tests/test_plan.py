@@ -22,7 +22,7 @@ from tests.test_checkpoint import run_cli_code
 from tests.test_reliability_start import init_from
 
 pytestmark = pytest.mark.subprocess  # whole runs, if in this process
-VARIES = {"available_bytes"}  # what the device has free: read anew by each process
+VARIES = {"available_bytes", "config_file"}  # what the device has free: read anew; the file: the dry run's alone
 
 
 def dry_run(*args: str) -> tuple[int, str]:

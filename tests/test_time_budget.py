@@ -40,10 +40,10 @@ def timed(trainer: Trainer, durations: Iterable[float]) -> Trainer:
     durations, last = iter(durations), [0.0]
     real = trainer.accumulate_gradients
 
-    def accumulate():
+    def accumulate(*batches):
         last[0] = next(durations, last[0])
         trainer.clock.now += last[0]
-        return real()
+        return real(*batches)
 
     trainer.accumulate_gradients = accumulate
     return trainer

@@ -19,7 +19,13 @@ shipped.py (the configs that ship with fasttrain, found by name).
 Import from here: `from fasttrain.config import Config, load_config`.
 """
 
-from fasttrain.config.arguments import add_config_arguments, config_from_args, config_overrides
+from fasttrain.config.arguments import (
+    add_config_arguments,
+    config_from_args,
+    config_line,
+    config_overrides,
+    copied_run_note,
+)
 from fasttrain.config.loading import (
     MAX_CONFIG_BYTES,
     MAX_EXTENDS,
@@ -82,8 +88,10 @@ __all__ = [
     "add_config_arguments",
     "check_vocab",
     "config_from_args",
+    "config_line",
     "config_overrides",
     "config_to_toml",
+    "copied_run_note",
     "extended_path",
     "load_config",
     "parse_config",

@@ -78,3 +78,36 @@ def config_overrides(args: argparse.Namespace, *more: str) -> list[tuple[str, st
         if value is not None
     ]
     return [*[(OVERRIDE_SOURCE, item) for item in args.set], *flags, *[(OVERRIDE_SOURCE, item) for item in more]]
+
+
+def config_line(spec: str) -> str:
+    """Which file the config argument `spec` named, in one line: a shipped config's file, or a file here, named
+    as the shipped config it hides where it has a shipped config's name (a local `base` wins over the shipped)."""
+    from fasttrain.config import shipped
+
+    path, is_shipped = shipped.locate(spec)
+    if is_shipped:
+        return f"config: {spec} (shipped, {path})"
+    hidden = f" (a file here, not the shipped {spec!r})" if spec in shipped.available() else ""
+    return f"config: {os.path.abspath(path)}{hidden}"
+
+
+def copied_run_note(args: argparse.Namespace, cfg: Config) -> str | None:
+    """A note when the config file of `args` is a run directory's config.toml whose train.out_dir (recorded
+    absolute) is another folder, and no --set chose train.out_dir: a run directory copied elsewhere and trained
+    from its config.toml writes into the original, not the copy."""
+    from fasttrain.config import shipped
+
+    path, is_shipped = shipped.locate(args.config)
+    here = os.path.dirname(os.path.abspath(path))
+    is_run = os.path.isfile(os.path.join(here, "metrics.jsonl")) or os.path.isdir(os.path.join(here, "checkpoints"))
+    if is_shipped or os.path.basename(path) != "config.toml" or not is_run:
+        return None
+    if any(item.partition("=")[0].strip() == "train.out_dir" for _, item in config_overrides(args)):
+        return None
+    if os.path.realpath(cfg.train.out_dir) == os.path.realpath(here):
+        return None
+    return (
+        f"{path} is the config of the run in {here}, but its train.out_dir is {cfg.train.out_dir}: this run "
+        f"reads and writes there (--set train.out_dir={here} for the run in this folder)"
+    )

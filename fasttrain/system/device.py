@@ -7,7 +7,7 @@ import functools
 import importlib.util
 import random
 from dataclasses import dataclass, fields, replace
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
@@ -203,6 +203,28 @@ def compile_options(mode: str, coordinate_descent_tuning: bool) -> dict:
     if coordinate_descent_tuning:
         options["coordinate_descent_tuning"] = True
     return options
+
+
+@contextlib.contextmanager
+def compile_failures() -> Iterator[None]:
+    """A failure to compile the objective (inductor's C++ compiler missing or failing, a backend error) as one
+    UsageError line instead of torch's traceback of several screens: the run cannot go on compiled as asked."""
+    from torch._dynamo.exc import BackendCompilerFailed  # inductor's InductorError is one too
+
+    try:
+        yield
+    except BackendCompilerFailed as e:
+        inner = e.inner_exception
+        said = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
+        raise UsageError(
+            f"torch.compile could not compile the model ({type(inner).__name__}: {said[:200]}); "
+            "--set train.compile=false trains without compiling"
+        ) from None
+
+
+def uncompiled(eager: bool) -> contextlib.AbstractContextManager:
+    """Where compiled code runs as plain PyTorch if `eager` (torch.compile's "force_eager" stance), else as it is."""
+    return torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

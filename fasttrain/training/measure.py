@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from fasttrain.system.device import compile_failures
 from fasttrain.training.metrics import peak_flops
 from fasttrain.training.plan import RunPlan
 from fasttrain.training.schedule import format_duration
@@ -18,12 +19,13 @@ def measure(plan: RunPlan, steps: int) -> dict:
     caches). The Trainer is built as the run builds it, and nothing is saved: train.out_dir is not touched."""
     trainer = Trainer(plan.cfg, quiet=True, plan=plan)
     try:
-        trainer.step()
-        _synchronize(plan.device)
-        began = time.perf_counter()
-        for _ in range(steps):
+        with compile_failures():
             trainer.step()
-        _synchronize(plan.device)
+            _synchronize(plan.device)
+            began = time.perf_counter()
+            for _ in range(steps):
+                trainer.step()
+            _synchronize(plan.device)
         seconds = (time.perf_counter() - began) / steps
     finally:
         trainer.close()

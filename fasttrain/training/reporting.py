@@ -244,6 +244,15 @@ class Report:
             f"update skipped ({in_a_row} in a row, {self.cfg.recovery.max_skips} allowed)"
         )
 
+    def uncompiled(self, run: RunState, compiled_loss: float, loss: float) -> None:
+        """The compiled objective's step was not finite where the plain objective's was: the run goes on uncompiled."""
+        self.log.event("uncompiled", step=run.step, compiled_loss=compiled_loss, loss=loss)
+        self.log.print(
+            f"step {run.step}: the compiled model's loss or gradient norm is not finite (loss {compiled_loss}) "
+            f"where the uncompiled model's is (loss {loss:.4f}) on the same batch, a torch.compile fault on this "
+            "machine: training goes on uncompiled (--set train.compile=false skips compiling)"
+        )
+
     def diverged(self, run: RunState, in_a_row: int, has_checkpoint: bool) -> str:
         """Record the end of a diverged run; returns the message to stop with."""
         self.log.event("diverged", step=run.step, rollbacks=run.rollbacks)

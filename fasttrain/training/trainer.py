@@ -52,7 +52,15 @@ from fasttrain.model.weights import export_weights, read_hf_llama_weights
 from fasttrain.preparation.cache import ensure_prepared
 from fasttrain.preparation.tokenizer import Tokenizer
 from fasttrain.system import distributed
-from fasttrain.system.device import autocast, compile_options, seed_everything, use_attention, use_device
+from fasttrain.system.device import (
+    autocast,
+    compile_failures,
+    compile_options,
+    seed_everything,
+    uncompiled,
+    use_attention,
+    use_device,
+)
 from fasttrain.training.launch import check_start, opened
 from fasttrain.training.objective import LossSums, NextTokenLoss, batch_loss, counted_targets
 from fasttrain.training.optimizers import Updater
@@ -151,6 +159,9 @@ class Trainer:
             self._start_from_init()
         self.train_loader = self.loader("train", self.cfg.data.sampling, self.cfg.data.prefetch)
         self.compiling = self.compiled  # the first step of a compiled objective compiles it: not training time
+        # Until a compiled step comes out finite, a non-finite one is checked against the plain objective (step);
+        # `eager`: that check found the compiled code wrong, so the objective runs uncompiled from then on.
+        self.compile_trusted, self.eager = not self.compiled, False
         self.run = RunState()
         self.resumed_from: Path | None = None  # the checkpoint `resume` restored, for the start report
 
@@ -209,11 +220,12 @@ class Trainer:
         """The loss sums of batch (x, y) (B, T) through the objective. With data.document_mask, each
         end-of-text token in x starts a new document. `grad_scale`: what the loss will be multiplied
         by before the backward (see NextTokenLoss)."""
-        return batch_loss(
-            self.objective, x, y, self.tokenizer.eot_id if self.cfg.data.document_mask else None, grad_scale
-        )
+        with uncompiled(self.eager):
+            return batch_loss(
+                self.objective, x, y, self.tokenizer.eot_id if self.cfg.data.document_mask else None, grad_scale
+            )
 
-    def accumulate_gradients(self) -> torch.Tensor:
+    def accumulate_gradients(self, batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Forward and backward over the step's micro-batches; returns this rank's sums [loss, correct,
         counted] (3,) on the device.
 
@@ -221,9 +233,9 @@ class Trainer:
         on all ranks (times the world size, since the gradient reduction averages over
         ranks), so the gradients summed in .grad are those of the mean loss per counted
         target. With several ranks the gradients are reduced across them in the last
-        backward only.
+        backward only. `batches`: the step's (x, y) micro-batches; by default the next ones of the train loader.
         """
-        batches = [next(self.train_loader) for _ in range(self.accumulation)]
+        batches = batches or [next(self.train_loader) for _ in range(self.accumulation)]
         counted = distributed.total(cast(torch.Tensor, sum(counted_targets(y) for _, y in batches)).float(), self.world)
         scale = self.world.size / counted
         sums = torch.zeros(3, device=self.device)
@@ -242,15 +254,24 @@ class Trainer:
         optimizer state stay as they were, the step still counts, and so does
         `run.skipped_steps`. Its seconds count toward train.max_time (run.train_seconds), rank 0's on every
         rank, so that all take the same learning rate and stop together; a compiled objective's first not.
+
+        A compiled objective's non-finite step before any finite one is done again uncompiled on the same
+        batches: compiled code can be wrong where the model is not (inductor's CPU code under
+        ATEN_CPU_CAPABILITY=avx2 gives NaN for a finite loss). If the plain objective's step is finite, the run
+        goes on uncompiled and the result says so (`compiled_loss`); a healthy compiled run never pays for this.
         """
         began = self.clock()
-        loss_sum, correct, counted = distributed.total(self.accumulate_gradients(), self.world)
-        loss = loss_sum / counted
-        grad_norm = self.updater.clip_gradients()
-        # With fp16 an overflowing gradient is the GradScaler's business: it skips and lowers its scale.
-        watched = loss if self.precision == "fp16" else loss + grad_norm
-        # The one host sync of a step: whether to update, and how many real tokens it trained on.
-        finite, targets = torch.stack([torch.isfinite(watched).float(), counted]).tolist()
+        batches = [next(self.train_loader) for _ in range(self.accumulation)]
+        loss, grad_norm, correct, counted, finite, targets = self._gradients(batches)
+        compiled_loss = None
+        if not finite and not self.compile_trusted:
+            self.updater.apply(None)  # the compiled step's gradients cleared, no update
+            self.eager = True
+            compiled_loss = loss.item()
+            loss, grad_norm, correct, counted, finite, targets = self._gradients(batches)
+            if not finite:  # the model's own: the compiled code was right, and stays
+                self.eager, compiled_loss = False, None
+        self.compile_trusted = True  # one finite step, or one check, is enough
         update = next_update(self.cfg, self.run, self.recorded)
         lr = self.run.lr_scale * update.lr
         self.updater.apply(lr if finite else None)
@@ -264,7 +285,21 @@ class Trainer:
         self.run.train_seconds += 0.0 if self.compiling else seconds
         self.run.decay_from = update.decay_from
         self.compiling = False
-        return StepResult(loss, grad_norm, correct, counted, lr, not finite, update.progress)
+        return StepResult(loss, grad_norm, correct, counted, lr, not finite, update.progress, compiled_loss)
+
+    def _gradients(
+        self, batches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, bool, float]:
+        """The gradients of `batches` accumulated; returns the loss, gradient norm, top-1 hits and counted
+        targets over all ranks (device scalars), whether the step may update, and its counted targets."""
+        loss_sum, correct, counted = distributed.total(self.accumulate_gradients(batches), self.world)
+        loss = loss_sum / counted
+        grad_norm = self.updater.clip_gradients()
+        # With fp16 an overflowing gradient is the GradScaler's business: it skips and lowers its scale.
+        watched = loss if self.precision == "fp16" else loss + grad_norm
+        # The one host sync of a step: whether to update, and how many real tokens it trained on.
+        finite, targets = torch.stack([torch.isfinite(watched).float(), counted]).tolist()
+        return loss, grad_norm, correct, counted, bool(finite), targets
 
     def evaluate(self, stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
         """Validation metrics (see validation.validate) over the first eval_steps x batch_size rows of each
@@ -321,7 +356,8 @@ class Trainer:
             self._start_from_init()
         with opened(self.plan, self.checkpoints, resumed, overwrite, self.quiet) as (log, start):
             report = Report(log, self.cfg, self.device, self.plan.flops_per_token)
-            summary = self._finish(report, *Loop(self, report, start).run())
+            with compile_failures():  # the first step's, before which the start is taken back, or a recompile's
+                summary = self._finish(report, *Loop(self, report, start).run())
             distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
             return summary
 
