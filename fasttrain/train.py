@@ -84,9 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(args)
     if args.dry_run:
         return dry_run(cfg, args)
-    config_file, is_shipped = shipped.locate(args.config)
-    if is_shipped and not args.quiet and distributed.world_from_env().is_main:
-        print(f"config: {args.config} (shipped, {config_file})")
+    named = args.config in shipped.available()  # shipped, or a file here that hides the shipped one: say which
+    if named and not args.quiet and distributed.world_from_env().is_main:
+        print(config_line(args.config))
     moved = copied_run_note(args, cfg)  # a copied run directory's config.toml names the original
     if moved and not args.quiet and distributed.world_from_env().is_main:
         print(f"note: {moved}")
