@@ -304,6 +304,7 @@ def test_measured_tilings_compute_the_same(kernel_device, monkeypatch, forward, 
     assert_all_match(*run_both(x, weight, r))
 
 
+@pytest.mark.second_tier  # the tuner's dry run, 29 s on CI's 2 cores: the first tier is at its 10 minutes
 def test_measured_tilings_are_read_per_gpu_and_compiled(tmp_path, monkeypatch):
     """The tuner's file round-trips into the table; a GPU without entries, or a row block without one,
     gets the defaults; every measured tiling is among the variants the compile check builds."""
