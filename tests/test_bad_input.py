@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from fasttrain import cli, doctor, evaluate, export, plot, prepare, sample, train
+from fasttrain.checkpoints import checksums
 from fasttrain.checkpoints.run_directory import SET_ASIDE, write_journal
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
@@ -128,6 +129,43 @@ def evil_metadata(c: Case, folder: Path) -> None:
             return Path.touch, (c.tmp / "pwned",)
 
     (folder / ".metadata").write_bytes(pickle.dumps(Payload()))
+    rerecord(folder, ".metadata")  # as an attacker would: the unpickler, not the checksum, must refuse it
+
+
+def rerecord(folder: Path, name: str) -> None:
+    """state.pt of the sharded save `folder` records `name`'s CRC-32 as the file is now."""
+    state = torch.load(folder / "state.pt", weights_only=True)
+    torch.save(
+        {**state, "checksums": {**state["checksums"], name: checksums.crc32(folder / name)}}, folder / "state.pt"
+    )
+
+
+def non_utf8_member(c: Case) -> str:
+    """A copy of the run's last checkpoint file whose zip index names a member in bytes that are not UTF-8 (one
+    flipped bit in the central directory; torch.save marks its names UTF-8)."""
+    data = bytearray(c.checkpoint().read_bytes())
+    central = data.rfind(b"PK\x01\x02")  # the last member's entry in the central directory
+    name_at = central + 46  # its file name follows the 46-byte fixed part
+    data[name_at] |= 0x80  # an ASCII letter becomes a byte no UTF-8 sequence starts with alone
+    return c.file("non-utf8.pt", bytes(data))
+
+
+def swapped_saves(checkpoints: Path) -> None:
+    """Two saves of the run swapped by name: step_0000002.pt holds step 1 and step_0000001.pt step 2."""
+    first, second = checkpoints / "step_0000001.pt", checkpoints / "step_0000002.pt"
+    first.rename(checkpoints / "swap")
+    second.rename(first)
+    (checkpoints / "swap").rename(second)
+
+
+def sharded_pair(c: Case) -> Path:
+    """A run saved sharded at steps 1 and 2, whose step-2 folder holds step 1's state.pt."""
+    run = c.tmp / "sharded-pair"
+    with pytest.raises(SystemExit):
+        run_cli(train.main, c.train('checkpoint.format="sharded"', "checkpoint.interval=1", out=run))
+    saves = run / "checkpoints"
+    (saves / "step_0000001" / "state.pt").replace(saves / "step_0000002" / "state.pt")
+    return saves / "step_0000002"
 
 
 def lying_shard(d: Path) -> None:
@@ -1546,6 +1584,66 @@ CASES = [
         prepare,
         lambda c: ["--input", "builtin:pydoc", "--out", str(c.tmp / "p"), "--part", "0/2", "--vocab-size", "600"],
         "--part: does not take --vocab-size; it takes only --out, --input, --tokenizer,",
+    ),
+    # round six: damaged saves are found before they are parsed, through every entry point
+    *[
+        (
+            f"{name}: a checkpoint file whose zip index names a member in bytes that are not UTF-8",
+            program,
+            lambda c, args=args: [non_utf8_member(c), *args],
+            "non-utf8.pt: unreadable, damaged since it was saved (its zip index: UnicodeDecodeError",
+        )
+        for name, program, args in (
+            ("sample", sample, []),
+            ("evaluate", evaluate, ["--split", "val"]),
+            ("export", export, []),
+            ("export --hf", export, ["--hf"]),
+        )
+    ],
+    (
+        "resume: a checkpoint file whose zip index names a member in bytes that are not UTF-8",
+        train,
+        lambda c: c.train(flags=["--resume", non_utf8_member(c)]),
+        "non-utf8.pt: unreadable, damaged since it was saved (its zip index: UnicodeDecodeError",
+    ),
+    *[
+        (
+            f"{name}: a sharded checkpoint's .metadata with its first opcode damaged (checked before it is unpickled)",
+            program,
+            lambda c, args=args: args(str(sharded_run(c, lambda d: flip_a_bit(d / ".metadata", 0.0)))),
+            ".metadata: checksum mismatch, damaged since it was saved (CRC-32 ",
+        )
+        for name, program, args in (
+            ("sample", sample, lambda path: [path]),
+            ("evaluate", evaluate, lambda path: [path, "--split", "val"]),
+            ("export", export, lambda path: [path]),
+            ("export --hf", export, lambda path: [path, "--hf"]),
+        )
+    ],
+    (
+        "resume: a sharded checkpoint's .metadata with its first opcode damaged (checked before it is unpickled)",
+        train,
+        lambda c: c.train(flags=["--resume", str(sharded_run(c, lambda d: flip_a_bit(d / ".metadata", 0.0)))]),
+        ".metadata: checksum mismatch, damaged since it was saved (CRC-32 ",
+    ),
+    (
+        "resume: two saves swapped by name",
+        train,
+        resume_damaged(swapped_saves),
+        "step_0000002.pt: holds step 1, not the step 2 its name says (saves renamed or swapped)",
+    ),
+    (
+        "sample: a save renamed to another step",
+        sample,
+        lambda c: [str(damaged(c, swapped_saves) / "checkpoints" / "step_0000001.pt")],
+        "step_0000001.pt: holds step 2, not the step 1 its name says (saves renamed or swapped)",
+    ),
+    (
+        "resume: a sharded save whose state.pt is another save's",
+        train,
+        lambda c: c.train(flags=["--resume", str(sharded_pair(c))]),
+        "step_0000002/state.pt: records checksums that none of step_0000002's other files have: state.pt and the "
+        "shards do not belong together",
     ),
 ]
 

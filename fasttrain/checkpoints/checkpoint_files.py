@@ -34,7 +34,17 @@ import torch
 
 from fasttrain.checkpoints import checksums, sharded_files
 from fasttrain.checkpoints.run_directory import discard_set_aside, set_aside_note
-from fasttrain.checkpoints.saves import clear_stale, is_sharded, path_for, point, pointed, remove, saved_steps
+from fasttrain.checkpoints.saves import (
+    SAVE_NAME,
+    clear_stale,
+    is_sharded,
+    path_for,
+    point,
+    pointed,
+    remove,
+    saved_steps,
+    step_of,
+)
 from fasttrain.config import Config, parse_config
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
@@ -116,8 +126,13 @@ def load(path: str | os.PathLike[str], device: torch.device | str = "cpu", whole
     sharded = is_sharded(path)
     state = read_trusted(path / STATE_FILE if sharded else path, device, path)
     if sharded:
+        sums = state.get("checksums") if isinstance(state, dict) else None
+        # .metadata's checksum before it is unpickled (a flipped bit can turn a pickle opcode into a memo index of
+        # 1.5e9 and the load into a runaway), the shards' once it says which there are (a missing or short one
+        # is named as such), all before any tensor is read
+        checksums.verify(path, sums, only=sharded_files.METADATA)
         sharded_files.check_complete(path)
-        checksums.verify(path, state.get("checksums") if isinstance(state, dict) else None)
+        checksums.verify(path, sums)
         if whole_model and isinstance(state, dict):
             state["model"] = sharded_files.read_whole(path, "model", path)
     missing = [
@@ -127,7 +142,23 @@ def load(path: str | os.PathLike[str], device: torch.device | str = "cpu", whole
     ]
     if missing:
         raise UsageError(f"{path}: not a fasttrain checkpoint (no {', '.join(missing)})")
+    check_named_step(path, state["step"])
     return state
+
+
+def check_named_step(path: Path, step: object) -> None:
+    """UsageError if `path` is named as a save of one step (step_NNNNNNN.pt, step_NNNNNNN/) and holds another:
+    saves renamed or swapped. Resumed, it would train steps already in metrics.jsonl a second time, and the
+    tools would name the wrong step; a save under a name of the user's own is taken as it is."""
+    if SAVE_NAME.fullmatch(path.name) is None:
+        return
+    if step != step_of(path):
+        raise UsageError(
+            f"{path}: holds step {step}, not the step {step_of(path)} its name says (saves renamed or swapped); "
+            f"give it its own name, step_{step:07d}{path.suffix}, or resume from another save"
+            if isinstance(step, int)
+            else f"{path}: its step is not a number ({step!r})"
+        )
 
 
 def read_trusted(file: Path, device: torch.device | str, path: Path) -> Any:

@@ -42,24 +42,38 @@ def of_folder(path: Path) -> dict[str, int]:
     return {file.name: crc32(file) for file in sorted(path.iterdir()) if file.is_file()}
 
 
-def verify(path: Path, sums: object) -> None:
+def verify(path: Path, sums: object, only: str | None = None) -> None:
     """UsageError naming the first file of the folder `path` whose CRC-32 is not the one `sums` (of_folder, from
-    its state.pt) recorded; `sums` None: a folder saved before checksums were recorded, taken as it is. The
-    names come from a file too: only a regular file directly in the folder is read (a name like ../x or one of
-    a FIFO, which would never end, is refused)."""
+    its state.pt) recorded, or naming state.pt where none of the files has its recorded CRC (the state.pt of
+    another save); `only`: that file alone, before it is parsed (the rest once the folder is known whole).
+    `sums` None: a folder saved before checksums were recorded, taken as it is. The names come from a file too:
+    only a regular file directly in the folder is read (a name like ../x or one of a FIFO, which would never end,
+    is refused)."""
     if sums is None:
         return
     if not isinstance(sums, dict) or not all(isinstance(n, str) and isinstance(c, int) for n, c in sums.items()):
         raise damaged(path / "state.pt", "not file names with their CRC-32", what="checksums unreadable")
-    for name, recorded in sorted(sums.items()):
-        file = path / name
-        if "/" in name or "\\" in name or name in ("", ".", "..") or not file.is_file():
+    for name in sums:
+        if "/" in name or "\\" in name or name in ("", ".", "..") or (path / name).is_symlink():
             raise damaged(
                 path / "state.pt", f"one for {name!r}, not a file of {path.name}", what="checksums unreadable"
             )
-        found = crc32(file)
-        if found != recorded:
+    present = {name: recorded for name, recorded in sorted(sums.items()) if (path / name).is_file()}
+    differ = [(path / name, crc32(path / name), recorded) for name, recorded in present.items()]
+    differ = [(file, found, recorded) for file, found, recorded in differ if found != recorded]
+    if len(differ) > 1 and len(differ) == len(present):  # a flipped bit damages one file, not every one
+        raise UsageError(
+            f"{path / 'state.pt'}: records checksums that none of {path.name}'s other files have: state.pt and "
+            "the shards do not belong together (a state.pt copied from another save?)"
+        )
+    for file, found, recorded in differ:
+        if only is None or file.name == only:
             raise damaged(file, f"CRC-32 {found:08x}, {recorded:08x} recorded")
+    missing = sorted(set(sums) - set(present))
+    if missing and only is None:
+        raise damaged(
+            path / "state.pt", f"one for {missing[0]!r}, not a file of {path.name}", what="checksums unreadable"
+        )
 
 
 def check_records(file: Path) -> None:
@@ -70,6 +84,10 @@ def check_records(file: Path) -> None:
         archive = zipfile.ZipFile(file)
     except (zipfile.BadZipFile, OSError):
         return
+    except Exception as e:  # a damaged index: a member's name that is not UTF-8, a field out of range, ...
+        raise damaged(
+            file, f"its zip index: {type(e).__name__}: {' '.join(str(e).split())[:120]}", what="unreadable"
+        ) from None
     with archive:
         for record in archive.infolist():
             if record.CRC == 0:
@@ -84,5 +102,6 @@ def check_records(file: Path) -> None:
                 raise damaged(
                     file, f"its record {record.filename}: {' '.join(str(e).split())[:120]}", what="unreadable"
                 ) from None
-            except (OSError, EOFError) as e:  # shorter than its index says
-                raise damaged(file, f"its record {record.filename}: {e}", what="unreadable") from None
+            except Exception as e:  # shorter than its index says, or a header it cannot parse
+                detail = f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+                raise damaged(file, f"its record {record.filename}: {detail}", what="unreadable") from None
