@@ -59,16 +59,17 @@ def verify(path: Path, sums: object, only: str | None = None) -> None:
                 path / "state.pt", f"one for {name!r}, not a file of {path.name}", what="checksums unreadable"
             )
     present = {name: recorded for name, recorded in sorted(sums.items()) if (path / name).is_file()}
-    differ = [(path / name, crc32(path / name), recorded) for name, recorded in present.items()]
-    differ = [(file, found, recorded) for file, found, recorded in differ if found != recorded]
-    if len(differ) > 1 and len(differ) == len(present):  # a flipped bit damages one file, not every one
-        raise UsageError(
-            f"{path / 'state.pt'}: records checksums that none of {path.name}'s other files have: state.pt and "
-            "the shards do not belong together (a state.pt copied from another save?)"
-        )
-    for file, found, recorded in differ:
-        if only is None or file.name == only:
-            raise damaged(file, f"CRC-32 {found:08x}, {recorded:08x} recorded")
+    for name in present if only is None else [only] if only in present else []:
+        found = crc32(path / name)  # one file at a time: a sound folder's files are each read once per call
+        if found == present[name]:
+            continue
+        others = (other for other in present if other != name)
+        if len(present) > 1 and not any(crc32(path / other) == present[other] for other in others):
+            raise UsageError(  # a flipped bit damages one file, not every one
+                f"{path / 'state.pt'}: records checksums that none of {path.name}'s other files have: state.pt and "
+                "the shards do not belong together (a state.pt copied from another save?)"
+            )
+        raise damaged(path / name, f"CRC-32 {found:08x}, {present[name]:08x} recorded")
     missing = sorted(set(sums) - set(present))
     if missing and only is None:
         raise damaged(
