@@ -35,7 +35,7 @@ def measure(plan: RunPlan, steps: int) -> dict:
     projected = min(t.max_steps * seconds if t.max_steps else t.max_time, t.max_time or t.max_steps * seconds)
     return {
         "measured_steps": steps,
-        "s_per_step": round(seconds, 4),
+        "s_per_step": round(seconds, 6),  # microseconds: a tiny model's step is a few ms
         "tokens_per_s": round(tokens_per_s, 1),
         "mfu": round(plan.flops_per_token * tokens_per_s / peak, 4) if peak else None,
         "projected_seconds": round(projected, 1),
