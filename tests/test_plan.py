@@ -161,7 +161,8 @@ def test_measure_times_real_steps_and_saves_nothing(pydoc_data, tmp_path):
     assert status == 0
     found = json.loads(printed)
     assert found["measured_steps"] == 2 and found["s_per_step"] > 0 and found["mfu"] is None
-    assert found["tokens_per_s"] == pytest.approx(4 * 32 / found["s_per_step"], rel=0.01)  # s_per_step is kept to the microsecond
+    # s_per_step is kept to the microsecond, so it gives tokens_per_s back to well under 1%
+    assert found["tokens_per_s"] == pytest.approx(4 * 32 / found["s_per_step"], rel=0.01)
     assert found["projected_seconds"] == pytest.approx(10 * found["s_per_step"], abs=0.1)  # rounded to 0.1 s
     assert snapshot(tmp_path) == before
 
