@@ -1645,6 +1645,20 @@ CASES = [
         "step_0000002/state.pt: records checksums that none of step_0000002's other files have: state.pt and the "
         "shards do not belong together",
     ),
+    *[
+        (
+            f"{name}: a sharded save whose state.pt is another save's",
+            program,
+            lambda c, args=args: args(str(sharded_pair(c))),
+            "step_0000002/state.pt: records checksums that none of step_0000002's other files have: state.pt and "
+            "the shards do not belong together",
+        )
+        for name, program, args in (
+            ("sample", sample, lambda path: [path]),
+            ("evaluate", evaluate, lambda path: [path, "--split", "val"]),
+            ("export", export, lambda path: [path]),
+        )
+    ],
 ]
 
 

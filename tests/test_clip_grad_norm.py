@@ -38,7 +38,7 @@ def test_matches_torch(kernel_device, max_norm):
     assert norm.dtype == torch.float32 and norm.shape == ()
     torch.testing.assert_close(norm, expected, rtol=1e-5, atol=0)  # squares summed in another order: some ulp
     for p, q in zip(ours, theirs):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p.grad, q.grad, rtol=2e-5, atol=1e-7)  # the clip factor carries the norm's 1e-5
     if max_norm == 0.5:
         assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in ours])).item() == pytest.approx(
             0.5, rel=1e-5

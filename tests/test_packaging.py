@@ -42,6 +42,16 @@ def test_every_package_of_the_tree_is_in_pyproject():
     assert listed == found | {"fasttrain.config_files"}  # the wheel's name for configs/
 
 
+def test_a_clone_imports_the_same_kernels_as_kernels_and_as_fasttrain_kernels():
+    """kernels/ in a clone re-exports fasttrain_kernels: the same objects, every one of them, not copies."""
+    import fasttrain_kernels
+    import kernels
+
+    assert kernels.__all__ == fasttrain_kernels.__all__ and {"FusedAdamW", "rms_norm"} <= set(kernels.__all__)
+    for name in fasttrain_kernels.__all__:
+        assert getattr(kernels, name) is getattr(fasttrain_kernels, name), name
+
+
 def test_configs_lists_every_shipped_file_with_one_line(capsys):
     code, out, _ = run(cli.main, ["configs"], capsys)
     assert code == 0
