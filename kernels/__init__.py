@@ -1,4 +1,4 @@
-"""`from fasttrain_kernels import ...` in a clone of fasttrain: the kernels of `fasttrain_kernels`, the same objects.
+"""`from kernels import ...` in a clone of fasttrain: the kernels of `fasttrain_kernels`, the same objects.
 
 The wheel installs them as `fasttrain_kernels` only, so that Hugging Face's `kernels` package can be installed
 beside it; this folder is not in the wheel. Code outside a clone imports `fasttrain_kernels`.
