@@ -1,4 +1,14 @@
-"""fasttrain: a compact, performance-first trainer for transformer language models."""
+"""fasttrain: a compact, performance-first trainer for transformer language models.
+
+Imports from fasttrain: training.plain_loop, training.trainer.
+
+The commands, in reading order: train (a run from a TOML config), prepare (a corpus into token shards), sample,
+evaluate, export (a trained run's weights), init (a shipped config to edit), doctor (why a loss does not go down),
+plot (a run's curves), lm_eval (lm-eval's command line with fasttrain's model), cli and __main__ (all of them
+under the one `fasttrain` command). Below them, lowest first: system, config, data and preparation, model, then
+training, checkpoints and evaluation; a module imports its own layer and those below (tests/test_layout.py).
+docs/architecture.md has the tour.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""`python -m fasttrain TOOL ...`: the `fasttrain` command (fasttrain/cli.py) without its console script."""
+"""`python -m fasttrain TOOL ...`: the `fasttrain` command (fasttrain/cli.py) without its console script.
+
+Imports from fasttrain: cli.
+"""
 
 from fasttrain.cli import entry_point
 

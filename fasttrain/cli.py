@@ -1,5 +1,7 @@
 """The `fasttrain` command: every tool under one name, as litgpt and torchtitan users expect.
 
+Imports from fasttrain: system.errors.
+
     fasttrain train base --set train.max_steps=50       (a shipped config by name, or a file's path)
     fasttrain sample runs/base --prompt "The"
     fasttrain --help

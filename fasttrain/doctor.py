@@ -1,5 +1,7 @@
 """The loss doctor: the systematic checks for "my loss does not go down", run on a real batch.
 
+Imports from fasttrain: config, data.shards, evaluation.diagnosis, system.errors, training.trainer.
+
     python -m fasttrain.doctor CONFIG.toml [--set SECTION.KEY=VALUE ...] [--overfit-steps N]
 
 Builds the run exactly as `python -m fasttrain.train` would start it (config, data, model,

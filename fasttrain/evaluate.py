@@ -1,5 +1,9 @@
 """Score a trained model on text (loss, perplexity and bits per byte) or on lm-evaluation-harness tasks.
 
+Imports from fasttrain: checkpoints.saves, data.loader, data.mixture, data.prepared_folder,
+evaluation.trained_model, evaluation.validation, preparation.preparation, system.atomic, system.distributed,
+system.errors, system.run_lock, training.metrics, training.objective.
+
     python -m fasttrain.evaluate RUN_DIR|WEIGHTS_DIR|CHECKPOINT (--input PATH [PATH ...] | --split val)
         [--batch-size N] [--text-field FIELD] [--device D]
     python -m fasttrain.evaluate RUN --tasks hellaswag,arc_easy [--num-fewshot N] [--limit N]

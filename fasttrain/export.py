@@ -1,5 +1,7 @@
 """Export trained weights as safetensors, in fasttrain's layout or in Hugging Face's Llama layout.
 
+Imports from fasttrain: evaluation.trained_model, model.weights, system.errors.
+
     python -m fasttrain.export RUN_DIR|WEIGHTS_DIR|CHECKPOINT [--out DIR] [--hf] [--dtype fp32|bf16|fp16]
 
 The layouts and the file format are fasttrain/model/weights.py's.

@@ -1,5 +1,7 @@
 """Write a copy of a shipped config to edit.
 
+Imports from fasttrain: config, config.shipped, system.atomic, system.errors.
+
     python -m fasttrain.init NAME [PATH] [--overwrite]      (fasttrain init gpt2-small my-run.toml)
 
 PATH defaults to NAME.toml here; a directory (or a PATH ending in /) gets NAME.toml inside it. A config that extends another

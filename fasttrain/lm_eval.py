@@ -1,5 +1,7 @@
 """lm-eval's own command line with fasttrain's model in it: `lm_eval --model fasttrain ...` for fasttrain runs.
 
+Imports from fasttrain: system.errors.
+
     python -m fasttrain.lm_eval --model fasttrain --model_args run=runs/base,device=cpu --tasks hellaswag,arc_easy
     python -m fasttrain.lm_eval ls tasks
 

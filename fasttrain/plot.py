@@ -1,6 +1,8 @@
 """Plot a run's curves: training and validation loss (of each source too, for a mixture), and the learning
 rate, to a PNG; a [[data.mix]] change is a dotted vertical line.
 
+Imports from fasttrain: system.errors.
+
     python -m fasttrain.plot RUN_DIR [--out FILE]
 
 Reads RUN_DIR/metrics.jsonl (the last run in it, resumes included) and writes

@@ -1,5 +1,7 @@
 """Tokenize a text corpus into train/val token shards.
 
+Imports from fasttrain: config, preparation.parts, preparation.preparation, system.errors.
+
     python -m fasttrain.prepare --input PATH [PATH ...] --out DIR
         [--vocab-size N | --tokenizer FILE|DIR] [--val-fraction F] [--overwrite] [--workers N]
 

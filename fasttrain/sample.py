@@ -1,5 +1,8 @@
 """Generate text from a trained model, streamed to the terminal as it is sampled.
 
+Imports from fasttrain: config, evaluation.trained_model, model.generation, system.atomic, system.device,
+system.errors.
+
     python -m fasttrain.sample RUN_DIR|WEIGHTS_DIR|CHECKPOINT [--prompt TEXT | --prompt-file FILE]
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--num-samples N] [--seed S] [--device D]
 

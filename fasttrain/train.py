@@ -1,5 +1,9 @@
 """Train a language model from a TOML config.
 
+Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.run_directory, checkpoints.saves, config,
+config.shipped, evaluate, evaluation.trained_model, system.device, system.distributed, system.errors,
+training.launch, training.measure, training.plan, training.plan_table, training.trainer.
+
     python -m fasttrain.train configs/base.toml [--set SECTION.KEY=VALUE ...] [--resume auto|auto-or-new|PATH]
     python -m fasttrain.train configs/base.toml --dry-run [--json] [--measure N]
 

@@ -1,5 +1,7 @@
 """Which implementation a kernel call runs: Triton or plain PyTorch.
 
+Imports from fasttrain_kernels: nothing.
+
 CUDA tensors run the Triton kernels. CPU tensors run a PyTorch implementation of
 the same math, unless TRITON_INTERPRET=1 was set when the kernels were imported:
 then `triton.jit` built every kernel for Triton's interpreter, and CPU tensors

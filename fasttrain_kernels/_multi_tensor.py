@@ -1,5 +1,7 @@
 """Work lists that let one kernel launch update many tensors (optimizer steps, gradient norms).
 
+Imports from fasttrain_kernels: nothing.
+
 A model has hundreds of parameters; one launch each costs more than the update of
 the small ones. A multi-tensor kernel instead gets two device tables:
 

@@ -1,5 +1,7 @@
 """Which variants of each Triton kernel the launchers compile, over the shapes and dtypes the project uses.
 
+Imports from fasttrain_kernels: nothing.
+
 Triton compiles a kernel once per *specialization*: the values of its tl.constexpr
 arguments, num_warps, and the types of the others (a pointer's element type; an
 int is i32, or i64 when its value needs it; a float is fp32). Each kernel module's

@@ -1,5 +1,7 @@
 """AdamW with torch.optim.AdamW's math and state, one multi-tensor Triton launch per parameter group.
 
+Imports from fasttrain_kernels: _backend, _multi_tensor, _specialization, clip_grad_norm.
+
 For each parameter p with gradient g (times the clip coefficient when clipping is
 folded in), moments m and v, and step t (counted per parameter, as torch does):
 

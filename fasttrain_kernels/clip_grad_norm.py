@@ -1,5 +1,7 @@
 """Global gradient-norm clipping: the L2 norm over all gradients in one multi-tensor pass.
 
+Imports from fasttrain_kernels: _backend, _multi_tensor, _specialization.
+
     norm = sqrt(sum over every gradient element of g**2)
     g *= min(1, max_norm / (norm + 1e-6))            (torch.nn.utils.clip_grad_norm_'s rule)
 

@@ -1,5 +1,7 @@
 """Cross-entropy of (N, V) logits against (N,) targets, loss and gradient from one Triton kernel.
 
+Imports from fasttrain_kernels: _backend, _specialization.
+
     loss_i = lse_i - (1 - s) * x_i[t_i] - (s / V) * sum_j x_ij + z * lse_i**2
 
 where x = softcap * tanh(logits / softcap) when soft-capping (else the logits),

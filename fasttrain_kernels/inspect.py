@@ -1,5 +1,7 @@
 """Compile every Triton kernel variant for real GPU targets on a machine without a GPU, and table what each needs.
 
+Imports from fasttrain_kernels: _backend, _specialization.
+
     python -m fasttrain_kernels.inspect [--arch sm_80|sm_90|all] [--json]
 
 Triton compiles for a CUDA target without a driver: `triton.compile` lowers a

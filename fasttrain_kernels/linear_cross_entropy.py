@@ -1,5 +1,7 @@
 """Cross-entropy of `hidden @ weight.T + bias` without ever holding the whole (N, V) logits.
 
+Imports from fasttrain_kernels: _backend, _specialization, cross_entropy.
+
 A language model's last layer projects N hidden states (N, H) onto a vocabulary
 of V words. The logits (N, V) are the largest tensor of the step (8192 x 131072
 in bf16 is 2 GiB, and F.cross_entropy keeps fp32 copies besides), yet all the

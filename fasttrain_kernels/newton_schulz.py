@@ -1,5 +1,7 @@
 """Muon's Newton-Schulz iteration, with its symmetric products computed one triangle at a time.
 
+Imports from fasttrain_kernels: _backend, _specialization.
+
 Muon replaces a weight matrix's update G (M x K, M <= K, else transposed) by roughly
 its orthogonal factor U Vᵀ (G = U S Vᵀ), with a few steps of a quintic iteration on
 X = G / |G|:

@@ -1,5 +1,7 @@
 """RMSNorm over the last dimension, optionally fused with the residual add before it.
 
+Imports from fasttrain_kernels: _backend, _specialization.
+
     h = x + residual                      (without a residual, h = x)
     y = h * rstd * weight,   rstd = 1 / sqrt(mean(h**2) + eps)
 

@@ -1,6 +1,8 @@
 """Our kernels inside a Hugging Face transformers model, in one call (as Liger-Kernel's
 apply_liger_kernel_to_llama does for its own):
 
+Imports from fasttrain_kernels: linear_cross_entropy, rms_norm.
+
     from fasttrain_kernels import patch_hf_model
     model = patch_hf_model(AutoModelForCausalLM.from_pretrained(...))
 

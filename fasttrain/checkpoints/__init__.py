@@ -1,5 +1,7 @@
 """Checkpoints: a run's saves on disk, its run directory, and a resume.
 
+Imports from fasttrain: nothing.
+
 Modules, in reading order: saves (the names, steps and pointers in a run's checkpoints/), checkpoint_files (what
 a save holds; writing, publishing, finding and reading one), sharded_files (a save as a folder every rank writes,
 through torch.distributed.checkpoint), checksums (the CRC-32 that finds a damaged file before it is used),

@@ -1,6 +1,10 @@
 """Checkpoints saved and restored on every rank: `Checkpointer`, what a run saves into its checkpoints/ and
 restores from them.
 
+Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.checksums, checkpoints.resume,
+checkpoints.run_directory, checkpoints.saves, checkpoints.sharded_files, config, data.loader, system.atomic,
+system.distributed, system.errors, system.run_lock, training.optimizers, training.run_state.
+
 The rest is in modules of its own, one concept each: checkpoint_files.py (what a save holds, writing,
 publishing, resolving and reading one), sharded_files.py (the sharded folders, through DCP), checksums.py
 (the files' checksums), saves.py (the saves' names, listing, pointers), run_directory.py (the run directory:

@@ -1,6 +1,9 @@
 """Checkpoint files: what a save holds, writing one and making it the run's latest, finding the save a
 `--resume` means, and reading one back.
 
+Imports from fasttrain: checkpoints.checksums, checkpoints.run_directory, checkpoints.saves,
+checkpoints.sharded_files, config, system.atomic, system.errors.
+
 A checkpoint file is a dict of
 
     model, optimizer      full (unsharded) state dicts

@@ -1,6 +1,8 @@
 """Checksums of a checkpoint's files: a bit that changes on disk after a save is found when the save is read,
 as one line naming the file, never loaded as a silently different model.
 
+Imports from fasttrain: system.errors.
+
 A checkpoint file (and a sharded folder's state.pt) is a torch.save zip, in which torch.save records the CRC-32
 of every record as it writes it; torch.load never compares them, `check_records` does. A sharded folder's other
 files (`.metadata`, `__R_0.distcp`) are read back once written and their CRC-32 recorded in its state.pt

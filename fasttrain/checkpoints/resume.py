@@ -1,6 +1,8 @@
 """What a resume checks and restores besides the model's and optimizer's tensors: that the checkpoint comes
 from a model of the same shape and the same optimizer, the random generators' states, and what it says when
 the world that continues is not the one that saved.
+
+Imports from fasttrain: config, system.device, system.errors, training.run_state, training.schedule.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 there, what an --overwrite start sets aside and puts back (RunStart; journalled, so that a start killed at any
 point is finished or undone exactly by the next), and the tokenizer a run keeps.
 
+Imports from fasttrain: checkpoints.saves, system.atomic, system.errors, system.run_lock, training.metrics.
+
 Its checkpoints/ holds the run's saves (saves.py); the rest of what a run and the tools write at its top is
 RUN_FILES.
 """

@@ -1,5 +1,7 @@
 """A run's saves in its checkpoints/: their names and steps, the pointers that name them, removing them.
 
+Imports from fasttrain: system.atomic, system.errors.
+
 A run directory's checkpoints/ holds
 
     step_0000100.pt   a save as one file (checkpoint.format "file", see checkpoint_files.py)

@@ -1,5 +1,7 @@
 """Sharded checkpoint folders: torch.distributed.checkpoint (DCP) on disk, written by every rank, read safely.
 
+Imports from fasttrain: checkpoints.checksums, system.errors.
+
 A folder `step_0000100/` holds
 
     .metadata             DCP's index: every tensor's shape, dtype and which file and bytes hold each piece

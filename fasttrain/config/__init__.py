@@ -1,5 +1,8 @@
 """Run configuration: typed dataclasses, loaded from TOML with command-line overrides.
 
+Imports from fasttrain: config.arguments, config.loading, config.prepared, config.rules, config.sections,
+config.values, config.writing.
+
 Each TOML section ([model], [data], ...) maps to one dataclass (sections.py). A value is
 taken from, in increasing precedence: the dataclass default, the config file, then
 `--set section.key=value` on the command line. Everything is checked up front
@@ -16,7 +19,8 @@ The package, lowest first: values.py (the field types, TOML values to and from t
 dataclasses), rules.py (ranges, agreements, what applies when), loading.py (files, `extends`, `--set`),
 writing.py (back to TOML), prepared.py (completed with the prepared data), arguments.py (the command line),
 shipped.py (the configs that ship with fasttrain, found by name).
-Import from here: `from fasttrain.config import Config, load_config`.
+Import from here: `from fasttrain.config import Config, load_config`. The config imports only system's errors
+and atomic, so every other layer may read it.
 """
 
 from fasttrain.config.arguments import (

@@ -1,5 +1,8 @@
 """The command-line face of a config: the positional config (a file or a shipped config's name), `--set`,
-`--device` and `--seed`, and the Config they name."""
+`--device` and `--seed`, and the Config they name.
+
+Imports from fasttrain: config.loading, config.sections, config.shipped, system.errors.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """A Config from its layers, lowest first: the defaults, the config files of an `extends` chain (base
 first), then `--set SECTION.KEY=VALUE` overrides; each value checked as it is set, the whole validated once
-all are in (fasttrain/config/rules.py)."""
+all are in (fasttrain/config/rules.py).
+
+Imports from fasttrain: config.rules, config.sections, config.values, system.atomic, system.errors.
+"""
 
 from __future__ import annotations
 

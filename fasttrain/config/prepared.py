@@ -1,5 +1,8 @@
 """A Config completed with what preparing its data found (the data directory, the tokenizer's vocabulary,
-the settings the data was prepared with), and the one check of model.vocab_size against a tokenizer."""
+the settings the data was prepared with), and the one check of model.vocab_size against a tokenizer.
+
+Imports from fasttrain: config.sections, system.errors.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """What a config may hold beyond its types: each value's range, the settings that must agree, a mixture's
 [[data.sources]] and [[data.mix]] tables, and the keys that apply only with some value of another setting.
-Every problem is a one-line UsageError naming where the value came from (`_blame`)."""
+Every problem is a one-line UsageError naming where the value came from (`_blame`).
+
+Imports from fasttrain: config.sections, config.values, system.errors.
+"""
 
 from __future__ import annotations
 

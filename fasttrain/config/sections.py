@@ -1,5 +1,8 @@
 """The typed sections of a run's config: one dataclass per TOML table ([model], [data], ...), each field
-with its default and what it means, and `Config`, the whole run, one attribute per section."""
+with its default and what it means, and `Config`, the whole run, one attribute per section.
+
+Imports from fasttrain: config.values.
+"""
 
 from __future__ import annotations
 

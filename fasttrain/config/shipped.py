@@ -1,5 +1,7 @@
 """The configs that ship with fasttrain, taken by name: `fasttrain train base` from any directory.
 
+Imports from fasttrain: system.errors.
+
     python -m fasttrain.config.shipped          (fasttrain configs: each shipped config, one line each)
 
 The files are the repository's top-level configs/, one copy of each: a wheel carries them as

@@ -1,6 +1,9 @@
 """What a config field can hold, and TOML values to and from it: the accepted types, each value checked and
 converted as its field's type, a list of tables as a list of dataclasses, and a value written back as a TOML
-literal (config files and error messages alike)."""
+literal (config files and error messages alike).
+
+Imports from fasttrain: system.errors.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """A Config written back as TOML: the text `load_config` reads back to an equal Config, and the resolved
-config.toml a run directory records."""
+config.toml a run directory records.
+
+Imports from fasttrain: config.rules, config.sections, config.values, system.atomic.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """Data: prepared token shards read as the batches a run trains on.
 
+Imports from fasttrain: nothing.
+
 Modules, in reading order: shards (the prepared format: token shards and meta.json), prepared_folder (a
 prepared folder checked as a run reads it), documents (the rows a batch is made of, in each batching mode),
 sampling (which rows a source's batches take, epoch after epoch), mixture (prepared sources mixed by weight),

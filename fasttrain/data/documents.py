@@ -1,5 +1,7 @@
 """Rows: the token spans a batch is made of, in each batching mode (`data.batching`).
 
+Imports from fasttrain: data.shards, system.atomic, system.errors.
+
 A row is `length` consecutive tokens of one shard, at most seq_len + 1: the
 inputs are its first length - 1 tokens and the targets the same shifted by one,
 so a row of fewer than seq_len + 1 tokens is padded (by the loader) and its

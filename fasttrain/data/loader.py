@@ -1,5 +1,8 @@
 """The token loader: (x, y) batches of rows from token shards, prefetched, exactly resumable.
 
+Imports from fasttrain: data.documents, data.mixture, data.prefetch, data.reader, data.resharding, data.sampling,
+data.shards, system.errors.
+
 A batch is `batch_size` rows (fasttrain/data/documents.py: packed windows, one document
 each, or document-aligned), x = row[:-1] and y = row[1:], both int64 of shape
 (B, L). L is seq_len, except that with `padding` "longest" or "bucketed" a batch

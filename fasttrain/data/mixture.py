@@ -1,5 +1,7 @@
 """A mixture of prepared sources: which source each training row comes from, and where each source stands.
 
+Imports from fasttrain: config, data.prepared_folder, preparation.cache, preparation.tokenizer, system.errors.
+
 The training rows of a run form one global sequence: round k (micro-batch k of every rank) is rows
 [k R, (k + 1) R), R = batch_size x world_size, and rank r takes rows [k R + r B, k R + (r + 1) B) of it.
 Which source each row comes from is Megatron's blend: every source is owed its weight for each row

@@ -1,5 +1,8 @@
 """Batches read ahead of the training thread: a daemon thread reads the next batches into a bounded queue
-while the current one trains, and on CUDA copies each to the device on a side stream."""
+while the current one trains, and on CUDA copies each to the device on a side stream.
+
+Imports from fasttrain: data.reader.
+"""
 
 from __future__ import annotations
 

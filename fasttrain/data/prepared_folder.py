@@ -1,5 +1,8 @@
 """A prepared folder as a run reads it: its meta.json, tokenizer and shard headers checked against each
-other before anything trains on them (`open_prepared`). fasttrain/preparation/preparation.py makes such folders."""
+other before anything trains on them (`open_prepared`). fasttrain/preparation/preparation.py makes such folders.
+
+Imports from fasttrain: data.shards, preparation.tokenizer, system.errors.
+"""
 
 from __future__ import annotations
 

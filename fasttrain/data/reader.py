@@ -1,6 +1,8 @@
 """Reading batch g of one rank's stream: the rows its blend of sources plans for it, read from the shards with
 `os.preadv` into a staging buffer, padded, checked against the vocabulary, and split into x and y.
 
+Imports from fasttrain: data.documents, data.mixture, data.sampling, data.shards, system.errors.
+
 Never through a memory map: a long run over a memory-mapped corpus keeps every page it has touched resident,
 and the process's memory grows with the corpus.
 """

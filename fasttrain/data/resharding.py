@@ -1,5 +1,8 @@
 """A loader's saved position carried to another number of processes: the state each rank of the new world
-continues from, so the stream goes on with the rows the saved world had not read."""
+continues from, so the stream goes on with the rows the saved world had not read.
+
+Imports from fasttrain: system.errors.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
 """Which rows a source's batches take, in what order, epoch after epoch: a seeded permutation per epoch (or
 file order), pools of rows bucketed by length, the tail that fills no whole round of ranks dropped, and a
-`whole` pass's last round made whole with filler (the epochs and passes of fasttrain/data/loader.py)."""
+`whole` pass's last round made whole with filler (the epochs and passes of fasttrain/data/loader.py).
+
+Imports from fasttrain: data.documents, data.shards.
+"""
 
 from __future__ import annotations
 

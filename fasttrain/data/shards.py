@@ -1,5 +1,7 @@
 """The prepared-data format: token shards (llm.c's convention) and meta.json; writer and validating readers.
 
+Imports from fasttrain: system.errors.
+
 A shard is a header of 256 little-endian int32, then the tokens:
 
     header[0]  magic 20240520

@@ -1,5 +1,7 @@
 """Evaluation: how good a model is, and why it does not learn.
 
+Imports from fasttrain: nothing.
+
 Modules, in reading order: validation (loss, accuracy, perplexity and bits per byte on held-out rows, as a run
 validates), trained_model (a run's weights loaded back for sampling and scoring), harness (lm-evaluation-harness
 tasks on a trained model; needs the `eval` extra), diagnosis (the loss doctor's checks on a built Trainer).

@@ -1,6 +1,8 @@
 """The loss doctor's checks: the systematic checks for "my loss does not go down", run on a real batch
 of a built Trainer (`diagnose`), and their report. The command line is `python -m fasttrain.doctor`.
 
+Imports from fasttrain: data.documents, system.device, training.trainer.
+
 One training batch is checked, in order:
 
     data         token ids are int64 and inside [0, vocab_size)

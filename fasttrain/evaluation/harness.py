@@ -1,6 +1,9 @@
 """lm-evaluation-harness tasks (HellaSwag, ARC, ...) on a trained model: `FasttrainLM`, lm-eval's model API over
 a fasttrain model (registered in lm-eval as `fasttrain`), and `run_tasks`, which scores a task list.
 
+Imports from fasttrain: evaluation.trained_model, model.generation, model.transformer, preparation.tokenizer,
+system.device, system.errors.
+
 Importing this module needs lm-eval (the `eval` extra) in the SUPPORTED range: otherwise the import raises
 one UsageError saying what to install, so `evaluate --tasks` fails in one line before loading anything.
 

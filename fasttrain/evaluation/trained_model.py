@@ -1,5 +1,8 @@
 """A trained model loaded back for use (sampling, scoring): from a run's final weights or a checkpoint.
 
+Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.run_directory, checkpoints.saves, config,
+model.transformer, model.weights, preparation.tokenizer, system.device, system.errors.
+
     load_trained("runs/base")                        # runs/base/final/, else its latest checkpoint
     load_trained("runs/base/final")                  # exported weights (fasttrain layout, see fasttrain/model/weights.py)
     load_trained("runs/base/checkpoints/step_0000100.pt")  # or a sharded step_0000100/, runs/base/checkpoints, .../latest

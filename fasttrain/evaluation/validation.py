@@ -1,4 +1,7 @@
-"""Validation: the loss, accuracy, perplexity and bits per byte of a model on held-out rows, and of a mixture."""
+"""Validation: the loss, accuracy, perplexity and bits per byte of a model on held-out rows, and of a mixture.
+
+Imports from fasttrain: data.loader, system.device, system.distributed, training.metrics, training.objective.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """FP8 training matmuls: linear layers whose three matmuls run in float8 through `torch._scaled_mm`,
 with tensorwise current scaling, while the weights (the master copy) and the gradients keep their dtype.
 
+Imports from fasttrain: nothing.
+
     forward   y  = (x sx)_e4m3 @ (W sw)_e4m3ᵀ / (sx sw)
     backward  dx = (g sg)_e5m2 @ (W sw)_e4m3  / (sg sw)
               dW = (g sg)_e5m2ᵀ @ (x sx)_e4m3 / (sg sx)

@@ -1,6 +1,9 @@
 """Generation: tokens sampled one at a time (`stream`, `generate`), through the model's KV cache, with
 top-k / top-p filtering; and `generate_text` (text in, streamed text out), which the trainer's samples
-and `python -m fasttrain.sample` use."""
+and `python -m fasttrain.sample` use.
+
+Imports from fasttrain: model.transformer.
+"""
 
 from __future__ import annotations
 

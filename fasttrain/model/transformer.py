@@ -1,5 +1,7 @@
 """A decoder-only, LLaMA-style transformer language model.
 
+Imports from fasttrain: config, model.fp8.
+
     tokens -> embedding -> n_layers x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> output -> logits
 
 - Pre-norm residual blocks with RMSNorm; no biases anywhere. Each residual add is

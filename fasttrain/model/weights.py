@@ -1,5 +1,7 @@
 """Weights on disk: safetensors files in fasttrain's layout or in Hugging Face's Llama layout.
 
+Imports from fasttrain: config, model.transformer, preparation.tokenizer, system.atomic, system.errors.
+
 `python -m fasttrain.export` writes them from a checkpoint; a finished run writes its final/ weights.
 
 fasttrain layout: DIR/model.safetensors with the Transformer's parameter names (a

@@ -1,5 +1,7 @@
 """Preparation: text corpora tokenized into the shards a run reads (`python -m fasttrain.prepare`).
 
+Imports from fasttrain: nothing.
+
 Modules, in reading order: corpus (where documents come from: files, JSONL, Parquet, the embedded corpus),
 split (which text is validation, which the tokenizer learns from), tokenizer (the byte-level BPE: learned or
 loaded), encoder (the same tokenizer at tiktoken's speed), pipeline (reading, encoding and writing shards on

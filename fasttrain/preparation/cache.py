@@ -1,7 +1,11 @@
 """The cache of prepared data: where [data] settings' prepared folder is (`prepared_dir`: data.dir, else a
 folder under $FASTTRAIN_CACHE or ~/.cache/fasttrain keyed by the settings), what is there (`find_prepared`),
 and the folder a run trains from, prepared first if need be (`ensure_prepared`). Preparing itself is
-fasttrain/preparation/preparation.py."""
+fasttrain/preparation/preparation.py.
+
+Imports from fasttrain: config, data.prepared_folder, data.shards, preparation.preparation, system.errors,
+system.run_lock.
+"""
 
 from __future__ import annotations
 

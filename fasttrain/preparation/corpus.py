@@ -1,5 +1,7 @@
 """Where documents come from: the user's files, or the corpus embedded in CPython.
 
+Imports from fasttrain: data.shards, system.errors.
+
 An input is a path, a glob, a directory (its text files, recursively), a JSONL
 file (one document per line, in a text field), a Parquet file (one document per
 row, in a text column; needs the `parquet` extra), or the name of an embedded

@@ -1,5 +1,7 @@
 """Encoding at tiktoken's speed: a byte-level BPE tokenizer.json re-expressed as a tiktoken Encoding.
 
+Imports from fasttrain: preparation.tokenizer.
+
 The `tokenizers` library encodes about 7 MB/s of Python source per core here; tiktoken, given the same
 vocabulary, merges and split pattern, about 20. `fast_encoder` builds that Encoding from a loaded tokenizer
 when the two can agree, and `choose_encoder` proves they do on a sample before prepare uses it: a

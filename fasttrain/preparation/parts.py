@@ -1,5 +1,8 @@
 """Preparing one corpus on many machines: N parts, each prepared alone, then merged into one folder.
 
+Imports from fasttrain: data.shards, preparation.corpus, preparation.pipeline, preparation.preparation,
+preparation.split, preparation.tokenizer, system.errors, system.run_lock.
+
     fasttrain prepare --input ... --out DIR --learn-tokenizer-only --vocab-size V   # once, if none is given
     fasttrain prepare --input ... --out DIR --part K/N [--tokenizer T]              # K = 0 .. N-1, anywhere
     fasttrain prepare --out DIR --merge                                            # once all N are done

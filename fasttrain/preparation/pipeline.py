@@ -1,5 +1,7 @@
 """Tokenizing a stream of documents into shards on every core: reading, encoding and writing overlap.
 
+Imports from fasttrain: data.shards, preparation.corpus, preparation.encoder, preparation.tokenizer.
+
 The calling thread reads pieces and gathers them into batches of about `batch_chars` characters; up to
 `workers` batches are encoded at once on a thread pool (tiktoken and `tokenizers` both release the GIL
 while they encode, so threads use every core without copying text to other processes); the calling

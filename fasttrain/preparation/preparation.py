@@ -2,6 +2,9 @@
 prepared data a run without data.dir trains from (`ensure_prepared`). Its command line is
 `python -m fasttrain.prepare --input PATH [PATH ...] --out DIR`.
 
+Imports from fasttrain: data.shards, preparation.corpus, preparation.pipeline, preparation.split,
+preparation.tokenizer, system.atomic, system.errors, system.run_lock.
+
 Writes into DIR: `train_000000.bin`, ... and `val_000000.bin`, ... (see
 fasttrain/data/shards.py), `tokenizer.json` and `meta.json` (vocabulary size, token
 and document counts, sources). Every document is preceded by the end-of-text

@@ -1,5 +1,7 @@
 """Which text is validation, and which text the tokenizer is learned from.
 
+Imports from fasttrain: preparation.corpus.
+
 Both are decided by each document's own text, never by where it falls in the stream: one prepare and N
 parts merged (fasttrain/preparation/parts.py) hold out the same documents and learn from the same sample. A
 document's hash is BLAKE2b of its first piece (the whole document, except a plain text file over

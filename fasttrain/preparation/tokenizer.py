@@ -1,5 +1,7 @@
 """Byte-level BPE tokenizer: train one on a corpus, or load an existing tokenizer.json.
 
+Imports from fasttrain: system.atomic, system.errors.
+
 Byte-level means every string encodes (no unknown token) and decode(encode(t))
 gives back t exactly. An end-of-text token separates documents; a loaded
 tokenizer must have one under one of the usual names (GPT-2's <|endoftext|>,

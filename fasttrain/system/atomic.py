@@ -2,7 +2,10 @@
 one), directories synced (a rename in them survives a power cut), run files opened without following links
 (a link planted as metrics.jsonl or .lock must not redirect a write, or a truncation, to its target), and
 small files read only when they are regular files of bounded size (a FIFO would hang the read, /dev/zero
-would never end it)."""
+would never end it).
+
+Imports from fasttrain: system.errors.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Where and how a run computes: the device, mixed precision, the Triton kernels switched on, and seeding."""
+"""Where and how a run computes: the device, mixed precision, the Triton kernels switched on, and seeding.
+
+Imports from fasttrain: config, system.errors, system.kernel_table.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """Data-parallel runs over processes started by torchrun: the process group, the model wrapper, reductions.
 
+Imports from fasttrain: system.device, system.errors.
+
     torchrun --nproc_per_node=N -m fasttrain.train CONFIG.toml
 
 torchrun gives each process RANK, WORLD_SIZE and LOCAL_RANK (and where to meet);

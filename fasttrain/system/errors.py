@@ -1,5 +1,7 @@
 """User-facing errors and the command-line wrapper that reports them.
 
+Imports from fasttrain: nothing.
+
 Anything the user can get wrong (a config key, a data file, a flag) raises
 `UsageError` with a message that names the file, the key or the value. Command
 line entry points run through `run_cli`, which prints that message as one line

@@ -1,5 +1,7 @@
 """The measured dispatch table: which Triton kernel won against stock PyTorch, per GPU, op, shape and mode.
 
+Imports from fasttrain: system.errors.
+
 `kernels.* = "auto"` on a GPU switches a kernel on only where this table holds a measurement of it, on
 a GPU of the same compute capability, at a shape near the run's, in the run's mode (eager, or under
 torch.compile), and the kernel was faster there than the fastest stock path. Anything the table does

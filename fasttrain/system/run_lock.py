@@ -1,6 +1,8 @@
 """One process per directory: a training run holds an exclusive lock on `out_dir/.lock` while it
 trains, and a preparation of data into DIR one on `.DIR.prepare-lock` beside it.
 
+Imports from fasttrain: system.atomic, system.errors.
+
 Two processes in one run directory would interleave their events in metrics.jsonl, race
 on checkpoint saves, or (with --overwrite) delete the other's files under it; two
 preparations of one directory would move each other's shards away. The lock is flock(2)

@@ -1,4 +1,7 @@
-"""Stopping a run at a step boundary on SIGINT (Ctrl-C) or SIGTERM."""
+"""Stopping a run at a step boundary on SIGINT (Ctrl-C) or SIGTERM.
+
+Imports from fasttrain: nothing.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """Training: a run of a config, from its plan to its last step.
 
+Imports from fasttrain: nothing.
+
 Modules, in reading order: plan (everything a run decides before it allocates), preflight (its memory
 estimate), plan_table (the plan as --dry-run prints it), trainer (the `Trainer`: assembles a run and takes a
 step), objective (the next-token loss), optimizers (AdamW, Muon, SGD, Adafactor and the clipping), schedule (the

@@ -2,6 +2,9 @@
 then, with nothing refused, the directory opened for the run (opened): locked for its duration
 (system/run_lock.py), claimed by a new run, the resolved config written and the metrics log opened. A start
 that fails before its first step is taken back whole (run_directory.RunStart).
+
+Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, config, system.run_lock,
+training.metrics, training.plan.
 """
 
 from __future__ import annotations

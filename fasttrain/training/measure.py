@@ -1,4 +1,7 @@
-"""`fasttrain train CONFIG --dry-run --measure N`: N real steps of a planned run, saved nowhere, timed."""
+"""`fasttrain train CONFIG --dry-run --measure N`: N real steps of a planned run, saved nowhere, timed.
+
+Imports from fasttrain: system.device, training.metrics, training.plan, training.schedule, training.trainer.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
 """What a run reports: metrics.jsonl, TensorBoard, the console, and MFU.
 
+Imports from fasttrain: system.atomic, system.errors.
+
 Every event is one JSON object per line in `metrics.jsonl` with an "event" field
 ("start", "train", "eval", "sample", "end"); train events carry `step` and
 `loss`, eval events `step`, `val_loss` and `val_bpb`. The file is flushed per

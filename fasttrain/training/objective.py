@@ -1,5 +1,7 @@
 """The training objective: next-token cross-entropy, as sums that add up across batches and ranks.
 
+Imports from fasttrain: data.documents, model.transformer.
+
     objective = NextTokenLoss(model)               # what DDP / FSDP wrap and torch.compile compiles
     sums = objective(tokens, targets)              # LossSums: summed loss, top-1 hits, counted targets
     mean_loss = sums.loss / sums.counted

@@ -1,5 +1,7 @@
 """The optimizers (AdamW, Muon with AdamW, SGD, Adafactor), and the gradient clipping before them.
 
+Imports from fasttrain: config, system.device, system.errors.
+
 Weight decay pulls weights toward zero, which regularises matrices that mix features.
 It is wrong for RMSNorm gains (pulled toward 0 instead of their natural 1) and
 biases, and usually unhelpful for embeddings, whose rows are each updated only

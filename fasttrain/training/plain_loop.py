@@ -1,5 +1,7 @@
 """`train_loop`: the plain training loop, for any model that maps tokens to logits.
 
+Imports from fasttrain: system.device, training.metrics, training.objective.
+
     from fasttrain import train_loop
     history = train_loop(model, loader, optimizer, num_epochs=3, device="cpu")
 

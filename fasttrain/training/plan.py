@@ -1,5 +1,9 @@
 """A run's plan: everything a run of a config decides before it allocates anything, decided once.
 
+Imports from fasttrain: config, data.documents, data.mixture, data.shards, model.transformer, model.weights,
+preparation.cache, preparation.preparation, preparation.tokenizer, system.device, system.distributed, system.errors,
+training.preflight, training.schedule.
+
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
 

@@ -1,5 +1,7 @@
 """The training loop's policies: what to do after non-finite steps, and when to stop early.
 
+Imports from fasttrain: config, training.run_state.
+
 Each is a small object the loop asks after a step or an evaluation; the loop carries
 out the answer (rolls back, stops) and reporting tells the user. A restored save that
 monitored another loss starts early stopping's count anew (monitor_anew).

@@ -1,5 +1,7 @@
 """Pre-flight: estimate a run's memory from its config and refuse one that cannot fit, before allocating.
 
+Imports from fasttrain: config, model.transformer, system.errors.
+
 A model too large for the machine otherwise ends in an allocator traceback, deep
 in construction or in the first step, or (a million layers) in a construction
 that seems to hang. The estimate is arithmetic on the config, with the parameter count

@@ -1,6 +1,8 @@
 """What a training run tells the user: each event (metrics.jsonl, see metrics.py) and console line,
 made from the values it is given. Nothing here reads the trainer.
 
+Imports from fasttrain: config, training.metrics, training.plan, training.run_state, training.schedule.
+
 The training loop hands over a record per step (to IntervalMeter, which sums them on the
 device until the next log line), one per evaluation, and one per skip, rollback or stop.
 """

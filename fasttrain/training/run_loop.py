@@ -1,5 +1,9 @@
 """The training loop: one train() from its first step to its last, and what happens between the steps.
 
+Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, checkpoints.saves, config, data.loader,
+system.distributed, system.errors, system.signals, training.plan, training.policies, training.reporting,
+training.run_state, training.schedule.
+
 After each step the loop asks the policies (policies.py): a streak of non-finite steps rolls the run back to
 a save or stops it (Recovery), evaluations that stop improving end it (EarlyStopping). It evaluates, samples
 and saves when due, saves and stops on a signal, and hands every value to reporting (reporting.py). The

@@ -1,4 +1,7 @@
-"""RunState: the counters of a run, which a checkpoint saves and loads as a whole."""
+"""RunState: the counters of a run, which a checkpoint saves and loads as a whole.
+
+Imports from fasttrain: nothing.
+"""
 
 from __future__ import annotations
 

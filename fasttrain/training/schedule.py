@@ -1,5 +1,7 @@
 """The learning rate as a pure function of the optimizer step, or of a time-budgeted run's progress.
 
+Imports from fasttrain: config, system.errors, training.run_state.
+
 Linear warmup from 0 over `warmup_steps`, then one of:
 - cosine:   min + 0.5 (max - min)(1 + cos(pi t / T)), t steps into the decay, whose first
             step (t = 0) has max and the run's last step (t = T) min

@@ -1,5 +1,11 @@
 """The Trainer: one run of `python -m fasttrain.train`, also usable from other code.
 
+Imports from fasttrain: checkpoints.checkpoint, checkpoints.checkpoint_files, checkpoints.resume,
+checkpoints.run_directory, config, data.loader, data.mixture, data.sampling, evaluation.validation,
+model.generation, model.transformer, model.weights, preparation.cache, preparation.tokenizer, system.device,
+system.distributed, training.launch, training.objective, training.optimizers, training.plan, training.policies,
+training.reporting, training.run_loop, training.run_state, training.schedule.
+
     trainer = Trainer(load_config("configs/base.toml"))
     summary = trainer.train()          # or drive it yourself:
     result = trainer.step()            # StepResult: loss, grad_norm, correct, counted, lr, skipped
