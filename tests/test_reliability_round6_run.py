@@ -148,3 +148,19 @@ def test_a_copied_run_directory_says_its_config_writes_into_the_original(pydoc_d
     for args in ([str(original / "config.toml")], [str(copy / "config.toml"), "--set", f"train.out_dir={copy}"]):
         code, out, err = train([*args, "--dry-run", "--resume", "auto"], capsys)
         assert code == 0 and "note:" not in out
+
+
+def test_a_compile_that_fails_under_dry_run_measure_is_one_line_and_saves_nothing(
+    pydoc_data, tmp_path, capsys, monkeypatch
+):
+    """--dry-run --measure takes real (compiled) steps; a compile failure there is the same one line, and the
+    run directory a dry run never creates is still not there."""
+    compiled_by(monkeypatch, failing_backend)
+    out_dir = tmp_path / "run"
+    code, out, err = train([*tiny_args(pydoc_data, out_dir, *RUN), "--dry-run", "--measure", "2"], capsys)
+    assert code == 2
+    assert err.splitlines() == [
+        "error: torch.compile could not compile the model (RuntimeError: C++ compile error); "
+        "--set train.compile=false trains without compiling"
+    ]
+    assert not out_dir.exists()
