@@ -107,6 +107,14 @@ def sharded_run(c: Case, damage) -> Path:
     return run / "checkpoints" / "step_0000002"
 
 
+def beyond_llama_run(c: Case) -> Path:
+    """A run whose model a Hugging Face Llama cannot express: a ReLU² MLP and QK-norm."""
+    run = c.tmp / "relu2"
+    with pytest.raises(SystemExit):
+        run_cli(train.main, c.train("model.mlp=relu2", "model.qk_norm=true", out=run))
+    return run
+
+
 def flipped_copy(c: Case) -> str:
     """A copy of the run's last checkpoint file with one bit flipped in its tensors' bytes."""
     copy = Path(c.file("flipped.pt", c.checkpoint().read_bytes()))
@@ -1172,6 +1180,13 @@ CASES = [
         export,
         lambda c: [str(c.run), "--out", c.file("f", "x")],
         "f: is a file, not a directory; cannot write an export into it",
+    ),
+    (
+        "export: --hf of a model a Llama cannot express",
+        export,
+        lambda c: [str(beyond_llama_run(c)), "--hf"],
+        '--hf: a Hugging Face Llama cannot express model.mlp = "relu2", model.qk_norm = true; without --hf the '
+        "weights are written in fasttrain's layout",
     ),
     (
         "export: --hf into a sharded model's folder",

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from fasttrain import export, prepare, train
+from fasttrain.config import load_config
 from fasttrain.system.errors import run_cli
+from fasttrain.training.plan import init_shape
 from tests.conftest import tiny_args
 
 transformers = pytest.importorskip("transformers")
@@ -119,3 +121,14 @@ def test_what_cannot_be_mapped_is_one_line(pydoc_data, tmp_path, capsys, changes
         )
     err = capsys.readouterr().err
     assert done.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_a_llama_to_continue_from_trains_as_a_llama_and_says_what_it_replaced(tmp_path):
+    """model.mlp = "relu2" and model.qk_norm are not the Llama's: the run takes its SwiGLU and plain attention,
+    and the init_from note names both."""
+    cfg = load_config(
+        "configs/base.toml", [f"model.init_from={hf_dir(tmp_path)}", "model.mlp=relu2", "model.qk_norm=true"]
+    )
+    shaped, note, _ = init_shape(cfg)
+    assert shaped.mlp == "swiglu" and not shaped.qk_norm
+    assert "mlp relu2 -> swiglu" in note and "qk_norm True -> False" in note

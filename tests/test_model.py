@@ -106,8 +106,77 @@ def test_swiglu_hidden_size():
     assert model.blocks[0].mlp.down.weight.shape == (32, ffn_hidden_size(tiny(multiple_of=16))) == (32, 96)
 
 
+def test_relu2_mlp_is_down_of_relu_up_squared_at_four_times_the_width():
+    cfg = tiny(mlp="relu2", multiple_of=16)
+    assert ffn_hidden_size(cfg) == 128 and ffn_hidden_size(tiny(mlp="relu2", ffn_hidden=40)) == 40
+    mlp = Transformer(cfg).blocks[0].mlp
+    x = torch.randn(3, 5, 32, dtype=torch.float64)
+    mlp = mlp.double()
+    expected = x @ mlp.up.weight.T
+    expected = (expected.clamp(min=0) ** 2) @ mlp.down.weight.T
+    torch.testing.assert_close(mlp(x), expected)
+    swiglu = Transformer(tiny(multiple_of=16))  # 96 wide: three 32 x 96 matrices a layer, against two 32 x 128
+    assert Transformer(cfg).num_params() - swiglu.num_params() == 2 * (2 * 32 * 128 - 3 * 32 * 96)
+
+
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    """With model.qk_norm each head's queries and keys are RMS-normalised, so scaling their projection changes
+    nothing; without it, the same scaling sharpens the attention and changes the logits."""
+    tokens = torch.randint(0, 97, (2, 16))
+    for qk_norm in (True, False):
+        torch.manual_seed(0)
+        # fp64 and an eps far under the squares' mean, so that what is left is the normalisation itself
+        model = Transformer(tiny(qk_norm=qk_norm, norm_eps=1e-30)).double().eval()
+        with torch.no_grad():
+            before = model(tokens)
+            for block in model.blocks:
+                block.attn.qkv.weight[: 2 * 32] *= 7.0  # the q and k rows of [q | k | v]
+            after = model(tokens)
+        if qk_norm:
+            torch.testing.assert_close(after, before, atol=1e-12, rtol=1e-12)
+        else:
+            assert (after - before).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("overrides", [["model.mlp=relu2"], ["model.qk_norm=true"]])
+def test_relu2_and_qk_norm_train_cache_and_checkpoint(overrides):
+    """Each option's model learns a repeated batch, its KV cache gives the full forward's logits, and
+    activation checkpointing changes none of its gradients."""
+    cfg = load_config("configs/base.toml", ["model.vocab_size=97", *overrides]).model
+    tokens, targets = torch.randint(0, 97, (2, 4, 16))
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        sums = NextTokenLoss(model)(tokens, targets)
+        (sums.loss / sums.counted).backward()
+        losses.append((sums.loss / sums.counted).item())
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0]
+    model.eval()
+    cache = KVCache(model.cfg)
+    steps = [model(tokens[:, :9], cache=cache)] + [model(tokens[:, t : t + 1], cache=cache) for t in range(9, 16)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), model(tokens), atol=1e-5, rtol=1e-5)
+    model.train()
+    grads = []
+    for mode in ("none", "selective"):
+        model.checkpointing = mode
+        model.zero_grad()
+        NextTokenLoss(model)(tokens, targets).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(
-    "overrides", [[], ["model.tie_embeddings=false", "model.n_kv_heads=4", "model.ffn_hidden=1000"]]
+    "overrides",
+    [
+        [],
+        ["model.tie_embeddings=false", "model.n_kv_heads=4", "model.ffn_hidden=1000"],
+        ["model.mlp=relu2", "model.qk_norm=true"],
+    ],
 )
 def test_preflight_counts_the_parameters_the_model_has(overrides):
     """preflight's arithmetic agrees with the real model (built on the meta device: shapes, no memory)."""

@@ -22,8 +22,14 @@ class ModelConfig:
     n_layers: int = 4  # transformer blocks
     n_heads: int = 4  # query heads per block; must divide d_model
     n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = n_heads; must divide n_heads
-    ffn_hidden: int = 0  # SwiGLU hidden width; 0 = 8/3 x d_model rounded up to multiple_of
-    multiple_of: int = 64  # round the SwiGLU hidden width up to a multiple of this (matmul-friendly)
+    # The MLP: "swiglu" is Llama's down(silu(gate(x)) * up(x)); "relu2" is down(relu(up(x))^2), one matmul
+    # fewer per width (modded-nanogpt's and nanochat's). A Hugging Face Llama cannot express relu2.
+    mlp: Literal["swiglu", "relu2"] = "swiglu"
+    ffn_hidden: int = 0  # MLP hidden width; 0 = 8/3 x d_model (swiglu) or 4 x d_model (relu2), up to multiple_of
+    multiple_of: int = 64  # round the default MLP hidden width up to a multiple of this (matmul-friendly)
+    # RMS-normalise each head's queries and keys (no weights) before attention, which bounds the attention
+    # logits whatever the learning rate does to the q and k weights. A Hugging Face Llama cannot express it.
+    qk_norm: bool = False
     rope_theta: float = 10000.0  # RoPE base: larger stretches the rotary wavelengths for longer contexts
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # the output projection shares the token-embedding matrix

@@ -17,7 +17,10 @@ Imports from fasttrain: config, model.fp8.
   scores depend only on the distance between query and key, so a masked document
   gets the same attention wherever it sits in the row.
 - SwiGLU MLP: down(silu(gate(x)) * up(x)), hidden width 8/3 x d_model rounded up
-  to `multiple_of`, which keeps the parameter count of a 4x GELU MLP.
+  to `multiple_of`, which keeps the parameter count of a 4x GELU MLP; or (model.mlp =
+  "relu2") down(relu(up(x))^2) at 4 x d_model, the same parameters in two matmuls.
+- Optional QK-norm (model.qk_norm): each head's queries and keys RMS-normalised,
+  without weights, before RoPE (a rotation keeps their norm, so the order is free).
 - Optional weight tying between the embedding and the output projection.
 - A KV cache for generation (`KVCache`): the prompt is run once, then each new
   token is one forward of length 1 that attends to the keys and values kept from
@@ -61,10 +64,12 @@ INIT_STD = 0.02
 
 
 def ffn_hidden_size(cfg: ModelConfig) -> int:
-    """SwiGLU hidden width: `cfg.ffn_hidden`, or 8/3 x d_model rounded up to a multiple of `multiple_of`."""
+    """MLP hidden width: `cfg.ffn_hidden`, or 8/3 x d_model (SwiGLU) or 4 x d_model (ReLU²) rounded up to a
+    multiple of `multiple_of`: either way about 8 d_model² parameters."""
     if cfg.ffn_hidden:
         return cfg.ffn_hidden
-    return cfg.multiple_of * math.ceil(8 * cfg.d_model / 3 / cfg.multiple_of)
+    width = 4 * cfg.d_model if cfg.mlp == "relu2" else 8 * cfg.d_model / 3
+    return cfg.multiple_of * math.ceil(width / cfg.multiple_of)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +163,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
         self.out = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
+        self.qk_norm, self.norm_eps = cfg.qk_norm, cfg.norm_eps
 
     def forward(
         self,
@@ -173,8 +179,14 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
         )
-        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        q, k = q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = (
+                F.rms_norm(q, (self.head_dim,), eps=self.norm_eps),
+                F.rms_norm(k, (self.head_dim,), eps=self.norm_eps),
+            )
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None:  # generation: the queries also see every earlier position's keys and values
             k, v = cache.store(k, v)
@@ -211,6 +223,19 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+class ReLU2(nn.Module):
+    """down(relu(up(x))²): no gate, so a 4 x d_model hidden width holds SwiGLU's parameters in two matmuls."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = ffn_hidden_size(cfg)
+        self.up = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.relu(self.up(x)).square())
+
+
 class ResidualRMSNorm(nn.RMSNorm):
     """torch.nn.RMSNorm with kernels.RMSNorm's forward: `norm(x)`, or `norm(x, residual)` ->
     (norm(x + residual), x + residual). The plain-PyTorch twin of the fused kernel."""
@@ -243,7 +268,7 @@ class Block(nn.Module):
         self.attn_norm = rms_norm_module(cfg, norm_kernel)
         self.attn = Attention(cfg, attention)
         self.mlp_norm = rms_norm_module(cfg, norm_kernel)
-        self.mlp = SwiGLU(cfg)
+        self.mlp = ReLU2(cfg) if cfg.mlp == "relu2" else SwiGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(

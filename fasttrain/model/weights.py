@@ -96,6 +96,12 @@ def hf_llama_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     return out
 
 
+def beyond_llama(cfg: ModelConfig) -> list[str]:
+    """The [model] settings of `cfg` that a Hugging Face Llama has no way to express, as `key = value`."""
+    beyond = [f'model.mlp = "{cfg.mlp}"'] if cfg.mlp != "swiglu" else []
+    return beyond + (["model.qk_norm = true"] if cfg.qk_norm else [])
+
+
 def hf_llama_config(cfg: ModelConfig, eot_id: int, dtype: torch.dtype) -> dict:
     """config.json for LlamaForCausalLM with the same shape and numerics as `cfg`."""
     return {
@@ -176,6 +182,8 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
         rope_theta=float(theta),
         norm_eps=float(raw["rms_norm_eps"]),
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        mlp="swiglu",
+        qk_norm=False,
     )
 
 
@@ -298,6 +306,11 @@ def export_weights(
     export replaces (see `_check_out_dir`), and --hf needs the tokenizer.
     """
     out = Path(out_dir)
+    if hf and (beyond := beyond_llama(cfg.model)):
+        raise UsageError(
+            f"--hf: a Hugging Face Llama cannot express {', '.join(beyond)}; without --hf the weights are written in "
+            "fasttrain's layout"
+        )
     tokenizer_file = Path(tokenizer) if tokenizer is not None else Path(cfg.data.dir) / "tokenizer.json"
     files = {"tokenizer.json": tokenizer_file.read_bytes()} if tokenizer_file.is_file() else {}
     if hf:  # Tokenizer.load: a UsageError naming the missing file, before anything is written

@@ -24,9 +24,11 @@ from fasttrain.system.errors import UsageError
 # fp32 weights (4) + their gradients (4) + AdamW's two moments (8); autocast keeps the weights in fp32.
 STATE_BYTES_PER_PARAM = 16
 # Values per token per block kept for the backward pass: the two norms' inputs and outputs (4 x d_model),
-# q, k, v and the attention output (4 x d_model) and the residual branches (2 x d_model); then the SwiGLU's
-# gate, up and their product (3 x its hidden width). Fused attention keeps no T x T scores.
-ACTIVATIONS_PER_TOKEN_LAYER = 10  # x d_model, plus 3 x the SwiGLU hidden width
+# q, k, v and the attention output (4 x d_model) and the residual branches (2 x d_model); then the MLP's
+# hidden values: SwiGLU's gate and up, the gate's silu and their product (4 x its width), ReLU²'s up and its
+# square (2 x). Fused attention keeps no T x T scores.
+ACTIVATIONS_PER_TOKEN_LAYER = 10  # x d_model, plus MLP_HIDDEN_VALUES x the MLP's hidden width
+MLP_HIDDEN_VALUES = {"swiglu": 4, "relu2": 2}
 GIB = 1 << 30
 
 
@@ -41,7 +43,7 @@ def estimate_bytes(cfg: Config, activation_bytes: int, shards: int = 1) -> dict[
         "RoPE tables": m.max_seq_len * (m.d_model // m.n_heads) // 2 * 16,
         "activations": tokens
         * m.n_layers
-        * (m.d_model * ACTIVATIONS_PER_TOKEN_LAYER + 3 * ffn_hidden_size(m))
+        * (m.d_model * ACTIVATIONS_PER_TOKEN_LAYER + MLP_HIDDEN_VALUES[m.mlp] * ffn_hidden_size(m))
         * activation_bytes,
         "logits": tokens * m.vocab_size * 4,
     }
