@@ -1,0 +1,202 @@
+"""Time to quality on a CPU: recipe changes and model shapes trained for the same seconds, scored on held-out text.
+
+    python -m benchmarks.recipe_sweep --corpus large --budget 120 [--case NAME ...] [--threads 2] [--out FILE]
+
+Every case is configs/base.toml with its --set items (CASES), trained for --budget seconds of training
+(train.max_time, what the schedule is fitted to; compiling, evaluating and saving are outside it), compile
+off, without samples, and validated once at the end on the first EVAL_TOKENS of the corpus's validation
+split (as many batches as that takes at the case's batch and sequence length), so every case is scored on
+the same text; its val_bpb is what the run's end event records.
+Each case runs in a process of its own with OMP_NUM_THREADS=--threads.
+
+The corpora are built from the running Python's standard library, so any machine has them, and are held
+out from builtin:pydoc, the corpus configs/base.toml was tuned on (its documentation topics, not code):
+  large  every .py file of the standard library (site-packages left out), ~31 MB: read about once
+  small  the asyncio, email, json and http packages, ~1.1 MB: read many times over
+Each is written as JSONL, one document a file, and prepared once at vocab 4096 into --cache.
+
+Writes one JSON (default benchmarks/results/cpu-recipe-<corpus>-<budget>s-<date>.json) with the machine,
+the command, the load average around each case and every result. Compare cases within one file: the
+figures depend on the CPU (bf16 through AMX or AVX-512, or fp32) and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from benchmarks.conftest import environment
+from fasttrain.system.errors import ArgumentParser, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_PACKAGES = ("asyncio", "email", "json", "http")
+EVAL_TOKENS = 131_072  # of validation text every case is scored on: 32 batches of 16 x 256
+
+
+def shape(d_model: int, n_layers: int, head_dim: int = 64) -> list[str]:
+    return [f"model.d_model={d_model}", f"model.n_layers={n_layers}", f"model.n_heads={d_model // head_dim}"]
+
+
+MUON = ["optim.name=muon"]
+WSD = ["schedule.decay=wsd", "schedule.cooldown_fraction=0.5"]
+SEQ_512 = ["model.max_seq_len=512", "train.seq_len=512"]
+RELU2 = ["model.mlp=relu2"]
+QK_NORM = ["model.qk_norm=true"]
+# name -> --set items on top of configs/base.toml (4 x 192, 4 heads of 48, AdamW lr 2e-3, cosine to 2e-4,
+# 16 x 256 tokens a step, tied embeddings).
+CASES: dict[str, list[str]] = {
+    "base": [],
+    "muon": MUON,
+    "wsd": WSD,
+    "untied": ["model.tie_embeddings=false"],
+    "lr 3e-3": ["optim.lr=3e-3", "schedule.min_lr=3e-4"],
+    "batch 32": ["train.batch_size=32"],
+    "batch 8": ["train.batch_size=8"],
+    "2 x 128": shape(128, 2),
+    "3 x 128": shape(128, 3),
+    "4 x 128": shape(128, 4),
+    "2 x 192": shape(192, 2),
+    "6 x 192": shape(192, 6),
+    "4 x 256": shape(256, 4),
+    "2 x 128 muon": shape(128, 2) + MUON,
+    "2 x 128 muon wsd": shape(128, 2) + MUON + WSD,
+    "muon wsd": MUON + WSD,
+    "relu2": RELU2,
+    "qk norm": QK_NORM,
+    "relu2 qk norm": RELU2 + QK_NORM,
+    "2 x 128 relu2 qk norm": shape(128, 2) + RELU2 + QK_NORM,
+    "2 x 128 muon relu2 qk norm": shape(128, 2) + MUON + RELU2 + QK_NORM,
+    "seq 512": SEQ_512 + ["train.batch_size=8"],
+    # nanochat's CPU settings at its depth 2: 2 x 128, 32 x 512 tokens a step, Muon, a long warmdown
+    "2 x 128 muon wsd b32 seq 512": shape(128, 2) + MUON + WSD + SEQ_512 + ["train.batch_size=32"],
+    "2 x 128 muon wsd seq 512": shape(128, 2) + MUON + WSD + SEQ_512 + ["train.batch_size=8"],
+}
+
+
+def stdlib_files(corpus: str) -> list[Path]:
+    """The standard library's .py files of `corpus` ("large" or "small"), sorted."""
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    roots = [lib / p for p in SMALL_PACKAGES] if corpus == "small" else [lib]
+    return sorted(p for root in roots for p in root.rglob("*.py") if "site-packages" not in p.parts)
+
+
+def prepared(corpus: str, cache: Path) -> Path:
+    """The folder `corpus` is prepared in under `cache`, prepared first if it is not there yet."""
+    out = cache / f"stdlib-{corpus}"
+    if (out / "meta.json").exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    jsonl = cache / f"stdlib-{corpus}.jsonl"
+    with open(jsonl, "w") as f:
+        for path in stdlib_files(corpus):
+            f.write(json.dumps({"text": path.read_text(errors="replace")}) + "\n")
+    subprocess.run(
+        [sys.executable, "-m", "fasttrain.prepare", "--input", str(jsonl), "--out", str(out), "--vocab-size", "4096"],
+        check=True,
+    )
+    return out
+
+
+def setting(case: str, key: str, default: int) -> int:
+    """The value `case` sets `key` to, else configs/base.toml's `default`."""
+    found = [int(item.split("=")[1]) for item in CASES[case] if item.startswith(f"{key}=")]
+    return found[-1] if found else default
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector and matrix extensions that decide its matmul kernels (and bf16 against fp32)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run_case(name: str, data: Path, budget: float, threads: int, out_dir: Path) -> dict:
+    """Train case `name` on prepared `data` for `budget` seconds, score it on the whole val split."""
+    sets = [
+        f"data.dir={data}",
+        f"train.max_time={budget}",
+        "train.max_steps=0",
+        "train.compile=false",
+        "train.eval_interval=1000000",
+        f"train.eval_steps={-(-EVAL_TOKENS // (setting(name, 'train.batch_size', 16) * setting(name, 'train.seq_len', 256)))}",
+        "checkpoint.interval=1000000",
+        "train.sample_tokens=0",
+        "train.tensorboard=false",
+        f"train.out_dir={out_dir}",
+        *CASES[name],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    before = load_average()
+    train = [sys.executable, "-m", "fasttrain.train", str(ROOT / "configs/base.toml"), "--quiet", "--set", *sets]
+    subprocess.run(train, check=True, env=env, stdout=subprocess.DEVNULL)
+    during = load_average()
+    events = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    start = next(e for e in events if e["event"] == "start")
+    end = next(e for e in events if e["event"] == "end")
+    return {
+        "case": name,
+        "sets": CASES[name],
+        "params": start.get("params"),
+        "precision": start.get("precision"),
+        "steps": end["step"],
+        "tokens": end["tokens"],
+        "train_seconds": end["train_seconds"],
+        "tokens_per_s": round(end["tokens"] / end["train_seconds"]),
+        "epochs": round(end["tokens"] / start["train_tokens"], 2) if start.get("train_tokens") else None,
+        "val_bpb": end["val_bpb"],
+        "load_average_before": before,
+        "load_average_after_training": during,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m benchmarks.recipe_sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", choices=["large", "small"], default="large")
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds of training per case")
+    parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fasttrain-recipe-sweep")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    today = datetime.date.today().isoformat()
+    out = args.out or ROOT / f"benchmarks/results/cpu-recipe-{args.corpus}-{args.budget:g}s-{today}.json"
+    data = prepared(args.corpus, args.cache)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="recipe-sweep-") as tmp:
+        for i, name in enumerate(args.case):
+            results.append(run_case(name, data, args.budget, args.threads, Path(tmp) / f"case{i}"))
+            print(json.dumps(results[-1]), flush=True)
+    record = {
+        "what": "issue 56: recipe changes and shapes of configs/base.toml at equal training time on held-out text",
+        "date": today,
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "machine": {**environment(), "cpu_flags": cpu_flags()},
+        "command": shlex.join(["python", "-m", "benchmarks.recipe_sweep", *(sys.argv[1:] if argv is None else argv)]),
+        "corpus": args.corpus,
+        "budget_seconds": args.budget,
+        "threads": args.threads,
+        "results": results,
+    }
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
