@@ -50,7 +50,11 @@ def environment() -> dict[str, str]:
         "cpu": platform.processor() or platform.machine(),
     }
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:  # Linux only
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        lines = f.read().splitlines()
+        # the vector and matrix extensions that decide the CPU's matmul kernels (and bf16 against fp32)
+        flags = next(line.split(":", 1)[1].split() for line in lines if line.startswith("flags"))
+        info["cpu_flags"] = " ".join(sorted(set(flags) & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["capability"] = "sm_{}{}".format(*torch.cuda.get_device_capability())  # the dispatch table's key

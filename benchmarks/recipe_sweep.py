@@ -111,15 +111,6 @@ def setting(case: str, key: str, default: int) -> int:
     return found[-1] if found else default
 
 
-def cpu_flags() -> list[str]:
-    """The CPU's vector and matrix extensions that decide its matmul kernels (and bf16 against fp32)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return sorted(f for f in flags if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
-
-
 def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -186,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip(),
-        "machine": {**environment(), "cpu_flags": cpu_flags()},
+        "machine": environment(),
         "command": shlex.join(["python", "-m", "benchmarks.recipe_sweep", *(sys.argv[1:] if argv is None else argv)]),
         "corpus": args.corpus,
         "budget_seconds": args.budget,
