@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Sequence
 
 from benchmarks.conftest import environment
+from fasttrain.config import load_config
 from fasttrain.system.errors import ArgumentParser, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,10 @@ CASES: dict[str, list[str]] = {
     "2 x 128 muon wsd b32 seq 512": shape(128, 2) + MUON + WSD + SEQ_512 + ["train.batch_size=32"],
     "2 x 128 muon wsd seq 512": shape(128, 2) + MUON + WSD + SEQ_512 + ["train.batch_size=8"],
 }
+# The depth ladder the automatic shape chooses from: width 64 x depth, heads of 64, Muon and a warmdown.
+CASES |= {f"depth {d}": shape(64 * d, d) + MUON + WSD for d in (1, 2, 3, 4, 6)}
+AUTO = ["model.n_layers=0", "model.d_model=0", "model.n_heads=0"]  # the shape chosen for the budget (sizing.py)
+CASES["auto"] = AUTO + MUON + WSD
 
 
 def stdlib_files(corpus: str) -> list[Path]:
@@ -105,9 +110,9 @@ def prepared(corpus: str, cache: Path) -> Path:
     return out
 
 
-def setting(case: str, key: str, default: int) -> int:
-    """The value `case` sets `key` to, else configs/base.toml's `default`."""
-    found = [int(item.split("=")[1]) for item in CASES[case] if item.startswith(f"{key}=")]
+def setting(sets: Sequence[str], key: str, default: int) -> int:
+    """The value `sets` give `key`, else configs/base.toml's `default`."""
+    found = [int(item.split("=")[1]) for item in sets if item.startswith(f"{key}=")]
     return found[-1] if found else default
 
 
@@ -115,32 +120,41 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run_case(name: str, data: Path, budget: float, threads: int, out_dir: Path) -> dict:
-    """Train case `name` on prepared `data` for `budget` seconds, score it on the whole val split."""
-    sets = [
+def run_case(name: str, data: Path, budget: float, threads: int, out_dir: Path, steps: int = 0) -> dict:
+    """Train case `name` on prepared `data` (train_sets)."""
+    return {"case": name, "sets": CASES[name], **train_sets(CASES[name], data, budget, threads, out_dir, steps)}
+
+
+def train_sets(sets: Sequence[str], data: Path, budget: float, threads: int, out_dir: Path, steps: int = 0) -> dict:
+    """Train configs/base.toml with `sets` on prepared `data` for `budget` seconds (or `steps` steps, whatever
+    the machine's speed) in a process of `threads` threads, score it on the first EVAL_TOKENS of the val split."""
+    rows = setting(sets, "train.batch_size", 16) * setting(sets, "train.seq_len", 256)
+    command = [
         f"data.dir={data}",
-        f"train.max_time={budget}",
-        "train.max_steps=0",
+        f"train.max_time={0 if steps else budget}",
+        f"train.max_steps={steps}",
         "train.compile=false",
         "train.eval_interval=1000000",
-        f"train.eval_steps={-(-EVAL_TOKENS // (setting(name, 'train.batch_size', 16) * setting(name, 'train.seq_len', 256)))}",
+        f"train.eval_steps={-(-EVAL_TOKENS // rows)}",
         "checkpoint.interval=1000000",
         "train.sample_tokens=0",
         "train.tensorboard=false",
         f"train.out_dir={out_dir}",
-        *CASES[name],
+        # a budgeted run warms up over a tenth of it at most (schedule.WARMUP_SHARE): a run of steps does the same
+        *([f"schedule.warmup_steps={max(2, min(20, steps // 10))}"] if steps else []),
+        *sets,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     before = load_average()
-    train = [sys.executable, "-m", "fasttrain.train", str(ROOT / "configs/base.toml"), "--quiet", "--set", *sets]
+    train = [sys.executable, "-m", "fasttrain.train", str(ROOT / "configs/base.toml"), "--quiet", "--set", *command]
     subprocess.run(train, check=True, env=env, stdout=subprocess.DEVNULL)
     during = load_average()
     events = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     start = next(e for e in events if e["event"] == "start")
     end = next(e for e in events if e["event"] == "end")
+    shape = load_config(out_dir / "config.toml").model  # the shape trained: a case may leave it to the run
     return {
-        "case": name,
-        "sets": CASES[name],
+        "shape": f"{shape.n_layers} x {shape.d_model}",
         "params": start.get("params"),
         "precision": start.get("precision"),
         "steps": end["step"],
@@ -157,19 +171,28 @@ def run_case(name: str, data: Path, budget: float, threads: int, out_dir: Path) 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m benchmarks.recipe_sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", choices=["large", "small"], default="large")
-    parser.add_argument("--budget", type=float, default=120.0, help="seconds of training per case")
+    lengths = parser.add_mutually_exclusive_group()
+    lengths.add_argument("--budget", type=float, default=120.0, help="seconds of training per case")
+    lengths.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="optimizer steps per case instead (16 x 256 tokens each, unless a case sets"
+        " the batch): what a case learns from so many tokens, however busy the machine",
+    )
     parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fasttrain-recipe-sweep")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     today = datetime.date.today().isoformat()
-    out = args.out or ROOT / f"benchmarks/results/cpu-recipe-{args.corpus}-{args.budget:g}s-{today}.json"
+    length = f"{args.steps}steps" if args.steps else f"{args.budget:g}s"
+    out = args.out or ROOT / f"benchmarks/results/cpu-recipe-{args.corpus}-{length}-{today}.json"
     data = prepared(args.corpus, args.cache)
     results = []
     with tempfile.TemporaryDirectory(prefix="recipe-sweep-") as tmp:
         for i, name in enumerate(args.case):
-            results.append(run_case(name, data, args.budget, args.threads, Path(tmp) / f"case{i}"))
+            results.append(run_case(name, data, args.budget, args.threads, Path(tmp) / f"case{i}", args.steps))
             print(json.dumps(results[-1]), flush=True)
     record = {
         "what": "issue 56: recipe changes and shapes of configs/base.toml at equal training time on held-out text",
@@ -180,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": environment(),
         "command": shlex.join(["python", "-m", "benchmarks.recipe_sweep", *(sys.argv[1:] if argv is None else argv)]),
         "corpus": args.corpus,
-        "budget_seconds": args.budget,
+        "budget_seconds": None if args.steps else args.budget,
+        "steps": args.steps or None,
         "threads": args.threads,
         "results": results,
     }

@@ -26,9 +26,9 @@ _FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.vocab_size": _NON_NEGATIVE,
     "model.max_seq_len": _POSITIVE,
-    "model.d_model": _POSITIVE,
-    "model.n_layers": _POSITIVE,
-    "model.n_heads": _POSITIVE,
+    "model.d_model": _NON_NEGATIVE,  # 0: 64 x n_layers (model/sizing.py)
+    "model.n_layers": _NON_NEGATIVE,  # 0: chosen for the run's compute (model/sizing.py)
+    "model.n_heads": _NON_NEGATIVE,  # 0: d_model / 64
     "model.n_kv_heads": _NON_NEGATIVE,
     "model.ffn_hidden": _NON_NEGATIVE,
     "model.multiple_of": _POSITIVE,
@@ -137,21 +137,21 @@ _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
         "model.d_model",
         "is not divisible by",
         "model.n_heads",
-        lambda c: c.model.d_model % c.model.n_heads != 0,
+        lambda c: c.model.n_heads > 0 and c.model.d_model % c.model.n_heads != 0,
         "each head gets d_model / n_heads dimensions",
     ),
     (
         "model.n_heads",
         "is not divisible by",
         "model.n_kv_heads",
-        lambda c: c.model.n_kv_heads > 0 and c.model.n_heads % c.model.n_kv_heads != 0,
+        lambda c: c.model.n_kv_heads > 0 and c.model.n_heads > 0 and c.model.n_heads % c.model.n_kv_heads != 0,
         "each key/value head serves the same number of query heads",
     ),
     (
         "model.d_model",
         "/",
         "model.n_heads",
-        lambda c: (c.model.d_model // c.model.n_heads) % 2 != 0,
+        lambda c: c.model.n_heads > 0 and (c.model.d_model // c.model.n_heads) % 2 != 0,
         "an odd head size, but RoPE rotates pairs of dimensions",
     ),
     # The world size is only known at launch, where the trainer checks the rest.

@@ -18,9 +18,11 @@ class ModelConfig:
 
     vocab_size: int = 0  # embedding rows; 0 = take it from the prepared data's tokenizer
     max_seq_len: int = 256  # longest context the model supports
-    d_model: int = 256  # width of the residual stream
-    n_layers: int = 4  # transformer blocks
-    n_heads: int = 4  # query heads per block; must divide d_model
+    d_model: int = 256  # width of the residual stream; 0 = 64 x n_layers
+    # Transformer blocks. 0 = chosen for the run's compute (its time budget or steps, the machine's speed, the
+    # corpus's size) from a ladder of depth d, width 64 d, heads of 64 (model/sizing.py); the plan says why.
+    n_layers: int = 4
+    n_heads: int = 4  # query heads per block; must divide d_model; 0 = d_model / 64
     n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = n_heads; must divide n_heads
     # The MLP: "swiglu" is Llama's down(silu(gate(x)) * up(x)); "relu2" is down(relu(up(x))^2), one matmul
     # fewer per width (modded-nanogpt's and nanochat's). A Hugging Face Llama cannot express relu2.

@@ -1,9 +1,9 @@
 """The model: the transformer (tokens -> logits), its FP8 matrix multiplies on GPUs that have them (fp8),
-generation with its KV cache, and its weights on disk (safetensors in fasttrain's or Hugging Face's Llama
-layout).
+generation with its KV cache, its weights on disk (safetensors in fasttrain's or Hugging Face's Llama
+layout), and its shape chosen for a run's compute (sizing).
 
 Imports from fasttrain: nothing.
 
-Modules, in reading order: transformer, fp8, generation, weights. They import the layers below (system,
+Modules, in reading order: transformer, fp8, generation, weights, sizing. They import the layers below (system,
 config) and preparation's tokenizer (a Llama export writes it). docs/architecture.md has the tour.
 """

@@ -1,15 +1,15 @@
 """A run's plan: everything a run of a config decides before it allocates anything, decided once.
 
-Imports from fasttrain: config, data.documents, data.mixture, data.shards, model.transformer, model.weights,
-preparation.cache, preparation.preparation, preparation.tokenizer, system.device, system.distributed, system.errors,
-training.preflight, training.schedule.
+Imports from fasttrain: config, data.documents, data.mixture, data.shards, model.sizing, model.transformer,
+model.weights, preparation.cache, preparation.preparation, preparation.tokenizer, system.device, system.distributed,
+system.errors, training.preflight, training.schedule.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
 
 `plan_run` is the one place that answers "what will this run do": the device and precision, the model's
-shape (model.init_from's config.json), its parameter count and FLOPs per token, the batch geometry, the
-schedule with its fitted warmup and the budget, how many times each source is read, the mix phases, each
+shape (model.init_from's config.json, or chosen for the run's compute: model/sizing.py), its parameter count
+and FLOPs per token, the batch geometry, the schedule with its fitted warmup and the budget, how many times each source is read, the mix phases, each
 kernel's choice and why, the parallel mode and checkpoint format, the memory estimate against what the
 device has, and the evaluation and checkpoint cadence. It refuses, with the one line the run would stop
 with, a config the run would refuse. It prepares nothing, writes nothing and builds no model: data not
@@ -40,6 +40,7 @@ from fasttrain.config import (
 from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Blend, Source, open_sources, phases
 from fasttrain.data.shards import find_shards
+from fasttrain.model.sizing import Speed, ladder_shape, size_model
 from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
 from fasttrain.preparation.cache import prepared_dir
@@ -88,6 +89,7 @@ class RunPlan:
     recorded: tuple[float, ...]  # schedule.progress_from's progress per update (a replay); () otherwise
     init_missing: str  # model.init_from gone since the run in train.out_dir began: the error a new run gets
     notes: tuple[str, ...]  # the "note: ..." lines the run prints before it starts
+    speed: Speed | None  # the machine's training speed a shape chosen for a time budget used (sizing.py)
 
     @property
     def precision(self) -> str:
@@ -186,9 +188,13 @@ class RunPlan:
         }
 
 
-def plan_run(cfg: Config, world: distributed.World, device: torch.device) -> RunPlan:
+def plan_run(
+    cfg: Config, world: distributed.World, device: torch.device, resuming: bool = False, speed: Speed | None = None
+) -> RunPlan:
     """The plan of a run of `cfg` (validated) by `world` on `device` (this rank's). UsageError, in one line, for
-    what the run would refuse before its first step; reads only what it must and writes nothing."""
+    what the run would refuse before its first step; reads only what it must and writes nothing. With
+    model.n_layers = 0 a new run times the machine for its shape (sizing.py) unless given its `speed` (an
+    earlier plan's); a run `resuming` in train.out_dir, or a replay, trains the shape its run recorded."""
     notes: list[str] = []
     t = resolve_train(cfg.train, device)  # no "auto" left in what config.toml records
     budgeted = t.max_time > 0 or cfg.schedule.progress_from  # a replay keeps the warmup it replays
@@ -219,6 +225,11 @@ def plan_run(cfg: Config, world: distributed.World, device: torch.device) -> Run
         note = check_hf_tokenizer(shape.init_from, Tokenizer.load(tokenizer_file), tokenizer_file)
         notes += [note] if note else []
     accumulation = accumulation_steps(t, world.size)
+    unique = sum(s.data.meta["tokens"]["train"] for s in sources) or None
+    tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size
+    model, note, speed = shape_of(cfg, unique, tokens_per_step, world, device, resuming, speed)
+    notes += [note] if note else []
+    cfg = replace(cfg, model=model)
     mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)
     notes += mix_notes
     parallel = t.parallel if world.distributed else "none"  # what a checkpoint records too
@@ -256,6 +267,7 @@ def plan_run(cfg: Config, world: distributed.World, device: torch.device) -> Run
         recorded=recorded,
         init_missing=init_missing,
         notes=tuple(notes),
+        speed=speed,
     )
 
 
@@ -270,6 +282,45 @@ def accumulation_steps(t: TrainConfig, world_size: int = 1) -> int:
             f"world size = {t.batch_size} x {t.seq_len} x {world_size} = {per_micro_batch}"
         )
     return t.tokens_per_update // per_micro_batch
+
+
+def shape_of(
+    cfg: Config,
+    unique: int | None,
+    tokens_per_step: int,
+    world: distributed.World,
+    device: torch.device,
+    resuming: bool,
+    speed: Speed | None,
+) -> tuple[ModelConfig, str, Speed | None]:
+    """cfg.model with no 0 left in its shape, a note ("" if none) and the speed it was chosen at: model.d_model or
+    n_heads 0 are derived from the depth; model.n_layers = 0 is the shape a resumed run or a replayed one
+    recorded (train.out_dir's config.toml, schedule.progress_from's), else chosen for the run's compute
+    (sizing.size_model) on a corpus of `unique` training tokens."""
+    m = cfg.model
+    if m.n_layers:
+        return (m if m.d_model and m.n_heads else ladder_shape(m, m.n_layers)), "", speed
+    replayed = cfg.schedule.progress_from
+    recorded = (
+        Path(cfg.train.out_dir) / "config.toml"
+        if resuming
+        else (Path(replayed) if Path(replayed).is_dir() else Path(replayed).parent) / "config.toml"
+        if replayed
+        else None
+    )
+    if recorded is not None and recorded.is_file():
+        r = load_config(recorded).model
+        shape = replace(m, n_layers=r.n_layers, d_model=r.d_model, n_heads=r.n_heads)
+        what = "resumed" if resuming else "replayed"
+        return (
+            shape,
+            (
+                f"model.n_layers = 0: the {what} run's shape, {shape.n_layers} x {shape.d_model} with {shape.n_heads} "
+                f"heads, as {recorded} records it"
+            ),
+            speed,
+        )
+    return size_model(cfg, unique, tokens_per_step, world.size, device, speed)
 
 
 def init_shape(cfg: Config) -> tuple[ModelConfig, str, str]:

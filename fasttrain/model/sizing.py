@@ -1,0 +1,218 @@
+"""The model's shape chosen for the run's compute: `model.n_layers = 0`.
+
+Imports from fasttrain: config, model.transformer, system.device, system.errors.
+
+A model too large for its budget sees too few tokens; one too small stops learning early. Which is best
+depends on how many tokens the run will train on, and that on the machine's speed, the budget and, for a
+small corpus read many times over, how much a repeated token is still worth. So the run picks, from a ladder
+of shapes (depth d, width 64 d, heads of 64: nanochat's one-knob rule), the depth whose tokens per parameter
+come closest to TOKENS_PER_PARAM, a ratio fitted to this project's sweeps (benchmarks/recipe_sweep.py's
+`depth N` cases, benchmarks/results/cpu-ladder-*.json, docs/performance.md):
+
+    tokens(d)    = min(max_steps x tokens per step, max_time x tokens/s(d))   (whichever the run has)
+    effective(d) = tokens(d) while it is at most the corpus U; beyond, U (1 + R (1 - exp(-(tokens/U - 1) / R)))
+    choice       = the d minimising |log(effective(d) / params(d)) - log(TOKENS_PER_PARAM)|
+
+`effective` is Muennighoff et al.'s (2023) worth of repeated data: the k-th epoch is worth exp(-(k-1)/R) of
+the first, R = REPEAT_WORTH epochs. tokens/s(d) under a time budget comes from `calibrate`: the eager
+forward and backward of the ladder's two smallest shapes, timed on the run's device and precision before the
+run (outside train.max_time, as compiling is), give FLOP/s at two sizes; a power law through them predicts
+the others (small models use a CPU's or GPU's arithmetic less well, so the rate grows with size).
+
+What follows from the depth: the width 64 d unless model.d_model is set, the heads d_model / 64 unless
+model.n_heads is set (a set key wins, and the plan says so); the learning rates, batch, context and schedule
+are the config's. The resolved config records the shape chosen, so a resume or a replay trains the same model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fasttrain.config import Config, ModelConfig
+from fasttrain.model.transformer import Transformer, flops_per_token, num_params
+from fasttrain.system.device import autocast
+from fasttrain.system.errors import UsageError
+
+HEAD_DIM = 64  # the ladder's head width, and its width per layer of depth
+DEPTHS = tuple(range(1, 33))  # the ladder
+# Fitted to the sweeps (see the module docstring): the tokens per parameter of the best depth at each budget.
+TOKENS_PER_PARAM = 1.0
+REPEAT_WORTH = 15.0  # R: epochs over which a repeated token's worth falls by e (Muennighoff et al.)
+# What the sweeps covered: effective tokens, and epochs of a corpus; the rule extrapolates beyond (the plan says so).
+SWEPT = (1e5, 1e7)
+SWEPT_EPOCHS = 13.0
+MIN_BUDGET = 10.0  # seconds: a shorter train.max_time is not worth timing the machine for (the smallest shape)
+CALIBRATION_STEPS = 2  # timed forward-backward passes of each calibration shape, after one untimed
+
+
+@dataclass(frozen=True)
+class Speed:
+    """FLOP/s of training as a power law of the model's FLOPs per token: rate(f) = flops_per_s (f / at)^exponent."""
+
+    flops_per_s: float  # at FLOPs per token `at`
+    at: float
+    exponent: float  # 0 where the machine's rate does not depend on the size
+
+    def tokens_per_s(self, flops: float) -> float:
+        return self.flops_per_s * (flops / self.at) ** self.exponent / flops
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """The shape chosen and why (the plan's note)."""
+
+    model: ModelConfig
+    tokens: float  # the run's training tokens at this shape
+    effective: float  # their worth in first-epoch tokens
+    params: int
+    note: str
+
+
+def ladder_shape(m: ModelConfig, depth: int) -> ModelConfig:
+    """`m` at `depth`: width HEAD_DIM x depth unless m.d_model is set, heads of about HEAD_DIM unless m.n_heads
+    is set (the most that divide the width into even head widths; a set n_heads may not divide it: see
+    choose_shape)."""
+    width = m.d_model or HEAD_DIM * depth
+    heads = m.n_heads or next(
+        h for h in range(max(1, width // HEAD_DIM), 0, -1) if width % h == 0 and (width // h) % 2 == 0
+    )
+    return replace(m, n_layers=depth, d_model=width, n_heads=heads)
+
+
+def effective_tokens(tokens: float, unique: float | None) -> float:
+    """What `tokens` of training on a corpus of `unique` tokens (None: unknown, taken as unlimited) are worth in
+    tokens seen once (the module docstring's `effective`)."""
+    if not unique or tokens <= unique:
+        return tokens
+    return unique * (1 + REPEAT_WORTH * (1 - math.exp(-(tokens / unique - 1) / REPEAT_WORTH)))
+
+
+def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], unique: float | None, why: str) -> Sizing:
+    """The ladder's shape for `cfg` (model.n_layers = 0) whose effective tokens per parameter come closest to
+    TOKENS_PER_PARAM; `tokens_at(shape)` is how many tokens the run trains on at that shape, `unique` the
+    corpus's training tokens (None while it is not prepared), `why` how the tokens were found (for the note)."""
+    m = cfg.model
+
+    def distance(shape: ModelConfig) -> float:
+        return abs(math.log(effective_tokens(tokens_at(shape), unique) / num_params(shape) / TOKENS_PER_PARAM))
+
+    candidates = [ladder_shape(m, d) for d in DEPTHS]
+    valid = [c for c in candidates if c.d_model % c.n_heads == 0 and (c.d_model // c.n_heads) % 2 == 0]
+    if not valid:
+        raise UsageError(
+            f"model.n_heads = {m.n_heads}: no depth of the ladder has a width (64 x depth) it divides into even "
+            "head sizes; set model.d_model too, or leave model.n_heads at 0"
+        )
+    shape = min(valid, key=distance)
+    tokens = tokens_at(shape)
+    effective, params = effective_tokens(tokens, unique), num_params(shape)
+    kept = [f"model.{k} = {getattr(m, k)}" for k in ("d_model", "n_heads") if getattr(m, k)]
+    epochs = tokens / unique if unique else 0.0
+    beyond = (
+        f"; beyond the sweeps ({SWEPT[0]:.0e} to {SWEPT[1]:.0e} effective tokens, up to {SWEPT_EPOCHS:g} epochs): "
+        "extrapolated"
+        if not SWEPT[0] <= effective <= SWEPT[1] or epochs > SWEPT_EPOCHS
+        else ""
+    )
+    read = f", {epochs:,.1f} epochs of {unique / 1e6:.2f}M" if unique else ", corpus size not known yet"
+    note = (
+        f"model.n_layers = 0: depth {shape.n_layers} ({shape.n_layers} x {shape.d_model}, {shape.n_heads} "
+        f"head{'s' * (shape.n_heads > 1)}, "
+        f"{params / 1e6:.2f}M parameters) for ~{tokens / 1e6:.2f}M training tokens ({why}{read}): "
+        f"{effective / params:.2f} effective tokens per parameter, the rule's {TOKENS_PER_PARAM:g}"
+        + (f"; {' and '.join(kept)} kept, as set" if kept else "")
+        + beyond
+    )
+    return Sizing(shape, tokens, effective, params, note)
+
+
+def calibrate(cfg: Config, device: torch.device, clock: Callable[[], float] | None = None) -> Speed:
+    """The machine's training speed (module docstring): forward and backward of the ladder's two smallest shapes
+    for `cfg` at its batch geometry, precision and device, each timed with `clock` over CALIBRATION_STEPS passes
+    after an untimed one (default: time.perf_counter, looked up when called). RuntimeError (out of memory, say)
+    propagates."""
+    t, clock = cfg.train, clock or time.perf_counter
+    rates = []
+    for depth in (1, 2):
+        shape = ladder_shape(cfg.model, depth)
+        model = Transformer(shape).to(device)
+        tokens = torch.randint(0, shape.vocab_size, (t.batch_size, t.seq_len + 1), device=device)
+        began = 0.0
+        for i in range(CALIBRATION_STEPS + 1):
+            if i == 1:
+                _synchronize(device)
+                began = clock()
+            with autocast(t.precision, device):
+                logits = model(tokens[:, :-1])
+            F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        _synchronize(device)
+        seconds = max(clock() - began, 1e-9) / CALIBRATION_STEPS
+        flops = flops_per_token(shape, t.seq_len)
+        rates.append((flops, flops * t.batch_size * t.seq_len / seconds))
+    (f1, r1), (f2, r2) = rates
+    exponent = min(1.0, max(0.0, math.log(r2 / r1) / math.log(f2 / f1)))
+    return Speed(r2, f2, exponent)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def size_model(
+    cfg: Config, unique: float | None, tokens_per_step: int, world_size: int, device: torch.device, speed: Speed | None
+) -> tuple[ModelConfig, str, Speed | None]:
+    """cfg.model with its shape chosen (model.n_layers = 0), the plan's note saying why, and the machine's speed
+    it used (`speed` if given, else calibrated here when the run has a time budget; None without one). The
+    run's tokens: max_steps x `tokens_per_step`, or what train.max_time gives at the speed, whichever is fewer.
+    UsageError when a world of `world_size` ranks would each time its own device."""
+    t = cfg.train
+    if t.max_time and t.max_time < MIN_BUDGET and not t.max_steps:
+        shape = ladder_shape(cfg.model, DEPTHS[0])
+        return (
+            shape,
+            (
+                f"model.n_layers = 0: train.max_time = {t.max_time:g} s is too short to time the machine for "
+                f"(under {MIN_BUDGET:g} s): the smallest shape, {shape.n_layers} x {shape.d_model}, trains instead"
+            ),
+            None,
+        )
+    if t.max_time and speed is None:
+        if world_size > 1:
+            raise UsageError(
+                "model.n_layers = 0 under train.max_time: every rank would time its own device and could choose "
+                "another shape; choose it with a single process (`fasttrain train CONFIG --dry-run` prints it) and "
+                "set model.n_layers, or give train.max_steps alone"
+            )
+        try:
+            speed = calibrate(cfg, device)
+        except RuntimeError as e:
+            shape = ladder_shape(cfg.model, DEPTHS[0])
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return (
+                shape,
+                (
+                    f"model.n_layers = 0: timing the machine failed ({reason}): the smallest shape, "
+                    f"{shape.n_layers} x {shape.d_model}, trains instead"
+                ),
+                None,
+            )
+
+    def tokens_at(shape: ModelConfig) -> float:
+        by_steps = t.max_steps * tokens_per_step if t.max_steps else math.inf
+        by_time = t.max_time * speed.tokens_per_s(flops_per_token(shape, t.seq_len)) if speed else math.inf
+        return min(by_steps, by_time)
+
+    if speed:
+        measured = speed.tokens_per_s(speed.at)
+        why = f"{t.max_time:g} s at a measured ~{measured:,.0f} tokens/s for depth 2, scaled by FLOPs"
+    else:
+        why = f"{t.max_steps} steps of {tokens_per_step:,} tokens"
+    sizing = choose_shape(cfg, tokens_at, unique, why)
+    return sizing.model, sizing.note, speed

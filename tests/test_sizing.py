@@ -1,0 +1,224 @@
+"""Issue 56, the model's shape chosen for the run's compute (model.n_layers = 0, fasttrain/model/sizing.py):
+the ladder, the worth of repeated tokens, the rule's choice as tokens and corpus size change, the calibration
+timed by a fake clock, and through `python -m fasttrain.train`: machines of different speeds and corpora of
+different sizes get different shapes, a resume and a replay keep the shape recorded, and each bad input's line."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttrain.config import ModelConfig, load_config
+from fasttrain.model import sizing
+from fasttrain.model.sizing import Speed, choose_shape, effective_tokens, ladder_shape, size_model
+from fasttrain.model.transformer import flops_per_token, num_params
+from fasttrain.system.errors import UsageError, run_cli
+from fasttrain.train import main as train_main
+from tests.conftest import tiny_args, tiny_config
+from tests.test_time_budget import FakeClock, timed
+
+AUTO = ("model.n_layers=0", "model.d_model=0", "model.n_heads=0")
+BUDGET = ("train.max_steps=0", "train.max_time=600")
+
+
+def cli(args: list[str]) -> int:
+    """`python -m fasttrain.train ARGS` in this process: its exit code."""
+    with pytest.raises(SystemExit) as exited:
+        run_cli(train_main, args)
+    return exited.value.code  # type: ignore[return-value]
+
+
+def depth_in(out: str) -> int:
+    """The depth the plan's note says was chosen."""
+    found = re.search(r"model\.n_layers = 0: depth (\d+) ", out)
+    assert found, out
+    return int(found.group(1))
+
+
+def fake_calibration(monkeypatch, seconds_per_pass: tuple[float, float]) -> list[float]:
+    """The calibration's clock made a fake one: depth 1's and depth 2's passes take `seconds_per_pass` each;
+    returns the list its readings are appended to."""
+    readings: list[float] = []
+    times = itertools.accumulate(
+        itertools.cycle(
+            [0.0, seconds_per_pass[0] * sizing.CALIBRATION_STEPS, 0.0, seconds_per_pass[1] * sizing.CALIBRATION_STEPS]
+        ),
+        initial=1000.0,
+    )
+    next(times)
+
+    def clock() -> float:
+        readings.append(next(times))
+        return readings[-1]
+
+    monkeypatch.setattr(sizing.time, "perf_counter", clock)
+    return readings
+
+
+def test_the_ladder_derives_width_and_heads_from_the_depth_unless_set():
+    auto = ModelConfig(vocab_size=512, d_model=0, n_layers=0, n_heads=0)
+    assert [(s.d_model, s.n_heads) for s in (ladder_shape(auto, d) for d in (1, 2, 3, 6))] == [
+        (64, 1),
+        (128, 2),
+        (192, 3),
+        (384, 6),
+    ]
+    wide = ladder_shape(ModelConfig(d_model=96, n_layers=0, n_heads=0), 5)
+    assert (wide.n_layers, wide.d_model, wide.n_heads) == (5, 96, 1)  # the set width kept, heads of 96
+    assert ladder_shape(ModelConfig(d_model=0, n_layers=0, n_heads=4), 3).n_heads == 4
+
+
+def test_repeated_tokens_are_worth_less_than_new_ones():
+    assert effective_tokens(5e5, 1e6) == 5e5 and effective_tokens(5e5, None) == 5e5
+    worth = [effective_tokens(e * 1e5, 1e5) for e in (1, 2, 4, 16, 64, 1000)]
+    assert worth == sorted(worth) and worth[0] == 1e5
+    gains = [b - a for a, b in zip(worth, worth[1:])]
+    assert worth[1] < 2e5 and worth[-2] < worth[-1] <= 1e5 * (1 + sizing.REPEAT_WORTH)  # never more than R epochs
+    assert gains[-1] < gains[0]
+
+
+def test_more_tokens_choose_deeper_models_and_a_small_corpus_shallower_ones():
+    cfg = tiny_config(".", ".", "model.vocab_size=4096", *AUTO)
+    depth = {}
+    for tokens in (1e4, 1e5, 1e6, 1e7, 1e8):
+        for unique in (None, 2e5):
+            depth[tokens, unique] = choose_shape(cfg, lambda shape: tokens, unique, "fixed").model.n_layers
+    unlimited = [depth[t, None] for t in (1e4, 1e5, 1e6, 1e7, 1e8)]
+    assert unlimited == sorted(unlimited) and len(set(unlimited)) >= 3, unlimited
+    assert all(depth[t, 2e5] <= depth[t, None] for t in (1e6, 1e7, 1e8))
+    assert depth[1e8, 2e5] < depth[1e8, None]  # 500 epochs of 200K tokens are worth far less than 1e8 new ones
+    for tokens, unique in depth:  # the choice is the ladder's closest to the rule's ratio
+        chosen = choose_shape(cfg, lambda shape: tokens, unique, "fixed")
+        assert chosen.effective == effective_tokens(tokens, unique) and chosen.params == num_params(chosen.model)
+        ratios = [effective_tokens(tokens, unique) / num_params(ladder_shape(cfg.model, d)) for d in sizing.DEPTHS]
+        best = min(ratios, key=lambda r: abs(math.log(r / sizing.TOKENS_PER_PARAM)))
+        assert chosen.effective / chosen.params == pytest.approx(best)
+
+
+def test_calibration_reads_the_rate_at_two_sizes_from_its_clock(monkeypatch):
+    cfg = tiny_config(".", ".", "model.vocab_size=512", *AUTO)
+    readings = fake_calibration(monkeypatch, (0.5, 1.0))
+    speed = sizing.calibrate(cfg, torch.device("cpu"))
+    assert len(readings) == 4  # each shape timed once, around its CALIBRATION_STEPS passes
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    f1, f2 = (flops_per_token(ladder_shape(cfg.model, d), cfg.train.seq_len) for d in (1, 2))
+    assert speed.at == f2 and speed.flops_per_s == pytest.approx(f2 * tokens / 1.0)
+    assert speed.exponent == pytest.approx(math.log((f2 * tokens) / (f1 * tokens / 0.5)) / math.log(f2 / f1))
+    assert speed.tokens_per_s(f2) == pytest.approx(tokens / 1.0)
+    fake_calibration(monkeypatch, (0.1, 10.0))  # the larger model's rate lower: the exponent stops at 0
+    assert sizing.calibrate(cfg, torch.device("cpu")).exponent == 0.0
+
+
+def test_a_faster_machine_gets_a_deeper_model_through_the_cli(pydoc_data, tmp_path, monkeypatch, capsys):
+    depths = []
+    for seconds in (2.0, 0.01):  # a slow machine, then one 200x as fast
+        fake_calibration(monkeypatch, (seconds / 2, seconds))
+        assert cli(tiny_args(pydoc_data, tmp_path / "run", *AUTO, *BUDGET, flags=["--dry-run"])) == 0
+        out = capsys.readouterr().out
+        depths.append(depth_in(out))
+        assert "600 s at a measured" in out
+    assert depths[0] < depths[1], depths
+    assert not (tmp_path / "run").exists()  # a dry run writes nothing
+
+
+def test_a_smaller_corpus_gets_a_shallower_model_and_steps_need_no_timing(
+    pydoc_data, code_data, tmp_path, monkeypatch, capsys
+):
+    readings = fake_calibration(monkeypatch, (1.0, 2.0))
+    depths = []
+    steps = ("train.max_steps=12000",)  # 1.5M tokens of 4 x 32: 8 epochs of the first, 84 of the second
+    for data, vocab in ((pydoc_data, 512), (code_data, 0)):  # 180K training tokens, then 18K (one tokenizer)
+        args = tiny_args(data, tmp_path / "run", *AUTO, *steps, f"data.vocab_size={vocab}", flags=["--dry-run"])
+        assert cli(args) == 0
+        out = capsys.readouterr().out
+        depths.append(depth_in(out))
+        assert "12000 steps of 128 tokens" in out and "epochs of" in out
+    assert depths[1] < depths[0], depths
+    assert readings == []  # a run of steps knows its tokens without timing the machine
+
+
+def test_a_resume_and_a_replay_train_the_shape_their_run_recorded(pydoc_data, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    quiet = ("train.sample_tokens=0", "train.eval_interval=1000", "checkpoint.interval=2")
+    assert cli(tiny_args(pydoc_data, run, *AUTO, *quiet, "train.max_steps=4", flags=["--quiet"])) == 0
+    recorded = load_config(run / "config.toml").model
+    assert (recorded.n_layers, recorded.d_model, recorded.n_heads) == (1, 64, 1)
+    longer = ("train.max_steps=12000",)  # alone, it would choose a deeper model
+    assert cli(tiny_args(pydoc_data, tmp_path / "new", *AUTO, *quiet, *longer, flags=["--dry-run"])) == 0
+    assert depth_in(capsys.readouterr().out) > 1
+    flags = ["--dry-run", "--resume", "auto"]
+    assert cli(tiny_args(pydoc_data, run, *AUTO, *quiet, *longer, flags=flags)) == 0
+    assert (
+        f"the resumed run's shape, 1 x 64 with 1 heads, as {run / 'config.toml'} records it" in capsys.readouterr().out
+    )
+
+    # A budgeted run (its shape chosen at a fake speed), replayed step for step at another speed.
+    fake_calibration(monkeypatch, (0.001, 0.002))
+    trainer = timed(
+        sizing_trainer(pydoc_data, tmp_path / "timed", *AUTO, *quiet, "train.max_steps=0", "train.max_time=60"), [20.0]
+    )
+    trainer.train()
+    chosen = trainer.cfg.model
+    assert chosen.n_layers > 1
+    fake_calibration(monkeypatch, (1.0, 2.0))
+    replay = ("train.max_time=0", "train.max_steps=3", f"schedule.progress_from={tmp_path / 'timed'}")
+    out_dir = tmp_path / "replay"
+    assert cli(tiny_args(pydoc_data, out_dir, *AUTO, *quiet, *replay, flags=["--quiet"])) == 0
+    replayed = load_config(out_dir / "config.toml").model
+    assert (replayed.n_layers, replayed.d_model, replayed.n_heads) == (chosen.n_layers, chosen.d_model, chosen.n_heads)
+
+
+def sizing_trainer(data: Path, out: Path, *overrides: str):
+    from fasttrain.training.trainer import Trainer
+
+    return Trainer(tiny_config(data, out, *overrides), quiet=True, clock=FakeClock())
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (("train.max_time=5",), "train.max_time = 5 s is too short to time the machine for (under 10 s): the smallest"),
+        (("model.d_model=96",), "model.d_model = 96 kept, as set"),
+        (("train.max_time=1e9",), "beyond the sweeps"),
+    ],
+)
+def test_notes_for_a_short_budget_a_set_key_and_a_budget_beyond_the_sweeps(
+    pydoc_data, tmp_path, monkeypatch, capsys, overrides, expected
+):
+    fake_calibration(monkeypatch, (0.05, 0.1))
+    args = tiny_args(pydoc_data, tmp_path / "run", *AUTO, *BUDGET, *overrides, flags=["--dry-run"])
+    assert cli(args) == 0
+    assert expected in capsys.readouterr().out
+
+
+def test_a_failed_calibration_trains_the_smallest_shape_and_says_why(pydoc_data, tmp_path, monkeypatch):
+    def fails(*args, **kwargs):
+        raise RuntimeError("out of memory\nmore detail")
+
+    monkeypatch.setattr(sizing, "calibrate", fails)
+    cfg = tiny_config(pydoc_data, tmp_path, *AUTO, *BUDGET, "model.vocab_size=512")
+    shape, note, speed = size_model(cfg, 180_000, 128, 1, torch.device("cpu"), None)
+    assert (shape.n_layers, shape.d_model, speed) == (1, 64, None)
+    assert "timing the machine failed (out of memory): the smallest shape, 1 x 64, trains instead" in note
+
+
+def test_a_world_of_ranks_is_refused_a_timed_choice_but_not_a_recorded_or_counted_one(pydoc_data, tmp_path):
+    cfg = tiny_config(pydoc_data, tmp_path, *AUTO, *BUDGET, "model.vocab_size=512")
+    with pytest.raises(UsageError, match=r"every rank would time its own device .* set model.n_layers"):
+        size_model(cfg, 180_000, 128, 2, torch.device("cpu"), None)
+    counted = tiny_config(pydoc_data, tmp_path, *AUTO, "train.max_steps=50", "model.vocab_size=512")
+    assert size_model(counted, 180_000, 256, 2, torch.device("cpu"), None)[0].n_layers >= 1
+    given = Speed(1e9, 1e6, 0.0)  # an earlier plan's speed: nothing to time
+    assert size_model(cfg, 180_000, 256, 2, torch.device("cpu"), given)[2] is given
+
+
+def test_heads_that_divide_no_width_of_the_ladder_are_one_line(pydoc_data, tmp_path, capsys):
+    args = tiny_args(pydoc_data, tmp_path / "run", *AUTO, "model.n_heads=33", flags=["--dry-run"])
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.n_heads = 33: no depth of the ladder" in err
