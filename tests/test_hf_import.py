@@ -124,11 +124,11 @@ def test_what_cannot_be_mapped_is_one_line(pydoc_data, tmp_path, capsys, changes
 
 
 def test_a_llama_to_continue_from_trains_as_a_llama_and_says_what_it_replaced(tmp_path):
-    """model.mlp = "relu2" and model.qk_norm are not the Llama's: the run takes its SwiGLU and plain attention,
-    and the init_from note names both."""
-    cfg = load_config(
-        "configs/base.toml", [f"model.init_from={hf_dir(tmp_path)}", "model.mlp=relu2", "model.qk_norm=true"]
-    )
+    """model.mlp = "relu2", model.qk_norm and model.embedding_norm are not the Llama's: the run takes its SwiGLU,
+    plain attention and plain embedding, and the init_from note names each. zero_init_projections is only an
+    init, which the Llama's weights replace."""
+    beyond = ["model.mlp=relu2", "model.qk_norm=true", "model.embedding_norm=true"]
+    cfg = load_config("configs/base.toml", [f"model.init_from={hf_dir(tmp_path)}", *beyond])
     shaped, note, _ = init_shape(cfg)
-    assert shaped.mlp == "swiglu" and not shaped.qk_norm
-    assert "mlp relu2 -> swiglu" in note and "qk_norm True -> False" in note
+    assert shaped.mlp == "swiglu" and not shaped.qk_norm and not shaped.embedding_norm
+    assert "mlp relu2 -> swiglu" in note and "qk_norm True -> False" in note and "embedding_norm True -> False" in note

@@ -138,7 +138,40 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
             assert (after - before).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("overrides", [["model.mlp=relu2"], ["model.qk_norm=true"]])
+def test_embedding_norm_gives_the_first_block_unit_rms_rows_and_zero_init_makes_blocks_identities():
+    """model.embedding_norm: the stream the blocks start from is the embedding's rows at RMS 1, whatever the
+    embedding's scale. model.zero_init_projections: at init the blocks add nothing, so the logits are the
+    final norm of the embedding (normalised or not) times the head; the other weights are drawn as usual."""
+    tokens = torch.randint(0, 97, (2, 16))
+    for embedding_norm in (True, False):
+        torch.manual_seed(0)
+        model = Transformer(tiny(embedding_norm=embedding_norm, zero_init_projections=True, norm_eps=1e-30))
+        model = model.double().eval()
+        for block in model.blocks:
+            assert not block.attn.out.weight.any() and not block.mlp.down.weight.any()
+            assert block.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
+        with torch.no_grad():
+            model.embed.weight *= 5.0
+            stream = model.embed(tokens)
+            if embedding_norm:
+                stream = stream / stream.pow(2).mean(-1, keepdim=True).add(model.cfg.norm_eps).sqrt()
+            final = model.norm.weight * stream / stream.pow(2).mean(-1, keepdim=True).add(model.cfg.norm_eps).sqrt()
+            torch.testing.assert_close(model(tokens), model.output(final))
+            first = []
+            model.blocks[0].attn_norm.register_forward_hook(lambda m, args, out: first.append(args[0]))
+            model(tokens)
+        rms = first[0].pow(2).mean(-1).sqrt()
+        if embedding_norm:
+            torch.testing.assert_close(rms, torch.ones_like(rms))
+        else:
+            assert rms.mean() > 0.05  # 5 x N(0, 0.02) rows: RMS about 0.1
+    assert Transformer(tiny()).blocks[0].attn.out.weight.any()  # the default init draws them
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["model.mlp=relu2"], ["model.qk_norm=true"], ["model.embedding_norm=true", "model.zero_init_projections=true"]],
+)
 def test_relu2_and_qk_norm_train_cache_and_checkpoint(overrides):
     """Each option's model learns a repeated batch, its KV cache gives the full forward's logits, and
     activation checkpointing changes none of its gradients."""
@@ -176,6 +209,7 @@ def test_relu2_and_qk_norm_train_cache_and_checkpoint(overrides):
         [],
         ["model.tie_embeddings=false", "model.n_kv_heads=4", "model.ffn_hidden=1000"],
         ["model.mlp=relu2", "model.qk_norm=true"],
+        ["model.embedding_norm=true", "model.zero_init_projections=true"],
     ],
 )
 def test_preflight_counts_the_parameters_the_model_has(overrides):

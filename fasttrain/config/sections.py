@@ -32,6 +32,12 @@ class ModelConfig:
     # RMS-normalise each head's queries and keys (no weights) before attention, which bounds the attention
     # logits whatever the learning rate does to the q and k weights. A Hugging Face Llama cannot express it.
     qk_norm: bool = False
+    # RMS-normalise the token embedding (no weights) before the first block, so the stream starts at unit scale
+    # whatever the embedding's learning rate does to it (nanochat's). A Hugging Face Llama cannot express it.
+    embedding_norm: bool = False
+    # Start each block's output projections (attention's out, the MLP's down) at zero: every block begins as the
+    # identity and the model as embedding -> head (modded-nanogpt's and nanochat's init). Init only: Llama-shaped.
+    zero_init_projections: bool = False
     rope_theta: float = 10000.0  # RoPE base: larger stretches the rotary wavelengths for longer contexts
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # the output projection shares the token-embedding matrix

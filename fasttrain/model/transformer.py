@@ -21,6 +21,7 @@ Imports from fasttrain: config, model.fp8.
   "relu2") down(relu(up(x))^2) at 4 x d_model, the same parameters in two matmuls.
 - Optional QK-norm (model.qk_norm): each head's queries and keys RMS-normalised,
   without weights, before RoPE (a rotation keeps their norm, so the order is free).
+- Optional RMS normalisation of the token embedding, without weights (model.embedding_norm).
 - Optional weight tying between the embedding and the output projection.
 - A KV cache for generation (`KVCache`): the prompt is run once, then each new
   token is one forward of length 1 that attends to the keys and values kept from
@@ -32,8 +33,9 @@ Imports from fasttrain: config, model.fp8.
   little compute and drops the activations of those ops.
 - Init: N(0, 0.02) everywhere, with the projections that write into the residual
   stream scaled down by 1/sqrt(2 n_layers), so the stream's variance does not grow
-  with depth (GPT-2). At init every token is about equally likely, so the loss on
-  random tokens is close to ln(vocab_size).
+  with depth (GPT-2); or (model.zero_init_projections) those projections at zero, each
+  block the identity at init. At init every token is about equally likely, so the loss
+  on random tokens is close to ln(vocab_size).
 
 RoPE uses the "rotate half" layout (the first and second halves of a head are the
 two coordinates of each rotated pair), the layout Hugging Face's Llama uses, so
@@ -390,8 +392,11 @@ class Transformer(nn.Module):
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             else:
-                std = residual_std if name.endswith(("attn.out.weight", "mlp.down.weight")) else INIT_STD
-                nn.init.normal_(p, mean=0.0, std=std)
+                projection = name.endswith(("attn.out.weight", "mlp.down.weight"))
+                if projection and self.cfg.zero_init_projections:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=residual_std if projection else INIT_STD)
 
     def hidden(
         self, tokens: torch.Tensor, documents: torch.Tensor | None = None, cache: KVCache | None = None
@@ -413,6 +418,8 @@ class Transformer(nn.Module):
         elif self.attention == "flex":
             mask = causal_block_mask(T, tokens.device)
         delta, stream = None, self.embed(tokens)
+        if self.cfg.embedding_norm:
+            stream = F.rms_norm(stream, (self.cfg.d_model,), eps=self.cfg.norm_eps)
         for i, block in enumerate(self.blocks):
             delta, stream = run_block(
                 block,

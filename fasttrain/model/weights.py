@@ -99,7 +99,7 @@ def hf_llama_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
 def beyond_llama(cfg: ModelConfig) -> list[str]:
     """The [model] settings of `cfg` that a Hugging Face Llama has no way to express, as `key = value`."""
     beyond = [f'model.mlp = "{cfg.mlp}"'] if cfg.mlp != "swiglu" else []
-    return beyond + (["model.qk_norm = true"] if cfg.qk_norm else [])
+    return beyond + [f"model.{key} = true" for key in ("qk_norm", "embedding_norm") if getattr(cfg, key)]
 
 
 def hf_llama_config(cfg: ModelConfig, eot_id: int, dtype: torch.dtype) -> dict:
@@ -184,6 +184,7 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         mlp="swiglu",
         qk_norm=False,
+        embedding_norm=False,
     )
 
 
