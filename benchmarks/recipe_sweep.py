@@ -82,6 +82,17 @@ CASES: dict[str, list[str]] = {
 }
 # The depth ladder the automatic shape chooses from: width 64 x depth, heads of 64, Muon and a warmdown.
 CASES |= {f"depth {d}": shape(64 * d, d) + MUON + WSD for d in (1, 2, 3, 4, 6)}
+# nanochat's components, one at a time on depth 2, at equal tokens (--steps: none costs a measurable speed)
+CASES |= {
+    f"depth 2 {name}": CASES["depth 2"] + sets
+    for name, sets in {
+        "zero init": ["model.zero_init_projections=true"],
+        "embedding norm": ["model.embedding_norm=true"],
+        "untied": ["model.tie_embeddings=false"],
+        "relu2": RELU2,
+        "qk norm": QK_NORM,
+    }.items()
+}
 AUTO = ["model.n_layers=0", "model.d_model=0", "model.n_heads=0"]  # the shape chosen for the budget (sizing.py)
 CASES["auto"] = AUTO + MUON + WSD
 

@@ -116,6 +116,8 @@ def fit(speeds: dict) -> dict:
                         "unique": unique,
                     }
                 )
+    if not cells:
+        raise UsageError("no budget has two depths inside the sweeps' tokens: run more of the ladder first")
     regrets = {}
     for ratio in RATIOS:
         worst = []
