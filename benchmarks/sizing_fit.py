@@ -11,10 +11,11 @@ on the machine or on what else runs on it. A machine's speed turns a budget into
 depth's real steps (`fasttrain train --dry-run --measure`, optimizer included) at 1 and 2 threads into
 benchmarks/results/cpu-ladder-speeds-<date>.json. Then for each corpus, budget (30 s to 10 min) and thread
 count, each depth's validation bits per byte at the tokens it would train on is read off its sweep
-(interpolated in log tokens between the steps swept; a budget beyond a depth's sweep leaves it out), the best
-depth is the lowest, and each ratio on a grid gives the depth sizing's rule would choose there (with the
+(interpolated in log tokens between the steps swept; a budget far beyond a depth's sweep leaves it out), the best
+depth is the lowest (a depth up to twice past its last
+point follows its last two points' line), and each ratio on a grid gives the depth sizing's rule would choose there (with the
 corpus's size, as the run knows it). The ratio with the smallest worst regret (bits per byte above the best
-depth's) is the rule's TOKENS_PER_PARAM; the table of choices and regrets goes to
+depth's), then mean regret, is the rule's TOKENS_PER_PARAM; the table of choices and regrets goes to
 benchmarks/results/cpu-ladder-fit-<date>.json and docs/performance.md.
 """
 
@@ -36,8 +37,13 @@ from fasttrain.model.transformer import num_params
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 RESULTS = ROOT / "benchmarks/results"
-BUDGETS = (30, 60, 120, 300, 600)  # seconds
-RATIOS = tuple(round(0.1 * 1.25**k, 3) for k in range(25))  # 0.1 to ~21, a quarter apart
+BUDGETS = (30, 60, 120, 180, 300)  # seconds
+EXTRAPOLATE = 2.0  # bpb_at follows a depth's last two sweep points this far beyond the last (in tokens)
+# Ratios tried: 0.1 up, a quarter apart, to MEASURED_BOUND: above it the main job (configs/base.toml, 120 s,
+# 2 threads, its 92K-token corpus read 14 to 22 times) chose depth 1 and scored 1.698 bits per byte against
+# depth 2's 1.561 (cpu-main-job-2026-11-25.json): beyond the sweeps' 3.3 epochs the ratio is held by that run.
+MEASURED_BOUND = 1.71
+RATIOS = tuple(r for r in (round(0.1 * 1.25**k, 3) for k in range(25)) if r <= MEASURED_BOUND)
 DEPTHS = (1, 2, 3, 4, 6)
 
 
@@ -74,9 +80,12 @@ def sweep_points(corpus: str) -> tuple[dict[int, list[tuple[float, float]]], flo
 
 
 def bpb_at(points: list[tuple[float, float]], tokens: float) -> float | None:
-    """The val bpb at `tokens`, linear in log tokens between the two sweep points around it; None outside."""
-    for (t0, b0), (t1, b1) in zip(points, points[1:]):
-        if t0 <= tokens <= t1:
+    """The val bpb at `tokens`, linear in log tokens between the two sweep points around it, or along the last
+    two points' line up to EXTRAPOLATE times the last (a depth cut off just past its sweep would bias the fit
+    toward the depths swept further); None beyond, or below the first point."""
+    pairs = list(zip(points, points[1:]))
+    for i, ((t0, b0), (t1, b1)) in enumerate(pairs):
+        if t0 <= tokens <= t1 or (i == len(pairs) - 1 and t1 < tokens <= EXTRAPOLATE * t1):
             return b0 + (b1 - b0) * math.log(tokens / t0) / math.log(t1 / t0)
     return None
 

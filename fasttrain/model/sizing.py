@@ -41,12 +41,15 @@ from fasttrain.system.errors import UsageError
 
 HEAD_DIM = 64  # the ladder's head width, and its width per layer of depth
 DEPTHS = tuple(range(1, 33))  # the ladder
-# Fitted to the sweeps (see the module docstring): the tokens per parameter of the best depth at each budget.
-TOKENS_PER_PARAM = 1.0
+# Fitted to the sweeps (see the module docstring; benchmarks/sizing_fit.py, results/cpu-ladder-fit-2026-11-25.json):
+# of ratios 0.1 to 1.71 a quarter apart (above 1.71 the main job measured worse), the one whose choices lost
+# least against the best depth at 30 s to 5 min, 1 and 2 threads, both corpora: worst 0.05 bits per byte, at
+# the depth-1 / depth-2 boundary; mean 0.007.
+TOKENS_PER_PARAM = 1.455
 REPEAT_WORTH = 15.0  # R: epochs over which a repeated token's worth falls by e (Muennighoff et al.)
 # What the sweeps covered: effective tokens, and epochs of a corpus; the rule extrapolates beyond (the plan says so).
-SWEPT = (1e5, 1e7)
-SWEPT_EPOCHS = 13.0
+SWEPT = (1e5, 3.3e6)
+SWEPT_EPOCHS = 3.3
 MIN_BUDGET = 10.0  # seconds: a shorter train.max_time is not worth timing the machine for (the smallest shape)
 CALIBRATION_STEPS = 2  # timed forward-backward passes of each calibration shape, after one untimed
 
