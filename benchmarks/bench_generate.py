@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.conftest import sizes, time_device
+from benchmarks.conftest import FIXED_BASE, sizes, time_device
 from fasttrain.config import load_config
 from fasttrain.model.generation import generate
 from fasttrain.model.transformer import Transformer
@@ -26,7 +26,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def model_of(config: str, device: torch.device, *overrides: str) -> Transformer:
     cfg = load_config(
-        CONFIGS / config, ["model.vocab_size=50304" if "gpt2" in config else "model.vocab_size=4096", *overrides]
+        CONFIGS / config,
+        [*(["model.vocab_size=50304"] if "gpt2" in config else ["model.vocab_size=4096", *FIXED_BASE]), *overrides],
     )
     return Transformer(cfg.model).to(device).eval()
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import fasttrain_kernels._backend
-from benchmarks.conftest import DRY_RUN, allocator_counts, counts_since, median_seconds, sizes, time_device
+from benchmarks.conftest import DRY_RUN, FIXED_BASE, allocator_counts, counts_since, median_seconds, sizes, time_device
 from fasttrain.config import load_config
 from fasttrain.model.transformer import Transformer
 from fasttrain.system.device import PRECISIONS, native_bf16
@@ -87,6 +87,7 @@ def make_trainer(config: Path, data_dir: Path, *overrides: str) -> Trainer:
             f'train.out_dir="{data_dir / "run"}"',
             "train.tokens_per_update=0",
             "train.tensorboard=false",
+            *(FIXED_BASE if Path(config).name == "base.toml" else ()),
             *overrides,
         ],
     )

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 MODEL = [
+    "train.max_time=0",
     "model.d_model=1024",
     "train.tokens_per_update=0",
     "model.n_heads=16",

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The tiny model of the tests, one sequence per rank, a save every 4 steps; dropout: each rank's random state
 # must come back too.
 RUN = [
+    "train.max_time=0",
     "model.d_model=32",
     "model.n_layers=2",
     "model.n_heads=2",

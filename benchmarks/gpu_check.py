@@ -400,6 +400,7 @@ def train_settings(ctx: Context, out_dir: Path) -> tuple[str, list[str]]:
     if ctx.dry_run:
         return "configs/base.toml", [
             *common,
+            "train.max_time=0",
             'data.inputs=["builtin:pydoc"]',
             "data.vocab_size=512",
             "model.n_layers=2",

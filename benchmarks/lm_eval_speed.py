@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from benchmarks.conftest import FIXED_BASE  # noqa: E402
 from fasttrain import Trainer  # noqa: E402
 from fasttrain.config import load_config  # noqa: E402
 from fasttrain.evaluation.trained_model import load_trained  # noqa: E402
@@ -76,6 +77,7 @@ def main() -> None:
         cfg = load_config(
             CONFIG,
             [
+                *FIXED_BASE,
                 f'data.dir="{tmp / "data"}"',
                 f'train.out_dir="{tmp / "run"}"',
                 "train.device=cpu",

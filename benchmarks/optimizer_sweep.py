@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from benchmarks.conftest import environment
+from benchmarks.conftest import FIXED_BASE, environment
 from fasttrain.config import load_config
 from fasttrain.model.transformer import Transformer
 from fasttrain.system.errors import ArgumentParser, run_cli
@@ -59,6 +59,7 @@ def sweep_overrides(name: str, key: str, lr: float, max_steps: int, out_dir: Pat
     base = load_config(ROOT / "configs/base.toml")
     scheduled = lr if key == "optim.lr" else base.optim.lr  # the rate the schedule (and min_lr) is relative to
     return [
+        *FIXED_BASE,
         f"optim.name={name}",
         f"{key}={lr}",
         f"schedule.min_lr={scheduled / 10:g}",

@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from benchmarks.conftest import environment
-from benchmarks.recipe_sweep import CASES, EVAL_TOKENS, ROOT, load_average, prepared, train_sets
+from benchmarks.recipe_sweep import EVAL_TOKENS, ROOT, load_average, prepared, train_sets
 from fasttrain.config import Config, load_config
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.prepared_folder import PreparedData, open_prepared
@@ -82,7 +82,7 @@ from fasttrain.training.objective import NextTokenLoss, batch_loss
 from fasttrain.training.schedule import Budget
 
 # --set items on top of configs/base.toml for fasttrain's side: its budgeted default.
-FASTTRAIN_SETS: list[str] = CASES["auto"]  # the budgeted, self-sizing recipe
+FASTTRAIN_SETS: list[str] = []  # configs/base.toml is the budgeted, self-sizing recipe (recipe_sweep's "auto")
 NANOCHAT_URL = "https://github.com/karpathy/nanochat"
 NANOCHAT_FILES = ("nanochat/gpt.py", "nanochat/optim.py")  # what a checkout must hold: the model and optimizer
 
@@ -361,7 +361,8 @@ def plot(record: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lines: dict[str, list[tuple[float, float]]] = {}
     for r in record["results"]:
-        lines.setdefault(f"{r['system']} {r['case']}", []).append((r["budget_seconds"] / 60, r["val_bpb"]))
+        label = f"nanochat {r['case']}" if r["system"] == "nanochat" else "fasttrain (configs/base.toml, budgeted)"
+        lines.setdefault(label, []).append((r["budget_seconds"] / 60, r["val_bpb"]))
     for label, points in lines.items():
         minutes, bpb = zip(*sorted(points))
         ax.plot(minutes, bpb, marker="o", label=label)

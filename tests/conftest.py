@@ -126,6 +126,9 @@ def tiny_overrides(data_dir, out_dir) -> list[str]:
         "train.batch_size=4",
         "train.seq_len=32",
         "train.max_steps=10",
+        "train.max_time=0",  # a run of steps, not of configs/base.toml's time budget
+        'optim.name="adamw"',  # and AdamW with a cosine decay, not base.toml's Muon and warmdown
+        'schedule.decay="cosine"',
         "schedule.warmup_steps=2",
         "train.sample_tokens=4",
         "train.tensorboard=false",

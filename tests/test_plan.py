@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -133,13 +134,16 @@ def test_a_dry_run_of_unprepared_data_says_what_it_would_prepare_and_writes_noth
     assert status == 0
     assert "data: not prepared yet; the run prepares builtin:pydoc into " + str(cache / "fasttrain") in printed
     for line in (
-        "model: 2.56M parameters",
-        "run: 200 steps x 4,096 tokens (16 x 256 x 1 accumulation) on cpu",
+        "run: 2m of training x 4,096 tokens (16 x 256 x 1 accumulation) on cpu",
+        "schedule: wsd, lr 0.002 (min 0.0002), warmup 20 steps; ends after 2m of training",
         "memory: about",
         "kernel: rms_norm: auto, off on the cpu",
         "cadence: log every 10 steps",
     ):
         assert line in printed
+    # The shape is chosen for the machine's measured speed (model.n_layers = 0): the ladder's, as the note says.
+    depth = int(re.search(r"^note: model\.n_layers = 0: depth (\d+) ", printed, re.M).group(1))
+    assert f" parameters ({depth} layers, d_model {64 * depth}, {depth} heads, vocab 4096, context 256)" in printed
     assert snapshot(tmp_path) == before
 
 
