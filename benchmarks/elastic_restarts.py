@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # must come back too.
 RUN = [
     "train.max_time=0",
+    "optim.name=adamw",  # configs/base.toml's Muon would be refused under FSDP
     "model.d_model=32",
     "model.n_layers=2",
     "model.n_heads=2",
