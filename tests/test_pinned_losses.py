@@ -3,9 +3,12 @@ here. A refactoring of how a run is planned and assembled must not change what i
 meant to (a new initialization, another data order) records them anew, and says why in its commit.
 
 Two checks, because no bitwise value holds across CPUs: oneDNN and ATen pick other kernels on AMX, AVX-512 and
-AVX2 machines, whose fp32 sums round differently, so the same run differs there in the last bit of a loss
-(measured: this AVX-512 machine run as an AVX2 one moved one loss by 1 ulp, 8e-8 relative; the AMX machine of
-issue 55 moved three by 1 ulp).
+AVX2 machines, whose fp32 sums round differently, so the same run differs there in the last bit of a loss.
+An fp32 run is fp32 throughout, Muon's Newton-Schulz included (optimizers.newton_schulz_dtype: until
+2026-11-25 it iterated in bf16 on CPUs with bf16 matmuls, which moved these losses by 4.7e-6 on an AMX Xeon).
+Measured by benchmarks/isa_spread.py (every ISA cap a CPU allows, Muon and AdamW, both cases): at most 7.9e-8
+relative (1 ulp) on the 2-core AVX2 EPYC (results/cpu-isa-spread-2026-11-25.json); 1 ulp on the AVX-512 EPYC
+and three losses by 1 ulp on the AMX Xeon of issue 55 (AdamW).
 - The recorded values (float.hex, from an x86-64 CPU) hold within RTOL: 25 times that spread, and under what
   a change of the recipe moves them by (measured over these 6 steps: AdamW's and Muon's lr 1% higher 7e-6
   relative at step 2, 3.3e-4 by step 6; one more warmup step 2.4e-4 at step 2; another seed 3e-3 at step 1;
@@ -20,6 +23,7 @@ import json
 
 import pytest
 
+from benchmarks.isa_spread import MAIN_JOB_SETS
 from fasttrain.train import main as train_main
 
 pytestmark = pytest.mark.subprocess  # a whole run, if in this process
@@ -30,34 +34,8 @@ RTOL = 2e-6
 
 def main_job(data, out, *sets: str, flags: tuple[str, ...] = ()) -> list[dict]:
     """The events of the main job on `data`: base.toml's model, a small batch and a few steps, every step logged."""
-    assert (
-        train_main(
-            [
-                "configs/base.toml",
-                *flags,
-                "--quiet",
-                "--set",
-                f"data.dir={data}",
-                "data.vocab_size=512",
-                f"train.out_dir={out}",
-                "train.device=cpu",
-                'train.precision="fp32"',
-                "train.batch_size=4",
-                "train.seq_len=64",
-                "train.max_steps=6",
-                "train.max_time=0",  # steps, not base.toml's budget: the shape it chooses comes from them, untimed
-                "train.log_interval=1",
-                "train.eval_interval=3",
-                "train.eval_steps=2",
-                "schedule.warmup_steps=2",
-                "train.sample_tokens=0",
-                "train.tensorboard=false",
-                "checkpoint.interval=3",
-                *sets,
-            ]
-        )
-        == 0
-    )
+    command = ["configs/base.toml", *flags, "--quiet", "--set", f"data.dir={data}", f"train.out_dir={out}"]
+    assert train_main([*command, *MAIN_JOB_SETS, *sets]) == 0
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 

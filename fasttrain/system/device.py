@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import os
 import random
 from dataclasses import dataclass, fields, replace
 from typing import Iterator, Literal
@@ -50,12 +51,28 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
 CPU_COMPILE_MIN_STEPS = 2000
 
 
+# oneDNN's ONEDNN_MAX_CPU_ISA values from which its matmuls take bf16 in hardware (AVX512-BF16, AMX, AVX10);
+# below them (SSE41 to AVX512_CORE_VNNI) it emulates bf16 through fp32, whatever the CPU has.
+_ONEDNN_BF16_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10")
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bf16 matrices in hardware: CUDA, or a CPU with AVX512-BF16 or AMX
-    tiles. Elsewhere oneDNN emulates bf16 through fp32, slower than fp32 itself."""
+    tiles that this process may use. Elsewhere oneDNN emulates bf16 through fp32, slower than fp32 itself.
+    The caps that make a machine run as an older one are honoured: ATEN_CPU_CAPABILITY below avx512 or
+    ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (an AMX Xeon capped to AVX2 decides as an AVX2 machine does)."""
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    if device.type != "cpu":
+        return False
+    hardware = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return hardware and _isa_caps_allow_bf16()
+
+
+def _isa_caps_allow_bf16() -> bool:
+    """False where ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA caps this process below bf16 hardware."""
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").strip().upper() or "ALL"
+    return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2") and onednn.startswith(_ONEDNN_BF16_ISAS)
 
 
 def resolve_precision(
@@ -188,9 +205,13 @@ def check_fp8(fp8: str, device: torch.device) -> None:
 
 @functools.cache
 def _cpu_scaled_mm() -> bool:
+    """Whether this torch multiplies float8 matrices on the CPU. A bf16 matmul goes first: under an ISA cap
+    (ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon) oneDNN refuses float8 matmuls once a bf16 one has run in the
+    process, so the answer must not depend on whether one ran before the question."""
     a = torch.ones(16, 16).to(torch.float8_e4m3fn)
     one = torch.tensor(1.0)
     try:
+        torch.ones(16, 16, dtype=torch.bfloat16) @ torch.ones(16, 16, dtype=torch.bfloat16)
         torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
     except (RuntimeError, NotImplementedError):
         return False

@@ -44,9 +44,11 @@ else:  # torch.optim.Muon is torch 2.9's; without it build_optimizer refuses "mu
 class Muon(_MuonBase):
     """torch.optim.Muon (its groups, state and update rule) with Newton-Schulz in `ns_dtype`.
 
-    torch's own step iterates in bf16 always, which on a CPU without native bf16 is emulated:
-    one step of the 124M model's first block took minutes on a 2-core AVX2 machine. There the
-    same iteration runs in fp32 (float32 matmuls, ~100x faster); elsewhere torch's step runs.
+    torch's own step iterates in bf16 always. That is right for a bf16 run on hardware with bf16
+    matmuls, where torch's step runs; elsewhere the same iteration runs in fp32: an fp32 run stays
+    fp32 throughout, its optimizer included (so its losses do not depend on whether the CPU has bf16),
+    and on a CPU without native bf16 a bf16 iteration is emulated (one step of the 124M model's first
+    block took minutes on a 2-core AVX2 machine; fp32 is ~100x faster). See `newton_schulz_dtype`.
     """
 
     def __init__(self, params: ParamsT, ns_dtype: torch.dtype, **kwargs: Any):
@@ -144,12 +146,24 @@ class Hybrid:
             part.load_state_dict(state[name])
 
 
+def newton_schulz_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype Muon's Newton-Schulz iterates in: bf16 for a half-precision run (`precision` bf16 or fp16) on a
+    device with native bf16 matmuls, else fp32 (an fp32 run is fp32 throughout; see Muon)."""
+    return torch.bfloat16 if precision != "fp32" and native_bf16(device) else torch.float32
+
+
 def build_optimizer(
-    model: nn.Module, cfg: OptimConfig, device: torch.device, kernel: bool = False, sharded: bool = False
+    model: nn.Module,
+    cfg: OptimConfig,
+    device: torch.device,
+    kernel: bool = False,
+    sharded: bool = False,
+    precision: str = "fp32",
 ) -> torch.optim.Optimizer | Hybrid:
     """The optimizer that optim.name names, over `model`'s parameters, each group at its own peak lr.
 
     `kernel`: kernels.FusedAdamW for AdamW (clipping folded in only for AdamW alone, see Updater).
+    `precision`: the run's (resolved train.precision), which Muon's Newton-Schulz follows (newton_schulz_dtype).
     UsageError for Muon under FSDP (Newton-Schulz needs whole matrices, FSDP gives each rank a
     shard) or on a torch without torch.optim.Muon.
     """
@@ -167,7 +181,7 @@ def build_optimizer(
         m = cfg.muon
         muon = Muon(
             matrices,
-            ns_dtype=torch.bfloat16 if native_bf16(device) else torch.float32,
+            ns_dtype=newton_schulz_dtype(precision, device),
             lr=m.lr,
             weight_decay=cfg.weight_decay,
             momentum=m.momentum,
@@ -232,7 +246,7 @@ class Updater:
         kernel: bool = False,
         sharded: bool = False,
     ):
-        self.optimizer = build_optimizer(model, cfg, device, kernel, sharded)
+        self.optimizer = build_optimizer(model, cfg, device, kernel, sharded, precision)
         self.max_grad_norm = cfg.max_grad_norm or math.inf  # 0 disables clipping; the norm is still measured
         self.clip_in_step = kernel and cfg.name == "adamw"
         self.lr_ratios = [group["lr"] / cfg.lr for group in self.optimizer.param_groups]
