@@ -111,9 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: {note}")
     try:
         resume = checkpoint_to_resume(args.resume, cfg.train.out_dir, args.quiet or not world.is_main)
-        trainer = Trainer(
-            cfg, quiet=args.quiet, resuming=resume is not None, plan=start_run(cfg, args.quiet, resume is not None)
-        )
+        trainer = Trainer(cfg, quiet=args.quiet, resuming=resume is not None, plan=start_run(cfg, args.quiet, resume))
         if harness is not None:  # the data's tokenizer must encode the tasks' text: said now, not after the run
             harness.check_tokenizer(trainer.tokenizer, "eval.tasks")
         if resume:
@@ -160,7 +158,7 @@ def dry_run(cfg: Config, args: argparse.Namespace) -> int:
         print(f"note: {moved}", file=sys.stderr if as_json else sys.stdout)  # --json: the object alone on stdout
     device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
     spec = checkpoint_to_resume(resume, cfg.train.out_dir, quiet=True)
-    plan = plan_run(cfg, world, device, spec is not None)
+    plan = plan_run(cfg, world, device, spec)
     if spec is not None:
         resolve(spec, cfg.train.out_dir)  # the save a resume would load: there, or the run's own line
     if spec is None or plan.sources:  # a resume's tokenizer check needs the prepared data

@@ -5,14 +5,26 @@ Each test failed on bb9adb0, through the path where the failure was seen (the CL
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from fasttrain.config import OptimConfig
+from fasttrain.config import OptimConfig, load_config
+from fasttrain.data.mixture import token_shares
+from fasttrain.model import sizing
+from fasttrain.model.sizing import Speed, choose_shape, size_model
 from fasttrain.system import device as device_module
 from fasttrain.system.device import native_bf16
+from fasttrain.system.errors import run_cli
+from fasttrain.train import main as train_main
 from fasttrain.training.optimizers import Updater, newton_schulz_dtype
+from tests.conftest import tiny_args, tiny_config
 
 CPU = torch.device("cpu")
 
@@ -57,3 +69,154 @@ def test_without_bf16_hardware_even_a_bf16_run_orthogonalises_in_fp32(monkeypatc
     monkeypatch.setattr(device_module, "native_bf16", lambda device: False)
     monkeypatch.setattr("fasttrain.training.optimizers.native_bf16", lambda device: False)
     assert newton_schulz_dtype("bf16", CPU) == torch.float32
+
+
+# Items 2, 3, 5, 6 and 7: the seams of a run sized for its budget (model.n_layers = 0), through the CLI.
+
+AUTO = ("model.n_layers=0", "model.d_model=0", "model.n_heads=0")
+
+
+def cli(args: list[str]) -> int:
+    """`python -m fasttrain.train ARGS` in this process: its exit code."""
+    with pytest.raises(SystemExit) as exited:
+        run_cli(train_main, args)
+    return exited.value.code  # type: ignore[return-value]
+
+
+def depth_in(out: str) -> int:
+    found = re.search(r"model\.n_layers = 0: depth (\d+) ", out)
+    assert found, out
+    return int(found.group(1))
+
+
+def train_tokens(folder: Path) -> int:
+    return json.loads((folder / "meta.json").read_text())["tokens"]["train"]
+
+
+def test_a_mixture_is_sized_by_what_each_source_is_read(pydoc_data, code_data, tmp_path, capsys):
+    """A mixture drawing 95% of its rows from a small source is worth what that source's repeats are worth, not
+    what one corpus of the sources' summed tokens would be (WRONG RESULT on bb9adb0: a deeper model)."""
+    small, large = train_tokens(code_data), train_tokens(pydoc_data)
+    assert small * 5 < large
+    cfg = tiny_config(pydoc_data, tmp_path, *AUTO, "model.vocab_size=512")
+    per_source = ((0.95, small), (0.05, large))
+    # the steps at which the two readings choose different depths: the mixture must get the per-source one
+    steps = next(
+        s
+        for s in range(100, 100_000, 100)
+        if choose_shape(cfg, lambda m: s * 128.0, per_source, "").model
+        != choose_shape(cfg, lambda m: s * 128.0, ((1.0, small + large),), "").model
+    )
+    expected = choose_shape(cfg, lambda m: steps * 128.0, per_source, "")
+    summed = choose_shape(cfg, lambda m: steps * 128.0, ((1.0, small + large),), "")
+    assert expected.model.n_layers < summed.model.n_layers
+    mixture = f'data.sources=[{{dir="{code_data}", weight=0.95}}, {{dir="{pydoc_data}", weight=0.05}}]'
+    sets = [*AUTO, 'data.dir=""', "data.inputs=[]", mixture, f"train.max_steps={steps}", "data.max_epochs=1e6"]
+    assert cli(tiny_args(pydoc_data, tmp_path / "run", *sets, flags=["--dry-run"])) == 0
+    out = capsys.readouterr().out
+    assert depth_in(out) == expected.model.n_layers, out
+    assert f"{expected.effective / expected.params:.2f} effective tokens per parameter" in out
+    assert "its sources read" in out
+
+
+def test_mix_shares_follow_the_phases_over_the_run():
+    mix = [(0, (0.5, 0.5)), (30, (1.0, 0.0))]
+    assert token_shares(mix, 100) == pytest.approx((0.3 * 0.5 + 0.7, 0.3 * 0.5))
+    assert token_shares(mix, 20) == pytest.approx((0.5, 0.5))  # the change comes after the run's end
+    assert token_shares(mix, 0) == (0.5, 0.5)  # a clock alone: the weights it starts with
+
+
+@pytest.mark.parametrize("flags", [[], ["--dry-run"]])
+@pytest.mark.parametrize(
+    ("sets", "said"),
+    [
+        (("model.d_model=33",), "--set: model.d_model: must be even and >= 0"),
+        (("model.d_model=1",), "--set: model.d_model: must be even and >= 0"),
+        (
+            ("model.n_layers=2", "model.d_model=0", "model.n_heads=0", "model.n_kv_heads=3"),
+            "model.n_kv_heads = 3 does not divide the 2 heads of model.n_layers = 2",
+        ),
+    ],
+)
+def test_shape_keys_the_sizing_cannot_honour_are_one_line(pydoc_data, tmp_path, capsys, flags, sets, said):
+    assert cli(tiny_args(pydoc_data, tmp_path / "run", *AUTO, "train.max_steps=2", *sets, flags=flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and said in err and err.startswith("error:"), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_key_value_heads_keep_the_ladder_to_widths_they_divide(pydoc_data, tmp_path, capsys):
+    """n_kv_heads = 3 with the heads derived: a depth whose heads (width / 64) it divides, trained (on bb9adb0 an
+    invalid 1 x 64 shape that failed at the first step)."""
+    args = tiny_args(pydoc_data, tmp_path / "run", *AUTO, "model.n_kv_heads=3", "train.max_steps=2")
+    assert cli(args) == 0
+    config = load_config(tmp_path / "run" / "config.toml").model
+    assert config.n_layers % 3 == 0 and config.n_heads % 3 == 0 and config.n_kv_heads == 3
+    assert "model.n_kv_heads = 3 kept, as set" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key", ["n_heads", "n_layers", "d_model"])
+def test_a_recorded_shape_edited_to_zero_is_refused_on_resume(pydoc_data, tmp_path, capsys, key):
+    run = tmp_path / "run"
+    assert cli(tiny_args(pydoc_data, run, *AUTO, "train.max_steps=2", "--quiet")) == 0
+    recorded = run / "config.toml"
+    recorded.write_text(re.sub(rf"(?m)^{key} = \d+$", f"{key} = 0", recorded.read_text()))
+    for flags in (["--resume", "auto", "--dry-run"], ["--resume", "auto"]):
+        capsys.readouterr()
+        assert cli(tiny_args(pydoc_data, run, *AUTO, "train.max_steps=4", flags=flags)) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"{recorded}: model.{key} = 0, but a run's config records" in err, err
+
+
+def test_resume_path_into_a_new_directory_trains_the_checkpoints_shape(pydoc_data, tmp_path, capsys):
+    """--resume PATH into a new train.out_dir with model.n_layers = 0: the shape the checkpoint's run trained, from
+    its run directory's config.toml or, for a save copied out of its run, from the save itself (bb9adb0 sized a new
+    shape for the new budget, then refused the resume)."""
+    first = tmp_path / "first"
+    assert cli(tiny_args(pydoc_data, first, *AUTO, "train.max_steps=2", "--quiet")) == 0
+    shape = load_config(first / "config.toml").model
+    lone = tmp_path / "elsewhere" / "saved.pt"
+    lone.parent.mkdir()
+    shutil.copy(first / "checkpoints" / "step_0000002.pt", lone)
+    for i, path in enumerate((first / "checkpoints" / "step_0000002.pt", lone)):
+        out = tmp_path / f"second{i}"
+        capsys.readouterr()
+        # 4000 steps would choose a deeper model for a new run
+        assert (
+            cli(tiny_args(pydoc_data, out, *AUTO, "train.max_steps=4000", flags=["--resume", str(path), "--dry-run"]))
+            == 0
+        )
+        assert f"the resumed run's shape, {shape.n_layers} x {shape.d_model}" in capsys.readouterr().out
+        assert (
+            cli(tiny_args(pydoc_data, out, *AUTO, "train.max_steps=3", "--quiet", flags=["--resume", str(path)])) == 0
+        )
+        resumed = load_config(out / "config.toml").model
+        assert (resumed.n_layers, resumed.d_model, resumed.n_heads) == (shape.n_layers, shape.d_model, shape.n_heads)
+
+
+def test_a_clock_alone_warns_of_a_corpus_read_too_often(pydoc_data, code_data, tmp_path, capsys, monkeypatch):
+    """train.max_time alone, a corpus read more than data.max_epochs times: warned from the projected tokens, in the
+    dry run (the speed the shape was timed at) and in the run (its speed at the first log line). bb9adb0 said nothing."""
+    sets = ["data.vocab_size=0", "data.max_epochs=0.05", "train.max_steps=0", "train.max_time=12"]
+    assert cli(tiny_args(code_data, tmp_path / "dry", *AUTO, *sets, flags=["--dry-run"])) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"warning: this run reads \S+ [\d.]+ times over in the ~\d+ steps train.max_time gives", out), out
+    fixed = [*sets, "train.max_time=2", "train.log_interval=5", "train.eval_interval=1000", "train.sample_tokens=0"]
+    assert cli(tiny_args(code_data, tmp_path / "run", *fixed)) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"warning: this run reads \S+ [\d.]+ times over by step ~\d+, where train.max_time", out), out
+
+
+def test_a_choice_near_a_boundary_or_timed_on_a_busy_machine_says_so(pydoc_data, tmp_path, monkeypatch):
+    cfg = tiny_config(pydoc_data, tmp_path, *AUTO, "train.max_steps=0", "train.max_time=600", "model.vocab_size=512")
+    speed = Speed(1e9, 1e6, 0.0)
+    # the budget that puts the rule's choice where 20% more tokens would choose a deeper model
+    notes = [size_model(cfg, (), 128, 1, CPU, Speed(f, 1e6, 0.0))[1] for f in np.geomspace(1e8, 1e11, 60)]
+    assert any("near a boundary: a speed 20% off would choose depth" in n for n in notes)
+    assert not all("near a boundary" in n for n in notes)
+    monkeypatch.setattr(sizing, "calibrate", lambda cfg, device: speed)
+    monkeypatch.setattr(sizing.os, "getloadavg", lambda: (7.5, 1.0, 1.0))
+    note = size_model(cfg, (), 128, 1, CPU, None)[1]
+    assert "the machine looked busy when it was timed (load average 7.5 on" in note
+    monkeypatch.setattr(sizing.os, "getloadavg", lambda: (0.1, 1.0, 1.0))
+    assert "busy" not in size_model(cfg, (), 128, 1, CPU, None)[1]

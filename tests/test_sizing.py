@@ -82,18 +82,23 @@ def test_repeated_tokens_are_worth_less_than_new_ones():
     assert gains[-1] < gains[0]
 
 
+def corpus(unique: float | None) -> tuple[tuple[float, float], ...]:
+    """One source of `unique` training tokens read for the whole run (None: not known, taken as unlimited)."""
+    return ((1.0, unique),) if unique else ()
+
+
 def test_more_tokens_choose_deeper_models_and_a_small_corpus_shallower_ones():
     cfg = tiny_config(".", ".", "model.vocab_size=4096", *AUTO)
     depth = {}
     for tokens in (1e4, 1e5, 1e6, 1e7, 1e8):
         for unique in (None, 2e5):
-            depth[tokens, unique] = choose_shape(cfg, lambda shape: tokens, unique, "fixed").model.n_layers
+            depth[tokens, unique] = choose_shape(cfg, lambda shape: tokens, corpus(unique), "fixed").model.n_layers
     unlimited = [depth[t, None] for t in (1e4, 1e5, 1e6, 1e7, 1e8)]
     assert unlimited == sorted(unlimited) and len(set(unlimited)) >= 3, unlimited
     assert all(depth[t, 2e5] <= depth[t, None] for t in (1e6, 1e7, 1e8))
     assert depth[1e8, 2e5] < depth[1e8, None]  # 500 epochs of 200K tokens are worth far less than 1e8 new ones
     for tokens, unique in depth:  # the choice is the ladder's closest to the rule's ratio
-        chosen = choose_shape(cfg, lambda shape: tokens, unique, "fixed")
+        chosen = choose_shape(cfg, lambda shape: tokens, corpus(unique), "fixed")
         assert chosen.effective == effective_tokens(tokens, unique) and chosen.params == num_params(chosen.model)
         ratios = [effective_tokens(tokens, unique) / num_params(ladder_shape(cfg.model, d)) for d in sizing.DEPTHS]
         best = min(ratios, key=lambda r: abs(math.log(r / sizing.TOKENS_PER_PARAM)))
@@ -154,7 +159,7 @@ def test_a_resume_and_a_replay_train_the_shape_their_run_recorded(pydoc_data, tm
     flags = ["--dry-run", "--resume", "auto"]
     assert cli(tiny_args(pydoc_data, run, *AUTO, *quiet, *longer, flags=flags)) == 0
     assert (
-        f"the resumed run's shape, 1 x 64 with 1 heads, as {run / 'config.toml'} records it" in capsys.readouterr().out
+        f"the resumed run's shape, 1 x 64 with 1 head, as {run / 'config.toml'} records it" in capsys.readouterr().out
     )
 
     # A budgeted run (its shape chosen at a fake speed), replayed step for step at another speed.
@@ -202,7 +207,7 @@ def test_a_failed_calibration_trains_the_smallest_shape_and_says_why(pydoc_data,
 
     monkeypatch.setattr(sizing, "calibrate", fails)
     cfg = tiny_config(pydoc_data, tmp_path, *AUTO, *BUDGET, "model.vocab_size=512")
-    shape, note, speed = size_model(cfg, 180_000, 128, 1, torch.device("cpu"), None)
+    shape, note, speed = size_model(cfg, ((1.0, 180_000),), 128, 1, torch.device("cpu"), None)
     assert (shape.n_layers, shape.d_model, speed) == (1, 64, None)
     assert "timing the machine failed (out of memory): the smallest shape, 1 x 64, trains instead" in note
 
@@ -210,11 +215,11 @@ def test_a_failed_calibration_trains_the_smallest_shape_and_says_why(pydoc_data,
 def test_a_world_of_ranks_is_refused_a_timed_choice_but_not_a_recorded_or_counted_one(pydoc_data, tmp_path):
     cfg = tiny_config(pydoc_data, tmp_path, *AUTO, *BUDGET, "model.vocab_size=512")
     with pytest.raises(UsageError, match=r"every rank would time its own device .* set model.n_layers"):
-        size_model(cfg, 180_000, 128, 2, torch.device("cpu"), None)
+        size_model(cfg, ((1.0, 180_000),), 128, 2, torch.device("cpu"), None)
     counted = tiny_config(pydoc_data, tmp_path, *AUTO, "train.max_steps=50", "model.vocab_size=512")
-    assert size_model(counted, 180_000, 256, 2, torch.device("cpu"), None)[0].n_layers >= 1
+    assert size_model(counted, ((1.0, 180_000),), 256, 2, torch.device("cpu"), None)[0].n_layers >= 1
     given = Speed(1e9, 1e6, 0.0)  # an earlier plan's speed: nothing to time
-    assert size_model(cfg, 180_000, 256, 2, torch.device("cpu"), given)[2] is given
+    assert size_model(cfg, ((1.0, 180_000),), 256, 2, torch.device("cpu"), given)[2] is given
 
 
 def test_heads_that_divide_no_width_of_the_ladder_are_one_line(pydoc_data, tmp_path, capsys):

@@ -26,7 +26,8 @@ _FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.vocab_size": _NON_NEGATIVE,
     "model.max_seq_len": _POSITIVE,
-    "model.d_model": _NON_NEGATIVE,  # 0: 64 x n_layers (model/sizing.py)
+    # 0: 64 x n_layers (model/sizing.py); odd never works: d_model = n_heads x an even head size (RoPE rotates pairs)
+    "model.d_model": (lambda v: v >= 0 and v % 2 == 0, "even and >= 0 (each head's size is even: RoPE rotates pairs)"),
     "model.n_layers": _NON_NEGATIVE,  # 0: chosen for the run's compute (model/sizing.py)
     "model.n_heads": _NON_NEGATIVE,  # 0: d_model / 64
     "model.n_kv_heads": _NON_NEGATIVE,

@@ -269,6 +269,17 @@ def phases(d: DataConfig, max_steps: int, accumulation: int) -> tuple[list[tuple
     return [(step * accumulation, normalized(w)) for step, _, w in given], notes
 
 
+def token_shares(mix: Sequence[tuple[int, Sequence[float]]], rounds: int) -> tuple[float, ...]:
+    """Each source's share of a run's rows (so of its tokens) over its first `rounds` rounds, under `mix` (phases:
+    (first round, normalized weights)): each phase's weights for the rounds it lasts. Without `rounds` (a run
+    of a clock alone) the weights in force at the start."""
+    if rounds <= 0:
+        return tuple(max((p for p in mix if p[0] <= 0), key=lambda p: p[0])[1])
+    ends = [min(first, rounds) for first, _ in mix[1:]] + [rounds]
+    spans = [max(0, end - min(first, rounds)) for (first, _), end in zip(mix, ends)]
+    return tuple(sum(span * w[i] for span, (_, w) in zip(spans, mix)) / rounds for i in range(len(mix[0][1])))
+
+
 def replay_mix(d: DataConfig, mix: Sequence[tuple[int, Sequence[float]]], accumulation: int, steps: int) -> str:
     """The `--set` item that makes a replay of a run's first `steps` steps (a budgeted run's, as step run) read
     the mix the run read: each [[data.mix]] change pinned at the step it took effect at (`mix`: the run's phases

@@ -10,11 +10,13 @@ come closest to TOKENS_PER_PARAM, a ratio fitted to this project's sweeps (bench
 `depth N` cases, benchmarks/results/cpu-ladder-*.json, docs/performance.md):
 
     tokens(d)    = min(max_steps x tokens per step, max_time x tokens/s(d))   (whichever the run has)
-    effective(d) = tokens(d) while it is at most the corpus U; beyond, U (1 + R (1 - exp(-(tokens/U - 1) / R)))
+    worth(T, U)  = T while it is at most the corpus U; beyond, U (1 + R (1 - exp(-(T/U - 1) / R)))
+    effective(d) = the sum over the run's sources of worth(share x tokens(d), U): each source, of U training
+                   tokens, read for its share of the run (a mixture's weights), is discounted by its own epochs
     choice       = the d minimising |log(effective(d) / params(d)) - log(TOKENS_PER_PARAM)|
 
-`effective` is Muennighoff et al.'s (2023) worth of repeated data: the k-th epoch is worth exp(-(k-1)/R) of
-the first, R = REPEAT_WORTH epochs. tokens/s(d) under a time budget comes from `calibrate`: the eager
+`worth` is Muennighoff et al.'s (2023) value of repeated data: the k-th epoch is worth exp(-(k-1)/R) of the
+first, R = REPEAT_WORTH epochs. tokens/s(d) under a time budget comes from `calibrate`: the eager
 forward and backward of the ladder's two smallest shapes, timed on the run's device and precision before the
 run (outside train.max_time, as compiling is), give FLOP/s at two sizes; a power law through them predicts
 the others (small models use a CPU's or GPU's arithmetic less well, so the rate grows with size).
@@ -27,9 +29,10 @@ are the config's. The resolved config records the shape chosen, so a resume or a
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +55,9 @@ SWEPT = (1e5, 3.3e6)
 SWEPT_EPOCHS = 3.3
 MIN_BUDGET = 10.0  # seconds: a shorter train.max_time is not worth timing the machine for (the smallest shape)
 CALIBRATION_STEPS = 2  # timed forward-backward passes of each calibration shape, after one untimed
+# A timed speed is good to about this much (a short timing on a machine whose load changes): a choice that the
+# same rule would make differently at these multiples of the predicted tokens is said to be near a boundary.
+SENSITIVITY = (0.8, 1.25)
 
 
 @dataclass(frozen=True)
@@ -75,12 +81,13 @@ class Sizing:
     effective: float  # their worth in first-epoch tokens
     params: int
     note: str
+    near: tuple[int, ...]  # the depths chosen were the run's tokens SENSITIVITY times what they are predicted to be
 
 
 def ladder_shape(m: ModelConfig, depth: int) -> ModelConfig:
     """`m` at `depth`: width HEAD_DIM x depth unless m.d_model is set, heads of about HEAD_DIM unless m.n_heads
-    is set (the most that divide the width into even head widths; a set n_heads may not divide it: see
-    choose_shape)."""
+    is set (the most that divide the width into even head widths; a set n_heads or n_kv_heads may not fit the
+    width: see fits). m.d_model is even (config rules), so one head always fits."""
     width = m.d_model or HEAD_DIM * depth
     heads = m.n_heads or next(
         h for h in range(max(1, width // HEAD_DIM), 0, -1) if width % h == 0 and (width // h) % 2 == 0
@@ -88,51 +95,85 @@ def ladder_shape(m: ModelConfig, depth: int) -> ModelConfig:
     return replace(m, n_layers=depth, d_model=width, n_heads=heads)
 
 
+def fits(shape: ModelConfig) -> bool:
+    """Whether `shape`'s heads split its width into even sizes (RoPE rotates pairs) and its key/value heads
+    divide its heads: the config rules a set model.n_heads or n_kv_heads must meet at a ladder width."""
+    d, h, kv = shape.d_model, shape.n_heads, shape.n_kv_heads
+    return d % h == 0 and (d // h) % 2 == 0 and (not kv or h % kv == 0)
+
+
+Corpus = Sequence[tuple[float, float]]  # per source: (its share of the run's tokens, its training tokens)
+
+
 def effective_tokens(tokens: float, unique: float | None) -> float:
     """What `tokens` of training on a corpus of `unique` tokens (None: unknown, taken as unlimited) are worth in
-    tokens seen once (the module docstring's `effective`)."""
+    tokens seen once (the module docstring's `worth`)."""
     if not unique or tokens <= unique:
         return tokens
     return unique * (1 + REPEAT_WORTH * (1 - math.exp(-(tokens / unique - 1) / REPEAT_WORTH)))
 
 
-def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], unique: float | None, why: str) -> Sizing:
+def corpus_worth(tokens: float, corpus: Corpus) -> float:
+    """What `tokens` of training are worth over the run's sources (`corpus`; empty while it is not prepared:
+    taken as unlimited): each source's share of them, discounted by that source's own epochs."""
+    return sum(effective_tokens(tokens * share, unique) for share, unique in corpus) if corpus else tokens
+
+
+def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus: Corpus, why: str) -> Sizing:
     """The ladder's shape for `cfg` (model.n_layers = 0) whose effective tokens per parameter come closest to
-    TOKENS_PER_PARAM; `tokens_at(shape)` is how many tokens the run trains on at that shape, `unique` the
-    corpus's training tokens (None while it is not prepared), `why` how the tokens were found (for the note)."""
+    TOKENS_PER_PARAM; `tokens_at(shape)` is how many tokens the run trains on at that shape, `corpus` each
+    source's share and training tokens (empty while the data is not prepared), `why` how the tokens were found
+    (for the note)."""
     m = cfg.model
 
-    def distance(shape: ModelConfig) -> float:
-        return abs(math.log(effective_tokens(tokens_at(shape), unique) / num_params(shape) / TOKENS_PER_PARAM))
-
-    candidates = [ladder_shape(m, d) for d in DEPTHS]
-    valid = [c for c in candidates if c.d_model % c.n_heads == 0 and (c.d_model // c.n_heads) % 2 == 0]
-    if not valid:
-        raise UsageError(
-            f"model.n_heads = {m.n_heads}: no depth of the ladder has a width (64 x depth) it divides into even "
-            "head sizes; set model.d_model too, or leave model.n_heads at 0"
+    def depth_for(scale: float) -> ModelConfig:  # the choice were the run's tokens `scale` times as many
+        return min(
+            valid,
+            key=lambda s: abs(
+                math.log(corpus_worth(scale * tokens_at(s), corpus) / num_params(s)) - math.log(TOKENS_PER_PARAM)
+            ),
         )
-    shape = min(valid, key=distance)
+
+    valid = [shape for shape in (ladder_shape(m, d) for d in DEPTHS) if fits(shape)]
+    if not valid:
+        key = "n_kv_heads" if m.n_kv_heads and not m.n_heads else "n_heads"
+        raise UsageError(
+            f"model.{key} = {getattr(m, key)}: no depth of the ladder has a width (64 x depth) it divides into even "
+            f"head sizes{' and key/value groups' * bool(m.n_kv_heads)}; set model.d_model too, or leave model.{key} "
+            "at 0"
+        )
+    shape = depth_for(1.0)
     tokens = tokens_at(shape)
-    effective, params = effective_tokens(tokens, unique), num_params(shape)
-    kept = [f"model.{k} = {getattr(m, k)}" for k in ("d_model", "n_heads") if getattr(m, k)]
-    epochs = tokens / unique if unique else 0.0
+    effective, params = corpus_worth(tokens, corpus), num_params(shape)
+    kept = [f"model.{k} = {getattr(m, k)}" for k in ("d_model", "n_heads", "n_kv_heads") if getattr(m, k)]
+    epochs = [tokens * share / unique for share, unique in corpus]
     beyond = (
         f"; beyond the sweeps ({SWEPT[0]:.0e} to {SWEPT[1]:.0e} effective tokens, up to {SWEPT_EPOCHS:g} epochs): "
         "extrapolated"
-        if not SWEPT[0] <= effective <= SWEPT[1] or epochs > SWEPT_EPOCHS
+        if not SWEPT[0] <= effective <= SWEPT[1] or max(epochs, default=0.0) > SWEPT_EPOCHS
         else ""
     )
-    read = f", {epochs:,.1f} epochs of {unique / 1e6:.2f}M" if unique else ", corpus size not known yet"
+    if len(corpus) == 1:
+        read = f", {epochs[0]:,.1f} epochs of {corpus[0][1] / 1e6:.2f}M"
+    elif corpus:
+        read = ", its sources read " + ", ".join(
+            f"{e:,.1f} epochs of {unique / 1e6:.2f}M" for e, (_, unique) in zip(epochs, corpus)
+        )
+    else:
+        read = ", corpus size not known yet"
     note = (
-        f"model.n_layers = 0: depth {shape.n_layers} ({shape.n_layers} x {shape.d_model}, {shape.n_heads} "
-        f"head{'s' * (shape.n_heads > 1)}, "
-        f"{params / 1e6:.2f}M parameters) for ~{tokens / 1e6:.2f}M training tokens ({why}{read}): "
-        f"{effective / params:.2f} effective tokens per parameter, the rule's {TOKENS_PER_PARAM:g}"
+        f"model.n_layers = 0: depth {shape.n_layers} ({shape.n_layers} x {shape.d_model}, "
+        f"{plural(shape.n_heads, 'head')}, {params / 1e6:.2f}M parameters) for ~{tokens / 1e6:.2f}M training tokens "
+        f"({why}{read}): {effective / params:.2f} effective tokens per parameter, the rule's {TOKENS_PER_PARAM:g}"
         + (f"; {' and '.join(kept)} kept, as set" if kept else "")
         + beyond
     )
-    return Sizing(shape, tokens, effective, params, note)
+    return Sizing(shape, tokens, effective, params, note, tuple(depth_for(f).n_layers for f in SENSITIVITY))
+
+
+def plural(n: int, thing: str) -> str:
+    """ "1 head", "2 heads"."""
+    return f"{n} {thing}{'s' * (n != 1)}"
 
 
 def calibrate(cfg: Config, device: torch.device, clock: Callable[[], float] | None = None) -> Speed:
@@ -169,11 +210,13 @@ def _synchronize(device: torch.device) -> None:
 
 
 def size_model(
-    cfg: Config, unique: float | None, tokens_per_step: int, world_size: int, device: torch.device, speed: Speed | None
+    cfg: Config, corpus: Corpus, tokens_per_step: int, world_size: int, device: torch.device, speed: Speed | None
 ) -> tuple[ModelConfig, str, Speed | None]:
     """cfg.model with its shape chosen (model.n_layers = 0), the plan's note saying why, and the machine's speed
     it used (`speed` if given, else calibrated here when the run has a time budget; None without one). The
-    run's tokens: max_steps x `tokens_per_step`, or what train.max_time gives at the speed, whichever is fewer.
+    run's tokens: max_steps x `tokens_per_step`, or what train.max_time gives at the speed, whichever is fewer;
+    `corpus`: each source's share of them and its training tokens (choose_shape). A choice that a timing 20% off
+    would change, or one timed on a busy machine, says so: another run (its dry run) may time another speed.
     UsageError when a world of `world_size` ranks would each time its own device."""
     t = cfg.train
     if t.max_time and t.max_time < MIN_BUDGET and not t.max_steps:
@@ -186,6 +229,7 @@ def size_model(
             ),
             None,
         )
+    busy = ""
     if t.max_time and speed is None:
         if world_size > 1:
             raise UsageError(
@@ -193,6 +237,7 @@ def size_model(
                 "another shape; choose it with a single process (`fasttrain train CONFIG --dry-run` prints it) and "
                 "set model.n_layers, or give train.max_steps alone"
             )
+        busy = busy_note(device)
         try:
             speed = calibrate(cfg, device)
         except RuntimeError as e:
@@ -217,5 +262,27 @@ def size_model(
         why = f"{t.max_time:g} s at a measured ~{measured:,.0f} tokens/s for depth 2, scaled by FLOPs"
     else:
         why = f"{t.max_steps} steps of {tokens_per_step:,} tokens"
-    sizing = choose_shape(cfg, tokens_at, unique, why)
-    return sizing.model, sizing.note, speed
+    sizing = choose_shape(cfg, tokens_at, corpus, why)
+    note = sizing.note
+    others = sorted({d for d in sizing.near if d != sizing.model.n_layers})
+    if speed and others:
+        note += (
+            f"; near a boundary: a speed 20% off would choose depth {' or '.join(map(str, others))}, so another "
+            "timing (the run's, or its dry run's) may choose another depth"
+        )
+    return sizing.model, note + busy, speed
+
+
+def busy_note(device: torch.device) -> str:
+    """ "; the machine looked busy ..." where a CPU's 1-minute load average, read before this process times it, is
+    at least half its cores (other work then takes a share of the speed timed, and of the run's); else ""."""
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    if load < max(1.0, cores / 2):
+        return ""
+    return (
+        f"; the machine looked busy when it was timed (load average {load:.1f} on {plural(cores, 'core')}): "
+        "on a quiet one the run would be faster and may choose a deeper model"
+    )

@@ -1,6 +1,6 @@
 """A run's plan: everything a run of a config decides before it allocates anything, decided once.
 
-Imports from fasttrain: config, data.documents, data.mixture, data.shards, model.sizing, model.transformer,
+Imports from fasttrain: checkpoints.checkpoint_files, config, data.documents, data.mixture, data.shards, model.sizing, model.transformer,
 model.weights, preparation.cache, preparation.preparation, preparation.tokenizer, system.device, system.distributed,
 system.errors, training.preflight, training.schedule.
 
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from fasttrain.checkpoints import checkpoint_files
 from fasttrain.config import (
     DEFAULT_INPUTS,
     DEFAULT_VOCAB,
@@ -38,9 +39,9 @@ from fasttrain.config import (
     resolve,
 )
 from fasttrain.data.documents import Rows
-from fasttrain.data.mixture import Blend, Source, open_sources, phases
+from fasttrain.data.mixture import Blend, Source, open_sources, phases, token_shares
 from fasttrain.data.shards import find_shards
-from fasttrain.model.sizing import Speed, ladder_shape, size_model
+from fasttrain.model.sizing import HEAD_DIM, Corpus, Speed, fits, ladder_shape, plural, size_model
 from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
 from fasttrain.preparation.cache import prepared_dir
@@ -120,6 +121,10 @@ class RunPlan:
         t, a = self.cfg.train, self.accumulation
         mix = tuple(mix or self.mix)
         end, words = Budget.of(t).horizon(step, seconds)
+        if t.max_time and not step and self.speed:  # the speed the shape was chosen at projects the clock's end
+            by_time = int(t.max_time * self.speed.tokens_per_s(self.flops_per_token) / self.tokens_per_step)
+            if end is None or by_time < end:
+                end, words = by_time, f"in the ~{by_time} steps train.max_time gives at the speed timed for the shape"
         epochs = None
         if end is not None and self.rows_per_epoch:
             rows = Blend(mix, t.batch_size * self.world.size).planned_rows(end * a)
@@ -189,12 +194,13 @@ class RunPlan:
 
 
 def plan_run(
-    cfg: Config, world: distributed.World, device: torch.device, resuming: bool = False, speed: Speed | None = None
+    cfg: Config, world: distributed.World, device: torch.device, resume: str | None = None, speed: Speed | None = None
 ) -> RunPlan:
     """The plan of a run of `cfg` (validated) by `world` on `device` (this rank's). UsageError, in one line, for
     what the run would refuse before its first step; reads only what it must and writes nothing. With
     model.n_layers = 0 a new run times the machine for its shape (sizing.py) unless given its `speed` (an
-    earlier plan's); a run `resuming` in train.out_dir, or a replay, trains the shape its run recorded."""
+    earlier plan's); a run resumed from the save `resume` names (a --resume spec: "auto", a run directory or a
+    checkpoint), or a replay, trains the shape its run recorded."""
     notes: list[str] = []
     t = resolve_train(cfg.train, device)  # no "auto" left in what config.toml records
     budgeted = t.max_time > 0 or cfg.schedule.progress_from  # a replay keeps the warmup it replays
@@ -225,12 +231,14 @@ def plan_run(
         note = check_hf_tokenizer(shape.init_from, Tokenizer.load(tokenizer_file), tokenizer_file)
         notes += [note] if note else []
     accumulation = accumulation_steps(t, world.size)
-    unique = sum(s.data.meta["tokens"]["train"] for s in sources) or None
+    mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)
+    # Each source's share of the run's tokens and its size: a source read many times is worth less (sizing.py)
+    train_tokens = [s.data.meta["tokens"]["train"] for s in sources]
+    corpus = tuple(zip(token_shares(mix, t.max_steps * accumulation), train_tokens)) if sources else ()
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size
-    model, note, speed = shape_of(cfg, unique, tokens_per_step, world, device, resuming, speed)
+    model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed)
     notes += [note] if note else []
     cfg = replace(cfg, model=model)
-    mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)
     notes += mix_notes
     parallel = t.parallel if world.distributed else "none"  # what a checkpoint records too
     sharded = parallel in distributed.SHARDED
@@ -286,41 +294,61 @@ def accumulation_steps(t: TrainConfig, world_size: int = 1) -> int:
 
 def shape_of(
     cfg: Config,
-    unique: int | None,
+    corpus: Corpus,
     tokens_per_step: int,
     world: distributed.World,
     device: torch.device,
-    resuming: bool,
+    resume: str | None,
     speed: Speed | None,
 ) -> tuple[ModelConfig, str, Speed | None]:
     """cfg.model with no 0 left in its shape, a note ("" if none) and the speed it was chosen at: model.d_model or
-    n_heads 0 are derived from the depth; model.n_layers = 0 is the shape a resumed run or a replayed one
-    recorded (train.out_dir's config.toml, schedule.progress_from's), else chosen for the run's compute
-    (sizing.size_model) on a corpus of `unique` training tokens."""
+    n_heads 0 are derived from the depth; model.n_layers = 0 is the shape the run being resumed (`resume`) or
+    replayed recorded (recorded_model), else chosen for the run's compute (sizing.size_model) on `corpus` (each
+    source's share of the run and its training tokens). UsageError for a shape whose heads do not fit its width."""
     m = cfg.model
     if m.n_layers:
-        return (m if m.d_model and m.n_heads else ladder_shape(m, m.n_layers)), "", speed
-    replayed = cfg.schedule.progress_from
-    recorded = (
-        Path(cfg.train.out_dir) / "config.toml"
-        if resuming
-        else (Path(replayed) if Path(replayed).is_dir() else Path(replayed).parent) / "config.toml"
-        if replayed
-        else None
-    )
-    if recorded is not None and recorded.is_file():
-        r = load_config(recorded).model
-        shape = replace(m, n_layers=r.n_layers, d_model=r.d_model, n_heads=r.n_heads)
-        what = "resumed" if resuming else "replayed"
-        return (
-            shape,
-            (
-                f"model.n_layers = 0: the {what} run's shape, {shape.n_layers} x {shape.d_model} with {shape.n_heads} "
-                f"heads, as {recorded} records it"
-            ),
-            speed,
+        shape = m if m.d_model and m.n_heads else ladder_shape(m, m.n_layers)
+        if not fits(shape):
+            raise UsageError(
+                f"model.n_kv_heads = {m.n_kv_heads} does not divide the {plural(shape.n_heads, 'head')} of "
+                f"model.n_layers = {m.n_layers} (width {shape.d_model}, heads of {HEAD_DIM}); set model.n_heads too"
+            )
+        return shape, "", speed
+    found = recorded_model(cfg, resume)
+    if found is None:
+        return size_model(cfg, corpus, tokens_per_step, world.size, device, speed)
+    r, where = found
+    if unset := [k for k in ("n_layers", "d_model", "n_heads") if not getattr(r, k)]:
+        raise UsageError(
+            f"{where}: model.{unset[0]} = 0, but a run's config records the shape it trained (n_layers, d_model and "
+            "n_heads, each above 0); put back the value the run was started with"
         )
-    return size_model(cfg, unique, tokens_per_step, world.size, device, speed)
+    shape = replace(m, n_layers=r.n_layers, d_model=r.d_model, n_heads=r.n_heads)
+    return (
+        shape,
+        (
+            f"model.n_layers = 0: the {'resumed' if resume is not None else 'replayed'} run's shape, "
+            f"{shape.n_layers} x {shape.d_model} with {plural(shape.n_heads, 'head')}, as {where} records it"
+        ),
+        speed,
+    )
+
+
+def recorded_model(cfg: Config, resume: str | None) -> tuple[ModelConfig, str] | None:
+    """The model a resumed run (`resume`, a --resume spec) or a replayed one (schedule.progress_from) trained, and the
+    file that says so: the config.toml of the run directory its checkpoint is in (or of progress_from's run), else
+    the checkpoint's own saved config; None for a new run. UsageError for a resume with no save to resume."""
+    if resume is not None:
+        path = checkpoint_files.resolve(resume, cfg.train.out_dir)
+        beside = path.parent.parent / "config.toml"
+        if path.parent.name == "checkpoints" and beside.is_file():
+            return load_config(beside).model, str(beside)
+        return checkpoint_files.saved_config(checkpoint_files.load(path, whole_model=False), path).model, str(path)
+    replayed = cfg.schedule.progress_from
+    if not replayed:
+        return None
+    recorded = (Path(replayed) if Path(replayed).is_dir() else Path(replayed).parent) / "config.toml"
+    return (load_config(recorded).model, str(recorded)) if recorded.is_file() else None
 
 
 def init_shape(cfg: Config) -> tuple[ModelConfig, str, str]:

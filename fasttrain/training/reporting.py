@@ -95,14 +95,7 @@ def start_lines(plan: RunPlan, reading: Reading) -> list[str]:
                 f"  data.mix[{i}] from step {step}{when}: "
                 f"{', '.join(f'{name} {w:.3f}' for name, w in zip(plan.names, weights))}"
             )
-    for s in sources:
-        e = s["planned_epochs"]
-        if e is not None and e > c.data.max_epochs:
-            lines.append(
-                f"warning: this run reads {s['name']} {e:.1f} times over{f' {reading.words}' * bool(t.max_time)}, "
-                f"more than data.max_epochs = {c.data.max_epochs:g} (repeated data helps less with each pass "
-                "and can make the model memorize it); add data, lower its weight, or raise data.max_epochs"
-            )
+    lines += epoch_warnings(plan, reading)
     kernels = plan.kernels.names()
     speedups = ["compiled"] * plan.compiled + [f"kernels: {', '.join(kernels)}"] * bool(kernels)
     ranks = f" x {plan.world.size} ranks, {plan.parallel}" if plan.world.size > 1 else ""
@@ -111,6 +104,19 @@ def start_lines(plan: RunPlan, reading: Reading) -> list[str]:
         f" x {plan.accumulation} accumulation{ranks}) on {plan.device}, "
         f"{', '.join([plan.precision, *speedups])}; writing to {t.out_dir}"
     )
+    return lines
+
+
+def epoch_warnings(plan: RunPlan, reading: Reading) -> list[str]:
+    """A warning for each source `reading` has the run read more than data.max_epochs times over."""
+    c, lines = plan.cfg, []
+    for name, e in zip(plan.names, reading.epochs or ()):
+        if e > c.data.max_epochs:
+            lines.append(
+                f"warning: this run reads {name} {e:.1f} times over{f' {reading.words}' * bool(c.train.max_time)}, "
+                f"more than data.max_epochs = {c.data.max_epochs:g} (repeated data helps less with each pass "
+                "and can make the model memorize it); add data, lower its weight, or raise data.max_epochs"
+            )
     return lines
 
 
@@ -134,6 +140,12 @@ class Report:
             self.log.print(line)
         if resumed_from:
             self.log.print(f"resumed from {resumed_from} at step {run.step}")
+
+    def projected(self, plan: RunPlan, reading: Reading) -> None:
+        """The epoch warnings of what a run of a clock alone reads by its projected end (`reading`, from its speed
+        so far): its start could not say, not knowing its speed."""
+        for line in epoch_warnings(plan, reading):
+            self.log.print(line)
 
     def compiled(self, seconds: float) -> None:
         self.log.event("compile", step=1, seconds=round(seconds, 3))

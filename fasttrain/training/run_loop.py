@@ -88,9 +88,9 @@ class Loop:
         """Step to the end, asking the policies after each step and evaluation; returns the last evaluation's
         metrics and whether the run stopped early."""
         tr, report, t, world = self.trainer, self.report, self.cfg.train, self.plan.world
-        report.start(
-            tr.run, tr.resumed_from, self.plan, self.plan.reading(tr.run.step, tr.run.train_seconds, tuple(tr.mix))
-        )
+        reading = self.plan.reading(tr.run.step, tr.run.train_seconds, tuple(tr.mix))
+        report.start(tr.run, tr.resumed_from, self.plan, reading)
+        unprojected = reading.end is None  # a clock alone, no speed yet: projected at the first log line
         last_eval: dict[str, float] = {}
         stopped_early, first = False, tr.run.step
         meter = IntervalMeter(self.plan.device, tr.run.tokens_seen, tr.train_loader.wait_seconds)
@@ -139,6 +139,9 @@ class Loop:
                         tr.train_loader.source_epochs(),
                     )
                     meter.restart(tr.run.tokens_seen, tr.train_loader.wait_seconds)
+                    if unprojected:
+                        unprojected = False
+                        report.projected(self.plan, self.plan.reading(tr.run.step, tr.run.train_seconds, tuple(tr.mix)))
                 paused = time.perf_counter()
                 last_eval = self._evaluate_and_save(done, stop) or last_eval
                 meter.exclude(time.perf_counter() - paused)

@@ -78,13 +78,14 @@ from fasttrain.training.run_state import RunState
 from fasttrain.training.schedule import Budget, next_update, schedule_change
 
 
-def start_run(cfg: Config, quiet: bool = False, resuming: bool = False) -> RunPlan:
+def start_run(cfg: Config, quiet: bool = False, resume: str | None = None) -> RunPlan:
     """The plan of a run of `cfg` in this process's world (plan.plan_run), on the device it names (this rank's
     under torchrun), its data prepared first if need be: rank 0 prepares it while the other ranks wait, in the
-    process group this joins, then they find it. Prints the plan's notes (rank 0, unless `quiet`)."""
+    process group this joins, then they find it. `resume`: the --resume spec of the save the run continues
+    (None: a new run). Prints the plan's notes (rank 0, unless `quiet`)."""
     world = distributed.world_from_env()
     device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
-    plan = plan_run(cfg, world, device, resuming)  # a config the run refuses is refused before anything is prepared
+    plan = plan_run(cfg, world, device, resume)  # a config the run refuses is refused before anything is prepared
     distributed.start(world, device)
     if plan.prepare:
         if not world.is_main:
@@ -92,7 +93,7 @@ def start_run(cfg: Config, quiet: bool = False, resuming: bool = False) -> RunPl
         ensure_prepared(cfg.data, quiet=quiet or not world.is_main)
         if world.is_main:
             distributed.barrier(world)
-        plan = plan_run(cfg, world, device, resuming, plan.speed)  # the machine timed once
+        plan = plan_run(cfg, world, device, resume, plan.speed)  # the machine timed once
     for note in plan.notes if world.is_main and not quiet else ():
         print(f"note: {note}")
     return plan
@@ -126,7 +127,7 @@ class Trainer:
         so model.init_from's weights are not read now (the checkpoint replaces them; a model's weights can take
         minutes to read); train() reads them if it starts a new run after all."""
         self.clock, self.created = clock, clock()
-        plan = plan or start_run(cfg, quiet, resuming)
+        plan = plan or start_run(cfg, quiet, "auto" if resuming else None)
         if plan.prepare:
             raise ValueError(f"a plan of data not prepared yet ({plan.prepare}): make it with start_run")
         self.plan, self.world, self.device, self.cfg = plan, plan.world, plan.device, plan.cfg
