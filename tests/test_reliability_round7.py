@@ -220,3 +220,9 @@ def test_a_choice_near_a_boundary_or_timed_on_a_busy_machine_says_so(pydoc_data,
     assert "the machine looked busy when it was timed (load average 7.5 on" in note
     monkeypatch.setattr(sizing.os, "getloadavg", lambda: (0.1, 1.0, 1.0))
     assert "busy" not in size_model(cfg, (), 128, 1, CPU, None)[1]
+
+
+def test_the_plans_kernel_line_names_what_the_adamw_kernel_would_update_under_muon(pydoc_data, tmp_path, capsys):
+    assert cli(tiny_args(pydoc_data, tmp_path / "run", "optim.name=muon", flags=["--dry-run"])) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "adamw:" in x)
+    assert "(for the parameters Muon leaves to AdamW: embeddings, head, norms)" in line, line

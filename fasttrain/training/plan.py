@@ -434,4 +434,6 @@ def kernel_reasons(cfg: Config, kernels: Kernels, device: torch.device, sharded:
             reasons.append(f"{op}: auto, {why}")
         else:
             reasons.append(f"{op}: {'on' if on else 'off'}, kernels.{op} = {str(setting).lower()}")
+    if cfg.optim.name == "muon":  # Muon's own update is not the kernel's: only the AdamW half would run it
+        reasons[-1] += " (for the parameters Muon leaves to AdamW: embeddings, head, norms)"
     return tuple(reasons)
