@@ -49,6 +49,14 @@ def check_same_optimizer(saved_cfg: Config, cfg: Config, path: str | os.PathLike
             f'{path}: saved by a run with optim.name = "{saved}", this one has "{cfg.optim.name}": '
             "one optimizer cannot continue from another's state; resume with the same optim.name"
         )
+    for key in ("embedding_lr", "head_lr"):  # on or off: a group of its own or not, so another state layout
+        was, now = getattr(saved_cfg.optim, key), getattr(cfg.optim, key)
+        if bool(was) != bool(now):
+            raise UsageError(
+                f"{path}: saved by a run with optim.{key} = {was:g}, this one has {now:g}: a rate of its own is a "
+                f"parameter group of its own, so the saved state does not fit; resume with optim.{key} "
+                f"{'set' if was else '= 0'}"
+            )
 
 
 def rng_state() -> dict:

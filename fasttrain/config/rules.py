@@ -48,6 +48,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
         f"in [0, {MAX_PREFETCH}] (batches held in memory ahead of use)",
     ),
     "data.max_epochs": _POSITIVE,
+    "optim.embedding_lr": _NON_NEGATIVE,
+    "optim.head_lr": _NON_NEGATIVE,
     "optim.lr": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE,
     "optim.beta1": _FRACTION,
@@ -126,6 +128,13 @@ _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
         "optim.lr",
         lambda c: c.schedule.min_lr > c.optim.lr,
         "the schedule decays from lr down to min_lr",
+    ),
+    (
+        "optim.head_lr",
+        "needs",
+        "model.tie_embeddings",
+        lambda c: c.optim.head_lr > 0 and c.model.tie_embeddings,
+        "a tied head is the embedding matrix, trained at optim.embedding_lr; set model.tie_embeddings = false",
     ),
     (
         "optim.sgd.nesterov",

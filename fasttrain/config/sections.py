@@ -150,6 +150,11 @@ class OptimConfig:
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     weight_decay: float = 0.1  # weight decay (decoupled, except SGD's), applied to weight matrices only
     decay_embeddings: bool = False  # also decay the token embedding (norm gains and biases never are)
+    # Peak learning rates of their own, each following the same schedule (0 = optim.lr): the token embedding
+    # (with a tied head, the shared matrix), whose rows are updated only when their token appears, and an
+    # untied output head. nanochat trains its embedding at ~40x its head's rate.
+    embedding_lr: float = 0.0
+    head_lr: float = 0.0  # needs model.tie_embeddings = false
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW denominator guard

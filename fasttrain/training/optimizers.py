@@ -107,6 +107,20 @@ def param_groups(
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def own_rate_groups(groups: list[dict], model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """`groups` with the token embedding (at optim.embedding_lr) and an untied output head (at optim.head_lr)
+    each moved into a group of its own, keeping its weight decay; as they are where those keys are 0."""
+    embed, output = getattr(model, "embed", None), getattr(model, "output", None)
+    moves = [(embed.weight, cfg.embedding_lr)] if cfg.embedding_lr and embed is not None else []
+    if cfg.head_lr and output is not None and (embed is None or output.weight is not embed.weight):
+        moves.append((output.weight, cfg.head_lr))
+    for p, lr in moves:
+        home = next(g for g in groups if any(q is p for q in g["params"]))
+        home["params"] = [q for q in home["params"] if q is not p]
+        groups.append({"params": [p], "weight_decay": home["weight_decay"], "lr": lr})
+    return groups
+
+
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     """The 2-D parameters of the transformer blocks (attention and MLP weights): what Muon updates.
 
@@ -190,8 +204,9 @@ def build_optimizer(
             adjust_lr_fn=m.adjust_lr,
         )
         rest = param_groups(model, cfg.weight_decay, cfg.decay_embeddings, frozenset(map(id, matrices)))
+        rest = own_rate_groups(rest, model, cfg)
         return Hybrid(muon=muon, adamw=_adamw(rest, cfg, device, kernel, clip=False))
-    groups = param_groups(model, cfg.weight_decay, cfg.decay_embeddings)
+    groups = own_rate_groups(param_groups(model, cfg.weight_decay, cfg.decay_embeddings), model, cfg)
     if cfg.name == "sgd":
         return torch.optim.SGD(
             groups, lr=cfg.lr, momentum=cfg.sgd.momentum, nesterov=cfg.sgd.nesterov, fused=device.type == "cuda" or None

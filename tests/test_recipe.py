@@ -1,0 +1,87 @@
+"""Issue 63, the recipe's components: learning rates of their own for the token embedding and an untied head,
+through the optimizer, the schedule, a checkpoint round trip and a refused resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fasttrain.config import OptimConfig
+from fasttrain.model.transformer import Transformer
+from fasttrain.system.errors import UsageError, run_cli
+from fasttrain.train import main as train_main
+from fasttrain.training.optimizers import Updater
+from tests.conftest import tiny_args, tiny_config
+
+CPU = torch.device("cpu")
+
+
+def cli(args: list[str]) -> int:
+    with pytest.raises(SystemExit) as exited:
+        run_cli(train_main, args)
+    return exited.value.code  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon", "sgd"])
+def test_the_embedding_and_an_untied_head_step_at_their_own_rates(pydoc_data, tmp_path, name):
+    model = Transformer(tiny_config(pydoc_data, tmp_path, "model.vocab_size=512", "model.tie_embeddings=false").model)
+    cfg = OptimConfig(name=name, lr=1e-3, embedding_lr=0.2, head_lr=0.004)
+    updater = Updater(model, cfg, CPU, "fp32")
+    rate = {id(p): g["lr"] for g in updater.optimizer.param_groups for p in g["params"]}
+    assert rate[id(model.embed.weight)] == 0.2 and rate[id(model.output.weight)] == 0.004
+    assert rate[id(model.norm.weight)] == 1e-3
+    listed = [id(p) for g in updater.optimizer.param_groups for p in g["params"]]
+    assert sorted(listed) == sorted(id(p) for p in model.parameters())  # each parameter in exactly one group
+    decay = {id(p): g["weight_decay"] for g in updater.optimizer.param_groups for p in g["params"]}
+    assert decay[id(model.output.weight)] == cfg.weight_decay and decay[id(model.embed.weight)] == 0.0
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    updater.apply(5e-4)  # the schedule's rate for optim.lr: every group scaled alike
+    after = {id(p): g["lr"] for g in updater.optimizer.param_groups for p in g["params"]}
+    assert after[id(model.embed.weight)] == pytest.approx(0.1) and after[id(model.output.weight)] == pytest.approx(
+        0.002
+    )
+
+
+def test_without_rates_of_their_own_the_groups_are_as_before(pydoc_data, tmp_path):
+    model = Transformer(tiny_config(pydoc_data, tmp_path, "model.vocab_size=512").model)
+    assert len(Updater(model, OptimConfig(), CPU, "fp32").optimizer.param_groups) == 2
+
+
+def test_a_head_rate_needs_an_untied_head(pydoc_data, tmp_path, capsys):
+    assert cli(tiny_args(pydoc_data, tmp_path / "run", "optim.head_lr=0.01", flags=["--dry-run"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "optim.head_lr = 0.01 needs model.tie_embeddings" in err, err
+
+
+def test_rates_of_their_own_resume_exactly_and_are_not_switched_on_a_resume(pydoc_data, tmp_path, capsys):
+    sets = ("model.tie_embeddings=false", "optim.embedding_lr=0.05", "optim.head_lr=0.004", "train.log_interval=1")
+    run = tmp_path / "run"
+    assert cli(tiny_args(pydoc_data, run, *sets, "train.max_steps=4", "checkpoint.interval=2", flags=["--quiet"])) == 0
+    through = (run / "metrics.jsonl").read_text()
+    again = tmp_path / "again"
+    checkpoint = run / "checkpoints" / "step_0000002.pt"
+    assert (
+        cli(tiny_args(pydoc_data, again, *sets, "train.max_steps=4", flags=["--quiet", "--resume", str(checkpoint)]))
+        == 0
+    )
+    losses = [line for line in through.splitlines() if '"event": "train"' in line]
+    resumed = [line for line in (again / "metrics.jsonl").read_text().splitlines() if '"event": "train"' in line]
+    assert [_loss(x) for x in resumed] == [_loss(x) for x in losses[2:]]
+    capsys.readouterr()
+    off = [s for s in sets if not s.startswith("optim.embedding_lr")]
+    args = tiny_args(pydoc_data, tmp_path / "off", *off, "train.max_steps=4", flags=["--resume", str(checkpoint)])
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "saved by a run with optim.embedding_lr = 0.05, this one has 0" in err, err
+
+
+def _loss(line: str) -> str:
+    import json
+
+    return float(json.loads(line)["loss"]).hex()
+
+
+def test_a_rate_must_not_be_negative(pydoc_data, tmp_path):
+    with pytest.raises(UsageError, match=r"optim.embedding_lr: must be >= 0"):
+        tiny_config(pydoc_data, tmp_path, "optim.embedding_lr=-1")
