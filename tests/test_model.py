@@ -170,7 +170,12 @@ def test_embedding_norm_gives_the_first_block_unit_rms_rows_and_zero_init_makes_
 
 @pytest.mark.parametrize(
     "overrides",
-    [["model.mlp=relu2"], ["model.qk_norm=true"], ["model.embedding_norm=true", "model.zero_init_projections=true"]],
+    [
+        ["model.mlp=relu2"],
+        ["model.qk_norm=true"],
+        ["model.embedding_norm=true", "model.zero_init_projections=true"],
+        ["model.logit_softcap=15"],
+    ],
 )
 def test_relu2_and_qk_norm_train_cache_and_checkpoint(overrides):
     """Each option's model learns a repeated batch, its KV cache gives the full forward's logits, and

@@ -1,13 +1,18 @@
-"""Issue 63, the recipe's components: learning rates of their own for the token embedding and an untied head,
-through the optimizer, the schedule, a checkpoint round trip and a refused resume."""
+"""Issue 63, the recipe's components: learning rates of their own for the token embedding and an untied head
+(the optimizer, the schedule, a checkpoint round trip and a refused resume), and the logits' soft-cap (its
+formula, the fused loss it turns off, a run, a refused resume and export). test_model.py trains each model
+option, checks its KV cache against the full forward and its activation checkpointing."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
 from fasttrain.config import OptimConfig
 from fasttrain.model.transformer import Transformer
+from fasttrain.system.device import kernels_on
 from fasttrain.system.errors import UsageError, run_cli
 from fasttrain.train import main as train_main
 from fasttrain.training.optimizers import Updater
@@ -85,3 +90,51 @@ def _loss(line: str) -> str:
 def test_a_rate_must_not_be_negative(pydoc_data, tmp_path):
     with pytest.raises(UsageError, match=r"optim.embedding_lr: must be >= 0"):
         tiny_config(pydoc_data, tmp_path, "optim.embedding_lr=-1")
+
+
+# model.logit_softcap: cap x tanh(logits / cap)
+
+
+def test_the_softcap_is_its_formula_and_bounds_the_logits(pydoc_data, tmp_path):
+    cfg = tiny_config(pydoc_data, tmp_path, "model.vocab_size=512", "model.logit_softcap=2").model
+    torch.manual_seed(0)
+    model = Transformer(cfg).double()
+    with torch.no_grad():
+        model.output.weight.mul_(500)  # raw logits far beyond the cap
+    tokens = torch.randint(0, 512, (2, 9))
+    hidden = model.hidden(tokens)
+    raw = hidden @ model.output.weight.T
+    capped = model(tokens)
+    torch.testing.assert_close(capped, 2 * torch.tanh(raw / 2), rtol=1e-12, atol=1e-12)
+    assert raw.abs().max() > 10 and capped.abs().max() <= 2
+    off = Transformer(replace(cfg, logit_softcap=0.0)).double()
+    off.load_state_dict(model.state_dict())
+    torch.testing.assert_close(off(tokens), raw)
+
+
+def test_the_softcap_turns_the_fused_loss_off_and_refuses_it_on(pydoc_data, tmp_path, capsys):
+    cfg = tiny_config(pydoc_data, tmp_path, "model.logit_softcap=15")
+    assert kernels_on(cfg.kernels, CPU, precision="bf16", softcap=15.0).names() == []
+    assert kernels_on(cfg.kernels, CPU, precision="bf16").names() == ["linear_cross_entropy"]
+    sets = ["model.logit_softcap=15", "kernels.linear_cross_entropy=true"]
+    assert cli(tiny_args(pydoc_data, tmp_path / "run", *sets, flags=["--dry-run"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert "kernels.linear_cross_entropy = true does not work with model.logit_softcap = 15" in err, err
+    assert cli(tiny_args(pydoc_data, tmp_path / "run", "model.logit_softcap=-1", flags=["--dry-run"])) == 2
+    assert "model.logit_softcap: must be >= 0" in capsys.readouterr().err
+
+
+def test_a_softcapped_run_trains_resumes_and_is_refused_as_a_llama(pydoc_data, tmp_path, capsys):
+    from fasttrain.export import main as export_main
+
+    run = tmp_path / "run"
+    sets = ("model.logit_softcap=15", "train.max_steps=4", "checkpoint.interval=2")
+    assert cli(tiny_args(pydoc_data, run, *sets, flags=["--quiet"])) == 0
+    checkpoint = run / "checkpoints" / "step_0000002.pt"
+    args = tiny_args(pydoc_data, tmp_path / "off", "train.max_steps=4", flags=["--resume", str(checkpoint)])
+    assert cli(args) == 2  # the cap switched off on a resume: another model
+    assert "model.logit_softcap = 15.0 there, 0.0 here" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        run_cli(export_main, [str(run), "--hf", "--out", str(tmp_path / "hf")])
+    assert exited.value.code == 2
+    assert "cannot express model.logit_softcap = 15" in capsys.readouterr().err

@@ -48,6 +48,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
         f"in [0, {MAX_PREFETCH}] (batches held in memory ahead of use)",
     ),
     "data.max_epochs": _POSITIVE,
+    "model.logit_softcap": _NON_NEGATIVE,
     "optim.embedding_lr": _NON_NEGATIVE,
     "optim.head_lr": _NON_NEGATIVE,
     "optim.lr": _POSITIVE,

@@ -38,6 +38,10 @@ class ModelConfig:
     # Start each block's output projections (attention's out, the MLP's down) at zero: every block begins as the
     # identity and the model as embedding -> head (modded-nanogpt's and nanochat's init). Init only: Llama-shaped.
     zero_init_projections: bool = False
+    # Soft-cap the logits at this value, cap x tanh(logits / cap): a bound on how sure the model can be, which
+    # keeps early training from pushing a few logits far out (nanochat's 15). 0 = off. A Llama cannot express it,
+    # and the fused linear cross-entropy never holds the logits to cap them (kernels.linear_cross_entropy off).
+    logit_softcap: float = 0.0
     rope_theta: float = 10000.0  # RoPE base: larger stretches the rotary wavelengths for longer contexts
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # the output projection shares the token-embedding matrix

@@ -102,7 +102,7 @@ def score_continuations(
             hidden = model.hidden(inputs.to(device))
             rows_at, positions = torch.tensor(where, device=device).unbind(1)
             # The output layer only where a continuation token is predicted: most positions are context.
-            logprobs = F.log_softmax(model.output(hidden[rows_at, positions]).float(), dim=-1)
+            logprobs = F.log_softmax(model.logits(hidden[rows_at, positions]).float(), dim=-1)
         targets_t = torch.tensor(targets, device=device)
         picked = logprobs.gather(1, targets_t[:, None]).squeeze(1).cpu()
         greedy = (logprobs.argmax(dim=1) == targets_t).cpu()

@@ -65,7 +65,7 @@ def stream(
         if cache is not None and cache.length == window:  # full: start over from the later half
             cache.length = 0
             context = tokens[:, -(window // 2) :]
-        logits = model.output(model.hidden(context, cache=cache)[:, -1]).float()  # the last position's only
+        logits = model.logits(model.hidden(context, cache=cache)[:, -1]).float()  # the last position's only
         if temperature < GREEDY_BELOW:
             nxt = logits.argmax(dim=-1, keepdim=True)
         else:

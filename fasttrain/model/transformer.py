@@ -23,6 +23,7 @@ Imports from fasttrain: config, model.fp8.
   without weights, before RoPE (a rotation keeps their norm, so the order is free).
 - Optional RMS normalisation of the token embedding, without weights (model.embedding_norm).
 - Optional weight tying between the embedding and the output projection.
+- Optional soft-cap of the logits (model.logit_softcap): cap x tanh(logits / cap), in `logits`.
 - A KV cache for generation (`KVCache`): the prompt is run once, then each new
   token is one forward of length 1 that attends to the keys and values kept from
   the earlier positions (the sampling loop: fasttrain/model/generation.py).
@@ -440,7 +441,13 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) of `tokens` (B, T). `documents` (B, T) masks attention to each
         token's own document (see `document_mask`). `cache`: see `hidden`."""
-        return self.output(self.hidden(tokens, documents, cache))
+        return self.logits(self.hidden(tokens, documents, cache))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output projection of `hidden` (..., d_model), soft-capped where model.logit_softcap says."""
+        logits = self.output(hidden)
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
 
     def num_params(self) -> int:
         """Trainable parameters, a tied matrix counted once."""

@@ -99,6 +99,7 @@ def hf_llama_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
 def beyond_llama(cfg: ModelConfig) -> list[str]:
     """The [model] settings of `cfg` that a Hugging Face Llama has no way to express, as `key = value`."""
     beyond = [f'model.mlp = "{cfg.mlp}"'] if cfg.mlp != "swiglu" else []
+    beyond += [f"model.logit_softcap = {cfg.logit_softcap:g}"] if cfg.logit_softcap else []
     return beyond + [f"model.{key} = true" for key in ("qk_norm", "embedding_norm") if getattr(cfg, key)]
 
 
@@ -185,6 +186,7 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
         mlp="swiglu",
         qk_norm=False,
         embedding_norm=False,
+        logit_softcap=0.0,
     )
 
 

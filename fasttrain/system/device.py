@@ -125,6 +125,7 @@ def kernels_on(
     capability: str | None = None,
     table: list[dict] | None = None,
     fp8: str = "none",
+    softcap: float = 0.0,
 ) -> Kernels:
     """[kernels] resolved for `device`. true and false are taken as they are; "auto" on a GPU is the
     measured dispatch table's verdict (fasttrain/system/kernel_table.py) for the run's `shapes` (per op:
@@ -135,7 +136,8 @@ def kernels_on(
     "auto" off and refuses true. On a CPU "auto" is off, except the linear cross-entropy under bf16
     (`precision`): F.cross_entropy would cast the whole bf16 logits to fp32 and stream them through
     memory several times, where its PyTorch path works on row blocks in cache. An FP8 head (`fp8`,
-    train.fp8) needs the logits, so it turns the linear cross-entropy's "auto" off and refuses true."""
+    train.fp8) and a soft-cap of the logits (`softcap`, model.logit_softcap) need the logits, so each turns the
+    linear cross-entropy's "auto" off and refuses true."""
     if sharded and cfg.adamw is True:
         raise UsageError(
             'kernels.adamw = true does not work with train.parallel = "fsdp" yet; set it to "auto" or false'
@@ -145,6 +147,11 @@ def kernels_on(
         raise UsageError(
             f'kernels.linear_cross_entropy = true does not work with train.fp8 = "{fp8}": the fused '
             'loss never runs the head\'s matmul; set it to "auto" or false'
+        )
+    if softcap and cfg.linear_cross_entropy is True:
+        raise UsageError(
+            f"kernels.linear_cross_entropy = true does not work with model.logit_softcap = {softcap:g}: the fused "
+            'loss never holds the logits to cap them; set it to "auto" or false'
         )
     if device.type == "cuda":
         if capability is None:
@@ -160,7 +167,7 @@ def kernels_on(
         **{
             **on,
             "adamw": on["adamw"] and not sharded,
-            "linear_cross_entropy": on["linear_cross_entropy"] and not fp8_head,
+            "linear_cross_entropy": on["linear_cross_entropy"] and not fp8_head and not softcap,
         }
     )
 

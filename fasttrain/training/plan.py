@@ -248,7 +248,9 @@ def plan_run(
         "linear_cross_entropy": {"hidden": m.d_model, "vocab": m.vocab_size},
         "adamw": {"params": num_params(m)},
     }
-    kernels = kernels_on(cfg.kernels, device, sharded, t.precision, shapes, compiled=bool(t.compile), fp8=t.fp8)
+    kernels = kernels_on(
+        cfg.kernels, device, sharded, t.precision, shapes, compiled=bool(t.compile), fp8=t.fp8, softcap=m.logit_softcap
+    )
     memory, available = check_fits(cfg, device, t.precision, shard_group)
     check_attention(t.attention, device)
     check_fp8(t.fp8, device)
@@ -423,6 +425,8 @@ def kernel_reasons(cfg: Config, kernels: Kernels, device: torch.device, sharded:
                 why = "off: the AdamW kernel takes whole tensors, not FSDP's shards"
             elif op == "linear_cross_entropy" and cfg.train.fp8 in ("head", "all"):
                 why = "off: an FP8 head needs the logits"
+            elif op == "linear_cross_entropy" and cfg.model.logit_softcap:
+                why = "off: model.logit_softcap needs the logits"
             elif device.type == "cuda":
                 why = "on: measured faster than stock here" if on else "off: not measured faster than stock here"
             else:
