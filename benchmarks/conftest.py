@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 
+from fasttrain.system.device import synchronize
+
 # Set by `python -m benchmarks.gpu_check --dry-run`: the GPU cases run on the CPU at tiny sizes, so the
 # whole acceptance pack's plumbing is exercised on a machine without a GPU. Their timings mean nothing.
 DRY_RUN = os.environ.get("FASTTRAIN_BENCH_DRY_RUN") == "1"
@@ -101,12 +103,6 @@ def device() -> torch.device:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     return torch.device("cuda")
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on `device` (a no-op on the CPU, which runs it as it is called)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 20) -> float:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from fasttrain.config import Config, ModelConfig
 from fasttrain.model.transformer import Transformer, flops_per_token, num_params
-from fasttrain.system.device import autocast
+from fasttrain.system.device import autocast, synchronize
 from fasttrain.system.errors import UsageError
 
 HEAD_DIM = 64  # the ladder's head width, and its width per layer of depth
@@ -190,23 +190,18 @@ def calibrate(cfg: Config, device: torch.device, clock: Callable[[], float] | No
         began = 0.0
         for i in range(CALIBRATION_STEPS + 1):
             if i == 1:
-                _synchronize(device)
+                synchronize(device)
                 began = clock()
             with autocast(t.precision, device):
                 logits = model(tokens[:, :-1])
             F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        _synchronize(device)
+        synchronize(device)
         seconds = max(clock() - began, 1e-9) / CALIBRATION_STEPS
         flops = flops_per_token(shape, t.seq_len)
         rates.append((flops, flops * t.batch_size * t.seq_len / seconds))
     (f1, r1), (f2, r2) = rates
     exponent = min(1.0, max(0.0, math.log(r2 / r1) / math.log(f2 / f1)))
     return Speed(r2, f2, exponent)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def size_model(

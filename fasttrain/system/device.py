@@ -277,6 +277,13 @@ def use_device(name: str, local_rank: int | None = None) -> torch.device:
     return device
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a no-op on the CPU, which runs it as it is called): before reading a
+    clock around GPU work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's generators (torch.manual_seed covers every CUDA device)."""
     random.seed(seed)

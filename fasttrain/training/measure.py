@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import time
 
-import torch
-
-from fasttrain.system.device import compile_failures
+from fasttrain.system.device import compile_failures, synchronize
 from fasttrain.training.metrics import peak_flops
 from fasttrain.training.plan import RunPlan
 from fasttrain.training.schedule import format_duration
@@ -24,11 +22,11 @@ def measure(plan: RunPlan, steps: int) -> dict:
     try:
         with compile_failures():
             trainer.step()
-            _synchronize(plan.device)
+            synchronize(plan.device)
             began = time.perf_counter()
             for _ in range(steps):
                 trainer.step()
-            _synchronize(plan.device)
+            synchronize(plan.device)
         seconds = (time.perf_counter() - began) / steps
     finally:
         trainer.close()
@@ -52,8 +50,3 @@ def measure_line(found: dict) -> str:
         f"{found['tokens_per_s']:,.0f} tokens/s{mfu}; the run would train for about "
         f"{format_duration(found['projected_seconds'])}"
     )
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
