@@ -16,7 +16,8 @@ import torch
 
 from benchmarks.conftest import DRY_RUN, compiled, require, sizes, time_device
 from fasttrain.config import ModelConfig
-from fasttrain.model.transformer import Block, rope_tables
+from fasttrain.model.attention import rope_tables
+from fasttrain.model.transformer import Block
 
 BATCH, SEQ = sizes((16, 1024), (2, 32))
 HIDDEN = sizes([768, 1024, 2048, 4096], [64])

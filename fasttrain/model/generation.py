@@ -2,7 +2,7 @@
 top-k / top-p filtering; and `generate_text` (text in, streamed text out), which the trainer's samples
 and `python -m fasttrain.sample` use.
 
-Imports from fasttrain: model.transformer.
+Imports from fasttrain: model.attention, model.transformer.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from fasttrain.model.transformer import KVCache, Transformer
+from fasttrain.model.attention import KVCache
+from fasttrain.model.transformer import Transformer
 
 GREEDY_BELOW = 1e-6  # a temperature below this samples greedily: dividing logits by it would overflow fp32
 DECODE_CONTEXT = 8  # tokens decoded before a new piece, so the piece reads as it will in the whole text

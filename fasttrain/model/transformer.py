@@ -1,6 +1,6 @@
 """A decoder-only, LLaMA-style transformer language model.
 
-Imports from fasttrain: config, model.fp8.
+Imports from fasttrain: config, model.attention, model.fp8.
 
     tokens -> embedding -> n_layers x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> output -> logits
 
@@ -8,25 +8,13 @@ Imports from fasttrain: config, model.fp8.
   done by the norm right after it: `norm(delta, stream)` returns the normalised
   new stream and the new stream itself, so on GPU one kernel (kernels.RMSNorm)
   does the add and the norm (`norm_kernel=True`); the state_dict is the same.
-- Causal self-attention through `F.scaled_dot_product_attention` (flash kernels on
-  GPU), rotary position embeddings (RoPE) on queries and keys, and optional
-  grouped-query attention: `n_kv_heads` key/value heads shared by `n_heads` queries.
-- Optional document masking: given document ids per token, a token attends only to
-  earlier tokens of its own document (flex_attention's block-sparse kernels on GPU, an
-  explicit boolean mask otherwise). Positions are not restarted per document: RoPE
-  scores depend only on the distance between query and key, so a masked document
-  gets the same attention wherever it sits in the row.
+- Attention (RoPE, grouped-query heads, document masks, QK-norm) and its KV cache: attention.py.
 - SwiGLU MLP: down(silu(gate(x)) * up(x)), hidden width 8/3 x d_model rounded up
   to `multiple_of`, which keeps the parameter count of a 4x GELU MLP; or (model.mlp =
   "relu2") down(relu(up(x))^2) at 4 x d_model, the same parameters in two matmuls.
-- Optional QK-norm (model.qk_norm): each head's queries and keys RMS-normalised,
-  without weights, before RoPE (a rotation keeps their norm, so the order is free).
 - Optional RMS normalisation of the token embedding, without weights (model.embedding_norm).
 - Optional weight tying between the embedding and the output projection.
 - Optional soft-cap of the logits (model.logit_softcap): cap x tanh(logits / cap), in `logits`.
-- A KV cache for generation (`KVCache`): the prompt is run once, then each new
-  token is one forward of length 1 that attends to the keys and values kept from
-  the earlier positions (the sampling loop: fasttrain/model/generation.py).
 - Optional activation checkpointing per block (`checkpointing`): "full" keeps only a
   block's inputs and runs the whole block again in backward; "selective" keeps the
   outputs of its matmuls and attention and recomputes only the elementwise work
@@ -37,27 +25,29 @@ Imports from fasttrain: config, model.fp8.
   with depth (GPT-2); or (model.zero_init_projections) those projections at zero, each
   block the identity at init. At init every token is about equally likely, so the loss
   on random tokens is close to ln(vocab_size).
-
-RoPE uses the "rotate half" layout (the first and second halves of a head are the
-two coordinates of each rotated pair), the layout Hugging Face's Llama uses, so
-exported weights need no permutation.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, overload
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from fasttrain.config import ModelConfig
+from fasttrain.model.attention import (
+    Attention,
+    KVCache,
+    LayerCache,
+    causal_block_mask,
+    document_mask,
+    rope_tables,
+    use_flex_attention,
+)
 from fasttrain.model.fp8 import use_float8
 
 if TYPE_CHECKING:
@@ -73,145 +63,6 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
         return cfg.ffn_hidden
     width = 4 * cfg.d_model if cfg.mlp == "relu2" else 8 * cfg.d_model / 3
     return cfg.multiple_of * math.ceil(width / cfg.multiple_of)
-
-
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, each (max_seq_len, head_dim / 2), in fp32.
-
-    Pair i of a head rotates at frequency theta^(-2i / head_dim): position p turns it by p x that.
-    """
-    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` (B, heads, T, head_dim) by the angles of its positions; cos/sin are (T, head_dim / 2)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return rotated.type_as(x)
-
-
-def use_flex_attention(device: torch.device) -> bool:
-    """Whether document masks are flex_attention BlockMasks on `device` (else explicit SDPA masks).
-    Only on GPU: there it is compiled into block-sparse kernels; on CPU it would run unfused."""
-    return device.type == "cuda"
-
-
-def flex_attention_on(device_type: str) -> Callable[..., Any]:
-    """flex_attention, compiled on GPU. Inside a compiled model it is compiled with the model; outside one
-    on CPU (tests) it runs uncompiled, which materialises the scores."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if torch.compiler.is_compiling() or device_type != "cuda":
-        return flex_attention
-    return _compiled_flex_attention()
-
-
-@functools.cache
-def _compiled_flex_attention():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention)
-
-
-# train.attention -> the F.scaled_dot_product_attention backend it pins ("auto" and "flex": none).
-SDPA_BACKENDS = {
-    "flash": SDPBackend.FLASH_ATTENTION,
-    "fa3": SDPBackend.FLASH_ATTENTION,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
-    "efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "math": SDPBackend.MATH,
-}
-
-
-def sdpa_backend(attention: str) -> contextlib.AbstractContextManager:
-    """The context that pins SDPA to `attention`'s backend (nothing for "auto" and "flex")."""
-    backend = SDPA_BACKENDS.get(attention)
-    return sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
-
-
-@functools.lru_cache(maxsize=8)
-def causal_block_mask(length: int, device: torch.device) -> BlockMask:
-    """flex_attention's BlockMask of plain causal attention over `length` positions (train.attention = "flex")."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    return create_block_mask(lambda b, h, q, k: q >= k, None, None, length, length, device=device)
-
-
-def document_mask(documents: torch.Tensor, flex: bool) -> torch.Tensor | BlockMask:
-    """The attention mask of a batch whose token i of row b belongs to document documents[b, i] (B, T):
-    a query sees the keys at or before it in the same document. A flex_attention BlockMask when
-    `flex`, else a bool tensor (B, 1, T, T) for `F.scaled_dot_product_attention`."""
-    B, T = documents.shape
-    if flex:
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        def same_document_causal(b, h, q, k):
-            return (q >= k) & (documents[b, q] == documents[b, k])
-
-        return create_block_mask(same_document_causal, B, None, T, T, device=documents.device)
-    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
-    return (documents[:, None, :, None] == documents[:, None, None, :]) & causal
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, attention: str = "auto"):
-        super().__init__()
-        self.attention = attention  # train.attention: the SDPA backend pinned, if any
-        self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
-        # One matmul for queries, keys and values: [q heads | k heads | v heads].
-        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=False)
-        self.out = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
-        self.dropout = cfg.dropout
-        self.qk_norm, self.norm_eps = cfg.qk_norm, cfg.norm_eps
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: torch.Tensor | BlockMask | None = None,
-        cache: LayerCache | None = None,
-    ) -> torch.Tensor:
-        """`mask`: None (causal), or a `document_mask` (a bool tensor, or a BlockMask for flex_attention), or
-        with a `cache` a bool tensor (T, cached + T). `cache`: this layer's keys and values of earlier positions."""
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
-        )
-        q, k = q.view(B, T, self.n_heads, self.head_dim), k.view(B, T, self.n_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = (
-                F.rms_norm(q, (self.head_dim,), eps=self.norm_eps),
-                F.rms_norm(k, (self.head_dim,), eps=self.norm_eps),
-            )
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if cache is not None:  # generation: the queries also see every earlier position's keys and values
-            k, v = cache.store(k, v)
-        gqa = self.n_kv_heads != self.n_heads
-        if mask is not None and not isinstance(mask, torch.Tensor):  # a BlockMask
-            # Compiled flex_attention has given wrong results for a strided v (a view into qkv) beside
-            # contiguous q and k (torch 2.13, inductor on CPU): hand it three contiguous tensors.
-            y = flex_attention_on(q.device.type)(
-                q.contiguous(), k.contiguous(), v.contiguous(), block_mask=mask, enable_gqa=gqa
-            )
-        else:
-            with sdpa_backend(self.attention):
-                y = F.scaled_dot_product_attention(
-                    q,
-                    k,
-                    v,
-                    attn_mask=mask,
-                    is_causal=mask is None,
-                    dropout_p=self.dropout if self.training else 0.0,
-                    enable_gqa=gqa,
-                )
-        return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class SwiGLU(nn.Module):
@@ -456,41 +307,3 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token of this model: see the module's `flops_per_token`."""
         return flops_per_token(self.cfg, seq_len)
-
-
-class KVCache:
-    """Every layer's keys and values for the first `length` positions of the rows being generated.
-
-    Each layer's tensors (B, kv_heads, max_seq_len, head_dim) are allocated by its first
-    `store`, in the dtype autocast gave its keys; a forward with the cache appends its
-    tokens' keys and values there and advances `length`.
-    """
-
-    def __init__(self, cfg: ModelConfig):
-        self.max_len = cfg.max_seq_len
-        self.keys: list[torch.Tensor | None] = [None] * cfg.n_layers
-        self.values: list[torch.Tensor | None] = [None] * cfg.n_layers
-        self.length = 0
-
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Put `layer`'s new keys and values k, v (B, kv_heads, T, head_dim) at positions length..length + T;
-        returns that layer's keys and values of every position so far, (B, kv_heads, length + T, head_dim)."""
-        keys, values = self.keys[layer], self.values[layer]
-        if keys is None or values is None:  # both, at once
-            B, heads, _, head_dim = k.shape
-            keys = self.keys[layer] = k.new_empty(B, heads, self.max_len, head_dim)
-            values = self.values[layer] = v.new_empty(B, heads, self.max_len, head_dim)
-        end = self.length + k.shape[2]
-        keys[:, :, self.length : end] = k
-        values[:, :, self.length : end] = v
-        return keys[:, :, :end], values[:, :, :end]
-
-
-class LayerCache(NamedTuple):
-    """One layer's view of a KVCache, as Attention takes it."""
-
-    cache: KVCache
-    layer: int
-
-    def store(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.store(self.layer, k, v)
