@@ -24,7 +24,7 @@ from pathlib import Path
 
 MODEL = [
     "train.max_time=0",
-    "optim.name=adamw",  # configs/base.toml's Muon would be refused under FSDP
+    "optim.name=adamw",  # the AdamW run measured before configs/base.toml took Muon (2026-11-25)
     "model.d_model=1024",
     "train.tokens_per_update=0",
     "model.n_heads=16",

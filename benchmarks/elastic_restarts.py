@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # must come back too.
 RUN = [
     "train.max_time=0",
-    "optim.name=adamw",  # configs/base.toml's Muon would be refused under FSDP
+    "optim.name=adamw",  # the AdamW run measured before configs/base.toml took Muon (2026-11-25)
     "model.d_model=32",
     "model.n_layers=2",
     "model.n_heads=2",

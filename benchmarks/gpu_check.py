@@ -401,7 +401,7 @@ def train_settings(ctx: Context, out_dir: Path) -> tuple[str, list[str]]:
         return "configs/base.toml", [
             *common,
             "train.max_time=0",
-            "optim.name=adamw",  # configs/base.toml's Muon would be refused under FSDP
+            "optim.name=adamw",  # the AdamW run checked before configs/base.toml took Muon (2026-11-25)
             'data.inputs=["builtin:pydoc"]',
             "data.vocab_size=512",
             "model.n_layers=2",

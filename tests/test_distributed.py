@@ -38,7 +38,8 @@ RUN = [
 ENV = {"FASTTRAIN_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 
 
-def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], nproc: int = 2, module: str = "fasttrain.train") -> subprocess.CompletedProcess:
+    """`python -m module args` on `nproc` ranks of one torchrun job, which picks its own free port."""
     return subprocess.run(
         [
             sys.executable,
@@ -47,7 +48,7 @@ def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
             "--standalone",
             f"--nproc_per_node={nproc}",
             "-m",
-            "fasttrain.train",
+            module,
             *args,
         ],
         cwd=ROOT,

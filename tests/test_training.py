@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -100,29 +101,34 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
 
 
 @pytest.mark.parametrize("nesterov,adjust_lr", [(True, None), (False, "match_rms_adamw")])
-def test_muon_in_fp32_steps_as_torchs_muon(nesterov, adjust_lr):
-    """The fp32 Newton-Schulz step (CPUs without native bf16) is torch.optim.Muon's rule: after three
-    steps each matrix has moved as torch's bf16 step moved it, up to bf16 rounding."""
+def test_muon_steps_as_torchs_muon(nesterov, adjust_lr):
+    """Muon's step is torch.optim.Muon's: with a bf16 iteration (torch's) the same floats after three steps;
+    with an fp32 one (an fp32 run, a CPU without native bf16) the same moves up to bf16 rounding."""
     torch.manual_seed(0)
     start = [torch.randn(24, 40), torch.randn(40, 24)]
     grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
-    moved = []
-    for ns_dtype in (torch.float32, torch.bfloat16):  # ours, then torch's own step
+    settings = {"lr": 0.02, "weight_decay": 0.1, "nesterov": nesterov, "adjust_lr_fn": adjust_lr}
+
+    def moved(optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> list[torch.Tensor]:
         params = [nn.Parameter(p.clone()) for p in start]
-        opt = Muon(params, ns_dtype=ns_dtype, lr=0.02, weight_decay=0.1, nesterov=nesterov, adjust_lr_fn=adjust_lr)
+        opt = optimizer(params)
         for step_grads in grads:
             for p, g in zip(params, step_grads):
                 p.grad = g.clone()
             opt.step()
-        moved.append([p.detach() - p0 for p, p0 in zip(params, start)])
-    for ours, theirs in zip(*moved):
-        assert (ours - theirs).norm() / theirs.norm() < 0.02
+        return [p.detach() - p0 for p, p0 in zip(params, start)]
+
+    theirs = moved(lambda params: torch.optim.Muon(params, **settings))
+    in_bf16 = moved(lambda params: Muon(params, ns_dtype=torch.bfloat16, **settings))
+    in_fp32 = moved(lambda params: Muon(params, ns_dtype=torch.float32, **settings))
+    assert all(torch.equal(ours, t) for ours, t in zip(in_bf16, theirs))
+    for ours, t in zip(in_fp32, theirs):
+        assert (ours - t).norm() / t.norm() < 0.02
 
 
 def test_muon_is_refused_where_it_cannot_work(monkeypatch):
+    """Only on a torch without torch.optim.Muon: FSDP and HSDP are fine (tests/test_muon_sharded.py)."""
     model = Transformer(ModelConfig(vocab_size=50, max_seq_len=8, d_model=16, n_layers=1, n_heads=2))
-    with pytest.raises(UsageError, match='optim.name = "muon" does not work with train.parallel = "fsdp"'):
-        build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"), sharded=True)
     monkeypatch.delattr(torch.optim, "Muon")
     with pytest.raises(UsageError, match=r"needs torch.optim.Muon, added in torch 2.9; this is torch"):
         build_optimizer(model, OptimConfig(name="muon"), torch.device("cpu"))

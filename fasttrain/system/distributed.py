@@ -242,7 +242,9 @@ def full_state(model: nn.Module, optimizer: Optimizer | None, fsdp: bool) -> tup
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return (
         get_model_state_dict(model, options=options),
-        None if optimizer is None else get_optimizer_state_dict(model, _torch_optimizers(optimizer), options=options),
+        None
+        if optimizer is None
+        else _merged([get_optimizer_state_dict(model, part, options=options) for part in _parts(optimizer)]),
     )
 
 
@@ -253,55 +255,93 @@ def load_full_state(
     it, and an optimizer state keyed by parameter index (saved without FSDP) or by name (with) is re-keyed
     to what this mode loads."""
     load_full_model_state(model, model_state, fsdp)
-    optimizer_state = keyed_by_name(model, optimizer, optimizer_state, by_name=fsdp)
-    if not fsdp:
-        optimizer.load_state_dict(optimizer_state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(
-        model, _torch_optimizers(optimizer), optimizer_state, options=StateDictOptions(full_state_dict=True)
-    )
+    for part, state in zip(_parts(optimizer), _split(optimizer, optimizer_state)):
+        state = keyed_by_name(model, part, state, by_name=fsdp)
+        if fsdp:
+            _load_part(model, part, state, full=True)
+        else:
+            part.load_state_dict(state)
 
 
-def keyed_by_name(model: nn.Module, optimizer: Optimizer, state: dict, by_name: bool) -> dict:
+def keyed_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, by_name: bool) -> dict:
     """A torch optimizer's full `state` keyed by parameter name (`by_name`, as FSDP's full state dicts are) or
     by index (as `optimizer.state_dict()` is), whichever it was keyed by. The index of a parameter is its place
-    in the optimizer's groups, its name the one `model.named_parameters()` gives it. Other states (a Hybrid
-    optimizer's, keyed by part) are returned as they are."""
-    groups = state.get("param_groups")
-    if not (isinstance(groups, list) and groups and isinstance(groups[0], dict) and groups[0].get("params")):
-        return state
-    if isinstance(groups[0]["params"][0], str) == by_name:
+    in the optimizer's groups, its name the one `model.named_parameters()` gives it."""
+    keys = [k for group in state["param_groups"] for k in group["params"]]
+    if not keys or isinstance(keys[0], str) == by_name:
         return state
     names = {id(p): name for name, p in model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     key = dict(enumerate(order)) if by_name else {name: i for i, name in enumerate(order)}
     return {
         "state": {key[k]: v for k, v in state["state"].items()},
-        "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in groups],
+        "param_groups": [{**g, "params": [key[k] for k in g["params"]]} for g in state["param_groups"]],
     }
 
 
-def _torch_optimizers(optimizer: Optimizer) -> torch.optim.Optimizer | tuple[torch.optim.Optimizer, ...]:
-    """`optimizer`, or a Hybrid's parts: DCP's state dict functions take torch optimizers."""
+def _parts(optimizer: Optimizer) -> list[torch.optim.Optimizer]:
+    """`optimizer`'s torch optimizers: a Hybrid's parts in order, or itself."""
     parts = getattr(optimizer, "parts", None)
-    return tuple(parts.values()) if parts is not None else cast(torch.optim.Optimizer, optimizer)
+    return list(parts.values()) if parts is not None else [cast(torch.optim.Optimizer, optimizer)]
+
+
+def _merged(states: list[dict]) -> dict:
+    """Torch optimizers' state dicts keyed by parameter name, as one: their states side by side, their groups in
+    order (the form torch.distributed.checkpoint gives several optimizers). Each is taken alone because DCP
+    cannot load several when one has a group without parameters, as Muon's AdamW half has when the output head
+    is tied to the embedding (no matrix of its own to decay). Empty if any is (a full state dict off rank 0)."""
+    if not all(states):
+        return {}
+    return {
+        "state": {name: value for state in states for name, value in state["state"].items()},
+        "param_groups": [group for state in states for group in state["param_groups"]],
+    }
+
+
+def _split(optimizer: Optimizer, state: dict) -> list[dict]:
+    """`optimizer`'s saved `state` as each of its torch optimizers' own: itself for one; a Hybrid's own state dict
+    (by part name) part by part; one `_merged` (by any mode) cut at each part's number of groups."""
+    parts = getattr(optimizer, "parts", None)
+    if parts is None:
+        return [state]
+    if state.keys() == parts.keys():
+        return [state[name] for name in parts]
+    split, start = [], 0
+    for part in parts.values():
+        groups = state["param_groups"][start : start + len(part.param_groups)]
+        start += len(groups)
+        keys = {key for group in groups for key in group["params"]}
+        split.append({"state": {k: v for k, v in state["state"].items() if k in keys}, "param_groups": groups})
+    return split
 
 
 def local_state(model: nn.Module, optimizer: Optimizer) -> tuple[dict, dict]:
     """State dicts of `model` and `optimizer` as this rank holds them, for a sharded checkpoint: DTensor shards
     under FSDP and HSDP, whole tensors otherwise; the optimizer's keyed by parameter name. Nothing is gathered."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return get_state_dict(model, _torch_optimizers(optimizer))
+    return get_model_state_dict(model), _merged([get_optimizer_state_dict(model, part) for part in _parts(optimizer)])
 
 
 def load_local_state(model: nn.Module, optimizer: Optimizer, model_state: dict, optimizer_state: dict) -> None:
     """Load what `local_state` returned (filled from a checkpoint) into `model` and `optimizer`."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    set_state_dict(model, _torch_optimizers(optimizer), model_state_dict=model_state, optim_state_dict=optimizer_state)
+    set_model_state_dict(model, model_state)
+    for part, state in zip(_parts(optimizer), _split(optimizer, optimizer_state)):
+        _load_part(model, part, state, full=False)
+
+
+def _load_part(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, full: bool) -> None:
+    """Load one torch optimizer's `state` keyed by name, whole (`full`) or as this rank's shards, through
+    torch.distributed.checkpoint, then its groups' settings as saved: DCP loads a group without parameters
+    (Muon's AdamW half has one, see `_merged`) without its settings (torch 2.13), and AdamW's step reads betas
+    from every group."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=full))
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        group.update((key, value) for key, value in saved.items() if key != "params")
 
 
 def load_full_model_state(model: nn.Module, model_state: dict, fsdp: bool) -> None:

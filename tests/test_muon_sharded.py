@@ -1,0 +1,137 @@
+"""Muon under FSDP and HSDP: sharded matrices take the step that whole ones take in one process.
+
+The ranks are real processes under `torchrun --standalone` (gloo on the CPU), which picks its own free
+port: this module is also their program (`-m tests.test_muon_sharded`), so the workers and the
+single-process reference build the same model and feed it the same gradients. The ranks wait on each
+other at most FASTTRAIN_DIST_TIMEOUT=60 s, and the job runs at most 300 s (test_distributed's torchrun).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from fasttrain.config import ModelConfig, OptimConfig
+from fasttrain.model.transformer import Transformer
+from fasttrain.model.weights import read_safetensors
+from fasttrain.system import distributed
+from fasttrain.training.optimizers import Hybrid, build_optimizer
+from tests.conftest import tiny_args
+from tests.test_distributed import RUN, single, torchrun, values
+
+pytestmark = pytest.mark.subprocess  # the tests start torchrun
+CPU = torch.device("cpu")
+STEPS = 3
+
+
+def tiny_model() -> Transformer:
+    """Two blocks whose MLP is 33 wide: the up projection's 33 rows split unevenly (17 + 16) over 2 ranks, and no
+    matrix is square, so a rate adjusted by a shard's shape instead of the matrix's would show."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, max_seq_len=8, d_model=16, n_layers=2, n_heads=2, mlp="relu2", ffn_hidden=33)
+    return Transformer(cfg)
+
+
+def take_steps(model: torch.nn.Module) -> Hybrid:
+    """STEPS steps of Muon (with AdamW for the rest) on gradients drawn from each step and parameter's own seed,
+    whole in one process, each rank's shard of them under FSDP; returns the optimizer."""
+    optimizer = build_optimizer(model, OptimConfig(name="muon"), CPU)
+    assert isinstance(optimizer, Hybrid)
+    for step in range(STEPS):
+        for i, p in enumerate(model.parameters()):
+            grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 * step + i))  # the whole shape
+            p.grad = (
+                distribute_tensor(grad, p.device_mesh, p.placements, src_data_rank=None)
+                if isinstance(p, DTensor)
+                else grad
+            )
+        optimizer.step()
+    return optimizer
+
+
+def worker(parallel: str, group: int, out: str) -> None:
+    """One rank: shard the model (`parallel` over groups of `group` ranks) and take the steps; then save the whole
+    weights as this rank sees them, and whether each of Muon's momentum buffers is sharded as its matrix is, in
+    `out`/rank_R.pt."""
+    world = distributed.world_from_env()
+    distributed.start(world, CPU)
+    model = tiny_model()
+    model = distributed.wrap(model, model.blocks, world, parallel, group, "fp32", CPU)
+    optimizer = take_steps(model)
+    weights = {name: p.full_tensor() for name, p in model.named_parameters()}
+    muon = optimizer.parts["muon"]
+    placed = [
+        isinstance(p, DTensor) and muon.state[p]["momentum_buffer"].placements == p.placements
+        for group in muon.param_groups
+        for p in group["params"]
+    ]
+    torch.save({"weights": weights, "momentum_placed": placed}, f"{out}/rank_{world.rank}.pt")
+    distributed.stop()
+
+
+@pytest.mark.parametrize(
+    "nproc, parallel, group",
+    [
+        (2, "fsdp", 2),  # 11 s on the 2 cores
+        # 4 processes, 2 replicas of 2 shards: 22 s on the 2 cores, 36-41 s when they are shared
+        pytest.param(4, "hsdp", 2, marks=pytest.mark.second_tier),
+    ],
+)
+def test_sharded_muon_steps_as_one_process(tmp_path, nproc, parallel, group):
+    """Three steps of Muon on shards (the up projection's uneven ones included) move every weight as one
+    process moves the whole model, up to fp32 rounding, on every rank (HSDP's replicas alike), and Muon's
+    state stays sharded as the parameters are."""
+    proc = torchrun([parallel, str(group), str(tmp_path)], nproc=nproc, module="tests.test_muon_sharded")
+    assert proc.returncode == 0, proc.stderr
+    model = tiny_model()
+    take_steps(model)
+    theirs = dict(model.named_parameters())
+    for rank in range(nproc):
+        sharded = torch.load(tmp_path / f"rank_{rank}.pt")
+        assert sharded["momentum_placed"] == [True] * 2 * 4  # 4 matrices a block
+        assert sharded["weights"].keys() == theirs.keys()
+        for name, ours in sharded["weights"].items():
+            torch.testing.assert_close(
+                ours, theirs[name].detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {rank}, {name}: {m}"
+            )
+
+
+@pytest.mark.second_tier  # three runs, one of them under torchrun: 30 s on the 2 cores, 40-80 s when shared
+@pytest.mark.parametrize("saved, resumed", [(2, 1), (1, 2)], ids=["fsdp2-to-1", "1-to-fsdp2"])
+def test_muon_under_fsdp_resumes_on_another_world_with_the_same_losses(pydoc_data, tmp_path, saved, resumed):
+    """A Muon run under FSDP saves its sharded state (a checkpoint folder) and one process goes on from it; one
+    process's checkpoint file goes on under FSDP. Either way the losses and final weights are those of one process
+    trained straight through, up to fp32 rounding (2 ranks train like 1: test_distributed.py). A resume that lost
+    Muon's momentum was 3e-4 off at the last step."""
+    common = [*RUN, "train.batch_size=2", "train.tokens_per_update=384", "optim.name=muon"]
+    straight = single(tiny_args(pydoc_data, tmp_path / "straight", *common))
+    assert straight.returncode == 0, straight.stderr
+
+    def run(nproc: int, *overrides: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        fsdp = ['train.parallel="fsdp"'] if nproc == 2 else []
+        args = tiny_args(pydoc_data, tmp_path / "resumed", *common, *fsdp, *overrides, flags=flags)
+        return torchrun(args) if nproc == 2 else single(args)
+
+    first = run(saved, "train.max_steps=2")
+    assert first.returncode == 0, first.stderr
+    kept = tmp_path / "resumed" / "checkpoints" / "step_0000002"
+    assert kept.is_dir() if saved == 2 else kept.with_suffix(".pt").is_file()  # "auto": FSDP saves folders
+    then = run(resumed, flags=("--resume", "auto"))
+    assert then.returncode == 0, then.stderr
+    modes = {1: "none", 2: "fsdp"}
+    assert f"saved by {saved} process(es) ({modes[saved]}), continued by {resumed} ({modes[resumed]})" in then.stdout
+    assert values(tmp_path / "resumed", "train", "tokens") == values(tmp_path / "straight", "train", "tokens")
+    assert values(tmp_path / "resumed", "train", "loss") == pytest.approx(
+        values(tmp_path / "straight", "train", "loss"), rel=1e-5
+    )
+    ours, theirs = (read_safetensors(tmp_path / d / "final" / "model.safetensors") for d in ("resumed", "straight"))
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5)
+
+
+if __name__ == "__main__":  # a rank of the test above, under torchrun
+    worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])
