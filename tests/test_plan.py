@@ -174,19 +174,22 @@ def test_measure_times_real_steps_and_saves_nothing(pydoc_data, tmp_path):
 @pytest.mark.parametrize(
     "flags, expected",
     [
-        ([], "holds checkpoints of an earlier run (up to step 2)"),
+        ([], None),
         (["--resume", "auto-or-new"], None),
         (["--overwrite"], None),
         (["--resume", "EMPTY"], "no checkpoint saved there yet"),
     ],
 )
 def test_a_dry_run_checks_train_out_dir_as_the_run_would(flags, expected, pydoc_data, trained, tmp_path, capsys):
-    """A new run over another run's checkpoints (no --overwrite), or a resume of a folder without saves, is the
-    run's own line; resuming the run there, or replacing it, plans. Nothing changes there."""
+    """A resume of a folder without saves is the run's own line; resuming the run there, or replacing it, plans,
+    and so does a new run over another run's checkpoints (no --overwrite), whose refusal a note says (the dry
+    run writes nothing there). Nothing changes there."""
     flags = [str(tmp_path) if f == "EMPTY" else f for f in flags]
     before = snapshot(trained)
     code = run_cli_code(train.main, [*tiny_args(pydoc_data, trained, "train.max_steps=4"), *flags, "--dry-run"])
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    refused = "holds checkpoints of an earlier run (up to step 2): the run would refuse to start there; continue"
+    assert (refused in out) == (not flags), out
     if expected is None:
         assert code == 0, err
     else:

@@ -1,8 +1,10 @@
-"""Issue 65 (reliability, round seven), item 8: what a new user meets on a first run and the runs after it.
+"""Issue 65 (reliability, round seven), items 8 and 9: what a new user meets on a first run and the runs after it.
 
 - A budgeted run resumed with a larger train.max_time goes on at the learning rate it had (it jumped back up,
   its progress measured against the new budget), and still ends on time; an inductor cache of its own for each
   instruction set a CPU run compiles under; the plan's memory line names a Muon run's state as Muon's.
+- The README's first commands in its order: the dry run after the quickstart prints the plan and says in one line
+  what the run would do; the quickstart run again is refused before the machine is timed or a plan note printed.
 
 Each case goes through the command line where the failure was seen (`python -m fasttrain.train`), but the
 schedule's, whose fake clock (tests/test_time_budget.py) needs a Trainer, and the inductor cache's, which checks
@@ -28,6 +30,8 @@ from fasttrain.training.optimizers import hidden_matrices
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_args, tiny_config
 from tests.test_time_budget import budgeted, events
+
+QUIET = ["train.sample_tokens=0", "train.eval_interval=1000"]
 
 
 def command(main, args: list[str], capsys) -> tuple[int, str, str]:
@@ -146,3 +150,42 @@ def test_the_plans_memory_line_names_and_counts_a_muon_runs_state(pydoc_data, tm
         model = Transformer(replace(tiny_config(pydoc_data, tmp_path).model, vocab_size=512))
     hidden = sum(p.numel() for p in hidden_matrices(model))
     assert plans["adamw bytes"] - plans["muon bytes"] == 4 * hidden
+
+
+# Item 9: the README's commands in its order.
+
+
+def test_the_readmes_first_commands_work_in_its_order(pydoc_data, tmp_path, capsys, monkeypatch):
+    """The quickstart's run, then its dry run (the plan, and in one line what the run would do: exit 0, nothing
+    written), then the quickstart again: refused with the run's own line before anything is planned (the
+    machine timed for seconds, a note printed of a model it would not train)."""
+    run = tmp_path / "base"
+    code, _, err = command(train_module.main, tiny_args(pydoc_data, run, "train.max_steps=2", *QUIET), capsys)
+    assert code == 0, err
+    written = sorted(run.rglob("*"))
+    refusal = (
+        f"{run / 'checkpoints'}: holds checkpoints of an earlier run (up to step 2); continue it with --resume "
+        "auto, start over with --overwrite, or set train.out_dir elsewhere"
+    )
+    code, out, err = command(train_module.main, [*tiny_args(pydoc_data, run, *QUIET), "--dry-run"], capsys)
+    assert code == 0 and not err, err
+    assert f"note: {refusal.replace('; continue', ': the run would refuse to start there; continue')}" in out
+    assert "memory: about" in out and sorted(run.rglob("*")) == written
+    code, out, err = command(train_module.main, [*tiny_args(pydoc_data, run, *QUIET), "--dry-run", "--json"], capsys)
+    assert code == 0 and json.loads(out)["params"] and "the run would refuse to start there" in err
+
+    def planned(*args, **kwargs):
+        raise AssertionError("planned a run it then refuses")
+
+    monkeypatch.setattr(train_module, "start_run", planned)
+    monkeypatch.setattr(train_module, "plan_run", planned)
+    code, out, err = command(train_module.main, tiny_args(pydoc_data, run, *QUIET), capsys)
+    assert (code, err) == (2, f"error: {refusal}\n") and "note:" not in out
+    code, out, err = command(
+        train_module.main, [*tiny_args(pydoc_data, tmp_path / "new", *QUIET), "--resume", "auto"], capsys
+    )
+    assert code == 2 and "nothing to resume" in err and not (tmp_path / "new").exists()
+    code, out, err = command(
+        train_module.main, [*tiny_args(pydoc_data, tmp_path / "new", *QUIET), "--resume", "auto", "--dry-run"], capsys
+    )
+    assert code == 2 and "nothing to resume" in err and not (tmp_path / "new").exists()
