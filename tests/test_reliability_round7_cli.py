@@ -1,27 +1,33 @@
-"""Issue 65 (reliability, round seven), items 8 and 9: what a new user meets on a first run and the runs after it.
+"""Issue 65 (reliability, round seven), items 8 to 10: what a new user meets on a first run and the runs after it.
 
 - A budgeted run resumed with a larger train.max_time goes on at the learning rate it had (it jumped back up,
   its progress measured against the new budget), and still ends on time; an inductor cache of its own for each
   instruction set a CPU run compiles under; the plan's memory line names a Muon run's state as Muon's.
 - The README's first commands in its order: the dry run after the quickstart prints the plan and says in one line
   what the run would do; the quickstart run again is refused before the machine is timed or a plan note printed.
+- The small things of a first run: "1 layer", "1 head", "1 step"; the progress bar closed before the summary,
+  with "left" once; `fasttrain plot` without matplotlib names the extra, as the summary does; `fasttrain sample
+  --help` names `fasttrain sample`.
 
-Each case goes through the command line where the failure was seen (`python -m fasttrain.train`), but the
-schedule's, whose fake clock (tests/test_time_budget.py) needs a Trainer, and the inductor cache's, which checks
-the folder chosen and compiles nothing. Each failed before its fix, but the wsd case, which holds what the fix
-keeps.
+Each case goes through the command line where the failure was seen (`python -m fasttrain.train`, `fasttrain`,
+`fasttrain plot`), but the schedule's, whose fake clock (tests/test_time_budget.py) needs a Trainer, and the
+inductor cache's, which checks the folder chosen and compiles nothing. Each failed before its fix, but the wsd
+case, which holds what the fix keeps.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 from dataclasses import replace
 
 import pytest
 import torch
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
+from fasttrain import cli, plot, sample
 from fasttrain import train as train_module
 from fasttrain.model.transformer import Transformer
 from fasttrain.system.device import ISA_CACHE_PREFIX, key_inductor_cache
@@ -70,7 +76,7 @@ def test_a_budget_made_longer_on_resume_goes_on_at_the_rate_it_had(decay, pydoc_
     assert (summary["step"], summary["train_seconds"]) == (20, 20.0)
     lrs = [e["lr"] for e in events(tmp_path, "train")]
     assert len(lrs) == 20
-    before, after = (lrs[4] - lrs[5], lrs[5] - lrs[6])  # the last step before the resume, the first after it
+    before, after = lrs[4] - lrs[5], lrs[5] - lrs[6]  # the last step before the resume, the first after it
     assert 0 < after < before  # still decaying, by less a step: the rest is spread over a longer budget
     assert all(a > b for a, b in zip(lrs[5:], lrs[6:])) and lrs[-1] == resumed.cfg.schedule.min_lr
     progress = [e["progress"] for e in events(tmp_path, "progress")]
@@ -189,3 +195,47 @@ def test_the_readmes_first_commands_work_in_its_order(pydoc_data, tmp_path, caps
         train_module.main, [*tiny_args(pydoc_data, tmp_path / "new", *QUIET), "--resume", "auto", "--dry-run"], capsys
     )
     assert code == 2 and "nothing to resume" in err and not (tmp_path / "new").exists()
+
+
+# Item 10: the small things of a first run.
+
+
+def test_one_layer_one_head_and_one_step_are_singular(pydoc_data, tmp_path, capsys):
+    args = tiny_args(pydoc_data, tmp_path, "model.n_layers=1", "model.n_heads=1", "train.max_steps=1", *QUIET)
+    code, out, err = command(train_module.main, args, capsys)
+    assert code == 0, err
+    assert "model: 0.03M parameters (1 layer, d_model 32, 1 head, vocab 512, context 32)" in out
+    assert "\ndone: 1 step, 128 tokens;" in out
+
+
+def test_a_run_on_a_terminal_closes_its_bar_before_the_summary(pydoc_data, tmp_path, capsys, monkeypatch):
+    """The bar (tqdm, on standard error, shown on a terminal) drawn last once the summary was printed, and its
+    "left" said twice; the summary's plot hint, without matplotlib, names the extra that installs it."""
+    errors = sys.stderr
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr(sys, "stderr", sys.stdout)  # the bar and the lines in the order the terminal shows them
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    args = tiny_args(pydoc_data, tmp_path, "train.max_steps=3", "train.max_time=1h", "train.log_interval=1", *QUIET)
+    code, out, err = command(train_module.main, args, capsys)
+    assert code == 0, out
+    summary = out[out.index("done: 3 steps") :]
+    assert "\r" not in summary and "step/s" not in summary  # nothing of the bar after it
+    assert re.search(r"left=(\d+[hms])+\]", out) and not re.search(r"left=\S+ left", out)  # "left=59m59s]"
+    assert f'plot with   python -m fasttrain.plot {tmp_path} (needs matplotlib: pip install -e ".[plot]")' in summary
+
+    monkeypatch.setattr(sys, "stderr", errors)
+    code, out, err = command(plot.main, [str(tmp_path)], capsys)
+    assert (code, err) == (2, 'error: plotting needs matplotlib: pip install -e ".[plot]"\n')
+
+
+def test_each_tool_names_itself_as_the_user_ran_it(capsys):
+    """`fasttrain sample --help` (and its errors) say `fasttrain sample`, `python -m fasttrain sample` says that,
+    and `python -m fasttrain.sample` still its module."""
+    code, out, _ = command(cli.main, ["sample", "--help"], capsys)
+    assert code == 0 and out.startswith("usage: fasttrain sample ")
+    code, _, err = command(cli.main, ["sample", "runs/base", "--bogus"], capsys)
+    assert code == 2 and err.startswith("error: fasttrain sample: unrecognized arguments: --bogus")
+    code, out, _ = command(lambda argv: cli.main(argv, "python -m fasttrain"), ["train", "--help"], capsys)
+    assert code == 0 and out.startswith("usage: python -m fasttrain train ")
+    code, out, _ = command(sample.main, ["--help"], capsys)
+    assert code == 0 and out.startswith("usage: python -m fasttrain.sample ")
