@@ -5,4 +5,4 @@ Imports from fasttrain: cli.
 
 from fasttrain.cli import entry_point
 
-entry_point()
+entry_point("python -m fasttrain")

@@ -19,7 +19,7 @@ import sys
 from typing import Sequence
 
 from fasttrain import __version__
-from fasttrain.system.errors import UsageError, run_cli
+from fasttrain.system.errors import UsageError, invoked_as, run_cli
 
 # tool -> (module, what it does): the order `fasttrain --help` lists them in, the order of a workflow
 TOOLS = {
@@ -35,9 +35,9 @@ TOOLS = {
 }
 
 
-def usage() -> str:
+def usage(command: str = "fasttrain") -> str:
     lines = [
-        "usage: fasttrain TOOL [ARGS...]   (fasttrain TOOL --help for its arguments; fasttrain --version)",
+        f"usage: {command} TOOL [ARGS...]   ({command} TOOL --help for its arguments; {command} --version)",
         "",
         "tools:",
     ]
@@ -45,12 +45,12 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the tool named by argv[0] on the rest of argv; 0 after --help or with no tool at all shows usage,
-    after --version the version."""
+def main(argv: Sequence[str] | None = None, command: str = "fasttrain") -> int:
+    """Run the tool named by argv[0] on the rest of argv, as `command TOOL` (its --help and errors say so);
+    0 after --help or with no tool at all shows usage, after --version the version."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage())
+        print(usage(command))
         return 0
     if argv[0] == "--version":
         print(f"fasttrain {__version__}")
@@ -59,10 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tool not in TOOLS:
         close = difflib.get_close_matches(tool, TOOLS, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise UsageError(f"fasttrain: unknown tool {tool!r}; {hint}one of {', '.join(TOOLS)} (see fasttrain --help)")
-    return importlib.import_module(TOOLS[tool][0]).main(rest)
+        raise UsageError(f"{command}: unknown tool {tool!r}; {hint}one of {', '.join(TOOLS)} (see {command} --help)")
+    with invoked_as(f"{command} {tool}"):
+        return importlib.import_module(TOOLS[tool][0]).main(rest)
 
 
-def entry_point() -> None:
-    """The console script ([project.scripts] in pyproject.toml)."""
-    run_cli(main)
+def entry_point(command: str = "fasttrain") -> None:
+    """The console script ([project.scripts] in pyproject.toml); `command`: what the user typed to run it."""
+    run_cli(lambda argv: main(argv, command))

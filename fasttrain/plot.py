@@ -6,7 +6,7 @@ Imports from fasttrain: system.errors.
     python -m fasttrain.plot RUN_DIR [--out FILE]
 
 Reads RUN_DIR/metrics.jsonl (the last run in it, resumes included) and writes
-RUN_DIR/curves.png (or FILE). Needs matplotlib (`pip install fasttrain[plot]`).
+RUN_DIR/curves.png (or FILE). Needs matplotlib, the `plot` extra (`pip install -e ".[plot]"`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def pyplot() -> ModuleType:
     try:
         import matplotlib
     except ImportError:
-        raise UsageError("plotting needs matplotlib: pip install matplotlib") from None
+        raise UsageError('plotting needs matplotlib: pip install -e ".[plot]"') from None
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 

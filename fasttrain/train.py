@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fasttrain.checkpoints.checkpoint_files import resolve
-from fasttrain.checkpoints.run_directory import REPLACED, finish_overwrite
+from fasttrain.checkpoints.run_directory import EARLIER_RUN_CHOICES, REPLACED, earlier_run, finish_overwrite
 from fasttrain.checkpoints.saves import saved_steps
 from fasttrain.config import (
     Config,
@@ -46,7 +46,7 @@ from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.system import distributed
 from fasttrain.system.device import use_device
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
-from fasttrain.training.launch import check_start
+from fasttrain.training.launch import check_directory, check_start
 from fasttrain.training.measure import measure, measure_line
 from fasttrain.training.plan import plan_run
 from fasttrain.training.plan_table import plan_table
@@ -111,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: {note}")
     try:
         resume = checkpoint_to_resume(args.resume, cfg.train.out_dir, args.quiet or not world.is_main)
+        if world.is_main:  # refused before the plan times the machine; the other ranks check once rank 0 settled it
+            check_directory(Path(cfg.train.out_dir), resume is not None, args.overwrite, is_main=True)
+            if resume is not None:
+                resolve(resume, cfg.train.out_dir)  # the save to resume: there, or the resume's own line
         trainer = Trainer(cfg, quiet=args.quiet, resuming=resume is not None, plan=start_run(cfg, args.quiet, resume))
         if harness is not None:  # the data's tokenizer must encode the tasks' text: said now, not after the run
             harness.check_tokenizer(trainer.tokenizer, "eval.tasks")
@@ -146,9 +150,9 @@ def dry_run(cfg: Config, args: argparse.Namespace) -> int:
     """Print the plan of a run of `cfg` (rank 0 prints the world's), as a table after the config file's line, or
     (--json) one JSON object with the start event's keys and `config_file` (its absolute path); with --measure N,
     time N real steps too. Writes nothing: the data must be prepared for a measurement (a plan says what would be
-    prepared). Before the plan is printed, train.out_dir gets the checks the run would make of it started with
-    --resume or --overwrite (another run's checkpoints there, a save to resume that is not there, another process
-    using it, ...), each its own one line."""
+    prepared). Before the plan is made, train.out_dir gets the checks the run would make of it (a save to resume
+    that is not there, another process using it, ...), each the run's one line; an earlier run there, which a new
+    run without --overwrite would refuse, is said in a note instead."""
     as_json, measure_steps, resume, overwrite = args.json, args.measure, args.resume, args.overwrite
     world = distributed.world_from_env()
     moved = copied_run_note(args, cfg)  # before a refusal of the directory it names, as the run says it
@@ -158,9 +162,20 @@ def dry_run(cfg: Config, args: argparse.Namespace) -> int:
         print(f"note: {moved}", file=sys.stderr if as_json else sys.stdout)  # --json: the object alone on stdout
     device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
     spec = checkpoint_to_resume(resume, cfg.train.out_dir, quiet=True)
-    plan = plan_run(cfg, world, device, spec)
+    out = Path(cfg.train.out_dir)
+    # The plan of a new run where an earlier one is, which the run would refuse: said, not refused, as the dry
+    # run writes nothing there; its other checks are made as with --overwrite, which lets an earlier run be.
+    earlier = None if spec is not None or overwrite else earlier_run(out)
+    overwrite = overwrite or earlier is not None
+    check_directory(out, spec is not None, overwrite, world.is_main)  # before the plan times the machine
     if spec is not None:
         resolve(spec, cfg.train.out_dir)  # the save a resume would load: there, or the run's own line
+    if earlier and world.is_main:
+        print(
+            f"note: {earlier}: the run would refuse to start there; {EARLIER_RUN_CHOICES}",
+            file=sys.stderr if as_json else sys.stdout,
+        )
+    plan = plan_run(cfg, world, device, spec)
     if spec is None or plan.sources:  # a resume's tokenizer check needs the prepared data
         check_start(plan, spec is not None, overwrite)
     found = {}

@@ -174,7 +174,7 @@ def test_a_resumed_budgeted_run_counts_the_time_already_spent(pydoc_data, tmp_pa
 
 def test_resuming_a_finished_budget_reports_and_a_longer_one_extends(pydoc_data, tmp_path, capsys):
     """A finished budgeted run resumed with its own budget trains nothing more (as a step run at its end);
-    with a longer one it goes on, the schedule laid over the new budget, said in one line."""
+    with a longer one it goes on at the rate it ended with (its schedule finished), said in one line."""
     budgeted(pydoc_data, tmp_path, [1.0], "train.max_steps=0", "train.max_time=4").train()
     again = budgeted(pydoc_data, tmp_path, [1.0], "train.max_steps=0", "train.max_time=4")
     again.resume("auto")
@@ -182,8 +182,12 @@ def test_resuming_a_finished_budget_reports_and_a_longer_one_extends(pydoc_data,
     longer = budgeted(pydoc_data, tmp_path, [1.0], "train.max_steps=0", "train.max_time=8", quiet=False)
     longer.resume("auto")
     said = capsys.readouterr().out
-    assert "resume: train.max_time 4s -> 8s: the cosine schedule now runs over 8s of training" in said
+    assert (
+        "resume: train.max_time 4s -> 8s: the saved run had finished its cosine schedule, so it trains on at its "
+        "last learning rate, 0.0001, to the end of 8s of training" in said
+    )
     assert longer.train()["step"] == 8
+    assert {e["lr"] for e in events(tmp_path, "train")[4:]} == {longer.cfg.schedule.min_lr}
 
 
 def test_the_recorded_progress_replays_the_run_bit_for_bit(pydoc_data, tmp_path, capsys):

@@ -51,6 +51,8 @@ PHASES = (SETTING_ASIDE, SET_ASIDE, PUTTING_BACK, DISCARDING)
 # What a start writes at the top through a temporary `.NAME.PID.tmp` (write_atomically): one killed in the middle
 # of a write leaves that file, which the next start removes (finish_overwrite).
 WRITTEN_ATOMICALLY = ("config.toml", "tokenizer.json", WANDB_ID_FILE, JOURNAL)
+# What a new run can do instead of starting in a directory that holds an earlier run (earlier_run).
+EARLIER_RUN_CHOICES = "continue it with --resume auto, start over with --overwrite, or set train.out_dir elsewhere"
 
 
 def check_new_run(run_dir: Path, overwrite: bool) -> None:
@@ -68,12 +70,17 @@ def check_new_run(run_dir: Path, overwrite: bool) -> None:
             f"{left}: left by an --overwrite start stopped before its first checkpoint; `python -m fasttrain.train` "
             "puts the earlier run back (or finishes replacing it) when it starts there"
         )
+    earlier = earlier_run(run_dir)
+    if earlier and not overwrite:
+        raise UsageError(f"{earlier}; {EARLIER_RUN_CHOICES}")
+
+
+def earlier_run(run_dir: Path) -> str | None:
+    """Where `run_dir` holds an earlier run's checkpoints, which a new run there would refuse, in words (up to
+    which step); None where it holds none."""
+    directory = run_dir / "checkpoints"
     saved = saved_steps(directory)
-    if saved and not overwrite:
-        raise UsageError(
-            f"{directory}: holds checkpoints of an earlier run (up to step {step_of(saved[-1])}); continue it "
-            "with --resume auto, start over with --overwrite, or set train.out_dir elsewhere"
-        )
+    return f"{directory}: holds checkpoints of an earlier run (up to step {step_of(saved[-1])})" if saved else None
 
 
 class RunStart:

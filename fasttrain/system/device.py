@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import os
 import random
+import re
 from dataclasses import dataclass, fields, replace
 from typing import Iterator, Literal
 
@@ -234,6 +235,34 @@ def compile_options(mode: str, coordinate_descent_tuning: bool) -> dict:
     if coordinate_descent_tuning:
         options["coordinate_descent_tuning"] = True
     return options
+
+
+# The folders under inductor's default cache that key_inductor_cache gives each instruction set.
+ISA_CACHE_PREFIX = "fasttrain-isa-"
+
+
+def key_inductor_cache(device: torch.device) -> str | None:
+    """Give a run that compiles on a CPU `device` an inductor cache of its instruction set's own, a folder
+    under inductor's default named for this process's ATEN_CPU_CAPABILITY level and ONEDNN_MAX_CPU_ISA cap, set
+    as TORCHINDUCTOR_CACHE_DIR (which inductor reads as it compiles). Inductor's cache key holds neither, and
+    code compiled under one level fails under another (CppCompileError, or an aborted process; torch 2.13).
+    A folder the user chose is kept; inductor's default, which torch itself sets once it has compiled, and
+    another level's folder (inherited from a parent process) are not the user's. Returns the folder set, or
+    None where it set none (a GPU, the user's own folder)."""
+    if device.type != "cpu":
+        return None
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    base = default_cache_dir()
+    chosen = os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or base)
+    ours = chosen == base or (os.path.dirname(chosen) == base and os.path.basename(chosen).startswith(ISA_CACHE_PREFIX))
+    if not ours:
+        return None
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip() or "ALL"
+    level = re.sub(r"[^A-Za-z0-9_-]+", "_", f"{torch.backends.cpu.get_cpu_capability()}-{onednn}".upper())
+    folder = os.path.join(base, ISA_CACHE_PREFIX + level)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
 
 
 @contextlib.contextmanager

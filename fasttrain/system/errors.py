@@ -12,10 +12,12 @@ and exits with status 2, never a traceback. Bugs in fasttrain itself are not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import select
 import sys
-from typing import Any, Callable, NoReturn, Sequence
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 
 class UsageError(Exception):
@@ -98,13 +100,31 @@ def _out_of_memory(e: BaseException) -> str | None:
     return None
 
 
+# The command line a tool is being run as, when the `fasttrain` command runs it ("fasttrain sample"; see
+# invoked_as); None: the tool's own `python -m MODULE`, the prog its parser names.
+_INVOKED_AS: ContextVar[str | None] = ContextVar("invoked_as", default=None)
+
+
+@contextlib.contextmanager
+def invoked_as(command: str) -> Iterator[None]:
+    """Within it, a tool's ArgumentParser is `command`: its --help and error lines name the command the user
+    typed (`fasttrain sample`), not the module it runs (`python -m fasttrain.sample`)."""
+    token = _INVOKED_AS.set(command)
+    try:
+        yield
+    finally:
+        _INVOKED_AS.reset(token)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag raises `UsageError` (one line) instead of printing usage and exiting.
 
     Abbreviated flags are not accepted: `--over` silently meaning `--overwrite` would delete a run.
+    `prog` is the tool's `python -m MODULE`, or the command it is run as (invoked_as).
     """
 
     def __init__(self, **kwargs: Any) -> None:  # keywords only: a positional argument could fill allow_abbrev's slot
+        kwargs["prog"] = _INVOKED_AS.get() or kwargs.get("prog")
         super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> NoReturn:

@@ -1,7 +1,8 @@
-"""How train() takes up its directory, train.out_dir: every check that can refuse the run first (check_start),
-then, with nothing refused, the directory opened for the run (opened): locked for its duration
-(system/run_lock.py), claimed by a new run, the resolved config written and the metrics log opened. A start
-that fails before its first step is taken back whole (run_directory.RunStart).
+"""How train() takes up its directory, train.out_dir: every check that can refuse the run first (check_start;
+those that need no plan, check_directory, `fasttrain train` makes before it plans), then, with nothing refused,
+the directory opened for the run (opened): locked for its duration (system/run_lock.py), claimed by a new run,
+the resolved config written and the metrics log opened. A start that fails before its first step is taken back
+whole (run_directory.RunStart).
 
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, config, system.run_lock,
 training.metrics, training.plan.
@@ -24,20 +25,29 @@ from fasttrain.training.plan import RunPlan
 
 
 def check_start(plan: RunPlan, resumed: bool, overwrite: bool) -> None:
-    """Every check that can refuse train() of `plan`, made before anything in train.out_dir changes: another
-    process there, W&B missing, an unwritable metrics.jsonl; for a new run another run's checkpoints (unless
-    `overwrite`) or init_from weights gone, for a `resumed` one its data prepared again with another tokenizer."""
+    """Every check that can refuse train() of `plan`, made before anything in train.out_dir changes: those of
+    check_directory, then W&B missing; for a new run init_from weights gone, for a `resumed` one its data
+    prepared again with another tokenizer."""
     out, is_main = Path(plan.cfg.train.out_dir), plan.world.is_main
-    if is_main:
-        run_lock.check_free(out)
-        check_log_writable(out)
+    check_directory(out, resumed, overwrite, is_main)
     if plan.cfg.log.wandb and is_main:
         import_wandb()
     if not resumed:
         plan.check_new_start()
-        run_directory.check_new_run(out, overwrite)
     else:
         run_directory.check_kept_tokenizer(plan.sources[0].data.dir, out)
+
+
+def check_directory(out: Path, resumed: bool, overwrite: bool, is_main: bool) -> None:
+    """The checks of check_start that need no plan, which `fasttrain train` makes first too: planning can time
+    the machine for seconds and print notes of a run that is then refused. Another process training in `out`
+    and an unwritable metrics.jsonl (rank 0's: `is_main`); for a new run another run's checkpoints there
+    (unless `overwrite`)."""
+    if is_main:
+        run_lock.check_free(out)
+        check_log_writable(out)
+    if not resumed:
+        run_directory.check_new_run(out, overwrite)
 
 
 @contextlib.contextmanager

@@ -146,9 +146,15 @@ class MetricsLog:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix(postfix, refresh=False)
 
-    def close(self) -> None:
+    def end_progress(self) -> None:
+        """Close the progress bar (if any), leaving its last state on the console: the lines printed after
+        it (the run's summary) then follow it instead of being drawn over by it again."""
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
+
+    def close(self) -> None:
+        self.end_progress()
         if self._tb is not None:
             self._tb.close()
         if self._file is not None:

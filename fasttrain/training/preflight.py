@@ -1,6 +1,6 @@
 """Pre-flight: estimate a run's memory from its config and refuse one that cannot fit, before allocating.
 
-Imports from fasttrain: config, model.transformer, system.errors.
+Imports from fasttrain: config, model.transformer, system.errors, training.optimizers.
 
 A model too large for the machine otherwise ends in an allocator traceback, deep
 in construction or in the first step, or (a million layers) in a construction
@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import os
 import resource
+from dataclasses import replace
 
 import torch
 
-from fasttrain.config import Config
-from fasttrain.model.transformer import ffn_hidden_size, num_params
+from fasttrain.config import Config, OptimConfig
+from fasttrain.model.transformer import Transformer, ffn_hidden_size
 from fasttrain.system.errors import UsageError
+from fasttrain.training.optimizers import hidden_matrices
 
-# fp32 weights (4) + their gradients (4) + AdamW's two moments (8); autocast keeps the weights in fp32.
-STATE_BYTES_PER_PARAM = 16
+# Per parameter, its fp32 weight and gradient (autocast keeps the weights in fp32); the optimizer's state is
+# fp32 values too (see state_values).
+WEIGHT_AND_GRADIENT_BYTES = 8
+STATE_VALUE_BYTES = 4
 # Values per token per block kept for the backward pass: the two norms' inputs and outputs (4 x d_model),
 # q, k, v and the attention output (4 x d_model) and the residual branches (2 x d_model); then the MLP's
 # hidden values: SwiGLU's gate and up, the gate's silu and their product (4 x its width), ReLU²'s up and its
@@ -37,8 +41,9 @@ def estimate_bytes(cfg: Config, activation_bytes: int, shards: int = 1) -> dict[
     tables, the activations of one micro-batch at `activation_bytes` per value, and its logits in fp32."""
     m, t = cfg.model, cfg.train
     tokens = t.batch_size * t.seq_len
+    state, state_bytes = parameter_state(cfg)
     return {
-        "parameters, gradients and AdamW state": num_params(m) * STATE_BYTES_PER_PARAM // shards,
+        state: state_bytes // shards,
         # cos and sin in fp32, and the fp64 angles they are computed from
         "RoPE tables": m.max_seq_len * (m.d_model // m.n_heads) // 2 * 16,
         "activations": tokens
@@ -47,6 +52,44 @@ def estimate_bytes(cfg: Config, activation_bytes: int, shards: int = 1) -> dict[
         * activation_bytes,
         "logits": tokens * m.vocab_size * 4,
     }
+
+
+def parameter_state(cfg: Config) -> tuple[str, int]:
+    """What the model's parameters, their gradients and optim.name's state are, in words, and their bytes. The
+    parameters are counted on the model built on the meta device, one block standing for all (as num_params)."""
+    m, o = cfg.model, cfg.optim
+    with torch.device("meta"):
+        one = Transformer(replace(m, n_layers=1))
+    in_blocks, hidden = {id(p) for p in one.blocks.parameters()}, {id(p) for p in hidden_matrices(one)}
+    size = sum(
+        (m.n_layers if id(p) in in_blocks else 1)
+        * (WEIGHT_AND_GRADIENT_BYTES * p.numel() + STATE_VALUE_BYTES * state_values(p, o, id(p) in hidden))
+        for p in one.parameters()
+    )
+    names = {
+        "adamw": ["AdamW state"],
+        "muon": ["Muon momentum", "AdamW state"],
+        "sgd": ["SGD momentum"] if o.sgd.momentum else [],
+        "adafactor": ["Adafactor state"],
+    }[o.name]
+    parts = ["parameters", "gradients", *names]
+    return f"{', '.join(parts[:-1])} and {parts[-1]}", size
+
+
+def state_values(p: torch.Tensor, o: OptimConfig, hidden: bool) -> int:
+    """The values the optimizer of `o` keeps for parameter `p` (`hidden`: one of the blocks' matrices, which
+    Muon updates): AdamW two moments; Muon one momentum (AdamW's two for the rest); SGD one momentum, if any;
+    Adafactor a matrix's second moment factored into a row and a column, a vector's whole."""
+    if o.name == "muon" and hidden:
+        return p.numel()
+    if o.name in ("adamw", "muon"):
+        return 2 * p.numel()
+    if o.name == "sgd":
+        return p.numel() if o.sgd.momentum else 0
+    if p.ndim < 2:
+        return p.numel()
+    rows, columns = p.shape[-2:]
+    return p.numel() // (rows * columns) * (rows + columns)
 
 
 def available_bytes(device: torch.device) -> int:

@@ -9,6 +9,7 @@ device until the next log line), one per evaluation, and one per skip, rollback 
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 import time
 from pathlib import Path
@@ -63,9 +64,10 @@ def start_lines(plan: RunPlan, reading: Reading) -> list[str]:
     """What a run says of its plan as it starts (a dry run says more: plan_table.py): the model, the data and how
     often each source is read, and the batch and budget."""
     c, t, record = plan.cfg, plan.cfg.train, plan.record(reading)
+    m = c.model
     lines = [
-        f"model: {plan.params / 1e6:.2f}M parameters ({c.model.n_layers} layers, d_model {c.model.d_model}, "
-        f"{c.model.n_heads} heads, vocab {c.model.vocab_size}, context {c.model.max_seq_len})"
+        f"model: {plan.params / 1e6:.2f}M parameters ({m.n_layers} layer{'s' * (m.n_layers != 1)}, d_model "
+        f"{m.d_model}, {m.n_heads} head{'s' * (m.n_heads != 1)}, vocab {m.vocab_size}, context {m.max_seq_len})"
     ]
     sources = record["sources"]
     if not sources:
@@ -193,7 +195,7 @@ class Report:
         left = ""  # a time budget: what is left of it, and the step the run will end at
         if standing.seconds_left is not None:
             record.update(final_step=standing.final_step, seconds_left=round(standing.seconds_left, 1))
-            left = f" | {format_duration(standing.seconds_left)} left"
+            left = format_duration(standing.seconds_left)
         self.log.event("train", **record)
         final = f"~{standing.final_step}" if t.max_time else f"{t.max_steps}"
         self.log.print(
@@ -202,9 +204,9 @@ class Report:
             f"ppl {record['ppl']:8.2f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
             f"{tokens_per_s:,.0f} tok/s{f' | MFU {100 * mfu:.1f}%' if mfu is not None else ''} | "
             f"{record['step_ms']:.0f} ms/step | data wait {record['data_wait_pct']:.1f}% | "
-            f"mem {record['peak_mem_gb']:.2f} GB{left}"
+            f"mem {record['peak_mem_gb']:.2f} GB{f' | {left} left' if left else ''}"
         )
-        self.log.progress(run.step, standing.final_step, loss=f"{loss:.3f}", **({"left": left[3:]} if left else {}))
+        self.log.progress(run.step, standing.final_step, loss=f"{loss:.3f}", **({"left": left} if left else {}))
 
     def progress(self, run: RunState, progress: float) -> None:
         """A budgeted run's update: the progress its learning rate was set at (what a replay follows, see
@@ -313,8 +315,9 @@ class Report:
         budgeted run's mix changes in its replay (mixture.replay_mix)."""
         out = Path(self.cfg.train.out_dir)
         self.log.event("end", **summary)
+        self.log.end_progress()
         self.log.print(
-            f"done: {run.step} steps, {run.tokens_seen:,} tokens; "
+            f"done: {run.step} step{'s' * (run.step != 1)}, {run.tokens_seen:,} tokens; "
             f"val loss {summary['val_loss']:.3f}, {summary['val_bpb']:.3f} bits/byte "
             f"(best {'loss' if self.cfg.train.monitor == 'val_loss' else self.cfg.train.monitor} "
             f"{run.best_val_loss:.3f})"
@@ -339,6 +342,8 @@ class Report:
             f"  config      {out / 'config.toml'}\n  metrics     {self.log.path}\n"
             f"  checkpoint  {summary['checkpoint']}\n  weights     {summary['weights']}\n"
             f"  data        {data}\n  plot with   python -m fasttrain.plot {out}"
+            # fasttrain.plot's own hint where it would refuse: matplotlib is an extra, not a dependency
+            + ("" if importlib.util.find_spec("matplotlib") else ' (needs matplotlib: pip install -e ".[plot]")')
         )
 
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 class RunState:
     """Where a run stands. Everything else a resumed run needs is in the model, optimizer, loader
     and random states; the learning rate is a pure function of `step` (times `lr_scale`), or under a time
-    budget of the progress, which `train_seconds` and `decay_from` give (see schedule.py)."""
+    budget of the progress, which `train_seconds`, `decay_from` and `rest_scale` give (see schedule.py)."""
 
     step: int = 0  # optimizer updates done, skipped ones included
     tokens_seen: int = 0  # real (counted) target tokens trained on, over all ranks; pads do not count
@@ -26,6 +26,9 @@ class RunState:
     # but not a compiled run's first step (mostly compiling), evaluating, checkpointing or sampling.
     train_seconds: float = 0.0
     decay_from: float | None = None  # a budgeted run's progress when its decay began; None: still warming up
+    # A budgeted run resumed with another budget: its schedule's progress is 1 - rest_scale x (1 - the budget's),
+    # the schedule going on from where it stood over what is left of the new budget (schedule.carried_rest_scale).
+    rest_scale: float = 1.0
     eval_due: bool = False  # this step's evaluation was cut short by a signal: a resumed run does it first
 
     def state_dict(self) -> dict[str, int | float | None]:

@@ -18,7 +18,9 @@ A pure function of the step makes resuming trivial: nothing to save but the step
 Under a time budget (train.max_time) the schedule runs on the run's progress instead: the larger of
 steps done / max_steps and seconds trained / max_time (Budget), so the decay and the final low rate happen
 within the budget on any machine (lr_on_progress). Then a resume needs the seconds trained too (RunState),
-and a replay the progress of each update, which the run records in metrics.jsonl (recorded_progress).
+and a replay the progress of each update, which the run records in metrics.jsonl (recorded_progress). A run
+resumed with another budget goes on from the progress it had reached (carried_rest_scale), so its learning
+rate does not jump where the budget changes.
 """
 
 from __future__ import annotations
@@ -202,9 +204,33 @@ def next_update(cfg: Config, run: RunState, recorded: Sequence[float] = ()) -> U
     if recorded:  # past the updates it records (a finished replay, resumed), the run is at its end
         progress = recorded[step] if step < len(recorded) else 1.0
     else:
-        progress = Budget.of(t).next_progress(step, run.train_seconds)
+        progress = scheduled(Budget.of(t).next_progress(step, run.train_seconds), run.rest_scale)
     rate, decay_from = lr_on_progress(step, progress, run.decay_from, cfg.optim.lr, cfg.schedule)
     return Update(rate, progress, decay_from)
+
+
+def scheduled(progress: float, rest_scale: float) -> float:
+    """The progress a budgeted run's schedule is at where its budget's is `progress` (see RunState.rest_scale):
+    the budget's own, exactly, for a run that kept its budget (so that its resume is bit for bit the run that
+    was never stopped)."""
+    return progress if rest_scale == 1 else 1 - rest_scale * (1 - progress)
+
+
+def carried_rest_scale(saved: Config, now: Config, run: RunState) -> float | None:
+    """The RunState.rest_scale that carries `run`'s schedule, saved under `saved`, on under `now`; None where
+    it is laid over `now`'s budget as it stands. A budgeted run given another budget goes on from the progress
+    it had reached, the rest of its schedule spread over what is left of the new budget, so its learning rate
+    goes on where it was (a finished schedule stays at its end, min_lr). Not where laying it over the new
+    budget leaves the next rate as the saved run would have had it (a wsd run before its cooldown, at its peak:
+    the cooldown moves to the new end)."""
+    t0, t1 = saved.train, now.train
+    if not (t0.max_time and t1.max_time) or Budget.of(t0) == Budget.of(t1):
+        return None
+    if next_update(now, run).lr == next_update(saved, run).lr:
+        return None
+    reached = scheduled(Budget.of(t0).progress(run.step, run.train_seconds), run.rest_scale)
+    left = 1 - Budget.of(t1).progress(run.step, run.train_seconds)
+    return max(0.0, 1 - reached) / left if left > 0 else 0.0
 
 
 PROGRESS_EVENT = "progress"  # metrics.jsonl: {"step": s, "progress": p, "seconds": t} after each budgeted update
@@ -268,7 +294,9 @@ def schedule_change(saved: Config, now: Config, run: RunState, recorded: Sequenc
     a function of the step (or the progress) and the run's length, so a longer run re-lays the decay over the
     new length, and a run past its warmup warms up again when the config's is longer (a smoke run, whose
     warmup fit_warmup shortened, extended with the config that asked for more): said, with how to keep the old.
-    `recorded`: the progress `now` replays (see recorded_progress)."""
+    A budgeted run given another budget goes on at the rate it had (carried_rest_scale): said, and where its
+    schedule had finished, that it trains on at min_lr. `run`: as saved; `recorded`: the progress `now` replays
+    (see recorded_progress)."""
 
     def plan(c: Config) -> tuple:
         return c.train.max_steps, c.train.max_time, c.optim.lr, c.schedule
@@ -277,12 +305,20 @@ def schedule_change(saved: Config, now: Config, run: RunState, recorded: Sequenc
         return None
     step, t0, t1 = run.step, saved.train, now.train
     ended = replace(run, step=min(step, t0.max_steps - 1)) if not t0.max_time else run  # a step run's last rate
+    carried = carried_rest_scale(saved, now, run)
     old = run.lr_scale * next_update(saved, ended).lr
-    new = run.lr_scale * next_update(now, run, recorded).lr
+    new = run.lr_scale * next_update(now, run if carried is None else replace(run, rest_scale=carried), recorded).lr
     times = (format_duration(t0.max_time), format_duration(t1.max_time))
     changes = [f"train.max_steps {t0.max_steps} -> {t1.max_steps}"] * (t0.max_steps != t1.max_steps) + [
         f"train.max_time {times[0]} -> {times[1]}"
     ] * (t0.max_time != t1.max_time)
+    said = f"{''.join(c + ', ' for c in changes[:-1])}{changes[-1] + ': ' if changes else ''}"
+    if carried is not None and Budget.of(t0).reached(step, run.train_seconds):
+        return (
+            f"{said}the saved run had finished its {now.schedule.decay} schedule, so it trains on at its last "
+            f"learning rate, {new:.3g}, to the end of {Budget.of(t1).describe()}; to decay anew, see "
+            "docs/training.md (extending a run)"
+        )
     was, warmup = saved.schedule.warmup_steps, now.schedule.warmup_steps
     again = (
         ""
@@ -292,9 +328,14 @@ def schedule_change(saved: Config, now: Config, run: RunState, recorded: Sequenc
             f"{was} step{'s' * (was != 1)}: --set schedule.warmup_steps={was} keeps that)"
         )
     )
+    if carried is not None:
+        return (
+            f"{said}the {now.schedule.decay} schedule goes on from where it stood, the rest of it spread over what "
+            f"is left of {Budget.of(t1).describe()}, so the learning rate at step {step} is {new:.3g} (the saved "
+            f"run's next was {old:.3g}){again}"
+        )
     return (
-        f"{''.join(c + ', ' for c in changes[:-1])}{changes[-1] + ': ' if changes else ''}the "
-        f"{now.schedule.decay} schedule now runs over {Budget.of(t1).describe()}, so the learning "
+        f"{said}the {now.schedule.decay} schedule now runs over {Budget.of(t1).describe()}, so the learning "
         f"rate at step {step} is {new:.3g} (the saved run's was {old:.3g}){again}; to go on at the rate it had "
         "instead, see docs/training.md (extending a run)"
     )

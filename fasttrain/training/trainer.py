@@ -62,6 +62,7 @@ from fasttrain.system.device import (
     autocast,
     compile_failures,
     compile_options,
+    key_inductor_cache,
     seed_everything,
     uncompiled,
     use_attention,
@@ -75,7 +76,7 @@ from fasttrain.training.policies import monitor_anew
 from fasttrain.training.reporting import Report, run_summary
 from fasttrain.training.run_loop import Interrupted, Loop, StepResult  # noqa: F401 (Interrupted: what train() raises)
 from fasttrain.training.run_state import RunState
-from fasttrain.training.schedule import Budget, next_update, schedule_change
+from fasttrain.training.schedule import Budget, carried_rest_scale, next_update, schedule_change
 
 
 def start_run(cfg: Config, quiet: bool = False, resume: str | None = None) -> RunPlan:
@@ -156,6 +157,7 @@ class Trainer:
             loss, self.model.blocks, self.world, t.parallel, plan.shard_group, self.precision, self.device
         )
         if self.compiled:
+            key_inductor_cache(self.device)  # code inductor compiled under another instruction set fails here
             self.objective.compile(options=compile_options(t.compile_mode, t.coordinate_descent_tuning))
         self.updater = Updater(
             self.model, self.cfg.optim, self.device, self.precision, kernel=self.kernels.adamw, sharded=self.sharded
@@ -420,6 +422,9 @@ class Trainer:
             schedule_change(saved, self.cfg, self.run, self.recorded),
             monitor_anew(self.run, saved, self.cfg),
         )
+        carried = carried_rest_scale(saved, self.cfg, self.run)  # after the line that says what it does
+        if carried is not None:
+            self.run.rest_scale = carried
         for line in lines:
             if line and not self.quiet:
                 print(f"resume: {line}")
