@@ -136,17 +136,28 @@ def run_case(name: str, data: Path, budget: float, threads: int, out_dir: Path, 
     return {"case": name, "sets": CASES[name], **train_sets(CASES[name], data, budget, threads, out_dir, steps)}
 
 
-def train_sets(sets: Sequence[str], data: Path, budget: float, threads: int, out_dir: Path, steps: int = 0) -> dict:
+def train_sets(
+    sets: Sequence[str],
+    data: Path,
+    budget: float,
+    threads: int,
+    out_dir: Path,
+    steps: int = 0,
+    *,
+    train_compile: str = "false",
+    eval_steps: int | None = None,
+) -> dict:
     """Train configs/base.toml with `sets` on prepared `data` for `budget` seconds (or `steps` steps, whatever
-    the machine's speed) in a process of `threads` threads, score it on the first EVAL_TOKENS of the val split."""
+    the machine's speed) in a process of `threads` threads with train.compile = `train_compile`, score it on
+    `eval_steps` batches of the val split (default: its first EVAL_TOKENS)."""
     rows = setting(sets, "train.batch_size", 16) * setting(sets, "train.seq_len", 256)
     command = [
         f"data.dir={data}",
         f"train.max_time={0 if steps else budget}",
         f"train.max_steps={steps}",
-        "train.compile=false",
+        f"train.compile={train_compile}",
         "train.eval_interval=1000000",
-        f"train.eval_steps={-(-EVAL_TOKENS // rows)}",
+        f"train.eval_steps={eval_steps or -(-EVAL_TOKENS // rows)}",
         "checkpoint.interval=1000000",
         "train.sample_tokens=0",
         "train.tensorboard=false",
@@ -168,6 +179,7 @@ def train_sets(sets: Sequence[str], data: Path, budget: float, threads: int, out
         "shape": f"{shape.n_layers} x {shape.d_model}",
         "params": start.get("params"),
         "precision": start.get("precision"),
+        "compiled": start.get("compile"),
         "steps": end["step"],
         "tokens": end["tokens"],
         "train_seconds": end["train_seconds"],
@@ -176,6 +188,19 @@ def train_sets(sets: Sequence[str], data: Path, budget: float, threads: int, out
         "val_bpb": end["val_bpb"],
         "load_average_before": before,
         "load_average_after_training": during,
+    }
+
+
+def result_header(what: str, module: str, argv: Sequence[str] | None, today: str) -> dict:
+    """The first keys of a benchmark's results file: what it measured, when, at which commit, on which machine,
+    and the command (`python -m module` with `argv`, default this process's arguments)."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return {
+        "what": what,
+        "date": today,
+        "commit": commit.stdout.strip(),
+        "machine": environment(),
+        "command": shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)]),
     }
 
 
@@ -206,13 +231,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(run_case(name, data, args.budget, args.threads, Path(tmp) / f"case{i}", args.steps))
             print(json.dumps(results[-1]), flush=True)
     record = {
-        "what": "issue 56: recipe changes and shapes of configs/base.toml at equal training time on held-out text",
-        "date": today,
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),
-        "machine": environment(),
-        "command": shlex.join(["python", "-m", "benchmarks.recipe_sweep", *(sys.argv[1:] if argv is None else argv)]),
+        **result_header(
+            "issue 56: recipe changes and shapes of configs/base.toml at equal training time on held-out text",
+            "benchmarks.recipe_sweep",
+            argv,
+            today,
+        ),
         "corpus": args.corpus,
         "budget_seconds": None if args.steps else args.budget,
         "steps": args.steps or None,
