@@ -134,7 +134,7 @@ def test_mix_shares_follow_the_phases_over_the_run():
         (("model.d_model=1",), "--set: model.d_model: must be even and >= 0"),
         (
             ("model.n_layers=2", "model.d_model=0", "model.n_heads=0", "model.n_kv_heads=3"),
-            "model.n_kv_heads = 3 does not divide the 2 heads of model.n_layers = 2",
+            "model.n_kv_heads = 3 does not divide the 2 heads of width 128 (64 x model.n_layers)",
         ),
     ],
 )
@@ -215,9 +215,12 @@ def test_a_choice_near_a_boundary_or_timed_on_a_busy_machine_says_so(pydoc_data,
     assert any("near a boundary: a speed 20% off would choose depth" in n for n in notes)
     assert not all("near a boundary" in n for n in notes)
     monkeypatch.setattr(sizing, "calibrate", lambda cfg, device: speed)
+    monkeypatch.setattr(sizing.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # 2 cores, any machine
     monkeypatch.setattr(sizing.os, "getloadavg", lambda: (7.5, 1.0, 1.0))
     note = size_model(cfg, (), 128, 1, CPU, None)[1]
-    assert "the machine looked busy when it was timed (load average 7.5 on" in note
+    assert "the machine looked busy when it was timed (load average 7.5 on 2 cores)" in note
+    given = size_model(cfg, (), 128, 1, CPU, None)[2]  # the plan made again with the speed timed: still says so
+    assert "looked busy" in size_model(cfg, (), 128, 1, CPU, given)[1]
     monkeypatch.setattr(sizing.os, "getloadavg", lambda: (0.1, 1.0, 1.0))
     assert "busy" not in size_model(cfg, (), 128, 1, CPU, None)[1]
 
@@ -226,3 +229,36 @@ def test_the_plans_kernel_line_names_what_the_adamw_kernel_would_update_under_mu
     assert cli(tiny_args(pydoc_data, tmp_path / "run", "optim.name=muon", flags=["--dry-run"])) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "adamw:" in x)
     assert "(for the parameters Muon leaves to AdamW: embeddings, head, norms)" in line, line
+
+
+def test_a_timed_or_too_short_budget_keeps_to_shapes_the_set_heads_fit(pydoc_data, tmp_path, monkeypatch):
+    """n_kv_heads = 3 under a clock: the calibration times depths 3 and 6 (1 and 2 do not fit), and the smallest
+    shape a budget too short to time gets is depth 3, not an invalid 1 x 64 that fails at its first step."""
+    timed: list[int] = []
+    real = sizing.calibrate
+
+    def recording(cfg, device):
+        timed.extend(d for d in sizing.fitting_depths(cfg.model)[:2])
+        return real(cfg, device)
+
+    monkeypatch.setattr(sizing, "calibrate", recording)
+    base = (*AUTO, "model.n_kv_heads=3", "train.max_steps=0", "model.vocab_size=512")
+    cfg = tiny_config(pydoc_data, tmp_path, *base, "train.max_time=60")
+    shape, note, speed = size_model(cfg, (), 128, 1, CPU, None)
+    assert timed == [3, 6] and speed is not None and shape.n_layers % 3 == 0, note
+    short = tiny_config(pydoc_data, tmp_path, *base, "train.max_time=5")
+    assert size_model(short, (), 128, 1, CPU, None)[0].n_layers == 3
+
+
+def test_a_run_bound_by_its_steps_is_not_near_a_speed_boundary(pydoc_data, tmp_path):
+    """Where max_steps ends the run before its clock, the speed does not move its tokens: no boundary note."""
+    cfg = tiny_config(pydoc_data, tmp_path, *AUTO, "train.max_steps=300", "train.max_time=600", "model.vocab_size=512")
+    for f in np.geomspace(1e12, 1e14, 8):  # so fast that 300 steps end every run first
+        assert "near a boundary" not in size_model(cfg, (), 128, 1, CPU, Speed(f, 1e6, 0.0))[1]
+
+
+def test_a_fixed_depth_names_the_head_key_its_width_cannot_split(pydoc_data, tmp_path, capsys):
+    sets = ("model.n_layers=2", "model.d_model=0", "model.n_heads=3", "train.max_steps=2")
+    assert cli(tiny_args(pydoc_data, tmp_path / "run", *sets, flags=["--dry-run"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.n_heads = 3 does not divide width 128 (64 x model.n_layers) into even head sizes" in err, err

@@ -179,6 +179,23 @@ def read_trusted(file: Path, device: torch.device | str, path: Path) -> Any:
         raise UsageError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {reason})") from None
 
 
+def config_of(path: Path) -> Config:
+    """The config the run that saved the checkpoint at `path` used, read without its tensors (a file's are mapped,
+    not read; a sharded save's state.pt holds none): what a resume's plan needs of a save before loading it.
+    UsageError as `load` gives for what is not a checkpoint; the checksums are checked by the load that follows."""
+    file = path / STATE_FILE if is_sharded(path) else path
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=file.is_file() and path == file)
+    except FileNotFoundError:
+        raise UsageError(f"{file}: no such checkpoint") from None
+    except Exception as e:
+        reason = " ".join(str(e).split("\n")[0].split())[:160]
+        raise UsageError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {reason})") from None
+    if not isinstance(state, dict) or "config" not in state:
+        raise UsageError(f"{path}: not a fasttrain checkpoint (no config)")
+    return saved_config(state, path)
+
+
 def saved_config(state: dict, path: str | os.PathLike[str]) -> Config:
     """The config the run that saved `state` (from `path`) used."""
     return parse_config(state["config"], f"{path} (its saved config)")

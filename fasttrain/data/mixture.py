@@ -274,7 +274,7 @@ def token_shares(mix: Sequence[tuple[int, Sequence[float]]], rounds: int) -> tup
     (first round, normalized weights)): each phase's weights for the rounds it lasts. Without `rounds` (a run
     of a clock alone) the weights in force at the start."""
     if rounds <= 0:
-        return tuple(max((p for p in mix if p[0] <= 0), key=lambda p: p[0])[1])
+        return tuple([w for first, w in mix if first <= 0][-1])  # the last of the phases at round 0 is in force
     ends = [min(first, rounds) for first, _ in mix[1:]] + [rounds]
     spans = [max(0, end - min(first, rounds)) for (first, _), end in zip(mix, ends)]
     return tuple(sum(span * w[i] for span, (_, w) in zip(spans, mix)) / rounds for i in range(len(mix[0][1])))

@@ -28,6 +28,7 @@ are the config's. The resolved config records the shape chosen, so a resume or a
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -67,6 +68,7 @@ class Speed:
     flops_per_s: float  # at FLOPs per token `at`
     at: float
     exponent: float  # 0 where the machine's rate does not depend on the size
+    busy: str = ""  # "" or busy_note's words on the machine's load as it was timed: each plan at this speed says them
 
     def tokens_per_s(self, flops: float) -> float:
         return self.flops_per_s * (flops / self.at) ** self.exponent / flops
@@ -81,7 +83,6 @@ class Sizing:
     effective: float  # their worth in first-epoch tokens
     params: int
     note: str
-    near: tuple[int, ...]  # the depths chosen were the run's tokens SENSITIVITY times what they are predicted to be
 
 
 def ladder_shape(m: ModelConfig, depth: int) -> ModelConfig:
@@ -126,23 +127,10 @@ def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus:
     (for the note)."""
     m = cfg.model
 
-    def depth_for(scale: float) -> ModelConfig:  # the choice were the run's tokens `scale` times as many
-        return min(
-            valid,
-            key=lambda s: abs(
-                math.log(corpus_worth(scale * tokens_at(s), corpus) / num_params(s)) - math.log(TOKENS_PER_PARAM)
-            ),
-        )
+    def distance(shape: ModelConfig) -> float:
+        return abs(math.log(corpus_worth(tokens_at(shape), corpus) / num_params(shape) / TOKENS_PER_PARAM))
 
-    valid = [shape for shape in (ladder_shape(m, d) for d in DEPTHS) if fits(shape)]
-    if not valid:
-        key = "n_kv_heads" if m.n_kv_heads and not m.n_heads else "n_heads"
-        raise UsageError(
-            f"model.{key} = {getattr(m, key)}: no depth of the ladder has a width (64 x depth) it divides into even "
-            f"head sizes{' and key/value groups' * bool(m.n_kv_heads)}; set model.d_model too, or leave model.{key} "
-            "at 0"
-        )
-    shape = depth_for(1.0)
+    shape = min((ladder_shape(m, d) for d in fitting_depths(m)), key=distance)
     tokens = tokens_at(shape)
     effective, params = corpus_worth(tokens, corpus), num_params(shape)
     kept = [f"model.{k} = {getattr(m, k)}" for k in ("d_model", "n_heads", "n_kv_heads") if getattr(m, k)]
@@ -168,7 +156,26 @@ def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus:
         + (f"; {' and '.join(kept)} kept, as set" if kept else "")
         + beyond
     )
-    return Sizing(shape, tokens, effective, params, note, tuple(depth_for(f).n_layers for f in SENSITIVITY))
+    return Sizing(shape, tokens, effective, params, note)
+
+
+def fitting_depths(m: ModelConfig) -> list[int]:
+    """The ladder's depths whose shape `fits` the set keys of `m` (every depth, where none is set); UsageError
+    naming the key that no depth fits."""
+    depths = [d for d in DEPTHS if fits(ladder_shape(m, d))]
+    if not depths:
+        key = "n_kv_heads" if m.n_kv_heads and not m.n_heads else "n_heads"
+        width = (
+            f"model.d_model = {m.d_model} is no width"
+            if m.d_model
+            else "no depth of the ladder has a width (64 x depth)"
+        )
+        raise UsageError(
+            f"model.{key} = {getattr(m, key)}: {width} it divides into even head sizes"
+            f"{' and key/value groups' * bool(m.n_kv_heads)}; "
+            + (f"leave model.{key} at 0" if m.d_model else f"set model.d_model too, or leave model.{key} at 0")
+        )
+    return depths
 
 
 def plural(n: int, thing: str) -> str:
@@ -178,12 +185,12 @@ def plural(n: int, thing: str) -> str:
 
 def calibrate(cfg: Config, device: torch.device, clock: Callable[[], float] | None = None) -> Speed:
     """The machine's training speed (module docstring): forward and backward of the ladder's two smallest shapes
-    for `cfg` at its batch geometry, precision and device, each timed with `clock` over CALIBRATION_STEPS passes
+    (that fit `cfg`'s set keys) at its batch geometry, precision and device, each timed with `clock` over CALIBRATION_STEPS passes
     after an untimed one (default: time.perf_counter, looked up when called). RuntimeError (out of memory, say)
     propagates."""
     t, clock = cfg.train, clock or time.perf_counter
     rates = []
-    for depth in (1, 2):
+    for depth in fitting_depths(cfg.model)[:2]:  # the smallest two the set keys allow (n_kv_heads, say)
         shape = ladder_shape(cfg.model, depth)
         model = Transformer(shape).to(device)
         tokens = torch.randint(0, shape.vocab_size, (t.batch_size, t.seq_len + 1), device=device)
@@ -199,8 +206,8 @@ def calibrate(cfg: Config, device: torch.device, clock: Callable[[], float] | No
         seconds = max(clock() - began, 1e-9) / CALIBRATION_STEPS
         flops = flops_per_token(shape, t.seq_len)
         rates.append((flops, flops * t.batch_size * t.seq_len / seconds))
-    (f1, r1), (f2, r2) = rates
-    exponent = min(1.0, max(0.0, math.log(r2 / r1) / math.log(f2 / f1)))
+    (f1, r1), (f2, r2) = rates if len(rates) == 2 else rates * 2  # one depth fits: a rate that does not scale
+    exponent = min(1.0, max(0.0, math.log(r2 / r1) / math.log(f2 / f1))) if f2 != f1 else 0.0
     return Speed(r2, f2, exponent)
 
 
@@ -214,17 +221,17 @@ def size_model(
     would change, or one timed on a busy machine, says so: another run (its dry run) may time another speed.
     UsageError when a world of `world_size` ranks would each time its own device."""
     t = cfg.train
+    smallest = ladder_shape(cfg.model, fitting_depths(cfg.model)[0])
     if t.max_time and t.max_time < MIN_BUDGET and not t.max_steps:
-        shape = ladder_shape(cfg.model, DEPTHS[0])
         return (
-            shape,
+            smallest,
             (
                 f"model.n_layers = 0: train.max_time = {t.max_time:g} s is too short to time the machine for "
-                f"(under {MIN_BUDGET:g} s): the smallest shape, {shape.n_layers} x {shape.d_model}, trains instead"
+                f"(under {MIN_BUDGET:g} s): the smallest shape, {smallest.n_layers} x {smallest.d_model}, trains "
+                "instead"
             ),
             None,
         )
-    busy = ""
     if t.max_time and speed is None:
         if world_size > 1:
             raise UsageError(
@@ -232,40 +239,45 @@ def size_model(
                 "another shape; choose it with a single process (`fasttrain train CONFIG --dry-run` prints it) and "
                 "set model.n_layers, or give train.max_steps alone"
             )
-        busy = busy_note(device)
+        busy = busy_note(device)  # read before this process loads the machine itself
         try:
-            speed = calibrate(cfg, device)
+            speed = replace(calibrate(cfg, device), busy=busy)
         except RuntimeError as e:
-            shape = ladder_shape(cfg.model, DEPTHS[0])
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             return (
-                shape,
+                smallest,
                 (
                     f"model.n_layers = 0: timing the machine failed ({reason}): the smallest shape, "
-                    f"{shape.n_layers} x {shape.d_model}, trains instead"
+                    f"{smallest.n_layers} x {smallest.d_model}, trains instead"
                 ),
                 None,
             )
 
-    def tokens_at(shape: ModelConfig) -> float:
+    def tokens_at(shape: ModelConfig, speed: Speed | None = speed) -> float:
         by_steps = t.max_steps * tokens_per_step if t.max_steps else math.inf
         by_time = t.max_time * speed.tokens_per_s(flops_per_token(shape, t.seq_len)) if speed else math.inf
         return min(by_steps, by_time)
 
-    if speed:
-        measured = speed.tokens_per_s(speed.at)
-        why = f"{t.max_time:g} s at a measured ~{measured:,.0f} tokens/s for depth 2, scaled by FLOPs"
-    else:
-        why = f"{t.max_steps} steps of {tokens_per_step:,} tokens"
+    if not speed:
+        sizing = choose_shape(cfg, tokens_at, corpus, f"{t.max_steps} steps of {tokens_per_step:,} tokens")
+        return sizing.model, sizing.note, None
+    measured = speed.tokens_per_s(speed.at)
+    why = f"{t.max_time:g} s at a measured ~{measured:,.0f} tokens/s for depth 2, scaled by FLOPs"
     sizing = choose_shape(cfg, tokens_at, corpus, why)
-    note = sizing.note
-    others = sorted({d for d in sizing.near if d != sizing.model.n_layers})
-    if speed and others:
-        note += (
-            f"; near a boundary: a speed 20% off would choose depth {' or '.join(map(str, others))}, so another "
-            "timing (the run's, or its dry run's) may choose another depth"
-        )
-    return sizing.model, note + busy, speed
+    # the depths a speed SENSITIVITY times the timed one would choose (the steps, where they bound the run, do not move)
+    near = {
+        choose_shape(
+            cfg, functools.partial(tokens_at, speed=replace(speed, flops_per_s=f * speed.flops_per_s)), corpus, ""
+        ).model.n_layers
+        for f in SENSITIVITY
+    } - {sizing.model.n_layers}
+    boundary = (
+        f"; near a boundary: a speed 20% off would choose depth {' or '.join(map(str, sorted(near)))}, so another "
+        "timing (the run's, or its dry run's) may choose another depth"
+        if near
+        else ""
+    )
+    return sizing.model, sizing.note + boundary + speed.busy, speed
 
 
 def busy_note(device: torch.device) -> str:

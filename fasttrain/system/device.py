@@ -72,7 +72,7 @@ def native_bf16(device: torch.device) -> bool:
 
 def _isa_caps_allow_bf16() -> bool:
     """False where ATEN_CPU_CAPABILITY or ONEDNN_MAX_CPU_ISA caps this process below bf16 hardware."""
-    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").strip().upper() or "ALL"
+    onednn = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
     return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2") and onednn.startswith(_ONEDNN_BF16_ISAS)
 
 

@@ -120,7 +120,7 @@ class RunPlan:
         its speed so far) with `mix` (default: the plan's; a resumed loader keeps the changes it had begun)."""
         t, a = self.cfg.train, self.accumulation
         mix = tuple(mix or self.mix)
-        end, words = Budget.of(t).horizon(step, seconds)
+        end, words = Budget.of(t).horizon(step, seconds)  # a new run of a clock: from the speed its shape was timed at
         if t.max_time and not step and self.speed:  # the speed the shape was chosen at projects the clock's end
             by_time = int(t.max_time * self.speed.tokens_per_s(self.flops_per_token) / self.tokens_per_step)
             if end is None or by_time < end:
@@ -310,10 +310,15 @@ def shape_of(
     m = cfg.model
     if m.n_layers:
         shape = m if m.d_model and m.n_heads else ladder_shape(m, m.n_layers)
+        width = f"model.d_model = {m.d_model}" if m.d_model else f"width {shape.d_model} (64 x model.n_layers)"
+        if not fits(replace(shape, n_kv_heads=0)):  # a set n_heads the derived width does not split evenly
+            raise UsageError(
+                f"model.n_heads = {m.n_heads} does not divide {width} into even head sizes; set model.d_model too"
+            )
         if not fits(shape):
             raise UsageError(
-                f"model.n_kv_heads = {m.n_kv_heads} does not divide the {plural(shape.n_heads, 'head')} of "
-                f"model.n_layers = {m.n_layers} (width {shape.d_model}, heads of {HEAD_DIM}); set model.n_heads too"
+                f"model.n_kv_heads = {m.n_kv_heads} does not divide the {plural(shape.n_heads, 'head')} of {width} "
+                f"(heads of {HEAD_DIM}); set model.n_heads too"
             )
         return shape, "", speed
     found = recorded_model(cfg, resume)
@@ -341,11 +346,11 @@ def recorded_model(cfg: Config, resume: str | None) -> tuple[ModelConfig, str] |
     file that says so: the config.toml of the run directory its checkpoint is in (or of progress_from's run), else
     the checkpoint's own saved config; None for a new run. UsageError for a resume with no save to resume."""
     if resume is not None:
-        path = checkpoint_files.resolve(resume, cfg.train.out_dir)
+        path = checkpoint_files.resolve(resume, cfg.train.out_dir).resolve()
         beside = path.parent.parent / "config.toml"
         if path.parent.name == "checkpoints" and beside.is_file():
             return load_config(beside).model, str(beside)
-        return checkpoint_files.saved_config(checkpoint_files.load(path, whole_model=False), path).model, str(path)
+        return checkpoint_files.config_of(path).model, str(path)
     replayed = cfg.schedule.progress_from
     if not replayed:
         return None

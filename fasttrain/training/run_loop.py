@@ -140,8 +140,9 @@ class Loop:
                     )
                     meter.restart(tr.run.tokens_seen, tr.train_loader.wait_seconds)
                     if unprojected:
-                        unprojected = False
-                        report.projected(self.plan, self.plan.reading(tr.run.step, tr.run.train_seconds, tuple(tr.mix)))
+                        projected = self.plan.reading(tr.run.step, tr.run.train_seconds, tuple(tr.mix))
+                        unprojected = projected.end is None  # no seconds counted yet: at the next log line
+                        report.projected(self.plan, projected)
                 paused = time.perf_counter()
                 last_eval = self._evaluate_and_save(done, stop) or last_eval
                 meter.exclude(time.perf_counter() - paused)
