@@ -93,6 +93,22 @@ CASES |= {
         "qk norm": QK_NORM,
     }.items()
 }
+# Issue 63: nanochat's head, embedding and rates on depth 2, at equal tokens (--steps 200, --seed 1 and 2)
+UNTIED_NORMED = ["model.tie_embeddings=false", "model.embedding_norm=true"]
+CASES |= {
+    f"depth 2 {name}": CASES["depth 2"] + UNTIED_NORMED + sets
+    for name, sets in {
+        "untied embedding norm": [],
+        "untied embedding norm rates": ["optim.embedding_lr=0.05", "optim.head_lr=0.004"],
+        "untied embedding norm rates low": ["optim.embedding_lr=0.02", "optim.head_lr=0.002"],
+        "untied embedding norm rates high": ["optim.embedding_lr=0.1", "optim.head_lr=0.008"],
+        "untied embedding norm rates softcap": [
+            "optim.embedding_lr=0.05",
+            "optim.head_lr=0.004",
+            "model.logit_softcap=15",
+        ],
+    }.items()
+}
 AUTO = ["model.n_layers=0", "model.d_model=0", "model.n_heads=0"]  # the shape chosen for the budget (sizing.py)
 CASES["auto"] = AUTO + MUON + WSD
 
@@ -131,9 +147,12 @@ def load_average() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run_case(name: str, data: Path, budget: float, threads: int, out_dir: Path, steps: int = 0) -> dict:
-    """Train case `name` on prepared `data` (train_sets)."""
-    return {"case": name, "sets": CASES[name], **train_sets(CASES[name], data, budget, threads, out_dir, steps)}
+def run_case(
+    name: str, data: Path, budget: float, threads: int, out_dir: Path, steps: int = 0, seed: int = 1337
+) -> dict:
+    """Train case `name` on prepared `data` (train_sets) from train.seed `seed`."""
+    sets = [*CASES[name], f"train.seed={seed}"]
+    return {"case": name, "sets": sets, **train_sets(sets, data, budget, threads, out_dir, steps)}
 
 
 def train_sets(
@@ -218,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--case", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1337, help="train.seed of every case (configs/base.toml's: 1337)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fasttrain-recipe-sweep")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -228,7 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="recipe-sweep-") as tmp:
         for i, name in enumerate(args.case):
-            results.append(run_case(name, data, args.budget, args.threads, Path(tmp) / f"case{i}", args.steps))
+            case_dir = Path(tmp) / f"case{i}"
+            results.append(run_case(name, data, args.budget, args.threads, case_dir, args.steps, args.seed))
             print(json.dumps(results[-1]), flush=True)
     record = {
         **result_header(

@@ -13,6 +13,7 @@ docs/architecture.md has the tour.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,24 @@ def _started_as_command() -> bool:
     the module to run, Python sets sys.argv[0] to "-m" and imports this package) or the `fasttrain` script."""
     return sys.argv[0] == "-m" or Path(sys.argv[0]).stem == "fasttrain"
 
+
+# A command's OpenMP threads spin at most this many times before they sleep (GOMP_SPINCOUNT, which libgomp reads
+# when torch loads it, so it is set before anything imports torch). By default a thread that finishes its share
+# of a parallel region spins on, and beside another busy process on the same cores those spinning threads take
+# the time slices the working ones need: a 2 x 128 step took 2.2-5.4x as long (issue 64 saw 10-20x) where its
+# share of the CPU gives 2x. Bounded, it took 2.0x, and no longer on a quiet machine (benchmarks/busy_machine.py,
+# results/cpu-busy-machine-2026-11-25.json; OMP_WAIT_POLICY=PASSIVE took 1.5x beside it but 10% longer quiet).
+# A GOMP_SPINCOUNT or OMP_WAIT_POLICY the user set is theirs; `import fasttrain` in a program changes nothing.
+OPENMP_SPIN_COUNT = "10000"
+
+
+def _bound_openmp_spin() -> None:
+    if not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & os.environ.keys():
+        os.environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
+
+
+if _started_as_command():
+    _bound_openmp_spin()
 
 try:
     _check_kernels_package()

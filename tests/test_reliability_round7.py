@@ -262,3 +262,25 @@ def test_a_fixed_depth_names_the_head_key_its_width_cannot_split(pydoc_data, tmp
     assert cli(tiny_args(pydoc_data, tmp_path / "run", *sets, flags=["--dry-run"])) == 2
     err = capsys.readouterr().err.strip()
     assert "model.n_heads = 3 does not divide width 128 (64 x model.n_layers) into even head sizes" in err, err
+
+
+# Issue 64 item 4: a fasttrain command bounds OpenMP's spinning, so a busy machine slows it by its share only.
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [({}, "10000"), ({"GOMP_SPINCOUNT": "7"}, "7"), ({"OMP_WAIT_POLICY": "ACTIVE"}, None)]
+)
+def test_a_command_bounds_openmps_spin_before_torch_loads_it(given, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")} | given
+    # `python -m fasttrain.X` imports the package first, as this does with sys.argv[0] == "-m"
+    probe = "import sys; sys.argv[0] = '-m'; import fasttrain, os; print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT'))"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", str(expected)]
+    library = "import fasttrain, os; print(os.environ.get('GOMP_SPINCOUNT'))"  # a program's import: untouched
+    assert subprocess.run(
+        [sys.executable, "-c", library], env=env, capture_output=True, text=True
+    ).stdout.strip() == str(given.get("GOMP_SPINCOUNT"))
