@@ -29,8 +29,9 @@ Imports from fasttrain: config, model.attention, model.fp8.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import replace
+from dataclasses import astuple, replace
 from typing import TYPE_CHECKING, Any, overload
 
 import torch
@@ -178,10 +179,18 @@ def run_block(block: nn.Module, checkpointing: str, *args: Any) -> Any:
 def num_params(cfg: ModelConfig) -> int:
     """Trainable parameters of `Transformer(cfg)` (a tied matrix counted once), counted on the model's own
     modules built on the meta device (shapes, no memory); one block stands for all, so any depth answers at once."""
+    outside, per_block = _counted(astuple(replace(cfg, n_layers=1)))
+    return outside + cfg.n_layers * per_block
+
+
+@functools.cache
+def _counted(one_layer: tuple) -> tuple[int, int]:
+    """The parameters outside the blocks and those of one block, of the one-layer model whose ModelConfig fields
+    are `one_layer`: cached, as the sizing rule asks for every depth of its ladder at each speed it weighs."""
     with torch.device("meta"):
-        one = Transformer(replace(cfg, n_layers=1))
+        one = Transformer(ModelConfig(*one_layer))
     per_block = sum(p.numel() for p in one.blocks[0].parameters())
-    return one.num_params() + (cfg.n_layers - 1) * per_block
+    return one.num_params() - per_block, per_block
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
