@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.isa_spread import cpu_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # What a level caps: (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, the /proc/cpuinfo flags it needs).
@@ -47,14 +49,6 @@ NUMERICS = [
     "tests/test_checkpoint.py::test_resumed_training_is_bitwise_identical",
     "tests/test_train_cli.py::test_main_job_trains_evaluates_samples_and_saves",  # the main job end to end
 ]
-
-
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
 
 
 @pytest.mark.second_tier

@@ -14,17 +14,11 @@ from fasttrain.config import OptimConfig
 from fasttrain.model.transformer import Transformer
 from fasttrain.system.device import kernels_on
 from fasttrain.system.errors import UsageError, run_cli
-from fasttrain.train import main as train_main
 from fasttrain.training.optimizers import Updater
 from tests.conftest import tiny_args, tiny_config
+from tests.test_sizing import cli
 
 CPU = torch.device("cpu")
-
-
-def cli(args: list[str]) -> int:
-    with pytest.raises(SystemExit) as exited:
-        run_cli(train_main, args)
-    return exited.value.code  # type: ignore[return-value]
 
 
 @pytest.mark.parametrize("name", ["adamw", "muon", "sgd"])

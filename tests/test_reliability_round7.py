@@ -21,10 +21,9 @@ from fasttrain.model import sizing
 from fasttrain.model.sizing import Speed, choose_shape, size_model
 from fasttrain.system import device as device_module
 from fasttrain.system.device import native_bf16
-from fasttrain.system.errors import run_cli
-from fasttrain.train import main as train_main
 from fasttrain.training.optimizers import Updater, newton_schulz_dtype
 from tests.conftest import tiny_args, tiny_config
+from tests.test_sizing import AUTO, cli, depth_in
 
 CPU = torch.device("cpu")
 
@@ -72,21 +71,6 @@ def test_without_bf16_hardware_even_a_bf16_run_orthogonalises_in_fp32(monkeypatc
 
 
 # Items 2, 3, 5, 6 and 7: the seams of a run sized for its budget (model.n_layers = 0), through the CLI.
-
-AUTO = ("model.n_layers=0", "model.d_model=0", "model.n_heads=0")
-
-
-def cli(args: list[str]) -> int:
-    """`python -m fasttrain.train ARGS` in this process: its exit code."""
-    with pytest.raises(SystemExit) as exited:
-        run_cli(train_main, args)
-    return exited.value.code  # type: ignore[return-value]
-
-
-def depth_in(out: str) -> int:
-    found = re.search(r"model\.n_layers = 0: depth (\d+) ", out)
-    assert found, out
-    return int(found.group(1))
 
 
 def train_tokens(folder: Path) -> int:
