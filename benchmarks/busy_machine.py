@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.recipe_sweep import result_header
+
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin 10000": {"GOMP_SPINCOUNT": "10000"}}
 
@@ -66,8 +68,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="quiet/busy measurements of each policy, alternating")
     parser.add_argument("--out", default=str(ROOT / f"benchmarks/results/cpu-busy-machine-{day}.json"))
     args = parser.parse_args(argv)
-    from benchmarks.conftest import environment
-
     found: dict[str, dict[str, list[float]]] = {name: {"quiet": [], "busy": []} for name in POLICIES}
     load_before = os.getloadavg()
     for _ in range(args.rounds):
@@ -91,14 +91,14 @@ def main(argv: list[str] | None = None) -> None:
         }
         for name, f in found.items()
     }
+    what = (
+        "ms a forward-backward step of the 2 x 128 model (16 x 256 tokens), quiet and beside a second process doing "
+        "the same, per OpenMP wait policy; the best of --rounds"
+    )
     result = {
-        "what": "ms a forward-backward step of the 2 x 128 model (16 x 256 tokens), quiet and beside a second "
-        "process doing the same, per OpenMP wait policy; the best of --rounds",
-        "date": day,
-        "environment": environment(),
+        **result_header(what, "benchmarks.busy_machine", argv, day),
         "threads": os.cpu_count(),
         "load_average_before": load_before,
-        "command": " ".join(["python -m benchmarks.busy_machine", *(argv or sys.argv[1:])]),
         "summary": summary,
         "runs": found,
     }

@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.conftest import environment
+from benchmarks.recipe_sweep import result_header
 from fasttrain.preparation.preparation import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def cpu_flags() -> set[str]:
 
 def levels(flags: set[str]) -> dict[str, dict[str, str]]:
     """The name and environment of every pair of caps this CPU can run as, and "best": the machine as it is."""
-    found = {"best": {}}
+    found: dict[str, dict[str, str]] = {"best": {}}
     for aten, needs_a in ATEN.items():
         for onednn, needs_o in ONEDNN.items():
             if needs_a <= flags and needs_o <= flags:
@@ -110,14 +110,8 @@ def main(argv: list[str] | None = None) -> None:
                 best = found["best"]
                 spread[key] = max(abs(v - b) / abs(b) for values in found.values() for v, b in zip(values, best))
                 runs[key] = {level: [v.hex() for v in values] for level, values in found.items()}
-    result = {
-        "what": "the main job's fp32 losses (6 steps, 2 evaluations) under every ISA cap this CPU allows",
-        "date": day,
-        "environment": environment(),
-        "command": " ".join(["python -m benchmarks.isa_spread", *(argv or sys.argv[1:])]),
-        "max_relative_spread": spread,
-        "losses": runs,
-    }
+    what = "the main job's fp32 losses (6 steps, 2 evaluations) under every ISA cap this CPU allows"
+    result = {**result_header(what, "benchmarks.isa_spread", argv, day), "max_relative_spread": spread, "losses": runs}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(spread, indent=1))
 
