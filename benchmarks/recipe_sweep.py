@@ -109,6 +109,22 @@ CASES |= {
         ],
     }.items()
 }
+# Issue 63, second round: nanochat's other components, one at a time on top of the winner above, at depth 2 and 4
+RECIPE = UNTIED_NORMED + ["optim.embedding_lr=0.05", "optim.head_lr=0.004"]
+CASES |= {
+    f"depth {d} recipe{name}": CASES[f"depth {d}"] + RECIPE + sets
+    for d in (2, 4)
+    for name, sets in {
+        "": [],
+        " value embeddings": ["model.value_embeddings=true"],
+        " residual scalars": ["model.residual_scalars=true"],
+        " value embeddings residual scalars": ["model.value_embeddings=true", "model.residual_scalars=true"],
+        " relu2": RELU2,
+        " qk norm": QK_NORM,
+        " rope 100k": ["model.rope_theta=100000"],
+        " zero init": ["model.zero_init_projections=true"],
+    }.items()
+}
 AUTO = ["model.n_layers=0", "model.d_model=0", "model.n_heads=0"]  # the shape chosen for the budget (sizing.py)
 CASES["auto"] = AUTO + MUON + WSD
 

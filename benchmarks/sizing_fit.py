@@ -33,7 +33,7 @@ from typing import Sequence
 from benchmarks.recipe_sweep import CASES, ROOT, prepared, setting
 from fasttrain.config import load_config
 from fasttrain.model import sizing
-from fasttrain.model.transformer import num_params
+from fasttrain.model.transformer import matmul_params
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 RESULTS = ROOT / "benchmarks/results"
@@ -96,7 +96,7 @@ def rule_depth(tokens_of: dict[int, float], unique: float, ratio: float) -> int:
 
     def distance(depth: int) -> float:
         shape = sizing.ladder_shape(auto, depth)
-        return abs(math.log(sizing.effective_tokens(tokens_of[depth], unique) / num_params(shape) / ratio))
+        return abs(math.log(sizing.effective_tokens(tokens_of[depth], unique) / matmul_params(shape) / ratio))
 
     return min(tokens_of, key=distance)
 

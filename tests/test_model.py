@@ -13,7 +13,7 @@ from fasttrain.config import ModelConfig, load_config
 from fasttrain.data.documents import IGNORE_INDEX
 from fasttrain.model.attention import KVCache, apply_rope, rope_tables
 from fasttrain.model.generation import filter_logits, generate, generate_text
-from fasttrain.model.transformer import Transformer, ffn_hidden_size, num_params
+from fasttrain.model.transformer import Transformer, ffn_hidden_size, matmul_params, num_params
 from fasttrain.preparation.tokenizer import Tokenizer
 from fasttrain.training.objective import NextTokenLoss
 from tests.kernel_checks import assert_fp32_sums_close
@@ -176,6 +176,8 @@ def test_embedding_norm_gives_the_first_block_unit_rms_rows_and_zero_init_makes_
         ["model.qk_norm=true"],
         ["model.embedding_norm=true", "model.zero_init_projections=true"],
         ["model.logit_softcap=15"],
+        ["model.value_embeddings=true", "model.n_kv_heads=2"],
+        ["model.residual_scalars=true", "model.embedding_norm=true"],
     ],
 )
 def test_relu2_and_qk_norm_train_cache_and_checkpoint(overrides):
@@ -219,13 +221,24 @@ def test_relu2_and_qk_norm_train_cache_and_checkpoint(overrides):
         ["model.tie_embeddings=false", "model.n_kv_heads=4", "model.ffn_hidden=1000"],
         ["model.mlp=relu2", "model.qk_norm=true"],
         ["model.embedding_norm=true", "model.zero_init_projections=true"],
+        ["model.value_embeddings=true", "model.residual_scalars=true", "model.tie_embeddings=false"],
+        ["model.value_embeddings=true", "model.n_layers=7", "model.n_kv_heads=4"],
     ],
 )
 def test_preflight_counts_the_parameters_the_model_has(overrides):
     """preflight's arithmetic agrees with the real model (built on the meta device: shapes, no memory)."""
     cfg = load_config("configs/gpt2-small.toml", overrides)
     with torch.device("meta"):
-        assert num_params(cfg.model) == Transformer(cfg.model).num_params()
+        model = Transformer(cfg.model)
+    assert num_params(cfg.model) == model.num_params()
+    tables = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    tables.pop(id(model.output.weight), None)  # a tied head is a matmul
+    assert matmul_params(cfg.model) == model.num_params() - sum(tables.values())
+    if cfg.model.value_embeddings:  # every other block from the last: 6 of 12, 4 of 7
+        assert (
+            len(model.value_embeds) == (cfg.model.n_layers + 1) // 2
+            and str(cfg.model.n_layers - 1) in model.value_embeds
+        )
     if not overrides:
         assert num_params(cfg.model) == 123_587_328
 

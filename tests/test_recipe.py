@@ -23,11 +23,13 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize("name", ["adamw", "muon", "sgd"])
 def test_the_embedding_and_an_untied_head_step_at_their_own_rates(pydoc_data, tmp_path, name):
-    model = Transformer(tiny_config(pydoc_data, tmp_path, "model.vocab_size=512", "model.tie_embeddings=false").model)
+    sets = ("model.vocab_size=512", "model.tie_embeddings=false", "model.value_embeddings=true")
+    model = Transformer(tiny_config(pydoc_data, tmp_path, *sets).model)
     cfg = OptimConfig(name=name, lr=1e-3, embedding_lr=0.2, head_lr=0.004)
     updater = Updater(model, cfg, CPU, "fp32")
     rate = {id(p): g["lr"] for g in updater.optimizer.param_groups for p in g["params"]}
     assert rate[id(model.embed.weight)] == 0.2 and rate[id(model.output.weight)] == 0.004
+    assert model.value_embeds and all(rate[id(table.weight)] == 0.2 for table in model.value_embeds.values())
     assert rate[id(model.norm.weight)] == 1e-3
     listed = [id(p) for g in updater.optimizer.param_groups for p in g["params"]]
     assert sorted(listed) == sorted(id(p) for p in model.parameters())  # each parameter in exactly one group

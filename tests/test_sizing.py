@@ -16,7 +16,7 @@ import torch
 from fasttrain.config import ModelConfig, load_config
 from fasttrain.model import sizing
 from fasttrain.model.sizing import Speed, choose_shape, effective_tokens, ladder_shape, size_model
-from fasttrain.model.transformer import flops_per_token, num_params
+from fasttrain.model.transformer import flops_per_token, matmul_params
 from fasttrain.system.errors import UsageError, run_cli
 from fasttrain.train import main as train_main
 from tests.conftest import tiny_args, tiny_config
@@ -99,10 +99,25 @@ def test_more_tokens_choose_deeper_models_and_a_small_corpus_shallower_ones():
     assert depth[1e8, 2e5] < depth[1e8, None]  # 500 epochs of 200K tokens are worth far less than 1e8 new ones
     for tokens, unique in depth:  # the choice is the ladder's closest to the rule's ratio
         chosen = choose_shape(cfg, lambda shape: tokens, corpus(unique), "fixed")
-        assert chosen.effective == effective_tokens(tokens, unique) and chosen.params == num_params(chosen.model)
-        ratios = [effective_tokens(tokens, unique) / num_params(ladder_shape(cfg.model, d)) for d in sizing.DEPTHS]
+        assert chosen.effective == effective_tokens(tokens, unique) and chosen.params == matmul_params(chosen.model)
+        ratios = [effective_tokens(tokens, unique) / matmul_params(ladder_shape(cfg.model, d)) for d in sizing.DEPTHS]
         best = min(ratios, key=lambda r: abs(math.log(r / sizing.TOKENS_PER_PARAM)))
         assert chosen.effective / chosen.params == pytest.approx(best)
+
+
+def test_lookup_tables_do_not_move_the_choice():
+    """An untied embedding and value embeddings add parameters but no matmul: the rule weighs matmul_params, so
+    at the same tokens the tied, untied and value-embedded ladders choose the same depth, and the note says both
+    counts where they differ (the value embeddings' gates are matmuls: a few dozen parameters)."""
+    tables = ("model.tie_embeddings=false", "model.value_embeddings=true")
+    for tokens in (1e5, 1e6, 1e7):
+        chosen = [
+            choose_shape(tiny_config(".", ".", "model.vocab_size=4096", *AUTO, *sets), lambda m: tokens, (), "fixed")
+            for sets in ((), tables[:1], tables)
+        ]
+        assert len({c.model.n_layers for c in chosen}) == 1, [c.note for c in chosen]
+        assert chosen[0].params == chosen[1].params <= chosen[2].params < 1.001 * chosen[0].params  # + the gates
+        assert "with the lookup tables" in chosen[2].note and "lookup" not in chosen[0].note
 
 
 def test_calibration_reads_the_rate_at_two_sizes_from_its_clock(monkeypatch):

@@ -42,6 +42,14 @@ class ModelConfig:
     # keeps early training from pushing a few logits far out (nanochat's 15). 0 = off. A Llama cannot express it,
     # and the fused linear cross-entropy never holds the logits to cap them (kernels.linear_cross_entropy off).
     logit_softcap: float = 0.0
+    # Value embeddings (nanochat's, after ResFormer): alternate blocks, the last included, add a per-token table of
+    # their own to attention's values, through a gate per key/value head, 3 sigmoid(a map of the block input's
+    # first 12 channels). Lookups: parameters almost free of compute. A Hugging Face Llama cannot express it.
+    value_embeddings: bool = False
+    # Learned scalars per block (nanochat's): block i reads r_i x stream + s_i x x0, x0 the (normalised) token
+    # embedding, r_i from 1.15 down to 1.05 and s_i from 0.2 down to 0.05 across depth at init: every block sees
+    # the tokens themselves, not only what earlier blocks made of them. A Hugging Face Llama cannot express it.
+    residual_scalars: bool = False
     rope_theta: float = 10000.0  # RoPE base: larger stretches the rotary wavelengths for longer contexts
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # the output projection shares the token-embedding matrix
@@ -154,9 +162,9 @@ class OptimConfig:
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     weight_decay: float = 0.1  # weight decay (decoupled, except SGD's), applied to weight matrices only
     decay_embeddings: bool = False  # also decay the token embedding (norm gains and biases never are)
-    # Peak learning rates of their own, each following the same schedule (0 = optim.lr): the token embedding
-    # (with a tied head, the shared matrix), whose rows are updated only when their token appears, and an
-    # untied output head. nanochat trains its embedding at ~40x its head's rate.
+    # Peak learning rates of their own, each following the same schedule (0 = optim.lr): the lookup tables (the
+    # token embedding, with a tied head the shared matrix, and any value embeddings), whose rows are updated only
+    # when their token appears, and an untied output head. nanochat trains its embedding at ~40x its head's rate.
     embedding_lr: float = 0.0
     head_lr: float = 0.0  # needs model.tie_embeddings = false
     beta1: float = 0.9  # AdamW first-moment decay

@@ -13,6 +13,8 @@ Imports from fasttrain: config.
   gets the same attention wherever it sits in the row.
 - Optional QK-norm (model.qk_norm): each head's queries and keys RMS-normalised,
   without weights, before RoPE (a rotation keeps their norm, so the order is free).
+- Optional value embedding (model.value_embeddings): a block given one adds the tokens' rows of a table
+  of its own to the values, each key/value head's share scaled by a gate read from the block input.
 - A KV cache for generation (`KVCache`): the prompt is run once, then each new
   token is one forward of length 1 that attends to the keys and values kept from
   the earlier positions (the sampling loop: fasttrain/model/generation.py).
@@ -119,8 +121,11 @@ def document_mask(documents: torch.Tensor, flex: bool) -> torch.Tensor | BlockMa
     return (documents[:, None, :, None] == documents[:, None, None, :]) & causal
 
 
+VALUE_GATE_CHANNELS = 12  # the channels of a block's input that its value-embedding gate reads (nanochat's)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, attention: str = "auto"):
+    def __init__(self, cfg: ModelConfig, attention: str = "auto", value_embedding: bool = False):
         super().__init__()
         self.attention = attention  # train.attention: the SDPA backend pinned, if any
         self.n_heads = cfg.n_heads
@@ -131,6 +136,9 @@ class Attention(nn.Module):
         self.out = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
         self.qk_norm, self.norm_eps = cfg.qk_norm, cfg.norm_eps
+        # The value embedding's gate per key/value head (None: this block takes no value embedding)
+        self.gate_channels = min(VALUE_GATE_CHANNELS, cfg.d_model)
+        self.value_gate = nn.Linear(self.gate_channels, self.n_kv_heads, bias=False) if value_embedding else None
 
     def forward(
         self,
@@ -139,9 +147,12 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | BlockMask | None = None,
         cache: LayerCache | None = None,
+        value_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`mask`: None (causal), or a `document_mask` (a bool tensor, or a BlockMask for flex_attention), or
-        with a `cache` a bool tensor (T, cached + T). `cache`: this layer's keys and values of earlier positions."""
+        with a `cache` a bool tensor (T, cached + T). `cache`: this layer's keys and values of earlier positions.
+        `value_embedding` (B, T, n_kv_heads x head_dim): the tokens' rows of this block's table, added to the
+        values through the gate, 3 sigmoid(value_gate(x[..., :12])) per head, which starts near 1.5."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
@@ -154,7 +165,12 @@ class Attention(nn.Module):
             )
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.value_gate is not None and value_embedding is not None:
+            gate = 3 * torch.sigmoid(self.value_gate(x[..., : self.gate_channels]))  # (B, T, n_kv_heads)
+            added = gate.unsqueeze(-1) * value_embedding.view(B, T, self.n_kv_heads, self.head_dim)
+            v = v + added.to(v.dtype)  # the table is fp32 under autocast; the values keep autocast's dtype
+        v = v.transpose(1, 2)
         if cache is not None:  # generation: the queries also see every earlier position's keys and values
             k, v = cache.store(k, v)
         gqa = self.n_kv_heads != self.n_heads

@@ -15,6 +15,10 @@ come closest to TOKENS_PER_PARAM, a ratio fitted to this project's sweeps (bench
                    tokens, read for its share of the run (a mixture's weights), is discounted by its own epochs
     choice       = the d minimising |log(effective(d) / params(d)) - log(TOKENS_PER_PARAM)|
 
+params(d) counts what a token's compute runs through (transformer.matmul_params: the lookup tables, an untied
+embedding and the value embeddings, left out, as nanochat counts), so a table that costs no FLOPs does not
+move the choice; the sweeps the ratio was fitted to had tied heads, whose params(d) is every parameter.
+
 `worth` is Muennighoff et al.'s (2023) value of repeated data: the k-th epoch is worth exp(-(k-1)/R) of the
 first, R = REPEAT_WORTH epochs. tokens/s(d) under a time budget comes from `calibrate`: the eager
 forward and backward of the ladder's two smallest shapes, timed on the run's device and precision before the
@@ -39,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttrain.config import Config, ModelConfig
-from fasttrain.model.transformer import Transformer, flops_per_token, num_params
+from fasttrain.model.transformer import Transformer, flops_per_token, matmul_params, num_params
 from fasttrain.system.device import autocast, synchronize
 from fasttrain.system.errors import UsageError
 
@@ -81,7 +85,7 @@ class Sizing:
     model: ModelConfig
     tokens: float  # the run's training tokens at this shape
     effective: float  # their worth in first-epoch tokens
-    params: int
+    params: int  # transformer.matmul_params of the shape: what the rule weighs its tokens against
     note: str
 
 
@@ -128,11 +132,11 @@ def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus:
     m = cfg.model
 
     def distance(shape: ModelConfig) -> float:
-        return abs(math.log(corpus_worth(tokens_at(shape), corpus) / num_params(shape) / TOKENS_PER_PARAM))
+        return abs(math.log(corpus_worth(tokens_at(shape), corpus) / matmul_params(shape) / TOKENS_PER_PARAM))
 
     shape = min((ladder_shape(m, d) for d in fitting_depths(m)), key=distance)
     tokens = tokens_at(shape)
-    effective, params = corpus_worth(tokens, corpus), num_params(shape)
+    effective, params, total = corpus_worth(tokens, corpus), matmul_params(shape), num_params(shape)
     kept = [f"model.{k} = {getattr(m, k)}" for k in ("d_model", "n_heads", "n_kv_heads") if getattr(m, k)]
     epochs = [tokens * share / unique for share, unique in corpus]
     beyond = (
@@ -151,7 +155,9 @@ def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus:
         read = ", corpus size not known yet"
     note = (
         f"model.n_layers = 0: depth {shape.n_layers} ({shape.n_layers} x {shape.d_model}, "
-        f"{plural(shape.n_heads, 'head')}, {params / 1e6:.2f}M parameters) for ~{tokens / 1e6:.2f}M training tokens "
+        f"{plural(shape.n_heads, 'head')}, {params / 1e6:.2f}M parameters"
+        + (f" in matmuls, {total / 1e6:.2f}M with the lookup tables" if total != params else "")
+        + f") for ~{tokens / 1e6:.2f}M training tokens "
         f"({why}{read}): {effective / params:.2f} effective tokens per parameter, the rule's {TOKENS_PER_PARAM:g}"
         + (f"; {' and '.join(kept)} kept, as set" if kept else "")
         + beyond

@@ -14,6 +14,10 @@ Imports from fasttrain: config, model.attention, model.fp8.
   "relu2") down(relu(up(x))^2) at 4 x d_model, the same parameters in two matmuls.
 - Optional RMS normalisation of the token embedding, without weights (model.embedding_norm).
 - Optional weight tying between the embedding and the output projection.
+- Optional value embeddings (model.value_embeddings): alternate blocks, the last included, each add a table
+  of their own to attention's values (attention.py); `value_embedding_layers` says which.
+- Optional per-block scalars (model.residual_scalars): block i reads stream_scales[i] x stream +
+  embedding_scales[i] x x0, x0 the stream the first block read (the embedding, normalised where asked).
 - Optional soft-cap of the logits (model.logit_softcap): cap x tanh(logits / cap), in `logits`.
 - Optional activation checkpointing per block (`checkpointing`): "full" keeps only a
   block's inputs and runs the whole block again in backward; "selective" keeps the
@@ -117,11 +121,19 @@ def rms_norm_module(cfg: ModelConfig, kernel: bool) -> nn.Module:
     return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
+def value_embedding_layers(cfg: ModelConfig) -> list[int]:
+    """The blocks that take a value embedding: every other one, counted back from the last (none without
+    model.value_embeddings)."""
+    return [i for i in range(cfg.n_layers) if i % 2 == (cfg.n_layers - 1) % 2] if cfg.value_embeddings else []
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, norm_kernel: bool = False, attention: str = "auto"):
+    def __init__(
+        self, cfg: ModelConfig, norm_kernel: bool = False, attention: str = "auto", value_embedding: bool = False
+    ):
         super().__init__()
         self.attn_norm = rms_norm_module(cfg, norm_kernel)
-        self.attn = Attention(cfg, attention)
+        self.attn = Attention(cfg, attention, value_embedding)
         self.mlp_norm = rms_norm_module(cfg, norm_kernel)
         self.mlp = ReLU2(cfg) if cfg.mlp == "relu2" else SwiGLU(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -134,14 +146,16 @@ class Block(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | BlockMask | None = None,
         cache: LayerCache | None = None,
+        value_embedding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is `stream + delta` (just `stream` before the first block); returns
-        this block's (delta, stream), leaving its last add to the next norm."""
+        this block's (delta, stream), leaving its last add to the next norm. `value_embedding`: the
+        tokens' rows of this block's value-embedding table, if it has one (Attention.forward)."""
         if delta is None:
             y = self.attn_norm(stream)
         else:
             y, stream = self.attn_norm(delta, stream)
-        y, stream = self.mlp_norm(self.dropout(self.attn(y, cos, sin, mask, cache)), stream)
+        y, stream = self.mlp_norm(self.dropout(self.attn(y, cos, sin, mask, cache, value_embedding)), stream)
         return self.dropout(self.mlp(y)), stream
 
 
@@ -178,29 +192,51 @@ def run_block(block: nn.Module, checkpointing: str, *args: Any) -> Any:
 
 def num_params(cfg: ModelConfig) -> int:
     """Trainable parameters of `Transformer(cfg)` (a tied matrix counted once), counted on the model's own
-    modules built on the meta device (shapes, no memory); one block stands for all, so any depth answers at once."""
-    outside, per_block = _counted(astuple(replace(cfg, n_layers=1)))
-    return outside + cfg.n_layers * per_block
+    modules built on the meta device (shapes, no memory); see `_counted`."""
+    return _at_depth(cfg)[0]
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """The parameters of `Transformer(cfg)` a token's compute runs through: all but the lookup tables (an
+    untied token embedding, the value embeddings), which cost a row read each. What `flops_per_token` counts,
+    and what the sizing rule weighs tokens against (nanochat's count too)."""
+    total, lookups = _at_depth(cfg)
+    return total - lookups
+
+
+def _at_depth(cfg: ModelConfig) -> tuple[int, int]:
+    """(all parameters, those in lookup tables) of `Transformer(cfg)`, from `_counted`'s coefficients."""
+    n = cfg.n_layers
+    return tuple(a + b * n + c * ((n + 1) // 2) for a, b, c in _counted(astuple(replace(cfg, n_layers=1))))  # type: ignore[return-value]
 
 
 @functools.cache
-def _counted(one_layer: tuple) -> tuple[int, int]:
-    """The parameters outside the blocks and those of one block, of the one-layer model whose ModelConfig fields
-    are `one_layer`: cached, as the sizing rule asks for every depth of its ladder at each speed it weighs."""
-    with torch.device("meta"):
-        one = Transformer(ModelConfig(*one_layer))
-    per_block = sum(p.numel() for p in one.blocks[0].parameters())
-    return one.num_params() - per_block, per_block
+def _counted(one_layer: tuple) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """For all parameters and for those in lookup tables, the (a, b, c) of a + b n + c ceil(n / 2) at depth n,
+    of the model whose other ModelConfig fields are `one_layer`'s: what every block has grows with n, what every
+    other block has (a value embedding) with ceil(n / 2). Solved from the models of depth 1, 2 and 3, built on
+    the meta device; cached, as the sizing rule asks for every depth of its ladder at each speed it weighs."""
+    counts = []
+    for depth in (1, 2, 3):
+        with torch.device("meta"):
+            model = Transformer(replace(ModelConfig(*one_layer), n_layers=depth))
+        tables = (m.weight for m in model.modules() if isinstance(m, nn.Embedding))
+        counts.append((model.num_params(), sum(w.numel() for w in tables if w is not model.output.weight)))
+    coefficients = []
+    for t1, t2, t3 in zip(*counts):
+        b = t2 - t1  # depth 1 -> 2 adds a block, no other-block piece; 2 -> 3 adds both
+        c = t3 - t2 - b
+        coefficients.append((t1 - b - c, b, c))
+    return coefficients[0], coefficients[1]
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) of `Transformer(cfg)`, PaLM's estimate 6N + 12 L H Q T.
 
-    N counts the parameters that take part in matmuls: every one except an untied
-    embedding table, which is only a lookup. The second term is attention's
-    score and value matmuls over a context of `seq_len`.
+    N counts the parameters that take part in matmuls (`matmul_params`: every one except the lookup tables).
+    The second term is attention's score and value matmuls over a context of `seq_len`.
     """
-    n = num_params(cfg) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+    n = matmul_params(cfg)
     return 6 * n + 12 * cfg.n_layers * cfg.n_heads * (cfg.d_model // cfg.n_heads) * seq_len
 
 
@@ -235,7 +271,13 @@ class Transformer(nn.Module):
         self.checkpointing = checkpointing
         self.attention = attention
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, norm_kernel, attention) for _ in range(cfg.n_layers))
+        valued = value_embedding_layers(cfg)
+        self.blocks = nn.ModuleList(Block(cfg, norm_kernel, attention, i in valued) for i in range(cfg.n_layers))
+        kv_width = (cfg.n_kv_heads or cfg.n_heads) * (cfg.d_model // cfg.n_heads)
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(cfg.vocab_size, kv_width) for i in valued})
+        if cfg.residual_scalars:  # their values are set by reset_parameters
+            self.stream_scales = nn.Parameter(torch.ones(cfg.n_layers))
+            self.embedding_scales = nn.Parameter(torch.zeros(cfg.n_layers))
         self.norm = rms_norm_module(cfg, norm_kernel)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -250,7 +292,11 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         residual_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
+            if name in ("stream_scales", "embedding_scales"):  # nanochat's: early blocks lean more on both
+                start, end = (1.15, 1.05) if name == "stream_scales" else (0.2, 0.05)
+                with torch.no_grad():
+                    p.copy_(torch.linspace(start, end, p.numel()) if p.numel() > 1 else torch.tensor([start]))
+            elif name.endswith("norm.weight"):
                 nn.init.ones_(p)
             else:
                 projection = name.endswith(("attn.out.weight", "mlp.down.weight"))
@@ -281,7 +327,12 @@ class Transformer(nn.Module):
         delta, stream = None, self.embed(tokens)
         if self.cfg.embedding_norm:
             stream = F.rms_norm(stream, (self.cfg.d_model,), eps=self.cfg.norm_eps)
+        x0 = stream
         for i, block in enumerate(self.blocks):
+            if self.cfg.residual_scalars:  # the add the next norm would do, done here to scale the stream first
+                stream = stream if delta is None else stream + delta
+                stream, delta = self.stream_scales[i] * stream + self.embedding_scales[i] * x0, None
+            table = self.value_embeds[str(i)] if str(i) in self.value_embeds else None
             delta, stream = run_block(
                 block,
                 self.checkpointing,
@@ -291,6 +342,7 @@ class Transformer(nn.Module):
                 sin,
                 mask,
                 None if cache is None else LayerCache(cache, i),
+                None if table is None else table(tokens),
             )
         if cache is not None:
             cache.length += T

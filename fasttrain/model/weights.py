@@ -100,7 +100,8 @@ def beyond_llama(cfg: ModelConfig) -> list[str]:
     """The [model] settings of `cfg` that a Hugging Face Llama has no way to express, as `key = value`."""
     beyond = [f'model.mlp = "{cfg.mlp}"'] if cfg.mlp != "swiglu" else []
     beyond += [f"model.logit_softcap = {cfg.logit_softcap:g}"] if cfg.logit_softcap else []
-    return beyond + [f"model.{key} = true" for key in ("qk_norm", "embedding_norm") if getattr(cfg, key)]
+    keys = ("qk_norm", "embedding_norm", "value_embeddings", "residual_scalars")
+    return beyond + [f"model.{key} = true" for key in keys if getattr(cfg, key)]
 
 
 def hf_llama_config(cfg: ModelConfig, eot_id: int, dtype: torch.dtype) -> dict:
@@ -186,6 +187,8 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
         mlp="swiglu",
         qk_norm=False,
         embedding_norm=False,
+        value_embeddings=False,
+        residual_scalars=False,
         logit_softcap=0.0,
     )
 

@@ -134,10 +134,12 @@ def param_groups(
 
 
 def own_rate_groups(groups: list[dict], model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """`groups` with the token embedding (at optim.embedding_lr) and an untied output head (at optim.head_lr)
-    each moved into a group of its own, keeping its weight decay; as they are where those keys are 0."""
+    """`groups` with the lookup tables (the token embedding and any value embeddings, at optim.embedding_lr) and
+    an untied output head (at optim.head_lr) each moved into a group of its own, keeping its weight decay; as
+    they are where those keys are 0."""
     embed, output = getattr(model, "embed", None), getattr(model, "output", None)
-    moves = [(embed.weight, cfg.embedding_lr)] if cfg.embedding_lr and embed is not None else []
+    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)] if cfg.embedding_lr else []
+    moves = [(table, cfg.embedding_lr) for table in tables]
     if cfg.head_lr and output is not None and (embed is None or output.weight is not embed.weight):
         moves.append((output.weight, cfg.head_lr))
     for p, lr in moves:
