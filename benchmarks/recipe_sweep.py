@@ -123,6 +123,8 @@ CASES |= {
         " qk norm": QK_NORM,
         " rope 100k": ["model.rope_theta=100000"],
         " zero init": ["model.zero_init_projections=true"],
+        " smear": ["model.smear=true"],
+        " backout": ["model.backout=true"],
     }.items()
 }
 AUTO = ["model.n_layers=0", "model.d_model=0", "model.n_heads=0"]  # the shape chosen for the budget (sizing.py)

@@ -178,6 +178,7 @@ def test_embedding_norm_gives_the_first_block_unit_rms_rows_and_zero_init_makes_
         ["model.logit_softcap=15"],
         ["model.value_embeddings=true", "model.n_kv_heads=2"],
         ["model.residual_scalars=true", "model.embedding_norm=true"],
+        ["model.smear=true", "model.backout=true"],
     ],
 )
 def test_relu2_and_qk_norm_train_cache_and_checkpoint(overrides):
@@ -222,7 +223,7 @@ def test_relu2_and_qk_norm_train_cache_and_checkpoint(overrides):
         ["model.mlp=relu2", "model.qk_norm=true"],
         ["model.embedding_norm=true", "model.zero_init_projections=true"],
         ["model.value_embeddings=true", "model.residual_scalars=true", "model.tie_embeddings=false"],
-        ["model.value_embeddings=true", "model.n_layers=7", "model.n_kv_heads=4"],
+        ["model.value_embeddings=true", "model.n_layers=7", "model.n_kv_heads=4", "model.smear=true"],
     ],
 )
 def test_preflight_counts_the_parameters_the_model_has(overrides):

@@ -50,6 +50,12 @@ class ModelConfig:
     # embedding, r_i from 1.15 down to 1.05 and s_i from 0.2 down to 0.05 across depth at init: every block sees
     # the tokens themselves, not only what earlier blocks made of them. A Hugging Face Llama cannot express it.
     residual_scalars: bool = False
+    # Smear (nanochat's): each position adds a learned, gated share of the previous token's embedding,
+    # lambda sigmoid(a map of its own first 24 channels) x x[t-1], lambda from 0: cheap bigram information.
+    smear: bool = False
+    # Backout (nanochat's): the stream after the middle block, times a learned lambda (from 0.2), is taken off the
+    # last block's before the final norm: the low-level features the head does not need. Under 3 blocks, a no-op.
+    backout: bool = False
     rope_theta: float = 10000.0  # RoPE base: larger stretches the rotary wavelengths for longer contexts
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # the output projection shares the token-embedding matrix

@@ -207,6 +207,7 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * cfg.n_layers
         self.values: list[torch.Tensor | None] = [None] * cfg.n_layers
         self.length = 0
+        self.last_embedding: torch.Tensor | None = None  # (B, 1, d_model): the smear's previous token (model.smear)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Put `layer`'s new keys and values k, v (B, kv_heads, T, head_dim) at positions length..length + T;

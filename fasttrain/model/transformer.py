@@ -18,6 +18,9 @@ Imports from fasttrain: config, model.attention, model.fp8.
   of their own to attention's values (attention.py); `value_embedding_layers` says which.
 - Optional per-block scalars (model.residual_scalars): block i reads stream_scales[i] x stream +
   embedding_scales[i] x x0, x0 the stream the first block read (the embedding, normalised where asked).
+- Optional smear (model.smear): each position adds a gated share of the previous token's embedding
+  (`smeared`); and backout (model.backout): the stream after the middle block, scaled, taken off the
+  last one's before the final norm.
 - Optional soft-cap of the logits (model.logit_softcap): cap x tanh(logits / cap), in `logits`.
 - Optional activation checkpointing per block (`checkpointing`): "full" keeps only a
   block's inputs and runs the whole block again in backward; "selective" keeps the
@@ -59,6 +62,7 @@ if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
 INIT_STD = 0.02
+SMEAR_GATE_CHANNELS = 24  # the channels of a position's embedding its smear gate reads (nanochat's)
 
 
 def ffn_hidden_size(cfg: ModelConfig) -> int:
@@ -275,9 +279,14 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, norm_kernel, attention, i in valued) for i in range(cfg.n_layers))
         kv_width = (cfg.n_kv_heads or cfg.n_heads) * (cfg.d_model // cfg.n_heads)
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(cfg.vocab_size, kv_width) for i in valued})
-        if cfg.residual_scalars:  # their values are set by reset_parameters
+        if cfg.residual_scalars:  # their values are set by reset_parameters, as the scalars' below
             self.stream_scales = nn.Parameter(torch.ones(cfg.n_layers))
             self.embedding_scales = nn.Parameter(torch.zeros(cfg.n_layers))
+        if cfg.smear:
+            self.smear_gate = nn.Linear(min(SMEAR_GATE_CHANNELS, cfg.d_model), 1, bias=False)
+            self.smear_scale = nn.Parameter(torch.zeros(1))
+        if cfg.backout:
+            self.backout_scale = nn.Parameter(torch.zeros(1))
         self.norm = rms_norm_module(cfg, norm_kernel)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -296,6 +305,8 @@ class Transformer(nn.Module):
                 start, end = (1.15, 1.05) if name == "stream_scales" else (0.2, 0.05)
                 with torch.no_grad():
                     p.copy_(torch.linspace(start, end, p.numel()) if p.numel() > 1 else torch.tensor([start]))
+            elif name in ("smear_scale", "backout_scale"):  # the smear starts off, the backout at 0.2
+                nn.init.constant_(p, 0.2 if name == "backout_scale" else 0.0)
             elif name.endswith("norm.weight"):
                 nn.init.ones_(p)
             else:
@@ -327,7 +338,9 @@ class Transformer(nn.Module):
         delta, stream = None, self.embed(tokens)
         if self.cfg.embedding_norm:
             stream = F.rms_norm(stream, (self.cfg.d_model,), eps=self.cfg.norm_eps)
-        x0 = stream
+        if self.cfg.smear:
+            stream = self.smeared(stream, cache)
+        x0, middle = stream, None
         for i, block in enumerate(self.blocks):
             if self.cfg.residual_scalars:  # the add the next norm would do, done here to scale the stream first
                 stream = stream if delta is None else stream + delta
@@ -344,9 +357,25 @@ class Transformer(nn.Module):
                 None if cache is None else LayerCache(cache, i),
                 None if table is None else table(tokens),
             )
+            if self.cfg.backout and i == len(self.blocks) // 2:
+                middle = stream if delta is None else stream + delta
+        if middle is not None:
+            stream = stream - self.backout_scale * middle
         if cache is not None:
             cache.length += T
         return self.norm(delta, stream)[0]
+
+    def smeared(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """x (B, T, d_model) with each position's gated share of the one before added: x[t] + smear_scale x
+        sigmoid(smear_gate(x[t][:24])) x x[t-1]. A sequence's first position has none before it; after a cache's
+        positions, the cache's last embedding is the one before (kept there for the next call)."""
+        before = x.new_zeros(x.shape[0], 1, x.shape[2]) if cache is None or not cache.length else cache.last_embedding
+        if cache is not None:
+            cache.last_embedding = x[:, -1:]
+        assert before is not None
+        previous = torch.cat([before, x[:, :-1]], dim=1)
+        gate = torch.sigmoid(self.smear_gate(x[..., : self.smear_gate.in_features]))
+        return x + self.smear_scale * gate * previous
 
     def forward(
         self, tokens: torch.Tensor, documents: torch.Tensor | None = None, cache: KVCache | None = None

@@ -100,7 +100,7 @@ def beyond_llama(cfg: ModelConfig) -> list[str]:
     """The [model] settings of `cfg` that a Hugging Face Llama has no way to express, as `key = value`."""
     beyond = [f'model.mlp = "{cfg.mlp}"'] if cfg.mlp != "swiglu" else []
     beyond += [f"model.logit_softcap = {cfg.logit_softcap:g}"] if cfg.logit_softcap else []
-    keys = ("qk_norm", "embedding_norm", "value_embeddings", "residual_scalars")
+    keys = ("qk_norm", "embedding_norm", "value_embeddings", "residual_scalars", "smear", "backout")
     return beyond + [f"model.{key} = true" for key in keys if getattr(cfg, key)]
 
 
@@ -189,6 +189,8 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
         embedding_norm=False,
         value_embeddings=False,
         residual_scalars=False,
+        smear=False,
+        backout=False,
         logit_softcap=0.0,
     )
 
