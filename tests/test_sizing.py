@@ -134,6 +134,34 @@ def test_calibration_reads_the_rate_at_two_sizes_from_its_clock(monkeypatch):
     assert sizing.calibrate(cfg, torch.device("cpu")).exponent == 0.0
 
 
+def test_the_calibration_times_the_runs_optimizer_step_after_each_backward(pydoc_data, tmp_path, monkeypatch):
+    """A budgeted run's timing includes its clipping and optimizer step (plan.timed_update): the plan hands it to
+    the calibration, which runs it after every backward, so the gradients are gone after each pass."""
+    from fasttrain.system.distributed import World
+    from fasttrain.training import plan as planning
+
+    cfg = tiny_config(pydoc_data, tmp_path, "model.vocab_size=512", *AUTO, "optim.name=muon", "train.max_time=60")
+    handed = []
+    monkeypatch.setattr(sizing, "calibrate", lambda cfg, device, update: handed.append(update) or Speed(1e9, 1e6, 0.0))
+    planning.shape_of(cfg, (), 128, World(), torch.device("cpu"), None, None)
+    monkeypatch.undo()
+    passes = []
+
+    def counting(model):
+        step, hidden = handed[0](model), model.blocks[0].attn.qkv.weight
+
+        def counted():  # the gradients there before, the weights moved and the gradients cleared after
+            before = hidden.detach().clone()
+            had = hidden.grad is not None
+            step()
+            passes.append(had and hidden.grad is None and not torch.equal(hidden, before))
+
+        return counted
+
+    sizing.calibrate(cfg, torch.device("cpu"), update=counting)
+    assert passes == [True] * 2 * (sizing.CALIBRATION_STEPS + 1)
+
+
 def test_a_faster_machine_gets_a_deeper_model_through_the_cli(pydoc_data, tmp_path, monkeypatch, capsys):
     depths = []
     for seconds in (2.0, 0.01):  # a slow machine, then one 200x as fast

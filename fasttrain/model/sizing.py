@@ -21,8 +21,9 @@ move the choice; the sweeps the ratio was fitted to had tied heads, whose params
 
 `worth` is Muennighoff et al.'s (2023) value of repeated data: the k-th epoch is worth exp(-(k-1)/R) of the
 first, R = REPEAT_WORTH epochs. tokens/s(d) under a time budget comes from `calibrate`: the eager
-forward and backward of the ladder's two smallest shapes, timed on the run's device and precision before the
-run (outside train.max_time, as compiling is), give FLOP/s at two sizes; a power law through them predicts
+forward, backward and optimizer step (the run's, given by the plan) of the ladder's two smallest shapes, timed
+on the run's device and precision before the run (outside train.max_time, as compiling is), give FLOP/s at two
+sizes; a power law through them predicts
 the others (small models use a CPU's or GPU's arithmetic less well, so the rate grows with size).
 
 What follows from the depth: the width 64 d unless model.d_model is set, the heads d_model / 64 unless
@@ -41,6 +42,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fasttrain.config import Config, ModelConfig
 from fasttrain.model.transformer import Transformer, flops_per_token, matmul_params, num_params
@@ -189,16 +191,23 @@ def plural(n: int, thing: str) -> str:
     return f"{n} {thing}{'s' * (n != 1)}"
 
 
-def calibrate(cfg: Config, device: torch.device, clock: Callable[[], float] | None = None) -> Speed:
-    """The machine's training speed (module docstring): forward and backward of the ladder's two smallest shapes
-    (that fit `cfg`'s set keys) at its batch geometry, precision and device, each timed with `clock` over CALIBRATION_STEPS passes
-    after an untimed one (default: time.perf_counter, looked up when called). RuntimeError (out of memory, say)
-    propagates."""
+Update = Callable[[nn.Module], Callable[[], None]]  # a model -> what a run does after each backward
+
+
+def calibrate(
+    cfg: Config, device: torch.device, clock: Callable[[], float] | None = None, update: Update | None = None
+) -> Speed:
+    """The machine's training speed (module docstring): forward, backward and `update(model)()` (the run's
+    clipping and optimizer step; None: none) of the ladder's two smallest shapes (that fit `cfg`'s set keys) at its
+    batch geometry, precision and device, each timed with `clock` over CALIBRATION_STEPS passes after an untimed
+    one (default: time.perf_counter, looked up when called). One update a pass: a run that accumulates
+    micro-batches updates less often. RuntimeError (out of memory, say) propagates."""
     t, clock = cfg.train, clock or time.perf_counter
     rates = []
     for depth in fitting_depths(cfg.model)[:2]:  # the smallest two the set keys allow (n_kv_heads, say)
         shape = ladder_shape(cfg.model, depth)
         model = Transformer(shape).to(device)
+        step = update(model) if update else model.zero_grad
         tokens = torch.randint(0, shape.vocab_size, (t.batch_size, t.seq_len + 1), device=device)
         began = 0.0
         for i in range(CALIBRATION_STEPS + 1):
@@ -208,6 +217,7 @@ def calibrate(cfg: Config, device: torch.device, clock: Callable[[], float] | No
             with autocast(t.precision, device):
                 logits = model(tokens[:, :-1])
             F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+            step()
         synchronize(device)
         seconds = max(clock() - began, 1e-9) / CALIBRATION_STEPS
         flops = flops_per_token(shape, t.seq_len)
@@ -218,10 +228,17 @@ def calibrate(cfg: Config, device: torch.device, clock: Callable[[], float] | No
 
 
 def size_model(
-    cfg: Config, corpus: Corpus, tokens_per_step: int, world_size: int, device: torch.device, speed: Speed | None
+    cfg: Config,
+    corpus: Corpus,
+    tokens_per_step: int,
+    world_size: int,
+    device: torch.device,
+    speed: Speed | None,
+    update: Update | None = None,
 ) -> tuple[ModelConfig, str, Speed | None]:
     """cfg.model with its shape chosen (model.n_layers = 0), the plan's note saying why, and the machine's speed
-    it used (`speed` if given, else calibrated here when the run has a time budget; None without one). The
+    it used (`speed` if given, else calibrated here, with `update` after each backward, when the run has a time
+    budget; None without one). The
     run's tokens: max_steps x `tokens_per_step`, or what train.max_time gives at the speed, whichever is fewer;
     `corpus`: each source's share of them and its training tokens (choose_shape). A choice that a timing 20% off
     would change, or one timed on a busy machine, says so: another run (its dry run) may time another speed.
@@ -247,7 +264,7 @@ def size_model(
             )
         busy = busy_note(device)  # read before this process loads the machine itself
         try:
-            speed = replace(calibrate(cfg, device), busy=busy)
+            speed = replace(calibrate(cfg, device, update=update), busy=busy)
         except RuntimeError as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             return (

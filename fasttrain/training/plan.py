@@ -2,7 +2,7 @@
 
 Imports from fasttrain: checkpoints.checkpoint_files, config, data.documents, data.mixture, data.shards, model.sizing, model.transformer,
 model.weights, preparation.cache, preparation.preparation, preparation.tokenizer, system.device, system.distributed,
-system.errors, training.preflight, training.schedule.
+system.errors, training.optimizers, training.preflight, training.schedule.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
@@ -21,6 +21,7 @@ assembles its parts from it.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from fasttrain.config import (
 from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Blend, Source, open_sources, phases, token_shares
 from fasttrain.data.shards import find_shards
-from fasttrain.model.sizing import HEAD_DIM, Corpus, Speed, fits, ladder_shape, plural, size_model
+from fasttrain.model.sizing import HEAD_DIM, Corpus, Speed, Update, fits, ladder_shape, plural, size_model
 from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
 from fasttrain.preparation.cache import prepared_dir
@@ -50,6 +51,7 @@ from fasttrain.preparation.tokenizer import Tokenizer
 from fasttrain.system import distributed
 from fasttrain.system.device import Kernels, check_attention, check_fp8, kernels_on, resolve_train
 from fasttrain.system.errors import UsageError
+from fasttrain.training.optimizers import Updater
 from fasttrain.training.preflight import check_fits
 from fasttrain.training.schedule import Budget, budget_note, fit_warmup, recorded_progress
 
@@ -294,6 +296,22 @@ def accumulation_steps(t: TrainConfig, world_size: int = 1) -> int:
     return t.tokens_per_update // per_micro_batch
 
 
+def timed_update(cfg: Config, device: torch.device) -> Update:
+    """What the sizing's timing runs after each backward (sizing.calibrate): the run's clipping and optimizer
+    step at its peak rate, so the speed it predicts includes the optimizer's time."""
+
+    def build(model: torch.nn.Module) -> Callable[[], None]:
+        updater = Updater(model, cfg.optim, device, cfg.train.precision)
+
+        def step() -> None:
+            updater.clip_gradients()
+            updater.apply(cfg.optim.lr)
+
+        return step
+
+    return build
+
+
 def shape_of(
     cfg: Config,
     corpus: Corpus,
@@ -323,7 +341,7 @@ def shape_of(
         return shape, "", speed
     found = recorded_model(cfg, resume)
     if found is None:
-        return size_model(cfg, corpus, tokens_per_step, world.size, device, speed)
+        return size_model(cfg, corpus, tokens_per_step, world.size, device, speed, timed_update(cfg, device))
     r, where = found
     if unset := [k for k in ("n_layers", "d_model", "n_heads") if not getattr(r, k)]:
         raise UsageError(
