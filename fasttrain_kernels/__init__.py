@@ -7,14 +7,16 @@ This package stands alone: it depends on torch and triton only, so other
 projects can use it without the fasttrain trainer. Kernels dispatch on their
 inputs: CUDA tensors run the Triton kernels, CPU tensors a PyTorch
 implementation of the same math, and CPU tensors with TRITON_INTERPRET=1 set
-run the Triton kernels through Triton's interpreter (how CI tests them).
+run the Triton kernels through Triton's interpreter (how CI tests them). Only
+the first and the last need triton: without it the package imports and CPU
+tensors run, and a call that needs it says what to install.
 
 Modules, in reading order: one per op, each Triton kernel -> launcher -> autograd Function -> functional ->
 module with its eager reference beside it: rms_norm, cross_entropy, linear_cross_entropy, adamw,
 clip_grad_norm, newton_schulz; then transformers_patch (the kernels in a Hugging Face model). What they share:
-_backend (Triton or PyTorch for a call), _specialization (the variants each kernel compiles), _multi_tensor
-(one launch over many tensors). inspect compiles every variant for GPU targets on a machine without one.
-Nothing here imports fasttrain.
+_backend (Triton or PyTorch for a call; triton itself, or stand-ins without it), _specialization (the variants
+each kernel compiles), _multi_tensor (one launch over many tensors). inspect compiles every variant for GPU
+targets on a machine without one. Nothing here imports fasttrain.
 """
 
 from fasttrain_kernels.adamw import FusedAdamW

@@ -1,4 +1,4 @@
-"""Which implementation a kernel call runs: Triton or plain PyTorch.
+"""Which implementation a kernel call runs: Triton or plain PyTorch, and Triton itself where it is installed.
 
 Imports from fasttrain_kernels: nothing.
 
@@ -7,6 +7,13 @@ the same math, unless TRITON_INTERPRET=1 was set when the kernels were imported:
 then `triton.jit` built every kernel for Triton's interpreter, and CPU tensors
 run them through it (slow, but it checks the kernels themselves on a machine
 without a GPU; CI tests them that way).
+
+Only that Triton path needs triton, so it is not a dependency of the base install
+(torch's CUDA build brings it; the `triton` extra adds it for the interpreter). The
+kernel modules take `triton` and `tl` from here: the real ones, or, where triton is
+not installed, stand-ins under which they still import, each `@triton.jit` kernel
+unlaunchable. A call that would take the Triton path then raises `missing_triton()`,
+one line naming the package and the pip command, as does any other use of a stand-in.
 """
 
 from __future__ import annotations
@@ -22,10 +29,78 @@ import torch
 # Read once, like triton.jit does when it decorates the kernels: the two must agree.
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
+MISSING_TRITON = (
+    "the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) need triton, which is not "
+    "installed: pip install 'triton>=3.0' (in a fasttrain clone: pip install -e '.[triton]')"
+)
+
+
+def missing_triton() -> ModuleNotFoundError:
+    """The error for a Triton path taken where triton is not installed."""
+    return ModuleNotFoundError(MISSING_TRITON, name="triton")
+
+
+class _MissingKernel:
+    """What `triton.jit` gives where triton is not installed: the Python function, which raises when launched."""
+
+    def __init__(self, fn: Callable) -> None:
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+
+    def __getitem__(self, grid: Any) -> Any:
+        raise missing_triton()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise missing_triton()
+
+
+class _MissingModule:
+    """`triton` or `triton.language` where triton is not installed: `jit` (either form) and `constexpr` (a
+    module-level constant a kernel reads) let the kernel modules import, and `cdiv` and `next_power_of_2` are
+    triton's host-side arithmetic (the launchers' choices of blocks and grids); any other name raises."""
+
+    def __init__(self, name: str) -> None:
+        self.__name__ = name
+
+    def jit(self, fn: Callable | None = None, **options: Any) -> Any:
+        return _MissingKernel(fn) if fn is not None else _MissingKernel
+
+    @staticmethod
+    def constexpr(value: Any) -> Any:
+        return value
+
+    @staticmethod
+    def cdiv(x: int, y: int) -> int:
+        return (x + y - 1) // y
+
+    @staticmethod
+    def next_power_of_2(n: int) -> int:
+        return 1 << (n - 1).bit_length() if n > 0 else 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):  # what hasattr, copy and inspect probe: absent, not an error
+            raise AttributeError(name)
+        raise missing_triton()
+
+
+try:
+    import triton
+    import triton.language as tl
+except ModuleNotFoundError as e:
+    if e.name != "triton":  # triton is there but broken (a module it imports is missing): its own error says so
+        raise
+    triton, tl = _MissingModule("triton"), _MissingModule("triton.language")
+TRITON_INSTALLED = not isinstance(triton, _MissingModule)
+
 
 def use_triton(t: torch.Tensor) -> bool:
-    """True if an op on `t` should launch its Triton kernel rather than the PyTorch path."""
-    return t.is_cuda or (INTERPRETING and t.device.type == "cpu")
+    """True if an op on `t` should launch its Triton kernel rather than the PyTorch path; `missing_triton()`
+    where it should but triton is not installed."""
+    if t.is_cuda or (INTERPRETING and t.device.type == "cpu"):
+        if not TRITON_INSTALLED:
+            raise missing_triton()
+        return True
+    return False
 
 
 @functools.cache

@@ -38,12 +38,10 @@ from collections.abc import Callable, Iterable
 from typing import overload
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from fasttrain_kernels import _multi_tensor
-from fasttrain_kernels._backend import use_triton
+from fasttrain_kernels._backend import tl, triton, use_triton
 from fasttrain_kernels._specialization import Specialization
 from fasttrain_kernels.clip_grad_norm import clip_coefficient, grad_norm
 

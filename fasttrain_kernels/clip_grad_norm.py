@@ -24,12 +24,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
 from fasttrain_kernels import _multi_tensor
-from fasttrain_kernels._backend import use_triton
+from fasttrain_kernels._backend import tl, triton, use_triton
 from fasttrain_kernels._specialization import Specialization
 
 

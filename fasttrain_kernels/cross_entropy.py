@@ -36,11 +36,9 @@ from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from fasttrain_kernels._backend import gpu_properties, library_op, num_warps_for, use_triton
+from fasttrain_kernels._backend import gpu_properties, library_op, num_warps_for, tl, triton, use_triton
 from fasttrain_kernels._specialization import COMPUTE_DTYPES, EXAMPLE_ROWS, VOCAB_SIZES, Specialization, choices
 
 IGNORE_INDEX = -100

@@ -19,8 +19,9 @@ and so its report), into a temporary cache directory, by one process per CPU cor
 
 sm_90 compiles to sm_90a (Hopper's arch-specific features), as Triton does for an H100.
 Exit status: 0, or 1 when a variant fails to compile or needs more shared memory
-than its target has; 2 for bad arguments or TRITON_INTERPRET=1 (under which
-triton.jit builds interpreter objects, which cannot be compiled for a GPU).
+than its target has; 2 for bad arguments, without triton installed, or with
+TRITON_INTERPRET=1 (under which triton.jit builds interpreter objects, which
+cannot be compiled for a GPU).
 """
 
 from __future__ import annotations
@@ -43,9 +44,8 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
-import triton
-
 from fasttrain_kernels import _backend
+from fasttrain_kernels._backend import triton
 from fasttrain_kernels._specialization import Specialization, divisible_by_16, triton_type
 
 
@@ -232,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.arch != "all" and args.arch not in TARGETS:
         print(f"error: --arch must be one of {', '.join(TARGETS)} or all, not {args.arch!r}", file=sys.stderr)
+        return 2
+    if not _backend.TRITON_INSTALLED:
+        print(f"error: {_backend.MISSING_TRITON}", file=sys.stderr)
         return 2
     if _backend.INTERPRETING:
         print(

@@ -24,11 +24,9 @@ iteration with plain matmuls, the math of torch.optim.Muon's own (private) one.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from fasttrain_kernels._backend import INTERPRETING, use_triton
+from fasttrain_kernels._backend import INTERPRETING, tl, triton, use_triton
 from fasttrain_kernels._specialization import Specialization
 
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's: (a, b, c) above

@@ -48,11 +48,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
-from fasttrain_kernels._backend import gpu_properties, library_op, num_warps_for, use_triton
+from fasttrain_kernels._backend import gpu_properties, library_op, num_warps_for, tl, triton, use_triton
 from fasttrain_kernels._specialization import EXAMPLE_ROWS, HIDDEN_SIZES, PRECISIONS, Specialization, choices
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import os
 import random
 import re
@@ -161,8 +160,8 @@ def kernels_on(
         mode = "compiled" if compiled else "eager"
         measured = {op: lookup(entries, capability, op, mode, shape) for op, shape in (shapes or {}).items()}
         auto = {op: m is not None and m.use for op, m in measured.items()}
-    else:  # fasttrain_kernels/ imports triton even for its PyTorch path
-        auto = {"linear_cross_entropy": precision == "bf16" and importlib.util.find_spec("triton") is not None}
+    else:  # the PyTorch path, which needs no triton
+        auto = {"linear_cross_entropy": precision == "bf16"}
     on = {op: getattr(cfg, op) is True or (getattr(cfg, op) == "auto" and auto.get(op, False)) for op in OPS}
     return Kernels(
         **{
