@@ -33,11 +33,17 @@ MODULES = {module_name(p): p for package in ("fasttrain", "fasttrain_kernels") f
 
 def layer(module: str) -> int:
     """0 is the lowest layer; a module may import its own layer and those below."""
-    if module in ("fasttrain.system.errors", "fasttrain.system.atomic"):
-        return 0
-    if module == "fasttrain.config" or module.startswith("fasttrain.config."):
-        return 1
-    layers = {"system": 2, "data": 3, "preparation": 3, "model": 4, "training": 5, "checkpoints": 5, "evaluation": 5}
+    layers = {
+        "system": 0,
+        "config": 1,
+        "compute": 2,
+        "data": 3,
+        "preparation": 3,
+        "model": 4,
+        "training": 5,
+        "checkpoints": 5,
+        "evaluation": 5,
+    }
     for package, rank in layers.items():
         if module.startswith(f"fasttrain.{package}.") or module == f"fasttrain.{package}":
             return rank

@@ -2,8 +2,8 @@
 restores from them.
 
 Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.checksums, checkpoints.resume,
-checkpoints.run_directory, checkpoints.saves, checkpoints.sharded_files, config, data.loader, system.atomic,
-system.distributed, system.errors, system.run_lock, training.optimizers, training.run_state.
+checkpoints.run_directory, checkpoints.saves, checkpoints.sharded_files, compute.distributed, config, data.loader,
+system.atomic, system.errors, system.run_lock, training.optimizers, training.run_state.
 
 The rest is in modules of its own, one concept each: checkpoint_files.py (what a save holds, writing,
 publishing, resolving and reading one), sharded_files.py (the sharded folders, through DCP), checksums.py
@@ -44,9 +44,9 @@ from fasttrain.checkpoints.saves import (
     saved_steps,
     step_of,
 )
+from fasttrain.compute import distributed
 from fasttrain.config import Config, config_to_toml
 from fasttrain.data.loader import TokenLoader, reshard
-from fasttrain.system import distributed
 from fasttrain.system.atomic import sync_directory, write_atomically
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import other_holder

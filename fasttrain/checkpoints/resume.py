@@ -2,7 +2,7 @@
 from a model of the same shape and the same optimizer, the random generators' states, and what it says when
 the world that continues is not the one that saved.
 
-Imports from fasttrain: config, system.device, system.errors, training.run_state, training.schedule.
+Imports from fasttrain: compute.device, config, system.errors, training.run_state, training.schedule.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fasttrain.compute.device import seed_everything
 from fasttrain.config import Config
-from fasttrain.system.device import seed_everything
 from fasttrain.system.errors import UsageError
 from fasttrain.training.run_state import RunState
 from fasttrain.training.schedule import format_duration

@@ -1,6 +1,6 @@
 """Validation: the loss, accuracy, perplexity and bits per byte of a model on held-out rows, and of a mixture.
 
-Imports from fasttrain: data.loader, system.device, system.distributed, training.metrics, training.objective.
+Imports from fasttrain: compute.device, compute.distributed, data.loader, training.metrics, training.objective.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from fasttrain.compute import distributed
+from fasttrain.compute.device import autocast
 from fasttrain.data.loader import TokenLoader
-from fasttrain.system import distributed
-from fasttrain.system.device import autocast
 from fasttrain.training.metrics import perplexity
 from fasttrain.training.objective import LossSums
 

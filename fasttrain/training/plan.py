@@ -1,8 +1,8 @@
 """A run's plan: everything a run of a config decides before it allocates anything, decided once.
 
-Imports from fasttrain: checkpoints.checkpoint_files, config, data.documents, data.mixture, data.shards, model.sizing, model.transformer,
-model.weights, preparation.cache, preparation.preparation, preparation.tokenizer, system.device, system.distributed,
-system.errors, training.preflight, training.schedule.
+Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, config, data.documents,
+data.mixture, data.shards, model.sizing, model.transformer, model.weights, preparation.cache, preparation.preparation,
+preparation.tokenizer, system.errors, training.preflight, training.schedule.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 from fasttrain.checkpoints import checkpoint_files
+from fasttrain.compute import distributed
+from fasttrain.compute.device import Kernels, check_attention, check_fp8, kernels_on, resolve_train
 from fasttrain.config import (
     DEFAULT_INPUTS,
     DEFAULT_VOCAB,
@@ -47,8 +49,6 @@ from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
 from fasttrain.preparation.cache import prepared_dir
 from fasttrain.preparation.preparation import check_preparable, request_of
 from fasttrain.preparation.tokenizer import Tokenizer
-from fasttrain.system import distributed
-from fasttrain.system.device import Kernels, check_attention, check_fp8, kernels_on, resolve_train
 from fasttrain.system.errors import UsageError
 from fasttrain.training.preflight import check_fits
 from fasttrain.training.schedule import Budget, budget_note, fit_warmup, recorded_progress
@@ -421,7 +421,7 @@ def rows_per_epoch(source: Source, cfg: Config, world_size: int) -> int:
 
 
 def kernel_reasons(cfg: Config, kernels: Kernels, device: torch.device, sharded: bool) -> tuple[str, ...]:
-    """Why each kernel (kernel_table.OPS order) is on or off, as system/device.kernels_on decided."""
+    """Why each kernel (kernel_table.OPS order) is on or off, as compute/device.kernels_on decided."""
     reasons = []
     for op in ("linear_cross_entropy", "rms_norm", "adamw"):
         setting, on = getattr(cfg.kernels, op), getattr(kernels, op)

@@ -1,10 +1,10 @@
 """The Trainer: one run of `python -m fasttrain.train`, also usable from other code.
 
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.checkpoint_files, checkpoints.resume,
-checkpoints.run_directory, config, data.loader, data.mixture, data.sampling, evaluation.validation,
-model.generation, model.transformer, model.weights, preparation.cache, preparation.tokenizer, system.device,
-system.distributed, training.launch, training.objective, training.optimizers, training.plan, training.policies,
-training.reporting, training.run_loop, training.run_state, training.schedule.
+checkpoints.run_directory, compute.device, compute.distributed, config, data.loader, data.mixture, data.sampling,
+evaluation.validation, model.generation, model.transformer, model.weights, preparation.cache, preparation.tokenizer,
+training.launch, training.objective, training.optimizers, training.plan, training.policies, training.reporting,
+training.run_loop, training.run_state, training.schedule.
 
     trainer = Trainer(load_config("configs/base.toml"))
     summary = trainer.train()          # or drive it yourself:
@@ -47,6 +47,17 @@ import torch
 from fasttrain.checkpoints import checkpoint_files, run_directory
 from fasttrain.checkpoints.checkpoint import Checkpointer
 from fasttrain.checkpoints.resume import check_not_past_end
+from fasttrain.compute import distributed
+from fasttrain.compute.device import (
+    autocast,
+    compile_failures,
+    compile_options,
+    key_inductor_cache,
+    seed_everything,
+    uncompiled,
+    use_attention,
+    use_device,
+)
 from fasttrain.config import Config
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import Source, kept_mix_notes, replay_mix
@@ -57,17 +68,6 @@ from fasttrain.model.transformer import Transformer
 from fasttrain.model.weights import export_weights, read_hf_llama_weights
 from fasttrain.preparation.cache import ensure_prepared
 from fasttrain.preparation.tokenizer import Tokenizer
-from fasttrain.system import distributed
-from fasttrain.system.device import (
-    autocast,
-    compile_failures,
-    compile_options,
-    key_inductor_cache,
-    seed_everything,
-    uncompiled,
-    use_attention,
-    use_device,
-)
 from fasttrain.training.launch import check_start, opened
 from fasttrain.training.objective import LossSums, NextTokenLoss, batch_loss, counted_targets
 from fasttrain.training.optimizers import Updater
@@ -109,7 +109,7 @@ class Trainer:
     and starts from its weights. Nothing is written to `train.out_dir` until
     `train()` or `save_checkpoint()`. Call `resume()` before `train()` to continue a saved run.
 
-    Under torchrun (see fasttrain/system/distributed.py) every rank builds a Trainer: each
+    Under torchrun (see fasttrain/compute/distributed.py) every rank builds a Trainer: each
     reads its own part of the data, the gradients are averaged (DDP) or sharded
     (FSDP), the logged loss is over all ranks' targets, and only rank 0 prints and writes.
     """

@@ -1,6 +1,6 @@
 """Data-parallel runs over processes started by torchrun: the process group, the model wrapper, reductions.
 
-Imports from fasttrain: system.device, system.errors.
+Imports from fasttrain: compute.device, system.errors.
 
     torchrun --nproc_per_node=N -m fasttrain.train CONFIG.toml
 
@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fasttrain.system.device import PRECISIONS
+from fasttrain.compute.device import PRECISIONS
 from fasttrain.system.errors import RunStopped, UsageError
 
 
