@@ -114,9 +114,9 @@ from fasttrain.compute.distributed import World
 from fasttrain.config import load_config
 from fasttrain.data.documents import Rows
 from fasttrain.data.loader import TokenLoader
-from fasttrain.data.prepared_folder import PreparedData, open_prepared
-from fasttrain.data.shards import find_shards
 from fasttrain.evaluation.validation import validate
+from fasttrain.formats.prepared_folder import PreparedData, open_prepared
+from fasttrain.formats.shards import find_shards
 from fasttrain.model.transformer import Transformer
 from fasttrain.plot import pyplot, save_figure
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli

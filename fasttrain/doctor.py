@@ -1,6 +1,6 @@
 """The loss doctor: the systematic checks for "my loss does not go down", run on a real batch.
 
-Imports from fasttrain: config, data.shards, evaluation.diagnosis, system.errors, training.trainer.
+Imports from fasttrain: config, evaluation.diagnosis, formats.shards, system.errors, training.trainer.
 
     python -m fasttrain.doctor CONFIG.toml [--set SECTION.KEY=VALUE ...] [--overfit-steps N]
 
@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from fasttrain.config import add_config_arguments, config_from_args
-from fasttrain.data.shards import check_ids, find_shards
 from fasttrain.evaluation.diagnosis import diagnose, report
+from fasttrain.formats.shards import check_ids, find_shards
 from fasttrain.system.errors import ArgumentParser, run_cli
 from fasttrain.training.trainer import Trainer
 

@@ -37,17 +37,18 @@ def layer(module: str) -> int:
         "system": 0,
         "config": 1,
         "compute": 2,
-        "data": 3,
-        "preparation": 3,
-        "model": 4,
-        "training": 5,
-        "checkpoints": 5,
-        "evaluation": 5,
+        "formats": 3,
+        "preparation": 4,
+        "data": 5,
+        "model": 6,
+        "training": 7,
+        "checkpoints": 7,
+        "evaluation": 7,
     }
     for package, rank in layers.items():
         if module.startswith(f"fasttrain.{package}.") or module == f"fasttrain.{package}":
             return rank
-    return 6  # the commands and fasttrain/__init__.py
+    return 8  # the commands and fasttrain/__init__.py
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -1,8 +1,8 @@
 """A run's plan: everything a run of a config decides before it allocates anything, decided once.
 
 Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, config, data.documents,
-data.mixture, data.shards, model.sizing, model.transformer, model.weights, preparation.cache, preparation.preparation,
-preparation.tokenizer, system.errors, training.preflight, training.schedule.
+data.mixture, formats.shards, formats.tokenizer, model.sizing, model.transformer, model.weights, preparation.cache,
+preparation.preparation, system.errors, training.preflight, training.schedule.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
@@ -42,13 +42,13 @@ from fasttrain.config import (
 )
 from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Blend, Source, open_sources, phases, token_shares
-from fasttrain.data.shards import find_shards
+from fasttrain.formats.shards import find_shards
+from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.sizing import HEAD_DIM, Corpus, Speed, fits, ladder_shape, plural, size_model
 from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
 from fasttrain.preparation.cache import prepared_dir
 from fasttrain.preparation.preparation import check_preparable, request_of
-from fasttrain.preparation.tokenizer import Tokenizer
 from fasttrain.system.errors import UsageError
 from fasttrain.training.preflight import check_fits
 from fasttrain.training.schedule import Budget, budget_note, fit_warmup, recorded_progress

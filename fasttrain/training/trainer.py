@@ -2,7 +2,7 @@
 
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.checkpoint_files, checkpoints.resume,
 checkpoints.run_directory, compute.device, compute.distributed, config, data.loader, data.mixture, data.sampling,
-evaluation.validation, model.generation, model.transformer, model.weights, preparation.cache, preparation.tokenizer,
+evaluation.validation, formats.tokenizer, model.generation, model.transformer, model.weights, preparation.cache,
 training.launch, training.objective, training.optimizers, training.plan, training.policies, training.reporting,
 training.run_loop, training.run_state, training.schedule.
 
@@ -63,11 +63,11 @@ from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import Source, kept_mix_notes, replay_mix
 from fasttrain.data.sampling import Sampling
 from fasttrain.evaluation.validation import mixture_metrics, validate
+from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.generation import generate_text
 from fasttrain.model.transformer import Transformer
 from fasttrain.model.weights import export_weights, read_hf_llama_weights
 from fasttrain.preparation.cache import ensure_prepared
-from fasttrain.preparation.tokenizer import Tokenizer
 from fasttrain.training.launch import check_start, opened
 from fasttrain.training.objective import LossSums, NextTokenLoss, batch_loss, counted_targets
 from fasttrain.training.optimizers import Updater
