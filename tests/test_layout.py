@@ -41,14 +41,14 @@ def layer(module: str) -> int:
         "preparation": 4,
         "data": 5,
         "model": 6,
-        "training": 7,
         "checkpoints": 7,
-        "evaluation": 7,
+        "training": 8,
+        "evaluation": 8,
     }
     for package, rank in layers.items():
         if module.startswith(f"fasttrain.{package}.") or module == f"fasttrain.{package}":
             return rank
-    return 8  # the commands and fasttrain/__init__.py
+    return 9  # the commands and fasttrain/__init__.py
 
 
 def imported_modules(path: Path) -> set[str]:

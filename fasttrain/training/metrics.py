@@ -1,6 +1,6 @@
 """What a run reports: metrics.jsonl, TensorBoard, the console, and MFU.
 
-Imports from fasttrain: system.atomic, system.errors.
+Imports from fasttrain: checkpoints.run_directory, system.atomic, system.errors.
 
 Every event is one JSON object per line in `metrics.jsonl` with an "event" field
 ("start", "train", "eval", "sample", "end"); train events carry `step` and
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from fasttrain.checkpoints.run_directory import WANDB_ID_FILE
 from fasttrain.system.atomic import open_regular, write_atomically
 from fasttrain.system.errors import UsageError
 
@@ -161,9 +162,6 @@ class MetricsLog:
             self._file.close()
         if self._wandb is not None:
             self._wandb.close()
-
-
-WANDB_ID_FILE = "wandb_run_id"  # in the run directory: the W&B run a resumed run continues
 
 
 def import_wandb() -> ModuleType:

@@ -1,6 +1,6 @@
 """The training loop's policies: what to do after non-finite steps, and when to stop early.
 
-Imports from fasttrain: config, training.run_state.
+Imports from fasttrain: checkpoints.run_state, config.
 
 Each is a small object the loop asks after a step or an evaluation; the loop carries
 out the answer (rolls back, stops) and reporting tells the user. A restored save that
@@ -14,8 +14,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from fasttrain.checkpoints.run_state import RunState
 from fasttrain.config import Config, RecoveryConfig
-from fasttrain.training.run_state import RunState
 
 
 class Recovery:

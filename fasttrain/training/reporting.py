@@ -1,7 +1,8 @@
 """What a training run tells the user: each event (metrics.jsonl, see metrics.py) and console line,
 made from the values it is given. Nothing here reads the trainer.
 
-Imports from fasttrain: compute.device, config, training.metrics, training.plan, training.run_state, training.schedule.
+Imports from fasttrain: checkpoints.run_state, compute.device, config, training.metrics, training.plan,
+training.schedule.
 
 The training loop hands over a record per step (to IntervalMeter, which sums them on the
 device until the next log line), one per evaluation, and one per skip, rollback or stop.
@@ -17,12 +18,12 @@ from typing import Any
 
 import torch
 
+from fasttrain.checkpoints.run_state import RunState
 from fasttrain.compute.device import synchronize
-from fasttrain.config import Config
+from fasttrain.config import Config, format_duration
 from fasttrain.training.metrics import MetricsLog, peak_flops, peak_memory_gb, perplexity
 from fasttrain.training.plan import Reading, RunPlan
-from fasttrain.training.run_state import RunState
-from fasttrain.training.schedule import PROGRESS_EVENT, Budget, format_duration
+from fasttrain.training.schedule import PROGRESS_EVENT, Budget
 
 
 class IntervalMeter:

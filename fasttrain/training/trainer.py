@@ -1,10 +1,10 @@
 """The Trainer: one run of `python -m fasttrain.train`, also usable from other code.
 
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.checkpoint_files, checkpoints.resume,
-checkpoints.run_directory, compute.device, compute.distributed, config, data.loader, data.mixture, data.sampling,
-evaluation.validation, formats.tokenizer, model.generation, model.transformer, model.weights, preparation.cache,
-training.launch, training.objective, training.optimizers, training.plan, training.policies, training.reporting,
-training.run_loop, training.run_state, training.schedule.
+checkpoints.run_directory, checkpoints.run_state, compute.device, compute.distributed, config, data.loader,
+data.mixture, data.sampling, evaluation.validation, formats.tokenizer, model.generation, model.transformer,
+model.weights, preparation.cache, training.launch, training.objective, training.optimizers, training.plan,
+training.policies, training.reporting, training.run_loop, training.schedule.
 
     trainer = Trainer(load_config("configs/base.toml"))
     summary = trainer.train()          # or drive it yourself:
@@ -47,6 +47,7 @@ import torch
 from fasttrain.checkpoints import checkpoint_files, run_directory
 from fasttrain.checkpoints.checkpoint import Checkpointer
 from fasttrain.checkpoints.resume import check_not_past_end
+from fasttrain.checkpoints.run_state import RunState
 from fasttrain.compute import distributed
 from fasttrain.compute.device import (
     autocast,
@@ -75,7 +76,6 @@ from fasttrain.training.plan import RunPlan, accumulation_steps, plan_run  # noq
 from fasttrain.training.policies import monitor_anew
 from fasttrain.training.reporting import Report, run_summary
 from fasttrain.training.run_loop import Interrupted, Loop, StepResult  # noqa: F401 (Interrupted: what train() raises)
-from fasttrain.training.run_state import RunState
 from fasttrain.training.schedule import Budget, carried_rest_scale, next_update, schedule_change
 
 
@@ -162,7 +162,9 @@ class Trainer:
         self.updater = Updater(
             self.model, self.cfg.optim, self.device, self.precision, kernel=self.kernels.adamw, sharded=self.sharded
         )
-        self.checkpoints = Checkpointer(self.cfg, self.model, self.updater, self.world, plan.parallel, self.device)
+        self.checkpoints = Checkpointer(
+            self.cfg, self.model, self.updater.optimizer, self.updater.scaler, self.world, plan.parallel, self.device
+        )
         self.init_pending = bool(self.cfg.model.init_from) and not plan.init_missing  # its weights not read yet
         if self.init_pending and not resuming:
             self._start_from_init()
