@@ -42,13 +42,13 @@ def layer(module: str) -> int:
         "data": 5,
         "model": 6,
         "checkpoints": 7,
-        "training": 8,
         "evaluation": 8,
+        "training": 9,
     }
     for package, rank in layers.items():
         if module.startswith(f"fasttrain.{package}.") or module == f"fasttrain.{package}":
             return rank
-    return 9  # the commands and fasttrain/__init__.py
+    return 10  # the commands and fasttrain/__init__.py
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -1,6 +1,6 @@
 """Validation: the loss, accuracy, perplexity and bits per byte of a model on held-out rows, and of a mixture.
 
-Imports from fasttrain: compute.device, compute.distributed, data.loader, training.metrics, training.objective.
+Imports from fasttrain: compute.device, compute.distributed, data.loader, evaluation.loss_sums.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ from torch import nn
 from fasttrain.compute import distributed
 from fasttrain.compute.device import autocast
 from fasttrain.data.loader import TokenLoader
-from fasttrain.training.metrics import perplexity
-from fasttrain.training.objective import LossSums
+from fasttrain.evaluation.loss_sums import LossSums, perplexity
 
 
 @torch.no_grad()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import resource
 import sys
@@ -45,11 +44,6 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
     ("L4", 121.0),
     ("A10", 125.0),
 ]
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss), capped at exp(50) so a diverged run logs a large number rather than inf."""
-    return math.exp(min(loss, 50.0))
 
 
 def peak_flops(device: torch.device) -> float | None:

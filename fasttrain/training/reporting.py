@@ -1,8 +1,8 @@
 """What a training run tells the user: each event (metrics.jsonl, see metrics.py) and console line,
 made from the values it is given. Nothing here reads the trainer.
 
-Imports from fasttrain: checkpoints.run_state, compute.device, config, training.metrics, training.plan,
-training.schedule.
+Imports from fasttrain: checkpoints.run_state, compute.device, config, evaluation.loss_sums, training.metrics,
+training.plan, training.schedule.
 
 The training loop hands over a record per step (to IntervalMeter, which sums them on the
 device until the next log line), one per evaluation, and one per skip, rollback or stop.
@@ -21,7 +21,8 @@ import torch
 from fasttrain.checkpoints.run_state import RunState
 from fasttrain.compute.device import synchronize
 from fasttrain.config import Config, format_duration
-from fasttrain.training.metrics import MetricsLog, peak_flops, peak_memory_gb, perplexity
+from fasttrain.evaluation.loss_sums import perplexity
+from fasttrain.training.metrics import MetricsLog, peak_flops, peak_memory_gb
 from fasttrain.training.plan import Reading, RunPlan
 from fasttrain.training.schedule import PROGRESS_EVENT, Budget
 

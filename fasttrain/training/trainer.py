@@ -2,9 +2,9 @@
 
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.checkpoint_files, checkpoints.resume,
 checkpoints.run_directory, checkpoints.run_state, compute.device, compute.distributed, config, data.loader,
-data.mixture, data.sampling, evaluation.validation, formats.tokenizer, model.generation, model.transformer,
-model.weights, preparation.cache, training.launch, training.objective, training.optimizers, training.plan,
-training.policies, training.reporting, training.run_loop, training.schedule.
+data.mixture, data.sampling, evaluation.loss_sums, evaluation.validation, formats.tokenizer, model.generation,
+model.transformer, model.weights, preparation.cache, training.launch, training.objective, training.optimizers,
+training.plan, training.policies, training.reporting, training.run_loop, training.schedule.
 
     trainer = Trainer(load_config("configs/base.toml"))
     summary = trainer.train()          # or drive it yourself:
@@ -63,6 +63,7 @@ from fasttrain.config import Config
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import Source, kept_mix_notes, replay_mix
 from fasttrain.data.sampling import Sampling
+from fasttrain.evaluation.loss_sums import LossSums
 from fasttrain.evaluation.validation import mixture_metrics, validate
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.generation import generate_text
@@ -70,7 +71,7 @@ from fasttrain.model.transformer import Transformer
 from fasttrain.model.weights import export_weights, read_hf_llama_weights
 from fasttrain.preparation.cache import ensure_prepared
 from fasttrain.training.launch import check_start, opened
-from fasttrain.training.objective import LossSums, NextTokenLoss, batch_loss, counted_targets
+from fasttrain.training.objective import NextTokenLoss, batch_loss, counted_targets
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.plan import RunPlan, accumulation_steps, plan_run  # noqa: F401 (accumulation_steps: kept for the Python API)
 from fasttrain.training.policies import monitor_anew
