@@ -46,11 +46,11 @@ from fasttrain.config import (
 from fasttrain.evaluate import score_tasks
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
-from fasttrain.training.launch import check_directory, check_start
+from fasttrain.training.launch import check_directory, check_start, start_run
 from fasttrain.training.measure import measure, measure_line
 from fasttrain.training.plan import plan_run
 from fasttrain.training.plan_table import plan_table
-from fasttrain.training.trainer import Interrupted, Trainer, start_run
+from fasttrain.training.trainer import Interrupted, Trainer
 
 AUTO_OR_NEW = "auto-or-new"  # --resume auto, or a new run while train.out_dir has no checkpoint
 

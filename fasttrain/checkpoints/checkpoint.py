@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fasttrain.checkpoints import checksums, sharded_files
-from fasttrain.checkpoints.checkpoint_files import STATE_FILE, load, publish, save, saved_config
+from fasttrain.checkpoints.checkpoint_files import STATE_FILE, load, publish, resolve, save, saved_config
 from fasttrain.checkpoints.resume import (
     check_same_model,
     check_same_optimizer,
@@ -32,7 +32,7 @@ from fasttrain.checkpoints.resume import (
     set_rng_state,
     world_change,
 )
-from fasttrain.checkpoints.run_directory import RunStart, check_new_run
+from fasttrain.checkpoints.run_directory import RunStart, check_kept_tokenizer, check_new_run, check_own
 from fasttrain.checkpoints.run_state import RunState
 from fasttrain.checkpoints.saves import (
     SAVE_NAME,
@@ -229,6 +229,16 @@ class Checkpointer:
             return None
         # A failed write of a step saved before (a resumed run's evaluation saves it again) left that save whole.
         return None if distributed.any_rank(done[0].exists(), self.world, self.device) else done[0]
+
+    def resumable(self, spec: str, data_dir: str) -> Path:
+        """The save `spec` names ("auto": this run's latest, a run directory or a checkpoint file); UsageError for a
+        save of another run directory, or for this run's data (`data_dir`) prepared again with another tokenizer:
+        checked before the loader's state, since data prepared again has other rows too and its tokenizer is the
+        real cause."""
+        path = resolve(spec, self.cfg.train.out_dir)
+        check_own(path, self.directory)
+        check_kept_tokenizer(data_dir, self.cfg.train.out_dir)
+        return path
 
     def restore(self, path: str | Path, loader: TokenLoader, accumulation: int) -> tuple[RunState, Config, list[str]]:
         """Load the checkpoint at `path` into the model, optimizer, scaler, `loader` and the random

@@ -363,6 +363,12 @@ def total(value: torch.Tensor, world: World) -> torch.Tensor:
     return summed
 
 
+def main_value(value: float, world: World, device: torch.device) -> float:
+    """Rank 0's `value` on every rank, so that all decide alike (a collective: every rank calls it)."""
+    mine = torch.tensor(value if world.is_main else 0.0, dtype=torch.float64, device=device)
+    return total(mine, world).item()
+
+
 def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     """Whether `flag` is true on any rank (every rank gets the same answer)."""
     if not world.distributed:

@@ -312,10 +312,20 @@ class Report:
     def stopped(self, step: int, signal_name: str, path: Path | None) -> None:
         self.log.event("stopped", step=step, signal=signal_name, checkpoint=str(path))
 
-    def end(self, summary: dict[str, Any], run: RunState, replay_mix: str = "") -> None:
-        """The summary Trainer.train returns, and where everything went; `replay_mix`: the --set item that pins a
-        budgeted run's mix changes in its replay (mixture.replay_mix)."""
+    def end(
+        self,
+        run: RunState,
+        last_eval: dict[str, float],
+        checkpoint: Path | None,
+        weights: Path,
+        stopped_early: bool,
+        wall_seconds: float,
+        replay_mix: str = "",
+    ) -> dict[str, Any]:
+        """The run's summary (run_summary), reported and returned (what Trainer.train returns), and where everything
+        went; `replay_mix`: the --set item that pins a budgeted run's mix changes in its replay (mixture.replay_mix)."""
         out = Path(self.cfg.train.out_dir)
+        summary = run_summary(run, last_eval, out, checkpoint, weights, stopped_early, wall_seconds)
         self.log.event("end", **summary)
         self.log.end_progress()
         self.log.print(
@@ -347,6 +357,7 @@ class Report:
             # fasttrain.plot's own hint where it would refuse: matplotlib is an extra, not a dependency
             + ("" if importlib.util.find_spec("matplotlib") else ' (needs matplotlib: pip install -e ".[plot]")')
         )
+        return summary
 
 
 def run_summary(
