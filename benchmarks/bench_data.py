@@ -17,7 +17,7 @@ import pytest
 
 from fasttrain.data.documents import IGNORE_INDEX
 from fasttrain.data.loader import TokenLoader
-from fasttrain.data.shards import ShardWriter
+from fasttrain.formats.shards import ShardWriter
 from fasttrain.preparation.preparation import prepare
 
 B, T = 64, 1024

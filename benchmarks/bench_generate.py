@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from benchmarks.conftest import FIXED_BASE, sizes, time_device
+from fasttrain.compute.device import autocast
 from fasttrain.config import load_config
 from fasttrain.model.generation import generate
 from fasttrain.model.transformer import Transformer
-from fasttrain.system.device import autocast
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

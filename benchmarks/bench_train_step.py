@@ -3,7 +3,7 @@
 GPU (skipped without one): the GPT-2-small config (124M) and the ~350M config at
 T = 1024, bf16 autocast, compiled, one micro-batch of the config's batch size per
 step. "fasttrain" is [kernels] auto, the measured dispatch table's choice
-(fasttrain/system/kernel_table.py); "kernels-on" forces every kernel on, so a kernel
+(fasttrain/compute/kernel_table.py); "kernels-on" forces every kernel on, so a kernel
 the table leaves off is still measured in the whole step; "stock" has them all off, which
 is the model built from stock pieces: torch.nn.RMSNorm with separate residual adds,
 logits + F.cross_entropy, torch.optim.AdamW(fused=True) + clip_grad_norm_, with the
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 import fasttrain_kernels._backend
 from benchmarks.conftest import DRY_RUN, FIXED_BASE, allocator_counts, counts_since, median_seconds, sizes, time_device
+from fasttrain.compute.device import PRECISIONS, native_bf16
 from fasttrain.config import load_config
 from fasttrain.model.transformer import Transformer
-from fasttrain.system.device import PRECISIONS, native_bf16
 from fasttrain.training.metrics import peak_flops
 from fasttrain.training.trainer import Trainer
 

@@ -80,8 +80,8 @@ def timed_step(trainer) -> float:
 
 def worker(mode: str, out_dir: str, data_dir: str, result: str, layers: str) -> None:
     """One rank: train and save in each format ("save"), or resume the latest save ("resume")."""
+    from fasttrain.compute import distributed
     from fasttrain.config import load_config
-    from fasttrain.system import distributed
     from fasttrain.training.trainer import Trainer
 
     cfg = load_config(

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from fasttrain.system.device import synchronize
+from fasttrain.compute.device import synchronize
 
 # Set by `python -m benchmarks.gpu_check --dry-run`: the GPU cases run on the CPU at tiny sizes, so the
 # whole acceptance pack's plumbing is exercised on a machine without a GPU. Their timings mean nothing.

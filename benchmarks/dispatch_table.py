@@ -1,6 +1,6 @@
-"""Write the measured dispatch table (fasttrain/system/kernel_table.py) from GPU benchmark results.
+"""Write the measured dispatch table (fasttrain/compute/kernel_table.py) from GPU benchmark results.
 
-    python -m benchmarks.dispatch_table RESULTS.json [RESULTS.json ...] [--out fasttrain/system/kernel_table.json]
+    python -m benchmarks.dispatch_table RESULTS.json [RESULTS.json ...] [--out fasttrain/compute/kernel_table.json]
 
 RESULTS are gpu_check.json files or `pytest benchmarks/ --benchmark-json` files from a GPU. Per GPU
 capability, op, shape and mode, the kernel's median is raced against the fastest stock path the trainer
@@ -23,7 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fasttrain.system.kernel_table import TABLE
+from fasttrain.compute.kernel_table import TABLE
 
 MARGIN = 0.98  # on only where the kernel's median is at most this fraction of stock's: a 2% win, not noise
 

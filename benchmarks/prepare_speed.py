@@ -31,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from fasttrain.formats.tokenizer import Tokenizer  # noqa: E402
 from fasttrain.preparation.encoder import fast_encoder  # noqa: E402
-from fasttrain.preparation.tokenizer import Tokenizer  # noqa: E402
 
 
 def make_corpus(path: Path, mb: float) -> int:

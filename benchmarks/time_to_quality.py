@@ -109,16 +109,16 @@ import torch
 from torch import nn
 
 from benchmarks.recipe_sweep import ROOT, load_average, prepared, result_header, setting, train_sets
+from fasttrain.compute.device import resolve_precision
+from fasttrain.compute.distributed import World
 from fasttrain.config import load_config
 from fasttrain.data.documents import Rows
 from fasttrain.data.loader import TokenLoader
-from fasttrain.data.prepared_folder import PreparedData, open_prepared
-from fasttrain.data.shards import find_shards
 from fasttrain.evaluation.validation import validate
+from fasttrain.formats.prepared_folder import PreparedData, open_prepared
+from fasttrain.formats.shards import find_shards
 from fasttrain.model.transformer import Transformer
 from fasttrain.plot import pyplot, save_figure
-from fasttrain.system.device import resolve_precision
-from fasttrain.system.distributed import World
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.training.objective import NextTokenLoss, batch_loss
 from fasttrain.training.schedule import Budget

@@ -1,13 +1,13 @@
 """The loss doctor: the systematic checks for "my loss does not go down", run on a real batch.
 
-Imports from fasttrain: config, data.shards, evaluation.diagnosis, system.errors, training.trainer.
+Imports from fasttrain: config, diagnosis, formats.shards, system.errors, training.trainer.
 
     python -m fasttrain.doctor CONFIG.toml [--set SECTION.KEY=VALUE ...] [--overfit-steps N]
 
 Builds the run exactly as `python -m fasttrain.train` would start it (config, data, model,
 optimizer; with model.init_from, that model's weights, refused as train refuses them),
 reads every token of both splits (an id beyond the vocabulary is bad input, whatever the
-shard headers say), then runs the checks of fasttrain/evaluation/diagnosis.py on one
+shard headers say), then runs the checks of fasttrain/diagnosis.py on one
 training batch.
 
 Each check prints PASS or FAIL and what it measured; a failure also says what to
@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from fasttrain.config import add_config_arguments, config_from_args
-from fasttrain.data.shards import check_ids, find_shards
-from fasttrain.evaluation.diagnosis import diagnose, report
+from fasttrain.diagnosis import diagnose, report
+from fasttrain.formats.shards import check_ids, find_shards
 from fasttrain.system.errors import ArgumentParser, run_cli
 from fasttrain.training.trainer import Trainer
 

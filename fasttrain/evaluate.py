@@ -1,8 +1,8 @@
 """Score a trained model on text (loss, perplexity and bits per byte) or on lm-evaluation-harness tasks.
 
-Imports from fasttrain: checkpoints.saves, data.loader, data.mixture, data.prepared_folder,
-evaluation.trained_model, evaluation.validation, preparation.preparation, system.atomic, system.distributed,
-system.errors, system.run_lock, training.metrics, training.objective.
+Imports from fasttrain: checkpoints.saves, compute.distributed, data.loader, data.mixture, evaluation.trained_model,
+evaluation.validation, formats.prepared_folder, preparation.preparation, system.atomic, system.errors, system.run_lock,
+training.metrics, training.objective.
 
     python -m fasttrain.evaluate RUN_DIR|WEIGHTS_DIR|CHECKPOINT (--input PATH [PATH ...] | --split val)
         [--batch-size N] [--text-field FIELD] [--device D]
@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from fasttrain.checkpoints import saves
+from fasttrain.compute.distributed import World
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import normalized, source_names
-from fasttrain.data.prepared_folder import open_prepared
 from fasttrain.evaluation.trained_model import (
     Trained,
     inference_device,
@@ -51,9 +51,9 @@ from fasttrain.evaluation.trained_model import (
     run_directory,
 )
 from fasttrain.evaluation.validation import mixture_metrics, validate
+from fasttrain.formats.prepared_folder import open_prepared
 from fasttrain.preparation.preparation import prepare
 from fasttrain.system.atomic import write_atomically
-from fasttrain.system.distributed import World
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.system.run_lock import locked
 from fasttrain.training.metrics import MetricsLog

@@ -1,6 +1,6 @@
 """Generate text from a trained model, streamed to the terminal as it is sampled.
 
-Imports from fasttrain: config, evaluation.trained_model, model.generation, system.atomic, system.device,
+Imports from fasttrain: compute.device, config, evaluation.trained_model, model.generation, system.atomic,
 system.errors.
 
     python -m fasttrain.sample RUN_DIR|WEIGHTS_DIR|CHECKPOINT [--prompt TEXT | --prompt-file FILE]
@@ -20,11 +20,11 @@ from typing import Sequence
 
 import torch
 
+from fasttrain.compute.device import autocast
 from fasttrain.config import MAX_PROMPT_CHARS, MAX_SEED
 from fasttrain.evaluation.trained_model import inference_device, inference_precision, load_trained
 from fasttrain.model.generation import GREEDY_BELOW, generate_text
 from fasttrain.system.atomic import read_regular
-from fasttrain.system.device import autocast
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 

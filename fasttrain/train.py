@@ -1,8 +1,8 @@
 """Train a language model from a TOML config.
 
-Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.run_directory, checkpoints.saves, config,
-config.shipped, evaluate, evaluation.trained_model, system.device, system.distributed, system.errors,
-training.launch, training.measure, training.plan, training.plan_table, training.trainer.
+Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.run_directory, checkpoints.saves, compute.device,
+compute.distributed, config, config.shipped, evaluate, evaluation.trained_model, system.errors, training.launch,
+training.measure, training.plan, training.plan_table, training.trainer.
 
     python -m fasttrain.train configs/base.toml [--set SECTION.KEY=VALUE ...] [--resume auto|auto-or-new|PATH]
     python -m fasttrain.train configs/base.toml --dry-run [--json] [--measure N]
@@ -32,6 +32,8 @@ from typing import Sequence
 from fasttrain.checkpoints.checkpoint_files import resolve
 from fasttrain.checkpoints.run_directory import EARLIER_RUN_CHOICES, REPLACED, earlier_run, finish_overwrite
 from fasttrain.checkpoints.saves import saved_steps
+from fasttrain.compute import distributed
+from fasttrain.compute.device import use_device
 from fasttrain.config import (
     Config,
     add_config_arguments,
@@ -43,14 +45,12 @@ from fasttrain.config import (
 )
 from fasttrain.evaluate import score_tasks
 from fasttrain.evaluation.trained_model import load_trained
-from fasttrain.system import distributed
-from fasttrain.system.device import use_device
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
-from fasttrain.training.launch import check_directory, check_start
+from fasttrain.training.launch import check_directory, check_start, start_run
 from fasttrain.training.measure import measure, measure_line
 from fasttrain.training.plan import plan_run
 from fasttrain.training.plan_table import plan_table
-from fasttrain.training.trainer import Interrupted, Trainer, start_run
+from fasttrain.training.trainer import Interrupted, Trainer
 
 AUTO_OR_NEW = "auto-or-new"  # --resume auto, or a new run while train.out_dir has no checkpoint
 

@@ -32,7 +32,7 @@ if _workers:
 import fasttrain_kernels._backend  # noqa: E402  (after the environment is set)
 import fasttrain_kernels._multi_tensor  # noqa: E402
 from fasttrain.config import Config, load_config
-from fasttrain.data.shards import ShardWriter
+from fasttrain.formats.shards import ShardWriter
 from fasttrain.preparation.preparation import prepare
 
 

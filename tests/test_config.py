@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fasttrain.compute.device import CPU_COMPILE_MIN_STEPS, kernels_on, resolve_train
 from fasttrain.config import (
     Config,
     KernelsConfig,
@@ -22,7 +23,6 @@ from fasttrain.config import (
     load_config,
     save_config,
 )
-from fasttrain.system.device import CPU_COMPILE_MIN_STEPS, kernels_on, resolve_train
 from fasttrain.system.errors import UsageError
 
 try:

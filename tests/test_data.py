@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fasttrain.data.loader import TokenLoader
-from fasttrain.data.shards import HEADER_BYTES, MAGIC, ShardWriter
+from fasttrain.formats.shards import HEADER_BYTES, MAGIC, ShardWriter
 from fasttrain.system.errors import UsageError
 from tests.conftest import write_shard
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fasttrain import Trainer, train
+from fasttrain.diagnosis import diagnose, report
 from fasttrain.doctor import main
-from fasttrain.evaluation.diagnosis import diagnose, report
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args, tiny_config
 from tests.test_reliability_start import edit_tensor, init_from

@@ -11,7 +11,7 @@ import torch
 
 from fasttrain.data.documents import IGNORE_INDEX, Rows, document_starts, index_path
 from fasttrain.data.loader import TokenLoader
-from fasttrain.data.shards import read_header
+from fasttrain.formats.shards import read_header
 from tests.conftest import write_shard
 
 EOT = 0

@@ -23,10 +23,10 @@ import torch.distributed as dist
 from benchmarks.elastic_restarts import trial, workers
 from fasttrain import train
 from fasttrain.checkpoints.checkpoint_files import resolve
+from fasttrain.compute import distributed
+from fasttrain.compute.distributed import World
 from fasttrain.model.weights import read_safetensors
 from fasttrain.plot import latest_run, read_metrics
-from fasttrain.system import distributed
-from fasttrain.system.distributed import World
 from tests.conftest import tiny_args
 from tests.test_checkpoint import run_cli_code
 from tests.test_distributed import ENV, ROOT, torchrun
@@ -252,7 +252,7 @@ def test_a_join_that_hangs_inside_torch_ends_in_one_line_after_the_timeout_and_1
     status 1, so torchrun can restart it. Here the group's constructor never returns."""
     script = """if True:
         import threading, torch, torch.distributed as dist
-        from fasttrain.system import distributed
+        from fasttrain.compute import distributed
         dist.rendezvous = lambda *args, **kwargs: iter([(dist.HashStore(), 0, 2)])
         dist.init_process_group = lambda *args, **kwargs: threading.Event().wait()  # never returns
         distributed.start(distributed.World(0, 2, 0, 2), torch.device("cpu"))

@@ -11,8 +11,8 @@ from tokenizers import models, normalizers, pre_tokenizers
 
 import fasttrain.preparation.pipeline as pipeline
 import fasttrain.preparation.preparation as preparation
+from fasttrain.formats.tokenizer import EOT, Tokenizer
 from fasttrain.preparation.encoder import PROBES, Inexpressible, choose_encoder, fast_encoder, slow_encoder
-from fasttrain.preparation.tokenizer import EOT, Tokenizer
 
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fasttrain.compute.distributed import World
 from fasttrain.config import ModelConfig
 from fasttrain.data.documents import IGNORE_INDEX
 from fasttrain.data.loader import TokenLoader
 from fasttrain.evaluation.validation import validate
 from fasttrain.model.transformer import Transformer
-from fasttrain.system.distributed import World
 from fasttrain.system.errors import UsageError
 from fasttrain.training.objective import NextTokenLoss
 from tests.conftest import write_shard

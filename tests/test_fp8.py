@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fasttrain.compute.device import _cpu_scaled_mm, kernels_on
 from fasttrain.config import KernelsConfig
 from fasttrain.model.fp8 import E4M3, E5M2, Float8Linear, float8_linear, to_float8
 from fasttrain.model.transformer import Transformer
-from fasttrain.system.device import _cpu_scaled_mm, kernels_on
 from fasttrain.system.errors import UsageError
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_config

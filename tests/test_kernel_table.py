@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from benchmarks.dispatch_table import MARGIN, capability_of, table_entries
+from fasttrain.compute.device import kernels_on
+from fasttrain.compute.kernel_table import TABLE, load_table, lookup
 from fasttrain.config import KernelsConfig
-from fasttrain.system.device import kernels_on
 from fasttrain.system.errors import UsageError
-from fasttrain.system.kernel_table import TABLE, load_table, lookup
 
 ROOT = Path(__file__).resolve().parents[1]
 H100 = ROOT / "benchmarks" / "results" / "h100-2026-11-22" / "gpu_check.json"

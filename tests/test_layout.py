@@ -1,10 +1,11 @@
-"""The tree is the architecture: each layer imports only the layers below it, no two modules in a folder
-differ only by a suffix, and every module says what it is (docs/architecture.md).
+"""The tree is the architecture: fasttrain/'s folders stand in one column, each importing only itself and those
+below it; no two modules in a folder differ only by a suffix, and every module says what it is
+(docs/architecture.md).
 
-Layers, lowest first: system/errors and system/atomic -> config -> the rest of system/ -> data/ and
-preparation/ -> model/ -> the run (training/, checkpoints/, evaluation/) -> the commands and the package itself.
-fasttrain_kernels/ stands alone and never imports fasttrain. No folder holds more than MAX_MODULES modules, and each
-package's __init__ names its modules in reading order.
+Floors, lowest first (FLOORS): system -> config -> compute -> formats -> preparation -> data -> model ->
+checkpoints -> evaluation -> training -> the commands and the package itself. fasttrain_kernels/ stands alone and
+never imports fasttrain. No folder holds more than MAX_MODULES modules, and each package's __init__ names its
+modules in reading order.
 """
 
 from __future__ import annotations
@@ -31,17 +32,32 @@ def module_name(path: Path) -> str:
 MODULES = {module_name(p): p for package in ("fasttrain", "fasttrain_kernels") for p in (ROOT / package).rglob("*.py")}
 
 
-def layer(module: str) -> int:
-    """0 is the lowest layer; a module may import its own layer and those below."""
-    if module in ("fasttrain.system.errors", "fasttrain.system.atomic"):
-        return 0
-    if module == "fasttrain.config" or module.startswith("fasttrain.config."):
-        return 1
-    layers = {"system": 2, "data": 3, "preparation": 3, "model": 4, "training": 5, "checkpoints": 5, "evaluation": 5}
-    for package, rank in layers.items():
-        if module.startswith(f"fasttrain.{package}.") or module == f"fasttrain.{package}":
-            return rank
-    return 6  # the commands and fasttrain/__init__.py
+# fasttrain/'s folders, lowest first: each imports only itself and those before it here. "" is the top floor:
+# the commands (fasttrain/*.py) and the package itself, which may import every folder.
+FLOORS = (
+    "system",  # errors, atomic writes, the run lock, signals: the process and its files
+    "config",
+    "compute",  # the device, precision and kernels, the kernel table, processes under torchrun
+    "formats",  # the tokenizer, token shards, a prepared folder: what preparation writes and the rest reads
+    "preparation",
+    "data",
+    "model",
+    "checkpoints",  # a run's state, its saves and its run directory
+    "evaluation",  # the loss sums, validation, a trained model loaded back, the harness
+    "training",
+    "",
+)
+
+
+def folder(module: str) -> str:
+    """The folder of fasttrain/ that `module` is in; "" for the commands and the package itself."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and (ROOT / "fasttrain" / parts[1]).is_dir() else ""
+
+
+def floor(module: str) -> int:
+    """0 is the lowest floor; a module may import its own floor and those below."""
+    return FLOORS.index(folder(module))
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -60,15 +76,33 @@ def imported_modules(path: Path) -> set[str]:
 GRAPH = {name: imported_modules(path) for name, path in MODULES.items()}
 
 
-def test_every_import_points_down_the_layers():
+def test_the_floors_are_the_folders_of_fasttrain():
+    """Every folder of fasttrain/ with modules in it stands on one floor of its own, and every floor is a folder."""
+    folders = {p.parent.name for p in (ROOT / "fasttrain").glob("*/*.py")}
+    assert folders == set(FLOORS) - {""}, (
+        f"folders not in FLOORS: {folders - set(FLOORS)}; gone: {set(FLOORS) - folders - {''}}"
+    )
+
+
+def test_every_import_points_down_the_floors():
+    """No module imports a folder above its own: with one folder a floor, no two folders import each other."""
     upward = [
-        f"{m} (layer {layer(m)}) imports {dep} (layer {layer(dep)})"
+        f"{m} ({folder(m) or 'commands'}, floor {floor(m)}) imports {dep} ({folder(dep) or 'commands'}, floor {floor(dep)})"
         for m, deps in GRAPH.items()
         if m.split(".")[0] == "fasttrain"
         for dep in deps
-        if dep.split(".")[0] == "fasttrain" and layer(dep) > layer(m)
+        if dep.split(".")[0] == "fasttrain" and floor(dep) > floor(m)
     ]
     assert not upward, "\n".join(upward)
+
+
+def test_an_upward_import_is_caught():
+    """The rule itself: training may import checkpoints, checkpoints may not import training, nor system config."""
+    assert floor("fasttrain.checkpoints.checkpoint") < floor("fasttrain.training.trainer")
+    assert floor("fasttrain.system.errors") < floor("fasttrain.config") < floor("fasttrain.compute.device")
+    assert floor("fasttrain.formats.shards") < floor("fasttrain.preparation.cache") < floor("fasttrain.data.mixture")
+    assert floor("fasttrain.evaluation.validation") < floor("fasttrain.training.trainer") < floor("fasttrain.doctor")
+    assert floor("fasttrain") == floor("fasttrain.diagnosis") == len(FLOORS) - 1
 
 
 def test_kernels_stand_alone():

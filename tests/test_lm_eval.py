@@ -364,7 +364,7 @@ def test_text_read_as_the_unknown_token_is_scored_with_one_note(run, capsys):
 
     import tokenizers
 
-    from fasttrain.preparation.tokenizer import Tokenizer
+    from fasttrain.formats.tokenizer import Tokenizer
 
     harness = lm_eval_or_skip()
     vocab = {"the": 0, "cat": 1, "[UNK]": 2, "</s>": 3}

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 from fasttrain.config import ModelConfig, load_config
 from fasttrain.data.documents import IGNORE_INDEX
+from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.attention import KVCache, apply_rope, rope_tables
 from fasttrain.model.generation import filter_logits, generate, generate_text
 from fasttrain.model.transformer import Transformer, ffn_hidden_size, matmul_params, num_params
-from fasttrain.preparation.tokenizer import Tokenizer
 from fasttrain.training.objective import NextTokenLoss
 from tests.kernel_checks import assert_fp32_sums_close
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from fasttrain.compute import distributed
 from fasttrain.config import ModelConfig, OptimConfig
 from fasttrain.model.transformer import Transformer
 from fasttrain.model.weights import read_safetensors
-from fasttrain.system import distributed
 from fasttrain.training.optimizers import Hybrid, build_optimizer
 from tests.conftest import tiny_args
 from tests.test_distributed import RUN, single, torchrun, values

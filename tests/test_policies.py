@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from fasttrain.checkpoints.run_state import RunState
 from fasttrain.config import RecoveryConfig
 from fasttrain.training.policies import EarlyStopping, Recovery
-from fasttrain.training.run_state import RunState
 
 
 def test_recovery_counts_skips_in_a_row_and_rolls_back_within_its_allowance():

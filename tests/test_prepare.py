@@ -14,11 +14,11 @@ import pytest
 
 import fasttrain.preparation.corpus as corpus
 from fasttrain.config import DataConfig, load_config, resolve, save_config
-from fasttrain.data.shards import HEADER_BYTES, MAGIC, VERSION, ShardWriter, read_header
+from fasttrain.formats.shards import HEADER_BYTES, MAGIC, VERSION, ShardWriter, read_header
+from fasttrain.formats.tokenizer import EOT, Tokenizer
 from fasttrain.preparation.cache import ensure_prepared
 from fasttrain.preparation.preparation import prepare
 from fasttrain.preparation.split import document_hash
-from fasttrain.preparation.tokenizer import EOT, Tokenizer
 from fasttrain.prepare import main
 from fasttrain.system.errors import UsageError
 

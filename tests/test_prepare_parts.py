@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from fasttrain.data.prepared_folder import open_prepared
+from fasttrain.formats.prepared_folder import open_prepared
 from fasttrain.preparation.corpus import resolve_inputs
 from fasttrain.preparation.parts import merge, prepare_part, share
 from fasttrain.preparation.preparation import prepare

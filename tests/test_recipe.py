@@ -10,9 +10,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from fasttrain.compute.device import kernels_on
 from fasttrain.config import OptimConfig
 from fasttrain.model.transformer import Transformer
-from fasttrain.system.device import kernels_on
 from fasttrain.system.errors import UsageError, run_cli
 from fasttrain.training.optimizers import Updater
 from tests.conftest import tiny_args, tiny_config

@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
+from fasttrain.compute import device as device_module
+from fasttrain.compute.device import native_bf16
 from fasttrain.config import OptimConfig, load_config
 from fasttrain.data.mixture import token_shares
 from fasttrain.model import sizing
 from fasttrain.model.sizing import Speed, choose_shape, size_model
-from fasttrain.system import device as device_module
-from fasttrain.system.device import native_bf16
 from fasttrain.training.optimizers import Updater, newton_schulz_dtype
 from tests.conftest import tiny_args, tiny_config
 from tests.test_sizing import AUTO, cli, depth_in

@@ -29,8 +29,8 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from fasttrain import cli, plot, sample
 from fasttrain import train as train_module
+from fasttrain.compute.device import ISA_CACHE_PREFIX, key_inductor_cache
 from fasttrain.model.transformer import Transformer
-from fasttrain.system.device import ISA_CACHE_PREFIX, key_inductor_cache
 from fasttrain.system.errors import run_cli
 from fasttrain.training.optimizers import hidden_matrices
 from fasttrain.training.trainer import Trainer

@@ -34,7 +34,7 @@ MESH_SCRIPT = """
 import json, sys
 from pathlib import Path
 from fasttrain.config import load_config
-from fasttrain.system import distributed
+from fasttrain.compute import distributed
 from fasttrain.training.trainer import Trainer
 
 trainer = Trainer(load_config(sys.argv[1], sys.argv[3:]), quiet=True)

@@ -29,8 +29,8 @@ from benchmarks.time_to_quality import (
     whole_split_steps,
 )
 from fasttrain.data.documents import IGNORE_INDEX
-from fasttrain.data.prepared_folder import open_prepared
-from fasttrain.data.shards import find_shards
+from fasttrain.formats.prepared_folder import open_prepared
+from fasttrain.formats.shards import find_shards
 from fasttrain.system.errors import UsageError
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_config

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fasttrain.compute.device import resolve_precision
 from fasttrain.config import load_config
 from fasttrain.plot import latest_run, plot_run, read_metrics
-from fasttrain.system.device import resolve_precision
 from fasttrain.system.errors import run_cli
 from fasttrain.train import main as train_main
 from fasttrain.training.metrics import MetricsLog

@@ -2,8 +2,8 @@
 restores from them.
 
 Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.checksums, checkpoints.resume,
-checkpoints.run_directory, checkpoints.saves, checkpoints.sharded_files, config, data.loader, system.atomic,
-system.distributed, system.errors, system.run_lock, training.optimizers, training.run_state.
+checkpoints.run_directory, checkpoints.run_state, checkpoints.saves, checkpoints.sharded_files, compute.distributed,
+config, data.loader, system.atomic, system.errors, system.run_lock.
 
 The rest is in modules of its own, one concept each: checkpoint_files.py (what a save holds, writing,
 publishing, resolving and reading one), sharded_files.py (the sharded folders, through DCP), checksums.py
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fasttrain.checkpoints import checksums, sharded_files
-from fasttrain.checkpoints.checkpoint_files import STATE_FILE, load, publish, save, saved_config
+from fasttrain.checkpoints.checkpoint_files import STATE_FILE, load, publish, resolve, save, saved_config
 from fasttrain.checkpoints.resume import (
     check_same_model,
     check_same_optimizer,
@@ -32,7 +32,8 @@ from fasttrain.checkpoints.resume import (
     set_rng_state,
     world_change,
 )
-from fasttrain.checkpoints.run_directory import RunStart, check_new_run
+from fasttrain.checkpoints.run_directory import RunStart, check_kept_tokenizer, check_new_run, check_own
+from fasttrain.checkpoints.run_state import RunState
 from fasttrain.checkpoints.saves import (
     SAVE_NAME,
     clear_stale,
@@ -44,14 +45,12 @@ from fasttrain.checkpoints.saves import (
     saved_steps,
     step_of,
 )
+from fasttrain.compute import distributed
 from fasttrain.config import Config, config_to_toml
 from fasttrain.data.loader import TokenLoader, reshard
-from fasttrain.system import distributed
 from fasttrain.system.atomic import sync_directory, write_atomically
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import other_holder
-from fasttrain.training.optimizers import Updater
-from fasttrain.training.run_state import RunState
 
 
 def make_directory(path: Path) -> None:
@@ -82,8 +81,8 @@ class InFlight:
 
 
 class Checkpointer:
-    """Saves and restores the state of `model` and `updater`, with the RunState and loader given per
-    call, in `cfg.train.out_dir`/checkpoints. Every rank must call `save` and `restore`. A sharded save
+    """Saves and restores the state of `model`, its `optimizer` and the fp16 loss `scaler` (the Updater's), with
+    the RunState and loader given per call, in `cfg.train.out_dir`/checkpoints. Every rank must call `save` and `restore`. A sharded save
     (checkpoint.format) has every rank write its own part into a folder; a file save gathers the whole
     state onto rank 0, which writes it while the others wait. Either kind is restored in any world."""
 
@@ -91,12 +90,14 @@ class Checkpointer:
         self,
         cfg: Config,
         model: nn.Module,
-        updater: Updater,
+        optimizer: distributed.Optimizer,
+        scaler: torch.amp.GradScaler,
         world: distributed.World,
         parallel: str,
         device: torch.device,
     ):
-        self.cfg, self.model, self.updater, self.world, self.parallel = cfg, model, updater, world, parallel
+        self.cfg, self.model, self.world, self.parallel = cfg, model, world, parallel
+        self.optimizer, self.scaler = optimizer, scaler
         self.device = device  # where a restored state's tensors go
         self.directory = Path(cfg.train.out_dir) / "checkpoints"
         fmt, self.background = cfg.checkpoint.format, cfg.checkpoint.async_save
@@ -110,7 +111,7 @@ class Checkpointer:
     def run_state(self, run: RunState, loader: TokenLoader) -> dict:
         """What a checkpoint holds besides the model and optimizer: small, gathered onto every rank."""
         return {
-            "scaler": self.updater.scaler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             **run.state_dict(),  # "step" is the LR schedule's position too
             "ranks": distributed.gather({"train_loader": loader.state_dict(), "rng": rng_state()}, self.world),
             "parallel": self.parallel,
@@ -119,9 +120,7 @@ class Checkpointer:
 
     def state_dict(self, run: RunState, loader: TokenLoader) -> dict:
         """Everything needed to continue the run exactly: what a checkpoint file holds."""
-        model, optimizer = distributed.full_state(
-            self.model, self.updater.optimizer, self.parallel in distributed.SHARDED
-        )
+        model, optimizer = distributed.full_state(self.model, self.optimizer, self.parallel in distributed.SHARDED)
         return {"model": model, "optimizer": optimizer, **self.run_state(run, loader)}
 
     def save(self, run: RunState, loader: TokenLoader, best: bool = False, keep: Path | None = None) -> Path:
@@ -146,7 +145,7 @@ class Checkpointer:
         path = path_for(self.directory, run.step, sharded=True)
         staging = self.directory / f".{path.name}.tmp"
         rest = self.run_state(run, loader)
-        model, optimizer = distributed.local_state(self.model, self.updater.optimizer)
+        model, optimizer = distributed.local_state(self.model, self.optimizer)
         rest["optimizer_groups"] = optimizer["param_groups"]
         if self.world.is_main:
             self.check_still_ours()
@@ -231,6 +230,16 @@ class Checkpointer:
         # A failed write of a step saved before (a resumed run's evaluation saves it again) left that save whole.
         return None if distributed.any_rank(done[0].exists(), self.world, self.device) else done[0]
 
+    def resumable(self, spec: str, data_dir: str) -> Path:
+        """The save `spec` names ("auto": this run's latest, a run directory or a checkpoint file); UsageError for a
+        save of another run directory, or for this run's data (`data_dir`) prepared again with another tokenizer:
+        checked before the loader's state, since data prepared again has other rows too and its tokenizer is the
+        real cause."""
+        path = resolve(spec, self.cfg.train.out_dir)
+        check_own(path, self.directory)
+        check_kept_tokenizer(data_dir, self.cfg.train.out_dir)
+        return path
+
     def restore(self, path: str | Path, loader: TokenLoader, accumulation: int) -> tuple[RunState, Config, list[str]]:
         """Load the checkpoint at `path` into the model, optimizer, scaler, `loader` and the random
         generators; returns its RunState, the config it was saved with and notes for the user. A checkpoint
@@ -249,23 +258,19 @@ class Checkpointer:
             ranks, rank = state["ranks"], self.world.rank
             position = reshard([r["train_loader"] for r in ranks], rank, self.world.size, state["step"] * accumulation)
             if is_sharded(path):
-                model, optimizer = distributed.local_state(self.model, self.updater.optimizer)
+                model, optimizer = distributed.local_state(self.model, self.optimizer)
                 sharded_files.read_into(path, {"model": model, "optimizer": {"state": optimizer["state"]}})
                 distributed.load_local_state(
                     self.model,
-                    self.updater.optimizer,
+                    self.optimizer,
                     model,
                     {"state": optimizer["state"], "param_groups": state["optimizer_groups"]},
                 )
             else:
                 distributed.load_full_state(
-                    self.model,
-                    self.updater.optimizer,
-                    state["model"],
-                    state["optimizer"],
-                    self.parallel in distributed.SHARDED,
+                    self.model, self.optimizer, state["model"], state["optimizer"], self.parallel in distributed.SHARDED
                 )
-            self.updater.scaler.load_state_dict(state["scaler"])
+            self.scaler.load_state_dict(state["scaler"])
             loader.load_state_dict(position)
             if rank < len(ranks):
                 set_rng_state(ranks[rank]["rng"])

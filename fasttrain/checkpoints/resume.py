@@ -2,7 +2,7 @@
 from a model of the same shape and the same optimizer, the random generators' states, and what it says when
 the world that continues is not the one that saved.
 
-Imports from fasttrain: config, system.device, system.errors, training.run_state, training.schedule.
+Imports from fasttrain: checkpoints.run_state, compute.device, config, system.errors.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fasttrain.config import Config
-from fasttrain.system.device import seed_everything
+from fasttrain.checkpoints.run_state import RunState
+from fasttrain.compute.device import seed_everything
+from fasttrain.config import Config, format_duration
 from fasttrain.system.errors import UsageError
-from fasttrain.training.run_state import RunState
-from fasttrain.training.schedule import format_duration
 
 RESHAPE_FREE = ("dropout", "init_from")  # [model] keys a resumed run may change: they alter no saved weight
 

@@ -2,7 +2,7 @@
 there, what an --overwrite start sets aside and puts back (RunStart; journalled, so that a start killed at any
 point is finished or undone exactly by the next), and the tokenizer a run keeps.
 
-Imports from fasttrain: checkpoints.saves, system.atomic, system.errors, system.run_lock, training.metrics.
+Imports from fasttrain: checkpoints.saves, system.atomic, system.errors, system.run_lock.
 
 Its checkpoints/ holds the run's saves (saves.py); the rest of what a run and the tools write at its top is
 RUN_FILES.
@@ -21,8 +21,8 @@ from fasttrain.checkpoints.saves import saved_steps, step_of
 from fasttrain.system.atomic import read_regular, sync_directory, write_atomically
 from fasttrain.system.errors import RunStopped, UsageError
 from fasttrain.system.run_lock import LOCK_FILE, locked, other_holder
-from fasttrain.training.metrics import WANDB_ID_FILE
 
+WANDB_ID_FILE = "wandb_run_id"  # in the run directory: the W&B run a resumed run continues
 # What a run and the tools write at the top of its run directory: what --overwrite replaces. Other files
 # there (a user's notes, wandb/ with its offline runs) are never touched.
 RUN_FILES = (

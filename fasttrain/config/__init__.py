@@ -60,7 +60,7 @@ from fasttrain.config.sections import (
     SourceConfig,
     TrainConfig,
 )
-from fasttrain.config.values import Seconds, parse_duration
+from fasttrain.config.values import Seconds, format_duration, parse_duration
 from fasttrain.config.writing import config_to_toml, save_config
 
 __all__ = [
@@ -97,6 +97,7 @@ __all__ = [
     "config_to_toml",
     "copied_run_note",
     "extended_path",
+    "format_duration",
     "load_config",
     "parse_config",
     "parse_duration",

@@ -33,6 +33,15 @@ def parse_duration(text: str) -> float | None:
     return 3600 * hours + 60 * minutes + seconds
 
 
+def format_duration(seconds: float) -> str:
+    """`seconds` as a budget is written: "2.5s", "45s", "3m", "1h30m", "2m5s"."""
+    if seconds < 59.5:
+        return f"{seconds:.3g}s"
+    whole = round(seconds)
+    hours, minutes, rest = whole // 3600, whole % 3600 // 60, whole % 60
+    return "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (rest, "s")) if n)
+
+
 # How a TOML value is accepted for each field type: (accepts, convert, what an error says was expected).
 # bool is a subclass of int in Python, but `n_layers = true` is a mistake, never a number.
 # No setting means anything as inf or nan, and nan would slip through every range check.

@@ -2,12 +2,11 @@
 
 Imports from fasttrain: nothing.
 
-Modules, in reading order: shards (the prepared format: token shards and meta.json), prepared_folder (a
-prepared folder checked as a run reads it), documents (the rows a batch is made of, in each batching mode),
-sampling (which rows a source's batches take, epoch after epoch), mixture (prepared sources mixed by weight),
-reader (reading one batch of one rank's stream), prefetch (batches read ahead on a thread), resharding (a
-saved position carried to another number of processes), loader (`TokenLoader`: the batches, exactly resumable).
+Modules, in reading order: documents (the rows a batch is made of, in each batching mode), sampling (which rows
+a source's batches take, epoch after epoch), mixture (prepared sources mixed by weight), reader (reading one
+batch of one rank's stream), prefetch (batches read ahead on a thread), resharding (a saved position carried to
+another number of processes), loader (`TokenLoader`: the batches, exactly resumable).
 
-They import the layers below (system, config) and, at the same layer, preparation's tokenizer and cache.
-docs/architecture.md has the tour.
+They import the floors below: system, config, formats (the shard format, prepared folders, the tokenizer) and
+preparation's cache (where a [data] setting's prepared folder is). docs/architecture.md has the tour.
 """

@@ -1,6 +1,6 @@
 """Rows: the token spans a batch is made of, in each batching mode (`data.batching`).
 
-Imports from fasttrain: data.shards, system.atomic, system.errors.
+Imports from fasttrain: formats.shards, system.atomic, system.errors.
 
 A row is `length` consecutive tokens of one shard, at most seq_len + 1: the
 inputs are its first length - 1 tokens and the targets the same shifted by one,
@@ -37,7 +37,7 @@ from typing import Literal
 
 import numpy as np
 
-from fasttrain.data.shards import ShardInfo, token_blocks
+from fasttrain.formats.shards import ShardInfo, token_blocks
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
 

@@ -1,7 +1,7 @@
 """The token loader: (x, y) batches of rows from token shards, prefetched, exactly resumable.
 
 Imports from fasttrain: data.documents, data.mixture, data.prefetch, data.reader, data.resharding, data.sampling,
-data.shards, system.errors.
+formats.shards, system.errors.
 
 A batch is `batch_size` rows (fasttrain/data/documents.py: packed windows, one document
 each, or document-aligned), x = row[:-1] and y = row[1:], both int64 of shape
@@ -57,7 +57,7 @@ from fasttrain.data.prefetch import Prefetcher, load_batch
 from fasttrain.data.reader import RowReader
 from fasttrain.data.resharding import reshard as reshard  # importable from here, as before the split
 from fasttrain.data.sampling import Padding, Sampling, SourceRows
-from fasttrain.data.shards import ShardInfo, find_shards, read_meta, scan_id_bound
+from fasttrain.formats.shards import ShardInfo, find_shards, read_meta, scan_id_bound
 from fasttrain.system.errors import UsageError
 
 

@@ -1,6 +1,6 @@
 """A mixture of prepared sources: which source each training row comes from, and where each source stands.
 
-Imports from fasttrain: config, data.prepared_folder, preparation.cache, preparation.tokenizer, system.errors.
+Imports from fasttrain: config, formats.prepared_folder, formats.tokenizer, preparation.cache, system.errors.
 
 The training rows of a run form one global sequence: round k (micro-batch k of every rank) is rows
 [k R, (k + 1) R), R = batch_size x world_size, and rank r takes rows [k R + r B, k R + (r + 1) B) of it.
@@ -29,9 +29,9 @@ from typing import Sequence
 import numpy as np
 
 from fasttrain.config import DataConfig, MixChange
-from fasttrain.data.prepared_folder import PreparedData, open_prepared
+from fasttrain.formats.prepared_folder import PreparedData, open_prepared
+from fasttrain.formats.tokenizer import fingerprint
 from fasttrain.preparation.cache import find_prepared
-from fasttrain.preparation.tokenizer import fingerprint
 from fasttrain.system.errors import UsageError
 
 MEMO = 256  # round states kept (up to twice as many) besides the anchor: more than a prefetcher runs ahead

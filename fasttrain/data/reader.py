@@ -1,7 +1,7 @@
 """Reading batch g of one rank's stream: the rows its blend of sources plans for it, read from the shards with
 `os.preadv` into a staging buffer, padded, checked against the vocabulary, and split into x and y.
 
-Imports from fasttrain: data.documents, data.mixture, data.sampling, data.shards, system.errors.
+Imports from fasttrain: data.documents, data.mixture, data.sampling, formats.shards, system.errors.
 
 Never through a memory map: a long run over a memory-mapped corpus keeps every page it has touched resident,
 and the process's memory grows with the corpus.
@@ -17,7 +17,7 @@ import torch
 from fasttrain.data.documents import IGNORE_INDEX, Rows
 from fasttrain.data.mixture import Blend
 from fasttrain.data.sampling import FILLER, Padding, SourceRows
-from fasttrain.data.shards import HEADER_BYTES, out_of_vocabulary
+from fasttrain.formats.shards import HEADER_BYTES, out_of_vocabulary
 from fasttrain.system.errors import UsageError
 
 

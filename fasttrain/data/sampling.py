@@ -2,7 +2,7 @@
 file order), pools of rows bucketed by length, the tail that fills no whole round of ranks dropped, and a
 `whole` pass's last round made whole with filler (the epochs and passes of fasttrain/data/loader.py).
 
-Imports from fasttrain: data.documents, data.shards.
+Imports from fasttrain: data.documents, formats.shards.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Literal
 import numpy as np
 
 from fasttrain.data.documents import Rows
-from fasttrain.data.shards import ShardInfo
+from fasttrain.formats.shards import ShardInfo
 
 Sampling = Literal["random", "sequential"]
 Padding = Literal["fixed", "longest", "bucketed"]

@@ -2,10 +2,12 @@
 
 Imports from fasttrain: nothing.
 
-Modules, in reading order: validation (loss, accuracy, perplexity and bits per byte on held-out rows, as a run
-validates), trained_model (a run's weights loaded back for sampling and scoring), harness (lm-evaluation-harness
-tasks on a trained model; needs the `eval` extra), diagnosis (the loss doctor's checks on a built Trainer).
+Modules, in reading order: loss_sums (a batch's loss as sums, and perplexity: what the step and validation
+both count in), validation (loss, accuracy, perplexity and bits per byte on held-out rows, as a run validates),
+trained_model (a run's weights loaded back for sampling and scoring), harness (lm-evaluation-harness tasks on a
+trained model; needs the `eval` extra).
 
-They import the layers below (system, config, data, model) and, at the same layer, training and checkpoints;
-the Trainer imports validation. docs/architecture.md has the tour.
+They import the floors below (system, config, compute, formats, data, model, checkpoints); training/ stands on
+them, its Trainer validating as it goes. The loss doctor, which builds a Trainer, is fasttrain/diagnosis.py.
+docs/architecture.md has the tour.
 """

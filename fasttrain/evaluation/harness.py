@@ -1,8 +1,8 @@
 """lm-evaluation-harness tasks (HellaSwag, ARC, ...) on a trained model: `FasttrainLM`, lm-eval's model API over
 a fasttrain model (registered in lm-eval as `fasttrain`), and `run_tasks`, which scores a task list.
 
-Imports from fasttrain: evaluation.trained_model, model.generation, model.transformer, preparation.tokenizer,
-system.device, system.errors.
+Imports from fasttrain: compute.device, evaluation.trained_model, formats.tokenizer, model.generation,
+model.transformer, system.errors.
 
 Importing this module needs lm-eval (the `eval` extra) in the SUPPORTED range: otherwise the import raises
 one UsageError saying what to install, so `evaluate --tasks` fails in one line before loading anything.
@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from fasttrain.system.device import autocast
+from fasttrain.compute.device import autocast
 from fasttrain.system.errors import UsageError
 
 SUPPORTED = ((0, 4, 9), (0, 5, 0))  # lm-eval versions [low, high): the 0.4 API this module uses
@@ -60,11 +60,11 @@ from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.tasks import TaskManager, get_task_dict  # noqa: E402
 from lm_eval.utils import simple_parse_args_string  # noqa: E402
 
+from fasttrain.compute.device import use_device  # noqa: E402
 from fasttrain.evaluation.trained_model import Trained, inference_precision, load_trained  # noqa: E402
+from fasttrain.formats.tokenizer import Tokenizer  # noqa: E402
 from fasttrain.model.generation import stream  # noqa: E402
 from fasttrain.model.transformer import Transformer  # noqa: E402
-from fasttrain.preparation.tokenizer import Tokenizer  # noqa: E402
-from fasttrain.system.device import use_device  # noqa: E402
 
 DEFAULT_BATCH_SIZE = 16
 PROBE = "Zqx 7? caf\u00e9 \u4e2d\u6587"  # a task's text may hold any of it: letters, digits, punctuation, accents, CJK

@@ -1,7 +1,7 @@
 """A trained model loaded back for use (sampling, scoring): from a run's final weights or a checkpoint.
 
-Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.run_directory, checkpoints.saves, config,
-model.transformer, model.weights, preparation.tokenizer, system.device, system.errors.
+Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.run_directory, checkpoints.saves, compute.device,
+config, formats.tokenizer, model.transformer, model.weights, system.errors.
 
     load_trained("runs/base")                        # runs/base/final/, else its latest checkpoint
     load_trained("runs/base/final")                  # exported weights (fasttrain layout, see fasttrain/model/weights.py)
@@ -25,11 +25,11 @@ import torch
 
 from fasttrain.checkpoints import checkpoint_files, saves
 from fasttrain.checkpoints.run_directory import set_aside_note
+from fasttrain.compute.device import resolve_precision, use_device
 from fasttrain.config import Config, check_vocab, load_config
+from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.transformer import Transformer
 from fasttrain.model.weights import load_exported
-from fasttrain.preparation.tokenizer import Tokenizer
-from fasttrain.system.device import resolve_precision, use_device
 from fasttrain.system.errors import UsageError
 
 WEIGHTS = "model.safetensors"

@@ -1,6 +1,7 @@
-"""Validation: the loss, accuracy, perplexity and bits per byte of a model on held-out rows, and of a mixture.
+"""Validation: the loss, accuracy, perplexity and bits per byte of a model on held-out rows, and of a mixture's
+sources (validate_sources).
 
-Imports from fasttrain: data.loader, system.device, system.distributed, training.metrics, training.objective.
+Imports from fasttrain: compute.device, compute.distributed, data.loader, data.mixture, evaluation.loss_sums.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from fasttrain.compute import distributed
+from fasttrain.compute.device import autocast
 from fasttrain.data.loader import TokenLoader
-from fasttrain.system import distributed
-from fasttrain.system.device import autocast
-from fasttrain.training.metrics import perplexity
-from fasttrain.training.objective import LossSums
+from fasttrain.data.mixture import Source
+from fasttrain.evaluation.loss_sums import LossSums, perplexity
 
 
 @torch.no_grad()
@@ -78,3 +79,26 @@ def mixture_metrics(found: Sequence[tuple[str, dict[str, float]]], weights: Sequ
     total = {k: sum(w * m[k] for w, (_, m) in zip(weights, found)) for k in keys}
     total["val_ppl"] = perplexity(total["val_loss"])
     return {**total, **{f"{k}.{name}": m[k] for name, m in found for k in keys}}
+
+
+def validate_sources(
+    loss: Callable[[torch.Tensor, torch.Tensor], LossSums],
+    model: nn.Module,
+    sources: Sequence[Source],
+    loader_of: Callable[[Source], TokenLoader],
+    precision: str,
+    world: distributed.World,
+    stop: Callable[[], bool] = lambda: False,
+) -> dict[str, float] | None:
+    """`validate` over the whole of each source's loader (`loader_of(source)`, closed after), then the sources'
+    metrics weighted as data.sources weighs them (mixture_metrics); None if `stop()` cut one short."""
+    found: dict[str, dict[str, float]] = {}
+    for source in sources:
+        with loader_of(source) as loader:
+            metrics = validate(
+                loss, model, loader, loader.reader.batches_per_epoch, precision, world, source.data.bits_per_nat, stop
+            )
+        if metrics is None:
+            return None
+        found[source.name] = metrics
+    return mixture_metrics([(s.name, found[s.name]) for s in sources], [s.weight for s in sources])

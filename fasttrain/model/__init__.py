@@ -4,6 +4,6 @@ layout), and its shape chosen for a run's compute (sizing).
 
 Imports from fasttrain: nothing.
 
-Modules, in reading order: attention, transformer, fp8, generation, weights, sizing. They import the layers below (system,
-config) and preparation's tokenizer (a Llama export writes it). docs/architecture.md has the tour.
+Modules, in reading order: attention, transformer, fp8, generation, weights, sizing. They import the floors below
+(system, config, compute) and formats' tokenizer (a Llama export writes it). docs/architecture.md has the tour.
 """

@@ -1,6 +1,6 @@
 """The model's shape chosen for the run's compute: `model.n_layers = 0`.
 
-Imports from fasttrain: config, model.transformer, system.device, system.errors.
+Imports from fasttrain: compute.device, config, model.transformer, system.errors.
 
 A model too large for its budget sees too few tokens; one too small stops learning early. Which is best
 depends on how many tokens the run will train on, and that on the machine's speed, the budget and, for a
@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fasttrain.compute.device import autocast, synchronize
 from fasttrain.config import Config, ModelConfig
 from fasttrain.model.transformer import Transformer, flops_per_token, matmul_params, num_params
-from fasttrain.system.device import autocast, synchronize
 from fasttrain.system.errors import UsageError
 
 HEAD_DIM = 64  # the ladder's head width, and its width per layer of depth

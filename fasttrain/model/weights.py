@@ -1,6 +1,6 @@
 """Weights on disk: safetensors files in fasttrain's layout or in Hugging Face's Llama layout.
 
-Imports from fasttrain: config, model.transformer, preparation.tokenizer, system.atomic, system.errors.
+Imports from fasttrain: config, formats.tokenizer, model.transformer, system.atomic, system.errors.
 
 `python -m fasttrain.export` writes them from a checkpoint; a finished run writes its final/ weights.
 
@@ -34,8 +34,8 @@ import tokenizers
 import torch
 
 from fasttrain.config import Config, ModelConfig, load_config, save_config
+from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.transformer import Transformer, ffn_hidden_size
-from fasttrain.preparation.tokenizer import Tokenizer
 from fasttrain.system.atomic import read_regular, write_atomically
 from fasttrain.system.errors import UsageError
 

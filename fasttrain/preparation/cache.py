@@ -3,7 +3,7 @@ folder under $FASTTRAIN_CACHE or ~/.cache/fasttrain keyed by the settings), what
 and the folder a run trains from, prepared first if need be (`ensure_prepared`). Preparing itself is
 fasttrain/preparation/preparation.py.
 
-Imports from fasttrain: config, data.prepared_folder, data.shards, preparation.preparation, system.errors,
+Imports from fasttrain: config, formats.prepared_folder, formats.shards, preparation.preparation, system.errors,
 system.run_lock.
 """
 
@@ -16,8 +16,8 @@ import re
 from pathlib import Path
 
 from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB, DataConfig
-from fasttrain.data.prepared_folder import PreparedData, open_prepared
-from fasttrain.data.shards import read_meta
+from fasttrain.formats.prepared_folder import PreparedData, open_prepared
+from fasttrain.formats.shards import read_meta
 from fasttrain.preparation.preparation import finish_interrupted_move, lock_path, prepare_locked, request_of
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import holding

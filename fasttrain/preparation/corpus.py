@@ -1,6 +1,6 @@
 """Where documents come from: the user's files, or the corpus embedded in CPython.
 
-Imports from fasttrain: data.shards, system.errors.
+Imports from fasttrain: formats.shards, system.errors.
 
 An input is a path, a glob, a directory (its text files, recursively), a JSONL
 file (one document per line, in a text field), a Parquet file (one document per
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from fasttrain.data.shards import refuse_special_file
+from fasttrain.formats.shards import refuse_special_file
 from fasttrain.system.errors import UsageError
 
 BUILTIN_PREFIX = "builtin:"

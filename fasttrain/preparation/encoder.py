@@ -1,6 +1,6 @@
 """Encoding at tiktoken's speed: a byte-level BPE tokenizer.json re-expressed as a tiktoken Encoding.
 
-Imports from fasttrain: preparation.tokenizer.
+Imports from fasttrain: formats.tokenizer.
 
 The `tokenizers` library encodes about 7 MB/s of Python source per core here; tiktoken, given the same
 vocabulary, merges and split pattern, about 20. `fast_encoder` builds that Encoding from a loaded tokenizer
@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tokenizers
 
-from fasttrain.preparation.tokenizer import Tokenizer
+from fasttrain.formats.tokenizer import Tokenizer
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 

@@ -1,7 +1,7 @@
 """Preparing one corpus on many machines: N parts, each prepared alone, then merged into one folder.
 
-Imports from fasttrain: data.shards, preparation.corpus, preparation.pipeline, preparation.preparation,
-preparation.split, preparation.tokenizer, system.errors, system.run_lock.
+Imports from fasttrain: formats.shards, formats.tokenizer, preparation.corpus, preparation.pipeline,
+preparation.preparation, preparation.split, system.errors, system.run_lock.
 
     fasttrain prepare --input ... --out DIR --learn-tokenizer-only --vocab-size V   # once, if none is given
     fasttrain prepare --input ... --out DIR --part K/N [--tokenizer T]              # K = 0 .. N-1, anywhere
@@ -37,12 +37,12 @@ from itertools import chain
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from fasttrain.data.shards import SPLITS
+from fasttrain.formats.shards import SPLITS
+from fasttrain.formats.tokenizer import Tokenizer, fingerprint
 from fasttrain.preparation import preparation as prep
 from fasttrain.preparation.corpus import Piece, Source, resolve_inputs
 from fasttrain.preparation.pipeline import write_shards
 from fasttrain.preparation.split import Sample, plan_split, split_pieces, tokenizer_sample
-from fasttrain.preparation.tokenizer import Tokenizer, fingerprint
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import holding
 

@@ -1,6 +1,6 @@
 """Tokenizing a stream of documents into shards on every core: reading, encoding and writing overlap.
 
-Imports from fasttrain: data.shards, preparation.corpus, preparation.encoder, preparation.tokenizer.
+Imports from fasttrain: formats.shards, formats.tokenizer, preparation.corpus, preparation.encoder.
 
 The calling thread reads pieces and gathers them into batches of about `batch_chars` characters; up to
 `workers` batches are encoded at once on a thread pool (tiktoken and `tokenizers` both release the GIL
@@ -19,10 +19,10 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from fasttrain.data.shards import SPLITS, ShardInfo, ShardWriter
+from fasttrain.formats.shards import SPLITS, ShardInfo, ShardWriter
+from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.preparation.corpus import Piece
 from fasttrain.preparation.encoder import Encode, choose_encoder
-from fasttrain.preparation.tokenizer import Tokenizer
 
 
 class ShardSequence:

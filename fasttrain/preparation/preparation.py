@@ -2,11 +2,11 @@
 prepared data a run without data.dir trains from (`ensure_prepared`). Its command line is
 `python -m fasttrain.prepare --input PATH [PATH ...] --out DIR`.
 
-Imports from fasttrain: data.shards, preparation.corpus, preparation.pipeline, preparation.split,
-preparation.tokenizer, system.atomic, system.errors, system.run_lock.
+Imports from fasttrain: formats.shards, formats.tokenizer, preparation.corpus, preparation.pipeline, preparation.split,
+system.atomic, system.errors, system.run_lock.
 
 Writes into DIR: `train_000000.bin`, ... and `val_000000.bin`, ... (see
-fasttrain/data/shards.py), `tokenizer.json` and `meta.json` (vocabulary size, token
+fasttrain/formats/shards.py), `tokenizer.json` and `meta.json` (vocabulary size, token
 and document counts, sources). Every document is preceded by the end-of-text
 token, so each one starts with a clean context, as in llm.c.
 
@@ -35,11 +35,11 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Sequence
 
-from fasttrain.data.shards import token_dtype
+from fasttrain.formats.shards import token_dtype
+from fasttrain.formats.tokenizer import Tokenizer, fingerprint
 from fasttrain.preparation.corpus import resolve_inputs
 from fasttrain.preparation.pipeline import write_shards
 from fasttrain.preparation.split import LONGEST_RUN, Sample, all_pieces, plan_split, split_documents, tokenizer_sample
-from fasttrain.preparation.tokenizer import Tokenizer, fingerprint
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import holding

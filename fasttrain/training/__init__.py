@@ -5,11 +5,10 @@ Imports from fasttrain: nothing.
 Modules, in reading order: plan (everything a run decides before it allocates), preflight (its memory
 estimate), plan_table (the plan as --dry-run prints it), trainer (the `Trainer`: assembles a run and takes a
 step), objective (the next-token loss), optimizers (AdamW, Muon, SGD, Adafactor and the clipping), schedule (the
-learning rate), run_loop (the loop between the steps), policies (after a bad step, early stopping), run_state
-(the counters a checkpoint saves), launch (taking up the run directory), reporting and metrics (what a run
-tells: console, metrics.jsonl, TensorBoard, MFU), measure (--dry-run --measure), plain_loop (`train_loop`, for
-code that brings its own model and data).
+learning rate), run_loop (the loop between the steps), policies (after a bad step, early stopping), launch
+(taking up the run directory), reporting and metrics (what a run tells: console, metrics.jsonl, TensorBoard,
+MFU), measure (--dry-run --measure), plain_loop (`train_loop`, for code that brings its own model and data).
 
-They import the layers below (system, config, data, model) and, at the same layer, checkpoints and
-evaluation. docs/architecture.md has the tour.
+They import the floors below (system, config, compute, formats, preparation, data, model, checkpoints) and, at
+the same floor, evaluation. docs/architecture.md has the tour.
 """

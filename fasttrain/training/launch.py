@@ -1,11 +1,12 @@
-"""How train() takes up its directory, train.out_dir: every check that can refuse the run first (check_start;
+"""How a run starts: its plan made with the data prepared and the process group joined (start_run), then the
+directory train() takes up, train.out_dir: every check that can refuse the run first (check_start;
 those that need no plan, check_directory, `fasttrain train` makes before it plans), then, with nothing refused,
 the directory opened for the run (opened): locked for its duration (system/run_lock.py), claimed by a new run,
 the resolved config written and the metrics log opened. A start that fails before its first step is taken back
 whole (run_directory.RunStart).
 
-Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, config, system.run_lock,
-training.metrics, training.plan.
+Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, compute.device, compute.distributed, config,
+preparation.cache, system.run_lock, training.metrics, training.plan.
 """
 
 from __future__ import annotations
@@ -18,10 +19,34 @@ from typing import Iterator
 from fasttrain.checkpoints import run_directory
 from fasttrain.checkpoints.checkpoint import Checkpointer
 from fasttrain.checkpoints.run_directory import RunStart
-from fasttrain.config import save_config
+from fasttrain.compute import distributed
+from fasttrain.compute.device import use_device
+from fasttrain.config import Config, save_config
+from fasttrain.preparation.cache import ensure_prepared
 from fasttrain.system import run_lock
 from fasttrain.training.metrics import MetricsLog, WandbSink, check_log_writable, import_wandb
-from fasttrain.training.plan import RunPlan
+from fasttrain.training.plan import RunPlan, plan_run
+
+
+def start_run(cfg: Config, quiet: bool = False, resume: str | None = None) -> RunPlan:
+    """The plan of a run of `cfg` in this process's world (plan.plan_run), on the device it names (this rank's
+    under torchrun), its data prepared first if need be: rank 0 prepares it while the other ranks wait, in the
+    process group this joins, then they find it. `resume`: the --resume spec of the save the run continues
+    (None: a new run). Prints the plan's notes (rank 0, unless `quiet`)."""
+    world = distributed.world_from_env()
+    device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
+    plan = plan_run(cfg, world, device, resume)  # a config the run refuses is refused before anything is prepared
+    distributed.start(world, device)
+    if plan.prepare:
+        if not world.is_main:
+            distributed.barrier(world)
+        ensure_prepared(cfg.data, quiet=quiet or not world.is_main)
+        if world.is_main:
+            distributed.barrier(world)
+        plan = plan_run(cfg, world, device, resume, plan.speed)  # the machine timed once
+    for note in plan.notes if world.is_main and not quiet else ():
+        print(f"note: {note}")
+    return plan
 
 
 def check_start(plan: RunPlan, resumed: bool, overwrite: bool) -> None:

@@ -1,16 +1,16 @@
 """`fasttrain train CONFIG --dry-run --measure N`: N real steps of a planned run, saved nowhere, timed.
 
-Imports from fasttrain: system.device, training.metrics, training.plan, training.schedule, training.trainer.
+Imports from fasttrain: compute.device, config, training.metrics, training.plan, training.trainer.
 """
 
 from __future__ import annotations
 
 import time
 
-from fasttrain.system.device import compile_failures, synchronize
+from fasttrain.compute.device import compile_failures, synchronize
+from fasttrain.config import format_duration
 from fasttrain.training.metrics import peak_flops
 from fasttrain.training.plan import RunPlan
-from fasttrain.training.schedule import format_duration
 from fasttrain.training.trainer import Trainer
 
 

@@ -1,6 +1,6 @@
 """What a run reports: metrics.jsonl, TensorBoard, the console, and MFU.
 
-Imports from fasttrain: system.atomic, system.errors.
+Imports from fasttrain: checkpoints.run_directory, system.atomic, system.errors.
 
 Every event is one JSON object per line in `metrics.jsonl` with an "event" field
 ("start", "train", "eval", "sample", "end"); train events carry `step` and
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import resource
 import sys
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from fasttrain.checkpoints.run_directory import WANDB_ID_FILE
 from fasttrain.system.atomic import open_regular, write_atomically
 from fasttrain.system.errors import UsageError
 
@@ -44,11 +44,6 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
     ("L4", 121.0),
     ("A10", 125.0),
 ]
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss), capped at exp(50) so a diverged run logs a large number rather than inf."""
-    return math.exp(min(loss, 50.0))
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -161,9 +156,6 @@ class MetricsLog:
             self._file.close()
         if self._wandb is not None:
             self._wandb.close()
-
-
-WANDB_ID_FILE = "wandb_run_id"  # in the run directory: the W&B run a resumed run continues
 
 
 def import_wandb() -> ModuleType:

@@ -1,6 +1,6 @@
 """The training objective: next-token cross-entropy, as sums that add up across batches and ranks.
 
-Imports from fasttrain: data.documents, model.transformer.
+Imports from fasttrain: data.documents, evaluation.loss_sums, model.transformer.
 
     objective = NextTokenLoss(model)               # what DDP / FSDP wrap and torch.compile compiles
     sums = objective(tokens, targets)              # LossSums: summed loss, top-1 hits, counted targets
@@ -14,26 +14,13 @@ global count of targets. Targets equal to IGNORE_INDEX (pads) count for nothing.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fasttrain.data.documents import IGNORE_INDEX
+from fasttrain.evaluation.loss_sums import LossSums
 from fasttrain.model.transformer import Transformer
-
-
-class LossSums(NamedTuple):
-    """A batch's next-token loss as sums over its counted targets (every target but IGNORE_INDEX)."""
-
-    loss: torch.Tensor  # summed cross-entropy, a scalar (fp32 under autocast) that carries the gradient
-    correct: torch.Tensor  # top-1 hits: counted targets whose logit is the largest of their row (ties count)
-    counted: torch.Tensor  # targets counted, as an fp32 scalar
-
-    def detached(self) -> torch.Tensor:
-        """[loss, correct, counted] as one fp32 tensor (3,) without gradient: to add up, and reduce over ranks."""
-        return torch.stack([self.loss.detach().float(), self.correct, self.counted])
 
 
 def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

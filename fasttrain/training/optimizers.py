@@ -1,6 +1,6 @@
 """The optimizers (AdamW, Muon with AdamW, SGD, Adafactor), and the gradient clipping before them.
 
-Imports from fasttrain: config, system.device, system.errors.
+Imports from fasttrain: compute.device, config, system.errors.
 
 Weight decay pulls weights toward zero, which regularises matrices that mix features.
 It is wrong for RMSNorm gains (pulled toward 0 instead of their natural 1) and
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from fasttrain.compute.device import native_bf16
 from fasttrain.config import OptimConfig
-from fasttrain.system.device import native_bf16
 from fasttrain.system.errors import UsageError
 from fasttrain_kernels.newton_schulz import newton_schulz_reference
 

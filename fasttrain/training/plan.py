@@ -1,8 +1,8 @@
 """A run's plan: everything a run of a config decides before it allocates anything, decided once.
 
-Imports from fasttrain: checkpoints.checkpoint_files, config, data.documents, data.mixture, data.shards, model.sizing, model.transformer,
-model.weights, preparation.cache, preparation.preparation, preparation.tokenizer, system.device, system.distributed,
-system.errors, training.optimizers, training.preflight, training.schedule.
+Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, config, data.documents,
+data.mixture, formats.shards, formats.tokenizer, model.sizing, model.transformer, model.weights, preparation.cache,
+preparation.preparation, system.errors, training.optimizers, training.preflight, training.schedule.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from fasttrain.checkpoints import checkpoint_files
+from fasttrain.compute import distributed
+from fasttrain.compute.device import Kernels, check_attention, check_fp8, kernels_on, resolve_train
 from fasttrain.config import (
     DEFAULT_INPUTS,
     DEFAULT_VOCAB,
@@ -41,15 +43,13 @@ from fasttrain.config import (
 )
 from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Blend, Source, open_sources, phases, token_shares
-from fasttrain.data.shards import find_shards
+from fasttrain.formats.shards import find_shards
+from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.sizing import HEAD_DIM, Corpus, Speed, Update, fits, ladder_shape, plural, size_model
 from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
 from fasttrain.preparation.cache import prepared_dir
 from fasttrain.preparation.preparation import check_preparable, request_of
-from fasttrain.preparation.tokenizer import Tokenizer
-from fasttrain.system import distributed
-from fasttrain.system.device import Kernels, check_attention, check_fp8, kernels_on, resolve_train
 from fasttrain.system.errors import UsageError
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.preflight import check_fits
@@ -439,7 +439,7 @@ def rows_per_epoch(source: Source, cfg: Config, world_size: int) -> int:
 
 
 def kernel_reasons(cfg: Config, kernels: Kernels, device: torch.device, sharded: bool) -> tuple[str, ...]:
-    """Why each kernel (kernel_table.OPS order) is on or off, as system/device.kernels_on decided."""
+    """Why each kernel (kernel_table.OPS order) is on or off, as compute/device.kernels_on decided."""
     reasons = []
     for op in ("linear_cross_entropy", "rms_norm", "adamw"):
         setting, on = getattr(cfg.kernels, op), getattr(kernels, op)

@@ -1,10 +1,11 @@
 """The training loop's policies: what to do after non-finite steps, and when to stop early.
 
-Imports from fasttrain: config, training.run_state.
+Imports from fasttrain: checkpoints.resume, checkpoints.run_state, config, training.schedule.
 
 Each is a small object the loop asks after a step or an evaluation; the loop carries
 out the answer (rolls back, stops) and reporting tells the user. A restored save that
-monitored another loss starts early stopping's count anew (monitor_anew).
+monitored another loss starts early stopping's count anew (monitor_anew), and a resumed run takes what its config
+changed (resumed_under).
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from fasttrain.checkpoints.resume import check_not_past_end
+from fasttrain.checkpoints.run_state import RunState
 from fasttrain.config import Config, RecoveryConfig
-from fasttrain.training.run_state import RunState
+from fasttrain.training.schedule import carried_rest_scale, schedule_change
 
 
 class Recovery:
@@ -120,3 +123,16 @@ def monitor_anew(run: RunState, saved: Config, cfg: Config) -> str | None:
         f"train.monitor is {cfg.train.monitor}, not {saved.train.monitor}: the best validation loss "
         "and early stopping's count start anew"
     )
+
+
+def resumed_under(path: Path, run: RunState, saved: Config, cfg: Config, recorded: Sequence[float] = ()) -> list[str]:
+    """The `run` of the save at `path`, saved under `saved`, continued under `cfg`: UsageError if it is already past
+    the run's end (resume.check_not_past_end); else its schedule laid over the new length, or a budgeted run's
+    carried on (schedule.carried_rest_scale, set in `run`), and the best loss and early stopping's count started
+    anew for another train.monitor (monitor_anew); returns what changed, a line each."""
+    check_not_past_end(path, run, saved, cfg)
+    lines = (schedule_change(saved, cfg, run, recorded), monitor_anew(run, saved, cfg))
+    carried = carried_rest_scale(saved, cfg, run)  # after the line that says what it does
+    if carried is not None:
+        run.rest_scale = carried
+    return [line for line in lines if line]

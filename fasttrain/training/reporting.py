@@ -1,7 +1,8 @@
 """What a training run tells the user: each event (metrics.jsonl, see metrics.py) and console line,
 made from the values it is given. Nothing here reads the trainer.
 
-Imports from fasttrain: config, system.device, training.metrics, training.plan, training.run_state, training.schedule.
+Imports from fasttrain: checkpoints.run_state, compute.device, config, evaluation.loss_sums, training.metrics,
+training.plan, training.schedule.
 
 The training loop hands over a record per step (to IntervalMeter, which sums them on the
 device until the next log line), one per evaluation, and one per skip, rollback or stop.
@@ -17,12 +18,13 @@ from typing import Any
 
 import torch
 
-from fasttrain.config import Config
-from fasttrain.system.device import synchronize
-from fasttrain.training.metrics import MetricsLog, peak_flops, peak_memory_gb, perplexity
+from fasttrain.checkpoints.run_state import RunState
+from fasttrain.compute.device import synchronize
+from fasttrain.config import Config, format_duration
+from fasttrain.evaluation.loss_sums import perplexity
+from fasttrain.training.metrics import MetricsLog, peak_flops, peak_memory_gb
 from fasttrain.training.plan import Reading, RunPlan
-from fasttrain.training.run_state import RunState
-from fasttrain.training.schedule import PROGRESS_EVENT, Budget, format_duration
+from fasttrain.training.schedule import PROGRESS_EVENT, Budget
 
 
 class IntervalMeter:
@@ -310,10 +312,20 @@ class Report:
     def stopped(self, step: int, signal_name: str, path: Path | None) -> None:
         self.log.event("stopped", step=step, signal=signal_name, checkpoint=str(path))
 
-    def end(self, summary: dict[str, Any], run: RunState, replay_mix: str = "") -> None:
-        """The summary Trainer.train returns, and where everything went; `replay_mix`: the --set item that pins a
-        budgeted run's mix changes in its replay (mixture.replay_mix)."""
+    def end(
+        self,
+        run: RunState,
+        last_eval: dict[str, float],
+        checkpoint: Path | None,
+        weights: Path,
+        stopped_early: bool,
+        wall_seconds: float,
+        replay_mix: str = "",
+    ) -> dict[str, Any]:
+        """The run's summary (run_summary), reported and returned (what Trainer.train returns), and where everything
+        went; `replay_mix`: the --set item that pins a budgeted run's mix changes in its replay (mixture.replay_mix)."""
         out = Path(self.cfg.train.out_dir)
+        summary = run_summary(run, last_eval, out, checkpoint, weights, stopped_early, wall_seconds)
         self.log.event("end", **summary)
         self.log.end_progress()
         self.log.print(
@@ -345,6 +357,7 @@ class Report:
             # fasttrain.plot's own hint where it would refuse: matplotlib is an extra, not a dependency
             + ("" if importlib.util.find_spec("matplotlib") else ' (needs matplotlib: pip install -e ".[plot]")')
         )
+        return summary
 
 
 def run_summary(

@@ -1,8 +1,8 @@
 """The training loop: one train() from its first step to its last, and what happens between the steps.
 
-Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, checkpoints.saves, config, data.loader,
-system.distributed, system.errors, system.signals, training.plan, training.policies, training.reporting,
-training.run_state, training.schedule.
+Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, checkpoints.run_state, checkpoints.saves,
+compute.distributed, config, data.loader, system.errors, system.signals, training.plan, training.policies,
+training.reporting, training.schedule.
 
 After each step the loop asks the policies (policies.py): a streak of non-finite steps rolls the run back to
 a save or stops it (Recovery), evaluations that stop improving end it (EarlyStopping). It evaluates, samples
@@ -22,16 +22,16 @@ import torch
 
 from fasttrain.checkpoints.checkpoint import Checkpointer
 from fasttrain.checkpoints.run_directory import RunStart
+from fasttrain.checkpoints.run_state import RunState
 from fasttrain.checkpoints.saves import step_of
+from fasttrain.compute import distributed
 from fasttrain.config import Config
 from fasttrain.data.loader import TokenLoader
-from fasttrain.system import distributed
 from fasttrain.system.errors import RunStopped
 from fasttrain.system.signals import SignalCatcher
 from fasttrain.training.plan import RunPlan
 from fasttrain.training.policies import EarlyStopping, Recovery, monitor_anew
 from fasttrain.training.reporting import IntervalMeter, Report
-from fasttrain.training.run_state import RunState
 from fasttrain.training.schedule import Budget
 
 

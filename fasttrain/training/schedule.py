@@ -1,6 +1,6 @@
 """The learning rate as a pure function of the optimizer step, or of a time-budgeted run's progress.
 
-Imports from fasttrain: config, system.errors, training.run_state.
+Imports from fasttrain: checkpoints.run_state, config, system.errors.
 
 Linear warmup from 0 over `warmup_steps`, then one of:
 - cosine:   min + 0.5 (max - min)(1 + cos(pi t / T)), t steps into the decay, whose first
@@ -31,9 +31,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from fasttrain.config import Config, ScheduleConfig, TrainConfig
+from fasttrain.checkpoints.run_state import RunState
+from fasttrain.config import Config, ScheduleConfig, TrainConfig, format_duration
 from fasttrain.system.errors import UsageError
-from fasttrain.training.run_state import RunState
 
 # Under a budget, warmup ends at this progress at the latest (a budgeted run's length in steps is not known
 # ahead, so fit_warmup cannot shorten it; the same tenth of the run it would give a smoke run).
@@ -161,15 +161,6 @@ class Standing(NamedTuple):
     progress: float  # 0 to 1
     final_step: int  # the step the run is projected to end at
     seconds_left: float | None  # of the time budget; None without one
-
-
-def format_duration(seconds: float) -> str:
-    """`seconds` as a budget is written: "2.5s", "45s", "3m", "1h30m", "2m5s"."""
-    if seconds < 59.5:
-        return f"{seconds:.3g}s"
-    whole = round(seconds)
-    hours, minutes, rest = whole // 3600, whole % 3600 // 60, whole % 60
-    return "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (rest, "s")) if n)
 
 
 def budget_note(cfg: Config) -> str | None:

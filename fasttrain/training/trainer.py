@@ -1,10 +1,9 @@
 """The Trainer: one run of `python -m fasttrain.train`, also usable from other code.
 
-Imports from fasttrain: checkpoints.checkpoint, checkpoints.checkpoint_files, checkpoints.resume,
-checkpoints.run_directory, config, data.loader, data.mixture, data.sampling, evaluation.validation,
-model.generation, model.transformer, model.weights, preparation.cache, preparation.tokenizer, system.device,
-system.distributed, training.launch, training.objective, training.optimizers, training.plan, training.policies,
-training.reporting, training.run_loop, training.run_state, training.schedule.
+Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_state, compute.device, compute.distributed, config,
+data.loader, data.mixture, data.sampling, evaluation.loss_sums, evaluation.validation, formats.tokenizer,
+model.generation, model.transformer, model.weights, training.launch, training.objective, training.optimizers,
+training.plan, training.policies, training.reporting, training.run_loop, training.schedule.
 
     trainer = Trainer(load_config("configs/base.toml"))
     summary = trainer.train()          # or drive it yourself:
@@ -20,16 +19,17 @@ counted targets (all of them when rows are packed; the padded ones are ignored),
 divided once by the counted targets of the whole update over all ranks, so the
 summed gradient is that of the mean loss per real token. Then the global gradient
 norm is clipped, the optimizer steps at the learning rate of the schedule, and the
-gradients are cleared (optim.Updater). A step whose loss or gradient norm is not
+gradients are cleared (optimizers.Updater). A step whose loss or gradient norm is not
 finite is skipped instead (no update); after `recovery.max_skips` in a row the run
 rolls back to its newest checkpoint whose next step was finite at a lower learning rate, or stops
 (policies.Recovery). The finiteness check is the one host sync per step; otherwise
 nothing waits on the GPU except at log, eval and checkpoint points.
 
-The Trainer assembles the run's parts from its plan (plan.py), holds its RunState
-(run_state.py), and runs the loop (run_loop.py), which asks the policies (policies.py)
-after each step and evaluation, and hands values to reporting (reporting.py), which
-writes every event and line.
+The Trainer assembles the run's parts from its plan (plan.py; launch.start_run makes it, the data prepared),
+holds its RunState (fasttrain/checkpoints/run_state.py), and runs the loop (run_loop.py), which asks the
+policies (policies.py) after each step and evaluation, and hands values to reporting (reporting.py), which
+writes every event and line, the summary at the end included. A resume takes what the config changed
+(policies.resumed_under).
 
 SIGINT (Ctrl-C) and SIGTERM during `train()` finish the current step, save a
 checkpoint and raise `Interrupted` (exit status 130 / 143 from the command line);
@@ -44,21 +44,10 @@ from typing import Callable, cast
 
 import torch
 
-from fasttrain.checkpoints import checkpoint_files, run_directory
 from fasttrain.checkpoints.checkpoint import Checkpointer
-from fasttrain.checkpoints.resume import check_not_past_end
-from fasttrain.config import Config
-from fasttrain.data.loader import TokenLoader
-from fasttrain.data.mixture import Source, kept_mix_notes, replay_mix
-from fasttrain.data.sampling import Sampling
-from fasttrain.evaluation.validation import mixture_metrics, validate
-from fasttrain.model.generation import generate_text
-from fasttrain.model.transformer import Transformer
-from fasttrain.model.weights import export_weights, read_hf_llama_weights
-from fasttrain.preparation.cache import ensure_prepared
-from fasttrain.preparation.tokenizer import Tokenizer
-from fasttrain.system import distributed
-from fasttrain.system.device import (
+from fasttrain.checkpoints.run_state import RunState
+from fasttrain.compute import distributed
+from fasttrain.compute.device import (
     autocast,
     compile_failures,
     compile_options,
@@ -66,38 +55,25 @@ from fasttrain.system.device import (
     seed_everything,
     uncompiled,
     use_attention,
-    use_device,
 )
-from fasttrain.training.launch import check_start, opened
-from fasttrain.training.objective import LossSums, NextTokenLoss, batch_loss, counted_targets
+from fasttrain.config import Config
+from fasttrain.data.loader import TokenLoader
+from fasttrain.data.mixture import Source, kept_mix_notes, replay_mix
+from fasttrain.data.sampling import Sampling
+from fasttrain.evaluation.loss_sums import LossSums
+from fasttrain.evaluation.validation import validate_sources
+from fasttrain.formats.tokenizer import Tokenizer
+from fasttrain.model.generation import generate_text
+from fasttrain.model.transformer import Transformer
+from fasttrain.model.weights import export_weights, read_hf_llama_weights
+from fasttrain.training.launch import check_start, opened, start_run
+from fasttrain.training.objective import NextTokenLoss, batch_loss, counted_targets
 from fasttrain.training.optimizers import Updater
-from fasttrain.training.plan import RunPlan, accumulation_steps, plan_run  # noqa: F401 (accumulation_steps: kept for the Python API)
-from fasttrain.training.policies import monitor_anew
-from fasttrain.training.reporting import Report, run_summary
+from fasttrain.training.plan import RunPlan, accumulation_steps  # noqa: F401 (accumulation_steps: kept for the Python API)
+from fasttrain.training.policies import resumed_under
+from fasttrain.training.reporting import Report
 from fasttrain.training.run_loop import Interrupted, Loop, StepResult  # noqa: F401 (Interrupted: what train() raises)
-from fasttrain.training.run_state import RunState
-from fasttrain.training.schedule import Budget, carried_rest_scale, next_update, schedule_change
-
-
-def start_run(cfg: Config, quiet: bool = False, resume: str | None = None) -> RunPlan:
-    """The plan of a run of `cfg` in this process's world (plan.plan_run), on the device it names (this rank's
-    under torchrun), its data prepared first if need be: rank 0 prepares it while the other ranks wait, in the
-    process group this joins, then they find it. `resume`: the --resume spec of the save the run continues
-    (None: a new run). Prints the plan's notes (rank 0, unless `quiet`)."""
-    world = distributed.world_from_env()
-    device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
-    plan = plan_run(cfg, world, device, resume)  # a config the run refuses is refused before anything is prepared
-    distributed.start(world, device)
-    if plan.prepare:
-        if not world.is_main:
-            distributed.barrier(world)
-        ensure_prepared(cfg.data, quiet=quiet or not world.is_main)
-        if world.is_main:
-            distributed.barrier(world)
-        plan = plan_run(cfg, world, device, resume, plan.speed)  # the machine timed once
-    for note in plan.notes if world.is_main and not quiet else ():
-        print(f"note: {note}")
-    return plan
+from fasttrain.training.schedule import Budget, next_update
 
 
 class Trainer:
@@ -109,7 +85,7 @@ class Trainer:
     and starts from its weights. Nothing is written to `train.out_dir` until
     `train()` or `save_checkpoint()`. Call `resume()` before `train()` to continue a saved run.
 
-    Under torchrun (see fasttrain/system/distributed.py) every rank builds a Trainer: each
+    Under torchrun (see fasttrain/compute/distributed.py) every rank builds a Trainer: each
     reads its own part of the data, the gradients are averaged (DDP) or sharded
     (FSDP), the logged loss is over all ranks' targets, and only rank 0 prints and writes.
     """
@@ -162,15 +138,17 @@ class Trainer:
         self.updater = Updater(
             self.model, self.cfg.optim, self.device, self.precision, kernel=self.kernels.adamw, sharded=self.sharded
         )
-        self.checkpoints = Checkpointer(self.cfg, self.model, self.updater, self.world, plan.parallel, self.device)
+        self.checkpoints = Checkpointer(
+            self.cfg, self.model, self.updater.optimizer, self.updater.scaler, self.world, plan.parallel, self.device
+        )
         self.init_pending = bool(self.cfg.model.init_from) and not plan.init_missing  # its weights not read yet
         if self.init_pending and not resuming:
             self._start_from_init()
         self.train_loader = self.loader("train", self.cfg.data.sampling, self.cfg.data.prefetch)
-        self.compiling = self.compiled  # the first step of a compiled objective compiles it: not training time
-        # Until a compiled step comes out finite, a non-finite one is checked against the plain objective (step);
-        # `eager`: that check found the compiled code wrong, so the objective runs uncompiled from then on.
-        self.compile_trusted, self.eager = not self.compiled, False
+        # The first step of a compiled objective compiles it (not training time) and, if it comes out non-finite, is
+        # checked against the plain objective (step); `eager`: that check found the compiled code wrong, so the
+        # objective runs uncompiled from then on.
+        self.compiling, self.eager = self.compiled, False
         self.run = RunState()
         self.resumed_from: Path | None = None  # the checkpoint `resume` restored, for the start report
 
@@ -273,14 +251,13 @@ class Trainer:
         batches = [next(self.train_loader) for _ in range(self.accumulation)]
         loss, grad_norm, correct, counted, finite, targets = self._gradients(batches)
         compiled_loss = None
-        if not finite and not self.compile_trusted:
+        if not finite and self.compiling:
             self.updater.apply(None)  # the compiled step's gradients cleared, no update
             self.eager = True
             compiled_loss = loss.item()
             loss, grad_norm, correct, counted, finite, targets = self._gradients(batches)
             if not finite:  # the model's own: the compiled code was right, and stays
                 self.eager, compiled_loss = False, None
-        self.compile_trusted = True  # one finite step, or one check, is enough
         update = next_update(self.cfg, self.run, self.recorded)
         lr = self.run.lr_scale * update.lr
         self.updater.apply(lr if finite else None)
@@ -289,8 +266,7 @@ class Trainer:
         self.run.skipped_steps += not finite
         seconds = self.clock() - began
         if update.progress is not None and self.world.distributed:
-            mine = torch.tensor(seconds if self.world.is_main else 0.0, dtype=torch.float64, device=self.device)
-            seconds = distributed.total(mine, self.world).item()
+            seconds = distributed.main_value(seconds, self.world, self.device)
         self.run.train_seconds += 0.0 if self.compiling else seconds
         self.run.decay_from = update.decay_from
         self.compiling = False
@@ -315,26 +291,13 @@ class Trainer:
         source's val split (all of it when it holds fewer), shared out among the ranks, so the same rows in any
         world; of a mixture their total weighted as data.sources (validation.mixture_metrics); None if `stop()`
         cut it short."""
-        found: dict[str, dict[str, float]] = {}
         t = self.cfg.train
-        for source in self.sources:
-            with self.loader(
-                "val", "sequential", prefetch=0, whole=True, source=source, first_rows=t.eval_steps * t.batch_size
-            ) as loader:
-                metrics = validate(
-                    self.loss,
-                    self.model,
-                    loader,
-                    loader.reader.batches_per_epoch,
-                    self.precision,
-                    self.world,
-                    source.data.bits_per_nat,
-                    stop,
-                )
-            if metrics is None:
-                return None
-            found[source.name] = metrics
-        return mixture_metrics([(s.name, found[s.name]) for s in self.sources], [s.weight for s in self.sources])
+
+        def loader(source: Source) -> TokenLoader:
+            rows = t.eval_steps * t.batch_size
+            return self.loader("val", "sequential", prefetch=0, whole=True, source=source, first_rows=rows)
+
+        return validate_sources(self.loss, self.model, self.sources, loader, self.precision, self.world, stop)
 
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
         """Text generated from `prompt` (default: train.sample_prompt), the same random draws every call."""
@@ -366,24 +329,18 @@ class Trainer:
         with opened(self.plan, self.checkpoints, resumed, overwrite, self.quiet) as (log, start):
             report = Report(log, self.cfg, self.device, self.plan.flops_per_token)
             with compile_failures():  # the first step's, before which the start is taken back, or a recompile's
-                summary = self._finish(report, *Loop(self, report, start).run())
+                last_eval, stopped_early = Loop(self, report, start).run()
+            out, weights = Path(self.cfg.train.out_dir), distributed.full_state(self.model, None, self.sharded)[0]
+            final = (  # the final weights, with the run's copy of the tokenizer
+                export_weights(weights, self.cfg, out / "final", tokenizer=out / "tokenizer.json")[0]
+                if self.world.is_main
+                else out / "final"
+            )
+            latest = self.checkpoints.latest()  # a save in flight waited for first
+            replay = replay_mix(self.cfg.data, self.mix, self.accumulation, self.run.step)
+            summary = report.end(self.run, last_eval, latest, final, stopped_early, self.clock() - self.created, replay)
             distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
             return summary
-
-    def _finish(self, report: Report, last_eval: dict[str, float], stopped_early: bool) -> dict:
-        """Export the final weights, then report the summary of the run, and where everything went."""
-        out = Path(self.cfg.train.out_dir)
-        weights = distributed.full_state(self.model, None, self.sharded)[0]
-        final = (
-            export_weights(weights, self.cfg, out / "final", tokenizer=out / "tokenizer.json")[0]  # the run's copy
-            if self.world.is_main
-            else out / "final"
-        )
-        summary = run_summary(
-            self.run, last_eval, out, self.checkpoints.latest(), final, stopped_early, self.clock() - self.created
-        )
-        report.end(summary, self.run, replay_mix(self.cfg.data, self.mix, self.accumulation, self.run.step))
-        return summary
 
     def restore(self, path: Path) -> tuple[RunState, Config, list[str]]:
         """Load the save at `path` into the model, optimizer and train loader (Checkpointer.restore) and take the
@@ -406,27 +363,15 @@ class Trainer:
         would misname it); one at its end only evaluates and reports again. The optimizer's state (moments, steps)
         comes from the checkpoint, its settings (weight decay, betas, eps, ...) from this run's config, which says
         so."""
-        path = checkpoint_files.resolve(str(spec), self.cfg.train.out_dir)
-        run_directory.check_own(path, self.checkpoints.directory)
-        # Before the loader's state: data prepared again has other rows too, and its tokenizer is the real cause.
-        run_directory.check_kept_tokenizer(self.sources[0].data.dir, self.cfg.train.out_dir)
+        path = self.checkpoints.resumable(str(spec), self.sources[0].data.dir)
         run, saved, notes = self.restore(path)
         for note in notes if not self.quiet else ():
             print(f"resume: {note}")
-        check_not_past_end(path, run, saved, self.cfg)
-        self.run = run
-        changed = self.updater.use_configured_hyperparameters()
-        if changed and not self.quiet:
-            print(f"resume: the config's optimizer settings replace the checkpoint's ({'; '.join(changed)})")
-        lines: tuple[str | None, ...] = (
-            schedule_change(saved, self.cfg, self.run, self.recorded),
-            monitor_anew(self.run, saved, self.cfg),
-        )
-        carried = carried_rest_scale(saved, self.cfg, self.run)  # after the line that says what it does
-        if carried is not None:
-            self.run.rest_scale = carried
-        for line in lines:
-            if line and not self.quiet:
-                print(f"resume: {line}")
+        lines = resumed_under(path, run, saved, self.cfg, self.recorded)  # UsageError for a save past the run's end
+        self.run, changed = run, self.updater.use_configured_hyperparameters()
+        if changed:
+            lines.insert(0, f"the config's optimizer settings replace the checkpoint's ({'; '.join(changed)})")
+        for line in lines if not self.quiet else ():
+            print(f"resume: {line}")
         self.resumed_from = path
         return path

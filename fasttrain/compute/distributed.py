@@ -1,6 +1,6 @@
 """Data-parallel runs over processes started by torchrun: the process group, the model wrapper, reductions.
 
-Imports from fasttrain: system.device, system.errors.
+Imports from fasttrain: compute.device, system.errors.
 
     torchrun --nproc_per_node=N -m fasttrain.train CONFIG.toml
 
@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fasttrain.system.device import PRECISIONS
+from fasttrain.compute.device import PRECISIONS
 from fasttrain.system.errors import RunStopped, UsageError
 
 
@@ -361,6 +361,12 @@ def total(value: torch.Tensor, world: World) -> torch.Tensor:
     summed = value.detach().clone()
     dist.all_reduce(summed)
     return summed
+
+
+def main_value(value: float, world: World, device: torch.device) -> float:
+    """Rank 0's `value` on every rank, so that all decide alike (a collective: every rank calls it)."""
+    mine = torch.tensor(value if world.is_main else 0.0, dtype=torch.float64, device=device)
+    return total(mine, world).item()
 
 
 def any_rank(flag: bool, world: World, device: torch.device) -> bool:

@@ -1,6 +1,6 @@
 """Where and how a run computes: the device, mixed precision, the Triton kernels switched on, and seeding.
 
-Imports from fasttrain: config, system.errors, system.kernel_table.
+Imports from fasttrain: compute.kernel_table, config, system.errors.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
+from fasttrain.compute.kernel_table import OPS, load_table, lookup
 from fasttrain.config import KernelsConfig, TrainConfig
 from fasttrain.system.errors import UsageError
-from fasttrain.system.kernel_table import OPS, load_table, lookup
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -128,7 +128,7 @@ def kernels_on(
     softcap: float = 0.0,
 ) -> Kernels:
     """[kernels] resolved for `device`. true and false are taken as they are; "auto" on a GPU is the
-    measured dispatch table's verdict (fasttrain/system/kernel_table.py) for the run's `shapes` (per op:
+    measured dispatch table's verdict (fasttrain/compute/kernel_table.py) for the run's `shapes` (per op:
     rms_norm {"hidden"}, linear_cross_entropy {"hidden", "vocab"}, adamw {"params"}), in its mode
     (`compiled` or eager) on a GPU of its `capability` ("sm_90"; default: the device's): on only where
     the kernel was measured faster than stock there, else stock. `table`: its entries (default: the

@@ -1,7 +1,7 @@
 """The loss doctor's checks: the systematic checks for "my loss does not go down", run on a real batch
 of a built Trainer (`diagnose`), and their report. The command line is `python -m fasttrain.doctor`.
 
-Imports from fasttrain: data.documents, system.device, training.trainer.
+Imports from fasttrain: compute.device, data.documents, training.trainer.
 
 One training batch is checked, in order:
 
@@ -26,8 +26,8 @@ from typing import Sequence
 
 import torch
 
+from fasttrain.compute.device import autocast
 from fasttrain.data.documents import IGNORE_INDEX
-from fasttrain.system.device import autocast
 from fasttrain.training.trainer import Trainer
 
 INIT_LOSS_TOLERANCE = 1.0  # nats from ln(V); random init with small logits lands well within it

@@ -1,7 +1,7 @@
 """A prepared folder as a run reads it: its meta.json, tokenizer and shard headers checked against each
 other before anything trains on them (`open_prepared`). fasttrain/preparation/preparation.py makes such folders.
 
-Imports from fasttrain: data.shards, preparation.tokenizer, system.errors.
+Imports from fasttrain: formats.shards, formats.tokenizer, system.errors.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fasttrain.data.shards import SPLITS, check_meta, find_shards, read_meta
-from fasttrain.preparation.tokenizer import Tokenizer, fingerprint
+from fasttrain.formats.shards import SPLITS, check_meta, find_shards, read_meta
+from fasttrain.formats.tokenizer import Tokenizer, fingerprint
 from fasttrain.system.errors import UsageError
 
 
