@@ -137,7 +137,7 @@ def test_calibration_reads_the_rate_at_two_sizes_from_its_clock(monkeypatch):
 def test_the_calibration_times_the_runs_optimizer_step_after_each_backward(pydoc_data, tmp_path, monkeypatch):
     """A budgeted run's timing includes its clipping and optimizer step (plan.timed_update): the plan hands it to
     the calibration, which runs it after every backward, so the gradients are gone after each pass."""
-    from fasttrain.system.distributed import World
+    from fasttrain.compute.distributed import World
     from fasttrain.training import plan as planning
 
     cfg = tiny_config(pydoc_data, tmp_path, "model.vocab_size=512", *AUTO, "optim.name=muon", "train.max_time=60")

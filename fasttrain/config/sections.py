@@ -218,10 +218,10 @@ class TrainConfig:
     # (batch_size x seq_len x world size). 0 = one micro-batch per step.
     tokens_per_update: int = 0
     # Autocast precision. auto: bf16 on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16 or
-    # AMX), fp32 elsewhere (emulated bf16 is slower than fp32). See system/device.py, resolve_precision.
+    # AMX), fp32 elsewhere (emulated bf16 is slower than fp32). See compute/device.py, resolve_precision.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # torch.compile the objective. auto: always on CUDA; on CPU only for runs of at least
-    # system.device.CPU_COMPILE_MIN_STEPS steps, long enough to earn back the compile time.
+    # compute.device.CPU_COMPILE_MIN_STEPS steps, long enough to earn back the compile time.
     compile: Literal["auto", True, False] = "auto"
     # torch.compile's mode: "default"; "max-autotune" (benchmarks matmul and kernel configs while
     # compiling: slower to start, helps long GPU runs; with CUDA graphs) or "max-autotune-no-cudagraphs";
@@ -248,7 +248,7 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     # Under torchrun with more than one process: "ddp" (every rank holds the whole model), "fsdp" (FSDP2:
     # parameters, gradients and optimizer state sharded over the ranks) or "hsdp" (sharded within groups of
-    # shard_group_size ranks, the groups replicas of each other; see system/distributed.py).
+    # shard_group_size ranks, the groups replicas of each other; see compute/distributed.py).
     parallel: Literal["ddp", "fsdp", "hsdp"] = "ddp"
     shard_group_size: int = 0  # hsdp only: ranks per shard group, a divisor of the world; 0 = the node's processes
     log_interval: int = 10  # report training metrics every this many steps
@@ -293,7 +293,7 @@ class RecoveryConfig:
 @dataclass
 class KernelsConfig:
     """[kernels]: which of the Triton kernels (fasttrain_kernels/) the model uses. "auto" on a GPU: where the measured
-    dispatch table (fasttrain/system/kernel_table.py) says the kernel beat stock at the run's shapes and mode;
+    dispatch table (fasttrain/compute/kernel_table.py) says the kernel beat stock at the run's shapes and mode;
     on a CPU: off, but for the linear cross-entropy under bf16."""
 
     # The loss straight from the final hidden states and the output weight, chunk by chunk,

@@ -120,7 +120,7 @@ def rms_norm_module(cfg: ModelConfig, kernel: bool) -> nn.Module:
     """An RMSNorm over d_model: the fused Triton kernel's module, or the PyTorch one."""
     if not kernel:
         return ResidualRMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    from fasttrain_kernels.rms_norm import RMSNorm  # needs Triton, so only when asked for
+    from fasttrain_kernels.rms_norm import RMSNorm  # only when asked for
 
     return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
@@ -249,7 +249,7 @@ class Transformer(nn.Module):
 
     Its training loss is fasttrain/training/objective.py's NextTokenLoss, a module around it.
     `norm_kernel` runs the RMSNorms with their residual adds through the Triton kernel
-    kernels.RMSNorm (it needs Triton installed; either setting loads the other's weights).
+    kernels.RMSNorm (either setting loads the other's weights).
     `checkpointing`: activation checkpointing of the blocks in training, "none", "full" or
     "selective" (see `run_block`); it changes memory and compute, never the results.
     `attention`: the attention kernel (train.attention): "auto", an SDPA backend pinned, or "flex";

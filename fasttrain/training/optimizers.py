@@ -241,7 +241,7 @@ def _adamw(
 ) -> torch.optim.Optimizer:
     """torch's AdamW (fused on CUDA), or kernels.FusedAdamW with the clipping in its step if `clip`."""
     if kernel:
-        from fasttrain_kernels.adamw import FusedAdamW  # needs Triton, so only when asked for
+        from fasttrain_kernels.adamw import FusedAdamW  # only when asked for
 
         return FusedAdamW(
             groups,
