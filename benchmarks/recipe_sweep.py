@@ -2,7 +2,9 @@
 
     python -m benchmarks.recipe_sweep --corpus large --budget 120 [--case NAME ...] [--threads 2] [--out FILE]
 
-Every case is configs/base.toml with its --set items (CASES), trained for --budget seconds of training
+Every case is configs/base.toml with the tables it had when these cases were defined (TABLES_BEFORE: a tied head,
+no embedding norm or value embeddings, one rate) and then its --set items (CASES), or, case "default", base.toml
+as it is; trained for --budget seconds of training
 (train.max_time, what the schedule is fitted to; compiling, evaluating and saving are outside it), compile
 off, without samples, and validated once at the end on the first EVAL_TOKENS of the corpus's validation
 split (as many batches as that takes at the case's batch and sequence length), so every case is scored on
@@ -129,6 +131,15 @@ CASES |= {
 }
 AUTO = ["model.n_layers=0", "model.d_model=0", "model.n_heads=0"]  # the shape chosen for the budget (sizing.py)
 CASES["auto"] = AUTO + MUON + WSD
+CASES["default"] = []  # configs/base.toml as it is (nothing of TABLES_BEFORE)
+# base.toml's head and tables before 2026-11-25, which every case but "default" starts from (a case's sets win)
+TABLES_BEFORE = [
+    "model.tie_embeddings=true",
+    "model.embedding_norm=false",
+    "model.value_embeddings=false",
+    "optim.embedding_lr=0",
+    "optim.head_lr=0",
+]
 
 
 def stdlib_files(corpus: str) -> list[Path]:
@@ -169,7 +180,7 @@ def run_case(
     name: str, data: Path, budget: float, threads: int, out_dir: Path, steps: int = 0, seed: int = 1337
 ) -> dict:
     """Train case `name` on prepared `data` (train_sets) from train.seed `seed`."""
-    sets = [*CASES[name], f"train.seed={seed}"]
+    sets = [*(TABLES_BEFORE if name != "default" else []), *CASES[name], f"train.seed={seed}"]
     return {"case": name, "sets": sets, **train_sets(sets, data, budget, threads, out_dir, steps)}
 
 

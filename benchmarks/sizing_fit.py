@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.recipe_sweep import CASES, ROOT, prepared, setting
+from benchmarks.recipe_sweep import CASES, ROOT, TABLES_BEFORE, prepared, setting
 from fasttrain.config import load_config
 from fasttrain.model import sizing
 from fasttrain.model.transformer import matmul_params
@@ -55,7 +55,7 @@ def measure_speeds(threads: Sequence[int], cache: Path) -> dict:
     for n in threads:
         env = {**os.environ, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
         for depth in DEPTHS:
-            sets = [f"data.dir={data}", "train.compile=false", *CASES[f"depth {depth}"]]
+            sets = [f"data.dir={data}", "train.compile=false", *TABLES_BEFORE, *CASES[f"depth {depth}"]]
             command = [sys.executable, "-m", "fasttrain.train", "configs/base.toml", "--dry-run", "--json"]
             done = subprocess.run(
                 [*command, "--measure", "5", "--set", *sets], cwd=ROOT, env=env, capture_output=True, text=True

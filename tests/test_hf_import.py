@@ -71,6 +71,8 @@ def test_continue_from_a_hugging_face_llama_and_export_it_back(pydoc_data, tmp_p
             "data.vocab_size=0",
             "train.max_steps=1",
             "optim.lr=1e-30",
+            "optim.embedding_lr=0",  # base.toml's table and head rates: optim.lr's too
+            "optim.head_lr=0",
             "schedule.min_lr=0",
             "optim.weight_decay=0",
             "train.sample_tokens=0",

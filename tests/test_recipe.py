@@ -49,10 +49,14 @@ def test_without_rates_of_their_own_the_groups_are_as_before(pydoc_data, tmp_pat
     assert len(Updater(model, OptimConfig(), CPU, "fp32").optimizer.param_groups) == 2
 
 
-def test_a_head_rate_needs_an_untied_head(pydoc_data, tmp_path, capsys):
-    assert cli(tiny_args(pydoc_data, tmp_path / "run", "optim.head_lr=0.01", flags=["--dry-run"])) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "optim.head_lr = 0.01 needs model.tie_embeddings" in err, err
+def test_a_head_rate_for_a_tied_head_is_a_note(pydoc_data, tmp_path, capsys):
+    """base.toml sets optim.head_lr; a run that ties the head trains, and its plan says the key does nothing."""
+    sets = ("model.tie_embeddings=true", "optim.head_lr=0.01")
+    assert cli(tiny_args(pydoc_data, tmp_path / "run", *sets, flags=["--dry-run"])) == 0
+    out = capsys.readouterr().out
+    assert "optim.head_lr = 0.01 is an untied head's rate: this head is tied" in out, out
+    assert cli(tiny_args(pydoc_data, tmp_path / "untied", flags=["--dry-run"])) == 0
+    assert "untied head's rate" not in capsys.readouterr().out
 
 
 def test_rates_of_their_own_resume_exactly_and_are_not_switched_on_a_resume(pydoc_data, tmp_path, capsys):
@@ -70,7 +74,7 @@ def test_rates_of_their_own_resume_exactly_and_are_not_switched_on_a_resume(pydo
     resumed = [line for line in (again / "metrics.jsonl").read_text().splitlines() if '"event": "train"' in line]
     assert [_loss(x) for x in resumed] == [_loss(x) for x in losses[2:]]
     capsys.readouterr()
-    off = [s for s in sets if not s.startswith("optim.embedding_lr")]
+    off = [s for s in sets if not s.startswith("optim.embedding_lr")] + ["optim.embedding_lr=0"]  # base.toml's 0.05
     args = tiny_args(pydoc_data, tmp_path / "off", *off, "train.max_steps=4", flags=["--resume", str(checkpoint)])
     assert cli(args) == 2
     err = capsys.readouterr().err.strip()

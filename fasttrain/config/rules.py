@@ -131,13 +131,6 @@ _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
         "the schedule decays from lr down to min_lr",
     ),
     (
-        "optim.head_lr",
-        "needs",
-        "model.tie_embeddings",
-        lambda c: c.optim.head_lr > 0 and c.model.tie_embeddings,
-        "a tied head is the embedding matrix, trained at optim.embedding_lr; set model.tie_embeddings = false",
-    ),
-    (
         "optim.sgd.nesterov",
         "needs",
         "optim.sgd.momentum",

@@ -172,7 +172,7 @@ class OptimConfig:
     # token embedding, with a tied head the shared matrix, and any value embeddings), whose rows are updated only
     # when their token appears, and an untied output head. nanochat trains its embedding at ~40x its head's rate.
     embedding_lr: float = 0.0
-    head_lr: float = 0.0  # needs model.tie_embeddings = false
+    head_lr: float = 0.0  # with model.tie_embeddings = true, nothing (the plan says so)
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW denominator guard

@@ -207,7 +207,7 @@ def plan_run(
     t = resolve_train(cfg.train, device)  # no "auto" left in what config.toml records
     budgeted = t.max_time > 0 or cfg.schedule.progress_from  # a replay keeps the warmup it replays
     schedule, note = fit_warmup(cfg.schedule, 0 if budgeted else t.max_steps)
-    notes += [line for line in (note, budget_note(cfg)) if line]
+    notes += [line for line in (note, budget_note(cfg), tied_head_note(cfg)) if line]
     if schedule.progress_from:  # config.toml records where, for a resume from any directory
         schedule = replace(schedule, progress_from=os.path.abspath(schedule.progress_from))
     recorded = tuple(recorded_progress(schedule.progress_from, t.max_steps)) if schedule.progress_from else ()
@@ -294,6 +294,17 @@ def accumulation_steps(t: TrainConfig, world_size: int = 1) -> int:
             f"world size = {t.batch_size} x {t.seq_len} x {world_size} = {per_micro_batch}"
         )
     return t.tokens_per_update // per_micro_batch
+
+
+def tied_head_note(cfg: Config) -> str:
+    """A note where optim.head_lr is set for a tied head (base.toml sets it; `--set model.tie_embeddings=true`
+    ties it): that head is the embedding matrix, trained at the embedding's rate, so the key does nothing."""
+    if not (cfg.optim.head_lr and cfg.model.tie_embeddings):
+        return ""
+    return (
+        f"optim.head_lr = {cfg.optim.head_lr:g} is an untied head's rate: this head is tied, the embedding matrix, "
+        "and trains at the embedding's (optim.embedding_lr, else optim.lr)"
+    )
 
 
 def timed_update(cfg: Config, device: torch.device) -> Update:
