@@ -196,3 +196,19 @@ def test_a_dry_run_checks_train_out_dir_as_the_run_would(flags, expected, pydoc_
     else:
         assert code == 2 and expected in err and err.count("\n") == 1, err
     assert snapshot(trained) == before
+
+
+@pytest.mark.parametrize(
+    "sets, said",
+    [
+        (["train.compile=false", 'train.compile_mode="max-autotune"'], '"max-autotune" does nothing: train.compile is'),
+        (["train.compile=true", 'train.compile_mode="reduce-overhead"'], "adds only CUDA graphs, which a CPU has none"),
+        (["train.compile=true", 'train.compile_mode="max-autotune"'], None),  # it tunes a CPU's matmul templates
+    ],
+)
+def test_a_compile_mode_that_does_nothing_is_a_note(sets, said, pydoc_data, tmp_path, capsys):
+    """train.compile_mode without a compile, or "reduce-overhead" (CUDA graphs) on a CPU: the plan says in a line
+    that it changes nothing, and the run goes on."""
+    assert run_cli_code(train.main, tiny_args(pydoc_data, tmp_path / "run", *sets, flags=["--dry-run"])) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if "train.compile_mode" in line]
+    assert notes == ([] if said is None else [notes[0]]) and (said is None or said in notes[0]), notes

@@ -207,7 +207,7 @@ def plan_run(
     t = resolve_train(cfg.train, device)  # no "auto" left in what config.toml records
     budgeted = t.max_time > 0 or cfg.schedule.progress_from  # a replay keeps the warmup it replays
     schedule, note = fit_warmup(cfg.schedule, 0 if budgeted else t.max_steps)
-    notes += [line for line in (note, budget_note(cfg), tied_head_note(cfg)) if line]
+    notes += [line for line in (note, budget_note(cfg), tied_head_note(cfg), compile_mode_note(t, device)) if line]
     if schedule.progress_from:  # config.toml records where, for a resume from any directory
         schedule = replace(schedule, progress_from=os.path.abspath(schedule.progress_from))
     recorded = tuple(recorded_progress(schedule.progress_from, t.max_steps)) if schedule.progress_from else ()
@@ -294,6 +294,23 @@ def accumulation_steps(t: TrainConfig, world_size: int = 1) -> int:
             f"world size = {t.batch_size} x {t.seq_len} x {world_size} = {per_micro_batch}"
         )
     return t.tokens_per_update // per_micro_batch
+
+
+def compile_mode_note(t: TrainConfig, device: torch.device) -> str:
+    """A note where train.compile_mode (resolved `t`) would change nothing: the run does not compile, or on a CPU
+    "reduce-overhead", which only adds CUDA graphs to the default compile (max-autotune still tunes a CPU's
+    matmul templates, so its modes do something there)."""
+    mode = t.compile_mode
+    if mode == "default":
+        return ""
+    if not t.compile:
+        return f'train.compile_mode = "{mode}" does nothing: train.compile is off'
+    if device.type != "cuda" and mode == "reduce-overhead":
+        return (
+            f'train.compile_mode = "reduce-overhead" adds only CUDA graphs, which a {device.type.upper()} has none of: '
+            "the compile is the default one"
+        )
+    return ""
 
 
 def tied_head_note(cfg: Config) -> str:
