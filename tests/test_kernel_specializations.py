@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import fasttrain_kernels._backend
+import fasttrain_kernels._multi_tensor
 from fasttrain.training.trainer import Trainer
 from fasttrain_kernels.inspect import MODULES, all_specializations
 from tests.conftest import tiny_config
@@ -60,6 +61,13 @@ def test_no_new_kernel_variant_after_the_first_step(pydoc_data, tmp_path, monkey
             if getattr(module, s.name, None) is s.kernel:
                 monkeypatch.setattr(module, s.name, Recording(s.kernel, keys))
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: through the interpreter
+    if device == "cpu":
+        # Each multi-tensor program loops CHUNK // BLOCK times however small its tensor: at 65536 // 1024 the
+        # interpreter ran 64 blocks for every one of the tiny model's parameters, every step (most of this
+        # test's time). 4 blocks a program: the tables, the constexprs and their keys are as constant per step,
+        # and the embedding (16384 elements) now takes the full-chunk path beside the masked one.
+        monkeypatch.setattr(fasttrain_kernels._multi_tensor, "CHUNK", 4096)
+        monkeypatch.setattr(fasttrain_kernels._multi_tensor, "BLOCK", 1024)
     trainer = Trainer(
         tiny_config(
             pydoc_data,
