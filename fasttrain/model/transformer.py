@@ -304,7 +304,7 @@ class Transformer(nn.Module):
             if name in ("stream_scales", "embedding_scales"):  # nanochat's: early blocks lean more on both
                 start, end = (1.15, 1.05) if name == "stream_scales" else (0.2, 0.05)
                 with torch.no_grad():
-                    p.copy_(torch.linspace(start, end, p.numel()) if p.numel() > 1 else torch.tensor([start]))
+                    p.copy_(torch.linspace(start, end, p.numel()))  # one block: just `start`
             elif name in ("smear_scale", "backout_scale"):  # the smear starts off, the backout at 0.2
                 nn.init.constant_(p, 0.2 if name == "backout_scale" else 0.0)
             elif name.endswith("norm.weight"):
