@@ -23,6 +23,9 @@ iteration with plain matmuls, the math of torch.optim.Muon's own (private) one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -30,6 +33,20 @@ from fasttrain_kernels._backend import INTERPRETING, tl, triton, use_triton
 from fasttrain_kernels._specialization import Specialization
 
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's: (a, b, c) above
+# Polar Express (Amsel, Persson, Musco and Gower, 2025, arXiv 2505.16932; nanochat's Muon): step i's (a, b, c)
+# is the odd quintic that best maps the interval of singular values the steps before it leave onto 1, solved
+# for five steps with a 2% safety margin. The first steps lift small singular values ~8x each where the fixed
+# quintic gives ~3.4x, and the last ones settle near 1 where the fixed one leaves them anywhere in ~[0.7, 1.2].
+# A step past the fifth repeats the last. Its input is divided by 1.01 times its norm (POLAR_EXPRESS_MARGIN),
+# so a norm rounded low (bf16) cannot put a singular value past 1, where the first quintic grows fast.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_MARGIN = 0.01
 # 128 x 128 output tiles, K in steps of 64: two 16 KB input tiles per pipeline stage.
 BLOCK_M, BLOCK_K, NUM_WARPS = 128, 64, 8
 DTYPES = (torch.bfloat16, torch.float16)  # the iteration runs in bf16; tl.dot would round fp32 to tf32
@@ -129,41 +146,56 @@ def _gram_reference(x: Tensor, c: Tensor | None = None, alpha: float = 1.0, beta
     return alpha * (x @ x.T) if c is None else torch.addmm(c, x, x.T, beta=beta, alpha=alpha)
 
 
+Coefficients = tuple[float, float, float] | Sequence[Sequence[float]]
+
+
+def per_step(coefficients: Coefficients, steps: int) -> list[tuple[float, float, float]]:
+    """The (a, b, c) of each of `steps` steps: one triple is every step's; a sequence of triples gives step i
+    its i-th, the last repeating."""
+    if all(isinstance(v, (int, float)) for v in coefficients):
+        return [cast(tuple[float, float, float], tuple(coefficients))] * steps
+    triples = [cast(tuple[float, float, float], tuple(t)) for t in cast(Sequence[Sequence[float]], coefficients)]
+    return [triples[min(i, len(triples) - 1)] for i in range(steps)]
+
+
 def _iterate(
     g: Tensor,
     steps: int,
-    coefficients: tuple[float, float, float],
+    coefficients: Coefficients,
     eps: float,
     gram,
     dtype: torch.dtype = torch.bfloat16,
+    margin: float = 0.0,
 ) -> Tensor:
-    """The iteration of the module docstring in `dtype`, with `gram` computing alpha x xᵀ + beta c."""
-    a, b, c = coefficients
+    """The iteration of the module docstring in `dtype`, with `gram` computing alpha x xᵀ + beta c; the input
+    divided by (1 + `margin`) times its norm."""
     x = g.to(dtype)
     tall = x.size(0) > x.size(1)
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
         x = x.T
-    x = x / x.norm().clamp(min=eps)  # the spectral norm is at most the Frobenius norm: now <= 1
-    for _ in range(steps):
+    x = x / (x.norm() * (1 + margin)).clamp(min=eps)  # the spectral norm is at most the Frobenius norm: now <= 1
+    for a, b, c in per_step(coefficients, steps):
         s = gram(x)
         x = torch.addmm(x, gram(s, s, alpha=c, beta=b), x, beta=a)
     return x.T if tall else x
 
 
 def newton_schulz(
-    g: Tensor, steps: int = 5, coefficients: tuple[float, float, float] = COEFFICIENTS, eps: float = 1e-7
+    g: Tensor, steps: int = 5, coefficients: Coefficients = COEFFICIENTS, eps: float = 1e-7, margin: float = 0.0
 ) -> Tensor:
-    """Roughly the orthogonal factor of the 2-D `g`, in bf16: Muon's update direction (see the module docstring)."""
-    return _iterate(g, steps, coefficients, eps, symmetric_matmul)
+    """Roughly the orthogonal factor of the 2-D `g`, in bf16: Muon's update direction (see the module docstring).
+    `coefficients`: one (a, b, c) for every step, or one per step (POLAR_EXPRESS, with POLAR_EXPRESS_MARGIN)."""
+    return _iterate(g, steps, coefficients, eps, symmetric_matmul, margin=margin)
 
 
 def newton_schulz_reference(
     g: Tensor,
     steps: int = 5,
-    coefficients: tuple[float, float, float] = COEFFICIENTS,
+    coefficients: Coefficients = COEFFICIENTS,
     eps: float = 1e-7,
     dtype: torch.dtype = torch.bfloat16,
+    margin: float = 0.0,
 ) -> Tensor:
     """newton_schulz with plain matmuls (torch.optim.Muon's math): the baseline it is tested and timed against.
     `dtype` float32 for CPUs without native bf16, where bf16 matmuls are emulated (~100x slower)."""
-    return _iterate(g, steps, coefficients, eps, _gram_reference, dtype)
+    return _iterate(g, steps, coefficients, eps, _gram_reference, dtype, margin)

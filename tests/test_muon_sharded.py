@@ -16,7 +16,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fasttrain.compute import distributed
-from fasttrain.config import ModelConfig, OptimConfig
+from fasttrain.config import ModelConfig, MuonConfig, OptimConfig
 from fasttrain.model.transformer import Transformer
 from fasttrain.model.weights import read_safetensors
 from fasttrain.training.optimizers import Hybrid, build_optimizer
@@ -37,9 +37,11 @@ def tiny_model() -> Transformer:
 
 
 def take_steps(model: torch.nn.Module) -> Hybrid:
-    """STEPS steps of Muon (with AdamW for the rest) on gradients drawn from each step and parameter's own seed,
-    whole in one process, each rank's shard of them under FSDP; returns the optimizer."""
-    optimizer = build_optimizer(model, OptimConfig(name="muon"), CPU)
+    """STEPS steps of Muon (with AdamW for the rest; nanochat's variants on, as their per-neuron means and
+    whole-matrix norms are what a shard could get wrong) on gradients drawn from each step and parameter's own
+    seed, whole in one process, each rank's shard of them under FSDP; returns the optimizer."""
+    variants = MuonConfig(orthogonalisation="polar_express", second_moment_beta2=0.9, cautious_weight_decay=True)
+    optimizer = build_optimizer(model, OptimConfig(name="muon", muon=variants), CPU)
     assert isinstance(optimizer, Hybrid)
     for step in range(STEPS):
         for i, p in enumerate(model.parameters()):
@@ -65,7 +67,9 @@ def worker(parallel: str, group: int, out: str) -> None:
     weights = {name: p.full_tensor() for name, p in model.named_parameters()}
     muon = optimizer.parts["muon"]
     placed = [
-        isinstance(p, DTensor) and muon.state[p]["momentum_buffer"].placements == p.placements
+        isinstance(p, DTensor)
+        and muon.state[p]["momentum_buffer"].placements == p.placements
+        and isinstance(muon.state[p]["second_moment"], DTensor)
         for group in muon.param_groups
         for p in group["params"]
     ]

@@ -60,6 +60,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.muon.lr": _POSITIVE,
     "optim.muon.momentum": _FRACTION,
     "optim.muon.ns_steps": (lambda v: 0 < v < 100, "in [1, 99]"),  # torch.optim.Muon's own limit
+    "optim.muon.second_moment_beta2": _FRACTION,
     "optim.sgd.momentum": _FRACTION,
     "optim.adafactor.beta2_decay": (lambda v: v <= 0, "<= 0"),
     "optim.adafactor.eps1": _NON_NEGATIVE,

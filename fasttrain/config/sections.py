@@ -136,6 +136,13 @@ class MuonConfig:
     # How the rate is scaled by a matrix's shape (A, B): "original" by sqrt(max(1, A / B)); "match_rms_adamw"
     # by 0.2 sqrt(max(A, B)), which gives updates of AdamW's size, so AdamW's lr carries over.
     adjust_lr: Literal["original", "match_rms_adamw"] = "original"
+    # "newton_schulz": torch.optim.Muon's quintic, the same (a, b, c) every step; "polar_express": a tuned (a, b, c)
+    # for each step (Amsel et al. 2025, as nanochat), nearer orthogonal in as many steps
+    orthogonalisation: Literal["newton_schulz", "polar_express"] = "newton_schulz"
+    # NorMuon (nanochat: 0.9): > 0 evens the orthogonalised step's size across neurons (rows, or a wide matrix's
+    # columns) by a running mean of each one's square, decaying by this; 0 = off
+    second_moment_beta2: float = 0.0
+    cautious_weight_decay: bool = False  # decay only the weights the step moves toward 0 as well (nanochat)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from fasttrain.compute.device import native_bf16
 from fasttrain.config import OptimConfig
 from fasttrain.system.errors import UsageError
-from fasttrain_kernels.newton_schulz import newton_schulz_reference
+from fasttrain_kernels.newton_schulz import POLAR_EXPRESS, POLAR_EXPRESS_MARGIN, newton_schulz_reference
 
 if TYPE_CHECKING:
     from torch.optim.optimizer import ParamsT
@@ -59,9 +59,35 @@ class Muon(_MuonBase):
     which is the whole matrix's, so the step is the unsharded one's.
     """
 
-    def __init__(self, params: ParamsT, ns_dtype: torch.dtype, **kwargs: Any):
+    def __init__(
+        self,
+        params: ParamsT,
+        ns_dtype: torch.dtype,
+        polar_express: bool = False,
+        second_moment_beta2: float = 0.0,
+        cautious_weight_decay: bool = False,
+        **kwargs: Any,
+    ):
+        if polar_express:
+            kwargs["ns_coefficients"] = POLAR_EXPRESS
         super().__init__(params, **kwargs)
         self.ns_dtype = ns_dtype
+        # Kept in the groups beside torch's own settings, so a checkpoint holds what its state was built with.
+        extra = dict(
+            ns_margin=POLAR_EXPRESS_MARGIN if polar_express else 0.0,
+            second_moment_beta2=second_moment_beta2,
+            cautious_weight_decay=cautious_weight_decay,
+        )
+        self.defaults.update(extra)
+        for group in self.param_groups:
+            group.update(extra)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """As torch's, and a group loaded from a checkpoint saved before a setting existed takes its default."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key in ("ns_margin", "second_moment_beta2", "cautious_weight_decay"):
+                group.setdefault(key, self.defaults[key])
 
     @overload  # as torch.optim.Optimizer.step: None without a closure
     def step(self, closure: None = None) -> None: ...
@@ -84,10 +110,35 @@ class Muon(_MuonBase):
             for p, g, buffer in zip(params, grads, buffers):
                 buffer.lerp_(g, 1 - momentum)
                 update = g.lerp(buffer, momentum) if group["nesterov"] else buffer
-                update = orthogonalised(update, group, self.ns_dtype)
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+                update = orthogonalised(update, group, self.ns_dtype).to(p.dtype)
+                if group["second_moment_beta2"]:
+                    update = self._neuron_normalised(p, update, group["second_moment_beta2"])
+                decay = group["lr"] * group["weight_decay"]
+                if group["cautious_weight_decay"]:  # only where the step moves the weight toward 0 as well
+                    p.sub_(p * (update * p >= 0) * decay)
+                else:
+                    p.mul_(1 - decay)
+                p.add_(update, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
         return loss
+
+    def _neuron_normalised(self, p: torch.Tensor, update: torch.Tensor, beta2: float) -> torch.Tensor:
+        """NorMuon (Li et al. 2025, arXiv 2510.05491; nanochat's Muon): `update` (orthogonalised, p's shape) with
+        each neuron's part divided by the root of a running mean of its mean square, then scaled back to its own
+        norm. Orthogonalisation leaves neurons' steps of uneven size; this evens them as Adam would, per neuron.
+        A neuron is a row of a tall or square matrix and a column of a wide one: the longer side's vectors, so
+        the state is one number for each of them (p's "second_moment", a column or a row). Sharded, the
+        reductions are DTensor's, and the state is placed as the matrix is along its rows."""
+        across = -1 if p.shape[0] >= p.shape[1] else -2  # average over the other side
+        mean_square = update.float().square().mean(dim=across, keepdim=True)
+        state = self.state[p]
+        if "second_moment" not in state:
+            state["second_moment"] = torch.zeros_like(mean_square)
+        second_moment = state["second_moment"]
+        second_moment.lerp_(mean_square, 1 - beta2)
+        scaled = update.float() * second_moment.clamp(min=1e-10).rsqrt()
+        # the norm before over the norm after, each the square root of a sum over the matrix
+        ratio = (update.float().square().sum() / scaled.square().sum().clamp(min=1e-20)).sqrt()
+        return (scaled * ratio).to(update.dtype)
 
 
 def orthogonalised(update: torch.Tensor, group: dict, dtype: torch.dtype) -> torch.Tensor:
@@ -104,10 +155,10 @@ def orthogonalised(update: torch.Tensor, group: dict, dtype: torch.dtype) -> tor
     is small at a few ranks: by arithmetic, ~1.5 TFLOP a step on each rank for the 124M model's 48 matrices,
     against ~370 TFLOP of forward and backward for half a million tokens shared by the ranks (~3% more at 8).
     """
-    steps, coefficients, eps = group["ns_steps"], group["ns_coefficients"], group["eps"]
+    steps, coefficients, eps, margin = group["ns_steps"], group["ns_coefficients"], group["eps"], group["ns_margin"]
     if not isinstance(update, DTensor):
-        return newton_schulz_reference(update, steps, coefficients, eps, dtype=dtype)
-    whole = newton_schulz_reference(update.full_tensor(), steps, coefficients, eps, dtype=dtype)
+        return newton_schulz_reference(update, steps, coefficients, eps, dtype=dtype, margin=margin)
+    whole = newton_schulz_reference(update.full_tensor(), steps, coefficients, eps, dtype=dtype, margin=margin)
     # src_data_rank=None: each rank cuts its slice from its own copy (the default would scatter rank 0's)
     return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
 
@@ -221,6 +272,9 @@ def build_optimizer(
             nesterov=m.nesterov,
             ns_steps=m.ns_steps,
             adjust_lr_fn=m.adjust_lr,
+            polar_express=m.orthogonalisation == "polar_express",
+            second_moment_beta2=m.second_moment_beta2,
+            cautious_weight_decay=m.cautious_weight_decay,
         )
         rest = param_groups(model, cfg.weight_decay, cfg.decay_embeddings, frozenset(map(id, matrices)))
         rest = own_rate_groups(rest, model, cfg)

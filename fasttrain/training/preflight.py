@@ -78,10 +78,11 @@ def parameter_state(cfg: Config) -> tuple[str, int]:
 
 def state_values(p: torch.Tensor, o: OptimConfig, hidden: bool) -> int:
     """The values the optimizer of `o` keeps for parameter `p` (`hidden`: one of the blocks' matrices, which
-    Muon updates): AdamW two moments; Muon one momentum (AdamW's two for the rest); SGD one momentum, if any;
-    Adafactor a matrix's second moment factored into a row and a column, a vector's whole."""
+    Muon updates): AdamW two moments; Muon one momentum, and with NorMuon one value per neuron of the longer side
+    (AdamW's two for the rest); SGD one momentum, if any; Adafactor a matrix's second moment factored into a row
+    and a column, a vector's whole."""
     if o.name == "muon" and hidden:
-        return p.numel()
+        return p.numel() + (max(p.shape) if o.muon.second_moment_beta2 else 0)
     if o.name in ("adamw", "muon"):
         return 2 * p.numel()
     if o.name == "sgd":
