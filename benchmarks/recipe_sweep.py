@@ -129,6 +129,25 @@ CASES |= {
         " backout": ["model.backout=true"],
     }.items()
 }
+# Issue 63, third round: nanochat's Muon, one part at a time, on the recipe base.toml took from the rounds above
+DEFAULT_RECIPE = RECIPE + ["model.value_embeddings=true"]
+CASES |= {
+    f"depth {d} default{name}": CASES[f"depth {d}"] + DEFAULT_RECIPE + sets
+    for d in (2, 4)
+    for name, sets in {
+        "": [],
+        " polar express": ['optim.muon.orthogonalisation="polar_express"'],
+        " normuon": ["optim.muon.second_moment_beta2=0.9"],
+        " cautious wd": ["optim.muon.cautious_weight_decay=true"],
+        " nanochat muon": [
+            'optim.muon.orthogonalisation="polar_express"',
+            "optim.muon.second_moment_beta2=0.9",
+            "optim.muon.cautious_weight_decay=true",
+        ],
+        " rope 100k": ["model.rope_theta=100000"],
+        " softcap": ["model.logit_softcap=15"],
+    }.items()
+}
 AUTO = ["model.n_layers=0", "model.d_model=0", "model.n_heads=0"]  # the shape chosen for the budget (sizing.py)
 CASES["auto"] = AUTO + MUON + WSD
 CASES["default"] = []  # configs/base.toml as it is (nothing of TABLES_BEFORE)
