@@ -56,13 +56,6 @@ def check_same_optimizer(saved_cfg: Config, cfg: Config, path: str | os.PathLike
                 f"parameter group of its own, so the saved state does not fit; resume with optim.{key} "
                 f"{'set' if was else '= 0'}"
             )
-    for key in ("orthogonalisation", "second_moment_beta2", "cautious_weight_decay"):  # kept in Muon's saved groups
-        was, now = getattr(saved_cfg.optim.muon, key), getattr(cfg.optim.muon, key)
-        if cfg.optim.name == "muon" and was != now:
-            raise UsageError(
-                f"{path}: saved by a run with optim.muon.{key} = {was!r}, this one has {now!r}: the saved optimizer "
-                f"would go on with its own; resume with optim.muon.{key} = {was!r}"
-            )
 
 
 def rng_state() -> dict:

@@ -359,11 +359,7 @@ class Updater:
         for group, configured in zip(self.optimizer.param_groups, self.configured):
             for key, value in configured.items():
                 saved = group.get(key)
-                same = (
-                    (saved is not None and tuple(saved) == tuple(value))
-                    if isinstance(value, (tuple, list))
-                    else saved == value
-                )
+                same = _as_tuples(saved) == _as_tuples(value)  # a loaded state may hold a tuple as a list
                 if not same:
                     changed.append(f"{key}: {saved} -> {value}")
                     group[key] = value
@@ -392,3 +388,8 @@ class Updater:
             self.scaler.step(cast(torch.optim.Optimizer, self.optimizer))
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def _as_tuples(value: Any) -> Any:
+    """`value` with every list or tuple in it a tuple (Polar Express's coefficients are a tuple of tuples)."""
+    return tuple(map(_as_tuples, value)) if isinstance(value, (tuple, list)) else value
