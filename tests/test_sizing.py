@@ -105,6 +105,29 @@ def test_more_tokens_choose_deeper_models_and_a_small_corpus_shallower_ones():
         assert chosen.effective / chosen.params == pytest.approx(best)
 
 
+def test_no_depth_that_would_read_the_corpus_more_than_ten_times_is_chosen_while_one_reads_it_less():
+    """Under a time budget a shallower model is faster, so it reads a small corpus more often; past MAX_EPOCHS
+    it overfits (the module docstring's runs), so the choice skips to the first depth that reads it at most that
+    often, though the ratio alone would go shallower. If every depth would, the ratio chooses, and the note says
+    the run overfits."""
+    cfg = tiny_config(".", ".", "model.vocab_size=4096", *AUTO)
+
+    def tokens_at(compute: float):  # a machine of `compute` FLOPs a second, the budget's tokens at each shape
+        return lambda shape: compute / (6 * matmul_params(shape))
+
+    unique = 5e4
+    free = choose_shape(cfg, tokens_at(5e12), corpus(None), "timed")  # a corpus that is never repeated
+    read = choose_shape(cfg, tokens_at(5e12), corpus(unique), "timed")
+    assert free.tokens / unique > sizing.MAX_EPOCHS  # the depth the ratio likes would read it too often
+    assert read.model.n_layers > free.model.n_layers and read.tokens / unique <= sizing.MAX_EPOCHS
+    shallower = ladder_shape(cfg.model, read.model.n_layers - 1)
+    assert tokens_at(5e12)(shallower) / unique > sizing.MAX_EPOCHS  # the first depth within the ceiling
+    assert "a shallower depth would read the corpus more than 10 times, which overfits" in read.note
+    fast = choose_shape(cfg, tokens_at(5e20), corpus(unique), "timed")  # every depth reads it 10+ times: the ratio's
+    assert fast.model.n_layers < max(sizing.DEPTHS) and "every depth would read the corpus more than 10" in fast.note
+    assert "extrapolated" in fast.note
+
+
 def test_lookup_tables_do_not_move_the_choice():
     """An untied embedding and value embeddings add parameters but no matmul: the rule weighs matmul_params, so
     at the same tokens the tied, untied and value-embedded ladders choose the same depth, and the note says both

@@ -13,14 +13,19 @@ come closest to TOKENS_PER_PARAM, a ratio fitted to this project's sweeps (bench
     worth(T, U)  = T while it is at most the corpus U; beyond, U (1 + R (1 - exp(-(T/U - 1) / R)))
     effective(d) = the sum over the run's sources of worth(share x tokens(d), U): each source, of U training
                    tokens, read for its share of the run (a mixture's weights), is discounted by its own epochs
-    choice       = the d minimising |log(effective(d) / params(d)) - log(TOKENS_PER_PARAM)|
+    choice       = the d minimising |log(effective(d) / params(d)) - log(TOKENS_PER_PARAM)|, of the depths
+                   that read no source more than MAX_EPOCHS times (of all, if every depth would)
 
 params(d) counts what a token's compute runs through (transformer.matmul_params: the lookup tables, an untied
 embedding and the value embeddings, left out, as nanochat counts), so a table that costs no FLOPs does not
 move the choice; the sweeps the ratio was fitted to had tied heads, whose params(d) is every parameter.
 
 `worth` is Muennighoff et al.'s (2023) value of repeated data: the k-th epoch is worth exp(-(k-1)/R) of the
-first, R = REPEAT_WORTH epochs. tokens/s(d) under a time budget comes from `calibrate`: the eager
+first, R = REPEAT_WORTH epochs. Past about ten epochs a small corpus is worth less than nothing: the model
+learns it by heart and validation gets worse (on the main job's corpus, 93K tokens, equal tokens: depth 2 scored
+1.269 bits per byte after 10 epochs and 1.551 after 20, depth 3 1.271 after 6.6 and 1.333 after 13, depth 1
+1.576 after 20; results/cpu-recipe-pydoc-epochs-2026-11-25.json). A deeper model, which reads it fewer times in
+the same budget, does better there, so no depth that would read it more than MAX_EPOCHS times is chosen. tokens/s(d) under a time budget comes from `calibrate`: the eager
 forward, backward and optimizer step (the run's, given by the plan) of the ladder's two smallest shapes, timed
 on the run's device and precision before the run (outside train.max_time, as compiling is), give FLOP/s at two
 sizes; a power law through them predicts
@@ -57,9 +62,11 @@ DEPTHS = tuple(range(1, 33))  # the ladder
 # the depth-1 / depth-2 boundary; mean 0.007.
 TOKENS_PER_PARAM = 1.455
 REPEAT_WORTH = 15.0  # R: epochs over which a repeated token's worth falls by e (Muennighoff et al.)
-# What the sweeps covered: effective tokens, and epochs of a corpus; the rule extrapolates beyond (the plan says so).
+MAX_EPOCHS = 10.0  # a depth that would read a source more often is not chosen (see the module docstring)
+# What the sweeps covered: effective tokens, and epochs of a corpus (the ladder to 3.3, the main job's corpus to
+# 20); the rule extrapolates beyond (the plan says so).
 SWEPT = (1e5, 3.3e6)
-SWEPT_EPOCHS = 3.3
+SWEPT_EPOCHS = 20.0
 MIN_BUDGET = 10.0  # seconds: a shorter train.max_time is not worth timing the machine for (the smallest shape)
 CALIBRATION_STEPS = 2  # timed forward-backward passes of each calibration shape, after one untimed
 # A timed speed is good to about this much (a short timing on a machine whose load changes): a choice that the
@@ -136,11 +143,23 @@ def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus:
     def distance(shape: ModelConfig) -> float:
         return abs(math.log(corpus_worth(tokens_at(shape), corpus) / matmul_params(shape) / TOKENS_PER_PARAM))
 
-    shape = min((ladder_shape(m, d) for d in fitting_depths(m)), key=distance)
+    def most_epochs(shape: ModelConfig) -> float:  # of the source it reads most often
+        return max((tokens_at(shape) * share / unique for share, unique in corpus), default=0.0)
+
+    shapes = [ladder_shape(m, d) for d in fitting_depths(m)]
+    within = [s for s in shapes if most_epochs(s) <= MAX_EPOCHS]
+    shape = min(within or shapes, key=distance)
     tokens = tokens_at(shape)
     effective, params, total = corpus_worth(tokens, corpus), matmul_params(shape), num_params(shape)
     kept = [f"model.{k} = {getattr(m, k)}" for k in ("d_model", "n_heads", "n_kv_heads") if getattr(m, k)]
     epochs = [tokens * share / unique for share, unique in corpus]
+    if not within:
+        overread = f"; every depth would read the corpus more than {MAX_EPOCHS:g} times, which overfits: more data "
+        overread += "or a shorter budget would train better"
+    elif any(s.n_layers < shape.n_layers and s not in within for s in shapes):
+        overread = f"; a shallower depth would read the corpus more than {MAX_EPOCHS:g} times, which overfits"
+    else:
+        overread = ""
     beyond = (
         f"; beyond the sweeps ({SWEPT[0]:.0e} to {SWEPT[1]:.0e} effective tokens, up to {SWEPT_EPOCHS:g} epochs): "
         "extrapolated"
@@ -162,6 +181,7 @@ def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus:
         + f") for ~{tokens / 1e6:.2f}M training tokens "
         f"({why}{read}): {effective / params:.2f} effective tokens per parameter, the rule's {TOKENS_PER_PARAM:g}"
         + (f"; {' and '.join(kept)} kept, as set" if kept else "")
+        + overread
         + beyond
     )
     return Sizing(shape, tokens, effective, params, note)
