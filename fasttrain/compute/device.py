@@ -264,21 +264,31 @@ def key_inductor_cache(device: torch.device) -> str | None:
     return folder
 
 
+def compile_failure(error: Exception) -> str | None:
+    """A failure to compile the objective (inductor's C++ compiler missing or failing, a backend error) in a few
+    words instead of torch's traceback of several screens: its cause's type and first line; None for any other
+    error."""
+    # imported here: dynamo takes seconds to import, and a run that compiles has it already (InductorError is one)
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    if not isinstance(error, BackendCompilerFailed):
+        return None
+    inner = error.inner_exception
+    said = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
+    return f"torch.compile could not compile the model ({type(inner).__name__}: {said[:200]})"
+
+
 @contextlib.contextmanager
 def compile_failures() -> Iterator[None]:
-    """A failure to compile the objective (inductor's C++ compiler missing or failing, a backend error) as one
-    UsageError line instead of torch's traceback of several screens: the run cannot go on compiled as asked."""
-    from torch._dynamo.exc import BackendCompilerFailed  # inductor's InductorError is one too
-
+    """A compile failure the run cannot step around (Trainer.step goes on uncompiled after one at its first
+    step; a later recompile's, an evaluation's) as one UsageError line."""
     try:
         yield
-    except BackendCompilerFailed as e:
-        inner = e.inner_exception
-        said = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")
-        raise UsageError(
-            f"torch.compile could not compile the model ({type(inner).__name__}: {said[:200]}); "
-            "--set train.compile=false trains without compiling"
-        ) from None
+    except Exception as e:
+        failure = compile_failure(e)
+        if failure is None:
+            raise
+        raise UsageError(f"{failure}; --set train.compile=false trains without compiling") from None
 
 
 def uncompiled(eager: bool) -> contextlib.AbstractContextManager:

@@ -21,7 +21,7 @@ def measure(plan: RunPlan, steps: int) -> dict:
     trainer = Trainer(plan.cfg, quiet=True, plan=plan)
     try:
         with compile_failures():
-            trainer.step()
+            uncompiled = trainer.step().uncompiled  # a compile that failed: the steps timed are the plain ones
             synchronize(plan.device)
             began = time.perf_counter()
             for _ in range(steps):
@@ -40,13 +40,15 @@ def measure(plan: RunPlan, steps: int) -> dict:
         "tokens_per_s": round(tokens_per_s, 1),
         "mfu": round(plan.flops_per_token * tokens_per_s / peak, 4) if peak else None,
         "projected_seconds": round(projected, 1),
+        "uncompiled": uncompiled,
     }
 
 
 def measure_line(found: dict) -> str:
     mfu = f", MFU {100 * found['mfu']:.1f}%" if found["mfu"] is not None else ""
+    plain = f" uncompiled ({found['uncompiled']})" if found["uncompiled"] else ""
     return (
-        f"measured: {found['s_per_step']:.3f} s/step over {found['measured_steps']} steps, "
+        f"measured{plain}: {found['s_per_step']:.3f} s/step over {found['measured_steps']} steps, "
         f"{found['tokens_per_s']:,.0f} tokens/s{mfu}; the run would train for about "
         f"{format_duration(found['projected_seconds'])}"
     )

@@ -262,13 +262,15 @@ class Report:
             f"update skipped ({in_a_row} in a row, {self.cfg.recovery.max_skips} allowed)"
         )
 
-    def uncompiled(self, run: RunState, compiled_loss: float, loss: float) -> None:
-        """The compiled objective's step was not finite where the plain objective's was: the run goes on uncompiled."""
-        self.log.event("uncompiled", step=run.step, compiled_loss=compiled_loss, loss=loss)
+    def uncompiled(self, run: RunState, why: str, compiled_loss: float | None, loss: float) -> None:
+        """The compile failed, or the compiled objective's step was not finite where the plain objective's was
+        (`compiled_loss`): the run goes on uncompiled."""
+        self.log.event("uncompiled", step=run.step, why=why, compiled_loss=compiled_loss, loss=loss)
+        if compiled_loss is not None:
+            why += f" where the uncompiled model's is (loss {loss:.4f}) on the same batch, a torch.compile fault"
+            why += " on this machine"
         self.log.print(
-            f"step {run.step}: the compiled model's loss or gradient norm is not finite (loss {compiled_loss}) "
-            f"where the uncompiled model's is (loss {loss:.4f}) on the same batch, a torch.compile fault on this "
-            "machine: training goes on uncompiled (--set train.compile=false skips compiling)"
+            f"step {run.step}: {why}: training goes on uncompiled (--set train.compile=false skips compiling)"
         )
 
     def diverged(self, run: RunState, in_a_row: int, has_checkpoint: bool) -> str:

@@ -49,7 +49,10 @@ class StepResult(NamedTuple):
     lr: float  # the learning rate of the update
     skipped: bool  # the loss or gradient norm was not finite: no update was made
     progress: float | None  # the progress the schedule set `lr` at (a budgeted run; None: a step run)
-    compiled_loss: float | None = None  # the compiled objective's non-finite loss the plain one replaced (Trainer.step)
+    uncompiled: str | None = None  # why the run went uncompiled at this step (Trainer.step), else None
+    compiled_loss: float | None = (
+        None  # the compiled objective's non-finite loss the plain one replaced, if that was why
+    )
 
 
 class Trainable(Protocol):
@@ -106,8 +109,8 @@ class Loop:
             while not tr.finished():
                 report.mix_change(tr.run.step, tr.mix, self.plan.accumulation)  # a change starting at this step
                 result = tr.step()
-                if result.compiled_loss is not None:  # said before anything of the step, which is the plain one's
-                    report.uncompiled(tr.run, result.compiled_loss, result.loss.item())
+                if result.uncompiled:  # said before anything of the step, which is the plain one's
+                    report.uncompiled(tr.run, result.uncompiled, result.compiled_loss, result.loss.item())
                 tr.checkpoints.poll()  # publish a background save that has finished
                 if self.start:
                     self.start.started()

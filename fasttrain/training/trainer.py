@@ -49,6 +49,7 @@ from fasttrain.checkpoints.run_state import RunState
 from fasttrain.compute import distributed
 from fasttrain.compute.device import (
     autocast,
+    compile_failure,
     compile_failures,
     compile_options,
     key_inductor_cache,
@@ -145,9 +146,7 @@ class Trainer:
         if self.init_pending and not resuming:
             self._start_from_init()
         self.train_loader = self.loader("train", self.cfg.data.sampling, self.cfg.data.prefetch)
-        # The first step of a compiled objective compiles it (not training time) and, if it comes out non-finite, is
-        # checked against the plain objective (step); `eager`: that check found the compiled code wrong, so the
-        # objective runs uncompiled from then on.
+        # `eager`: the compile (the first step's, not training time) failed or gave wrong code: no compiling since
         self.compiling, self.eager = self.compiled, False
         self.run = RunState()
         self.resumed_from: Path | None = None  # the checkpoint `resume` restored, for the start report
@@ -242,22 +241,28 @@ class Trainer:
         `run.skipped_steps`. Its seconds count toward train.max_time (run.train_seconds), rank 0's on every
         rank, so that all take the same learning rate and stop together; a compiled objective's first not.
 
-        A compiled objective's non-finite step before any finite one is done again uncompiled on the same
-        batches: compiled code can be wrong where the model is not (inductor's CPU code under
-        ATEN_CPU_CAPABILITY=avx2 gives NaN for a finite loss). If the plain objective's step is finite, the run
-        goes on uncompiled and the result says so (`compiled_loss`); a healthy compiled run never pays for this.
+        A step whose compile fails (no C++ compiler, or a failing one), and a compiled objective's non-finite step
+        before any finite one, are done again uncompiled on the same batches: compiled code can be wrong where the
+        model is not (inductor's CPU code under ATEN_CPU_CAPABILITY=avx2 gives NaN for a finite loss). The run goes
+        on uncompiled (unless the plain step is not finite either) and says why; a healthy run never pays for this.
         """
         began = self.clock()
         batches = [next(self.train_loader) for _ in range(self.accumulation)]
-        loss, grad_norm, correct, counted, finite, targets = self._gradients(batches)
-        compiled_loss = None
-        if not finite and self.compiling:
+        compiled_loss, why = None, None
+        try:
+            loss, grad_norm, correct, counted, finite, targets = self._gradients(batches)
+            if not finite and self.compiling:
+                compiled_loss = loss.item()
+                why = f"the compiled model's loss or gradient norm is not finite (loss {compiled_loss})"
+        except Exception as e:
+            if (why := compile_failure(e)) is None:
+                raise
+        if why:
             self.updater.apply(None)  # the compiled step's gradients cleared, no update
             self.eager = True
-            compiled_loss = loss.item()
             loss, grad_norm, correct, counted, finite, targets = self._gradients(batches)
-            if not finite:  # the model's own: the compiled code was right, and stays
-                self.eager, compiled_loss = False, None
+            if not finite and compiled_loss is not None:  # the model's own: the compiled code was right, and stays
+                self.eager, compiled_loss, why = False, None, None
         update = next_update(self.cfg, self.run, self.recorded)
         lr = self.run.lr_scale * update.lr
         self.updater.apply(lr if finite else None)
@@ -270,7 +275,7 @@ class Trainer:
         self.run.train_seconds += 0.0 if self.compiling else seconds
         self.run.decay_from = update.decay_from
         self.compiling = False
-        return StepResult(loss, grad_norm, correct, counted, lr, not finite, update.progress, compiled_loss)
+        return StepResult(loss, grad_norm, correct, counted, lr, not finite, update.progress, why, compiled_loss)
 
     def _gradients(
         self, batches: list[tuple[torch.Tensor, torch.Tensor]]
@@ -311,16 +316,15 @@ class Trainer:
         """Train to `train.max_steps` or for `train.max_time`, logging, evaluating and checkpointing on the way;
         returns a summary.
 
-        Writes `config.toml` (the resolved config), `metrics.jsonl`, checkpoints and,
-        at the end, the final weights (`final/`, see fasttrain/model/weights.py) into
-        `train.out_dir`, which it locks for its duration (fasttrain/system/run_lock.py: UsageError if another
-        process trains there). A new run refuses a directory that holds another run's
-        checkpoints unless `overwrite`, which replaces that run's files (run_directory.RUN_FILES).
-        Everything that can refuse the run is checked before anything there is created, moved or deleted,
-        and a start that fails before its first step is taken back (run_directory.RunStart). Compile time (the
-        first step, on a compiled model) is reported on its own and kept out of the throughput figures and
-        the time budget, as is time spent evaluating, sampling and saving; the summary gives the seconds
-        trained and the wall time since the Trainer was made.
+        Writes `config.toml` (the resolved config), `metrics.jsonl`, checkpoints and, at the end, the final weights
+        (`final/`, see fasttrain/model/weights.py) into `train.out_dir`, which it locks for its duration
+        (fasttrain/system/run_lock.py: UsageError if another process trains there). A new run refuses a directory
+        that holds another run's checkpoints unless `overwrite`, which replaces that run's files
+        (run_directory.RUN_FILES). Everything that can refuse the run is checked before anything there is created,
+        moved or deleted, and a start that fails before its first step is taken back (run_directory.RunStart).
+        Compile time (the first step, on a compiled model) is reported on its own and kept out of the throughput
+        figures and the time budget, as is time spent evaluating, sampling and saving; the summary gives the
+        seconds trained and the wall time since the Trainer was made.
         """
         resumed = self.resumed_from is not None
         check_start(self.plan, resumed, overwrite)
@@ -365,13 +369,11 @@ class Trainer:
         so."""
         path = self.checkpoints.resumable(str(spec), self.sources[0].data.dir)
         run, saved, notes = self.restore(path)
-        for note in notes if not self.quiet else ():
-            print(f"resume: {note}")
         lines = resumed_under(path, run, saved, self.cfg, self.recorded)  # UsageError for a save past the run's end
         self.run, changed = run, self.updater.use_configured_hyperparameters()
         if changed:
             lines.insert(0, f"the config's optimizer settings replace the checkpoint's ({'; '.join(changed)})")
-        for line in lines if not self.quiet else ():
+        for line in [*notes, *lines] if not self.quiet else ():
             print(f"resume: {line}")
         self.resumed_from = path
         return path
