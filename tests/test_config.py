@@ -549,3 +549,24 @@ def test_auto_precision_and_compile_resolve_per_device(monkeypatch):
     # Under bf16 on CPU the loss skips the logits' fp32 copy through the linear cross-entropy's PyTorch path.
     assert kernels_on(KernelsConfig(), cpu, precision="bf16").names() == ["linear_cross_entropy"]
     assert kernels_on(KernelsConfig(), cpu, precision="fp32").names() == []
+
+
+def test_an_optimizer_chosen_later_makes_the_other_optimizers_table_moot_not_wrong(tmp_path):
+    """configs/base.toml sets [optim.muon]; `--set optim.name=adamw` on it trains AdamW, the Muon table back at its
+    defaults. Where the same source gives both, or a later one sets the moot key, it is still an error."""
+    from fasttrain.config import MuonConfig, load_config
+    from fasttrain.system.errors import UsageError
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "base.toml"
+    assert load_config(base).optim.muon.second_moment_beta2 == 0.9
+    cfg = load_config(base, ["optim.name=adamw"])
+    assert cfg.optim.name == "adamw" and cfg.optim.muon == MuonConfig()
+    with pytest.raises(UsageError, match=r'--set: optim.muon.lr: applies only with optim.name = "muon", not "adamw"'):
+        load_config(base, ["optim.name=adamw", "optim.muon.lr=0.1"])
+    both = tmp_path / "both.toml"
+    both.write_text('[optim]\nname = "adamw"\n[optim.muon]\nlr = 0.1\n')
+    with pytest.raises(UsageError, match=r"both.toml: optim.muon.lr: applies only with optim.name"):
+        load_config(both)
+    later = tmp_path / "later.toml"
+    later.write_text(f'extends = "{base}"\n[optim]\nname = "sgd"\n')
+    assert load_config(later).optim.muon == MuonConfig()  # a file over its base, as --set over a file

@@ -66,7 +66,7 @@ def _build(layers: Sequence[tuple[dict[str, Any], str]], overrides: Sequence[tup
         section, key, value = _parse_override(item, source)
         _assign(_section(cfg, section, source), section, key, value, source, sources)
     _validate(cfg, sources)
-    _check_applicable(cfg, sources)
+    _check_applicable(cfg, sources, [source for _, source in layers] + [source for source, _ in overrides])
     return cfg
 
 

@@ -293,12 +293,19 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
     _check_mixture(cfg, sources)
 
 
-def _check_applicable(cfg: Config, sources: dict[str, str]) -> None:
-    """UsageError for the first key given that does not apply to the setting it depends on (_APPLIES)."""
-    for name in sources:
+def _check_applicable(cfg: Config, sources: dict[str, str], order: list[str]) -> None:
+    """UsageError for the first key given that does not apply to the setting it depends on (_APPLIES), unless a
+    later source (`order`: the sources, first to last) chose that setting: `--set optim.name=adamw` on a file
+    with an [optim.muon] table means the table is moot, not a mistake; such a key goes back to its default."""
+    for name in list(sources):
         rule = _applies(cfg, name)
         if rule is not None:
             setting, allowed = rule
+            if setting in sources and order.index(sources[setting]) > order.index(sources[name]):
+                section, _, key = name.rpartition(".")
+                setattr(_get(cfg, section), key, getattr(type(_get(cfg, section))(), key))
+                del sources[name]
+                continue
             only = " or ".join(map(_toml_value, allowed))
             raise UsageError(
                 f"{_blame(sources, name, setting)}: {name}: applies only with {setting} = {only}, "
