@@ -29,6 +29,58 @@ if _workers:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+
+def _patch_the_language_once_a_launch() -> None:
+    """Triton's interpreter (3.x) re-patches triton.language on every call of a @triton.jit helper inside a
+    kernel (`_patch_lang`: inspect.getmembers over tl, tl.tensor and tl.math, about 1 ms), though the launch
+    running it has patched those same modules already and the helper's patch changes nothing (every builtin is
+    replaced by then, and the rest is set again to the same functions). Half the CPU time of an interpreted
+    kernel test went there. Here a helper's patch is skipped where its modules are the launch's own; the
+    launch's patch, and its restore at the end, are as they were. `tests/test_triton_interpreter.py` checks that a
+    kernel so run gives bitwise the results it gives under the interpreter as shipped."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang", None)
+    executor = getattr(interpreter, "GridExecutor", None)
+    if original is None or executor is None or not hasattr(interpreter, "_LangPatchScope"):
+        return  # another Triton: its interpreter as it is
+    launch_call = executor.__call__
+    languages = (interpreter.tl, interpreter.tl.core)
+    launches: list[frozenset | None] = []  # the modules each running launch patched (None: not yet)
+
+    seen: dict[tuple[int, int], frozenset] = {}  # by a module's globals: which of the languages it holds
+
+    def patched_modules(fn) -> frozenset:
+        key = (id(fn.__globals__), len(fn.__globals__))
+        if key not in seen:
+            seen[key] = frozenset(id(v) for v in fn.__globals__.values() if any(v is lang for lang in languages))
+        return seen[key]
+
+    def patch_lang(fn):
+        if launches and launches[-1] is None:  # the launch's own patch
+            launches[-1] = patched_modules(fn)
+            return original(fn)
+        if launches and patched_modules(fn) <= launches[-1]:
+            return interpreter._LangPatchScope()  # nothing to restore: nothing set
+        return original(fn)
+
+    def call(self, *args, **kwargs):
+        launches.append(None)
+        try:
+            return launch_call(self, *args, **kwargs)
+        finally:
+            launches.pop()
+
+    interpreter._patch_lang = patch_lang
+    executor.__call__ = call
+    interpreter.unpatched = (original, launch_call)  # for the test that compares the two
+
+
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    _patch_the_language_once_a_launch()
+
 import fasttrain_kernels._backend  # noqa: E402  (after the environment is set)
 import fasttrain_kernels._multi_tensor  # noqa: E402
 from fasttrain.config import Config, load_config
