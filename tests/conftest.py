@@ -31,13 +31,15 @@ if _workers:
 
 
 def _patch_the_language_once_a_launch() -> None:
-    """Triton's interpreter (3.x) re-patches triton.language on every call of a @triton.jit helper inside a
-    kernel (`_patch_lang`: inspect.getmembers over tl, tl.tensor and tl.math, about 1 ms), though the launch
-    running it has patched those same modules already and the helper's patch changes nothing (every builtin is
-    replaced by then, and the rest is set again to the same functions). Half the CPU time of an interpreted
-    kernel test went there. Here a helper's patch is skipped where its modules are the launch's own; the
-    launch's patch, and its restore at the end, are as they were. `tests/test_triton_interpreter.py` checks that a
-    kernel so run gives bitwise the results it gives under the interpreter as shipped."""
+    """Triton's interpreter (3.x) patches triton.language (`_patch_lang`: inspect.getmembers over tl, tl.tensor
+    and tl.math, about 1 ms) at each launch, and again at every call of a @triton.jit function inside the kernel
+    (its own helpers, and tl.sum or tl.max, which patch tl.core): thousands of times a test, though after the
+    first patch of those modules in a launch another changes nothing (every builtin is replaced by then; the
+    rest is set again to the same functions). Half the CPU time of an interpreted kernel test went there. Here a
+    launch patches as shipped, and so does the first call inside it that needs a module the launch has not
+    patched yet; later calls whose modules are patched already skip theirs. The launch's restore at its end is
+    as it was (a call's patch was never restored). `tests/test_triton_interpreter.py` checks that kernels so run
+    give bitwise the results they give under the interpreter as shipped."""
     try:
         from triton.runtime import interpreter
     except ImportError:
@@ -48,26 +50,25 @@ def _patch_the_language_once_a_launch() -> None:
         return  # another Triton: its interpreter as it is
     launch_call = executor.__call__
     languages = (interpreter.tl, interpreter.tl.core)
-    launches: list[frozenset | None] = []  # the modules each running launch patched (None: not yet)
+    launches: list[frozenset] = []  # for each launch running: the language modules patched in it so far
+    held: dict[tuple[int, int], frozenset] = {}  # by a function's globals: which of the languages they hold
 
-    seen: dict[tuple[int, int], frozenset] = {}  # by a module's globals: which of the languages it holds
-
-    def patched_modules(fn) -> frozenset:
+    def modules(fn) -> frozenset:
         key = (id(fn.__globals__), len(fn.__globals__))
-        if key not in seen:
-            seen[key] = frozenset(id(v) for v in fn.__globals__.values() if any(v is lang for lang in languages))
-        return seen[key]
+        if key not in held:
+            held[key] = frozenset(id(v) for v in fn.__globals__.values() if any(v is lang for lang in languages))
+        return held[key]
 
     def patch_lang(fn):
-        if launches and launches[-1] is None:  # the launch's own patch
-            launches[-1] = patched_modules(fn)
-            return original(fn)
-        if launches and patched_modules(fn) <= launches[-1]:
-            return interpreter._LangPatchScope()  # nothing to restore: nothing set
-        return original(fn)
+        if not launches or not modules(fn) <= launches[-1]:
+            scope = original(fn)
+            if launches:
+                launches[-1] |= modules(fn)
+            return scope
+        return interpreter._LangPatchScope()  # patched already in this launch: nothing set, nothing to restore
 
     def call(self, *args, **kwargs):
-        launches.append(None)
+        launches.append(frozenset())
         try:
             return launch_call(self, *args, **kwargs)
         finally:
