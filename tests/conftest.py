@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import json
@@ -161,6 +162,39 @@ def counting_data(tmp_path) -> Path:
     write_shard(tmp_path / "train_000001.bin", np.arange(10_000, 12_500))
     write_shard(tmp_path / "val_000000.bin", np.arange(20_000, 21_000))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def lm_eval_task_files() -> None:
+    """lm-eval's own task YAML files parsed once a session, not at every index built of them.
+
+    Each TaskManager (every `evaluate --tasks`, `eval.tasks` check, run of tasks) parses all ~14,000 YAML files
+    that ship with lm-eval to index them: about 10 s of CPU each, some 16 times in the tests. Here its index
+    builder keeps what it parsed of those files (they do not change during the tests) and hands each build a
+    deep copy: the same index, built by the same code (on one machine, equal entry for entry to an index built
+    without it). Task files written by the tests (--include-path) are parsed every time, as before."""
+    if importlib.util.find_spec("lm_eval") is None:
+        return
+    try:
+        index = importlib.import_module("lm_eval.tasks._index")
+    except ImportError:
+        return
+    load = getattr(index, "load_yaml", None)
+    if load is None or getattr(load, "shared", False):
+        return  # another lm-eval, or shared already
+    shipped = Path(index.__file__).resolve().parent
+    parsed: dict[tuple, object] = {}
+
+    def load_yaml(path, **options):
+        if not Path(path).resolve().is_relative_to(shipped):
+            return load(path, **options)
+        key = (str(path), tuple(sorted(options.items())))
+        if key not in parsed:
+            parsed[key] = load(path, **options)
+        return copy.deepcopy(parsed[key])
+
+    load_yaml.shared = True
+    index.load_yaml = load_yaml
 
 
 def tiny_overrides(data_dir, out_dir) -> list[str]:
