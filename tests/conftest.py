@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import json
@@ -28,6 +29,59 @@ _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
 if _workers:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def _patch_the_language_once_a_launch() -> None:
+    """Triton's interpreter (3.x) patches triton.language (`_patch_lang`: inspect.getmembers over tl, tl.tensor
+    and tl.math, about 1 ms) at each launch, and again at every call of a @triton.jit function inside the kernel
+    (its own helpers, and tl.sum or tl.max, which patch tl.core): thousands of times a test, though after the
+    first patch of those modules in a launch another changes nothing (every builtin is replaced by then; the
+    rest is set again to the same functions). Half the CPU time of an interpreted kernel test went there. Here a
+    launch patches as shipped, and so does the first call inside it that needs a module the launch has not
+    patched yet; later calls whose modules are patched already skip theirs. The launch's restore at its end is
+    as it was (a call's patch was never restored). `tests/test_triton_interpreter.py` checks that kernels so run
+    give bitwise the results they give under the interpreter as shipped."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original = getattr(interpreter, "_patch_lang", None)
+    executor = getattr(interpreter, "GridExecutor", None)
+    if original is None or executor is None or not hasattr(interpreter, "_LangPatchScope"):
+        return  # another Triton: its interpreter as it is
+    launch_call = executor.__call__
+    languages = (interpreter.tl, interpreter.tl.core)
+    launches: list[frozenset] = []  # for each launch running: the language modules patched in it so far
+    held: dict[tuple[int, int], frozenset] = {}  # by a function's globals: which of the languages they hold
+
+    def modules(fn) -> frozenset:
+        key = (id(fn.__globals__), len(fn.__globals__))
+        if key not in held:
+            held[key] = frozenset(id(v) for v in fn.__globals__.values() if any(v is lang for lang in languages))
+        return held[key]
+
+    def patch_lang(fn):
+        if not launches or not modules(fn) <= launches[-1]:
+            scope = original(fn)
+            if launches:
+                launches[-1] |= modules(fn)
+            return scope
+        return interpreter._LangPatchScope()  # patched already in this launch: nothing set, nothing to restore
+
+    def call(self, *args, **kwargs):
+        launches.append(frozenset())
+        try:
+            return launch_call(self, *args, **kwargs)
+        finally:
+            launches.pop()
+
+    interpreter._patch_lang = patch_lang
+    executor.__call__ = call
+    interpreter.unpatched = (original, launch_call)  # for the test that compares the two
+
+
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    _patch_the_language_once_a_launch()
 
 import fasttrain_kernels._backend  # noqa: E402  (after the environment is set)
 import fasttrain_kernels._multi_tensor  # noqa: E402
@@ -108,6 +162,39 @@ def counting_data(tmp_path) -> Path:
     write_shard(tmp_path / "train_000001.bin", np.arange(10_000, 12_500))
     write_shard(tmp_path / "val_000000.bin", np.arange(20_000, 21_000))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def lm_eval_task_files() -> None:
+    """lm-eval's own task YAML files parsed once a session, not at every index built of them.
+
+    Each TaskManager (every `evaluate --tasks`, `eval.tasks` check, run of tasks) parses all ~14,000 YAML files
+    that ship with lm-eval to index them: about 10 s of CPU each, some 16 times in the tests. Here its index
+    builder keeps what it parsed of those files (they do not change during the tests) and hands each build a
+    deep copy: the same index, built by the same code (on one machine, equal entry for entry to an index built
+    without it). Task files written by the tests (--include-path) are parsed every time, as before."""
+    if importlib.util.find_spec("lm_eval") is None:
+        return
+    try:
+        index = importlib.import_module("lm_eval.tasks._index")
+    except ImportError:
+        return
+    load = getattr(index, "load_yaml", None)
+    if load is None or getattr(load, "shared", False):
+        return  # another lm-eval, or shared already
+    shipped = Path(index.__file__).resolve().parent
+    parsed: dict[tuple, object] = {}
+
+    def load_yaml(path, **options):
+        if not Path(path).resolve().is_relative_to(shipped):
+            return load(path, **options)
+        key = (str(path), tuple(sorted(options.items())))
+        if key not in parsed:
+            parsed[key] = load(path, **options)
+        return copy.deepcopy(parsed[key])
+
+    load_yaml.shared = True
+    index.load_yaml = load_yaml
 
 
 def tiny_overrides(data_dir, out_dir) -> list[str]:

@@ -26,6 +26,8 @@ from tests.test_lm_eval import faulty_task, with_lm_eval, wordlevel_run, wordlev
 from tests.test_reliability_round5_checkpoints import flip_a_bit
 from tests.test_reliability_start import another_tokenizer, edit_config, edit_tensor, index_outside, init_from, nan
 
+pytestmark = pytest.mark.usefixtures("lm_eval_task_files")  # the rows of --tasks and eval.tasks (conftest)
+
 
 class Case:
     """Files and arguments for one bad input: `data` is the prepared corpus, `run` the saved run."""

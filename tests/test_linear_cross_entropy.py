@@ -7,6 +7,7 @@ import importlib
 import pytest
 import torch
 
+import fasttrain_kernels._backend
 from fasttrain_kernels import (
     LinearCrossEntropyLoss,
     cross_entropy,
@@ -94,11 +95,13 @@ def test_autocast_computes_in_bf16_and_returns_fp32_gradients(kernel_device):
         assert_matches(t.grad, r.grad, torch.bfloat16, f"grad {name}", min_atol=GEMM_ATOL[torch.bfloat16])
 
 
-def test_weight_gradient_is_summed_in_fp32():
+def test_weight_gradient_is_summed_in_fp32(monkeypatch):
     """512 one-row chunks adding same-sign contributions: a bf16 running sum would lose their tails.
 
-    The summing is the same Python for both backends, so the (fast) PyTorch one serves.
+    The summing is the same Python for both backends, so the (fast) PyTorch one serves (under TRITON_INTERPRET=1
+    CPU tensors would take the interpreter's 512 launches: that backend as kernel_device's "torch" turns it off).
     """
+    monkeypatch.setattr(fasttrain_kernels._backend, "INTERPRETING", False)
     hidden, weight, _ = make_inputs(512, 16, 64, torch.bfloat16, "cpu", bias=False)
     hidden = hidden.abs()
     target = torch.full((512,), 3)

@@ -29,6 +29,8 @@ from tests.conftest import tiny_args, tiny_config, tiny_overrides
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+pytestmark = pytest.mark.usefixtures("lm_eval_task_files")  # lm-eval's own task files parsed once (conftest)
+
 WINDOW = 32  # the tiny run's model.max_seq_len: several questions and every document are longer
 
 
