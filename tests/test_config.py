@@ -552,12 +552,13 @@ def test_auto_precision_and_compile_resolve_per_device(monkeypatch):
 
 
 def test_an_optimizer_chosen_later_makes_the_other_optimizers_table_moot_not_wrong(tmp_path):
-    """configs/base.toml sets [optim.muon]; `--set optim.name=adamw` on it trains AdamW, the Muon table back at its
-    defaults. Where the same source gives both, or a later one sets the moot key, it is still an error."""
+    """A Muon config with an [optim.muon] table; `--set optim.name=adamw` on it trains AdamW, the Muon table back at
+    its defaults. Where the same source gives both, or a later one sets the moot key, it is still an error."""
     from fasttrain.config import MuonConfig, load_config
     from fasttrain.system.errors import UsageError
 
-    base = Path(__file__).resolve().parents[1] / "configs" / "base.toml"
+    base = tmp_path / "muon.toml"
+    base.write_text('[optim]\nname = "muon"\n[optim.muon]\nsecond_moment_beta2 = 0.9\n')
     assert load_config(base).optim.muon.second_moment_beta2 == 0.9
     cfg = load_config(base, ["optim.name=adamw"])
     assert cfg.optim.name == "adamw" and cfg.optim.muon == MuonConfig()
