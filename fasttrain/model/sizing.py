@@ -25,10 +25,11 @@ first, R = REPEAT_WORTH epochs. Past about ten epochs a small corpus is worth le
 learns it by heart and validation gets worse (on the main job's corpus, 93K tokens, equal tokens: depth 2 scored
 1.269 bits per byte after 10 epochs and 1.551 after 20, depth 3 1.271 after 6.6 and 1.333 after 13, depth 1
 1.576 after 20; results/cpu-recipe-pydoc-epochs-2026-11-25.json). A deeper model, which reads it fewer times in
-the same budget, does better there, so no depth that would read it more than MAX_EPOCHS times is chosen. tokens/s(d) under a time budget comes from `calibrate`: the eager
-forward, backward and optimizer step (the run's, given by the plan) of the ladder's two smallest shapes, timed
-on the run's device and precision before the run (outside train.max_time, as compiling is), give FLOP/s at two
-sizes; a power law through them predicts
+the same budget, does better there, so no depth that would read it more than MAX_EPOCHS times is chosen.
+
+tokens/s(d) under a time budget comes from `calibrate`: the eager forward, backward and optimizer step (the
+run's, given by the plan) of the ladder's two smallest shapes, timed on the run's device and precision before
+the run (outside train.max_time, as compiling is), give FLOP/s at two sizes; a power law through them predicts
 the others (small models use a CPU's or GPU's arithmetic less well, so the rate grows with size).
 
 What follows from the depth: the width 64 d unless model.d_model is set, the heads d_model / 64 unless

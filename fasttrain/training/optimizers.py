@@ -129,15 +129,16 @@ class Muon(_MuonBase):
         the state is one number for each of them (p's "second_moment", a column or a row). Sharded, the
         reductions are DTensor's, and the state is placed as the matrix is along its rows."""
         across = -1 if p.shape[0] >= p.shape[1] else -2  # average over the other side
-        mean_square = update.float().square().mean(dim=across, keepdim=True)
+        full = update.float()
+        mean_square = full.square().mean(dim=across, keepdim=True)
         state = self.state[p]
         if "second_moment" not in state:
             state["second_moment"] = torch.zeros_like(mean_square)
         second_moment = state["second_moment"]
         second_moment.lerp_(mean_square, 1 - beta2)
-        scaled = update.float() * second_moment.clamp(min=1e-10).rsqrt()
+        scaled = full * second_moment.clamp(min=1e-10).rsqrt()
         # the norm before over the norm after, each the square root of a sum over the matrix
-        ratio = (update.float().square().sum() / scaled.square().sum().clamp(min=1e-20)).sqrt()
+        ratio = (full.square().sum() / scaled.square().sum().clamp(min=1e-20)).sqrt()
         return (scaled * ratio).to(update.dtype)
 
 

@@ -50,9 +50,7 @@ class StepResult(NamedTuple):
     skipped: bool  # the loss or gradient norm was not finite: no update was made
     progress: float | None  # the progress the schedule set `lr` at (a budgeted run; None: a step run)
     uncompiled: str | None = None  # why the run went uncompiled at this step (Trainer.step), else None
-    compiled_loss: float | None = (
-        None  # the compiled objective's non-finite loss the plain one replaced, if that was why
-    )
+    compiled_loss: float | None = None  # the compiled objective's non-finite loss, if that was why
 
 
 class Trainable(Protocol):
