@@ -78,9 +78,7 @@ def test_auto_is_the_tables_verdict_and_explicit_settings_win():
             "adamw": {"params": params},
             "linear_cross_entropy": {"hidden": hidden, "vocab": 131072},
         }
-        return kernels_on(
-            cfg, CUDA, sharded, "bf16", shapes, compiled=True, capability=capability, table=SYNTHETIC
-        ).names()
+        return kernels_on(cfg, CUDA, sharded, shapes, compiled=True, capability=capability, table=SYNTHETIC).names()
 
     assert chosen() == ["linear_cross_entropy", "rms_norm", "adamw"]
     assert chosen(hidden=768) == ["adamw"]  # measured slower there: stock
@@ -161,6 +159,4 @@ def test_the_committed_table_is_what_the_committed_h100_results_give():
         "linear_cross_entropy": {"hidden": 768, "vocab": 50304},
         "adamw": {"params": 123_587_328},
     }
-    assert kernels_on(KernelsConfig(), CUDA, False, "bf16", shapes, compiled=True, capability="sm_90").names() == [
-        "adamw"
-    ]
+    assert kernels_on(KernelsConfig(), CUDA, False, shapes, compiled=True, capability="sm_90").names() == ["adamw"]

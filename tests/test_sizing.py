@@ -5,6 +5,7 @@ different sizes get different shapes, a resume and a replay keep the shape recor
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fasttrain_kernels._backend
 from fasttrain.config import ModelConfig, load_config
 from fasttrain.model import sizing
 from fasttrain.model.sizing import Speed, choose_shape, effective_tokens, ladder_shape, size_model
@@ -157,21 +159,25 @@ def test_calibration_reads_the_rate_at_two_sizes_from_its_clock(monkeypatch):
     assert sizing.calibrate(cfg, torch.device("cpu")).exponent == 0.0
 
 
-def test_the_calibration_times_the_runs_optimizer_step_after_each_backward(pydoc_data, tmp_path, monkeypatch):
-    """A budgeted run's timing includes its clipping and optimizer step (plan.timed_update): the plan hands it to
-    the calibration, which runs it after every backward, so the gradients are gone after each pass."""
+def test_the_calibration_times_the_runs_loss_and_optimizer_step(pydoc_data, tmp_path, monkeypatch):
+    """A budgeted run's timing includes its loss and its clipping and optimizer step (plan.timed_loss, timed_update):
+    the plan hands both to the calibration, which computes that loss (on a CPU the fused head and cross-entropy, as
+    the run does) and runs the step after every backward, so the gradients are gone after each pass."""
     from fasttrain.compute.distributed import World
     from fasttrain.training import plan as planning
 
     cfg = tiny_config(pydoc_data, tmp_path, "model.vocab_size=512", *AUTO, "optim.name=muon", "train.max_time=60")
-    handed = []
-    monkeypatch.setattr(sizing, "calibrate", lambda cfg, device, update: handed.append(update) or Speed(1e9, 1e6, 0.0))
+    handed, real_calibrate = [], sizing.calibrate
+    monkeypatch.setattr(fasttrain_kernels._backend, "INTERPRETING", False)  # "auto" as a CPU run resolves it
+    monkeypatch.setattr(
+        sizing, "calibrate", lambda cfg, device, update, loss: handed.append((update, loss)) or Speed(1e9, 1e6, 0.0)
+    )
     planning.shape_of(cfg, (), 128, World(), torch.device("cpu"), None, None)
-    monkeypatch.undo()
-    passes = []
+    monkeypatch.setattr(sizing, "calibrate", real_calibrate)
+    passes, fused_calls = [], []
 
     def counting(model):
-        step, hidden = handed[0](model), model.blocks[0].attn.qkv.weight
+        step, hidden = handed[0][0](model), model.blocks[0].attn.qkv.weight
 
         def counted():  # the gradients there before, the weights moved and the gradients cleared after
             before = hidden.detach().clone()
@@ -181,8 +187,12 @@ def test_the_calibration_times_the_runs_optimizer_step_after_each_backward(pydoc
 
         return counted
 
-    sizing.calibrate(cfg, torch.device("cpu"), update=counting)
+    fused_loss = importlib.import_module("fasttrain_kernels.linear_cross_entropy")  # the package's name is the function
+    real = fused_loss.linear_cross_entropy
+    monkeypatch.setattr(fused_loss, "linear_cross_entropy", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    sizing.calibrate(cfg, torch.device("cpu"), update=counting, loss=handed[0][1])
     assert passes == [True] * 2 * (sizing.CALIBRATION_STEPS + 1)
+    assert len(fused_calls) == len(passes)  # every pass through the run's fused loss
 
 
 def test_a_faster_machine_gets_a_deeper_model_through_the_cli(pydoc_data, tmp_path, monkeypatch, capsys):

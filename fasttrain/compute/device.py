@@ -16,6 +16,7 @@ from typing import Iterator, Literal
 import numpy as np
 import torch
 
+import fasttrain_kernels._backend
 from fasttrain.compute.kernel_table import OPS, load_table, lookup
 from fasttrain.config import KernelsConfig, TrainConfig
 from fasttrain.system.errors import UsageError
@@ -119,7 +120,6 @@ def kernels_on(
     cfg: KernelsConfig,
     device: torch.device,
     sharded: bool = False,
-    precision: str = "fp32",
     shapes: dict[str, dict[str, int]] | None = None,
     compiled: bool = False,
     capability: str | None = None,
@@ -133,9 +133,11 @@ def kernels_on(
     (`compiled` or eager) on a GPU of its `capability` ("sm_90"; default: the device's): on only where
     the kernel was measured faster than stock there, else stock. `table`: its entries (default: the
     committed one). The AdamW kernel takes whole tensors, not FSDP's DTensor shards, so `sharded` turns
-    "auto" off and refuses true. On a CPU "auto" is off, except the linear cross-entropy under bf16
-    (`precision`): F.cross_entropy would cast the whole bf16 logits to fp32 and stream them through
-    memory several times, where its PyTorch path works on row blocks in cache. An FP8 head (`fp8`,
+    "auto" off and refuses true. On a CPU "auto" is off, except the linear cross-entropy, in any precision (but under
+    TRITON_INTERPRET=1, where it would run Triton's interpreter): its PyTorch path computes the loss and the logits' gradient in one
+    pass over row blocks in cache, where F.cross_entropy streams the whole logits through memory several
+    times (and under bf16 casts them to fp32 first); the whole step measured faster with it at the shapes a
+    budget chooses (docs/performance.md, "CPU: the step at the budget's shapes"). An FP8 head (`fp8`,
     train.fp8) and a soft-cap of the logits (`softcap`, model.logit_softcap) need the logits, so each turns the
     linear cross-entropy's "auto" off and refuses true."""
     if sharded and cfg.adamw is True:
@@ -160,8 +162,8 @@ def kernels_on(
         mode = "compiled" if compiled else "eager"
         measured = {op: lookup(entries, capability, op, mode, shape) for op, shape in (shapes or {}).items()}
         auto = {op: m is not None and m.use for op, m in measured.items()}
-    else:  # the PyTorch path, which needs no triton
-        auto = {"linear_cross_entropy": precision == "bf16"}
+    else:  # the PyTorch path, which needs no triton; under TRITON_INTERPRET=1 the interpreted kernel, far slower
+        auto = {"linear_cross_entropy": not fasttrain_kernels._backend.INTERPRETING}
     on = {op: getattr(cfg, op) is True or (getattr(cfg, op) == "auto" and auto.get(op, False)) for op in OPS}
     return Kernels(
         **{

@@ -301,11 +301,11 @@ class RecoveryConfig:
 class KernelsConfig:
     """[kernels]: which of the Triton kernels (fasttrain_kernels/) the model uses. "auto" on a GPU: where the measured
     dispatch table (fasttrain/compute/kernel_table.py) says the kernel beat stock at the run's shapes and mode;
-    on a CPU: off, but for the linear cross-entropy under bf16."""
+    on a CPU: off, but for the linear cross-entropy."""
 
     # The loss straight from the final hidden states and the output weight, chunk by chunk,
     # never holding the (tokens x vocab) logits (fasttrain_kernels/linear_cross_entropy.py). On a CPU "auto" is
-    # on under bf16, where its in-cache PyTorch path spares the fp32 copy of the logits.
+    # on, fp32 or bf16: its PyTorch path makes the loss and the logits' gradient in one pass, in cache.
     linear_cross_entropy: Literal["auto", True, False] = "auto"
     # Every RMSNorm, with the residual add before it, in one kernel (fasttrain_kernels/rms_norm.py).
     rms_norm: Literal["auto", True, False] = "auto"

@@ -28,7 +28,7 @@ learns it by heart and validation gets worse (on the main job's corpus, 93K toke
 the same budget, does better there, so no depth that would read it more than MAX_EPOCHS times is chosen.
 
 tokens/s(d) under a time budget comes from `calibrate`: the eager forward, backward and optimizer step (the
-run's, given by the plan) of the ladder's two smallest shapes, timed on the run's device and precision before
+run's loss and optimizer, given by the plan) of the ladder's two smallest shapes, timed on the run's device and precision before
 the run (outside train.max_time, as compiling is), give FLOP/s at two sizes; a power law through them predicts
 the others (small models use a CPU's or GPU's arithmetic less well, so the rate grows with size).
 
@@ -213,22 +213,35 @@ def plural(n: int, thing: str) -> str:
 
 
 Update = Callable[[nn.Module], Callable[[], None]]  # a model -> what a run does after each backward
+# a model -> the scalar a run backpropagates for (inputs, targets), each (B, T); called under the run's autocast
+Loss = Callable[[Transformer], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+
+
+def logits_loss(model: Transformer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The plain loss: the model's logits, then F.cross_entropy in fp32."""
+    return lambda x, y: F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
 
 
 def calibrate(
-    cfg: Config, device: torch.device, clock: Callable[[], float] | None = None, update: Update | None = None
+    cfg: Config,
+    device: torch.device,
+    clock: Callable[[], float] | None = None,
+    update: Update | None = None,
+    loss: Loss = logits_loss,
 ) -> Speed:
-    """The machine's training speed (module docstring): forward, backward and `update(model)()` (the run's
-    clipping and optimizer step; None: none) of the ladder's two smallest shapes (that fit `cfg`'s set keys) at its
-    batch geometry, precision and device, each timed with `clock` over CALIBRATION_STEPS passes after an untimed
-    one (default: time.perf_counter, looked up when called). One update a pass: a run that accumulates
-    micro-batches updates less often. RuntimeError (out of memory, say) propagates."""
+    """The machine's training speed (module docstring): `loss(model)`'s forward and backward (the run's loss: the
+    head and cross-entropy fused or not) and `update(model)()` (the run's clipping and optimizer step; None: none)
+    of the ladder's two smallest shapes (that fit `cfg`'s set keys) at its batch geometry, precision and device,
+    each timed with `clock` over CALIBRATION_STEPS passes after an untimed one (default: time.perf_counter,
+    looked up when called). One update a pass: a run that accumulates micro-batches updates less often.
+    RuntimeError (out of memory, say) propagates."""
     t, clock = cfg.train, clock or time.perf_counter
     rates = []
     for depth in fitting_depths(cfg.model)[:2]:  # the smallest two the set keys allow (n_kv_heads, say)
         shape = ladder_shape(cfg.model, depth)
         model = Transformer(shape).to(device)
         step = update(model) if update else model.zero_grad
+        objective = loss(model)
         tokens = torch.randint(0, shape.vocab_size, (t.batch_size, t.seq_len + 1), device=device)
         began = 0.0
         for i in range(CALIBRATION_STEPS + 1):
@@ -236,8 +249,8 @@ def calibrate(
                 synchronize(device)
                 began = clock()
             with autocast(t.precision, device):
-                logits = model(tokens[:, :-1])
-            F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+                value = objective(tokens[:, :-1], tokens[:, 1:])
+            value.backward()
             step()
         synchronize(device)
         seconds = max(clock() - began, 1e-9) / CALIBRATION_STEPS
@@ -256,10 +269,11 @@ def size_model(
     device: torch.device,
     speed: Speed | None,
     update: Update | None = None,
+    loss: Loss = logits_loss,
 ) -> tuple[ModelConfig, str, Speed | None]:
     """cfg.model with its shape chosen (model.n_layers = 0), the plan's note saying why, and the machine's speed
-    it used (`speed` if given, else calibrated here, with `update` after each backward, when the run has a time
-    budget; None without one). The
+    it used (`speed` if given, else calibrated here on `loss` with `update` after each backward, when the run has
+    a time budget; None without one). The
     run's tokens: max_steps x `tokens_per_step`, or what train.max_time gives at the speed, whichever is fewer;
     `corpus`: each source's share of them and its training tokens (choose_shape). A choice that a timing 20% off
     would change, or one timed on a busy machine, says so: another run (its dry run) may time another speed.
@@ -285,7 +299,7 @@ def size_model(
             )
         busy = busy_note(device)  # read before this process loads the machine itself
         try:
-            speed = replace(calibrate(cfg, device, update=update), busy=busy)
+            speed = replace(calibrate(cfg, device, update=update, loss=loss), busy=busy)
         except RuntimeError as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             return (

@@ -2,7 +2,7 @@
 
 Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, config, data.documents,
 data.mixture, formats.shards, formats.tokenizer, model.sizing, model.transformer, model.weights, preparation.cache,
-preparation.preparation, system.errors, training.optimizers, training.preflight, training.schedule.
+preparation.preparation, system.errors, training.objective, training.optimizers, training.preflight, training.schedule.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
@@ -45,12 +45,13 @@ from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Blend, Source, open_sources, phases, token_shares
 from fasttrain.formats.shards import find_shards
 from fasttrain.formats.tokenizer import Tokenizer
-from fasttrain.model.sizing import HEAD_DIM, Corpus, Speed, Update, fits, ladder_shape, plural, size_model
-from fasttrain.model.transformer import flops_per_token, num_params
+from fasttrain.model.sizing import HEAD_DIM, Corpus, Loss, Speed, Update, fits, ladder_shape, plural, size_model
+from fasttrain.model.transformer import Transformer, flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
 from fasttrain.preparation.cache import prepared_dir
 from fasttrain.preparation.preparation import check_preparable, request_of
 from fasttrain.system.errors import UsageError
+from fasttrain.training.objective import NextTokenLoss
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.preflight import check_fits
 from fasttrain.training.schedule import Budget, budget_note, fit_warmup, recorded_progress
@@ -251,7 +252,7 @@ def plan_run(
         "adamw": {"params": num_params(m)},
     }
     kernels = kernels_on(
-        cfg.kernels, device, sharded, t.precision, shapes, compiled=bool(t.compile), fp8=t.fp8, softcap=m.logit_softcap
+        cfg.kernels, device, sharded, shapes, compiled=bool(t.compile), fp8=t.fp8, softcap=m.logit_softcap
     )
     memory, available = check_fits(cfg, device, t.precision, shard_group)
     check_attention(t.attention, device)
@@ -340,6 +341,20 @@ def timed_update(cfg: Config, device: torch.device) -> Update:
     return build
 
 
+def timed_loss(cfg: Config, device: torch.device) -> Loss:
+    """The loss the sizing's timing backpropagates (sizing.calibrate): the run's, the head and cross-entropy fused
+    where [kernels] fuses them on `device` (on a GPU "auto" reads the dispatch table at a shape, which the timing
+    has none of yet: there it times the unfused loss)."""
+    t = cfg.train
+    fused = kernels_on(cfg.kernels, device, fp8=t.fp8, softcap=cfg.model.logit_softcap)
+
+    def build(model: Transformer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        objective = NextTokenLoss(model, fused=fused.linear_cross_entropy)
+        return lambda x, y: objective(x, y).loss
+
+    return build
+
+
 def shape_of(
     cfg: Config,
     corpus: Corpus,
@@ -369,7 +384,9 @@ def shape_of(
         return shape, "", speed
     found = recorded_model(cfg, resume)
     if found is None:
-        return size_model(cfg, corpus, tokens_per_step, world.size, device, speed, timed_update(cfg, device))
+        return size_model(
+            cfg, corpus, tokens_per_step, world.size, device, speed, timed_update(cfg, device), timed_loss(cfg, device)
+        )
     r, where = found
     if unset := [k for k in ("n_layers", "d_model", "n_heads") if not getattr(r, k)]:
         raise UsageError(
@@ -480,12 +497,11 @@ def kernel_reasons(cfg: Config, kernels: Kernels, device: torch.device, sharded:
                 why = "off: model.logit_softcap needs the logits"
             elif device.type == "cuda":
                 why = "on: measured faster than stock here" if on else "off: not measured faster than stock here"
+            elif op == "linear_cross_entropy" and not on:
+                why = "off: TRITON_INTERPRET=1 would run it through Triton's interpreter"
             else:
-                why = (
-                    "on: under bf16 its PyTorch path works on row blocks in cache"
-                    if on
-                    else f"off on the {device.type}"
-                )
+                in_cache = "on: its PyTorch path makes the loss and its gradient in one pass, in cache"
+                why = in_cache if on else f"off on the {device.type}"
             reasons.append(f"{op}: auto, {why}")
         else:
             reasons.append(f"{op}: {'on' if on else 'off'}, kernels.{op} = {str(setting).lower()}")

@@ -1,0 +1,206 @@
+"""The CPU step at the shapes a time budget chooses: tokens/s and FLOP/s per shape and setting, and where the time goes.
+
+    python -m benchmarks.cpu_step [--shape 2x128 3x192 4x256] [--setting eager compiled ...] [--against COMMIT]
+                                  [--rounds 2] [--steps 8] [--threads 2] [--profile] [--out FILE]
+
+Each measurement is a process of its own (its own OpenMP threads, a compile of its own): configs/base.toml's
+recipe (Muon, the warmdown, today's head and tables) at a fixed shape, random tokens, one micro-batch of
+16 x 256 tokens a step, fp32 or bf16 as the machine's "auto" precision gives, 3 untimed steps (a compiled
+setting compiles in the first), then --steps steps timed one by one; the median counts. --against COMMIT
+measures that commit's tree the same way, beside this one (a detached git worktree, removed afterwards), each
+round going through every tree, shape and setting in turn, so a machine that changes speed during the run
+moves both sides alike. FLOP/s is the model's training FLOPs per token (6N + attention, Transformer.
+flops_per_token) times tokens/s. --profile adds, for this tree, each shape's step split by op category
+(benchmarks/profile_step.py: matmul, cross-entropy, norm, optimizer, elementwise, copies), in CPU time.
+
+Writes one JSON (default benchmarks/results/cpu-step-<date>.json) with the machine, the command and every
+measurement. Compare only within one file: the figures depend on the CPU and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from benchmarks.recipe_sweep import load_average, result_header
+from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+# name -> --set items on top of the recipe. A setting an older tree does not know fails there with its own
+# message, recorded as that measurement's error.
+SETTINGS: dict[str, list[str]] = {
+    "eager": ["train.compile=false"],
+    "compiled": ["train.compile=true"],
+    "eager fused loss": ["train.compile=false", "kernels.linear_cross_entropy=true"],
+    "eager unfused loss": ["train.compile=false", "kernels.linear_cross_entropy=false"],
+    "compiled fused loss": ["train.compile=true", "kernels.linear_cross_entropy=true"],
+    "compiled unfused loss": ["train.compile=true", "kernels.linear_cross_entropy=false"],
+}
+# configs/base.toml's recipe over bench_train_step's fixed base (AdamW, cosine; 200 steps, which the data is laid
+# out for: more than any measurement takes)
+RECIPE = ["optim.name=muon", "schedule.decay=wsd"]
+WARMUP = 3
+# Run in the tree measured (this one or --against's), so it imports only what both have had: make_trainer.
+MEASURE = """
+import json, statistics, sys, time
+from pathlib import Path
+from benchmarks.bench_train_step import make_trainer
+sets, steps, data_dir = json.loads(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+trainer = make_trainer(Path("configs/base.toml"), data_dir, *sets)
+for _ in range({warmup}):
+    trainer.step()
+times = []
+for _ in range(steps):
+    start = time.perf_counter()
+    trainer.step()
+    times.append(time.perf_counter() - start)
+seconds = statistics.median(times)
+print(json.dumps({{
+    "tokens_per_s": round(trainer.tokens_per_step / seconds, 1),
+    "flops_per_token": trainer.model.flops_per_token(trainer.cfg.train.seq_len),
+    "step_ms": [round(t * 1e3, 2) for t in times],
+    "kernels": trainer.kernels.names(),
+    "compiled": bool(trainer.cfg.train.compile),
+    "precision": trainer.cfg.train.precision,
+}}))
+""".format(warmup=WARMUP)
+
+
+def shape_sets(shape: str) -> list[str]:
+    """--set items of a "LAYERSxWIDTH" shape (heads of 64); UsageError naming it if it is not one."""
+    try:
+        layers, width = (int(n) for n in shape.split("x"))
+    except ValueError:
+        raise UsageError(f"--shape {shape}: not LAYERSxWIDTH, as 2x128") from None
+    if layers < 1 or width < 64 or width % 64:
+        raise UsageError(f"--shape {shape}: needs at least one layer and a width a multiple of 64")
+    return [f"model.n_layers={layers}", f"model.d_model={width}", f"model.n_heads={width // 64}"]
+
+
+def measure(tree: Path, sets: list[str], steps: int, threads: int, data_dir: Path) -> dict:
+    """One measurement in a fresh process in `tree`: MEASURE's figures, or {"error": its last line}."""
+    # The step a CPU run takes: without TRITON_INTERPRET (a test session's), which would interpret the Triton kernels
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(tree)}
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, json.dumps(sets), str(steps), str(data_dir)],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def profiled(shape: str, setting: str, steps: int) -> dict:
+    """This tree's step at `shape` under `setting`, split by op category (profile_step.profile_trainer)."""
+    from benchmarks.profile_step import profile_steps
+
+    with tempfile.TemporaryDirectory() as out:
+        found = profile_steps(
+            str(ROOT / "configs/base.toml"), RECIPE + shape_sets(shape) + SETTINGS[setting], steps, Path(out)
+        )
+    return {"step_ms": found["step_ms"], "ms_per_step": found["ms_per_step"]}
+
+
+def worktree(commit: str, parent: Path) -> Path:
+    """A detached worktree of `commit` under `parent`; UsageError naming the commit if git has none such."""
+    path = parent / commit
+    proc = subprocess.run(
+        ["git", "worktree", "add", "--detach", str(path), commit], cwd=ROOT, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise UsageError(f"--against {commit}: {(proc.stderr.strip().splitlines() or ['git worktree failed'])[-1]}")
+    return path
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Per (tree, shape, setting): the median over rounds of tokens/s, and FLOP/s from it."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["tree"], r["shape"], r["setting"]), []).append(r)
+    rows = []
+    for (tree, shape, setting), found in groups.items():
+        ok = [r for r in found if "error" not in r]
+        row = {"tree": tree, "shape": shape, "setting": setting}
+        if ok:
+            speed = statistics.median(r["tokens_per_s"] for r in ok)
+            row |= {"tokens_per_s": round(speed), "gflop_per_s": round(speed * ok[0]["flops_per_token"] / 1e9, 1)}
+        else:
+            row["error"] = found[-1]["error"]
+        rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m benchmarks.cpu_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", nargs="+", default=["2x128", "3x192", "4x256"])
+    parser.add_argument("--setting", nargs="+", choices=list(SETTINGS), default=["eager", "compiled"])
+    parser.add_argument("--against", metavar="COMMIT", help="measure this commit's tree too, interleaved")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="also split this tree's step by op category")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    shapes = {s: shape_sets(s) for s in args.shape}
+    today = datetime.date.today().isoformat()
+    out = args.out or ROOT / f"benchmarks/results/cpu-step-{today}.json"
+    records: list[dict] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        trees = {"HEAD": ROOT}
+        try:
+            if args.against:
+                trees[args.against] = worktree(args.against, Path(scratch))
+            for round_ in range(args.rounds):
+                for shape, sets in shapes.items():
+                    for setting in args.setting:
+                        for name, tree in trees.items():
+                            # each tree prepares the tokenizer its own way: a data folder of its own
+                            data_dir = Path(scratch) / f"data-{name}"
+                            found = measure(tree, RECIPE + sets + SETTINGS[setting], args.steps, args.threads, data_dir)
+                            records.append(
+                                {
+                                    "round": round_,
+                                    "tree": name,
+                                    "shape": shape,
+                                    "setting": setting,
+                                    **found,
+                                    "load_average": load_average(),
+                                }
+                            )
+                            print(json.dumps(records[-1]), flush=True)
+        finally:
+            if args.against in trees:
+                subprocess.run(
+                    ["git", "worktree", "remove", "--force", str(trees[args.against])], cwd=ROOT, capture_output=True
+                )
+    results = {
+        **result_header("the CPU step at the budget's shapes", "benchmarks.cpu_step", argv, today),
+        "threads": args.threads,
+        "summary": summarise(records),
+        "records": records,
+    }
+    if args.profile:
+        results["profile"] = {
+            f"{shape} {setting}": profiled(shape, setting, args.steps) for shape in shapes for setting in args.setting
+        }
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    for row in results["summary"]:
+        figures = row.get("error") or f"{row['tokens_per_s']:>8,} tokens/s {row['gflop_per_s']:>7.1f} GFLOP/s"
+        print(f"{row['tree']:>10} {row['shape']:>6} {row['setting']:<20} {figures}")
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
