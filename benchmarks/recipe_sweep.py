@@ -148,6 +148,12 @@ CASES |= {
         ],
         " rope 100k": ["model.rope_theta=100000"],
         " softcap": ["model.logit_softcap=15"],
+        # Issue 63, many epochs (--corpus pydoc): regularisation for a corpus read 10-20 times. nanochat's rule
+        # gives its matrices a weight decay of ~4.75 at this batch and token count (torch's Muon decays by lr x wd)
+        " wd 1": ["optim.weight_decay=1"],
+        " wd 4": ["optim.weight_decay=4"],
+        " wd 4 cautious": ["optim.weight_decay=4", "optim.muon.cautious_weight_decay=true"],
+        " dropout 0.1": ["model.dropout=0.1"],
     }.items()
 }
 AUTO = ["model.n_layers=0", "model.d_model=0", "model.n_heads=0"]  # the shape chosen for the budget (sizing.py)
