@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -74,23 +75,38 @@ def values(run_dir: Path, kind: str, key: str) -> list[float]:
     return [e[key] for e in read_metrics(run_dir) if e["event"] == kind]
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Callable[..., Path]:
+    """`one_process(data, *sets)`: the run directory of `python -m fasttrain.train` on one process with those
+    --set items, trained the first time a test asks for it and shared after that (read-only): a single-process
+    run of one config is the same whichever test compares against it (the ddp and fsdp cases use one)."""
+    runs: dict[tuple, Path] = {}
+
+    def run(data: Path, *sets: str) -> Path:
+        if (data, sets) not in runs:
+            out = tmp_path_factory.mktemp("one") / "run"
+            done = single(tiny_args(data, out, *sets))
+            assert done.returncode == 0, done.stderr
+            runs[data, sets] = out
+        return runs[data, sets]
+
+    return run
+
+
 @pytest.mark.parametrize(
     "parallel,batching",
     [("ddp", []), ("fsdp", []), ("ddp", ["data.batching=padded", "data.padding=longest"])],
     ids=["ddp", "fsdp", "ddp-padded"],
 )
 def test_two_ranks_train_like_one_process_with_the_same_global_batch(
-    pydoc_data, paragraph_data, tmp_path, parallel, batching
+    pydoc_data, paragraph_data, one_process, tmp_path, parallel, batching
 ):
     """4 sequences per micro-batch in one process = 2 on each of 2 ranks: the same rows, so the same
     losses, gradient norms and validation loss (up to the order of fp32 sums; validation reads eval_steps x
     batch_size rows, 2 x 4 = 4 x 2). Padded, the ranks hold different numbers of real tokens, and every one
     still weighs the same."""
     data = paragraph_data if batching else pydoc_data
-    one = single(
-        tiny_args(data, tmp_path / "one", *RUN, *batching, "train.batch_size=4", "train.tokens_per_update=256")
-    )
-    assert one.returncode == 0, one.stderr
+    one = one_process(data, *RUN, *batching, "train.batch_size=4", "train.tokens_per_update=256")
     two = torchrun(
         tiny_args(
             data,
@@ -104,10 +120,10 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(
         )
     )
     assert two.returncode == 0, two.stderr
-    assert values(tmp_path / "two", "train", "tokens") == values(tmp_path / "one", "train", "tokens")
+    assert values(tmp_path / "two", "train", "tokens") == values(one, "train", "tokens")
     for kind, key in (("train", "loss"), ("train", "grad_norm"), ("eval", "val_loss")):
-        assert values(tmp_path / "two", kind, key) == pytest.approx(values(tmp_path / "one", kind, key), rel=1e-5)
-    ours, theirs = (read_safetensors(tmp_path / run / "final" / "model.safetensors") for run in ("two", "one"))
+        assert values(tmp_path / "two", kind, key) == pytest.approx(values(one, kind, key), rel=1e-5)
+    ours, theirs = (read_safetensors(run / "final" / "model.safetensors") for run in (tmp_path / "two", one))
     assert ours.keys() == theirs.keys()  # FSDP gathered the shards back into the whole model
     for name in ours:
         # atol: a weight near zero moves by sums in another order (seen 2e-6 on a 16-core machine)
@@ -160,20 +176,17 @@ ANY_WORLD = [
         pytest.param(3, "fsdp", marks=pytest.mark.second_tier),  # 3 ranks: 30 s more on 2 cores
     ],
 )
-def test_validation_reads_the_same_rows_in_every_world(pydoc_data, tmp_path, nproc, parallel):
+def test_validation_reads_the_same_rows_in_every_world(pydoc_data, one_process, tmp_path, nproc, parallel):
     """The same config trained on 1 process and on `nproc` (the same rows each step) validates over the same
     eval_steps x batch_size rows of the split, shared out among the ranks: the same val_loss up to the order
     of fp32 sums. It read eval_steps batches per rank, nproc times the rows (5.8876 on 1 process, 5.8669 on
     2), so `best` and early stopping compared other rows after a resume on another world."""
-    one = single(tiny_args(pydoc_data, tmp_path / "one", *ANY_WORLD))
-    assert one.returncode == 0, one.stderr
+    one = one_process(pydoc_data, *ANY_WORLD)
     many = torchrun(tiny_args(pydoc_data, tmp_path / "many", *ANY_WORLD, f'train.parallel="{parallel}"'), nproc=nproc)
     assert many.returncode == 0, many.stderr
-    assert values(tmp_path / "many", "train", "loss") == pytest.approx(
-        values(tmp_path / "one", "train", "loss"), rel=1e-5
-    )
+    assert values(tmp_path / "many", "train", "loss") == pytest.approx(values(one, "train", "loss"), rel=1e-5)
     for key in ("val_loss", "val_accuracy"):
-        ours, theirs = values(tmp_path / "many", "eval", key), values(tmp_path / "one", "eval", key)
+        ours, theirs = values(tmp_path / "many", "eval", key), values(one, "eval", key)
         assert len(ours) == 2 and ours == pytest.approx(theirs, rel=1e-5), key
 
 

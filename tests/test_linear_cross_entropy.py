@@ -321,8 +321,11 @@ def test_an_announced_grad_scale_changes_no_loss_or_gradient(kernel_device, dtyp
     factors = []
     scale_rows = lce._scale_rows_op
     monkeypatch.setattr(lce, "_scale_rows_op", lambda x, w: factors.append(w.clone()) or scale_rows(x, w))
-    hidden, weight, b = make_inputs(37, 24, 300, dtype, kernel_device)
-    target = random_targets(37, 300, 6, kernel_device)
+    # Eight passes of the whole loss, so smaller than the other tests' 37 x 300: 21 rows are a chunk of 16 and a
+    # part-full one (the weight's gradient written, then added to), and through the interpreter's 128-column
+    # blocks 170 columns are two, the second part-full (the bias's row scaling loops twice too).
+    hidden, weight, b = make_inputs(21, 24, 170, dtype, kernel_device)
+    target = random_targets(21, 170, 6, kernel_device)
     options = {"reduction": reduction, "chunk_rows": 16, "z_loss": 1e-3}
     fused = dtype != torch.float16 and reduction != "none"
     for s in (1.0, 0.25, 3 / 7, 1e-5):
