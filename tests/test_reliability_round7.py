@@ -198,7 +198,7 @@ def test_a_choice_near_a_boundary_or_timed_on_a_busy_machine_says_so(pydoc_data,
     notes = [size_model(cfg, (), 128, 1, CPU, Speed(f, 1e6, 0.0))[1] for f in np.geomspace(1e8, 1e11, 60)]
     assert any("near a boundary: a speed 20% off would choose depth" in n for n in notes)
     assert not all("near a boundary" in n for n in notes)
-    monkeypatch.setattr(sizing, "calibrate", lambda cfg, device, update: speed)
+    monkeypatch.setattr(sizing, "calibrate", lambda cfg, device, update, loss: speed)
     monkeypatch.setattr(sizing.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # 2 cores, any machine
     monkeypatch.setattr(sizing.os, "getloadavg", lambda: (7.5, 1.0, 1.0))
     note = size_model(cfg, (), 128, 1, CPU, None)[1]
@@ -221,9 +221,9 @@ def test_a_timed_or_too_short_budget_keeps_to_shapes_the_set_heads_fit(pydoc_dat
     timed: list[int] = []
     real = sizing.calibrate
 
-    def recording(cfg, device, update=None):
+    def recording(cfg, device, update=None, loss=sizing.logits_loss):
         timed.extend(d for d in sizing.fitting_depths(cfg.model)[:2])
-        return real(cfg, device, update=update)
+        return real(cfg, device, update=update, loss=loss)
 
     monkeypatch.setattr(sizing, "calibrate", recording)
     base = (*AUTO, "model.n_kv_heads=3", "train.max_steps=0", "model.vocab_size=512")
