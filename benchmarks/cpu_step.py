@@ -101,9 +101,14 @@ def measure(tree: Path, sets: list[str], steps: int, threads: int, data_dir: Pat
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def profiled(shape: str, setting: str, steps: int) -> dict:
-    """This tree's step at `shape` under `setting`, split by op category (profile_step.profile_trainer)."""
+def profiled(shape: str, setting: str, steps: int, threads: int) -> dict:
+    """This tree's step at `shape` under `setting` on `threads` threads, split by op category (in this process:
+    profile_step.profile_trainer)."""
+    import torch
+
     from benchmarks.profile_step import profile_steps
+
+    torch.set_num_threads(threads)
 
     with tempfile.TemporaryDirectory() as out:
         found = profile_steps(
@@ -192,7 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if args.profile:
         results["profile"] = {
-            f"{shape} {setting}": profiled(shape, setting, args.steps) for shape in shapes for setting in args.setting
+            f"{shape} {setting}": profiled(shape, setting, args.steps, args.threads)
+            for shape in shapes
+            for setting in args.setting
         }
     out.write_text(json.dumps(results, indent=1) + "\n")
     for row in results["summary"]:
