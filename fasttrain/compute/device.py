@@ -133,11 +133,12 @@ def kernels_on(
     (`compiled` or eager) on a GPU of its `capability` ("sm_90"; default: the device's): on only where
     the kernel was measured faster than stock there, else stock. `table`: its entries (default: the
     committed one). The AdamW kernel takes whole tensors, not FSDP's DTensor shards, so `sharded` turns
-    "auto" off and refuses true. On a CPU "auto" is off, except the linear cross-entropy, in any precision (but under
-    TRITON_INTERPRET=1, where it would run Triton's interpreter): its PyTorch path computes the loss and the logits' gradient in one
-    pass over row blocks in cache, where F.cross_entropy streams the whole logits through memory several
-    times (and under bf16 casts them to fp32 first); the whole step measured faster with it at the shapes a
-    budget chooses (docs/performance.md, "CPU: the step at the budget's shapes"). An FP8 head (`fp8`,
+    "auto" off and refuses true. On a CPU "auto" is off, except the linear cross-entropy, in any precision
+    (but under TRITON_INTERPRET=1, where it would run Triton's interpreter): its PyTorch path computes the
+    loss and the logits' gradient in one pass over row blocks in cache, where F.cross_entropy streams the
+    whole logits through memory several times (and under bf16 casts them to fp32 first); the whole step
+    measured faster with it at the shapes a budget chooses (docs/performance.md, "CPU: the step at the
+    budget's shapes"). An FP8 head (`fp8`,
     train.fp8) and a soft-cap of the logits (`softcap`, model.logit_softcap) need the logits, so each turns the
     linear cross-entropy's "auto" off and refuses true."""
     if sharded and cfg.adamw is True:

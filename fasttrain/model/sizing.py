@@ -28,9 +28,10 @@ learns it by heart and validation gets worse (on the main job's corpus, 93K toke
 the same budget, does better there, so no depth that would read it more than MAX_EPOCHS times is chosen.
 
 tokens/s(d) under a time budget comes from `calibrate`: the eager forward, backward and optimizer step (the
-run's loss and optimizer, given by the plan) of the ladder's two smallest shapes, timed on the run's device and precision before
-the run (outside train.max_time, as compiling is), give FLOP/s at two sizes; a power law through them predicts
-the others (small models use a CPU's or GPU's arithmetic less well, so the rate grows with size).
+run's loss and optimizer, given by the plan) of the ladder's two smallest shapes, timed on the run's device
+and precision before the run (outside train.max_time, as compiling is), give FLOP/s at two sizes; a power law
+through them predicts the others (small models use a CPU's or GPU's arithmetic less well, so the rate grows
+with size).
 
 What follows from the depth: the width 64 d unless model.d_model is set, the heads d_model / 64 unless
 model.n_heads is set (a set key wins, and the plan says so); the learning rates, batch, context and schedule
