@@ -160,7 +160,7 @@ def test_calibration_reads_the_rate_at_two_sizes_from_its_clock(monkeypatch):
 
 
 def test_the_calibration_times_the_runs_loss_and_optimizer_step(pydoc_data, tmp_path, monkeypatch):
-    """A budgeted run's timing includes its loss and its clipping and optimizer step (plan.timed_loss, timed_update):
+    """A budgeted run's timing includes its loss and its clipping and optimizer step (training.timed_pass: timed_loss, timed_update):
     the plan hands both to the calibration, which computes that loss (on a CPU the fused head and cross-entropy, as
     the run does) and runs the step after every backward, so the gradients are gone after each pass."""
     from fasttrain.compute.distributed import World

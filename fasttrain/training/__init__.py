@@ -3,7 +3,7 @@
 Imports from fasttrain: nothing.
 
 Modules, in reading order: plan (everything a run decides before it allocates), preflight (its memory
-estimate), plan_table (the plan as --dry-run prints it), trainer (the `Trainer`: assembles a run and takes a
+estimate), timed_pass (what the sizing's timing runs: the run's loss and update), plan_table (the plan as --dry-run prints it), trainer (the `Trainer`: assembles a run and takes a
 step), objective (the next-token loss), optimizers (AdamW, Muon, SGD, Adafactor and the clipping), schedule (the
 learning rate), run_loop (the loop between the steps), policies (after a bad step, early stopping), launch
 (taking up the run directory), reporting and metrics (what a run tells: console, metrics.jsonl, TensorBoard,

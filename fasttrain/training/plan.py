@@ -2,7 +2,7 @@
 
 Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, config, data.documents,
 data.mixture, formats.shards, formats.tokenizer, model.sizing, model.transformer, model.weights, preparation.cache,
-preparation.preparation, system.errors, training.objective, training.optimizers, training.preflight, training.schedule.
+preparation.preparation, system.errors, training.preflight, training.schedule, training.timed_pass.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
@@ -21,7 +21,6 @@ assembles its parts from it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -45,16 +44,15 @@ from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Blend, Source, open_sources, phases, token_shares
 from fasttrain.formats.shards import find_shards
 from fasttrain.formats.tokenizer import Tokenizer
-from fasttrain.model.sizing import HEAD_DIM, Corpus, Loss, Speed, Update, fits, ladder_shape, plural, size_model
-from fasttrain.model.transformer import Transformer, flops_per_token, num_params
+from fasttrain.model.sizing import HEAD_DIM, Corpus, Speed, fits, ladder_shape, plural, size_model
+from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
 from fasttrain.preparation.cache import prepared_dir
 from fasttrain.preparation.preparation import check_preparable, request_of
 from fasttrain.system.errors import UsageError
-from fasttrain.training.objective import NextTokenLoss
-from fasttrain.training.optimizers import Updater
 from fasttrain.training.preflight import check_fits
 from fasttrain.training.schedule import Budget, budget_note, fit_warmup, recorded_progress
+from fasttrain.training.timed_pass import timed_loss, timed_update
 
 Phases = tuple[tuple[int, tuple[float, ...]], ...]  # (first micro-batch, normalized weights), see mixture.phases
 
@@ -323,36 +321,6 @@ def tied_head_note(cfg: Config) -> str:
         f"optim.head_lr = {cfg.optim.head_lr:g} is an untied head's rate: this head is tied, the embedding matrix, "
         "and trains at the embedding's (optim.embedding_lr, else optim.lr)"
     )
-
-
-def timed_update(cfg: Config, device: torch.device) -> Update:
-    """What the sizing's timing runs after each backward (sizing.calibrate): the run's clipping and optimizer
-    step at its peak rate, so the speed it predicts includes the optimizer's time."""
-
-    def build(model: torch.nn.Module) -> Callable[[], None]:
-        updater = Updater(model, cfg.optim, device, cfg.train.precision)
-
-        def step() -> None:
-            updater.clip_gradients()
-            updater.apply(cfg.optim.lr)
-
-        return step
-
-    return build
-
-
-def timed_loss(cfg: Config, device: torch.device) -> Loss:
-    """The loss the sizing's timing backpropagates (sizing.calibrate): the run's, the head and cross-entropy fused
-    where [kernels] fuses them on `device` (on a GPU "auto" reads the dispatch table at a shape, which the timing
-    has none of yet: there it times the unfused loss)."""
-    t = cfg.train
-    fused = kernels_on(cfg.kernels, device, fp8=t.fp8, softcap=cfg.model.logit_softcap)
-
-    def build(model: Transformer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        objective = NextTokenLoss(model, fused=fused.linear_cross_entropy)
-        return lambda x, y: objective(x, y).loss
-
-    return build
 
 
 def shape_of(
