@@ -95,6 +95,8 @@ def measure(settings: list[str], steps: int) -> dict:
     peak memory and the first step's time."""
     from benchmarks.bench_train_step import CONFIGS, GPU_CONFIGS, make_trainer
     from benchmarks.profile_step import WARMUP_STEPS, step_summary, timed_steps
+    from fasttrain.compute.kernel_table import run_shapes
+    from fasttrain.model.transformer import num_params
     from fasttrain.training.metrics import peak_flops
 
     with tempfile.TemporaryDirectory() as data_dir:
@@ -112,6 +114,7 @@ def measure(settings: list[str], steps: int) -> dict:
         times, allocator = timed_steps(trainer, steps)
         median = statistics.median(times) / 1e3
         peak = peak_flops(trainer.device)
+        m = trainer.cfg.model
         flops = trainer.model.flops_per_token(trainer.cfg.train.seq_len) * trainer.tokens_per_step
         return {
             "tokens_per_s": round(trainer.tokens_per_step / median),
@@ -121,6 +124,10 @@ def measure(settings: list[str], steps: int) -> dict:
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
             "first_step_s": round(first, 1),
             "kernels": trainer.kernels.names(),
+            # where and at what shape: what benchmarks/dispatch_table needs to read a whole-step verdict
+            "gpu": torch.cuda.get_device_name(trainer.device) if cuda else None,
+            "capability": "sm_{}{}".format(*torch.cuda.get_device_capability(trainer.device)) if cuda else None,
+            "shapes": run_shapes(m.d_model, m.vocab_size, num_params(m)),
             "batch_size": trainer.cfg.train.batch_size,
             "tokens_per_update": trainer.tokens_per_step,
         }

@@ -15,15 +15,23 @@ would run instead, and the entry says `use` only where the kernel is faster by M
 
 A norm inside a compiled model is fused by inductor with its neighbours, so only the whole-block A/B
 decides it under torch.compile. The gpu_check `kernels` stage records the same entries.
+
+RESULTS may also be `python -m benchmarks.ablation` records: the whole compiled step with "auto"'s
+kernels against stock's, repeats interleaved. Where that step is slower than stock's beyond MARGIN,
+every kernel "auto" picked there is off at that model's shapes, whatever its own benchmark said (a
+kernel faster alone can still cost the step: host time, a sync, a graph break), and that verdict
+replaces the op-level entries it falls near.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 from pathlib import Path
 
-from fasttrain.compute.kernel_table import TABLE
+from fasttrain.compute.kernel_table import NEAR, TABLE
 
 MARGIN = 0.98  # on only where the kernel's median is at most this fraction of stock's: a 2% win, not noise
 
@@ -101,15 +109,69 @@ def table_entries(benchmarks: list[dict], capability: str | None = None) -> list
     return entries
 
 
+def step_entries(records: list[dict]) -> list[dict]:
+    """The whole-step verdicts among ablation `records`: per GPU and model, the median of the "kernels auto"
+    cases' median steps against the stock cases'; where auto's is slower beyond MARGIN, an off entry (mode
+    compiled: the ablation compiles) for each kernel auto picked, at that model's shape for the op."""
+    steps: dict[tuple, dict[str, list[float]]] = {}  # (capability, gpu, shapes) -> case -> median step ms
+    kernels: dict[tuple, list[str]] = {}
+    for r in records:
+        if r.get("error") or r.get("skipped") or not r.get("capability") or r["case"] not in ("stock", "kernels auto"):
+            continue
+        key = (r["capability"], r["gpu"], json.dumps(r["shapes"], sort_keys=True))
+        steps.setdefault(key, {}).setdefault(r["case"], []).append(r["step_ms"]["median"])
+        if r["case"] == "kernels auto":
+            kernels[key] = r["kernels"]
+    entries = []
+    for (cap, gpu, shapes), cases in sorted(steps.items()):
+        if len(cases) < 2:
+            continue
+        auto, stock = statistics.median(cases["kernels auto"]), statistics.median(cases["stock"])
+        if stock >= MARGIN * auto:  # the step is not measurably slower: the op-level entries stand
+            continue
+        entries += [
+            {
+                "capability": cap,
+                "gpu": gpu,
+                "op": op,
+                "mode": "compiled",
+                "shape": json.loads(shapes)[op],
+                "use": False,
+                "fasttrain_ms": round(auto, 4),
+                "stock_ms": round(stock, 4),
+                "stock": "whole step",
+            }
+            for op in kernels[(cap, gpu, shapes)]
+        ]
+    return entries
+
+
+def superseded(entry: dict, verdicts: list[dict]) -> bool:
+    """Whether a whole-step verdict on the same capability, op and mode lies within a factor of two of
+    `entry`'s shape in every size."""
+    return any(
+        (v["capability"], v["op"], v["mode"]) == (entry["capability"], entry["op"], entry["mode"])
+        and v["shape"].keys() == entry["shape"].keys()
+        and all(abs(math.log(v["shape"][k] / entry["shape"][k])) <= NEAR for k in v["shape"])
+        for v in verdicts
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dispatch_table", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="+", help="gpu_check.json or pytest-benchmark JSON files from a GPU")
+    parser.add_argument(
+        "results", nargs="+", help="gpu_check.json, pytest-benchmark or benchmarks.ablation JSON files from a GPU"
+    )
     parser.add_argument("--out", default=str(TABLE), help=f"where to write the table (default {TABLE})")
     args = parser.parse_args(argv)
-    entries = []
+    entries, verdicts = [], []
     for path in args.results:
         results = json.loads(Path(path).read_text())
-        entries += table_entries(results["benchmarks"], capability_of(results))
+        if isinstance(results, list):  # benchmarks.ablation's records
+            verdicts += step_entries(results)
+        else:
+            entries += table_entries(results["benchmarks"], capability_of(results))
+    entries = [e for e in entries if not superseded(e, verdicts)] + verdicts
     lines = ",\n".join("  " + json.dumps(e) for e in entries)  # an entry a line: diffs read per entry
     Path(args.out).write_text(
         f'{{"source": {json.dumps(args.results)}, "margin": {MARGIN}, "entries": [\n{lines}\n]}}\n'

@@ -81,7 +81,10 @@ def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
     assert len(cases["stock"]["step_ms"]["each"]) == 3
     # Parity: the defaults and stock pieces end 30 steps of the same run at losses within 1%.
     parity = stages["parity"]
-    assert [c["name"] for c in parity["checks"]] == ["val_loss within 1% of stock's", "train_loss within 1% of stock's"]
+    assert [c["name"] for c in parity["checks"]] == [
+        "defaults: val_loss within 1% of stock's",
+        "defaults: train_loss within 1% of stock's",
+    ]
     assert parity["figures"]["stock"]["steps"] == parity["figures"]["defaults"]["steps"] == 30
     # The profile: each kernel setting's step time and where it goes, by category.
     profiled = stages["profile"]["figures"]

@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.dispatch_table import MARGIN, capability_of, table_entries
+from benchmarks.dispatch_table import MARGIN, capability_of, step_entries, superseded, table_entries
 from fasttrain.compute.device import kernels_on
-from fasttrain.compute.kernel_table import TABLE, load_table, lookup
+from fasttrain.compute.kernel_table import TABLE, load_table, lookup, run_shapes
 from fasttrain.config import KernelsConfig
 from fasttrain.system.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 H100 = ROOT / "benchmarks" / "results" / "h100-2026-11-22" / "gpu_check.json"
+H200_STEP = ROOT / "benchmarks" / "results" / "h200-2026-11-26b" / "ablation.json"
 CUDA = torch.device("cuda")  # never touched: the capability is given, so this runs without a GPU
 
 
@@ -148,15 +149,50 @@ def test_entries_are_on_only_where_the_kernel_beat_every_stock_path_by_the_margi
     assert table_entries(benchmarks) == []  # no capability known: nothing to key an entry by
 
 
-def test_the_committed_table_is_what_the_committed_h100_results_give():
+def step_record(case: str, median_ms: float, kernels: list[str], **extra) -> dict:
+    shapes = run_shapes(768, 50304, 123_587_328)
+    return (
+        dict(
+            case=case, step_ms={"median": median_ms}, kernels=kernels, capability="sm_90", gpu="test GPU", shapes=shapes
+        )
+        | extra
+    )
+
+
+def test_a_whole_step_slower_with_autos_kernels_turns_them_off_there():
+    slower = [
+        step_record("stock", 100.0, []),
+        step_record("kernels auto", 104.0, ["adamw", "rms_norm"]),
+        step_record("stock", 101.0, []),
+        step_record("kernels auto", 103.5, ["adamw", "rms_norm"]),
+        step_record("kernels auto", 50.0, ["adamw"], error="out of memory"),  # a failed case counts for nothing
+        step_record("fp8 head", 90.0, []),  # another lever: not a kernel verdict
+    ]
+    verdicts = step_entries(slower)
+    assert [(v["op"], v["mode"], v["shape"], v["use"]) for v in verdicts] == [
+        ("adamw", "compiled", {"params": 123_587_328}, False),
+        ("rms_norm", "compiled", {"hidden": 768}, False),
+    ]
+    assert verdicts[0]["fasttrain_ms"] == 103.75 and verdicts[0]["stock_ms"] == 100.5
+    # Within the margin (1% slower) or faster: no verdict, the op-level entries stand.
+    assert step_entries([step_record("stock", 100.0, []), step_record("kernels auto", 101.0, ["adamw"])]) == []
+    assert step_entries([step_record("stock", 100.0, []), step_record("kernels auto", 90.0, ["adamw"])]) == []
+    assert step_entries([step_record("kernels auto", 200.0, ["adamw"])]) == []  # no stock to race
+    # A verdict replaces the op-level entries near its shape, in its capability and mode only.
+    near, far = entry("adamw", {"params": 200_000_000}, True), entry("adamw", {"params": 1_000_000_000}, True)
+    eager = entry("adamw", {"params": 123_587_328}, True, mode="eager")
+    assert [superseded(e, verdicts) for e in (near, far, eager)] == [True, False, False]
+
+
+def test_the_committed_table_is_what_the_committed_gpu_results_give():
     results = json.loads(H100.read_text())
+    verdicts = step_entries(json.loads(H200_STEP.read_text()))
     committed = json.loads(TABLE.read_text())
-    assert committed["entries"] == table_entries(results["benchmarks"], capability_of(results))
+    op_level = table_entries(results["benchmarks"], capability_of(results))
+    assert committed["entries"] == [e for e in op_level if not superseded(e, verdicts)] + verdicts
     assert load_table() == committed["entries"]
-    # GPT-2 small compiled on the H100: only the AdamW kernel was measured faster there.
-    shapes = {
-        "rms_norm": {"hidden": 768},
-        "linear_cross_entropy": {"hidden": 768, "vocab": 50304},
-        "adamw": {"params": 123_587_328},
-    }
-    assert kernels_on(KernelsConfig(), CUDA, False, shapes, compiled=True, capability="sm_90").names() == ["adamw"]
+    # GPT-2 small compiled: the AdamW kernel won alone on the H100 (1.94 against 2.37 ms), but the whole
+    # compiled step on the H200 ran 3% slower with it (136.0 against 132.3 ms, two interleaved runs each).
+    shapes = run_shapes(768, 50304, 123_587_328)
+    assert kernels_on(KernelsConfig(), CUDA, False, shapes, compiled=True, capability="sm_90").names() == []
+    assert kernels_on(KernelsConfig(), CUDA, False, shapes, compiled=False, capability="sm_90").names() == ["adamw"]

@@ -46,6 +46,15 @@ class Measurement:
     gpu: str
 
 
+def run_shapes(hidden: int, vocab: int, params: int) -> dict[str, dict[str, int]]:
+    """The shapes a run reads the table at, per op: its model width, vocabulary and parameter count."""
+    return {
+        "rms_norm": {"hidden": hidden},
+        "linear_cross_entropy": {"hidden": hidden, "vocab": vocab},
+        "adamw": {"params": params},
+    }
+
+
 def load_table(path: str | Path = TABLE) -> list[dict]:
     """The entries of the table at `path` ([] when there is none); UsageError naming it if it is malformed."""
     path = Path(path)

@@ -1,8 +1,9 @@
 """A run's plan: everything a run of a config decides before it allocates anything, decided once.
 
-Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, config, data.documents,
-data.mixture, formats.shards, formats.tokenizer, model.sizing, model.transformer, model.weights, preparation.cache,
-preparation.preparation, system.errors, training.preflight, training.schedule, training.timed_pass.
+Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, compute.kernel_table,
+config, data.documents, data.mixture, formats.shards, formats.tokenizer, model.sizing, model.transformer,
+model.weights, preparation.cache, preparation.preparation, system.errors, training.preflight, training.schedule,
+training.timed_pass.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
@@ -29,6 +30,7 @@ import torch
 from fasttrain.checkpoints import checkpoint_files
 from fasttrain.compute import distributed
 from fasttrain.compute.device import Kernels, check_attention, check_fp8, kernels_on, resolve_train
+from fasttrain.compute.kernel_table import run_shapes
 from fasttrain.config import (
     DEFAULT_INPUTS,
     DEFAULT_VOCAB,
@@ -244,11 +246,7 @@ def plan_run(
     parallel = t.parallel if world.distributed else "none"  # what a checkpoint records too
     sharded = parallel in distributed.SHARDED
     m = cfg.model  # the shapes the measured dispatch table is read at ("auto" on a GPU)
-    shapes = {
-        "rms_norm": {"hidden": m.d_model},
-        "linear_cross_entropy": {"hidden": m.d_model, "vocab": m.vocab_size},
-        "adamw": {"params": num_params(m)},
-    }
+    shapes = run_shapes(m.d_model, m.vocab_size, num_params(m))
     kernels = kernels_on(
         cfg.kernels, device, sharded, shapes, compiled=bool(t.compile), fp8=t.fp8, softcap=m.logit_softcap
     )
