@@ -130,6 +130,51 @@ def test_no_depth_that_would_read_the_corpus_more_than_ten_times_is_chosen_while
     assert "extrapolated" in fast.note
 
 
+def test_a_budget_stops_at_ten_epochs_and_a_shallower_depth_stopped_there_may_be_chosen():
+    """Under train.max_time the run stops when it has read the corpus MAX_EPOCHS times (epoch_cap, set by the plan
+    as train.max_steps). Where the rule skipped a shallower depth for reading the corpus too often, that depth,
+    stopped at MAX_EPOCHS, is chosen if the budget would have it read the corpus closer to MAX_EPOCHS times than
+    the next depth does; without a clock (steps only) nothing stops the run, and the old rule stands."""
+    timed = tiny_config(".", ".", "model.vocab_size=4096", *AUTO, *BUDGET)
+    counted = tiny_config(".", ".", "model.vocab_size=4096", *AUTO)
+    unique = 5e4
+
+    def reading(*epochs: float):  # depth d reads the corpus epochs[d - 1] times in the budget, then ever less
+        return lambda shape: unique * (epochs[shape.n_layers - 1] if shape.n_layers <= len(epochs) else 0.5)
+
+    corpus_bound = reading(20.0, 12.0, 6.0, 3.0)
+    assert choose_shape(counted, corpus_bound, corpus(unique), "").model.n_layers == 3  # the first depth within
+    chosen = choose_shape(timed, corpus_bound, corpus(unique), "timed")
+    assert chosen.model.n_layers == 2 and chosen.tokens == pytest.approx(sizing.MAX_EPOCHS * unique)
+    assert "the budget would read the corpus 12.0 times at this depth, 6.0 at the next" in chosen.note
+    assert choose_shape(timed, reading(30.0, 16.0, 7.0, 3.0), corpus(unique), "").model.n_layers == 3  # 7 is closer
+    every = choose_shape(timed, reading(*[40.0] * 40), corpus(unique), "timed")  # the ratio's choice, stopped
+    assert every.tokens == pytest.approx(sizing.MAX_EPOCHS * unique) and "so the run stops early" in every.note
+    assert choose_shape(counted, reading(*[40.0] * 40), corpus(unique), "").tokens == 40 * unique  # nothing stops it
+    # The cap: the updates after which the source read most often has been read MAX_EPOCHS times.
+    assert sizing.epoch_cap(((0.25, 1000.0), (0.75, 6000.0)), 100) == 10 * 4000 // 100
+    assert sizing.epoch_cap((), 100) == 0
+
+
+def test_the_plan_sets_the_cap_only_for_a_self_sized_budget(pydoc_data, tmp_path):
+    """A budgeted run with model.n_layers = 0 records the cap as train.max_steps (so a resume stops at the same
+    step) and says so; a smaller max_steps stays, a fixed depth and a run of steps alone are not capped."""
+    from fasttrain.compute.distributed import World
+    from fasttrain.training.plan import plan_run
+
+    fast = Speed(1e13, 1e6, 0.0)  # every depth would read the small corpus far more than ten times
+    cpu = torch.device("cpu")
+    plan = plan_run(tiny_config(pydoc_data, tmp_path, *AUTO, *BUDGET, "model.vocab_size=512"), World(), cpu, None, fast)
+    tokens_per_step = plan.cfg.train.batch_size * plan.cfg.train.seq_len
+    unique = plan.sources[0].data.meta["tokens"]["train"]
+    assert plan.cfg.train.max_steps == int(sizing.MAX_EPOCHS * unique / tokens_per_step)
+    assert any(n.startswith(f"train.max_steps = {plan.cfg.train.max_steps}: a budgeted run") for n in plan.notes)
+    few = plan_run(tiny_config(pydoc_data, tmp_path, *AUTO, *BUDGET, "train.max_steps=3"), World(), cpu, None, fast)
+    fixed = plan_run(tiny_config(pydoc_data, tmp_path, *BUDGET, "model.n_layers=2"), World(), cpu, None, fast)
+    counted = plan_run(tiny_config(pydoc_data, tmp_path, *AUTO, "train.max_steps=5000"), World(), cpu, None, None)
+    assert (few.cfg.train.max_steps, fixed.cfg.train.max_steps, counted.cfg.train.max_steps) == (3, 0, 5000)
+
+
 def test_lookup_tables_do_not_move_the_choice():
     """An untied embedding and value embeddings add parameters but no matmul: the rule weighs matmul_params, so
     at the same tokens the tied, untied and value-embedded ladders choose the same depth, and the note says both
@@ -265,7 +310,7 @@ def sizing_trainer(data: Path, out: Path, *overrides: str):
     [
         (("train.max_time=5",), "train.max_time = 5 s is too short to time the machine for (under 10 s): the smallest"),
         (("model.d_model=96",), "model.d_model = 96 kept, as set"),
-        (("train.max_time=1e9",), "beyond the sweeps"),
+        (("train.max_time=0", "train.max_steps=10000000"), "beyond the sweeps"),  # a clock would stop at 10 epochs
     ],
 )
 def test_notes_for_a_short_budget_a_set_key_and_a_budget_beyond_the_sweeps(

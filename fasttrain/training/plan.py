@@ -46,7 +46,17 @@ from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Blend, Source, open_sources, phases, token_shares
 from fasttrain.formats.shards import find_shards
 from fasttrain.formats.tokenizer import Tokenizer
-from fasttrain.model.sizing import HEAD_DIM, Corpus, Speed, fits, ladder_shape, plural, size_model
+from fasttrain.model.sizing import (
+    HEAD_DIM,
+    MAX_EPOCHS,
+    Corpus,
+    Speed,
+    epoch_cap,
+    fits,
+    ladder_shape,
+    plural,
+    size_model,
+)
 from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
 from fasttrain.preparation.cache import prepared_dir
@@ -242,6 +252,15 @@ def plan_run(
     model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed)
     notes += [note] if note else []
     cfg = replace(cfg, model=model)
+    cap = epoch_cap(corpus, tokens_per_step) if not shape.n_layers and t.max_time and not schedule.progress_from else 0
+    if cap and (not t.max_steps or cap < t.max_steps):  # a self-sized budget stops before it overfits (sizing.py)
+        t = replace(t, max_steps=cap)
+        cfg = replace(cfg, train=t)
+        mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)
+        notes.append(
+            f"train.max_steps = {cap}: a budgeted run with model.n_layers = 0 stops when it has read the corpus "
+            f"{MAX_EPOCHS:g} times (more overfits), if train.max_time has not ended it before"
+        )
     notes += mix_notes
     parallel = t.parallel if world.distributed else "none"  # what a checkpoint records too
     sharded = parallel in distributed.SHARDED

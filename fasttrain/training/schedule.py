@@ -145,6 +145,8 @@ class Budget:
             return self.max_steps, "by this run"
         if steps and seconds:
             final = self.standing(steps, seconds).final_step
+            if final == self.max_steps:  # the speed so far reaches max_steps before the clock runs out
+                return final, f"in {final} steps, before train.max_time would end the run"
             return final, f"by step ~{final}, where train.max_time is projected to end the run"
         if self.max_steps:
             return self.max_steps, f"in {self.max_steps} steps, if train.max_time lets the run get that far"
