@@ -10,7 +10,7 @@ import functools
 import os
 import random
 import re
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Iterator, Literal
 
 import numpy as np
@@ -110,10 +110,11 @@ class Kernels:
     linear_cross_entropy: bool = False
     rms_norm: bool = False
     adamw: bool = False
+    reasons: tuple[str, ...] = field(default=(), compare=False)  # why each op (OPS order) is on or off, for the plan
 
     def names(self) -> list[str]:
         """The kernels switched on, by name, as a run's start event and line list them."""
-        return [f.name for f in fields(self) if getattr(self, f.name)]
+        return [op for op in OPS if getattr(self, op)]
 
 
 def kernels_on(
@@ -156,23 +157,45 @@ def kernels_on(
             f"kernels.linear_cross_entropy = true does not work with model.logit_softcap = {softcap:g}: the fused "
             'loss never holds the logits to cap them; set it to "auto" or false'
         )
+    measured = {}
     if device.type == "cuda":
         if capability is None:
             capability = "sm_{}{}".format(*torch.cuda.get_device_capability(device))
         entries = load_table() if table is None else table
         mode = "compiled" if compiled else "eager"
         measured = {op: lookup(entries, capability, op, mode, shape) for op, shape in (shapes or {}).items()}
-        auto = {op: m is not None and m.use for op, m in measured.items()}
-    else:  # the PyTorch path, which needs no triton; under TRITON_INTERPRET=1 the interpreted kernel, far slower
-        auto = {"linear_cross_entropy": not fasttrain_kernels._backend.INTERPRETING}
-    on = {op: getattr(cfg, op) is True or (getattr(cfg, op) == "auto" and auto.get(op, False)) for op in OPS}
-    return Kernels(
-        **{
-            **on,
-            "adamw": on["adamw"] and not sharded,
-            "linear_cross_entropy": on["linear_cross_entropy"] and not fp8_head and not softcap,
-        }
-    )
+    on, reasons = {}, []
+    for op in OPS:
+        setting = getattr(cfg, op)
+        if setting is True or setting is False:  # as set (the combinations that cannot run were refused above)
+            on[op] = setting
+            reasons.append(f"{op}: {'on' if setting else 'off'}, kernels.{op} = {str(setting).lower()}")
+            continue
+        if op == "adamw" and sharded:
+            on[op], why = False, "off: the AdamW kernel takes whole tensors, not FSDP's shards"
+        elif op == "linear_cross_entropy" and fp8_head:
+            on[op], why = False, "off: an FP8 head needs the logits"
+        elif op == "linear_cross_entropy" and softcap:
+            on[op], why = False, "off: model.logit_softcap needs the logits"
+        elif device.type == "cuda":
+            m = measured.get(op)
+            on[op] = m is not None and m.use
+            if m is None:
+                why = "off: not measured at this shape and mode on this GPU (the dispatch table's)"
+            else:
+                why = "on: measured faster than stock here" if m.use else "off: measured slower than stock here"
+                why += f" ({m.fasttrain_ms:.4g} against {m.stock_ms:.4g} ms, {m.stock})"
+        elif op == "linear_cross_entropy":  # the PyTorch path, which needs no triton
+            on[op] = not fasttrain_kernels._backend.INTERPRETING
+            why = (
+                "on: its PyTorch path makes the loss and its gradient in one pass, in cache"
+                if on[op]
+                else "off: TRITON_INTERPRET=1 would run it through Triton's interpreter"
+            )
+        else:
+            on[op], why = False, f"off on the {device.type}"
+        reasons.append(f"{op}: auto, {why}")
+    return Kernels(**on, reasons=tuple(reasons))
 
 
 def check_attention(attention: str, device: torch.device) -> None:

@@ -284,7 +284,7 @@ def plan_run(
         accumulation=accumulation,
         mix=tuple(mix),
         kernels=kernels,
-        kernel_reasons=kernel_reasons(cfg, kernels, device, sharded),
+        kernel_reasons=kernel_reasons(cfg, kernels),
         parallel=parallel,
         shard_group=shard_group,
         checkpoint_format="sharded" if sharded_saves else "file",
@@ -468,28 +468,10 @@ def rows_per_epoch(source: Source, cfg: Config, world_size: int) -> int:
     return rows.num_rows // per_round * per_round
 
 
-def kernel_reasons(cfg: Config, kernels: Kernels, device: torch.device, sharded: bool) -> tuple[str, ...]:
-    """Why each kernel (kernel_table.OPS order) is on or off, as compute/device.kernels_on decided."""
-    reasons = []
-    for op in ("linear_cross_entropy", "rms_norm", "adamw"):
-        setting, on = getattr(cfg.kernels, op), getattr(kernels, op)
-        if setting is not True and setting is not False:  # "auto"
-            if op == "adamw" and sharded:
-                why = "off: the AdamW kernel takes whole tensors, not FSDP's shards"
-            elif op == "linear_cross_entropy" and cfg.train.fp8 in ("head", "all"):
-                why = "off: an FP8 head needs the logits"
-            elif op == "linear_cross_entropy" and cfg.model.logit_softcap:
-                why = "off: model.logit_softcap needs the logits"
-            elif device.type == "cuda":
-                why = "on: measured faster than stock here" if on else "off: not measured faster than stock here"
-            elif op == "linear_cross_entropy" and not on:
-                why = "off: TRITON_INTERPRET=1 would run it through Triton's interpreter"
-            else:
-                in_cache = "on: its PyTorch path makes the loss and its gradient in one pass, in cache"
-                why = in_cache if on else f"off on the {device.type}"
-            reasons.append(f"{op}: auto, {why}")
-        else:
-            reasons.append(f"{op}: {'on' if on else 'off'}, kernels.{op} = {str(setting).lower()}")
+def kernel_reasons(cfg: Config, kernels: Kernels) -> tuple[str, ...]:
+    """Why each kernel (kernel_table.OPS order) is on or off: compute/device.kernels_on's reasons, and for Muon
+    which parameters the AdamW kernel would update."""
+    reasons = list(kernels.reasons)
     if cfg.optim.name == "muon":  # Muon's own update is not the kernel's: only the AdamW half would run it
         reasons[-1] += " (for the parameters Muon leaves to AdamW: embeddings, head, norms)"
     return tuple(reasons)
