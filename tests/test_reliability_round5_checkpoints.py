@@ -121,11 +121,12 @@ def kill_an_overwrite_after_its_first_step(pydoc_data, trained: Path, run: Path)
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:  # the new run's metrics.jsonl, not the earlier run's before the start moved it
+    try:  # the new run's metrics.jsonl, not the earlier run's before the start moved it (nor the new one before
+        # its start event is written: a loaded machine can read it in between)
         wait_for(
             lambda: (
                 (run / "metrics.jsonl").exists()
-                and events(run, "start")[0]["params"] != earlier
+                and [e["params"] for e in events(run, "start")[:1]] not in ([], [earlier])
                 and events(run, "train")
             ),
             proc,
