@@ -27,11 +27,10 @@ learns it by heart and validation gets worse (on the main job's corpus, 93K toke
 1.576 after 20; results/cpu-recipe-pydoc-epochs-2026-11-25.json). A deeper model, which reads it fewer times in
 the same budget, does better there, so no depth that would read it more than MAX_EPOCHS times is chosen.
 And a run under train.max_time stops once it has read a source MAX_EPOCHS times (`epoch_cap`, which the plan
-sets as train.max_steps), so where the rule skipped a shallower depth for reading the corpus too often, that
-depth stopped at MAX_EPOCHS is chosen instead if the budget would have it read the corpus closer to MAX_EPOCHS
-times (in ratio) than the deeper one does: when the corpus bounds a run, the best model reads it about
-MAX_EPOCHS times (the main job's corpus: depth 2 stopped at 10 epochs against depth 3 read 6.3 times and depth
-2 read 12.3 times; docs/performance.md).
+sets as train.max_steps): where every depth would read it more often, the ratio's choice trains until then.
+A shallower depth stopped at MAX_EPOCHS is not chosen over a deeper one that reads the corpus less: it won on
+the main job's corpus (depth 2 at 10 epochs 1.271 against depth 3 at 6.4, 1.283) but lost badly on a corpus
+of 254K tokens (depth 1 at 10 epochs 1.763 against 1.568 at 3.9; docs/performance.md).
 
 tokens/s(d) under a time budget comes from `calibrate`: the eager forward, backward and optimizer step (the
 run's loss and optimizer, given by the plan) of the ladder's two smallest shapes, timed on the run's device
@@ -153,9 +152,8 @@ def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus:
     TOKENS_PER_PARAM, of the depths that read no source more than MAX_EPOCHS times; `tokens_at(shape)` is how
     many tokens the run trains on at that shape, `corpus` each source's share and training tokens (empty while
     the data is not prepared), `why` how the tokens were found (for the note). Under train.max_time the run
-    stops at MAX_EPOCHS (`epoch_cap`): where the rule skipped a shallower depth, the corpus bounds the run, and
-    of the two the one whose reading of the corpus in the budget comes closer to MAX_EPOCHS (in ratio) is
-    chosen; where every depth reads it more often, the ratio chooses and the run stops early."""
+    stops at MAX_EPOCHS (`epoch_cap`): where every depth would read the corpus more often, the ratio chooses
+    and the run stops early."""
     m = cfg.model
     stops = bool(cfg.train.max_time and corpus)  # the plan sets epoch_cap as train.max_steps
 
@@ -168,11 +166,6 @@ def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus:
     shapes = [ladder_shape(m, d) for d in fitting_depths(m)]
     within = [s for s in shapes if most_epochs(s) <= MAX_EPOCHS]
     shape = min(within or shapes, key=distance)
-    over = [s for s in shapes if s not in within]
-    if stops and within and shape == within[0] and over:  # the deepest depth that reads the corpus too often
-        capped = over[-1]
-        if abs(math.log(most_epochs(capped) / MAX_EPOCHS)) < abs(math.log(most_epochs(shape) / MAX_EPOCHS)):
-            shape = capped
     tokens = tokens_at(shape) * (min(1.0, MAX_EPOCHS / most_epochs(shape)) if stops else 1.0)
     effective, params, total = corpus_worth(tokens, corpus), matmul_params(shape), num_params(shape)
     kept = [f"model.{k} = {getattr(m, k)}" for k in ("d_model", "n_heads", "n_kv_heads") if getattr(m, k)]
@@ -183,12 +176,6 @@ def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus:
     elif not within:
         overread = f"; every depth would read the corpus more than {MAX_EPOCHS:g} times, which overfits: more data "
         overread += "or a shorter budget would train better"
-    elif shape not in within:
-        overread = (
-            f"; the budget would read the corpus {most_epochs(shape):,.1f} times at this depth, "
-            f"{most_epochs(within[0]):,.1f} at the next: this one, stopped at {MAX_EPOCHS:g} (more overfits), "
-            "comes closer"
-        )
     elif any(s.n_layers < shape.n_layers and s not in within for s in shapes):
         overread = f"; a shallower depth would read the corpus more than {MAX_EPOCHS:g} times, which overfits"
     else:
