@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 from pathlib import Path
 
-from fasttrain.compute.kernel_table import NEAR, TABLE
+from fasttrain.compute.kernel_table import TABLE, lookup
 
 MARGIN = 0.98  # on only where the kernel's median is at most this fraction of stock's: a 2% win, not noise
 
@@ -147,13 +146,10 @@ def step_entries(records: list[dict]) -> list[dict]:
 
 
 def superseded(entry: dict, verdicts: list[dict]) -> bool:
-    """Whether a whole-step verdict on the same capability, op and mode lies within a factor of two of
-    `entry`'s shape in every size."""
+    """Whether a whole-step verdict stands for `entry`'s capability, op, mode and shape, as the trainer's lookup
+    would read it there (kernel_table.lookup: within a factor of two in every size)."""
     return any(
-        (v["capability"], v["op"], v["mode"]) == (entry["capability"], entry["op"], entry["mode"])
-        and v["shape"].keys() == entry["shape"].keys()
-        and all(abs(math.log(v["shape"][k] / entry["shape"][k])) <= NEAR for k in v["shape"])
-        for v in verdicts
+        lookup([v], entry["capability"], entry["op"], entry["mode"], entry["shape"]) is not None for v in verdicts
     )
 
 

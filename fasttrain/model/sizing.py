@@ -140,10 +140,16 @@ def corpus_worth(tokens: float, corpus: Corpus) -> float:
     return sum(effective_tokens(tokens * share, unique) for share, unique in corpus) if corpus else tokens
 
 
+def epoch_tokens(corpus: Corpus) -> float:
+    """The run's tokens per epoch of the source it reads most often (share, training tokens in `corpus`); 0 when
+    the corpus is not known yet."""
+    return min((unique / share for share, unique in corpus if share > 0), default=0.0)
+
+
 def epoch_cap(corpus: Corpus, tokens_per_step: int) -> int:
-    """The updates (of `tokens_per_step` tokens) after which the run has read one of `corpus`'s sources (share,
-    training tokens) MAX_EPOCHS times, the one it reads most often; 0 when the corpus is not known yet."""
-    per_epoch = min((unique / share for share, unique in corpus if share > 0), default=0.0)
+    """The updates (of `tokens_per_step` tokens) after which the run has read one of `corpus`'s sources MAX_EPOCHS
+    times, the one it reads most often; 0 when the corpus is not known yet."""
+    per_epoch = epoch_tokens(corpus)
     return max(int(MAX_EPOCHS * per_epoch / tokens_per_step), 1) if per_epoch else 0
 
 
@@ -155,7 +161,7 @@ def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus:
     stops at MAX_EPOCHS (`epoch_cap`): where every depth would read the corpus more often, the ratio chooses
     and the run stops early."""
     m = cfg.model
-    stops = bool(cfg.train.max_time and corpus)  # the plan sets epoch_cap as train.max_steps
+    stops = bool(cfg.train.max_time and epoch_tokens(corpus))  # the plan sets epoch_cap as train.max_steps
 
     def distance(shape: ModelConfig) -> float:
         return abs(math.log(corpus_worth(tokens_at(shape), corpus) / matmul_params(shape) / TOKENS_PER_PARAM))
@@ -166,7 +172,7 @@ def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus:
     shapes = [ladder_shape(m, d) for d in fitting_depths(m)]
     within = [s for s in shapes if most_epochs(s) <= MAX_EPOCHS]
     shape = min(within or shapes, key=distance)
-    tokens = tokens_at(shape) * (min(1.0, MAX_EPOCHS / most_epochs(shape)) if stops else 1.0)
+    tokens = min(tokens_at(shape), MAX_EPOCHS * epoch_tokens(corpus)) if stops else tokens_at(shape)
     effective, params, total = corpus_worth(tokens, corpus), matmul_params(shape), num_params(shape)
     kept = [f"model.{k} = {getattr(m, k)}" for k in ("d_model", "n_heads", "n_kv_heads") if getattr(m, k)]
     epochs = [tokens * share / unique for share, unique in corpus]
