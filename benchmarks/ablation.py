@@ -11,8 +11,8 @@ twice the size in the "micro-batch x2" case: the same tokens per update, as a re
 Steps are timed one by one with CUDA events after 10 warm-up steps; the first step's time
 (compilation, autotuning) is reported on its own. The winners: every lever at least WIN faster than
 stock, one per group (one attention kernel, one compile mode), together.
-The gpu_check stages `ablation` and `ablation-compile` run it (STAGE_CASES), each within one 10-minute
-command; `--together` then measures the winners of both at once. A lever that cannot run here (the
+The gpu_check stages `ablation`, `ablation-kernels` and `ablation-compile` run it (STAGE_CASES), each
+within one 10-minute command; `--together` then measures the winners of both at once. A lever that cannot run here (the
 trainer refuses it: a GPU-only lever on a CPU, FlashAttention-3 not installed) is skipped, as is a case
 there was no time left for.
 """
@@ -39,6 +39,10 @@ MICRO_BATCHES = 2  # per update, in every case but "micro-batch x2" (one of twic
 AUTO_KERNELS = ['kernels.linear_cross_entropy="auto"', 'kernels.rms_norm="auto"', 'kernels.adamw="auto"']
 LEVERS: dict[str, tuple[str, list[str]]] = {
     "kernels auto": ("kernels", AUTO_KERNELS),
+    # One kernel forced on, whatever the dispatch table says: the whole-step A/B that the table reads
+    "kernel adamw": ("kernels", ["kernels.adamw=true"]),
+    "kernel rms_norm": ("kernels", ["kernels.rms_norm=true"]),
+    "kernel linear_cross_entropy": ("kernels", ["kernels.linear_cross_entropy=true"]),
     "attention flash": ("attention", ['train.attention="flash"']),
     "attention cudnn": ("attention", ['train.attention="cudnn"']),
     "attention fa3": ("attention", ['train.attention="fa3"']),
@@ -56,6 +60,7 @@ CASES = ["stock", *LEVERS]
 # The compile modes are apart: max-autotune alone can take minutes.
 STAGE_CASES = {
     "ablation": ["stock", "kernels auto", "fp8 head", "attention cudnn", "attention fa3", "fp8 all", "micro-batch x2"],
+    "ablation-kernels": ["stock", "kernel adamw", "kernel rms_norm", "kernel linear_cross_entropy"],
     "ablation-compile": [
         "stock",
         "cuda graphs",

@@ -2,9 +2,10 @@
 
     python -m benchmarks.dispatch_table RESULTS.json [RESULTS.json ...] [--out fasttrain/compute/kernel_table.json]
 
-RESULTS are gpu_check.json files or `pytest benchmarks/ --benchmark-json` files from a GPU. Per GPU
-capability, op, shape and mode, the kernel's median is raced against the fastest stock path the trainer
-would run instead, and the entry says `use` only where the kernel is faster by MARGIN:
+RESULTS are gpu_check.json files or `pytest benchmarks/ --benchmark-json` files from a GPU, oldest
+first. Per GPU capability, op, shape and mode, the kernel's median is raced against the fastest stock
+path the trainer would run instead, and the entry says `use` only where the kernel is faster by MARGIN;
+a later file's entry replaces an earlier one's at the same capability, op, mode and shape:
 
     op                    mode      case (bench file)                          stock
     rms_norm              eager     residual, forward + backward (rms_norm)     eager, torch
@@ -17,10 +18,11 @@ A norm inside a compiled model is fused by inductor with its neighbours, so only
 decides it under torch.compile. The gpu_check `kernels` stage records the same entries.
 
 RESULTS may also be `python -m benchmarks.ablation` records: the whole compiled step with "auto"'s
-kernels against stock's, repeats interleaved. Where that step is slower than stock's beyond MARGIN,
-every kernel "auto" picked there is off at that model's shapes, whatever its own benchmark said (a
-kernel faster alone can still cost the step: host time, a sync, a graph break), and that verdict
-replaces the op-level entries it falls near.
+kernels, or with one kernel forced on ("kernel adamw", ...), against stock's, repeats interleaved.
+Where that step is slower than stock's beyond MARGIN, every kernel the case ran is off at that model's
+shapes, whatever its own benchmark said (a kernel faster alone can still cost the step: host time, a
+sync, a graph break); where one kernel alone made it faster by MARGIN, that kernel is on there. Such a
+verdict replaces the op-level entries it falls near, and a later file's verdict an earlier one's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import statistics
 from pathlib import Path
 
+from benchmarks.ablation import LEVERS
 from fasttrain.compute.kernel_table import TABLE, lookup
 
 MARGIN = 0.98  # on only where the kernel's median is at most this fraction of stock's: a 2% win, not noise
@@ -109,39 +112,48 @@ def table_entries(benchmarks: list[dict], capability: str | None = None) -> list
 
 
 def step_entries(records: list[dict]) -> list[dict]:
-    """The whole-step verdicts among ablation `records`: per GPU and model, the median of the "kernels auto"
-    cases' median steps against the stock cases'; where auto's is slower beyond MARGIN, an off entry (mode
-    compiled: the ablation compiles) for each kernel auto picked, at that model's shape for the op."""
+    """The whole-step verdicts among ablation `records`: per GPU and model, each case of the ablation's
+    "kernels" group ("kernels auto", or one kernel forced on: "kernel adamw", ...) against stock, by the
+    median of each's median steps. Slower beyond MARGIN: an off entry (mode compiled: the ablation
+    compiles) for each kernel the case ran, at that model's shape for the op; one kernel alone faster by
+    MARGIN: an on entry for it; in between, none (the op-level entries stand)."""
     steps: dict[tuple, dict[str, list[float]]] = {}  # (capability, gpu, shapes) -> case -> median step ms
-    kernels: dict[tuple, list[str]] = {}
+    kernels: dict[tuple, list[str]] = {}  # (capability, gpu, shapes, case) -> the kernels it ran
     for r in records:
-        if r.get("error") or r.get("skipped") or not r.get("capability") or r["case"] not in ("stock", "kernels auto"):
+        kernel_case = LEVERS.get(r["case"], ("",))[0] == "kernels"
+        if r.get("error") or r.get("skipped") or not r.get("capability") or not (kernel_case or r["case"] == "stock"):
             continue
         key = (r["capability"], r["gpu"], json.dumps(r["shapes"], sort_keys=True))
         steps.setdefault(key, {}).setdefault(r["case"], []).append(r["step_ms"]["median"])
-        if r["case"] == "kernels auto":
-            kernels[key] = r["kernels"]
+        if kernel_case:
+            kernels[(*key, r["case"])] = r["kernels"]
     entries = []
     for (cap, gpu, shapes), cases in sorted(steps.items()):
-        if len(cases) < 2:
+        if "stock" not in cases:
             continue
-        auto, stock = statistics.median(cases["kernels auto"]), statistics.median(cases["stock"])
-        if stock >= MARGIN * auto:  # the step is not measurably slower: the op-level entries stand
-            continue
-        entries += [
-            {
-                "capability": cap,
-                "gpu": gpu,
-                "op": op,
-                "mode": "compiled",
-                "shape": json.loads(shapes)[op],
-                "use": False,
-                "fasttrain_ms": round(auto, 4),
-                "stock_ms": round(stock, 4),
-                "stock": "whole step",
-            }
-            for op in kernels[(cap, gpu, shapes)]
-        ]
+        stock = statistics.median(cases["stock"])
+        for case, times in cases.items():
+            ran, ops = statistics.median(times), kernels.get((cap, gpu, shapes, case), [])
+            if stock < MARGIN * ran:  # measurably slower with them
+                use = False
+            elif ran <= MARGIN * stock and len(ops) == 1:  # one kernel, measurably faster
+                use = True
+            else:
+                continue
+            entries += [
+                {
+                    "capability": cap,
+                    "gpu": gpu,
+                    "op": op,
+                    "mode": "compiled",
+                    "shape": json.loads(shapes)[op],
+                    "use": use,
+                    "fasttrain_ms": round(ran, 4),
+                    "stock_ms": round(stock, 4),
+                    "stock": "whole step",
+                }
+                for op in ops
+            ]
     return entries
 
 
@@ -153,6 +165,25 @@ def superseded(entry: dict, verdicts: list[dict]) -> bool:
     )
 
 
+def build_table(paths: list[str]) -> list[dict]:
+    """The table's entries from the results at `paths`, read in order. A later file's op-level entry replaces
+    an earlier one's at the same capability, op, mode and shape (the kernels change between sessions, and an
+    H100 and an H200 are both sm_90: the newest measurement decides); the whole-step verdicts of ablation
+    records (the newest likewise at one key) then replace the op-level entries near them."""
+    measured: dict[tuple, dict] = {}
+    verdicts: dict[tuple, dict] = {}
+    for path in paths:
+        results = json.loads(Path(path).read_text())
+        if isinstance(results, list):  # benchmarks.ablation's records
+            found, into = step_entries(results), verdicts
+        else:
+            found, into = table_entries(results["benchmarks"], capability_of(results)), measured
+        for e in found:
+            into[(e["capability"], e["op"], e["mode"], json.dumps(e["shape"], sort_keys=True))] = e
+    steps = list(verdicts.values())
+    return [e for e in measured.values() if not superseded(e, steps)] + steps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dispatch_table", description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -160,14 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=str(TABLE), help=f"where to write the table (default {TABLE})")
     args = parser.parse_args(argv)
-    entries, verdicts = [], []
-    for path in args.results:
-        results = json.loads(Path(path).read_text())
-        if isinstance(results, list):  # benchmarks.ablation's records
-            verdicts += step_entries(results)
-        else:
-            entries += table_entries(results["benchmarks"], capability_of(results))
-    entries = [e for e in entries if not superseded(e, verdicts)] + verdicts
+    entries = build_table(args.results)
     lines = ",\n".join("  " + json.dumps(e) for e in entries)  # an entry a line: diffs read per entry
     Path(args.out).write_text(
         f'{{"source": {json.dumps(args.results)}, "margin": {MARGIN}, "entries": [\n{lines}\n]}}\n'

@@ -1,6 +1,6 @@
 """The GPU acceptance pack: every GPU check and measurement from one command, the results in four files.
 
-    python -m benchmarks.gpu_check [--stage env|tests|tune|kernels|step|profile|ablation|ablation-compile|parity|hf|train ...] [--out DIR] [--dry-run]
+    python -m benchmarks.gpu_check [--stage env|tests|tune|kernels|step|profile|ablation|ablation-kernels|ablation-compile|parity|hf|train ...] [--out DIR] [--dry-run]
     python -m benchmarks.gpu_check --combine RESULTS.json [RESULTS.json ...] --out DIR
 
 Stages (default: all, in this order). Each runs in a process of its own under its own time
@@ -22,6 +22,8 @@ limit, so a crash or a hang in one leaves the others' results intact:
            elementwise, idle)
   ablation the 124M step from stock pieces, stock + each lever (kernels auto, FP8, the cuDNN and
            FlashAttention-3 attention kernels, a doubled micro-batch), then the winners together
+  ablation-kernels  the same with each kernel forced on alone (AdamW, RMSNorm, linear + cross-entropy):
+           the whole-step verdicts benchmarks/dispatch_table.py reads
   ablation-compile  the same for CUDA graphs, flex and flash attention, and inductor's tuning and
            max-autotune-no-cudagraphs (slow to compile, so a stage of their own)
   parity   200 steps of a real run (configs/gpt2-small.toml on the docstrings corpus) with the configs'
@@ -68,7 +70,20 @@ from benchmarks.report import case_of, chart, duration, load_results, markdown
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("env", "tests", "tune", "kernels", "step", "profile", "ablation", "ablation-compile", "parity", "hf", "train")
+STAGES = (
+    "env",
+    "tests",
+    "tune",
+    "kernels",
+    "step",
+    "profile",
+    "ablation",
+    "ablation-kernels",
+    "ablation-compile",
+    "parity",
+    "hf",
+    "train",
+)
 # Each stage's limit. Its process is killed a minute after that, and the lent GPU machine's command
 # limit is 10 minutes, installing the project included: 8 + 1 leaves a minute.
 STAGE_SECONDS = 480
@@ -611,7 +626,11 @@ def ablation_stage(ctx: Context, name: str) -> Stage:
 
     stage = Stage()
     # The dry run proves the plumbing with a few cases: a measured lever, one a CPU skips, the batch
-    dry = {"ablation": ["stock", "kernels auto", "attention cudnn", "micro-batch x2"], "ablation-compile": ["stock"]}
+    dry = {
+        "ablation": ["stock", "kernels auto", "attention cudnn", "micro-batch x2"],
+        "ablation-kernels": ["stock"],
+        "ablation-compile": ["stock"],
+    }
     records = ablation(sizes(STAGE_CASES[name], dry[name]), sizes(STEPS, 3), ctx.deadline - 30)
     stage.figures = {"cases": records, "winners": winners(records)}
     for r in records:
@@ -665,6 +684,7 @@ WORKERS: dict[str, Callable[[Context], Stage]] = {
     "step": step_stage,
     "profile": profile_stage,
     "ablation": functools.partial(ablation_stage, name="ablation"),
+    "ablation-kernels": functools.partial(ablation_stage, name="ablation-kernels"),
     "ablation-compile": functools.partial(ablation_stage, name="ablation-compile"),
     "parity": parity_stage,
     "hf": hf_stage,

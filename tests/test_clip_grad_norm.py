@@ -10,6 +10,7 @@ import torch
 import fasttrain_kernels._backend
 import fasttrain_kernels._multi_tensor
 from fasttrain_kernels import clip_grad_norm_
+from fasttrain_kernels.clip_grad_norm import grad_norm
 from tests.kernel_checks import assert_matches
 
 SHAPES = [(37, 13), (1001,), (3,), (5, 7, 2), (130, 1)]  # with the test CHUNK of 64: several programs each
@@ -84,19 +85,27 @@ def test_sparse_gradients_are_refused():
 
 
 def test_repeated_clipping_builds_its_work_list_once(kernel_device, monkeypatch):
-    """Clipping the same gradients every step copies their work list to the device once, not per call;
-    new gradient addresses get a new one."""
+    """Clipping the same gradients every step builds their work list once; gradients at new addresses (a
+    training step's, after zero_grad) rewrite the rows in place, the chunks stay, and the norm is theirs."""
     if kernel_device.type == "cpu" and not fasttrain_kernels._backend.INTERPRETING:
         pytest.skip("the PyTorch path has no work list")
     built = []
-    to_device = fasttrain_kernels._multi_tensor._to_device
+    chunk_table = fasttrain_kernels._multi_tensor._chunk_table
     monkeypatch.setattr(
-        fasttrain_kernels._multi_tensor, "_to_device", lambda t, device: built.append(t) or to_device(t, device)
+        fasttrain_kernels._multi_tensor, "_chunk_table", lambda numels: built.append(numels) or chunk_table(numels)
     )
+    tables: dict = {}
     params = with_grads(kernel_device)
     for _ in range(3):
-        clip_grad_norm_(params, 0.5)
-    assert len(built) == 2  # rows and chunks, once
-    moved = copies(params)
-    clip_grad_norm_(moved, 0.5)
-    assert len(built) == 4
+        grad_norm([p.grad for p in params], tables)
+    (table,) = tables.values()
+    rows, chunks = table([[p.grad for p in params]])
+    assert len(built) == 1
+    moved = [torch.randn_like(p.grad) for p in params]  # new gradients, new addresses, same sizes
+    norm = grad_norm(moved, tables)
+    assert len(built) == 1
+    new_rows, new_chunks = table([moved])
+    assert new_rows is rows and new_chunks is chunks  # the same device tables, rewritten
+    assert rows[:, 0].tolist() == [g.data_ptr() for g in moved]
+    expected = torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in moved]))
+    torch.testing.assert_close(norm.double().cpu(), expected.cpu(), rtol=1e-5, atol=0)

@@ -76,6 +76,7 @@ def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
     assert cases["stock"]["tokens_per_s"] > 0 and cases["stock"]["error"] is None
     assert cases["attention cudnn"]["skipped"] and "needs a CUDA GPU" in cases["attention cudnn"]["error"]
     assert [r["case"] for r in stages["ablation-compile"]["figures"]["cases"]] == ["stock"]
+    assert [r["case"] for r in stages["ablation-kernels"]["figures"]["cases"]] == ["stock"]
     assert cases["micro-batch x2"]["batch_size"] == 2 * cases["stock"]["batch_size"]
     assert cases["micro-batch x2"]["tokens_per_update"] == cases["stock"]["tokens_per_update"]  # the same update
     assert len(cases["stock"]["step_ms"]["each"]) == 3

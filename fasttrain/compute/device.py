@@ -183,7 +183,12 @@ def kernels_on(
             if m is None:
                 why = "off: not measured at this shape and mode on this GPU (the dispatch table's)"
             else:
-                why = "on: measured faster than stock here" if m.use else "off: measured slower than stock here"
+                if m.use:
+                    why = "on: measured faster than stock here"
+                elif m.fasttrain_ms < m.stock_ms:
+                    why = "off: no faster than stock here beyond the table's margin"
+                else:
+                    why = "off: measured slower than stock here"
                 why += f" ({m.fasttrain_ms:.4g} against {m.stock_ms:.4g} ms, {m.stock})"
         elif op == "linear_cross_entropy":  # the PyTorch path, which needs no triton
             on[op] = not fasttrain_kernels._backend.INTERPRETING
