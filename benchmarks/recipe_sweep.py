@@ -150,7 +150,10 @@ CASES |= {
         " softcap": ["model.logit_softcap=15"],
         # Issue 63, many epochs (--corpus pydoc): regularisation for a corpus read 10-20 times. nanochat's rule
         # gives its matrices a weight decay of ~4.75 at this batch and token count (torch's Muon decays by lr x wd)
+        " wd 0.3": ["optim.weight_decay=0.3"],
+        " wd 0.5": ["optim.weight_decay=0.5"],
         " wd 1": ["optim.weight_decay=1"],
+        " wd 2": ["optim.weight_decay=2"],
         " wd 4": ["optim.weight_decay=4"],
         " wd 4 cautious": ["optim.weight_decay=4", "optim.muon.cautious_weight_decay=true"],
         " dropout 0.1": ["model.dropout=0.1"],
@@ -225,17 +228,20 @@ def train_sets(
     *,
     train_compile: str = "false",
     eval_steps: int | None = None,
+    evaluate_on_the_way: bool = False,
 ) -> dict:
     """Train configs/base.toml with `sets` on prepared `data` for `budget` seconds (or `steps` steps, whatever
     the machine's speed) in a process of `threads` threads with train.compile = `train_compile`, score it on
-    `eval_steps` batches of the val split (default: its first EVAL_TOKENS)."""
+    `eval_steps` batches of the val split (default: its first EVAL_TOKENS): the weights final/ holds, which
+    with `evaluate_on_the_way` (the config's train.eval_interval, else only at the end) may be an earlier
+    step's (checkpoint.final_weights = "best"); the last step's score too."""
     rows = setting(sets, "train.batch_size", 16) * setting(sets, "train.seq_len", 256)
     command = [
         f"data.dir={data}",
         f"train.max_time={0 if steps else budget}",
         f"train.max_steps={steps}",
         f"train.compile={train_compile}",
-        "train.eval_interval=1000000",
+        *([] if evaluate_on_the_way else ["train.eval_interval=1000000"]),
         f"train.eval_steps={eval_steps or -(-EVAL_TOKENS // rows)}",
         "checkpoint.interval=1000000",
         "train.sample_tokens=0",
@@ -264,7 +270,9 @@ def train_sets(
         "train_seconds": end["train_seconds"],
         "tokens_per_s": round(end["tokens"] / end["train_seconds"]),
         "epochs": round(end["tokens"] / start["train_tokens"], 2) if start.get("train_tokens") else None,
-        "val_bpb": end["val_bpb"],
+        "val_bpb": end["weights_val_bpb"],  # of final/'s weights
+        "last_val_bpb": end["val_bpb"],
+        "weights_step": end["weights_step"],
         "load_average_before": before,
         "load_average_after_training": during,
     }

@@ -483,7 +483,17 @@ def run_fasttrain(
         "budget_seconds": budget or None,
         "target_tokens": tokens or None,
         "seed": seed,
-        **train_sets(seeded, data, budget, threads, out_dir, steps, train_compile="auto", eval_steps=eval_steps),
+        **train_sets(
+            seeded,
+            data,
+            budget,
+            threads,
+            out_dir,
+            steps,
+            train_compile="auto",
+            eval_steps=eval_steps,
+            evaluate_on_the_way=True,  # as the config evaluates: final/ may hold its best step's weights
+        ),
     }
 
 

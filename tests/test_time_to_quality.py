@@ -139,7 +139,7 @@ def test_equal_token_runs_train_both_sides_on_about_n_tokens(pydoc_data, tmp_pat
     assert equal_token_steps(n, nanochat_batch(n)) == 256 and nanochat_batch(n) == 4096  # nanochat's 8 x 512
     assert equal_token_steps(200_000, 4096) == 49 and equal_token_steps(100, 4096) == 1
     # fasttrain's run: train.max_steps from the tokens and its batch, no clock, compiled as train.compile says,
-    # validated on the whole split; the seed is a --set of its own, not part of the case
+    # validated on the whole split (at the config's own interval too); the seed is a --set of its own
     seen = {}
 
     def train_sets(sets, data, budget, threads, out_dir, steps=0, **options):
@@ -155,6 +155,7 @@ def test_equal_token_runs_train_both_sides_on_about_n_tokens(pydoc_data, tmp_pat
         "steps": 512,
         "train_compile": "auto",
         "eval_steps": whole_split_steps(data, 256, 8),
+        "evaluate_on_the_way": True,  # as the config evaluates, so final/ may hold the best step's weights
     }
     assert result["case"] == "configs/base.toml train.batch_size=8" and result["target_tokens"] == n
     assert result["seed"] == 7 and result["budget_seconds"] is None

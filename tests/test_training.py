@@ -429,6 +429,39 @@ def test_early_stopping_ends_the_run_when_validation_stalls(pydoc_data, tmp_path
     assert resumed.run.stale_evals == 2  # the count is part of the checkpoint
 
 
+def test_final_weights_best_are_the_lowest_validation_losss(pydoc_data, tmp_path, capsys):
+    """checkpoint.final_weights = "best": AdamW at a constant 0.3 makes the model worse after its first steps, so
+    the lowest validation loss comes before the end; final/ holds that save's weights (evaluated again: the same
+    loss), the checkpoint the last step's, for a resume."""
+    from fasttrain.checkpoints.checkpoint_files import load
+    from fasttrain.model.weights import load_exported
+
+    steps = 12
+    worse = ["optim.lr=0.3", 'schedule.decay="constant"', f"train.max_steps={steps}"]
+    summary = Trainer(
+        tiny_config(pydoc_data, tmp_path, *EVAL_EVERY_STEP, *worse, 'checkpoint.final_weights="best"')
+    ).train()
+    evals = [e for e in read_metrics(tmp_path) if e["event"] == "eval"]
+    best = min(evals, key=lambda e: e["val_loss"])
+    assert best["val_loss"] < evals[-1]["val_loss"], "this rate did not make the model worse: the test shows nothing"
+    assert summary["step"] == steps and summary["val_loss"] == evals[-1]["val_loss"]  # where the run ended
+    assert summary["weights_step"] == best["step"]
+    assert summary["weights_val_loss"] == pytest.approx(best["val_loss"], rel=1e-6)
+    kept = load(saves.pointed(tmp_path / "checkpoints", "best"))["model"]
+    final = load_exported(tmp_path / "final").state_dict()
+    assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in kept)
+    assert saves.step_of(saves.pointed(tmp_path / "checkpoints", "latest")) == steps
+    assert f"(step {best['step']}'s, the lowest validation loss" in capsys.readouterr().out
+    # "last" (the default) keeps the last step's weights whatever the evaluations said
+    last = Trainer(tiny_config(pydoc_data, tmp_path / "last", *EVAL_EVERY_STEP, *worse)).train()
+    assert last["weights_step"] == steps and last["weights_val_loss"] == last["val_loss"]
+
+
+def test_final_weights_best_needs_the_best_save(pydoc_data, tmp_path):
+    with pytest.raises(UsageError, match="checkpoint.final_weights .* needs checkpoint.keep_best"):
+        tiny_config(pydoc_data, tmp_path, 'checkpoint.final_weights="best"', "checkpoint.keep_best=false")
+
+
 def test_early_stopping_waits_while_validation_improves(pydoc_data, tmp_path):
     trainer = Trainer(
         tiny_config(

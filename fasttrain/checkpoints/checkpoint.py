@@ -303,6 +303,12 @@ class Checkpointer:
         self.wait()
         return pointed(self.directory, "latest")
 
+    def best(self) -> Path | None:
+        """The save with the lowest validation loss (checkpoint.keep_best), or None; a save in flight is waited for
+        first."""
+        self.wait()
+        return pointed(self.directory, "best")
+
     def history(self, upto: Path) -> list[Path]:
         """The saves in this run's checkpoints/ from before `upto`'s step, oldest first, then `upto`:
         what a run resumed from `upto` can go back to (policies.Recovery)."""

@@ -104,6 +104,13 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 # (key, relation, other key, is_broken(cfg), why) -> "key = 1 <relation> other = 2 (why)".
 _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
     (
+        "checkpoint.final_weights",
+        "needs",
+        "checkpoint.keep_best",
+        lambda c: c.checkpoint.final_weights == "best" and not c.checkpoint.keep_best,
+        "the best weights are the best save's: set keep_best = true",
+    ),
+    (
         "train.seq_len",
         "exceeds",
         "model.max_seq_len",

@@ -280,6 +280,10 @@ class CheckpointConfig:
     interval: int = 500  # save every this many steps (and at the end)
     keep_last: int = 2  # the newest this many saves are kept, older ones deleted (the best is kept too)
     keep_best: bool = True  # save whenever validation loss reaches a new low, and keep the lowest
+    # What final/ holds at the end: the last step's weights, or "best": the best save's (keep_best) where its
+    # validation loss is below the last evaluation's, as a small corpus read many times gets worse with more
+    # training (nanoGPT keeps only such saves). The checkpoints, and a resume, go on from the last step either way.
+    final_weights: Literal["last", "best"] = "last"
     # "sharded": a folder each rank writes its own part of (torch.distributed.checkpoint); "file": one file of
     # the whole state, gathered onto rank 0; "auto": sharded under fsdp and hsdp, a file otherwise
     format: Literal["auto", "file", "sharded"] = "auto"

@@ -14,7 +14,7 @@ import importlib.util
 import shlex
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -25,6 +25,13 @@ from fasttrain.evaluation.loss_sums import perplexity
 from fasttrain.training.metrics import MetricsLog, peak_flops, peak_memory_gb
 from fasttrain.training.plan import Reading, RunPlan
 from fasttrain.training.schedule import PROGRESS_EVENT, Budget
+
+
+class Kept(NamedTuple):
+    """The weights a run's final/ holds: those of `step`, evaluated as `metrics` (checkpoint.final_weights)."""
+
+    step: int
+    metrics: dict[str, float]
 
 
 class IntervalMeter:
@@ -320,6 +327,7 @@ class Report:
         last_eval: dict[str, float],
         checkpoint: Path | None,
         weights: Path,
+        kept: Kept,
         stopped_early: bool,
         wall_seconds: float,
         replay_mix: str = "",
@@ -327,7 +335,7 @@ class Report:
         """The run's summary (run_summary), reported and returned (what Trainer.train returns), and where everything
         went; `replay_mix`: the --set item that pins a budgeted run's mix changes in its replay (mixture.replay_mix)."""
         out = Path(self.cfg.train.out_dir)
-        summary = run_summary(run, last_eval, out, checkpoint, weights, stopped_early, wall_seconds)
+        summary = run_summary(run, last_eval, out, checkpoint, weights, kept, stopped_early, wall_seconds)
         self.log.event("end", **summary)
         self.log.end_progress()
         self.log.print(
@@ -354,12 +362,21 @@ class Report:
             )
         self.log.print(
             f"  config      {out / 'config.toml'}\n  metrics     {self.log.path}\n"
-            f"  checkpoint  {summary['checkpoint']}\n  weights     {summary['weights']}\n"
+            f"  checkpoint  {summary['checkpoint']}\n  weights     {summary['weights']}{kept_words(run, kept)}\n"
             f"  data        {data}\n  plot with   python -m fasttrain.plot {out}"
             # fasttrain.plot's own hint where it would refuse: matplotlib is an extra, not a dependency
             + ("" if importlib.util.find_spec("matplotlib") else ' (needs matplotlib: pip install -e ".[plot]")')
         )
         return summary
+
+
+def kept_words(run: RunState, kept: Kept) -> str:
+    """What the weights line adds where final/ holds an earlier step's weights than the run's last."""
+    if kept.step == run.step:
+        return ""
+    bpb = kept.metrics.get("val_bpb")
+    score = f": {bpb:.3f} bits/byte" if bpb is not None else ""
+    return f" (step {kept.step}'s, the lowest validation loss{score}; the last step's are in the checkpoint)"
 
 
 def run_summary(
@@ -368,11 +385,12 @@ def run_summary(
     out: Path,
     checkpoint: Path | None,
     weights: Path,
+    kept: Kept,
     stopped_early: bool,
     wall_seconds: float,
 ) -> dict[str, Any]:
-    """What Trainer.train returns and the end event records: where the run ended, its last evaluation, and
-    where its files are."""
+    """What Trainer.train returns and the end event records: where the run ended, its last evaluation, where its
+    files are, and which step's weights final/ holds (`kept`) with their evaluation (weights_val_loss, ...)."""
     return {
         "step": run.step,
         "tokens": run.tokens_seen,
@@ -380,6 +398,8 @@ def run_summary(
         "out_dir": str(out),
         "checkpoint": str(checkpoint),
         "weights": str(weights),
+        "weights_step": kept.step,
+        **{f"weights_{k}": v for k, v in kept.metrics.items() if k != "best_val_loss"},
         "skipped_steps": run.skipped_steps,
         "rollbacks": run.rollbacks,
         "stopped_early": stopped_early,

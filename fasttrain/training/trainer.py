@@ -1,9 +1,9 @@
 """The Trainer: one run of `python -m fasttrain.train`, also usable from other code.
 
-Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_state, compute.device, compute.distributed, config,
-data.loader, data.mixture, data.sampling, evaluation.loss_sums, evaluation.validation, formats.tokenizer,
-model.generation, model.transformer, model.weights, training.launch, training.objective, training.optimizers,
-training.plan, training.policies, training.reporting, training.run_loop, training.schedule.
+Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_state, checkpoints.saves, compute.device,
+compute.distributed, config, data.loader, data.mixture, data.sampling, evaluation.loss_sums, evaluation.validation,
+formats.tokenizer, model.generation, model.transformer, model.weights, training.launch, training.objective,
+training.optimizers, training.plan, training.policies, training.reporting, training.run_loop, training.schedule.
 
     trainer = Trainer(load_config("configs/base.toml"))
     summary = trainer.train()          # or drive it yourself:
@@ -46,6 +46,7 @@ import torch
 
 from fasttrain.checkpoints.checkpoint import Checkpointer
 from fasttrain.checkpoints.run_state import RunState
+from fasttrain.checkpoints.saves import step_of
 from fasttrain.compute import distributed
 from fasttrain.compute.device import (
     autocast,
@@ -72,7 +73,7 @@ from fasttrain.training.objective import NextTokenLoss, batch_loss, counted_targ
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.plan import RunPlan, accumulation_steps  # noqa: F401 (accumulation_steps: kept for the Python API)
 from fasttrain.training.policies import resumed_under
-from fasttrain.training.reporting import Report
+from fasttrain.training.reporting import Kept, Report
 from fasttrain.training.run_loop import Interrupted, Loop, StepResult  # noqa: F401 (Interrupted: what train() raises)
 from fasttrain.training.schedule import Budget, next_update
 
@@ -334,6 +335,13 @@ class Trainer:
             report = Report(log, self.cfg, self.device, self.plan.flops_per_token)
             with compile_failures():  # the first step's, before which the start is taken back, or a recompile's
                 last_eval, stopped_early = Loop(self, report, start).run()
+            kept = Kept(self.run.step, last_eval)
+            better = self._better_save(last_eval)
+            if better is not None:  # its weights go to final/; the checkpoints keep the last step for a resume
+                self.checkpoints.restore(better, self.train_loader, self.accumulation)
+                evaluated = self.evaluate(lambda: False)  # nothing cuts it short
+                assert evaluated is not None
+                kept = Kept(step_of(better), evaluated)
             out, weights = Path(self.cfg.train.out_dir), distributed.full_state(self.model, None, self.sharded)[0]
             final = (  # the final weights, with the run's copy of the tokenizer
                 export_weights(weights, self.cfg, out / "final", tokenizer=out / "tokenizer.json")[0]
@@ -342,9 +350,21 @@ class Trainer:
             )
             latest = self.checkpoints.latest()  # a save in flight waited for first
             replay = replay_mix(self.cfg.data, self.mix, self.accumulation, self.run.step)
-            summary = report.end(self.run, last_eval, latest, final, stopped_early, self.clock() - self.created, replay)
+            summary = report.end(
+                self.run, last_eval, latest, final, kept, stopped_early, self.clock() - self.created, replay
+            )
             distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
             return summary
+
+    def _better_save(self, last_eval: dict[str, float]) -> Path | None:
+        """The best save (checkpoint.keep_best) where checkpoint.final_weights = "best" and the run's best validation
+        loss, which it was saved at, is below the last evaluation's; else None (final/ holds the last weights)."""
+        if self.cfg.checkpoint.final_weights != "best" or not last_eval:
+            return None
+        best = self.checkpoints.best()
+        if best is None or step_of(best) == self.run.step:
+            return None
+        return best if self.run.best_val_loss < last_eval[self.cfg.train.monitor] else None
 
     def restore(self, path: Path) -> tuple[RunState, Config, list[str]]:
         """Load the save at `path` into the model, optimizer and train loader (Checkpointer.restore) and take the
