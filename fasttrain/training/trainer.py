@@ -318,7 +318,8 @@ class Trainer:
         returns a summary.
 
         Writes `config.toml` (the resolved config), `metrics.jsonl`, checkpoints and, at the end, the final weights
-        (`final/`, see fasttrain/model/weights.py) into `train.out_dir`, which it locks for its duration
+        (`final/`, see fasttrain/model/weights.py; with checkpoint.final_weights = "best" those of the best save
+        where it beat the last evaluation, which the model, optimizer and loader then hold) into `train.out_dir`, which it locks for its duration
         (fasttrain/system/run_lock.py: UsageError if another process trains there). A new run refuses a directory
         that holds another run's checkpoints unless `overwrite`, which replaces that run's files
         (run_directory.RUN_FILES). Everything that can refuse the run is checked before anything there is created,
