@@ -140,8 +140,9 @@ def score_inputs(
 
 def scored_step(source: Path) -> tuple[Path | None, int | None]:
     """The run directory that weights `source` came from (None outside a run: an export elsewhere) and the step
-    they were saved at: a checkpoint's own (a file or a sharded folder), or for RUN/final the step of the run's
-    last `end` event."""
+    they were saved at: a checkpoint's own (a file or a sharded folder), or for RUN/final the step whose weights
+    the run's last `end` event says final/ holds (weights_step: an earlier one with checkpoint.final_weights =
+    "best"; its `step` in runs from before that key)."""
     real = source.resolve()
     if real.is_file() or saves.is_sharded(real):
         run, match = run_directory(real), saves.SAVE_NAME.fullmatch(real.name)
@@ -154,7 +155,8 @@ def scored_step(source: Path) -> tuple[Path | None, int | None]:
         for line in f:
             if '"end"' in line:
                 with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill: the end before it
-                    step = json.loads(line).get("step", step)
+                    end = json.loads(line)
+                    step = end.get("weights_step", end.get("step", step))
     return run, step
 
 

@@ -238,3 +238,6 @@ def test_scores_are_logged_at_a_sharded_checkpoints_step(tmp_path):
     assert scored_step(run / "checkpoints" / "step_0000002.pt") == (run.resolve(), 2)
     (run / "final").mkdir()
     assert scored_step(run / "final") == (run.resolve(), 4)
+    # final/ holding an earlier step's weights (checkpoint.final_weights = "best"): that step's
+    (run / "metrics.jsonl").write_text('{"event": "end", "step": 4, "weights_step": 2}\n')
+    assert scored_step(run / "final") == (run.resolve(), 2)
