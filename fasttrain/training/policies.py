@@ -1,6 +1,7 @@
-"""The training loop's policies: what to do after non-finite steps, and when to stop early.
+"""The training loop's policies: what to do after non-finite steps, when to stop early, and which weights a run
+ends with.
 
-Imports from fasttrain: checkpoints.resume, checkpoints.run_state, config, training.schedule.
+Imports from fasttrain: checkpoints.resume, checkpoints.run_state, checkpoints.saves, config, training.schedule.
 
 Each is a small object the loop asks after a step or an evaluation; the loop carries
 out the answer (rolls back, stops) and reporting tells the user. A restored save that
@@ -17,6 +18,7 @@ from typing import Sequence
 
 from fasttrain.checkpoints.resume import check_not_past_end
 from fasttrain.checkpoints.run_state import RunState
+from fasttrain.checkpoints.saves import step_of
 from fasttrain.config import Config, RecoveryConfig
 from fasttrain.training.schedule import carried_rest_scale, schedule_change
 
@@ -136,3 +138,12 @@ def resumed_under(path: Path, run: RunState, saved: Config, cfg: Config, recorde
     if carried is not None:
         run.rest_scale = carried
     return [line for line in lines if line]
+
+
+def better_save(cfg: Config, run: RunState, last_eval: dict[str, float], best: Path | None) -> Path | None:
+    """The save whose weights final/ gets instead of the last step's: `best` (the run's best save) where
+    checkpoint.final_weights = "best" and the run's best validation loss, which it was saved at, is below the
+    last evaluation's; else None."""
+    if cfg.checkpoint.final_weights != "best" or not last_eval or best is None or step_of(best) == run.step:
+        return None
+    return best if run.best_val_loss < last_eval[cfg.train.monitor] else None

@@ -72,7 +72,7 @@ from fasttrain.training.launch import check_start, opened, start_run
 from fasttrain.training.objective import NextTokenLoss, batch_loss, counted_targets
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.plan import RunPlan, accumulation_steps  # noqa: F401 (accumulation_steps: kept for the Python API)
-from fasttrain.training.policies import resumed_under
+from fasttrain.training.policies import better_save, resumed_under
 from fasttrain.training.reporting import Kept, Report
 from fasttrain.training.run_loop import Interrupted, Loop, StepResult  # noqa: F401 (Interrupted: what train() raises)
 from fasttrain.training.schedule import Budget, next_update
@@ -319,7 +319,8 @@ class Trainer:
 
         Writes `config.toml` (the resolved config), `metrics.jsonl`, checkpoints and, at the end, the final weights
         (`final/`, see fasttrain/model/weights.py; with checkpoint.final_weights = "best" those of the best save
-        where it beat the last evaluation, which the model, optimizer and loader then hold) into `train.out_dir`, which it locks for its duration
+        where it beat the last evaluation, which the model, optimizer and loader then hold: policies.better_save)
+        into `train.out_dir`, which it locks for its duration
         (fasttrain/system/run_lock.py: UsageError if another process trains there). A new run refuses a directory
         that holds another run's checkpoints unless `overwrite`, which replaces that run's files
         (run_directory.RUN_FILES). Everything that can refuse the run is checked before anything there is created,
@@ -337,7 +338,7 @@ class Trainer:
             with compile_failures():  # the first step's, before which the start is taken back, or a recompile's
                 last_eval, stopped_early = Loop(self, report, start).run()
             kept = Kept(self.run.step, last_eval)
-            better = self._better_save(last_eval)
+            better = better_save(self.cfg, self.run, last_eval, self.checkpoints.best())
             if better is not None:  # its weights go to final/; the checkpoints keep the last step for a resume
                 self.checkpoints.restore(better, self.train_loader, self.accumulation)
                 evaluated = self.evaluate(lambda: False)  # nothing cuts it short
@@ -356,16 +357,6 @@ class Trainer:
             )
             distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
             return summary
-
-    def _better_save(self, last_eval: dict[str, float]) -> Path | None:
-        """The best save (checkpoint.keep_best) where checkpoint.final_weights = "best" and the run's best validation
-        loss, which it was saved at, is below the last evaluation's; else None (final/ holds the last weights)."""
-        if self.cfg.checkpoint.final_weights != "best" or not last_eval:
-            return None
-        best = self.checkpoints.best()
-        if best is None or step_of(best) == self.run.step:
-            return None
-        return best if self.run.best_val_loss < last_eval[self.cfg.train.monitor] else None
 
     def restore(self, path: Path) -> tuple[RunState, Config, list[str]]:
         """Load the save at `path` into the model, optimizer and train loader (Checkpointer.restore) and take the
