@@ -281,6 +281,17 @@ class Checkpointer:
             raise UsageError(f"{path}: cannot continue from it ({str(e).splitlines()[0]})") from None
         return run, saved, world_change(len(ranks), state.get("parallel"), self.world.size, self.parallel)
 
+    def restore_weights(self, path: Path) -> None:
+        """Load only the model's weights of the save at `path` (checkpoint.final_weights = "best" gives them to
+        final/); the optimizer, scaler, loader and random generators keep the state they have. UsageError if it
+        cannot be loaded."""
+        self.wait()
+        state = load(path, self.device, whole_model=True)
+        try:
+            distributed.load_full_model_state(self.model, state["model"], self.parallel in distributed.SHARDED)
+        except (RuntimeError, KeyError) as e:
+            raise UsageError(f"{path}: cannot load its weights ({str(e).splitlines()[0]})") from None
+
     def point_latest(self, path: Path) -> None:
         """Make `latest` name `path` again (after a rollback to it), so a resume starts there too."""
         if self.world.is_main:

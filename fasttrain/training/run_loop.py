@@ -1,13 +1,14 @@
 """The training loop: one train() from its first step to its last, and what happens between the steps.
 
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, checkpoints.run_state, checkpoints.saves,
-compute.distributed, config, data.loader, system.errors, system.signals, training.plan, training.policies,
-training.reporting, training.schedule.
+compute.distributed, config, data.loader, model.weights, system.errors, system.signals, training.plan,
+training.policies, training.reporting, training.schedule.
 
 After each step the loop asks the policies (policies.py): a streak of non-finite steps rolls the run back to
 a save or stops it (Recovery), evaluations that stop improving end it (EarlyStopping). It evaluates, samples
 and saves when due, saves and stops on a signal, and hands every value to reporting (reporting.py). The
-steps, evaluations, samples and restores are the Trainer's (trainer.py), which hands itself to the loop.
+steps, evaluations, samples and restores are the Trainer's (trainer.py), which hands itself to the loop. After
+the last step, write_final carries out which weights the run ends with (policies.better_save).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Protocol
 
 import torch
+from torch import nn
 
 from fasttrain.checkpoints.checkpoint import Checkpointer
 from fasttrain.checkpoints.run_directory import RunStart
@@ -27,11 +29,12 @@ from fasttrain.checkpoints.saves import step_of
 from fasttrain.compute import distributed
 from fasttrain.config import Config
 from fasttrain.data.loader import TokenLoader
+from fasttrain.model.weights import export_weights
 from fasttrain.system.errors import RunStopped
 from fasttrain.system.signals import SignalCatcher
 from fasttrain.training.plan import RunPlan
-from fasttrain.training.policies import EarlyStopping, Recovery, monitor_anew
-from fasttrain.training.reporting import IntervalMeter, Report
+from fasttrain.training.policies import EarlyStopping, Recovery, better_save, monitor_anew
+from fasttrain.training.reporting import IntervalMeter, Kept, Report
 from fasttrain.training.schedule import Budget
 
 
@@ -243,3 +246,35 @@ class Loop:
         self.report.stopped(step, name, path)
         distributed.barrier(self.plan.world)
         raise Interrupted(f"stopped by {name} at step {step}; saved {path}", 128 + signum)
+
+
+def write_final(
+    cfg: Config,
+    run: RunState,
+    last_eval: dict[str, float],
+    checkpoints: Checkpointer,
+    model: nn.Module,
+    world: distributed.World,
+    sharded: bool,
+    evaluate: Callable[[], dict[str, float] | None],
+) -> tuple[Path, Kept]:
+    """What a run leaves in final/ after the loop's last step: the last step's weights, or, where policies.better_save
+    names the best save (checkpoint.final_weights = "best": a small corpus read many times overfits before the end),
+    that save's; the checkpoints keep the last step, so a resume continues from there.
+
+    Writes `model`'s final weights to `cfg.train.out_dir`/final after the run's last step (`run`, evaluated as
+    `last_eval`; empty if never); returns the folder and the step whose weights it holds with their metrics.
+    Where better_save names a save, the model takes only its weights (the optimizer and loader stay at the last
+    step) and `evaluate` scores them. Every rank calls it; rank 0 writes."""
+    kept = Kept(run.step, last_eval)
+    better = better_save(cfg, run, last_eval, checkpoints.best())
+    if better is not None:
+        checkpoints.restore_weights(better)
+        evaluated = evaluate()  # None only where something cuts it short, and nothing does
+        assert evaluated is not None
+        kept = Kept(step_of(better), evaluated)
+    out = Path(cfg.train.out_dir)
+    weights = distributed.full_state(model, None, sharded)[0]  # every rank joins the gather
+    if not world.is_main:
+        return out / "final", kept
+    return export_weights(weights, cfg, out / "final", tokenizer=out / "tokenizer.json")[0], kept

@@ -1,6 +1,6 @@
 """The Trainer: one run of `python -m fasttrain.train`, also usable from other code.
 
-Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_state, checkpoints.saves, compute.device,
+Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_state, compute.device,
 compute.distributed, config, data.loader, data.mixture, data.sampling, evaluation.loss_sums, evaluation.validation,
 formats.tokenizer, model.generation, model.transformer, model.weights, training.launch, training.objective,
 training.optimizers, training.plan, training.policies, training.reporting, training.run_loop, training.schedule.
@@ -46,7 +46,6 @@ import torch
 
 from fasttrain.checkpoints.checkpoint import Checkpointer
 from fasttrain.checkpoints.run_state import RunState
-from fasttrain.checkpoints.saves import step_of
 from fasttrain.compute import distributed
 from fasttrain.compute.device import (
     autocast,
@@ -67,14 +66,14 @@ from fasttrain.evaluation.validation import validate_sources
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.generation import generate_text
 from fasttrain.model.transformer import Transformer
-from fasttrain.model.weights import export_weights, read_hf_llama_weights
+from fasttrain.model.weights import read_hf_llama_weights
 from fasttrain.training.launch import check_start, opened, start_run
 from fasttrain.training.objective import NextTokenLoss, batch_loss, counted_targets
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.plan import RunPlan, accumulation_steps  # noqa: F401 (accumulation_steps: kept for the Python API)
-from fasttrain.training.policies import better_save, resumed_under
-from fasttrain.training.reporting import Kept, Report
-from fasttrain.training.run_loop import Interrupted, Loop, StepResult  # noqa: F401 (Interrupted: what train() raises)
+from fasttrain.training.policies import resumed_under
+from fasttrain.training.reporting import Report
+from fasttrain.training.run_loop import Interrupted, Loop, StepResult, write_final  # noqa: F401 (Interrupted: what train() raises)
 from fasttrain.training.schedule import Budget, next_update
 
 
@@ -319,7 +318,8 @@ class Trainer:
 
         Writes `config.toml` (the resolved config), `metrics.jsonl`, checkpoints and, at the end, the final weights
         (`final/`, see fasttrain/model/weights.py; with checkpoint.final_weights = "best" those of the best save
-        where it beat the last evaluation, which the model, optimizer and loader then hold: policies.better_save)
+        where it beat the last evaluation, which the model then holds, the optimizer and loader staying at the last
+        step: run_loop.write_final)
         into `train.out_dir`, which it locks for its duration
         (fasttrain/system/run_lock.py: UsageError if another process trains there). A new run refuses a directory
         that holds another run's checkpoints unless `overwrite`, which replaces that run's files
@@ -337,18 +337,8 @@ class Trainer:
             report = Report(log, self.cfg, self.device, self.plan.flops_per_token)
             with compile_failures():  # the first step's, before which the start is taken back, or a recompile's
                 last_eval, stopped_early = Loop(self, report, start).run()
-            kept = Kept(self.run.step, last_eval)
-            better = better_save(self.cfg, self.run, last_eval, self.checkpoints.best())
-            if better is not None:  # its weights go to final/; the checkpoints keep the last step for a resume
-                self.checkpoints.restore(better, self.train_loader, self.accumulation)
-                evaluated = self.evaluate(lambda: False)  # nothing cuts it short
-                assert evaluated is not None
-                kept = Kept(step_of(better), evaluated)
-            out, weights = Path(self.cfg.train.out_dir), distributed.full_state(self.model, None, self.sharded)[0]
-            final = (  # the final weights, with the run's copy of the tokenizer
-                export_weights(weights, self.cfg, out / "final", tokenizer=out / "tokenizer.json")[0]
-                if self.world.is_main
-                else out / "final"
+            final, kept = write_final(
+                self.cfg, self.run, last_eval, self.checkpoints, self.model, self.world, self.sharded, self.evaluate
             )
             latest = self.checkpoints.latest()  # a save in flight waited for first
             replay = replay_mix(self.cfg.data, self.mix, self.accumulation, self.run.step)
