@@ -1,7 +1,7 @@
 """The CPU step at the shapes a time budget chooses: tokens/s and FLOP/s per shape and setting, and where the time goes.
 
     python -m benchmarks.cpu_step [--shape 2x128 3x192 4x256] [--setting eager compiled ...] [--against COMMIT]
-                                  [--rounds 2] [--steps 8] [--threads 2] [--profile] [--out FILE]
+                                  [--rounds 2] [--steps 8] [--threads 2] [--profile] [--calibration] [--out FILE]
 
 Each measurement is a process of its own (its own OpenMP threads, a compile of its own): configs/base.toml's
 recipe (Muon, the warmdown, today's head and tables) at a fixed shape, random tokens, one micro-batch of
@@ -12,6 +12,9 @@ round going through every tree, shape and setting in turn, so a machine that cha
 moves both sides alike. FLOP/s is the model's training FLOPs per token (6N + attention, Transformer.
 flops_per_token) times tokens/s. --profile adds, for this tree, each shape's step split by op category
 (benchmarks/profile_step.py: matmul, cross-entropy, norm, optimizer, elementwise, copies), in CPU time.
+--calibration adds, each round, a process that times the machine as a budgeted run's plan does (model.n_layers = 0
+under train.max_time: sizing.calibrate on the run's loss and update) and the tokens/s that timing predicts for
+each shape, against the median measured for this tree's first setting (the run's: eager on a CPU).
 
 Writes one JSON (default benchmarks/results/cpu-step-<date>.json) with the machine, the command and every
 measurement. Compare only within one file: the figures depend on the CPU and on what else runs on it.
@@ -71,6 +74,23 @@ print(json.dumps({{
     "precision": trainer.cfg.train.precision,
 }}))
 """.format(warmup=WARMUP)
+# Run in this tree: the speed a budgeted run's plan times (RunPlan.speed) and its tokens/s at each shape given
+CALIBRATE = """
+import json, sys
+from dataclasses import replace
+from pathlib import Path
+from benchmarks.bench_train_step import make_trainer
+from fasttrain.model.transformer import flops_per_token
+sets, shapes, data_dir = json.loads(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[3])
+trainer = make_trainer(Path("configs/base.toml"), data_dir, *sets)
+speed, m, seq_len = trainer.plan.speed, trainer.cfg.model, trainer.cfg.train.seq_len
+print(json.dumps({
+    shape: round(speed.tokens_per_s(flops_per_token(replace(m, n_layers=l, d_model=w, n_heads=w // 64), seq_len)), 1)
+    for shape, (l, w) in shapes.items()
+}))
+"""
+# What makes make_trainer's run a budgeted, self-sizing one as configs/base.toml is: its plan times the machine
+BUDGETED = ["model.n_layers=0", "model.d_model=0", "model.n_heads=0", "train.max_steps=0", 'train.max_time="2m"']
 
 
 def shape_sets(shape: str) -> list[str]:
@@ -86,16 +106,23 @@ def shape_sets(shape: str) -> list[str]:
 
 def measure(tree: Path, sets: list[str], steps: int, threads: int, data_dir: Path) -> dict:
     """One measurement in a fresh process in `tree`: MEASURE's figures, or {"error": its last line}."""
+    return in_process(tree, threads, MEASURE, json.dumps(sets), str(steps), str(data_dir))
+
+
+def predicted(shapes: Sequence[str], threads: int, data_dir: Path) -> dict:
+    """The tokens/s a budgeted run's timing on `threads` threads predicts for each of `shapes`, in a fresh process
+    of this tree (CALIBRATE), or {"error": its last line}."""
+    dims = {s: [int(n) for n in s.split("x")] for s in shapes}
+    return in_process(ROOT, threads, CALIBRATE, json.dumps(RECIPE + BUDGETED), json.dumps(dims), str(data_dir))
+
+
+def in_process(tree: Path, threads: int, script: str, *args: str) -> dict:
+    """The JSON `script` prints last, run with `args` in a fresh process in `tree` on `threads` threads, or
+    {"error": its last line of stderr}."""
     # The step a CPU run takes: without TRITON_INTERPRET (a test session's), which would interpret the Triton kernels
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env |= {"OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(tree)}
-    proc = subprocess.run(
-        [sys.executable, "-c", MEASURE, json.dumps(sets), str(steps), str(data_dir)],
-        cwd=tree,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    proc = subprocess.run([sys.executable, "-c", script, *args], cwd=tree, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -146,6 +173,25 @@ def summarise(records: list[dict]) -> list[dict]:
     return rows
 
 
+def calibration_summary(records: list[dict], shapes: Sequence[str], setting: str) -> list[dict]:
+    """Per shape: the median over rounds of the tokens/s the timing predicted and of this tree's measured under
+    `setting`, and predicted / measured."""
+    rows = []
+    for shape in shapes:
+        guesses = [r["calibration"][shape] for r in records if shape in r.get("calibration", {})]
+        found = [
+            r["tokens_per_s"]
+            for r in records
+            if r.get("tree") == "HEAD" and r.get("shape") == shape and r.get("setting") == setting and "error" not in r
+        ]
+        if guesses and found:
+            guess, real = statistics.median(guesses), statistics.median(found)
+            rows.append(
+                {"shape": shape, "predicted": round(guess), "measured": round(real), "ratio": round(guess / real, 3)}
+            )
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m benchmarks.cpu_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", nargs="+", default=["2x128", "3x192", "4x256"])
@@ -155,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="also split this tree's step by op category")
+    parser.add_argument(
+        "--calibration", action="store_true", help="also what a budgeted run's timing predicts for each shape"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     shapes = {s: shape_sets(s) for s in args.shape}
@@ -184,6 +233,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 }
                             )
                             print(json.dumps(records[-1]), flush=True)
+                if args.calibration:
+                    found = predicted(args.shape, args.threads, Path(scratch) / "data-HEAD")
+                    records.append({"round": round_, "calibration": found, "load_average": load_average()})
+                    print(json.dumps(records[-1]), flush=True)
         finally:
             if args.against in trees:
                 subprocess.run(
@@ -192,9 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = {
         **result_header("the CPU step at the budget's shapes", "benchmarks.cpu_step", argv, today),
         "threads": args.threads,
-        "summary": summarise(records),
+        "summary": summarise([r for r in records if "calibration" not in r]),
         "records": records,
     }
+    if args.calibration:
+        results["calibration"] = calibration_summary(records, args.shape, args.setting[0])
     if args.profile:
         results["profile"] = {
             f"{shape} {setting}": profiled(shape, setting, args.steps, args.threads)
@@ -205,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in results["summary"]:
         figures = row.get("error") or f"{row['tokens_per_s']:>8,} tokens/s {row['gflop_per_s']:>7.1f} GFLOP/s"
         print(f"{row['tree']:>10} {row['shape']:>6} {row['setting']:<20} {figures}")
+    for row in results.get("calibration", []):
+        print(f"calibration {row['shape']:>6}: predicted {row['predicted']:,} measured {row['measured']:,} tokens/s")
     print(f"results: {out}")
     return 0
 
