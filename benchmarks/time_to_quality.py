@@ -26,11 +26,11 @@ The sides:
              on a CPU only for runs of CPU_COMPILE_MIN_STEPS steps or more; each result says whether it was).
              Under --tokens it runs train.max_steps = N / (batch x seq_len) with train.max_time = 0, and sizes
              its shape for those tokens as it sizes it for a budget.
-  nanochat   its GPT and MuonAdamW at each --nanochat-depths (default 1 to 4), driven here (train_nanochat) as
-             scripts/base_train.py drives them with runs/runcpu.sh's CPU settings: the model torch.compile'd
-             (dynamic=False, as base_train), its optimizer's own compiled update functions, its sequence length
-             512, the hyperparameters base_train derives from the depth and the batch (nanochat_recipe; each
-             number below names the nanochat file it comes from).
+  nanochat   its GPT and MuonAdamW at each --nanochat-depths (default 1 to 4; `--nanochat-depths` alone: none),
+             driven here (train_nanochat) as scripts/base_train.py drives them with runs/runcpu.sh's CPU
+             settings: the model torch.compile'd (dynamic=False, as base_train), its optimizer's own compiled
+             update functions, its sequence length 512, the hyperparameters base_train derives from the depth
+             and the batch (nanochat_recipe; each number below names the nanochat file it comes from).
 
 Compiling is outside the clock on both sides. fasttrain's trainer keeps a compiled objective's first step out of
 its training seconds. nanochat's compile is warmed up first: WARMUP_UPDATES updates at the batch to be trained,
@@ -553,7 +553,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     lengths = parser.add_mutually_exclusive_group()
     lengths.add_argument("--budgets", type=float, nargs="+", help="seconds of training (default: 60 180 600)")
     lengths.add_argument("--tokens", type=int, nargs="+", help="training tokens instead, whatever the time")
-    parser.add_argument("--nanochat-depths", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument(
+        "--nanochat-depths", type=int, nargs="*", default=[1, 2, 3, 4], help="none: fasttrain's side alone"
+    )
     parser.add_argument(
         "--fasttrain-sets",
         nargs="+",

@@ -42,7 +42,7 @@ def depth_in(out: str) -> int:
     return int(found.group(1))
 
 
-def fake_calibration(monkeypatch, seconds_per_pass: tuple[float, float]) -> list[float]:
+def fake_clock(monkeypatch, seconds_per_pass: tuple[float, float]) -> list[float]:
     """The calibration's clock made a fake one: depth 1's and depth 2's passes take `seconds_per_pass` each;
     returns the list its readings are appended to."""
     readings: list[float] = []
@@ -60,6 +60,26 @@ def fake_calibration(monkeypatch, seconds_per_pass: tuple[float, float]) -> list
 
     monkeypatch.setattr(sizing.time, "perf_counter", clock)
     return readings
+
+
+def fake_calibration(monkeypatch, seconds_per_pass: tuple[float, float]) -> list[int]:
+    """A machine whose FLOP/s is the power law through the smallest two depths' `seconds_per_pass` (those the set
+    keys allow): sizing.calibrate returns it at the depths it is asked for; returns the list of the depths timed."""
+    timed: list[int] = []
+
+    def calibrate(cfg, device, clock=None, update=None, loss=sizing.logits_loss, depths=()):
+        t = cfg.train
+
+        def flops(depth: int) -> float:
+            return flops_per_token(ladder_shape(cfg.model, depth), t.seq_len)
+
+        first = sizing.fitting_depths(cfg.model)[:2]
+        law = Speed(tuple((flops(d), flops(d) * t.batch_size * t.seq_len / s) for d, s in zip(first, seconds_per_pass)))
+        timed.extend(depths or first)
+        return Speed(tuple(sorted((flops(d), law.flops_per_s(flops(d))) for d in depths or first)))
+
+    monkeypatch.setattr(sizing, "calibrate", calibrate)
+    return timed
 
 
 def test_the_ladder_derives_width_and_heads_from_the_depth_unless_set():
@@ -160,7 +180,7 @@ def test_the_plan_sets_the_cap_only_for_a_self_sized_budget(pydoc_data, tmp_path
     from fasttrain.compute.distributed import World
     from fasttrain.training.plan import plan_run
 
-    fast = Speed(1e13, 1e6, 0.0)  # every depth would read the small corpus far more than ten times
+    fast = Speed(((1e6, 1e13),))  # every depth would read the small corpus far more than ten times
     cpu = torch.device("cpu")
     plan = plan_run(tiny_config(pydoc_data, tmp_path, *AUTO, *BUDGET, "model.vocab_size=512"), World(), cpu, None, fast)
     tokens_per_step = plan.cfg.train.batch_size * plan.cfg.train.seq_len
@@ -190,16 +210,63 @@ def test_lookup_tables_do_not_move_the_choice():
 
 def test_calibration_reads_the_rate_at_two_sizes_from_its_clock(monkeypatch):
     cfg = tiny_config(".", ".", "model.vocab_size=512", *AUTO)
-    readings = fake_calibration(monkeypatch, (0.5, 1.0))
+    readings = fake_clock(monkeypatch, (0.5, 1.0))
     speed = sizing.calibrate(cfg, torch.device("cpu"))
     assert len(readings) == 4  # each shape timed once, around its CALIBRATION_STEPS passes
     tokens = cfg.train.batch_size * cfg.train.seq_len
     f1, f2 = (flops_per_token(ladder_shape(cfg.model, d), cfg.train.seq_len) for d in (1, 2))
-    assert speed.at == f2 and speed.flops_per_s == pytest.approx(f2 * tokens / 1.0)
-    assert speed.exponent == pytest.approx(math.log((f2 * tokens) / (f1 * tokens / 0.5)) / math.log(f2 / f1))
-    assert speed.tokens_per_s(f2) == pytest.approx(tokens / 1.0)
-    fake_calibration(monkeypatch, (0.1, 10.0))  # the larger model's rate lower: the exponent stops at 0
-    assert sizing.calibrate(cfg, torch.device("cpu")).exponent == 0.0
+    assert [f for f, _ in speed.points] == [f1, f2]
+    assert [r for _, r in speed.points] == pytest.approx([f1 * tokens / 0.5, f2 * tokens / 1.0])
+    assert speed.tokens_per_s(f1) == pytest.approx(tokens / 0.5) and speed.tokens_per_s(f2) == pytest.approx(tokens)
+    exponent = math.log((f2 * tokens) / (f1 * tokens / 0.5)) / math.log(f2 / f1)
+    assert speed.flops_per_s(4 * f2) == pytest.approx(f2 * tokens * 4**exponent)  # the power law through both
+    fake_clock(monkeypatch, (0.1, 10.0))  # the larger model's rate lower: beyond the two, a constant rate
+    slower = sizing.calibrate(cfg, torch.device("cpu"))
+    assert slower.flops_per_s(10 * f2) == pytest.approx(slower.flops_per_s(f2))
+
+
+def test_a_speed_of_three_points_is_a_power_law_between_each_pair_and_bounded_beyond():
+    speed = Speed(((1e6, 1e9), (4e6, 4e9), (16e6, 8e9)))  # the rate grows in proportion, then as the square root
+    assert [speed.flops_per_s(f) for f in (1e6, 4e6, 16e6)] == pytest.approx([1e9, 4e9, 8e9])  # each point timed
+    assert speed.flops_per_s(2e6) == pytest.approx(2e9) and speed.flops_per_s(8e6) == pytest.approx(8e9 / 2**0.5)
+    assert speed.flops_per_s(64e6) == pytest.approx(16e9)  # beyond the last: the last pair's exponent, 0.5
+    assert speed.flops_per_s(0.25e6) == pytest.approx(0.25e9)  # before the first: the first pair's, 1
+    falling = Speed(((1e6, 2e9), (2e6, 1e9)))  # measured lower at the larger size: kept between, flat beyond
+    assert falling.flops_per_s(1.5e6) < 2e9 and falling.flops_per_s(8e6) == pytest.approx(1e9)
+    assert falling.flops_per_s(0.5e6) == pytest.approx(2e9)
+    assert Speed(((1e6, 3e9),)).flops_per_s(1e8) == 3e9  # one point: a rate that does not scale
+    assert speed.timed(4e6) and not speed.timed(5e6)
+    assert speed.merged(Speed(((8e6, 7e9),))).points == ((1e6, 1e9), (4e6, 4e9), (8e6, 7e9), (16e6, 8e9))
+    assert speed.scaled(2).flops_per_s(2e6) == pytest.approx(4e9)
+
+
+def test_the_shape_a_timing_chooses_is_timed_too_and_chosen_again_at_its_speed(pydoc_data, tmp_path, monkeypatch):
+    """Depths 1 and 2 time fast enough for a deep model; that depth, timed, is slower than they said, and the
+    choice made again falls on a shallower depth, which is timed in turn: the shape the run trains was timed."""
+    cfg = tiny_config(pydoc_data, tmp_path, *AUTO, *BUDGET, "model.vocab_size=512")
+    t = cfg.train
+    timed: list[int] = []
+
+    def calibrate(cfg, device, clock=None, update=None, loss=sizing.logits_loss, depths=()):
+        depths = list(depths) or [1, 2]
+        timed.extend(depths)
+        level = flops_per_token(ladder_shape(cfg.model, 2), t.seq_len)
+        # 60K tokens/s up to depth 2 (FLOP/s in proportion to the size), then FLOP/s level: slower than 1 and 2 say
+        return Speed(
+            tuple(
+                sorted(
+                    (f, 6e4 * min(f, level))
+                    for f in (flops_per_token(ladder_shape(cfg.model, d), t.seq_len) for d in depths)
+                )
+            )
+        )
+
+    monkeypatch.setattr(sizing, "calibrate", calibrate)
+    shape, note, speed = size_model(cfg, (), 128, 1, torch.device("cpu"), None)
+    assert len(timed) > 2 and timed[:2] == [1, 2], timed
+    assert speed is not None and speed.timed(flops_per_token(shape, t.seq_len)), (timed, note)
+    assert shape.n_layers < timed[2], (timed, note)  # the first choice, at the rate 1 and 2 said, was deeper
+    assert f"for depth {shape.n_layers}, timed" in note
 
 
 def test_the_calibration_times_the_runs_loss_and_optimizer_step(pydoc_data, tmp_path, monkeypatch):
@@ -213,7 +280,9 @@ def test_the_calibration_times_the_runs_loss_and_optimizer_step(pydoc_data, tmp_
     handed, real_calibrate = [], sizing.calibrate
     monkeypatch.setattr(fasttrain_kernels._backend, "INTERPRETING", False)  # "auto" as a CPU run resolves it
     monkeypatch.setattr(
-        sizing, "calibrate", lambda cfg, device, update, loss: handed.append((update, loss)) or Speed(1e9, 1e6, 0.0)
+        sizing,
+        "calibrate",
+        lambda cfg, device, update, loss, depths=(): handed.append((update, loss)) or Speed(((1e6, 1e9),)),
     )
     planning.shape_of(cfg, (), 128, World(), torch.device("cpu"), None, None)
     monkeypatch.setattr(sizing, "calibrate", real_calibrate)
@@ -245,7 +314,7 @@ def test_a_faster_machine_gets_a_deeper_model_through_the_cli(pydoc_data, tmp_pa
         assert cli(tiny_args(pydoc_data, tmp_path / "run", *AUTO, *BUDGET, flags=["--dry-run"])) == 0
         out = capsys.readouterr().out
         depths.append(depth_in(out))
-        assert "600 s at a measured" in out
+        assert "600 s at ~" in out
     assert depths[0] < depths[1], depths
     assert not (tmp_path / "run").exists()  # a dry run writes nothing
 
@@ -337,7 +406,7 @@ def test_a_world_of_ranks_is_refused_a_timed_choice_but_not_a_recorded_or_counte
         size_model(cfg, ((1.0, 180_000),), 128, 2, torch.device("cpu"), None)
     counted = tiny_config(pydoc_data, tmp_path, *AUTO, "train.max_steps=50", "model.vocab_size=512")
     assert size_model(counted, ((1.0, 180_000),), 256, 2, torch.device("cpu"), None)[0].n_layers >= 1
-    given = Speed(1e9, 1e6, 0.0)  # an earlier plan's speed: nothing to time
+    given = Speed(((1e6, 1e9),))  # an earlier plan's speed: nothing to time
     assert size_model(cfg, ((1.0, 180_000),), 256, 2, torch.device("cpu"), given)[2] is given
 
 

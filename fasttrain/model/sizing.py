@@ -34,9 +34,11 @@ of 254K tokens (depth 1 at 10 epochs 1.763 against 1.568 at 3.9; docs/performanc
 
 tokens/s(d) under a time budget comes from `calibrate`: the eager forward, backward and optimizer step (the
 run's loss and optimizer, given by the plan) of the ladder's two smallest shapes, timed on the run's device
-and precision before the run (outside train.max_time, as compiling is), give FLOP/s at two sizes; a power law
-through them predicts the others (small models use a CPU's or GPU's arithmetic less well, so the rate grows
-with size).
+and precision before the run (outside train.max_time, as compiling is), give FLOP/s at two sizes, and a power
+law through them the rest (small models use a CPU's or GPU's arithmetic less well, so the rate grows with
+size). It grows more slowly beyond them than the two say, so the shape chosen at that speed is timed too and
+the choice made again, until it falls on a shape timed (between the shapes timed, the power law through the
+nearest two): the run's own shape is always one timed.
 
 What follows from the depth: the width 64 d unless model.d_model is set, the heads d_model / 64 unless
 model.n_heads is set (a set key wins, and the plan says so); the learning rates, batch, context and schedule
@@ -45,6 +47,7 @@ are the config's. The resolved config records the shape chosen, so a resume or a
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import os
@@ -79,19 +82,48 @@ CALIBRATION_STEPS = 2  # timed forward-backward passes of each calibration shape
 # A timed speed is good to about this much (a short timing on a machine whose load changes): a choice that the
 # same rule would make differently at these multiples of the predicted tokens is said to be near a boundary.
 SENSITIVITY = (0.8, 1.25)
+# The shape a timing chooses is timed too, and the choice made again at its own speed, at most this many times:
+# the rate grows with the size more slowly than the two smallest shapes say (2-core AVX2 CPU: predicted 1.11x the
+# real step at 3 x 192 and 1.28x at 4 x 256 from depths 1 and 2; benchmarks/results/cpu-step-calibration-*.json)
+RETIMINGS = 3
 
 
 @dataclass(frozen=True)
 class Speed:
-    """FLOP/s of training as a power law of the model's FLOPs per token: rate(f) = flops_per_s (f / at)^exponent."""
+    """Training FLOP/s timed at the FLOPs per token of some shapes (`points`: (FLOPs per token, FLOP/s), ascending,
+    one at least). Between two points, the power law through them; beyond the first or the last, the power law of
+    the two nearest, its exponent held between 0 and 1 (a small model uses a machine less well, so the rate grows
+    with the size, but not faster than it); one point: a rate that does not depend on the size."""
 
-    flops_per_s: float  # at FLOPs per token `at`
-    at: float
-    exponent: float  # 0 where the machine's rate does not depend on the size
+    points: tuple[tuple[float, float], ...]
     busy: str = ""  # "" or busy_note's words on the machine's load as it was timed: each plan at this speed says them
 
+    def flops_per_s(self, flops: float) -> float:
+        p = self.points
+        if len(p) == 1:
+            return p[0][1]
+        i = min(max(bisect.bisect_left([f for f, _ in p], flops), 1), len(p) - 1)  # the pair around, or nearest
+        (f1, r1), (f2, r2) = p[i - 1], p[i]
+        exponent = math.log(r2 / r1) / math.log(f2 / f1)
+        if flops < f1 or flops > f2:  # beyond the points timed: from the nearest, at a bounded exponent
+            f1, r1 = (f1, r1) if flops < f1 else (f2, r2)
+            exponent = min(1.0, max(0.0, exponent))
+        return r1 * (flops / f1) ** exponent
+
     def tokens_per_s(self, flops: float) -> float:
-        return self.flops_per_s * (flops / self.at) ** self.exponent / flops
+        return self.flops_per_s(flops) / flops
+
+    def scaled(self, factor: float) -> Speed:
+        """This speed `factor` times faster at every size."""
+        return replace(self, points=tuple((f, r * factor) for f, r in self.points))
+
+    def timed(self, flops: float) -> bool:
+        """Whether a shape of `flops` FLOPs per token is one of the points timed."""
+        return any(math.isclose(f, flops) for f, _ in self.points)
+
+    def merged(self, other: Speed) -> Speed:
+        """The points of both (timed on the same machine), `self`'s note on the load."""
+        return replace(self, points=tuple(sorted({*self.points, *other.points})))
 
 
 @dataclass(frozen=True)
@@ -253,16 +285,17 @@ def calibrate(
     clock: Callable[[], float] | None = None,
     update: Update | None = None,
     loss: Loss = logits_loss,
+    depths: Sequence[int] = (),
 ) -> Speed:
     """The machine's training speed (module docstring): `loss(model)`'s forward and backward (the run's loss: the
     head and cross-entropy fused or not) and `update(model)()` (the run's clipping and optimizer step; None: none)
-    of the ladder's two smallest shapes (that fit `cfg`'s set keys) at its batch geometry, precision and device,
-    each timed with `clock` over CALIBRATION_STEPS passes after an untimed one (default: time.perf_counter,
-    looked up when called). One update a pass: a run that accumulates micro-batches updates less often.
-    RuntimeError (out of memory, say) propagates."""
+    of the ladder's shapes at `depths` (default: the smallest two that fit `cfg`'s set keys) at its batch
+    geometry, precision and device, each timed with `clock` over CALIBRATION_STEPS passes after an untimed one
+    (default: time.perf_counter, looked up when called). One update a pass: a run that accumulates micro-batches
+    updates less often. RuntimeError (out of memory, say) propagates."""
     t, clock = cfg.train, clock or time.perf_counter
-    rates = []
-    for depth in fitting_depths(cfg.model)[:2]:  # the smallest two the set keys allow (n_kv_heads, say)
+    points = []
+    for depth in depths or fitting_depths(cfg.model)[:2]:
         shape = ladder_shape(cfg.model, depth)
         model = Transformer(shape).to(device)
         step = update(model) if update else model.zero_grad
@@ -280,10 +313,8 @@ def calibrate(
         synchronize(device)
         seconds = max(clock() - began, 1e-9) / CALIBRATION_STEPS
         flops = flops_per_token(shape, t.seq_len)
-        rates.append((flops, flops * t.batch_size * t.seq_len / seconds))
-    (f1, r1), (f2, r2) = rates if len(rates) == 2 else rates * 2  # one depth fits: a rate that does not scale
-    exponent = min(1.0, max(0.0, math.log(r2 / r1) / math.log(f2 / f1))) if f2 != f1 else 0.0
-    return Speed(r2, f2, exponent)
+        points.append((flops, flops * t.batch_size * t.seq_len / seconds))
+    return Speed(tuple(sorted(points)))
 
 
 def size_model(
@@ -298,8 +329,8 @@ def size_model(
 ) -> tuple[ModelConfig, str, Speed | None]:
     """cfg.model with its shape chosen (model.n_layers = 0), the plan's note saying why, and the machine's speed
     it used (`speed` if given, else calibrated here on `loss` with `update` after each backward, when the run has
-    a time budget; None without one). The
-    run's tokens: max_steps x `tokens_per_step`, or what train.max_time gives at the speed, whichever is fewer;
+    a time budget: the two smallest shapes, then the shape they choose and so on until the choice is a shape
+    timed, RETIMINGS more at most; None without a budget). The run's tokens: max_steps x `tokens_per_step`, or what train.max_time gives at the speed, whichever is fewer;
     `corpus`: each source's share of them and its training tokens (choose_shape). A choice that a timing 20% off
     would change, or one timed on a busy machine, says so: another run (its dry run) may time another speed.
     UsageError when a world of `world_size` ranks would each time its own device."""
@@ -315,6 +346,12 @@ def size_model(
             ),
             None,
         )
+
+    def tokens_at(shape: ModelConfig, speed: Speed | None) -> float:
+        by_steps = t.max_steps * tokens_per_step if t.max_steps else math.inf
+        by_time = t.max_time * speed.tokens_per_s(flops_per_token(shape, t.seq_len)) if speed else math.inf
+        return min(by_steps, by_time)
+
     if t.max_time and speed is None:
         if world_size > 1:
             raise UsageError(
@@ -325,6 +362,11 @@ def size_model(
         busy = busy_note(device)  # read before this process loads the machine itself
         try:
             speed = replace(calibrate(cfg, device, update=update, loss=loss), busy=busy)
+            for _ in range(RETIMINGS):  # the shape chosen timed too, and chosen again at its own speed
+                chosen = choose_shape(cfg, functools.partial(tokens_at, speed=speed), corpus, "").model
+                if speed.timed(flops_per_token(chosen, t.seq_len)):
+                    break
+                speed = speed.merged(calibrate(cfg, device, update=update, loss=loss, depths=[chosen.n_layers]))
         except RuntimeError as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             return (
@@ -336,22 +378,18 @@ def size_model(
                 None,
             )
 
-    def tokens_at(shape: ModelConfig, speed: Speed | None = speed) -> float:
-        by_steps = t.max_steps * tokens_per_step if t.max_steps else math.inf
-        by_time = t.max_time * speed.tokens_per_s(flops_per_token(shape, t.seq_len)) if speed else math.inf
-        return min(by_steps, by_time)
-
     if not speed:
-        sizing = choose_shape(cfg, tokens_at, corpus, f"{t.max_steps} steps of {tokens_per_step:,} tokens")
+        why = f"{t.max_steps} steps of {tokens_per_step:,} tokens"
+        sizing = choose_shape(cfg, functools.partial(tokens_at, speed=None), corpus, why)
         return sizing.model, sizing.note, None
-    measured = speed.tokens_per_s(speed.at)
-    why = f"{t.max_time:g} s at a measured ~{measured:,.0f} tokens/s for depth 2, scaled by FLOPs"
-    sizing = choose_shape(cfg, tokens_at, corpus, why)
+    first = choose_shape(cfg, functools.partial(tokens_at, speed=speed), corpus, "").model
+    flops = flops_per_token(first, t.seq_len)
+    how = "timed" if speed.timed(flops) else "scaled by FLOPs from the shapes timed"
+    why = f"{t.max_time:g} s at ~{speed.tokens_per_s(flops):,.0f} tokens/s for depth {first.n_layers}, {how}"
+    sizing = choose_shape(cfg, functools.partial(tokens_at, speed=speed), corpus, why)
     # the depths a speed SENSITIVITY times the timed one would choose (the steps, where they bound the run, do not move)
     near = {
-        choose_shape(
-            cfg, functools.partial(tokens_at, speed=replace(speed, flops_per_s=f * speed.flops_per_s)), corpus, ""
-        ).model.n_layers
+        choose_shape(cfg, functools.partial(tokens_at, speed=speed.scaled(f)), corpus, "").model.n_layers
         for f in SENSITIVITY
     } - {sizing.model.n_layers}
     boundary = (
