@@ -122,8 +122,9 @@ class Speed:
         return any(math.isclose(f, flops) for f, _ in self.points)
 
     def merged(self, other: Speed) -> Speed:
-        """The points of both (timed on the same machine), `self`'s note on the load."""
-        return replace(self, points=tuple(sorted({*self.points, *other.points})))
+        """The points of both (timed on the same machine; `self`'s where both timed a size), `self`'s note on the
+        load."""
+        return replace(self, points=tuple(sorted((dict(other.points) | dict(self.points)).items())))
 
 
 @dataclass(frozen=True)
@@ -327,13 +328,14 @@ def size_model(
     update: Update | None = None,
     loss: Loss = logits_loss,
 ) -> tuple[ModelConfig, str, Speed | None]:
-    """cfg.model with its shape chosen (model.n_layers = 0), the plan's note saying why, and the machine's speed
-    it used (`speed` if given, else calibrated here on `loss` with `update` after each backward, when the run has
-    a time budget: the two smallest shapes, then the shape they choose and so on until the choice is a shape
-    timed, RETIMINGS more at most; None without a budget). The run's tokens: max_steps x `tokens_per_step`, or what train.max_time gives at the speed, whichever is fewer;
-    `corpus`: each source's share of them and its training tokens (choose_shape). A choice that a timing 20% off
-    would change, or one timed on a busy machine, says so: another run (its dry run) may time another speed.
-    UsageError when a world of `world_size` ranks would each time its own device."""
+    """cfg.model with its shape chosen (model.n_layers = 0), the plan's note saying why, and the machine's speed it used
+    (`speed` if given, else calibrated here on `loss` with `update` after each backward, when the run has a time
+    budget: the two smallest shapes, then the shape they choose and so on until the choice is a shape timed,
+    RETIMINGS more at most; None without a budget). The run's tokens: max_steps x `tokens_per_step`, or what
+    train.max_time gives at the speed, whichever is fewer; `corpus`: each source's share of them and its training
+    tokens (choose_shape). A choice that a timing 20% off would change, or one timed on a busy machine, says so:
+    another run (its dry run) may time another speed. UsageError when a world of `world_size` ranks would each
+    time its own device."""
     t = cfg.train
     smallest = ladder_shape(cfg.model, fitting_depths(cfg.model)[0])
     if t.max_time and t.max_time < MIN_BUDGET and not t.max_steps:
