@@ -429,17 +429,25 @@ def test_early_stopping_ends_the_run_when_validation_stalls(pydoc_data, tmp_path
     assert resumed.run.stale_evals == 2  # the count is part of the checkpoint
 
 
-def test_final_weights_best_are_the_lowest_validation_losss(pydoc_data, tmp_path, capsys):
+@pytest.mark.parametrize("fmt", ["file", "sharded"])
+def test_final_weights_best_are_the_lowest_validation_losss(pydoc_data, tmp_path, capsys, fmt):
     """checkpoint.final_weights = "best": AdamW at a constant 0.3 makes the model worse after its first steps, so
     the lowest validation loss comes before the end; final/ holds that save's weights (evaluated again: the same
-    loss), the checkpoint the last step's, for a resume."""
+    loss; read from a file save or a sharded folder), the checkpoint the last step's, for a resume."""
     from fasttrain.checkpoints.checkpoint_files import load
     from fasttrain.model.weights import load_exported
 
     steps = 12
     worse = ["optim.lr=0.3", 'schedule.decay="constant"', f"train.max_steps={steps}"]
     summary = Trainer(
-        tiny_config(pydoc_data, tmp_path, *EVAL_EVERY_STEP, *worse, 'checkpoint.final_weights="best"')
+        tiny_config(
+            pydoc_data,
+            tmp_path,
+            *EVAL_EVERY_STEP,
+            *worse,
+            'checkpoint.final_weights="best"',
+            f'checkpoint.format="{fmt}"',
+        )
     ).train()
     evals = [e for e in read_metrics(tmp_path) if e["event"] == "eval"]
     best = min(evals, key=lambda e: e["val_loss"])
@@ -452,6 +460,8 @@ def test_final_weights_best_are_the_lowest_validation_losss(pydoc_data, tmp_path
     assert final.keys() == kept.keys() and all(torch.equal(final[k], kept[k]) for k in kept)
     assert saves.step_of(saves.pointed(tmp_path / "checkpoints", "latest")) == steps
     assert f"(step {best['step']}'s, the lowest validation loss" in capsys.readouterr().out
+    if fmt == "sharded":
+        return
     # "last" (the default) keeps the last step's weights whatever the evaluations said
     last = Trainer(tiny_config(pydoc_data, tmp_path / "last", *EVAL_EVERY_STEP, *worse)).train()
     assert last["weights_step"] == steps and last["weights_val_loss"] == last["val_loss"]
