@@ -317,17 +317,15 @@ class Trainer:
         returns a summary.
 
         Writes `config.toml` (the resolved config), `metrics.jsonl`, checkpoints and, at the end, the final weights
-        (`final/`, see fasttrain/model/weights.py; with checkpoint.final_weights = "best" those of the best save
-        where it beat the last evaluation, which the model then holds, the optimizer and loader staying at the last
-        step: run_loop.write_final)
-        into `train.out_dir`, which it locks for its duration
-        (fasttrain/system/run_lock.py: UsageError if another process trains there). A new run refuses a directory
-        that holds another run's checkpoints unless `overwrite`, which replaces that run's files
-        (run_directory.RUN_FILES). Everything that can refuse the run is checked before anything there is created,
-        moved or deleted, and a start that fails before its first step is taken back (run_directory.RunStart).
-        Compile time (the first step, on a compiled model) is reported on its own and kept out of the throughput
-        figures and the time budget, as is time spent evaluating, sampling and saving; the summary gives the
-        seconds trained and the wall time since the Trainer was made.
+        (`final/`, see fasttrain/model/weights.py; with checkpoint.final_weights = "best" those of the best save where
+        it beat the last evaluation, which the model then holds, the optimizer and loader staying at the last step:
+        run_loop.write_final) into `train.out_dir`, which it locks for its duration (fasttrain/system/run_lock.py:
+        UsageError if another process trains there). A new run refuses a directory that holds another run's checkpoints
+        unless `overwrite`, which replaces that run's files (run_directory.RUN_FILES). Everything that can refuse the
+        run is checked before anything there is created, moved or deleted, and a start that fails before its first step
+        is taken back (run_directory.RunStart). Compile time (the first step, on a compiled model) is reported on its
+        own and kept out of the throughput figures and the time budget, as is time spent evaluating, sampling and
+        saving; the summary gives the seconds trained and the wall time since the Trainer was made.
         """
         resumed = self.resumed_from is not None
         check_start(self.plan, resumed, overwrite)
