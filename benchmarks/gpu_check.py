@@ -359,8 +359,9 @@ def step_stage(ctx: Context) -> Stage:
 def profile_stage(ctx: Context) -> Stage:
     """Where the 124M step's time goes, for each kernel setting of bench_train_step (auto, every kernel on,
     stock): step times from CUDA events (min, median, stdev: the spread), then the profiled time per step
-    by kernel category, the device's idle time included, and the allocator's cudaMalloc retries and calls
-    during the timed steps (benchmarks/profile_step.py)."""
+    by kernel category, the device's idle time included and charged to the host ops whose launches ended
+    each gap, and the allocator's cudaMalloc retries and calls during the timed steps
+    (benchmarks/profile_step.py)."""
     import torch
 
     from benchmarks.bench_train_step import CONFIGS, GPU_CONFIGS, GPU_SETTINGS, KERNELS, make_trainer
@@ -382,6 +383,7 @@ def profile_stage(ctx: Context) -> Stage:
             "step_ms": found["step_ms"],
             "allocator": found["allocator"],
             "ms_per_step": found["ms_per_step"],
+            "idle_gaps": found["idle_gaps"],
         }
         stage.check(f"{impl} profiled", bool(found["ms_per_step"]), f"median step {found['step_ms']['median']:.2f} ms")
     stage.summary = "; ".join(

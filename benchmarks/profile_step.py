@@ -11,12 +11,14 @@ steps. Prints the time per step by kernel category (matmul, attention, norm, cro
 the device idle: host work and gaps), the ops that took the most time (GPU time on
 CUDA, CPU time otherwise), and writes DIR/trace.json for chrome://tracing or
 Perfetto, where the gaps show: launch overhead between short kernels, host syncs
-(the device idle while the CPU waits), unfused elementwise chains. The gpu_check
-`profile` stage records the same for the stock and fasttrain steps.
+(the device idle while the CPU waits), unfused elementwise chains. On a GPU it also charges
+each idle gap to the host op whose launch ended it (`idle_gaps`). The gpu_check `profile` stage
+records the same for the stock and fasttrain steps.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
 import tempfile
@@ -102,6 +104,66 @@ def ms_by_category(events, cuda: bool, steps: int) -> dict[str, float]:
     return by_category
 
 
+DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # chrome-trace categories of work on the GPU
+LAUNCHES = ("cuda_runtime", "cuda_driver")  # the host calls that queue it (cudaLaunchKernel, cuLaunchKernelEx)
+
+
+def idle_gaps(trace: dict, steps: int, top: int = 8) -> dict:
+    """Where the GPU waited, from a profiler's chrome `trace` of `steps` steps: each gap between the device's
+    work (every stream merged) is charged to the host op that launched the work ending it, the innermost CPU
+    op around that launch, and to the outermost one (the phase: the compiled region, the optimizer step).
+
+    Returns {"ms_per_step": the device idle per step between its first and last work, "by_launcher":
+    {innermost op: ms per step}, "by_phase": {outermost op: ms per step}, "largest": the `top` longest gaps,
+    each {"ms", "next", "launcher", "phase", "launch_lag_ms"}}; launch_lag_ms > 0 means the work was
+    queued only after the GPU ran dry (the host was behind), < 0 that it waited on something else (a
+    dependency, a sync). Empty figures without device work (a CPU run)."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    work = sorted((e for e in events if e.get("cat") in DEVICE_WORK), key=lambda e: e["ts"])
+    launches = {
+        e["args"]["correlation"]: e for e in events if e.get("cat") in LAUNCHES and "correlation" in e.get("args", {})
+    }
+    ops_by_thread: dict = {}
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation") and not e["name"].startswith("ProfilerStep"):
+            ops_by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+
+    def around(launch: dict) -> list[dict]:  # the CPU ops enclosing a launch, outermost first
+        ops = ops_by_thread.get((launch.get("pid"), launch.get("tid")), [])
+        inside = [o for o in ops if o["ts"] <= launch["ts"] <= o["ts"] + o["dur"]]
+        return sorted(inside, key=lambda o: (o["ts"], -o["dur"]))
+
+    gaps, end = [], None
+    for e in work:
+        if end is not None and e["ts"] > end:
+            launch = launches.get(e.get("args", {}).get("correlation"))
+            chain = around(launch) if launch else []
+            gaps.append(
+                {
+                    "ms": (e["ts"] - end) / 1e3,
+                    "next": e["name"],
+                    "launcher": chain[-1]["name"] if chain else "unknown",
+                    "phase": chain[0]["name"] if chain else "unknown",
+                    "launch_lag_ms": round((launch["ts"] - end) / 1e3, 3) if launch else None,
+                }
+            )
+        end = e["ts"] + e["dur"] if end is None else max(end, e["ts"] + e["dur"])
+
+    def per_step(key: str) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for g in gaps:
+            totals[g[key]] = totals.get(g[key], 0.0) + g["ms"] / steps
+        return {k: round(v, 3) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+    largest = sorted(gaps, key=lambda g: -g["ms"])[:top]
+    return {
+        "ms_per_step": round(sum(g["ms"] for g in gaps) / steps, 3),
+        "by_launcher": per_step("launcher"),
+        "by_phase": per_step("phase"),
+        "largest": [{**g, "ms": round(g["ms"], 3)} for g in largest],
+    }
+
+
 def profile_trainer(trainer, steps: int, out: Path) -> dict:
     """Warm `trainer` up, time `steps` steps, then profile `steps` more (writing out/trace.json): the step
     times (min, median, stdev in ms, and each in order), the allocator events during the timed steps, the
@@ -118,6 +180,7 @@ def profile_trainer(trainer, steps: int, out: Path) -> dict:
         if cuda:
             torch.cuda.synchronize()
     prof.export_chrome_trace(str(out / "trace.json"))
+    gaps = idle_gaps(json.loads((out / "trace.json").read_text()), steps) if cuda else {}
     by_category = ms_by_category(prof.key_averages(), cuda, steps)
     if cuda:  # the device idle: host work the kernels waited for, launch gaps, syncs
         by_category["idle (host, gaps)"] = max(statistics.median(times) - sum(by_category.values()), 0.0)
@@ -126,6 +189,7 @@ def profile_trainer(trainer, steps: int, out: Path) -> dict:
         "step_ms": step_summary(times),
         "allocator": allocator,
         "ms_per_step": {k: round(v, 3) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+        "idle_gaps": gaps,
         "table": table,
     }
 
@@ -152,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("allocator during the timed steps: " + ", ".join(f"{k} {v}" for k, v in found["allocator"].items()))
     for name, ms in found["ms_per_step"].items():
         print(f"  {name:<18} {ms:9.3f} ms/step")
+    for name, ms in found["idle_gaps"].get("by_launcher", {}).items():
+        print(f"  GPU idle before work launched by {name}: {ms:.3f} ms/step")
     print(f"trace: {Path(args.out) / 'trace.json'}")
     return 0
 

@@ -177,3 +177,41 @@ def test_profile_categories_count_each_kernel_once_on_cuda():
     events = EventList([op, kernel, norm, annotation], use_device="cuda")
     events._build_tree()
     assert ms_by_category(events.key_averages(), cuda=True, steps=2) == {"matmul": 1.0, "norm": 0.25}
+
+
+def test_idle_gaps_are_charged_to_the_host_op_whose_launch_ended_them():
+    """Two streams' kernels merge into one timeline; a gap is charged to the innermost and the outermost
+    CPU op around the launch of the work after it, with how late that launch came."""
+    from benchmarks.profile_step import idle_gaps
+
+    def x(cat, name, ts, dur, tid=1, correlation=None):
+        event = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": tid}
+        return {**event, "args": {"correlation": correlation}} if correlation is not None else event
+
+    trace = {
+        "traceEvents": [
+            x("user_annotation", "Optimizer.step#FusedAdamW.step", 100, 400),
+            x("cpu_op", "fasttrain::adamw", 150, 300),
+            x("cuda_driver", "cuLaunchKernel", 320, 5, correlation=3),
+            x("cpu_op", "aten::mm", 0, 20),
+            x("cuda_runtime", "cudaLaunchKernel", 5, 5, correlation=1),
+            x("cuda_runtime", "cudaLaunchKernel", 12, 5, correlation=2),
+            x("kernel", "gemm_a", 10, 100, tid=7, correlation=1),
+            x("kernel", "gemm_b", 50, 150, tid=8, correlation=2),  # another stream: overlaps, no gap
+            x("kernel", "adamw_kernel", 300, 50, tid=7, correlation=3),  # 100 us idle, launched 120 us late
+            x("gpu_memset", "Memset", 360, 10, tid=7),  # 10 us idle, no launch known
+        ]
+    }
+    found = idle_gaps(trace, steps=2)
+    assert found["ms_per_step"] == pytest.approx((0.100 + 0.010) / 2)
+    assert found["by_launcher"] == {"fasttrain::adamw": 0.05, "unknown": 0.005}
+    assert found["by_phase"] == {"Optimizer.step#FusedAdamW.step": 0.05, "unknown": 0.005}
+    first = found["largest"][0]
+    assert first == {
+        "ms": 0.1,
+        "next": "adamw_kernel",
+        "launcher": "fasttrain::adamw",
+        "phase": "Optimizer.step#FusedAdamW.step",
+        "launch_lag_ms": 0.12,
+    }
+    assert idle_gaps({"traceEvents": [x("cpu_op", "aten::mm", 0, 20)]}, steps=1)["largest"] == []
