@@ -108,6 +108,28 @@ DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")  # chrome-trace categories 
 LAUNCHES = ("cuda_runtime", "cuda_driver")  # the host calls that queue it (cudaLaunchKernel, cuLaunchKernelEx)
 
 
+def enclosing_ops(events: list[dict], launches: dict[int, dict]) -> dict[int, list[str]]:
+    """The names of the CPU ops (and annotations, but ProfilerStep's) open around each of `launches` (by
+    correlation id) on its thread, outermost first: one sweep of each thread's ops in start order with the
+    ones still open, rather than a scan of every op for every launch (a 20-step trace holds tens of thousands)."""
+    by_thread: dict[tuple, list[tuple]] = {}
+    for e in events:
+        if e.get("cat") in ("cpu_op", "user_annotation") and not e["name"].startswith("ProfilerStep"):
+            by_thread.setdefault((e.get("pid"), e.get("tid")), []).append((e["ts"], 0, -e["dur"], e))
+    for correlation, launch in launches.items():  # after the ops starting at its time (0 before 1)
+        by_thread.setdefault((launch.get("pid"), launch.get("tid")), []).append((launch["ts"], 1, 0, correlation))
+    chains: dict[int, list[str]] = {}
+    for items in by_thread.values():
+        open_ops: list[dict] = []  # outermost first: started earlier, or at once and longer
+        for ts, is_launch, _, item in sorted(items, key=lambda i: i[:3]):
+            open_ops = [o for o in open_ops if o["ts"] + o["dur"] >= ts]
+            if is_launch:
+                chains[item] = [o["name"] for o in open_ops]
+            else:
+                open_ops.append(item)
+    return chains
+
+
 def idle_gaps(trace: dict, steps: int, top: int = 8) -> dict:
     """Where the GPU waited, from a profiler's chrome `trace` of `steps` steps: each gap between the device's
     work (every stream merged) is charged to the host op that launched the work ending it, the innermost CPU
@@ -123,27 +145,18 @@ def idle_gaps(trace: dict, steps: int, top: int = 8) -> dict:
     launches = {
         e["args"]["correlation"]: e for e in events if e.get("cat") in LAUNCHES and "correlation" in e.get("args", {})
     }
-    ops_by_thread: dict = {}
-    for e in events:
-        if e.get("cat") in ("cpu_op", "user_annotation") and not e["name"].startswith("ProfilerStep"):
-            ops_by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
-
-    def around(launch: dict) -> list[dict]:  # the CPU ops enclosing a launch, outermost first
-        ops = ops_by_thread.get((launch.get("pid"), launch.get("tid")), [])
-        inside = [o for o in ops if o["ts"] <= launch["ts"] <= o["ts"] + o["dur"]]
-        return sorted(inside, key=lambda o: (o["ts"], -o["dur"]))
-
+    chains = enclosing_ops(events, launches)
     gaps, end = [], None
     for e in work:
         if end is not None and e["ts"] > end:
-            launch = launches.get(e.get("args", {}).get("correlation"))
-            chain = around(launch) if launch else []
+            correlation = e.get("args", {}).get("correlation")
+            launch, chain = launches.get(correlation), chains.get(correlation, [])
             gaps.append(
                 {
                     "ms": (e["ts"] - end) / 1e3,
                     "next": e["name"],
-                    "launcher": chain[-1]["name"] if chain else "unknown",
-                    "phase": chain[0]["name"] if chain else "unknown",
+                    "launcher": chain[-1] if chain else "unknown",
+                    "phase": chain[0] if chain else "unknown",
                     "launch_lag_ms": round((launch["ts"] - end) / 1e3, 3) if launch else None,
                 }
             )
