@@ -88,24 +88,27 @@ def _check_report(run: subprocess.CompletedProcess, archs: list[str], variants: 
         assert r["spill_stores"] <= allowed, f"{what}: spills {r['spill_stores']} bytes a thread"
 
 
-@pytest.mark.parametrize(
-    "arch,widest_only",
-    [
-        # The widest blocks alone are where registers, spills and shared memory peak: a quick local check, in the
-        # second tier with the rest since the first tier is at its 10 minutes on CI's 2 cores (21-24 s each).
-        pytest.param("sm_90", True, id="sm_90-widest", marks=pytest.mark.second_tier),
-        pytest.param("sm_80", True, id="sm_80-widest", marks=pytest.mark.second_tier),
-        pytest.param("sm_90", False, id="sm_90-every-variant", marks=pytest.mark.second_tier),
-        pytest.param("sm_80", False, id="sm_80-every-variant", marks=pytest.mark.second_tier),
-    ],
-)
-def test_every_variant_compiles(arch, widest_only):
-    """Every variant compiles for the H100 and the A100 (whose shared memory is smaller) within the limits.
-    The widest block of each variant (where registers, spills and shared memory peak) for both targets, and every
-    variant of both (about 3 CPU minutes), run in the second tier (.ci/run)."""
-    flags = ["--widest"] if widest_only else []
-    variants = widest(all_specializations()) if widest_only else all_specializations()
-    _check_report(_inspect("--arch", arch, *flags, "--json"), [arch], variants)
+@pytest.mark.second_tier
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_every_variant_compiles(arch):
+    """Every variant compiles for the H100 and the A100 (whose shared memory is smaller) within the limits
+    (about 3 CPU minutes a target, so in the second tier: .ci/run)."""
+    _check_report(_inspect("--arch", arch, "--json"), [arch], all_specializations())
+
+
+def test_widest_keeps_the_widest_block_of_each_variant():
+    """`inspect --widest`, the quick check when working on a kernel, compiles one variant of each kernel, argument
+    types and other constexprs: the one with the widest block, where registers, spills and shared memory peak."""
+    specs = all_specializations()
+    kept = widest(specs)
+
+    def rest(s: Specialization) -> tuple:
+        others = tuple((k, v) for k, v in s.constexprs if k not in ("BLOCK", "BLOCK_ROWS"))
+        return s.name, tuple((n, triton_type(v)) for n, v in s.args), others
+
+    assert len({rest(s) for s in kept}) == len(kept) == len({rest(s) for s in specs}) < len(specs)
+    block = {rest(s): dict(s.constexprs).get("BLOCK", 0) for s in kept}
+    assert all(dict(s.constexprs).get("BLOCK", 0) <= block[rest(s)] for s in specs)
 
 
 GPU_IMAGE_TRITON = "3.6.0"  # the GPU machines' Triton (torch 2.11); CI and this venv have torch 2.13's newer one
