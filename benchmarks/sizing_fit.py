@@ -4,18 +4,21 @@ which tokens-per-parameter ratio makes the rule choose it.
     python -m benchmarks.sizing_fit --measure [--threads 1 2]   # time each depth's training step (quiet machine)
     python -m benchmarks.sizing_fit                              # fit, from the committed results
 
-The sweeps (`python -m benchmarks.recipe_sweep --steps S --case "depth 1" ...`, files
-benchmarks/results/cpu-ladder-<corpus>-<S>steps-*.json) train each depth of the ladder (width 64 d, Muon,
-a warmdown over the last half) for a number of steps: what a depth learns from so many tokens does not depend
-on the machine or on what else runs on it. A machine's speed turns a budget into tokens: --measure times each
+The sweeps (`python -m benchmarks.recipe_sweep --steps S --case "depth N default" --out
+benchmarks/results/cpu-ladder-default-<date>/<corpus>-<S>steps-depth<N>.json`) train each depth of the ladder
+with configs/base.toml's recipe (width 64 d, Muon, a warmdown over the last half, the untied head, embedding
+norm and value embeddings at their rates) for a number of steps: what a depth learns from so many tokens does
+not depend on the machine or on what else runs on it. (The first fit, 2026-11-25, was made on the recipe
+before, cases "depth N", files benchmarks/results/cpu-ladder-<corpus>-<S>steps-2026-11-25.json.) A machine's speed turns a budget into tokens: --measure times each
 depth's real steps (`fasttrain train --dry-run --measure`, optimizer included) at 1 and 2 threads into
 benchmarks/results/cpu-ladder-speeds-<date>.json. Then for each corpus, budget (30 s to 10 min) and thread
 count, each depth's validation bits per byte at the tokens it would train on is read off its sweep
 (interpolated in log tokens between the steps swept; a budget far beyond a depth's sweep leaves it out), the best
 depth is the lowest (a depth up to twice past its last
 point follows its last two points' line), and each ratio on a grid gives the depth sizing's rule would choose there (with the
-corpus's size, as the run knows it). The ratio with the smallest worst regret (bits per byte above the best
-depth's), then mean regret, is the rule's TOKENS_PER_PARAM; the table of choices and regrets goes to
+corpus's size, as the run knows it, and no depth that would read it more than sizing.MAX_EPOCHS times). The ratio with the smallest worst regret (bits per byte above the best
+depth's), then mean regret, is the rule's TOKENS_PER_PARAM, fitted jointly with its ceiling on epochs (MAX_EPOCHS,
+of EPOCH_CEILINGS); the table of choices and regrets goes to
 benchmarks/results/cpu-ladder-fit-<date>.json and docs/performance.md.
 """
 
@@ -30,7 +33,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.recipe_sweep import CASES, ROOT, TABLES_BEFORE, prepared, setting
+from benchmarks.recipe_sweep import CASES, ROOT, prepared, setting
 from fasttrain.config import load_config
 from fasttrain.model import sizing
 from fasttrain.model.transformer import matmul_params
@@ -39,12 +42,13 @@ from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 RESULTS = ROOT / "benchmarks/results"
 BUDGETS = (30, 60, 120, 180, 300)  # seconds
 EXTRAPOLATE = 2.0  # bpb_at follows a depth's last two sweep points this far beyond the last (in tokens)
-# Ratios tried: 0.1 up, a quarter apart, to MEASURED_BOUND: above it the main job (configs/base.toml, 120 s,
-# 2 threads, its 92K-token corpus read 14 to 22 times) chose depth 1 and scored 1.698 bits per byte against
-# depth 2's 1.561 (cpu-main-job-2026-11-25.json): beyond the sweeps' 3.3 epochs the ratio is held by that run.
-MEASURED_BOUND = 1.71
-RATIOS = tuple(r for r in (round(0.1 * 1.25**k, 3) for k in range(25)) if r <= MEASURED_BOUND)
-DEPTHS = (1, 2, 3, 4, 6)
+# Ratios tried: 0.1 up, a quarter apart. (The first fit stopped at 1.71: above it the main job, its 92K-token
+# corpus read 22 times, chose depth 1 and lost 0.14 to depth 2; no depth reading a corpus more than
+# sizing.MAX_EPOCHS times is chosen since, so the fit needs no bound of its own.)
+RATIOS = tuple(round(0.1 * 1.25**k, 3) for k in range(25))
+DEPTHS = (1, 2, 3, 4)
+SWEEPS = "cpu-ladder-default-*"  # the folders of the sweeps the fit reads
+EPOCH_CEILINGS = (3.0, 4.0, 5.0, 6.0, 8.0, 10.0)  # sizing.MAX_EPOCHS tried with each ratio
 
 
 def measure_speeds(threads: Sequence[int], cache: Path) -> dict:
@@ -55,7 +59,7 @@ def measure_speeds(threads: Sequence[int], cache: Path) -> dict:
     for n in threads:
         env = {**os.environ, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n)}
         for depth in DEPTHS:
-            sets = [f"data.dir={data}", "train.compile=false", *TABLES_BEFORE, *CASES[f"depth {depth}"]]
+            sets = [f"data.dir={data}", "train.compile=false", *CASES[f"depth {depth} default"]]
             command = [sys.executable, "-m", "fasttrain.train", "configs/base.toml", "--dry-run", "--json"]
             done = subprocess.run(
                 [*command, "--measure", "5", "--set", *sets], cwd=ROOT, env=env, capture_output=True, text=True
@@ -71,7 +75,7 @@ def sweep_points(corpus: str) -> tuple[dict[int, list[tuple[float, float]]], flo
     """Each depth's (tokens, val bpb) of the ladder sweeps of `corpus`, by tokens, and the corpus's training tokens."""
     points: dict[int, list[tuple[float, float]]] = {}
     unique = 0.0
-    for path in sorted(RESULTS.glob(f"cpu-ladder-{corpus}-*steps-*.json")):
+    for path in sorted(RESULTS.glob(f"{SWEEPS}/{corpus}-*steps-*.json")):
         for r in json.loads(path.read_text())["results"]:
             depth = setting(r["sets"], "model.n_layers", 0)
             points.setdefault(depth, []).append((r["tokens"], r["val_bpb"]))
@@ -90,15 +94,17 @@ def bpb_at(points: list[tuple[float, float]], tokens: float) -> float | None:
     return None
 
 
-def rule_depth(tokens_of: dict[int, float], unique: float, ratio: float) -> int:
-    """The depth sizing's rule chooses among the swept ones at `ratio`, given each depth's tokens."""
+def rule_depth(tokens_of: dict[int, float], unique: float, ratio: float, max_epochs: float) -> int:
+    """The depth sizing's rule chooses among the swept ones at `ratio`, given each depth's tokens: of those that
+    read the corpus (of `unique` tokens) at most `max_epochs` times, if any."""
     auto = load_config(ROOT / "configs/base.toml", [*CASES["auto"], "model.vocab_size=4096"]).model
 
     def distance(depth: int) -> float:
         shape = sizing.ladder_shape(auto, depth)
         return abs(math.log(sizing.effective_tokens(tokens_of[depth], unique) / matmul_params(shape) / ratio))
 
-    return min(tokens_of, key=distance)
+    within = [d for d, t in tokens_of.items() if t <= max_epochs * unique]
+    return min(within or tokens_of, key=distance)
 
 
 def fit(speeds: dict) -> dict:
@@ -128,21 +134,22 @@ def fit(speeds: dict) -> dict:
     if not cells:
         raise UsageError("no budget has two depths inside the sweeps' tokens: run more of the ladder first")
     regrets = {}
-    for ratio in RATIOS:
+    for rule in [(r, m) for m in EPOCH_CEILINGS for r in RATIOS]:
         worst = []
         for c in cells:
-            chosen = rule_depth({d: c["tokens"][d] for d in c["val_bpb"]}, c["unique"], ratio)
+            chosen = rule_depth({d: c["tokens"][d] for d in c["val_bpb"]}, c["unique"], *rule)
             worst.append(c["val_bpb"][chosen] - c["val_bpb"][c["best"]])
-        regrets[ratio] = (max(worst), sum(worst) / len(worst))
-    ratio = min(RATIOS, key=lambda r: regrets[r])
+        regrets[rule] = (max(worst), sum(worst) / len(worst))
+    ratio, max_epochs = min(regrets, key=lambda r: regrets[r])
     for c in cells:
-        c["rule"] = rule_depth({d: c["tokens"][d] for d in c["val_bpb"]}, c["unique"], ratio)
+        c["rule"] = rule_depth({d: c["tokens"][d] for d in c["val_bpb"]}, c["unique"], ratio, max_epochs)
         c["regret"] = round(c["val_bpb"][c["rule"]] - c["val_bpb"][c["best"]], 4)
     return {
         "ratio": ratio,
-        "worst_regret": round(regrets[ratio][0], 4),
-        "mean_regret": round(regrets[ratio][1], 4),
-        "regrets": {str(r): [round(w, 4), round(m, 4)] for r, (w, m) in regrets.items()},
+        "max_epochs": max_epochs,
+        "worst_regret": round(regrets[ratio, max_epochs][0], 4),
+        "mean_regret": round(regrets[ratio, max_epochs][1], 4),
+        "regrets": {f"{r} {m:g}": [round(w, 4), round(a, 4)] for (r, m), (w, a) in regrets.items()},
         "cells": cells,
     }
 
@@ -169,7 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{c['corpus']:5} {c['threads']}t {c['budget_s']:4}s  best d{c['best']}  rule d{c['rule']} "
             f"(+{c['regret']:.3f})  {scores}"
         )
-    print(f"ratio {result['ratio']}: worst regret {result['worst_regret']}, mean {result['mean_regret']}")
+    print(
+        f"ratio {result['ratio']}, at most {result['max_epochs']:g} epochs: worst regret {result['worst_regret']}, "
+        f"mean {result['mean_regret']}"
+    )
     (RESULTS / f"cpu-ladder-fit-{today}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     return 0
 
