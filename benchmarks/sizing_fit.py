@@ -9,22 +9,23 @@ benchmarks/results/cpu-ladder-default-<date>/<corpus>-<S>steps-depth<N>.json`) t
 with configs/base.toml's recipe (width 64 d, Muon, a warmdown over the last half, the untied head, embedding
 norm and value embeddings at their rates) for a number of steps: what a depth learns from so many tokens does
 not depend on the machine or on what else runs on it. (The first fit, 2026-11-25, was made on the recipe
-before, cases "depth N", files benchmarks/results/cpu-ladder-<corpus>-<S>steps-2026-11-25.json.) A machine's speed turns a budget into tokens: --measure times each
-depth's real steps (`fasttrain train --dry-run --measure`, optimizer included) at 1 and 2 threads into
-benchmarks/results/cpu-ladder-speeds-<date>.json. Then for each corpus, budget (30 s to 10 min) and thread
-count, each depth's validation bits per byte at the tokens it would train on is read off its sweep
-(interpolated in log tokens between the steps swept; a budget far beyond a depth's sweep leaves it out), the best
-depth is the lowest (a depth up to twice past its last
-point follows its last two points' line), and each ratio on a grid gives the depth sizing's rule would choose there (with the
-corpus's size, as the run knows it, and no depth that would read it more than sizing.MAX_EPOCHS times). The ratio with the smallest worst regret (bits per byte above the best
-depth's), then mean regret, is the rule's TOKENS_PER_PARAM, fitted jointly with its ceiling on epochs (MAX_EPOCHS,
-of EPOCH_CEILINGS); the table of choices and regrets goes to
+before, cases "depth N", files benchmarks/results/cpu-ladder-<corpus>-<S>steps-2026-11-25.json.) A machine's
+speed turns a budget into tokens: --measure times each depth's real steps (`fasttrain train --dry-run
+--measure`, optimizer included) at 1 and 2 threads into benchmarks/results/cpu-ladder-speeds-<date>.json. Then
+for each corpus, budget (30 s to 10 min) and thread count, each depth's validation bits per byte at the tokens
+it would train on is read off its sweep (interpolated in log tokens between the steps swept; a budget far beyond
+a depth's sweep leaves it out), the best depth is the lowest (a depth up to twice past its last point follows
+its last two points' line), and each ratio on a grid gives the depth sizing's rule would choose there (with the
+corpus's size, as the run knows it, and no depth that would read it more often than the ceiling on epochs tried
+with it, of EPOCH_CEILINGS). The pair with the smallest worst regret (bits per byte above the best depth's),
+then mean regret, is the rule's TOKENS_PER_PARAM and MAX_EPOCHS; the table of choices and regrets goes to
 benchmarks/results/cpu-ladder-fit-<date>.json and docs/performance.md.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -94,14 +95,19 @@ def bpb_at(points: list[tuple[float, float]], tokens: float) -> float | None:
     return None
 
 
+@functools.cache
+def ladder_params(depth: int) -> int:
+    """matmul_params of the ladder's shape at `depth` as configs/base.toml builds it (vocabulary 4096)."""
+    auto = load_config(ROOT / "configs/base.toml", [*CASES["auto"], "model.vocab_size=4096"]).model
+    return matmul_params(sizing.ladder_shape(auto, depth))
+
+
 def rule_depth(tokens_of: dict[int, float], unique: float, ratio: float, max_epochs: float) -> int:
     """The depth sizing's rule chooses among the swept ones at `ratio`, given each depth's tokens: of those that
     read the corpus (of `unique` tokens) at most `max_epochs` times, if any."""
-    auto = load_config(ROOT / "configs/base.toml", [*CASES["auto"], "model.vocab_size=4096"]).model
 
     def distance(depth: int) -> float:
-        shape = sizing.ladder_shape(auto, depth)
-        return abs(math.log(sizing.effective_tokens(tokens_of[depth], unique) / matmul_params(shape) / ratio))
+        return abs(math.log(sizing.effective_tokens(tokens_of[depth], unique) / ladder_params(depth) / ratio))
 
     within = [d for d, t in tokens_of.items() if t <= max_epochs * unique]
     return min(within or tokens_of, key=distance)
