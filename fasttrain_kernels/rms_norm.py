@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fasttrain_kernels._backend import gpu_properties, library_op, num_warps_for, tl, triton, use_triton
+from fasttrain_kernels._backend import gpu_properties, launchable, library_op, num_warps_for, tl, triton, use_triton
 from fasttrain_kernels._specialization import EXAMPLE_ROWS, HIDDEN_SIZES, PRECISIONS, Specialization, choices
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -256,7 +256,7 @@ def _forward(
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block, chosen, _ = tilings(n_cols, _capability(x.device))
     tiling = tiling or chosen
-    _rms_norm_forward_kernel[(triton.cdiv(n_rows, tiling.block_rows),)](
+    launchable(_rms_norm_forward_kernel, x)[(triton.cdiv(n_rows, tiling.block_rows),)](
         x,
         x.stride(0),
         x if residual is None else residual,
@@ -307,7 +307,7 @@ def _backward(
     tiling = tiling or chosen
     rows_per_program, programs = _backward_split(n_rows, tiling, h.device)
     partials = torch.empty(programs if weight_grad else 0, n_cols, dtype=torch.float32, device=h.device)
-    _rms_norm_backward_kernel[(programs,)](
+    launchable(_rms_norm_backward_kernel, h)[(programs,)](
         dy,
         dy.stride(0),
         dy if dh is None else dh,
@@ -421,11 +421,12 @@ def specializations() -> list[Specialization]:
 
 
 # ----------------------------------------------------------------------------- torch.library ops
-# Opaque to torch.compile, which calls them without a graph break; the fakes give it shapes and dtypes.
+# torch.compile calls them without a graph break: on CUDA tensors it traces the launchers and Inductor
+# launches the kernels itself; on the CPU the ops are opaque, their fakes giving it shapes and dtypes.
 # Eager calls skip the op and call the function (fasttrain_kernels/_backend.py, LibraryOp).
 
 
-@library_op("fasttrain::rms_norm_forward")
+@library_op("fasttrain::rms_norm_forward", inline=True)
 def _forward_op(
     x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -439,7 +440,7 @@ def _(x, residual, weight, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype), h, x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@library_op("fasttrain::rms_norm_backward", mutates_args=("dx", "dresidual"))
+@library_op("fasttrain::rms_norm_backward", mutates_args=("dx", "dresidual"), inline=True)
 def _backward_op(
     dy: Tensor,
     dh: Tensor | None,

@@ -246,6 +246,49 @@ def test_compiles_without_graph_breaks(kernel_device, autocast):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.compile
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor launches the kernels itself on CUDA tensors only")
+def test_inductor_launches_the_kernels_itself_on_the_gpu():
+    """Compiled on CUDA, the norms are no opaque ops: Inductor's code launches the Triton kernels (forward
+    and backward) without a hop back into the ops' Python, and computes what eager code does."""
+    from torch._inductor.utils import run_and_get_code
+
+    norms = torch.nn.ModuleList(RMSNorm(96, device="cuda") for _ in range(2))
+    for norm in norms:
+        torch.nn.init.normal_(norm.weight)
+
+    def block(x, delta):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, h = norms[0](delta, x)
+            return norms[1](y.relu(), h)[0].float().square().sum()
+
+    x = torch.randn(3, 7, 96, device="cuda")
+    delta = torch.randn(3, 7, 96, device="cuda", requires_grad=True)
+    params = [delta, norms[0].weight, norms[1].weight]
+    eager = torch.autograd.grad(block(x, delta), params)
+    compiled = torch.compile(block, fullgraph=True)
+    grads, code = run_and_get_code(lambda: torch.autograd.grad(compiled(x, delta), params))
+    code = "\n".join(code)
+    assert "_rms_norm_forward_kernel" in code and "_rms_norm_backward_kernel" in code
+    assert "fasttrain.rms_norm" not in code  # no call of an opaque op
+    for a, b in zip(grads, eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_launches_are_wrapped_only_for_traced_tensors(monkeypatch):
+    """A launcher's kernel is wrapped for torch.compile's trace (fake tensors) and is the kernel itself for
+    real ones, whose launch in eager code must not pay for the wrapper's dispatch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fasttrain_kernels._backend import launchable
+
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: ("wrapped", kernel))
+    kernel = norm_module._rms_norm_forward_kernel
+    assert launchable(kernel, torch.ones(2)) is kernel
+    with FakeTensorMode():
+        assert launchable(kernel, torch.ones(2)) == ("wrapped", kernel)
+
+
 @pytest.mark.parametrize(
     "case, message",
     [
