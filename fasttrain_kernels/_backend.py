@@ -135,7 +135,9 @@ class LibraryOp:
     compiled graph a hop back into Python and the launcher's host work on every call (an H200 with
     torch 2.11: 150 us a RMSNorm forward against 39 us inlined, 3 us for Inductor's own norm), time the
     GPU spends idle when the step is short. The opaque op stays for CPU tensors, where the launcher runs
-    PyTorch or Triton's interpreter, which Inductor does not launch.
+    PyTorch or Triton's interpreter, which Inductor does not launch. The triton_op is made only where CUDA
+    is available: making it imports Inductor (2-3 s), which `import fasttrain_kernels` on a machine without a
+    GPU need not pay. An inlined op's first argument is a tensor on the op's device.
     """
 
     def __init__(self, launcher: Callable, name: str, mutates_args: Sequence[str], inline: bool):
@@ -143,7 +145,7 @@ class LibraryOp:
         self.op = torch.library.custom_op(name, mutates_args=tuple(mutates_args))(launcher)
         self.inlined = (
             torch.library.triton_op(f"{name}_inlined", mutates_args=tuple(mutates_args))(launcher)
-            if inline and TRITON_INSTALLED
+            if inline and TRITON_INSTALLED and torch.cuda.is_available()
             else None
         )
         names = list(inspect.signature(launcher).parameters)
