@@ -130,14 +130,16 @@ class LibraryOp:
     (Triton writes through raw pointers, which autograd does not see). Arguments are positional.
 
     An op made `inline` is also registered as a `torch.library.triton_op` (`inlined`), which compiled
-    code calls on CUDA tensors: torch.compile traces its launcher, whose launches `launchable` wraps for
-    the trace, and Inductor then launches the kernels from its own generated code. An opaque op costs the
+    code calls on CUDA tensors: torch.compile traces its launcher, whose launches are wrapped for the trace
+    (`traced`), and Inductor then launches the kernels from its own generated code. An opaque op costs the
     compiled graph a hop back into Python and the launcher's host work on every call (an H200 with
-    torch 2.11: 150 us a RMSNorm forward against 39 us inlined, 3 us for Inductor's own norm), time the
+    torch 2.11: 150 us a RMSNorm forward against 39 us for a prototype of the inlined op, 3 us for Inductor's
+    own norm), time the
     GPU spends idle when the step is short. The opaque op stays for CPU tensors, where the launcher runs
-    PyTorch or Triton's interpreter, which Inductor does not launch. The triton_op is made only where CUDA
-    is available: making it imports Inductor (2-3 s), which `import fasttrain_kernels` on a machine without a
-    GPU need not pay. An inlined op's first argument is a tensor on the op's device.
+    PyTorch or Triton's interpreter, which Inductor does not launch. The triton_op is made only where a GPU
+    is visible (counted through NVML, which leaves the process safe to fork) and the kernels are not built
+    for the interpreter: making it imports Inductor (2-3 s), which `import fasttrain_kernels` on a machine
+    without a GPU need not pay. An inlined op's first argument is a tensor on the op's device.
     """
 
     def __init__(self, launcher: Callable, name: str, mutates_args: Sequence[str], inline: bool):
@@ -145,7 +147,7 @@ class LibraryOp:
         self.op = torch.library.custom_op(name, mutates_args=tuple(mutates_args))(launcher)
         self.inlined = (
             torch.library.triton_op(f"{name}_inlined", mutates_args=tuple(mutates_args))(launcher)
-            if inline and TRITON_INSTALLED and torch.cuda.is_available()
+            if inline and TRITON_INSTALLED and not INTERPRETING and torch.cuda.device_count() > 0
             else None
         )
         names = list(inspect.signature(launcher).parameters)
@@ -170,7 +172,7 @@ class LibraryOp:
 def library_op(name: str, mutates_args: Sequence[str] = (), inline: bool = False) -> Callable[[Callable], LibraryOp]:
     """Decorator: `torch.library.custom_op(name, mutates_args=...)` for torch.compile, the function itself
     (with the op's version bumps) in eager calls; with `inline`, a triton_op for compiled CUDA calls too,
-    whose launcher must launch through `launchable`. See LibraryOp."""
+    whose launcher must wrap its launches for the trace (`traced`). See LibraryOp."""
 
     def register(launcher: Callable) -> LibraryOp:
         return LibraryOp(launcher, name, mutates_args, inline)
@@ -178,8 +180,10 @@ def library_op(name: str, mutates_args: Sequence[str] = (), inline: bool = False
     return register
 
 
-def launchable(kernel: Any, like: torch.Tensor) -> Any:
-    """`kernel`, to index with its grid and call, for real tensors `like` the call's; wrapped by
-    `torch.library.wrap_triton` for the fake and functional tensors with which torch.compile traces an
-    inlined op (LibraryOp), so that the launch becomes a node of the compiled graph."""
-    return torch.library.wrap_triton(kernel) if isinstance(like, TRACED_TENSORS) else kernel
+def traced(t: torch.Tensor) -> bool:
+    """True for the fake and functional tensors with which torch.compile traces an inlined op's launcher
+    (LibraryOp): its launches must then go through `torch.library.wrap_triton`, which makes each one a node
+    of the compiled graph, where a real tensor launches the kernel itself. Launchers spell that out as
+    `(wrap_triton(kernel) if traced(x) else kernel)[grid](...)`, the kernel named in the call, so that torch
+    finds the kernels an op launches and keys its compile cache on their source."""
+    return isinstance(t, TRACED_TENSORS)

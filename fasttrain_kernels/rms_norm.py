@@ -49,8 +49,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.library import wrap_triton
 
-from fasttrain_kernels._backend import gpu_properties, launchable, library_op, num_warps_for, tl, triton, use_triton
+from fasttrain_kernels._backend import gpu_properties, library_op, num_warps_for, tl, traced, triton, use_triton
 from fasttrain_kernels._specialization import EXAMPLE_ROWS, HIDDEN_SIZES, PRECISIONS, Specialization, choices
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -256,7 +257,8 @@ def _forward(
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block, chosen, _ = tilings(n_cols, _capability(x.device))
     tiling = tiling or chosen
-    launchable(_rms_norm_forward_kernel, x)[(triton.cdiv(n_rows, tiling.block_rows),)](
+    kernel = wrap_triton(_rms_norm_forward_kernel) if traced(x) else _rms_norm_forward_kernel
+    kernel[(triton.cdiv(n_rows, tiling.block_rows),)](
         x,
         x.stride(0),
         x if residual is None else residual,
@@ -307,7 +309,8 @@ def _backward(
     tiling = tiling or chosen
     rows_per_program, programs = _backward_split(n_rows, tiling, h.device)
     partials = torch.empty(programs if weight_grad else 0, n_cols, dtype=torch.float32, device=h.device)
-    launchable(_rms_norm_backward_kernel, h)[(programs,)](
+    kernel = wrap_triton(_rms_norm_backward_kernel) if traced(h) else _rms_norm_backward_kernel
+    kernel[(programs,)](
         dy,
         dy.stride(0),
         dy if dh is None else dh,

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -248,22 +251,31 @@ def test_compiles_without_graph_breaks(kernel_device, autocast):
 
 @pytest.mark.compile
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="Inductor launches the kernels itself on CUDA tensors only")
-def test_inductor_launches_the_kernels_itself_on_the_gpu():
+@pytest.mark.parametrize("residual", [False, True], ids=["norm", "add_norm"])
+@pytest.mark.parametrize("inplace_backward", [False, True], ids=["dx", "dx_into_dy"])
+@pytest.mark.parametrize("dynamic_rows", [False, True], ids=["static", "dynamic_rows"])
+def test_inductor_launches_the_kernels_itself_on_the_gpu(residual, inplace_backward, dynamic_rows):
     """Compiled on CUDA, the norms are no opaque ops: Inductor's code launches the Triton kernels (forward
-    and backward) without a hop back into the ops' Python, and computes what eager code does."""
+    and backward) without a hop back into the ops' Python, and computes what eager code does: with the
+    residual's add or without, dx written over dy's memory or not, the rows fixed or symbolic."""
     from torch._inductor.utils import run_and_get_code
 
-    norms = torch.nn.ModuleList(RMSNorm(96, device="cuda") for _ in range(2))
+    norms = torch.nn.ModuleList(RMSNorm(96, inplace_backward=inplace_backward, device="cuda") for _ in range(2))
     for norm in norms:
         torch.nn.init.normal_(norm.weight)
 
     def block(x, delta):
         with torch.autocast("cuda", dtype=torch.bfloat16):
+            if not residual:
+                return norms[1](norms[0](delta).relu() + x).float().square().sum()
             y, h = norms[0](delta, x)
             return norms[1](y.relu(), h)[0].float().square().sum()
 
     x = torch.randn(3, 7, 96, device="cuda")
     delta = torch.randn(3, 7, 96, device="cuda", requires_grad=True)
+    if dynamic_rows:
+        torch._dynamo.mark_dynamic(x, 0)
+        torch._dynamo.mark_dynamic(delta, 0)
     params = [delta, norms[0].weight, norms[1].weight]
     eager = torch.autograd.grad(block(x, delta), params)
     compiled = torch.compile(block, fullgraph=True)
@@ -275,18 +287,35 @@ def test_inductor_launches_the_kernels_itself_on_the_gpu():
         torch.testing.assert_close(a, b)
 
 
-def test_launches_are_wrapped_only_for_traced_tensors(monkeypatch):
-    """A launcher's kernel is wrapped for torch.compile's trace (fake tensors) and is the kernel itself for
+def test_only_traced_tensors_launch_through_the_wrapper():
+    """A launcher wraps its kernel for torch.compile's trace (fake tensors) and launches the kernel itself on
     real ones, whose launch in eager code must not pay for the wrapper's dispatch."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from fasttrain_kernels._backend import launchable
+    from fasttrain_kernels._backend import traced
 
-    monkeypatch.setattr(torch.library, "wrap_triton", lambda kernel: ("wrapped", kernel))
-    kernel = norm_module._rms_norm_forward_kernel
-    assert launchable(kernel, torch.ones(2)) is kernel
+    assert not traced(torch.ones(2)) and not traced(torch.nn.Parameter(torch.ones(2)))
     with FakeTensorMode():
-        assert launchable(kernel, torch.ones(2)) == ("wrapped", kernel)
+        assert traced(torch.ones(2))
+
+
+@pytest.mark.subprocess
+def test_torch_finds_the_kernels_the_inlined_ops_launch():
+    """torch keys its compile cache for an op made with triton_op on the source of the kernels it finds in the
+    op's launcher: a kernel it missed could be edited and a stale compiled graph still run. (Without
+    TRITON_INTERPRET, which makes the kernels interpreter objects that it does not look for.)"""
+    pytest.importorskip("triton")
+    script = (
+        "from torch._library.triton import get_inner_triton_kernels\n"
+        "from fasttrain_kernels import rms_norm as _\n"
+        "import importlib\n"
+        "m = importlib.import_module('fasttrain_kernels.rms_norm')\n"
+        "for op, kernel in ((m._forward_op, m._rms_norm_forward_kernel), (m._backward_op, m._rms_norm_backward_kernel)):\n"
+        "    assert get_inner_triton_kernels(op.launcher) == [kernel], get_inner_triton_kernels(op.launcher)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
@@ -373,7 +402,8 @@ def test_eager_calls_skip_the_library_op_but_keep_its_version_bumps(kernel_devic
     """Outside torch.compile the launcher runs without the op's dispatch; the tensors it writes still count
     as modified in place, as the op would mark them, so autograd can refuse a clobbered saved tensor."""
     for op in (norm_module._forward_op, norm_module._backward_op):
-        monkeypatch.setattr(op, "op", lambda *args: pytest.fail("the torch.library op was called in eager mode"))
+        for name in ("op", "inlined"):
+            monkeypatch.setattr(op, name, lambda *args: pytest.fail("the torch.library op was called in eager mode"))
     x = torch.randn(3, 40, device=kernel_device, requires_grad=True)
     dy = torch.randn(3, 40, device=kernel_device)
     before = dy._version
