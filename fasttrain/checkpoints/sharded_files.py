@@ -19,19 +19,25 @@ folder, like a checkpoint file, cannot run code. A load compares each file with 
 
 from __future__ import annotations
 
+import functools
 import pickle
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from fasttrain.checkpoints import checksums
 from fasttrain.system.errors import UsageError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import Metadata
+
+# torch.distributed.checkpoint (DCP) is imported by the functions that read or write a folder, not with this
+# module: it brings DTensor and most of torch.distributed, about a second of every process's start, which a
+# run that never touches a sharded checkpoint (most, and every command but train) need not pay.
 
 # In a world of one DCP warns, on every save and load, that it assumes one process: so it does, by design. An
 # async save warns from its background thread, after any warnings.catch_warnings() around the call has ended,
@@ -72,6 +78,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 def read_metadata(path: Path) -> Metadata:
     """The index of the checkpoint folder `path`; UsageError naming the file if it is missing, damaged, names
     anything a safe load cannot read, or points outside the folder."""
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+
     file = path / METADATA
     try:
         with open(file, "rb") as f:
@@ -101,14 +109,20 @@ def read_metadata(path: Path) -> Metadata:
     return metadata
 
 
-class SafeReader(dcp.FileSystemReader):
-    """DCP's file reader with the metadata read by `read_metadata` instead of pickle.load."""
+@functools.cache
+def _safe_reader() -> type:
+    """DCP's file reader with the metadata read by `read_metadata` instead of pickle.load (a class made on first
+    use, as DCP is imported then)."""
+    import torch.distributed.checkpoint as dcp
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_metadata(Path(self.path))
-        if metadata.storage_meta is not None:
-            metadata.storage_meta.load_id = self.load_id
-        return metadata
+    class SafeReader(dcp.FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            metadata = read_metadata(Path(self.path))
+            if metadata.storage_meta is not None:
+                metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader
 
 
 def check_complete(path: Path) -> None:
@@ -130,6 +144,8 @@ def check_complete(path: Path) -> None:
 def write(path: Path, state: dict, process_group: dist.ProcessGroup | None = None) -> None:
     """Every rank writes its part of `state` (tensors: DTensor shards, or whole ones that DCP assigns to one
     rank each) into the folder `path`; rank 0 writes .metadata last."""
+    import torch.distributed.checkpoint as dcp
+
     dcp.save(state, storage_writer=dcp.FileSystemWriter(path), process_group=process_group, no_dist=alone())
 
 
@@ -141,6 +157,8 @@ def write_async(
     rank's part is), its result is the folder's checksums (checksums.of_folder), read back on a thread of its
     own, as the write is done in the background: the run does not wait for them. `process_group`: a gloo group
     of its own, so the background write's collectives never interleave with training's."""
+    import torch.distributed.checkpoint as dcp
+
     written = cast(
         Future,
         dcp.async_save(
@@ -167,14 +185,19 @@ def write_async(
 def read_into(path: Path, state: dict) -> None:
     """Fill `state` (this rank's tensors, shaped as it holds them) from the folder `path`, in any world:
     DCP reads the pieces each tensor needs. UsageError if the folder does not hold them."""
+    import torch.distributed.checkpoint as dcp
+
     try:
-        dcp.load(state, storage_reader=SafeReader(path), no_dist=alone())
+        dcp.load(state, storage_reader=_safe_reader()(path), no_dist=alone())
     except (Exception, dcp.api.CheckpointException) as e:
         raise UsageError(f"{path}: cannot read its shards ({one_line(e)})") from None
 
 
 def read_whole(path: Path, prefix: str, what: Path) -> dict[str, torch.Tensor]:
     """The tensors under `prefix` (e.g. "model") in the folder `path`, whole, on the CPU, in one process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     metadata = read_metadata(path)
     tensors = {
         key[len(prefix) + 1 :]: torch.empty(item.size, dtype=item.properties.dtype)
@@ -182,7 +205,7 @@ def read_whole(path: Path, prefix: str, what: Path) -> dict[str, torch.Tensor]:
         if key.startswith(prefix + ".") and isinstance(item, TensorStorageMetadata)
     }
     try:
-        dcp.load({prefix: tensors}, storage_reader=SafeReader(path), no_dist=True)
+        dcp.load({prefix: tensors}, storage_reader=_safe_reader()(path), no_dist=True)
     except (Exception, dcp.api.CheckpointException) as e:
         raise UsageError(f"{what}: cannot read its shards ({one_line(e)})") from None
     return tensors

@@ -19,12 +19,12 @@ rate scaled by the same schedule.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast, overload
+from typing import TYPE_CHECKING, Any, TypeGuard, cast, overload
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fasttrain.compute.device import native_bf16
 from fasttrain.config import OptimConfig
@@ -32,6 +32,7 @@ from fasttrain.system.errors import UsageError
 from fasttrain_kernels.newton_schulz import POLAR_EXPRESS, POLAR_EXPRESS_MARGIN, newton_schulz_reference
 
 if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
     from torch.optim.optimizer import ParamsT
 
     from fasttrain_kernels.adamw import FusedAdamW
@@ -142,6 +143,13 @@ class Muon(_MuonBase):
         return (scaled * ratio).to(update.dtype)
 
 
+def is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
+    """Whether `t` is a DTensor, without importing DTensor's module (about a second of a process's start, which
+    only a sharded run needs): before that module is loaded no tensor can be one."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def orthogonalised(update: torch.Tensor, group: dict, dtype: torch.dtype) -> torch.Tensor:
     """Muon's direction for the matrix `update`: Newton-Schulz in `dtype` with `group`'s settings, placed as
     `update` is.
@@ -157,8 +165,10 @@ def orthogonalised(update: torch.Tensor, group: dict, dtype: torch.dtype) -> tor
     against ~370 TFLOP of forward and backward for half a million tokens shared by the ranks (~3% more at 8).
     """
     steps, coefficients, eps, margin = group["ns_steps"], group["ns_coefficients"], group["eps"], group["ns_margin"]
-    if not isinstance(update, DTensor):
+    if not is_dtensor(update):
         return newton_schulz_reference(update, steps, coefficients, eps, dtype=dtype, margin=margin)
+    from torch.distributed.tensor import distribute_tensor
+
     whole = newton_schulz_reference(update.full_tensor(), steps, coefficients, eps, dtype=dtype, margin=margin)
     # src_data_rank=None: each rank cuts its slice from its own copy (the default would scatter rank 0's)
     return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
@@ -378,7 +388,7 @@ class Updater:
             return cast("FusedAdamW", self.optimizer).grad_norm()  # what build_optimizer built for `kernel`
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm, foreach=True)
         # FSDP's is a DTensor (already reduced over ranks)
-        return cast(DTensor, norm).full_tensor() if self.sharded else norm
+        return cast("DTensor", norm).full_tensor() if self.sharded else norm
 
     def apply(self, lr: float | None) -> None:
         """One optimizer step at learning rate `lr`, scaled per group (none if `lr` is None; the GradScaler
