@@ -4,7 +4,8 @@ oneDNN and ATen choose their kernels by what the CPU offers (AMX tiles, AVX-512 
 and each sums in its own order, so a tolerance or a pinned value that holds on one machine may not on
 another. ONEDNN_MAX_CPU_ISA and ATEN_CPU_CAPABILITY cap what both may use, so one machine runs as the older
 ones too: each level below runs the tests that compare floats (pinned losses, kernels against eager and fp64,
-accumulation and clipping, exact resume) in a fresh pytest process. "best" is the machine as it is.
+accumulation and clipping, exact resume) in a fresh pytest process. The machine as it is, its best, is the
+first tier's: a level that would run as the machine does anyway skips.
 
 Each level gets its own inductor cache: inductor's cache key does not hold ATEN_CPU_CAPABILITY, and a kernel
 compiled under one capability and loaded under another aborted the process here (torch 2.13).
@@ -29,10 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LEVELS = {
     "avx2": ("avx2", "AVX2", {"avx2", "fma"}),
     "avx512": ("avx512", "AVX512_CORE", {"avx512f", "avx512bw", "avx512vl", "avx512dq"}),
-    "best": (None, None, set()),
 }
 
-# What a CPU must offer for its "best" to differ from the avx2 level (oneDNN's AVX2_VNNI levels sit above AVX2 too).
+# What a CPU must offer for its best to differ from the avx2 level (oneDNN's AVX2_VNNI levels sit above AVX2 too).
 ABOVE_AVX2 = {"avx512f", "avx_vnni", "amx_bf16"}
 
 # The files that compare floats; test_checkpoint only for its bitwise resume. The kernels' Triton cases are left
@@ -60,17 +60,17 @@ NUMERICS = [
 def test_the_numerics_hold_at_every_instruction_set(level, tmp_path):
     aten, onednn, needs = LEVELS[level]
     flags = cpu_flags()
-    if level != "best" and not flags:
+    if not flags:
         pytest.skip("no /proc/cpuinfo flags to tell which instruction sets this CPU has")
     if missing := needs - flags:
         pytest.skip(f"this CPU lacks {sorted(missing)}: it cannot run as an {level} machine")
     if level == "avx512" and not flags & {"avx512_bf16", "amx_bf16"}:
-        pytest.skip("this CPU's best is AVX-512 without bf16: the 'best' case runs it")
+        pytest.skip("this CPU's best is AVX-512 without bf16: the first tier runs these tests on it as it is")
     if level == "avx2" and not flags & ABOVE_AVX2:
-        pytest.skip("this CPU's best is AVX2: the 'best' case runs it")
+        pytest.skip("this CPU's best is AVX2: the first tier runs these tests on it as it is")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "ATEN_CPU", "ONEDNN_MAX"))}
     env |= {"PYTHONPATH": str(ROOT), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    env |= {"ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn} if aten and onednn else {}
+    env |= {"ATEN_CPU_CAPABILITY": aten, "ONEDNN_MAX_CPU_ISA": onednn}
     command = [sys.executable, "-m", "pytest", *NUMERICS, "-k", "not triton", "-q", "-p", "no:cacheprovider"]
     start = time.monotonic()
     try:
