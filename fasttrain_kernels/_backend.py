@@ -129,16 +129,16 @@ class LibraryOp:
     tensor it writes, so autograd still refuses a backward whose saved tensor a kernel overwrote in place
     (Triton writes through raw pointers, which autograd does not see). Arguments are positional.
 
-    An op made `inline` is also registered as a `torch.library.triton_op` (`inlined`), which compiled
-    code calls on CUDA tensors: torch.compile traces its launcher, whose launches are wrapped for the trace
-    (`traced`), and Inductor then launches the kernels from its own generated code. An opaque op costs the
-    compiled graph a hop back into Python and the launcher's host work on every call (an H200 with torch
-    2.11: 150 us a RMSNorm forward against 39 us for a prototype of the inlined op, 3 us for Inductor's own
-    norm), time the GPU spends idle when the step is short. The opaque op stays for CPU tensors, where the launcher runs
-    PyTorch or Triton's interpreter, which Inductor does not launch. The triton_op is made only where a GPU
-    is visible (counted through NVML, which leaves the process safe to fork) and the kernels are not built
-    for the interpreter: making it imports Inductor (2-3 s), which `import fasttrain_kernels` on a machine
-    without a GPU need not pay. An inlined op's first argument is a tensor on the op's device.
+    An op made `inline` is also registered as a `torch.library.triton_op` (`inlined`), which compiled code calls
+    on CUDA tensors: torch.compile traces its launcher, whose launches are wrapped for the trace (`traced`), and
+    Inductor then launches the kernels from its own generated code. An opaque op costs the compiled graph a hop
+    back into Python and the launcher's host work on every call (an H200 with torch 2.11: 150 us a RMSNorm
+    forward against 39 us for a prototype of the inlined op, 3 us for Inductor's own norm), time the GPU spends
+    idle when the step is short. The opaque op stays for CPU tensors, where the launcher runs PyTorch or
+    Triton's interpreter, which Inductor does not launch. The triton_op is made only where a GPU is visible
+    (counted through NVML, which leaves the process safe to fork) and the kernels are not built for the
+    interpreter: making it imports Inductor (2-3 s), which `import fasttrain_kernels` on a machine without a GPU
+    need not pay. An inlined op's first argument is a tensor on the op's device.
     """
 
     def __init__(self, launcher: Callable, name: str, mutates_args: Sequence[str], inline: bool):

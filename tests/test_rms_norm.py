@@ -306,11 +306,11 @@ def test_torch_finds_the_kernels_the_inlined_ops_launch():
     TRITON_INTERPRET, which makes the kernels interpreter objects that it does not look for.)"""
     pytest.importorskip("triton")
     script = (
-        "from torch._library.triton import get_inner_triton_kernels\n"
-        "from fasttrain_kernels import rms_norm as _\n"
         "import importlib\n"
+        "from torch._library.triton import get_inner_triton_kernels\n"
         "m = importlib.import_module('fasttrain_kernels.rms_norm')\n"
-        "for op, kernel in ((m._forward_op, m._rms_norm_forward_kernel), (m._backward_op, m._rms_norm_backward_kernel)):\n"
+        "for op, kernel in ((m._forward_op, m._rms_norm_forward_kernel),\n"
+        "                   (m._backward_op, m._rms_norm_backward_kernel)):\n"
         "    assert get_inner_triton_kernels(op.launcher) == [kernel], get_inner_triton_kernels(op.launcher)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
