@@ -133,26 +133,6 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(
     assert two.stdout.count("model: ") == 1  # only rank 0 prints
 
 
-@pytest.mark.second_tier  # 65 s of torchrun: the first tier keeps the two-rank training checks
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_distributed_resume_is_exact_and_continues_on_one_process(pydoc_data, tmp_path, parallel):
-    # dropout: each rank's RNG must come back; fsdp: the sharded model and optimizer state too
-    exact = [*RUN, "train.batch_size=2", "model.dropout=0.1", f'train.parallel="{parallel}"']
-    straight = torchrun(tiny_args(pydoc_data, tmp_path / "straight", *exact))
-    assert straight.returncode == 0, straight.stderr
-    first = torchrun(tiny_args(pydoc_data, tmp_path / "resumed", *exact, "train.max_steps=2"))
-    assert first.returncode == 0, first.stderr
-    resumed = torchrun(tiny_args(pydoc_data, tmp_path / "resumed", *exact, flags=["--resume", "auto"]))
-    assert resumed.returncode == 0, resumed.stderr
-    # Each rank's loader position and random state (dropout) came back: the same floats exactly.
-    assert values(tmp_path / "resumed", "train", "loss") == values(tmp_path / "straight", "train", "loss")
-    # One process goes on from the same global batch (test_sharded_checkpoint.py compares its losses).
-    alone = single(tiny_args(pydoc_data, tmp_path / "resumed", *exact, "train.max_steps=6", flags=["--resume", "auto"]))
-    assert alone.returncode == 0, alone.stderr
-    assert f"saved by 2 process(es) ({parallel}), continued by 1 (none)" in alone.stdout
-    assert values(tmp_path / "resumed", "train", "step")[-2:] == [5, 6]
-
-
 # One sequence per micro-batch on every rank and 192 tokens a step: 6 micro-batches accumulated on 1 process, 3 on
 # 2, 2 on 3, the same rows each step. eval_steps=5: 5 validation rows, which neither 2 nor 3 ranks split evenly.
 ANY_WORLD = [

@@ -8,7 +8,6 @@ other at most FASTTRAIN_DIST_TIMEOUT=60 s, and the job runs at most 300 s (test_
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
 import pytest
@@ -18,10 +17,8 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from fasttrain.compute import distributed
 from fasttrain.config import ModelConfig, MuonConfig, OptimConfig
 from fasttrain.model.transformer import Transformer
-from fasttrain.model.weights import read_safetensors
 from fasttrain.training.optimizers import Hybrid, build_optimizer
-from tests.conftest import tiny_args
-from tests.test_distributed import RUN, single, torchrun, values
+from tests.test_distributed import torchrun
 
 pytestmark = pytest.mark.subprocess  # the tests start torchrun
 CPU = torch.device("cpu")
@@ -102,39 +99,6 @@ def test_sharded_muon_steps_as_one_process(tmp_path, nproc, parallel, group):
             torch.testing.assert_close(
                 ours, theirs[name].detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {rank}, {name}: {m}"
             )
-
-
-@pytest.mark.second_tier  # three runs, one of them under torchrun: 30 s on the 2 cores, 40-80 s when shared
-@pytest.mark.parametrize("saved, resumed", [(2, 1), (1, 2)], ids=["fsdp2-to-1", "1-to-fsdp2"])
-def test_muon_under_fsdp_resumes_on_another_world_with_the_same_losses(pydoc_data, tmp_path, saved, resumed):
-    """A Muon run under FSDP saves its sharded state (a checkpoint folder) and one process goes on from it; one
-    process's checkpoint file goes on under FSDP. Either way the losses and final weights are those of one process
-    trained straight through, up to fp32 rounding (2 ranks train like 1: test_distributed.py). A resume that lost
-    Muon's momentum was 3e-4 off at the last step."""
-    common = [*RUN, "train.batch_size=2", "train.tokens_per_update=384", "optim.name=muon"]
-    straight = single(tiny_args(pydoc_data, tmp_path / "straight", *common))
-    assert straight.returncode == 0, straight.stderr
-
-    def run(nproc: int, *overrides: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-        fsdp = ['train.parallel="fsdp"'] if nproc == 2 else []
-        args = tiny_args(pydoc_data, tmp_path / "resumed", *common, *fsdp, *overrides, flags=flags)
-        return torchrun(args) if nproc == 2 else single(args)
-
-    first = run(saved, "train.max_steps=2")
-    assert first.returncode == 0, first.stderr
-    kept = tmp_path / "resumed" / "checkpoints" / "step_0000002"
-    assert kept.is_dir() if saved == 2 else kept.with_suffix(".pt").is_file()  # "auto": FSDP saves folders
-    then = run(resumed, flags=("--resume", "auto"))
-    assert then.returncode == 0, then.stderr
-    modes = {1: "none", 2: "fsdp"}
-    assert f"saved by {saved} process(es) ({modes[saved]}), continued by {resumed} ({modes[resumed]})" in then.stdout
-    assert values(tmp_path / "resumed", "train", "tokens") == values(tmp_path / "straight", "train", "tokens")
-    assert values(tmp_path / "resumed", "train", "loss") == pytest.approx(
-        values(tmp_path / "straight", "train", "loss"), rel=1e-5
-    )
-    ours, theirs = (read_safetensors(tmp_path / d / "final" / "model.safetensors") for d in ("resumed", "straight"))
-    for name in theirs:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5)
 
 
 if __name__ == "__main__":  # a rank of the test above, under torchrun
