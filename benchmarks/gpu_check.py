@@ -37,7 +37,8 @@ limit, so a crash or a hang in one leaves the others' results intact:
 --out DIR receives gpu_check.json (pytest-benchmark's layout, so `python -m benchmarks.report` reads
 it, plus a "gpu_check" entry with every stage's checks and figures), gpu_check.md (the report),
 gpu_check.png (the chart) and gpu_check.log (what each stage printed); they are rewritten after
-every stage. A one-screen summary ends the output. The exit status is 1 if any check failed.
+every stage (the chart after one that added cases). A one-screen summary ends the output. The exit
+status is 1 if any check failed.
 
 On a GPU lent in 10-minute commands, run one stage per command and merge the JSON files afterwards
 with --combine. --dry-run runs every stage on the CPU at tiny sizes (CI does): it proves the
@@ -216,8 +217,9 @@ def tests_stage(ctx: Context) -> Stage:
     stage = Stage()
     junit = ctx.work / "tests.xml"
     # A dry run checks the plumbing (pytest, its junit file, the counts) on one quick file; its profiling test
-    # repeats what the dry run's profile stage does for real.
-    targets = ["tests/test_report.py", "-k", "not profile_step"] if ctx.dry_run else ["tests"]
+    # repeats what the dry run's profile stage does for real, and its chart test (matplotlib: a second of CPU)
+    # what the dry run does after its kernels stage, the chart it writes.
+    targets = ["tests/test_report.py", "-k", "not profile_step and not chart"] if ctx.dry_run else ["tests"]
     # A file's tests stay in one worker (module fixtures run once); the suite is CPU-bound in good part.
     parallel = ["-n", str(min(8, os.cpu_count() or 1)), "--dist", "loadfile"] if XDIST and not ctx.dry_run else []
     code, _ = run(
@@ -253,15 +255,18 @@ def tests_stage(ctx: Context) -> Stage:
 
 
 def benchmark_files(ctx: Context, stage: Stage, files: Sequence[str], select: str) -> None:
-    """Run benchmark files one at a time (one slow file costs only its own cases), keeping every case."""
-    for name in files:
-        out = ctx.work / f"{Path(name).stem}.json"
+    """Run benchmark files one at a time (one slow file costs only its own cases), keeping every case; each
+    file's check is that it ran and recorded cases. A dry run runs them all in one pytest process: apart,
+    each file cost a process start (torch, pytest, the kernels: about 5 s of CPU) for a second of toy cases,
+    and no file there is slow enough to cost the others theirs."""
+    for group in [list(files)] if ctx.dry_run else [[name] for name in files]:
+        out = ctx.work / f"{'+'.join(Path(name).stem for name in group)}.json"
         code, _ = run(
             [
                 sys.executable,
                 "-m",
                 "pytest",
-                f"benchmarks/{name}",
+                *(f"benchmarks/{name}" for name in group),
                 "-k",
                 select,
                 "--benchmark-only",
@@ -275,7 +280,10 @@ def benchmark_files(ctx: Context, stage: Stage, files: Sequence[str], select: st
         text = out.read_text() if out.exists() else ""  # empty when pytest died before writing it
         cases = json.loads(text)["benchmarks"] if text.strip() else []
         stage.benchmarks.extend(cases)
-        stage.check(name, code == 0 and bool(cases), f"{outcome(code)}: {len(cases)} cases")
+        files_of = [Path(case["fullname"].split("::")[0]).name for case in cases]
+        for name in group:
+            found = files_of.count(name)
+            stage.check(name, code == 0 and found > 0, f"{outcome(code)}: {found} cases")
 
 
 def races(benchmarks: list[dict]) -> list[dict]:
@@ -311,13 +319,14 @@ def tune_stage(ctx: Context) -> Stage:
     written to the tilings file the kernels read (a dry run writes a scratch copy), and kept in the figures
     so that the results files carry them back from a lent GPU."""
     stage = Stage()
-    table = ctx.work / "rms_norm_tilings.json" if ctx.dry_run else None
-    code, _ = run(
-        [sys.executable, "-m", "benchmarks.tune_rms_norm", *(["--dry-run", "--out", str(table)] if table else [])], ctx
-    )
-    from fasttrain_kernels.rms_norm import TILINGS_FILE
+    if ctx.dry_run:
+        path = ctx.work / "rms_norm_tilings.json"
+        options = ["--dry-run", "--out", str(path)]
+    else:  # imported only here: fasttrain_kernels imports torch, which a dry run's worker does without
+        from fasttrain_kernels.rms_norm import TILINGS_FILE
 
-    path = table or TILINGS_FILE
+        path, options = TILINGS_FILE, []
+    code, _ = run([sys.executable, "-m", "benchmarks.tune_rms_norm", *options], ctx)
     tilings = json.loads(path.read_text())["tilings"] if path.exists() else {}
     stage.figures = {"tilings": tilings}
     tuned = {block: entry for entries in tilings.values() for block, entry in entries.items()}
@@ -629,9 +638,12 @@ def ablation_stage(ctx: Context, name: str) -> Stage:
     from benchmarks.conftest import sizes
 
     stage = Stage()
-    # The dry run proves the plumbing with a few cases: a measured lever, one a CPU skips, the batch
+    # The dry run proves the plumbing with few cases, each a process of about 8 s of CPU: a lever the CPU
+    # skips (its overrides reach the trainer, which refuses them) and the doubled micro-batch, measured. No
+    # kernel lever: [kernels] auto runs in the step and profile stages' "fasttrain" cases, and two measured
+    # levers could both beat stock by CPU noise and cost a third case, the two together.
     dry = {
-        "ablation": ["stock", "kernels auto", "attention cudnn", "micro-batch x2"],
+        "ablation": ["stock", "attention cudnn", "micro-batch x2"],
         "ablation-kernels": ["stock"],
         "ablation-compile": ["stock"],
     }
@@ -744,6 +756,9 @@ def run_stage(name: str, out: Path, work: Path, seconds: float, dry_run: bool) -
         # Kernels on CPU tensors take their PyTorch path: under the test suite's TRITON_INTERPRET the
         # forced-on cases ran Triton's interpreter, seconds a step, for figures that mean nothing here.
         env.pop("TRITON_INTERPRET", None)
+        # One OpenMP thread a process (as the test suite's workers have): a toy step gains nothing from more,
+        # and on a busy 2-core machine two threads spun waiting for each other, 0.96 s a step against 0.045 s.
+        env.setdefault("OMP_NUM_THREADS", "1")
     start = time.monotonic()
     proc = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -847,10 +862,11 @@ def report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(results: dict, out: Path) -> None:
+def write_outputs(results: dict, out: Path, redraw_chart: bool = True) -> None:
+    """Write the result files; the chart, a picture of the cases alone, only with `redraw_chart`."""
     (out / "gpu_check.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
     (out / "gpu_check.md").write_text(report(results), encoding="utf-8")
-    if results["benchmarks"]:
+    if results["benchmarks"] and redraw_chart:
         try:
             chart(results, out / "gpu_check.png")
         except UsageError as e:  # no matplotlib, or no case with a headline figure: the table still says it all
@@ -930,8 +946,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
             for name in [s for s in STAGES if s in (args.stage or STAGES)]:
                 print(f"gpu_check: stage {name} ...", flush=True)
-                add_stage(results, name, run_stage(name, out, Path(work), args.seconds, args.dry_run))
-                write_outputs(results, out)  # after every stage: a later crash keeps what is done
+                record = run_stage(name, out, Path(work), args.seconds, args.dry_run)
+                added = bool(record["benchmarks"])
+                add_stage(results, name, record)
+                # After every stage: a later crash keeps what is done. The chart is drawn again only when the
+                # stage added cases (matplotlib: about 0.6 s of CPU a time, for most stages the same picture)
+                write_outputs(results, out, redraw_chart=added)
     print(summary(results))
     print(f"results: {', '.join(str(out / f) for f in FILES if (out / f).exists())}")
     return 0 if all(r["status"] == "pass" for r in results["gpu_check"]["stages"].values()) else 1
