@@ -104,24 +104,24 @@ def test_tokens_per_source_carry_over_exactly_to_another_world(two_sources):
 # 6 micro-batches of 2 rows per update: 1 process accumulates 6, 2 accumulate 3, 3 accumulate 2; 4 (hsdp) need 12.
 @pytest.mark.second_tier  # about 60 s of torchrun per case on 2 cores
 @pytest.mark.parametrize(
-    "saved, nproc, parallel, update",
+    "saved, nproc, parallel, update, optimizer",
     [
-        ((2, "fsdp"), 1, "none", 384),
-        ((2, "ddp"), 3, "fsdp", 384),
-        ((2, "fsdp"), 4, "hsdp", 768),
-        ((1, "none"), 2, "fsdp", 384),
+        ((2, "fsdp"), 1, "none", 384, "muon"),
+        ((2, "ddp"), 3, "fsdp", 384, "adamw"),
+        ((2, "fsdp"), 4, "hsdp", 768, "muon"),
+        ((1, "none"), 2, "fsdp", 384, "muon"),
     ],
     ids=["fsdp2-to-1", "ddp2-to-fsdp3", "fsdp2-to-hsdp4", "1-to-fsdp2"],
 )
 def test_a_run_saved_by_one_world_resumes_on_another_with_the_same_losses_and_weights(
-    pydoc_data, tmp_path, saved, nproc, parallel, update
+    pydoc_data, tmp_path, saved, nproc, parallel, update, optimizer
 ):
     """A run stopped at step 2 and resumed by another world (sharded folders read as a file's whole tensors, a
     file's cut into shards) ends with the losses and final weights of the saving world trained straight through,
-    up to fp32 rounding. With Muon, base.toml's optimizer: its momentum and per-row second moment are resharded
-    with the matrices (a resume that lost the momentum was 3e-4 off at the last step), and AdamW's state with
-    the norms and embeddings it steps."""
-    common = [*RUN, "train.batch_size=2", f"train.tokens_per_update={update}", "optim.name=muon"]
+    up to fp32 rounding. With Muon, base.toml's optimizer, but for the DDP file cut into FSDP shards, which
+    trains AdamW alone: Muon's momentum is resharded with the matrices (a resume that lost it was 3e-4 off at
+    the last step), and AdamW's state with the norms and tables Muon leaves it."""
+    common = [*RUN, "train.batch_size=2", f"train.tokens_per_update={update}", f'optim.name="{optimizer}"']
 
     def run(out: str, world: int, mode: str, *sets: str, flags: tuple[str, ...] = ()):
         shards = [f'train.parallel="{mode}"'] if world > 1 else []
