@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """Every stage, on the CPU at tiny sizes, as CI runs it: about 155 s of one core's plumbing, so its tests
+    """Every stage, on the CPU at tiny sizes, as CI runs it: about 160 s of plumbing alone, so its tests
     are in the second tier."""
     out = tmp_path_factory.mktemp("gpu-check")
     proc = subprocess.run(
