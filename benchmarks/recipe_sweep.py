@@ -39,6 +39,7 @@ from typing import Sequence
 
 from benchmarks.conftest import environment
 from fasttrain.config import load_config
+from fasttrain.model.sequence_length import SHORT
 from fasttrain.system.errors import ArgumentParser, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,7 +236,7 @@ def train_sets(
     `eval_steps` batches of the val split (default: its first EVAL_TOKENS): the weights final/ holds, which
     with `evaluate_on_the_way` (the config's train.eval_interval, else only at the end) may be an earlier
     step's (checkpoint.final_weights = "best"); the last step's score too."""
-    rows = setting(sets, "train.batch_size", 16) * setting(sets, "train.seq_len", 256)
+    rows = setting(sets, "train.batch_size", 16) * (setting(sets, "train.seq_len", 0) or SHORT)  # tokens a batch
     command = [
         f"data.dir={data}",
         f"train.max_time={0 if steps else budget}",

@@ -50,7 +50,7 @@ fasttrain's tokenizer at vocab 4096), read by fasttrain's TokenLoader; nanochat'
 its sequence length, in the order the seed draws them.
 
 Same score: both on the whole validation split, each at its own context: non-overlapping packed windows of the
-model's sequence length (fasttrain's train.seq_len, 256; nanochat's 512) cut from each val shard, the shard's
+model's sequence length (fasttrain's train.seq_len as its plan chose it; nanochat's 512) cut from each val shard, the shard's
 last, shorter window scored too (padded, its missing targets not counted), so that both score every token of
 the split but each shard's first, the same targets whatever the context (`whole_split`). bits per byte =
 the mean cross-entropy in nats over those targets x the split's tokens / (its UTF-8 bytes x ln 2), the same
@@ -117,6 +117,7 @@ from fasttrain.data.loader import TokenLoader
 from fasttrain.evaluation.validation import validate
 from fasttrain.formats.prepared_folder import PreparedData, open_prepared
 from fasttrain.formats.shards import find_shards
+from fasttrain.model.sequence_length import LONG, SHORT
 from fasttrain.model.transformer import Transformer
 from fasttrain.plot import pyplot, save_figure
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
@@ -473,9 +474,11 @@ def run_fasttrain(
 ) -> dict:
     """configs/base.toml with `sets` trained for `budget` seconds or on `tokens` tokens as recipe_sweep trains a
     case, compiled as train.compile says, validated on the whole val split at its own context."""
-    rows, seq_len = setting(sets, "train.batch_size", 16), setting(sets, "train.seq_len", 256)
-    steps = equal_token_steps(tokens, rows * seq_len) if tokens else 0
-    eval_steps = whole_split_steps(open_prepared(data), seq_len, rows)
+    rows, seq_len = setting(sets, "train.batch_size", 16), setting(sets, "train.seq_len", 0)
+    steps = equal_token_steps(tokens, rows * (seq_len or SHORT)) if tokens else 0  # 0: rows of SHORT tokens
+    # whichever context the plan chooses with seq_len 0, enough batches for the whole split (more read all of it)
+    contexts = [(seq_len, rows)] if seq_len else [(SHORT, rows), (LONG, max(rows * SHORT // LONG, 1))]
+    eval_steps = max(whole_split_steps(open_prepared(data), c, r) for c, r in contexts)
     seeded = [*sets, *([f"train.seed={seed}"] if seed is not None else [])]
     return {
         "system": "fasttrain",

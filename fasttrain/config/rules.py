@@ -76,7 +76,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
     "train.out_dir": (bool, "a directory path"),
     "train.batch_size": _POSITIVE,
-    "train.seq_len": _POSITIVE,
+    "train.seq_len": _NON_NEGATIVE,  # 0: chosen for the run's planned tokens (model/sequence_length.py)
     "train.tokens_per_update": _NON_NEGATIVE,
     "train.log_interval": _POSITIVE,
     "train.eval_interval": _POSITIVE,
@@ -171,7 +171,8 @@ _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
         "train.tokens_per_update",
         "is not a multiple of",
         "train.batch_size",
-        lambda c: c.train.tokens_per_update % (c.train.batch_size * c.train.seq_len) != 0,
+        # with seq_len 0 the plan checks it at the context it chooses (accumulation_steps)
+        lambda c: c.train.seq_len > 0 and c.train.tokens_per_update % (c.train.batch_size * c.train.seq_len) != 0,
         "it must be a whole number of micro-batches of batch_size x seq_len tokens",
     ),
     (

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasttrain.compute.device import autocast, synchronize
-from fasttrain.config import Config, ModelConfig
+from fasttrain.config import Config, ModelConfig, TrainConfig
 from fasttrain.model.transformer import Transformer, flops_per_token, matmul_params, num_params
 from fasttrain.system.errors import UsageError
 
@@ -350,9 +350,7 @@ def size_model(
         )
 
     def tokens_at(shape: ModelConfig, speed: Speed | None) -> float:
-        by_steps = t.max_steps * tokens_per_step if t.max_steps else math.inf
-        by_time = t.max_time * speed.tokens_per_s(flops_per_token(shape, t.seq_len)) if speed else math.inf
-        return min(by_steps, by_time)
+        return run_tokens(t, shape, tokens_per_step, speed)
 
     if t.max_time and speed is None:
         if world_size > 1:
@@ -401,6 +399,14 @@ def size_model(
         else ""
     )
     return sizing.model, sizing.note + boundary + speed.busy, speed
+
+
+def run_tokens(t: TrainConfig, shape: ModelConfig, tokens_per_step: int, speed: Speed | None) -> float:
+    """The tokens a run of `t` trains `shape` on: train.max_steps x `tokens_per_step`, or what train.max_time gives
+    at `speed`, whichever is fewer; math.inf where neither bounds it (a time budget and no speed)."""
+    by_steps = t.max_steps * tokens_per_step if t.max_steps else math.inf
+    by_time = t.max_time * speed.tokens_per_s(flops_per_token(shape, t.seq_len)) if t.max_time and speed else math.inf
+    return min(by_steps, by_time)
 
 
 def busy_note(device: torch.device) -> str:

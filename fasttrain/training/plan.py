@@ -1,9 +1,9 @@
 """A run's plan: everything a run of a config decides before it allocates anything, decided once.
 
 Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, compute.kernel_table,
-config, data.documents, data.mixture, formats.shards, formats.tokenizer, model.sizing, model.transformer,
-model.weights, preparation.cache, preparation.preparation, system.errors, training.preflight, training.schedule,
-training.timed_pass.
+config, data.documents, data.mixture, formats.shards, formats.tokenizer, model.sequence_length, model.sizing,
+model.transformer, model.weights, preparation.cache, preparation.preparation, system.errors, training.preflight,
+training.schedule, training.timed_pass.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
@@ -21,6 +21,7 @@ assembles its parts from it.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -46,6 +47,7 @@ from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Blend, Source, open_sources, phases, token_shares
 from fasttrain.formats.shards import find_shards
 from fasttrain.formats.tokenizer import Tokenizer
+from fasttrain.model.sequence_length import choose_context, recorded_context, short_context
 from fasttrain.model.sizing import (
     HEAD_DIM,
     MAX_EPOCHS,
@@ -55,6 +57,7 @@ from fasttrain.model.sizing import (
     fits,
     ladder_shape,
     plural,
+    run_tokens,
     size_model,
 )
 from fasttrain.model.transformer import flops_per_token, num_params
@@ -213,7 +216,8 @@ def plan_run(
     what the run would refuse before its first step; reads only what it must and writes nothing. With
     model.n_layers = 0 a new run times the machine for its shape (sizing.py) unless given its `speed` (an
     earlier plan's); a run resumed from the save `resume` names (a --resume spec: "auto", a run directory or a
-    checkpoint), or a replay, trains the shape its run recorded."""
+    checkpoint), or a replay, trains the shape its run recorded, and with train.seq_len = 0 the context and batch too;
+    a new run chooses them for its planned tokens (sequence_length.py)."""
     notes: list[str] = []
     t = resolve_train(cfg.train, device)  # no "auto" left in what config.toml records
     budgeted = t.max_time > 0 or cfg.schedule.progress_from  # a replay keeps the warmup it replays
@@ -225,6 +229,13 @@ def plan_run(
     shape, note, init_missing = init_shape(cfg)
     notes += [note] if note else []
     cfg = replace(cfg, train=t, schedule=schedule, model=shape)
+    # A resumed or replayed run's config: the shape and context it trained, where this config leaves them to the plan
+    earlier = recorded_config(cfg, resume) if not (shape.n_layers and t.seq_len) else None
+    choose_seq_len = not t.seq_len and earlier is None  # chosen below, once the run's tokens are known
+    if not t.seq_len:
+        t, note = recorded_context(t, *earlier) if earlier else (short_context(t, shape), "")
+        notes += [note] if note else []
+        cfg = replace(cfg, train=t)
     shard_group = distributed.shard_group(world, t.parallel, t.shard_group_size)
     sources = tuple(open_sources(cfg.data))  # data.dir, or each [[data.sources]] folder
     prepare, vocab = "", 0
@@ -248,11 +259,18 @@ def plan_run(
     # Each source's share of the run's tokens and its size: a source read many times is worth less (sizing.py)
     train_tokens = [s.data.meta["tokens"]["train"] for s in sources]
     corpus = tuple(zip(token_shares(mix, t.max_steps * accumulation), train_tokens)) if sources else ()
-    tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size
-    model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed)
+    tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size  # the same at either context
+    model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
+    cap = epoch_cap(corpus, tokens_per_step) if not shape.n_layers and t.max_time and not schedule.progress_from else 0
+    if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
+        tokens = min(run_tokens(t, model, tokens_per_step, speed), cap * tokens_per_step or math.inf)
+        t, context_note = choose_context(t, shape, tokens)
+        notes.append(context_note)
+        if t != cfg.train:
+            cfg = replace(cfg, train=t)
+            model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
     notes += [note] if note else []
     cfg = replace(cfg, model=model)
-    cap = epoch_cap(corpus, tokens_per_step) if not shape.n_layers and t.max_time and not schedule.progress_from else 0
     if cap and (not t.max_steps or cap < t.max_steps):  # a self-sized budget stops before it overfits (sizing.py)
         t = replace(t, max_steps=cap)
         cfg = replace(cfg, train=t)
@@ -348,11 +366,13 @@ def shape_of(
     device: torch.device,
     resume: str | None,
     speed: Speed | None,
+    recorded: tuple[Config, str] | None,
 ) -> tuple[ModelConfig, str, Speed | None]:
     """cfg.model with no 0 left in its shape, a note ("" if none) and the speed it was chosen at: model.d_model or
     n_heads 0 are derived from the depth; model.n_layers = 0 is the shape the run being resumed (`resume`) or
-    replayed recorded (recorded_model), else chosen for the run's compute (sizing.size_model) on `corpus` (each
-    source's share of the run and its training tokens). UsageError for a shape whose heads do not fit its width."""
+    replayed recorded (`recorded`: recorded_config), else chosen for the run's compute (sizing.size_model) on
+    `corpus` (each source's share of the run and its training tokens). UsageError for a shape whose heads do not
+    fit its width."""
     m = cfg.model
     if m.n_layers:
         shape = m if m.d_model and m.n_heads else ladder_shape(m, m.n_layers)
@@ -367,12 +387,11 @@ def shape_of(
                 f"(heads of {HEAD_DIM}); set model.n_heads too"
             )
         return shape, "", speed
-    found = recorded_model(cfg, resume)
-    if found is None:
+    if recorded is None:
         return size_model(
             cfg, corpus, tokens_per_step, world.size, device, speed, timed_update(cfg, device), timed_loss(cfg, device)
         )
-    r, where = found
+    r, where = recorded[0].model, recorded[1]
     if unset := [k for k in ("n_layers", "d_model", "n_heads") if not getattr(r, k)]:
         raise UsageError(
             f"{where}: model.{unset[0]} = 0, but a run's config records the shape it trained (n_layers, d_model and "
@@ -389,21 +408,21 @@ def shape_of(
     )
 
 
-def recorded_model(cfg: Config, resume: str | None) -> tuple[ModelConfig, str] | None:
-    """The model a resumed run (`resume`, a --resume spec) or a replayed one (schedule.progress_from) trained, and the
-    file that says so: the config.toml of the run directory its checkpoint is in (or of progress_from's run), else
-    the checkpoint's own saved config; None for a new run. UsageError for a resume with no save to resume."""
+def recorded_config(cfg: Config, resume: str | None) -> tuple[Config, str] | None:
+    """The config a resumed run (`resume`, a --resume spec) or a replayed one (schedule.progress_from) trained, and
+    the file that says so: the config.toml of the run directory its checkpoint is in (or of progress_from's run),
+    else the checkpoint's own saved config; None for a new run. UsageError for a resume with no save to resume."""
     if resume is not None:
         path = checkpoint_files.resolve(resume, cfg.train.out_dir).resolve()
         beside = path.parent.parent / "config.toml"
         if path.parent.name == "checkpoints" and beside.is_file():
-            return load_config(beside).model, str(beside)
-        return checkpoint_files.config_of(path).model, str(path)
+            return load_config(beside), str(beside)
+        return checkpoint_files.config_of(path), str(path)
     replayed = cfg.schedule.progress_from
     if not replayed:
         return None
     recorded = (Path(replayed) if Path(replayed).is_dir() else Path(replayed).parent) / "config.toml"
-    return (load_config(recorded).model, str(recorded)) if recorded.is_file() else None
+    return (load_config(recorded), str(recorded)) if recorded.is_file() else None
 
 
 def init_shape(cfg: Config) -> tuple[ModelConfig, str, str]:
