@@ -39,7 +39,7 @@ from typing import Sequence
 
 from benchmarks.conftest import environment
 from fasttrain.config import load_config
-from fasttrain.model.sequence_length import SHORT
+from fasttrain.model.sequence_length import contexts
 from fasttrain.system.errors import ArgumentParser, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,14 +236,15 @@ def train_sets(
     `eval_steps` batches of the val split (default: its first EVAL_TOKENS): the weights final/ holds, which
     with `evaluate_on_the_way` (the config's train.eval_interval, else only at the end) may be an earlier
     step's (checkpoint.final_weights = "best"); the last step's score too."""
-    rows = setting(sets, "train.batch_size", 16) * (setting(sets, "train.seq_len", 0) or SHORT)  # tokens a batch
+    length, rows = contexts(setting(sets, "train.batch_size", 16), setting(sets, "train.seq_len", 0))[0]
+    batch_tokens = length * rows  # the same at whichever context the plan chooses
     command = [
         f"data.dir={data}",
         f"train.max_time={0 if steps else budget}",
         f"train.max_steps={steps}",
         f"train.compile={train_compile}",
         *([] if evaluate_on_the_way else ["train.eval_interval=1000000"]),
-        f"train.eval_steps={eval_steps or -(-EVAL_TOKENS // rows)}",
+        f"train.eval_steps={eval_steps or -(-EVAL_TOKENS // batch_tokens)}",
         "checkpoint.interval=1000000",
         "train.sample_tokens=0",
         "train.tensorboard=false",

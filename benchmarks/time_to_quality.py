@@ -117,7 +117,7 @@ from fasttrain.data.loader import TokenLoader
 from fasttrain.evaluation.validation import validate
 from fasttrain.formats.prepared_folder import PreparedData, open_prepared
 from fasttrain.formats.shards import find_shards
-from fasttrain.model.sequence_length import LONG, SHORT
+from fasttrain.model.sequence_length import contexts
 from fasttrain.model.transformer import Transformer
 from fasttrain.plot import pyplot, save_figure
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
@@ -474,11 +474,10 @@ def run_fasttrain(
 ) -> dict:
     """configs/base.toml with `sets` trained for `budget` seconds or on `tokens` tokens as recipe_sweep trains a
     case, compiled as train.compile says, validated on the whole val split at its own context."""
-    rows, seq_len = setting(sets, "train.batch_size", 16), setting(sets, "train.seq_len", 0)
-    steps = equal_token_steps(tokens, rows * (seq_len or SHORT)) if tokens else 0  # 0: rows of SHORT tokens
+    geometries = contexts(setting(sets, "train.batch_size", 16), setting(sets, "train.seq_len", 0))
+    steps = equal_token_steps(tokens, geometries[0][0] * geometries[0][1]) if tokens else 0  # either: the same
     # whichever context the plan chooses with seq_len 0, enough batches for the whole split (more read all of it)
-    contexts = [(seq_len, rows)] if seq_len else [(SHORT, rows), (LONG, max(rows * SHORT // LONG, 1))]
-    eval_steps = max(whole_split_steps(open_prepared(data), c, r) for c, r in contexts)
+    eval_steps = max(whole_split_steps(open_prepared(data), length, rows) for length, rows in geometries)
     seeded = [*sets, *([f"train.seed={seed}"] if seed is not None else [])]
     return {
         "system": "fasttrain",

@@ -12,11 +12,11 @@ import torch
 from fasttrain.compute.distributed import World
 from fasttrain.config import load_config
 from fasttrain.model import sequence_length
-from fasttrain.model.sequence_length import LONG, LONG_FROM, SHORT, choose_context, short_context
+from fasttrain.model.sequence_length import LONG, LONG_FROM, SHORT, choose_context, contexts, short_context
 from fasttrain.model.sizing import Speed
 from fasttrain.system.errors import UsageError, run_cli
 from fasttrain.train import main as train_main
-from fasttrain.training.plan import plan_run
+from fasttrain.training.plan import accumulation_steps, plan_run
 from tests.conftest import tiny_args, tiny_config
 
 CHOSEN = ("train.seq_len=0", "model.max_seq_len=512")  # batch_size 4 rows of 256 tokens: 1,024 tokens a step
@@ -24,24 +24,26 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize(
-    "tokens, max_seq_len, rows, expected, said",
+    "tokens, max_seq_len, rows, batching, expected, said",
     [
-        (LONG_FROM - 1, 512, 16, (SHORT, 16), f"{SHORT} for the ~"),
-        (LONG_FROM, 512, 16, (LONG, 8), f"{LONG}, in batches of 8 rows"),
-        (1e9, 512, 16, (LONG, 8), f"{LONG}, in batches of 8 rows"),
-        (1e9, 2048, 6, (LONG, 3), f"{LONG}, in batches of 3 rows"),
-        (1e9, 256, 16, (SHORT, 16), "model.max_seq_len = 256 allows no longer"),
-        (1e9, 128, 16, (128, 16), "model.max_seq_len = 128 allows no longer"),
-        (1e9, 512, 15, (SHORT, 15), "train.batch_size = 15 rows of 256 tokens are no whole number"),
-        (math.inf, 512, 16, (SHORT, 16), "its tokens are not known"),
+        (LONG_FROM - 1, 512, 16, "packed", (SHORT, 16), f"{SHORT} for the ~7.00M training tokens planned at {SHORT}"),
+        (LONG_FROM, 512, 16, "packed", (LONG, 8), f"{LONG}, in batches of 8 rows"),
+        (1e9, 512, 16, "packed", (LONG, 8), f"{LONG}, in batches of 8 rows"),
+        (1e9, 2048, 6, "packed", (LONG, 3), f"{LONG}, in batches of 3 rows"),
+        (1e9, 512, 16, "padded", (SHORT, 16), "data.batching = 'padded' rows hold a document each"),
+        (1e9, 256, 16, "packed", (SHORT, 16), "model.max_seq_len = 256 allows no longer"),
+        (1e9, 128, 16, "packed", (128, 16), "model.max_seq_len = 128 allows no longer"),
+        (1e9, 512, 15, "packed", (SHORT, 15), "train.batch_size = 15 rows of 256 tokens are no whole number"),
+        (math.inf, 512, 16, "packed", (SHORT, 16), "does not know its tokens"),
     ],
 )
-def test_the_context_follows_the_planned_tokens(tokens, max_seq_len, rows, expected, said):
+def test_the_context_follows_the_planned_tokens(tokens, max_seq_len, rows, batching, expected, said):
     cfg = load_config(None, [*CHOSEN, f"model.max_seq_len={max_seq_len}", f"train.batch_size={rows}"])
     short = short_context(cfg.train, cfg.model)
-    t, note = choose_context(short, cfg.model, tokens)
+    t, note = choose_context(short, cfg.model, batching, tokens)
     assert (t.seq_len, t.batch_size) == expected
     assert t.batch_size * t.seq_len == rows * short.seq_len  # the tokens of a micro-batch kept
+    assert [(t.seq_len, t.batch_size)] == [g for g in contexts(rows, 0, max_seq_len) if g == expected]
     assert note.startswith("train.seq_len = 0: ") and said in note, note
 
 
@@ -62,6 +64,7 @@ def test_a_run_of_steps_chooses_by_its_tokens_and_keeps_its_steps(steps, expecte
             f"train.max_steps={steps}",
             f"train.seq_len={t.seq_len}",
             f"train.batch_size={t.batch_size}",
+            f"model.max_seq_len={t.seq_len}",
         ),
         World(),
         CPU,
@@ -74,6 +77,8 @@ def test_a_run_of_steps_chooses_by_its_tokens_and_keeps_its_steps(steps, expecte
     assert any(
         n.startswith(f"train.seq_len = 0: {t.seq_len}") and f"~{steps * 1024 / 1e6:.2f}M" in n for n in plan.notes
     )
+    # the model knows the positions it trains: generation, lm-eval's windows and an export use no others
+    assert plan.cfg.model.max_seq_len == t.seq_len
 
 
 def test_a_self_sized_budget_chooses_its_context_then_its_shape_at_it(pydoc_data, tmp_path, monkeypatch):
@@ -85,12 +90,12 @@ def test_a_self_sized_budget_chooses_its_context_then_its_shape_at_it(pydoc_data
     capped = plan_run(tiny_config(pydoc_data, tmp_path, *CHOSEN, *auto), World(), CPU, None, speed)
     tokens = capped.cfg.train.max_steps * capped.tokens_per_step  # the cap: ten epochs of 0.1M tokens
     assert capped.cfg.train.seq_len == SHORT and tokens < LONG_FROM
-    assert f"{SHORT} for the ~{tokens / 1e6:.2f}M training tokens planned" in capped.notes[0]
+    assert f"train.seq_len = 0: {SHORT} for the ~{tokens / 1e6:.2f}M training tokens planned" in "".join(capped.notes)
     monkeypatch.setattr(sequence_length, "LONG_FROM", tokens)  # a corpus that long, as far as the rule can tell
     plan = plan_run(tiny_config(pydoc_data, tmp_path, *CHOSEN, *auto), World(), CPU, None, speed)
     assert (plan.cfg.train.seq_len, plan.cfg.train.batch_size, plan.speed) == (LONG, 2, speed)
     long = plan_run(
-        tiny_config(pydoc_data, tmp_path, *CHOSEN, *auto, "train.seq_len=512", "train.batch_size=2"),
+        tiny_config(pydoc_data, tmp_path, *CHOSEN, *auto, "train.seq_len=512", "train.batch_size=2"),  # max 512
         World(),
         CPU,
         None,
@@ -100,6 +105,9 @@ def test_a_self_sized_budget_chooses_its_context_then_its_shape_at_it(pydoc_data
     assert [n for n in plan.notes if n.startswith("model.n_layers")] == [
         n for n in long.notes if n.startswith("model.n_layers")
     ]
+    untimed = plan_run(tiny_config(pydoc_data, tmp_path, *CHOSEN, *auto, "train.max_time=5"), World(), CPU)
+    assert untimed.speed is None and untimed.cfg.train.seq_len == SHORT  # too short to time: its tokens unknown
+    assert any(n.startswith(f"train.seq_len = 0: {SHORT}, as a train.max_time run whose speed") for n in untimed.notes)
 
 
 def test_a_resumed_run_keeps_its_context_whatever_its_new_length(pydoc_data, tmp_path, monkeypatch):
@@ -119,10 +127,10 @@ def test_a_resumed_run_keeps_its_context_whatever_its_new_length(pydoc_data, tmp
     assert (new.cfg.train.seq_len, new.cfg.train.batch_size) == (SHORT, 4)
     resumed = plan_run(tiny_config(pydoc_data, out, *CHOSEN, "train.max_steps=4"), World(), CPU, "auto")
     assert (resumed.cfg.train.seq_len, resumed.cfg.train.batch_size) == (LONG, 2)
-    assert (
-        f"train.seq_len = 0: the run's context, {LONG} in batches of 2 rows, as {out / 'config.toml'}"
-        in resumed.notes[0]
+    assert f"train.seq_len = 0: the run's context, {LONG} in batches of 2 rows, as {out / 'config.toml'}" in "".join(
+        resumed.notes
     )
+    assert resumed.cfg.model.max_seq_len == LONG and new.cfg.model.max_seq_len == SHORT
     resume = tiny_args(
         pydoc_data, out, *CHOSEN, "train.sample_tokens=0", "train.max_steps=4", flags=["--quiet", "--resume", "auto"]
     )
@@ -134,7 +142,10 @@ def test_a_resumed_run_keeps_its_context_whatever_its_new_length(pydoc_data, tmp
 
 
 def test_a_chosen_context_is_checked_against_tokens_per_update(pydoc_data, tmp_path):
-    """train.tokens_per_update is checked once the context is chosen: one line naming the geometry."""
+    """train.tokens_per_update is checked at the short context, whose rows hold the tokens of either: one line
+    naming the geometry. The Python API's accumulation_steps wants a planned config."""
     cfg = tiny_config(pydoc_data, tmp_path, *CHOSEN, "train.tokens_per_update=1000")
     with pytest.raises(UsageError, match=r"train.tokens_per_update = 1000 is not a multiple of .* 4 x 256 x 1"):
         plan_run(cfg, World(), CPU)
+    with pytest.raises(UsageError, match="train.seq_len = 0 is chosen by the run's plan"):
+        accumulation_steps(cfg.train)

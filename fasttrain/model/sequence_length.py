@@ -9,15 +9,19 @@ about once; docs/performance.md): context 256 led 512 by 0.075 bits per byte at 
 trains at 512). So a run trains at SHORT tokens until it plans LONG_FROM tokens, and at LONG from there:
 
     seq_len     = LONG if planned tokens >= LONG_FROM and model.max_seq_len >= LONG, else min(SHORT, max_seq_len)
-    batch_size  = train.batch_size x SHORT / seq_len rows (train.batch_size counts rows of SHORT tokens)
+    batch_size  = train.batch_size x min(SHORT, max_seq_len) / seq_len rows
 
-so the tokens of a micro-batch, and with them the steps, the accumulation and the schedule, do not depend on
-the choice. The planned tokens are the plan's: train.max_steps x the tokens of a step, or what train.max_time
-gives at the speed a shape chosen for the budget was timed at (model/sizing.py; that shape is chosen at the
-short context and again at the long one when the tokens call for it, at the same speed, which is in FLOP/s),
-whichever is fewer. A time budget with a set shape is not timed, so its tokens are not known: the short
-context. A resumed or replayed run trains the context and batch its run recorded (recorded_context).
-The crossover was measured at one shape on one corpus; nothing here scales it with the model.
+so the tokens of a packed micro-batch, and with them the steps, the accumulation and the schedule, do not depend
+on the choice (rows of one document each, data.batching "padded" or "aligned", would hold half the documents:
+they stay short). The planned tokens are the plan's: train.max_steps x the tokens of a step, or what
+train.max_time gives at the speed a shape chosen for the budget was timed at (model/sizing.py; that shape is
+chosen at the short context and again at the long one when the tokens call for it, at the same speed, which is
+in FLOP/s), whichever is fewer. A time budget with no speed (a set shape, which is not timed, or a timing that
+failed) does not know its tokens: the short context. The model's max_seq_len becomes the context chosen
+(unless it is model.init_from's, whose positions were trained beyond it), so generation, lm-eval's windows and
+an export use only positions the run trained. A resumed or replayed run trains the context and rows its run
+recorded (recorded_context). The crossover was measured at one shape on one corpus; nothing here scales it with
+the model.
 """
 
 from __future__ import annotations
@@ -28,50 +32,71 @@ from dataclasses import replace
 from fasttrain.config import Config, ModelConfig, TrainConfig
 from fasttrain.system.errors import UsageError
 
-SHORT = 256  # tokens: train.batch_size's rows are of this many with train.seq_len = 0
+SHORT = 256  # tokens: train.batch_size's rows are of this many with train.seq_len = 0 (fewer if max_seq_len is)
 LONG = 512
 LONG_FROM = 7e6  # planned training tokens from which LONG trains better (between 6M and 8.5M, measured)
+
+
+def contexts(batch_size: int, seq_len: int, max_seq_len: int = LONG) -> list[tuple[int, int]]:
+    """The (seq_len, rows) a packed run of train.batch_size `batch_size` and train.seq_len `seq_len` may train
+    at: its own, or with seq_len 0 the short context and, where the rows halve evenly, the long one."""
+    if seq_len:
+        return [(seq_len, batch_size)]
+    short = min(SHORT, max_seq_len)
+    long = [(LONG, batch_size * short // LONG)] if max_seq_len >= LONG and batch_size * short % LONG == 0 else []
+    return [(short, batch_size), *long]
 
 
 def short_context(t: TrainConfig, m: ModelConfig) -> TrainConfig:
     """`t` (train.seq_len = 0) at the short context: the geometry a run plans and sizes its model at before its
     tokens are known."""
-    return replace(t, seq_len=min(SHORT, m.max_seq_len))
+    return replace(t, seq_len=contexts(t.batch_size, 0, m.max_seq_len)[0][0])
 
 
-def choose_context(t: TrainConfig, m: ModelConfig, tokens: float) -> tuple[TrainConfig, str]:
-    """`t` (at short_context) at the context for `tokens` planned training tokens (math.inf: not known), and
-    the plan's note saying why."""
-    short = t.seq_len
+def choose_context(t: TrainConfig, m: ModelConfig, batching: str, tokens: float) -> tuple[TrainConfig, str]:
+    """`t` (at short_context) at the context for `tokens` training tokens planned at it (math.inf: not known),
+    `m` the model's config and `batching` data.batching, and the plan's note saying why."""
+    short, usual = t.seq_len, f"{LONG} trains better from ~{LONG_FROM / 1e6:g}M tokens"
     if math.isinf(tokens):
         return t, (
-            f"train.seq_len = 0: {short}, as a train.max_time run of a set model shape is not timed and its tokens "
-            f"are not known (a context of {LONG} trains better from ~{LONG_FROM / 1e6:g}M tokens: for a run that "
-            f"long set train.seq_len = {LONG} and halve train.batch_size)"
+            f"train.seq_len = 0: {short}, as a train.max_time run whose speed was not timed (a set model shape, or "
+            f"a timing that failed) does not know its tokens ({usual}: for a run that long set train.seq_len = "
+            f"{LONG} and halve train.batch_size)"
         )
-    planned = f"the ~{tokens / 1e6:.2f}M training tokens planned"
+    planned = f"the ~{tokens / 1e6:.2f}M training tokens planned at {short}"
     if tokens < LONG_FROM:
-        return t, f"train.seq_len = 0: {short} for {planned} ({LONG} trains better from ~{LONG_FROM / 1e6:g}M)"
+        return t, f"train.seq_len = 0: {short} for {planned} ({usual})"
+    if batching != "packed":
+        return t, (
+            f"train.seq_len = 0: {short} for {planned}, as data.batching = {batching!r} rows hold a document each "
+            f"and half as many would halve a step's documents ({usual} of packed rows)"
+        )
     if m.max_seq_len < LONG:
         return t, (
             f"train.seq_len = 0: {short} for {planned}, as model.max_seq_len = {m.max_seq_len} allows no longer "
-            f"context ({LONG} trains better from ~{LONG_FROM / 1e6:g}M tokens)"
+            f"context ({usual})"
         )
-    if t.batch_size * short % LONG:
+    if len(contexts(t.batch_size, 0, m.max_seq_len)) == 1:
         return t, (
             f"train.seq_len = 0: {short} for {planned}, as train.batch_size = {t.batch_size} rows of {short} tokens "
-            f"are no whole number of {LONG}-token rows ({LONG} trains better from ~{LONG_FROM / 1e6:g}M tokens)"
+            f"are no whole number of {LONG}-token rows ({usual})"
         )
-    rows = t.batch_size * short // LONG
+    rows = contexts(t.batch_size, 0, m.max_seq_len)[1][1]
     return replace(t, seq_len=LONG, batch_size=rows), (
         f"train.seq_len = 0: {LONG}, in batches of {rows} rows (train.batch_size = {t.batch_size} rows of {short} "
-        f"tokens), for {planned} ({LONG} trains better from ~{LONG_FROM / 1e6:g}M, {short} below)"
+        f"tokens), for {planned} ({usual}, {short} below)"
     )
 
 
+def trained_context(m: ModelConfig, t: TrainConfig) -> ModelConfig:
+    """`m` whose max_seq_len is the context `t` trains at (train.seq_len was 0), unless `m` is model.init_from's
+    (a Llama trained on positions beyond it keeps them)."""
+    return m if m.init_from else replace(m, max_seq_len=t.seq_len)
+
+
 def recorded_context(t: TrainConfig, recorded: Config, where: str) -> tuple[TrainConfig, str]:
-    """`t` (train.seq_len = 0) at the context and batch a resumed or replayed run recorded (`recorded`, from the
-    file `where`), and the note saying so: another budget must not change them part way through a run."""
+    """`t` (train.seq_len = 0) at the context and rows a resumed or replayed run recorded (`recorded`, from the
+    file `where`), and the note saying so: another budget or batch must not change them part way through a run."""
     r = recorded.train
     if not r.seq_len:
         raise UsageError(

@@ -47,7 +47,7 @@ from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Blend, Source, open_sources, phases, token_shares
 from fasttrain.formats.shards import find_shards
 from fasttrain.formats.tokenizer import Tokenizer
-from fasttrain.model.sequence_length import choose_context, recorded_context, short_context
+from fasttrain.model.sequence_length import choose_context, recorded_context, short_context, trained_context
 from fasttrain.model.sizing import (
     HEAD_DIM,
     MAX_EPOCHS,
@@ -231,8 +231,9 @@ def plan_run(
     cfg = replace(cfg, train=t, schedule=schedule, model=shape)
     # A resumed or replayed run's config: the shape and context it trained, where this config leaves them to the plan
     earlier = recorded_config(cfg, resume) if not (shape.n_layers and t.seq_len) else None
-    choose_seq_len = not t.seq_len and earlier is None  # chosen below, once the run's tokens are known
-    if not t.seq_len:
+    context_set = bool(t.seq_len)
+    choose_seq_len = not context_set and earlier is None  # chosen below, once the run's tokens are known
+    if not context_set:
         t, note = recorded_context(t, *earlier) if earlier else (short_context(t, shape), "")
         notes += [note] if note else []
         cfg = replace(cfg, train=t)
@@ -263,14 +264,15 @@ def plan_run(
     model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
     cap = epoch_cap(corpus, tokens_per_step) if not shape.n_layers and t.max_time and not schedule.progress_from else 0
     if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
+        known = speed is not None or not t.max_time  # a time budget's tokens come from a speed timed
         tokens = min(run_tokens(t, model, tokens_per_step, speed), cap * tokens_per_step or math.inf)
-        t, context_note = choose_context(t, shape, tokens)
+        t, context_note = choose_context(t, shape, cfg.data.batching, tokens if known else math.inf)
         notes.append(context_note)
         if t != cfg.train:
             cfg = replace(cfg, train=t)
             model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
     notes += [note] if note else []
-    cfg = replace(cfg, model=model)
+    cfg = replace(cfg, model=model if context_set else trained_context(model, t))
     if cap and (not t.max_steps or cap < t.max_steps):  # a self-sized budget stops before it overfits (sizing.py)
         t = replace(t, max_steps=cap)
         cfg = replace(cfg, train=t)
@@ -318,7 +320,11 @@ def plan_run(
 
 
 def accumulation_steps(t: TrainConfig, world_size: int = 1) -> int:
-    """Micro-batches per optimizer step: tokens_per_update / (batch_size x seq_len x world_size)."""
+    """Micro-batches per optimizer step: tokens_per_update / (batch_size x seq_len x world_size), of a planned `t`
+    (train.seq_len chosen: RunPlan.cfg.train; the plan asks at the short context, whose rows hold the tokens of
+    either)."""
+    if not t.seq_len:
+        raise UsageError("train.seq_len = 0 is chosen by the run's plan: pass its config (RunPlan.cfg.train)")
     per_micro_batch = t.batch_size * t.seq_len * world_size
     if t.tokens_per_update == 0:
         return 1
