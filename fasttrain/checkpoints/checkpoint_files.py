@@ -1,5 +1,5 @@
 """Checkpoint files: what a save holds, writing one and making it the run's latest, finding the save a
-`--resume` means, and reading one back.
+`--resume` means, and reading one back, or only the config its run recorded.
 
 Imports from fasttrain: checkpoints.checksums, checkpoints.run_directory, checkpoints.saves,
 checkpoints.sharded_files, config, system.atomic, system.errors.
@@ -48,7 +48,7 @@ from fasttrain.checkpoints.saves import (
     saved_steps,
     step_of,
 )
-from fasttrain.config import Config, parse_config
+from fasttrain.config import Config, load_config, parse_config
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
 
@@ -194,6 +194,23 @@ def config_of(path: Path) -> Config:
     if not isinstance(state, dict) or "config" not in state:
         raise UsageError(f"{path}: not a fasttrain checkpoint (no config)")
     return saved_config(state, path)
+
+
+def recorded_config(cfg: Config, resume: str | None) -> tuple[Config, str] | None:
+    """The config a resumed run (`resume`, a --resume spec) or a replayed one (schedule.progress_from) trained, and
+    the file that says so: the config.toml of the run directory its checkpoint is in (or of progress_from's run),
+    else the checkpoint's own saved config; None for a new run. UsageError for a resume with no save to resume."""
+    if resume is not None:
+        path = resolve(resume, cfg.train.out_dir).resolve()
+        beside = path.parent.parent / "config.toml"
+        if path.parent.name == "checkpoints" and beside.is_file():
+            return load_config(beside), str(beside)
+        return config_of(path), str(path)
+    replayed = cfg.schedule.progress_from
+    if not replayed:
+        return None
+    recorded = (Path(replayed) if Path(replayed).is_dir() else Path(replayed).parent) / "config.toml"
+    return (load_config(recorded), str(recorded)) if recorded.is_file() else None
 
 
 def saved_config(state: dict, path: str | os.PathLike[str]) -> Config:

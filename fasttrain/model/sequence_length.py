@@ -76,12 +76,13 @@ def choose_context(t: TrainConfig, m: ModelConfig, batching: str, tokens: float)
             f"train.seq_len = 0: {short} for {planned}, as model.max_seq_len = {m.max_seq_len} allows no longer "
             f"context ({usual})"
         )
-    if len(contexts(t.batch_size, 0, m.max_seq_len)) == 1:
+    geometries = contexts(t.batch_size, 0, m.max_seq_len)
+    if len(geometries) == 1:
         return t, (
             f"train.seq_len = 0: {short} for {planned}, as train.batch_size = {t.batch_size} rows of {short} tokens "
             f"are no whole number of {LONG}-token rows ({usual})"
         )
-    rows = contexts(t.batch_size, 0, m.max_seq_len)[1][1]
+    rows = geometries[1][1]
     return replace(t, seq_len=LONG, batch_size=rows), (
         f"train.seq_len = 0: {LONG}, in batches of {rows} rows (train.batch_size = {t.batch_size} rows of {short} "
         f"tokens), for {planned} ({usual}, {short} below)"

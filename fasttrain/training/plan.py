@@ -230,7 +230,7 @@ def plan_run(
     notes += [note] if note else []
     cfg = replace(cfg, train=t, schedule=schedule, model=shape)
     # A resumed or replayed run's config: the shape and context it trained, where this config leaves them to the plan
-    earlier = recorded_config(cfg, resume) if not (shape.n_layers and t.seq_len) else None
+    earlier = checkpoint_files.recorded_config(cfg, resume) if not (shape.n_layers and t.seq_len) else None
     context_set = bool(t.seq_len)
     choose_seq_len = not context_set and earlier is None  # chosen below, once the run's tokens are known
     if not context_set:
@@ -376,7 +376,7 @@ def shape_of(
 ) -> tuple[ModelConfig, str, Speed | None]:
     """cfg.model with no 0 left in its shape, a note ("" if none) and the speed it was chosen at: model.d_model or
     n_heads 0 are derived from the depth; model.n_layers = 0 is the shape the run being resumed (`resume`) or
-    replayed recorded (`recorded`: recorded_config), else chosen for the run's compute (sizing.size_model) on
+    replayed recorded (`recorded`: checkpoint_files.recorded_config), else chosen for the run's compute (sizing.size_model) on
     `corpus` (each source's share of the run and its training tokens). UsageError for a shape whose heads do not
     fit its width."""
     m = cfg.model
@@ -412,23 +412,6 @@ def shape_of(
         ),
         speed,
     )
-
-
-def recorded_config(cfg: Config, resume: str | None) -> tuple[Config, str] | None:
-    """The config a resumed run (`resume`, a --resume spec) or a replayed one (schedule.progress_from) trained, and
-    the file that says so: the config.toml of the run directory its checkpoint is in (or of progress_from's run),
-    else the checkpoint's own saved config; None for a new run. UsageError for a resume with no save to resume."""
-    if resume is not None:
-        path = checkpoint_files.resolve(resume, cfg.train.out_dir).resolve()
-        beside = path.parent.parent / "config.toml"
-        if path.parent.name == "checkpoints" and beside.is_file():
-            return load_config(beside), str(beside)
-        return checkpoint_files.config_of(path), str(path)
-    replayed = cfg.schedule.progress_from
-    if not replayed:
-        return None
-    recorded = (Path(replayed) if Path(replayed).is_dir() else Path(replayed).parent) / "config.toml"
-    return (load_config(recorded), str(recorded)) if recorded.is_file() else None
 
 
 def init_shape(cfg: Config) -> tuple[ModelConfig, str, str]:
