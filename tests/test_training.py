@@ -429,29 +429,42 @@ def test_early_stopping_ends_the_run_when_validation_stalls(pydoc_data, tmp_path
     assert resumed.run.stale_evals == 2  # the count is part of the checkpoint
 
 
+def spoil_after(trainer: Trainer, after: int) -> Trainer:
+    """Make every update after step `after` end with all weights zero, so the model then predicts the uniform
+    distribution (every logit 0, a validation loss of exactly ln(vocab)): worse by construction than any earlier
+    evaluation of a model that has learnt anything, on any instruction set."""
+    real_step = trainer.step
+
+    def step():
+        result = real_step()
+        if trainer.run.step > after:
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.zero_()
+        return result
+
+    trainer.step = step
+    return trainer
+
+
 @pytest.mark.parametrize("fmt", ["file", "sharded"])
 def test_final_weights_best_are_the_lowest_validation_losss(pydoc_data, tmp_path, capsys, fmt):
-    """checkpoint.final_weights = "best": AdamW at a constant 0.3 makes the model worse after its first steps, so
-    the lowest validation loss comes before the end; final/ holds that save's weights (evaluated again: the same
-    loss; read from a file save or a sharded folder), the checkpoint the last step's, for a resume."""
+    """checkpoint.final_weights = "best": the run learns for 6 steps, then its weights are zeroed after each update
+    (spoil_after), so the lowest validation loss comes before the end; final/ holds that save's weights (evaluated
+    again: the same loss; read from a file save or a sharded folder), the checkpoint the last step's, for a
+    resume."""
     from fasttrain.checkpoints.checkpoint_files import load
     from fasttrain.model.weights import load_exported
 
-    steps = 12
-    worse = ["optim.lr=0.3", 'schedule.decay="constant"', f"train.max_steps={steps}"]
-    summary = Trainer(
-        tiny_config(
-            pydoc_data,
-            tmp_path,
-            *EVAL_EVERY_STEP,
-            *worse,
-            'checkpoint.final_weights="best"',
-            f'checkpoint.format="{fmt}"',
-        )
-    ).train()
+    steps, learnt = 10, 6
+    run = [*EVAL_EVERY_STEP, "optim.lr=1e-2", f"train.max_steps={steps}"]
+    cfg = tiny_config(pydoc_data, tmp_path, *run, 'checkpoint.final_weights="best"', f'checkpoint.format="{fmt}"')
+    summary = spoil_after(Trainer(cfg), learnt).train()
     evals = [e for e in read_metrics(tmp_path) if e["event"] == "eval"]
+    uniform = math.log(512)  # the vocabulary the pydoc_data fixture was prepared with (tiny_overrides)
+    assert [e["val_loss"] for e in evals[learnt:]] == pytest.approx([uniform] * (steps - learnt), rel=1e-6)
     best = min(evals, key=lambda e: e["val_loss"])
-    assert best["val_loss"] < evals[-1]["val_loss"], "this rate did not make the model worse: the test shows nothing"
+    assert best["val_loss"] < uniform - 0.1 and best["step"] <= learnt  # it learnt before it was spoilt
     assert summary["step"] == steps and summary["val_loss"] == evals[-1]["val_loss"]  # where the run ended
     assert summary["weights_step"] == best["step"]
     assert summary["weights_val_loss"] == pytest.approx(best["val_loss"], rel=1e-6)
@@ -463,8 +476,9 @@ def test_final_weights_best_are_the_lowest_validation_losss(pydoc_data, tmp_path
     if fmt == "sharded":
         return
     # "last" (the default) keeps the last step's weights whatever the evaluations said
-    last = Trainer(tiny_config(pydoc_data, tmp_path / "last", *EVAL_EVERY_STEP, *worse)).train()
+    last = spoil_after(Trainer(tiny_config(pydoc_data, tmp_path / "last", *run)), learnt).train()
     assert last["weights_step"] == steps and last["weights_val_loss"] == last["val_loss"]
+    assert last["val_loss"] == pytest.approx(uniform, rel=1e-6)
 
 
 def test_final_weights_best_needs_the_best_save(pydoc_data, tmp_path):
