@@ -283,3 +283,21 @@ def kernel_device(request, monkeypatch) -> torch.device:
     monkeypatch.setattr(newton_schulz, "BLOCK_M", 16)  # several tiles on each side of the diagonal
     monkeypatch.setattr(newton_schulz, "BLOCK_K", 16)
     return torch.device("cpu")
+
+
+def spoil_after(trainer, after: int):
+    """Make every update after step `after` end with all weights zero, so the model then predicts the uniform
+    distribution (every logit 0, a validation loss of exactly ln(vocab)): worse by construction than any earlier
+    evaluation of a model that has learnt anything, on any instruction set."""
+    real_step = trainer.step
+
+    def step():
+        result = real_step()
+        if trainer.run.step > after:
+            with torch.no_grad():
+                for p in trainer.model.parameters():
+                    p.zero_()
+        return result
+
+    trainer.step = step
+    return trainer

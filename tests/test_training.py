@@ -21,7 +21,7 @@ from fasttrain.system.errors import UsageError
 from fasttrain.training.optimizers import Muon, Updater, build_optimizer, param_groups
 from fasttrain.training.schedule import lr_at
 from fasttrain.training.trainer import accumulation_steps
-from tests.conftest import tiny_config
+from tests.conftest import spoil_after, tiny_config
 from tests.kernel_checks import assert_fp32_sums_close
 
 
@@ -427,24 +427,6 @@ def test_early_stopping_ends_the_run_when_validation_stalls(pydoc_data, tmp_path
     resumed = Trainer(tiny_config(pydoc_data, tmp_path, *EVAL_EVERY_STEP, "train.early_stop_patience=2"), quiet=True)
     resumed.resume("auto")
     assert resumed.run.stale_evals == 2  # the count is part of the checkpoint
-
-
-def spoil_after(trainer: Trainer, after: int) -> Trainer:
-    """Make every update after step `after` end with all weights zero, so the model then predicts the uniform
-    distribution (every logit 0, a validation loss of exactly ln(vocab)): worse by construction than any earlier
-    evaluation of a model that has learnt anything, on any instruction set."""
-    real_step = trainer.step
-
-    def step():
-        result = real_step()
-        if trainer.run.step > after:
-            with torch.no_grad():
-                for p in trainer.model.parameters():
-                    p.zero_()
-        return result
-
-    trainer.step = step
-    return trainer
 
 
 @pytest.mark.parametrize("fmt", ["file", "sharded"])

@@ -175,6 +175,11 @@ class OptimConfig:
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     weight_decay: float = 0.1  # weight decay (decoupled, except SGD's), applied to weight matrices only
     decay_embeddings: bool = False  # also decay the token embedding (norm gains and biases never are)
+    # A corpus read more than once: each evaluation after the first epoch that does not lower the best validation
+    # loss (the model is learning its training text, not the language) multiplies every weight decay by this, up
+    # to max_weight_decay (policies.RepeatRegulariser). 1: the weight decay stays as set.
+    weight_decay_growth: float = 1.0
+    max_weight_decay: float = 3.2  # ~30x the usual 0.1: the best decay on data read many times (Kim et al. 2025)
     # Peak learning rates of their own, each following the same schedule (0 = optim.lr): the lookup tables (the
     # token embedding, with a tied head the shared matrix, and any value embeddings), whose rows are updated only
     # when their token appears, and an untied output head. nanochat trains its embedding at ~40x its head's rate.

@@ -301,6 +301,16 @@ class Report:
             f"x{run.lr_scale:g} (rollback {run.rollbacks} of {self.cfg.recovery.max_rollbacks})"
         )
 
+    def regularised(self, run: RunState, scale: float, epochs: float) -> None:
+        """The weight decay raised to `scale` times the configured after an evaluation that did not improve, the
+        corpus read `epochs` times over (policies.RepeatRegulariser)."""
+        decay = self.cfg.optim.weight_decay * scale
+        self.log.event("regularised", step=run.step, weight_decay=decay, decay_scale=scale, epochs=epochs)
+        self.log.print(
+            f"weight decay {self.cfg.optim.weight_decay * run.decay_scale:g} -> {decay:g} at step {run.step}: "
+            f"validation did not improve with the corpus read {epochs:.1f} times (the model is learning its text)"
+        )
+
     def early_stop(self, run: RunState) -> None:
         t = self.cfg.train
         self.log.event(
