@@ -6,7 +6,7 @@ A model too large for its budget sees too few tokens; one too small stops learni
 depends on how many tokens the run will train on, and that on the machine's speed, the budget and, for a
 small corpus read many times over, how much a repeated token is still worth. So the run picks, from a ladder
 of shapes (depth d, width 64 d, heads of 64: nanochat's one-knob rule), the depth whose tokens per parameter
-come closest to TOKENS_PER_PARAM, a ratio fitted to this project's sweeps (benchmarks/recipe_sweep.py's
+come closest to TOKENS_PER_PARAM, a ratio fitted to this project's sweeps (benchmarks/studies/recipe_sweep.py's
 `depth N` cases, benchmarks/results/cpu-ladder-*.json, docs/performance.md):
 
     tokens(d)    = min(max_steps x tokens per step, max_time x tokens/s(d))   (whichever the run has)
@@ -66,7 +66,7 @@ from fasttrain.system.errors import UsageError
 
 HEAD_DIM = 64  # the ladder's head width, and its width per layer of depth
 DEPTHS = tuple(range(1, 33))  # the ladder
-# Fitted to the sweeps (see the module docstring; benchmarks/sizing_fit.py, results/cpu-ladder-fit-2026-11-25.json):
+# Fitted to the sweeps (see the module docstring; benchmarks/studies/sizing_fit.py, results/cpu-ladder-fit-2026-11-25.json):
 # of ratios 0.1 to 1.71 a quarter apart (above 1.71 the main job measured worse), the one whose choices lost
 # least against the best depth at 30 s to 5 min, 1 and 2 threads, both corpora: worst 0.05 bits per byte, at
 # the depth-1 / depth-2 boundary; mean 0.007.

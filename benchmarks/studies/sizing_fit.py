@@ -1,10 +1,10 @@
 """The rule of fasttrain/model/sizing.py fitted to the ladder sweeps: which depth is best for a time budget, and
 which tokens-per-parameter ratio makes the rule choose it.
 
-    python -m benchmarks.sizing_fit --measure [--threads 1 2]   # time each depth's training step (quiet machine)
-    python -m benchmarks.sizing_fit                              # fit, from the committed results
+    python -m benchmarks.studies.sizing_fit --measure [--threads 1 2]   # time each depth's training step (quiet machine)
+    python -m benchmarks.studies.sizing_fit                              # fit, from the committed results
 
-The sweeps (`python -m benchmarks.recipe_sweep --steps S --case "depth N default" --out
+The sweeps (`python -m benchmarks.studies.recipe_sweep --steps S --case "depth N default" --out
 benchmarks/results/cpu-ladder-default-<date>/<corpus>-<S>steps-depth<N>.json`) train each depth of the ladder
 with configs/base.toml's recipe (width 64 d, Muon, a warmdown over the last half, the untied head, embedding
 norm and value embeddings at their rates) for a number of steps: what a depth learns from so many tokens does
@@ -34,7 +34,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.recipe_sweep import CASES, ROOT, prepared, setting
+from benchmarks.studies.common import ROOT
+from benchmarks.studies.recipe_sweep import CASES, prepared, setting
 from fasttrain.config import load_config
 from fasttrain.model import sizing
 from fasttrain.model.transformer import matmul_params
@@ -161,7 +162,7 @@ def fit(speeds: dict) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m benchmarks.sizing_fit", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.studies.sizing_fit", description=__doc__.split("\n\n")[0])
     parser.add_argument("--measure", action="store_true", help="time each depth's steps first (a quiet machine)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--cache", type=Path, default=Path("/tmp/fasttrain-recipe-sweep"))

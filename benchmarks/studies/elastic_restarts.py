@@ -1,6 +1,6 @@
 """Elastic restarts, repeated: the restart command of docs/multi-gpu.md, one worker SIGKILLed mid-run, N times.
 
-    python -m benchmarks.elastic_restarts --trials 20 --out benchmarks/results/cpu-elastic-restarts-DATE.json
+    python -m benchmarks.studies.elastic_restarts --trials 20 --out benchmarks/results/cpu-elastic-restarts-DATE.json
 
 Each trial runs the documented command on the CPU (gloo, 2 processes, static rendezvous on a free port,
 `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts=3 ... --resume auto-or-new`) in a fresh
@@ -29,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.studies.common import ROOT
+
 # The tiny model of the tests, one sequence per rank, a save every 4 steps; dropout: each rank's random state
 # must come back too.
 RUN = [

@@ -2,7 +2,7 @@
 fasttrain/evaluation/harness.py) and through lm-eval's own Hugging Face model (`hf`) on the same weights exported
 with `export --hf`, both fp32.
 
-    python -m benchmarks.lm_eval_speed [--out benchmarks/results/cpu-lm-eval-DATE.json] [--rounds 2]
+    python -m benchmarks.studies.lm_eval_speed [--out benchmarks/results/cpu-lm-eval-DATE.json] [--rounds 2]
 
 The model is the base config's (192 wide, 4 layers, context 256, a 4096-token vocabulary on the embedded
 corpus), trained 2 steps: the speed does not depend on what it knows. The tasks are written here, nothing is
@@ -30,13 +30,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from benchmarks.conftest import FIXED_BASE  # noqa: E402
+from benchmarks.studies.common import ROOT  # noqa: E402
 from fasttrain import Trainer  # noqa: E402
 from fasttrain.config import load_config  # noqa: E402
 from fasttrain.evaluation.trained_model import load_trained  # noqa: E402
 from fasttrain.export import export  # noqa: E402
 from fasttrain.preparation.preparation import prepare  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.toml"
+CONFIG = ROOT / "configs" / "base.toml"
 
 
 def write_tasks(folder: Path) -> list[str]:
@@ -123,7 +124,7 @@ def main() -> None:
         "speedup_over_hf_batch_1": round(median["hf, batch 1"] / median["fasttrain, batch 16"], 2),
         "speedup_over_hf_batch_16": round(median["hf, batch 16"] / median["fasttrain, batch 16"], 2),
         "scores": scores,
-        "command": "python -m benchmarks.lm_eval_speed --out " + args.out,
+        "command": "python -m benchmarks.studies.lm_eval_speed --out " + args.out,
     }
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(

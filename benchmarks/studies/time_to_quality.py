@@ -1,7 +1,7 @@
 """Time to quality on a CPU: fasttrain's budgeted default against nanochat run as its authors run it, validation
 bits per byte after the same seconds of training (or the same tokens) on the same corpus and cores.
 
-    python -m benchmarks.time_to_quality --nanochat DIR [--corpus large|small] [--budgets 60 180 600 | --tokens N ...]
+    python -m benchmarks.studies.time_to_quality --nanochat DIR [--corpus large|small] [--budgets 60 180 600 | --tokens N ...]
         [--nanochat-depths 1 2 3 4] [--fasttrain-sets KEY=VALUE ...] [--seeds S ...] [--threads 2] [--cache DIR]
         [--out FILE.json]
 
@@ -22,7 +22,7 @@ spread (largest minus smallest) over the seeds.
 
 The sides:
   fasttrain  configs/base.toml with --fasttrain-sets (default none: the budgeted, self-sizing recipe), as
-             benchmarks/recipe_sweep.py's train_sets runs a case, compiled as its own train.compile says ("auto":
+             benchmarks/studies/recipe_sweep.py's train_sets runs a case, compiled as its own train.compile says ("auto":
              on a CPU only for runs of CPU_COMPILE_MIN_STEPS steps or more; each result says whether it was).
              Under --tokens it runs train.max_steps = N / (batch x seq_len) with train.max_time = 0, and sizes
              its shape for those tokens as it sizes it for a budget.
@@ -108,7 +108,8 @@ from typing import Any, Sequence, cast
 import torch
 from torch import nn
 
-from benchmarks.recipe_sweep import ROOT, load_average, prepared, result_header, setting, train_sets
+from benchmarks.studies.common import ROOT, load_average, result_header
+from benchmarks.studies.recipe_sweep import prepared, setting, train_sets
 from fasttrain.compute.device import resolve_precision
 from fasttrain.compute.distributed import World
 from fasttrain.config import load_config
@@ -462,7 +463,13 @@ def run_nanochat(
     spec = {"checkout": checkout, "data_dir": str(data), "depth": depth, "budget": budget, "tokens": tokens}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     before = load_average()
-    worker = [sys.executable, "-m", "benchmarks.time_to_quality", "--worker", json.dumps({**spec, "seed": seed})]
+    worker = [
+        sys.executable,
+        "-m",
+        "benchmarks.studies.time_to_quality",
+        "--worker",
+        json.dumps({**spec, "seed": seed}),
+    ]
     # stdout: nanochat's prints
     subprocess.run([*worker, "--out", str(work)], check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     during = load_average()
@@ -549,7 +556,7 @@ def plot(record: dict, out: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m benchmarks.time_to_quality", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.studies.time_to_quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--nanochat", help="a nanochat checkout (default: $NANOCHAT_DIR, else the installed package)")
     parser.add_argument("--corpus", choices=["large", "small"], default="large")
     lengths = parser.add_mutually_exclusive_group()
@@ -617,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "issue 63: time to quality, fasttrain's budgeted default against nanochat run as its authors run it "
             "(compiled, compile outside the clock on both sides), scored on the whole validation split at each "
             "model's own context",
-            "benchmarks.time_to_quality",
+            "benchmarks.studies.time_to_quality",
             argv,
             today,
         ),

@@ -1,8 +1,8 @@
 """The step ablation: the GPT-2-small step from stock pieces, stock plus each lever alone, then the
 levers that won together, each with tokens/s, MFU, step times, peak memory and its first step's time.
 
-    python -m benchmarks.ablation [--case NAME ...] [--out FILE.json]
-    python -m benchmarks.ablation --together LEVER [LEVER ...] [--out FILE.json]
+    python -m benchmarks.studies.ablation [--case NAME ...] [--out FILE.json]
+    python -m benchmarks.studies.ablation --together LEVER [LEVER ...] [--out FILE.json]
 
 Each case runs in a process of its own (a lever such as FlashAttention-3 switches process-wide state,
 and a case that runs out of memory must not take the others with it), built as bench_train_step builds
@@ -28,9 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-# torch is imported where a case is set up or measured, not here: benchmarks.dispatch_table and gpu_check import
+from benchmarks.studies.common import ROOT
+
+# torch is imported where a case is set up or measured, not here: benchmarks.studies.dispatch_table and gpu_check import
 # this module for LEVERS and STAGE_CASES, and a process that reads only those does without torch's 3 s of CPU.
-ROOT = Path(__file__).resolve().parents[1]
 WIN = 1.01  # a lever wins where its tokens/s is at least this times stock's
 STEPS = 20
 MICRO_BATCHES = 2  # per update, in every case but "micro-batch x2" (one of twice the size)
@@ -103,7 +104,7 @@ def measure(settings: list[str], steps: int) -> dict:
     import torch
 
     from benchmarks.bench_train_step import CONFIGS, GPU_CONFIGS, make_trainer
-    from benchmarks.profile_step import WARMUP_STEPS, step_summary, timed_steps
+    from benchmarks.studies.profile_step import WARMUP_STEPS, step_summary, timed_steps
     from fasttrain.compute.kernel_table import run_shapes
     from fasttrain.model.transformer import num_params
     from fasttrain.training.metrics import peak_flops
@@ -133,7 +134,7 @@ def measure(settings: list[str], steps: int) -> dict:
             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
             "first_step_s": round(first, 1),
             "kernels": trainer.kernels.names(),
-            # where and at what shape: what benchmarks/dispatch_table needs to read a whole-step verdict
+            # where and at what shape: what benchmarks/studies/dispatch_table needs to read a whole-step verdict
             "gpu": torch.cuda.get_device_name(trainer.device) if cuda else None,
             "capability": "sm_{}{}".format(*torch.cuda.get_device_capability(trainer.device)) if cuda else None,
             "shapes": run_shapes(m.d_model, m.vocab_size, num_params(m)),
@@ -149,7 +150,7 @@ def run_case(name: str, settings: list[str], steps: int, timeout: float) -> dict
         command = [
             sys.executable,
             "-m",
-            "benchmarks.ablation",
+            "benchmarks.studies.ablation",
             "--measure",
             json.dumps(settings),
             "--steps",
@@ -209,7 +210,7 @@ def ablation(cases: list[str], steps: int, deadline: float) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.ablation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.studies.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", nargs="+", choices=CASES, default=CASES, help="cases to run (default: all)")
     parser.add_argument(
         "--together",

@@ -1,6 +1,6 @@
 """Profile training steps with torch.profiler: where a step's time goes, and a trace to look at.
 
-    python -m benchmarks.profile_step configs/gpt2-small.toml [--set KEY=VALUE ...] [--steps 5] [--out DIR]
+    python -m benchmarks.studies.profile_step configs/gpt2-small.toml [--set KEY=VALUE ...] [--steps 5] [--out DIR]
 
 Builds the config's Trainer as bench_train_step does (random tokens already on the
 device, one micro-batch per step), runs 10 warm-up steps (compilation, autotuning),
@@ -214,7 +214,7 @@ def profile_steps(config: str, overrides: Sequence[str], steps: int, out: Path) 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.studies.profile_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="a run config (TOML)")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides")
     parser.add_argument("--steps", type=int, default=5, help="steps to profile after the warm-up (default 5)")

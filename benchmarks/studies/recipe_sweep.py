@@ -1,6 +1,6 @@
 """Time to quality on a CPU: recipe changes and model shapes trained for the same seconds, scored on held-out text.
 
-    python -m benchmarks.recipe_sweep --corpus large --budget 120 [--case NAME ...] [--threads 2] [--out FILE]
+    python -m benchmarks.studies.recipe_sweep --corpus large --budget 120 [--case NAME ...] [--threads 2] [--out FILE]
 
 Every case is configs/base.toml with the tables it had when these cases were defined (TABLES_BEFORE: a tied head,
 no embedding norm or value embeddings, one rate) and then its --set items (CASES), or, case "default", base.toml
@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shlex
 import subprocess
 import sys
 import sysconfig
@@ -37,12 +36,11 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.conftest import environment
+from benchmarks.studies.common import ROOT, load_average, result_header
 from fasttrain.config import load_config
 from fasttrain.model.sequence_length import contexts
 from fasttrain.system.errors import ArgumentParser, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL_PACKAGES = ("asyncio", "email", "json", "http")
 EVAL_TOKENS = 131_072  # of validation text every case is scored on: 32 batches of 16 x 256
 
@@ -207,10 +205,6 @@ def setting(sets: Sequence[str], key: str, default: int) -> int:
     return found[-1] if found else default
 
 
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def run_case(
     name: str, data: Path, budget: float, threads: int, out_dir: Path, steps: int = 0, seed: int = 1337
 ) -> dict:
@@ -280,21 +274,8 @@ def train_sets(
     }
 
 
-def result_header(what: str, module: str, argv: Sequence[str] | None, today: str) -> dict:
-    """The first keys of a benchmark's results file: what it measured, when, at which commit, on which machine,
-    and the command (`python -m module` with `argv`, default this process's arguments)."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return {
-        "what": what,
-        "date": today,
-        "commit": commit.stdout.strip(),
-        "machine": environment(),
-        "command": shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)]),
-    }
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m benchmarks.recipe_sweep", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.studies.recipe_sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", choices=["large", "small", "pydoc"], default="large")
     lengths = parser.add_mutually_exclusive_group()
     lengths.add_argument("--budget", type=float, default=120.0, help="seconds of training per case")
@@ -324,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = {
         **result_header(
             "issue 56: recipe changes and shapes of configs/base.toml at equal training time on held-out text",
-            "benchmarks.recipe_sweep",
+            "benchmarks.studies.recipe_sweep",
             argv,
             today,
         ),

@@ -1,6 +1,6 @@
 """The GPU goals of the open performance issues, judged from benchmark results.
 
-    from benchmarks.goals import judge
+    from benchmarks.studies.goals import judge
     rows = judge(results["benchmarks"])   # [{"goal", "case", "met", "detail"}, ...]
 
 Each goal names the benchmark it reads, which of its cases it covers, and a test of
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from benchmarks.report import case_of
+from benchmarks.studies.report import case_of
 
 # A test: (fasttrain's benchmark, {impl: benchmark} of the same case) -> (met, detail), or None: no rival
 Judge = Callable[[dict, dict[str, dict]], "tuple[bool, str] | None"]

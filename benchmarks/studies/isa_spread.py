@@ -1,7 +1,7 @@
 """How far the main job's fp32 losses move between the instruction sets one CPU can run as: the spread that
 tests/test_pinned_losses.py's tolerance is set from.
 
-    python -m benchmarks.isa_spread [--out FILE.json]
+    python -m benchmarks.studies.isa_spread [--out FILE.json]
 
 oneDNN and ATen pick their kernels by what the CPU offers, and each sums in its own order, so a loss recorded
 on one machine differs in its last bits on another. ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA cap what each
@@ -24,10 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.recipe_sweep import result_header
+from benchmarks.studies.common import ROOT, result_header
 from fasttrain.preparation.preparation import prepare
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # The pinned test's main job: configs/base.toml's recipe and model rule on a small batch for a few steps,
 # every step logged, saved at step 3 (for the test's bitwise resume). The data and out dir are added per run.
@@ -111,7 +109,11 @@ def main(argv: list[str] | None = None) -> None:
                 spread[key] = max(abs(v - b) / abs(b) for values in found.values() for v, b in zip(values, best))
                 runs[key] = {level: [v.hex() for v in values] for level, values in found.items()}
     what = "the main job's fp32 losses (6 steps, 2 evaluations) under every ISA cap this CPU allows"
-    result = {**result_header(what, "benchmarks.isa_spread", argv, day), "max_relative_spread": spread, "losses": runs}
+    result = {
+        **result_header(what, "benchmarks.studies.isa_spread", argv, day),
+        "max_relative_spread": spread,
+        "losses": runs,
+    }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(spread, indent=1))
 

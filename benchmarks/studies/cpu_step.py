@@ -1,6 +1,6 @@
 """The CPU step at the shapes a time budget chooses: tokens/s and FLOP/s per shape and setting, and where the time goes.
 
-    python -m benchmarks.cpu_step [--shape 2x128 3x192 4x256] [--setting eager compiled ...] [--against COMMIT]
+    python -m benchmarks.studies.cpu_step [--shape 2x128 3x192 4x256] [--setting eager compiled ...] [--against COMMIT]
                                   [--rounds 2] [--steps 8] [--threads 2] [--profile] [--calibration] [--out FILE]
 
 Each measurement is a process of its own (its own OpenMP threads, a compile of its own): configs/base.toml's
@@ -11,7 +11,7 @@ measures that commit's tree the same way, beside this one (a detached git worktr
 round going through every tree, shape and setting in turn, so a machine that changes speed during the run
 moves both sides alike. FLOP/s is the model's training FLOPs per token (6N + attention, Transformer.
 flops_per_token) times tokens/s. --profile adds, for this tree, each shape's step split by op category
-(benchmarks/profile_step.py: matmul, cross-entropy, norm, optimizer, elementwise, copies), in CPU time.
+(benchmarks/studies/profile_step.py: matmul, cross-entropy, norm, optimizer, elementwise, copies), in CPU time.
 --calibration adds, each round, a process that times the machine as a budgeted run's plan does (model.n_layers = 0
 under train.max_time: sizing.calibrate on the run's loss and update) and the tokens/s that timing predicts for
 each shape, against the median measured for this tree's first setting (the run's: eager on a CPU).
@@ -32,10 +32,9 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.recipe_sweep import load_average, result_header
+from benchmarks.studies.common import ROOT, load_average, result_header
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 # name -> --set items on top of the recipe. A setting an older tree does not know fails there with its own
 # message, recorded as that measurement's error.
 SETTINGS: dict[str, list[str]] = {
@@ -133,7 +132,7 @@ def profiled(shape: str, setting: str, steps: int, threads: int) -> dict:
     profile_step.profile_trainer)."""
     import torch
 
-    from benchmarks.profile_step import profile_steps
+    from benchmarks.studies.profile_step import profile_steps
 
     torch.set_num_threads(threads)
 
@@ -193,7 +192,7 @@ def calibration_summary(records: list[dict], shapes: Sequence[str], setting: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m benchmarks.cpu_step", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.studies.cpu_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", nargs="+", default=["2x128", "3x192", "4x256"])
     parser.add_argument("--setting", nargs="+", choices=list(SETTINGS), default=["eager", "compiled"])
     parser.add_argument("--against", metavar="COMMIT", help="measure this commit's tree too, interleaved")
@@ -243,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ["git", "worktree", "remove", "--force", str(trees[args.against])], cwd=ROOT, capture_output=True
                 )
     results = {
-        **result_header("the CPU step at the budget's shapes", "benchmarks.cpu_step", argv, today),
+        **result_header("the CPU step at the budget's shapes", "benchmarks.studies.cpu_step", argv, today),
         "threads": args.threads,
         "summary": summarise([r for r in records if "calibration" not in r]),
         "records": records,

@@ -1,6 +1,6 @@
 """Write the measured dispatch table (fasttrain/compute/kernel_table.py) from GPU benchmark results.
 
-    python -m benchmarks.dispatch_table RESULTS.json [RESULTS.json ...] [--out fasttrain/compute/kernel_table.json]
+    python -m benchmarks.studies.dispatch_table RESULTS.json [RESULTS.json ...] [--out fasttrain/compute/kernel_table.json]
 
 RESULTS are gpu_check.json files or `pytest benchmarks/ --benchmark-json` files from a GPU, oldest
 first. Per GPU capability, op, shape and mode, the kernel's median is raced against the fastest stock
@@ -17,7 +17,7 @@ a later file's entry replaces an earlier one's at the same capability, op, mode 
 A norm inside a compiled model is fused by inductor with its neighbours, so only the whole-block A/B
 decides it under torch.compile. The gpu_check `kernels` stage records the same entries.
 
-RESULTS may also be `python -m benchmarks.ablation` records: the whole compiled step with "auto"'s
+RESULTS may also be `python -m benchmarks.studies.ablation` records: the whole compiled step with "auto"'s
 kernels, or with one kernel forced on ("kernel adamw", ...), against stock's, repeats interleaved.
 Where that step is slower than stock's beyond MARGIN, every kernel the case ran is off at that model's
 shapes, whatever its own benchmark said (a kernel faster alone can still cost the step: host time, a
@@ -32,7 +32,7 @@ import json
 import statistics
 from pathlib import Path
 
-from benchmarks.ablation import LEVERS
+from benchmarks.studies.ablation import LEVERS
 from fasttrain.compute.kernel_table import TABLE, lookup
 
 MARGIN = 0.98  # on only where the kernel's median is at most this fraction of stock's: a 2% win, not noise
@@ -174,7 +174,7 @@ def build_table(paths: list[str]) -> list[dict]:
     verdicts: dict[tuple, dict] = {}
     for path in paths:
         results = json.loads(Path(path).read_text())
-        if isinstance(results, list):  # benchmarks.ablation's records
+        if isinstance(results, list):  # benchmarks.studies.ablation's records
             found, into = step_entries(results), verdicts
         else:
             found, into = table_entries(results["benchmarks"], capability_of(results)), measured
@@ -185,9 +185,13 @@ def build_table(paths: list[str]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.dispatch_table", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.studies.dispatch_table", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument(
-        "results", nargs="+", help="gpu_check.json, pytest-benchmark or benchmarks.ablation JSON files from a GPU"
+        "results",
+        nargs="+",
+        help="gpu_check.json, pytest-benchmark or benchmarks.studies.ablation JSON files from a GPU",
     )
     parser.add_argument("--out", default=str(TABLE), help=f"where to write the table (default {TABLE})")
     args = parser.parse_args(argv)

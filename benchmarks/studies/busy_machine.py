@@ -1,6 +1,6 @@
 """A training step on a CPU that another process is using too: how much slower than on a quiet one.
 
-    python -m benchmarks.busy_machine [--steps 20] [--out FILE.json]
+    python -m benchmarks.studies.busy_machine [--steps 20] [--out FILE.json]
 
 A second process on the same cores takes its share of them, so a step should take about twice as long
 beside one other busy process on every core. PyTorch's CPU threads are OpenMP's (libgomp in the pip wheels),
@@ -26,9 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.recipe_sweep import result_header
+from benchmarks.studies.common import ROOT, result_header
 
-ROOT = Path(__file__).resolve().parents[1]
 POLICIES = {"default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "spin 10000": {"GOMP_SPINCOUNT": "10000"}}
 
 # One process's work: forward and backward of the 2 x 128 model at configs/base.toml's batch, timed after two
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         "the same, per OpenMP wait policy; the best of --rounds"
     )
     result = {
-        **result_header(what, "benchmarks.busy_machine", argv, day),
+        **result_header(what, "benchmarks.studies.busy_machine", argv, day),
         "threads": os.cpu_count(),
         "load_average_before": load_before,
         "summary": summary,

@@ -1,7 +1,7 @@
 """A transformers Llama trained as it is, with kernels.patch_hf_model, and with Liger-Kernel's patch
 (when liger_kernel is installed): tokens/s and peak memory of the same training steps.
 
-    python -m benchmarks.hf_patch [--out FILE.json]
+    python -m benchmarks.studies.hf_patch [--out FILE.json]
 
 Each variant builds the same random LlamaForCausalLM (GPT-2-small sized, a 32K vocabulary) with fp32
 weights under bf16 autocast and AdamW, as a transformers Trainer with bf16=True runs it; the labels are

@@ -1,8 +1,8 @@
 """The optimizers compared on the main job, and the cost of one Muon step against one AdamW step.
 
-    python -m benchmarks.optimizer_sweep                      # both parts, ~20 minutes on 2 CPU cores
-    python -m benchmarks.optimizer_sweep --part runs --max-steps 200
-    python -m benchmarks.optimizer_sweep --part steps         # only the 124M step timings
+    python -m benchmarks.studies.optimizer_sweep                      # both parts, ~20 minutes on 2 CPU cores
+    python -m benchmarks.studies.optimizer_sweep --part runs --max-steps 200
+    python -m benchmarks.studies.optimizer_sweep --part steps         # only the 124M step timings
 
 runs: configs/base.toml trained with each optimizer at three learning rates (the grid
 below), shortened to --max-steps (default 100 instead of the config's 200, so the twelve
@@ -37,13 +37,13 @@ from typing import Sequence
 import torch
 
 from benchmarks.conftest import FIXED_BASE, environment
+from benchmarks.studies.common import ROOT
 from fasttrain.config import load_config
 from fasttrain.model.transformer import Transformer
 from fasttrain.system.errors import ArgumentParser, run_cli
 from fasttrain.training.optimizers import Updater
 from fasttrain.training.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
 # optimizer: (the key its peak learning rate is set by, the rates tried). The AdamW rates bracket the
 # config's tuned 2e-3; the others start from their usual ranges (Muon ~0.02, SGD with momentum ~0.1).
 GRID = {
@@ -134,7 +134,7 @@ def git_commit() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m benchmarks.optimizer_sweep", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.studies.optimizer_sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["all", "runs", "steps"], default="all")
     parser.add_argument("--max-steps", type=int, default=100, help="steps of each run (configs/base.toml: 200)")
     parser.add_argument("--optimizers", nargs="+", choices=list(GRID), default=list(GRID))
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": str(datetime.date.today()),
         "commit": git_commit(),
         "machine": environment(),
-        "command": " ".join(["python -m benchmarks.optimizer_sweep", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python -m benchmarks.studies.optimizer_sweep", *(argv or sys.argv[1:])]),
     }
     if args.part in ("all", "runs"):
         report["runs"] = {

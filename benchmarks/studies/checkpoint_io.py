@@ -1,6 +1,6 @@
 """Checkpoint save and resume cost on the CPU: the gathered file against the sharded folder, under torchrun.
 
-    python -m benchmarks.checkpoint_io --out benchmarks/results/cpu-checkpoint-DATE.json
+    python -m benchmarks.studies.checkpoint_io --out benchmarks/results/cpu-checkpoint-DATE.json
 
 starts every measurement itself: `torchrun --nproc_per_node=2` trains a few FSDP steps of a ~150M-parameter
 model (gpt-350m's width, 12 layers by default, on the embedded corpus) and saves once in each format, timing the save
@@ -21,6 +21,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from benchmarks.studies.common import ROOT
 
 MODEL = [
     "train.max_time=0",
@@ -43,7 +45,6 @@ MODEL = [
     "checkpoint.interval=1000",
     "train.log_interval=1",
 ]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def resident() -> int:
@@ -159,7 +160,7 @@ def torchrun(nproc: int, *args: str) -> None:
         "--standalone",
         f"--nproc_per_node={nproc}",
         "-m",
-        "benchmarks.checkpoint_io",
+        "benchmarks.studies.checkpoint_io",
         "--worker",
         *args,
     ]
@@ -193,7 +194,7 @@ def main() -> None:
         "what": "checkpoint save (2 processes, fsdp, CPU, gloo): gathered file, sharded folder, async sharded; and "
         "resume of the last (sharded) save on 1, 2 and 3 processes; one save each, so rough",
         "machine": {"cpus": os.cpu_count(), "load_average_before": load_before, "load_average_after": os.getloadavg()},
-        "command": f"python -m benchmarks.checkpoint_io --out {args.out} --layers {args.layers}",
+        "command": f"python -m benchmarks.studies.checkpoint_io --out {args.out} --layers {args.layers}",
         "model": [*MODEL, f"model.n_layers={args.layers}"],
         "checkpoint_bytes": sizes,
         "saves": [r for r in rows if "file" in r],

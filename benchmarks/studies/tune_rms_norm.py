@@ -1,6 +1,6 @@
 """Measure RMSNorm tilings on this GPU and write the winners to the table the kernels read.
 
-    python -m benchmarks.tune_rms_norm [--hidden 768 2048 ...] [--rows 32768] [--out FILE] [--dry-run]
+    python -m benchmarks.studies.tune_rms_norm [--hidden 768 2048 ...] [--rows 32768] [--out FILE] [--dry-run]
 
 For each hidden size, the forward and the backward launchers (fasttrain_kernels/rms_norm.py) are timed
 over candidate tilings (rows a tile, warps a program; for the backward, programs per SM and
@@ -205,7 +205,9 @@ def merge(path: Path, capability: str, results: list[dict], source: str) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.tune_rms_norm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.studies.tune_rms_norm", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--hidden", type=int, nargs="+", default=list(HIDDEN))
     parser.add_argument("--rows", type=int, default=ROWS)
     parser.add_argument("--out", type=Path, help=f"default: {norm.TILINGS_FILE} (a dry run writes only to --out)")
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or (None if args.dry_run else norm.TILINGS_FILE)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    source = f"python -m benchmarks.tune_rms_norm --rows {rows} on {name}"
+    source = f"python -m benchmarks.studies.tune_rms_norm --rows {rows} on {name}"
     for h in hidden:  # written after each size: a command cut off by its time limit keeps what it measured
         found = tune(h, rows, device)
         print(f"hidden {h}: forward {found['forward']}, backward {found['backward']}: {found['median_us']}", flush=True)

@@ -1,6 +1,6 @@
 """How fast `fasttrain prepare` tokenizes a corpus, against the tokenizer libraries alone.
 
-    python benchmarks/prepare_speed.py [--rounds 5] [--mb 27.5] [--out benchmarks/results/cpu-prepare-speed-2026-11-24.json]
+    python benchmarks/studies/prepare_speed.py [--rounds 5] [--mb 27.5] [--out benchmarks/results/cpu-prepare-speed-2026-11-24.json]
 
 The corpus is like issue 47's: ~27.5 MB of JSONL, Python source documents cut from the CPython standard
 library's .py files (cut at blank lines into documents of 2,000 characters or a little more). Two byte-level BPEs are learned from it
@@ -28,9 +28,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.studies.common import ROOT  # noqa: E402
 from fasttrain.formats.tokenizer import Tokenizer  # noqa: E402
 from fasttrain.preparation.encoder import fast_encoder  # noqa: E402
 
@@ -64,9 +64,9 @@ def spawn(args: list[str], rss_file: Path) -> subprocess.Popen:
     Linux carries the spawning process's high-water mark across exec, and this process holds the corpus."""
     return subprocess.Popen(
         ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *args],
-        cwd=REPO,
+        cwd=ROOT,
         stdout=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
 
 
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--mb", type=float, default=27.5)
     parser.add_argument("--vocab", type=int, nargs="+", default=[4096, 32768])
-    parser.add_argument("--out", default=str(REPO / "benchmarks/results/cpu-prepare-speed-2026-11-24.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu-prepare-speed-2026-11-24.json"))
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     work = Path(tempfile.mkdtemp(prefix="prepare-speed-"))

@@ -1,7 +1,7 @@
 """The GPU acceptance pack: every GPU check and measurement from one command, the results in four files.
 
-    python -m benchmarks.gpu_check [--stage env|tests|tune|kernels|step|profile|ablation|ablation-kernels|ablation-compile|parity|hf|train ...] [--out DIR] [--dry-run]
-    python -m benchmarks.gpu_check --combine RESULTS.json [RESULTS.json ...] --out DIR
+    python -m benchmarks.studies.gpu_check [--stage env|tests|tune|kernels|step|profile|ablation|ablation-kernels|ablation-compile|parity|hf|train ...] [--out DIR] [--dry-run]
+    python -m benchmarks.studies.gpu_check --combine RESULTS.json [RESULTS.json ...] --out DIR
 
 Stages (default: all, in this order). Each runs in a process of its own under its own time
 limit, so a crash or a hang in one leaves the others' results intact:
@@ -9,7 +9,7 @@ limit, so a crash or a hang in one leaves the others' results intact:
   env      GPU, driver and versions; the floors every figure is a fraction of, measured here:
            a device-to-device copy (GB/s) and a large bf16 matmul (TFLOP/s)
   tests    the test suite on the GPU, so the CUDA-only tests run too
-  tune     RMSNorm tilings timed on this GPU (benchmarks/tune_rms_norm.py); the winners go into
+  tune     RMSNorm tilings timed on this GPU (benchmarks/studies/tune_rms_norm.py); the winners go into
            fasttrain_kernels/rms_norm_tilings.json here (the later stages run them) and into the stage's figures
   kernels  every kernel benchmark against eager PyTorch, torch.compile and Liger-Kernel (when installed),
            GPU time from CUDA events with the L2 cache flushed; the RMSNorm kernel inside a compiled block
@@ -23,7 +23,7 @@ limit, so a crash or a hang in one leaves the others' results intact:
   ablation the 124M step from stock pieces, stock + each lever (kernels auto, FP8, the cuDNN and
            FlashAttention-3 attention kernels, a doubled micro-batch), then the winners together
   ablation-kernels  the same with each kernel forced on alone (AdamW, RMSNorm, linear + cross-entropy):
-           the whole-step verdicts benchmarks/dispatch_table.py reads
+           the whole-step verdicts benchmarks/studies/dispatch_table.py reads
   ablation-compile  the same for CUDA graphs, flex and flash attention, and inductor's tuning and
            max-autotune-no-cudagraphs (slow to compile, so a stage of their own)
   parity   200 steps of a real run (configs/gpt2-small.toml on the docstrings corpus) with the configs'
@@ -34,7 +34,7 @@ limit, so a crash or a hang in one leaves the others' results intact:
            every kernel on): the loss falls, nothing recompiles after warm-up, a checkpoint resumes
            bit for bit; then the document-masking path (bucketed padding, compiled flex attention)
 
---out DIR receives gpu_check.json (pytest-benchmark's layout, so `python -m benchmarks.report` reads
+--out DIR receives gpu_check.json (pytest-benchmark's layout, so `python -m benchmarks.studies.report` reads
 it, plus a "gpu_check" entry with every stage's checks and figures), gpu_check.md (the report),
 gpu_check.png (the chart) and gpu_check.log (what each stage printed); they are rewritten after
 every stage (the chart after one that added cases). A one-screen summary ends the output. The exit
@@ -65,12 +65,12 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Callable, Sequence
 
-from benchmarks.dispatch_table import table_entries
-from benchmarks.goals import judge
-from benchmarks.report import case_of, chart, duration, load_results, markdown
+from benchmarks.studies.common import ROOT
+from benchmarks.studies.dispatch_table import table_entries
+from benchmarks.studies.goals import judge
+from benchmarks.studies.report import case_of, chart, duration, load_results, markdown
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = (
     "env",
     "tests",
@@ -326,7 +326,7 @@ def tune_stage(ctx: Context) -> Stage:
         from fasttrain_kernels.rms_norm import TILINGS_FILE
 
         path, options = TILINGS_FILE, []
-    code, _ = run([sys.executable, "-m", "benchmarks.tune_rms_norm", *options], ctx)
+    code, _ = run([sys.executable, "-m", "benchmarks.studies.tune_rms_norm", *options], ctx)
     tilings = json.loads(path.read_text())["tilings"] if path.exists() else {}
     stage.figures = {"tilings": tilings}
     tuned = {block: entry for entries in tilings.values() for block, entry in entries.items()}
@@ -345,7 +345,7 @@ def kernels_stage(ctx: Context) -> Stage:
     stage = Stage()
     benchmark_files(ctx, stage, KERNEL_BENCHMARKS, "not cpu")
     rows = races(stage.benchmarks)
-    # what "auto" would choose from these results: python -m benchmarks.dispatch_table gpu_check.json writes it
+    # what "auto" would choose from these results: python -m benchmarks.studies.dispatch_table gpu_check.json writes it
     stage.figures = {"races": rows, "kernel_table": table_entries(stage.benchmarks)}
     ahead = sum(r["speedup"] >= 1 for r in rows)
     stage.summary = f"{len(stage.benchmarks)} cases; fasttrain fastest in {ahead} of {len(rows)} races"
@@ -372,12 +372,12 @@ def profile_stage(ctx: Context) -> Stage:
     stock): step times from CUDA events (min, median, stdev: the spread), then the profiled time per step
     by kernel category, the device's idle time included and charged to the host ops whose launches ended
     each gap, and the allocator's cudaMalloc retries and calls during the timed steps
-    (benchmarks/profile_step.py)."""
+    (benchmarks/studies/profile_step.py)."""
     import torch
 
     from benchmarks.bench_train_step import CONFIGS, GPU_CONFIGS, GPU_SETTINGS, KERNELS, make_trainer
     from benchmarks.conftest import sizes
-    from benchmarks.profile_step import profile_trainer
+    from benchmarks.studies.profile_step import profile_trainer
 
     stage = Stage()
     config = GPU_CONFIGS[0]
@@ -632,10 +632,10 @@ def parity_stage(ctx: Context) -> Stage:
 
 def ablation_stage(ctx: Context, name: str) -> Stage:
     """The 124M step from stock pieces, stock plus each of the stage's levers, then its winners together
-    (benchmarks/ablation.py, STAGE_CASES[name]): tokens/s, MFU, step times, peak memory, first-step
+    (benchmarks/studies/ablation.py, STAGE_CASES[name]): tokens/s, MFU, step times, peak memory, first-step
     (compile) time. A lever this machine cannot run, or a case there was no time left for, is skipped."""
-    from benchmarks.ablation import STAGE_CASES, STEPS, ablation, winners
     from benchmarks.conftest import sizes
+    from benchmarks.studies.ablation import STAGE_CASES, STEPS, ablation, winners
 
     stage = Stage()
     # The dry run proves the plumbing with few cases, each a process of about 8 s of CPU: a lever the CPU
@@ -671,8 +671,8 @@ def ablation_stage(ctx: Context, name: str) -> Stage:
 
 def hf_stage(ctx: Context) -> Stage:
     """A transformers Llama trained unpatched, with kernels.patch_hf_model and with Liger-Kernel's patch
-    (benchmarks/hf_patch.py): tokens/s and peak memory; Liger is skipped where it is not installed."""
-    from benchmarks.hf_patch import compare
+    (benchmarks/studies/hf_patch.py): tokens/s and peak memory; Liger is skipped where it is not installed."""
+    from benchmarks.studies.hf_patch import compare
 
     stage = Stage()
     records = compare()
@@ -726,7 +726,7 @@ def new_results(argv: Sequence[str], commit: str, dry_run: bool) -> dict:
     return {
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit_info": {"id": commit},
-        "command": "python -m benchmarks.gpu_check " + " ".join(argv),
+        "command": "python -m benchmarks.studies.gpu_check " + " ".join(argv),
         "benchmarks": [],
         "gpu_check": {"dry_run": dry_run, "stages": {}},
     }
@@ -738,7 +738,7 @@ def run_stage(name: str, out: Path, work: Path, seconds: float, dry_run: bool) -
     command = [
         sys.executable,
         "-m",
-        "benchmarks.gpu_check",
+        "benchmarks.studies.gpu_check",
         "--worker",
         name,
         "--work",
@@ -799,7 +799,7 @@ def add_stage(results: dict, name: str, record: dict) -> None:
 
 
 def report(results: dict) -> str:
-    """The markdown report: where, the checks, the issues' goals (benchmarks/goals.py), the floors,
+    """The markdown report: where, the checks, the issues' goals (benchmarks/studies/goals.py), the floors,
     fasttrain's races, then every case."""
     stages = results["gpu_check"]["stages"]
     env = stages.get("env", {}).get("figures", {})
@@ -901,7 +901,7 @@ def combine(paths: Sequence[str], out: Path) -> dict:
     for path in paths:
         part = load_results(path)
         if "gpu_check" not in part:
-            raise UsageError(f"{path}: no 'gpu_check' entry: not written by benchmarks.gpu_check")
+            raise UsageError(f"{path}: no 'gpu_check' entry: not written by benchmarks.studies.gpu_check")
         if results is None:
             results = part
             continue
@@ -920,7 +920,7 @@ def combine(paths: Sequence[str], out: Path) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.studies.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", action="append", choices=STAGES, help="a stage to run (repeatable; default: all)")
     parser.add_argument("--out", default="gpu-check", help="where the four result files go (default: gpu-check/)")
     parser.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes")

@@ -1,7 +1,7 @@
 """Turn a pytest-benchmark results JSON into a markdown table and a bar chart.
 
     pytest benchmarks/ --benchmark-only --benchmark-json results.json
-    python -m benchmarks.report results.json [--markdown FILE.md] [--chart FILE.png]
+    python -m benchmarks.studies.report results.json [--markdown FILE.md] [--chart FILE.png]
 
 The table has a row per case: its name, median and min time, and the figures it recorded
 (GB/s, TFLOP/s, tokens/s, fraction of the floor, MFU, peak memory, host time per call), under a line
@@ -131,7 +131,7 @@ def chart(results: dict, out: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m benchmarks.studies.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", help="a JSON file from pytest --benchmark-json")
     parser.add_argument("--markdown", help="write the table here (default: print it)")
     parser.add_argument("--chart", help="write the bar chart here (a .png)")
