@@ -224,7 +224,7 @@ def test_the_documented_restart_command_recovers_from_every_kill(pydoc_data, tmp
     checkpoint and finishes. Before each attempt met under a prefix of its own, the restarted group met in the
     store the dead one left behind and read its gloo addresses: 1 of 4 kills recovered under ddp and 1 of 4
     under fsdp; since, 20 of 20 each (benchmarks/studies/elastic_restarts.py,
-    benchmarks/results/cpu-elastic-restarts-2026-11-24.json)."""
+    benchmarks/results/checkpoints/cpu-elastic-restarts-2026-11-24.json)."""
     for rank in (0, 1):
         found = trial(pydoc_data, tmp_path / f"rank{rank}", parallel, rank)
         assert found["ok"], found

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from benchmarks.studies.goals import judge
 
-H100 = Path(__file__).resolve().parents[1] / "benchmarks/results/h100-2026-11-22/gpu_check.json"
+H100 = Path(__file__).resolve().parents[1] / "benchmarks/results/gpu/h100-2026-11-22/gpu_check.json"
 
 
 def case(name: str, impl: str, median: float, **info) -> dict:

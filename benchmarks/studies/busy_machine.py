@@ -11,7 +11,7 @@ sleeps at once; GOMP_SPINCOUNT bounds the spin. Each policy is measured quiet an
 second process training the same step with the default policy, as a second run would), in processes of their
 own (the policy is read when OpenMP starts), alternating, on configs/base.toml's 2 x 128 shape at its batch.
 
-Writes benchmarks/results/cpu-busy-machine-<date>.json by default: ms a step per policy, quiet and busy, and
+Writes benchmarks/results/cpu-step/cpu-busy-machine-<date>.json by default: ms a step per policy, quiet and busy, and
 the slowdown busy / quiet. Run it on a machine with nothing else running (load average under 0.5).
 """
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     day = datetime.date.today().isoformat()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=2, help="quiet/busy measurements of each policy, alternating")
-    parser.add_argument("--out", default=str(ROOT / f"benchmarks/results/cpu-busy-machine-{day}.json"))
+    parser.add_argument("--out", default=str(ROOT / f"benchmarks/results/cpu-step/cpu-busy-machine-{day}.json"))
     args = parser.parse_args(argv)
     found: dict[str, dict[str, list[float]]] = {name: {"quiet": [], "busy": []} for name in POLICIES}
     load_before = os.getloadavg()

@@ -1,6 +1,6 @@
 """What checkpoint checksums cost on the CPU, next to the save and the load they guard.
 
-    python -m benchmarks.studies.checkpoint_checksum --out benchmarks/results/cpu-checkpoint-checksum-DATE.json
+    python -m benchmarks.studies.checkpoint_checksum --out benchmarks/results/checkpoints/cpu-checkpoint-checksum-DATE.json
 
 A checkpoint's tensors (a model's weights and AdamW's two moments, fp32) for a ~150M-parameter model (gpt-350m's
 width, 12 layers, vocabulary 4096) and the base config's, each saved in one process as a file and as a sharded

@@ -1,6 +1,6 @@
 """Checkpoint save and resume cost on the CPU: the gathered file against the sharded folder, under torchrun.
 
-    python -m benchmarks.studies.checkpoint_io --out benchmarks/results/cpu-checkpoint-DATE.json
+    python -m benchmarks.studies.checkpoint_io --out benchmarks/results/checkpoints/cpu-checkpoint-DATE.json
 
 starts every measurement itself: `torchrun --nproc_per_node=2` trains a few FSDP steps of a ~150M-parameter
 model (gpt-350m's width, 12 layers by default, on the embedded corpus) and saves once in each format, timing the save

@@ -16,7 +16,7 @@ flops_per_token) times tokens/s. --profile adds, for this tree, each shape's ste
 under train.max_time: sizing.calibrate on the run's loss and update) and the tokens/s that timing predicts for
 each shape, against the median measured for this tree's first setting (the run's: eager on a CPU).
 
-Writes one JSON (default benchmarks/results/cpu-step-<date>.json) with the machine, the command and every
+Writes one JSON (default benchmarks/results/cpu-step/cpu-step-<date>.json) with the machine, the command and every
 measurement. Compare only within one file: the figures depend on the CPU and on what else runs on it.
 """
 
@@ -207,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shapes = {s: shape_sets(s) for s in args.shape}
     today = datetime.date.today().isoformat()
-    out = args.out or ROOT / f"benchmarks/results/cpu-step-{today}.json"
+    out = args.out or ROOT / f"benchmarks/results/cpu-step/cpu-step-{today}.json"
     records: list[dict] = []
     with tempfile.TemporaryDirectory() as scratch:
         trees = {"HEAD": ROOT}

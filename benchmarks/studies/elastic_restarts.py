@@ -1,6 +1,6 @@
 """Elastic restarts, repeated: the restart command of docs/multi-gpu.md, one worker SIGKILLed mid-run, N times.
 
-    python -m benchmarks.studies.elastic_restarts --trials 20 --out benchmarks/results/cpu-elastic-restarts-DATE.json
+    python -m benchmarks.studies.elastic_restarts --trials 20 --out benchmarks/results/checkpoints/cpu-elastic-restarts-DATE.json
 
 Each trial runs the documented command on the CPU (gloo, 2 processes, static rendezvous on a free port,
 `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --max-restarts=3 ... --resume auto-or-new`) in a fresh

@@ -10,7 +10,7 @@ Muon as configs/base.toml has it and with AdamW; one optimizer step a micro-batc
 of caps the CPU allows, plus the machine as it is, each in a process of its own, and records every loss and
 the largest relative difference from the uncapped run's.
 
-Writes benchmarks/results/cpu-isa-spread-<date>.json by default.
+Writes benchmarks/results/cpu-step/cpu-isa-spread-<date>.json by default.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def losses(data: Path, out: Path, caps: dict[str, str], sets: tuple[str, ...]) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     day = datetime.date.today().isoformat()
-    parser.add_argument("--out", default=str(ROOT / f"benchmarks/results/cpu-isa-spread-{day}.json"))
+    parser.add_argument("--out", default=str(ROOT / f"benchmarks/results/cpu-step/cpu-isa-spread-{day}.json"))
     args = parser.parse_args(argv)
     runs: dict[str, dict[str, list[str]]] = {}
     spread: dict[str, float] = {}

@@ -2,7 +2,7 @@
 fasttrain/evaluation/harness.py) and through lm-eval's own Hugging Face model (`hf`) on the same weights exported
 with `export --hf`, both fp32.
 
-    python -m benchmarks.studies.lm_eval_speed [--out benchmarks/results/cpu-lm-eval-DATE.json] [--rounds 2]
+    python -m benchmarks.studies.lm_eval_speed [--out benchmarks/results/lm-eval/cpu-lm-eval-DATE.json] [--rounds 2]
 
 The model is the base config's (192 wide, 4 layers, context 256, a 4096-token vocabulary on the embedded
 corpus), trained 2 steps: the speed does not depend on what it knows. The tasks are written here, nothing is
@@ -62,7 +62,7 @@ def write_tasks(folder: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="benchmarks/results/cpu-lm-eval.json")
+    parser.add_argument("--out", default="benchmarks/results/lm-eval/cpu-lm-eval.json")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     from lm_eval import simple_evaluate

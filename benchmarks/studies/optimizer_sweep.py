@@ -18,7 +18,7 @@ embedding and norms, Newton-Schulz for the block matrices), SGD and Adafactor. T
 block (in fp32 on a CPU without native bf16, see fasttrain.training.optimizers.Muon), so by default the
 model keeps --layers 1 of its 12 blocks (the record says how many; --layers 12 is the whole 124M).
 
-Writes one JSON (default benchmarks/results/cpu-optimizers-<date>.json) with the machine,
+Writes one JSON (default benchmarks/results/recipe/cpu-optimizers-<date>.json) with the machine,
 the command and every result.
 """
 
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="timed calls of each 124M step (after one warm-up)")
     parser.add_argument("--layers", type=int, default=1, help="blocks of the 124M model kept for the step timings")
     parser.add_argument(
-        "--out", type=Path, default=ROOT / f"benchmarks/results/cpu-optimizers-{datetime.date.today()}.json"
+        "--out", type=Path, default=ROOT / f"benchmarks/results/recipe/cpu-optimizers-{datetime.date.today()}.json"
     )
     args = parser.parse_args(argv)
     report = {

@@ -1,6 +1,6 @@
 """How fast `fasttrain prepare` tokenizes a corpus, against the tokenizer libraries alone.
 
-    python benchmarks/studies/prepare_speed.py [--rounds 5] [--mb 27.5] [--out benchmarks/results/cpu-prepare-speed-2026-11-24.json]
+    python benchmarks/studies/prepare_speed.py [--rounds 5] [--mb 27.5] [--out benchmarks/results/data/cpu-prepare-speed-2026-11-24.json]
 
 The corpus is like issue 47's: ~27.5 MB of JSONL, Python source documents cut from the CPython standard
 library's .py files (cut at blank lines into documents of 2,000 characters or a little more). Two byte-level BPEs are learned from it
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--mb", type=float, default=27.5)
     parser.add_argument("--vocab", type=int, nargs="+", default=[4096, 32768])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu-prepare-speed-2026-11-24.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/data/cpu-prepare-speed-2026-11-24.json"))
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     work = Path(tempfile.mkdtemp(prefix="prepare-speed-"))

@@ -19,7 +19,7 @@ and, not held out, "pydoc" is the main job's own corpus (92K training tokens), f
 10-20 times does.
 Each is written as JSONL, one document a file, and prepared once at vocab 4096 into --cache.
 
-Writes one JSON (default benchmarks/results/cpu-recipe-<corpus>-<budget>s-<date>.json) with the machine,
+Writes one JSON (default benchmarks/results/recipe/cpu-recipe-<corpus>-<budget>s-<date>.json) with the machine,
 the command, the load average around each case and every result. Compare cases within one file: the
 figures depend on the CPU (bf16 through AMX or AVX-512, or fp32) and on what else runs on it.
 """
@@ -294,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     today = datetime.date.today().isoformat()
     length = f"{args.steps}steps" if args.steps else f"{args.budget:g}s"
-    out = args.out or ROOT / f"benchmarks/results/cpu-recipe-{args.corpus}-{length}-{today}.json"
+    out = args.out or ROOT / f"benchmarks/results/recipe/cpu-recipe-{args.corpus}-{length}-{today}.json"
     data = prepared(args.corpus, args.cache)
     results = []
     with tempfile.TemporaryDirectory(prefix="recipe-sweep-") as tmp:

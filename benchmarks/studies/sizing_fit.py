@@ -5,13 +5,13 @@ which tokens-per-parameter ratio makes the rule choose it.
     python -m benchmarks.studies.sizing_fit                              # fit, from the committed results
 
 The sweeps (`python -m benchmarks.studies.recipe_sweep --steps S --case "depth N default" --out
-benchmarks/results/cpu-ladder-default-<date>/<corpus>-<S>steps-depth<N>.json`) train each depth of the ladder
+benchmarks/results/sizing/cpu-ladder-default-<date>/<corpus>-<S>steps-depth<N>.json`) train each depth of the ladder
 with configs/base.toml's recipe (width 64 d, Muon, a warmdown over the last half, the untied head, embedding
 norm and value embeddings at their rates) for a number of steps: what a depth learns from so many tokens does
 not depend on the machine or on what else runs on it. (The first fit, 2026-11-25, was made on the recipe
-before, cases "depth N", files benchmarks/results/cpu-ladder-<corpus>-<S>steps-2026-11-25.json.) A machine's
+before, cases "depth N", files benchmarks/results/sizing/cpu-ladder-<corpus>-<S>steps-2026-11-25.json.) A machine's
 speed turns a budget into tokens: --measure times each depth's real steps (`fasttrain train --dry-run
---measure`, optimizer included) at 1 and 2 threads into benchmarks/results/cpu-ladder-speeds-<date>.json. Then
+--measure`, optimizer included) at 1 and 2 threads into benchmarks/results/sizing/cpu-ladder-speeds-<date>.json. Then
 for each corpus, budget (30 s to 10 min) and thread count, each depth's validation bits per byte at the tokens
 it would train on is read off its sweep (interpolated in log tokens between the steps swept; a budget far beyond
 a depth's sweep leaves it out), the best depth is the lowest (a depth up to twice past its last point follows
@@ -19,7 +19,7 @@ its last two points' line), and each ratio on a grid gives the depth sizing's ru
 corpus's size, as the run knows it, and no depth that would read it more often than the ceiling on epochs tried
 with it, of EPOCH_CEILINGS). The pair with the smallest worst regret (bits per byte above the best depth's),
 then mean regret, is the rule's TOKENS_PER_PARAM and MAX_EPOCHS; the table of choices and regrets goes to
-benchmarks/results/cpu-ladder-fit-<date>.json and docs/performance.md.
+benchmarks/results/sizing/cpu-ladder-fit-<date>.json and docs/performance.md.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from fasttrain.model import sizing
 from fasttrain.model.transformer import matmul_params
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
-RESULTS = ROOT / "benchmarks/results"
+RESULTS = ROOT / "benchmarks/results/sizing"
 BUDGETS = (30, 60, 120, 180, 300)  # seconds
 EXTRAPOLATE = 2.0  # bpb_at follows a depth's last two sweep points this far beyond the last (in tokens)
 # Ratios tried: 0.1 up, a quarter apart. (The first fit stopped at 1.71: above it the main job, its 92K-token
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (RESULTS / f"cpu-ladder-speeds-{today}.json").write_text(json.dumps(speeds, indent=1) + "\n")
     found = sorted(RESULTS.glob("cpu-ladder-speeds-*.json"))
     if not found:
-        raise UsageError("no benchmarks/results/cpu-ladder-speeds-*.json: run with --measure first")
+        raise UsageError("no benchmarks/results/sizing/cpu-ladder-speeds-*.json: run with --measure first")
     result = fit(json.loads(found[-1].read_text()))
     for c in result["cells"]:
         scores = "  ".join(f"d{d} {b:.3f}" for d, b in sorted(c["val_bpb"].items()))

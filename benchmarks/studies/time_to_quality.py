@@ -79,10 +79,10 @@ The equal-token mode does not depend on the machine's speed.
 What changed (issue 63): the first version of this harness ran nanochat eager (its model uncompiled, its
 optimizer's compiled functions as plain PyTorch), at 16K-token steps whatever the budget (23 updates in 60 s on
 the AVX2 machine: never out of its 40-update warmup), and scored both sides in fasttrain's 256-token windows on
-the first 131K validation tokens only; its figures (benchmarks/results/cpu-time-to-quality-*-2026-11-25.json)
-are superseded.
+the first 131K validation tokens only; its figures are superseded (their files, cpu-time-to-quality-*-2026-11-25.json,
+are in git's history).
 
-Writes one JSON (default benchmarks/results/cpu-time-to-quality-<corpus>[-tokens]-<date>.json) with the
+Writes one JSON (default benchmarks/results/time-to-quality/cpu-time-to-quality-<corpus>[-tokens]-<date>.json) with the
 machine, commit, command, nanochat's source and commit, every run and each case's summary over the seeds, and
 a PNG beside it (same name, .png): val bpb against the budget in minutes (or the tokens), a line per case.
 """
@@ -603,7 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = "tokens" if args.tokens else "budget"
     out = (
         args.out
-        or ROOT / f"benchmarks/results/cpu-time-to-quality-{args.corpus}{'-tokens' * bool(args.tokens)}-{today}.json"
+        or ROOT
+        / f"benchmarks/results/time-to-quality/cpu-time-to-quality-{args.corpus}{'-tokens' * bool(args.tokens)}-{today}.json"
     )
     data = prepared(args.corpus, args.cache)
     lengths_run = [(0.0, n) for n in args.tokens] if args.tokens else [(b, 0) for b in budgets]
