@@ -19,7 +19,7 @@ import torch
 
 from fasttrain.compute.device import synchronize
 
-# Set by `python -m benchmarks.gpu_check --dry-run`: the GPU cases run on the CPU at tiny sizes, so the
+# Set by `python -m benchmarks.studies.gpu_check --dry-run`: the GPU cases run on the CPU at tiny sizes, so the
 # whole acceptance pack's plumbing is exercised on a machine without a GPU. Their timings mean nothing.
 DRY_RUN = os.environ.get("FASTTRAIN_BENCH_DRY_RUN") == "1"
 

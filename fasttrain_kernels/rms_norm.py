@@ -34,7 +34,7 @@ summed afterwards, so dweight is deterministic and never accumulated in bf16.
 A program holds whole rows (up to MAX_HIDDEN columns): several short rows as one
 2-D tile, or a single long one. How many rows a tile, warps a program, programs per
 SM and stages is a `Tiling`, per row block and GPU: measured winners from
-`rms_norm_tilings.json` (written on a GPU by `python -m benchmarks.tune_rms_norm`)
+`rms_norm_tilings.json` (written on a GPU by `python -m benchmarks.studies.tune_rms_norm`)
 where it has them, else `default_tilings`. Layout of this file: Triton kernels ->
 tilings and launchers (Triton or PyTorch) -> torch.library ops -> autograd.Function
 -> `rms_norm` -> `RMSNorm`, with `rms_norm_reference` (stock ops) for tests and
@@ -244,7 +244,7 @@ def _forward(
     x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, out_dtype: torch.dtype, tiling: Tiling | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h, rstd) for rows `x` (M, H) [+ `residual` (M, H)]; h is empty without a residual. `tiling`
-    overrides the chosen one (benchmarks.tune_rms_norm measures candidates so)."""
+    overrides the chosen one (benchmarks.studies.tune_rms_norm measures candidates so)."""
     n_rows, n_cols = x.shape
     if not use_triton(x):  # the same math in PyTorch
         h = x if residual is None else x + residual

@@ -1,4 +1,4 @@
-"""benchmarks.cpu_step: the CPU step at a budget's shapes, each measurement a process of its own."""
+"""benchmarks.studies.cpu_step: the CPU step at a budget's shapes, each measurement a process of its own."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks.cpu_step import main
+from benchmarks.studies.cpu_step import main
 from fasttrain.system.errors import run_cli
 
 
@@ -38,4 +38,4 @@ def test_each_setting_is_measured_with_the_kernels_the_run_resolves(tmp_path):
     kernels = {r["setting"]: r["kernels"] for r in found["records"]}
     assert kernels == {"eager": ["linear_cross_entropy"], "eager unfused loss": []}
     assert all(r["tokens_per_s"] > 0 and r["gflop_per_s"] > 0 for r in found["summary"])
-    assert found["machine"]["torch"] and found["command"].startswith("python -m benchmarks.cpu_step")
+    assert found["machine"]["torch"] and found["command"].startswith("python -m benchmarks.studies.cpu_step")

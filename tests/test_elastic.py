@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from benchmarks.elastic_restarts import trial, workers
+from benchmarks.studies.elastic_restarts import trial, workers
 from fasttrain import train
 from fasttrain.checkpoints.checkpoint_files import resolve
 from fasttrain.compute import distributed
@@ -223,8 +223,8 @@ def test_the_documented_restart_command_recovers_from_every_kill(pydoc_data, tmp
     auto-or-new), one worker SIGKILLed mid-run, rank 0 then rank 1: each job restarts once, resumes from its
     checkpoint and finishes. Before each attempt met under a prefix of its own, the restarted group met in the
     store the dead one left behind and read its gloo addresses: 1 of 4 kills recovered under ddp and 1 of 4
-    under fsdp; since, 20 of 20 each (benchmarks/elastic_restarts.py,
-    benchmarks/results/cpu-elastic-restarts-2026-11-24.json)."""
+    under fsdp; since, 20 of 20 each (benchmarks/studies/elastic_restarts.py,
+    benchmarks/results/checkpoints/cpu-elastic-restarts-2026-11-24.json)."""
     for rank in (0, 1):
         found = trial(pydoc_data, tmp_path / f"rank{rank}", parallel, rank)
         assert found["ok"], found

@@ -1,4 +1,4 @@
-"""benchmarks.goals: the open issues' GPU goals judged from results, on the committed H100 run and on
+"""benchmarks.studies.goals: the open issues' GPU goals judged from results, on the committed H100 run and on
 synthetic cases."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.goals import judge
+from benchmarks.studies.goals import judge
 
-H100 = Path(__file__).resolve().parents[1] / "benchmarks/results/h100-2026-11-22/gpu_check.json"
+H100 = Path(__file__).resolve().parents[1] / "benchmarks/results/gpu/h100-2026-11-22/gpu_check.json"
 
 
 def case(name: str, impl: str, median: float, **info) -> dict:

@@ -1,4 +1,4 @@
-"""benchmarks.gpu_check: the whole GPU acceptance pack as a dry run on the CPU, and its pieces."""
+"""benchmarks.studies.gpu_check: the whole GPU acceptance pack as a dry run on the CPU, and its pieces."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu_check
-from benchmarks.report import main as report_main
+from benchmarks.studies import gpu_check
+from benchmarks.studies.report import main as report_main
 from fasttrain.system.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     are in the second tier."""
     out = tmp_path_factory.mktemp("gpu-check")
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.studies.gpu_check", "--dry-run", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -141,7 +141,7 @@ def test_combine_merges_stages_and_a_later_failure_wins(dry_run, tmp_path):
 
 
 def test_the_ablation_stages_cover_every_lever_once_each_after_its_own_stock():
-    from benchmarks.ablation import LEVERS, STAGE_CASES
+    from benchmarks.studies.ablation import LEVERS, STAGE_CASES
 
     assert list(STAGE_CASES) == [s for s in gpu_check.STAGES if s.startswith("ablation")]
     assert all(cases[0] == "stock" for cases in STAGE_CASES.values())
@@ -150,7 +150,7 @@ def test_the_ablation_stages_cover_every_lever_once_each_after_its_own_stock():
 
 
 def test_an_ablation_case_without_time_left_is_skipped_not_failed(monkeypatch):
-    from benchmarks import ablation
+    from benchmarks.studies import ablation
 
     monkeypatch.setattr(ablation, "stock_settings", lambda: [])
     records = ablation.ablation(["stock", "fp8 head"], 3, deadline=time.monotonic() + 30)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.isa_spread import cpu_flags
+from benchmarks.studies.isa_spread import cpu_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 

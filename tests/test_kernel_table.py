@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.dispatch_table import MARGIN, build_table, step_entries, superseded, table_entries
+from benchmarks.studies.dispatch_table import MARGIN, build_table, step_entries, superseded, table_entries
 from fasttrain.compute.device import kernels_on
 from fasttrain.compute.kernel_table import TABLE, load_table, lookup, run_shapes
 from fasttrain.config import KernelsConfig

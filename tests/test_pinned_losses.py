@@ -6,10 +6,10 @@ Two checks, because no bitwise value holds across CPUs: oneDNN and ATen pick oth
 AVX2 machines, whose fp32 sums round differently, so the same run differs there in the last bit of a loss.
 An fp32 run is fp32 throughout, Muon's Newton-Schulz included (optimizers.newton_schulz_dtype: until
 2026-11-25 it iterated in bf16 on CPUs with bf16 matmuls, which moved these losses by 4.7e-6 on an AMX Xeon).
-Measured by benchmarks/isa_spread.py (every ISA cap a CPU allows, Muon and AdamW, both cases): with today's
+Measured by benchmarks/studies/isa_spread.py (every ISA cap a CPU allows, Muon and AdamW, both cases): with today's
 recipe (untied head, value embeddings, the tables at 25x optim.lr) at most 2.3e-7 relative (3 ulp) on the
-2-core AVX2 EPYC (results/cpu-isa-spread-recipe-2026-11-25.json); with the tables before, 7.9e-8 (1 ulp) there
-(results/cpu-isa-spread-2026-11-25.json), 1 ulp on the AVX-512 EPYC and on three losses of the AMX Xeon of
+2-core AVX2 EPYC (results/cpu-step/cpu-isa-spread-recipe-2026-11-25.json); with the tables before, 7.9e-8 (1 ulp) there
+(results/cpu-step/cpu-isa-spread-2026-11-25.json), 1 ulp on the AVX-512 EPYC and on three losses of the AMX Xeon of
 issue 55 (AdamW): the faster tables carry a last-bit difference further.
 - The recorded values (float.hex, from an x86-64 CPU; recorded anew on 2026-11-25 when base.toml took nanochat's
   untied head, embedding norm, value embeddings and rates, and on 2026-11-27 when it took Muon at 0.03, each on
@@ -27,7 +27,7 @@ import json
 
 import pytest
 
-from benchmarks.isa_spread import MAIN_JOB_SETS
+from benchmarks.studies.isa_spread import MAIN_JOB_SETS
 from fasttrain.train import main as train_main
 
 pytestmark = pytest.mark.subprocess  # a whole run, if in this process

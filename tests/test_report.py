@@ -1,4 +1,4 @@
-"""benchmarks.report (a results JSON to a markdown table and a bar chart) and benchmarks.profile_step."""
+"""benchmarks.studies.report (a results JSON to a markdown table and a bar chart) and benchmarks.studies.profile_step."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks.report import main
+from benchmarks.studies.report import main
 from fasttrain.system.errors import run_cli
 
 
@@ -110,7 +110,7 @@ def test_bad_results_file_is_one_line(tmp_path, capsys, content, message):
 
 
 def test_profile_step_writes_a_trace_and_a_table(tmp_path, capsys):
-    from benchmarks.profile_step import main as profile_main
+    from benchmarks.studies.profile_step import main as profile_main
 
     tiny = [
         "train.device=cpu",
@@ -134,7 +134,7 @@ def test_profile_categories_count_each_kernel_once_on_cuda():
     from torch.autograd import DeviceType
     from torch.autograd.profiler_util import EventList, FunctionEvent
 
-    from benchmarks.profile_step import ms_by_category
+    from benchmarks.studies.profile_step import ms_by_category
 
     op = FunctionEvent(
         id=1, name="aten::mm", thread=0, start_us=0, end_us=50, device_type=DeviceType.CPU, use_device="cuda", stack=[]
@@ -182,7 +182,7 @@ def test_profile_categories_count_each_kernel_once_on_cuda():
 def test_idle_gaps_are_charged_to_the_host_op_whose_launch_ended_them():
     """Two streams' kernels merge into one timeline; a gap is charged to the innermost and the outermost
     CPU op around the launch of the work after it, with how late that launch came."""
-    from benchmarks.profile_step import idle_gaps
+    from benchmarks.studies.profile_step import idle_gaps
 
     def x(cat, name, ts, dur, tid=1, correlation=None):
         event = {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": tid}

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import fasttrain_kernels._backend
-from benchmarks import tune_rms_norm
+from benchmarks.studies import tune_rms_norm
 from fasttrain_kernels import RMSNorm, rms_norm, rms_norm_reference
 from fasttrain_kernels.rms_norm import Tiling
 from tests.kernel_checks import DTYPES, assert_matches, stored

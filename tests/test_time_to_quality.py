@@ -1,4 +1,4 @@
-"""benchmarks.time_to_quality without training anything: skipped without nanochat, a bad checkout refused in one
+"""benchmarks.studies.time_to_quality without training anything: skipped without nanochat, a bad checkout refused in one
 line, nanochat's schedule on progress and on its own updates, its batch and rates, the equal-token step counts,
 and the scoring: the whole val split, the same targets and bytes at each side's context, equal to fasttrain's
 own validation; where NANOCHAT_DIR names a checkout, one nanochat step driven end to end."""
@@ -13,9 +13,9 @@ import sys
 
 import pytest
 
-from benchmarks import time_to_quality
-from benchmarks.recipe_sweep import ROOT
-from benchmarks.time_to_quality import (
+from benchmarks.studies import time_to_quality
+from benchmarks.studies.common import ROOT
+from benchmarks.studies.time_to_quality import (
     equal_token_steps,
     lr_multiplier,
     main,
@@ -217,7 +217,7 @@ def test_one_nanochat_step_is_trained_and_scored(pydoc_data, tmp_path):
     """The worker process as run_nanochat starts it, at depth 1 for one 512-token update (the batch rule's
     for 512 tokens), compiled, its warm-up outside the clock."""
     spec = {"checkout": os.environ["NANOCHAT_DIR"], "data_dir": str(pydoc_data), "depth": 1, "tokens": 512}
-    worker = [sys.executable, "-m", "benchmarks.time_to_quality", "--worker", json.dumps(spec)]
+    worker = [sys.executable, "-m", "benchmarks.studies.time_to_quality", "--worker", json.dumps(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([*worker, "--out", str(tmp_path / "r.json")], check=True, cwd=ROOT, env=env, capture_output=True)
     result = json.loads((tmp_path / "r.json").read_text())

@@ -8,7 +8,7 @@ torch.compile), and the kernel was faster there than the fastest stock path. Any
 not cover runs what stock PyTorch (or inductor) runs, so "auto" never picks a path measured slower.
 
 The table is `kernel_table.json` beside this file, written from a GPU session's results by
-`python -m benchmarks.dispatch_table` (the gpu_check `kernels` stage writes one too). Its shape:
+`python -m benchmarks.studies.dispatch_table` (the gpu_check `kernels` stage writes one too). Its shape:
 
     {"source": [...], "entries": [{"capability": "sm_90", "gpu": "NVIDIA H100 80GB HBM3",
       "op": "rms_norm", "mode": "eager", "shape": {"hidden": 768}, "use": false,

@@ -6,8 +6,8 @@ A model too large for its budget sees too few tokens; one too small stops learni
 depends on how many tokens the run will train on, and that on the machine's speed, the budget and, for a
 small corpus read many times over, how much a repeated token is still worth. So the run picks, from a ladder
 of shapes (depth d, width 64 d, heads of 64: nanochat's one-knob rule), the depth whose tokens per parameter
-come closest to TOKENS_PER_PARAM, a ratio fitted to this project's sweeps (benchmarks/recipe_sweep.py's
-`depth N` cases, benchmarks/results/cpu-ladder-*.json, docs/performance.md):
+come closest to TOKENS_PER_PARAM, a ratio fitted to this project's sweeps (benchmarks/studies/recipe_sweep.py's
+`depth N` cases, benchmarks/results/sizing/cpu-ladder-*.json, docs/performance.md):
 
     tokens(d)    = min(max_steps x tokens per step, max_time x tokens/s(d))   (whichever the run has)
     worth(T, U)  = T while it is at most the corpus U; beyond, U (1 + R (1 - exp(-(T/U - 1) / R)))
@@ -24,7 +24,7 @@ move the choice; the sweeps the ratio was fitted to had tied heads, whose params
 first, R = REPEAT_WORTH epochs. Past about ten epochs a small corpus is worth less than nothing: the model
 learns it by heart and validation gets worse (on the main job's corpus, 93K tokens, equal tokens: depth 2 scored
 1.269 bits per byte after 10 epochs and 1.551 after 20, depth 3 1.271 after 6.6 and 1.333 after 13, depth 1
-1.576 after 20; results/cpu-recipe-pydoc-epochs-2026-11-25.json). A deeper model, which reads it fewer times in
+1.576 after 20; results/recipe/cpu-recipe-pydoc-epochs-2026-11-25.json). A deeper model, which reads it fewer times in
 the same budget, does better there, so no depth that would read it more than MAX_EPOCHS times is chosen.
 And a run under train.max_time stops once it has read a source MAX_EPOCHS times (`epoch_cap`, which the plan
 sets as train.max_steps): where every depth would read it more often, the ratio's choice trains until then.
@@ -66,7 +66,7 @@ from fasttrain.system.errors import UsageError
 
 HEAD_DIM = 64  # the ladder's head width, and its width per layer of depth
 DEPTHS = tuple(range(1, 33))  # the ladder
-# Fitted to the sweeps (see the module docstring; benchmarks/sizing_fit.py, results/cpu-ladder-fit-2026-11-25.json):
+# Fitted to the sweeps (see the module docstring; benchmarks/studies/sizing_fit.py, results/sizing/cpu-ladder-fit-2026-11-25.json):
 # of ratios 0.1 to 1.71 a quarter apart (above 1.71 the main job measured worse), the one whose choices lost
 # least against the best depth at 30 s to 5 min, 1 and 2 threads, both corpora: worst 0.05 bits per byte, at
 # the depth-1 / depth-2 boundary; mean 0.007.
@@ -84,7 +84,7 @@ CALIBRATION_STEPS = 2  # timed forward-backward passes of each calibration shape
 SENSITIVITY = (0.8, 1.25)
 # The shape a timing chooses is timed too, and the choice made again at its own speed, at most this many times:
 # the rate grows with the size more slowly than the two smallest shapes say (2-core AVX2 CPU: predicted 1.11x the
-# real step at 3 x 192 and 1.28x at 4 x 256 from depths 1 and 2; benchmarks/results/cpu-step-calibration-*.json)
+# real step at 3 x 192 and 1.28x at 4 x 256 from depths 1 and 2; benchmarks/results/sizing/cpu-step-calibration-*.json)
 RETIMINGS = 3
 
 
