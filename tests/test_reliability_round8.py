@@ -1,0 +1,54 @@
+"""Issue 82 (reliability, round eight), items 3 and 5 to 8: documented options the tools misjudged, and messages
+that said what was not so.
+
+- `fasttrain doctor` passes the recipe options whose parameters start at zero by design (model.smear,
+  model.zero_init_projections): their gradients are zero before the first update, not dead.
+
+Each case goes through the command line where the failure was seen, and failed before its fix.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from fasttrain import doctor
+from fasttrain.system.errors import run_cli
+from tests.conftest import tiny_args
+from tests.test_doctor import doctor as diagnosed
+from tests.test_doctor import failed
+
+
+def command(main, args: list[str], capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a command's `main` run as the command line runs it."""
+    with pytest.raises(SystemExit) as done:
+        run_cli(main, args)
+    out, err = capsys.readouterr()
+    return done.value.code, out, err
+
+
+# Item 3: the doctor and parameters that start at zero on purpose.
+
+
+@pytest.mark.parametrize("option", ["model.smear=true", "model.zero_init_projections=true"])
+def test_the_doctor_passes_parameters_that_start_at_zero_by_design(option, pydoc_data, tmp_path, capsys):
+    args = tiny_args(pydoc_data, tmp_path, "optim.lr=1e-2", option) + ["--overfit-steps", "150"]
+    code, out, _ = command(doctor.main, args, capsys)
+    assert code == 0, out
+    assert "8 of 8 checks passed" in out
+    late = "smear_gate.weight" if option == "model.smear=true" else "blocks.0.attn.qkv.weight"
+    assert re.search(f"PASS  gradients .* only after the first update.*{late}", out)
+
+
+def test_a_gradient_zero_after_the_first_update_still_fails(pydoc_data, tmp_path):
+    """The second look is no pass for a parameter whose gradient stays zero: here one cut off by a hook."""
+
+    def cut(trainer):
+        trainer.model.blocks[0].attn_norm.weight.register_hook(torch.zeros_like)
+
+    checks = diagnosed(pydoc_data, tmp_path, cut)
+    assert failed(checks) == ["gradients", "update"]
+    assert "1 of 14 parameters: blocks.0.attn_norm.weight gradient all zero" == checks["gradients"].detail
+    assert "1 of 14 parameters unchanged: blocks.0.attn_norm.weight" == checks["update"].detail
