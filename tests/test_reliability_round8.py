@@ -3,6 +3,7 @@ that said what was not so.
 
 - `fasttrain doctor` passes the recipe options whose parameters start at zero by design (model.smear,
   model.zero_init_projections): their gradients are zero before the first update, not dead.
+- A config rule that needs another setting's value names the value it needs, not the one set.
 
 Each case goes through the command line where the failure was seen, and failed before its fix.
 """
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from fasttrain import doctor
+from fasttrain import train as train_module
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
 from tests.test_doctor import doctor as diagnosed
@@ -52,3 +54,24 @@ def test_a_gradient_zero_after_the_first_update_still_fails(pydoc_data, tmp_path
     assert failed(checks) == ["gradients", "update"]
     assert "1 of 14 parameters: blocks.0.attn_norm.weight gradient all zero" == checks["gradients"].detail
     assert "1 of 14 parameters unchanged: blocks.0.attn_norm.weight" == checks["update"].detail
+
+
+# Item 5: a rule that needs a value names the value needed, then the one set.
+
+
+@pytest.mark.parametrize(
+    "given, said",
+    [
+        (
+            ["checkpoint.keep_best=false"],  # base.toml's final_weights = "best"
+            'checkpoint.final_weights = "best" needs checkpoint.keep_best = true, not false',
+        ),
+        (
+            ['optim.name="sgd"', "optim.sgd.nesterov=true", "optim.sgd.momentum=0.0"],
+            "optim.sgd.nesterov = true needs optim.sgd.momentum > 0, not 0.0",
+        ),
+    ],
+)
+def test_a_needs_rule_names_the_value_needed(given, said, pydoc_data, tmp_path, capsys):
+    code, _, err = command(train_module.main, tiny_args(pydoc_data, tmp_path, *given), capsys)
+    assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
