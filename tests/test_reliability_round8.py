@@ -4,12 +4,15 @@ that said what was not so.
 - `fasttrain doctor` passes the recipe options whose parameters start at zero by design (model.smear,
   model.zero_init_projections): their gradients are zero before the first update, not dead.
 - A config rule that needs another setting's value names the value it needs, not the one set.
+- A resume with model.zero_init_projections changed goes on, saying in a line that the key changes nothing for it
+  (it chooses only the weights a new run starts from); it was refused as a model of another shape.
 
 Each case goes through the command line where the failure was seen, and failed before its fix.
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -75,3 +78,22 @@ def test_a_gradient_zero_after_the_first_update_still_fails(pydoc_data, tmp_path
 def test_a_needs_rule_names_the_value_needed(given, said, pydoc_data, tmp_path, capsys):
     code, _, err = command(train_module.main, tiny_args(pydoc_data, tmp_path, *given), capsys)
     assert code == 2 and said in err and len(err.strip().splitlines()) == 1, err
+
+
+# Item 6: an init-only [model] key changed on resume.
+
+
+def test_a_resume_may_change_an_init_only_key(pydoc_data, tmp_path, capsys):
+    """(A key that shapes the model is still refused: tests/test_bad_input.py.)"""
+    quick = ["train.max_steps=2", "train.sample_tokens=0", "schedule.warmup_steps=1"]
+    assert command(train_module.main, tiny_args(pydoc_data, tmp_path, *quick), capsys)[0] == 0
+    flipped = tiny_args(pydoc_data, tmp_path, *quick, "train.max_steps=3", "model.zero_init_projections=true")
+    code, out, err = command(train_module.main, [*flipped, "--resume", "auto"], capsys)
+    assert code == 0, err
+    note = [line for line in out.splitlines() if "zero_init_projections" in line]
+    assert note == [
+        "resume: model.zero_init_projections = False there, True here: it chooses only the weights a new run starts "
+        "from; this run goes on from the checkpoint's"
+    ]
+    end = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (end["event"], end["step"]) == ("end", 3)
