@@ -6,6 +6,8 @@ that said what was not so.
 - A config rule that needs another setting's value names the value it needs, not the one set.
 - A resume with model.zero_init_projections changed goes on, saying in a line that the key changes nothing for it
   (it chooses only the weights a new run starts from); it was refused as a model of another shape.
+- A budgeted run on a CPU says that other programs were running when the machine was timed from the threads
+  runnable then, not from the load average, which counts for a minute a program that has ended.
 
 Each case goes through the command line where the failure was seen, and failed before its fix.
 """
@@ -20,10 +22,13 @@ import torch
 
 from fasttrain import doctor
 from fasttrain import train as train_module
+from fasttrain.model import sizing
+from fasttrain.model.sizing import Speed
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
 from tests.test_doctor import doctor as diagnosed
 from tests.test_doctor import failed
+from tests.test_sizing import AUTO
 
 
 def command(main, args: list[str], capsys) -> tuple[int, str, str]:
@@ -97,3 +102,32 @@ def test_a_resume_may_change_an_init_only_key(pydoc_data, tmp_path, capsys):
     ]
     end = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert (end["event"], end["step"]) == ("end", 3)
+
+
+# Item 7: the busy note reads what runs now.
+
+
+@pytest.mark.parametrize("runnable, said", [(1, None), (4, "3 threads runnable besides this run's, on 2 cores")])
+def test_the_busy_note_reads_what_runs_now(runnable, said, pydoc_data, tmp_path, monkeypatch, capsys):
+    """Right after another program ended, the 1-minute load average still counts it (1.9 on 2 cores): the run
+    queue of that instant holds this process alone, and the plan says nothing of a busy machine; 3 threads of
+    other programs runnable as it is timed, and it says so."""
+    queue = tmp_path / "loadavg"
+    queue.write_text(f"1.90 0.71 0.26 {runnable}/312 4242\n")
+    monkeypatch.setattr(sizing, "RUN_QUEUE", str(queue))
+    monkeypatch.setattr(sizing, "own_runnable", lambda: 1)  # the reading thread, whatever else this one runs
+    monkeypatch.setattr(sizing.os, "getloadavg", lambda: (1.9, 0.71, 0.26))
+    monkeypatch.setattr(sizing.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # 2 cores, any machine
+    monkeypatch.setattr(sizing, "calibrate", lambda cfg, device, update, loss, depths=(): Speed(((1e6, 1e9),)))
+    budget = tiny_args(pydoc_data, tmp_path / "run", *AUTO, "train.max_steps=0", "train.max_time=60")
+    code, out, err = command(train_module.main, [*budget, "--dry-run"], capsys)
+    assert code == 0, err
+    assert "load average" not in out and "looked busy" not in out
+    if said:
+        assert f"other programs were running when the machine was timed ({said})" in out, out
+    else:
+        assert "other programs" not in out, out
+
+
+def test_this_process_counts_its_own_running_thread():
+    assert sizing.own_runnable() >= 1  # the one reading
