@@ -8,6 +8,9 @@ that said what was not so.
   (it chooses only the weights a new run starts from); it was refused as a model of another shape.
 - A budgeted run on a CPU says that other programs were running when the machine was timed from the threads
   runnable then, not from the load average, which counts for a minute a program that has ended.
+- The README's steps after the quickstart, in its order: its fixed-shape run has a directory of its own, and its
+  summary says nothing of a budget it has not; a run of steps under a budget has nothing left at its last step; a
+  resume of a finished run says in one line that it trains nothing; the summary's plot hint is `fasttrain plot`.
 
 Each case goes through the command line where the failure was seen, and failed before its fix.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,3 +135,51 @@ def test_the_busy_note_reads_what_runs_now(runnable, said, pydoc_data, tmp_path,
 
 def test_this_process_counts_its_own_running_thread():
     assert sizing.own_runnable() >= 1  # the one reading
+
+
+# Item 8: the README's own steps, tried in order after the quickstart.
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+QUIET = ["train.sample_tokens=0", "train.eval_interval=1000"]
+SMALL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "train.max_steps=2"]  # after the README's
+
+
+def test_the_readmes_fixed_shape_run_after_the_quickstart(pydoc_data, tmp_path, monkeypatch, capsys):
+    """The README's fixed shape (its --set items, the shape and steps made test-sized after them) after the
+    quickstart's run in runs/base: it trains in a directory of its own (it was refused for the first run's
+    checkpoints), its summary has no train.max_time to name and names the plot command the README teaches, and
+    its resume, with nothing left to train, says so."""
+    fixed = re.search(r"`--set (model\.n_layers=4[^`]*)`", README.read_text()).group(1).split()
+    assert "train.out_dir=runs/fixed" in fixed
+    base = README.parent / "configs" / "base.toml"
+    assert "train.out_dir=runs/fixed" in base.read_text()  # its comment, which repeats the example
+    monkeypatch.chdir(tmp_path)
+    quickstart = tiny_args(pydoc_data, "runs/base", "train.max_steps=2", *QUIET, config=str(base))
+    assert command(train_module.main, quickstart, capsys)[0] == 0
+    args = tiny_args(pydoc_data, "runs/base", *QUIET, *fixed, *SMALL, config=str(base))
+    code, out, err = command(train_module.main, args, capsys)
+    assert code == 0, err
+    summary = out[out.index("done: 2 steps") :]
+    assert re.search(r"\n  time +\S+ training, \S+ wall time in this process\n", summary), summary
+    assert "max_time" not in summary
+    assert "\n  plot with   fasttrain plot runs/fixed" in summary
+    code, out, err = command(train_module.main, [*args, "--resume", "auto"], capsys)
+    assert code == 0, err
+    assert (
+        "resume: the run is at its end (step 2, train.max_steps = 2): nothing to train, it only evaluates and "
+        "reports again; a larger train.max_steps trains on\n"
+    ) in out
+
+
+def test_a_run_of_steps_under_a_budget_has_nothing_left_at_its_end(pydoc_data, tmp_path, capsys):
+    """The README's `--set train.max_steps=50` on base.toml's 2-minute budget: the steps end the run, and its
+    last line said the rest of the budget was left ("step 50/~50 (100.0%) ... 1m44s left")."""
+    args = tiny_args(pydoc_data, tmp_path, "train.max_time=2m", "train.max_steps=3", "train.log_interval=1", *QUIET)
+    code, out, err = command(train_module.main, args, capsys)
+    assert code == 0, err
+    steps = [line for line in out.splitlines() if line.startswith("step ")]
+    assert len(steps) == 3 and steps[-1].endswith("| 0s left"), steps
+    left = [
+        float(json.loads(line)["seconds_left"]) for line in (tmp_path / "metrics.jsonl").open() if '"train"' in line
+    ]
+    assert left[-1] == 0 and left[0] < 60  # the steps' time at the speed so far, not the 2 minutes' rest
