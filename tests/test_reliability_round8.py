@@ -12,7 +12,9 @@ that said what was not so.
   summary says nothing of a budget it has not; a run of steps under a budget has nothing left at its last step; a
   resume of a finished run says in one line that it trains nothing; the summary's plot hint is `fasttrain plot`.
 
-Each case goes through the command line where the failure was seen, and failed before its fix.
+Each case goes through the command line where the failure was seen, but the doctor's second look at a gradient
+still zero (a planted fault, as tests/test_doctor.py plants them) and the count of this process's own runnable
+threads. Each failed before its fix, but that second look, which holds what the fix keeps.
 """
 
 from __future__ import annotations
