@@ -9,10 +9,12 @@ One training batch is checked, in order:
     targets      the targets are the inputs shifted by one token
     init loss    the loss before training is near ln(vocab_size), a uniform guess (with model.init_from,
                  a trained model's weights, not above it)
-    gradients    every trainable parameter gets a finite, non-zero gradient
+    gradients    every trainable parameter gets a finite, non-zero gradient (or, if zero at first, after one
+                 update: one behind a weight that starts at zero by design)
     grad norm    the global gradient norm is in a sane range
     lr           the learning rate of the first update and the schedule's peak are not zero
-    update       one optimizer step changes every trainable parameter
+    update       one optimizer step (or, for a parameter whose gradient starts at zero, two) changes every
+                 trainable parameter
     overfit      a slice of the batch is memorised within N steps at the peak learning rate
 
 Each check says PASS or FAIL and what it measured; a failure also says what to look at.
@@ -54,23 +56,50 @@ def diagnose(trainer: Trainer, overfit_steps: int = 200) -> list[Check]:
             Check(name, None, "not run: fix the data first")
             for name in ("init loss", "gradients", "grad norm", "lr", "update", "overfit")
         ]
-    model, updater = trainer.model, trainer.updater
-    loss = mean_loss(trainer, x, y)
-    updater.scale(loss).backward()
-    grad_norm = updater.clip_gradients().item()
+    model = trainer.model
+    loss, grad_norm = backward(trainer, x, y)
+    problems = gradient_problems(model)
+    stuck = unchanged_by_update(trainer)
+    zero = [name for name, problem in problems.items() if problem == ZERO_GRADIENT]
+    late_gradients, late_moves = [], []
+    if zero or stuck:
+        # A parameter behind a weight that starts at zero by design (model.zero_init_projections' projections,
+        # model.smear's gate behind its scale) has a zero gradient until the first update moves that weight, and
+        # an optimizer without weight decay leaves it where it was: each is judged again after that update, and
+        # only one whose gradient is still zero, or that a second update still leaves, is dead.
+        backward(trainer, x, y)
+        again = gradient_problems(model)
+        late_gradients = [name for name in zero if name not in again]
+        for name in late_gradients:
+            del problems[name]
+        still = unchanged_by_update(trainer)
+        late_moves = [name for name in stuck if name not in still]
+        stuck = [name for name in stuck if name in still]
+    total = sum(1 for _ in model.parameters())
     checks += [
-        check_initial_loss(loss.item(), vocab, pretrained=bool(trainer.cfg.model.init_from)),
-        check_gradients(model),
+        check_initial_loss(loss, vocab, pretrained=bool(trainer.cfg.model.init_from)),
+        check_gradients(problems, total, late_gradients),
         check_grad_norm(grad_norm),
         check_lr(trainer),
+        check_update(stuck, total, late_moves),
+        check_overfit(trainer, x[:OVERFIT_ROWS, :OVERFIT_TOKENS], y[:OVERFIT_ROWS, :OVERFIT_TOKENS], overfit_steps),
     ]
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    updater.apply(trainer.lr())
-    checks.append(check_update(model, before))
-    checks.append(
-        check_overfit(trainer, x[:OVERFIT_ROWS, :OVERFIT_TOKENS], y[:OVERFIT_ROWS, :OVERFIT_TOKENS], overfit_steps)
-    )
     return checks
+
+
+def backward(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """The gradients of batch (x, y)'s mean loss, clipped as training clips them; returns (loss, norm before)."""
+    loss = mean_loss(trainer, x, y)
+    trainer.updater.scale(loss).backward()
+    return loss.item(), trainer.updater.clip_gradients().item()
+
+
+def unchanged_by_update(trainer: Trainer) -> list[str]:
+    """One optimizer step with the gradients there are, at the first update's rate; returns the names of the
+    parameters it left exactly as they were."""
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.updater.apply(trainer.lr())
+    return [name for name, p in trainer.model.named_parameters() if torch.equal(p.detach(), before[name])]
 
 
 def mean_loss(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -140,26 +169,38 @@ def check_initial_loss(loss: float, vocab_size: int, pretrained: bool = False) -
     return Check("init loss", True, detail)
 
 
-def check_gradients(model: torch.nn.Module) -> Check:
-    problems, params = [], list(model.named_parameters())
-    for name, p in params:
+ZERO_GRADIENT = "gradient all zero"
+
+
+def gradient_problems(model: torch.nn.Module) -> dict[str, str]:
+    """What is wrong with the gradient of each parameter that has a problem, by name."""
+    problems = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
-            problems.append(f"{name} frozen (requires_grad=False)")
+            problems[name] = "frozen (requires_grad=False)"
         elif p.grad is None:
-            problems.append(f"{name} has no gradient")
+            problems[name] = "has no gradient"
         elif not torch.isfinite(p.grad).all():
-            problems.append(f"{name} gradient not finite")
+            problems[name] = "gradient not finite"
         elif not p.grad.any():
-            problems.append(f"{name} gradient all zero")
+            problems[name] = ZERO_GRADIENT
+    return problems
+
+
+def check_gradients(problems: dict[str, str], total: int, late: Sequence[str] = ()) -> Check:
+    """`late`: parameters whose gradient was zero before the first update and is not after it."""
     if problems:
         return Check(
             "gradients",
             False,
-            _some(problems, len(params), "parameters"),
+            _some([f"{name} {problem}" for name, problem in problems.items()], total, "parameters"),
             "a parameter without a gradient never trains: check requires_grad, that its module is "
             "used in forward, and that nothing on its path is detached (.detach(), .data, no_grad)",
         )
-    return Check("gradients", True, f"all {len(params)} parameters have finite, non-zero gradients")
+    detail = f"all {total} parameters have finite, non-zero gradients"
+    if late:
+        detail += f" ({_some(list(late), total, 'only after the first update, behind a weight that starts at 0')})"
+    return Check("gradients", True, detail)
 
 
 def check_grad_norm(norm: float) -> Check:
@@ -197,17 +238,20 @@ def check_lr(trainer: Trainer) -> Check:
     return Check("lr", True, detail)
 
 
-def check_update(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> Check:
-    stuck = [name for name, p in model.named_parameters() if torch.equal(p.detach(), before[name])]
+def check_update(stuck: list[str], total: int, late: Sequence[str] = ()) -> Check:
+    """`stuck`: the parameters no update changed; `late`: those only the second update changed."""
     if stuck:
         return Check(
             "update",
             False,
-            _some(stuck, len(before), "parameters unchanged"),
+            _some(stuck, total, "parameters unchanged"),
             "the optimizer does not move them: are they in its param groups, is their gradient zero, "
             "is the learning rate zero?",
         )
-    return Check("update", True, f"all {len(before)} parameters changed")
+    detail = f"all {total} parameters changed"
+    if late:
+        detail += f" ({_some(list(late), total, 'only at the second update, their first gradient zero')})"
+    return Check("update", True, detail)
 
 
 def check_overfit(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, steps: int) -> Check:

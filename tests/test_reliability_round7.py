@@ -195,6 +195,7 @@ def test_a_clock_alone_warns_of_a_corpus_read_too_often(pydoc_data, code_data, t
 
 
 def test_a_choice_near_a_boundary_or_timed_on_a_busy_machine_says_so(pydoc_data, tmp_path, monkeypatch):
+    """(The busy note's reading of the machine: tests/test_reliability_round8.py.)"""
     cfg = tiny_config(pydoc_data, tmp_path, *AUTO, "train.max_steps=0", "train.max_time=600", "model.vocab_size=512")
     speed = Speed(((1e6, 1e9),))
     # the budget that puts the rule's choice where 20% more tokens would choose a deeper model
@@ -203,13 +204,13 @@ def test_a_choice_near_a_boundary_or_timed_on_a_busy_machine_says_so(pydoc_data,
     assert not all("near a boundary" in n for n in notes)
     monkeypatch.setattr(sizing, "calibrate", lambda cfg, device, update, loss, depths=(): speed)
     monkeypatch.setattr(sizing.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # 2 cores, any machine
-    monkeypatch.setattr(sizing.os, "getloadavg", lambda: (7.5, 1.0, 1.0))
+    monkeypatch.setattr(sizing, "others_runnable", lambda: 7)
     note = size_model(cfg, (), 128, 1, CPU, None)[1]
-    assert "the machine looked busy when it was timed (load average 7.5 on 2 cores)" in note
+    assert "other programs were running when the machine was timed (7 threads runnable besides this run's" in note
     given = size_model(cfg, (), 128, 1, CPU, None)[2]  # the plan made again with the speed timed: still says so
-    assert "looked busy" in size_model(cfg, (), 128, 1, CPU, given)[1]
-    monkeypatch.setattr(sizing.os, "getloadavg", lambda: (0.1, 1.0, 1.0))
-    assert "busy" not in size_model(cfg, (), 128, 1, CPU, None)[1]
+    assert "other programs were running" in size_model(cfg, (), 128, 1, CPU, given)[1]
+    monkeypatch.setattr(sizing, "others_runnable", lambda: 0)
+    assert "other programs" not in size_model(cfg, (), 128, 1, CPU, None)[1]
 
 
 def test_the_plans_kernel_line_names_what_the_adamw_kernel_would_update_under_muon(pydoc_data, tmp_path, capsys):

@@ -221,7 +221,7 @@ def test_a_run_on_a_terminal_closes_its_bar_before_the_summary(pydoc_data, tmp_p
     summary = out[out.index("done: 3 steps") :]
     assert "\r" not in summary and "step/s" not in summary  # nothing of the bar after it
     assert re.search(r"left=(\d+[hms])+\]", out) and not re.search(r"left=\S+ left", out)  # "left=59m59s]"
-    assert f'plot with   python -m fasttrain.plot {tmp_path} (needs matplotlib: pip install -e ".[plot]")' in summary
+    assert f'plot with   fasttrain plot {tmp_path} (needs matplotlib: pip install -e ".[plot]")' in summary
 
     monkeypatch.setattr(sys, "stderr", errors)
     code, out, err = command(plot.main, [str(tmp_path)], capsys)

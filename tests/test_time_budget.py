@@ -81,7 +81,7 @@ def test_progress_is_the_larger_of_steps_and_time():
     assert budget.progress(10, 30.0) == 0.5 and budget.progress(80, 30.0) == 0.8
     assert not budget.reached(99, 59.9) and budget.reached(100, 1.0) and budget.reached(3, 60.0)
     assert Budget(0, 60.0).standing(10, 15.0) == (0.25, 40, 45.0)  # 4 times as many steps at that speed
-    assert Budget(30, 60.0).standing(10, 15.0) == (1 / 3, 30, 45.0)  # the step limit comes first
+    assert Budget(30, 60.0).standing(10, 15.0) == (1 / 3, 30, 30.0)  # the step limit comes first: 20 x 1.5 s left
     # What a run's plans are laid out to, and the words: the clock's projection, or the steps where they come first
     assert Budget(0, 60.0).horizon(10, 15.0) == (40, "by step ~40, where train.max_time is projected to end the run")
     assert Budget(30, 60.0).horizon(10, 15.0) == (30, "in 30 steps, before train.max_time would end the run")

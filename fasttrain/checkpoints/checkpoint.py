@@ -242,8 +242,9 @@ class Checkpointer:
 
     def restore(self, path: str | Path, loader: TokenLoader, accumulation: int) -> tuple[RunState, Config, list[str]]:
         """Load the checkpoint at `path` into the model, optimizer, scaler, `loader` and the random
-        generators; returns its RunState, the config it was saved with and notes for the user. A checkpoint
-        saved by another number of processes or another parallel mode continues the data stream at the same
+        generators; returns its RunState, the config it was saved with and notes for the user (an init-only
+        [model] key changed, another world). A checkpoint saved by another number of processes or another
+        parallel mode continues the data stream at the same
         global batch, split over this world (loader.reshard; `accumulation`: this run's micro-batches per step,
         which a mixture's loader counts in); a rank with no saved random state gets one seeded from train.seed,
         the step and its rank. UsageError if it comes from a model of another shape,
@@ -252,7 +253,7 @@ class Checkpointer:
         path = Path(path)
         state = load(path, self.device, whole_model=False)
         saved = saved_config(state, path)  # parsed once: the checks below and the caller read it
-        check_same_model(saved, self.cfg, path)
+        notes = check_same_model(saved, self.cfg, path)
         check_same_optimizer(saved, self.cfg, path)
         try:
             ranks, rank = state["ranks"], self.world.rank
@@ -279,7 +280,7 @@ class Checkpointer:
             run = RunState.from_state_dict(state)
         except (RuntimeError, ValueError, KeyError, TypeError, UsageError) as e:
             raise UsageError(f"{path}: cannot continue from it ({str(e).splitlines()[0]})") from None
-        return run, saved, world_change(len(ranks), state.get("parallel"), self.world.size, self.parallel)
+        return run, saved, notes + world_change(len(ranks), state.get("parallel"), self.world.size, self.parallel)
 
     def restore_weights(self, path: Path) -> None:
         """Load only the model's weights of the save at `path` (checkpoint.final_weights = "best" gives them to

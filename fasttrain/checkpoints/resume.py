@@ -21,22 +21,34 @@ from fasttrain.config import Config, format_duration
 from fasttrain.system.errors import UsageError
 
 RESHAPE_FREE = ("dropout", "init_from")  # [model] keys a resumed run may change: they alter no saved weight
+# [model] keys that only choose the weights a new run starts from: a resumed run, which goes on from its checkpoint's
+# weights, may change them, and is told that they change nothing for it
+INIT_ONLY = ("zero_init_projections",)
 
 
-def check_same_model(saved_cfg: Config, cfg: Config, path: str | os.PathLike[str]) -> None:
+def check_same_model(saved_cfg: Config, cfg: Config, path: str | os.PathLike[str]) -> list[str]:
     """UsageError naming every [model] key in which `cfg` differs from `saved_cfg`, the config of the run
-    that saved the checkpoint at `path`."""
+    that saved the checkpoint at `path`, but those a resume may change; returns a note for each init-only key
+    changed."""
     saved = saved_cfg.model
-    differ = [
-        f"model.{f.name} = {getattr(saved, f.name)!r} there, {getattr(cfg.model, f.name)!r} here"
-        for f in fields(saved)
-        if f.name not in RESHAPE_FREE and getattr(saved, f.name) != getattr(cfg.model, f.name)
-    ]
-    if differ:
+
+    def differ(names: list[str]) -> list[str]:
+        return [
+            f"model.{name} = {getattr(saved, name)!r} there, {getattr(cfg.model, name)!r} here"
+            for name in names
+            if getattr(saved, name) != getattr(cfg.model, name)
+        ]
+
+    shaped = differ([f.name for f in fields(saved) if f.name not in RESHAPE_FREE + INIT_ONLY])
+    if shaped:
         raise UsageError(
-            f"{path}: saved by a model of another shape ({'; '.join(differ)}); "
+            f"{path}: saved by a model of another shape ({'; '.join(shaped)}); "
             "resume with the config that run was started with"
         )
+    return [
+        f"{change}: it chooses only the weights a new run starts from; this run goes on from the checkpoint's"
+        for change in differ(list(INIT_ONLY))
+    ]
 
 
 def check_same_optimizer(saved_cfg: Config, cfg: Config, path: str | os.PathLike[str]) -> None:

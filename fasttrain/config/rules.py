@@ -106,13 +106,6 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 # (key, relation, other key, is_broken(cfg), why) -> "key = 1 <relation> other = 2 (why)".
 _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
     (
-        "checkpoint.final_weights",
-        "needs",
-        "checkpoint.keep_best",
-        lambda c: c.checkpoint.final_weights == "best" and not c.checkpoint.keep_best,
-        "the best weights are the best save's: set keep_best = true",
-    ),
-    (
         "train.seq_len",
         "exceeds",
         "model.max_seq_len",
@@ -139,13 +132,6 @@ _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
         "optim.lr",
         lambda c: c.schedule.min_lr > c.optim.lr,
         "the schedule decays from lr down to min_lr",
-    ),
-    (
-        "optim.sgd.nesterov",
-        "needs",
-        "optim.sgd.momentum",
-        lambda c: c.optim.sgd.nesterov and c.optim.sgd.momentum == 0,
-        "Nesterov momentum without momentum is plain SGD",
     ),
     (
         "model.d_model",
@@ -190,6 +176,25 @@ _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
     ),
     # model.vocab_size against the tokenizer: check_vocab, once the tokenizer is known (data.vocab_size is
     # what a BPE is asked for; it may learn fewer, so it cannot be checked here).
+]
+
+# Settings that need another to have some value, checked with the pairs above: (key, other key, what the other
+# must be, is_broken(cfg), why) -> "key = 1 needs other = true, not false (why)": the value needed, then the one set.
+_NEEDS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
+    (
+        "checkpoint.final_weights",
+        "checkpoint.keep_best",
+        "= true",
+        lambda c: c.checkpoint.final_weights == "best" and not c.checkpoint.keep_best,
+        "the best weights are the best save's",
+    ),
+    (
+        "optim.sgd.nesterov",
+        "optim.sgd.momentum",
+        "> 0",
+        lambda c: c.optim.sgd.nesterov and c.optim.sgd.momentum == 0,
+        "Nesterov momentum without momentum is plain SGD",
+    ),
 ]
 
 
@@ -289,7 +294,8 @@ def _check_mixture(cfg: Config, sources: dict[str, str]) -> None:
 
 
 def _validate(cfg: Config, sources: dict[str, str]) -> None:
-    """Raise UsageError for the first value out of range, then for the first pair that disagrees."""
+    """Raise UsageError for the first value out of range, then for the first pair that disagrees, then for the
+    first setting another needs."""
     for name, (ok, requirement) in _RANGES.items():
         value = _get(cfg, name)
         if not ok(value):
@@ -299,6 +305,12 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
             raise UsageError(
                 f"{_blame(sources, name, other)}: {name} = {_show(_get(cfg, name))} {relation} "
                 f"{other} = {_show(_get(cfg, other))} ({why})"
+            )
+    for name, other, needed, is_broken, why in _NEEDS:
+        if is_broken(cfg):
+            raise UsageError(
+                f"{_blame(sources, name, other)}: {name} = {_show(_get(cfg, name))} needs {other} {needed}, "
+                f"not {_show(_get(cfg, other))} ({why})"
             )
     _check_mixture(cfg, sources)
 

@@ -19,7 +19,7 @@ from typing import Sequence
 from fasttrain.checkpoints.resume import check_not_past_end
 from fasttrain.checkpoints.run_state import RunState
 from fasttrain.checkpoints.saves import step_of
-from fasttrain.config import Config, RecoveryConfig
+from fasttrain.config import Config, RecoveryConfig, format_duration
 from fasttrain.training.schedule import carried_rest_scale, schedule_change
 
 
@@ -154,11 +154,28 @@ def resumed_under(path: Path, run: RunState, saved: Config, cfg: Config, recorde
     carried on (schedule.carried_rest_scale, set in `run`), and the best loss and early stopping's count started
     anew for another train.monitor (monitor_anew); returns what changed, a line each."""
     check_not_past_end(path, run, saved, cfg)
-    lines = (schedule_change(saved, cfg, run, recorded), monitor_anew(run, saved, cfg))
+    lines = (ended(run, cfg), schedule_change(saved, cfg, run, recorded), monitor_anew(run, saved, cfg))
     carried = carried_rest_scale(saved, cfg, run)  # after the line that says what it does
     if carried is not None:
         run.rest_scale = carried
     return [line for line in lines if line]
+
+
+def ended(run: RunState, cfg: Config) -> str:
+    """The line of a resumed `run` already at `cfg`'s end, which trains nothing (its end is no past:
+    resume.check_not_past_end); "" for one with steps to train."""
+    t = cfg.train
+    if t.max_steps and run.step >= t.max_steps:
+        key, reached = "train.max_steps", f"train.max_steps = {t.max_steps}"
+    elif t.max_time and run.train_seconds >= t.max_time:
+        spent, budget = format_duration(run.train_seconds), format_duration(t.max_time)
+        key, reached = "train.max_time", f"{spent} trained, train.max_time = {budget}"
+    else:
+        return ""
+    return (
+        f"the run is at its end (step {run.step}, {reached}): nothing to train, it only evaluates and reports "
+        f"again; a larger {key} trains on"
+    )
 
 
 def better_save(cfg: Config, run: RunState, last_eval: dict[str, float], best: Path | None) -> Path | None:

@@ -360,9 +360,10 @@ class Report:
                 "  read        " + ", ".join(f"{name} {n:,} tokens ({e:.2f} epochs)" for name, n, e in self.read)
             )
         data = self.cfg.data.dir or ", ".join(s.dir for s in self.cfg.data.sources)
+        counted = " (what train.max_time counts)" if self.cfg.train.max_time else ""
         self.log.print(
-            f"  time        {format_duration(summary['train_seconds'])} training (what train.max_time "
-            f"counts), {format_duration(summary['wall_seconds'])} wall time in this process"
+            f"  time        {format_duration(summary['train_seconds'])} training{counted}, "
+            f"{format_duration(summary['wall_seconds'])} wall time in this process"
         )
         if self.cfg.train.max_time:
             mix = f" {shlex.quote(replay_mix)}" if replay_mix else ""
@@ -373,8 +374,9 @@ class Report:
         self.log.print(
             f"  config      {out / 'config.toml'}\n  metrics     {self.log.path}\n"
             f"  checkpoint  {summary['checkpoint']}\n  weights     {summary['weights']}{kept_words(run, kept)}\n"
-            f"  data        {data}\n  plot with   python -m fasttrain.plot {out}"
-            # fasttrain.plot's own hint where it would refuse: matplotlib is an extra, not a dependency
+            f"  data        {data}\n  plot with   fasttrain plot {out}"
+            # the command the README teaches; fasttrain.plot's own hint where it would refuse: matplotlib is an
+            # extra, not a dependency
             + ("" if importlib.util.find_spec("matplotlib") else ' (needs matplotlib: pip install -e ".[plot]")')
         )
         return summary

@@ -128,12 +128,17 @@ class Budget:
 
     def standing(self, steps: int, seconds: float) -> Standing:
         """Where a run is, for its logs: its progress, the step it will end at (at the speed so far, when the
-        clock decides it) and the seconds of the budget left (None without one)."""
+        clock decides it) and the seconds of training it has left under a time budget (None without one): the
+        budget's rest, or fewer where max_steps comes first at the speed so far (none at that step)."""
         progress = self.progress(steps, seconds)
         final = self.max_steps if not progress else round(steps / progress)
         if self.max_steps:
             final = min(final, self.max_steps)
-        left = max(0.0, self.max_time - seconds) if self.max_time else None
+        left = None
+        if self.max_time:
+            left = max(0.0, self.max_time - seconds)
+            if self.max_steps and steps:
+                left = min(left, (self.max_steps - steps) * seconds / steps)
         return Standing(progress, max(final, steps), left)
 
     def horizon(self, steps: int, seconds: float) -> tuple[int | None, str]:
@@ -162,7 +167,7 @@ class Budget:
 class Standing(NamedTuple):
     progress: float  # 0 to 1
     final_step: int  # the step the run is projected to end at
-    seconds_left: float | None  # of the time budget; None without one
+    seconds_left: float | None  # of training under a time budget (max_steps may end it sooner); None without one
 
 
 def budget_note(cfg: Config) -> str | None:
