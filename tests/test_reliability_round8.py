@@ -185,3 +185,33 @@ def test_a_run_of_steps_under_a_budget_has_nothing_left_at_its_end(pydoc_data, t
         float(json.loads(line)["seconds_left"]) for line in (tmp_path / "metrics.jsonl").open() if '"train"' in line
     ]
     assert left[-1] == 0 and left[0] < 60  # the steps' time at the speed so far, not the 2 minutes' rest
+
+
+# Item 2: one count of epochs, the loader's.
+
+
+def test_the_epoch_cap_counts_what_the_loader_reads(code_data, tmp_path, capsys):
+    """A self-sized budget on a corpus whose epoch is no whole number of batches (the loader drops each epoch's rows
+    that fill no batch): the cap, the sizing note, the start's planned epochs and the warnings all count the loader's
+    epochs, so the run stops at data.max_epochs of them and no warning says it reads more. 5ff7105 counted the
+    corpus's tokens for the cap (13.0 loader epochs in a run that 'stops at 10') and the sizing note (7.2 where the
+    start said 9.33)."""
+    from fasttrain.compute.distributed import World
+    from fasttrain.config import load_config
+    from fasttrain.training.plan import plan_run
+    from fasttrain.training.reporting import epoch_warnings, start_lines
+    from tests.conftest import tiny_overrides
+
+    sets = [*AUTO, "data.vocab_size=0", "train.max_steps=0", "train.max_time=600", "train.batch_size=16"]
+    cfg = load_config(None, [*tiny_overrides(code_data, tmp_path), *sets])
+    fast = Speed(((1e6, 1e13),))  # every depth would read the corpus far more than data.max_epochs times
+    plan = plan_run(cfg, World(), torch.device("cpu"), None, fast)
+    t = plan.cfg.train
+    batches_per_epoch = plan.rows_per_epoch[0] // t.batch_size
+    assert plan.sources[0].data.meta["tokens"]["train"] % (t.batch_size * t.seq_len) != 0  # a part batch is dropped
+    assert t.max_steps == 10 * batches_per_epoch  # exactly ten of the loader's epochs
+    reading = plan.reading(0, 0.0)
+    assert reading.epochs == (pytest.approx(10.0),) and epoch_warnings(plan, reading) == []
+    sizing_note = next(n for n in plan.notes if n.startswith("model.n_layers = 0"))
+    assert ", 10.0 epochs of " in sizing_note, sizing_note
+    assert not [line for line in start_lines(plan, reading) if line.startswith("warning")]

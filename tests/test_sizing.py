@@ -128,7 +128,7 @@ def test_more_tokens_choose_deeper_models_and_a_small_corpus_shallower_ones():
 
 
 def test_no_depth_that_would_read_the_corpus_more_than_ten_times_is_chosen_while_one_reads_it_less():
-    """Under a time budget a shallower model is faster, so it reads a small corpus more often; past MAX_EPOCHS
+    """Under a time budget a shallower model is faster, so it reads a small corpus more often; past data.max_epochs
     it overfits (the module docstring's runs), so the choice skips to the first depth that reads it at most that
     often, though the ratio alone would go shallower. If every depth would, the ratio chooses, and the note says
     the run overfits."""
@@ -140,10 +140,10 @@ def test_no_depth_that_would_read_the_corpus_more_than_ten_times_is_chosen_while
     unique = 5e4
     free = choose_shape(cfg, tokens_at(5e12), corpus(None), "timed")  # a corpus that is never repeated
     read = choose_shape(cfg, tokens_at(5e12), corpus(unique), "timed")
-    assert free.tokens / unique > sizing.MAX_EPOCHS  # the depth the ratio likes would read it too often
-    assert read.model.n_layers > free.model.n_layers and read.tokens / unique <= sizing.MAX_EPOCHS
+    assert free.tokens / unique > cfg.data.max_epochs  # the depth the ratio likes would read it too often
+    assert read.model.n_layers > free.model.n_layers and read.tokens / unique <= cfg.data.max_epochs
     shallower = ladder_shape(cfg.model, read.model.n_layers - 1)
-    assert tokens_at(5e12)(shallower) / unique > sizing.MAX_EPOCHS  # the first depth within the ceiling
+    assert tokens_at(5e12)(shallower) / unique > cfg.data.max_epochs  # the first depth within the ceiling
     assert "a shallower depth would read the corpus more than 10 times, which overfits" in read.note
     fast = choose_shape(cfg, tokens_at(5e20), corpus(unique), "timed")  # every depth reads it 10+ times: the ratio's
     assert fast.model.n_layers < max(sizing.DEPTHS) and "every depth would read the corpus more than 10" in fast.note
@@ -151,7 +151,7 @@ def test_no_depth_that_would_read_the_corpus_more_than_ten_times_is_chosen_while
 
 
 def test_a_budget_stops_at_ten_epochs_where_every_depth_would_read_more():
-    """Under train.max_time the run stops when it has read the corpus MAX_EPOCHS times (epoch_cap, set by the plan
+    """Under train.max_time the run stops when it has read the corpus data.max_epochs times (epoch_cap, set by the plan
     as train.max_steps): where every depth would read it more often, the ratio's choice trains that long and the
     note says so. A shallower depth stopped there is not chosen over a deeper one within the ceiling (it lost on a
     254K-token corpus), and without a clock (steps only) nothing stops the run."""
@@ -167,11 +167,12 @@ def test_a_budget_stops_at_ten_epochs_where_every_depth_would_read_more():
         chosen = choose_shape(cfg, corpus_bound, corpus(unique), "")
         assert chosen.model.n_layers == 3 and chosen.tokens == 6 * unique
     every = choose_shape(timed, reading(*[40.0] * 40), corpus(unique), "timed")  # the ratio's choice, stopped
-    assert every.tokens == pytest.approx(sizing.MAX_EPOCHS * unique) and "so the run stops early" in every.note
+    assert every.tokens == pytest.approx(timed.data.max_epochs * unique) and "so the run stops early" in every.note
     assert choose_shape(counted, reading(*[40.0] * 40), corpus(unique), "").tokens == 40 * unique  # nothing stops it
-    # The cap: the updates after which the source read most often has been read MAX_EPOCHS times.
-    assert sizing.epoch_cap(((0.25, 1000.0), (0.75, 6000.0)), 100) == 10 * 4000 // 100
-    assert sizing.epoch_cap((), 100) == 0
+    # The cap: the updates after which the source read most often has been read data.max_epochs times.
+    assert sizing.epoch_cap(((0.25, 1000.0), (0.75, 6000.0)), 100, 10) == 10 * 4000 // 100
+    assert sizing.epoch_cap(((0.25, 1000.0), (0.75, 6000.0)), 100, 16) == 16 * 4000 // 100
+    assert sizing.epoch_cap((), 100, 10) == 0
 
 
 def test_the_plan_sets_the_cap_only_for_a_self_sized_budget(pydoc_data, tmp_path):
@@ -184,8 +185,9 @@ def test_the_plan_sets_the_cap_only_for_a_self_sized_budget(pydoc_data, tmp_path
     cpu = torch.device("cpu")
     plan = plan_run(tiny_config(pydoc_data, tmp_path, *AUTO, *BUDGET, "model.vocab_size=512"), World(), cpu, None, fast)
     tokens_per_step = plan.cfg.train.batch_size * plan.cfg.train.seq_len
-    unique = plan.sources[0].data.meta["tokens"]["train"]
-    assert plan.cfg.train.max_steps == int(sizing.MAX_EPOCHS * unique / tokens_per_step)
+    epoch = plan.rows_per_epoch[0] * plan.cfg.train.seq_len  # what the loader reads of it in an epoch: whole batches
+    assert epoch < plan.sources[0].data.meta["tokens"]["train"]
+    assert plan.cfg.train.max_steps == int(10 * epoch / tokens_per_step)
     assert any(n.startswith(f"train.max_steps = {plan.cfg.train.max_steps}: a budgeted run") for n in plan.notes)
     few = plan_run(tiny_config(pydoc_data, tmp_path, *AUTO, *BUDGET, "train.max_steps=3"), World(), cpu, None, fast)
     fixed = plan_run(tiny_config(pydoc_data, tmp_path, *BUDGET, "model.n_layers=2"), World(), cpu, None, fast)

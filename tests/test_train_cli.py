@@ -80,7 +80,7 @@ def test_main_job_trains_evaluates_samples_and_saves(main_job):
         str(out / "metrics.jsonl"),
         "step_0000006.pt",
         str(out / "final" / "model.safetensors"),
-        "python -m fasttrain.plot",
+        "fasttrain plot",
     ):
         assert expected in text
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())

@@ -118,7 +118,9 @@ class DataConfig:
     # `dir` and `inputs`; [[data.mix]] tables change the weights from a step on. [] = the one folder above.
     sources: list[SourceConfig] = field(default_factory=list)
     mix: list[MixChange] = field(default_factory=list)
-    max_epochs: float = 4.0  # warn when the run would read a source more than this many times over
+    # The most times a run reads any source over: the shape chosen for a budget (model.n_layers = 0) reads none more
+    # and stops there (model/sizing.py); another run that would read one more is warned as it starts.
+    max_epochs: float = 10.0
 
 
 DEFAULT_INPUTS = ("builtin:pydoc",)  # what [data] prepares when it names no inputs and no prepared folder

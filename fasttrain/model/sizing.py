@@ -14,7 +14,7 @@ come closest to TOKENS_PER_PARAM, a ratio fitted to this project's sweeps (bench
     effective(d) = the sum over the run's sources of worth(share x tokens(d), U): each source, of U training
                    tokens, read for its share of the run (a mixture's weights), is discounted by its own epochs
     choice       = the d minimising |log(effective(d) / params(d)) - log(TOKENS_PER_PARAM)|, of the depths
-                   that read no source more than MAX_EPOCHS times (of all, if every depth would)
+                   that read no source more than data.max_epochs times (of all, if every depth would)
 
 params(d) counts what a token's compute runs through (transformer.matmul_params: the lookup tables, an untied
 embedding and the value embeddings, left out, as nanochat counts), so a table that costs no FLOPs does not
@@ -25,10 +25,10 @@ first, R = REPEAT_WORTH epochs. Past about ten epochs a small corpus is worth le
 learns it by heart and validation gets worse (on the main job's corpus, 93K tokens, equal tokens: depth 2 scored
 1.269 bits per byte after 10 epochs and 1.551 after 20, depth 3 1.271 after 6.6 and 1.333 after 13, depth 1
 1.576 after 20; results/recipe/cpu-recipe-pydoc-epochs-2026-11-25.json). A deeper model, which reads it fewer times in
-the same budget, does better there, so no depth that would read it more than MAX_EPOCHS times is chosen.
-And a run under train.max_time stops once it has read a source MAX_EPOCHS times (`epoch_cap`, which the plan
+the same budget, does better there, so no depth that would read it more than data.max_epochs times is chosen.
+And a run under train.max_time stops once it has read a source data.max_epochs times (`epoch_cap`, which the plan
 sets as train.max_steps): where every depth would read it more often, the ratio's choice trains until then.
-A shallower depth stopped at MAX_EPOCHS is not chosen over a deeper one that reads the corpus less: it won on
+A shallower depth stopped at data.max_epochs is not chosen over a deeper one that reads the corpus less: it won on
 the main job's corpus (depth 2 at 10 epochs 1.271 against depth 3 at 6.4, 1.283) but lost badly on a corpus
 of 254K tokens (depth 1 at 10 epochs 1.763 against 1.568 at 3.9; docs/performance.md).
 
@@ -73,7 +73,6 @@ DEPTHS = tuple(range(1, 33))  # the ladder
 # the depth-1 / depth-2 boundary; mean 0.007.
 TOKENS_PER_PARAM = 1.455
 REPEAT_WORTH = 15.0  # R: epochs over which a repeated token's worth falls by e (Muennighoff et al.)
-MAX_EPOCHS = 10.0  # a depth that would read a source more often is not chosen (see the module docstring)
 # What the sweeps covered: effective tokens, and epochs of a corpus (the ladder to 3.3, the main job's corpus to
 # 20); the rule extrapolates beyond (the plan says so).
 SWEPT = (1e5, 3.3e6)
@@ -160,7 +159,9 @@ def fits(shape: ModelConfig) -> bool:
     return d % h == 0 and (d // h) % 2 == 0 and (not kv or h % kv == 0)
 
 
-Corpus = Sequence[tuple[float, float]]  # per source: (its share of the run's tokens, its training tokens)
+# Per source: (its share of the run's tokens, the training tokens one epoch of the loader reads: its rows that fill
+# whole batches, so the epochs counted here are the loader's)
+Corpus = Sequence[tuple[float, float]]
 
 
 def effective_tokens(tokens: float, unique: float | None) -> float:
@@ -183,21 +184,21 @@ def epoch_tokens(corpus: Corpus) -> float:
     return min((unique / share for share, unique in corpus if share > 0), default=0.0)
 
 
-def epoch_cap(corpus: Corpus, tokens_per_step: int) -> int:
-    """The updates (of `tokens_per_step` tokens) after which the run has read one of `corpus`'s sources MAX_EPOCHS
+def epoch_cap(corpus: Corpus, tokens_per_step: int, max_epochs: float) -> int:
+    """The updates (of `tokens_per_step` tokens) after which the run has read one of `corpus`'s sources `max_epochs`
     times, the one it reads most often; 0 when the corpus is not known yet."""
     per_epoch = epoch_tokens(corpus)
-    return max(int(MAX_EPOCHS * per_epoch / tokens_per_step), 1) if per_epoch else 0
+    return max(int(max_epochs * per_epoch / tokens_per_step), 1) if per_epoch else 0
 
 
 def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus: Corpus, why: str) -> Sizing:
     """The ladder's shape for `cfg` (model.n_layers = 0) whose effective tokens per parameter come closest to
-    TOKENS_PER_PARAM, of the depths that read no source more than MAX_EPOCHS times; `tokens_at(shape)` is how
+    TOKENS_PER_PARAM, of the depths that read no source more than data.max_epochs times; `tokens_at(shape)` is how
     many tokens the run trains on at that shape, `corpus` each source's share and training tokens (empty while
     the data is not prepared), `why` how the tokens were found (for the note). Under train.max_time the run
-    stops at MAX_EPOCHS (`epoch_cap`): where every depth would read the corpus more often, the ratio chooses
+    stops at data.max_epochs (`epoch_cap`): where every depth would read the corpus more often, the ratio chooses
     and the run stops early."""
-    m = cfg.model
+    m, most = cfg.model, cfg.data.max_epochs
     stops = bool(cfg.train.max_time and epoch_tokens(corpus))  # the plan sets epoch_cap as train.max_steps
 
     def distance(shape: ModelConfig) -> float:
@@ -207,20 +208,20 @@ def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus:
         return max((tokens_at(shape) * share / unique for share, unique in corpus), default=0.0)
 
     shapes = [ladder_shape(m, d) for d in fitting_depths(m)]
-    within = [s for s in shapes if most_epochs(s) <= MAX_EPOCHS]
+    within = [s for s in shapes if most_epochs(s) <= most]
     shape = min(within or shapes, key=distance)
-    tokens = min(tokens_at(shape), MAX_EPOCHS * epoch_tokens(corpus)) if stops else tokens_at(shape)
+    tokens = min(tokens_at(shape), most * epoch_tokens(corpus)) if stops else tokens_at(shape)
     effective, params, total = corpus_worth(tokens, corpus), matmul_params(shape), num_params(shape)
     kept = [f"model.{k} = {getattr(m, k)}" for k in ("d_model", "n_heads", "n_kv_heads") if getattr(m, k)]
     epochs = [tokens * share / unique for share, unique in corpus]
     if not within and stops:
-        overread = f"; every depth would read the corpus more than {MAX_EPOCHS:g} times in the budget, so the run "
+        overread = f"; every depth would read the corpus more than {most:g} times in the budget, so the run "
         overread += "stops early (more overfits): more data would train better"
     elif not within:
-        overread = f"; every depth would read the corpus more than {MAX_EPOCHS:g} times, which overfits: more data "
+        overread = f"; every depth would read the corpus more than {most:g} times, which overfits: more data "
         overread += "or a shorter budget would train better"
     elif any(s.n_layers < shape.n_layers and s not in within for s in shapes):
-        overread = f"; a shallower depth would read the corpus more than {MAX_EPOCHS:g} times, which overfits"
+        overread = f"; a shallower depth would read the corpus more than {most:g} times, which overfits"
     else:
         overread = ""
     beyond = (

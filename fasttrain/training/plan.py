@@ -50,7 +50,6 @@ from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.sequence_length import choose_context, recorded_context, short_context, trained_context
 from fasttrain.model.sizing import (
     HEAD_DIM,
-    MAX_EPOCHS,
     Corpus,
     Speed,
     epoch_cap,
@@ -257,19 +256,23 @@ def plan_run(
         notes += [note] if note else []
     accumulation = accumulation_steps(t, world.size)
     mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)
-    # Each source's share of the run's tokens and its size: a source read many times is worth less (sizing.py)
-    train_tokens = [s.data.meta["tokens"]["train"] for s in sources]
-    corpus = tuple(zip(token_shares(mix, t.max_steps * accumulation), train_tokens)) if sources else ()
+    # Each source's share of the run's tokens and what one epoch of it is, counted as the loader reads it (whole
+    # batches; the same tokens at either context): a source read many times is worth less (sizing.py)
+    shares = token_shares(mix, t.max_steps * accumulation)
+    corpus = tuple(zip(shares, [rows_per_epoch(s, cfg, world.size) * t.seq_len for s in sources]))
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size  # the same at either context
     model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
-    cap = epoch_cap(corpus, tokens_per_step) if not shape.n_layers and t.max_time and not schedule.progress_from else 0
+    self_sized = not shape.n_layers and t.max_time and not schedule.progress_from
+    cap = epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
     if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
         known = speed is not None or not t.max_time  # a time budget's tokens come from a speed timed
         tokens = min(run_tokens(t, model, tokens_per_step, speed), cap * tokens_per_step or math.inf)
         t, context_note = choose_context(t, shape, cfg.data.batching, tokens if known else math.inf)
         notes.append(context_note)
-        if t != cfg.train:
+        if t != cfg.train:  # its rows fill whole batches a little differently: the epochs counted again
             cfg = replace(cfg, train=t)
+            corpus = tuple(zip(shares, [rows_per_epoch(s, cfg, world.size) * t.seq_len for s in sources]))
+            cap = epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
             model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
     notes += [note] if note else []
     cfg = replace(cfg, model=model if context_set else trained_context(model, t))
@@ -279,7 +282,7 @@ def plan_run(
         mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)
         notes.append(
             f"train.max_steps = {cap}: a budgeted run with model.n_layers = 0 stops when it has read the corpus "
-            f"{MAX_EPOCHS:g} times (more overfits), if train.max_time has not ended it before"
+            f"{cfg.data.max_epochs:g} times (data.max_epochs), if train.max_time has not ended it before"
         )
     notes += mix_notes
     parallel = t.parallel if world.distributed else "none"  # what a checkpoint records too

@@ -119,14 +119,21 @@ def start_lines(plan: RunPlan, reading: Reading) -> list[str]:
 
 
 def epoch_warnings(plan: RunPlan, reading: Reading) -> list[str]:
-    """A warning for each source `reading` has the run read more than data.max_epochs times over."""
+    """A warning for each source `reading` has the run read more than data.max_epochs times over, saying what the
+    run does about it (the weight decay's growth, the weights final/ keeps) and what would help."""
     c, lines = plan.cfg, []
+    growth = c.optim.weight_decay_growth > 1 and c.optim.weight_decay > 0
+    does = [
+        "its weight decay rises where validation stops improving" if growth else "its weight decay stays as set",
+        "final/ keeps the best weights" if c.checkpoint.final_weights == "best" else "final/ the last step's",
+    ]
+    help = "add data" + (", lower its weight" if len(plan.names) > 1 else "") + ", or train fewer steps"
     for name, e in zip(plan.names, reading.epochs or ()):
         if e > c.data.max_epochs:
             lines.append(
                 f"warning: this run reads {name} {e:.1f} times over{f' {reading.words}' * bool(c.train.max_time)}, "
-                f"more than data.max_epochs = {c.data.max_epochs:g} (repeated data helps less with each pass "
-                "and can make the model memorize it); add data, lower its weight, or raise data.max_epochs"
+                f"more than data.max_epochs = {c.data.max_epochs:g}, past which repeats teach it the text more "
+                f"than the language: {' and '.join(does)}; {help}"
             )
     return lines
 
