@@ -5,11 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pytest
-
 from fasttrain.checkpoints.run_state import RunState
 from fasttrain.config import RecoveryConfig
-from fasttrain.training.policies import EarlyStopping, Recovery, RepeatRegulariser
+from fasttrain.training.policies import EarlyStopping, Recovery
 
 
 def test_recovery_counts_skips_in_a_row_and_rolls_back_within_its_allowance():
@@ -70,20 +68,3 @@ def test_run_state_round_trips_through_a_checkpoint_dict():
     )
     saved = {"model": {}, **state.state_dict()}  # a checkpoint holds other keys beside them
     assert RunState.from_state_dict(saved) == state
-
-
-def test_the_weight_decay_rises_only_where_a_repeated_corpus_stops_improving():
-    regulariser = RepeatRegulariser(growth=4.0, weight_decay=0.1, max_weight_decay=3.2)
-    # a small corpus read 20 times whose validation loss did not improve: memorising, so the decay rises
-    assert regulariser.scale_after(1.0, improved=False, epochs_read=20.0) == 4.0
-    assert regulariser.scale_after(4.0, improved=False, epochs_read=20.0) == 16.0
-    assert regulariser.scale_after(16.0, improved=False, epochs_read=20.5) == pytest.approx(32.0)  # 3.2 at most
-    # improving, or not yet past the first epoch (a large corpus read once: a stall is not memorising): unchanged
-    assert regulariser.scale_after(4.0, improved=True, epochs_read=20.0) == 4.0
-    assert regulariser.scale_after(1.0, improved=False, epochs_read=0.3) == 1.0
-    assert regulariser.scale_after(1.0, improved=False, epochs_read=1.0) == 1.0
-    # growth 1 (the default), and no weight decay to grow, keep it as set
-    assert RepeatRegulariser(1.0, 0.1, 3.2).scale_after(1.0, improved=False, epochs_read=20.0) == 1.0
-    assert RepeatRegulariser(4.0, 0.0, 3.2).scale_after(1.0, improved=False, epochs_read=20.0) == 1.0
-    # a weight decay already above the cap is never lowered
-    assert RepeatRegulariser(4.0, 5.0, 3.2).scale_after(1.0, improved=False, epochs_read=20.0) == 1.0

@@ -1,73 +1,89 @@
-"""A corpus read many times: the run raises its weight decay where validation stops improving after the first
-epoch (optim.weight_decay_growth, policies.RepeatRegulariser), keeps it through a resume, and leaves a corpus read
-once alone. Validation is made to stop improving by construction (spoil_after zeroes the weights), not by a
-trajectory that may differ between machines."""
+"""optim.weight_decay_rule = "repeats" (fasttrain/data/repeats.py): the weight decay a run trains at, from how many
+times it reads its corpus and how much that corpus's validation text repeats its training text; stated by the plan,
+kept by a resume."""
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import pytest
+import torch
 
-from fasttrain import Trainer
-from fasttrain.plot import read_metrics
-from tests.conftest import spoil_after, tiny_config
+from fasttrain.compute.distributed import World
+from fasttrain.config import OptimConfig
+from fasttrain.data import repeats
+from fasttrain.train import main as train_main
+from fasttrain.training.plan import plan_run
+from tests.conftest import tiny_args, tiny_config, write_shard
 
-EVERY_STEP = ["train.eval_interval=1", "train.eval_steps=2", "train.sample_tokens=0"]
-SAVE_EVERY_STEP = ["checkpoint.interval=1", "checkpoint.keep_last=1000"]
-CODE = ["data.vocab_size=0"]  # code_data has pydoc_data's tokenizer, not a vocabulary size of its own
-GROWING = ["optim.weight_decay=0.1", "optim.weight_decay_growth=4", "optim.max_weight_decay=0.8", "optim.lr=1e-2"]
-
-
-def steps_per_epoch(data, tmp_path) -> int:
-    trainer = Trainer(tiny_config(data, tmp_path / "probe", *CODE, "train.batch_size=16"), quiet=True)
-    steps = trainer.plan.rows_per_epoch[0] // 16
-    trainer.close()
-    return steps
+RULE = ['optim.weight_decay_rule="repeats"', "data.vocab_size=0"]
+CPU = torch.device("cpu")
 
 
-def decays(trainer: Trainer) -> list[float]:
-    return sorted({g["weight_decay"] for g in trainer.updater.optimizer.param_groups})
+def test_the_rule_raises_the_decay_with_the_epochs_where_validation_is_new_text():
+    o = OptimConfig(weight_decay=0.1, max_weight_decay=3.2)
+    assert repeats.repeat_decay(o, 2.0, 0.0) == 0.1  # up to REPEATS_FREE epochs: as set
+    assert repeats.repeat_decay(o, 3.0, 0.0) == 0.1
+    assert repeats.repeat_decay(o, 5.0, 0.0) == pytest.approx(1.0)  # 0.5 an epoch beyond the third
+    assert repeats.repeat_decay(o, 7.0, 0.0) == pytest.approx(2.0)
+    assert repeats.repeat_decay(o, 40.0, 0.0) == pytest.approx(3.2)  # the ceiling
+    assert repeats.repeat_decay(o, 7.0, 0.25) == pytest.approx(0.1 + 0.5 * 1.9)  # half new: half the rise
+    assert repeats.repeat_decay(o, 7.0, 0.6) == 0.1  # validation mostly the training text over again: as set
+    assert repeats.repeat_decay(OptimConfig(weight_decay=5.0), 20.0, 0.0) == 5.0  # never lowered
 
 
-def test_a_small_corpus_read_again_gets_more_weight_decay_once_validation_stalls(code_data, tmp_path, capsys):
-    epoch = steps_per_epoch(code_data, tmp_path)
-    spoilt = epoch + 1  # the evaluations after this step are the uniform guess: worse than the best, so stalled
-    run = [*EVERY_STEP, *SAVE_EVERY_STEP, *GROWING, *CODE, "train.batch_size=16", f"train.max_steps={spoilt + 3}"]
-    out = tmp_path / "run"
-    trainer = spoil_after(Trainer(tiny_config(code_data, out, *run)), spoilt)
-    trainer.train()
-    events = read_metrics(out)
-    raised = [e for e in events if e["event"] == "regularised"]
-    # The rule replayed on the run's own evaluations: a rise at each one past the first epoch that did not lower the
-    # best (the spoilt ones by construction, any earlier stall too), x4 each time up to the cap (0.8 = 8 x 0.1)
-    best, stalled = math.inf, []
-    for e in (e for e in events if e["event"] == "eval"):
-        if e["val_loss"] >= best and e["step"] > epoch:
-            stalled.append(e["step"])
-        best = min(best, e["val_loss"])
-    assert {spoilt + 1, spoilt + 2, spoilt + 3} <= set(stalled)
-    assert [e["step"] for e in raised] == stalled[:2]  # the second rise reaches the cap: no third
-    assert [e["weight_decay"] for e in raised] == [pytest.approx(0.4), pytest.approx(0.8)]
-    assert all(e["epochs"] > 1 for e in raised)
-    assert trainer.run.decay_scale == pytest.approx(8.0) and decays(trainer) == [0.0, pytest.approx(0.8)]
-    assert "weight decay 0.1 -> 0.4 at step" in capsys.readouterr().out
-
-    # resumed from the step the decay first rose, with the growth set another way: the decay it reached is kept
-    # (a rise is what the run observed, not a setting), the new growth applies from there
-    resumed = Trainer(tiny_config(code_data, out, *run, "optim.weight_decay_growth=2"), quiet=True)
-    resumed.resume(str(out / "checkpoints" / f"step_{stalled[0]:07d}.pt"))
-    assert resumed.run.decay_scale == pytest.approx(4.0)
-    resumed.step()
-    assert decays(resumed) == [0.0, pytest.approx(0.4)]
+def test_the_overlap_counts_validation_spans_found_verbatim_in_training(tmp_path):
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 4096, 5000)
+    val = np.concatenate([train[1000:1100], rng.integers(0, 4096, 100)])  # half copied, half new
+    write_shard(tmp_path / "train_000000.bin", train)
+    write_shard(tmp_path / "val_000000.bin", val)
+    spans = len(val) - repeats.SPAN + 1
+    copied = 100 - repeats.SPAN + 1  # the windows wholly inside the copied part
+    assert repeats.verbatim_overlap(str(tmp_path)) == pytest.approx(copied / spans)
 
 
-def test_a_corpus_read_once_keeps_its_weight_decay_through_a_stall(pydoc_data, tmp_path):
-    out = tmp_path / "run"
-    run = [*EVERY_STEP, *GROWING, "train.max_steps=8"]  # 8 x 128 tokens of 180K: far from a second epoch
-    trainer = spoil_after(Trainer(tiny_config(pydoc_data, out, *run), quiet=True), 4)
-    trainer.train()
-    evals = [e["val_loss"] for e in read_metrics(out) if e["event"] == "eval"]
-    assert evals[-1] == pytest.approx(math.log(512), rel=1e-6) and min(evals) < evals[-1]  # it did stall
-    assert not [e for e in read_metrics(out) if e["event"] == "regularised"]
-    assert trainer.run.decay_scale == 1.0 and decays(trainer) == [0.0, pytest.approx(0.1)]
+def plan(data, tmp_path, *sets):
+    return plan_run(tiny_config(data, tmp_path, *RULE, *sets), World(), CPU)
+
+
+def test_a_small_new_corpus_read_twenty_times_gets_more_decay_and_one_read_once_does_not(
+    code_data, pydoc_data, tmp_path
+):
+    once = plan(code_data, tmp_path, "train.batch_size=16", "train.max_steps=20")  # about half an epoch
+    assert once.cfg.optim.weight_decay == 0.1
+    assert any("weight decay 0.1, as it reads" in n and "(repeats need more from 3)" in n for n in once.notes)
+    epoch = once.rows_per_epoch[0] // 16
+    many = plan(code_data, tmp_path, "train.batch_size=16", f"train.max_steps={20 * epoch}")
+    overlap = repeats.verbatim_overlap(str(code_data))
+    assert overlap < 0.25  # held-out files of a package: mostly new text
+    expected = repeats.repeat_decay(OptimConfig(), many.reading().epochs[0], overlap)  # the ceiling, times the novelty
+    assert many.cfg.optim.weight_decay == round(expected, 3) and expected > 1.6
+    note = next(n for n in many.notes if n.startswith("optim.weight_decay_rule = repeats"))
+    assert f"weight decay 0.1 -> {expected:.3g}: it reads code 20.0 times over and {overlap:.0%} of its" in note
+    # the topics' validation text is mostly their training text: read as often, the decay is kept
+    topics = plan(pydoc_data, tmp_path, "train.batch_size=64", f"train.max_steps={20 * (many.rows_per_epoch[0] // 16)}")
+    read = topics.reading().epochs[0]
+    assert read > 3 and topics.cfg.optim.weight_decay == 0.1
+    assert any("kept though it reads" in n and "which recalling serves" in n for n in topics.notes), topics.notes
+
+
+def test_a_fixed_rule_and_unknown_tokens_keep_the_decay(code_data, tmp_path):
+    fixed = plan_run(tiny_config(code_data, tmp_path, "data.vocab_size=0", "train.max_steps=5000"), World(), CPU)
+    assert fixed.cfg.optim.weight_decay == 0.1 and not any("weight_decay_rule" in n for n in fixed.notes)
+    clock = plan(code_data, tmp_path, "train.max_steps=0", "train.max_time=600", "model.n_layers=2")
+    assert clock.cfg.optim.weight_decay == 0.1
+    assert any("as the run's tokens are not known before it trains" in n for n in clock.notes)
+
+
+def test_the_dry_run_says_it_and_a_resume_keeps_the_decay_the_run_recorded(code_data, tmp_path, capsys):
+    steps = 8 * (plan(code_data, tmp_path, "train.batch_size=16", "train.max_steps=1").rows_per_epoch[0] // 16)
+    sets = [*RULE, "train.batch_size=16", f"train.max_steps={steps}", "train.eval_interval=1000"]
+    assert train_main(tiny_args(code_data, tmp_path / "run", *sets, flags=["--dry-run"])) == 0
+    out = capsys.readouterr().out
+    assert "note: optim.weight_decay_rule = repeats: weight decay 0.1 -> " in out, out
+    short = [*sets[:-2], "train.max_steps=2", "train.eval_interval=1000"]  # 2 steps: the rule keeps 0.1
+    assert train_main(tiny_args(code_data, tmp_path / "run", *short, "train.sample_tokens=0")) == 0
+    # resumed with a budget that reads the corpus 8 times: the decay it started with stays
+    assert train_main(tiny_args(code_data, tmp_path / "run", *sets, flags=["--resume", "auto", "--dry-run"])) == 0
+    out = capsys.readouterr().out
+    assert "optim.weight_decay_rule = repeats: weight decay 0.1, as the run recorded it" in out, out

@@ -20,7 +20,6 @@ class RunState:
     best_val_loss: float = math.inf
     stale_evals: int = 0  # evaluations in a row without lowering the best by train.early_stop_min_delta
     lr_scale: float = 1.0  # multiplies the schedule; each rollback after divergence lowers it
-    decay_scale: float = 1.0  # multiplies every weight decay; raised where a repeated corpus is being memorised
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient norm, in all
     rollbacks: int = 0  # reloads of the latest checkpoint after repeated non-finite steps
     # Seconds of training the run has counted, over all its resumes: the updates, their data waits included,

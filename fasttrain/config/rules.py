@@ -53,7 +53,6 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.head_lr": _NON_NEGATIVE,
     "optim.lr": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE,
-    "optim.weight_decay_growth": (lambda v: v >= 1, ">= 1 (1: the weight decay stays as set)"),
     "optim.max_weight_decay": _NON_NEGATIVE,
     "optim.beta1": _FRACTION,
     "optim.beta2": _FRACTION,

@@ -177,11 +177,11 @@ class OptimConfig:
     lr: float = 1e-3  # peak learning rate, reached at the end of warmup
     weight_decay: float = 0.1  # weight decay (decoupled, except SGD's), applied to weight matrices only
     decay_embeddings: bool = False  # also decay the token embedding (norm gains and biases never are)
-    # A corpus read more than once: each evaluation after the first epoch that does not lower the best validation
-    # loss (the model is learning its training text, not the language) multiplies every weight decay by this, up
-    # to max_weight_decay (policies.RepeatRegulariser). 1: the weight decay stays as set.
-    weight_decay_growth: float = 1.0
-    max_weight_decay: float = 3.2  # ~30x the usual 0.1: the best decay on data read many times (Kim et al. 2025)
+    # "repeats": a run that reads a corpus more than REPEATS_FREE times, whose validation text is not its training
+    # text over again, trains at a weight decay raised for its epochs, up to max_weight_decay (the plan says which
+    # and why: fasttrain/data/repeats.py); "fixed": weight_decay as set.
+    weight_decay_rule: Literal["fixed", "repeats"] = "fixed"
+    max_weight_decay: float = 3.2  # the rule's ceiling: ~30x the usual 0.1 (Kim et al. 2025, data read many times)
     # Peak learning rates of their own, each following the same schedule (0 = optim.lr): the lookup tables (the
     # token embedding, with a tied head the shared matrix, and any value embeddings), whose rows are updated only
     # when their token appears, and an untied output head. nanochat trains its embedding at ~40x its head's rate.

@@ -390,15 +390,12 @@ class Updater:
         # FSDP's is a DTensor (already reduced over ranks)
         return cast("DTensor", norm).full_tensor() if self.sharded else norm
 
-    def apply(self, lr: float | None, decay_scale: float = 1.0) -> None:
-        """One optimizer step at learning rate `lr`, scaled per group, each group's configured weight decay times
-        `decay_scale` (none if `lr` is None; the GradScaler also skips it if fp16 gradients overflowed), then clear
-        the gradients."""
+    def apply(self, lr: float | None) -> None:
+        """One optimizer step at learning rate `lr`, scaled per group (none if `lr` is None; the GradScaler
+        also skips it if fp16 gradients overflowed), then clear the gradients."""
         if lr is not None:
-            for group, ratio, configured in zip(self.optimizer.param_groups, self.lr_ratios, self.configured):
+            for group, ratio in zip(self.optimizer.param_groups, self.lr_ratios):
                 group["lr"] = lr * ratio
-                if "weight_decay" in configured:
-                    group["weight_decay"] = configured["weight_decay"] * decay_scale
             self.scaler.step(cast(torch.optim.Optimizer, self.optimizer))
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

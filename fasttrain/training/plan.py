@@ -1,9 +1,9 @@
 """A run's plan: everything a run of a config decides before it allocates anything, decided once.
 
 Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, compute.kernel_table,
-config, data.documents, data.mixture, formats.shards, formats.tokenizer, model.sequence_length, model.sizing,
-model.transformer, model.weights, preparation.cache, preparation.preparation, system.errors, training.preflight,
-training.schedule, training.timed_pass.
+config, data.documents, data.mixture, data.repeats, formats.shards, formats.tokenizer, model.sequence_length,
+model.sizing, model.transformer, model.weights, preparation.cache, preparation.preparation, system.errors,
+training.preflight, training.schedule, training.timed_pass.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
@@ -45,6 +45,7 @@ from fasttrain.config import (
 )
 from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Blend, Source, open_sources, phases, token_shares
+from fasttrain.data.repeats import choose_weight_decay
 from fasttrain.formats.shards import find_shards
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.sequence_length import choose_context, recorded_context, short_context, trained_context
@@ -229,7 +230,8 @@ def plan_run(
     notes += [note] if note else []
     cfg = replace(cfg, train=t, schedule=schedule, model=shape)
     # A resumed or replayed run's config: the shape and context it trained, where this config leaves them to the plan
-    earlier = checkpoint_files.recorded_config(cfg, resume) if not (shape.n_layers and t.seq_len) else None
+    chosen = not (shape.n_layers and t.seq_len) or cfg.optim.weight_decay_rule == "repeats"
+    earlier = checkpoint_files.recorded_config(cfg, resume) if chosen else None
     context_set = bool(t.seq_len)
     choose_seq_len = not context_set and earlier is None  # chosen below, once the run's tokens are known
     if not context_set:
@@ -285,6 +287,11 @@ def plan_run(
             f"{cfg.data.max_epochs:g} times (data.max_epochs), if train.max_time has not ended it before"
         )
     notes += mix_notes
+    planned = run_tokens(t, cfg.model, tokens_per_step, speed)  # inf: a time budget with no speed timed
+    epochs = None if math.isinf(planned) else [planned * share / size for share, size in corpus]
+    optim, note = choose_weight_decay(cfg, sources, epochs, earlier[0] if earlier else None)
+    cfg = replace(cfg, optim=optim)
+    notes += [note] if note else []
     parallel = t.parallel if world.distributed else "none"  # what a checkpoint records too
     sharded = parallel in distributed.SHARDED
     m = cfg.model  # the shapes the measured dispatch table is read at ("auto" on a GPU)

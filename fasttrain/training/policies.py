@@ -115,27 +115,6 @@ class EarlyStopping:
         return self.patience > 0 and stale_evals >= self.patience
 
 
-class RepeatRegulariser:
-    """optim.weight_decay_growth: a run that reads its corpus more than once can learn the training text itself
-    instead of the language, and its validation loss then rises while the training loss goes on falling
-    (docs/performance.md: the best weight decay depends on the corpus, not on the epochs alone). So the run finds
-    out as it goes: an evaluation made after the first epoch that does not lower the best validation loss
-    multiplies every weight decay by the growth (RunState's `decay_scale`, which resumes with the checkpoint), up
-    to optim.max_weight_decay. A corpus whose validation keeps improving (read once, or like its training text)
-    keeps the decay it was given."""
-
-    def __init__(self, growth: float, weight_decay: float, max_weight_decay: float):
-        self.growth = growth
-        self.max_scale = max(max_weight_decay / weight_decay, 1.0) if weight_decay > 0 else 1.0
-
-    def scale_after(self, scale: float, improved: bool, epochs_read: float) -> float:
-        """The decay scale after an evaluation that did (`improved`) or did not lower the best validation loss,
-        made when the most-read source had been read `epochs_read` times over."""
-        if improved or epochs_read <= 1 or self.growth == 1:
-            return scale
-        return min(scale * self.growth, self.max_scale)
-
-
 def monitor_anew(run: RunState, saved: Config, cfg: Config) -> str | None:
     """If `saved` (the config `run` was saved with) monitored another loss than `cfg`'s train.monitor, the best
     loss and early stopping's count start anew in `run` (they measured the other loss); says so."""

@@ -122,9 +122,11 @@ def epoch_warnings(plan: RunPlan, reading: Reading) -> list[str]:
     """A warning for each source `reading` has the run read more than data.max_epochs times over, saying what the
     run does about it (the weight decay's growth, the weights final/ keeps) and what would help."""
     c, lines = plan.cfg, []
-    growth = c.optim.weight_decay_growth > 1 and c.optim.weight_decay > 0
+    decay = f"it trains at weight decay {c.optim.weight_decay:g}" + (
+        " (optim.weight_decay_rule = repeats)" if c.optim.weight_decay_rule == "repeats" else ""
+    )
     does = [
-        "its weight decay rises where validation stops improving" if growth else "its weight decay stays as set",
+        decay,
         "final/ keeps the best weights" if c.checkpoint.final_weights == "best" else "final/ the last step's",
     ]
     help = "add data" + (", lower its weight" if len(plan.names) > 1 else "") + ", or train fewer steps"
@@ -306,16 +308,6 @@ class Report:
         self.log.print(
             f"rolled back from step {from_step} to {path} (step {run.step}); learning rate now "
             f"x{run.lr_scale:g} (rollback {run.rollbacks} of {self.cfg.recovery.max_rollbacks})"
-        )
-
-    def regularised(self, run: RunState, scale: float, epochs: float) -> None:
-        """The weight decay raised to `scale` times the configured after an evaluation that did not improve, the
-        corpus read `epochs` times over (policies.RepeatRegulariser)."""
-        decay = self.cfg.optim.weight_decay * scale
-        self.log.event("regularised", step=run.step, weight_decay=decay, decay_scale=scale, epochs=epochs)
-        self.log.print(
-            f"weight decay {self.cfg.optim.weight_decay * run.decay_scale:g} -> {decay:g} at step {run.step}: "
-            f"validation did not improve with the corpus read {epochs:.1f} times (the model is learning its text)"
         )
 
     def early_stop(self, run: RunState) -> None:

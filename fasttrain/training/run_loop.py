@@ -33,7 +33,7 @@ from fasttrain.model.weights import export_weights
 from fasttrain.system.errors import RunStopped
 from fasttrain.system.signals import SignalCatcher
 from fasttrain.training.plan import RunPlan
-from fasttrain.training.policies import EarlyStopping, Recovery, RepeatRegulariser, better_save, monitor_anew
+from fasttrain.training.policies import EarlyStopping, Recovery, better_save, monitor_anew
 from fasttrain.training.reporting import IntervalMeter, Kept, Report
 from fasttrain.training.schedule import Budget
 
@@ -87,8 +87,6 @@ class Loop:
         resumed, t = trainer.resumed_from, self.cfg.train
         self.recovery = Recovery(self.cfg.recovery, trainer.checkpoints.history(resumed) if resumed is not None else ())
         self.early_stopping = EarlyStopping(t.early_stop_patience, t.early_stop_min_delta)
-        o = self.cfg.optim
-        self.regulariser = RepeatRegulariser(o.weight_decay_growth, o.weight_decay, o.max_weight_decay)
 
     def run(self) -> tuple[dict[str, float], bool]:
         """Step to the end, asking the policies after each step and evaluation; returns the last evaluation's
@@ -194,11 +192,6 @@ class Loop:
         run.best_val_loss = min(best_before, loss)
         metrics["best_val_loss"] = run.best_val_loss
         self.report.evaluation(run.step, metrics)
-        epochs = max(self.trainer.train_loader.source_epochs())
-        scale = self.regulariser.scale_after(run.decay_scale, loss < best_before, epochs)
-        if scale != run.decay_scale:
-            self.report.regularised(run, scale, epochs)
-            run.decay_scale = scale
         if self.cfg.train.sample_tokens:
             self.report.sample(run.step, self.trainer.sample())
         return metrics, loss < best_before

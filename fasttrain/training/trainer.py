@@ -265,7 +265,7 @@ class Trainer:
                 self.eager, compiled_loss, why = False, None, None
         update = next_update(self.cfg, self.run, self.recorded)
         lr = self.run.lr_scale * update.lr
-        self.updater.apply(lr if finite else None, self.run.decay_scale)
+        self.updater.apply(lr if finite else None)
         self.run.step += 1
         self.run.tokens_seen += round(targets)
         self.run.skipped_steps += not finite

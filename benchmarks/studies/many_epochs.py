@@ -1,0 +1,188 @@
+"""A corpus read many times: the best and the last evaluation of runs that read it 2 to 32 times, at equal tokens.
+
+    python -m benchmarks.studies.many_epochs --corpus code-small --depth 2 --epochs 4 8 16 \
+        [--case fixed repeats wd=1 ...] [--seed 1 2] [--jobs 2] [--out FILE]
+
+Every run is configs/base.toml at a fixed shape (depth d, width 64 d, heads of 64) and context 256, for the steps
+that read the corpus --epochs times over (16 x 256 tokens a step), evaluated 12 times on its whole validation split,
+without samples or compiling. A case is what differs:
+  fixed      base.toml's weight decay (0.1), whatever the epochs
+  repeats    optim.weight_decay_rule = "repeats" (fasttrain/data/repeats.py): the decay the plan chooses
+  wd=X       weight decay X;  drop=X  model.dropout X (with the decay of fixed);  KEY=VALUE,...  any --set items
+It records each evaluation's bits per byte: the best, the last (what a run that keeps its last weights gives), and
+the weight decay the run trained at (its config.toml). Equal tokens, so any CPU gives the same figures to rounding;
+each run is one process of one thread (--jobs of them at once).
+
+The corpora (prepared once at vocab 4096 into --cache; none is the main job's corpus but pydoc):
+  pydoc       the Python documentation topics (builtin:pydoc), 93K training tokens of English: its validation
+              text repeats its training text (half its 16-token spans are in it)
+  docstrings  the standard library's docstrings (builtin:docstrings), 426K tokens of English
+  prose       both (the default corpus's inputs), 530K tokens
+  code-small  the asyncio, email, json and http packages' sources, 254K tokens
+  code-1m     the sources of ten packages of the standard library, ~1M tokens
+
+Writes one JSON (default benchmarks/results/recipe/cpu-many-epochs-<corpus>-<date>.json), appending to it when it
+exists, so a grid can be run in parts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+from benchmarks.studies.common import ROOT, load_average, result_header
+from fasttrain.config import load_config
+from fasttrain.system.errors import ArgumentParser, run_cli
+
+PACKAGES = {
+    "code-small": ("asyncio", "email", "json", "http"),
+    "code-1m": (
+        "asyncio",
+        "email",
+        "json",
+        "http",
+        "concurrent",
+        "multiprocessing",
+        "unittest",
+        "xml",
+        "logging",
+        "importlib",
+    ),
+}
+BUILTINS = {
+    "pydoc": ["builtin:pydoc"],
+    "docstrings": ["builtin:docstrings"],
+    "prose": ["builtin:pydoc", "builtin:docstrings"],
+}
+TOKENS_PER_STEP = 16 * 256
+EVALUATIONS = 12
+
+
+def prepared(corpus: str, cache: Path) -> Path:
+    """The prepared folder of `corpus` in `cache`, prepared there first if it is not."""
+    out = cache / corpus
+    if (out / "meta.json").exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    inputs = BUILTINS.get(corpus)
+    if inputs is None:
+        lib = Path(sysconfig.get_paths()["stdlib"])
+        files = sorted(
+            p for pkg in PACKAGES[corpus] for p in (lib / pkg).rglob("*.py") if "site-packages" not in p.parts
+        )
+        source = cache / f"{corpus}.jsonl"
+        with open(source, "w") as f:
+            for path in files:
+                f.write(json.dumps({"text": path.read_text(errors="replace")}) + "\n")
+        inputs = [str(source)]
+    command = [sys.executable, "-m", "fasttrain.prepare", "--input", *inputs, "--out", str(out), "--vocab-size", "4096"]
+    subprocess.run(command, check=True, cwd=ROOT)
+    return out
+
+
+def case_sets(case: str) -> list[str]:
+    """The --set items of a case (the module docstring's)."""
+    if case == "fixed":
+        return []
+    if case == "repeats":
+        return ['optim.weight_decay_rule="repeats"']
+    if case.startswith("wd="):
+        return [f"optim.weight_decay={case[3:]}"]
+    if case.startswith("drop="):
+        return [f"model.dropout={case[5:]}"]
+    return case.split(",")
+
+
+def run_one(data: Path, depth: int, epochs: float, seed: int, case: str, work: Path) -> dict:
+    """One run of the grid, and what its evaluations said."""
+    train_tokens = json.loads((data / "meta.json").read_text())["tokens"]["train"]
+    steps = max(round(epochs * train_tokens / TOKENS_PER_STEP), EVALUATIONS)
+    out = work / f"{data.name}-d{depth}-e{epochs:g}-s{seed}-{case.replace('=', '').replace(',', '_')}"
+    sets = [
+        f'data.dir="{data}"',
+        f"model.n_layers={depth}",
+        f"model.d_model={64 * depth}",
+        f"model.n_heads={depth}",
+        f"train.max_steps={steps}",
+        "train.max_time=0",
+        f"train.seed={seed}",
+        f'train.out_dir="{out}"',
+        f"train.eval_interval={max(steps // EVALUATIONS, 1)}",
+        "train.eval_steps=1000",  # the whole validation split (fewer rows than this)
+        "train.sample_tokens=0",
+        "train.seq_len=256",
+        "train.log_interval=100000",
+        "train.compile=false",
+        "checkpoint.interval=100000",
+        *case_sets(case),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "fasttrain.train", "configs/base.toml", "--quiet", "--overwrite", "--set", *sets]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{out.name}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [round(e["val_bpb"], 4) for e in events if e["event"] == "eval"]
+    start = next(e for e in events if e["event"] == "start")
+    return {
+        "corpus": data.name,
+        "depth": depth,
+        "epochs": epochs,
+        "planned_epochs": start["sources"][0]["planned_epochs"],
+        "seed": seed,
+        "case": case,
+        "weight_decay": load_config(out / "config.toml").optim.weight_decay,
+        "steps": steps,
+        "best": min(curve),
+        "last": curve[-1],
+        "curve": curve,
+        "load_after": load_average(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = ArgumentParser(prog="python -m benchmarks.studies.many_epochs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", required=True, choices=[*BUILTINS, *PACKAGES])
+    parser.add_argument("--depth", type=int, nargs="+", default=[2])
+    parser.add_argument("--epochs", type=float, nargs="+", default=[4.0, 8.0, 16.0])
+    parser.add_argument("--case", nargs="+", default=["fixed", "repeats"])
+    parser.add_argument("--seed", type=int, nargs="+", default=[1])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fasttrain-many-epochs")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    today = datetime.date.today().isoformat()
+    out = args.out or ROOT / f"benchmarks/results/recipe/cpu-many-epochs-{args.corpus}-{today}.json"
+    data = prepared(args.corpus, args.cache)
+    grid = [(d, e, s, c) for d in args.depth for e in args.epochs for s in args.seed for c in args.case]
+    with tempfile.TemporaryDirectory() as work, ThreadPoolExecutor(args.jobs) as pool:
+        runs = list(pool.map(lambda g: run_one(data, *g, Path(work)), grid))
+    result = (
+        json.loads(out.read_text())
+        if out.exists()
+        else result_header(
+            "best and last evaluation of runs reading a corpus many times, at equal tokens", __spec__.name, argv, today
+        )
+        | {"runs": []}
+    )
+    result["runs"] += runs
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    for r in runs:
+        print(
+            f"{r['corpus']} depth {r['depth']} {r['planned_epochs']:.1f} epochs seed {r['seed']} {r['case']:<10} "
+            f"wd {r['weight_decay']:<6g} best {r['best']:.4f} last {r['last']:.4f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,119 @@
+"""Weight decay for a corpus read many times: optim.weight_decay_rule = "repeats".
+
+Imports from fasttrain: config, data.mixture, formats.shards.
+
+A run that reads a small corpus over and over can learn the training text itself instead of the language: its
+validation loss turns up while the training loss goes on falling. Weight decay holds it back, but how much a run
+needs depends on the corpus as well as on the epochs (docs/performance.md, "Weight decay for repeats"): on held-out
+code read 7 times, decay 2 ended 0.17 bits per byte ahead of 0.1 and its validation loss fell to the last step,
+where 0.1's rose for the second half of the run; on the Python documentation topics read 10 times, decay 1 cost
+0.04, because their validation text repeats the training text (53% of its 16-token spans are in it) and recalling
+that text is what validation rewards there.
+
+So the plan measures both, as it times the machine's speed:
+
+    epochs   E   how many times over the run reads the source it reads most (the loader's count)
+    overlap  o   the fraction of that source's validation 16-token spans found verbatim in its training split
+    novelty  n = clamp(1 - o / MEMORISED, 0, 1)       (0: validation is training text over again)
+    target     = min(PER_EPOCH x (E - REPEATS_FREE), optim.max_weight_decay)
+    decay      = optim.weight_decay + n x (target - optim.weight_decay), where target is the larger
+
+and below REPEATS_FREE epochs (Muennighoff et al. 2023: to about 4, repeated tokens are worth nearly as much as new
+ones) the decay stays as set. PER_EPOCH and MEMORISED are fitted to the sweeps (benchmarks/studies/many_epochs.py):
+the best decay on held-out code read 3.5, 5 and 7 times was 0.1-0.3, 1 and 2; on the topics read 10 times, 0.1.
+A run whose tokens are not known (a time budget with no speed timed) keeps the decay as set, and a resumed or
+replayed run the decay its config.toml records, so a longer budget never changes it part way through.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Sequence
+
+import numpy as np
+
+from fasttrain.config import Config, OptimConfig
+from fasttrain.data.mixture import Source
+from fasttrain.formats.shards import find_shards, token_blocks
+
+REPEATS_FREE = 3.0  # epochs up to which repeats need no more decay than new data
+PER_EPOCH = 0.5  # the target decay's rise per epoch beyond REPEATS_FREE
+MEMORISED = 0.5  # an overlap at which validation is taken to reward recall as much as generalising (novelty 0)
+SPAN = 16  # tokens: a span this long found verbatim is the training text, not a common phrase
+MAX_TRAIN_TOKENS = 1 << 23  # of the training split hashed (64 MB): a longer one is compared by its start
+
+
+def span_hashes(tokens: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each SPAN-token window of `tokens` (polynomial, wrapping: collisions at 2^-64 are noise)."""
+    if len(tokens) < SPAN:
+        return np.zeros(0, dtype=np.uint64)
+    t = tokens.astype(np.uint64)
+    h = np.zeros(len(t) - SPAN + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(SPAN):
+            h = h * np.uint64(1_000_003) + t[i : len(t) - SPAN + 1 + i]
+    return h
+
+
+def split_tokens(directory: str, split: str, limit: int) -> np.ndarray:
+    """The first `limit` tokens of `directory`'s `split` shards, in order."""
+    blocks: list[np.ndarray] = []
+    left = limit
+    for info in find_shards(directory, split):
+        for block in token_blocks(info):
+            blocks.append(block[:left])
+            left -= len(blocks[-1])
+            if left <= 0:
+                return np.concatenate(blocks)
+    return np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.uint16)
+
+
+def verbatim_overlap(directory: str) -> float:
+    """The fraction of the validation split's SPAN-token windows found verbatim in the training split (its first
+    MAX_TRAIN_TOKENS) of the prepared folder `directory`."""
+    val = span_hashes(split_tokens(directory, "val", MAX_TRAIN_TOKENS))
+    if not len(val):
+        return 0.0
+    train = span_hashes(split_tokens(directory, "train", MAX_TRAIN_TOKENS))
+    return float(np.isin(val, train).mean())
+
+
+def repeat_decay(o: OptimConfig, epochs: float, overlap: float) -> float:
+    """The module docstring's rule: the weight decay for a run reading its corpus `epochs` times whose validation
+    text overlaps its training text by `overlap`."""
+    target = min(PER_EPOCH * (epochs - REPEATS_FREE), o.max_weight_decay)
+    if epochs <= REPEATS_FREE or target <= o.weight_decay:
+        return o.weight_decay
+    novelty = min(max(1 - overlap / MEMORISED, 0.0), 1.0)
+    return o.weight_decay + novelty * (target - o.weight_decay)
+
+
+def choose_weight_decay(
+    cfg: Config, sources: Sequence[Source], epochs: Sequence[float] | None, recorded: Config | None
+) -> tuple[OptimConfig, str]:
+    """cfg.optim with its weight decay for the run (cfg.optim itself unless optim.weight_decay_rule = "repeats"),
+    and the plan's note saying why ("" for "fixed"). `epochs`: how many times over the run reads each source (None:
+    not known); `recorded`: a resumed or replayed run's config.toml, whose decay it keeps."""
+    o = cfg.optim
+    if o.weight_decay_rule == "fixed":
+        return o, ""
+    rule = "optim.weight_decay_rule = repeats"
+    if recorded is not None:
+        kept = recorded.optim.weight_decay
+        return replace(o, weight_decay=kept), f"{rule}: weight decay {kept:g}, as the run recorded it"
+    if epochs is None or not sources:
+        return o, f"{rule}: weight decay {o.weight_decay:g}, as the run's tokens are not known before it trains"
+    most = max(range(len(sources)), key=lambda i: epochs[i])
+    e = epochs[most]
+    read = f"it reads {sources[most].name} {e:.1f} times over"
+    if e <= REPEATS_FREE:
+        return o, f"{rule}: weight decay {o.weight_decay:g}, as {read} (repeats need more from {REPEATS_FREE:g})"
+    overlap = verbatim_overlap(sources[most].dir)
+    decay = repeat_decay(o, e, overlap)
+    spans = f"{overlap:.0%} of its validation {SPAN}-token spans are in its training text"
+    if math.isclose(decay, o.weight_decay):
+        return o, f"{rule}: weight decay {decay:g} kept though {read}: {spans}, which recalling serves"
+    return replace(
+        o, weight_decay=round(decay, 3)
+    ), f"{rule}: weight decay {o.weight_decay:g} -> {decay:.3g}: {read} and {spans}"
