@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=list(DEFAULT_INPUTS),
         metavar="PATH",
         help="text files, globs, directories, JSONL or Parquet files, or builtin:pydoc / builtin:docstrings "
-        "(default: builtin:pydoc, the Python docs shipped with CPython)",
+        "(default: both, the Python docs and the standard library's docstrings, shipped with CPython)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for the shards, tokenizer and meta.json")
     tok = parser.add_mutually_exclusive_group()

@@ -123,7 +123,7 @@ class DataConfig:
     max_epochs: float = 10.0
 
 
-DEFAULT_INPUTS = ("builtin:pydoc",)  # what [data] prepares when it names no inputs and no prepared folder
+DEFAULT_INPUTS = ("builtin:pydoc", "builtin:docstrings")  # what [data] prepares when it names no inputs or folder
 DEFAULT_VOCAB = 4096  # the BPE prepare trains when [data] gives no vocab_size
 
 
