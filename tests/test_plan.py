@@ -132,7 +132,10 @@ def test_a_dry_run_of_unprepared_data_says_what_it_would_prepare_and_writes_noth
     before = snapshot(tmp_path)
     status, printed = dry_run("configs/base.toml", "--set", f"train.out_dir={out}", "train.device=cpu")
     assert status == 0
-    assert "data: not prepared yet; the run prepares builtin:pydoc, builtin:docstrings into " + str(cache / "fasttrain") in printed
+    assert (
+        "data: not prepared yet; the run prepares builtin:pydoc, builtin:docstrings into " + str(cache / "fasttrain")
+        in printed
+    )
     for line in (
         "run: 2m of training x 4,096 tokens (16 x 256 x 1 accumulation) on cpu",
         "schedule: wsd, lr 0.002 (min 0.0002), warmup 20 steps; ends after 2m of training",
