@@ -54,6 +54,7 @@ from fasttrain.model.sizing import (
     Speed,
     epoch_cap,
     fits,
+    fitting_depths,
     ladder_shape,
     plural,
     run_tokens,
@@ -64,7 +65,7 @@ from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
 from fasttrain.preparation.cache import prepared_dir
 from fasttrain.preparation.preparation import check_preparable, request_of
 from fasttrain.system.errors import UsageError
-from fasttrain.training.preflight import check_fits
+from fasttrain.training.preflight import check_fits, depths_in_memory
 from fasttrain.training.schedule import Budget, budget_note, fit_warmup, recorded_progress
 from fasttrain.training.timed_pass import timed_loss, timed_update
 
@@ -396,10 +397,11 @@ def shape_of(
                 f"(heads of {HEAD_DIM}); set model.n_heads too"
             )
         return shape, "", speed
-    if recorded is None:
-        return size_model(
-            cfg, corpus, tokens_per_step, world.size, device, speed, timed_update(cfg, device), timed_loss(cfg, device)
-        )
+    if recorded is None:  # no shape is timed or chosen whose memory estimate leaves the device no margin
+        shards = distributed.shard_group(world, cfg.train.parallel, cfg.train.shard_group_size)
+        depths = depths_in_memory(cfg, device, fitting_depths(m), shards)
+        update, loss = timed_update(cfg, device), timed_loss(cfg, device)
+        return size_model(cfg, corpus, tokens_per_step, world.size, device, speed, update, loss, depths)
     r, where = recorded[0].model, recorded[1]
     if unset := [k for k in ("n_layers", "d_model", "n_heads") if not getattr(r, k)]:
         raise UsageError(
