@@ -2,7 +2,7 @@
 chose the deepest shapes (slow enough to read the corpus fewer times) whatever their size, and timed them: 140M
 parameters for 0.8M tokens, and a timing of 8 hours that the kernel's out-of-memory killer ended. The sizing now
 offers, and times, only the shapes whose memory estimate fits the device with margin (sizing.MEMORY_SHARE) and,
-under a time budget, whose parameters the corpus can feed (data.max_epochs epochs / TOKENS_PER_PARAM), and its note
+under a time budget, whose parameters the corpus can feed (UNDERFED x data.max_epochs epochs / TOKENS_PER_PARAM), and its note
 says which bound held. Each case failed before the fix."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from fasttrain import train as train_module
 from fasttrain.config import load_config
 from fasttrain.model import sizing
 from fasttrain.model.sizing import Speed
+from fasttrain.preparation.preparation import prepare
 from fasttrain.training import preflight
 from tests.conftest import tiny_args, tiny_overrides
 from tests.test_reliability_round8 import command
@@ -50,7 +51,7 @@ def test_a_budget_of_days_on_a_small_corpus_plans_what_the_device_and_the_data_h
     assert code == 0, err
     plan = json.loads(plan)
     params = float(re.search(r"([\d.]+)M parameters in matmuls", out).group(1)) * 1e6
-    fed = 10 * plan["train_tokens"] / sizing.TOKENS_PER_PARAM  # data.max_epochs epochs of the corpus
+    fed = sizing.UNDERFED * 10 * plan["train_tokens"] / sizing.TOKENS_PER_PARAM  # data.max_epochs epochs of it
     assert params <= fed, out
     assert plan["memory_bytes"] <= sizing.MEMORY_SHARE * plan["available_bytes"]
     assert re.search(r"the rule would choose depth \d+, but .*its [\d.]+M parameters are more than 10 epochs", out)
@@ -79,3 +80,33 @@ def test_no_shape_over_the_memory_bound_is_timed_or_chosen(pydoc_data, tmp_path,
     assert re.search(r"the rule would choose depth \d+, but its memory estimate is over 50% of what the device", out)
     near = re.search(r"a speed 20% off would choose depth ([\d or]+),", out)  # it named depth 28 on a 24 GB machine
     assert all(need(int(d)) <= room / 2 for d in (near.group(1).split(" or ") if near else []))
+
+
+# Item 4: a dry run before the data is prepared plans the model the run trains once it is.
+
+
+def test_a_dry_run_before_the_data_is_prepared_plans_the_shape_and_context_after(tmp_path, monkeypatch, capsys):
+    """The plan of a folder not prepared yet estimates its tokens from the inputs' bytes: its shape and context are
+    those planned once it is prepared. 5ac3164 planned it as an unlimited corpus: another depth, at context 512
+    where the prepared corpus trains at 256."""
+    from pydoc_data.topics import topics
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for name in sorted(topics)[::2]:  # ~90K training tokens: not near an edge of the data bound
+        (texts / f"{name}.txt").write_text(topics[name])
+    fake_calibration(monkeypatch)
+    folder = tmp_path / "prepared"
+    sets = [*DAYS, "data.vocab_size=512", f'data.inputs=["{texts}"]', "train.seq_len=0", "model.max_seq_len=512"]
+    args = [*tiny_args(folder, tmp_path / "run", *sets), "--dry-run"]
+    code, before, err = command(train_module.main, args, capsys)
+    assert code == 0, err
+    assert not folder.exists()  # a dry run writes nothing
+    assert re.search(r"the data is not prepared yet: the model's shape and context are planned for ~[\d.]+M", before)
+    prepare([str(texts)], folder, vocab_size=512, quiet=True)
+    code, after, err = command(train_module.main, args, capsys)
+    assert code == 0, err
+    assert "not prepared yet" not in after
+    assert depth_in(before) == depth_in(after)
+    context = re.compile(r"train\.seq_len = 0: (\d+) ")
+    assert context.search(before).group(1) == context.search(after).group(1) == "256", (before, after)
