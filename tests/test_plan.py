@@ -136,9 +136,13 @@ def test_a_dry_run_of_unprepared_data_says_what_it_would_prepare_and_writes_noth
         "data: not prepared yet; the run prepares builtin:pydoc, builtin:docstrings into " + str(cache / "fasttrain")
         in printed
     )
+    # planned at the corpus estimated from its bytes: stopped where it would have read it data.max_epochs times
+    assert re.search(
+        r"run: 2m of training(, at most \d+ steps)? x 4,096 tokens \(16 x 256 x 1 accumulation\) on cpu", printed
+    )
+    assert "note: the data is not prepared yet: the model's shape and context are planned for ~0.5" in printed
     for line in (
-        "run: 2m of training x 4,096 tokens (16 x 256 x 1 accumulation) on cpu",
-        "schedule: wsd, lr 0.002 (min 0.0002), warmup 20 steps; ends after 2m of training",
+        "schedule: wsd, lr 0.002 (min 0.0002), warmup ",  # its steps as many as the cap leaves
         "memory: about",
         "kernel: rms_norm: auto, off on the cpu",
         "cadence: log every 10 steps",

@@ -154,10 +154,11 @@ def test_a_budget_stops_at_ten_epochs_where_every_depth_would_read_more():
     """Under train.max_time the run stops when it has read the corpus data.max_epochs times (epoch_cap, set by the plan
     as train.max_steps): where every depth would read it more often, the ratio's choice trains that long and the
     note says so. A shallower depth stopped there is not chosen over a deeper one within the ceiling (it lost on a
-    254K-token corpus), and without a clock (steps only) nothing stops the run."""
+    254K-token corpus), and without a clock (steps only) nothing stops the run. (A corpus that can feed depth 3:
+    under a clock no depth is chosen whose parameters exceed UNDERFED x data.max_epochs epochs / TOKENS_PER_PARAM.)"""
     timed = tiny_config(".", ".", "model.vocab_size=4096", *AUTO, *BUDGET)
     counted = tiny_config(".", ".", "model.vocab_size=4096", *AUTO)
-    unique = 5e4
+    unique = 1e5
 
     def reading(*epochs: float):  # depth d reads the corpus epochs[d - 1] times in the budget, then ever less
         return lambda shape: unique * (epochs[shape.n_layers - 1] if shape.n_layers <= len(epochs) else 0.5)

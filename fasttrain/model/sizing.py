@@ -1,6 +1,6 @@
 """The model's shape chosen for the run's compute: `model.n_layers = 0`.
 
-Imports from fasttrain: compute.device, config, model.transformer, system.errors.
+Imports from fasttrain: compute.device, config, model.speed, model.transformer, system.errors.
 
 A model too large for its budget sees too few tokens; one too small stops learning early. Which is best
 depends on how many tokens the run will train on, and that on the machine's speed, the budget and, for a
@@ -14,7 +14,10 @@ come closest to TOKENS_PER_PARAM, a ratio fitted to this project's sweeps (bench
     effective(d) = the sum over the run's sources of worth(share x tokens(d), U): each source, of U training
                    tokens, read for its share of the run (a mixture's weights), is discounted by its own epochs
     choice       = the d minimising |log(effective(d) / params(d)) - log(TOKENS_PER_PARAM)|, of the depths
-                   that read no source more than data.max_epochs times (of all, if every depth would)
+                   offered that read no source more than data.max_epochs times (of all offered, if every one would)
+    offered      = the depths whose memory estimate (training/preflight.py) is at most MEMORY_SHARE of what the
+                   device has available, and under a time budget whose params(d) are at most UNDERFED x the
+                   tokens of data.max_epochs epochs / TOKENS_PER_PARAM (the data bound)
 
 params(d) counts what a token's compute runs through (transformer.matmul_params: the lookup tables, an untied
 embedding and the value embeddings, left out, as nanochat counts), so a table that costs no FLOPs does not
@@ -30,7 +33,12 @@ And a run under train.max_time stops once it has read a source data.max_epochs t
 sets as train.max_steps): where every depth would read it more often, the ratio's choice trains until then.
 A shallower depth stopped at data.max_epochs is not chosen over a deeper one that reads the corpus less: it won on
 the main job's corpus (depth 2 at 10 epochs 1.271 against depth 3 at 6.4, 1.283) but lost badly on a corpus
-of 254K tokens (depth 1 at 10 epochs 1.763 against 1.568 at 3.9; docs/performance.md).
+of 254K tokens (depth 1 at 10 epochs 1.763 against 1.568 at 3.9; docs/performance.md). But that preference
+runs away on a long budget: the deepest shapes, slow enough to read the corpus fewer times, were chosen whatever
+their size (140M parameters for 0.8M tokens in an hour; timing a shape of 1B parameters for 8 hours killed the
+machine). A shape whose parameters exceed UNDERFED x the tokens of data.max_epochs epochs / TOKENS_PER_PARAM falls
+far short of the ratio even were every repeated token worth a new one, so a time budget never offers it; nor is
+a shape offered, or timed, whose memory estimate does not leave the device a margin.
 
 tokens/s(d) under a time budget comes from `calibrate`: the eager forward, backward and optimizer step (the
 run's loss and optimizer, given by the plan) of the ladder's two smallest shapes, timed on the run's device
@@ -47,7 +55,6 @@ are the config's. The resolved config records the shape chosen, so a resume or a
 
 from __future__ import annotations
 
-import bisect
 import functools
 import math
 import os
@@ -62,6 +69,7 @@ from torch import nn
 
 from fasttrain.compute.device import autocast, synchronize
 from fasttrain.config import Config, ModelConfig, TrainConfig
+from fasttrain.model.speed import Speed
 from fasttrain.model.transformer import Transformer, flops_per_token, matmul_params, num_params
 from fasttrain.system.errors import UsageError
 
@@ -89,45 +97,13 @@ SENSITIVITY = (0.8, 1.25)
 # the rate grows with the size more slowly than the two smallest shapes say (2-core AVX2 CPU: predicted 1.11x the
 # real step at 3 x 192 and 1.28x at 4 x 256 from depths 1 and 2; benchmarks/results/sizing/cpu-step-calibration-*.json)
 RETIMINGS = 3
-
-
-@dataclass(frozen=True)
-class Speed:
-    """Training FLOP/s timed at the FLOPs per token of some shapes (`points`: (FLOPs per token, FLOP/s), ascending,
-    one at least). Between two points, the power law through them; beyond the first or the last, the power law of
-    the two nearest, its exponent held between 0 and 1 (a small model uses a machine less well, so the rate grows
-    with the size, but not faster than it); one point: a rate that does not depend on the size."""
-
-    points: tuple[tuple[float, float], ...]
-    busy: str = ""  # "" or busy_note's words on the machine's load as it was timed: each plan at this speed says them
-
-    def flops_per_s(self, flops: float) -> float:
-        p = self.points
-        if len(p) == 1:
-            return p[0][1]
-        i = min(max(bisect.bisect_left([f for f, _ in p], flops), 1), len(p) - 1)  # the pair around, or nearest
-        (f1, r1), (f2, r2) = p[i - 1], p[i]
-        exponent = math.log(r2 / r1) / math.log(f2 / f1)
-        if flops < f1 or flops > f2:  # beyond the points timed: from the nearest, at a bounded exponent
-            f1, r1 = (f1, r1) if flops < f1 else (f2, r2)
-            exponent = min(1.0, max(0.0, exponent))
-        return r1 * (flops / f1) ** exponent
-
-    def tokens_per_s(self, flops: float) -> float:
-        return self.flops_per_s(flops) / flops
-
-    def scaled(self, factor: float) -> Speed:
-        """This speed `factor` times faster at every size."""
-        return replace(self, points=tuple((f, r * factor) for f, r in self.points))
-
-    def timed(self, flops: float) -> bool:
-        """Whether a shape of `flops` FLOPs per token is one of the points timed."""
-        return any(math.isclose(f, flops) for f, _ in self.points)
-
-    def merged(self, other: Speed) -> Speed:
-        """The points of both (timed on the same machine; `self`'s where both timed a size), `self`'s note on the
-        load."""
-        return replace(self, points=tuple(sorted((dict(other.points) | dict(self.points)).items())))
+# The ladder offered (and timed) holds the shapes whose memory estimate is at most this share of what the device has
+# available: the estimate is within about 2x of the real peak, and the machine runs other programs too.
+MEMORY_SHARE = 0.5
+# The data bound: a time budget offers no shape that data.max_epochs epochs give fewer than TOKENS_PER_PARAM / UNDERFED
+# tokens per parameter. The evidence bounds it from below only: on the main job's corpus depth 3, at 0.29 (6.6
+# epochs), scored as well as depth 2 at 10 epochs (the module docstring's runs).
+UNDERFED = 4.0
 
 
 @dataclass(frozen=True)
@@ -191,15 +167,19 @@ def epoch_cap(corpus: Corpus, tokens_per_step: int, max_epochs: float) -> int:
     return max(int(max_epochs * per_epoch / tokens_per_step), 1) if per_epoch else 0
 
 
-def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus: Corpus, why: str) -> Sizing:
+def choose_shape(
+    cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus: Corpus, why: str, depths: Sequence[int] = ()
+) -> Sizing:
     """The ladder's shape for `cfg` (model.n_layers = 0) whose effective tokens per parameter come closest to
-    TOKENS_PER_PARAM, of the depths that read no source more than data.max_epochs times; `tokens_at(shape)` is how
-    many tokens the run trains on at that shape, `corpus` each source's share and training tokens (empty while
-    the data is not prepared), `why` how the tokens were found (for the note). Under train.max_time the run
-    stops at data.max_epochs (`epoch_cap`): where every depth would read the corpus more often, the ratio chooses
-    and the run stops early."""
+    TOKENS_PER_PARAM, of the depths offered that read no source more than data.max_epochs times; `tokens_at(shape)`
+    is how many tokens the run trains on at that shape, `corpus` each source's share and training tokens (empty
+    while the data is not prepared), `why` how the tokens were found (for the note), `depths` those the device's
+    memory holds (default: every depth that fits the set keys). Under train.max_time the run stops at
+    data.max_epochs (`epoch_cap`): where every depth would read the corpus more often, the ratio chooses and the run
+    stops early; and no depth is offered whose parameters exceed the data bound (module docstring)."""
     m, most = cfg.model, cfg.data.max_epochs
     stops = bool(cfg.train.max_time and epoch_tokens(corpus))  # the plan sets epoch_cap as train.max_steps
+    fed = UNDERFED * most * epoch_tokens(corpus) / TOKENS_PER_PARAM if stops else math.inf  # the data bound
 
     def distance(shape: ModelConfig) -> float:
         return abs(math.log(corpus_worth(tokens_at(shape), corpus) / matmul_params(shape) / TOKENS_PER_PARAM))
@@ -207,20 +187,41 @@ def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus:
     def most_epochs(shape: ModelConfig) -> float:  # of the source it reads most often
         return max((tokens_at(shape) * share / unique for share, unique in corpus), default=0.0)
 
+    def choice(candidates: list[ModelConfig]) -> tuple[ModelConfig, list[ModelConfig]]:
+        within = [s for s in candidates if most_epochs(s) <= most]
+        return min(within or candidates, key=distance), within
+
     shapes = [ladder_shape(m, d) for d in fitting_depths(m)]
-    within = [s for s in shapes if most_epochs(s) <= most]
-    shape = min(within or shapes, key=distance)
+    held = [s for s in shapes if not depths or s.n_layers in depths] or shapes[:1]
+    offered = [s for s in held if matmul_params(s) <= fed] or held[:1]
+    shape, within = choice(offered)
+    unbounded = choice(shapes)[0]
+    bounds = [
+        f"its memory estimate is over {MEMORY_SHARE:.0%} of what the device has available"
+        if unbounded not in held
+        else "",
+        f"its {matmul_params(unbounded) / 1e6:.2f}M parameters are more than {most:g} epochs of the corpus can "
+        f"feed ({fed / 1e6:.2f}M at a quarter of the rule's {TOKENS_PER_PARAM:g} tokens each)"
+        if matmul_params(unbounded) > fed
+        else "",
+    ]
+    bound = (
+        f"; the rule would choose depth {unbounded.n_layers}, but {' and '.join(b for b in bounds if b)}"
+        if unbounded.n_layers > shape.n_layers
+        else ""
+    )
     tokens = min(tokens_at(shape), most * epoch_tokens(corpus)) if stops else tokens_at(shape)
     effective, params, total = corpus_worth(tokens, corpus), matmul_params(shape), num_params(shape)
     kept = [f"model.{k} = {getattr(m, k)}" for k in ("d_model", "n_heads", "n_kv_heads") if getattr(m, k)]
     epochs = [tokens * share / unique for share, unique in corpus]
+    every = "every depth" if offered == shapes else "every depth offered"
     if not within and stops:
-        overread = f"; every depth would read the corpus more than {most:g} times in the budget, so the run "
+        overread = f"; {every} would read the corpus more than {most:g} times in the budget, so the run "
         overread += "stops early (more overfits): more data would train better"
     elif not within:
-        overread = f"; every depth would read the corpus more than {most:g} times, which overfits: more data "
+        overread = f"; {every} would read the corpus more than {most:g} times, which overfits: more data "
         overread += "or a shorter budget would train better"
-    elif any(s.n_layers < shape.n_layers and s not in within for s in shapes):
+    elif any(s.n_layers < shape.n_layers and s not in within for s in offered):
         overread = f"; a shallower depth would read the corpus more than {most:g} times, which overfits"
     else:
         overread = ""
@@ -246,6 +247,7 @@ def choose_shape(cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus:
         f"({why}{read}): {effective / params:.2f} effective tokens per parameter, the rule's {TOKENS_PER_PARAM:g}"
         + (f"; {' and '.join(kept)} kept, as set" if kept else "")
         + overread
+        + bound
         + beyond
     )
     return Sizing(shape, tokens, effective, params, note)
@@ -332,17 +334,19 @@ def size_model(
     speed: Speed | None,
     update: Update | None = None,
     loss: Loss = logits_loss,
+    depths: Sequence[int] = (),
 ) -> tuple[ModelConfig, str, Speed | None]:
     """cfg.model with its shape chosen (model.n_layers = 0), the plan's note saying why, and the machine's speed it used
     (`speed` if given, else calibrated here on `loss` with `update` after each backward, when the run has a time
     budget: the two smallest shapes, then the shape they choose and so on until the choice is a shape timed,
     RETIMINGS more at most; None without a budget). The run's tokens: max_steps x `tokens_per_step`, or what
     train.max_time gives at the speed, whichever is fewer; `corpus`: each source's share of them and its training
-    tokens (choose_shape). A choice that a timing 20% off would change, or one timed on a busy machine, says so:
-    another run (its dry run) may time another speed. UsageError when a world of `world_size` ranks would each
-    time its own device."""
+    tokens, `depths` those the device's memory holds (choose_shape): no other is timed or chosen. A choice that a
+    timing 20% off would change, or one timed on a busy machine, says so: another run (its dry run) may time another
+    speed. UsageError when a world of `world_size` ranks would each time its own device."""
     t = cfg.train
-    smallest = ladder_shape(cfg.model, fitting_depths(cfg.model)[0])
+    depths = depths or fitting_depths(cfg.model)
+    smallest = ladder_shape(cfg.model, depths[0])
     if t.max_time and t.max_time < MIN_BUDGET and not t.max_steps:
         return (
             smallest,
@@ -366,9 +370,9 @@ def size_model(
             )
         busy = busy_note(device)  # read before this process loads the machine itself
         try:
-            speed = replace(calibrate(cfg, device, update=update, loss=loss), busy=busy)
+            speed = replace(calibrate(cfg, device, update=update, loss=loss, depths=depths[:2]), busy=busy)
             for _ in range(RETIMINGS):  # the shape chosen timed too, and chosen again at its own speed
-                chosen = choose_shape(cfg, functools.partial(tokens_at, speed=speed), corpus, "").model
+                chosen = choose_shape(cfg, functools.partial(tokens_at, speed=speed), corpus, "", depths).model
                 if speed.timed(flops_per_token(chosen, t.seq_len)):
                     break
                 speed = speed.merged(calibrate(cfg, device, update=update, loss=loss, depths=[chosen.n_layers]))
@@ -385,16 +389,16 @@ def size_model(
 
     if not speed:
         why = f"{t.max_steps} steps of {tokens_per_step:,} tokens"
-        sizing = choose_shape(cfg, functools.partial(tokens_at, speed=None), corpus, why)
+        sizing = choose_shape(cfg, functools.partial(tokens_at, speed=None), corpus, why, depths)
         return sizing.model, sizing.note, None
-    first = choose_shape(cfg, functools.partial(tokens_at, speed=speed), corpus, "").model
+    first = choose_shape(cfg, functools.partial(tokens_at, speed=speed), corpus, "", depths).model
     flops = flops_per_token(first, t.seq_len)
     how = "timed" if speed.timed(flops) else "scaled by FLOPs from the shapes timed"
     why = f"{t.max_time:g} s at ~{speed.tokens_per_s(flops):,.0f} tokens/s for depth {first.n_layers}, {how}"
-    sizing = choose_shape(cfg, functools.partial(tokens_at, speed=speed), corpus, why)
+    sizing = choose_shape(cfg, functools.partial(tokens_at, speed=speed), corpus, why, depths)
     # the depths a speed SENSITIVITY times the timed one would choose (the steps, where they bound the run, do not move)
     near = {
-        choose_shape(cfg, functools.partial(tokens_at, speed=speed.scaled(f)), corpus, "").model.n_layers
+        choose_shape(cfg, functools.partial(tokens_at, speed=speed.scaled(f)), corpus, "", depths).model.n_layers
         for f in SENSITIVITY
     } - {sizing.model.n_layers}
     boundary = (

@@ -2,8 +2,8 @@
 
 Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, compute.kernel_table,
 config, data.documents, data.mixture, data.repeats, formats.shards, formats.tokenizer, model.sequence_length,
-model.sizing, model.transformer, model.weights, preparation.cache, preparation.preparation, system.errors,
-training.preflight, training.schedule, training.timed_pass.
+model.sizing, model.transformer, model.weights, preparation.cache, system.errors, training.preflight,
+training.schedule, training.timed_pass.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
@@ -32,17 +32,7 @@ from fasttrain.checkpoints import checkpoint_files
 from fasttrain.compute import distributed
 from fasttrain.compute.device import Kernels, check_attention, check_fp8, kernels_on, resolve_train
 from fasttrain.compute.kernel_table import run_shapes
-from fasttrain.config import (
-    DEFAULT_INPUTS,
-    DEFAULT_VOCAB,
-    Config,
-    ModelConfig,
-    TrainConfig,
-    config_to_toml,
-    load_config,
-    parse_config,
-    resolve,
-)
+from fasttrain.config import Config, ModelConfig, TrainConfig, config_to_toml, load_config, parse_config, resolve
 from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Blend, Source, open_sources, phases, token_shares
 from fasttrain.data.repeats import choose_weight_decay
@@ -55,6 +45,7 @@ from fasttrain.model.sizing import (
     Speed,
     epoch_cap,
     fits,
+    fitting_depths,
     ladder_shape,
     plural,
     run_tokens,
@@ -62,10 +53,9 @@ from fasttrain.model.sizing import (
 )
 from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
-from fasttrain.preparation.cache import prepared_dir
-from fasttrain.preparation.preparation import check_preparable, request_of
+from fasttrain.preparation.cache import pending, prepared_dir
 from fasttrain.system.errors import UsageError
-from fasttrain.training.preflight import check_fits
+from fasttrain.training.preflight import check_fits, depths_in_memory
 from fasttrain.training.schedule import Budget, budget_note, fit_warmup, recorded_progress
 from fasttrain.training.timed_pass import timed_loss, timed_update
 
@@ -240,11 +230,13 @@ def plan_run(
         cfg = replace(cfg, train=t)
     shard_group = distributed.shard_group(world, t.parallel, t.shard_group_size)
     sources = tuple(open_sources(cfg.data))  # data.dir, or each [[data.sources]] folder
-    prepare, vocab = "", 0
+    prepare, vocab, estimate = "", 0, 0.0
     if sources:
         vocab = sources[0].data.vocab_size
     else:  # one folder, not prepared yet: what preparing it will need is checked now, nothing is read
-        prepare, vocab = _pending(cfg)
+        prepare, vocab, estimate, estimated = pending(cfg.data)
+        if not shape.n_layers or choose_seq_len:  # planned at the estimate, as the run plans them again once prepared
+            notes.append(f"the data is not prepared yet: the model's shape and context are planned for {estimated}")
     losses = ["val_loss", *(f"val_loss.{s.name}" for s in sources if len(sources) > 1)]
     if t.monitor not in losses:
         raise UsageError(
@@ -261,7 +253,13 @@ def plan_run(
     # Each source's share of the run's tokens and what one epoch of it is, counted as the loader reads it (whole
     # batches; the same tokens at either context): a source read many times is worth less (sizing.py)
     shares = token_shares(mix, t.max_steps * accumulation)
-    corpus = tuple(zip(shares, [rows_per_epoch(s, cfg, world.size) * t.seq_len for s in sources]))
+
+    def corpus_at(c: Config) -> Corpus:  # a folder not prepared yet: its estimate
+        return tuple(zip(shares, [rows_per_epoch(s, c, world.size) * c.train.seq_len for s in sources])) or (
+            (1.0, estimate),
+        )
+
+    corpus = corpus_at(cfg)
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size  # the same at either context
     model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
     self_sized = not shape.n_layers and t.max_time and not schedule.progress_from
@@ -273,7 +271,7 @@ def plan_run(
         notes.append(context_note)
         if t != cfg.train:  # its rows fill whole batches a little differently: the epochs counted again
             cfg = replace(cfg, train=t)
-            corpus = tuple(zip(shares, [rows_per_epoch(s, cfg, world.size) * t.seq_len for s in sources]))
+            corpus = corpus_at(cfg)
             cap = epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
             model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
     notes += [note] if note else []
@@ -403,10 +401,11 @@ def shape_of(
                 f"(heads of {HEAD_DIM}); set model.n_heads too"
             )
         return shape, "", speed
-    if recorded is None:
-        return size_model(
-            cfg, corpus, tokens_per_step, world.size, device, speed, timed_update(cfg, device), timed_loss(cfg, device)
-        )
+    if recorded is None:  # no shape is timed or chosen whose memory estimate leaves the device no margin
+        shards = distributed.shard_group(world, cfg.train.parallel, cfg.train.shard_group_size)
+        depths = depths_in_memory(cfg, device, fitting_depths(m), shards)
+        update, loss = timed_update(cfg, device), timed_loss(cfg, device)
+        return size_model(cfg, corpus, tokens_per_step, world.size, device, speed, update, loss, depths)
     r, where = recorded[0].model, recorded[1]
     if unset := [k for k in ("n_layers", "d_model", "n_heads") if not getattr(r, k)]:
         raise UsageError(
@@ -453,21 +452,6 @@ def init_shape(cfg: Config) -> tuple[ModelConfig, str, str]:
     ]
     note = f"model.init_from: the shape is {what} ({', '.join(changed)})" if changed else ""
     return shaped, note, missing
-
-
-def _pending(cfg: Config) -> tuple[str, int]:
-    """What preparing the one folder of a run will make (in words) and its vocabulary size; UsageError for what
-    would refuse the preparation (inputs that name nothing, a folder that is not ours to fill, ...)."""
-    d = cfg.data
-    directory, inputs = prepared_dir(d), d.inputs or list(DEFAULT_INPUTS)
-    check_preparable(inputs, Path(directory), d.val_fraction, tokenizer_path=d.tokenizer or None)
-    if d.tokenizer:
-        vocab, tokenizer = Tokenizer.load(d.tokenizer).vocab_size, f"the tokenizer {d.tokenizer}"
-    else:
-        vocab = d.vocab_size or DEFAULT_VOCAB
-        tokenizer = f"a {vocab}-token BPE trained on it"
-    request = request_of(inputs, vocab, d.tokenizer, d.val_fraction, d.text_field)
-    return f"{', '.join(request['inputs'])} into {directory}, with {tokenizer}", vocab
 
 
 def rows_per_epoch(source: Source, cfg: Config, world_size: int) -> int:

@@ -1,6 +1,6 @@
 """Pre-flight: estimate a run's memory from its config and refuse one that cannot fit, before allocating.
 
-Imports from fasttrain: config, model.transformer, system.errors, training.optimizers.
+Imports from fasttrain: config, model.sizing, model.transformer, system.errors, training.optimizers.
 
 A model too large for the machine otherwise ends in an allocator traceback, deep
 in construction or in the first step, or (a million layers) in a construction
@@ -12,13 +12,16 @@ shapes that cannot possibly fit.
 
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 from dataclasses import replace
+from typing import Sequence
 
 import torch
 
 from fasttrain.config import Config, OptimConfig
+from fasttrain.model.sizing import MEMORY_SHARE, ladder_shape
 from fasttrain.model.transformer import Transformer, ffn_hidden_size
 from fasttrain.system.errors import UsageError
 from fasttrain.training.optimizers import hidden_matrices
@@ -114,6 +117,18 @@ def _meminfo(path: str, key: str) -> int | None:
             return next((int(line.split()[1]) * 1024 for line in f if line.startswith(key)), None)
     except OSError:  # not Linux
         return None
+
+
+def depths_in_memory(cfg: Config, device: torch.device, depths: Sequence[int], shards: int = 1) -> list[int]:
+    """Of the ladder's `depths` (ascending; sizing.ladder_shape of cfg.model), those whose estimate is at most
+    sizing.MEMORY_SHARE of what `device` has available: the shapes a sizing may time and choose. The smallest alone
+    where none is: check_fits then refuses it if it cannot fit at all."""
+    room, value_bytes = MEMORY_SHARE * available_bytes(device), 4 if cfg.train.precision == "fp32" else 2
+
+    def need(depth: int) -> int:
+        return sum(estimate_bytes(replace(cfg, model=ladder_shape(cfg.model, depth)), value_bytes, shards).values())
+
+    return list(itertools.takewhile(lambda d: need(d) <= room, depths)) or list(depths[:1])  # grows with the depth
 
 
 def check_fits(cfg: Config, device: torch.device, precision: str, shards: int = 1) -> tuple[dict[str, int], int]:
