@@ -141,6 +141,7 @@ def test_a_dry_run_of_unprepared_data_says_what_it_would_prepare_and_writes_noth
         r"run: 2m of training(, at most \d+ steps)? x 4,096 tokens \(16 x 256 x 1 accumulation\) on cpu", printed
     )
     assert "note: the data is not prepared yet: the model's shape and context are planned for ~0.5" in printed
+    assert "note: optim.weight_decay_rule = repeats: weight decay 0.1 until the data is prepared" in printed
     for line in (
         "schedule: wsd, lr 0.002 (min 0.0002), warmup ",  # its steps as many as the cap leaves
         "memory: about",

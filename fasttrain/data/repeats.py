@@ -102,7 +102,9 @@ def choose_weight_decay(
     if recorded is not None:
         kept = recorded.optim.weight_decay
         return replace(o, weight_decay=kept), f"{rule}: weight decay {kept:g}, as the run recorded it"
-    if epochs is None or not sources:
+    if not sources:
+        return o, f"{rule}: weight decay {o.weight_decay:g} until the data is prepared, when the run chooses it"
+    if epochs is None:
         return o, f"{rule}: weight decay {o.weight_decay:g}, as the run's tokens are not known before it trains"
     most = max(range(len(sources)), key=lambda i: epochs[i])
     e = epochs[most]
