@@ -164,14 +164,14 @@ def check_named_step(path: Path, step: object) -> None:
         )
 
 
-def read_trusted(file: Path, device: torch.device | str, path: Path) -> Any:
-    """What `torch.load(weights_only=True)` reads from `file` (of the checkpoint at `path`), its records' checksums
-    checked first: tensors, numbers, strings and containers, never code to run; UsageError naming `path` (or
-    `file`) otherwise."""
+def read_trusted(file: Path, device: torch.device | str, path: Path, mmap: bool = False) -> Any:
+    """What `torch.load(weights_only=True)` reads from `file` (of the checkpoint at `path`; `mmap`: its tensors
+    mapped, not read), its records' checksums checked first: tensors, numbers, strings and containers, never code
+    to run; UsageError naming `path` (or `file`) otherwise."""
     if file.is_file():
         checksums.check_records(file)
     try:
-        return torch.load(file, map_location=device, weights_only=True)
+        return torch.load(file, map_location=device, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise UsageError(f"{file}: no such checkpoint") from None
     except Exception as e:  # truncated, corrupt, or holding objects other than tensors and plain values
@@ -182,17 +182,13 @@ def read_trusted(file: Path, device: torch.device | str, path: Path) -> Any:
 def config_of(path: Path) -> Config:
     """The config the run that saved the checkpoint at `path` used, read without its tensors (a file's are mapped,
     not read; a sharded save's state.pt holds none): what a resume's plan needs of a save before loading it.
-    UsageError as `load` gives for what is not a checkpoint; the checksums are checked by the load that follows."""
+    UsageError as `load` gives for what is not a checkpoint, in the same words."""
     file = path / STATE_FILE if is_sharded(path) else path
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=file.is_file() and path == file)
-    except FileNotFoundError:
-        raise UsageError(f"{file}: no such checkpoint") from None
-    except Exception as e:
-        reason = " ".join(str(e).split("\n")[0].split())[:160]
-        raise UsageError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {reason})") from None
-    if not isinstance(state, dict) or "config" not in state:
-        raise UsageError(f"{path}: not a fasttrain checkpoint (no config)")
+    state = read_trusted(file, "cpu", path, mmap=file.is_file() and path == file)
+    keys = ("optimizer_groups", "step", "config") if is_sharded(path) else REQUIRED_KEYS
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:  # as `load` says it
+        raise UsageError(f"{path}: not a fasttrain checkpoint (no {', '.join(missing)})")
     return saved_config(state, path)
 
 
