@@ -9,21 +9,14 @@ training.metrics, training.objective.
     python -m fasttrain.evaluate RUN --tasks hellaswag,arc_easy [--num-fewshot N] [--limit N]
         [--include-path DIR] [--output FILE.json] [--batch-size N] [--device D]
 
---input takes what `python -m fasttrain.prepare --input` takes (text files, globs,
-directories, JSONL, builtin:NAME): the text is tokenized with the run's tokenizer the
-way prepare does it (an end-of-text token before each document) into a temporary
-directory, and scored there. --split val scores the run's own prepared val split.
+--input takes what `fasttrain.prepare --input` takes, tokenized as prepare does into a temporary directory and scored
+there; --split val scores the run's own val split. Scoring is the trainer's validation in one pass over every row,
+batched as the run did, so the loss is the mean over every target and bits per byte that loss in bits times tokens per
+UTF-8 byte (with --split val the trainer's val_bpb when its evaluation covered the split).
 
-Scoring is the trainer's validation (fasttrain/evaluation/validation.py, validate) in one pass over every row,
-as the run batches them ([data] batching, train.seq_len), the last batch part-full and
-each shard's short last window included: the loss is the mean over every target, and
-bits per byte is that loss, in bits, times the text's tokens per UTF-8 byte. With
---split val this is the trainer's val_bpb whenever its evaluation covered the whole
-split (train.eval_steps large enough).
-
---tasks runs lm-eval's tasks (the `eval` extra; fasttrain/evaluation/harness.py) and prints a table of
-their scores; they also go to the run's metrics.jsonl as an `eval_tasks` event with the step scored,
-and with --output to a JSON file. --include-path adds a folder of one's own task YAML files.
+--tasks runs lm-eval's tasks (the `eval` extra; evaluation/harness.py) and prints their scores, also written to the
+run's metrics.jsonl as an `eval_tasks` event and with --output to a JSON file; --include-path adds a folder of one's own
+task YAML files.
 """
 
 from __future__ import annotations

@@ -7,14 +7,11 @@ training.measure, training.plan, training.plan_table, training.trainer.
     python -m fasttrain.train configs/base.toml [--set SECTION.KEY=VALUE ...] [--resume auto|auto-or-new|PATH]
     python -m fasttrain.train configs/base.toml --dry-run [--json] [--measure N]
 
-With the default config and no other setup this prepares the embedded corpus
-(cached for later runs), trains a small model, evaluates and samples it along the
-way, saves checkpoints and the final weights, and prints where everything went.
-Ctrl-C (or SIGTERM) saves a checkpoint and prints the command that resumes it, from any directory.
-`--resume auto-or-new` is the command line for `torchrun --max-restarts`, which runs it again after a failure:
-a new run the first time, and from then on the latest checkpoint (docs/multi-gpu.md, "Restarting after a failure").
-`--dry-run` prints the run's plan (fasttrain/training/plan.py) and writes nothing; the data is prepared here,
-before the Trainer is built.
+With the default config this prepares the embedded corpus (cached), trains a small model, evaluating and sampling it,
+saves checkpoints and the final weights, and prints where everything went. Ctrl-C (or SIGTERM) saves and prints the
+command that resumes. `--resume auto-or-new` is for `torchrun --max-restarts`: a new run the first time, then the latest
+checkpoint (docs/multi-gpu.md). `--dry-run` prints the run's plan (training/plan.py) and writes nothing but the prepared
+data.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Checkpoint files: what a save holds, writing one and making it the run's latest, finding the save a
-`--resume` means, and reading one back, or only the config its run recorded.
+"""Checkpoint files: what a save holds, writing one and making it the run's latest, finding the save a `--resume` means,
+and reading one back, or only the config its run recorded.
 
-Imports from fasttrain: checkpoints.checksums, checkpoints.run_directory, checkpoints.saves,
-checkpoints.sharded_files, config, system.atomic, system.errors.
+Imports from fasttrain: checkpoints.checksums, checkpoints.run_directory, checkpoints.saves, checkpoints.sharded_files,
+config, system.atomic, system.errors.
 
 A checkpoint file is a dict of
 
@@ -13,18 +13,14 @@ A checkpoint file is a dict of
     parallel              "none", "ddp", "fsdp" or "hsdp": the world that saved it, with len(ranks)
     config                the run's resolved config, as TOML
 
-A sharded folder holds the same: the model's and optimizer's tensors in DCP's files, the rest (with the
-optimizer's param_groups as "optimizer_groups") in its state.pt. Either kind resumes in any world.
+A sharded folder holds the same: the tensors in DCP's files, the rest (the optimizer's param_groups as
+"optimizer_groups") in its state.pt. Either kind resumes in any world.
 
-Each file is written under a temporary name, fsync'd and renamed (fasttrain/system/atomic.py), a folder
-under a temporary name too, and a pointer is updated only once the save it names is complete, so a crash
-or `kill -9` at any moment leaves `latest` naming a loadable checkpoint. Old saves are deleted last, and
-never one that a pointer names.
-
-Loading uses `torch.load(weights_only=True)`, and a folder's metadata a restricted unpickler: a checkpoint
-may hold tensors, numbers, strings and containers of them, never code to run. A load first compares each file
-with the checksums recorded when it was saved (checksums.py): a bit changed on disk is one line naming the
-file, not a silently different model.
+Files and folders are written under temporary names and renamed (fasttrain/system/atomic.py), and a pointer is updated
+only once its save is complete, so a crash at any moment leaves `latest` loadable; old saves are deleted last, never one
+a pointer names. Loading uses `torch.load(weights_only=True)` (a folder's metadata a restricted unpickler: never code to
+run), after comparing each file with the checksums recorded at the save (checksums.py), so a bit changed on disk is one
+line naming the file.
 """
 
 from __future__ import annotations

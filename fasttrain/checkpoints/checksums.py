@@ -1,17 +1,13 @@
-"""Checksums of a checkpoint's files: a bit that changes on disk after a save is found when the save is read,
-as one line naming the file, never loaded as a silently different model.
+"""Checksums of a checkpoint's files: a bit that changes on disk after a save is found when the save is read, as one
+line naming the file, never loaded as a silently different model.
 
 Imports from fasttrain: system.errors.
 
-A checkpoint file (and a sharded folder's state.pt) is a torch.save zip, in which torch.save records the CRC-32
-of every record as it writes it; torch.load never compares them, `check_records` does. A sharded folder's other
-files (`.metadata`, `__R_0.distcp`) are read back once written and their CRC-32 recorded in its state.pt
-(`of_folder`), which `verify` compares at every load.
-
-Why CRC-32: it is the zip's own, so one kind of checksum covers both formats and a file save records its
-checksums at no cost; zlib's is the fastest of the standard library's, two to five times blake2b's and
-sha256's rate (docs/checkpoints.md, "Checksums"); and it finds every error of up to 32 bits in a row. What it
-guards against is the disk's damage, not a forger's, who would edit the recorded checksums too.
+A checkpoint file (and a sharded folder's state.pt) is a torch.save zip, which records each record's CRC-32; torch.load
+never compares them, `check_records` does. A sharded folder's other files are read back once written and their CRC-32
+recorded in its state.pt (`of_folder`), compared at every load (`verify`). CRC-32 because it is the zip's own (free for
+a file save, one kind for both formats), the standard library's fastest (docs/checkpoints.md, "Checksums"), and finds
+every burst of up to 32 bits: it guards against the disk's damage, not a forger's.
 """
 
 from __future__ import annotations

@@ -84,21 +84,17 @@ def earlier_run(run_dir: Path) -> str | None:
 
 
 class RunStart:
-    """A new or resumed run starting in `run_dir`, on rank 0, as a `with` block around its start: what the
-    start changes in the directory is taken back if it fails before its first step is done (out of memory, a
-    compiler error), so the directory keeps what it had, and one that did not exist is not left behind. Every
-    check that can refuse the run comes before it (Trainer.train); it is made before the run's lock creates
-    the directory.
+    """A new or resumed run starting in `run_dir`, on rank 0, as a `with` block around its start: what the start changes
+    in the directory is taken back if it fails before its first step is done, and a directory that did not exist is not
+    left behind. Every check that can refuse the run comes before it (Trainer.train).
 
-    `claim(overwrite=True)` moves the earlier run's RUN_FILES into REPLACED (set_aside), where they stay until
-    the new run has a checkpoint that can be resumed: its first complete save deletes them (`publish`; for a
-    background save, once its write is done), as does a run that ends without error (its final/ weights). Until
-    then the earlier run is put back by a start that fails, before its first step or after it, and, after a
-    start killed outright, by the next `train` in the directory (finish_overwrite), before it decides what to
-    resume: --overwrite replaces a run only once the new one has something to show for it. Meanwhile `sample`,
-    `evaluate`, `export` and `--resume` name the folder the earlier run is in (set_aside_note). Every move and
-    deletion of the set-aside, the put-back and the deletion is journalled (JOURNAL): a kill at any point
-    leaves the earlier run whole, or the new run whole once it has saved, never a mix of the two."""
+    `claim(overwrite=True)` moves the earlier run's RUN_FILES into REPLACED (set_aside) until the new run has a
+    resumable checkpoint: its first complete save deletes them (`publish`; a background save once written), as does a
+    run that ends without error. Until then a start that fails puts the earlier run back, and after a start killed
+    outright the next `train` there does (finish_overwrite), before it decides what to resume; meanwhile `sample`,
+    `evaluate`, `export` and `--resume` name where it is (set_aside_note). Every move and deletion is journalled
+    (JOURNAL): a kill at any point leaves the earlier run whole, or the new one once it has saved, never a mix.
+    """
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir

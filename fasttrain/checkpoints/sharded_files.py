@@ -9,12 +9,10 @@ A folder `step_0000100/` holds
     state.pt              the rest (checkpoint_files.py): run state, every rank's loader and RNG, config, scaler,
                           and the CRC-32 of each file above ("checksums"), read back once they are written
 
-Each tensor is read with `torch.load(weights_only=True)` by DCP itself. `.metadata` is a pickle that DCP's own
-reader loads with plain `pickle.load`, which would run any code a planted file names; here it is read by an
-unpickler that builds only DCP's metadata classes, torch.Size and dtypes, and an index naming anything but
-tensors (DCP would unpickle those entries in full) or files outside the folder is refused. So a checkpoint
-folder, like a checkpoint file, cannot run code. A load compares each file with the CRC-32 state.pt recorded
-(checksums.py; state.pt itself is checked by its own records' CRC-32, as a checkpoint file is).
+DCP reads the tensors with `torch.load(weights_only=True)`, but `.metadata` with plain `pickle.load`, which would run
+any code a planted file names; here an unpickler builds only DCP's metadata classes, torch.Size and dtypes, and an index
+naming anything but tensors or files outside the folder is refused, so a folder cannot run code. A load compares each
+file with the CRC-32 state.pt recorded (checksums.py).
 """
 
 from __future__ import annotations

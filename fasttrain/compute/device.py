@@ -128,20 +128,14 @@ def kernels_on(
     fp8: str = "none",
     softcap: float = 0.0,
 ) -> Kernels:
-    """[kernels] resolved for `device`. true and false are taken as they are; "auto" on a GPU is the
-    measured dispatch table's verdict (fasttrain/compute/kernel_table.py) for the run's `shapes` (per op:
-    rms_norm {"hidden"}, linear_cross_entropy {"hidden", "vocab"}, adamw {"params"}), in its mode
-    (`compiled` or eager) on a GPU of its `capability` ("sm_90"; default: the device's): on only where
-    the kernel was measured faster than stock there, else stock. `table`: its entries (default: the
-    committed one). The AdamW kernel takes whole tensors, not FSDP's DTensor shards, so `sharded` turns
-    "auto" off and refuses true. On a CPU "auto" is off, except the linear cross-entropy, in any precision
-    (but under TRITON_INTERPRET=1, where it would run Triton's interpreter): its PyTorch path computes the
-    loss and the logits' gradient in one pass over row blocks in cache, where F.cross_entropy streams the
-    whole logits through memory several times (and under bf16 casts them to fp32 first); the whole step
-    measured faster with it at the shapes a budget chooses (docs/performance.md, "CPU: the step at the
-    budget's shapes"). An FP8 head (`fp8`,
-    train.fp8) and a soft-cap of the logits (`softcap`, model.logit_softcap) need the logits, so each turns the
-    linear cross-entropy's "auto" off and refuses true."""
+    """[kernels] resolved for `device`: true and false as they are; "auto" on a GPU is the measured dispatch table's
+    verdict (compute/kernel_table.py, or `table`'s entries) for the run's `shapes` (rms_norm {"hidden"},
+    linear_cross_entropy {"hidden", "vocab"}, adamw {"params"}), in its mode (`compiled` or eager) on a GPU of its
+    `capability` (default: the device's). The AdamW kernel takes whole tensors, so `sharded` turns "auto" off and
+    refuses true. On a CPU "auto" is off except the linear cross-entropy (not under TRITON_INTERPRET=1): its PyTorch
+    path makes one pass over row blocks in cache where F.cross_entropy streams the logits several times, and measured
+    faster at a budget's shapes (docs/performance.md). An FP8 head (`fp8`) and a logit soft-cap (`softcap`) need the
+    logits, so each turns its "auto" off and refuses true."""
     if sharded and cfg.adamw is True:
         raise UsageError(
             'kernels.adamw = true does not work with train.parallel = "fsdp" yet; set it to "auto" or false'

@@ -4,25 +4,16 @@ Imports from fasttrain: compute.device, system.errors.
 
     torchrun --nproc_per_node=N -m fasttrain.train CONFIG.toml
 
-torchrun gives each process RANK, WORLD_SIZE and LOCAL_RANK (and where to meet);
-a plain `python -m fasttrain.train` has none and is a world of one, with no process
-group and no wrapper. CUDA uses NCCL and one GPU per process (cuda:LOCAL_RANK);
-CPU uses gloo. Every collective has a timeout (FASTTRAIN_DIST_TIMEOUT seconds,
-default 600), so ranks waiting on a dead one fail with an error instead of hanging;
-so does joining the group, which then says in one line why it could not.
+torchrun gives each process RANK, WORLD_SIZE and LOCAL_RANK; a plain `python -m fasttrain.train` is a world of one, with
+no process group and no wrapper. CUDA uses NCCL and one GPU per process (cuda:LOCAL_RANK), CPU gloo. Every collective,
+and joining the group, has a timeout (FASTTRAIN_DIST_TIMEOUT seconds, default 600), so ranks waiting on a dead one fail
+in one line instead of hanging.
 
-Two ways to split the work (train.parallel):
-- "ddp": every rank holds the whole model; DistributedDataParallel averages the
-  gradients during the backward.
-- "fsdp": FSDP2 `fully_shard` on every block and the root; each rank holds a
-  1/N shard of the parameters, gradients and optimizer state, and gathers a block's
-  parameters only while it computes. With bf16/fp16 the gathered parameters are
-  cast to that dtype and gradients are reduced in fp32.
-- "hsdp": FSDP2 on a 2-D mesh ("replicate", "shard"): the ranks form groups of
-  train.shard_group_size (default: the processes on one node, LOCAL_WORLD_SIZE); a
-  group shards the model as "fsdp" does, and the groups are replicas whose gradients
-  are averaged after each group's reduce-scatter. The gathers and reduce-scatters stay
-  within a node, and only the all-reduce of a shard crosses nodes.
+train.parallel: "ddp" holds the whole model on every rank and averages gradients in the backward; "fsdp" (FSDP2
+`fully_shard` on every block and the root) gives each rank 1/N of the parameters, gradients and optimizer state,
+gathering a block's parameters only while it computes (cast to bf16/fp16, gradients reduced in fp32); "hsdp" shards
+within groups of train.shard_group_size ranks (default: one node's) on a 2-D mesh, the groups being replicas whose
+gradients are averaged after each group's reduce-scatter, so only that all-reduce crosses nodes.
 """
 
 from __future__ import annotations
@@ -141,14 +132,11 @@ def _give_up(message: str) -> None:
 def _attempt_store(world: World, store: dist.Store) -> dist.Store:
     """The store this attempt's group meets in: `store`, under a prefix of its own for each torchrun restart.
 
-    torchrun's static rendezvous (its default, without --standalone or --rdzv-backend) always hands the
-    workers the store its agent hosts, which lives as long as the agent: a restarted group found the dead
-    attempt's keys there (each rank's gloo address, the group barriers' counts), read a peer's old address
-    before the peer wrote its new one, and failed with "Gloo connectFullMesh failed ... Connection refused"
-    or waited forever. Each attempt's keys under its own prefix, the old ones are never read. The restart
-    count is the same on every rank only when one agent started them all (one node), so only then; several
-    nodes restart through a c10d rendezvous, which gives each round a new store (with
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, see docs/multi-gpu.md)."""
+    torchrun's static rendezvous hands every attempt the store its agent hosts: a restarted group found the dead
+    attempt's keys there, read a peer's old gloo address and failed ("Gloo connectFullMesh failed ... Connection
+    refused") or hung. The restart count is the same on every rank only when one agent started them all (one node);
+    several nodes restart through a c10d rendezvous, which gives each round a new store (docs/multi-gpu.md).
+    """
     if world.local_size != world.size:
         return store
     return dist.PrefixStore(f"fasttrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
@@ -188,9 +176,8 @@ def wrap(
     dtype = PRECISIONS[precision]
     reduce_dtype = torch.float32 if dtype else None
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype)
-    # The mesh on the run's device: fully_shard's default mesh takes a GPU whenever there is one,
-    # so a CPU run on a GPU machine would put rank r on cuda:r. A 2-D mesh is HSDP: rank r is in replica
-    # r // group, and holds shard r % group. One group of the whole world is FSDP, built as such.
+    # The mesh on the run's device (fully_shard's default takes a GPU whenever there is one). 2-D is HSDP: rank r is
+    # in replica r // group and holds shard r % group.
     replicas = world.size // group
     mesh = (
         init_device_mesh(device.type, (world.size,))
@@ -199,9 +186,8 @@ def wrap(
     )
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    # The root's inputs are token ids, targets and the loss's fp32 grad_scale (NextTokenLoss): cast to bf16,
-    # that scale would no longer equal the gradient the backward receives, and the fused loss's backward
-    # would make the pass over its gradients that announcing the scale saves.
+    # The root's inputs include the loss's fp32 grad_scale (NextTokenLoss): cast to bf16 it would no longer equal the
+    # gradient the backward receives, and the fused loss's backward would make the pass the announcement saves.
     root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     return cast(nn.Module, fully_shard(module, mesh=mesh, mp_policy=root_policy))  # the module, sharded in place
 
@@ -229,12 +215,9 @@ class Optimizer(Protocol):
 
 
 def full_state(model: nn.Module, optimizer: Optimizer | None, fsdp: bool) -> tuple[dict, dict | None]:
-    """Unsharded state dicts of `model` and `optimizer` (None: not asked for) for a checkpoint or export.
-
-    Without FSDP these are the modules' own. With FSDP (or HSDP) every rank must call this: the
-    shards are gathered (through torch.distributed.checkpoint) onto rank 0's CPU memory,
-    the other ranks get empty dicts, and the optimizer's state is keyed by parameter name.
-    """
+    """Unsharded state dicts of `model` and `optimizer` (None: not asked for) for a checkpoint or export. With FSDP (or
+    HSDP) every rank must call this: the shards are gathered onto rank 0's CPU memory, the other ranks get empty dicts,
+    and the optimizer's state is keyed by parameter name."""
     if not fsdp:
         return model.state_dict(), None if optimizer is None else optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
@@ -286,10 +269,9 @@ def _parts(optimizer: Optimizer) -> list[torch.optim.Optimizer]:
 
 
 def _merged(states: list[dict]) -> dict:
-    """Torch optimizers' state dicts keyed by parameter name, as one: their states side by side, their groups in
-    order (the form torch.distributed.checkpoint gives several optimizers). Each is taken alone because DCP
-    cannot load several when one has a group without parameters, as Muon's AdamW half has when the output head
-    is tied to the embedding (no matrix of its own to decay). Empty if any is (a full state dict off rank 0)."""
+    """Torch optimizers' state dicts keyed by parameter name, as one: their states side by side, their groups in order.
+    Each is taken alone because DCP cannot load several when one has a group without parameters (Muon's AdamW half when
+    the head is tied). Empty if any is (a full state dict off rank 0)."""
     if not all(states):
         return {}
     return {
@@ -371,11 +353,7 @@ def main_value(value: float, world: World, device: torch.device) -> float:
 
 def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     """Whether `flag` is true on any rank (every rank gets the same answer)."""
-    if not world.distributed:
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t)
-    return t.item() > 0
+    return flag if not world.distributed else total(torch.tensor(float(flag), device=device), world).item() > 0
 
 
 def gather(obj: Any, world: World) -> list:

@@ -2,20 +2,16 @@
 
 Imports from fasttrain: config, formats.prepared_folder, formats.tokenizer, preparation.cache, system.errors.
 
-The training rows of a run form one global sequence: round k (micro-batch k of every rank) is rows
-[k R, (k + 1) R), R = batch_size x world_size, and rank r takes rows [k R + r B, k R + (r + 1) B) of it.
-Which source each row comes from is Megatron's blend: every source is owed its weight for each row
-(its deficit grows by its weight), and the next row comes from the source owed the most (ties: the
-first listed), whose deficit then drops by one. So after any number of rows each source has had
-its weight's share to within a row, at every step and on any number of ranks (every rank plays the
-same rule over the same global sequence), and the choice depends on the weights and the position alone,
-never on chance. A source's own rows come in its own order (fasttrain/data/loader.py: a seeded permutation
-per epoch); a source smaller than its share is read again, in a new order, once it is used up.
+A run's training rows form one global sequence: round k (micro-batch k of every rank) is rows [k R, (k + 1) R), R =
+batch_size x world_size, rank r taking [k R + r B, k R + (r + 1) B). The source of each row is Megatron's blend: each
+source's deficit grows by its weight every row, and the row comes from the source owed the most (ties: the first
+listed), whose deficit drops by one. So each source has its weight's share to within a row at every step, on any number
+of ranks, never by chance. A source's own rows come in its own seeded order (loader.py); one smaller than its share is
+read again, in a new order.
 
-The weights may change from a given round on (`phases`; config [[data.mix]] tables give steps, which
-`phases` turns into rounds): the deficits start again from zero there, so the new shares hold from that
-round exactly. `Blend.start(k)` is the state at the start of round k: each source's position (rows
-taken so far) and deficit; a loader saves it with its position and a resumed one `restart`s from it.
+The weights may change from a given round on (`phases`, from [[data.mix]] tables' steps): the deficits restart from zero
+there, so the new shares hold from that round exactly. `Blend.start(k)` is each source's position and deficit at round
+k; a loader saves it and a resumed one `restart`s from it.
 """
 
 from __future__ import annotations

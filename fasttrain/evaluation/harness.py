@@ -1,20 +1,16 @@
-"""lm-evaluation-harness tasks (HellaSwag, ARC, ...) on a trained model: `FasttrainLM`, lm-eval's model API over
-a fasttrain model (registered in lm-eval as `fasttrain`), and `run_tasks`, which scores a task list.
+"""lm-evaluation-harness tasks (HellaSwag, ARC, ...) on a trained model: `FasttrainLM`, lm-eval's model API over a
+fasttrain model (registered in lm-eval as `fasttrain`), and `run_tasks`, which scores a task list.
 
 Imports from fasttrain: compute.device, evaluation.trained_model, formats.tokenizer, model.generation,
 model.transformer, system.errors.
 
-Importing this module needs lm-eval (the `eval` extra) in the SUPPORTED range: otherwise the import raises
-one UsageError saying what to install, so `evaluate --tasks` fails in one line before loading anything.
+Importing this module needs lm-eval (the `eval` extra) in the SUPPORTED range, else one UsageError says what to install.
 
-The scores are meant to be the field's, so every request is scored as lm-eval's own Hugging Face model
-(`hf`) scores it on the exported weights (tests/test_lm_eval.py compares the two sample by sample):
-context and continuation are tokenized together and split where the context's own tokens end (lm-eval's
-TemplateLM, which `hf` uses too); an empty context is the end-of-text token; a sequence longer than the
-model's window keeps its last max_seq_len + 1 tokens; a document's rolling log-likelihood is the sum over
-windows that each predict up to max_seq_len new tokens with as much of the text before them as fits.
-What differs is speed: requests are sorted by length and batched, one forward per batch, and the output
-layer runs only at the positions scored.
+Every request is scored as lm-eval's own `hf` model scores the exported weights (tests/test_lm_eval.py compares them
+sample by sample): context and continuation tokenized together and split where the context's tokens end (TemplateLM); an
+empty context is the end-of-text token; a longer sequence keeps its last max_seq_len + 1 tokens; a rolling
+log-likelihood sums windows of up to max_seq_len new tokens with as much text before them as fits. Only speed differs:
+requests sorted by length and batched, the output layer run only where scored.
 """
 
 from __future__ import annotations

@@ -7,11 +7,9 @@ config, formats.tokenizer, model.transformer, model.weights, system.errors.
     load_trained("runs/base/final")                  # exported weights (fasttrain layout, see fasttrain/model/weights.py)
     load_trained("runs/base/checkpoints/step_0000100.pt")  # or a sharded step_0000100/, runs/base/checkpoints, .../latest
 
-The model's config comes with the weights (config.toml beside them, or the one a
-checkpoint holds). The tokenizer is the one the model trained with: the one beside exported weights, or
-for a checkpoint its run's copy (RUN/tokenizer.json, written when the run started), never the data
-folder's current one, which `prepare --overwrite` may have replaced since. Only weights and runs from
-before those copies fall back to the run's prepared data's (data.dir).
+The config comes with the weights (config.toml beside them, or the checkpoint's). The tokenizer is the one the model
+trained with: beside exported weights, or the run's copy (RUN/tokenizer.json), never the data folder's current one,
+which `prepare --overwrite` may have replaced; only weights and runs from before those copies fall back to data.dir's.
 """
 
 from __future__ import annotations

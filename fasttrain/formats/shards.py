@@ -11,9 +11,8 @@ A shard is a header of 256 little-endian int32, then the tokens:
     header[4]  vocabulary size of the tokenizer that wrote it (0: unknown)
     header[5]  largest token id in the shard + 1 (0: unknown)
 
-llm.c's own shards (magic 20240520 with uint16 tokens, or 20240801 with uint32
-tokens for Llama 3) leave header[3:] zero and read as well; a loader then has
-to scan them to learn their largest id.
+llm.c's own shards (20240520 with uint16 tokens, 20240801 with uint32) leave header[3:] zero and read as well; a loader
+scans them for their largest id.
 """
 
 from __future__ import annotations

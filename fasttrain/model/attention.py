@@ -1,27 +1,20 @@
-"""Causal self-attention: rotary position embeddings, the attention kernels (SDPA's backends, flex_attention),
-document masks, and the KV cache that generation extends one token at a time.
+"""Causal self-attention: rotary position embeddings, the attention kernels (SDPA's backends, flex_attention), document
+masks, and the KV cache that generation extends one token at a time.
 
 Imports from fasttrain: config.
 
-- Causal self-attention through `F.scaled_dot_product_attention` (flash kernels on
-  GPU), rotary position embeddings (RoPE) on queries and keys, and optional
+- Causal self-attention through `F.scaled_dot_product_attention` (flash kernels on GPU), RoPE on queries and keys, and
   grouped-query attention: `n_kv_heads` key/value heads shared by `n_heads` queries.
-- Optional document masking: given document ids per token, a token attends only to
-  earlier tokens of its own document (flex_attention's block-sparse kernels on GPU, an
-  explicit boolean mask otherwise). Positions are not restarted per document: RoPE
-  scores depend only on the distance between query and key, so a masked document
-  gets the same attention wherever it sits in the row.
-- Optional QK-norm (model.qk_norm): each head's queries and keys RMS-normalised,
-  without weights, before RoPE (a rotation keeps their norm, so the order is free).
-- Optional value embedding (model.value_embeddings): a block given one adds the tokens' rows of a table
-  of its own to the values, each key/value head's share scaled by a gate read from the block input.
-- A KV cache for generation (`KVCache`): the prompt is run once, then each new
-  token is one forward of length 1 that attends to the keys and values kept from
-  the earlier positions (the sampling loop: fasttrain/model/generation.py).
+- Document masking: a token attends only to earlier tokens of its own document (flex_attention's block-sparse kernels on
+  GPU, a boolean mask otherwise). Positions are not restarted per document: RoPE depends only on the distance between
+  query and key.
+- QK-norm (model.qk_norm): each head's queries and keys RMS-normalised, without weights, before RoPE.
+- Value embedding (model.value_embeddings): a block given one adds the tokens' rows of a table of its own to the values,
+  each key/value head's share scaled by a gate read from the block input.
+- A KV cache (`KVCache`): the prompt runs once, then each new token is a forward of length 1 over the kept keys and
+  values (the sampling loop: generation.py).
 
-RoPE uses the "rotate half" layout (the first and second halves of a head are the
-two coordinates of each rotated pair), the layout Hugging Face's Llama uses, so
-exported weights need no permutation.
+RoPE uses the "rotate half" layout, Hugging Face Llama's, so exported weights need no permutation.
 """
 
 from __future__ import annotations

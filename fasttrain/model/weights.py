@@ -4,20 +4,12 @@ Imports from fasttrain: config, formats.tokenizer, model.transformer, system.ato
 
 `python -m fasttrain.export` writes them from a checkpoint; a finished run writes its final/ weights.
 
-fasttrain layout: DIR/model.safetensors with the Transformer's parameter names (a
-tied output matrix stored once, as embed.weight), config.toml and tokenizer.json.
-`load_exported(DIR)` rebuilds the model; plain torch code can read the file with
-`read_safetensors` or the `safetensors` package.
-
-Hugging Face layout (--hf): config.json for LlamaForCausalLM, model.safetensors with
-Llama's parameter names (the fused qkv and gate_up matrices split apart),
-tokenizer.json and tokenizer_config.json (and for a model continued from a Hugging Face
-one, that model's bos/eos ids and generation_config.json), so `transformers` loads DIR with
-`AutoModelForCausalLM.from_pretrained(DIR)`. No weight is permuted: fasttrain's RoPE
-already uses Llama's rotate-half layout.
-
-The files are read and written by the `safetensors` library, the format's reference; a write
-goes to a temporary file first (fasttrain/system/atomic.py), so a crash never leaves half a file.
+fasttrain layout: DIR/model.safetensors with the Transformer's parameter names (a tied output matrix stored once, as
+embed.weight), config.toml and tokenizer.json; `load_exported(DIR)` rebuilds the model. Hugging Face layout (--hf):
+config.json for LlamaForCausalLM, model.safetensors with Llama's names (the fused qkv and gate_up split apart),
+tokenizer.json and tokenizer_config.json (a model continued from a Hugging Face one keeps its bos/eos ids and
+generation_config.json), so `AutoModelForCausalLM.from_pretrained(DIR)` loads it; no weight is permuted (RoPE is
+rotate-half already). Writes go to a temporary file first (system/atomic.py).
 """
 
 from __future__ import annotations

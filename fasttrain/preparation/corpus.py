@@ -2,24 +2,17 @@
 
 Imports from fasttrain: formats.shards, system.errors.
 
-An input is a path, a glob, a directory (its text files, recursively), a JSONL
-file (one document per line, in a text field), a Parquet file (one document per
-row, in a text column; needs the `parquet` extra), or the name of an embedded
-corpus:
+An input is a path, a glob, a directory (its text files, recursively), a JSONL file (a document per line, in a text
+field), a Parquet file (a document per row, in a text column; the `parquet` extra), or an embedded corpus:
 
     builtin:pydoc       the Python documentation topics shipped with CPython
                         (`pydoc_data.topics`, ~465 KB of English, 79 documents)
     builtin:docstrings  the docstrings of the standard library's modules, read
                         with `ast` from the sources, never imported
 
-A plain text file is one document. Documents are streamed as `Piece`s of at most
-about `CHUNK_BYTES`, cut at line ends, so a multi-GB file is never read whole.
-Invalid UTF-8 is replaced with U+FFFD and counted, not fatal: real corpora have
-a few bad bytes and refusing the whole file would help nobody. So is a lone
-surrogate, the other text no UTF-8 can carry (a JSON escape such as \\ud800,
-common in web crawls), whatever the source (`Piece.of`). A Parquet file is
-read PARQUET_BATCH_ROWS rows of one column at a time, row group after row group,
-through a buffer of CHUNK_BYTES, so its size does not matter either.
+A plain text file is one document. Documents stream as `Piece`s of about `CHUNK_BYTES` at most, cut at line ends
+(Parquet PARQUET_BATCH_ROWS rows at a time), so no file is read whole. Invalid UTF-8 and lone surrogates (a JSON escape
+such as \\ud800) are replaced with U+FFFD and counted, not fatal: real corpora have a few bad bytes (`Piece.of`).
 """
 
 from __future__ import annotations

@@ -1,27 +1,19 @@
-"""Preparing data: a text corpus tokenized into train/val token shards (`prepare`), and the cache of
-prepared data a run without data.dir trains from (`ensure_prepared`). Its command line is
-`python -m fasttrain.prepare --input PATH [PATH ...] --out DIR`.
+"""Preparing data: a text corpus tokenized into train/val token shards (`prepare`), and the cache of prepared data a run
+without data.dir trains from (`ensure_prepared`). Its command line is `python -m fasttrain.prepare --input PATH [PATH
+...] --out DIR`.
 
 Imports from fasttrain: formats.shards, formats.tokenizer, preparation.corpus, preparation.pipeline, preparation.split,
 system.atomic, system.errors, system.run_lock.
 
-Writes into DIR: `train_000000.bin`, ... and `val_000000.bin`, ... (see
-fasttrain/formats/shards.py), `tokenizer.json` and `meta.json` (vocabulary size, token
-and document counts, sources). Every document is preceded by the end-of-text
-token, so each one starts with a clean context, as in llm.c.
+Writes into DIR `train_000000.bin`, ... and `val_000000.bin`, ... (formats/shards.py), `tokenizer.json` and `meta.json`
+(vocabulary size, counts, sources); every document is preceded by the end-of-text token, as in llm.c. The corpus is
+streamed, tokenized in batches on `workers` threads (pipeline.py; tiktoken where it gives the same ids, encoder.py), so
+memory stays bounded. Everything is written into DIR/.prepare-tmp and moved into place once complete: a failed run
+leaves DIR as it was, and one killed while moving in is finished by the next. One process prepares a directory at a time
+(a lock beside it).
 
-The corpus is streamed: documents are read in pieces, tokenized in batches on
-`workers` threads (fasttrain/preparation/pipeline.py), with tiktoken where it gives the
-tokenizer's own ids (fasttrain/preparation/encoder.py), and appended to shards on disk,
-so memory stays bounded whatever the corpus size. Everything is written into DIR/.prepare-tmp first and moved into
-place only once complete: a run that fails or is interrupted before then leaves DIR
-as it was, and one killed while moving the complete data in is finished by the next
-prepare or run of DIR. One process prepares a directory at a time (a lock beside it).
-
-The validation split is by documents, each by a hash of its own text (see
-fasttrain/preparation/split.py): about F of the documents are held out. When the input
-holds fewer than two documents (one big text file), the last F of the text is held
-out instead, cut at a line end; meta.json's "split" says which was done.
+The validation split holds out about F of the documents, each by a hash of its own text (split.py); an input of fewer
+than two documents holds out the last F of the text instead, cut at a line end (meta.json's "split" says which).
 """
 
 from __future__ import annotations

@@ -2,25 +2,19 @@
 
 Imports from fasttrain: preparation.corpus.
 
-Both are decided by each document's own text, never by where it falls in the stream: one prepare and N
-parts merged (fasttrain/preparation/parts.py) hold out the same documents and learn from the same sample. A
-document's hash is BLAKE2b of its first piece (the whole document, except a plain text file over
-corpus.CHUNK_BYTES, whose first piece is its first MiB): its first 8 bytes, as a fraction of 2^64, put it
-in validation when below --val-fraction; the next 8 choose the tokenizer's sample. So that neither split
-is ever empty, the corpus's first document (and any document of the same text) is always validation and
-its second always train, whatever their hashes; every part reads the inputs' first two documents to know
-them. Identical documents land in one split, so a duplicated document never leaks from train into
-validation.
+Both are decided by each document's own text, never its place in the stream, so one prepare and N parts merged
+(parts.py) agree. A document's hash is BLAKE2b of its first piece (a plain text file over corpus.CHUNK_BYTES: its first
+MiB): the first 8 bytes, as a fraction of 2^64, put it in validation when below --val-fraction; the next 8 choose the
+tokenizer's sample. So that neither split is empty, the corpus's first document (and any of the same text) is always
+validation and its second always train; every part reads the first two to know them. Identical documents land in one
+split, so none leaks from train into validation.
 
-A corpus of fewer than two documents (one big text file) holds out the last F of its text instead, cut
-at a line end; meta.json's "split" says which was done ("document_hash", or "end_of_text"). Folders
-prepared before the hash rule say "documents": their validation was the first documents to keep the held
-out share of the text at F; they are read as they are.
+A corpus of fewer than two documents holds out the last F of its text instead, cut at a line end; meta.json's "split"
+says which ("document_hash", or "end_of_text"; "documents" in folders prepared before the hash rule, read as they are).
 
-The tokenizer learns from its sample with every run of whitespace, or of other characters, longer than
-LONGEST_RUN cut into pieces that long (`learning_pieces`): the BPE trainer's time grows with the square of its
-longest word, and one long word (a blob of letters, padding of spaces or of '=') would stall it for many
-minutes. The cut is for learning only; the shards hold every text whole.
+The tokenizer learns from its sample with runs of whitespace or other characters longer than LONGEST_RUN cut into pieces
+that long (`learning_pieces`): the BPE trainer's time grows with the square of its longest word. The shards hold every
+text whole.
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
-"""One process per directory: a training run holds an exclusive lock on `out_dir/.lock` while it
-trains, and a preparation of data into DIR one on `.DIR.prepare-lock` beside it.
+"""One process per directory: a training run holds an exclusive lock on `out_dir/.lock` while it trains, and a
+preparation of data into DIR one on `.DIR.prepare-lock` beside it.
 
 Imports from fasttrain: system.atomic, system.errors.
 
-Two processes in one run directory would interleave their events in metrics.jsonl, race
-on checkpoint saves, or (with --overwrite) delete the other's files under it; two
-preparations of one directory would move each other's shards away. The lock is flock(2)
-on an open file, so the kernel drops it when the holder exits, however it exits: a process
-killed with SIGKILL leaves the file but no stale lock, and the next one simply locks it
-again. While locked the file holds the holder's pid and host, for the message another
-process gets. Without fcntl (Windows) nothing is locked.
+Two runs in one directory would interleave metrics.jsonl, race on saves or delete each other's files; two preparations
+would move each other's shards. The lock is flock(2), which the kernel drops however the holder exits, so a SIGKILL
+leaves no stale lock. The file holds the holder's pid and host for the other's message. Without fcntl (Windows) nothing
+is locked.
 """
 
 from __future__ import annotations

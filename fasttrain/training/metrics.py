@@ -2,14 +2,11 @@
 
 Imports from fasttrain: checkpoints.run_directory, system.atomic, system.errors.
 
-Every event is one JSON object per line in `metrics.jsonl` with an "event" field
-("start", "train", "eval", "sample", "end"); train events carry `step` and
-`loss`, eval events `step`, `val_loss` and `val_bpb`. The file is flushed per
-event, so a crashed run still has its curve; the next run in the directory first
-cuts off a line left unfinished, so every line parses. A failed write (a full
-disk) stops the run with a one-line UsageError. TensorBoard event files are written
-too when the `tensorboard` package is installed (and the config asks for them), and
-with [log] wandb = true every event goes to a Weights & Biases run as well (WandbSink).
+Every event is one JSON object per line in `metrics.jsonl` with an "event" field ("start", "train", "eval", "sample",
+"end"); train events carry `step` and `loss`, eval events `step`, `val_loss` and `val_bpb`. The file is flushed per
+event, and the next run there first cuts off a line left unfinished, so every line parses; a failed write stops the run
+with a one-line UsageError. TensorBoard files are written too where the package is installed and the config asks, and
+with [log] wandb = true every event goes to Weights & Biases (WandbSink).
 """
 
 from __future__ import annotations

@@ -6,10 +6,8 @@ Imports from fasttrain: data.documents, evaluation.loss_sums, model.transformer.
     sums = objective(tokens, targets)              # LossSums: summed loss, top-1 hits, counted targets
     mean_loss = sums.loss / sums.counted
 
-The objective returns sums, never a mean: a mean per batch would have to be multiplied
-back by its count to combine batches of different counts (padded rows, ranks). The
-caller adds the sums of an update's micro-batches and divides once by the update's
-global count of targets. Targets equal to IGNORE_INDEX (pads) count for nothing.
+Sums, never a mean, so batches of different counts (padded rows, ranks) combine: the caller adds an update's sums and
+divides once by its global count of targets. Targets equal to IGNORE_INDEX (pads) count for nothing.
 """
 
 from __future__ import annotations

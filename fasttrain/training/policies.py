@@ -24,23 +24,15 @@ from fasttrain.training.schedule import carried_rest_scale, schedule_change
 
 
 class Recovery:
-    """[recovery]: a step whose loss or gradient norm is not finite is skipped (no update); after
-    `max_skips` in a row the run rolls back with the learning rate times `lr_factor`, at most
-    `max_rollbacks` times, then stops.
+    """[recovery]: a step whose loss or gradient norm is not finite is skipped (no update); after `max_skips` in a row
+    the run rolls back with the learning rate times `lr_factor`, at most `max_rollbacks` times, then stops.
 
-    Where it rolls back to: the newest save whose next step was finite (`safe`). A save's weights
-    are those the next step starts from, so the save just before a streak holds the very weights
-    that produced it: returning there would only diverge again. So a save stays `unproven` until
-    the step after it comes out finite, no save is made during a streak (the weights have not moved
-    since it began), and the way back (`target`) is kept from pruning.
-
-    A resumed run has proven nothing yet: its checkpoint may hold the weights that diverge (even NaN
-    weights). Until a step proves it, the earlier saves of the run are where it can go back to, the
-    newest first, each unproven in turn. A save whose background write failed is `lost`: the safe save
-    before it, kept as the way back, is the target then.
-
-    The count of skips in a row lives here, not in RunState: a resumed or rolled-back run starts
-    with none.
+    It rolls back to the newest save whose next step was finite (`safe`): a save holds the weights its next step starts
+    from, so the save just before a streak would only diverge again. A save stays `unproven` until the step after it is
+    finite, none is made during a streak, and the way back (`target`) is kept from pruning. A resumed run has proven
+    nothing yet (its checkpoint may hold the weights that diverge): the run's earlier saves are the way back, newest
+    first. A save whose background write failed is `lost`: the safe save before it is the target. The count of skips in
+    a row lives here, not in RunState: a resumed or rolled-back run starts with none.
     """
 
     def __init__(self, cfg: RecoveryConfig, saves: Sequence[Path] = ()):
