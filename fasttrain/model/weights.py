@@ -61,30 +61,41 @@ def fasttrain_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
     return {k: v for k, v in state.items() if not (cfg.tie_embeddings and k == "output.weight")}
 
 
+def hf_llama_layout(cfg: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """Each parameter of the Transformer of `cfg` and the Hugging Face Llama tensors it is made of, in order, with
+    their shapes (q, k, v and gate, up are fused along the rows here); a tied output matrix is embed.weight."""
+    head_dim = cfg.d_model // cfg.n_heads
+    d, q, kv = cfg.d_model, cfg.n_heads * head_dim, (cfg.n_kv_heads or cfg.n_heads) * head_dim
+    ffn = ffn_hidden_size(cfg)
+    layout: dict[str, list[tuple[str, tuple[int, ...]]]] = {
+        "embed.weight": [("model.embed_tokens.weight", (cfg.vocab_size, d))],
+        "norm.weight": [("model.norm.weight", (d,))],
+    }
+    if not cfg.tie_embeddings:
+        layout["output.weight"] = [("lm_head.weight", (cfg.vocab_size, d))]
+    for i in range(cfg.n_layers):
+        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+        attn, mlp = hf + "self_attn.", hf + "mlp."
+        layout |= {
+            ours + "attn_norm.weight": [(hf + "input_layernorm.weight", (d,))],
+            ours + "attn.qkv.weight": [
+                (attn + "q_proj.weight", (q, d)),
+                (attn + "k_proj.weight", (kv, d)),
+                (attn + "v_proj.weight", (kv, d)),
+            ],
+            ours + "attn.out.weight": [(attn + "o_proj.weight", (d, q))],
+            ours + "mlp_norm.weight": [(hf + "post_attention_layernorm.weight", (d,))],
+            ours + "mlp.gate_up.weight": [(mlp + "gate_proj.weight", (ffn, d)), (mlp + "up_proj.weight", (ffn, d))],
+            ours + "mlp.down.weight": [(mlp + "down_proj.weight", (d, ffn))],
+        }
+    return layout
+
+
 def hf_llama_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The model's state dict under Hugging Face Llama's parameter names."""
-    head_dim = cfg.d_model // cfg.n_heads
-    q, kv = cfg.n_heads * head_dim, (cfg.n_kv_heads or cfg.n_heads) * head_dim
-    out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state["output.weight"]
-    for i in range(cfg.n_layers):
-        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        wq, wk, wv = state[ours + "attn.qkv.weight"].split([q, kv, kv])
-        gate, up = state[ours + "mlp.gate_up.weight"].chunk(2)
-        out.update(
-            {
-                theirs + "input_layernorm.weight": state[ours + "attn_norm.weight"],
-                theirs + "self_attn.q_proj.weight": wq,
-                theirs + "self_attn.k_proj.weight": wk,
-                theirs + "self_attn.v_proj.weight": wv,
-                theirs + "self_attn.o_proj.weight": state[ours + "attn.out.weight"],
-                theirs + "post_attention_layernorm.weight": state[ours + "mlp_norm.weight"],
-                theirs + "mlp.gate_proj.weight": gate,
-                theirs + "mlp.up_proj.weight": up,
-                theirs + "mlp.down_proj.weight": state[ours + "mlp.down.weight"],
-            }
-        )
+    out: dict[str, torch.Tensor] = {}
+    for ours, parts in hf_llama_layout(cfg).items():
+        out.update(zip([name for name, _ in parts], state[ours].split([shape[0] for _, shape in parts])))
     return out
 
 
@@ -198,9 +209,6 @@ def read_hf_llama_weights(directory: str | os.PathLike[str], cfg: ModelConfig) -
     for path in _weight_files(directory):
         for name, tensor in read_safetensors(path).items():
             theirs[name], where[name] = tensor, path
-    head_dim = cfg.d_model // cfg.n_heads
-    d, q, kv = cfg.d_model, cfg.n_heads * head_dim, (cfg.n_kv_heads or cfg.n_heads) * head_dim
-    ffn = ffn_hidden_size(cfg)
 
     def take(*named: tuple[str, tuple[int, ...]]) -> torch.Tensor:
         for name, shape in named:
@@ -216,33 +224,9 @@ def read_hf_llama_weights(directory: str | os.PathLike[str], cfg: ModelConfig) -
                 raise UsageError(f"{where[name]}: {name} holds NaN or infinite values; a run cannot start from it")
         return torch.cat([theirs[name] for name, _ in named])
 
-    vector = (d,)
-    state = {
-        "embed.weight": take(("model.embed_tokens.weight", (cfg.vocab_size, d))),
-        "norm.weight": take(("model.norm.weight", vector)),
-    }
-    state["output.weight"] = (
-        state["embed.weight"] if cfg.tie_embeddings else take(("lm_head.weight", (cfg.vocab_size, d)))
-    )
-    for i in range(cfg.n_layers):
-        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
-        attn, mlp = hf + "self_attn.", hf + "mlp."
-        state.update(
-            {
-                ours + "attn_norm.weight": take((hf + "input_layernorm.weight", vector)),
-                ours + "attn.qkv.weight": take(
-                    (attn + "q_proj.weight", (q, d)),
-                    (attn + "k_proj.weight", (kv, d)),
-                    (attn + "v_proj.weight", (kv, d)),
-                ),
-                ours + "attn.out.weight": take((attn + "o_proj.weight", (d, q))),
-                ours + "mlp_norm.weight": take((hf + "post_attention_layernorm.weight", vector)),
-                ours + "mlp.gate_up.weight": take(
-                    (mlp + "gate_proj.weight", (ffn, d)), (mlp + "up_proj.weight", (ffn, d))
-                ),
-                ours + "mlp.down.weight": take((mlp + "down_proj.weight", (d, ffn))),
-            }
-        )
+    state = {ours: take(*parts) for ours, parts in hf_llama_layout(cfg).items()}
+    if cfg.tie_embeddings:
+        state["output.weight"] = state["embed.weight"]
     return state
 
 
