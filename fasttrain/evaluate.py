@@ -132,10 +132,9 @@ def score_inputs(
 
 
 def scored_step(source: Path) -> tuple[Path | None, int | None]:
-    """The run directory that weights `source` came from (None outside a run: an export elsewhere) and the step
-    they were saved at: a checkpoint's own (a file or a sharded folder), or for RUN/final the step whose weights
-    the run's last `end` event says final/ holds (weights_step: an earlier one with checkpoint.final_weights =
-    "best"; its `step` in runs from before that key)."""
+    """The run directory that weights `source` came from (None outside a run) and the step they were saved at: a
+    checkpoint's own, or for RUN/final the step the run's last `end` event says final/ holds (weights_step, or `step` in
+    runs from before checkpoint.final_weights)."""
     real = source.resolve()
     if real.is_file() or saves.is_sharded(real):
         run, match = run_directory(real), saves.SAVE_NAME.fullmatch(real.name)

@@ -145,11 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def dry_run(cfg: Config, args: argparse.Namespace) -> int:
     """Print the plan of a run of `cfg` (rank 0 prints the world's), as a table after the config file's line, or
-    (--json) one JSON object with the start event's keys and `config_file` (its absolute path); with --measure N,
-    time N real steps too. Writes nothing: the data must be prepared for a measurement (a plan says what would be
-    prepared). Before the plan is made, train.out_dir gets the checks the run would make of it (a save to resume
-    that is not there, another process using it, ...), each the run's one line; an earlier run there, which a new
-    run without --overwrite would refuse, is said in a note instead."""
+    (--json) one JSON object with the start event's keys and `config_file`; with --measure N, time N real steps (the
+    data must be prepared). Writes nothing. train.out_dir gets the run's checks first, each the run's one line; an
+    earlier run there, which a new run without --overwrite would refuse, is a note instead."""
     as_json, measure_steps, resume, overwrite = args.json, args.measure, args.resume, args.overwrite
     world = distributed.world_from_env()
     moved = copied_run_note(args, cfg)  # before a refusal of the directory it names, as the run says it
@@ -231,10 +229,9 @@ def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | N
 
 
 def resume_command(args: argparse.Namespace, cfg: Config) -> str:
-    """The command line that continues the run that `args` started with (resolved) config `cfg`, from
-    any directory: the config file, train.out_dir and the data as absolute paths (data.dir, or a mixture's
-    data.sources, each folder absolute: a relative one means the folder beside the directory the run started
-    in), the other --set items as they were, and `--resume auto`."""
+    """The command line that continues the run that `args` started with config `cfg`, from any directory: the config
+    file, train.out_dir and the data folders (data.dir or data.sources) as absolute paths, the other --set items as they
+    were, and `--resume auto`."""
     places = {"train.out_dir": os.path.abspath(cfg.train.out_dir)}
     if cfg.data.sources:  # a mixture has no data.dir (setting one is refused): its sources are the data
         places["data.sources"] = (

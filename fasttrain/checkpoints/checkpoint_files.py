@@ -80,13 +80,9 @@ def publish(directory: Path, path: Path, keep_last: int, best: bool, keep: Path 
 
 
 def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
-    """The checkpoint file that `--resume spec` means.
-
-    "auto" is the latest save of the run in `out_dir`; a directory (a run directory or
-    its checkpoints/) is its latest save (the newest step when there is no `latest` pointer yet);
-    a pointer file (checkpoints/latest or best) is the save it names; anything else is a
-    checkpoint file's path.
-    """
+    """The checkpoint file that `--resume spec` means: "auto" is the latest save of the run in `out_dir`; a run
+    directory or its checkpoints/ its latest save (the newest step without a `latest` pointer); a pointer file (latest
+    or best) the save it names; anything else a checkpoint's path."""
     if spec != "auto" and (not Path(spec).is_dir() or is_sharded(Path(spec).resolve())):
         path = Path(spec)
         if path.is_symlink():  # a link to checkpoints/latest names a save beside its target, not beside the link
@@ -117,10 +113,9 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
 
 
 def load(path: str | os.PathLike[str], device: torch.device | str = "cpu", whole_model: bool = True) -> dict:
-    """The state saved at `path`; UsageError if it is missing, damaged, unsafe or not a fasttrain checkpoint.
-
-    A sharded checkpoint's (a folder) holds no "optimizer" here but its "optimizer_groups", and "model" only if
-    `whole_model`: its weights read whole (for the tools; a resume reads each rank's part: Checkpointer)."""
+    """The state saved at `path`; UsageError if it is missing, damaged, unsafe or not a fasttrain checkpoint. A sharded
+    checkpoint's holds "optimizer_groups", not "optimizer", and "model" only if `whole_model` (the tools; a resume reads
+    each rank's part)."""
     path = Path(path)
     sharded = is_sharded(path)
     state = read_trusted(path / STATE_FILE if sharded else path, device, path)

@@ -41,12 +41,10 @@ def of_folder(path: Path) -> dict[str, int]:
 
 
 def verify(path: Path, sums: object, only: str | None = None) -> None:
-    """UsageError naming the first file of the folder `path` whose CRC-32 is not the one `sums` (of_folder, from
-    its state.pt) recorded, or naming state.pt where none of the files has its recorded CRC (the state.pt of
-    another save); `only`: that file alone, before it is parsed (the rest once the folder is known whole).
-    `sums` None: a folder saved before checksums were recorded, taken as it is. The names come from a file too:
-    only a regular file directly in the folder is read (a name like ../x or one of a FIFO, which would never end,
-    is refused)."""
+    """UsageError naming the first file of the folder `path` whose CRC-32 is not the one `sums` (its state.pt's)
+    recorded, or state.pt where none matches (another save's state.pt); `only`: that file alone, before it is parsed.
+    `sums` None: a folder from before checksums, taken as it is. Only a regular file directly in the folder is read (not
+    ../x, not a FIFO)."""
     if sums is None:
         return
     if not isinstance(sums, dict) or not all(isinstance(n, str) and isinstance(c, int) for n, c in sums.items()):

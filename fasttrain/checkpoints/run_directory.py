@@ -188,10 +188,9 @@ def set_aside(run_dir: Path) -> None:
 
 
 def settle(run_dir: Path) -> bool:
-    """Finish what an --overwrite start in `run_dir` left unfinished, as its journal says (rank 0, holding the
-    run's lock): the earlier run is put back, unless the new run has a complete save, which it keeps (the earlier
-    run is deleted). A save is renamed into place whole, and once the earlier run is wholly set aside every save
-    at the top is the new run's. Returns whether the earlier run was put back."""
+    """Finish what an --overwrite start in `run_dir` left unfinished, as its journal says (rank 0, holding the lock):
+    the earlier run is put back, unless the new run has a complete save, which it keeps. Returns whether the earlier run
+    was put back."""
     journal = read_journal(run_dir)
     if journal is None:
         return False
@@ -204,10 +203,9 @@ def settle(run_dir: Path) -> bool:
 
 
 def put_back(run_dir: Path, phase: str, names: list[str]) -> None:
-    """Put the earlier run's `names` back from REPLACED, journalled in `phase`. The new run's entries at the top
-    (any RUN_FILES entry there but one of `names` that is not in REPLACED: back already, or never moved) go into
-    DISCARDED first; it is deleted once the earlier run is whole again. Each move checks where its entry is, so
-    a put-back killed at any point is finished by the next."""
+    """Put the earlier run's `names` back from REPLACED, journalled in `phase`; the new run's entries at the top go into
+    DISCARDED first, deleted once the earlier run is whole again. Each move checks where its entry is, so a put-back
+    killed at any point is finished by the next."""
     if phase != PUTTING_BACK:  # before any move: a save back at the top must not read as the new run's
         write_journal(run_dir, PUTTING_BACK, names)
     replaced, discarded = run_dir / REPLACED, run_dir / DISCARDED
@@ -280,10 +278,9 @@ def read_journal(run_dir: Path) -> tuple[str, list[str]] | None:
 
 
 def finish_overwrite(run_dir: str | os.PathLike[str]) -> str | None:
-    """What `train` does first, on rank 0: finish what an --overwrite start in `run_dir` killed halfway left
-    (settle), and remove the temporary files a start killed while writing one left at the top (WRITTEN_ATOMICALLY),
-    unless another process holds the directory (a start still under way: its own lock check refuses). Returns
-    a note when the earlier run was put back."""
+    """What `train` does first, on rank 0: finish a killed --overwrite start (settle) and remove the temporary files a
+    killed write left at the top, unless another process holds the directory. Returns a note when the earlier run was
+    put back."""
     run_dir = Path(run_dir)
     stale = [p for name in WRITTEN_ATOMICALLY for p in run_dir.glob(f".{glob.escape(name)}.*.tmp")]
     journal = os.path.lexists(run_dir / JOURNAL)
@@ -338,10 +335,9 @@ def keep_tokenizer(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[
 
 
 def check_own(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> None:
-    """UsageError if `path` is a save of another run (in another run directory's checkpoints/) while
-    `directory` holds this run's own saves or events: resuming it there would prune this run's saves, point
-    its `latest` at the other's lineage and mix both in metrics.jsonl. Into a new directory, or from a
-    checkpoint file outside any run's checkpoints/, a run may start from it."""
+    """UsageError if `path` is another run directory's save while `directory` holds this run's own saves or events:
+    resuming it there would prune this run's saves and mix both in metrics.jsonl. A new directory, or a file outside any
+    run's checkpoints/, may start from it."""
     parent, own = Path(path).resolve().parent, Path(directory).resolve()
     if parent.name != "checkpoints" or parent == own:
         return

@@ -150,11 +150,10 @@ def write(path: Path, state: dict, process_group: dist.ProcessGroup | None = Non
 def write_async(
     path: Path, state: dict, process_group: dist.ProcessGroup | None = None, checksum: bool = False
 ) -> Future:
-    """Like `write`, but return once `state` is copied to CPU memory: a future that is done when the folder is
-    written (its result raises what the write raised). With `checksum` (rank 0: its write is done once every
-    rank's part is), its result is the folder's checksums (checksums.of_folder), read back on a thread of its
-    own, as the write is done in the background: the run does not wait for them. `process_group`: a gloo group
-    of its own, so the background write's collectives never interleave with training's."""
+    """Like `write`, but return once `state` is in CPU memory: a future done when the folder is written (its result
+    raises what the write raised). With `checksum` (rank 0), its result is the folder's checksums (checksums.of_folder),
+    read back in the background. `process_group`: a gloo group of its own, so the write's collectives never interleave
+    with training's."""
     import torch.distributed.checkpoint as dcp
 
     written = cast(

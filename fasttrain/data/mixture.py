@@ -53,12 +53,9 @@ def weights_sum(weights: Sequence[float]) -> str:
 
 
 class Blend:
-    """Which source each row of the global row sequence comes from (see the module docstring).
-
-    `phases`: (first round, weights) pairs, the first at round 0; weights need not sum to 1.
-    Thread-safe: a prefetch thread plans rounds ahead while the training thread asks for the state
-    of the round it has reached.
-    """
+    """Which source each row of the global row sequence comes from (see the module docstring). `phases`: (first round,
+    weights) pairs, the first at round 0; weights need not sum to 1. Thread-safe: a prefetch thread plans rounds ahead
+    while the training thread asks for the state of the round it reached."""
 
     def __init__(self, phases: Sequence[tuple[int, Sequence[float]]], rows_per_round: int):
         self.phases = _checked([(int(r), normalized(w)) for r, w in phases])
@@ -89,10 +86,9 @@ class Blend:
     def restart(
         self, round_: int, positions: Sequence[int], deficits: Sequence[float], entered: Sequence[int] | None = None
     ) -> None:
-        """Continue from the state `start(round_)` returned (a resumed run). `entered`: the first rounds of the
-        phases the saved run had begun (its `entered(round_)`; None: not recorded, a save from before): those
-        stay where they began, whatever this blend's phases say (a longer run moves a `fraction` change later,
-        but the saved run is already in it), and a phase not begun there starts at `round_` at the earliest."""
+        """Continue from the state `start(round_)` returned (a resumed run). `entered`: the first rounds of the phases
+        the saved run had begun (None: not recorded): those stay where they began whatever this blend's phases say, and
+        a phase not begun starts at `round_` at the earliest."""
         if len(positions) != self.sources or len(deficits) != self.sources:
             raise ValueError(f"a state of {len(positions)} sources for a blend of {self.sources}")
         with self._lock:
@@ -169,9 +165,8 @@ class Blend:
 
 def source_names(d: DataConfig) -> list[str]:
     """The name of each [[data.sources]] table in metrics (`val_loss.NAME`, `tokens.NAME`), train.monitor and the
-    console, distinct in every case: its `name` if given, else the shortest ending of its folder's resolved path
-    that no other unnamed source's path shares and no source is given as its name ("code", or "web/prepared"
-    beside "src/prepared"). The trainer and `evaluate --split val` both name the sources here."""
+    console, distinct in every case: its `name`, else the shortest ending of its folder's resolved path no other unnamed
+    source's shares and no source is named ("code", or "web/prepared" beside "src/prepared")."""
     given = {s.name for s in d.sources if s.name}
     paths = {i: Path(s.dir).resolve().parts for i, s in enumerate(d.sources) if not s.name}
     names = []
@@ -215,10 +210,9 @@ class Source:
 
 def open_sources(d: DataConfig) -> list[Source]:
     """The run's sources as they are now: the [[data.sources]] folders, each checked whole
-    (prepared_folder.open_prepared), sharing one tokenizer; or the one folder of data.dir / data.inputs with weight 1
-    (cache.find_prepared), none while nothing is prepared there yet (cache.ensure_prepared prepares
-    it). UsageError naming the folder and key for one that is missing, empty, of another tokenizer or
-    vocabulary, or without a validation split. Reads, never writes."""
+    (prepared_folder.open_prepared) and sharing one tokenizer, or the one folder of data.dir / data.inputs with weight 1
+    (cache.find_prepared; none while nothing is prepared there). UsageError naming the folder and key for one missing,
+    empty, of another tokenizer or vocabulary, or without a validation split. Never writes."""
     if not d.sources:
         directory, data = find_prepared(d)
         return [Source(Path(directory).name, directory, 1.0, data)] if data else []
@@ -277,10 +271,9 @@ def token_shares(mix: Sequence[tuple[int, Sequence[float]]], rounds: int) -> tup
 
 
 def replay_mix(d: DataConfig, mix: Sequence[tuple[int, Sequence[float]]], accumulation: int, steps: int) -> str:
-    """The `--set` item that makes a replay of a run's first `steps` steps (a budgeted run's, as step run) read
-    the mix the run read: each [[data.mix]] change pinned at the step it took effect at (`mix`: the run's phases
-    as the loader had them, see `phases` and Blend.restart), with its weights as given; the changes the run
-    never reached left out. "" for a run without changes."""
+    """The `--set` item that makes a replay of a run's first `steps` steps read the mix the run read: each [[data.mix]]
+    change pinned at the step it took effect at (`mix`: the run's phases as its loader had them), the changes never
+    reached left out; "" for a run without changes."""
     if not d.mix:
         return ""
     pinned: dict[int, list[float]] = {}  # step -> weights; changes a resume brought to one step: the last holds

@@ -21,12 +21,9 @@ FILLER = -1  # the row id of an empty slot in the last round of a `whole` pass
 
 
 class SourceRows:
-    """The rows of one source's split in their order over epochs: its p-th row is `at(p)`; stateless.
-
-    An epoch visits `rows_per_epoch` rows: all of them but what does not fill a whole round of
-    batch_size x world_size rows (when `whole`: all of them, or the first `first_rows` in the epoch's order
-    if fewer, the last round made whole with FILLER ids).
-    """
+    """The rows of one source's split in their order over epochs: its p-th row is `at(p)`; stateless. An epoch visits
+    `rows_per_epoch` rows: all but what does not fill a whole round of batch_size x world_size rows (when `whole`: all,
+    or the first `first_rows` in the epoch's order, the last round filled with FILLER ids)."""
 
     def __init__(
         self,
@@ -49,13 +46,9 @@ class SourceRows:
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its rows in order) of the last epoch used
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Row ids of `epoch`, in the order they are read (rows_per_epoch of them).
-
-        Random sampling permutes the rows with a generator seeded by (seed, epoch).
-        Bucketed padding then sorts each pool of BUCKET_POOL batches' rows by length,
-        cuts the pool into batches of similar lengths, and (random sampling) shuffles the batches.
-        A `whole` source keeps every row and fills the last round with FILLER ids.
-        """
+        """Row ids of `epoch`, in reading order: random sampling permutes them with a generator seeded by (seed, epoch);
+        bucketed padding then sorts each pool of BUCKET_POOL batches' rows by length into batches and (random sampling)
+        shuffles the batches; a `whole` source fills its last round with FILLER ids."""
         cached = self._order
         if cached is not None and cached[0] == epoch:
             return cached[1]

@@ -135,11 +135,8 @@ def check_tokenizer(tokenizer: Tokenizer, key: str = "--tasks") -> None:
 
 @register_model("fasttrain")
 class FasttrainLM(TemplateLM):
-    """lm-eval's model API over a trained fasttrain model.
-
-    `run`: a run directory, weights directory or checkpoint (anything `sample` and `evaluate` take), or a
-    Trained already loaded. From lm-eval's command line: --model_args run=RUN,device=cpu,batch_size=16.
-    """
+    """lm-eval's model API over a trained fasttrain model. `run`: anything `sample` and `evaluate` take, or a Trained
+    already loaded; from lm-eval's command line, --model_args run=RUN,device=cpu,batch_size=16."""
 
     def __init__(
         self,
@@ -268,12 +265,11 @@ def task_index(
     num_fewshot: int | None = None,
     keys: tuple[str, str, str] = ("--tasks", "--include-path", "--num-fewshot"),
 ) -> TaskManager:
-    """lm-eval's index of tasks (about 12 s to build), with the task YAML files of `include_path`, once every one
-    of `tasks` is found in it (names of tasks, groups or tags; globs allowed) and can be run with `num_fewshot`
-    examples per prompt (None: each task's own), all before a model is loaded. UsageError, naming `keys` (the
-    flags or config keys they came from), for an include path that is no folder, a task lm-eval does not know
-    (with the include path's YAML files that failed to load, which lm-eval skips without a word), or one that
-    cannot run (see check_task)."""
+    """lm-eval's index of tasks (about 12 s to build), with `include_path`'s task YAML files, once every one of
+    `tasks` (tasks, groups, tags or globs) is found in it and can run with `num_fewshot` examples (None: each task's
+    own), all before a model is loaded. UsageError naming `keys` (the flags or config keys) for an include path that
+    is no folder, an unknown task (with the include path's YAML files lm-eval silently skipped), or one that cannot
+    run (check_task)."""
     if include_path and not Path(include_path).is_dir():
         raise UsageError(f"{keys[1]}: {include_path}: no such directory")
     manager = TaskManager(include_path=include_path)
@@ -314,9 +310,8 @@ def unreadable_task_files(folder: Path) -> list[str]:
 
 
 def leaf_tasks(manager: TaskManager, name: str, key: str) -> dict[str, Any]:
-    """The tasks `name` (a task, group, tag or glob) stands for, built with their data; UsageError naming the task
-    when lm-eval cannot build it (a missing data file, a dataset not on this machine, a template naming a field
-    the documents lack)."""
+    """The tasks `name` (a task, group, tag or glob) stands for, built with their data; UsageError naming the task when
+    lm-eval cannot build it (a missing data file or dataset, a template naming a field the documents lack)."""
 
     def flat(found: dict) -> dict[str, Any]:  # a group maps to a dict of its tasks (and subgroups)
         return {
@@ -381,9 +376,8 @@ def run_tasks(
     log_samples: bool = False,
     index: TaskManager | None = None,
 ) -> dict[str, Any]:
-    """lm-eval's results of `tasks` on `trained` (simple_evaluate's dict). `include_path`: a folder of task
-    YAML files of one's own; `limit`: documents per task (a fraction below 1); `index`: task_index's, when the
-    caller has built it already (else built here, after the model has checked its tokenizer)."""
+    """lm-eval's results of `tasks` on `trained` (simple_evaluate's dict). `include_path`: a folder of one's own task
+    YAML files; `limit`: documents per task (a fraction below 1); `index`: task_index's if built already."""
     model = FasttrainLM(trained, batch_size=batch_size)
     index = task_index(tasks, include_path, num_fewshot) if index is None else index
     return simple_evaluate(

@@ -46,10 +46,8 @@ class Trained:
 
 
 def weights_source(spec: str | os.PathLike[str]) -> Path:
-    """What `spec` names to load: a weights directory (holding model.safetensors), or a checkpoint file.
-
-    A run directory means its final/ weights when training finished, else its latest checkpoint.
-    """
+    """What `spec` names to load: a weights directory (holding model.safetensors) or a checkpoint file; a run directory
+    means its final/ weights when training finished, else its latest checkpoint."""
     path = Path(spec)
     if not path.exists():
         raise UsageError(f"{path}: no such run directory or checkpoint{set_aside_note(path)}")
@@ -99,9 +97,9 @@ def run_directory(source: Path) -> Path:
 
 
 def tokenizer_file(source: Path, cfg: Config) -> Path:
-    """The tokenizer.json the model at `source` (see `weights_source`) was trained with: a weights directory's
-    own, a checkpoint's run's copy (RUN/tokenizer.json); else, for weights and runs saved before those copies
-    were made, the one in the run's data folder (data.dir), which may have been prepared again since."""
+    """The tokenizer.json the model at `source` was trained with: a weights directory's own, a checkpoint's run's copy
+    (RUN/tokenizer.json), or for weights and runs from before those copies the data folder's (data.dir), which may have
+    been prepared again since."""
     real = source.resolve()
     if real.is_dir() and not saves.is_sharded(real):
         own = real / TOKENIZER

@@ -126,13 +126,9 @@ def scan_id_bound(info: ShardInfo) -> int:
 
 
 class ShardWriter:
-    """Writes one shard under a temporary name and renames it into place only when complete.
-
-    Tokens are streamed to disk as they come (memory stays bounded); `close()`
-    fills in the header, fsyncs and renames. `abort()` (or an exception inside a
-    `with` block) removes the temporary file, so a crash never leaves a
-    half-written shard under its final name.
-    """
+    """Writes one shard under a temporary name, streamed (memory stays bounded); `close()` fills in the header, fsyncs
+    and renames it into place, `abort()` (or an exception in a `with` block) removes it, so a crash never leaves a
+    half-written shard under its final name."""
 
     def __init__(self, path: str | os.PathLike, vocab_size: int):
         self.path = Path(path)

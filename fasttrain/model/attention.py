@@ -35,10 +35,8 @@ if TYPE_CHECKING:
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, each (max_seq_len, head_dim / 2), in fp32.
-
-    Pair i of a head rotates at frequency theta^(-2i / head_dim): position p turns it by p x that.
-    """
+    """cos and sin of the rotation angles, each (max_seq_len, head_dim / 2), in fp32: pair i of a head rotates at
+    frequency theta^(-2i / head_dim), position p turning it by p x that."""
     freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
     return angles.cos().float(), angles.sin().float()
@@ -142,10 +140,10 @@ class Attention(nn.Module):
         cache: LayerCache | None = None,
         value_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`mask`: None (causal), or a `document_mask` (a bool tensor, or a BlockMask for flex_attention), or
-        with a `cache` a bool tensor (T, cached + T). `cache`: this layer's keys and values of earlier positions.
-        `value_embedding` (B, T, n_kv_heads x head_dim): the tokens' rows of this block's table, added to the
-        values through the gate, 3 sigmoid(value_gate(x[..., :12])) per head, which starts near 1.5."""
+        """`mask`: None (causal), a `document_mask`, or with a `cache` a bool tensor (T, cached + T); `cache`: this
+        layer's earlier keys and values. `value_embedding` (B, T, n_kv_heads x head_dim): the tokens' rows of this
+        block's table, added to the values through the gate 3 sigmoid(value_gate(x[..., :12])) per head (near 1.5 at
+        first)."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
@@ -188,12 +186,9 @@ class Attention(nn.Module):
 
 
 class KVCache:
-    """Every layer's keys and values for the first `length` positions of the rows being generated.
-
-    Each layer's tensors (B, kv_heads, max_seq_len, head_dim) are allocated by its first
-    `store`, in the dtype autocast gave its keys; a forward with the cache appends its
-    tokens' keys and values there and advances `length`.
-    """
+    """Every layer's keys and values for the first `length` positions of the rows being generated: each layer's (B,
+    kv_heads, max_seq_len, head_dim), allocated by its first `store` in autocast's dtype; a forward with the cache
+    appends its tokens' and advances `length`."""
 
     def __init__(self, cfg: ModelConfig):
         self.max_len = cfg.max_seq_len

@@ -172,9 +172,8 @@ def _selective_contexts():
 
 
 def run_block(block: nn.Module, checkpointing: str, *args: Any) -> Any:
-    """`block(*args)`, its activations recomputed in backward as `checkpointing` says ("none",
-    "full", "selective"; see the module docstring). Dropout draws the same masks again: the
-    checkpoint restores the RNG state before recomputing."""
+    """`block(*args)`, its activations recomputed in backward as `checkpointing` says ("none", "full", "selective");
+    dropout draws the same masks again (the checkpoint restores the RNG state)."""
     if checkpointing == "none" or not torch.is_grad_enabled():
         return block(*args)
     if checkpointing == "full":
@@ -230,12 +229,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 class Transformer(nn.Module):
     """The language model: `forward(tokens (B, T)) -> logits (B, T, vocab_size)`; its training loss is
-    objective.NextTokenLoss, a module around it.
-
-    None of these change the results (up to rounding) or the weights: `norm_kernel` runs the RMSNorms through
-    kernels.RMSNorm; `checkpointing` is "none", "full" or "selective" (`run_block`); `attention` the kernel
-    (train.attention); `fp8` which matmuls run in float8 (train.fp8, fasttrain/model/fp8.py).
-    """
+    objective.NextTokenLoss. None of these change the results (up to rounding) or the weights: `norm_kernel` runs the
+    RMSNorms through kernels.RMSNorm; `checkpointing` is "none", "full" or "selective" (`run_block`); `attention` the
+    kernel (train.attention); `fp8` which matmuls run in float8 (train.fp8)."""
 
     rope_cos: torch.Tensor  # buffers (register_buffer in __init__), declared for the type checker
     rope_sin: torch.Tensor

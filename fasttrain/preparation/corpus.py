@@ -199,9 +199,8 @@ def _line_cut(data: bytes) -> int:
 
 
 def _glob(spec: str) -> list[str]:
-    """The files `spec` matches (`**` spans directories), sorted. pathlib's walk never enters a linked
-    directory, where glob.glob's does: a link to a parent repeated the tree (41 times for one link, without
-    end for two)."""
+    """The files `spec` matches (`**` spans directories), sorted. pathlib never enters a linked directory, where
+    glob.glob does (a link to a parent repeated the tree without end)."""
     parts = Path(spec).parts
     first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
     root = Path(*parts[:first]) if first else Path(".")

@@ -268,16 +268,10 @@ def corpus_sample(sources: Sequence, text_field: str, chars: int = 200_000) -> l
 
 
 def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, **options: Any) -> dict:
-    """Tokenize `inputs` into shards in `out_dir` and return the contents of its meta.json.
-
-    The tokenizer is loaded from `tokenizer_path`, or else a byte-level BPE of
-    `vocab_size` tokens is trained on (up to `tokenizer_train_chars` of) the
-    training split (`options`: the keywords of `prepare_locked`). Bad input raises
-    `UsageError` and leaves `out_dir` as it was. The new data replaces the old only
-    once it is complete: a run killed while moving it into place is finished by the
-    next prepare (or run) of `out_dir`. A second process preparing `out_dir` at the
-    same time is a UsageError naming the first.
-    """
+    """Tokenize `inputs` into shards in `out_dir` and return the contents of its meta.json. The tokenizer is loaded from
+    `tokenizer_path`, or a byte-level BPE of `vocab_size` tokens is learned from (up to `tokenizer_train_chars` of) the
+    training split (`options`: `prepare_locked`'s keywords). Bad input is a `UsageError` that leaves `out_dir` as it
+    was, as is a second process preparing it meanwhile."""
     if not os.fspath(out_dir):  # Path("") is the working directory
         raise UsageError("--out: is empty; name the directory to prepare into")
     out = Path(out_dir)
@@ -304,10 +298,9 @@ def fsync_tree(directory: Path) -> None:
 
 
 def _move_into_place(out: Path, names: list[str]) -> None:
-    """Replace the prepared data in `out` by the complete preparation in out/.prepare-tmp, whose files are
-    `names` (the whole new set, moved or not yet): the old meta.json first (a directory half switched holds
-    none, so nothing reads it as prepared), the old files the new set lacks, then the new files, meta.json
-    last. Repeatable: a killed move is finished by running it again."""
+    """Replace the prepared data in `out` by the complete preparation in out/.prepare-tmp (the new set: `names`): the
+    old meta.json first (so nothing reads a half-switched directory as prepared), the old files the new set lacks, the
+    new files, meta.json last. A killed move is finished by running it again."""
     tmp = out / TMP_NAME
     waiting = sorted((p for p in tmp.iterdir() if p.name in names), key=lambda p: p.name == "meta.json")
     if waiting:  # a finished move has moved meta.json last: then the directory's meta.json is the new one
@@ -321,11 +314,9 @@ def _move_into_place(out: Path, names: list[str]) -> None:
 
 
 def finish_interrupted_move(out: Path, quiet: bool) -> None:
-    """Finish the move of a complete preparation that a killed prepare left in out/.prepare-tmp.
-
-    A COMPLETE marker that is not a list of names (empty or damaged: written by a prepare before markers were
-    written atomically, killed while writing it) was never followed by a move, so `out` holds its old data
-    whole: the unfinished preparation is discarded, and that said in one line."""
+    """Finish the move of a complete preparation that a killed prepare left in out/.prepare-tmp. A COMPLETE marker that
+    is not a list of names (killed while writing it, before markers were atomic) was never followed by a move: the
+    unfinished preparation is discarded, said in one line."""
     marker = out / TMP_NAME / COMPLETE
     if not marker.exists():
         return
@@ -348,9 +339,9 @@ def finish_interrupted_move(out: Path, quiet: bool) -> None:
 
 
 def _refuse_foreign(out: Path, prepared_name: str) -> None:
-    """Refuse to write into `out`, whose `prepared_name` is named like a file prepare writes, when `out` is not
-    a preparation: it holds no meta.json of prepare's and holds files prepare never writes (a Hugging Face
-    model's config.json beside its tokenizer.json, say). Prepare would replace files it did not write."""
+    """Refuse to write into `out` (its `prepared_name` named like a file prepare writes) when it holds no meta.json of
+    prepare's and files prepare never writes (a Hugging Face model's config.json beside its tokenizer.json, say):
+    prepare would replace files it did not write."""
     if _is_prepare_meta(out / "meta.json"):
         return
     others = sorted(

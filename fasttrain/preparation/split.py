@@ -84,11 +84,8 @@ class Split:
 
 
 def plan_split(sources: Sequence[Source], text_field: str, val_fraction: float) -> Split:
-    """By documents if the input holds two non-empty ones or more, else by the end of the text.
-
-    Reads only until the second document in the usual case; a corpus of one document is read
-    through once to count its characters (cheap next to tokenizing it).
-    """
+    """By documents if the input holds two non-empty ones or more, else by the end of the text. Reads only until the
+    second document in the usual case; a corpus of one document is read through once to count its characters."""
     if val_fraction == 0:
         return Split("document_hash", 0.0)
     documents, chars, length, values, first_piece = 0, 0, 0, [], None
@@ -112,12 +109,10 @@ def split_documents(sources: Sequence[Source], text_field: str, split: Split) ->
 
 
 def split_pieces(pieces: Iterator[Piece], split: Split) -> Iterator[tuple[str, Piece, bool]]:
-    """(split, piece, starts_document) for every piece, in order.
-
-    By document hash: a document is validation when its hash's split value is below `val_fraction`
-    (`document_hash`), or it is the corpus's first document, and not when it is its second (`Split.holds_out`). By the end of the text: the piece holding character `split.cut` is cut at its next
-    line end, and what follows is validation, starting as a document of its own (after an end-of-text token).
-    """
+    """(split, piece, starts_document) for every piece, in order. By document hash: a document is validation when its
+    hash's split value is below `val_fraction`, or it is the corpus's first, and not when its second
+    (`Split.holds_out`). By the end of the text: the piece holding character `split.cut` is cut at its next line end,
+    and what follows is validation, a document of its own."""
     if split.by == "end_of_text":
         yield from _split_end_of_text(pieces, split.cut)
         return
@@ -190,11 +185,10 @@ def learning_pieces(text: str) -> tuple[list[str], int]:
 def tokenizer_sample(
     sources: Sequence[Source], text_field: str, split: Split, max_chars: int, sample: Sample
 ) -> Iterator[str]:
-    """Training-split text to learn the tokenizer from: about `max_chars` characters spread over the whole
-    input, streamed (memory bounded by the tokenizer trainer, not by the corpus). Each training document is
-    taken when its hash's sample value is below max_chars / the input's size, so every file contributes
-    about its share; a corpus smaller than `max_chars` is taken whole. Its long runs are cut (`learning_pieces`).
-    Counts what it took into `sample`."""
+    """Training-split text to learn the tokenizer from: about `max_chars` characters spread over the whole input,
+    streamed. A training document is taken when its hash's sample value is below max_chars / the input's size, so every
+    file gives its share; a smaller corpus is taken whole. Long runs are cut (`learning_pieces`); counts what it took
+    into `sample`."""
     total = sum(src.size for src in sources)
     # One document (split by the end of its text) is taken from its start, as far as max_chars goes.
     rate = max_chars / total if total and split.by == "document_hash" else 1.0

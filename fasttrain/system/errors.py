@@ -2,11 +2,9 @@
 
 Imports from fasttrain: nothing.
 
-Anything the user can get wrong (a config key, a data file, a flag) raises
-`UsageError` with a message that names the file, the key or the value. Command
-line entry points run through `run_cli`, which prints that message as one line
-and exits with status 2, never a traceback. Bugs in fasttrain itself are not
-`UsageError`s and still show their traceback.
+Anything the user can get wrong raises `UsageError` with a message naming the file, key or value; entry points run
+through `run_cli`, which prints it as one line and exits with status 2, never a traceback. Bugs in fasttrain itself
+still show theirs.
 """
 
 from __future__ import annotations
@@ -117,11 +115,9 @@ def invoked_as(command: str) -> Iterator[None]:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises `UsageError` (one line) instead of printing usage and exiting.
-
-    Abbreviated flags are not accepted: `--over` silently meaning `--overwrite` would delete a run.
-    `prog` is the tool's `python -m MODULE`, or the command it is run as (invoked_as).
-    """
+    """argparse, but a bad flag raises `UsageError` (one line) instead of printing usage and exiting, and abbreviated
+    flags are not accepted (`--over` silently meaning `--overwrite` would delete a run). `prog`: the tool's `python -m
+    MODULE`, or the command it is run as (invoked_as)."""
 
     def __init__(self, **kwargs: Any) -> None:  # keywords only: a positional argument could fill allow_abbrev's slot
         kwargs["prog"] = _INVOKED_AS.get() or kwargs.get("prog")

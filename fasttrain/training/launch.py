@@ -1,9 +1,7 @@
-"""How a run starts: its plan made with the data prepared and the process group joined (start_run), then the
-directory train() takes up, train.out_dir: every check that can refuse the run first (check_start;
-those that need no plan, check_directory, `fasttrain train` makes before it plans), then, with nothing refused,
-the directory opened for the run (opened): locked for its duration (system/run_lock.py), claimed by a new run,
-the resolved config written and the metrics log opened. A start that fails before its first step is taken back
-whole (run_directory.RunStart).
+"""How a run starts: its plan made with the data prepared and the process group joined (start_run), every check that can
+refuse the run (check_start; check_directory, which needs no plan, before planning), then train.out_dir opened for the
+run (opened): locked, claimed by a new run, the resolved config written and the metrics log opened. A start that fails
+before its first step is taken back whole (run_directory.RunStart).
 
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, compute.device, compute.distributed, config,
 preparation.cache, system.run_lock, training.metrics, training.plan.
@@ -29,10 +27,9 @@ from fasttrain.training.plan import RunPlan, plan_run
 
 
 def start_run(cfg: Config, quiet: bool = False, resume: str | None = None) -> RunPlan:
-    """The plan of a run of `cfg` in this process's world (plan.plan_run), on the device it names (this rank's
-    under torchrun), its data prepared first if need be: rank 0 prepares it while the other ranks wait, in the
-    process group this joins, then they find it. `resume`: the --resume spec of the save the run continues
-    (None: a new run). Prints the plan's notes (rank 0, unless `quiet`)."""
+    """The plan of a run of `cfg` in this process's world (plan.plan_run), on the device it names, its data prepared
+    first if need be (by rank 0, the others waiting in the process group this joins). `resume`: the --resume spec of the
+    save it continues (None: a new run). Prints the plan's notes (rank 0, unless `quiet`)."""
     world = distributed.world_from_env()
     device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
     plan = plan_run(cfg, world, device, resume)  # a config the run refuses is refused before anything is prepared
@@ -64,10 +61,9 @@ def check_start(plan: RunPlan, resumed: bool, overwrite: bool) -> None:
 
 
 def check_directory(out: Path, resumed: bool, overwrite: bool, is_main: bool) -> None:
-    """The checks of check_start that need no plan, which `fasttrain train` makes first too: planning can time
-    the machine for seconds and print notes of a run that is then refused. Another process training in `out`
-    and an unwritable metrics.jsonl (rank 0's: `is_main`); for a new run another run's checkpoints there
-    (unless `overwrite`)."""
+    """The checks of check_start that need no plan, which `fasttrain train` makes first (planning can take seconds and
+    print notes of a refused run): another process training in `out`, an unwritable metrics.jsonl (rank 0's), and for a
+    new run another run's checkpoints there (unless `overwrite`)."""
     if is_main:
         run_lock.check_free(out)
         check_log_writable(out)

@@ -67,11 +67,8 @@ def check_log_writable(out_dir: str | Path) -> None:
 
 
 class MetricsLog:
-    """Appends events to `out_dir/metrics.jsonl` (and TensorBoard); prints lines to the console.
-
-    On a terminal the console shows a tqdm progress bar and prints lines above it;
-    otherwise (a log file, CI) it prints plain lines only.
-    """
+    """Appends events to `out_dir/metrics.jsonl` (and TensorBoard); prints lines to the console, above a tqdm progress
+    bar on a terminal, plain lines otherwise (a log file, CI)."""
 
     def __init__(
         self,
@@ -165,14 +162,9 @@ def import_wandb() -> ModuleType:
 
 
 class WandbSink:
-    """A Weights & Biases run that receives the events of metrics.jsonl.
-
-    Numeric fields of events with a step are logged as `{event}/{field}` at that step (as in
-    TensorBoard); the start event's fields join the run's config, beside the resolved config
-    itself; the end event's fields are the run's summary; samples accumulate in a table of
-    (step, prompt, text). The run's id is kept in `run_dir/wandb_run_id`: a resumed run
-    continues that W&B run (steps W&B has already seen, after a rollback, it ignores).
-    """
+    """A Weights & Biases run that receives the events of metrics.jsonl: numeric fields of events with a step as
+    `{event}/{field}` at that step, the start event's fields in its config, the end event's as its summary, samples in a
+    table. Its id is kept in `run_dir/wandb_run_id`, so a resumed run continues it."""
 
     def __init__(
         self, config: dict[str, Any], run_dir: Path, *, project: str, name: str, tags: list[str], resume: bool

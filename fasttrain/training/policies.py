@@ -1,12 +1,11 @@
-"""The training loop's policies: what to do after non-finite steps, when to stop early, and which weights a run
-ends with.
+"""The training loop's policies: what to do after non-finite steps, when to stop early, and which weights a run ends
+with.
 
 Imports from fasttrain: checkpoints.resume, checkpoints.run_state, checkpoints.saves, config, training.schedule.
 
-Each is a small object the loop asks after a step or an evaluation; the loop carries
-out the answer (rolls back, stops) and reporting tells the user. A restored save that
-monitored another loss starts early stopping's count anew (monitor_anew), and a resumed run takes what its config
-changed (resumed_under).
+Each is a small object the loop asks after a step or an evaluation; the loop carries out the answer and reporting tells
+the user. A restored save that monitored another loss starts early stopping's count anew (monitor_anew); a resumed run
+takes what its config changed (resumed_under).
 """
 
 from __future__ import annotations
@@ -120,10 +119,10 @@ def monitor_anew(run: RunState, saved: Config, cfg: Config) -> str | None:
 
 
 def resumed_under(path: Path, run: RunState, saved: Config, cfg: Config, recorded: Sequence[float] = ()) -> list[str]:
-    """The `run` of the save at `path`, saved under `saved`, continued under `cfg`: UsageError if it is already past
-    the run's end (resume.check_not_past_end); else its schedule laid over the new length, or a budgeted run's
-    carried on (schedule.carried_rest_scale, set in `run`), and the best loss and early stopping's count started
-    anew for another train.monitor (monitor_anew); returns what changed, a line each."""
+    """The `run` of the save at `path`, saved under `saved`, continued under `cfg`: UsageError if already past the run's
+    end (resume.check_not_past_end); else its schedule laid over the new length or a budgeted run's carried on
+    (schedule.carried_rest_scale, set in `run`), and the best loss and early stopping restarted for another
+    train.monitor (monitor_anew). Returns what changed, a line each."""
     check_not_past_end(path, run, saved, cfg)
     lines = (ended(run, cfg), schedule_change(saved, cfg, run, recorded), monitor_anew(run, saved, cfg))
     carried = carried_rest_scale(saved, cfg, run)  # after the line that says what it does
