@@ -59,9 +59,8 @@ if TYPE_CHECKING:  # lm-eval is the optional eval extra
 def score(
     trained: Trained, directory: str | Path, split: str, bits_per_nat: float, batch_size: int, device: torch.device
 ) -> dict[str, float]:
-    """loss, accuracy, ppl and bpb of `trained` over every batch of `split` in prepared `directory`, windows
-    as the run trained on ([data] batching and padding, train.seq_len). `bits_per_nat`: the split's
-    tokens / (UTF-8 bytes x ln 2)."""
+    """loss, accuracy, ppl and bpb of `trained` over every batch of `split` in `directory`, windowed as the run trained.
+    `bits_per_nat`: the split's tokens / (UTF-8 bytes x ln 2)."""
     cfg, eot_id = trained.cfg, trained.tokenizer.eot_id
     objective = NextTokenLoss(trained.model)
 
@@ -97,9 +96,8 @@ def score(
 
 
 def score_split(trained: Trained, split: str, batch_size: int, device: torch.device) -> dict[str, float]:
-    """The metrics of the run's own prepared `split`, as the trainer computes them: of data.dir, or of a
-    mixture's every [[data.sources]] folder, then their total weighted as the trainer weighs it
-    (validation.mixture_metrics: "loss" the total, "loss.<name>" each source's, ...)."""
+    """The metrics of the run's own `split` as the trainer computes them: of data.dir, or of each [[data.sources]]
+    folder and their weighted total (validation.mixture_metrics)."""
     d = trained.cfg.data
     folders = list(zip(source_names(d), [s.dir for s in d.sources])) if d.sources else [("", d.dir)]
     found = []
@@ -132,9 +130,8 @@ def score_inputs(
 
 
 def scored_step(source: Path) -> tuple[Path | None, int | None]:
-    """The run directory that weights `source` came from (None outside a run) and the step they were saved at: a
-    checkpoint's own, or for RUN/final the step the run's last `end` event says final/ holds (weights_step, or `step` in
-    runs from before checkpoint.final_weights)."""
+    """The run directory of weights `source` (None outside one) and their step: a checkpoint's own, or RUN/final's from
+    the run's last `end` event (weights_step, or older runs' `step`)."""
     real = source.resolve()
     if real.is_file() or saves.is_sharded(real):
         run, match = run_directory(real), saves.SAVE_NAME.fullmatch(real.name)
@@ -161,9 +158,8 @@ def score_tasks(
     batch_size: int,
     output: str | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Run `tasks` through lm-eval (`index`: harness.task_index's, which found them); print the table, log an
-    eval_tasks event in the run's metrics.jsonl (when `trained` came from a run), write `output`; returns the
-    scores."""
+    """Run `tasks` through lm-eval (`index`: task_index's); print the table, log an eval_tasks event in the run's
+    metrics.jsonl (if from a run), write `output`; returns the scores."""
     harness = importlib.import_module("fasttrain.evaluation.harness")
     results = harness.run_tasks(trained, tasks, num_fewshot, limit, batch_size=batch_size, index=index)
     scores = harness.task_scores(results)

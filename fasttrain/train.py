@@ -207,9 +207,8 @@ def positive_int(text: str) -> int:
 
 
 def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | None:
-    """What `--resume spec` asks Trainer.resume for; None for a new run. auto-or-new is "auto" once the run in
-    `out_dir` has a `latest` checkpoint, a new run before: the first attempt of a job that torchrun restarts,
-    or one killed before its first save. That start is said in one line, so a mistyped train.out_dir shows."""
+    """What `--resume spec` asks Trainer.resume for; None for a new run. auto-or-new is "auto" once `out_dir` has a
+    `latest` save, else a new run, said in one line so a mistyped out_dir shows."""
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart and not quiet:
         print(f"note: torchrun restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}")
@@ -229,9 +228,8 @@ def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | N
 
 
 def resume_command(args: argparse.Namespace, cfg: Config) -> str:
-    """The command line that continues the run that `args` started with config `cfg`, from any directory: the config
-    file, train.out_dir and the data folders (data.dir or data.sources) as absolute paths, the other --set items as they
-    were, and `--resume auto`."""
+    """The command line that continues the run `args` started with config `cfg`, from any directory: config file,
+    out_dir and data folders absolute, the other --set items, `--resume auto`."""
     places = {"train.out_dir": os.path.abspath(cfg.train.out_dir)}
     if cfg.data.sources:  # a mixture has no data.dir (setting one is refused): its sources are the data
         places["data.sources"] = (

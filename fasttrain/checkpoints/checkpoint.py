@@ -137,9 +137,8 @@ class Checkpointer:
         return path
 
     def save_sharded(self, run: RunState, loader: TokenLoader, best: bool, keep: Path | None) -> Path:
-        """Every rank writes its part into `.step_N.tmp/`, rank 0 adds state.pt, fsyncs and renames it `step_N/`, then
-        moves the pointers and prunes: complete or invisible. With checkpoint.async_save this returns once the state is
-        in CPU memory, the rest done when the write is (`wait`)."""
+        """Every rank writes its part into `.step_N.tmp/`; rank 0 adds state.pt, renames it `step_N/`, points and
+        prunes. With checkpoint.async_save this returns once the state is in CPU memory (see `wait`)."""
         self.wait()  # the save still in flight, if any, comes first
         path = path_for(self.directory, run.step, sharded=True)
         staging = self.directory / f".{path.name}.tmp"
@@ -217,9 +216,8 @@ class Checkpointer:
             )
 
     def settle(self) -> Path | None:
-        """Wait for the save in flight; the last background save waited for (here or by an earlier `poll`) if
-        its write failed on any rank, else None: a save that is no way back. Every rank must call it at the
-        same point; they all get the same answer."""
+        """Wait for the save in flight; returns the last background save waited for if its write failed on any rank (a
+        save that is no way back), else None. Every rank must call it at the same point."""
         if not self.background:
             return None
         self.wait()
@@ -230,23 +228,20 @@ class Checkpointer:
         return None if distributed.any_rank(done[0].exists(), self.world, self.device) else done[0]
 
     def resumable(self, spec: str, data_dir: str) -> Path:
-        """The save `spec` names ("auto": this run's latest, a run directory or a checkpoint file); UsageError for
-        another run directory's save, or for this run's data (`data_dir`) prepared again with another tokenizer, checked
-        before the loader's state, as the real cause."""
+        """The save `spec` names ("auto", a run directory or a checkpoint file); UsageError for another run directory's
+        save, or for `data_dir` prepared again with another tokenizer."""
         path = resolve(spec, self.cfg.train.out_dir)
         check_own(path, self.directory)
         check_kept_tokenizer(data_dir, self.cfg.train.out_dir)
         return path
 
     def restore(self, path: str | Path, loader: TokenLoader, accumulation: int) -> tuple[RunState, Config, list[str]]:
-        """Load the checkpoint at `path` into the model, optimizer, scaler, `loader` and the random generators; returns
-        its RunState, its config and notes for the user (an init-only [model] key changed, another world).
-
-        A save of another world continues the data stream at the same global batch, split over this one (loader.reshard;
-        `accumulation`: this run's micro-batches per step); a rank with no saved random state is seeded from train.seed,
-        the step and its rank. UsageError for another model shape or optimizer, a position this world cannot continue
-        from, or a save that cannot be loaded.
-        """
+        """Load the checkpoint at `path` into the model, optimizer, scaler, `loader` and random generators; returns its
+        RunState, its config and notes (an init-only [model] key changed, another world). A save of another world
+        continues the data at the same global batch, split over this one (loader.reshard; `accumulation`: this run's
+        micro-batches per step); a rank with no saved random state is seeded from train.seed, the step and its rank.
+        UsageError for another model shape or optimizer, a position this world cannot continue from, or a save that
+        cannot be loaded."""
         self.wait()  # a rollback may go back to the save in flight
         path = Path(path)
         state = load(path, self.device, whole_model=False)
@@ -281,9 +276,8 @@ class Checkpointer:
         return run, saved, notes + world_change(len(ranks), state.get("parallel"), self.world.size, self.parallel)
 
     def restore_weights(self, path: Path) -> None:
-        """Load only the model's weights of the save at `path` (checkpoint.final_weights = "best" gives them to
-        final/); the optimizer, scaler, loader and random generators keep the state they have. UsageError if it
-        cannot be loaded."""
+        """Load only the model's weights of the save at `path` (what checkpoint.final_weights = "best" gives final/);
+        the optimizer, scaler, loader and generators keep their state. UsageError if it cannot be loaded."""
         self.wait()
         state = load(path, self.device, whole_model=True)
         try:

@@ -80,9 +80,8 @@ def publish(directory: Path, path: Path, keep_last: int, best: bool, keep: Path 
 
 
 def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
-    """The checkpoint file that `--resume spec` means: "auto" is the latest save of the run in `out_dir`; a run
-    directory or its checkpoints/ its latest save (the newest step without a `latest` pointer); a pointer file (latest
-    or best) the save it names; anything else a checkpoint's path."""
+    """The checkpoint `--resume spec` means: "auto", a run directory or its checkpoints/: the latest save (else the
+    newest step); a pointer file: the save it names; anything else: a checkpoint's path."""
     if spec != "auto" and (not Path(spec).is_dir() or is_sharded(Path(spec).resolve())):
         path = Path(spec)
         if path.is_symlink():  # a link to checkpoints/latest names a save beside its target, not beside the link
@@ -113,9 +112,8 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
 
 
 def load(path: str | os.PathLike[str], device: torch.device | str = "cpu", whole_model: bool = True) -> dict:
-    """The state saved at `path`; UsageError if it is missing, damaged, unsafe or not a fasttrain checkpoint. A sharded
-    checkpoint's holds "optimizer_groups", not "optimizer", and "model" only if `whole_model` (the tools; a resume reads
-    each rank's part)."""
+    """The state saved at `path`; UsageError if it is missing, damaged, unsafe or not a checkpoint. A sharded save's
+    holds "optimizer_groups", and "model" only if `whole_model`."""
     path = Path(path)
     sharded = is_sharded(path)
     state = read_trusted(path / STATE_FILE if sharded else path, device, path)
@@ -141,9 +139,8 @@ def load(path: str | os.PathLike[str], device: torch.device | str = "cpu", whole
 
 
 def check_named_step(path: Path, step: object) -> None:
-    """UsageError if `path` is named as a save of one step (step_NNNNNNN.pt, step_NNNNNNN/) and holds another:
-    saves renamed or swapped. Resumed, it would train steps already in metrics.jsonl a second time, and the
-    tools would name the wrong step; a save under a name of the user's own is taken as it is."""
+    """UsageError if `path` is named as one step's save (step_NNNNNNN.pt, step_NNNNNNN/) and holds another's (renamed or
+    swapped saves); a name of the user's own is taken as it is."""
     if SAVE_NAME.fullmatch(path.name) is None:
         return
     if step != step_of(path):
@@ -156,9 +153,8 @@ def check_named_step(path: Path, step: object) -> None:
 
 
 def read_trusted(file: Path, device: torch.device | str, path: Path) -> Any:
-    """What `torch.load(weights_only=True)` reads from `file` (of the checkpoint at `path`), its records' checksums
-    checked first: tensors, numbers, strings and containers, never code to run; UsageError naming `path` (or
-    `file`) otherwise."""
+    """What `torch.load(weights_only=True)` reads from `file` (of the checkpoint at `path`), its checksums checked
+    first: never code to run; UsageError naming `path` (or `file`) otherwise."""
     if file.is_file():
         checksums.check_records(file)
     try:

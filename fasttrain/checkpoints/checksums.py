@@ -74,9 +74,8 @@ def verify(path: Path, sums: object, only: str | None = None) -> None:
 
 
 def check_records(file: Path) -> None:
-    """UsageError naming `file`, a torch.save zip, if a record's bytes no longer have the CRC-32 torch.save
-    recorded for them. A file that is no zip at all is left to torch.load to refuse; a record with CRC 0 is
-    empty, or was saved with torch's checksums turned off (torch.serialization.set_crc32_options)."""
+    """UsageError naming `file`, a torch.save zip, if a record's bytes no longer have the CRC-32 recorded for them; no
+    zip is torch.load's to refuse, and a CRC of 0 is not checked (empty, or checksums off)."""
     try:
         archive = zipfile.ZipFile(file)
     except (zipfile.BadZipFile, OSError):

@@ -27,9 +27,8 @@ INIT_ONLY = ("zero_init_projections",)
 
 
 def check_same_model(saved_cfg: Config, cfg: Config, path: str | os.PathLike[str]) -> list[str]:
-    """UsageError naming every [model] key in which `cfg` differs from `saved_cfg`, the config of the run
-    that saved the checkpoint at `path`, but those a resume may change; returns a note for each init-only key
-    changed."""
+    """UsageError naming every [model] key in which `cfg` differs from `saved_cfg` (the saving run's) but those a resume
+    may change; returns a note for each init-only key changed."""
     saved = saved_cfg.model
 
     def differ(names: list[str]) -> list[str]:

@@ -25,11 +25,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
-    """`name` ("auto", "cpu", "cuda", "cuda:N") as a torch.device; UsageError if it is not there.
-
-    `local_rank`: this process's index on its machine under torchrun, which picks its GPU
-    (cuda:local_rank) when `name` is "auto" or "cuda".
-    """
+    """`name` ("auto", "cpu", "cuda", "cuda:N") as a torch.device; UsageError if it is not there. `local_rank`: this
+    process's index on its machine under torchrun, which picks its GPU when `name` is "auto" or "cuda"."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and local_rank is not None:
@@ -58,10 +55,8 @@ _ONEDNN_BF16_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 matrices in hardware: CUDA, or a CPU with AVX512-BF16 or AMX
-    tiles that this process may use. Elsewhere oneDNN emulates bf16 through fp32, slower than fp32 itself.
-    The caps that make a machine run as an older one are honoured: ATEN_CPU_CAPABILITY below avx512 or
-    ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (an AMX Xeon capped to AVX2 decides as an AVX2 machine does)."""
+    """Whether `device` multiplies bf16 in hardware (elsewhere oneDNN emulates it, slower than fp32): CUDA, or a CPU
+    with AVX512-BF16 or AMX not capped below them (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)."""
     if device.type == "cuda":
         return True
     if device.type != "cpu":
@@ -237,9 +232,8 @@ def check_fp8(fp8: str, device: torch.device) -> None:
 
 @functools.cache
 def _cpu_scaled_mm() -> bool:
-    """Whether this torch multiplies float8 matrices on the CPU. A bf16 matmul goes first: under an ISA cap
-    (ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon) oneDNN refuses float8 matmuls once a bf16 one has run in the
-    process, so the answer must not depend on whether one ran before the question."""
+    """Whether this torch multiplies float8 matrices on the CPU; a bf16 matmul first, since under an ISA cap oneDNN
+    refuses float8 once a bf16 one has run, and the answer must not depend on that."""
     a = torch.ones(16, 16).to(torch.float8_e4m3fn)
     one = torch.tensor(1.0)
     try:
@@ -266,13 +260,11 @@ ISA_CACHE_PREFIX = "fasttrain-isa-"
 
 
 def key_inductor_cache(device: torch.device) -> str | None:
-    """Give a run that compiles on a CPU `device` an inductor cache of its instruction set's own, a folder
-    under inductor's default named for this process's ATEN_CPU_CAPABILITY level and ONEDNN_MAX_CPU_ISA cap, set
-    as TORCHINDUCTOR_CACHE_DIR (which inductor reads as it compiles). Inductor's cache key holds neither, and
-    code compiled under one level fails under another (CppCompileError, or an aborted process; torch 2.13).
-    A folder the user chose is kept; inductor's default, which torch itself sets once it has compiled, and
-    another level's folder (inherited from a parent process) are not the user's. Returns the folder set, or
-    None where it set none (a GPU, the user's own folder)."""
+    """Give a run that compiles on a CPU `device` an inductor cache of its instruction set's own
+    (TORCHINDUCTOR_CACHE_DIR, a folder under inductor's default named for ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA):
+    inductor's cache key holds neither, and code compiled under one level fails under another (torch 2.13). A folder the
+    user chose is kept (not inductor's default, nor another level's inherited from a parent). Returns the folder set, or
+    None."""
     if device.type != "cpu":
         return None
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -290,9 +282,8 @@ def key_inductor_cache(device: torch.device) -> str | None:
 
 
 def compile_failure(error: Exception) -> str | None:
-    """A failure to compile the objective (inductor's C++ compiler missing or failing, a backend error) in a few
-    words instead of torch's traceback of several screens: its cause's type and first line; None for any other
-    error."""
+    """A failure to compile the objective (inductor's C++ compiler missing or failing, a backend error) in a few words
+    instead of torch's screens of traceback; None for any other error."""
     # imported here: dynamo takes seconds to import, and a run that compiles has it already (InductorError is one)
     from torch._dynamo.exc import BackendCompilerFailed
 

@@ -76,9 +76,8 @@ SHARDED = ("fsdp", "hsdp")  # the train.parallel modes whose parameters are DTen
 
 
 def shard_group(world: World, parallel: str, size: int) -> int:
-    """How many ranks one parameter is split over: the world under "fsdp", 1 under "ddp" and in a world of
-    one, and under "hsdp" `size` (train.shard_group_size; 0: the node's processes). UsageError, in any world,
-    if hsdp's group does not divide the world into whole replicas."""
+    """How many ranks one parameter is split over: the world under "fsdp", 1 under "ddp", `size` under "hsdp" (0: the
+    node's processes; UsageError unless it divides the world)."""
     if parallel == "hsdp":
         size = size or world.local_size
         if world.size % size != 0:
@@ -130,13 +129,10 @@ def _give_up(message: str) -> None:
 
 
 def _attempt_store(world: World, store: dist.Store) -> dist.Store:
-    """The store this attempt's group meets in: `store`, under a prefix of its own for each torchrun restart.
-
-    torchrun's static rendezvous hands every attempt the store its agent hosts: a restarted group found the dead
-    attempt's keys there, read a peer's old gloo address and failed ("Gloo connectFullMesh failed ... Connection
-    refused") or hung. The restart count is the same on every rank only when one agent started them all (one node);
-    several nodes restart through a c10d rendezvous, which gives each round a new store (docs/multi-gpu.md).
-    """
+    """The store this attempt's group meets in: `store`, under a prefix of its own for each torchrun restart. torchrun's
+    static rendezvous hands every attempt its agent's store, where a restarted group read the dead attempt's keys and
+    failed ("Gloo connectFullMesh failed ... Connection refused") or hung. Only on one node is the restart count the
+    same on every rank; several nodes restart through a c10d rendezvous, a new store each round (docs/multi-gpu.md)."""
     if world.local_size != world.size:
         return store
     return dist.PrefixStore(f"fasttrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
@@ -163,9 +159,8 @@ def wrap(
     precision: str,
     device: torch.device,
 ) -> nn.Module:
-    """The module that trains: `module` itself in a world of one; DDP around it; or, for FSDP and HSDP, `module`
-    sharded in place over groups of `group` ranks (shard_group; its parameters become DTensors), each of its
-    `blocks` a unit of its own, and returned."""
+    """The module that trains: `module` in a world of one, DDP around it, or for FSDP and HSDP `module` sharded in place
+    over groups of `group` ranks, each of `blocks` a unit of its own."""
     if not world.distributed:
         return module
     if parallel == "ddp":
@@ -215,9 +210,8 @@ class Optimizer(Protocol):
 
 
 def full_state(model: nn.Module, optimizer: Optimizer | None, fsdp: bool) -> tuple[dict, dict | None]:
-    """Unsharded state dicts of `model` and `optimizer` (None: not asked for) for a checkpoint or export. With FSDP (or
-    HSDP) every rank must call this: the shards are gathered onto rank 0's CPU memory, the other ranks get empty dicts,
-    and the optimizer's state is keyed by parameter name."""
+    """Unsharded state dicts of `model` and `optimizer` (None: not asked for). Sharded, every rank must call it: rank 0
+    gets them in CPU memory, keyed by parameter name; the others get empty dicts."""
     if not fsdp:
         return model.state_dict(), None if optimizer is None else optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
@@ -234,9 +228,8 @@ def full_state(model: nn.Module, optimizer: Optimizer | None, fsdp: bool) -> tup
 def load_full_state(
     model: nn.Module, optimizer: Optimizer, model_state: dict, optimizer_state: dict, fsdp: bool
 ) -> None:
-    """Load what `full_state` returned (every rank read the same checkpoint file), in any mode: FSDP re-shards
-    it, and an optimizer state keyed by parameter index (saved without FSDP) or by name (with) is re-keyed
-    to what this mode loads."""
+    """Load what `full_state` returned (every rank read the same file), in any mode: FSDP re-shards it, and an optimizer
+    state keyed by index (saved without FSDP) or by name is re-keyed to what this mode loads."""
     load_full_model_state(model, model_state, fsdp)
     for part, state in zip(_parts(optimizer), _split(optimizer, optimizer_state)):
         state = keyed_by_name(model, part, state, by_name=fsdp)
@@ -247,9 +240,8 @@ def load_full_state(
 
 
 def keyed_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, by_name: bool) -> dict:
-    """A torch optimizer's full `state` keyed by parameter name (`by_name`, as FSDP's full state dicts are) or
-    by index (as `optimizer.state_dict()` is), whichever it was keyed by. The index of a parameter is its place
-    in the optimizer's groups, its name the one `model.named_parameters()` gives it."""
+    """A torch optimizer's full `state` keyed by parameter name (`by_name`, as FSDP's are) or by index (its place in the
+    optimizer's groups, as `optimizer.state_dict()`'s), whichever it was keyed by."""
     keys = [k for group in state["param_groups"] for k in group["params"]]
     if not keys or isinstance(keys[0], str) == by_name:
         return state
@@ -269,9 +261,8 @@ def _parts(optimizer: Optimizer) -> list[torch.optim.Optimizer]:
 
 
 def _merged(states: list[dict]) -> dict:
-    """Torch optimizers' state dicts keyed by parameter name, as one: their states side by side, their groups in order.
-    Each is taken alone because DCP cannot load several when one has a group without parameters (Muon's AdamW half when
-    the head is tied). Empty if any is (a full state dict off rank 0)."""
+    """Optimizers' state dicts keyed by name as one, states side by side, groups in order (DCP cannot load several when
+    one has a group without parameters); empty if any is (off rank 0)."""
     if not all(states):
         return {}
     return {

@@ -71,9 +71,8 @@ def load_table(path: str | Path = TABLE) -> list[dict]:
 
 
 def lookup(entries: list[dict], capability: str, op: str, mode: str, shape: dict[str, int]) -> Measurement | None:
-    """The measurement of `op` at `shape` on `capability` in `mode`: the nearest entry within a factor of two
-    in every size, else, for a one-size shape (hidden, params), the nearer of two entries on either side
-    that agree; None when neither exists (then "auto" runs stock)."""
+    """The measurement of `op` at `shape` on `capability` in `mode`: the nearest entry within a factor of two in every
+    size, else for a one-size shape two agreeing entries on either side; else None."""
     candidates = [
         e
         for e in entries

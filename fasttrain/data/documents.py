@@ -60,9 +60,8 @@ def document_starts(shard: ShardInfo, eot_id: int, cache: bool = True) -> np.nda
 
 
 class Rows:
-    """The rows of one split in one batching mode: row i is tokens [offset[i], offset[i] + length[i]) of
-    shard[i]. Packed rows are computed from their number; the others are held as arrays (`cache`: see
-    document_starts)."""
+    """The rows of one split in one batching mode: row i is tokens [offset[i], offset[i] + length[i]) of shard[i];
+    packed rows are computed, the others held as arrays (`cache`: document_starts)."""
 
     def __init__(
         self,

@@ -44,18 +44,14 @@ from fasttrain.system.errors import UsageError
 
 
 class TokenLoader:
-    """Infinite iterator of (x, y) batches, shape (B, L) int64 on `device`, y = x shifted by one token.
-
-    `batching` picks the rows (documents.py); "padded" and "aligned" need `eot_id`, the end-of-text token that starts
-    each document (also the pad input). `padding` "fixed" makes every batch (B, seq_len); "longest" cuts each to its
-    longest row, rounded up to `pad_multiple`; "bucketed" also batches rows of similar lengths together. `whole=True`:
-    one finite pass over the split (see the module docstring), `first_rows` > 0 its first rows only. `prefetch` > 0
-    reads that many batches ahead on a thread (pinned, copied to a GPU on a side stream); 0 reads in the calling thread,
-    the same batches. `wait_seconds`: the time `next()` has waited for data.
-
-    Every shard's header, size and largest token id (against `vocab_size`, default meta.json's, else the shards') are
-    checked at construction, and every batch's ids again as read; problems are `UsageError`s naming the file.
-    """
+    """Infinite iterator of (x, y) batches, shape (B, L) int64 on `device`, y = x shifted by one token. `batching` picks
+    the rows (documents.py); "padded" and "aligned" need `eot_id`, the end-of-text token that starts each document (also
+    the pad input). `padding` "fixed" makes every batch (B, seq_len); "longest" cuts each to its longest row, rounded up
+    to `pad_multiple`; "bucketed" also batches rows of similar lengths together. `whole=True`: one finite pass over the
+    split, `first_rows` > 0 its first rows only. `prefetch` > 0 reads that many batches ahead on a thread (pinned,
+    copied to a GPU on a side stream), 0 in the calling thread, the same batches. `wait_seconds`: the time `next()` has
+    waited. Each shard's header, size and largest id (against `vocab_size`: meta.json's, else the shards') are checked
+    at construction, every batch's ids as read: `UsageError`s naming the file."""
 
     def __init__(
         self,
@@ -216,9 +212,8 @@ class TokenLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state`; the data and every setting but the position must match. The mix may differ:
-        its weights apply from the saved position on, and the changes the saved run had entered stay where
-        they began (Blend.restart). `blend.phases` then says where each phase begins."""
+        """Continue from `state`: the data and every setting but the position must match. A new mix applies from the
+        saved position on; the changes the saved run had entered stay (Blend.restart)."""
         mine = self.state_dict()
         state = dict(state)
         if isinstance(state.get("num_rows"), int):  # saved before mixtures: one source, its rows read in order

@@ -34,9 +34,8 @@ MEMO = 256  # round states kept (up to twice as many) besides the anchor: more t
 
 
 def normalized(weights: Sequence[float]) -> tuple[float, ...]:
-    """`weights` (finite, >= 0, not all 0) divided by their sum. Weights whose sum overflows a float (1e308
-    twice) are divided by the largest first; any other weights are divided by their sum as given, so the
-    blend of a run saved before stays bit for bit the same."""
+    """`weights` (finite, >= 0, not all 0) over their sum; if that overflows, divided by the largest first (other
+    weights as given, so a saved run's blend stays bit for bit the same)."""
     weights = [float(w) for w in weights]
     if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
         raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights}")
@@ -53,9 +52,8 @@ def weights_sum(weights: Sequence[float]) -> str:
 
 
 class Blend:
-    """Which source each row of the global row sequence comes from (see the module docstring). `phases`: (first round,
-    weights) pairs, the first at round 0; weights need not sum to 1. Thread-safe: a prefetch thread plans rounds ahead
-    while the training thread asks for the state of the round it reached."""
+    """Which source each row of the global row sequence comes from. `phases`: (first round, weights) pairs from round 0
+    (weights need not sum to 1). Thread-safe (a prefetch thread plans ahead)."""
 
     def __init__(self, phases: Sequence[tuple[int, Sequence[float]]], rows_per_round: int):
         self.phases = _checked([(int(r), normalized(w)) for r, w in phases])
@@ -86,9 +84,8 @@ class Blend:
     def restart(
         self, round_: int, positions: Sequence[int], deficits: Sequence[float], entered: Sequence[int] | None = None
     ) -> None:
-        """Continue from the state `start(round_)` returned (a resumed run). `entered`: the first rounds of the phases
-        the saved run had begun (None: not recorded): those stay where they began whatever this blend's phases say, and
-        a phase not begun starts at `round_` at the earliest."""
+        """Continue from `start(round_)`'s state. `entered`: the first rounds of the phases the saved run had begun
+        (None: not recorded), which stay; a phase not begun starts at `round_` at the earliest."""
         if len(positions) != self.sources or len(deficits) != self.sources:
             raise ValueError(f"a state of {len(positions)} sources for a blend of {self.sources}")
         with self._lock:
@@ -260,9 +257,8 @@ def phases(d: DataConfig, max_steps: int, accumulation: int) -> tuple[list[tuple
 
 
 def token_shares(mix: Sequence[tuple[int, Sequence[float]]], rounds: int) -> tuple[float, ...]:
-    """Each source's share of a run's rows (so of its tokens) over its first `rounds` rounds, under `mix` (phases:
-    (first round, normalized weights)): each phase's weights for the rounds it lasts. Without `rounds` (a run
-    of a clock alone) the weights in force at the start."""
+    """Each source's share of a run's rows over its first `rounds` rounds under `mix` ((first round, normalized weights)
+    phases); without `rounds` (a clock alone) the starting weights."""
     if rounds <= 0:
         return tuple([w for first, w in mix if first <= 0][-1])  # the last of the phases at round 0 is in force
     ends = [min(first, rounds) for first, _ in mix[1:]] + [rounds]
@@ -271,9 +267,8 @@ def token_shares(mix: Sequence[tuple[int, Sequence[float]]], rounds: int) -> tup
 
 
 def replay_mix(d: DataConfig, mix: Sequence[tuple[int, Sequence[float]]], accumulation: int, steps: int) -> str:
-    """The `--set` item that makes a replay of a run's first `steps` steps read the mix the run read: each [[data.mix]]
-    change pinned at the step it took effect at (`mix`: the run's phases as its loader had them), the changes never
-    reached left out; "" for a run without changes."""
+    """The `--set` item that makes a replay of a run's first `steps` steps read its mix: each [[data.mix]] change
+    (`mix`: its loader's phases) pinned at its step; "" without changes."""
     if not d.mix:
         return ""
     pinned: dict[int, list[float]] = {}  # step -> weights; changes a resume brought to one step: the last holds

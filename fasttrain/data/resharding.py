@@ -11,15 +11,12 @@ from fasttrain.system.errors import UsageError
 
 def reshard(saved: list[dict], rank: int, world_size: int, rounds: int | None = None) -> dict:
     """The state for `rank` of `world_size` that continues the stream where `saved` (every rank's state_dict, from a
-    world of len(saved) ranks at the same batch count) stopped.
-
-    Rank r of W takes part r of each round of W batches, so after b batches per rank, (e, i) = divmod(b, per-rank
-    batches per epoch), the world has consumed global batches 0 .. i * W - 1 of epoch e; a world of M continues at i * W
-    / M batches per rank (UsageError if that is not whole), each epoch's tail that fills no round of M dropped. A
-    mixture's blend state is the world's: each source's position (e, i) of the saved world's epochs becomes (e, i) of
-    this world's (the start of epoch e + 1 if i falls in the tail it drops). `rounds`: the batch count to go on from,
-    the run's step times this world's accumulation (None: the saved count). The tokens read carry over as they were.
-    """
+    world of len(saved) ranks at the same batch count) stopped. After b batches per rank, (e, i) = divmod(b, per-rank
+    batches per epoch), a world of W has consumed global batches 0 .. i * W - 1 of epoch e; a world of M continues at i
+    * W / M batches per rank (UsageError if not whole). A mixture's blend state is the world's: each source's position
+    (e, i) of the saved world's epochs becomes (e, i) of this world's (epoch e + 1's start if i falls in the tail it
+    drops). `rounds`: the batch count to go on from, the run's step times this world's accumulation (None: the saved
+    count). The tokens read carry over."""
     state = dict(saved[0])
     counts = {s["batches"] for s in saved}
     if len(counts) != 1:

@@ -71,9 +71,8 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's hf model's default for generation tasks 
 def score_continuations(
     model: Transformer, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int, precision: str = "fp32"
 ) -> list[tuple[float, bool]]:
-    """(log P(continuation | context), whether greedy decoding gives the continuation) per (context, continuation)
-    token pair. A pair longer than the window is cut from the left to its last max_seq_len + 1 tokens (the
-    first of them is only read). Longest first, `batch_size` rows right-padded into one forward."""
+    """(log P(continuation | context), greedy gives it) per token pair, a pair longer than the window cut to its last
+    max_seq_len + 1 tokens; longest first, `batch_size` rows a forward."""
     window = model.cfg.max_seq_len
     device = next(model.parameters()).device
     for context, continuation in pairs:
@@ -111,9 +110,8 @@ def score_continuations(
 
 
 def rolling_windows(tokens: list[int], prefix: int, window: int) -> list[tuple[list[int], list[int]]]:
-    """(context, continuation) pairs that predict every token of `tokens` once, `window` at a time, each with as
-    many tokens before it as the window holds (the first after `prefix`, the end-of-text token): the
-    perplexity windows of lm-eval's `hf` model."""
+    """(context, continuation) pairs predicting each token of `tokens` once, `window` at a time, each with as much text
+    before it as fits (after `prefix`): lm-eval `hf`'s perplexity windows."""
     seq = [prefix] + tokens
     pairs = []
     for start in range(0, len(tokens), window):
@@ -334,9 +332,8 @@ def leaf_tasks(manager: TaskManager, name: str, key: str) -> dict[str, Any]:
 
 
 def check_task(name: str, task: Any, num_fewshot: int | None, keys: tuple[str, str, str]) -> None:
-    """UsageError, naming the task and the cause, if lm-eval would fail on `task` after the model has loaded: its
-    templates name a field its documents lack (tried on the first document), or it asks for more few-shot examples
-    than it has documents to draw them from (lm-eval draws one more when they come from the scored split)."""
+    """UsageError naming the task and cause if lm-eval would fail on `task` after the model loads: a template naming a
+    field the first document lacks, or too few documents for the few-shot examples."""
     docs = task.eval_docs
     if len(docs):
         try:
@@ -433,9 +430,8 @@ TASK_KINDS = {
 
 
 def write_local_task(folder: Path, task: str, kind: str, rows: Sequence[dict[str, Any]]) -> None:
-    """An lm-eval task named `task` over `rows` in `folder` (task.jsonl and task.yaml; pass the folder as
-    --include-path): "multiple_choice" rows hold question, choices and label; "rolling" rows a text;
-    "generate" rows a prompt and its answer (greedy, up to 8 tokens, to the first "."). Nothing is downloaded."""
+    """An lm-eval task `task` over `rows` in `folder` (for --include-path): "multiple_choice" rows of question, choices,
+    label; "rolling" a text; "generate" a prompt and answer. Nothing is downloaded."""
     data = folder / f"{task}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / f"{task}.yaml").write_text(

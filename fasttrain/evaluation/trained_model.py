@@ -88,18 +88,16 @@ def load_trained(spec: str | os.PathLike[str], device: torch.device | str = "cpu
 
 
 def run_directory(source: Path) -> Path:
-    """The run directory of `source` (a weights directory or checkpoint file, as `weights_source` returns it),
-    links resolved: the directory above a weights directory (RUN/final) or above a checkpoint's checkpoints/;
-    for a checkpoint file anywhere else, the directory it is in."""
+    """The run directory of `source` (as `weights_source` returns it), links resolved: above RUN/final or a checkpoint's
+    checkpoints/; else the directory a checkpoint file is in."""
     real = source.resolve()
     saved = real.is_file() or saves.is_sharded(real)
     return real.parent.parent if saved and real.parent.name == "checkpoints" else real.parent
 
 
 def tokenizer_file(source: Path, cfg: Config) -> Path:
-    """The tokenizer.json the model at `source` was trained with: a weights directory's own, a checkpoint's run's copy
-    (RUN/tokenizer.json), or for weights and runs from before those copies the data folder's (data.dir), which may have
-    been prepared again since."""
+    """The tokenizer.json the model at `source` trained with: a weights directory's own, a checkpoint's run's copy, or
+    before those copies existed the data folder's (data.dir)."""
     real = source.resolve()
     if real.is_dir() and not saves.is_sharded(real):
         own = real / TOKENIZER

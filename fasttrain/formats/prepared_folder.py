@@ -35,11 +35,10 @@ class PreparedData:
 
 
 def open_prepared(directory: str | os.PathLike) -> PreparedData:
-    """The prepared folder `directory`, checked whole before a run uses it: its meta.json (`check_meta`: every
-    key read later, and counts that must agree), the tokenizer against the sha256 recorded at preparation
-    (folders prepared before that recorded none) and its vocabulary and end-of-text id, and each shard's
-    header against meta.json (the headers only: cheap). Any disagreement is a UsageError naming the file.
-    Use this, not read_meta, wherever a prepared folder's counts are read (bits per byte divide by them)."""
+    """The prepared folder `directory`, checked whole before a run uses it: meta.json (`check_meta`), the tokenizer
+    against its recorded sha256 (where recorded), vocabulary and end-of-text id, and each shard's header against
+    meta.json. Any disagreement is a UsageError naming the file. Use this, not read_meta, wherever a folder's counts are
+    read (bits per byte divide by them)."""
     directory = os.fspath(directory)
     path = Path(directory) / "meta.json"
     meta = read_meta(directory)

@@ -126,9 +126,8 @@ def scan_id_bound(info: ShardInfo) -> int:
 
 
 class ShardWriter:
-    """Writes one shard under a temporary name, streamed (memory stays bounded); `close()` fills in the header, fsyncs
-    and renames it into place, `abort()` (or an exception in a `with` block) removes it, so a crash never leaves a
-    half-written shard under its final name."""
+    """Writes one shard, streamed, under a temporary name: `close()` fills in the header, fsyncs and renames it into
+    place; `abort()` (or an exception in a `with` block) removes it."""
 
     def __init__(self, path: str | os.PathLike, vocab_size: int):
         self.path = Path(path)
@@ -239,9 +238,8 @@ _MISSING = object()
 
 
 def check_meta(meta: object, path: str | os.PathLike) -> dict:
-    """`meta` (read from `path`) as prepare writes it, or a UsageError naming the key and its value: each key
-    read later has its type and range, and the counts that can be checked against each other agree. Checked
-    when a run opens its data, before it deletes or records anything."""
+    """`meta` (from `path`) as prepare writes it, or a UsageError naming the key and value: each key read later in type
+    and range, counts agreeing; checked before a run deletes or records anything."""
     if not isinstance(meta, dict):
         raise UsageError(f"{path}: expected a JSON object, got {_shown(meta)}; prepare the data again")
 

@@ -97,9 +97,8 @@ def causal_block_mask(length: int, device: torch.device) -> BlockMask:
 
 
 def document_mask(documents: torch.Tensor, flex: bool) -> torch.Tensor | BlockMask:
-    """The attention mask of a batch whose token i of row b belongs to document documents[b, i] (B, T):
-    a query sees the keys at or before it in the same document. A flex_attention BlockMask when
-    `flex`, else a bool tensor (B, 1, T, T) for `F.scaled_dot_product_attention`."""
+    """The mask where a query sees the keys at or before it in its own document (documents[b, i]: row b's token i's, (B,
+    T)): a BlockMask when `flex`, else a bool tensor (B, 1, T, T) for SDPA."""
     B, T = documents.shape
     if flex:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -186,9 +185,8 @@ class Attention(nn.Module):
 
 
 class KVCache:
-    """Every layer's keys and values for the first `length` positions of the rows being generated: each layer's (B,
-    kv_heads, max_seq_len, head_dim), allocated by its first `store` in autocast's dtype; a forward with the cache
-    appends its tokens' and advances `length`."""
+    """Every layer's keys and values for the first `length` positions being generated: (B, kv_heads, max_seq_len,
+    head_dim), allocated by the first `store`; a forward appends and advances `length`."""
 
     def __init__(self, cfg: ModelConfig):
         self.max_len = cfg.max_seq_len

@@ -96,9 +96,8 @@ def generate_text(
     on_text: Callable[[str], object] | None = None,
     use_cache: bool = True,
 ) -> str:
-    """The prompt followed by `max_new_tokens` sampled tokens, as text: the trainer's samples and `python -m
-    fasttrain.sample`. `seed` makes it repeatable (or pass a `generator`); `on_text(piece)` gets each new piece of
-    decoded text as generated, a token ending partway through a UTF-8 character waiting for the next."""
+    """The prompt and `max_new_tokens` sampled tokens as text, repeatable by `seed` (or a `generator`); `on_text(piece)`
+    gets the decoded text as generated (a split UTF-8 character waits for its rest)."""
     device = next(model.parameters()).device
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:

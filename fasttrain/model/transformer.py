@@ -140,9 +140,8 @@ class Block(nn.Module):
         cache: LayerCache | None = None,
         value_embedding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream is `stream + delta` (just `stream` before the first block); returns
-        this block's (delta, stream), leaving its last add to the next norm. `value_embedding`: the
-        tokens' rows of this block's value-embedding table, if it has one (Attention.forward)."""
+        """The residual stream is `stream + delta` (`stream` alone first); returns this block's (delta, stream), its
+        last add left to the next norm. `value_embedding`: this block's table's rows, if any."""
         if delta is None:
             y = self.attn_norm(stream)
         else:
@@ -188,9 +187,8 @@ def num_params(cfg: ModelConfig) -> int:
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """The parameters of `Transformer(cfg)` a token's compute runs through: all but the lookup tables (an
-    untied token embedding, the value embeddings), which cost a row read each. What `flops_per_token` counts,
-    and what the sizing rule weighs tokens against (nanochat's count too)."""
+    """The parameters of `Transformer(cfg)` a token's compute runs through: all but the lookup tables (a row read each).
+    What `flops_per_token` counts and the sizing weighs tokens against (as nanochat)."""
     total, lookups = _at_depth(cfg)
     return total - lookups
 
@@ -203,9 +201,8 @@ def _at_depth(cfg: ModelConfig) -> tuple[int, int]:
 
 @functools.cache
 def _counted(one_layer: tuple) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """For all parameters and for those in lookup tables, the (a, b, c) of a + b n + c ceil(n / 2) at depth n of the
-    model whose other fields are `one_layer`'s (a value embedding is in every other block). Solved from meta-device
-    models of depth 1, 2 and 3; cached, as the sizing rule asks for every depth at each speed it weighs."""
+    """(a, b, c) of a + b n + c ceil(n / 2), at depth n, for all parameters and for lookup tables, of the model of
+    `one_layer`'s other fields: solved from meta models of depth 1 to 3, cached."""
     counts = []
     for depth in (1, 2, 3):
         with torch.device("meta"):
@@ -295,9 +292,8 @@ class Transformer(nn.Module):
     def hidden(
         self, tokens: torch.Tensor, documents: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> torch.Tensor:
-        """The final normalised hidden states (B, T, d_model), before the output projection. `documents` (B, T): each
-        token's document id, for document masking (None: causal). `cache`: generation's keys and values before `tokens`,
-        extended by them."""
+        """The final normalised hidden states (B, T, d_model). `documents` (B, T): each token's document id, for
+        document masking (None: causal). `cache`: keys and values before `tokens`, extended."""
         T = tokens.shape[1]
         start = 0 if cache is None else cache.length
         if start + T > self.cfg.max_seq_len:
@@ -342,9 +338,8 @@ class Transformer(nn.Module):
         return self.norm(delta, stream)[0]
 
     def smeared(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """x (B, T, d_model) with each position's gated share of the one before added: x[t] + smear_scale x
-        sigmoid(smear_gate(x[t][:24])) x x[t-1]. A sequence's first position has none before it; after a cache's
-        positions, the cache's last embedding is the one before (kept there for the next call)."""
+        """x (B, T, d_model) plus smear_scale x sigmoid(smear_gate(x[t][:24])) x x[t-1] at each t; the first position
+        has nothing before it but, after a cache, the cache's last embedding."""
         before = x.new_zeros(x.shape[0], 1, x.shape[2]) if cache is None or not cache.length else cache.last_embedding
         if cache is not None:
             cache.last_embedding = x[:, -1:]

@@ -146,9 +146,8 @@ _HF_SHAPE = {
 
 
 def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) -> ModelConfig:
-    """`base` with the shape and numerics of the Hugging Face Llama-family model in `directory`, read from
-    its config.json (model.init_from). UsageError naming the config.json key fasttrain's transformer
-    cannot reproduce: another model type or activation, biases, scaled RoPE, a head_dim of its own."""
+    """`base` with the shape and numerics of the Hugging Face Llama in `directory` (its config.json); UsageError naming
+    a key the transformer cannot reproduce (model type, activation, bias, RoPE scaling, head_dim)."""
     path = Path(directory) / "config.json"
     raw = _json_object(path)
 
@@ -231,9 +230,8 @@ def read_hf_llama_weights(directory: str | os.PathLike[str], cfg: ModelConfig) -
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of the model in `directory`: model.safetensors, or the shards its
-    model.safetensors.index.json lists. UsageError for an index naming a file outside the folder (an
-    absolute path, or one through ..): a model folder's weights are its own files."""
+    """The model's safetensors files in `directory`: model.safetensors, or the shards its index lists; UsageError for an
+    index naming a file outside the folder."""
     index = directory / "model.safetensors.index.json"
     if not index.is_file():
         if not (directory / "model.safetensors").is_file():
@@ -310,9 +308,8 @@ def export_weights(
 
 
 def _hf_files(cfg: Config, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str, bytes]:
-    """config.json and tokenizer_config.json of the Hugging Face layout, with generation_config.json too for a
-    model continued from a Hugging Face one (model.init_from) whose folder has one. Such a model keeps its
-    bos_token_id and eos_token_id (its tokenizer is that model's own); any other model's are end-of-text."""
+    """config.json and tokenizer_config.json of the Hugging Face layout; a model continued from one (model.init_from)
+    keeps its bos/eos ids and generation_config.json, others' are end-of-text."""
     config = hf_llama_config(cfg.model, tokenizer.eot_id, dtype)
     files = {}
     source = Path(cfg.model.init_from) if cfg.model.init_from else None

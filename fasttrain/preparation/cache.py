@@ -24,9 +24,8 @@ from fasttrain.system.run_lock import holding
 
 
 def cache_dir(request: dict) -> Path:
-    """Where data prepared for `request` is cached when data.dir is unset: under $FASTTRAIN_CACHE, else
-    $XDG_CACHE_HOME/fasttrain, else ~/.cache/fasttrain, one directory per distinct request (its paths absolute,
-    `request_of`), so changing the vocabulary never reuses stale shards."""
+    """Where data for `request` is cached when data.dir is unset: under $FASTTRAIN_CACHE, $XDG_CACHE_HOME/fasttrain or
+    ~/.cache/fasttrain, a directory per distinct request (absolute paths)."""
     root = (
         os.environ.get("FASTTRAIN_CACHE")
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fasttrain"

@@ -50,9 +50,8 @@ class Piece:
 
     @classmethod
     def of(cls, data: bytes | str, ends_document: bool, replaced: int = 0) -> Piece:
-        """`data` as a piece of text UTF-8 can carry, which every tokenizer encodes: invalid UTF-8 in bytes, or lone
-        surrogates in a str (a JSON escape such as \\ud800), replaced with U+FFFD and counted on top of `replaced`.
-        Every source's text comes through here."""
+        """`data` as text UTF-8 can carry: invalid UTF-8 in bytes, or lone surrogates in a str (a JSON escape such as
+        \\ud800), replaced with U+FFFD and counted on top of `replaced`; all text comes through here."""
         if isinstance(data, bytes):
             text = data.decode("utf-8", errors="replace")
             # Each invalid sequence became one U+FFFD; genuine U+FFFD characters are

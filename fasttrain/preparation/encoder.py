@@ -189,10 +189,8 @@ def slow_encoder(tokenizer: Tokenizer) -> Encode:
 
 
 def choose_encoder(tokenizer: Tokenizer, sample: Sequence[str]) -> tuple[Encode, str, str | None]:
-    """(encode, its name, a note or None): tiktoken when it expresses the tokenizer and gives its ids on
-    `sample` (some of the corpus) and PROBES, else `tokenizers`; the note says why not, in one line. A batch
-    tiktoken cannot encode (a lone surrogate from a JSON escape, say) is encoded by `tokenizers`, whose
-    error, if it has one, is prepare's."""
+    """(encode, its name, a note or None): tiktoken where it gives the tokenizer's ids on `sample` and PROBES, else
+    `tokenizers`, the note saying why; a batch tiktoken cannot encode goes to `tokenizers`."""
     slow = slow_encoder(tokenizer)
     try:
         fast = fast_encoder(tokenizer.tok)

@@ -140,9 +140,8 @@ def write_shards(
     total_bytes: int,
     quiet: bool,
 ) -> dict:
-    """Tokenize `pieces` (split, piece, starts_document) into `directory`'s train and val shards with the
-    fastest encoder that gives `tokenizer`'s ids on `sample` (its choice said in one line when it is not
-    tiktoken); returns meta.json's counts. Nothing half-written is left if it fails."""
+    """Tokenize `pieces` (split, piece, starts_document) into `directory`'s shards with the fastest encoder giving
+    `tokenizer`'s ids on `sample`; returns meta.json's counts, leaving nothing half-written."""
     encode, encoder_name, note = choose_encoder(tokenizer, sample)
     if note and not quiet:
         print(note)

@@ -298,9 +298,8 @@ def fsync_tree(directory: Path) -> None:
 
 
 def _move_into_place(out: Path, names: list[str]) -> None:
-    """Replace the prepared data in `out` by the complete preparation in out/.prepare-tmp (the new set: `names`): the
-    old meta.json first (so nothing reads a half-switched directory as prepared), the old files the new set lacks, the
-    new files, meta.json last. A killed move is finished by running it again."""
+    """Replace `out`'s data by the complete preparation in out/.prepare-tmp (`names`): old meta.json first, the old
+    files the new set lacks, the new files, meta.json last. Repeatable if killed."""
     tmp = out / TMP_NAME
     waiting = sorted((p for p in tmp.iterdir() if p.name in names), key=lambda p: p.name == "meta.json")
     if waiting:  # a finished move has moved meta.json last: then the directory's meta.json is the new one
@@ -314,9 +313,8 @@ def _move_into_place(out: Path, names: list[str]) -> None:
 
 
 def finish_interrupted_move(out: Path, quiet: bool) -> None:
-    """Finish the move of a complete preparation that a killed prepare left in out/.prepare-tmp. A COMPLETE marker that
-    is not a list of names (killed while writing it, before markers were atomic) was never followed by a move: the
-    unfinished preparation is discarded, said in one line."""
+    """Finish the move a killed prepare left in out/.prepare-tmp; a COMPLETE marker that is no list of names was never
+    followed by a move, so the preparation is discarded, said in one line."""
     marker = out / TMP_NAME / COMPLETE
     if not marker.exists():
         return
@@ -339,9 +337,8 @@ def finish_interrupted_move(out: Path, quiet: bool) -> None:
 
 
 def _refuse_foreign(out: Path, prepared_name: str) -> None:
-    """Refuse to write into `out` (its `prepared_name` named like a file prepare writes) when it holds no meta.json of
-    prepare's and files prepare never writes (a Hugging Face model's config.json beside its tokenizer.json, say):
-    prepare would replace files it did not write."""
+    """Refuse to write into `out` (its `prepared_name` named like prepare's files) when it holds no meta.json and files
+    prepare never writes (a model's config.json, say): they are not prepare's to replace."""
     if _is_prepare_meta(out / "meta.json"):
         return
     others = sorted(

@@ -54,9 +54,8 @@ def _busy(out_dir: str | os.PathLike[str], holder: str) -> str:
 
 
 def other_holder(out_dir: str | os.PathLike[str]) -> str | None:
-    """Who holds run directory `out_dir`'s lock, if that is another process: its "pid P on host H". None when
-    this process holds it or no one does. A run asks before it prunes or points at checkpoints: its
-    directory may have been removed and a new run started in a new one by the same name."""
+    """Who holds `out_dir`'s lock if another process: "pid P on host H"; else None. Asked before pruning or pointing at
+    checkpoints: a new run may have replaced this one's directory."""
     if fcntl is None:
         return None
     try:

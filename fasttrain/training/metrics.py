@@ -162,9 +162,8 @@ def import_wandb() -> ModuleType:
 
 
 class WandbSink:
-    """A Weights & Biases run that receives the events of metrics.jsonl: numeric fields of events with a step as
-    `{event}/{field}` at that step, the start event's fields in its config, the end event's as its summary, samples in a
-    table. Its id is kept in `run_dir/wandb_run_id`, so a resumed run continues it."""
+    """A Weights & Biases run fed metrics.jsonl's events: `{event}/{field}` at each step, the start's fields in its
+    config, the end's its summary, samples a table; resumed by `run_dir/wandb_run_id`."""
 
     def __init__(
         self, config: dict[str, Any], run_dir: Path, *, project: str, name: str, tags: list[str], resume: bool

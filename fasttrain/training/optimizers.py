@@ -40,16 +40,10 @@ else:  # torch.optim.Muon is torch 2.9's; without it build_optimizer refuses "mu
 
 class Muon(_MuonBase):
     """torch.optim.Muon (its groups, state and update rule) with Newton-Schulz in `ns_dtype`, on whole or sharded
-    matrices.
-
-    torch's own step iterates in bf16 always; this one runs the same iteration (`newton_schulz_reference`) in bf16 only
-    where bf16 matmuls are native, else fp32: an fp32 run stays fp32 (its losses do not depend on the CPU), and an
-    emulated bf16 iteration is ~100x slower (newton_schulz_dtype).
-
-    Under FSDP and HSDP the parameters and momentum buffers are DTensors sharded by rows: the momentum is updated slice
-    by slice, only the iteration sees whole matrices (`orthogonalised`), and the state saves and reshards as any FSDP
-    optimizer state. The rate's adjustment reads a DTensor's whole `shape`, so the step is the unsharded one's.
-    """
+    matrices. torch's step iterates in bf16 always; this one in bf16 only where bf16 matmuls are native, else fp32 (an
+    fp32 run's losses do not depend on the CPU, and emulated bf16 is ~100x slower; newton_schulz_dtype). Under FSDP and
+    HSDP the momentum is updated shard by shard, only the iteration sees whole matrices (`orthogonalised`), and the
+    state saves and reshards as any FSDP optimizer state; the rate's adjustment reads a DTensor's whole `shape`."""
 
     def __init__(
         self,
@@ -141,13 +135,9 @@ def is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
 
 def orthogonalised(update: torch.Tensor, group: dict, dtype: torch.dtype) -> torch.Tensor:
     """Muon's direction for the matrix `update`: Newton-Schulz in `dtype` with `group`'s settings, placed as `update`
-    is.
-
-    A DTensor shard is gathered whole onto every rank of its shard group; each iterates on the whole matrix and keeps
-    its own slice, so nothing is sent back. That repeats the compute on every rank, but is the simplest correct way (one
-    all-gather per matrix, any placement, no collective of our own) and costs little: ~1.5 TFLOP a step for the 124M
-    model's 48 matrices against ~370 TFLOP of forward and backward (~3% more at 8 ranks).
-    """
+    is. A DTensor shard is gathered whole onto every rank of its shard group, each iterating on the whole matrix and
+    keeping its own slice: repeated compute, but the simplest correct way (one all-gather per matrix, any placement, no
+    collective of our own), and cheap (~1.5 TFLOP a step for the 124M model against ~370 of forward and backward)."""
     steps, coefficients, eps, margin = group["ns_steps"], group["ns_coefficients"], group["eps"], group["ns_margin"]
     if not is_dtensor(update):
         return newton_schulz_reference(update, steps, coefficients, eps, dtype=dtype, margin=margin)
@@ -161,9 +151,8 @@ def orthogonalised(update: torch.Tensor, group: dict, dtype: torch.dtype) -> tor
 def param_groups(
     model: nn.Module, weight_decay: float, decay_embeddings: bool = False, exclude: frozenset[int] = frozenset()
 ) -> list[dict]:
-    """Two groups: decayed matrices, and the rest (vectors, and embeddings unless `decay_embeddings`). A parameter
-    shared by two modules (tied weights) is listed once, as an embedding; those whose id is in `exclude` are left
-    out."""
+    """Two groups: decayed matrices, and the rest (vectors, and embeddings unless `decay_embeddings`); a tied parameter
+    once, as an embedding; ids in `exclude` left out."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -178,9 +167,8 @@ def param_groups(
 
 
 def own_rate_groups(groups: list[dict], model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """`groups` with the lookup tables (the token embedding and any value embeddings, at optim.embedding_lr) and
-    an untied output head (at optim.head_lr) each moved into a group of its own, keeping its weight decay; as
-    they are where those keys are 0."""
+    """`groups` with the lookup tables (at optim.embedding_lr) and an untied head (at optim.head_lr) each in a group of
+    its own, keeping its weight decay; as they are where those keys are 0."""
     embed, output = getattr(model, "embed", None), getattr(model, "output", None)
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)] if cfg.embedding_lr else []
     moves = [(table, cfg.embedding_lr) for table in tables]
@@ -235,12 +223,10 @@ def newton_schulz_dtype(precision: str, device: torch.device) -> torch.dtype:
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, device: torch.device, kernel: bool = False, precision: str = "fp32"
 ) -> torch.optim.Optimizer | Hybrid:
-    """The optimizer that optim.name names, over `model`'s parameters, each group at its own peak lr.
-
-    `kernel`: kernels.FusedAdamW for AdamW (clipping folded in only for AdamW alone, see Updater). `precision`: the
-    run's, which Muon's Newton-Schulz follows. All take FSDP's sharded parameters but the AdamW kernel (kernels_on turns
-    it off there). UsageError for Muon on a torch without torch.optim.Muon.
-    """
+    """The optimizer that optim.name names, over `model`'s parameters, each group at its own peak lr. `kernel`:
+    kernels.FusedAdamW for AdamW (clipping folded in only for AdamW alone, see Updater); `precision`: the run's, which
+    Muon's Newton-Schulz follows. All but the AdamW kernel take FSDP's sharded parameters. UsageError for Muon on a
+    torch without torch.optim.Muon."""
     if cfg.name == "muon":
         if not hasattr(torch.optim, "Muon"):
             raise UsageError(

@@ -33,13 +33,11 @@ def train_loop(
     device: str | torch.device = "cuda",
 ) -> dict[str, list]:
     """Train `model` for `num_epochs` passes over `train_dataloader`; returns {"losses": [...], "steps": [...]}.
-
-    `model(input_ids)` must return logits (B, T, V). A batch is a dict of "input_ids" and "target_ids" ((B, T) integers;
+    `model(input_ids)` must return logits (B, T, V); a batch is a dict of "input_ids" and "target_ids" ((B, T) integers;
     targets of -100 ignored) or an `(input_ids, target_ids)` pair. Per batch: zero the gradients, forward,
     cross-entropy, backward, clip the gradient norm to `max_grad_norm` (0 disables), step; every `log_interval` steps
     (from 1, across epochs) the loss is recorded and printed. The model is moved to `device` in train mode (its
-    Parameters, which the optimizer holds, stay the same). A CUDA device on a machine without one is a UsageError.
-    """
+    Parameters stay the optimizer's). A CUDA device on a machine without one is a UsageError."""
     if num_epochs < 0 or log_interval <= 0:
         raise ValueError(f"num_epochs must be >= 0 and log_interval > 0, got {num_epochs} and {log_interval}")
     device = resolve_device(str(device))

@@ -24,15 +24,12 @@ from fasttrain.training.schedule import carried_rest_scale, schedule_change
 
 class Recovery:
     """[recovery]: a step whose loss or gradient norm is not finite is skipped (no update); after `max_skips` in a row
-    the run rolls back with the learning rate times `lr_factor`, at most `max_rollbacks` times, then stops.
-
-    It rolls back to the newest save whose next step was finite (`safe`): a save holds the weights its next step starts
-    from, so the save just before a streak would only diverge again. A save stays `unproven` until the step after it is
-    finite, none is made during a streak, and the way back (`target`) is kept from pruning. A resumed run has proven
-    nothing yet (its checkpoint may hold the weights that diverge): the run's earlier saves are the way back, newest
-    first. A save whose background write failed is `lost`: the safe save before it is the target. The count of skips in
-    a row lives here, not in RunState: a resumed or rolled-back run starts with none.
-    """
+    the run rolls back with the learning rate times `lr_factor`, at most `max_rollbacks` times, then stops. It goes back
+    to the newest save whose next step was finite (`safe`): the save just before a streak holds the weights that
+    diverged. A save stays `unproven` until the step after it is finite, none is made during a streak, and the way back
+    (`target`) is kept from pruning; a resumed run has proven nothing yet, so the run's earlier saves are the way back,
+    newest first, and a save whose background write failed is `lost`. The count of skips in a row lives here, not in
+    RunState: a resumed or rolled-back run starts with none."""
 
     def __init__(self, cfg: RecoveryConfig, saves: Sequence[Path] = ()):
         """`saves`: the run's checkpoints so far, oldest first (a resumed run's; none for a new run)."""
@@ -76,9 +73,8 @@ class Recovery:
         return self.target() is not None and run.rollbacks < self.cfg.max_rollbacks
 
     def rolled_back(self, diverged: RunState, restored: RunState) -> RunState:
-        """The state to continue from: the target save's (`restored`), with the learning rate lowered,
-        the rollback counted, and the skipped steps of the `diverged` run kept. An earlier save gone
-        back to is unproven until a step after it is finite."""
+        """The state to continue from: the target save's (`restored`), the rate lowered, the rollback counted,
+        `diverged`'s skipped steps kept; an earlier save is unproven until a step after it is finite."""
         self.in_a_row, self.unproven = 0, None
         if self.safe is None:
             self.unproven = self.earlier.pop()
@@ -91,9 +87,8 @@ class Recovery:
 
 
 class EarlyStopping:
-    """train.early_stop_patience evaluations in a row without lowering the best validation loss by
-    at least train.early_stop_min_delta end the run (patience 0: never). The count is RunState's
-    `stale_evals`, so it resumes with the checkpoint."""
+    """train.early_stop_patience evaluations in a row not lowering the best loss by train.early_stop_min_delta end the
+    run (0: never); the count, `stale_evals`, resumes with the checkpoint."""
 
     def __init__(self, patience: int, min_delta: float):
         self.patience, self.min_delta = patience, min_delta
@@ -149,9 +144,8 @@ def ended(run: RunState, cfg: Config) -> str:
 
 
 def better_save(cfg: Config, run: RunState, last_eval: dict[str, float], best: Path | None) -> Path | None:
-    """The save whose weights final/ gets instead of the last step's: `best` (the run's best save) where
-    checkpoint.final_weights = "best" and the run's best validation loss, which it was saved at, is below the
-    last evaluation's; else None."""
+    """The save whose weights final/ gets instead of the last step's: `best` where checkpoint.final_weights = "best" and
+    its loss is below the last evaluation's; else None."""
     if cfg.checkpoint.final_weights != "best" or not last_eval or best is None or step_of(best) == run.step:
         return None
     return best if run.best_val_loss < last_eval[cfg.train.monitor] else None

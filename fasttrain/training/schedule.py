@@ -69,13 +69,10 @@ def lr_on_progress(
     step: int, progress: float, decay_from: float | None, lr: float, sched: ScheduleConfig
 ) -> tuple[float, float | None]:
     """Learning rate of update `step` (0-based) of a budgeted run at `progress` (projected for the update's end; 1 is
-    the budget's end), and the run's `decay_from` after it.
-
-    Warmup ramps as in lr_at, and ends by WARMUP_SHARE of the budget at the latest (lr x max((step + 1) / warmup_steps,
-    progress / WARMUP_SHARE)), so a slow machine does not spend its budget warming up; the first update after it records
-    its progress as `decay_from`. cosine and linear then decay over the progress from decay_from to 1, wsd over the last
-    cooldown_fraction of that span; from progress 1 on the rate is min_lr. constant and step count steps, as in lr_at.
-    """
+    the budget's end), and the run's `decay_from` after it. Warmup ramps as in lr_at and ends by WARMUP_SHARE of the
+    budget at the latest (lr x max((step + 1) / warmup_steps, progress / WARMUP_SHARE)); the first update after it
+    records its progress as `decay_from`. cosine and linear then decay over the progress from decay_from to 1, wsd over
+    the last cooldown_fraction of that span, min_lr from 1 on; constant and step count steps."""
     warmup = sched.warmup_steps
     if decay_from is None and step < warmup and progress <= WARMUP_SHARE:
         return lr * max((step + 1) / warmup, progress / WARMUP_SHARE), None
@@ -113,9 +110,8 @@ class Budget:
         return self.progress(steps, seconds) >= 1
 
     def standing(self, steps: int, seconds: float) -> Standing:
-        """Where a run is, for its logs: its progress, the step it will end at (at the speed so far, when the clock
-        decides it) and its seconds of training left under a time budget (None without one; fewer where max_steps comes
-        first)."""
+        """Where a run is, for its logs: its progress, the step it will end at (at the speed so far) and its seconds of
+        training left under a time budget (None without one)."""
         progress = self.progress(steps, seconds)
         final = self.max_steps if not progress else round(steps / progress)
         if self.max_steps:
@@ -128,9 +124,8 @@ class Budget:
         return Standing(progress, max(final, steps), left)
 
     def horizon(self, steps: int, seconds: float) -> tuple[int | None, str]:
-        """The step a run's plans (how often it reads each source, where its mix changes fall) are laid out to, and the
-        words that say so: max_steps without a clock; under one, the end the speed so far projects (a resumed run), else
-        max_steps if the clock lets the run get that far (None without max_steps)."""
+        """The step a run's plans are laid out to, and the words saying so: max_steps without a clock; under one, the
+        end projected at the speed so far, else max_steps (None without it)."""
         if not self.max_time:
             return self.max_steps, "by this run"
         if steps and seconds:
@@ -178,9 +173,8 @@ class Update(NamedTuple):
 
 
 def next_update(cfg: Config, run: RunState, recorded: Sequence[float] = ()) -> Update:
-    """The next update of `run` under `cfg`: by lr_at in a step run; by lr_on_progress in a budgeted run, at
-    the progress Budget projects, or in a replay (`recorded`: each update's progress, see recorded_progress)
-    at the progress that update had."""
+    """The next update of `run` under `cfg`: by lr_at in a step run, by lr_on_progress in a budgeted run at Budget's
+    projected progress, or a replay's `recorded` progress."""
     t, step = cfg.train, run.step
     if not t.max_time and not recorded:
         return Update(lr_at(step, t.max_steps, cfg.optim.lr, cfg.schedule), None, None)
@@ -217,9 +211,8 @@ PROGRESS_EVENT = "progress"  # metrics.jsonl: {"step": s, "progress": p, "second
 
 
 def recorded_progress(spec: str, steps: int) -> list[float]:
-    """The progress of the first `steps` updates of the budgeted run whose metrics.jsonl (or run directory) is `spec`,
-    update s at index s, the last value recorded for each (a resume's replace the steps it trained again). UsageError if
-    it cannot be read or does not cover `steps` updates."""
+    """The progress of the first `steps` updates of the budgeted run of metrics.jsonl (or run directory) `spec`, the
+    last recorded for each; UsageError if unreadable or short of `steps`."""
     path = Path(spec) / "metrics.jsonl" if Path(spec).is_dir() else Path(spec)
     where = f"schedule.progress_from = {spec}"
     try:
@@ -255,9 +248,8 @@ def recorded_progress(spec: str, steps: int) -> list[float]:
 
 
 def fit_warmup(sched: ScheduleConfig, max_steps: int) -> tuple[ScheduleConfig, str | None]:
-    """`sched` for a run of `max_steps` steps: a warmup longer than the whole run (a smoke run of a real config) becomes
-    its first tenth, at least 2 steps as far as the run is long (a 1-step warmup starts at the peak), with a note;
-    otherwise `sched` and None."""
+    """`sched` for a run of `max_steps` steps: a warmup longer than the run (a smoke run) becomes its first tenth (at
+    least 2 steps), with a note; otherwise `sched` and None."""
     if not max_steps or sched.warmup_steps <= max_steps:  # 0: a time budget, whose warmup ends by WARMUP_SHARE
         return sched, None
     warmup = min(max_steps, max(2, max_steps // 10))

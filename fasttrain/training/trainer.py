@@ -65,12 +65,9 @@ from fasttrain.training.schedule import Budget, next_update
 
 class Trainer:
     """Builds the model, objective, optimizer and data of a Config, and trains, evaluates, samples and checkpoints.
-
-    Construction prepares the data if needed and keeps the config resolved with what that found (`cfg`; the config given
-    is not changed); with model.init_from the model takes that model's shape and weights. Nothing is written to
-    `train.out_dir` until `train()` or `save_checkpoint()`. Under torchrun every rank builds a Trainer, reads its own
-    part of the data, and only rank 0 prints and writes.
-    """
+    Construction prepares the data if needed and keeps the config resolved with what that found (`cfg`); with
+    model.init_from the model takes that model's shape and weights. Nothing is written to `train.out_dir` until
+    `train()` or `save_checkpoint()`. Under torchrun every rank builds one; only rank 0 prints and writes."""
 
     def __init__(
         self,
@@ -80,9 +77,8 @@ class Trainer:
         resuming: bool = False,
         plan: RunPlan | None = None,
     ):
-        """`plan`: the run's plan of prepared data (plan.plan_run); without one the Trainer makes it (start_run).
-        `clock`: seconds, what train.max_time counts. `resuming`: resume() comes next, so model.init_from's weights are
-        not read now (the checkpoint replaces them); train() reads them if it starts anew."""
+        """`plan`: the run's plan (made by start_run if not given). `clock`: seconds, what train.max_time counts.
+        `resuming`: resume() comes next, so model.init_from's weights are read only if train() starts anew."""
         self.clock, self.created = clock, clock()
         plan = plan or start_run(cfg, quiet, "auto" if resuming else None)
         if plan.prepare:
@@ -182,9 +178,8 @@ class Trainer:
         return Budget.of(self.cfg.train).reached(self.run.step, self.run.train_seconds)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, grad_scale: torch.Tensor | None = None) -> LossSums:
-        """The loss sums of batch (x, y) (B, T) through the objective. With data.document_mask, each
-        end-of-text token in x starts a new document. `grad_scale`: what the loss will be multiplied
-        by before the backward (see NextTokenLoss)."""
+        """The loss sums of batch (x, y) through the objective (data.document_mask: each end-of-text token in x starts a
+        document). `grad_scale`: the loss's factor before the backward."""
         with uncompiled(self.eager):
             return batch_loss(
                 self.objective, x, y, self.tokenizer.eot_id if self.cfg.data.document_mask else None, grad_scale
@@ -192,12 +187,9 @@ class Trainer:
 
     def accumulate_gradients(self, batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Forward and backward over the step's micro-batches (by default the train loader's next); returns this rank's
-        sums [loss, correct, counted] (3,) on the device.
-
-        Each micro-batch's summed loss is divided by the counted targets of the whole update on all ranks (times the
-        world size, as the reduction averages over ranks), so .grad holds the gradient of the mean loss per counted
-        target; the ranks reduce in the last backward only.
-        """
+        sums [loss, correct, counted] (3,) on the device. Each micro-batch's summed loss is divided by the update's
+        counted targets on all ranks (times the world size, as the reduction averages), so .grad holds the gradient of
+        the mean loss per counted target; the ranks reduce in the last backward only."""
         batches = batches or [next(self.train_loader) for _ in range(self.accumulation)]
         counted = distributed.total(cast(torch.Tensor, sum(counted_targets(y) for _, y in batches)).float(), self.world)
         scale = self.world.size / counted
@@ -211,14 +203,11 @@ class Trainer:
         return sums
 
     def step(self) -> StepResult:
-        """One optimizer update, and the run's counters advanced.
-
-        A step whose loss or gradient norm is not finite is skipped (no update) but counts, in `run.skipped_steps` too.
-        Its seconds count toward train.max_time, rank 0's on every rank so all stop together; a compiled objective's
-        first not. A step whose compile fails, and a compiled objective's non-finite step before any finite one, are
-        done again uncompiled on the same batches (compiled code can be wrong where the model is not); the run goes on
-        uncompiled and says why.
-        """
+        """One optimizer update, and the run's counters advanced. A step whose loss or gradient norm is not finite is
+        skipped (no update) but counts, in `run.skipped_steps` too. Its seconds count toward train.max_time, rank 0's on
+        every rank; a compiled objective's first not. A step whose compile fails, and a compiled objective's non-finite
+        step before any finite one, are done again uncompiled on the same batches (compiled code can be wrong where the
+        model is not); the run goes on uncompiled and says why."""
         began = self.clock()
         batches = [next(self.train_loader) for _ in range(self.accumulation)]
         compiled_loss, why = None, None
@@ -265,9 +254,8 @@ class Trainer:
         return loss, grad_norm, correct, counted, bool(finite), targets
 
     def evaluate(self, stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
-        """Validation metrics (validation.validate) over the first eval_steps x batch_size rows of each source's val
-        split, shared out among the ranks; of a mixture their total weighted as data.sources. None if `stop()` cut it
-        short."""
+        """Validation metrics over the first eval_steps x batch_size rows of each source's val split, shared among the
+        ranks; a mixture's weighted as data.sources. None if `stop()` cut it short."""
         t = self.cfg.train
 
         def loader(source: Source) -> TokenLoader:
@@ -286,14 +274,11 @@ class Trainer:
 
     def train(self, overwrite: bool = False) -> dict:
         """Train to `train.max_steps` or for `train.max_time`, logging, evaluating and checkpointing; returns a summary.
-
-        Writes `config.toml`, `metrics.jsonl`, checkpoints and the final weights (`final/`: with
-        checkpoint.final_weights = "best" the best save's where it beat the last evaluation; run_loop.write_final) into
-        `train.out_dir`, which it locks (UsageError if another process trains there). A new run refuses a directory
-        holding another run's checkpoints unless `overwrite` (run_directory.RUN_FILES); all refusals come before
-        anything there changes, and a start that fails before its first step is taken back. Compile, evaluation,
-        sampling and saving time stay out of the throughput and the time budget.
-        """
+        Writes `config.toml`, `metrics.jsonl`, checkpoints and `final/` (run_loop.write_final) into `train.out_dir`,
+        which it locks (UsageError if another process trains there). A new run refuses a directory holding another run's
+        checkpoints unless `overwrite`; all refusals come before anything there changes, and a start that fails before
+        its first step is taken back. Compile, evaluation, sampling and saving time stay out of the throughput and the
+        time budget."""
         resumed = self.resumed_from is not None
         check_start(self.plan, resumed, overwrite)
         if not resumed and self.init_pending:  # made `resuming`, then started anew
