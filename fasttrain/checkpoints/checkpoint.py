@@ -81,10 +81,8 @@ class InFlight:
 
 
 class Checkpointer:
-    """Saves and restores `model`, its `optimizer` and the fp16 loss `scaler`, with the RunState and loader given per
-    call, in `cfg.train.out_dir`/checkpoints; every rank must call `save` and `restore`. A sharded save has every rank
-    write its part into a folder, a file save gathers the state onto rank 0, which writes it; either restores in any
-    world."""
+    """Saves and restores `model`, `optimizer` and `scaler` (with the RunState and loader given per call) in
+    out_dir/checkpoints; every rank calls `save` and `restore`. File or sharded, a save restores in any world."""
 
     def __init__(
         self,

@@ -167,9 +167,8 @@ def read_trusted(file: Path, device: torch.device | str, path: Path) -> Any:
 
 
 def config_of(path: Path) -> Config:
-    """The config the run that saved the checkpoint at `path` used, read without its tensors (a file's are mapped,
-    not read; a sharded save's state.pt holds none): what a resume's plan needs of a save before loading it.
-    UsageError as `load` gives for what is not a checkpoint; the checksums are checked by the load that follows."""
+    """The config of the run that saved the checkpoint at `path`, read without its tensors: what a resume's plan needs
+    first. UsageError as `load` gives; the load that follows checks the checksums."""
     file = path / STATE_FILE if is_sharded(path) else path
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=file.is_file() and path == file)
@@ -184,9 +183,8 @@ def config_of(path: Path) -> Config:
 
 
 def recorded_config(cfg: Config, resume: str | None) -> tuple[Config, str] | None:
-    """The config a resumed run (`resume`, a --resume spec) or a replayed one (schedule.progress_from) trained, and
-    the file that says so: the config.toml of the run directory its checkpoint is in (or of progress_from's run),
-    else the checkpoint's own saved config; None for a new run. UsageError for a resume with no save to resume."""
+    """The config a resumed run (`resume`) or a replayed one (schedule.progress_from) trained, and the file saying so:
+    its run directory's config.toml, else the checkpoint's; None for a new run."""
     if resume is not None:
         path = resolve(resume, cfg.train.out_dir).resolve()
         beside = path.parent.parent / "config.toml"

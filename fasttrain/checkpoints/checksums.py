@@ -41,10 +41,8 @@ def of_folder(path: Path) -> dict[str, int]:
 
 
 def verify(path: Path, sums: object, only: str | None = None) -> None:
-    """UsageError naming the first file of the folder `path` whose CRC-32 is not the one `sums` (its state.pt's)
-    recorded, or state.pt where none matches (another save's state.pt); `only`: that file alone, before it is parsed.
-    `sums` None: a folder from before checksums, taken as it is. Only a regular file directly in the folder is read (not
-    ../x, not a FIFO)."""
+    """UsageError naming the first file of folder `path` whose CRC-32 is not the one `sums` recorded (state.pt where
+    none matches); `only`: that file alone. `sums` None: an older folder, taken as it is."""
     if sums is None:
         return
     if not isinstance(sums, dict) or not all(isinstance(n, str) and isinstance(c, int) for n, c in sums.items()):

@@ -150,10 +150,8 @@ def write(path: Path, state: dict, process_group: dist.ProcessGroup | None = Non
 def write_async(
     path: Path, state: dict, process_group: dist.ProcessGroup | None = None, checksum: bool = False
 ) -> Future:
-    """Like `write`, but return once `state` is in CPU memory: a future done when the folder is written (its result
-    raises what the write raised). With `checksum` (rank 0), its result is the folder's checksums (checksums.of_folder),
-    read back in the background. `process_group`: a gloo group of its own, so the write's collectives never interleave
-    with training's."""
+    """`write`, returning once `state` is in CPU memory: a future of the write (rank 0 with `checksum`: of the folder's
+    checksums). `process_group`: a gloo group of its own, apart from training's collectives."""
     import torch.distributed.checkpoint as dcp
 
     written = cast(

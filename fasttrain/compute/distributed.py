@@ -129,10 +129,9 @@ def _give_up(message: str) -> None:
 
 
 def _attempt_store(world: World, store: dist.Store) -> dist.Store:
-    """The store this attempt's group meets in: `store`, under a prefix of its own for each torchrun restart. torchrun's
-    static rendezvous hands every attempt its agent's store, where a restarted group read the dead attempt's keys and
-    failed ("Gloo connectFullMesh failed ... Connection refused") or hung. Only on one node is the restart count the
-    same on every rank; several nodes restart through a c10d rendezvous, a new store each round (docs/multi-gpu.md)."""
+    """The store this attempt's group meets in: `store` under a prefix per torchrun restart, since torchrun's static
+    rendezvous keeps the dead attempt's keys there (a restarted gloo group hung or failed on them); one node only
+    (docs/multi-gpu.md)."""
     if world.local_size != world.size:
         return store
     return dist.PrefixStore(f"fasttrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
@@ -306,10 +305,8 @@ def load_local_state(model: nn.Module, optimizer: Optimizer, model_state: dict, 
 
 
 def _load_part(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, full: bool) -> None:
-    """Load one torch optimizer's `state` keyed by name, whole (`full`) or as this rank's shards, through
-    torch.distributed.checkpoint, then its groups' settings as saved: DCP loads a group without parameters
-    (Muon's AdamW half has one, see `_merged`) without its settings (torch 2.13), and AdamW's step reads betas
-    from every group."""
+    """Load one optimizer's `state` keyed by name, whole (`full`) or this rank's shards, through DCP, then its groups'
+    settings as saved (DCP drops those of a group without parameters: torch 2.13)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=full))

@@ -30,11 +30,9 @@ MAX_EXTENDS = 32  # config files in one `extends` chain
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
-    """Build a validated Config from defaults, the TOML file at `path` (None: none), then `overrides`: each
-    `section.key=value`, `value` a TOML literal (`8`, `"cpu"`, `["a", "b"]`) or else a bare string (`train.device=cpu`),
-    later ones winning. A file may start with `extends = "base.toml"` (relative to it): the base's values first,
-    replaced key by key; a chain that comes back to a file it passed is an error. Any problem is a one-line UsageError
-    naming the file or `--set`, and the key."""
+    """A validated Config from defaults, the TOML file at `path` (None: none; `extends` a base file first), then
+    `overrides` (`section.key=value`, a TOML literal or a bare string). One-line UsageErrors naming the source and
+    key."""
     return _build(_read_layers(path) if path is not None else [], [(OVERRIDE_SOURCE, item) for item in overrides])
 
 

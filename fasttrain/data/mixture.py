@@ -161,9 +161,8 @@ class Blend:
 
 
 def source_names(d: DataConfig) -> list[str]:
-    """The name of each [[data.sources]] table in metrics (`val_loss.NAME`, `tokens.NAME`), train.monitor and the
-    console, distinct in every case: its `name`, else the shortest ending of its folder's resolved path no other unnamed
-    source's shares and no source is named ("code", or "web/prepared" beside "src/prepared")."""
+    """Each [[data.sources]] table's name in metrics, train.monitor and the console, distinct: its `name`, else the
+    shortest ending of its folder's path no other unnamed source's shares ("code", "web/prepared")."""
     given = {s.name for s in d.sources if s.name}
     paths = {i: Path(s.dir).resolve().parts for i, s in enumerate(d.sources) if not s.name}
     names = []
@@ -206,10 +205,8 @@ class Source:
 
 
 def open_sources(d: DataConfig) -> list[Source]:
-    """The run's sources as they are now: the [[data.sources]] folders, each checked whole
-    (prepared_folder.open_prepared) and sharing one tokenizer, or the one folder of data.dir / data.inputs with weight 1
-    (cache.find_prepared; none while nothing is prepared there). UsageError naming the folder and key for one missing,
-    empty, of another tokenizer or vocabulary, or without a validation split. Never writes."""
+    """The run's sources now: the [[data.sources]] folders, checked whole and sharing a tokenizer, or data.dir's /
+    data.inputs' one (none while unprepared). UsageError naming the folder and key; never writes."""
     if not d.sources:
         directory, data = find_prepared(d)
         return [Source(Path(directory).name, directory, 1.0, data)] if data else []

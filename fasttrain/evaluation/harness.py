@@ -263,11 +263,8 @@ def task_index(
     num_fewshot: int | None = None,
     keys: tuple[str, str, str] = ("--tasks", "--include-path", "--num-fewshot"),
 ) -> TaskManager:
-    """lm-eval's index of tasks (about 12 s to build), with `include_path`'s task YAML files, once every one of
-    `tasks` (tasks, groups, tags or globs) is found in it and can run with `num_fewshot` examples (None: each task's
-    own), all before a model is loaded. UsageError naming `keys` (the flags or config keys) for an include path that
-    is no folder, an unknown task (with the include path's YAML files lm-eval silently skipped), or one that cannot
-    run (check_task)."""
+    """lm-eval's index of tasks (~12 s), with `include_path`'s YAML files, once every one of `tasks` is found and can
+    run with `num_fewshot`: before a model loads. UsageErrors naming `keys` (see check_task)."""
     if include_path and not Path(include_path).is_dir():
         raise UsageError(f"{keys[1]}: {include_path}: no such directory")
     manager = TaskManager(include_path=include_path)

@@ -55,10 +55,8 @@ def validate(
 
 
 def mixture_metrics(found: Sequence[tuple[str, dict[str, float]]], weights: Sequence[float]) -> dict[str, float]:
-    """The metrics of one source as they are; of a mixture (`found`: each source's name and metrics, in the order of
-    `weights`), the totals weighted by data.sources' normalized base weights (fixed, so evaluations compare whatever
-    [[data.mix]] says), then each source's val_loss, val_accuracy and val_bpb as "val_loss.<name>", .... ValueError
-    unless there is one weight per source and the names are distinct."""
+    """One source's metrics as they are; a mixture's (`found`: names and metrics, in `weights`' order) totalled by
+    data.sources' fixed weights, then each source's as "val_loss.<name>", .... ValueError on a mismatch."""
     names = [name for name, _ in found]
     if len(found) != len(weights) or len(set(names)) != len(names):
         raise ValueError(f"{len(weights)} weights for the sources {names}: one each, by distinct names")

@@ -35,10 +35,8 @@ class PreparedData:
 
 
 def open_prepared(directory: str | os.PathLike) -> PreparedData:
-    """The prepared folder `directory`, checked whole before a run uses it: meta.json (`check_meta`), the tokenizer
-    against its recorded sha256 (where recorded), vocabulary and end-of-text id, and each shard's header against
-    meta.json. Any disagreement is a UsageError naming the file. Use this, not read_meta, wherever a folder's counts are
-    read (bits per byte divide by them)."""
+    """The prepared folder `directory`, checked whole (meta.json, the tokenizer's sha256, vocabulary and end-of-text id,
+    each shard's header); UsageError naming the file. Read a folder's counts through this."""
     directory = os.fspath(directory)
     path = Path(directory) / "meta.json"
     meta = read_meta(directory)

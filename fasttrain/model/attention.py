@@ -139,10 +139,8 @@ class Attention(nn.Module):
         cache: LayerCache | None = None,
         value_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`mask`: None (causal), a `document_mask`, or with a `cache` a bool tensor (T, cached + T); `cache`: this
-        layer's earlier keys and values. `value_embedding` (B, T, n_kv_heads x head_dim): the tokens' rows of this
-        block's table, added to the values through the gate 3 sigmoid(value_gate(x[..., :12])) per head (near 1.5 at
-        first)."""
+        """`mask`: None (causal), a `document_mask`, or with a `cache` a bool (T, cached + T). `value_embedding` (B, T,
+        n_kv_heads x head_dim): added to the values through 3 sigmoid(value_gate(x[..., :12])) per head."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1

@@ -198,10 +198,8 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
 
 
 def read_hf_llama_weights(directory: str | os.PathLike[str], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The weights of the Hugging Face Llama in `directory` (model.safetensors, or the shards that
-    model.safetensors.index.json lists) as a state dict of the Transformer of `cfg` (q, k, v and gate, up
-    fused back together); UsageError naming a missing file or tensor, a tensor whose shape is not the one
-    `cfg` (its config.json) gives, or one holding a NaN or infinity."""
+    """The weights of the Hugging Face Llama in `directory` as a state dict of the Transformer of `cfg`
+    (hf_llama_layout); UsageError naming a missing file or tensor, a wrong shape, a NaN or infinity."""
     directory = Path(directory)
     theirs: dict[str, torch.Tensor] = {}
     where: dict[str, Path] = {}  # the file each tensor came from, for the errors below
@@ -249,10 +247,8 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 def check_hf_tokenizer(directory: str | os.PathLike[str], data_tokenizer: Tokenizer, data_file: str) -> str | None:
-    """UsageError, naming both files, if `data_tokenizer` (the run's data's, read from `data_file`) is not the
-    tokenizer.json of the Hugging Face model in `directory`: the model's embeddings mean that tokenizer's ids,
-    and `export --hf` ships the data's. Compared by content, as tokenizers serializes it (prepare rewrites the
-    file it copies). A model folder without tokenizer.json cannot be compared: returns a note saying so."""
+    """UsageError naming both files if `data_tokenizer` (from `data_file`) is not the tokenizer.json of the Hugging Face
+    model in `directory`, compared by content; without one there, a note saying so."""
     theirs = Path(directory) / "tokenizer.json"
     if not os.path.lexists(theirs):
         return (
@@ -279,14 +275,9 @@ def export_weights(
     dtype: torch.dtype = torch.float32,
     tokenizer: str | os.PathLike[str] | None = None,
 ) -> list[Path]:
-    """Write `model_state` (a Transformer's state dict, trained with `cfg`) into `out_dir`; returns the files.
-
-    `tokenizer` is the tokenizer.json the model trained with (default: `cfg.data.dir`'s, the trainer's own
-    at the end of a run), copied when it is there; the Hugging Face layout needs it. A model continued
-    from a Hugging Face one (model.init_from) keeps that model's bos/eos token ids and generation_config.json.
-    Everything is checked before the first file is written: `out_dir` must be new, or hold only files this
-    export replaces (see `_check_out_dir`), and --hf needs the tokenizer.
-    """
+    """Write `model_state` (trained with `cfg`) into `out_dir`; returns the files. `tokenizer`: the tokenizer.json the
+    model trained with (default `cfg.data.dir`'s), which --hf needs. All is checked before the first write
+    (`_check_out_dir`)."""
     out = Path(out_dir)
     if hf and (beyond := beyond_llama(cfg.model)):
         raise UsageError(
@@ -356,11 +347,9 @@ def _json_object(path: Path) -> dict:
 
 
 def _check_out_dir(out: Path, writes: set[str], hf: bool) -> None:
-    """UsageError unless `out` is new or holds nothing but the files `writes` names (a previous export of
-    this layout, which this one replaces). Anything else would be read beside the new weights: the other
-    layout's config, another model's shards and index (model.safetensors.index.json takes precedence
-    over model.safetensors), pytorch_model.bin, a tokenizer file this export does not write. Names starting
-    with a dot (a killed write's temporary file) are no model's files and are left alone."""
+    """UsageError unless `out` is new or holds only files `writes` names (this layout's previous export): anything else
+    (the other layout's config, another model's shards or index, pytorch_model.bin) would be read beside the new
+    weights. Dot files (a killed write's) are left alone."""
     if not out.is_dir():
         return
     foreign = sorted(p.name for p in out.iterdir() if p.name not in writes and not p.name.startswith("."))

@@ -36,11 +36,9 @@ def cache_dir(request: dict) -> Path:
 
 
 def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
-    """Make sure prepared data for [data] `d` exists, and say where it is and what it holds: `d.dir`, or when "" a cache
-    directory keyed by the request (`cache_dir`), prepared from `d.inputs` when empty. A folder already prepared is the
-    data: [data] keys left at their defaults take its values, one set otherwise must agree (UsageError naming both). The
-    folder is checked whole (`open_prepared`) before anything is recorded or deleted; `d` is left as it is
-    (config.resolve)."""
+    """Make sure prepared data for [data] `d` exists (`d.dir`, else the cache's `cache_dir`, prepared from `d.inputs`)
+    and say what it holds: keys left at defaults take its values, others must agree (UsageError naming both). The folder
+    is checked whole before anything is recorded or deleted; `d` is unchanged."""
     inputs, vocab_size = d.inputs or DEFAULT_INPUTS, d.vocab_size or DEFAULT_VOCAB
     directory = prepared_dir(d)
 

@@ -184,10 +184,8 @@ def learning_pieces(text: str) -> tuple[list[str], int]:
 def tokenizer_sample(
     sources: Sequence[Source], text_field: str, split: Split, max_chars: int, sample: Sample
 ) -> Iterator[str]:
-    """Training-split text to learn the tokenizer from: about `max_chars` characters spread over the whole input,
-    streamed. A training document is taken when its hash's sample value is below max_chars / the input's size, so every
-    file gives its share; a smaller corpus is taken whole. Long runs are cut (`learning_pieces`); counts what it took
-    into `sample`."""
+    """Training text to learn the tokenizer from, about `max_chars` spread over the input, streamed: documents whose
+    hash's sample value is below max_chars / the input's size; long runs cut. Counts into `sample`."""
     total = sum(src.size for src in sources)
     # One document (split by the end of its text) is taken from its start, as far as max_chars goes.
     rate = max_chars / total if total and split.by == "document_hash" else 1.0

@@ -90,10 +90,8 @@ def _holder(fd: int) -> str:
 def holding(
     path: Path, busy: Callable[[str], str] | None = None, wait: Callable[[str], None] | None = None
 ) -> Iterator[None]:
-    """Hold an exclusive lock on the file `path` (created, with its directory) for the `with` block. If
-    another process holds it: UsageError(busy(holder)), or, given `wait` instead, call wait(holder) and
-    block until it is free. The lock file is opened without following a link (a link planted there would
-    be truncated)."""
+    """Hold an exclusive lock on `path` (created, with its directory) for the `with` block; held by another process:
+    UsageError(busy(holder)), or with `wait`, wait(holder) and block. Links are not followed."""
     if fcntl is None:
         yield
         return

@@ -49,10 +49,8 @@ def batch_loss(
 
 
 class NextTokenLoss(nn.Module):
-    """`model`'s loss as a module holding the model, so that DDP, FSDP and torch.compile see every use of the output
-    weight, the fused loss's included: `forward(tokens, targets, documents=None, grad_scale=None) -> LossSums`. `fused`:
-    through kernels.linear_cross_entropy, straight from the final hidden states and the output weight, never holding the
-    logits."""
+    """`model`'s loss as a module holding the model, so wrappers and torch.compile see every use of the output weight:
+    `forward(tokens, targets, documents, grad_scale) -> LossSums`. `fused`: kernels.linear_cross_entropy."""
 
     def __init__(self, model: Transformer, fused: bool = False):
         super().__init__()

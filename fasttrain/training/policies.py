@@ -114,10 +114,8 @@ def monitor_anew(run: RunState, saved: Config, cfg: Config) -> str | None:
 
 
 def resumed_under(path: Path, run: RunState, saved: Config, cfg: Config, recorded: Sequence[float] = ()) -> list[str]:
-    """The `run` of the save at `path`, saved under `saved`, continued under `cfg`: UsageError if already past the run's
-    end (resume.check_not_past_end); else its schedule laid over the new length or a budgeted run's carried on
-    (schedule.carried_rest_scale, set in `run`), and the best loss and early stopping restarted for another
-    train.monitor (monitor_anew). Returns what changed, a line each."""
+    """The `run` saved at `path` under `saved`, continued under `cfg`: UsageError if past the run's end; else its
+    schedule re-laid or carried on (carried_rest_scale), its monitor restarted if changed. Lines saying what changed."""
     check_not_past_end(path, run, saved, cfg)
     lines = (ended(run, cfg), schedule_change(saved, cfg, run, recorded), monitor_anew(run, saved, cfg))
     carried = carried_rest_scale(saved, cfg, run)  # after the line that says what it does

@@ -256,10 +256,8 @@ def write_final(
     sharded: bool,
     evaluate: Callable[[], dict[str, float] | None],
 ) -> tuple[Path, Kept]:
-    """Write final/ after the loop's last step (`run`, evaluated as `last_eval`; empty if never) and return the folder,
-    the step whose weights it holds and their metrics: the last step's, or where policies.better_save names the best
-    save (checkpoint.final_weights = "best"), that save's weights, which the model takes (optimizer, loader and
-    checkpoints stay at the last step) and `evaluate` scores. Every rank calls it; rank 0 writes."""
+    """Write final/ after the last step (`run`, evaluated as `last_eval`) and return it, the step whose weights it holds
+    and their metrics: the last step's, or policies.better_save's (the model takes those). Rank 0 writes."""
     kept = Kept(run.step, last_eval)
     better = better_save(cfg, run, last_eval, checkpoints.best())
     if better is not None:

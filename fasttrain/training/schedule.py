@@ -33,10 +33,8 @@ WARMUP_SHARE = 0.1
 
 
 def lr_at(step: int, max_steps: int, lr: float, sched: ScheduleConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based) of a run of `max_steps` steps. Warmup gives step s lr x (s + 1)
-    / warmup_steps (the first update small but not zero); the decay then follows the formulas above with t = step -
-    start and T = max_steps - 1 - start, start being warmup_steps (wsd: the first cooldown step), so the last update
-    uses min_lr exactly."""
+    """Learning rate of step `step` (0-based) of `max_steps`: warmup gives step s lr x (s + 1) / warmup_steps, then the
+    decay above with t = step - start, T = max_steps - 1 - start, so the last step is at min_lr."""
     warmup = sched.warmup_steps
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -193,10 +191,8 @@ def scheduled(progress: float, rest_scale: float) -> float:
 
 
 def carried_rest_scale(saved: Config, now: Config, run: RunState) -> float | None:
-    """The RunState.rest_scale that carries `run`'s schedule, saved under `saved`, on under `now`: a budgeted run given
-    another budget goes on from the progress it reached, the rest of its schedule spread over what is left, so its rate
-    goes on where it was (a finished schedule stays at min_lr). None where laying the schedule over `now`'s budget
-    leaves the next rate as it was (a wsd run before its cooldown)."""
+    """The RunState.rest_scale carrying `run`'s schedule (saved under `saved`) on under `now`'s other budget, from the
+    progress it reached, so its rate goes on where it was; None where the rate is unchanged anyway."""
     t0, t1 = saved.train, now.train
     if not (t0.max_time and t1.max_time) or Budget.of(t0) == Budget.of(t1):
         return None

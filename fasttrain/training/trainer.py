@@ -311,10 +311,8 @@ class Trainer:
         return self.checkpoints.save(self.run, self.train_loader, best)
 
     def resume(self, spec: str | Path = "auto") -> Path:
-        """Continue a saved run: `spec` is "auto" (this run's latest save), a run directory or a checkpoint file.
-        UsageError for another run directory's save, or one past train.max_steps or a shorter train.max_time; one at its
-        end only evaluates and reports again. The optimizer's state comes from the checkpoint, its settings from this
-        config, which says so."""
+        """Continue a saved run: `spec` is "auto", a run directory or a checkpoint file (UsageError for another run
+        directory's, or one past this run's end). The optimizer's settings are this config's, said so."""
         path = self.checkpoints.resumable(str(spec), self.sources[0].data.dir)
         run, saved, notes = self.restore(path)
         lines = resumed_under(path, run, saved, self.cfg, self.recorded)  # UsageError for a save past the run's end
