@@ -24,13 +24,8 @@ __all__ = ["Trainer", "train_loop"]
 
 
 def _check_kernels_package() -> None:
-    """ImportError (one line) unless `import fasttrain_kernels` finds the kernels beside this fasttrain.
-
-    The kernels ship as `fasttrain_kernels`, a name this project owns, so Hugging Face's `kernels` package
-    installs beside it. What can still go wrong is two fasttrains: a clone on PYTHONPATH while an older wheel's
-    fasttrain_kernels comes first, and the trainer would run on kernels of another version. This only looks at
-    files, it imports nothing.
-    """
+    """ImportError (one line) unless `import fasttrain_kernels` finds the kernels beside this fasttrain, not another
+    fasttrain's (a clone on PYTHONPATH, an older wheel); looks at files, importing nothing."""
     spec = importlib.util.find_spec("fasttrain_kernels")
     found = Path(spec.origin).resolve().parent if spec is not None and spec.origin else None
     ours = Path(__file__).resolve().parent.parent / "fasttrain_kernels"

@@ -1,5 +1,5 @@
-"""The loss doctor's checks: the systematic checks for "my loss does not go down", run on a real batch
-of a built Trainer (`diagnose`), and their report. The command line is `python -m fasttrain.doctor`.
+"""The loss doctor's checks: the systematic checks for "my loss does not go down", run on a real batch of a built
+Trainer (`diagnose`), and their report. The command line is `python -m fasttrain.doctor`.
 
 Imports from fasttrain: compute.device, data.documents, training.trainer.
 
@@ -7,14 +7,11 @@ One training batch is checked, in order:
 
     data         token ids are int64 and inside [0, vocab_size)
     targets      the targets are the inputs shifted by one token
-    init loss    the loss before training is near ln(vocab_size), a uniform guess (with model.init_from,
-                 a trained model's weights, not above it)
-    gradients    every trainable parameter gets a finite, non-zero gradient (or, if zero at first, after one
-                 update: one behind a weight that starts at zero by design)
+    init loss    near ln(vocab_size), a uniform guess (with model.init_from, not above it)
+    gradients    every trainable parameter gets a finite, non-zero gradient (or after one update, if it starts at zero)
     grad norm    the global gradient norm is in a sane range
     lr           the learning rate of the first update and the schedule's peak are not zero
-    update       one optimizer step (or, for a parameter whose gradient starts at zero, two) changes every
-                 trainable parameter
+    update       one optimizer step (two for a gradient that starts at zero) changes every trainable parameter
     overfit      a slice of the batch is memorised within N steps at the peak learning rate
 
 Each check says PASS or FAIL and what it measured; a failure also says what to look at.

@@ -4,15 +4,10 @@ Imports from fasttrain: config, diagnosis, formats.shards, system.errors, traini
 
     python -m fasttrain.doctor CONFIG.toml [--set SECTION.KEY=VALUE ...] [--overfit-steps N]
 
-Builds the run exactly as `python -m fasttrain.train` would start it (config, data, model,
-optimizer; with model.init_from, that model's weights, refused as train refuses them),
-reads every token of both splits (an id beyond the vocabulary is bad input, whatever the
-shard headers say), then runs the checks of fasttrain/diagnosis.py on one
-training batch.
-
-Each check prints PASS or FAIL and what it measured; a failure also says what to
-look at. Nothing is written to the run directory. Exit status: 0 if every check
-passes, 1 if one fails, 2 for bad input.
+Builds the run as `python -m fasttrain.train` would start it (with model.init_from's weights, refused as train refuses
+them), reads every token of both splits (an id beyond the vocabulary is bad input, whatever the headers say), then runs
+diagnosis.py's checks on one training batch, each printing PASS or FAIL, what it measured and, failing, what to look at.
+Nothing is written. Exit status: 0 if every check passes, 1 if one fails, 2 for bad input.
 """
 
 from __future__ import annotations

@@ -9,21 +9,14 @@ training.metrics, training.objective.
     python -m fasttrain.evaluate RUN --tasks hellaswag,arc_easy [--num-fewshot N] [--limit N]
         [--include-path DIR] [--output FILE.json] [--batch-size N] [--device D]
 
---input takes what `python -m fasttrain.prepare --input` takes (text files, globs,
-directories, JSONL, builtin:NAME): the text is tokenized with the run's tokenizer the
-way prepare does it (an end-of-text token before each document) into a temporary
-directory, and scored there. --split val scores the run's own prepared val split.
+--input takes what `fasttrain.prepare --input` takes, tokenized as prepare does into a temporary directory and scored
+there; --split val scores the run's own val split. Scoring is the trainer's validation in one pass over every row,
+batched as the run did, so the loss is the mean over every target and bits per byte that loss in bits times tokens per
+UTF-8 byte (with --split val the trainer's val_bpb when its evaluation covered the split).
 
-Scoring is the trainer's validation (fasttrain/evaluation/validation.py, validate) in one pass over every row,
-as the run batches them ([data] batching, train.seq_len), the last batch part-full and
-each shard's short last window included: the loss is the mean over every target, and
-bits per byte is that loss, in bits, times the text's tokens per UTF-8 byte. With
---split val this is the trainer's val_bpb whenever its evaluation covered the whole
-split (train.eval_steps large enough).
-
---tasks runs lm-eval's tasks (the `eval` extra; fasttrain/evaluation/harness.py) and prints a table of
-their scores; they also go to the run's metrics.jsonl as an `eval_tasks` event with the step scored,
-and with --output to a JSON file. --include-path adds a folder of one's own task YAML files.
+--tasks runs lm-eval's tasks (the `eval` extra; evaluation/harness.py) and prints their scores, also written to the
+run's metrics.jsonl as an `eval_tasks` event and with --output to a JSON file; --include-path adds a folder of one's own
+task YAML files.
 """
 
 from __future__ import annotations
@@ -66,9 +59,8 @@ if TYPE_CHECKING:  # lm-eval is the optional eval extra
 def score(
     trained: Trained, directory: str | Path, split: str, bits_per_nat: float, batch_size: int, device: torch.device
 ) -> dict[str, float]:
-    """loss, accuracy, ppl and bpb of `trained` over every batch of `split` in prepared `directory`, windows
-    as the run trained on ([data] batching and padding, train.seq_len). `bits_per_nat`: the split's
-    tokens / (UTF-8 bytes x ln 2)."""
+    """loss, accuracy, ppl and bpb of `trained` over every batch of `split` in `directory`, windowed as the run trained.
+    `bits_per_nat`: the split's tokens / (UTF-8 bytes x ln 2)."""
     cfg, eot_id = trained.cfg, trained.tokenizer.eot_id
     objective = NextTokenLoss(trained.model)
 
@@ -104,9 +96,8 @@ def score(
 
 
 def score_split(trained: Trained, split: str, batch_size: int, device: torch.device) -> dict[str, float]:
-    """The metrics of the run's own prepared `split`, as the trainer computes them: of data.dir, or of a
-    mixture's every [[data.sources]] folder, then their total weighted as the trainer weighs it
-    (validation.mixture_metrics: "loss" the total, "loss.<name>" each source's, ...)."""
+    """The metrics of the run's own `split` as the trainer computes them: of data.dir, or of each [[data.sources]]
+    folder and their weighted total (validation.mixture_metrics)."""
     d = trained.cfg.data
     folders = list(zip(source_names(d), [s.dir for s in d.sources])) if d.sources else [("", d.dir)]
     found = []
@@ -139,10 +130,8 @@ def score_inputs(
 
 
 def scored_step(source: Path) -> tuple[Path | None, int | None]:
-    """The run directory that weights `source` came from (None outside a run: an export elsewhere) and the step
-    they were saved at: a checkpoint's own (a file or a sharded folder), or for RUN/final the step whose weights
-    the run's last `end` event says final/ holds (weights_step: an earlier one with checkpoint.final_weights =
-    "best"; its `step` in runs from before that key)."""
+    """The run directory of weights `source` (None outside one) and their step: a checkpoint's own, or RUN/final's from
+    the run's last `end` event (weights_step, or older runs' `step`)."""
     real = source.resolve()
     if real.is_file() or saves.is_sharded(real):
         run, match = run_directory(real), saves.SAVE_NAME.fullmatch(real.name)
@@ -169,9 +158,8 @@ def score_tasks(
     batch_size: int,
     output: str | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Run `tasks` through lm-eval (`index`: harness.task_index's, which found them); print the table, log an
-    eval_tasks event in the run's metrics.jsonl (when `trained` came from a run), write `output`; returns the
-    scores."""
+    """Run `tasks` through lm-eval (`index`: task_index's); print the table, log an eval_tasks event in the run's
+    metrics.jsonl (if from a run), write `output`; returns the scores."""
     harness = importlib.import_module("fasttrain.evaluation.harness")
     results = harness.run_tasks(trained, tasks, num_fewshot, limit, batch_size=batch_size, index=index)
     scores = harness.task_scores(results)

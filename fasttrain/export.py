@@ -26,13 +26,8 @@ def export(
     hf: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> list[Path]:
-    """Export the weights `source` names into `out_dir`: a run directory (its final/ weights, else its latest
-    checkpoint), RUN/final, a checkpoints/ directory or its `latest`, or a checkpoint file, as sample and
-    evaluate take them (fasttrain/evaluation/trained_model.py).
-
-    `out_dir` defaults to `export` (or `export-hf`) in the run directory, links resolved. The tokenizer copied is
-    the one the model trained with (trained_model.tokenizer_file), not the data folder's current one.
-    """
+    """Export the weights `source` names (anything sample and evaluate take) into `out_dir` (default RUN/export or
+    export-hf), with the tokenizer the model trained with (trained_model.tokenizer_file)."""
     if out_dir is not None and not os.fspath(out_dir):
         raise UsageError("--out: is empty; name the directory to export into")
     if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):

@@ -5,12 +5,10 @@ Imports from fasttrain: system.errors.
     python -m fasttrain.lm_eval --model fasttrain --model_args run=runs/base,device=cpu --tasks hellaswag,arc_easy
     python -m fasttrain.lm_eval ls tasks
 
-Everything after the module name is lm-eval's (lm-eval 0.4.x: run, ls, validate, and the old form without a
-subcommand). It is here because `lm_eval --model fasttrain` itself cannot work: lm-eval 0.4.13 finds models in
-a fixed table of its own (lm_eval/models/__init__.py) and reads no plugin entry points, so a model from another
-package exists for lm-eval only once that package has been imported, which this module does
-(fasttrain/evaluation/harness.py registers `fasttrain`) before handing over to lm-eval's command line.
-`fasttrain evaluate RUN --tasks ...` gives the same scores through fasttrain's own command line.
+Everything after the module name is lm-eval's. `lm_eval --model fasttrain` itself cannot work: lm-eval 0.4.13 finds
+models in a fixed table and reads no plugin entry points, so another package's model exists only once it is imported,
+which this module does (evaluation/harness.py registers `fasttrain`) before handing over. `fasttrain evaluate RUN
+--tasks ...` gives the same scores.
 """
 
 from __future__ import annotations

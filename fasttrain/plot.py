@@ -44,12 +44,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def latest_run(events: list[dict]) -> list[dict]:
-    """The events of the run that wrote last, across its resumes.
-
-    A new run's "start" drops what came before it. A resumed run's start (at step s)
-    keeps the earlier events up to step s and drops the later ones, which were
-    trained again after the resume.
-    """
+    """The events of the run that wrote last, across its resumes: a new run's "start" drops what came before it; a
+    resumed run's start (at step s) keeps the earlier events up to step s, dropping those trained again."""
     kept: list[dict] = []
     for e in events:
         if e.get("event") == "start":

@@ -139,9 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def parse_given(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    """The parsed arguments, defaults filled in, and which of SETTINGS the command line gave (a value given equal
-    to its default included). argparse fills a default only where the namespace it is handed lacks the name, so
-    a namespace holding a marker for each setting tells the given ones apart."""
+    """The parsed arguments, defaults filled in, and which of SETTINGS the command line gave (even equal to the
+    default): argparse fills a default only where the namespace lacks the name."""
     unset = object()
     parsed = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(SETTINGS, unset)))
     given = [name for name in SETTINGS if getattr(parsed, name) is not unset]

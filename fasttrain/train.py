@@ -7,14 +7,11 @@ training.measure, training.plan, training.plan_table, training.trainer.
     python -m fasttrain.train configs/base.toml [--set SECTION.KEY=VALUE ...] [--resume auto|auto-or-new|PATH]
     python -m fasttrain.train configs/base.toml --dry-run [--json] [--measure N]
 
-With the default config and no other setup this prepares the embedded corpus
-(cached for later runs), trains a small model, evaluates and samples it along the
-way, saves checkpoints and the final weights, and prints where everything went.
-Ctrl-C (or SIGTERM) saves a checkpoint and prints the command that resumes it, from any directory.
-`--resume auto-or-new` is the command line for `torchrun --max-restarts`, which runs it again after a failure:
-a new run the first time, and from then on the latest checkpoint (docs/multi-gpu.md, "Restarting after a failure").
-`--dry-run` prints the run's plan (fasttrain/training/plan.py) and writes nothing; the data is prepared here,
-before the Trainer is built.
+With the default config this prepares the embedded corpus (cached), trains a small model, evaluating and sampling it,
+saves checkpoints and the final weights, and prints where everything went. Ctrl-C (or SIGTERM) saves and prints the
+command that resumes. `--resume auto-or-new` is for `torchrun --max-restarts`: a new run the first time, then the latest
+checkpoint (docs/multi-gpu.md). `--dry-run` prints the run's plan (training/plan.py) and writes nothing but the prepared
+data.
 """
 
 from __future__ import annotations
@@ -148,11 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def dry_run(cfg: Config, args: argparse.Namespace) -> int:
     """Print the plan of a run of `cfg` (rank 0 prints the world's), as a table after the config file's line, or
-    (--json) one JSON object with the start event's keys and `config_file` (its absolute path); with --measure N,
-    time N real steps too. Writes nothing: the data must be prepared for a measurement (a plan says what would be
-    prepared). Before the plan is made, train.out_dir gets the checks the run would make of it (a save to resume
-    that is not there, another process using it, ...), each the run's one line; an earlier run there, which a new
-    run without --overwrite would refuse, is said in a note instead."""
+    (--json) one JSON object with the start event's keys and `config_file`; with --measure N, time N real steps (the
+    data must be prepared). Writes nothing. train.out_dir gets the run's checks first, each the run's one line; an
+    earlier run there, which a new run without --overwrite would refuse, is a note instead."""
     as_json, measure_steps, resume, overwrite = args.json, args.measure, args.resume, args.overwrite
     world = distributed.world_from_env()
     moved = copied_run_note(args, cfg)  # before a refusal of the directory it names, as the run says it
@@ -212,9 +207,8 @@ def positive_int(text: str) -> int:
 
 
 def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | None:
-    """What `--resume spec` asks Trainer.resume for; None for a new run. auto-or-new is "auto" once the run in
-    `out_dir` has a `latest` checkpoint, a new run before: the first attempt of a job that torchrun restarts,
-    or one killed before its first save. That start is said in one line, so a mistyped train.out_dir shows."""
+    """What `--resume spec` asks Trainer.resume for; None for a new run. auto-or-new is "auto" once `out_dir` has a
+    `latest` save, else a new run, said in one line so a mistyped out_dir shows."""
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart and not quiet:
         print(f"note: torchrun restart {restart} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}")
@@ -234,10 +228,8 @@ def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | N
 
 
 def resume_command(args: argparse.Namespace, cfg: Config) -> str:
-    """The command line that continues the run that `args` started with (resolved) config `cfg`, from
-    any directory: the config file, train.out_dir and the data as absolute paths (data.dir, or a mixture's
-    data.sources, each folder absolute: a relative one means the folder beside the directory the run started
-    in), the other --set items as they were, and `--resume auto`."""
+    """The command line that continues the run `args` started with config `cfg`, from any directory: config file,
+    out_dir and data folders absolute, the other --set items, `--resume auto`."""
     places = {"train.out_dir": os.path.abspath(cfg.train.out_dir)}
     if cfg.data.sources:  # a mixture has no data.dir (setting one is refused): its sources are the data
         places["data.sources"] = (

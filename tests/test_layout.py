@@ -4,8 +4,8 @@ below it; no two modules in a folder differ only by a suffix, and every module s
 
 Floors, lowest first (FLOORS): system -> config -> compute -> formats -> preparation -> data -> model ->
 checkpoints -> evaluation -> training -> the commands and the package itself. fasttrain_kernels/ stands alone and
-never imports fasttrain. No folder holds more than MAX_MODULES modules, and each package's __init__ names its
-modules in reading order.
+never imports fasttrain. No folder holds more than MAX_MODULES modules, each package's __init__ names its
+modules in reading order, and fasttrain/ holds at most MAX_LINES lines.
 """
 
 from __future__ import annotations
@@ -213,6 +213,15 @@ FOLDERS = sorted({p.parent for p in MODULES.values()})
 def test_no_folder_holds_more_than_fifteen_modules(folder):
     names = [p.stem for p in folder.glob("*.py") if p.stem != "__init__"]
     assert len(names) <= MAX_MODULES, f"{folder.relative_to(ROOT)}: {len(names)} modules"
+
+
+MAX_LINES = 15_000  # the product no larger than its features (issue 83): fasttrain/*.py, every line counted
+
+
+def test_fasttrain_stays_within_fifteen_thousand_lines():
+    sizes = {p: p.read_bytes().count(b"\n") for p in (ROOT / "fasttrain").rglob("*.py")}  # as `wc -l` counts
+    largest = ", ".join(f"{p.relative_to(ROOT)} {n}" for p, n in sorted(sizes.items(), key=lambda item: -item[1])[:5])
+    assert sum(sizes.values()) <= MAX_LINES, f"fasttrain/: {sum(sizes.values())} lines; the largest: {largest}"
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: str(p.relative_to(ROOT)))

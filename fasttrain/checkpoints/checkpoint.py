@@ -81,10 +81,8 @@ class InFlight:
 
 
 class Checkpointer:
-    """Saves and restores the state of `model`, its `optimizer` and the fp16 loss `scaler` (the Updater's), with
-    the RunState and loader given per call, in `cfg.train.out_dir`/checkpoints. Every rank must call `save` and `restore`. A sharded save
-    (checkpoint.format) has every rank write its own part into a folder; a file save gathers the whole
-    state onto rank 0, which writes it while the others wait. Either kind is restored in any world."""
+    """Saves and restores `model`, `optimizer` and `scaler` (with the RunState and loader given per call) in
+    out_dir/checkpoints; every rank calls `save` and `restore`. File or sharded, a save restores in any world."""
 
     def __init__(
         self,
@@ -137,10 +135,8 @@ class Checkpointer:
         return path
 
     def save_sharded(self, run: RunState, loader: TokenLoader, best: bool, keep: Path | None) -> Path:
-        """Every rank writes its part into `.step_N.tmp/`, rank 0 adds state.pt, fsyncs the folder and renames
-        it `step_N/`, then moves the pointers and prunes: complete or invisible, as a file save. With
-        checkpoint.async_save this returns once the state is copied to CPU memory, and the rest is done when the
-        write is (`wait`)."""
+        """Every rank writes its part into `.step_N.tmp/`; rank 0 adds state.pt, renames it `step_N/`, points and
+        prunes. With checkpoint.async_save this returns once the state is in CPU memory (see `wait`)."""
         self.wait()  # the save still in flight, if any, comes first
         path = path_for(self.directory, run.step, sharded=True)
         staging = self.directory / f".{path.name}.tmp"
@@ -218,9 +214,8 @@ class Checkpointer:
             )
 
     def settle(self) -> Path | None:
-        """Wait for the save in flight; the last background save waited for (here or by an earlier `poll`) if
-        its write failed on any rank, else None: a save that is no way back. Every rank must call it at the
-        same point; they all get the same answer."""
+        """Wait for the save in flight; returns the last background save waited for if its write failed on any rank (a
+        save that is no way back), else None. Every rank must call it at the same point."""
         if not self.background:
             return None
         self.wait()
@@ -231,24 +226,20 @@ class Checkpointer:
         return None if distributed.any_rank(done[0].exists(), self.world, self.device) else done[0]
 
     def resumable(self, spec: str, data_dir: str) -> Path:
-        """The save `spec` names ("auto": this run's latest, a run directory or a checkpoint file); UsageError for a
-        save of another run directory, or for this run's data (`data_dir`) prepared again with another tokenizer:
-        checked before the loader's state, since data prepared again has other rows too and its tokenizer is the
-        real cause."""
+        """The save `spec` names ("auto", a run directory or a checkpoint file); UsageError for another run directory's
+        save, or for `data_dir` prepared again with another tokenizer."""
         path = resolve(spec, self.cfg.train.out_dir)
         check_own(path, self.directory)
         check_kept_tokenizer(data_dir, self.cfg.train.out_dir)
         return path
 
     def restore(self, path: str | Path, loader: TokenLoader, accumulation: int) -> tuple[RunState, Config, list[str]]:
-        """Load the checkpoint at `path` into the model, optimizer, scaler, `loader` and the random
-        generators; returns its RunState, the config it was saved with and notes for the user (an init-only
-        [model] key changed, another world). A checkpoint saved by another number of processes or another
-        parallel mode continues the data stream at the same
-        global batch, split over this world (loader.reshard; `accumulation`: this run's micro-batches per step,
-        which a mixture's loader counts in); a rank with no saved random state gets one seeded from train.seed,
-        the step and its rank. UsageError if it comes from a model of another shape,
-        another optimizer, a position this world cannot continue from, or cannot be loaded."""
+        """Load the checkpoint at `path` into the model, optimizer, scaler, `loader` and random generators; returns its
+        RunState, its config and notes (an init-only [model] key changed, another world). A save of another world
+        continues the data at the same global batch, split over this one (loader.reshard; `accumulation`: this run's
+        micro-batches per step); a rank with no saved random state is seeded from train.seed, the step and its rank.
+        UsageError for another model shape or optimizer, a position this world cannot continue from, or a save that
+        cannot be loaded."""
         self.wait()  # a rollback may go back to the save in flight
         path = Path(path)
         state = load(path, self.device, whole_model=False)
@@ -283,9 +274,8 @@ class Checkpointer:
         return run, saved, notes + world_change(len(ranks), state.get("parallel"), self.world.size, self.parallel)
 
     def restore_weights(self, path: Path) -> None:
-        """Load only the model's weights of the save at `path` (checkpoint.final_weights = "best" gives them to
-        final/); the optimizer, scaler, loader and random generators keep the state they have. UsageError if it
-        cannot be loaded."""
+        """Load only the model's weights of the save at `path` (what checkpoint.final_weights = "best" gives final/);
+        the optimizer, scaler, loader and generators keep their state. UsageError if it cannot be loaded."""
         self.wait()
         state = load(path, self.device, whole_model=True)
         try:

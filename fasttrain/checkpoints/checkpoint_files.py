@@ -1,8 +1,8 @@
-"""Checkpoint files: what a save holds, writing one and making it the run's latest, finding the save a
-`--resume` means, and reading one back, or only the config its run recorded.
+"""Checkpoint files: what a save holds, writing one and making it the run's latest, finding the save a `--resume` means,
+and reading one back, or only the config its run recorded.
 
-Imports from fasttrain: checkpoints.checksums, checkpoints.run_directory, checkpoints.saves,
-checkpoints.sharded_files, config, system.atomic, system.errors.
+Imports from fasttrain: checkpoints.checksums, checkpoints.run_directory, checkpoints.saves, checkpoints.sharded_files,
+config, system.atomic, system.errors.
 
 A checkpoint file is a dict of
 
@@ -13,18 +13,14 @@ A checkpoint file is a dict of
     parallel              "none", "ddp", "fsdp" or "hsdp": the world that saved it, with len(ranks)
     config                the run's resolved config, as TOML
 
-A sharded folder holds the same: the model's and optimizer's tensors in DCP's files, the rest (with the
-optimizer's param_groups as "optimizer_groups") in its state.pt. Either kind resumes in any world.
+A sharded folder holds the same: the tensors in DCP's files, the rest (the optimizer's param_groups as
+"optimizer_groups") in its state.pt. Either kind resumes in any world.
 
-Each file is written under a temporary name, fsync'd and renamed (fasttrain/system/atomic.py), a folder
-under a temporary name too, and a pointer is updated only once the save it names is complete, so a crash
-or `kill -9` at any moment leaves `latest` naming a loadable checkpoint. Old saves are deleted last, and
-never one that a pointer names.
-
-Loading uses `torch.load(weights_only=True)`, and a folder's metadata a restricted unpickler: a checkpoint
-may hold tensors, numbers, strings and containers of them, never code to run. A load first compares each file
-with the checksums recorded when it was saved (checksums.py): a bit changed on disk is one line naming the
-file, not a silently different model.
+Files and folders are written under temporary names and renamed (fasttrain/system/atomic.py), and a pointer is updated
+only once its save is complete, so a crash at any moment leaves `latest` loadable; old saves are deleted last, never one
+a pointer names. Loading uses `torch.load(weights_only=True)` (a folder's metadata a restricted unpickler: never code to
+run), after comparing each file with the checksums recorded at the save (checksums.py), so a bit changed on disk is one
+line naming the file.
 """
 
 from __future__ import annotations
@@ -84,13 +80,8 @@ def publish(directory: Path, path: Path, keep_last: int, best: bool, keep: Path 
 
 
 def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
-    """The checkpoint file that `--resume spec` means.
-
-    "auto" is the latest save of the run in `out_dir`; a directory (a run directory or
-    its checkpoints/) is its latest save (the newest step when there is no `latest` pointer yet);
-    a pointer file (checkpoints/latest or best) is the save it names; anything else is a
-    checkpoint file's path.
-    """
+    """The checkpoint `--resume spec` means: "auto", a run directory or its checkpoints/: the latest save (else the
+    newest step); a pointer file: the save it names; anything else: a checkpoint's path."""
     if spec != "auto" and (not Path(spec).is_dir() or is_sharded(Path(spec).resolve())):
         path = Path(spec)
         if path.is_symlink():  # a link to checkpoints/latest names a save beside its target, not beside the link
@@ -121,10 +112,8 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
 
 
 def load(path: str | os.PathLike[str], device: torch.device | str = "cpu", whole_model: bool = True) -> dict:
-    """The state saved at `path`; UsageError if it is missing, damaged, unsafe or not a fasttrain checkpoint.
-
-    A sharded checkpoint's (a folder) holds no "optimizer" here but its "optimizer_groups", and "model" only if
-    `whole_model`: its weights read whole (for the tools; a resume reads each rank's part: Checkpointer)."""
+    """The state saved at `path`; UsageError if it is missing, damaged, unsafe or not a checkpoint. A sharded save's
+    holds "optimizer_groups", and "model" only if `whole_model`."""
     path = Path(path)
     sharded = is_sharded(path)
     state = read_trusted(path / STATE_FILE if sharded else path, device, path)
@@ -150,9 +139,8 @@ def load(path: str | os.PathLike[str], device: torch.device | str = "cpu", whole
 
 
 def check_named_step(path: Path, step: object) -> None:
-    """UsageError if `path` is named as a save of one step (step_NNNNNNN.pt, step_NNNNNNN/) and holds another:
-    saves renamed or swapped. Resumed, it would train steps already in metrics.jsonl a second time, and the
-    tools would name the wrong step; a save under a name of the user's own is taken as it is."""
+    """UsageError if `path` is named as one step's save (step_NNNNNNN.pt, step_NNNNNNN/) and holds another's (renamed or
+    swapped saves); a name of the user's own is taken as it is."""
     if SAVE_NAME.fullmatch(path.name) is None:
         return
     if step != step_of(path):
@@ -165,9 +153,8 @@ def check_named_step(path: Path, step: object) -> None:
 
 
 def read_trusted(file: Path, device: torch.device | str, path: Path, mmap: bool = False) -> Any:
-    """What `torch.load(weights_only=True)` reads from `file` (of the checkpoint at `path`; `mmap`: its tensors
-    mapped, not read), its records' checksums checked first: tensors, numbers, strings and containers, never code
-    to run; UsageError naming `path` (or `file`) otherwise."""
+    """What `torch.load(weights_only=True)` reads from `file` (of the checkpoint at `path`; `mmap`: tensors mapped,
+    not read), its checksums checked first: never code to run; UsageError naming `path` (or `file`) otherwise."""
     if file.is_file():
         checksums.check_records(file)
     try:
@@ -180,9 +167,8 @@ def read_trusted(file: Path, device: torch.device | str, path: Path, mmap: bool 
 
 
 def config_of(path: Path) -> Config:
-    """The config the run that saved the checkpoint at `path` used, read without its tensors (a file's are mapped,
-    not read; a sharded save's state.pt holds none): what a resume's plan needs of a save before loading it.
-    UsageError as `load` gives for what is not a checkpoint, in the same words."""
+    """The config of the run that saved the checkpoint at `path`, read without its tensors: what a resume's plan needs
+    first. UsageError as `load` gives, in the same words."""
     file = path / STATE_FILE if is_sharded(path) else path
     state = read_trusted(file, "cpu", path, mmap=file.is_file() and path == file)
     keys = ("optimizer_groups", "step", "config") if is_sharded(path) else REQUIRED_KEYS
@@ -193,9 +179,8 @@ def config_of(path: Path) -> Config:
 
 
 def recorded_config(cfg: Config, resume: str | None) -> tuple[Config, str] | None:
-    """The config a resumed run (`resume`, a --resume spec) or a replayed one (schedule.progress_from) trained, and
-    the file that says so: the config.toml of the run directory its checkpoint is in (or of progress_from's run),
-    else the checkpoint's own saved config; None for a new run. UsageError for a resume with no save to resume."""
+    """The config a resumed run (`resume`) or a replayed one (schedule.progress_from) trained, and the file saying so:
+    its run directory's config.toml, else the checkpoint's; None for a new run."""
     if resume is not None:
         path = resolve(resume, cfg.train.out_dir).resolve()
         beside = path.parent.parent / "config.toml"

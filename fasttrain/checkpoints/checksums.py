@@ -1,17 +1,13 @@
-"""Checksums of a checkpoint's files: a bit that changes on disk after a save is found when the save is read,
-as one line naming the file, never loaded as a silently different model.
+"""Checksums of a checkpoint's files: a bit that changes on disk after a save is found when the save is read, as one
+line naming the file, never loaded as a silently different model.
 
 Imports from fasttrain: system.errors.
 
-A checkpoint file (and a sharded folder's state.pt) is a torch.save zip, in which torch.save records the CRC-32
-of every record as it writes it; torch.load never compares them, `check_records` does. A sharded folder's other
-files (`.metadata`, `__R_0.distcp`) are read back once written and their CRC-32 recorded in its state.pt
-(`of_folder`), which `verify` compares at every load.
-
-Why CRC-32: it is the zip's own, so one kind of checksum covers both formats and a file save records its
-checksums at no cost; zlib's is the fastest of the standard library's, two to five times blake2b's and
-sha256's rate (docs/checkpoints.md, "Checksums"); and it finds every error of up to 32 bits in a row. What it
-guards against is the disk's damage, not a forger's, who would edit the recorded checksums too.
+A checkpoint file (and a sharded folder's state.pt) is a torch.save zip, which records each record's CRC-32; torch.load
+never compares them, `check_records` does. A sharded folder's other files are read back once written and their CRC-32
+recorded in its state.pt (`of_folder`), compared at every load (`verify`). CRC-32 because it is the zip's own (free for
+a file save, one kind for both formats), the standard library's fastest (docs/checkpoints.md, "Checksums"), and finds
+every burst of up to 32 bits: it guards against the disk's damage, not a forger's.
 """
 
 from __future__ import annotations
@@ -45,12 +41,8 @@ def of_folder(path: Path) -> dict[str, int]:
 
 
 def verify(path: Path, sums: object, only: str | None = None) -> None:
-    """UsageError naming the first file of the folder `path` whose CRC-32 is not the one `sums` (of_folder, from
-    its state.pt) recorded, or naming state.pt where none of the files has its recorded CRC (the state.pt of
-    another save); `only`: that file alone, before it is parsed (the rest once the folder is known whole).
-    `sums` None: a folder saved before checksums were recorded, taken as it is. The names come from a file too:
-    only a regular file directly in the folder is read (a name like ../x or one of a FIFO, which would never end,
-    is refused)."""
+    """UsageError naming the first file of folder `path` whose CRC-32 is not the one `sums` recorded (state.pt where
+    none matches); `only`: that file alone. `sums` None: an older folder, taken as it is."""
     if sums is None:
         return
     if not isinstance(sums, dict) or not all(isinstance(n, str) and isinstance(c, int) for n, c in sums.items()):
@@ -80,9 +72,8 @@ def verify(path: Path, sums: object, only: str | None = None) -> None:
 
 
 def check_records(file: Path) -> None:
-    """UsageError naming `file`, a torch.save zip, if a record's bytes no longer have the CRC-32 torch.save
-    recorded for them. A file that is no zip at all is left to torch.load to refuse; a record with CRC 0 is
-    empty, or was saved with torch's checksums turned off (torch.serialization.set_crc32_options)."""
+    """UsageError naming `file`, a torch.save zip, if a record's bytes no longer have the CRC-32 recorded for them; no
+    zip is torch.load's to refuse, and a CRC of 0 is not checked (empty, or checksums off)."""
     try:
         archive = zipfile.ZipFile(file)
     except (zipfile.BadZipFile, OSError):

@@ -27,9 +27,8 @@ INIT_ONLY = ("zero_init_projections",)
 
 
 def check_same_model(saved_cfg: Config, cfg: Config, path: str | os.PathLike[str]) -> list[str]:
-    """UsageError naming every [model] key in which `cfg` differs from `saved_cfg`, the config of the run
-    that saved the checkpoint at `path`, but those a resume may change; returns a note for each init-only key
-    changed."""
+    """UsageError naming every [model] key in which `cfg` differs from `saved_cfg` (the saving run's) but those a resume
+    may change; returns a note for each init-only key changed."""
     saved = saved_cfg.model
 
     def differ(names: list[str]) -> list[str]:
@@ -116,9 +115,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def check_not_past_end(path: Path, run: RunState, saved: Config, cfg: Config) -> None:
-    """UsageError if the save at `path` (its `run`, its config `saved`) is already past this config's
-    train.max_steps, or past a train.max_time shorter than its own: a run cannot train backwards, and recording
-    the shorter length would misname it. A run at its end is not past it (it only evaluates and reports again)."""
+    """UsageError if the save at `path` (`run`, config `saved`) is past this train.max_steps, or a train.max_time
+    shorter than its own (a run cannot train backwards); at its end it only evaluates again."""
     end, budget, spent = cfg.train.max_steps, cfg.train.max_time, run.train_seconds
     if end and run.step > end:
         raise UsageError(

@@ -84,21 +84,14 @@ def earlier_run(run_dir: Path) -> str | None:
 
 
 class RunStart:
-    """A new or resumed run starting in `run_dir`, on rank 0, as a `with` block around its start: what the
-    start changes in the directory is taken back if it fails before its first step is done (out of memory, a
-    compiler error), so the directory keeps what it had, and one that did not exist is not left behind. Every
-    check that can refuse the run comes before it (Trainer.train); it is made before the run's lock creates
-    the directory.
-
-    `claim(overwrite=True)` moves the earlier run's RUN_FILES into REPLACED (set_aside), where they stay until
-    the new run has a checkpoint that can be resumed: its first complete save deletes them (`publish`; for a
-    background save, once its write is done), as does a run that ends without error (its final/ weights). Until
-    then the earlier run is put back by a start that fails, before its first step or after it, and, after a
-    start killed outright, by the next `train` in the directory (finish_overwrite), before it decides what to
-    resume: --overwrite replaces a run only once the new one has something to show for it. Meanwhile `sample`,
-    `evaluate`, `export` and `--resume` name the folder the earlier run is in (set_aside_note). Every move and
-    deletion of the set-aside, the put-back and the deletion is journalled (JOURNAL): a kill at any point
-    leaves the earlier run whole, or the new run whole once it has saved, never a mix of the two."""
+    """A new or resumed run starting in `run_dir`, on rank 0, as a `with` block around its start: what the start changes
+    in the directory is taken back if it fails before its first step, and a directory that did not exist is not left
+    behind; every check that can refuse the run comes before it. `claim(overwrite=True)` moves the earlier run's
+    RUN_FILES into REPLACED (set_aside) until the new run has a resumable save, whose completion (`publish`), or a run
+    that ends without error, deletes them. Until then a failed start puts the earlier run back, and after a start killed
+    outright the next `train` there does (finish_overwrite); `sample`, `evaluate`, `export` and `--resume` say where it
+    is (set_aside_note). Every move and deletion is journalled (JOURNAL): a kill at any point leaves the earlier run
+    whole, or the new one once it has saved, never a mix."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
@@ -175,9 +168,8 @@ class RunStart:
 
 
 def set_aside(run_dir: Path) -> None:
-    """Move the earlier run's RUN_FILES in `run_dir`, if any, into REPLACED (rank 0, holding the run's lock).
-    Their names are journalled before the first move, so a start killed between two moves is undone by the
-    next (settle), and only once all are moved is a RUN_FILES entry at the top the new run's."""
+    """Move the earlier run's RUN_FILES in `run_dir` into REPLACED (rank 0, holding the lock), their names journalled
+    first, so a start killed between two moves is undone by the next (settle)."""
     names = [name for name in RUN_FILES if os.path.lexists(run_dir / name)]
     if not names:
         return
@@ -192,10 +184,8 @@ def set_aside(run_dir: Path) -> None:
 
 
 def settle(run_dir: Path) -> bool:
-    """Finish what an --overwrite start in `run_dir` left unfinished, as its journal says (rank 0, holding the
-    run's lock): the earlier run is put back, unless the new run has a complete save, which it keeps (the earlier
-    run is deleted). A save is renamed into place whole, and once the earlier run is wholly set aside every save
-    at the top is the new run's. Returns whether the earlier run was put back."""
+    """Finish what an --overwrite start in `run_dir` left unfinished, as its journal says (rank 0): put the earlier run
+    back, unless the new run has a complete save. Returns whether it was put back."""
     journal = read_journal(run_dir)
     if journal is None:
         return False
@@ -208,10 +198,8 @@ def settle(run_dir: Path) -> bool:
 
 
 def put_back(run_dir: Path, phase: str, names: list[str]) -> None:
-    """Put the earlier run's `names` back from REPLACED, journalled in `phase`. The new run's entries at the top
-    (any RUN_FILES entry there but one of `names` that is not in REPLACED: back already, or never moved) go into
-    DISCARDED first; it is deleted once the earlier run is whole again. Each move checks where its entry is, so
-    a put-back killed at any point is finished by the next."""
+    """Put the earlier run's `names` back from REPLACED, journalled in `phase`, the new run's entries set aside in
+    DISCARDED first; a put-back killed at any point is finished by the next."""
     if phase != PUTTING_BACK:  # before any move: a save back at the top must not read as the new run's
         write_journal(run_dir, PUTTING_BACK, names)
     replaced, discarded = run_dir / REPLACED, run_dir / DISCARDED
@@ -284,10 +272,8 @@ def read_journal(run_dir: Path) -> tuple[str, list[str]] | None:
 
 
 def finish_overwrite(run_dir: str | os.PathLike[str]) -> str | None:
-    """What `train` does first, on rank 0: finish what an --overwrite start in `run_dir` killed halfway left
-    (settle), and remove the temporary files a start killed while writing one left at the top (WRITTEN_ATOMICALLY),
-    unless another process holds the directory (a start still under way: its own lock check refuses). Returns
-    a note when the earlier run was put back."""
+    """What `train` does first, on rank 0: finish a killed --overwrite start (settle) and remove a killed write's
+    temporary files, unless another process holds the directory. A note if the earlier run was put back."""
     run_dir = Path(run_dir)
     stale = [p for name in WRITTEN_ATOMICALLY for p in run_dir.glob(f".{glob.escape(name)}.*.tmp")]
     journal = os.path.lexists(run_dir / JOURNAL)
@@ -342,10 +328,8 @@ def keep_tokenizer(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[
 
 
 def check_own(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> None:
-    """UsageError if `path` is a save of another run (in another run directory's checkpoints/) while
-    `directory` holds this run's own saves or events: resuming it there would prune this run's saves, point
-    its `latest` at the other's lineage and mix both in metrics.jsonl. Into a new directory, or from a
-    checkpoint file outside any run's checkpoints/, a run may start from it."""
+    """UsageError if `path` is another run directory's save while `directory` holds this run's saves or events (resuming
+    would prune them and mix both runs' metrics); elsewhere it may start from it."""
     parent, own = Path(path).resolve().parent, Path(directory).resolve()
     if parent.name != "checkpoints" or parent == own:
         return

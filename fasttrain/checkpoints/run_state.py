@@ -11,9 +11,8 @@ from dataclasses import asdict, dataclass, fields
 
 @dataclass
 class RunState:
-    """Where a run stands. Everything else a resumed run needs is in the model, optimizer, loader
-    and random states; the learning rate is a pure function of `step` (times `lr_scale`), or under a time
-    budget of the progress, which `train_seconds`, `decay_from` and `rest_scale` give (see schedule.py)."""
+    """Where a run stands; the rest is in the model, optimizer, loader and random states. The learning rate is a
+    function of `step` (times `lr_scale`), or of the progress (`train_seconds`, `decay_from`, `rest_scale`)."""
 
     step: int = 0  # optimizer updates done, skipped ones included
     tokens_seen: int = 0  # real (counted) target tokens trained on, over all ranks; pads do not count

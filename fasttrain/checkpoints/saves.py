@@ -63,10 +63,8 @@ def clear_stale(directory: Path) -> None:
 
 
 def pointed(directory: Path, pointer: str) -> Path | None:
-    """The file that `directory/<pointer>` names, or None if there is no such pointer.
-
-    UsageError if the pointer cannot be read or does not hold a save's file name (a damaged
-    or hand-edited pointer must not become a path: it could name anything)."""
+    """The file that `directory/<pointer>` names, or None if there is no such pointer; UsageError if it cannot be read
+    or does not hold a save's file name (a damaged pointer must not become a path)."""
     path = directory / pointer
     try:
         name = path.read_bytes().decode("utf-8").strip()

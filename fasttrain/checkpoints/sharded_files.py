@@ -9,12 +9,10 @@ A folder `step_0000100/` holds
     state.pt              the rest (checkpoint_files.py): run state, every rank's loader and RNG, config, scaler,
                           and the CRC-32 of each file above ("checksums"), read back once they are written
 
-Each tensor is read with `torch.load(weights_only=True)` by DCP itself. `.metadata` is a pickle that DCP's own
-reader loads with plain `pickle.load`, which would run any code a planted file names; here it is read by an
-unpickler that builds only DCP's metadata classes, torch.Size and dtypes, and an index naming anything but
-tensors (DCP would unpickle those entries in full) or files outside the folder is refused. So a checkpoint
-folder, like a checkpoint file, cannot run code. A load compares each file with the CRC-32 state.pt recorded
-(checksums.py; state.pt itself is checked by its own records' CRC-32, as a checkpoint file is).
+DCP reads the tensors with `torch.load(weights_only=True)`, but `.metadata` with plain `pickle.load`, which would run
+any code a planted file names; here an unpickler builds only DCP's metadata classes, torch.Size and dtypes, and an index
+naming anything but tensors or files outside the folder is refused, so a folder cannot run code. A load compares each
+file with the CRC-32 state.pt recorded (checksums.py).
 """
 
 from __future__ import annotations
@@ -152,11 +150,8 @@ def write(path: Path, state: dict, process_group: dist.ProcessGroup | None = Non
 def write_async(
     path: Path, state: dict, process_group: dist.ProcessGroup | None = None, checksum: bool = False
 ) -> Future:
-    """Like `write`, but return once `state` is copied to CPU memory: a future that is done when the folder is
-    written (its result raises what the write raised). With `checksum` (rank 0: its write is done once every
-    rank's part is), its result is the folder's checksums (checksums.of_folder), read back on a thread of its
-    own, as the write is done in the background: the run does not wait for them. `process_group`: a gloo group
-    of its own, so the background write's collectives never interleave with training's."""
+    """`write`, returning once `state` is in CPU memory: a future of the write (rank 0 with `checksum`: of the folder's
+    checksums). `process_group`: a gloo group of its own, apart from training's collectives."""
     import torch.distributed.checkpoint as dcp
 
     written = cast(

@@ -25,11 +25,8 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
-    """`name` ("auto", "cpu", "cuda", "cuda:N") as a torch.device; UsageError if it is not there.
-
-    `local_rank`: this process's index on its machine under torchrun, which picks its GPU
-    (cuda:local_rank) when `name` is "auto" or "cuda".
-    """
+    """`name` ("auto", "cpu", "cuda", "cuda:N") as a torch.device; UsageError if it is not there. `local_rank`: this
+    process's index on its machine under torchrun, which picks its GPU when `name` is "auto" or "cuda"."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and local_rank is not None:
@@ -58,10 +55,8 @@ _ONEDNN_BF16_ISAS = ("ALL", "DEFAULT", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` multiplies bf16 matrices in hardware: CUDA, or a CPU with AVX512-BF16 or AMX
-    tiles that this process may use. Elsewhere oneDNN emulates bf16 through fp32, slower than fp32 itself.
-    The caps that make a machine run as an older one are honoured: ATEN_CPU_CAPABILITY below avx512 or
-    ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (an AMX Xeon capped to AVX2 decides as an AVX2 machine does)."""
+    """Whether `device` multiplies bf16 in hardware (elsewhere oneDNN emulates it, slower than fp32): CUDA, or a CPU
+    with AVX512-BF16 or AMX not capped below them (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA)."""
     if device.type == "cuda":
         return True
     if device.type != "cpu":
@@ -128,20 +123,14 @@ def kernels_on(
     fp8: str = "none",
     softcap: float = 0.0,
 ) -> Kernels:
-    """[kernels] resolved for `device`. true and false are taken as they are; "auto" on a GPU is the
-    measured dispatch table's verdict (fasttrain/compute/kernel_table.py) for the run's `shapes` (per op:
-    rms_norm {"hidden"}, linear_cross_entropy {"hidden", "vocab"}, adamw {"params"}), in its mode
-    (`compiled` or eager) on a GPU of its `capability` ("sm_90"; default: the device's): on only where
-    the kernel was measured faster than stock there, else stock. `table`: its entries (default: the
-    committed one). The AdamW kernel takes whole tensors, not FSDP's DTensor shards, so `sharded` turns
-    "auto" off and refuses true. On a CPU "auto" is off, except the linear cross-entropy, in any precision
-    (but under TRITON_INTERPRET=1, where it would run Triton's interpreter): its PyTorch path computes the
-    loss and the logits' gradient in one pass over row blocks in cache, where F.cross_entropy streams the
-    whole logits through memory several times (and under bf16 casts them to fp32 first); the whole step
-    measured faster with it at the shapes a budget chooses (docs/performance.md, "CPU: the step at the
-    budget's shapes"). An FP8 head (`fp8`,
-    train.fp8) and a soft-cap of the logits (`softcap`, model.logit_softcap) need the logits, so each turns the
-    linear cross-entropy's "auto" off and refuses true."""
+    """[kernels] resolved for `device`: true and false as they are; "auto" on a GPU is the measured dispatch table's
+    verdict (compute/kernel_table.py, or `table`'s entries) for the run's `shapes` (rms_norm {"hidden"},
+    linear_cross_entropy {"hidden", "vocab"}, adamw {"params"}), in its mode (`compiled` or eager) on a GPU of its
+    `capability` (default: the device's). The AdamW kernel takes whole tensors, so `sharded` turns "auto" off and
+    refuses true. On a CPU "auto" is off except the linear cross-entropy (not under TRITON_INTERPRET=1): its PyTorch
+    path makes one pass over row blocks in cache where F.cross_entropy streams the logits several times, and measured
+    faster at a budget's shapes (docs/performance.md). An FP8 head (`fp8`) and a logit soft-cap (`softcap`) need the
+    logits, so each turns its "auto" off and refuses true."""
     if sharded and cfg.adamw is True:
         raise UsageError(
             'kernels.adamw = true does not work with train.parallel = "fsdp" yet; set it to "auto" or false'
@@ -243,9 +232,8 @@ def check_fp8(fp8: str, device: torch.device) -> None:
 
 @functools.cache
 def _cpu_scaled_mm() -> bool:
-    """Whether this torch multiplies float8 matrices on the CPU. A bf16 matmul goes first: under an ISA cap
-    (ONEDNN_MAX_CPU_ISA=AVX2 on an AMX Xeon) oneDNN refuses float8 matmuls once a bf16 one has run in the
-    process, so the answer must not depend on whether one ran before the question."""
+    """Whether this torch multiplies float8 matrices on the CPU; a bf16 matmul first, since under an ISA cap oneDNN
+    refuses float8 once a bf16 one has run, and the answer must not depend on that."""
     a = torch.ones(16, 16).to(torch.float8_e4m3fn)
     one = torch.tensor(1.0)
     try:
@@ -272,13 +260,11 @@ ISA_CACHE_PREFIX = "fasttrain-isa-"
 
 
 def key_inductor_cache(device: torch.device) -> str | None:
-    """Give a run that compiles on a CPU `device` an inductor cache of its instruction set's own, a folder
-    under inductor's default named for this process's ATEN_CPU_CAPABILITY level and ONEDNN_MAX_CPU_ISA cap, set
-    as TORCHINDUCTOR_CACHE_DIR (which inductor reads as it compiles). Inductor's cache key holds neither, and
-    code compiled under one level fails under another (CppCompileError, or an aborted process; torch 2.13).
-    A folder the user chose is kept; inductor's default, which torch itself sets once it has compiled, and
-    another level's folder (inherited from a parent process) are not the user's. Returns the folder set, or
-    None where it set none (a GPU, the user's own folder)."""
+    """Give a run that compiles on a CPU `device` an inductor cache of its instruction set's own
+    (TORCHINDUCTOR_CACHE_DIR, a folder under inductor's default named for ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA):
+    inductor's cache key holds neither, and code compiled under one level fails under another (torch 2.13). A folder the
+    user chose is kept (not inductor's default, nor another level's inherited from a parent). Returns the folder set, or
+    None."""
     if device.type != "cpu":
         return None
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
@@ -296,9 +282,8 @@ def key_inductor_cache(device: torch.device) -> str | None:
 
 
 def compile_failure(error: Exception) -> str | None:
-    """A failure to compile the objective (inductor's C++ compiler missing or failing, a backend error) in a few
-    words instead of torch's traceback of several screens: its cause's type and first line; None for any other
-    error."""
+    """A failure to compile the objective (inductor's C++ compiler missing or failing, a backend error) in a few words
+    instead of torch's screens of traceback; None for any other error."""
     # imported here: dynamo takes seconds to import, and a run that compiles has it already (InductorError is one)
     from torch._dynamo.exc import BackendCompilerFailed
 

@@ -4,25 +4,16 @@ Imports from fasttrain: compute.device, system.errors.
 
     torchrun --nproc_per_node=N -m fasttrain.train CONFIG.toml
 
-torchrun gives each process RANK, WORLD_SIZE and LOCAL_RANK (and where to meet);
-a plain `python -m fasttrain.train` has none and is a world of one, with no process
-group and no wrapper. CUDA uses NCCL and one GPU per process (cuda:LOCAL_RANK);
-CPU uses gloo. Every collective has a timeout (FASTTRAIN_DIST_TIMEOUT seconds,
-default 600), so ranks waiting on a dead one fail with an error instead of hanging;
-so does joining the group, which then says in one line why it could not.
+torchrun gives each process RANK, WORLD_SIZE and LOCAL_RANK; a plain `python -m fasttrain.train` is a world of one, with
+no process group and no wrapper. CUDA uses NCCL and one GPU per process (cuda:LOCAL_RANK), CPU gloo. Every collective,
+and joining the group, has a timeout (FASTTRAIN_DIST_TIMEOUT seconds, default 600), so ranks waiting on a dead one fail
+in one line instead of hanging.
 
-Two ways to split the work (train.parallel):
-- "ddp": every rank holds the whole model; DistributedDataParallel averages the
-  gradients during the backward.
-- "fsdp": FSDP2 `fully_shard` on every block and the root; each rank holds a
-  1/N shard of the parameters, gradients and optimizer state, and gathers a block's
-  parameters only while it computes. With bf16/fp16 the gathered parameters are
-  cast to that dtype and gradients are reduced in fp32.
-- "hsdp": FSDP2 on a 2-D mesh ("replicate", "shard"): the ranks form groups of
-  train.shard_group_size (default: the processes on one node, LOCAL_WORLD_SIZE); a
-  group shards the model as "fsdp" does, and the groups are replicas whose gradients
-  are averaged after each group's reduce-scatter. The gathers and reduce-scatters stay
-  within a node, and only the all-reduce of a shard crosses nodes.
+train.parallel: "ddp" holds the whole model on every rank and averages gradients in the backward; "fsdp" (FSDP2
+`fully_shard` on every block and the root) gives each rank 1/N of the parameters, gradients and optimizer state,
+gathering a block's parameters only while it computes (cast to bf16/fp16, gradients reduced in fp32); "hsdp" shards
+within groups of train.shard_group_size ranks (default: one node's) on a 2-D mesh, the groups being replicas whose
+gradients are averaged after each group's reduce-scatter, so only that all-reduce crosses nodes.
 """
 
 from __future__ import annotations
@@ -85,9 +76,8 @@ SHARDED = ("fsdp", "hsdp")  # the train.parallel modes whose parameters are DTen
 
 
 def shard_group(world: World, parallel: str, size: int) -> int:
-    """How many ranks one parameter is split over: the world under "fsdp", 1 under "ddp" and in a world of
-    one, and under "hsdp" `size` (train.shard_group_size; 0: the node's processes). UsageError, in any world,
-    if hsdp's group does not divide the world into whole replicas."""
+    """How many ranks one parameter is split over: the world under "fsdp", 1 under "ddp", `size` under "hsdp" (0: the
+    node's processes; UsageError unless it divides the world)."""
     if parallel == "hsdp":
         size = size or world.local_size
         if world.size % size != 0:
@@ -139,16 +129,9 @@ def _give_up(message: str) -> None:
 
 
 def _attempt_store(world: World, store: dist.Store) -> dist.Store:
-    """The store this attempt's group meets in: `store`, under a prefix of its own for each torchrun restart.
-
-    torchrun's static rendezvous (its default, without --standalone or --rdzv-backend) always hands the
-    workers the store its agent hosts, which lives as long as the agent: a restarted group found the dead
-    attempt's keys there (each rank's gloo address, the group barriers' counts), read a peer's old address
-    before the peer wrote its new one, and failed with "Gloo connectFullMesh failed ... Connection refused"
-    or waited forever. Each attempt's keys under its own prefix, the old ones are never read. The restart
-    count is the same on every rank only when one agent started them all (one node), so only then; several
-    nodes restart through a c10d rendezvous, which gives each round a new store (with
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, see docs/multi-gpu.md)."""
+    """The store this attempt's group meets in: `store` under a prefix per torchrun restart, since torchrun's static
+    rendezvous keeps the dead attempt's keys there (a restarted gloo group hung or failed on them); one node only
+    (docs/multi-gpu.md)."""
     if world.local_size != world.size:
         return store
     return dist.PrefixStore(f"fasttrain/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
@@ -175,9 +158,8 @@ def wrap(
     precision: str,
     device: torch.device,
 ) -> nn.Module:
-    """The module that trains: `module` itself in a world of one; DDP around it; or, for FSDP and HSDP, `module`
-    sharded in place over groups of `group` ranks (shard_group; its parameters become DTensors), each of its
-    `blocks` a unit of its own, and returned."""
+    """The module that trains: `module` in a world of one, DDP around it, or for FSDP and HSDP `module` sharded in place
+    over groups of `group` ranks, each of `blocks` a unit of its own."""
     if not world.distributed:
         return module
     if parallel == "ddp":
@@ -188,9 +170,8 @@ def wrap(
     dtype = PRECISIONS[precision]
     reduce_dtype = torch.float32 if dtype else None
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype)
-    # The mesh on the run's device: fully_shard's default mesh takes a GPU whenever there is one,
-    # so a CPU run on a GPU machine would put rank r on cuda:r. A 2-D mesh is HSDP: rank r is in replica
-    # r // group, and holds shard r % group. One group of the whole world is FSDP, built as such.
+    # The mesh on the run's device (fully_shard's default takes a GPU whenever there is one). 2-D is HSDP: rank r is
+    # in replica r // group and holds shard r % group.
     replicas = world.size // group
     mesh = (
         init_device_mesh(device.type, (world.size,))
@@ -199,9 +180,8 @@ def wrap(
     )
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    # The root's inputs are token ids, targets and the loss's fp32 grad_scale (NextTokenLoss): cast to bf16,
-    # that scale would no longer equal the gradient the backward receives, and the fused loss's backward
-    # would make the pass over its gradients that announcing the scale saves.
+    # The root's inputs include the loss's fp32 grad_scale (NextTokenLoss): cast to bf16 it would no longer equal the
+    # gradient the backward receives, and the fused loss's backward would make the pass the announcement saves.
     root_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     return cast(nn.Module, fully_shard(module, mesh=mesh, mp_policy=root_policy))  # the module, sharded in place
 
@@ -229,12 +209,8 @@ class Optimizer(Protocol):
 
 
 def full_state(model: nn.Module, optimizer: Optimizer | None, fsdp: bool) -> tuple[dict, dict | None]:
-    """Unsharded state dicts of `model` and `optimizer` (None: not asked for) for a checkpoint or export.
-
-    Without FSDP these are the modules' own. With FSDP (or HSDP) every rank must call this: the
-    shards are gathered (through torch.distributed.checkpoint) onto rank 0's CPU memory,
-    the other ranks get empty dicts, and the optimizer's state is keyed by parameter name.
-    """
+    """Unsharded state dicts of `model` and `optimizer` (None: not asked for). Sharded, every rank must call it: rank 0
+    gets them in CPU memory, keyed by parameter name; the others get empty dicts."""
     if not fsdp:
         return model.state_dict(), None if optimizer is None else optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
@@ -251,9 +227,8 @@ def full_state(model: nn.Module, optimizer: Optimizer | None, fsdp: bool) -> tup
 def load_full_state(
     model: nn.Module, optimizer: Optimizer, model_state: dict, optimizer_state: dict, fsdp: bool
 ) -> None:
-    """Load what `full_state` returned (every rank read the same checkpoint file), in any mode: FSDP re-shards
-    it, and an optimizer state keyed by parameter index (saved without FSDP) or by name (with) is re-keyed
-    to what this mode loads."""
+    """Load what `full_state` returned (every rank read the same file), in any mode: FSDP re-shards it, and an optimizer
+    state keyed by index (saved without FSDP) or by name is re-keyed to what this mode loads."""
     load_full_model_state(model, model_state, fsdp)
     for part, state in zip(_parts(optimizer), _split(optimizer, optimizer_state)):
         state = keyed_by_name(model, part, state, by_name=fsdp)
@@ -264,9 +239,8 @@ def load_full_state(
 
 
 def keyed_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, by_name: bool) -> dict:
-    """A torch optimizer's full `state` keyed by parameter name (`by_name`, as FSDP's full state dicts are) or
-    by index (as `optimizer.state_dict()` is), whichever it was keyed by. The index of a parameter is its place
-    in the optimizer's groups, its name the one `model.named_parameters()` gives it."""
+    """A torch optimizer's full `state` keyed by parameter name (`by_name`, as FSDP's are) or by index (its place in the
+    optimizer's groups, as `optimizer.state_dict()`'s), whichever it was keyed by."""
     keys = [k for group in state["param_groups"] for k in group["params"]]
     if not keys or isinstance(keys[0], str) == by_name:
         return state
@@ -286,10 +260,8 @@ def _parts(optimizer: Optimizer) -> list[torch.optim.Optimizer]:
 
 
 def _merged(states: list[dict]) -> dict:
-    """Torch optimizers' state dicts keyed by parameter name, as one: their states side by side, their groups in
-    order (the form torch.distributed.checkpoint gives several optimizers). Each is taken alone because DCP
-    cannot load several when one has a group without parameters, as Muon's AdamW half has when the output head
-    is tied to the embedding (no matrix of its own to decay). Empty if any is (a full state dict off rank 0)."""
+    """Optimizers' state dicts keyed by name as one, states side by side, groups in order (DCP cannot load several when
+    one has a group without parameters); empty if any is (off rank 0)."""
     if not all(states):
         return {}
     return {
@@ -333,10 +305,8 @@ def load_local_state(model: nn.Module, optimizer: Optimizer, model_state: dict, 
 
 
 def _load_part(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, full: bool) -> None:
-    """Load one torch optimizer's `state` keyed by name, whole (`full`) or as this rank's shards, through
-    torch.distributed.checkpoint, then its groups' settings as saved: DCP loads a group without parameters
-    (Muon's AdamW half has one, see `_merged`) without its settings (torch 2.13), and AdamW's step reads betas
-    from every group."""
+    """Load one optimizer's `state` keyed by name, whole (`full`) or this rank's shards, through DCP, then its groups'
+    settings as saved (DCP drops those of a group without parameters: torch 2.13)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=full))
@@ -371,11 +341,7 @@ def main_value(value: float, world: World, device: torch.device) -> float:
 
 def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     """Whether `flag` is true on any rank (every rank gets the same answer)."""
-    if not world.distributed:
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t)
-    return t.item() > 0
+    return flag if not world.distributed else total(torch.tensor(float(flag), device=device), world).item() > 0
 
 
 def gather(obj: Any, world: World) -> list:

@@ -2,21 +2,19 @@
 
 Imports from fasttrain: system.errors.
 
-`kernels.* = "auto"` on a GPU switches a kernel on only where this table holds a measurement of it, on
-a GPU of the same compute capability, at a shape near the run's, in the run's mode (eager, or under
-torch.compile), and the kernel was faster there than the fastest stock path. Anything the table does
-not cover runs what stock PyTorch (or inductor) runs, so "auto" never picks a path measured slower.
-
-The table is `kernel_table.json` beside this file, written from a GPU session's results by
-`python -m benchmarks.studies.dispatch_table` (the gpu_check `kernels` stage writes one too). Its shape:
+`kernels.* = "auto"` on a GPU switches a kernel on only where this table measured it faster than the fastest stock path,
+on a GPU of the same compute capability, at a shape near the run's, in the run's mode (eager, or under torch.compile);
+anything else runs stock PyTorch (or inductor), so "auto" never picks a path measured slower. The table is
+`kernel_table.json` beside this file, written by `python -m benchmarks.studies.dispatch_table` (and gpu_check's
+`kernels` stage):
 
     {"source": [...], "entries": [{"capability": "sm_90", "gpu": "NVIDIA H100 80GB HBM3",
       "op": "rms_norm", "mode": "eager", "shape": {"hidden": 768}, "use": false,
       "fasttrain_ms": 1.035, "stock_ms": 0.49, "stock": "torch", "case": "..."}, ...]}
 
-Shapes: rms_norm by `hidden`, linear_cross_entropy by `hidden` and `vocab`, adamw by `params`. A run's
-shape matches the nearest entry if each of its sizes is within a factor of two of the entry's, or, for
-a one-size shape, lies between two entries that agree.
+Shapes: rms_norm by `hidden`, linear_cross_entropy by `hidden` and `vocab`, adamw by `params`. A run's shape matches the
+nearest entry if each of its sizes is within a factor of two of the entry's, or, for a one-size shape, lies between two
+entries that agree.
 """
 
 from __future__ import annotations
@@ -73,9 +71,8 @@ def load_table(path: str | Path = TABLE) -> list[dict]:
 
 
 def lookup(entries: list[dict], capability: str, op: str, mode: str, shape: dict[str, int]) -> Measurement | None:
-    """The measurement of `op` at `shape` on `capability` in `mode`: the nearest entry within a factor of two
-    in every size, else, for a one-size shape (hidden, params), the nearer of two entries on either side
-    that agree; None when neither exists (then "auto" runs stock)."""
+    """The measurement of `op` at `shape` on `capability` in `mode`: the nearest entry within a factor of two in every
+    size, else for a one-size shape two agreeing entries on either side; else None."""
     candidates = [
         e
         for e in entries

@@ -1,26 +1,20 @@
 """Run configuration: typed dataclasses, loaded from TOML with command-line overrides.
 
-Imports from fasttrain: config.arguments, config.loading, config.prepared, config.rules, config.sections,
-config.values, config.writing.
+Imports from fasttrain: config.arguments, config.loading, config.prepared, config.rules, config.sections, config.values,
+config.writing.
 
-Each TOML section ([model], [data], ...) maps to one dataclass (sections.py). A value is
-taken from, in increasing precedence: the dataclass default, the config file, then
-`--set section.key=value` on the command line. Everything is checked up front
-(names, types, ranges, combinations) so a typo fails in a second, not an hour into
-a run. Every problem is a one-line `UsageError` that starts with where the value
-came from (the file's path or `--set`), then names the key:
+Each TOML section ([model], [data], ...) is one dataclass (sections.py). A value comes from the dataclass default, the
+config file, then `--set section.key=value`, in increasing precedence. Everything is checked up front, so a typo fails
+in a second, not an hour into a run, as a one-line `UsageError` naming where the value came from and the key:
 
     configs/tiny.toml: train.batch_size: must be > 0, got 0
 
-`save_config` writes the resolved config into the run directory, so a run can
-always be reproduced from what it wrote.
+`save_config` writes the resolved config into the run directory, so a run can always be reproduced.
 
-The package, lowest first: values.py (the field types, TOML values to and from them), sections.py (the
-dataclasses), rules.py (ranges, agreements, what applies when), loading.py (files, `extends`, `--set`),
-writing.py (back to TOML), prepared.py (completed with the prepared data), arguments.py (the command line),
-shipped.py (the configs that ship with fasttrain, found by name).
-Import from here: `from fasttrain.config import Config, load_config`. The config imports only system's errors
-and atomic, so every other layer may read it.
+The package, lowest first: values.py (the field types), sections.py (the dataclasses), rules.py (ranges, agreements),
+loading.py (files, `extends`, `--set`), writing.py (back to TOML), prepared.py (completed with the prepared data),
+arguments.py (the command line), shipped.py (the shipped configs, by name). Import from here: `from fasttrain.config
+import Config, load_config`. It imports only system's errors and atomic, so every layer may read it.
 """
 
 from fasttrain.config.arguments import (

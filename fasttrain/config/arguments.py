@@ -48,9 +48,8 @@ class _ConfigPath(argparse.Action):
 
 
 class _SetItems(argparse.Action):
-    """--set's items, added to those of earlier --sets. nargs="+" takes every argument up to the next flag, so
-    in `--set a=b configs/base.toml` it takes the config path too: with no config given yet, the last item of a
-    --set that is no SECTION.KEY=VALUE but a file, or named like one (.toml), is the config path."""
+    """--set's items, added to earlier --sets'. nargs="+" takes the config path too in `--set a=b base.toml`: with none
+    given yet, a last item that is a file or ends in .toml is the config."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         items, last = list(values), values[-1]
@@ -96,9 +95,8 @@ def config_line(spec: str) -> str:
 
 
 def copied_run_note(args: argparse.Namespace, cfg: Config) -> str | None:
-    """A note when the config file of `args` is a run directory's config.toml whose train.out_dir (recorded
-    absolute) is another folder, and no --set chose train.out_dir: a run directory copied elsewhere and trained
-    from its config.toml writes into the original, not the copy."""
+    """A note when the config of `args` is a run directory's config.toml recording another train.out_dir and no --set
+    chose one: trained from, a copied run directory writes into the original."""
     from fasttrain.config import shipped
 
     path, is_shipped = shipped.locate(args.config)

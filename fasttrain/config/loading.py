@@ -30,17 +30,9 @@ MAX_EXTENDS = 32  # config files in one `extends` chain
 
 
 def load_config(path: str | os.PathLike[str] | None, overrides: Sequence[str] = ()) -> Config:
-    """Build a validated Config from defaults, the TOML file at `path` (None: none), then `overrides`.
-
-    Each override is `section.key=value`, with `value` a TOML literal (`8`, `"cpu"`,
-    `["a", "b"]`); text that is not a TOML literal is taken as a bare string, so
-    `train.device=cpu` works. Later overrides win. Raises UsageError (one line,
-    naming the file or `--set`, and the key) on any problem.
-
-    A config file may start with `extends = "base.toml"` (a path relative to the file):
-    the base's values are read first, then this file's replace them key by key. A base
-    may extend another; a chain that comes back to a file it passed is an error.
-    """
+    """A validated Config from defaults, the TOML file at `path` (None: none; `extends` a base file first), then
+    `overrides` (`section.key=value`, a TOML literal or a bare string). One-line UsageErrors naming the source and
+    key."""
     return _build(_read_layers(path) if path is not None else [], [(OVERRIDE_SOURCE, item) for item in overrides])
 
 
@@ -144,10 +136,8 @@ def _section(cfg: Config, section: str, source: str) -> Any:
 
 
 def _assign(part: Any, section: str, key: str, value: Any, source: str, sources: dict[str, str]) -> None:
-    """Set `part.<key>` (part is the [section] dataclass) to `value` if the key and type check out.
-
-    A key naming a nested table ([optim.muon]) takes a table of its keys, or is dotted (`muon.lr`) to one.
-    """
+    """Set `part.<key>` (part is the [section] dataclass) to `value` if the key and type check out. A key naming a
+    nested table ([optim.muon]) takes a table of its keys, or is dotted (`muon.lr`) to one."""
     types = get_type_hints(type(part))
     head, dot, rest = key.partition(".")
     if head not in types or (dot and not is_dataclass(types[head])):

@@ -14,11 +14,8 @@ from fasttrain.system.errors import UsageError
 
 
 def resolve(cfg: Config, data_dir: str, tokenizer_vocab: int, request: dict | None = None) -> Config:
-    """A copy of `cfg` with what preparing its data found (cache.ensure_prepared): the data
-    directory, model.vocab_size when it is 0, and the settings the data was prepared with (`request`,
-    its meta.json's). The run records this one (config.toml), so it names what was used and loads
-    back to the same data, from any working directory: its paths are absolute. UsageError if the
-    model's vocabulary is too small for the tokenizer's."""
+    """A copy of `cfg` with what preparing its data found (cache.ensure_prepared): data directory, model.vocab_size when
+    0, `request`'s settings, paths absolute. UsageError if the vocabulary is smaller than the tokenizer's."""
     vocab = cfg.model.vocab_size or tokenizer_vocab
     check_vocab(vocab, tokenizer_vocab, f"{data_dir}/tokenizer.json")
     if cfg.data.sources:  # a mixture names its prepared folders already: recorded absolute, as data.dir is

@@ -315,9 +315,8 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
 
 
 def _check_applicable(cfg: Config, sources: dict[str, str], order: list[str]) -> None:
-    """UsageError for the first key given that does not apply to the setting it depends on (_APPLIES), unless a
-    later source (`order`: the sources, first to last) chose that setting: `--set optim.name=adamw` on a file
-    with an [optim.muon] table means the table is moot, not a mistake; such a key goes back to its default."""
+    """UsageError for the first key given that does not apply (_APPLIES), unless a later source (`order`) chose that
+    setting: a moot [optim.muon] under `--set optim.name=adamw` goes back to its default."""
     for name in list(sources):
         rule = _applies(cfg, name)
         if rule is not None:

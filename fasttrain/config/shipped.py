@@ -50,9 +50,8 @@ def file_of(name: str) -> Path:
 
 
 def locate(spec: str) -> tuple[str, bool]:
-    """The config file that a config argument `spec` names, and whether it is a shipped one. A path to a file
-    wins over a shipped config of the same name; UsageError for a name that is also a directory here (which
-    one was meant cannot be told), and for one that is neither a file nor a shipped config."""
+    """The config file `spec` names and whether it is a shipped one; a file's path wins. UsageError for a name that is
+    also a directory here, and for one that is neither a file nor a shipped config."""
     if os.path.isfile(spec):
         return spec, False
     names = available()

@@ -37,10 +37,7 @@ def _tables(cfg: Config, name: str) -> list[str]:
 
 
 def save_config(cfg: Config, run_dir: str | os.PathLike[str]) -> Path:
-    """Write `cfg` to `run_dir/config.toml` (creating `run_dir`) and return that path.
-
-    The write is atomic: a crash leaves either the old file or the new one, never
-    half of one. Raises UsageError if the directory or file cannot be written.
-    """
+    """Write `cfg` to `run_dir/config.toml` (creating `run_dir`), atomically, and return that path; UsageError if it
+    cannot be written."""
     text = config_to_toml(cfg).encode("utf-8")
     return write_atomically(Path(run_dir) / "config.toml", lambda f: f.write(text))

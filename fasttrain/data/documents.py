@@ -2,31 +2,19 @@
 
 Imports from fasttrain: formats.shards, system.atomic, system.errors.
 
-A row is `length` consecutive tokens of one shard, at most seq_len + 1: the
-inputs are its first length - 1 tokens and the targets the same shifted by one,
-so a row of fewer than seq_len + 1 tokens is padded (by the loader) and its
-missing targets are ignored.
+A row is at most seq_len + 1 consecutive tokens of one shard: its first length - 1 are the inputs, the same shifted by
+one the targets; a shorter row is padded by the loader and its missing targets ignored.
 
-    packed   every shard cut into windows of seq_len + 1 tokens at stride seq_len,
-             across document boundaries (pre-training; every row full). With
-             `tails` (evaluation) each shard's last, shorter window is a row too,
-             so every token of the shard is a target of some row.
-    padded   one row per document: its end-of-text token, its text and the next
-             end-of-text token (so the model learns where a document ends),
-             truncated to seq_len + 1 tokens.
-    aligned  whole documents packed into rows in file order: a row starts at a
-             document start and takes the documents after it for as long as they fit
-             whole, and is padded after the last one (a document is never cut to fill
-             a row, so none loses its tail or starts a row mid-way). Only a document
-             longer than a row is split, into row-sized pieces; the documents after
-             its last piece share that piece's row.
+    packed   each shard cut into windows of seq_len + 1 tokens at stride seq_len, across documents (every row
+             full); with `tails` (evaluation) each shard's shorter last window too, so every token is a target.
+    padded   one row per document: its end-of-text token, its text and the next one (so the model learns where
+             a document ends), truncated to seq_len + 1 tokens.
+    aligned  whole documents packed into rows in file order, a row padded after the last that fits whole: a
+             document is never cut to fill a row; only one longer than a row is split into row-sized pieces.
 
-Documents are found from the end-of-text tokens: prepare writes one before every
-document (llm.c's shards do too). A shard's first token also starts a row, since
-a document may continue from the shard before. The positions of a shard's
-end-of-text tokens are cached beside it (`<shard>.docs.npy`), keyed on the
-shard's size, modification time and the end-of-text id, so a rewritten shard is
-scanned again; where the directory is read-only they are simply not cached.
+Documents are found from the end-of-text tokens prepare writes before each (llm.c's shards too); a shard's first token
+also starts a row. Their positions are cached beside the shard (`<shard>.docs.npy`), keyed on its size, modification
+time and the end-of-text id; a read-only directory is simply not cached.
 """
 
 from __future__ import annotations
@@ -72,9 +60,8 @@ def document_starts(shard: ShardInfo, eot_id: int, cache: bool = True) -> np.nda
 
 
 class Rows:
-    """The rows of one split in one batching mode: row i is tokens [offset[i], offset[i] + length[i]) of
-    shard[i]. Packed rows are computed from their number; the others are held as arrays (`cache`: see
-    document_starts)."""
+    """The rows of one split in one batching mode: row i is tokens [offset[i], offset[i] + length[i]) of shard[i];
+    packed rows are computed, the others held as arrays (`cache`: document_starts)."""
 
     def __init__(
         self,

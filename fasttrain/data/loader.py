@@ -3,42 +3,24 @@
 Imports from fasttrain: data.documents, data.mixture, data.prefetch, data.reader, data.resharding, data.sampling,
 formats.shards, system.errors.
 
-A batch is `batch_size` rows (fasttrain/data/documents.py: packed windows, one document
-each, or document-aligned), x = row[:-1] and y = row[1:], both int64 of shape
-(B, L). L is seq_len, except that with `padding` "longest" or "bucketed" a batch
-is cut to its longest row. Rows shorter than L + 1 are padded: x with the
-end-of-text id, y with IGNORE_INDEX, so pads add nothing to the loss; with causal
-attention and the padding on the right, no real token ever attends to a pad.
-Rows never cross a shard boundary.
+A batch is `batch_size` rows (fasttrain/data/documents.py: packed windows, one document each, or document-aligned), x =
+row[:-1] and y = row[1:], int64 (B, L): L is seq_len, or with `padding` "longest" or "bucketed" the batch's longest row.
+Shorter rows are padded on the right, x with the end-of-text id and y with IGNORE_INDEX, so pads add nothing to the loss
+and no real token attends to one. Rows never cross a shard boundary.
 
-An epoch visits every row once, in a seeded random order (a permutation that
-depends only on (seed, epoch)) or in file order ("sequential"). Bucketing sorts
-pools of rows by length so a batch holds rows of similar lengths and wastes less
-on pads. Rank r of a data-parallel job of world_size ranks takes batches r,
-r + world_size, ... of the epoch, so ranks never share a row within an epoch.
-Whatever does not fill a whole round of ranks at the end of an epoch is dropped;
-the next epoch's order is different, so nothing is dropped for good. A loader made
-with `whole=True` (for evaluation) instead makes one pass over every row, the last
-round partial (and B at most a rank's share of the rows): its empty slots are filler
-rows of one token, no target, so every batch keeps its shape (B, L) (no recompilation)
-and every rank runs the same number of batches (sharded models need every rank in each
-forward), while nothing is counted twice. Packed rows then include each shard's final,
-shorter window, so every token is scored. `first_rows` cuts such a pass to the split's
-first rows in its order: a set of rows that does not depend on the world, which only
-decides each rank's share of it (validation: the same rows, so the same loss, on any
-number of processes).
+An epoch visits every row once, in a seeded order that depends only on (seed, epoch), or in file order ("sequential");
+bucketing sorts pools of rows by length to waste less on pads. Rank r of world_size takes batches r, r + world_size, ...
+of the epoch; what does not fill a whole round at the end of an epoch is dropped (the next epoch's order differs). A
+`whole=True` loader (evaluation) makes one pass over every row instead: the last round's empty slots are filler rows of
+one token and no target, so every batch keeps its shape and every rank runs the same number of batches (sharded models
+need all in each forward), and packed rows include each shard's shorter last window. `first_rows` cuts that pass to the
+split's first rows, the same rows in any world.
 
-The position in the stream is one integer, the number of batches this rank has
-consumed; with the seed it determines everything else, so `state_dict()` is a
-few integers and a reloaded loader yields exactly the batches an uninterrupted
-one would have.
-
-Rows are read with `os.preadv` straight into a staging buffer, never through a
-memory map (fasttrain/data/reader.py says why). The loader is the front of four
-modules: sampling.py (each source's row order over epochs), reader.py (a batch read
-from the shards), prefetch.py (batches read ahead on a thread) and resharding.py
-(a saved position carried to another number of processes; `reshard` is importable
-from here too).
+The position is one integer, the batches this rank has consumed; with the seed it determines everything else, so
+`state_dict()` is a few integers and a reloaded loader yields exactly the batches an uninterrupted one would. The loader
+is the front of sampling.py (row order), reader.py (a batch read with os.preadv, never a memory map), prefetch.py
+(reading ahead on a thread) and resharding.py (a position carried to another world; `reshard` is importable from here
+too).
 """
 
 from __future__ import annotations
@@ -62,29 +44,14 @@ from fasttrain.system.errors import UsageError
 
 
 class TokenLoader:
-    """Infinite iterator of (x, y) batches, shape (B, L) int64 on `device`, y = x shifted by one token.
-
-    `batching` picks the rows (fasttrain/data/documents.py); "padded" and "aligned" need
-    `eot_id`, the end-of-text token that starts each document (also the pad input).
-    `padding` "fixed" makes every batch (B, seq_len); "longest" cuts each batch to its
-    longest row, rounded up to `pad_multiple`; "bucketed" also batches rows of similar
-    lengths together. Packed rows are always full, so there padding changes nothing.
-
-    `whole=True` makes the loader finite, for evaluation: one pass over every row of
-    the split, in `sampling` order, the last round partial (see the module docstring);
-    only an empty split is then an error. `first_rows` > 0 makes that pass read only the
-    first `first_rows` rows (all of them if the split has fewer), whatever the world.
-
-    `prefetch` > 0 reads that many batches ahead on a background thread (into
-    pinned buffers, copied to the GPU on a side stream when `device` is CUDA);
-    0 reads in the calling thread. Both give the same batches. `wait_seconds`
-    is the total time `next()` has spent waiting for data.
-
-    Every shard's header and size are checked at construction, and so is its
-    largest token id against `vocab_size` (default: meta.json's, else the
-    shards' own); since a header can lie, every batch's ids are checked again
-    as they are read. Problems are `UsageError`s naming the file.
-    """
+    """Infinite iterator of (x, y) batches, shape (B, L) int64 on `device`, y = x shifted by one token. `batching` picks
+    the rows (documents.py); "padded" and "aligned" need `eot_id`, the end-of-text token that starts each document (also
+    the pad input). `padding` "fixed" makes every batch (B, seq_len); "longest" cuts each to its longest row, rounded up
+    to `pad_multiple`; "bucketed" also batches rows of similar lengths together. `whole=True`: one finite pass over the
+    split, `first_rows` > 0 its first rows only. `prefetch` > 0 reads that many batches ahead on a thread (pinned,
+    copied to a GPU on a side stream), 0 in the calling thread, the same batches. `wait_seconds`: the time `next()` has
+    waited. Each shard's header, size and largest id (against `vocab_size`: meta.json's, else the shards') are checked
+    at construction, every batch's ids as read: `UsageError`s naming the file."""
 
     def __init__(
         self,
@@ -245,9 +212,8 @@ class TokenLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state`; the data and every setting but the position must match. The mix may differ:
-        its weights apply from the saved position on, and the changes the saved run had entered stay where
-        they began (Blend.restart). `blend.phases` then says where each phase begins."""
+        """Continue from `state`: the data and every setting but the position must match. A new mix applies from the
+        saved position on; the changes the saved run had entered stay (Blend.restart)."""
         mine = self.state_dict()
         state = dict(state)
         if isinstance(state.get("num_rows"), int):  # saved before mixtures: one source, its rows read in order

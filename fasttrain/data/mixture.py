@@ -2,20 +2,16 @@
 
 Imports from fasttrain: config, formats.prepared_folder, formats.tokenizer, preparation.cache, system.errors.
 
-The training rows of a run form one global sequence: round k (micro-batch k of every rank) is rows
-[k R, (k + 1) R), R = batch_size x world_size, and rank r takes rows [k R + r B, k R + (r + 1) B) of it.
-Which source each row comes from is Megatron's blend: every source is owed its weight for each row
-(its deficit grows by its weight), and the next row comes from the source owed the most (ties: the
-first listed), whose deficit then drops by one. So after any number of rows each source has had
-its weight's share to within a row, at every step and on any number of ranks (every rank plays the
-same rule over the same global sequence), and the choice depends on the weights and the position alone,
-never on chance. A source's own rows come in its own order (fasttrain/data/loader.py: a seeded permutation
-per epoch); a source smaller than its share is read again, in a new order, once it is used up.
+A run's training rows form one global sequence: round k (micro-batch k of every rank) is rows [k R, (k + 1) R), R =
+batch_size x world_size, rank r taking [k R + r B, k R + (r + 1) B). The source of each row is Megatron's blend: each
+source's deficit grows by its weight every row, and the row comes from the source owed the most (ties: the first
+listed), whose deficit drops by one. So each source has its weight's share to within a row at every step, on any number
+of ranks, never by chance. A source's own rows come in its own seeded order (loader.py); one smaller than its share is
+read again, in a new order.
 
-The weights may change from a given round on (`phases`; config [[data.mix]] tables give steps, which
-`phases` turns into rounds): the deficits start again from zero there, so the new shares hold from that
-round exactly. `Blend.start(k)` is the state at the start of round k: each source's position (rows
-taken so far) and deficit; a loader saves it with its position and a resumed one `restart`s from it.
+The weights may change from a given round on (`phases`, from [[data.mix]] tables' steps): the deficits restart from zero
+there, so the new shares hold from that round exactly. `Blend.start(k)` is each source's position and deficit at round
+k; a loader saves it and a resumed one `restart`s from it.
 """
 
 from __future__ import annotations
@@ -38,9 +34,8 @@ MEMO = 256  # round states kept (up to twice as many) besides the anchor: more t
 
 
 def normalized(weights: Sequence[float]) -> tuple[float, ...]:
-    """`weights` (finite, >= 0, not all 0) divided by their sum. Weights whose sum overflows a float (1e308
-    twice) are divided by the largest first; any other weights are divided by their sum as given, so the
-    blend of a run saved before stays bit for bit the same."""
+    """`weights` (finite, >= 0, not all 0) over their sum; if that overflows, divided by the largest first (other
+    weights as given, so a saved run's blend stays bit for bit the same)."""
     weights = [float(w) for w in weights]
     if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
         raise ValueError(f"weights must be finite, >= 0 and not all 0, got {weights}")
@@ -57,12 +52,8 @@ def weights_sum(weights: Sequence[float]) -> str:
 
 
 class Blend:
-    """Which source each row of the global row sequence comes from (see the module docstring).
-
-    `phases`: (first round, weights) pairs, the first at round 0; weights need not sum to 1.
-    Thread-safe: a prefetch thread plans rounds ahead while the training thread asks for the state
-    of the round it has reached.
-    """
+    """Which source each row of the global row sequence comes from. `phases`: (first round, weights) pairs from round 0
+    (weights need not sum to 1). Thread-safe (a prefetch thread plans ahead)."""
 
     def __init__(self, phases: Sequence[tuple[int, Sequence[float]]], rows_per_round: int):
         self.phases = _checked([(int(r), normalized(w)) for r, w in phases])
@@ -93,10 +84,8 @@ class Blend:
     def restart(
         self, round_: int, positions: Sequence[int], deficits: Sequence[float], entered: Sequence[int] | None = None
     ) -> None:
-        """Continue from the state `start(round_)` returned (a resumed run). `entered`: the first rounds of the
-        phases the saved run had begun (its `entered(round_)`; None: not recorded, a save from before): those
-        stay where they began, whatever this blend's phases say (a longer run moves a `fraction` change later,
-        but the saved run is already in it), and a phase not begun there starts at `round_` at the earliest."""
+        """Continue from `start(round_)`'s state. `entered`: the first rounds of the phases the saved run had begun
+        (None: not recorded), which stay; a phase not begun starts at `round_` at the earliest."""
         if len(positions) != self.sources or len(deficits) != self.sources:
             raise ValueError(f"a state of {len(positions)} sources for a blend of {self.sources}")
         with self._lock:
@@ -172,10 +161,8 @@ class Blend:
 
 
 def source_names(d: DataConfig) -> list[str]:
-    """The name of each [[data.sources]] table in metrics (`val_loss.NAME`, `tokens.NAME`), train.monitor and the
-    console, distinct in every case: its `name` if given, else the shortest ending of its folder's resolved path
-    that no other unnamed source's path shares and no source is given as its name ("code", or "web/prepared"
-    beside "src/prepared"). The trainer and `evaluate --split val` both name the sources here."""
+    """Each [[data.sources]] table's name in metrics, train.monitor and the console, distinct: its `name`, else the
+    shortest ending of its folder's path no other unnamed source's shares ("code", "web/prepared")."""
     given = {s.name for s in d.sources if s.name}
     paths = {i: Path(s.dir).resolve().parts for i, s in enumerate(d.sources) if not s.name}
     names = []
@@ -218,11 +205,8 @@ class Source:
 
 
 def open_sources(d: DataConfig) -> list[Source]:
-    """The run's sources as they are now: the [[data.sources]] folders, each checked whole
-    (prepared_folder.open_prepared), sharing one tokenizer; or the one folder of data.dir / data.inputs with weight 1
-    (cache.find_prepared), none while nothing is prepared there yet (cache.ensure_prepared prepares
-    it). UsageError naming the folder and key for one that is missing, empty, of another tokenizer or
-    vocabulary, or without a validation split. Reads, never writes."""
+    """The run's sources now: the [[data.sources]] folders, checked whole and sharing a tokenizer, or data.dir's /
+    data.inputs' one (none while unprepared). UsageError naming the folder and key; never writes."""
     if not d.sources:
         directory, data = find_prepared(d)
         return [Source(Path(directory).name, directory, 1.0, data)] if data else []
@@ -270,9 +254,8 @@ def phases(d: DataConfig, max_steps: int, accumulation: int) -> tuple[list[tuple
 
 
 def token_shares(mix: Sequence[tuple[int, Sequence[float]]], rounds: int) -> tuple[float, ...]:
-    """Each source's share of a run's rows (so of its tokens) over its first `rounds` rounds, under `mix` (phases:
-    (first round, normalized weights)): each phase's weights for the rounds it lasts. Without `rounds` (a run
-    of a clock alone) the weights in force at the start."""
+    """Each source's share of a run's rows over its first `rounds` rounds under `mix` ((first round, normalized weights)
+    phases); without `rounds` (a clock alone) the starting weights."""
     if rounds <= 0:
         return tuple([w for first, w in mix if first <= 0][-1])  # the last of the phases at round 0 is in force
     ends = [min(first, rounds) for first, _ in mix[1:]] + [rounds]
@@ -281,10 +264,8 @@ def token_shares(mix: Sequence[tuple[int, Sequence[float]]], rounds: int) -> tup
 
 
 def replay_mix(d: DataConfig, mix: Sequence[tuple[int, Sequence[float]]], accumulation: int, steps: int) -> str:
-    """The `--set` item that makes a replay of a run's first `steps` steps (a budgeted run's, as step run) read
-    the mix the run read: each [[data.mix]] change pinned at the step it took effect at (`mix`: the run's phases
-    as the loader had them, see `phases` and Blend.restart), with its weights as given; the changes the run
-    never reached left out. "" for a run without changes."""
+    """The `--set` item that makes a replay of a run's first `steps` steps read its mix: each [[data.mix]] change
+    (`mix`: its loader's phases) pinned at its step; "" without changes."""
     if not d.mix:
         return ""
     pinned: dict[int, list[float]] = {}  # step -> weights; changes a resume brought to one step: the last holds

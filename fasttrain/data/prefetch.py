@@ -35,12 +35,8 @@ def load_batch(
 
 
 class Prefetcher(Generic[T]):
-    """A daemon thread that calls load(g), load(g + 1), ... and queues the results, `depth` ahead.
-
-    A prefetcher still running when the interpreter exits is stopped by an atexit hook. Left
-    running, the thread would be torn down wherever it stands, and inside a torch op (which
-    releases the GIL) that aborts the process ("terminate called without an active exception").
-    """
+    """A daemon thread that queues load(g), load(g + 1), ..., `depth` ahead; stopped at exit by an atexit hook (torn
+    down inside a torch op, it would abort the process)."""
 
     def __init__(self, load: Callable[[int], T], first: int, depth: int):
         self._queue: queue.Queue[T | BaseException] = queue.Queue(maxsize=depth)

@@ -22,13 +22,8 @@ from fasttrain.system.errors import UsageError
 
 
 class RowReader:
-    """Reads batch number g of one rank's stream from the rows of one split of its sources; stateless
-    between calls (the blend's memory of recent rounds aside).
-
-    Batch g is this rank's part of round g of the global row sequence, and which source's rows it
-    holds is the blend's (fasttrain/data/mixture.py). Kept apart from `TokenLoader` so the prefetch
-    thread holds only this, and a loader that is dropped without `close()` can still be collected.
-    """
+    """Reads batch g of one rank's stream, its part of round g of the global rows (sources: the blend's). Apart from
+    `TokenLoader`, so the prefetch thread holds only this and a dropped loader is collected."""
 
     def __init__(
         self,
@@ -90,11 +85,8 @@ class RowReader:
         return shard, offset, np.where(filler, 1, length)
 
     def read(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch `g` as host tensors x, y of shape (B, L), int64 (pinned when `pin_memory`).
-
-        L is seq_len, or with padding "longest"/"bucketed" the longest row's inputs rounded
-        up to pad_multiple (at most seq_len). Past a row's end x holds pad_id and y IGNORE_INDEX.
-        """
+        """Batch `g` as host tensors x, y (B, L) int64 (pinned if `pin_memory`): L is seq_len or the longest row rounded
+        up to pad_multiple; past a row's end x is pad_id, y IGNORE_INDEX."""
         shard, offset, length = self.spans(g)
         B, itemsize = self.batch_size, self.dtype.itemsize
         L = self.seq_len

@@ -10,22 +10,13 @@ from fasttrain.system.errors import UsageError
 
 
 def reshard(saved: list[dict], rank: int, world_size: int, rounds: int | None = None) -> dict:
-    """The state for `rank` of `world_size` that continues the stream where `saved` (every rank's state_dict,
-    from a world of len(saved) ranks at the same batch count) stopped: the global position carries over.
-
-    One source's epoch does not depend on the world: rank r of W takes part r of each round of W batches, so
-    after b batches per rank the world has consumed global batches 0 .. i * W - 1 of epoch e (divmod(b,
-    per-rank batches per epoch) = (e, i)). A world of M continues at i * W / M batches per rank, the same rows
-    next. Each epoch's tail that fills no whole round of M ranks is dropped, as in any epoch. UsageError if
-    i * W is not a multiple of M (no per-rank count starts there).
-
-    A mixture's blend state (each source's position and deficit) is the world's, not a rank's: the blend goes on
-    from it in rounds of this world's rows. Each source's epochs are cut into rounds of the world's rows, so a
-    position (e, i) of the saved world's epochs becomes (e, i) of this world's (the start of epoch e + 1 if i
-    falls in the tail this world drops; the order of an epoch's rows does not depend on the world). `rounds` is
-    the batch count the loader goes on from: the run's step times this world's accumulation, which its mix
-    changes count in (None: the saved count). The tokens read from each source carry over as they were read
-    (load_state_dict keeps what the new epochs' count misses)."""
+    """The state for `rank` of `world_size` that continues the stream where `saved` (every rank's state_dict, from a
+    world of len(saved) ranks at the same batch count) stopped. After b batches per rank, (e, i) = divmod(b, per-rank
+    batches per epoch), a world of W has consumed global batches 0 .. i * W - 1 of epoch e; a world of M continues at i
+    * W / M batches per rank (UsageError if not whole). A mixture's blend state is the world's: each source's position
+    (e, i) of the saved world's epochs becomes (e, i) of this world's (epoch e + 1's start if i falls in the tail it
+    drops). `rounds`: the batch count to go on from, the run's step times this world's accumulation (None: the saved
+    count). The tokens read carry over."""
     state = dict(saved[0])
     counts = {s["batches"] for s in saved}
     if len(counts) != 1:

@@ -21,12 +21,8 @@ FILLER = -1  # the row id of an empty slot in the last round of a `whole` pass
 
 
 class SourceRows:
-    """The rows of one source's split in their order over epochs: its p-th row is `at(p)`; stateless.
-
-    An epoch visits `rows_per_epoch` rows: all of them but what does not fill a whole round of
-    batch_size x world_size rows (when `whole`: all of them, or the first `first_rows` in the epoch's order
-    if fewer, the last round made whole with FILLER ids).
-    """
+    """A source split's rows over epochs, the p-th `at(p)`; stateless. An epoch: all but the tail that fills no round of
+    batch_size x world_size (`whole`: all, or `first_rows`, filled with FILLER)."""
 
     def __init__(
         self,
@@ -49,13 +45,8 @@ class SourceRows:
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its rows in order) of the last epoch used
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """Row ids of `epoch`, in the order they are read (rows_per_epoch of them).
-
-        Random sampling permutes the rows with a generator seeded by (seed, epoch).
-        Bucketed padding then sorts each pool of BUCKET_POOL batches' rows by length,
-        cuts the pool into batches of similar lengths, and (random sampling) shuffles the batches.
-        A `whole` source keeps every row and fills the last round with FILLER ids.
-        """
+        """Row ids of `epoch` in reading order: permuted by (seed, epoch) if random; bucketed padding sorts pools of
+        BUCKET_POOL batches by length (shuffling the batches); `whole` fills with FILLER."""
         cached = self._order
         if cached is not None and cached[0] == epoch:
             return cached[1]

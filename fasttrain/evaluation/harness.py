@@ -1,20 +1,16 @@
-"""lm-evaluation-harness tasks (HellaSwag, ARC, ...) on a trained model: `FasttrainLM`, lm-eval's model API over
-a fasttrain model (registered in lm-eval as `fasttrain`), and `run_tasks`, which scores a task list.
+"""lm-evaluation-harness tasks (HellaSwag, ARC, ...) on a trained model: `FasttrainLM`, lm-eval's model API over a
+fasttrain model (registered in lm-eval as `fasttrain`), and `run_tasks`, which scores a task list.
 
 Imports from fasttrain: compute.device, evaluation.trained_model, formats.tokenizer, model.generation,
 model.transformer, system.errors.
 
-Importing this module needs lm-eval (the `eval` extra) in the SUPPORTED range: otherwise the import raises
-one UsageError saying what to install, so `evaluate --tasks` fails in one line before loading anything.
+Importing this module needs lm-eval (the `eval` extra) in the SUPPORTED range, else one UsageError says what to install.
 
-The scores are meant to be the field's, so every request is scored as lm-eval's own Hugging Face model
-(`hf`) scores it on the exported weights (tests/test_lm_eval.py compares the two sample by sample):
-context and continuation are tokenized together and split where the context's own tokens end (lm-eval's
-TemplateLM, which `hf` uses too); an empty context is the end-of-text token; a sequence longer than the
-model's window keeps its last max_seq_len + 1 tokens; a document's rolling log-likelihood is the sum over
-windows that each predict up to max_seq_len new tokens with as much of the text before them as fits.
-What differs is speed: requests are sorted by length and batched, one forward per batch, and the output
-layer runs only at the positions scored.
+Every request is scored as lm-eval's own `hf` model scores the exported weights (tests/test_lm_eval.py compares them
+sample by sample): context and continuation tokenized together and split where the context's tokens end (TemplateLM); an
+empty context is the end-of-text token; a longer sequence keeps its last max_seq_len + 1 tokens; a rolling
+log-likelihood sums windows of up to max_seq_len new tokens with as much text before them as fits. Only speed differs:
+requests sorted by length and batched, the output layer run only where scored.
 """
 
 from __future__ import annotations
@@ -75,9 +71,8 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's hf model's default for generation tasks 
 def score_continuations(
     model: Transformer, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int, precision: str = "fp32"
 ) -> list[tuple[float, bool]]:
-    """(log P(continuation | context), whether greedy decoding gives the continuation) per (context, continuation)
-    token pair. A pair longer than the window is cut from the left to its last max_seq_len + 1 tokens (the
-    first of them is only read). Longest first, `batch_size` rows right-padded into one forward."""
+    """(log P(continuation | context), greedy gives it) per token pair, a pair longer than the window cut to its last
+    max_seq_len + 1 tokens; longest first, `batch_size` rows a forward."""
     window = model.cfg.max_seq_len
     device = next(model.parameters()).device
     for context, continuation in pairs:
@@ -115,9 +110,8 @@ def score_continuations(
 
 
 def rolling_windows(tokens: list[int], prefix: int, window: int) -> list[tuple[list[int], list[int]]]:
-    """(context, continuation) pairs that predict every token of `tokens` once, `window` at a time, each with as
-    many tokens before it as the window holds (the first after `prefix`, the end-of-text token): the
-    perplexity windows of lm-eval's `hf` model."""
+    """(context, continuation) pairs predicting each token of `tokens` once, `window` at a time, each with as much text
+    before it as fits (after `prefix`): lm-eval `hf`'s perplexity windows."""
     seq = [prefix] + tokens
     pairs = []
     for start in range(0, len(tokens), window):
@@ -139,11 +133,8 @@ def check_tokenizer(tokenizer: Tokenizer, key: str = "--tasks") -> None:
 
 @register_model("fasttrain")
 class FasttrainLM(TemplateLM):
-    """lm-eval's model API over a trained fasttrain model.
-
-    `run`: a run directory, weights directory or checkpoint (anything `sample` and `evaluate` take), or a
-    Trained already loaded. From lm-eval's command line: --model_args run=RUN,device=cpu,batch_size=16.
-    """
+    """lm-eval's model API over a trained fasttrain model. `run`: anything `sample` and `evaluate` take, or a Trained
+    already loaded; from lm-eval's command line, --model_args run=RUN,device=cpu,batch_size=16."""
 
     def __init__(
         self,
@@ -272,12 +263,8 @@ def task_index(
     num_fewshot: int | None = None,
     keys: tuple[str, str, str] = ("--tasks", "--include-path", "--num-fewshot"),
 ) -> TaskManager:
-    """lm-eval's index of tasks (about 12 s to build), with the task YAML files of `include_path`, once every one
-    of `tasks` is found in it (names of tasks, groups or tags; globs allowed) and can be run with `num_fewshot`
-    examples per prompt (None: each task's own), all before a model is loaded. UsageError, naming `keys` (the
-    flags or config keys they came from), for an include path that is no folder, a task lm-eval does not know
-    (with the include path's YAML files that failed to load, which lm-eval skips without a word), or one that
-    cannot run (see check_task)."""
+    """lm-eval's index of tasks (~12 s), with `include_path`'s YAML files, once every one of `tasks` is found and can
+    run with `num_fewshot`: before a model loads. UsageErrors naming `keys` (see check_task)."""
     if include_path and not Path(include_path).is_dir():
         raise UsageError(f"{keys[1]}: {include_path}: no such directory")
     manager = TaskManager(include_path=include_path)
@@ -318,9 +305,8 @@ def unreadable_task_files(folder: Path) -> list[str]:
 
 
 def leaf_tasks(manager: TaskManager, name: str, key: str) -> dict[str, Any]:
-    """The tasks `name` (a task, group, tag or glob) stands for, built with their data; UsageError naming the task
-    when lm-eval cannot build it (a missing data file, a dataset not on this machine, a template naming a field
-    the documents lack)."""
+    """The tasks `name` (a task, group, tag or glob) stands for, built with their data; UsageError naming the task when
+    lm-eval cannot build it (a missing data file or dataset, a template naming a field the documents lack)."""
 
     def flat(found: dict) -> dict[str, Any]:  # a group maps to a dict of its tasks (and subgroups)
         return {
@@ -343,9 +329,8 @@ def leaf_tasks(manager: TaskManager, name: str, key: str) -> dict[str, Any]:
 
 
 def check_task(name: str, task: Any, num_fewshot: int | None, keys: tuple[str, str, str]) -> None:
-    """UsageError, naming the task and the cause, if lm-eval would fail on `task` after the model has loaded: its
-    templates name a field its documents lack (tried on the first document), or it asks for more few-shot examples
-    than it has documents to draw them from (lm-eval draws one more when they come from the scored split)."""
+    """UsageError naming the task and cause if lm-eval would fail on `task` after the model loads: a template naming a
+    field the first document lacks, or too few documents for the few-shot examples."""
     docs = task.eval_docs
     if len(docs):
         try:
@@ -385,9 +370,8 @@ def run_tasks(
     log_samples: bool = False,
     index: TaskManager | None = None,
 ) -> dict[str, Any]:
-    """lm-eval's results of `tasks` on `trained` (simple_evaluate's dict). `include_path`: a folder of task
-    YAML files of one's own; `limit`: documents per task (a fraction below 1); `index`: task_index's, when the
-    caller has built it already (else built here, after the model has checked its tokenizer)."""
+    """lm-eval's results of `tasks` on `trained` (simple_evaluate's dict). `include_path`: a folder of one's own task
+    YAML files; `limit`: documents per task (a fraction below 1); `index`: task_index's if built already."""
     model = FasttrainLM(trained, batch_size=batch_size)
     index = task_index(tasks, include_path, num_fewshot) if index is None else index
     return simple_evaluate(
@@ -443,9 +427,8 @@ TASK_KINDS = {
 
 
 def write_local_task(folder: Path, task: str, kind: str, rows: Sequence[dict[str, Any]]) -> None:
-    """An lm-eval task named `task` over `rows` in `folder` (task.jsonl and task.yaml; pass the folder as
-    --include-path): "multiple_choice" rows hold question, choices and label; "rolling" rows a text;
-    "generate" rows a prompt and its answer (greedy, up to 8 tokens, to the first "."). Nothing is downloaded."""
+    """An lm-eval task `task` over `rows` in `folder` (for --include-path): "multiple_choice" rows of question, choices,
+    label; "rolling" a text; "generate" a prompt and answer. Nothing is downloaded."""
     data = folder / f"{task}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / f"{task}.yaml").write_text(

@@ -7,11 +7,9 @@ config, formats.tokenizer, model.transformer, model.weights, system.errors.
     load_trained("runs/base/final")                  # exported weights (fasttrain layout, see fasttrain/model/weights.py)
     load_trained("runs/base/checkpoints/step_0000100.pt")  # or a sharded step_0000100/, runs/base/checkpoints, .../latest
 
-The model's config comes with the weights (config.toml beside them, or the one a
-checkpoint holds). The tokenizer is the one the model trained with: the one beside exported weights, or
-for a checkpoint its run's copy (RUN/tokenizer.json, written when the run started), never the data
-folder's current one, which `prepare --overwrite` may have replaced since. Only weights and runs from
-before those copies fall back to the run's prepared data's (data.dir).
+The config comes with the weights (config.toml beside them, or the checkpoint's). The tokenizer is the one the model
+trained with: beside exported weights, or the run's copy (RUN/tokenizer.json), never the data folder's current one,
+which `prepare --overwrite` may have replaced; only weights and runs from before those copies fall back to data.dir's.
 """
 
 from __future__ import annotations
@@ -48,10 +46,8 @@ class Trained:
 
 
 def weights_source(spec: str | os.PathLike[str]) -> Path:
-    """What `spec` names to load: a weights directory (holding model.safetensors), or a checkpoint file.
-
-    A run directory means its final/ weights when training finished, else its latest checkpoint.
-    """
+    """What `spec` names to load: a weights directory (holding model.safetensors) or a checkpoint file; a run directory
+    means its final/ weights when training finished, else its latest checkpoint."""
     path = Path(spec)
     if not path.exists():
         raise UsageError(f"{path}: no such run directory or checkpoint{set_aside_note(path)}")
@@ -92,18 +88,16 @@ def load_trained(spec: str | os.PathLike[str], device: torch.device | str = "cpu
 
 
 def run_directory(source: Path) -> Path:
-    """The run directory of `source` (a weights directory or checkpoint file, as `weights_source` returns it),
-    links resolved: the directory above a weights directory (RUN/final) or above a checkpoint's checkpoints/;
-    for a checkpoint file anywhere else, the directory it is in."""
+    """The run directory of `source` (as `weights_source` returns it), links resolved: above RUN/final or a checkpoint's
+    checkpoints/; else the directory a checkpoint file is in."""
     real = source.resolve()
     saved = real.is_file() or saves.is_sharded(real)
     return real.parent.parent if saved and real.parent.name == "checkpoints" else real.parent
 
 
 def tokenizer_file(source: Path, cfg: Config) -> Path:
-    """The tokenizer.json the model at `source` (see `weights_source`) was trained with: a weights directory's
-    own, a checkpoint's run's copy (RUN/tokenizer.json); else, for weights and runs saved before those copies
-    were made, the one in the run's data folder (data.dir), which may have been prepared again since."""
+    """The tokenizer.json the model at `source` trained with: a weights directory's own, a checkpoint's run's copy, or
+    before those copies existed the data folder's (data.dir)."""
     real = source.resolve()
     if real.is_dir() and not saves.is_sharded(real):
         own = real / TOKENIZER

@@ -30,19 +30,10 @@ def validate(
     bits_per_nat: float,
     stop: Callable[[], bool] = lambda: False,
 ) -> dict[str, float] | None:
-    """val_loss, val_accuracy, val_ppl and val_bpb over the first `max_batches` batches of `loader`;
-    None if `stop()`, asked before each batch (on every rank alike), says to give up.
-
-    `loss(x, y)` gives a batch's sums (Trainer.loss); `model` is put in eval mode meanwhile (no
-    dropout), then back in train mode. Give a sequential `whole` loader from the start of the
-    split, so evaluations along a run see the same rows and compare, and its whole pass
-    (`max_batches` = loader.reader.batches_per_epoch): the rows it holds are then those the
-    loader was made for (TokenLoader's `first_rows`), whatever the world, and a split smaller
-    than that is read to its last row. With several ranks each reads its share of the rows
-    (the same number of batches on every rank, the last ones filled out with rows that count
-    nothing), and the loss is the mean over every counted target of all ranks (sums, divided once,
-    so each token weighs the same whatever the size of its batch or the number of ranks).
-    """
+    """val_loss, val_accuracy, val_ppl and val_bpb over the first `max_batches` batches of `loader`; None if `stop()`,
+    asked before each batch (on every rank alike), says to give up. `loss(x, y)` gives a batch's sums (Trainer.loss);
+    `model` is in eval mode meanwhile. Give a sequential `whole` loader and its whole pass, so evaluations see the same
+    rows in any world. Each rank reads its share, and the loss is the mean over every counted target of all ranks."""
     sums = torch.zeros(3, device=loader.device)
     model.eval()
     try:
@@ -64,12 +55,8 @@ def validate(
 
 
 def mixture_metrics(found: Sequence[tuple[str, dict[str, float]]], weights: Sequence[float]) -> dict[str, float]:
-    """The metrics of one source as they are; of a mixture (`found`: each source's name and metrics, in the
-    order of `weights`), the totals weighted by the sources' base weights (data.sources, normalized: fixed, so
-    evaluations along a run compare, and `best` and early stopping judge them, whatever [[data.mix]] says),
-    then each source's val_loss, val_accuracy and val_bpb as "val_loss.<name>", ....
-    ValueError unless there is one weight per source and the names are distinct: no source's figures may
-    stand in for another's, nor drop out of the total."""
+    """One source's metrics as they are; a mixture's (`found`: names and metrics, in `weights`' order) totalled by
+    data.sources' fixed weights, then each source's as "val_loss.<name>", .... ValueError on a mismatch."""
     names = [name for name, _ in found]
     if len(found) != len(weights) or len(set(names)) != len(names):
         raise ValueError(f"{len(weights)} weights for the sources {names}: one each, by distinct names")

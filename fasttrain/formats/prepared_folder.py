@@ -35,11 +35,8 @@ class PreparedData:
 
 
 def open_prepared(directory: str | os.PathLike) -> PreparedData:
-    """The prepared folder `directory`, checked whole before a run uses it: its meta.json (`check_meta`: every
-    key read later, and counts that must agree), the tokenizer against the sha256 recorded at preparation
-    (folders prepared before that recorded none) and its vocabulary and end-of-text id, and each shard's
-    header against meta.json (the headers only: cheap). Any disagreement is a UsageError naming the file.
-    Use this, not read_meta, wherever a prepared folder's counts are read (bits per byte divide by them)."""
+    """The prepared folder `directory`, checked whole (meta.json, the tokenizer's sha256, vocabulary and end-of-text id,
+    each shard's header); UsageError naming the file. Read a folder's counts through this."""
     directory = os.fspath(directory)
     path = Path(directory) / "meta.json"
     meta = read_meta(directory)

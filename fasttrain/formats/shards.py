@@ -11,9 +11,8 @@ A shard is a header of 256 little-endian int32, then the tokens:
     header[4]  vocabulary size of the tokenizer that wrote it (0: unknown)
     header[5]  largest token id in the shard + 1 (0: unknown)
 
-llm.c's own shards (magic 20240520 with uint16 tokens, or 20240801 with uint32
-tokens for Llama 3) leave header[3:] zero and read as well; a loader then has
-to scan them to learn their largest id.
+llm.c's own shards (20240520 with uint16 tokens, 20240801 with uint32) leave header[3:] zero and read as well; a loader
+scans them for their largest id.
 """
 
 from __future__ import annotations
@@ -127,13 +126,8 @@ def scan_id_bound(info: ShardInfo) -> int:
 
 
 class ShardWriter:
-    """Writes one shard under a temporary name and renames it into place only when complete.
-
-    Tokens are streamed to disk as they come (memory stays bounded); `close()`
-    fills in the header, fsyncs and renames. `abort()` (or an exception inside a
-    `with` block) removes the temporary file, so a crash never leaves a
-    half-written shard under its final name.
-    """
+    """Writes one shard, streamed, under a temporary name: `close()` fills in the header, fsyncs and renames it into
+    place; `abort()` (or an exception in a `with` block) removes it."""
 
     def __init__(self, path: str | os.PathLike, vocab_size: int):
         self.path = Path(path)
@@ -244,9 +238,8 @@ _MISSING = object()
 
 
 def check_meta(meta: object, path: str | os.PathLike) -> dict:
-    """`meta` (read from `path`) as prepare writes it, or a UsageError naming the key and its value: each key
-    read later has its type and range, and the counts that can be checked against each other agree. Checked
-    when a run opens its data, before it deletes or records anything."""
+    """`meta` (from `path`) as prepare writes it, or a UsageError naming the key and value: each key read later in type
+    and range, counts agreeing; checked before a run deletes or records anything."""
     if not isinstance(meta, dict):
         raise UsageError(f"{path}: expected a JSON object, got {_shown(meta)}; prepare the data again")
 

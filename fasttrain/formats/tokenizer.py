@@ -2,12 +2,10 @@
 
 Imports from fasttrain: system.atomic, system.errors.
 
-Byte-level means every string encodes (no unknown token) and decode(encode(t))
-gives back t exactly. An end-of-text token separates documents; a loaded
-tokenizer must have one under one of the usual names (GPT-2's <|endoftext|>,
-Llama 3's <|end_of_text|>, SentencePiece-style </s>). A loaded tokenizer of another kind
-(WordLevel, WordPiece) may map text it does not know to its unknown token (`unk_id`),
-which prepare counts, or fail on it, which is a UsageError naming the file.
+Byte-level: every string encodes and decode(encode(t)) == t. An end-of-text token separates documents; a loaded
+tokenizer must have one under a usual name (<|endoftext|>, <|end_of_text|>, </s>). A loaded tokenizer of another kind
+(WordLevel, WordPiece) may map unknown text to `unk_id`, which prepare counts, or fail on it: a UsageError naming the
+file.
 """
 
 from __future__ import annotations

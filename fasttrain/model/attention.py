@@ -1,27 +1,20 @@
-"""Causal self-attention: rotary position embeddings, the attention kernels (SDPA's backends, flex_attention),
-document masks, and the KV cache that generation extends one token at a time.
+"""Causal self-attention: rotary position embeddings, the attention kernels (SDPA's backends, flex_attention), document
+masks, and the KV cache that generation extends one token at a time.
 
 Imports from fasttrain: config.
 
-- Causal self-attention through `F.scaled_dot_product_attention` (flash kernels on
-  GPU), rotary position embeddings (RoPE) on queries and keys, and optional
+- Causal self-attention through `F.scaled_dot_product_attention` (flash kernels on GPU), RoPE on queries and keys, and
   grouped-query attention: `n_kv_heads` key/value heads shared by `n_heads` queries.
-- Optional document masking: given document ids per token, a token attends only to
-  earlier tokens of its own document (flex_attention's block-sparse kernels on GPU, an
-  explicit boolean mask otherwise). Positions are not restarted per document: RoPE
-  scores depend only on the distance between query and key, so a masked document
-  gets the same attention wherever it sits in the row.
-- Optional QK-norm (model.qk_norm): each head's queries and keys RMS-normalised,
-  without weights, before RoPE (a rotation keeps their norm, so the order is free).
-- Optional value embedding (model.value_embeddings): a block given one adds the tokens' rows of a table
-  of its own to the values, each key/value head's share scaled by a gate read from the block input.
-- A KV cache for generation (`KVCache`): the prompt is run once, then each new
-  token is one forward of length 1 that attends to the keys and values kept from
-  the earlier positions (the sampling loop: fasttrain/model/generation.py).
+- Document masking: a token attends only to earlier tokens of its own document (flex_attention's block-sparse kernels on
+  GPU, a boolean mask otherwise). Positions are not restarted per document: RoPE depends only on the distance between
+  query and key.
+- QK-norm (model.qk_norm): each head's queries and keys RMS-normalised, without weights, before RoPE.
+- Value embedding (model.value_embeddings): a block given one adds the tokens' rows of a table of its own to the values,
+  each key/value head's share scaled by a gate read from the block input.
+- A KV cache (`KVCache`): the prompt runs once, then each new token is a forward of length 1 over the kept keys and
+  values (the sampling loop: generation.py).
 
-RoPE uses the "rotate half" layout (the first and second halves of a head are the
-two coordinates of each rotated pair), the layout Hugging Face's Llama uses, so
-exported weights need no permutation.
+RoPE uses the "rotate half" layout, Hugging Face Llama's, so exported weights need no permutation.
 """
 
 from __future__ import annotations
@@ -42,10 +35,8 @@ if TYPE_CHECKING:
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles, each (max_seq_len, head_dim / 2), in fp32.
-
-    Pair i of a head rotates at frequency theta^(-2i / head_dim): position p turns it by p x that.
-    """
+    """cos and sin of the rotation angles, each (max_seq_len, head_dim / 2), in fp32: pair i of a head rotates at
+    frequency theta^(-2i / head_dim), position p turning it by p x that."""
     freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), freqs)
     return angles.cos().float(), angles.sin().float()
@@ -106,9 +97,8 @@ def causal_block_mask(length: int, device: torch.device) -> BlockMask:
 
 
 def document_mask(documents: torch.Tensor, flex: bool) -> torch.Tensor | BlockMask:
-    """The attention mask of a batch whose token i of row b belongs to document documents[b, i] (B, T):
-    a query sees the keys at or before it in the same document. A flex_attention BlockMask when
-    `flex`, else a bool tensor (B, 1, T, T) for `F.scaled_dot_product_attention`."""
+    """The mask where a query sees the keys at or before it in its own document (documents[b, i]: row b's token i's, (B,
+    T)): a BlockMask when `flex`, else a bool tensor (B, 1, T, T) for SDPA."""
     B, T = documents.shape
     if flex:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -149,10 +139,8 @@ class Attention(nn.Module):
         cache: LayerCache | None = None,
         value_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`mask`: None (causal), or a `document_mask` (a bool tensor, or a BlockMask for flex_attention), or
-        with a `cache` a bool tensor (T, cached + T). `cache`: this layer's keys and values of earlier positions.
-        `value_embedding` (B, T, n_kv_heads x head_dim): the tokens' rows of this block's table, added to the
-        values through the gate, 3 sigmoid(value_gate(x[..., :12])) per head, which starts near 1.5."""
+        """`mask`: None (causal), a `document_mask`, or with a `cache` a bool (T, cached + T). `value_embedding` (B, T,
+        n_kv_heads x head_dim): added to the values through 3 sigmoid(value_gate(x[..., :12])) per head."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
@@ -195,12 +183,8 @@ class Attention(nn.Module):
 
 
 class KVCache:
-    """Every layer's keys and values for the first `length` positions of the rows being generated.
-
-    Each layer's tensors (B, kv_heads, max_seq_len, head_dim) are allocated by its first
-    `store`, in the dtype autocast gave its keys; a forward with the cache appends its
-    tokens' keys and values there and advances `length`.
-    """
+    """Every layer's keys and values for the first `length` positions being generated: (B, kv_heads, max_seq_len,
+    head_dim), allocated by the first `store`; a forward appends and advances `length`."""
 
     def __init__(self, cfg: ModelConfig):
         self.max_len = cfg.max_seq_len

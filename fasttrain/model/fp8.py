@@ -1,5 +1,5 @@
-"""FP8 training matmuls: linear layers whose three matmuls run in float8 through `torch._scaled_mm`,
-with tensorwise current scaling, while the weights (the master copy) and the gradients keep their dtype.
+"""FP8 training matmuls: linear layers whose three matmuls run in float8 through `torch._scaled_mm`, with tensorwise
+current scaling, while the weights (the master copy) and the gradients keep their dtype.
 
 Imports from fasttrain: nothing.
 
@@ -7,16 +7,13 @@ Imports from fasttrain: nothing.
     backward  dx = (g sg)_e5m2 @ (W sw)_e4m3  / (sg sw)
               dW = (g sg)_e5m2ᵀ @ (x sx)_e4m3 / (sg sx)
 
-A tensor's scale maps its largest magnitude onto its format's largest finite value (448 in e4m3,
-57344 in e5m2), computed from the tensor itself at each call ("current" scaling; delayed scaling would
-take it from past calls' maxima and save that reduction, at the risk of overflow when a tensor grows).
-Activations and weights are e4m3 (three mantissa bits), gradients e5m2 (more range). Under torch.compile
-the scaling and casts fuse into the neighbouring kernels; without it they are extra passes.
+A scale maps the tensor's largest magnitude, measured at each call ("current" scaling: no overflow when a tensor grows),
+onto its format's largest finite value (448 in e4m3 for activations and weights, 57344 in e5m2 for gradients). Under
+torch.compile the scaling and casts fuse into neighbouring kernels.
 
-`use_float8(model, which)` swaps the output head ("head"), the blocks' projections ("blocks") or both
-("all") for `Float8Linear`, which keeps the same weight Parameter (state_dict, tying and optimizer
-unchanged). Shapes `_scaled_mm` cannot take (a size not a multiple of 16, as in generation's one-token
-steps) run the ordinary matmul.
+`use_float8(model, which)` swaps the output head ("head"), the blocks' projections ("blocks") or both ("all") for
+`Float8Linear`, which keeps the same weight Parameter. Shapes `_scaled_mm` cannot take (a size not a multiple of 16, as
+generation's one-token steps) run the ordinary matmul.
 """
 
 from __future__ import annotations

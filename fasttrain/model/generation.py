@@ -48,16 +48,11 @@ def stream(
 ) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` tokens (B, 1) that `model` samples one after another to extend `tokens` (B, T).
 
-    temperature 0 (or below GREEDY_BELOW) is greedy decoding. top_k keeps the k likeliest tokens; top_p
-    keeps the smallest set whose probability reaches p (nucleus sampling).
-
-    With `use_cache` the context is run once into a KVCache and each new token
-    is one forward of length 1. When the context reaches max_seq_len the cache
-    starts over from the last max_seq_len / 2 tokens, recomputed (positions are
-    baked into the cached keys, so a window cannot slide one token at a time):
-    one full forward per max_seq_len / 2 tokens. Without the cache the last
-    max_seq_len tokens are re-run for every token: a sliding window, slower.
-    Within the context both give the same logits, up to rounding.
+    temperature 0 (or below GREEDY_BELOW) is greedy decoding; top_k keeps the k likeliest tokens, top_p the smallest set
+    whose probability reaches p. With `use_cache` the context runs once into a KVCache and each new token is a forward
+    of length 1; at max_seq_len the cache starts over from the last max_seq_len / 2 tokens, recomputed (positions are
+    baked into the cached keys). Without it the last max_seq_len tokens are re-run for every token, slower. Within the
+    context both give the same logits, up to rounding.
     """
     window = model.cfg.max_seq_len
     cache = KVCache(model.cfg) if use_cache else None
@@ -101,12 +96,8 @@ def generate_text(
     on_text: Callable[[str], object] | None = None,
     use_cache: bool = True,
 ) -> str:
-    """The prompt followed by `max_new_tokens` sampled tokens, as text: the trainer's samples and
-    `python -m fasttrain.sample`. `seed` makes it repeatable (or pass a `generator` to draw on).
-
-    `on_text(piece)` is called with each new piece of decoded text as it is generated (for
-    streaming); a token that ends partway through a UTF-8 character waits for the next one.
-    """
+    """The prompt and `max_new_tokens` sampled tokens as text, repeatable by `seed` (or a `generator`); `on_text(piece)`
+    gets the decoded text as generated (a split UTF-8 character waits for its rest)."""
     device = next(model.parameters()).device
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:

@@ -2,25 +2,20 @@
 
 Imports from fasttrain: config, system.errors.
 
-A longer context gives each predicted token more text to be predicted from, but on few tokens a short one
-learns faster. Measured at equal shape and tokens (2 x 128, configs/base.toml, the large held-out corpus read
-about once; docs/performance.md): context 256 led 512 by 0.075 bits per byte at 4M tokens and by 0.007 / 0.011
-(two seeds) at 6M; 512 led by about 0.03 at 8.5M, where it brought the recipe level with nanochat's (which
-trains at 512). So a run trains at SHORT tokens until it plans LONG_FROM tokens, and at LONG from there:
+A longer context gives each token more text to be predicted from, but on few tokens a short one learns faster. Measured
+at equal shape and tokens (2 x 128, configs/base.toml, the large held-out corpus read about once; docs/performance.md):
+256 led 512 by 0.075 bits per byte at 4M tokens and by 0.007 / 0.011 (two seeds) at 6M; 512 led by about 0.03 at 8.5M,
+level with nanochat's recipe (which trains at 512). So:
 
     seq_len     = LONG if planned tokens >= LONG_FROM and model.max_seq_len >= LONG, else min(SHORT, max_seq_len)
     batch_size  = train.batch_size x min(SHORT, max_seq_len) / seq_len rows
 
-so the tokens of a packed micro-batch, and with them the steps, the accumulation and the schedule, do not depend
-on the choice (rows of one document each, data.batching "padded" or "aligned", would hold half the documents:
-they stay short). The planned tokens are the plan's: train.max_steps x the tokens of a step, or what
-train.max_time gives at the speed a shape chosen for the budget was timed at (model/sizing.py; that shape is
-chosen at the short context and again at the long one when the tokens call for it, at the same speed, which is
-in FLOP/s), whichever is fewer. A time budget with no speed (a set shape, which is not timed, or a timing that
-failed) does not know its tokens: the short context. The model's max_seq_len becomes the context chosen
-(unless it is model.init_from's, whose positions were trained beyond it), so generation, lm-eval's windows and
-an export use only positions the run trained. A resumed or replayed run trains the context and rows its run
-recorded (recorded_context). The crossover was measured at one shape on one corpus; nothing here scales it with
+so a packed micro-batch's tokens, and with them the steps and the schedule, do not depend on the choice (rows of one
+document each, "padded" or "aligned", stay short). The planned tokens are the plan's: train.max_steps x a step's tokens,
+or what train.max_time gives at the speed a self-sized shape was timed at (model/sizing.py), whichever is fewer; a time
+budget with no speed takes the short context. model.max_seq_len becomes the context chosen (unless it is
+model.init_from's), so generation, lm-eval and an export use only trained positions. A resumed or replayed run keeps its
+recorded context (recorded_context). The crossover was measured at one shape on one corpus; nothing here scales it with
 the model.
 """
 

@@ -4,34 +4,22 @@ Imports from fasttrain: config, model.attention, model.fp8.
 
     tokens -> embedding -> n_layers x [x + attn(norm(x)); x + mlp(norm(x))] -> norm -> output -> logits
 
-- Pre-norm residual blocks with RMSNorm; no biases anywhere. Each residual add is
-  done by the norm right after it: `norm(delta, stream)` returns the normalised
-  new stream and the new stream itself, so on GPU one kernel (kernels.RMSNorm)
-  does the add and the norm (`norm_kernel=True`); the state_dict is the same.
+- Pre-norm residual blocks with RMSNorm, no biases. Each residual add is done by the norm after it: `norm(delta,
+  stream)` returns the normalised new stream and the stream, so on GPU one kernel (kernels.RMSNorm, `norm_kernel=True`)
+  does both; the state_dict is the same.
 - Attention (RoPE, grouped-query heads, document masks, QK-norm) and its KV cache: attention.py.
-- SwiGLU MLP: down(silu(gate(x)) * up(x)), hidden width 8/3 x d_model rounded up
-  to `multiple_of`, which keeps the parameter count of a 4x GELU MLP; or (model.mlp =
-  "relu2") down(relu(up(x))^2) at 4 x d_model, the same parameters in two matmuls.
-- Optional RMS normalisation of the token embedding, without weights (model.embedding_norm).
-- Optional weight tying between the embedding and the output projection.
-- Optional value embeddings (model.value_embeddings): alternate blocks, the last included, each add a table
-  of their own to attention's values (attention.py); `value_embedding_layers` says which.
-- Optional per-block scalars (model.residual_scalars): block i reads stream_scales[i] x stream +
-  embedding_scales[i] x x0, x0 the stream the first block read (the embedding, normalised where asked).
-- Optional smear (model.smear): each position adds a gated share of the previous token's embedding
-  (`smeared`); and backout (model.backout): the stream after the middle block, scaled, taken off the
-  last one's before the final norm.
-- Optional soft-cap of the logits (model.logit_softcap): cap x tanh(logits / cap), in `logits`.
-- Optional activation checkpointing per block (`checkpointing`): "full" keeps only a
-  block's inputs and runs the whole block again in backward; "selective" keeps the
-  outputs of its matmuls and attention and recomputes only the elementwise work
-  between them (norms, RoPE, SwiGLU's activation and product, dropout), which costs
-  little compute and drops the activations of those ops.
-- Init: N(0, 0.02) everywhere, with the projections that write into the residual
-  stream scaled down by 1/sqrt(2 n_layers), so the stream's variance does not grow
-  with depth (GPT-2); or (model.zero_init_projections) those projections at zero, each
-  block the identity at init. At init every token is about equally likely, so the loss
-  on random tokens is close to ln(vocab_size).
+- SwiGLU MLP down(silu(gate(x)) * up(x)) at 8/3 x d_model rounded up to `multiple_of` (a 4x GELU MLP's parameters), or
+  (model.mlp = "relu2") down(relu(up(x))^2) at 4 x d_model.
+- Options: RMS normalisation of the embedding (model.embedding_norm); tied embedding and output weights; value
+  embeddings (model.value_embeddings: alternate blocks, the last included, add a table of their own to attention's
+  values); per-block scalars (model.residual_scalars: block i reads stream_scales[i] x stream + embedding_scales[i] x
+  x0); smear (model.smear: each position adds a gated share of the previous token's embedding); backout (model.backout:
+  the stream after the middle block, scaled, taken off the last one's); a soft-cap of the logits (model.logit_softcap:
+  cap x tanh(logits / cap)).
+- Activation checkpointing per block (`checkpointing`): "full" keeps only a block's inputs and reruns it in backward;
+  "selective" keeps its matmuls' and attention's outputs and recomputes only the cheap elementwise work between them.
+- Init: N(0, 0.02), the projections into the residual stream scaled by 1/sqrt(2 n_layers) so its variance does not grow
+  with depth (GPT-2), or at zero (model.zero_init_projections). The loss on random tokens starts near ln(vocab_size).
 """
 
 from __future__ import annotations
@@ -152,9 +140,8 @@ class Block(nn.Module):
         cache: LayerCache | None = None,
         value_embedding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual stream is `stream + delta` (just `stream` before the first block); returns
-        this block's (delta, stream), leaving its last add to the next norm. `value_embedding`: the
-        tokens' rows of this block's value-embedding table, if it has one (Attention.forward)."""
+        """The residual stream is `stream + delta` (`stream` alone first); returns this block's (delta, stream), its
+        last add left to the next norm. `value_embedding`: this block's table's rows, if any."""
         if delta is None:
             y = self.attn_norm(stream)
         else:
@@ -184,9 +171,8 @@ def _selective_contexts():
 
 
 def run_block(block: nn.Module, checkpointing: str, *args: Any) -> Any:
-    """`block(*args)`, its activations recomputed in backward as `checkpointing` says ("none",
-    "full", "selective"; see the module docstring). Dropout draws the same masks again: the
-    checkpoint restores the RNG state before recomputing."""
+    """`block(*args)`, its activations recomputed in backward as `checkpointing` says ("none", "full", "selective");
+    dropout draws the same masks again (the checkpoint restores the RNG state)."""
     if checkpointing == "none" or not torch.is_grad_enabled():
         return block(*args)
     if checkpointing == "full":
@@ -201,9 +187,8 @@ def num_params(cfg: ModelConfig) -> int:
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """The parameters of `Transformer(cfg)` a token's compute runs through: all but the lookup tables (an
-    untied token embedding, the value embeddings), which cost a row read each. What `flops_per_token` counts,
-    and what the sizing rule weighs tokens against (nanochat's count too)."""
+    """The parameters of `Transformer(cfg)` a token's compute runs through: all but the lookup tables (a row read each).
+    What `flops_per_token` counts and the sizing weighs tokens against (as nanochat)."""
     total, lookups = _at_depth(cfg)
     return total - lookups
 
@@ -216,10 +201,8 @@ def _at_depth(cfg: ModelConfig) -> tuple[int, int]:
 
 @functools.cache
 def _counted(one_layer: tuple) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """For all parameters and for those in lookup tables, the (a, b, c) of a + b n + c ceil(n / 2) at depth n,
-    of the model whose other ModelConfig fields are `one_layer`'s: what every block has grows with n, what every
-    other block has (a value embedding) with ceil(n / 2). Solved from the models of depth 1, 2 and 3, built on
-    the meta device; cached, as the sizing rule asks for every depth of its ladder at each speed it weighs."""
+    """(a, b, c) of a + b n + c ceil(n / 2), at depth n, for all parameters and for lookup tables, of the model of
+    `one_layer`'s other fields: solved from meta models of depth 1 to 3, cached."""
     counts = []
     for depth in (1, 2, 3):
         with torch.device("meta"):
@@ -235,27 +218,17 @@ def _counted(one_layer: tuple) -> tuple[tuple[int, int, int], tuple[int, int, in
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward) of `Transformer(cfg)`, PaLM's estimate 6N + 12 L H Q T.
-
-    N counts the parameters that take part in matmuls (`matmul_params`: every one except the lookup tables).
-    The second term is attention's score and value matmuls over a context of `seq_len`.
-    """
+    """Training FLOPs per token (forward + backward) of `Transformer(cfg)`, PaLM's estimate 6N + 12 L H Q T: N the
+    parameters in matmuls (`matmul_params`), the second term attention's over a context of `seq_len`."""
     n = matmul_params(cfg)
     return 6 * n + 12 * cfg.n_layers * cfg.n_heads * (cfg.d_model // cfg.n_heads) * seq_len
 
 
 class Transformer(nn.Module):
-    """The language model: `forward(tokens (B, T)) -> logits (B, T, vocab_size)`.
-
-    Its training loss is fasttrain/training/objective.py's NextTokenLoss, a module around it.
-    `norm_kernel` runs the RMSNorms with their residual adds through the Triton kernel
-    kernels.RMSNorm (either setting loads the other's weights).
-    `checkpointing`: activation checkpointing of the blocks in training, "none", "full" or
-    "selective" (see `run_block`); it changes memory and compute, never the results.
-    `attention`: the attention kernel (train.attention): "auto", an SDPA backend pinned, or "flex";
-    it too changes speed, not results (up to rounding). `fp8`: which matmuls run in float8
-    (train.fp8: "none", "head", "blocks", "all"; see fasttrain/model/fp8.py); the weights are the same.
-    """
+    """The language model: `forward(tokens (B, T)) -> logits (B, T, vocab_size)`; its training loss is
+    objective.NextTokenLoss. None of these change the results (up to rounding) or the weights: `norm_kernel` runs the
+    RMSNorms through kernels.RMSNorm; `checkpointing` is "none", "full" or "selective" (`run_block`); `attention` the
+    kernel (train.attention); `fp8` which matmuls run in float8 (train.fp8)."""
 
     rope_cos: torch.Tensor  # buffers (register_buffer in __init__), declared for the type checker
     rope_sin: torch.Tensor
@@ -319,9 +292,8 @@ class Transformer(nn.Module):
     def hidden(
         self, tokens: torch.Tensor, documents: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> torch.Tensor:
-        """The final normalised hidden states (B, T, d_model), before the output projection.
-        `documents` (B, T): each token's document id, for document masking (None: plain causal).
-        `cache`: generation's keys and values of the positions before `tokens`, extended by them."""
+        """The final normalised hidden states (B, T, d_model). `documents` (B, T): each token's document id, for
+        document masking (None: causal). `cache`: keys and values before `tokens`, extended."""
         T = tokens.shape[1]
         start = 0 if cache is None else cache.length
         if start + T > self.cfg.max_seq_len:
@@ -366,9 +338,8 @@ class Transformer(nn.Module):
         return self.norm(delta, stream)[0]
 
     def smeared(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """x (B, T, d_model) with each position's gated share of the one before added: x[t] + smear_scale x
-        sigmoid(smear_gate(x[t][:24])) x x[t-1]. A sequence's first position has none before it; after a cache's
-        positions, the cache's last embedding is the one before (kept there for the next call)."""
+        """x (B, T, d_model) plus smear_scale x sigmoid(smear_gate(x[t][:24])) x x[t-1] at each t; the first position
+        has nothing before it but, after a cache, the cache's last embedding."""
         before = x.new_zeros(x.shape[0], 1, x.shape[2]) if cache is None or not cache.length else cache.last_embedding
         if cache is not None:
             cache.last_embedding = x[:, -1:]

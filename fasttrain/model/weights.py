@@ -4,20 +4,12 @@ Imports from fasttrain: config, formats.tokenizer, model.transformer, system.ato
 
 `python -m fasttrain.export` writes them from a checkpoint; a finished run writes its final/ weights.
 
-fasttrain layout: DIR/model.safetensors with the Transformer's parameter names (a
-tied output matrix stored once, as embed.weight), config.toml and tokenizer.json.
-`load_exported(DIR)` rebuilds the model; plain torch code can read the file with
-`read_safetensors` or the `safetensors` package.
-
-Hugging Face layout (--hf): config.json for LlamaForCausalLM, model.safetensors with
-Llama's parameter names (the fused qkv and gate_up matrices split apart),
-tokenizer.json and tokenizer_config.json (and for a model continued from a Hugging Face
-one, that model's bos/eos ids and generation_config.json), so `transformers` loads DIR with
-`AutoModelForCausalLM.from_pretrained(DIR)`. No weight is permuted: fasttrain's RoPE
-already uses Llama's rotate-half layout.
-
-The files are read and written by the `safetensors` library, the format's reference; a write
-goes to a temporary file first (fasttrain/system/atomic.py), so a crash never leaves half a file.
+fasttrain layout: DIR/model.safetensors with the Transformer's parameter names (a tied output matrix stored once, as
+embed.weight), config.toml and tokenizer.json; `load_exported(DIR)` rebuilds the model. Hugging Face layout (--hf):
+config.json for LlamaForCausalLM, model.safetensors with Llama's names (the fused qkv and gate_up split apart),
+tokenizer.json and tokenizer_config.json (a model continued from a Hugging Face one keeps its bos/eos ids and
+generation_config.json), so `AutoModelForCausalLM.from_pretrained(DIR)` loads it; no weight is permuted (RoPE is
+rotate-half already). Writes go to a temporary file first (system/atomic.py).
 """
 
 from __future__ import annotations
@@ -69,30 +61,41 @@ def fasttrain_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
     return {k: v for k, v in state.items() if not (cfg.tie_embeddings and k == "output.weight")}
 
 
+def hf_llama_layout(cfg: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """Each parameter of the Transformer of `cfg` and the Hugging Face Llama tensors it is made of, in order, with
+    their shapes (q, k, v and gate, up are fused along the rows here); a tied output matrix is embed.weight."""
+    head_dim = cfg.d_model // cfg.n_heads
+    d, q, kv = cfg.d_model, cfg.n_heads * head_dim, (cfg.n_kv_heads or cfg.n_heads) * head_dim
+    ffn = ffn_hidden_size(cfg)
+    layout: dict[str, list[tuple[str, tuple[int, ...]]]] = {
+        "embed.weight": [("model.embed_tokens.weight", (cfg.vocab_size, d))],
+        "norm.weight": [("model.norm.weight", (d,))],
+    }
+    if not cfg.tie_embeddings:
+        layout["output.weight"] = [("lm_head.weight", (cfg.vocab_size, d))]
+    for i in range(cfg.n_layers):
+        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
+        attn, mlp = hf + "self_attn.", hf + "mlp."
+        layout |= {
+            ours + "attn_norm.weight": [(hf + "input_layernorm.weight", (d,))],
+            ours + "attn.qkv.weight": [
+                (attn + "q_proj.weight", (q, d)),
+                (attn + "k_proj.weight", (kv, d)),
+                (attn + "v_proj.weight", (kv, d)),
+            ],
+            ours + "attn.out.weight": [(attn + "o_proj.weight", (d, q))],
+            ours + "mlp_norm.weight": [(hf + "post_attention_layernorm.weight", (d,))],
+            ours + "mlp.gate_up.weight": [(mlp + "gate_proj.weight", (ffn, d)), (mlp + "up_proj.weight", (ffn, d))],
+            ours + "mlp.down.weight": [(mlp + "down_proj.weight", (d, ffn))],
+        }
+    return layout
+
+
 def hf_llama_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The model's state dict under Hugging Face Llama's parameter names."""
-    head_dim = cfg.d_model // cfg.n_heads
-    q, kv = cfg.n_heads * head_dim, (cfg.n_kv_heads or cfg.n_heads) * head_dim
-    out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = state["output.weight"]
-    for i in range(cfg.n_layers):
-        ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-        wq, wk, wv = state[ours + "attn.qkv.weight"].split([q, kv, kv])
-        gate, up = state[ours + "mlp.gate_up.weight"].chunk(2)
-        out.update(
-            {
-                theirs + "input_layernorm.weight": state[ours + "attn_norm.weight"],
-                theirs + "self_attn.q_proj.weight": wq,
-                theirs + "self_attn.k_proj.weight": wk,
-                theirs + "self_attn.v_proj.weight": wv,
-                theirs + "self_attn.o_proj.weight": state[ours + "attn.out.weight"],
-                theirs + "post_attention_layernorm.weight": state[ours + "mlp_norm.weight"],
-                theirs + "mlp.gate_proj.weight": gate,
-                theirs + "mlp.up_proj.weight": up,
-                theirs + "mlp.down_proj.weight": state[ours + "mlp.down.weight"],
-            }
-        )
+    out: dict[str, torch.Tensor] = {}
+    for ours, parts in hf_llama_layout(cfg).items():
+        out.update(zip([name for name, _ in parts], state[ours].split([shape[0] for _, shape in parts])))
     return out
 
 
@@ -143,9 +146,8 @@ _HF_SHAPE = {
 
 
 def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) -> ModelConfig:
-    """`base` with the shape and numerics of the Hugging Face Llama-family model in `directory`, read from
-    its config.json (model.init_from). UsageError naming the config.json key fasttrain's transformer
-    cannot reproduce: another model type or activation, biases, scaled RoPE, a head_dim of its own."""
+    """`base` with the shape and numerics of the Hugging Face Llama in `directory` (its config.json); UsageError naming
+    a key the transformer cannot reproduce (model type, activation, bias, RoPE scaling, head_dim)."""
     path = Path(directory) / "config.json"
     raw = _json_object(path)
 
@@ -196,19 +198,14 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
 
 
 def read_hf_llama_weights(directory: str | os.PathLike[str], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The weights of the Hugging Face Llama in `directory` (model.safetensors, or the shards that
-    model.safetensors.index.json lists) as a state dict of the Transformer of `cfg` (q, k, v and gate, up
-    fused back together); UsageError naming a missing file or tensor, a tensor whose shape is not the one
-    `cfg` (its config.json) gives, or one holding a NaN or infinity."""
+    """The weights of the Hugging Face Llama in `directory` as a state dict of the Transformer of `cfg`
+    (hf_llama_layout); UsageError naming a missing file or tensor, a wrong shape, a NaN or infinity."""
     directory = Path(directory)
     theirs: dict[str, torch.Tensor] = {}
     where: dict[str, Path] = {}  # the file each tensor came from, for the errors below
     for path in _weight_files(directory):
         for name, tensor in read_safetensors(path).items():
             theirs[name], where[name] = tensor, path
-    head_dim = cfg.d_model // cfg.n_heads
-    d, q, kv = cfg.d_model, cfg.n_heads * head_dim, (cfg.n_kv_heads or cfg.n_heads) * head_dim
-    ffn = ffn_hidden_size(cfg)
 
     def take(*named: tuple[str, tuple[int, ...]]) -> torch.Tensor:
         for name, shape in named:
@@ -224,40 +221,15 @@ def read_hf_llama_weights(directory: str | os.PathLike[str], cfg: ModelConfig) -
                 raise UsageError(f"{where[name]}: {name} holds NaN or infinite values; a run cannot start from it")
         return torch.cat([theirs[name] for name, _ in named])
 
-    vector = (d,)
-    state = {
-        "embed.weight": take(("model.embed_tokens.weight", (cfg.vocab_size, d))),
-        "norm.weight": take(("model.norm.weight", vector)),
-    }
-    state["output.weight"] = (
-        state["embed.weight"] if cfg.tie_embeddings else take(("lm_head.weight", (cfg.vocab_size, d)))
-    )
-    for i in range(cfg.n_layers):
-        ours, hf = f"blocks.{i}.", f"model.layers.{i}."
-        attn, mlp = hf + "self_attn.", hf + "mlp."
-        state.update(
-            {
-                ours + "attn_norm.weight": take((hf + "input_layernorm.weight", vector)),
-                ours + "attn.qkv.weight": take(
-                    (attn + "q_proj.weight", (q, d)),
-                    (attn + "k_proj.weight", (kv, d)),
-                    (attn + "v_proj.weight", (kv, d)),
-                ),
-                ours + "attn.out.weight": take((attn + "o_proj.weight", (d, q))),
-                ours + "mlp_norm.weight": take((hf + "post_attention_layernorm.weight", vector)),
-                ours + "mlp.gate_up.weight": take(
-                    (mlp + "gate_proj.weight", (ffn, d)), (mlp + "up_proj.weight", (ffn, d))
-                ),
-                ours + "mlp.down.weight": take((mlp + "down_proj.weight", (d, ffn))),
-            }
-        )
+    state = {ours: take(*parts) for ours, parts in hf_llama_layout(cfg).items()}
+    if cfg.tie_embeddings:
+        state["output.weight"] = state["embed.weight"]
     return state
 
 
 def _weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of the model in `directory`: model.safetensors, or the shards its
-    model.safetensors.index.json lists. UsageError for an index naming a file outside the folder (an
-    absolute path, or one through ..): a model folder's weights are its own files."""
+    """The model's safetensors files in `directory`: model.safetensors, or the shards its index lists; UsageError for an
+    index naming a file outside the folder."""
     index = directory / "model.safetensors.index.json"
     if not index.is_file():
         if not (directory / "model.safetensors").is_file():
@@ -275,10 +247,8 @@ def _weight_files(directory: Path) -> list[Path]:
 
 
 def check_hf_tokenizer(directory: str | os.PathLike[str], data_tokenizer: Tokenizer, data_file: str) -> str | None:
-    """UsageError, naming both files, if `data_tokenizer` (the run's data's, read from `data_file`) is not the
-    tokenizer.json of the Hugging Face model in `directory`: the model's embeddings mean that tokenizer's ids,
-    and `export --hf` ships the data's. Compared by content, as tokenizers serializes it (prepare rewrites the
-    file it copies). A model folder without tokenizer.json cannot be compared: returns a note saying so."""
+    """UsageError naming both files if `data_tokenizer` (from `data_file`) is not the tokenizer.json of the Hugging Face
+    model in `directory`, compared by content; without one there, a note saying so."""
     theirs = Path(directory) / "tokenizer.json"
     if not os.path.lexists(theirs):
         return (
@@ -305,14 +275,9 @@ def export_weights(
     dtype: torch.dtype = torch.float32,
     tokenizer: str | os.PathLike[str] | None = None,
 ) -> list[Path]:
-    """Write `model_state` (a Transformer's state dict, trained with `cfg`) into `out_dir`; returns the files.
-
-    `tokenizer` is the tokenizer.json the model trained with (default: `cfg.data.dir`'s, the trainer's own
-    at the end of a run), copied when it is there; the Hugging Face layout needs it. A model continued
-    from a Hugging Face one (model.init_from) keeps that model's bos/eos token ids and generation_config.json.
-    Everything is checked before the first file is written: `out_dir` must be new, or hold only files this
-    export replaces (see `_check_out_dir`), and --hf needs the tokenizer.
-    """
+    """Write `model_state` (trained with `cfg`) into `out_dir`; returns the files. `tokenizer`: the tokenizer.json the
+    model trained with (default `cfg.data.dir`'s), which --hf needs. All is checked before the first write
+    (`_check_out_dir`)."""
     out = Path(out_dir)
     if hf and (beyond := beyond_llama(cfg.model)):
         raise UsageError(
@@ -334,9 +299,8 @@ def export_weights(
 
 
 def _hf_files(cfg: Config, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str, bytes]:
-    """config.json and tokenizer_config.json of the Hugging Face layout, with generation_config.json too for a
-    model continued from a Hugging Face one (model.init_from) whose folder has one. Such a model keeps its
-    bos_token_id and eos_token_id (its tokenizer is that model's own); any other model's are end-of-text."""
+    """config.json and tokenizer_config.json of the Hugging Face layout; a model continued from one (model.init_from)
+    keeps its bos/eos ids and generation_config.json, others' are end-of-text."""
     config = hf_llama_config(cfg.model, tokenizer.eot_id, dtype)
     files = {}
     source = Path(cfg.model.init_from) if cfg.model.init_from else None
@@ -383,11 +347,9 @@ def _json_object(path: Path) -> dict:
 
 
 def _check_out_dir(out: Path, writes: set[str], hf: bool) -> None:
-    """UsageError unless `out` is new or holds nothing but the files `writes` names (a previous export of
-    this layout, which this one replaces). Anything else would be read beside the new weights: the other
-    layout's config, another model's shards and index (model.safetensors.index.json takes precedence
-    over model.safetensors), pytorch_model.bin, a tokenizer file this export does not write. Names starting
-    with a dot (a killed write's temporary file) are no model's files and are left alone."""
+    """UsageError unless `out` is new or holds only files `writes` names (this layout's previous export): anything else
+    (the other layout's config, another model's shards or index, pytorch_model.bin) would be read beside the new
+    weights. Dot files (a killed write's) are left alone."""
     if not out.is_dir():
         return
     foreign = sorted(p.name for p in out.iterdir() if p.name not in writes and not p.name.startswith("."))

@@ -38,13 +38,8 @@ BYTES_PER_TOKEN = ((512, 2.0), (4096, 3.8))
 
 
 def cache_dir(request: dict) -> Path:
-    """Where data prepared for `request` is cached when the config leaves data.dir unset.
-
-    Under $FASTTRAIN_CACHE, else $XDG_CACHE_HOME/fasttrain, else ~/.cache/fasttrain;
-    one directory per distinct request, so changing the vocabulary never reuses
-    stale shards. Its paths are absolute (`request_of`), since what a relative one
-    names depends on the working directory.
-    """
+    """Where data for `request` is cached when data.dir is unset: under $FASTTRAIN_CACHE, $XDG_CACHE_HOME/fasttrain or
+    ~/.cache/fasttrain, a directory per distinct request (absolute paths)."""
     root = (
         os.environ.get("FASTTRAIN_CACHE")
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fasttrain"
@@ -55,16 +50,9 @@ def cache_dir(request: dict) -> Path:
 
 
 def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
-    """Make sure prepared data for [data] `d` exists, and say where it is and what it holds.
-
-    The directory is `d.dir`, or when that is "" a cache directory keyed by the request
-    (`cache_dir`). Prepares it from `d.inputs` (default builtin:pydoc, DEFAULT_VOCAB tokens)
-    when it holds no data. A folder already prepared is the data by itself: the [data] keys
-    left at their defaults take its values, and one set to anything else must agree with how
-    it was prepared (UsageError naming both values), rather than train on other data silently.
-    The folder is checked whole (`open_prepared`) before anything is recorded or deleted.
-    `d` itself is left as it is: see config.resolve for the config a run records.
-    """
+    """Make sure prepared data for [data] `d` exists (`d.dir`, else the cache's `cache_dir`, prepared from `d.inputs`)
+    and say what it holds: keys left at defaults take its values, others must agree (UsageError naming both). The folder
+    is checked whole before anything is recorded or deleted; `d` is unchanged."""
     inputs, vocab_size = d.inputs or DEFAULT_INPUTS, d.vocab_size or DEFAULT_VOCAB
     directory = prepared_dir(d)
 

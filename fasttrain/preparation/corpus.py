@@ -2,24 +2,17 @@
 
 Imports from fasttrain: formats.shards, system.errors.
 
-An input is a path, a glob, a directory (its text files, recursively), a JSONL
-file (one document per line, in a text field), a Parquet file (one document per
-row, in a text column; needs the `parquet` extra), or the name of an embedded
-corpus:
+An input is a path, a glob, a directory (its text files, recursively), a JSONL file (a document per line, in a text
+field), a Parquet file (a document per row, in a text column; the `parquet` extra), or an embedded corpus:
 
     builtin:pydoc       the Python documentation topics shipped with CPython
                         (`pydoc_data.topics`, ~465 KB of English, 79 documents)
     builtin:docstrings  the docstrings of the standard library's modules, read
                         with `ast` from the sources, never imported
 
-A plain text file is one document. Documents are streamed as `Piece`s of at most
-about `CHUNK_BYTES`, cut at line ends, so a multi-GB file is never read whole.
-Invalid UTF-8 is replaced with U+FFFD and counted, not fatal: real corpora have
-a few bad bytes and refusing the whole file would help nobody. So is a lone
-surrogate, the other text no UTF-8 can carry (a JSON escape such as \\ud800,
-common in web crawls), whatever the source (`Piece.of`). A Parquet file is
-read PARQUET_BATCH_ROWS rows of one column at a time, row group after row group,
-through a buffer of CHUNK_BYTES, so its size does not matter either.
+A plain text file is one document. Documents stream as `Piece`s of about `CHUNK_BYTES` at most, cut at line ends
+(Parquet PARQUET_BATCH_ROWS rows at a time), so no file is read whole. Invalid UTF-8 and lone surrogates (a JSON escape
+such as \\ud800) are replaced with U+FFFD and counted, not fatal: real corpora have a few bad bytes (`Piece.of`).
 """
 
 from __future__ import annotations
@@ -57,9 +50,8 @@ class Piece:
 
     @classmethod
     def of(cls, data: bytes | str, ends_document: bool, replaced: int = 0) -> Piece:
-        """`data` as a piece of text UTF-8 can carry, which every tokenizer encodes: invalid UTF-8 in bytes, or lone
-        surrogates in a str (a JSON escape such as \\ud800), replaced with U+FFFD and counted on top of `replaced`.
-        Every source's text comes through here."""
+        """`data` as text UTF-8 can carry: invalid UTF-8 in bytes, or lone surrogates in a str (a JSON escape such as
+        \\ud800), replaced with U+FFFD and counted on top of `replaced`; all text comes through here."""
         if isinstance(data, bytes):
             text = data.decode("utf-8", errors="replace")
             # Each invalid sequence became one U+FFFD; genuine U+FFFD characters are
@@ -206,9 +198,8 @@ def _line_cut(data: bytes) -> int:
 
 
 def _glob(spec: str) -> list[str]:
-    """The files `spec` matches (`**` spans directories), sorted. pathlib's walk never enters a linked
-    directory, where glob.glob's does: a link to a parent repeated the tree (41 times for one link, without
-    end for two)."""
+    """The files `spec` matches (`**` spans directories), sorted. pathlib never enters a linked directory, where
+    glob.glob does (a link to a parent repeated the tree without end)."""
     parts = Path(spec).parts
     first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
     root = Path(*parts[:first]) if first else Path(".")

@@ -2,28 +2,22 @@
 
 Imports from fasttrain: formats.tokenizer.
 
-The `tokenizers` library encodes about 7 MB/s of Python source per core here; tiktoken, given the same
-vocabulary, merges and split pattern, about 20. `fast_encoder` builds that Encoding from a loaded tokenizer
-when the two can agree, and `choose_encoder` proves they do on a sample before prepare uses it: a
-tokenizer tiktoken cannot express, or one that encodes the sample differently, is encoded by `tokenizers`,
-said in one line. Shards are the same whichever encoder wrote them.
+`tokenizers` encodes about 7 MB/s of Python source per core here, tiktoken with the same vocabulary, merges and split
+pattern about 20. `fast_encoder` builds that Encoding when the two can agree, and `choose_encoder` proves they do on a
+sample before prepare uses it; otherwise `tokenizers` encodes, said in one line. Shards are the same whichever wrote
+them.
 
 Why the two agree, and when they would not:
-- Split: tiktoken cuts text into pieces with one regex and drops what falls between matches; `tokenizers`
-  keeps everything. Only patterns that match every character (GPT-2's, Llama 3's) are expressible, so the
-  pre-tokenizer must be ByteLevel with its regex (GPT-2's pattern), or a Split on a regex, isolated, followed
-  by a ByteLevel without one (Llama 3's); a normalizer, a prefix space or a Metaspace is not expressible.
-- Merges: `tokenizers` applies the merge of lowest priority (its index in `merges`), tiktoken the pair whose
-  joined bytes have the lowest rank. Ranks are therefore derived from the merges' order (bytes first, then
-  each merge's result), not taken from the ids, and the ranks are mapped back to ids afterwards.
-- Whole pieces: tiktoken emits a piece that is itself in the vocabulary as one token; `tokenizers` does only
-  when `ignore_merges` is set, and otherwise merges it. Without `ignore_merges` every merged token must
-  therefore come out of `tokenizers`' own merges as itself (checked, one call per token).
-- Special tokens: `tokenizers` cuts its added tokens out of any text, special or not, before splitting; so
-  does tiktoken with every added token allowed, provided no added token strips whitespace or is a prefix
-  of another (tiktoken's alternation takes the first match, `tokenizers` the longest).
-A pair of tokens joined into a token by another merge than the recorded one could still make them differ
-inside a longer piece; no tokenizer tested does, and the sample check is the guard.
+- Split: tiktoken drops what falls between its regex's matches, so only patterns matching every character are
+  expressible: ByteLevel with its regex (GPT-2's), or an isolated Split on a regex before a ByteLevel without one (Llama
+  3's); no normalizer, prefix space or Metaspace.
+- Merges: `tokenizers` applies the merge of lowest index, tiktoken the pair whose joined bytes rank lowest, so ranks
+  come from the merges' order (bytes first), mapped back to ids afterwards.
+- Whole pieces: tiktoken emits a piece in the vocabulary as one token; `tokenizers` only with `ignore_merges`, so
+  without it every merged token must come out of its own merges as itself (checked).
+- Special tokens: both cut added tokens out of any text before splitting, provided none strips whitespace or is a prefix
+  of another (tiktoken takes the first match, `tokenizers` the longest). A token joined by another merge than the
+  recorded one could still differ inside a longer piece; no tokenizer tested does, and the sample check is the guard.
 """
 
 from __future__ import annotations
@@ -195,10 +189,8 @@ def slow_encoder(tokenizer: Tokenizer) -> Encode:
 
 
 def choose_encoder(tokenizer: Tokenizer, sample: Sequence[str]) -> tuple[Encode, str, str | None]:
-    """(encode, its name, a note or None): tiktoken when it expresses the tokenizer and gives its ids on
-    `sample` (some of the corpus) and PROBES, else `tokenizers`; the note says why not, in one line. A batch
-    tiktoken cannot encode (a lone surrogate from a JSON escape, say) is encoded by `tokenizers`, whose
-    error, if it has one, is prepare's."""
+    """(encode, its name, a note or None): tiktoken where it gives the tokenizer's ids on `sample` and PROBES, else
+    `tokenizers`, the note saying why; a batch tiktoken cannot encode goes to `tokenizers`."""
     slow = slow_encoder(tokenizer)
     try:
         fast = fast_encoder(tokenizer.tok)

@@ -7,21 +7,16 @@ preparation.preparation, preparation.split, system.errors, system.run_lock.
     fasttrain prepare --input ... --out DIR --part K/N [--tokenizer T]              # K = 0 .. N-1, anywhere
     fasttrain prepare --out DIR --merge                                            # once all N are done
 
-Part K takes the documents that start in the K-th N-th of the inputs' bytes, taken end to end: a JSONL
-file is cut between lines, any other file (text, Parquet, an embedded corpus) goes whole to the part
-holding its first byte. So every document goes to exactly one part, and the parts follow the inputs'
-order. The validation split and the tokenizer's sample are decided by each document's own text
-(fasttrain/preparation/split.py), so N parts merged hold the same documents in each split, with the same ids, as
-one prepare of the same inputs.
+Part K takes the documents that start in the K-th N-th of the inputs' bytes end to end (a JSONL file cut between lines,
+any other file whole in the part of its first byte), so every document is in exactly one part, in the inputs' order. The
+split and the tokenizer's sample go by each document's own text (split.py), so the merged parts hold what one prepare of
+the same inputs would.
 
-A part writes into DIR/parts/.K-of-N.tmp and renames it DIR/parts/K-of-N once complete: a killed part
-leaves its .tmp, which the merge reports and a re-run replaces; finished parts are kept. Each part holds
-its shards, tokenizer.json and part.json (the inputs' identity, the tokenizer's sha256, the options and
-its counts). One process writes a part at a time (DIR/parts/.K-of-N.lock). The merge holds every part's
-lock and DIR's, checks that all N parts are there, complete, and made from the same inputs, tokenizer and
-options, then links the shards into DIR under the names one prepare would give (train_000000.bin, ...,
-in part order), writes DIR's meta.json through prepare's own complete-then-move, and removes DIR/parts.
-DIR is then an ordinary prepared folder.
+A part writes into DIR/parts/.K-of-N.tmp, renamed DIR/parts/K-of-N once complete (a killed part's .tmp is reported by
+the merge and replaced by a re-run), with its shards, tokenizer.json and part.json (the inputs' identity, the
+tokenizer's sha256, the options, its counts), under DIR/parts/.K-of-N.lock. The merge holds every part's lock and DIR's,
+checks all N are there, complete and made alike, links the shards into DIR under the names one prepare would give,
+writes meta.json through prepare's complete-then-move, and removes DIR/parts.
 """
 
 from __future__ import annotations

@@ -2,11 +2,10 @@
 
 Imports from fasttrain: formats.shards, formats.tokenizer, preparation.corpus, preparation.encoder.
 
-The calling thread reads pieces and gathers them into batches of about `batch_chars` characters; up to
-`workers` batches are encoded at once on a thread pool (tiktoken and `tokenizers` both release the GIL
-while they encode, so threads use every core without copying text to other processes); the calling
-thread writes each batch's tokens in the order the batches were read. At most 2 x `workers` batches are in
-flight, so memory stays flat in the corpus size, and the shards are the same for any number of workers.
+The calling thread gathers pieces into batches of about `batch_chars` characters, up to `workers` of them are encoded at
+once on a thread pool (tiktoken and `tokenizers` release the GIL), and the calling thread writes their tokens in reading
+order. At most 2 x `workers` batches are in flight, so memory stays flat, and the shards are the same for any number of
+workers.
 """
 
 from __future__ import annotations
@@ -141,9 +140,8 @@ def write_shards(
     total_bytes: int,
     quiet: bool,
 ) -> dict:
-    """Tokenize `pieces` (split, piece, starts_document) into `directory`'s train and val shards with the
-    fastest encoder that gives `tokenizer`'s ids on `sample` (its choice said in one line when it is not
-    tiktoken); returns meta.json's counts. Nothing half-written is left if it fails."""
+    """Tokenize `pieces` (split, piece, starts_document) into `directory`'s shards with the fastest encoder giving
+    `tokenizer`'s ids on `sample`; returns meta.json's counts, leaving nothing half-written."""
     encode, encoder_name, note = choose_encoder(tokenizer, sample)
     if note and not quiet:
         print(note)

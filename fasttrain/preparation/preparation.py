@@ -1,27 +1,19 @@
-"""Preparing data: a text corpus tokenized into train/val token shards (`prepare`), and the cache of
-prepared data a run without data.dir trains from (`ensure_prepared`). Its command line is
-`python -m fasttrain.prepare --input PATH [PATH ...] --out DIR`.
+"""Preparing data: a text corpus tokenized into train/val token shards (`prepare`), and the cache of prepared data a run
+without data.dir trains from (`ensure_prepared`). Its command line is `python -m fasttrain.prepare --input PATH [PATH
+...] --out DIR`.
 
 Imports from fasttrain: formats.shards, formats.tokenizer, preparation.corpus, preparation.pipeline, preparation.split,
 system.atomic, system.errors, system.run_lock.
 
-Writes into DIR: `train_000000.bin`, ... and `val_000000.bin`, ... (see
-fasttrain/formats/shards.py), `tokenizer.json` and `meta.json` (vocabulary size, token
-and document counts, sources). Every document is preceded by the end-of-text
-token, so each one starts with a clean context, as in llm.c.
+Writes into DIR `train_000000.bin`, ... and `val_000000.bin`, ... (formats/shards.py), `tokenizer.json` and `meta.json`
+(vocabulary size, counts, sources); every document is preceded by the end-of-text token, as in llm.c. The corpus is
+streamed, tokenized in batches on `workers` threads (pipeline.py; tiktoken where it gives the same ids, encoder.py), so
+memory stays bounded. Everything is written into DIR/.prepare-tmp and moved into place once complete: a failed run
+leaves DIR as it was, and one killed while moving in is finished by the next. One process prepares a directory at a time
+(a lock beside it).
 
-The corpus is streamed: documents are read in pieces, tokenized in batches on
-`workers` threads (fasttrain/preparation/pipeline.py), with tiktoken where it gives the
-tokenizer's own ids (fasttrain/preparation/encoder.py), and appended to shards on disk,
-so memory stays bounded whatever the corpus size. Everything is written into DIR/.prepare-tmp first and moved into
-place only once complete: a run that fails or is interrupted before then leaves DIR
-as it was, and one killed while moving the complete data in is finished by the next
-prepare or run of DIR. One process prepares a directory at a time (a lock beside it).
-
-The validation split is by documents, each by a hash of its own text (see
-fasttrain/preparation/split.py): about F of the documents are held out. When the input
-holds fewer than two documents (one big text file), the last F of the text is held
-out instead, cut at a line end; meta.json's "split" says which was done.
+The validation split holds out about F of the documents, each by a hash of its own text (split.py); an input of fewer
+than two documents holds out the last F of the text instead, cut at a line end (meta.json's "split" says which).
 """
 
 from __future__ import annotations
@@ -276,16 +268,10 @@ def corpus_sample(sources: Sequence, text_field: str, chars: int = 200_000) -> l
 
 
 def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, **options: Any) -> dict:
-    """Tokenize `inputs` into shards in `out_dir` and return the contents of its meta.json.
-
-    The tokenizer is loaded from `tokenizer_path`, or else a byte-level BPE of
-    `vocab_size` tokens is trained on (up to `tokenizer_train_chars` of) the
-    training split (`options`: the keywords of `prepare_locked`). Bad input raises
-    `UsageError` and leaves `out_dir` as it was. The new data replaces the old only
-    once it is complete: a run killed while moving it into place is finished by the
-    next prepare (or run) of `out_dir`. A second process preparing `out_dir` at the
-    same time is a UsageError naming the first.
-    """
+    """Tokenize `inputs` into shards in `out_dir` and return the contents of its meta.json. The tokenizer is loaded from
+    `tokenizer_path`, or a byte-level BPE of `vocab_size` tokens is learned from (up to `tokenizer_train_chars` of) the
+    training split (`options`: `prepare_locked`'s keywords). Bad input is a `UsageError` that leaves `out_dir` as it
+    was, as is a second process preparing it meanwhile."""
     if not os.fspath(out_dir):  # Path("") is the working directory
         raise UsageError("--out: is empty; name the directory to prepare into")
     out = Path(out_dir)
@@ -312,10 +298,8 @@ def fsync_tree(directory: Path) -> None:
 
 
 def _move_into_place(out: Path, names: list[str]) -> None:
-    """Replace the prepared data in `out` by the complete preparation in out/.prepare-tmp, whose files are
-    `names` (the whole new set, moved or not yet): the old meta.json first (a directory half switched holds
-    none, so nothing reads it as prepared), the old files the new set lacks, then the new files, meta.json
-    last. Repeatable: a killed move is finished by running it again."""
+    """Replace `out`'s data by the complete preparation in out/.prepare-tmp (`names`): old meta.json first, the old
+    files the new set lacks, the new files, meta.json last. Repeatable if killed."""
     tmp = out / TMP_NAME
     waiting = sorted((p for p in tmp.iterdir() if p.name in names), key=lambda p: p.name == "meta.json")
     if waiting:  # a finished move has moved meta.json last: then the directory's meta.json is the new one
@@ -329,11 +313,8 @@ def _move_into_place(out: Path, names: list[str]) -> None:
 
 
 def finish_interrupted_move(out: Path, quiet: bool) -> None:
-    """Finish the move of a complete preparation that a killed prepare left in out/.prepare-tmp.
-
-    A COMPLETE marker that is not a list of names (empty or damaged: written by a prepare before markers were
-    written atomically, killed while writing it) was never followed by a move, so `out` holds its old data
-    whole: the unfinished preparation is discarded, and that said in one line."""
+    """Finish the move a killed prepare left in out/.prepare-tmp; a COMPLETE marker that is no list of names was never
+    followed by a move, so the preparation is discarded, said in one line."""
     marker = out / TMP_NAME / COMPLETE
     if not marker.exists():
         return
@@ -356,9 +337,8 @@ def finish_interrupted_move(out: Path, quiet: bool) -> None:
 
 
 def _refuse_foreign(out: Path, prepared_name: str) -> None:
-    """Refuse to write into `out`, whose `prepared_name` is named like a file prepare writes, when `out` is not
-    a preparation: it holds no meta.json of prepare's and holds files prepare never writes (a Hugging Face
-    model's config.json beside its tokenizer.json, say). Prepare would replace files it did not write."""
+    """Refuse to write into `out` (its `prepared_name` named like prepare's files) when it holds no meta.json and files
+    prepare never writes (a model's config.json, say): they are not prepare's to replace."""
     if _is_prepare_meta(out / "meta.json"):
         return
     others = sorted(

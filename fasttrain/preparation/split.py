@@ -2,25 +2,19 @@
 
 Imports from fasttrain: preparation.corpus.
 
-Both are decided by each document's own text, never by where it falls in the stream: one prepare and N
-parts merged (fasttrain/preparation/parts.py) hold out the same documents and learn from the same sample. A
-document's hash is BLAKE2b of its first piece (the whole document, except a plain text file over
-corpus.CHUNK_BYTES, whose first piece is its first MiB): its first 8 bytes, as a fraction of 2^64, put it
-in validation when below --val-fraction; the next 8 choose the tokenizer's sample. So that neither split
-is ever empty, the corpus's first document (and any document of the same text) is always validation and
-its second always train, whatever their hashes; every part reads the inputs' first two documents to know
-them. Identical documents land in one split, so a duplicated document never leaks from train into
-validation.
+Both are decided by each document's own text, never its place in the stream, so one prepare and N parts merged
+(parts.py) agree. A document's hash is BLAKE2b of its first piece (a plain text file over corpus.CHUNK_BYTES: its first
+MiB): the first 8 bytes, as a fraction of 2^64, put it in validation when below --val-fraction; the next 8 choose the
+tokenizer's sample. So that neither split is empty, the corpus's first document (and any of the same text) is always
+validation and its second always train; every part reads the first two to know them. Identical documents land in one
+split, so none leaks from train into validation.
 
-A corpus of fewer than two documents (one big text file) holds out the last F of its text instead, cut
-at a line end; meta.json's "split" says which was done ("document_hash", or "end_of_text"). Folders
-prepared before the hash rule say "documents": their validation was the first documents to keep the held
-out share of the text at F; they are read as they are.
+A corpus of fewer than two documents holds out the last F of its text instead, cut at a line end; meta.json's "split"
+says which ("document_hash", or "end_of_text"; "documents" in folders prepared before the hash rule, read as they are).
 
-The tokenizer learns from its sample with every run of whitespace, or of other characters, longer than
-LONGEST_RUN cut into pieces that long (`learning_pieces`): the BPE trainer's time grows with the square of its
-longest word, and one long word (a blob of letters, padding of spaces or of '=') would stall it for many
-minutes. The cut is for learning only; the shards hold every text whole.
+The tokenizer learns from its sample with runs of whitespace or other characters longer than LONGEST_RUN cut into pieces
+that long (`learning_pieces`): the BPE trainer's time grows with the square of its longest word. The shards hold every
+text whole.
 """
 
 from __future__ import annotations
@@ -90,11 +84,8 @@ class Split:
 
 
 def plan_split(sources: Sequence[Source], text_field: str, val_fraction: float) -> Split:
-    """By documents if the input holds two non-empty ones or more, else by the end of the text.
-
-    Reads only until the second document in the usual case; a corpus of one document is read
-    through once to count its characters (cheap next to tokenizing it).
-    """
+    """By documents if the input holds two non-empty ones or more, else by the end of the text. Reads only until the
+    second document in the usual case; a corpus of one document is read through once to count its characters."""
     if val_fraction == 0:
         return Split("document_hash", 0.0)
     documents, chars, length, values, first_piece = 0, 0, 0, [], None
@@ -118,12 +109,10 @@ def split_documents(sources: Sequence[Source], text_field: str, split: Split) ->
 
 
 def split_pieces(pieces: Iterator[Piece], split: Split) -> Iterator[tuple[str, Piece, bool]]:
-    """(split, piece, starts_document) for every piece, in order.
-
-    By document hash: a document is validation when its hash's split value is below `val_fraction`
-    (`document_hash`), or it is the corpus's first document, and not when it is its second (`Split.holds_out`). By the end of the text: the piece holding character `split.cut` is cut at its next
-    line end, and what follows is validation, starting as a document of its own (after an end-of-text token).
-    """
+    """(split, piece, starts_document) for every piece, in order. By document hash: a document is validation when its
+    hash's split value is below `val_fraction`, or it is the corpus's first, and not when its second
+    (`Split.holds_out`). By the end of the text: the piece holding character `split.cut` is cut at its next line end,
+    and what follows is validation, a document of its own."""
     if split.by == "end_of_text":
         yield from _split_end_of_text(pieces, split.cut)
         return
@@ -176,9 +165,8 @@ class Sample:
 
 
 def learning_pieces(text: str) -> tuple[list[str], int]:
-    """`text` as the tokenizer learns from it: cut inside every run of whitespace, or of other characters, longer
-    than LONGEST_RUN, into pieces of at most that length (each piece is learned from on its own, so no word spans
-    a cut); and how many runs were cut. In numpy: about 350 MB/s here, ten times what a regular expression scans."""
+    """`text` cut for the tokenizer to learn from: runs of whitespace or other characters longer than LONGEST_RUN in
+    pieces that long; and how many runs were cut. ~350 MB/s in numpy, 10x a regex."""
     if len(text) <= LONGEST_RUN:
         return [text], 0
     codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
@@ -196,11 +184,8 @@ def learning_pieces(text: str) -> tuple[list[str], int]:
 def tokenizer_sample(
     sources: Sequence[Source], text_field: str, split: Split, max_chars: int, sample: Sample
 ) -> Iterator[str]:
-    """Training-split text to learn the tokenizer from: about `max_chars` characters spread over the whole
-    input, streamed (memory bounded by the tokenizer trainer, not by the corpus). Each training document is
-    taken when its hash's sample value is below max_chars / the input's size, so every file contributes
-    about its share; a corpus smaller than `max_chars` is taken whole. Its long runs are cut (`learning_pieces`).
-    Counts what it took into `sample`."""
+    """Training text to learn the tokenizer from, about `max_chars` spread over the input, streamed: documents whose
+    hash's sample value is below max_chars / the input's size; long runs cut. Counts into `sample`."""
     total = sum(src.size for src in sources)
     # One document (split by the end of its text) is taken from its start, as far as max_chars goes.
     rate = max_chars / total if total and split.by == "document_hash" else 1.0

@@ -20,12 +20,8 @@ from fasttrain.system.errors import UsageError
 
 
 def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], object], what: str = "write") -> Path:
-    """Create `path`'s directory, call `write(f)` on a temporary file beside it, fsync, rename over `path`.
-
-    The temporary name is in the same directory, so the rename is atomic. Any OSError (ENOSPC, EFBIG past
-    `ulimit -f`, EACCES...) removes the temporary file and becomes a UsageError: "<path>: cannot <what>
-    (<reason>)".
-    """
+    """Create `path`'s directory, `write(f)` a temporary file beside it, fsync, rename over `path`. Any OSError removes
+    the temporary file and is a UsageError: "<path>: cannot <what> (<reason>)"."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

@@ -2,11 +2,9 @@
 
 Imports from fasttrain: nothing.
 
-Anything the user can get wrong (a config key, a data file, a flag) raises
-`UsageError` with a message that names the file, the key or the value. Command
-line entry points run through `run_cli`, which prints that message as one line
-and exits with status 2, never a traceback. Bugs in fasttrain itself are not
-`UsageError`s and still show their traceback.
+Anything the user can get wrong raises `UsageError` with a message naming the file, key or value; entry points run
+through `run_cli`, which prints it as one line and exits with status 2, never a traceback. Bugs in fasttrain itself
+still show theirs.
 """
 
 from __future__ import annotations
@@ -33,9 +31,8 @@ class RunStopped(Exception):
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> NoReturn:
-    """Run `main(argv)` and exit: 0 on success, 2 on `UsageError` or running out of memory (one line each),
-    RunStopped's own code, 130 on Ctrl-C; 141 (SIGPIPE's status) when the reader of its output went away, quietly,
-    unless it was already failing with a code of its own."""
+    """Run `main(argv)` and exit: 0; 2 on `UsageError` or out of memory (one line); RunStopped's code; 130 on Ctrl-C;
+    141, quietly, when its output's reader went away (unless already failing)."""
     code: int | str | None = None
     try:
         code = _exit_code(main, argv)
@@ -117,11 +114,8 @@ def invoked_as(command: str) -> Iterator[None]:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag raises `UsageError` (one line) instead of printing usage and exiting.
-
-    Abbreviated flags are not accepted: `--over` silently meaning `--overwrite` would delete a run.
-    `prog` is the tool's `python -m MODULE`, or the command it is run as (invoked_as).
-    """
+    """argparse, a bad flag a one-line `UsageError`, and no abbreviated flags (`--over` meaning `--overwrite` would
+    delete a run). `prog`: the tool's `python -m MODULE`, or its command (invoked_as)."""
 
     def __init__(self, **kwargs: Any) -> None:  # keywords only: a positional argument could fill allow_abbrev's slot
         kwargs["prog"] = _INVOKED_AS.get() or kwargs.get("prog")

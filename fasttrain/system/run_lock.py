@@ -1,15 +1,12 @@
-"""One process per directory: a training run holds an exclusive lock on `out_dir/.lock` while it
-trains, and a preparation of data into DIR one on `.DIR.prepare-lock` beside it.
+"""One process per directory: a training run holds an exclusive lock on `out_dir/.lock` while it trains, and a
+preparation of data into DIR one on `.DIR.prepare-lock` beside it.
 
 Imports from fasttrain: system.atomic, system.errors.
 
-Two processes in one run directory would interleave their events in metrics.jsonl, race
-on checkpoint saves, or (with --overwrite) delete the other's files under it; two
-preparations of one directory would move each other's shards away. The lock is flock(2)
-on an open file, so the kernel drops it when the holder exits, however it exits: a process
-killed with SIGKILL leaves the file but no stale lock, and the next one simply locks it
-again. While locked the file holds the holder's pid and host, for the message another
-process gets. Without fcntl (Windows) nothing is locked.
+Two runs in one directory would interleave metrics.jsonl, race on saves or delete each other's files; two preparations
+would move each other's shards. The lock is flock(2), which the kernel drops however the holder exits, so a SIGKILL
+leaves no stale lock. The file holds the holder's pid and host for the other's message. Without fcntl (Windows) nothing
+is locked.
 """
 
 from __future__ import annotations
@@ -57,9 +54,8 @@ def _busy(out_dir: str | os.PathLike[str], holder: str) -> str:
 
 
 def other_holder(out_dir: str | os.PathLike[str]) -> str | None:
-    """Who holds run directory `out_dir`'s lock, if that is another process: its "pid P on host H". None when
-    this process holds it or no one does. A run asks before it prunes or points at checkpoints: its
-    directory may have been removed and a new run started in a new one by the same name."""
+    """Who holds `out_dir`'s lock if another process: "pid P on host H"; else None. Asked before pruning or pointing at
+    checkpoints: a new run may have replaced this one's directory."""
     if fcntl is None:
         return None
     try:
@@ -94,10 +90,8 @@ def _holder(fd: int) -> str:
 def holding(
     path: Path, busy: Callable[[str], str] | None = None, wait: Callable[[str], None] | None = None
 ) -> Iterator[None]:
-    """Hold an exclusive lock on the file `path` (created, with its directory) for the `with` block. If
-    another process holds it: UsageError(busy(holder)), or, given `wait` instead, call wait(holder) and
-    block until it is free. The lock file is opened without following a link (a link planted there would
-    be truncated)."""
+    """Hold an exclusive lock on `path` (created, with its directory) for the `with` block; held by another process:
+    UsageError(busy(holder)), or with `wait`, wait(holder) and block. Links are not followed."""
     if fcntl is None:
         yield
         return

@@ -13,12 +13,8 @@ from typing import Any
 
 
 class SignalCatcher:
-    """While active, SIGINT and SIGTERM only set `received`, so training can stop at a step boundary.
-
-    The first signal of each kind puts the previous handler back, so a second Ctrl-C
-    stops at once (a checkpoint save cut short leaves the earlier ones intact).
-    Signals can only be caught in the main thread; elsewhere this does nothing.
-    """
+    """While active, SIGINT and SIGTERM only set `received`, so training stops at a step boundary; a second of a kind
+    stops at once. Only the main thread can catch signals; elsewhere this does nothing."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -1,9 +1,7 @@
-"""How a run starts: its plan made with the data prepared and the process group joined (start_run), then the
-directory train() takes up, train.out_dir: every check that can refuse the run first (check_start;
-those that need no plan, check_directory, `fasttrain train` makes before it plans), then, with nothing refused,
-the directory opened for the run (opened): locked for its duration (system/run_lock.py), claimed by a new run,
-the resolved config written and the metrics log opened. A start that fails before its first step is taken back
-whole (run_directory.RunStart).
+"""How a run starts: its plan made with the data prepared and the process group joined (start_run), every check that can
+refuse the run (check_start; check_directory, which needs no plan, before planning), then train.out_dir opened for the
+run (opened): locked, claimed by a new run, the resolved config written and the metrics log opened. A start that fails
+before its first step is taken back whole (run_directory.RunStart).
 
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, compute.device, compute.distributed, config,
 preparation.cache, system.run_lock, training.metrics, training.plan.
@@ -29,10 +27,8 @@ from fasttrain.training.plan import RunPlan, plan_run
 
 
 def start_run(cfg: Config, quiet: bool = False, resume: str | None = None) -> RunPlan:
-    """The plan of a run of `cfg` in this process's world (plan.plan_run), on the device it names (this rank's
-    under torchrun), its data prepared first if need be: rank 0 prepares it while the other ranks wait, in the
-    process group this joins, then they find it. `resume`: the --resume spec of the save the run continues
-    (None: a new run). Prints the plan's notes (rank 0, unless `quiet`)."""
+    """The plan of a run of `cfg` in this process's world (plan.plan_run), its data prepared first if need be (rank 0,
+    the others waiting). `resume`: the save's --resume spec. Prints the notes (rank 0)."""
     world = distributed.world_from_env()
     device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
     plan = plan_run(cfg, world, device, resume)  # a config the run refuses is refused before anything is prepared
@@ -50,9 +46,8 @@ def start_run(cfg: Config, quiet: bool = False, resume: str | None = None) -> Ru
 
 
 def check_start(plan: RunPlan, resumed: bool, overwrite: bool) -> None:
-    """Every check that can refuse train() of `plan`, made before anything in train.out_dir changes: those of
-    check_directory, then W&B missing; for a new run init_from weights gone, for a `resumed` one its data
-    prepared again with another tokenizer."""
+    """Every check that can refuse train() of `plan`, before train.out_dir changes: check_directory's, W&B missing, a
+    new run's init_from weights gone, a `resumed` one's data prepared anew."""
     out, is_main = Path(plan.cfg.train.out_dir), plan.world.is_main
     check_directory(out, resumed, overwrite, is_main)
     if plan.cfg.log.wandb and is_main:
@@ -64,10 +59,8 @@ def check_start(plan: RunPlan, resumed: bool, overwrite: bool) -> None:
 
 
 def check_directory(out: Path, resumed: bool, overwrite: bool, is_main: bool) -> None:
-    """The checks of check_start that need no plan, which `fasttrain train` makes first too: planning can time
-    the machine for seconds and print notes of a run that is then refused. Another process training in `out`
-    and an unwritable metrics.jsonl (rank 0's: `is_main`); for a new run another run's checkpoints there
-    (unless `overwrite`)."""
+    """The checks of check_start that need no plan, made first: another process training in `out`, an unwritable
+    metrics.jsonl (rank 0), a new run's checkpoints there (unless `overwrite`)."""
     if is_main:
         run_lock.check_free(out)
         check_log_writable(out)
@@ -79,9 +72,8 @@ def check_directory(out: Path, resumed: bool, overwrite: bool, is_main: bool) ->
 def opened(
     plan: RunPlan, checkpoints: Checkpointer, resumed: bool, overwrite: bool, quiet: bool
 ) -> Iterator[tuple[MetricsLog, RunStart | None]]:
-    """train.out_dir ready for the run of `plan`, as check_start found it: yields the run's metrics log and,
-    on rank 0, its RunStart (to be told when the first step is done). A new run claims the directory, replacing
-    another run's files if `overwrite` (run_directory.RUN_FILES)."""
+    """train.out_dir ready for `plan`'s run: yields its metrics log and, on rank 0, its RunStart. A new run claims the
+    directory, replacing another run's files if `overwrite`."""
     cfg, world = plan.cfg, plan.world
     t, lg, out = cfg.train, cfg.log, Path(cfg.train.out_dir)
     start = RunStart(out) if world.is_main else None

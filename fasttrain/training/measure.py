@@ -15,9 +15,8 @@ from fasttrain.training.trainer import Trainer
 
 
 def measure(plan: RunPlan, steps: int) -> dict:
-    """Seconds per step, tokens per second, MFU (None off the GPU table) and the projected training time of
-    the run `plan` (of prepared data), from `steps` real steps after one untimed one (compilation, warm
-    caches). The Trainer is built as the run builds it, and nothing is saved: train.out_dir is not touched."""
+    """Seconds per step, tokens per second, MFU (None off the GPU table) and projected time of the run `plan`, from
+    `steps` real steps after one untimed; nothing is saved or touched in train.out_dir."""
     trainer = Trainer(plan.cfg, quiet=True, plan=plan)
     try:
         with compile_failures():

@@ -2,14 +2,11 @@
 
 Imports from fasttrain: checkpoints.run_directory, system.atomic, system.errors.
 
-Every event is one JSON object per line in `metrics.jsonl` with an "event" field
-("start", "train", "eval", "sample", "end"); train events carry `step` and
-`loss`, eval events `step`, `val_loss` and `val_bpb`. The file is flushed per
-event, so a crashed run still has its curve; the next run in the directory first
-cuts off a line left unfinished, so every line parses. A failed write (a full
-disk) stops the run with a one-line UsageError. TensorBoard event files are written
-too when the `tensorboard` package is installed (and the config asks for them), and
-with [log] wandb = true every event goes to a Weights & Biases run as well (WandbSink).
+Every event is one JSON object per line in `metrics.jsonl` with an "event" field ("start", "train", "eval", "sample",
+"end"); train events carry `step` and `loss`, eval events `step`, `val_loss` and `val_bpb`. The file is flushed per
+event, and the next run there first cuts off a line left unfinished, so every line parses; a failed write stops the run
+with a one-line UsageError. TensorBoard files are written too where the package is installed and the config asks, and
+with [log] wandb = true every event goes to Weights & Biases (WandbSink).
 """
 
 from __future__ import annotations
@@ -70,11 +67,8 @@ def check_log_writable(out_dir: str | Path) -> None:
 
 
 class MetricsLog:
-    """Appends events to `out_dir/metrics.jsonl` (and TensorBoard); prints lines to the console.
-
-    On a terminal the console shows a tqdm progress bar and prints lines above it;
-    otherwise (a log file, CI) it prints plain lines only.
-    """
+    """Appends events to `out_dir/metrics.jsonl` (and TensorBoard); prints lines to the console, above a tqdm progress
+    bar on a terminal, plain lines otherwise (a log file, CI)."""
 
     def __init__(
         self,
@@ -168,14 +162,8 @@ def import_wandb() -> ModuleType:
 
 
 class WandbSink:
-    """A Weights & Biases run that receives the events of metrics.jsonl.
-
-    Numeric fields of events with a step are logged as `{event}/{field}` at that step (as in
-    TensorBoard); the start event's fields join the run's config, beside the resolved config
-    itself; the end event's fields are the run's summary; samples accumulate in a table of
-    (step, prompt, text). The run's id is kept in `run_dir/wandb_run_id`: a resumed run
-    continues that W&B run (steps W&B has already seen, after a rollback, it ignores).
-    """
+    """A Weights & Biases run fed metrics.jsonl's events: `{event}/{field}` at each step, the start's fields in its
+    config, the end's its summary, samples a table; resumed by `run_dir/wandb_run_id`."""
 
     def __init__(
         self, config: dict[str, Any], run_dir: Path, *, project: str, name: str, tags: list[str], resume: bool

@@ -6,10 +6,8 @@ Imports from fasttrain: data.documents, evaluation.loss_sums, model.transformer.
     sums = objective(tokens, targets)              # LossSums: summed loss, top-1 hits, counted targets
     mean_loss = sums.loss / sums.counted
 
-The objective returns sums, never a mean: a mean per batch would have to be multiplied
-back by its count to combine batches of different counts (padded rows, ranks). The
-caller adds the sums of an update's micro-batches and divides once by the update's
-global count of targets. Targets equal to IGNORE_INDEX (pads) count for nothing.
+Sums, never a mean, so batches of different counts (padded rows, ranks) combine: the caller adds an update's sums and
+divides once by its global count of targets. Targets equal to IGNORE_INDEX (pads) count for nothing.
 """
 
 from __future__ import annotations
@@ -45,20 +43,14 @@ def batch_loss(
     mask_eot_id: int | None,
     grad_scale: torch.Tensor | None = None,
 ) -> LossSums:
-    """The loss sums of batch (x, y) (B, T) through `objective` (a NextTokenLoss, or its DDP/FSDP/compiled
-    wrapper). `mask_eot_id`: with document masking, the end-of-text id that starts each new document.
-    `grad_scale`: what the caller multiplies the loss by before the backward (see NextTokenLoss)."""
+    """The loss sums of batch (x, y) through `objective` (a NextTokenLoss, wrapped or not). `mask_eot_id`: document
+    masking's end-of-text id; `grad_scale`: see NextTokenLoss."""
     return objective(x, y, None if mask_eot_id is None else document_ids(x, mask_eot_id), grad_scale=grad_scale)
 
 
 class NextTokenLoss(nn.Module):
-    """`model`'s loss as a module: `forward(tokens, targets, documents=None, grad_scale=None) -> LossSums`.
-
-    The loss is a module of its own, holding the model, so that a wrapper (DDP, FSDP) and
-    torch.compile see every use of the output weight, the fused loss's included.
-    `fused`: the loss through kernels.linear_cross_entropy, straight from the final hidden
-    states and the output weight, chunk by chunk, never holding the logits (needs Triton).
-    """
+    """`model`'s loss as a module holding the model, so wrappers and torch.compile see every use of the output weight:
+    `forward(tokens, targets, documents, grad_scale) -> LossSums`. `fused`: kernels.linear_cross_entropy."""
 
     def __init__(self, model: Transformer, fused: bool = False):
         super().__init__()
@@ -72,14 +64,10 @@ class NextTokenLoss(nn.Module):
         documents: torch.Tensor | None = None,
         grad_scale: torch.Tensor | None = None,
     ) -> LossSums:
-        """The sums over `targets` (B, T) of `tokens` (B, T); `documents` (B, T) masks attention to each
-        token's own document (see model.document_mask).
-
-        `grad_scale` (a scalar tensor): the factor the caller will multiply the loss by before
-        its backward. The fused loss folds it into the gradients it computes in the forward, so
-        that backward has no pass left to make (see fasttrain_kernels/linear_cross_entropy.py); the loss
-        returned is not multiplied by it. The unfused loss has no use for it and ignores it.
-        """
+        """The sums over `targets` (B, T) of `tokens` (B, T); `documents` (B, T) masks attention to each token's own
+        document. `grad_scale` (a scalar tensor): the factor the caller will multiply the loss by before its backward,
+        which the fused loss folds into the gradients it computes in the forward, so that backward has no pass left to
+        make; the loss returned is not multiplied by it, and the unfused loss ignores it."""
         valid = targets != IGNORE_INDEX
         if self.fused:
             from fasttrain_kernels.linear_cross_entropy import (

@@ -2,18 +2,14 @@
 
 Imports from fasttrain: compute.device, config, system.errors.
 
-Weight decay pulls weights toward zero, which regularises matrices that mix features.
-It is wrong for RMSNorm gains (pulled toward 0 instead of their natural 1) and
-biases, and usually unhelpful for embeddings, whose rows are each updated only
-when their token appears; those go in a group with weight_decay = 0. Every optimizer
-gets the same two groups (SGD's decay is torch's L2 term, the others' decoupled).
+Weight decay regularises matrices that mix features; it is wrong for RMSNorm gains (pulled toward 0, not their natural
+1) and biases, and usually unhelpful for embeddings (a row is updated only when its token appears), so those go in a
+group with weight_decay = 0. Every optimizer gets the same two groups (SGD's decay is torch's L2 term, the others'
+decoupled).
 
-Muon orthogonalises each update of a weight matrix (Newton-Schulz iterations on its
-momentum), which only makes sense for the hidden matrices of the blocks: the
-embedding is a lookup table and the output head maps to token scores, and vectors
-have no orthogonal form. So "muon" is a hybrid: torch.optim.Muon for the 2-D
-parameters of the blocks, AdamW for everything else, each with its own peak learning
-rate scaled by the same schedule.
+Muon orthogonalises each update of a matrix (Newton-Schulz on its momentum), which only makes sense for the blocks'
+hidden matrices, not the embedding lookup, the output head or vectors. So "muon" is a hybrid: Muon for the blocks' 2-D
+parameters, AdamW for the rest, each at its own peak rate scaled by the same schedule.
 """
 
 from __future__ import annotations
@@ -44,21 +40,10 @@ else:  # torch.optim.Muon is torch 2.9's; without it build_optimizer refuses "mu
 
 class Muon(_MuonBase):
     """torch.optim.Muon (its groups, state and update rule) with Newton-Schulz in `ns_dtype`, on whole or sharded
-    matrices.
-
-    torch's own step iterates in bf16 always. That is right for a bf16 run on hardware with bf16
-    matmuls, where this step runs torch's iteration (the same operations, `newton_schulz_reference`);
-    elsewhere the same iteration runs in fp32: an fp32 run stays fp32 throughout, its optimizer included
-    (so its losses do not depend on whether the CPU has bf16), and on a CPU without native bf16 a bf16
-    iteration is emulated (one step of the 124M model's first block took minutes on a 2-core AVX2
-    machine; fp32 is ~100x faster). See `newton_schulz_dtype`.
-
-    Under FSDP and HSDP the parameters, their gradients and so their momentum buffers are DTensors, each
-    rank holding a slice of every matrix's rows: the momentum is updated slice by slice, only the
-    iteration sees whole matrices (`orthogonalised`), and the state stays sharded like the parameter's, so
-    it saves and reshards as any FSDP optimizer state. The rate's adjustment reads a DTensor's `shape`,
-    which is the whole matrix's, so the step is the unsharded one's.
-    """
+    matrices. torch's step iterates in bf16 always; this one in bf16 only where bf16 matmuls are native, else fp32 (an
+    fp32 run's losses do not depend on the CPU, and emulated bf16 is ~100x slower; newton_schulz_dtype). Under FSDP and
+    HSDP the momentum is updated shard by shard, only the iteration sees whole matrices (`orthogonalised`), and the
+    state saves and reshards as any FSDP optimizer state; the rate's adjustment reads a DTensor's whole `shape`."""
 
     def __init__(
         self,
@@ -123,12 +108,10 @@ class Muon(_MuonBase):
         return loss
 
     def _neuron_normalised(self, p: torch.Tensor, update: torch.Tensor, beta2: float) -> torch.Tensor:
-        """NorMuon (Li et al. 2025, arXiv 2510.05491; nanochat's Muon): `update` (orthogonalised, p's shape) with
-        each neuron's part divided by the root of a running mean of its mean square, then scaled back to its own
-        norm. Orthogonalisation leaves neurons' steps of uneven size; this evens them as Adam would, per neuron.
-        A neuron is a row of a tall or square matrix and a column of a wide one: the longer side's vectors, so
-        the state is one number for each of them (p's "second_moment", a column or a row). Sharded, the
-        reductions are DTensor's, and the state is placed as the matrix is along its rows."""
+        """NorMuon (Li et al. 2025, arXiv 2510.05491; nanochat's Muon): `update` with each neuron's part divided by the
+        root of a running mean of its mean square, then scaled back to its own norm, evening out the neurons' step sizes
+        as Adam would. A neuron is the longer side's vector (a row of a tall or square matrix, a column of a wide one),
+        its state one number ("second_moment"); sharded, the reductions are DTensor's."""
         across = -1 if p.shape[0] >= p.shape[1] else -2  # average over the other side
         full = update.float()
         mean_square = full.square().mean(dim=across, keepdim=True)
@@ -144,26 +127,17 @@ class Muon(_MuonBase):
 
 
 def is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
-    """Whether `t` is a DTensor, without importing DTensor's module (about a second of a process's start, which
-    only a sharded run needs): before that module is loaded no tensor can be one."""
+    """Whether `t` is a DTensor, without importing DTensor's module (about a second of a start, which only a sharded run
+    needs): before it is loaded no tensor can be one."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(t, module.DTensor)
 
 
 def orthogonalised(update: torch.Tensor, group: dict, dtype: torch.dtype) -> torch.Tensor:
-    """Muon's direction for the matrix `update`: Newton-Schulz in `dtype` with `group`'s settings, placed as
-    `update` is.
-
-    A DTensor (a shard of an FSDP or HSDP matrix) is gathered whole onto every rank of its shard group, each
-    of them iterates on the whole matrix and keeps its own slice of the result. The ranks compute the same
-    thing from the same input, so their slices fit together with nothing sent back. Each rank thus repeats
-    the iteration for every matrix, the group's size times the compute that giving each matrix to one rank
-    and scattering its result would take. That is the simplest correct way: one all-gather per matrix, which
-    DTensor does for any placement (uneven slices, HSDP's replicas), and no collective of our own to keep in
-    step across ranks. The gather moves as much as the forward's gather of that matrix. The repeated compute
-    is small at a few ranks: by arithmetic, ~1.5 TFLOP a step on each rank for the 124M model's 48 matrices,
-    against ~370 TFLOP of forward and backward for half a million tokens shared by the ranks (~3% more at 8).
-    """
+    """Muon's direction for the matrix `update`: Newton-Schulz in `dtype` with `group`'s settings, placed as `update`
+    is. A DTensor shard is gathered whole onto every rank of its shard group, each iterating on the whole matrix and
+    keeping its own slice: repeated compute, but the simplest correct way (one all-gather per matrix, any placement, no
+    collective of our own), and cheap (~1.5 TFLOP a step for the 124M model against ~370 of forward and backward)."""
     steps, coefficients, eps, margin = group["ns_steps"], group["ns_coefficients"], group["eps"], group["ns_margin"]
     if not is_dtensor(update):
         return newton_schulz_reference(update, steps, coefficients, eps, dtype=dtype, margin=margin)
@@ -177,11 +151,8 @@ def orthogonalised(update: torch.Tensor, group: dict, dtype: torch.dtype) -> tor
 def param_groups(
     model: nn.Module, weight_decay: float, decay_embeddings: bool = False, exclude: frozenset[int] = frozenset()
 ) -> list[dict]:
-    """Two groups: decayed matrices, and the rest (vectors, and embeddings unless `decay_embeddings`).
-
-    A parameter shared by two modules (tied embedding and output weights) is listed
-    once, and counts as an embedding. Parameters whose id is in `exclude` are left out.
-    """
+    """Two groups: decayed matrices, and the rest (vectors, and embeddings unless `decay_embeddings`); a tied parameter
+    once, as an embedding; ids in `exclude` left out."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -196,9 +167,8 @@ def param_groups(
 
 
 def own_rate_groups(groups: list[dict], model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """`groups` with the lookup tables (the token embedding and any value embeddings, at optim.embedding_lr) and
-    an untied output head (at optim.head_lr) each moved into a group of its own, keeping its weight decay; as
-    they are where those keys are 0."""
+    """`groups` with the lookup tables (at optim.embedding_lr) and an untied head (at optim.head_lr) each in a group of
+    its own, keeping its weight decay; as they are where those keys are 0."""
     embed, output = getattr(model, "embed", None), getattr(model, "output", None)
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)] if cfg.embedding_lr else []
     moves = [(table, cfg.embedding_lr) for table in tables]
@@ -212,20 +182,14 @@ def own_rate_groups(groups: list[dict], model: nn.Module, cfg: OptimConfig) -> l
 
 
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
-    """The 2-D parameters of the transformer blocks (attention and MLP weights): what Muon updates.
-
-    Not the embedding or output head (outside the blocks), nor the norm gains (vectors).
-    """
+    """The 2-D parameters of the transformer blocks (attention and MLP weights): what Muon updates."""
     blocks = cast(nn.ModuleList, model.blocks)  # a Transformer's
     return [p for p in blocks.parameters() if p.ndim == 2 and p.requires_grad]
 
 
 class Hybrid:
-    """Optimizers over disjoint parameters, stepped, cleared and saved as one.
-
-    It has what GradScaler, clipping and checkpoints use of an optimizer: `param_groups`
-    (every part's, in order), step, zero_grad and a state_dict keyed by part name.
-    """
+    """Optimizers over disjoint parameters, stepped, cleared and saved as one: what GradScaler, clipping and checkpoints
+    use of an optimizer (`param_groups` in order, step, zero_grad, a state_dict keyed by part name)."""
 
     def __init__(self, **parts: torch.optim.Optimizer):
         self.parts = parts
@@ -259,14 +223,10 @@ def newton_schulz_dtype(precision: str, device: torch.device) -> torch.dtype:
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, device: torch.device, kernel: bool = False, precision: str = "fp32"
 ) -> torch.optim.Optimizer | Hybrid:
-    """The optimizer that optim.name names, over `model`'s parameters, each group at its own peak lr.
-
-    `kernel`: kernels.FusedAdamW for AdamW (clipping folded in only for AdamW alone, see Updater).
-    `precision`: the run's (resolved train.precision), which Muon's Newton-Schulz follows (newton_schulz_dtype).
-    Every optimizer takes FSDP's and HSDP's sharded parameters as well as whole ones (Muon gathers each matrix
-    whole for its iteration, see `orthogonalised`), but for the AdamW kernel (kernels_on turns it off there).
-    UsageError for Muon on a torch without torch.optim.Muon.
-    """
+    """The optimizer that optim.name names, over `model`'s parameters, each group at its own peak lr. `kernel`:
+    kernels.FusedAdamW for AdamW (clipping folded in only for AdamW alone, see Updater); `precision`: the run's, which
+    Muon's Newton-Schulz follows. All but the AdamW kernel take FSDP's sharded parameters. UsageError for Muon on a
+    torch without torch.optim.Muon."""
     if cfg.name == "muon":
         if not hasattr(torch.optim, "Muon"):
             raise UsageError(
@@ -325,15 +285,9 @@ class Updater:
         norm = updater.clip_gradients()      # the global norm before clipping
         updater.apply(lr)                    # apply(None): no update; either way the gradients are cleared
 
-    The one place that reads optim.max_grad_norm and decides how clipping happens: with
-    torch's AdamW (its fused CUDA implementation on GPU) the gradients are scaled here; with
-    `kernel`, kernels.FusedAdamW applies the clip as it reads the gradients in its step, so
-    only the norm is computed here and the gradients stay unscaled. The two have the same
-    math and state_dict, so a checkpoint of one resumes with the other. Other optimizers
-    (and the AdamW half of Muon) are clipped here.
-
-    The schedule gives the rate for optim.lr; each param group steps at that times its
-    own peak over optim.lr (1 except Muon's), so every group follows the same schedule.
+    The one place that decides how clipping happens: here for torch's optimizers; with `kernel`, kernels.FusedAdamW
+    clips as it reads the gradients, so only the norm is computed here (same math and state_dict, so a checkpoint of one
+    resumes with the other). Each group steps at the schedule's rate times its own peak over optim.lr.
     """
 
     def __init__(
@@ -363,9 +317,8 @@ class Updater:
         ]
 
     def use_configured_hyperparameters(self) -> list[str]:
-        """After a checkpoint's optimizer state is loaded (which brings its param groups' settings along):
-        put back the config's weight decay, betas, eps, momentum, ... (the rate follows the schedule
-        anyway); returns "name: saved -> now" for each that the config changed."""
+        """After a checkpoint's optimizer state is loaded (its groups' settings with it): put back the config's weight
+        decay, betas, eps, ...; returns "name: saved -> now" for each that the config changed."""
         changed = []
         for group, configured in zip(self.optimizer.param_groups, self.configured):
             for key, value in configured.items():

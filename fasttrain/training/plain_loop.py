@@ -33,18 +33,11 @@ def train_loop(
     device: str | torch.device = "cuda",
 ) -> dict[str, list]:
     """Train `model` for `num_epochs` passes over `train_dataloader`; returns {"losses": [...], "steps": [...]}.
-
-    `model(input_ids)` must return logits (B, T, V). Each batch is a dict with
-    "input_ids" and "target_ids" (both (B, T) integer tensors; targets of -100 are
-    ignored) or an `(input_ids, target_ids)` pair. Per batch: zero the gradients,
-    forward, flattened cross-entropy, backward, clip the global gradient norm to
-    `max_grad_norm` (0 disables), optimizer step. Every `log_interval` steps (counted
-    from 1, across epochs) the loss is recorded with its step and printed.
-
-    The model is moved to `device` and put in train mode; the optimizer must hold
-    the model's parameters (moving a module keeps its Parameter objects). A CUDA
-    device on a machine without one is a UsageError.
-    """
+    `model(input_ids)` must return logits (B, T, V); a batch is a dict of "input_ids" and "target_ids" ((B, T) integers;
+    targets of -100 ignored) or an `(input_ids, target_ids)` pair. Per batch: zero the gradients, forward,
+    cross-entropy, backward, clip the gradient norm to `max_grad_norm` (0 disables), step; every `log_interval` steps
+    (from 1, across epochs) the loss is recorded and printed. The model is moved to `device` in train mode (its
+    Parameters stay the optimizer's). A CUDA device on a machine without one is a UsageError."""
     if num_epochs < 0 or log_interval <= 0:
         raise ValueError(f"num_epochs must be >= 0 and log_interval > 0, got {num_epochs} and {log_interval}")
     device = resolve_device(str(device))

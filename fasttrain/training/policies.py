@@ -1,12 +1,11 @@
-"""The training loop's policies: what to do after non-finite steps, when to stop early, and which weights a run
-ends with.
+"""The training loop's policies: what to do after non-finite steps, when to stop early, and which weights a run ends
+with.
 
 Imports from fasttrain: checkpoints.resume, checkpoints.run_state, checkpoints.saves, config, training.schedule.
 
-Each is a small object the loop asks after a step or an evaluation; the loop carries
-out the answer (rolls back, stops) and reporting tells the user. A restored save that
-monitored another loss starts early stopping's count anew (monitor_anew), and a resumed run takes what its config
-changed (resumed_under).
+Each is a small object the loop asks after a step or an evaluation; the loop carries out the answer and reporting tells
+the user. A restored save that monitored another loss starts early stopping's count anew (monitor_anew); a resumed run
+takes what its config changed (resumed_under).
 """
 
 from __future__ import annotations
@@ -24,24 +23,13 @@ from fasttrain.training.schedule import carried_rest_scale, schedule_change
 
 
 class Recovery:
-    """[recovery]: a step whose loss or gradient norm is not finite is skipped (no update); after
-    `max_skips` in a row the run rolls back with the learning rate times `lr_factor`, at most
-    `max_rollbacks` times, then stops.
-
-    Where it rolls back to: the newest save whose next step was finite (`safe`). A save's weights
-    are those the next step starts from, so the save just before a streak holds the very weights
-    that produced it: returning there would only diverge again. So a save stays `unproven` until
-    the step after it comes out finite, no save is made during a streak (the weights have not moved
-    since it began), and the way back (`target`) is kept from pruning.
-
-    A resumed run has proven nothing yet: its checkpoint may hold the weights that diverge (even NaN
-    weights). Until a step proves it, the earlier saves of the run are where it can go back to, the
-    newest first, each unproven in turn. A save whose background write failed is `lost`: the safe save
-    before it, kept as the way back, is the target then.
-
-    The count of skips in a row lives here, not in RunState: a resumed or rolled-back run starts
-    with none.
-    """
+    """[recovery]: a step whose loss or gradient norm is not finite is skipped (no update); after `max_skips` in a row
+    the run rolls back with the learning rate times `lr_factor`, at most `max_rollbacks` times, then stops. It goes back
+    to the newest save whose next step was finite (`safe`): the save just before a streak holds the weights that
+    diverged. A save stays `unproven` until the step after it is finite, none is made during a streak, and the way back
+    (`target`) is kept from pruning; a resumed run has proven nothing yet, so the run's earlier saves are the way back,
+    newest first, and a save whose background write failed is `lost`. The count of skips in a row lives here, not in
+    RunState: a resumed or rolled-back run starts with none."""
 
     def __init__(self, cfg: RecoveryConfig, saves: Sequence[Path] = ()):
         """`saves`: the run's checkpoints so far, oldest first (a resumed run's; none for a new run)."""
@@ -85,9 +73,8 @@ class Recovery:
         return self.target() is not None and run.rollbacks < self.cfg.max_rollbacks
 
     def rolled_back(self, diverged: RunState, restored: RunState) -> RunState:
-        """The state to continue from: the target save's (`restored`), with the learning rate lowered,
-        the rollback counted, and the skipped steps of the `diverged` run kept. An earlier save gone
-        back to is unproven until a step after it is finite."""
+        """The state to continue from: the target save's (`restored`), the rate lowered, the rollback counted,
+        `diverged`'s skipped steps kept; an earlier save is unproven until a step after it is finite."""
         self.in_a_row, self.unproven = 0, None
         if self.safe is None:
             self.unproven = self.earlier.pop()
@@ -100,9 +87,8 @@ class Recovery:
 
 
 class EarlyStopping:
-    """train.early_stop_patience evaluations in a row without lowering the best validation loss by
-    at least train.early_stop_min_delta end the run (patience 0: never). The count is RunState's
-    `stale_evals`, so it resumes with the checkpoint."""
+    """train.early_stop_patience evaluations in a row not lowering the best loss by train.early_stop_min_delta end the
+    run (0: never); the count, `stale_evals`, resumes with the checkpoint."""
 
     def __init__(self, patience: int, min_delta: float):
         self.patience, self.min_delta = patience, min_delta
@@ -128,10 +114,8 @@ def monitor_anew(run: RunState, saved: Config, cfg: Config) -> str | None:
 
 
 def resumed_under(path: Path, run: RunState, saved: Config, cfg: Config, recorded: Sequence[float] = ()) -> list[str]:
-    """The `run` of the save at `path`, saved under `saved`, continued under `cfg`: UsageError if it is already past
-    the run's end (resume.check_not_past_end); else its schedule laid over the new length, or a budgeted run's
-    carried on (schedule.carried_rest_scale, set in `run`), and the best loss and early stopping's count started
-    anew for another train.monitor (monitor_anew); returns what changed, a line each."""
+    """The `run` saved at `path` under `saved`, continued under `cfg`: UsageError if past the run's end; else its
+    schedule re-laid or carried on (carried_rest_scale), its monitor restarted if changed. Lines saying what changed."""
     check_not_past_end(path, run, saved, cfg)
     lines = (ended(run, cfg), schedule_change(saved, cfg, run, recorded), monitor_anew(run, saved, cfg))
     carried = carried_rest_scale(saved, cfg, run)  # after the line that says what it does
@@ -158,9 +142,8 @@ def ended(run: RunState, cfg: Config) -> str:
 
 
 def better_save(cfg: Config, run: RunState, last_eval: dict[str, float], best: Path | None) -> Path | None:
-    """The save whose weights final/ gets instead of the last step's: `best` (the run's best save) where
-    checkpoint.final_weights = "best" and the run's best validation loss, which it was saved at, is below the
-    last evaluation's; else None."""
+    """The save whose weights final/ gets instead of the last step's: `best` where checkpoint.final_weights = "best" and
+    its loss is below the last evaluation's; else None."""
     if cfg.checkpoint.final_weights != "best" or not last_eval or best is None or step_of(best) == run.step:
         return None
     return best if run.best_val_loss < last_eval[cfg.train.monitor] else None

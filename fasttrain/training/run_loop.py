@@ -164,9 +164,8 @@ class Loop:
         return last_eval, stopped_early
 
     def _evaluate_and_save(self, done: bool, stop: Callable[[], bool]) -> dict[str, float] | None:
-        """Evaluate and save when due; a new best validation loss also saves, with checkpoint.keep_best.
-        No save during a streak of skipped steps (see policies.Recovery). An evaluation that `stop()` cuts
-        short is left due (run.eval_due) for the checkpoint the stop saves, and nothing else is done."""
+        """Evaluate and save when due (a new best also saves, with keep_best), not during a streak of skipped steps. An
+        evaluation `stop()` cuts short stays due for the stop's save."""
         t, c, run = self.cfg.train, self.cfg.checkpoint, self.trainer.run
         metrics, improved = None, False
         if run.step % t.eval_interval == 0 or done or run.eval_due:
@@ -181,9 +180,8 @@ class Loop:
         return metrics
 
     def _evaluate_and_sample(self, stop: Callable[[], bool] = lambda: False) -> tuple[dict[str, float], bool] | None:
-        """Evaluate, count the evaluation for early stopping, report, and sample; returns the metrics
-        (with best_val_loss: the best of train.monitor's loss) and whether they lowered it; None if `stop()` cut
-        it short."""
+        """Evaluate, count it for early stopping, report, and sample; returns the metrics (best_val_loss: the best of
+        train.monitor's loss) and whether they lowered it; None if `stop()` cut it short."""
         metrics = self.trainer.evaluate(stop)
         if metrics is None:
             return None
@@ -258,12 +256,8 @@ def write_final(
     sharded: bool,
     evaluate: Callable[[], dict[str, float] | None],
 ) -> tuple[Path, Kept]:
-    """Write final/ after the loop's last step (`run`, evaluated as `last_eval`; empty if never) and return the
-    folder with the step whose weights it holds and their metrics. They are the last step's, or, where
-    policies.better_save names the best save (checkpoint.final_weights = "best": a small corpus read many times
-    overfits before the end), that save's: the model takes only its weights (the optimizer, loader and checkpoints
-    stay at the last step, so a resume continues from there) and `evaluate` scores them. Every rank calls it;
-    rank 0 writes."""
+    """Write final/ after the last step (`run`, evaluated as `last_eval`) and return it, the step whose weights it holds
+    and their metrics: the last step's, or policies.better_save's (the model takes those). Rank 0 writes."""
     kept = Kept(run.step, last_eval)
     better = better_save(cfg, run, last_eval, checkpoints.best())
     if better is not None:

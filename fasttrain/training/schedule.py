@@ -3,24 +3,17 @@
 Imports from fasttrain: checkpoints.run_state, config, system.errors.
 
 Linear warmup from 0 over `warmup_steps`, then one of:
-- cosine:   min + 0.5 (max - min)(1 + cos(pi t / T)), t steps into the decay, whose first
-            step (t = 0) has max and the run's last step (t = T) min
-- linear:   straight from max down to min, reached at the last step as with cosine
+- cosine: min + 0.5 (max - min)(1 + cos(pi t / T)), t steps into the decay (max at t = 0, min at the last step, t = T)
+- linear: straight from max down to min, reached at the last step
 - constant: max until the end (min_lr unused)
-- wsd:      warmup-stable-decay: max, then a linear cooldown to min over the last
-            `cooldown_fraction` of the run, min at the last step (lets one run be extended
-            or stopped early)
-- step:     max x step_factor^k after k x step_every decay steps, never below min (a floor,
-            which the last step reaches only if the steps get there)
+- wsd: warmup-stable-decay: max, then a linear cooldown to min over the last `cooldown_fraction` of the run
+- step: max x step_factor^k after k x step_every decay steps, never below min (a floor)
 
-A pure function of the step makes resuming trivial: nothing to save but the step.
-
-Under a time budget (train.max_time) the schedule runs on the run's progress instead: the larger of
-steps done / max_steps and seconds trained / max_time (Budget), so the decay and the final low rate happen
-within the budget on any machine (lr_on_progress). Then a resume needs the seconds trained too (RunState),
-and a replay the progress of each update, which the run records in metrics.jsonl (recorded_progress). A run
-resumed with another budget goes on from the progress it had reached (carried_rest_scale), so its learning
-rate does not jump where the budget changes.
+A pure function of the step makes resuming trivial: nothing to save but the step. Under a time budget (train.max_time)
+it runs on the run's progress instead, the larger of steps / max_steps and seconds / max_time (Budget), so the decay
+finishes within the budget on any machine (lr_on_progress); a resume then needs the seconds too (RunState), a replay
+each update's progress from metrics.jsonl (recorded_progress), and a run resumed with another budget goes on from the
+progress it reached (carried_rest_scale).
 """
 
 from __future__ import annotations
@@ -35,20 +28,13 @@ from fasttrain.checkpoints.run_state import RunState
 from fasttrain.config import Config, ScheduleConfig, TrainConfig, format_duration
 from fasttrain.system.errors import UsageError
 
-# Under a budget, warmup ends at this progress at the latest (a budgeted run's length in steps is not known
-# ahead, so fit_warmup cannot shorten it; the same tenth of the run it would give a smoke run).
+# Under a budget, warmup ends at this progress at the latest (fit_warmup's tenth: the run's steps are not known ahead)
 WARMUP_SHARE = 0.1
 
 
 def lr_at(step: int, max_steps: int, lr: float, sched: ScheduleConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based) of a run of `max_steps` steps.
-
-    Warmup gives step s the rate lr x (s + 1) / warmup_steps, so the first update
-    is small but not zero and step warmup_steps - 1 reaches lr. The decay then
-    follows the formulas above with t = step - start and T = max_steps - 1 - start,
-    where start is warmup_steps (wsd: the first cooldown step): the last update
-    (step max_steps - 1) uses min_lr exactly, as schedule.min_lr promises.
-    """
+    """Learning rate of step `step` (0-based) of `max_steps`: warmup gives step s lr x (s + 1) / warmup_steps, then the
+    decay above with t = step - start, T = max_steps - 1 - start, so the last step is at min_lr."""
     warmup = sched.warmup_steps
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -80,16 +66,11 @@ def _decayed(fraction: float, lr: float, sched: ScheduleConfig) -> float:
 def lr_on_progress(
     step: int, progress: float, decay_from: float | None, lr: float, sched: ScheduleConfig
 ) -> tuple[float, float | None]:
-    """Learning rate of update `step` (0-based) of a budgeted run, at `progress` (the run's, projected for the
-    update's end: 1 is the budget's end), and the run's `decay_from` after it.
-
-    Warmup ramps as in lr_at over warmup_steps steps, and by WARMUP_SHARE of the budget at the latest (the
-    rate lr x max((step + 1) / warmup_steps, progress / WARMUP_SHARE)), so a slow machine does not spend its
-    budget warming up. The first update after it records its progress as `decay_from` (None until then).
-    cosine and linear then decay over the progress from decay_from to 1 as lr_at does over the steps, and
-    wsd cools down over the last cooldown_fraction of that span; from progress 1 on the rate is min_lr.
-    constant and step are functions of the step, as in lr_at.
-    """
+    """Learning rate of update `step` (0-based) of a budgeted run at `progress` (projected for the update's end; 1 is
+    the budget's end), and the run's `decay_from` after it. Warmup ramps as in lr_at and ends by WARMUP_SHARE of the
+    budget at the latest (lr x max((step + 1) / warmup_steps, progress / WARMUP_SHARE)); the first update after it
+    records its progress as `decay_from`. cosine and linear then decay over the progress from decay_from to 1, wsd over
+    the last cooldown_fraction of that span, min_lr from 1 on; constant and step count steps."""
     warmup = sched.warmup_steps
     if decay_from is None and step < warmup and progress <= WARMUP_SHARE:
         return lr * max((step + 1) / warmup, progress / WARMUP_SHARE), None
@@ -127,9 +108,8 @@ class Budget:
         return self.progress(steps, seconds) >= 1
 
     def standing(self, steps: int, seconds: float) -> Standing:
-        """Where a run is, for its logs: its progress, the step it will end at (at the speed so far, when the
-        clock decides it) and the seconds of training it has left under a time budget (None without one): the
-        budget's rest, or fewer where max_steps comes first at the speed so far (none at that step)."""
+        """Where a run is, for its logs: its progress, the step it will end at (at the speed so far) and its seconds of
+        training left under a time budget (None without one)."""
         progress = self.progress(steps, seconds)
         final = self.max_steps if not progress else round(steps / progress)
         if self.max_steps:
@@ -142,10 +122,8 @@ class Budget:
         return Standing(progress, max(final, steps), left)
 
     def horizon(self, steps: int, seconds: float) -> tuple[int | None, str]:
-        """The step a run's plans (how often it reads each source, where its mix changes fall) are laid out to,
-        after `steps` updates and `seconds` of training, and the words that say so: max_steps without a clock;
-        under one, the end the speed so far projects (a resumed run), else max_steps if the clock lets the run
-        get that far (None without max_steps: a clock alone says nothing of steps before the first)."""
+        """The step a run's plans are laid out to, and the words saying so: max_steps without a clock; under one, the
+        end projected at the speed so far, else max_steps (None without it)."""
         if not self.max_time:
             return self.max_steps, "by this run"
         if steps and seconds:
@@ -193,9 +171,8 @@ class Update(NamedTuple):
 
 
 def next_update(cfg: Config, run: RunState, recorded: Sequence[float] = ()) -> Update:
-    """The next update of `run` under `cfg`: by lr_at in a step run; by lr_on_progress in a budgeted run, at
-    the progress Budget projects, or in a replay (`recorded`: each update's progress, see recorded_progress)
-    at the progress that update had."""
+    """The next update of `run` under `cfg`: by lr_at in a step run, by lr_on_progress in a budgeted run at Budget's
+    projected progress, or a replay's `recorded` progress."""
     t, step = cfg.train, run.step
     if not t.max_time and not recorded:
         return Update(lr_at(step, t.max_steps, cfg.optim.lr, cfg.schedule), None, None)
@@ -208,19 +185,14 @@ def next_update(cfg: Config, run: RunState, recorded: Sequence[float] = ()) -> U
 
 
 def scheduled(progress: float, rest_scale: float) -> float:
-    """The progress a budgeted run's schedule is at where its budget's is `progress` (see RunState.rest_scale):
-    the budget's own, exactly, for a run that kept its budget (so that its resume is bit for bit the run that
-    was never stopped)."""
+    """The progress a budgeted run's schedule is at where its budget's is `progress` (RunState.rest_scale): exactly the
+    budget's own for a run that kept its budget, so its resume is bit for bit the run never stopped."""
     return progress if rest_scale == 1 else 1 - rest_scale * (1 - progress)
 
 
 def carried_rest_scale(saved: Config, now: Config, run: RunState) -> float | None:
-    """The RunState.rest_scale that carries `run`'s schedule, saved under `saved`, on under `now`; None where
-    it is laid over `now`'s budget as it stands. A budgeted run given another budget goes on from the progress
-    it had reached, the rest of its schedule spread over what is left of the new budget, so its learning rate
-    goes on where it was (a finished schedule stays at its end, min_lr). Not where laying it over the new
-    budget leaves the next rate as the saved run would have had it (a wsd run before its cooldown, at its peak:
-    the cooldown moves to the new end)."""
+    """The RunState.rest_scale carrying `run`'s schedule (saved under `saved`) on under `now`'s other budget, from the
+    progress it reached, so its rate goes on where it was; None where the rate is unchanged anyway."""
     t0, t1 = saved.train, now.train
     if not (t0.max_time and t1.max_time) or Budget.of(t0) == Budget.of(t1):
         return None
@@ -235,9 +207,8 @@ PROGRESS_EVENT = "progress"  # metrics.jsonl: {"step": s, "progress": p, "second
 
 
 def recorded_progress(spec: str, steps: int) -> list[float]:
-    """The progress of the first `steps` updates of the budgeted run whose metrics.jsonl (or run directory) is
-    `spec`, update s at index s: the last value recorded for each (a resumed run's replace those of the steps
-    it trained again). UsageError if it cannot be read or does not cover `steps` updates."""
+    """The progress of the first `steps` updates of the budgeted run of metrics.jsonl (or run directory) `spec`, the
+    last recorded for each; UsageError if unreadable or short of `steps`."""
     path = Path(spec) / "metrics.jsonl" if Path(spec).is_dir() else Path(spec)
     where = f"schedule.progress_from = {spec}"
     try:
@@ -273,10 +244,8 @@ def recorded_progress(spec: str, steps: int) -> list[float]:
 
 
 def fit_warmup(sched: ScheduleConfig, max_steps: int) -> tuple[ScheduleConfig, str | None]:
-    """`sched` for a run of `max_steps` steps. A warmup longer than the whole run (a smoke run of a real
-    config) becomes the run's first tenth, with a note saying so; otherwise `sched` as it is and None.
-    Warmup was asked for, so it stays one: at least 2 steps (one below the peak, as lr_at counts them:
-    a 1-step warmup starts at the peak), as far as the run is long."""
+    """`sched` for a run of `max_steps` steps: a warmup longer than the run (a smoke run) becomes its first tenth (at
+    least 2 steps), with a note; otherwise `sched` and None."""
     if not max_steps or sched.warmup_steps <= max_steps:  # 0: a time budget, whose warmup ends by WARMUP_SHARE
         return sched, None
     warmup = min(max_steps, max(2, max_steps // 10))
@@ -287,14 +256,11 @@ def fit_warmup(sched: ScheduleConfig, max_steps: int) -> tuple[ScheduleConfig, s
 
 
 def schedule_change(saved: Config, now: Config, run: RunState, recorded: Sequence[float] = ()) -> str | None:
-    """What resuming `run` does to the learning rate when the run's length (steps or time), schedule or peak
-    rate changed since the checkpoint (`saved`'s config), in one line; None when none did. The schedule is
-    a function of the step (or the progress) and the run's length, so a longer run re-lays the decay over the
-    new length, and a run past its warmup warms up again when the config's is longer (a smoke run, whose
-    warmup fit_warmup shortened, extended with the config that asked for more): said, with how to keep the old.
-    A budgeted run given another budget goes on at the rate it had (carried_rest_scale): said, and where its
-    schedule had finished, that it trains on at min_lr. `run`: as saved; `recorded`: the progress `now` replays
-    (see recorded_progress)."""
+    """What resuming `run` (as saved) does to the learning rate when the run's length, schedule or peak rate changed
+    since `saved`, in one line; None when none did. A longer run re-lays the decay over the new length, and a run past
+    its warmup warms up again when the config's is longer: said, with how to keep the old. A budgeted run given another
+    budget goes on at the rate it had (carried_rest_scale), and trains on at min_lr where its schedule had finished.
+    `recorded`: the progress `now` replays."""
 
     def plan(c: Config) -> tuple:
         return c.train.max_steps, c.train.max_time, c.optim.lr, c.schedule

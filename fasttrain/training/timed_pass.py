@@ -36,9 +36,8 @@ def timed_update(cfg: Config, device: torch.device) -> Update:
 
 
 def timed_loss(cfg: Config, device: torch.device) -> Loss:
-    """The loss the sizing's timing backpropagates (sizing.calibrate): the run's, the head and cross-entropy fused
-    where [kernels] fuses them on `device` (on a GPU "auto" reads the dispatch table at a shape, which the timing
-    has none of yet: there it times the unfused loss)."""
+    """The loss the sizing's timing backpropagates: the run's, fused where [kernels] fuses it on `device` (on a GPU
+    "auto" needs a shape the timing has not got: the unfused loss)."""
     t = cfg.train
     fused = kernels_on(cfg.kernels, device, fp8=t.fp8, softcap=cfg.model.logit_softcap)
 

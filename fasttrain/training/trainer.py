@@ -1,39 +1,25 @@
 """The Trainer: one run of `python -m fasttrain.train`, also usable from other code.
 
-Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_state, compute.device,
-compute.distributed, config, data.loader, data.mixture, data.sampling, evaluation.loss_sums, evaluation.validation,
-formats.tokenizer, model.generation, model.transformer, model.weights, training.launch, training.objective,
-training.optimizers, training.plan, training.policies, training.reporting, training.run_loop, training.schedule.
+Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_state, compute.device, compute.distributed, config,
+data.loader, data.mixture, data.sampling, evaluation.loss_sums, evaluation.validation, formats.tokenizer,
+model.generation, model.transformer, model.weights, training.launch, training.objective, training.optimizers,
+training.plan, training.policies, training.reporting, training.run_loop, training.schedule.
 
     trainer = Trainer(load_config("configs/base.toml"))
     summary = trainer.train()          # or drive it yourself:
     result = trainer.step()            # StepResult: loss, grad_norm, correct, counted, lr, skipped
     metrics = trainer.evaluate()
 
-A run ends after `train.max_steps` updates, or `train.max_time` seconds of training, whichever comes first;
-under a time budget the schedule runs on the run's progress (schedule.py), so it finishes on time.
+A run ends after `train.max_steps` updates or `train.max_time` seconds of training (the schedule then runs on progress,
+so it finishes on time). A step is one optimizer update of `accumulation` micro-batches; its gradient is that of the
+mean loss per counted target over all ranks, clipped, then applied (optimizers.Updater). A step whose loss or gradient
+norm is not finite is skipped; after `recovery.max_skips` in a row the run rolls back at a lower learning rate, or stops
+(policies.Recovery). That check is the one host sync per step.
 
-A step is one optimizer update: `accumulation` micro-batches of batch_size x
-seq_len tokens. The objective returns each micro-batch's summed loss over its
-counted targets (all of them when rows are packed; the padded ones are ignored),
-divided once by the counted targets of the whole update over all ranks, so the
-summed gradient is that of the mean loss per real token. Then the global gradient
-norm is clipped, the optimizer steps at the learning rate of the schedule, and the
-gradients are cleared (optimizers.Updater). A step whose loss or gradient norm is not
-finite is skipped instead (no update); after `recovery.max_skips` in a row the run
-rolls back to its newest checkpoint whose next step was finite at a lower learning rate, or stops
-(policies.Recovery). The finiteness check is the one host sync per step; otherwise
-nothing waits on the GPU except at log, eval and checkpoint points.
-
-The Trainer assembles the run's parts from its plan (plan.py; launch.start_run makes it, the data prepared),
-holds its RunState (fasttrain/checkpoints/run_state.py), and runs the loop (run_loop.py), which asks the
-policies (policies.py) after each step and evaluation, and hands values to reporting (reporting.py), which
-writes every event and line, the summary at the end included. A resume takes what the config changed
-(policies.resumed_under).
-
-SIGINT (Ctrl-C) and SIGTERM during `train()` finish the current step, save a
-checkpoint and raise `Interrupted` (exit status 130 / 143 from the command line);
-`resume("auto")` continues exactly where it stopped.
+The Trainer assembles the run's parts from its plan (plan.py, made by launch.start_run), holds its RunState, and runs
+the loop (run_loop.py), which asks the policies after each step and evaluation and hands values to reporting. SIGINT and
+SIGTERM during `train()` finish the step, save and raise `Interrupted` (exit status 130 / 143); `resume("auto")`
+continues where it stopped.
 """
 
 from __future__ import annotations
@@ -79,17 +65,9 @@ from fasttrain.training.schedule import Budget, next_update
 
 class Trainer:
     """Builds the model, objective, optimizer and data of a Config, and trains, evaluates, samples and checkpoints.
-
-    Construction prepares the data if needed (cache.ensure_prepared) and keeps the
-    config resolved with what that found (`cfg`: data.dir, model.vocab_size; the
-    config given is not changed); with model.init_from the model takes that model's shape
-    and starts from its weights. Nothing is written to `train.out_dir` until
-    `train()` or `save_checkpoint()`. Call `resume()` before `train()` to continue a saved run.
-
-    Under torchrun (see fasttrain/compute/distributed.py) every rank builds a Trainer: each
-    reads its own part of the data, the gradients are averaged (DDP) or sharded
-    (FSDP), the logged loss is over all ranks' targets, and only rank 0 prints and writes.
-    """
+    Construction prepares the data if needed and keeps the config resolved with what that found (`cfg`); with
+    model.init_from the model takes that model's shape and weights. Nothing is written to `train.out_dir` until
+    `train()` or `save_checkpoint()`. Under torchrun every rank builds one; only rank 0 prints and writes."""
 
     def __init__(
         self,
@@ -99,11 +77,8 @@ class Trainer:
         resuming: bool = False,
         plan: RunPlan | None = None,
     ):
-        """`plan`: the run's plan (plan.plan_run) of prepared data, as `fasttrain train` makes it; without one the
-        Trainer makes it (start_run: preparing the data first if need be, and printing its notes). `clock`:
-        seconds, what train.max_time is counted in (a test gives a fake one). `resuming`: resume() comes next,
-        so model.init_from's weights are not read now (the checkpoint replaces them; a model's weights can take
-        minutes to read); train() reads them if it starts a new run after all."""
+        """`plan`: the run's plan (made by start_run if not given). `clock`: seconds, what train.max_time counts.
+        `resuming`: resume() comes next, so model.init_from's weights are read only if train() starts anew."""
         self.clock, self.created = clock, clock()
         plan = plan or start_run(cfg, quiet, "auto" if resuming else None)
         if plan.prepare:
@@ -203,24 +178,18 @@ class Trainer:
         return Budget.of(self.cfg.train).reached(self.run.step, self.run.train_seconds)
 
     def loss(self, x: torch.Tensor, y: torch.Tensor, grad_scale: torch.Tensor | None = None) -> LossSums:
-        """The loss sums of batch (x, y) (B, T) through the objective. With data.document_mask, each
-        end-of-text token in x starts a new document. `grad_scale`: what the loss will be multiplied
-        by before the backward (see NextTokenLoss)."""
+        """The loss sums of batch (x, y) through the objective (data.document_mask: each end-of-text token in x starts a
+        document). `grad_scale`: the loss's factor before the backward."""
         with uncompiled(self.eager):
             return batch_loss(
                 self.objective, x, y, self.tokenizer.eot_id if self.cfg.data.document_mask else None, grad_scale
             )
 
     def accumulate_gradients(self, batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
-        """Forward and backward over the step's micro-batches; returns this rank's sums [loss, correct,
-        counted] (3,) on the device.
-
-        Each micro-batch's summed loss is divided by the counted targets of the whole update
-        on all ranks (times the world size, since the gradient reduction averages over
-        ranks), so the gradients summed in .grad are those of the mean loss per counted
-        target. With several ranks the gradients are reduced across them in the last
-        backward only. `batches`: the step's (x, y) micro-batches; by default the next ones of the train loader.
-        """
+        """Forward and backward over the step's micro-batches (by default the train loader's next); returns this rank's
+        sums [loss, correct, counted] (3,) on the device. Each micro-batch's summed loss is divided by the update's
+        counted targets on all ranks (times the world size, as the reduction averages), so .grad holds the gradient of
+        the mean loss per counted target; the ranks reduce in the last backward only."""
         batches = batches or [next(self.train_loader) for _ in range(self.accumulation)]
         counted = distributed.total(cast(torch.Tensor, sum(counted_targets(y) for _, y in batches)).float(), self.world)
         scale = self.world.size / counted
@@ -234,18 +203,11 @@ class Trainer:
         return sums
 
     def step(self) -> StepResult:
-        """One optimizer update, and the run's counters advanced.
-
-        If the loss or gradient norm is not finite the update is skipped: weights and
-        optimizer state stay as they were, the step still counts, and so does
-        `run.skipped_steps`. Its seconds count toward train.max_time (run.train_seconds), rank 0's on every
-        rank, so that all take the same learning rate and stop together; a compiled objective's first not.
-
-        A step whose compile fails (no C++ compiler, or a failing one), and a compiled objective's non-finite step
-        before any finite one, are done again uncompiled on the same batches: compiled code can be wrong where the
-        model is not (inductor's CPU code under ATEN_CPU_CAPABILITY=avx2 gives NaN for a finite loss). The run goes
-        on uncompiled (unless the plain step is not finite either) and says why; a healthy run never pays for this.
-        """
+        """One optimizer update, and the run's counters advanced. A step whose loss or gradient norm is not finite is
+        skipped (no update) but counts, in `run.skipped_steps` too. Its seconds count toward train.max_time, rank 0's on
+        every rank; a compiled objective's first not. A step whose compile fails, and a compiled objective's non-finite
+        step before any finite one, are done again uncompiled on the same batches (compiled code can be wrong where the
+        model is not); the run goes on uncompiled and says why."""
         began = self.clock()
         batches = [next(self.train_loader) for _ in range(self.accumulation)]
         compiled_loss, why = None, None
@@ -292,10 +254,8 @@ class Trainer:
         return loss, grad_norm, correct, counted, bool(finite), targets
 
     def evaluate(self, stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
-        """Validation metrics (see validation.validate) over the first eval_steps x batch_size rows of each
-        source's val split (all of it when it holds fewer), shared out among the ranks, so the same rows in any
-        world; of a mixture their total weighted as data.sources (validation.mixture_metrics); None if `stop()`
-        cut it short."""
+        """Validation metrics over the first eval_steps x batch_size rows of each source's val split, shared among the
+        ranks; a mixture's weighted as data.sources. None if `stop()` cut it short."""
         t = self.cfg.train
 
         def loader(source: Source) -> TokenLoader:
@@ -313,20 +273,12 @@ class Trainer:
             )
 
     def train(self, overwrite: bool = False) -> dict:
-        """Train to `train.max_steps` or for `train.max_time`, logging, evaluating and checkpointing on the way;
-        returns a summary.
-
-        Writes `config.toml` (the resolved config), `metrics.jsonl`, checkpoints and, at the end, the final weights
-        (`final/`, see fasttrain/model/weights.py; with checkpoint.final_weights = "best" those of the best save where
-        it beat the last evaluation, which the model then holds, the optimizer and loader staying at the last step:
-        run_loop.write_final) into `train.out_dir`, which it locks for its duration (fasttrain/system/run_lock.py:
-        UsageError if another process trains there). A new run refuses a directory that holds another run's checkpoints
-        unless `overwrite`, which replaces that run's files (run_directory.RUN_FILES). Everything that can refuse the
-        run is checked before anything there is created, moved or deleted, and a start that fails before its first step
-        is taken back (run_directory.RunStart). Compile time (the first step, on a compiled model) is reported on its
-        own and kept out of the throughput figures and the time budget, as is time spent evaluating, sampling and
-        saving; the summary gives the seconds trained and the wall time since the Trainer was made.
-        """
+        """Train to `train.max_steps` or for `train.max_time`, logging, evaluating and checkpointing; returns a summary.
+        Writes `config.toml`, `metrics.jsonl`, checkpoints and `final/` (run_loop.write_final) into `train.out_dir`,
+        which it locks (UsageError if another process trains there). A new run refuses a directory holding another run's
+        checkpoints unless `overwrite`; all refusals come before anything there changes, and a start that fails before
+        its first step is taken back. Compile, evaluation, sampling and saving time stay out of the throughput and the
+        time budget."""
         resumed = self.resumed_from is not None
         check_start(self.plan, resumed, overwrite)
         if not resumed and self.init_pending:  # made `resuming`, then started anew
@@ -347,10 +299,8 @@ class Trainer:
             return summary
 
     def restore(self, path: Path) -> tuple[RunState, Config, list[str]]:
-        """Load the save at `path` into the model, optimizer and train loader (Checkpointer.restore) and take the
-        mix that loader keeps (a change the saved run had begun stays where it began; see mixture.Blend.restart)
-        for the reports and the replay; returns the save's RunState, the config it was saved with, and notes for
-        the user, on the world and on where the mix differs from the config's."""
+        """Load the save at `path` (Checkpointer.restore) and take the mix its loader keeps (mixture.Blend.restart);
+        returns the save's RunState, its config, and notes on the world and where the mix differs from the config's."""
         run, saved, notes = self.checkpoints.restore(path, self.train_loader, self.accumulation)
         planned, self.mix = self.mix, list(self.train_loader.blend.phases)
         return run, saved, notes + kept_mix_notes(planned, self.mix, self.accumulation)
@@ -361,12 +311,8 @@ class Trainer:
         return self.checkpoints.save(self.run, self.train_loader, best)
 
     def resume(self, spec: str | Path = "auto") -> Path:
-        """Continue a saved run: `spec` is "auto" (this run's latest save), a run directory or a checkpoint file.
-        UsageError for a save of another run directory, or one already past train.max_steps, or past a
-        train.max_time shorter than its own (a run cannot train backwards, and recording the shorter length
-        would misname it); one at its end only evaluates and reports again. The optimizer's state (moments, steps)
-        comes from the checkpoint, its settings (weight decay, betas, eps, ...) from this run's config, which says
-        so."""
+        """Continue a saved run: `spec` is "auto", a run directory or a checkpoint file (UsageError for another run
+        directory's, or one past this run's end). The optimizer's settings are this config's, said so."""
         path = self.checkpoints.resumable(str(spec), self.sources[0].data.dir)
         run, saved, notes = self.restore(path)
         lines = resumed_under(path, run, saved, self.cfg, self.recorded)  # UsageError for a save past the run's end
