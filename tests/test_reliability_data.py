@@ -131,8 +131,11 @@ def test_paths_are_recorded_absolute_and_compared_resolved(tmp_path, monkeypatch
     assert ensure_prepared(DataConfig(dir="first", inputs=[str(tmp_path / "corpus")], vocab_size=300)).vocab_size == 300
 
 
-def test_a_data_dir_that_names_nothing_says_what_is_prepared_into_it(tmp_path, capsys):
+def test_a_data_dir_that_names_nothing_says_what_is_prepared_into_it(tmp_path, capsys, monkeypatch):
     """A typo in data.dir silently got the built-in corpus prepared into it; that is said in one line."""
+    from fasttrain.preparation import cache
+
+    monkeypatch.setattr(cache, "DEFAULT_INPUTS", ("builtin:pydoc",))  # the smaller of the defaults: a quicker test
     typo = tmp_path / "dta"
     ensure_prepared(DataConfig(dir=str(typo), vocab_size=300))
     out = capsys.readouterr().out

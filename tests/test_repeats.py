@@ -83,7 +83,10 @@ def test_the_dry_run_says_it_and_a_resume_keeps_the_decay_the_run_recorded(code_
     assert "note: optim.weight_decay_rule = repeats: weight decay 0.1 -> " in out, out
     short = [*sets[:-2], "train.max_steps=2", "train.eval_interval=1000"]  # 2 steps: the rule keeps 0.1
     assert train_main(tiny_args(code_data, tmp_path / "run", *short, "train.sample_tokens=0")) == 0
-    # resumed with a budget that reads the corpus 8 times: the decay it started with stays
+    # resumed with a budget that reads the corpus 8 times: the decay it started with stays, and that is said
     assert train_main(tiny_args(code_data, tmp_path / "run", *sets, flags=["--resume", "auto", "--dry-run"])) == 0
     out = capsys.readouterr().out
-    assert "optim.weight_decay_rule = repeats: weight decay 0.1, as the run recorded it" in out, out
+    assert "optim.weight_decay_rule = repeats: weight decay 0.1, as the run recorded it (for this run's length" in out
+    # resumed as it was planned: nothing to say
+    assert train_main(tiny_args(code_data, tmp_path / "run", *short, flags=["--resume", "auto", "--dry-run"])) == 0
+    assert "weight_decay_rule" not in capsys.readouterr().out

@@ -94,28 +94,37 @@ def choose_weight_decay(
 ) -> tuple[OptimConfig, str]:
     """cfg.optim with its weight decay for the run (cfg.optim itself unless optim.weight_decay_rule = "repeats"),
     and the plan's note saying why ("" for "fixed"). `epochs`: how many times over the run reads each source (None:
-    not known); `recorded`: a resumed or replayed run's config.toml, whose decay it keeps."""
+    not known); `recorded`: a resumed or replayed run's config.toml, whose decay it keeps (said where the rule
+    would now choose another)."""
     o = cfg.optim
     if o.weight_decay_rule == "fixed":
         return o, ""
-    rule = "optim.weight_decay_rule = repeats"
-    if recorded is not None:
-        kept = recorded.optim.weight_decay
-        return replace(o, weight_decay=kept), f"{rule}: weight decay {kept:g}, as the run recorded it"
+    decay, why = rule_decay(o, sources, epochs)
+    if recorded is None:
+        return replace(o, weight_decay=round(decay, 3)), f"optim.weight_decay_rule = repeats: {why}"
+    kept = recorded.optim.weight_decay
+    if math.isclose(kept, round(decay, 3)):
+        return replace(o, weight_decay=kept), ""
+    return replace(o, weight_decay=kept), (
+        f"optim.weight_decay_rule = repeats: weight decay {kept:g}, as the run recorded it (for this run's length "
+        f"the rule would choose {decay:.3g}; a decay is not changed part way through)"
+    )
+
+
+def rule_decay(o: OptimConfig, sources: Sequence[Source], epochs: Sequence[float] | None) -> tuple[float, str]:
+    """The weight decay the rule chooses for a new run reading `sources` `epochs` times over, and why in words."""
     if not sources:
-        return o, f"{rule}: weight decay {o.weight_decay:g} until the data is prepared, when the run chooses it"
+        return o.weight_decay, f"weight decay {o.weight_decay:g} until the data is prepared, when the run chooses it"
     if epochs is None:
-        return o, f"{rule}: weight decay {o.weight_decay:g}, as the run's tokens are not known before it trains"
+        return o.weight_decay, f"weight decay {o.weight_decay:g}, as the run's tokens are not known before it trains"
     most = max(range(len(sources)), key=lambda i: epochs[i])
     e = epochs[most]
     read = f"it reads {sources[most].name} {e:.1f} times over"
     if e <= REPEATS_FREE:
-        return o, f"{rule}: weight decay {o.weight_decay:g}, as {read} (repeats need more from {REPEATS_FREE:g})"
+        return o.weight_decay, f"weight decay {o.weight_decay:g}, as {read} (repeats need more from {REPEATS_FREE:g})"
     overlap = verbatim_overlap(sources[most].dir)
     decay = repeat_decay(o, e, overlap)
     spans = f"{overlap:.0%} of its validation {SPAN}-token spans are in its training text"
     if math.isclose(decay, o.weight_decay):
-        return o, f"{rule}: weight decay {decay:g} kept though {read}: {spans}, which recalling serves"
-    return replace(
-        o, weight_decay=round(decay, 3)
-    ), f"{rule}: weight decay {o.weight_decay:g} -> {decay:.3g}: {read} and {spans}"
+        return decay, f"weight decay {decay:g} kept though {read}: {spans}, which recalling serves"
+    return decay, f"weight decay {o.weight_decay:g} -> {decay:.3g}: {read} and {spans}"
