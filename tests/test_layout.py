@@ -5,7 +5,7 @@ below it; no two modules in a folder differ only by a suffix, and every module s
 Floors, lowest first (FLOORS): system -> config -> compute -> formats -> preparation -> data -> model ->
 checkpoints -> evaluation -> training -> the commands and the package itself. fasttrain_kernels/ stands alone and
 never imports fasttrain. No folder holds more than MAX_MODULES modules, each package's __init__ names its
-modules in reading order, and fasttrain/ holds at most MAX_LINES lines.
+modules in reading order, and fasttrain/ holds at most MAX_LINES lines, no module more than MAX_MODULE_LINES.
 """
 
 from __future__ import annotations
@@ -216,12 +216,15 @@ def test_no_folder_holds_more_than_fifteen_modules(folder):
 
 
 MAX_LINES = 15_000  # the product no larger than its features (issue 83): fasttrain/*.py, every line counted
+MAX_MODULE_LINES = 500  # a module a reader holds in their head
 
 
-def test_fasttrain_stays_within_fifteen_thousand_lines():
+def test_fasttrain_stays_within_fifteen_thousand_lines_and_each_module_within_five_hundred():
     sizes = {p: p.read_bytes().count(b"\n") for p in (ROOT / "fasttrain").rglob("*.py")}  # as `wc -l` counts
     largest = ", ".join(f"{p.relative_to(ROOT)} {n}" for p, n in sorted(sizes.items(), key=lambda item: -item[1])[:5])
     assert sum(sizes.values()) <= MAX_LINES, f"fasttrain/: {sum(sizes.values())} lines; the largest: {largest}"
+    over = [f"{p.relative_to(ROOT)} {n}" for p, n in sizes.items() if n > MAX_MODULE_LINES]
+    assert not over, f"modules over {MAX_MODULE_LINES} lines (split out a concept of their own): {over}"
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: str(p.relative_to(ROOT)))

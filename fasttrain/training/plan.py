@@ -9,14 +9,11 @@ training.schedule, training.timed_pass.
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
 
 `plan_run` is the one place that answers "what will this run do": the device and precision, the model's
-shape (model.init_from's config.json, or chosen for the run's compute: model/sizing.py), its parameter count
-and FLOPs per token, the batch geometry, the schedule with its fitted warmup and the budget, how many times each source is read, the mix phases, each
-kernel's choice and why, the parallel mode and checkpoint format, the memory estimate against what the
-device has, and the evaluation and checkpoint cadence. It refuses, with the one line the run would stop
-with, a config the run would refuse. It prepares nothing, writes nothing and builds no model: data not
-prepared yet is planned as what will be prepared, from which inputs (`RunPlan.prepare`), and the figures
-that need it are None until it is. `fasttrain train --dry-run` prints it (plan_table.py); the Trainer
-assembles its parts from it.
+shape, context and weight decay (`size_run`, data/repeats.py), the batch, the schedule and budget, how often
+each source is read, the mix phases, each kernel's choice and why, the parallel mode and checkpoint format, the
+memory estimate, the cadence. It refuses, in the one line the run would stop with, what the run would refuse;
+it prepares nothing, writes nothing and builds no model (data not prepared yet is planned from an estimate).
+`fasttrain train --dry-run` prints it (plan_table.py); the Trainer assembles its parts from it.
 """
 
 from __future__ import annotations
@@ -203,11 +200,9 @@ def plan_run(
     cfg: Config, world: distributed.World, device: torch.device, resume: str | None = None, speed: Speed | None = None
 ) -> RunPlan:
     """The plan of a run of `cfg` (validated) by `world` on `device` (this rank's). UsageError, in one line, for
-    what the run would refuse before its first step; reads only what it must and writes nothing. With
-    model.n_layers = 0 a new run times the machine for its shape (sizing.py) unless given its `speed` (an
-    earlier plan's); a run resumed from the save `resume` names (a --resume spec: "auto", a run directory or a
-    checkpoint), or a replay, trains the shape its run recorded, and with train.seq_len = 0 the context and batch too;
-    a new run chooses them for its planned tokens (sequence_length.py)."""
+    what the run would refuse before its first step; writes nothing. A new run with model.n_layers = 0 times the
+    machine (unless given an earlier plan's `speed`); one resumed from the save `resume` names (a --resume spec),
+    or a replay, trains the shape, context and weight decay its run recorded."""
     notes: list[str] = []
     t = resolve_train(cfg.train, device)  # no "auto" left in what config.toml records
     budgeted = t.max_time > 0 or cfg.schedule.progress_from  # a replay keeps the warmup it replays
@@ -249,41 +244,13 @@ def plan_run(
         note = check_hf_tokenizer(shape.init_from, Tokenizer.load(tokenizer_file), tokenizer_file)
         notes += [note] if note else []
     accumulation = accumulation_steps(t, world.size)
+    model, t, corpus, speed, sized_notes = size_run(
+        cfg, sources, estimate, accumulation, world, device, resume, speed, earlier, context_set
+    )
+    notes += sized_notes
+    cfg = replace(cfg, model=model, train=t)
+    tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size
     mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)
-    # Each source's share of the run's tokens and what one epoch of it is, counted as the loader reads it (whole
-    # batches; the same tokens at either context): a source read many times is worth less (sizing.py)
-    shares = token_shares(mix, t.max_steps * accumulation)
-
-    def corpus_at(c: Config) -> Corpus:  # a folder not prepared yet: its estimate
-        return tuple(zip(shares, [rows_per_epoch(s, c, world.size) * c.train.seq_len for s in sources])) or (
-            (1.0, estimate),
-        )
-
-    corpus = corpus_at(cfg)
-    tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size  # the same at either context
-    model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
-    self_sized = not shape.n_layers and t.max_time and not schedule.progress_from
-    cap = epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
-    if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
-        known = speed is not None or not t.max_time  # a time budget's tokens come from a speed timed
-        tokens = min(run_tokens(t, model, tokens_per_step, speed), cap * tokens_per_step or math.inf)
-        t, context_note = choose_context(t, shape, cfg.data.batching, tokens if known else math.inf)
-        notes.append(context_note)
-        if t != cfg.train:  # its rows fill whole batches a little differently: the epochs counted again
-            cfg = replace(cfg, train=t)
-            corpus = corpus_at(cfg)
-            cap = epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
-            model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
-    notes += [note] if note else []
-    cfg = replace(cfg, model=model if context_set else trained_context(model, t))
-    if cap and (not t.max_steps or cap < t.max_steps):  # a self-sized budget stops before it overfits (sizing.py)
-        t = replace(t, max_steps=cap)
-        cfg = replace(cfg, train=t)
-        mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)
-        notes.append(
-            f"train.max_steps = {cap}: a budgeted run with model.n_layers = 0 stops when it has read the corpus "
-            f"{cfg.data.max_epochs:g} times (data.max_epochs), if train.max_time has not ended it before"
-        )
     notes += mix_notes
     planned = run_tokens(t, cfg.model, tokens_per_step, speed)  # inf: a time budget with no speed timed
     epochs = None if math.isinf(planned) else [planned * share / size for share, size in corpus]
@@ -325,6 +292,58 @@ def plan_run(
         notes=tuple(notes),
         speed=speed,
     )
+
+
+def size_run(
+    cfg: Config,
+    sources: tuple[Source, ...],
+    estimate: float,
+    accumulation: int,
+    world: distributed.World,
+    device: torch.device,
+    resume: str | None,
+    speed: Speed | None,
+    earlier: tuple[Config, str] | None,
+    context_set: bool,
+) -> tuple[ModelConfig, TrainConfig, Corpus, Speed | None, list[str]]:
+    """The model and train sections a run of `cfg` (its train.seq_len the short or recorded context) trains: the
+    shape (model.n_layers = 0: chosen for the run's compute, sizing.py), the context (unless `context_set` or
+    `earlier` recorded it: chosen for the tokens planned at the short one, sequence_length.py), the model's
+    max_seq_len the context trained unless `context_set`, and a self-sized budget's stop at data.max_epochs
+    (train.max_steps); with the corpus they were weighed on (each source's share of the run and its tokens an
+    epoch, as the loader reads them; `estimate` for a folder not prepared yet), the speed timed, and the notes."""
+    t, notes, choose_seq_len = cfg.train, [], not context_set and earlier is None
+    mix, _ = phases(cfg.data, t.max_steps, accumulation)
+    shares = token_shares(mix, t.max_steps * accumulation)
+
+    def corpus_at(c: Config) -> Corpus:  # a folder not prepared yet: its estimate
+        epochs = [rows_per_epoch(s, c, world.size) * c.train.seq_len for s in sources]
+        return tuple(zip(shares, epochs)) or ((1.0, estimate),)
+
+    corpus = corpus_at(cfg)
+    tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size  # the same at either context
+    model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
+    self_sized = not cfg.model.n_layers and t.max_time and not cfg.schedule.progress_from
+    cap = epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
+    if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
+        known = speed is not None or not t.max_time  # a time budget's tokens come from a speed timed
+        tokens = min(run_tokens(t, model, tokens_per_step, speed), cap * tokens_per_step or math.inf)
+        t, context_note = choose_context(t, cfg.model, cfg.data.batching, tokens if known else math.inf)
+        notes.append(context_note)
+        if t != cfg.train:  # its rows fill whole batches a little differently: the epochs counted again
+            cfg = replace(cfg, train=t)
+            corpus = corpus_at(cfg)
+            cap = epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
+            model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
+    notes += [note] if note else []
+    model = model if context_set else trained_context(model, t)
+    if cap and (not t.max_steps or cap < t.max_steps):  # a self-sized budget stops before it overfits (sizing.py)
+        t = replace(t, max_steps=cap)
+        notes.append(
+            f"train.max_steps = {cap}: a budgeted run with model.n_layers = 0 stops when it has read the corpus "
+            f"{cfg.data.max_epochs:g} times (data.max_epochs), if train.max_time has not ended it before"
+        )
+    return model, t, corpus, speed, notes
 
 
 def accumulation_steps(t: TrainConfig, world_size: int = 1) -> int:
