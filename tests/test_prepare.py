@@ -370,7 +370,16 @@ def test_command_line_exit_codes(tmp_path):
         assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
 
-def test_config_drives_preparation_and_the_saved_config_has_the_vocab_size(pydoc_data, tmp_path):
+@pytest.fixture
+def pydoc_default(monkeypatch):
+    """The default inputs cut to the topics, the smaller of the two (what these tests check is how a [data] setting
+    prepares, not the corpus): ~1 s to prepare instead of ~8."""
+    from fasttrain.preparation import cache
+
+    monkeypatch.setattr(cache, "DEFAULT_INPUTS", ("builtin:pydoc",))
+
+
+def test_config_drives_preparation_and_the_saved_config_has_the_vocab_size(pydoc_data, tmp_path, pydoc_default):
     data = tmp_path / "data"
     cfg = load_config(None, [f'data.dir="{data}"', "data.vocab_size=300"])
     prepared = ensure_prepared(cfg.data, quiet=True)
@@ -497,7 +506,7 @@ def test_a_bpe_that_learns_fewer_ids_than_asked_records_a_config_that_loads_back
     assert load_config(save_config(resolved, tmp_path / "run")) == resolved
 
 
-def test_unset_data_dir_prepares_into_a_cache_keyed_by_the_request(tmp_path, monkeypatch):
+def test_unset_data_dir_prepares_into_a_cache_keyed_by_the_request(tmp_path, monkeypatch, pydoc_default):
     monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
     cfg = load_config(None, ["data.vocab_size=300"])
     assert cfg.data.dir == ""
