@@ -127,15 +127,17 @@ def load(path: str | os.PathLike[str], device: torch.device | str = "cpu", whole
         checksums.verify(path, sums)
         if whole_model and isinstance(state, dict):
             state["model"] = sharded_files.read_whole(path, "model", path)
-    missing = [
-        k
-        for k in (("optimizer_groups", "step", "config") if sharded else REQUIRED_KEYS)
-        if not isinstance(state, dict) or k not in state
-    ]
-    if missing:
-        raise UsageError(f"{path}: not a fasttrain checkpoint (no {', '.join(missing)})")
+    check_keys(state, path, sharded)
     check_named_step(path, state["step"])
     return state
+
+
+def check_keys(state: Any, path: Path, sharded: bool) -> None:
+    """UsageError naming what `state`, read from the save at `path`, lacks of a fasttrain checkpoint's keys."""
+    keys = ("optimizer_groups", "step", "config") if sharded else REQUIRED_KEYS
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UsageError(f"{path}: not a fasttrain checkpoint (no {', '.join(missing)})")
 
 
 def check_named_step(path: Path, step: object) -> None:
@@ -171,10 +173,7 @@ def config_of(path: Path) -> Config:
     first. UsageError as `load` gives, in the same words."""
     file = path / STATE_FILE if is_sharded(path) else path
     state = read_trusted(file, "cpu", path, mmap=file.is_file() and path == file)
-    keys = ("optimizer_groups", "step", "config") if is_sharded(path) else REQUIRED_KEYS
-    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
-    if missing:  # as `load` says it
-        raise UsageError(f"{path}: not a fasttrain checkpoint (no {', '.join(missing)})")
+    check_keys(state, path, is_sharded(path))
     return saved_config(state, path)
 
 
