@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.studies.common import ROOT, load_average, result_header
+from benchmarks.studies.common import ROOT, add_runs, load_average
 from fasttrain.config import load_config
 from fasttrain.system.errors import ArgumentParser, run_cli
 
@@ -64,20 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     today = datetime.date.today().isoformat()
     out = args.out or ROOT / f"benchmarks/results/recipe/cpu-budget-ladder-{today}.json"
-    result = (
-        json.loads(out.read_text())
-        if out.exists()
-        else result_header(
-            "the main job at each budget, final/ scored on the validation split", __spec__.name, argv, today
-        )
-        | {"runs": []}
-    )
+    what = "the main job at each budget, final/ scored on the validation split"
     with tempfile.TemporaryDirectory() as work:
         for seconds in args.budgets:
             run = run_budget(seconds, Path(work))
-            result["runs"].append(run)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=1) + "\n")  # after each budget: a long ladder keeps its parts
+            add_runs(out, [run], what, __spec__.name, argv, today)  # after each budget: a long ladder keeps its parts
             print(
                 f"{seconds:>5} s: {run['shape']} at {run['context']}, wd {run['weight_decay']:g}, {run['steps']} steps "
                 f"({run['planned_epochs'] or 0:.1f} epochs planned): final/ {run['final_val_bpb']:.4f} "

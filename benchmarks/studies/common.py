@@ -1,10 +1,12 @@
-"""What the studies share: the repository's root, the machine's load, and the first keys of a results file.
+"""What the studies share: the repository's root, the machine's load, the first keys of a results file, a results
+file that later runs add to, and a corpus prepared once.
 
 Imports benchmarks.conftest (the machine's description) and nothing of fasttrain.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -32,3 +34,29 @@ def result_header(what: str, module: str, argv: Sequence[str] | None, today: str
         "machine": environment(),
         "command": shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)]),
     }
+
+
+def add_runs(out: Path, runs: list[dict], what: str, module: str, argv: Sequence[str] | None, today: str) -> None:
+    """Append `runs` to the results file `out` (made with result_header's keys first if it is not there yet), so a
+    study run in parts, or cut short, keeps every part."""
+    result = json.loads(out.read_text()) if out.exists() else result_header(what, module, argv, today) | {"runs": []}
+    result["runs"] += runs
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def prepared_corpus(out: Path, inputs: Sequence[str] = (), files: Sequence[Path] = ()) -> Path:
+    """`out`, a folder of `inputs` (builtin:NAME or paths) or of `files` (a document each, written as JSONL beside
+    `out` first) prepared at vocab 4096; prepared only if it is not there yet."""
+    if (out / "meta.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if files:
+        source = out.parent / f"{out.name}.jsonl"
+        with open(source, "w") as f:
+            for path in files:
+                f.write(json.dumps({"text": path.read_text(errors="replace")}) + "\n")
+        inputs = [str(source)]
+    command = [sys.executable, "-m", "fasttrain.prepare", "--input", *inputs, "--out", str(out), "--vocab-size", "4096"]
+    subprocess.run(command, check=True)
+    return out

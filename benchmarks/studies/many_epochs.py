@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.studies.common import ROOT, load_average, result_header
+from benchmarks.studies.common import ROOT, add_runs, load_average, prepared_corpus
 from fasttrain.config import load_config
 from fasttrain.system.errors import ArgumentParser, run_cli
 
@@ -68,24 +68,11 @@ EVALUATIONS = 12
 
 def prepared(corpus: str, cache: Path) -> Path:
     """The prepared folder of `corpus` in `cache`, prepared there first if it is not."""
-    out = cache / corpus
-    if (out / "meta.json").exists():
-        return out
-    cache.mkdir(parents=True, exist_ok=True)
-    inputs = BUILTINS.get(corpus)
-    if inputs is None:
-        lib = Path(sysconfig.get_paths()["stdlib"])
-        files = sorted(
-            p for pkg in PACKAGES[corpus] for p in (lib / pkg).rglob("*.py") if "site-packages" not in p.parts
-        )
-        source = cache / f"{corpus}.jsonl"
-        with open(source, "w") as f:
-            for path in files:
-                f.write(json.dumps({"text": path.read_text(errors="replace")}) + "\n")
-        inputs = [str(source)]
-    command = [sys.executable, "-m", "fasttrain.prepare", "--input", *inputs, "--out", str(out), "--vocab-size", "4096"]
-    subprocess.run(command, check=True, cwd=ROOT)
-    return out
+    if corpus in BUILTINS:
+        return prepared_corpus(cache / corpus, inputs=BUILTINS[corpus])
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for pkg in PACKAGES[corpus] for p in (lib / pkg).rglob("*.py") if "site-packages" not in p.parts)
+    return prepared_corpus(cache / corpus, files=files)
 
 
 def case_sets(case: str) -> list[str]:
@@ -165,17 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid = [(d, e, s, c) for d in args.depth for e in args.epochs for s in args.seed for c in args.case]
     with tempfile.TemporaryDirectory() as work, ThreadPoolExecutor(args.jobs) as pool:
         runs = list(pool.map(lambda g: run_one(data, *g, Path(work)), grid))
-    result = (
-        json.loads(out.read_text())
-        if out.exists()
-        else result_header(
-            "best and last evaluation of runs reading a corpus many times, at equal tokens", __spec__.name, argv, today
-        )
-        | {"runs": []}
-    )
-    result["runs"] += runs
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    what = "best and last evaluation of runs reading a corpus many times, at equal tokens"
+    add_runs(out, runs, what, __spec__.name, argv, today)
     for r in runs:
         print(
             f"{r['corpus']} depth {r['depth']} {r['planned_epochs']:.1f} epochs seed {r['seed']} {r['case']:<10} "

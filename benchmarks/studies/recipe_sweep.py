@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.studies.common import ROOT, load_average, result_header
+from benchmarks.studies.common import ROOT, load_average, prepared_corpus, result_header
 from fasttrain.config import load_config
 from fasttrain.model.sequence_length import contexts
 from fasttrain.system.errors import ArgumentParser, run_cli
@@ -182,21 +182,9 @@ def prepared(corpus: str, cache: Path) -> Path:
     """The folder `corpus` is prepared in under `cache`, prepared first if it is not there yet. Corpus "pydoc" is
     the main job's own (builtin:pydoc, as configs/base.toml prepares it), not held out: for what depends on its
     size, as how many times a budget reads it."""
-    out = cache / ("pydoc" if corpus == "pydoc" else f"stdlib-{corpus}")
-    if (out / "meta.json").exists():
-        return out
-    cache.mkdir(parents=True, exist_ok=True)
-    source = "builtin:pydoc"
-    if corpus != "pydoc":
-        source = str(cache / f"stdlib-{corpus}.jsonl")
-        with open(source, "w") as f:
-            for path in stdlib_files(corpus):
-                f.write(json.dumps({"text": path.read_text(errors="replace")}) + "\n")
-    subprocess.run(
-        [sys.executable, "-m", "fasttrain.prepare", "--input", source, "--out", str(out), "--vocab-size", "4096"],
-        check=True,
-    )
-    return out
+    if corpus == "pydoc":
+        return prepared_corpus(cache / "pydoc", inputs=["builtin:pydoc"])
+    return prepared_corpus(cache / f"stdlib-{corpus}", files=stdlib_files(corpus))
 
 
 def setting(sets: Sequence[str], key: str, default: int) -> int:
