@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.studies.report import markdown
 from fasttrain.compute.device import synchronize
 
 # Set by `python -m benchmarks.studies.gpu_check --dry-run`: the GPU cases run on the CPU at tiny sizes, so the
@@ -307,3 +308,21 @@ def counts_since(before: dict[str, int], device: torch.device) -> dict[str, int]
     """The allocator events on `device` since `before` (an allocator_counts), per count."""
     now = allocator_counts(device)
     return {k: now[k] - before.get(k, 0) for k in now}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config) -> None:
+    """After pytest-benchmark's table of times, what each timed case is worth: its speed against the strongest
+    stock implementation of the same case and what it recorded (tokens/s, GB/s, TFLOP/s, the fraction of its
+    floor), the table `python -m benchmarks.studies.report` makes of a results file. Nothing in an untimed run."""
+    session = getattr(config, "_benchmarksession", None)  # pytest-benchmark's; its cases' stats are public
+    timed = [b.as_dict(include_data=False) for b in getattr(session, "benchmarks", ()) if b and not b.has_error]
+    if timed:
+        terminalreporter.write_sep("-", "speed against stock PyTorch and throughput (benchmarks/studies/report.py)")
+        results = {
+            "benchmarks": timed,
+            "commit_info": config.hook.pytest_benchmark_generate_commit_info(config=config),
+            "datetime": time.strftime("%Y-%m-%d"),
+            "command": " ".join(["pytest", *config.invocation_params.args]),
+        }
+        terminalreporter.write(markdown(results))

@@ -48,6 +48,15 @@ def results(tmp_path):
                         timing="cuda_events",
                     ),
                     case(
+                        "test_rms_norm[H768-compiled]",
+                        {"hidden": 768, "impl": "compiled"},
+                        4e-5,
+                        3.9e-5,
+                        gb_per_s=1820.4,
+                        fraction_of_floor=0.58,
+                        timing="cuda_events",
+                    ),
+                    case(
                         "test_gpu_train_step[gpt2-fasttrain]",
                         {"config": "gpt2", "impl": "fasttrain"},
                         0.31,
@@ -76,15 +85,19 @@ def test_table_and_chart(results, tmp_path, capsys):
     table = (tmp_path / "t.md").read_text().splitlines()
     assert table[0].startswith("NVIDIA H100 80GB HBM3, torch 2.11.0, triton 3.6.0, commit 0123456789ab, 2026-11-21")
     assert table[2] == (
-        "| case | implementation | median | min | GB/s | tokens/s | of floor | MFU | host us/call | timed by |"
+        "| case | implementation | median | min | vs stock | GB/s | tokens/s | of floor | MFU | host us/call | timed by |"
     )
-    assert table[4] == "| rms_norm hidden=768 | fasttrain | 25.0 us | 24.1 us | 2,900.5 |  | 0.93 |  |  | cuda_events |"
-    assert (
-        table[6]
-        == "| gpu_train_step config=gpt2 | fasttrain | 310.00 ms | 305.00 ms |  | 1,057,000 |  | 0.512 |  | host |"
+    # against the strongest stock case of its group: compiled (40 us), not eager (80 us)
+    assert table[4] == (
+        "| rms_norm hidden=768 | fasttrain | 25.0 us | 24.1 us | 1.60x | 2,900.5 |  | 0.93 |  |  | cuda_events |"
     )
+    assert table[5].startswith("| rms_norm hidden=768 | eager | 80.0 us | 79.0 us | 0.50x | 910.2 |")
+    assert table[6].startswith("| rms_norm hidden=768 | compiled | 40.0 us | 39.0 us | 1.00x | 1,820.4 |")
     assert table[7] == (
-        "| host_overhead op=rms_norm passes=fwd | fasttrain | 18.3 us | 18.0 us |  |  |  |  | 18.34 | host |"
+        "| gpu_train_step config=gpt2 | fasttrain | 310.00 ms | 305.00 ms |  |  | 1,057,000 |  | 0.512 |  | host |"
+    )
+    assert table[8] == (
+        "| host_overhead op=rms_norm passes=fwd | fasttrain | 18.3 us | 18.0 us |  |  |  |  |  | 18.34 | host |"
     )
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert capsys.readouterr().out.strip() == str(tmp_path / "c.png")
@@ -92,7 +105,7 @@ def test_table_and_chart(results, tmp_path, capsys):
 
 def test_prints_the_table_without_a_file(results, capsys):
     main([str(results)])
-    assert "| rms_norm hidden=768 | eager | 80.0 us | 79.0 us | 910.2 |" in capsys.readouterr().out
+    assert "| rms_norm hidden=768 | eager | 80.0 us | 79.0 us | 0.50x | 910.2 |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -3,16 +3,18 @@
     pytest benchmarks/ --benchmark-only --benchmark-json results.json
     python -m benchmarks.studies.report results.json [--markdown FILE.md] [--chart FILE.png]
 
-The table has a row per case: its name, median and min time, and the figures it recorded
-(GB/s, TFLOP/s, tokens/s, fraction of the floor, MFU, peak memory, host time per call), under a line
-naming the machine, versions, commit, date and command. The chart draws each case's
-headline figure (GB/s, TFLOP/s or tokens/s) as one bar per implementation, grouped
+The table has a row per case: its name, median and min time, its speed against the strongest stock
+implementation of the same case, and the figures it recorded (GB/s, TFLOP/s, tokens/s, fraction of the
+floor, MFU, peak memory, host time per call), under a line naming the machine, versions, commit, date and
+command; `pytest benchmarks/ --benchmark-only` prints it after its own table (benchmarks/conftest.py). The
+chart draws each case's headline figure (GB/s, TFLOP/s or tokens/s) as one bar per implementation, grouped
 by case, so every race reads at a glance. Without --markdown the table is printed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +25,9 @@ COLUMNS = {  # extra_info key: column title, in table order
     "gb_per_s": "GB/s",
     "tflop_per_s": "TFLOP/s",
     "tokens_per_s": "tokens/s",
+    "gflops": "GFLOP/s",
     "fraction_of_floor": "of floor",
+    "fraction_of_matmul": "of matmul",
     "mfu": "MFU",
     "peak_memory_gib": "peak GiB",
     "peak_extra_gib": "extra GiB",
@@ -32,6 +36,9 @@ COLUMNS = {  # extra_info key: column title, in table order
     "timing": "timed by",
 }
 HEADLINES = ("gb_per_s", "tflop_per_s", "tokens_per_s")  # a case's bar: the first of these it has
+# The implementations a user has without fasttrain: eager PyTorch, torch.compile, torch's own fused ops and
+# optimizers, the training loop everyone writes first, a block without our kernels. Liger-Kernel is a peer.
+STOCK = frozenset({"eager", "compiled", "torch", "torch_foreach", "torch_fused", "plain", "stock"})
 
 
 def load_results(path: str | Path) -> dict:
@@ -54,6 +61,18 @@ def case_of(bench: dict) -> tuple[str, str]:
     impl = str(params.pop("impl", "fasttrain"))
     test = bench["name"].split("[")[0].removeprefix("test_")
     return " ".join([test, *(f"{k}={v}" for k, v in params.items())]), impl
+
+
+def against_stock(benches: Sequence[dict]) -> list[float | None]:
+    """Each case's speed against the strongest stock implementation of its group: that one's median time / the
+    case's (2.0: twice as fast; the strongest stock case itself 1.0). None where its group has no stock case."""
+    fastest: dict[str, float] = {}
+    for b in benches:
+        group, impl = case_of(b)
+        if impl in STOCK:
+            fastest[group] = min(fastest.get(group, math.inf), b["stats"]["median"])
+    groups = [case_of(b)[0] for b in benches]
+    return [fastest[g] / b["stats"]["median"] if g in fastest else None for g, b in zip(groups, benches)]
 
 
 def duration(t: float) -> str:
@@ -81,9 +100,12 @@ def markdown(results: dict) -> str:
     ]
     lines = [", ".join(where) + (f"; `{results['command']}`" if results.get("command") else ""), ""]
     keys = [k for k in COLUMNS if any(k in b.get("extra_info", {}) for b in benches)]
-    lines.append("| case | implementation | median | min | " + " | ".join(COLUMNS[k] for k in keys) + " |")
-    lines.append("| --- " * (4 + len(keys)) + "|")
-    for b in benches:
+    ratios = against_stock(benches)
+    stock = ["vs stock"] if any(ratios) else []  # the column only where some case has a stock baseline
+    titles = ["case", "implementation", "median", "min", *stock, *(COLUMNS[k] for k in keys)]
+    lines.append("| " + " | ".join(titles) + " |")
+    lines.append("| --- " * len(titles) + "|")
+    for b, ratio in zip(benches, ratios):
         group, impl = case_of(b)
         extra = b.get("extra_info", {})
         cells = [
@@ -91,6 +113,7 @@ def markdown(results: dict) -> str:
             impl,
             duration(b["stats"]["median"]),
             duration(b["stats"]["min"]),
+            *([f"{ratio:.2f}x" if ratio else ""] if stock else []),
             *(_number(extra[k]) if k in extra else "" for k in keys),
         ]
         lines.append("| " + " | ".join(cells) + " |")
