@@ -11,9 +11,11 @@ import torch
 from fasttrain.compute.distributed import World
 from fasttrain.config import OptimConfig
 from fasttrain.data import repeats
+from fasttrain.model.sizing import Speed
 from fasttrain.train import main as train_main
 from fasttrain.training.plan import plan_run
 from tests.conftest import tiny_args, tiny_config, write_shard
+from tests.test_sizing import AUTO
 
 RULE = ['optim.weight_decay_rule="repeats"', "data.vocab_size=0"]
 CPU = torch.device("cpu")
@@ -90,3 +92,36 @@ def test_the_dry_run_says_it_and_a_resume_keeps_the_decay_the_run_recorded(code_
     # resumed as it was planned: nothing to say
     assert train_main(tiny_args(code_data, tmp_path / "run", *short, flags=["--resume", "auto", "--dry-run"])) == 0
     assert "weight_decay_rule" not in capsys.readouterr().out
+
+
+def test_the_epoch_limit_falls_from_data_max_epochs_to_four_as_validation_text_gets_new():
+    assert repeats.epoch_limit(10.0, 0.0) == repeats.NOVEL_EPOCHS == 4.0  # all new
+    assert repeats.epoch_limit(10.0, 0.2) == repeats.epoch_limit(10.0, 0.53) == 10.0  # recalled: the default, topics
+    assert repeats.epoch_limit(10.0, 0.05) == pytest.approx(4.0 + 0.25 * 6.0)
+    assert repeats.epoch_limit(3.0, 0.0) == 3.0  # never above data.max_epochs
+
+
+def test_a_self_sized_budget_stops_at_the_limit_on_new_text_and_at_data_max_epochs_on_the_topics(
+    code_data, pydoc_data, tmp_path
+):
+    """Three days at a slow speed: every depth would read the corpus more often than allowed, so the plan's stop
+    (train.max_steps) is the limit: under 10 epochs of held-out code (8% of its validation spans are in its training
+    text), data.max_epochs of the topics, whose validation text is mostly their training text, and data.max_epochs
+    under the fixed rule."""
+    days = [*AUTO, "train.max_steps=0", f"train.max_time={3 * 24 * 3600}"]
+    speed = Speed(((1e6, 1e9),))
+
+    def epochs(data, *sets):
+        p = plan_run(tiny_config(data, tmp_path, "data.vocab_size=0", *days, *sets), World(), CPU, speed=speed)
+        return p.reading().epochs[0], p.notes
+
+    overlap = repeats.verbatim_overlap(str(code_data))
+    limit = round(repeats.epoch_limit(10.0, overlap), 2)
+    read, notes = epochs(code_data, *RULE)
+    assert overlap < repeats.RECALLED and limit - 0.5 < read <= limit < 10  # within a batch of the limit
+    assert any(f"reads code at most {limit:g} times, not data.max_epochs = 10: {overlap:.1%}" in n for n in notes)
+    assert any(f"read the corpus {limit:g} times (the limit above)" in n for n in notes), notes
+    read, notes = epochs(code_data)  # the fixed rule
+    assert 9.5 < read <= 10 and any("times (data.max_epochs)" in n for n in notes)
+    read, notes = epochs(pydoc_data, *RULE)
+    assert 9.5 < read <= 10 and not any("at most" in n for n in notes)

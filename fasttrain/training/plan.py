@@ -32,7 +32,7 @@ from fasttrain.compute.kernel_table import run_shapes
 from fasttrain.config import Config, ModelConfig, TrainConfig, config_to_toml, load_config, parse_config, resolve
 from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Blend, Source, open_sources, phases, token_shares
-from fasttrain.data.repeats import choose_weight_decay
+from fasttrain.data.repeats import choose_weight_decay, limit_epochs
 from fasttrain.formats.shards import find_shards
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.sequence_length import choose_context, recorded_context, short_context, trained_context
@@ -309,9 +309,10 @@ def size_run(
     """The model and train sections a run of `cfg` (its train.seq_len the short or recorded context) trains: the
     shape (model.n_layers = 0: chosen for the run's compute, sizing.py), the context (unless `context_set` or
     `earlier` recorded it: chosen for the tokens planned at the short one, sequence_length.py), the model's
-    max_seq_len the context trained unless `context_set`, and a self-sized budget's stop at data.max_epochs
-    (train.max_steps); with the corpus they were weighed on (each source's share of the run and its tokens an
-    epoch, as the loader reads them; `estimate` for a folder not prepared yet), the speed timed, and the notes."""
+    max_seq_len the context trained unless `context_set`, and a self-sized budget's stop at data.max_epochs or the
+    repeats rule's lower limit (train.max_steps); with the corpus they were weighed on (each source's share of the
+    run and its tokens an epoch, as the loader reads them; `estimate` for a folder not prepared yet), the speed
+    timed, and the notes."""
     t, notes, choose_seq_len = cfg.train, [], not context_set and earlier is None
     mix, _ = phases(cfg.data, t.max_steps, accumulation)
     shares = token_shares(mix, t.max_steps * accumulation)
@@ -321,9 +322,10 @@ def size_run(
         return tuple(zip(shares, epochs)) or ((1.0, estimate),)
 
     corpus = corpus_at(cfg)
+    self_sized = not cfg.model.n_layers and t.max_time and not cfg.schedule.progress_from
+    cfg, limit_note = limit_epochs(cfg, sources, corpus) if self_sized else (cfg, "")  # data.max_epochs, or lower
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size  # the same at either context
     model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
-    self_sized = not cfg.model.n_layers and t.max_time and not cfg.schedule.progress_from
     cap = epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
     if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
         known = speed is not None or not t.max_time  # a time budget's tokens come from a speed timed
@@ -335,13 +337,13 @@ def size_run(
             corpus = corpus_at(cfg)
             cap = epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
             model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
-    notes += [note] if note else []
+    notes += [n for n in (limit_note, note) if n]
     model = model if context_set else trained_context(model, t)
     if cap and (not t.max_steps or cap < t.max_steps):  # a self-sized budget stops before it overfits (sizing.py)
         t = replace(t, max_steps=cap)
         notes.append(
             f"train.max_steps = {cap}: a budgeted run with model.n_layers = 0 stops when it has read the corpus "
-            f"{cfg.data.max_epochs:g} times (data.max_epochs), if train.max_time has not ended it before"
+            f"{cfg.data.max_epochs:g} times ({limit_note and 'the limit above' or 'data.max_epochs'}) or earlier"
         )
     return model, t, corpus, speed, notes
 
