@@ -116,7 +116,7 @@ def test_a_self_sized_budget_stops_at_the_limit_on_new_text_and_at_data_max_epoc
         return p.reading().epochs[0], p.notes
 
     overlap = repeats.verbatim_overlap(str(code_data))
-    limit = round(repeats.epoch_limit(10.0, overlap), 2)
+    limit = round(repeats.epoch_limit(10.0, overlap), 1)
     read, notes = epochs(code_data, *RULE)
     assert overlap < repeats.RECALLED and limit - 0.5 < read <= limit < 10  # within a batch of the limit
     assert any(f"reads code at most {limit:g} times, not data.max_epochs = 10: {overlap:.1%}" in n for n in notes)

@@ -160,7 +160,7 @@ def limit_epochs(cfg: Config, sources: Sequence[Source], corpus: Sequence[tuple[
         return cfg, ""
     most = min(range(len(sources)), key=lambda i: corpus[i][1] / corpus[i][0] if corpus[i][0] > 0 else math.inf)
     overlap = verbatim_overlap(sources[most].dir)
-    limit = round(epoch_limit(cfg.data.max_epochs, overlap), 2)
+    limit = round(epoch_limit(cfg.data.max_epochs, overlap), 1)  # the default corpus, 19.9%: 9.98, so 10
     if limit >= cfg.data.max_epochs:
         return cfg, ""
     return replace(cfg, data=replace(cfg.data, max_epochs=limit)), (
