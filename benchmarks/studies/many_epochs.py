@@ -6,9 +6,9 @@
 Every run is configs/base.toml at a fixed shape (depth d, width 64 d, heads of 64) and context 256, for the steps
 that read the corpus --epochs times over (16 x 256 tokens a step), evaluated 12 times on its whole validation split,
 without samples or compiling. A case is what differs:
-  fixed      base.toml's weight decay (0.1), whatever the epochs
-  repeats    optim.weight_decay_rule = "repeats" (fasttrain/data/repeats.py): the decay the plan chooses
-  wd=X       weight decay X;  drop=X  model.dropout X (with the decay of fixed);  KEY=VALUE,...  any --set items
+  fixed      weight decay 0.1 whatever the epochs (optim.weight_decay_rule = "fixed")
+  repeats    optim.weight_decay_rule = "repeats" (base.toml's, fasttrain/data/repeats.py): the decay the plan chooses
+  wd=X       weight decay X;  drop=X  model.dropout X (both under the fixed rule);  KEY=VALUE,...  any --set items
 It records each evaluation's bits per byte: the best, the last (what a run that keeps its last weights gives), and
 the weight decay the run trained at (its config.toml). Equal tokens, so any CPU gives the same figures to rounding;
 each run is one process of one thread (--jobs of them at once).
@@ -77,14 +77,15 @@ def prepared(corpus: str, cache: Path) -> Path:
 
 def case_sets(case: str) -> list[str]:
     """The --set items of a case (the module docstring's)."""
+    fixed = 'optim.weight_decay_rule="fixed"'  # base.toml chooses the decay by the repeats rule
     if case == "fixed":
-        return []
+        return [fixed]
     if case == "repeats":
         return ['optim.weight_decay_rule="repeats"']
     if case.startswith("wd="):
-        return [f"optim.weight_decay={case[3:]}"]
+        return [fixed, f"optim.weight_decay={case[3:]}"]
     if case.startswith("drop="):
-        return [f"model.dropout={case[5:]}"]
+        return [fixed, f"model.dropout={case[5:]}"]
     return case.split(",")
 
 
