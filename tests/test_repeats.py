@@ -11,11 +11,10 @@ import torch
 from fasttrain.compute.distributed import World
 from fasttrain.config import OptimConfig
 from fasttrain.data import repeats
-from fasttrain.model.sizing import Speed
 from fasttrain.train import main as train_main
 from fasttrain.training.plan import plan_run
 from tests.conftest import tiny_args, tiny_config, write_shard
-from tests.test_sizing import AUTO
+from tests.test_sizing_bounds import DAYS, SLOW
 
 RULE = ['optim.weight_decay_rule="repeats"', "data.vocab_size=0"]
 CPU = torch.device("cpu")
@@ -108,11 +107,9 @@ def test_a_self_sized_budget_stops_at_the_limit_on_new_text_and_at_data_max_epoc
     (train.max_steps) is the limit: under 10 epochs of held-out code (8% of its validation spans are in its training
     text), data.max_epochs of the topics, whose validation text is mostly their training text, and data.max_epochs
     under the fixed rule."""
-    days = [*AUTO, "train.max_steps=0", f"train.max_time={3 * 24 * 3600}"]
-    speed = Speed(((1e6, 1e9),))
 
     def epochs(data, *sets):
-        p = plan_run(tiny_config(data, tmp_path, "data.vocab_size=0", *days, *sets), World(), CPU, speed=speed)
+        p = plan_run(tiny_config(data, tmp_path, *DAYS, *sets), World(), CPU, speed=SLOW)
         return p.reading().epochs[0], p.notes
 
     overlap = repeats.verbatim_overlap(str(code_data))
