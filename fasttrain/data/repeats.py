@@ -25,8 +25,9 @@ RECALLED, linear between), because decay does not make more epochs of new text w
 (0.7% overlap, depth 2, equal tokens) 4 epochs ended at 1.483 bits per byte, 8 at 1.519 and 16 at 1.537 with the
 rule's decay, and a 10-minute budget's 3 x 192 read 10 times ended at 1.508 where a 2-minute one's best, at its
 fourth epoch, was 1.47. Where validation rewards recall, more epochs still help: the default corpus (20% overlap)
-scored its best at the end of a 30-minute run that read it 8.3 times. PER_EPOCH and MEMORISED are fitted to the sweeps (benchmarks/studies/many_epochs.py):
-the best decay on held-out code read 3.5, 5 and 7 times was 0.1-0.3, 1 and 2; on the topics read 10 times, 0.1.
+scored its best at the end of a 30-minute run that read it 8.3 times. PER_EPOCH and MEMORISED are fitted to the
+sweeps (benchmarks/studies/many_epochs.py): the best decay on held-out code read 3.5, 5 and 7 times was 0.1-0.3, 1
+and 2; on the topics read 10 times, 0.1.
 A run whose tokens are not known (a time budget with no speed timed) keeps the decay as set, and a resumed or
 replayed run the decay its config.toml records, so a longer budget never changes it part way through.
 """
