@@ -38,8 +38,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         default=list(DEFAULT_INPUTS),
         metavar="PATH",
-        help="text files, globs, directories, JSONL or Parquet files, or builtin:pydoc / builtin:docstrings "
-        "(default: both, the Python docs and the standard library's docstrings, shipped with CPython)",
+        help="text files, globs, directories, JSONL or Parquet files, or builtin:pydoc / builtin:docstrings / "
+        "builtin:sources (default: pydoc and sources, the Python docs and the standard library, shipped with CPython)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="directory for the shards, tokenizer and meta.json")
     tok = parser.add_mutually_exclusive_group()

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 from itertools import islice
 from pathlib import Path
 
@@ -58,6 +59,18 @@ def test_stdlib_docstrings_corpus():
     first = list(islice(corpus.resolve_inputs(["builtin:docstrings"])[0].pieces(), 3))
     assert len(first) == 3 and all(p.ends_document and p.text for p in first)
     assert first[0].text.startswith("Record of phased-in incompatible language changes")  # __future__
+
+
+def test_stdlib_sources_corpus():
+    """A document per module, its whole source, the tests left out; the progress size is the files' bytes."""
+    (source,) = corpus.resolve_inputs(["builtin:sources"])
+    modules, root = corpus._stdlib_modules(), Path(sysconfig.get_paths()["stdlib"])
+    assert any(p.name == "ast.py" for p in modules)
+    assert not any({"test", "idlelib", "site-packages"} & set(p.relative_to(root).parts) for p in modules)
+    first = list(islice(source.pieces(), 2))
+    assert all(p.ends_document for p in first)
+    assert first[0].text == modules[0].read_text(encoding="utf-8")
+    assert source.size == sum(p.stat().st_size for p in modules)
 
 
 def test_shard_header(pydoc_data):

@@ -95,8 +95,8 @@ class DataConfig:
     # below left at their defaults take its values; one set otherwise must agree with it.
     dir: str = ""
     # What prepare reads when `dir` holds no prepared data: paths, globs, directories,
-    # JSONL or Parquet files, or the embedded corpora builtin:pydoc / builtin:docstrings.
-    # [] = the prepared folder's inputs, or builtin:pydoc when there is none.
+    # JSONL or Parquet files, or the embedded corpora builtin:pydoc / docstrings / sources.
+    # [] = the prepared folder's inputs, or DEFAULT_INPUTS when there is none.
     inputs: list[str] = field(default_factory=list)
     text_field: str = "text"  # the JSONL field or Parquet column holding a document's text
     tokenizer: str = ""  # an existing tokenizer.json to use; "" = prepare trains one
@@ -123,7 +123,7 @@ class DataConfig:
     max_epochs: float = 10.0
 
 
-DEFAULT_INPUTS = ("builtin:pydoc", "builtin:docstrings")  # what [data] prepares when it names no inputs or folder
+DEFAULT_INPUTS = ("builtin:pydoc", "builtin:sources")  # what [data] prepares when it names no inputs or folder
 DEFAULT_VOCAB = 4096  # the BPE prepare trains when [data] gives no vocab_size
 
 

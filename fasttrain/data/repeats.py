@@ -24,10 +24,10 @@ corpus before it stops (`epoch_limit`: NOVEL_EPOCHS where validation text is new
 RECALLED, linear between), because decay does not make more epochs of new text worth reading: on held-out code
 (0.7% overlap, depth 2, equal tokens) 4 epochs ended at 1.483 bits per byte, 8 at 1.519 and 16 at 1.537 with the
 rule's decay, and a 10-minute budget's 3 x 192 read 10 times ended at 1.508 where a 2-minute one's best, at its
-fourth epoch, was 1.47. Where validation rewards recall, more epochs still help: the default corpus (20% overlap)
-scored its best at the end of a 30-minute run that read it 8.3 times. PER_EPOCH and MEMORISED are fitted to the
-sweeps (benchmarks/studies/many_epochs.py): the best decay on held-out code read 3.5, 5 and 7 times was 0.1-0.3, 1
-and 2; on the topics read 10 times, 0.1.
+fourth epoch, was 1.47. Where validation rewards recall, more epochs still help: the topics with the docstrings (20%
+overlap) scored their best at the end of a 30-minute run that read them 8.3 times. PER_EPOCH and MEMORISED are
+fitted to the sweeps (benchmarks/studies/many_epochs.py): the best decay on held-out code read 3.5, 5 and 7 times was
+0.1-0.3, 1 and 2; on the topics read 10 times, 0.1.
 A run whose tokens are not known (a time budget with no speed timed) keeps the decay as set, and a resumed or
 replayed run the decay its config.toml records, so a longer budget never changes it part way through.
 """
@@ -46,7 +46,7 @@ from fasttrain.formats.shards import find_shards, token_blocks
 
 REPEATS_FREE = 3.0  # epochs up to which repeats need no more decay than new data
 NOVEL_EPOCHS = 4.0  # the most epochs of a corpus whose validation text is new that a self-sized budget reads
-RECALLED = 0.2  # an overlap from which data.max_epochs epochs still help (the default corpus's 20%, read 8.3 times)
+RECALLED = 0.2  # an overlap from which data.max_epochs epochs still help (topics and docstrings: 20%, read 8.3 times)
 PER_EPOCH = 0.5  # the target decay's rise per epoch beyond REPEATS_FREE
 MEMORISED = 0.5  # an overlap at which validation is taken to reward recall as much as generalising (novelty 0)
 SPAN = 16  # tokens: a span this long found verbatim is the training text, not a common phrase
@@ -161,7 +161,7 @@ def limit_epochs(cfg: Config, sources: Sequence[Source], corpus: Sequence[tuple[
         return cfg, ""
     most = min(range(len(sources)), key=lambda i: corpus[i][1] / corpus[i][0] if corpus[i][0] > 0 else math.inf)
     overlap = verbatim_overlap(sources[most].dir)
-    limit = round(epoch_limit(cfg.data.max_epochs, overlap), 1)  # the default corpus, 19.9%: 9.98, so 10
+    limit = round(epoch_limit(cfg.data.max_epochs, overlap), 1)  # the topics with the docstrings, 19.9%: 9.98, so 10
     if limit >= cfg.data.max_epochs:
         return cfg, ""
     return replace(cfg, data=replace(cfg.data, max_epochs=limit)), (

@@ -27,7 +27,7 @@ move the choice; the sweeps the ratio was fitted to had tied heads, whose params
 
 `worth` is Muennighoff et al.'s (2023) value of repeated data: the k-th epoch is worth exp(-(k-1)/R) of the
 first, R = REPEAT_WORTH epochs. Past about ten epochs a small corpus is worth less than nothing: the model
-learns it by heart and validation gets worse (on the main job's corpus, 93K tokens, equal tokens: depth 2 scored
+learns it by heart and validation gets worse (on the documentation topics, 93K tokens, equal tokens: depth 2 scored
 1.269 bits per byte after 10 epochs and 1.551 after 20, depth 3 1.271 after 6.6 and 1.333 after 13, depth 1
 1.576 after 20; results/recipe/cpu-recipe-pydoc-epochs-2026-11-25.json). A deeper model, which reads it fewer times in
 the same budget, does better there, so no depth that would read it more than data.max_epochs times is chosen.
@@ -36,7 +36,7 @@ sets as train.max_steps; optim.weight_decay_rule = "repeats" lowers the limit fo
 every depth offered would read it more often, all train on the same tokens, so the deepest offered trains until
 then (on held-out code read 4.2 times, 3 x 192 scored 1.461 bits per byte against 2 x 128's 1.477).
 A shallower depth stopped at data.max_epochs is not chosen over a deeper one that reads the corpus less: it won on
-the main job's corpus (depth 2 at 10 epochs 1.271 against depth 3 at 6.4, 1.283) but lost badly on a corpus
+the documentation topics (depth 2 at 10 epochs 1.271 against depth 3 at 6.4, 1.283) but lost badly on a corpus
 of 254K tokens (depth 1 at 10 epochs 1.763 against 1.568 at 3.9; docs/performance.md). But that preference
 runs away on a long budget: the deepest shapes, slow enough to read the corpus fewer times, were chosen whatever
 their size (140M parameters for 0.8M tokens in an hour; timing a shape of 1B parameters for 8 hours killed the
@@ -85,7 +85,7 @@ DEPTHS = tuple(range(1, 33))  # the ladder
 # the depth-1 / depth-2 boundary; mean 0.007.
 TOKENS_PER_PARAM = 1.455
 REPEAT_WORTH = 15.0  # R: epochs over which a repeated token's worth falls by e (Muennighoff et al.)
-# What the sweeps covered: effective tokens, and epochs of a corpus (the ladder to 3.3, the main job's corpus to
+# What the sweeps covered: effective tokens, and epochs of a corpus (the ladder to 3.3, the documentation topics to
 # 20); the rule extrapolates beyond (the plan says so).
 SWEPT = (1e5, 3.3e6)
 SWEPT_EPOCHS = 20.0
@@ -105,7 +105,7 @@ RETIMINGS = 3
 # available: the estimate is within about 2x of the real peak, and the machine runs other programs too.
 MEMORY_SHARE = 0.5
 # The data bound: a time budget offers no shape that data.max_epochs epochs give fewer than TOKENS_PER_PARAM / UNDERFED
-# tokens per parameter. The evidence bounds it from below only: on the main job's corpus depth 3, at 0.29 (6.6
+# tokens per parameter. The evidence bounds it from below only: on the documentation topics depth 3, at 0.29 (6.6
 # epochs), scored as well as depth 2 at 10 epochs (the module docstring's runs).
 UNDERFED = 4.0
 

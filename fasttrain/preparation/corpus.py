@@ -9,6 +9,8 @@ field), a Parquet file (a document per row, in a text column; the `parquet` extr
                         (`pydoc_data.topics`, ~465 KB of English, 79 documents)
     builtin:docstrings  the docstrings of the standard library's modules, read
                         with `ast` from the sources, never imported
+    builtin:sources     the standard library's sources, a document per module
+                        (~11 MB of Python; tests, IDLE and lib2to3 left out)
 
 A plain text file is one document. Documents stream as `Piece`s of about `CHUNK_BYTES` at most, cut at line ends
 (Parquet PARQUET_BATCH_ROWS rows at a time), so no file is read whole. Invalid UTF-8 and lone surrogates (a JSON escape
@@ -31,7 +33,7 @@ from fasttrain.formats.shards import refuse_special_file
 from fasttrain.system.errors import UsageError
 
 BUILTIN_PREFIX = "builtin:"
-BUILTINS = ("pydoc", "docstrings")
+BUILTINS = ("pydoc", "docstrings", "sources")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl", ".parquet")  # what a directory contributes
 CHUNK_BYTES = 1 << 20
 PARQUET_BATCH_ROWS = 1024  # rows decoded at once: bounded memory even in a file of one huge row group
@@ -80,7 +82,7 @@ class Source:
         """The source's pieces; of a JSONL file, only the lines that start in bytes [start, end)."""
         if self.name.startswith(BUILTIN_PREFIX):
             for doc in _builtin_documents(self.name[len(BUILTIN_PREFIX) :]):
-                yield Piece.of(doc, True)  # a docstring can hold a surrogate escape
+                yield Piece.of(doc, True)  # a docstring can hold a surrogate escape, a source file invalid UTF-8
         elif self.name.endswith(".jsonl"):
             yield from self._jsonl_pieces(text_field, start, end)
         elif self.name.endswith(".parquet"):
@@ -250,28 +252,37 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Source]:
 
 
 def _builtin_size(name: str) -> int:
-    """The embedded corpus's bytes of UTF-8 text, as measured (the docstrings' vary with Python's version): for the
-    progress bar, and a plan's estimate of its tokens before it is prepared (cache.pending)."""
+    """The embedded corpus's bytes of UTF-8 text, as measured (the docstrings' vary with Python's version; the
+    sources' are their files' sizes): for the progress bar, and a plan's estimate of its tokens before it is prepared
+    (cache.pending)."""
+    if name == "sources":
+        return sum(path.stat().st_size for path in _stdlib_modules())
     return 466_000 if name == "pydoc" else 1_650_000
 
 
-def _builtin_documents(name: str) -> Iterator[str]:
+def _builtin_documents(name: str) -> Iterator[str | bytes]:
     if name == "pydoc":
         from pydoc_data.topics import topics
 
         for key in sorted(topics):
             yield topics[key]
+    elif name == "sources":
+        for path in _stdlib_modules():
+            yield path.read_bytes()  # bytes: Piece.of replaces and counts any invalid UTF-8
     else:
         yield from _stdlib_docstrings()
 
 
-def _stdlib_docstrings() -> Iterator[str]:
-    """One document per standard-library module: its docstrings, in source order."""
+def _stdlib_modules() -> list[Path]:
+    """The standard library's .py files, sorted; its tests, IDLE, lib2to3 and installed packages left out."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__"}
-    for path in sorted(root.rglob("*.py")):
-        if skip.intersection(path.relative_to(root).parts):
-            continue
+    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
+
+
+def _stdlib_docstrings() -> Iterator[str]:
+    """One document per standard-library module: its docstrings, in source order."""
+    for path in _stdlib_modules():
         try:
             tree = ast.parse(path.read_bytes())
         except (SyntaxError, ValueError, OSError):
