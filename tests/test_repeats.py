@@ -101,12 +101,16 @@ def test_the_epoch_limit_falls_from_data_max_epochs_to_four_as_validation_text_g
 
 
 def test_a_self_sized_budget_stops_at_the_limit_on_new_text_and_at_data_max_epochs_on_the_topics(
-    code_data, pydoc_data, tmp_path
+    code_data, pydoc_data, tmp_path, monkeypatch
 ):
     """Three days at a slow speed: every depth would read the corpus more often than allowed, so the plan's stop
     (train.max_steps) is the limit: under 10 epochs of held-out code (8% of its validation spans are in its training
     text), data.max_epochs of the topics, whose validation text is mostly their training text, and data.max_epochs
-    under the fixed rule."""
+    under the fixed rule. The limit and the decay (both chosen here: over 3 epochs) measure the overlap once."""
+    measured = []
+    monkeypatch.setattr(
+        repeats, "verbatim_overlap", lambda d, measure=repeats.verbatim_overlap: measured.append(d) or measure(d)
+    )
 
     def epochs(data, *sets):
         p = plan_run(tiny_config(data, tmp_path, *DAYS, *sets), World(), CPU, speed=SLOW)
@@ -114,7 +118,9 @@ def test_a_self_sized_budget_stops_at_the_limit_on_new_text_and_at_data_max_epoc
 
     overlap = repeats.verbatim_overlap(str(code_data))
     limit = round(repeats.epoch_limit(10.0, overlap), 1)
+    measured.clear()
     read, notes = epochs(code_data, *RULE)
+    assert len(measured) == 1 and any("weight decay 0.1 -> " in n for n in notes), (measured, notes)
     assert overlap < repeats.RECALLED and limit - 0.5 < read <= limit < 10  # within a batch of the limit
     assert any(f"reads code at most {limit:g} times, not data.max_epochs = 10: {overlap:.1%}" in n for n in notes)
     assert any(f"read the corpus {limit:g} times (the limit above)" in n for n in notes), notes

@@ -112,17 +112,27 @@ def epoch_limit(max_epochs: float, overlap: float) -> float:
     return NOVEL_EPOCHS + min(overlap / RECALLED, 1.0) * (max_epochs - NOVEL_EPOCHS)
 
 
+def most_read(epochs: Sequence[float]) -> int:
+    """The index of the source read the most times over, of each source's `epochs` (or any measure in proportion:
+    its share of the run per token of an epoch); the first of equals."""
+    return max(range(len(epochs)), key=lambda i: epochs[i])
+
+
 def choose_weight_decay(
-    cfg: Config, sources: Sequence[Source], epochs: Sequence[float] | None, recorded: Config | None
+    cfg: Config,
+    sources: Sequence[Source],
+    epochs: Sequence[float] | None,
+    recorded: Config | None,
+    measured: tuple[int, float] | None = None,
 ) -> tuple[OptimConfig, str]:
     """cfg.optim with its weight decay for the run (cfg.optim itself unless optim.weight_decay_rule = "repeats"),
     and the plan's note saying why ("" for "fixed"). `epochs`: how many times over the run reads each source (None:
     not known); `recorded`: a resumed or replayed run's config.toml, whose decay it keeps (said where the rule
-    would now choose another)."""
+    would now choose another); `measured`: a source's index and overlap the plan has measured (`limit_epochs`)."""
     o = cfg.optim
     if o.weight_decay_rule == "fixed":
         return o, ""
-    decay, why = rule_decay(o, sources, epochs)
+    decay, why = rule_decay(o, sources, epochs, measured)
     if recorded is None:
         return replace(o, weight_decay=round(decay, 3)), f"optim.weight_decay_rule = repeats: {why}"
     kept = recorded.optim.weight_decay
@@ -134,18 +144,21 @@ def choose_weight_decay(
     )
 
 
-def rule_decay(o: OptimConfig, sources: Sequence[Source], epochs: Sequence[float] | None) -> tuple[float, str]:
-    """The weight decay the rule chooses for a new run reading `sources` `epochs` times over, and why in words."""
+def rule_decay(
+    o: OptimConfig, sources: Sequence[Source], epochs: Sequence[float] | None, measured: tuple[int, float] | None
+) -> tuple[float, str]:
+    """The weight decay the rule chooses for a new run reading `sources` `epochs` times over, and why in words;
+    the most-read source's overlap is measured here unless `measured` (index, overlap) holds it."""
     if not sources:
         return o.weight_decay, f"weight decay {o.weight_decay:g} until the data is prepared, when the run chooses it"
     if epochs is None:
         return o.weight_decay, f"weight decay {o.weight_decay:g}, as the run's tokens are not known before it trains"
-    most = max(range(len(sources)), key=lambda i: epochs[i])
+    most = most_read(epochs)
     e = epochs[most]
     read = f"it reads {sources[most].name} {e:.1f} times over"
     if e <= REPEATS_FREE:
         return o.weight_decay, f"weight decay {o.weight_decay:g}, as {read} (repeats need more from {REPEATS_FREE:g})"
-    overlap = verbatim_overlap(sources[most].dir)
+    overlap = measured[1] if measured and measured[0] == most else verbatim_overlap(sources[most].dir)
     decay = repeat_decay(o, e, overlap)
     spans = f"{overlap:.0%} of its validation {SPAN}-token spans are in its training text"
     if math.isclose(decay, o.weight_decay):
@@ -153,19 +166,23 @@ def rule_decay(o: OptimConfig, sources: Sequence[Source], epochs: Sequence[float
     return decay, f"weight decay {o.weight_decay:g} -> {decay:.3g}: {read} and {spans}"
 
 
-def limit_epochs(cfg: Config, sources: Sequence[Source], corpus: Sequence[tuple[float, float]]) -> tuple[Config, str]:
+def limit_epochs(
+    cfg: Config, sources: Sequence[Source], corpus: Sequence[tuple[float, float]]
+) -> tuple[Config, str, tuple[int, float] | None]:
     """`cfg` with data.max_epochs lowered to `epoch_limit` for a self-sized budget reading `sources` (`corpus`: each
-    one's share of the run and training tokens an epoch), and the plan's note saying so; `cfg` itself, and "", unless
-    optim.weight_decay_rule = "repeats" lowers it."""
+    one's share of the run and training tokens an epoch), the plan's note saying so, and the most-read source's index
+    and overlap, measured for it (for `choose_weight_decay`: one measurement a plan); `cfg` itself, "" and None
+    unless optim.weight_decay_rule = "repeats" applies."""
     if cfg.optim.weight_decay_rule != "repeats" or not sources:
-        return cfg, ""
-    most = min(range(len(sources)), key=lambda i: corpus[i][1] / corpus[i][0] if corpus[i][0] > 0 else math.inf)
+        return cfg, "", None
+    most = most_read([share / tokens if tokens else math.inf for share, tokens in corpus])
     overlap = verbatim_overlap(sources[most].dir)
     limit = round(epoch_limit(cfg.data.max_epochs, overlap), 1)  # the topics with the docstrings, 19.9%: 9.98, so 10
     if limit >= cfg.data.max_epochs:
-        return cfg, ""
-    return replace(cfg, data=replace(cfg.data, max_epochs=limit)), (
+        return cfg, "", (most, overlap)
+    note = (
         f"optim.weight_decay_rule = repeats: the budget reads {sources[most].name} at most {limit:g} times, not "
         f"data.max_epochs = {cfg.data.max_epochs:g}: {overlap:.1%} of its validation {SPAN}-token spans are in its "
         "training text, and more epochs of new text teach the text, not the language"
     )
+    return replace(cfg, data=replace(cfg.data, max_epochs=limit)), note, (most, overlap)

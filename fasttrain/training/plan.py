@@ -244,7 +244,7 @@ def plan_run(
         note = check_hf_tokenizer(shape.init_from, Tokenizer.load(tokenizer_file), tokenizer_file)
         notes += [note] if note else []
     accumulation = accumulation_steps(t, world.size)
-    model, t, corpus, speed, sized_notes = size_run(
+    model, t, corpus, speed, measured, sized_notes = size_run(
         cfg, sources, estimate, accumulation, world, device, resume, speed, earlier, context_set
     )
     notes += sized_notes
@@ -254,7 +254,7 @@ def plan_run(
     notes += mix_notes
     planned = run_tokens(t, cfg.model, tokens_per_step, speed)  # inf: a time budget with no speed timed
     epochs = None if math.isinf(planned) else [planned * share / size for share, size in corpus]
-    optim, note = choose_weight_decay(cfg, sources, epochs, earlier[0] if earlier else None)
+    optim, note = choose_weight_decay(cfg, sources, epochs, earlier[0] if earlier else None, measured)
     cfg = replace(cfg, optim=optim)
     notes += [note] if note else []
     parallel = t.parallel if world.distributed else "none"  # what a checkpoint records too
@@ -305,14 +305,14 @@ def size_run(
     speed: Speed | None,
     earlier: tuple[Config, str] | None,
     context_set: bool,
-) -> tuple[ModelConfig, TrainConfig, Corpus, Speed | None, list[str]]:
+) -> tuple[ModelConfig, TrainConfig, Corpus, Speed | None, tuple[int, float] | None, list[str]]:
     """The model and train sections a run of `cfg` (its train.seq_len the short or recorded context) trains: the
     shape (model.n_layers = 0: chosen for the run's compute, sizing.py), the context (unless `context_set` or
     `earlier` recorded it: chosen for the tokens planned at the short one, sequence_length.py), the model's
     max_seq_len the context trained unless `context_set`, and a self-sized budget's stop at data.max_epochs or the
     repeats rule's lower limit (train.max_steps); with the corpus they were weighed on (each source's share of the
     run and its tokens an epoch, as the loader reads them; `estimate` for a folder not prepared yet), the speed
-    timed, and the notes."""
+    timed, the source index and verbatim overlap the repeats rule measured (None: not measured), and the notes."""
     t, notes, choose_seq_len = cfg.train, [], not context_set and earlier is None
     mix, _ = phases(cfg.data, t.max_steps, accumulation)
     shares = token_shares(mix, t.max_steps * accumulation)
@@ -323,7 +323,7 @@ def size_run(
 
     corpus = corpus_at(cfg)
     self_sized = not cfg.model.n_layers and t.max_time and not cfg.schedule.progress_from
-    cfg, limit_note = limit_epochs(cfg, sources, corpus) if self_sized else (cfg, "")  # data.max_epochs, or lower
+    cfg, limit_note, measured = limit_epochs(cfg, sources, corpus) if self_sized else (cfg, "", None)
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size  # the same at either context
     model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
     cap = epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
@@ -343,9 +343,9 @@ def size_run(
         t = replace(t, max_steps=cap)
         notes.append(
             f"train.max_steps = {cap}: a budgeted run with model.n_layers = 0 stops when it has read the corpus "
-            f"{cfg.data.max_epochs:g} times ({limit_note and 'the limit above' or 'data.max_epochs'}) or earlier"
+            f"{cfg.data.max_epochs:g} times ({'the limit above' if limit_note else 'data.max_epochs'}) or earlier"
         )
-    return model, t, corpus, speed, notes
+    return model, t, corpus, speed, measured, notes
 
 
 def accumulation_steps(t: TrainConfig, world_size: int = 1) -> int:
