@@ -13,11 +13,11 @@ It records each evaluation's bits per byte: the best, the last (what a run that 
 the weight decay the run trained at (its config.toml). Equal tokens, so any CPU gives the same figures to rounding;
 each run is one process of one thread (--jobs of them at once).
 
-The corpora (prepared once at vocab 4096 into --cache; none is the main job's corpus but pydoc):
+The corpora (prepared once at vocab 4096 into --cache; the main job's is the topics with the stdlib's sources):
   pydoc       the Python documentation topics (builtin:pydoc), 93K training tokens of English: its validation
               text repeats its training text (half its 16-token spans are in it)
   docstrings  the standard library's docstrings (builtin:docstrings), 426K tokens of English
-  prose       both (the default corpus's inputs), 530K tokens
+  prose       both, the topics and the docstrings, 530K tokens of English
   code-small  the asyncio, email, json and http packages' sources, 254K tokens
   code-1m     the sources of ten packages of the standard library, ~1M tokens
 

@@ -15,8 +15,8 @@ The corpora are built from the running Python's standard library, so any machine
 out from builtin:pydoc, the corpus configs/base.toml was tuned on (its documentation topics, not code):
   large  every .py file of the standard library (site-packages left out), ~31 MB: read about once
   small  the asyncio, email, json and http packages, ~1.1 MB: read many times over
-and, not held out, "pydoc" is the main job's own corpus (92K training tokens), for how a budget that reads it
-10-20 times does.
+and "pydoc" is the topics alone (92K training tokens; the main job's corpus was, until the stdlib's sources joined
+it), for how a budget that reads it 10-20 times does.
 Each is written as JSONL, one document a file, and prepared once at vocab 4096 into --cache.
 
 Writes one JSON (default benchmarks/results/recipe/cpu-recipe-<corpus>-<budget>s-<date>.json) with the machine,
@@ -180,8 +180,7 @@ def stdlib_files(corpus: str) -> list[Path]:
 
 def prepared(corpus: str, cache: Path) -> Path:
     """The folder `corpus` is prepared in under `cache`, prepared first if it is not there yet. Corpus "pydoc" is
-    the main job's own (builtin:pydoc, as configs/base.toml prepares it), not held out: for what depends on its
-    size, as how many times a budget reads it."""
+    the topics (builtin:pydoc), not held out: for what depends on its size, as how many times a budget reads it."""
     if corpus == "pydoc":
         return prepared_corpus(cache / "pydoc", inputs=["builtin:pydoc"])
     return prepared_corpus(cache / f"stdlib-{corpus}", files=stdlib_files(corpus))
