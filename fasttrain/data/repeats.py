@@ -84,8 +84,12 @@ def verbatim_overlap(directory: str) -> float:
     val = span_hashes(split_tokens(directory, "val", MAX_TRAIN_TOKENS))
     if not len(val):
         return 0.0
-    train = span_hashes(split_tokens(directory, "train", MAX_TRAIN_TOKENS))
-    return float(np.isin(val, train).mean())
+    train = np.sort(span_hashes(split_tokens(directory, "train", MAX_TRAIN_TOKENS)))
+    if not len(train):
+        return 0.0
+    # A binary search in the sorted hashes: np.isin took 4x as long on the default corpus (2.8M tokens).
+    at = np.searchsorted(train, val).clip(max=len(train) - 1)
+    return float((train[at] == val).mean())
 
 
 def novelty(overlap: float) -> float:
