@@ -4,6 +4,8 @@ kept by a resume."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -27,9 +29,14 @@ def test_the_rule_raises_the_decay_with_the_epochs_where_validation_is_new_text(
     assert repeats.repeat_decay(o, 5.0, 0.0) == pytest.approx(1.0)  # 0.5 an epoch beyond the third
     assert repeats.repeat_decay(o, 7.0, 0.0) == pytest.approx(2.0)
     assert repeats.repeat_decay(o, 40.0, 0.0) == pytest.approx(3.2)  # the ceiling
+    rule = OptimConfig(weight_decay=0.1)  # past 8 epochs, 2 more each time the epochs double, to 6.4
+    assert repeats.repeat_decay(rule, 8.0, 0.0) == pytest.approx(2.5)
+    assert repeats.repeat_decay(rule, 16.0, 0.0) == pytest.approx(4.5)
+    assert repeats.repeat_decay(rule, 11.3, 0.0) == pytest.approx(2.5 + 2 * math.log2(11.3 / 8))
+    assert repeats.repeat_decay(rule, 32.0, 0.0) == pytest.approx(rule.max_weight_decay) == 6.4
     assert repeats.repeat_decay(o, 7.0, 0.25) == pytest.approx(0.1 + 0.5 * 1.9)  # half new: half the rise
     assert repeats.repeat_decay(o, 7.0, 0.6) == 0.1  # validation mostly the training text over again: as set
-    assert repeats.repeat_decay(OptimConfig(weight_decay=5.0), 20.0, 0.0) == 5.0  # never lowered
+    assert repeats.repeat_decay(OptimConfig(weight_decay=7.0), 20.0, 0.0) == 7.0  # never lowered
 
 
 def test_the_overlap_counts_validation_spans_found_verbatim_in_training(tmp_path):

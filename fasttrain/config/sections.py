@@ -181,7 +181,7 @@ class OptimConfig:
     # text over again, trains at a weight decay raised for its epochs, up to max_weight_decay (the plan says which
     # and why: fasttrain/data/repeats.py); "fixed": weight_decay as set.
     weight_decay_rule: Literal["fixed", "repeats"] = "fixed"
-    max_weight_decay: float = 3.2  # the rule's ceiling: ~30x the usual 0.1 (Kim et al. 2025, data read many times)
+    max_weight_decay: float = 6.4  # the rule's ceiling, reached at ~32 epochs (Kim et al. 2025: ~30x the usual 0.1)
     # Peak learning rates of their own, each following the same schedule (0 = optim.lr): the lookup tables (the
     # token embedding, with a tied head the shared matrix, and any value embeddings), whose rows are updated only
     # when their token appears, and an untied output head. nanochat trains its embedding at ~40x its head's rate.

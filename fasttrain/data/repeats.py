@@ -15,7 +15,8 @@ So the plan measures both, as it times the machine's speed:
     epochs   E   how many times over the run reads the source it reads most (the loader's count)
     overlap  o   the fraction of that source's validation 16-token spans found verbatim in its training split
     novelty  n = clamp(1 - o / MEMORISED, 0, 1)       (0: validation is training text over again)
-    target     = min(PER_EPOCH x (E - REPEATS_FREE), optim.max_weight_decay)
+    target     = min(PER_EPOCH x (min(E, LINEAR_TO) - REPEATS_FREE) + PER_DOUBLING x log2(max(E / LINEAR_TO, 1)),
+                     optim.max_weight_decay)
     decay      = optim.weight_decay + n x (target - optim.weight_decay), where target is the larger
 
 and below REPEATS_FREE epochs (Muennighoff et al. 2023: to about 4, repeated tokens are worth nearly as much as new
@@ -27,7 +28,7 @@ rule's decay, and a 10-minute budget's 3 x 192 read 10 times ended at 1.508 wher
 fourth epoch, was 1.47. Where validation rewards recall, more epochs still help: the topics with the docstrings (20%
 overlap) scored their best at the end of a 30-minute run that read them 8.3 times. PER_EPOCH and MEMORISED are
 fitted to the sweeps (benchmarks/studies/many_epochs.py): the best decay on held-out code read 3.5, 5 and 7 times was
-0.1-0.3, 1 and 2; on the topics read 10 times, 0.1.
+0.1-0.3, 1 and 2; on the topics read 10 times, 0.1; read 16 and 32 times, 4.5 and 6.3 (so PER_DOUBLING).
 A run whose tokens are not known (a time budget with no speed timed) keeps the decay as set, and a resumed or
 replayed run the decay its config.toml records, so a longer budget never changes it part way through.
 """
@@ -47,7 +48,9 @@ from fasttrain.formats.shards import find_shards, token_blocks
 REPEATS_FREE = 3.0  # epochs up to which repeats need no more decay than new data
 NOVEL_EPOCHS = 4.0  # the most epochs of a corpus whose validation text is new that a self-sized budget reads
 RECALLED = 0.2  # an overlap from which data.max_epochs epochs still help (topics and docstrings: 20%, read 8.3 times)
-PER_EPOCH = 0.5  # the target decay's rise per epoch beyond REPEATS_FREE
+PER_EPOCH = 0.5  # the target decay's rise per epoch beyond REPEATS_FREE, to LINEAR_TO
+LINEAR_TO = 8.0  # epochs from which the target rises by PER_DOUBLING each time the epochs double
+PER_DOUBLING = 2.0  # 2.5 at 8 epochs, 4.5 at 16, 6.5 at 32 (the ceiling, optim.max_weight_decay, holds it at 6.4)
 MEMORISED = 0.5  # an overlap at which validation is taken to reward recall as much as generalising (novelty 0)
 SPAN = 16  # tokens: a span this long found verbatim is the training text, not a common phrase
 MAX_TRAIN_TOKENS = 1 << 23  # of the training split hashed (64 MB): a longer one is compared by its start
@@ -82,13 +85,10 @@ def verbatim_overlap(directory: str) -> float:
     """The fraction of the validation split's SPAN-token windows found verbatim in the training split (its first
     MAX_TRAIN_TOKENS) of the prepared folder `directory`."""
     val = span_hashes(split_tokens(directory, "val", MAX_TRAIN_TOKENS))
-    if not len(val):
-        return 0.0
     train = np.sort(span_hashes(split_tokens(directory, "train", MAX_TRAIN_TOKENS)))
-    if not len(train):
+    if not len(val) or not len(train):
         return 0.0
-    # A binary search in the sorted hashes: np.isin took 4x as long on the default corpus (2.8M tokens).
-    at = np.searchsorted(train, val).clip(max=len(train) - 1)
+    at = np.searchsorted(train, val).clip(max=len(train) - 1)  # a binary search: np.isin took 4x as long
     return float((train[at] == val).mean())
 
 
@@ -101,7 +101,8 @@ def novelty(overlap: float) -> float:
 def repeat_decay(o: OptimConfig, epochs: float, overlap: float) -> float:
     """The module docstring's rule: the weight decay for a run reading its corpus `epochs` times whose validation
     text overlaps its training text by `overlap`."""
-    target = min(PER_EPOCH * (epochs - REPEATS_FREE), o.max_weight_decay)
+    rise = PER_EPOCH * (min(epochs, LINEAR_TO) - REPEATS_FREE) + PER_DOUBLING * math.log2(max(epochs / LINEAR_TO, 1))
+    target = min(rise, o.max_weight_decay)
     if epochs <= REPEATS_FREE or target <= o.weight_decay:
         return o.weight_decay
     return o.weight_decay + novelty(overlap) * (target - o.weight_decay)
@@ -117,8 +118,7 @@ def epoch_limit(max_epochs: float, overlap: float) -> float:
 
 
 def most_read(epochs: Sequence[float]) -> int:
-    """The index of the source read the most times over, of each source's `epochs` (or any measure in proportion:
-    its share of the run per token of an epoch); the first of equals."""
+    """The index of the largest of `epochs` (each source's, or any measure in proportion), the first of equals."""
     return max(range(len(epochs)), key=lambda i: epochs[i])
 
 
