@@ -10,7 +10,7 @@ field), a Parquet file (a document per row, in a text column; the `parquet` extr
     builtin:docstrings  the docstrings of the standard library's modules, read
                         with `ast` from the sources, never imported
     builtin:sources     the standard library's sources, a document per module
-                        (~11 MB of Python; tests, IDLE and lib2to3 left out)
+                        (~10 MB of Python; tests, IDLE, lib2to3, pydoc_data left out)
 
 A plain text file is one document. Documents stream as `Piece`s of about `CHUNK_BYTES` at most, cut at line ends
 (Parquet PARQUET_BATCH_ROWS rows at a time), so no file is read whole. Invalid UTF-8 and lone surrogates (a JSON escape
@@ -274,9 +274,9 @@ def _builtin_documents(name: str) -> Iterator[str | bytes]:
 
 
 def _stdlib_modules() -> list[Path]:
-    """The standard library's .py files, sorted; its tests, IDLE, lib2to3 and installed packages left out."""
+    """The standard library's .py files, sorted, less tests, IDLE, lib2to3, packages and pydoc_data (builtin:pydoc)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__"}
+    skip = {"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__", "pydoc_data"}
     return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
 
 
