@@ -174,9 +174,8 @@ def limit_epochs(
     cfg: Config, sources: Sequence[Source], corpus: Sequence[tuple[float, float]]
 ) -> tuple[Config, str, tuple[int, float] | None]:
     """`cfg` with data.max_epochs lowered to `epoch_limit` for a self-sized budget reading `sources` (`corpus`: each
-    one's share of the run and training tokens an epoch), the plan's note saying so, and the most-read source's index
-    and overlap, measured for it (for `choose_weight_decay`: one measurement a plan); `cfg` itself, "" and None
-    unless optim.weight_decay_rule = "repeats" applies."""
+    one's share of the run and training tokens an epoch), the plan's note, and the most-read source's (index, overlap)
+    measured for it, which `choose_weight_decay` reuses; `cfg`, "" and None unless the "repeats" rule applies."""
     if cfg.optim.weight_decay_rule != "repeats" or not sources:
         return cfg, "", None
     most = most_read([share / tokens if tokens else math.inf for share, tokens in corpus])

@@ -32,9 +32,8 @@ from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import holding
 
 # Bytes of text per token of a byte-level BPE of a vocabulary's size trained on the corpus, measured on the embedded
-# corpora (builtin:pydoc 2.14 at 512 tokens and 4.13 at 4096, builtin:docstrings 1.94 and 3.54, the default
-# builtin:pydoc with builtin:sources 3.45 at 4096): a corpus not
-# prepared yet is planned at these, log-linear in the vocabulary between them and held beyond.
+# corpora (builtin:pydoc 2.14 at 512 tokens and 4.13 at 4096, builtin:docstrings 1.94 and 3.54, the default pydoc
+# with sources 3.45 at 4096): a corpus not prepared yet is planned at these, log-linear between, held beyond.
 BYTES_PER_TOKEN = ((512, 2.0), (4096, 3.8))
 
 
