@@ -13,7 +13,7 @@ what is written and how.
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from typing import Any, Sequence
 
 from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB
 from fasttrain.preparation.parts import learn_tokenizer, merge, parse_part, prepare_part
@@ -102,39 +102,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{option(mode)}: does not take {', '.join(refused)}; it takes only "
                 + ", ".join(option(name) for name in ("out", *takes))
             )
+    # The options each mode shares with the others; TAKES above has refused any that a mode does not take.
+    common: dict[str, Any] = {"val_fraction": args.val_fraction, "text_field": args.text_field}
+    shards = {"tokenizer_path": args.tokenizer, "shard_tokens": args.shard_tokens, "workers": args.workers, **common}
     if args.merge:
         merge(args.out)
-        return 0
-    if args.learn_tokenizer_only:
-        learn_tokenizer(
-            args.input, args.out, vocab_size=args.vocab_size, val_fraction=args.val_fraction, text_field=args.text_field
-        )
-        return 0
-    if args.part is not None:
-        k, n = parse_part(args.part)
-        prepare_part(
-            args.input,
-            args.out,
-            k,
-            n,
-            tokenizer_path=args.tokenizer,
-            val_fraction=args.val_fraction,
-            shard_tokens=args.shard_tokens,
-            text_field=args.text_field,
-            workers=args.workers,
-        )
-        return 0
-    prepare(
-        args.input,
-        args.out,
-        vocab_size=args.vocab_size,
-        tokenizer_path=args.tokenizer,
-        val_fraction=args.val_fraction,
-        overwrite=args.overwrite,
-        shard_tokens=args.shard_tokens,
-        text_field=args.text_field,
-        workers=args.workers,
-    )
+    elif args.learn_tokenizer_only:
+        learn_tokenizer(args.input, args.out, vocab_size=args.vocab_size, **common)
+    elif args.part is not None:
+        prepare_part(args.input, args.out, *parse_part(args.part), **shards)
+    else:
+        prepare(args.input, args.out, vocab_size=args.vocab_size, overwrite=args.overwrite, **shards)
     return 0
 
 

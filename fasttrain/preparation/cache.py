@@ -21,13 +21,7 @@ from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB, DataConfig
 from fasttrain.formats.prepared_folder import PreparedData, open_prepared
 from fasttrain.formats.shards import read_meta
 from fasttrain.formats.tokenizer import Tokenizer
-from fasttrain.preparation.preparation import (
-    check_preparable,
-    finish_interrupted_move,
-    lock_path,
-    prepare_locked,
-    request_of,
-)
+from fasttrain.preparation import preparation
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import holding
 
@@ -60,8 +54,8 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
         if not quiet:
             print(f"data: waiting for {holder}, which is preparing {directory}")
 
-    with holding(lock_path(Path(directory)), wait=wait):
-        finish_interrupted_move(Path(directory), quiet)
+    with holding(preparation.lock_path(Path(directory)), wait=wait):
+        preparation.finish_interrupted_move(Path(directory), quiet)
         if read_meta(directory) is None:
             if d.dir and not d.inputs and not quiet:  # a typo in data.dir would otherwise pass unnoticed
                 state = "is empty" if Path(directory).is_dir() else "does not exist"
@@ -71,7 +65,7 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
                         f"({', '.join(DEFAULT_INPUTS)}) is prepared into it; if it should name a prepared "
                         "folder, check the path"
                     )
-            prepare_locked(
+            preparation.prepare_locked(
                 inputs,
                 directory,
                 vocab_size=vocab_size,
@@ -87,13 +81,8 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
 
 def prepared_dir(d: DataConfig) -> str:
     """The folder [data] `d` trains from: data.dir, or the cache directory of its request (`cache_dir`)."""
-    return d.dir or str(
-        cache_dir(
-            request_of(
-                d.inputs or DEFAULT_INPUTS, d.vocab_size or DEFAULT_VOCAB, d.tokenizer, d.val_fraction, d.text_field
-            )
-        )
-    )
+    inputs, vocab = d.inputs or DEFAULT_INPUTS, d.vocab_size or DEFAULT_VOCAB
+    return d.dir or str(cache_dir(preparation.request_of(inputs, vocab, d.tokenizer, d.val_fraction, d.text_field)))
 
 
 def find_prepared(d: DataConfig) -> tuple[str, PreparedData | None]:
@@ -153,13 +142,13 @@ def pending(d: DataConfig) -> tuple[str, int, float, str]:
     UsageError for what would refuse the preparation (inputs that name nothing, a folder not ours to fill, ...).
     Reads no text: the sizes of the files."""
     directory, inputs = prepared_dir(d), d.inputs or list(DEFAULT_INPUTS)
-    sources = check_preparable(inputs, Path(directory), d.val_fraction, tokenizer_path=d.tokenizer or None)
+    sources = preparation.check_preparable(inputs, Path(directory), d.val_fraction, tokenizer_path=d.tokenizer or None)
     if d.tokenizer:
         vocab, tokenizer = Tokenizer.load(d.tokenizer).vocab_size, f"the tokenizer {d.tokenizer}"
     else:
         vocab = d.vocab_size or DEFAULT_VOCAB
         tokenizer = f"a {vocab}-token BPE trained on it"
-    request = request_of(inputs, vocab, d.tokenizer, d.val_fraction, d.text_field)
+    request = preparation.request_of(inputs, vocab, d.tokenizer, d.val_fraction, d.text_field)
     (v1, b1), (v2, b2) = BYTES_PER_TOKEN
     per_token = b1 + (b2 - b1) * min(max(math.log(vocab / v1) / math.log(v2 / v1), 0.0), 1.0)
     size = sum(s.size for s in sources)

@@ -86,12 +86,8 @@ def identity(sources: Sequence[Source]) -> list[dict]:
     return [one(s) for s in sources]
 
 
-def _parts_dir(out: Path) -> Path:
-    return out / PARTS
-
-
 def _lock(out: Path, k: int, n: int) -> Path:
-    return _parts_dir(out) / f".{k}-of-{n}.lock"
+    return out / PARTS / f".{k}-of-{n}.lock"
 
 
 def _refuse_merged(out: Path, what: str) -> None:
@@ -122,7 +118,7 @@ def learn_tokenizer(
     split = plan_split(sources, text_field, val_fraction)
     sample = Sample()
     tokenizer = Tokenizer.train(tokenizer_sample(sources, text_field, split, tokenizer_train_chars, sample), vocab_size)
-    parts = _parts_dir(out)
+    parts = out / PARTS
     with holding(parts / ".tokenizer.lock", lambda h: f"{parts}: another prepare ({h}) is learning its tokenizer"):
         tokenizer.save(parts / LEARNED)
         learned = {
@@ -157,7 +153,7 @@ def prepare_part(
     """Prepare part k of n of `inputs` into DIR/parts/k-of-n; returns its manifest."""
     out, name = Path(out_dir), f"part {k}/{n}"
     prep.check_options(val_fraction, shard_tokens, tokenizer_path)
-    parts = _parts_dir(out)
+    parts = out / PARTS
     request, learned_from = None, None
     if not tokenizer_path:
         if not (parts / LEARNED).is_file():
@@ -251,7 +247,7 @@ _SAME = (
 def merge(out_dir: str | os.PathLike, *, quiet: bool = False) -> dict:
     """Merge DIR/parts' N complete parts into DIR's one prepared folder; returns its meta.json."""
     out = Path(out_dir)
-    parts = _parts_dir(out)
+    parts = out / PARTS
     busy = lambda holder: f"{out}: another prepare ({holder}) is writing it; wait for it to end"  # noqa: E731
     with holding(prep.lock_path(out), busy), ExitStack() as locks:
         prep.finish_interrupted_move(out, quiet)
@@ -270,8 +266,7 @@ def merge(out_dir: str | os.PathLike, *, quiet: bool = False) -> dict:
                     raise UsageError(
                         f"part {m['part']}/{n}: made from {what} than part 0/{n} "
                         f"({_difference(_compared(m, key), _compared(manifests[0], key), key)}); "
-                        "prepare it again like "
-                        "the others"
+                        "prepare it again like the others"
                     )
         first = manifests[0]
         counts = {

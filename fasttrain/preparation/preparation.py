@@ -32,7 +32,7 @@ from fasttrain.formats.tokenizer import Tokenizer, fingerprint
 from fasttrain.preparation.corpus import resolve_inputs
 from fasttrain.preparation.pipeline import write_shards
 from fasttrain.preparation.split import LONGEST_RUN, Sample, all_pieces, plan_split, split_documents, tokenizer_sample
-from fasttrain.system.atomic import write_atomically
+from fasttrain.system.atomic import sync_directory, write_atomically
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import holding
 
@@ -290,11 +290,7 @@ def lock_path(out: Path) -> Path:
 def fsync_tree(directory: Path) -> None:
     """Flush `directory`'s files and the directory itself to disk (what a COMPLETE marker promises)."""
     for path in [*directory.iterdir(), directory]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_directory(path)  # a file's descriptor is fsynced the same way
 
 
 def _move_into_place(out: Path, names: list[str]) -> None:
