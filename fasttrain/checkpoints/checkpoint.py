@@ -22,29 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fasttrain.checkpoints import checksums, sharded_files
+from fasttrain.checkpoints import checksums, resume, saves, sharded_files
 from fasttrain.checkpoints.checkpoint_files import STATE_FILE, load, publish, resolve, save, saved_config
-from fasttrain.checkpoints.resume import (
-    check_same_model,
-    check_same_optimizer,
-    rng_state,
-    seed_rng,
-    set_rng_state,
-    world_change,
-)
 from fasttrain.checkpoints.run_directory import RunStart, check_kept_tokenizer, check_new_run, check_own
 from fasttrain.checkpoints.run_state import RunState
-from fasttrain.checkpoints.saves import (
-    SAVE_NAME,
-    clear_stale,
-    is_sharded,
-    path_for,
-    point,
-    pointed,
-    remove,
-    saved_steps,
-    step_of,
-)
 from fasttrain.compute import distributed
 from fasttrain.config import Config, config_to_toml
 from fasttrain.data.loader import TokenLoader, reshard
@@ -111,7 +92,7 @@ class Checkpointer:
         return {
             "scaler": self.scaler.state_dict(),
             **run.state_dict(),  # "step" is the LR schedule's position too
-            "ranks": distributed.gather({"train_loader": loader.state_dict(), "rng": rng_state()}, self.world),
+            "ranks": distributed.gather({"train_loader": loader.state_dict(), "rng": resume.rng_state()}, self.world),
             "parallel": self.parallel,
             "config": config_to_toml(self.cfg),
         }
@@ -127,7 +108,7 @@ class Checkpointer:
         if self.sharded:
             return self.save_sharded(run, loader, best, keep)
         state = self.state_dict(run, loader)
-        path = path_for(self.directory, run.step)
+        path = saves.path_for(self.directory, run.step)
         if self.world.is_main:
             self.check_still_ours()
             path = save(state, self.directory, run.step, self.cfg.checkpoint.keep_last, best, keep)
@@ -138,26 +119,20 @@ class Checkpointer:
         """Every rank writes its part into `.step_N.tmp/`; rank 0 adds state.pt, renames it `step_N/`, points and
         prunes. With checkpoint.async_save this returns once the state is in CPU memory (see `wait`)."""
         self.wait()  # the save still in flight, if any, comes first
-        path = path_for(self.directory, run.step, sharded=True)
+        path = saves.path_for(self.directory, run.step, sharded=True)
         staging = self.directory / f".{path.name}.tmp"
         rest = self.run_state(run, loader)
         model, optimizer = distributed.local_state(self.model, self.optimizer)
         rest["optimizer_groups"] = optimizer["param_groups"]
         if self.world.is_main:
             self.check_still_ours()
-            clear_stale(self.directory)
+            saves.clear_stale(self.directory)
             make_directory(staging)
         distributed.barrier(self.world)
         state = {"model": model, "optimizer": {"state": optimizer["state"]}}
         if self.background:
-            self.in_flight = InFlight(
-                sharded_files.write_async(staging, state, self.write_group, self.world.is_main),
-                staging,
-                path,
-                rest,
-                best,
-                keep,
-            )
+            future = sharded_files.write_async(staging, state, self.write_group, self.world.is_main)
+            self.in_flight = InFlight(future, staging, path, rest, best, keep)
             return path
         try:
             sharded_files.write(staging, state)
@@ -180,7 +155,7 @@ class Checkpointer:
             sync_directory(self.directory)
         except OSError as e:
             raise UsageError(f"{path}: cannot save checkpoint ({e.strerror or e})") from None
-        clear_stale(self.directory)
+        saves.clear_stale(self.directory)
         publish(self.directory, path, self.cfg.checkpoint.keep_last, best, keep)
 
     def poll(self) -> None:
@@ -199,19 +174,18 @@ class Checkpointer:
         except (Exception, dcp_exception()) as e:
             self.unsettled = (flight.path, True)
             if self.world.is_main:
-                remove(flight.staging)
+                saves.remove(flight.staging)
                 print(
                     f"warning: {flight.path}: the background checkpoint write failed ({sharded_files.one_line(e)}); "
-                    f"latest still names {pointed(self.directory, 'latest')}",
+                    f"latest still names {saves.pointed(self.directory, 'latest')}",
                     file=sys.stderr,
                     flush=True,
                 )
             return
         self.unsettled = (flight.path, False)
         if self.world.is_main:
-            self.publish_folder(
-                flight.staging, flight.path, {**flight.rest, "checksums": sums}, flight.best, flight.keep
-            )
+            rest = {**flight.rest, "checksums": sums}
+            self.publish_folder(flight.staging, flight.path, rest, flight.best, flight.keep)
 
     def settle(self) -> Path | None:
         """Wait for the save in flight; returns the last background save waited for if its write failed on any rank (a
@@ -244,12 +218,12 @@ class Checkpointer:
         path = Path(path)
         state = load(path, self.device, whole_model=False)
         saved = saved_config(state, path)  # parsed once: the checks below and the caller read it
-        notes = check_same_model(saved, self.cfg, path)
-        check_same_optimizer(saved, self.cfg, path)
+        notes = resume.check_same_model(saved, self.cfg, path)
+        resume.check_same_optimizer(saved, self.cfg, path)
         try:
             ranks, rank = state["ranks"], self.world.rank
             position = reshard([r["train_loader"] for r in ranks], rank, self.world.size, state["step"] * accumulation)
-            if is_sharded(path):
+            if saves.is_sharded(path):
                 model, optimizer = distributed.local_state(self.model, self.optimizer)
                 sharded_files.read_into(path, {"model": model, "optimizer": {"state": optimizer["state"]}})
                 distributed.load_local_state(
@@ -265,13 +239,14 @@ class Checkpointer:
             self.scaler.load_state_dict(state["scaler"])
             loader.load_state_dict(position)
             if rank < len(ranks):
-                set_rng_state(ranks[rank]["rng"])
+                resume.set_rng_state(ranks[rank]["rng"])
             else:
-                seed_rng(self.cfg.train.seed, state["step"], rank)
+                resume.seed_rng(self.cfg.train.seed, state["step"], rank)
             run = RunState.from_state_dict(state)
         except (RuntimeError, ValueError, KeyError, TypeError, UsageError) as e:
             raise UsageError(f"{path}: cannot continue from it ({str(e).splitlines()[0]})") from None
-        return run, saved, notes + world_change(len(ranks), state.get("parallel"), self.world.size, self.parallel)
+        notes += resume.world_change(len(ranks), state.get("parallel"), self.world.size, self.parallel)
+        return run, saved, notes
 
     def restore_weights(self, path: Path) -> None:
         """Load only the model's weights of the save at `path` (what checkpoint.final_weights = "best" gives final/);
@@ -287,7 +262,7 @@ class Checkpointer:
         """Make `latest` name `path` again (after a rollback to it), so a resume starts there too."""
         if self.world.is_main:
             self.check_still_ours()
-            point(self.directory, "latest", path)
+            saves.point(self.directory, "latest", path)
         distributed.barrier(self.world)
 
     def check_still_ours(self) -> None:
@@ -303,20 +278,20 @@ class Checkpointer:
     def latest(self) -> Path | None:
         """The newest complete save, or None before the first; a save in flight is waited for first."""
         self.wait()
-        return pointed(self.directory, "latest")
+        return saves.pointed(self.directory, "latest")
 
     def best(self) -> Path | None:
         """The save with the lowest validation loss (checkpoint.keep_best), or None; a save in flight is waited for
         first."""
         self.wait()
-        return pointed(self.directory, "best")
+        return saves.pointed(self.directory, "best")
 
     def history(self, upto: Path) -> list[Path]:
         """The saves in this run's checkpoints/ from before `upto`'s step, oldest first, then `upto`:
         what a run resumed from `upto` can go back to (policies.Recovery)."""
-        if SAVE_NAME.fullmatch(upto.name) is None:  # a checkpoint file renamed by hand: no step to compare
+        if saves.SAVE_NAME.fullmatch(upto.name) is None:  # a checkpoint file renamed by hand: no step to compare
             return [upto]
-        return [p for p in saved_steps(self.directory) if step_of(p) < step_of(upto)] + [upto]
+        return [p for p in saves.saved_steps(self.directory) if saves.step_of(p) < saves.step_of(upto)] + [upto]
 
     def claim(self, overwrite: bool, start: RunStart | None) -> None:
         """Make the run directory ready for a new run: every rank checks (check_new_run), rank 0 claims it

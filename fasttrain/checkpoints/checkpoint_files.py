@@ -31,19 +31,8 @@ from typing import Any
 
 import torch
 
-from fasttrain.checkpoints import checksums, sharded_files
+from fasttrain.checkpoints import checksums, saves, sharded_files
 from fasttrain.checkpoints.run_directory import discard_set_aside, set_aside_note
-from fasttrain.checkpoints.saves import (
-    SAVE_NAME,
-    clear_stale,
-    is_sharded,
-    path_for,
-    point,
-    pointed,
-    remove,
-    saved_steps,
-    step_of,
-)
 from fasttrain.config import Config, load_config, parse_config
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
@@ -58,8 +47,8 @@ def save(
     """Write `state` as `directory/step_<step>.pt`, then publish it (see `publish`). Raises UsageError, with
     every earlier save intact, if the disk is full or the directory unwritable."""
     directory = Path(directory)
-    path = path_for(directory, step)
-    clear_stale(directory)
+    path = saves.path_for(directory, step)
+    saves.clear_stale(directory)
     write_atomically(path, lambda f: torch.save(state, f), what="save checkpoint")
     return publish(directory, path, keep_last, best, keep)
 
@@ -68,13 +57,13 @@ def publish(directory: Path, path: Path, keep_last: int, best: bool, keep: Path 
     """Point `latest` (and `best` if `best`) at the complete save `path`, then prune: keeps the newest
     `checkpoint.keep_last` saves, the one `best` names and `keep`."""
     if best:
-        point(directory, "best", path)
-    point(directory, "latest", path)
-    saved = saved_steps(directory)
-    kept = set(saved[-keep_last:]) | {pointed(directory, "best"), keep}
+        saves.point(directory, "best", path)
+    saves.point(directory, "latest", path)
+    saved = saves.saved_steps(directory)
+    kept = set(saved[-keep_last:]) | {saves.pointed(directory, "best"), keep}
     for old in saved:
         if old not in kept:
-            remove(old)
+            saves.remove(old)
     discard_set_aside(directory.parent)  # the new run's first save is complete: the run it replaces goes
     return path
 
@@ -82,12 +71,12 @@ def publish(directory: Path, path: Path, keep_last: int, best: bool, keep: Path 
 def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
     """The checkpoint `--resume spec` means: "auto", a run directory or its checkpoints/: the latest save (else the
     newest step); a pointer file: the save it names; anything else: a checkpoint's path."""
-    if spec != "auto" and (not Path(spec).is_dir() or is_sharded(Path(spec).resolve())):
+    if spec != "auto" and (not Path(spec).is_dir() or saves.is_sharded(Path(spec).resolve())):
         path = Path(spec)
         if path.is_symlink():  # a link to checkpoints/latest names a save beside its target, not beside the link
             path = path.resolve()
         if path.name in ("latest", "best") and path.is_file():
-            named = pointed(path.parent, path.name)
+            named = saves.pointed(path.parent, path.name)
             if named is None:  # removed since is_file()
                 raise UsageError(f"{path}: no such file")
             if not named.exists():
@@ -96,9 +85,9 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
         return path
     run = Path(out_dir if spec == "auto" else spec)
     directory = run if (run / "latest").exists() or run.name == "checkpoints" else run / "checkpoints"
-    latest = pointed(directory, "latest")
+    latest = saves.pointed(directory, "latest")
     if latest is None:  # none yet, or the first save is in place and its pointer not (a run killed in between)
-        saved = saved_steps(directory) if directory.is_dir() else []
+        saved = saves.saved_steps(directory) if directory.is_dir() else []
         if not saved:
             raise UsageError(
                 f"{directory}: no checkpoint saved there yet, so nothing to resume or export{set_aside_note(directory)}"
@@ -115,7 +104,7 @@ def load(path: str | os.PathLike[str], device: torch.device | str = "cpu", whole
     """The state saved at `path`; UsageError if it is missing, damaged, unsafe or not a checkpoint. A sharded save's
     holds "optimizer_groups", and "model" only if `whole_model`."""
     path = Path(path)
-    sharded = is_sharded(path)
+    sharded = saves.is_sharded(path)
     state = read_trusted(path / STATE_FILE if sharded else path, device, path)
     if sharded:
         sums = state.get("checksums") if isinstance(state, dict) else None
@@ -143,11 +132,11 @@ def check_keys(state: Any, path: Path, sharded: bool) -> None:
 def check_named_step(path: Path, step: object) -> None:
     """UsageError if `path` is named as one step's save (step_NNNNNNN.pt, step_NNNNNNN/) and holds another's (renamed or
     swapped saves); a name of the user's own is taken as it is."""
-    if SAVE_NAME.fullmatch(path.name) is None:
+    if saves.SAVE_NAME.fullmatch(path.name) is None:
         return
-    if step != step_of(path):
+    if step != saves.step_of(path):
         raise UsageError(
-            f"{path}: holds step {step}, not the step {step_of(path)} its name says (saves renamed or swapped); "
+            f"{path}: holds step {step}, not the step {saves.step_of(path)} its name says (saves renamed or swapped); "
             f"give it its own name, step_{step:07d}{path.suffix}, or resume from another save"
             if isinstance(step, int)
             else f"{path}: its step is not a number ({step!r})"
@@ -171,9 +160,9 @@ def read_trusted(file: Path, device: torch.device | str, path: Path, mmap: bool 
 def config_of(path: Path) -> Config:
     """The config of the run that saved the checkpoint at `path`, read without its tensors: what a resume's plan needs
     first. UsageError as `load` gives, in the same words."""
-    file = path / STATE_FILE if is_sharded(path) else path
+    file = path / STATE_FILE if saves.is_sharded(path) else path
     state = read_trusted(file, "cpu", path, mmap=file.is_file() and path == file)
-    check_keys(state, path, is_sharded(path))
+    check_keys(state, path, saves.is_sharded(path))
     return saved_config(state, path)
 
 
