@@ -1,8 +1,8 @@
 """What a training run tells the user: each event (metrics.jsonl, see metrics.py) and console line,
 made from the values it is given. Nothing here reads the trainer.
 
-Imports from fasttrain: checkpoints.run_state, compute.device, config, evaluation.loss_sums, training.metrics,
-training.plan, training.schedule.
+Imports from fasttrain: checkpoints.run_state, compute.device, config, data.loader, evaluation.loss_sums,
+training.metrics, training.plan, training.schedule.
 
 The training loop hands over a record per step (to IntervalMeter, which sums them on the
 device until the next log line), one per evaluation, and one per skip, rollback or stop.
@@ -21,6 +21,7 @@ import torch
 from fasttrain.checkpoints.run_state import RunState
 from fasttrain.compute.device import synchronize
 from fasttrain.config import Config, format_duration
+from fasttrain.data.loader import TokenLoader
 from fasttrain.evaluation.loss_sums import perplexity
 from fasttrain.training.metrics import MetricsLog, peak_flops, peak_memory_gb
 from fasttrain.training.plan import Reading, RunPlan
@@ -171,22 +172,13 @@ class Report:
         self.log.event("compile", step=1, seconds=round(seconds, 3))
         self.log.print(f"compiled the model and ran the first step in {seconds:.1f} s")
 
-    def train(
-        self,
-        run: RunState,
-        meter: IntervalMeter,
-        lr: float,
-        grad_norm: float,
-        wait_seconds: float,
-        tokens: list[int],
-        epochs: list[float],
-    ) -> None:
-        """The interval `meter` measured, ending at `run.step` (`wait_seconds`: the loader's running total;
-        `tokens` and `epochs`: what the run has read of each source so far, recorded for a mixture)."""
+    def train(self, run: RunState, meter: IntervalMeter, lr: float, grad_norm: float, loader: TokenLoader) -> None:
+        """The interval `meter` measured, ending at `run.step`; from the training `loader`, its running total of
+        seconds waited and what the run has read of each source so far (recorded for a mixture)."""
         t = self.cfg.train
         loss_sum, correct, counted = meter.sums.tolist()  # waits for the GPU, so the clock read next is honest
         loss = loss_sum / meter.steps
-        elapsed, wait = meter.elapsed(), wait_seconds - meter.wait_start
+        elapsed, wait = meter.elapsed(), loader.wait_seconds - meter.wait_start
         tokens_per_s = (run.tokens_seen - meter.tokens_start) / elapsed  # real tokens: pads do not count
         mfu = self.flops_per_token * tokens_per_s / self.peak_flops if self.peak_flops else None
         standing = Budget.of(t).standing(run.step, run.train_seconds)
@@ -206,7 +198,7 @@ class Report:
         }
         if mfu is not None:
             record["mfu"] = round(mfu, 4)
-        self.read = list(zip(self.names, tokens, epochs))
+        self.read = list(zip(self.names, loader.source_tokens(), loader.source_epochs()))
         if len(self.names) > 1:
             record.update({f"tokens.{name}": n for name, n, _ in self.read})
             record.update({f"epochs.{name}": round(e, 4) for name, _, e in self.read})
@@ -341,10 +333,26 @@ class Report:
         wall_seconds: float,
         replay_mix: str = "",
     ) -> dict[str, Any]:
-        """The run's summary (run_summary), reported and returned (what Trainer.train returns), and where everything
+        """The run's summary, reported and returned (what Trainer.train returns), and where everything
         went; `replay_mix`: the --set item that pins a budgeted run's mix changes in its replay (mixture.replay_mix)."""
         out = Path(self.cfg.train.out_dir)
-        summary = run_summary(run, last_eval, out, checkpoint, weights, kept, stopped_early, wall_seconds)
+        # Where the run ended, its last evaluation, where its files are, and which step's weights final/ holds
+        # (`kept`) with their evaluation (weights_val_loss, ...).
+        summary: dict[str, Any] = {
+            "step": run.step,
+            "tokens": run.tokens_seen,
+            **last_eval,
+            "out_dir": str(out),
+            "checkpoint": str(checkpoint),
+            "weights": str(weights),
+            "weights_step": kept.step,
+            **{f"weights_{k}": v for k, v in kept.metrics.items() if k != "best_val_loss"},
+            "skipped_steps": run.skipped_steps,
+            "rollbacks": run.rollbacks,
+            "stopped_early": stopped_early,
+            "train_seconds": round(run.train_seconds, 3),
+            "wall_seconds": round(wall_seconds, 3),
+        }
         self.log.event("end", **summary)
         self.log.end_progress()
         self.log.print(
@@ -388,32 +396,3 @@ def kept_words(run: RunState, kept: Kept) -> str:
     bpb = kept.metrics.get("val_bpb")
     score = f": {bpb:.3f} bits/byte" if bpb is not None else ""
     return f" (step {kept.step}'s, the lowest validation loss{score}; the last step's are in the checkpoint)"
-
-
-def run_summary(
-    run: RunState,
-    last_eval: dict[str, float],
-    out: Path,
-    checkpoint: Path | None,
-    weights: Path,
-    kept: Kept,
-    stopped_early: bool,
-    wall_seconds: float,
-) -> dict[str, Any]:
-    """What Trainer.train returns and the end event records: where the run ended, its last evaluation, where its
-    files are, and which step's weights final/ holds (`kept`) with their evaluation (weights_val_loss, ...)."""
-    return {
-        "step": run.step,
-        "tokens": run.tokens_seen,
-        **last_eval,
-        "out_dir": str(out),
-        "checkpoint": str(checkpoint),
-        "weights": str(weights),
-        "weights_step": kept.step,
-        **{f"weights_{k}": v for k, v in kept.metrics.items() if k != "best_val_loss"},
-        "skipped_steps": run.skipped_steps,
-        "rollbacks": run.rollbacks,
-        "stopped_early": stopped_early,
-        "train_seconds": round(run.train_seconds, 3),
-        "wall_seconds": round(wall_seconds, 3),
-    }

@@ -133,15 +133,7 @@ class Loop:
                 else:
                     meter.add(result.loss, result.correct, result.counted)
                 if (tr.run.step % t.log_interval == 0 or done) and meter.steps:
-                    report.train(
-                        tr.run,
-                        meter,
-                        result.lr,
-                        result.grad_norm.item(),
-                        tr.train_loader.wait_seconds,
-                        tr.train_loader.source_tokens(),
-                        tr.train_loader.source_epochs(),
-                    )
+                    report.train(tr.run, meter, result.lr, result.grad_norm.item(), tr.train_loader)
                     meter.restart(tr.run.tokens_seen, tr.train_loader.wait_seconds)
                     if unprojected:
                         projected = self.plan.reading(tr.run.step, tr.run.train_seconds, tuple(tr.mix))
@@ -210,9 +202,8 @@ class Loop:
         diverged = tr.run
         restored, saved, _ = tr.restore(target)
         monitor_anew(restored, saved, self.cfg)  # a save from before a resume that changed train.monitor
-        tr.run = replace(
-            recovery.rolled_back(diverged, restored), train_seconds=diverged.train_seconds
-        )  # time spent on the diverged steps stays spent
+        # time spent on the diverged steps stays spent
+        tr.run = replace(recovery.rolled_back(diverged, restored), train_seconds=diverged.train_seconds)
         tr.checkpoints.point_latest(target)
         self.report.rollback(tr.run, diverged.step, target)
 

@@ -276,7 +276,7 @@ def schedule_change(saved: Config, now: Config, run: RunState, recorded: Sequenc
     changes = [f"train.max_steps {t0.max_steps} -> {t1.max_steps}"] * (t0.max_steps != t1.max_steps) + [
         f"train.max_time {times[0]} -> {times[1]}"
     ] * (t0.max_time != t1.max_time)
-    said = f"{''.join(c + ', ' for c in changes[:-1])}{changes[-1] + ': ' if changes else ''}"
+    said = ", ".join(changes) + ": " if changes else ""
     if carried is not None and Budget.of(t0).reached(step, run.train_seconds):
         return (
             f"{said}the saved run had finished its {now.schedule.decay} schedule, so it trains on at its last "
@@ -284,14 +284,12 @@ def schedule_change(saved: Config, now: Config, run: RunState, recorded: Sequenc
             "docs/training.md (extending a run)"
         )
     was, warmup = saved.schedule.warmup_steps, now.schedule.warmup_steps
-    again = (
-        ""
-        if not was <= step < warmup
-        else (
+    again = ""
+    if was <= step < warmup:
+        again = (
             f", back in a warmup until step {warmup} (schedule.warmup_steps = {warmup}; the saved run warmed up over "
             f"{was} step{'s' * (was != 1)}: --set schedule.warmup_steps={was} keeps that)"
         )
-    )
     if carried is not None:
         return (
             f"{said}the {now.schedule.decay} schedule goes on from where it stood, the rest of it spread over what "
