@@ -36,13 +36,7 @@ from fasttrain.checkpoints import saves
 from fasttrain.compute.distributed import World
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import normalized, source_names
-from fasttrain.evaluation.trained_model import (
-    Trained,
-    inference_device,
-    inference_precision,
-    load_trained,
-    run_directory,
-)
+from fasttrain.evaluation import trained_model
 from fasttrain.evaluation.validation import mixture_metrics, validate
 from fasttrain.formats.prepared_folder import open_prepared
 from fasttrain.preparation.preparation import prepare
@@ -57,7 +51,12 @@ if TYPE_CHECKING:  # lm-eval is the optional eval extra
 
 
 def score(
-    trained: Trained, directory: str | Path, split: str, bits_per_nat: float, batch_size: int, device: torch.device
+    trained: trained_model.Trained,
+    directory: str | Path,
+    split: str,
+    bits_per_nat: float,
+    batch_size: int,
+    device: torch.device,
 ) -> dict[str, float]:
     """loss, accuracy, ppl and bpb of `trained` over every batch of `split` in `directory`, windowed as the run trained.
     `bits_per_nat`: the split's tokens / (UTF-8 bytes x ln 2)."""
@@ -81,21 +80,16 @@ def score(
         device=device,
         whole=True,
     ) as loader:
+        precision = trained_model.inference_precision(cfg, device)
         metrics = validate(
-            loss,
-            trained.model,
-            loader,
-            loader.reader.batches_per_epoch,
-            inference_precision(cfg, device),
-            World(),
-            bits_per_nat,
+            loss, trained.model, loader, loader.reader.batches_per_epoch, precision, World(), bits_per_nat
         )
     assert metrics is not None  # None only when a stop() given to validate says to give up
     trained.model.eval()  # validate leaves the model in train mode
     return {name.removeprefix("val_"): value for name, value in metrics.items()}
 
 
-def score_split(trained: Trained, split: str, batch_size: int, device: torch.device) -> dict[str, float]:
+def score_split(trained: trained_model.Trained, split: str, batch_size: int, device: torch.device) -> dict[str, float]:
     """The metrics of the run's own `split` as the trainer computes them: of data.dir, or of each [[data.sources]]
     folder and their weighted total (validation.mixture_metrics)."""
     d = trained.cfg.data
@@ -117,7 +111,11 @@ def score_split(trained: Trained, split: str, batch_size: int, device: torch.dev
 
 
 def score_inputs(
-    trained: Trained, inputs: Sequence[str], batch_size: int, device: torch.device, text_field: str = "text"
+    trained: trained_model.Trained,
+    inputs: Sequence[str],
+    batch_size: int,
+    device: torch.device,
+    text_field: str = "text",
 ) -> dict[str, float]:
     """The metrics of the text in `inputs` (anything prepare reads), tokenized by the run's tokenizer."""
     with tempfile.TemporaryDirectory(prefix="fasttrain-evaluate-") as tmp:
@@ -134,7 +132,7 @@ def scored_step(source: Path) -> tuple[Path | None, int | None]:
     the run's last `end` event (weights_step, or older runs' `step`)."""
     real = source.resolve()
     if real.is_file() or saves.is_sharded(real):
-        run, match = run_directory(real), saves.SAVE_NAME.fullmatch(real.name)
+        run, match = trained_model.run_directory(real), saves.SAVE_NAME.fullmatch(real.name)
         return (run if (run / "metrics.jsonl").is_file() else None), (int(match.group(1)) if match else None)
     run = real.parent
     if real.name != "final" or not (run / "metrics.jsonl").is_file():
@@ -150,7 +148,7 @@ def scored_step(source: Path) -> tuple[Path | None, int | None]:
 
 
 def score_tasks(
-    trained: Trained,
+    trained: trained_model.Trained,
     tasks: Sequence[str],
     num_fewshot: int | None,
     limit: float | None,
@@ -222,13 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"--batch-size: must be >= 1, got {args.batch_size}")
     task_only = [
         flag
-        for flag, value in (
-            ("--num-fewshot", args.num_fewshot),
-            ("--limit", args.limit),
-            ("--include-path", args.include_path),
-            ("--output", args.output),
-        )
-        if value is not None
+        for flag in ("--num-fewshot", "--limit", "--include-path", "--output")
+        if getattr(args, flag[2:].replace("-", "_")) is not None
     ]
     if task_only and not args.tasks:
         raise UsageError(f"{task_only[0]}: only with --tasks")
@@ -245,8 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tasks:  # lm-eval missing, a task it cannot find or cannot run: one line before the model loads
         harness = importlib.import_module("fasttrain.evaluation.harness")
         index = harness.task_index(tasks, args.include_path, args.num_fewshot)
-    device = inference_device(args.device)
-    trained = load_trained(args.source, device)
+    device = trained_model.inference_device(args.device)
+    trained = trained_model.load_trained(args.source, device)
     batch_size = args.batch_size or trained.cfg.train.batch_size
     if index is not None:
         score_tasks(trained, tasks, args.num_fewshot, args.limit, index, batch_size, args.output)

@@ -225,12 +225,10 @@ class FasttrainLM(TemplateLM):
         tokenizer = self.trained.tokenizer
         until = kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
-        max_new = int(
-            next(
-                (kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens") if k in kwargs), self.max_gen_toks
-            )
-        )
+        given = [kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens") if k in kwargs]
+        max_new = int(given[0] if given else self.max_gen_toks)
         temperature = float(kwargs.get("temperature", 1.0)) if kwargs.get("do_sample") else 0.0
+        top_k, top_p = kwargs.get("top_k"), kwargs.get("top_p")
         # Room for the answer in the window, as lm-eval's hf model leaves; a model too short for that keeps half
         # its window and slides on as `sample` does.
         keep = self.window - max_new if max_new < self.window else self.window // 2
@@ -238,14 +236,7 @@ class FasttrainLM(TemplateLM):
         tokens = torch.tensor([ids], dtype=torch.long, device=self._device)
         out: list[int] = []
         with autocast(self.precision, self._device):
-            for nxt in stream(
-                self.model,
-                tokens,
-                max_new,
-                temperature=temperature,
-                top_k=kwargs.get("top_k"),
-                top_p=kwargs.get("top_p"),
-            ):
+            for nxt in stream(self.model, tokens, max_new, temperature=temperature, top_k=top_k, top_p=top_p):
                 if nxt.item() == self.eot_token_id:
                     break
                 out.append(int(nxt.item()))
