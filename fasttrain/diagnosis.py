@@ -108,24 +108,16 @@ def mean_loss(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> torch.Tenso
 
 def check_data(x: torch.Tensor, y: torch.Tensor, vocab_size: int) -> Check:
     if x.dtype != torch.int64 or y.dtype != torch.int64:
-        return Check(
-            "data",
-            False,
-            f"inputs {x.dtype}, targets {y.dtype}",
-            "the embedding and the loss need int64 (torch.long) token ids",
-        )
+        hint = "the embedding and the loss need int64 (torch.long) token ids"
+        return Check("data", False, f"inputs {x.dtype}, targets {y.dtype}", hint)
     targets = y[y != IGNORE_INDEX]
     low, high = min(x.min().item(), targets.min().item()), max(x.max().item(), targets.max().item())
     detail = f"int64 {tuple(x.shape)}, ids {low}..{high}, vocabulary {vocab_size}"
-    if low < 0 or high >= vocab_size:
-        return Check(
-            "data",
-            False,
-            detail,
-            "ids must lie in [0, model.vocab_size): is the data tokenized with the "
-            "tokenizer the model was sized for (data.dir, model.vocab_size)?",
-        )
-    return Check("data", True, detail)
+    hint = (
+        "ids must lie in [0, model.vocab_size): is the data tokenized with the tokenizer the model was sized for "
+        "(data.dir, model.vocab_size)?"
+    )
+    return Check("data", 0 <= low and high < vocab_size, detail, hint)
 
 
 def check_targets(x: torch.Tensor, y: torch.Tensor) -> Check:
@@ -148,22 +140,20 @@ def check_initial_loss(loss: float, vocab_size: int, pretrained: bool = False) -
     detail = f"{loss:.3f} nats vs ln({vocab_size}) = {chance:.3f}"
     if loss > chance + INIT_LOSS_TOLERANCE or not math.isfinite(loss):
         hint = (
-            "worse than a uniform guess from model.init_from's weights: is the data tokenized with that "
-            "model's tokenizer?"
+            "worse than a uniform guess from model.init_from's weights: is the data tokenized with that model's "
+            "tokenizer?"
             if pretrained
-            else "confidently wrong before training: the logits are too "
-            "large at init; scale down the output layer's (or tied embedding's) initialisation"
+            else "confidently wrong before training: the logits are too large at init; scale down the output layer's "
+            "(or tied embedding's) initialisation"
         )
-        return Check("init loss", False, detail, hint)
-    if loss < chance - INIT_LOSS_TOLERANCE and not pretrained:
-        return Check(
-            "init loss",
-            False,
-            detail,
-            "better than chance before training: the model can see the "
-            "targets; check the causal mask and that targets are not among the inputs",
+    elif loss < chance - INIT_LOSS_TOLERANCE and not pretrained:
+        hint = (
+            "better than chance before training: the model can see the targets; check the causal mask and that "
+            "targets are not among the inputs"
         )
-    return Check("init loss", True, detail)
+    else:
+        return Check("init loss", True, detail)
+    return Check("init loss", False, detail, hint)
 
 
 ZERO_GRADIENT = "gradient all zero"
@@ -204,35 +194,25 @@ def check_grad_norm(norm: float) -> Check:
     low, high = GRAD_NORM_RANGE
     detail = f"{norm:.4g} (sane: {low:g} to {high:g})"
     if not math.isfinite(norm) or norm > high:
-        return Check(
-            "grad norm",
-            False,
-            detail,
-            "exploding before training: check the init scale and the loss "
-            "reduction (a sum instead of a mean grows with the batch); optim.max_grad_norm clips it",
+        hint = (
+            "exploding before training: check the init scale and the loss reduction (a sum instead of a mean grows "
+            "with the batch); optim.max_grad_norm clips it"
         )
-    if norm < low:
-        return Check(
-            "grad norm",
-            False,
-            detail,
-            "vanishing: check that the loss depends on the parameters and that the init is not too small",
-        )
-    return Check("grad norm", True, detail)
+    elif norm < low:
+        hint = "vanishing: check that the loss depends on the parameters and that the init is not too small"
+    else:
+        return Check("grad norm", True, detail)
+    return Check("grad norm", False, detail, hint)
 
 
 def check_lr(trainer: Trainer) -> Check:
     first, peak = trainer.lr(), trainer.cfg.optim.lr * trainer.run.lr_scale
     detail = f"first update {first:.3g}, peak {peak:.3g}"
-    if first <= 0 or peak <= 0:
-        return Check(
-            "lr",
-            False,
-            detail,
-            "a zero learning rate changes nothing: check optim.lr, the schedule "
-            "(warmup starts at lr / warmup_steps, not 0) and anything that sets param_groups' lr",
-        )
-    return Check("lr", True, detail)
+    hint = (
+        "a zero learning rate changes nothing: check optim.lr, the schedule (warmup starts at lr / warmup_steps, "
+        "not 0) and anything that sets param_groups' lr"
+    )
+    return Check("lr", not (first <= 0 or peak <= 0), detail, hint)  # a NaN rate is not zero
 
 
 def check_update(stuck: list[str], total: int, late: Sequence[str] = ()) -> Check:
