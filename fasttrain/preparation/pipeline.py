@@ -85,15 +85,13 @@ def encode_into(
     pieces: Iterable[tuple[str, Piece, bool]],
     encode: Encode,
     outputs: dict[str, ShardSequence],
-    *,
-    eot_id: int,
-    unk_id: int | None,
+    tokenizer: Tokenizer,
     batch_chars: int,
     workers: int,
     progress: tqdm,
 ) -> None:
-    """Tokenize every piece into its split's shards: each document starts with the end-of-text token."""
-    eot = np.array([eot_id], dtype=np.uint32)
+    """Tokenize every piece into its split's shards: each document starts with `tokenizer`'s end-of-text token."""
+    eot, unk_id = np.array([tokenizer.eot_id], dtype=np.uint32), tokenizer.unk_id
 
     def write(batch: Batch, encoded: list[np.ndarray]) -> None:
         for split, out in outputs.items():
@@ -148,16 +146,7 @@ def write_shards(
     outputs = {s: ShardSequence(directory, s, tokenizer.vocab_size, shard_tokens) for s in SPLITS}
     try:
         with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", disable=quiet or None) as bar:
-            encode_into(
-                pieces,
-                encode,
-                outputs,
-                eot_id=tokenizer.eot_id,
-                unk_id=tokenizer.unk_id,
-                batch_chars=batch_chars,
-                workers=workers,
-                progress=bar,
-            )
+            encode_into(pieces, encode, outputs, tokenizer, batch_chars, workers, bar)
         shards = {s: [Path(i.path).name for i in outputs[s].close()] for s in SPLITS}
     finally:
         for o in outputs.values():
