@@ -38,8 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = cfg.train
     print(
         f"doctor: {args.config}: {trainer.model.num_params() / 1e6:.2f}M parameters, batch {t.batch_size} x "
-        f"{t.seq_len} from {', '.join(str(s.dir) for s in trainer.sources)}, on {trainer.device} "
-        f"({trainer.precision})"
+        f"{t.seq_len} from {', '.join(str(s.dir) for s in trainer.sources)}, on {trainer.device} ({trainer.precision})"
     )
     for source in trainer.sources:  # data.dir, or every [[data.sources]] folder of a mixture
         for split in ("train", "val"):

@@ -120,14 +120,12 @@ def check_not_past_end(path: Path, run: RunState, saved: Config, cfg: Config) ->
     end, budget, spent = cfg.train.max_steps, cfg.train.max_time, run.train_seconds
     if end and run.step > end:
         raise UsageError(
-            f"{path}: the run is at step {run.step}, past train.max_steps = {end}: nothing to train; "
-            f"set train.max_steps to more than {run.step} to train on (sample, evaluate and export "
-            "take the run as it is)"
+            f"{path}: the run is at step {run.step}, past train.max_steps = {end}: nothing to train; set "
+            f"train.max_steps to more than {run.step} to train on (sample, evaluate and export take the run as it is)"
         )
     if budget and spent >= budget and not 0 < saved.train.max_time <= budget:  # its own budget's end is no past
         raise UsageError(
-            f"{path}: the run has trained {format_duration(spent)}, past train.max_time = "
-            f"{format_duration(budget)}: nothing to train; set train.max_time to more than "
-            f"{format_duration(spent)} to train on (sample, evaluate and export take the run as "
-            "it is)"
+            f"{path}: the run has trained {format_duration(spent)}, past train.max_time = {format_duration(budget)}: "
+            f"nothing to train; set train.max_time to more than {format_duration(spent)} to train on (sample, "
+            "evaluate and export take the run as it is)"
         )

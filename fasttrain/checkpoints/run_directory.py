@@ -335,7 +335,6 @@ def check_own(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -
         return
     if saved_steps(own) or (own / "latest").exists() or (own.parent / "metrics.jsonl").exists():
         raise UsageError(
-            f"{path}: a checkpoint of the run in {parent.parent}, but train.out_dir = {own.parent} "
-            f"holds a run of its own; resume that one with train.out_dir = {parent.parent}, or start "
-            "from it in a new directory"
+            f"{path}: a checkpoint of the run in {parent.parent}, but train.out_dir = {own.parent} holds a run of its "
+            f"own; resume that one with train.out_dir = {parent.parent}, or start from it in a new directory"
         )

@@ -85,9 +85,8 @@ def _check_consistent(directory: Path, meta: dict) -> None:
         for s in shards:
             if s.vocab_size != meta["vocab_size"] or s.dtype.name != meta["token_dtype"]:
                 raise UsageError(
-                    f"{s.path}: a shard of another preparation (its header says vocabulary "
-                    f"{s.vocab_size}, {s.dtype} tokens; meta.json says {meta['vocab_size']}, "
-                    f"{meta['token_dtype']}); prepare the data again"
+                    f"{s.path}: a shard of another preparation (its header says vocabulary {s.vocab_size}, {s.dtype} "
+                    f"tokens; meta.json says {meta['vocab_size']}, {meta['token_dtype']}); prepare the data again"
                 )
         total = sum(s.num_tokens for s in shards)
         if total != meta["tokens"][split]:

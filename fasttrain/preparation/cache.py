@@ -96,10 +96,9 @@ def find_prepared(d: DataConfig) -> tuple[str, PreparedData | None]:
     differ = [(key, value) for key, value in _given(d).items() if _comparable(key, found.get(key)) != value]
     if differ:
         raise UsageError(
-            f"{directory}: holds data prepared with "
-            f"{', '.join(f'{k}={found.get(k)!r}' for k, _ in differ)}, not what [data] asks for "
-            f"({', '.join(f'data.{k} = {v!r}' for k, v in differ)}); leave those keys unset to train on this "
-            "folder as it is, point data.dir elsewhere, or remove the directory"
+            f"{directory}: holds data prepared with {', '.join(f'{k}={found.get(k)!r}' for k, _ in differ)}, not what "
+            f"[data] asks for ({', '.join(f'data.{k} = {v!r}' for k, v in differ)}); leave those keys unset to train "
+            "on this folder as it is, point data.dir elsewhere, or remove the directory"
         )
     return directory, prepared
 

@@ -158,9 +158,8 @@ def prepare_part(
     if not tokenizer_path:
         if not (parts / LEARNED).is_file():
             raise UsageError(
-                f"{name}: no tokenizer; every part needs the same one: give --tokenizer, or learn "
-                f"one first, once: fasttrain prepare --input ... --out {out} --learn-tokenizer-only "
-                "--vocab-size N"
+                f"{name}: no tokenizer; every part needs the same one: give --tokenizer, or learn one first, once: "
+                f"fasttrain prepare --input ... --out {out} --learn-tokenizer-only --vocab-size N"
             )
         try:
             learned = json.loads((parts / LEARNED_META).read_text())

@@ -172,9 +172,8 @@ def check_counts(counts: dict, inputs: Sequence[str], val_fraction: float) -> No
     """Refuse a preparation with no training text, or no validation text when some was asked for."""
     if counts["tokens"]["train"] == 0 and counts["tokens"]["val"] > 0:  # every document was the first's text
         raise UsageError(
-            f"{', '.join(inputs)}: every document went to validation (the first document's text is "
-            "always validation, and identical documents stay in one split); give documents of other "
-            "text, or --val-fraction 0"
+            f"{', '.join(inputs)}: every document went to validation (the first document's text is always validation, "
+            "and identical documents stay in one split); give documents of other text, or --val-fraction 0"
         )
     if counts["tokens"]["train"] == 0:
         raise UsageError(f"{', '.join(inputs)}: no text found")
