@@ -154,15 +154,8 @@ def write_async(
     checksums). `process_group`: a gloo group of its own, apart from training's collectives."""
     import torch.distributed.checkpoint as dcp
 
-    written = cast(
-        Future,
-        dcp.async_save(
-            state,
-            storage_writer=dcp.FileSystemWriter(path),  # a Future: no stager
-            process_group=process_group,
-            no_dist=alone(),
-        ),
-    )
+    writer = dcp.FileSystemWriter(path)  # no stager: async_save returns a Future
+    written = cast(Future, dcp.async_save(state, storage_writer=writer, process_group=process_group, no_dist=alone()))
     if not checksum:
         return written
 
