@@ -85,18 +85,10 @@ def opened(
             run_directory.keep_tokenizer(plan.sources[0].data.dir, out)
         if world.is_main:
             save_config(cfg, out)
-        sink = (
-            WandbSink(
-                asdict(cfg),
-                out,
-                project=lg.project,
-                name=lg.run_name or out.resolve().name,
-                tags=lg.tags,
-                resume=resumed,
-            )
-            if lg.wandb and world.is_main
-            else None
-        )
+        sink = None
+        if lg.wandb and world.is_main:
+            name = lg.run_name or out.resolve().name
+            sink = WandbSink(asdict(cfg), out, project=lg.project, name=name, tags=lg.tags, resume=resumed)
         log = MetricsLog(
             out if world.is_main else None, t.max_steps or None, tensorboard=t.tensorboard, quiet=quiet, wandb=sink
         )

@@ -95,9 +95,8 @@ class MetricsLog:
         except OSError as e:
             raise UsageError(f"{self.path}: cannot write ({e.strerror or e})") from None
         self._tb = _summary_writer(self.path.parent) if tensorboard else None
-        self._bar = (
-            None if quiet or not sys.stdout.isatty() else tqdm(total=total_steps, unit="step", dynamic_ncols=True)
-        )
+        if not quiet and sys.stdout.isatty():
+            self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
 
     def event(self, kind: str, **fields: Any) -> None:
         """Record one event; numeric fields of train and eval events also go to TensorBoard."""

@@ -189,13 +189,11 @@ class Loop:
     def _roll_back(self) -> None:
         """Continue from the newest save whose next step was finite (recovery.target) at a lower learning
         rate, and point `latest` back at it; RunStopped if there is none, or every rollback is spent."""
-        tr, recovery, world = self.trainer, self.recovery, self.plan.world
+        tr, recovery, world, device = self.trainer, self.recovery, self.plan.world, self.plan.device
         self._settle()  # the save in flight may be the target: published, or failed, first
         distributed.barrier(world)  # rank 0 publishes: after this every rank sees the same saves
         # An earlier save of a resumed run may have been pruned; decided together, so every rank restores one save.
-        while (target := recovery.target()) is not None and distributed.any_rank(
-            not target.exists(), world, self.plan.device
-        ):
+        while (target := recovery.target()) is not None and distributed.any_rank(not target.exists(), world, device):
             recovery.lost(target)
         if target is None or not recovery.can_roll_back(tr.run):
             raise RunStopped(self.report.diverged(tr.run, recovery.in_a_row, target is not None), 1)
