@@ -91,12 +91,8 @@ class Blend:
         with self._lock:
             if entered is not None:
                 kept = [int(r) for r in entered][: len(self.phases)]
-                self.phases = _checked(
-                    [
-                        (kept[i] if i < len(kept) else max(first, round_), weights)
-                        for i, (first, weights) in enumerate(self.phases)
-                    ]
-                )
+                starts = [*kept, *(max(first, round_) for first, _ in self.phases[len(kept) :])]
+                self.phases = _checked([(start, weights) for start, (_, weights) in zip(starts, self.phases)])
             self._anchor = (round_, tuple(map(int, positions)), tuple(map(float, deficits)))
             self._memo = {}
 
