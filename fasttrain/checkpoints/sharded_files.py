@@ -94,13 +94,8 @@ def read_metadata(path: Path) -> Metadata:
             raise UsageError(f"{file}: entry {key} is not a tensor; fasttrain checkpoints hold only tensors there")
     for info in (metadata.storage_data or {}).values():
         name = getattr(info, "relative_path", None)
-        if (
-            not isinstance(name, str)
-            or "/" in name
-            or "\\" in name
-            or name in ("", ".", "..")
-            or getattr(info, "transform_descriptors", None)
-        ):
+        plain = isinstance(name, str) and not ("/" in name or "\\" in name or name in ("", ".", ".."))
+        if not plain or getattr(info, "transform_descriptors", None):
             raise UsageError(f"{file}: names a shard {name!r} that is not a plain file of the folder")
     if metadata.storage_meta is None:
         metadata.storage_meta = StorageMeta()
