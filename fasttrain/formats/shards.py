@@ -210,6 +210,10 @@ def _fraction(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1  # nan fails the range too
 
 
+def _file_names(v: object) -> bool:
+    return isinstance(v, list) and all(_text(n) and "/" not in n for n in v)
+
+
 # Every key of meta.json that is read later (a run's config.toml records the request), with what it must hold.
 # Keys added since the first prepare (text_field, tokenizer_sha256) may be absent: older folders still load.
 _META_KEYS: list[tuple[str, bool, Callable[[object], bool], str]] = [  # (key, required, test, what is expected)
@@ -217,15 +221,7 @@ _META_KEYS: list[tuple[str, bool, Callable[[object], bool], str]] = [  # (key, r
     ("eot_id", True, _count, "a token id"),
     ("token_dtype", True, lambda v: v in ("uint16", "uint32"), '"uint16" or "uint32"'),
     *[(f"{part}.{s}", True, _count, "a count >= 0") for part in ("tokens", "documents", "text_bytes") for s in SPLITS],
-    *[
-        (
-            f"shards.{s}",
-            True,
-            lambda v: isinstance(v, list) and all(_text(n) and "/" not in n for n in v),
-            "a list of shard file names",
-        )
-        for s in SPLITS
-    ],
+    *[(f"shards.{s}", True, _file_names, "a list of shard file names") for s in SPLITS],
     ("request", True, lambda v: isinstance(v, dict), "an object: what prepare was asked for"),
     ("request.inputs", True, lambda v: isinstance(v, list) and bool(v) and all(map(_text, v)), "a list of input paths"),
     ("request.tokenizer", True, lambda v: v is None or _text(v), "null or a tokenizer path"),
@@ -258,10 +254,9 @@ def check_meta(meta: object, path: str | os.PathLike) -> dict:
             refuse(key, f"expected {expected}")
     if meta["eot_id"] >= meta["vocab_size"]:
         refuse("eot_id", f"beyond the vocabulary of {meta['vocab_size']}")
-    if meta["token_dtype"] != token_dtype(meta["vocab_size"]).name:
-        refuse(
-            "token_dtype", f"but a vocabulary of {meta['vocab_size']} is stored as {token_dtype(meta['vocab_size'])}"
-        )
+    dtype = token_dtype(meta["vocab_size"])
+    if meta["token_dtype"] != dtype.name:
+        refuse("token_dtype", f"but a vocabulary of {meta['vocab_size']} is stored as {dtype}")
     if (meta["request"]["tokenizer"] is None) == (meta["request"]["vocab_size"] is None):
         refuse("request.vocab_size", "expected a vocab_size when no tokenizer was given, and none when one was")
     if meta["tokens"]["train"] == 0:
