@@ -177,13 +177,11 @@ def gradient_problems(model: torch.nn.Module) -> dict[str, str]:
 def check_gradients(problems: dict[str, str], total: int, late: Sequence[str] = ()) -> Check:
     """`late`: parameters whose gradient was zero before the first update and is not after it."""
     if problems:
-        return Check(
-            "gradients",
-            False,
-            _some([f"{name} {problem}" for name, problem in problems.items()], total, "parameters"),
-            "a parameter without a gradient never trains: check requires_grad, that its module is "
-            "used in forward, and that nothing on its path is detached (.detach(), .data, no_grad)",
+        hint = (
+            "a parameter without a gradient never trains: check requires_grad, that its module is used in forward, "
+            "and that nothing on its path is detached (.detach(), .data, no_grad)"
         )
+        return Check("gradients", False, _some([f"{n} {p}" for n, p in problems.items()], total, "parameters"), hint)
     detail = f"all {total} parameters have finite, non-zero gradients"
     if late:
         detail += f" ({_some(list(late), total, 'only after the first update, behind a weight that starts at 0')})"
@@ -218,13 +216,11 @@ def check_lr(trainer: Trainer) -> Check:
 def check_update(stuck: list[str], total: int, late: Sequence[str] = ()) -> Check:
     """`stuck`: the parameters no update changed; `late`: those only the second update changed."""
     if stuck:
-        return Check(
-            "update",
-            False,
-            _some(stuck, total, "parameters unchanged"),
-            "the optimizer does not move them: are they in its param groups, is their gradient zero, "
-            "is the learning rate zero?",
+        hint = (
+            "the optimizer does not move them: are they in its param groups, is their gradient zero, is the learning "
+            "rate zero?"
         )
+        return Check("update", False, _some(stuck, total, "parameters unchanged"), hint)
     detail = f"all {total} parameters changed"
     if late:
         detail += f" ({_some(list(late), total, 'only at the second update, their first gradient zero')})"
