@@ -35,10 +35,9 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"device {name!r} requested, but CUDA is not available on this machine (use cpu or auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(
-                f"device {name!r} requested, but this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"device {name!r} requested, but this machine has {count} CUDA device(s)")
         if device.index is None:  # "cuda" means the current device; torch.cuda.set_device needs its index
             device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -181,11 +180,10 @@ def kernels_on(
                 why += f" ({m.fasttrain_ms:.4g} against {m.stock_ms:.4g} ms, {m.stock})"
         elif op == "linear_cross_entropy":  # the PyTorch path, which needs no triton
             on[op] = not fasttrain_kernels._backend.INTERPRETING
-            why = (
-                "on: its PyTorch path makes the loss and its gradient in one pass, in cache"
-                if on[op]
-                else "off: TRITON_INTERPRET=1 would run it through Triton's interpreter"
-            )
+            if on[op]:
+                why = "on: its PyTorch path makes the loss and its gradient in one pass, in cache"
+            else:
+                why = "off: TRITON_INTERPRET=1 would run it through Triton's interpreter"
         else:
             on[op], why = False, f"off on the {device.type}"
         reasons.append(f"{op}: auto, {why}")
