@@ -289,9 +289,8 @@ def _stdlib_docstrings() -> Iterator[str]:
             tree = ast.parse(path.read_bytes())
         except (SyntaxError, ValueError, OSError):
             continue  # a file this Python cannot parse has no docstrings for us
-        nodes = [tree] + [
-            n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-        ]
+        kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+        nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, kinds)]
         docs = [d for d in (ast.get_docstring(n) for n in nodes) if d]
         if docs:
             yield "\n\n".join(docs)

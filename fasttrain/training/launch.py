@@ -16,7 +16,6 @@ from typing import Iterator
 
 from fasttrain.checkpoints import run_directory
 from fasttrain.checkpoints.checkpoint import Checkpointer
-from fasttrain.checkpoints.run_directory import RunStart
 from fasttrain.compute import distributed
 from fasttrain.compute.device import use_device
 from fasttrain.config import Config, save_config
@@ -71,12 +70,12 @@ def check_directory(out: Path, resumed: bool, overwrite: bool, is_main: bool) ->
 @contextlib.contextmanager
 def opened(
     plan: RunPlan, checkpoints: Checkpointer, resumed: bool, overwrite: bool, quiet: bool
-) -> Iterator[tuple[MetricsLog, RunStart | None]]:
+) -> Iterator[tuple[MetricsLog, run_directory.RunStart | None]]:
     """train.out_dir ready for `plan`'s run: yields its metrics log and, on rank 0, its RunStart. A new run claims the
     directory, replacing another run's files if `overwrite`."""
     cfg, world = plan.cfg, plan.world
     t, lg, out = cfg.train, cfg.log, Path(cfg.train.out_dir)
-    start = RunStart(out) if world.is_main else None
+    start = run_directory.RunStart(out) if world.is_main else None
     with run_lock.locked(out) if start else contextlib.nullcontext(), start or contextlib.nullcontext():
         if not resumed:
             checkpoints.claim(overwrite, start)

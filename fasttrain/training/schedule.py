@@ -273,9 +273,8 @@ def schedule_change(saved: Config, now: Config, run: RunState, recorded: Sequenc
     old = run.lr_scale * next_update(saved, ended).lr
     new = run.lr_scale * next_update(now, run if carried is None else replace(run, rest_scale=carried), recorded).lr
     times = (format_duration(t0.max_time), format_duration(t1.max_time))
-    changes = [f"train.max_steps {t0.max_steps} -> {t1.max_steps}"] * (t0.max_steps != t1.max_steps) + [
-        f"train.max_time {times[0]} -> {times[1]}"
-    ] * (t0.max_time != t1.max_time)
+    changes = [f"train.max_steps {t0.max_steps} -> {t1.max_steps}"] * (t0.max_steps != t1.max_steps)
+    changes += [f"train.max_time {times[0]} -> {times[1]}"] * (t0.max_time != t1.max_time)
     said = ", ".join(changes) + ": " if changes else ""
     if carried is not None and Budget.of(t0).reached(step, run.train_seconds):
         return (
