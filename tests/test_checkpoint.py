@@ -93,10 +93,11 @@ def nan_losses(trainer: Trainer, at_steps: set[int], every_attempt: bool = False
                 ["optim.name=muon"],
                 ["optim.name=adafactor"],
                 ["optim.name=sgd", "optim.sgd.nesterov=true", "schedule.decay=step", "schedule.step_every=3"],
+                ["optim.name=muon", "model.members=2"],  # an ensemble (model/ensemble.py): every member's state
             )
         ],
     ],
-    ids=["packed", "padded-bucketed", "aligned-masked", "muon", "adafactor", "sgd-step-decay"],
+    ids=["packed", "padded-bucketed", "aligned-masked", "muon", "adafactor", "sgd-step-decay", "muon-ensemble"],
 )
 def test_resumed_training_is_bitwise_identical(pydoc_data, paragraph_data, tmp_path, batching):
     data = paragraph_data if any(s.startswith("data.") for s in batching) else pydoc_data

@@ -36,6 +36,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.rope_theta": _POSITIVE,
     "model.norm_eps": _POSITIVE,
     "model.dropout": _FRACTION,
+    "model.members": _NON_NEGATIVE,  # 0: chosen with the shape (training/plan.py)
     "data.inputs": (lambda v: all(v), "a list of non-empty paths"),
     "data.text_field": (bool, "a non-empty field name"),
     "data.vocab_size": (
@@ -104,6 +105,13 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 # Settings that must agree, checked after the ranges (so n_heads > 0 here):
 # (key, relation, other key, is_broken(cfg), why) -> "key = 1 <relation> other = 2 (why)".
 _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
+    (
+        "model.members",
+        "does not go with",
+        "model.init_from",
+        lambda c: c.model.members > 1 and bool(c.model.init_from),
+        "an ensemble's members each start from an initialization of their own",
+    ),
     (
         "train.seq_len",
         "exceeds",

@@ -60,6 +60,10 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # the output projection shares the token-embedding matrix
     dropout: float = 0.0  # on attention weights and residual branches during training
+    # Models of this shape trained side by side on the same batches, each from its own initialization, and scored
+    # as one: the mean of their probabilities (model/ensemble.py). 0 = 1, or with model.n_layers = 0 under a time
+    # budget as many as the budget trains to the corpus's epoch limit (at most 8), where one model reaches it early.
+    members: int = 1
     # A Hugging Face Llama-family model directory (config.json, safetensors) to continue pre-training:
     # the shape above comes from its config.json, a new run starts from its weights. "" = random init.
     init_from: str = ""

@@ -1,8 +1,8 @@
 """lm-evaluation-harness tasks (HellaSwag, ARC, ...) on a trained model: `FasttrainLM`, lm-eval's model API over a
 fasttrain model (registered in lm-eval as `fasttrain`), and `run_tasks`, which scores a task list.
 
-Imports from fasttrain: compute.device, evaluation.trained_model, formats.tokenizer, model.generation,
-model.transformer, system.errors.
+Imports from fasttrain: compute.device, evaluation.trained_model, formats.tokenizer, model.ensemble,
+model.generation, model.transformer, system.errors.
 
 Importing this module needs lm-eval (the `eval` extra) in the SUPPORTED range, else one UsageError says what to install.
 
@@ -59,6 +59,7 @@ from lm_eval.utils import simple_parse_args_string  # noqa: E402
 from fasttrain.compute.device import use_device  # noqa: E402
 from fasttrain.evaluation.trained_model import Trained, inference_precision, load_trained  # noqa: E402
 from fasttrain.formats.tokenizer import Tokenizer  # noqa: E402
+from fasttrain.model.ensemble import Ensemble  # noqa: E402
 from fasttrain.model.generation import stream  # noqa: E402
 from fasttrain.model.transformer import Transformer  # noqa: E402
 
@@ -69,7 +70,10 @@ DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's hf model's default for generation tasks 
 
 @torch.no_grad()
 def score_continuations(
-    model: Transformer, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int, precision: str = "fp32"
+    model: Transformer | Ensemble,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    batch_size: int,
+    precision: str = "fp32",
 ) -> list[tuple[float, bool]]:
     """(log P(continuation | context), greedy gives it) per token pair, a pair longer than the window cut to its last
     max_seq_len + 1 tokens; longest first, `batch_size` rows a forward."""

@@ -1,7 +1,7 @@
 """A trained model loaded back for use (sampling, scoring): from a run's final weights or a checkpoint.
 
 Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.run_directory, checkpoints.saves, compute.device,
-config, formats.tokenizer, model.transformer, model.weights, system.errors.
+config, formats.tokenizer, model.ensemble, model.transformer, model.weights, system.errors.
 
     load_trained("runs/base")                        # runs/base/final/, else its latest checkpoint
     load_trained("runs/base/final")                  # exported weights (fasttrain layout, see fasttrain/model/weights.py)
@@ -26,6 +26,7 @@ from fasttrain.checkpoints.run_directory import set_aside_note
 from fasttrain.compute.device import resolve_precision, use_device
 from fasttrain.config import Config, check_vocab, load_config
 from fasttrain.formats.tokenizer import Tokenizer
+from fasttrain.model.ensemble import Ensemble, build_model
 from fasttrain.model.transformer import Transformer
 from fasttrain.model.weights import load_exported
 from fasttrain.system.errors import UsageError
@@ -38,7 +39,7 @@ TOKENIZER = "tokenizer.json"
 class Trained:
     """A trained model in eval mode with its run's config and tokenizer, and where they came from."""
 
-    model: Transformer
+    model: Transformer | Ensemble
     cfg: Config
     tokenizer: Tokenizer
     tokenizer_path: Path
@@ -61,7 +62,7 @@ def weights_source(spec: str | os.PathLike[str]) -> Path:
     return checkpoint_files.resolve(os.fspath(path), path)
 
 
-def load_model(spec: str | os.PathLike[str]) -> tuple[Transformer, Config, Path]:
+def load_model(spec: str | os.PathLike[str]) -> tuple[Transformer | Ensemble, Config, Path]:
     """The model `spec` names (see `weights_source`) on the CPU, its run's config, and the weights directory
     or checkpoint file it came from; UsageError naming the file if something is missing or does not fit."""
     source = weights_source(spec)
@@ -69,7 +70,7 @@ def load_model(spec: str | os.PathLike[str]) -> tuple[Transformer, Config, Path]
         return load_exported(source), load_config(source / "config.toml"), source
     state = checkpoint_files.load(source)
     cfg = checkpoint_files.saved_config(state, source)
-    model = Transformer(cfg.model)
+    model = build_model(cfg.model)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

@@ -2,7 +2,7 @@
 top-k / top-p filtering; and `generate_text` (text in, streamed text out), which the trainer's samples
 and `python -m fasttrain.sample` use.
 
-Imports from fasttrain: model.attention, model.transformer.
+Imports from fasttrain: model.ensemble, model.transformer.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from fasttrain.model.attention import KVCache
+from fasttrain.model.ensemble import Ensemble
 from fasttrain.model.transformer import Transformer
 
 GREEDY_BELOW = 1e-6  # a temperature below this samples greedily: dividing logits by it would overflow fp32
@@ -37,7 +37,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
 
 @torch.no_grad()
 def stream(
-    model: Transformer,
+    model: Transformer | Ensemble,
     tokens: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -55,7 +55,7 @@ def stream(
     context both give the same logits, up to rounding.
     """
     window = model.cfg.max_seq_len
-    cache = KVCache(model.cfg) if use_cache else None
+    cache: Any = model.new_cache() if use_cache else None  # a KVCache, or an ensemble's of its members'
     context = tokens[:, -window:]
     for _ in range(max_new_tokens):
         if cache is not None and cache.length == window:  # full: start over from the later half
@@ -72,7 +72,7 @@ def stream(
         yield nxt
 
 
-def generate(model: Transformer, tokens: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
+def generate(model: Transformer | Ensemble, tokens: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
     """`tokens` (B, T) extended by `max_new_tokens` sampled tokens: (B, T + max_new_tokens).
     `sampling`: the keyword arguments of `stream`."""
     return torch.cat((tokens, *stream(model, tokens, max_new_tokens, **sampling)), dim=1)
@@ -84,7 +84,7 @@ class TextCodec(Protocol):
 
 
 def generate_text(
-    model: Transformer,
+    model: Transformer | Ensemble,
     tokenizer: TextCodec,
     prompt: str,
     max_new_tokens: int = 64,

@@ -219,9 +219,10 @@ def _counted(one_layer: tuple) -> tuple[tuple[int, int, int], tuple[int, int, in
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward) of `Transformer(cfg)`, PaLM's estimate 6N + 12 L H Q T: N the
-    parameters in matmuls (`matmul_params`), the second term attention's over a context of `seq_len`."""
+    parameters in matmuls (`matmul_params`), the second term attention's over a context of `seq_len`; an ensemble's
+    (model.members, model/ensemble.py), the members' sum."""
     n = matmul_params(cfg)
-    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * (cfg.d_model // cfg.n_heads) * seq_len
+    return (6 * n + 12 * cfg.n_layers * cfg.n_heads * (cfg.d_model // cfg.n_heads) * seq_len) * max(cfg.members, 1)
 
 
 class Transformer(nn.Module):
@@ -360,6 +361,10 @@ class Transformer(nn.Module):
         logits = self.output(hidden)
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for `hidden` to fill (generation)."""
+        return KVCache(self.cfg)
 
     def num_params(self) -> int:
         """Trainable parameters, a tied matrix counted once."""

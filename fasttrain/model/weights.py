@@ -1,6 +1,6 @@
 """Weights on disk: safetensors files in fasttrain's layout or in Hugging Face's Llama layout.
 
-Imports from fasttrain: config, formats.tokenizer, model.transformer, system.atomic, system.errors.
+Imports from fasttrain: config, formats.tokenizer, model.ensemble, model.transformer, system.atomic, system.errors.
 
 `python -m fasttrain.export` writes them from a checkpoint; a finished run writes its final/ weights.
 
@@ -27,6 +27,7 @@ import torch
 
 from fasttrain.config import Config, ModelConfig, load_config, save_config
 from fasttrain.formats.tokenizer import Tokenizer
+from fasttrain.model.ensemble import Ensemble, build_model
 from fasttrain.model.transformer import Transformer, ffn_hidden_size
 from fasttrain.system.atomic import read_regular, write_atomically
 from fasttrain.system.errors import UsageError
@@ -57,8 +58,8 @@ def read_safetensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 
 def fasttrain_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The model's state dict with a tied output matrix left out (it is embed.weight)."""
-    return {k: v for k, v in state.items() if not (cfg.tie_embeddings and k == "output.weight")}
+    """The model's state dict with a tied output matrix left out (it is embed.weight, an ensemble member's too)."""
+    return {k: v for k, v in state.items() if not (cfg.tie_embeddings and k.split(".")[-2:] == ["output", "weight"])}
 
 
 def hf_llama_layout(cfg: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
@@ -103,6 +104,7 @@ def beyond_llama(cfg: ModelConfig) -> list[str]:
     """The [model] settings of `cfg` that a Hugging Face Llama has no way to express, as `key = value`."""
     beyond = [f'model.mlp = "{cfg.mlp}"'] if cfg.mlp != "swiglu" else []
     beyond += [f"model.logit_softcap = {cfg.logit_softcap:g}"] if cfg.logit_softcap else []
+    beyond += [f"model.members = {cfg.members} (an ensemble)"] if cfg.members > 1 else []
     keys = ("qk_norm", "embedding_norm", "value_embeddings", "residual_scalars", "smear", "backout")
     return beyond + [f"model.{key} = true" for key in keys if getattr(cfg, key)]
 
@@ -367,14 +369,15 @@ def _check_out_dir(out: Path, writes: set[str], hf: bool) -> None:
         )
 
 
-def load_exported(directory: str | os.PathLike[str]) -> Transformer:
-    """The Transformer that `export_weights` wrote to `directory` (fasttrain layout), on the CPU."""
+def load_exported(directory: str | os.PathLike[str]) -> Transformer | Ensemble:
+    """The model that `export_weights` wrote to `directory` (fasttrain layout), on the CPU."""
     directory = Path(directory)
     cfg = load_config(directory / "config.toml")
     tensors = read_safetensors(directory / "model.safetensors")
-    if cfg.model.tie_embeddings and "embed.weight" in tensors:
-        tensors["output.weight"] = tensors["embed.weight"]
-    model = Transformer(cfg.model)
+    if cfg.model.tie_embeddings:  # each embed.weight is its model's output.weight too
+        tied = {k.removesuffix("embed.weight"): v for k, v in tensors.items() if k.endswith("embed.weight")}
+        tensors |= {f"{prefix}output.weight": v for prefix, v in tied.items()}
+    model = build_model(cfg.model)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:

@@ -1,6 +1,6 @@
 """The training objective: next-token cross-entropy, as sums that add up across batches and ranks.
 
-Imports from fasttrain: data.documents, evaluation.loss_sums, model.transformer.
+Imports from fasttrain: data.documents, evaluation.loss_sums, model.ensemble, model.transformer.
 
     objective = NextTokenLoss(model)               # what DDP / FSDP wrap and torch.compile compiles
     sums = objective(tokens, targets)              # LossSums: summed loss, top-1 hits, counted targets
@@ -18,6 +18,7 @@ from torch import nn
 
 from fasttrain.data.documents import IGNORE_INDEX
 from fasttrain.evaluation.loss_sums import LossSums
+from fasttrain.model.ensemble import Ensemble, transformers
 from fasttrain.model.transformer import Transformer
 
 
@@ -50,9 +51,10 @@ def batch_loss(
 
 class NextTokenLoss(nn.Module):
     """`model`'s loss as a module holding the model, so wrappers and torch.compile see every use of the output weight:
-    `forward(tokens, targets, documents, grad_scale) -> LossSums`. `fused`: kernels.linear_cross_entropy."""
+    `forward(tokens, targets, documents, grad_scale) -> LossSums`. `fused`: kernels.linear_cross_entropy. An
+    ensemble in training mode trains each member on its own loss: the sums are the means of the members'."""
 
-    def __init__(self, model: Transformer, fused: bool = False):
+    def __init__(self, model: Transformer | Ensemble, fused: bool = False):
         super().__init__()
         self.model = model
         self.fused = fused
@@ -68,15 +70,30 @@ class NextTokenLoss(nn.Module):
         document. `grad_scale` (a scalar tensor): the factor the caller will multiply the loss by before its backward,
         which the fused loss folds into the gradients it computes in the forward, so that backward has no pass left to
         make; the loss returned is not multiplied by it, and the unfused loss ignores it."""
+        members = transformers(self.model)
+        if len(members) == 1 or not self.model.training:  # an ensemble scores as one model (its probabilities' mean)
+            return self.sums(self.model, tokens, targets, documents, grad_scale)
+        share = None if grad_scale is None else grad_scale / len(members)  # what each member's loss is multiplied by
+        sums = [self.sums(m, tokens, targets, documents, share) for m in members]
+        return LossSums(*(torch.stack(parts).mean() for parts in zip(*sums)))
+
+    def sums(
+        self,
+        model: Transformer | Ensemble,
+        tokens: torch.Tensor,
+        targets: torch.Tensor,
+        documents: torch.Tensor | None,
+        grad_scale: torch.Tensor | None,
+    ) -> LossSums:
         valid = targets != IGNORE_INDEX
-        if self.fused:
+        if self.fused and isinstance(model, Transformer):
             from fasttrain_kernels.linear_cross_entropy import (
                 linear_cross_entropy,  # needs Triton, so only when asked for
             )
 
             loss, correct = linear_cross_entropy(
-                self.model.hidden(tokens, documents).flatten(0, 1),
-                self.model.output.weight,
+                model.hidden(tokens, documents).flatten(0, 1),
+                model.output.weight,
                 targets.flatten(),
                 ignore_index=IGNORE_INDEX,
                 reduction="sum",
@@ -84,7 +101,7 @@ class NextTokenLoss(nn.Module):
                 grad_scale=grad_scale,
             )
         else:
-            logits = self.model(tokens, documents)
+            logits = model(tokens, documents)
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
             x = logits.detach()
             at_target = x.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fasttrain.compute.device import native_bf16
-from fasttrain.config import OptimConfig
+from fasttrain.config import Config, OptimConfig
 from fasttrain.system.errors import UsageError
 from fasttrain_kernels.newton_schulz import POLAR_EXPRESS, POLAR_EXPRESS_MARGIN, newton_schulz_reference
 
@@ -168,12 +168,13 @@ def param_groups(
 
 def own_rate_groups(groups: list[dict], model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """`groups` with the lookup tables (at optim.embedding_lr) and an untied head (at optim.head_lr) each in a group of
-    its own, keeping its weight decay; as they are where those keys are 0."""
-    embed, output = getattr(model, "embed", None), getattr(model, "output", None)
+    its own, keeping its weight decay; as they are where those keys are 0. An ensemble's heads are its members'."""
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)] if cfg.embedding_lr else []
     moves = [(table, cfg.embedding_lr) for table in tables]
-    if cfg.head_lr and output is not None and (embed is None or output.weight is not embed.weight):
-        moves.append((output.weight, cfg.head_lr))
+    for net in [model, *getattr(model, "members", ())]:
+        embed, output = getattr(net, "embed", None), getattr(net, "output", None)
+        if cfg.head_lr and output is not None and (embed is None or output.weight is not embed.weight):
+            moves.append((output.weight, cfg.head_lr))
     for p, lr in moves:
         home = next(g for g in groups if any(q is p for q in g["params"]))
         home["params"] = [q for q in home["params"] if q is not p]
@@ -181,9 +182,20 @@ def own_rate_groups(groups: list[dict], model: nn.Module, cfg: OptimConfig) -> l
     return groups
 
 
+def tied_head_note(cfg: Config) -> str:
+    """A note where optim.head_lr is set for a tied head (base.toml sets it; `--set model.tie_embeddings=true`
+    ties it): that head is the embedding matrix, trained at the embedding's rate, so the key does nothing."""
+    if not (cfg.optim.head_lr and cfg.model.tie_embeddings):
+        return ""
+    return (
+        f"optim.head_lr = {cfg.optim.head_lr:g} is an untied head's rate: this head is tied, the embedding matrix, "
+        "and trains at the embedding's (optim.embedding_lr, else optim.lr)"
+    )
+
+
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     """The 2-D parameters of the transformer blocks (attention and MLP weights): what Muon updates."""
-    blocks = cast(nn.ModuleList, model.blocks)  # a Transformer's
+    blocks = cast(nn.ModuleList, model.blocks)  # a Transformer's, or an ensemble's members'
     return [p for p in blocks.parameters() if p.ndim == 2 and p.requires_grad]
 
 

@@ -2,8 +2,8 @@
 
 Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, compute.kernel_table,
 config, data.documents, data.mixture, data.repeats, formats.shards, formats.tokenizer, model.sequence_length,
-model.sizing, model.transformer, model.weights, preparation.cache, system.errors, training.preflight,
-training.schedule, training.timed_pass.
+model.sizing, model.transformer, model.weights, preparation.cache, system.errors, training.optimizers,
+training.preflight, training.schedule, training.timed_pass.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
@@ -40,6 +40,7 @@ from fasttrain.model.sizing import (
     HEAD_DIM,
     Corpus,
     Speed,
+    ensemble_members,
     epoch_cap,
     fits,
     fitting_depths,
@@ -52,6 +53,7 @@ from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
 from fasttrain.preparation.cache import pending, prepared_dir
 from fasttrain.system.errors import UsageError
+from fasttrain.training.optimizers import tied_head_note
 from fasttrain.training.preflight import check_fits, depths_in_memory
 from fasttrain.training.schedule import Budget, budget_note, fit_warmup, recorded_progress
 from fasttrain.training.timed_pass import timed_loss, timed_update
@@ -283,7 +285,7 @@ def plan_run(
         parallel=parallel,
         shard_group=shard_group,
         checkpoint_format="sharded" if sharded_saves else "file",
-        params=num_params(m),
+        params=num_params(m) * m.members,
         flops_per_token=flops_per_token(m, t.seq_len),
         memory=tuple(memory.items()),
         available=available,
@@ -339,13 +341,15 @@ def size_run(
             model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
     notes += [n for n in (limit_note, note) if n]
     model = model if context_set else trained_context(model, t)
+    members, note = model.members or 1, ""
     if cap and (not t.max_steps or cap < t.max_steps):  # a self-sized budget stops before it overfits (sizing.py)
         t = replace(t, max_steps=cap)
         notes.append(
             f"train.max_steps = {cap}: a budgeted run with model.n_layers = 0 stops when it has read the corpus "
             f"{cfg.data.max_epochs:g} times ({'the limit above' if limit_note else 'data.max_epochs'}) or earlier"
         )
-    return model, t, corpus, speed, measured, notes
+        members, note = (members, "") if model.members else ensemble_members(model, t, tokens_per_step, speed)
+    return replace(model, members=members), t, corpus, speed, measured, notes + ([note] if note else [])
 
 
 def accumulation_steps(t: TrainConfig, world_size: int = 1) -> int:
@@ -380,17 +384,6 @@ def compile_mode_note(t: TrainConfig, device: torch.device) -> str:
             "the compile is the default one"
         )
     return ""
-
-
-def tied_head_note(cfg: Config) -> str:
-    """A note where optim.head_lr is set for a tied head (base.toml sets it; `--set model.tie_embeddings=true`
-    ties it): that head is the embedding matrix, trained at the embedding's rate, so the key does nothing."""
-    if not (cfg.optim.head_lr and cfg.model.tie_embeddings):
-        return ""
-    return (
-        f"optim.head_lr = {cfg.optim.head_lr:g} is an untied head's rate: this head is tied, the embedding matrix, "
-        "and trains at the embedding's (optim.embedding_lr, else optim.lr)"
-    )
 
 
 def shape_of(
@@ -433,7 +426,7 @@ def shape_of(
             f"{where}: model.{unset[0]} = 0, but a run's config records the shape it trained (n_layers, d_model and "
             "n_heads, each above 0); put back the value the run was started with"
         )
-    shape = replace(m, n_layers=r.n_layers, d_model=r.d_model, n_heads=r.n_heads)
+    shape = replace(m, n_layers=r.n_layers, d_model=r.d_model, n_heads=r.n_heads, members=m.members or r.members)
     return (
         shape,
         (

@@ -41,12 +41,13 @@ GIB = 1 << 30
 
 def estimate_bytes(cfg: Config, activation_bytes: int, shards: int = 1) -> dict[str, int]:
     """Bytes one rank needs, by part: parameter state (split over `shards` ranks under FSDP), the RoPE
-    tables, the activations of one micro-batch at `activation_bytes` per value, and its logits in fp32."""
+    tables, the activations of one micro-batch at `activation_bytes` per value, and its logits in fp32; an
+    ensemble's members each need their own but the RoPE tables."""
     m, t = cfg.model, cfg.train
-    tokens = t.batch_size * t.seq_len
+    tokens = t.batch_size * t.seq_len * max(m.members, 1)
     state, state_bytes = parameter_state(cfg)
     return {
-        state: state_bytes // shards,
+        state: state_bytes * max(m.members, 1) // shards,
         # cos and sin in fp32, and the fp64 angles they are computed from
         "RoPE tables": m.max_seq_len * (m.d_model // m.n_heads) // 2 * 16,
         "activations": tokens

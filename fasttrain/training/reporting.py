@@ -76,7 +76,8 @@ def start_lines(plan: RunPlan, reading: Reading) -> list[str]:
     c, t, record = plan.cfg, plan.cfg.train, plan.record(reading)
     m = c.model
     lines = [
-        f"model: {plan.params / 1e6:.2f}M parameters ({m.n_layers} layer{'s' * (m.n_layers != 1)}, d_model "
+        f"model: {plan.params / 1e6:.2f}M parameters ({f'{m.members} models of ' * (m.members > 1)}"
+        f"{m.n_layers} layer{'s' * (m.n_layers != 1)}, d_model "
         f"{m.d_model}, {m.n_heads} head{'s' * (m.n_heads != 1)}, vocab {m.vocab_size}, context {m.max_seq_len})"
     ]
     sources = record["sources"]

@@ -2,7 +2,7 @@
 
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_state, compute.device, compute.distributed, config,
 data.loader, data.mixture, data.sampling, evaluation.loss_sums, evaluation.validation, formats.tokenizer,
-model.generation, model.transformer, model.weights, training.launch, training.objective, training.optimizers,
+model.ensemble, model.generation, model.weights, training.launch, training.objective, training.optimizers,
 training.plan, training.policies, training.reporting, training.run_loop, training.schedule.
 
     trainer = Trainer(load_config("configs/base.toml"))
@@ -50,8 +50,8 @@ from fasttrain.data.sampling import Sampling
 from fasttrain.evaluation.loss_sums import LossSums
 from fasttrain.evaluation.validation import validate_sources
 from fasttrain.formats.tokenizer import Tokenizer
+from fasttrain.model.ensemble import build_model
 from fasttrain.model.generation import generate_text
-from fasttrain.model.transformer import Transformer
 from fasttrain.model.weights import read_hf_llama_weights
 from fasttrain.training.launch import check_start, opened, start_run
 from fasttrain.training.objective import NextTokenLoss, batch_loss, counted_targets
@@ -97,7 +97,7 @@ class Trainer:
         # and evaluates: inside DDP (or sharded by FSDP), and compiled in place if asked. Sampling runs
         # the plain model, whose growing sequence lengths would otherwise trigger recompiles.
         use_attention(t.attention, self.device)
-        self.model = Transformer(
+        self.model = build_model(
             self.cfg.model,
             norm_kernel=self.kernels.rms_norm,
             checkpointing=t.activation_checkpointing,
