@@ -5,7 +5,7 @@ Imports from fasttrain: config, model.attention, model.transformer.
 Where a budget outlasts what its corpus can teach one model (a small corpus read to its epoch limit, data/repeats.py),
 the rest of the time trains more models of the same shape, each from its own initialization, on the same batches:
 an average of independently trained models' probabilities is better than any of them (Kim et al. 2025; on 254K
-tokens of held-out code, 3 x 192 read 4 times: one 1.463 bits per byte, two 1.410, four 1.378). Each member trains
+tokens of held-out code, 3 x 192 read 4 times: one 1.465 bits per byte, two 1.420, four 1.390). Each member trains
 exactly as it would alone: the training loss is the mean of the members' losses, so a member's gradient is its own
 loss's (over the number of members, a scale Muon and Adam's normalisation do not see). The ensemble predicts the
 mean of its members' probabilities, so what it returns as logits are log-probabilities: the loss, sampling, the
@@ -75,9 +75,8 @@ class Ensemble(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """log of the mean of the members' probabilities, (..., vocab_size), of `hidden` (..., members, d_model)."""
         logits = [m.logits(hidden[..., i, :]) for i, m in enumerate(transformers(self))]
-        log_probs = [
-            x.log_softmax(-1, dtype=torch.promote_types(x.dtype, torch.float32)) for x in logits
-        ]  # fp32 at least
+        # in fp32 at least: under bf16 autocast the members' logits are bf16
+        log_probs = [x.log_softmax(-1, dtype=torch.promote_types(x.dtype, torch.float32)) for x in logits]
         return torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(log_probs))
 
     def forward(

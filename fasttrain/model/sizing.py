@@ -109,7 +109,8 @@ MEMORY_SHARE = 0.5
 # epochs), scored as well as depth 2 at 10 epochs (the module docstring's runs).
 UNDERFED = 4.0
 # An ensemble's members where one model reaches the epoch limit early: on 254K tokens of held-out code (3 x 192 read
-# 4 times, bits per byte) one scored 1.463, two 1.410, three 1.389, four 1.378; the gain shrinks, the cost does not.
+# 4 times, bits per byte) one scored 1.465, two 1.420, four 1.390 (docs/performance.md); the gain shrinks, the cost
+# does not.
 MAX_MEMBERS = 8
 
 
