@@ -16,7 +16,7 @@ from fasttrain.config import Config, ModelConfig, load_config
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.model.ensemble import Ensemble, build_model, transformers
 from fasttrain.model.generation import stream
-from fasttrain.model.sizing import ensemble_members
+from fasttrain.model.sizing import ensemble_members, run_tokens
 from fasttrain.model.transformer import flops_per_token
 from fasttrain.model.weights import export_weights, load_exported
 from fasttrain.system.errors import UsageError
@@ -98,8 +98,13 @@ def test_members_are_chosen_where_the_epoch_limit_stops_one_model_early(code_dat
     assert plan("model.members=3").cfg.model.members == 3
     one, t = replace(days.cfg.model, members=1), days.cfg.train
     seconds = t.max_steps * days.tokens_per_step / SLOW.tokens_per_s(flops_per_token(one, t.seq_len))
-    for budget, members in ((2.5, 2), (1.5, 1)):  # a budget of 2.5 and of 1.5 times one model's run to the limit
-        assert ensemble_members(one, replace(t, max_time=budget * seconds), days.tokens_per_step, SLOW)[0] == members
+    for budget, most, members in ((2.5, 8, 2), (1.5, 8, 1), (20, 3, 3)):  # budgets in one model's runs to the limit
+        chosen = ensemble_members(one, replace(t, max_time=budget * seconds), days.tokens_per_step, SLOW, most)[0]
+        assert chosen == members  # the third as many as memory holds
+    # a time budget's tokens are each member's: the members share the machine's speed (timed on one model)
+    whole = replace(t, max_steps=0)
+    each = run_tokens(whole, days.cfg.model, days.tokens_per_step, SLOW)
+    assert each == pytest.approx(run_tokens(whole, one, days.tokens_per_step, SLOW) / 8)
 
 
 def test_the_dry_run_states_an_ensemble_and_its_final_weights_export_and_load_back(pydoc_data, tmp_path, capsys):

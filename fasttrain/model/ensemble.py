@@ -6,9 +6,11 @@ Where a budget outlasts what its corpus can teach one model (a small corpus read
 the rest of the time trains more models of the same shape, each from its own initialization, on the same batches:
 an average of independently trained models' probabilities is better than any of them (Kim et al. 2025; on 254K
 tokens of held-out code, 3 x 192 read 4 times: one 1.465 bits per byte, two 1.420, four 1.390). Each member trains
-exactly as it would alone: the training loss is the mean of the members' losses, so a member's gradient is its own
-loss's (over the number of members, a scale Muon and Adam's normalisation do not see). The ensemble predicts the
-mean of its members' probabilities, so what it returns as logits are log-probabilities: the loss, sampling, the
+as it would alone but for three couplings: the training loss is the mean of the members' losses, so a member's
+gradient is its own loss's over the number of members (a scale Muon and Adam's normalisation all but ignore), the
+gradient-norm clip (optim.max_grad_norm) is taken over all members at once, and a step a member's loss is not finite
+skips every member's update. The training loss reported is the members' mean; validation's is the ensemble's,
+the mean of its members' probabilities, so what it returns as logits are log-probabilities: the loss, sampling, the
 evaluation harness and validation read them as they read a Transformer's logits.
 
     model = build_model(cfg.model)   # a Transformer when cfg.model.members is 1, else an Ensemble
@@ -74,10 +76,13 @@ class Ensemble(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """log of the mean of the members' probabilities, (..., vocab_size), of `hidden` (..., members, d_model)."""
-        logits = [m.logits(hidden[..., i, :]) for i, m in enumerate(transformers(self))]
-        # in fp32 at least: under bf16 autocast the members' logits are bf16
-        log_probs = [x.log_softmax(-1, dtype=torch.promote_types(x.dtype, torch.float32)) for x in logits]
-        return torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(log_probs))
+        total = None  # one member's logits at a time: an ensemble's whole set would be members x the memory
+        for i, m in enumerate(transformers(self)):
+            x = m.logits(hidden[..., i, :])  # bf16 under autocast: log-softmax in fp32 at least
+            log_probs = x.log_softmax(-1, dtype=torch.promote_types(x.dtype, torch.float32))
+            total = log_probs if total is None else torch.logaddexp(total, log_probs)
+        assert total is not None
+        return total - math.log(len(self.members))
 
     def forward(
         self, tokens: torch.Tensor, documents: torch.Tensor | None = None, cache: EnsembleCache | None = None

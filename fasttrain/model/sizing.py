@@ -175,15 +175,22 @@ def epoch_cap(corpus: Corpus, tokens_per_step: int, max_epochs: float) -> int:
     return max(int(max_epochs * per_epoch / tokens_per_step), 1) if per_epoch else 0
 
 
-def ensemble_members(shape: ModelConfig, t: TrainConfig, tokens_per_step: int, speed: Speed | None) -> tuple[int, str]:
-    """How many models of `shape` a time budget trains side by side (model.members = 0, model/ensemble.py) when it
-    stops one at train.max_steps (`epoch_cap`) before train.max_time: as many as the budget holds at `speed`, at most
-    MAX_MEMBERS; 1 where that is one or nothing was timed. With the plan's note ("" for 1)."""
+def tokens_per_s(speed: Speed, shape: ModelConfig, seq_len: int) -> float:
+    """The training tokens a second `shape` gets through at `speed` (timed on single models): an ensemble's members
+    (model/ensemble.py) each take one model's time."""
+    return speed.tokens_per_s(flops_per_token(replace(shape, members=1), seq_len)) / max(shape.members, 1)
+
+
+def ensemble_members(
+    shape: ModelConfig, t: TrainConfig, tokens_per_step: int, speed: Speed | None, most: int
+) -> tuple[int, str]:
+    """How many models of `shape` (model.members = 0) a time budget trains side by side when it stops one at
+    train.max_steps (`epoch_cap`) before train.max_time: as many as the budget holds at `speed`, at most MAX_MEMBERS
+    and `most` (what memory holds); 1 where that is one or nothing was timed. With the plan's note ("" for 1)."""
     if not (t.max_time and t.max_steps and speed):
         return 1, ""
-    one = flops_per_token(replace(shape, members=1), t.seq_len)
-    seconds = t.max_steps * tokens_per_step / speed.tokens_per_s(one)
-    members = min(int(t.max_time // seconds), MAX_MEMBERS)
+    seconds = t.max_steps * tokens_per_step / tokens_per_s(speed, shape, t.seq_len)
+    members = min(int(t.max_time // seconds), MAX_MEMBERS, most)
     if members < 2:
         return 1, ""
     return members, (
@@ -348,7 +355,7 @@ def calibrate(
             step()
         synchronize(device)
         seconds = max(clock() - began, 1e-9) / CALIBRATION_STEPS
-        flops = flops_per_token(shape, t.seq_len)
+        flops = flops_per_token(replace(shape, members=1), t.seq_len)  # one model timed
         points.append((flops, flops * t.batch_size * t.seq_len / seconds))
     return Speed(tuple(sorted(points)))
 
@@ -401,7 +408,7 @@ def size_model(
             speed = replace(calibrate(cfg, device, update=update, loss=loss, depths=depths[:2]), busy=busy)
             for _ in range(RETIMINGS):  # the shape chosen timed too, and chosen again at its own speed
                 chosen = choose_shape(cfg, functools.partial(tokens_at, speed=speed), corpus, "", depths).model
-                if speed.timed(flops_per_token(chosen, t.seq_len)):
+                if speed.timed(flops_per_token(replace(chosen, members=1), t.seq_len)):
                     break
                 speed = speed.merged(calibrate(cfg, device, update=update, loss=loss, depths=[chosen.n_layers]))
         except RuntimeError as e:
@@ -420,9 +427,11 @@ def size_model(
         sizing = choose_shape(cfg, functools.partial(tokens_at, speed=None), corpus, why, depths)
         return sizing.model, sizing.note, None
     first = choose_shape(cfg, functools.partial(tokens_at, speed=speed), corpus, "", depths).model
-    flops = flops_per_token(first, t.seq_len)
-    how = "timed" if speed.timed(flops) else "scaled by FLOPs from the shapes timed"
-    why = f"{t.max_time:g} s at ~{speed.tokens_per_s(flops):,.0f} tokens/s for depth {first.n_layers}, {how}"
+    one = flops_per_token(replace(first, members=1), t.seq_len)  # the shapes are timed as one model
+    how = "timed" if speed.timed(one) else "scaled by FLOPs from the shapes timed"
+    why = (
+        f"{t.max_time:g} s at ~{tokens_per_s(speed, first, t.seq_len):,.0f} tokens/s for depth {first.n_layers}, {how}"
+    )
     sizing = choose_shape(cfg, functools.partial(tokens_at, speed=speed), corpus, why, depths)
     # the depths a speed SENSITIVITY times the timed one would choose (the steps, where they bound the run, do not move)
     near = {
@@ -442,7 +451,7 @@ def run_tokens(t: TrainConfig, shape: ModelConfig, tokens_per_step: int, speed: 
     """The tokens a run of `t` trains `shape` on: train.max_steps x `tokens_per_step`, or what train.max_time gives
     at `speed`, whichever is fewer; math.inf where neither bounds it (a time budget and no speed)."""
     by_steps = t.max_steps * tokens_per_step if t.max_steps else math.inf
-    by_time = t.max_time * speed.tokens_per_s(flops_per_token(shape, t.seq_len)) if t.max_time and speed else math.inf
+    by_time = t.max_time * tokens_per_s(speed, shape, t.seq_len) if t.max_time and speed else math.inf
     return min(by_steps, by_time)
 
 

@@ -48,13 +48,14 @@ from fasttrain.model.sizing import (
     plural,
     run_tokens,
     size_model,
+    tokens_per_s,
 )
 from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
 from fasttrain.preparation.cache import pending, prepared_dir
 from fasttrain.system.errors import UsageError
 from fasttrain.training.optimizers import tied_head_note
-from fasttrain.training.preflight import check_fits, depths_in_memory
+from fasttrain.training.preflight import check_fits, depths_in_memory, members_in_memory
 from fasttrain.training.schedule import Budget, budget_note, fit_warmup, recorded_progress
 from fasttrain.training.timed_pass import timed_loss, timed_update
 
@@ -127,7 +128,7 @@ class RunPlan:
         mix = tuple(mix or self.mix)
         end, words = Budget.of(t).horizon(step, seconds)  # a new run of a clock: from the speed its shape was timed at
         if t.max_time and not step and self.speed:  # the speed the shape was chosen at projects the clock's end
-            by_time = int(t.max_time * self.speed.tokens_per_s(self.flops_per_token) / self.tokens_per_step)
+            by_time = int(t.max_time * tokens_per_s(self.speed, self.cfg.model, t.seq_len) / self.tokens_per_step)
             if end is None or by_time < end:
                 end, words = by_time, f"in the ~{by_time} steps train.max_time gives at the speed timed for the shape"
         epochs = None
@@ -348,7 +349,9 @@ def size_run(
             f"train.max_steps = {cap}: a budgeted run with model.n_layers = 0 stops when it has read the corpus "
             f"{cfg.data.max_epochs:g} times ({'the limit above' if limit_note else 'data.max_epochs'}) or earlier"
         )
-        members, note = (members, "") if model.members else ensemble_members(model, t, tokens_per_step, speed)
+        shards = distributed.shard_group(world, t.parallel, t.shard_group_size)
+        most = members_in_memory(replace(cfg, model=model, train=t), device, shards)
+        members, note = (members, "") if model.members else ensemble_members(model, t, tokens_per_step, speed, most)
     return replace(model, members=members), t, corpus, speed, measured, notes + ([note] if note else [])
 
 

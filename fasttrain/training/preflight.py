@@ -42,14 +42,14 @@ GIB = 1 << 30
 def estimate_bytes(cfg: Config, activation_bytes: int, shards: int = 1) -> dict[str, int]:
     """Bytes one rank needs, by part: parameter state (split over `shards` ranks under FSDP), the RoPE
     tables, the activations of one micro-batch at `activation_bytes` per value, and its logits in fp32; an
-    ensemble's members each need their own but the RoPE tables."""
+    ensemble's members each need their own."""
     m, t = cfg.model, cfg.train
     tokens = t.batch_size * t.seq_len * max(m.members, 1)
     state, state_bytes = parameter_state(cfg)
     return {
         state: state_bytes * max(m.members, 1) // shards,
         # cos and sin in fp32, and the fp64 angles they are computed from
-        "RoPE tables": m.max_seq_len * (m.d_model // m.n_heads) // 2 * 16,
+        "RoPE tables": m.max_seq_len * (m.d_model // m.n_heads) // 2 * 16 * max(m.members, 1),
         "activations": tokens
         * m.n_layers
         * (m.d_model * ACTIVATIONS_PER_TOKEN_LAYER + MLP_HIDDEN_VALUES[m.mlp] * ffn_hidden_size(m))
@@ -132,6 +132,14 @@ def depths_in_memory(cfg: Config, device: torch.device, depths: Sequence[int], s
     return list(itertools.takewhile(lambda d: need(d) <= room, depths)) or list(depths[:1])  # grows with the depth
 
 
+def members_in_memory(cfg: Config, device: torch.device, shards: int = 1) -> int:
+    """How many models of cfg.model's shape (an ensemble's members, model/ensemble.py) fit in sizing.MEMORY_SHARE of
+    what `device` has available, as the depths offered do (`depths_in_memory`); at least 1."""
+    one = replace(cfg, model=replace(cfg.model, members=1))
+    need = sum(estimate_bytes(one, 4 if cfg.train.precision == "fp32" else 2, shards).values())
+    return max(int(MEMORY_SHARE * available_bytes(device) // need), 1)
+
+
 def check_fits(cfg: Config, device: torch.device, precision: str, shards: int = 1) -> tuple[dict[str, int], int]:
     """The estimate (`estimate_bytes`) and the bytes `device` has available (`available_bytes`); a run that
     cannot fit is refused, naming both and the config keys behind the estimate."""
@@ -143,7 +151,8 @@ def check_fits(cfg: Config, device: torch.device, precision: str, shards: int = 
     biggest = ", ".join(
         f"{name} {size / GIB:,.1f} GiB" for name, size in sorted(parts.items(), key=lambda p: -p[1])[:2]
     )
-    keys = [f"model.n_layers = {m.n_layers}", f"model.d_model = {m.d_model}"]
+    keys = [f"model.members = {m.members}"] if m.members > 1 else []  # an ensemble's members each need their own
+    keys += [f"model.n_layers = {m.n_layers}", f"model.d_model = {m.d_model}"]
     if ffn_hidden_size(m) > 4 * m.d_model:  # wider than the usual 8/3 x d_model: name what made it so
         keys.append(f"model.ffn_hidden = {m.ffn_hidden}" if m.ffn_hidden else f"model.multiple_of = {m.multiple_of}")
     keys += [
