@@ -109,8 +109,8 @@ MEMORY_SHARE = 0.5
 # epochs), scored as well as depth 2 at 10 epochs (the module docstring's runs).
 UNDERFED = 4.0
 # An ensemble's members where one model reaches the epoch limit early: on 254K tokens of held-out code (3 x 192 read
-# 4 times, bits per byte) one scored 1.465, two 1.420, four 1.390 (docs/performance.md); the gain shrinks, the cost
-# does not.
+# 4 times, bits per byte) one scored 1.465, two 1.420, four 1.390, eight 1.373 (docs/performance.md); each doubling
+# gains less, and costs as much.
 MAX_MEMBERS = 8
 
 
