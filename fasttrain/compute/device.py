@@ -313,9 +313,7 @@ def uncompiled(eager: bool) -> contextlib.AbstractContextManager:
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The autocast context for `precision` (nothing for fp32): matmuls in half precision, reductions in fp32."""
     dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def use_device(name: str, local_rank: int | None = None) -> torch.device:

@@ -55,14 +55,9 @@ class World:
 
 def world_from_env() -> World:
     """The World torchrun describes in the environment; a world of one without it."""
-    env = os.environ
+    unset = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": os.environ.get("WORLD_SIZE", "1")}
     try:
-        world = World(
-            int(env.get("RANK", 0)),
-            int(env.get("WORLD_SIZE", 1)),
-            int(env.get("LOCAL_RANK", 0)),
-            int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))),
-        )
+        world = World(*(int(os.environ.get(name, value)) for name, value in unset.items()))
     except ValueError:
         raise UsageError(
             "RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (as torchrun sets them)"
@@ -108,12 +103,9 @@ def start(world: World, device: torch.device) -> None:
         try:
             store, _, _ = next(dist.rendezvous("env://", world.rank, world.size, timeout=timeout))
             store.set_timeout(timeout)
+            backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(
-                "nccl" if device.type == "cuda" else "gloo",
-                store=_attempt_store(world, store),
-                rank=world.rank,
-                world_size=world.size,
-                timeout=timeout,
+                backend, store=_attempt_store(world, store), rank=world.rank, world_size=world.size, timeout=timeout
             )
         except RuntimeError as e:  # torch's DistError, DistStoreError, gloo's and NCCL's are all RuntimeErrors
             raise RunStopped(f"{failed}: {' '.join(str(e).split())[:300]}", 1) from None
@@ -173,11 +165,8 @@ def wrap(
     # The mesh on the run's device (fully_shard's default takes a GPU whenever there is one). 2-D is HSDP: rank r is
     # in replica r // group and holds shard r % group.
     replicas = world.size // group
-    mesh = (
-        init_device_mesh(device.type, (world.size,))
-        if replicas == 1
-        else init_device_mesh(device.type, (replicas, group), mesh_dim_names=("replicate", "shard"))
-    )
+    shape, names = ((world.size,), None) if replicas == 1 else ((replicas, group), ("replicate", "shard"))
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     # The root's inputs include the loss's fp32 grad_scale (NextTokenLoss): cast to bf16 it would no longer equal the
@@ -216,12 +205,10 @@ def full_state(model: nn.Module, optimizer: Optimizer | None, fsdp: bool) -> tup
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (
-        get_model_state_dict(model, options=options),
-        None
-        if optimizer is None
-        else _merged([get_optimizer_state_dict(model, part, options=options) for part in _parts(optimizer)]),
-    )
+    model_state = get_model_state_dict(model, options=options)
+    if optimizer is None:
+        return model_state, None
+    return model_state, _merged([get_optimizer_state_dict(model, part, options=options) for part in _parts(optimizer)])
 
 
 def load_full_state(
