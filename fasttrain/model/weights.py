@@ -35,6 +35,7 @@ from fasttrain.system.errors import UsageError
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_ONLY = ("config.json", "tokenizer_config.json", "generation_config.json")  # one layout's files, not the other's
 _FASTTRAIN_ONLY = ("config.toml",)
+_NOT_LLAMA = ("qk_norm", "embedding_norm", "value_embeddings", "residual_scalars", "smear", "backout")  # not in a Llama
 
 
 def write_safetensors(
@@ -105,8 +106,7 @@ def beyond_llama(cfg: ModelConfig) -> list[str]:
     beyond = [f'model.mlp = "{cfg.mlp}"'] if cfg.mlp != "swiglu" else []
     beyond += [f"model.logit_softcap = {cfg.logit_softcap:g}"] if cfg.logit_softcap else []
     beyond += [f"model.members = {cfg.members} (an ensemble)"] if cfg.members > 1 else []
-    keys = ("qk_norm", "embedding_norm", "value_embeddings", "residual_scalars", "smear", "backout")
-    return beyond + [f"model.{key} = true" for key in keys if getattr(cfg, key)]
+    return beyond + [f"model.{key} = true" for key in _NOT_LLAMA if getattr(cfg, key)]
 
 
 def hf_llama_config(cfg: ModelConfig, eot_id: int, dtype: torch.dtype) -> dict:
@@ -181,20 +181,16 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
         refuse("head_dim", f"must be hidden_size / num_attention_heads = {raw['hidden_size'] // heads} here")
     theta = (raw.get("rope_parameters") or {}).get("rope_theta", raw.get("rope_theta", 10000.0))
     shape: dict[str, Any] = {ours: int(raw[theirs]) for ours, theirs in _HF_SHAPE.items() if ours != "norm_eps"}
+    off: dict[str, Any] = dict.fromkeys(_NOT_LLAMA, False)  # a Llama has none of them
     return replace(
         base,
         **shape,
+        **off,
         n_kv_heads=int(raw.get("num_key_value_heads") or heads),
         rope_theta=float(theta),
         norm_eps=float(raw["rms_norm_eps"]),
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         mlp="swiglu",
-        qk_norm=False,
-        embedding_norm=False,
-        value_embeddings=False,
-        residual_scalars=False,
-        smear=False,
-        backout=False,
         logit_softcap=0.0,
     )
 
@@ -309,10 +305,9 @@ def _hf_files(cfg: Config, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str
     if source is not None and (source / "config.json").is_file():
         theirs = _json_object(source / "config.json")
         config.update({k: theirs[k] for k in ("bos_token_id", "eos_token_id") if k in theirs})
-        if (source / "generation_config.json").is_file():
-            files["generation_config.json"] = read_regular(
-                source / "generation_config.json", 1 << 20, "generation config"
-            )
+        generation = source / "generation_config.json"
+        if generation.is_file():
+            files[generation.name] = read_regular(generation, 1 << 20, "generation config")
     elif source is not None:
         print(
             f"note: {source / 'config.json'} (model.init_from) is not there: config.json gets the end-of-text "

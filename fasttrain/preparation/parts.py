@@ -253,11 +253,8 @@ def merge(out_dir: str | os.PathLike, *, quiet: bool = False) -> dict:
         _refuse_merged(out, "--merge")
         n = _count_parts(parts)
         for k in range(n):  # no part is being written while the merge reads it, nor starts before it ends
-
-            def still_written(h: str, k: int = k) -> str:
-                return f"part {k}/{n}: still being written ({h}); merge once it has ended"
-
-            locks.enter_context(holding(_lock(out, k, n), still_written))
+            written = lambda h, k=k: f"part {k}/{n}: still being written ({h}); merge once it has ended"  # noqa: E731
+            locks.enter_context(holding(_lock(out, k, n), written))
         manifests = [_read_part(parts, k, n) for k in range(n)]
         for m in manifests[1:]:
             for key, what in _SAME:
@@ -352,14 +349,10 @@ def _read_part(parts: Path, k: int, n: int) -> dict:
     """Part k's manifest, if the part is complete."""
     folder = parts / f"{k}-of-{n}"
     if not folder.is_dir():
+        command = f"fasttrain prepare --input ... --out {parts.parent} --part {k}/{n}"
         if (parts / f".{k}-of-{n}.tmp").exists():
-            raise UsageError(
-                f"part {k}/{n}: unfinished (killed while it ran); run it again: fasttrain prepare "
-                f"--input ... --out {parts.parent} --part {k}/{n}"
-            )
-        raise UsageError(
-            f"part {k}/{n}: missing; run it: fasttrain prepare --input ... --out {parts.parent} --part {k}/{n}"
-        )
+            raise UsageError(f"part {k}/{n}: unfinished (killed while it ran); run it again: {command}")
+        raise UsageError(f"part {k}/{n}: missing; run it: {command}")
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as e:
