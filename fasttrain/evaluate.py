@@ -37,6 +37,7 @@ from fasttrain.compute.distributed import World
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import normalized, source_names
 from fasttrain.evaluation import trained_model
+from fasttrain.evaluation.trained_model import Trained
 from fasttrain.evaluation.validation import mixture_metrics, validate
 from fasttrain.formats.prepared_folder import open_prepared
 from fasttrain.preparation.preparation import prepare
@@ -51,12 +52,7 @@ if TYPE_CHECKING:  # lm-eval is the optional eval extra
 
 
 def score(
-    trained: trained_model.Trained,
-    directory: str | Path,
-    split: str,
-    bits_per_nat: float,
-    batch_size: int,
-    device: torch.device,
+    trained: Trained, directory: str | Path, split: str, bits_per_nat: float, batch_size: int, device: torch.device
 ) -> dict[str, float]:
     """loss, accuracy, ppl and bpb of `trained` over every batch of `split` in `directory`, windowed as the run trained.
     `bits_per_nat`: the split's tokens / (UTF-8 bytes x ln 2)."""
@@ -89,7 +85,7 @@ def score(
     return {name.removeprefix("val_"): value for name, value in metrics.items()}
 
 
-def score_split(trained: trained_model.Trained, split: str, batch_size: int, device: torch.device) -> dict[str, float]:
+def score_split(trained: Trained, split: str, batch_size: int, device: torch.device) -> dict[str, float]:
     """The metrics of the run's own `split` as the trainer computes them: of data.dir, or of each [[data.sources]]
     folder and their weighted total (validation.mixture_metrics)."""
     d = trained.cfg.data
@@ -111,11 +107,7 @@ def score_split(trained: trained_model.Trained, split: str, batch_size: int, dev
 
 
 def score_inputs(
-    trained: trained_model.Trained,
-    inputs: Sequence[str],
-    batch_size: int,
-    device: torch.device,
-    text_field: str = "text",
+    trained: Trained, inputs: Sequence[str], batch_size: int, device: torch.device, text_field: str = "text"
 ) -> dict[str, float]:
     """The metrics of the text in `inputs` (anything prepare reads), tokenized by the run's tokenizer."""
     with tempfile.TemporaryDirectory(prefix="fasttrain-evaluate-") as tmp:
@@ -148,7 +140,7 @@ def scored_step(source: Path) -> tuple[Path | None, int | None]:
 
 
 def score_tasks(
-    trained: trained_model.Trained,
+    trained: Trained,
     tasks: Sequence[str],
     num_fewshot: int | None,
     limit: float | None,

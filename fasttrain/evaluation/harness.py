@@ -105,11 +105,9 @@ def score_continuations(
         targets_t = torch.tensor(targets, device=device)
         picked = logprobs.gather(1, targets_t[:, None]).squeeze(1).cpu()
         greedy = (logprobs.argmax(dim=1) == targets_t).cpu()
-        offset = 0
-        for i in batch:
-            n = len(pairs[i][1])
-            results[i] = (picked[offset : offset + n].sum().item(), bool(greedy[offset : offset + n].all()))
-            offset += n
+        sizes = [len(pairs[i][1]) for i in batch]
+        for i, scores, hits in zip(batch, picked.split(sizes), greedy.split(sizes)):
+            results[i] = (scores.sum().item(), bool(hits.all()))
     return results
 
 
@@ -192,8 +190,7 @@ class FasttrainLM(TemplateLM):
             self.unknown_said = True
             print(
                 f"note: the run's tokenizer ({self.trained.tokenizer_path}) reads some of the tasks' text as its "
-                f"unknown token (first in {string[:40]!r}); scores of that text compare what the model cannot "
-                "see",
+                f"unknown token (first in {string[:40]!r}); scores of that text compare what the model cannot see",
                 file=sys.stderr,
             )
         return ids
