@@ -125,13 +125,11 @@ def check_targets(x: torch.Tensor, y: torch.Tensor) -> Check:
     matches = (y[:, :-1] == x[:, 1:]) & counted
     share = matches.sum().item() / max(counted.sum().item(), 1)
     detail = f"targets[t] == inputs[t + 1] at {100 * share:.1f}% of {counted.sum().item()} positions"
-    return Check(
-        "targets",
-        share == 1.0,
-        detail,
+    hint = (
         "the target of each position must be the next input token: windows of T + 1 tokens, "
-        "x = w[:-1], y = w[1:]; look at the loader, or at shuffling applied to one but not the other",
+        "x = w[:-1], y = w[1:]; look at the loader, or at shuffling applied to one but not the other"
     )
+    return Check("targets", share == 1.0, detail, hint)
 
 
 def check_initial_loss(loss: float, vocab_size: int, pretrained: bool = False) -> Check:

@@ -38,9 +38,8 @@ class Kept(NamedTuple):
 class IntervalMeter:
     """Loss, hits and timing of the steps since the last log line, minus time spent evaluating or saving.
 
-    Losses and hit counts are summed on the device (no host sync per step); `tokens_seen` and
-    `wait_seconds` (the loader's time waiting for data, a running total) are read at the start
-    and at the end of an interval.
+    Losses and hit counts are summed on the device (no host sync per step); `tokens_seen` and `wait_seconds` (the
+    loader's time waiting for data, a running total) are read at the start and at the end of an interval.
     """
 
     def __init__(self, device: torch.device, tokens_seen: int, wait_seconds: float):
@@ -73,8 +72,7 @@ class IntervalMeter:
 def start_lines(plan: RunPlan, reading: Reading) -> list[str]:
     """What a run says of its plan as it starts (a dry run says more: plan_table.py): the model, the data and how
     often each source is read, and the batch and budget."""
-    c, t, record = plan.cfg, plan.cfg.train, plan.record(reading)
-    m = c.model
+    c, t, m, record = plan.cfg, plan.cfg.train, plan.cfg.model, plan.record(reading)
     lines = [
         f"model: {plan.params / 1e6:.2f}M parameters ({f'{m.members} models of ' * (m.members > 1)}"
         f"{m.n_layers} layer{'s' * (m.n_layers != 1)}, d_model "
@@ -97,13 +95,10 @@ def start_lines(plan: RunPlan, reading: Reading) -> list[str]:
                 f"{s['val_tokens']:,} val tokens in {s['dir']}{read}"
             )
         for i, (step, weights) in enumerate(reading.changes):
-            when = (
-                ""
-                if not t.max_time
-                else f" (not reached {reading.words})"
-                if step >= (reading.end or step + 1)
-                else " (if train.max_time lets the run get that far)"
-            )
+            when = ""
+            if t.max_time:
+                late = step >= (reading.end or step + 1)
+                when = f" (not reached {reading.words})" if late else " (if train.max_time lets the run get that far)"
             lines.append(
                 f"  data.mix[{i}] from step {step}{when}: "
                 f"{', '.join(f'{name} {w:.3f}' for name, w in zip(plan.names, weights))}"
@@ -127,17 +122,14 @@ def epoch_warnings(plan: RunPlan, reading: Reading) -> list[str]:
     decay = f"it trains at weight decay {c.optim.weight_decay:g}" + (
         " (optim.weight_decay_rule = repeats)" if c.optim.weight_decay_rule == "repeats" else ""
     )
-    does = [
-        decay,
-        "final/ keeps the best weights" if c.checkpoint.final_weights == "best" else "final/ the last step's",
-    ]
+    final = "final/ keeps the best weights" if c.checkpoint.final_weights == "best" else "final/ the last step's"
     help = "add data" + (", lower its weight" if len(plan.names) > 1 else "") + ", or train fewer steps"
     for name, e in zip(plan.names, reading.epochs or ()):
         if e > c.data.max_epochs:
             lines.append(
                 f"warning: this run reads {name} {e:.1f} times over{f' {reading.words}' * bool(c.train.max_time)}, "
                 f"more than data.max_epochs = {c.data.max_epochs:g}, past which repeats teach it the text more "
-                f"than the language: {' and '.join(does)}; {help}"
+                f"than the language: {decay} and {final}; {help}"
             )
     return lines
 
@@ -210,12 +202,11 @@ class Report:
         self.log.event("train", **record)
         final = f"~{standing.final_step}" if t.max_time else f"{t.max_steps}"
         self.log.print(
-            f"step {run.step:>6}/{final} ({record['progress']:5.1f}%) | loss {loss:.4f} | "
-            f"acc {100 * record['accuracy']:.1f}% | "
-            f"ppl {record['ppl']:8.2f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+            f"step {run.step:>6}/{final} ({record['progress']:5.1f}%) | loss {loss:.4f} | acc "
+            f"{100 * record['accuracy']:.1f}% | ppl {record['ppl']:8.2f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
             f"{tokens_per_s:,.0f} tok/s{f' | MFU {100 * mfu:.1f}%' if mfu is not None else ''} | "
-            f"{record['step_ms']:.0f} ms/step | data wait {record['data_wait_pct']:.1f}% | "
-            f"mem {record['peak_mem_gb']:.2f} GB{f' | {left} left' if left else ''}"
+            f"{record['step_ms']:.0f} ms/step | data wait {record['data_wait_pct']:.1f}% | mem "
+            f"{record['peak_mem_gb']:.2f} GB{f' | {left} left' if left else ''}"
         )
         self.log.progress(run.step, standing.final_step, loss=f"{loss:.3f}", **({"left": left} if left else {}))
 
@@ -291,9 +282,8 @@ class Report:
             else "there is no checkpoint from before the divergence to roll back to"
         )
         return (
-            f"stopped at step {run.step}: loss or gradient norm not finite for {in_a_row} steps in a row, "
-            f"and {why}; lower optim.lr, lengthen schedule.warmup_steps, or run python -m fasttrain.doctor "
-            "on this config"
+            f"stopped at step {run.step}: loss or gradient norm not finite for {in_a_row} steps in a row, and {why}; "
+            "lower optim.lr, lengthen schedule.warmup_steps, or run python -m fasttrain.doctor on this config"
         )
 
     def rollback(self, run: RunState, from_step: int, path: Path) -> None:
@@ -357,10 +347,9 @@ class Report:
         self.log.event("end", **summary)
         self.log.end_progress()
         self.log.print(
-            f"done: {run.step} step{'s' * (run.step != 1)}, {run.tokens_seen:,} tokens; "
-            f"val loss {summary['val_loss']:.3f}, {summary['val_bpb']:.3f} bits/byte "
-            f"(best {'loss' if self.cfg.train.monitor == 'val_loss' else self.cfg.train.monitor} "
-            f"{run.best_val_loss:.3f})"
+            f"done: {run.step} step{'s' * (run.step != 1)}, {run.tokens_seen:,} tokens; val loss "
+            f"{summary['val_loss']:.3f}, {summary['val_bpb']:.3f} bits/byte (best "
+            f"{'loss' if self.cfg.train.monitor == 'val_loss' else self.cfg.train.monitor} {run.best_val_loss:.3f})"
             + (f"; {run.skipped_steps} steps skipped, {run.rollbacks} rollbacks" if run.skipped_steps else "")
         )
         if len(self.names) > 1 and self.read:
