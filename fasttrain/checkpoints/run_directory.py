@@ -4,8 +4,7 @@ point is finished or undone exactly by the next), and the tokenizer a run keeps.
 
 Imports from fasttrain: checkpoints.saves, system.atomic, system.errors, system.run_lock.
 
-Its checkpoints/ holds the run's saves (saves.py); the rest of what a run and the tools write at its top is
-RUN_FILES.
+Its checkpoints/ holds the run's saves (saves.py); the rest of what a run and the tools write at its top is RUN_FILES.
 """
 
 from __future__ import annotations

@@ -93,10 +93,9 @@ class MixChange:
 class DataConfig:
     """[data]: where training text comes from."""
 
-    # Prepared shards (train_*.bin, val_*.bin, meta.json, tokenizer.json). "" = prepare
-    # `inputs` into a cache directory keyed by these settings, reused on the next run.
-    # A folder already prepared (`fasttrain prepare --out DIR`) is the data by itself: the keys
-    # below left at their defaults take its values; one set otherwise must agree with it.
+    # Prepared shards (train_*.bin, val_*.bin, meta.json, tokenizer.json). "" = prepare `inputs` into a cache directory
+    # keyed by these settings, reused on the next run. A folder already prepared (`fasttrain prepare --out DIR`) is the
+    # data by itself: the keys below left at their defaults take its values; one set otherwise must agree with it.
     dir: str = ""
     # What prepare reads when `dir` holds no prepared data: paths, globs, directories,
     # JSONL or Parquet files, or the embedded corpora builtin:pydoc / docstrings / sources.
@@ -244,10 +243,9 @@ class TrainConfig:
     # torch.compile the objective. auto: always on CUDA; on CPU only for runs of at least
     # compute.device.CPU_COMPILE_MIN_STEPS steps, long enough to earn back the compile time.
     compile: Literal["auto", True, False] = "auto"
-    # torch.compile's mode: "default"; "max-autotune" (benchmarks matmul and kernel configs while
-    # compiling: slower to start, helps long GPU runs; with CUDA graphs) or "max-autotune-no-cudagraphs";
-    # "reduce-overhead" (CUDA graphs: cuts launch overhead of small models on GPU; needs static shapes,
-    # so data.padding = "fixed"; no effect on CPU).
+    # torch.compile's mode: "default"; "max-autotune" (benchmarks matmul and kernel configs while compiling: slower to
+    # start, helps long GPU runs; with CUDA graphs) or "max-autotune-no-cudagraphs"; "reduce-overhead" (CUDA graphs:
+    # cuts launch overhead of small models on GPU; needs static shapes, so data.padding = "fixed"; no effect on CPU).
     compile_mode: Literal["default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"] = "default"
     # Inductor's coordinate-descent tuning of its generated kernels' block sizes, in any compile_mode
     # (the max-autotune modes already do it): a slower compile for faster elementwise and norm kernels.
@@ -336,9 +334,8 @@ class KernelsConfig:
 class LogConfig:
     """[log]: where metrics go besides metrics.jsonl and the console."""
 
-    # Also log to Weights & Biases (the `wandb` extra): every metrics.jsonl event, the resolved
-    # config and the samples; a resumed run continues the same W&B run. WANDB_MODE=offline
-    # keeps it on disk (wandb sync uploads it later).
+    # Also log to Weights & Biases (the `wandb` extra): every metrics.jsonl event, the resolved config and the samples;
+    # a resumed run continues the same W&B run. WANDB_MODE=offline keeps it on disk (wandb sync uploads it later).
     wandb: bool = False
     project: str = "fasttrain"  # the W&B project
     run_name: str = ""  # the W&B run's display name; "" = the name of train.out_dir
