@@ -103,77 +103,47 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 # Settings that must agree, checked after the ranges (so n_heads > 0 here):
-# (key, relation, other key, is_broken(cfg), why) -> "key = 1 <relation> other = 2 (why)".
-_CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
-    (
-        "model.members",
-        "does not go with",
-        "model.init_from",
+# "key <relation> other key" -> (is_broken(cfg), why), said as "key = 1 <relation> other = 2 (why)".
+_CONFLICTS: dict[str, tuple[Callable[[Config], bool], str]] = {
+    "model.members does not go with model.init_from": (
         lambda c: c.model.members > 1 and bool(c.model.init_from),
         "an ensemble's members each start from an initialization of their own",
     ),
-    (
-        "train.seq_len",
-        "exceeds",
-        "model.max_seq_len",
+    "train.seq_len exceeds model.max_seq_len": (
         lambda c: c.train.seq_len > c.model.max_seq_len,
         "the model has no positions beyond its context",
     ),
-    (
-        "train.max_steps",
-        "and",
-        "train.max_time",
+    "train.max_steps and train.max_time": (
         lambda c: c.train.max_steps == 0 and c.train.max_time == 0,
         "0 is no limit, and a run needs one: steps, a time budget or both",
     ),
-    (
-        "schedule.progress_from",
-        "does not go with",
-        "train.max_time",
+    "schedule.progress_from does not go with train.max_time": (
         lambda c: bool(c.schedule.progress_from) and c.train.max_time > 0,
         "a replay follows the recorded progress, not a clock: set train.max_time = 0",
     ),
-    (
-        "schedule.min_lr",
-        "exceeds",
-        "optim.lr",
+    "schedule.min_lr exceeds optim.lr": (
         lambda c: c.schedule.min_lr > c.optim.lr,
         "the schedule decays from lr down to min_lr",
     ),
-    (
-        "model.d_model",
-        "is not divisible by",
-        "model.n_heads",
+    "model.d_model is not divisible by model.n_heads": (
         lambda c: c.model.n_heads > 0 and c.model.d_model % c.model.n_heads != 0,
         "each head gets d_model / n_heads dimensions",
     ),
-    (
-        "model.n_heads",
-        "is not divisible by",
-        "model.n_kv_heads",
+    "model.n_heads is not divisible by model.n_kv_heads": (
         lambda c: c.model.n_kv_heads > 0 and c.model.n_heads > 0 and c.model.n_heads % c.model.n_kv_heads != 0,
         "each key/value head serves the same number of query heads",
     ),
-    (
-        "model.d_model",
-        "/",
-        "model.n_heads",
+    "model.d_model / model.n_heads": (
         lambda c: c.model.n_heads > 0 and (c.model.d_model // c.model.n_heads) % 2 != 0,
         "an odd head size, but RoPE rotates pairs of dimensions",
     ),
     # The world size is only known at launch, where the trainer checks the rest.
-    (
-        "train.tokens_per_update",
-        "is not a multiple of",
-        "train.batch_size",
+    "train.tokens_per_update is not a multiple of train.batch_size": (
         # with seq_len 0 the plan checks it at the context it chooses (accumulation_steps)
         lambda c: c.train.seq_len > 0 and c.train.tokens_per_update % (c.train.batch_size * c.train.seq_len) != 0,
         "it must be a whole number of micro-batches of batch_size x seq_len tokens",
     ),
-    (
-        "train.compile_mode",
-        "does not work with",
-        "data.padding",
+    "train.compile_mode does not work with data.padding": (
         lambda c: (
             c.train.compile_mode in ("reduce-overhead", "max-autotune")
             and c.data.batching != "packed"
@@ -183,7 +153,7 @@ _CONFLICTS: list[tuple[str, str, str, Callable[[Config], bool], str]] = [
     ),
     # model.vocab_size against the tokenizer: check_vocab, once the tokenizer is known (data.vocab_size is
     # what a BPE is asked for; it may learn fewer, so it cannot be checked here).
-]
+}
 
 # Settings that need another to have some value, checked with the pairs above: (key, other key, what the other
 # must be, is_broken(cfg), why) -> "key = 1 needs other = true, not false (why)": the value needed, then the one set.
@@ -307,10 +277,11 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
         value = _get(cfg, name)
         if not ok(value):
             raise UsageError(f"{_blame(sources, name)}: {name}: must be {requirement}, got {_show(value)}")
-    for name, relation, other, is_broken, why in _CONFLICTS:
+    for rule, (is_broken, why) in _CONFLICTS.items():
+        name, *relation, other = rule.split()
         if is_broken(cfg):
             raise UsageError(
-                f"{_blame(sources, name, other)}: {name} = {_show(_get(cfg, name))} {relation} "
+                f"{_blame(sources, name, other)}: {name} = {_show(_get(cfg, name))} {' '.join(relation)} "
                 f"{other} = {_show(_get(cfg, other))} ({why})"
             )
     for name, other, needed, is_broken, why in _NEEDS:
