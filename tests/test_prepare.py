@@ -533,6 +533,30 @@ def test_unset_data_dir_prepares_into_a_cache_keyed_by_the_request(tmp_path, mon
     assert Path(other.dir).parent == first.parent and other.dir != prepared.dir
 
 
+def test_the_cache_follows_what_the_inputs_hold(tmp_path, monkeypatch):
+    """The cache was keyed by the request alone: an edited file, a file added to a named directory, or another Python's
+    standard library (the embedded corpora) trained on the data prepared before. Each is now a directory of its own."""
+    from fasttrain.preparation import corpus
+
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "texts").mkdir()
+    text = tmp_path / "texts" / "a.txt"
+    text.write_text("the first text of the corpus\n" * 300)
+    settings = [f'data.inputs=["{tmp_path / "texts"}"]', "data.vocab_size=300"]
+    first = ensure_prepared(load_config(None, settings).data, quiet=True)
+    assert ensure_prepared(load_config(None, settings).data, quiet=True).dir == first.dir  # nothing changed: reused
+    text.write_text("another text, the one now in the file\n" * 300)
+    edited = ensure_prepared(load_config(None, settings).data, quiet=True)
+    assert edited.dir != first.dir and edited.meta["text_bytes"] != first.meta["text_bytes"]
+    (tmp_path / "texts" / "b.txt").write_text("a second file\n" * 300)
+    assert ensure_prepared(load_config(None, settings).data, quiet=True).dir != edited.dir
+
+    builtin = corpus.fingerprint(["builtin:pydoc"])
+    assert corpus.fingerprint(["builtin:pydoc"]) == builtin
+    monkeypatch.setattr(corpus.sys, "version", "3.99.0 (another Python)")
+    assert corpus.fingerprint(["builtin:pydoc"]) != builtin
+
+
 @pytest.mark.subprocess
 def test_a_tokenizer_that_cannot_be_written_is_one_line(tmp_path):
     """A failed tokenizer.json write (here past a file-size limit; a full disk alike) was tokenizers' bare

@@ -4,8 +4,8 @@ what preparing it will make, estimated before it is made (`pending`), and the fo
 first if need be (`ensure_prepared`). Preparing itself is
 fasttrain/preparation/preparation.py.
 
-Imports from fasttrain: config, formats.prepared_folder, formats.shards, formats.tokenizer, preparation.preparation,
-system.errors, system.run_lock.
+Imports from fasttrain: config, formats.prepared_folder, formats.shards, formats.tokenizer, preparation.corpus,
+preparation.preparation, system.errors, system.run_lock.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB, DataConfig
 from fasttrain.formats.prepared_folder import PreparedData, open_prepared
 from fasttrain.formats.shards import read_meta
 from fasttrain.formats.tokenizer import Tokenizer
-from fasttrain.preparation import preparation
+from fasttrain.preparation import corpus, preparation
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import holding
 
@@ -33,12 +33,14 @@ BYTES_PER_TOKEN = ((512, 2.0), (4096, 3.8))
 
 def cache_dir(request: dict) -> Path:
     """Where data for `request` is cached when data.dir is unset: under $FASTTRAIN_CACHE, $XDG_CACHE_HOME/fasttrain or
-    ~/.cache/fasttrain, a directory per distinct request (absolute paths)."""
+    ~/.cache/fasttrain, a directory per distinct request (absolute paths) and what its inputs hold now
+    (`corpus.fingerprint`: an edited input file, or another Python's embedded corpus, is another directory)."""
     root = (
         os.environ.get("FASTTRAIN_CACHE")
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fasttrain"
     )
-    digest = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:12]
+    key = {**request, "contents": corpus.fingerprint(request["inputs"])}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     name = re.sub(r"[^A-Za-z0-9]+", "-", request["inputs"][0].removeprefix("builtin:")).strip("-")[-40:] or "data"
     return Path(root) / f"{name}-{digest}"
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import ast
 import glob
+import hashlib
 import json
 import os
 import re
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,12 +253,34 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Source]:
     return sources
 
 
+def fingerprint(inputs: Sequence[str]) -> str:
+    """What `inputs` hold now, short of reading them, hashed: the Python (whose standard library the embedded corpora
+    are) and each file's path, size and modification time. The cache of prepared data is keyed on it, so an edited,
+    added or removed file, or another Python's standard library, is prepared afresh. `UsageError` as resolve_inputs."""
+    digest = hashlib.sha256(sys.version.encode())
+    for source in resolve_inputs(inputs):
+        builtin = source.name.removeprefix(BUILTIN_PREFIX)
+        for path in _builtin_files(builtin) if builtin != source.name else [source.name]:
+            stat = os.stat(path)
+            digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
 def _builtin_size(name: str) -> int:
     """The embedded corpus's bytes of UTF-8 text (the sources' counted, the others' as measured on one Python): for
     the progress bar, and a plan's estimate of its tokens before it is prepared (cache.pending)."""
     if name == "sources":
         return sum(path.stat().st_size for path in _stdlib_modules())
     return 466_000 if name == "pydoc" else 1_650_000
+
+
+def _builtin_files(name: str) -> list[Path]:
+    """The files embedded corpus `name` is read from."""
+    if name != "pydoc":
+        return _stdlib_modules()
+    import pydoc_data.topics
+
+    return [Path(pydoc_data.topics.__file__)]
 
 
 def _builtin_documents(name: str) -> Iterator[str | bytes]:
