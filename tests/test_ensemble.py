@@ -112,6 +112,9 @@ def test_the_dry_run_states_an_ensemble_and_its_final_weights_export_and_load_ba
     assert train_main(tiny_args(pydoc_data, tmp_path / "run", *sets, flags=["--dry-run"])) == 0
     assert "parameters (2 models of 2 layers, d_model 32" in (out := capsys.readouterr().out), out
     assert train_main(tiny_args(pydoc_data, tmp_path / "run", *sets)) == 0
+    # resumed with the shape set and model.members = 0 (base.toml's): the two members it recorded, not one
+    longer = [*sets[1:], "model.members=0", "train.max_steps=6"]
+    assert train_main(tiny_args(pydoc_data, tmp_path / "run", *longer, flags=["--resume", "auto"])) == 0
     trained = load_trained(tmp_path / "run").model
     assert isinstance(trained, Ensemble) and trained.cfg.members == 2
     exported = load_exported(tmp_path / "run" / "final")

@@ -218,7 +218,7 @@ def plan_run(
     notes += [note] if note else []
     cfg = replace(cfg, train=t, schedule=schedule, model=shape)
     # A resumed or replayed run's config: the shape and context it trained, where this config leaves them to the plan
-    chosen = not (shape.n_layers and t.seq_len) or cfg.optim.weight_decay_rule == "repeats"
+    chosen = not (shape.n_layers and t.seq_len and shape.members) or cfg.optim.weight_decay_rule == "repeats"
     earlier = checkpoint_files.recorded_config(cfg, resume) if chosen else None
     context_set = bool(t.seq_len)
     choose_seq_len = not context_set and earlier is None  # chosen below, once the run's tokens are known
@@ -248,7 +248,7 @@ def plan_run(
         notes += [note] if note else []
     accumulation = accumulation_steps(t, world.size)
     model, t, corpus, speed, measured, sized_notes = size_run(
-        cfg, sources, estimate, accumulation, world, device, resume, speed, earlier, context_set
+        cfg, sources, estimate, accumulation, world, shard_group, device, resume, speed, earlier, context_set
     )
     notes += sized_notes
     cfg = replace(cfg, model=model, train=t)
@@ -303,6 +303,7 @@ def size_run(
     estimate: float,
     accumulation: int,
     world: distributed.World,
+    shards: int,
     device: torch.device,
     resume: str | None,
     speed: Speed | None,
@@ -310,7 +311,8 @@ def size_run(
     context_set: bool,
 ) -> tuple[ModelConfig, TrainConfig, Corpus, Speed | None, tuple[int, float] | None, list[str]]:
     """The model and train sections a run of `cfg` (its train.seq_len the short or recorded context) trains: the
-    shape (model.n_layers = 0: chosen for the run's compute, sizing.py), the context (unless `context_set` or
+    shape (model.n_layers = 0: chosen for the run's compute, sizing.py) and its members (model.members = 0: those
+    `earlier` recorded, else more than one where the epoch limit stops one early), the context (unless `context_set` or
     `earlier` recorded it: chosen for the tokens planned at the short one, sequence_length.py), the model's
     max_seq_len the context trained unless `context_set`, and a self-sized budget's stop at data.max_epochs or the
     repeats rule's lower limit (train.max_steps); with the corpus they were weighed on (each source's share of the
@@ -328,7 +330,7 @@ def size_run(
     self_sized = not cfg.model.n_layers and t.max_time and not cfg.schedule.progress_from
     cfg, limit_note, measured = limit_epochs(cfg, sources, corpus) if self_sized else (cfg, "", None)
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size  # the same at either context
-    model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
+    model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, device, resume, speed, earlier)
     cap = epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
     if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
         known = speed is not None or not t.max_time  # a time budget's tokens come from a speed timed
@@ -339,9 +341,11 @@ def size_run(
             cfg = replace(cfg, train=t)
             corpus = corpus_at(cfg)
             cap = epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
-            model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, device, resume, speed, earlier)
+            model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, device, resume, speed, earlier)
     notes += [n for n in (limit_note, note) if n]
     model = model if context_set else trained_context(model, t)
+    if earlier and not model.members:  # resumed or replayed: the members recorded, whatever set the shape
+        model = replace(model, members=earlier[0].model.members)
     members, note = model.members or 1, ""
     if cap and (not t.max_steps or cap < t.max_steps):  # a self-sized budget stops before it overfits (sizing.py)
         t = replace(t, max_steps=cap)
@@ -349,7 +353,6 @@ def size_run(
             f"train.max_steps = {cap}: a budgeted run with model.n_layers = 0 stops when it has read the corpus "
             f"{cfg.data.max_epochs:g} times ({'the limit above' if limit_note else 'data.max_epochs'}) or earlier"
         )
-        shards = distributed.shard_group(world, t.parallel, t.shard_group_size)
         most = members_in_memory(replace(cfg, model=model, train=t), device, shards)
         members, note = (members, "") if model.members else ensemble_members(model, t, tokens_per_step, speed, most)
     return replace(model, members=members), t, corpus, speed, measured, notes + ([note] if note else [])
@@ -394,6 +397,7 @@ def shape_of(
     corpus: Corpus,
     tokens_per_step: int,
     world: distributed.World,
+    shards: int,
     device: torch.device,
     resume: str | None,
     speed: Speed | None,
@@ -402,8 +406,8 @@ def shape_of(
     """cfg.model with no 0 left in its shape, a note ("" if none) and the speed it was chosen at: model.d_model or
     n_heads 0 are derived from the depth; model.n_layers = 0 is the shape the run being resumed (`resume`) or
     replayed recorded (`recorded`: checkpoint_files.recorded_config), else chosen for the run's compute (sizing.size_model) on
-    `corpus` (each source's share of the run and its training tokens). UsageError for a shape whose heads do not
-    fit its width."""
+    `corpus` (each source's share of the run and its training tokens), of the depths whose memory split over `shards`
+    ranks fits. UsageError for a shape whose heads do not fit its width."""
     m = cfg.model
     if m.n_layers:
         shape = m if m.d_model and m.n_heads else ladder_shape(m, m.n_layers)
@@ -419,7 +423,6 @@ def shape_of(
             )
         return shape, "", speed
     if recorded is None:  # no shape is timed or chosen whose memory estimate leaves the device no margin
-        shards = distributed.shard_group(world, cfg.train.parallel, cfg.train.shard_group_size)
         depths = depths_in_memory(cfg, device, fitting_depths(m), shards)
         update, loss = timed_update(cfg, device), timed_loss(cfg, device)
         return size_model(cfg, corpus, tokens_per_step, world.size, device, speed, update, loss, depths)
@@ -429,7 +432,7 @@ def shape_of(
             f"{where}: model.{unset[0]} = 0, but a run's config records the shape it trained (n_layers, d_model and "
             "n_heads, each above 0); put back the value the run was started with"
         )
-    shape = replace(m, n_layers=r.n_layers, d_model=r.d_model, n_heads=r.n_heads, members=m.members or r.members)
+    shape = replace(m, n_layers=r.n_layers, d_model=r.d_model, n_heads=r.n_heads)
     return (
         shape,
         (
