@@ -180,9 +180,10 @@ def stdlib_files(corpus: str) -> list[Path]:
 
 def prepared(corpus: str, cache: Path) -> Path:
     """The folder `corpus` is prepared in under `cache`, prepared first if it is not there yet. Corpus "pydoc" is
-    the topics (builtin:pydoc), not held out: for what depends on its size, as how many times a budget reads it."""
-    if corpus == "pydoc":
-        return prepared_corpus(cache / "pydoc", inputs=["builtin:pydoc"])
+    the topics (builtin:pydoc), not held out: for what depends on its size, as how many times a budget reads it;
+    "docstrings" the standard library's docstrings (builtin:docstrings), English whose validation text is new."""
+    if corpus in ("pydoc", "docstrings"):
+        return prepared_corpus(cache / corpus, inputs=[f"builtin:{corpus}"])
     return prepared_corpus(cache / f"stdlib-{corpus}", files=stdlib_files(corpus))
 
 

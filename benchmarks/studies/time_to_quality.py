@@ -1,7 +1,7 @@
 """Time to quality on a CPU: fasttrain's budgeted default against nanochat run as its authors run it, validation
 bits per byte after the same seconds of training (or the same tokens) on the same corpus and cores.
 
-    python -m benchmarks.studies.time_to_quality --nanochat DIR [--corpus large|small] [--budgets 60 180 600 | --tokens N ...]
+    python -m benchmarks.studies.time_to_quality --nanochat DIR [--corpus large|small|docstrings] [--budgets 60 180 600 | --tokens N ...]
         [--nanochat-depths 1 2 3 4] [--fasttrain-sets KEY=VALUE ...] [--seeds S ...] [--threads 2] [--cache DIR]
         [--out FILE.json]
 
@@ -45,9 +45,9 @@ are the tokens/s measured in the warm-up x the budget / the batch: measured at 1
 smaller batch chosen (a smaller batch may run fewer tokens a second), until the rule keeps the batch. Under
 --tokens the batch is the rule's for N tokens.
 
-Same tokens: both train on the corpus recipe_sweep prepares (`prepared`: held-out standard-library code,
-fasttrain's tokenizer at vocab 4096), read by fasttrain's TokenLoader; nanochat's rows are packed windows of
-its sequence length, in the order the seed draws them.
+Same tokens: both train on the corpus recipe_sweep prepares (`prepared`: held-out standard-library code, large or
+small, or the standard library's docstrings; fasttrain's tokenizer at vocab 4096), read by fasttrain's TokenLoader;
+nanochat's rows are packed windows of its sequence length, in the order the seed draws them.
 
 Same score: both on the whole validation split, each at its own context: non-overlapping packed windows of the
 model's sequence length (fasttrain's train.seq_len as its plan chose it; nanochat's 512) cut from each val shard, the shard's
@@ -558,7 +558,7 @@ def plot(record: dict, out: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m benchmarks.studies.time_to_quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--nanochat", help="a nanochat checkout (default: $NANOCHAT_DIR, else the installed package)")
-    parser.add_argument("--corpus", choices=["large", "small"], default="large")
+    parser.add_argument("--corpus", choices=["large", "small", "docstrings"], default="large")
     lengths = parser.add_mutually_exclusive_group()
     lengths.add_argument("--budgets", type=float, nargs="+", help="seconds of training (default: 60 180 600)")
     lengths.add_argument("--tokens", type=int, nargs="+", help="training tokens instead, whatever the time")
