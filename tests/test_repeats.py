@@ -135,3 +135,5 @@ def test_a_self_sized_budget_stops_at_the_limit_on_new_text_and_at_data_max_epoc
     assert 9.5 < read <= 10 and any("times (data.max_epochs)" in n for n in notes)
     read, notes = epochs(pydoc_data, *RULE)
     assert 9.5 < read <= 10 and not any("at most" in n for n in notes)
+    read, notes = epochs(code_data, *RULE, "train.max_time=20")  # a budget that never reaches the limit: not said
+    assert read < limit and not any("at most" in n or "train.max_steps = " in n for n in notes), notes

@@ -35,21 +35,9 @@ from fasttrain.data.mixture import Blend, Source, open_sources, phases, token_sh
 from fasttrain.data.repeats import choose_weight_decay, limit_epochs
 from fasttrain.formats.shards import find_shards
 from fasttrain.formats.tokenizer import Tokenizer
+from fasttrain.model import sizing
 from fasttrain.model.sequence_length import choose_context, recorded_context, short_context, trained_context
-from fasttrain.model.sizing import (
-    HEAD_DIM,
-    Corpus,
-    Speed,
-    ensemble_members,
-    epoch_cap,
-    fits,
-    fitting_depths,
-    ladder_shape,
-    plural,
-    run_tokens,
-    size_model,
-    tokens_per_s,
-)
+from fasttrain.model.sizing import Corpus, Speed
 from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
 from fasttrain.preparation.cache import pending, prepared_dir
@@ -128,7 +116,9 @@ class RunPlan:
         mix = tuple(mix or self.mix)
         end, words = Budget.of(t).horizon(step, seconds)  # a new run of a clock: from the speed its shape was timed at
         if t.max_time and not step and self.speed:  # the speed the shape was chosen at projects the clock's end
-            by_time = int(t.max_time * tokens_per_s(self.speed, self.cfg.model, t.seq_len) / self.tokens_per_step)
+            by_time = int(
+                t.max_time * sizing.tokens_per_s(self.speed, self.cfg.model, t.seq_len) / self.tokens_per_step
+            )
             if end is None or by_time < end:
                 end, words = by_time, f"in the ~{by_time} steps train.max_time gives at the speed timed for the shape"
         epochs = None
@@ -255,7 +245,7 @@ def plan_run(
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size
     mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)
     notes += mix_notes
-    planned = run_tokens(t, cfg.model, tokens_per_step, speed)  # inf: a time budget with no speed timed
+    planned = sizing.run_tokens(t, cfg.model, tokens_per_step, speed)  # inf: a time budget with no speed timed
     epochs = None if math.isinf(planned) else [planned * share / size for share, size in corpus]
     optim, note = choose_weight_decay(cfg, sources, epochs, earlier[0] if earlier else None, measured)
     cfg = replace(cfg, optim=optim)
@@ -310,14 +300,14 @@ def size_run(
     earlier: tuple[Config, str] | None,
     context_set: bool,
 ) -> tuple[ModelConfig, TrainConfig, Corpus, Speed | None, tuple[int, float] | None, list[str]]:
-    """The model and train sections a run of `cfg` (its train.seq_len the short or recorded context) trains: the
-    shape (model.n_layers = 0: chosen for the run's compute, sizing.py) and its members (model.members = 0: those
-    `earlier` recorded, else more than one where the epoch limit stops one early), the context (unless `context_set` or
-    `earlier` recorded it: chosen for the tokens planned at the short one, sequence_length.py), the model's
-    max_seq_len the context trained unless `context_set`, and a self-sized budget's stop at data.max_epochs or the
-    repeats rule's lower limit (train.max_steps); with the corpus they were weighed on (each source's share of the
-    run and its tokens an epoch, as the loader reads them; `estimate` for a folder not prepared yet), the speed
-    timed, the source index and verbatim overlap the repeats rule measured (None: not measured), and the notes."""
+    """The model and train sections a run of `cfg` (its train.seq_len the short or recorded context) trains: the shape
+    (model.n_layers = 0: chosen for the run's compute, sizing.py) and members (model.members = 0: those `earlier`
+    recorded, else more than one where the epoch limit stops one early), the context (unless `context_set` or `earlier`
+    recorded it: chosen for the tokens planned at the short one, sequence_length.py), the model's max_seq_len the
+    context trained unless `context_set`, and a self-sized budget's stop at data.max_epochs or the repeats rule's
+    lower limit (train.max_steps); with the corpus they were weighed on (each source's share of the run and its
+    tokens an epoch, as the loader reads them; `estimate` for a folder not prepared yet), the speed timed, the
+    source index and verbatim overlap the repeats rule measured (None: not measured), and the notes."""
     t, notes, choose_seq_len = cfg.train, [], not context_set and earlier is None
     mix, _ = phases(cfg.data, t.max_steps, accumulation)
     shares = token_shares(mix, t.max_steps * accumulation)
@@ -331,30 +321,34 @@ def size_run(
     cfg, limit_note, measured = limit_epochs(cfg, sources, corpus) if self_sized else (cfg, "", None)
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size  # the same at either context
     model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, device, resume, speed, earlier)
-    cap = epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
+    cap = sizing.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
     if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
         known = speed is not None or not t.max_time  # a time budget's tokens come from a speed timed
-        tokens = min(run_tokens(t, model, tokens_per_step, speed), cap * tokens_per_step or math.inf)
+        tokens = min(sizing.run_tokens(t, model, tokens_per_step, speed), cap * tokens_per_step or math.inf)
         t, context_note = choose_context(t, cfg.model, cfg.data.batching, tokens if known else math.inf)
         notes.append(context_note)
         if t != cfg.train:  # its rows fill whole batches a little differently: the epochs counted again
             cfg = replace(cfg, train=t)
             corpus = corpus_at(cfg)
-            cap = epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
+            cap = sizing.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
             model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, device, resume, speed, earlier)
-    notes += [n for n in (limit_note, note) if n]
+    reaches = cap and sizing.run_tokens(t, model, tokens_per_step, speed) >= cap * tokens_per_step  # said only if so
+    notes += [n for n in (limit_note if reaches else "", note) if n]
     model = model if context_set else trained_context(model, t)
     if earlier and not model.members:  # resumed or replayed: the members recorded, whatever set the shape
         model = replace(model, members=earlier[0].model.members)
     members, note = model.members or 1, ""
     if cap and (not t.max_steps or cap < t.max_steps):  # a self-sized budget stops before it overfits (sizing.py)
         t = replace(t, max_steps=cap)
-        notes.append(
-            f"train.max_steps = {cap}: a budgeted run with model.n_layers = 0 stops when it has read the corpus "
-            f"{cfg.data.max_epochs:g} times ({'the limit above' if limit_note else 'data.max_epochs'}) or earlier"
-        )
+        if reaches:
+            notes.append(
+                f"train.max_steps = {cap}: a budgeted run with model.n_layers = 0 stops when it has read the corpus "
+                f"{cfg.data.max_epochs:g} times ({'the limit above' if limit_note else 'data.max_epochs'}) or earlier"
+            )
         most = members_in_memory(replace(cfg, model=model, train=t), device, shards)
-        members, note = (members, "") if model.members else ensemble_members(model, t, tokens_per_step, speed, most)
+        members, note = (
+            (members, "") if model.members else sizing.ensemble_members(model, t, tokens_per_step, speed, most)
+        )
     return replace(model, members=members), t, corpus, speed, measured, notes + ([note] if note else [])
 
 
@@ -404,28 +398,28 @@ def shape_of(
     recorded: tuple[Config, str] | None,
 ) -> tuple[ModelConfig, str, Speed | None]:
     """cfg.model with no 0 left in its shape, a note ("" if none) and the speed it was chosen at: model.d_model or
-    n_heads 0 are derived from the depth; model.n_layers = 0 is the shape the run being resumed (`resume`) or
-    replayed recorded (`recorded`: checkpoint_files.recorded_config), else chosen for the run's compute (sizing.size_model) on
-    `corpus` (each source's share of the run and its training tokens), of the depths whose memory split over `shards`
-    ranks fits. UsageError for a shape whose heads do not fit its width."""
+    n_heads 0 are derived from the depth; model.n_layers = 0 is the shape the run being resumed (`resume`) or replayed
+    recorded (`recorded`: checkpoint_files.recorded_config), else chosen for the run's compute (sizing.size_model) on
+    `corpus` (each source's share of the run and its training tokens), of the depths whose memory split over
+    `shards` ranks fits. UsageError for a shape whose heads do not fit its width."""
     m = cfg.model
     if m.n_layers:
-        shape = m if m.d_model and m.n_heads else ladder_shape(m, m.n_layers)
+        shape = m if m.d_model and m.n_heads else sizing.ladder_shape(m, m.n_layers)
         width = f"model.d_model = {m.d_model}" if m.d_model else f"width {shape.d_model} (64 x model.n_layers)"
-        if not fits(replace(shape, n_kv_heads=0)):  # a set n_heads the derived width does not split evenly
+        if not sizing.fits(replace(shape, n_kv_heads=0)):  # a set n_heads the derived width does not split evenly
             raise UsageError(
                 f"model.n_heads = {m.n_heads} does not divide {width} into even head sizes; set model.d_model too"
             )
-        if not fits(shape):
+        if not sizing.fits(shape):
             raise UsageError(
-                f"model.n_kv_heads = {m.n_kv_heads} does not divide the {plural(shape.n_heads, 'head')} of {width} "
-                f"(heads of {HEAD_DIM}); set model.n_heads too"
+                f"model.n_kv_heads = {m.n_kv_heads} does not divide the {sizing.plural(shape.n_heads, 'head')} of {width} "
+                f"(heads of {sizing.HEAD_DIM}); set model.n_heads too"
             )
         return shape, "", speed
     if recorded is None:  # no shape is timed or chosen whose memory estimate leaves the device no margin
-        depths = depths_in_memory(cfg, device, fitting_depths(m), shards)
+        depths = depths_in_memory(cfg, device, sizing.fitting_depths(m), shards)
         update, loss = timed_update(cfg, device), timed_loss(cfg, device)
-        return size_model(cfg, corpus, tokens_per_step, world.size, device, speed, update, loss, depths)
+        return sizing.size_model(cfg, corpus, tokens_per_step, world.size, device, speed, update, loss, depths)
     r, where = recorded[0].model, recorded[1]
     if unset := [k for k in ("n_layers", "d_model", "n_heads") if not getattr(r, k)]:
         raise UsageError(
@@ -437,7 +431,7 @@ def shape_of(
         shape,
         (
             f"model.n_layers = 0: the {'resumed' if resume is not None else 'replayed'} run's shape, "
-            f"{shape.n_layers} x {shape.d_model} with {plural(shape.n_heads, 'head')}, as {where} records it"
+            f"{shape.n_layers} x {shape.d_model} with {sizing.plural(shape.n_heads, 'head')}, as {where} records it"
         ),
         speed,
     )
