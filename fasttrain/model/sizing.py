@@ -184,19 +184,19 @@ def tokens_per_s(speed: Speed, shape: ModelConfig, seq_len: int) -> float:
 def ensemble_members(
     shape: ModelConfig, t: TrainConfig, tokens_per_step: int, speed: Speed | None, most: int
 ) -> tuple[int, str]:
-    """How many models of `shape` (model.members = 0) a time budget trains side by side when it stops one at
-    train.max_steps (`epoch_cap`) before train.max_time: as many as the budget holds at `speed`, at most MAX_MEMBERS
-    and `most` (what memory holds); 1 where that is one or nothing was timed. With the plan's note ("" for 1)."""
+    """How many models of `shape` (model.members = 0) a budget trains side by side when it stops one at train.max_steps
+    (`epoch_cap`) before train.max_time: the budget over one's time to the limit at `speed`, rounded (1.9: 2, each at
+    95% of it, not 1 and half the budget unused), at most MAX_MEMBERS and `most` (memory); 1 untimed. With a note."""
     if not (t.max_time and t.max_steps and speed):
         return 1, ""
     seconds = t.max_steps * tokens_per_step / tokens_per_s(speed, shape, t.seq_len)
-    members = min(int(t.max_time // seconds), MAX_MEMBERS, most)
+    members = min(int(t.max_time / seconds + 0.5), MAX_MEMBERS, most)
     if members < 2:
         return 1, ""
     return members, (
         f"model.members = {members}: one model reaches the epoch limit in about {seconds:.0f} s of the "
-        f"{t.max_time:g} s, so {members} train side by side, each from its own initialization; final/ scores "
-        "the mean of their probabilities (an ensemble)"
+        f"{t.max_time:g} s, so {members} train side by side, each from its own initialization, to the limit or as "
+        "near as the budget allows; final/ scores the mean of their probabilities (an ensemble)"
     )
 
 
