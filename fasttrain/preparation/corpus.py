@@ -210,9 +210,10 @@ def _glob(spec: str) -> list[str]:
     return sorted(str(p) for p in root.glob(str(Path(*parts[first:]))) if p.is_file())
 
 
-def resolve_inputs(inputs: Sequence[str]) -> list[Source]:
+def resolve_inputs(inputs: Sequence[str], sizes: bool = True) -> list[Source]:
     """Expand inputs into the ordered list of sources to read; a missing input is a `UsageError`. A file
-    reached more than once (named twice, or through a link) is read once, where it first appears."""
+    reached more than once (named twice, or through a link) is read once, where it first appears. Without `sizes`
+    every size is 0: no Parquet footer is read, no embedded corpus measured."""
     if not inputs:
         raise UsageError("no inputs given")
     sources: list[Source] = []
@@ -223,7 +224,7 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Source]:
             if name not in BUILTINS:
                 known = ", ".join(BUILTIN_PREFIX + b for b in BUILTINS)
                 raise UsageError(f"{spec}: no such embedded corpus (known: {known})")
-            sources.append(Source(spec, size=_builtin_size(name)))
+            sources.append(Source(spec, size=_builtin_size(name) if sizes else 0))
             continue
         if glob.has_magic(spec):
             paths = _glob(spec)
@@ -249,7 +250,8 @@ def resolve_inputs(inputs: Sequence[str]) -> list[Source]:
             if not os.access(p, os.R_OK):
                 raise UsageError(f"{p}: cannot read (permission denied)")
             # Progress counts text: a Parquet file's is about its uncompressed size (read from its footer).
-            sources.append(Source(p, size=_parquet_text_size(p) if p.endswith(".parquet") else os.path.getsize(p)))
+            size = (_parquet_text_size(p) if p.endswith(".parquet") else os.path.getsize(p)) if sizes else 0
+            sources.append(Source(p, size=size))
     return sources
 
 
@@ -258,7 +260,7 @@ def fingerprint(inputs: Sequence[str]) -> str:
     are) and each file's path, size and modification time. The cache of prepared data is keyed on it, so an edited,
     added or removed file, or another Python's standard library, is prepared afresh. `UsageError` as resolve_inputs."""
     digest = hashlib.sha256(sys.version.encode())
-    for source in resolve_inputs(inputs):
+    for source in resolve_inputs(inputs, sizes=False):  # a run's every start keys its cache: read no footers
         builtin = source.name.removeprefix(BUILTIN_PREFIX)
         for path in _builtin_files(builtin) if builtin != source.name else [source.name]:
             stat = os.stat(path)
