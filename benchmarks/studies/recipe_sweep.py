@@ -116,7 +116,7 @@ CASES |= {
 RECIPE = UNTIED_NORMED + ["optim.embedding_lr=0.05", "optim.head_lr=0.004"]
 CASES |= {
     f"depth {d} recipe{name}": CASES[f"depth {d}"] + RECIPE + sets
-    for d in (2, 4)
+    for d in (2, 3, 4)
     for name, sets in {
         "": [],
         " value embeddings": ["model.value_embeddings=true"],
