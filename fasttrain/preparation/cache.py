@@ -41,8 +41,20 @@ def cache_dir(request: dict) -> Path:
     )
     key = {**request, "contents": corpus.fingerprint(request["inputs"])}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    name = re.sub(r"[^A-Za-z0-9]+", "-", request["inputs"][0].removeprefix("builtin:")).strip("-")[-40:] or "data"
-    return Path(root) / f"{name}-{digest}"
+    return Path(root) / f"{_readable_name(request['inputs'][0])}-{digest}"
+
+
+def _readable_name(spec: str, limit: int = 40) -> str:
+    """The readable part of a cache directory's name for the input `spec`: the last whole words (letters and digits) of
+    its path that fit in `limit` characters, joined by "-" ("data" if none fit). Never a cut word, as the path's last
+    characters were: the name is read in every note about the folder."""
+    name = ""
+    for word in reversed(re.findall(r"[A-Za-z0-9]+", spec.removeprefix("builtin:"))):
+        longer = f"{word}-{name}" if name else word
+        if len(longer) > limit:
+            break
+        name = longer
+    return name or "data"
 
 
 def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
