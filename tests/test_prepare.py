@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -559,6 +560,16 @@ def test_the_cache_folder_is_named_by_whole_words(tmp_path, monkeypatch):
     )
     assert name_of(tmp_path / ("x" * 60 + ".txt")) == "txt"
     assert cache_dir(request_of(["builtin:pydoc"], 4096, None, 0.1, "text")).name.startswith("pydoc-")
+
+
+def test_a_cache_setting_that_names_a_file_says_so(tmp_path, monkeypatch):
+    """FASTTRAIN_CACHE set to a regular file was "cannot write (File exists)" about a lock inside it."""
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    message = "^" + re.escape(f"FASTTRAIN_CACHE = {tmp_path / 'cache'}: is a file, not a folder")
+    with pytest.raises(UsageError, match=message):
+        ensure_prepared(load_config(None, ["data.vocab_size=300"]).data, quiet=True)
+    assert (tmp_path / "cache").read_text() == "not a folder"
 
 
 def test_the_cache_follows_what_the_inputs_hold(tmp_path, monkeypatch):

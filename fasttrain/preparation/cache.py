@@ -34,11 +34,15 @@ BYTES_PER_TOKEN = ((512, 2.0), (4096, 3.8))
 def cache_dir(request: dict) -> Path:
     """Where data for `request` is cached when data.dir is unset: under $FASTTRAIN_CACHE, $XDG_CACHE_HOME/fasttrain or
     ~/.cache/fasttrain, a directory per distinct request (absolute paths) and what its inputs hold now
-    (`corpus.fingerprint`: an edited input file, or another Python's embedded corpus, is another directory)."""
+    (`corpus.fingerprint`: an edited input file, or another Python's embedded corpus, is another directory).
+    UsageError if that root is a file."""
     root = (
         os.environ.get("FASTTRAIN_CACHE")
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fasttrain"
     )
+    if Path(root).exists() and not Path(root).is_dir():  # else "cannot write (File exists)" about a lock in it
+        setting = "FASTTRAIN_CACHE = " if os.environ.get("FASTTRAIN_CACHE") else "the cache folder "
+        raise UsageError(f"{setting}{root}: is a file, not a folder; set FASTTRAIN_CACHE to a folder")
     key = {**request, "contents": corpus.fingerprint(request["inputs"])}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return Path(root) / f"{_readable_name(request['inputs'][0])}-{digest}"
