@@ -101,3 +101,10 @@ def test_the_readmes_runs_after_the_quickstart_name_their_own_out_dir():
     trains = [c for c in commands if c.startswith("fasttrain train base ") and "--dry-run" not in c]
     assert any("data.dir=data/mine" in c for c in trains)
     assert [c for c in trains if "train.out_dir=" not in c] == []
+
+
+def test_the_readmes_benchmark_command_says_it_needs_the_test_extra():
+    """`pytest benchmarks/ --benchmark-only` needs pytest-benchmark, an extra (`.[test]`) the README did not name."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").replace("\n", " ")
+    mention = readme[readme.index("`pytest benchmarks/ --benchmark-only`") :][:200]
+    assert '`pip install -e ".[test]"`' in mention, mention
