@@ -74,7 +74,7 @@ def start_lines(plan: RunPlan, reading: Reading) -> list[str]:
     often each source is read, and the batch and budget."""
     c, t, m, record = plan.cfg, plan.cfg.train, plan.cfg.model, plan.record(reading)
     lines = [
-        f"model: {plan.params / 1e6:.2f}M parameters ({f'{m.members} models of ' * (m.members > 1)}"
+        f"model: {plan.params / 1e6:.2f}M parameters ({m.members} model{'s' * (m.members > 1)} of "
         f"{m.n_layers} layer{'s' * (m.n_layers != 1)}, d_model "
         f"{m.d_model}, {m.n_heads} head{'s' * (m.n_heads != 1)}, vocab {m.vocab_size}, context {m.max_seq_len})"
     ]
