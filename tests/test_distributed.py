@@ -170,7 +170,6 @@ def assert_weights_agree(ours: dict[str, torch.Tensor], theirs: dict[str, torch.
         assert apart.sum().item() <= apart.numel() / 1000, f"{name}: {apart.sum().item()} of {apart.numel()} differ"
 
 
-
 # One sequence per micro-batch on every rank and 192 tokens a step: 6 micro-batches accumulated on 1 process, 3 on
 # 2, 2 on 3, the same rows each step. eval_steps=5: 5 validation rows, which neither 2 nor 3 ranks split evenly.
 ANY_WORLD = [
