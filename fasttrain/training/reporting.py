@@ -119,7 +119,7 @@ def epoch_warnings(plan: RunPlan, reading: Reading) -> list[str]:
     """A warning for each source `reading` has the run read more than data.max_epochs times over, saying what the
     run does about it (the weight decay's growth, the weights final/ keeps) and what would help."""
     c, lines = plan.cfg, []
-    decay = f"it trains at weight decay {c.optim.weight_decay:g}" + (
+    decay = f"it trains at weight decay {c.optim.decay():g}" + (
         " (optim.weight_decay_rule = repeats)" if c.optim.weight_decay_rule == "repeats" else ""
     )
     final = "final/ keeps the best weights" if c.checkpoint.final_weights == "best" else "final/ the last step's"
