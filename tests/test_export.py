@@ -97,8 +97,14 @@ def test_export_takes_every_run_path_that_sample_and_evaluate_take(trained, tmp_
     assert all(torch.equal(exported[k], v) for k, v in trainer.model.state_dict().items() if k in exported)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_hugging_face_llama_export_gives_the_same_logits(pydoc_data, tmp_path, tied):
+@pytest.mark.parametrize(
+    "tied,normed",
+    [(True, False), (False, False), (False, True), (True, True)],
+    ids=["tied", "untied", "untied-normed", "tied-normed"],  # untied-normed: base.toml's head and embedding
+)
+def test_hugging_face_llama_export_gives_the_same_logits(pydoc_data, tmp_path, tied, normed):
+    """The Llama computes the model's logits and greedy tokens; model.embedding_norm folds into the table (exact:
+    the same op on each row), which unties a tied head."""
     transformers = pytest.importorskip("transformers")
     trainer = Trainer(
         tiny_config(
@@ -110,6 +116,9 @@ def test_hugging_face_llama_export_gives_the_same_logits(pydoc_data, tmp_path, t
             "model.rope_theta=500.0",
             "model.norm_eps=1e-6",
             f"model.tie_embeddings={str(tied).lower()}",
+            f"model.embedding_norm={str(normed).lower()}",
+            "optim.embedding_lr=0.05",  # base.toml's rates: the rows move far from unit scale, so the fold matters
+            "optim.head_lr=0.004",
             "train.max_steps=2",
             "train.sample_tokens=0",
         ),
@@ -122,6 +131,13 @@ def test_hugging_face_llama_export_gives_the_same_logits(pydoc_data, tmp_path, t
     with torch.no_grad():
         expected = trainer.model.eval()(tokens)
         assert torch.allclose(hf(tokens).logits, expected, atol=1e-5, rtol=1e-4)
+        prompt = tokens[:1, :8]
+        greedy = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 8:]
+        ours = prompt
+        for _ in range(12):
+            ours = torch.cat([ours, trainer.model(ours)[:, -1:].argmax(-1)], dim=1)
+        assert greedy.tolist() == ours[0, 8:].tolist()
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] == (tied and not normed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "def f(x):\n    return x + 1"
     assert tokenizer(text)["input_ids"] == trainer.tokenizer.encode(text)
