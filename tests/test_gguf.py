@@ -252,6 +252,13 @@ def test_llama_cpp_reads_the_same_tokens_and_predicts_them_alike(trained_longer,
     model, run = trained_longer
     export(run, tmp_path, "--dtype", dtype)
     llm = llama_cpp.Llama(str(tmp_path / "model.gguf"), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
+    try:
+        check_llama_cpp(llm, model, pydoc_data, run, dtype, within)
+    finally:
+        llm.close()  # else its cleanup at the interpreter's exit prints an error
+
+
+def check_llama_cpp(llm, model, pydoc_data, run, dtype: str, within: float) -> None:
     tokenizer = Tokenizer.load(run / "tokenizer.json")
     val = next(token_blocks(read_header(pydoc_data / "val_000000.bin")))[:2000].tolist()
     text = tokenizer.tok.decode([i for i in val if i != tokenizer.eot_id]) + "\n\tcafé, naïve — 3.14 {'a': 1}\n"

@@ -4,8 +4,10 @@ kept by a resume."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +160,23 @@ def test_a_new_run_from_a_runs_config_toml_chooses_the_decay_afresh(code_data, t
     # and one as long chooses what the first chose, not a rise from it
     same = plan_run(replace(recorded, train=replace(recorded.train, out_dir=str(tmp_path / "same"))), World(), CPU)
     assert same.cfg.optim.decay() == chosen
+
+
+def test_data_not_prepared_yet_is_planned_at_the_limit_of_new_text(tmp_path):
+    """A dry run before the data is prepared cannot measure the overlap: it plans the corpus as new text, at the
+    limit the prepared run applies to new text (it planned data.max_epochs, 10, and the run then trained at ~4),
+    and says that it assumed so and which way a repeating text would move it. Three days at a slow speed: the
+    budget's stop (train.max_steps) is the epoch limit, against the fixed rule's 10 epochs of the same estimate."""
+    inputs = [str(Path(json.__file__).parent / "*.py")]
+    sets = [*DAYS, f"data.inputs={json.dumps(inputs)}", "data.vocab_size=512"]
+
+    def unprepared(*more):
+        return plan_run(tiny_config(tmp_path / "absent", tmp_path / "run", *sets, *more), World(), CPU, speed=SLOW)
+
+    rule, fixed = unprepared(*RULE[:1]), unprepared()
+    assert rule.prepare and fixed.prepare  # not prepared yet: planned at the estimate
+    limit = repeats.epoch_limit(10.0, 0.0)
+    assert limit == repeats.NOVEL_EPOCHS < 10
+    assert rule.cfg.train.max_steps == pytest.approx(fixed.cfg.train.max_steps * limit / 10, abs=1)
+    said = f"the estimate reads the corpus at most {limit:g} times, not data.max_epochs = 10"
+    assert any(said in n and "assumed until the data is prepared" in n for n in rule.notes), rule.notes
