@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import fasttrain.preparation.corpus as corpus
 from fasttrain.config import DataConfig, load_config, resolve, save_config
@@ -594,6 +595,37 @@ def test_the_cache_follows_what_the_inputs_hold(tmp_path, monkeypatch):
     assert corpus.fingerprint(["builtin:pydoc"]) == builtin
     monkeypatch.setattr(corpus.sys, "version", "3.99.0 (another Python)")
     assert corpus.fingerprint(["builtin:pydoc"]) != builtin
+
+
+def test_a_runs_config_naming_a_cache_its_inputs_left_says_so(tmp_path, monkeypatch):
+    """A run's config.toml records data.dir as the cache folder it trained from; a new run from that file, after its
+    input files were edited, planned on the text prepared before with no note. It says so, naming how to prepare
+    them as they are."""
+    from fasttrain.compute.distributed import World
+    from fasttrain.config.prepared import resolve
+    from fasttrain.training.plan import plan_run
+
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "texts").mkdir()
+    text = tmp_path / "texts" / "a.txt"
+    text.write_text("the first text of the corpus\n" * 300)
+    settings = [f'data.inputs=["{tmp_path / "texts"}"]', "data.vocab_size=300", "model.vocab_size=0"]
+    settings += ["train.max_steps=2", "train.max_time=0", "train.device=cpu", "train.batch_size=2", "train.seq_len=32"]
+    settings += [f"train.out_dir={tmp_path / 'run'}", "model.max_seq_len=32"]
+    cfg = load_config(None, settings)
+    prepared = ensure_prepared(cfg.data, quiet=True)
+    recorded = resolve(cfg, prepared.dir, prepared.vocab_size, prepared.meta["request"])  # as config.toml holds it
+    assert Path(recorded.data.dir).parent == tmp_path / "cache"
+
+    def notes() -> list[str]:
+        return [n for n in plan_run(recorded, World(), torch.device("cpu")).notes if "data.dir = " in n]
+
+    assert notes() == []  # the inputs as they were: the cache is theirs
+    text.write_text("another text, the one now in the file\n" * 300)
+    (note,) = notes()
+    assert note.startswith(f"data.dir = {recorded.data.dir}: the cache of data.inputs as they were") and (
+        '--set data.dir="" prepares them as they are' in note
+    )
 
 
 @pytest.mark.subprocess
