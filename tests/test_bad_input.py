@@ -110,10 +110,12 @@ def sharded_run(c: Case, damage) -> Path:
 
 
 def beyond_llama_run(c: Case) -> Path:
-    """A run whose model a Hugging Face Llama cannot express: a ReLU² MLP, QK-norm and a normalised embedding."""
+    """A run whose model a Hugging Face Llama cannot express: a ReLU² MLP, QK-norm and value embeddings (and a
+    normalised embedding, which the export folds into the table)."""
     run = c.tmp / "relu2"
+    beyond = ("model.mlp=relu2", "model.qk_norm=true", "model.value_embeddings=true", "model.embedding_norm=true")
     with pytest.raises(SystemExit):
-        run_cli(train.main, c.train("model.mlp=relu2", "model.qk_norm=true", "model.embedding_norm=true", out=run))
+        run_cli(train.main, c.train(*beyond, out=run))
     return run
 
 
@@ -1187,8 +1189,10 @@ CASES = [
         "export: --hf of a model a Llama cannot express",
         export,
         lambda c: [str(beyond_llama_run(c)), "--hf"],
-        '--hf: a Hugging Face Llama cannot express model.mlp = "relu2", model.qk_norm = true, '
-        "model.embedding_norm = true; without --hf the weights are written in fasttrain's layout",
+        '--hf: a Hugging Face Llama cannot express model.mlp = "relu2" (set swiglu), model.qk_norm = true (set '
+        "false), model.value_embeddings = true (set false); train with --set model.mlp=swiglu model.qk_norm=false "
+        "model.value_embeddings=false to export to Hugging Face (without --hf the weights are written in fasttrain's "
+        "layout)",
     ),
     (
         "export: --hf into a sharded model's folder",

@@ -33,7 +33,7 @@ class ModelConfig:
     # logits whatever the learning rate does to the q and k weights. A Hugging Face Llama cannot express it.
     qk_norm: bool = False
     # RMS-normalise the token embedding (no weights) before the first block, so the stream starts at unit scale
-    # whatever the embedding's learning rate does to it (nanochat's). A Hugging Face Llama cannot express it.
+    # whatever the embedding's learning rate does to it (nanochat's). export --hf folds it into a Llama's table.
     embedding_norm: bool = False
     # Start each block's output projections (attention's out, the MLP's down) at zero: every block begins as the
     # identity and the model as embedding -> head (modded-nanogpt's and nanochat's init). Init only: Llama-shaped.

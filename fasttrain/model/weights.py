@@ -9,7 +9,8 @@ embed.weight), config.toml and tokenizer.json; `load_exported(DIR)` rebuilds the
 config.json for LlamaForCausalLM, model.safetensors with Llama's names (the fused qkv and gate_up split apart),
 tokenizer.json and tokenizer_config.json (a model continued from a Hugging Face one keeps its bos/eos ids and
 generation_config.json), so `AutoModelForCausalLM.from_pretrained(DIR)` loads it; no weight is permuted (RoPE is
-rotate-half already). Writes go to a temporary file first (system/atomic.py).
+rotate-half already), and model.embedding_norm is folded into the table. Writes go to a temporary file first
+(system/atomic.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import safetensors.torch
 import tokenizers
 import torch
+import torch.nn.functional as F
 
 from fasttrain.config import Config, ModelConfig, load_config, save_config
 from fasttrain.formats.tokenizer import Tokenizer
@@ -36,6 +38,7 @@ DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 _HF_ONLY = ("config.json", "tokenizer_config.json", "generation_config.json")  # one layout's files, not the other's
 _FASTTRAIN_ONLY = ("config.toml",)
 _NOT_LLAMA = ("qk_norm", "embedding_norm", "value_embeddings", "residual_scalars", "smear", "backout")  # not in a Llama
+_FOLDED = ("embedding_norm",)  # of those, what export --hf folds into the weights (hf_llama_tensors)
 
 
 def write_safetensors(
@@ -94,7 +97,14 @@ def hf_llama_layout(cfg: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ..
 
 
 def hf_llama_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The model's state dict under Hugging Face Llama's parameter names."""
+    """The model's state dict (tied output.weight included, as state_dict() gives it) under Hugging Face Llama's
+    parameter names, in its dtype. model.embedding_norm is folded into the table: the norm has no weight, so the
+    normalised rows are what the model looks up; a tied head, which reads the table unnormalised, becomes lm_head
+    (hf_llama_config unties it)."""
+    if cfg.embedding_norm:
+        normalised = F.rms_norm(state["embed.weight"], (cfg.d_model,), eps=cfg.norm_eps)
+        state = state | {"embed.weight": normalised}
+        cfg = replace(cfg, embedding_norm=False, tie_embeddings=False)
     out: dict[str, torch.Tensor] = {}
     for ours, parts in hf_llama_layout(cfg).items():
         out.update(zip([name for name, _ in parts], state[ours].split([shape[0] for _, shape in parts])))
@@ -102,11 +112,18 @@ def hf_llama_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
 
 
 def beyond_llama(cfg: ModelConfig) -> list[str]:
-    """The [model] settings of `cfg` that a Hugging Face Llama has no way to express, as `key = value`."""
-    beyond = [f'model.mlp = "{cfg.mlp}"'] if cfg.mlp != "swiglu" else []
-    beyond += [f"model.logit_softcap = {cfg.logit_softcap:g}"] if cfg.logit_softcap else []
-    beyond += [f"model.members = {cfg.members} (an ensemble)"] if cfg.members > 1 else []
-    return beyond + [f"model.{key} = true" for key in _NOT_LLAMA if getattr(cfg, key)]
+    """The [model] settings of `cfg` that a Hugging Face Llama has no way to express (even folded into the weights),
+    each as `key = value (set what a Llama has)`, the setting to train with for a model that exports."""
+    return [f"model.{key} = {value} (set {instead})" for key, value, instead in _llama_instead(cfg)]
+
+
+def _llama_instead(cfg: ModelConfig) -> list[tuple[str, str, str]]:
+    """(key, value, the value a Llama has, as --set takes it) for each [model] setting of `cfg` that a Llama has no
+    way to express."""
+    found = [("mlp", f'"{cfg.mlp}"', "swiglu")] if cfg.mlp != "swiglu" else []
+    found += [("logit_softcap", f"{cfg.logit_softcap:g}", "0")] if cfg.logit_softcap else []
+    found += [("members", f"{cfg.members} (an ensemble)", "1")] if cfg.members > 1 else []
+    return found + [(key, "true", "false") for key in _NOT_LLAMA if getattr(cfg, key) and key not in _FOLDED]
 
 
 def hf_llama_config(cfg: ModelConfig, eot_id: int, dtype: torch.dtype) -> dict:
@@ -126,7 +143,7 @@ def hf_llama_config(cfg: ModelConfig, eot_id: int, dtype: torch.dtype) -> dict:
         "rope_theta": cfg.rope_theta,
         "rope_scaling": None,
         "hidden_act": "silu",
-        "tie_word_embeddings": cfg.tie_embeddings,
+        "tie_word_embeddings": cfg.tie_embeddings and not cfg.embedding_norm,  # the table folded, the head not
         "attention_bias": False,
         "mlp_bias": False,
         "bos_token_id": eot_id,
@@ -277,18 +294,19 @@ def export_weights(
     model trained with (default `cfg.data.dir`'s), which --hf needs. All is checked before the first write
     (`_check_out_dir`)."""
     out = Path(out_dir)
-    if hf and (beyond := beyond_llama(cfg.model)):
+    if hf and (instead := _llama_instead(cfg.model)):
+        settings = " ".join(f"model.{key}={value}" for key, _, value in instead)
         raise UsageError(
-            f"--hf: a Hugging Face Llama cannot express {', '.join(beyond)}; without --hf the weights are written in "
-            "fasttrain's layout"
+            f"--hf: a Hugging Face Llama cannot express {', '.join(beyond_llama(cfg.model))}; train with --set "
+            f"{settings} to export to Hugging Face (without --hf the weights are written in fasttrain's layout)"
         )
     tokenizer_file = Path(tokenizer) if tokenizer is not None else Path(cfg.data.dir) / "tokenizer.json"
     files = {"tokenizer.json": tokenizer_file.read_bytes()} if tokenizer_file.is_file() else {}
     if hf:  # Tokenizer.load: a UsageError naming the missing file, before anything is written
         files.update(_hf_files(cfg, Tokenizer.load(tokenizer_file), dtype))
     _check_out_dir(out, {"model.safetensors", *files, *([] if hf else _FASTTRAIN_ONLY)}, hf)
-    state = {k: v.to(dtype) for k, v in model_state.items()}
-    tensors = hf_llama_tensors(state, cfg.model) if hf else fasttrain_tensors(state, cfg.model)
+    tensors = hf_llama_tensors(model_state, cfg.model) if hf else fasttrain_tensors(model_state, cfg.model)
+    tensors = {k: v.to(dtype) for k, v in tensors.items()}  # after a fold, which is done at the weights' precision
     written = [write_safetensors(out / "model.safetensors", tensors, {"format": "pt"})]
     written += [_write(out / name, data) for name, data in files.items()]
     if not hf:
