@@ -872,6 +872,13 @@ CASES = [
         'hf/config.json: model_type = "gpt2": not "llama"',
     ),
     (
+        "init_from a fasttrain run, not a Llama's folder",
+        train,
+        lambda c: c.train(f"model.init_from={c.run}", out=c.tmp / "next"),
+        "config.json: no such file; model.init_from takes a Hugging Face model's folder (of a fasttrain run: "
+        "`fasttrain export RUN --hf` writes one to RUN/export-hf)",
+    ),
+    (
         "init_from a Llama without weights",
         train,
         lambda c: c.train(f"model.init_from={Path(c.file('hf/config.json', json.dumps(LLAMA))).parent}"),

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fasttrain import export, prepare, train
+from fasttrain import Trainer, export, prepare, train
 from fasttrain.config import load_config
 from fasttrain.system.errors import run_cli
 from fasttrain.training.plan import init_shape
-from tests.conftest import tiny_args
+from tests.conftest import tiny_args, tiny_overrides
 
 transformers = pytest.importorskip("transformers")
 
@@ -85,6 +85,22 @@ def test_continue_from_a_hugging_face_llama_and_export_it_back(pydoc_data, tmp_p
     tokens = torch.randint(0, 512, (2, 48))
     with torch.no_grad():
         assert torch.allclose(back(tokens).logits, source(tokens).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_export_then_init_from_continues_the_same_model(pydoc_data, tmp_path, capsys):
+    """base.toml's recipe with its embedding norm (folded by the export) and an untied head: `export RUN --hf`, then
+    a run with model.init_from = the export starts where the first ended, its validation loss before the first
+    update the first run's last."""
+    recipe = [*tiny_overrides(pydoc_data, tmp_path / "run"), "model.embedding_norm=true", "model.tie_embeddings=false"]
+    first = load_config("configs/base.toml", [*recipe, "train.max_steps=6", 'checkpoint.final_weights="last"'])
+    last = Trainer(first, quiet=True).train()["val_loss"]
+    cli(export.main, [str(tmp_path / "run"), "--hf"], capsys)
+    init_from = f"model.init_from={tmp_path / 'run' / 'export-hf'}"
+    second = Trainer(load_config("configs/base.toml", [*recipe, f'train.out_dir="{tmp_path / "next"}"', init_from]))
+    assert not second.cfg.model.embedding_norm  # a Llama's: the norm is in the table now
+    metrics = second.evaluate()
+    assert metrics is not None and abs(metrics["val_loss"] - last) <= 1e-4, (metrics["val_loss"], last)
+    print("ROUNDTRIP", metrics["val_loss"], last)
 
 
 def hf_dir(tmp_path: Path, **changes) -> str:

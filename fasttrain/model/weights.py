@@ -166,8 +166,14 @@ _HF_SHAPE = {
 
 def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) -> ModelConfig:
     """`base` with the shape and numerics of the Hugging Face Llama in `directory` (its config.json); UsageError naming
-    a key the transformer cannot reproduce (model type, activation, bias, RoPE scaling, head_dim)."""
+    a key the transformer cannot reproduce (model type, activation, bias, RoPE scaling, head_dim), or config.json
+    missing (a fasttrain run's folder: its export --hf is the Llama)."""
     path = Path(directory) / "config.json"
+    if not os.path.lexists(path):  # a fasttrain run or weights folder, say: its shape is config.toml's, not a Llama's
+        raise UsageError(
+            f"{path}: no such file; model.init_from takes a Hugging Face model's folder (of a fasttrain run: "
+            "`fasttrain export RUN --hf` writes one to RUN/export-hf)"
+        )
     raw = _json_object(path)
 
     def refuse(key: str, why: str) -> None:
