@@ -100,7 +100,6 @@ def test_export_then_init_from_continues_the_same_model(pydoc_data, tmp_path, ca
     assert not second.cfg.model.embedding_norm  # a Llama's: the norm is in the table now
     metrics = second.evaluate()
     assert metrics is not None and abs(metrics["val_loss"] - last) <= 1e-4, (metrics["val_loss"], last)
-    print("ROUNDTRIP", metrics["val_loss"], last)
 
 
 def hf_dir(tmp_path: Path, **changes) -> str:
