@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -531,6 +532,44 @@ def test_unset_data_dir_prepares_into_a_cache_keyed_by_the_request(tmp_path, mon
     assert again.dir == prepared.dir  # the same request finds the same directory
     other = ensure_prepared(load_config(None, ["data.vocab_size=310"]).data, quiet=True)
     assert Path(other.dir).parent == first.parent and other.dir != prepared.dir
+
+
+def test_the_cache_folder_is_named_by_whole_words(tmp_path, monkeypatch):
+    """The name was the input path's last 40 characters cut wherever they fell ("-tt-corpora-...", "ure-novel-txt"):
+    it is the path's last whole words that fit, then the request's hash."""
+    from fasttrain.preparation.cache import cache_dir
+    from fasttrain.preparation.preparation import request_of
+
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+
+    def name_of(path: Path) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("some text\n")
+        folder = cache_dir(request_of([str(path)], 300, None, 0.1, "text"))
+        readable, digest = folder.name.rsplit("-", 1)
+        assert folder.parent == tmp_path / "cache" and len(digest) == 12
+        return readable
+
+    # tmp_path's own folder (this test's name) is too long to join them: the name starts at a word
+    assert name_of(tmp_path / "tt" / "corpora" / "english" / "literature" / "novel.txt") == (
+        "tt-corpora-english-literature-novel-txt"
+    )
+    assert (
+        name_of(tmp_path / "a" / "english-literature-of-the-nineteenth-century.txt")
+        == "literature-of-the-nineteenth-century-txt"
+    )
+    assert name_of(tmp_path / ("x" * 60 + ".txt")) == "txt"
+    assert cache_dir(request_of(["builtin:pydoc"], 4096, None, 0.1, "text")).name.startswith("pydoc-")
+
+
+def test_a_cache_setting_that_names_a_file_says_so(tmp_path, monkeypatch):
+    """FASTTRAIN_CACHE set to a regular file was "cannot write (File exists)" about a lock inside it."""
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    message = "^" + re.escape(f"FASTTRAIN_CACHE = {tmp_path / 'cache'}: is a file, not a folder")
+    with pytest.raises(UsageError, match=message):
+        ensure_prepared(load_config(None, ["data.vocab_size=300"]).data, quiet=True)
+    assert (tmp_path / "cache").read_text() == "not a folder"
 
 
 def test_the_cache_follows_what_the_inputs_hold(tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ class ModelConfig:
     # logits whatever the learning rate does to the q and k weights. A Hugging Face Llama cannot express it.
     qk_norm: bool = False
     # RMS-normalise the token embedding (no weights) before the first block, so the stream starts at unit scale
-    # whatever the embedding's learning rate does to it (nanochat's). export --hf folds it into a Llama's table.
+    # whatever the embedding's learning rate does to it (nanochat's). A Hugging Face Llama cannot express it.
     embedding_norm: bool = False
     # Start each block's output projections (attention's out, the MLP's down) at zero: every block begins as the
     # identity and the model as embedding -> head (modded-nanogpt's and nanochat's init). Init only: Llama-shaped.
@@ -185,6 +185,10 @@ class OptimConfig:
     # and why: fasttrain/data/repeats.py); "fixed": weight_decay as set.
     weight_decay_rule: Literal["fixed", "repeats"] = "fixed"
     max_weight_decay: float = 6.4  # the rule's ceiling, reached at ~32 epochs (Kim et al. 2025: ~30x the usual 0.1)
+    # Written by a run, not set: the decay the "repeats" rule chose for it (0: none chosen), which its resume and
+    # replay train at. weight_decay stays what was set, so a new run started from the run's config.toml chooses
+    # afresh for its own length rather than taking the chosen value as set (issue 91).
+    weight_decay_chosen: float = 0.0
     # Peak learning rates of their own, each following the same schedule (0 = optim.lr): the lookup tables (the
     # token embedding, with a tied head the shared matrix, and any value embeddings), whose rows are updated only
     # when their token appears, and an untied output head. nanochat trains its embedding at ~40x its head's rate.
@@ -197,6 +201,14 @@ class OptimConfig:
     muon: MuonConfig = field(default_factory=MuonConfig)
     sgd: SGDConfig = field(default_factory=SGDConfig)
     adafactor: AdafactorConfig = field(default_factory=AdafactorConfig)
+
+    def decay(self) -> float:
+        """The weight decay the run trains at: the one the rule chose, where it chose one, else weight_decay."""
+        return (
+            self.weight_decay_chosen
+            if self.weight_decay_rule == "repeats" and self.weight_decay_chosen
+            else self.weight_decay
+        )
 
 
 @dataclass

@@ -137,12 +137,12 @@ def choose_weight_decay(
     if o.weight_decay_rule == "fixed":
         return o, ""
     decay, why = rule_decay(o, sources, epochs, measured)
-    if recorded is None:
-        return replace(o, weight_decay=round(decay, 3)), f"optim.weight_decay_rule = repeats: {why}"
-    kept = recorded.optim.weight_decay
+    if recorded is None:  # weight_decay stays as set: what a new run from this run's config.toml starts from
+        return replace(o, weight_decay_chosen=round(decay, 3)), f"optim.weight_decay_rule = repeats: {why}"
+    kept = recorded.optim.decay()
     if math.isclose(kept, round(decay, 3)):
-        return replace(o, weight_decay=kept), ""
-    return replace(o, weight_decay=kept), (
+        return replace(o, weight_decay_chosen=kept), ""
+    return replace(o, weight_decay_chosen=kept), (
         f"optim.weight_decay_rule = repeats: weight decay {kept:g}, as the run recorded it (for this run's length "
         f"the rule would choose {decay:.3g}; a decay is not changed part way through)"
     )

@@ -34,15 +34,31 @@ BYTES_PER_TOKEN = ((512, 2.0), (4096, 3.8))
 def cache_dir(request: dict) -> Path:
     """Where data for `request` is cached when data.dir is unset: under $FASTTRAIN_CACHE, $XDG_CACHE_HOME/fasttrain or
     ~/.cache/fasttrain, a directory per distinct request (absolute paths) and what its inputs hold now
-    (`corpus.fingerprint`: an edited input file, or another Python's embedded corpus, is another directory)."""
+    (`corpus.fingerprint`: an edited input file, or another Python's embedded corpus, is another directory).
+    UsageError if that root is a file."""
     root = (
         os.environ.get("FASTTRAIN_CACHE")
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fasttrain"
     )
+    if Path(root).exists() and not Path(root).is_dir():  # else "cannot write (File exists)" about a lock in it
+        setting = "FASTTRAIN_CACHE = " if os.environ.get("FASTTRAIN_CACHE") else "the cache folder "
+        raise UsageError(f"{setting}{root}: is a file, not a folder; set FASTTRAIN_CACHE to a folder")
     key = {**request, "contents": corpus.fingerprint(request["inputs"])}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    name = re.sub(r"[^A-Za-z0-9]+", "-", request["inputs"][0].removeprefix("builtin:")).strip("-")[-40:] or "data"
-    return Path(root) / f"{name}-{digest}"
+    return Path(root) / f"{_readable_name(request['inputs'][0])}-{digest}"
+
+
+def _readable_name(spec: str, limit: int = 40) -> str:
+    """The readable part of a cache directory's name for the input `spec`: the last whole words (letters and digits) of
+    its path that fit in `limit` characters, joined by "-" ("data" if none fit). Never a cut word, as the path's last
+    characters were: the name is read in every note about the folder."""
+    name = ""
+    for word in reversed(re.findall(r"[A-Za-z0-9]+", spec.removeprefix("builtin:"))):
+        longer = f"{word}-{name}" if name else word
+        if len(longer) > limit:
+            break
+        name = longer
+    return name or "data"
 
 
 def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
