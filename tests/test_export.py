@@ -10,9 +10,17 @@ import pytest
 import torch
 
 from fasttrain import Trainer
+from fasttrain.config import load_config
 from fasttrain.export import export
 from fasttrain.export import main as export_main
-from fasttrain.model.weights import load_exported, read_safetensors, write_safetensors
+from fasttrain.model.transformer import Transformer
+from fasttrain.model.weights import (
+    hf_llama_tensors,
+    load_exported,
+    read_hf_llama_weights,
+    read_safetensors,
+    write_safetensors,
+)
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_config
 
@@ -156,3 +164,23 @@ def test_hf_export_without_the_tokenizer_writes_nothing(pydoc_data, tmp_path, ca
     assert exit_.value.code == 2
     assert "tokenizer.json: no such tokenizer file" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_embedding_norm_folds_into_the_table_exactly(tmp_path, tied):
+    """In fp64, the model the Llama layout describes (no embedding norm, the table normalised row by row, an untied
+    head) gives the logits of the model with the norm to 1e-12: the fold is the norm itself, not an approximation of
+    it, so what differs in fp32 is rounding. Read back as model.init_from reads a Llama."""
+    shape = ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4"]
+    cfg = load_config(None, [*shape, "model.embedding_norm=true", f"model.tie_embeddings={str(tied).lower()}"]).model
+    torch.manual_seed(0)
+    model = Transformer(cfg).double().eval()
+    with torch.no_grad():
+        model.embed.weight.mul_(torch.rand(512, 1, dtype=torch.float64) * 4)  # rows far from unit RMS
+    write_safetensors(tmp_path / "model.safetensors", hf_llama_tensors(model.state_dict(), cfg))
+    llama_cfg = load_config(None, [*shape, "model.tie_embeddings=false"]).model  # what the export's config.json says
+    llama = Transformer(llama_cfg).double().eval()
+    llama.load_state_dict(read_hf_llama_weights(tmp_path, llama_cfg))
+    tokens = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(llama(tokens), model(tokens), atol=1e-12, rtol=0)
