@@ -120,6 +120,19 @@ def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats:
     return 2 * nbytes * repeats / (time.perf_counter() - start)
 
 
+def measure_matmul_rate(device: torch.device, n: int, dtype: torch.dtype, repeats: int = 20) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` on `device`, on random data: the compute floor's practical peak."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
 @pytest.fixture(scope="session")
 def copy_bandwidth(device) -> float:
     """Bytes/s of a large device-to-device copy, measured once per session."""

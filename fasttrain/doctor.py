@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = config_from_args(args, "data.prefetch=0")  # one batch is all it reads
     trainer = Trainer(cfg, quiet=True)
     trainer.plan.check_new_start()  # the weights a new run would start from are the ones checked
-    t = cfg.train
+    t = trainer.cfg.train  # resolved: the context train.seq_len = 0 chose
     print(
         f"doctor: {args.config}: {trainer.model.num_params() / 1e6:.2f}M parameters, batch {t.batch_size} x "
         f"{t.seq_len} from {', '.join(str(s.dir) for s in trainer.sources)}, on {trainer.device} ({trainer.precision})"

@@ -110,7 +110,8 @@ def sharded_run(c: Case, damage) -> Path:
 
 
 def beyond_llama_run(c: Case) -> Path:
-    """A run whose model a Hugging Face Llama cannot express: a ReLU² MLP, QK-norm and a normalised embedding."""
+    """A run whose model a Hugging Face Llama cannot express: a ReLU² MLP and QK-norm (its normalised embedding
+    folds into the table)."""
     run = c.tmp / "relu2"
     with pytest.raises(SystemExit):
         run_cli(train.main, c.train("model.mlp=relu2", "model.qk_norm=true", "model.embedding_norm=true", out=run))
@@ -1187,8 +1188,9 @@ CASES = [
         "export: --hf of a model a Llama cannot express",
         export,
         lambda c: [str(beyond_llama_run(c)), "--hf"],
-        '--hf: a Hugging Face Llama cannot express model.mlp = "relu2", model.qk_norm = true, '
-        "model.embedding_norm = true; without --hf the weights are written in fasttrain's layout",
+        '--hf: a Hugging Face Llama cannot express model.mlp = "relu2" (set model.mlp = "swiglu"), model.qk_norm = '
+        "true (set model.qk_norm = false): train with those set to export it; without --hf the weights are written "
+        "in fasttrain's layout",
     ),
     (
         "export: --hf into a sharded model's folder",

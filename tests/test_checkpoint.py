@@ -29,7 +29,7 @@ from fasttrain.system.errors import RunStopped, UsageError, run_cli
 from fasttrain.training import metrics
 from fasttrain.training.policies import Recovery
 from fasttrain.training.trainer import Interrupted
-from tests.conftest import tiny_args, tiny_config
+from tests.conftest import HANG_SECONDS, tiny_args, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Dropout (torch's RNG), accumulation, random windows read ahead by the prefetch thread: all must resume exactly.
@@ -197,7 +197,7 @@ def train_cli(args: list[str]) -> subprocess.Popen:
     )
 
 
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for(condition, proc: subprocess.Popen, timeout: float = HANG_SECONDS) -> None:
     """Poll until `condition()` while `proc` keeps running."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -249,7 +249,7 @@ def stopped_by_sigterm(args: list[str], tmp_path: Path) -> tuple[int, str]:
     try:
         wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and events(tmp_path, "train"), proc)
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
+        _, stderr = proc.communicate(timeout=HANG_SECONDS)
         return proc.returncode, stderr
     finally:
         proc.kill()

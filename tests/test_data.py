@@ -15,7 +15,7 @@ import torch
 from fasttrain.data.loader import TokenLoader
 from fasttrain.formats.shards import HEADER_BYTES, MAGIC, ShardWriter
 from fasttrain.system.errors import UsageError
-from tests.conftest import write_shard
+from tests.conftest import HANG_SECONDS, write_shard
 
 T = 16
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,5 +269,5 @@ def test_a_process_that_exits_while_its_loader_reads_ahead_exits_cleanly(countin
         for _ in range(4)
     ]
     for run in runs:
-        err = run.communicate(timeout=120)[1]
+        err = run.communicate(timeout=HANG_SECONDS)[1]
         assert run.returncode == 0, err

@@ -88,3 +88,23 @@ def test_the_ci_commands_follow_their_markers(marker):
     assert fence == "```bash" and end == "```", f"<!-- ci: {marker} --> must be followed by a bash fence"
     assert "pytest -n auto --dist loadfile" in command
     assert ("--second-tier" in command) == (marker == "second tier")
+
+
+def test_the_readmes_runs_after_the_quickstart_name_their_own_out_dir():
+    """The own-data command (`fasttrain train base --set data.dir=data/mine`) trained into runs/base, where the
+    Quickstart's run is, and was refused: each command after the first that trains base names its train.out_dir."""
+    quickstart = (ROOT / "README.md").read_text(encoding="utf-8").split("## Quickstart")[1].split("\n## ")[0]
+    fenced = re.findall(r"^```bash\n(.*?)^```", quickstart, re.M | re.S)
+    commands = [line.split("#")[0] for block in fenced for line in block.splitlines()]
+    prose = re.sub(r"^```bash\n.*?^```", "", quickstart, flags=re.M | re.S).replace("\n", " ")
+    commands += re.findall(r"`([^`]*)`", prose)
+    trains = [c for c in commands if c.startswith("fasttrain train base ") and "--dry-run" not in c]
+    assert any("data.dir=data/mine" in c for c in trains)
+    assert [c for c in trains if "train.out_dir=" not in c] == []
+
+
+def test_the_readmes_benchmark_command_says_it_needs_the_test_extra():
+    """`pytest benchmarks/ --benchmark-only` needs pytest-benchmark, an extra (`.[test]`) the README did not name."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").replace("\n", " ")
+    mention = readme[readme.index("`pytest benchmarks/ --benchmark-only`") :][:200]
+    assert '`pip install -e ".[test]"`' in mention, mention

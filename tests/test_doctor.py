@@ -112,3 +112,13 @@ def test_the_doctor_checks_the_weights_model_init_from_starts_from(pydoc_data, t
     assert done.value.code == 1
     assert "FAIL  init loss" in out and "worse than a uniform guess from model.init_from's weights" in out
     assert not (tmp_path / "new").exists()
+
+
+def test_the_doctors_header_gives_the_context_chosen(pydoc_data, tmp_path, capsys):
+    """With train.seq_len = 0 (base.toml's: chosen at the start) the header said "batch 4 x 0"."""
+    with pytest.raises(SystemExit):
+        run_cli(
+            main, tiny_args(pydoc_data, tmp_path, "train.seq_len=0", "model.max_seq_len=512") + ["--overfit-steps", "2"]
+        )
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("doctor: configs/base.toml: ") and ", batch 4 x 256 from " in header, header

@@ -27,7 +27,7 @@ from fasttrain.compute import distributed
 from fasttrain.compute.distributed import World
 from fasttrain.model.weights import read_safetensors
 from fasttrain.plot import latest_run, read_metrics
-from tests.conftest import tiny_args
+from tests.conftest import HANG_SECONDS, tiny_args
 from tests.test_checkpoint import run_cli_code
 from tests.test_distributed import ENV, ROOT, torchrun
 from tests.test_scale_out import ended, free_port, wait_all
@@ -137,12 +137,12 @@ def test_a_rank_killed_mid_run_is_restarted_and_the_run_ends_as_if_never_killed(
         )
         agent = agents[0]
         for attempt, rank in enumerate(victims):
-            deadline, step = time.monotonic() + 120, None
+            deadline, step = time.monotonic() + HANG_SECONDS, None
             while True:  # until this attempt has trained past its step to die at
                 runs = attempts(run_dir)
                 where = f"seed {seed}, attempt {attempt}, {len(runs)} started: {(logs / 'err').read_text()[-3000:]}"
                 assert agent.poll() is None and len(runs) <= attempt + 1, f"{where}: an attempt ended unkilled"
-                assert time.monotonic() < deadline, f"{where}: no progress in 120 s"
+                assert time.monotonic() < deadline, f"{where}: no progress in {HANG_SECONDS} s"
                 if len(runs) == attempt + 1:
                     if step is None:  # past a checkpoint (the first is at step 4), and not too near the end
                         step = max(runs[-1][0].get("resume_step", 0), 4) + rng.randint(1, 10)
@@ -200,7 +200,7 @@ def test_a_rank_that_cannot_join_its_group_says_so_in_one_line_within_the_timeou
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=HANG_SECONDS,
     )
     assert time.monotonic() - began < 60
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -262,7 +262,7 @@ def test_a_join_that_hangs_inside_torch_ends_in_one_line_after_the_timeout_and_1
     env = {**os.environ, **ENV, "FASTTRAIN_DIST_TIMEOUT": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     began = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env, timeout=HANG_SECONDS
     )
     assert 11 <= time.monotonic() - began < 60
     assert proc.returncode == 1 and "joined" not in proc.stdout, proc.stderr[-3000:]

@@ -121,7 +121,7 @@ def test_the_dry_run_states_an_ensemble_and_its_final_weights_export_and_load_ba
     exported = load_exported(tmp_path / "run" / "final")
     tokens = torch.randint(0, 512, (1, 9))
     assert torch.equal(exported(tokens), trained(tokens))
-    with pytest.raises(UsageError, match=r"cannot express model.members = 2 \(an ensemble\)"):
+    with pytest.raises(UsageError, match=r"cannot express model.members = 2, an ensemble \(set model.members = 1\)"):
         export_weights(trained.state_dict(), load_trained(tmp_path / "run").cfg, tmp_path / "hf", hf=True)
 
 

@@ -10,9 +10,17 @@ import pytest
 import torch
 
 from fasttrain import Trainer
+from fasttrain.config import load_config
 from fasttrain.export import export
 from fasttrain.export import main as export_main
-from fasttrain.model.weights import load_exported, read_safetensors, write_safetensors
+from fasttrain.model.transformer import Transformer
+from fasttrain.model.weights import (
+    hf_llama_tensors,
+    load_exported,
+    read_hf_llama_weights,
+    read_safetensors,
+    write_safetensors,
+)
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_config
 
@@ -97,8 +105,14 @@ def test_export_takes_every_run_path_that_sample_and_evaluate_take(trained, tmp_
     assert all(torch.equal(exported[k], v) for k, v in trainer.model.state_dict().items() if k in exported)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_hugging_face_llama_export_gives_the_same_logits(pydoc_data, tmp_path, tied):
+@pytest.mark.parametrize(
+    "tied,normed",
+    [(True, False), (False, False), (False, True), (True, True)],
+    ids=["tied", "untied", "untied-normed", "tied-normed"],  # untied-normed: base.toml's head and embedding
+)
+def test_hugging_face_llama_export_gives_the_same_logits(pydoc_data, tmp_path, tied, normed):
+    """The Llama computes the model's logits and greedy tokens; model.embedding_norm folds into the table (exact:
+    the same op on each row), which unties a tied head."""
     transformers = pytest.importorskip("transformers")
     trainer = Trainer(
         tiny_config(
@@ -110,6 +124,9 @@ def test_hugging_face_llama_export_gives_the_same_logits(pydoc_data, tmp_path, t
             "model.rope_theta=500.0",
             "model.norm_eps=1e-6",
             f"model.tie_embeddings={str(tied).lower()}",
+            f"model.embedding_norm={str(normed).lower()}",
+            "optim.embedding_lr=0.05",  # base.toml's rates: the rows move far from unit scale, so the fold matters
+            "optim.head_lr=0.004",
             "train.max_steps=2",
             "train.sample_tokens=0",
         ),
@@ -122,6 +139,13 @@ def test_hugging_face_llama_export_gives_the_same_logits(pydoc_data, tmp_path, t
     with torch.no_grad():
         expected = trainer.model.eval()(tokens)
         assert torch.allclose(hf(tokens).logits, expected, atol=1e-5, rtol=1e-4)
+        prompt = tokens[:1, :8]
+        greedy = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 8:]
+        ours = prompt
+        for _ in range(12):
+            ours = torch.cat([ours, trainer.model(ours)[:, -1:].argmax(-1)], dim=1)
+        assert greedy.tolist() == ours[0, 8:].tolist()
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] == (tied and not normed)
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "def f(x):\n    return x + 1"
     assert tokenizer(text)["input_ids"] == trainer.tokenizer.encode(text)
@@ -140,3 +164,23 @@ def test_hf_export_without_the_tokenizer_writes_nothing(pydoc_data, tmp_path, ca
     assert exit_.value.code == 2
     assert "tokenizer.json: no such tokenizer file" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_embedding_norm_folds_into_the_table_exactly(tmp_path, tied):
+    """In fp64, the model the Llama layout describes (no embedding norm, the table normalised row by row, an untied
+    head) gives the logits of the model with the norm to 1e-12: the fold is the norm itself, not an approximation of
+    it, so what differs in fp32 is rounding. Read back as model.init_from reads a Llama."""
+    shape = ["model.vocab_size=512", "model.d_model=64", "model.n_layers=2", "model.n_heads=4"]
+    cfg = load_config(None, [*shape, "model.embedding_norm=true", f"model.tie_embeddings={str(tied).lower()}"]).model
+    torch.manual_seed(0)
+    model = Transformer(cfg).double().eval()
+    with torch.no_grad():
+        model.embed.weight.mul_(torch.rand(512, 1, dtype=torch.float64) * 4)  # rows far from unit RMS
+    write_safetensors(tmp_path / "model.safetensors", hf_llama_tensors(model.state_dict(), cfg))
+    llama_cfg = load_config(None, [*shape, "model.tie_embeddings=false"]).model  # what the export's config.json says
+    llama = Transformer(llama_cfg).double().eval()
+    llama.load_state_dict(read_hf_llama_weights(tmp_path, llama_cfg))
+    tokens = torch.randint(0, 512, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(llama(tokens), model(tokens), atol=1e-12, rtol=0)

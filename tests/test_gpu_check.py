@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.studies import gpu_check
+from benchmarks.studies import gpu_check, gpu_quality
 from benchmarks.studies.report import main as report_main
 from fasttrain.system.errors import run_cli
 
@@ -99,6 +100,64 @@ def test_dry_run_passes_every_stage_and_writes_the_report(dry_run):
     assert "dry run" in report and "## Checks" in report and "a checkpoint resumes bit for bit | pass" in report
     assert "## Every case" in report
     assert "gpu_check (dry run" in proc.stdout and "train    PASS" in proc.stdout
+
+
+@pytest.mark.subprocess
+@pytest.mark.second_tier
+def test_dry_run_quality_trains_fasttrain_and_two_depths_of_the_stand_in_nanochat(dry_run):
+    _, out = dry_run
+    quality = json.loads((out / "gpu_check.json").read_text())["gpu_check"]["stages"]["quality"]
+    found = quality["figures"]
+    assert found["nanochat"]["source"].endswith("fake_nanochat") and found["failures"] == []
+    assert found["fasttrain"]["system"] == "fasttrain" and found["fasttrain"]["budget_seconds"] == 2.0
+    depths = [r["recipe"]["n_layer"] for r in found["nanochat_runs"]]
+    assert depths == [found["depth_choice"]["first_depth"], gpu_quality.second_depth(found["nanochat_runs"][0])]
+    val = found["fasttrain"]["val_bpb"], *(r["val_bpb"] for r in found["nanochat_runs"])
+    assert all(0 < bpb < 20 for bpb in val)
+    # both sides scored on every target of the val split, each at its own context
+    assert len({r["val_targets"] for r in found["nanochat_runs"]}) == 1
+    assert found["nanochat_best"]["val_bpb"] == min(val[1:])
+    assert found["lead_bpb"] == pytest.approx(found["nanochat_best"]["val_bpb"] - found["fasttrain"]["val_bpb"])
+    assert [c["name"] for c in quality["checks"]] == [
+        "fasttrain trained and was scored",
+        *(f"nanochat depth {d} trained and was scored" for d in depths),
+    ]
+
+
+def test_the_second_depth_is_on_the_far_side_of_the_first_runs_compute_optimal_tokens():
+    def run(depth, tokens):
+        return {"recipe": {"n_layer": depth}, "tokens": tokens, "compute_optimal_tokens": 1000}
+
+    assert gpu_quality.second_depth(run(6, 1000)) == 7  # read its tokens out: the best depth is deeper
+    assert gpu_quality.second_depth(run(6, 999)) == 5
+    assert gpu_quality.second_depth(run(1, 10)) == 2  # no shallower depth
+
+
+def test_the_first_depth_is_the_deepest_whose_compute_optimal_flops_fit(monkeypatch):
+    monkeypatch.syspath_prepend(str(gpu_quality.FAKE_CHECKOUT))
+    for name in ("nanochat", "nanochat.gpt", "nanochat.optim"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    gpt = importlib.import_module("nanochat.gpt")
+    settings = gpu_quality.GPU
+    flops = [gpu_quality.compute_optimal_flops(gpt, d, 4096, settings) for d in range(1, 6)]
+    assert flops == sorted(flops)
+    assert gpu_quality.first_depth(gpt, 4096, settings, flops[3]) == 4
+    assert gpu_quality.first_depth(gpt, 4096, settings, flops[3] * 0.99) == 3
+    assert gpu_quality.first_depth(gpt, 4096, settings, 1.0) == 1  # never below depth 1
+    for name in ("nanochat", "nanochat.gpt", "nanochat.optim"):  # the stand-in not left for later tests
+        sys.modules.pop(name, None)
+
+
+def test_quality_without_the_carried_corpus_or_checkout_fails_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("NANOCHAT_DIR", raising=False)
+    monkeypatch.setattr(gpu_quality, "CORPUS", tmp_path / "stdlib-large")
+    found = gpu_quality.compare(tmp_path, time.monotonic() + 60, dry_run=False)
+    assert found == {"error": found["error"]} and str(tmp_path / "stdlib-large") in found["error"]
+    (tmp_path / "stdlib-large").mkdir()
+    (tmp_path / "stdlib-large" / "meta.json").write_text("{}")
+    monkeypatch.setattr(gpu_quality, "CHECKOUT", tmp_path / "nanochat")
+    found = gpu_quality.compare(tmp_path, time.monotonic() + 60, dry_run=False)
+    assert str(tmp_path / "nanochat") in found["error"] and "\n" not in found["error"]
 
 
 @pytest.mark.subprocess

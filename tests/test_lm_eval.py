@@ -50,7 +50,8 @@ def lm_eval_or_skip():
 
 @pytest.fixture(scope="module")
 def run(pydoc_data, tmp_path_factory) -> Path:
-    """A tiny run (GQA, untied output), trained a few steps, with its Hugging Face export in RUN/hf."""
+    """A tiny run (GQA, untied output, base.toml's embedding norm, which the export folds into the table), trained a
+    few steps, with its Hugging Face export in RUN/hf."""
     out = tmp_path_factory.mktemp("run")
     Trainer(
         tiny_config(
@@ -60,6 +61,7 @@ def run(pydoc_data, tmp_path_factory) -> Path:
             "model.n_heads=4",
             "model.n_kv_heads=2",
             "model.tie_embeddings=false",
+            "model.embedding_norm=true",
             "train.max_steps=6",
             "train.sample_tokens=0",
         ),

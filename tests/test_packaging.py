@@ -70,6 +70,20 @@ def test_a_name_runs_the_shipped_config_from_any_directory_and_a_file_wins(tmp_p
     assert shipped.locate("sub/x.toml") == ("sub/x.toml", False)  # a path: its error comes where it is read
 
 
+def test_a_name_runs_the_copy_init_wrote_here_and_says_so(tmp_path, monkeypatch, capsys):
+    """`fasttrain init base` writes ./base.toml, and `fasttrain train base` then ran the shipped config, silently:
+    the copy here runs, and the config line says it is not the shipped one."""
+    from fasttrain import init
+    from fasttrain.config.arguments import config_line
+
+    monkeypatch.chdir(tmp_path)
+    assert init.main(["base"]) == 0 and "fasttrain train base.toml" in capsys.readouterr().out
+    assert shipped.locate("base") == ("base.toml", False)
+    assert config_line("base") == f"config: {tmp_path / 'base.toml'} (a file here, not the shipped 'base')"
+    (tmp_path / "base").write_text("[train]\nmax_steps = 3\n")
+    assert shipped.locate("base") == ("base", False)  # the name itself, a file, first
+
+
 @pytest.mark.parametrize(
     "make, args, expected",
     [

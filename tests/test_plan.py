@@ -155,7 +155,10 @@ def test_a_dry_run_of_unprepared_data_says_what_it_would_prepare_and_writes_noth
     # The shape is chosen for the machine's measured speed (model.n_layers = 0): the ladder's, as the note says.
     depth = int(re.search(r"^note: model\.n_layers = 0: depth (\d+) ", printed, re.M).group(1))
     s = "s" * (depth != 1)
-    assert f" parameters ({depth} layer{s}, d_model {64 * depth}, {depth} head{s}, vocab 4096, context 256)" in printed
+    assert (
+        f" parameters (1 model of {depth} layer{s}, d_model {64 * depth}, {depth} head{s}, vocab 4096, context 256)"
+        in printed
+    )
     assert snapshot(tmp_path) == before
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import fasttrain.preparation.corpus as corpus
 from fasttrain.config import DataConfig, load_config, resolve, save_config
@@ -533,6 +535,44 @@ def test_unset_data_dir_prepares_into_a_cache_keyed_by_the_request(tmp_path, mon
     assert Path(other.dir).parent == first.parent and other.dir != prepared.dir
 
 
+def test_the_cache_folder_is_named_by_whole_words(tmp_path, monkeypatch):
+    """The name was the input path's last 40 characters cut wherever they fell ("-tt-corpora-...", "ure-novel-txt"):
+    it is the path's last whole words that fit, then the request's hash."""
+    from fasttrain.preparation.cache import cache_dir
+    from fasttrain.preparation.preparation import request_of
+
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+
+    def name_of(path: Path) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("some text\n")
+        folder = cache_dir(request_of([str(path)], 300, None, 0.1, "text"))
+        readable, digest = folder.name.rsplit("-", 1)
+        assert folder.parent == tmp_path / "cache" and len(digest) == 12
+        return readable
+
+    # tmp_path's own folder (this test's name) is too long to join them: the name starts at a word
+    assert name_of(tmp_path / "tt" / "corpora" / "english" / "literature" / "novel.txt") == (
+        "tt-corpora-english-literature-novel-txt"
+    )
+    assert (
+        name_of(tmp_path / "a" / "english-literature-of-the-nineteenth-century.txt")
+        == "literature-of-the-nineteenth-century-txt"
+    )
+    assert name_of(tmp_path / ("x" * 60 + ".txt")) == "txt"
+    assert cache_dir(request_of(["builtin:pydoc"], 4096, None, 0.1, "text")).name.startswith("pydoc-")
+
+
+def test_a_cache_setting_that_names_a_file_says_so(tmp_path, monkeypatch):
+    """FASTTRAIN_CACHE set to a regular file was "cannot write (File exists)" about a lock inside it."""
+    (tmp_path / "cache").write_text("not a folder")
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    message = "^" + re.escape(f"FASTTRAIN_CACHE = {tmp_path / 'cache'}: is a file, not a folder")
+    with pytest.raises(UsageError, match=message):
+        ensure_prepared(load_config(None, ["data.vocab_size=300"]).data, quiet=True)
+    assert (tmp_path / "cache").read_text() == "not a folder"
+
+
 def test_the_cache_follows_what_the_inputs_hold(tmp_path, monkeypatch):
     """The cache was keyed by the request alone: an edited file, a file added to a named directory, or another Python's
     standard library (the embedded corpora) trained on the data prepared before. Each is now a directory of its own."""
@@ -555,6 +595,37 @@ def test_the_cache_follows_what_the_inputs_hold(tmp_path, monkeypatch):
     assert corpus.fingerprint(["builtin:pydoc"]) == builtin
     monkeypatch.setattr(corpus.sys, "version", "3.99.0 (another Python)")
     assert corpus.fingerprint(["builtin:pydoc"]) != builtin
+
+
+def test_a_runs_config_naming_a_cache_its_inputs_left_says_so(tmp_path, monkeypatch):
+    """A run's config.toml records data.dir as the cache folder it trained from; a new run from that file, after its
+    input files were edited, planned on the text prepared before with no note. It says so, naming how to prepare
+    them as they are."""
+    from fasttrain.compute.distributed import World
+    from fasttrain.config.prepared import resolve
+    from fasttrain.training.plan import plan_run
+
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "texts").mkdir()
+    text = tmp_path / "texts" / "a.txt"
+    text.write_text("the first text of the corpus\n" * 300)
+    settings = [f'data.inputs=["{tmp_path / "texts"}"]', "data.vocab_size=300", "model.vocab_size=0"]
+    settings += ["train.max_steps=2", "train.max_time=0", "train.device=cpu", "train.batch_size=2", "train.seq_len=32"]
+    settings += [f"train.out_dir={tmp_path / 'run'}", "model.max_seq_len=32"]
+    cfg = load_config(None, settings)
+    prepared = ensure_prepared(cfg.data, quiet=True)
+    recorded = resolve(cfg, prepared.dir, prepared.vocab_size, prepared.meta["request"])  # as config.toml holds it
+    assert Path(recorded.data.dir).parent == tmp_path / "cache"
+
+    def notes() -> list[str]:
+        return [n for n in plan_run(recorded, World(), torch.device("cpu")).notes if "data.dir = " in n]
+
+    assert notes() == []  # the inputs as they were: the cache is theirs
+    text.write_text("another text, the one now in the file\n" * 300)
+    (note,) = notes()
+    assert note.startswith(f"data.dir = {recorded.data.dir}: the cache of data.inputs as they were") and (
+        '--set data.dir="" prepares them as they are' in note
+    )
 
 
 @pytest.mark.subprocess

@@ -20,7 +20,7 @@ from fasttrain.config import load_config
 from fasttrain.system.errors import run_cli
 from fasttrain.train import main as train_main
 from fasttrain.training.trainer import Trainer
-from tests.conftest import tiny_args, tiny_config, tiny_overrides
+from tests.conftest import HANG_SECONDS, tiny_args, tiny_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_output_to_a_reader_that_went_away_ends_quietly(args):
         tool = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         try:
             tool.stdout.close()  # before the tool writes: its output finds no reader
-            code, err = tool.wait(timeout=120), tool.stderr.read()
+            code, err = tool.wait(timeout=HANG_SECONDS), tool.stderr.read()
             # argparse's own --help ignores a failed write itself, and exits 0, when the write is unbuffered
             assert err == b"" and code == (0 if unbuffered and args[0] == "fasttrain.train" else 141), (args, code)
         finally:
@@ -123,7 +123,7 @@ def test_an_error_keeps_its_status_when_the_reader_went_away_and_a_closed_stdout
     )
     try:
         tool.stdout.close()
-        assert tool.wait(timeout=120) == 2
+        assert tool.wait(timeout=HANG_SECONDS) == 2
         assert tool.stderr.read().decode().endswith("nope: no such run directory or checkpoint\n")
     finally:
         tool.kill()
@@ -133,7 +133,7 @@ def test_an_error_keeps_its_status_when_the_reader_went_away_and_a_closed_stdout
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=HANG_SECONDS,
     )
     assert (closed.returncode, closed.stderr) == (0, "")
 

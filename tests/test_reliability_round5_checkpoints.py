@@ -20,7 +20,7 @@ from fasttrain import evaluate, export, sample, train
 from fasttrain.checkpoints import checkpoint_files, saves
 from fasttrain.system.errors import run_cli
 from fasttrain.training.trainer import Trainer
-from tests.conftest import tiny_args
+from tests.conftest import HANG_SECONDS, tiny_args
 from tests.test_checkpoint import ENDLESS, ROOT, events, run_cli_code, wait_for
 from tests.test_mixture import mixture
 from tests.test_reliability_start import QUICK, snapshot
@@ -92,7 +92,7 @@ def test_the_resume_command_of_a_stopped_mixture_run_works_from_another_director
     try:
         wait_for(lambda: (run / "metrics.jsonl").exists() and events(run, "train"), proc)
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=120)
+        _, stderr = proc.communicate(timeout=HANG_SECONDS)
     finally:
         proc.kill()
         proc.wait()

@@ -19,6 +19,7 @@ import pytest
 
 from fasttrain import prepare
 from fasttrain.system.errors import run_cli
+from tests.conftest import HANG_SECONDS
 from tests.test_prepare import documents_in, shard_tokens
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +180,7 @@ def test_a_multi_megabyte_single_token_document_prepares_in_seconds(tmp_path):
     command = [sys.executable, "-m", "fasttrain.prepare", "--input", *inputs, "--val-fraction", "0"]
     for how in (["--out", str(tmp_path / "out")], ["--out", str(tmp_path / "parts"), "--learn-tokenizer-only"]):
         start = time.perf_counter()
-        done = subprocess.run([*command, *how], env=env, capture_output=True, text=True, timeout=240)
+        done = subprocess.run([*command, *how], env=env, capture_output=True, text=True, timeout=HANG_SECONDS)
         assert done.returncode == 0, done.stderr
         assert "cut 3 runs of over 512 characters" in done.stdout, done.stdout
         assert time.perf_counter() - start < 120

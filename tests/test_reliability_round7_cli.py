@@ -204,7 +204,8 @@ def test_one_layer_one_head_and_one_step_are_singular(pydoc_data, tmp_path, caps
     args = tiny_args(pydoc_data, tmp_path, "model.n_layers=1", "model.n_heads=1", "train.max_steps=1", *QUIET)
     code, out, err = command(train_module.main, args, capsys)
     assert code == 0, err
-    assert "model: 0.05M parameters (1 layer, d_model 32, 1 head, vocab 512, context 32)" in out
+    # the members too, one as well (issue 91: only config.toml said how many a one-model run trained)
+    assert "model: 0.05M parameters (1 model of 1 layer, d_model 32, 1 head, vocab 512, context 32)" in out
     assert "\ndone: 1 step, 128 tokens;" in out
 
 

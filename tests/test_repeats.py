@@ -4,14 +4,17 @@ kept by a resume."""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from fasttrain.compute.distributed import World
-from fasttrain.config import OptimConfig
+from fasttrain.config import OptimConfig, load_config, save_config
 from fasttrain.data import repeats
 from fasttrain.train import main as train_main
 from fasttrain.training.plan import plan_run
@@ -58,20 +61,20 @@ def test_a_small_new_corpus_read_twenty_times_gets_more_decay_and_one_read_once_
     code_data, pydoc_data, tmp_path
 ):
     once = plan(code_data, tmp_path, "train.batch_size=16", "train.max_steps=20")  # about half an epoch
-    assert once.cfg.optim.weight_decay == 0.1
+    assert once.cfg.optim.decay() == 0.1
     assert any("weight decay 0.1, as it reads" in n and "(repeats need more from 3)" in n for n in once.notes)
     epoch = once.rows_per_epoch[0] // 16
     many = plan(code_data, tmp_path, "train.batch_size=16", f"train.max_steps={20 * epoch}")
     overlap = repeats.verbatim_overlap(str(code_data))
     assert overlap < 0.25  # held-out files of a package: mostly new text
     expected = repeats.repeat_decay(OptimConfig(), many.reading().epochs[0], overlap)  # the ceiling, times the novelty
-    assert many.cfg.optim.weight_decay == round(expected, 3) and expected > 1.6
+    assert many.cfg.optim.decay() == round(expected, 3) and expected > 1.6
     note = next(n for n in many.notes if n.startswith("optim.weight_decay_rule = repeats"))
     assert f"weight decay 0.1 -> {expected:.3g}: it reads code 20.0 times over and {overlap:.0%} of its" in note
     # the topics' validation text is mostly their training text: read as often, the decay is kept
     topics = plan(pydoc_data, tmp_path, "train.batch_size=64", f"train.max_steps={20 * (many.rows_per_epoch[0] // 16)}")
     read = topics.reading().epochs[0]
-    assert read > 3 and topics.cfg.optim.weight_decay == 0.1
+    assert read > 3 and topics.cfg.optim.decay() == 0.1
     assert any("kept though it reads" in n and "which recalling serves" in n for n in topics.notes), topics.notes
 
 
@@ -79,7 +82,7 @@ def test_a_fixed_rule_and_unknown_tokens_keep_the_decay(code_data, tmp_path):
     fixed = plan_run(tiny_config(code_data, tmp_path, "data.vocab_size=0", "train.max_steps=5000"), World(), CPU)
     assert fixed.cfg.optim.weight_decay == 0.1 and not any("weight_decay_rule" in n for n in fixed.notes)
     clock = plan(code_data, tmp_path, "train.max_steps=0", "train.max_time=600", "model.n_layers=2")
-    assert clock.cfg.optim.weight_decay == 0.1
+    assert clock.cfg.optim.decay() == 0.1
     assert any("as the run's tokens are not known before it trains" in n for n in clock.notes)
 
 
@@ -137,3 +140,43 @@ def test_a_self_sized_budget_stops_at_the_limit_on_new_text_and_at_data_max_epoc
     assert 9.5 < read <= 10 and not any("at most" in n for n in notes)
     read, notes = epochs(code_data, *RULE, "train.max_time=20")  # a budget that never reaches the limit: not said
     assert read < limit and not any("at most" in n or "train.max_steps = " in n for n in notes), notes
+
+
+def test_a_new_run_from_a_runs_config_toml_chooses_the_decay_afresh(code_data, tmp_path):
+    """A run's config.toml records the decay the rule chose apart from the one set: a new run started from that file
+    (no resume, no replay) chooses for its own length, where it took the chosen decay as set and rose from it."""
+    steps = 8 * (plan(code_data, tmp_path, "train.batch_size=16", "train.max_steps=1").rows_per_epoch[0] // 16)
+    first = plan(code_data, tmp_path / "long", "train.batch_size=16", f"train.max_steps={steps}")
+    chosen = first.cfg.optim.decay()
+    assert chosen > 1.0  # eight epochs of new text
+    save_config(first.cfg, tmp_path / "long")  # what the run records
+    recorded = load_config(tmp_path / "long" / "config.toml")
+    assert recorded.optim.weight_decay == 0.1 and recorded.optim.decay() == chosen
+    # a new run from that file, 2 steps (a fraction of an epoch): the rule keeps what was set
+    again = plan_run(
+        replace(recorded, train=replace(recorded.train, max_steps=2, out_dir=str(tmp_path / "new"))), World(), CPU
+    )
+    assert again.cfg.optim.decay() == 0.1
+    # and one as long chooses what the first chose, not a rise from it
+    same = plan_run(replace(recorded, train=replace(recorded.train, out_dir=str(tmp_path / "same"))), World(), CPU)
+    assert same.cfg.optim.decay() == chosen
+
+
+def test_data_not_prepared_yet_is_planned_at_the_limit_of_new_text(tmp_path):
+    """A dry run before the data is prepared cannot measure the overlap: it plans the corpus as new text, at the
+    limit the prepared run applies to new text (it planned data.max_epochs, 10, and the run then trained at ~4),
+    and says that it assumed so and which way a repeating text would move it. Three days at a slow speed: the
+    budget's stop (train.max_steps) is the epoch limit, against the fixed rule's 10 epochs of the same estimate."""
+    inputs = [str(Path(json.__file__).parent / "*.py")]
+    sets = [*DAYS, f"data.inputs={json.dumps(inputs)}", "data.vocab_size=512"]
+
+    def unprepared(*more):
+        return plan_run(tiny_config(tmp_path / "absent", tmp_path / "run", *sets, *more), World(), CPU, speed=SLOW)
+
+    rule, fixed = unprepared(*RULE[:1]), unprepared()
+    assert rule.prepare and fixed.prepare  # not prepared yet: planned at the estimate
+    limit = repeats.epoch_limit(10.0, 0.0)
+    assert limit == repeats.NOVEL_EPOCHS < 10
+    assert rule.cfg.train.max_steps == pytest.approx(fixed.cfg.train.max_steps * limit / 10, abs=1)
+    said = f"the estimate reads the corpus at most {limit:g} times, not data.max_epochs = 10"
+    assert any(said in n and "assumed until the data is prepared" in n for n in rule.notes), rule.notes

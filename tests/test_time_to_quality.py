@@ -16,6 +16,7 @@ import pytest
 from benchmarks.studies import time_to_quality
 from benchmarks.studies.common import ROOT
 from benchmarks.studies.time_to_quality import (
+    base_train_batch,
     equal_token_steps,
     lr_multiplier,
     main,
@@ -133,6 +134,12 @@ def test_nanochat_rates_scale_with_the_batch_as_base_train_scales_them():
     assert quarter["weight_decay"] == pytest.approx(0.28 * 0.5 * 3)
 
 
+def test_base_trains_batch_grows_as_the_compute_optimal_tokens_to_the_0_383():
+    assert base_train_batch(1.0) == 2**19  # its reference model: B_REF
+    assert base_train_batch(4.0) == 2**18  # a quarter of D_REF: 2^19 x 4^-0.383 = 2^18.23, rounded
+    assert base_train_batch(1 / 16) == 2**21  # 16 x D_REF: 2^19 x 16^0.383 = 2^20.53
+
+
 def test_equal_token_runs_train_both_sides_on_about_n_tokens(pydoc_data, tmp_path, monkeypatch):
     n = 2**20
     assert equal_token_steps(n, 16 * 256) == 256  # fasttrain's 16 x 256 a step
@@ -156,6 +163,7 @@ def test_equal_token_runs_train_both_sides_on_about_n_tokens(pydoc_data, tmp_pat
         "train_compile": "auto",
         "eval_steps": whole_split_steps(data, 256, 8),
         "evaluate_on_the_way": True,  # as the config evaluates, so final/ may hold the best step's weights
+        "timeout": None,
     }
     assert result["case"] == "configs/base.toml train.batch_size=8" and result["target_tokens"] == n
     assert result["seed"] == 7 and result["budget_seconds"] is None

@@ -17,7 +17,7 @@ from fasttrain.plot import latest_run, plot_run, read_metrics
 from fasttrain.system.errors import run_cli
 from fasttrain.train import main as train_main
 from fasttrain.training.metrics import MetricsLog
-from tests.conftest import tiny_args
+from tests.conftest import HANG_SECONDS, tiny_args
 
 pytestmark = pytest.mark.subprocess  # every test here starts the command-line tools in new processes
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,7 +278,7 @@ def test_python_m_fasttrain_and_the_console_script(tmp_path):
     script = Path(sys.executable).parent / "fasttrain"
     if not script.exists():
         pytest.skip("fasttrain is not installed in this environment (pip install -e . makes the script)")
-    listed = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    listed = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=HANG_SECONDS)
     assert listed.returncode == 0 and "export" in listed.stdout
 
 

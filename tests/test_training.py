@@ -387,6 +387,20 @@ def test_evaluation_reports_bits_per_byte(pydoc_data, tmp_path):
     assert trainer.model.training
 
 
+def test_the_printed_evaluation_says_what_it_read(pydoc_data, tmp_path, capsys):
+    """The eval and done lines' bits per byte were the first eval_steps batches' with nothing saying so (2.041 where
+    the whole split gave 1.855): they name what they read, and a run that read less says how to score the whole."""
+    run = ["train.max_steps=1", "train.sample_tokens=0"]
+    Trainer(tiny_config(pydoc_data, tmp_path / "cut", *run, "train.eval_steps=2")).train()
+    out = capsys.readouterr().out
+    assert "| on the first 2 val batches\n" in out and "bits/byte on the first 2 val batches (best" in out
+    assert f"  whole val   fasttrain evaluate {tmp_path / 'cut'} --split val (final/ on every val batch)\n" in out
+    Trainer(tiny_config(pydoc_data, tmp_path / "whole", *run, "train.eval_steps=100000")).train()
+    out = capsys.readouterr().out
+    assert "| on the whole val split\n" in out and "bits/byte on the whole val split (best" in out
+    assert "whole val   " not in out
+
+
 def test_tensorboard_events_when_installed(pydoc_data, tmp_path):
     Trainer(
         tiny_config(pydoc_data, tmp_path, "train.max_steps=2", "train.tensorboard=true", "train.sample_tokens=0"),

@@ -1,13 +1,17 @@
 """The GPU acceptance pack: every GPU check and measurement from one command, the results in four files.
 
-    python -m benchmarks.studies.gpu_check [--stage env|tests|tune|kernels|step|profile|ablation|ablation-kernels|ablation-compile|parity|hf|train ...] [--out DIR] [--dry-run]
+    python -m benchmarks.studies.gpu_check [--stage env|quality|tests|tune|kernels|step|profile|ablation|ablation-kernels|ablation-compile|parity|hf|train ...] [--out DIR] [--dry-run]
     python -m benchmarks.studies.gpu_check --combine RESULTS.json [RESULTS.json ...] --out DIR
 
 Stages (default: all, in this order). Each runs in a process of its own under its own time
-limit, so a crash or a hang in one leaves the others' results intact:
+limit (STAGE_LIMITS), so a crash or a hang in one leaves the others' results intact:
 
   env      GPU, driver and versions; the floors every figure is a fraction of, measured here:
            a device-to-device copy (GB/s) and a large bf16 matmul (TFLOP/s)
+  quality  time to quality: fasttrain's budgeted base (configs/base.toml, 2 minutes) against nanochat at its own GPU
+           settings, its better of two depths bracketing its compute-optimal one, 2 minutes each, on the same
+           prepared tokens, validation bits per byte on the whole split (benchmarks/studies/gpu_quality.py; the
+           prepared corpus and a nanochat checkout travel in .quality/)
   tests    the test suite on the GPU, so the CUDA-only tests run too
   tune     RMSNorm tilings timed on this GPU (benchmarks/studies/tune_rms_norm.py); the winners go into
            fasttrain_kernels/rms_norm_tilings.json here (the later stages run them) and into the stage's figures
@@ -73,6 +77,7 @@ from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 STAGES = (
     "env",
+    "quality",
     "tests",
     "tune",
     "kernels",
@@ -88,6 +93,9 @@ STAGES = (
 # Each stage's limit. Its process is killed a minute after that, and the lent GPU machine's command
 # limit is 10 minutes, installing the project included: 8 + 1 leaves a minute.
 STAGE_SECONDS = 480
+# quality: three sides of 2 minutes' training each, their compiles and scoring; it keeps to its limit itself (each
+# side killed, or the last one not run, before it), and 500 s leaves `step` its 4.5 minutes of a lent GPU's 15
+STAGE_LIMITS = {"quality": 500}
 FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.png", "gpu_check.log")
 KERNEL_BENCHMARKS = (
     "bench_cross_entropy.py",
@@ -164,7 +172,7 @@ def env_stage(ctx: Context) -> Stage:
     import numpy as np
     import torch
 
-    from benchmarks.conftest import environment, measure_copy_bandwidth, synchronize
+    from benchmarks.conftest import environment, measure_copy_bandwidth, measure_matmul_rate
 
     stage = Stage()
     info = {**environment(), "cuda": torch.version.cuda or "none", "numpy": np.__version__}
@@ -187,15 +195,7 @@ def env_stage(ctx: Context) -> Stage:
 
     copy = measure_copy_bandwidth(device, 1 << 30 if gpu else 1 << 24)
     n, dtype = (8192, torch.bfloat16) if gpu else (256, torch.float32)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    start, repeats = time.perf_counter(), 20
-    for _ in range(repeats):
-        a @ b
-    synchronize(device)
-    matmul = 2 * n**3 * repeats / (time.perf_counter() - start)
+    matmul = measure_matmul_rate(device, n, dtype)
     stage.figures = {
         "environment": info,
         "copy_gb_per_s": round(copy / 1e9, 1),
@@ -669,6 +669,47 @@ def ablation_stage(ctx: Context, name: str) -> Stage:
     return stage
 
 
+def quality_stage(ctx: Context) -> Stage:
+    """fasttrain's budgeted base against nanochat's better of two depths after 2 minutes' training each on this GPU,
+    in validation bits per byte on the whole split (benchmarks/studies/gpu_quality.py); a dry run on the CPU, for
+    seconds each, with the stand-in nanochat (benchmarks/studies/fake_nanochat)."""
+    from benchmarks.studies.gpu_quality import compare
+
+    stage = Stage()
+    found = stage.figures = compare(ctx.work / "quality", ctx.deadline, ctx.dry_run)
+    if "error" in found:
+        stage.check("the prepared corpus and nanochat are here", False, found["error"])
+        stage.summary = found["error"]
+        return stage
+    fasttrain = found.get("fasttrain")
+    if fasttrain:
+        stage.check(
+            "fasttrain trained and was scored",
+            True,
+            f"{fasttrain['shape']}, {fasttrain['steps']} steps, {fasttrain['tokens_per_s']:,} tok/s: "
+            f"{fasttrain['val_bpb']:.3f} bpb",
+        )
+    for run in found["nanochat_runs"]:
+        stage.check(
+            f"nanochat {run['case']} trained and was scored",
+            True,
+            f"{run['steps']} updates of {run['recipe']['batch_tokens']:,} tokens, {run['tokens_per_s']:,} tok/s: "
+            f"{run['val_bpb']:.3f} bpb",
+        )
+    for failed in found["failures"]:
+        stage.check(failed["part"], False, failed["error"])
+    best = found.get("nanochat_best")
+    stage.summary = "; ".join(
+        [
+            *([f"fasttrain {fasttrain['shape']} {fasttrain['val_bpb']:.3f} bpb"] if fasttrain else []),
+            *([f"nanochat {best['case']} {best['val_bpb']:.3f}"] if best else []),
+            *([f"lead {found['lead_bpb']:+.3f}"] if "lead_bpb" in found else []),
+            *([f"depths bracketed: {'yes' if found['bracketed'] else 'no'}"] if "bracketed" in found else []),
+        ]
+    )
+    return stage
+
+
 def hf_stage(ctx: Context) -> Stage:
     """A transformers Llama trained unpatched, with kernels.patch_hf_model and with Liger-Kernel's patch
     (benchmarks/studies/hf_patch.py): tokens/s and peak memory; Liger is skipped where it is not installed."""
@@ -694,6 +735,7 @@ def hf_stage(ctx: Context) -> Stage:
 
 WORKERS: dict[str, Callable[[Context], Stage]] = {
     "env": env_stage,
+    "quality": quality_stage,
     "tests": tests_stage,
     "tune": tune_stage,
     "kernels": kernels_stage,
@@ -924,7 +966,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stage", action="append", choices=STAGES, help="a stage to run (repeatable; default: all)")
     parser.add_argument("--out", default="gpu-check", help="where the four result files go (default: gpu-check/)")
     parser.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes")
-    parser.add_argument("--seconds", type=float, default=STAGE_SECONDS, help="each stage's time limit")
+    parser.add_argument(
+        "--seconds", type=float, help=f"each stage's time limit (default {STAGE_SECONDS:g}, or STAGE_LIMITS' own)"
+    )
     parser.add_argument("--commit", help="the commit measured (default: git's HEAD, where there is a .git)")
     parser.add_argument("--combine", nargs="+", metavar="RESULTS", help="merge these gpu_check.json files into --out")
     parser.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
@@ -946,7 +990,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
             for name in [s for s in STAGES if s in (args.stage or STAGES)]:
                 print(f"gpu_check: stage {name} ...", flush=True)
-                record = run_stage(name, out, Path(work), args.seconds, args.dry_run)
+                seconds = args.seconds or STAGE_LIMITS.get(name, STAGE_SECONDS)
+                record = run_stage(name, out, Path(work), seconds, args.dry_run)
                 added = bool(record["benchmarks"])
                 add_stage(results, name, record)
                 # After every stage: a later crash keeps what is done. The chart is drawn again only when the

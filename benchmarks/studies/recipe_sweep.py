@@ -116,7 +116,7 @@ CASES |= {
 RECIPE = UNTIED_NORMED + ["optim.embedding_lr=0.05", "optim.head_lr=0.004"]
 CASES |= {
     f"depth {d} recipe{name}": CASES[f"depth {d}"] + RECIPE + sets
-    for d in (2, 4)
+    for d in (2, 3, 4)
     for name, sets in {
         "": [],
         " value embeddings": ["model.value_embeddings=true"],
@@ -212,12 +212,14 @@ def train_sets(
     train_compile: str = "false",
     eval_steps: int | None = None,
     evaluate_on_the_way: bool = False,
+    timeout: float | None = None,
 ) -> dict:
     """Train configs/base.toml with `sets` on prepared `data` for `budget` seconds (or `steps` steps, whatever
     the machine's speed) in a process of `threads` threads with train.compile = `train_compile`, score it on
     `eval_steps` batches of the val split (default: its first EVAL_TOKENS): the weights final/ holds, which
     with `evaluate_on_the_way` (the config's train.eval_interval, else only at the end) may be an earlier
-    step's (checkpoint.final_weights = "best"); the last step's score too."""
+    step's (checkpoint.final_weights = "best"); the last step's score too. subprocess.TimeoutExpired, the run
+    killed, after `timeout` seconds."""
     length, rows = contexts(setting(sets, "train.batch_size", 16), setting(sets, "train.seq_len", 0))[0]
     batch_tokens = length * rows  # the same at whichever context the plan chooses
     command = [
@@ -238,7 +240,7 @@ def train_sets(
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     before = load_average()
     train = [sys.executable, "-m", "fasttrain.train", str(ROOT / "configs/base.toml"), "--quiet", "--set", *command]
-    subprocess.run(train, check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(train, check=True, env=env, stdout=subprocess.DEVNULL, timeout=timeout)
     during = load_average()
     events = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     start = next(e for e in events if e["event"] == "start")

@@ -31,6 +31,8 @@ The sides:
              settings: the model torch.compile'd (dynamic=False, as base_train), its optimizer's own compiled
              update functions, its sequence length 512, the hyperparameters base_train derives from the depth
              and the batch (nanochat_recipe; each number below names the nanochat file it comes from).
+             (benchmarks/studies/gpu_quality.py drives the same train_nanochat with base_train's GPU defaults
+             instead: NanochatSettings.)
 
 Compiling is outside the clock on both sides. fasttrain's trainer keeps a compiled objective's first step out of
 its training seconds. nanochat's compile is warmed up first: WARMUP_UPDATES updates at the batch to be trained,
@@ -101,13 +103,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence, cast
+from typing import Any, Literal, Sequence, cast
 
 import torch
 from torch import nn
 
+from benchmarks.conftest import synchronize
 from benchmarks.studies.common import ROOT, load_average, result_header
 from benchmarks.studies.recipe_sweep import prepared, setting, train_sets
 from fasttrain.compute.device import resolve_precision
@@ -149,6 +152,8 @@ FINAL_LR_FRAC = 0.05  # --final-lr-frac: to this fraction of the peak
 # base_train.py's scaling from its reference model (depth 12, whose hyperparameters were tuned):
 REFERENCE_DEPTH = 12
 REFERENCE_BATCH = 2**19  # B_REF tokens; every LR is scaled by sqrt(batch / B_REF)
+TARGET_PARAM_DATA_RATIO = 12  # --target-param-data-ratio: its compute-optimal tokens per scaling parameter
+BATCH_EXPONENT = 0.383  # its batch for D tokens, B_REF x (D / D_REF) ** 0.383 (base_train_batch)
 # base_train.py's get_muon_momentum: 0.85 to 0.97 over the first 400 steps, to 0.90 over the warmdown.
 MOMENTUM_START, MOMENTUM, MOMENTUM_END, MOMENTUM_WARMUP_STEPS = 0.85, 0.97, 0.90, 400
 SEED = 42  # nanochat/common.py compute_init's torch.manual_seed, which its weight init draws from
@@ -169,6 +174,25 @@ HARNESS_NOTE = (
 MIN_UPDATES = 200  # what nanochat's batch must leave it (nanochat_batch): its warmups need a few hundred
 WARMUP_UPDATES = 4  # untimed updates before a timed run: the first compiles, the others give the speed
 SCORE_ROWS = 32  # validation rows a batch for nanochat (runcpu.sh's device batch); fasttrain's: its batch_size
+
+
+@dataclass(frozen=True)
+class NanochatSettings:
+    """How nanochat is run: its model's context and head, where, and which script's rules size its batch and its
+    schedule's horizon. The default is runs/runcpu.sh's CPU run; benchmarks/studies/gpu_quality.py gives
+    scripts/base_train.py's GPU defaults."""
+
+    device: str = "cpu"
+    seq_len: int = SEQ_LEN  # --max-seq-len
+    head_dim: int = HEAD_DIM  # --head-dim
+    window_pattern: str = WINDOW_PATTERN  # --window-pattern
+    device_rows: int = TOTAL_BATCH // SEQ_LEN  # --device-batch-size: rows a forward and backward, at most
+    # "runcpu": runcpu.sh's 16K tokens, or the batch that leaves MIN_UPDATES updates (nanochat_batch), under a clock
+    # over RUNCPU_STEPS; "base_train": base_train's batch for its compute-optimal horizon (base_train_batch) over
+    # that horizon's updates (its --target-param-data-ratio)
+    rules: Literal["runcpu", "base_train"] = "runcpu"
+    batch: int = 0  # tokens an update instead of the rules' (a dry run's toy batch); 0: the rules'
+    compile: bool = True  # torch.compile the model, as base_train does (a dry run on a CPU: not worth its seconds)
 
 
 @dataclass(frozen=True)
@@ -204,12 +228,20 @@ def find_nanochat(given: str | None, named_by: str) -> Nanochat | None:
     return None if spec is None or spec.origin is None else Nanochat(Path(spec.origin).parent, installed=True)
 
 
-def whole_split(data: PreparedData, seq_len: int, rows: int) -> TokenLoader:
+def whole_split(data: PreparedData, seq_len: int, rows: int, device: str = "cpu") -> TokenLoader:
     """The val split as both sides are scored on it: packed windows of `seq_len` + 1 tokens at stride `seq_len`,
-    each shard's last, shorter one included (`whole`), in file order, `rows` a batch. Every token of a shard
-    but its first is a target exactly once, whatever `seq_len`: the same targets at every context."""
+    each shard's last, shorter one included (`whole`), in file order, `rows` a batch, on `device`. Every token of
+    a shard but its first is a target exactly once, whatever `seq_len`: the same targets at every context."""
     return TokenLoader(
-        data.dir, "val", rows, seq_len, sampling="sequential", eot_id=data.meta["eot_id"], prefetch=0, whole=True
+        data.dir,
+        "val",
+        rows,
+        seq_len,
+        sampling="sequential",
+        eot_id=data.meta["eot_id"],
+        prefetch=0,
+        whole=True,
+        device=device,
     )
 
 
@@ -220,9 +252,9 @@ def whole_split_steps(data: PreparedData, seq_len: int, rows: int) -> int:
     return -(-windows // rows)
 
 
-def score(model: nn.Module, data: PreparedData, seq_len: int, rows: int) -> dict[str, float]:
-    """val_loss, val_accuracy, val_ppl and val_bpb of `model` on the whole val split at context `seq_len`
-    (whole_split, `rows` a batch) through fasttrain's own `validate`, and val_targets, how many targets
+def score(model: nn.Module, data: PreparedData, seq_len: int, rows: int, device: str = "cpu") -> dict[str, float]:
+    """val_loss, val_accuracy, val_ppl and val_bpb of `model` (on `device`) on the whole val split at context
+    `seq_len` (whole_split, `rows` a batch) through fasttrain's own `validate`, and val_targets, how many targets
     that is. For any model called as model(tokens, None) -> logits: fasttrain's Transformer (whose trainer
     gives the same figures with train.eval_steps = whole_split_steps), and nanochat's GPT, whose
     forward(idx, targets=None) returns them. Without autocast ("fp32"): nanochat computes in the dtype its
@@ -236,7 +268,7 @@ def score(model: nn.Module, data: PreparedData, seq_len: int, rows: int) -> dict
         targets += int(sums.counted)
         return sums
 
-    with whole_split(data, seq_len, rows) as loader:
+    with whole_split(data, seq_len, rows, device) as loader:
         metrics = validate(loss, model, loader, loader.reader.batches_per_epoch, "fp32", World(), data.bits_per_nat)
     assert metrics is not None  # None only when a stop() given to validate says to give up
     return {**metrics, "val_targets": targets}
@@ -268,29 +300,41 @@ def nanochat_rates(batch: int, reference_over_depth: float) -> dict[str, float]:
     }
 
 
-def nanochat_recipe(gpt: Any, depth: int, vocab_size: int) -> tuple[Any, float]:
-    """nanochat's GPTConfig at `depth` as scripts/base_train.py's build_model_meta makes it with runcpu.sh's
-    settings, and nanochat_rates' `reference_over_depth` for it. `gpt`: the nanochat.gpt module."""
+def base_train_batch(reference_over_depth: float) -> int:
+    """scripts/base_train.py's batch for a model (its --total-batch-size -1): B_REF x (D / D_REF) ** 0.383 (the
+    Power Lines rule) rounded to a power of two, D the tokens its --target-param-data-ratio plans for the model;
+    `reference_over_depth` = D_REF / D (nanochat_recipe's)."""
+    return 2 ** round(math.log2(REFERENCE_BATCH * reference_over_depth**-BATCH_EXPONENT))
+
+
+def scaling_params(model: Any) -> int:
+    """base_train's get_scaling_params: the block matrices and the head, what its horizons are counted in."""
+    counts = model.num_scaling_params()
+    return counts["transformer_matrices"] + counts["lm_head"]
+
+
+def nanochat_recipe(
+    gpt: Any, depth: int, vocab_size: int, settings: NanochatSettings = NanochatSettings()
+) -> tuple[Any, float]:
+    """nanochat's GPTConfig at `depth` as scripts/base_train.py's build_model_meta makes it with `settings`
+    (default runcpu.sh's), and nanochat_rates' `reference_over_depth` for it. `gpt`: the nanochat.gpt module."""
 
     def config(d: int) -> Any:
-        dim = -(-d * ASPECT_RATIO // HEAD_DIM) * HEAD_DIM
-        heads = dim // HEAD_DIM
+        dim = -(-d * ASPECT_RATIO // settings.head_dim) * settings.head_dim
+        heads = dim // settings.head_dim
         return gpt.GPTConfig(
-            sequence_len=SEQ_LEN,
+            sequence_len=settings.seq_len,
             vocab_size=vocab_size,
             n_layer=d,
             n_head=heads,
             n_kv_head=heads,
             n_embd=dim,
-            window_pattern=WINDOW_PATTERN,
+            window_pattern=settings.window_pattern,
         )
 
-    def scaling_params(d: int) -> int:  # base_train's get_scaling_params: what its horizons are counted in
-        with torch.device("meta"):
-            counts = gpt.GPT(config(d)).num_scaling_params()
-        return counts["transformer_matrices"] + counts["lm_head"]
-
-    return config(depth), scaling_params(REFERENCE_DEPTH) / scaling_params(depth)
+    with torch.device("meta"):
+        reference, model = gpt.GPT(config(REFERENCE_DEPTH)), gpt.GPT(config(depth))
+    return config(depth), scaling_params(reference) / scaling_params(model)
 
 
 def lr_multiplier(step: int, progress: float, horizon: int = RUNCPU_STEPS) -> float:
@@ -332,14 +376,22 @@ def equal_token_steps(tokens: int, per_step: int) -> int:
 
 
 def train_nanochat(
-    checkout: str | None, data_dir: str, depth: int, budget: float = 0.0, tokens: int = 0, seed: int | None = None
+    checkout: str | None,
+    data_dir: str,
+    depth: int,
+    budget: float = 0.0,
+    tokens: int = 0,
+    seed: int | None = None,
+    settings: dict | None = None,
 ) -> dict:
     """nanochat's model at `depth` trained for `budget` seconds, or on `tokens` tokens, on prepared `data_dir`
-    with its recipe (see the module docstring), then scored on the whole val split at its context. `checkout`:
-    its folder, None for the installed package; `seed`: None for its own. Run in a process of its own:
-    nanochat reads NANOCHAT_DTYPE when it is first imported."""
+    with its recipe (see the module docstring) under `settings` (NanochatSettings' fields; default runcpu.sh's),
+    then scored on the whole val split at its context. `checkout`: its folder, None for the installed package;
+    `seed`: None for its own. Run in a process of its own: nanochat reads NANOCHAT_DTYPE when it is first imported."""
+    run = NanochatSettings(**(settings or {}))
+    device = torch.device(run.device)
     cfg = load_config(ROOT / "configs/base.toml")  # fasttrain's precision, row order and prefetch, for both sides
-    precision = resolve_precision(cfg.train.precision, torch.device("cpu"))  # as fasttrain's run resolves it
+    precision = resolve_precision(cfg.train.precision, device)  # as fasttrain's run resolves it
     os.environ["NANOCHAT_DTYPE"] = NANOCHAT_DTYPES[precision]
     if checkout is not None:
         sys.path.insert(0, checkout)
@@ -348,33 +400,41 @@ def train_nanochat(
         raise UsageError(f"{gpt.__file__}: a nanochat without GPT.setup_optimizer, older than this benchmark knows")
     data = open_prepared(data_dir)
     torch.manual_seed(SEED if seed is None else seed)
-    config, reference_over_depth = nanochat_recipe(gpt, depth, data.vocab_size)
+    config, reference_over_depth = nanochat_recipe(gpt, depth, data.vocab_size, run)
     with torch.device("meta"):  # as base_train builds it: shapes first, then storage, then its own init
         model = gpt.GPT(config)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     model.init_weights()
     initial = {name: value.clone() for name, value in model.state_dict().items()}
-    compiled = torch.compile(model, dynamic=False)  # as base_train: its inputs never change shape
+    # as base_train: its inputs never change shape
+    compiled = torch.compile(model, dynamic=False) if run.compile else model
 
     def train_rows(batch: int) -> TokenLoader:
         # Packed windows, as nanochat's own loader packs documents into full rows: no pad targets (its loss
-        # ignores -1, not fasttrain's IGNORE_INDEX). One device batch a step (runcpu.sh's batch is 32 rows).
+        # ignores -1, not fasttrain's IGNORE_INDEX). At most run.device_rows rows a forward and backward, as
+        # base_train's --device-batch-size (runcpu.sh's whole 16K batch is one of 32 rows).
         return TokenLoader(
             data.dir,
             "train",
-            batch // SEQ_LEN,
-            SEQ_LEN,
+            min(run.device_rows, batch // run.seq_len),
+            run.seq_len,
             sampling=cfg.data.sampling,
             eot_id=data.meta["eot_id"],
             seed=cfg.train.seed if seed is None else seed,
             prefetch=cfg.data.prefetch,
+            device=run.device,
         )
 
-    def update(batches: TokenLoader, optimizer: Any) -> None:
-        x, y = next(batches)
-        compiled(x, y).backward()
+    def update(batches: TokenLoader, optimizer: Any, micro_batches: int) -> None:
+        for _ in range(micro_batches):  # base_train's gradient accumulation: each loss over their number
+            x, y = next(batches)
+            (compiled(x, y) / micro_batches).backward()
         optimizer.step()
         model.zero_grad(set_to_none=True)
+        synchronize(device)  # as base_train's step timing: the update done on the device
+
+    def micro_batches(batch: int) -> int:
+        return batch // (min(run.device_rows, batch // run.seq_len) * run.seq_len)
 
     def warm_up(batch: int) -> float:
         """Compile for `batch`, untimed, and return its tokens/s; the weights back at their init after."""
@@ -383,15 +443,19 @@ def train_nanochat(
         with train_rows(batch) as batches:
             for _ in range(WARMUP_UPDATES):
                 began = time.perf_counter()
-                update(batches, optimizer)
+                update(batches, optimizer, micro_batches(batch))
                 seconds.append(time.perf_counter() - began)
         model.load_state_dict(initial)  # in place: the compiled code keeps its parameters
         return batch * (WARMUP_UPDATES - 1) / sum(seconds[1:])  # the first update compiled
 
     warm_up_began = time.perf_counter()
-    batch = nanochat_batch(tokens) if tokens else TOTAL_BATCH
+    if run.batch or run.rules == "base_train":
+        batch = run.batch or base_train_batch(reference_over_depth)
+    else:
+        batch = nanochat_batch(tokens) if tokens else TOTAL_BATCH
     measured = {batch: warm_up(batch)}
-    while not tokens:  # under a clock: the rule on the speed at the batch it chose, until it keeps it
+    while run.rules == "runcpu" and not run.batch and not tokens:
+        # under a clock: the rule on the speed at the batch it chose, until it keeps it
         chosen = nanochat_batch(measured[batch] * budget)
         if chosen >= batch:  # kept (a smaller batch measured faster than a larger one does not grow it back)
             break
@@ -400,8 +464,10 @@ def train_nanochat(
     warm_up_seconds = time.perf_counter() - warm_up_began
     optimizer_args = nanochat_rates(batch, reference_over_depth)
     optimizer = model.setup_optimizer(**optimizer_args)
+    # the tokens base_train plans for this model (--target-param-data-ratio), whatever its --num-iterations
+    target_tokens = round(TARGET_PARAM_DATA_RATIO * scaling_params(model))
     updates = equal_token_steps(tokens, batch) if tokens else 0
-    horizon = updates or RUNCPU_STEPS
+    horizon = updates or (max(1, target_tokens // batch) if run.rules == "base_train" else RUNCPU_STEPS)
     clock = Budget(max_steps=updates, max_time=0.0 if tokens else budget)
     steps, seconds = 0, 0.0
     gc.collect()  # as base_train after its first step: its setup's garbage collected, the collector off
@@ -419,11 +485,12 @@ def train_nanochat(
                 if group["kind"] == "muon":
                     group["momentum"] = muon_momentum(progress, horizon)
                     group["weight_decay"] = optimizer_args["weight_decay"] * weight_decay_multiplier(progress)
-            update(batches, optimizer)
+            update(batches, optimizer, micro_batches(batch))
             seconds += time.perf_counter() - began
             steps += 1
     gc.enable()
-    metrics = score(model, data, SEQ_LEN, SCORE_ROWS)  # eager: outside the clock, and one more shape not compiled
+    # eager: outside the clock, and one more shape not compiled
+    metrics = score(model, data, run.seq_len, SCORE_ROWS, run.device)
     trained = steps * batch
     return {
         "system": "nanochat",
@@ -435,15 +502,21 @@ def train_nanochat(
             "model_dim": config.n_embd,
             "n_layer": depth,
             "n_head": config.n_head,
-            "seq_len": SEQ_LEN,
+            "seq_len": run.seq_len,
             "batch_tokens": batch,
+            "micro_batches": micro_batches(batch),
+            "horizon_updates": horizon,
             **optimizer_args,
         },
-        "compiled": True,
+        "settings": asdict(run),
+        "compiled": run.compile,
         # nanochat_batch's inputs: tokens/s at each batch warmed up, and the warm-ups' seconds (outside the clock)
         "warm_up_tokens_per_s": {str(b): round(s) for b, s in measured.items()},
         "warm_up_seconds": round(warm_up_seconds, 1),
         "params": model.num_scaling_params()["total"],
+        # base_train's compute-optimal tokens for this depth, and its FLOPs per token (GPT.estimate_flops)
+        "compute_optimal_tokens": target_tokens,
+        "flops_per_token": model.estimate_flops(),
         "precision": precision,
         "steps": steps,
         "tokens": trained,
@@ -456,11 +529,28 @@ def train_nanochat(
 
 
 def run_nanochat(
-    nanochat: Nanochat, data: Path, depth: int, budget: float, tokens: int, seed: int | None, threads: int, work: Path
+    nanochat: Nanochat,
+    data: Path,
+    depth: int,
+    budget: float,
+    tokens: int,
+    seed: int | None,
+    threads: int,
+    work: Path,
+    settings: NanochatSettings = NanochatSettings(),
+    timeout: float | None = None,
 ) -> dict:
-    """train_nanochat in a process of its own with `threads` threads, and the load average around it."""
+    """train_nanochat under `settings` in a process of its own with `threads` threads, its result written to
+    `work`, and the load average around it. subprocess.TimeoutExpired, the process killed, after `timeout` s."""
     checkout = None if nanochat.installed else str(nanochat.folder)
-    spec = {"checkout": checkout, "data_dir": str(data), "depth": depth, "budget": budget, "tokens": tokens}
+    spec = {
+        "checkout": checkout,
+        "data_dir": str(data),
+        "depth": depth,
+        "budget": budget,
+        "tokens": tokens,
+        "settings": asdict(settings),
+    }
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     before = load_average()
     worker = [
@@ -471,16 +561,25 @@ def run_nanochat(
         json.dumps({**spec, "seed": seed}),
     ]
     # stdout: nanochat's prints
-    subprocess.run([*worker, "--out", str(work)], check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    command = [*worker, "--out", str(work)]
+    subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=timeout)
     during = load_average()
     return {**json.loads(work.read_text()), "load_average_before": before, "load_average_after_training": during}
 
 
 def run_fasttrain(
-    sets: Sequence[str], data: Path, budget: float, tokens: int, seed: int | None, threads: int, out_dir: Path
+    sets: Sequence[str],
+    data: Path,
+    budget: float,
+    tokens: int,
+    seed: int | None,
+    threads: int,
+    out_dir: Path,
+    timeout: float | None = None,
 ) -> dict:
     """configs/base.toml with `sets` trained for `budget` seconds or on `tokens` tokens as recipe_sweep trains a
-    case, compiled as train.compile says, validated on the whole val split at its own context."""
+    case, compiled as train.compile says, validated on the whole val split at its own context (on the device
+    its train.device chooses). subprocess.TimeoutExpired, the run killed, after `timeout` s."""
     geometries = contexts(setting(sets, "train.batch_size", 16), setting(sets, "train.seq_len", 0))
     steps = equal_token_steps(tokens, geometries[0][0] * geometries[0][1]) if tokens else 0  # either: the same
     # whichever context the plan chooses with seq_len 0, enough batches for the whole split (more read all of it)
@@ -502,6 +601,7 @@ def run_fasttrain(
             train_compile="auto",
             eval_steps=eval_steps,
             evaluate_on_the_way=True,  # as the config evaluates: final/ may hold its best step's weights
+            timeout=timeout,
         ),
     }
 

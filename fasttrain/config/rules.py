@@ -55,6 +55,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "optim.lr": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE,
     "optim.max_weight_decay": _NON_NEGATIVE,
+    "optim.weight_decay_chosen": _NON_NEGATIVE,
     "optim.beta1": _FRACTION,
     "optim.beta2": _FRACTION,
     "optim.eps": _POSITIVE,
@@ -182,6 +183,7 @@ _APPLIES: list[tuple[str, str, tuple[str, ...]]] = [
     *[(f"optim.{name}", "optim.name", (name,)) for name in ("muon", "sgd", "adafactor")],
     *[(f"schedule.{key}", "schedule.decay", ("step",)) for key in ("step_every", "step_factor")],
     ("train.shard_group_size", "train.parallel", ("hsdp",)),
+    ("optim.weight_decay_chosen", "optim.weight_decay_rule", ("repeats",)),
 ]
 
 

@@ -185,6 +185,10 @@ class OptimConfig:
     # and why: fasttrain/data/repeats.py); "fixed": weight_decay as set.
     weight_decay_rule: Literal["fixed", "repeats"] = "fixed"
     max_weight_decay: float = 6.4  # the rule's ceiling, reached at ~32 epochs (Kim et al. 2025: ~30x the usual 0.1)
+    # Written by a run, not set: the decay the "repeats" rule chose for it (0: none chosen), which its resume and
+    # replay train at. weight_decay stays what was set, so a new run started from the run's config.toml chooses
+    # afresh for its own length rather than taking the chosen value as set (issue 91).
+    weight_decay_chosen: float = 0.0
     # Peak learning rates of their own, each following the same schedule (0 = optim.lr): the lookup tables (the
     # token embedding, with a tied head the shared matrix, and any value embeddings), whose rows are updated only
     # when their token appears, and an untied output head. nanochat trains its embedding at ~40x its head's rate.
@@ -197,6 +201,14 @@ class OptimConfig:
     muon: MuonConfig = field(default_factory=MuonConfig)
     sgd: SGDConfig = field(default_factory=SGDConfig)
     adafactor: AdafactorConfig = field(default_factory=AdafactorConfig)
+
+    def decay(self) -> float:
+        """The weight decay the run trains at: the one the rule chose, where it chose one, else weight_decay."""
+        return (
+            self.weight_decay_chosen
+            if self.weight_decay_rule == "repeats" and self.weight_decay_chosen
+            else self.weight_decay
+        )
 
 
 @dataclass

@@ -7,7 +7,8 @@ Imports from fasttrain: system.errors.
 The files are the repository's top-level configs/, one copy of each: a wheel carries them as
 fasttrain/config_files/ (pyproject.toml maps that package onto configs/), and a clone or an editable
 install reads configs/ beside the package. A config argument is a file's path, which wins where both
-exist, or a shipped config's name; `fasttrain init NAME` writes a copy to edit (fasttrain/init.py).
+exist, or a shipped config's name; `fasttrain init NAME` writes a copy to edit (fasttrain/init.py), NAME.toml,
+which `fasttrain train NAME` then runs (saying so).
 """
 
 from __future__ import annotations
@@ -50,11 +51,13 @@ def file_of(name: str) -> Path:
 
 
 def locate(spec: str) -> tuple[str, bool]:
-    """The config file `spec` names and whether it is a shipped one; a file's path wins. UsageError for a name that is
-    also a directory here, and for one that is neither a file nor a shipped config."""
-    if os.path.isfile(spec):
-        return spec, False
+    """The config file `spec` names and whether it is a shipped one; a file's path wins, then a shipped config's name
+    with .toml here (what `fasttrain init NAME` wrote to edit). UsageError for a name that is also a directory here,
+    and for one that is neither a file nor a shipped config."""
     names = available()
+    for path in [spec, f"{spec}.toml"] if spec in names else [spec]:
+        if os.path.isfile(path):
+            return path, False
     if spec in names:
         if os.path.isdir(spec):
             raise UsageError(

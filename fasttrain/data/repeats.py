@@ -137,12 +137,12 @@ def choose_weight_decay(
     if o.weight_decay_rule == "fixed":
         return o, ""
     decay, why = rule_decay(o, sources, epochs, measured)
-    if recorded is None:
-        return replace(o, weight_decay=round(decay, 3)), f"optim.weight_decay_rule = repeats: {why}"
-    kept = recorded.optim.weight_decay
+    if recorded is None:  # weight_decay stays as set: what a new run from this run's config.toml starts from
+        return replace(o, weight_decay_chosen=round(decay, 3)), f"optim.weight_decay_rule = repeats: {why}"
+    kept = recorded.optim.decay()
     if math.isclose(kept, round(decay, 3)):
-        return replace(o, weight_decay=kept), ""
-    return replace(o, weight_decay=kept), (
+        return replace(o, weight_decay_chosen=kept), ""
+    return replace(o, weight_decay_chosen=kept), (
         f"optim.weight_decay_rule = repeats: weight decay {kept:g}, as the run recorded it (for this run's length "
         f"the rule would choose {decay:.3g}; a decay is not changed part way through)"
     )
@@ -175,9 +175,21 @@ def limit_epochs(
 ) -> tuple[Config, str, tuple[int, float] | None]:
     """`cfg` with data.max_epochs lowered to `epoch_limit` for a self-sized budget reading `sources` (`corpus`: each
     one's share of the run and training tokens an epoch), the plan's note, and the most-read source's (index, overlap)
-    measured for it, which `choose_weight_decay` reuses; `cfg`, "" and None unless the "repeats" rule applies."""
-    if cfg.optim.weight_decay_rule != "repeats" or not sources:
+    measured for it, which `choose_weight_decay` reuses; `cfg`, "" and None unless the "repeats" rule applies. Data
+    not prepared yet (no `sources`) is planned as new text, what a text the run has never seen mostly is: the limit
+    the prepared run applies to it, said to be assumed (the prepared run measures it and plans again)."""
+    if cfg.optim.weight_decay_rule != "repeats":
         return cfg, "", None
+    if not sources:
+        limit = round(epoch_limit(cfg.data.max_epochs, 0.0), 1)
+        if limit >= cfg.data.max_epochs:
+            return cfg, "", None
+        note = (
+            f"optim.weight_decay_rule = repeats: the estimate reads the corpus at most {limit:g} times, not "
+            f"data.max_epochs = {cfg.data.max_epochs:g}, as for validation text new to the training text (assumed "
+            "until the data is prepared; a text that repeats itself lets the run read it more, and a larger model)"
+        )
+        return replace(cfg, data=replace(cfg.data, max_epochs=limit)), note, None
     most = most_read([share / tokens if tokens else math.inf for share, tokens in corpus])
     overlap = verbatim_overlap(sources[most].dir)
     limit = round(epoch_limit(cfg.data.max_epochs, overlap), 1)  # the topics with the docstrings, 19.9%: 9.98, so 10

@@ -24,6 +24,7 @@ from typing import Any
 import safetensors.torch
 import tokenizers
 import torch
+import torch.nn.functional as F
 
 from fasttrain.config import Config, ModelConfig, load_config, save_config
 from fasttrain.formats.tokenizer import Tokenizer
@@ -36,6 +37,14 @@ DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 _HF_ONLY = ("config.json", "tokenizer_config.json", "generation_config.json")  # one layout's files, not the other's
 _FASTTRAIN_ONLY = ("config.toml",)
 _NOT_LLAMA = ("qk_norm", "embedding_norm", "value_embeddings", "residual_scalars", "smear", "backout")  # not in a Llama
+# What a Llama export cannot hold (embedding_norm folds into the table: hf_llama_tensors), and what to set instead
+_UNEXPORTABLE = {
+    "qk_norm": "model.qk_norm = false",
+    "value_embeddings": "model.value_embeddings = false",
+    "residual_scalars": "model.residual_scalars = false",
+    "smear": "model.smear = false",
+    "backout": "model.backout = false",
+}
 
 
 def write_safetensors(
@@ -65,7 +74,8 @@ def fasttrain_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
 
 def hf_llama_layout(cfg: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
     """Each parameter of the Transformer of `cfg` and the Hugging Face Llama tensors it is made of, in order, with
-    their shapes (q, k, v and gate, up are fused along the rows here); a tied output matrix is embed.weight."""
+    their shapes (q, k, v and gate, up are fused along the rows here); a tied output matrix is embed.weight (but for
+    hf_llama_tensors' folded embedding)."""
     head_dim = cfg.d_model // cfg.n_heads
     d, q, kv = cfg.d_model, cfg.n_heads * head_dim, (cfg.n_kv_heads or cfg.n_heads) * head_dim
     ffn = ffn_hidden_size(cfg)
@@ -94,19 +104,35 @@ def hf_llama_layout(cfg: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ..
 
 
 def hf_llama_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The model's state dict under Hugging Face Llama's parameter names."""
+    """The model's state dict under Hugging Face Llama's parameter names. model.embedding_norm is folded into the
+    table: the model RMS-normalises each token's row before the first block, a function of the row alone, so the
+    Llama's table holds the rows normalised (the same op, row by row: exact). A tied head then keeps the rows as
+    trained, so the Llama's head is untied (`hf_llama_tied`)."""
     out: dict[str, torch.Tensor] = {}
     for ours, parts in hf_llama_layout(cfg).items():
         out.update(zip([name for name, _ in parts], state[ours].split([shape[0] for _, shape in parts])))
+    if cfg.embedding_norm:
+        table = state["embed.weight"]
+        out["model.embed_tokens.weight"] = F.rms_norm(table, (table.shape[-1],), eps=cfg.norm_eps)
+        if cfg.tie_embeddings:
+            out["lm_head.weight"] = table
     return out
 
 
+def hf_llama_tied(cfg: ModelConfig) -> bool:
+    """Whether the Llama export of `cfg` ties its head to its table: as trained, unless the table holds the folded
+    embedding norm."""
+    return cfg.tie_embeddings and not cfg.embedding_norm
+
+
 def beyond_llama(cfg: ModelConfig) -> list[str]:
-    """The [model] settings of `cfg` that a Hugging Face Llama has no way to express, as `key = value`."""
-    beyond = [f'model.mlp = "{cfg.mlp}"'] if cfg.mlp != "swiglu" else []
-    beyond += [f"model.logit_softcap = {cfg.logit_softcap:g}"] if cfg.logit_softcap else []
-    beyond += [f"model.members = {cfg.members} (an ensemble)"] if cfg.members > 1 else []
-    return beyond + [f"model.{key} = true" for key in _NOT_LLAMA if getattr(cfg, key)]
+    """The [model] settings of `cfg` that a Hugging Face Llama has no way to express, each as `key = value (set key =
+    value)`: the setting, then what a model trained to be exported sets instead."""
+    beyond = [(f'model.mlp = "{cfg.mlp}"', 'model.mlp = "swiglu"')] if cfg.mlp != "swiglu" else []
+    beyond += [(f"model.logit_softcap = {cfg.logit_softcap:g}", "model.logit_softcap = 0")] if cfg.logit_softcap else []
+    beyond += [(f"model.members = {cfg.members}, an ensemble", "model.members = 1")] if cfg.members > 1 else []
+    beyond += [(f"model.{key} = true", instead) for key, instead in _UNEXPORTABLE.items() if getattr(cfg, key)]
+    return [f"{setting} (set {instead})" for setting, instead in beyond]
 
 
 def hf_llama_config(cfg: ModelConfig, eot_id: int, dtype: torch.dtype) -> dict:
@@ -126,7 +152,7 @@ def hf_llama_config(cfg: ModelConfig, eot_id: int, dtype: torch.dtype) -> dict:
         "rope_theta": cfg.rope_theta,
         "rope_scaling": None,
         "hidden_act": "silu",
-        "tie_word_embeddings": cfg.tie_embeddings,
+        "tie_word_embeddings": hf_llama_tied(cfg),
         "attention_bias": False,
         "mlp_bias": False,
         "bos_token_id": eot_id,
@@ -151,6 +177,11 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
     """`base` with the shape and numerics of the Hugging Face Llama in `directory` (its config.json); UsageError naming
     a key the transformer cannot reproduce (model type, activation, bias, RoPE scaling, head_dim)."""
     path = Path(directory) / "config.json"
+    if not path.exists() and any((Path(directory) / name).exists() for name in ("config.toml", "checkpoints")):
+        raise UsageError(
+            f"model.init_from = {directory}: a fasttrain run or weights folder, where it takes a Hugging Face Llama "
+            f"folder; make one with `fasttrain export {directory} --hf --out DIR` and start from DIR"
+        )
     raw = _json_object(path)
 
     def refuse(key: str, why: str) -> None:
@@ -279,16 +310,16 @@ def export_weights(
     out = Path(out_dir)
     if hf and (beyond := beyond_llama(cfg.model)):
         raise UsageError(
-            f"--hf: a Hugging Face Llama cannot express {', '.join(beyond)}; without --hf the weights are written in "
-            "fasttrain's layout"
+            f"--hf: a Hugging Face Llama cannot express {', '.join(beyond)}: train with those set to export it; without "
+            "--hf the weights are written in fasttrain's layout"
         )
     tokenizer_file = Path(tokenizer) if tokenizer is not None else Path(cfg.data.dir) / "tokenizer.json"
     files = {"tokenizer.json": tokenizer_file.read_bytes()} if tokenizer_file.is_file() else {}
     if hf:  # Tokenizer.load: a UsageError naming the missing file, before anything is written
         files.update(_hf_files(cfg, Tokenizer.load(tokenizer_file), dtype))
     _check_out_dir(out, {"model.safetensors", *files, *([] if hf else _FASTTRAIN_ONLY)}, hf)
-    state = {k: v.to(dtype) for k, v in model_state.items()}
-    tensors = hf_llama_tensors(state, cfg.model) if hf else fasttrain_tensors(state, cfg.model)
+    tensors = hf_llama_tensors(model_state, cfg.model) if hf else fasttrain_tensors(model_state, cfg.model)
+    tensors = {k: v.to(dtype) for k, v in tensors.items()}  # folded in the precision the model trained in
     written = [write_safetensors(out / "model.safetensors", tensors, {"format": "pt"})]
     written += [_write(out / name, data) for name, data in files.items()]
     if not hf:

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from fasttrain.config import DEFAULT_INPUTS, DEFAULT_VOCAB, DataConfig
@@ -31,18 +32,38 @@ from fasttrain.system.run_lock import holding
 BYTES_PER_TOKEN = ((512, 2.0), (4096, 3.8))
 
 
-def cache_dir(request: dict) -> Path:
-    """Where data for `request` is cached when data.dir is unset: under $FASTTRAIN_CACHE, $XDG_CACHE_HOME/fasttrain or
-    ~/.cache/fasttrain, a directory per distinct request (absolute paths) and what its inputs hold now
-    (`corpus.fingerprint`: an edited input file, or another Python's embedded corpus, is another directory)."""
-    root = (
+def cache_root() -> Path:
+    """The folder the caches are in: $FASTTRAIN_CACHE, $XDG_CACHE_HOME/fasttrain or ~/.cache/fasttrain."""
+    return Path(
         os.environ.get("FASTTRAIN_CACHE")
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fasttrain"
     )
+
+
+def cache_dir(request: dict) -> Path:
+    """Where data for `request` is cached when data.dir is unset: under `cache_root`, a directory per distinct
+    request (absolute paths) and what its inputs hold now (`corpus.fingerprint`: an edited input file, or another
+    Python's embedded corpus, is another directory). UsageError if that root is a file."""
+    root = cache_root()
+    if Path(root).exists() and not Path(root).is_dir():  # else "cannot write (File exists)" about a lock in it
+        setting = "FASTTRAIN_CACHE = " if os.environ.get("FASTTRAIN_CACHE") else "the cache folder "
+        raise UsageError(f"{setting}{root}: is a file, not a folder; set FASTTRAIN_CACHE to a folder")
     key = {**request, "contents": corpus.fingerprint(request["inputs"])}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    name = re.sub(r"[^A-Za-z0-9]+", "-", request["inputs"][0].removeprefix("builtin:")).strip("-")[-40:] or "data"
-    return Path(root) / f"{name}-{digest}"
+    return Path(root) / f"{_readable_name(request['inputs'][0])}-{digest}"
+
+
+def _readable_name(spec: str, limit: int = 40) -> str:
+    """The readable part of a cache directory's name for the input `spec`: the last whole words (letters and digits) of
+    its path that fit in `limit` characters, joined by "-" ("data" if none fit). Never a cut word, as the path's last
+    characters were: the name is read in every note about the folder."""
+    name = ""
+    for word in reversed(re.findall(r"[A-Za-z0-9]+", spec.removeprefix("builtin:"))):
+        longer = f"{word}-{name}" if name else word
+        if len(longer) > limit:
+            break
+        name = longer
+    return name or "data"
 
 
 def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
@@ -85,6 +106,22 @@ def prepared_dir(d: DataConfig) -> str:
     """The folder [data] `d` trains from: data.dir, or the cache directory of its request (`cache_dir`)."""
     inputs, vocab = d.inputs or DEFAULT_INPUTS, d.vocab_size or DEFAULT_VOCAB
     return d.dir or str(cache_dir(preparation.request_of(inputs, vocab, d.tokenizer, d.val_fraction, d.text_field)))
+
+
+def stale_cache_note(d: DataConfig) -> str:
+    """A note where data.dir names a cache folder (as a run's config.toml records it) that its data.inputs, as they
+    are now, would not be prepared into: they changed after it was prepared, and the run trains on the text before.
+    "" otherwise."""
+    if not d.dir or not d.inputs or Path(d.dir).resolve().parent != cache_root().resolve():
+        return ""
+    now = prepared_dir(replace(d, dir=""))
+    if Path(now).resolve() == Path(d.dir).resolve():
+        return ""
+    return (
+        f"data.dir = {d.dir}: the cache of data.inputs as they were when it was prepared; they have changed since "
+        f'(now {Path(now).name}), and this run trains on the text prepared before: --set data.dir="" prepares them '
+        "as they are"
+    )
 
 
 def find_prepared(d: DataConfig) -> tuple[str, PreparedData | None]:

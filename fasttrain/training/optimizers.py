@@ -250,7 +250,7 @@ def build_optimizer(
             matrices,
             ns_dtype=newton_schulz_dtype(precision, device),
             lr=m.lr,
-            weight_decay=cfg.weight_decay,
+            weight_decay=cfg.decay(),
             momentum=m.momentum,
             nesterov=m.nesterov,
             ns_steps=m.ns_steps,
@@ -259,10 +259,10 @@ def build_optimizer(
             second_moment_beta2=m.second_moment_beta2,
             cautious_weight_decay=m.cautious_weight_decay,
         )
-        rest = param_groups(model, cfg.weight_decay, cfg.decay_embeddings, frozenset(map(id, matrices)))
+        rest = param_groups(model, cfg.decay(), cfg.decay_embeddings, frozenset(map(id, matrices)))
         rest = own_rate_groups(rest, model, cfg)
         return Hybrid(muon=muon, adamw=_adamw(rest, cfg, device, kernel, clip=False))
-    groups = own_rate_groups(param_groups(model, cfg.weight_decay, cfg.decay_embeddings), model, cfg)
+    groups = own_rate_groups(param_groups(model, cfg.decay(), cfg.decay_embeddings), model, cfg)
     if cfg.name == "sgd":
         return torch.optim.SGD(
             groups, lr=cfg.lr, momentum=cfg.sgd.momentum, nesterov=cfg.sgd.nesterov, fused=device.type == "cuda" or None

@@ -40,7 +40,7 @@ from fasttrain.model.sequence_length import choose_context, recorded_context, sh
 from fasttrain.model.sizing import Corpus, Speed
 from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
-from fasttrain.preparation.cache import pending, prepared_dir
+from fasttrain.preparation.cache import pending, prepared_dir, stale_cache_note
 from fasttrain.system.errors import UsageError
 from fasttrain.training.optimizers import tied_head_note
 from fasttrain.training.preflight import check_fits, depths_in_memory, members_in_memory
@@ -221,6 +221,8 @@ def plan_run(
     prepare, vocab, estimate = "", 0, 0.0
     if sources:
         vocab = sources[0].data.vocab_size
+        note = stale_cache_note(cfg.data)
+        notes += [note] if note else []
     else:  # one folder, not prepared yet: what preparing it will need is checked now, nothing is read
         prepare, vocab, estimate, estimated = pending(cfg.data)
         if not shape.n_layers or choose_seq_len:  # planned at the estimate, as the run plans them again once prepared

@@ -74,7 +74,7 @@ def start_lines(plan: RunPlan, reading: Reading) -> list[str]:
     often each source is read, and the batch and budget."""
     c, t, m, record = plan.cfg, plan.cfg.train, plan.cfg.model, plan.record(reading)
     lines = [
-        f"model: {plan.params / 1e6:.2f}M parameters ({f'{m.members} models of ' * (m.members > 1)}"
+        f"model: {plan.params / 1e6:.2f}M parameters ({m.members} model{'s' * (m.members > 1)} of "
         f"{m.n_layers} layer{'s' * (m.n_layers != 1)}, d_model "
         f"{m.d_model}, {m.n_heads} head{'s' * (m.n_heads != 1)}, vocab {m.vocab_size}, context {m.max_seq_len})"
     ]
@@ -119,7 +119,7 @@ def epoch_warnings(plan: RunPlan, reading: Reading) -> list[str]:
     """A warning for each source `reading` has the run read more than data.max_epochs times over, saying what the
     run does about it (the weight decay's growth, the weights final/ keeps) and what would help."""
     c, lines = plan.cfg, []
-    decay = f"it trains at weight decay {c.optim.weight_decay:g}" + (
+    decay = f"it trains at weight decay {c.optim.decay():g}" + (
         " (optim.weight_decay_rule = repeats)" if c.optim.weight_decay_rule == "repeats" else ""
     )
     final = "final/ keeps the best weights" if c.checkpoint.final_weights == "best" else "final/ the last step's"
@@ -137,8 +137,11 @@ def epoch_warnings(plan: RunPlan, reading: Reading) -> list[str]:
 class Report:
     """The events and lines of one run of `cfg` (resolved), written through `log`."""
 
-    def __init__(self, log: MetricsLog, cfg: Config, device: torch.device, flops_per_token: float):
+    def __init__(self, log: MetricsLog, cfg: Config, device: torch.device, flops_per_token: float, whole_val: bool):
+        """`whole_val`: whether an evaluation reads the whole val split (Trainer.evaluates_whole_split)."""
         self.log, self.cfg, self.device = log, cfg, device
+        self.whole_val = whole_val
+        self.evaluated_on = "the whole val split" if whole_val else f"the first {cfg.train.eval_steps} val batches"
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops(device)  # None off the GPU table: no MFU then
         self.names: list[str] = []  # the sources' (start), and what was read of each (train)
@@ -228,7 +231,7 @@ class Report:
         self.log.print(
             f"eval step {step}: val loss {metrics['val_loss']:.4f} | "
             f"acc {100 * metrics['val_accuracy']:.1f}% | ppl {metrics['val_ppl']:.2f} | "
-            f"{metrics['val_bpb']:.4f} bits/byte | best {monitored}{metrics['best_val_loss']:.4f}"
+            f"{metrics['val_bpb']:.4f} bits/byte | best {monitored}{metrics['best_val_loss']:.4f} | on {self.evaluated_on}"
             + (" (totals weighted as data.sources)" if len(self.names) > 1 else "")
         )
         for name in self.names if len(self.names) > 1 else ():
@@ -348,7 +351,7 @@ class Report:
         self.log.end_progress()
         self.log.print(
             f"done: {run.step} step{'s' * (run.step != 1)}, {run.tokens_seen:,} tokens; val loss "
-            f"{summary['val_loss']:.3f}, {summary['val_bpb']:.3f} bits/byte (best "
+            f"{summary['val_loss']:.3f}, {summary['val_bpb']:.3f} bits/byte on {self.evaluated_on} (best "
             f"{'loss' if self.cfg.train.monitor == 'val_loss' else self.cfg.train.monitor} {run.best_val_loss:.3f})"
             + (f"; {run.skipped_steps} steps skipped, {run.rollbacks} rollbacks" if run.skipped_steps else "")
         )
@@ -362,6 +365,8 @@ class Report:
             f"  time        {format_duration(summary['train_seconds'])} training{counted}, "
             f"{format_duration(summary['wall_seconds'])} wall time in this process"
         )
+        if not self.whole_val:
+            self.log.print(f"  whole val   fasttrain evaluate {out} --split val (final/ on every val batch)")
         if self.cfg.train.max_time:
             mix = f" {shlex.quote(replay_mix)}" if replay_mix else ""
             self.log.print(

@@ -256,13 +256,22 @@ class Trainer:
     def evaluate(self, stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
         """Validation metrics over the first eval_steps x batch_size rows of each source's val split, shared among the
         ranks; a mixture's weighted as data.sources. None if `stop()` cut it short."""
-        t = self.cfg.train
+        sources, loader = self.sources, self._val_loader
+        return validate_sources(self.loss, self.model, sources, loader, self.precision, self.world, stop)
 
-        def loader(source: Source) -> TokenLoader:
-            rows = t.eval_steps * t.batch_size
-            return self.loader("val", "sequential", prefetch=0, whole=True, source=source, first_rows=rows)
+    def _val_loader(self, source: Source) -> TokenLoader:
+        """What `evaluate` reads of `source`: the first eval_steps x batch_size rows of its val split, in one pass."""
+        rows = self.cfg.train.eval_steps * self.cfg.train.batch_size
+        return self.loader("val", "sequential", prefetch=0, whole=True, source=source, first_rows=rows)
 
-        return validate_sources(self.loss, self.model, self.sources, loader, self.precision, self.world, stop)
+    def evaluates_whole_split(self) -> bool:
+        """Whether `evaluate` reads every source's whole val split (else the first eval_steps batches of some)."""
+        for source in self.sources:
+            with self._val_loader(source) as loader:
+                read = loader.reader.sources[0]
+                if read.whole_rows < read.rows.num_rows:
+                    return False
+        return True
 
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
         """Text generated from `prompt` (default: train.sample_prompt), the same random draws every call."""
@@ -284,7 +293,7 @@ class Trainer:
         if not resumed and self.init_pending:  # made `resuming`, then started anew
             self._start_from_init()
         with opened(self.plan, self.checkpoints, resumed, overwrite, self.quiet) as (log, start):
-            report = Report(log, self.cfg, self.device, self.plan.flops_per_token)
+            report = Report(log, self.cfg, self.device, self.plan.flops_per_token, self.evaluates_whole_split())
             with compile_failures():  # the first step's, before which the start is taken back, or a recompile's
                 last_eval, stopped_early = Loop(self, report, start).run()
             final, kept = write_final(
