@@ -15,6 +15,7 @@ from fasttrain.export import main as export_main
 from fasttrain.formats.shards import read_header, token_blocks
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.weights import hf_llama_tensors
+from fasttrain.preparation.encoder import PROBES
 from fasttrain.system.errors import UsageError, run_cli
 from tests.conftest import tiny_config
 
@@ -234,9 +235,12 @@ def test_without_the_gguf_library_the_error_says_how_to_install_it(runs, tmp_pat
 @pytest.fixture(scope="module")
 def trained_longer(pydoc_data, tmp_path_factory):
     """base.toml's head and embedding (untied, normalised) on a tiny model trained long enough that its next tokens are
-    not near-ties, which random weights would make greedy decoding a coin toss on."""
+    not near-ties, which random weights would make greedy decoding a coin toss on. Grouped-query attention (attn_k's
+    rows interleave by the key heads, not the query heads) and a RoPE base and norm epsilon other than the defaults
+    (llama.cpp reads them from the metadata, else its scores drift)."""
     out = tmp_path_factory.mktemp("run")
     sets = ["model.d_model=64", "model.n_heads=4", "model.max_seq_len=128", "train.seq_len=128", "train.batch_size=8"]
+    sets += ["model.n_kv_heads=2", "model.rope_theta=5000.0", "model.norm_eps=1e-6"]
     sets += ["model.tie_embeddings=false", "model.embedding_norm=true", "train.max_steps=150", "train.sample_tokens=0"]
     trainer = Trainer(tiny_config(pydoc_data, out, *sets, "optim.lr=3e-3"), quiet=True)
     trainer.train()
@@ -262,7 +266,8 @@ def check_llama_cpp(llm, model, pydoc_data, run, dtype: str, within: float) -> N
     tokenizer = Tokenizer.load(run / "tokenizer.json")
     val = next(token_blocks(read_header(pydoc_data / "val_000000.bin")))[:2000].tolist()
     text = tokenizer.tok.decode([i for i in val if i != tokenizer.eot_id]) + "\n\tcafé, naïve — 3.14 {'a': 1}\n"
-    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer.encode(text)  # validation text
+    for sample in (text, *PROBES):  # validation text; spaces, code, scripts, emoji, end-of-text within the text
+        assert llm.tokenize(sample.encode(), add_bos=False, special=True) == tokenizer.encode(sample), sample[:40]
     ids = tokenizer.encode(text)[:128]
     llm.eval(ids)
     theirs = torch.log_softmax(torch.from_numpy(np.array(llm.scores[: len(ids)])).double(), -1)
