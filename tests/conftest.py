@@ -86,9 +86,15 @@ if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("trito
 
 import fasttrain_kernels._backend  # noqa: E402  (after the environment is set)
 import fasttrain_kernels._multi_tensor  # noqa: E402
+from fasttrain.compute.device import key_inductor_cache
 from fasttrain.config import Config, load_config
 from fasttrain.formats.shards import ShardWriter
 from fasttrain.preparation.preparation import prepare
+
+# Every test process compiles into its instruction set's own inductor cache, as a run does: a test calling
+# torch.compile itself read kernels another process had compiled under other ISA caps from inductor's one default
+# folder (NaN logits under ATEN_CPU_CAPABILITY=avx2 beside runs without it, a crash the other way round).
+key_inductor_cache(torch.device("cpu"))
 
 
 def pytest_addoption(parser) -> None:
