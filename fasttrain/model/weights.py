@@ -37,14 +37,7 @@ DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 _HF_ONLY = ("config.json", "tokenizer_config.json", "generation_config.json")  # one layout's files, not the other's
 _FASTTRAIN_ONLY = ("config.toml",)
 _NOT_LLAMA = ("qk_norm", "embedding_norm", "value_embeddings", "residual_scalars", "smear", "backout")  # not in a Llama
-# What a Llama export cannot hold (embedding_norm folds into the table: hf_llama_tensors), and what to set instead
-_UNEXPORTABLE = {
-    "qk_norm": "model.qk_norm = false",
-    "value_embeddings": "model.value_embeddings = false",
-    "residual_scalars": "model.residual_scalars = false",
-    "smear": "model.smear = false",
-    "backout": "model.backout = false",
-}
+_UNEXPORTABLE = tuple(key for key in _NOT_LLAMA if key != "embedding_norm")  # it folds (hf_llama_tensors)
 
 
 def write_safetensors(
@@ -131,7 +124,7 @@ def beyond_llama(cfg: ModelConfig) -> list[str]:
     beyond = [(f'model.mlp = "{cfg.mlp}"', 'model.mlp = "swiglu"')] if cfg.mlp != "swiglu" else []
     beyond += [(f"model.logit_softcap = {cfg.logit_softcap:g}", "model.logit_softcap = 0")] if cfg.logit_softcap else []
     beyond += [(f"model.members = {cfg.members}, an ensemble", "model.members = 1")] if cfg.members > 1 else []
-    beyond += [(f"model.{key} = true", instead) for key, instead in _UNEXPORTABLE.items() if getattr(cfg, key)]
+    beyond += [(f"model.{key} = true", f"model.{key} = false") for key in _UNEXPORTABLE if getattr(cfg, key)]
     return [f"{setting} (set {instead})" for setting, instead in beyond]
 
 
