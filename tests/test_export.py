@@ -22,7 +22,7 @@ from fasttrain.model.weights import (
     write_safetensors,
 )
 from fasttrain.system.errors import run_cli
-from tests.conftest import tiny_config
+from tests.conftest import TINY_GQA, tiny_config
 
 
 def random_tensors() -> dict[str, torch.Tensor]:
@@ -57,18 +57,7 @@ def test_safetensors_round_trip_every_dtype_through_the_reference_library(tmp_pa
 def trained(pydoc_data, tmp_path_factory):
     """A tiny run with grouped-query attention, trained a few steps so no weight is at its init value."""
     out = tmp_path_factory.mktemp("run")
-    trainer = Trainer(
-        tiny_config(
-            pydoc_data,
-            out,
-            "model.d_model=64",
-            "model.n_heads=4",
-            "model.n_kv_heads=2",
-            "train.max_steps=3",
-            "train.sample_tokens=0",
-        ),
-        quiet=True,
-    )
+    trainer = Trainer(tiny_config(pydoc_data, out, *TINY_GQA, "train.max_steps=3", "train.sample_tokens=0"), quiet=True)
     trainer.train()
     return trainer, out
 
@@ -118,9 +107,7 @@ def test_hugging_face_llama_export_gives_the_same_logits(pydoc_data, tmp_path, t
         tiny_config(
             pydoc_data,
             tmp_path / "run",
-            "model.d_model=64",
-            "model.n_heads=4",
-            "model.n_kv_heads=2",
+            *TINY_GQA,
             "model.rope_theta=500.0",
             "model.norm_eps=1e-6",
             f"model.tie_embeddings={str(tied).lower()}",

@@ -17,7 +17,7 @@ from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.weights import hf_llama_tensors
 from fasttrain.preparation.encoder import PROBES
 from fasttrain.system.errors import UsageError, run_cli
-from tests.conftest import tiny_config
+from tests.conftest import TINY_GQA, tiny_config
 
 gguf = pytest.importorskip("gguf")
 
@@ -58,9 +58,7 @@ def runs(pydoc_data, tmp_path_factory):
             tiny_config(
                 pydoc_data,
                 out,
-                "model.d_model=64",
-                "model.n_heads=4",
-                "model.n_kv_heads=2",
+                *TINY_GQA,
                 "model.rope_theta=500.0",
                 "model.norm_eps=1e-6",
                 f"model.embedding_norm={str(embedding_norm).lower()}",

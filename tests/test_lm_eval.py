@@ -23,7 +23,7 @@ from fasttrain.config import load_config
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.export import export
 from fasttrain.system.errors import run_cli
-from tests.conftest import tiny_args, tiny_config, tiny_overrides
+from tests.conftest import TINY_GQA, tiny_args, tiny_config, tiny_overrides
 
 # Before lm-eval imports `datasets`, which reads these once: local JSON files only, never the Hub.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -57,9 +57,7 @@ def run(pydoc_data, tmp_path_factory) -> Path:
         tiny_config(
             pydoc_data,
             out,
-            "model.d_model=64",
-            "model.n_heads=4",
-            "model.n_kv_heads=2",
+            *TINY_GQA,
             "model.tie_embeddings=false",
             "model.embedding_norm=true",
             "train.max_steps=6",
