@@ -1,7 +1,7 @@
 """A corpus read many times: the best and the last evaluation of runs that read it 2 to 32 times, at equal tokens.
 
     python -m benchmarks.studies.many_epochs --corpus code-small --depth 2 --epochs 4 8 16 \
-        [--case fixed repeats wd=1 ...] [--seed 1 2] [--jobs 2] [--out FILE]
+        [--case fixed repeats wd=1 distill=4 ...] [--seed 1 2] [--jobs 2] [--out FILE]
 
 Every run is configs/base.toml at a fixed shape (depth d, width 64 d, heads of 64) and context 256, for the steps
 that read the corpus --epochs times over (16 x 256 tokens a step), evaluated 12 times on its whole validation split,
@@ -9,6 +9,8 @@ without samples or compiling. A case is what differs:
   fixed      weight decay 0.1 whatever the epochs (optim.weight_decay_rule = "fixed")
   repeats    optim.weight_decay_rule = "repeats" (base.toml's, fasttrain/data/repeats.py): the decay the plan chooses
   wd=X       weight decay X;  drop=X  model.dropout X (both under the fixed rule);  KEY=VALUE,...  any --set items
+  distill=K  one model distilled (train.teacher) from the case model.members=K, trained first where not in the grid,
+             for the same steps as one member; distill=K,KEY=VALUE,... sets those for the student too
 It records each evaluation's bits per byte: the best, the last (what a run that keeps its last weights gives), and
 the weight decay the run trained at (its config.toml). Equal tokens, so any CPU gives the same figures to rounding;
 each run is one process of one thread (--jobs of them at once).
@@ -89,11 +91,24 @@ def case_sets(case: str) -> list[str]:
     return case.split(",")
 
 
+def run_dir(data: Path, depth: int, epochs: float, seed: int, case: str, work: Path) -> Path:
+    """Where run_one trains that run."""
+    return work / f"{data.name}-d{depth}-e{epochs:g}-s{seed}-{case.replace('=', '').replace(',', '_')}"
+
+
+def teacher_case(case: str) -> str | None:
+    """The ensemble case a distill=K case learns from; None for any other case."""
+    first = case.split(",")[0]
+    return f"model.members={first[8:]}" if first.startswith("distill=") else None
+
+
 def run_one(data: Path, depth: int, epochs: float, seed: int, case: str, work: Path) -> dict:
-    """One run of the grid, and what its evaluations said."""
+    """One run of the grid, and what its evaluations said; a distill=K case's teacher must be trained already."""
     train_tokens = json.loads((data / "meta.json").read_text())["tokens"]["train"]
     steps = max(round(epochs * train_tokens / TOKENS_PER_STEP), EVALUATIONS)
-    out = work / f"{data.name}-d{depth}-e{epochs:g}-s{seed}-{case.replace('=', '').replace(',', '_')}"
+    out = run_dir(data, depth, epochs, seed, case, work)
+    teacher = teacher_case(case)
+    student = [f'train.teacher="{run_dir(data, depth, epochs, seed, teacher, work) / "final"}"'] if teacher else []
     sets = [
         f'data.dir="{data}"',
         f"model.n_layers={depth}",
@@ -110,7 +125,7 @@ def run_one(data: Path, depth: int, epochs: float, seed: int, case: str, work: P
         "train.log_interval=100000",
         "train.compile=false",
         "checkpoint.interval=100000",
-        *case_sets(case),
+        *(student + case.split(",")[1:] if teacher else case_sets(case)),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "fasttrain.train", "configs/base.toml", "--quiet", "--overwrite", "--set", *sets]
@@ -127,6 +142,7 @@ def run_one(data: Path, depth: int, epochs: float, seed: int, case: str, work: P
         "planned_epochs": start["sources"][0]["planned_epochs"],
         "seed": seed,
         "case": case,
+        "teacher": teacher,
         "weight_decay": load_config(out / "config.toml").optim.weight_decay,
         "steps": steps,
         "best": min(curve),
@@ -150,9 +166,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     today = datetime.date.today().isoformat()
     out = args.out or ROOT / f"benchmarks/results/recipe/cpu-many-epochs-{args.corpus}-{today}.json"
     data = prepared(args.corpus, args.cache)
-    grid = [(d, e, s, c) for d in args.depth for e in args.epochs for s in args.seed for c in args.case]
+    teachers = [t for c in args.case if (t := teacher_case(c)) and t not in args.case]
+    cases = [
+        [c for c in args.case if not teacher_case(c)] + sorted(set(teachers)),
+        [c for c in args.case if teacher_case(c)],
+    ]
     with tempfile.TemporaryDirectory() as work, ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(lambda g: run_one(data, *g, Path(work)), grid))
+        runs = []
+        for phase in cases:  # the teachers first, then their students
+            grid = [(d, e, s, c) for d in args.depth for e in args.epochs for s in args.seed for c in phase]
+            runs += list(pool.map(lambda g: run_one(data, *g, Path(work)), grid))
     what = "best and last evaluation of runs reading a corpus many times, at equal tokens"
     add_runs(out, runs, what, __spec__.name, argv, today)
     for r in runs:

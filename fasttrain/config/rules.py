@@ -86,6 +86,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.eval_steps": _POSITIVE,
     "train.early_stop_patience": _NON_NEGATIVE,
     "train.early_stop_min_delta": _NON_NEGATIVE,
+    "train.teacher_weight": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "train.sample_prompt": (
         lambda v: 0 < len(v) <= MAX_PROMPT_CHARS,
         f"non-empty (generation starts from it) and at most {MAX_PROMPT_CHARS:,} characters",

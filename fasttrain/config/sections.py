@@ -292,6 +292,12 @@ class TrainConfig:
     # The validation loss `best` checkpoints and early stopping follow: "val_loss", a mixture's total weighted as
     # data.sources, or "val_loss.NAME", one source's (NAME: its folder's name, as metrics.jsonl records it).
     monitor: str = "val_loss"
+    # Distillation: a fasttrain model (a weights directory such as another run's final/, an ensemble's included, or a
+    # run directory) whose probabilities over each batch's next tokens the model learns, not only the tokens
+    # themselves: the loss is teacher_weight x the cross-entropy against them + the rest x the next-token loss
+    # (training/objective.py). Its tokenizer must be the data's. "" = none.
+    teacher: str = ""
+    teacher_weight: float = 1.0  # 1: the soft targets alone, measured a little better than 0.5 (docs/performance.md)
     sample_prompt: str = "The"  # the samples' prompt (<= 65,536 chars); no trailing space: BPE words carry theirs
     sample_tokens: int = 64  # tokens generated per sample; 0 = no samples
     tensorboard: bool = True  # also write TensorBoard event files when tensorboard is installed

@@ -88,6 +88,21 @@ def load_trained(spec: str | os.PathLike[str], device: torch.device | str = "cpu
     return Trained(model.to(device).eval(), cfg, tokenizer, tokenizer_path, source)
 
 
+def load_teacher(spec: str, tokenizer: Tokenizer, device: torch.device) -> Transformer | Ensemble:
+    """train.teacher's model (see `weights_source`) on `device`, in eval mode and frozen; UsageError naming
+    train.teacher where it cannot be loaded or learned other token ids than `tokenizer`'s (compared by content)."""
+    try:
+        teacher = load_trained(spec, device)
+    except UsageError as e:
+        raise UsageError(f"train.teacher: {e}") from None
+    if teacher.tokenizer.tok.to_str() != tokenizer.tok.to_str():
+        raise UsageError(
+            f"train.teacher: {teacher.tokenizer_path} is not the data's tokenizer, so the teacher's probabilities "
+            "are over other token ids; distil a model trained on data of this tokenizer"
+        )
+    return teacher.model.requires_grad_(False)
+
+
 def run_directory(source: Path) -> Path:
     """The run directory of `source` (as `weights_source` returns it), links resolved: above RUN/final or a checkpoint's
     checkpoints/; else the directory a checkpoint file is in."""

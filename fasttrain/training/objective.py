@@ -1,4 +1,5 @@
-"""The training objective: next-token cross-entropy, as sums that add up across batches and ranks.
+"""The training objective: next-token cross-entropy, or distillation's against a teacher's probabilities, as sums
+that add up across batches and ranks.
 
 Imports from fasttrain: data.documents, evaluation.loss_sums, model.ensemble, model.transformer.
 
@@ -8,6 +9,11 @@ Imports from fasttrain: data.documents, evaluation.loss_sums, model.ensemble, mo
 
 Sums, never a mean, so batches of different counts (padded rows, ranks) combine: the caller adds an update's sums and
 divides once by its global count of targets. Targets equal to IGNORE_INDEX (pads) count for nothing.
+
+With a teacher (train.teacher: any trained model of the same tokenizer, an ensemble included), each target's loss is
+w x the cross-entropy against the teacher's probabilities over the whole vocabulary + (1 - w) x the next-token loss
+(w: train.teacher_weight). The soft targets carry what the teacher learned about every other token; an ensemble's
+mean probabilities taught this way keep most of its gain in one model (Kim et al. 2025).
 """
 
 from __future__ import annotations
@@ -43,21 +49,29 @@ def batch_loss(
     y: torch.Tensor,
     mask_eot_id: int | None,
     grad_scale: torch.Tensor | None = None,
+    teacher: nn.Module | None = None,
 ) -> LossSums:
     """The loss sums of batch (x, y) through `objective` (a NextTokenLoss, wrapped or not). `mask_eot_id`: document
-    masking's end-of-text id; `grad_scale`: see NextTokenLoss."""
-    return objective(x, y, None if mask_eot_id is None else document_ids(x, mask_eot_id), grad_scale=grad_scale)
+    masking's end-of-text id; `grad_scale`: see NextTokenLoss; `teacher`: a frozen model whose probabilities of x's
+    next tokens (its logits' softmax, fp32) the objective learns."""
+    documents = None if mask_eot_id is None else document_ids(x, mask_eot_id)
+    with torch.no_grad():
+        soft = None if teacher is None else teacher(x, documents).softmax(-1, dtype=torch.float32)
+    return objective(x, y, documents, grad_scale=grad_scale, teacher_probs=soft)
 
 
 class NextTokenLoss(nn.Module):
     """`model`'s loss as a module holding the model, so wrappers and torch.compile see every use of the output weight:
-    `forward(tokens, targets, documents, grad_scale) -> LossSums`. `fused`: kernels.linear_cross_entropy. An
-    ensemble in training mode trains each member on its own loss: the sums are the means of the members'."""
+    `forward(tokens, targets, documents, grad_scale, teacher_probs) -> LossSums`. `fused`:
+    kernels.linear_cross_entropy. An ensemble in training mode trains each member on its own loss: the sums are the
+    means of the members'. `teacher_weight`: the share of the loss that is the cross-entropy against a teacher's
+    probabilities, when given."""
 
-    def __init__(self, model: Transformer | Ensemble, fused: bool = False):
+    def __init__(self, model: Transformer | Ensemble, fused: bool = False, teacher_weight: float = 1.0):
         super().__init__()
         self.model = model
         self.fused = fused
+        self.teacher_weight = teacher_weight
 
     def forward(
         self,
@@ -65,16 +79,18 @@ class NextTokenLoss(nn.Module):
         targets: torch.Tensor,
         documents: torch.Tensor | None = None,
         grad_scale: torch.Tensor | None = None,
+        teacher_probs: torch.Tensor | None = None,
     ) -> LossSums:
         """The sums over `targets` (B, T) of `tokens` (B, T); `documents` (B, T) masks attention to each token's own
-        document. `grad_scale` (a scalar tensor): the factor the caller will multiply the loss by before its backward,
-        which the fused loss folds into the gradients it computes in the forward, so that backward has no pass left to
-        make; the loss returned is not multiplied by it, and the unfused loss ignores it."""
+        document; `teacher_probs` (B, T, vocab_size), a teacher's, make the loss distillation's (never fused).
+        `grad_scale` (a scalar tensor): the factor the caller will multiply the loss by before its backward, which the
+        fused loss folds into the gradients it computes in the forward, so that backward has no pass left to make; the
+        loss returned is not multiplied by it, and the unfused loss ignores it."""
         members = transformers(self.model)
         if len(members) == 1 or not self.model.training:  # an ensemble scores as one model (its probabilities' mean)
-            return self.sums(self.model, tokens, targets, documents, grad_scale)
+            return self.sums(self.model, tokens, targets, documents, grad_scale, teacher_probs)
         share = None if grad_scale is None else grad_scale / len(members)  # what each member's loss is multiplied by
-        sums = [self.sums(m, tokens, targets, documents, share) for m in members]
+        sums = [self.sums(m, tokens, targets, documents, share, teacher_probs) for m in members]
         return LossSums(*(torch.stack(parts).mean() for parts in zip(*sums)))
 
     def sums(
@@ -84,9 +100,10 @@ class NextTokenLoss(nn.Module):
         targets: torch.Tensor,
         documents: torch.Tensor | None,
         grad_scale: torch.Tensor | None,
+        teacher_probs: torch.Tensor | None,
     ) -> LossSums:
         valid = targets != IGNORE_INDEX
-        if self.fused and isinstance(model, Transformer):
+        if self.fused and isinstance(model, Transformer) and teacher_probs is None:
             from fasttrain_kernels.linear_cross_entropy import (
                 linear_cross_entropy,  # needs Triton, so only when asked for
             )
@@ -102,7 +119,11 @@ class NextTokenLoss(nn.Module):
             )
         else:
             logits = model(tokens, documents)
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            flat = logits.flatten(0, 1)
+            loss = F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            if teacher_probs is not None:  # a pad's row of zeros counts for nothing
+                soft = F.cross_entropy(flat, (teacher_probs * valid.unsqueeze(-1)).flatten(0, 1), reduction="sum")
+                loss = torch.lerp(loss, soft, self.teacher_weight)
             x = logits.detach()
             at_target = x.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
             correct = ((at_target >= x.amax(dim=-1)) & valid).sum()

@@ -1,9 +1,9 @@
 """The Trainer: one run of `python -m fasttrain.train`, also usable from other code.
 
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_state, compute.device, compute.distributed, config,
-data.loader, data.mixture, data.sampling, evaluation.loss_sums, evaluation.validation, formats.tokenizer,
-model.ensemble, model.generation, model.weights, training.launch, training.objective, training.optimizers,
-training.plan, training.policies, training.reporting, training.run_loop, training.schedule.
+data.loader, data.mixture, data.sampling, evaluation.loss_sums, evaluation.trained_model, evaluation.validation,
+formats.tokenizer, model.ensemble, model.generation, model.weights, training.launch, training.objective,
+training.optimizers, training.plan, training.policies, training.reporting, training.run_loop, training.schedule.
 
     trainer = Trainer(load_config("configs/base.toml"))
     summary = trainer.train()          # or drive it yourself:
@@ -48,6 +48,7 @@ from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import Source, kept_mix_notes, replay_mix
 from fasttrain.data.sampling import Sampling
 from fasttrain.evaluation.loss_sums import LossSums
+from fasttrain.evaluation.trained_model import load_teacher
 from fasttrain.evaluation.validation import validate_sources
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.ensemble import build_model
@@ -104,7 +105,7 @@ class Trainer:
             attention=t.attention,
             fp8=t.fp8,
         ).to(self.device)
-        loss = NextTokenLoss(self.model, fused=self.kernels.linear_cross_entropy)
+        loss = NextTokenLoss(self.model, fused=self.kernels.linear_cross_entropy, teacher_weight=t.teacher_weight)
         self.objective = distributed.wrap(
             loss, self.model.blocks, self.world, t.parallel, plan.shard_group, self.precision, self.device
         )
@@ -117,6 +118,7 @@ class Trainer:
         self.checkpoints = Checkpointer(
             self.cfg, self.model, self.updater.optimizer, self.updater.scaler, self.world, plan.parallel, self.device
         )
+        self.teacher = load_teacher(t.teacher, self.tokenizer, self.device) if t.teacher else None
         self.init_pending = bool(self.cfg.model.init_from) and not plan.init_missing  # its weights not read yet
         if self.init_pending and not resuming:
             self._start_from_init()
@@ -177,13 +179,15 @@ class Trainer:
         """Whether the run has reached train.max_steps or spent train.max_time."""
         return Budget.of(self.cfg.train).reached(self.run.step, self.run.train_seconds)
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, grad_scale: torch.Tensor | None = None) -> LossSums:
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor, grad_scale: torch.Tensor | None = None, teacher: bool = False
+    ) -> LossSums:
         """The loss sums of batch (x, y) through the objective (data.document_mask: each end-of-text token in x starts a
-        document). `grad_scale`: the loss's factor before the backward."""
+        document). `grad_scale`: the loss's factor before the backward; `teacher`: train.teacher's probabilities as
+        targets too (training's loss; validation's is the next tokens')."""
+        eot_id = self.tokenizer.eot_id if self.cfg.data.document_mask else None
         with uncompiled(self.eager):
-            return batch_loss(
-                self.objective, x, y, self.tokenizer.eot_id if self.cfg.data.document_mask else None, grad_scale
-            )
+            return batch_loss(self.objective, x, y, eot_id, grad_scale, self.teacher if teacher else None)
 
     def accumulate_gradients(self, batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Forward and backward over the step's micro-batches (by default the train loader's next); returns this rank's
@@ -197,7 +201,7 @@ class Trainer:
         for i, (x, y) in enumerate(batches):
             with distributed.gradient_sync(self.objective, enabled=i == self.accumulation - 1):
                 with autocast(self.precision, self.device):
-                    out = self.loss(x, y, grad_scale=scale)  # announced, so the fused loss's backward is free
+                    out = self.loss(x, y, grad_scale=scale, teacher=True)  # announced: the fused backward is free
                 self.updater.scale(out.loss * scale).backward()
             sums += out.detached()
         return sums
