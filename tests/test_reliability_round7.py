@@ -20,6 +20,7 @@ from fasttrain.config import OptimConfig, load_config
 from fasttrain.data.mixture import token_shares
 from fasttrain.model import sizing
 from fasttrain.model.sizing import Speed, choose_shape, size_model
+from fasttrain.system import machine_load
 from fasttrain.training.optimizers import Updater, newton_schulz_dtype
 from tests.conftest import tiny_args, tiny_config
 from tests.test_sizing import AUTO, cli, depth_in
@@ -208,13 +209,13 @@ def test_a_choice_near_a_boundary_or_timed_on_a_busy_machine_says_so(pydoc_data,
     assert any("near a boundary: a speed 20% off would choose depth" in n for n in notes)
     assert not all("near a boundary" in n for n in notes)
     monkeypatch.setattr(sizing, "calibrate", lambda cfg, device, update, loss, depths=(): speed)
-    monkeypatch.setattr(sizing.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # 2 cores, any machine
-    monkeypatch.setattr(sizing, "others_runnable", lambda: 7)
+    monkeypatch.setattr(machine_load.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # 2 cores, any machine
+    monkeypatch.setattr(machine_load, "others_runnable", lambda: 7)
     note = size_model(cfg, (), 128, 1, CPU, None)[1]
     assert "other programs were running when the machine was timed (7 threads runnable besides this run's" in note
     given = size_model(cfg, (), 128, 1, CPU, None)[2]  # the plan made again with the speed timed: still says so
     assert "other programs were running" in size_model(cfg, (), 128, 1, CPU, given)[1]
-    monkeypatch.setattr(sizing, "others_runnable", lambda: 0)
+    monkeypatch.setattr(machine_load, "others_runnable", lambda: 0)
     assert "other programs" not in size_model(cfg, (), 128, 1, CPU, None)[1]
 
 

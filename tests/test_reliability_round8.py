@@ -31,6 +31,7 @@ from fasttrain import train as train_module
 from fasttrain.model import sizing
 from fasttrain.model.sizing import Speed
 from fasttrain.system.errors import run_cli
+from fasttrain.system import machine_load
 from tests.conftest import tiny_args
 from tests.test_doctor import doctor as diagnosed
 from tests.test_doctor import failed
@@ -120,10 +121,10 @@ def test_the_busy_note_reads_what_runs_now(runnable, said, pydoc_data, tmp_path,
     other programs runnable as it is timed, and it says so."""
     queue = tmp_path / "loadavg"
     queue.write_text(f"1.90 0.71 0.26 {runnable}/312 4242\n")
-    monkeypatch.setattr(sizing, "RUN_QUEUE", str(queue))
-    monkeypatch.setattr(sizing, "own_runnable", lambda: 1)  # the reading thread, whatever else this one runs
-    monkeypatch.setattr(sizing.os, "getloadavg", lambda: (1.9, 0.71, 0.26))
-    monkeypatch.setattr(sizing.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # 2 cores, any machine
+    monkeypatch.setattr(machine_load, "RUN_QUEUE", str(queue))
+    monkeypatch.setattr(machine_load, "own_runnable", lambda: 1)  # the reading thread, whatever else this one runs
+    monkeypatch.setattr(machine_load.os, "getloadavg", lambda: (1.9, 0.71, 0.26))
+    monkeypatch.setattr(machine_load.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # 2 cores, any machine
     monkeypatch.setattr(sizing, "calibrate", lambda cfg, device, update, loss, depths=(): Speed(((1e6, 1e9),)))
     budget = tiny_args(pydoc_data, tmp_path / "run", *AUTO, "train.max_steps=0", "train.max_time=60")
     code, out, err = command(train_module.main, [*budget, "--dry-run"], capsys)
@@ -136,7 +137,7 @@ def test_the_busy_note_reads_what_runs_now(runnable, said, pydoc_data, tmp_path,
 
 
 def test_this_process_counts_its_own_running_thread():
-    assert sizing.own_runnable() >= 1  # the one reading
+    assert machine_load.own_runnable() >= 1  # the one reading
 
 
 # Item 8: the README's own steps, tried in order after the quickstart.

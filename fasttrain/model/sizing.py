@@ -1,6 +1,6 @@
 """The model's shape chosen for the run's compute: `model.n_layers = 0`.
 
-Imports from fasttrain: compute.device, config, model.speed, model.transformer, system.errors.
+Imports from fasttrain: compute.device, config, model.speed, model.transformer, system.errors, system.machine_load.
 
 A model too large for its budget sees too few tokens; one too small stops learning early. Which is best
 depends on how many tokens the run will train on, and that on the machine's speed, the budget and, for a
@@ -61,10 +61,8 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -76,6 +74,7 @@ from fasttrain.config import Config, ModelConfig, TrainConfig
 from fasttrain.model.speed import Speed
 from fasttrain.model.transformer import Transformer, flops_per_token, matmul_params, num_params
 from fasttrain.system.errors import UsageError
+from fasttrain.system.machine_load import busy_note
 
 HEAD_DIM = 64  # the ladder's head width, and its width per layer of depth
 DEPTHS = tuple(range(1, 33))  # the ladder
@@ -89,9 +88,6 @@ REPEAT_WORTH = 15.0  # R: epochs over which a repeated token's worth falls by e 
 # 20); the rule extrapolates beyond (the plan says so).
 SWEPT = (1e5, 3.3e6)
 SWEPT_EPOCHS = 20.0
-# Linux's /proc/loadavg: its 4th field, "runnable/total", counts the threads runnable at this instant
-RUN_QUEUE = "/proc/loadavg"
-QUEUE_READINGS = 5
 MIN_BUDGET = 10.0  # seconds: a shorter train.max_time is not worth timing the machine for (the smallest shape)
 CALIBRATION_STEPS = 2  # timed forward-backward passes of each calibration shape, after one untimed
 # A timed speed is good to about this much (a short timing on a machine whose load changes): a choice that the
@@ -453,48 +449,3 @@ def run_tokens(t: TrainConfig, shape: ModelConfig, tokens_per_step: int, speed: 
     by_steps = t.max_steps * tokens_per_step if t.max_steps else math.inf
     by_time = t.max_time * tokens_per_s(speed, shape, t.seq_len) if t.max_time and speed else math.inf
     return min(by_steps, by_time)
-
-
-def busy_note(device: torch.device) -> str:
-    """ "; other programs were running ..." where, on a CPU about to be timed, other processes' threads runnable now
-    number at least half its cores (they take a share of the speed timed, and of the run's); else "". What runs now,
-    not the load average, which still counts for a minute a program that has ended."""
-    if device.type != "cpu":
-        return ""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    others = others_runnable()
-    if others is None or others < max(1.0, cores / 2):
-        return ""
-    return (
-        f"; other programs were running when the machine was timed ({plural(others, 'thread')} runnable besides "
-        f"this run's, on {plural(cores, 'core')}): on a quiet machine the run would be faster and may choose a "
-        "deeper model"
-    )
-
-
-def others_runnable() -> int | None:
-    """The threads of other processes runnable now (running or waiting for a core): RUN_QUEUE's count less this
-    process's own, the median of QUEUE_READINGS readings 20 ms apart (one instant's count is noisy); None where
-    there is no RUN_QUEUE (not Linux)."""
-    counts = []
-    for reading in range(QUEUE_READINGS):
-        if reading:
-            time.sleep(0.02)
-        try:
-            with open(RUN_QUEUE) as f:
-                runnable = int(f.read().split()[3].partition("/")[0])
-        except (OSError, IndexError, ValueError):
-            return None
-        counts.append(max(0, runnable - own_runnable()))
-    return sorted(counts)[len(counts) // 2]
-
-
-def own_runnable() -> int:
-    """This process's threads runnable now (state R in /proc/self/task/*/stat), the one reading among them."""
-    count = 0
-    for stat in Path("/proc/self/task").glob("*/stat"):
-        try:
-            count += stat.read_text().rpartition(")")[2].split()[0] == "R"  # after the name, which may hold spaces
-        except (OSError, IndexError):
-            pass  # a thread that ended meanwhile
-    return count
