@@ -1,8 +1,8 @@
 """Train a language model from a TOML config.
 
 Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.run_directory, checkpoints.saves, compute.device,
-compute.distributed, config, config.shipped, evaluate, evaluation.trained_model, system.errors, training.launch,
-training.measure, training.plan, training.plan_table, training.trainer.
+compute.distributed, config, config.shipped, distillation, evaluate, evaluation.trained_model, system.errors,
+training.launch, training.measure, training.plan, training.plan_table, training.trainer.
 
     python -m fasttrain.train configs/base.toml [--set SECTION.KEY=VALUE ...] [--resume auto|auto-or-new|PATH]
     python -m fasttrain.train configs/base.toml --dry-run [--json] [--measure N]
@@ -23,8 +23,12 @@ import json
 import os
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 from typing import Sequence
+
+import torch
 
 from fasttrain.checkpoints.checkpoint_files import resolve
 from fasttrain.checkpoints.run_directory import EARLIER_RUN_CHOICES, REPLACED, earlier_run, finish_overwrite
@@ -38,14 +42,16 @@ from fasttrain.config import (
     config_line,
     config_overrides,
     copied_run_note,
+    load_config,
     shipped,
 )
+from fasttrain.distillation import ENSEMBLE_DIR, ensemble_config, resumed_phase, student_config
 from fasttrain.evaluate import score_tasks
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.training.launch import check_directory, check_start, start_run
 from fasttrain.training.measure import measure, measure_line
-from fasttrain.training.plan import plan_run
+from fasttrain.training.plan import RunPlan, plan_run
 from fasttrain.training.plan_table import plan_table
 from fasttrain.training.trainer import Interrupted, Trainer
 
@@ -100,34 +106,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg.eval.num_fewshot,
             ("eval.tasks", "eval.include_path", "eval.num_fewshot"),
         )
-    trainer = None
     world = distributed.world_from_env()
     # Before anything reads the directory: Trainer's process group then holds the other ranks until this is done.
-    note = finish_overwrite(cfg.train.out_dir) if world.is_main else None
-    if note and not args.quiet:
-        print(f"note: {note}")
+    for directory in (Path(cfg.train.out_dir), Path(cfg.train.out_dir) / ENSEMBLE_DIR) if world.is_main else ():
+        note = finish_overwrite(directory) if directory.is_dir() else None
+        if note and not args.quiet:
+            print(f"note: {note}")
     try:
-        resume = checkpoint_to_resume(args.resume, cfg.train.out_dir, args.quiet or not world.is_main)
-        if world.is_main:  # refused before the plan times the machine; the other ranks check once rank 0 settled it
-            check_directory(Path(cfg.train.out_dir), resume is not None, args.overwrite, is_main=True)
-            if resume is not None:
-                resolve(resume, cfg.train.out_dir)  # the save to resume: there, or the resume's own line
-        trainer = Trainer(cfg, quiet=args.quiet, resuming=resume is not None, plan=start_run(cfg, args.quiet, resume))
-        if harness is not None:  # the data's tokenizer must encode the tasks' text: said now, not after the run
-            harness.check_tokenizer(trainer.tokenizer, "eval.tasks")
-        if resume:
-            trainer.resume(resume)
-        summary = trainer.train(overwrite=args.overwrite)
-        device, batch_size = trainer.device, trainer.cfg.train.batch_size
-    except Interrupted as e:
-        resolved = trainer.cfg if trainer is not None else cfg  # the Trainer's: what config.toml records
-        raise Interrupted(f"{e}; resume with: {resume_command(args, resolved)}", e.exit_code) from None
+        phase = resumed_phase(cfg) if args.resume in ("auto", AUTO_OR_NEW) else None
+        if phase is not None:  # a distilled run goes on with the phase it was in
+            summary, device, batch_size = resume_distilled(cfg, *phase, args, harness)
+        else:
+            resume = checkpoint_to_resume(args.resume, cfg.train.out_dir, args.quiet or not world.is_main)
+            if world.is_main:  # refused before the plan times the machine; the other ranks check once rank 0 settled it
+                check_directory(Path(cfg.train.out_dir), resume is not None, args.overwrite, is_main=True)
+                if resume is not None:
+                    resolve(resume, cfg.train.out_dir)  # the save to resume: there, or the resume's own line
+            plan = start_run(cfg, args.quiet, resume)
+            if plan.cfg.train.distill and resume is None:
+                summary, device, batch_size = train_distilled(cfg, plan, None, args, harness)
+            else:
+                summary, device, batch_size = train_one(plan, resume, args.overwrite, args, harness, cfg.train.out_dir)
     finally:
-        # Free the model, its DDP wrapper and the loader now, while the interpreter is whole: left to the
-        # collector at exit, a communication thread that touches a Python object then aborts the process.
-        if trainer is not None:
-            trainer.close()
-        trainer = None
         gc.collect()
         distributed.stop()  # under torchrun: leave the process group, whatever happened
     if cfg.eval.tasks and distributed.world_from_env().is_main:  # the final weights, as evaluate --tasks scores them
@@ -141,6 +141,83 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size,
         )
     return 0
+
+
+def train_one(
+    plan: RunPlan,
+    resume: str | None,
+    overwrite: bool,
+    args: argparse.Namespace,
+    harness: ModuleType | None,
+    run_dir: str,
+) -> tuple[dict, torch.device, int]:
+    """Train `plan`'s run (resuming the save `resume` names, if given): its summary, device and batch size. An
+    interruption's message ends with the command that continues the run the user started in `run_dir` (a distilled
+    run's whole, where this is one of its phases)."""
+    trainer = None
+    try:
+        trainer = Trainer(plan.cfg, quiet=args.quiet, resuming=resume is not None, plan=plan)
+        if harness is not None:  # the data's tokenizer must encode the tasks' text: said now, not after the run
+            harness.check_tokenizer(trainer.tokenizer, "eval.tasks")
+        if resume:
+            trainer.resume(resume)
+        return trainer.train(overwrite=overwrite), trainer.device, trainer.cfg.train.batch_size
+    except Interrupted as e:
+        resolved = trainer.cfg if trainer is not None else plan.cfg  # the Trainer's: what config.toml records
+        resolved = replace(resolved, train=replace(resolved.train, out_dir=run_dir))
+        raise Interrupted(f"{e}; resume with: {resume_command(args, resolved)}", e.exit_code) from None
+    finally:
+        # Free the model, its DDP wrapper and the loader now, while the interpreter is whole: left to the
+        # collector at exit, a communication thread that touches a Python object then aborts the process.
+        if trainer is not None:
+            trainer.close()
+        trainer = None
+        gc.collect()
+
+
+def train_distilled(
+    cfg: Config, plan: RunPlan | None, resume: str | None, args: argparse.Namespace, harness: ModuleType | None
+) -> tuple[dict, torch.device, int]:
+    """A distilled run of `cfg` (fasttrain/distillation.py) from its members' run: `plan`'s new one, or (plan None)
+    the one in train.out_dir/ensemble, resumed from the save `resume` names if given; then its student's, new."""
+    out = cfg.train.out_dir
+    if plan is not None:
+        ensemble, quiet = ensemble_config(plan.cfg), True  # the plan's notes said it all
+    else:
+        ensemble, quiet = load_config(Path(out) / ENSEMBLE_DIR / "config.toml"), args.quiet
+    say = print if distributed.world_from_env().is_main and not args.quiet else lambda line: None
+    say(f"distill: 1 of 2, the {ensemble.model.members} members, into {ensemble.train.out_dir}")
+    plan = start_run(ensemble, quiet, resume)
+    summary = train_one(plan, resume, args.overwrite, args, harness, out)[0]
+    members = load_config(Path(ensemble.train.out_dir) / "config.toml")  # as a resume derives the student from it
+    student = student_config(members, out, cfg.train.max_time, summary["train_seconds"])
+    say(f"distill: 2 of 2, one model taught by {student.train.teacher}, into {out}")
+    overwrite = args.overwrite or has_saves(Path(out))  # an earlier student's, which --overwrite kept until now
+    return train_one(start_run(student, quiet), None, overwrite, args, harness, out)
+
+
+def resume_distilled(
+    cfg: Config, phase: Config, members: bool, args: argparse.Namespace, harness: ModuleType | None
+) -> tuple[dict, torch.device, int]:
+    """`--resume auto` of a distilled run of `cfg` in the phase distillation.resumed_phase found: the `members`' run
+    (`phase`, its saves resumed, or begun anew without one) and then the student, or the student alone (`phase`;
+    `members` False), its saves resumed where they are this student's, else begun anew over them."""
+    out = Path(cfg.train.out_dir)
+    if members:
+        saved = has_saves(Path(phase.train.out_dir))
+        return train_distilled(cfg, None, "auto" if saved else None, args, harness)
+    recorded = out / "config.toml"  # this student's records the time the members left it, to the millisecond
+    ours = recorded.is_file() and load_config(recorded).train.max_time == phase.train.max_time
+    resume = "auto" if ours and has_saves(out) else None
+    return train_one(
+        start_run(phase, args.quiet, resume), resume, has_saves(out) and not resume, args, harness, str(out)
+    )
+
+
+def has_saves(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run's saves: a `latest` pointer (a damaged one too: the resume says so) or saves
+    without one (the first save was killed before its pointer)."""
+    return os.path.lexists(run_dir / "checkpoints" / "latest") or bool(saved_steps(run_dir / "checkpoints"))
 
 
 def dry_run(cfg: Config, args: argparse.Namespace) -> int:
@@ -217,10 +294,7 @@ def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | N
     # A damaged pointer: the resume says so. Saves without one: the first save was killed before its pointer. A run
     # an --overwrite start set aside is rank 0's to put back (finish_overwrite): another rank may look while it
     # does, so where it was first, then where it goes (a rename between the two looks is seen by the second).
-    if any(
-        os.path.lexists(d / "latest") or saved_steps(d)
-        for d in (Path(out_dir) / REPLACED / "checkpoints", Path(out_dir) / "checkpoints")
-    ):
+    if has_saves(Path(out_dir) / REPLACED) or has_saves(Path(out_dir)):
         return "auto"
     if not quiet:
         print(f"resume: no checkpoint in {out_dir} yet, so a new run starts there (--resume {AUTO_OR_NEW})")

@@ -30,8 +30,8 @@ from fasttrain import doctor
 from fasttrain import train as train_module
 from fasttrain.model import sizing
 from fasttrain.model.sizing import Speed
-from fasttrain.system.errors import run_cli
 from fasttrain.system import machine_load
+from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
 from tests.test_doctor import doctor as diagnosed
 from tests.test_doctor import failed

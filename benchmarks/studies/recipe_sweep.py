@@ -38,6 +38,7 @@ from typing import Sequence
 
 from benchmarks.studies.common import ROOT, load_average, prepared_corpus, result_header
 from fasttrain.config import load_config
+from fasttrain.distillation import ENSEMBLE_DIR
 from fasttrain.model.sequence_length import contexts
 from fasttrain.system.errors import ArgumentParser, run_cli
 
@@ -247,6 +248,7 @@ def train_sets(
     end = next(e for e in events if e["event"] == "end")
     shape = load_config(out_dir / "config.toml").model  # the shape trained: a case may leave it to the run
     return {
+        **distilled_from(out_dir),
         "shape": f"{shape.n_layers} x {shape.d_model}",
         "params": start.get("params"),
         "precision": start.get("precision"),
@@ -261,6 +263,20 @@ def train_sets(
         "weights_step": end["weights_step"],
         "load_average_before": before,
         "load_average_after_training": during,
+    }
+
+
+def distilled_from(out_dir: Path) -> dict:
+    """A distilled run's members (train.distill: out_dir/ensemble/, fasttrain/distillation.py): their count, training
+    seconds and final/'s score, beside the student's that train_sets reports; {} for a run of one phase."""
+    log = out_dir / ENSEMBLE_DIR / "metrics.jsonl"
+    if not log.is_file():
+        return {}
+    end = [json.loads(line) for line in log.read_text().splitlines()][-1]
+    return {
+        "members": load_config(out_dir / ENSEMBLE_DIR / "config.toml").model.members,
+        "ensemble_train_seconds": end["train_seconds"],
+        "ensemble_val_bpb": end["weights_val_bpb"],
     }
 
 

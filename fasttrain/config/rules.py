@@ -111,6 +111,10 @@ _CONFLICTS: dict[str, tuple[Callable[[Config], bool], str]] = {
         lambda c: c.model.members > 1 and bool(c.model.init_from),
         "an ensemble's members each start from an initialization of their own",
     ),
+    "train.distill does not go with train.teacher": (
+        lambda c: c.train.distill and bool(c.train.teacher),
+        "a distilled ensemble is its own student's teacher",
+    ),
     "train.seq_len exceeds model.max_seq_len": (
         lambda c: c.train.seq_len > c.model.max_seq_len,
         "the model has no positions beyond its context",

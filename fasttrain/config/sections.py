@@ -298,6 +298,11 @@ class TrainConfig:
     # (training/objective.py). Its tokenizer must be the data's. "" = none.
     teacher: str = ""
     teacher_weight: float = 1.0  # 1: the soft targets alone, measured a little better than 0.5 (docs/performance.md)
+    # An ensemble (model.members above 1, set or chosen) ends distilled into one model of a member's shape: the members
+    # train first into out_dir/ensemble/, then one model learns their probabilities (as train.teacher) into out_dir,
+    # whose final/ holds it: one model's memory and cost, and it exports. Under train.max_time the plan splits the
+    # budget between them (fasttrain/distillation.py).
+    distill: bool = False
     sample_prompt: str = "The"  # the samples' prompt (<= 65,536 chars); no trailing space: BPE words carry theirs
     sample_tokens: int = 64  # tokens generated per sample; 0 = no samples
     tensorboard: bool = True  # also write TensorBoard event files when tensorboard is installed

@@ -186,6 +186,8 @@ class RunPlan:
             "eval_interval": t.eval_interval,
             "checkpoint_interval": c.checkpoint.interval,
             "out_dir": t.out_dir,
+            "members": c.model.members,
+            "distill": t.distill,
         }
 
 
@@ -243,6 +245,9 @@ def plan_run(
         cfg, sources, estimate, accumulation, world, shard_group, device, resume, speed, earlier, context_set
     )
     notes += sized_notes
+    if t.distill:  # resolved: only a new ensemble is distilled, and config.toml records whether this run is one
+        t = replace(t, distill=model.members > 1 and resume is None)
+        notes += [sizing.distill_note(model.members, t)] if t.distill else []
     cfg = replace(cfg, model=model, train=t)
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size
     mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)

@@ -1,0 +1,110 @@
+"""train.distill (fasttrain/distillation.py): an ensemble's run ends with its members distilled into one model, so
+final/ holds one model and ensemble/ the members; killed in either phase, `--resume auto` ends with the same
+weights as a run never stopped; under a time budget the plan holds the student's time too."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fasttrain import train as train_module
+from fasttrain.config import TrainConfig, load_config
+from fasttrain.distillation import ensemble_config
+from fasttrain.evaluation.trained_model import load_trained
+from fasttrain.model import sizing
+from fasttrain.model.speed import Speed
+from fasttrain.model.transformer import flops_per_token
+from fasttrain.training.trainer import Interrupted, Trainer
+from tests.conftest import tiny_args, tiny_config
+from tests.test_checkpoint import EXACT
+
+DISTILLED = ["model.members=2", "train.distill=true", "train.max_steps=8", "train.sample_tokens=0", *EXACT]
+
+
+def train(data, out, *sets: str, flags: tuple[str, ...] = ()) -> None:
+    assert train_module.main(tiny_args(data, out, *DISTILLED, *sets, flags=["--quiet", *flags])) == 0
+
+
+def weights(run) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "model.safetensors"))
+
+
+def test_a_distilled_run_leaves_one_model_in_final_and_its_members_in_ensemble(pydoc_data, tmp_path):
+    run = tmp_path / "run"
+    train(pydoc_data, run)
+    student, members = load_trained(run), load_trained(run / "ensemble")
+    assert student.cfg.model.members == 1 and members.cfg.model.members == 2
+    assert student.cfg.train.teacher == os.path.abspath(run / "ensemble" / "final")
+    assert not student.cfg.train.distill and not members.cfg.train.distill  # each phase an ordinary run
+    assert student.cfg.train.max_steps == members.cfg.train.max_steps == 8  # the student reads what a member read
+    assert sum(p.numel() for p in student.model.parameters()) * 2 == sum(p.numel() for p in members.model.parameters())
+
+
+@pytest.mark.parametrize("phase", ["members", "student"])
+def test_a_distilled_run_killed_in_either_phase_resumes_to_the_same_model(phase, pydoc_data, tmp_path, monkeypatch):
+    train(pydoc_data, tmp_path / "straight")
+    run = tmp_path / "run"
+    stopped = run / "ensemble" if phase == "members" else run
+    original = Trainer.step
+
+    def step(self):
+        out = original(self)
+        if self.cfg.train.out_dir == str(stopped) and self.run.step == 5:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step)
+    with pytest.raises(Interrupted) as stop:
+        train(pydoc_data, run)
+    assert f"train.out_dir={run}" in str(stop.value) and "--resume auto" in str(stop.value)  # the whole run's
+    monkeypatch.setattr(Trainer, "step", original)
+    train(pydoc_data, run, flags=("--resume", "auto"))
+    for name in ("ensemble", "."):
+        straight, resumed = weights(tmp_path / "straight" / name), weights(run / name)
+        assert straight.keys() == resumed.keys()
+        for key in straight:
+            assert torch.equal(straight[key], resumed[key]), (name, key)
+
+
+def test_a_resume_after_an_ordinary_run_replaced_a_distilled_one_is_an_ordinary_resume(pydoc_data, tmp_path):
+    """ensemble/ stays beside a run that --overwrite started over it; a resume of that run is the run's own."""
+    run = tmp_path / "run"
+    train(pydoc_data, run)
+    train(pydoc_data, run, "model.members=1", "train.max_steps=4", flags=("--overwrite",))
+    train(pydoc_data, run, "model.members=1", "train.max_steps=6", flags=("--resume", "auto"))
+    assert load_trained(run).cfg.train.teacher == "" and load_config(run / "config.toml").train.max_steps == 6
+
+
+def test_a_time_budget_holds_the_members_and_their_student():
+    """One model reaches the epoch limit in 100 s of 600: six models side by side without distillation; with it,
+    K members then a student costing 1 + K/3 of one: (6 - 1) / (4/3) = 3.75, so 4, the members for 4 / (4 + 1 +
+    4/3) of the budget, the student for the rest."""
+    shape = replace(sizing.ladder_shape(load_config("configs/base.toml").model, 2), vocab_size=4096)
+    t = TrainConfig(max_time=600.0, max_steps=100, seq_len=256)
+    rate = flops_per_token(shape, 256) * 1000.0  # 1,000 tokens/s: 100 steps of 1,000 tokens in 100 s
+    speed = Speed(((flops_per_token(shape, 256), rate),))
+    assert sizing.ensemble_members(shape, t, 1000, speed, 8)[0] == 6
+    members, note = sizing.ensemble_members(shape, replace(t, distill=True), 1000, speed, 8)
+    assert members == 4 and "final/" not in note
+    assert sizing.ensemble_share(4) == pytest.approx(4 / (4 + 1 + 4 / 3))
+    cfg = tiny_config("data", "runs/x", "model.members=4", "train.distill=true", "train.max_time=600")
+    assert ensemble_config(cfg).train.max_time == pytest.approx(600 * 4 / (19 / 3), abs=1e-3)
+    assert ensemble_config(cfg).train.out_dir == os.path.join("runs/x", "ensemble")
+    note = sizing.distill_note(4, cfg.train)
+    assert "379 s" in note and "221 s" in note and "final/ holds that one model" in note
+
+
+def test_the_dry_run_says_the_ensemble_is_distilled_and_a_single_model_is_not(pydoc_data, tmp_path, capsys):
+    args = tiny_args(pydoc_data, tmp_path / "run", *DISTILLED, flags=["--dry-run", "--json"])
+    assert train_module.main(args) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["members"] == 2 and record["distill"] is True
+    assert train_module.main([*args, "model.members=1"]) == 0
+    assert json.loads(capsys.readouterr().out)["distill"] is False
+    assert not (tmp_path / "run").exists()
