@@ -25,33 +25,42 @@ from fasttrain.config import Config, load_config
 from fasttrain.model.sizing import ensemble_share
 
 ENSEMBLE_DIR = "ensemble"  # the members' run, inside the run directory
+# In RUN/ensemble: the whole run began with --overwrite, so its student replaces the earlier run in RUN (which stays
+# whole until then: the members' phase touches only RUN/ensemble)
+REPLACES = "replaces-earlier-run"
+
+
+def members_dir(run_dir: str | os.PathLike[str]) -> Path:
+    """Where a distilled run in `run_dir` trains its members: absolute, so that a resume from anywhere finds them."""
+    return Path(os.path.abspath(run_dir)) / ENSEMBLE_DIR
 
 
 def ensemble_config(cfg: Config) -> Config:
     """The members' run of a distilled plan's `cfg` (RunPlan.cfg with train.distill resolved true): its members, in
     RUN/ensemble, for their share of train.max_time."""
     t = cfg.train
-    return replace(
-        cfg,
-        train=replace(
-            t,
-            distill=False,
-            max_time=round(t.max_time * ensemble_share(cfg.model.members), 3),
-            out_dir=str(Path(t.out_dir) / ENSEMBLE_DIR),
-        ),
-    )
+    share = round(t.max_time * ensemble_share(cfg.model.members), 3)
+    return replace(cfg, train=replace(t, distill=False, max_time=share, out_dir=str(members_dir(t.out_dir))))
 
 
-def student_config(ensemble: Config, out_dir: str, max_time: float, spent: float) -> Config:
-    """The student's run: `ensemble` (the members' run's config, as it recorded it) with one member taught by the
-    members' final/, in `out_dir`, for what their `spent` training seconds left of `max_time` (the whole run's)."""
+def recorded_members(run_dir: str | os.PathLike[str]) -> Config:
+    """The members' run's config as RUN/ensemble/config.toml records it, in RUN/ensemble wherever the run began."""
+    cfg = load_config(members_dir(run_dir) / "config.toml")
+    return replace(cfg, train=replace(cfg.train, out_dir=str(members_dir(run_dir))))
+
+
+def student_config(ensemble: Config, run_dir: str, max_time: float, spent: float) -> Config:
+    """The student's run: `ensemble` (the members' run's config, as it recorded it) with one member's shape, its value
+    embeddings off, taught by the members' final/, in `run_dir`, for what their `spent` training seconds left of
+    `max_time` (the whole run's)."""
     t = ensemble.train
     left = round(max(max_time - spent, 1.0), 3) if max_time else 0.0
-    teacher = os.path.abspath(Path(t.out_dir) / "final")
     return replace(
         ensemble,
-        model=replace(ensemble.model, members=1),
-        train=replace(t, out_dir=out_dir, teacher=teacher, max_time=left),
+        # No value embeddings, the one part of base.toml's model a Llama cannot hold: so final/ exports (--hf,
+        # --gguf), and a student of a corpus read to its limit is no worse without them (docs/performance.md)
+        model=replace(ensemble.model, members=1, value_embeddings=False),
+        train=replace(t, out_dir=run_dir, teacher=str(members_dir(run_dir) / "final"), max_time=left),
     )
 
 
@@ -66,18 +75,36 @@ def members_spent(ensemble_dir: Path) -> float | None:
     return float(last["train_seconds"]) if last.get("event") == "end" else None
 
 
+def newer(path: Path, than: Path) -> bool:
+    """Whether `path` was last written after `than` (which exists)."""
+    return path.stat().st_mtime_ns >= than.stat().st_mtime_ns
+
+
 def resumed_phase(cfg: Config) -> tuple[Config, bool] | None:
     """Where `--resume auto` of `cfg` (the user's config, train.distill set) goes on in a distilled run: the members'
     run's recorded config and True while it has not ended, else the student's config and False. None where
-    train.out_dir holds no distilled run (an ordinary resume): no members' run, or another run trained there since."""
-    out = Path(cfg.train.out_dir)
-    members, recorded = out / ENSEMBLE_DIR / "config.toml", out / "config.toml"
-    if not (cfg.train.distill and members.is_file()):
+    train.out_dir holds no distilled run (an ordinary resume): no members' run, or an ordinary run started there
+    after it (its config.toml newer and teaching nothing)."""
+    out, members = Path(cfg.train.out_dir), members_dir(cfg.train.out_dir)
+    recorded = out / "config.toml"
+    if not (cfg.train.distill and (members / "config.toml").is_file()):
         return None
-    if recorded.is_file() and load_config(recorded).train.teacher != os.path.abspath(out / ENSEMBLE_DIR / "final"):
-        return None  # not this distillation's student
-    ensemble = load_config(members)
-    spent = members_spent(out / ENSEMBLE_DIR)
+    if recorded.is_file() and newer(recorded, members / "config.toml"):
+        if load_config(recorded).train.teacher != str(members / "final"):
+            return None
+    ensemble = recorded_members(out)
+    spent = members_spent(members)
     if spent is None:
         return ensemble, True
-    return student_config(ensemble, cfg.train.out_dir, cfg.train.max_time, spent), False
+    return student_config(ensemble, str(out), cfg.train.max_time, spent), False
+
+
+def students_saves(run_dir: Path) -> bool | None:
+    """Whether the saves in `run_dir` (it holds some) are the student's of the members' run beside them: its
+    config.toml names their final/ as its teacher and was written after they ended. False: an earlier run's, which the
+    student replaces if the whole run began with --overwrite (REPLACES); None: refuse, they are not ours to replace."""
+    members, recorded = members_dir(run_dir), run_dir / "config.toml"
+    if recorded.is_file() and newer(recorded, members / "metrics.jsonl"):
+        if load_config(recorded).train.teacher == str(members / "final"):
+            return True
+    return False if (members / REPLACES).is_file() else None

@@ -42,10 +42,18 @@ from fasttrain.config import (
     config_line,
     config_overrides,
     copied_run_note,
-    load_config,
     shipped,
 )
-from fasttrain.distillation import ENSEMBLE_DIR, ensemble_config, resumed_phase, student_config
+from fasttrain.distillation import (
+    ENSEMBLE_DIR,
+    REPLACES,
+    ensemble_config,
+    members_dir,
+    recorded_members,
+    resumed_phase,
+    student_config,
+    students_saves,
+)
 from fasttrain.evaluate import score_tasks
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
@@ -120,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             resume = checkpoint_to_resume(args.resume, cfg.train.out_dir, args.quiet or not world.is_main)
             if world.is_main:  # refused before the plan times the machine; the other ranks check once rank 0 settled it
                 check_directory(Path(cfg.train.out_dir), resume is not None, args.overwrite, is_main=True)
+                members = members_dir(cfg.train.out_dir)  # a distilled run's, which --resume auto continues
+                if resume is None and cfg.train.distill and cfg.model.members != 1 and members.is_dir():
+                    check_directory(members, False, args.overwrite, is_main=True)
                 if resume is not None:
                     resolve(resume, cfg.train.out_dir)  # the save to resume: there, or the resume's own line
             plan = start_run(cfg, args.quiet, resume)
@@ -180,38 +191,53 @@ def train_distilled(
 ) -> tuple[dict, torch.device, int]:
     """A distilled run of `cfg` (fasttrain/distillation.py) from its members' run: `plan`'s new one, or (plan None)
     the one in train.out_dir/ensemble, resumed from the save `resume` names if given; then its student's, new."""
-    out = cfg.train.out_dir
+    out = os.path.abspath(cfg.train.out_dir)
     if plan is not None:
         ensemble, quiet = ensemble_config(plan.cfg), True  # the plan's notes said it all
+        if distributed.world_from_env().is_main:  # what the student does to an earlier run in RUN, said now
+            members = Path(ensemble.train.out_dir)
+            members.mkdir(parents=True, exist_ok=True)
+            if args.overwrite:
+                (members / REPLACES).write_text("the student replaces the run in the directory above\n")
+            else:
+                (members / REPLACES).unlink(missing_ok=True)
     else:
-        ensemble, quiet = load_config(Path(out) / ENSEMBLE_DIR / "config.toml"), args.quiet
-    say = print if distributed.world_from_env().is_main and not args.quiet else lambda line: None
-    say(f"distill: 1 of 2, the {ensemble.model.members} members, into {ensemble.train.out_dir}")
-    plan = start_run(ensemble, quiet, resume)
-    summary = train_one(plan, resume, args.overwrite, args, harness, out)[0]
-    members = load_config(Path(ensemble.train.out_dir) / "config.toml")  # as a resume derives the student from it
-    student = student_config(members, out, cfg.train.max_time, summary["train_seconds"])
-    say(f"distill: 2 of 2, one model taught by {student.train.teacher}, into {out}")
-    overwrite = args.overwrite or has_saves(Path(out))  # an earlier student's, which --overwrite kept until now
-    return train_one(start_run(student, quiet), None, overwrite, args, harness, out)
+        ensemble, quiet = recorded_members(out), args.quiet
+    if not args.quiet and distributed.world_from_env().is_main:
+        print(f"distill: 1 of 2, the {ensemble.model.members} members, into {ensemble.train.out_dir}")
+    summary = train_one(start_run(ensemble, quiet, resume), resume, args.overwrite, args, harness, out)[0]
+    student = student_config(recorded_members(out), out, cfg.train.max_time, summary["train_seconds"])
+    return train_student(student, quiet, args, harness)
+
+
+def train_student(
+    student: Config, quiet: bool, args: argparse.Namespace, harness: ModuleType | None
+) -> tuple[dict, torch.device, int]:
+    """The student's run of a distilled run (`student`: distillation.student_config): its saves resumed where they are
+    its own, else begun anew, replacing an earlier run in train.out_dir where the whole run began with --overwrite
+    (UsageError where it did not: those saves are not the run's to replace)."""
+    out = Path(student.train.out_dir)
+    ours = students_saves(out) if has_saves(out) else False
+    if ours is None:
+        raise UsageError(
+            f"{out / 'checkpoints'}: holds the saves of another run, which the student of {members_dir(out)} would "
+            "replace; move them away, or start the whole run over with --overwrite"
+        )
+    resume = "auto" if ours else None
+    overwrite = not ours and (members_dir(out) / REPLACES).is_file()
+    if not args.quiet and distributed.world_from_env().is_main:
+        print(f"distill: 2 of 2, one model taught by {student.train.teacher}, into {out}")
+    return train_one(start_run(student, quiet, resume), resume, overwrite, args, harness, str(out))
 
 
 def resume_distilled(
     cfg: Config, phase: Config, members: bool, args: argparse.Namespace, harness: ModuleType | None
 ) -> tuple[dict, torch.device, int]:
     """`--resume auto` of a distilled run of `cfg` in the phase distillation.resumed_phase found: the `members`' run
-    (`phase`, its saves resumed, or begun anew without one) and then the student, or the student alone (`phase`;
-    `members` False), its saves resumed where they are this student's, else begun anew over them."""
-    out = Path(cfg.train.out_dir)
+    (`phase`, its saves resumed, or begun anew without one) and then the student, or the student alone."""
     if members:
-        saved = has_saves(Path(phase.train.out_dir))
-        return train_distilled(cfg, None, "auto" if saved else None, args, harness)
-    recorded = out / "config.toml"  # this student's records the time the members left it, to the millisecond
-    ours = recorded.is_file() and load_config(recorded).train.max_time == phase.train.max_time
-    resume = "auto" if ours and has_saves(out) else None
-    return train_one(
-        start_run(phase, args.quiet, resume), resume, has_saves(out) and not resume, args, harness, str(out)
-    )
+        return train_distilled(cfg, None, "auto" if has_saves(Path(phase.train.out_dir)) else None, args, harness)
+    return train_student(phase, args.quiet, args, harness)
 
 
 def has_saves(run_dir: Path) -> bool:
@@ -233,6 +259,11 @@ def dry_run(cfg: Config, args: argparse.Namespace) -> int:
     if world.is_main and moved:
         print(f"note: {moved}", file=sys.stderr if as_json else sys.stdout)  # --json: the object alone on stdout
     device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
+    phase = resumed_phase(cfg) if resume in ("auto", AUTO_OR_NEW) else None
+    if phase is not None:  # a distilled run: the plan of the phase it would go on with
+        cfg, members = phase
+        out = Path(cfg.train.out_dir)
+        resume = "auto" if has_saves(out) and (members or students_saves(out)) else None
     spec = checkpoint_to_resume(resume, cfg.train.out_dir, quiet=True)
     out = Path(cfg.train.out_dir)
     # The plan of a new run where an earlier one is, which the run would refuse: said, not refused, as the dry

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,18 +18,29 @@ from fasttrain import train as train_module
 from fasttrain.config import TrainConfig, load_config
 from fasttrain.distillation import ensemble_config
 from fasttrain.evaluation.trained_model import load_trained
+from fasttrain.export import export
 from fasttrain.model import sizing
 from fasttrain.model.speed import Speed
 from fasttrain.model.transformer import flops_per_token
+from fasttrain.system.errors import UsageError
 from fasttrain.training.trainer import Interrupted, Trainer
 from tests.conftest import tiny_args, tiny_config
 from tests.test_checkpoint import EXACT
 
-DISTILLED = ["model.members=2", "train.distill=true", "train.max_steps=8", "train.sample_tokens=0", *EXACT]
+BASE = Path(__file__).resolve().parents[1] / "configs" / "base.toml"  # from any working directory
+DISTILLED = [
+    "model.members=2",
+    "train.distill=true",
+    "model.value_embeddings=true",
+    "train.max_steps=8",
+    "train.sample_tokens=0",
+    *EXACT,
+]
 
 
 def train(data, out, *sets: str, flags: tuple[str, ...] = ()) -> None:
-    assert train_module.main(tiny_args(data, out, *DISTILLED, *sets, flags=["--quiet", *flags])) == 0
+    args = tiny_args(data, out, *DISTILLED, *sets, config=str(BASE), flags=["--quiet", *flags])
+    assert train_module.main(args) == 0
 
 
 def weights(run) -> dict[str, torch.Tensor]:
@@ -40,36 +52,66 @@ def test_a_distilled_run_leaves_one_model_in_final_and_its_members_in_ensemble(p
     train(pydoc_data, run)
     student, members = load_trained(run), load_trained(run / "ensemble")
     assert student.cfg.model.members == 1 and members.cfg.model.members == 2
+    assert members.cfg.model.value_embeddings and not student.cfg.model.value_embeddings  # so the student exports
+    assert (run / "export-hf" / "model.safetensors") in export(run, hf=True)
     assert student.cfg.train.teacher == os.path.abspath(run / "ensemble" / "final")
     assert not student.cfg.train.distill and not members.cfg.train.distill  # each phase an ordinary run
     assert student.cfg.train.max_steps == members.cfg.train.max_steps == 8  # the student reads what a member read
-    assert sum(p.numel() for p in student.model.parameters()) * 2 == sum(p.numel() for p in members.model.parameters())
+    assert student.cfg.model.n_layers == members.cfg.model.n_layers and student.cfg.model.d_model == 32
+
+
+def stop_at(monkeypatch, step: int, where=lambda trainer: True) -> None:
+    """SIGINT after `step` of a phase's Trainer that `where` picks."""
+    original = Trainer.step
+
+    def stepped(self):
+        out = original(self)
+        if where(self) and self.run.step == step:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(Trainer, "step", stepped)
 
 
 @pytest.mark.parametrize("phase", ["members", "student"])
 def test_a_distilled_run_killed_in_either_phase_resumes_to_the_same_model(phase, pydoc_data, tmp_path, monkeypatch):
+    """Begun with a relative train.out_dir in one directory, resumed with the command it printed from another."""
     train(pydoc_data, tmp_path / "straight")
-    run = tmp_path / "run"
-    stopped = run / "ensemble" if phase == "members" else run
-    original = Trainer.step
-
-    def step(self):
-        out = original(self)
-        if self.cfg.train.out_dir == str(stopped) and self.run.step == 5:
-            signal.raise_signal(signal.SIGINT)
-        return out
-
-    monkeypatch.setattr(Trainer, "step", step)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    run = tmp_path / "a" / "run"
+    stopped = str(run / "ensemble") if phase == "members" else str(run)
+    stop_at(monkeypatch, 5, lambda trainer: os.path.abspath(trainer.cfg.train.out_dir) == stopped)
     with pytest.raises(Interrupted) as stop:
-        train(pydoc_data, run)
+        train(pydoc_data, "run")
     assert f"train.out_dir={run}" in str(stop.value) and "--resume auto" in str(stop.value)  # the whole run's
-    monkeypatch.setattr(Trainer, "step", original)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path / "b")
     train(pydoc_data, run, flags=("--resume", "auto"))
+    assert sorted(os.listdir(tmp_path / "b")) == []
     for name in ("ensemble", "."):
         straight, resumed = weights(tmp_path / "straight" / name), weights(run / name)
         assert straight.keys() == resumed.keys()
         for key in straight:
             assert torch.equal(straight[key], resumed[key]), (name, key)
+
+
+def test_an_overwrite_killed_among_its_members_trains_a_new_student_not_the_earlier_one(
+    pydoc_data, tmp_path, monkeypatch
+):
+    """The earlier distilled run's student (6 steps) stays whole until the new one's student replaces it; a resume
+    after the new members does not continue it (which would end 2 steps on from it, not as a run never stopped)."""
+    train(pydoc_data, tmp_path / "straight")
+    run = tmp_path / "run"
+    train(pydoc_data, run, "train.max_steps=6")
+    stop_at(monkeypatch, 5, lambda trainer: trainer.cfg.train.out_dir.endswith("ensemble"))
+    with pytest.raises(Interrupted):
+        train(pydoc_data, run, flags=("--overwrite",))
+    assert load_config(run / "config.toml").train.max_steps == 6  # the earlier run, whole meanwhile
+    monkeypatch.undo()
+    train(pydoc_data, run, flags=("--resume", "auto"))
+    straight, resumed = weights(tmp_path / "straight"), weights(run)
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
 
 
 def test_a_resume_after_an_ordinary_run_replaced_a_distilled_one_is_an_ordinary_resume(pydoc_data, tmp_path):
@@ -83,21 +125,22 @@ def test_a_resume_after_an_ordinary_run_replaced_a_distilled_one_is_an_ordinary_
 
 def test_a_time_budget_holds_the_members_and_their_student():
     """One model reaches the epoch limit in 100 s of 600: six models side by side without distillation; with it,
-    K members then a student costing 1 + K/3 of one: (6 - 1) / (4/3) = 3.75, so 4, the members for 4 / (4 + 1 +
-    4/3) of the budget, the student for the rest."""
+    K members then a student costing 1 + K/2 of one: (6 - 1) / 1.5 = 3.33, so 3, the members for 3 / (3 + 1 + 1.5)
+    of the budget, the student for the rest."""
+    assert sizing.TEACHER_COST == 0.5
     shape = replace(sizing.ladder_shape(load_config("configs/base.toml").model, 2), vocab_size=4096)
     t = TrainConfig(max_time=600.0, max_steps=100, seq_len=256)
     rate = flops_per_token(shape, 256) * 1000.0  # 1,000 tokens/s: 100 steps of 1,000 tokens in 100 s
     speed = Speed(((flops_per_token(shape, 256), rate),))
     assert sizing.ensemble_members(shape, t, 1000, speed, 8)[0] == 6
     members, note = sizing.ensemble_members(shape, replace(t, distill=True), 1000, speed, 8)
-    assert members == 4 and "final/" not in note
-    assert sizing.ensemble_share(4) == pytest.approx(4 / (4 + 1 + 4 / 3))
-    cfg = tiny_config("data", "runs/x", "model.members=4", "train.distill=true", "train.max_time=600")
-    assert ensemble_config(cfg).train.max_time == pytest.approx(600 * 4 / (19 / 3), abs=1e-3)
-    assert ensemble_config(cfg).train.out_dir == os.path.join("runs/x", "ensemble")
-    note = sizing.distill_note(4, cfg.train)
-    assert "379 s" in note and "221 s" in note and "final/ holds that one model" in note
+    assert members == 3 and "final/" not in note
+    assert sizing.ensemble_members(shape, replace(t, distill=True, max_time=250.0), 1000, speed, 8)[0] == 1
+    cfg = tiny_config("data", "runs/x", "model.members=3", "train.distill=true", "train.max_time=600")
+    assert ensemble_config(cfg).train.max_time == pytest.approx(600 * 3 / 5.5, abs=1e-3)
+    assert ensemble_config(cfg).train.out_dir == os.path.abspath(os.path.join("runs/x", "ensemble"))
+    note = sizing.distill_note(3, cfg.train)
+    assert "327 s" in note and "273 s" in note and "final/ holds that one model" in note
 
 
 def test_the_dry_run_says_the_ensemble_is_distilled_and_a_single_model_is_not(pydoc_data, tmp_path, capsys):
@@ -108,3 +151,17 @@ def test_the_dry_run_says_the_ensemble_is_distilled_and_a_single_model_is_not(py
     assert train_module.main([*args, "model.members=1"]) == 0
     assert json.loads(capsys.readouterr().out)["distill"] is False
     assert not (tmp_path / "run").exists()
+
+
+def test_a_new_run_over_a_killed_members_run_is_refused_before_anything_and_names_the_resume(
+    pydoc_data, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    stop_at(monkeypatch, 5)
+    with pytest.raises(Interrupted):
+        train(pydoc_data, run)
+    monkeypatch.undo()
+    monkeypatch.setattr(train_module, "start_run", lambda *a, **k: pytest.fail("planned before the refusal"))
+    with pytest.raises(UsageError, match=r"ensemble.*--resume auto"):
+        train(pydoc_data, run)
+    assert not (run / "checkpoints").exists() and (run / "ensemble" / "checkpoints").is_dir()

@@ -216,10 +216,10 @@ def test_no_folder_holds_more_than_fifteen_modules(folder):
 
 
 # The product no larger than its features (issue 83): fasttrain/*.py, every line counted. 15,000 until the model
-# that leaves fasttrain (issue 90: the GGUF writer, the Llama export's fold and refusals, the distillation of an
-# ensemble into one model) and issue 91's notes took it past 15,250, which no module could give back without
+# that leaves fasttrain (issue 90: the GGUF writer, the Llama export's fold and refusals, an ensemble distilled into
+# one model and its two-phase run) and issue 91's notes took it past 15,500, which no module could give back without
 # squeezing; the next room comes from issue 92's re-layout of the plan, not from packed lines.
-MAX_LINES = 15_500
+MAX_LINES = 15_750
 MAX_MODULE_LINES = 500  # a module a reader holds in their head
 
 

@@ -125,6 +125,7 @@ def run_one(data: Path, depth: int, epochs: float, seed: int, case: str, work: P
         "train.log_interval=100000",
         "train.compile=false",
         "checkpoint.interval=100000",
+        "train.distill=false",  # one run a case: the ensemble's final/ is the ensemble, a distill=K case the student
         *(student + case.split(",")[1:] if teacher else case_sets(case)),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -108,9 +108,10 @@ UNDERFED = 4.0
 # 4 times, bits per byte) one scored 1.465, two 1.420, four 1.390, eight 1.373 (docs/performance.md); each doubling
 # gains less, and costs as much.
 MAX_MEMBERS = 8
-# A distilled ensemble's student (train.distill) runs its teacher's forward on every batch, no backward: a forward is
-# about a third of a training step's FLOPs, so each member taught costs about a third of one model's step.
-TEACHER_COST = 1 / 3
+# A distilled ensemble's student (train.distill) runs its teacher's forward on every batch, no backward: each member
+# taught costs this share of one model's training step. A third of its FLOPs, but measured nearer a half on a CPU
+# (held-out code, 3 x 192, bf16, 2-core EPYC: a student of three 2.43x one model's step; docs/performance.md).
+TEACHER_COST = 0.5
 
 
 @dataclass(frozen=True)
