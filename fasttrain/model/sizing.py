@@ -109,8 +109,9 @@ UNDERFED = 4.0
 # gains less, and costs as much.
 MAX_MEMBERS = 8
 # A distilled ensemble's student (train.distill) runs its teacher's forward on every batch, no backward: each member
-# taught costs this share of one model's training step. A third of its FLOPs, but measured nearer a half on a CPU
-# (held-out code, 3 x 192, bf16, 2-core EPYC: a student of three 2.43x one model's step; docs/performance.md).
+# taught costs this share of one model's training step: a third of its FLOPs, measured 0.33-0.48 on a CPU (held-out
+# code, 3 x 192, bf16, 2-core EPYC: a student of three 2.43x one model's step, of four 2.35x; docs/performance.md).
+# The upper end, so the student has the time to read what a member read.
 TEACHER_COST = 0.5
 
 
