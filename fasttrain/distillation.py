@@ -21,7 +21,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from fasttrain.config import Config, load_config
+from fasttrain.config import Config, Seconds, load_config
 from fasttrain.model.sizing import ensemble_share
 
 ENSEMBLE_DIR = "ensemble"  # the members' run, inside the run directory
@@ -39,7 +39,7 @@ def ensemble_config(cfg: Config) -> Config:
     """The members' run of a distilled plan's `cfg` (RunPlan.cfg with train.distill resolved true): its members, in
     RUN/ensemble, for their share of train.max_time."""
     t = cfg.train
-    share = round(t.max_time * ensemble_share(cfg.model.members), 3)
+    share = Seconds(round(t.max_time * ensemble_share(cfg.model.members), 3))
     return replace(cfg, train=replace(t, distill=False, max_time=share, out_dir=str(members_dir(t.out_dir))))
 
 
@@ -54,7 +54,7 @@ def student_config(ensemble: Config, run_dir: str, max_time: float, spent: float
     embeddings off, taught by the members' final/, in `run_dir`, for what their `spent` training seconds left of
     `max_time` (the whole run's)."""
     t = ensemble.train
-    left = round(max(max_time - spent, 1.0), 3) if max_time else 0.0
+    left = Seconds(round(max(max_time - spent, 1.0), 3) if max_time else 0.0)
     return replace(
         ensemble,
         # No value embeddings, the one part of base.toml's model a Llama cannot hold: so final/ exports (--hf,
