@@ -20,6 +20,7 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
 from fasttrain.config import Config, Seconds, load_config
 from fasttrain.model.sizing import ensemble_share
@@ -28,6 +29,8 @@ ENSEMBLE_DIR = "ensemble"  # the members' run, inside the run directory
 # In RUN/ensemble: the whole run began with --overwrite, so its student replaces the earlier run in RUN (which stays
 # whole until then: the members' phase touches only RUN/ensemble)
 REPLACES = "replaces-earlier-run"
+# What makes a distilled run's phases, which a resume's --set items do not change (the rest they do, as a resume)
+PHASE_KEYS = ("model.", "data.", "train.out_dir", "train.max_", "train.teacher", "train.distill", "train.seq_len")
 
 
 def members_dir(run_dir: str | os.PathLike[str]) -> Path:
@@ -43,9 +46,35 @@ def ensemble_config(cfg: Config) -> Config:
     return replace(cfg, train=replace(t, distill=False, max_time=share, out_dir=str(members_dir(t.out_dir))))
 
 
-def recorded_members(run_dir: str | os.PathLike[str]) -> Config:
-    """The members' run's config as RUN/ensemble/config.toml records it, in RUN/ensemble wherever the run began."""
-    cfg = load_config(members_dir(run_dir) / "config.toml")
+def phase_items(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """A resume's --set items split into those its phases take (device, intervals, rates, ...) and those that would
+    remake a phase (PHASE_KEYS: the shape, data and budget the members recorded, the student's teacher)."""
+    key = [item.partition("=")[0].strip() for item in overrides]
+    kept = [item for item, k in zip(overrides, key) if not k.startswith(PHASE_KEYS)]
+    return kept, [item for item in overrides if item not in kept]
+
+
+def kept_phase_items(run_dir: str | os.PathLike[str], overrides: Sequence[str]) -> list[str]:
+    """The items of a resume's `overrides` that would remake the phases (`phase_items`; the last of each key) and
+    are not what the members recorded already, which the resume says it leaves out. train.out_dir names the run,
+    train.max_time is the whole run's budget and train.distill what made it two phases: none of them is one."""
+    path = members_dir(run_dir) / "config.toml"
+    whole = ("train.out_dir", "train.max_time", "train.distill")
+    last = {item.partition("=")[0].strip(): item for item in phase_items(overrides)[1]}
+    remakes = {key: item for key, item in last.items() if key not in whole}
+    recorded, applied = load_config(path), load_config(path, list(remakes.values()))
+
+    def value(cfg: Config, key: str) -> object:
+        section, _, name = key.partition(".")
+        return getattr(getattr(cfg, section), name, None)
+
+    return [item for key, item in remakes.items() if value(applied, key) != value(recorded, key)]
+
+
+def recorded_members(run_dir: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
+    """The members' run's config as RUN/ensemble/config.toml records it, in RUN/ensemble wherever the run began,
+    with the `overrides` (a resume's --set items) a phase takes (`phase_items`)."""
+    cfg = load_config(members_dir(run_dir) / "config.toml", phase_items(overrides)[0])
     return replace(cfg, train=replace(cfg.train, out_dir=str(members_dir(run_dir))))
 
 
@@ -80,9 +109,9 @@ def newer(path: Path, than: Path) -> bool:
     return path.stat().st_mtime_ns >= than.stat().st_mtime_ns
 
 
-def resumed_phase(cfg: Config) -> tuple[Config, bool] | None:
-    """Where `--resume auto` of `cfg` (the user's config, train.distill set) goes on in a distilled run: the members'
-    run's recorded config and True while it has not ended, else the student's config and False. None where
+def resumed_phase(cfg: Config, overrides: Sequence[str] = ()) -> tuple[Config, bool] | None:
+    """Where `--resume auto` of `cfg` (the user's config, train.distill set; `overrides`: its --set items) goes on in
+    a distilled run: the members' run's recorded config and True while it has not ended, else the student's config and False. None where
     train.out_dir holds no distilled run (an ordinary resume): no members' run, or an ordinary run started there
     after it (its config.toml newer and teaching nothing)."""
     out, members = Path(cfg.train.out_dir), members_dir(cfg.train.out_dir)
@@ -92,7 +121,7 @@ def resumed_phase(cfg: Config) -> tuple[Config, bool] | None:
     if recorded.is_file() and newer(recorded, members / "config.toml"):
         if load_config(recorded).train.teacher != str(members / "final"):
             return None
-    ensemble = recorded_members(out)
+    ensemble = recorded_members(out, overrides)
     spent = members_spent(members)
     if spent is None:
         return ensemble, True

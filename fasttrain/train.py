@@ -48,6 +48,7 @@ from fasttrain.distillation import (
     ENSEMBLE_DIR,
     REPLACES,
     ensemble_config,
+    kept_phase_items,
     members_dir,
     recorded_members,
     resumed_phase,
@@ -121,8 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if note and not args.quiet:
             print(f"note: {note}")
     try:
-        phase = resumed_phase(cfg) if args.resume in ("auto", AUTO_OR_NEW) else None
+        sets = [item for _, item in config_overrides(args)]
+        phase = resumed_phase(cfg, sets) if args.resume in ("auto", AUTO_OR_NEW) else None
         if phase is not None:  # a distilled run goes on with the phase it was in
+            kept = kept_phase_items(cfg.train.out_dir, sets)
+            if kept and world.is_main and not args.quiet:
+                print(f"note: distill: {' '.join(kept)}: a resume keeps what the run's phases recorded")
             summary, device, batch_size = resume_distilled(cfg, *phase, args, harness)
         else:
             resume = checkpoint_to_resume(args.resume, cfg.train.out_dir, args.quiet or not world.is_main)
@@ -191,7 +196,7 @@ def train_distilled(
 ) -> tuple[dict, torch.device, int]:
     """A distilled run of `cfg` (fasttrain/distillation.py) from its members' run: `plan`'s new one, or (plan None)
     the one in train.out_dir/ensemble, resumed from the save `resume` names if given; then its student's, new."""
-    out = os.path.abspath(cfg.train.out_dir)
+    out, sets = os.path.abspath(cfg.train.out_dir), [item for _, item in config_overrides(args)]
     if plan is not None:
         ensemble, quiet = ensemble_config(plan.cfg), True  # the plan's notes said it all
         if distributed.world_from_env().is_main:  # what the student does to an earlier run in RUN, said now
@@ -202,11 +207,12 @@ def train_distilled(
             else:
                 (members / REPLACES).unlink(missing_ok=True)
     else:
-        ensemble, quiet = recorded_members(out), args.quiet
+        ensemble, quiet = recorded_members(out, sets), args.quiet
     if not args.quiet and distributed.world_from_env().is_main:
         print(f"distill: 1 of 2, the {ensemble.model.members} members, into {ensemble.train.out_dir}")
     summary = train_one(start_run(ensemble, quiet, resume), resume, args.overwrite, args, harness, out)[0]
-    student = student_config(recorded_members(out), out, cfg.train.max_time, summary["train_seconds"])
+    recorded = recorded_members(out, sets)  # as a resume derives the student from it
+    student = student_config(recorded, out, cfg.train.max_time, summary["train_seconds"])
     return train_student(student, quiet, args, harness)
 
 
@@ -259,7 +265,9 @@ def dry_run(cfg: Config, args: argparse.Namespace) -> int:
     if world.is_main and moved:
         print(f"note: {moved}", file=sys.stderr if as_json else sys.stdout)  # --json: the object alone on stdout
     device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
-    phase = resumed_phase(cfg) if resume in ("auto", AUTO_OR_NEW) else None
+    phase = (
+        resumed_phase(cfg, [item for _, item in config_overrides(args)]) if resume in ("auto", AUTO_OR_NEW) else None
+    )
     if phase is not None:  # a distilled run: the plan of the phase it would go on with
         cfg, members = phase
         out = Path(cfg.train.out_dir)

@@ -165,3 +165,20 @@ def test_a_new_run_over_a_killed_members_run_is_refused_before_anything_and_name
     with pytest.raises(UsageError, match=r"ensemble.*--resume auto"):
         train(pydoc_data, run)
     assert not (run / "checkpoints").exists() and (run / "ensemble" / "checkpoints").is_dir()
+
+
+def test_a_resume_takes_its_set_items_into_the_phases_but_not_those_that_make_them(
+    pydoc_data, tmp_path, monkeypatch, capsys
+):
+    run = tmp_path / "run"
+    stop_at(monkeypatch, 5)
+    with pytest.raises(Interrupted):
+        train(pydoc_data, run)
+    monkeypatch.undo()
+    sets = [*DISTILLED, "train.log_interval=3", "model.n_layers=1"]
+    args = tiny_args(pydoc_data, run, *sets, config=str(BASE), flags=["--resume", "auto"])
+    assert train_module.main(args) == 0
+    assert "note: distill: model.n_layers=1: a resume keeps what the run's phases recorded" in capsys.readouterr().out
+    for phase in (run / "ensemble", run):
+        recorded = load_config(phase / "config.toml")
+        assert recorded.train.log_interval == 3 and recorded.model.n_layers == 2, phase
