@@ -1,7 +1,7 @@
 """A distilled run (train.distill): an ensemble trained first, then one model of a member's shape trained on the
 ensemble's probabilities, so that final/ holds one model (one model's memory and cost, and it exports).
 
-Imports from fasttrain: config, model.sizing.
+Imports from fasttrain: checkpoints.saves, config, model.sizing.
 
 It sits with the train command, which runs the phases: each is a Trainer of its own.
 
@@ -22,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from fasttrain.checkpoints.saves import has_saves
 from fasttrain.config import Config, Seconds, load_config
 from fasttrain.model.sizing import ensemble_share
 
@@ -49,9 +50,8 @@ def ensemble_config(cfg: Config) -> Config:
 def phase_items(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     """A resume's --set items split into those its phases take (device, intervals, rates, ...) and those that would
     remake a phase (PHASE_KEYS: the shape, data and budget the members recorded, the student's teacher)."""
-    key = [item.partition("=")[0].strip() for item in overrides]
-    kept = [item for item, k in zip(overrides, key) if not k.startswith(PHASE_KEYS)]
-    return kept, [item for item in overrides if item not in kept]
+    remakes = [item.partition("=")[0].strip().startswith(PHASE_KEYS) for item in overrides]
+    return [i for i, r in zip(overrides, remakes) if not r], [i for i, r in zip(overrides, remakes) if r]
 
 
 def kept_phase_items(run_dir: str | os.PathLike[str], overrides: Sequence[str]) -> list[str]:
@@ -111,9 +111,9 @@ def newer(path: Path, than: Path) -> bool:
 
 def resumed_phase(cfg: Config, overrides: Sequence[str] = ()) -> tuple[Config, bool] | None:
     """Where `--resume auto` of `cfg` (the user's config, train.distill set; `overrides`: its --set items) goes on in
-    a distilled run: the members' run's recorded config and True while it has not ended, else the student's config and False. None where
-    train.out_dir holds no distilled run (an ordinary resume): no members' run, or an ordinary run started there
-    after it (its config.toml newer and teaching nothing)."""
+    a distilled run: the members' run's recorded config and True while it has not ended, else the student's config
+    and False. None where train.out_dir holds no distilled run (an ordinary resume): no members' run, or an ordinary
+    run started there after it (its config.toml newer and teaching nothing)."""
     out, members = Path(cfg.train.out_dir), members_dir(cfg.train.out_dir)
     recorded = out / "config.toml"
     if not (cfg.train.distill and (members / "config.toml").is_file()):
@@ -129,10 +129,12 @@ def resumed_phase(cfg: Config, overrides: Sequence[str] = ()) -> tuple[Config, b
 
 
 def students_saves(run_dir: Path) -> bool | None:
-    """Whether the saves in `run_dir` (it holds some) are the student's of the members' run beside them: its
-    config.toml names their final/ as its teacher and was written after they ended. False: an earlier run's, which the
-    student replaces if the whole run began with --overwrite (REPLACES); None: refuse, they are not ours to replace."""
+    """Whether `run_dir` holds the saves of the student of the members' run beside it: its config.toml names their
+    final/ as its teacher and was written after they ended. False: no saves, or an earlier run's, which the student
+    replaces where the whole run began with --overwrite (REPLACES); None: an earlier run's, not ours to replace."""
     members, recorded = members_dir(run_dir), run_dir / "config.toml"
+    if not has_saves(run_dir / "checkpoints"):
+        return False
     if recorded.is_file() and newer(recorded, members / "metrics.jsonl"):
         if load_config(recorded).train.teacher == str(members / "final"):
             return True

@@ -32,7 +32,7 @@ import torch
 
 from fasttrain.checkpoints.checkpoint_files import resolve
 from fasttrain.checkpoints.run_directory import EARLIER_RUN_CHOICES, REPLACED, earlier_run, finish_overwrite
-from fasttrain.checkpoints.saves import saved_steps
+from fasttrain.checkpoints.saves import has_saves
 from fasttrain.compute import distributed
 from fasttrain.compute.device import use_device
 from fasttrain.config import (
@@ -223,7 +223,7 @@ def train_student(
     its own, else begun anew, replacing an earlier run in train.out_dir where the whole run began with --overwrite
     (UsageError where it did not: those saves are not the run's to replace)."""
     out = Path(student.train.out_dir)
-    ours = students_saves(out) if has_saves(out) else False
+    ours = students_saves(out)
     if ours is None:
         raise UsageError(
             f"{out / 'checkpoints'}: holds the saves of another run, which the student of {members_dir(out)} would "
@@ -242,14 +242,10 @@ def resume_distilled(
     """`--resume auto` of a distilled run of `cfg` in the phase distillation.resumed_phase found: the `members`' run
     (`phase`, its saves resumed, or begun anew without one) and then the student, or the student alone."""
     if members:
-        return train_distilled(cfg, None, "auto" if has_saves(Path(phase.train.out_dir)) else None, args, harness)
+        return train_distilled(
+            cfg, None, "auto" if has_saves(Path(phase.train.out_dir) / "checkpoints") else None, args, harness
+        )
     return train_student(phase, args.quiet, args, harness)
-
-
-def has_saves(run_dir: Path) -> bool:
-    """Whether `run_dir` holds a run's saves: a `latest` pointer (a damaged one too: the resume says so) or saves
-    without one (the first save was killed before its pointer)."""
-    return os.path.lexists(run_dir / "checkpoints" / "latest") or bool(saved_steps(run_dir / "checkpoints"))
 
 
 def dry_run(cfg: Config, args: argparse.Namespace) -> int:
@@ -270,8 +266,8 @@ def dry_run(cfg: Config, args: argparse.Namespace) -> int:
     )
     if phase is not None:  # a distilled run: the plan of the phase it would go on with
         cfg, members = phase
-        out = Path(cfg.train.out_dir)
-        resume = "auto" if has_saves(out) and (members or students_saves(out)) else None
+        saved = has_saves(Path(cfg.train.out_dir) / "checkpoints")
+        resume = "auto" if (members and saved) or students_saves(Path(cfg.train.out_dir)) else None
     spec = checkpoint_to_resume(resume, cfg.train.out_dir, quiet=True)
     out = Path(cfg.train.out_dir)
     # The plan of a new run where an earlier one is, which the run would refuse: said, not refused, as the dry
@@ -333,7 +329,7 @@ def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | N
     # A damaged pointer: the resume says so. Saves without one: the first save was killed before its pointer. A run
     # an --overwrite start set aside is rank 0's to put back (finish_overwrite): another rank may look while it
     # does, so where it was first, then where it goes (a rename between the two looks is seen by the second).
-    if has_saves(Path(out_dir) / REPLACED) or has_saves(Path(out_dir)):
+    if has_saves(Path(out_dir) / REPLACED / "checkpoints") or has_saves(Path(out_dir) / "checkpoints"):
         return "auto"
     if not quiet:
         print(f"resume: no checkpoint in {out_dir} yet, so a new run starts there (--resume {AUTO_OR_NEW})")

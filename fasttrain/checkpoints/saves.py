@@ -38,6 +38,12 @@ def saved_steps(directory: Path) -> list[Path]:
     return sorted((p for p in directory.glob("step_*") if SAVE_NAME.fullmatch(p.name)), key=step_of)
 
 
+def has_saves(directory: Path) -> bool:
+    """Whether checkpoints/ `directory` holds a run's saves: a `latest` pointer (a damaged one too: the resume says so)
+    or saves without one (the first save was killed before its pointer)."""
+    return os.path.lexists(directory / "latest") or bool(saved_steps(directory))
+
+
 def path_for(directory: str | os.PathLike[str], step: int, sharded: bool = False) -> Path:
     """The file (or, `sharded`, the folder) the save at `step` goes to."""
     return Path(directory) / f"step_{step:07d}{'' if sharded else '.pt'}"
