@@ -1,9 +1,10 @@
 """The main job at longer budgets: is each budget's model better than the one before?
 
-    python -m benchmarks.studies.budget_ladder [--budgets 60 120 300 600 1800] [--out FILE]
+    python -m benchmarks.studies.budget_ladder [--budgets 60 120 300 600 1800] [--set KEY=VALUE ...] [--out FILE]
 
 Runs `fasttrain train configs/base.toml` as a user does (the embedded corpus, the shape, context and weight decay
-its plan chooses), with only train.max_time and train.out_dir set, one budget after another on a machine left
+its plan chooses), with only train.max_time, train.out_dir and the --set items (a seed, a variant of the recipe) set,
+one budget after another on a machine left
 alone; then scores each run's final/ as a user does, `fasttrain evaluate RUN --split val` (bits per byte over the
 whole validation split). Records what each plan chose (its notes), the run's evaluations (best and last) and the
 score. Run it on a quiet machine: the budgets are seconds, so the models depend on the machine's speed.
@@ -27,12 +28,12 @@ from fasttrain.config import load_config
 from fasttrain.system.errors import ArgumentParser, run_cli
 
 
-def run_budget(seconds: int, work: Path) -> dict:
-    """One budget: train, then score final/."""
+def run_budget(seconds: int, sets: list[str], work: Path) -> dict:
+    """One budget, base.toml with `sets` (config items, KEY=VALUE): train, then score final/."""
     out = work / f"base-{seconds}s"
     before = load_average()
     train = [sys.executable, "-m", "fasttrain.train", "configs/base.toml", "--overwrite", "--quiet"]
-    train += ["--set", f"train.max_time={seconds}", f'train.out_dir="{out}"']
+    train += ["--set", *sets, f"train.max_time={seconds}", f'train.out_dir="{out}"']
     subprocess.run(train, cwd=ROOT, check=True)
     score = [sys.executable, "-m", "fasttrain.evaluate", str(out), "--split", "val"]
     printed = subprocess.run(score, cwd=ROOT, check=True, capture_output=True, text=True).stdout
@@ -43,6 +44,7 @@ def run_budget(seconds: int, work: Path) -> dict:
     m, o = load_config(out / "config.toml").model, load_config(out / "config.toml").optim
     return {
         "budget_s": seconds,
+        "sets": sets,
         "shape": f"{m.n_layers} x {m.d_model}",
         "context": m.max_seq_len,
         "weight_decay": o.weight_decay,
@@ -60,6 +62,7 @@ def run_budget(seconds: int, work: Path) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m benchmarks.studies.budget_ladder", description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", type=int, nargs="+", default=[60, 120, 300, 600, 1800], metavar="SECONDS")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config items for every run")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     today = datetime.date.today().isoformat()
@@ -67,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     what = "the main job at each budget, final/ scored on the validation split"
     with tempfile.TemporaryDirectory() as work:
         for seconds in args.budgets:
-            run = run_budget(seconds, Path(work))
+            run = run_budget(seconds, args.set, Path(work))
             add_runs(out, [run], what, __spec__.name, argv, today)  # after each budget: a long ladder keeps its parts
             print(
                 f"{seconds:>5} s: {run['shape']} at {run['context']}, wd {run['weight_decay']:g}, {run['steps']} steps "
