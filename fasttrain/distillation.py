@@ -86,8 +86,8 @@ def student_config(ensemble: Config, run_dir: str, max_time: float, spent: float
     left = Seconds(round(max(max_time - spent, 1.0), 3) if max_time else 0.0)
     return replace(
         ensemble,
-        # No value embeddings, the one part of base.toml's model a Llama cannot hold: so final/ exports (--hf,
-        # --gguf), and a student of a corpus read to its limit is no worse without them (docs/performance.md)
+        # No value embeddings, where members set them: a Llama cannot hold them, so final/ exports (--hf, --gguf),
+        # and a student of a corpus read to its limit is no worse without them (docs/performance.md)
         model=replace(ensemble.model, members=1, value_embeddings=False),
         train=replace(t, out_dir=run_dir, teacher=str(members_dir(run_dir) / "final"), max_time=left),
     )

@@ -245,11 +245,10 @@ def tiny_overrides(data_dir, out_dir) -> list[str]:
         "model.n_layers=2",
         "model.n_heads=2",
         "model.max_seq_len=32",
-        # A model a Hugging Face Llama expresses, so any test may export it with --hf or start a run from it
-        # (init_from): base.toml's embedding norm and value embeddings are tested where they are the point
-        # (test_model's options, test_recipe, the pinned main job and its exact resume).
+        # A model a Hugging Face Llama expresses without a fold, so any test may export it with --hf or start a run
+        # from it (init_from): base.toml's embedding norm is tested where it is the point (test_model's options,
+        # test_export's fold, the pinned main job and its exact resume).
         "model.embedding_norm=false",
-        "model.value_embeddings=false",
         "train.batch_size=4",
         "train.seq_len=32",
         "train.max_steps=10",

@@ -9,6 +9,7 @@ import struct
 import pytest
 import torch
 
+from benchmarks.studies.isa_spread import MAIN_JOB_SETS
 from fasttrain import Trainer
 from fasttrain.config import load_config
 from fasttrain.export import export
@@ -22,6 +23,7 @@ from fasttrain.model.weights import (
     write_safetensors,
 )
 from fasttrain.system.errors import run_cli
+from fasttrain.train import main as train_main
 from tests.conftest import TINY_GQA, tiny_config
 
 
@@ -136,6 +138,27 @@ def test_hugging_face_llama_export_gives_the_same_logits(pydoc_data, tmp_path, t
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "def f(x):\n    return x + 1"
     assert tokenizer(text)["input_ids"] == trainer.tokenizer.encode(text)
+
+
+@pytest.mark.subprocess  # a whole run of the main job, as test_pinned_losses's
+def test_the_main_jobs_model_exports_and_transformers_computes_its_logits(pydoc_data, tmp_path):
+    """configs/base.toml's own model, trained as the main job (its recipe, its model options, a few steps), then
+    `fasttrain export RUN --hf`: transformers loads it with no code of ours and computes final/'s logits. A model
+    option added to base.toml that a Llama cannot hold fails here, not in a user's hands (issue 90)."""
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "run"
+    assert (
+        train_main(
+            ["configs/base.toml", "--quiet", "--set", f"data.dir={pydoc_data}", f"train.out_dir={out}", *MAIN_JOB_SETS]
+        )
+        == 0
+    )
+    assert export_main([str(out), "--hf", "--out", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    ours = load_exported(out / "final").eval()
+    tokens = torch.randint(0, 512, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens), atol=1e-5, rtol=1e-4)
 
 
 def test_hf_export_without_the_tokenizer_writes_nothing(pydoc_data, tmp_path, capsys):
