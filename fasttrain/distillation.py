@@ -44,7 +44,8 @@ def ensemble_config(cfg: Config) -> Config:
     RUN/ensemble, for their share of train.max_time."""
     t = cfg.train
     share = Seconds(round(t.max_time * ensemble_share(cfg.model.members), 3))
-    return replace(cfg, train=replace(t, distill=False, max_time=share, out_dir=str(members_dir(t.out_dir))))
+    members = replace(t, distill=False, teacher_init=False, max_time=share, out_dir=str(members_dir(t.out_dir)))
+    return replace(cfg, train=members)
 
 
 def phase_items(overrides: Sequence[str]) -> tuple[list[str], list[str]]:

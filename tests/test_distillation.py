@@ -87,9 +87,12 @@ def test_a_student_trained_through_the_loop_ends_nearer_its_ensemble_teacher(pyd
     assert near < 0.8 * far, (near, far)
 
 
-def test_a_resumed_student_is_bitwise_an_uninterrupted_one(pydoc_data, tmp_path):
+@pytest.mark.parametrize("init", [False, True], ids=["fresh", "teacher-init"])
+def test_a_resumed_student_is_bitwise_an_uninterrupted_one(pydoc_data, tmp_path, init):
+    """Resumed, a student started from its teacher's weights takes its save's, not the teacher's again."""
     trained(pydoc_data, tmp_path / "teacher", "train.max_steps=6")
     sets = [*EXACT, f'train.teacher="{tmp_path / "teacher"}"', "train.teacher_weight=0.5"]
+    sets.append(f"train.teacher_init={str(init).lower()}")
     straight = trained(pydoc_data, tmp_path / "straight", *sets)
     interrupted = Trainer(tiny_config(pydoc_data, tmp_path / "resumed", *sets), quiet=True)
     plant(interrupted, {5}, lambda t: signal.raise_signal(signal.SIGINT))
@@ -114,3 +117,27 @@ def test_a_teacher_missing_or_of_another_tokenizer_is_refused_before_the_run_wri
     with pytest.raises(UsageError, match=r"^train.teacher: .*tokenizer.json is not the data's tokenizer"):
         Trainer(tiny_config(pydoc_data, tmp_path / "run", f'train.teacher="{tmp_path / "teacher"}"'), quiet=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_teacher_init_starts_the_student_at_the_first_members_weights(pydoc_data, tmp_path):
+    """train.teacher_init: before a step, every tensor of the student is the teacher's first member's, so its logits
+    are that member's; a teacher of another width is refused in one line naming the tensor, before the run writes;
+    without a teacher the setting is refused as the config loads."""
+    trained(pydoc_data, tmp_path / "teacher", "model.members=2", "train.max_steps=4")
+    member = load_trained(tmp_path / "teacher").model.members[0]
+    teaching = [f'train.teacher="{tmp_path / "teacher" / "final"}"', "train.teacher_init=true"]
+    student = Trainer(tiny_config(pydoc_data, tmp_path / "student", *teaching), quiet=True)
+    theirs = member.state_dict()
+    for name, tensor in student.model.state_dict().items():
+        assert torch.equal(tensor, theirs[name]), name
+    tokens = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(student.model.eval()(tokens), member.eval()(tokens))
+    wider = ["model.d_model=64", "model.n_heads=4"]
+    with pytest.raises(
+        UsageError, match=r"^train.teacher_init: the model's embed.weight \(512, 64\) is not in the teacher"
+    ):
+        Trainer(tiny_config(pydoc_data, tmp_path / "wider", *teaching, *wider), quiet=True)
+    assert not (tmp_path / "wider").exists()
+    with pytest.raises(UsageError, match="train.teacher_init = true without train.teacher"):
+        load_config(None, ["train.teacher_init=true"])

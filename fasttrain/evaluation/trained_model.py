@@ -103,6 +103,21 @@ def load_teacher(spec: str, tokenizer: Tokenizer, device: torch.device) -> Trans
     return teacher.model.requires_grad_(False)
 
 
+def teacher_weights(teacher: Transformer | Ensemble, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors `state` names (a model's state_dict), each `teacher`'s of that name, or its first member's for an
+    ensemble (train.teacher_init); UsageError naming the first the teacher lacks or holds in another shape."""
+    source = teacher.members[0] if isinstance(teacher, Ensemble) else teacher
+    theirs = source.state_dict()
+    for name, tensor in state.items():
+        if name not in theirs or theirs[name].shape != tensor.shape:
+            found = f"of shape {tuple(theirs[name].shape)}" if name in theirs else "none"
+            raise UsageError(
+                f"train.teacher_init: the model's {name} {tuple(tensor.shape)} is not in the teacher ({found}); "
+                "start from a teacher of the model's shape, or set train.teacher_init = false"
+            )
+    return {name: theirs[name].detach().clone() for name in state}
+
+
 def run_directory(source: Path) -> Path:
     """The run directory of `source` (as `weights_source` returns it), links resolved: above RUN/final or a checkpoint's
     checkpoints/; else the directory a checkpoint file is in."""

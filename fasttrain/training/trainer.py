@@ -48,7 +48,7 @@ from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import Source, kept_mix_notes, replay_mix
 from fasttrain.data.sampling import Sampling
 from fasttrain.evaluation.loss_sums import LossSums
-from fasttrain.evaluation.trained_model import load_teacher
+from fasttrain.evaluation.trained_model import load_teacher, teacher_weights
 from fasttrain.evaluation.validation import validate_sources
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.ensemble import build_model
@@ -119,7 +119,10 @@ class Trainer:
             self.cfg, self.model, self.updater.optimizer, self.updater.scaler, self.world, plan.parallel, self.device
         )
         self.teacher = load_teacher(t.teacher, self.tokenizer, self.device) if t.teacher else None
-        self.init_pending = bool(self.cfg.model.init_from) and not plan.init_missing  # its weights not read yet
+        # model.init_from's or train.teacher_init's weights, not read yet (a run whose plan left train.distill one
+        # model has no teacher, so nothing to start from)
+        from_teacher = t.teacher_init and self.teacher is not None
+        self.init_pending = (bool(self.cfg.model.init_from) and not plan.init_missing) or from_teacher
         if self.init_pending and not resuming:
             self._start_from_init()
         self.train_loader = self.loader("train", self.cfg.data.sampling, self.cfg.data.prefetch)
@@ -129,9 +132,13 @@ class Trainer:
         self.resumed_from: Path | None = None  # the checkpoint `resume` restored, for the start report
 
     def _start_from_init(self) -> None:
-        """Load model.init_from's weights: where a new run starts."""
+        """Load model.init_from's weights, or with train.teacher_init the teacher's: where a new run starts."""
         m = self.cfg.model
-        distributed.load_full_model_state(self.model, read_hf_llama_weights(m.init_from, m), self.sharded)
+        if self.teacher is not None and self.cfg.train.teacher_init:
+            state = teacher_weights(self.teacher, self.model.state_dict())
+        else:
+            state = read_hf_llama_weights(m.init_from, m)
+        distributed.load_full_model_state(self.model, state, self.sharded)
         self.init_pending = False
 
     def close(self) -> None:
