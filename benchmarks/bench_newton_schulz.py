@@ -18,7 +18,7 @@ import torch
 from benchmarks.bench_adamw import MODELS
 from benchmarks.conftest import compiled, median_seconds, require, sizes, time_device
 from fasttrain.model.transformer import Transformer
-from fasttrain.training.optimizers import hidden_matrices
+from fasttrain.optimization.optimizers import hidden_matrices
 from fasttrain_kernels import newton_schulz, newton_schulz_reference
 
 STEPS = 5

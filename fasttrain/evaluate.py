@@ -1,8 +1,8 @@
 """Score a trained model on text (loss, perplexity and bits per byte) or on lm-evaluation-harness tasks.
 
 Imports from fasttrain: checkpoints.saves, compute.distributed, data.loader, data.mixture, evaluation.trained_model,
-evaluation.validation, formats.prepared_folder, preparation.preparation, system.atomic, system.errors, system.run_lock,
-training.metrics, training.objective.
+evaluation.validation, formats.prepared_folder, optimization.objective, preparation.preparation, system.atomic,
+system.errors, system.run_lock, training.metrics.
 
     python -m fasttrain.evaluate RUN_DIR|WEIGHTS_DIR|CHECKPOINT (--input PATH [PATH ...] | --split val)
         [--batch-size N] [--text-field FIELD] [--device D]
@@ -40,12 +40,12 @@ from fasttrain.evaluation import trained_model
 from fasttrain.evaluation.trained_model import Trained
 from fasttrain.evaluation.validation import mixture_metrics, validate
 from fasttrain.formats.prepared_folder import open_prepared
+from fasttrain.optimization.objective import NextTokenLoss, batch_loss
 from fasttrain.preparation.preparation import prepare
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.system.run_lock import locked
 from fasttrain.training.metrics import MetricsLog
-from fasttrain.training.objective import NextTokenLoss, batch_loss
 
 if TYPE_CHECKING:  # lm-eval is the optional eval extra
     from lm_eval.tasks import TaskManager

@@ -1,4 +1,4 @@
-"""train.teacher (training/objective.py): a model learns a trained model's probabilities over the next tokens,
+"""train.teacher (optimization/objective.py): a model learns a trained model's probabilities over the next tokens,
 an ensemble's included; the loss and its gradient against an fp64 reference, a run through the loop that ends
 nearer its teacher than the same run without one, its exact resume, and the teachers it refuses."""
 
@@ -14,8 +14,8 @@ from fasttrain import Trainer
 from fasttrain.config import ModelConfig, load_config
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.model.ensemble import build_model
+from fasttrain.optimization.objective import NextTokenLoss, batch_loss
 from fasttrain.system.errors import UsageError
-from fasttrain.training.objective import NextTokenLoss, batch_loss
 from fasttrain.training.trainer import Interrupted
 from tests.conftest import tiny_config
 from tests.test_checkpoint import EXACT, plant

@@ -19,9 +19,9 @@ from fasttrain.model.generation import stream
 from fasttrain.model.sizing import ensemble_members, run_tokens
 from fasttrain.model.transformer import flops_per_token
 from fasttrain.model.weights import export_weights, load_exported
+from fasttrain.optimization.objective import NextTokenLoss
 from fasttrain.system.errors import UsageError
 from fasttrain.train import main as train_main
-from fasttrain.training.objective import NextTokenLoss
 from fasttrain.training.plan import plan_run
 from tests.conftest import tiny_args, tiny_config
 from tests.test_repeats import RULE

@@ -13,8 +13,8 @@ from fasttrain.data.documents import IGNORE_INDEX
 from fasttrain.data.loader import TokenLoader
 from fasttrain.evaluation.validation import validate
 from fasttrain.model.transformer import Transformer
+from fasttrain.optimization.objective import NextTokenLoss
 from fasttrain.system.errors import UsageError
-from fasttrain.training.objective import NextTokenLoss
 from tests.conftest import write_shard
 
 EOT, VOCAB, T, B = 0, 97, 16, 4

@@ -15,7 +15,7 @@ from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.attention import KVCache, apply_rope, rope_tables
 from fasttrain.model.generation import filter_logits, generate, generate_text
 from fasttrain.model.transformer import Transformer, ffn_hidden_size, matmul_params, num_params
-from fasttrain.training.objective import NextTokenLoss
+from fasttrain.optimization.objective import NextTokenLoss
 from tests.kernel_checks import assert_fp32_sums_close
 
 

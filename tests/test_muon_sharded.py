@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from fasttrain.compute import distributed
 from fasttrain.config import ModelConfig, MuonConfig, OptimConfig
 from fasttrain.model.transformer import Transformer
-from fasttrain.training.optimizers import Hybrid, build_optimizer
+from fasttrain.optimization.optimizers import Hybrid, build_optimizer
 from tests.test_distributed import torchrun
 
 pytestmark = pytest.mark.subprocess  # the tests start torchrun

@@ -16,7 +16,7 @@ from torch import nn
 
 from fasttrain.config import ModelConfig, MuonConfig, OptimConfig
 from fasttrain.model.transformer import Transformer
-from fasttrain.training.optimizers import Hybrid, Muon, build_optimizer
+from fasttrain.optimization.optimizers import Hybrid, Muon, build_optimizer
 from fasttrain_kernels.newton_schulz import (
     COEFFICIENTS,
     POLAR_EXPRESS,

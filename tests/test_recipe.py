@@ -14,8 +14,8 @@ import fasttrain_kernels._backend
 from fasttrain.compute.device import kernels_on
 from fasttrain.config import OptimConfig
 from fasttrain.model.transformer import Transformer
+from fasttrain.optimization.optimizers import Updater
 from fasttrain.system.errors import UsageError, run_cli
-from fasttrain.training.optimizers import Updater
 from tests.conftest import tiny_args, tiny_config
 from tests.test_sizing import cli
 

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from fasttrain.config import shipped
+from fasttrain.optimization.objective import NextTokenLoss
 from fasttrain.system.errors import run_cli
 from fasttrain.train import main as train_main
-from fasttrain.training.objective import NextTokenLoss
 from tests.conftest import tiny_args
 
 RUN = ["train.compile=true", "train.max_steps=4", "train.eval_interval=4", "train.sample_tokens=0"]

@@ -20,8 +20,8 @@ from fasttrain.config import OptimConfig, load_config
 from fasttrain.data.mixture import token_shares
 from fasttrain.model import sizing
 from fasttrain.model.sizing import Speed, choose_shape, size_model
+from fasttrain.optimization.optimizers import Updater, newton_schulz_dtype
 from fasttrain.system import machine_load
-from fasttrain.training.optimizers import Updater, newton_schulz_dtype
 from tests.conftest import tiny_args, tiny_config
 from tests.test_sizing import AUTO, cli, depth_in
 
@@ -66,7 +66,7 @@ def test_an_fp32_run_orthogonalises_in_fp32_on_a_bf16_cpu(bf16_hardware):
 
 def test_without_bf16_hardware_even_a_bf16_run_orthogonalises_in_fp32(monkeypatch):
     monkeypatch.setattr(device_module, "native_bf16", lambda device: False)
-    monkeypatch.setattr("fasttrain.training.optimizers.native_bf16", lambda device: False)
+    monkeypatch.setattr("fasttrain.optimization.optimizers.native_bf16", lambda device: False)
     assert newton_schulz_dtype("bf16", CPU) == torch.float32
 
 

@@ -31,8 +31,8 @@ from fasttrain import cli, plot, sample
 from fasttrain import train as train_module
 from fasttrain.compute.device import ISA_CACHE_PREFIX, key_inductor_cache
 from fasttrain.model.transformer import Transformer
+from fasttrain.optimization.optimizers import hidden_matrices
 from fasttrain.system.errors import run_cli
-from fasttrain.training.optimizers import hidden_matrices
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_args, tiny_config
 from tests.test_time_budget import budgeted, events

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from fasttrain.config import format_duration, load_config
+from fasttrain.optimization.schedule import Budget, lr_at
 from fasttrain.system.errors import run_cli
 from fasttrain.train import main as train_main
-from fasttrain.training.schedule import Budget, lr_at
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_args, tiny_config
 

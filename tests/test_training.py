@@ -16,10 +16,10 @@ from fasttrain.checkpoints import saves
 from fasttrain.config import ModelConfig, MuonConfig, OptimConfig, ScheduleConfig, TrainConfig
 from fasttrain.data.documents import IGNORE_INDEX
 from fasttrain.model.transformer import Transformer
+from fasttrain.optimization.optimizers import Muon, Updater, build_optimizer, param_groups
+from fasttrain.optimization.schedule import lr_at
 from fasttrain.plot import read_metrics
 from fasttrain.system.errors import UsageError
-from fasttrain.training.optimizers import Muon, Updater, build_optimizer, param_groups
-from fasttrain.training.schedule import lr_at
 from fasttrain.training.trainer import accumulation_steps
 from tests.conftest import spoil_after, tiny_config
 from tests.kernel_checks import assert_fp32_sums_close

@@ -36,7 +36,7 @@ STEP = """
 import sys, time, torch
 from fasttrain.config import load_config
 from fasttrain.model.transformer import Transformer
-from fasttrain.training.objective import NextTokenLoss
+from fasttrain.optimization.objective import NextTokenLoss
 shape = ["model.vocab_size=4096", "model.n_layers=2", "model.d_model=128", "model.n_heads=2"]
 loss = NextTokenLoss(Transformer(load_config("configs/base.toml", shape).model))
 x = torch.randint(0, 4096, (16, 257))

@@ -15,7 +15,7 @@ steps: one optimizer update of the GPT-2-small model (configs/gpt2-small.toml: w
 vocabulary 50304) on the CPU, fp32, with random gradients: AdamW against Muon (AdamW for the
 embedding and norms, Newton-Schulz for the block matrices), SGD and Adafactor. The median of
 --repeats calls after one warm-up call. Muon's Newton-Schulz is ~130 GFLOP of matmuls per
-block (in fp32 on a CPU without native bf16, see fasttrain.training.optimizers.Muon), so by default the
+block (in fp32 on a CPU without native bf16, see fasttrain.optimization.optimizers.Muon), so by default the
 model keeps --layers 1 of its 12 blocks (the record says how many; --layers 12 is the whole 124M).
 
 Writes one JSON (default benchmarks/results/recipe/cpu-optimizers-<date>.json) with the machine,
@@ -40,8 +40,8 @@ from benchmarks.conftest import FIXED_BASE, environment
 from benchmarks.studies.common import ROOT
 from fasttrain.config import load_config
 from fasttrain.model.transformer import Transformer
+from fasttrain.optimization.optimizers import Updater
 from fasttrain.system.errors import ArgumentParser, run_cli
-from fasttrain.training.optimizers import Updater
 from fasttrain.training.trainer import Trainer
 
 # optimizer: (the key its peak learning rate is set by, the rates tried). The AdamW rates bracket the

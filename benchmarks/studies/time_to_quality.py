@@ -123,10 +123,10 @@ from fasttrain.formats.prepared_folder import PreparedData, open_prepared
 from fasttrain.formats.shards import find_shards
 from fasttrain.model.sequence_length import contexts
 from fasttrain.model.transformer import Transformer
+from fasttrain.optimization.objective import NextTokenLoss, batch_loss
+from fasttrain.optimization.schedule import Budget
 from fasttrain.plot import pyplot, save_figure
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
-from fasttrain.training.objective import NextTokenLoss, batch_loss
-from fasttrain.training.schedule import Budget
 
 # --set items on top of configs/base.toml for fasttrain's side, unless --fasttrain-sets gives others.
 FASTTRAIN_SETS: list[str] = []  # configs/base.toml is the budgeted, self-sizing recipe (recipe_sweep's "auto")

@@ -170,7 +170,7 @@ class AdafactorConfig:
 
 @dataclass
 class OptimConfig:
-    """[optim]: the optimizer and gradient clipping (fasttrain/training/optimizers.py).
+    """[optim]: the optimizer and gradient clipping (fasttrain/optimization/optimizers.py).
 
     beta1, beta2 and eps are AdamW's: they apply to "adamw" and to the AdamW half of "muon".
     Each other optimizer has its own table, which may only be set when it is the one named.
@@ -213,7 +213,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    """[schedule]: the learning rate as a function of the step (fasttrain/training/schedule.py)."""
+    """[schedule]: the learning rate as a function of the step (fasttrain/optimization/schedule.py)."""
 
     # Linear ramp from 0 to optim.lr. A run shorter than this warms up over its first tenth (at least 2 steps).
     warmup_steps: int = 100
@@ -236,7 +236,7 @@ class TrainConfig:
     max_steps: int = 2000  # optimizer steps in the whole run; 0 = no step limit (with max_time)
     # A time budget: seconds of training (a number, or a string such as "90s", "3m", "1h30m"), after which the
     # run ends with its schedule finished; with max_steps, whichever comes first. 0 = none. Steps count, not
-    # compiling, evaluating, checkpointing or sampling (fasttrain/training/schedule.py, docs/training.md).
+    # compiling, evaluating, checkpointing or sampling (fasttrain/optimization/schedule.py, docs/training.md).
     max_time: Seconds = Seconds(0.0)
     seed: int = 1337  # seeds Python, NumPy, torch (model init) and data sampling; 0 to 2**32 - 1
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda" or "cuda:N"
@@ -295,7 +295,7 @@ class TrainConfig:
     # Distillation: a fasttrain model (a weights directory such as another run's final/, an ensemble's included, or a
     # run directory) whose probabilities over each batch's next tokens the model learns, not only the tokens
     # themselves: the loss is teacher_weight x the cross-entropy against them + the rest x the next-token loss
-    # (training/objective.py). Its tokenizer must be the data's. "" = none.
+    # (optimization/objective.py). Its tokenizer must be the data's. "" = none.
     teacher: str = ""
     teacher_weight: float = 1.0  # 1: the soft targets alone, measured a little better than 0.5 (docs/performance.md)
     # A new run starts from the teacher's weights (an ensemble's first member's): each of the model's tensors is the

@@ -3,7 +3,7 @@ perplexity, what a mean of them reads as: what the training step and validation 
 
 Imports from fasttrain: nothing.
 
-The objective (fasttrain/training/objective.py) returns these sums, never a mean; the step adds an update's
+The objective (fasttrain/optimization/objective.py) returns these sums, never a mean; the step adds an update's
 micro-batches' sums and divides once by its counted targets, validation a split's (validation.py).
 """
 

@@ -1,6 +1,6 @@
 """`train_loop`: the plain training loop, for any model that maps tokens to logits.
 
-Imports from fasttrain: compute.device, evaluation.loss_sums, training.objective.
+Imports from fasttrain: compute.device, evaluation.loss_sums, optimization.objective.
 
     from fasttrain import train_loop
     history = train_loop(model, loader, optimizer, num_epochs=3, device="cpu")
@@ -18,7 +18,7 @@ from torch import nn
 
 from fasttrain.compute.device import resolve_device
 from fasttrain.evaluation.loss_sums import perplexity
-from fasttrain.training.objective import cross_entropy_loss
+from fasttrain.optimization.objective import cross_entropy_loss
 
 Batch = Mapping[str, torch.Tensor] | tuple[torch.Tensor, torch.Tensor] | list[torch.Tensor]
 

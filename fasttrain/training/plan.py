@@ -1,9 +1,9 @@
 """A run's plan: everything a run of a config decides before it allocates anything, decided once.
 
-Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, compute.kernel_table,
-config, data.documents, data.mixture, data.repeats, formats.shards, formats.tokenizer, model.sequence_length,
-model.sizing, model.transformer, model.weights, preparation.cache, system.errors, training.optimizers,
-training.preflight, training.schedule, training.timed_pass.
+Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, compute.kernel_table, config,
+data.documents, data.mixture, data.repeats, formats.shards, formats.tokenizer, model.sequence_length, model.sizing,
+model.transformer, model.weights, optimization.optimizers, optimization.schedule, preparation.cache, system.errors,
+training.preflight, training.timed_pass.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
@@ -40,11 +40,11 @@ from fasttrain.model.sequence_length import choose_context, recorded_context, sh
 from fasttrain.model.sizing import Corpus, Speed
 from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
+from fasttrain.optimization.optimizers import tied_head_note
+from fasttrain.optimization.schedule import Budget, budget_note, fit_warmup, recorded_progress
 from fasttrain.preparation.cache import pending, prepared_dir, stale_cache_note
 from fasttrain.system.errors import UsageError
-from fasttrain.training.optimizers import tied_head_note
 from fasttrain.training.preflight import check_fits, depths_in_memory, members_in_memory
-from fasttrain.training.schedule import Budget, budget_note, fit_warmup, recorded_progress
 from fasttrain.training.timed_pass import timed_loss, timed_update
 
 Phases = tuple[tuple[int, tuple[float, ...]], ...]  # (first micro-batch, normalized weights), see mixture.phases

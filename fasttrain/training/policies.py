@@ -1,7 +1,7 @@
 """The training loop's policies: what to do after non-finite steps, when to stop early, and which weights a run ends
 with.
 
-Imports from fasttrain: checkpoints.resume, checkpoints.run_state, checkpoints.saves, config, training.schedule.
+Imports from fasttrain: checkpoints.resume, checkpoints.run_state, checkpoints.saves, config, optimization.schedule.
 
 Each is a small object the loop asks after a step or an evaluation; the loop carries out the answer and reporting tells
 the user. A restored save that monitored another loss starts early stopping's count anew (monitor_anew); a resumed run
@@ -19,7 +19,7 @@ from fasttrain.checkpoints.resume import check_not_past_end
 from fasttrain.checkpoints.run_state import RunState
 from fasttrain.checkpoints.saves import step_of
 from fasttrain.config import Config, RecoveryConfig, format_duration
-from fasttrain.training.schedule import carried_rest_scale, schedule_change
+from fasttrain.optimization.schedule import carried_rest_scale, schedule_change
 
 
 class Recovery:

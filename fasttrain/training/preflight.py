@@ -1,6 +1,6 @@
 """Pre-flight: estimate a run's memory from its config and refuse one that cannot fit, before allocating.
 
-Imports from fasttrain: config, model.sizing, model.transformer, system.errors, training.optimizers.
+Imports from fasttrain: config, model.sizing, model.transformer, optimization.optimizers, system.errors.
 
 A model too large for the machine otherwise ends in an allocator traceback, deep
 in construction or in the first step, or (a million layers) in a construction
@@ -23,8 +23,8 @@ import torch
 from fasttrain.config import Config, OptimConfig
 from fasttrain.model.sizing import MEMORY_SHARE, ladder_shape
 from fasttrain.model.transformer import Transformer, ffn_hidden_size
+from fasttrain.optimization.optimizers import hidden_matrices
 from fasttrain.system.errors import UsageError
-from fasttrain.training.optimizers import hidden_matrices
 
 # Per parameter, its fp32 weight and gradient (autocast keeps the weights in fp32); the optimizer's state is
 # fp32 values too (see state_values).

@@ -1,8 +1,8 @@
 """What the sizing's timing runs in each pass (model/sizing.calibrate): the run's own loss and update, so the speed
 it measures is the run's.
 
-Imports from fasttrain: compute.device, config, model.sizing, model.transformer, training.objective,
-training.optimizers.
+Imports from fasttrain: compute.device, config, model.sizing, model.transformer, optimization.objective,
+optimization.optimizers.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from fasttrain.compute.device import kernels_on
 from fasttrain.config import Config
 from fasttrain.model.sizing import Loss, Update
 from fasttrain.model.transformer import Transformer
-from fasttrain.training.objective import NextTokenLoss
-from fasttrain.training.optimizers import Updater
+from fasttrain.optimization.objective import NextTokenLoss
+from fasttrain.optimization.optimizers import Updater
 
 
 def timed_update(cfg: Config, device: torch.device) -> Update:
