@@ -1,7 +1,7 @@
 """A distilled run (train.distill): an ensemble trained first, then one model of a member's shape trained on the
 ensemble's probabilities, so that final/ holds one model (one model's memory and cost, and it exports).
 
-Imports from fasttrain: checkpoints.saves, config, model.sizing.
+Imports from fasttrain: checkpoints.saves, config, planning.sizing.
 
 It sits with the train command, which runs the phases: each is a Trainer of its own.
 
@@ -24,7 +24,7 @@ from typing import Sequence
 
 from fasttrain.checkpoints.saves import has_saves
 from fasttrain.config import Config, Seconds, load_config
-from fasttrain.model.sizing import ensemble_share
+from fasttrain.planning.sizing import ensemble_share
 
 ENSEMBLE_DIR = "ensemble"  # the members' run, inside the run directory
 # In RUN/ensemble: the whole run began with --overwrite, so its student replaces the earlier run in RUN (which stays

@@ -1,8 +1,8 @@
 """Train a language model from a TOML config.
 
 Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.run_directory, checkpoints.saves, compute.device,
-compute.distributed, config, config.shipped, distillation, evaluate, evaluation.trained_model, system.errors,
-training.launch, training.measure, training.plan, training.plan_table, training.trainer.
+compute.distributed, config, config.shipped, distillation, evaluate, evaluation.trained_model, planning.plan,
+system.errors, training.launch, training.measure, training.plan_table, training.trainer.
 
     python -m fasttrain.train configs/base.toml [--set SECTION.KEY=VALUE ...] [--resume auto|auto-or-new|PATH]
     python -m fasttrain.train configs/base.toml --dry-run [--json] [--measure N]
@@ -10,7 +10,7 @@ training.launch, training.measure, training.plan, training.plan_table, training.
 With the default config this prepares the embedded corpus (cached), trains a small model, evaluating and sampling it,
 saves checkpoints and the final weights, and prints where everything went. Ctrl-C (or SIGTERM) saves and prints the
 command that resumes. `--resume auto-or-new` is for `torchrun --max-restarts`: a new run the first time, then the latest
-checkpoint (docs/multi-gpu.md). `--dry-run` prints the run's plan (training/plan.py) and writes nothing but the prepared
+checkpoint (docs/multi-gpu.md). `--dry-run` prints the run's plan (planning/plan.py) and writes nothing but the prepared
 data.
 """
 
@@ -57,10 +57,10 @@ from fasttrain.distillation import (
 )
 from fasttrain.evaluate import score_tasks
 from fasttrain.evaluation.trained_model import load_trained
+from fasttrain.planning.plan import RunPlan, plan_run
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.training.launch import check_directory, check_start, start_run
 from fasttrain.training.measure import measure, measure_line
-from fasttrain.training.plan import RunPlan, plan_run
 from fasttrain.training.plan_table import plan_table
 from fasttrain.training.trainer import Interrupted, Trainer
 

@@ -19,9 +19,9 @@ from fasttrain.config import TrainConfig, load_config
 from fasttrain.distillation import ensemble_config
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.export import export
-from fasttrain.model import sizing
-from fasttrain.model.speed import Speed
 from fasttrain.model.transformer import flops_per_token
+from fasttrain.planning import sizing
+from fasttrain.planning.speed import Speed
 from fasttrain.system.errors import UsageError
 from fasttrain.training.trainer import Interrupted, Trainer
 from tests.conftest import tiny_args, tiny_config

@@ -16,13 +16,13 @@ from fasttrain.config import Config, ModelConfig, load_config
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.model.ensemble import Ensemble, build_model, transformers
 from fasttrain.model.generation import stream
-from fasttrain.model.sizing import ensemble_members, run_tokens
 from fasttrain.model.transformer import flops_per_token
 from fasttrain.model.weights import export_weights, load_exported
 from fasttrain.optimization.objective import NextTokenLoss
+from fasttrain.planning.plan import plan_run
+from fasttrain.planning.sizing import ensemble_members, run_tokens
 from fasttrain.system.errors import UsageError
 from fasttrain.train import main as train_main
-from fasttrain.training.plan import plan_run
 from tests.conftest import tiny_args, tiny_config
 from tests.test_repeats import RULE
 from tests.test_sizing_bounds import DAYS, SLOW

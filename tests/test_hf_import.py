@@ -13,9 +13,9 @@ import torch
 
 from fasttrain import export, prepare, train
 from fasttrain.config import load_config
+from fasttrain.planning.plan import init_shape
 from fasttrain.plot import read_metrics
 from fasttrain.system.errors import run_cli
-from fasttrain.training.plan import init_shape
 from tests.conftest import tiny_args
 
 transformers = pytest.importorskip("transformers")

@@ -3,7 +3,7 @@ below it; no two modules in a folder differ only by a suffix, and every module s
 (docs/architecture.md).
 
 Floors, lowest first (FLOORS): system -> config -> compute -> formats -> preparation -> data -> model ->
-checkpoints -> evaluation -> optimization -> training -> the commands and the package itself. fasttrain_kernels/ stands alone and
+checkpoints -> evaluation -> optimization -> planning -> training -> the commands and the package itself. fasttrain_kernels/ stands alone and
 never imports fasttrain. No folder holds more than MAX_MODULES modules, each package's __init__ names its
 modules in reading order, and fasttrain/ holds at most MAX_LINES lines, no module more than MAX_MODULE_LINES.
 """
@@ -45,6 +45,7 @@ FLOORS = (
     "checkpoints",  # a run's state, its saves and its run directory
     "evaluation",  # the loss sums, validation, a trained model loaded back, the harness
     "optimization",  # the objective, the optimizers, the learning rate's schedule
+    "planning",  # what a run decides before it allocates: the shape, context, reading of the corpus, memory
     "training",
     "",
 )

@@ -1,4 +1,4 @@
-"""A run's plan (fasttrain/training/plan.py) and `fasttrain train --dry-run`: the plan's figures are the real
+"""A run's plan (fasttrain/planning/plan.py) and `fasttrain train --dry-run`: the plan's figures are the real
 run's start event, and a dry run writes nothing."""
 
 from __future__ import annotations

@@ -603,7 +603,7 @@ def test_a_runs_config_naming_a_cache_its_inputs_left_says_so(tmp_path, monkeypa
     them as they are."""
     from fasttrain.compute.distributed import World
     from fasttrain.config.prepared import resolve
-    from fasttrain.training.plan import plan_run
+    from fasttrain.planning.plan import plan_run
 
     monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
     (tmp_path / "texts").mkdir()

@@ -18,9 +18,9 @@ from fasttrain.compute import device as device_module
 from fasttrain.compute.device import native_bf16
 from fasttrain.config import OptimConfig, load_config
 from fasttrain.data.mixture import token_shares
-from fasttrain.model import sizing
-from fasttrain.model.sizing import Speed, choose_shape, size_model
 from fasttrain.optimization.optimizers import Updater, newton_schulz_dtype
+from fasttrain.planning import sizing
+from fasttrain.planning.sizing import Speed, choose_shape, size_model
 from fasttrain.system import machine_load
 from tests.conftest import tiny_args, tiny_config
 from tests.test_sizing import AUTO, cli, depth_in
@@ -76,7 +76,7 @@ def test_without_bf16_hardware_even_a_bf16_run_orthogonalises_in_fp32(monkeypatc
 def epoch_tokens(folder: Path, tmp_path: Path) -> int:
     """The tokens one epoch of the tiny run's loader reads of `folder`: its rows that fill whole batches."""
     from fasttrain.data.mixture import open_sources
-    from fasttrain.training.plan import rows_per_epoch
+    from fasttrain.planning.plan import rows_per_epoch
 
     cfg = tiny_config(folder, tmp_path, "data.vocab_size=0")
     return rows_per_epoch(open_sources(cfg.data)[0], cfg, 1) * cfg.train.seq_len

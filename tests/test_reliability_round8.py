@@ -28,8 +28,8 @@ import torch
 
 from fasttrain import doctor
 from fasttrain import train as train_module
-from fasttrain.model import sizing
-from fasttrain.model.sizing import Speed
+from fasttrain.planning import sizing
+from fasttrain.planning.sizing import Speed
 from fasttrain.system import machine_load
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
@@ -199,7 +199,7 @@ def test_the_epoch_cap_counts_what_the_loader_reads(code_data, tmp_path, capsys)
     start said 9.33)."""
     from fasttrain.compute.distributed import World
     from fasttrain.config import load_config
-    from fasttrain.training.plan import plan_run
+    from fasttrain.planning.plan import plan_run
     from fasttrain.training.reporting import epoch_warnings, start_lines
     from tests.conftest import tiny_overrides
 

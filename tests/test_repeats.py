@@ -1,4 +1,4 @@
-"""optim.weight_decay_rule = "repeats" (fasttrain/data/repeats.py): the weight decay a run trains at, from how many
+"""optim.weight_decay_rule = "repeats" (fasttrain/planning/repeats.py): the weight decay a run trains at, from how many
 times it reads its corpus and how much that corpus's validation text repeats its training text; stated by the plan,
 kept by a resume."""
 
@@ -15,9 +15,9 @@ import torch
 
 from fasttrain.compute.distributed import World
 from fasttrain.config import OptimConfig, load_config, save_config
-from fasttrain.data import repeats
+from fasttrain.planning import repeats
+from fasttrain.planning.plan import plan_run
 from fasttrain.train import main as train_main
-from fasttrain.training.plan import plan_run
 from tests.conftest import tiny_args, tiny_config, write_shard
 from tests.test_sizing_bounds import DAYS, SLOW
 

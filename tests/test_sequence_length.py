@@ -1,4 +1,4 @@
-"""train.seq_len = 0 (fasttrain/model/sequence_length.py): the context chosen for the run's planned tokens,
+"""train.seq_len = 0 (fasttrain/planning/sequence_length.py): the context chosen for the run's planned tokens,
 256 below LONG_FROM and 512 from there with the tokens of a micro-batch kept; through the plan for a run of
 steps and a self-sized budget, and a resumed run that keeps the context it recorded whatever its new length."""
 
@@ -11,12 +11,12 @@ import torch
 
 from fasttrain.compute.distributed import World
 from fasttrain.config import load_config
-from fasttrain.model import sequence_length
-from fasttrain.model.sequence_length import LONG, LONG_FROM, SHORT, choose_context, contexts, short_context
-from fasttrain.model.sizing import Speed
+from fasttrain.planning import sequence_length
+from fasttrain.planning.plan import accumulation_steps, plan_run
+from fasttrain.planning.sequence_length import LONG, LONG_FROM, SHORT, choose_context, contexts, short_context
+from fasttrain.planning.sizing import Speed
 from fasttrain.system.errors import UsageError, run_cli
 from fasttrain.train import main as train_main
-from fasttrain.training.plan import accumulation_steps, plan_run
 from tests.conftest import tiny_args, tiny_config
 
 CHOSEN = ("train.seq_len=0", "model.max_seq_len=512")  # batch_size 4 rows of 256 tokens: 1,024 tokens a step

@@ -1,4 +1,4 @@
-"""Issue 56, the model's shape chosen for the run's compute (model.n_layers = 0, fasttrain/model/sizing.py):
+"""Issue 56, the model's shape chosen for the run's compute (model.n_layers = 0, fasttrain/planning/sizing.py):
 the ladder, the worth of repeated tokens, the rule's choice as tokens and corpus size change, the calibration
 timed by a fake clock, and through `python -m fasttrain.train`: machines of different speeds and corpora of
 different sizes get different shapes, a resume and a replay keep the shape recorded, and each bad input's line."""
@@ -16,9 +16,9 @@ import torch
 
 import fasttrain_kernels._backend
 from fasttrain.config import ModelConfig, load_config
-from fasttrain.model import sizing
-from fasttrain.model.sizing import Speed, choose_shape, effective_tokens, ladder_shape, size_model
 from fasttrain.model.transformer import flops_per_token, matmul_params
+from fasttrain.planning import sizing
+from fasttrain.planning.sizing import Speed, choose_shape, effective_tokens, ladder_shape, size_model
 from fasttrain.system.errors import UsageError, run_cli
 from fasttrain.train import main as train_main
 from tests.conftest import tiny_args, tiny_config
@@ -184,7 +184,7 @@ def test_the_plan_sets_the_cap_only_for_a_self_sized_budget(pydoc_data, tmp_path
     """A budgeted run with model.n_layers = 0 records the cap as train.max_steps (so a resume stops at the same
     step) and says so; a smaller max_steps stays, a fixed depth and a run of steps alone are not capped."""
     from fasttrain.compute.distributed import World
-    from fasttrain.training.plan import plan_run
+    from fasttrain.planning.plan import plan_run
 
     fast = Speed(((1e6, 1e13),))  # every depth would read the small corpus far more than ten times
     cpu = torch.device("cpu")
@@ -277,11 +277,11 @@ def test_the_shape_a_timing_chooses_is_timed_too_and_chosen_again_at_its_speed(p
 
 
 def test_the_calibration_times_the_runs_loss_and_optimizer_step(pydoc_data, tmp_path, monkeypatch):
-    """A budgeted run's timing includes its loss and its clipping and optimizer step (training.timed_pass: timed_loss, timed_update):
+    """A budgeted run's timing includes its loss and its clipping and optimizer step (planning.timed_pass: timed_loss, timed_update):
     the plan hands both to the calibration, which computes that loss (on a CPU the fused head and cross-entropy, as
     the run does) and runs the step after every backward, so the gradients are gone after each pass."""
     from fasttrain.compute.distributed import World
-    from fasttrain.training import plan as planning
+    from fasttrain.planning import plan as planning
 
     cfg = tiny_config(pydoc_data, tmp_path, "model.vocab_size=512", *AUTO, "optim.name=muon", "train.max_time=60")
     handed, real_calibrate = [], sizing.calibrate

@@ -13,10 +13,9 @@ from dataclasses import replace
 
 from fasttrain import train as train_module
 from fasttrain.config import load_config
-from fasttrain.model import sizing
-from fasttrain.model.sizing import Speed
+from fasttrain.planning import preflight, sizing
+from fasttrain.planning.sizing import Speed
 from fasttrain.preparation.preparation import prepare
-from fasttrain.training import preflight
 from tests.conftest import tiny_args, tiny_overrides
 from tests.test_reliability_round8 import command
 from tests.test_sizing import AUTO, depth_in

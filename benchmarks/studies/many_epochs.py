@@ -7,7 +7,7 @@ Every run is configs/base.toml at a fixed shape (depth d, width 64 d, heads of 6
 that read the corpus --epochs times over (16 x 256 tokens a step), evaluated 12 times on its whole validation split,
 without samples or compiling. A case is what differs:
   fixed      weight decay 0.1 whatever the epochs (optim.weight_decay_rule = "fixed")
-  repeats    optim.weight_decay_rule = "repeats" (base.toml's, fasttrain/data/repeats.py): the decay the plan chooses
+  repeats    optim.weight_decay_rule = "repeats" (base.toml's, fasttrain/planning/repeats.py): the decay the plan chooses
   wd=X       weight decay X;  drop=X  model.dropout X (both under the fixed rule);  KEY=VALUE,...  any --set items
   distill=K  one model distilled (train.teacher) from the case model.members=K, trained first where not in the grid,
              for the same steps as one member; distill=K,KEY=VALUE,... sets those for the student too

@@ -39,7 +39,7 @@ from typing import Sequence
 from benchmarks.studies.common import ROOT, load_average, prepared_corpus, result_header
 from fasttrain.config import load_config
 from fasttrain.distillation import ENSEMBLE_DIR
-from fasttrain.model.sequence_length import contexts
+from fasttrain.planning.sequence_length import contexts
 from fasttrain.system.errors import ArgumentParser, run_cli
 
 SMALL_PACKAGES = ("asyncio", "email", "json", "http")

@@ -1,4 +1,4 @@
-"""The rule of fasttrain/model/sizing.py fitted to the ladder sweeps: which depth is best for a time budget, and
+"""The rule of fasttrain/planning/sizing.py fitted to the ladder sweeps: which depth is best for a time budget, and
 which tokens-per-parameter ratio makes the rule choose it.
 
     python -m benchmarks.studies.sizing_fit --measure [--threads 1 2]   # time each depth's training step (quiet machine)
@@ -37,8 +37,8 @@ from typing import Sequence
 from benchmarks.studies.common import ROOT
 from benchmarks.studies.recipe_sweep import CASES, prepared, setting
 from fasttrain.config import load_config
-from fasttrain.model import sizing
 from fasttrain.model.transformer import matmul_params
+from fasttrain.planning import sizing
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 RESULTS = ROOT / "benchmarks/results/sizing"

@@ -121,10 +121,10 @@ from fasttrain.data.loader import TokenLoader
 from fasttrain.evaluation.validation import validate
 from fasttrain.formats.prepared_folder import PreparedData, open_prepared
 from fasttrain.formats.shards import find_shards
-from fasttrain.model.sequence_length import contexts
 from fasttrain.model.transformer import Transformer
 from fasttrain.optimization.objective import NextTokenLoss, batch_loss
 from fasttrain.optimization.schedule import Budget
+from fasttrain.planning.sequence_length import contexts
 from fasttrain.plot import pyplot, save_figure
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 

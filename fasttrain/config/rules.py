@@ -26,9 +26,9 @@ _FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.vocab_size": _NON_NEGATIVE,
     "model.max_seq_len": _POSITIVE,
-    # 0: 64 x n_layers (model/sizing.py); odd never works: d_model = n_heads x an even head size (RoPE rotates pairs)
+    # 0: 64 x n_layers (planning/sizing.py); odd never works: d_model = n_heads x an even head size (RoPE rotates pairs)
     "model.d_model": (lambda v: v >= 0 and v % 2 == 0, "even and >= 0 (each head's size is even: RoPE rotates pairs)"),
-    "model.n_layers": _NON_NEGATIVE,  # 0: chosen for the run's compute (model/sizing.py)
+    "model.n_layers": _NON_NEGATIVE,  # 0: chosen for the run's compute (planning/sizing.py)
     "model.n_heads": _NON_NEGATIVE,  # 0: d_model / 64
     "model.n_kv_heads": _NON_NEGATIVE,
     "model.ffn_hidden": _NON_NEGATIVE,
@@ -36,7 +36,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.rope_theta": _POSITIVE,
     "model.norm_eps": _POSITIVE,
     "model.dropout": _FRACTION,
-    "model.members": _NON_NEGATIVE,  # 0: chosen with the shape (training/plan.py)
+    "model.members": _NON_NEGATIVE,  # 0: chosen with the shape (planning/plan.py)
     "data.inputs": (lambda v: all(v), "a list of non-empty paths"),
     "data.text_field": (bool, "a non-empty field name"),
     "data.vocab_size": (
@@ -79,7 +79,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
     "train.out_dir": (bool, "a directory path"),
     "train.batch_size": _POSITIVE,
-    "train.seq_len": _NON_NEGATIVE,  # 0: chosen for the run's planned tokens (model/sequence_length.py)
+    "train.seq_len": _NON_NEGATIVE,  # 0: chosen for the run's planned tokens (planning/sequence_length.py)
     "train.tokens_per_update": _NON_NEGATIVE,
     "train.log_interval": _POSITIVE,
     "train.eval_interval": _POSITIVE,

@@ -20,7 +20,7 @@ class ModelConfig:
     max_seq_len: int = 256  # longest context the model supports
     d_model: int = 256  # width of the residual stream; 0 = 64 x n_layers
     # Transformer blocks. 0 = chosen for the run's compute (its time budget or steps, the machine's speed, the
-    # corpus's size) from a ladder of depth d, width 64 d, heads of 64 (model/sizing.py); the plan says why.
+    # corpus's size) from a ladder of depth d, width 64 d, heads of 64 (planning/sizing.py); the plan says why.
     n_layers: int = 4
     n_heads: int = 4  # query heads per block; must divide d_model; 0 = d_model / 64
     n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = n_heads; must divide n_heads
@@ -122,7 +122,7 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     mix: list[MixChange] = field(default_factory=list)
     # The most times a run reads any source over: the shape chosen for a budget (model.n_layers = 0) reads none more
-    # and stops there (model/sizing.py); another run that would read one more is warned as it starts.
+    # and stops there (planning/sizing.py); another run that would read one more is warned as it starts.
     max_epochs: float = 10.0
 
 
@@ -182,7 +182,7 @@ class OptimConfig:
     decay_embeddings: bool = False  # also decay the token embedding (norm gains and biases never are)
     # "repeats": a run that reads a corpus more than REPEATS_FREE times, whose validation text is not its training
     # text over again, trains at a weight decay raised for its epochs, up to max_weight_decay (the plan says which
-    # and why: fasttrain/data/repeats.py); "fixed": weight_decay as set.
+    # and why: fasttrain/planning/repeats.py); "fixed": weight_decay as set.
     weight_decay_rule: Literal["fixed", "repeats"] = "fixed"
     max_weight_decay: float = 6.4  # the rule's ceiling, reached at ~32 epochs (Kim et al. 2025: ~30x the usual 0.1)
     # Written by a run, not set: the decay the "repeats" rule chose for it (0: none chosen), which its resume and
@@ -244,7 +244,7 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch, per process (with seq_len = 0: of 256 tokens)
     # Tokens per training sequence. 0: chosen for the run's planned tokens, 256 below ~7M and 512 from there
     # (if model.max_seq_len allows; packed rows only), batch_size then rows of 256 tokens, and the run's
-    # model.max_seq_len the context chosen (model/sequence_length.py).
+    # model.max_seq_len the context chosen (planning/sequence_length.py).
     seq_len: int = 256
     # Tokens per optimizer step; it sets gradient accumulation = tokens_per_update /
     # (batch_size x seq_len x world size). 0 = one micro-batch per step.

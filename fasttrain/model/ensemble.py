@@ -2,7 +2,7 @@
 
 Imports from fasttrain: config, model.attention, model.transformer.
 
-Where a budget outlasts what its corpus can teach one model (a small corpus read to its epoch limit, data/repeats.py),
+Where a budget outlasts what its corpus can teach one model (a small corpus read to its epoch limit, planning/repeats.py),
 the rest of the time trains more models of the same shape, each from its own initialization, on the same batches:
 an average of independently trained models' probabilities is better than any of them (Kim et al. 2025; on 254K
 tokens of held-out code, 3 x 192 read 4 times: one 1.465 bits per byte, two 1.420, four 1.390). Each member trains

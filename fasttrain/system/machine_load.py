@@ -1,5 +1,5 @@
 """How loaded this machine is now: the threads of other programs runnable at this instant, which take a share of any
-speed timed (model/sizing.py's calibration) and of the run's.
+speed timed (planning/sizing.py's calibration) and of the run's.
 
 Imports from fasttrain: nothing.
 """

@@ -4,7 +4,7 @@ run (opened): locked, claimed by a new run, the resolved config written and the 
 before its first step is taken back whole (run_directory.RunStart).
 
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, compute.device, compute.distributed, config,
-preparation.cache, system.run_lock, training.metrics, training.plan.
+planning.plan, preparation.cache, system.run_lock, training.metrics.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from fasttrain.checkpoints.checkpoint import Checkpointer
 from fasttrain.compute import distributed
 from fasttrain.compute.device import use_device
 from fasttrain.config import Config, save_config
+from fasttrain.planning.plan import RunPlan, plan_run
 from fasttrain.preparation.cache import ensure_prepared
 from fasttrain.system import run_lock
 from fasttrain.training.metrics import MetricsLog, WandbSink, check_log_writable, import_wandb
-from fasttrain.training.plan import RunPlan, plan_run
 
 
 def start_run(cfg: Config, quiet: bool = False, resume: str | None = None) -> RunPlan:

@@ -1,6 +1,6 @@
 """`fasttrain train CONFIG --dry-run --measure N`: N real steps of a planned run, saved nowhere, timed.
 
-Imports from fasttrain: compute.device, config, training.metrics, training.plan, training.trainer.
+Imports from fasttrain: compute.device, config, planning.plan, training.metrics, training.trainer.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import time
 
 from fasttrain.compute.device import compile_failures, synchronize
 from fasttrain.config import format_duration
+from fasttrain.planning.plan import RunPlan
 from fasttrain.training.metrics import peak_flops
-from fasttrain.training.plan import RunPlan
 from fasttrain.training.trainer import Trainer
 
 

@@ -1,14 +1,14 @@
 """A run's plan as `fasttrain train CONFIG --dry-run` prints it: the lines a run prints as it starts
 (reporting.start_lines), then the schedule, the kernels and why, the parallel layout, memory and cadence.
 
-Imports from fasttrain: config, training.plan, training.preflight, training.reporting.
+Imports from fasttrain: config, planning.plan, planning.preflight, training.reporting.
 """
 
 from __future__ import annotations
 
 from fasttrain.config import format_duration
-from fasttrain.training.plan import RunPlan
-from fasttrain.training.preflight import GIB
+from fasttrain.planning.plan import RunPlan
+from fasttrain.planning.preflight import GIB
 from fasttrain.training.reporting import start_lines
 
 

@@ -2,7 +2,7 @@
 made from the values it is given. Nothing here reads the trainer.
 
 Imports from fasttrain: checkpoints.run_state, compute.device, config, data.loader, evaluation.loss_sums,
-optimization.schedule, training.metrics, training.plan.
+optimization.schedule, planning.plan, training.metrics.
 
 The training loop hands over a record per step (to IntervalMeter, which sums them on the
 device until the next log line), one per evaluation, and one per skip, rollback or stop.
@@ -24,8 +24,8 @@ from fasttrain.config import Config, format_duration
 from fasttrain.data.loader import TokenLoader
 from fasttrain.evaluation.loss_sums import perplexity
 from fasttrain.optimization.schedule import PROGRESS_EVENT, Budget
+from fasttrain.planning.plan import Reading, RunPlan
 from fasttrain.training.metrics import MetricsLog, peak_flops, peak_memory_gb
-from fasttrain.training.plan import Reading, RunPlan
 
 
 class Kept(NamedTuple):

@@ -1,8 +1,8 @@
 """The training loop: one train() from its first step to its last, and what happens between the steps.
 
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, checkpoints.run_state, checkpoints.saves,
-compute.distributed, config, data.loader, model.weights, optimization.schedule, system.errors, system.signals,
-training.plan, training.policies, training.reporting.
+compute.distributed, config, data.loader, model.weights, optimization.schedule, planning.plan, system.errors,
+system.signals, training.policies, training.reporting.
 
 After each step the loop asks the policies (policies.py): a streak of non-finite steps rolls the run back to
 a save or stops it (Recovery), evaluations that stop improving end it (EarlyStopping). It evaluates, samples
@@ -31,9 +31,9 @@ from fasttrain.config import Config
 from fasttrain.data.loader import TokenLoader
 from fasttrain.model.weights import export_weights
 from fasttrain.optimization.schedule import Budget
+from fasttrain.planning.plan import RunPlan
 from fasttrain.system.errors import RunStopped
 from fasttrain.system.signals import SignalCatcher
-from fasttrain.training.plan import RunPlan
 from fasttrain.training.policies import EarlyStopping, Recovery, better_save, monitor_anew
 from fasttrain.training.reporting import IntervalMeter, Kept, Report
 

@@ -3,7 +3,7 @@
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_state, compute.device, compute.distributed, config,
 data.loader, data.mixture, data.sampling, evaluation.loss_sums, evaluation.trained_model, evaluation.validation,
 formats.tokenizer, model.ensemble, model.generation, model.weights, optimization.objective, optimization.optimizers,
-optimization.schedule, training.launch, training.plan, training.policies, training.reporting, training.run_loop.
+optimization.schedule, planning.plan, training.launch, training.policies, training.reporting, training.run_loop.
 
     trainer = Trainer(load_config("configs/base.toml"))
     summary = trainer.train()          # or drive it yourself:
@@ -57,8 +57,8 @@ from fasttrain.model.weights import read_hf_llama_weights
 from fasttrain.optimization.objective import NextTokenLoss, batch_loss, counted_targets
 from fasttrain.optimization.optimizers import Updater
 from fasttrain.optimization.schedule import Budget, next_update
+from fasttrain.planning.plan import RunPlan, accumulation_steps  # noqa: F401 (accumulation_steps: kept for the Python API)
 from fasttrain.training.launch import check_start, opened, start_run
-from fasttrain.training.plan import RunPlan, accumulation_steps  # noqa: F401 (accumulation_steps: kept for the Python API)
 from fasttrain.training.policies import resumed_under
 from fasttrain.training.reporting import Report
 from fasttrain.training.run_loop import Interrupted, Loop, StepResult, write_final  # noqa: F401 (Interrupted: what train() raises)

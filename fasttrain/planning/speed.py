@@ -1,4 +1,4 @@
-"""A machine's training speed as a model's size changes: what model/sizing.py times and predicts from.
+"""A machine's training speed as a model's size changes: what planning/sizing.py times and predicts from.
 
 Imports from fasttrain: nothing.
 """

@@ -1,6 +1,6 @@
 """Pre-flight: estimate a run's memory from its config and refuse one that cannot fit, before allocating.
 
-Imports from fasttrain: config, model.sizing, model.transformer, optimization.optimizers, system.errors.
+Imports from fasttrain: config, model.transformer, optimization.optimizers, planning.sizing, system.errors.
 
 A model too large for the machine otherwise ends in an allocator traceback, deep
 in construction or in the first step, or (a million layers) in a construction
@@ -21,9 +21,9 @@ from typing import Sequence
 import torch
 
 from fasttrain.config import Config, OptimConfig
-from fasttrain.model.sizing import MEMORY_SHARE, ladder_shape
 from fasttrain.model.transformer import Transformer, ffn_hidden_size
 from fasttrain.optimization.optimizers import hidden_matrices
+from fasttrain.planning.sizing import MEMORY_SHARE, ladder_shape
 from fasttrain.system.errors import UsageError
 
 # Per parameter, its fp32 weight and gradient (autocast keeps the weights in fp32); the optimizer's state is

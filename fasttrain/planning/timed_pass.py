@@ -1,8 +1,8 @@
-"""What the sizing's timing runs in each pass (model/sizing.calibrate): the run's own loss and update, so the speed
+"""What the sizing's timing runs in each pass (planning/sizing.calibrate): the run's own loss and update, so the speed
 it measures is the run's.
 
-Imports from fasttrain: compute.device, config, model.sizing, model.transformer, optimization.objective,
-optimization.optimizers.
+Imports from fasttrain: compute.device, config, model.transformer, optimization.objective, optimization.optimizers,
+planning.sizing.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import torch
 
 from fasttrain.compute.device import kernels_on
 from fasttrain.config import Config
-from fasttrain.model.sizing import Loss, Update
 from fasttrain.model.transformer import Transformer
 from fasttrain.optimization.objective import NextTokenLoss
 from fasttrain.optimization.optimizers import Updater
+from fasttrain.planning.sizing import Loss, Update
 
 
 def timed_update(cfg: Config, device: torch.device) -> Update:

@@ -1,15 +1,15 @@
 """A run's plan: everything a run of a config decides before it allocates anything, decided once.
 
 Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, compute.kernel_table, config,
-data.documents, data.mixture, data.repeats, formats.shards, formats.tokenizer, model.sequence_length, model.sizing,
-model.transformer, model.weights, optimization.optimizers, optimization.schedule, preparation.cache, system.errors,
-training.preflight, training.timed_pass.
+data.documents, data.mixture, formats.shards, formats.tokenizer, model.transformer, model.weights,
+optimization.optimizers, optimization.schedule, planning.preflight, planning.repeats, planning.sequence_length,
+planning.sizing, planning.timed_pass, preparation.cache, system.errors.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
 
 `plan_run` is the one place that answers "what will this run do": the device and precision, the model's
-shape, context and weight decay (`size_run`, data/repeats.py), the batch, the schedule and budget, how often
+shape, context and weight decay (`size_run`, planning/repeats.py), the batch, the schedule and budget, how often
 each source is read, the mix phases, each kernel's choice and why, the parallel mode and checkpoint format, the
 memory estimate, the cadence. It refuses, in the one line the run would stop with, what the run would refuse;
 it prepares nothing, writes nothing and builds no model (data not prepared yet is planned from an estimate).
@@ -32,20 +32,20 @@ from fasttrain.compute.kernel_table import run_shapes
 from fasttrain.config import Config, ModelConfig, TrainConfig, config_to_toml, load_config, parse_config, resolve
 from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Blend, Source, open_sources, phases, token_shares
-from fasttrain.data.repeats import choose_weight_decay, limit_epochs
 from fasttrain.formats.shards import find_shards
 from fasttrain.formats.tokenizer import Tokenizer
-from fasttrain.model import sizing
-from fasttrain.model.sequence_length import choose_context, recorded_context, short_context, trained_context
-from fasttrain.model.sizing import Corpus, Speed
 from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
 from fasttrain.optimization.optimizers import tied_head_note
 from fasttrain.optimization.schedule import Budget, budget_note, fit_warmup, recorded_progress
+from fasttrain.planning import sizing
+from fasttrain.planning.preflight import check_fits, depths_in_memory, members_in_memory
+from fasttrain.planning.repeats import choose_weight_decay, limit_epochs
+from fasttrain.planning.sequence_length import choose_context, recorded_context, short_context, trained_context
+from fasttrain.planning.sizing import Corpus, Speed
+from fasttrain.planning.timed_pass import timed_loss, timed_update
 from fasttrain.preparation.cache import pending, prepared_dir, stale_cache_note
 from fasttrain.system.errors import UsageError
-from fasttrain.training.preflight import check_fits, depths_in_memory, members_in_memory
-from fasttrain.training.timed_pass import timed_loss, timed_update
 
 Phases = tuple[tuple[int, tuple[float, ...]], ...]  # (first micro-batch, normalized weights), see mixture.phases
 

@@ -1,6 +1,6 @@
 """The model's shape chosen for the run's compute: `model.n_layers = 0`.
 
-Imports from fasttrain: compute.device, config, model.speed, model.transformer, system.errors, system.machine_load.
+Imports from fasttrain: compute.device, config, model.transformer, planning.speed, system.errors, system.machine_load.
 
 A model too large for its budget sees too few tokens; one too small stops learning early. Which is best
 depends on how many tokens the run will train on, and that on the machine's speed, the budget and, for a
@@ -17,7 +17,7 @@ come closest to TOKENS_PER_PARAM, a ratio fitted to this project's sweeps (bench
                    offered that read no source more than data.max_epochs times; under a time budget where every
                    one would, the deepest offered (each stops at the limit: the deepest puts the most compute
                    into the tokens there are)
-    offered      = the depths whose memory estimate (training/preflight.py) is at most MEMORY_SHARE of what the
+    offered      = the depths whose memory estimate (planning/preflight.py) is at most MEMORY_SHARE of what the
                    device has available, and under a time budget whose params(d) are at most UNDERFED x the
                    tokens of data.max_epochs epochs / TOKENS_PER_PARAM (the data bound)
 
@@ -32,7 +32,7 @@ learns it by heart and validation gets worse (on the documentation topics, 93K t
 1.576 after 20; results/recipe/cpu-recipe-pydoc-epochs-2026-11-25.json). A deeper model, which reads it fewer times in
 the same budget, does better there, so no depth that would read it more than data.max_epochs times is chosen.
 And a run under train.max_time stops once it has read a source data.max_epochs times (`epoch_cap`, which the plan
-sets as train.max_steps; optim.weight_decay_rule = "repeats" lowers the limit for new text, data/repeats.py): where
+sets as train.max_steps; optim.weight_decay_rule = "repeats" lowers the limit for new text, planning/repeats.py): where
 every depth offered would read it more often, all train on the same tokens, so the deepest offered trains until
 then (on held-out code read 4.2 times, 3 x 192 scored 1.461 bits per byte against 2 x 128's 1.477).
 A shallower depth stopped at data.max_epochs is not chosen over a deeper one that reads the corpus less: it won on
@@ -71,8 +71,8 @@ from torch import nn
 
 from fasttrain.compute.device import autocast, synchronize
 from fasttrain.config import Config, ModelConfig, TrainConfig
-from fasttrain.model.speed import Speed
 from fasttrain.model.transformer import Transformer, flops_per_token, matmul_params, num_params
+from fasttrain.planning.speed import Speed
 from fasttrain.system.errors import UsageError
 from fasttrain.system.machine_load import busy_note
 

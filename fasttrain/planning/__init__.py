@@ -1,0 +1,13 @@
+"""Planning: what a run decides before it allocates anything, each decision made once (`plan_run`).
+
+Imports from fasttrain: nothing.
+
+Modules, in reading order: plan (`plan_run` and the `RunPlan` it returns: the questions in order), speed (a
+machine's training speed as a model's size changes), timed_pass (what the timing runs: the run's own loss and
+update), sizing (the shape for the budget, the corpus and the memory; the members of an ensemble), sequence_length
+(the context for the tokens planned), repeats (how often the corpus is read: the epoch limit and the weight decay),
+preflight (the memory a shape needs, and whether it fits).
+
+They import the floors below (system, config, compute, formats, preparation, data, model, checkpoints, evaluation,
+optimization); training/ runs what they decide. docs/architecture.md has the plan's page.
+"""
