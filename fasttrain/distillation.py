@@ -1,7 +1,7 @@
 """A distilled run (train.distill): an ensemble trained first, then one model of a member's shape trained on the
 ensemble's probabilities, so that final/ holds one model (one model's memory and cost, and it exports).
 
-Imports from fasttrain: checkpoints.saves, config, planning.sizing.
+Imports from fasttrain: checkpoints.saves, config, planning.members.
 
 It sits with the train command, which runs the phases: each is a Trainer of its own.
 
@@ -10,7 +10,7 @@ It sits with the train command, which runs the phases: each is a Trainer of its 
 
 Each phase is an ordinary run in its own directory, so it saves, resumes and refuses as any run does. Which phase a
 start goes on with is read from the directories (`resumed_phase`): the members' until their metrics.jsonl ends with
-its end event, then the student's. Under train.max_time the members train for `sizing.ensemble_share` of it and
+its end event, then the student's. Under train.max_time the members train for `members.ensemble_share` of it and
 the student for what they left, to the same train.max_steps (the same tokens as one member).
 """
 
@@ -24,7 +24,7 @@ from typing import Sequence
 
 from fasttrain.checkpoints.saves import has_saves
 from fasttrain.config import Config, Seconds, load_config
-from fasttrain.planning.sizing import ensemble_share
+from fasttrain.planning.members import ensemble_share
 
 ENSEMBLE_DIR = "ensemble"  # the members' run, inside the run directory
 # In RUN/ensemble: the whole run began with --overwrite, so its student replaces the earlier run in RUN (which stays

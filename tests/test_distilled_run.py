@@ -21,6 +21,7 @@ from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.export import export
 from fasttrain.model.transformer import flops_per_token
 from fasttrain.planning import sizing
+from fasttrain.planning.members import TEACHER_COST, distill_note, ensemble_members
 from fasttrain.planning.speed import Speed
 from fasttrain.system.errors import UsageError
 from fasttrain.training.trainer import Interrupted, Trainer
@@ -127,19 +128,19 @@ def test_a_time_budget_holds_the_members_and_their_student():
     """One model reaches the epoch limit in 100 s of 600: six models side by side without distillation; with it,
     K members then a student costing 1 + K/2 of one: (6 - 1) / 1.5 = 3.33, so 3, the members for 3 / (3 + 1 + 1.5)
     of the budget, the student for the rest."""
-    assert sizing.TEACHER_COST == 0.5
+    assert TEACHER_COST == 0.5
     shape = replace(sizing.ladder_shape(load_config("configs/base.toml").model, 2), vocab_size=4096)
     t = TrainConfig(max_time=600.0, max_steps=100, seq_len=256)
     rate = flops_per_token(shape, 256) * 1000.0  # 1,000 tokens/s: 100 steps of 1,000 tokens in 100 s
     speed = Speed(((flops_per_token(shape, 256), rate),))
-    assert sizing.ensemble_members(shape, t, 1000, speed, 8)[0] == 6
-    members, note = sizing.ensemble_members(shape, replace(t, distill=True), 1000, speed, 8)
+    assert ensemble_members(shape, t, 1000, speed, 8)[0] == 6
+    members, note = ensemble_members(shape, replace(t, distill=True), 1000, speed, 8)
     assert members == 3 and "final/" not in note
-    assert sizing.ensemble_members(shape, replace(t, distill=True, max_time=250.0), 1000, speed, 8)[0] == 1
+    assert ensemble_members(shape, replace(t, distill=True, max_time=250.0), 1000, speed, 8)[0] == 1
     cfg = tiny_config("data", "runs/x", "model.members=3", "train.distill=true", "train.max_time=600")
     assert ensemble_config(cfg).train.max_time == pytest.approx(600 * 3 / 5.5, abs=1e-3)
     assert ensemble_config(cfg).train.out_dir == os.path.abspath(os.path.join("runs/x", "ensemble"))
-    note = sizing.distill_note(3, cfg.train)
+    note = distill_note(3, cfg.train)
     assert "327 s" in note and "273 s" in note and "final/ holds that one model" in note
 
 

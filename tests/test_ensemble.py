@@ -19,8 +19,9 @@ from fasttrain.model.generation import stream
 from fasttrain.model.transformer import flops_per_token
 from fasttrain.model.weights import export_weights, load_exported
 from fasttrain.optimization.objective import NextTokenLoss
+from fasttrain.planning.members import ensemble_members
 from fasttrain.planning.plan import plan_run
-from fasttrain.planning.sizing import ensemble_members, run_tokens
+from fasttrain.planning.sizing import run_tokens
 from fasttrain.system.errors import UsageError
 from fasttrain.train import main as train_main
 from tests.conftest import tiny_args, tiny_config

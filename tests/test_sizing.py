@@ -17,8 +17,9 @@ import torch
 import fasttrain_kernels._backend
 from fasttrain.config import ModelConfig, load_config
 from fasttrain.model.transformer import flops_per_token, matmul_params
-from fasttrain.planning import sizing
-from fasttrain.planning.sizing import Speed, choose_shape, effective_tokens, ladder_shape, size_model
+from fasttrain.planning import repeats, sizing
+from fasttrain.planning.repeats import effective_tokens
+from fasttrain.planning.sizing import Speed, choose_shape, ladder_shape, size_model
 from fasttrain.system.errors import UsageError, run_cli
 from fasttrain.train import main as train_main
 from tests.conftest import tiny_args, tiny_config
@@ -100,7 +101,7 @@ def test_repeated_tokens_are_worth_less_than_new_ones():
     worth = [effective_tokens(e * 1e5, 1e5) for e in (1, 2, 4, 16, 64, 1000)]
     assert worth == sorted(worth) and worth[0] == 1e5
     gains = [b - a for a, b in zip(worth, worth[1:])]
-    assert worth[1] < 2e5 and worth[-2] < worth[-1] <= 1e5 * (1 + sizing.REPEAT_WORTH)  # never more than R epochs
+    assert worth[1] < 2e5 and worth[-2] < worth[-1] <= 1e5 * (1 + repeats.REPEAT_WORTH)  # never more than R epochs
     assert gains[-1] < gains[0]
 
 
@@ -175,9 +176,9 @@ def test_a_budget_stops_at_ten_epochs_where_every_depth_would_read_more():
     assert every.tokens == pytest.approx(timed.data.max_epochs * unique) and "so the deepest trains" in every.note
     assert choose_shape(counted, reading(*[40.0] * 40), corpus(unique), "").tokens == 40 * unique  # nothing stops it
     # The cap: the updates after which the source read most often has been read data.max_epochs times.
-    assert sizing.epoch_cap(((0.25, 1000.0), (0.75, 6000.0)), 100, 10) == 10 * 4000 // 100
-    assert sizing.epoch_cap(((0.25, 1000.0), (0.75, 6000.0)), 100, 16) == 16 * 4000 // 100
-    assert sizing.epoch_cap((), 100, 10) == 0
+    assert repeats.epoch_cap(((0.25, 1000.0), (0.75, 6000.0)), 100, 10) == 10 * 4000 // 100
+    assert repeats.epoch_cap(((0.25, 1000.0), (0.75, 6000.0)), 100, 16) == 16 * 4000 // 100
+    assert repeats.epoch_cap((), 100, 10) == 0
 
 
 def test_the_plan_sets_the_cap_only_for_a_self_sized_budget(pydoc_data, tmp_path):
@@ -281,7 +282,7 @@ def test_the_calibration_times_the_runs_loss_and_optimizer_step(pydoc_data, tmp_
     the plan hands both to the calibration, which computes that loss (on a CPU the fused head and cross-entropy, as
     the run does) and runs the step after every backward, so the gradients are gone after each pass."""
     from fasttrain.compute.distributed import World
-    from fasttrain.planning import plan as planning
+    from fasttrain.planning import shape
 
     cfg = tiny_config(pydoc_data, tmp_path, "model.vocab_size=512", *AUTO, "optim.name=muon", "train.max_time=60")
     handed, real_calibrate = [], sizing.calibrate
@@ -291,7 +292,7 @@ def test_the_calibration_times_the_runs_loss_and_optimizer_step(pydoc_data, tmp_
         "calibrate",
         lambda cfg, device, update, loss, depths=(): handed.append((update, loss)) or Speed(((1e6, 1e9),)),
     )
-    planning.shape_of(cfg, (), 128, World(), 1, torch.device("cpu"), None, None, None)
+    shape.shape_of(cfg, (), 128, World(), 1, torch.device("cpu"), None, None, None)
     monkeypatch.setattr(sizing, "calibrate", real_calibrate)
     passes, fused_calls = [], []
 

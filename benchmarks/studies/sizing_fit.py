@@ -38,7 +38,7 @@ from benchmarks.studies.common import ROOT
 from benchmarks.studies.recipe_sweep import CASES, prepared, setting
 from fasttrain.config import load_config
 from fasttrain.model.transformer import matmul_params
-from fasttrain.planning import sizing
+from fasttrain.planning import repeats, sizing
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
 RESULTS = ROOT / "benchmarks/results/sizing"
@@ -108,7 +108,7 @@ def rule_depth(tokens_of: dict[int, float], unique: float, ratio: float, max_epo
     read the corpus (of `unique` tokens) at most `max_epochs` times, if any."""
 
     def distance(depth: int) -> float:
-        return abs(math.log(sizing.effective_tokens(tokens_of[depth], unique) / ladder_params(depth) / ratio))
+        return abs(math.log(repeats.effective_tokens(tokens_of[depth], unique) / ladder_params(depth) / ratio))
 
     within = [d for d, t in tokens_of.items() if t <= max_epochs * unique]
     return min(within or tokens_of, key=distance)

@@ -1,9 +1,9 @@
 """A run's plan: everything a run of a config decides before it allocates anything, decided once.
 
 Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, compute.kernel_table, config,
-data.documents, data.mixture, formats.shards, formats.tokenizer, model.transformer, model.weights,
-optimization.optimizers, optimization.schedule, planning.preflight, planning.repeats, planning.sequence_length,
-planning.sizing, planning.timed_pass, preparation.cache, system.errors.
+data.mixture, formats.tokenizer, model.transformer, model.weights, optimization.optimizers, optimization.schedule,
+planning.members, planning.preflight, planning.repeats, planning.sequence_length, planning.shape, planning.sizing,
+preparation.cache, system.errors.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...
@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,21 +28,20 @@ from fasttrain.checkpoints import checkpoint_files
 from fasttrain.compute import distributed
 from fasttrain.compute.device import Kernels, check_attention, check_fp8, kernels_on, resolve_train
 from fasttrain.compute.kernel_table import run_shapes
-from fasttrain.config import Config, ModelConfig, TrainConfig, config_to_toml, load_config, parse_config, resolve
-from fasttrain.data.documents import Rows
-from fasttrain.data.mixture import Blend, Source, open_sources, phases, token_shares
-from fasttrain.formats.shards import find_shards
+from fasttrain.config import Config, TrainConfig, resolve
+from fasttrain.data.mixture import Blend, Source, open_sources, phases
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.transformer import flops_per_token, num_params
-from fasttrain.model.weights import check_hf_tokenizer, hf_llama_model_config
+from fasttrain.model.weights import check_hf_tokenizer
 from fasttrain.optimization.optimizers import tied_head_note
 from fasttrain.optimization.schedule import Budget, budget_note, fit_warmup, recorded_progress
 from fasttrain.planning import sizing
-from fasttrain.planning.preflight import check_fits, depths_in_memory, members_in_memory
-from fasttrain.planning.repeats import choose_weight_decay, limit_epochs
-from fasttrain.planning.sequence_length import choose_context, recorded_context, short_context, trained_context
-from fasttrain.planning.sizing import Corpus, Speed
-from fasttrain.planning.timed_pass import timed_loss, timed_update
+from fasttrain.planning.members import distill_note
+from fasttrain.planning.preflight import check_fits
+from fasttrain.planning.repeats import choose_weight_decay, rows_per_epoch
+from fasttrain.planning.sequence_length import recorded_context, short_context
+from fasttrain.planning.shape import init_shape, size_run
+from fasttrain.planning.sizing import Speed
 from fasttrain.preparation.cache import pending, prepared_dir, stale_cache_note
 from fasttrain.system.errors import UsageError
 
@@ -247,7 +245,7 @@ def plan_run(
     notes += sized_notes
     if t.distill:  # resolved: only a new ensemble is distilled, and config.toml records whether this run is one
         t = replace(t, distill=model.members > 1 and resume is None)
-        notes += [sizing.distill_note(model.members, t)] if t.distill else []
+        notes += [distill_note(model.members, t)] if t.distill else []
     cfg = replace(cfg, model=model, train=t)
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size
     mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)
@@ -294,71 +292,6 @@ def plan_run(
     )
 
 
-def size_run(
-    cfg: Config,
-    sources: tuple[Source, ...],
-    estimate: float,
-    accumulation: int,
-    world: distributed.World,
-    shards: int,
-    device: torch.device,
-    resume: str | None,
-    speed: Speed | None,
-    earlier: tuple[Config, str] | None,
-    context_set: bool,
-) -> tuple[ModelConfig, TrainConfig, Corpus, Speed | None, tuple[int, float] | None, list[str]]:
-    """The model and train sections a run of `cfg` (its train.seq_len the short or recorded context) trains: the shape
-    (model.n_layers = 0: chosen for the run's compute, sizing.py) and members (model.members = 0: those `earlier`
-    recorded, else more than one where the epoch limit stops one early), the context (unless `context_set` or `earlier`
-    recorded it: chosen for the tokens planned at the short one, sequence_length.py), the model's max_seq_len the
-    context trained unless `context_set`, and a self-sized budget's stop at data.max_epochs or the repeats rule's
-    lower limit (train.max_steps); with the corpus they were weighed on (each source's share of the run and its
-    tokens an epoch, as the loader reads them; `estimate` for a folder not prepared yet), the speed timed, the
-    source index and verbatim overlap the repeats rule measured (None: not measured), and the notes."""
-    t, notes, choose_seq_len = cfg.train, [], not context_set and earlier is None
-    mix, _ = phases(cfg.data, t.max_steps, accumulation)
-    shares = token_shares(mix, t.max_steps * accumulation)
-
-    def corpus_at(c: Config) -> Corpus:  # a folder not prepared yet: its estimate
-        epochs = [rows_per_epoch(s, c, world.size) * c.train.seq_len for s in sources]
-        return tuple(zip(shares, epochs)) or ((1.0, estimate),)
-
-    corpus = corpus_at(cfg)
-    self_sized = not cfg.model.n_layers and t.max_time and not cfg.schedule.progress_from
-    cfg, limit_note, measured = limit_epochs(cfg, sources, corpus) if self_sized else (cfg, "", None)
-    tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size  # the same at either context
-    model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, device, resume, speed, earlier)
-    cap = sizing.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
-    if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
-        known = speed is not None or not t.max_time  # a time budget's tokens come from a speed timed
-        tokens = min(sizing.run_tokens(t, model, tokens_per_step, speed), cap * tokens_per_step or math.inf)
-        t, context_note = choose_context(t, cfg.model, cfg.data.batching, tokens if known else math.inf)
-        notes.append(context_note)
-        if t != cfg.train:  # its rows fill whole batches a little differently: the epochs counted again
-            cfg = replace(cfg, train=t)
-            corpus = corpus_at(cfg)
-            cap = sizing.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
-            model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, device, resume, speed, earlier)
-    reaches = cap and sizing.run_tokens(t, model, tokens_per_step, speed) >= cap * tokens_per_step  # said only if so
-    notes += [n for n in (limit_note if reaches else "", note) if n]
-    model = model if context_set else trained_context(model, t)
-    if earlier and not model.members:  # resumed or replayed: the members recorded, whatever set the shape
-        model = replace(model, members=earlier[0].model.members)
-    members, note = model.members or 1, ""
-    if cap and (not t.max_steps or cap < t.max_steps):  # a self-sized budget stops before it overfits (sizing.py)
-        t = replace(t, max_steps=cap)
-        if reaches:
-            notes.append(
-                f"train.max_steps = {cap}: a budgeted run with model.n_layers = 0 stops when it has read the corpus "
-                f"{cfg.data.max_epochs:g} times ({'the limit above' if limit_note else 'data.max_epochs'}) or earlier"
-            )
-        most = members_in_memory(replace(cfg, model=model, train=t), device, shards)
-        members, note = (
-            (members, "") if model.members else sizing.ensemble_members(model, t, tokens_per_step, speed, most)
-        )
-    return replace(model, members=members), t, corpus, speed, measured, notes + ([note] if note else [])
-
-
 def accumulation_steps(t: TrainConfig, world_size: int = 1) -> int:
     """Micro-batches per optimizer step: tokens_per_update / (batch_size x seq_len x world_size), of a planned `t`
     (train.seq_len chosen: RunPlan.cfg.train; the plan asks at the short context, whose rows hold the tokens of
@@ -391,104 +324,6 @@ def compile_mode_note(t: TrainConfig, device: torch.device) -> str:
             "the compile is the default one"
         )
     return ""
-
-
-def shape_of(
-    cfg: Config,
-    corpus: Corpus,
-    tokens_per_step: int,
-    world: distributed.World,
-    shards: int,
-    device: torch.device,
-    resume: str | None,
-    speed: Speed | None,
-    recorded: tuple[Config, str] | None,
-) -> tuple[ModelConfig, str, Speed | None]:
-    """cfg.model with no 0 left in its shape, a note ("" if none) and the speed it was chosen at: model.d_model or
-    n_heads 0 are derived from the depth; model.n_layers = 0 is the shape the run being resumed (`resume`) or replayed
-    recorded (`recorded`: checkpoint_files.recorded_config), else chosen for the run's compute (sizing.size_model) on
-    `corpus` (each source's share of the run and its training tokens), of the depths whose memory split over
-    `shards` ranks fits. UsageError for a shape whose heads do not fit its width."""
-    m = cfg.model
-    if m.n_layers:
-        shape = m if m.d_model and m.n_heads else sizing.ladder_shape(m, m.n_layers)
-        width = f"model.d_model = {m.d_model}" if m.d_model else f"width {shape.d_model} (64 x model.n_layers)"
-        if not sizing.fits(replace(shape, n_kv_heads=0)):  # a set n_heads the derived width does not split evenly
-            raise UsageError(
-                f"model.n_heads = {m.n_heads} does not divide {width} into even head sizes; set model.d_model too"
-            )
-        if not sizing.fits(shape):
-            raise UsageError(
-                f"model.n_kv_heads = {m.n_kv_heads} does not divide the {sizing.plural(shape.n_heads, 'head')} of {width} "
-                f"(heads of {sizing.HEAD_DIM}); set model.n_heads too"
-            )
-        return shape, "", speed
-    if recorded is None:  # no shape is timed or chosen whose memory estimate leaves the device no margin
-        depths = depths_in_memory(cfg, device, sizing.fitting_depths(m), shards)
-        update, loss = timed_update(cfg, device), timed_loss(cfg, device)
-        return sizing.size_model(cfg, corpus, tokens_per_step, world.size, device, speed, update, loss, depths)
-    r, where = recorded[0].model, recorded[1]
-    if unset := [k for k in ("n_layers", "d_model", "n_heads") if not getattr(r, k)]:
-        raise UsageError(
-            f"{where}: model.{unset[0]} = 0, but a run's config records the shape it trained (n_layers, d_model and "
-            "n_heads, each above 0); put back the value the run was started with"
-        )
-    shape = replace(m, n_layers=r.n_layers, d_model=r.d_model, n_heads=r.n_heads)
-    return (
-        shape,
-        (
-            f"model.n_layers = 0: the {'resumed' if resume is not None else 'replayed'} run's shape, "
-            f"{shape.n_layers} x {shape.d_model} with {sizing.plural(shape.n_heads, 'head')}, as {where} records it"
-        ),
-        speed,
-    )
-
-
-def init_shape(cfg: Config) -> tuple[ModelConfig, str, str]:
-    """cfg.model, or with model.init_from the shape of that Hugging Face model (its config.json), with a note
-    saying which of its values it replaced ("" if none); UsageError if the config does not hold with that shape
-    (train.seq_len beyond its context, say), as config.py checks any config. Third, the error a new run gets
-    if the source is gone since the run in train.out_dir began ("" if not): then the shape is the one that run
-    recorded, and only a resume can go on."""
-    m, missing = cfg.model, ""
-    if not m.init_from:
-        return m, "", ""
-    source, recorded = Path(m.init_from) / "config.json", Path(cfg.train.out_dir) / "config.toml"
-    run = load_config(recorded).model if not os.path.lexists(source) and recorded.is_file() else None
-    if run is not None and run.init_from == m.init_from:  # its checkpoints hold the weights
-        missing = (
-            f"{source}: no such file (model.init_from); a new run starts from its weights, only --resume "
-            "continues the run without them"
-        )
-        shaped = replace(run, dropout=m.dropout)
-        what = f"{recorded}'s, as {m.init_from} is gone"
-    else:
-        shaped = hf_llama_model_config(m.init_from, m)
-        what = f"{source}'s"
-    parse_config(config_to_toml(replace(cfg, model=shaped)), f"model.init_from {source}")  # validated whole
-    changed = [
-        f"{f.name} {getattr(m, f.name)} -> {getattr(shaped, f.name)}"
-        for f in fields(m)
-        if getattr(m, f.name) != getattr(shaped, f.name)
-    ]
-    note = f"model.init_from: the shape is {what} ({', '.join(changed)})" if changed else ""
-    return shaped, note, missing
-
-
-def rows_per_epoch(source: Source, cfg: Config, world_size: int) -> int:
-    """Training rows of `source` one epoch reads: its rows (data.batching) that fill whole rounds of batch_size x
-    world_size; UsageError if not even one round (as the run's loader says). Reads shard headers, and for
-    document rows the shards' document index (never cached here: see documents.document_starts)."""
-    t, d = cfg.train, cfg.data
-    rows = Rows(find_shards(source.dir, "train"), t.seq_len, d.batching, source.data.meta["eot_id"], cache=False)
-    per_round = t.batch_size * world_size
-    if rows.num_rows < per_round:
-        what = f"windows of {t.seq_len + 1} tokens" if d.batching == "packed" else f"{d.batching} rows"
-        raise UsageError(
-            f"{source.dir}: the train split has {rows.num_rows} {what}, fewer than one batch of "
-            f"{t.batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data"
-        )
-    return rows.num_rows // per_round * per_round
 
 
 def kernel_reasons(cfg: Config, kernels: Kernels) -> tuple[str, ...]:

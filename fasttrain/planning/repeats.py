@@ -1,6 +1,6 @@
 """A corpus read many times: optim.weight_decay_rule = "repeats" chooses the weight decay and the epoch limit.
 
-Imports from fasttrain: config, data.mixture, formats.shards.
+Imports from fasttrain: config, data.documents, data.mixture, formats.shards, system.errors.
 
 A run that reads a small corpus over and over can learn the training text itself instead of the language: its
 validation loss turns up while the training loss goes on falling. Weight decay holds it back, but how much a run
@@ -42,8 +42,10 @@ from typing import Sequence
 import numpy as np
 
 from fasttrain.config import Config, OptimConfig
+from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Source
 from fasttrain.formats.shards import find_shards, token_blocks
+from fasttrain.system.errors import UsageError
 
 REPEATS_FREE = 3.0  # epochs up to which repeats need no more decay than new data
 NOVEL_EPOCHS = 4.0  # the most epochs of a corpus whose validation text is new that a self-sized budget reads
@@ -54,6 +56,38 @@ PER_DOUBLING = 2.0  # 2.5 at 8 epochs, 4.5 at 16, 6.5 at 32 (the ceiling, optim.
 MEMORISED = 0.5  # an overlap at which validation is taken to reward recall as much as generalising (novelty 0)
 SPAN = 16  # tokens: a span this long found verbatim is the training text, not a common phrase
 MAX_TRAIN_TOKENS = 1 << 23  # of the training split hashed (64 MB): a longer one is compared by its start
+REPEAT_WORTH = 15.0  # R: epochs over which a repeated token's worth falls by e (Muennighoff et al.)
+
+# Per source: (its share of the run's tokens, the training tokens one epoch of the loader reads: its rows that fill
+# whole batches, so the epochs counted here are the loader's)
+Corpus = Sequence[tuple[float, float]]
+
+
+def effective_tokens(tokens: float, unique: float | None) -> float:
+    """What `tokens` of training on a corpus of `unique` tokens (None: unknown, taken as unlimited) are worth in
+    tokens seen once (the module docstring's `worth`)."""
+    if not unique or tokens <= unique:
+        return tokens
+    return unique * (1 + REPEAT_WORTH * (1 - math.exp(-(tokens / unique - 1) / REPEAT_WORTH)))
+
+
+def corpus_worth(tokens: float, corpus: Corpus) -> float:
+    """What `tokens` of training are worth over the run's sources (`corpus`; empty while it is not prepared:
+    taken as unlimited): each source's share of them, discounted by that source's own epochs."""
+    return sum(effective_tokens(tokens * share, unique) for share, unique in corpus) if corpus else tokens
+
+
+def epoch_tokens(corpus: Corpus) -> float:
+    """The run's tokens per epoch of the source it reads most often (share, training tokens in `corpus`); 0 when
+    the corpus is not known yet."""
+    return min((unique / share for share, unique in corpus if share > 0), default=0.0)
+
+
+def epoch_cap(corpus: Corpus, tokens_per_step: int, max_epochs: float) -> int:
+    """The updates (of `tokens_per_step` tokens) after which the run has read one of `corpus`'s sources `max_epochs`
+    times, the one it reads most often; 0 when the corpus is not known yet."""
+    per_epoch = epoch_tokens(corpus)
+    return max(int(max_epochs * per_epoch / tokens_per_step), 1) if per_epoch else 0
 
 
 def span_hashes(tokens: np.ndarray) -> np.ndarray:
@@ -201,3 +235,19 @@ def limit_epochs(
         "training text, and more epochs of new text teach the text, not the language"
     )
     return replace(cfg, data=replace(cfg.data, max_epochs=limit)), note, (most, overlap)
+
+
+def rows_per_epoch(source: Source, cfg: Config, world_size: int) -> int:
+    """Training rows of `source` one epoch reads: its rows (data.batching) that fill whole rounds of batch_size x
+    world_size; UsageError if not even one round (as the run's loader says). Reads shard headers, and for
+    document rows the shards' document index (never cached here: see documents.document_starts)."""
+    t, d = cfg.train, cfg.data
+    rows = Rows(find_shards(source.dir, "train"), t.seq_len, d.batching, source.data.meta["eot_id"], cache=False)
+    per_round = t.batch_size * world_size
+    if rows.num_rows < per_round:
+        what = f"windows of {t.seq_len + 1} tokens" if d.batching == "packed" else f"{d.batching} rows"
+        raise UsageError(
+            f"{source.dir}: the train split has {rows.num_rows} {what}, fewer than one batch of "
+            f"{t.batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data"
+        )
+    return rows.num_rows // per_round * per_round

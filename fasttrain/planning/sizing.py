@@ -1,6 +1,7 @@
 """The model's shape chosen for the run's compute: `model.n_layers = 0`.
 
-Imports from fasttrain: compute.device, config, model.transformer, planning.speed, system.errors, system.machine_load.
+Imports from fasttrain: compute.device, config, model.transformer, planning.repeats, planning.speed, system.errors,
+system.machine_load.
 
 A model too large for its budget sees too few tokens; one too small stops learning early. Which is best
 depends on how many tokens the run will train on, and that on the machine's speed, the budget and, for a
@@ -26,12 +27,12 @@ embedding and the value embeddings, left out, as nanochat counts), so a table th
 move the choice; the sweeps the ratio was fitted to had tied heads, whose params(d) is every parameter.
 
 `worth` is Muennighoff et al.'s (2023) value of repeated data: the k-th epoch is worth exp(-(k-1)/R) of the
-first, R = REPEAT_WORTH epochs. Past about ten epochs a small corpus is worth less than nothing: the model
+first, R = repeats.REPEAT_WORTH epochs. Past about ten epochs a small corpus is worth less than nothing: the model
 learns it by heart and validation gets worse (on the documentation topics, 93K tokens, equal tokens: depth 2 scored
 1.269 bits per byte after 10 epochs and 1.551 after 20, depth 3 1.271 after 6.6 and 1.333 after 13, depth 1
 1.576 after 20; results/recipe/cpu-recipe-pydoc-epochs-2026-11-25.json). A deeper model, which reads it fewer times in
 the same budget, does better there, so no depth that would read it more than data.max_epochs times is chosen.
-And a run under train.max_time stops once it has read a source data.max_epochs times (`epoch_cap`, which the plan
+And a run under train.max_time stops once it has read a source data.max_epochs times (`repeats.epoch_cap`, which the plan
 sets as train.max_steps; optim.weight_decay_rule = "repeats" lowers the limit for new text, planning/repeats.py): where
 every depth offered would read it more often, all train on the same tokens, so the deepest offered trains until
 then (on held-out code read 4.2 times, 3 x 192 scored 1.461 bits per byte against 2 x 128's 1.477).
@@ -72,6 +73,7 @@ from torch import nn
 from fasttrain.compute.device import autocast, synchronize
 from fasttrain.config import Config, ModelConfig, TrainConfig
 from fasttrain.model.transformer import Transformer, flops_per_token, matmul_params, num_params
+from fasttrain.planning.repeats import Corpus, corpus_worth, epoch_tokens
 from fasttrain.planning.speed import Speed
 from fasttrain.system.errors import UsageError
 from fasttrain.system.machine_load import busy_note
@@ -83,7 +85,6 @@ DEPTHS = tuple(range(1, 33))  # the ladder
 # least against the best depth at 30 s to 5 min, 1 and 2 threads, both corpora: worst 0.05 bits per byte, at
 # the depth-1 / depth-2 boundary; mean 0.007.
 TOKENS_PER_PARAM = 1.455
-REPEAT_WORTH = 15.0  # R: epochs over which a repeated token's worth falls by e (Muennighoff et al.)
 # What the sweeps covered: effective tokens, and epochs of a corpus (the ladder to 3.3, the documentation topics to
 # 20); the rule extrapolates beyond (the plan says so).
 SWEPT = (1e5, 3.3e6)
@@ -104,15 +105,6 @@ MEMORY_SHARE = 0.5
 # tokens per parameter. The evidence bounds it from below only: on the documentation topics depth 3, at 0.29 (6.6
 # epochs), scored as well as depth 2 at 10 epochs (the module docstring's runs).
 UNDERFED = 4.0
-# An ensemble's members where one model reaches the epoch limit early: on 254K tokens of held-out code (3 x 192 read
-# 4 times, bits per byte) one scored 1.465, two 1.420, four 1.390, eight 1.373 (docs/performance.md); each doubling
-# gains less, and costs as much.
-MAX_MEMBERS = 8
-# A distilled ensemble's student (train.distill) runs its teacher's forward on every batch, no backward: each member
-# taught costs this share of one model's training step: a third of its FLOPs, measured 0.33-0.48 on a CPU (held-out
-# code, 3 x 192, bf16, 2-core EPYC: a student of three 2.43x one model's step, of four 2.35x; docs/performance.md).
-# The upper end, so the student has the time to read what a member read.
-TEACHER_COST = 0.5
 
 
 @dataclass(frozen=True)
@@ -144,88 +136,10 @@ def fits(shape: ModelConfig) -> bool:
     return d % h == 0 and (d // h) % 2 == 0 and (not kv or h % kv == 0)
 
 
-# Per source: (its share of the run's tokens, the training tokens one epoch of the loader reads: its rows that fill
-# whole batches, so the epochs counted here are the loader's)
-Corpus = Sequence[tuple[float, float]]
-
-
-def effective_tokens(tokens: float, unique: float | None) -> float:
-    """What `tokens` of training on a corpus of `unique` tokens (None: unknown, taken as unlimited) are worth in
-    tokens seen once (the module docstring's `worth`)."""
-    if not unique or tokens <= unique:
-        return tokens
-    return unique * (1 + REPEAT_WORTH * (1 - math.exp(-(tokens / unique - 1) / REPEAT_WORTH)))
-
-
-def corpus_worth(tokens: float, corpus: Corpus) -> float:
-    """What `tokens` of training are worth over the run's sources (`corpus`; empty while it is not prepared:
-    taken as unlimited): each source's share of them, discounted by that source's own epochs."""
-    return sum(effective_tokens(tokens * share, unique) for share, unique in corpus) if corpus else tokens
-
-
-def epoch_tokens(corpus: Corpus) -> float:
-    """The run's tokens per epoch of the source it reads most often (share, training tokens in `corpus`); 0 when
-    the corpus is not known yet."""
-    return min((unique / share for share, unique in corpus if share > 0), default=0.0)
-
-
-def epoch_cap(corpus: Corpus, tokens_per_step: int, max_epochs: float) -> int:
-    """The updates (of `tokens_per_step` tokens) after which the run has read one of `corpus`'s sources `max_epochs`
-    times, the one it reads most often; 0 when the corpus is not known yet."""
-    per_epoch = epoch_tokens(corpus)
-    return max(int(max_epochs * per_epoch / tokens_per_step), 1) if per_epoch else 0
-
-
 def tokens_per_s(speed: Speed, shape: ModelConfig, seq_len: int) -> float:
     """The training tokens a second `shape` gets through at `speed` (timed on single models): an ensemble's members
     (model/ensemble.py) each take one model's time."""
     return speed.tokens_per_s(flops_per_token(replace(shape, members=1), seq_len)) / max(shape.members, 1)
-
-
-def ensemble_members(
-    shape: ModelConfig, t: TrainConfig, tokens_per_step: int, speed: Speed | None, most: int
-) -> tuple[int, str]:
-    """How many models of `shape` (model.members = 0) a budget trains side by side when it stops one at train.max_steps
-    (`epoch_cap`) before train.max_time: the budget over one's time to the limit at `speed`, rounded (1.9: 2, each at
-    95% of it, not 1 and half the budget unused), at most MAX_MEMBERS and `most` (memory); 1 untimed. With
-    train.distill the budget holds the student too: K members and then one model taught by them, which reads what a
-    member reads at 1 + K x TEACHER_COST of its time (`ensemble_share`). With a note."""
-    if not (t.max_time and t.max_steps and speed):
-        return 1, ""
-    seconds = t.max_steps * tokens_per_step / tokens_per_s(speed, shape, t.seq_len)
-    budgets = t.max_time / seconds  # one model's time to the limit, this many times over
-    wanted = (budgets - 1) / (1 + TEACHER_COST) if t.distill else budgets
-    members = min(int(wanted + 0.5), MAX_MEMBERS, most)
-    if members < 2:
-        return 1, ""
-    return members, (
-        f"model.members = {members}: one model reaches the epoch limit in about {seconds:.0f} s of the "
-        f"{t.max_time:g} s, so {members} train side by side, each from its own initialization, to the limit or as "
-        "near as the budget allows"
-        + ("" if t.distill else "; final/ scores the mean of their probabilities (an ensemble)")
-    )
-
-
-def ensemble_share(members: int) -> float:
-    """The share of a distilled run's train.max_time its `members` train in (the rest is the student's): each
-    member's time to the limit, K of them, against the student's 1 + K x TEACHER_COST of it."""
-    return members / (members + 1 + members * TEACHER_COST)
-
-
-def distill_note(members: int, t: TrainConfig) -> str:
-    """The plan's words on an ensemble of `members` distilled under `t` (train.distill)."""
-    if t.max_time:
-        first = t.max_time * ensemble_share(members)
-        when = (
-            f"the {members} members train for {first:.0f} s of train.max_time into ensemble/, then one model of "
-            f"their shape for the remaining {t.max_time - first:.0f} s"
-        )
-    else:
-        when = f"the {members} members train {t.max_steps} steps into ensemble/, then one model of their shape as many"
-    return (
-        f"train.distill: {when}, learning their mean probabilities (a step costs it 1 + {members} x "
-        f"{TEACHER_COST:.2f} of a member's); final/ holds that one model, ensemble/final/ the members"
-    )
 
 
 def choose_shape(
@@ -236,7 +150,7 @@ def choose_shape(
     is how many tokens the run trains on at that shape, `corpus` each source's share and training tokens (empty
     while the data is not prepared), `why` how the tokens were found (for the note), `depths` those the device's
     memory holds (default: every depth that fits the set keys). Under train.max_time the run stops at
-    data.max_epochs (`epoch_cap`): where every depth would read the corpus more often, the ratio chooses and the run
+    data.max_epochs (`repeats.epoch_cap`): where every depth would read the corpus more often, the ratio chooses and the run
     stops early; and no depth is offered whose parameters exceed the data bound (module docstring)."""
     m, most = cfg.model, cfg.data.max_epochs
     stops = bool(cfg.train.max_time and epoch_tokens(corpus))  # the plan sets epoch_cap as train.max_steps

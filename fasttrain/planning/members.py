@@ -1,0 +1,72 @@
+"""An ensemble where one model would read a small corpus out early (model.members = 0), and the time a distilled
+ensemble's student takes (train.distill).
+
+Imports from fasttrain: config, planning.sizing, planning.speed.
+
+A budget under train.max_time whose self-sized model stops at the epoch limit (repeats.epoch_cap) well before the
+budget ends has time for more models of that shape, side by side, each from its own initialization: their mean
+probabilities score better than one (docs/performance.md, "An ensemble where the corpus runs out"). With
+train.distill the budget also holds one model of their shape taught by them, which exports (fasttrain/distillation.py).
+"""
+
+from __future__ import annotations
+
+from fasttrain.config import ModelConfig, TrainConfig
+from fasttrain.planning.sizing import tokens_per_s
+from fasttrain.planning.speed import Speed
+
+# An ensemble's members where one model reaches the epoch limit early: on 254K tokens of held-out code (3 x 192 read
+# 4 times, bits per byte) one scored 1.465, two 1.420, four 1.390, eight 1.373 (docs/performance.md); each doubling
+# gains less, and costs as much.
+MAX_MEMBERS = 8
+# A distilled ensemble's student (train.distill) runs its teacher's forward on every batch, no backward: each member
+# taught costs this share of one model's training step: a third of its FLOPs, measured 0.33-0.48 on a CPU (held-out
+# code, 3 x 192, bf16, 2-core EPYC: a student of three 2.43x one model's step, of four 2.35x; docs/performance.md).
+# The upper end, so the student has the time to read what a member read.
+TEACHER_COST = 0.5
+
+
+def ensemble_members(
+    shape: ModelConfig, t: TrainConfig, tokens_per_step: int, speed: Speed | None, most: int
+) -> tuple[int, str]:
+    """How many models of `shape` (model.members = 0) a budget trains side by side when it stops one at train.max_steps
+    (repeats.epoch_cap) before train.max_time: the budget over one's time to the limit at `speed`, rounded (1.9: 2, each at
+    95% of it, not 1 and half the budget unused), at most MAX_MEMBERS and `most` (memory); 1 untimed. With
+    train.distill the budget holds the student too: K members and then one model taught by them, which reads what a
+    member reads at 1 + K x TEACHER_COST of its time (`ensemble_share`). With a note."""
+    if not (t.max_time and t.max_steps and speed):
+        return 1, ""
+    seconds = t.max_steps * tokens_per_step / tokens_per_s(speed, shape, t.seq_len)
+    budgets = t.max_time / seconds  # one model's time to the limit, this many times over
+    wanted = (budgets - 1) / (1 + TEACHER_COST) if t.distill else budgets
+    members = min(int(wanted + 0.5), MAX_MEMBERS, most)
+    if members < 2:
+        return 1, ""
+    return members, (
+        f"model.members = {members}: one model reaches the epoch limit in about {seconds:.0f} s of the "
+        f"{t.max_time:g} s, so {members} train side by side, each from its own initialization, to the limit or as "
+        "near as the budget allows"
+        + ("" if t.distill else "; final/ scores the mean of their probabilities (an ensemble)")
+    )
+
+
+def ensemble_share(members: int) -> float:
+    """The share of a distilled run's train.max_time its `members` train in (the rest is the student's): each
+    member's time to the limit, K of them, against the student's 1 + K x TEACHER_COST of it."""
+    return members / (members + 1 + members * TEACHER_COST)
+
+
+def distill_note(members: int, t: TrainConfig) -> str:
+    """The plan's words on an ensemble of `members` distilled under `t` (train.distill)."""
+    if t.max_time:
+        first = t.max_time * ensemble_share(members)
+        when = (
+            f"the {members} members train for {first:.0f} s of train.max_time into ensemble/, then one model of "
+            f"their shape for the remaining {t.max_time - first:.0f} s"
+        )
+    else:
+        when = f"the {members} members train {t.max_steps} steps into ensemble/, then one model of their shape as many"
+    return (
+        f"train.distill: {when}, learning their mean probabilities (a step costs it 1 + {members} x "
+        f"{TEACHER_COST:.2f} of a member's); final/ holds that one model, ensemble/final/ the members"
+    )
