@@ -226,3 +226,50 @@ def test_a_compile_mode_that_does_nothing_is_a_note(sets, said, pydoc_data, tmp_
     assert run_cli_code(train.main, tiny_args(pydoc_data, tmp_path / "run", *sets, flags=["--dry-run"])) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if "train.compile_mode" in line]
     assert notes == ([] if said is None else [notes[0]]) and (said is None or said in notes[0]), notes
+
+
+@pytest.mark.parametrize("case", ["topics", "code", "mixture"])
+def test_the_dry_run_records_each_choice_with_its_reason_and_what_it_measured(
+    case, pydoc_data, code_data, tmp_path, monkeypatch
+):
+    """A self-sized budget on a small corpus read many times (the topics, whose validation text repeats their training
+    text; code, whose does not; a mixture): `--dry-run --json`, which is the start event of metrics.jsonl, holds each
+    choice (shape, context, epoch limit and stop, weight decay), the note that explains it, and what the plan
+    measured to make it: the machine's speed and the most-read source's overlap."""
+    from fasttrain.planning import sizing
+    from fasttrain.planning.repeats import RECALLED
+    from fasttrain.planning.speed import Speed
+
+    speed = Speed(((1e6, 1e11),))  # fast enough to read the corpus to its limit in the budget
+    monkeypatch.setattr(sizing, "calibrate", lambda cfg, device, update, loss, depths=(): speed)
+    sets = ["model.n_layers=0", "model.d_model=0", "model.n_heads=0", "train.max_steps=0", "train.max_time=600"]
+    sets += ["train.seq_len=0", "model.max_seq_len=64", 'optim.weight_decay_rule="repeats"']
+    if case == "mixture":  # the topics and the code, 3:1 (a budget has no steps to place data.mix changes at)
+        sources = f'[{{dir="{pydoc_data}", weight=3}}, {{dir="{code_data}", weight=1}}]'
+        sets += ['data.dir=""', "data.inputs=[]", "data.vocab_size=0", f"data.sources={sources}"]
+    data = code_data if case == "code" else pydoc_data
+    sets += ["data.vocab_size=0"] if case == "code" else []  # prepared with the topics' tokenizer: the folder's
+    status, printed = dry_run(*tiny_args(data, tmp_path / "run", *sets, flags=["--quiet"]), "--json")
+    assert status == 0, printed
+    plan = json.loads(printed)
+    notes = plan["notes"]
+
+    def said(start: str) -> str:
+        found = [n for n in notes if n.startswith(start)]
+        assert len(found) == 1, (start, notes)
+        return found[0]
+
+    assert said("model.n_layers = 0: ").startswith(f"model.n_layers = 0: depth {plan['shape']['n_layers']} ")
+    assert said("train.seq_len = 0: ").startswith(f"train.seq_len = 0: {plan['seq_len']} ")
+    assert plan["speed"] == {"points": [[1e6, 1e11]]}
+    overlap = plan["overlap"]
+    assert overlap["source"] in [s["name"] for s in plan["sources"]] and 0 <= overlap["fraction"] <= 1, overlap
+    assert said(f"train.max_steps = {plan['max_steps']}: ")  # the budget stops at the epoch limit
+    if overlap["fraction"] >= RECALLED:  # validation rewards recall: data.max_epochs holds
+        assert plan["epoch_limit"] == 10 and case != "code"
+    else:  # new text: a lower limit, said with the overlap that set it
+        limit = said("optim.weight_decay_rule = repeats: the budget reads")
+        assert plan["epoch_limit"] < 10 and f"at most {plan['epoch_limit']:g} times" in limit, (plan, notes)
+        assert f"{overlap['fraction']:.1%} of its validation" in limit
+    decay = said("optim.weight_decay_rule = repeats: weight decay")
+    assert f"weight decay {plan['weight_decay']:g}" in decay or f"-> {plan['weight_decay']:g}: " in decay, decay

@@ -70,7 +70,7 @@ def test_a_small_new_corpus_read_twenty_times_gets_more_decay_and_one_read_once_
     expected = repeats.repeat_decay(OptimConfig(), many.reading().epochs[0], overlap)  # the ceiling, times the novelty
     assert many.cfg.optim.decay() == round(expected, 3) and expected > 1.6
     note = next(n for n in many.notes if n.startswith("optim.weight_decay_rule = repeats"))
-    assert f"weight decay 0.1 -> {expected:.3g}: it reads code 20.0 times over and {overlap:.0%} of its" in note
+    assert f"weight decay 0.1 -> {round(expected, 3):g}: it reads code 20.0 times over and {overlap:.0%} of its" in note
     # the topics' validation text is mostly their training text: read as often, the decay is kept
     topics = plan(pydoc_data, tmp_path, "train.batch_size=64", f"train.max_steps={20 * (many.rows_per_epoch[0] // 16)}")
     read = topics.reading().epochs[0]

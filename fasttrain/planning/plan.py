@@ -83,6 +83,8 @@ class RunPlan:
     init_missing: str  # model.init_from gone since the run in train.out_dir began: the error a new run gets
     notes: tuple[str, ...]  # the "note: ..." lines the run prints before it starts
     speed: Speed | None  # the machine's training speed a shape chosen for a time budget used (sizing.py)
+    overlap: tuple[str, float] | None  # the most-read source and its verbatim overlap, where the plan measured it
+    epoch_limit: float  # data.max_epochs, or the repeats rule's lower limit for new text (repeats.limit_epochs)
 
     @property
     def precision(self) -> str:
@@ -186,6 +188,13 @@ class RunPlan:
             "out_dir": t.out_dir,
             "members": c.model.members,
             "distill": t.distill,
+            # What the plan chose and what it measured to choose it; `notes` says why, as the run prints them
+            "shape": {"n_layers": c.model.n_layers, "d_model": c.model.d_model, "n_heads": c.model.n_heads},
+            "weight_decay": c.optim.decay(),
+            "epoch_limit": self.epoch_limit,
+            "overlap": None if self.overlap is None else {"source": self.overlap[0], "fraction": self.overlap[1]},
+            "speed": None if self.speed is None else {"points": [list(p) for p in self.speed.points]},
+            "notes": list(self.notes),
         }
 
 
@@ -239,10 +248,10 @@ def plan_run(
         note = check_hf_tokenizer(shape.init_from, Tokenizer.load(tokenizer_file), tokenizer_file)
         notes += [note] if note else []
     accumulation = accumulation_steps(t, world.size)
-    model, t, corpus, speed, measured, sized_notes = size_run(
+    sized = size_run(
         cfg, sources, estimate, accumulation, world, shard_group, device, resume, speed, earlier, context_set
     )
-    notes += sized_notes
+    model, t, corpus, speed, notes = sized.model, sized.train, sized.corpus, sized.speed, notes + list(sized.notes)
     if t.distill:  # resolved: only a new ensemble is distilled, and config.toml records whether this run is one
         t = replace(t, distill=model.members > 1 and resume is None)
         notes += [distill_note(model.members, t)] if t.distill else []
@@ -252,7 +261,7 @@ def plan_run(
     notes += mix_notes
     planned = sizing.run_tokens(t, cfg.model, tokens_per_step, speed)  # inf: a time budget with no speed timed
     epochs = None if math.isinf(planned) else [planned * share / size for share, size in corpus]
-    optim, note = choose_weight_decay(cfg, sources, epochs, earlier[0] if earlier else None, measured)
+    optim, note = choose_weight_decay(cfg, sources, epochs, earlier[0] if earlier else None, sized.overlap)
     cfg = replace(cfg, optim=optim)
     notes += [note] if note else []
     parallel = t.parallel if world.distributed else "none"  # what a checkpoint records too
@@ -289,6 +298,8 @@ def plan_run(
         init_missing=init_missing,
         notes=tuple(notes),
         speed=speed,
+        overlap=None if sized.overlap is None else (sources[sized.overlap[0]].name, sized.overlap[1]),
+        epoch_limit=sized.epoch_limit,
     )
 
 

@@ -178,7 +178,7 @@ def choose_weight_decay(
         return replace(o, weight_decay_chosen=kept), ""
     return replace(o, weight_decay_chosen=kept), (
         f"optim.weight_decay_rule = repeats: weight decay {kept:g}, as the run recorded it (for this run's length "
-        f"the rule would choose {decay:.3g}; a decay is not changed part way through)"
+        f"the rule would choose {decay:g}; a decay is not changed part way through)"
     )
 
 
@@ -197,11 +197,11 @@ def rule_decay(
     if e <= REPEATS_FREE:
         return o.weight_decay, f"weight decay {o.weight_decay:g}, as {read} (repeats need more from {REPEATS_FREE:g})"
     overlap = measured[1] if measured and measured[0] == most else verbatim_overlap(sources[most].dir)
-    decay = repeat_decay(o, e, overlap)
+    decay = round(repeat_decay(o, e, overlap), 3)  # as the plan records it, and says it
     spans = f"{overlap:.0%} of its validation {SPAN}-token spans are in its training text"
     if math.isclose(decay, o.weight_decay):
         return decay, f"weight decay {decay:g} kept though {read}: {spans}, which recalling serves"
-    return decay, f"weight decay {o.weight_decay:g} -> {decay:.3g}: {read} and {spans}"
+    return decay, f"weight decay {o.weight_decay:g} -> {decay:g}: {read} and {spans}"
 
 
 def limit_epochs(

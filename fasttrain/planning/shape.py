@@ -3,7 +3,7 @@
 Imports from fasttrain: compute.distributed, config, data.mixture, model.weights, planning.members, planning.preflight,
 planning.repeats, planning.sequence_length, planning.sizing, planning.speed, planning.timed_pass, system.errors.
 
-    model, train, corpus, speed, measured, notes = size_run(cfg, sources, ...)
+    sized = size_run(cfg, sources, ...)   # Sized: the model and train sections, what they were weighed on, notes
 
 The shape is the one set (model.n_layers and the width the depth gives), model.init_from's (`init_shape`), the one
 the run being resumed or replayed recorded, or under model.n_layers = 0 the one sizing.py chooses for the run's
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -35,6 +35,19 @@ from fasttrain.planning.timed_pass import timed_loss, timed_update
 from fasttrain.system.errors import UsageError
 
 
+@dataclass(frozen=True)
+class Sized:
+    """What `size_run` decided, and what it weighed: the plan records all of it (RunPlan.record)."""
+
+    model: ModelConfig  # no 0 left in its shape; max_seq_len the context trained; the members
+    train: TrainConfig  # train.seq_len chosen; train.max_steps a self-sized budget's stop at the epoch limit
+    corpus: Corpus  # each source's share of the run and its training tokens an epoch, as the loader reads them
+    speed: Speed | None  # the machine's speed the shape was chosen at (None: not timed)
+    overlap: tuple[int, float] | None  # the most-read source's index and verbatim overlap, if the limit measured it
+    epoch_limit: float  # data.max_epochs, or the repeats rule's lower limit for new text: where a budget stops
+    notes: tuple[str, ...]
+
+
 def size_run(
     cfg: Config,
     sources: tuple[Source, ...],
@@ -47,7 +60,7 @@ def size_run(
     speed: Speed | None,
     earlier: tuple[Config, str] | None,
     context_set: bool,
-) -> tuple[ModelConfig, TrainConfig, Corpus, Speed | None, tuple[int, float] | None, list[str]]:
+) -> Sized:
     """The model and train sections a run of `cfg` (its train.seq_len the short or recorded context) trains: the shape
     (model.n_layers = 0: chosen for the run's compute, sizing.py) and members (model.members = 0: those `earlier`
     recorded, else more than one where the epoch limit stops one early), the context (unless `context_set` or `earlier`
@@ -55,7 +68,7 @@ def size_run(
     context trained unless `context_set`, and a self-sized budget's stop at data.max_epochs or the repeats rule's
     lower limit (train.max_steps); with the corpus they were weighed on (each source's share of the run and its
     tokens an epoch, as the loader reads them; `estimate` for a folder not prepared yet), the speed timed, the
-    source index and verbatim overlap the repeats rule measured (None: not measured), and the notes."""
+    source index and verbatim overlap the repeats rule measured (None: not measured), the epoch limit and the notes."""
     t, notes, choose_seq_len = cfg.train, [], not context_set and earlier is None
     mix, _ = phases(cfg.data, t.max_steps, accumulation)
     shares = token_shares(mix, t.max_steps * accumulation)
@@ -95,7 +108,8 @@ def size_run(
             )
         most = members_in_memory(replace(cfg, model=model, train=t), device, shards)
         members, note = (members, "") if model.members else ensemble_members(model, t, tokens_per_step, speed, most)
-    return replace(model, members=members), t, corpus, speed, measured, notes + ([note] if note else [])
+    notes += [note] if note else []
+    return Sized(replace(model, members=members), t, corpus, speed, measured, cfg.data.max_epochs, tuple(notes))
 
 
 def shape_of(

@@ -116,19 +116,23 @@ def start_lines(plan: RunPlan, reading: Reading) -> list[str]:
 
 
 def epoch_warnings(plan: RunPlan, reading: Reading) -> list[str]:
-    """A warning for each source `reading` has the run read more than data.max_epochs times over, saying what the
-    run does about it (the weight decay's growth, the weights final/ keeps) and what would help."""
+    """A warning for each source `reading` has the run read more than its epoch limit times over (data.max_epochs, or
+    the repeats rule's lower limit for new text: plan.epoch_limit), saying what the run does about it (the weight
+    decay's growth, the weights final/ keeps) and what would help."""
     c, lines = plan.cfg, []
     decay = f"it trains at weight decay {c.optim.decay():g}" + (
         " (optim.weight_decay_rule = repeats)" if c.optim.weight_decay_rule == "repeats" else ""
     )
     final = "final/ keeps the best weights" if c.checkpoint.final_weights == "best" else "final/ the last step's"
     help = "add data" + (", lower its weight" if len(plan.names) > 1 else "") + ", or train fewer steps"
+    limit = f"data.max_epochs = {c.data.max_epochs:g}"
+    if plan.epoch_limit < c.data.max_epochs:
+        limit = f"the limit of {plan.epoch_limit:g} the plan set for new text"
     for name, e in zip(plan.names, reading.epochs or ()):
-        if e > c.data.max_epochs:
+        if e > plan.epoch_limit:
             lines.append(
                 f"warning: this run reads {name} {e:.1f} times over{f' {reading.words}' * bool(c.train.max_time)}, "
-                f"more than data.max_epochs = {c.data.max_epochs:g}, past which repeats teach it the text more "
+                f"more than {limit}, past which repeats teach it the text more "
                 f"than the language: {decay} and {final}; {help}"
             )
     return lines
