@@ -5,7 +5,7 @@ its compute is the plan's (fasttrain/planning/).
 
 Imports from fasttrain: nothing.
 
-Modules, in reading order: attention, transformer, ensemble, fp8, generation, weights, gguf_export. They import the floors below (system, config, compute) and formats' tokenizer (a Llama export
-writes it).
-docs/architecture.md has the tour.
+Modules, in reading order: attention, transformer, ensemble, fp8, generation, weights, gguf_export. They import the
+floors below (system, config, compute) and formats' tokenizer (a Llama export writes it). docs/architecture.md has
+the tour.
 """

@@ -2,16 +2,16 @@
 
 Imports from fasttrain: config, model.attention, model.transformer.
 
-Where a budget outlasts what its corpus can teach one model (a small corpus read to its epoch limit, planning/repeats.py),
-the rest of the time trains more models of the same shape, each from its own initialization, on the same batches:
-an average of independently trained models' probabilities is better than any of them (Kim et al. 2025; on 254K
-tokens of held-out code, 3 x 192 read 4 times: one 1.465 bits per byte, two 1.420, four 1.390). Each member trains
-as it would alone but for three couplings: the training loss is the mean of the members' losses, so a member's
+Where a budget outlasts what its corpus can teach one model (a small corpus read to its epoch limit,
+planning/repeats.py), the rest of the time trains more models of the same shape, each from its own initialization, on
+the same batches: an average of independently trained models' probabilities is better than any of them (Kim et al. 2025;
+on 254K tokens of held-out code, 3 x 192 read 4 times: one 1.465 bits per byte, two 1.420, four 1.390). Each member
+trains as it would alone but for three couplings: the training loss is the mean of the members' losses, so a member's
 gradient is its own loss's over the number of members (a scale Muon and Adam's normalisation all but ignore), the
 gradient-norm clip (optim.max_grad_norm) is taken over all members at once, and a step a member's loss is not finite
-skips every member's update. The training loss reported is the members' mean; validation's is the ensemble's,
-the mean of its members' probabilities, so what it returns as logits are log-probabilities: the loss, sampling, the
-evaluation harness and validation read them as they read a Transformer's logits.
+skips every member's update. The training loss reported is the members' mean; validation's is the ensemble's, the mean
+of its members' probabilities, so what it returns as logits are log-probabilities: the loss, sampling, the evaluation
+harness and validation read them as they read a Transformer's logits.
 
     model = build_model(cfg.model)   # a Transformer when cfg.model.members is 1, else an Ensemble
 """

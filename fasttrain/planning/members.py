@@ -30,8 +30,8 @@ def ensemble_members(
     shape: ModelConfig, t: TrainConfig, tokens_per_step: int, speed: Speed | None, most: int
 ) -> tuple[int, str]:
     """How many models of `shape` (model.members = 0) a budget trains side by side when it stops one at train.max_steps
-    (repeats.epoch_cap) before train.max_time: the budget over one's time to the limit at `speed`, rounded (1.9: 2, each at
-    95% of it, not 1 and half the budget unused), at most MAX_MEMBERS and `most` (memory); 1 untimed. With
+    (repeats.epoch_cap) before train.max_time: the budget over one's time to the limit at `speed`, rounded (1.9: 2,
+    each at 95% of it, not 1 and half the budget unused), at most MAX_MEMBERS and `most` (memory); 1 untimed. With
     train.distill the budget holds the student too: K members and then one model taught by them, which reads what a
     member reads at 1 + K x TEACHER_COST of its time (`ensemble_share`). With a note."""
     if not (t.max_time and t.max_steps and speed):

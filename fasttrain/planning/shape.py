@@ -138,8 +138,8 @@ def shape_of(
             )
         if not sizing.fits(shape):
             raise UsageError(
-                f"model.n_kv_heads = {m.n_kv_heads} does not divide the {sizing.plural(shape.n_heads, 'head')} of {width} "
-                f"(heads of {sizing.HEAD_DIM}); set model.n_heads too"
+                f"model.n_kv_heads = {m.n_kv_heads} does not divide the {sizing.plural(shape.n_heads, 'head')} of "
+                f"{width} (heads of {sizing.HEAD_DIM}); set model.n_heads too"
             )
         return shape, "", speed
     if recorded is None:  # no shape is timed or chosen whose memory estimate leaves the device no margin

@@ -32,9 +32,9 @@ learns it by heart and validation gets worse (on the documentation topics, 93K t
 1.269 bits per byte after 10 epochs and 1.551 after 20, depth 3 1.271 after 6.6 and 1.333 after 13, depth 1
 1.576 after 20; results/recipe/cpu-recipe-pydoc-epochs-2026-11-25.json). A deeper model, which reads it fewer times in
 the same budget, does better there, so no depth that would read it more than data.max_epochs times is chosen.
-And a run under train.max_time stops once it has read a source data.max_epochs times (`repeats.epoch_cap`, which the plan
-sets as train.max_steps; optim.weight_decay_rule = "repeats" lowers the limit for new text, planning/repeats.py): where
-every depth offered would read it more often, all train on the same tokens, so the deepest offered trains until
+And a run under train.max_time stops once it has read a source data.max_epochs times (`repeats.epoch_cap`, which
+the plan sets as train.max_steps; optim.weight_decay_rule = "repeats" lowers the limit for new text, repeats.py):
+where every depth offered would read it more often, all train on the same tokens, so the deepest offered trains until
 then (on held-out code read 4.2 times, 3 x 192 scored 1.461 bits per byte against 2 x 128's 1.477).
 A shallower depth stopped at data.max_epochs is not chosen over a deeper one that reads the corpus less: it won on
 the documentation topics (depth 2 at 10 epochs 1.271 against depth 3 at 6.4, 1.283) but lost badly on a corpus
@@ -150,8 +150,8 @@ def choose_shape(
     is how many tokens the run trains on at that shape, `corpus` each source's share and training tokens (empty
     while the data is not prepared), `why` how the tokens were found (for the note), `depths` those the device's
     memory holds (default: every depth that fits the set keys). Under train.max_time the run stops at
-    data.max_epochs (`repeats.epoch_cap`): where every depth would read the corpus more often, the ratio chooses and the run
-    stops early; and no depth is offered whose parameters exceed the data bound (module docstring)."""
+    data.max_epochs (`repeats.epoch_cap`): where every depth would read the corpus more often, the ratio chooses and
+    the run stops early; and no depth is offered whose parameters exceed the data bound (module docstring)."""
     m, most = cfg.model, cfg.data.max_epochs
     stops = bool(cfg.train.max_time and epoch_tokens(corpus))  # the plan sets epoch_cap as train.max_steps
     fed = UNDERFED * most * epoch_tokens(corpus) / TOKENS_PER_PARAM if stops else math.inf  # the data bound
