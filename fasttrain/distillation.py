@@ -6,7 +6,8 @@ Imports from fasttrain: checkpoints.saves, config, planning.members.
 It sits with the train command, which runs the phases: each is a Trainer of its own.
 
     RUN/ensemble/   the members' run: config.toml, checkpoints/, metrics.jsonl, final/ (`fasttrain evaluate RUN/ensemble`)
-    RUN/            the student's run: train.teacher = RUN/ensemble/final; its final/ is the run's model
+    RUN/            the student's run: train.teacher = RUN/ensemble/final (with train.teacher_init it starts from the
+                    first member's weights); its final/ is the run's model
 
 Each phase is an ordinary run in its own directory, so it saves, resumes and refuses as any run does. Which phase a
 start goes on with is read from the directories (`resumed_phase`): the members' until their metrics.jsonl ends with
@@ -79,10 +80,11 @@ def recorded_members(run_dir: str | os.PathLike[str], overrides: Sequence[str] =
     return replace(cfg, train=replace(cfg.train, out_dir=str(members_dir(run_dir))))
 
 
-def student_config(ensemble: Config, run_dir: str, max_time: float, spent: float) -> Config:
+def student_config(ensemble: Config, run_dir: str, max_time: float, spent: float, teacher_init: bool) -> Config:
     """The student's run: `ensemble` (the members' run's config, as it recorded it) with one member's shape, its value
     embeddings off, taught by the members' final/, in `run_dir`, for what their `spent` training seconds left of
-    `max_time` (the whole run's)."""
+    `max_time` (the whole run's), starting from the first member's weights if `teacher_init` (the user's
+    train.teacher_init, which the members' run, teaching nothing, records false)."""
     t = ensemble.train
     left = Seconds(round(max(max_time - spent, 1.0), 3) if max_time else 0.0)
     return replace(
@@ -90,7 +92,9 @@ def student_config(ensemble: Config, run_dir: str, max_time: float, spent: float
         # No value embeddings, where members set them: a Llama cannot hold them, so final/ exports (--hf, --gguf),
         # and a student of a corpus read to its limit is no worse without them (docs/performance.md)
         model=replace(ensemble.model, members=1, value_embeddings=False),
-        train=replace(t, out_dir=run_dir, teacher=str(members_dir(run_dir) / "final"), max_time=left),
+        train=replace(
+            t, out_dir=run_dir, teacher=str(members_dir(run_dir) / "final"), max_time=left, teacher_init=teacher_init
+        ),
     )
 
 
@@ -126,7 +130,7 @@ def resumed_phase(cfg: Config, overrides: Sequence[str] = ()) -> tuple[Config, b
     spent = members_spent(members)
     if spent is None:
         return ensemble, True
-    return student_config(ensemble, str(out), cfg.train.max_time, spent), False
+    return student_config(ensemble, str(out), cfg.train.max_time, spent, cfg.train.teacher_init), False
 
 
 def students_saves(run_dir: Path) -> bool | None:

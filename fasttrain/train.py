@@ -212,7 +212,7 @@ def train_distilled(
         print(f"distill: 1 of 2, the {ensemble.model.members} members, into {ensemble.train.out_dir}")
     summary = train_one(start_run(ensemble, quiet, resume), resume, args.overwrite, args, harness, out)[0]
     recorded = recorded_members(out, sets)  # as a resume derives the student from it
-    student = student_config(recorded, out, cfg.train.max_time, summary["train_seconds"])
+    student = student_config(recorded, out, cfg.train.max_time, summary["train_seconds"], cfg.train.teacher_init)
     return train_student(student, quiet, args, harness)
 
 

@@ -57,6 +57,8 @@ def test_a_distilled_run_leaves_one_model_in_final_and_its_members_in_ensemble(p
     assert (run / "export-hf" / "model.safetensors") in export(run, hf=True)
     assert student.cfg.train.teacher == os.path.abspath(run / "ensemble" / "final")
     assert not student.cfg.train.distill and not members.cfg.train.distill  # each phase an ordinary run
+    # base.toml's student starts from the first member (members without value embeddings' tables and gates: a subset)
+    assert student.cfg.train.teacher_init and not members.cfg.train.teacher_init
     assert student.cfg.train.max_steps == members.cfg.train.max_steps == 8  # the student reads what a member read
     assert student.cfg.model.n_layers == members.cfg.model.n_layers and student.cfg.model.d_model == 32
 

@@ -115,12 +115,8 @@ _CONFLICTS: dict[str, tuple[Callable[[Config], bool], str]] = {
         lambda c: c.train.distill and bool(c.train.teacher),
         "a distilled ensemble is its own student's teacher",
     ),
-    "train.teacher_init without train.teacher": (
-        lambda c: c.train.teacher_init and not (c.train.teacher or c.train.distill),
-        "it starts the model from the teacher's weights: name one, or set train.distill",
-    ),
     "train.teacher_init does not go with model.init_from": (
-        lambda c: c.train.teacher_init and bool(c.model.init_from),
+        lambda c: c.train.teacher_init and bool(c.train.teacher) and bool(c.model.init_from),
         "two sources of the first weights: choose one",
     ),
     "train.seq_len exceeds model.max_seq_len": (

@@ -298,8 +298,9 @@ class TrainConfig:
     # (optimization/objective.py). Its tokenizer must be the data's. "" = none.
     teacher: str = ""
     teacher_weight: float = 1.0  # 1: the soft targets alone, measured a little better than 0.5 (docs/performance.md)
-    # A new run starts from the teacher's weights (an ensemble's first member's): each of the model's tensors is the
-    # teacher's of that name, which must have its shape (the teacher may hold more, such as value embeddings).
+    # A new run with a teacher (train.teacher, or train.distill's student) starts from the teacher's weights (an
+    # ensemble's first member's): each of the model's tensors is the teacher's of that name, which must have its shape
+    # (the teacher may hold more, such as value embeddings). Without a teacher it does nothing (the plan records false).
     teacher_init: bool = False
     # An ensemble (model.members above 1, set or chosen) ends distilled into one model of a member's shape: the members
     # train first into out_dir/ensemble/, then one model learns their probabilities (as train.teacher) into out_dir,

@@ -255,6 +255,10 @@ def plan_run(
     if t.distill:  # resolved: only a new ensemble is distilled, and config.toml records whether this run is one
         t = replace(t, distill=model.members > 1 and resume is None)
         notes += [distill_note(model.members, t)] if t.distill else []
+    if t.teacher_init and not (
+        t.teacher or t.distill
+    ):  # resolved too: a run left one model has no teacher to start from
+        t = replace(t, teacher_init=False)
     cfg = replace(cfg, model=model, train=t)
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size
     mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)
