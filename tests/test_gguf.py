@@ -10,6 +10,14 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.studies.export_agreement import (
+    PROMPT,
+    fasttrain_greedy,
+    fasttrain_log_probs,
+    llama_cpp_greedy,
+    llama_cpp_log_probs,
+    perplexity,
+)
 from fasttrain import Trainer
 from fasttrain.export import main as export_main
 from fasttrain.formats.shards import read_header, token_blocks
@@ -267,24 +275,10 @@ def check_llama_cpp(llm, model, pydoc_data, run, dtype: str, within: float) -> N
     for sample in (text, *PROBES):  # validation text; spaces, code, scripts, emoji, end-of-text within the text
         assert llm.tokenize(sample.encode(), add_bos=False, special=True) == tokenizer.encode(sample), sample[:40]
     ids = tokenizer.encode(text)[:128]
-    llm.eval(ids)
-    theirs = torch.log_softmax(torch.from_numpy(np.array(llm.scores[: len(ids)])).double(), -1)
-    with torch.no_grad():
-        ours = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)
-    targets = torch.tensor(ids[1:])
-    nll = [-lp[:-1].gather(1, targets[:, None]).mean().item() for lp in (ours, theirs)]
-    ppl_ours, ppl_theirs = (float(np.exp(n)) for n in nll)
+    ppl_theirs = perplexity(llama_cpp_log_probs(llm, ids), ids)
+    ppl_ours = perplexity(fasttrain_log_probs(model, ids), ids)
     print(f"{dtype}: perplexity fasttrain {ppl_ours:.4f}, llama.cpp {ppl_theirs:.4f}")
     assert ppl_theirs == pytest.approx(ppl_ours, rel=within)
     if dtype == "q8_0":
         return
-    prompt, greedy = ids[:16], []
-    for _ in range(32):
-        llm.reset()
-        llm.eval(prompt + greedy)
-        greedy.append(int(np.argmax(llm.scores[len(prompt) + len(greedy) - 1])))
-    ours_greedy = list(prompt)
-    with torch.no_grad():
-        for _ in range(32):
-            ours_greedy.append(int(model(torch.tensor([ours_greedy]))[0, -1].argmax()))
-    assert greedy == ours_greedy[16:]
+    assert llama_cpp_greedy(llm, ids[:PROMPT]) == fasttrain_greedy(model, ids[:PROMPT])

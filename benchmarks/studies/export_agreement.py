@@ -18,7 +18,7 @@ import json
 import math
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,12 +37,39 @@ def perplexity(log_probs: torch.Tensor, ids: list[int]) -> float:
     return math.exp(-log_probs[:-1].gather(1, torch.tensor(ids[1:])[:, None]).mean().item())
 
 
-def greedy(next_token, prompt: list[int]) -> list[int]:
+@torch.no_grad()
+def fasttrain_log_probs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """`model`'s log-probabilities (len(ids), vocab), in fp64, at each position of `ids`."""
+    return torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)
+
+
+def llama_cpp_log_probs(llm: Any, ids: list[int]) -> torch.Tensor:
+    """llama.cpp's log-probabilities (len(ids), vocab), in fp64, at each position of `ids` (`llm` a fresh
+    llama_cpp.Llama made with logits_all=True)."""
+    llm.eval(ids)
+    return torch.log_softmax(torch.from_numpy(np.array(llm.scores[: len(ids)])).double(), -1)
+
+
+def greedy(next_token: Callable[[list[int]], int], prompt: list[int]) -> list[int]:
     """GREEDY tokens after `prompt`, each `next_token(ids so far)`."""
     ids = list(prompt)
     for _ in range(GREEDY):
         ids.append(next_token(ids))
     return ids[len(prompt) :]
+
+
+@torch.no_grad()
+def fasttrain_greedy(model: torch.nn.Module, prompt: list[int]) -> list[int]:
+    return greedy(lambda ids: int(model(torch.tensor([ids]))[0, -1].argmax()), prompt)
+
+
+def llama_cpp_greedy(llm: Any, prompt: list[int]) -> list[int]:
+    def next_token(ids: list[int]) -> int:
+        llm.reset()
+        llm.eval(ids)
+        return int(np.argmax(llm.scores[len(ids) - 1]))
+
+    return greedy(next_token, prompt)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,9 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ids = trained.tokenizer.encode(text)[: args.tokens]
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0]
-    ours_log_probs = torch.log_softmax(ours.double(), -1)
-    ours_greedy = greedy(lambda s: int(model(torch.tensor([s]))[0, -1].argmax()), ids[:PROMPT])
-    result = {"run": str(args.run), "tokens": len(ids), "fasttrain_perplexity": perplexity(ours_log_probs, ids)}
+    ours_greedy = fasttrain_greedy(model, ids[:PROMPT])
+    ours_ppl = perplexity(fasttrain_log_probs(model, ids), ids)
+    result = {"run": str(args.run), "tokens": len(ids), "fasttrain_perplexity": ours_ppl}
     with tempfile.TemporaryDirectory() as work, torch.no_grad():
         export_main([str(args.run), "--hf", "--out", f"{work}/hf"])
         hf = transformers.AutoModelForCausalLM.from_pretrained(f"{work}/hf", dtype=torch.float32).eval()
@@ -80,20 +107,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             export_main([str(args.run), "--gguf", "--dtype", dtype, "--out", f"{work}/{dtype}.gguf"])
             llm = Llama(f"{work}/{dtype}.gguf", n_ctx=max(args.tokens, PROMPT + GREEDY), logits_all=True, verbose=False)
             try:
-                llm.eval(ids)
-                log_probs = torch.log_softmax(torch.from_numpy(np.array(llm.scores[: len(ids)])).double(), -1)
-
-                def next_token(s: list[int]) -> int:
-                    llm.reset()
-                    llm.eval(s)
-                    return int(np.argmax(llm.scores[len(s) - 1]))
-
-                llama_ppl = perplexity(log_probs, ids)
+                llama_ppl = perplexity(llama_cpp_log_probs(llm, ids), ids)
                 result[f"llama_cpp_{dtype}"] = {
                     "same_token_ids": llm.tokenize(text.encode(), add_bos=False, special=True)[: len(ids)] == ids,
                     "perplexity": llama_ppl,
-                    "relative_to_fasttrain": llama_ppl / result["fasttrain_perplexity"] - 1,
-                    "same_greedy_tokens": greedy(next_token, ids[:PROMPT]) == ours_greedy,
+                    "relative_to_fasttrain": llama_ppl / ours_ppl - 1,
+                    "same_greedy_tokens": llama_cpp_greedy(llm, ids[:PROMPT]) == ours_greedy,
                 }
             finally:
                 llm.close()

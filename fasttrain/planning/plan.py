@@ -251,20 +251,20 @@ def plan_run(
     sized = size_run(
         cfg, sources, estimate, accumulation, world, shard_group, device, resume, speed, earlier, context_set
     )
-    model, t, corpus, speed, notes = sized.model, sized.train, sized.corpus, sized.speed, notes + list(sized.notes)
+    model, t, speed = sized.model, sized.train, sized.speed
+    notes += sized.notes
     if t.distill:  # resolved: only a new ensemble is distilled, and config.toml records whether this run is one
         t = replace(t, distill=model.members > 1 and resume is None)
         notes += [distill_note(model.members, t)] if t.distill else []
-    if t.teacher_init and not (
-        t.teacher or t.distill
-    ):  # resolved too: a run left one model has no teacher to start from
+    # Resolved too: a run with no teacher, or one left one model, has nothing to start from
+    if t.teacher_init and not (t.teacher or t.distill):
         t = replace(t, teacher_init=False)
     cfg = replace(cfg, model=model, train=t)
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size
     mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)
     notes += mix_notes
     planned = sizing.run_tokens(t, cfg.model, tokens_per_step, speed)  # inf: a time budget with no speed timed
-    epochs = None if math.isinf(planned) else [planned * share / size for share, size in corpus]
+    epochs = None if math.isinf(planned) else [planned * share / size for share, size in sized.corpus]
     optim, note = choose_weight_decay(cfg, sources, epochs, earlier[0] if earlier else None, sized.overlap)
     cfg = replace(cfg, optim=optim)
     notes += [note] if note else []
