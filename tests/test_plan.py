@@ -273,3 +273,13 @@ def test_the_dry_run_records_each_choice_with_its_reason_and_what_it_measured(
         assert f"{overlap['fraction']:.1%} of its validation" in limit
     decay = said("optim.weight_decay_rule = repeats: weight decay")
     assert f"weight decay {plan['weight_decay']:g}" in decay or f"-> {plan['weight_decay']:g}: " in decay, decay
+
+
+def test_the_config_walk_counts_stops_places_climbs_and_returns():
+    """benchmarks/studies/config_walk.py's counts of a walk: down from the launch to the plan, down to config/, back up
+    to the plan (a climb, and a return), across to shape.py and back (a return, not a climb: the same floor)."""
+    from benchmarks.studies.config_walk import counts
+
+    walk = ["training.launch.start_run", "planning.plan.plan_run", "config.prepared.resolve", "planning.plan.notes",
+            "planning.shape.size_run", "planning.plan.kernel_reasons"]  # fmt: skip
+    assert counts([f"fasttrain.{stop}" for stop in walk]) == {"stops": 6, "places": 4, "climbs": 1, "returns": 2}

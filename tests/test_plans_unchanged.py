@@ -49,6 +49,8 @@ def case_args(case: str, topics: Path, code: Path, tmp: Path) -> tuple[str, list
     run = tmp / "run"
     if case == "gpt2-small":  # the shipped fixed-shape run, planned on the CPU: a run of steps at gpt2's batch
         return "configs/gpt2-small.toml", [*base(topics, run), 'data.tokenizer=""', "train.batch_size=2"]
+    if case == "code-steps":  # a shape and a run of steps set: 300 steps read the code ~70 times over
+        return "configs/base.toml", [*base(code, run), "model.n_layers=2", "train.max_time=0", "train.max_steps=300"]
     if case == "steps-mixture":  # a run of steps whose mix changes at step 2
         shutil.copytree(topics, tmp / "copy")
         both = f'[{{dir="{topics}", weight=3}}, {{dir="{tmp / "copy"}", weight=1}}]'
@@ -62,7 +64,7 @@ def case_args(case: str, topics: Path, code: Path, tmp: Path) -> tuple[str, list
 
 
 CASES = ["topics-base", "topics-10m", "topics-30m", "code-base", "code-10m", "mixture-base", "mixture-10m",
-         "gpt2-small", "steps-mixture"]  # fmt: skip
+         "gpt2-small", "code-steps", "steps-mixture"]  # fmt: skip
 
 
 def planned(case: str, topics: Path, code: Path, tmp: Path) -> dict:

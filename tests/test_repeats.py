@@ -103,6 +103,26 @@ def test_the_dry_run_says_it_and_a_resume_keeps_the_decay_the_run_recorded(code_
     assert "weight_decay_rule" not in capsys.readouterr().out
 
 
+def test_a_resume_reads_the_overlap_its_run_recorded_instead_of_measuring_it(code_data, tmp_path, monkeypatch, capsys):
+    """A run that read its corpus 8 times recorded the overlap its decay was chosen by (its start event); resumed
+    for twice the steps, its plan takes that overlap to say what the rule would choose now, and measures nothing."""
+    steps = 8 * (plan(code_data, tmp_path, "train.batch_size=16", "train.max_steps=1").rows_per_epoch[0] // 16)
+    sets = [*RULE, "train.batch_size=16", "train.eval_interval=1000", "train.sample_tokens=0"]
+    run = tmp_path / "run"
+    assert train_main(tiny_args(code_data, run, *sets, f"train.max_steps={steps}", flags=["--quiet"])) == 0
+    started = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert started["event"] == "start" and started["overlap"]["source"] == "code", started
+    capsys.readouterr()
+    measured: list[str] = []
+    monkeypatch.setattr(repeats, "verbatim_overlap", lambda directory: measured.append(directory) or 0.0)
+    longer = tiny_args(code_data, run, *sets, f"train.max_steps={2 * steps}", flags=["--resume", "auto", "--dry-run"])
+    assert train_main([*longer, "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert measured == [] and resumed["overlap"] == started["overlap"], measured
+    assert resumed["weight_decay"] == started["weight_decay"]  # kept, and the rule's other choice said
+    assert any("as the run recorded it (for this run's length the rule would choose" in n for n in resumed["notes"])
+
+
 def test_the_epoch_limit_falls_from_data_max_epochs_to_four_as_validation_text_gets_new():
     assert repeats.epoch_limit(10.0, 0.0) == repeats.NOVEL_EPOCHS == 4.0  # all new
     assert repeats.epoch_limit(10.0, 0.2) == repeats.epoch_limit(10.0, 0.53) == 10.0  # recalled: the default, topics

@@ -292,7 +292,7 @@ def test_the_calibration_times_the_runs_loss_and_optimizer_step(pydoc_data, tmp_
         "calibrate",
         lambda cfg, device, update, loss, depths=(): handed.append((update, loss)) or Speed(((1e6, 1e9),)),
     )
-    shape.shape_of(cfg, (), 128, World(), 1, torch.device("cpu"), None, None, None)
+    shape.shape_of(cfg, (), 128, World(), 1, torch.device("cpu"), None, None)
     monkeypatch.setattr(sizing, "calibrate", real_calibrate)
     passes, fused_calls = [], []
 

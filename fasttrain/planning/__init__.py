@@ -2,7 +2,8 @@
 
 Imports from fasttrain: nothing.
 
-Modules, in reading order: plan (`plan_run` and the `RunPlan` it returns: the questions in order), shape (the model
+Modules, in reading order: plan (`plan_run` and the `RunPlan` it returns: the questions in order), recorded (what a
+resumed or replayed run recorded, read back rather than decided or measured again), shape (the model
 a run trains and its stop: set, recorded or sized, then its context and members), speed (a machine's training speed
 as a model's size changes), timed_pass (what the timing runs: the run's own loss and update), sizing (the shape for
 the budget, the corpus and the memory), sequence_length (the context for the tokens planned), members (an ensemble

@@ -1,8 +1,8 @@
 """A run's plan: everything a run of a config decides before it allocates anything, decided once.
 
-Imports from fasttrain: checkpoints.checkpoint_files, compute.device, compute.distributed, compute.kernel_table, config,
-data.mixture, formats.tokenizer, model.transformer, model.weights, optimization.optimizers, optimization.schedule,
-planning.members, planning.preflight, planning.repeats, planning.sequence_length, planning.shape, planning.sizing,
+Imports from fasttrain: compute.device, compute.distributed, compute.kernel_table, config, data.mixture,
+formats.tokenizer, model.transformer, model.weights, optimization.optimizers, optimization.schedule, planning.members,
+planning.preflight, planning.recorded, planning.repeats, planning.sequence_length, planning.shape, planning.sizing,
 preparation.cache, system.errors.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
@@ -24,7 +24,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fasttrain.checkpoints import checkpoint_files
 from fasttrain.compute import distributed
 from fasttrain.compute.device import Kernels, check_attention, check_fp8, kernels_on, resolve_train
 from fasttrain.compute.kernel_table import run_shapes
@@ -38,7 +37,8 @@ from fasttrain.optimization.schedule import Budget, budget_note, fit_warmup, rec
 from fasttrain.planning import sizing
 from fasttrain.planning.members import distill_note
 from fasttrain.planning.preflight import check_fits
-from fasttrain.planning.repeats import choose_weight_decay, rows_per_epoch
+from fasttrain.planning.recorded import recorded_run
+from fasttrain.planning.repeats import choose_weight_decay
 from fasttrain.planning.sequence_length import recorded_context, short_context
 from fasttrain.planning.shape import init_shape, size_run
 from fasttrain.planning.sizing import Speed
@@ -83,7 +83,7 @@ class RunPlan:
     init_missing: str  # model.init_from gone since the run in train.out_dir began: the error a new run gets
     notes: tuple[str, ...]  # the "note: ..." lines the run prints before it starts
     speed: Speed | None  # the machine's training speed a shape chosen for a time budget used (sizing.py)
-    overlap: tuple[str, float] | None  # the most-read source and its verbatim overlap, where the plan measured it
+    overlap: tuple[str, float] | None  # the most-read source and its verbatim overlap, where the plan read it
     epoch_limit: float  # data.max_epochs, or the repeats rule's lower limit for new text (repeats.limit_epochs)
 
     @property
@@ -204,7 +204,8 @@ def plan_run(
     """The plan of a run of `cfg` (validated) by `world` on `device` (this rank's). UsageError, in one line, for
     what the run would refuse before its first step; writes nothing. A new run with model.n_layers = 0 times the
     machine (unless given an earlier plan's `speed`); one resumed from the save `resume` names (a --resume spec),
-    or a replay, trains the shape, context and weight decay its run recorded."""
+    or a replay, trains the shape, context and weight decay its run recorded, and reads the overlap its start event
+    recorded rather than measuring it again (planning/recorded.py)."""
     notes: list[str] = []
     t = resolve_train(cfg.train, device)  # no "auto" left in what config.toml records
     budgeted = t.max_time > 0 or cfg.schedule.progress_from  # a replay keeps the warmup it replays
@@ -218,11 +219,11 @@ def plan_run(
     cfg = replace(cfg, train=t, schedule=schedule, model=shape)
     # A resumed or replayed run's config: the shape and context it trained, where this config leaves them to the plan
     chosen = not (shape.n_layers and t.seq_len and shape.members) or cfg.optim.weight_decay_rule == "repeats"
-    earlier = checkpoint_files.recorded_config(cfg, resume) if chosen else None
+    earlier = recorded_run(cfg, resume) if chosen else None
     context_set = bool(t.seq_len)
     choose_seq_len = not context_set and earlier is None  # chosen below, once the run's tokens are known
     if not context_set:
-        t, note = recorded_context(t, *earlier) if earlier else (short_context(t, shape), "")
+        t, note = recorded_context(t, earlier.config, earlier.where) if earlier else (short_context(t, shape), "")
         notes += [note] if note else []
         cfg = replace(cfg, train=t)
     shard_group = distributed.shard_group(world, t.parallel, t.shard_group_size)
@@ -248,9 +249,7 @@ def plan_run(
         note = check_hf_tokenizer(shape.init_from, Tokenizer.load(tokenizer_file), tokenizer_file)
         notes += [note] if note else []
     accumulation = accumulation_steps(t, world.size)
-    sized = size_run(
-        cfg, sources, estimate, accumulation, world, shard_group, device, resume, speed, earlier, context_set
-    )
+    sized = size_run(cfg, sources, estimate, accumulation, world, shard_group, device, speed, earlier, context_set)
     model, t, speed = sized.model, sized.train, sized.speed
     notes += sized.notes
     if t.distill:  # resolved: only a new ensemble is distilled, and config.toml records whether this run is one
@@ -265,7 +264,7 @@ def plan_run(
     notes += mix_notes
     planned = sizing.run_tokens(t, cfg.model, tokens_per_step, speed)  # inf: a time budget with no speed timed
     epochs = None if math.isinf(planned) else [planned * share / size for share, size in sized.corpus]
-    optim, note = choose_weight_decay(cfg, sources, epochs, earlier[0] if earlier else None, sized.overlap)
+    optim, note, overlap = choose_weight_decay(cfg, sources, epochs, earlier.config if earlier else None, sized.overlap)
     cfg = replace(cfg, optim=optim)
     notes += [note] if note else []
     parallel = t.parallel if world.distributed else "none"  # what a checkpoint records too
@@ -286,7 +285,7 @@ def plan_run(
         device=device,
         sources=sources,
         prepare=prepare,
-        rows_per_epoch=tuple(rows_per_epoch(s, cfg, world.size) for s in sources),
+        rows_per_epoch=sized.rows_per_epoch,
         accumulation=accumulation,
         mix=tuple(mix),
         kernels=kernels,
@@ -302,7 +301,7 @@ def plan_run(
         init_missing=init_missing,
         notes=tuple(notes),
         speed=speed,
-        overlap=None if sized.overlap is None else (sources[sized.overlap[0]].name, sized.overlap[1]),
+        overlap=None if overlap is None else (sources[overlap[0]].name, overlap[1]),
         epoch_limit=sized.epoch_limit,
     )
 

@@ -156,85 +156,110 @@ def most_read(epochs: Sequence[float]) -> int:
     return max(range(len(epochs)), key=lambda i: epochs[i])
 
 
+Measured = tuple[int, float]  # a source's index and its verbatim overlap
+
+
 def choose_weight_decay(
     cfg: Config,
     sources: Sequence[Source],
     epochs: Sequence[float] | None,
     recorded: Config | None,
-    measured: tuple[int, float] | None = None,
-) -> tuple[OptimConfig, str]:
+    measured: Measured | None = None,
+) -> tuple[OptimConfig, str, Measured | None]:
     """cfg.optim with its weight decay for the run (cfg.optim itself unless optim.weight_decay_rule = "repeats"),
-    and the plan's note saying why ("" for "fixed"). `epochs`: how many times over the run reads each source (None:
-    not known); `recorded`: a resumed or replayed run's config.toml, whose decay it keeps (said where the rule
-    would now choose another); `measured`: a source's index and overlap the plan has measured (`limit_epochs`)."""
+    the plan's note saying why ("" for "fixed") and the most-read source's overlap the rule read (else `measured`).
+    `epochs`: how many times over the run reads each source (None: not known); `recorded`: a resumed or replayed
+    run's config.toml, whose decay it keeps (said where the rule would now choose another); `measured`: a source's
+    index and overlap the plan has measured (`limit_epochs`) or its run recorded, not measured again."""
     o = cfg.optim
     if o.weight_decay_rule == "fixed":
-        return o, ""
-    decay, why = rule_decay(o, sources, epochs, measured)
+        return o, "", measured
+    decay, why, measured = rule_decay(o, sources, epochs, measured)
     if recorded is None:  # weight_decay stays as set: what a new run from this run's config.toml starts from
-        return replace(o, weight_decay_chosen=round(decay, 3)), f"optim.weight_decay_rule = repeats: {why}"
+        return replace(o, weight_decay_chosen=round(decay, 3)), f"optim.weight_decay_rule = repeats: {why}", measured
     kept = recorded.optim.decay()
     if math.isclose(kept, round(decay, 3)):
-        return replace(o, weight_decay_chosen=kept), ""
-    return replace(o, weight_decay_chosen=kept), (
-        f"optim.weight_decay_rule = repeats: weight decay {kept:g}, as the run recorded it (for this run's length "
-        f"the rule would choose {decay:g}; a decay is not changed part way through)"
+        return replace(o, weight_decay_chosen=kept), "", measured
+    return (
+        replace(o, weight_decay_chosen=kept),
+        (
+            f"optim.weight_decay_rule = repeats: weight decay {kept:g}, as the run recorded it (for this run's length "
+            f"the rule would choose {decay:g}; a decay is not changed part way through)"
+        ),
+        measured,
     )
 
 
 def rule_decay(
-    o: OptimConfig, sources: Sequence[Source], epochs: Sequence[float] | None, measured: tuple[int, float] | None
-) -> tuple[float, str]:
-    """The weight decay the rule chooses for a new run reading `sources` `epochs` times over, and why in words;
-    the most-read source's overlap is measured here unless `measured` (index, overlap) holds it."""
+    o: OptimConfig, sources: Sequence[Source], epochs: Sequence[float] | None, measured: Measured | None
+) -> tuple[float, str, Measured | None]:
+    """The weight decay the rule chooses for a new run reading `sources` `epochs` times over, why in words, and the
+    most-read source's overlap it read (else `measured`): measured here unless `measured` (index, overlap) holds it."""
     if not sources:
-        return o.weight_decay, f"weight decay {o.weight_decay:g} until the data is prepared, when the run chooses it"
+        why = f"weight decay {o.weight_decay:g} until the data is prepared, when the run chooses it"
+        return o.weight_decay, why, measured
     if epochs is None:
-        return o.weight_decay, f"weight decay {o.weight_decay:g}, as the run's tokens are not known before it trains"
+        return (
+            o.weight_decay,
+            f"weight decay {o.weight_decay:g}, as the run's tokens are not known before it trains",
+            measured,
+        )
     most = most_read(epochs)
     e = epochs[most]
     read = f"it reads {sources[most].name} {e:.1f} times over"
     if e <= REPEATS_FREE:
-        return o.weight_decay, f"weight decay {o.weight_decay:g}, as {read} (repeats need more from {REPEATS_FREE:g})"
-    overlap = measured[1] if measured and measured[0] == most else verbatim_overlap(sources[most].dir)
-    decay = round(repeat_decay(o, e, overlap), 3)  # as the plan records it, and says it
-    spans = f"{overlap:.0%} of its validation {SPAN}-token spans are in its training text"
+        why = f"weight decay {o.weight_decay:g}, as {read} (repeats need more from {REPEATS_FREE:g})"
+        return o.weight_decay, why, measured
+    measured = overlap_of(sources, most, measured)
+    decay = round(repeat_decay(o, e, measured[1]), 3)  # as the plan records it, and says it
+    spans = f"{measured[1]:.0%} of its validation {SPAN}-token spans are in its training text"
     if math.isclose(decay, o.weight_decay):
-        return decay, f"weight decay {decay:g} kept though {read}: {spans}, which recalling serves"
-    return decay, f"weight decay {o.weight_decay:g} -> {decay:g}: {read} and {spans}"
+        return decay, f"weight decay {decay:g} kept though {read}: {spans}, which recalling serves", measured
+    return decay, f"weight decay {o.weight_decay:g} -> {decay:g}: {read} and {spans}", measured
+
+
+def overlap_of(sources: Sequence[Source], most: int, measured: Measured | None) -> Measured:
+    """Source `most`'s index and verbatim overlap: `measured`'s where it is that source's, else measured now."""
+    if measured is not None and measured[0] == most:
+        return measured
+    return most, verbatim_overlap(sources[most].dir)
 
 
 def limit_epochs(
-    cfg: Config, sources: Sequence[Source], corpus: Sequence[tuple[float, float]]
-) -> tuple[Config, str, tuple[int, float] | None]:
+    cfg: Config, sources: Sequence[Source], corpus: Sequence[tuple[float, float]], measured: Measured | None = None
+) -> tuple[Config, str, Measured | None]:
     """`cfg` with data.max_epochs lowered to `epoch_limit` for a self-sized budget reading `sources` (`corpus`: each
-    one's share of the run and training tokens an epoch), the plan's note, and the most-read source's (index, overlap)
-    measured for it, which `choose_weight_decay` reuses; `cfg`, "" and None unless the "repeats" rule applies. Data
-    not prepared yet (no `sources`) is planned as new text, what a text the run has never seen mostly is: the limit
-    the prepared run applies to it, said to be assumed (the prepared run measures it and plans again)."""
+    one's share of the run and training tokens an epoch), the plan's note, and the most-read source's (index, overlap),
+    which `choose_weight_decay` reuses: `measured`'s where it is that source's (a resumed run's record), else measured
+    here; `cfg`, "" and `measured` unless the "repeats" rule applies. Data not prepared yet (no `sources`) is planned
+    as new text, what a text the run has never seen mostly is: the limit the prepared run applies to it, said to be
+    assumed (the prepared run measures it and plans again)."""
     if cfg.optim.weight_decay_rule != "repeats":
-        return cfg, "", None
-    if not sources:
-        limit = round(epoch_limit(cfg.data.max_epochs, 0.0), 1)
-        if limit >= cfg.data.max_epochs:
-            return cfg, "", None
-        note = (
-            f"optim.weight_decay_rule = repeats: the estimate reads the corpus at most {limit:g} times, not "
-            f"data.max_epochs = {cfg.data.max_epochs:g}, as for validation text new to the training text (assumed "
-            "until the data is prepared; a text that repeats itself lets the run read it more, and a larger model)"
+        return cfg, "", measured
+    if not sources:  # planned as new text
+        measured, limit = None, round(epoch_limit(cfg.data.max_epochs, 0.0), 1)
+        reads = "the estimate reads the corpus"
+        why = (
+            ", as for validation text new to the training text (assumed until the data is prepared; a text that "
+            "repeats itself lets the run read it more, and a larger model)"
         )
-        return replace(cfg, data=replace(cfg.data, max_epochs=limit)), note, None
-    most = most_read([share / tokens if tokens else math.inf for share, tokens in corpus])
-    overlap = verbatim_overlap(sources[most].dir)
-    limit = round(epoch_limit(cfg.data.max_epochs, overlap), 1)  # the topics with the docstrings, 19.9%: 9.98, so 10
+    else:
+        most = most_read([share / tokens if tokens else math.inf for share, tokens in corpus])
+        most, overlap = measured = overlap_of(sources, most, measured)
+        # the topics with the docstrings, 19.9%: 9.98, so 10
+        limit = round(epoch_limit(cfg.data.max_epochs, overlap), 1)
+        reads = f"the budget reads {sources[most].name}"
+        why = (
+            f": {overlap:.1%} of its validation {SPAN}-token spans are in its training text, and more epochs of new "
+            "text teach the text, not the language"
+        )
     if limit >= cfg.data.max_epochs:
-        return cfg, "", (most, overlap)
+        return cfg, "", measured
     note = (
-        f"optim.weight_decay_rule = repeats: the budget reads {sources[most].name} at most {limit:g} times, not "
-        f"data.max_epochs = {cfg.data.max_epochs:g}: {overlap:.1%} of its validation {SPAN}-token spans are in its "
-        "training text, and more epochs of new text teach the text, not the language"
+        f"optim.weight_decay_rule = repeats: {reads} at most {limit:g} times, not data.max_epochs = "
+        f"{cfg.data.max_epochs:g}{why}"
     )
-    return replace(cfg, data=replace(cfg.data, max_epochs=limit)), note, (most, overlap)
+    return replace(cfg, data=replace(cfg.data, max_epochs=limit)), note, measured
 
 
 def rows_per_epoch(source: Source, cfg: Config, world_size: int) -> int:

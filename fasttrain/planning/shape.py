@@ -1,7 +1,8 @@
 """The model a run trains, and the stop that goes with it: what `plan_run` asks once the data is opened.
 
 Imports from fasttrain: compute.distributed, config, data.mixture, model.weights, planning.members, planning.preflight,
-planning.repeats, planning.sequence_length, planning.sizing, planning.speed, planning.timed_pass, system.errors.
+planning.recorded, planning.repeats, planning.sequence_length, planning.sizing, planning.speed, planning.timed_pass,
+system.errors.
 
     sized = size_run(cfg, sources, ...)   # Sized: the model and train sections, what they were weighed on, notes
 
@@ -28,7 +29,8 @@ from fasttrain.model.weights import hf_llama_model_config
 from fasttrain.planning import repeats, sizing
 from fasttrain.planning.members import ensemble_members
 from fasttrain.planning.preflight import depths_in_memory, members_in_memory
-from fasttrain.planning.repeats import Corpus, limit_epochs, rows_per_epoch
+from fasttrain.planning.recorded import Recorded
+from fasttrain.planning.repeats import Corpus, Measured, limit_epochs, rows_per_epoch
 from fasttrain.planning.sequence_length import choose_context, trained_context
 from fasttrain.planning.speed import Speed
 from fasttrain.planning.timed_pass import timed_loss, timed_update
@@ -42,8 +44,9 @@ class Sized:
     model: ModelConfig  # no 0 left in its shape; max_seq_len the context trained; the members
     train: TrainConfig  # train.seq_len chosen; train.max_steps a self-sized budget's stop at the epoch limit
     corpus: Corpus  # each source's share of the run and its training tokens an epoch, as the loader reads them
+    rows_per_epoch: tuple[int, ...]  # each source's training rows an epoch, whole rounds of all ranks (the tokens')
     speed: Speed | None  # the machine's speed the shape was chosen at (None: not timed)
-    overlap: tuple[int, float] | None  # the most-read source's index and verbatim overlap, if the limit measured it
+    overlap: Measured | None  # the most-read source's index and verbatim overlap, if the limit read it
     epoch_limit: float  # data.max_epochs, or the repeats rule's lower limit for new text: where a budget stops
     notes: tuple[str, ...]
 
@@ -56,9 +59,8 @@ def size_run(
     world: distributed.World,
     shards: int,
     device: torch.device,
-    resume: str | None,
     speed: Speed | None,
-    earlier: tuple[Config, str] | None,
+    earlier: Recorded | None,
     context_set: bool,
 ) -> Sized:
     """The model and train sections a run of `cfg` (its train.seq_len the short or recorded context) trains: the shape
@@ -68,20 +70,24 @@ def size_run(
     context trained unless `context_set`, and a self-sized budget's stop at data.max_epochs or the repeats rule's
     lower limit (train.max_steps); with the corpus they were weighed on (each source's share of the run and its
     tokens an epoch, as the loader reads them; `estimate` for a folder not prepared yet), the speed timed, the
-    source index and verbatim overlap the repeats rule measured (None: not measured), the epoch limit and the notes."""
+    source index and verbatim overlap the repeats rule read (None: none; the overlap `earlier` recorded is not
+    measured again), the epoch limit and the notes."""
     t, notes, choose_seq_len = cfg.train, [], not context_set and earlier is None
     mix, _ = phases(cfg.data, t.max_steps, accumulation)
     shares = token_shares(mix, t.max_steps * accumulation)
 
-    def corpus_at(c: Config) -> Corpus:  # a folder not prepared yet: its estimate
-        epochs = [rows_per_epoch(s, c, world.size) * c.train.seq_len for s in sources]
-        return tuple(zip(shares, epochs)) or ((1.0, estimate),)
+    def corpus_at(c: Config) -> tuple[tuple[int, ...], Corpus]:  # a folder not prepared yet: its estimate
+        rows = tuple(rows_per_epoch(s, c, world.size) for s in sources)
+        return rows, tuple(zip(shares, [r * c.train.seq_len for r in rows])) or ((1.0, estimate),)
 
-    corpus = corpus_at(cfg)
+    rows, corpus = corpus_at(cfg)
+    names = [s.name for s in sources]
+    recorded = earlier.overlap if earlier else None
+    measured = (names.index(recorded[0]), recorded[1]) if recorded and recorded[0] in names else None
     self_sized = not cfg.model.n_layers and t.max_time and not cfg.schedule.progress_from
-    cfg, limit_note, measured = limit_epochs(cfg, sources, corpus) if self_sized else (cfg, "", None)
+    cfg, limit_note, measured = limit_epochs(cfg, sources, corpus, measured) if self_sized else (cfg, "", measured)
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size  # the same at either context
-    model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, device, resume, speed, earlier)
+    model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, device, speed, earlier)
     cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
     if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
         known = speed is not None or not t.max_time  # a time budget's tokens come from a speed timed
@@ -90,14 +96,14 @@ def size_run(
         notes.append(context_note)
         if t != cfg.train:  # its rows fill whole batches a little differently: the epochs counted again
             cfg = replace(cfg, train=t)
-            corpus = corpus_at(cfg)
+            rows, corpus = corpus_at(cfg)
             cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
-            model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, device, resume, speed, earlier)
+            model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, device, speed, earlier)
     reaches = cap and sizing.run_tokens(t, model, tokens_per_step, speed) >= cap * tokens_per_step  # said only if so
     notes += [n for n in (limit_note if reaches else "", note) if n]
     model = model if context_set else trained_context(model, t)
     if earlier and not model.members:  # resumed or replayed: the members recorded, whatever set the shape
-        model = replace(model, members=earlier[0].model.members)
+        model = replace(model, members=earlier.config.model.members)
     members, note = model.members or 1, ""
     if cap and (not t.max_steps or cap < t.max_steps):  # a self-sized budget stops before it overfits (sizing.py)
         t = replace(t, max_steps=cap)
@@ -109,7 +115,8 @@ def size_run(
         most = members_in_memory(replace(cfg, model=model, train=t), device, shards)
         members, note = (members, "") if model.members else ensemble_members(model, t, tokens_per_step, speed, most)
     notes += [note] if note else []
-    return Sized(replace(model, members=members), t, corpus, speed, measured, cfg.data.max_epochs, tuple(notes))
+    model = replace(model, members=members)
+    return Sized(model, t, corpus, rows, speed, measured, cfg.data.max_epochs, tuple(notes))
 
 
 def shape_of(
@@ -119,13 +126,12 @@ def shape_of(
     world: distributed.World,
     shards: int,
     device: torch.device,
-    resume: str | None,
     speed: Speed | None,
-    recorded: tuple[Config, str] | None,
+    recorded: Recorded | None,
 ) -> tuple[ModelConfig, str, Speed | None]:
     """cfg.model with no 0 left in its shape, a note ("" if none) and the speed it was chosen at: model.d_model or
-    n_heads 0 are derived from the depth; model.n_layers = 0 is the shape the run being resumed (`resume`) or replayed
-    recorded (`recorded`: checkpoint_files.recorded_config), else chosen for the run's compute (sizing.size_model) on
+    n_heads 0 are derived from the depth; model.n_layers = 0 is the shape the run being resumed or replayed
+    recorded (`recorded`), else chosen for the run's compute (sizing.size_model) on
     `corpus` (each source's share of the run and its training tokens), of the depths whose memory split over
     `shards` ranks fits. UsageError for a shape whose heads do not fit its width."""
     m = cfg.model
@@ -146,7 +152,7 @@ def shape_of(
         depths = depths_in_memory(cfg, device, sizing.fitting_depths(m), shards)
         update, loss = timed_update(cfg, device), timed_loss(cfg, device)
         return sizing.size_model(cfg, corpus, tokens_per_step, world.size, device, speed, update, loss, depths)
-    r, where = recorded[0].model, recorded[1]
+    r, where = recorded.config.model, recorded.where
     if unset := [k for k in ("n_layers", "d_model", "n_heads") if not getattr(r, k)]:
         raise UsageError(
             f"{where}: model.{unset[0]} = 0, but a run's config records the shape it trained (n_layers, d_model and "
@@ -156,7 +162,7 @@ def shape_of(
     return (
         shape,
         (
-            f"model.n_layers = 0: the {'resumed' if resume is not None else 'replayed'} run's shape, "
+            f"model.n_layers = 0: the {'resumed' if recorded.resumed else 'replayed'} run's shape, "
             f"{shape.n_layers} x {shape.d_model} with {sizing.plural(shape.n_heads, 'head')}, as {where} records it"
         ),
         speed,
