@@ -166,16 +166,16 @@ def config_of(path: Path) -> Config:
     return saved_config(state, path)
 
 
-def recorded_config(cfg: Config, resume: str | None) -> tuple[Config, str] | None:
-    """The config a resumed run (`resume`) or a replayed one (schedule.progress_from) trained, and the file saying so:
-    its run directory's config.toml, else the checkpoint's; None for a new run."""
+def recorded_config(out_dir: str, replayed: str, resume: str | None) -> tuple[Config, str] | None:
+    """The config a resumed run (`resume`, a --resume spec in train.out_dir `out_dir`) or a replayed one (`replayed`:
+    schedule.progress_from) trained, and the file saying so: its run directory's config.toml, else the checkpoint's;
+    None for a new run."""
     if resume is not None:
-        path = resolve(resume, cfg.train.out_dir).resolve()
+        path = resolve(resume, out_dir).resolve()
         beside = path.parent.parent / "config.toml"
         if path.parent.name == "checkpoints" and beside.is_file():
             return load_config(beside), str(beside)
         return config_of(path), str(path)
-    replayed = cfg.schedule.progress_from
     if not replayed:
         return None
     recorded = (Path(replayed) if Path(replayed).is_dir() else Path(replayed).parent) / "config.toml"

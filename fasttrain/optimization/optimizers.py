@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fasttrain.compute.device import native_bf16
-from fasttrain.config import Config, OptimConfig
+from fasttrain.config import ModelConfig, OptimConfig
 from fasttrain.system.errors import UsageError
 from fasttrain_kernels.newton_schulz import POLAR_EXPRESS, POLAR_EXPRESS_MARGIN, newton_schulz_reference
 
@@ -182,13 +182,13 @@ def own_rate_groups(groups: list[dict], model: nn.Module, cfg: OptimConfig) -> l
     return groups
 
 
-def tied_head_note(cfg: Config) -> str:
+def tied_head_note(o: OptimConfig, m: ModelConfig) -> str:
     """A note where optim.head_lr is set for a tied head (base.toml sets it; `--set model.tie_embeddings=true`
     ties it): that head is the embedding matrix, trained at the embedding's rate, so the key does nothing."""
-    if not (cfg.optim.head_lr and cfg.model.tie_embeddings):
+    if not (o.head_lr and m.tie_embeddings):
         return ""
     return (
-        f"optim.head_lr = {cfg.optim.head_lr:g} is an untied head's rate: this head is tied, the embedding matrix, "
+        f"optim.head_lr = {o.head_lr:g} is an untied head's rate: this head is tied, the embedding matrix, "
         "and trains at the embedding's (optim.embedding_lr, else optim.lr)"
     )
 

@@ -148,10 +148,11 @@ class Standing(NamedTuple):
     seconds_left: float | None  # of training under a time budget (max_steps may end it sooner); None without one
 
 
-def budget_note(cfg: Config) -> str | None:
-    """One line on a time budget with a decay that does not run on progress (constant, step); else None."""
-    decay = cfg.schedule.decay
-    if not cfg.train.max_time or decay not in ("constant", "step"):
+def budget_note(s: ScheduleConfig, max_time: float) -> str | None:
+    """One line on a time budget (train.max_time `max_time`) with a decay that does not run on progress (constant,
+    step); else None."""
+    decay = s.decay
+    if not max_time or decay not in ("constant", "step"):
         return None
     if decay == "constant":
         return 'schedule.decay = "constant" has no decay to finish: train.max_time only ends the run'

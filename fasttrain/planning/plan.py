@@ -210,7 +210,8 @@ def plan_run(
     t = resolve_train(cfg.train, device)  # no "auto" left in what config.toml records
     budgeted = t.max_time > 0 or cfg.schedule.progress_from  # a replay keeps the warmup it replays
     schedule, note = fit_warmup(cfg.schedule, 0 if budgeted else t.max_steps)
-    notes += [line for line in (note, budget_note(cfg), tied_head_note(cfg), compile_mode_note(t, device)) if line]
+    budget, tied = budget_note(cfg.schedule, t.max_time), tied_head_note(cfg.optim, cfg.model)
+    notes += [line for line in (note, budget, tied, compile_mode_note(t, device)) if line]
     if schedule.progress_from:  # config.toml records where, for a resume from any directory
         schedule = replace(schedule, progress_from=os.path.abspath(schedule.progress_from))
     recorded = tuple(recorded_progress(schedule.progress_from, t.max_steps)) if schedule.progress_from else ()
@@ -219,7 +220,7 @@ def plan_run(
     cfg = replace(cfg, train=t, schedule=schedule, model=shape)
     # A resumed or replayed run's config: the shape and context it trained, where this config leaves them to the plan
     chosen = not (shape.n_layers and t.seq_len and shape.members) or cfg.optim.weight_decay_rule == "repeats"
-    earlier = recorded_run(cfg, resume) if chosen else None
+    earlier = recorded_run(t.out_dir, schedule.progress_from, resume) if chosen else None
     context_set = bool(t.seq_len)
     choose_seq_len = not context_set and earlier is None  # chosen below, once the run's tokens are known
     if not context_set:

@@ -3,7 +3,7 @@ measuring it again.
 
 Imports from fasttrain: checkpoints.checkpoint_files, config.
 
-    earlier = recorded_run(cfg, resume)   # None for a new run
+    earlier = recorded_run(out_dir, progress_from, resume)   # None for a new run
     earlier.config                        # its config.toml: the shape, context, decay and epoch limit it trained
     earlier.overlap                       # its start event's most-read source and verbatim overlap, if measured
 
@@ -32,10 +32,10 @@ class Recorded:
     overlap: tuple[str, float] | None  # the most-read source's name and overlap its plan measured; None: not recorded
 
 
-def recorded_run(cfg: Config, resume: str | None) -> Recorded | None:
-    """The run that a run of `cfg` resumes (`resume`, a --resume spec) or replays (schedule.progress_from) as its
-    files record it; None for a new run (checkpoint_files.recorded_config)."""
-    found = checkpoint_files.recorded_config(cfg, resume)
+def recorded_run(out_dir: str, replayed: str, resume: str | None) -> Recorded | None:
+    """The run that a run in train.out_dir `out_dir` resumes (`resume`, a --resume spec) or replays (`replayed`:
+    schedule.progress_from) as its files record it; None for a new run (checkpoint_files.recorded_config)."""
+    found = checkpoint_files.recorded_config(out_dir, replayed, resume)
     if found is None:
         return None
     config, where = found
