@@ -283,6 +283,7 @@ def test_the_calibration_times_the_runs_loss_and_optimizer_step(pydoc_data, tmp_
     the run does) and runs the step after every backward, so the gradients are gone after each pass."""
     from fasttrain.compute.distributed import World
     from fasttrain.planning import shape
+    from fasttrain.planning.preflight import Machine
 
     cfg = tiny_config(pydoc_data, tmp_path, "model.vocab_size=512", *AUTO, "optim.name=muon", "train.max_time=60")
     handed, real_calibrate = [], sizing.calibrate
@@ -292,7 +293,7 @@ def test_the_calibration_times_the_runs_loss_and_optimizer_step(pydoc_data, tmp_
         "calibrate",
         lambda cfg, device, update, loss, depths=(): handed.append((update, loss)) or Speed(((1e6, 1e9),)),
     )
-    shape.shape_of(cfg, (), 128, World(), 1, torch.device("cpu"), None, None)
+    shape.shape_of(cfg, (), 128, World(), 1, Machine.of(torch.device("cpu")), None, None)
     monkeypatch.setattr(sizing, "calibrate", real_calibrate)
     passes, fused_calls = [], []
 

@@ -36,7 +36,7 @@ from fasttrain.optimization.optimizers import tied_head_note
 from fasttrain.optimization.schedule import Budget, budget_note, fit_warmup, recorded_progress
 from fasttrain.planning import sizing
 from fasttrain.planning.members import distill_note
-from fasttrain.planning.preflight import check_fits
+from fasttrain.planning.preflight import Machine, check_fits
 from fasttrain.planning.recorded import recorded_run
 from fasttrain.planning.repeats import choose_weight_decay
 from fasttrain.planning.sequence_length import recorded_context, short_context
@@ -78,7 +78,7 @@ class RunPlan:
     params: int
     flops_per_token: float
     memory: tuple[tuple[str, int], ...]  # the estimate of one rank's bytes, by part (preflight.estimate_bytes)
-    available: int  # bytes the device has available
+    available: int  # bytes the device had available as the plan was made (preflight.Machine)
     recorded: tuple[float, ...]  # schedule.progress_from's progress per update (a replay); () otherwise
     init_missing: str  # model.init_from gone since the run in train.out_dir began: the error a new run gets
     notes: tuple[str, ...]  # the "note: ..." lines the run prints before it starts
@@ -250,7 +250,8 @@ def plan_run(
         note = check_hf_tokenizer(shape.init_from, Tokenizer.load(tokenizer_file), tokenizer_file)
         notes += [note] if note else []
     accumulation = accumulation_steps(t, world.size)
-    sized = size_run(cfg, sources, estimate, accumulation, world, shard_group, device, speed, earlier, context_set)
+    machine = Machine.of(device)  # its free memory read once: every choice bounded by memory weighs the same bytes
+    sized = size_run(cfg, sources, estimate, accumulation, world, shard_group, machine, speed, earlier, context_set)
     model, t, speed = sized.model, sized.train, sized.speed
     notes += sized.notes
     if t.distill:  # resolved: only a new ensemble is distilled, and config.toml records whether this run is one
@@ -275,7 +276,7 @@ def plan_run(
     kernels = kernels_on(
         cfg.kernels, device, sharded, shapes, compiled=bool(t.compile), fp8=t.fp8, softcap=m.logit_softcap
     )
-    memory, available = check_fits(cfg, device, t.precision, shard_group)
+    memory = check_fits(cfg, machine, t.precision, shard_group)
     check_attention(t.attention, device)
     check_fp8(t.fp8, device)
     k = cfg.checkpoint
@@ -297,7 +298,7 @@ def plan_run(
         params=num_params(m) * m.members,
         flops_per_token=flops_per_token(m, t.seq_len),
         memory=tuple(memory.items()),
-        available=available,
+        available=machine.available,
         recorded=recorded,
         init_missing=init_missing,
         notes=tuple(notes),

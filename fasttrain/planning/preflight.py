@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import resource
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -120,11 +120,24 @@ def _meminfo(path: str, key: str) -> int | None:
         return None
 
 
-def depths_in_memory(cfg: Config, device: torch.device, depths: Sequence[int], shards: int = 1) -> list[int]:
+@dataclass(frozen=True)
+class Machine:
+    """The device a run is planned for and the bytes it has available, read once a plan (`Machine.of`): every
+    choice bounded by memory weighs the same figure, and the plan records it."""
+
+    device: torch.device
+    available: int
+
+    @classmethod
+    def of(cls, device: torch.device) -> Machine:
+        return cls(device, available_bytes(device))
+
+
+def depths_in_memory(cfg: Config, available: int, depths: Sequence[int], shards: int = 1) -> list[int]:
     """Of the ladder's `depths` (ascending; sizing.ladder_shape of cfg.model), those whose estimate is at most
-    sizing.MEMORY_SHARE of what `device` has available: the shapes a sizing may time and choose. The smallest alone
-    where none is: check_fits then refuses it if it cannot fit at all."""
-    room, value_bytes = MEMORY_SHARE * available_bytes(device), 4 if cfg.train.precision == "fp32" else 2
+    sizing.MEMORY_SHARE of the `available` bytes: the shapes a sizing may time and choose. The smallest alone where
+    none is: check_fits then refuses it if it cannot fit at all."""
+    room, value_bytes = MEMORY_SHARE * available, 4 if cfg.train.precision == "fp32" else 2
 
     def need(depth: int) -> int:
         return sum(estimate_bytes(replace(cfg, model=ladder_shape(cfg.model, depth)), value_bytes, shards).values())
@@ -132,21 +145,21 @@ def depths_in_memory(cfg: Config, device: torch.device, depths: Sequence[int], s
     return list(itertools.takewhile(lambda d: need(d) <= room, depths)) or list(depths[:1])  # grows with the depth
 
 
-def members_in_memory(cfg: Config, device: torch.device, shards: int = 1) -> int:
+def members_in_memory(cfg: Config, available: int, shards: int = 1) -> int:
     """How many models of cfg.model's shape (an ensemble's members, model/ensemble.py) fit in sizing.MEMORY_SHARE of
-    what `device` has available, as the depths offered do (`depths_in_memory`); at least 1."""
+    the `available` bytes, as the depths offered do (`depths_in_memory`); at least 1."""
     one = replace(cfg, model=replace(cfg.model, members=1))
     need = sum(estimate_bytes(one, 4 if cfg.train.precision == "fp32" else 2, shards).values())
-    return max(int(MEMORY_SHARE * available_bytes(device) // need), 1)
+    return max(int(MEMORY_SHARE * available // need), 1)
 
 
-def check_fits(cfg: Config, device: torch.device, precision: str, shards: int = 1) -> tuple[dict[str, int], int]:
-    """The estimate (`estimate_bytes`) and the bytes `device` has available (`available_bytes`); a run that
-    cannot fit is refused, naming both and the config keys behind the estimate."""
+def check_fits(cfg: Config, machine: Machine, precision: str, shards: int = 1) -> dict[str, int]:
+    """The estimate (`estimate_bytes`), by part; a run that cannot fit in what `machine` has available is refused,
+    naming both and the config keys behind the estimate."""
     parts = estimate_bytes(cfg, 4 if precision == "fp32" else 2, shards)
-    need, have = sum(parts.values()), available_bytes(device)
+    need, have = sum(parts.values()), machine.available
     if need <= have:
-        return parts, have
+        return parts
     m, t = cfg.model, cfg.train
     biggest = ", ".join(
         f"{name} {size / GIB:,.1f} GiB" for name, size in sorted(parts.items(), key=lambda p: -p[1])[:2]
@@ -162,6 +175,6 @@ def check_fits(cfg: Config, device: torch.device, precision: str, shards: int = 
         f"train.seq_len = {t.seq_len}",
     ]
     raise UsageError(
-        f"the run needs about {need / GIB:,.1f} GiB ({biggest}) but {device} has {have / GIB:,.1f} GiB "
+        f"the run needs about {need / GIB:,.1f} GiB ({biggest}) but {machine.device} has {have / GIB:,.1f} GiB "
         f"available; reduce {', '.join(keys[:-1])} or {keys[-1]}"
     )

@@ -20,15 +20,13 @@ import os
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import torch
-
 from fasttrain.compute import distributed
 from fasttrain.config import Config, ModelConfig, TrainConfig, config_to_toml, load_config, parse_config
 from fasttrain.data.mixture import Source, phases, token_shares
 from fasttrain.model.weights import hf_llama_model_config
 from fasttrain.planning import repeats, sizing
 from fasttrain.planning.members import ensemble_members
-from fasttrain.planning.preflight import depths_in_memory, members_in_memory
+from fasttrain.planning.preflight import Machine, depths_in_memory, members_in_memory
 from fasttrain.planning.recorded import Recorded
 from fasttrain.planning.repeats import Corpus, Measured, limit_epochs, rows_per_epoch
 from fasttrain.planning.sequence_length import choose_context, trained_context
@@ -58,7 +56,7 @@ def size_run(
     accumulation: int,
     world: distributed.World,
     shards: int,
-    device: torch.device,
+    machine: Machine,
     speed: Speed | None,
     earlier: Recorded | None,
     context_set: bool,
@@ -87,7 +85,7 @@ def size_run(
     self_sized = not cfg.model.n_layers and t.max_time and not cfg.schedule.progress_from
     cfg, limit_note, measured = limit_epochs(cfg, sources, corpus, measured) if self_sized else (cfg, "", measured)
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size  # the same at either context
-    model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, device, speed, earlier)
+    model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, machine, speed, earlier)
     cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
     if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
         known = speed is not None or not t.max_time  # a time budget's tokens come from a speed timed
@@ -98,7 +96,7 @@ def size_run(
             cfg = replace(cfg, train=t)
             rows, corpus = corpus_at(cfg)
             cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
-            model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, device, speed, earlier)
+            model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, machine, speed, earlier)
     reaches = cap and sizing.run_tokens(t, model, tokens_per_step, speed) >= cap * tokens_per_step  # said only if so
     notes += [n for n in (limit_note if reaches else "", note) if n]
     model = model if context_set else trained_context(model, t)
@@ -112,7 +110,7 @@ def size_run(
                 f"train.max_steps = {cap}: a budgeted run with model.n_layers = 0 stops when it has read the corpus "
                 f"{cfg.data.max_epochs:g} times ({'the limit above' if limit_note else 'data.max_epochs'}) or earlier"
             )
-        most = members_in_memory(replace(cfg, model=model, train=t), device, shards)
+        most = members_in_memory(replace(cfg, model=model, train=t), machine.available, shards)
         members, note = (members, "") if model.members else ensemble_members(model, t, tokens_per_step, speed, most)
     notes += [note] if note else []
     model = replace(model, members=members)
@@ -125,7 +123,7 @@ def shape_of(
     tokens_per_step: int,
     world: distributed.World,
     shards: int,
-    device: torch.device,
+    machine: Machine,
     speed: Speed | None,
     recorded: Recorded | None,
 ) -> tuple[ModelConfig, str, Speed | None]:
@@ -149,7 +147,8 @@ def shape_of(
             )
         return shape, "", speed
     if recorded is None:  # no shape is timed or chosen whose memory estimate leaves the device no margin
-        depths = depths_in_memory(cfg, device, sizing.fitting_depths(m), shards)
+        depths = depths_in_memory(cfg, machine.available, sizing.fitting_depths(m), shards)
+        device = machine.device
         update, loss = timed_update(cfg, device), timed_loss(cfg, device)
         return sizing.size_model(cfg, corpus, tokens_per_step, world.size, device, speed, update, loss, depths)
     r, where = recorded.config.model, recorded.where
