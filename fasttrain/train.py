@@ -1,8 +1,8 @@
 """Train a language model from a TOML config.
 
 Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.run_directory, checkpoints.saves, compute.device,
-compute.distributed, config, config.shipped, distillation, evaluate, evaluation.trained_model, planning.plan,
-system.errors, training.launch, training.measure, training.plan_table, training.trainer.
+compute.distributed, config, config.shipped, evaluate, evaluation.trained_model, planning.plan,
+system.errors, training.launch, training.measure, training.phases, training.plan_table, training.trainer.
 
     python -m fasttrain.train configs/base.toml [--set SECTION.KEY=VALUE ...] [--resume auto|auto-or-new|PATH]
     python -m fasttrain.train configs/base.toml --dry-run [--json] [--measure N]
@@ -44,23 +44,21 @@ from fasttrain.config import (
     copied_run_note,
     shipped,
 )
-from fasttrain.distillation import (
-    ENSEMBLE_DIR,
-    REPLACES,
-    ensemble_config,
-    kept_phase_items,
-    members_dir,
-    recorded_members,
-    resumed_phase,
-    student_config,
-    students_saves,
-)
 from fasttrain.evaluate import score_tasks
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.planning.plan import RunPlan, plan_run
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.training.launch import check_directory, check_start, start_run
 from fasttrain.training.measure import measure, measure_line
+from fasttrain.training.phases import (
+    REPLACES,
+    Phase,
+    ensemble_config,
+    kept_phase_items,
+    members_dir,
+    next_phase,
+    publish,
+)
 from fasttrain.training.plan_table import plan_table
 from fasttrain.training.trainer import Interrupted, Trainer
 
@@ -97,13 +95,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.json or args.measure) and not args.dry_run:
         raise UsageError(f"{'--json' if args.json else '--measure'}: only with --dry-run")
-    cfg = config_from_args(args)
+    # A moved or copied run directory's config.toml names the original: resumed, the run goes on where it now is
+    cfg, moved = copied_run_note(args, config_from_args(args), args.resume in ("auto", AUTO_OR_NEW))
     if args.dry_run:
-        return dry_run(cfg, args)
+        return dry_run(cfg, args, moved)
     named = args.config in shipped.available()  # shipped, or a file here that hides the shipped one: say which
     if named and not args.quiet and distributed.world_from_env().is_main:
         print(config_line(args.config))
-    moved = copied_run_note(args, cfg)  # a copied run directory's config.toml names the original
     if moved and not args.quiet and distributed.world_from_env().is_main:
         print(f"note: {moved}")
     index = harness = None
@@ -117,18 +115,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     world = distributed.world_from_env()
     # Before anything reads the directory: Trainer's process group then holds the other ranks until this is done.
-    for directory in (Path(cfg.train.out_dir), Path(cfg.train.out_dir) / ENSEMBLE_DIR) if world.is_main else ():
+    for directory in (Path(cfg.train.out_dir), members_dir(cfg.train.out_dir)) if world.is_main else ():
         note = finish_overwrite(directory) if directory.is_dir() else None
         if note and not args.quiet:
             print(f"note: {note}")
     try:
         sets = [item for _, item in config_overrides(args)]
-        phase = resumed_phase(cfg, sets) if args.resume in ("auto", AUTO_OR_NEW) else None
+        phase = next_phase(cfg, sets) if args.resume in ("auto", AUTO_OR_NEW) and cfg.train.distill else None
         if phase is not None:  # a distilled run goes on with the phase it was in
             kept = kept_phase_items(cfg.train.out_dir, sets)
             if kept and world.is_main and not args.quiet:
                 print(f"note: distill: {' '.join(kept)}: a resume keeps what the run's phases recorded")
-            summary, device, batch_size = resume_distilled(cfg, *phase, args, harness)
+            summary, device, batch_size = train_phases(cfg, phase, args, harness)
         else:
             resume = checkpoint_to_resume(args.resume, cfg.train.out_dir, args.quiet or not world.is_main)
             if world.is_main:  # refused before the plan times the machine; the other ranks check once rank 0 settled it
@@ -140,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     resolve(resume, cfg.train.out_dir)  # the save to resume: there, or the resume's own line
             plan = start_run(cfg, args.quiet, resume)
             if plan.cfg.train.distill and resume is None:
-                summary, device, batch_size = train_distilled(cfg, plan, None, args, harness)
+                first = Phase("members", ensemble_config(plan.cfg), None, args.overwrite)
+                summary, device, batch_size = train_phases(cfg, first, args, harness, plan)
             else:
                 summary, device, batch_size = train_one(plan, resume, args.overwrite, args, harness, cfg.train.out_dir)
     finally:
@@ -191,83 +190,79 @@ def train_one(
         gc.collect()
 
 
-def train_distilled(
-    cfg: Config, plan: RunPlan | None, resume: str | None, args: argparse.Namespace, harness: ModuleType | None
+def train_phases(
+    cfg: Config, phase: Phase, args: argparse.Namespace, harness: ModuleType | None, whole: RunPlan | None = None
 ) -> tuple[dict, torch.device, int]:
-    """A distilled run of `cfg` (fasttrain/distillation.py) from its members' run: `plan`'s new one, or (plan None)
-    the one in train.out_dir/ensemble, resumed from the save `resume` names if given; then its student's, new."""
+    """The distilled run of `cfg` (fasttrain/training/phases.py) from `phase` on, each next phase decided as the one
+    before it ends (phases.next_phase), until the run has ended; then how its budget was spent. `whole`: a new run's
+    plan, whose first round `phase` is (its notes were printed as the run planned it; its record goes into the
+    round's start event)."""
     out, sets = os.path.abspath(cfg.train.out_dir), [item for _, item in config_overrides(args)]
-    if plan is not None:
-        ensemble, quiet = ensemble_config(plan.cfg), True  # the plan's notes said it all
-        if distributed.world_from_env().is_main:  # what the student does to an earlier run in RUN, said now
-            members = Path(ensemble.train.out_dir)
-            members.mkdir(parents=True, exist_ok=True)
-            if args.overwrite:
-                (members / REPLACES).write_text("the student replaces the run in the directory above\n")
-            else:
-                (members / REPLACES).unlink(missing_ok=True)
-    else:
-        ensemble, quiet = recorded_members(out, sets), args.quiet
-    if not args.quiet and distributed.world_from_env().is_main:
-        print(f"distill: 1 of 2, the {ensemble.model.members} members, into {ensemble.train.out_dir}")
-    summary = train_one(start_run(ensemble, quiet, resume), resume, args.overwrite, args, harness, out)[0]
-    recorded = recorded_members(out, sets)  # as a resume derives the student from it
-    student = student_config(recorded, out, cfg.train.max_time, summary["train_seconds"], cfg.train.teacher_init)
-    return train_student(student, quiet, args, harness)
+    say = distributed.world_from_env().is_main and not args.quiet
+    if whole is not None and distributed.world_from_env().is_main:  # what the student does to an earlier run in RUN
+        members = Path(phase.cfg.train.out_dir)
+        members.mkdir(parents=True, exist_ok=True)
+        if phase.overwrite:
+            (members / REPLACES).write_text("the student replaces the run in the directory above\n")
+        else:
+            (members / REPLACES).unlink(missing_ok=True)
+    spent: list[tuple[str, float]] = []
+    summary: dict = {}
+    device, batch_size = torch.device("cpu"), phase.cfg.train.batch_size  # a run resumed only to publish trains none
+    next_one: Phase | None = phase
+    while next_one is not None:
+        if say:
+            print(f"distill: {phase_line(next_one)}")
+        if next_one.kind == "publish":  # the run's model is its one member's
+            weights = publish(next_one) if distributed.world_from_env().is_main else Path(out) / "final"
+            summary = {**summary, "weights": str(weights)}
+            break
+        part: dict = {"kind": next_one.kind, "run": out, "why": next_one.note}
+        if whole is not None and not spent:
+            part["whole"] = whole.record()
+        plan = start_run(next_one.cfg, args.quiet or (whole is not None and not spent), next_one.resume, part)
+        summary, device, batch_size = train_one(plan, next_one.resume, next_one.overwrite, args, harness, out)
+        spent.append((f"{next_one.kind} in {next_one.cfg.train.out_dir}", summary["train_seconds"]))
+        next_one = next_phase(cfg, sets)
+    if say and spent:
+        budget = f" of train.max_time = {cfg.train.max_time:g} s" if cfg.train.max_time else ""
+        trained = "; ".join(f"{what} {seconds:.0f} s" for what, seconds in spent)
+        print(f"distill: {sum(s for _, s in spent):.0f} s trained{budget}: {trained}")
+    return summary, device, batch_size
 
 
-def train_student(
-    student: Config, quiet: bool, args: argparse.Namespace, harness: ModuleType | None
-) -> tuple[dict, torch.device, int]:
-    """The student's run of a distilled run (`student`: distillation.student_config): its saves resumed where they are
-    its own, else begun anew, replacing an earlier run in train.out_dir where the whole run began with --overwrite
-    (UsageError where it did not: those saves are not the run's to replace)."""
-    out = Path(student.train.out_dir)
-    ours = students_saves(out)
-    if ours is None:
-        raise UsageError(
-            f"{out / 'checkpoints'}: holds the saves of another run, which the student of {members_dir(out)} would "
-            "replace; move them away, or start the whole run over with --overwrite"
-        )
-    resume = "auto" if ours else None
-    overwrite = not ours and (members_dir(out) / REPLACES).is_file()
-    if not args.quiet and distributed.world_from_env().is_main:
-        print(f"distill: 2 of 2, one model taught by {student.train.teacher}, into {out}")
-    return train_one(start_run(student, quiet, resume), resume, overwrite, args, harness, str(out))
+def phase_line(phase: Phase) -> str:
+    """What a distilled run's `phase` is, in the line it starts with."""
+    t = phase.cfg.train
+    why = f"{phase.note}: " if phase.note else ""
+    if phase.kind == "members":
+        return f"{why}{phase.cfg.model.members} member(s) side by side into {t.out_dir}"
+    if phase.kind == "publish":
+        return f"{why}final/ holds the one member's weights, copied from {Path(t.out_dir) / 'final'}"
+    return f"{why}one model taught by {t.teacher}, into {t.out_dir}"
 
 
-def resume_distilled(
-    cfg: Config, phase: Config, members: bool, args: argparse.Namespace, harness: ModuleType | None
-) -> tuple[dict, torch.device, int]:
-    """`--resume auto` of a distilled run of `cfg` in the phase distillation.resumed_phase found: the `members`' run
-    (`phase`, its saves resumed, or begun anew without one) and then the student, or the student alone."""
-    if members:
-        return train_distilled(
-            cfg, None, "auto" if has_saves(Path(phase.train.out_dir) / "checkpoints") else None, args, harness
-        )
-    return train_student(phase, args.quiet, args, harness)
-
-
-def dry_run(cfg: Config, args: argparse.Namespace) -> int:
+def dry_run(cfg: Config, args: argparse.Namespace, moved: str | None) -> int:
     """Print the plan of a run of `cfg` (rank 0 prints the world's), as a table after the config file's line, or
     (--json) one JSON object with the start event's keys and `config_file`; with --measure N, time N real steps (the
     data must be prepared). Writes nothing. train.out_dir gets the run's checks first, each the run's one line; an
-    earlier run there, which a new run without --overwrite would refuse, is a note instead."""
+    earlier run there, which a new run without --overwrite would refuse, is a note instead; `moved`: the note on a
+    moved run directory's config (copied_run_note), said before a refusal of the directory it names."""
     as_json, measure_steps, resume, overwrite = args.json, args.measure, args.resume, args.overwrite
     world = distributed.world_from_env()
-    moved = copied_run_note(args, cfg)  # before a refusal of the directory it names, as the run says it
     if world.is_main and not as_json:
         print(config_line(args.config))
     if world.is_main and moved:
         print(f"note: {moved}", file=sys.stderr if as_json else sys.stdout)  # --json: the object alone on stdout
     device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
-    phase = (
-        resumed_phase(cfg, [item for _, item in config_overrides(args)]) if resume in ("auto", AUTO_OR_NEW) else None
-    )
+    sets = [item for _, item in config_overrides(args)]
+    phase = next_phase(cfg, sets) if resume in ("auto", AUTO_OR_NEW) and cfg.train.distill else None
+    if phase is not None and phase.kind == "publish":  # nothing left to train: said, as the run would say it
+        if world.is_main:
+            print(f"distill: {phase_line(phase)}", file=sys.stderr if as_json else sys.stdout)
+        return 0
     if phase is not None:  # a distilled run: the plan of the phase it would go on with
-        cfg, members = phase
-        saved = has_saves(Path(cfg.train.out_dir) / "checkpoints")
-        resume = "auto" if (members and saved) or students_saves(Path(cfg.train.out_dir)) else None
+        cfg, resume = phase.cfg, phase.resume
     spec = checkpoint_to_resume(resume, cfg.train.out_dir, quiet=True)
     out = Path(cfg.train.out_dir)
     # The plan of a new run where an earlier one is, which the run would refuse: said, not refused, as the dry

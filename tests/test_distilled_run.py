@@ -1,4 +1,4 @@
-"""train.distill (fasttrain/distillation.py): an ensemble's run ends with its members distilled into one model, so
+"""train.distill (fasttrain/training/phases.py): an ensemble's run ends with its members distilled into one model, so
 final/ holds one model and ensemble/ the members; killed in either phase, `--resume auto` ends with the same
 weights as a run never stopped; under a time budget the plan holds the student's time too."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from dataclasses import replace
 from pathlib import Path
@@ -15,15 +16,15 @@ import torch
 from safetensors.torch import load_file
 
 from fasttrain import train as train_module
-from fasttrain.config import TrainConfig, load_config
-from fasttrain.distillation import ensemble_config
+from fasttrain.config import TrainConfig, load_config, save_config
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.export import export
 from fasttrain.model.transformer import flops_per_token
 from fasttrain.planning import sizing
-from fasttrain.planning.members import TEACHER_COST, distill_note, ensemble_members
+from fasttrain.planning.members import TEACHER_COST, distill_note, distilled, ensemble_members
 from fasttrain.planning.speed import Speed
 from fasttrain.system.errors import UsageError
+from fasttrain.training.phases import Ended, end_event, ensemble_config, more_members, next_phase, publish
 from fasttrain.training.trainer import Interrupted, Trainer
 from tests.conftest import tiny_args, tiny_config
 from tests.test_checkpoint import EXACT
@@ -61,6 +62,17 @@ def test_a_distilled_run_leaves_one_model_in_final_and_its_members_in_ensemble(p
     assert student.cfg.train.teacher_init and not members.cfg.train.teacher_init
     assert student.cfg.train.max_steps == members.cfg.train.max_steps == 8  # the student reads what a member read
     assert student.cfg.model.n_layers == members.cfg.model.n_layers and student.cfg.model.d_model == 32
+    # Each phase's start event says what it is of the run; the first round's holds the whole run's plan
+    first, taught = start_event(run / "ensemble"), start_event(run)
+    assert first["phase"]["kind"] == "members" and first["phase"]["run"] == str(run)
+    assert first["phase"]["whole"]["distill"] is True and first["phase"]["whole"]["members"] == 2
+    assert taught["phase"]["kind"] == "student" and "whole" not in taught["phase"]
+
+
+def start_event(run: Path) -> dict:
+    """The first start event of `run`'s metrics.jsonl."""
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return next(e for e in events if e["event"] == "start")
 
 
 def stop_at(monkeypatch, step: int, where=lambda trainer: True) -> None:
@@ -185,3 +197,124 @@ def test_a_resume_takes_its_set_items_into_the_phases_but_not_those_that_make_th
     for phase in (run / "ensemble", run):
         recorded = load_config(phase / "config.toml")
         assert recorded.train.log_interval == 3 and recorded.model.n_layers == 2, phase
+
+
+def ended_round(directory: Path, cfg, members: int, steps: int, seconds: float, max_steps: int = 8) -> None:
+    """A round of `members` that ended after `steps` of `max_steps` in `seconds`, as its folder records it."""
+    t = replace(cfg.train, max_steps=max_steps, out_dir=str(directory), distill=False)
+    save_config(replace(cfg, model=replace(cfg.model, members=members), train=t), directory)
+    save_config(replace(cfg, train=t), directory / "final")
+    end = {"event": "end", "step": steps, "train_seconds": seconds}
+    (directory / "metrics.jsonl").write_text(json.dumps({"event": "start"}) + "\n" + json.dumps(end) + "\n")
+
+
+def test_each_boundary_decides_from_the_seconds_the_rounds_took(tmp_path):
+    """One member planned from a slow timing reached its limit in 100 s of 600: another round follows, of as many as
+    the first trained at once (what the plan found fits), for the time that leaves the student of all of them its
+    own (1 + K / 2 of a member's); again while it leaves room (k x 100 + 100 x (1 + (M + k) / 2) <= left); then the
+    student, for what the rounds left, whatever the plan said. A round stopped by its share of the budget, not the
+    limit, is followed by the student alone."""
+    run = tmp_path / "run"
+    cfg = tiny_config("data", run, "train.distill=true", "train.max_time=600", "train.teacher_init=true")
+    ended_round(run / "ensemble", cfg, members=1, steps=8, seconds=100.0)
+    phase = next_phase(cfg)
+    assert phase is not None and phase.kind == "members" and phase.resume is None
+    assert phase.cfg.model.members == 1 and phase.cfg.train.out_dir == str(run / "ensemble-2")
+    assert phase.cfg.train.max_time == pytest.approx(500 - 100 * (1 + 2 * TEACHER_COST))
+    assert phase.note.startswith("500 s left: each member reached the epoch limit in 100 s, so 1 more train")
+    ended_round(run / "ensemble-2", cfg, members=1, steps=8, seconds=100.0)
+    phase = next_phase(cfg)
+    assert phase.kind == "members" and phase.cfg.train.out_dir == str(run / "ensemble-3")
+    assert phase.cfg.train.max_time == pytest.approx(400 - 100 * (1 + 3 * TEACHER_COST))
+    ended_round(run / "ensemble-3", cfg, members=1, steps=8, seconds=120.0)  # slower than the two before
+    student = next_phase(cfg)
+    assert student is not None and student.kind == "student" and student.resume is None
+    assert student.cfg.train.max_time == pytest.approx(280.0) and student.cfg.train.max_steps == 0  # the time left
+    assert student.cfg.train.teacher.split(os.pathsep) == [
+        str(run / f"ensemble{n}" / "final") for n in ("", "-2", "-3")
+    ]
+    assert student.cfg.train.teacher_init and student.cfg.model.members == 1
+    shutil.rmtree(run / "ensemble-2"), shutil.rmtree(run / "ensemble-3")
+    ended_round(run / "ensemble", cfg, members=3, steps=5, seconds=300.0)  # stopped by its share, not the limit
+    assert next_phase(cfg).kind == "student"
+
+
+def test_one_member_and_too_little_time_for_more_is_the_runs_model_and_says_why(tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_config("data", run, "train.distill=true", "train.max_time=120")
+    ended_round(run / "ensemble", cfg, members=1, steps=8, seconds=99.0)
+    phase = next_phase(cfg)
+    assert phase is not None and phase.kind == "publish"
+    assert phase.note.startswith("21 s left: each member reached the epoch limit in 99 s, so one more and a student")
+    assert publish(phase) == run / "final" and (run / "final" / "config.toml").is_file()
+    assert next_phase(cfg) is None  # the run has ended
+    assert more_members([Ended(run, 1, 99.0, True)], 120.0, 8)[0] == 0
+
+
+def test_a_single_model_is_a_first_round_where_it_reaches_the_limit_early_at_thrice_the_speed_timed():
+    shape = replace(sizing.ladder_shape(load_config("configs/base.toml").model, 2), vocab_size=4096)
+    rate = flops_per_token(shape, 256) * 1000.0  # 1,000 tokens/s: 100 steps of 1,000 tokens in 100 s
+    speed = Speed(((flops_per_token(shape, 256), rate),))
+    t = TrainConfig(max_time=600.0, max_steps=100, seq_len=256, distill=True)
+    assert distilled(shape, t, 1000, speed)  # 100 s of 600
+    assert distilled(shape, replace(t, max_time=120.0), 1000, speed)  # 100 s timed: maybe 33 s
+    assert not distilled(shape, replace(t, max_time=30.0), 1000, speed)  # beyond its budget even at 3x the speed
+    assert not distilled(shape, t, 1000, None) and distilled(replace(shape, members=2), t, 1000, None)
+
+
+@pytest.mark.second_tier
+def test_a_budget_timed_slow_still_spends_itself_on_more_members_and_their_student(code_data, tmp_path, monkeypatch):
+    """The machine read 6x slow while the plan timed it (as on a machine busy only then; a tiny model's timing reads
+    it ~3x fast, for the steps' overheads, so ~2x slow): the plan trains fewer members than the budget holds, which
+    reach the epoch limit (2 epochs: seconds, even on a busy machine) early; the run goes on to more rounds, each
+    decided from the seconds the rounds took, then a student of all of them for the time left: >= 90% of the budget
+    trained, final/ one model learned from two or more."""
+    real = sizing.calibrate
+
+    def slow(*args, **kwargs):
+        speed = real(*args, **kwargs)
+        return replace(speed, points=tuple((flops, rate / 6) for flops, rate in speed.points))
+
+    monkeypatch.setattr(sizing, "calibrate", slow)
+    run, budget = tmp_path / "run", 90.0
+    sets = ["model.n_layers=0", "model.d_model=0", "model.n_heads=0", "model.members=0", "model.max_seq_len=256"]
+    sets += ["train.distill=true", "train.seq_len=0", f"train.max_time={budget:g}", "train.max_steps=0"]
+    sets += ["train.sample_tokens=0", 'optim.weight_decay_rule="repeats"', "data.max_epochs=2", "data.vocab_size=0"]
+    args = tiny_args(code_data, run, *sets, config=str(BASE), flags=["--quiet"])
+    assert train_module.main(args) == 0
+    begun = [run / "ensemble", *sorted(run.glob("ensemble-*"))]
+    assert sum(load_config(d / "config.toml").model.members for d in begun) >= 2
+    student = load_trained(run)
+    assert student.cfg.model.members == 1 and student.cfg.train.teacher.count(os.pathsep) == len(begun) - 1
+    seconds = [end_event(d / "metrics.jsonl")["train_seconds"] for d in (*begun, run)]
+    assert sum(seconds) >= 0.9 * budget, seconds
+    # Every phase records the epoch limit the plan set, in its start event and its config.toml; the first round, the
+    # whole plan: distilled, timed
+    whole = start_event(run / "ensemble")["phase"]["whole"]
+    assert whole["distill"] is True and whole["speed"] and whole["epoch_limit"] == 2
+    for phase in (*begun, run):
+        assert start_event(phase)["epoch_limit"] == whole["epoch_limit"], phase
+        assert load_config(phase / "config.toml").data.max_epochs == whole["epoch_limit"], phase
+
+
+@pytest.mark.parametrize("phase", ["members", "student"])
+def test_a_distilled_run_moved_elsewhere_resumes_where_it_now_is(phase, pydoc_data, tmp_path, monkeypatch):
+    """Killed in either phase, its folder moved (to another node, say): `--resume auto` of the config with the new
+    train.out_dir, or of the run's own config.toml (the student's, whose teacher is inside the old folder), ends
+    with the weights of a run never stopped, and nothing is written where the run was."""
+    train(pydoc_data, tmp_path / "straight")
+    run, moved = tmp_path / "old" / "run", tmp_path / "new" / "run"
+    stopped = str(run / "ensemble") if phase == "members" else str(run)
+    stop_at(monkeypatch, 5, lambda trainer: os.path.abspath(trainer.cfg.train.out_dir) == stopped)
+    with pytest.raises(Interrupted):
+        train(pydoc_data, run)
+    monkeypatch.undo()
+    moved.parent.mkdir()
+    shutil.move(run, moved)
+    if phase == "members":
+        train(pydoc_data, moved, flags=("--resume", "auto"))
+    else:
+        assert train_module.main([str(moved / "config.toml"), "--quiet", "--resume", "auto"]) == 0
+    assert not run.exists()
+    straight, resumed = weights(tmp_path / "straight"), weights(moved)
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)

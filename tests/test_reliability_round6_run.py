@@ -149,7 +149,8 @@ def test_a_dry_run_names_the_config_file_it_planned(pydoc_data, tmp_path, capsys
 
 
 def test_a_copied_run_directory_says_its_config_writes_into_the_original(pydoc_data, tmp_path, capsys):
-    """train.out_dir is recorded absolute: the copy's config.toml trained into the original, silently."""
+    """train.out_dir is recorded absolute: the copy's config.toml trained into the original, silently. Now a new run
+    from it says so, and a resume goes on in the copy."""
     original, copy = tmp_path / "original", tmp_path / "copy"
     code, _, err = train(tiny_args(pydoc_data, original, "train.max_steps=2", "train.sample_tokens=0"), capsys)
     assert code == 0, err
@@ -162,12 +163,17 @@ def test_a_copied_run_directory_says_its_config_writes_into_the_original(pydoc_d
     code, out, err = train([str(copy / "config.toml"), "--dry-run"], capsys)
     refused = f"note: {original / 'checkpoints'}: holds checkpoints of an earlier run (up to step 2): the run would "
     assert code == 0 and out.splitlines()[1] == note and out.splitlines()[2].startswith(refused)
+    # Resumed, the run is the one in the folder where it now is (a run directory moved or copied whole), said so
+    here = (
+        f"note: {copy / 'config.toml'} records train.out_dir = {original}: the run goes on in {copy}, where it now is"
+    )
     code, out, err = train([str(copy / "config.toml"), "--dry-run", "--resume", "auto"], capsys)
-    assert code == 0 and note in out.splitlines()
+    assert code == 0 and here in out.splitlines()
     code, out, err = train([str(copy / "config.toml"), "--dry-run", "--resume", "auto", "--json"], capsys)
-    assert code == 0 and json.loads(out) and err.splitlines() == [note]
+    assert code == 0 and json.loads(out)["out_dir"] == str(copy) and err.splitlines() == [here]
+    before = (original / "metrics.jsonl").read_bytes()
     code, out, err = train([str(copy / "config.toml"), "--resume", "auto"], capsys)  # at its end: evaluates again
-    assert code == 0 and note in out.splitlines()
+    assert code == 0 and here in out.splitlines() and (original / "metrics.jsonl").read_bytes() == before
     # No note where the config is its own run's, or where --set chose the folder.
     for args in ([str(original / "config.toml")], [str(copy / "config.toml"), "--set", f"train.out_dir={copy}"]):
         code, out, err = train([*args, "--dry-run", "--resume", "auto"], capsys)

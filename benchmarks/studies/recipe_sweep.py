@@ -38,7 +38,7 @@ from typing import Sequence
 
 from benchmarks.studies.common import ROOT, load_average, prepared_corpus, result_header
 from fasttrain.config import load_config
-from fasttrain.distillation import ENSEMBLE_DIR
+from fasttrain.training.phases import ENSEMBLE_DIR
 from fasttrain.planning.sequence_length import contexts
 from fasttrain.system.errors import ArgumentParser, run_cli
 
@@ -267,7 +267,7 @@ def train_sets(
 
 
 def distilled_from(out_dir: Path) -> dict:
-    """A distilled run's members (train.distill: out_dir/ensemble/, fasttrain/distillation.py): their count, training
+    """A distilled run's members (train.distill: out_dir/ensemble/, fasttrain/training/phases.py): their count, training
     seconds and final/'s score, beside the student's that train_sets reports; {} for a run of one phase."""
     log = out_dir / ENSEMBLE_DIR / "metrics.jsonl"
     if not log.is_file():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 
 from fasttrain.config.loading import OVERRIDE_SOURCE, _build, _read_layers
 from fasttrain.config.sections import Config
@@ -94,21 +95,35 @@ def config_line(spec: str) -> str:
     return f"config: {os.path.abspath(path)}{hidden}"
 
 
-def copied_run_note(args: argparse.Namespace, cfg: Config) -> str | None:
-    """A note when the config of `args` is a run directory's config.toml recording another train.out_dir and no --set
-    chose one: trained from, a copied run directory writes into the original."""
+def copied_run_note(args: argparse.Namespace, cfg: Config, resuming: bool = False) -> tuple[Config, str | None]:
+    """`cfg` as the run of `args` uses it, and a note, when the config of `args` is a run directory's config.toml
+    recording another train.out_dir and no --set chose one: the run folder was moved or copied. `resuming` (--resume
+    auto): the run where the folder now is, its train.teacher paths inside the recorded folder taken along (a
+    distilled run's student); else the config as it is, writing into the original."""
     from fasttrain.config import shipped
 
     path, is_shipped = shipped.locate(args.config)
     here = os.path.dirname(os.path.abspath(path))
     is_run = os.path.isfile(os.path.join(here, "metrics.jsonl")) or os.path.isdir(os.path.join(here, "checkpoints"))
     if is_shipped or os.path.basename(path) != "config.toml" or not is_run:
-        return None
+        return cfg, None
     if any(item.partition("=")[0].strip() == "train.out_dir" for _, item in config_overrides(args)):
-        return None
-    if os.path.realpath(cfg.train.out_dir) == os.path.realpath(here):
-        return None
-    return (
-        f"{path} is the config of the run in {here}, but its train.out_dir is {cfg.train.out_dir}: this run "
-        f"reads and writes there (--set train.out_dir={here} for the run in this folder)"
+        return cfg, None
+    was = os.path.abspath(cfg.train.out_dir)
+    if os.path.realpath(was) == os.path.realpath(here):
+        return cfg, None
+    if not resuming:
+        return cfg, (
+            f"{path} is the config of the run in {here}, but its train.out_dir is {cfg.train.out_dir}: this run "
+            f"reads and writes there (--set train.out_dir={here} for the run in this folder)"
+        )
+    inside = (
+        [
+            p if os.path.commonpath([was, os.path.abspath(p)]) != was else os.path.join(here, os.path.relpath(p, was))
+            for p in cfg.train.teacher.split(os.pathsep)
+        ]
+        if cfg.train.teacher
+        else []
     )
+    moved = replace(cfg, train=replace(cfg.train, out_dir=here, teacher=os.pathsep.join(inside)))
+    return moved, f"{path} records train.out_dir = {cfg.train.out_dir}: the run goes on in {here}, where it now is"

@@ -293,7 +293,7 @@ class TrainConfig:
     # data.sources, or "val_loss.NAME", one source's (NAME: its folder's name, as metrics.jsonl records it).
     monitor: str = "val_loss"
     # Distillation: a fasttrain model (a weights directory such as another run's final/, an ensemble's included, or a
-    # run directory) whose probabilities over each batch's next tokens the model learns, not only the tokens
+    # run directory; several, separated by os.pathsep as in PATH, are one ensemble of all their members) whose probabilities over each batch's next tokens the model learns, not only the tokens
     # themselves: the loss is teacher_weight x the cross-entropy against them + the rest x the next-token loss
     # (optimization/objective.py). Its tokenizer must be the data's. "" = none.
     teacher: str = ""
@@ -305,7 +305,7 @@ class TrainConfig:
     # An ensemble (model.members above 1, set or chosen) ends distilled into one model of a member's shape: the members
     # train first into out_dir/ensemble/, then one model learns their probabilities (as train.teacher) into out_dir,
     # whose final/ holds it: one model's memory and cost, and it exports. Under train.max_time the plan splits the
-    # budget between them (fasttrain/distillation.py).
+    # budget between them, and each round's end decides the next (fasttrain/training/phases.py).
     distill: bool = False
     sample_prompt: str = "The"  # the samples' prompt (<= 65,536 chars); no trailing space: BPE words carry theirs
     sample_tokens: int = 64  # tokens generated per sample; 0 = no samples

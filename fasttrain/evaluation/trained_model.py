@@ -24,9 +24,9 @@ import torch
 from fasttrain.checkpoints import checkpoint_files, saves
 from fasttrain.checkpoints.run_directory import set_aside_note
 from fasttrain.compute.device import resolve_precision, use_device
-from fasttrain.config import Config, check_vocab, load_config
+from fasttrain.config import Config, ModelConfig, check_vocab, load_config
 from fasttrain.formats.tokenizer import Tokenizer
-from fasttrain.model.ensemble import Ensemble, build_model
+from fasttrain.model.ensemble import Ensemble, build_model, transformers
 from fasttrain.model.transformer import Transformer
 from fasttrain.model.weights import load_exported
 from fasttrain.system.errors import UsageError
@@ -89,18 +89,31 @@ def load_trained(spec: str | os.PathLike[str], device: torch.device | str = "cpu
 
 
 def load_teacher(spec: str, tokenizer: Tokenizer, device: torch.device) -> Transformer | Ensemble:
-    """train.teacher's model (see `weights_source`) on `device`, in eval mode and frozen; UsageError naming
-    train.teacher where it cannot be loaded or learned other token ids than `tokenizer`'s (compared by content)."""
-    try:
-        teacher = load_trained(spec, device)
-    except UsageError as e:
-        raise UsageError(f"train.teacher: {e}") from None
-    if teacher.tokenizer.tok.to_str() != tokenizer.tok.to_str():
-        raise UsageError(
-            f"train.teacher: {teacher.tokenizer_path} is not the data's tokenizer, so the teacher's probabilities "
-            "are over other token ids; distil a model trained on data of this tokenizer"
-        )
-    return teacher.model.requires_grad_(False)
+    """train.teacher's model (see `weights_source`; several, os.pathsep between them as in PATH, are one ensemble of
+    all their members, which must share a shape) on `device`, in eval mode and frozen; UsageError naming
+    train.teacher where one cannot be loaded, learned other token ids than `tokenizer`'s (compared by content) or
+    differs in shape from the first."""
+    members: list[Transformer] = []
+    for part in spec.split(os.pathsep):
+        try:
+            teacher = load_trained(part, device)
+        except UsageError as e:
+            raise UsageError(f"train.teacher: {e}") from None
+        if teacher.tokenizer.tok.to_str() != tokenizer.tok.to_str():
+            raise UsageError(
+                f"train.teacher: {teacher.tokenizer_path} is not the data's tokenizer, so the teacher's probabilities "
+                "are over other token ids; distil a model trained on data of this tokenizer"
+            )
+        if members and shape_of(teacher.cfg.model) != shape_of(members[0].cfg):
+            raise UsageError(f"train.teacher: {part}: not the shape of {spec.split(os.pathsep)[0]}'s members")
+        members += transformers(teacher.model)
+    model = members[0] if len(members) == 1 else Ensemble.of(members)
+    return model.requires_grad_(False)
+
+
+def shape_of(m: ModelConfig) -> tuple[int, int, int, int]:
+    """What makes models' probabilities comparable members of one ensemble: depth, width, heads, vocabulary."""
+    return m.n_layers, m.d_model, m.n_heads, m.vocab_size
 
 
 def teacher_weights(teacher: Transformer | Ensemble, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

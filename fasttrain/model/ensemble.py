@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any, Sequence, cast
 
 import torch
 from torch import nn
@@ -54,6 +54,15 @@ class Ensemble(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.members = nn.ModuleList(Transformer(replace(cfg, members=1), **options) for _ in range(cfg.members))
+
+    @classmethod
+    def of(cls, members: Sequence[Transformer]) -> Ensemble:
+        """An ensemble of the trained `members` as they are (one shape, say several runs' models: a distilled run's
+        rounds), not initialised afresh."""
+        ensemble = cls(replace(members[0].cfg, members=0))
+        ensemble.cfg = replace(members[0].cfg, members=len(members))
+        ensemble.members = nn.ModuleList(members)
+        return ensemble
 
     @property
     def blocks(self) -> nn.ModuleList:

@@ -6,7 +6,7 @@ Imports from fasttrain: config, planning.sizing, planning.speed.
 A budget under train.max_time whose self-sized model stops at the epoch limit (repeats.epoch_cap) well before the
 budget ends has time for more models of that shape, side by side, each from its own initialization: their mean
 probabilities score better than one (docs/performance.md, "An ensemble where the corpus runs out"). With
-train.distill the budget also holds one model of their shape taught by them, which exports (fasttrain/distillation.py).
+train.distill the budget also holds one model of their shape taught by them, which exports (fasttrain/training/phases.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,14 @@ MAX_MEMBERS = 8
 # code, 3 x 192, bf16, 2-core EPYC: a student of three 2.43x one model's step, of four 2.35x; docs/performance.md).
 # The upper end, so the student has the time to read what a member read.
 TEACHER_COST = 0.5
+# The share of train.max_time that, left when a round of members reaches its epoch limit, is worth more members
+# (training/phases.py): less goes to the student, or ends the run with the one model it has.
+MIN_LEFT = 0.1
+# How much slower than the machine a timing can read it: a 10-minute budget timed on a busy machine read it ~2x slow
+# and planned one model that reached the epoch limit at 146 s; a machine at load 3 on 2 cores, up to 3x. A single model planned to reach the limit within the
+# budget at this many times the speed timed trains as a first round of members (`distilled`), so that the run can go
+# on to more when it ends early.
+MIS_TIMED = 3.0
 
 
 def ensemble_members(
@@ -50,6 +58,18 @@ def ensemble_members(
     )
 
 
+def distilled(shape: ModelConfig, t: TrainConfig, tokens_per_step: int, speed: Speed | None) -> bool:
+    """Whether a new run with train.distill trains its `shape.members` as a distilled run's first round: several, or one
+    that reaches train.max_steps (the epoch limit) with more than MIN_LEFT of train.max_time left at MIS_TIMED times
+    the `speed` timed, so that the time it leaves goes to more members and their student (training/phases.py)."""
+    if shape.members > 1:
+        return True
+    if not (t.max_time and t.max_steps and speed):
+        return False
+    seconds = t.max_steps * tokens_per_step / tokens_per_s(speed, shape, t.seq_len)
+    return seconds / MIS_TIMED < (1 - MIN_LEFT) * t.max_time
+
+
 def ensemble_share(members: int) -> float:
     """The share of a distilled run's train.max_time its `members` train in (the rest is the student's): each
     member's time to the limit, K of them, against the student's 1 + K x TEACHER_COST of it."""
@@ -58,6 +78,12 @@ def ensemble_share(members: int) -> float:
 
 def distill_note(members: int, t: TrainConfig) -> str:
     """The plan's words on an ensemble of `members` distilled under `t` (train.distill)."""
+    if members == 1:
+        return (
+            "train.distill: one model may reach the epoch limit well before train.max_time: it trains into "
+            "ensemble/, and where it leaves more than a tenth of the budget, more members follow and one model "
+            "learns from them all; else final/ holds it"
+        )
     if t.max_time:
         first = t.max_time * ensemble_share(members)
         when = (

@@ -35,7 +35,7 @@ from fasttrain.model.weights import check_hf_tokenizer
 from fasttrain.optimization.optimizers import tied_head_note
 from fasttrain.optimization.schedule import Budget, budget_note, fit_warmup, recorded_progress
 from fasttrain.planning import sizing
-from fasttrain.planning.members import distill_note
+from fasttrain.planning.members import distill_note, distilled
 from fasttrain.planning.preflight import Machine, check_fits
 from fasttrain.planning.recorded import recorded_run
 from fasttrain.planning.repeats import choose_weight_decay
@@ -85,6 +85,9 @@ class RunPlan:
     speed: Speed | None  # the machine's training speed a shape chosen for a time budget used (sizing.py)
     overlap: tuple[str, float] | None  # the most-read source and its verbatim overlap, where the plan read it
     epoch_limit: float  # data.max_epochs, or the repeats rule's lower limit for new text (repeats.limit_epochs)
+    # A distilled run's phase (training/phases.py): its kind, the run it is part of, and in its first round the
+    # whole run's plan (its record: distill, members, the speed timed, the overlap, the epoch limit); None: a run
+    phase: dict | None = None
 
     @property
     def precision(self) -> str:
@@ -195,6 +198,7 @@ class RunPlan:
             "overlap": None if self.overlap is None else {"source": self.overlap[0], "fraction": self.overlap[1]},
             "speed": None if self.speed is None else {"points": [list(p) for p in self.speed.points]},
             "notes": list(self.notes),
+            "phase": self.phase,
         }
 
 
@@ -254,14 +258,15 @@ def plan_run(
     sized = size_run(cfg, sources, estimate, accumulation, world, shard_group, machine, speed, earlier, context_set)
     model, t, speed = sized.model, sized.train, sized.speed
     notes += sized.notes
-    if t.distill:  # resolved: only a new ensemble is distilled, and config.toml records whether this run is one
-        t = replace(t, distill=model.members > 1 and resume is None)
+    tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size
+    if t.distill:  # resolved: only a new run's members are distilled, and config.toml records whether this run is one
+        t = replace(t, distill=resume is None and distilled(model, t, tokens_per_step, speed))
         notes += [distill_note(model.members, t)] if t.distill else []
     # Resolved too: a run with no teacher, or one left one model, has nothing to start from
     if t.teacher_init and not (t.teacher or t.distill):
         t = replace(t, teacher_init=False)
-    cfg = replace(cfg, model=model, train=t)
-    tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size
+    # data.max_epochs as the plan applied it (the repeats rule's lower limit for new text): what config.toml records
+    cfg = replace(cfg, model=model, train=t, data=replace(cfg.data, max_epochs=sized.epoch_limit))
     mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)
     notes += mix_notes
     planned = sizing.run_tokens(t, cfg.model, tokens_per_step, speed)  # inf: a time budget with no speed timed

@@ -49,6 +49,7 @@ from fasttrain.system.errors import UsageError
 
 REPEATS_FREE = 3.0  # epochs up to which repeats need no more decay than new data
 NOVEL_EPOCHS = 4.0  # the most epochs of a corpus whose validation text is new that a self-sized budget reads
+RECALLED_EPOCHS = 10.0  # data.max_epochs' default: the limit from an overlap of RECALLED where a lower one is set
 RECALLED = 0.2  # an overlap from which data.max_epochs epochs still help (topics and docstrings: 20%, read 8.3 times)
 PER_EPOCH = 0.5  # the target decay's rise per epoch beyond REPEATS_FREE, to LINEAR_TO
 LINEAR_TO = 8.0  # epochs from which the target rises by PER_DOUBLING each time the epochs double
@@ -145,10 +146,10 @@ def repeat_decay(o: OptimConfig, epochs: float, overlap: float) -> float:
 def epoch_limit(max_epochs: float, overlap: float) -> float:
     """The most times a self-sized budget reads a source whose validation text overlaps its training text by
     `overlap`: NOVEL_EPOCHS where none of it is in the training text, data.max_epochs (`max_epochs`) from RECALLED,
-    linear between; never more than data.max_epochs."""
-    if max_epochs <= NOVEL_EPOCHS:
-        return max_epochs
-    return NOVEL_EPOCHS + min(overlap / RECALLED, 1.0) * (max_epochs - NOVEL_EPOCHS)
+    linear between (to RECALLED_EPOCHS at least, so that a limit the plan applied, as config.toml records it, is
+    applied as it is by a run of that config); never more than data.max_epochs."""
+    top = max(max_epochs, RECALLED_EPOCHS)
+    return min(max_epochs, NOVEL_EPOCHS + min(overlap / RECALLED, 1.0) * (top - NOVEL_EPOCHS))
 
 
 def most_read(epochs: Sequence[float]) -> int:

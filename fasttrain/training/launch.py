@@ -10,7 +10,7 @@ planning.plan, preparation.cache, system.run_lock, training.metrics.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -25,9 +25,10 @@ from fasttrain.system import run_lock
 from fasttrain.training.metrics import MetricsLog, WandbSink, check_log_writable, import_wandb
 
 
-def start_run(cfg: Config, quiet: bool = False, resume: str | None = None) -> RunPlan:
+def start_run(cfg: Config, quiet: bool = False, resume: str | None = None, phase: dict | None = None) -> RunPlan:
     """The plan of a run of `cfg` in this process's world (plan.plan_run), its data prepared first if need be (rank 0,
-    the others waiting). `resume`: the save's --resume spec. Prints the notes (rank 0)."""
+    the others waiting). `resume`: the save's --resume spec; `phase`: what the run is of a distilled run, as its start
+    event records it (RunPlan.phase). Prints the notes (rank 0)."""
     world = distributed.world_from_env()
     device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
     plan = plan_run(cfg, world, device, resume)  # a config the run refuses is refused before anything is prepared
@@ -41,7 +42,7 @@ def start_run(cfg: Config, quiet: bool = False, resume: str | None = None) -> Ru
         plan = plan_run(cfg, world, device, resume, plan.speed)  # the machine timed once
     for note in plan.notes if world.is_main and not quiet else ():
         print(f"note: {note}")
-    return plan
+    return replace(plan, phase=phase) if phase else plan
 
 
 def check_start(plan: RunPlan, resumed: bool, overwrite: bool) -> None:

@@ -1,0 +1,311 @@
+"""A distilled run (train.distill) as a loop of phases, each decided when the one before it ends, from what the run's
+folder holds and the seconds its phases took: members of one shape side by side, in one round or more, then one model
+of their shape taught by all of them, so that final/ holds one model (one model's memory and cost, and it exports).
+
+Imports from fasttrain: checkpoints.run_directory, checkpoints.saves, config, planning.members, system.atomic,
+system.errors.
+
+    RUN/ensemble/     the first round of members: an ordinary run (config.toml, checkpoints/, metrics.jsonl, final/)
+    RUN/ensemble-2/   a later round (ensemble-3, ...), where the rounds before it read the corpus to its epoch limit
+                      with time to spare
+    RUN/              the student: train.teacher names every round's final/ (os.pathsep between them, as in PATH);
+                      with train.teacher_init it starts from the first member's weights. Its final/ is the run's model.
+                      Where the budget held one member and no more, final/ is a copy of that member's ("published").
+
+The run's plan (planning/plan.py, made once) decides the first round: its members and, under train.max_time, their
+share of it. Every later choice is `next_phase`'s, made from the rounds' end events, so from the speed measured over
+the whole run so far rather than the plan's first short timing: a round that reached its epoch limit with more than
+MIN_LEFT of the budget left is followed by another round of as many members as leave the student its time
+(`more_members`), and the student trains for the seconds actually left. A new run, `--resume auto` in any phase and
+`--dry-run` all take their phase from `next_phase`; each phase is an ordinary run in its own folder, so it saves,
+resumes and refuses as any run does. Which phase a start goes on with is read from the folders: a round until its
+metrics.jsonl ends with its end event, then the next decision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+from fasttrain.checkpoints.run_directory import discard_set_aside, set_aside
+from fasttrain.checkpoints.saves import has_saves
+from fasttrain.config import Config, Seconds, load_config
+from fasttrain.planning.members import MAX_MEMBERS, MIN_LEFT, TEACHER_COST, ensemble_share
+from fasttrain.system.atomic import sync_directory
+from fasttrain.system.errors import UsageError
+
+ENSEMBLE_DIR = "ensemble"  # the first round of members, inside the run directory; later ones "ensemble-N"
+# In RUN/ensemble: the whole run began with --overwrite, so its student replaces the earlier run in RUN (which stays
+# whole until then: the members' rounds touch only their own folders)
+REPLACES = "replaces-earlier-run"
+# What makes a distilled run's phases, which a resume's --set items do not change (the rest they do, as a resume)
+PHASE_KEYS = ("model.", "data.", "train.out_dir", "train.max_", "train.teacher", "train.distill", "train.seq_len")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """The next ordinary run of a distilled run: `kind` "members" (a round), "student" or "publish" (final/ is the one
+    member's: nothing to train); its config, whether it resumes its saves, and whether it replaces an earlier run."""
+
+    kind: str
+    cfg: Config
+    resume: str | None  # "auto": the phase's own saves go on
+    overwrite: bool
+    note: str = ""  # why, where the run decided it at a boundary
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A round of members that has ended, as its config.toml and its metrics.jsonl's end event record it."""
+
+    directory: Path
+    members: int
+    seconds: float  # its training seconds (what train.max_time counts)
+    reached_limit: bool  # it stopped at train.max_steps, its epoch limit, not at its share of the budget
+
+
+def members_dir(run_dir: str | os.PathLike[str], round_number: int = 1) -> Path:
+    """Where a distilled run in `run_dir` trains its `round_number`th round of members: absolute, so that a resume from
+    anywhere finds them."""
+    name = ENSEMBLE_DIR if round_number == 1 else f"{ENSEMBLE_DIR}-{round_number}"
+    return Path(os.path.abspath(run_dir)) / name
+
+
+def rounds(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """The rounds of members begun in `run_dir` (each with its config.toml), in order."""
+    found: list[Path] = []
+    while (members_dir(run_dir, len(found) + 1) / "config.toml").is_file():
+        found.append(members_dir(run_dir, len(found) + 1))
+    return found
+
+
+def teachers(run_dir: str | os.PathLike[str], count: int) -> str:
+    """train.teacher of the student of `count` rounds in `run_dir`: their final/ folders, os.pathsep between them."""
+    return os.pathsep.join(str(members_dir(run_dir, n) / "final") for n in range(1, count + 1))
+
+
+def ensemble_config(cfg: Config) -> Config:
+    """The first round of a distilled plan's `cfg` (RunPlan.cfg with train.distill resolved true): its members, in
+    RUN/ensemble, for their share of train.max_time (one member: the whole budget, as no student is planned yet)."""
+    t, members = cfg.train, cfg.model.members
+    share = Seconds(round(t.max_time * (ensemble_share(members) if members > 1 else 1.0), 3))
+    first = replace(t, distill=False, teacher_init=False, max_time=share, out_dir=str(members_dir(t.out_dir)))
+    return replace(cfg, train=first)
+
+
+def phase_items(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """A resume's --set items split into those its phases take (device, intervals, rates, ...) and those that would
+    remake a phase (PHASE_KEYS: the shape, data and budget the members recorded, the student's teacher)."""
+    remakes = [item.partition("=")[0].strip().startswith(PHASE_KEYS) for item in overrides]
+    return [i for i, r in zip(overrides, remakes) if not r], [i for i, r in zip(overrides, remakes) if r]
+
+
+def kept_phase_items(run_dir: str | os.PathLike[str], overrides: Sequence[str]) -> list[str]:
+    """The items of a resume's `overrides` that would remake the phases (`phase_items`; the last of each key) and
+    are not what the members recorded already, which the resume says it leaves out. train.out_dir names the run,
+    train.max_time is the whole run's budget and train.distill what made it phases: none of them is one."""
+    path = members_dir(run_dir) / "config.toml"
+    whole = ("train.out_dir", "train.max_time", "train.distill")
+    last = {item.partition("=")[0].strip(): item for item in phase_items(overrides)[1]}
+    remakes = {key: item for key, item in last.items() if key not in whole}
+    recorded, applied = load_config(path), load_config(path, list(remakes.values()))
+
+    def value(cfg: Config, key: str) -> object:
+        section, _, name = key.partition(".")
+        return getattr(getattr(cfg, section), name, None)
+
+    return [item for key, item in remakes.items() if value(applied, key) != value(recorded, key)]
+
+
+def recorded_round(directory: Path, overrides: Sequence[str] = ()) -> Config:
+    """A round's config as its config.toml records it, in `directory` wherever the run began (a run folder moved or
+    copied whole goes on where it now is), with the `overrides` (a resume's --set items) a phase takes."""
+    cfg = load_config(directory / "config.toml", phase_items(overrides)[0])
+    return replace(cfg, train=replace(cfg.train, out_dir=str(directory)))
+
+
+def more_members(done: Sequence[Ended], max_time: float, most: int) -> tuple[int, float, str]:
+    """How many members a new round adds after the rounds `done` (all ended) of a run of `max_time` seconds, the
+    round's seconds, and why in words: the most that train and still leave the student of all of them its time, each
+    member as long as the rounds that reached the limit took one (their seconds over their members: the speed
+    measured on this machine, this run), at most MAX_MEMBERS in all and `most` at once (memory). 0 where the last
+    round stopped at its share of the budget, or less than MIN_LEFT of it is left."""
+    spent, members = sum(r.seconds for r in done), sum(r.members for r in done)
+    left = max_time - spent
+    limited = [r for r in done if r.reached_limit]
+    if not (max_time and done[-1].reached_limit and left > MIN_LEFT * max_time):
+        return 0, 0.0, ""
+    member = sum(r.seconds for r in limited) / sum(r.members for r in limited)
+
+    def student(total: int) -> float:  # the student reads what a member read, its step 1 + K x TEACHER_COST of one
+        return member * (1 + total * TEACHER_COST)
+
+    added = 0
+    for k in range(1, min(MAX_MEMBERS - members, most) + 1):
+        if k * member + student(members + k) <= left:
+            added = k
+    fitted = f"each member reached the epoch limit in {member:.0f} s"
+    if not added:
+        return (
+            0,
+            0.0,
+            f"{left:.0f} s left: {fitted}, so one more and a student would need {member + student(members + 1):.0f} s",
+        )
+    seconds = round(left - student(members + added), 3)
+    return (
+        added,
+        seconds,
+        (
+            f"{left:.0f} s left: {fitted}, so {added} more train side by side (for at most {seconds:.0f} s) before the "
+            f"student of all {members + added}"
+        ),
+    )
+
+
+def student_config(
+    first: Config, run_dir: Path, max_time: float, spent: float, teacher_init: bool, count: int
+) -> Config:
+    """The student's run: `first` (the first round's config, as it recorded it) with one member's shape, its value
+    embeddings off, taught by the `count` rounds' final/, in `run_dir`, for what their `spent` training seconds left
+    of `max_time` (the whole run's; without one, the members' train.max_steps), starting from the first member's weights if `teacher_init` (the user's
+    train.teacher_init, which the rounds, teaching nothing, record false)."""
+    left = Seconds(round(max(max_time - spent, 1.0), 3) if max_time else 0.0)
+    # Under a budget the student trains for the time left, not to the members' epoch limit: a step costing it more or
+    # less than members.TEACHER_COST planned leaves no second unused, and soft targets are not the text itself. A
+    # mixture's changes are placed at steps, so there it keeps the members' (rules: data.mix needs train.max_steps).
+    steps = 0 if max_time and not first.data.mix else first.train.max_steps
+    t = replace(first.train, out_dir=str(run_dir), teacher=teachers(run_dir, count), max_time=left, max_steps=steps)
+    return replace(
+        first,
+        # No value embeddings, where members set them: a Llama cannot hold them, so final/ exports (--hf, --gguf),
+        # and a student of a corpus read to its limit is no worse without them (docs/performance.md)
+        model=replace(first.model, members=1, value_embeddings=False),
+        train=replace(t, teacher_init=teacher_init),
+    )
+
+
+def newer(path: Path, than: Path) -> bool:
+    """Whether `path` exists and was last written after `than` (which exists)."""
+    return path.is_file() and path.stat().st_mtime_ns >= than.stat().st_mtime_ns
+
+
+def end_event(metrics: Path) -> dict | None:
+    """The end event that `metrics` (a run's metrics.jsonl) ends with, written after final/; None if it does not."""
+    try:
+        lines = metrics.read_text().splitlines()
+        last = json.loads(lines[-1]) if lines else {}
+    except (OSError, ValueError):
+        return None
+    return last if isinstance(last, dict) and last.get("event") == "end" else None
+
+
+def ended(directory: Path) -> Ended | None:
+    """The round in `directory` once it has ended; None while it has not."""
+    last = end_event(directory / "metrics.jsonl")
+    if last is None:
+        return None
+    cfg = load_config(directory / "config.toml")
+    reached = bool(cfg.train.max_steps) and int(last["step"]) >= cfg.train.max_steps
+    return Ended(directory, cfg.model.members, float(last["train_seconds"]), reached)
+
+
+def taught_by(recorded: Path, teacher: str) -> bool:
+    """Whether the run whose config.toml is `recorded` was taught by `teacher` (train.teacher), each compared within
+    its run's folder: a run folder moved or copied whole still holds its own student."""
+    t = load_config(recorded).train
+    theirs = [os.path.relpath(p, t.out_dir) for p in t.teacher.split(os.pathsep)] if t.teacher else []
+    return theirs == [os.path.relpath(p, recorded.parent) for p in teacher.split(os.pathsep)]
+
+
+def student_state(run_dir: Path, count: int) -> str:
+    """Where the student of the `count` rounds in `run_dir` stands: "ended"; "saved" (its saves go on); "none" (no
+    saves of any run, or its start stopped before its first); "replaces" (an earlier run's saves, which it replaces as
+    the whole run began with --overwrite, REPLACES) or "other" (an earlier run's, not the run's to replace)."""
+    recorded = run_dir / "config.toml"
+    ours = newer(recorded, members_dir(run_dir, count) / "metrics.jsonl") and taught_by(
+        recorded, teachers(run_dir, count)
+    )
+    if ours and end_event(run_dir / "metrics.jsonl") is not None:
+        return "ended"
+    if not has_saves(run_dir / "checkpoints"):
+        return "none"
+    if ours:
+        return "saved"
+    return "replaces" if (members_dir(run_dir) / REPLACES).is_file() else "other"
+
+
+def published(run_dir: Path, last_round: Path) -> bool:
+    """Whether `run_dir`'s final/ is its one member's, copied there after the last round ended (`publish`)."""
+    return newer(run_dir / "final" / "config.toml", last_round / "metrics.jsonl")
+
+
+def replaced_by_another_run(run_dir: Path) -> bool:
+    """Whether an ordinary run started in `run_dir` after its distilled run began (its config.toml newer than the first
+    round's and teaching nothing): a resume there is that run's own."""
+    recorded = run_dir / "config.toml"
+    if not newer(recorded, members_dir(run_dir) / "config.toml"):
+        return False
+    return not load_config(recorded).train.teacher
+
+
+def next_phase(
+    cfg: Config, overrides: Sequence[str] = (), first: Config | None = None, overwrite: bool = False
+) -> Phase | None:
+    """What the distilled run of `cfg` (the user's config; `overrides`: its --set items) trains next in train.out_dir:
+    `first` (a new run's first round: ensemble_config of its plan; `overwrite`: the whole run began with --overwrite)
+    where no round has begun there; else the round begun and not ended (its saves resumed), then a new round
+    (`more_members`), the one member published, or the student (new, or its saves resumed); None once the run has
+    ended, or where train.out_dir holds no distilled run (an ordinary resume). UsageError where the student would
+    replace saves not the run's to replace."""
+    run_dir = Path(os.path.abspath(cfg.train.out_dir))
+    begun = rounds(run_dir)
+    if not begun:
+        return None if first is None else Phase("members", first, None, overwrite)
+    if replaced_by_another_run(run_dir):
+        return None
+    last = ended(begun[-1])
+    if last is None:
+        resume = "auto" if has_saves(begun[-1] / "checkpoints") else None
+        return Phase("members", recorded_round(begun[-1], overrides), resume, False)
+    done = [r for r in map(ended, begun) if r is not None]
+    state = student_state(run_dir, len(begun))
+    if state == "ended" or (state == "none" and published(run_dir, begun[-1])):
+        return None
+    first_round, why = recorded_round(begun[0], overrides), ""
+    if state in ("none", "replaces"):  # the student has not begun: a boundary, decided from the rounds' seconds
+        added, seconds, why = more_members(done, cfg.train.max_time, first_round.model.members)
+        if added:
+            t = replace(first_round.train, max_time=Seconds(seconds), out_dir=str(members_dir(run_dir, len(begun) + 1)))
+            model = replace(first_round.model, members=added)
+            return Phase("members", replace(first_round, model=model, train=t), None, False, why)
+        if sum(r.members for r in done) == 1:
+            return Phase("publish", first_round, None, state == "replaces", why)
+    if state == "other":
+        raise UsageError(
+            f"{run_dir / 'checkpoints'}: holds the saves of another run, which the student of {members_dir(run_dir)} "
+            "would replace; move them away, or start the whole run over with --overwrite"
+        )
+    spent = sum(r.seconds for r in done)
+    student = student_config(first_round, run_dir, cfg.train.max_time, spent, cfg.train.teacher_init, len(begun))
+    return Phase("student", student, "auto" if state == "saved" else None, state == "replaces", why)
+
+
+def publish(phase: Phase) -> Path:
+    """Copy the one member's final/ (`phase`: "publish") to the run's final/, whole or not at all, replacing an earlier
+    run's files where the whole run began with --overwrite: the run's model, as a student's would be. Returns it."""
+    run_dir = Path(phase.cfg.train.out_dir).parent
+    if phase.overwrite:
+        set_aside(run_dir)
+    staging = run_dir / f".final.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(Path(phase.cfg.train.out_dir) / "final", staging, copy_function=shutil.copyfile)  # written now
+    shutil.rmtree(run_dir / "final", ignore_errors=True)
+    os.replace(staging, run_dir / "final")
+    sync_directory(run_dir)
+    if phase.overwrite:
+        discard_set_aside(run_dir)
+    return run_dir / "final"
