@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,26 @@ def _gguf() -> Any:
     except ImportError:
         raise UsageError("--gguf needs the gguf library: pip install 'fasttrain[gguf]'") from None
     return gguf
+
+
+def check_replaceable(path: Path) -> None:
+    """UsageError unless a GGUF file may be written at `path`: nothing there, or a GGUF file (an earlier export, known by
+    gguf's magic in its first bytes). Anything else there (a run's weights or config, a checkpoint, a data shard) was
+    not written by an export and is never replaced."""
+    if not os.path.lexists(path):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not hang the open
+    except OSError as e:
+        raise UsageError(f"--out {path}: cannot read what is there ({e.strerror or e}); name a new file") from None
+    with os.fdopen(fd, "rb") as f:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        magic = f.read(4) if regular else b""
+    if magic != int(_gguf().GGUF_MAGIC).to_bytes(4, "little"):
+        raise UsageError(
+            f"--out {path}: exists and is not a GGUF file; --gguf replaces only an earlier GGUF export: name a new "
+            "file or remove it first"
+        )
 
 
 def interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -93,10 +114,12 @@ def write_gguf(
     tokenizer: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write the model `state` (trained with `cfg`) and its tokenizer (the tokenizer.json at `tokenizer`, default
-    data.dir's) as the GGUF file `path` in `dtype` (GGUF_DTYPES), atomically; all is checked before it is written."""
+    data.dir's) as the GGUF file `path` in `dtype` (GGUF_DTYPES), atomically (a failure leaves no part of a file); all is
+    checked before it is written, `path` too: only a GGUF file is replaced (check_replaceable)."""
     if beyond := beyond_llama(cfg.model):
         raise UsageError(f"--gguf: llama.cpp's Llama cannot express {', '.join(beyond)}")
     gguf = _gguf()
+    check_replaceable(Path(path))
     model = cfg.model
     vocabulary = Tokenizer.load(tokenizer if tokenizer is not None else Path(cfg.data.dir) / "tokenizer.json")
     check_vocab(model.vocab_size, vocabulary.vocab_size, vocabulary.source)
