@@ -993,6 +993,18 @@ CASES = [
         "model.d_model = 32 is not divisible by model.n_heads = 3",
     ),
     (
+        "init_from: a RoPE base that is not a number",
+        train,
+        lambda c: c.train(init_from(c.run, c.tmp, edit_config(rope_theta="abc"))),
+        'hf/config.json: rope_theta = "abc": not a positive number',
+    ),
+    (
+        "init_from: a width that is not a whole number",
+        train,
+        lambda c: c.train(init_from(c.run, c.tmp, edit_config(hidden_size=32.5))),
+        "hf/config.json: hidden_size = 32.5: not a positive integer",
+    ),
+    (
         "init_from: a NaN weight",
         train,
         lambda c: c.train(init_from(c.run, c.tmp, edit_tensor("model.layers.1.mlp.up_proj.weight", nan))),

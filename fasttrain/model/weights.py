@@ -15,6 +15,7 @@ rotate-half already). Writes go to a temporary file first (system/atomic.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import replace
@@ -196,27 +197,51 @@ def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) 
             not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default"
         ):
             refuse(key, "only plain RoPE (rope_type default) is supported")
-    for key in _HF_SHAPE.values():
-        value = raw.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            refuse(key, "missing or not a positive number")
-    heads = int(raw["num_attention_heads"])
-    if raw.get("head_dim") not in (None, raw["hidden_size"] // heads):
-        refuse("head_dim", f"must be hidden_size / num_attention_heads = {raw['hidden_size'] // heads} here")
-    theta = (raw.get("rope_parameters") or {}).get("rope_theta", raw.get("rope_theta", 10000.0))
-    shape: dict[str, Any] = {ours: int(raw[theirs]) for ours, theirs in _HF_SHAPE.items() if ours != "norm_eps"}
+    shape: dict[str, Any] = {ours: _number(path, raw, key, ours != "norm_eps") for ours, key in _HF_SHAPE.items()}
+    heads = shape["n_heads"]
+    if raw.get("head_dim") is not None and _number(path, raw, "head_dim", True) != shape["d_model"] // heads:
+        refuse("head_dim", f"must be hidden_size / num_attention_heads = {shape['d_model'] // heads} here")
+    rope = raw.get("rope_parameters") or {}  # transformers 5 keeps rope_theta there
+    if "rope_theta" in rope:
+        theta = _number(path, rope, "rope_theta", False, "rope_parameters.")
+    else:  # absent: transformers' default; null is not absent (transformers would fail on it)
+        theta = _number(path, raw, "rope_theta", False) if "rope_theta" in raw else 10000.0
+    # null as transformers reads it: a key and value head for each query head
+    kv_heads = heads if raw.get("num_key_value_heads") is None else _number(path, raw, "num_key_value_heads", True)
     off: dict[str, Any] = dict.fromkeys(_NOT_LLAMA, False)  # a Llama has none of them
     return replace(
         base,
         **shape,
         **off,
-        n_kv_heads=int(raw.get("num_key_value_heads") or heads),
-        rope_theta=float(theta),
-        norm_eps=float(raw["rms_norm_eps"]),
-        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        n_kv_heads=kv_heads,
+        rope_theta=theta,
+        tie_embeddings=_flag(path, raw, "tie_word_embeddings"),
         mlp="swiglu",
         logit_softcap=0.0,
     )
+
+
+def _number(path: Path, raw: dict, key: str, integer: bool, within: str = "") -> Any:
+    """raw[key] of the config.json at `path` (`within`: the prefix naming the object `raw` is in it), a finite number
+    above 0, and with `integer` a whole one (64.0 is 64; 64.9 is refused, never cut to 64); UsageError naming the file,
+    the key and the value otherwise (a string, a list, null or missing)."""
+    value = raw.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+        if not integer or value == int(value):
+            return int(value) if integer else float(value)
+    why = "missing" if key not in raw else f"not a positive {'integer' if integer else 'number'}"
+    raise UsageError(
+        f"{path}: {within}{key} = {json.dumps(value)}: {why} (model.init_from reads the Llama's shape from it)"
+    )
+
+
+def _flag(path: Path, raw: dict, key: str) -> bool:
+    """raw[key] of the config.json at `path`, true or false (missing or null: false); UsageError naming the file, the
+    key and the value otherwise ("false", a string, is not false)."""
+    value = raw.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise UsageError(f"{path}: {key} = {json.dumps(value)}: not true or false")
+    return bool(value)
 
 
 def read_hf_llama_weights(directory: str | os.PathLike[str], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -328,7 +353,9 @@ def _hf_files(cfg: Config, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str
     source = Path(cfg.model.init_from) if cfg.model.init_from else None
     if source is not None and (source / "config.json").is_file():
         theirs = _json_object(source / "config.json")
-        config.update({k: theirs[k] for k in ("bos_token_id", "eos_token_id") if k in theirs})
+        config.update(
+            {k: _token_ids(source / "config.json", theirs, k) for k in ("bos_token_id", "eos_token_id") if k in theirs}
+        )
         generation = source / "generation_config.json"
         if generation.is_file():
             files[generation.name] = read_regular(generation, 1 << 20, "generation config")
@@ -348,6 +375,16 @@ def _hf_files(cfg: Config, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str
     files["config.json"] = json.dumps(config, indent=2).encode()
     files["tokenizer_config.json"] = json.dumps(tokenizer_config, indent=2).encode()
     return files
+
+
+def _token_ids(path: Path, raw: dict, key: str) -> int | list[int] | None:
+    """raw[key] of the config.json at `path`: a token id, a list of them, or null; UsageError naming the file, the key
+    and the value otherwise (it is written into the export's config.json, which transformers must read)."""
+    value = raw[key]
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise UsageError(f"{path}: {key} = {json.dumps(value)}: not a token id, a list of them or null")
+    return value
 
 
 def _token(tokenizer: Tokenizer, ids: int | list[int] | None) -> str | None:
