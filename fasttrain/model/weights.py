@@ -9,7 +9,7 @@ embed.weight), config.toml and tokenizer.json; `load_exported(DIR)` rebuilds the
 config.json for LlamaForCausalLM, model.safetensors with Llama's names (the fused qkv and gate_up split apart),
 tokenizer.json and tokenizer_config.json (a model continued from a Hugging Face one keeps its bos/eos ids and
 generation_config.json), so `AutoModelForCausalLM.from_pretrained(DIR)` loads it; no weight is permuted (RoPE is
-rotate-half already). Writes go to a temporary file first (system/atomic.py).
+rotate-half already). An export is written into a temporary folder first, then moved into place (system/atomic.py).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from fasttrain.config import Config, ModelConfig, load_config, save_config
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.ensemble import Ensemble, build_model
 from fasttrain.model.transformer import Transformer, ffn_hidden_size
-from fasttrain.system.atomic import read_regular, write_atomically
+from fasttrain.system.atomic import folder_atomically, read_regular, write_atomically
 from fasttrain.system.errors import UsageError
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -324,7 +324,8 @@ def export_weights(
 ) -> list[Path]:
     """Write `model_state` (trained with `cfg`) into `out_dir`; returns the files. `tokenizer`: the tokenizer.json the
     model trained with (default `cfg.data.dir`'s), which --hf needs. All is checked before the first write
-    (`_check_out_dir`)."""
+    (`_check_out_dir`); the files are written beside `out` and moved into it together, so a failure leaves `out` as it
+    was."""
     out = Path(out_dir)
     if hf and (beyond := beyond_llama(cfg.model)):
         raise UsageError(
@@ -338,11 +339,12 @@ def export_weights(
     _check_out_dir(out, {"model.safetensors", *files, *([] if hf else _FASTTRAIN_ONLY)}, hf)
     tensors = hf_llama_tensors(model_state, cfg.model) if hf else fasttrain_tensors(model_state, cfg.model)
     tensors = {k: v.to(dtype) for k, v in tensors.items()}  # folded in the precision the model trained in
-    written = [write_safetensors(out / "model.safetensors", tensors, {"format": "pt"})]
-    written += [_write(out / name, data) for name, data in files.items()]
-    if not hf:
-        written.append(save_config(cfg, out))
-    return written
+    with folder_atomically(out) as folder:  # a failure (a full disk) leaves no lone model.safetensors in `out`
+        written = [write_safetensors(folder / "model.safetensors", tensors, {"format": "pt"})]
+        written += [_write(folder / name, data) for name, data in files.items()]
+        if not hf:
+            written.append(save_config(cfg, folder))
+    return [out / path.name for path in written]
 
 
 def _hf_files(cfg: Config, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str, bytes]:
