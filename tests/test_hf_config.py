@@ -10,7 +10,8 @@ import pytest
 
 from fasttrain.config import ModelConfig
 from fasttrain.model.ensemble import build_model
-from fasttrain.model.weights import export_weights, hf_llama_model_config
+from fasttrain.model.llama import LLAMA_NUMBERS, hf_llama_config, hf_llama_model_config
+from fasttrain.model.weights import export_weights
 from fasttrain.system.errors import UsageError
 from tests.conftest import tiny_config
 
@@ -72,7 +73,7 @@ def test_a_value_of_the_wrong_type_is_one_line_naming_file_key_and_value(tmp_pat
     with pytest.raises(UsageError) as e:
         read(tmp_path, **changes)
     message = str(e.value)
-    assert message.startswith(f"{tmp_path / 'config.json'}: {key} = {shown}: "), message
+    assert message.startswith(f"{tmp_path / 'config.json'}: {key} = {shown} ("), message
     assert "\n" not in message
 
 
@@ -86,5 +87,17 @@ def test_export_hf_refuses_bos_and_eos_ids_of_the_wrong_type_and_writes_nothing(
     state = build_model(cfg.model).state_dict()
     with pytest.raises(UsageError) as e:
         export_weights(state, cfg, tmp_path / "out", hf=True, tokenizer=pydoc_data / "tokenizer.json")
-    assert str(e.value).startswith(f"{source / 'config.json'}: bos_token_id = {json.dumps(bos)}: "), e.value
+    assert str(e.value).startswith(f"{source / 'config.json'}: bos_token_id = {json.dumps(bos)}"), e.value
     assert not (tmp_path / "out").exists()
+
+
+def test_the_config_json_an_export_writes_reads_back_to_the_same_numbers(tmp_path):
+    """One table (llama.LLAMA_NUMBERS) writes config.json and reads it: every number of the shape comes back."""
+    model = ModelConfig(
+        vocab_size=300, d_model=96, n_layers=3, n_heads=6, n_kv_heads=2, ffn_hidden=160, max_seq_len=48,
+        norm_eps=1e-6, rope_theta=123.0, tie_embeddings=True,
+    )  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(hf_llama_config(model, 0, "float32")))
+    back = hf_llama_model_config(tmp_path, ModelConfig(mlp="relu2", qk_norm=True, logit_softcap=15.0))
+    assert all(getattr(back, n.ours) == getattr(model, n.ours) for n in LLAMA_NUMBERS if n.ours)
+    assert (back.mlp, back.qk_norm, back.logit_softcap, back.tie_embeddings) == ("swiglu", False, 0.0, True)

@@ -1,6 +1,7 @@
 """Weights on disk: safetensors files in fasttrain's layout or in Hugging Face's Llama layout.
 
-Imports from fasttrain: config, formats.tokenizer, model.ensemble, model.transformer, system.atomic, system.errors.
+Imports from fasttrain: config, formats.tokenizer, model.ensemble, model.llama, model.transformer, system.atomic,
+system.errors.
 
 `python -m fasttrain.export` writes them from a checkpoint; a finished run writes its final/ weights.
 
@@ -15,12 +16,9 @@ rotate-half already). An export is written into a temporary folder first, then m
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import safetensors.torch
 import tokenizers
@@ -30,6 +28,7 @@ import torch.nn.functional as F
 from fasttrain.config import Config, ModelConfig, load_config, save_config
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.ensemble import Ensemble, build_model
+from fasttrain.model.llama import beyond_llama, hf_llama_config, read_json_object
 from fasttrain.model.transformer import Transformer, ffn_hidden_size
 from fasttrain.system.atomic import folder_atomically, read_regular, write_atomically
 from fasttrain.system.errors import UsageError
@@ -37,8 +36,6 @@ from fasttrain.system.errors import UsageError
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_ONLY = ("config.json", "tokenizer_config.json", "generation_config.json")  # one layout's files, not the other's
 _FASTTRAIN_ONLY = ("config.toml",)
-_NOT_LLAMA = ("qk_norm", "embedding_norm", "value_embeddings", "residual_scalars", "smear", "backout")  # not in a Llama
-_UNEXPORTABLE = tuple(key for key in _NOT_LLAMA if key != "embedding_norm")  # it folds (hf_llama_tensors)
 
 
 def write_safetensors(
@@ -101,7 +98,7 @@ def hf_llama_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     """The model's state dict under Hugging Face Llama's parameter names. model.embedding_norm is folded into the
     table: the model RMS-normalises each token's row before the first block, a function of the row alone, so the
     Llama's table holds the rows normalised (the same op, row by row: exact). A tied head then keeps the rows as
-    trained, so the Llama's head is untied (`hf_llama_tied`)."""
+    trained, so the Llama's head is untied (llama.py's `hf_llama_tied`)."""
     out: dict[str, torch.Tensor] = {}
     for ours, parts in hf_llama_layout(cfg).items():
         out.update(zip([name for name, _ in parts], state[ours].split([shape[0] for _, shape in parts])))
@@ -111,137 +108,6 @@ def hf_llama_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         if cfg.tie_embeddings:
             out["lm_head.weight"] = table
     return out
-
-
-def hf_llama_tied(cfg: ModelConfig) -> bool:
-    """Whether the Llama export of `cfg` ties its head to its table: as trained, unless the table holds the folded
-    embedding norm."""
-    return cfg.tie_embeddings and not cfg.embedding_norm
-
-
-def beyond_llama(cfg: ModelConfig) -> list[str]:
-    """The [model] settings of `cfg` that a Hugging Face Llama has no way to express, each as `key = value (set key =
-    value)`: the setting, then what a model trained to be exported sets instead."""
-    beyond = [(f'model.mlp = "{cfg.mlp}"', 'model.mlp = "swiglu"')] if cfg.mlp != "swiglu" else []
-    beyond += [(f"model.logit_softcap = {cfg.logit_softcap:g}", "model.logit_softcap = 0")] if cfg.logit_softcap else []
-    beyond += [(f"model.members = {cfg.members}, an ensemble", "model.members = 1")] if cfg.members > 1 else []
-    beyond += [(f"model.{key} = true", f"model.{key} = false") for key in _UNEXPORTABLE if getattr(cfg, key)]
-    return [f"{setting} (set {instead})" for setting, instead in beyond]
-
-
-def hf_llama_config(cfg: ModelConfig, eot_id: int, dtype: torch.dtype) -> dict:
-    """config.json for LlamaForCausalLM with the same shape and numerics as `cfg`."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": ffn_hidden_size(cfg),
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
-        "head_dim": cfg.d_model // cfg.n_heads,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "hidden_act": "silu",
-        "tie_word_embeddings": hf_llama_tied(cfg),
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-# fasttrain's [model] keys and the config.json keys of a Hugging Face Llama that give them
-_HF_SHAPE = {
-    "d_model": "hidden_size",
-    "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads",
-    "ffn_hidden": "intermediate_size",
-    "vocab_size": "vocab_size",
-    "max_seq_len": "max_position_embeddings",
-    "norm_eps": "rms_norm_eps",
-}
-
-
-def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) -> ModelConfig:
-    """`base` with the shape and numerics of the Hugging Face Llama in `directory` (its config.json); UsageError naming
-    a key the transformer cannot reproduce (model type, activation, bias, RoPE scaling, head_dim)."""
-    path = Path(directory) / "config.json"
-    if not path.exists() and any((Path(directory) / name).exists() for name in ("config.toml", "checkpoints")):
-        raise UsageError(
-            f"model.init_from = {directory}: a fasttrain run or weights folder, where it takes a Hugging Face Llama "
-            f"folder; make one with `fasttrain export {directory} --hf --out DIR` and start from DIR"
-        )
-    raw = _json_object(path)
-
-    def refuse(key: str, why: str) -> None:
-        raise UsageError(
-            f"{path}: {key} = {json.dumps(raw.get(key))}: {why} (model.init_from takes the Llama-family "
-            "models fasttrain's transformer reproduces)"
-        )
-
-    if raw.get("model_type") != "llama":
-        refuse("model_type", 'not "llama"')
-    if raw.get("hidden_act", "silu") != "silu":
-        refuse("hidden_act", "the MLP here is SwiGLU, with silu")
-    for key in ("attention_bias", "mlp_bias"):
-        if raw.get(key):
-            refuse(key, "the linear layers here have no bias")
-    for key in ("rope_scaling", "rope_parameters"):  # transformers 5 keeps rope_theta in rope_parameters
-        rope = raw.get(key)
-        if rope is not None and (
-            not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default"
-        ):
-            refuse(key, "only plain RoPE (rope_type default) is supported")
-    shape: dict[str, Any] = {ours: _number(path, raw, key, ours != "norm_eps") for ours, key in _HF_SHAPE.items()}
-    heads = shape["n_heads"]
-    if raw.get("head_dim") is not None and _number(path, raw, "head_dim", True) != shape["d_model"] // heads:
-        refuse("head_dim", f"must be hidden_size / num_attention_heads = {shape['d_model'] // heads} here")
-    rope = raw.get("rope_parameters") or {}  # transformers 5 keeps rope_theta there
-    if "rope_theta" in rope:
-        theta = _number(path, rope, "rope_theta", False, "rope_parameters.")
-    else:  # absent: transformers' default; null is not absent (transformers would fail on it)
-        theta = _number(path, raw, "rope_theta", False) if "rope_theta" in raw else 10000.0
-    # null as transformers reads it: a key and value head for each query head
-    kv_heads = heads if raw.get("num_key_value_heads") is None else _number(path, raw, "num_key_value_heads", True)
-    off: dict[str, Any] = dict.fromkeys(_NOT_LLAMA, False)  # a Llama has none of them
-    return replace(
-        base,
-        **shape,
-        **off,
-        n_kv_heads=kv_heads,
-        rope_theta=theta,
-        tie_embeddings=_flag(path, raw, "tie_word_embeddings"),
-        mlp="swiglu",
-        logit_softcap=0.0,
-    )
-
-
-def _number(path: Path, raw: dict, key: str, integer: bool, within: str = "") -> Any:
-    """raw[key] of the config.json at `path` (`within`: the prefix naming the object `raw` is in it), a finite number
-    above 0, and with `integer` a whole one (64.0 is 64; 64.9 is refused, never cut to 64); UsageError naming the file,
-    the key and the value otherwise (a string, a list, null or missing)."""
-    value = raw.get(key)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-        if not integer or value == int(value):
-            return int(value) if integer else float(value)
-    why = "missing" if key not in raw else f"not a positive {'integer' if integer else 'number'}"
-    raise UsageError(
-        f"{path}: {within}{key} = {json.dumps(value)}: {why} (model.init_from reads the Llama's shape from it)"
-    )
-
-
-def _flag(path: Path, raw: dict, key: str) -> bool:
-    """raw[key] of the config.json at `path`, true or false (missing or null: false); UsageError naming the file, the
-    key and the value otherwise ("false", a string, is not false)."""
-    value = raw.get(key)
-    if value is not None and not isinstance(value, bool):
-        raise UsageError(f"{path}: {key} = {json.dumps(value)}: not true or false")
-    return bool(value)
 
 
 def read_hf_llama_weights(directory: str | os.PathLike[str], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -350,11 +216,11 @@ def export_weights(
 def _hf_files(cfg: Config, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str, bytes]:
     """config.json and tokenizer_config.json of the Hugging Face layout; a model continued from one (model.init_from)
     keeps its bos/eos ids and generation_config.json, others' are end-of-text."""
-    config = hf_llama_config(cfg.model, tokenizer.eot_id, dtype)
+    config = hf_llama_config(cfg.model, tokenizer.eot_id, str(dtype).removeprefix("torch."))
     files = {}
     source = Path(cfg.model.init_from) if cfg.model.init_from else None
     if source is not None and (source / "config.json").is_file():
-        theirs = _json_object(source / "config.json")
+        theirs = read_json_object(source / "config.json")
         config.update(
             {k: _token_ids(source / "config.json", theirs, k) for k in ("bos_token_id", "eos_token_id") if k in theirs}
         )
@@ -393,17 +259,6 @@ def _token(tokenizer: Tokenizer, ids: int | list[int] | None) -> str | None:
     """The token a config.json's bos/eos id names (a list's first: transformers stops at any of them)."""
     first = ids[0] if isinstance(ids, list) and ids else ids
     return tokenizer.tok.id_to_token(first) if isinstance(first, int) and not isinstance(first, bool) else None
-
-
-def _json_object(path: Path) -> dict:
-    """The JSON object in the config.json at `path` (at most 1 MiB); UsageError naming it if it is not one."""
-    try:
-        raw = json.loads(read_regular(path, 1 << 20, "config.json"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: not a JSON config ({e})") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{path}: not a JSON object")
-    return raw
 
 
 def _check_out_dir(out: Path, writes: set[str], hf: bool) -> None:
