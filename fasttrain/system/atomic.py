@@ -76,7 +76,7 @@ def folder_atomically(path: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had this one's id
             tmp.mkdir()
             yield tmp
-            if path.is_dir():  # an earlier export of the same layout (the caller checked): replaced file by file
+            if path.is_dir():  # a folder a rename cannot replace: its files of these names are, one by one
                 for file in sorted(tmp.iterdir()):
                     os.replace(file, path / file.name)
             else:
