@@ -54,7 +54,11 @@ def export_gguf(source: str | os.PathLike[str], out: str | os.PathLike[str] | No
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m fasttrain.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a run directory, a weights directory (final/, export/) or a checkpoint file")
-    parser.add_argument("--out", help="output directory (default: export/ or export-hf/ in the run directory)")
+    parser.add_argument(
+        "--out",
+        help="output directory (default: export/ or export-hf/ in the run directory); with --gguf a file or a "
+        "directory, and an existing file is replaced only if it is a GGUF file",
+    )
     layout = parser.add_mutually_exclusive_group()
     layout.add_argument("--hf", action="store_true", help="Hugging Face Llama layout (config.json + safetensors)")
     layout.add_argument("--gguf", action="store_true", help="one GGUF file for llama.cpp (default RUN/export.gguf)")

@@ -868,7 +868,7 @@ CASES = [
         lambda c: c.train(
             f"model.init_from={Path(c.file('hf/config.json', json.dumps({'model_type': 'gpt2'}))).parent}"
         ),
-        'hf/config.json: model_type = "gpt2": not "llama"',
+        'hf/config.json: model_type = "gpt2" (not "llama")',
     ),
     (
         "init_from a Llama without weights",
@@ -991,6 +991,18 @@ CASES = [
             init_from(c.run, c.tmp, edit_config(num_attention_heads=3, num_key_value_heads=3, head_dim=None))
         ),
         "model.d_model = 32 is not divisible by model.n_heads = 3",
+    ),
+    (
+        "init_from: a RoPE base that is not a number",
+        train,
+        lambda c: c.train(init_from(c.run, c.tmp, edit_config(rope_theta="abc"))),
+        'hf/config.json: rope_theta = "abc" (not a positive number)',
+    ),
+    (
+        "init_from: a width that is not a whole number",
+        train,
+        lambda c: c.train(init_from(c.run, c.tmp, edit_config(hidden_size=32.5))),
+        "hf/config.json: hidden_size = 32.5 (not a positive integer)",
     ),
     (
         "init_from: a NaN weight",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,12 @@ def test_a_process_that_exits_while_its_loader_reads_ahead_exits_cleanly(countin
     for run in runs:
         err = run.communicate(timeout=HANG_SECONDS)[1]
         assert run.returncode == 0, err
+
+
+@pytest.mark.parametrize("vocab_size, shown", [(512.5, "512.5"), ("512", '"512"'), (True, "true"), (None, "null")])
+def test_meta_json_vocab_size_of_the_wrong_type_is_refused_where_it_is_read(counting_data, vocab_size, shown):
+    """meta.json's vocab_size was taken through int(): 512.5 as 512, "512" and true as numbers, null a traceback."""
+    (counting_data / "meta.json").write_text(json.dumps({"vocab_size": vocab_size}))
+    message = f"{counting_data / 'meta.json'}: vocab_size = {shown}, expected an integer > 0"
+    with pytest.raises(UsageError, match="^" + re.escape(message)):
+        TokenLoader(counting_data, "train", 4, 16, seed=0)

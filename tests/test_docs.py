@@ -108,3 +108,13 @@ def test_the_readmes_benchmark_command_says_it_needs_the_test_extra():
     readme = (ROOT / "README.md").read_text(encoding="utf-8").replace("\n", " ")
     mention = readme[readme.index("`pytest benchmarks/ --benchmark-only`") :][:200]
     assert '`pip install -e ".[test]"`' in mention, mention
+
+
+def test_the_readmes_transformers_line_says_what_to_install():
+    """The README's transformers one-liner, run after its install (`pip install -e .`), was "No module named
+    'transformers'": only `.[eval]` and `.[test]` bring it. The line, or the one before it, says what to install."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    uses = [i for i, line in enumerate(lines) if "from transformers import" in line]
+    assert uses
+    for i in uses:
+        assert "pip install transformers" in lines[i - 1] + lines[i], lines[i - 1 : i + 1]

@@ -282,3 +282,18 @@ def check_llama_cpp(llm, model, pydoc_data, run, dtype: str, within: float) -> N
     if dtype == "q8_0":
         return
     assert llama_cpp_greedy(llm, ids[:PROMPT]) == fasttrain_greedy(model, ids[:PROMPT])
+
+
+def test_a_tensor_llama_cpp_has_no_name_for_is_refused(monkeypatch):
+    """gguf's name map gives None for a name it does not know: that tensor was written under the name None."""
+    from fasttrain.config import ModelConfig
+    from fasttrain.model import gguf_export
+
+    table = torch.zeros(8, 4)
+    monkeypatch.setattr(
+        gguf_export,
+        "hf_llama_tensors",
+        lambda state, cfg: {"model.embed_tokens.weight": table, "model.extra.weight": table},
+    )
+    with pytest.raises(UsageError, match="llama.cpp's Llama has no tensor for model.extra.weight"):
+        gguf_export.gguf_tensors({}, ModelConfig(n_layers=1, d_model=4, n_heads=1, vocab_size=8))

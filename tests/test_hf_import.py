@@ -101,11 +101,11 @@ def hf_dir(tmp_path: Path, **changes) -> str:
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"model_type": "gpt2"}, 'config.json: model_type = "gpt2": not "llama"'),
-        ({"attention_bias": True}, "config.json: attention_bias = true: the linear layers here have no bias"),
-        ({"hidden_act": "gelu"}, 'config.json: hidden_act = "gelu": the MLP here is SwiGLU, with silu'),
+        ({"model_type": "gpt2"}, 'config.json: model_type = "gpt2" (not "llama")'),
+        ({"attention_bias": True}, "config.json: attention_bias = true (the linear layers here have no bias)"),
+        ({"hidden_act": "gelu"}, 'config.json: hidden_act = "gelu" (the MLP here is SwiGLU, with silu)'),
         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "config.json: rope_scaling = "),
-        ({"head_dim": 32}, "config.json: head_dim = 32: must be hidden_size / num_attention_heads = 16 here"),
+        ({"head_dim": 32}, "config.json: head_dim = 32 (must be hidden_size / num_attention_heads = 16 here)"),
         ({}, "hf: holds no model.safetensors or model.safetensors.index.json"),
     ],
     ids=["not-llama", "bias", "gelu", "scaled-rope", "head-dim", "no-weights"],

@@ -573,6 +573,24 @@ def test_a_cache_setting_that_names_a_file_says_so(tmp_path, monkeypatch):
     assert (tmp_path / "cache").read_text() == "not a folder"
 
 
+@pytest.mark.parametrize(
+    "make, said",
+    [
+        (lambda t: (t / "cache").symlink_to(t / "cache"), "is a symbolic link loop"),
+        (lambda t: (t / "a").symlink_to(t / "a") or t / "a" / "cache", "is under a symbolic link loop"),
+        (lambda t: (t / "cache").symlink_to(t / "gone"), "is a symbolic link to nothing"),
+        (lambda t: (t / "f").write_text("x") and t / "f" / "cache", "is under a file, not a folder"),
+    ],
+    ids=["loop", "under-a-loop", "dangling", "under-a-file"],
+)
+def test_a_cache_setting_that_is_no_folder_says_what_it_is(tmp_path, monkeypatch, make, said):
+    """FASTTRAIN_CACHE on a symbolic link loop was "prepare-lock: cannot write (File exists)"."""
+    root = make(tmp_path) or tmp_path / "cache"
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(root))
+    with pytest.raises(UsageError, match="^" + re.escape(f"FASTTRAIN_CACHE = {root}: {said}; set FASTTRAIN_CACHE")):
+        ensure_prepared(load_config(None, ["data.vocab_size=300"]).data, quiet=True)
+
+
 def test_the_cache_follows_what_the_inputs_hold(tmp_path, monkeypatch):
     """The cache was keyed by the request alone: an edited file, a file added to a named directory, or another Python's
     standard library (the embedded corpora) trained on the data prepared before. Each is now a directory of its own."""

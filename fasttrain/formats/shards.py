@@ -186,9 +186,13 @@ def read_meta(directory: str | os.PathLike) -> dict | None:
         return None
     try:
         meta = json.loads(path.read_text())
-        int(meta["vocab_size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise UsageError(f"{path}: unreadable ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{path}: expected a JSON object, got {_shown(meta)}; prepare the data again")
+    vocab_size = meta.get("vocab_size", _MISSING)
+    if not (_count(vocab_size) and vocab_size > 0):  # as check_meta has it: 512.5 is not 512, nor "512" or true
+        raise UsageError(f"{path}: vocab_size = {_shown(vocab_size)}, expected an integer > 0; prepare the data again")
     return meta
 
 

@@ -1,22 +1,25 @@
 """A trained model as one GGUF file that llama.cpp loads (architecture "llama"), with its tokenizer.
 
-Imports from fasttrain: config, formats.tokenizer, model.transformer, model.weights, system.atomic, system.errors.
+Imports from fasttrain: config, formats.tokenizer, model.llama, model.weights, system.atomic, system.errors.
 
 The contract of `write_gguf`: the tensors are the Hugging Face Llama export's (weights.hf_llama_tensors, so its
-folds apply; weights.beyond_llama's options are refused) under llama.cpp's names (token_embd, blk.N.attn_q, ...,
-output_norm, output; no output for tied embeddings: llama.cpp reads token_embd then). llama.cpp rotates interleaved
+folds apply; llama.beyond_llama's options are refused) under llama.cpp's names (token_embd, blk.N.attn_q, ...,
+output_norm, output; no output for tied embeddings: llama.cpp reads token_embd then; a name it has none for is
+refused), the metadata llama.LLAMA_NUMBERS' (each number's gguf.GGUFWriter method). llama.cpp rotates interleaved
 pairs (2i, 2i+1) of a head where fasttrain and Hugging Face rotate (i, i + head_dim / 2), so the rows of attn_q and
-attn_k are permuted to match (as llama.cpp's own converter does). Matrices are fp32, fp16, bf16 or q8_0 (one with rows
-not a multiple of q8_0's 32-value block stays fp16); 1-D tensors (norms) stay fp32. The tokenizer goes as llama.cpp's
-"gpt2" byte-level BPE: the vocabulary (padded to the model's with unused tokens), merges, the pre-tokenizer "gpt-2"
-(GPT-2's split regex, fasttrain's own), end-of-text as bos and eos, no bos added; a tokenizer llama.cpp would split
-otherwise is refused. The `gguf` library is an extra (`pip install 'fasttrain[gguf]'`), imported only here.
+attn_k are permuted to match (as llama.cpp's own converter does). Matrices are fp32, fp16, bf16 or q8_0 (one that
+gguf cannot quantize to q8_0, rows not whole 32-value blocks, stays fp16); 1-D tensors (norms) stay fp32. The
+tokenizer goes as llama.cpp's "gpt2" byte-level BPE: the vocabulary (padded to the model's with unused tokens),
+merges, the pre-tokenizer "gpt-2" (GPT-2's split regex, fasttrain's own), end-of-text as bos and eos, no bos added;
+a tokenizer llama.cpp would split otherwise is refused. The `gguf` library is an extra (`pip install
+'fasttrain[gguf]'`), imported only here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,8 @@ import torch
 
 from fasttrain.config import Config, ModelConfig, check_vocab
 from fasttrain.formats.tokenizer import Tokenizer
-from fasttrain.model.transformer import ffn_hidden_size
-from fasttrain.model.weights import beyond_llama, hf_llama_tensors
+from fasttrain.model.llama import LLAMA_NUMBERS, beyond_llama
+from fasttrain.model.weights import hf_llama_tensors
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
 
@@ -40,6 +43,26 @@ def _gguf() -> Any:
     except ImportError:
         raise UsageError("--gguf needs the gguf library: pip install 'fasttrain[gguf]'") from None
     return gguf
+
+
+def check_replaceable(path: Path) -> None:
+    """UsageError unless a GGUF file may be written at `path`: nothing there, or a GGUF file (an earlier export, known
+    by gguf's magic in its first bytes). Anything else there (a run's weights or config, a checkpoint, a data shard)
+    was not written by an export and is never replaced."""
+    if not os.path.lexists(path):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not hang the open
+    except OSError as e:
+        raise UsageError(f"--out {path}: cannot read what is there ({e.strerror or e}); name a new file") from None
+    with os.fdopen(fd, "rb") as f:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        magic = f.read(4) if regular else b""
+    if magic != int(_gguf().GGUF_MAGIC).to_bytes(4, "little"):
+        raise UsageError(
+            f"--out {path}: exists and is not a GGUF file; --gguf replaces only an earlier GGUF export: name a new "
+            "file or remove it first"
+        )
 
 
 def interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -79,9 +102,12 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     names = _gguf().get_tensor_name_map(_gguf().MODEL_ARCH.LLAMA, cfg.n_layers)
     out = {}
     for name, tensor in hf_llama_tensors(state, cfg).items():
+        theirs = names.get_name(name, try_suffixes=(".weight",))
+        if theirs is None:  # a tensor llama.cpp's Llama would not read: the file would load without it
+            raise UsageError(f"--gguf: llama.cpp's Llama has no tensor for {name}; this model cannot be written as one")
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             tensor = interleave_rope_rows(tensor, cfg.n_heads if "q_proj" in name else cfg.n_kv_heads or cfg.n_heads)
-        out[names.get_name(name, try_suffixes=(".weight",))] = tensor.detach().float().cpu().numpy()
+        out[theirs] = tensor.detach().float().cpu().numpy()
     return out
 
 
@@ -93,25 +119,19 @@ def write_gguf(
     tokenizer: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write the model `state` (trained with `cfg`) and its tokenizer (the tokenizer.json at `tokenizer`, default
-    data.dir's) as the GGUF file `path` in `dtype` (GGUF_DTYPES), atomically; all is checked before it is written."""
+    data.dir's) as the GGUF file `path` in `dtype` (GGUF_DTYPES), atomically (a failure leaves no part of a file);
+    all is checked before it is written, `path` too: only a GGUF file is replaced (check_replaceable)."""
     if beyond := beyond_llama(cfg.model):
         raise UsageError(f"--gguf: llama.cpp's Llama cannot express {', '.join(beyond)}")
     gguf = _gguf()
+    check_replaceable(Path(path))
     model = cfg.model
     vocabulary = Tokenizer.load(tokenizer if tokenizer is not None else Path(cfg.data.dir) / "tokenizer.json")
     check_vocab(model.vocab_size, vocabulary.vocab_size, vocabulary.source)
     tokens, types, merges = gpt2_vocabulary(vocabulary, model.vocab_size)
     writer = gguf.GGUFWriter(None, "llama")
-    writer.add_context_length(model.max_seq_len)
-    writer.add_embedding_length(model.d_model)
-    writer.add_block_count(model.n_layers)
-    writer.add_feed_forward_length(ffn_hidden_size(model))
-    writer.add_head_count(model.n_heads)
-    writer.add_head_count_kv(model.n_kv_heads or model.n_heads)
-    writer.add_rope_dimension_count(model.d_model // model.n_heads)
-    writer.add_rope_freq_base(model.rope_theta)
-    writer.add_layer_norm_rms_eps(model.norm_eps)
-    writer.add_vocab_size(model.vocab_size)
+    for number in LLAMA_NUMBERS:
+        getattr(writer, number.gguf)(number.value(model))
     file_types = {"fp32": "ALL_F32", "fp16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
     writer.add_file_type(int(gguf.LlamaFileType[file_types[dtype]]))
     writer.add_tokenizer_model("gpt2")
@@ -126,9 +146,12 @@ def write_gguf(
     wanted = {"fp32": quant.F32, "fp16": quant.F16, "bf16": quant.BF16, "q8_0": quant.Q8_0}[dtype]
     for name, array in gguf_tensors(state, model).items():
         qtype = quant.F32 if array.ndim == 1 else wanted
-        if qtype == quant.Q8_0 and array.shape[-1] % 32:
+        try:
+            data = gguf.quants.quantize(array, qtype)
+        except gguf.QuantError:  # rows that are not whole blocks of the type (q8_0's 32 values): fp16
             qtype = quant.F16
-        writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+            data = gguf.quants.quantize(array, qtype)
+        writer.add_tensor(name, data, raw_dtype=qtype)
 
     def write(f: Any) -> None:  # the writer opens the temporary file by name; fsync covers its writes too
         writer.write_header_to_file(Path(f.name))

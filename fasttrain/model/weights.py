@@ -1,6 +1,7 @@
 """Weights on disk: safetensors files in fasttrain's layout or in Hugging Face's Llama layout.
 
-Imports from fasttrain: config, formats.tokenizer, model.ensemble, model.transformer, system.atomic, system.errors.
+Imports from fasttrain: config, formats.tokenizer, model.ensemble, model.llama, model.transformer, system.atomic,
+system.errors.
 
 `python -m fasttrain.export` writes them from a checkpoint; a finished run writes its final/ weights.
 
@@ -9,7 +10,7 @@ embed.weight), config.toml and tokenizer.json; `load_exported(DIR)` rebuilds the
 config.json for LlamaForCausalLM, model.safetensors with Llama's names (the fused qkv and gate_up split apart),
 tokenizer.json and tokenizer_config.json (a model continued from a Hugging Face one keeps its bos/eos ids and
 generation_config.json), so `AutoModelForCausalLM.from_pretrained(DIR)` loads it; no weight is permuted (RoPE is
-rotate-half already). Writes go to a temporary file first (system/atomic.py).
+rotate-half already). An export is written into a temporary folder first, then moved into place (system/atomic.py).
 """
 
 from __future__ import annotations
@@ -17,9 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import safetensors.torch
 import tokenizers
@@ -29,15 +28,14 @@ import torch.nn.functional as F
 from fasttrain.config import Config, ModelConfig, load_config, save_config
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.ensemble import Ensemble, build_model
+from fasttrain.model.llama import beyond_llama, hf_llama_config, read_json_object
 from fasttrain.model.transformer import Transformer, ffn_hidden_size
-from fasttrain.system.atomic import read_regular, write_atomically
+from fasttrain.system.atomic import folder_atomically, read_regular, write_atomically
 from fasttrain.system.errors import UsageError
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HF_ONLY = ("config.json", "tokenizer_config.json", "generation_config.json")  # one layout's files, not the other's
 _FASTTRAIN_ONLY = ("config.toml",)
-_NOT_LLAMA = ("qk_norm", "embedding_norm", "value_embeddings", "residual_scalars", "smear", "backout")  # not in a Llama
-_UNEXPORTABLE = tuple(key for key in _NOT_LLAMA if key != "embedding_norm")  # it folds (hf_llama_tensors)
 
 
 def write_safetensors(
@@ -100,7 +98,7 @@ def hf_llama_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
     """The model's state dict under Hugging Face Llama's parameter names. model.embedding_norm is folded into the
     table: the model RMS-normalises each token's row before the first block, a function of the row alone, so the
     Llama's table holds the rows normalised (the same op, row by row: exact). A tied head then keeps the rows as
-    trained, so the Llama's head is untied (`hf_llama_tied`)."""
+    trained, so the Llama's head is untied (llama.py's `hf_llama_tied`)."""
     out: dict[str, torch.Tensor] = {}
     for ours, parts in hf_llama_layout(cfg).items():
         out.update(zip([name for name, _ in parts], state[ours].split([shape[0] for _, shape in parts])))
@@ -110,113 +108,6 @@ def hf_llama_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         if cfg.tie_embeddings:
             out["lm_head.weight"] = table
     return out
-
-
-def hf_llama_tied(cfg: ModelConfig) -> bool:
-    """Whether the Llama export of `cfg` ties its head to its table: as trained, unless the table holds the folded
-    embedding norm."""
-    return cfg.tie_embeddings and not cfg.embedding_norm
-
-
-def beyond_llama(cfg: ModelConfig) -> list[str]:
-    """The [model] settings of `cfg` that a Hugging Face Llama has no way to express, each as `key = value (set key =
-    value)`: the setting, then what a model trained to be exported sets instead."""
-    beyond = [(f'model.mlp = "{cfg.mlp}"', 'model.mlp = "swiglu"')] if cfg.mlp != "swiglu" else []
-    beyond += [(f"model.logit_softcap = {cfg.logit_softcap:g}", "model.logit_softcap = 0")] if cfg.logit_softcap else []
-    beyond += [(f"model.members = {cfg.members}, an ensemble", "model.members = 1")] if cfg.members > 1 else []
-    beyond += [(f"model.{key} = true", f"model.{key} = false") for key in _UNEXPORTABLE if getattr(cfg, key)]
-    return [f"{setting} (set {instead})" for setting, instead in beyond]
-
-
-def hf_llama_config(cfg: ModelConfig, eot_id: int, dtype: torch.dtype) -> dict:
-    """config.json for LlamaForCausalLM with the same shape and numerics as `cfg`."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": ffn_hidden_size(cfg),
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
-        "head_dim": cfg.d_model // cfg.n_heads,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "hidden_act": "silu",
-        "tie_word_embeddings": hf_llama_tied(cfg),
-        "attention_bias": False,
-        "mlp_bias": False,
-        "bos_token_id": eot_id,
-        "eos_token_id": eot_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-# fasttrain's [model] keys and the config.json keys of a Hugging Face Llama that give them
-_HF_SHAPE = {
-    "d_model": "hidden_size",
-    "n_layers": "num_hidden_layers",
-    "n_heads": "num_attention_heads",
-    "ffn_hidden": "intermediate_size",
-    "vocab_size": "vocab_size",
-    "max_seq_len": "max_position_embeddings",
-    "norm_eps": "rms_norm_eps",
-}
-
-
-def hf_llama_model_config(directory: str | os.PathLike[str], base: ModelConfig) -> ModelConfig:
-    """`base` with the shape and numerics of the Hugging Face Llama in `directory` (its config.json); UsageError naming
-    a key the transformer cannot reproduce (model type, activation, bias, RoPE scaling, head_dim)."""
-    path = Path(directory) / "config.json"
-    if not path.exists() and any((Path(directory) / name).exists() for name in ("config.toml", "checkpoints")):
-        raise UsageError(
-            f"model.init_from = {directory}: a fasttrain run or weights folder, where it takes a Hugging Face Llama "
-            f"folder; make one with `fasttrain export {directory} --hf --out DIR` and start from DIR"
-        )
-    raw = _json_object(path)
-
-    def refuse(key: str, why: str) -> None:
-        raise UsageError(
-            f"{path}: {key} = {json.dumps(raw.get(key))}: {why} (model.init_from takes the Llama-family "
-            "models fasttrain's transformer reproduces)"
-        )
-
-    if raw.get("model_type") != "llama":
-        refuse("model_type", 'not "llama"')
-    if raw.get("hidden_act", "silu") != "silu":
-        refuse("hidden_act", "the MLP here is SwiGLU, with silu")
-    for key in ("attention_bias", "mlp_bias"):
-        if raw.get(key):
-            refuse(key, "the linear layers here have no bias")
-    for key in ("rope_scaling", "rope_parameters"):  # transformers 5 keeps rope_theta in rope_parameters
-        rope = raw.get(key)
-        if rope is not None and (
-            not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default"
-        ):
-            refuse(key, "only plain RoPE (rope_type default) is supported")
-    for key in _HF_SHAPE.values():
-        value = raw.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            refuse(key, "missing or not a positive number")
-    heads = int(raw["num_attention_heads"])
-    if raw.get("head_dim") not in (None, raw["hidden_size"] // heads):
-        refuse("head_dim", f"must be hidden_size / num_attention_heads = {raw['hidden_size'] // heads} here")
-    theta = (raw.get("rope_parameters") or {}).get("rope_theta", raw.get("rope_theta", 10000.0))
-    shape: dict[str, Any] = {ours: int(raw[theirs]) for ours, theirs in _HF_SHAPE.items() if ours != "norm_eps"}
-    off: dict[str, Any] = dict.fromkeys(_NOT_LLAMA, False)  # a Llama has none of them
-    return replace(
-        base,
-        **shape,
-        **off,
-        n_kv_heads=int(raw.get("num_key_value_heads") or heads),
-        rope_theta=float(theta),
-        norm_eps=float(raw["rms_norm_eps"]),
-        tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
-        mlp="swiglu",
-        logit_softcap=0.0,
-    )
 
 
 def read_hf_llama_weights(directory: str | os.PathLike[str], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -299,7 +190,8 @@ def export_weights(
 ) -> list[Path]:
     """Write `model_state` (trained with `cfg`) into `out_dir`; returns the files. `tokenizer`: the tokenizer.json the
     model trained with (default `cfg.data.dir`'s), which --hf needs. All is checked before the first write
-    (`_check_out_dir`)."""
+    (`_check_out_dir`); the files are written beside `out` and moved into it together, so a failure leaves `out` as it
+    was."""
     out = Path(out_dir)
     if hf and (beyond := beyond_llama(cfg.model)):
         raise UsageError(
@@ -313,22 +205,25 @@ def export_weights(
     _check_out_dir(out, {"model.safetensors", *files, *([] if hf else _FASTTRAIN_ONLY)}, hf)
     tensors = hf_llama_tensors(model_state, cfg.model) if hf else fasttrain_tensors(model_state, cfg.model)
     tensors = {k: v.to(dtype) for k, v in tensors.items()}  # folded in the precision the model trained in
-    written = [write_safetensors(out / "model.safetensors", tensors, {"format": "pt"})]
-    written += [_write(out / name, data) for name, data in files.items()]
-    if not hf:
-        written.append(save_config(cfg, out))
-    return written
+    with folder_atomically(out) as folder:  # a failure (a full disk) leaves no lone model.safetensors in `out`
+        written = [write_safetensors(folder / "model.safetensors", tensors, {"format": "pt"})]
+        written += [_write(folder / name, data) for name, data in files.items()]
+        if not hf:
+            written.append(save_config(cfg, folder))
+    return [out / path.name for path in written]
 
 
 def _hf_files(cfg: Config, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str, bytes]:
     """config.json and tokenizer_config.json of the Hugging Face layout; a model continued from one (model.init_from)
     keeps its bos/eos ids and generation_config.json, others' are end-of-text."""
-    config = hf_llama_config(cfg.model, tokenizer.eot_id, dtype)
+    config = hf_llama_config(cfg.model, tokenizer.eot_id, str(dtype).removeprefix("torch."))
     files = {}
     source = Path(cfg.model.init_from) if cfg.model.init_from else None
     if source is not None and (source / "config.json").is_file():
-        theirs = _json_object(source / "config.json")
-        config.update({k: theirs[k] for k in ("bos_token_id", "eos_token_id") if k in theirs})
+        theirs = read_json_object(source / "config.json")
+        config.update(
+            {k: _token_ids(source / "config.json", theirs, k) for k in ("bos_token_id", "eos_token_id") if k in theirs}
+        )
         generation = source / "generation_config.json"
         if generation.is_file():
             files[generation.name] = read_regular(generation, 1 << 20, "generation config")
@@ -350,21 +245,20 @@ def _hf_files(cfg: Config, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str
     return files
 
 
+def _token_ids(path: Path, raw: dict, key: str) -> int | list[int] | None:
+    """raw[key] of the config.json at `path`: a token id, a list of them, or null; UsageError naming the file, the key
+    and the value otherwise (it is written into the export's config.json, which transformers must read)."""
+    value = raw[key]
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise UsageError(f"{path}: {key} = {json.dumps(value)}: not a token id, a list of them or null")
+    return value
+
+
 def _token(tokenizer: Tokenizer, ids: int | list[int] | None) -> str | None:
     """The token a config.json's bos/eos id names (a list's first: transformers stops at any of them)."""
     first = ids[0] if isinstance(ids, list) and ids else ids
     return tokenizer.tok.id_to_token(first) if isinstance(first, int) and not isinstance(first, bool) else None
-
-
-def _json_object(path: Path) -> dict:
-    """The JSON object in the config.json at `path` (at most 1 MiB); UsageError naming it if it is not one."""
-    try:
-        raw = json.loads(read_regular(path, 1 << 20, "config.json"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: not a JSON config ({e})") from None
-    if not isinstance(raw, dict):
-        raise UsageError(f"{path}: not a JSON object")
-    return raw
 
 
 def _check_out_dir(out: Path, writes: set[str], hf: bool) -> None:

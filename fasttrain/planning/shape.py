@@ -1,6 +1,6 @@
 """The model a run trains, and the stop that goes with it: what `plan_run` asks once the data is opened.
 
-Imports from fasttrain: compute.distributed, config, data.mixture, model.weights, planning.members, planning.preflight,
+Imports from fasttrain: compute.distributed, config, data.mixture, model.llama, planning.members, planning.preflight,
 planning.recorded, planning.repeats, planning.sequence_length, planning.sizing, planning.speed, planning.timed_pass,
 system.errors.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from fasttrain.compute import distributed
 from fasttrain.config import Config, ModelConfig, TrainConfig, config_to_toml, load_config, parse_config
 from fasttrain.data.mixture import Source, phases, token_shares
-from fasttrain.model.weights import hf_llama_model_config
+from fasttrain.model.llama import hf_llama_model_config
 from fasttrain.planning import repeats, sizing
 from fasttrain.planning.members import ensemble_members
 from fasttrain.planning.preflight import Machine, depths_in_memory, members_in_memory

@@ -10,11 +10,13 @@ preparation.preparation, system.errors, system.run_lock.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import re
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,14 +45,30 @@ def cache_root() -> Path:
 def cache_dir(request: dict) -> Path:
     """Where data for `request` is cached when data.dir is unset: under `cache_root`, a directory per distinct
     request (absolute paths) and what its inputs hold now (`corpus.fingerprint`: an edited input file, or another
-    Python's embedded corpus, is another directory). UsageError if that root is a file."""
+    Python's embedded corpus, is another directory). UsageError, saying what it is, if that root cannot be a folder."""
     root = cache_root()
-    if Path(root).exists() and not Path(root).is_dir():  # else "cannot write (File exists)" about a lock in it
+    if what := _not_a_folder(root):  # else "cannot write (File exists)" about a lock in it
         setting = "FASTTRAIN_CACHE = " if os.environ.get("FASTTRAIN_CACHE") else "the cache folder "
-        raise UsageError(f"{setting}{root}: is a file, not a folder; set FASTTRAIN_CACHE to a folder")
+        raise UsageError(f"{setting}{root}: {what}; set FASTTRAIN_CACHE to a folder")
     key = {**request, "contents": corpus.fingerprint(request["inputs"])}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return Path(root) / f"{_readable_name(request['inputs'][0])}-{digest}"
+
+
+def _not_a_folder(root: Path) -> str:
+    """What `root` is, in words, where it cannot be the cache's folder: "is a file, not a folder", "is a symbolic link
+    loop", "is under a file, not a folder", ...; "" where it is a folder, or nothing yet (it is made then)."""
+    try:
+        mode = os.stat(root).st_mode
+    except FileNotFoundError:
+        return "is a symbolic link to nothing" if os.path.islink(root) else ""
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"is {'' if os.path.islink(root) else 'under '}a symbolic link loop"
+        if e.errno == errno.ENOTDIR:
+            return "is under a file, not a folder"
+        return f"cannot be read ({e.strerror or e})"
+    return "" if stat.S_ISDIR(mode) else "is a file, not a folder"
 
 
 def _readable_name(spec: str, limit: int = 40) -> str:

@@ -2,7 +2,8 @@
 one), directories synced (a rename in them survives a power cut), run files opened without following links
 (a link planted as metrics.jsonl or .lock must not redirect a write, or a truncation, to its target), and
 small files read only when they are regular files of bounded size (a FIFO would hang the read, /dev/zero
-would never end it).
+would never end it). A folder of files is written as a temporary folder beside it, moved into place whole
+(`folder_atomically`). A full disk is said as one, naming the folder.
 
 Imports from fasttrain: system.errors.
 """
@@ -12,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
+import shutil
 import stat
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from fasttrain.system.errors import UsageError
 
@@ -37,10 +40,55 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[BinaryIO], o
         error = e if isinstance(e, OSError) else e.__context__
         if not isinstance(error, OSError):
             raise
+        reason = failure(error, path.parent)  # before the partial file is removed: the room it took is the clue
         with contextlib.suppress(OSError):  # no directory (or not a directory): no temporary file either
             tmp.unlink(missing_ok=True)
-        raise UsageError(f"{path}: cannot {what} ({error.strerror or error})") from None
+        raise UsageError(f"{path}: cannot {what} ({reason})") from None
     return path
+
+
+def failure(error: OSError, folder: Path) -> str:
+    """Why a write into `folder` failed, in words. A full disk says so and names the folder: ENOSPC, and a short write
+    that carries no errno where the disk has less room left than the write lacked (numpy's tofile, which the gguf
+    writer uses, raises only "N requested and M written")."""
+    short = re.fullmatch(r"(\d+) requested and (\d+) written", str(error)) if error.errno is None else None
+    full = error.errno == errno.ENOSPC
+    if short:
+        with contextlib.suppress(OSError):
+            room = os.statvfs(folder)
+            full = room.f_bavail * room.f_frsize < int(short[1]) - int(short[2])
+    if full:
+        return f"no space left on the device holding {folder}"
+    return error.strerror or str(error)
+
+
+@contextlib.contextmanager
+def folder_atomically(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A new temporary folder beside the folder `path` to write into. When the block ends its files are moved into
+    `path` (created if need be; a file of the same name there replaced) and the folders synced; an exception in the
+    block removes the temporary folder and leaves `path` as it was, so a failure never leaves part of what was
+    written. A UsageError from the block names `path` where it named the temporary folder; an OSError here is one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had this one's id
+            tmp.mkdir()
+            yield tmp
+            if path.is_dir():  # a folder a rename cannot replace: its files of these names are, one by one
+                for file in sorted(tmp.iterdir()):
+                    os.replace(file, path / file.name)
+            else:
+                os.replace(tmp, path)
+            sync_directory(path)
+            sync_directory(path.parent)
+        except OSError as e:
+            raise UsageError(f"{path}: cannot write ({failure(e, path.parent)})") from None
+        except UsageError as e:
+            raise UsageError(str(e).replace(str(tmp), str(path))) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sync_directory(path: str | os.PathLike[str]) -> None:
