@@ -34,7 +34,16 @@ import torch
 import torch.nn.functional as F
 
 import fasttrain_kernels._backend
-from benchmarks.conftest import DRY_RUN, FIXED_BASE, allocator_counts, counts_since, median_seconds, sizes, time_device
+from benchmarks.conftest import (
+    DRY_RUN,
+    FIXED_BASE,
+    allocator_counts,
+    counts_since,
+    measure_matmul_rate,
+    median_seconds,
+    sizes,
+    time_device,
+)
 from fasttrain.compute.device import PRECISIONS, autocast, native_bf16
 from fasttrain.config import load_config
 from fasttrain.model.transformer import Transformer
@@ -172,18 +181,6 @@ def plain_loop_step(trainer: Trainer):
     return step
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of an n x n x n matmul in `dtype` on the CPU, the best of `repeats` after a warm-up."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
-
-
 @pytest.fixture(scope="module")
 def benchmark_disabled(request) -> bool:
     """True in an untimed run (plain pytest, see conftest.pytest_configure)."""
@@ -196,7 +193,7 @@ def cpu_matmul_gflops(benchmark_disabled) -> dict[str, float]:
     if benchmark_disabled:
         return {}
     return {
-        p: round(matmul_gflops(PRECISIONS[p] or torch.float32), 1)
+        p: round(measure_matmul_rate(torch.device("cpu"), 2048, PRECISIONS[p] or torch.float32, repeats=5) / 1e9, 1)
         for p in ("fp32", "bf16")
         if p == "fp32" or native_bf16(torch.device("cpu"))
     }
