@@ -10,13 +10,15 @@ logits + F.cross_entropy, torch.optim.AdamW(fused=True) + clip_grad_norm_, with 
 same torch.compile. Both run side by side in one session and record tokens/s, MFU
 (PaLM's FLOPs per token at the GPU's peak bf16 rate) and peak memory.
 
-CPU: the base config's model, Trainer.step against a plain PyTorch loop of the same
-model (forward, F.cross_entropy, backward, clip, AdamW), fp32, eager. Then Trainer.step
-in fp32 and bf16 autocast, eager and compiled, side by side, each with its achieved
-GFLOP/s as a fraction of a 2048^3 matmul's rate in its dtype, measured in the same
-session (the CPU's practical roofline). bf16 runs only on CPUs with native bf16
-matmuls (emulated bf16 is many times slower than fp32); the compiled cases only when
-timing (--benchmark-only), where their compile time is recorded, outside the timing.
+CPU: the step configs/base.toml's 2-minute run trains on a 2-core CPU, 2 x 128 with its recipe
+(Muon, the warmdown), 16 x 256 tokens: the README's "CPU step (2 x 128, fp32)". Trainer.step
+against a plain PyTorch loop of the same model (forward, F.cross_entropy, backward, clip,
+torch.optim.Muon and AdamW), each in fp32 and bf16 autocast, eager and compiled (the plain
+loop's model under torch.compile), with its achieved GFLOP/s as a fraction of a 2048^3
+matmul's rate in its dtype, measured in the same session (the CPU's practical roofline).
+bf16 runs only on CPUs with native bf16 matmuls (emulated bf16 is many times slower than
+fp32); the compiled cases only when timing (--benchmark-only), where their compile time
+is recorded, outside the timing.
 
 The tokens are random and already on the device: the data pipeline is timed in
 bench_data.py. The first calls (compilation, autotuning) are warm-up, not timed.
@@ -32,10 +34,20 @@ import torch
 import torch.nn.functional as F
 
 import fasttrain_kernels._backend
-from benchmarks.conftest import DRY_RUN, FIXED_BASE, allocator_counts, counts_since, median_seconds, sizes, time_device
-from fasttrain.compute.device import PRECISIONS, native_bf16
+from benchmarks.conftest import (
+    DRY_RUN,
+    FIXED_BASE,
+    allocator_counts,
+    counts_since,
+    measure_matmul_rate,
+    median_seconds,
+    sizes,
+    time_device,
+)
+from fasttrain.compute.device import PRECISIONS, autocast, native_bf16
 from fasttrain.config import load_config
 from fasttrain.model.transformer import Transformer
+from fasttrain.optimization.optimizers import hidden_matrices
 from fasttrain.training.metrics import peak_flops
 from fasttrain.training.trainer import Trainer
 
@@ -138,50 +150,35 @@ def test_gpu_train_step(benchmark, record, device, data_dir, config, impl):
     )
 
 
+# The README's CPU step: the shape configs/base.toml's 2-minute run trains on a 2-core CPU, with its recipe (Muon,
+# the warmdown) over FIXED_BASE, which keeps 16 x 256 tokens a step. benchmarks/studies/cpu_step.py measures it
+# too, and 3 x 192 and 4 x 256, each setting in a process of its own.
+CPU_STEP = ("model.n_layers=2", "model.d_model=128", "model.n_heads=2", "optim.name=muon", "schedule.decay=wsd")
+
+
 def plain_loop_step(trainer: Trainer):
-    """One step of the loop everyone writes first, on a fresh copy of `trainer`'s model and its batches."""
+    """One step of the loop everyone writes first, on a fresh copy of `trainer`'s model and its batches, in its
+    precision and, where it compiles, with the model compiled: forward, F.cross_entropy, backward, clip, then
+    torch.optim.Muon on the blocks' matrices (where `trainer` trains with Muon) and AdamW on the rest."""
     model = Transformer(trainer.cfg.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=trainer.cfg.optim.lr)
+    o = trainer.cfg.optim
+    matrices = hidden_matrices(model) if o.name == "muon" else []
+    rest = [p for p in model.parameters() if all(p is not m for m in matrices)]
+    optimizers = [torch.optim.AdamW(rest, lr=o.lr)] + ([torch.optim.Muon(matrices, lr=o.muon.lr)] if matrices else [])
+    forward = torch.compile(model) if trainer.compiled else model
     batches = trainer.train_loader
 
     def step():
         x, y = next(batches)
-        F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.cfg.optim.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with autocast(trainer.precision, trainer.device):
+            logits = forward(x)
+        F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     return step
-
-
-@pytest.mark.parametrize("impl", ["fasttrain", "plain"])
-def test_cpu_train_step(benchmark, record, data_dir, impl):
-    trainer = make_trainer(
-        CONFIGS / "base.toml", data_dir, "train.device=cpu", "train.compile=false", 'train.precision="fp32"'
-    )
-    step = trainer.step if impl == "fasttrain" else plain_loop_step(trainer)
-    benchmark.pedantic(step, warmup_rounds=1, rounds=5, iterations=1)
-    record(
-        per_call=trainer.tokens_per_step,
-        impl=impl,
-        config="base.toml",
-        params=trainer.model.num_params(),
-        batch_size=trainer.cfg.train.batch_size,
-        seq_len=trainer.cfg.train.seq_len,
-        dtype="float32",
-    )
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """GFLOP/s of an n x n x n matmul in `dtype` on the CPU, the best of `repeats` after a warm-up."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
 
 
 @pytest.fixture(scope="module")
@@ -196,16 +193,17 @@ def cpu_matmul_gflops(benchmark_disabled) -> dict[str, float]:
     if benchmark_disabled:
         return {}
     return {
-        p: round(matmul_gflops(PRECISIONS[p] or torch.float32), 1)
+        p: round(measure_matmul_rate(torch.device("cpu"), 2048, PRECISIONS[p] or torch.float32, repeats=5) / 1e9, 1)
         for p in ("fp32", "bf16")
         if p == "fp32" or native_bf16(torch.device("cpu"))
     }
 
 
+@pytest.mark.parametrize("impl", ["fasttrain", "plain"])
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.compile)], ids=["eager", "compiled"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cpu_precision(
-    benchmark, record, data_dir, cpu_matmul_gflops, benchmark_disabled, monkeypatch, precision, compiled
+def test_cpu_train_step(
+    benchmark, record, data_dir, cpu_matmul_gflops, benchmark_disabled, monkeypatch, precision, compiled, impl
 ):
     # What a CPU run uses: the PyTorch path. Under the test suite's TRITON_INTERPRET=1 the kernels would run in
     # Triton's interpreter, which measures nothing a user gets (and took 53 s of the suite's 2 cores in bf16).
@@ -217,22 +215,28 @@ def test_cpu_precision(
     trainer = make_trainer(
         CONFIGS / "base.toml",
         data_dir,
+        *CPU_STEP,
         "train.device=cpu",
         f"train.compile={str(compiled).lower()}",
         f'train.precision="{precision}"',
     )
+    step = trainer.step if impl == "fasttrain" else plain_loop_step(trainer)
     start = time.perf_counter()
-    trainer.step()  # compiles, when compiled
+    step()  # compiles, when compiled
     first_step_s = time.perf_counter() - start
-    benchmark.pedantic(trainer.step, warmup_rounds=1, rounds=5, iterations=1)
-    median = median_seconds(benchmark)
+    benchmark.pedantic(step, warmup_rounds=1, rounds=5, iterations=1)
+    median, m = median_seconds(benchmark), trainer.cfg.model
     flops_per_step = trainer.model.flops_per_token(trainer.cfg.train.seq_len) * trainer.tokens_per_step
     gflops = median and flops_per_step / median / 1e9
     matmul = cpu_matmul_gflops.get(precision)
     record(
         per_call=trainer.tokens_per_step,
-        impl=f"{precision}-{'compiled' if compiled else 'eager'}",
         config="base.toml",
+        shape=f"{m.n_layers} x {m.d_model}",
+        optimizer=trainer.cfg.optim.name,
+        params=trainer.model.num_params(),
+        batch_size=trainer.cfg.train.batch_size,
+        seq_len=trainer.cfg.train.seq_len,
         dtype=precision,
         compiled=compiled,
         first_step_s=round(first_step_s, 2),

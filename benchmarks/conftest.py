@@ -48,9 +48,15 @@ def sizes(full, tiny):
 def pytest_configure(config) -> None:
     """Without --benchmark-only, run each benchmark once as a test, untimed: the default `pytest` run
     checks that they work, quickly. (pytest-benchmark refuses --benchmark-disable in addopts beside
-    --benchmark-only, so the choice is made here, before its session reads the option.)"""
+    --benchmark-only, so the choice is made here, before its session reads the option.)
+
+    pytest-benchmark's own table shows the median and the rounds unless --benchmark-columns says otherwise:
+    its ten default columns make it about 220 characters wide, and the table a timed run ends with
+    (pytest_terminal_summary, below) holds the median and min beside each case's speed against stock."""
     if not config.getoption("benchmark_only") and not config.getoption("benchmark_enable"):
         config.option.benchmark_disable = True
+    if config.getoption("benchmark_columns") is None:
+        config.option.benchmark_columns = ["median", "rounds"]
 
 
 def median_seconds(benchmark) -> float | None:

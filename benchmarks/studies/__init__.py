@@ -5,8 +5,10 @@ file under benchmarks/results/; README.md names each one's question, command and
 
 GPU: gpu_check (the acceptance pack) runs the suite's GPU cases and tune_rms_norm, profile_step, ablation and
 hf_patch; report, goals and dispatch_table read what it wrote.
-Recipe and sizing: time_to_quality (against nanochat), recipe_sweep, sizing_fit, optimizer_sweep.
-The CPU step: cpu_step, busy_machine, isa_spread.
-Data, checkpoints, tools: prepare_speed, checkpoint_io, checkpoint_checksum, elastic_restarts, lm_eval_speed.
+Recipe and sizing: time_to_quality (against nanochat), budget_ladder, recipe_sweep, many_epochs.
+The CPU step: cpu_step, isa_spread.
+Data, checkpoints, tools: elastic_restarts, export_agreement, config_walk.
+README.md also names the studies retired once answered (optimizer_sweep, sizing_fit, busy_machine, ...): they are
+in the tree at commit ecc6e19.
 common holds what they share: the repository's root, the load average and a results file's first keys.
 """

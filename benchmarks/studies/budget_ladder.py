@@ -15,7 +15,6 @@ Writes one JSON (default benchmarks/results/recipe/cpu-budget-ladder-<date>.json
 from __future__ import annotations
 
 import datetime
-import json
 import re
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from typing import Sequence
 
 from benchmarks.studies.common import ROOT, add_runs, load_average
 from fasttrain.config import load_config
+from fasttrain.plot import read_metrics
 from fasttrain.system.errors import ArgumentParser, run_cli
 
 
@@ -38,7 +38,7 @@ def run_budget(seconds: int, sets: list[str], work: Path) -> dict:
     score = [sys.executable, "-m", "fasttrain.evaluate", str(out), "--split", "val"]
     printed = subprocess.run(score, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     bpb = float(re.search(r"bpb (\S+)", printed).group(1))  # evaluate's line: loss L  ppl P  bpb B  accuracy A
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = read_metrics(out)
     evals = [round(e["val_bpb"], 4) for e in events if e["event"] == "eval"]
     start, end = (next(e for e in events if e["event"] == kind) for kind in ("start", "end"))
     m, o = load_config(out / "config.toml").model, load_config(out / "config.toml").optim

@@ -1,5 +1,5 @@
 """What the studies share: the repository's root, the machine's load, the first keys of a results file, a results
-file that later runs add to, and a corpus prepared once.
+file that later runs add to, and the corpora, each prepared once.
 
 Imports benchmarks.conftest (the machine's description) and nothing of fasttrain.
 """
@@ -11,12 +11,27 @@ import os
 import shlex
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Sequence
 
 from benchmarks.conftest import environment
 
 ROOT = Path(__file__).resolve().parents[2]
+# The corpora `prepared` knows (recipe_sweep's, time_to_quality's and many_epochs' docstrings describe them): the
+# builtin ones, and those of the running Python's standard library, the .py files of some packages or of all (()).
+BUILTINS = {
+    "pydoc": ["builtin:pydoc"],
+    "docstrings": ["builtin:docstrings"],
+    "prose": ["builtin:pydoc", "builtin:docstrings"],
+}
+SMALL_PACKAGES = ("asyncio", "email", "json", "http")
+PACKAGES = {
+    "large": (),
+    "small": SMALL_PACKAGES,
+    "code-small": SMALL_PACKAGES,
+    "code-1m": (*SMALL_PACKAGES, "concurrent", "multiprocessing", "unittest", "xml", "logging", "importlib"),
+}
 
 
 def load_average() -> str:
@@ -60,3 +75,15 @@ def prepared_corpus(out: Path, inputs: Sequence[str] = (), files: Sequence[Path]
     command = [sys.executable, "-m", "fasttrain.prepare", "--input", *inputs, "--out", str(out), "--vocab-size", "4096"]
     subprocess.run(command, check=True)
     return out
+
+
+def prepared(corpus: str, cache: Path) -> Path:
+    """The folder `corpus` (a key of BUILTINS or PACKAGES) is prepared in under `cache`, prepared first if it is not
+    there yet: the standard library's files as a document each (site-packages left out), "large" and "small" into
+    stdlib-large and stdlib-small (what a lent GPU's .quality/ carries), the others into their own name."""
+    if corpus in BUILTINS:
+        return prepared_corpus(cache / corpus, inputs=BUILTINS[corpus])
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    roots = [lib / package for package in PACKAGES[corpus]] or [lib]
+    files = sorted(p for root in roots for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    return prepared_corpus(cache / (f"stdlib-{corpus}" if corpus in ("large", "small") else corpus), files=files)

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.studies.common import ROOT, result_header
+from fasttrain.plot import read_metrics
 from fasttrain.preparation.preparation import prepare
 
 # The pinned test's main job: configs/base.toml's recipe and model rule on a small batch for a few steps,
@@ -83,7 +84,7 @@ def losses(data: Path, out: Path, caps: dict[str, str], sets: tuple[str, ...]) -
     command = [sys.executable, "-m", "fasttrain.train", "configs/base.toml", "--quiet", "--set"]
     command += [f"data.dir={data}", f"train.out_dir={out}", *MAIN_JOB_SETS, *sets]
     subprocess.run(command, cwd=ROOT, env=env, check=True, timeout=600)
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = read_metrics(out)
     return [float(e["loss"]) for e in events if e["event"] == "train"] + [
         float(e["val_loss"]) for e in events if e["event"] == "eval"
     ]

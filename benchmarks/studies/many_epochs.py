@@ -34,47 +34,18 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.studies.common import ROOT, add_runs, load_average, prepared_corpus
+from benchmarks.studies.common import ROOT, add_runs, load_average, prepared
 from fasttrain.config import load_config
+from fasttrain.plot import read_metrics
 from fasttrain.system.errors import ArgumentParser, run_cli
 
-PACKAGES = {
-    "code-small": ("asyncio", "email", "json", "http"),
-    "code-1m": (
-        "asyncio",
-        "email",
-        "json",
-        "http",
-        "concurrent",
-        "multiprocessing",
-        "unittest",
-        "xml",
-        "logging",
-        "importlib",
-    ),
-}
-BUILTINS = {
-    "pydoc": ["builtin:pydoc"],
-    "docstrings": ["builtin:docstrings"],
-    "prose": ["builtin:pydoc", "builtin:docstrings"],
-}
 TOKENS_PER_STEP = 16 * 256
 EVALUATIONS = 12
-
-
-def prepared(corpus: str, cache: Path) -> Path:
-    """The prepared folder of `corpus` in `cache`, prepared there first if it is not."""
-    if corpus in BUILTINS:
-        return prepared_corpus(cache / corpus, inputs=BUILTINS[corpus])
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for pkg in PACKAGES[corpus] for p in (lib / pkg).rglob("*.py") if "site-packages" not in p.parts)
-    return prepared_corpus(cache / corpus, files=files)
 
 
 def case_sets(case: str) -> list[str]:
@@ -133,7 +104,7 @@ def run_one(data: Path, depth: int, epochs: float, seed: int, case: str, work: P
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{out.name}: exit {done.returncode}: {done.stderr.strip()[-500:]}")
-    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = read_metrics(out)
     curve = [round(e["val_bpb"], 4) for e in events if e["event"] == "eval"]
     start = next(e for e in events if e["event"] == "start")
     return {
@@ -155,7 +126,7 @@ def run_one(data: Path, depth: int, epochs: float, seed: int, case: str, work: P
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m benchmarks.studies.many_epochs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", required=True, choices=[*BUILTINS, *PACKAGES])
+    parser.add_argument("--corpus", required=True, choices=["pydoc", "docstrings", "prose", "code-small", "code-1m"])
     parser.add_argument("--depth", type=int, nargs="+", default=[2])
     parser.add_argument("--epochs", type=float, nargs="+", default=[4.0, 8.0, 16.0])
     parser.add_argument("--case", nargs="+", default=["fixed", "repeats"])

@@ -31,18 +31,17 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from benchmarks.studies.common import ROOT, load_average, prepared_corpus, result_header
+from benchmarks.studies.common import ROOT, load_average, prepared, result_header
 from fasttrain.config import load_config
 from fasttrain.training.phases import ENSEMBLE_DIR
 from fasttrain.planning.sequence_length import contexts
+from fasttrain.plot import read_metrics
 from fasttrain.system.errors import ArgumentParser, run_cli
 
-SMALL_PACKAGES = ("asyncio", "email", "json", "http")
 EVAL_TOKENS = 131_072  # of validation text every case is scored on: 32 batches of 16 x 256
 
 
@@ -172,22 +171,6 @@ TABLES_BEFORE = [
 ]
 
 
-def stdlib_files(corpus: str) -> list[Path]:
-    """The standard library's .py files of `corpus` ("large" or "small"), sorted."""
-    lib = Path(sysconfig.get_paths()["stdlib"])
-    roots = [lib / p for p in SMALL_PACKAGES] if corpus == "small" else [lib]
-    return sorted(p for root in roots for p in root.rglob("*.py") if "site-packages" not in p.parts)
-
-
-def prepared(corpus: str, cache: Path) -> Path:
-    """The folder `corpus` is prepared in under `cache`, prepared first if it is not there yet. Corpus "pydoc" is
-    the topics (builtin:pydoc), not held out: for what depends on its size, as how many times a budget reads it;
-    "docstrings" the standard library's docstrings (builtin:docstrings), English whose validation text is new."""
-    if corpus in ("pydoc", "docstrings"):
-        return prepared_corpus(cache / corpus, inputs=[f"builtin:{corpus}"])
-    return prepared_corpus(cache / f"stdlib-{corpus}", files=stdlib_files(corpus))
-
-
 def setting(sets: Sequence[str], key: str, default: int) -> int:
     """The value `sets` give `key`, else configs/base.toml's `default`."""
     found = [int(item.split("=")[1]) for item in sets if item.startswith(f"{key}=")]
@@ -243,7 +226,7 @@ def train_sets(
     train = [sys.executable, "-m", "fasttrain.train", str(ROOT / "configs/base.toml"), "--quiet", "--set", *command]
     subprocess.run(train, check=True, env=env, stdout=subprocess.DEVNULL, timeout=timeout)
     during = load_average()
-    events = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    events = read_metrics(out_dir)
     start = next(e for e in events if e["event"] == "start")
     end = next(e for e in events if e["event"] == "end")
     shape = load_config(out_dir / "config.toml").model  # the shape trained: a case may leave it to the run
