@@ -46,7 +46,7 @@ def _started_as_command() -> bool:
 # when torch loads it, so it is set before anything imports torch). By default a thread that finishes its share
 # of a parallel region spins on, and beside another busy process on the same cores those spinning threads take
 # the time slices the working ones need: a 2 x 128 step took 2.2-5.4x as long (issue 64 saw 10-20x) where its
-# share of the CPU gives 2x. Bounded, it took 2.0x, and no longer on a quiet machine (benchmarks/studies/busy_machine.py,
+# share of the CPU gives 2x. Bounded, it took 2.0x, and no longer on a quiet machine (benchmarks/studies/busy_machine.py at ecc6e19,
 # results/cpu-step/cpu-busy-machine-2026-11-25.json; OMP_WAIT_POLICY=PASSIVE took 1.5x beside it but 10% longer quiet).
 # A GOMP_SPINCOUNT or OMP_WAIT_POLICY the user set is theirs; `import fasttrain` in a program changes nothing.
 OPENMP_SPIN_COUNT = "10000"

@@ -80,7 +80,7 @@ from fasttrain.system.machine_load import busy_note
 
 HEAD_DIM = 64  # the ladder's head width, and its width per layer of depth
 DEPTHS = tuple(range(1, 33))  # the ladder
-# Fitted to the sweeps (see the module docstring; benchmarks/studies/sizing_fit.py, results/sizing/cpu-ladder-fit-2026-11-25.json):
+# Fitted to the sweeps (see the module docstring; benchmarks/studies/sizing_fit.py at commit ecc6e19, results/sizing/cpu-ladder-fit-2026-11-25.json):
 # of ratios 0.1 to 1.71 a quarter apart (above 1.71 the main job measured worse), the one whose choices lost
 # least against the best depth at 30 s to 5 min, 1 and 2 threads, both corpora: worst 0.05 bits per byte, at
 # the depth-1 / depth-2 boundary; mean 0.007.
