@@ -37,10 +37,10 @@ from typing import Sequence
 
 from benchmarks.studies.common import ROOT, load_average, prepared, result_header
 from fasttrain.config import load_config
-from fasttrain.training.phases import ENSEMBLE_DIR
 from fasttrain.planning.sequence_length import contexts
 from fasttrain.plot import read_metrics
 from fasttrain.system.errors import ArgumentParser, run_cli
+from fasttrain.training.phases import ENSEMBLE_DIR
 
 EVAL_TOKENS = 131_072  # of validation text every case is scored on: 32 batches of 16 x 256
 
