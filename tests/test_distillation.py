@@ -113,6 +113,13 @@ def test_a_teacher_missing_or_of_another_tokenizer_is_refused_before_the_run_wri
     with pytest.raises(UsageError, match=r"^train.teacher: .*nowhere: no such run directory"):
         Trainer(tiny_config(pydoc_data, tmp_path / "run", f'train.teacher="{tmp_path / "nowhere"}"'), quiet=True)
     trained(pydoc_data, tmp_path / "teacher", "train.max_steps=2")
+    # The same tokenizer but another model.vocab_size (a teacher padded to 600, a student of 515): one line, not the
+    # loss's shape error deep in the first step
+    for student in ("model.vocab_size=600", "model.vocab_size=515"):
+        with pytest.raises(
+            UsageError, match=r"^train.teacher: .*final: its model.vocab_size is 512, this model's (600|515):"
+        ):
+            Trainer(tiny_config(pydoc_data, tmp_path / "run", student, f'train.teacher="{tmp_path / "teacher"}"'))
     (tmp_path / "teacher" / "final" / "tokenizer.json").write_text((paragraph_data / "tokenizer.json").read_text())
     with pytest.raises(UsageError, match=r"^train.teacher: .*tokenizer.json is not the data's tokenizer"):
         Trainer(tiny_config(pydoc_data, tmp_path / "run", f'train.teacher="{tmp_path / "teacher"}"'), quiet=True)

@@ -88,11 +88,12 @@ def load_trained(spec: str | os.PathLike[str], device: torch.device | str = "cpu
     return Trained(model.to(device).eval(), cfg, tokenizer, tokenizer_path, source)
 
 
-def load_teacher(spec: str, tokenizer: Tokenizer, device: torch.device) -> Transformer | Ensemble:
+def load_teacher(spec: str, tokenizer: Tokenizer, vocab_size: int, device: torch.device) -> Transformer | Ensemble:
     """train.teacher's model (see `weights_source`; several, os.pathsep between them as in PATH, are one ensemble of
     all their members, which must share a shape) on `device`, in eval mode and frozen; UsageError naming
-    train.teacher where one cannot be loaded, learned other token ids than `tokenizer`'s (compared by content) or
-    differs in shape from the first."""
+    train.teacher where one cannot be loaded, learned other token ids than `tokenizer`'s (compared by content), has
+    another vocabulary than the student's `vocab_size` (model.vocab_size: its probabilities must be over the same
+    rows) or differs in shape from the first."""
     members: list[Transformer] = []
     for part in spec.split(os.pathsep):
         try:
@@ -103,6 +104,12 @@ def load_teacher(spec: str, tokenizer: Tokenizer, device: torch.device) -> Trans
             raise UsageError(
                 f"train.teacher: {teacher.tokenizer_path} is not the data's tokenizer, so the teacher's probabilities "
                 "are over other token ids; distil a model trained on data of this tokenizer"
+            )
+        if teacher.cfg.model.vocab_size != vocab_size:
+            raise UsageError(
+                f"train.teacher: {teacher.source}: its model.vocab_size is {teacher.cfg.model.vocab_size}, this "
+                f"model's {vocab_size}: the teacher's probabilities must be over as many token ids; set "
+                f"model.vocab_size = {teacher.cfg.model.vocab_size}"
             )
         if members and shape_of(teacher.cfg.model) != shape_of(members[0].cfg):
             raise UsageError(f"train.teacher: {part}: not the shape of {spec.split(os.pathsep)[0]}'s members")

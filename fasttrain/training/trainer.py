@@ -118,7 +118,8 @@ class Trainer:
         self.checkpoints = Checkpointer(
             self.cfg, self.model, self.updater.optimizer, self.updater.scaler, self.world, plan.parallel, self.device
         )
-        self.teacher = load_teacher(t.teacher, self.tokenizer, self.device) if t.teacher else None
+        vocab = self.cfg.model.vocab_size
+        self.teacher = load_teacher(t.teacher, self.tokenizer, vocab, self.device) if t.teacher else None
         # model.init_from's or train.teacher_init's weights, not read yet (a run whose plan left train.distill one
         # model has no teacher, so nothing to start from)
         from_teacher = t.teacher_init and self.teacher is not None
