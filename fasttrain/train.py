@@ -2,7 +2,7 @@
 
 Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.run_directory, checkpoints.saves, compute.device,
 compute.distributed, config, config.shipped, evaluate, evaluation.trained_model, planning.plan,
-system.errors, training.launch, training.measure, training.phases, training.plan_table, training.trainer.
+system.errors, system.run_lock, training.launch, training.measure, training.phases, training.plan_table, training.trainer.
 
     python -m fasttrain.train configs/base.toml [--set SECTION.KEY=VALUE ...] [--resume auto|auto-or-new|PATH]
     python -m fasttrain.train configs/base.toml --dry-run [--json] [--measure N]
@@ -47,6 +47,7 @@ from fasttrain.config import (
 from fasttrain.evaluate import score_tasks
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.planning.plan import RunPlan, plan_run
+from fasttrain.system import run_lock
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 from fasttrain.training.launch import check_directory, check_start, start_run
 from fasttrain.training.measure import measure, measure_line
@@ -58,6 +59,7 @@ from fasttrain.training.phases import (
     members_dir,
     next_phase,
     publish,
+    rounds,
 )
 from fasttrain.training.plan_table import plan_table
 from fasttrain.training.trainer import Interrupted, Trainer
@@ -130,10 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             resume = checkpoint_to_resume(args.resume, cfg.train.out_dir, args.quiet or not world.is_main)
             if world.is_main:  # refused before the plan times the machine; the other ranks check once rank 0 settled it
-                check_directory(Path(cfg.train.out_dir), resume is not None, args.overwrite, is_main=True)
                 members = members_dir(cfg.train.out_dir)  # a distilled run's, which --resume auto continues
                 if resume is None and cfg.train.distill and cfg.model.members != 1 and members.is_dir():
+                    # first: its saves are what --resume auto continues, not an earlier student's in RUN
                     check_directory(members, False, args.overwrite, is_main=True)
+                check_directory(Path(cfg.train.out_dir), resume is not None, args.overwrite, is_main=True)
                 if resume is not None:
                     resolve(resume, cfg.train.out_dir)  # the save to resume: there, or the resume's own line
             plan = start_run(cfg, args.quiet, resume)
@@ -270,6 +273,8 @@ def dry_run(cfg: Config, args: argparse.Namespace, moved: str | None) -> int:
     earlier = None if spec is not None or overwrite else earlier_run(out)
     overwrite = overwrite or earlier is not None
     check_directory(out, spec is not None, overwrite, world.is_main)  # before the plan times the machine
+    for begun in rounds(out) if world.is_main else ():  # a distilled run training a round is refused as in RUN
+        run_lock.check_free(begun)
     if spec is not None:
         resolve(spec, cfg.train.out_dir)  # the save a resume would load: there, or the run's own line
     if earlier and world.is_main:

@@ -27,7 +27,7 @@ from fasttrain.system.errors import UsageError
 from fasttrain.training.phases import Ended, end_event, ensemble_config, more_members, next_phase, publish
 from fasttrain.training.trainer import Interrupted, Trainer
 from tests.conftest import tiny_args, tiny_config
-from tests.test_checkpoint import EXACT
+from tests.test_checkpoint import EXACT, hold_lock
 
 BASE = Path(__file__).resolve().parents[1] / "configs" / "base.toml"  # from any working directory
 DISTILLED = [
@@ -124,6 +124,9 @@ def test_an_overwrite_killed_among_its_members_trains_a_new_student_not_the_earl
         train(pydoc_data, run, flags=("--overwrite",))
     assert load_config(run / "config.toml").train.max_steps == 6  # the earlier run, whole meanwhile
     monkeypatch.undo()
+    # A plain start names what --resume auto continues: the new members, not the earlier student beside them
+    with pytest.raises(UsageError, match=rf"^{run / 'ensemble' / 'checkpoints'}: holds checkpoints .*--resume auto"):
+        train(pydoc_data, run)
     train(pydoc_data, run, flags=("--resume", "auto"))
     straight, resumed = weights(tmp_path / "straight"), weights(run)
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
@@ -318,3 +321,22 @@ def test_a_distilled_run_moved_elsewhere_resumes_where_it_now_is(phase, pydoc_da
     assert not run.exists()
     straight, resumed = weights(tmp_path / "straight"), weights(moved)
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
+@pytest.mark.subprocess
+def test_a_dry_run_is_refused_while_a_round_of_members_trains_as_while_the_student_does(
+    pydoc_data, tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    stop_at(monkeypatch, 5)
+    with pytest.raises(Interrupted):
+        train(pydoc_data, run)
+    monkeypatch.undo()
+    holder = hold_lock(run / "ensemble")  # the members' round, resumed by another process
+    try:
+        for flags in (("--dry-run",), ("--dry-run", "--resume", "auto")):
+            with pytest.raises(UsageError, match=rf"^{run / 'ensemble'}: another run \(pid {holder.pid} "):
+                train(pydoc_data, run, flags=flags)
+    finally:
+        holder.kill()
+        holder.wait()
