@@ -123,7 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"note: {note}")
     try:
         sets = [item for _, item in config_overrides(args)]
-        phase = next_phase(cfg, sets) if args.resume in ("auto", AUTO_OR_NEW) and cfg.train.distill else None
+        phase = None
+        if args.resume in ("auto", AUTO_OR_NEW) and cfg.train.distill:  # rank 0 decides, the others follow
+            distributed.start(world, use_device(cfg.train.device, world.local_rank if world.distributed else None))
+            phase = distributed.decided_by_main(world, lambda: next_phase(cfg, sets))
         if phase is not None:  # a distilled run goes on with the phase it was in
             kept = kept_phase_items(cfg.train.out_dir, sets)
             if kept and world.is_main and not args.quiet:
@@ -212,8 +215,8 @@ def train_phases(
     spent: list[tuple[str, float]] = []
     summary: dict = {}
     device, batch_size = torch.device("cpu"), phase.cfg.train.batch_size  # a run resumed only to publish trains none
-    next_one: Phase | None = phase
-    while next_one is not None:
+    next_one = phase
+    while True:
         if say:
             print(f"distill: {phase_line(next_one)}")
         if next_one.kind == "publish":  # the run's model is its one member's
@@ -226,7 +229,12 @@ def train_phases(
         plan = start_run(next_one.cfg, args.quiet or (whole is not None and not spent), next_one.resume, part)
         summary, device, batch_size = train_one(plan, next_one.resume, next_one.overwrite, args, harness, out)
         spent.append((f"{next_one.kind} in {next_one.cfg.train.out_dir}", summary["train_seconds"]))
-        next_one = next_phase(cfg, sets)
+        if next_one.kind == "student":  # the run's last phase
+            break
+        decided = distributed.decided_by_main(plan.world, lambda: next_phase(cfg, sets))
+        if decided is None:  # an ordinary run took train.out_dir over meanwhile: nothing of this run is left to do
+            break
+        next_one = decided
     if say and spent:
         budget = f" of train.max_time = {cfg.train.max_time:g} s" if cfg.train.max_time else ""
         trained = "; ".join(f"{what} {seconds:.0f} s" for what, seconds in spent)

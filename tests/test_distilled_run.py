@@ -250,7 +250,8 @@ def test_one_member_and_too_little_time_for_more_is_the_runs_model_and_says_why(
     assert phase is not None and phase.kind == "publish"
     assert phase.note.startswith("21 s left: each member reached the epoch limit in 99 s, so one more and a student")
     assert publish(phase) == run / "final" and (run / "final" / "config.toml").is_file()
-    assert next_phase(cfg) is None  # the run has ended
+    again = next_phase(cfg)  # ended: a resume publishes the same member again, deciding nothing anew
+    assert again is not None and again.kind == "publish" and not again.note
     assert more_members([Ended(run, 1, 99.0, True)], 120.0, 8)[0] == 0
 
 

@@ -264,3 +264,18 @@ def test_a_dry_run_under_torchrun_plans_the_whole_world_once_and_writes_nothing(
     assert alone["accumulation"] == 2 * world["accumulation"]
     assert world["measured_steps"] == 1 and world["tokens_per_s"] > 0
     assert not out.exists() and sorted(p.name for p in pydoc_data.rglob("*")) == before
+
+
+@pytest.mark.second_tier  # a distilled run's two phases and a resume under torchrun: ~40 s on 2 cores
+def test_a_distilled_run_under_torchrun_takes_each_phase_from_rank_0(pydoc_data, tmp_path):
+    """Rank 0 decides each next phase and the others follow it (distributed.decided_by_main): the members' round,
+    then the student, each on both ranks; a --resume auto of the ended run decides nothing is left on both."""
+    out = tmp_path / "run"
+    args = tiny_args(pydoc_data, out, *RUN, "model.members=2", "train.distill=true", config="configs/base.toml")
+    done = torchrun(args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_config(out / "ensemble" / "config.toml").model.members == 2
+    assert load_config(out / "config.toml").train.teacher == str(out / "ensemble" / "final")
+    assert (out / "final" / "model.safetensors").is_file()
+    again = torchrun([args[0], "--resume", "auto", *args[1:]])
+    assert again.returncode == 0, again.stderr[-3000:]

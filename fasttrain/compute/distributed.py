@@ -24,7 +24,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, ContextManager, Iterable, Protocol, cast
+from typing import Any, Callable, ContextManager, Iterable, Protocol, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,8 @@ from torch import nn
 
 from fasttrain.compute.device import PRECISIONS
 from fasttrain.system.errors import RunStopped, UsageError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -338,6 +340,25 @@ def gather(obj: Any, world: World) -> list:
     out = [None] * world.size
     dist.all_gather_object(out, obj)
     return out
+
+
+def decided_by_main(world: World, decide: Callable[[], T]) -> T:
+    """What `decide()` returns on rank 0, on every rank (the process group joined): a choice read from files that
+    another rank could see mid-change (an --overwrite start put back, a phase ending) is made once. A UsageError
+    rank 0 meets is every rank's."""
+    if not world.distributed:
+        return decide()
+    box: list[object] = [None]
+    if world.is_main:
+        try:
+            box = [(True, decide())]
+        except UsageError as e:
+            box = [(False, str(e))]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = cast(tuple[bool, Any], box[0])
+    if not ok:
+        raise UsageError(value)
+    return value
 
 
 def barrier(world: World) -> None:

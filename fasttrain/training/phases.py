@@ -222,7 +222,8 @@ def taught_by(recorded: Path, teacher: str) -> bool:
 
 
 def student_state(run_dir: Path, count: int) -> str:
-    """Where the student of the `count` rounds in `run_dir` stands: "ended"; "saved" (its saves go on); "none" (no
+    """Where the student of the `count` rounds in `run_dir` stands: "ended" (its saves and end event); "saved" (its
+    saves go on); "none" (no
     saves of any run, or its start stopped before its first); "replaces" (an earlier run's saves, which it replaces as
     the whole run began with --overwrite, REPLACES) or "other" (an earlier run's, not the run's to replace)."""
     recorded = run_dir / "config.toml"
@@ -258,9 +259,9 @@ def next_phase(
     """What the distilled run of `cfg` (the user's config; `overrides`: its --set items) trains next in train.out_dir:
     `first` (a new run's first round: ensemble_config of its plan; `overwrite`: the whole run began with --overwrite)
     where no round has begun there; else the round begun and not ended (its saves resumed), then a new round
-    (`more_members`), the one member published, or the student (new, or its saves resumed); None once the run has
-    ended, or where train.out_dir holds no distilled run (an ordinary resume). UsageError where the student would
-    replace saves not the run's to replace."""
+    (`more_members`), then the run's last phase: the one member published, or the student (new, or its saves resumed,
+    an ended one's too, which evaluates again as any ended run resumed does); None where train.out_dir holds no
+    distilled run (an ordinary resume). UsageError where the student would replace saves not the run's to replace."""
     run_dir = Path(os.path.abspath(cfg.train.out_dir))
     begun = rounds(run_dir)
     if not begun:
@@ -273,9 +274,9 @@ def next_phase(
         return Phase("members", recorded_round(begun[-1], overrides), resume, False)
     done = [r for r in map(ended, begun) if r is not None]
     state = student_state(run_dir, len(begun))
-    if state == "ended" or (state == "none" and published(run_dir, begun[-1])):
-        return None
     first_round, why = recorded_round(begun[0], overrides), ""
+    if state == "none" and published(run_dir, begun[-1]):  # ended: its one member's again (the copy is the same)
+        return Phase("publish", first_round, None, False)
     if state in ("none", "replaces"):  # the student has not begun: a boundary, decided from the rounds' seconds
         added, seconds, why = more_members(done, cfg.train.max_time, first_round.model.members)
         if added:
@@ -291,7 +292,7 @@ def next_phase(
         )
     spent = sum(r.seconds for r in done)
     student = student_config(first_round, run_dir, cfg.train.max_time, spent, cfg.train.teacher_init, len(begun))
-    return Phase("student", student, "auto" if state == "saved" else None, state == "replaces", why)
+    return Phase("student", student, "auto" if state in ("saved", "ended") else None, state == "replaces", why)
 
 
 def publish(phase: Phase) -> Path:
