@@ -77,6 +77,18 @@ def test_sample_streams_what_generate_text_returns(trained_run, capsys):
     assert out == generate_text(trained.model, trained.tokenizer, "The module", 40, temperature=0) + "\n"
 
 
+def test_a_prompt_ending_in_a_space_samples_a_word_after_it(trained_run, capsys):
+    """The README's `--prompt "The "` sampled "The  oi": its trailing space was a token of its own, and the model's next
+    token brought a space of its own (the BPE's words start with one). The space now joins the first token sampled."""
+    run, _ = trained_run
+    for seed in range(6):
+        args = [str(run), "--prompt", "The ", "--max-new-tokens", "3", "--seed", str(seed)]
+        out = cli(sample.main, *args, capsys=capsys)
+        assert out.startswith("The ") and not out[4].isspace(), repr(out)
+    out = cli(sample.main, str(run), "--prompt", "The  ", "--max-new-tokens", "3", "--temperature", "0", capsys=capsys)
+    assert out.startswith("The  ") and not out[5].isspace(), repr(out)  # two spaces typed, two kept
+
+
 def test_sample_seeded_samples_repeat(trained_run, tmp_path, capsys):
     run, _ = trained_run
     (tmp_path / "prompt.txt").write_text("Lists")
