@@ -117,10 +117,13 @@ def score_text(
     context than transformers would give them."""
     eot_id = trained.tokenizer.eot_id
     objective = NextTokenLoss(trained.model)
-    counted = torch.zeros((), device=device)  # the targets scored, added up on the device: no sync a batch
+    counted = torch.zeros((), device=device)  # the targets scored: the text's own tokens
 
     def loss(x: torch.Tensor, y: torch.Tensor) -> LossSums:
-        sums = batch_loss(objective, x, y.masked_fill(y == eot_id, IGNORE_INDEX), eot_id)
+        # Masks only where a row holds a second document: one text's windows take the causal path, on a GPU SDPA's
+        # kernels rather than a compiled flex_attention (a host sync a batch, which scoring can afford).
+        several = bool((x[:, 1:] == eot_id).any())
+        sums = batch_loss(objective, x, y.masked_fill(y == eot_id, IGNORE_INDEX), eot_id if several else None)
         counted.add_(sums.counted)
         return sums
 
