@@ -2,13 +2,13 @@
 
 Imports from fasttrain: training.plain_loop, training.trainer.
 
-The commands, in reading order: train (a run from a TOML config, a distilled run's phases included), prepare (a corpus into token shards), sample,
-evaluate, export (a trained run's weights), init (a shipped config to edit), doctor (why a loss does not go down)
-with diagnosis (its checks, on a built Trainer), plot (a run's curves), lm_eval (lm-eval's command line with
+The commands, in reading order: train (a run from a TOML config, a distilled run's phases included), prepare (a
+corpus into token shards), sample, evaluate, export (a trained run's weights), configs (the shipped configs listed),
+init (one to edit), doctor (why a loss does not go down), plot (a run's curves), lm_eval (lm-eval's command line with
 fasttrain's model), cli and __main__ (all of them under the one `fasttrain` command). Below them, one folder a
 floor, lowest first: system, config, compute, formats, preparation, data, model, checkpoints, evaluation,
-training; a module imports its own folder and those below, never one above (tests/test_layout.py).
-docs/architecture.md has the tour.
+optimization, planning, training (the doctor's checks among them); a module imports its own folder and those below,
+never one above (tests/test_layout.py). docs/architecture.md has the tour.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from fasttrain.system.errors import UsageError, invoked_as, run_cli
 # tool -> (module, what it does): the order `fasttrain --help` lists them in, the order of a workflow
 TOOLS = {
     "prepare": ("fasttrain.prepare", "tokenize text into shards (a prepared folder)"),
-    "configs": ("fasttrain.config.shipped", "list the shipped configs (fasttrain train NAME runs one)"),
+    "configs": ("fasttrain.configs", "list the shipped configs (fasttrain train NAME runs one)"),
     "init": ("fasttrain.init", "write a copy of a shipped config to edit"),
     "train": ("fasttrain.train", "train a model from a TOML config or a shipped config's name"),
     "sample": ("fasttrain.sample", "generate text from a run, its weights or a checkpoint"),

@@ -1,8 +1,8 @@
 """Score a trained model on text (loss, perplexity and bits per byte) or on lm-evaluation-harness tasks.
 
-Imports from fasttrain: checkpoints.saves, compute.distributed, data.loader, data.mixture, evaluation.trained_model,
-evaluation.validation, formats.prepared_folder, optimization.objective, preparation.preparation, system.atomic,
-system.errors, system.run_lock, training.metrics.
+Imports from fasttrain: checkpoints.saves, compute.distributed, data.documents, data.loader, data.mixture,
+evaluation.loss_sums, evaluation.trained_model, evaluation.validation, formats.prepared_folder, optimization.objective,
+preparation.preparation, system.atomic, system.errors, system.run_lock, training.metrics.
 
     python -m fasttrain.evaluate RUN_DIR|WEIGHTS_DIR|CHECKPOINT (--input PATH [PATH ...] | --split val)
         [--batch-size N] [--text-field FIELD] [--device D]
@@ -10,9 +10,11 @@ system.errors, system.run_lock, training.metrics.
         [--include-path DIR] [--output FILE.json] [--batch-size N] [--device D]
 
 --input takes what `fasttrain.prepare --input` takes, tokenized as prepare does into a temporary directory and scored
-there; --split val scores the run's own val split. Scoring is the trainer's validation in one pass over every row,
-batched as the run did, so the loss is the mean over every target and bits per byte that loss in bits times tokens per
-UTF-8 byte (with --split val the trainer's val_bpb when its evaluation covered the split).
+there on the text's own tokens: each document on its own, after an end-of-text token that conditions its first token
+but is neither a target nor a byte, so loss and perplexity are what transformers gives on `[bos] + tokens` and bits per
+byte the summed loss in bits over the UTF-8 bytes (score_text). --split val scores the run's own val split as the
+trainer's validation does, in one pass over every row, batched as the run did (the trainer's val_bpb when its
+evaluation covered the split).
 
 --tasks runs lm-eval's tasks (the `eval` extra; evaluation/harness.py) and prints their scores, also written to the
 run's metrics.jsonl as an `eval_tasks` event and with --output to a JSON file; --include-path adds a folder of one's own
@@ -28,15 +30,17 @@ import math
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from fasttrain.checkpoints import saves
 from fasttrain.compute.distributed import World
+from fasttrain.data.documents import IGNORE_INDEX, Batching
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import normalized, source_names
 from fasttrain.evaluation import trained_model
+from fasttrain.evaluation.loss_sums import LossSums
 from fasttrain.evaluation.trained_model import Trained
 from fasttrain.evaluation.validation import mixture_metrics, validate
 from fasttrain.formats.prepared_folder import open_prepared
@@ -51,26 +55,28 @@ if TYPE_CHECKING:  # lm-eval is the optional eval extra
     from lm_eval.tasks import TaskManager
 
 
-def score(
-    trained: Trained, directory: str | Path, split: str, bits_per_nat: float, batch_size: int, device: torch.device
+def whole_pass(
+    trained: Trained,
+    directory: str | Path,
+    split: str,
+    loss: Callable[[torch.Tensor, torch.Tensor], LossSums],
+    batching: Batching,
+    bits_per_nat: float,
+    batch_size: int,
+    device: torch.device,
 ) -> dict[str, float]:
-    """loss, accuracy, ppl and bpb of `trained` over every batch of `split` in `directory`, windowed as the run trained.
-    `bits_per_nat`: the split's tokens / (UTF-8 bytes x ln 2)."""
-    cfg, eot_id = trained.cfg, trained.tokenizer.eot_id
-    objective = NextTokenLoss(trained.model)
-
-    def loss(x: torch.Tensor, y: torch.Tensor):
-        return batch_loss(objective, x, y, eot_id if cfg.data.document_mask else None)
-
+    """loss, accuracy, ppl and bpb (the loss times `bits_per_nat`) of `trained` over every `batching` row of `split` in
+    `directory`, in windows of the run's train.seq_len, each batch's sums from `loss(x, y)`."""
+    cfg = trained.cfg
     with TokenLoader(
         directory,
         split,
         batch_size,
         cfg.train.seq_len,
         sampling="sequential",
-        batching=cfg.data.batching,
+        batching=batching,
         padding=cfg.data.padding,
-        eot_id=eot_id,
+        eot_id=trained.tokenizer.eot_id,
         vocab_size=cfg.model.vocab_size,
         prefetch=0,
         device=device,
@@ -83,6 +89,47 @@ def score(
     assert metrics is not None  # None only when a stop() given to validate says to give up
     trained.model.eval()  # validate leaves the model in train mode
     return {name.removeprefix("val_"): value for name, value in metrics.items()}
+
+
+def score(
+    trained: Trained, directory: str | Path, split: str, bits_per_nat: float, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    """loss, accuracy, ppl and bpb of `trained` over every batch of `split` in `directory`, as the trainer's validation
+    counts them: batched and windowed as the run trained, every target counted, end-of-text tokens too.
+    `bits_per_nat`: the split's tokens / (UTF-8 bytes x ln 2)."""
+    cfg, eot_id = trained.cfg, trained.tokenizer.eot_id
+    objective = NextTokenLoss(trained.model)
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> LossSums:
+        return batch_loss(objective, x, y, eot_id if cfg.data.document_mask else None)
+
+    return whole_pass(trained, directory, split, loss, cfg.data.batching, bits_per_nat, batch_size, device)
+
+
+def score_text(
+    trained: Trained, directory: str | Path, split: str, text_bytes: int, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    """loss, accuracy, ppl and bpb of `trained` on the text's own tokens in `split` of `directory` (`text_bytes` its
+    UTF-8 bytes), as transformers scores `[bos] + tokens` of each document: each document on its own (document
+    masking), its end-of-text token before it conditioning its first token but no target, every one of its own tokens
+    a target; bpb is their summed loss in bits per byte. Packed in windows of train.seq_len, whatever the run's
+    batching: a document longer than a window is scored window by window, each window's first tokens with less
+    context than transformers would give them."""
+    eot_id = trained.tokenizer.eot_id
+    objective = NextTokenLoss(trained.model)
+    counted = torch.zeros((), device=device)  # the targets scored: the text's own tokens
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> LossSums:
+        # Masks only where a row holds a second document: one text's windows take the causal path, on a GPU SDPA's
+        # kernels rather than a compiled flex_attention (a host sync a batch, which scoring can afford).
+        several = bool((x[:, 1:] == eot_id).any())
+        sums = batch_loss(objective, x, y.masked_fill(y == eot_id, IGNORE_INDEX), eot_id if several else None)
+        counted.add_(sums.counted)
+        return sums
+
+    metrics = whole_pass(trained, directory, split, loss, "packed", 1.0, batch_size, device)
+    metrics["bpb"] = metrics["loss"] * counted.item() / (text_bytes * math.log(2))
+    return metrics
 
 
 def score_split(trained: Trained, split: str, batch_size: int, device: torch.device) -> dict[str, float]:
@@ -109,14 +156,14 @@ def score_split(trained: Trained, split: str, batch_size: int, device: torch.dev
 def score_inputs(
     trained: Trained, inputs: Sequence[str], batch_size: int, device: torch.device, text_field: str = "text"
 ) -> dict[str, float]:
-    """The metrics of the text in `inputs` (anything prepare reads), tokenized by the run's tokenizer."""
+    """The metrics of the text in `inputs` (anything prepare reads), tokenized by the run's tokenizer: score_text's,
+    each document's own tokens."""
     with tempfile.TemporaryDirectory(prefix="fasttrain-evaluate-") as tmp:
         # Everything goes into the train split (val_fraction 0); it is only read back here.
         meta = prepare(
             inputs, tmp, tokenizer_path=str(trained.tokenizer_path), val_fraction=0.0, text_field=text_field, quiet=True
         )
-        tokens, text_bytes = meta["tokens"]["train"], meta["text_bytes"]["train"]
-        return score(trained, tmp, "train", tokens / (text_bytes * math.log(2)), batch_size, device)
+        return score_text(trained, tmp, "train", meta["text_bytes"]["train"], batch_size, device)
 
 
 def scored_step(source: Path) -> tuple[Path | None, int | None]:

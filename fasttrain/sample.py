@@ -1,7 +1,7 @@
 """Generate text from a trained model, streamed to the terminal as it is sampled.
 
-Imports from fasttrain: compute.device, config, evaluation.trained_model, model.generation, system.atomic,
-system.errors.
+Imports from fasttrain: compute.device, config, evaluation.trained_model, formats.tokenizer, model.generation,
+model.transformer, system.atomic, system.errors.
 
     python -m fasttrain.sample RUN_DIR|WEIGHTS_DIR|CHECKPOINT [--prompt TEXT | --prompt-file FILE]
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--num-samples N] [--seed S] [--device D]
@@ -9,21 +9,25 @@ system.errors.
 A run directory means its final/ weights, else its latest checkpoint (see fasttrain/evaluation/trained_model.py).
 `--prompt -` reads the prompt from stdin; without a prompt the run's train.sample_prompt
 is used. Generation uses the model's KV cache (fasttrain.model.generation.stream); past the
-model's context it keeps the last half of the context and goes on.
+model's context it keeps the last half of the context and goes on. A prompt's trailing space joins the first token
+sampled, as a byte-level BPE's words carry their space (`healed`): "The " goes on "The method", not "The  method".
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 import torch
+from torch import nn
 
 from fasttrain.compute.device import autocast
 from fasttrain.config import MAX_PROMPT_CHARS, MAX_SEED
 from fasttrain.evaluation.trained_model import inference_device, inference_precision, load_trained
+from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.generation import GREEDY_BELOW, generate_text
+from fasttrain.model.transformer import Transformer
 from fasttrain.system.atomic import read_regular
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
 
@@ -85,6 +89,44 @@ def check_sampling(
         )
 
 
+class FirstTokenFrom(nn.Module):
+    """`model` for generation whose first logits allow only the ids `allowed` (a prompt healed of its trailing space:
+    the first token brings it back); every later call is the model's own."""
+
+    def __init__(self, model: nn.Module, allowed: Sequence[int]):
+        super().__init__()
+        self.model, self.cfg, self.first = model, cast(Any, model).cfg, True
+        self.train(model.training)  # generation puts back the mode it found: the model's own
+        self.bias = torch.full((self.cfg.vocab_size,), -math.inf)
+        self.bias[list(allowed)] = 0.0
+
+    def new_cache(self) -> Any:
+        return cast(Any, self.model).new_cache()
+
+    def hidden(self, tokens: torch.Tensor, documents: torch.Tensor | None = None, cache: Any = None) -> torch.Tensor:
+        return cast(Any, self.model).hidden(tokens, documents, cache)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = cast(Any, self.model).logits(hidden)
+        if not self.first:
+            return logits
+        self.first = False
+        return logits + self.bias.to(logits.device)
+
+
+def healed(tokenizer: Tokenizer, prompt: str) -> tuple[str, list[int]]:
+    """A prompt ending in a space as the text before that space and the ids that may come first: a space, then a
+    character that is not whitespace. A byte-level BPE's words start with their space, so a prompt's trailing space is
+    a token of its own that training text has before almost no word, and the model's next word brought a space of its
+    own ("The " sampled "The  oi"); so the space joins the next token, as it would in text. Any other prompt, or a
+    tokenizer with no such tokens, as it is, every id allowed ([])."""
+    if not prompt.endswith(" ") or not tokenizer.encode(prompt[:-1]):
+        return prompt, []
+    texts = tokenizer.tok.decode_batch([[i] for i in range(tokenizer.vocab_size)], skip_special_tokens=False)
+    allowed = [i for i, t in enumerate(texts) if t[:1] == " " and t[1:2].strip() and "\ufffd" not in t]
+    return (prompt[:-1], allowed) if allowed else (prompt, [])
+
+
 def show(text: str) -> None:
     """Print `text` now, without a newline: the sample appears as it is generated."""
     print(text, end="", flush=True)
@@ -113,14 +155,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = trained.cfg.train.sample_prompt if text is None else text
     if not trained.tokenizer.encode(text):
         raise UsageError("the prompt encodes to no tokens")
+    text, allowed = healed(trained.tokenizer, text)
     generator = None if args.seed is None else torch.Generator(device).manual_seed(args.seed)
     with autocast(inference_precision(trained.cfg, device), device):
         for i in range(args.num_samples):
             if i:
                 print("\n---")
             show(text)
+            model = FirstTokenFrom(trained.model, allowed) if allowed else trained.model
             generate_text(
-                trained.model,
+                cast(Transformer, model),  # the calls generation makes: hidden, logits, new_cache, cfg
                 trained.tokenizer,
                 text,
                 args.max_new_tokens,

@@ -18,6 +18,7 @@ metadata.shared. Every variant is compiled afresh (a cached one would skip ptxas
 and so its report), into a temporary cache directory, by one process per CPU core.
 
 sm_90 compiles to sm_90a (Hopper's arch-specific features), as Triton does for an H100.
+Every variant for both targets (--arch all) takes minutes: a line on stderr says each one done, as it is.
 Exit status: 0, or 1 when a variant fails to compile or needs more shared memory
 than its target has; 2 for bad arguments, without triton installed, or with
 TRITON_INTERPRET=1 (under which triton.jit builds interpreter objects, which
@@ -41,7 +42,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from fasttrain_kernels import _backend
@@ -157,25 +158,41 @@ def widest(specs: list[Specialization]) -> list[Specialization]:
 
 
 def compile_all(
-    archs: list[str], pick: Callable[[list[Specialization]], list[Specialization]] = lambda specs: specs
+    archs: list[str],
+    pick: Callable[[list[Specialization]], list[Specialization]] = lambda specs: specs,
+    progress: bool = True,
 ) -> tuple[list[Result], float]:
     """The variants `pick` keeps of every variant, for every arch in `archs`, compiled in parallel into a
-    fresh cache; (results, seconds)."""
+    fresh cache; (results, seconds), in the order of the jobs. `progress`: a line on stderr first and one per variant
+    as it is done (all of them take minutes)."""
     jobs = [(spec, arch) for arch in archs for spec in pick(all_specializations())]
+    processes = min(_cores(), len(jobs))
+    if progress:
+        print(f"compiling {len(jobs)} variants for {', '.join(archs)} on {processes} processes", file=sys.stderr)
     start = time.perf_counter()
     user_cache = os.environ.get("TRITON_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="kernels-inspect-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache  # the workers inherit it
         try:
             # spawn: forking a process that has imported torch can deadlock in its thread pools.
-            with ProcessPoolExecutor(min(_cores(), len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-                results = list(pool.map(_compile_job, jobs))
+            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(_compile_job, job) for job in jobs]
+                for done, future in enumerate(as_completed(futures), 1):
+                    if progress:
+                        print(f"[{done}/{len(jobs)}] {_done_line(future.result())}", file=sys.stderr, flush=True)
+                results = [future.result() for future in futures]
         finally:
             if user_cache is None:
                 del os.environ["TRITON_CACHE_DIR"]
             else:
                 os.environ["TRITON_CACHE_DIR"] = user_cache
     return results, time.perf_counter() - start
+
+
+def _done_line(result: Result) -> str:
+    """What a progress line says of one variant compiled: where, which, and its time or its error's first line."""
+    outcome = f"{result.seconds:.1f} s" if result.error is None else f"error: {result.error.splitlines()[0][:120]}"
+    return f"{result.arch} {result.kernel} {result.variant}: {outcome}"
 
 
 def over_limit(result: Result) -> bool:

@@ -99,6 +99,22 @@ def test_the_widest_variants_compile_with_the_installed_triton():
     _check_report(_inspect("--arch", "all", "--widest", "--json"), ["sm_80", "sm_90"], widest(all_specializations()))
 
 
+@pytest.mark.subprocess
+def test_compiling_says_each_variant_as_it_is_done():
+    """`inspect --arch all` printed nothing for minutes (a 180 s timeout killed it silent): a line on stderr first, then
+    one per variant as it is compiled."""
+    code = "from fasttrain_kernels import inspect; inspect.compile_all(['sm_80', 'sm_90'], lambda specs: specs[:2])"
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    said = [line for line in run.stderr.splitlines() if line.startswith(("compiling", "["))]
+    assert said[0].startswith("compiling 4 variants for sm_80, sm_90 on "), run.stderr
+    assert [line.split("]")[0] for line in said[1:]] == ["[1/4", "[2/4", "[3/4", "[4/4"], run.stderr
+    spec = all_specializations()[0]
+    assert f"] sm_80 {spec.name} {spec.label}: " in run.stderr  # in the order they are done
+
+
 def test_widest_keeps_the_widest_block_of_each_variant():
     """`inspect --widest`, the quick check when working on a kernel, compiles one variant of each kernel, argument
     types and other constexprs: the one with the widest block, where registers, spills and shared memory peak."""

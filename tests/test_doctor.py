@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fasttrain import Trainer, train
-from fasttrain.diagnosis import diagnose, report
+from fasttrain.diagnosis.checks import diagnose, report
 from fasttrain.doctor import main
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args, tiny_config

@@ -8,6 +8,7 @@ and a dataset cache under the test's temporary folder. Skipped where lm-eval or 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -267,6 +268,22 @@ def test_evaluate_tasks_prints_logs_and_writes_the_scores(run, tasks, tmp_path, 
         harness.run_tasks(load_trained(run), ["tiny_mc"], num_fewshot=1, limit=8, include_path=str(tasks), batch_size=4)
     )
     assert direct["tiny_mc"]["acc"] == acc
+
+
+def test_a_tasks_warnings_are_said_once(run, tmp_path, caplog):
+    """lm-eval's warnings about a task (a metric without its aggregation, its direction) came twice: the task was built
+    once to check it before the model loaded (task_index) and once to run it."""
+    harness = lm_eval_or_skip()
+    rows = [{"question": f"q{i}\nAnswer:", "choices": [" yes", " no"], "label": i % 2} for i in range(2)]
+    harness.write_local_task(tmp_path, "terse_mc", "multiple_choice", rows)
+    yaml = tmp_path / "terse_mc.yaml"
+    text = yaml.read_text()
+    yaml.write_text(text.replace("    aggregation: mean\n", "").replace("    higher_is_better: true\n", ""))
+    with caplog.at_level(logging.WARNING):
+        index = harness.task_index(["terse_mc"], str(tmp_path))
+        harness.run_tasks(load_trained(run), ["terse_mc"], index=index, batch_size=4)
+    said = [r.getMessage() for r in caplog.records if "[Task: terse_mc] metric acc is defined" in r.getMessage()]
+    assert len(said) == len(set(said)) == 2, said  # its aggregation's, its direction's
 
 
 def test_train_scores_eval_tasks_on_its_final_weights(pydoc_data, tasks, tmp_path, capsys):

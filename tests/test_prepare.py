@@ -203,6 +203,21 @@ def test_large_files_stream_in_pieces(tmp_path, monkeypatch):
     )
 
 
+@pytest.mark.parametrize("chunk", [1 << 20, 48])
+def test_a_text_file_is_tokenized_as_one_text(pydoc_data, tmp_path, monkeypatch, chunk):
+    """A text file's tokens are its whole text's, as transformers tokenizes it: read in chunks cut after a line end,
+    each chunk encoded apart, "\n" and the next line's indent were two pre-tokens (a file without a final line end
+    had its last line tokenized apart, evaluate --input off transformers' ids); cut where no pre-token spans."""
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", chunk)
+    text = "".join(f"def f{i}(x):\n    return x + {i}\n\nclass C:\n    pass\n" for i in range(8))
+    text += "class D:\n" + "    x = 1\n" * 12 + "y = 2\n  # end\n    call"  # 120 bytes where no cut is safe
+    (tmp_path / "code.txt").write_text(text)
+    tokenizer = str(pydoc_data / "tokenizer.json")
+    prepare([str(tmp_path / "code.txt")], tmp_path / "out", tokenizer_path=tokenizer, val_fraction=0.0, quiet=True)
+    tok = Tokenizer.load(tokenizer)
+    assert shard_tokens(tmp_path / "out", "train").tolist() == [tok.eot_id, *tok.encode(text)]
+
+
 def test_one_big_file_holds_out_the_end_of_its_text(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(corpus, "CHUNK_BYTES", 256)  # the cut falls inside one of many pieces
     text = "\n".join(f"line {i}: " + "word " * (i % 13) for i in range(400))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fasttrain import cli
 from fasttrain.compute.device import resolve_precision
 from fasttrain.config import load_config
 from fasttrain.plot import latest_run, plot_run, read_metrics
@@ -237,8 +238,6 @@ def test_running_out_of_memory_is_one_line(capsys):
 
 def test_the_fasttrain_command_runs_each_tool_with_its_own_parser(pydoc_data, tmp_path, capsys):
     """`fasttrain TOOL ARGS` is `python -m fasttrain.TOOL ARGS`; an unknown tool is one line with a hint."""
-    from fasttrain import cli
-
     with pytest.raises(SystemExit) as done:
         run_cli(cli.main, ["--help"])
     listed = capsys.readouterr().out
@@ -280,6 +279,16 @@ def test_python_m_fasttrain_and_the_console_script(tmp_path):
         pytest.skip("fasttrain is not installed in this environment (pip install -e . makes the script)")
     listed = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=HANG_SECONDS)
     assert listed.returncode == 0 and "export" in listed.stdout
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("tool", list(cli.TOOLS))
+def test_every_tool_is_its_own_module(tool):
+    """The README: each `fasttrain TOOL` is also `python -m fasttrain.TOOL` (configs' module was config.shipped, so
+    `python -m fasttrain.configs` failed): the table maps each tool onto that module, and it runs as a program."""
+    assert cli.TOOLS[tool][0] == f"fasttrain.{tool}"
+    shown = run(f"fasttrain.{tool}", "--help")
+    assert shown.returncode == 0 and f"usage: python -m fasttrain.{tool}" in shown.stdout, shown.stderr
 
 
 def test_a_smoke_run_shorter_than_its_warmup_runs_and_says_so(pydoc_data, tmp_path, capsys):

@@ -2,22 +2,19 @@
 
 Imports from fasttrain: system.errors.
 
-    python -m fasttrain.config.shipped          (fasttrain configs: each shipped config, one line each)
-
 The files are the repository's top-level configs/, one copy of each: a wheel carries them as
 fasttrain/config_files/ (pyproject.toml maps that package onto configs/), and a clone or an editable
 install reads configs/ beside the package. A config argument is a file's path, which wins where both
-exist, or a shipped config's name; `fasttrain init NAME` writes a copy to edit (fasttrain/init.py), NAME.toml,
-which `fasttrain train NAME` then runs (saying so).
+exist, or a shipped config's name; `fasttrain configs` lists them (fasttrain/configs.py), `fasttrain init NAME` writes
+a copy to edit (fasttrain/init.py), NAME.toml, which `fasttrain train NAME` then runs (saying so).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
 
-from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
+from fasttrain.system.errors import UsageError
 
 _PACKAGE = Path(__file__).resolve().parents[1]  # fasttrain/
 
@@ -71,18 +68,3 @@ def locate(spec: str) -> tuple[str, bool]:
             "(`fasttrain configs` lists them)"
         )
     return spec, False  # a path: what is wrong with it is said where it is read
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(prog="python -m fasttrain.config.shipped", description=__doc__.split("\n\n")[0])
-    parser.parse_args(argv)
-    names = available()
-    width = max(map(len, names), default=0)
-    for name, summary in names.items():
-        print(f"{name:<{width}}  {summary}")
-    print(f"\n(in {folder()}; `fasttrain train NAME` runs one, `fasttrain init NAME` writes a copy to edit)")
-    return 0
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -8,6 +8,6 @@ trained_model (a run's weights loaded back for sampling and scoring), harness (l
 trained model; needs the `eval` extra).
 
 They import the floors below (system, config, compute, formats, data, model, checkpoints); training/ stands on
-them, its Trainer validating as it goes. The loss doctor, which builds a Trainer, is fasttrain/diagnosis.py.
+them, its Trainer validating as it goes. The loss doctor's checks, which step a Trainer, are fasttrain/diagnosis/.
 docs/architecture.md has the tour.
 """

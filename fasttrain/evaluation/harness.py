@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import re
 import sys
 from importlib import metadata
@@ -310,6 +311,10 @@ def leaf_tasks(manager: TaskManager, name: str, key: str) -> dict[str, Any]:
     import datasets
 
     datasets.disable_progress_bars()  # a check says nothing but its one line; building a dataset draws a bar
+    # nor what lm-eval logs as it builds a task (a metric without its aggregation...): the run builds it again, and
+    # says it then
+    before = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
         return flat(get_task_dict([name], manager))
     except Exception as e:  # noqa: BLE001 (datasets, jinja and lm-eval raise their own kinds; each is said in a line)
@@ -317,6 +322,7 @@ def leaf_tasks(manager: TaskManager, name: str, key: str) -> dict[str, Any]:
             f"{key}: {name}: lm-eval cannot build the task: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
         ) from None
     finally:
+        logging.disable(before)
         datasets.enable_progress_bars()
 
 

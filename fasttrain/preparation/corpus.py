@@ -12,8 +12,9 @@ field), a Parquet file (a document per row, in a text column; the `parquet` extr
     builtin:sources     the standard library's sources, a document per module
                         (~10 MB of Python; tests, IDLE, lib2to3, pydoc_data left out)
 
-A plain text file is one document. Documents stream as `Piece`s of about `CHUNK_BYTES` at most, cut at line ends
-(Parquet PARQUET_BATCH_ROWS rows at a time), so no file is read whole. Invalid UTF-8 and lone surrogates (a JSON escape
+A plain text file is one document. Documents stream as `Piece`s of about `CHUNK_BYTES` at most (Parquet
+PARQUET_BATCH_ROWS rows at a time), so no file is read whole; a text file's are cut at line ends where the tokenizer's
+split cuts too, so its tokens are its whole text's (`_line_cut`). Invalid UTF-8 and lone surrogates (a JSON escape
 such as \\ud800) are replaced with U+FFFD and counted, not fatal: real corpora have a few bad bytes (`Piece.of`).
 """
 
@@ -38,6 +39,9 @@ BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("pydoc", "docstrings", "sources")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text", ".jsonl", ".parquet")  # what a directory contributes
 CHUNK_BYTES = 1 << 20
+CUT_SEARCH_BYTES = 1 << 16  # how far back from a chunk's end _line_cut looks first for a line end no pre-token spans
+LOOKAHEAD_CHUNKS = 4  # the chunks read on without one (indented code, blank lines) before a piece is cut at any
+_SAFE_LINE_END = re.compile(rb"[\x21-\x7e]\n(?=[\x21-\x7e])")
 PARQUET_BATCH_ROWS = 1024  # rows decoded at once: bounded memory even in a file of one huge row group
 # Any surrogate code point in a str: UTF-8 encodes none (json.loads joins an escaped pair into the character it means).
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -94,16 +98,17 @@ class Source:
 
     def _text_pieces(self) -> Iterator[Piece]:
         with _open(self.name) as f:
-            carry = b""
+            carry, block = b"", f.read(CHUNK_BYTES)
             while True:
-                block = f.read(CHUNK_BYTES)
                 data = carry + block
-                if not block:
+                block = f.read(CHUNK_BYTES)
+                if not block:  # read a chunk ahead: the last is one piece with what it carries, not cut again
                     yield Piece.of(data, True)
                     return
                 cut = _line_cut(data)
                 carry = data[cut:]
-                yield Piece.of(data[:cut], False)
+                if cut:
+                    yield Piece.of(data[:cut], False)
 
     def _jsonl_pieces(self, text_field: str, start: int, end: int | None) -> Iterator[Piece]:
         with _open(self.name) as f:
@@ -189,7 +194,18 @@ def _open(path: str):
 
 
 def _line_cut(data: bytes) -> int:
-    """Where to cut `data` so the first part ends a line (or, failing that, a UTF-8 character)."""
+    """Where to cut `data` so that the two parts encode as the whole would: after the last line end between two
+    printable ASCII characters (where every byte-level BPE's split, GPT-2's and Llama 3's, ends one pre-token and starts
+    the next; before an indent or a blank line it does not); 0, to read on, where there is none in less than
+    LOOKAHEAD_CHUNKS chunks; else after the last line end, else at a UTF-8 character."""
+    for start in (max(len(data) - CUT_SEARCH_BYTES, 0), 0):  # the last safe line end is most often near the end
+        last = None
+        for last in _SAFE_LINE_END.finditer(data, start):
+            pass
+        if last is not None:
+            return last.start() + 2
+    if len(data) < LOOKAHEAD_CHUNKS * CHUNK_BYTES:
+        return 0
     cut = data.rfind(b"\n") + 1
     if cut == 0:  # one very long line: back off over UTF-8 continuation bytes instead
         cut = len(data)

@@ -1,5 +1,5 @@
 """The loss doctor's checks: the systematic checks for "my loss does not go down", run on a real batch of a built
-Trainer (`diagnose`), and their report. The command line is `python -m fasttrain.doctor`.
+Trainer (`diagnose`), and their report. The command line is fasttrain/doctor.py, `python -m fasttrain.doctor`.
 
 Imports from fasttrain: compute.device, data.documents, training.trainer.
 
