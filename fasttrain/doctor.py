@@ -1,12 +1,12 @@
 """The loss doctor: the systematic checks for "my loss does not go down", run on a real batch.
 
-Imports from fasttrain: config, diagnosis.checks, formats.shards, system.errors, training.trainer.
+Imports from fasttrain: config, formats.shards, system.errors, training.diagnosis, training.trainer.
 
     python -m fasttrain.doctor CONFIG.toml [--set SECTION.KEY=VALUE ...] [--overfit-steps N]
 
 Builds the run as `python -m fasttrain.train` would start it (with model.init_from's weights, refused as train refuses
 them), reads every token of both splits (an id beyond the vocabulary is bad input, whatever the headers say), then runs
-diagnosis/checks.py's checks on one training batch, each printing PASS or FAIL, what it measured and, failing, what to look at.
+training/diagnosis.py's checks on one training batch, each printing PASS or FAIL, what it measured and, failing, what to look at.
 Nothing is written. Exit status: 0 if every check passes, 1 if one fails, 2 for bad input.
 """
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 from typing import Sequence
 
 from fasttrain.config import add_config_arguments, config_from_args
-from fasttrain.diagnosis.checks import diagnose, report
 from fasttrain.formats.shards import check_ids, find_shards
 from fasttrain.system.errors import ArgumentParser, run_cli
+from fasttrain.training.diagnosis import diagnose, report
 from fasttrain.training.trainer import Trainer
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fasttrain import Trainer, train
-from fasttrain.diagnosis.checks import diagnose, report
 from fasttrain.doctor import main
 from fasttrain.system.errors import run_cli
+from fasttrain.training.diagnosis import diagnose, report
 from tests.conftest import tiny_args, tiny_config
 from tests.test_reliability_start import edit_tensor, init_from
 

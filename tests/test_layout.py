@@ -3,7 +3,7 @@ below it; no two modules in a folder differ only by a suffix, and every module s
 (docs/architecture.md).
 
 Floors, lowest first (FLOORS): system -> config -> compute -> formats -> preparation -> data -> model ->
-checkpoints -> evaluation -> optimization -> planning -> training -> diagnosis -> the commands and the package itself.
+checkpoints -> evaluation -> optimization -> planning -> training -> the commands and the package itself.
 fasttrain_kernels/ stands alone and never imports fasttrain. No folder holds more than MAX_MODULES modules, each package's __init__ names its
 modules in reading order, no module holds more than MAX_MODULE_LINES lines and no function more than
 MAX_FUNCTION_LINES (a reader holds each at once; a total says nothing about that, issue 100).
@@ -48,7 +48,6 @@ FLOORS = (
     "optimization",  # the objective, the optimizers, the learning rate's schedule
     "planning",  # what a run decides before it allocates: the shape, context, reading of the corpus, memory
     "training",
-    "diagnosis",  # the loss doctor's checks, which step a built Trainer
     "",
 )
 
@@ -106,7 +105,6 @@ def test_an_upward_import_is_caught():
     assert floor("fasttrain.system.errors") < floor("fasttrain.config") < floor("fasttrain.compute.device")
     assert floor("fasttrain.formats.shards") < floor("fasttrain.preparation.cache") < floor("fasttrain.data.mixture")
     assert floor("fasttrain.evaluation.validation") < floor("fasttrain.training.trainer") < floor("fasttrain.doctor")
-    assert floor("fasttrain.training.trainer") < floor("fasttrain.diagnosis.checks") < floor("fasttrain.doctor")
     assert floor("fasttrain") == floor("fasttrain.doctor") == len(FLOORS) - 1
 
 

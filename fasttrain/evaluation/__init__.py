@@ -8,6 +8,6 @@ trained_model (a run's weights loaded back for sampling and scoring), harness (l
 trained model; needs the `eval` extra).
 
 They import the floors below (system, config, compute, formats, data, model, checkpoints); training/ stands on
-them, its Trainer validating as it goes. The loss doctor's checks, which step a Trainer, are fasttrain/diagnosis/.
+them, its Trainer validating as it goes. The loss doctor's checks, which step a Trainer, are training/diagnosis.py.
 docs/architecture.md has the tour.
 """
