@@ -19,9 +19,11 @@ from fasttrain import train as train_module
 from fasttrain.config import TrainConfig, load_config, save_config
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.export import export
-from fasttrain.model.transformer import flops_per_token
+from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.planning import sizing
 from fasttrain.planning.members import TEACHER_COST, distill_note, distilled, ensemble_members
+from fasttrain.planning.preflight import estimate_bytes, teacher_bytes, teacher_members, teachers_in_memory
+from fasttrain.planning.sizing import MEMORY_SHARE
 from fasttrain.planning.speed import Speed
 from fasttrain.system.errors import UsageError
 from fasttrain.training.phases import Ended, end_event, ensemble_config, more_members, next_phase, publish
@@ -202,11 +204,15 @@ def test_a_resume_takes_its_set_items_into_the_phases_but_not_those_that_make_th
         assert recorded.train.log_interval == 3 and recorded.model.n_layers == 2, phase
 
 
+VOCAB = ["model.vocab_size=512"]  # as a run records it, resolved from its data
+
+
 def ended_round(directory: Path, cfg, members: int, steps: int, seconds: float, max_steps: int = 8) -> None:
     """A round of `members` that ended after `steps` of `max_steps` in `seconds`, as its folder records it."""
     t = replace(cfg.train, max_steps=max_steps, out_dir=str(directory), distill=False)
-    save_config(replace(cfg, model=replace(cfg.model, members=members), train=t), directory)
-    save_config(replace(cfg, train=t), directory / "final")
+    recorded = replace(cfg, model=replace(cfg.model, members=members), train=t)
+    save_config(recorded, directory)
+    save_config(recorded, directory / "final")
     end = {"event": "end", "step": steps, "train_seconds": seconds}
     (directory / "metrics.jsonl").write_text(json.dumps({"event": "start"}) + "\n" + json.dumps(end) + "\n")
 
@@ -218,7 +224,7 @@ def test_each_boundary_decides_from_the_seconds_the_rounds_took(tmp_path):
     student, for what the rounds left, whatever the plan said. A round stopped by its share of the budget, not the
     limit, is followed by the student alone."""
     run = tmp_path / "run"
-    cfg = tiny_config("data", run, "train.distill=true", "train.max_time=600", "train.teacher_init=true")
+    cfg = tiny_config("data", run, "train.distill=true", "train.max_time=600", "train.teacher_init=true", *VOCAB)
     ended_round(run / "ensemble", cfg, members=1, steps=8, seconds=100.0)
     phase = next_phase(cfg)
     assert phase is not None and phase.kind == "members" and phase.resume is None
@@ -244,7 +250,7 @@ def test_each_boundary_decides_from_the_seconds_the_rounds_took(tmp_path):
 
 def test_one_member_and_too_little_time_for_more_is_the_runs_model_and_says_why(tmp_path):
     run = tmp_path / "run"
-    cfg = tiny_config("data", run, "train.distill=true", "train.max_time=120")
+    cfg = tiny_config("data", run, "train.distill=true", "train.max_time=120", *VOCAB)
     ended_round(run / "ensemble", cfg, members=1, steps=8, seconds=99.0)
     phase = next_phase(cfg)
     assert phase is not None and phase.kind == "publish"
@@ -252,7 +258,9 @@ def test_one_member_and_too_little_time_for_more_is_the_runs_model_and_says_why(
     assert publish(phase) == run / "final" and (run / "final" / "config.toml").is_file()
     again = next_phase(cfg)  # ended: a resume publishes the same member again, deciding nothing anew
     assert again is not None and again.kind == "publish" and not again.note
-    assert more_members([Ended(run, 1, 99.0, True)], 120.0, 8)[0] == 0
+    assert more_members([Ended(run, 1, 99.0, True)], 120.0, 1, 8)[0] == 0
+    assert more_members([Ended(run, 1, 99.0, True)], 600.0, 1, 8)[0] == 1  # 501 s left: 99 + 99 x 2 fit
+    assert more_members([Ended(run, 1, 99.0, True)], 600.0, 1, 1)[0] == 0  # no teacher of two fits in memory
 
 
 def test_a_single_model_is_a_first_round_where_it_reaches_the_limit_early_at_thrice_the_speed_timed():
@@ -341,3 +349,22 @@ def test_a_dry_run_is_refused_while_a_round_of_members_trains_as_while_the_stude
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_students_teacher_is_in_the_memory_estimate_and_bounds_the_members(tmp_path):
+    """A student's estimate holds its teacher (each member's fp32 weights, their hidden states, the probabilities):
+    train.teacher's folders counted by their recorded members; the members a later round adds stop where the student
+    of all of them would not fit."""
+    cfg = tiny_config("data", tmp_path, *VOCAB)
+    ended_round(tmp_path / "a", cfg, members=3, steps=8, seconds=1.0)
+    ended_round(tmp_path / "b", cfg, members=1, steps=8, seconds=1.0)
+    student = replace(cfg, train=replace(cfg.train, teacher=os.pathsep.join(str(tmp_path / d / "final") for d in "ab")))
+    assert teacher_members(student.train.teacher) == 4
+    parts = estimate_bytes(student, 4)
+    one_member = 4 * num_params(cfg.model)
+    assert parts["the teacher"] == teacher_bytes(cfg, 4) > 4 * one_member
+    assert teacher_bytes(cfg, 4) - teacher_bytes(cfg, 3) > one_member  # each member's weights and hidden states
+    assert "the teacher" not in estimate_bytes(cfg, 4)
+    alone = sum(estimate_bytes(cfg, 4).values())
+    room = (alone + teacher_bytes(cfg, 2)) / MEMORY_SHARE  # a student and a teacher of two, not of three
+    assert teachers_in_memory(cfg, int(room), 8) == 2 and teachers_in_memory(cfg, int(room * 100), 8) == 8

@@ -282,6 +282,8 @@ def plan_run(
         cfg.kernels, device, sharded, shapes, compiled=bool(t.compile), fp8=t.fp8, softcap=m.logit_softcap
     )
     memory = check_fits(cfg, machine, t.precision, shard_group)
+    if t.distill:  # the student, its teacher of the first round's members beside it, refused now if it cannot fit
+        check_fits(replace(cfg, model=replace(m, members=1)), machine, t.precision, shard_group, teachers=m.members)
     check_attention(t.attention, device)
     check_fp8(t.fp8, device)
     k = cfg.checkpoint

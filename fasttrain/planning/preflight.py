@@ -16,12 +16,13 @@ import itertools
 import os
 import resource
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from fasttrain.config import Config, OptimConfig
-from fasttrain.model.transformer import Transformer, ffn_hidden_size
+from fasttrain.config import Config, OptimConfig, load_config
+from fasttrain.model.transformer import Transformer, ffn_hidden_size, num_params
 from fasttrain.optimization.optimizers import hidden_matrices
 from fasttrain.planning.sizing import MEMORY_SHARE, ladder_shape
 from fasttrain.system.errors import UsageError
@@ -39,13 +40,15 @@ MLP_HIDDEN_VALUES = {"swiglu": 4, "relu2": 2}
 GIB = 1 << 30
 
 
-def estimate_bytes(cfg: Config, activation_bytes: int, shards: int = 1) -> dict[str, int]:
+def estimate_bytes(cfg: Config, activation_bytes: int, shards: int = 1, teachers: int | None = None) -> dict[str, int]:
     """Bytes one rank needs, by part: parameter state (split over `shards` ranks under FSDP), the RoPE
     tables, the activations of one micro-batch at `activation_bytes` per value, and its logits in fp32; an
-    ensemble's members each need their own."""
+    ensemble's members each need their own; a student's teacher of `teachers` models (default: those
+    train.teacher names) its own (`teacher_bytes`)."""
     m, t = cfg.model, cfg.train
     tokens = t.batch_size * t.seq_len * max(m.members, 1)
     state, state_bytes = parameter_state(cfg)
+    teacher = teacher_bytes(cfg, teacher_members(t.teacher) if teachers is None else teachers)
     return {
         state: state_bytes * max(m.members, 1) // shards,
         # cos and sin in fp32, and the fp64 angles they are computed from
@@ -55,7 +58,34 @@ def estimate_bytes(cfg: Config, activation_bytes: int, shards: int = 1) -> dict[
         * (m.d_model * ACTIVATIONS_PER_TOKEN_LAYER + MLP_HIDDEN_VALUES[m.mlp] * ffn_hidden_size(m))
         * activation_bytes,
         "logits": tokens * m.vocab_size * 4,
+        **({"the teacher": teacher} if teacher else {}),
     }
+
+
+def teacher_bytes(cfg: Config, members: int) -> int:
+    """What a student of cfg.model's shape needs for a teacher of `members` models of that shape (a distilled run's
+    members): their fp32 weights, each member's final hidden states of one micro-batch and one member's fp32
+    logits at a time (model/ensemble.py), the mean probabilities the loss reads, and the largest layer's values of
+    one member's forward (no gradients: nothing is kept for a backward)."""
+    if not members:
+        return 0
+    m, t = cfg.model, cfg.train
+    tokens = t.batch_size * t.seq_len
+    weights = 4 * num_params(replace(m, members=1))
+    layer = tokens * (m.d_model * ACTIVATIONS_PER_TOKEN_LAYER + MLP_HIDDEN_VALUES[m.mlp] * ffn_hidden_size(m)) * 4
+    return members * (weights + tokens * m.d_model * 4) + 2 * tokens * m.vocab_size * 4 + layer
+
+
+def teacher_members(spec: str) -> int:
+    """How many models train.teacher `spec` names (each folder's config.toml's model.members; a folder not read: 1,
+    as loading it says what is wrong)."""
+    total = 0
+    for part in spec.split(os.pathsep) if spec else ():
+        try:
+            total += max(load_config(Path(part) / "config.toml").model.members, 1)
+        except (OSError, UsageError):
+            total += 1
+    return total
 
 
 def parameter_state(cfg: Config) -> tuple[str, int]:
@@ -153,10 +183,24 @@ def members_in_memory(cfg: Config, available: int, shards: int = 1) -> int:
     return max(int(MEMORY_SHARE * available // need), 1)
 
 
-def check_fits(cfg: Config, machine: Machine, precision: str, shards: int = 1) -> dict[str, int]:
-    """The estimate (`estimate_bytes`), by part; a run that cannot fit in what `machine` has available is refused,
-    naming both and the config keys behind the estimate."""
-    parts = estimate_bytes(cfg, 4 if precision == "fp32" else 2, shards)
+def teachers_in_memory(cfg: Config, available: int, most: int, shards: int = 1) -> int:
+    """The most models of cfg.model's shape (at most `most`) a student of that shape can learn from at once, its
+    teacher beside it (`estimate_bytes`) in sizing.MEMORY_SHARE of the `available` bytes; at least 1."""
+    one, value_bytes = replace(cfg, model=replace(cfg.model, members=1)), 4 if cfg.train.precision == "fp32" else 2
+    fits = [
+        k
+        for k in range(1, most + 1)
+        if sum(estimate_bytes(one, value_bytes, shards, k).values()) <= MEMORY_SHARE * available
+    ]
+    return max(fits, default=1)
+
+
+def check_fits(
+    cfg: Config, machine: Machine, precision: str, shards: int = 1, teachers: int | None = None
+) -> dict[str, int]:
+    """The estimate (`estimate_bytes`, with a teacher of `teachers` models if given), by part; a run that cannot fit
+    in what `machine` has available is refused, naming both and the config keys behind the estimate."""
+    parts = estimate_bytes(cfg, 4 if precision == "fp32" else 2, shards, teachers)
     need, have = sum(parts.values()), machine.available
     if need <= have:
         return parts

@@ -2,8 +2,8 @@
 folder holds and the seconds its phases took: members of one shape side by side, in one round or more, then one model
 of their shape taught by all of them, so that final/ holds one model (one model's memory and cost, and it exports).
 
-Imports from fasttrain: checkpoints.run_directory, checkpoints.saves, config, planning.members, system.atomic,
-system.errors.
+Imports from fasttrain: checkpoints.run_directory, checkpoints.saves, compute.device, config, planning.members,
+planning.preflight, system.atomic, system.errors.
 
     RUN/ensemble/     the first round of members: an ordinary run (config.toml, checkpoints/, metrics.jsonl, final/)
     RUN/ensemble-2/   a later round (ensemble-3, ...), where the rounds before it read the corpus to its epoch limit
@@ -33,8 +33,10 @@ from typing import Sequence
 
 from fasttrain.checkpoints.run_directory import discard_set_aside, set_aside
 from fasttrain.checkpoints.saves import has_saves
+from fasttrain.compute.device import use_device
 from fasttrain.config import Config, Seconds, load_config
 from fasttrain.planning.members import MAX_MEMBERS, MIN_LEFT, TEACHER_COST, ensemble_share
+from fasttrain.planning.preflight import Machine, teachers_in_memory
 from fasttrain.system.atomic import sync_directory
 from fasttrain.system.errors import UsageError
 
@@ -128,11 +130,12 @@ def recorded_round(directory: Path, overrides: Sequence[str] = ()) -> Config:
     return replace(cfg, train=replace(cfg.train, out_dir=str(directory)))
 
 
-def more_members(done: Sequence[Ended], max_time: float, most: int) -> tuple[int, float, str]:
+def more_members(done: Sequence[Ended], max_time: float, at_once: int, most: int) -> tuple[int, float, str]:
     """How many members a new round adds after the rounds `done` (all ended) of a run of `max_time` seconds, the
     round's seconds, and why in words: the most that train and still leave the student of all of them its time, each
     member as long as the rounds that reached the limit took one (their seconds over their members: the speed
-    measured on this machine, this run), at most MAX_MEMBERS in all and `most` at once (memory). 0 where the last
+    measured on this machine, this run), `at_once` at most (what the first round trained side by side, which the
+    plan found fits) and `most` in all (the student's teacher in memory, at most MAX_MEMBERS). 0 where the last
     round stopped at its share of the budget, or less than MIN_LEFT of it is left."""
     spent, members = sum(r.seconds for r in done), sum(r.members for r in done)
     left = max_time - spent
@@ -145,7 +148,7 @@ def more_members(done: Sequence[Ended], max_time: float, most: int) -> tuple[int
         return member * (1 + total * TEACHER_COST)
 
     added = 0
-    for k in range(1, min(MAX_MEMBERS - members, most) + 1):
+    for k in range(1, min(most - members, at_once) + 1):
         if k * member + student(members + k) <= left:
             added = k
     fitted = f"each member reached the epoch limit in {member:.0f} s"
@@ -278,7 +281,9 @@ def next_phase(
     if state == "none" and published(run_dir, begun[-1]):  # ended: its one member's again (the copy is the same)
         return Phase("publish", first_round, None, False)
     if state in ("none", "replaces"):  # the student has not begun: a boundary, decided from the rounds' seconds
-        added, seconds, why = more_members(done, cfg.train.max_time, first_round.model.members)
+        room = Machine.of(use_device(first_round.train.device)).available  # read now: the rounds have let theirs go
+        most = teachers_in_memory(first_round, room, MAX_MEMBERS)
+        added, seconds, why = more_members(done, cfg.train.max_time, first_round.model.members, most)
         if added:
             t = replace(first_round.train, max_time=Seconds(seconds), out_dir=str(members_dir(run_dir, len(begun) + 1)))
             model = replace(first_round.model, members=added)
