@@ -1,13 +1,17 @@
 """The main job at longer budgets: is each budget's model better than the one before?
 
     python -m benchmarks.studies.budget_ladder [--budgets 60 120 300 600 1800] [--set KEY=VALUE ...] [--out FILE]
+        [--busy-timing N]
 
 Runs `fasttrain train configs/base.toml` as a user does (the embedded corpus, the shape, context and weight decay
 its plan chooses), with only train.max_time, train.out_dir and the --set items (a seed, a variant of the recipe) set,
 one budget after another on a machine left
 alone; then scores each run's final/ as a user does, `fasttrain evaluate RUN --split val` (bits per byte over the
 whole validation split). Records what each plan chose (its notes), the run's evaluations (best and last) and the
-score. Run it on a quiet machine: the budgets are seconds, so the models depend on the machine's speed.
+score, and the seconds its phases trained (a distilled run's rounds and student). Run it on a quiet machine: the
+budgets are seconds, so the models depend on the machine's speed. `--busy-timing N` spins N processes while the plan
+times the machine, and only then: a timing that reads the machine slow (issue 99), against which a run's later
+phases, decided from the seconds they took, still spend the budget.
 
 Writes one JSON (default benchmarks/results/recipe/cpu-budget-ladder-<date>.json).
 """
@@ -27,12 +31,36 @@ from fasttrain.config import load_config
 from fasttrain.plot import read_metrics
 from fasttrain.system.errors import ArgumentParser, run_cli
 
+# `python -c SLOWED N ARGS...`: fasttrain.train's main with N processes spinning while sizing.calibrate times
+SLOWED = """import multiprocessing, sys
+from fasttrain.planning import sizing
+from fasttrain.system.errors import run_cli
+from fasttrain.train import main
+calibrate = sizing.calibrate
+def spin():
+    while True:
+        pass
+def timed(*args, **kwargs):
+    spinning = [multiprocessing.Process(target=spin, daemon=True) for _ in range(int(sys.argv[1]))]
+    for p in spinning:
+        p.start()
+    try:
+        return calibrate(*args, **kwargs)
+    finally:
+        for p in spinning:
+            p.kill()
+sizing.calibrate = timed
+run_cli(main, sys.argv[2:])
+"""
 
-def run_budget(seconds: int, sets: list[str], work: Path) -> dict:
-    """One budget, base.toml with `sets` (config items, KEY=VALUE): train, then score final/."""
+
+def run_budget(seconds: int, sets: list[str], work: Path, busy: int = 0) -> dict:
+    """One budget, base.toml with `sets` (config items, KEY=VALUE): train (`busy` processes spinning while the
+    plan times the machine), then score final/."""
     out = work / f"base-{seconds}s"
     before = load_average()
-    train = [sys.executable, "-m", "fasttrain.train", "configs/base.toml", "--overwrite", "--quiet"]
+    command = ["-c", SLOWED, str(busy)] if busy else ["-m", "fasttrain.train"]
+    train = [sys.executable, *command, "configs/base.toml", "--overwrite", "--quiet"]
     train += ["--set", *sets, f"train.max_time={seconds}", f'train.out_dir="{out}"']
     subprocess.run(train, cwd=ROOT, check=True)
     score = [sys.executable, "-m", "fasttrain.evaluate", str(out), "--split", "val"]
@@ -42,6 +70,10 @@ def run_budget(seconds: int, sets: list[str], work: Path) -> dict:
     evals = [round(e["val_bpb"], 4) for e in events if e["event"] == "eval"]
     start, end = (next(e for e in events if e["event"] == kind) for kind in ("start", "end"))
     m, o = load_config(out / "config.toml").model, load_config(out / "config.toml").optim
+    phases = sorted(out.glob("ensemble*/metrics.jsonl")) + [out / "metrics.jsonl"]
+    trained = [
+        next(e for e in reversed(read_metrics(p.parent)) if e["event"] == "end")["train_seconds"] for p in phases
+    ]
     return {
         "budget_s": seconds,
         "sets": sets,
@@ -54,6 +86,9 @@ def run_budget(seconds: int, sets: list[str], work: Path) -> dict:
         "best": min(evals),
         "last": evals[-1],
         "final_val_bpb": bpb,
+        "busy_timing": busy,
+        "phases": [f"{p.parent.name} {s:.0f} s" for p, s in zip(phases, trained)],
+        "trained_share": round(sum(trained) / seconds, 3),
         "load_before": before,
         "load_after": load_average(),
     }
@@ -64,18 +99,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budgets", type=int, nargs="+", default=[60, 120, 300, 600, 1800], metavar="SECONDS")
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config items for every run")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--busy-timing", type=int, default=0, metavar="N", help="N processes spin while it times")
     args = parser.parse_args(argv)
     today = datetime.date.today().isoformat()
     out = args.out or ROOT / f"benchmarks/results/recipe/cpu-budget-ladder-{today}.json"
     what = "the main job at each budget, final/ scored on the validation split"
     with tempfile.TemporaryDirectory() as work:
         for seconds in args.budgets:
-            run = run_budget(seconds, args.set, Path(work))
+            run = run_budget(seconds, args.set, Path(work), args.busy_timing)
             add_runs(out, [run], what, __spec__.name, argv, today)  # after each budget: a long ladder keeps its parts
             print(
                 f"{seconds:>5} s: {run['shape']} at {run['context']}, wd {run['weight_decay']:g}, {run['steps']} steps "
                 f"({run['planned_epochs'] or 0:.1f} epochs planned): final/ {run['final_val_bpb']:.4f} "
-                f"(best {run['best']:.4f}, last {run['last']:.4f})"
+                f"(best {run['best']:.4f}, last {run['last']:.4f}); {run['trained_share']:.0%} of it trained"
             )
     return 0
 
