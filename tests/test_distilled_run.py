@@ -20,7 +20,7 @@ from fasttrain.config import TrainConfig, load_config, save_config
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.export import export
 from fasttrain.model.transformer import flops_per_token, num_params
-from fasttrain.planning import sizing
+from fasttrain.planning import repeats, sizing
 from fasttrain.planning.members import TEACHER_COST, distill_note, distilled, ensemble_members
 from fasttrain.planning.preflight import estimate_bytes, teacher_bytes, teacher_members, teachers_in_memory
 from fasttrain.planning.sizing import MEMORY_SHARE
@@ -281,19 +281,28 @@ def test_a_budget_timed_slow_still_spends_itself_on_more_members_and_their_stude
     reach the epoch limit (2 epochs: seconds, even on a busy machine) early; the run goes on to more rounds, each
     decided from the seconds the rounds took, then a student of all of them for the time left: >= 90% of the budget
     trained, final/ one model learned from two or more."""
-    real = sizing.calibrate
+    real, overlap, counts = sizing.calibrate, repeats.verbatim_overlap, {"timings": 0, "overlaps": 0}
 
     def slow(*args, **kwargs):
+        counts["timings"] += 1
         speed = real(*args, **kwargs)
         return replace(speed, points=tuple((flops, rate / 6) for flops, rate in speed.points))
 
+    def measured(*args, **kwargs):
+        counts["overlaps"] += 1
+        return overlap(*args, **kwargs)
+
     monkeypatch.setattr(sizing, "calibrate", slow)
+    monkeypatch.setattr(repeats, "verbatim_overlap", measured)
     run, budget = tmp_path / "run", 90.0
     sets = ["model.n_layers=0", "model.d_model=0", "model.n_heads=0", "model.members=0", "model.max_seq_len=256"]
     sets += ["train.distill=true", "train.seq_len=0", f"train.max_time={budget:g}", "train.max_steps=0"]
     sets += ["train.sample_tokens=0", 'optim.weight_decay_rule="repeats"', "data.max_epochs=2", "data.vocab_size=0"]
     args = tiny_args(code_data, run, *sets, config=str(BASE), flags=["--quiet"])
+    assert train_module.main([*args, "--dry-run"]) == 0  # the plan's own measurements: what the whole run makes
+    once, counts["timings"], counts["overlaps"] = dict(counts), 0, 0
     assert train_module.main(args) == 0
+    assert counts == once and once["overlaps"] == 1  # made once for the run: no phase times or measures again
     begun = [run / "ensemble", *sorted(run.glob("ensemble-*"))]
     assert sum(load_config(d / "config.toml").model.members for d in begun) >= 2
     student = load_trained(run)
@@ -307,6 +316,7 @@ def test_a_budget_timed_slow_still_spends_itself_on_more_members_and_their_stude
     for phase in (*begun, run):
         assert start_event(phase)["epoch_limit"] == whole["epoch_limit"], phase
         assert load_config(phase / "config.toml").data.max_epochs == whole["epoch_limit"], phase
+        assert load_config(phase / "config.toml").optim.decay() == whole["weight_decay"], phase  # the student's too
 
 
 @pytest.mark.parametrize("phase", ["members", "student"])

@@ -92,11 +92,14 @@ def teachers(run_dir: str | os.PathLike[str], count: int) -> str:
 
 def ensemble_config(cfg: Config) -> Config:
     """The first round of a distilled plan's `cfg` (RunPlan.cfg with train.distill resolved true): its members, in
-    RUN/ensemble, for their share of train.max_time (one member: the whole budget, as no student is planned yet)."""
+    RUN/ensemble, for their share of train.max_time (one member: the whole budget, as no student is planned yet), at
+    the weight decay the whole run's plan chose, fixed: every phase trains at it (the student, whose tokens follow
+    the time left, too), and none measures the corpus again to choose it."""
     t, members = cfg.train, cfg.model.members
     share = Seconds(round(t.max_time * (ensemble_share(members) if members > 1 else 1.0), 3))
     first = replace(t, distill=False, teacher_init=False, max_time=share, out_dir=str(members_dir(t.out_dir)))
-    return replace(cfg, train=first)
+    optim = replace(cfg.optim, weight_decay_rule="fixed", weight_decay=cfg.optim.decay(), weight_decay_chosen=0.0)
+    return replace(cfg, train=first, optim=optim)
 
 
 def phase_items(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
