@@ -108,18 +108,9 @@ class TokenLoader:
             read = min(rows[0].num_rows, first_rows or rows[0].num_rows)
             batch_size = min(batch_size, max(1, -(-read // world_size)))
         sources = [
-            SourceRows(shards, r, batch_size, world_size, sampling, padding, seed, whole, first_rows)
-            for shards, r in zip(found, rows)
+            SourceRows(d, split, shards, r, batch_size, world_size, sampling, padding, seed, whole, first_rows)
+            for d, shards, r in zip(directories, found, rows)
         ]
-        for d, r, source in zip(directories, rows, sources):
-            if source.rows_per_epoch == 0:
-                if whole:
-                    raise UsageError(f"{d}: the {split} split is empty (no row of two tokens or more)")
-                what = f"windows of {seq_len + 1} tokens" if batching == "packed" else f"{batching} rows"
-                raise UsageError(
-                    f"{d}: the {split} split has {r.num_rows} {what}, fewer than one batch of "
-                    f"{batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data"
-                )
         self.blend = Blend(mix or [(0, [1.0] * len(sources))], batch_size * world_size)
         if self.blend.sources != len(sources):
             raise ValueError(f"a mix of {self.blend.sources} weights for {len(sources)} sources")
@@ -184,10 +175,6 @@ class TokenLoader:
     def source_epochs(self) -> list[float]:
         """How many times over each source has been read so far (1.5: once, and half of it again)."""
         return [p / s.rows_per_epoch for s, p in zip(self.reader.sources, self.positions())]
-
-    def planned_epochs(self, batches: int) -> list[float]:
-        """How many times over each source the first `batches` batches read."""
-        return [r / s.rows_per_epoch for r, s in zip(self.blend.planned_rows(batches), self.reader.sources)]
 
     def state_dict(self) -> dict[str, int | str | list]:
         r = self.reader

@@ -28,7 +28,7 @@ from fasttrain.planning import repeats, sizing
 from fasttrain.planning.members import ensemble_members
 from fasttrain.planning.preflight import Machine, depths_in_memory, members_in_memory
 from fasttrain.planning.recorded import Recorded
-from fasttrain.planning.repeats import Corpus, Measured, limit_epochs, rows_per_epoch
+from fasttrain.planning.repeats import Corpus, Measured, epoch_rows, limit_epochs
 from fasttrain.planning.sequence_length import choose_context, trained_context
 from fasttrain.planning.speed import Speed
 from fasttrain.planning.timed_pass import timed_loss, timed_update
@@ -75,7 +75,7 @@ def size_run(
     shares = token_shares(mix, t.max_steps * accumulation)
 
     def corpus_at(c: Config) -> tuple[tuple[int, ...], Corpus]:  # a folder not prepared yet: its estimate
-        rows = tuple(rows_per_epoch(s, c, world.size) for s in sources)
+        rows = tuple(epoch_rows(s, c, world.size) for s in sources)
         return rows, tuple(zip(shares, [r * c.train.seq_len for r in rows])) or ((1.0, estimate),)
 
     rows, corpus = corpus_at(cfg)
