@@ -75,32 +75,15 @@ class TokenLoader:
         first_rows: int = 0,
         mix: Sequence[tuple[int, Sequence[float]]] | None = None,
     ):
-        if batch_size <= 0 or seq_len <= 0 or prefetch < 0 or pad_multiple <= 0:
-            raise ValueError(
-                f"batch_size, seq_len and pad_multiple must be > 0 and prefetch >= 0, got "
-                f"{batch_size}, {seq_len}, {pad_multiple}, {prefetch}"
-            )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        for name, value, choices in (
-            ("sampling", sampling, Sampling),
-            ("batching", batching, Batching),
-            ("padding", padding, Padding),
-        ):
-            if value not in get_args(choices):
-                raise ValueError(f"{name} must be one of {get_args(choices)}, got {value!r}")
+        _check_sizes(batch_size, seq_len, pad_multiple, prefetch, rank, world_size)
+        _check_modes(sampling, batching, padding)
         directories = [directory] if isinstance(directory, (str, os.PathLike)) else list(directory)
         if whole and len(directories) > 1:
             raise ValueError("a `whole` pass reads one source; evaluate each source of a mixture on its own")
         found = [find_shards(d, split) for d in directories]
         self.vocab_size = vocab_size or _vocab_size_of(Path(directories[0]), found[0])
         if self.vocab_size:
-            for s in (s for shards in found for s in shards):
-                bound = s.id_bound or scan_id_bound(s)
-                if bound > self.vocab_size:
-                    raise UsageError(
-                        f"{s.path}: token id {bound - 1} is outside the vocabulary ({self.vocab_size} tokens)"
-                    )
+            _check_ids([s for shards in found for s in shards], self.vocab_size)
         self.device = torch.device(device)
         self.prefetch = prefetch
         rows = [Rows(shards, seq_len, batching, eot_id, tails=whole) for shards in found]
@@ -240,6 +223,37 @@ class TokenLoader:
     def __del__(self) -> None:
         if getattr(self, "_worker", None) is not None:
             self._stop_worker()
+
+
+def _check_sizes(batch_size: int, seq_len: int, pad_multiple: int, prefetch: int, rank: int, world_size: int) -> None:
+    """ValueError for a batch, context or pad multiple not above 0, a negative prefetch, or a rank outside the world."""
+    if batch_size <= 0 or seq_len <= 0 or prefetch < 0 or pad_multiple <= 0:
+        raise ValueError(
+            f"batch_size, seq_len and pad_multiple must be > 0 and prefetch >= 0, got "
+            f"{batch_size}, {seq_len}, {pad_multiple}, {prefetch}"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+
+
+def _check_modes(sampling: str, batching: str, padding: str) -> None:
+    """ValueError for the first of sampling, batching and padding that is not one of its choices."""
+    for name, value, choices in (
+        ("sampling", sampling, Sampling),
+        ("batching", batching, Batching),
+        ("padding", padding, Padding),
+    ):
+        if value not in get_args(choices):
+            raise ValueError(f"{name} must be one of {get_args(choices)}, got {value!r}")
+
+
+def _check_ids(shards: list[ShardInfo], vocab_size: int) -> None:
+    """UsageError naming the first of `shards` holding an id outside a vocabulary of `vocab_size` (the largest
+    id its header records, else found by reading it)."""
+    for s in shards:
+        bound = s.id_bound or scan_id_bound(s)
+        if bound > vocab_size:
+            raise UsageError(f"{s.path}: token id {bound - 1} is outside the vocabulary ({vocab_size} tokens)")
 
 
 def _vocab_size_of(directory: Path, shards: list[ShardInfo]) -> int:
