@@ -32,6 +32,26 @@ SETTINGS = ("input", "vocab_size", "tokenizer", "val_fraction", "overwrite", "te
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, given = parse_given(parser, argv)
+    check_arguments(parser, args, given)
+    # The options each mode shares with the others; TAKES has refused any that a mode does not take.
+    common: dict[str, Any] = {"val_fraction": args.val_fraction, "text_field": args.text_field}
+    shards = {"tokenizer_path": args.tokenizer, "shard_tokens": args.shard_tokens, "workers": args.workers, **common}
+    if args.merge:
+        merge(args.out)
+    elif args.learn_tokenizer_only:
+        learn_tokenizer(args.input, args.out, vocab_size=args.vocab_size, **common)
+    elif args.part is not None:
+        prepare_part(args.input, args.out, *parse_part(args.part), **shards)
+    else:
+        prepare(args.input, args.out, vocab_size=args.vocab_size, overwrite=args.overwrite, **shards)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: the inputs, the output folder, the tokenizer and the shards, and the modes of preparing on
+    many machines."""
     parser = ArgumentParser(prog="python -m fasttrain.prepare", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--input",
@@ -90,7 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="learn the BPE of --vocab-size that every --part will use, into OUT/parts/tokenizer.json",
     )
-    args, given = parse_given(parser, argv)
+    return parser
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, given: list[str]) -> None:
+    """parser.error (exit status 2) for a negative --workers, --learn-tokenizer-only with a --tokenizer, or an
+    option `given` to a mode that does not take it (TAKES)."""
     if args.workers < 0:
         parser.error(f"--workers: must be >= 0, got {args.workers}")
     if args.learn_tokenizer_only and args.tokenizer:
@@ -102,18 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{option(mode)}: does not take {', '.join(refused)}; it takes only "
                 + ", ".join(option(name) for name in ("out", *takes))
             )
-    # The options each mode shares with the others; TAKES above has refused any that a mode does not take.
-    common: dict[str, Any] = {"val_fraction": args.val_fraction, "text_field": args.text_field}
-    shards = {"tokenizer_path": args.tokenizer, "shard_tokens": args.shard_tokens, "workers": args.workers, **common}
-    if args.merge:
-        merge(args.out)
-    elif args.learn_tokenizer_only:
-        learn_tokenizer(args.input, args.out, vocab_size=args.vocab_size, **common)
-    elif args.part is not None:
-        prepare_part(args.input, args.out, *parse_part(args.part), **shards)
-    else:
-        prepare(args.input, args.out, vocab_size=args.vocab_size, overwrite=args.overwrite, **shards)
-    return 0
 
 
 def parse_given(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:

@@ -76,10 +76,10 @@ def test_without_bf16_hardware_even_a_bf16_run_orthogonalises_in_fp32(monkeypatc
 def epoch_tokens(folder: Path, tmp_path: Path) -> int:
     """The tokens one epoch of the tiny run's loader reads of `folder`: its rows that fill whole batches."""
     from fasttrain.data.mixture import open_sources
-    from fasttrain.planning.repeats import rows_per_epoch
+    from fasttrain.planning.repeats import epoch_rows
 
     cfg = tiny_config(folder, tmp_path, "data.vocab_size=0")
-    return rows_per_epoch(open_sources(cfg.data)[0], cfg, 1) * cfg.train.seq_len
+    return epoch_rows(open_sources(cfg.data)[0], cfg, 1) * cfg.train.seq_len
 
 
 def test_a_mixture_is_sized_by_what_each_source_is_read(pydoc_data, code_data, tmp_path, capsys):

@@ -293,7 +293,19 @@ def test_the_calibration_times_the_runs_loss_and_optimizer_step(pydoc_data, tmp_
         "calibrate",
         lambda cfg, device, update, loss, depths=(): handed.append((update, loss)) or Speed(((1e6, 1e9),)),
     )
-    shape.shape_of(cfg, (), 128, World(), 1, Machine.of(torch.device("cpu")), None, None)
+    machine = Machine.of(torch.device("cpu"))
+    given = shape.SizingInputs(
+        world=World(),
+        machine=machine,
+        sources=(),
+        estimate=0.0,
+        accumulation=1,
+        shard_group=1,
+        earlier=None,
+        speed=None,
+        context_set=False,
+    )
+    shape.shape_of(cfg, (), 128, given)
     monkeypatch.setattr(sizing, "calibrate", real_calibrate)
     passes, fused_calls = [], []
 

@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any, Callable
 
-from fasttrain.config.sections import Config
+from fasttrain.config.sections import Config, DataConfig
 from fasttrain.config.values import _show, _toml_value
 from fasttrain.system.errors import UsageError
 
@@ -197,16 +197,9 @@ _APPLIES: list[tuple[str, str, tuple[str, ...]]] = [
 
 
 def _check_mixture(cfg: Config, sources: dict[str, str]) -> None:
-    """UsageError for [[data.sources]] and [[data.mix]] tables that cannot make a mixture."""
+    """UsageError for [[data.sources]] and [[data.mix]] tables that cannot make a mixture: the sources first (each
+    table, then their weights), then the mix's changes."""
     d, where = cfg.data, _blame(sources, "data.sources", "data.mix")
-
-    def check_weights(name: str, weights: list[float]) -> None:  # name: "...{}..." with the index in {}
-        for i, w in enumerate(weights):
-            if w < 0:
-                raise UsageError(f"{where}: {name.format(i)}: must be >= 0, got {_show(w)}")
-        if not sum(weights) > 0:
-            raise UsageError(f"{where}: {name.format('*')}: every weight is 0; give a source a weight above 0")
-
     if not d.sources:
         if d.mix:
             raise UsageError(f"{where}: data.mix changes the weights of [[data.sources]] tables, but there are none")
@@ -216,6 +209,24 @@ def _check_mixture(cfg: Config, sources: dict[str, str]) -> None:
             f"{where}: data.sources names the prepared folders of a mixture; leave data.dir and "
             "data.inputs unset (or give data.dir alone)"
         )
+    _check_sources(d, where)
+    _check_weights(where, "data.sources[{}].weight", [s.weight for s in d.sources])
+    _check_mix(d, cfg.train.max_steps, where)
+
+
+def _check_weights(where: str, name: str, weights: list[float]) -> None:
+    """UsageError, blaming `where`, for a negative weight or weights that are all 0. `name`: "...{}..." with the
+    index in {} ("*" for all of them)."""
+    for i, w in enumerate(weights):
+        if w < 0:
+            raise UsageError(f"{where}: {name.format(i)}: must be >= 0, got {_show(w)}")
+    if not sum(weights) > 0:
+        raise UsageError(f"{where}: {name.format('*')}: every weight is 0; give a source a weight above 0")
+
+
+def _check_sources(d: DataConfig, where: str) -> None:
+    """UsageError, blaming `where`, for the first [[data.sources]] table with a name metrics cannot record or
+    another table's, no folder, or another table's folder."""
     seen: dict[str, int] = {}
     named: dict[str, int] = {}
     for i, s in enumerate(d.sources):
@@ -240,8 +251,12 @@ def _check_mixture(cfg: Config, sources: dict[str, str]) -> None:
                 f"data.sources[{seen[real]}] again; name each folder once, with its whole weight"
             )
         seen[real] = i
-    check_weights("data.sources[{}].weight", [s.weight for s in d.sources])
-    last, max_steps = 0, cfg.train.max_steps
+
+
+def _check_mix(d: DataConfig, max_steps: int, where: str) -> None:
+    """UsageError, blaming `where`, for the first [[data.mix]] change that cannot be placed at a step of its own
+    within train.max_steps (`max_steps`), in order, or whose weights do not fit d.sources."""
+    last = 0
     if d.mix and not max_steps:  # a run on train.max_time alone: its last step is known only at its end
         raise UsageError(
             f"{where}: data.mix: changes need train.max_steps to be placed at their steps; a run on "
@@ -278,7 +293,7 @@ def _check_mixture(cfg: Config, sources: dict[str, str]) -> None:
                 f"{where}: {name}.weights: {len(change.weights)} weights for {len(d.sources)} "
                 "[[data.sources]] tables; give one per source, in their order"
             )
-        check_weights(name + ".weights[{}]", change.weights)
+        _check_weights(where, name + ".weights[{}]", change.weights)
 
 
 def _validate(cfg: Config, sources: dict[str, str]) -> None:

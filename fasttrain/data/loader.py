@@ -75,32 +75,15 @@ class TokenLoader:
         first_rows: int = 0,
         mix: Sequence[tuple[int, Sequence[float]]] | None = None,
     ):
-        if batch_size <= 0 or seq_len <= 0 or prefetch < 0 or pad_multiple <= 0:
-            raise ValueError(
-                f"batch_size, seq_len and pad_multiple must be > 0 and prefetch >= 0, got "
-                f"{batch_size}, {seq_len}, {pad_multiple}, {prefetch}"
-            )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
-        for name, value, choices in (
-            ("sampling", sampling, Sampling),
-            ("batching", batching, Batching),
-            ("padding", padding, Padding),
-        ):
-            if value not in get_args(choices):
-                raise ValueError(f"{name} must be one of {get_args(choices)}, got {value!r}")
+        _check_sizes(batch_size, seq_len, pad_multiple, prefetch, rank, world_size)
+        _check_modes(sampling, batching, padding)
         directories = [directory] if isinstance(directory, (str, os.PathLike)) else list(directory)
         if whole and len(directories) > 1:
             raise ValueError("a `whole` pass reads one source; evaluate each source of a mixture on its own")
         found = [find_shards(d, split) for d in directories]
         self.vocab_size = vocab_size or _vocab_size_of(Path(directories[0]), found[0])
         if self.vocab_size:
-            for s in (s for shards in found for s in shards):
-                bound = s.id_bound or scan_id_bound(s)
-                if bound > self.vocab_size:
-                    raise UsageError(
-                        f"{s.path}: token id {bound - 1} is outside the vocabulary ({self.vocab_size} tokens)"
-                    )
+            _check_ids([s for shards in found for s in shards], self.vocab_size)
         self.device = torch.device(device)
         self.prefetch = prefetch
         rows = [Rows(shards, seq_len, batching, eot_id, tails=whole) for shards in found]
@@ -108,18 +91,9 @@ class TokenLoader:
             read = min(rows[0].num_rows, first_rows or rows[0].num_rows)
             batch_size = min(batch_size, max(1, -(-read // world_size)))
         sources = [
-            SourceRows(shards, r, batch_size, world_size, sampling, padding, seed, whole, first_rows)
-            for shards, r in zip(found, rows)
+            SourceRows(d, split, shards, r, batch_size, world_size, sampling, padding, seed, whole, first_rows)
+            for d, shards, r in zip(directories, found, rows)
         ]
-        for d, r, source in zip(directories, rows, sources):
-            if source.rows_per_epoch == 0:
-                if whole:
-                    raise UsageError(f"{d}: the {split} split is empty (no row of two tokens or more)")
-                what = f"windows of {seq_len + 1} tokens" if batching == "packed" else f"{batching} rows"
-                raise UsageError(
-                    f"{d}: the {split} split has {r.num_rows} {what}, fewer than one batch of "
-                    f"{batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data"
-                )
         self.blend = Blend(mix or [(0, [1.0] * len(sources))], batch_size * world_size)
         if self.blend.sources != len(sources):
             raise ValueError(f"a mix of {self.blend.sources} weights for {len(sources)} sources")
@@ -185,10 +159,6 @@ class TokenLoader:
         """How many times over each source has been read so far (1.5: once, and half of it again)."""
         return [p / s.rows_per_epoch for s, p in zip(self.reader.sources, self.positions())]
 
-    def planned_epochs(self, batches: int) -> list[float]:
-        """How many times over each source the first `batches` batches read."""
-        return [r / s.rows_per_epoch for r, s in zip(self.blend.planned_rows(batches), self.reader.sources)]
-
     def state_dict(self) -> dict[str, int | str | list]:
         r = self.reader
         positions, deficits = self.blend.start(self.batches)
@@ -253,6 +223,37 @@ class TokenLoader:
     def __del__(self) -> None:
         if getattr(self, "_worker", None) is not None:
             self._stop_worker()
+
+
+def _check_sizes(batch_size: int, seq_len: int, pad_multiple: int, prefetch: int, rank: int, world_size: int) -> None:
+    """ValueError for a batch, context or pad multiple not above 0, a negative prefetch, or a rank outside the world."""
+    if batch_size <= 0 or seq_len <= 0 or prefetch < 0 or pad_multiple <= 0:
+        raise ValueError(
+            f"batch_size, seq_len and pad_multiple must be > 0 and prefetch >= 0, got "
+            f"{batch_size}, {seq_len}, {pad_multiple}, {prefetch}"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+
+
+def _check_modes(sampling: str, batching: str, padding: str) -> None:
+    """ValueError for the first of sampling, batching and padding that is not one of its choices."""
+    for name, value, choices in (
+        ("sampling", sampling, Sampling),
+        ("batching", batching, Batching),
+        ("padding", padding, Padding),
+    ):
+        if value not in get_args(choices):
+            raise ValueError(f"{name} must be one of {get_args(choices)}, got {value!r}")
+
+
+def _check_ids(shards: list[ShardInfo], vocab_size: int) -> None:
+    """UsageError naming the first of `shards` holding an id outside a vocabulary of `vocab_size` (the largest
+    id its header records, else found by reading it)."""
+    for s in shards:
+        bound = s.id_bound or scan_id_bound(s)
+        if bound > vocab_size:
+            raise UsageError(f"{s.path}: token id {bound - 1} is outside the vocabulary ({vocab_size} tokens)")
 
 
 def _vocab_size_of(directory: Path, shards: list[ShardInfo]) -> int:

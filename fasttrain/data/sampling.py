@@ -1,18 +1,21 @@
 """Which rows a source's batches take, in what order, epoch after epoch: a seeded permutation per epoch (or
 file order), pools of rows bucketed by length, the tail that fills no whole round of ranks dropped, and a
-`whole` pass's last round made whole with filler (the epochs and passes of fasttrain/data/loader.py).
+`whole` pass's last round made whole with filler (the epochs and passes of fasttrain/data/loader.py). How many
+rows an epoch reads is `rows_per_epoch`'s, which the plan counts with too (planning/repeats.py).
 
-Imports from fasttrain: data.documents, formats.shards.
+Imports from fasttrain: data.documents, formats.shards, system.errors.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import numpy as np
 
 from fasttrain.data.documents import Rows
 from fasttrain.formats.shards import ShardInfo
+from fasttrain.system.errors import UsageError
 
 Sampling = Literal["random", "sequential"]
 Padding = Literal["fixed", "longest", "bucketed"]
@@ -20,12 +23,30 @@ BUCKET_POOL = 64  # batches whose rows are sorted by length together: wider pool
 FILLER = -1  # the row id of an empty slot in the last round of a `whole` pass
 
 
+def rows_per_epoch(rows: Rows, batch_size: int, world_size: int, directory: str | os.PathLike, split: str) -> int:
+    """The rows of `rows` (`directory`'s `split` split) one epoch reads: those that fill whole rounds of
+    batch_size x world_size, the tail dropped. UsageError if they fill not even one round. The loader's epochs
+    (SourceRows) and the plan's (planning/repeats.py) are this count."""
+    per_round = batch_size * world_size
+    if rows.num_rows < per_round:
+        what = f"windows of {rows.seq_len + 1} tokens" if rows.batching == "packed" else f"{rows.batching} rows"
+        raise UsageError(
+            f"{directory}: the {split} split has {rows.num_rows} {what}, fewer than one batch of "
+            f"{batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data"
+        )
+    return rows.num_rows // per_round * per_round
+
+
 class SourceRows:
     """A source split's rows over epochs, the p-th `at(p)`; stateless. An epoch: all but the tail that fills no round of
-    batch_size x world_size (`whole`: all, or `first_rows`, filled with FILLER)."""
+    batch_size x world_size (`whole`: all, or `first_rows`, filled with FILLER). UsageError naming `directory`'s
+    `split` split if an epoch would read no row: fewer rows than a round (`rows_per_epoch`), or a `whole` pass over
+    an empty split."""
 
     def __init__(
         self,
+        directory: str | os.PathLike,
+        split: str,
         shards: list[ShardInfo],
         rows: Rows,
         batch_size: int,
@@ -40,8 +61,13 @@ class SourceRows:
         self.batch_size, self.world_size = batch_size, world_size
         self.sampling, self.padding, self.seed = sampling, padding, seed
         self.whole_rows = min(rows.num_rows, first_rows or rows.num_rows)  # the rows a `whole` pass reads
-        per_round = batch_size * world_size
-        self.rows_per_epoch = (-(-self.whole_rows // per_round) if whole else rows.num_rows // per_round) * per_round
+        if whole:  # every row, the last round filled
+            per_round = batch_size * world_size
+            self.rows_per_epoch = -(-self.whole_rows // per_round) * per_round
+            if self.rows_per_epoch == 0:
+                raise UsageError(f"{directory}: the {split} split is empty (no row of two tokens or more)")
+        else:
+            self.rows_per_epoch = rows_per_epoch(rows, batch_size, world_size, directory, split)
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its rows in order) of the last epoch used
 
     def epoch_order(self, epoch: int) -> np.ndarray:

@@ -40,7 +40,7 @@ from fasttrain.planning.preflight import Machine, check_fits
 from fasttrain.planning.recorded import recorded_run
 from fasttrain.planning.repeats import choose_weight_decay
 from fasttrain.planning.sequence_length import recorded_context, short_context
-from fasttrain.planning.shape import init_shape, size_run
+from fasttrain.planning.shape import SizingInputs, init_shape, size_run
 from fasttrain.planning.sizing import Speed
 from fasttrain.preparation.cache import pending, prepared_dir, stale_cache_note
 from fasttrain.system.errors import UsageError
@@ -255,7 +255,8 @@ def plan_run(
         notes += [note] if note else []
     accumulation = accumulation_steps(t, world.size)
     machine = Machine.of(device)  # its free memory read once: every choice bounded by memory weighs the same bytes
-    sized = size_run(cfg, sources, estimate, accumulation, world, shard_group, machine, speed, earlier, context_set)
+    given = SizingInputs(world, machine, sources, estimate, accumulation, shard_group, earlier, speed, context_set)
+    sized = size_run(cfg, given)
     model, t, speed = sized.model, sized.train, sized.speed
     notes += sized.notes
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size

@@ -1,6 +1,6 @@
 """A corpus read many times: optim.weight_decay_rule = "repeats" chooses the weight decay and the epoch limit.
 
-Imports from fasttrain: config, data.documents, data.mixture, formats.shards, system.errors.
+Imports from fasttrain: config, data.documents, data.mixture, data.sampling, formats.shards.
 
 A run that reads a small corpus over and over can learn the training text itself instead of the language: its
 validation loss turns up while the training loss goes on falling. Weight decay holds it back, but how much a run
@@ -44,8 +44,8 @@ import numpy as np
 from fasttrain.config import Config, OptimConfig
 from fasttrain.data.documents import Rows
 from fasttrain.data.mixture import Source
+from fasttrain.data.sampling import rows_per_epoch
 from fasttrain.formats.shards import find_shards, token_blocks
-from fasttrain.system.errors import UsageError
 
 REPEATS_FREE = 3.0  # epochs up to which repeats need no more decay than new data
 NOVEL_EPOCHS = 4.0  # the most epochs of a corpus whose validation text is new that a self-sized budget reads
@@ -263,17 +263,10 @@ def limit_epochs(
     return replace(cfg, data=replace(cfg.data, max_epochs=limit)), note, measured
 
 
-def rows_per_epoch(source: Source, cfg: Config, world_size: int) -> int:
-    """Training rows of `source` one epoch reads: its rows (data.batching) that fill whole rounds of batch_size x
-    world_size; UsageError if not even one round (as the run's loader says). Reads shard headers, and for
+def epoch_rows(source: Source, cfg: Config, world_size: int) -> int:
+    """Training rows of `source` one epoch of the run's loader reads (data/sampling.py's `rows_per_epoch`, with
+    its UsageError if they fill not even one round of batch_size x world_size). Reads shard headers, and for
     document rows the shards' document index (never cached here: see documents.document_starts)."""
     t, d = cfg.train, cfg.data
     rows = Rows(find_shards(source.dir, "train"), t.seq_len, d.batching, source.data.meta["eot_id"], cache=False)
-    per_round = t.batch_size * world_size
-    if rows.num_rows < per_round:
-        what = f"windows of {t.seq_len + 1} tokens" if d.batching == "packed" else f"{d.batching} rows"
-        raise UsageError(
-            f"{source.dir}: the train split has {rows.num_rows} {what}, fewer than one batch of "
-            f"{t.batch_size} x {world_size} rank(s); lower batch_size or seq_len, or add data"
-        )
-    return rows.num_rows // per_round * per_round
+    return rows_per_epoch(rows, t.batch_size, world_size, source.dir, "train")

@@ -4,7 +4,7 @@ Imports from fasttrain: compute.distributed, config, data.mixture, model.llama, 
 planning.recorded, planning.repeats, planning.sequence_length, planning.sizing, planning.speed, planning.timed_pass,
 system.errors.
 
-    sized = size_run(cfg, sources, ...)   # Sized: the model and train sections, what they were weighed on, notes
+    sized = size_run(cfg, SizingInputs(...))   # Sized: the model and train sections, what they were weighed on, notes
 
 The shape is the one set (model.n_layers and the width the depth gives), model.init_from's (`init_shape`), the one
 the run being resumed or replayed recorded, or under model.n_layers = 0 the one sizing.py chooses for the run's
@@ -28,11 +28,27 @@ from fasttrain.planning import repeats, sizing
 from fasttrain.planning.members import ensemble_members
 from fasttrain.planning.preflight import Machine, depths_in_memory, members_in_memory
 from fasttrain.planning.recorded import Recorded
-from fasttrain.planning.repeats import Corpus, Measured, limit_epochs, rows_per_epoch
+from fasttrain.planning.repeats import Corpus, Measured, epoch_rows, limit_epochs
 from fasttrain.planning.sequence_length import choose_context, trained_context
 from fasttrain.planning.speed import Speed
 from fasttrain.planning.timed_pass import timed_loss, timed_update
 from fasttrain.system.errors import UsageError
+
+
+@dataclass(frozen=True)
+class SizingInputs:
+    """What the plan has answered before it sizes the run, besides the config: what `size_run` and `shape_of` read.
+    Frozen: made once a plan, by `plan_run`."""
+
+    world: distributed.World
+    machine: Machine  # the device and the bytes it had available, read once a plan
+    sources: tuple[Source, ...]  # the prepared data; () while it is not prepared yet
+    estimate: float  # the training tokens of a folder not prepared yet (0 once it is)
+    accumulation: int  # micro-batches per optimizer step
+    shard_group: int  # ranks one parameter is split over: the memory a depth needs is weighed on them
+    earlier: Recorded | None  # what the run being resumed or replayed recorded (None: a new run)
+    speed: Speed | None  # the machine's training speed, timed already (None: timed here where a budget needs it)
+    context_set: bool  # train.seq_len set, not chosen (sequence_length.py)
 
 
 @dataclass(frozen=True)
@@ -49,18 +65,7 @@ class Sized:
     notes: tuple[str, ...]
 
 
-def size_run(
-    cfg: Config,
-    sources: tuple[Source, ...],
-    estimate: float,
-    accumulation: int,
-    world: distributed.World,
-    shards: int,
-    machine: Machine,
-    speed: Speed | None,
-    earlier: Recorded | None,
-    context_set: bool,
-) -> Sized:
+def size_run(cfg: Config, given: SizingInputs) -> Sized:
     """The model and train sections a run of `cfg` (its train.seq_len the short or recorded context) trains: the shape
     (model.n_layers = 0: chosen for the run's compute, sizing.py) and members (model.members = 0: those `earlier`
     recorded, else more than one where the epoch limit stops one early), the context (unless `context_set` or `earlier`
@@ -69,23 +74,27 @@ def size_run(
     lower limit (train.max_steps); with the corpus they were weighed on (each source's share of the run and its
     tokens an epoch, as the loader reads them; `estimate` for a folder not prepared yet), the speed timed, the
     source index and verbatim overlap the repeats rule read (None: none; the overlap `earlier` recorded is not
-    measured again), the epoch limit and the notes."""
-    t, notes, choose_seq_len = cfg.train, [], not context_set and earlier is None
-    mix, _ = phases(cfg.data, t.max_steps, accumulation)
-    shares = token_shares(mix, t.max_steps * accumulation)
+    measured again), the epoch limit and the notes. `given`'s fields are the names above."""
+    t, notes, earlier = cfg.train, [], given.earlier
+    choose_seq_len = not given.context_set and earlier is None
+    mix, _ = phases(cfg.data, t.max_steps, given.accumulation)
+    shares = token_shares(mix, t.max_steps * given.accumulation)
 
     def corpus_at(c: Config) -> tuple[tuple[int, ...], Corpus]:  # a folder not prepared yet: its estimate
-        rows = tuple(rows_per_epoch(s, c, world.size) for s in sources)
-        return rows, tuple(zip(shares, [r * c.train.seq_len for r in rows])) or ((1.0, estimate),)
+        rows = tuple(epoch_rows(s, c, given.world.size) for s in given.sources)
+        return rows, tuple(zip(shares, [r * c.train.seq_len for r in rows])) or ((1.0, given.estimate),)
 
     rows, corpus = corpus_at(cfg)
-    names = [s.name for s in sources]
+    names = [s.name for s in given.sources]
     recorded = earlier.overlap if earlier else None
     measured = (names.index(recorded[0]), recorded[1]) if recorded and recorded[0] in names else None
     self_sized = not cfg.model.n_layers and t.max_time and not cfg.schedule.progress_from
-    cfg, limit_note, measured = limit_epochs(cfg, sources, corpus, measured) if self_sized else (cfg, "", measured)
-    tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size  # the same at either context
-    model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, machine, speed, earlier)
+    if self_sized:
+        cfg, limit_note, measured = limit_epochs(cfg, given.sources, corpus, measured)
+    else:
+        limit_note = ""
+    tokens_per_step = given.accumulation * t.batch_size * t.seq_len * given.world.size  # the same at either context
+    model, note, speed = shape_of(cfg, corpus, tokens_per_step, given)
     cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
     if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
         known = speed is not None or not t.max_time  # a time budget's tokens come from a speed timed
@@ -96,10 +105,10 @@ def size_run(
             cfg = replace(cfg, train=t)
             rows, corpus = corpus_at(cfg)
             cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
-            model, note, speed = shape_of(cfg, corpus, tokens_per_step, world, shards, machine, speed, earlier)
+            model, note, speed = shape_of(cfg, corpus, tokens_per_step, replace(given, speed=speed))
     reaches = cap and sizing.run_tokens(t, model, tokens_per_step, speed) >= cap * tokens_per_step  # said only if so
     notes += [n for n in (limit_note if reaches else "", note) if n]
-    model = model if context_set else trained_context(model, t)
+    model = model if given.context_set else trained_context(model, t)
     if earlier and not model.members:  # resumed or replayed: the members recorded, whatever set the shape
         model = replace(model, members=earlier.config.model.members)
     members, note = model.members or 1, ""
@@ -110,7 +119,7 @@ def size_run(
                 f"train.max_steps = {cap}: a budgeted run with model.n_layers = 0 stops when it has read the corpus "
                 f"{cfg.data.max_epochs:g} times ({'the limit above' if limit_note else 'data.max_epochs'}) or earlier"
             )
-        most = members_in_memory(replace(cfg, model=model, train=t), machine.available, shards)
+        most = members_in_memory(replace(cfg, model=model, train=t), given.machine.available, given.shard_group)
         members, note = (members, "") if model.members else ensemble_members(model, t, tokens_per_step, speed, most)
     notes += [note] if note else []
     model = replace(model, members=members)
@@ -118,21 +127,15 @@ def size_run(
 
 
 def shape_of(
-    cfg: Config,
-    corpus: Corpus,
-    tokens_per_step: int,
-    world: distributed.World,
-    shards: int,
-    machine: Machine,
-    speed: Speed | None,
-    recorded: Recorded | None,
+    cfg: Config, corpus: Corpus, tokens_per_step: int, given: SizingInputs
 ) -> tuple[ModelConfig, str, Speed | None]:
     """cfg.model with no 0 left in its shape, a note ("" if none) and the speed it was chosen at: model.d_model or
     n_heads 0 are derived from the depth; model.n_layers = 0 is the shape the run being resumed or replayed
-    recorded (`recorded`), else chosen for the run's compute (sizing.size_model) on
-    `corpus` (each source's share of the run and its training tokens), of the depths whose memory split over
-    `shards` ranks fits. UsageError for a shape whose heads do not fit its width."""
+    recorded (given.earlier), else chosen for the run's compute (sizing.size_model, at given.speed or timed there)
+    on `corpus` (each source's share of the run and its training tokens), of the depths whose memory split over
+    given.shard_group ranks fits given.machine. UsageError for a shape whose heads do not fit its width."""
     m = cfg.model
+    recorded = given.earlier
     if m.n_layers:
         shape = m if m.d_model and m.n_heads else sizing.ladder_shape(m, m.n_layers)
         width = f"model.d_model = {m.d_model}" if m.d_model else f"width {shape.d_model} (64 x model.n_layers)"
@@ -145,12 +148,14 @@ def shape_of(
                 f"model.n_kv_heads = {m.n_kv_heads} does not divide the {sizing.plural(shape.n_heads, 'head')} of "
                 f"{width} (heads of {sizing.HEAD_DIM}); set model.n_heads too"
             )
-        return shape, "", speed
+        return shape, "", given.speed
     if recorded is None:  # no shape is timed or chosen whose memory estimate leaves the device no margin
-        depths = depths_in_memory(cfg, machine.available, sizing.fitting_depths(m), shards)
-        device = machine.device
+        depths = depths_in_memory(cfg, given.machine.available, sizing.fitting_depths(m), given.shard_group)
+        device = given.machine.device
         update, loss = timed_update(cfg, device), timed_loss(cfg, device)
-        return sizing.size_model(cfg, corpus, tokens_per_step, world.size, device, speed, update, loss, depths)
+        return sizing.size_model(
+            cfg, corpus, tokens_per_step, given.world.size, device, given.speed, update, loss, depths
+        )
     r, where = recorded.config.model, recorded.where
     if unset := [k for k in ("n_layers", "d_model", "n_heads") if not getattr(r, k)]:
         raise UsageError(
@@ -164,7 +169,7 @@ def shape_of(
             f"model.n_layers = 0: the {'resumed' if recorded.resumed else 'replayed'} run's shape, "
             f"{shape.n_layers} x {shape.d_model} with {sizing.plural(shape.n_heads, 'head')}, as {where} records it"
         ),
-        speed,
+        given.speed,
     )
 
 

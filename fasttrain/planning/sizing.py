@@ -60,7 +60,6 @@ are the config's. The resolved config records the shape chosen, so a resume or a
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass, replace
@@ -173,49 +172,21 @@ def choose_shape(
     offered = [s for s in held if matmul_params(s) <= fed] or held[:1]
     shape, within = choice(offered)
     unbounded = choice(shapes)[0]
-    bounds = [
-        f"its memory estimate is over {MEMORY_SHARE:.0%} of what the device has available"
-        if unbounded not in held
-        else "",
-        f"its {matmul_params(unbounded) / 1e6:.2f}M parameters are more than {most:g} epochs of the corpus can "
-        f"feed ({fed / 1e6:.2f}M at a quarter of the rule's {TOKENS_PER_PARAM:g} tokens each)"
-        if matmul_params(unbounded) > fed
-        else "",
-    ]
-    bound = (
-        f"; the rule would choose depth {unbounded.n_layers}, but {' and '.join(b for b in bounds if b)}"
-        if unbounded.n_layers > shape.n_layers
-        else ""
-    )
+    bound = bound_words(shape, unbounded, unbounded in held, fed, most)
     tokens = min(tokens_at(shape), most * epoch_tokens(corpus)) if stops else tokens_at(shape)
     effective, params, total = corpus_worth(tokens, corpus), matmul_params(shape), num_params(shape)
     kept = [f"model.{k} = {getattr(m, k)}" for k in ("d_model", "n_heads", "n_kv_heads") if getattr(m, k)]
     epochs = [tokens * share / unique for share, unique in corpus]
     every = "every depth" if offered == shapes else "every depth offered"
-    if not within and stops:
-        overread = f"; {every} would read the corpus more than {most:g} times in the budget, so the deepest "
-        overread += "trains and stops there (more overfits): more data would train better"
-    elif not within:
-        overread = f"; {every} would read the corpus more than {most:g} times, which overfits: more data "
-        overread += "or a shorter budget would train better"
-    elif any(s.n_layers < shape.n_layers and s not in within for s in offered):
-        overread = f"; a shallower depth would read the corpus more than {most:g} times, which overfits"
-    else:
-        overread = ""
+    shallower = any(s.n_layers < shape.n_layers and s not in within for s in offered)
+    overread = overread_words(every, bool(within), stops, shallower, most)
     beyond = (
         f"; beyond the sweeps ({SWEPT[0]:.0e} to {SWEPT[1]:.0e} effective tokens, up to {SWEPT_EPOCHS:g} epochs): "
         "extrapolated"
         if not SWEPT[0] <= effective <= SWEPT[1] or max(epochs, default=0.0) > SWEPT_EPOCHS
         else ""
     )
-    if len(corpus) == 1:
-        read = f", {epochs[0]:,.1f} epochs of {corpus[0][1] / 1e6:.2f}M"
-    elif corpus:
-        read = ", its sources read " + ", ".join(
-            f"{e:,.1f} epochs of {unique / 1e6:.2f}M" for e, (_, unique) in zip(epochs, corpus)
-        )
-    else:
-        read = ", corpus size not known yet"
+    read = corpus_words(epochs, corpus)
     note = (
         f"model.n_layers = 0: depth {shape.n_layers} ({shape.n_layers} x {shape.d_model}, "
         f"{plural(shape.n_heads, 'head')}, {params / 1e6:.2f}M parameters"
@@ -228,6 +199,52 @@ def choose_shape(
         + beyond
     )
     return Sizing(shape, tokens, effective, params, note)
+
+
+def bound_words(shape: ModelConfig, unbounded: ModelConfig, in_memory: bool, fed: float, most: float) -> str:
+    """The note's words for a bound that kept the rule's choice over every depth (`unbounded`) from being chosen
+    over `shape`: memory (`in_memory` False: its estimate is over MEMORY_SHARE) or the data bound (`fed` matmul
+    parameters at `most` epochs); "" where `unbounded` is no deeper than `shape`."""
+    if unbounded.n_layers <= shape.n_layers:
+        return ""
+    bounds = [
+        "" if in_memory else f"its memory estimate is over {MEMORY_SHARE:.0%} of what the device has available",
+        f"its {matmul_params(unbounded) / 1e6:.2f}M parameters are more than {most:g} epochs of the corpus can "
+        f"feed ({fed / 1e6:.2f}M at a quarter of the rule's {TOKENS_PER_PARAM:g} tokens each)"
+        if matmul_params(unbounded) > fed
+        else "",
+    ]
+    return f"; the rule would choose depth {unbounded.n_layers}, but {' and '.join(b for b in bounds if b)}"
+
+
+def overread_words(every: str, any_within: bool, stops: bool, shallower: bool, most: float) -> str:
+    """The note's words for depths that would read the corpus more than `most` (data.max_epochs) times: `every`
+    ("every depth" or "every depth offered") where none is within it (`any_within` False; `stops`: the run stops
+    at the limit), else a `shallower` one that is not; "" where no depth offered reads it too often."""
+    if not any_within and stops:
+        return (
+            f"; {every} would read the corpus more than {most:g} times in the budget, so the deepest "
+            "trains and stops there (more overfits): more data would train better"
+        )
+    if not any_within:
+        return (
+            f"; {every} would read the corpus more than {most:g} times, which overfits: more data "
+            "or a shorter budget would train better"
+        )
+    if shallower:
+        return f"; a shallower depth would read the corpus more than {most:g} times, which overfits"
+    return ""
+
+
+def corpus_words(epochs: Sequence[float], corpus: Corpus) -> str:
+    """The note's words for how many times the run reads each source of `corpus` (`epochs`, in its order)."""
+    if len(corpus) == 1:
+        return f", {epochs[0]:,.1f} epochs of {corpus[0][1] / 1e6:.2f}M"
+    if corpus:
+        return ", its sources read " + ", ".join(
+            f"{e:,.1f} epochs of {unique / 1e6:.2f}M" for e, (_, unique) in zip(epochs, corpus)
+        )
+    return ", corpus size not known yet"
 
 
 def fitting_depths(m: ModelConfig) -> list[int]:
@@ -325,18 +342,11 @@ def size_model(
     depths = depths or fitting_depths(cfg.model)
     smallest = ladder_shape(cfg.model, depths[0])
     if t.max_time and t.max_time < MIN_BUDGET and not t.max_steps:
-        return (
-            smallest,
-            (
-                f"model.n_layers = 0: train.max_time = {t.max_time:g} s is too short to time the machine for "
-                f"(under {MIN_BUDGET:g} s): the smallest shape, {smallest.n_layers} x {smallest.d_model}, trains "
-                "instead"
-            ),
-            None,
-        )
+        too_short = f"train.max_time = {t.max_time:g} s is too short to time the machine for (under {MIN_BUDGET:g} s)"
+        return smallest_instead(smallest, too_short)
 
-    def tokens_at(shape: ModelConfig, speed: Speed | None) -> float:
-        return run_tokens(t, shape, tokens_per_step, speed)
+    def chosen_at(at: Speed) -> ModelConfig:  # the shape chosen at speed `at`, its note unsaid
+        return choose_shape(cfg, tokens_by_shape(t, tokens_per_step, at), corpus, "", depths).model
 
     if t.max_time and speed is None:
         if world_size > 1:
@@ -349,44 +359,51 @@ def size_model(
         try:
             speed = replace(calibrate(cfg, device, update=update, loss=loss, depths=depths[:2]), busy=busy)
             for _ in range(RETIMINGS):  # the shape chosen timed too, and chosen again at its own speed
-                chosen = choose_shape(cfg, functools.partial(tokens_at, speed=speed), corpus, "", depths).model
+                chosen = chosen_at(speed)
                 if speed.timed(flops_per_token(replace(chosen, members=1), t.seq_len)):
                     break
                 speed = speed.merged(calibrate(cfg, device, update=update, loss=loss, depths=[chosen.n_layers]))
         except RuntimeError as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            return (
-                smallest,
-                (
-                    f"model.n_layers = 0: timing the machine failed ({reason}): the smallest shape, "
-                    f"{smallest.n_layers} x {smallest.d_model}, trains instead"
-                ),
-                None,
-            )
+            return smallest_instead(smallest, f"timing the machine failed ({reason})")
 
     if not speed:
         why = f"{t.max_steps} steps of {tokens_per_step:,} tokens"
-        sizing = choose_shape(cfg, functools.partial(tokens_at, speed=None), corpus, why, depths)
+        sizing = choose_shape(cfg, tokens_by_shape(t, tokens_per_step, None), corpus, why, depths)
         return sizing.model, sizing.note, None
-    first = choose_shape(cfg, functools.partial(tokens_at, speed=speed), corpus, "", depths).model
+    first = chosen_at(speed)
     one = flops_per_token(replace(first, members=1), t.seq_len)  # the shapes are timed as one model
     how = "timed" if speed.timed(one) else "scaled by FLOPs from the shapes timed"
     why = (
         f"{t.max_time:g} s at ~{tokens_per_s(speed, first, t.seq_len):,.0f} tokens/s for depth {first.n_layers}, {how}"
     )
-    sizing = choose_shape(cfg, functools.partial(tokens_at, speed=speed), corpus, why, depths)
-    # the depths a speed SENSITIVITY times the timed one would choose (the steps, where they bound the run, do not move)
-    near = {
-        choose_shape(cfg, functools.partial(tokens_at, speed=speed.scaled(f)), corpus, "", depths).model.n_layers
-        for f in SENSITIVITY
-    } - {sizing.model.n_layers}
-    boundary = (
+    sizing = choose_shape(cfg, tokens_by_shape(t, tokens_per_step, speed), corpus, why, depths)
+    boundary = boundary_words(chosen_at, speed, sizing.model.n_layers)
+    return sizing.model, sizing.note + boundary + speed.busy, speed
+
+
+def smallest_instead(smallest: ModelConfig, why: str) -> tuple[ModelConfig, str, None]:
+    """size_model's answer where the machine is not timed (`why`): the `smallest` shape, said in the note, and no
+    speed."""
+    note = f"model.n_layers = 0: {why}: the smallest shape, {smallest.n_layers} x {smallest.d_model}, trains instead"
+    return smallest, note, None
+
+
+def boundary_words(chosen_at: Callable[[Speed], ModelConfig], speed: Speed, depth: int) -> str:
+    """The note's words where a speed SENSITIVITY times `speed` would choose (`chosen_at` a speed) another depth
+    than `depth` (the steps, where they bound the run, do not move); "" where none would."""
+    near = {chosen_at(speed.scaled(f)).n_layers for f in SENSITIVITY} - {depth}
+    if not near:
+        return ""
+    return (
         f"; near a boundary: a speed 20% off would choose depth {' or '.join(map(str, sorted(near)))}, so another "
         "timing (the run's, or its dry run's) may choose another depth"
-        if near
-        else ""
     )
-    return sizing.model, sizing.note + boundary + speed.busy, speed
+
+
+def tokens_by_shape(t: TrainConfig, tokens_per_step: int, speed: Speed | None) -> Callable[[ModelConfig], float]:
+    """What choose_shape weighs a shape by: the tokens a run of `t` trains it on at `speed` (run_tokens)."""
+    return lambda shape: run_tokens(t, shape, tokens_per_step, speed)
 
 
 def run_tokens(t: TrainConfig, shape: ModelConfig, tokens_per_step: int, speed: Speed | None) -> float:

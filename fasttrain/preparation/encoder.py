@@ -100,70 +100,11 @@ def fast_encoder(tok: tokenizers.Tokenizer) -> Encode:
     import tiktoken
 
     spec = json.loads(tok.to_str())
-    model = spec["model"]
-    if model.get("type") != "BPE":
-        raise Inexpressible(f"a {model.get('type')} model, not a BPE")
-    if spec.get("normalizer"):
-        raise Inexpressible(f"a {spec['normalizer'].get('type')} normalizer")
-    if spec.get("truncation") or spec.get("padding"):
-        raise Inexpressible("truncation or padding set")
-    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
-        if model.get(key):
-            raise Inexpressible(f"BPE {key} = {model[key]!r}")
-    if model.get("byte_fallback"):
-        raise Inexpressible("a byte-fallback BPE (SentencePiece-style)")
+    _check_plain_bpe(spec)
     pattern = _pattern(spec.get("pre_tokenizer"))
-
-    alphabet = _byte_alphabet()
-    vocab: dict[str, int] = model["vocab"]
-
-    def as_bytes(token: str) -> bytes:
-        try:
-            return bytes(alphabet[c] for c in token)
-        except KeyError:
-            raise Inexpressible(f"token {token!r} is not in the byte-level alphabet") from None
-
-    missing = [c for c in alphabet if c not in vocab]
-    if missing:
-        raise Inexpressible(f"{len(missing)} of the 256 bytes have no token")
-    # Ranks in merge order: the 256 bytes, then each merge's result. rank_ids maps a rank back to its id.
-    ranks: dict[bytes, int] = {}
-    ranked: list[int] = []
-    for c in sorted(alphabet, key=alphabet.__getitem__):
-        ranks[bytes([alphabet[c]])] = len(ranked)
-        ranked.append(vocab[c])
-    merged: list[str] = []
-    for merge in model["merges"]:
-        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
-        token = left + right
-        if token not in vocab:
-            raise Inexpressible(f"merge {left!r} + {right!r} makes no token of the vocabulary")
-        encoded = as_bytes(token)
-        if encoded in ranks:
-            raise Inexpressible(f"token {token!r} is made by two merges")
-        ranks[encoded] = len(ranked)
-        ranked.append(vocab[token])
-        merged.append(token)
     added = spec.get("added_tokens") or []
-    if model.get("ignore_merges"):  # a whole piece in the vocabulary is one token, however it was made
-        contents = {a["content"] for a in added}
-        for token, i in vocab.items():
-            if token not in contents and as_bytes(token) not in ranks:
-                ranks[as_bytes(token)] = len(ranked)
-                ranked.append(i)
-    else:  # tiktoken takes a whole piece that is a token as that token: tokenizers' merges must make it too
-        for token in merged:
-            made = tok.model.tokenize(token)
-            if len(made) != 1:
-                raise Inexpressible(f"token {token!r} is not what its own merges make of it")
-    specials: dict[str, int] = {}
-    for a in added:
-        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
-            raise Inexpressible(f"added token {a['content']!r} strips whitespace or matches single words only")
-        specials[a["content"]] = len(ranked)
-        ranked.append(a["id"])
-    if any(a != b and b.startswith(a) for a in specials for b in specials):
-        raise Inexpressible("one added token is a prefix of another")
+    ranks, ranked = _mergeable_ranks(tok, spec["model"], added)
+    specials = _special_ranks(added, ranked)
     try:
         encoding = tiktoken.Encoding("fasttrain", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
     except Exception as e:  # a pattern tiktoken's regex engine refuses: a bare ValueError from Rust
@@ -177,6 +118,86 @@ def fast_encoder(tok: tokenizers.Tokenizer) -> Encode:
         return out if identity else [ids[o] for o in out]
 
     return encode
+
+
+def _check_plain_bpe(spec: dict) -> None:
+    """Inexpressible unless tokenizer.json's `spec` is a plain BPE: no normalizer, truncation or padding, dropout,
+    affixes to words or byte fallback."""
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise Inexpressible(f"a {model.get('type')} model, not a BPE")
+    if spec.get("normalizer"):
+        raise Inexpressible(f"a {spec['normalizer'].get('type')} normalizer")
+    if spec.get("truncation") or spec.get("padding"):
+        raise Inexpressible("truncation or padding set")
+    for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise Inexpressible(f"BPE {key} = {model[key]!r}")
+    if model.get("byte_fallback"):
+        raise Inexpressible("a byte-fallback BPE (SentencePiece-style)")
+
+
+def _as_bytes(token: str, alphabet: dict[str, int]) -> bytes:
+    """The bytes a byte-level token stands for (`alphabet`: each of its characters' byte); Inexpressible if one
+    is not in it."""
+    try:
+        return bytes(alphabet[c] for c in token)
+    except KeyError:
+        raise Inexpressible(f"token {token!r} is not in the byte-level alphabet") from None
+
+
+def _mergeable_ranks(tok: tokenizers.Tokenizer, model: dict, added: list[dict]) -> tuple[dict[bytes, int], list[int]]:
+    """tiktoken's ranks for the BPE `model` of `tok` (`added`: its added tokens) and the id of each rank, in merge
+    order: the 256 bytes, then each merge's result (with `ignore_merges`, then every other token of the
+    vocabulary). Inexpressible where the two libraries would not agree (the module docstring)."""
+    alphabet = _byte_alphabet()
+    vocab: dict[str, int] = model["vocab"]
+    missing = [c for c in alphabet if c not in vocab]
+    if missing:
+        raise Inexpressible(f"{len(missing)} of the 256 bytes have no token")
+    ranks: dict[bytes, int] = {}
+    ranked: list[int] = []  # maps a rank back to its id
+    for c in sorted(alphabet, key=alphabet.__getitem__):
+        ranks[bytes([alphabet[c]])] = len(ranked)
+        ranked.append(vocab[c])
+    merged: list[str] = []
+    for merge in model["merges"]:
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        token = left + right
+        if token not in vocab:
+            raise Inexpressible(f"merge {left!r} + {right!r} makes no token of the vocabulary")
+        encoded = _as_bytes(token, alphabet)
+        if encoded in ranks:
+            raise Inexpressible(f"token {token!r} is made by two merges")
+        ranks[encoded] = len(ranked)
+        ranked.append(vocab[token])
+        merged.append(token)
+    if model.get("ignore_merges"):  # a whole piece in the vocabulary is one token, however it was made
+        contents = {a["content"] for a in added}
+        for token, i in vocab.items():
+            if token not in contents and _as_bytes(token, alphabet) not in ranks:
+                ranks[_as_bytes(token, alphabet)] = len(ranked)
+                ranked.append(i)
+    else:  # tiktoken takes a whole piece that is a token as that token: tokenizers' merges must make it too
+        for token in merged:
+            made = tok.model.tokenize(token)
+            if len(made) != 1:
+                raise Inexpressible(f"token {token!r} is not what its own merges make of it")
+    return ranks, ranked
+
+
+def _special_ranks(added: list[dict], ranked: list[int]) -> dict[str, int]:
+    """tiktoken's special tokens for tokenizer.json's `added` tokens, ranked after `ranked`'s, to which each one's
+    id is appended; Inexpressible for one that strips whitespace, matches single words only, or begins another."""
+    specials: dict[str, int] = {}
+    for a in added:
+        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
+            raise Inexpressible(f"added token {a['content']!r} strips whitespace or matches single words only")
+        specials[a["content"]] = len(ranked)
+        ranked.append(a["id"])
+    if any(a != b and b.startswith(a) for a in specials for b in specials):
+        raise Inexpressible("one added token is a prefix of another")
+    return specials
 
 
 def slow_encoder(tokenizer: Tokenizer) -> Encode:

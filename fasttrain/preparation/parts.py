@@ -154,29 +154,9 @@ def prepare_part(
     out, name = Path(out_dir), f"part {k}/{n}"
     prep.check_options(val_fraction, shard_tokens, tokenizer_path)
     parts = out / PARTS
-    request, learned_from = None, None
-    if not tokenizer_path:
-        if not (parts / LEARNED).is_file():
-            raise UsageError(
-                f"{name}: no tokenizer; every part needs the same one: give --tokenizer, or learn one first, once: "
-                f"fasttrain prepare --input ... --out {out} --learn-tokenizer-only --vocab-size N"
-            )
-        try:
-            learned = json.loads((parts / LEARNED_META).read_text())
-            request, learned_from = learned["request"], learned["learned_from"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UsageError(
-                f"{name}: {parts / LEARNED_META} unreadable ({type(e).__name__}); learn the tokenizer "
-                "again with --learn-tokenizer-only"
-            ) from None
+    learned, learned_from = (None, None) if tokenizer_path else _learned_request(out, name)
     sources = resolve_inputs(inputs)
-    if request is None:
-        request = prep.request_of(inputs, 0, tokenizer_path, val_fraction, text_field)
-    elif {**request, "vocab_size": 0} != {**prep.request_of(inputs, 0, None, val_fraction, text_field)}:
-        raise UsageError(
-            f"{name}: {parts / LEARNED} was learned from other inputs or options "
-            f"({json.dumps(request)[:120]}); learn it again for these"
-        )
+    request = _part_request(inputs, learned, name, parts, tokenizer_path, val_fraction, text_field)
     _refuse_merged(out, name)  # before the lock, which would make DIR/parts again
     busy = lambda holder: f"{name}: another prepare ({holder}) is writing it; wait for it to end"  # noqa: E731
     with holding(_lock(out, k, n), busy):
@@ -231,6 +211,47 @@ def prepare_part(
             f"{manifest['seconds']:.1f}s -> {final}"
         )
     return manifest
+
+
+def _part_request(
+    inputs: Sequence[str],
+    learned: dict | None,
+    name: str,
+    parts: Path,
+    tokenizer_path: str | None,
+    val_fraction: float,
+    text_field: str,
+) -> dict:
+    """What part `name` records it was asked for: the request of the tokenizer learned in `parts` (`learned`),
+    UsageError unless these inputs and options are the ones it was learned for; else the one they make."""
+    if learned is None:
+        return prep.request_of(inputs, 0, tokenizer_path, val_fraction, text_field)
+    if {**learned, "vocab_size": 0} != {**prep.request_of(inputs, 0, None, val_fraction, text_field)}:
+        raise UsageError(
+            f"{name}: {parts / LEARNED} was learned from other inputs or options "
+            f"({json.dumps(learned)[:120]}); learn it again for these"
+        )
+    return learned
+
+
+def _learned_request(out: Path, name: str) -> tuple[dict, dict]:
+    """What the tokenizer --learn-tokenizer-only learned in `out`/parts was asked for (its request) and the
+    sample it learned from, as its tokenizer-meta.json records them, for part `name`; UsageError if there is no
+    such tokenizer or the record cannot be read."""
+    parts = out / PARTS
+    if not (parts / LEARNED).is_file():
+        raise UsageError(
+            f"{name}: no tokenizer; every part needs the same one: give --tokenizer, or learn one first, once: "
+            f"fasttrain prepare --input ... --out {out} --learn-tokenizer-only --vocab-size N"
+        )
+    try:
+        learned = json.loads((parts / LEARNED_META).read_text())
+        return learned["request"], learned["learned_from"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(
+            f"{name}: {parts / LEARNED_META} unreadable ({type(e).__name__}); learn the tokenizer "
+            "again with --learn-tokenizer-only"
+        ) from None
 
 
 # What every part must agree on, with how a disagreement is named.
