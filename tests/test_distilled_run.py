@@ -16,12 +16,14 @@ import torch
 from safetensors.torch import load_file
 
 from fasttrain import train as train_module
+from fasttrain.compute.distributed import World
 from fasttrain.config import TrainConfig, load_config, save_config
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.export import export
 from fasttrain.model.transformer import flops_per_token, num_params
 from fasttrain.planning import repeats, sizing
 from fasttrain.planning.members import TEACHER_COST, distill_note, distilled, ensemble_members
+from fasttrain.planning.plan import plan_run
 from fasttrain.planning.preflight import estimate_bytes, teacher_bytes, teacher_members, teachers_in_memory
 from fasttrain.planning.sizing import MEMORY_SHARE
 from fasttrain.planning.speed import Speed
@@ -30,6 +32,7 @@ from fasttrain.training.phases import Ended, end_event, ensemble_config, more_me
 from fasttrain.training.trainer import Interrupted, Trainer
 from tests.conftest import tiny_args, tiny_config
 from tests.test_checkpoint import EXACT, hold_lock
+from tests.test_plans_unchanged import SPEED
 
 BASE = Path(__file__).resolve().parents[1] / "configs" / "base.toml"  # from any working directory
 DISTILLED = [
@@ -378,3 +381,13 @@ def test_the_students_teacher_is_in_the_memory_estimate_and_bounds_the_members(t
     alone = sum(estimate_bytes(cfg, 4).values())
     room = (alone + teacher_bytes(cfg, 2)) / MEMORY_SHARE  # a student and a teacher of two, not of three
     assert teachers_in_memory(cfg, int(room), 8) == 2 and teachers_in_memory(cfg, int(room * 100), 8) == 8
+
+
+def test_a_set_train_max_steps_is_no_epoch_limit_and_trains_no_first_round(pydoc_data, tmp_path):
+    """base.toml on the small topics at 2 minutes (tests/plans.json's topics-base): one model reaches the epoch limit
+    early, a first round of one; with train.max_steps=50 it stops at its steps, which no round follows."""
+    sets = [f'data.dir="{pydoc_data}"', "data.vocab_size=0", f'train.out_dir="{tmp_path}"', "train.max_time=120"]
+    plan = plan_run(load_config(BASE, sets), World(), torch.device("cpu"), speed=SPEED)
+    assert plan.cfg.model.members == 1 and plan.cfg.train.distill
+    steps = plan_run(load_config(BASE, [*sets, "train.max_steps=50"]), World(), torch.device("cpu"), speed=SPEED)
+    assert steps.cfg.train.max_steps == 50 and not steps.cfg.train.distill

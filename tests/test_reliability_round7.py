@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,7 @@ def test_a_mixture_is_sized_by_what_each_source_is_read(pydoc_data, code_data, t
     assert cli(tiny_args(pydoc_data, tmp_path / "run", *sets, flags=["--dry-run"])) == 0
     out = capsys.readouterr().out
     assert depth_in(out) == expected.model.n_layers, out
-    assert f"{expected.effective / expected.params:.2f} effective tokens per parameter" in out
+    assert f"{expected.effective / expected.params:.2f} training tokens per parameter, a repeated token counted" in out
     assert "its sources read" in out
 
 
@@ -208,11 +209,16 @@ def test_a_choice_near_a_boundary_or_timed_on_a_busy_machine_says_so(pydoc_data,
     notes = [size_model(cfg, (), 128, 1, CPU, Speed(((1e6, f),)))[1] for f in np.geomspace(1e8, 1e11, 60)]
     assert any("near a boundary: a speed 20% off would choose depth" in n for n in notes)
     assert not all("near a boundary" in n for n in notes)
+    # how to keep the shape whatever a timing reads, where another could choose another (issue 101 item 10)
+    assert all(("near a boundary" in n) == ("; --set model.n_layers=" in n) for n in notes)
     monkeypatch.setattr(sizing, "calibrate", lambda cfg, device, update, loss, depths=(): speed)
     monkeypatch.setattr(machine_load.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # 2 cores, any machine
     monkeypatch.setattr(machine_load, "others_runnable", lambda: 7)
     note = size_model(cfg, (), 128, 1, CPU, None)[1]
     assert "other programs were running when the machine was timed (7 threads runnable besides this run's" in note
+    assert re.search(r"; --set model.n_layers=\d+ keeps this shape whatever a timing reads$", note), note
+    steps = replace(cfg, train=replace(cfg.train, max_steps=50))  # both bounds, not a budget it never reaches
+    assert "(50 steps or 600 s at ~" in size_model(steps, (), 128, 1, CPU, None)[1]
     given = size_model(cfg, (), 128, 1, CPU, None)[2]  # the plan made again with the speed timed: still says so
     assert "other programs were running" in size_model(cfg, (), 128, 1, CPU, given)[1]
     monkeypatch.setattr(machine_load, "others_runnable", lambda: 0)

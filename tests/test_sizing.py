@@ -145,7 +145,7 @@ def test_no_depth_that_would_read_the_corpus_more_than_ten_times_is_chosen_while
     assert read.model.n_layers > free.model.n_layers and read.tokens / unique <= cfg.data.max_epochs
     shallower = ladder_shape(cfg.model, read.model.n_layers - 1)
     assert tokens_at(5e12)(shallower) / unique > cfg.data.max_epochs  # the first depth within the ceiling
-    assert "a shallower depth would read the corpus more than 10 times, which overfits" in read.note
+    assert "a shallower depth would read the corpus more than 10 times (the epoch limit), which overfits" in read.note
     fast = choose_shape(cfg, tokens_at(5e20), corpus(unique), "timed")  # every depth reads it 10+ times: the ratio's
     assert fast.model.n_layers < max(sizing.DEPTHS) and "every depth would read the corpus more than 10" in fast.note
     assert "extrapolated" in fast.note

@@ -55,7 +55,7 @@ def test_a_budget_of_days_on_a_small_corpus_plans_what_the_device_and_the_data_h
     assert params <= fed, out
     assert plan["memory_bytes"] <= sizing.MEMORY_SHARE * plan["available_bytes"]
     assert re.search(r"the rule would choose depth \d+, but .*its [\d.]+M parameters are more than 10 epochs", out)
-    assert "every depth offered would read the corpus more than 10 times" in out
+    assert "every depth offered would read the corpus more than 10 times (the epoch limit)" in out
 
 
 def test_no_shape_over_the_memory_bound_is_timed_or_chosen(pydoc_data, tmp_path, monkeypatch, capsys):

@@ -60,8 +60,9 @@ def ensemble_members(
 
 def distilled(shape: ModelConfig, t: TrainConfig, tokens_per_step: int, speed: Speed | None) -> bool:
     """Whether a new run with train.distill trains its `shape.members` as a distilled run's first round: several, or one
-    that reaches train.max_steps (the epoch limit) with more than MIN_LEFT of train.max_time left at MIS_TIMED times
-    the `speed` timed, so that the time it leaves goes to more members and their student (training/phases.py)."""
+    that reaches train.max_steps (the epoch limit, where `speed` is given: the speed timed) with more than MIN_LEFT of
+    train.max_time left at MIS_TIMED times that speed, so that the time it leaves goes to more members and their
+    student (training/phases.py)."""
     if shape.members > 1:
         return True
     if not (t.max_time and t.max_steps and speed):

@@ -38,7 +38,7 @@ from fasttrain.planning import sizing
 from fasttrain.planning.members import distill_note, distilled
 from fasttrain.planning.preflight import Machine, check_fits
 from fasttrain.planning.recorded import recorded_run
-from fasttrain.planning.repeats import choose_weight_decay
+from fasttrain.planning.repeats import choose_weight_decay, epoch_cap
 from fasttrain.planning.sequence_length import recorded_context, short_context
 from fasttrain.planning.shape import SizingInputs, init_shape, size_run
 from fasttrain.planning.sizing import Speed
@@ -261,7 +261,9 @@ def plan_run(
     notes += sized.notes
     tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size
     if t.distill:  # resolved: only a new run's members are distilled, and config.toml records whether this run is one
-        t = replace(t, distill=resume is None and distilled(model, t, tokens_per_step, speed))
+        # one model is a first round only where its stop is the epoch limit (not a train.max_steps set)
+        limit = bool(speed) and epoch_cap(sized.corpus, tokens_per_step, sized.epoch_limit) == t.max_steps
+        t = replace(t, distill=resume is None and distilled(model, t, tokens_per_step, speed if limit else None))
         notes += [distill_note(model.members, t)] if t.distill else []
     # Resolved too: a run with no teacher, or one left one model, has nothing to start from
     if t.teacher_init and not (t.teacher or t.distill):

@@ -192,7 +192,8 @@ def choose_shape(
         f"{plural(shape.n_heads, 'head')}, {params / 1e6:.2f}M parameters"
         + (f" in matmuls, {total / 1e6:.2f}M with the lookup tables" if total != params else "")
         + f") for ~{tokens / 1e6:.2f}M training tokens "
-        f"({why}{read}): {effective / params:.2f} effective tokens per parameter, the rule's {TOKENS_PER_PARAM:g}"
+        f"({why}{read}): {effective / params:.2f} training tokens per parameter, a repeated token counted at what it"
+        f" still teaches (the sizing rule's aim: {TOKENS_PER_PARAM:g})"
         + (f"; {' and '.join(kept)} kept, as set" if kept else "")
         + overread
         + bound
@@ -223,16 +224,16 @@ def overread_words(every: str, any_within: bool, stops: bool, shallower: bool, m
     at the limit), else a `shallower` one that is not; "" where no depth offered reads it too often."""
     if not any_within and stops:
         return (
-            f"; {every} would read the corpus more than {most:g} times in the budget, so the deepest "
-            "trains and stops there (more overfits): more data would train better"
+            f"; {every} would read the corpus more than {most:g} times (the epoch limit) in the budget, so the "
+            "deepest trains and stops there (more overfits): more data would train better"
         )
     if not any_within:
         return (
-            f"; {every} would read the corpus more than {most:g} times, which overfits: more data "
-            "or a shorter budget would train better"
+            f"; {every} would read the corpus more than {most:g} times (the epoch limit), which overfits: more "
+            "data or a shorter budget would train better"
         )
     if shallower:
-        return f"; a shallower depth would read the corpus more than {most:g} times, which overfits"
+        return f"; a shallower depth would read the corpus more than {most:g} times (the epoch limit), which overfits"
     return ""
 
 
@@ -374,12 +375,19 @@ def size_model(
     first = chosen_at(speed)
     one = flops_per_token(replace(first, members=1), t.seq_len)  # the shapes are timed as one model
     how = "timed" if speed.timed(one) else "scaled by FLOPs from the shapes timed"
+    rate = f"~{tokens_per_s(speed, first, t.seq_len):,.0f} tokens/s for depth {first.n_layers}, {how}"
+    # a set train.max_steps may end the run first: both bounds said, not a budget it never reaches
     why = (
-        f"{t.max_time:g} s at ~{tokens_per_s(speed, first, t.seq_len):,.0f} tokens/s for depth {first.n_layers}, {how}"
+        f"{t.max_steps} steps or {t.max_time:g} s at {rate}, whichever ends first"
+        if t.max_steps
+        else f"{t.max_time:g} s at {rate}"
     )
     sizing = choose_shape(cfg, tokens_by_shape(t, tokens_per_step, speed), corpus, why, depths)
-    boundary = boundary_words(chosen_at, speed, sizing.model.n_layers)
-    return sizing.model, sizing.note + boundary + speed.busy, speed
+    depth = sizing.model.n_layers
+    boundary = boundary_words(chosen_at, speed, depth)
+    # Another timing may choose another shape: say how to keep this one, so two runs of one config train one model
+    keep = f"; --set model.n_layers={depth} keeps this shape whatever a timing reads" if boundary or speed.busy else ""
+    return sizing.model, sizing.note + boundary + speed.busy + keep, speed
 
 
 def smallest_instead(smallest: ModelConfig, why: str) -> tuple[ModelConfig, str, None]:
