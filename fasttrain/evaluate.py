@@ -12,7 +12,7 @@ system.errors, system.run_lock, training.metrics.
 --input takes what `fasttrain.prepare --input` takes, tokenized as prepare does into a temporary directory and scored
 there; --split val scores the run's own val split. Scoring is the trainer's validation in one pass over every row,
 batched as the run did, so the loss is the mean over every target and bits per byte that loss in bits times tokens per
-UTF-8 byte (with --split val the trainer's val_bpb when its evaluation covered the split).
+UTF-8 byte (with --split val what the run's end event records as final_val_bpb, where the run scored final/).
 
 --tasks runs lm-eval's tasks (the `eval` extra; evaluation/harness.py) and prints their scores, also written to the
 run's metrics.jsonl as an `eval_tasks` event and with --output to a JSON file; --include-path adds a folder of one's own
