@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from fasttrain import train as train_module
+from fasttrain.checkpoints.run_directory import MEMBERS_DIR
 from fasttrain.config import TrainConfig, load_config, save_config
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.export import export
@@ -24,7 +25,7 @@ from fasttrain.planning import sizing
 from fasttrain.planning.members import TEACHER_COST, distill_note, distilled, ensemble_members
 from fasttrain.planning.speed import Speed
 from fasttrain.system.errors import UsageError
-from fasttrain.training.phases import Ended, end_event, ensemble_config, more_members, next_phase, publish
+from fasttrain.training.phases import ENSEMBLE_DIR, Ended, end_event, ensemble_config, more_members, next_phase, publish
 from fasttrain.training.trainer import Interrupted, Trainer
 from tests.conftest import tiny_args, tiny_config
 from tests.test_checkpoint import EXACT
@@ -318,3 +319,9 @@ def test_a_distilled_run_moved_elsewhere_resumes_where_it_now_is(phase, pydoc_da
     assert not run.exists()
     straight, resumed = weights(tmp_path / "straight"), weights(moved)
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
+def test_the_tools_name_the_members_folder_the_phases_write():
+    """The tools name RUN/ensemble where a distilled run has no save of its own yet (run_directory.members_note; the
+    rows of tests/test_bad_input.py): the folder the phases write its first round into."""
+    assert MEMBERS_DIR == ENSEMBLE_DIR
