@@ -71,8 +71,11 @@ def test_the_run_closes_with_what_evaluate_gives_on_the_whole_split(pydoc_data, 
     assert "bits/byte on the first 2 val batches (best" in done
     assert closing.startswith(f"final/: {end['final_val_bpb']:.4f} bits/byte") and "on the whole val split" in closing
     assert out.rstrip("\n").endswith(closing)  # the run's last line
-    if case == "best":
+    if case == "best":  # the weights line names the step, its score left to the closing line
         assert end["weights_step"] <= 3 < end["step"]
+        assert (
+            f"(step {end['weights_step']}'s, the lowest validation loss; the last step's are in the checkpoint)" in out
+        )
 
 
 def test_a_run_whose_evaluations_read_the_whole_split_closes_with_their_figure(pydoc_data, tmp_path, capsys):
