@@ -13,8 +13,9 @@ preparation.preparation, system.atomic, system.errors, system.run_lock, training
 there on the text's own tokens: each document on its own, after an end-of-text token that conditions its first token
 but is neither a target nor a byte, so loss and perplexity are what transformers gives on `[bos] + tokens` and bits per
 byte the summed loss in bits over the UTF-8 bytes (score_text). --split val scores the run's own val split as the
-trainer's validation does, in one pass over every row, batched as the run did (the trainer's val_bpb when its
-evaluation covered the split).
+trainer's validation does, in one pass over every row, batched as the run did: the loss the mean over every target and
+bits per byte that loss in bits times tokens per UTF-8 byte (what the run's end event records as final_val_bpb, where
+the run scored final/).
 
 --tasks runs lm-eval's tasks (the `eval` extra; evaluation/harness.py) and prints their scores, also written to the
 run's metrics.jsonl as an `eval_tasks` event and with --output to a JSON file; --include-path adds a folder of one's own

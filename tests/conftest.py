@@ -258,6 +258,9 @@ def tiny_overrides(data_dir, out_dir) -> list[str]:
         'schedule.decay="cosine"',
         "schedule.warmup_steps=2",
         "train.sample_tokens=4",
+        # final/ is not scored again on the whole val split at the end (seconds a run, over hundreds of runs): the
+        # runs that test that closing score set "auto" or true (tests/test_final_score.py)
+        "train.final_eval=false",
         "train.tensorboard=false",
         'train.precision="fp32"',  # "auto" would be bf16 on a CPU with native bf16: the same numbers everywhere
     ]

@@ -19,7 +19,7 @@ import torch
 
 from fasttrain import cli, doctor, evaluate, export, plot, prepare, sample, train
 from fasttrain.checkpoints import checksums
-from fasttrain.checkpoints.run_directory import SET_ASIDE, write_journal
+from fasttrain.checkpoints.run_directory import MEMBERS_DIR, SET_ASIDE, write_journal
 from fasttrain.system.errors import run_cli
 from tests.conftest import tiny_args
 from tests.test_lm_eval import faulty_task, with_lm_eval, wordlevel_run, wordlevel_training
@@ -73,6 +73,18 @@ class Case:
 def truncate(path: Path, keep: float) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
+
+
+def distilled(c: Case, members_trained: bool) -> Path:
+    """A distilled run's directory (training/phases.py) before its student's first save: its members training in
+    RUN/ensemble (a save of theirs), or trained (their final/ too). Issue 101 item 7: the tools said "no checkpoint
+    saved there yet" without naming RUN/ensemble."""
+    run = c.tmp / "distilled"
+    members = run / MEMBERS_DIR
+    shutil.copytree(c.run / "checkpoints", members / "checkpoints")
+    if members_trained:
+        shutil.copytree(c.run / "final", members / "final")
+    return run
 
 
 def unpickling_runs_code(c: Case) -> str:
@@ -1159,6 +1171,12 @@ CASES = [
     ),
     ("export a non-checkpoint", export, lambda c: [c.file("junk.pt", b"PK\x03\x04 nope")], "not a loadable checkpoint"),
     ("export with nothing saved", export, lambda c: [str(c.tmp)], "no checkpoint saved there yet"),
+    (
+        "export: a distilled run's members training",
+        export,
+        lambda c: [str(distilled(c, members_trained=False))],
+        "distilled/ensemble --split val scores them (sample and export take it too)",
+    ),
     # sampling and scoring a trained model
     (
         "sample: --device gpu",
@@ -1307,6 +1325,13 @@ CASES = [
         "nope: no such run directory or checkpoint",
     ),
     ("sample: nothing saved", sample, lambda c: [str(c.tmp)], "no checkpoint saved there yet"),
+    (
+        "sample: a distilled run's members training",
+        sample,
+        lambda c: [str(distilled(c, members_trained=False))],
+        "distilled/checkpoints: no checkpoint saved there yet, so nothing to resume or export; this distilled run's "
+        "members are training in ",
+    ),
     ("sample: negative top-k", sample, lambda c: [str(c.run), "--top-k", "-3"], "--top-k: must be >= 0 (0: no limit)"),
     ("sample: top-p above 1", sample, lambda c: [str(c.run), "--top-p", "1.5"], "--top-p: must be in (0, 1], got 1.5"),
     (
@@ -1380,6 +1405,19 @@ CASES = [
         evaluate,
         lambda c: [str(c.run), "--input", c.file("empty.txt", "")],
         "empty.txt: no text found",
+    ),
+    (
+        "evaluate: a distilled run's members training",
+        evaluate,
+        lambda c: [str(distilled(c, members_trained=False)), "--split", "val"],
+        "distilled/ensemble --split val scores them (sample and export take it too)",
+    ),
+    (
+        "evaluate: a distilled run's student, not saved yet",
+        evaluate,
+        lambda c: [str(distilled(c, members_trained=True)), "--split", "val"],
+        "distilled/checkpoints: no checkpoint saved there yet, so nothing to resume or export; this distilled run's "
+        "members are trained, in ",
     ),
     (
         "evaluate: zero batch size",

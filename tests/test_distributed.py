@@ -100,17 +100,18 @@ def one_process(tmp_path_factory) -> Callable[..., Path]:
         ("ddp", []),
         ("fsdp", []),
         ("ddp", ["data.batching=padded", "data.padding=longest"]),
-        ("fsdp", ["model.members=2"]),
+        ("fsdp", ["model.members=2", "train.final_eval=true"]),
     ],
-    ids=["ddp", "fsdp", "ddp-padded", "fsdp-ensemble"],  # an ensemble (model/ensemble.py): its members' blocks sharded
+    # an ensemble (model/ensemble.py): its members' blocks sharded; and final/ scored on the whole val split at the end
+    ids=["ddp", "fsdp", "ddp-padded", "fsdp-ensemble"],
 )
 def test_two_ranks_train_like_one_process_with_the_same_global_batch(
     pydoc_data, paragraph_data, one_process, tmp_path, parallel, batching
 ):
     """4 sequences per micro-batch in one process = 2 on each of 2 ranks: the same rows, so the same
     losses, gradient norms and validation loss (up to the order of fp32 sums; validation reads eval_steps x
-    batch_size rows, 2 x 4 = 4 x 2). Padded, the ranks hold different numbers of real tokens, and every one
-    still weighs the same."""
+    batch_size rows, 2 x 4 = 4 x 2), and final/'s on the whole split at the end where asked (every rank its share).
+    Padded, the ranks hold different numbers of real tokens, and every one still weighs the same."""
     data = paragraph_data if "data.batching=padded" in batching else pydoc_data
     one = one_process(data, *RUN, *batching, "train.batch_size=4", "train.tokens_per_update=256")
     two = torchrun(
@@ -127,7 +128,8 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(
     )
     assert two.returncode == 0, two.stderr
     assert values(tmp_path / "two", "train", "tokens") == values(one, "train", "tokens")
-    for kind, key in (("train", "loss"), ("train", "grad_norm"), ("eval", "val_loss")):
+    scored = [("end", "final_val_loss")] if "train.final_eval=true" in batching else []
+    for kind, key in (("train", "loss"), ("train", "grad_norm"), ("eval", "val_loss"), *scored):
         assert values(tmp_path / "two", kind, key) == pytest.approx(values(one, kind, key), rel=1e-5)
     ours, theirs = (read_safetensors(run / "final" / "model.safetensors") for run in (tmp_path / "two", one))
     assert ours.keys() == theirs.keys()  # FSDP gathered the shards back into the whole model

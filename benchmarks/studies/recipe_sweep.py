@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Sequence
 
 from benchmarks.studies.common import ROOT, load_average, prepared, result_header
+from fasttrain.checkpoints.run_directory import MEMBERS_DIR
 from fasttrain.config import load_config
 from fasttrain.planning.sequence_length import contexts
 from fasttrain.plot import read_metrics
 from fasttrain.system.errors import ArgumentParser, run_cli
-from fasttrain.training.phases import ENSEMBLE_DIR
 
 EVAL_TOKENS = 131_072  # of validation text every case is scored on: 32 batches of 16 x 256
 
@@ -252,12 +252,12 @@ def train_sets(
 def distilled_from(out_dir: Path) -> dict:
     """A distilled run's members (train.distill: out_dir/ensemble/, fasttrain/training/phases.py): their count, training
     seconds and final/'s score, beside the student's that train_sets reports; {} for a run of one phase."""
-    log = out_dir / ENSEMBLE_DIR / "metrics.jsonl"
+    log = out_dir / MEMBERS_DIR / "metrics.jsonl"
     if not log.is_file():
         return {}
     end = [json.loads(line) for line in log.read_text().splitlines()][-1]
     return {
-        "members": load_config(out_dir / ENSEMBLE_DIR / "config.toml").model.members,
+        "members": load_config(out_dir / MEMBERS_DIR / "config.toml").model.members,
         "ensemble_train_seconds": end["train_seconds"],
         "ensemble_val_bpb": end["weights_val_bpb"],
     }

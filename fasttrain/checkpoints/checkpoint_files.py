@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from fasttrain.checkpoints import checksums, saves, sharded_files
-from fasttrain.checkpoints.run_directory import discard_set_aside, set_aside_note
+from fasttrain.checkpoints.run_directory import discard_set_aside, members_note, set_aside_note
 from fasttrain.config import Config, load_config, parse_config
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
@@ -90,7 +90,9 @@ def resolve(spec: str, out_dir: str | os.PathLike[str]) -> Path:
         saved = saves.saved_steps(directory) if directory.is_dir() else []
         if not saved:
             raise UsageError(
-                f"{directory}: no checkpoint saved there yet, so nothing to resume or export{set_aside_note(directory)}"
+                f"{directory}: no checkpoint saved there yet, so nothing to resume or export"
+                + set_aside_note(directory)
+                + members_note(directory)
             )
         return saved[-1]  # a save is renamed into place whole: one that exists is complete
     if not latest.exists():

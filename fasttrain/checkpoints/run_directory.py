@@ -37,6 +37,9 @@ RUN_FILES = (
     "curves.png",
 )
 REPLACED = ".replaced-by-overwrite"  # the earlier run's RUN_FILES, until the new run's first complete save
+# A distilled run's first round of members, inside its run directory (training/phases.py, members_dir): what the tools
+# name where the run itself has no save yet (members_note)
+MEMBERS_DIR = "ensemble"
 DISCARDED = ".discarded-by-overwrite"  # the new run's RUN_FILES on their way out while the earlier run is put back
 # The journal of an --overwrite start: the phase it is in and the names of the earlier run's RUN_FILES. Each phase
 # is written (file and directory fsync'd) before the first move or deletion it announces, and the journal is
@@ -306,6 +309,19 @@ def set_aside_note(directory: Path) -> str:
         else "with no record of the set-aside: move it back by hand"
     )
     return f"; the earlier run, set aside by an --overwrite start stopped before its first checkpoint, is in {aside} ({then})"
+
+
+def members_note(directory: Path) -> str:
+    """For a message about `directory` (a run's checkpoints/) holding no save: where a distilled run's members are, if
+    the run is one whose student has no save yet (its members training, or trained: their final/ written)."""
+    members = directory.parent / MEMBERS_DIR
+    if directory.name != "checkpoints" or not members.is_dir():
+        return ""
+    if (members / "final").is_dir():
+        where = f"members are trained, in {members}; its student, training in {directory.parent}, has no save yet"
+    else:
+        where = f"members are training in {members}, its student in {directory.parent} after them"
+    return f"; this distilled run's {where}: fasttrain evaluate {members} --split val scores them (sample and export take it too)"
 
 
 def check_kept_tokenizer(data_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str]) -> None:

@@ -285,6 +285,10 @@ class TrainConfig:
     log_interval: int = 10  # report training metrics every this many steps
     eval_interval: int = 250  # validate (and sample) every this many steps, and at the end
     eval_steps: int = 20  # validation reads the val split's first eval_steps x batch_size rows, in any world
+    # Score final/ on the whole val split as the run ends, its closing figure (what `fasttrain evaluate RUN --split val`
+    # gives): "auto" where the last evaluation's speed says that costs at most a tenth of the training time or 2
+    # minutes (training/run_loop.py, score_final), true always, false never (the run prints that command instead).
+    final_eval: Literal["auto", True, False] = "auto"
     # Stop once this many evaluations in a row have not lowered the best validation loss by at
     # least early_stop_min_delta (a final checkpoint is saved, the best one kept); 0 = never.
     early_stop_patience: int = 0

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from fasttrain.checkpoints.run_directory import discard_set_aside, set_aside
+from fasttrain.checkpoints.run_directory import MEMBERS_DIR, discard_set_aside, set_aside
 from fasttrain.checkpoints.saves import has_saves
 from fasttrain.compute.device import use_device
 from fasttrain.config import Config, Seconds, load_config
@@ -40,7 +40,6 @@ from fasttrain.planning.preflight import Machine, teachers_in_memory
 from fasttrain.system.atomic import sync_directory
 from fasttrain.system.errors import UsageError
 
-ENSEMBLE_DIR = "ensemble"  # the first round of members, inside the run directory; later ones "ensemble-N"
 # In RUN/ensemble: the whole run began with --overwrite, so its student replaces the earlier run in RUN (which stays
 # whole until then: the members' rounds touch only their own folders)
 REPLACES = "replaces-earlier-run"
@@ -73,7 +72,7 @@ class Ended:
 def members_dir(run_dir: str | os.PathLike[str], round_number: int = 1) -> Path:
     """Where a distilled run in `run_dir` trains its `round_number`th round of members: absolute, so that a resume from
     anywhere finds them."""
-    name = ENSEMBLE_DIR if round_number == 1 else f"{ENSEMBLE_DIR}-{round_number}"
+    name = MEMBERS_DIR if round_number == 1 else f"{MEMBERS_DIR}-{round_number}"  # the tools name the first
     return Path(os.path.abspath(run_dir)) / name
 
 

@@ -35,6 +35,19 @@ class Kept(NamedTuple):
     metrics: dict[str, float]
 
 
+class FinalScore(NamedTuple):
+    """final/'s weights on the whole val split (run_loop.score_final): `metrics` (Trainer.evaluate's) over `rows` rows
+    of every source, scored in `seconds`; or `metrics` None where the run left that to `fasttrain evaluate`: `seconds`
+    is then the estimate, `allowed` (None: train.final_eval = false) what the run allows itself, `stopped_by` the
+    signal that cut the scoring short ("" if none did)."""
+
+    metrics: dict[str, float] | None
+    rows: int
+    seconds: float
+    allowed: float | None = None
+    stopped_by: str = ""
+
+
 class IntervalMeter:
     """Loss, hits and timing of the steps since the last log line, minus time spent evaluating or saving.
 
@@ -327,15 +340,18 @@ class Report:
         checkpoint: Path | None,
         weights: Path,
         kept: Kept,
+        final: FinalScore,
         stopped_early: bool,
         wall_seconds: float,
         replay_mix: str = "",
     ) -> dict[str, Any]:
-        """The run's summary, reported and returned (what Trainer.train returns), and where everything
-        went; `replay_mix`: the --set item that pins a budgeted run's mix changes in its replay (mixture.replay_mix)."""
+        """The run's summary, reported and returned (what Trainer.train returns), and where everything went, closing with
+        `final`, final/'s score on the whole val split (or the command that scores it); `replay_mix`: the --set item
+        that pins a budgeted run's mix changes in its replay (mixture.replay_mix)."""
         out = Path(self.cfg.train.out_dir)
         # Where the run ended, its last evaluation, where its files are, and which step's weights final/ holds
-        # (`kept`) with their evaluation (weights_val_loss, ...).
+        # (`kept`) with their evaluation (weights_val_loss, ...) and their score on the whole split (final_val_loss, ...).
+        scored = final.metrics or {}
         summary: dict[str, Any] = {
             "step": run.step,
             "tokens": run.tokens_seen,
@@ -345,6 +361,10 @@ class Report:
             "weights": str(weights),
             "weights_step": kept.step,
             **{f"weights_{k}": v for k, v in kept.metrics.items() if k != "best_val_loss"},
+            **{f"final_{k}": v for k, v in scored.items()},
+            **({"final_val_rows": final.rows, "final_val_seconds": round(final.seconds, 3)} if scored else {}),
+            **({} if scored else {"final_val_estimate_seconds": round(final.seconds, 1)}),
+            **({"final_val_stopped_by": final.stopped_by} if final.stopped_by else {}),
             "skipped_steps": run.skipped_steps,
             "rollbacks": run.rollbacks,
             "stopped_early": stopped_early,
@@ -369,8 +389,6 @@ class Report:
             f"  time        {format_duration(summary['train_seconds'])} training{counted}, "
             f"{format_duration(summary['wall_seconds'])} wall time in this process"
         )
-        if not self.whole_val:
-            self.log.print(f"  whole val   fasttrain evaluate {out} --split val (final/ on every val batch)")
         if self.cfg.train.max_time:
             mix = f" {shlex.quote(replay_mix)}" if replay_mix else ""
             self.log.print(
@@ -379,19 +397,41 @@ class Report:
             )
         self.log.print(
             f"  config      {out / 'config.toml'}\n  metrics     {self.log.path}\n"
-            f"  checkpoint  {summary['checkpoint']}\n  weights     {summary['weights']}{kept_words(run, kept)}\n"
+            f"  checkpoint  {summary['checkpoint']}\n  weights     {summary['weights']}{kept_words(run, kept, final)}\n"
             f"  data        {data}\n  plot with   fasttrain plot {out}"
             # the command the README teaches; fasttrain.plot's own hint where it would refuse: matplotlib is an
             # extra, not a dependency
             + ("" if importlib.util.find_spec("matplotlib") else ' (needs matplotlib: pip install -e ".[plot]")')
         )
+        self.log.print(self.closing_line(final))  # last: the figure to quote is final/'s on the whole split
         return summary
 
+    def closing_line(self, final: FinalScore) -> str:
+        """The run's last line: final/'s score on the whole val split, or the command that gives it and why the run
+        left it to that."""
+        m, out = final.metrics, self.cfg.train.out_dir
+        if m is not None:
+            weighted = ", totals weighted as data.sources" if len(self.names) > 1 else ""
+            return (
+                f"final/: {m['val_bpb']:.4f} bits/byte, val loss {m['val_loss']:.4f} on the whole val split "
+                f"({final.rows:,} rows{weighted})"
+            )
+        why = "train.final_eval = false"
+        if final.stopped_by:
+            why = f"{final.stopped_by} cut its scoring short"
+        elif final.allowed is not None:
+            why = (
+                f"about {format_duration(final.seconds)} at the last evaluation's speed, more than the "
+                f"{format_duration(final.allowed)} the run allows it; train.final_eval = true scores it anyway"
+            )
+        return f"final/: fasttrain evaluate {out} --split val scores it on the whole val split ({why})"
 
-def kept_words(run: RunState, kept: Kept) -> str:
-    """What the weights line adds where final/ holds an earlier step's weights than the run's last."""
+
+def kept_words(run: RunState, kept: Kept, final: FinalScore) -> str:
+    """What the weights line adds where final/ holds an earlier step's weights than the run's last: their score
+    unless the closing line gives it on the whole split (`final`)."""
     if kept.step == run.step:
         return ""
     bpb = kept.metrics.get("val_bpb")
-    score = f": {bpb:.3f} bits/byte" if bpb is not None else ""
+    score = f": {bpb:.3f} bits/byte" if bpb is not None and final.metrics is None else ""
     return f" (step {kept.step}'s, the lowest validation loss{score}; the last step's are in the checkpoint)"

@@ -8,7 +8,8 @@ After each step the loop asks the policies (policies.py): a streak of non-finite
 a save or stops it (Recovery), evaluations that stop improving end it (EarlyStopping). It evaluates, samples
 and saves when due, saves and stops on a signal, and hands every value to reporting (reporting.py). The
 steps, evaluations, samples and restores are the Trainer's (trainer.py), which hands itself to the loop. After
-the last step, write_final carries out which weights the run ends with (policies.better_save).
+the last step, write_final carries out which weights the run ends with (policies.better_save), and score_final scores
+them on the whole val split, the run's closing figure.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from fasttrain.planning.plan import RunPlan
 from fasttrain.system.errors import RunStopped
 from fasttrain.system.signals import SignalCatcher
 from fasttrain.training.policies import EarlyStopping, Recovery, better_save, monitor_anew
-from fasttrain.training.reporting import IntervalMeter, Kept, Report
+from fasttrain.training.reporting import FinalScore, IntervalMeter, Kept, Report
 
 
 class Interrupted(RunStopped):
@@ -65,12 +66,15 @@ class Trainable(Protocol):
     train_loader: TokenLoader
     checkpoints: Checkpointer
     resumed_from: Path | None
+    eval_seconds: float  # what the last evaluation took
 
     def step(self) -> StepResult: ...
 
     def finished(self) -> bool: ...
 
-    def evaluate(self, stop: Callable[[], bool]) -> dict[str, float] | None: ...
+    def evaluate(self, stop: Callable[[], bool], whole: bool = False) -> dict[str, float] | None: ...
+
+    def val_rows(self) -> tuple[int, int]: ...
 
     def sample(self) -> str: ...
 
@@ -259,3 +263,35 @@ def write_final(
     if not world.is_main:
         return out / "final", kept
     return export_weights(weights, cfg, out / "final", tokenizer=out / "tokenizer.json")[0], kept
+
+
+# What the closing score may cost where train.final_eval = "auto": a tenth of the training time, or two minutes where
+# that is more (the main job's two-minute run scored its whole split in 29-41 s on 2 CPU cores, docs/training.md).
+FINAL_EVAL_SHARE, FINAL_EVAL_SECONDS = 0.1, 120.0
+
+
+def score_final(trainer: Trainable, kept: Kept, whole_val: bool) -> FinalScore:
+    """final/'s weights, which the model holds once write_final has run (`kept`), on the whole val split: the rows
+    `fasttrain evaluate RUN --split val` reads, validated as the run validates (on every rank, each its share). An
+    evaluation that read the whole split (`whole_val`) scored them already; else they are scored where
+    train.final_eval says: "auto" where the last evaluation's speed (rank 0's) puts the whole split within
+    FINAL_EVAL_SHARE of the training time or FINAL_EVAL_SECONDS. SIGINT or SIGTERM cuts the scoring short (the run
+    has saved its end), leaving it to the command. Every rank calls it, and all decide alike."""
+    evaluated, whole = trainer.val_rows()
+    if whole_val:
+        return FinalScore({k: v for k, v in kept.metrics.items() if k != "best_val_loss"}, whole, 0.0)
+    plan, setting = trainer.plan, trainer.plan.cfg.train.final_eval
+    estimate = distributed.main_value(trainer.eval_seconds * whole / evaluated, plan.world, plan.device)
+    allowed = max(FINAL_EVAL_SHARE * trainer.run.train_seconds, FINAL_EVAL_SECONDS)
+    if setting is False or (setting == "auto" and estimate > allowed):
+        return FinalScore(None, whole, estimate, None if setting is False else allowed)
+    began = time.perf_counter()
+    with SignalCatcher() as signals:
+
+        def stop() -> bool:  # asked between batches, on every rank alike
+            return distributed.any_rank(bool(signals.received), plan.world, plan.device)
+
+        metrics = trainer.evaluate(stop, whole=True)
+    if metrics is None:
+        return FinalScore(None, whole, estimate, allowed, signal.Signals(signals.received or signal.SIGTERM).name)
+    return FinalScore(metrics, whole, time.perf_counter() - began, allowed)

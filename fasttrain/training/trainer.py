@@ -61,7 +61,7 @@ from fasttrain.planning.plan import RunPlan, accumulation_steps  # noqa: F401 (a
 from fasttrain.training.launch import check_start, opened, start_run
 from fasttrain.training.policies import resumed_under
 from fasttrain.training.reporting import Report
-from fasttrain.training.run_loop import Interrupted, Loop, StepResult, write_final  # noqa: F401 (Interrupted: what train() raises)
+from fasttrain.training.run_loop import Interrupted, Loop, StepResult, score_final, write_final  # noqa: F401 (Interrupted: what train() raises)
 
 
 class Trainer:
@@ -131,6 +131,7 @@ class Trainer:
         self.compiling, self.eager = self.compiled, False
         self.run = RunState()
         self.resumed_from: Path | None = None  # the checkpoint `resume` restored, for the start report
+        self.eval_seconds = 0.0  # what the last evaluate() took (run_loop.score_final's estimate)
 
     def _start_from_init(self) -> None:
         """Load model.init_from's weights, or with train.teacher_init the teacher's: where a new run starts."""
@@ -265,25 +266,37 @@ class Trainer:
         finite, targets = torch.stack([torch.isfinite(watched).float(), counted]).tolist()
         return loss, grad_norm, correct, counted, bool(finite), targets
 
-    def evaluate(self, stop: Callable[[], bool] = lambda: False) -> dict[str, float] | None:
-        """Validation metrics over the first eval_steps x batch_size rows of each source's val split, shared among the
-        ranks; a mixture's weighted as data.sources. None if `stop()` cut it short."""
-        sources, loader = self.sources, self._val_loader
-        return validate_sources(self.loss, self.model, sources, loader, self.precision, self.world, stop)
+    def evaluate(self, stop: Callable[[], bool] = lambda: False, whole: bool = False) -> dict[str, float] | None:
+        """Validation metrics over the first eval_steps x batch_size rows of each source's val split (`whole`: every
+        row, as `fasttrain evaluate RUN --split val` reads them), shared among the ranks; a mixture's weighted as
+        data.sources. None if `stop()` cut it short. Its seconds (this rank's) are kept in `eval_seconds`."""
+        rows = 0 if whole else self.cfg.train.eval_steps * self.cfg.train.batch_size
+        began = time.perf_counter()
 
-    def _val_loader(self, source: Source) -> TokenLoader:
-        """What `evaluate` reads of `source`: the first eval_steps x batch_size rows of its val split, in one pass."""
-        rows = self.cfg.train.eval_steps * self.cfg.train.batch_size
+        def loader(source: Source) -> TokenLoader:
+            return self._val_loader(source, rows)
+
+        metrics = validate_sources(self.loss, self.model, self.sources, loader, self.precision, self.world, stop)
+        self.eval_seconds = time.perf_counter() - began  # validate's totals wait for the device: an honest clock
+        return metrics
+
+    def _val_loader(self, source: Source, rows: int) -> TokenLoader:
+        """The first `rows` rows of `source`'s val split (0: all of them) in one pass."""
         return self.loader("val", "sequential", prefetch=0, whole=True, source=source, first_rows=rows)
+
+    def val_rows(self) -> tuple[int, int]:
+        """The val rows `evaluate` reads, and those of the whole split, over every source."""
+        evaluated = whole = 0
+        for source in self.sources:
+            with self._val_loader(source, self.cfg.train.eval_steps * self.cfg.train.batch_size) as loader:
+                read = loader.reader.sources[0]
+                evaluated, whole = evaluated + read.whole_rows, whole + read.rows.num_rows
+        return evaluated, whole
 
     def evaluates_whole_split(self) -> bool:
         """Whether `evaluate` reads every source's whole val split (else the first eval_steps batches of some)."""
-        for source in self.sources:
-            with self._val_loader(source) as loader:
-                read = loader.reader.sources[0]
-                if read.whole_rows < read.rows.num_rows:
-                    return False
-        return True
+        evaluated, whole = self.val_rows()
+        return evaluated == whole  # a source's rows read are at most its split's: the totals meet only if each does
 
     def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
         """Text generated from `prompt` (default: train.sample_prompt), the same random draws every call."""
@@ -311,10 +324,11 @@ class Trainer:
             final, kept = write_final(
                 self.cfg, self.run, last_eval, self.checkpoints, self.model, self.world, self.sharded, self.evaluate
             )
+            scored = score_final(self, kept, report.whole_val)
             latest = self.checkpoints.latest()  # a save in flight waited for first
             replay = replay_mix(self.cfg.data, self.mix, self.accumulation, self.run.step)
             summary = report.end(
-                self.run, last_eval, latest, final, kept, stopped_early, self.clock() - self.created, replay
+                self.run, last_eval, latest, final, kept, scored, stopped_early, self.clock() - self.created, replay
             )
             distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
             return summary
