@@ -176,14 +176,20 @@ def test_the_dry_run_says_the_ensemble_is_distilled_and_a_single_model_is_not(py
     assert not (tmp_path / "run").exists()
 
 
-def test_a_new_run_over_a_killed_members_run_is_refused_before_anything_and_names_the_resume(
-    pydoc_data, tmp_path, monkeypatch
-):
+def killed_among_members(data, tmp_path, monkeypatch) -> Path:
+    """tmp_path/run: a distilled run killed after its members' step 5."""
     run = tmp_path / "run"
     stop_at(monkeypatch, 5)
     with pytest.raises(Interrupted):
-        train(pydoc_data, run)
+        train(data, run)
     monkeypatch.undo()
+    return run
+
+
+def test_a_new_run_over_a_killed_members_run_is_refused_before_anything_and_names_the_resume(
+    pydoc_data, tmp_path, monkeypatch
+):
+    run = killed_among_members(pydoc_data, tmp_path, monkeypatch)
     monkeypatch.setattr(train_module, "start_run", lambda *a, **k: pytest.fail("planned before the refusal"))
     with pytest.raises(UsageError, match=r"ensemble.*--resume auto"):
         train(pydoc_data, run)
@@ -193,11 +199,7 @@ def test_a_new_run_over_a_killed_members_run_is_refused_before_anything_and_name
 def test_a_resume_takes_its_set_items_into_the_phases_but_not_those_that_make_them(
     pydoc_data, tmp_path, monkeypatch, capsys
 ):
-    run = tmp_path / "run"
-    stop_at(monkeypatch, 5)
-    with pytest.raises(Interrupted):
-        train(pydoc_data, run)
-    monkeypatch.undo()
+    run = killed_among_members(pydoc_data, tmp_path, monkeypatch)
     sets = [*DISTILLED, "train.log_interval=3", "model.n_layers=1"]
     args = tiny_args(pydoc_data, run, *sets, config=str(BASE), flags=["--resume", "auto"])
     assert train_module.main(args) == 0
@@ -349,11 +351,7 @@ def test_a_distilled_run_moved_elsewhere_resumes_where_it_now_is(phase, pydoc_da
 def test_a_dry_run_is_refused_while_a_round_of_members_trains_as_while_the_student_does(
     pydoc_data, tmp_path, monkeypatch
 ):
-    run = tmp_path / "run"
-    stop_at(monkeypatch, 5)
-    with pytest.raises(Interrupted):
-        train(pydoc_data, run)
-    monkeypatch.undo()
+    run = killed_among_members(pydoc_data, tmp_path, monkeypatch)
     holder = hold_lock(run / "ensemble")  # the members' round, resumed by another process
     try:
         for flags in (("--dry-run",), ("--dry-run", "--resume", "auto")):
