@@ -18,16 +18,16 @@ it prepares nothing, writes nothing and builds no model (data not prepared yet i
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 
 from fasttrain.compute import distributed
 from fasttrain.compute.device import Kernels, check_attention, check_fp8, kernels_on, resolve_train
 from fasttrain.compute.kernel_table import run_shapes
-from fasttrain.config import Config, TrainConfig, resolve
+from fasttrain.config import Config, ModelConfig, TrainConfig, resolve
 from fasttrain.data.mixture import Blend, Source, open_sources, phases
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.transformer import flops_per_token, num_params
@@ -115,19 +115,11 @@ class RunPlan:
     def reading(self, step: int = 0, seconds: float = 0.0, mix: Phases | None = None) -> Reading:
         """What the run reads from `step` after `seconds` of training on (a resumed run projects its end from
         its speed so far) with `mix` (default: the plan's; a resumed loader keeps the changes it had begun)."""
-        t, a = self.cfg.train, self.accumulation
+        t = self.cfg.train
+        a = self.accumulation
         mix = tuple(mix or self.mix)
-        end, words = Budget.of(t).horizon(step, seconds)  # a new run of a clock: from the speed its shape was timed at
-        if t.max_time and not step and self.speed:  # the speed the shape was chosen at projects the clock's end
-            by_time = int(
-                t.max_time * sizing.tokens_per_s(self.speed, self.cfg.model, t.seq_len) / self.tokens_per_step
-            )
-            if end is None or by_time < end:
-                end, words = by_time, f"in the ~{by_time} steps train.max_time gives at the speed timed for the shape"
-        epochs = None
-        if end is not None and self.rows_per_epoch:
-            rows = Blend(mix, t.batch_size * self.world.size).planned_rows(end * a)
-            epochs = tuple(r / n for r, n in zip(rows, self.rows_per_epoch))
+        end, words = planned_end(t, self.cfg.model, self.tokens_per_step, self.speed, step, seconds)
+        epochs = planned_epochs(mix, t.batch_size * self.world.size, self.rows_per_epoch, end, a)
         return Reading(epochs, end, words, tuple((first // a, w) for first, w in mix[1:]))
 
     def check_new_start(self) -> None:
@@ -200,6 +192,37 @@ class RunPlan:
             "notes": list(self.notes),
             "phase": self.phase,
         }
+
+
+def planned_end(
+    t: TrainConfig, model: ModelConfig, tokens_per_step: int, speed: Speed | None, step: int = 0, seconds: float = 0.0
+) -> tuple[int | None, str]:
+    """The step a run of `t` and `model` (`tokens_per_step` token slots an update) is laid out to from `step` after
+    `seconds` of training, and the words saying so (Budget.horizon; None: not known); a new run under train.max_time
+    whose shape was timed (`speed`) ends where that speed projects the clock's end, if that comes first."""
+    end, words = Budget.of(t).horizon(step, seconds)
+    if t.max_time and not step and speed:  # the speed the shape was chosen at projects the clock's end
+        by_time = int(t.max_time * sizing.tokens_per_s(speed, model, t.seq_len) / tokens_per_step)
+        if end is None or by_time < end:
+            return by_time, f"in the ~{by_time} steps train.max_time gives at the speed timed for the shape"
+    return end, words
+
+
+def planned_epochs(
+    mix: Sequence[tuple[int, Sequence[float]]],
+    rows_per_round: int,
+    rows_per_epoch: Sequence[int],
+    end: int | None,
+    accumulation: int,
+) -> tuple[float, ...] | None:
+    """How many times over a run to step `end` reads each source: the rows the loader's Blend of `mix` plans for
+    those updates (of `accumulation` rounds of `rows_per_round` rows) over the rows one epoch of it reads. The one
+    count of a run's epochs: the start event, the dry-run table, the warnings and the weight decay read it. None
+    where `end` is not known or the data not prepared (no `rows_per_epoch`)."""
+    if end is None or not rows_per_epoch:
+        return None
+    rows = Blend(mix, rows_per_round).planned_rows(end * accumulation)
+    return tuple(r / n for r, n in zip(rows, rows_per_epoch))
 
 
 def plan_run(
@@ -353,8 +376,8 @@ def size_and_decay(data: Data, given: SizingInputs, resume: str | None) -> Decid
     cfg = replace(cfg, model=model, train=t, data=replace(cfg.data, max_epochs=sized.epoch_limit))
     mix, mix_notes = phases(cfg.data, t.max_steps, given.accumulation)
     notes += mix_notes
-    planned = sizing.run_tokens(t, cfg.model, tokens_per_step, sized.speed)  # inf: a time budget with no speed timed
-    epochs = None if math.isinf(planned) else [planned * share / size for share, size in sized.corpus]
+    end, _ = planned_end(t, cfg.model, tokens_per_step, sized.speed)  # None: a time budget with no speed timed
+    epochs = planned_epochs(mix, t.batch_size * given.world.size, sized.rows_per_epoch, end, given.accumulation)
     recorded = given.earlier.config if given.earlier else None
     optim, note, overlap = choose_weight_decay(cfg, data.sources, epochs, recorded, sized.overlap)
     notes += [note] if note else []
