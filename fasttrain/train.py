@@ -26,7 +26,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
@@ -64,10 +64,53 @@ from fasttrain.training.phases import (
 from fasttrain.training.plan_table import plan_table
 from fasttrain.training.trainer import Interrupted, Trainer
 
+if TYPE_CHECKING:  # lm-eval is the optional eval extra
+    from lm_eval.tasks import TaskManager
+
 AUTO_OR_NEW = "auto-or-new"  # --resume auto, or a new run while train.out_dir has no checkpoint
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if (args.json or args.measure) and not args.dry_run:
+        raise UsageError(f"{'--json' if args.json else '--measure'}: only with --dry-run")
+    # A moved or copied run directory's config.toml names the original: resumed, the run goes on where it now is
+    cfg, moved = copied_run_note(args, config_from_args(args), args.resume in ("auto", AUTO_OR_NEW))
+    if args.dry_run:
+        return dry_run(cfg, args, moved)
+    named = args.config in shipped.available()  # shipped, or a file here that hides the shipped one: say which
+    if named and not args.quiet and distributed.world_from_env().is_main:
+        print(config_line(args.config))
+    if moved and not args.quiet and distributed.world_from_env().is_main:
+        print(f"note: {moved}")
+    harness, index = eval_task_index(cfg)
+    world = distributed.world_from_env()
+    # Before anything reads the directory: Trainer's process group then holds the other ranks until this is done.
+    for directory in (Path(cfg.train.out_dir), members_dir(cfg.train.out_dir)) if world.is_main else ():
+        note = finish_overwrite(directory) if directory.is_dir() else None
+        if note and not args.quiet:
+            print(f"note: {note}")
+    try:
+        sets = [item for _, item in config_overrides(args)]
+        phase = None
+        if args.resume in ("auto", AUTO_OR_NEW) and cfg.train.distill:  # rank 0 decides, the others follow
+            distributed.start(world, use_device(cfg.train.device, world.local_rank if world.distributed else None))
+            phase = distributed.decided_by_main(world, lambda: next_phase(cfg, sets))
+        if phase is not None:  # a distilled run goes on with the phase it was in
+            summary, device, batch_size = continue_distilled(cfg, phase, args, harness, sets, world)
+        else:
+            summary, device, batch_size = start_or_resume(cfg, args, harness, world)
+    finally:
+        gc.collect()
+        distributed.stop()  # under torchrun: leave the process group, whatever happened
+    if index is not None and distributed.world_from_env().is_main:  # eval.tasks: the final weights scored
+        score_final_weights(cfg, summary["weights"], device, index, batch_size)
+    return 0
+
+
+def build_parser() -> ArgumentParser:
+    """The command line of `python -m fasttrain.train`: the config's arguments, the start (--resume or --overwrite),
+    --quiet, and --dry-run with its --json and --measure."""
     parser = ArgumentParser(prog="python -m fasttrain.train", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
     start = parser.add_mutually_exclusive_group()
@@ -94,74 +137,67 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="--dry-run: time N real steps (saved nowhere) and project the run's time",
     )
-    args = parser.parse_args(argv)
-    if (args.json or args.measure) and not args.dry_run:
-        raise UsageError(f"{'--json' if args.json else '--measure'}: only with --dry-run")
-    # A moved or copied run directory's config.toml names the original: resumed, the run goes on where it now is
-    cfg, moved = copied_run_note(args, config_from_args(args), args.resume in ("auto", AUTO_OR_NEW))
-    if args.dry_run:
-        return dry_run(cfg, args, moved)
-    named = args.config in shipped.available()  # shipped, or a file here that hides the shipped one: say which
-    if named and not args.quiet and distributed.world_from_env().is_main:
-        print(config_line(args.config))
-    if moved and not args.quiet and distributed.world_from_env().is_main:
-        print(f"note: {moved}")
-    index = harness = None
-    if cfg.eval.tasks:  # lm-eval missing, an include path or a task it cannot find: said now, not after the run
-        harness = importlib.import_module("fasttrain.evaluation.harness")
-        index = harness.task_index(
-            cfg.eval.tasks,
-            cfg.eval.include_path or None,
-            cfg.eval.num_fewshot,
-            ("eval.tasks", "eval.include_path", "eval.num_fewshot"),
-        )
-    world = distributed.world_from_env()
-    # Before anything reads the directory: Trainer's process group then holds the other ranks until this is done.
-    for directory in (Path(cfg.train.out_dir), members_dir(cfg.train.out_dir)) if world.is_main else ():
-        note = finish_overwrite(directory) if directory.is_dir() else None
-        if note and not args.quiet:
-            print(f"note: {note}")
-    try:
-        sets = [item for _, item in config_overrides(args)]
-        phase = None
-        if args.resume in ("auto", AUTO_OR_NEW) and cfg.train.distill:  # rank 0 decides, the others follow
-            distributed.start(world, use_device(cfg.train.device, world.local_rank if world.distributed else None))
-            phase = distributed.decided_by_main(world, lambda: next_phase(cfg, sets))
-        if phase is not None:  # a distilled run goes on with the phase it was in
-            kept = kept_phase_items(cfg.train.out_dir, sets)
-            if kept and world.is_main and not args.quiet:
-                print(f"note: distill: {' '.join(kept)}: a resume keeps what the run's phases recorded")
-            summary, device, batch_size = train_phases(cfg, phase, args, harness)
-        else:
-            resume = checkpoint_to_resume(args.resume, cfg.train.out_dir, args.quiet or not world.is_main)
-            if world.is_main:  # refused before the plan times the machine; the other ranks check once rank 0 settled it
-                members = members_dir(cfg.train.out_dir)  # a distilled run's, which --resume auto continues
-                if resume is None and cfg.train.distill and cfg.model.members != 1 and members.is_dir():
-                    # first: its saves are what --resume auto continues, not an earlier student's in RUN
-                    check_directory(members, False, args.overwrite, is_main=True)
-                check_directory(Path(cfg.train.out_dir), resume is not None, args.overwrite, is_main=True)
-                if resume is not None:
-                    resolve(resume, cfg.train.out_dir)  # the save to resume: there, or the resume's own line
-            plan = start_run(cfg, args.quiet, resume)
-            if plan.cfg.train.distill and resume is None:
-                first = Phase("members", ensemble_config(plan.cfg), None, args.overwrite)
-                summary, device, batch_size = train_phases(cfg, first, args, harness, plan)
-            else:
-                summary, device, batch_size = train_one(plan, resume, args.overwrite, args, harness, cfg.train.out_dir)
-    finally:
-        gc.collect()
-        distributed.stop()  # under torchrun: leave the process group, whatever happened
-    if cfg.eval.tasks and distributed.world_from_env().is_main:  # the final weights, as evaluate --tasks scores them
-        tasks = cfg.eval
-        score_tasks(
-            load_trained(summary["weights"], device),
-            tasks.tasks,
-            tasks.num_fewshot,
-            tasks.limit or None,
-            index,
-            batch_size,
-        )
-    return 0
+    return parser
+
+
+def eval_task_index(cfg: Config) -> tuple[ModuleType | None, TaskManager | None]:
+    """The harness module and lm-eval's index of eval.tasks, (None, None) without tasks: UsageError now, not after
+    the run, where lm-eval is missing or an include path or a task cannot be found."""
+    if not cfg.eval.tasks:
+        return None, None
+    harness = importlib.import_module("fasttrain.evaluation.harness")
+    index = harness.task_index(
+        cfg.eval.tasks,
+        cfg.eval.include_path or None,
+        cfg.eval.num_fewshot,
+        ("eval.tasks", "eval.include_path", "eval.num_fewshot"),
+    )
+    return harness, index
+
+
+def continue_distilled(
+    cfg: Config,
+    phase: Phase,
+    args: argparse.Namespace,
+    harness: ModuleType | None,
+    sets: list[str],
+    world: distributed.World,
+) -> tuple[dict, torch.device, int]:
+    """A distilled run of `cfg` resumed with --resume auto (or auto-or-new), going on with `phase`, the one it was in
+    (`sets`: the --set items, which a resume leaves to what the phases recorded): its summary, device and batch size."""
+    kept = kept_phase_items(cfg.train.out_dir, sets)
+    if kept and world.is_main and not args.quiet:
+        print(f"note: distill: {' '.join(kept)}: a resume keeps what the run's phases recorded")
+    return train_phases(cfg, phase, args, harness)
+
+
+def start_or_resume(
+    cfg: Config, args: argparse.Namespace, harness: ModuleType | None, world: distributed.World
+) -> tuple[dict, torch.device, int]:
+    """A new run of `cfg`, or the one --resume names (not a distilled run's phase to go on with): train.out_dir checked
+    on rank 0 before the plan times the machine, then planned and trained (a new distilled run from its first round
+    of members): its summary, device and batch size."""
+    resume = checkpoint_to_resume(args.resume, cfg.train.out_dir, args.quiet or not world.is_main)
+    if world.is_main:  # refused before the plan times the machine; the other ranks check once rank 0 settled it
+        members = members_dir(cfg.train.out_dir)  # a distilled run's, which --resume auto continues
+        if resume is None and cfg.train.distill and cfg.model.members != 1 and members.is_dir():
+            # first: its saves are what --resume auto continues, not an earlier student's in RUN
+            check_directory(members, False, args.overwrite, is_main=True)
+        check_directory(Path(cfg.train.out_dir), resume is not None, args.overwrite, is_main=True)
+        if resume is not None:
+            resolve(resume, cfg.train.out_dir)  # the save to resume: there, or the resume's own line
+    plan = start_run(cfg, args.quiet, resume)
+    if plan.cfg.train.distill and resume is None:
+        first = Phase("members", ensemble_config(plan.cfg), None, args.overwrite)
+        return train_phases(cfg, first, args, harness, plan)
+    return train_one(plan, resume, args.overwrite, args, harness, cfg.train.out_dir)
+
+
+def score_final_weights(cfg: Config, weights: str, device: torch.device, index: TaskManager, batch_size: int) -> None:
+    """Score the run's final weights (`weights`, loaded on `device`) on eval.tasks, as evaluate --tasks does
+    (`index`: eval_task_index's)."""
+    tasks = cfg.eval
+    score_tasks(load_trained(weights, device), tasks.tasks, tasks.num_fewshot, tasks.limit or None, index, batch_size)
 
 
 def train_one(

@@ -15,8 +15,10 @@ import torch
 
 from fasttrain.compute.distributed import World
 from fasttrain.config import OptimConfig, load_config, save_config
+from fasttrain.planning import plan as plan_module
 from fasttrain.planning import repeats
 from fasttrain.planning.plan import plan_run
+from fasttrain.planning.speed import Speed
 from fasttrain.train import main as train_main
 from tests.conftest import tiny_args, tiny_config, write_shard
 from tests.test_sizing_bounds import DAYS, SLOW
@@ -200,3 +202,22 @@ def test_data_not_prepared_yet_is_planned_at_the_limit_of_new_text(tmp_path):
     assert rule.cfg.train.max_steps == pytest.approx(fixed.cfg.train.max_steps * limit / 10, abs=1)
     said = f"the estimate reads the corpus at most {limit:g} times, not data.max_epochs = 10"
     assert any(said in n and "assumed until the data is prepared" in n for n in rule.notes), rule.notes
+
+
+def test_the_decay_reads_the_epochs_the_start_event_records(pydoc_data, tmp_path, monkeypatch):
+    """One count of a run's epochs (issue 100 item 3): the rule reads RunPlan.reading's, as the start event, the
+    dry-run table and the warnings do (the loader's planned rows over its rows an epoch), not the tokens planned x
+    the source's share / its tokens an epoch. For base.toml's 2 minutes on the topics at a fixed speed these differ
+    (the whole steps of the clock's end at that speed): 4.45 epochs by the loader's count, 4.47 by the tokens'."""
+    read: list = []
+
+    def choose(cfg, sources, epochs, *rest):
+        read.append(epochs)
+        return repeats.choose_weight_decay(cfg, sources, epochs, *rest)
+
+    monkeypatch.setattr(plan_module, "choose_weight_decay", choose)
+    sets = [f'data.dir="{pydoc_data}"', "data.inputs=[]", "data.vocab_size=0", f'train.out_dir="{tmp_path}"',
+            "train.device=cpu", 'train.precision="fp32"']  # fmt: skip
+    base = load_config(str(Path(__file__).parents[1] / "configs" / "base.toml"), sets)
+    p = plan_run(base, World(), CPU, speed=Speed(((5e6, 3e10), (2e7, 7e10))))
+    assert read == [p.reading().epochs]

@@ -18,16 +18,16 @@ it prepares nothing, writes nothing and builds no model (data not prepared yet i
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 
 from fasttrain.compute import distributed
 from fasttrain.compute.device import Kernels, check_attention, check_fp8, kernels_on, resolve_train
 from fasttrain.compute.kernel_table import run_shapes
-from fasttrain.config import Config, TrainConfig, resolve
+from fasttrain.config import Config, ModelConfig, TrainConfig, resolve
 from fasttrain.data.mixture import Blend, Source, open_sources, phases
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.transformer import flops_per_token, num_params
@@ -37,10 +37,10 @@ from fasttrain.optimization.schedule import Budget, budget_note, fit_warmup, rec
 from fasttrain.planning import sizing
 from fasttrain.planning.members import distill_note, distilled
 from fasttrain.planning.preflight import Machine, check_fits
-from fasttrain.planning.recorded import recorded_run
-from fasttrain.planning.repeats import choose_weight_decay, epoch_cap
+from fasttrain.planning.recorded import Recorded, recorded_run
+from fasttrain.planning.repeats import Measured, choose_weight_decay, epoch_cap
 from fasttrain.planning.sequence_length import recorded_context, short_context
-from fasttrain.planning.shape import SizingInputs, init_shape, size_run
+from fasttrain.planning.shape import Sized, SizingInputs, init_shape, size_run
 from fasttrain.planning.sizing import Speed
 from fasttrain.preparation.cache import pending, prepared_dir, stale_cache_note
 from fasttrain.system.errors import UsageError
@@ -115,19 +115,11 @@ class RunPlan:
     def reading(self, step: int = 0, seconds: float = 0.0, mix: Phases | None = None) -> Reading:
         """What the run reads from `step` after `seconds` of training on (a resumed run projects its end from
         its speed so far) with `mix` (default: the plan's; a resumed loader keeps the changes it had begun)."""
-        t, a = self.cfg.train, self.accumulation
+        t = self.cfg.train
+        a = self.accumulation
         mix = tuple(mix or self.mix)
-        end, words = Budget.of(t).horizon(step, seconds)  # a new run of a clock: from the speed its shape was timed at
-        if t.max_time and not step and self.speed:  # the speed the shape was chosen at projects the clock's end
-            by_time = int(
-                t.max_time * sizing.tokens_per_s(self.speed, self.cfg.model, t.seq_len) / self.tokens_per_step
-            )
-            if end is None or by_time < end:
-                end, words = by_time, f"in the ~{by_time} steps train.max_time gives at the speed timed for the shape"
-        epochs = None
-        if end is not None and self.rows_per_epoch:
-            rows = Blend(mix, t.batch_size * self.world.size).planned_rows(end * a)
-            epochs = tuple(r / n for r, n in zip(rows, self.rows_per_epoch))
+        end, words = planned_end(t, self.cfg.model, self.tokens_per_step, self.speed, step, seconds)
+        epochs = planned_epochs(mix, t.batch_size * self.world.size, self.rows_per_epoch, end, a)
         return Reading(epochs, end, words, tuple((first // a, w) for first, w in mix[1:]))
 
     def check_new_start(self) -> None:
@@ -202,6 +194,37 @@ class RunPlan:
         }
 
 
+def planned_end(
+    t: TrainConfig, model: ModelConfig, tokens_per_step: int, speed: Speed | None, step: int = 0, seconds: float = 0.0
+) -> tuple[int | None, str]:
+    """The step a run of `t` and `model` (`tokens_per_step` token slots an update) is laid out to from `step` after
+    `seconds` of training, and the words saying so (Budget.horizon; None: not known); a new run under train.max_time
+    whose shape was timed (`speed`) ends where that speed projects the clock's end, if that comes first."""
+    end, words = Budget.of(t).horizon(step, seconds)
+    if t.max_time and not step and speed:  # the speed the shape was chosen at projects the clock's end
+        by_time = int(t.max_time * sizing.tokens_per_s(speed, model, t.seq_len) / tokens_per_step)
+        if end is None or by_time < end:
+            return by_time, f"in the ~{by_time} steps train.max_time gives at the speed timed for the shape"
+    return end, words
+
+
+def planned_epochs(
+    mix: Sequence[tuple[int, Sequence[float]]],
+    rows_per_round: int,
+    rows_per_epoch: Sequence[int],
+    end: int | None,
+    accumulation: int,
+) -> tuple[float, ...] | None:
+    """How many times over a run to step `end` reads each source: the rows the loader's Blend of `mix` plans for
+    those updates (of `accumulation` rounds of `rows_per_round` rows) over the rows one epoch of it reads. The one
+    count of a run's epochs: the start event, the dry-run table, the warnings and the weight decay read it. None
+    where `end` is not known or the data not prepared (no `rows_per_epoch`)."""
+    if end is None or not rows_per_epoch:
+        return None
+    rows = Blend(mix, rows_per_round).planned_rows(end * accumulation)
+    return tuple(r / n for r, n in zip(rows, rows_per_epoch))
+
+
 def plan_run(
     cfg: Config, world: distributed.World, device: torch.device, resume: str | None = None, speed: Speed | None = None
 ) -> RunPlan:
@@ -209,12 +232,57 @@ def plan_run(
     what the run would refuse before its first step; writes nothing. A new run with model.n_layers = 0 times the
     machine (unless given an earlier plan's `speed`); one resumed from the save `resume` names (a --resume spec),
     or a replay, trains the shape, context and weight decay its run recorded, and reads the overlap its start event
-    recorded rather than measuring it again (planning/recorded.py)."""
+    recorded rather than measuring it again (planning/recorded.py). Its stages, each handing the next a frozen
+    record, are docs/architecture.md's questions in order: before the data, the data, the sizing and decay, the
+    machine's checks."""
+    settled = settle_before_data(cfg, device, resume)
+    t = settled.cfg.train
+    shard_group = distributed.shard_group(world, t.parallel, t.shard_group_size)
+    data = plan_data(settled)
+    accumulation = accumulation_steps(t, world.size)
+    machine = Machine.of(device)  # its free memory read once: every choice bounded by memory weighs the same bytes
+    given = SizingInputs(
+        world,
+        machine,
+        data.sources,
+        data.estimate,
+        accumulation,
+        shard_group,
+        settled.earlier,
+        speed,
+        settled.context_set,
+    )
+    decided = size_and_decay(data, given, resume)
+    return checked_plan(device, given, settled, data, decided)
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What a plan settles before it reads the data (`settle_before_data`): the config the data is planned with."""
+
+    cfg: Config  # train resolved (no "auto"), the warmup fitted, the model's shape as set or init_from's, the context
+    notes: tuple[str, ...]
+    recorded: tuple[float, ...]  # RunPlan.recorded: a replay's progress per update; () otherwise
+    init_missing: str  # RunPlan.init_missing: "" or the error a new run gets (init_shape)
+    earlier: Recorded | None  # what a resumed or replayed run recorded, where this config leaves a choice to the plan
+    context_set: bool  # train.seq_len set, not chosen
+
+    @property
+    def choose_seq_len(self) -> bool:
+        """Whether the plan chooses the context once the run's tokens are known (sequence_length.py)."""
+        return not self.context_set and self.earlier is None
+
+
+def settle_before_data(cfg: Config, device: torch.device, resume: str | None) -> Settled:
+    """The first stage of `plan_run`: `cfg` resolved on `device` before any data is read (the device, precision and
+    compile; the warmup; a replay's progress; a Hugging Face model's shape; what the run resumed from `resume` or
+    replayed recorded; the context set, recorded or short), with the notes said so far."""
     notes: list[str] = []
     t = resolve_train(cfg.train, device)  # no "auto" left in what config.toml records
     budgeted = t.max_time > 0 or cfg.schedule.progress_from  # a replay keeps the warmup it replays
     schedule, note = fit_warmup(cfg.schedule, 0 if budgeted else t.max_steps)
-    budget, tied = budget_note(cfg.schedule, t.max_time), tied_head_note(cfg.optim, cfg.model)
+    budget = budget_note(cfg.schedule, t.max_time)
+    tied = tied_head_note(cfg.optim, cfg.model)
     notes += [line for line in (note, budget, tied, compile_mode_note(t, device)) if line]
     if schedule.progress_from:  # config.toml records where, for a resume from any directory
         schedule = replace(schedule, progress_from=os.path.abspath(schedule.progress_from))
@@ -226,95 +294,142 @@ def plan_run(
     chosen = not (shape.n_layers and t.seq_len and shape.members) or cfg.optim.weight_decay_rule == "repeats"
     earlier = recorded_run(t.out_dir, schedule.progress_from, resume) if chosen else None
     context_set = bool(t.seq_len)
-    choose_seq_len = not context_set and earlier is None  # chosen below, once the run's tokens are known
-    if not context_set:
+    if not context_set:  # chosen once the run's tokens are known, unless the run recorded it: planned short till then
         t, note = recorded_context(t, earlier.config, earlier.where) if earlier else (short_context(t, shape), "")
         notes += [note] if note else []
         cfg = replace(cfg, train=t)
-    shard_group = distributed.shard_group(world, t.parallel, t.shard_group_size)
+    return Settled(cfg, tuple(notes), recorded, init_missing, earlier, context_set)
+
+
+@dataclass(frozen=True)
+class Data:
+    """The run's data as the plan finds it (`plan_data`)."""
+
+    cfg: Config  # resolved on the data (prepared.resolve): its folder and paths, the model's vocabulary
+    sources: tuple[Source, ...]  # RunPlan.sources: () while the data is not prepared yet
+    prepare: str  # RunPlan.prepare: "" or what will be prepared before the run
+    estimate: float  # the training tokens of a folder not prepared yet (0 once it is)
+    notes: tuple[str, ...]
+
+
+def plan_data(settled: Settled) -> Data:
+    """The second stage of `plan_run`: the data `settled.cfg` names, opened where it is prepared (else what preparing
+    it will need, checked now and estimated), the config resolved on it; UsageError for a train.monitor that is not a
+    validation loss of the run, or a Hugging Face model whose ids are not the data's."""
+    cfg = settled.cfg
+    notes: list[str] = []
     sources = tuple(open_sources(cfg.data))  # data.dir, or each [[data.sources]] folder
-    prepare, vocab, estimate = "", 0, 0.0
+    prepare = ""
+    estimate = 0.0
     if sources:
         vocab = sources[0].data.vocab_size
         note = stale_cache_note(cfg.data)
         notes += [note] if note else []
     else:  # one folder, not prepared yet: what preparing it will need is checked now, nothing is read
         prepare, vocab, estimate, estimated = pending(cfg.data)
-        if not shape.n_layers or choose_seq_len:  # planned at the estimate, as the run plans them again once prepared
+        if not cfg.model.n_layers or settled.choose_seq_len:  # planned at the estimate, as again once prepared
             notes.append(f"the data is not prepared yet: the model's shape and context are planned for {estimated}")
     losses = ["val_loss", *(f"val_loss.{s.name}" for s in sources if len(sources) > 1)]
-    if t.monitor not in losses:
+    if cfg.train.monitor not in losses:
         raise UsageError(
-            f"train.monitor = {t.monitor!r}: not a validation loss of this run; one of {', '.join(losses)}"
+            f"train.monitor = {cfg.train.monitor!r}: not a validation loss of this run; one of {', '.join(losses)}"
         )
     directory = sources[0].dir if sources else prepared_dir(cfg.data)
     cfg = resolve(cfg, directory, vocab, sources[0].data.meta["request"] if sources else None)
-    if sources and shape.init_from and not init_missing:  # the model's ids must be the data's
+    if sources and cfg.model.init_from and not settled.init_missing:  # the model's ids must be the data's
         tokenizer_file = f"{directory}/tokenizer.json"
-        note = check_hf_tokenizer(shape.init_from, Tokenizer.load(tokenizer_file), tokenizer_file)
-        notes += [note] if note else []
-    accumulation = accumulation_steps(t, world.size)
-    machine = Machine.of(device)  # its free memory read once: every choice bounded by memory weighs the same bytes
-    given = SizingInputs(world, machine, sources, estimate, accumulation, shard_group, earlier, speed, context_set)
+        tokenizer_note = check_hf_tokenizer(cfg.model.init_from, Tokenizer.load(tokenizer_file), tokenizer_file)
+        notes += [tokenizer_note] if tokenizer_note else []
+    return Data(cfg, sources, prepare, estimate, tuple(notes))
+
+
+@dataclass(frozen=True)
+class Decided:
+    """The run's shape, context, budget, members, mix and weight decay (`size_and_decay`)."""
+
+    cfg: Config  # the model, train, data.max_epochs and optim sections as the run trains them
+    sized: Sized  # what size_run decided and weighed: the rows an epoch, the speed, the epoch limit
+    mix: Phases  # RunPlan.mix
+    overlap: Measured | None  # the most-read source's index and verbatim overlap, where the plan read it
+    notes: tuple[str, ...]
+
+
+def size_and_decay(data: Data, given: SizingInputs, resume: str | None) -> Decided:
+    """The third stage of `plan_run`: the run of `data.cfg` sized (`size_run`: shape, context, budget, members), a
+    new run's distillation and its teacher's start, the mix's phases and the weight decay for the epochs planned (a
+    run resumed from `resume` or replayed keeps the decay its `given.earlier` recorded)."""
+    cfg = data.cfg
     sized = size_run(cfg, given)
-    model, t, speed = sized.model, sized.train, sized.speed
-    notes += sized.notes
-    tokens_per_step = accumulation * t.batch_size * t.seq_len * world.size
+    model = sized.model
+    t = sized.train
+    notes = list(sized.notes)
+    tokens_per_step = given.accumulation * t.batch_size * t.seq_len * given.world.size
     if t.distill:  # resolved: only a new run's members are distilled, and config.toml records whether this run is one
         # one model is a first round only where its stop is the epoch limit (not a train.max_steps set)
-        limit = bool(speed) and epoch_cap(sized.corpus, tokens_per_step, sized.epoch_limit) == t.max_steps
-        t = replace(t, distill=resume is None and distilled(model, t, tokens_per_step, speed if limit else None))
+        limit = bool(sized.speed) and epoch_cap(sized.corpus, tokens_per_step, sized.epoch_limit) == t.max_steps
+        t = replace(t, distill=resume is None and distilled(model, t, tokens_per_step, sized.speed if limit else None))
         notes += [distill_note(model.members, t)] if t.distill else []
     # Resolved too: a run with no teacher, or one left one model, has nothing to start from
     if t.teacher_init and not (t.teacher or t.distill):
         t = replace(t, teacher_init=False)
     # data.max_epochs as the plan applied it (the repeats rule's lower limit for new text): what config.toml records
     cfg = replace(cfg, model=model, train=t, data=replace(cfg.data, max_epochs=sized.epoch_limit))
-    mix, mix_notes = phases(cfg.data, t.max_steps, accumulation)
+    mix, mix_notes = phases(cfg.data, t.max_steps, given.accumulation)
     notes += mix_notes
-    planned = sizing.run_tokens(t, cfg.model, tokens_per_step, speed)  # inf: a time budget with no speed timed
-    epochs = None if math.isinf(planned) else [planned * share / size for share, size in sized.corpus]
-    optim, note, overlap = choose_weight_decay(cfg, sources, epochs, earlier.config if earlier else None, sized.overlap)
-    cfg = replace(cfg, optim=optim)
+    end, _ = planned_end(t, cfg.model, tokens_per_step, sized.speed)  # None: a time budget with no speed timed
+    epochs = planned_epochs(mix, t.batch_size * given.world.size, sized.rows_per_epoch, end, given.accumulation)
+    recorded = given.earlier.config if given.earlier else None
+    optim, note, overlap = choose_weight_decay(cfg, data.sources, epochs, recorded, sized.overlap)
     notes += [note] if note else []
-    parallel = t.parallel if world.distributed else "none"  # what a checkpoint records too
+    return Decided(replace(cfg, optim=optim), sized, tuple(mix), overlap, tuple(notes))
+
+
+def checked_plan(device: torch.device, given: SizingInputs, settled: Settled, data: Data, decided: Decided) -> RunPlan:
+    """The last stage of `plan_run`: the machine's checks of the run `decided` on `device` (the parallel mode, each
+    kernel's choice, the memory estimate against `given.machine`, attention, fp8, the checkpoint format), refused in
+    one line where the run would refuse it; then the plan, its notes those of each stage in order."""
+    cfg = decided.cfg
+    t = cfg.train
+    parallel = t.parallel if given.world.distributed else "none"  # what a checkpoint records too
     sharded = parallel in distributed.SHARDED
     m = cfg.model  # the shapes the measured dispatch table is read at ("auto" on a GPU)
     shapes = run_shapes(m.d_model, m.vocab_size, num_params(m))
     kernels = kernels_on(
         cfg.kernels, device, sharded, shapes, compiled=bool(t.compile), fp8=t.fp8, softcap=m.logit_softcap
     )
-    memory = check_fits(cfg, machine, t.precision, shard_group)
+    memory = check_fits(cfg, given.machine, t.precision, given.shard_group)
     if t.distill:  # the student, its teacher of the first round's members beside it, refused now if it cannot fit
-        check_fits(replace(cfg, model=replace(m, members=1)), machine, t.precision, shard_group, teachers=m.members)
+        student = replace(cfg, model=replace(m, members=1))
+        check_fits(student, given.machine, t.precision, given.shard_group, teachers=m.members)
     check_attention(t.attention, device)
     check_fp8(t.fp8, device)
     k = cfg.checkpoint
     sharded_saves = k.format == "sharded" or (k.format == "auto" and sharded) or k.async_save  # as Checkpointer
+    overlap = decided.overlap
     return RunPlan(
         cfg=cfg,
-        world=world,
+        world=given.world,
         device=device,
-        sources=sources,
-        prepare=prepare,
-        rows_per_epoch=sized.rows_per_epoch,
-        accumulation=accumulation,
-        mix=tuple(mix),
+        sources=data.sources,
+        prepare=data.prepare,
+        rows_per_epoch=decided.sized.rows_per_epoch,
+        accumulation=given.accumulation,
+        mix=decided.mix,
         kernels=kernels,
         kernel_reasons=kernel_reasons(cfg, kernels),
         parallel=parallel,
-        shard_group=shard_group,
+        shard_group=given.shard_group,
         checkpoint_format="sharded" if sharded_saves else "file",
         params=num_params(m) * m.members,
         flops_per_token=flops_per_token(m, t.seq_len),
         memory=tuple(memory.items()),
-        available=machine.available,
-        recorded=recorded,
-        init_missing=init_missing,
-        notes=tuple(notes),
-        speed=speed,
-        overlap=None if overlap is None else (sources[overlap[0]].name, overlap[1]),
-        epoch_limit=sized.epoch_limit,
+        available=given.machine.available,
+        recorded=settled.recorded,
+        init_missing=settled.init_missing,
+        notes=settled.notes + data.notes + decided.notes,
+        speed=decided.sized.speed,
+        overlap=None if overlap is None else (data.sources[overlap[0]].name, overlap[1]),
+        epoch_limit=decided.sized.epoch_limit,
     )
 
 

@@ -169,9 +169,10 @@ def choose_weight_decay(
 ) -> tuple[OptimConfig, str, Measured | None]:
     """cfg.optim with its weight decay for the run (cfg.optim itself unless optim.weight_decay_rule = "repeats"),
     the plan's note saying why ("" for "fixed") and the most-read source's overlap the rule read (else `measured`).
-    `epochs`: how many times over the run reads each source (None: not known); `recorded`: a resumed or replayed
-    run's config.toml, whose decay it keeps (said where the rule would now choose another); `measured`: a source's
-    index and overlap the plan has measured (`limit_epochs`) or its run recorded, not measured again."""
+    `epochs`: how many times over the run reads each source (None: not known), the loader's count that the run's
+    start event records (plan.planned_epochs); `recorded`: a resumed or replayed run's config.toml, whose decay it
+    keeps (said where the rule would now choose another); `measured`: a source's index and overlap the plan has
+    measured (`limit_epochs`) or its run recorded, not measured again."""
     o = cfg.optim
     if o.weight_decay_rule == "fixed":
         return o, "", measured
