@@ -27,11 +27,18 @@ TEACHER_COST = 0.5
 # The share of train.max_time that, left when a round of members reaches its epoch limit, is worth more members
 # (training/phases.py): less goes to the student, or ends the run with the one model it has.
 MIN_LEFT = 0.1
+# After a lone member, the least share of what a member read that a student of it and one more must have time to
+# read for the more to train: any student of two beats the lone model where the alternative is the budget unused.
+# With two members or more the student must have the time to read all of it (what the plan weighed K by).
+LONE_STUDENT_SHARE = 0.5
 # How much slower than the machine a timing can read it: a 10-minute budget timed on a busy machine read it ~2x slow
-# and planned one model that reached the epoch limit at 146 s; a machine at load 3 on 2 cores, up to 3x. A single model planned to reach the limit within the
+# and planned one model that reached the epoch limit at 146 s; two processes spinning on 2 cores while it timed read
+# it 14x slow (OpenMP's threads wait on each other where every core is taken), on held-out code 2 x 128 planned to
+# read it 1.2 times in 600 s reached its limit of 4.3 at 156 s. 10 keeps the main job (its limit 20x its budget
+# away) an ordinary run. A single model planned to reach the limit within the
 # budget at this many times the speed timed trains as a first round of members (`distilled`), so that the run can go
 # on to more when it ends early.
-MIS_TIMED = 3.0
+MIS_TIMED = 10.0
 
 
 def ensemble_members(

@@ -35,7 +35,7 @@ from fasttrain.checkpoints.run_directory import MEMBERS_DIR, discard_set_aside, 
 from fasttrain.checkpoints.saves import has_saves
 from fasttrain.compute.device import use_device
 from fasttrain.config import Config, Seconds, load_config
-from fasttrain.planning.members import MAX_MEMBERS, MIN_LEFT, TEACHER_COST, ensemble_share
+from fasttrain.planning.members import LONE_STUDENT_SHARE, MAX_MEMBERS, MIN_LEFT, TEACHER_COST, ensemble_share
 from fasttrain.planning.preflight import Machine, teachers_in_memory
 from fasttrain.system.atomic import sync_directory
 from fasttrain.system.errors import UsageError
@@ -137,8 +137,9 @@ def more_members(done: Sequence[Ended], max_time: float, at_once: int, most: int
     round's seconds, and why in words: the most that train and still leave the student of all of them its time, each
     member as long as the rounds that reached the limit took one (their seconds over their members: the speed
     measured on this machine, this run), `at_once` at most (what the first round trained side by side, which the
-    plan found fits) and `most` in all (the student's teacher in memory, at most MAX_MEMBERS). 0 where the last
-    round stopped at its share of the budget, or less than MIN_LEFT of it is left."""
+    plan found fits) and `most` in all (the student's teacher in memory, at most MAX_MEMBERS); after a lone member,
+    the student need have the time for LONE_STUDENT_SHARE of a member's read only. 0 where the last round stopped at
+    its share of the budget, or less than MIN_LEFT of it is left."""
     spent, members = sum(r.seconds for r in done), sum(r.members for r in done)
     left = max_time - spent
     limited = [r for r in done if r.reached_limit]
@@ -149,18 +150,20 @@ def more_members(done: Sequence[Ended], max_time: float, at_once: int, most: int
     def student(total: int) -> float:  # the student reads what a member read, its step 1 + K x TEACHER_COST of one
         return member * (1 + total * TEACHER_COST)
 
+    share = LONE_STUDENT_SHARE if members == 1 else 1.0  # after a lone member, a student of two reading less will do
     added = 0
     for k in range(1, min(most - members, at_once) + 1):
-        if k * member + student(members + k) <= left:
+        if k * member + share * student(members + k) <= left:
             added = k
     fitted = f"each member reached the epoch limit in {member:.0f} s"
     if not added:
         return (
             0,
             0.0,
-            f"{left:.0f} s left: {fitted}, so one more and a student would need {member + student(members + 1):.0f} s",
+            f"{left:.0f} s left: {fitted}, so one more and a student would need "
+            f"{member + share * student(members + 1):.0f} s",
         )
-    seconds = round(left - student(members + added), 3)
+    seconds = round(left - share * student(members + added), 3)
     return (
         added,
         seconds,
