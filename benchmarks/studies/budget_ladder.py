@@ -66,20 +66,21 @@ def run_budget(seconds: int, sets: list[str], work: Path, busy: int = 0) -> dict
     score = [sys.executable, "-m", "fasttrain.evaluate", str(out), "--split", "val"]
     printed = subprocess.run(score, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     bpb = float(re.search(r"bpb (\S+)", printed).group(1))  # evaluate's line: loss L  ppl P  bpb B  accuracy A
-    events = read_metrics(out)
+    # A distilled run's phases, in order: its rounds of members (ensemble, ensemble-2, ...), then its student in
+    # RUN, which holds no run of its own where final/ is the one member's
+    rounds = sorted((p for p in out.glob("ensemble*") if p.is_dir()), key=lambda p: int(p.name.partition("-")[2] or 1))
+    phases = [*rounds, *([out] if (out / "metrics.jsonl").is_file() else [])]
+    events = read_metrics(phases[-1])  # the phase whose model final/ holds
     evals = [round(e["val_bpb"], 4) for e in events if e["event"] == "eval"]
     start, end = (next(e for e in events if e["event"] == kind) for kind in ("start", "end"))
-    m, o = load_config(out / "config.toml").model, load_config(out / "config.toml").optim
-    phases = sorted(out.glob("ensemble*/metrics.jsonl")) + [out / "metrics.jsonl"]
-    trained = [
-        next(e for e in reversed(read_metrics(p.parent)) if e["event"] == "end")["train_seconds"] for p in phases
-    ]
+    m, o = load_config(out / "final" / "config.toml").model, load_config(out / "final" / "config.toml").optim
+    trained = [next(e for e in reversed(read_metrics(p)) if e["event"] == "end")["train_seconds"] for p in phases]
     return {
         "budget_s": seconds,
         "sets": sets,
         "shape": f"{m.n_layers} x {m.d_model}",
         "context": m.max_seq_len,
-        "weight_decay": o.weight_decay,
+        "weight_decay": o.decay(),
         "steps": end["step"],
         "planned_epochs": start["sources"][0]["planned_epochs"],
         "evals": evals,
@@ -87,7 +88,10 @@ def run_budget(seconds: int, sets: list[str], work: Path, busy: int = 0) -> dict
         "last": evals[-1],
         "final_val_bpb": bpb,
         "busy_timing": busy,
-        "phases": [f"{p.parent.name} {s:.0f} s" for p, s in zip(phases, trained)],
+        "phases": [
+            f"{p.name} ({load_config(p / 'config.toml').model.members} model(s)) {s:.0f} s"
+            for p, s in zip(phases, trained)
+        ],
         "trained_share": round(sum(trained) / seconds, 3),
         "load_before": before,
         "load_after": load_average(),
