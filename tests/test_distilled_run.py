@@ -241,6 +241,7 @@ def test_each_boundary_decides_from_the_seconds_the_rounds_took(tmp_path):
     phase = next_phase(cfg)
     assert phase is not None and phase.kind == "members" and phase.resume is None
     assert phase.cfg.model.members == 1 and phase.cfg.train.out_dir == str(run / "ensemble-2")
+    assert phase.cfg.train.seed == cfg.train.seed + 1  # not the first round's model over again
     assert LONE_STUDENT_SHARE == 0.5
     assert phase.cfg.train.max_time == pytest.approx(500 - 0.5 * 100 * (1 + 2 * TEACHER_COST))
     assert phase.note.startswith("500 s left: each member reached the epoch limit in 100 s, so 1 more train")
@@ -319,6 +320,11 @@ def test_a_budget_timed_slow_still_spends_itself_on_more_members_and_their_stude
     assert counts == once and once["overlaps"] == 1  # made once for the run: no phase times or measures again
     begun = [run / "ensemble", *sorted(run.glob("ensemble-*"))]
     assert sum(load_config(d / "config.toml").model.members for d in begun) >= 2
+    seeds = [load_config(d / "config.toml").train.seed for d in begun]
+    assert len(set(seeds)) == len(seeds)  # each round its own models
+    if len(begun) > 1:  # the first member of each of the first two rounds: another model
+        first = [{k.removeprefix("members.0."): v for k, v in weights(d).items()} for d in begun[:2]]
+        assert not any(torch.equal(first[0][key], first[1][key]) for key in first[1] if key in first[0])
     student = load_trained(run)
     assert student.cfg.model.members == 1 and student.cfg.train.teacher.count(os.pathsep) == len(begun) - 1
     seconds = [end_event(d / "metrics.jsonl")["train_seconds"] for d in (*begun, run)]

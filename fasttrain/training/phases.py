@@ -291,6 +291,9 @@ def next_phase(
         added, seconds, why = more_members(done, cfg.train.max_time, first_round.model.members, most)
         if added:
             t = replace(first_round.train, max_time=Seconds(seconds), out_dir=str(members_dir(run_dir, len(begun) + 1)))
+            # A seed of its own: the same one would train the first round's members over again (their initialisation
+            # and their batches' order both come from train.seed), which no ensemble gains from
+            t = replace(t, seed=first_round.train.seed + len(begun))
             model = replace(first_round.model, members=added)
             return Phase("members", replace(first_round, model=model, train=t), None, False, why)
         if sum(r.members for r in done) == 1:
