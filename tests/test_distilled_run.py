@@ -388,11 +388,15 @@ def test_the_students_teacher_is_in_the_memory_estimate_and_bounds_the_members(t
     assert teacher_members(student.train.teacher) == 4
     parts = estimate_bytes(student, 4)
     one_member = 4 * num_params(cfg.model)
-    assert parts["the teacher"] == teacher_bytes(cfg, 4) > 4 * one_member
-    assert teacher_bytes(cfg, 4) - teacher_bytes(cfg, 3) > one_member  # each member's weights and hidden states
+    assert parts["the teacher"] == teacher_bytes(cfg.model, cfg.train, 4) > 4 * one_member
+    assert (
+        teacher_bytes(cfg.model, cfg.train, 4) - teacher_bytes(cfg.model, cfg.train, 3) > one_member
+    )  # each member's weights and hidden states
     assert "the teacher" not in estimate_bytes(cfg, 4)
     alone = sum(estimate_bytes(cfg, 4).values())
-    room = (alone + teacher_bytes(cfg, 2)) / MEMORY_SHARE  # a student and a teacher of two, not of three
+    room = (
+        alone + teacher_bytes(cfg.model, cfg.train, 2)
+    ) / MEMORY_SHARE  # a student and a teacher of two, not of three
     assert teachers_in_memory(cfg, int(room), 8) == 2 and teachers_in_memory(cfg, int(room * 100), 8) == 8
 
 

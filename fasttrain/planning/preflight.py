@@ -21,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from fasttrain.config import Config, OptimConfig, load_config
+from fasttrain.config import Config, ModelConfig, OptimConfig, TrainConfig, load_config
 from fasttrain.model.transformer import Transformer, ffn_hidden_size, num_params
 from fasttrain.optimization.optimizers import hidden_matrices
 from fasttrain.planning.sizing import MEMORY_SHARE, ladder_shape
@@ -48,7 +48,7 @@ def estimate_bytes(cfg: Config, activation_bytes: int, shards: int = 1, teachers
     m, t = cfg.model, cfg.train
     tokens = t.batch_size * t.seq_len * max(m.members, 1)
     state, state_bytes = parameter_state(cfg)
-    teacher = teacher_bytes(cfg, teacher_members(t.teacher) if teachers is None else teachers)
+    teacher = teacher_bytes(m, t, teacher_members(t.teacher) if teachers is None else teachers)
     return {
         state: state_bytes * max(m.members, 1) // shards,
         # cos and sin in fp32, and the fp64 angles they are computed from
@@ -62,14 +62,13 @@ def estimate_bytes(cfg: Config, activation_bytes: int, shards: int = 1, teachers
     }
 
 
-def teacher_bytes(cfg: Config, members: int) -> int:
-    """What a student of cfg.model's shape needs for a teacher of `members` models of that shape (a distilled run's
-    members): their fp32 weights, each member's final hidden states of one micro-batch and one member's fp32
-    logits at a time (model/ensemble.py), the mean probabilities the loss reads, and the largest layer's values of
-    one member's forward (no gradients: nothing is kept for a backward)."""
+def teacher_bytes(m: ModelConfig, t: TrainConfig, members: int) -> int:
+    """What a student of shape `m` (its micro-batches `t`'s) needs for a teacher of `members` models of that shape (a
+    distilled run's members): their fp32 weights, each member's final hidden states of one micro-batch and one
+    member's fp32 logits at a time (model/ensemble.py), the mean probabilities the loss reads, and the largest
+    layer's values of one member's forward (no gradients: nothing is kept for a backward)."""
     if not members:
         return 0
-    m, t = cfg.model, cfg.train
     tokens = t.batch_size * t.seq_len
     weights = 4 * num_params(replace(m, members=1))
     layer = tokens * (m.d_model * ACTIVATIONS_PER_TOKEN_LAYER + MLP_HIDDEN_VALUES[m.mlp] * ffn_hidden_size(m)) * 4
