@@ -303,6 +303,7 @@ def dry_run(cfg: Config, args: argparse.Namespace, moved: str | None) -> int:
         print(f"note: {moved}", file=sys.stderr if as_json else sys.stdout)  # --json: the object alone on stdout
     device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
     sets = [item for _, item in config_overrides(args)]
+    run_dir = Path(cfg.train.out_dir)  # the whole run's, where a phase's plan below is made in a round's
     phase = next_phase(cfg, sets) if resume in ("auto", AUTO_OR_NEW) and cfg.train.distill else None
     if phase is not None and phase.kind == "publish":  # nothing left to train: said, as the run would say it
         if world.is_main:
@@ -317,7 +318,7 @@ def dry_run(cfg: Config, args: argparse.Namespace, moved: str | None) -> int:
     earlier = None if spec is not None or overwrite else earlier_run(out)
     overwrite = overwrite or earlier is not None
     check_directory(out, spec is not None, overwrite, world.is_main)  # before the plan times the machine
-    for begun in rounds(out) if world.is_main else ():  # a distilled run training a round is refused as in RUN
+    for begun in rounds(run_dir) if world.is_main else ():  # a distilled run training a round is refused as in RUN
         run_lock.check_free(begun)
     if spec is not None:
         resolve(spec, cfg.train.out_dir)  # the save a resume would load: there, or the run's own line

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +36,16 @@ from fasttrain.planning.preflight import estimate_bytes, teacher_bytes, teacher_
 from fasttrain.planning.sizing import MEMORY_SHARE
 from fasttrain.planning.speed import Speed
 from fasttrain.system.errors import UsageError
-from fasttrain.training.phases import Ended, end_event, ensemble_config, more_members, next_phase, publish
+from fasttrain.training.phases import (
+    REPLACES,
+    Ended,
+    end_event,
+    ensemble_config,
+    more_members,
+    next_phase,
+    publish,
+    rounds,
+)
 from fasttrain.training.trainer import Interrupted, Trainer
 from tests.conftest import tiny_args, tiny_config
 from tests.test_checkpoint import EXACT, hold_lock
@@ -260,6 +270,22 @@ def test_each_boundary_decides_from_the_seconds_the_rounds_took(tmp_path):
     shutil.rmtree(run / "ensemble-2"), shutil.rmtree(run / "ensemble-3")
     ended_round(run / "ensemble", cfg, members=3, steps=5, seconds=300.0)  # stopped by its share, not the limit
     assert next_phase(cfg).kind == "student"
+
+
+def test_an_earlier_runs_later_round_left_beside_a_new_first_round_is_not_this_runs(tmp_path):
+    """An --overwrite start replaced RUN/ensemble; RUN/ensemble-2 is the earlier run's, begun before it: not a round
+    of this run (its members and seconds are not counted, its final/ teaches nothing), and the round this run adds
+    there replaces it, as the whole run began with --overwrite."""
+    run = tmp_path / "run"
+    cfg = tiny_config("data", run, "train.distill=true", "train.max_time=600", *VOCAB)
+    ended_round(run / "ensemble-2", cfg, members=3, steps=8, seconds=300.0)  # the earlier run's
+    time.sleep(0.01)
+    ended_round(run / "ensemble", cfg, members=1, steps=8, seconds=100.0)
+    (run / "ensemble" / REPLACES).write_text("the student replaces the run in the directory above\n")
+    assert rounds(run) == [run / "ensemble"]
+    phase = next_phase(cfg)
+    assert phase is not None and phase.kind == "members" and phase.cfg.train.out_dir == str(run / "ensemble-2")
+    assert phase.cfg.model.members == 1 and phase.overwrite  # 500 s left: not the earlier round's 200
 
 
 def test_one_member_and_too_little_time_for_more_is_the_runs_model_and_says_why(tmp_path):

@@ -16,8 +16,8 @@ The run's plan (planning/plan.py, made once) decides the first round: its member
 share of it. Every later choice is `next_phase`'s, made from the rounds' end events, so from the speed measured over
 the whole run so far rather than the plan's first short timing: a round that reached its epoch limit with more than
 MIN_LEFT of the budget left is followed by another round of as many members as leave the student its time
-(`more_members`), and the student trains for the seconds actually left. A new run, `--resume auto` in any phase and
-`--dry-run` all take their phase from `next_phase`; each phase is an ordinary run in its own folder, so it saves,
+(`more_members`), and the student trains for the seconds actually left. A new run once its first round has ended,
+`--resume auto` in any phase and `--dry-run` all take their phase from `next_phase`; each phase is an ordinary run in its own folder, so it saves,
 resumes and refuses as any run does. Which phase a start goes on with is read from the folders: a round until its
 metrics.jsonl ends with its end event, then the next decision.
 """
@@ -77,9 +77,10 @@ def members_dir(run_dir: str | os.PathLike[str], round_number: int = 1) -> Path:
 
 
 def rounds(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """The rounds of members begun in `run_dir` (each with its config.toml), in order."""
-    found: list[Path] = []
-    while (members_dir(run_dir, len(found) + 1) / "config.toml").is_file():
+    """The rounds of members begun in `run_dir` (each with its config.toml), in order: each begun after the one before
+    it, so an earlier run's later round that an --overwrite start left beside a new first round is not this run's."""
+    found = [members_dir(run_dir)] if (members_dir(run_dir) / "config.toml").is_file() else []
+    while found and newer(members_dir(run_dir, len(found) + 1) / "config.toml", found[-1] / "config.toml"):
         found.append(members_dir(run_dir, len(found) + 1))
     return found
 
@@ -231,9 +232,9 @@ def taught_by(recorded: Path, teacher: str) -> bool:
 
 def student_state(run_dir: Path, count: int) -> str:
     """Where the student of the `count` rounds in `run_dir` stands: "ended" (its saves and end event); "saved" (its
-    saves go on); "none" (no
-    saves of any run, or its start stopped before its first); "replaces" (an earlier run's saves, which it replaces as
-    the whole run began with --overwrite, REPLACES) or "other" (an earlier run's, not the run's to replace)."""
+    saves go on); "none" (no saves of any run, or its start stopped before its first); "replaces" (an earlier run's
+    saves, which it replaces as the whole run began with --overwrite, REPLACES) or "other" (an earlier run's, not the
+    run's to replace)."""
     recorded = run_dir / "config.toml"
     ours = newer(recorded, members_dir(run_dir, count) / "metrics.jsonl") and taught_by(
         recorded, teachers(run_dir, count)
@@ -261,26 +262,22 @@ def replaced_by_another_run(run_dir: Path) -> bool:
     return not load_config(recorded).train.teacher
 
 
-def next_phase(
-    cfg: Config, overrides: Sequence[str] = (), first: Config | None = None, overwrite: bool = False
-) -> Phase | None:
-    """What the distilled run of `cfg` (the user's config; `overrides`: its --set items) trains next in train.out_dir:
-    `first` (a new run's first round: ensemble_config of its plan; `overwrite`: the whole run began with --overwrite)
-    where no round has begun there; else the round begun and not ended (its saves resumed), then a new round
-    (`more_members`), then the run's last phase: the one member published, or the student (new, or its saves resumed,
-    an ended one's too, which evaluates again as any ended run resumed does); None where train.out_dir holds no
+def next_phase(cfg: Config, overrides: Sequence[str] = ()) -> Phase | None:
+    """What the distilled run of `cfg` (the user's config; `overrides`: its --set items) begun in train.out_dir trains
+    next (a new run's first round is its plan's: ensemble_config): the round begun and not ended (its saves resumed),
+    then a new round (`more_members`; replacing an earlier run's round there where the whole run began with
+    --overwrite), then the run's last phase: the one member published, or the student (new, or its saves resumed, an
+    ended one's too, which evaluates again as any ended run resumed does); None where train.out_dir holds no
     distilled run (an ordinary resume). UsageError where the student would replace saves not the run's to replace."""
     run_dir = Path(os.path.abspath(cfg.train.out_dir))
     begun = rounds(run_dir)
-    if not begun:
-        return None if first is None else Phase("members", first, None, overwrite)
-    if replaced_by_another_run(run_dir):
+    if not begun or replaced_by_another_run(run_dir):
         return None
-    last = ended(begun[-1])
-    if last is None:
+    ends = [ended(d) for d in begun]  # each read once: rounds before the last have ended
+    if ends[-1] is None:
         resume = "auto" if has_saves(begun[-1] / "checkpoints") else None
         return Phase("members", recorded_round(begun[-1], overrides), resume, False)
-    done = [r for r in map(ended, begun) if r is not None]
+    done = [r for r in ends if r is not None]
     state = student_state(run_dir, len(begun))
     first_round, why = recorded_round(begun[0], overrides), ""
     if state == "none" and published(run_dir, begun[-1]):  # ended: its one member's again (the copy is the same)
@@ -295,7 +292,8 @@ def next_phase(
             # and their batches' order both come from train.seed), which no ensemble gains from
             t = replace(t, seed=first_round.train.seed + len(begun))
             model = replace(first_round.model, members=added)
-            return Phase("members", replace(first_round, model=model, train=t), None, False, why)
+            replaces = (members_dir(run_dir) / REPLACES).is_file()  # an earlier run's round there, set aside
+            return Phase("members", replace(first_round, model=model, train=t), None, replaces, why)
         if sum(r.members for r in done) == 1:
             return Phase("publish", first_round, None, state == "replaces", why)
     if state == "other":
