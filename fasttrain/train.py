@@ -54,7 +54,7 @@ from fasttrain.training.measure import measure, measure_line
 from fasttrain.training.phases import (
     REPLACES,
     Phase,
-    ensemble_config,
+    first_phase,
     kept_phase_items,
     members_dir,
     next_phase,
@@ -76,8 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UsageError(f"{'--json' if args.json else '--measure'}: only with --dry-run")
     # A moved or copied run directory's config.toml names the original: resumed, the run goes on where it now is
     cfg, moved = copied_run_note(args, config_from_args(args), args.resume in ("auto", AUTO_OR_NEW))
+    sets = [item for _, item in config_overrides(args)]  # a distilled run's phases take them (phases.phase_items)
     if args.dry_run:
-        return dry_run(cfg, args, moved)
+        return dry_run(cfg, args, moved, sets)
     named = args.config in shipped.available()  # shipped, or a file here that hides the shipped one: say which
     if named and not args.quiet and distributed.world_from_env().is_main:
         print(config_line(args.config))
@@ -91,7 +92,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if note and not args.quiet:
             print(f"note: {note}")
     try:
-        sets = [item for _, item in config_overrides(args)]
         phase = None
         if args.resume in ("auto", AUTO_OR_NEW) and cfg.train.distill:  # rank 0 decides, the others follow
             distributed.start(world, use_device(cfg.train.device, world.local_rank if world.distributed else None))
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if phase is not None:  # a distilled run goes on with the phase it was in
             summary, device, batch_size = continue_distilled(cfg, phase, args, harness, sets, world)
         else:
-            summary, device, batch_size = start_or_resume(cfg, args, harness, world)
+            summary, device, batch_size = start_or_resume(cfg, args, harness, world, sets)
     finally:
         gc.collect()
         distributed.stop()  # under torchrun: leave the process group, whatever happened
@@ -168,15 +168,15 @@ def continue_distilled(
     kept = kept_phase_items(cfg.train.out_dir, sets)
     if kept and world.is_main and not args.quiet:
         print(f"note: distill: {' '.join(kept)}: a resume keeps what the run's phases recorded")
-    return train_phases(cfg, phase, args, harness)
+    return train_phases(cfg, phase, args, harness, sets)
 
 
 def start_or_resume(
-    cfg: Config, args: argparse.Namespace, harness: ModuleType | None, world: distributed.World
+    cfg: Config, args: argparse.Namespace, harness: ModuleType | None, world: distributed.World, sets: list[str]
 ) -> tuple[dict, torch.device, int]:
     """A new run of `cfg`, or the one --resume names (not a distilled run's phase to go on with): train.out_dir checked
     on rank 0 before the plan times the machine, then planned and trained (a new distilled run from its first round
-    of members): its summary, device and batch size."""
+    of members; `sets`: the --set items, which its later phases take): its summary, device and batch size."""
     resume = checkpoint_to_resume(args.resume, cfg.train.out_dir, args.quiet or not world.is_main)
     if world.is_main:  # refused before the plan times the machine; the other ranks check once rank 0 settled it
         members = members_dir(cfg.train.out_dir)  # a distilled run's, which --resume auto continues
@@ -188,8 +188,7 @@ def start_or_resume(
             resolve(resume, cfg.train.out_dir)  # the save to resume: there, or the resume's own line
     plan = start_run(cfg, args.quiet, resume)
     if plan.cfg.train.distill and resume is None:
-        first = Phase("members", ensemble_config(plan.cfg), None, args.overwrite)
-        return train_phases(cfg, first, args, harness, plan)
+        return train_phases(cfg, first_phase(plan.cfg, args.overwrite), args, harness, sets, plan)
     return train_one(plan, resume, args.overwrite, args, harness, cfg.train.out_dir)
 
 
@@ -233,13 +232,18 @@ def train_one(
 
 
 def train_phases(
-    cfg: Config, phase: Phase, args: argparse.Namespace, harness: ModuleType | None, whole: RunPlan | None = None
+    cfg: Config,
+    phase: Phase,
+    args: argparse.Namespace,
+    harness: ModuleType | None,
+    sets: list[str],
+    whole: RunPlan | None = None,
 ) -> tuple[dict, torch.device, int]:
-    """The distilled run of `cfg` (fasttrain/training/phases.py) from `phase` on, each next phase decided as the one
-    before it ends (phases.next_phase), until the run has ended; then how its budget was spent. `whole`: a new run's
-    plan, whose first round `phase` is (its notes were printed as the run planned it; its record goes into the
-    round's start event)."""
-    out, sets = os.path.abspath(cfg.train.out_dir), [item for _, item in config_overrides(args)]
+    """The distilled run of `cfg` (fasttrain/training/phases.py; `sets`: the --set items) from `phase` on, each next
+    phase decided as the one before it ends (phases.next_phase), until the run has ended; then how its budget was
+    spent. `whole`: a new run's plan, whose first round `phase` is (its notes were printed as the run planned it; its
+    record goes into the round's start event)."""
+    out = os.path.abspath(cfg.train.out_dir)
     say = distributed.world_from_env().is_main and not args.quiet
     if whole is not None and distributed.world_from_env().is_main:  # what the student does to an earlier run in RUN
         members = Path(phase.cfg.train.out_dir)
@@ -259,7 +263,7 @@ def train_phases(
             weights = publish(next_one) if distributed.world_from_env().is_main else Path(out) / "final"
             summary = {**summary, "weights": str(weights)}
             break
-        part: dict = {"kind": next_one.kind, "run": out, "why": next_one.note}
+        part: dict = {"kind": next_one.kind, "run": out, "why": next_one.note, "begun": next_one.begun}
         if whole is not None and not spent:
             part["whole"] = whole.record()
         plan = start_run(next_one.cfg, args.quiet or (whole is not None and not spent), next_one.resume, part)
@@ -289,12 +293,13 @@ def phase_line(phase: Phase) -> str:
     return f"{why}one model taught by {t.teacher}, into {t.out_dir}"
 
 
-def dry_run(cfg: Config, args: argparse.Namespace, moved: str | None) -> int:
+def dry_run(cfg: Config, args: argparse.Namespace, moved: str | None, sets: list[str]) -> int:
     """Print the plan of a run of `cfg` (rank 0 prints the world's), as a table after the config file's line, or
     (--json) one JSON object with the start event's keys and `config_file`; with --measure N, time N real steps (the
     data must be prepared). Writes nothing. train.out_dir gets the run's checks first, each the run's one line; an
     earlier run there, which a new run without --overwrite would refuse, is a note instead; `moved`: the note on a
-    moved run directory's config (copied_run_note), said before a refusal of the directory it names."""
+    moved run directory's config (copied_run_note), said before a refusal of the directory it names; `sets`: the --set
+    items, which a distilled run's phase takes."""
     as_json, measure_steps, resume, overwrite = args.json, args.measure, args.resume, args.overwrite
     world = distributed.world_from_env()
     if world.is_main and not as_json:
@@ -302,7 +307,6 @@ def dry_run(cfg: Config, args: argparse.Namespace, moved: str | None) -> int:
     if world.is_main and moved:
         print(f"note: {moved}", file=sys.stderr if as_json else sys.stdout)  # --json: the object alone on stdout
     device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
-    sets = [item for _, item in config_overrides(args)]
     run_dir = Path(cfg.train.out_dir)  # the whole run's, where a phase's plan below is made in a round's
     phase = next_phase(cfg, sets) if resume in ("auto", AUTO_OR_NEW) and cfg.train.distill else None
     if phase is not None and phase.kind == "publish":  # nothing left to train: said, as the run would say it

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from fasttrain import train as train_module
 from fasttrain.compute.distributed import World
-from fasttrain.config import TrainConfig, load_config, save_config
+from fasttrain.config import Seconds, TrainConfig, load_config, save_config
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.export import export
 from fasttrain.model.transformer import flops_per_token, num_params
@@ -37,6 +37,7 @@ from fasttrain.planning.sizing import MEMORY_SHARE
 from fasttrain.planning.speed import Speed
 from fasttrain.system.errors import UsageError
 from fasttrain.training.phases import (
+    PUBLISHED,
     REPLACES,
     Ended,
     end_event,
@@ -89,6 +90,7 @@ def test_a_distilled_run_leaves_one_model_in_final_and_its_members_in_ensemble(p
     assert first["phase"]["kind"] == "members" and first["phase"]["run"] == str(run)
     assert first["phase"]["whole"]["distill"] is True and first["phase"]["whole"]["members"] == 2
     assert taught["phase"]["kind"] == "student" and "whole" not in taught["phase"]
+    assert taught["phase"]["begun"] == first["phase"]["begun"] <= first["time"]  # the run's identity, in each phase
 
 
 def start_event(run: Path) -> dict:
@@ -229,14 +231,21 @@ def test_a_resume_takes_its_set_items_into_the_phases_but_not_those_that_make_th
 VOCAB = ["model.vocab_size=512"]  # as a run records it, resolved from its data
 
 
-def ended_round(directory: Path, cfg, members: int, steps: int, seconds: float, max_steps: int = 8) -> None:
-    """A round of `members` that ended after `steps` of `max_steps` in `seconds`, as its folder records it."""
+BEGUN = 1_000_000.0  # when the distilled run of the rounds below began (phases.first_phase): its identity
+
+
+def ended_round(
+    directory: Path, cfg, members: int, steps: int, seconds: float, max_steps: int = 8, begun: float | None = BEGUN
+) -> None:
+    """A round of `members` that ended after `steps` of `max_steps` in `seconds`, as its folder records it: a phase of
+    the run begun at `begun` (None: of a run begun before phases recorded their run)."""
     t = replace(cfg.train, max_steps=max_steps, out_dir=str(directory), distill=False)
     recorded = replace(cfg, model=replace(cfg.model, members=members), train=t)
     save_config(recorded, directory)
     save_config(recorded, directory / "final")
+    start = {"event": "start", **({"phase": {"kind": "members", "begun": begun}} if begun is not None else {})}
     end = {"event": "end", "step": steps, "train_seconds": seconds}
-    (directory / "metrics.jsonl").write_text(json.dumps({"event": "start"}) + "\n" + json.dumps(end) + "\n")
+    (directory / "metrics.jsonl").write_text(json.dumps(start) + "\n" + json.dumps(end) + "\n")
 
 
 def test_each_boundary_decides_from_the_seconds_the_rounds_took(tmp_path):
@@ -273,19 +282,77 @@ def test_each_boundary_decides_from_the_seconds_the_rounds_took(tmp_path):
 
 
 def test_an_earlier_runs_later_round_left_beside_a_new_first_round_is_not_this_runs(tmp_path):
-    """An --overwrite start replaced RUN/ensemble; RUN/ensemble-2 is the earlier run's, begun before it: not a round
-    of this run (its members and seconds are not counted, its final/ teaches nothing), and the round this run adds
-    there replaces it, as the whole run began with --overwrite."""
+    """An --overwrite start replaced RUN/ensemble; RUN/ensemble-2 is the earlier run's, which records that run, not
+    this one, whenever its files were written: not a round of this run (its members and seconds are not counted, its
+    final/ teaches nothing), and the round this run adds there replaces it, as the whole run began with --overwrite."""
     run = tmp_path / "run"
     cfg = tiny_config("data", run, "train.distill=true", "train.max_time=600", *VOCAB)
-    ended_round(run / "ensemble-2", cfg, members=3, steps=8, seconds=300.0)  # the earlier run's
-    time.sleep(0.01)
     ended_round(run / "ensemble", cfg, members=1, steps=8, seconds=100.0)
+    ended_round(run / "ensemble-2", cfg, members=3, steps=8, seconds=300.0, begun=BEGUN - 600)  # written after
     (run / "ensemble" / REPLACES).write_text("the student replaces the run in the directory above\n")
     assert rounds(run) == [run / "ensemble"]
     phase = next_phase(cfg)
     assert phase is not None and phase.kind == "members" and phase.cfg.train.out_dir == str(run / "ensemble-2")
     assert phase.cfg.model.members == 1 and phase.overwrite  # 500 s left: not the earlier round's 200
+
+
+def written_in_order(top: Path, *folders: Path) -> None:
+    """Time the files under `top` as a copy that keeps no times (cp -r) leaves them where it copied `folders` (each
+    under `top`, one inside another listed before it) last to first: each folder's files a second older than those of
+    the folder listed before it."""
+    now = time.time_ns()
+    for path in (p for p in top.rglob("*") if p.is_file()):
+        age = next(n for n, folder in enumerate(folders) if path.is_relative_to(folder))
+        os.utime(path, ns=(now - age * 10**9,) * 2)
+
+
+def test_a_run_folder_copied_without_its_times_keeps_its_rounds_and_its_student(tmp_path):
+    """A run of two rounds, its student begun (its saves), copied with new file times in an order that makes
+    ensemble-2 older than ensemble and the student's config.toml older than both: the phases record their run, so
+    the copy still has both rounds, and its student is the run's, taught by both, and resumed."""
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    cfg = tiny_config("data", run, "train.distill=true", "train.max_time=600", *VOCAB)
+    ended_round(run / "ensemble", cfg, members=1, steps=8, seconds=100.0)
+    ended_round(run / "ensemble-2", cfg, members=1, steps=5, seconds=100.0)  # stopped by its share: the student next
+    student = next_phase(cfg)
+    assert student is not None and student.kind == "student" and student.resume is None and student.begun == BEGUN
+    save_config(student.cfg, run)  # the student begun as train_phases begins it: its config, start event, a save
+    start = {"event": "start", "time": BEGUN + 300, "phase": {"kind": "student", "begun": BEGUN}}
+    resumed = {"event": "start", "time": BEGUN + 400, "phase": None, "resumed_from": "checkpoints/step_0000003.pt"}
+    (run / "metrics.jsonl").write_text(f"{json.dumps(start)}\n{json.dumps(resumed)}\n")  # and resumed from its config
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "latest").write_text("step_0000003.pt\n")
+    shutil.copytree(run, copy, copy_function=shutil.copyfile)
+    written_in_order(copy, copy / "ensemble", copy / "ensemble-2", copy)
+    assert rounds(copy) == [copy / "ensemble", copy / "ensemble-2"]
+    phase = next_phase(replace(cfg, train=replace(cfg.train, out_dir=str(copy))))
+    assert phase is not None and phase.kind == "student" and phase.resume == "auto" and phase.begun == BEGUN
+    assert phase.cfg.train.teacher.split(os.pathsep) == [str(copy / d / "final") for d in ("ensemble", "ensemble-2")]
+    with open(copy / "metrics.jsonl", "a") as log:  # a new ordinary run there since: a resume is that run's own
+        log.write(json.dumps({"event": "start", "time": BEGUN + 500, "phase": None}) + "\n")
+    assert next_phase(replace(cfg, train=replace(cfg.train, out_dir=str(copy)))) is None
+
+
+def test_a_run_begun_before_phases_recorded_their_run_is_read_by_file_times(tmp_path):
+    """Phases that record no phase.begun (runs begun before they did): a later round is the run's where it was
+    written after the round before it, and final/ the one member's where it was copied after the round ended."""
+    run = tmp_path / "run"
+    cfg = tiny_config("data", run, "train.distill=true", "train.max_time=600", *VOCAB)
+    ended_round(run / "ensemble", cfg, members=1, steps=8, seconds=100.0, begun=None)
+    ended_round(run / "ensemble-2", cfg, members=1, steps=8, seconds=100.0, begun=None)
+    written_in_order(run, run / "ensemble", run / "ensemble-2")
+    assert rounds(run) == [run / "ensemble"]
+    written_in_order(run, run / "ensemble-2", run / "ensemble")
+    assert rounds(run) == [run / "ensemble", run / "ensemble-2"]
+    shutil.rmtree(run / "ensemble-2")
+    cfg = replace(cfg, train=replace(cfg.train, max_time=Seconds(120.0)))
+    phase = next_phase(cfg)
+    assert phase is not None and phase.kind == "publish" and phase.begun is None and phase.note
+    publish(phase)
+    written_in_order(run, run / "ensemble", run / "final")
+    assert next_phase(cfg).note  # final/ older than the round: not taken for its copy
+    written_in_order(run, run / "final", run / "ensemble")
+    assert not next_phase(cfg).note  # copied after it: the one member's again, deciding nothing anew
 
 
 def test_one_member_and_too_little_time_for_more_is_the_runs_model_and_says_why(tmp_path):
@@ -298,6 +365,9 @@ def test_one_member_and_too_little_time_for_more_is_the_runs_model_and_says_why(
     assert publish(phase) == run / "final" and (run / "final" / "config.toml").is_file()
     again = next_phase(cfg)  # ended: a resume publishes the same member again, deciding nothing anew
     assert again is not None and again.kind == "publish" and not again.note
+    assert json.loads((run / "ensemble" / PUBLISHED).read_text()) == {"begun": BEGUN}
+    (run / "ensemble" / PUBLISHED).write_text(json.dumps({"begun": BEGUN - 600}))  # another run's final/ there
+    assert next_phase(cfg).note  # decided, not taken for this run's
     assert more_members([Ended(run, 1, 99.0, True)], 120.0, 1, 8)[0] == 0
     assert more_members([Ended(run, 1, 99.0, True)], 600.0, 1, 8)[0] == 1  # 501 s left: 99 + 99 x 2 fit
     assert more_members([Ended(run, 1, 99.0, True)], 600.0, 1, 1)[0] == 0  # no teacher of two fits in memory
@@ -385,6 +455,25 @@ def test_a_distilled_run_moved_elsewhere_resumes_where_it_now_is(phase, pydoc_da
         assert train_module.main([str(moved / "config.toml"), "--quiet", "--resume", "auto"]) == 0
     assert not run.exists()
     straight, resumed = weights(tmp_path / "straight"), weights(moved)
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
+def test_a_distilled_run_copied_without_its_times_resumes_its_own_student(pydoc_data, tmp_path, monkeypatch):
+    """Killed in its student, its folder copied by a copy that keeps no times, RUN's own files first (the student's
+    config.toml older than the members' log, as an earlier run's would be), the original removed: `--resume auto` of
+    the copy goes on with the run's student (not refused as another run's) and ends with the weights of a run never
+    stopped."""
+    train(pydoc_data, tmp_path / "straight")
+    run, copy = tmp_path / "run", tmp_path / "copy"
+    stop_at(monkeypatch, 5, lambda trainer: os.path.abspath(trainer.cfg.train.out_dir) == str(run))
+    with pytest.raises(Interrupted):
+        train(pydoc_data, run)
+    monkeypatch.undo()
+    shutil.copytree(run, copy, copy_function=shutil.copyfile)
+    shutil.rmtree(run)
+    written_in_order(copy, copy / "ensemble", copy)
+    train(pydoc_data, copy, flags=("--resume", "auto"))
+    straight, resumed = weights(tmp_path / "straight"), weights(copy)
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
 
 

@@ -167,9 +167,11 @@ def depths_in_memory(cfg: Config, available: int, depths: Sequence[int], shards:
     sizing.MEMORY_SHARE of the `available` bytes: the shapes a sizing may time and choose. The smallest alone where
     none is: check_fits then refuses it if it cannot fit at all."""
     room, value_bytes = MEMORY_SHARE * available, 4 if cfg.train.precision == "fp32" else 2
+    teachers = teacher_members(cfg.train.teacher)  # a student's teacher: its folders read once, not at each depth
 
     def need(depth: int) -> int:
-        return sum(estimate_bytes(replace(cfg, model=ladder_shape(cfg.model, depth)), value_bytes, shards).values())
+        shape = replace(cfg, model=ladder_shape(cfg.model, depth))
+        return sum(estimate_bytes(shape, value_bytes, shards, teachers).values())
 
     return list(itertools.takewhile(lambda d: need(d) <= room, depths)) or list(depths[:1])  # grows with the depth
 

@@ -20,6 +20,12 @@ MIN_LEFT of the budget left is followed by another round of as many members as l
 `--resume auto` in any phase and `--dry-run` all take their phase from `next_phase`; each phase is an ordinary run in its own folder, so it saves,
 resumes and refuses as any run does. Which phase a start goes on with is read from the folders: a round until its
 metrics.jsonl ends with its end event, then the next decision.
+
+Which folders are the run's is what they record, not when their files were written (a copy that keeps no times,
+`cp -r`, writes them in its own order): each phase's start event records when the whole run began (`phase.begun`, set
+once by `first_phase`), so a later round, the student in RUN and a published final/ (PUBLISHED) are the run's where
+they record what its first round does; an earlier run's, which an --overwrite start left beside it, records its own.
+A run whose first round records none (begun before phases recorded it) is read by its files' times (`same_run`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -37,12 +44,15 @@ from fasttrain.compute.device import use_device
 from fasttrain.config import Config, Seconds, load_config
 from fasttrain.planning.members import LONE_STUDENT_SHARE, MAX_MEMBERS, MIN_LEFT, TEACHER_COST, ensemble_share
 from fasttrain.planning.preflight import Machine, teachers_in_memory
-from fasttrain.system.atomic import sync_directory
+from fasttrain.system.atomic import sync_directory, write_atomically
 from fasttrain.system.errors import UsageError
 
 # In RUN/ensemble: the whole run began with --overwrite, so its student replaces the earlier run in RUN (which stays
 # whole until then: the members' rounds touch only their own folders)
 REPLACES = "replaces-earlier-run"
+# In the round whose one member is the run's model: the run decided to publish it (written before the copy, so a resume
+# copies it again rather than deciding anew), as {"begun": the run's phase.begun}
+PUBLISHED = "published-into-run"
 # What makes a distilled run's phases, which a resume's --set items do not change (the rest they do, as a resume)
 PHASE_KEYS = ("model.", "data.", "train.out_dir", "train.max_", "train.teacher", "train.distill", "train.seq_len")
 
@@ -50,12 +60,14 @@ PHASE_KEYS = ("model.", "data.", "train.out_dir", "train.max_", "train.teacher",
 @dataclass(frozen=True)
 class Phase:
     """The next ordinary run of a distilled run: `kind` "members" (a round), "student" or "publish" (final/ is the one
-    member's: nothing to train); its config, whether it resumes its saves, and whether it replaces an earlier run."""
+    member's: nothing to train); its config, whether it resumes its saves, whether it replaces an earlier run, and when
+    the whole run began, which its start event records (the run's identity: see the module's docstring)."""
 
     kind: str
     cfg: Config
     resume: str | None  # "auto": the phase's own saves go on
     overwrite: bool
+    begun: float | None  # None: a run whose first round records none (`same_run`), whose phases record none either
     note: str = ""  # why, where the run decided it at a boundary
 
 
@@ -77,17 +89,30 @@ def members_dir(run_dir: str | os.PathLike[str], round_number: int = 1) -> Path:
 
 
 def rounds(run_dir: str | os.PathLike[str]) -> list[Path]:
-    """The rounds of members begun in `run_dir` (each with its config.toml), in order: each begun after the one before
-    it, so an earlier run's later round that an --overwrite start left beside a new first round is not this run's."""
-    found = [members_dir(run_dir)] if (members_dir(run_dir) / "config.toml").is_file() else []
-    while found and newer(members_dir(run_dir, len(found) + 1) / "config.toml", found[-1] / "config.toml"):
-        found.append(members_dir(run_dir, len(found) + 1))
-    return found
+    """The rounds of members begun in `run_dir` (each with its config.toml), in order: the first, then each that records
+    the run the first began (`same_run`), so an earlier run's later round that an --overwrite start left beside a new
+    first round is not this run's."""
+    first = members_dir(run_dir)
+    if not (first / "config.toml").is_file():
+        return []
+    found, begun = [first], begun_of(starts(first))
+    while True:
+        later = members_dir(run_dir, len(found) + 1)
+        recorded = later / "config.toml"
+        if not (recorded.is_file() and same_run(begun, begun_of(starts(later)), recorded, found[-1] / "config.toml")):
+            return found
+        found.append(later)
 
 
 def teachers(run_dir: str | os.PathLike[str], count: int) -> str:
     """train.teacher of the student of `count` rounds in `run_dir`: their final/ folders, os.pathsep between them."""
     return os.pathsep.join(str(members_dir(run_dir, n) / "final") for n in range(1, count + 1))
+
+
+def first_phase(cfg: Config, overwrite: bool) -> Phase:
+    """The first phase of a new distilled run of `cfg` (RunPlan.cfg): its first round (`ensemble_config`), replacing an
+    earlier run's if `overwrite`, the run's identity the time it begins."""
+    return Phase("members", ensemble_config(cfg), None, overwrite, round(time.time(), 3))
 
 
 def ensemble_config(cfg: Config) -> Config:
@@ -197,6 +222,45 @@ def student_config(
     )
 
 
+def starts(directory: Path) -> list[dict]:
+    """The start events in `directory`'s metrics.jsonl, in order ([] without any): a resume appends one, and so does a
+    new run where the run before it left no saves (an --overwrite start sets the earlier run's log aside)."""
+    try:
+        lines = (directory / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        if '"start"' not in line:  # the log's many other events need no parsing
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:  # the last line of a run killed mid-write
+            continue
+        if isinstance(event, dict) and event.get("event") == "start":
+            found.append(event)
+    return found
+
+
+def begun_of(events: Sequence[dict]) -> float | None:
+    """When the distilled run began of which the run in a folder (its start `events`) is a phase: the `phase.begun` its
+    last new start records. A resume's start is passed over: it goes on with the run begun before it (and one of a
+    phase's own config.toml, `train RUN/config.toml --resume auto`, records no phase). None: an ordinary run, a phase
+    recorded before phases recorded their run, or no start."""
+    new = [e for e in events if "resumed_from" not in e]
+    phase = new[-1].get("phase") if new else None
+    begun = phase.get("begun") if isinstance(phase, dict) else None
+    return float(begun) if isinstance(begun, (int, float)) else None
+
+
+def same_run(begun: float | None, recorded: float | None, path: Path, than: Path) -> bool:
+    """Whether a phase that records `recorded` (its `begun_of`) is of the distilled run begun at `begun`, which its first
+    round records. A run whose first round records none (begun before phases recorded it, or its first start killed
+    before its start event: it trained nothing) is judged by the file times of its phases instead: `path` written after
+    `than`, an order a copy that does not keep the times (`cp -r`) can turn round."""
+    return recorded == begun if begun is not None else newer(path, than)
+
+
 def newer(path: Path, than: Path) -> bool:
     """Whether `path` exists and was last written after `than` (which exists)."""
     return path.is_file() and path.stat().st_mtime_ns >= than.stat().st_mtime_ns
@@ -230,14 +294,16 @@ def taught_by(recorded: Path, teacher: str) -> bool:
     return theirs == [os.path.relpath(p, recorded.parent) for p in teacher.split(os.pathsep)]
 
 
-def student_state(run_dir: Path, count: int) -> str:
-    """Where the student of the `count` rounds in `run_dir` stands: "ended" (its saves and end event); "saved" (its
-    saves go on); "none" (no saves of any run, or its start stopped before its first); "replaces" (an earlier run's
-    saves, which it replaces as the whole run began with --overwrite, REPLACES) or "other" (an earlier run's, not the
-    run's to replace)."""
-    recorded = run_dir / "config.toml"
-    ours = newer(recorded, members_dir(run_dir, count) / "metrics.jsonl") and taught_by(
-        recorded, teachers(run_dir, count)
+def student_state(run_dir: Path, count: int, begun: float | None) -> str:
+    """Where the student of the `count` rounds of the run begun at `begun` in `run_dir` stands: "ended" (its saves and
+    end event); "saved" (its saves go on); "none" (no saves of any run, or its start stopped before its first);
+    "replaces" (an earlier run's saves, which it replaces as the whole run began with --overwrite, REPLACES) or
+    "other" (an earlier run's, not the run's to replace)."""
+    recorded, last_round = run_dir / "config.toml", members_dir(run_dir, count)
+    ours = (
+        recorded.is_file()
+        and same_run(begun, begun_of(starts(run_dir)), recorded, last_round / "metrics.jsonl")
+        and taught_by(recorded, teachers(run_dir, count))
     )
     if ours and end_event(run_dir / "metrics.jsonl") is not None:
         return "ended"
@@ -248,18 +314,33 @@ def student_state(run_dir: Path, count: int) -> str:
     return "replaces" if (members_dir(run_dir) / REPLACES).is_file() else "other"
 
 
-def published(run_dir: Path, last_round: Path) -> bool:
-    """Whether `run_dir`'s final/ is its one member's, copied there after the last round ended (`publish`)."""
-    return newer(run_dir / "final" / "config.toml", last_round / "metrics.jsonl")
+def published(run_dir: Path, last_round: Path, begun: float | None) -> bool:
+    """Whether the run begun at `begun` in `run_dir` has made its final/ that of the one member in `last_round`
+    (`publish`, which records so there before it copies)."""
+    return same_run(begun, published_by(last_round), run_dir / "final" / "config.toml", last_round / "metrics.jsonl")
 
 
-def replaced_by_another_run(run_dir: Path) -> bool:
-    """Whether an ordinary run started in `run_dir` after its distilled run began (its config.toml newer than the first
-    round's and teaching nothing): a resume there is that run's own."""
+def published_by(member: Path) -> float | None:
+    """The run (its phase.begun) that made the final/ of the round in `member` its run's model (PUBLISHED); None: none."""
+    try:
+        record = json.loads((member / PUBLISHED).read_text())
+    except (OSError, ValueError):
+        return None
+    begun = record.get("begun") if isinstance(record, dict) else None
+    return float(begun) if isinstance(begun, (int, float)) else None
+
+
+def replaced_by_another_run(run_dir: Path, begun: float | None) -> bool:
+    """Whether another run started in `run_dir` after its distilled run (begun at `begun`) began, and is not its student:
+    a resume there is that run's own. A run whose first round records no `begun` (`same_run`): an ordinary run whose
+    config.toml is newer than the first round's."""
     recorded = run_dir / "config.toml"
-    if not newer(recorded, members_dir(run_dir) / "config.toml"):
+    if begun is None:
+        return newer(recorded, members_dir(run_dir) / "config.toml") and not load_config(recorded).train.teacher
+    events = starts(run_dir)
+    if not events or begun_of(events) == begun:  # nothing started there, or the run's own student
         return False
-    return not load_config(recorded).train.teacher
+    return float(events[-1].get("time", 0.0)) > begun  # the last start (a resume's too) after the run began
 
 
 def next_phase(cfg: Config, overrides: Sequence[str] = ()) -> Phase | None:
@@ -270,51 +351,57 @@ def next_phase(cfg: Config, overrides: Sequence[str] = ()) -> Phase | None:
     ended one's too, which evaluates again as any ended run resumed does); None where train.out_dir holds no
     distilled run (an ordinary resume). UsageError where the student would replace saves not the run's to replace."""
     run_dir = Path(os.path.abspath(cfg.train.out_dir))
-    begun = rounds(run_dir)
-    if not begun or replaced_by_another_run(run_dir):
+    found = rounds(run_dir)
+    begun = begun_of(starts(found[0])) if found else None  # the run's identity, which each phase it starts records
+    if not found or replaced_by_another_run(run_dir, begun):
         return None
-    ends = [ended(d) for d in begun]  # each read once: rounds before the last have ended
+    ends = [ended(d) for d in found]  # each read once: rounds before the last have ended
     if ends[-1] is None:
-        resume = "auto" if has_saves(begun[-1] / "checkpoints") else None
-        return Phase("members", recorded_round(begun[-1], overrides), resume, False)
+        resume = "auto" if has_saves(found[-1] / "checkpoints") else None
+        return Phase("members", recorded_round(found[-1], overrides), resume, False, begun)
     done = [r for r in ends if r is not None]
-    state = student_state(run_dir, len(begun))
-    first_round, why = recorded_round(begun[0], overrides), ""
-    if state == "none" and published(run_dir, begun[-1]):  # ended: its one member's again (the copy is the same)
-        return Phase("publish", first_round, None, False)
+    state = student_state(run_dir, len(found), begun)
+    first_round, why = recorded_round(found[0], overrides), ""
+    if state == "none" and published(run_dir, found[-1], begun):  # ended: its one member's again (the same copy)
+        return Phase("publish", first_round, None, False, begun)
     if state in ("none", "replaces"):  # the student has not begun: a boundary, decided from the rounds' seconds
         room = Machine.of(use_device(first_round.train.device)).available  # read now: the rounds have let theirs go
         most = teachers_in_memory(first_round, room, MAX_MEMBERS)
         added, seconds, why = more_members(done, cfg.train.max_time, first_round.model.members, most)
         if added:
-            t = replace(first_round.train, max_time=Seconds(seconds), out_dir=str(members_dir(run_dir, len(begun) + 1)))
+            t = replace(first_round.train, max_time=Seconds(seconds), out_dir=str(members_dir(run_dir, len(found) + 1)))
             # A seed of its own: the same one would train the first round's members over again (their initialisation
             # and their batches' order both come from train.seed), which no ensemble gains from
-            t = replace(t, seed=first_round.train.seed + len(begun))
+            t = replace(t, seed=first_round.train.seed + len(found))
             model = replace(first_round.model, members=added)
             replaces = (members_dir(run_dir) / REPLACES).is_file()  # an earlier run's round there, set aside
-            return Phase("members", replace(first_round, model=model, train=t), None, replaces, why)
+            return Phase("members", replace(first_round, model=model, train=t), None, replaces, begun, why)
         if sum(r.members for r in done) == 1:
-            return Phase("publish", first_round, None, state == "replaces", why)
+            return Phase("publish", first_round, None, state == "replaces", begun, why)
     if state == "other":
         raise UsageError(
             f"{run_dir / 'checkpoints'}: holds the saves of another run, which the student of {members_dir(run_dir)} "
             "would replace; move them away, or start the whole run over with --overwrite"
         )
     spent = sum(r.seconds for r in done)
-    student = student_config(first_round, run_dir, cfg.train.max_time, spent, cfg.train.teacher_init, len(begun))
-    return Phase("student", student, "auto" if state in ("saved", "ended") else None, state == "replaces", why)
+    student = student_config(first_round, run_dir, cfg.train.max_time, spent, cfg.train.teacher_init, len(found))
+    resume = "auto" if state in ("saved", "ended") else None
+    return Phase("student", student, resume, state == "replaces", begun, why)
 
 
 def publish(phase: Phase) -> Path:
     """Copy the one member's final/ (`phase`: "publish") to the run's final/, whole or not at all, replacing an earlier
     run's files where the whole run began with --overwrite: the run's model, as a student's would be. Returns it."""
-    run_dir = Path(phase.cfg.train.out_dir).parent
+    member = Path(phase.cfg.train.out_dir)
+    run_dir = member.parent
+    # Recorded before the copy (`published`): a resume after a kill in the middle copies again, deciding nothing anew
+    record = json.dumps({"begun": phase.begun}).encode()
+    write_atomically(member / PUBLISHED, lambda f: f.write(record), what="record that final/ is its one member's")
     if phase.overwrite:
         set_aside(run_dir)
     staging = run_dir / f".final.{os.getpid()}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(Path(phase.cfg.train.out_dir) / "final", staging, copy_function=shutil.copyfile)  # written now
+    shutil.copytree(member / "final", staging, copy_function=shutil.copyfile)  # written now: what same_run reads
     shutil.rmtree(run_dir / "final", ignore_errors=True)
     os.replace(staging, run_dir / "final")
     sync_directory(run_dir)
