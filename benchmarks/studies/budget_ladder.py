@@ -72,9 +72,13 @@ def run_budget(seconds: int, sets: list[str], work: Path, busy: int = 0) -> dict
     phases = [*rounds, *([out] if (out / "metrics.jsonl").is_file() else [])]
     events = read_metrics(phases[-1])  # the phase whose model final/ holds
     evals = [round(e["val_bpb"], 4) for e in events if e["event"] == "eval"]
-    start, end = (next(e for e in events if e["event"] == kind) for kind in ("start", "end"))
+    end = next(e for e in events if e["event"] == "end")
     m, o = load_config(out / "final" / "config.toml").model, load_config(out / "final" / "config.toml").optim
     trained = [next(e for e in reversed(read_metrics(p)) if e["event"] == "end")["train_seconds"] for p in phases]
+    # The epochs the whole run's plan read at its timed speed (a distilled run's first round records that plan; the
+    # round's own plan, untimed, counts the steps to its epoch limit)
+    first = next(e for e in read_metrics(phases[0]) if e["event"] == "start")
+    whole = (first.get("phase") or {}).get("whole", first)
     return {
         "budget_s": seconds,
         "sets": sets,
@@ -82,7 +86,7 @@ def run_budget(seconds: int, sets: list[str], work: Path, busy: int = 0) -> dict
         "context": m.max_seq_len,
         "weight_decay": o.decay(),
         "steps": end["step"],
-        "planned_epochs": start["sources"][0]["planned_epochs"],
+        "planned_epochs": whole["sources"][0]["planned_epochs"],
         "evals": evals,
         "best": min(evals),
         "last": evals[-1],

@@ -41,6 +41,7 @@ from fasttrain.config import load_config
 from fasttrain.planning.sequence_length import contexts
 from fasttrain.plot import read_metrics
 from fasttrain.system.errors import ArgumentParser, run_cli
+from fasttrain.training.phases import rounds
 
 EVAL_TOKENS = 131_072  # of validation text every case is scored on: 32 batches of 16 x 256
 
@@ -226,10 +227,12 @@ def train_sets(
     train = [sys.executable, "-m", "fasttrain.train", str(ROOT / "configs/base.toml"), "--quiet", "--set", *command]
     subprocess.run(train, check=True, env=env, stdout=subprocess.DEVNULL, timeout=timeout)
     during = load_average()
-    events = read_metrics(out_dir)
+    # The phase whose model final/ holds: the run, or a distilled run's student there, else (its one member published
+    # as the run's model) its last round
+    events = read_metrics(out_dir if (out_dir / "metrics.jsonl").is_file() else rounds(out_dir)[-1])
     start = next(e for e in events if e["event"] == "start")
     end = next(e for e in events if e["event"] == "end")
-    shape = load_config(out_dir / "config.toml").model  # the shape trained: a case may leave it to the run
+    shape = load_config(out_dir / "final" / "config.toml").model  # the shape trained: a case may leave it to the run
     return {
         **distilled_from(out_dir),
         "shape": f"{shape.n_layers} x {shape.d_model}",
