@@ -11,6 +11,10 @@ without samples or compiling. A case is what differs:
   wd=X       weight decay X;  drop=X  model.dropout X (both under the fixed rule);  KEY=VALUE,...  any --set items
   distill=K  one model distilled (train.teacher) from the case model.members=K, trained first where not in the grid,
              for the same steps as one member; distill=K,KEY=VALUE,... sets those for the student too
+  bpe=P,...  subword regularisation (BPE-dropout, Provilkov et al. 2020): the training split holds ceil(epochs)
+             segmentations of its text, each merge skipped with probability P (the tokenizers library's BPE dropout;
+             P = 0: the standard one again), read once in a shuffled order for the standard run's steps; validation
+             keeps the standard segmentation. The rule would see one epoch, so give the decay: bpe=0.1,wd=0.49
 It records each evaluation's bits per byte: the best, the last (what a run that keeps its last weights gives), and
 the weight decay the run trained at (its config.toml). Equal tokens, so any CPU gives the same figures to rounding;
 each run is one process of one thread (--jobs of them at once).
@@ -31,7 +35,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,8 +45,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+import tokenizers
+
 from benchmarks.studies.common import ROOT, add_runs, load_average, prepared
 from fasttrain.config import load_config
+from fasttrain.formats.shards import ShardWriter, find_shards, token_blocks
 from fasttrain.plot import read_metrics
 from fasttrain.system.errors import ArgumentParser, run_cli
 
@@ -62,6 +72,38 @@ def case_sets(case: str) -> list[str]:
     return case.split(",")
 
 
+def segmented(data: Path, dropout: float, copies: int) -> Path:
+    """A prepared folder beside `data` whose training split is `copies` segmentations of `data`'s training text under
+    BPE-dropout `dropout` (made once), its validation split and tokenizer `data`'s. The dropout is not seeded (the
+    tokenizers library draws it), so a folder made again differs in its draws."""
+    out = data.parent / f"{data.name}-bpe{dropout:g}-x{copies}"
+    if (out / "meta.json").exists():
+        return out
+    spec = json.loads((data / "tokenizer.json").read_text())
+    standard = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    spec["model"]["dropout"] = dropout or None
+    dropped = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    meta = json.loads((data / "meta.json").read_text())
+    eot = meta["eot_id"]
+    tokens = np.concatenate(
+        [np.asarray(block, dtype=np.int64) for info in find_shards(data, "train") for block in token_blocks(info)]
+    )
+    starts = [*np.flatnonzero(tokens == eot), len(tokens)]  # each document begins with end-of-text
+    texts = [standard.decode(tokens[a + 1 : b].tolist()) for a, b in zip(starts, starts[1:])]
+    out.mkdir()
+    with ShardWriter(out / "train_000000.bin", meta["vocab_size"]) as shard:
+        for _ in range(copies):
+            for text in texts:
+                shard.write(np.array([eot, *dropped.encode(text).ids], dtype=np.int64))
+    for name in ["tokenizer.json", *meta["shards"]["val"]]:
+        shutil.copy(data / name, out / name)
+    meta["tokens"]["train"], meta["shards"]["train"] = shard.num_tokens, ["train_000000.bin"]
+    meta["documents"]["train"] *= copies
+    meta["text_bytes"]["train"] *= copies
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
 def run_dir(data: Path, depth: int, epochs: float, seed: int, case: str, work: Path) -> Path:
     """Where run_one trains that run."""
     return work / f"{data.name}-d{depth}-e{epochs:g}-s{seed}-{case.replace('=', '').replace(',', '_')}"
@@ -80,8 +122,14 @@ def run_one(data: Path, depth: int, epochs: float, seed: int, case: str, work: P
     out = run_dir(data, depth, epochs, seed, case, work)
     teacher = teacher_case(case)
     student = [f'train.teacher="{run_dir(data, depth, epochs, seed, teacher, work) / "final"}"'] if teacher else []
+    first, _, rest = case.partition(",")
+    if first.startswith("bpe="):
+        reads = segmented(data, float(first[4:]), math.ceil(epochs))
+        case_items = [s for item in rest.split(",") if item for s in case_sets(item)]
+    else:
+        reads, case_items = data, case_sets(case)
     sets = [
-        f'data.dir="{data}"',
+        f'data.dir="{reads}"',
         f"model.n_layers={depth}",
         f"model.d_model={64 * depth}",
         f"model.n_heads={depth}",
@@ -97,7 +145,7 @@ def run_one(data: Path, depth: int, epochs: float, seed: int, case: str, work: P
         "train.compile=false",
         "checkpoint.interval=100000",
         "train.distill=false",  # one run a case: the ensemble's final/ is the ensemble, a distill=K case the student
-        *(student + case.split(",")[1:] if teacher else case_sets(case)),
+        *(student + case.split(",")[1:] if teacher else case_items),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "fasttrain.train", "configs/base.toml", "--quiet", "--overwrite", "--set", *sets]
