@@ -45,15 +45,34 @@ def recorded_run(out_dir: str, replayed: str, resume: str | None) -> Recorded | 
 def recorded_overlap(config_file: Path) -> tuple[str, float] | None:
     """The overlap the last start event records in the metrics.jsonl beside a run's `config_file`; None where none
     does (a plan that measured none, a checkpoint away from its run, an event a crash cut short is skipped)."""
-    metrics = config_file.parent / "metrics.jsonl"
-    if config_file.name != "config.toml" or not metrics.is_file():
+    if config_file.name != "config.toml":
         return None
     found = None
-    for line in metrics.read_text().splitlines():
+    for event in start_events(config_file.parent / "metrics.jsonl"):
         try:
-            event = json.loads(line)
-            overlap = event.get("overlap") if event.get("event") == "start" else None
+            overlap = event.get("overlap")
             found = (str(overlap["source"]), float(overlap["fraction"])) if overlap else found
         except (ValueError, TypeError, KeyError, AttributeError):  # not an event of ours: measured again instead
             continue
+    return found
+
+
+def start_events(metrics: Path) -> list[dict]:
+    """The start events of a run's `metrics` (its metrics.jsonl), in order; [] where it cannot be read. A new run
+    writes one, and so does each resume; a line that is not a JSON object (the last one of a run killed mid-write) is
+    passed over."""
+    try:
+        lines = metrics.read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        if '"start"' not in line:  # the log's many other events need no parsing
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "start":
+            found.append(event)
     return found

@@ -3,7 +3,7 @@ folder holds and the seconds its phases took: members of one shape side by side,
 of their shape taught by all of them, so that final/ holds one model (one model's memory and cost, and it exports).
 
 Imports from fasttrain: checkpoints.run_directory, checkpoints.saves, compute.device, config, planning.members,
-planning.preflight, system.atomic, system.errors.
+planning.preflight, planning.recorded, system.atomic, system.errors.
 
     RUN/ensemble/     the first round of members: an ordinary run (config.toml, checkpoints/, metrics.jsonl, final/)
     RUN/ensemble-2/   a later round (ensemble-3, ...), where the rounds before it read the corpus to its epoch limit
@@ -44,6 +44,7 @@ from fasttrain.compute.device import use_device
 from fasttrain.config import Config, Seconds, load_config
 from fasttrain.planning.members import LONE_STUDENT_SHARE, MAX_MEMBERS, MIN_LEFT, TEACHER_COST, ensemble_share
 from fasttrain.planning.preflight import Machine, teachers_in_memory
+from fasttrain.planning.recorded import start_events
 from fasttrain.system.atomic import sync_directory, write_atomically
 from fasttrain.system.errors import UsageError
 
@@ -95,11 +96,14 @@ def rounds(run_dir: str | os.PathLike[str]) -> list[Path]:
     first = members_dir(run_dir)
     if not (first / "config.toml").is_file():
         return []
-    found, begun = [first], begun_of(starts(first))
+    found, begun = [first], begun_of(start_events(first / "metrics.jsonl"))
     while True:
         later = members_dir(run_dir, len(found) + 1)
         recorded = later / "config.toml"
-        if not (recorded.is_file() and same_run(begun, begun_of(starts(later)), recorded, found[-1] / "config.toml")):
+        if not (
+            recorded.is_file()
+            and same_run(begun, begun_of(start_events(later / "metrics.jsonl")), recorded, found[-1] / "config.toml")
+        ):
             return found
         found.append(later)
 
@@ -222,26 +226,6 @@ def student_config(
     )
 
 
-def starts(directory: Path) -> list[dict]:
-    """The start events in `directory`'s metrics.jsonl, in order ([] without any): a resume appends one, and so does a
-    new run where the run before it left no saves (an --overwrite start sets the earlier run's log aside)."""
-    try:
-        lines = (directory / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return []
-    found = []
-    for line in lines:
-        if '"start"' not in line:  # the log's many other events need no parsing
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:  # the last line of a run killed mid-write
-            continue
-        if isinstance(event, dict) and event.get("event") == "start":
-            found.append(event)
-    return found
-
-
 def begun_of(events: Sequence[dict]) -> float | None:
     """When the distilled run began of which the run in a folder (its start `events`) is a phase: the `phase.begun` its
     last new start records. A resume's start is passed over: it goes on with the run begun before it (and one of a
@@ -302,7 +286,7 @@ def student_state(run_dir: Path, count: int, begun: float | None) -> str:
     recorded, last_round = run_dir / "config.toml", members_dir(run_dir, count)
     ours = (
         recorded.is_file()
-        and same_run(begun, begun_of(starts(run_dir)), recorded, last_round / "metrics.jsonl")
+        and same_run(begun, begun_of(start_events(run_dir / "metrics.jsonl")), recorded, last_round / "metrics.jsonl")
         and taught_by(recorded, teachers(run_dir, count))
     )
     if ours and end_event(run_dir / "metrics.jsonl") is not None:
@@ -337,7 +321,7 @@ def replaced_by_another_run(run_dir: Path, begun: float | None) -> bool:
     recorded = run_dir / "config.toml"
     if begun is None:
         return newer(recorded, members_dir(run_dir) / "config.toml") and not load_config(recorded).train.teacher
-    events = starts(run_dir)
+    events = start_events(run_dir / "metrics.jsonl")
     if not events or begun_of(events) == begun:  # nothing started there, or the run's own student
         return False
     return float(events[-1].get("time", 0.0)) > begun  # the last start (a resume's too) after the run began
@@ -352,7 +336,8 @@ def next_phase(cfg: Config, overrides: Sequence[str] = ()) -> Phase | None:
     distilled run (an ordinary resume). UsageError where the student would replace saves not the run's to replace."""
     run_dir = Path(os.path.abspath(cfg.train.out_dir))
     found = rounds(run_dir)
-    begun = begun_of(starts(found[0])) if found else None  # the run's identity, which each phase it starts records
+    # The run's identity, which each phase it starts records
+    begun = begun_of(start_events(found[0] / "metrics.jsonl")) if found else None
     if not found or replaced_by_another_run(run_dir, begun):
         return None
     ends = [ended(d) for d in found]  # each read once: rounds before the last have ended
