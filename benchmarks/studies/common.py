@@ -60,9 +60,9 @@ def add_runs(out: Path, runs: list[dict], what: str, module: str, argv: Sequence
     out.write_text(json.dumps(result, indent=1) + "\n")
 
 
-def prepared_corpus(out: Path, inputs: Sequence[str] = (), files: Sequence[Path] = ()) -> Path:
+def prepared_corpus(out: Path, inputs: Sequence[str] = (), files: Sequence[Path] = (), vocab: int = 4096) -> Path:
     """`out`, a folder of `inputs` (builtin:NAME or paths) or of `files` (a document each, written as JSONL beside
-    `out` first) prepared at vocab 4096; prepared only if it is not there yet."""
+    `out` first) prepared at vocab `vocab`; prepared only if it is not there yet."""
     if (out / "meta.json").exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -72,18 +72,21 @@ def prepared_corpus(out: Path, inputs: Sequence[str] = (), files: Sequence[Path]
             for path in files:
                 f.write(json.dumps({"text": path.read_text(errors="replace")}) + "\n")
         inputs = [str(source)]
-    command = [sys.executable, "-m", "fasttrain.prepare", "--input", *inputs, "--out", str(out), "--vocab-size", "4096"]
-    subprocess.run(command, check=True)
+    prepare = [sys.executable, "-m", "fasttrain.prepare", "--input", *inputs, "--out", str(out)]
+    subprocess.run([*prepare, "--vocab-size", str(vocab)], check=True)
     return out
 
 
-def prepared(corpus: str, cache: Path) -> Path:
-    """The folder `corpus` (a key of BUILTINS or PACKAGES) is prepared in under `cache`, prepared first if it is not
-    there yet: the standard library's files as a document each (site-packages left out), "large" and "small" into
-    stdlib-large and stdlib-small (what a lent GPU's .quality/ carries), the others into their own name."""
+def prepared(corpus: str, cache: Path, vocab: int = 4096) -> Path:
+    """The folder `corpus` (a key of BUILTINS or PACKAGES) is prepared in under `cache` at vocab `vocab`, prepared
+    first if it is not there yet: the standard library's files as a document each (site-packages left out), "large"
+    and "small" into stdlib-large and stdlib-small (what a lent GPU's .quality/ carries), the others into their own
+    name; a vocabulary other than 4096 adds -vN to the folder's name."""
+    suffix = "" if vocab == 4096 else f"-v{vocab}"
     if corpus in BUILTINS:
-        return prepared_corpus(cache / corpus, inputs=BUILTINS[corpus])
+        return prepared_corpus(cache / f"{corpus}{suffix}", inputs=BUILTINS[corpus], vocab=vocab)
     lib = Path(sysconfig.get_paths()["stdlib"])
     roots = [lib / package for package in PACKAGES[corpus]] or [lib]
     files = sorted(p for root in roots for p in root.rglob("*.py") if "site-packages" not in p.parts)
-    return prepared_corpus(cache / (f"stdlib-{corpus}" if corpus in ("large", "small") else corpus), files=files)
+    name = f"stdlib-{corpus}" if corpus in ("large", "small") else corpus
+    return prepared_corpus(cache / f"{name}{suffix}", files=files, vocab=vocab)

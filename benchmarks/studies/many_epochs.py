@@ -19,7 +19,7 @@ It records each evaluation's bits per byte: the best, the last (what a run that 
 the weight decay the run trained at (its config.toml). Equal tokens, so any CPU gives the same figures to rounding;
 each run is one process of one thread (--jobs of them at once).
 
-The corpora (prepared once at vocab 4096 into --cache; the main job's is the topics with the stdlib's sources):
+The corpora (prepared once at vocab 4096, or --vocab, into --cache; the main job's is the topics with the stdlib's sources):
   pydoc       the Python documentation topics (builtin:pydoc), 93K training tokens of English: its validation
               text repeats its training text (half its 16-token spans are in it)
   docstrings  the standard library's docstrings (builtin:docstrings), 426K tokens of English
@@ -157,6 +157,7 @@ def run_one(data: Path, depth: int, epochs: float, seed: int, case: str, work: P
     start = next(e for e in events if e["event"] == "start")
     return {
         "corpus": data.name,
+        "vocab": json.loads((data / "meta.json").read_text())["vocab_size"],
         "depth": depth,
         "epochs": epochs,
         "planned_epochs": start["sources"][0]["planned_epochs"],
@@ -180,12 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--case", nargs="+", default=["fixed", "repeats"])
     parser.add_argument("--seed", type=int, nargs="+", default=[1])
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=4096, help="the tokenizer's size the corpus is prepared at")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fasttrain-many-epochs")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     today = datetime.date.today().isoformat()
     out = args.out or ROOT / f"benchmarks/results/recipe/cpu-many-epochs-{args.corpus}-{today}.json"
-    data = prepared(args.corpus, args.cache)
+    data = prepared(args.corpus, args.cache, args.vocab)
     teachers = [t for c in args.case if (t := teacher_case(c)) and t not in args.case]
     cases = [
         [c for c in args.case if not teacher_case(c)] + sorted(set(teachers)),
