@@ -164,7 +164,7 @@ def run_one(data: Path, depth: int, epochs: float, seed: int, case: str, work: P
         "seed": seed,
         "case": case,
         "teacher": teacher,
-        "weight_decay": load_config(out / "config.toml").optim.weight_decay,
+        "weight_decay": load_config(out / "config.toml").optim.decay(),
         "steps": steps,
         "best": min(curve),
         "last": curve[-1],
