@@ -264,9 +264,13 @@ def train_phases(
             summary = {**summary, "weights": str(weights)}
             break
         part: dict = {"kind": next_one.kind, "run": out, "why": next_one.note, "begun": next_one.begun}
-        if whole is not None and not spent:
-            part["whole"] = whole.record()
-        plan = start_run(next_one.cfg, args.quiet or (whole is not None and not spent), next_one.resume, part)
+        # A new run's first round: its notes were said as the whole run planned it, and it reads for the seconds the
+        # whole run's timing gives it (its record beside its own)
+        first = whole if not spent else None
+        if first is not None:
+            part["whole"] = first.record()
+        quiet = args.quiet or first is not None
+        plan = start_run(next_one.cfg, quiet, next_one.resume, part, first.speed if first is not None else None)
         summary, device, batch_size = train_one(plan, next_one.resume, next_one.overwrite, args, harness, out)
         spent.append((f"{next_one.kind} in {next_one.cfg.train.out_dir}", summary["train_seconds"]))
         if next_one.kind == "student":  # the run's last phase

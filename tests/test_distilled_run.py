@@ -429,6 +429,12 @@ def test_a_budget_timed_slow_still_spends_itself_on_more_members_and_their_stude
     # whole plan: distilled, timed
     whole = start_event(run / "ensemble")["phase"]["whole"]
     assert whole["distill"] is True and whole["speed"] and whole["epoch_limit"] == 2
+    # The first round plans its reads at the speed the whole run timed (it had planned them to its epoch limit, as a
+    # run of unknown speed): its end is the clock's at that speed, its epochs no more than the limit's
+    first = start_event(run / "ensemble")
+    assert first["speed"] == whole["speed"]
+    assert first["planned_to_step"] <= load_config(run / "ensemble" / "config.toml").train.max_steps
+    assert first["sources"][0]["planned_epochs"] <= whole["epoch_limit"]
     for phase in (*begun, run):
         assert start_event(phase)["epoch_limit"] == whole["epoch_limit"], phase
         assert load_config(phase / "config.toml").data.max_epochs == whole["epoch_limit"], phase

@@ -4,7 +4,7 @@ run (opened): locked, claimed by a new run, the resolved config written and the 
 before its first step is taken back whole (run_directory.RunStart).
 
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, compute.device, compute.distributed, config,
-planning.plan, preparation.cache, system.run_lock, training.metrics.
+planning.plan, planning.speed, preparation.cache, system.run_lock, training.metrics.
 """
 
 from __future__ import annotations
@@ -20,18 +20,24 @@ from fasttrain.compute import distributed
 from fasttrain.compute.device import use_device
 from fasttrain.config import Config, save_config
 from fasttrain.planning.plan import RunPlan, plan_run
+from fasttrain.planning.speed import Speed
 from fasttrain.preparation.cache import ensure_prepared
 from fasttrain.system import run_lock
 from fasttrain.training.metrics import MetricsLog, WandbSink, check_log_writable, import_wandb
 
 
-def start_run(cfg: Config, quiet: bool = False, resume: str | None = None, phase: dict | None = None) -> RunPlan:
+def start_run(
+    cfg: Config, quiet: bool = False, resume: str | None = None, phase: dict | None = None, speed: Speed | None = None
+) -> RunPlan:
     """The plan of a run of `cfg` in this process's world (plan.plan_run), its data prepared first if need be (rank 0,
     the others waiting). `resume`: the save's --resume spec; `phase`: what the run is of a distilled run, as its start
-    event records it (RunPlan.phase). Prints the notes (rank 0)."""
+    event records it (RunPlan.phase); `speed`: the machine's, as an earlier plan timed it (a distilled run's first
+    round: the whole run's, so the round plans its reads for the seconds it has, not to its epoch limit). Prints the
+    notes (rank 0)."""
     world = distributed.world_from_env()
     device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
-    plan = plan_run(cfg, world, device, resume)  # a config the run refuses is refused before anything is prepared
+    # A config the run refuses is refused before anything is prepared
+    plan = plan_run(cfg, world, device, resume, speed)
     distributed.start(world, device)
     if plan.prepare:
         if not world.is_main:
