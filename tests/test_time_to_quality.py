@@ -61,6 +61,36 @@ def test_a_folder_that_is_not_a_checkout_is_refused_in_one_line_naming_it(tmp_pa
     assert not (tmp_path / "cache").exists()
 
 
+def test_a_study_stopped_part_way_keeps_every_run_it_finished(pydoc_data, tmp_path, monkeypatch):
+    """The results file was written once, at the study's end: a 30-minute study stopped before its last depth kept
+    nothing but what it had printed. Each run's result is in the file as soon as the run ends."""
+
+    class Checkout:
+        def describe(self) -> dict:
+            return {"folder": "nanochat"}
+
+    def result(system: str, case: str, budget: float) -> dict:
+        return {"system": system, "case": case, "budget_seconds": budget, "target_tokens": None, "val_bpb": 1.5}
+
+    def nanochat(nanochat, data, depth, budget, *rest):
+        if depth == 3:
+            raise KeyboardInterrupt  # stopped while depth 3 trains
+        return result("nanochat", f"depth {depth}", budget)
+
+    monkeypatch.setattr(time_to_quality, "find_nanochat", lambda given, named_by: Checkout())
+    monkeypatch.setattr(time_to_quality, "prepared", lambda corpus, cache: pydoc_data)
+    monkeypatch.setattr(
+        time_to_quality, "run_fasttrain", lambda sets, data, budget, *rest: result("fasttrain", "base", budget)
+    )
+    monkeypatch.setattr(time_to_quality, "run_nanochat", nanochat)
+    out = tmp_path / "study.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["--budgets", "60", "--nanochat-depths", "2", "3", "--out", str(out)])
+    record = json.loads(out.read_text())
+    assert [(r["system"], r["case"]) for r in record["results"]] == [("fasttrain", "base"), ("nanochat", "depth 2")]
+    assert len(record["summary"]) == 2 and record["mode"] == "budget" and record["validation"]["bytes"] > 0
+
+
 def test_bad_budgets_are_usage_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "nanochat", None)
     with pytest.raises(UsageError, match="--budgets 60 0: each must be > 0"):

@@ -86,7 +86,8 @@ are in git's history).
 
 Writes one JSON (default benchmarks/results/time-to-quality/cpu-time-to-quality-<corpus>[-tokens]-<date>.json) with the
 machine, commit, command, nanochat's source and commit, every run and each case's summary over the seeds, and
-a PNG beside it (same name, .png): val bpb against the budget in minutes (or the tokens), a line per case.
+a PNG beside it (same name, .png): val bpb against the budget in minutes (or the tokens), a line per case. The
+JSON is written again after each run, so a study stopped part way keeps every run it finished.
 """
 
 from __future__ import annotations
@@ -700,27 +701,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     today = datetime.date.today().isoformat()
-    mode = "tokens" if args.tokens else "budget"
     out = (
         args.out
         or ROOT
         / f"benchmarks/results/time-to-quality/cpu-time-to-quality-{args.corpus}{'-tokens' * bool(args.tokens)}-{today}.json"
     )
     data = prepared(args.corpus, args.cache)
-    lengths_run = [(0.0, n) for n in args.tokens] if args.tokens else [(b, 0) for b in budgets]
-    results = []
-    with tempfile.TemporaryDirectory(prefix="time-to-quality-") as tmp:
-        for i, (budget, tokens) in enumerate(lengths_run):
-            for seed in args.seeds or [None]:
-                work = Path(tmp) / f"{i}-{seed}"
-                results.append(run_fasttrain(args.fasttrain_sets, data, budget, tokens, seed, args.threads, work))
-                print(json.dumps(results[-1]), flush=True)
-                for depth in args.nanochat_depths:
-                    spec = (nanochat, data, depth, budget, tokens, seed, args.threads)
-                    results.append(run_nanochat(*spec, Path(tmp) / f"{i}-{seed}-nanochat{depth}.json"))
-                    print(json.dumps(results[-1]), flush=True)
     val = open_prepared(data).meta
-    record = {
+    header = {
         **result_header(
             "issue 63: time to quality, fasttrain's budgeted default against nanochat run as its authors run it "
             "(compiled, compile outside the clock on both sides), scored on the whole validation split at each "
@@ -732,16 +720,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         "nanochat": nanochat.describe(),
         "harness": HARNESS_NOTE,
         "corpus": args.corpus,
-        "mode": mode,
+        "mode": "tokens" if args.tokens else "budget",
         "validation": {"tokens": val["tokens"]["val"], "bytes": val["text_bytes"]["val"]},
         "threads": args.threads,
         "seeds": args.seeds,
-        "summary": summarize(results),
-        "results": results,
     }
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    lengths_run = [(0.0, n) for n in args.tokens] if args.tokens else [(b, 0) for b in budgets]
+    record = run_cases(args, nanochat, data, lengths_run, header, out)
     print(f"wrote {out} and {plot(record, out.with_suffix('.png'))}")
     return 0
+
+
+def run_cases(
+    args: argparse.Namespace,
+    nanochat: Nanochat,
+    data: Path,
+    lengths_run: Sequence[tuple[float, int]],
+    header: dict,
+    out: Path,
+) -> dict:
+    """Every case of the study (each (budget, tokens) of `lengths_run` and seed: fasttrain, then nanochat at each
+    depth), the results file `out` (`header`, the summary, the results) written again after each, so a study
+    stopped part way keeps every case it finished; the record written last."""
+    results: list[dict] = []
+
+    def kept(result: dict) -> dict:  # said, and written with every result before it
+        results.append(result)
+        print(json.dumps(result), flush=True)
+        record = {**header, "summary": summarize(results), "results": results}
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        return record
+
+    record: dict = {}
+    with tempfile.TemporaryDirectory(prefix="time-to-quality-") as tmp:
+        for i, (budget, tokens) in enumerate(lengths_run):
+            for seed in args.seeds or [None]:
+                work = Path(tmp) / f"{i}-{seed}"
+                record = kept(run_fasttrain(args.fasttrain_sets, data, budget, tokens, seed, args.threads, work))
+                for depth in args.nanochat_depths:
+                    spec = (nanochat, data, depth, budget, tokens, seed, args.threads)
+                    record = kept(run_nanochat(*spec, Path(tmp) / f"{i}-{seed}-nanochat{depth}.json"))
+    return record
 
 
 if __name__ == "__main__":
