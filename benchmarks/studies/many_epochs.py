@@ -117,7 +117,8 @@ def teacher_case(case: str) -> str | None:
 
 def run_one(data: Path, depth: int, epochs: float, seed: int, case: str, work: Path) -> dict:
     """One run of the grid, and what its evaluations said; a distill=K case's teacher must be trained already."""
-    train_tokens = json.loads((data / "meta.json").read_text())["tokens"]["train"]
+    meta = json.loads((data / "meta.json").read_text())
+    train_tokens = meta["tokens"]["train"]
     steps = max(round(epochs * train_tokens / TOKENS_PER_STEP), EVALUATIONS)
     out = run_dir(data, depth, epochs, seed, case, work)
     teacher = teacher_case(case)
@@ -157,7 +158,7 @@ def run_one(data: Path, depth: int, epochs: float, seed: int, case: str, work: P
     start = next(e for e in events if e["event"] == "start")
     return {
         "corpus": data.name,
-        "vocab": json.loads((data / "meta.json").read_text())["vocab_size"],
+        "vocab": meta["vocab_size"],
         "depth": depth,
         "epochs": epochs,
         "planned_epochs": start["sources"][0]["planned_epochs"],
