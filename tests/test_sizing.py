@@ -123,8 +123,9 @@ def test_more_tokens_choose_deeper_models_and_a_small_corpus_shallower_ones():
     for tokens, unique in depth:  # the choice is the ladder's closest to the rule's ratio
         chosen = choose_shape(cfg, lambda shape: tokens, corpus(unique), "fixed")
         assert chosen.effective == effective_tokens(tokens, unique) and chosen.params == matmul_params(chosen.model)
-        ratios = [effective_tokens(tokens, unique) / matmul_params(ladder_shape(cfg.model, d)) for d in sizing.DEPTHS]
-        best = min(ratios, key=lambda r: abs(math.log(r / sizing.TOKENS_PER_PARAM)))
+        worth = effective_tokens(tokens, unique)
+        ratios = [worth / matmul_params(ladder_shape(cfg.model, d)) for d in sizing.DEPTHS]
+        best = min(ratios, key=lambda r: abs(math.log(r / sizing.aim(worth))))
         assert chosen.effective / chosen.params == pytest.approx(best)
 
 
@@ -259,11 +260,11 @@ def test_the_shape_a_timing_chooses_is_timed_too_and_chosen_again_at_its_speed(p
         depths = list(depths) or [1, 2]
         timed.extend(depths)
         level = flops_per_token(ladder_shape(cfg.model, 2), t.seq_len)
-        # 60K tokens/s up to depth 2 (FLOP/s in proportion to the size), then FLOP/s level: slower than 1 and 2 say
+        # 60K tokens/s up to depth 2 (FLOP/s in proportion to the size), then FLOP/s falling: slower than 1 and 2 say
         return Speed(
             tuple(
                 sorted(
-                    (f, 6e4 * min(f, level))
+                    (f, 6e4 * min(f, level * level / f))
                     for f in (flops_per_token(ladder_shape(cfg.model, d), t.seq_len) for d in depths)
                 )
             )
