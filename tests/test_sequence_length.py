@@ -11,7 +11,7 @@ import torch
 
 from fasttrain.compute.distributed import World
 from fasttrain.config import load_config
-from fasttrain.planning import sequence_length
+from fasttrain.planning import batch_size, sequence_length
 from fasttrain.planning.plan import accumulation_steps, plan_run
 from fasttrain.planning.sequence_length import LONG, LONG_FROM, SHORT, choose_context, contexts, short_context
 from fasttrain.planning.sizing import Speed
@@ -92,6 +92,7 @@ def test_a_self_sized_budget_chooses_its_context_then_its_shape_at_it(pydoc_data
     assert capped.cfg.train.seq_len == SHORT and tokens < LONG_FROM
     assert f"train.seq_len = 0: {SHORT} for the ~{tokens / 1e6:.2f}M training tokens planned" in "".join(capped.notes)
     monkeypatch.setattr(sequence_length, "LONG_FROM", tokens)  # a corpus that long, as far as the rule can tell
+    monkeypatch.setattr(batch_size, "MIN_UPDATES", math.inf)  # the rows kept: test_batch_size.py grows them
     plan = plan_run(tiny_config(pydoc_data, tmp_path, *CHOSEN, *auto), World(), CPU, None, speed)
     assert (plan.cfg.train.seq_len, plan.cfg.train.batch_size, plan.speed) == (LONG, 2, speed)
     long = plan_run(

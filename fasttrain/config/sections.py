@@ -244,7 +244,8 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch, per process (with seq_len = 0: of 256 tokens)
     # Tokens per training sequence. 0: chosen for the run's planned tokens, 256 below ~7M and 512 from there
     # (if model.max_seq_len allows; packed rows only), batch_size then rows of 256 tokens, and the run's
-    # model.max_seq_len the context chosen (planning/sequence_length.py).
+    # model.max_seq_len the context chosen (planning/sequence_length.py); under max_time alone batch_size is
+    # then grown up to 4x where the planned tokens leave enough updates (planning/batch_size.py).
     seq_len: int = 256
     # Tokens per optimizer step; it sets gradient accumulation = tokens_per_update /
     # (batch_size x seq_len x world size). 0 = one micro-batch per step.

@@ -363,7 +363,7 @@ def size_and_decay(data: Data, given: SizingInputs, resume: str | None) -> Decid
     model = sized.model
     t = sized.train
     notes = list(sized.notes)
-    tokens_per_step = given.accumulation * t.batch_size * t.seq_len * given.world.size
+    tokens_per_step = given.tokens_per_step(t)
     if t.distill:  # resolved: only a new run's members are distilled, and config.toml records whether this run is one
         # one model is a first round only where its stop is the epoch limit (not a train.max_steps set)
         limit = bool(sized.speed) and epoch_cap(sized.corpus, tokens_per_step, sized.epoch_limit) == t.max_steps

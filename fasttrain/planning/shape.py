@@ -1,16 +1,16 @@
 """The model a run trains, and the stop that goes with it: what `plan_run` asks once the data is opened.
 
-Imports from fasttrain: compute.distributed, config, data.mixture, model.llama, planning.members, planning.preflight,
-planning.recorded, planning.repeats, planning.sequence_length, planning.sizing, planning.speed, planning.timed_pass,
-system.errors.
+Imports from fasttrain: compute.distributed, config, data.mixture, model.llama, planning.batch_size, planning.members,
+planning.preflight, planning.recorded, planning.repeats, planning.sequence_length, planning.sizing, planning.speed,
+planning.timed_pass, system.errors.
 
     sized = size_run(cfg, SizingInputs(...))   # Sized: the model and train sections, what they were weighed on, notes
 
 The shape is the one set (model.n_layers and the width the depth gives), model.init_from's (`init_shape`), the one
 the run being resumed or replayed recorded, or under model.n_layers = 0 the one sizing.py chooses for the run's
-compute at the machine's timed speed; then the context for the tokens that shape will read (sequence_length.py,
-which may choose the shape again), the members where one model would read a small corpus out early (members.py),
-and under a time budget the stop at the epoch limit (repeats.py).
+compute at the machine's timed speed; then the context and a time budget's tokens an update for the tokens that
+shape will read (sequence_length.py, batch_size.py; then the shape again), the members where one model would read a
+small corpus out early (members.py), and under a time budget the stop at the epoch limit (repeats.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from fasttrain.config import Config, ModelConfig, TrainConfig, config_to_toml, l
 from fasttrain.data.mixture import Source, phases, token_shares
 from fasttrain.model.llama import hf_llama_model_config
 from fasttrain.planning import repeats, sizing
+from fasttrain.planning.batch_size import choose_batch
 from fasttrain.planning.members import ensemble_members
 from fasttrain.planning.preflight import Machine, depths_in_memory, members_in_memory
 from fasttrain.planning.recorded import Recorded
@@ -50,6 +51,10 @@ class SizingInputs:
     speed: Speed | None  # the machine's training speed, timed already (None: timed here where a budget needs it)
     context_set: bool  # train.seq_len set, not chosen (sequence_length.py)
 
+    def tokens_per_step(self, t: TrainConfig) -> int:
+        """Token slots an optimizer update of `t` trains on, over all ranks."""
+        return self.accumulation * t.batch_size * t.seq_len * self.world.size
+
 
 @dataclass(frozen=True)
 class Sized:
@@ -69,7 +74,8 @@ def size_run(cfg: Config, given: SizingInputs) -> Sized:
     """The model and train sections a run of `cfg` (its train.seq_len the short or recorded context) trains: the shape
     (model.n_layers = 0: chosen for the run's compute, sizing.py) and members (model.members = 0: those `earlier`
     recorded, else more than one where the epoch limit stops one early), the context (unless `context_set` or `earlier`
-    recorded it: chosen for the tokens planned at the short one, sequence_length.py), the model's max_seq_len the
+    recorded it: chosen for the tokens planned at the short one, sequence_length.py, with a time budget's rows grown
+    for them, batch_size.py), the model's max_seq_len the
     context trained unless `context_set`, and a self-sized budget's stop at data.max_epochs or the repeats rule's
     lower limit (train.max_steps); with the corpus they were weighed on (each source's share of the run and its
     tokens an epoch, as the loader reads them; `estimate` for a folder not prepared yet), the speed timed, the
@@ -93,16 +99,18 @@ def size_run(cfg: Config, given: SizingInputs) -> Sized:
         cfg, limit_note, measured = limit_epochs(cfg, given.sources, corpus, measured)
     else:
         limit_note = ""
-    tokens_per_step = given.accumulation * t.batch_size * t.seq_len * given.world.size  # the same at either context
+    tokens_per_step = given.tokens_per_step(t)  # the same at either context; a grown batch's counted again below
     model, note, speed = shape_of(cfg, corpus, tokens_per_step, given)
     cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
     if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
         known = speed is not None or not t.max_time  # a time budget's tokens come from a speed timed
         tokens = min(sizing.run_tokens(t, model, tokens_per_step, speed), cap * tokens_per_step or math.inf)
         t, context_note = choose_context(t, cfg.model, cfg.data.batching, tokens if known else math.inf)
-        notes.append(context_note)
+        t, batch_note = choose_batch(t, tokens_per_step, tokens if known else math.inf)
+        notes += [n for n in (context_note, batch_note) if n]
         if t != cfg.train:  # its rows fill whole batches a little differently: the epochs counted again
             cfg = replace(cfg, train=t)
+            tokens_per_step = given.tokens_per_step(t)
             rows, corpus = corpus_at(cfg)
             cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
             model, note, speed = shape_of(cfg, corpus, tokens_per_step, replace(given, speed=speed))
