@@ -71,16 +71,16 @@ class Sized:
 
 
 def size_run(cfg: Config, given: SizingInputs) -> Sized:
-    """The model and train sections a run of `cfg` (its train.seq_len the short or recorded context) trains: the shape
-    (model.n_layers = 0: chosen for the run's compute, sizing.py) and members (model.members = 0: those `earlier`
-    recorded, else more than one where the epoch limit stops one early), the context (unless `context_set` or `earlier`
-    recorded it: chosen for the tokens planned at the short one, sequence_length.py, with a time budget's rows grown
-    for them, batch_size.py), the model's max_seq_len the
-    context trained unless `context_set`, and a self-sized budget's stop at data.max_epochs or the repeats rule's
-    lower limit (train.max_steps); with the corpus they were weighed on (each source's share of the run and its
-    tokens an epoch, as the loader reads them; `estimate` for a folder not prepared yet), the speed timed, the
-    source index and verbatim overlap the repeats rule read (None: none; the overlap `earlier` recorded is not
-    measured again), the epoch limit and the notes. `given`'s fields are the names above."""
+    """The model and train sections a run of `cfg` (its train.seq_len the short or recorded context) trains: the
+    shape (model.n_layers = 0: chosen for the run's compute, sizing.py) and members (model.members = 0: those
+    `earlier` recorded, else more than one where the epoch limit stops one early), the context (unless `context_set`
+    or `earlier` recorded it: chosen for the tokens planned at the short one, sequence_length.py, with a time
+    budget's rows grown for them, batch_size.py), the model's max_seq_len the context trained unless `context_set`,
+    and a self-sized budget's stop at data.max_epochs or the repeats rule's lower limit (train.max_steps); with the
+    corpus they were weighed on (each source's share of the run and its tokens an epoch, as the loader reads them;
+    `estimate` for a folder not prepared yet), the speed timed, the source index and verbatim overlap the repeats
+    rule read (None: none; the overlap `earlier` recorded is not measured again), the epoch limit and the notes.
+    `given`'s fields are the names above."""
     t, notes, earlier = cfg.train, [], given.earlier
     choose_seq_len = not given.context_set and earlier is None
     mix, _ = phases(cfg.data, t.max_steps, given.accumulation)
