@@ -5,9 +5,10 @@ Imports from fasttrain: config.
 An update of more tokens averages its gradient over more text, so each update goes further, but there are fewer of
 them: a run of few tokens needs the updates more than their precision, a long one the other way round (and on a CPU
 fewer, larger matmuls run faster too). Measured at the context chosen (sequence_length.py) on configs/base.toml's
-rates (docs/performance.md): 16K tokens an update lost to 4K by 0.3-0.45 bits per byte at 60 s (0.3-0.6M tokens,
-20-35 updates); at 30 minutes on the large held-out corpus it won by 0.053 at 3 x 192 (0.9649 against 1.0177: 755
-updates of 16K, 12.4M tokens) and by 0.054 at 2 x 128 (1,557 updates); MAIN_JOB. So:
+rates (docs/performance.md): 16K tokens an update lost to 4K by 0.32 / 0.41 bits per byte at 60 s (0.38-0.52M
+tokens, 23-32 updates); at 30 minutes on the large held-out corpus it won by 0.053 at 3 x 192 (0.9649 against
+1.0177: 755 updates of 16K, 12.4M tokens) and by 0.054 at 2 x 128 (1,557 updates). On the main job 8K won at 30
+minutes (1.1249 against 1.1507: 791 updates) and lost at 10 (1.2751 against 1.2517: 579 updates). So:
 
     growth      = the largest of 1, 2, ..., MOST_GROWTH whose updates, planned tokens / (growth x a step's tokens),
                   are at least MIN_UPDATES
@@ -58,6 +59,5 @@ def choose_batch(t: TrainConfig, tokens_per_step: int, tokens: float) -> tuple[T
         return t, f"train.batch_size: {t.batch_size} rows kept, as train.max_steps is set; {grown} {usual}"
     if t.tokens_per_update:
         return t, f"train.batch_size: {t.batch_size} rows kept, as train.tokens_per_update is set; {grown} {usual}"
-    return replace(
-        t, batch_size=rows
-    ), f"train.batch_size: {t.batch_size} -> {rows} rows of {t.seq_len} tokens, as {grown} {usual}"
+    note = f"train.batch_size: {t.batch_size} -> {rows} rows of {t.seq_len} tokens, as {grown} {usual}"
+    return replace(t, batch_size=rows), note
