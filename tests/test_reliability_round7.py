@@ -17,12 +17,16 @@ from torch import nn
 
 from fasttrain.compute import device as device_module
 from fasttrain.compute.device import native_bf16
+from fasttrain.compute.distributed import World
 from fasttrain.config import OptimConfig, load_config
 from fasttrain.data.mixture import token_shares
 from fasttrain.optimization.optimizers import Updater, newton_schulz_dtype
 from fasttrain.planning import sizing
+from fasttrain.planning.plan import plan_run
 from fasttrain.planning.sizing import Speed, choose_shape, size_model
 from fasttrain.system import machine_load
+from fasttrain.system.errors import run_cli
+from fasttrain.train import main as train_main
 from tests.conftest import tiny_args, tiny_config
 from tests.test_sizing import AUTO, cli, depth_in
 
@@ -51,6 +55,47 @@ def test_native_bf16_honours_the_isa_caps(bf16_hardware, monkeypatch):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
         assert not native_bf16(CPU), capability
     assert device_module.resolve_precision("auto", CPU) == "fp32"
+
+
+@pytest.mark.parametrize("speedup, expected", [(0.64, "fp32"), (1.19, "fp32"), (1.2, "bf16"), (1.53, "bf16")])
+def test_auto_precision_is_bf16_only_where_bf16_was_timed_faster(bf16_hardware, monkeypatch, speedup, expected):
+    """Native bf16 is not always faster: an AVX-512 BF16 Xeon without AMX multiplied bf16 at 0.64x its fp32 speed,
+    a Zen 4 EPYC at 1.53x. "auto" takes bf16 from BF16_MIN_SPEEDUP, says why where it keeps fp32, and a precision
+    set by hand is kept whatever the timing."""
+    monkeypatch.setattr(device_module, "cpu_bf16_speedup", lambda: speedup)
+    assert device_module.resolve_precision("auto", CPU) == expected
+    note = device_module.precision_note("auto", expected, CPU)
+    assert (f"bf16 matmuls ran {speedup:.2f}x its fp32 ones' speed" in note) == (expected == "fp32")
+    assert [device_module.resolve_precision(p, CPU) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
+    assert device_module.precision_note("fp32", "fp32", CPU) == ""
+
+
+def test_the_bf16_timing_measures_this_cpu():
+    """The speedup is a ratio of two real timings (fresh, not the process's cached one): positive and finite, and on
+    a CPU without native bf16 (emulated through fp32) below BF16_MIN_SPEEDUP."""
+    speedup = device_module.cpu_bf16_speedup.__wrapped__()
+    assert 0 < speedup < float("inf")
+    if not native_bf16(CPU):
+        assert speedup < device_module.BF16_MIN_SPEEDUP
+
+
+def test_a_resumed_run_keeps_the_precision_auto_chose_for_it(bf16_hardware, pydoc_data, tmp_path, monkeypatch):
+    """A run whose timing chose fp32 resumes in fp32 where a new run's timing would now choose bf16 (a busier or
+    quieter machine must not change a run's numerics part way), and one that chose bf16 resumes in bf16."""
+    for first, then in ((0.64, 1.53), (1.53, 0.64)):
+        out = tmp_path / f"run-{first}"
+        monkeypatch.setattr(device_module, "cpu_bf16_speedup", lambda s=first: s)
+        with pytest.raises(SystemExit) as done:
+            run_cli(
+                train_main, tiny_args(pydoc_data, out, "train.precision=auto", "train.max_steps=2", flags=["--quiet"])
+            )
+        assert done.value.code == 0
+        chosen = load_config(out / "config.toml").train.precision
+        assert chosen == ("fp32" if first < 1.2 else "bf16")
+        monkeypatch.setattr(device_module, "cpu_bf16_speedup", lambda s=then: s)
+        cfg = tiny_config(pydoc_data, out, "train.precision=auto", "train.max_steps=4")
+        assert plan_run(cfg, World(), CPU, "auto").cfg.train.precision == chosen
+        assert plan_run(cfg, World(), CPU).cfg.train.precision != chosen  # a new run in the same folder times again
 
 
 def test_an_fp32_run_orthogonalises_in_fp32_on_a_bf16_cpu(bf16_hardware):

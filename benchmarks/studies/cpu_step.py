@@ -44,6 +44,9 @@ SETTINGS: dict[str, list[str]] = {
     "eager unfused loss": ["train.compile=false", "kernels.linear_cross_entropy=false"],
     "compiled fused loss": ["train.compile=true", "kernels.linear_cross_entropy=true"],
     "compiled unfused loss": ["train.compile=true", "kernels.linear_cross_entropy=false"],
+    "eager fp32": ["train.compile=false", "train.precision=fp32"],
+    "compiled fp32": ["train.compile=true", "train.precision=fp32"],
+    "eager bf16": ["train.compile=false", "train.precision=bf16"],
 }
 # configs/base.toml's recipe over bench_train_step's fixed base (AdamW, cosine; 200 steps, which the data is laid
 # out for: more than any measurement takes)

@@ -60,8 +60,9 @@ bytes for both (fasttrain's own conversion, PreparedData.bits_per_nat). fasttrai
 event, its trainer validating on every row (train.eval_steps = whole_split_steps); nanochat's is `score`,
 the same validation through fasttrain's `validate`, of its own (soft-capped) logits, in its compute dtype.
 
-Precision is what fasttrain's precision "auto" picks (resolve_precision: bf16 on a CPU with AVX512-BF16 or
-AMX, else fp32), given to nanochat through NANOCHAT_DTYPE, its own switch. No shim: on a CPU nanochat's gpt,
+Precision is what fasttrain's precision "auto" picks (resolve_precision: bf16 on a CPU whose native bf16
+matmuls were timed at least 1.2x its fp32 ones, else fp32, nanochat's own choice on a CPU), given to nanochat
+through NANOCHAT_DTYPE, its own switch. No shim: on a CPU nanochat's gpt,
 optim, common and flash_attention modules import only torch and filelock (torch's own dependency).
 
 Fitting nanochat's fixed-step recipe to a clock: base_train plans num_iterations updates and places its

@@ -10,6 +10,7 @@ import functools
 import os
 import random
 import re
+import time
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Literal
 
@@ -70,16 +71,65 @@ def _isa_caps_allow_bf16() -> bool:
     return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2") and onednn.startswith(_ONEDNN_BF16_ISAS)
 
 
+# A CPU's bf16 matmuls must run this much faster than its fp32 ones for "auto" to trade fp32's accuracy for them.
+# Native bf16 is not always faster: on the 2-core AVX-512 BF16 EPYC (Zen 4) the bf16 step ran 1.53x the fp32 one,
+# on a 2-core AVX-512 BF16 Xeon without AMX 0.64-0.72x (oneDNN's bf16 matmuls at about half MKL's fp32 rate).
+BF16_MIN_SPEEDUP = 1.2
+# The matmul timed (rows, inner, outer): a 4096-token step through a 256-wide block's MLP, a CPU budget's shapes.
+BF16_PROBE = (4096, 256, 1024)
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """This CPU's BF16_PROBE matmul in fp32 over its time in bf16 (above 1: bf16 is faster), each the best of three
+    timings of two products, interleaved; measured once a process (~0.1 s)."""
+    m, k, n = BF16_PROBE
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    pairs = {torch.float32: (a, b), torch.bfloat16: (a.bfloat16(), b.bfloat16())}
+    for x, y in pairs.values():  # untimed: oneDNN builds its kernel on the first call
+        x @ y
+    best = dict.fromkeys(pairs, float("inf"))
+    for _ in range(3):
+        for dtype, (x, y) in pairs.items():
+            start = time.perf_counter()
+            x @ y, x @ y
+            best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def bf16_pays(device: torch.device) -> bool:
+    """Whether a run on `device` is better off in bf16 autocast: CUDA, or a CPU with native bf16 matmuls (`native_bf16`)
+    that run at least BF16_MIN_SPEEDUP x its fp32 ones (`cpu_bf16_speedup`)."""
+    if device.type == "cuda":
+        return True
+    return native_bf16(device) and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
+
+
 def resolve_precision(
-    precision: Literal["auto", "fp32", "bf16", "fp16"], device: torch.device
+    precision: Literal["auto", "fp32", "bf16", "fp16"], device: torch.device, recorded: str = ""
 ) -> Literal["fp32", "bf16", "fp16"]:
-    """The precision a run uses: "auto" is bf16 where the device has native bf16 matmuls
-    (`native_bf16`), else fp32. fp16 needs CUDA."""
+    """The precision a run uses: "auto" is bf16 where it pays on the device (`bf16_pays`), else fp32; a resumed
+    run's "auto" keeps the precision it `recorded` ("fp32", or "bf16" where the device has it natively), so that a
+    timing on a busier machine does not change it part way. fp16 needs CUDA."""
     if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
+        if recorded == "fp32":
+            return "fp32"
+        if recorded == "bf16" and native_bf16(device):
+            return "bf16"
+        return "bf16" if bf16_pays(device) else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise UsageError(f'train.precision = "fp16" needs a CUDA device, not {device.type} (use bf16 or fp32)')
     return precision
+
+
+def precision_note(setting: str, resolved: str, device: torch.device) -> str:
+    """A note where train.precision = "auto" resolved to fp32 on a CPU with native bf16: its bf16 was timed slower."""
+    if setting != "auto" or resolved != "fp32" or device.type != "cpu" or not native_bf16(device):
+        return ""
+    return (
+        f"train.precision = auto: fp32, as this CPU's bf16 matmuls ran {cpu_bf16_speedup():.2f}x its fp32 ones' speed "
+        f"(bf16 needs {BF16_MIN_SPEEDUP:g}x)"
+    )
 
 
 def resolve_compile(setting: Literal["auto", True, False], device: torch.device, max_steps: int) -> bool:
@@ -89,12 +139,11 @@ def resolve_compile(setting: Literal["auto", True, False], device: torch.device,
     return setting
 
 
-def resolve_train(t: TrainConfig, device: torch.device) -> TrainConfig:
-    """`t` with its "auto" precision and compile settings replaced by what they resolve to on
-    `device`, as a run's config.toml records them."""
-    return replace(
-        t, precision=resolve_precision(t.precision, device), compile=resolve_compile(t.compile, device, t.max_steps)
-    )
+def resolve_train(t: TrainConfig, device: torch.device, recorded_precision: str = "") -> TrainConfig:
+    """`t` with its "auto" precision and compile settings replaced by what they resolve to on `device` (a resumed
+    run's precision: the one it recorded, `resolve_precision`), as a run's config.toml records them."""
+    precision = resolve_precision(t.precision, device, recorded_precision)
+    return replace(t, precision=precision, compile=resolve_compile(t.compile, device, t.max_steps))
 
 
 @dataclass(frozen=True)

@@ -250,8 +250,8 @@ class TrainConfig:
     # Tokens per optimizer step; it sets gradient accumulation = tokens_per_update /
     # (batch_size x seq_len x world size). 0 = one micro-batch per step.
     tokens_per_update: int = 0
-    # Autocast precision. auto: bf16 on CUDA and on CPUs with native bf16 matmuls (AVX512-BF16 or
-    # AMX), fp32 elsewhere (emulated bf16 is slower than fp32). See compute/device.py, resolve_precision.
+    # Autocast precision. auto: bf16 on CUDA and on CPUs whose native bf16 matmuls (AVX512-BF16 or AMX)
+    # were timed at least 1.2x their fp32 ones, fp32 elsewhere. See compute/device.py, resolve_precision.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # torch.compile the objective. auto: always on CUDA; on CPU only for runs of at least
     # compute.device.CPU_COMPILE_MIN_STEPS steps, long enough to earn back the compile time.

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from fasttrain.compute import distributed
-from fasttrain.compute.device import Kernels, check_attention, check_fp8, kernels_on, resolve_train
+from fasttrain.compute.device import Kernels, check_attention, check_fp8, kernels_on, precision_note, resolve_train
 from fasttrain.compute.kernel_table import run_shapes
 from fasttrain.config import Config, ModelConfig, TrainConfig, resolve
 from fasttrain.data.mixture import Blend, Source, open_sources, phases
@@ -278,21 +278,25 @@ def settle_before_data(cfg: Config, device: torch.device, resume: str | None) ->
     compile; the warmup; a replay's progress; a Hugging Face model's shape; what the run resumed from `resume` or
     replayed recorded; the context set, recorded or short), with the notes said so far."""
     notes: list[str] = []
-    t = resolve_train(cfg.train, device)  # no "auto" left in what config.toml records
-    budgeted = t.max_time > 0 or cfg.schedule.progress_from  # a replay keeps the warmup it replays
-    schedule, note = fit_warmup(cfg.schedule, 0 if budgeted else t.max_steps)
-    budget = budget_note(cfg.schedule, t.max_time)
-    tied = tied_head_note(cfg.optim, cfg.model)
-    notes += [line for line in (note, budget, tied, compile_mode_note(t, device)) if line]
+    schedule = cfg.schedule
     if schedule.progress_from:  # config.toml records where, for a resume from any directory
         schedule = replace(schedule, progress_from=os.path.abspath(schedule.progress_from))
+    # A resumed or replayed run's config: the precision, shape and context it trained, where this config leaves them
+    # to the plan
+    found = recorded_run(cfg.train.out_dir, schedule.progress_from, resume)
+    t = resolve_train(cfg.train, device, found.config.train.precision if found else "")  # no "auto" left to record
+    budgeted = t.max_time > 0 or schedule.progress_from  # a replay keeps the warmup it replays
+    schedule, note = fit_warmup(schedule, 0 if budgeted else t.max_steps)
+    budget = budget_note(cfg.schedule, t.max_time)
+    tied = tied_head_note(cfg.optim, cfg.model)
+    precision = precision_note(cfg.train.precision, t.precision, device) if not found else ""
+    notes += [line for line in (note, budget, tied, compile_mode_note(t, device), precision) if line]
     recorded = tuple(recorded_progress(schedule.progress_from, t.max_steps)) if schedule.progress_from else ()
     shape, note, init_missing = init_shape(cfg)
     notes += [note] if note else []
     cfg = replace(cfg, train=t, schedule=schedule, model=shape)
-    # A resumed or replayed run's config: the shape and context it trained, where this config leaves them to the plan
     chosen = not (shape.n_layers and t.seq_len and shape.members) or cfg.optim.weight_decay_rule == "repeats"
-    earlier = recorded_run(t.out_dir, schedule.progress_from, resume) if chosen else None
+    earlier = found if chosen else None
     context_set = bool(t.seq_len)
     if not context_set:  # chosen once the run's tokens are known, unless the run recorded it: planned short till then
         t, note = recorded_context(t, earlier.config, earlier.where) if earlier else (short_context(t, shape), "")
