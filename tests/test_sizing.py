@@ -176,7 +176,7 @@ def test_a_budget_stops_at_ten_epochs_where_every_depth_would_read_more():
     the same tokens; on held-out code read 4.2 times 3 x 192 scored 1.461 against 2 x 128's 1.477) and the note
     says so. A shallower depth stopped there is not chosen over a deeper one within the ceiling (it lost on a
     254K-token corpus), and without a clock (steps only) nothing stops the run. (A corpus that can feed depth 3:
-    under a clock no depth is chosen whose parameters exceed UNDERFED x data.max_epochs epochs / TOKENS_PER_PARAM.)"""
+    under a clock no depth is chosen whose parameters exceed data.max_epochs epochs / FED_TOKENS_PER_PARAM.)"""
     timed = tiny_config(".", ".", "model.vocab_size=4096", *AUTO, *BUDGET)
     counted = tiny_config(".", ".", "model.vocab_size=4096", *AUTO)
     unique = 1e5
@@ -189,7 +189,7 @@ def test_a_budget_stops_at_ten_epochs_where_every_depth_would_read_more():
         chosen = choose_shape(cfg, corpus_bound, corpus(unique), "")
         assert chosen.model.n_layers == 3 and chosen.tokens == 6 * unique
     every = choose_shape(timed, reading(*[40.0] * 40), corpus(unique), "timed")  # the deepest offered, stopped
-    fed = sizing.UNDERFED * timed.data.max_epochs * unique / sizing.TOKENS_PER_PARAM
+    fed = timed.data.max_epochs * unique / sizing.FED_TOKENS_PER_PARAM
     deepest = max(d for d in sizing.DEPTHS if sizing.matmul_params(sizing.ladder_shape(timed.model, d)) <= fed)
     assert every.model.n_layers == deepest, every.note
     assert every.tokens == pytest.approx(timed.data.max_epochs * unique) and "so the deepest trains" in every.note
@@ -278,11 +278,11 @@ def test_the_shape_a_timing_chooses_is_timed_too_and_chosen_again_at_its_speed(p
         depths = list(depths) or [1, 2]
         timed.extend(depths)
         level = flops_per_token(ladder_shape(cfg.model, 2), t.seq_len)
-        # 60K tokens/s up to depth 2 (FLOP/s in proportion to the size), then FLOP/s falling: slower than 1 and 2 say
+        # 120K tokens/s up to depth 2 (FLOP/s in proportion to the size), then FLOP/s falling: slower than 1 and 2 say
         return Speed(
             tuple(
                 sorted(
-                    (f, 6e4 * min(f, level * level / f))
+                    (f, 1.2e5 * min(f, level * level / f))
                     for f in (flops_per_token(ladder_shape(cfg.model, d), t.seq_len) for d in depths)
                 )
             )

@@ -2,7 +2,7 @@
 chose the deepest shapes (slow enough to read the corpus fewer times) whatever their size, and timed them: 140M
 parameters for 0.8M tokens, and a timing of 8 hours that the kernel's out-of-memory killer ended. The sizing now
 offers, and times, only the shapes whose memory estimate fits the device with margin (sizing.MEMORY_SHARE) and,
-under a time budget, whose parameters the corpus can feed (UNDERFED x data.max_epochs epochs / TOKENS_PER_PARAM), and its note
+under a time budget, whose parameters the corpus can feed (data.max_epochs epochs / FED_TOKENS_PER_PARAM), and its note
 says which bound held. Each case failed before the fix."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_a_budget_of_days_on_a_small_corpus_plans_what_the_device_and_the_data_h
     assert code == 0, err
     plan = json.loads(plan)
     params = float(re.search(r"([\d.]+)M parameters in matmuls", out).group(1)) * 1e6
-    fed = sizing.UNDERFED * 10 * plan["train_tokens"] / sizing.TOKENS_PER_PARAM  # data.max_epochs epochs of it
+    fed = 10 * plan["train_tokens"] / sizing.FED_TOKENS_PER_PARAM  # data.max_epochs epochs of it
     assert params <= fed, out
     assert plan["memory_bytes"] <= sizing.MEMORY_SHARE * plan["available_bytes"]
     assert re.search(r"the rule would choose depth \d+, but .*its [\d.]+M parameters are more than 10 epochs", out)

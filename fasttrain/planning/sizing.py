@@ -22,8 +22,8 @@ come closest to TOKENS_PER_PARAM, a ratio fitted to this project's sweeps (bench
                    one would, the deepest offered (each stops at the limit: the deepest puts the most compute
                    into the tokens there are)
     offered      = the depths whose memory estimate (planning/preflight.py) is at most MEMORY_SHARE of what the
-                   device has available, and under a time budget whose params(d) are at most UNDERFED x the
-                   tokens of data.max_epochs epochs / TOKENS_PER_PARAM (the data bound)
+                   device has available, and under a time budget whose params(d) are at most the tokens of
+                   data.max_epochs epochs / FED_TOKENS_PER_PARAM (the data bound)
 
 params(d) counts what a token's compute runs through (transformer.matmul_params: the lookup tables, an untied
 embedding and the value embeddings, left out, as nanochat counts), so a table that costs no FLOPs does not
@@ -44,7 +44,7 @@ the documentation topics (depth 2 at 10 epochs 1.271 against depth 3 at 6.4, 1.2
 of 254K tokens (depth 1 at 10 epochs 1.763 against 1.568 at 3.9; docs/performance.md). But that preference
 runs away on a long budget: the deepest shapes, slow enough to read the corpus fewer times, were chosen whatever
 their size (140M parameters for 0.8M tokens in an hour; timing a shape of 1B parameters for 8 hours killed the
-machine). A shape whose parameters exceed UNDERFED x the tokens of data.max_epochs epochs / TOKENS_PER_PARAM falls
+machine). A shape whose parameters exceed the tokens of data.max_epochs epochs / FED_TOKENS_PER_PARAM falls
 far short of the ratio even were every repeated token worth a new one, so a time budget never offers it; nor is
 a shape offered, or timed, whose memory estimate does not leave the device a margin.
 
@@ -82,17 +82,22 @@ from fasttrain.system.machine_load import busy_note
 
 HEAD_DIM = 64  # the ladder's head width, and its width per layer of depth
 DEPTHS = tuple(range(1, 33))  # the ladder
-# Fitted to the sweeps (see the module docstring; benchmarks/studies/sizing_fit.py at commit ecc6e19, results/sizing/cpu-ladder-fit-2026-11-25.json):
-# of ratios 0.1 to 1.71 a quarter apart (above 1.71 the main job measured worse), the one whose choices lost
-# least against the best depth at 30 s to 5 min, 1 and 2 threads, both corpora: worst 0.05 bits per byte, at
-# the depth-1 / depth-2 boundary; mean 0.007.
-TOKENS_PER_PARAM = 1.455
+# First fitted to the sweeps (see the module docstring; benchmarks/studies/sizing_fit.py at commit ecc6e19, results/sizing/cpu-ladder-fit-2026-11-25.json):
+# of ratios 0.1 to 1.71 a quarter apart, 1.455 lost least against the best depth at 30 s to 5 min, 1 and 2 threads,
+# both corpora (worst 0.05 bits per byte, mean 0.007), on the recipe then (a tied head, AdamW). Today's recipe wants
+# more tokens a parameter: in fp32 on the 2-core AVX-512 BF16 Xeon (2026-11-29) 1.455 chose 4 x 256 for the main job's
+# 10 minutes, 0.79 tokens a parameter, 1.2663 bits per byte, where 3 x 192 at 2.9 scored 1.1933
+# (results/recipe/cpu-budget-ladder-600s-3x192-xeon-2026-11-29.json), and for held-out code's 30 minutes 4 x 256
+# where 3 x 192 was 0.057 better (below). 2.5 chooses 3 x 192 for both and changes no choice at 1 to 5 minutes on the
+# main job, nor the small corpora's (their data bound is FED_TOKENS_PER_PARAM's).
+TOKENS_PER_PARAM = 2.5
 # ... and beyond them the aim grows with the tokens the run reads for the first time. On the held-out code corpus (8.4M
 # tokens) at 30 minutes (2-core AVX-512 BF16 Xeon, bf16, 512-token rows, 2026-11-29; results/time-to-quality/
 # cpu-time-to-quality-large-1800s-shapes-xeon-2026-11-29.json) 4 x 256 at 1.5 tokens per parameter (the fixed
 # ratio's choice, at 256) scored 1.075 bits per byte, 3 x 192 at 5.2 1.018 and 2 x 128 at 24 1.028: the best ratio
 # lies between them (a parabola through the three puts it near 9). With GROWTH 1 the aim keeps the model at the size
-# the sweeps' top asks for (FITTED_TO / TOKENS_PER_PARAM, 2.3M parameters in matmuls, about 3 x 192) until the ratio
+# the sweeps' top asks for (FITTED_TO / TOKENS_PER_PARAM: 2.3M parameters in matmuls at 1.455, about 3 x 192; 1.3M at
+# 2.5, whose ratio puts 3 x 192 nearest for a budget that reads it) until the ratio
 # reaches CHINCHILLA, then grows it with the tokens; 0.9 chose 3 x 192 there only where the timing was exact (a
 # timing 20% fast chose 4 x 256), 0.8 did not. Only new text moves the aim: on the main job's 2.64M tokens at 30
 # minutes an aim grown on repeated tokens too (0.8) chose 3 x 192 for 4.2 epochs, which scored 1.223 against 4 x
@@ -119,10 +124,11 @@ RETIMINGS = 3
 # The ladder offered (and timed) holds the shapes whose memory estimate is at most this share of what the device has
 # available: the estimate is within about 2x of the real peak, and the machine runs other programs too.
 MEMORY_SHARE = 0.5
-# The data bound: a time budget offers no shape that data.max_epochs epochs give fewer than TOKENS_PER_PARAM / UNDERFED
-# tokens per parameter. The evidence bounds it from below only: on the documentation topics depth 3, at 0.29 (6.6
-# epochs), scored as well as depth 2 at 10 epochs (the module docstring's runs).
-UNDERFED = 4.0
+# The data bound: a time budget offers no shape that data.max_epochs epochs give fewer than this many tokens per
+# parameter (a quarter of the 1.455 the rule aimed at when it was set). The evidence bounds it from below only: on the
+# documentation topics depth 3, at 0.29 (6.6 epochs), scored as well as depth 2 at 10 epochs (the module docstring's
+# runs); on 254K tokens of held-out code it keeps the 2- and 10-minute budgets at 3 x 192, 1.465 at 4 epochs.
+FED_TOKENS_PER_PARAM = 0.364
 
 
 @dataclass(frozen=True)
@@ -172,7 +178,7 @@ def choose_shape(
     the run stops early; and no depth is offered whose parameters exceed the data bound (module docstring)."""
     m, most = cfg.model, cfg.data.max_epochs
     stops = bool(cfg.train.max_time and epoch_tokens(corpus))  # the plan sets epoch_cap as train.max_steps
-    fed = UNDERFED * most * epoch_tokens(corpus) / TOKENS_PER_PARAM if stops else math.inf  # the data bound
+    fed = most * epoch_tokens(corpus) / FED_TOKENS_PER_PARAM if stops else math.inf  # the data bound
 
     def distance(shape: ModelConfig) -> float:
         tokens = tokens_at(shape)
@@ -244,7 +250,7 @@ def bound_words(shape: ModelConfig, unbounded: ModelConfig, in_memory: bool, fed
     bounds = [
         "" if in_memory else f"its memory estimate is over {MEMORY_SHARE:.0%} of what the device has available",
         f"its {matmul_params(unbounded) / 1e6:.2f}M parameters are more than {most:g} epochs of the corpus can "
-        f"feed ({fed / 1e6:.2f}M at a quarter of the rule's {TOKENS_PER_PARAM:g} tokens each)"
+        f"feed ({fed / 1e6:.2f}M at {FED_TOKENS_PER_PARAM:g} tokens each)"
         if matmul_params(unbounded) > fed
         else "",
     ]
