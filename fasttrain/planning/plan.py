@@ -281,9 +281,15 @@ def settle_before_data(cfg: Config, device: torch.device, resume: str | None) ->
     schedule = cfg.schedule
     if schedule.progress_from:  # config.toml records where, for a resume from any directory
         schedule = replace(schedule, progress_from=os.path.abspath(schedule.progress_from))
-    # A resumed or replayed run's config: the precision, shape and context it trained, where this config leaves them
-    # to the plan
-    found = recorded_run(cfg.train.out_dir, schedule.progress_from, resume)
+    shape, init_note, init_missing = init_shape(cfg)
+    chosen = not (shape.n_layers and cfg.train.seq_len and shape.members) or cfg.optim.weight_decay_rule == "repeats"
+    # A resumed or replayed run's config: the shape and context it trained, where this config leaves them to the plan,
+    # and its precision, where "auto" would time the machine again
+    found = (
+        recorded_run(cfg.train.out_dir, schedule.progress_from, resume)
+        if chosen or cfg.train.precision == "auto"
+        else None
+    )
     t = resolve_train(cfg.train, device, found.config.train.precision if found else "")  # no "auto" left to record
     budgeted = t.max_time > 0 or schedule.progress_from  # a replay keeps the warmup it replays
     schedule, note = fit_warmup(schedule, 0 if budgeted else t.max_steps)
@@ -292,10 +298,8 @@ def settle_before_data(cfg: Config, device: torch.device, resume: str | None) ->
     precision = precision_note(cfg.train.precision, t.precision, device) if not found else ""
     notes += [line for line in (note, budget, tied, compile_mode_note(t, device), precision) if line]
     recorded = tuple(recorded_progress(schedule.progress_from, t.max_steps)) if schedule.progress_from else ()
-    shape, note, init_missing = init_shape(cfg)
-    notes += [note] if note else []
+    notes += [init_note] if init_note else []
     cfg = replace(cfg, train=t, schedule=schedule, model=shape)
-    chosen = not (shape.n_layers and t.seq_len and shape.members) or cfg.optim.weight_decay_rule == "repeats"
     earlier = found if chosen else None
     context_set = bool(t.seq_len)
     if not context_set:  # chosen once the run's tokens are known, unless the run recorded it: planned short till then
