@@ -101,7 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             summary, device, batch_size = start_or_resume(cfg, args, harness, world, sets)
     finally:
-        gc.collect()
         distributed.stop()  # under torchrun: leave the process group, whatever happened
     if index is not None and distributed.world_from_env().is_main:  # eval.tasks: the final weights scored
         score_final_weights(cfg, summary["weights"], device, index, batch_size)

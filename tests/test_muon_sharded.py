@@ -55,9 +55,18 @@ def take_steps(model: torch.nn.Module) -> Hybrid:
 def worker(parallel: str, group: int, out: str) -> None:
     """One rank: shard the model (`parallel` over groups of `group` ranks) and take the steps; then save the whole
     weights as this rank sees them, and whether each of Muon's momentum buffers is sharded as its matrix is, in
-    `out`/rank_R.pt."""
+    `out`/rank_R.pt. The model and its optimizer live in `save_steps` only, so they are freed before the rank
+    leaves the process group (distributed.stop)."""
     world = distributed.world_from_env()
     distributed.start(world, CPU)
+    try:
+        save_steps(parallel, group, f"{out}/rank_{world.rank}.pt", world)
+    finally:
+        distributed.stop()
+
+
+def save_steps(parallel: str, group: int, path: str, world: distributed.World) -> None:
+    """The steps of one rank of `world`, its weights and placements saved in `path` (worker's)."""
     model = tiny_model()
     model = distributed.wrap(model, model.blocks, world, parallel, group, "fp32", CPU)
     optimizer = take_steps(model)
@@ -70,8 +79,7 @@ def worker(parallel: str, group: int, out: str) -> None:
         for group in muon.param_groups
         for p in group["params"]
     ]
-    torch.save({"weights": weights, "momentum_placed": placed}, f"{out}/rank_{world.rank}.pt")
-    distributed.stop()
+    torch.save({"weights": weights, "momentum_placed": placed}, path)
 
 
 @pytest.mark.parametrize(

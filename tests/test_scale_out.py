@@ -44,6 +44,7 @@ mesh = {"mesh": p.device_mesh.mesh.tolist(), "names": list(p.device_mesh.mesh_di
         "coordinate": p.device_mesh.get_coordinate(), "placements": [str(x) for x in p.placements]}
 Path(trainer.cfg.train.out_dir, f"mesh_{trainer.world.rank}.json").write_text(json.dumps(mesh))
 trainer.close()
+del trainer, p  # freed before the process group is left (distributed.stop)
 distributed.stop()
 """
 

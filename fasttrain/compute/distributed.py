@@ -19,6 +19,7 @@ gradients are averaged after each group's reduce-scatter, so only that all-reduc
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import threading
@@ -138,8 +139,12 @@ def new_group(world: World) -> dist.ProcessGroup | None:
 
 
 def stop() -> None:
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if this process joined one. What nothing reaches any more (a wrapped model, its
+    meshes, its optimizer's sharded state) is collected first, while the interpreter is whole: left to its teardown
+    at exit, a gloo thread still holding a tensor aborts the process ("terminate called without an active
+    exception"). So a caller drops its references before it calls this."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
