@@ -362,6 +362,7 @@ def test_one_member_and_too_little_time_for_more_is_the_runs_model_and_says_why(
     phase = next_phase(cfg)
     assert phase is not None and phase.kind == "publish"
     assert phase.note.startswith("21 s left: each member reached the epoch limit in 99 s, so one more and a student")
+    assert "it stops at the limit, as reading on overfits" in phase.note  # why stopping early is the better use
     assert publish(phase) == run / "final" and (run / "final" / "config.toml").is_file()
     again = next_phase(cfg)  # ended: a resume publishes the same member again, deciding nothing anew
     assert again is not None and again.kind == "publish" and not again.note

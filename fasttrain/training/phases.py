@@ -191,7 +191,8 @@ def more_members(done: Sequence[Ended], max_time: float, at_once: int, most: int
             0,
             0.0,
             f"{left:.0f} s left: {fitted}, so one more and a student would need "
-            f"{member + share * student(members + 1):.0f} s",
+            f"{member + share * student(members + 1):.0f} s; it stops at the limit, as reading on overfits and "
+            "smaller updates that fill the time scored no better (docs/performance.md)",
         )
     seconds = round(left - share * student(members + added), 3)
     return (
