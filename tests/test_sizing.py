@@ -164,10 +164,21 @@ def test_no_depth_that_would_read_the_corpus_more_than_ten_times_is_chosen_while
     assert read.model.n_layers > free.model.n_layers and read.tokens / unique <= cfg.data.max_epochs
     shallower = ladder_shape(cfg.model, read.model.n_layers - 1)
     assert tokens_at(5e12)(shallower) / unique > cfg.data.max_epochs  # the first depth within the ceiling
-    assert "a shallower depth would read the corpus more than 10 times (the epoch limit), which overfits" in read.note
+    # depth 1 reads it 53 times: the ratio's choice on this corpus, were there no limit (depth 2, 17.5, is not)
+    assert "the aim alone would choose depth 1, but it would read the corpus more than 10 times" in read.note
     fast = choose_shape(cfg, tokens_at(5e20), corpus(unique), "timed")  # every depth reads it 10+ times: the ratio's
     assert fast.model.n_layers < max(sizing.DEPTHS) and "every depth would read the corpus more than 10" in fast.note
     assert "extrapolated" in fast.note
+
+
+def test_the_note_names_the_epoch_limit_only_where_it_changed_the_choice():
+    """A shallower depth that would read the corpus past the limit is not mentioned where the ratio chose a deeper
+    one anyway: depth 1 would read 5.3 times (limit 3), but depth 2's 1.8 reads are the rule's choice."""
+    cfg = tiny_config(".", ".", "model.vocab_size=4096", "data.max_epochs=3", *AUTO)
+    tokens_at = lambda shape: 5e12 / (6 * matmul_params(shape))  # noqa: E731
+    chosen = choose_shape(cfg, tokens_at, corpus(5e5), "timed")
+    assert tokens_at(ladder_shape(cfg.model, 1)) / 5e5 > 3 >= chosen.tokens / 5e5
+    assert chosen.model.n_layers == 2 and "epoch limit" not in chosen.note
 
 
 def test_a_budget_stops_at_ten_epochs_where_every_depth_would_read_more():

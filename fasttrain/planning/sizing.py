@@ -204,7 +204,8 @@ def choose_shape(
     kept = [f"model.{k} = {getattr(m, k)}" for k in ("d_model", "n_heads", "n_kv_heads") if getattr(m, k)]
     epochs = [tokens * share / unique for share, unique in corpus]
     every = "every depth" if offered == shapes else "every depth offered"
-    shallower = any(s.n_layers < shape.n_layers and s not in within for s in offered)
+    aimed = min(offered, key=distance).n_layers  # the ratio's choice were there no limit
+    shallower = aimed if aimed < shape.n_layers else 0
     overread = overread_words(every, bool(within), stops, shallower, most)
     beyond = (
         f"; beyond the sweeps ({SWEPT[0]:.2g} to {SWEPT[1]:.2g} effective tokens, up to {SWEPT_EPOCHS:g} epochs): "
@@ -257,10 +258,11 @@ def bound_words(shape: ModelConfig, unbounded: ModelConfig, in_memory: bool, fed
     return f"; the rule would choose depth {unbounded.n_layers}, but {' and '.join(b for b in bounds if b)}"
 
 
-def overread_words(every: str, any_within: bool, stops: bool, shallower: bool, most: float) -> str:
+def overread_words(every: str, any_within: bool, stops: bool, shallower: int, most: float) -> str:
     """The note's words for depths that would read the corpus more than `most` (data.max_epochs) times: `every`
     ("every depth" or "every depth offered") where none is within it (`any_within` False; `stops`: the run stops
-    at the limit), else a `shallower` one that is not; "" where no depth offered reads it too often."""
+    at the limit), else the `shallower` depth the ratio would choose were there no limit (0: none), which reads it
+    too often, so a deeper one trains; "" where the limit did not change the choice."""
     if not any_within and stops:
         return (
             f"; {every} would read the corpus more than {most:g} times (the epoch limit) in the budget, so the "
@@ -272,7 +274,10 @@ def overread_words(every: str, any_within: bool, stops: bool, shallower: bool, m
             "data or a shorter budget would train better"
         )
     if shallower:
-        return f"; a shallower depth would read the corpus more than {most:g} times (the epoch limit), which overfits"
+        return (
+            f"; the aim alone would choose depth {shallower}, but it would read the corpus more than {most:g} times "
+            "(the epoch limit), which overfits"
+        )
     return ""
 
 
