@@ -124,8 +124,8 @@ def test_the_aim_is_the_fitted_ratio_within_the_sweeps_and_grows_beyond_to_chinc
     assert best_params == sorted(best_params) and best_params[-1] == pytest.approx(2 * best_params[-2])  # and past 20
     # tokens a parameter twice the tokens ask for twice the parameters
     small = ((1.0, 2e6),)  # a corpus under FITTED_TO, read many times over
-    assert sizing.first_reads(5e7, small) == 2e6 and sizing.aim(2e6) == sizing.TOKENS_PER_PARAM
-    assert sizing.first_reads(5e7, ((0.5, 2e6), (0.5, 1e8))) == 2e6 + 2.5e7 and sizing.first_reads(5e7, ()) == 5e7
+    assert repeats.first_reads(5e7, small) == 2e6 and sizing.aim(2e6) == sizing.TOKENS_PER_PARAM
+    assert repeats.first_reads(5e7, ((0.5, 2e6), (0.5, 1e8))) == 2e6 + 2.5e7 and repeats.first_reads(5e7, ()) == 5e7
 
 
 def test_more_tokens_choose_deeper_models_and_a_small_corpus_shallower_ones():
@@ -143,7 +143,7 @@ def test_more_tokens_choose_deeper_models_and_a_small_corpus_shallower_ones():
         assert chosen.effective == effective_tokens(tokens, unique) and chosen.params == matmul_params(chosen.model)
         worth = effective_tokens(tokens, unique)
         ratios = [worth / matmul_params(ladder_shape(cfg.model, d)) for d in sizing.DEPTHS]
-        best = min(ratios, key=lambda r: abs(math.log(r / sizing.aim(sizing.first_reads(tokens, corpus(unique))))))
+        best = min(ratios, key=lambda r: abs(math.log(r / sizing.aim(repeats.first_reads(tokens, corpus(unique))))))
         assert chosen.effective / chosen.params == pytest.approx(best)
 
 

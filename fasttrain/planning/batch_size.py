@@ -32,6 +32,12 @@ MIN_UPDATES = 700  # the fewest updates a grown batch leaves (measured above)
 MOST_GROWTH = 4  # 16K tokens an update at base.toml's 4K: nothing larger was measured
 
 
+def update_tokens(t: TrainConfig, accumulation: int, world_size: int) -> int:
+    """Token slots an optimizer update of `t` (train.seq_len chosen) trains on over all ranks, pads included:
+    `accumulation` micro-batches of train.batch_size rows of train.seq_len on each of `world_size` ranks."""
+    return accumulation * t.batch_size * t.seq_len * world_size
+
+
 def growth(tokens: float, tokens_per_step: int) -> int:
     """The power of two, 1 to MOST_GROWTH, that train.batch_size's rows are multiplied by for `tokens` planned
     training tokens at `tokens_per_step` (math.inf: not known, 1)."""

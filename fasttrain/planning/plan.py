@@ -35,6 +35,7 @@ from fasttrain.model.weights import check_hf_tokenizer
 from fasttrain.optimization.optimizers import tied_head_note
 from fasttrain.optimization.schedule import Budget, budget_note, fit_warmup, recorded_progress
 from fasttrain.planning import sizing
+from fasttrain.planning.batch_size import update_tokens
 from fasttrain.planning.members import distill_note, distilled
 from fasttrain.planning.preflight import Machine, check_fits
 from fasttrain.planning.recorded import Recorded, recorded_run
@@ -109,8 +110,7 @@ class RunPlan:
     @property
     def tokens_per_step(self) -> int:
         """Token slots per optimizer update, over all ranks (pads included; a run's `tokens_seen` counts real ones)."""
-        t = self.cfg.train
-        return self.accumulation * t.batch_size * t.seq_len * self.world.size
+        return update_tokens(self.cfg.train, self.accumulation, self.world.size)
 
     def reading(self, step: int = 0, seconds: float = 0.0, mix: Phases | None = None) -> Reading:
         """What the run reads from `step` after `seconds` of training on (a resumed run projects its end from

@@ -78,6 +78,12 @@ def corpus_worth(tokens: float, corpus: Corpus) -> float:
     return sum(effective_tokens(tokens * share, unique) for share, unique in corpus) if corpus else tokens
 
 
+def first_reads(tokens: float, corpus: Corpus) -> float:
+    """The tokens of a run of `tokens` over `corpus`'s sources (empty: not known, taken as unlimited) that are read
+    for the first time: each source's share, up to its size."""
+    return sum(min(tokens * share, unique) for share, unique in corpus) if corpus else tokens
+
+
 def epoch_tokens(corpus: Corpus) -> float:
     """The run's tokens per epoch of the source it reads most often (share, training tokens in `corpus`); 0 when
     the corpus is not known yet."""

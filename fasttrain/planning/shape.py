@@ -25,7 +25,7 @@ from fasttrain.config import Config, ModelConfig, TrainConfig, config_to_toml, l
 from fasttrain.data.mixture import Source, phases, token_shares
 from fasttrain.model.llama import hf_llama_model_config
 from fasttrain.planning import repeats, sizing
-from fasttrain.planning.batch_size import choose_batch
+from fasttrain.planning.batch_size import choose_batch, update_tokens
 from fasttrain.planning.members import ensemble_members
 from fasttrain.planning.preflight import Machine, depths_in_memory, members_in_memory
 from fasttrain.planning.recorded import Recorded
@@ -53,7 +53,7 @@ class SizingInputs:
 
     def tokens_per_step(self, t: TrainConfig) -> int:
         """Token slots an optimizer update of `t` trains on, over all ranks."""
-        return self.accumulation * t.batch_size * t.seq_len * self.world.size
+        return update_tokens(t, self.accumulation, self.world.size)
 
 
 @dataclass(frozen=True)

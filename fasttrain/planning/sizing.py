@@ -75,7 +75,7 @@ from torch import nn
 from fasttrain.compute.device import autocast, synchronize
 from fasttrain.config import Config, ModelConfig, TrainConfig
 from fasttrain.model.transformer import Transformer, flops_per_token, matmul_params, num_params
-from fasttrain.planning.repeats import Corpus, corpus_worth, epoch_tokens
+from fasttrain.planning.repeats import Corpus, corpus_worth, epoch_tokens, first_reads
 from fasttrain.planning.speed import Speed
 from fasttrain.system.errors import UsageError
 from fasttrain.system.machine_load import busy_note
@@ -234,12 +234,6 @@ def aim(new: float) -> float:
     time (module docstring): TOKENS_PER_PARAM up to FITTED_TO, growing as their GROWTH power beyond, to CHINCHILLA at
     most."""
     return min(CHINCHILLA, TOKENS_PER_PARAM * max(1.0, new / FITTED_TO) ** GROWTH)
-
-
-def first_reads(tokens: float, corpus: Corpus) -> float:
-    """The tokens of a run of `tokens` over `corpus`'s sources (empty: not known, taken as unlimited) that are read
-    for the first time: each source's share, up to its size."""
-    return sum(min(tokens * share, unique) for share, unique in corpus) if corpus else tokens
 
 
 def bound_words(shape: ModelConfig, unbounded: ModelConfig, in_memory: bool, fed: float, most: float) -> str:
