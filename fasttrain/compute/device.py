@@ -100,9 +100,7 @@ def cpu_bf16_speedup() -> float:
 def bf16_pays(device: torch.device) -> bool:
     """Whether a run on `device` is better off in bf16 autocast: CUDA, or a CPU with native bf16 matmuls (`native_bf16`)
     that run at least BF16_MIN_SPEEDUP x its fp32 ones (`cpu_bf16_speedup`)."""
-    if device.type == "cuda":
-        return True
-    return native_bf16(device) and cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
+    return native_bf16(device) and (device.type == "cuda" or cpu_bf16_speedup() >= BF16_MIN_SPEEDUP)
 
 
 def resolve_precision(
