@@ -31,8 +31,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from fasttrain.checkpoints.checkpoint_files import resolve
-from fasttrain.checkpoints.run_directory import EARLIER_RUN_CHOICES, REPLACED, earlier_run, finish_overwrite
-from fasttrain.checkpoints.saves import has_saves
+from fasttrain.checkpoints.run_directory import EARLIER_RUN_CHOICES, earlier_run, finish_overwrite, saves_to_resume
 from fasttrain.compute import distributed
 from fasttrain.compute.device import use_device
 from fasttrain.config import (
@@ -381,7 +380,7 @@ def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | N
     # A damaged pointer: the resume says so. Saves without one: the first save was killed before its pointer. A run
     # an --overwrite start set aside is rank 0's to put back (finish_overwrite): another rank may look while it
     # does, so where it was first, then where it goes (a rename between the two looks is seen by the second).
-    if has_saves(Path(out_dir) / REPLACED / "checkpoints") or has_saves(Path(out_dir) / "checkpoints"):
+    if saves_to_resume(out_dir):
         return "auto"
     if not quiet:
         print(f"resume: no checkpoint in {out_dir} yet, so a new run starts there (--resume {AUTO_OR_NEW})")

@@ -98,6 +98,27 @@ def test_a_resumed_run_keeps_the_precision_auto_chose_for_it(bf16_hardware, pydo
         assert plan_run(cfg, World(), CPU).cfg.train.precision != chosen  # a new run in the same folder times again
 
 
+@pytest.mark.parametrize("shape", [(), AUTO], ids=["fixed", "chosen"])
+def test_a_trainer_made_resuming_where_nothing_is_saved_starts_anew(pydoc_data, tmp_path, shape):
+    """Trainer(resuming=True) is planned as the run saved in its folder; in a folder with no save yet it is a new
+    run, whether its plan would read a recorded one (precision "auto", a shape chosen) or not: it raised "no
+    checkpoint saved there yet" there, where a fixed-shape fp32 one started anew."""
+    from fasttrain.training.trainer import Trainer
+
+    cfg = tiny_config(pydoc_data, tmp_path / "run", "train.precision=auto", "train.max_steps=2", *shape)
+    trainer = Trainer(cfg, quiet=True, resuming=True)
+    try:
+        assert trainer.train()["step"] == 2
+    finally:
+        trainer.close()
+    again = Trainer(cfg, quiet=True, resuming=True)  # now saved: planned as that run, which resume() goes on with
+    try:
+        again.resume("auto")
+        assert again.resumed_from is not None
+    finally:
+        again.close()
+
+
 def test_an_fp32_run_orthogonalises_in_fp32_on_a_bf16_cpu(bf16_hardware):
     """Muon's Newton-Schulz follows the run's precision: an fp32 run is fp32 throughout (its losses must not depend
     on whether the CPU has bf16); a bf16 run on bf16 hardware takes torch's bf16 step."""

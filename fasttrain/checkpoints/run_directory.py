@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from fasttrain.checkpoints.saves import saved_steps, step_of
+from fasttrain.checkpoints.saves import has_saves, saved_steps, step_of
 from fasttrain.system.atomic import read_regular, sync_directory, write_atomically
 from fasttrain.system.errors import RunStopped, UsageError
 from fasttrain.system.run_lock import LOCK_FILE, locked, other_holder
@@ -55,6 +55,12 @@ PHASES = (SETTING_ASIDE, SET_ASIDE, PUTTING_BACK, DISCARDING)
 WRITTEN_ATOMICALLY = ("config.toml", "tokenizer.json", WANDB_ID_FILE, JOURNAL)
 # What a new run can do instead of starting in a directory that holds an earlier run (earlier_run).
 EARLIER_RUN_CHOICES = "continue it with --resume auto, start over with --overwrite, or set train.out_dir elsewhere"
+
+
+def saves_to_resume(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether `run_dir` holds saves that `--resume auto` goes on from: in its checkpoints/, or in those an --overwrite
+    start set aside and has not replaced yet (finish_overwrite puts them back)."""
+    return has_saves(Path(run_dir) / REPLACED / "checkpoints") or has_saves(Path(run_dir) / "checkpoints")
 
 
 def check_new_run(run_dir: Path, overwrite: bool) -> None:

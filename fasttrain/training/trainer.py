@@ -31,6 +31,7 @@ from typing import Callable, cast
 import torch
 
 from fasttrain.checkpoints.checkpoint import Checkpointer
+from fasttrain.checkpoints.run_directory import saves_to_resume
 from fasttrain.checkpoints.run_state import RunState
 from fasttrain.compute import distributed
 from fasttrain.compute.device import (
@@ -79,9 +80,10 @@ class Trainer:
         plan: RunPlan | None = None,
     ):
         """`plan`: the run's plan (made by start_run if not given). `clock`: seconds, what train.max_time counts.
-        `resuming`: resume() comes next, so model.init_from's weights are read only if train() starts anew."""
+        `resuming`: resume() comes next, so model.init_from's weights are read only if train() starts anew; planned as
+        the run saved in train.out_dir, or, where nothing is saved there yet, as a new run (which train() starts)."""
         self.clock, self.created = clock, clock()
-        plan = plan or start_run(cfg, quiet, "auto" if resuming else None)
+        plan = plan or start_run(cfg, quiet, "auto" if resuming and saves_to_resume(cfg.train.out_dir) else None)
         if plan.prepare:
             raise ValueError(f"a plan of data not prepared yet ({plan.prepare}): make it with start_run")
         self.plan, self.world, self.device, self.cfg = plan, plan.world, plan.device, plan.cfg
