@@ -1,6 +1,6 @@
 """Train a language model from a TOML config.
 
-Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.run_directory, checkpoints.saves, compute.device,
+Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.run_directory, compute.device,
 compute.distributed, config, config.shipped, evaluate, evaluation.trained_model, planning.plan, system.errors,
 system.run_lock, training.launch, training.measure, training.phases, training.plan_table, training.trainer.
 

@@ -1,9 +1,9 @@
 """A run's plan: everything a run of a config decides before it allocates anything, decided once.
 
 Imports from fasttrain: compute.device, compute.distributed, compute.kernel_table, config, data.mixture,
-formats.tokenizer, model.transformer, model.weights, optimization.optimizers, optimization.schedule, planning.members,
-planning.preflight, planning.recorded, planning.repeats, planning.sequence_length, planning.shape, planning.sizing,
-preparation.cache, system.errors.
+formats.tokenizer, model.transformer, model.weights, optimization.optimizers, optimization.schedule,
+planning.batch_size, planning.members, planning.preflight, planning.recorded, planning.repeats,
+planning.sequence_length, planning.shape, planning.sizing, preparation.cache, system.errors.
 
     plan = plan_run(cfg, world, device)   # reads meta.json, tokenizer.json, shard headers, init_from's config.json
     plan.record()                         # the start event of metrics.jsonl: params, tokens_per_step, ...

@@ -1,9 +1,10 @@
 """The Trainer: one run of `python -m fasttrain.train`, also usable from other code.
 
-Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_state, compute.device, compute.distributed, config,
-data.loader, data.mixture, data.sampling, evaluation.loss_sums, evaluation.trained_model, evaluation.validation,
-formats.tokenizer, model.ensemble, model.generation, model.weights, optimization.objective, optimization.optimizers,
-optimization.schedule, planning.plan, training.launch, training.policies, training.reporting, training.run_loop.
+Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, checkpoints.run_state, compute.device,
+compute.distributed, config, data.loader, data.mixture, data.sampling, evaluation.loss_sums, evaluation.trained_model,
+evaluation.validation, formats.tokenizer, model.ensemble, model.generation, model.weights, optimization.objective,
+optimization.optimizers, optimization.schedule, planning.plan, training.launch, training.policies, training.reporting,
+training.run_loop.
 
     trainer = Trainer(load_config("configs/base.toml"))
     summary = trainer.train()          # or drive it yourself:
