@@ -290,7 +290,7 @@ def test_an_earlier_runs_later_round_left_beside_a_new_first_round_is_not_this_r
     ended_round(run / "ensemble", cfg, members=1, steps=8, seconds=100.0)
     ended_round(run / "ensemble-2", cfg, members=3, steps=8, seconds=300.0, begun=BEGUN - 600)  # written after
     (run / "ensemble" / REPLACES).write_text("the student replaces the run in the directory above\n")
-    assert rounds(run) == [run / "ensemble"]
+    assert rounds(run).dirs == [run / "ensemble"]
     phase = next_phase(cfg)
     assert phase is not None and phase.kind == "members" and phase.cfg.train.out_dir == str(run / "ensemble-2")
     assert phase.cfg.model.members == 1 and phase.overwrite  # 500 s left: not the earlier round's 200
@@ -324,7 +324,7 @@ def test_a_run_folder_copied_without_its_times_keeps_its_rounds_and_its_student(
     (run / "checkpoints" / "latest").write_text("step_0000003.pt\n")
     shutil.copytree(run, copy, copy_function=shutil.copyfile)
     written_in_order(copy, copy / "ensemble", copy / "ensemble-2", copy)
-    assert rounds(copy) == [copy / "ensemble", copy / "ensemble-2"]
+    assert rounds(copy).dirs == [copy / "ensemble", copy / "ensemble-2"]
     phase = next_phase(replace(cfg, train=replace(cfg.train, out_dir=str(copy))))
     assert phase is not None and phase.kind == "student" and phase.resume == "auto" and phase.begun == BEGUN
     assert phase.cfg.train.teacher.split(os.pathsep) == [str(copy / d / "final") for d in ("ensemble", "ensemble-2")]
@@ -341,9 +341,9 @@ def test_a_run_begun_before_phases_recorded_their_run_is_read_by_file_times(tmp_
     ended_round(run / "ensemble", cfg, members=1, steps=8, seconds=100.0, begun=None)
     ended_round(run / "ensemble-2", cfg, members=1, steps=8, seconds=100.0, begun=None)
     written_in_order(run, run / "ensemble", run / "ensemble-2")
-    assert rounds(run) == [run / "ensemble"]
+    assert rounds(run).dirs == [run / "ensemble"]
     written_in_order(run, run / "ensemble-2", run / "ensemble")
-    assert rounds(run) == [run / "ensemble", run / "ensemble-2"]
+    assert rounds(run).dirs == [run / "ensemble", run / "ensemble-2"]
     shutil.rmtree(run / "ensemble-2")
     cfg = replace(cfg, train=replace(cfg.train, max_time=Seconds(120.0)))
     phase = next_phase(cfg)

@@ -229,7 +229,7 @@ def train_sets(
     during = load_average()
     # The phase whose model final/ holds: the run, or a distilled run's student there, else (its one member published
     # as the run's model) its last round
-    events = read_metrics(out_dir if (out_dir / "metrics.jsonl").is_file() else rounds(out_dir)[-1])
+    events = read_metrics(out_dir if (out_dir / "metrics.jsonl").is_file() else rounds(out_dir).dirs[-1])
     start = next(e for e in events if e["event"] == "start")
     end = next(e for e in events if e["event"] == "end")
     shape = load_config(out_dir / "final" / "config.toml").model  # the shape trained: a case may leave it to the run

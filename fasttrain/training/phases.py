@@ -36,7 +36,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from fasttrain.checkpoints.run_directory import MEMBERS_DIR, discard_set_aside, set_aside
 from fasttrain.checkpoints.saves import has_saves
@@ -89,13 +89,20 @@ def members_dir(run_dir: str | os.PathLike[str], round_number: int = 1) -> Path:
     return Path(os.path.abspath(run_dir)) / name
 
 
-def rounds(run_dir: str | os.PathLike[str]) -> list[Path]:
+class Rounds(NamedTuple):
+    """The rounds of members begun in a run's folder (`rounds`), and the run's identity their first records."""
+
+    dirs: list[Path]  # the first round's folder, then each later one's, in order; empty: no distilled run there
+    begun: float | None  # when the whole run began (`begun_of` the first round): what each of its phases records
+
+
+def rounds(run_dir: str | os.PathLike[str]) -> Rounds:
     """The rounds of members begun in `run_dir` (each with its config.toml), in order: the first, then each that records
     the run the first began (`same_run`), so an earlier run's later round that an --overwrite start left beside a new
     first round is not this run's."""
     first = members_dir(run_dir)
     if not (first / "config.toml").is_file():
-        return []
+        return Rounds([], None)
     found, begun = [first], begun_of(start_events(first / "metrics.jsonl"))
     while True:
         later = members_dir(run_dir, len(found) + 1)
@@ -104,7 +111,7 @@ def rounds(run_dir: str | os.PathLike[str]) -> list[Path]:
             recorded.is_file()
             and same_run(begun, begun_of(start_events(later / "metrics.jsonl")), recorded, found[-1] / "config.toml")
         ):
-            return found
+            return Rounds(found, begun)
         found.append(later)
 
 
@@ -336,9 +343,7 @@ def next_phase(cfg: Config, overrides: Sequence[str] = ()) -> Phase | None:
     ended one's too, which evaluates again as any ended run resumed does); None where train.out_dir holds no
     distilled run (an ordinary resume). UsageError where the student would replace saves not the run's to replace."""
     run_dir = Path(os.path.abspath(cfg.train.out_dir))
-    found = rounds(run_dir)
-    # The run's identity, which each phase it starts records
-    begun = begun_of(start_events(found[0] / "metrics.jsonl")) if found else None
+    found, begun = rounds(run_dir)  # begun: the run's identity, which each phase it starts records
     if not found or replaced_by_another_run(run_dir, begun):
         return None
     ends = [ended(d) for d in found]  # each read once: rounds before the last have ended
