@@ -20,6 +20,7 @@ import torch
 
 from fasttrain.config import load_config
 from fasttrain.model.weights import read_safetensors
+from fasttrain.optimization.optimizers import head_rate
 from fasttrain.plot import read_metrics
 from tests.conftest import HANG_SECONDS, tiny_args
 
@@ -152,9 +153,10 @@ def adam_movement_bound(run: Path) -> float:
     """How far apart two AdamW runs of `run`'s config and schedule can leave one element from the same start,
     whatever their gradients: twice the sum over steps of the largest rate of any group (a lookup table's, the
     head's) times `adam_step_bound`. Decoupled weight decay scales both by the same factor, at most 1."""
-    optim = load_config(run / "config.toml").optim
+    cfg = load_config(run / "config.toml")
+    optim = cfg.optim
     assert optim.name == "adamw"  # the bound is AdamW's (Muon's orthogonalised steps have another)
-    largest = max(optim.lr, optim.embedding_lr, optim.head_lr) / optim.lr
+    largest = max(optim.lr, optim.embedding_lr, head_rate(optim, cfg.model.d_model)) / optim.lr
     rates = [e["lr"] * largest for e in read_metrics(run) if e["event"] == "train"]
     return 2 * sum(lr * adam_step_bound(t, optim.beta1, optim.beta2) for t, lr in enumerate(rates, 1))
 

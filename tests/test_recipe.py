@@ -14,7 +14,7 @@ import fasttrain_kernels._backend
 from fasttrain.compute.device import kernels_on
 from fasttrain.config import OptimConfig
 from fasttrain.model.transformer import Transformer
-from fasttrain.optimization.optimizers import Updater
+from fasttrain.optimization.optimizers import HEAD_LR_POWER, Updater, head_rate
 from fasttrain.system.errors import UsageError, run_cli
 from tests.conftest import tiny_args, tiny_config
 from tests.test_sizing import cli
@@ -43,6 +43,34 @@ def test_the_embedding_and_an_untied_head_step_at_their_own_rates(pydoc_data, tm
     assert after[id(model.embed.weight)] == pytest.approx(0.1) and after[id(model.output.weight)] == pytest.approx(
         0.002
     )
+
+
+def test_the_heads_rate_falls_with_the_width_from_head_lr_width(pydoc_data, tmp_path):
+    """optim.head_lr_width: head_lr at that width, (head_lr_width / width) ** HEAD_LR_POWER times it at another within
+    the widths measured (base.toml's 0.004 at 192: ~0.008 at 128, ~0.0025 at 256, the best rates measured there), the
+    nearest one's beyond; 0: head_lr at every width."""
+    cfg = OptimConfig(name="muon", lr=1e-3, embedding_lr=0.05, head_lr=0.004, head_lr_width=192)
+    assert head_rate(cfg, 192) == 0.004
+    assert head_rate(cfg, 128) == pytest.approx(0.004 * 1.5**HEAD_LR_POWER) and 0.0075 < head_rate(cfg, 128) < 0.0085
+    assert 0.0023 < head_rate(cfg, 256) < 0.0027 and head_rate(cfg, 160) == pytest.approx(0.004 * 1.2**HEAD_LR_POWER)
+    # Beyond the widths measured, the nearest one's rate
+    assert head_rate(cfg, 64) == head_rate(cfg, 128) and head_rate(cfg, 768) == head_rate(cfg, 256)
+    assert head_rate(replace(cfg, head_lr_width=0), 128) == 0.004
+    sets = ("model.vocab_size=512", "model.tie_embeddings=false", "model.d_model=128", "model.n_heads=2")
+    model = Transformer(tiny_config(pydoc_data, tmp_path, *sets).model)
+    rate = {id(p): g["lr"] for g in Updater(model, cfg, CPU, "fp32").optimizer.param_groups for p in g["params"]}
+    assert rate[id(model.output.weight)] == head_rate(cfg, 128) and rate[id(model.embed.weight)] == 0.05
+
+
+def test_the_plan_says_the_rates_of_their_own(pydoc_data, tmp_path, capsys):
+    """The dry run's schedule line gives the tables' and the untied head's rates, the head's at the model's width."""
+    sets = ("model.tie_embeddings=false", "model.d_model=128", "model.n_heads=2", "optim.head_lr_width=192")
+    assert cli(tiny_args(pydoc_data, tmp_path / "run", *sets, flags=["--dry-run"])) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("schedule:"))
+    assert f"the tables 0.05, the head {0.004 * 1.5**HEAD_LR_POWER:.3g}," in line, line
+    assert cli(tiny_args(pydoc_data, tmp_path / "tied", "model.tie_embeddings=true", flags=["--dry-run"])) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("schedule:"))
+    assert "the head" not in line and "the tables 0.05" in line, line
 
 
 def test_without_rates_of_their_own_the_groups_are_as_before(pydoc_data, tmp_path):

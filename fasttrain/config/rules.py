@@ -52,6 +52,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.logit_softcap": _NON_NEGATIVE,
     "optim.embedding_lr": _NON_NEGATIVE,
     "optim.head_lr": _NON_NEGATIVE,
+    "optim.head_lr_width": _NON_NEGATIVE,
     "optim.lr": _POSITIVE,
     "optim.weight_decay": _NON_NEGATIVE,
     "optim.max_weight_decay": _NON_NEGATIVE,

@@ -194,6 +194,11 @@ class OptimConfig:
     # when their token appears, and an untied output head. nanochat trains its embedding at ~40x its head's rate.
     embedding_lr: float = 0.0
     head_lr: float = 0.0  # with model.tie_embeddings = true, nothing (the plan says so)
+    # The width at which head_lr is the untied head's rate: at another d_model the head trains at head_lr x
+    # (head_lr_width / d_model) ** HEAD_LR_POWER, as fast as its best rate was measured to fall with the width, and
+    # at the nearest measured width's rate beyond those (optimization/optimizers.py, head_rate). base.toml: 192,
+    # where 0.004 was best. 0 = head_lr at every width.
+    head_lr_width: int = 0
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW denominator guard

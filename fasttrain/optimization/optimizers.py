@@ -27,6 +27,14 @@ from fasttrain.config import ModelConfig, OptimConfig
 from fasttrain.system.errors import UsageError
 from fasttrain_kernels.newton_schulz import POLAR_EXPRESS, POLAR_EXPRESS_MARGIN, newton_schulz_reference
 
+# How fast the untied head's best rate falls with the width (optim.head_lr_width): the best of those tried on the main
+# job in fp32 was 0.008 at width 128 (0.004, 0.006 and 0.016 worse), 0.004 at 192 (0.003, 0.00533 and 0.008 worse)
+# and 0.0025 against 0.004 at 256; 0.004 x (192 / d) ** 1.7 gives 0.008, 0.004 and 0.0025 (docs/performance.md,
+# "The head's rate and the width"). muP's output layer under Adam falls as 1 / d; these widths fall faster. Outside
+# the widths measured the nearest one's rate: nothing says the fall goes on.
+HEAD_LR_POWER = 1.7
+HEAD_LR_MEASURED = (128, 256)
+
 if TYPE_CHECKING:
     from torch.distributed.tensor import DTensor
     from torch.optim.optimizer import ParamsT
@@ -174,12 +182,22 @@ def own_rate_groups(groups: list[dict], model: nn.Module, cfg: OptimConfig) -> l
     for net in [model, *getattr(model, "members", ())]:
         embed, output = getattr(net, "embed", None), getattr(net, "output", None)
         if cfg.head_lr and output is not None and (embed is None or output.weight is not embed.weight):
-            moves.append((output.weight, cfg.head_lr))
+            moves.append((output.weight, head_rate(cfg, output.weight.shape[1])))
     for p, lr in moves:
         home = next(g for g in groups if any(q is p for q in g["params"]))
         home["params"] = [q for q in home["params"] if q is not p]
         groups.append({"params": [p], "weight_decay": home["weight_decay"], "lr": lr})
     return groups
+
+
+def head_rate(cfg: OptimConfig, d_model: int) -> float:
+    """The untied head's peak rate at width `d_model`: optim.head_lr, scaled by (optim.head_lr_width / width) **
+    HEAD_LR_POWER where head_lr_width is set (a narrower head faster, a wider one slower), the width taken within
+    HEAD_LR_MEASURED; else head_lr itself."""
+    if not cfg.head_lr_width:
+        return cfg.head_lr
+    narrowest, widest = HEAD_LR_MEASURED
+    return cfg.head_lr * (cfg.head_lr_width / min(max(d_model, narrowest), widest)) ** HEAD_LR_POWER
 
 
 def tied_head_note(o: OptimConfig, m: ModelConfig) -> str:

@@ -1,15 +1,25 @@
 """A run's plan as `fasttrain train CONFIG --dry-run` prints it: the lines a run prints as it starts
 (reporting.start_lines), then the schedule, the kernels and why, the parallel layout, memory and cadence.
 
-Imports from fasttrain: config, planning.plan, planning.preflight, training.reporting.
+Imports from fasttrain: config, optimization.optimizers, planning.plan, planning.preflight, training.reporting.
 """
 
 from __future__ import annotations
 
-from fasttrain.config import format_duration
+from fasttrain.config import Config, format_duration
+from fasttrain.optimization.optimizers import head_rate
 from fasttrain.planning.plan import RunPlan
 from fasttrain.planning.preflight import GIB
 from fasttrain.training.reporting import start_lines
+
+
+def own_rates(c: Config) -> str:
+    """The peak rates of the lookup tables and an untied head where they have their own (optimizers.own_rate_groups),
+    as the schedule line's words: the head's at the model's width (`head_rate`)."""
+    o, m = c.optim, c.model
+    rates = [f"the tables {o.embedding_lr:g}"] if o.embedding_lr else []
+    rates += [f"the head {head_rate(o, m.d_model):.3g}"] if o.head_lr and not m.tie_embeddings else []
+    return f", {', '.join(rates)}" if rates else ""
 
 
 def plan_table(plan: RunPlan) -> str:
@@ -27,7 +37,7 @@ def plan_table(plan: RunPlan) -> str:
     parts = ", ".join(f"{name} {b / GIB:.2f}" for name, b in plan.memory)
     lines = [
         *start_lines(plan, reading),
-        f"schedule: {s.decay}, lr {c.optim.lr:g} (min {s.min_lr:g}), {warmup}; ends after {budget}{end}",
+        f"schedule: {s.decay}, lr {c.optim.lr:g} (min {s.min_lr:g}){own_rates(c)}, {warmup}; ends after {budget}{end}",
         f"flops: {plan.flops_per_token / 1e6:,.1f} MFLOP per token, {plan.flops_per_token * plan.tokens_per_step / 1e12:,.3f}"
         " TFLOP per step",
         *(f"kernel: {why}" for why in plan.kernel_reasons),
