@@ -15,7 +15,7 @@ from fasttrain.data.loader import TokenLoader, reshard
 from fasttrain.model.weights import read_safetensors
 from fasttrain.system.errors import UsageError, run_cli
 from tests.conftest import tiny_args, tiny_config, write_shard
-from tests.test_distributed import RUN, single, torchrun, values
+from tests.test_distributed import RUN, adam_movement_bound, assert_weights_agree, single, torchrun, values
 
 
 def stream(
@@ -143,6 +143,9 @@ def test_a_run_saved_by_one_world_resumes_on_another_with_the_same_losses_and_we
         values(tmp_path / "straight", "train", "loss"), rel=1e-5
     )
     ours, theirs = (read_safetensors(tmp_path / d / "final" / "model.safetensors") for d in ("resumed", "straight"))
+    if optimizer == "adamw":  # its sums in another order may turn a few elements by up to a step (assert_weights_agree)
+        assert_weights_agree(ours, theirs, adam_movement_bound(tmp_path / "straight"))
+        return
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-5)
 
