@@ -324,9 +324,8 @@ def dry_run(cfg: Config, args: argparse.Namespace, moved: str | None, sets: list
     earlier = None if spec is not None or overwrite else earlier_run(out)
     overwrite = overwrite or earlier is not None
     check_directory(out, spec is not None, overwrite, world.is_main)  # before the plan times the machine
-    for round_dir in (
-        rounds(run_dir).dirs if world.is_main else ()
-    ):  # a distilled run training a round is refused as in RUN
+    # A distilled run training a round is refused as in RUN
+    for round_dir in rounds(run_dir).dirs if world.is_main else ():
         run_lock.check_free(round_dir)
     if spec is not None:
         resolve(spec, cfg.train.out_dir)  # the save a resume would load: there, or the run's own line
