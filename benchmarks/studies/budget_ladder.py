@@ -73,7 +73,8 @@ def run_budget(seconds: int, sets: list[str], work: Path, busy: int = 0) -> dict
     events = read_metrics(phases[-1])  # the phase whose model final/ holds
     evals = [round(e["val_bpb"], 4) for e in events if e["event"] == "eval"]
     end = next(e for e in events if e["event"] == "end")
-    m, o = load_config(out / "final" / "config.toml").model, load_config(out / "final" / "config.toml").optim
+    final = load_config(out / "final" / "config.toml")
+    m, o = final.model, final.optim
     trained = [next(e for e in reversed(read_metrics(p)) if e["event"] == "end")["train_seconds"] for p in phases]
     # The epochs the whole run's plan read at its timed speed (a distilled run's first round records that plan; the
     # round's own plan, untimed, counts the steps to its epoch limit)
@@ -83,7 +84,7 @@ def run_budget(seconds: int, sets: list[str], work: Path, busy: int = 0) -> dict
         "budget_s": seconds,
         "sets": sets,
         "shape": f"{m.n_layers} x {m.d_model}",
-        "context": m.max_seq_len,
+        "context": final.train.seq_len or m.max_seq_len,  # the rows it trained on (a set train.seq_len keeps its own)
         "weight_decay": o.decay(),
         "steps": end["step"],
         "planned_epochs": whole["sources"][0]["planned_epochs"],
