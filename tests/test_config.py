@@ -543,13 +543,14 @@ def test_auto_precision_and_compile_resolve_per_device(monkeypatch):
     for native in (False, True):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-        assert resolve_train(TrainConfig(), cpu).precision == ("bf16" if native else "fp32")
-        assert resolve_train(TrainConfig(precision="fp32"), cpu).precision == "fp32"
+        assert resolve_train(TrainConfig(), cpu)[0].precision == ("bf16" if native else "fp32")
+        assert resolve_train(TrainConfig(precision="fp32"), cpu)[0].precision == "fp32"
     long_run = CPU_COMPILE_MIN_STEPS
-    assert resolve_train(TrainConfig(max_steps=long_run - 1), cpu).compile is False
-    assert resolve_train(TrainConfig(max_steps=long_run), cpu).compile is True
-    assert resolve_train(TrainConfig(max_steps=long_run, compile=False), cpu).compile is False
-    assert resolve_train(TrainConfig(max_steps=1), cuda) == TrainConfig(max_steps=1, precision="bf16", compile=True)
+    assert resolve_train(TrainConfig(max_steps=long_run - 1), cpu)[0].compile is False
+    assert resolve_train(TrainConfig(max_steps=long_run), cpu)[0].compile is True
+    assert resolve_train(TrainConfig(max_steps=long_run, compile=False), cpu)[0].compile is False
+    on_cuda, note = resolve_train(TrainConfig(max_steps=1), cuda)
+    assert on_cuda == TrainConfig(max_steps=1, precision="bf16", compile=True) and note == ""
     # On a CPU the loss goes through the linear cross-entropy's PyTorch path in either precision (no logits held),
     # but not through Triton's interpreter (TRITON_INTERPRET=1, as in this test session where triton is installed)
     monkeypatch.setattr(fasttrain_kernels._backend, "INTERPRETING", False)

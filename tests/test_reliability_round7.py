@@ -54,7 +54,7 @@ def test_native_bf16_honours_the_isa_caps(bf16_hardware, monkeypatch):
     for capability in ("AVX2", "DEFAULT"):  # what ATEN_CPU_CAPABILITY=avx2 / default make torch report
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
         assert not native_bf16(CPU), capability
-    assert device_module.resolve_precision("auto", CPU) == "fp32"
+    assert device_module.resolve_precision("auto", CPU) == ("fp32", "")  # nothing to explain: no bf16 to choose
 
 
 @pytest.mark.parametrize("speedup, expected", [(0.64, "fp32"), (1.19, "fp32"), (1.2, "bf16"), (1.53, "bf16")])
@@ -63,11 +63,11 @@ def test_auto_precision_is_bf16_only_where_bf16_was_timed_faster(bf16_hardware, 
     a Zen 4 EPYC at 1.53x. "auto" takes bf16 from BF16_MIN_SPEEDUP, says why where it keeps fp32, and a precision
     set by hand is kept whatever the timing."""
     monkeypatch.setattr(device_module, "cpu_bf16_speedup", lambda: speedup)
-    assert device_module.resolve_precision("auto", CPU) == expected
-    note = device_module.precision_note("auto", expected, CPU)
+    precision, note = device_module.resolve_precision("auto", CPU)
+    assert precision == expected
     assert (f"bf16 matmuls ran {speedup:.2f}x its fp32 ones' speed" in note) == (expected == "fp32")
-    assert [device_module.resolve_precision(p, CPU) for p in ("fp32", "bf16")] == ["fp32", "bf16"]
-    assert device_module.precision_note("fp32", "fp32", CPU) == ""
+    assert [device_module.resolve_precision(p, CPU) for p in ("fp32", "bf16")] == [("fp32", ""), ("bf16", "")]
+    assert device_module.resolve_precision("auto", CPU, recorded="fp32") == ("fp32", "")  # a resume: it chose before
 
 
 def test_the_bf16_timing_measures_this_cpu():

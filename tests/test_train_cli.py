@@ -91,7 +91,7 @@ def test_main_job_trains_evaluates_samples_and_saves(main_job):
     saved = load_config(out / "config.toml")
     assert saved.model.vocab_size == 512 and saved.train.max_steps == 6  # resolved values, reloadable
     # "auto" resolved: too short a run to compile on CPU; bf16 only on a CPU with native bf16.
-    assert saved.train.compile is False and saved.train.precision == resolve_precision("auto", torch.device("cpu"))
+    assert saved.train.compile is False and saved.train.precision == resolve_precision("auto", torch.device("cpu"))[0]
     state = torch.load(out / "checkpoints" / "step_0000006.pt", weights_only=True)
     assert state["step"] == 6 and state["tokens_seen"] == 6 * 4 * 64
 

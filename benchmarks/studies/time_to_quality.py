@@ -393,7 +393,7 @@ def train_nanochat(
     run = NanochatSettings(**(settings or {}))
     device = torch.device(run.device)
     cfg = load_config(ROOT / "configs/base.toml")  # fasttrain's precision, row order and prefetch, for both sides
-    precision = resolve_precision(cfg.train.precision, device)  # as fasttrain's run resolves it
+    precision = resolve_precision(cfg.train.precision, device)[0]  # as fasttrain's run resolves it
     os.environ["NANOCHAT_DTYPE"] = NANOCHAT_DTYPES[precision]
     if checkout is not None:
         sys.path.insert(0, checkout)

@@ -105,29 +105,27 @@ def bf16_pays(device: torch.device) -> bool:
 
 def resolve_precision(
     precision: Literal["auto", "fp32", "bf16", "fp16"], device: torch.device, recorded: str = ""
-) -> Literal["fp32", "bf16", "fp16"]:
-    """The precision a run uses: "auto" is bf16 where it pays on the device (`bf16_pays`), else fp32; a resumed
-    run's "auto" keeps the precision it `recorded` ("fp32", or "bf16" where the device has it natively), so that a
-    timing on a busier machine does not change it part way. fp16 needs CUDA."""
+) -> tuple[Literal["fp32", "bf16", "fp16"], str]:
+    """The precision a run uses, and why where that is not plain: "auto" is bf16 where it pays on the device
+    (`bf16_pays`), else fp32, with a note where a CPU with native bf16 timed it too slow to pay; a resumed run's "auto"
+    keeps the precision it `recorded` ("fp32", or "bf16" where the device has it natively), so that a timing on a
+    busier machine does not change it part way. fp16 needs CUDA."""
     if precision == "auto":
         if recorded == "fp32":
-            return "fp32"
+            return "fp32", ""
         if recorded == "bf16" and native_bf16(device):
-            return "bf16"
-        return "bf16" if bf16_pays(device) else "fp32"
+            return "bf16", ""
+        if bf16_pays(device):
+            return "bf16", ""
+        if device.type != "cpu" or not native_bf16(device):
+            return "fp32", ""
+        return "fp32", (
+            f"train.precision = auto: fp32, as this CPU's bf16 matmuls ran {cpu_bf16_speedup():.2f}x its fp32 ones' "
+            f"speed (bf16 needs {BF16_MIN_SPEEDUP:g}x)"
+        )
     if precision == "fp16" and device.type != "cuda":
         raise UsageError(f'train.precision = "fp16" needs a CUDA device, not {device.type} (use bf16 or fp32)')
-    return precision
-
-
-def precision_note(setting: str, resolved: str, device: torch.device) -> str:
-    """A note where train.precision = "auto" resolved to fp32 on a CPU with native bf16: its bf16 was timed slower."""
-    if setting != "auto" or resolved != "fp32" or device.type != "cpu" or not native_bf16(device):
-        return ""
-    return (
-        f"train.precision = auto: fp32, as this CPU's bf16 matmuls ran {cpu_bf16_speedup():.2f}x its fp32 ones' speed "
-        f"(bf16 needs {BF16_MIN_SPEEDUP:g}x)"
-    )
+    return precision, ""
 
 
 def resolve_compile(setting: Literal["auto", True, False], device: torch.device, max_steps: int) -> bool:
@@ -137,11 +135,11 @@ def resolve_compile(setting: Literal["auto", True, False], device: torch.device,
     return setting
 
 
-def resolve_train(t: TrainConfig, device: torch.device, recorded_precision: str = "") -> TrainConfig:
+def resolve_train(t: TrainConfig, device: torch.device, recorded_precision: str = "") -> tuple[TrainConfig, str]:
     """`t` with its "auto" precision and compile settings replaced by what they resolve to on `device` (a resumed
-    run's precision: the one it recorded, `resolve_precision`), as a run's config.toml records them."""
-    precision = resolve_precision(t.precision, device, recorded_precision)
-    return replace(t, precision=precision, compile=resolve_compile(t.compile, device, t.max_steps))
+    run's precision: the one it recorded), as a run's config.toml records them, and `resolve_precision`'s note."""
+    precision, note = resolve_precision(t.precision, device, recorded_precision)
+    return replace(t, precision=precision, compile=resolve_compile(t.compile, device, t.max_steps)), note
 
 
 @dataclass(frozen=True)

@@ -171,4 +171,4 @@ def inference_device(name: str) -> torch.device:
 
 def inference_precision(cfg: Config, device: torch.device) -> str:
     """The run's precision on a GPU; fp32 on the CPU, where autocast is slower and fp16 does not exist."""
-    return resolve_precision(cfg.train.precision, device) if device.type == "cuda" else "fp32"
+    return resolve_precision(cfg.train.precision, device)[0] if device.type == "cuda" else "fp32"

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from fasttrain.compute import distributed
-from fasttrain.compute.device import Kernels, check_attention, check_fp8, kernels_on, precision_note, resolve_train
+from fasttrain.compute.device import Kernels, check_attention, check_fp8, kernels_on, resolve_train
 from fasttrain.compute.kernel_table import run_shapes
 from fasttrain.config import Config, ModelConfig, TrainConfig, resolve
 from fasttrain.data.mixture import Blend, Source, open_sources, phases
@@ -290,12 +290,12 @@ def settle_before_data(cfg: Config, device: torch.device, resume: str | None) ->
         if chosen or cfg.train.precision == "auto"
         else None
     )
-    t = resolve_train(cfg.train, device, found.config.train.precision if found else "")  # no "auto" left to record
+    # t has no "auto" left to record; `precision` says why "auto" chose fp32 where bf16 was there to choose
+    t, precision = resolve_train(cfg.train, device, found.config.train.precision if found else "")
     budgeted = t.max_time > 0 or schedule.progress_from  # a replay keeps the warmup it replays
     schedule, note = fit_warmup(schedule, 0 if budgeted else t.max_steps)
     budget = budget_note(cfg.schedule, t.max_time)
     tied = tied_head_note(cfg.optim, cfg.model)
-    precision = precision_note(cfg.train.precision, t.precision, device) if not found else ""
     notes += [line for line in (note, budget, tied, compile_mode_note(t, device), precision) if line]
     recorded = tuple(recorded_progress(schedule.progress_from, t.max_steps)) if schedule.progress_from else ()
     notes += [init_note] if init_note else []
