@@ -14,7 +14,7 @@ import fasttrain_kernels._backend
 from fasttrain.compute.device import kernels_on
 from fasttrain.config import OptimConfig
 from fasttrain.model.transformer import Transformer
-from fasttrain.optimization.optimizers import HEAD_LR_POWER, Updater, head_rate
+from fasttrain.optimization.optimizers import HEAD_LR_POWER, Updater, head_rate, untied_head_rate
 from fasttrain.system.errors import UsageError, run_cli
 from tests.conftest import tiny_args, tiny_config
 from tests.test_sizing import cli
@@ -57,9 +57,16 @@ def test_the_heads_rate_falls_with_the_width_from_head_lr_width(pydoc_data, tmp_
     assert head_rate(cfg, 64) == head_rate(cfg, 128) and head_rate(cfg, 768) == head_rate(cfg, 256)
     assert head_rate(replace(cfg, head_lr_width=0), 128) == 0.004
     sets = ("model.vocab_size=512", "model.tie_embeddings=false", "model.d_model=128", "model.n_heads=2")
-    model = Transformer(tiny_config(pydoc_data, tmp_path, *sets).model)
+    shape = tiny_config(pydoc_data, tmp_path, *sets).model
+    model = Transformer(shape)
     rate = {id(p): g["lr"] for g in Updater(model, cfg, CPU, "fp32").optimizer.param_groups for p in g["params"]}
     assert rate[id(model.output.weight)] == head_rate(cfg, 128) and rate[id(model.embed.weight)] == 0.05
+    assert untied_head_rate(cfg, shape) == head_rate(cfg, 128)  # what the plan says is what the optimizer does
+    tied = replace(shape, tie_embeddings=True)
+    model = Transformer(tied)
+    rate = {id(p): g["lr"] for g in Updater(model, cfg, CPU, "fp32").optimizer.param_groups for p in g["params"]}
+    assert model.output.weight is model.embed.weight and rate[id(model.output.weight)] == 0.05
+    assert untied_head_rate(cfg, tied) == 0.0
 
 
 def test_the_plan_says_the_rates_of_their_own(pydoc_data, tmp_path, capsys):

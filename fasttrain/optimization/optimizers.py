@@ -200,6 +200,13 @@ def head_rate(cfg: OptimConfig, d_model: int) -> float:
     return cfg.head_lr * (cfg.head_lr_width / min(max(d_model, narrowest), widest)) ** HEAD_LR_POWER
 
 
+def untied_head_rate(o: OptimConfig, m: ModelConfig) -> float:
+    """The peak rate of the head a config builds, where it has its own (`own_rate_groups` puts it in a group of its
+    own): optim.head_lr at the model's width (`head_rate`); 0 where optim.head_lr is unset or the head is tied (the
+    embedding matrix, at the embedding's rate: `tied_head_note`)."""
+    return head_rate(o, m.d_model) if o.head_lr and not m.tie_embeddings else 0.0
+
+
 def tied_head_note(o: OptimConfig, m: ModelConfig) -> str:
     """A note where optim.head_lr is set for a tied head (base.toml sets it; `--set model.tie_embeddings=true`
     ties it): that head is the embedding matrix, trained at the embedding's rate, so the key does nothing."""

@@ -7,7 +7,7 @@ Imports from fasttrain: config, optimization.optimizers, planning.plan, planning
 from __future__ import annotations
 
 from fasttrain.config import Config, format_duration
-from fasttrain.optimization.optimizers import head_rate
+from fasttrain.optimization.optimizers import untied_head_rate
 from fasttrain.planning.plan import RunPlan
 from fasttrain.planning.preflight import GIB
 from fasttrain.training.reporting import start_lines
@@ -15,10 +15,10 @@ from fasttrain.training.reporting import start_lines
 
 def own_rates(c: Config) -> str:
     """The peak rates of the lookup tables and an untied head where they have their own (optimizers.own_rate_groups),
-    as the schedule line's words: the head's at the model's width (`head_rate`)."""
-    o, m = c.optim, c.model
-    rates = [f"the tables {o.embedding_lr:g}"] if o.embedding_lr else []
-    rates += [f"the head {head_rate(o, m.d_model):.3g}"] if o.head_lr and not m.tie_embeddings else []
+    as the schedule line's words: the head's at the model's width (`untied_head_rate`)."""
+    head = untied_head_rate(c.optim, c.model)
+    rates = [f"the tables {c.optim.embedding_lr:g}"] if c.optim.embedding_lr else []
+    rates += [f"the head {head:.3g}"] if head else []
     return f", {', '.join(rates)}" if rates else ""
 
 
