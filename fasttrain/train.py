@@ -52,12 +52,14 @@ from fasttrain.training.launch import check_directory, check_start, start_run
 from fasttrain.training.measure import measure, measure_line
 from fasttrain.training.phases import (
     REPLACES,
+    TEACHER_INIT,
     Phase,
     first_phase,
     kept_phase_items,
     members_dir,
     next_phase,
     publish,
+    round_folders,
     rounds,
 )
 from fasttrain.training.plan_table import plan_table
@@ -86,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     harness, index = eval_task_index(cfg)
     world = distributed.world_from_env()
     # Before anything reads the directory: Trainer's process group then holds the other ranks until this is done.
-    for directory in (Path(cfg.train.out_dir), members_dir(cfg.train.out_dir)) if world.is_main else ():
+    for directory in (Path(cfg.train.out_dir), *round_folders(cfg.train.out_dir)) if world.is_main else ():
         note = finish_overwrite(directory) if directory.is_dir() else None
         if note and not args.quiet:
             print(f"note: {note}")
@@ -267,6 +269,7 @@ def train_phases(
         first = whole if not spent else None
         if first is not None:
             part["whole"] = first.record()
+            part[TEACHER_INIT] = first.cfg.train.teacher_init  # what the student takes, resumed or not
         quiet = args.quiet or first is not None
         plan = start_run(next_one.cfg, quiet, next_one.resume, part, first.speed if first is not None else None)
         summary, device, batch_size = train_one(plan, next_one.resume, next_one.overwrite, args, harness, out)

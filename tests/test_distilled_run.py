@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from fasttrain import train as train_module
+from fasttrain.checkpoints.run_directory import JOURNAL, check_new_run, finish_overwrite, set_aside
 from fasttrain.compute.distributed import World
 from fasttrain.config import Seconds, TrainConfig, load_config, save_config
 from fasttrain.evaluation.trained_model import load_trained
@@ -39,9 +40,11 @@ from fasttrain.system.errors import UsageError
 from fasttrain.training.phases import (
     PUBLISHED,
     REPLACES,
+    TEACHER_INIT,
     Ended,
     end_event,
     ensemble_config,
+    kept_phase_items,
     more_members,
     next_phase,
     publish,
@@ -91,6 +94,7 @@ def test_a_distilled_run_leaves_one_model_in_final_and_its_members_in_ensemble(p
     assert first["phase"]["whole"]["distill"] is True and first["phase"]["whole"]["members"] == 2
     assert taught["phase"]["kind"] == "student" and "whole" not in taught["phase"]
     assert taught["phase"]["begun"] == first["phase"]["begun"] <= first["time"]  # the run's identity, in each phase
+    assert first["phase"][TEACHER_INIT] is True  # the run's, which a resume's student takes (the round records false)
 
 
 def start_event(run: Path) -> dict:
@@ -235,15 +239,24 @@ BEGUN = 1_000_000.0  # when the distilled run of the rounds below began (phases.
 
 
 def ended_round(
-    directory: Path, cfg, members: int, steps: int, seconds: float, max_steps: int = 8, begun: float | None = BEGUN
+    directory: Path,
+    cfg,
+    members: int,
+    steps: int,
+    seconds: float,
+    max_steps: int = 8,
+    begun: float | None = BEGUN,
+    teacher_init: bool | None = None,
 ) -> None:
     """A round of `members` that ended after `steps` of `max_steps` in `seconds`, as its folder records it: a phase of
-    the run begun at `begun` (None: of a run begun before phases recorded their run)."""
-    t = replace(cfg.train, max_steps=max_steps, out_dir=str(directory), distill=False)
+    the run begun at `begun` (None: of a run begun before phases recorded their run), a first round recording the
+    run's `teacher_init` where given."""
+    t = replace(cfg.train, max_steps=max_steps, out_dir=str(directory), distill=False, teacher_init=False)
     recorded = replace(cfg, model=replace(cfg.model, members=members), train=t)
     save_config(recorded, directory)
     save_config(recorded, directory / "final")
-    start = {"event": "start", **({"phase": {"kind": "members", "begun": begun}} if begun is not None else {})}
+    phase = {"kind": "members", "begun": begun, **({TEACHER_INIT: teacher_init} if teacher_init is not None else {})}
+    start = {"event": "start", **({"phase": phase} if begun is not None else {})}
     end = {"event": "end", "step": steps, "train_seconds": seconds}
     (directory / "metrics.jsonl").write_text(json.dumps(start) + "\n" + json.dumps(end) + "\n")
 
@@ -372,6 +385,58 @@ def test_one_member_and_too_little_time_for_more_is_the_runs_model_and_says_why(
     assert more_members([Ended(run, 1, 99.0, True)], 120.0, 1, 8)[0] == 0
     assert more_members([Ended(run, 1, 99.0, True)], 600.0, 1, 8)[0] == 1  # 501 s left: 99 + 99 x 2 fit
     assert more_members([Ended(run, 1, 99.0, True)], 600.0, 1, 1)[0] == 0  # no teacher of two fits in memory
+
+
+def test_a_published_final_is_an_earlier_run_that_a_new_run_does_not_replace_unasked(tmp_path):
+    """The one member's final/, published into RUN, has no checkpoints beside it: a new run there is refused as over
+    any earlier run's saves (it would write its own final/ over the run's model), and --overwrite sets it aside. A
+    copy into final/ killed before its rename leaves a whole copy of the weights: the next start removes it, once the
+    process that wrote it has ended."""
+    run = tmp_path / "run"
+    cfg = tiny_config("data", run, "train.distill=true", "train.max_time=120", *VOCAB)
+    ended_round(run / "ensemble", cfg, members=1, steps=8, seconds=99.0)
+    (run / "ensemble" / "final" / "model.safetensors").write_bytes(b"the member's weights")
+    publish(next_phase(cfg))
+    with pytest.raises(UsageError, match=rf"^{run / 'final'}: holds an earlier run's model; .*--overwrite"):
+        check_new_run(run, overwrite=False)
+    check_new_run(run, overwrite=True)
+    dead, live = run / ".final.999999999.tmp", run / f".final.{os.getpid()}.tmp"  # no process has the first id
+    for staging in (dead, live):
+        shutil.copytree(run / "final", staging)
+    finish_overwrite(run)
+    assert not dead.exists() and live.is_dir() and (run / "final" / "model.safetensors").is_file()
+
+
+def test_a_resume_keeps_the_teacher_init_the_run_began_with(tmp_path):
+    """train.teacher_init makes the student, so a resume's --set of it is left out and said, as for the shape: the
+    first round's start event records the run's (its config.toml says false: the round teaches nothing)."""
+    run = tmp_path / "run"
+    cfg = tiny_config("data", run, "train.distill=true", "train.max_steps=8", *VOCAB)
+    for began_with, resumed_with in ((True, False), (False, True)):
+        ended_round(run / "ensemble", cfg, members=2, steps=8, seconds=10.0, teacher_init=began_with)
+        resumed = replace(cfg, train=replace(cfg.train, teacher_init=resumed_with))
+        student = next_phase(resumed)
+        assert student is not None and student.kind == "student" and student.cfg.train.teacher_init is began_with
+        item = f"train.teacher_init={str(resumed_with).lower()}"
+        assert kept_phase_items(run, [item]) == [item]
+        assert kept_phase_items(run, [f"train.teacher_init={str(began_with).lower()}"]) == []
+    ended_round(run / "ensemble", cfg, members=2, steps=8, seconds=10.0)  # begun before the round recorded it
+    assert next_phase(replace(cfg, train=replace(cfg.train, teacher_init=True))).cfg.train.teacher_init
+
+
+def test_an_overwrite_of_a_later_round_killed_before_its_first_save_is_finished_by_the_next_start(pydoc_data, tmp_path):
+    """A later round that replaces an earlier run's round in RUN/ensemble-2 starts there with --overwrite; killed before
+    its first save, it leaves its journal and the earlier round set aside. The next start puts that round back, as in
+    RUN and RUN/ensemble, rather than refusing every start after it."""
+    run = tmp_path / "run"
+    train(pydoc_data, run)
+    later = run / "ensemble-2"
+    later.mkdir()
+    (later / "metrics.jsonl").write_text('{"event": "start"}\n')  # an earlier run's round: not this run's
+    set_aside(later)  # as RunStart.claim(overwrite=True) leaves it, killed before the round's first save
+    assert (later / JOURNAL).is_file() and not (later / "metrics.jsonl").exists()
+    train(pydoc_data, run, flags=("--resume", "auto"))
+    assert not (later / JOURNAL).exists() and (later / "metrics.jsonl").read_text() == '{"event": "start"}\n'
 
 
 def test_a_single_model_is_a_first_round_where_it_reaches_the_limit_early_at_ten_times_the_speed_timed():

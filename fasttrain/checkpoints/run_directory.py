@@ -84,11 +84,17 @@ def check_new_run(run_dir: Path, overwrite: bool) -> None:
 
 
 def earlier_run(run_dir: Path) -> str | None:
-    """Where `run_dir` holds an earlier run's checkpoints, which a new run there would refuse, in words (up to
-    which step); None where it holds none."""
+    """Where `run_dir` holds an earlier run, which a new run there would refuse, in words: its checkpoints (up to
+    which step), or without them its final/ weights (a distilled run's one member published there keeps no
+    checkpoints in the run directory, and a user may have removed them to save room); None where it holds neither."""
     directory = run_dir / "checkpoints"
     saved = saved_steps(directory)
-    return f"{directory}: holds checkpoints of an earlier run (up to step {step_of(saved[-1])})" if saved else None
+    if saved:
+        return f"{directory}: holds checkpoints of an earlier run (up to step {step_of(saved[-1])})"
+    final = run_dir / "final"
+    if os.path.lexists(final / "model.safetensors"):
+        return f"{final}: holds an earlier run's model"
+    return None
 
 
 class RunStart:
@@ -281,9 +287,11 @@ def read_journal(run_dir: Path) -> tuple[str, list[str]] | None:
 
 def finish_overwrite(run_dir: str | os.PathLike[str]) -> str | None:
     """What `train` does first, on rank 0: finish a killed --overwrite start (settle) and remove a killed write's
-    temporary files, unless another process holds the directory. A note if the earlier run was put back."""
+    temporary files (final/'s, a whole copy of the weights, once the process that wrote it has ended), unless another
+    process holds the directory. A note if the earlier run was put back."""
     run_dir = Path(run_dir)
     stale = [p for name in WRITTEN_ATOMICALLY for p in run_dir.glob(f".{glob.escape(name)}.*.tmp")]
+    stale += [p for p in run_dir.glob(".final.*.tmp") if not writer_alive(p)]  # a copy of final/'s weights each
     journal = os.path.lexists(run_dir / JOURNAL)
     if not (stale or journal or (run_dir / REPLACED).is_dir()) or other_holder(run_dir) is not None:
         return None
@@ -294,13 +302,30 @@ def finish_overwrite(run_dir: str | os.PathLike[str]) -> str | None:
         )
     with locked(run_dir):
         for path in stale:
-            path.unlink(missing_ok=True)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         if not settle(run_dir):
             return None
     return (
         f"{run_dir / REPLACED}: put back the run an --overwrite start had set aside (that start was stopped "
         "before its first checkpoint)"
     )
+
+
+def writer_alive(temporary: Path) -> bool:
+    """Whether the process whose id names `temporary` (`.NAME.PID.tmp`: atomic.folder_atomically's, phases.publish's)
+    still runs, so may still be writing it; an id that is not a number is taken as running (the file left alone)."""
+    try:
+        os.kill(int(temporary.name.split(".")[-2]), 0)
+    except ValueError:
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of that id
+        return True
+    return True
 
 
 def set_aside_note(directory: Path) -> str:

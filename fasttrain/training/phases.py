@@ -56,6 +56,8 @@ REPLACES = "replaces-earlier-run"
 PUBLISHED = "published-into-run"
 # What makes a distilled run's phases, which a resume's --set items do not change (the rest they do, as a resume)
 PHASE_KEYS = ("model.", "data.", "train.out_dir", "train.max_", "train.teacher", "train.distill", "train.seq_len")
+# In the first round's start event, beside phase.begun: the whole run's train.teacher_init, which its student takes
+TEACHER_INIT = "teacher_init"
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,15 @@ def members_dir(run_dir: str | os.PathLike[str], round_number: int = 1) -> Path:
     anywhere finds them."""
     name = MEMBERS_DIR if round_number == 1 else f"{MEMBERS_DIR}-{round_number}"  # the tools name the first
     return Path(os.path.abspath(run_dir)) / name
+
+
+def round_folders(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Every folder of `run_dir` a round of members is in or was begun in, the first on until one is missing, whoever's
+    run it was: where a start first finishes what an --overwrite start killed there left (finish_overwrite)."""
+    found: list[Path] = []
+    while (folder := members_dir(run_dir, len(found) + 1)).is_dir():
+        found.append(folder)
+    return found
 
 
 class Rounds(NamedTuple):
@@ -154,8 +165,11 @@ def kept_phase_items(run_dir: str | os.PathLike[str], overrides: Sequence[str]) 
     last = {item.partition("=")[0].strip(): item for item in phase_items(overrides)[1]}
     remakes = {key: item for key, item in last.items() if key not in whole}
     recorded, applied = load_config(path), load_config(path, list(remakes.values()))
+    teacher_init = recorded_teacher_init(run_dir)
 
     def value(cfg: Config, key: str) -> object:
+        if key == "train.teacher_init" and cfg is recorded and teacher_init is not None:
+            return teacher_init  # the round records false (it teaches nothing), its start event the run's
         section, _, name = key.partition(".")
         return getattr(getattr(cfg, section), name, None)
 
@@ -236,13 +250,26 @@ def student_config(
 
 def begun_of(events: Sequence[dict]) -> float | None:
     """When the distilled run began of which the run in a folder (its start `events`) is a phase: the `phase.begun` its
-    last new start records. A resume's start is passed over: it goes on with the run begun before it (and one of a
-    phase's own config.toml, `train RUN/config.toml --resume auto`, records no phase). None: an ordinary run, a phase
-    recorded before phases recorded their run, or no start."""
+    last new start records (`phase_record`). None: an ordinary run, a phase recorded before phases recorded their run,
+    or no start."""
+    begun = phase_record(events).get("begun")
+    return float(begun) if isinstance(begun, (int, float)) else None
+
+
+def phase_record(events: Sequence[dict]) -> dict:
+    """The `phase` record of the last new start among a run's start `events`; {} where there is none. A resume's start
+    is passed over: it goes on with the run begun before it (and one of a phase's own config.toml, `train
+    RUN/config.toml --resume auto`, records no phase)."""
     new = [e for e in events if "resumed_from" not in e]
     phase = new[-1].get("phase") if new else None
-    begun = phase.get("begun") if isinstance(phase, dict) else None
-    return float(begun) if isinstance(begun, (int, float)) else None
+    return phase if isinstance(phase, dict) else {}
+
+
+def recorded_teacher_init(run_dir: str | os.PathLike[str]) -> bool | None:
+    """The train.teacher_init the distilled run in `run_dir` began with, which its first round records (the round
+    itself teaches nothing, so its config.toml says false); None where it records none (begun before it did)."""
+    chosen = phase_record(start_events(members_dir(run_dir) / "metrics.jsonl")).get(TEACHER_INIT)
+    return chosen if isinstance(chosen, bool) else None
 
 
 def same_run(begun: float | None, recorded: float | None, path: Path, than: Path) -> bool:
@@ -375,7 +402,9 @@ def next_phase(cfg: Config, overrides: Sequence[str] = ()) -> Phase | None:
             "would replace; move them away, or start the whole run over with --overwrite"
         )
     spent = sum(r.seconds for r in done)
-    student = student_config(first_round, run_dir, cfg.train.max_time, spent, cfg.train.teacher_init, len(found))
+    chosen = recorded_teacher_init(run_dir)  # the run's, not a resume's --set: a resume keeps what the phases recorded
+    teacher_init = cfg.train.teacher_init if chosen is None else chosen
+    student = student_config(first_round, run_dir, cfg.train.max_time, spent, teacher_init, len(found))
     resume = "auto" if state in ("saved", "ended") else None
     return Phase("student", student, resume, state == "replaces", begun, why)
 
