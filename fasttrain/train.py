@@ -2,7 +2,7 @@
 
 Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.run_directory, compute.device,
 compute.distributed, config, config.shipped, evaluate, evaluation.trained_model, planning.plan, system.errors,
-system.run_lock, training.launch, training.measure, training.phases, training.plan_table, training.trainer.
+system.run_lock, system.signals, training.launch, training.measure, training.phases, training.plan_table, training.trainer.
 
     python -m fasttrain.train configs/base.toml [--set SECTION.KEY=VALUE ...] [--resume auto|auto-or-new|PATH]
     python -m fasttrain.train configs/base.toml --dry-run [--json] [--measure N]
@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import shlex
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -48,6 +49,7 @@ from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.planning.plan import RunPlan, plan_run
 from fasttrain.system import run_lock
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
+from fasttrain.system.signals import raising_on_signals
 from fasttrain.training.launch import check_directory, check_start, start_run
 from fasttrain.training.measure import measure, measure_line
 from fasttrain.training.phases import (
@@ -58,6 +60,7 @@ from fasttrain.training.phases import (
     kept_phase_items,
     members_dir,
     next_phase,
+    phase_seconds,
     publish,
     round_folders,
     rounds,
@@ -189,7 +192,10 @@ def start_or_resume(
     plan = start_run(cfg, args.quiet, resume)
     if plan.cfg.train.distill and resume is None:
         return train_phases(cfg, first_phase(plan.cfg, args.overwrite), args, harness, sets, plan)
-    return train_one(plan, resume, args.overwrite, args, harness, cfg.train.out_dir)
+    try:
+        return train_one(plan, resume, args.overwrite, args, harness)
+    except Interrupted as e:
+        raise with_resume_command(e, args, plan.cfg) from None
 
 
 def score_final_weights(cfg: Config, weights: str, device: torch.device, index: TaskManager, batch_size: int) -> None:
@@ -200,16 +206,10 @@ def score_final_weights(cfg: Config, weights: str, device: torch.device, index: 
 
 
 def train_one(
-    plan: RunPlan,
-    resume: str | None,
-    overwrite: bool,
-    args: argparse.Namespace,
-    harness: ModuleType | None,
-    run_dir: str,
+    plan: RunPlan, resume: str | None, overwrite: bool, args: argparse.Namespace, harness: ModuleType | None
 ) -> tuple[dict, torch.device, int]:
     """Train `plan`'s run (resuming the save `resume` names, if given): its summary, device and batch size. An
-    interruption's message ends with the command that continues the run the user started in `run_dir` (a distilled
-    run's whole, where this is one of its phases)."""
+    interruption (Interrupted) is the caller's to add the command that continues the run to (`with_resume_command`)."""
     trainer = None
     try:
         trainer = Trainer(plan.cfg, quiet=args.quiet, resuming=resume is not None, plan=plan)
@@ -218,10 +218,6 @@ def train_one(
         if resume:
             trainer.resume(resume)
         return trainer.train(overwrite=overwrite), trainer.device, trainer.cfg.train.batch_size
-    except Interrupted as e:
-        resolved = trainer.cfg if trainer is not None else plan.cfg  # the Trainer's: what config.toml records
-        resolved = replace(resolved, train=replace(resolved.train, out_dir=run_dir))
-        raise Interrupted(f"{e}; resume with: {resume_command(args, resolved)}", e.exit_code) from None
     finally:
         # Free the model, its DDP wrapper and the loader now, while the interpreter is whole: left to the
         # collector at exit, a communication thread that touches a Python object then aborts the process.
@@ -241,10 +237,11 @@ def train_phases(
 ) -> tuple[dict, torch.device, int]:
     """The distilled run of `cfg` (fasttrain/training/phases.py; `sets`: the --set items) from `phase` on, each next
     phase decided as the one before it ends (phases.next_phase), until the run has ended; then how its budget was
-    spent. `whole`: a new run's plan, whose first round `phase` is (its notes were printed as the run planned it; its
-    record goes into the round's start event)."""
+    spent, over all its phases (phases.phase_seconds). `whole`: a new run's plan, whose first round `phase` is (its
+    notes were printed as the run planned it; its record goes into the round's start event). A signal stops it in a
+    phase as any run (a save, then Interrupted), between phases at once (each phase's files are whole at any instant),
+    and either way the message ends with the command that goes on with the whole run."""
     out = os.path.abspath(cfg.train.out_dir)
-    say = distributed.world_from_env().is_main and not args.quiet
     if whole is not None and distributed.world_from_env().is_main:  # what the student does to an earlier run in RUN
         members = Path(phase.cfg.train.out_dir)
         members.mkdir(parents=True, exist_ok=True)
@@ -252,39 +249,64 @@ def train_phases(
             (members / REPLACES).write_text("the student replaces the run in the directory above\n")
         else:
             (members / REPLACES).unlink(missing_ok=True)
-    spent: list[tuple[str, float]] = []
+
+    def stopped(signum: int) -> Interrupted:
+        return Interrupted(f"stopped by {signal.Signals(signum).name} between the run's phases", 128 + signum)
+
+    try:
+        with raising_on_signals(stopped):
+            ended = train_phases_from(cfg, phase, args, harness, sets, whole)
+    except Interrupted as e:  # a phase's config holds the data's folders as the run resolved them
+        begun = (members_dir(out) / "config.toml").is_file()
+        left_out = kept_phase_items(out, sets) if begun else []  # which the resume would only name
+        resolved = replace(phase.cfg, train=replace(phase.cfg.train, out_dir=out))
+        raise with_resume_command(e, args, resolved, left_out) from None
+    spent = phase_seconds(out)
+    if distributed.world_from_env().is_main and not args.quiet and spent:
+        budget = f" of train.max_time = {cfg.train.max_time:g} s" if cfg.train.max_time else ""
+        trained = "; ".join(f"{what} {seconds:.0f} s" for what, seconds in spent)
+        print(f"distill: {sum(s for _, s in spent):.0f} s trained{budget}: {trained}")
+    return ended
+
+
+def train_phases_from(
+    cfg: Config,
+    phase: Phase,
+    args: argparse.Namespace,
+    harness: ModuleType | None,
+    sets: list[str],
+    whole: RunPlan | None,
+) -> tuple[dict, torch.device, int]:
+    """`train_phases`' loop: `phase`, then each phase next_phase decides, until the student or the published member;
+    the last phase's summary, device and batch size."""
+    out = os.path.abspath(cfg.train.out_dir)
+    say = distributed.world_from_env().is_main and not args.quiet
     summary: dict = {}
     device, batch_size = torch.device("cpu"), phase.cfg.train.batch_size  # a run resumed only to publish trains none
-    next_one = phase
+    next_one, first = phase, whole
     while True:
         if say:
             print(f"distill: {phase_line(next_one)}")
         if next_one.kind == "publish":  # the run's model is its one member's
             weights = publish(next_one) if distributed.world_from_env().is_main else Path(out) / "final"
-            summary = {**summary, "weights": str(weights)}
-            break
+            return {**summary, "weights": str(weights)}, device, batch_size
         part: dict = {"kind": next_one.kind, "run": out, "why": next_one.note, "begun": next_one.begun}
         # A new run's first round: its notes were said as the whole run planned it, and it reads for the seconds the
         # whole run's timing gives it (its record beside its own)
-        first = whole if not spent else None
         if first is not None:
             part["whole"] = first.record()
             part[TEACHER_INIT] = first.cfg.train.teacher_init  # what the student takes, resumed or not
         quiet = args.quiet or first is not None
         plan = start_run(next_one.cfg, quiet, next_one.resume, part, first.speed if first is not None else None)
-        summary, device, batch_size = train_one(plan, next_one.resume, next_one.overwrite, args, harness, out)
-        spent.append((f"{next_one.kind} in {next_one.cfg.train.out_dir}", summary["train_seconds"]))
-        if next_one.kind == "student":  # the run's last phase
-            break
-        decided = distributed.decided_by_main(plan.world, lambda: next_phase(cfg, sets))
-        if decided is None:  # an ordinary run took train.out_dir over meanwhile: nothing of this run is left to do
-            break
-        next_one = decided
-    if say and spent:
-        budget = f" of train.max_time = {cfg.train.max_time:g} s" if cfg.train.max_time else ""
-        trained = "; ".join(f"{what} {seconds:.0f} s" for what, seconds in spent)
-        print(f"distill: {sum(s for _, s in spent):.0f} s trained{budget}: {trained}")
-    return summary, device, batch_size
+        summary, device, batch_size = train_one(plan, next_one.resume, next_one.overwrite, args, harness)
+        decided = (
+            None
+            if next_one.kind == "student"
+            else distributed.decided_by_main(plan.world, lambda: next_phase(cfg, sets))
+        )
+        if decided is None:  # the student, the run's last phase; or an ordinary run took train.out_dir over meanwhile
+            return summary, device, batch_size
+        next_one, first = decided, None
 
 
 def phase_line(phase: Phase) -> str:
@@ -325,6 +347,8 @@ def dry_run(cfg: Config, args: argparse.Namespace, moved: str | None, sets: list
     # The plan of a new run where an earlier one is, which the run would refuse: said, not refused, as the dry
     # run writes nothing there; its other checks are made as with --overwrite, which lets an earlier run be.
     earlier = None if spec is not None or overwrite else earlier_run(out)
+    if earlier is None and spec is None and not overwrite and cfg.train.distill and cfg.model.members != 1:
+        earlier = earlier_run(members_dir(out))  # a new distilled run's first round there: refused as in RUN
     overwrite = overwrite or earlier is not None
     check_directory(out, spec is not None, overwrite, world.is_main)  # before the plan times the machine
     # A distilled run training a round is refused as in RUN
@@ -391,9 +415,18 @@ def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | N
     return None
 
 
-def resume_command(args: argparse.Namespace, cfg: Config) -> str:
-    """The command line that continues the run `args` started with config `cfg`, from any directory: config file,
-    out_dir and data folders absolute, the other --set items, `--resume auto`."""
+def with_resume_command(
+    stopped: Interrupted, args: argparse.Namespace, cfg: Config, left_out: Sequence[str] = ()
+) -> Interrupted:
+    """`stopped` with the command that continues the run `args` started in cfg's train.out_dir (`resume_command`)."""
+    return Interrupted(f"{stopped}; resume with: {resume_command(args, cfg, left_out)}", stopped.exit_code)
+
+
+def resume_command(args: argparse.Namespace, cfg: Config, left_out: Sequence[str] = ()) -> str:
+    """The command line that continues the run `args` started with config `cfg` (resolved: its data's folders), from
+    any directory: config file, out_dir and data folders absolute, the other --set items but those of the keys of
+    `left_out` (a distilled run's that differ from what its phases recorded: phases.kept_phase_items), `--resume
+    auto`."""
     places = {"train.out_dir": os.path.abspath(cfg.train.out_dir)}
     if cfg.data.sources:  # a mixture has no data.dir (setting one is refused): its sources are the data
         places["data.sources"] = (
@@ -407,6 +440,8 @@ def resume_command(args: argparse.Namespace, cfg: Config) -> str:
     else:
         places["data.dir"] = os.path.abspath(cfg.data.dir)
     sets = [item for _, item in config_overrides(args) if item.partition("=")[0].strip() not in places]
+    dropped = {item.partition("=")[0].strip() for item in left_out}  # every item of such a key: the last one counts
+    sets = [item for item in sets if item.partition("=")[0].strip() not in dropped]
     sets += [f"{key}={value}" for key, value in places.items()]  # a path as a bare string, see load_config
     quiet = ["--quiet"] if args.quiet else []
     config_file = shipped.locate(args.config)[0]  # a shipped config's name: its file, wherever it is run from

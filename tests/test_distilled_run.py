@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import time
@@ -139,6 +140,39 @@ def test_a_distilled_run_killed_in_either_phase_resumes_to_the_same_model(phase,
             assert torch.equal(straight[key], resumed[key]), (name, key)
 
 
+def test_a_signal_between_phases_stops_at_once_and_says_how_to_go_on(pydoc_data, tmp_path, monkeypatch, capsys):
+    """SIGTERM (or Ctrl-C) between a round's end and the next phase found no catcher: the process died without a word
+    (exit 143). It stops at once, every phase's files being whole, and says how to go on with the whole run; that
+    command leaves out the items that differ from what the phases recorded (a resume would only name them as left
+    out). The run ends as one never stopped, its last line counting every phase's seconds, those before the stop too."""
+    auto_shape = "model.n_layers=0"  # recorded as the shape the plan chose: a resume's item of it is left out
+    train(pydoc_data, tmp_path / "straight", auto_shape)
+    run = tmp_path / "run"
+    decide = train_module.next_phase
+
+    def signalled(*args, **kwargs):  # the boundary after the members: what the run does next is being decided
+        signal.raise_signal(signal.SIGTERM)
+        return decide(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "next_phase", signalled)
+    with pytest.raises(Interrupted) as stop:
+        train(pydoc_data, run, auto_shape)
+    monkeypatch.undo()
+    assert stop.value.exit_code == 128 + signal.SIGTERM
+    said, _, command = str(stop.value).partition("; resume with: ")
+    assert said == "stopped by SIGTERM between the run's phases", said
+    argv = shlex.split(command)[3:]  # python -m fasttrain.train CONFIG ...
+    assert argv[-2:] == ["--resume", "auto"] and auto_shape not in argv and "model.members=2" in argv, argv
+    capsys.readouterr()
+    assert train_module.main([item for item in argv if item != "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "a resume keeps what the run's phases recorded" not in out
+    line = next(x for x in out.splitlines() if " s trained" in x)
+    assert f"members in {run / 'ensemble'}" in line and f"student in {run}" in line, line
+    straight, resumed = weights(tmp_path / "straight"), weights(run)
+    assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
 def test_an_overwrite_killed_among_its_members_trains_a_new_student_not_the_earlier_one(
     pydoc_data, tmp_path, monkeypatch
 ):
@@ -210,9 +244,13 @@ def killed_among_members(data, tmp_path, monkeypatch) -> Path:
 
 
 def test_a_new_run_over_a_killed_members_run_is_refused_before_anything_and_names_the_resume(
-    pydoc_data, tmp_path, monkeypatch
+    pydoc_data, tmp_path, monkeypatch, capsys
 ):
     run = killed_among_members(pydoc_data, tmp_path, monkeypatch)
+    capsys.readouterr()
+    args = tiny_args(pydoc_data, run, *DISTILLED, config=str(BASE), flags=["--dry-run"])
+    assert train_module.main(args) == 0  # the dry run says what the run would refuse
+    assert f"note: {run / 'ensemble' / 'checkpoints'}: holds checkpoints of an earlier run" in capsys.readouterr().out
     monkeypatch.setattr(train_module, "start_run", lambda *a, **k: pytest.fail("planned before the refusal"))
     with pytest.raises(UsageError, match=r"ensemble.*--resume auto"):
         train(pydoc_data, run)
@@ -385,6 +423,12 @@ def test_one_member_and_too_little_time_for_more_is_the_runs_model_and_says_why(
     assert more_members([Ended(run, 1, 99.0, True)], 120.0, 1, 8)[0] == 0
     assert more_members([Ended(run, 1, 99.0, True)], 600.0, 1, 8)[0] == 1  # 501 s left: 99 + 99 x 2 fit
     assert more_members([Ended(run, 1, 99.0, True)], 600.0, 1, 1)[0] == 0  # no teacher of two fits in memory
+    # Said as what stops it: the teachers memory holds, not the time; several members go on to their student
+    capped = more_members([Ended(run, 2, 99.0, True)], 600.0, 2, 2)[2]
+    expected = "2 members are the most the student can learn from here (memory, or MAX_MEMBERS); the student of all"
+    assert capped == f"501 s left: {expected} of them follows", capped
+    short = more_members([Ended(run, 2, 99.0, True)], 250.0, 2, 8)[2]
+    assert "one more and a student would need" in short and short.endswith("the student of all of them follows")
 
 
 def test_a_published_final_is_an_earlier_run_that_a_new_run_does_not_replace_unasked(tmp_path):

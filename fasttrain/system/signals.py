@@ -5,9 +5,10 @@ Imports from fasttrain: nothing.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -31,4 +32,25 @@ class SignalCatcher:
 
     def __exit__(self, *exc: object) -> None:
         for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def raising_on_signals(stopped: Callable[[int], BaseException]) -> Iterator[None]:
+    """While active, SIGINT and SIGTERM raise `stopped(signum)` wherever the main thread is: for stretches with nothing
+    to save first, whose files are whole at any instant (written atomically, or journalled), so that a stop there ends
+    with words rather than a silent kill. A SignalCatcher within it catches them as it always does, and hands them back
+    to this as it ends. Only the main thread can catch signals; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_stopped(signum: int, frame: FrameType | None) -> None:
+        raise stopped(signum)
+
+    previous = {s: signal.signal(s, raise_stopped) for s in SignalCatcher.SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
             signal.signal(s, handler)

@@ -56,6 +56,9 @@ REPLACES = "replaces-earlier-run"
 PUBLISHED = "published-into-run"
 # What makes a distilled run's phases, which a resume's --set items do not change (the rest they do, as a resume)
 PHASE_KEYS = ("model.", "data.", "train.out_dir", "train.max_", "train.teacher", "train.distill", "train.seq_len")
+# Phase-making keys that are the whole run's, which a resume takes: train.out_dir names the run, train.max_time is its
+# budget and train.distill what made it phases
+WHOLE_RUN_KEYS = ("train.out_dir", "train.max_time", "train.distill")
 # In the first round's start event, beside phase.begun: the whole run's train.teacher_init, which its student takes
 TEACHER_INIT = "teacher_init"
 
@@ -156,14 +159,17 @@ def phase_items(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
     return [i for i, r in zip(overrides, remakes) if not r], [i for i, r in zip(overrides, remakes) if r]
 
 
+def remaking_items(overrides: Sequence[str]) -> list[str]:
+    """The items of a resume's `overrides` that would remake the phases (`phase_items`), but for the whole run's
+    WHOLE_RUN_KEYS: what a resume leaves to what the phases recorded."""
+    return [item for item in phase_items(overrides)[1] if item.partition("=")[0].strip() not in WHOLE_RUN_KEYS]
+
+
 def kept_phase_items(run_dir: str | os.PathLike[str], overrides: Sequence[str]) -> list[str]:
     """The items of a resume's `overrides` that would remake the phases (`phase_items`; the last of each key) and
-    are not what the members recorded already, which the resume says it leaves out. train.out_dir names the run,
-    train.max_time is the whole run's budget and train.distill what made it phases: none of them is one."""
+    are not what the members recorded already (`remaking_items`), which the resume says it leaves out."""
     path = members_dir(run_dir) / "config.toml"
-    whole = ("train.out_dir", "train.max_time", "train.distill")
-    last = {item.partition("=")[0].strip(): item for item in phase_items(overrides)[1]}
-    remakes = {key: item for key, item in last.items() if key not in whole}
+    remakes = {item.partition("=")[0].strip(): item for item in remaking_items(overrides)}  # the last of each key
     recorded, applied = load_config(path), load_config(path, list(remakes.values()))
     teacher_init = recorded_teacher_init(run_dir)
 
@@ -208,13 +214,17 @@ def more_members(done: Sequence[Ended], max_time: float, at_once: int, most: int
             added = k
     fitted = f"each member reached the epoch limit in {member:.0f} s"
     if not added:
-        return (
-            0,
-            0.0,
-            f"{left:.0f} s left: {fitted}, so one more and a student would need "
-            f"{member + share * student(members + 1):.0f} s; it stops at the limit, as reading on overfits and "
-            "smaller updates that fill the time scored no better (docs/performance.md)",
+        if members >= most:  # no room for another teacher: the time is not what stops it
+            why = f"{members} members are the most the student can learn from here (memory, or MAX_MEMBERS)"
+        else:
+            why = f"{fitted}, so one more and a student would need {member + share * student(members + 1):.0f} s"
+        then = (
+            "the student of all of them follows"
+            if members > 1
+            else "it stops at the limit, as reading on overfits and smaller updates that fill the time scored no "
+            "better (docs/performance.md)"
         )
+        return 0, 0.0, f"{left:.0f} s left: {why}; {then}"
     seconds = round(left - share * student(members + added), 3)
     return (
         added,
@@ -407,6 +417,18 @@ def next_phase(cfg: Config, overrides: Sequence[str] = ()) -> Phase | None:
     student = student_config(first_round, run_dir, cfg.train.max_time, spent, teacher_init, len(found))
     resume = "auto" if state in ("saved", "ended") else None
     return Phase("student", student, resume, state == "replaces", begun, why)
+
+
+def phase_seconds(run_dir: str | os.PathLike[str]) -> list[tuple[str, float]]:
+    """What each ended phase of the distilled run in `run_dir` is and the seconds it trained (its end event's, which
+    count a resumed phase's earlier starts too): its rounds, then its student; [] where there is none."""
+    run_dir = Path(os.path.abspath(run_dir))
+    found, begun = rounds(run_dir)
+    spent = [(f"members in {r.directory}", r.seconds) for r in map(ended, found) if r is not None]
+    last = end_event(run_dir / "metrics.jsonl")
+    if found and last is not None and student_state(run_dir, len(found), begun) == "ended":
+        spent.append((f"student in {run_dir}", float(last["train_seconds"])))
+    return spent
 
 
 def publish(phase: Phase) -> Path:
