@@ -412,6 +412,28 @@ CASES = [
         lambda c: c.train("model.multiple_of=1000000000"),
         "model.d_model = 32, model.multiple_of = 1000000000, model.vocab_size",
     ),
+    # A folder of another kind as train.out_dir: the run wrote its tokenizer.json over the data's, its config.toml over
+    # the weights' and its files among the saves (with --overwrite the data's tokenizer was set aside, then deleted)
+    (
+        "train.out_dir: a prepared data folder",
+        train,
+        lambda c: c.train(out=Path(c.data_copy(lambda d: None)), flags=["--overwrite"]),
+        "/data: a prepared data folder (a run there would write its tokenizer.json over the data's)",
+    ),
+    ("train.out_dir: a run's final/", train, lambda c: c.train(out=c.run / "final"), "final: a model's weights"),
+    (
+        "resume: a file where final/ should be",  # found after every step was trained
+        train,
+        resume_damaged(lambda saves: (shutil.rmtree(saves.parent / "final"), (saves.parent / "final").write_text("x"))),
+        "final: is not a directory, so no final weights can be saved there",
+    ),
+    ("train.out_dir: a run's checkpoints/", train, lambda c: c.train(out=c.run / "checkpoints"), "checkpoints/ folder"),
+    (
+        "resume: data.dir moved away",  # the default corpus was prepared there, then found to differ
+        train,
+        lambda c: c.train(f'data.dir="{c.tmp / "moved"}"', out=c.run_copy(), flags=["--resume", "auto"]),
+        "moved: not there; the run resumes on the data it trained on",
+    ),
     ("malformed TOML", train, lambda c: c.train(config=c.file("bad.toml", "[train\nmax_steps = 3")), "invalid TOML"),
     ("config not UTF-8", train, lambda c: c.train(config=c.file("bad.toml", b"\xff\xfe[train]")), "not UTF-8"),
     ("missing config", train, lambda c: c.train(config=str(c.tmp / "nope.toml")), "nope.toml: no such file"),

@@ -63,15 +63,38 @@ def saves_to_resume(run_dir: str | os.PathLike[str]) -> bool:
     return has_saves(Path(run_dir) / REPLACED / "checkpoints") or has_saves(Path(run_dir) / "checkpoints")
 
 
+def check_run_folder(run_dir: Path) -> None:
+    """UsageError where `run_dir` is another kind of folder, whose files a run there would write over: a prepared data
+    folder (its tokenizer.json), a model's weights (a run's final/, an export: their config.toml), or a run's
+    checkpoints/ (beside its saves)."""
+    if (run_dir / "meta.json").is_file():
+        what = "a prepared data folder (a run there would write its tokenizer.json over the data's)"
+    elif os.path.lexists(run_dir / "model.safetensors"):
+        what = "a model's weights (a run's final/ or an export), not a run directory"
+    elif saved_steps(run_dir) or os.path.lexists(run_dir / "latest"):
+        what = "a run's checkpoints/ folder, not a run directory"
+    else:
+        return
+    raise UsageError(f"train.out_dir = {run_dir}: {what}; set train.out_dir elsewhere")
+
+
+def check_writable(run_dir: Path, resumed: bool) -> None:
+    """UsageError where the run in `run_dir` could not write its saves or its final/ weights, found now rather than
+    after the training: checkpoints/ or final/ there but not a folder it can write in (a `resumed` run's checkpoints/
+    that is no folder holds no save: the resume's own check says so)."""
+    for name, what in (("checkpoints", "no checkpoint"), ("final", "no final weights")):
+        path = run_dir / name
+        if not os.path.lexists(path) or (resumed and name == "checkpoints" and not path.is_dir()):
+            continue
+        if not path.is_dir():
+            raise UsageError(f"{path}: is not a directory, so {what} can be saved there; move it away")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise UsageError(f"{path}: not writable, so {what} can be saved there; let the run write in it")
+
+
 def check_new_run(run_dir: Path, overwrite: bool) -> None:
     """UsageError if a new run cannot start in `run_dir`: its checkpoints/ holds another run's saves (unless
-    `overwrite`), or is not a directory, or an --overwrite start there stopped halfway."""
-    directory = run_dir / "checkpoints"
-    if directory.exists() and not directory.is_dir():  # found now, not at the first save after training
-        raise UsageError(
-            f"{directory}: is not a directory, so no checkpoint can be saved there; move it away "
-            "or set train.out_dir elsewhere"
-        )
+    `overwrite`), or an --overwrite start there stopped halfway."""
     left = run_dir / JOURNAL if os.path.lexists(run_dir / JOURNAL) else run_dir / REPLACED
     if os.path.lexists(left):  # `train` finishes it first (finish_overwrite): another start left it
         raise UsageError(

@@ -4,7 +4,7 @@ run (opened): locked, claimed by a new run, the resolved config written and the 
 before its first step is taken back whole (run_directory.RunStart).
 
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, compute.device, compute.distributed, config,
-planning.plan, planning.speed, preparation.cache, system.run_lock, training.metrics.
+planning.plan, planning.speed, preparation.cache, system.errors, system.run_lock, training.metrics.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from fasttrain.planning.plan import RunPlan, plan_run
 from fasttrain.planning.speed import Speed
 from fasttrain.preparation.cache import ensure_prepared
 from fasttrain.system import run_lock
+from fasttrain.system.errors import UsageError
 from fasttrain.training.metrics import MetricsLog, WandbSink, check_log_writable, import_wandb
 
 
@@ -39,6 +40,12 @@ def start_run(
     # A config the run refuses is refused before anything is prepared
     plan = plan_run(cfg, world, device, resume, speed)
     distributed.start(world, device)
+    if plan.prepare and resume is not None and cfg.data.dir and not Path(cfg.data.dir).exists():
+        # not prepared anew from data.inputs (the default corpus, say): the run trained on what the folder held
+        raise UsageError(
+            f"data.dir = {cfg.data.dir}: not there; the run resumes on the data it trained on: set data.dir to where "
+            "that folder is now"
+        )
     if plan.prepare:
         if not world.is_main:
             distributed.barrier(world)
@@ -65,11 +72,15 @@ def check_start(plan: RunPlan, resumed: bool, overwrite: bool) -> None:
 
 
 def check_directory(out: Path, resumed: bool, overwrite: bool, is_main: bool) -> None:
-    """The checks of check_start that need no plan, made first: another process training in `out`, an unwritable
-    metrics.jsonl (rank 0), a new run's checkpoints there (unless `overwrite`)."""
+    """The checks of check_start that need no plan, made first: `out` a folder of another kind (data, weights, saves),
+    another process training in it, an unwritable metrics.jsonl (rank 0), checkpoints/ or final/ it cannot write in,
+    a new run's checkpoints there (unless `overwrite`)."""
+    run_directory.check_run_folder(out)
     if is_main:
         run_lock.check_free(out)
         check_log_writable(out)
+    if not overwrite:  # --overwrite sets what is there aside
+        run_directory.check_writable(out, resumed)
     if not resumed:
         run_directory.check_new_run(out, overwrite)
 
