@@ -16,7 +16,7 @@ from typing import Sequence
 
 from fasttrain.config import add_config_arguments, config_from_args
 from fasttrain.formats.shards import check_ids, find_shards
-from fasttrain.system.errors import ArgumentParser, run_cli
+from fasttrain.system.errors import ArgumentParser, positive_int, run_cli
 from fasttrain.training.diagnosis import diagnose, report
 from fasttrain.training.trainer import Trainer
 
@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_config_arguments(parser)
     parser.add_argument(
         "--overfit-steps",
-        type=int,
+        type=positive_int,
         default=200,
         metavar="N",
         help="steps allowed to memorise one small batch (default 200)",

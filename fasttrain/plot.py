@@ -34,12 +34,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     events = []
     for number, line in enumerate(lines, 1):
         try:
-            events.append(json.loads(line))
+            event = json.loads(line)
         except json.JSONDecodeError:
             # A run killed mid-write leaves a partial line: the last one, or the one before a resumed run's start.
             if number == len(lines) or '"event": "start"' in lines[number]:
                 continue
-            raise UsageError(f"{path}:{number}: not a JSON object") from None
+            event = None
+        if not isinstance(event, dict):
+            raise UsageError(f"{path}:{number}: not a JSON object")
+        events.append(event)
     return events
 
 
@@ -76,6 +79,8 @@ def save_figure(fig: Figure, out: Path) -> Path:
         fig.savefig(out, dpi=120)
     except OSError as e:
         raise UsageError(f"{out}: cannot write ({e.strerror or e})") from None
+    except ValueError as e:  # a suffix matplotlib writes no format for
+        raise UsageError(f"{out}: cannot write ({e})") from None
     finally:
         plt.close(fig)
     return out
@@ -87,6 +92,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     events = latest_run(read_metrics(run_dir))
     train = [e for e in events if e.get("event") == "train"]
     evals = [e for e in events if e.get("event") == "eval"]
+    for kind, kept, keys in (("train", train, ("step", "loss", "lr")), ("eval", evals, ("step", "val_loss"))):
+        lacking = next((e for e in kept if not all(isinstance(e.get(k), (int, float)) for k in keys)), None)
+        if lacking is not None:
+            raise UsageError(
+                f"{Path(run_dir) / 'metrics.jsonl'}: the {kind} event {json.dumps(lacking)[:100]} lacks a number for "
+                f"one of {', '.join(keys)}"
+            )
     if not train and not evals:
         raise UsageError(f"{Path(run_dir) / 'metrics.jsonl'}: no train or eval events to plot")
     out = Path(out) if out else Path(run_dir) / "curves.png"

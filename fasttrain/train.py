@@ -48,7 +48,7 @@ from fasttrain.evaluate import score_tasks
 from fasttrain.evaluation.trained_model import load_trained
 from fasttrain.planning.plan import RunPlan, plan_run
 from fasttrain.system import run_lock
-from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
+from fasttrain.system.errors import ArgumentParser, UsageError, positive_int, run_cli
 from fasttrain.system.signals import raising_on_signals
 from fasttrain.training.launch import check_directory, check_start, start_run
 from fasttrain.training.measure import measure, measure_line
@@ -384,17 +384,6 @@ def dry_run(cfg: Config, args: argparse.Namespace, moved: str | None, sets: list
             else "\n".join([plan_table(plan), *([measure_line(found)] if found else [])])
         )
     return 0
-
-
-def positive_int(text: str) -> int:
-    """An argparse type: an integer > 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {value}")
-    return value
 
 
 def checkpoint_to_resume(spec: str | None, out_dir: str, quiet: bool) -> str | None:

@@ -453,6 +453,12 @@ CASES = [
     ),
     ("string for an integer", train, lambda c: c.train('train.batch_size="8"'), 'expected an integer, got "8"'),
     ("bool for an integer", train, lambda c: c.train("model.n_layers=true"), "expected an integer, got true"),
+    (
+        "an integer beyond 64 bits",
+        train,
+        lambda c: c.train("model.max_seq_len=99999999999999999999"),
+        "expected an integer, got 99999999999999999999",
+    ),
     ("zero batch size", train, lambda c: c.train("train.batch_size=0"), "train.batch_size: must be > 0, got 0"),
     ("negative learning rate", train, lambda c: c.train("optim.lr=-0.001"), "optim.lr: must be > 0"),
     ("nan learning rate", train, lambda c: c.train("optim.lr=nan"), "expected a finite number, got nan"),
@@ -633,10 +639,29 @@ CASES = [
         "doctor: steps not a number",
         doctor,
         lambda c: ["configs/base.toml", "--overfit-steps", "many"],
-        "invalid int value: 'many'",
+        "expected an integer > 0, got 'many'",
     ),
+    ("doctor: zero steps", doctor, lambda c: ["configs/base.toml", "--overfit-steps", "0"], "expected an integer > 0"),
     ("export: unknown dtype", export, lambda c: [str(c.run), "--dtype", "fp8"], "invalid choice: 'fp8'"),
     ("plot: not a run directory", plot, lambda c: [str(c.tmp)], "metrics.jsonl: no such file"),
+    (
+        "plot: a format matplotlib has none of",
+        plot,
+        lambda c: [str(c.run), "--out", str(c.tmp / "x.txt")],
+        "x.txt: cannot write",
+    ),
+    (
+        "plot: an evaluation without its loss",
+        plot,
+        lambda c: [str(Path(c.file("odd/metrics.jsonl", '{"event": "eval", "step": 3}\n')).parent)],
+        'metrics.jsonl: the eval event {"event": "eval", "step": 3} lacks a number for one of step, val_loss',
+    ),
+    (
+        "plot: a line that is a JSON list",
+        plot,
+        lambda c: [str(Path(c.file("odd/metrics.jsonl", '[1, 2]\n{"event": "eval", "step": 3}\n')).parent)],
+        "metrics.jsonl:1: not a JSON object",
+    ),
     # data
     (
         "meta.json without tokens, with --overwrite",

@@ -46,7 +46,8 @@ def format_duration(seconds: float) -> str:
 # bool is a subclass of int in Python, but `n_layers = true` is a mistake, never a number.
 # No setting means anything as inf or nan, and nan would slip through every range check.
 _TYPES: dict[Any, tuple[Callable[[Any], bool], Callable[[Any], Any], str]] = {
-    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), int, "an integer"),
+    # TOML's integers are 64-bit; Python's parser takes any, which torch then cannot hold (a traceback)
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63, int, "an integer"),
     float: (
         lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
         float,

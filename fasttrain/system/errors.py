@@ -113,6 +113,17 @@ def invoked_as(command: str) -> Iterator[None]:
         _INVOKED_AS.reset(token)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer > 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {value}")
+    return value
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, a bad flag a one-line `UsageError`, and no abbreviated flags (`--over` meaning `--overwrite` would
     delete a run). `prog`: the tool's `python -m MODULE`, or its command (invoked_as)."""
