@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from fasttrain.evaluation.trained_model import load_model, run_directory, tokenizer_file
+from fasttrain.evaluation.trained_model import load_trained, run_directory
 from fasttrain.model.gguf_export import GGUF_DTYPES, write_gguf
 from fasttrain.model.weights import DTYPE_NAMES, export_weights
 from fasttrain.system.errors import ArgumentParser, UsageError, run_cli
@@ -34,10 +34,11 @@ def export(
         raise UsageError("--out: is empty; name the directory to export into")
     if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"--out {out_dir}: is a file, not a directory; cannot write an export into it")
-    model, cfg, found = load_model(source)
+    trained = load_trained(source)  # its tokenizer read and checked against the model, as sample and evaluate do
     if out_dir is None:
-        out_dir = run_directory(found) / ("export-hf" if hf else "export")
-    return export_weights(model.state_dict(), cfg, out_dir, hf=hf, dtype=dtype, tokenizer=tokenizer_file(found, cfg))
+        out_dir = run_directory(trained.source) / ("export-hf" if hf else "export")
+    state = trained.model.state_dict()
+    return export_weights(state, trained.cfg, out_dir, hf=hf, dtype=dtype, tokenizer=trained.tokenizer_path)
 
 
 def export_gguf(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, dtype: str = "fp32") -> Path:
@@ -45,10 +46,10 @@ def export_gguf(source: str | os.PathLike[str], out: str | os.PathLike[str] | No
     RUN/export.gguf; with the tokenizer the model trained with."""
     if out is not None and not os.fspath(out):
         raise UsageError("--out: is empty; name the GGUF file to write")
-    model, cfg, found = load_model(source)
-    path = Path(out) if out is not None else run_directory(found) / "export.gguf"
+    trained = load_trained(source)
+    path = Path(out) if out is not None else run_directory(trained.source) / "export.gguf"
     path = path / "model.gguf" if path.is_dir() else path
-    return write_gguf(model.state_dict(), cfg, path, dtype, tokenizer_file(found, cfg))
+    return write_gguf(trained.model.state_dict(), trained.cfg, path, dtype, trained.tokenizer_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -266,6 +266,14 @@ def damaged(c: Case, damage) -> Path:
     return run
 
 
+def weights_copy(c: Case, damage) -> str:
+    """A copy of the saved run's final/, damaged by `damage(that folder)`."""
+    copy = c.tmp / "weights"
+    shutil.copytree(c.run / "final", copy)
+    damage(copy)
+    return str(copy)
+
+
 def resume_damaged(damage):
     return lambda c: c.train(out=damaged(c, damage), flags=["--resume", "auto"])
 
@@ -642,6 +650,24 @@ CASES = [
         "expected an integer > 0, got 'many'",
     ),
     ("doctor: zero steps", doctor, lambda c: ["configs/base.toml", "--overfit-steps", "0"], "expected an integer > 0"),
+    (
+        "export --hf: a tokenizer with more tokens than the model",  # written beside a config.json of fewer
+        export,
+        lambda c: [weights_copy(c, another_tokenizer), "--hf"],
+        "model.vocab_size = 512 is smaller than the 513 tokens",
+    ),
+    (
+        "export: a damaged tokenizer",  # copied as it was
+        export,
+        lambda c: [weights_copy(c, lambda d: (d / "tokenizer.json").write_text("{"))],
+        "tokenizer.json: not a valid tokenizer.json",
+    ),
+    (
+        "resume: the run's own tokenizer.json damaged",  # blamed on the data, prepared again
+        train,
+        resume_damaged(lambda saves: (saves.parent / "tokenizer.json").write_text("{")),
+        "tokenizer.json: damaged (not JSON), the run's copy of its tokenizer",
+    ),
     ("export: unknown dtype", export, lambda c: [str(c.run), "--dtype", "fp8"], "invalid choice: 'fp8'"),
     ("plot: not a run directory", plot, lambda c: [str(c.tmp)], "metrics.jsonl: no such file"),
     (

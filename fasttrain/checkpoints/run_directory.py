@@ -383,6 +383,13 @@ def check_kept_tokenizer(data_dir: str | os.PathLike[str], run_dir: str | os.Pat
     data's is no longer that one: a resume would read token ids that mean other text."""
     data, kept = Path(data_dir) / "tokenizer.json", Path(run_dir) / "tokenizer.json"
     if kept.is_file() and kept.read_bytes() != data.read_bytes():
+        try:
+            json.loads(kept.read_bytes())
+        except ValueError:  # the run's own copy is what is damaged, not the data
+            raise UsageError(
+                f"{kept}: damaged (not JSON), the run's copy of its tokenizer; where {data_dir} is the data it trained "
+                f"on, copy {data} over it"
+            ) from None
         raise UsageError(
             f"{data}: differs from {kept}, the tokenizer this run trained with ({data_dir} was "
             "prepared again since); resume it on the data it was trained on, or start a new run"
