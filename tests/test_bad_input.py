@@ -668,6 +668,12 @@ CASES = [
         resume_damaged(lambda saves: (saves.parent / "tokenizer.json").write_text("{")),
         "tokenizer.json: damaged (not JSON), the run's copy of its tokenizer",
     ),
+    (
+        "sample: final/ without its weights",  # the latest checkpoint was taken, which need not be final/'s ("best")
+        sample,
+        lambda c: [str(damaged(c, lambda saves: (saves.parent / "final" / "model.safetensors").unlink()))],
+        "final: holds no model.safetensors (removed, or its write cut short)",
+    ),
     ("export: unknown dtype", export, lambda c: [str(c.run), "--dtype", "fp8"], "invalid choice: 'fp8'"),
     ("plot: not a run directory", plot, lambda c: [str(c.tmp)], "metrics.jsonl: no such file"),
     (

@@ -48,7 +48,8 @@ class Trained:
 
 def weights_source(spec: str | os.PathLike[str]) -> Path:
     """What `spec` names to load: a weights directory (holding model.safetensors) or a checkpoint file; a run directory
-    means its final/ weights when training finished, else its latest checkpoint."""
+    means its final/ weights when training finished, else its latest checkpoint (UsageError where final/ is there
+    without its weights: the latest save need not be the weights final/ held)."""
     path = Path(spec)
     if not path.exists():
         raise UsageError(f"{path}: no such run directory or checkpoint{set_aside_note(path)}")
@@ -59,6 +60,12 @@ def weights_source(spec: str | os.PathLike[str]) -> Path:
     for directory in (path, path / "final"):
         if directory.is_dir() and (directory / WEIGHTS).is_file():
             return directory
+    final = path / "final"
+    if final.is_dir() and (final / "config.toml").is_file():  # the latest save may not be final/'s weights ("best")
+        raise UsageError(
+            f"{final}: holds no {WEIGHTS} (removed, or its write cut short); name a checkpoint to load instead, such "
+            f"as {path / 'checkpoints' / 'latest'}"
+        )
     return checkpoint_files.resolve(os.fspath(path), path)
 
 
