@@ -428,6 +428,18 @@ CASES = [
         lambda c: c.train(out=Path(c.data_copy(lambda d: None)), flags=["--overwrite"]),
         "/data: a prepared data folder (a run there would write its tokenizer.json over the data's)",
     ),
+    (
+        "train.out_dir: a file",
+        train,
+        lambda c: c.train(out=Path(c.file("notes.txt", "x"))),
+        "notes.txt is a file, not a",
+    ),
+    (
+        "train.out_dir: under a file",
+        train,
+        lambda c: c.train(out=Path(c.file("n.txt", "x")) / "run"),
+        "n.txt is a file",
+    ),
     ("train.out_dir: a run's final/", train, lambda c: c.train(out=c.run / "final"), "final: a model's weights"),
     (
         "resume: a file where final/ should be",  # found after every step was trained
@@ -1521,9 +1533,9 @@ CASES = [
         "run directory under a file",
         train,
         lambda c: c.train(out=Path(c.file("f", "x")) / "run"),
-        "run/.lock: cannot write (Not a directory)",
+        "/f is a file, not a folder; set train.out_dir elsewhere",
     ),
-    ("run directory is a file", train, lambda c: c.train(out=Path(c.file("f", "x"))), "cannot write"),
+    ("run directory is a file", train, lambda c: c.train(out=Path(c.file("f", "x"))), "/f is a file, not a folder"),
     ("export into a file", export, lambda c: [str(c.run), "--out", c.file("f", "x")], "cannot write"),
     ("export: empty --out", export, lambda c: [str(c.run), "--out", ""], "--out: is empty"),
     (

@@ -243,3 +243,29 @@ def test_init_from_weights_are_the_start_of_the_run(pydoc_data, trained, tmp_pat
     exported = safetensors.torch.load_file(tmp_path / "hf" / "model.safetensors")
     assert torch.equal(trainer.model.embed.weight, exported["model.embed_tokens.weight"])
     trainer.close()
+
+
+def test_a_start_that_cannot_be_taken_back_still_says_why_it_failed(tmp_path, monkeypatch):
+    """A read-only run directory fails the start (its config.toml cannot be written) and then the undo (it cannot be
+    restored either): the undo's failure replaced the start's, which is what the user has to mend. Both are said, the
+    start's first, in one line."""
+    from fasttrain.checkpoints import run_directory
+    from fasttrain.system.errors import UsageError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text("the earlier start's\n")
+    start = run_directory.RunStart(run)
+    start.record()
+    (run / "config.toml").write_text("this start's\n")
+
+    def read_only(path, write, what="write"):
+        raise UsageError(f"{path}: cannot {what} (Permission denied)")
+
+    monkeypatch.setattr(run_directory, "write_atomically", read_only)
+    with pytest.raises(UsageError) as failed:
+        with start:
+            raise UsageError(f"{run / 'config.toml'}: cannot save the config (Permission denied)")
+    said = str(failed.value)
+    assert said.startswith(f"{run / 'config.toml'}: cannot save the config (Permission denied) (nor could the start")
+    assert said.endswith(f"taken back: {run / 'config.toml'}: cannot restore (Permission denied))") and "\n" not in said

@@ -14,6 +14,7 @@ import glob
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from fasttrain.checkpoints.saves import has_saves, saved_steps, step_of
@@ -66,7 +67,10 @@ def saves_to_resume(run_dir: str | os.PathLike[str]) -> bool:
 def check_run_folder(run_dir: Path) -> None:
     """UsageError where `run_dir` is another kind of folder, whose files a run there would write over: a prepared data
     folder (its tokenizer.json), a model's weights (a run's final/, an export: their config.toml), or a run's
-    checkpoints/ (beside its saves)."""
+    checkpoints/ (beside its saves); or a file, or a path through one."""
+    blocking = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"train.out_dir = {run_dir}: {blocking} is a file, not a folder; set train.out_dir elsewhere")
     if (run_dir / "meta.json").is_file():
         what = "a prepared data folder (a run there would write its tokenizer.json over the data's)"
     elif os.path.lexists(run_dir / "model.safetensors"):
@@ -170,7 +174,14 @@ class RunStart:
             if self.replacing:
                 discard_set_aside(self.run_dir)
         elif not self.done and not isinstance(error, RunStopped):  # a stop saves a checkpoint: that stays
-            self.undo()
+            try:
+                self.undo()
+            except (UsageError, OSError) as failed:  # the start's own failure is the one to say (a read-only folder
+                # fails both); that it could not be taken back is said with it
+                why = failed if isinstance(failed, UsageError) else f"{failed.filename}: {failed.strerror or failed}"
+                if isinstance(error, UsageError):
+                    raise UsageError(f"{error} (nor could the start be taken back: {why})") from None
+                print(f"error: {why}", file=sys.stderr)  # beside the failure's own traceback, which follows
         elif self.replacing and other_holder(self.run_dir) is None:  # not a directory another run took over
             settle(self.run_dir)
 
