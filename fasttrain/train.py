@@ -56,6 +56,7 @@ from fasttrain.training.phases import (
     REPLACES,
     TEACHER_INIT,
     Phase,
+    discard_earlier_rounds,
     first_phase,
     kept_phase_items,
     members_dir,
@@ -261,8 +262,12 @@ def train_phases(
         left_out = kept_phase_items(out, sets) if begun else []  # which the resume would only name
         resolved = replace(phase.cfg, train=replace(phase.cfg.train, out_dir=out))
         raise with_resume_command(e, args, resolved, left_out) from None
+    is_main = distributed.world_from_env().is_main
+    for folder in discard_earlier_rounds(out) if is_main else ():
+        if not args.quiet:
+            print(f"distill: removed {folder}, a later round of the run --overwrite replaced")
     spent = phase_seconds(out)
-    if distributed.world_from_env().is_main and not args.quiet and spent:
+    if is_main and not args.quiet and spent:
         budget = f" of train.max_time = {cfg.train.max_time:g} s" if cfg.train.max_time else ""
         trained = "; ".join(f"{what} {seconds:.0f} s" for what, seconds in spent)
         print(f"distill: {sum(s for _, s in spent):.0f} s trained{budget}: {trained}")

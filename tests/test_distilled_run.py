@@ -194,6 +194,25 @@ def test_an_overwrite_killed_among_its_members_trains_a_new_student_not_the_earl
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
 
 
+def test_an_overwrite_removes_the_earlier_runs_later_rounds_once_it_ends(pydoc_data, tmp_path, capsys):
+    """An --overwrite replaces the earlier run whole: its later rounds (RUN/ensemble-2 ...), which this run does not
+    count, are removed once the run has ended, not left for good; a run begun without --overwrite leaves them be."""
+    run = tmp_path / "run"
+    train(pydoc_data, run)
+    cfg = tiny_config("data", run, "train.distill=true", "train.max_time=600", *VOCAB)
+    ended_round(run / "ensemble-2", cfg, members=1, steps=8, seconds=100.0, begun=BEGUN - 600)  # another run's
+    train(pydoc_data, run, flags=("--resume", "auto"))  # this run's resume: not begun with --overwrite
+    assert (run / "ensemble-2").is_dir()
+    capsys.readouterr()
+    args = tiny_args(pydoc_data, run, *DISTILLED, config=str(BASE), flags=["--overwrite"])
+    assert train_module.main(args) == 0
+    assert not (run / "ensemble-2").exists() and rounds(run).dirs == [run / "ensemble"]
+    assert (
+        f"distill: removed {run / 'ensemble-2'}, a later round of the run --overwrite replaced"
+        in capsys.readouterr().out
+    )
+
+
 def test_a_resume_after_an_ordinary_run_replaced_a_distilled_one_is_an_ordinary_resume(pydoc_data, tmp_path):
     """ensemble/ stays beside a run that --overwrite started over it; a resume of that run is the run's own."""
     run = tmp_path / "run"

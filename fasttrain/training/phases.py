@@ -3,7 +3,7 @@ folder holds and the seconds its phases took: members of one shape side by side,
 of their shape taught by all of them, so that final/ holds one model (one model's memory and cost, and it exports).
 
 Imports from fasttrain: checkpoints.run_directory, checkpoints.saves, compute.device, config, planning.members,
-planning.preflight, planning.recorded, system.atomic, system.errors.
+planning.preflight, planning.recorded, system.atomic, system.errors, system.run_lock.
 
     RUN/ensemble/     the first round of members: an ordinary run (config.toml, checkpoints/, metrics.jsonl, final/)
     RUN/ensemble-2/   a later round (ensemble-3, ...), where the rounds before it read the corpus to its epoch limit
@@ -47,6 +47,7 @@ from fasttrain.planning.preflight import Machine, teachers_in_memory
 from fasttrain.planning.recorded import start_events
 from fasttrain.system.atomic import sync_directory, write_atomically
 from fasttrain.system.errors import UsageError
+from fasttrain.system.run_lock import other_holder
 
 # In RUN/ensemble: the whole run began with --overwrite, so its student replaces the earlier run in RUN (which stays
 # whole until then: the members' rounds touch only their own folders)
@@ -429,6 +430,20 @@ def phase_seconds(run_dir: str | os.PathLike[str]) -> list[tuple[str, float]]:
     if found and last is not None and student_state(run_dir, len(found), begun) == "ended":
         spent.append((f"student in {run_dir}", float(last["train_seconds"])))
     return spent
+
+
+def discard_earlier_rounds(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Once the distilled run in `run_dir` has ended, where it began with --overwrite (REPLACES): remove the later
+    rounds an earlier run left beyond this run's own (an --overwrite replaces the earlier run whole; those are counted
+    by no phase and named by no tool), unless another process holds one; returns what it removed."""
+    run_dir = Path(os.path.abspath(run_dir))
+    if not (members_dir(run_dir) / REPLACES).is_file():
+        return []
+    own = set(rounds(run_dir).dirs)
+    earlier = [d for d in round_folders(run_dir) if d not in own and other_holder(d) is None]
+    for folder in earlier:
+        shutil.rmtree(folder)
+    return earlier
 
 
 def publish(phase: Phase) -> Path:
