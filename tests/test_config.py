@@ -581,3 +581,15 @@ def test_an_optimizer_chosen_later_makes_the_other_optimizers_table_moot_not_wro
     later = tmp_path / "later.toml"
     later.write_text(f'extends = "{base}"\n[optim]\nname = "sgd"\n')
     assert load_config(later).optim.muon == MuonConfig()  # a file over its base, as --set over a file
+
+
+def test_a_leading_tilde_in_a_path_is_the_home_folder():
+    """A shell leaves `--set train.out_dir=~/runs` as it is: the run made a folder named ~ where it was started,
+    and its closing lines named ~/runs, which the shell then expanded to a folder that did not exist."""
+    home = os.path.expanduser("~")
+    cfg = load_config(
+        None, ["train.out_dir=~/runs/a", f"train.teacher=~/t1{os.pathsep}~/t2", "data.inputs=['~/x.txt']"]
+    )
+    assert cfg.train.out_dir == f"{home}/runs/a" and cfg.data.inputs == [f"{home}/x.txt"]
+    assert cfg.train.teacher == f"{home}/t1{os.pathsep}{home}/t2"
+    assert load_config(None, ["train.sample_prompt=~ not a path"]).train.sample_prompt == "~ not a path"

@@ -135,6 +135,29 @@ def _section(cfg: Config, section: str, source: str) -> Any:
     return getattr(cfg, section)
 
 
+# The keys that name files or folders, each a path (train.teacher: several, os.pathsep between them; data.inputs: a
+# list), where a leading ~ is the home folder: a shell leaves `--set train.out_dir=~/runs` as it is
+PATH_KEYS = (
+    "data.dir",
+    "data.inputs",
+    "data.tokenizer",
+    "model.init_from",
+    "train.out_dir",
+    "train.teacher",
+    "schedule.progress_from",
+    "eval.include_path",
+)
+
+
+def home_expanded(name: str, value: Any) -> Any:
+    """`value` of the key `name` with a leading ~ of each path expanded, where the key is one of PATH_KEYS."""
+    if name not in PATH_KEYS:
+        return value
+    if isinstance(value, list):
+        return [os.path.expanduser(v) for v in value]
+    return os.pathsep.join(os.path.expanduser(p) for p in value.split(os.pathsep)) if value else value
+
+
 def _assign(part: Any, section: str, key: str, value: Any, source: str, sources: dict[str, str]) -> None:
     """Set `part.<key>` (part is the [section] dataclass) to `value` if the key and type check out. A key naming a
     nested table ([optim.muon]) takes a table of its keys, or is dotted (`muon.lr`) to one."""
@@ -152,6 +175,6 @@ def _assign(part: Any, section: str, key: str, value: Any, source: str, sources:
         for k, v in table.items():
             _assign(getattr(part, head), name, k, v, source, sources)
         return
-    setattr(part, head, _coerce(value, types[head], f"{source}: {name}"))
+    setattr(part, head, home_expanded(name, _coerce(value, types[head], f"{source}: {name}")))
     sources.pop(name, None)  # re-inserted: the dict's order is the order values were last set in
     sources[name] = source  # so later range and combination errors can name it
