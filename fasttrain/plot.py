@@ -102,6 +102,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not train and not evals:
         raise UsageError(f"{Path(run_dir) / 'metrics.jsonl'}: no train or eval events to plot")
     out = Path(out) if out else Path(run_dir) / "curves.png"
+    out = out if out.suffix else out.with_name(f"{out.name}.png")  # what matplotlib writes: said as it is
     fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=[3, 1])
     loss_ax.plot([e["step"] for e in train], [e["loss"] for e in train], label="train loss")
     loss_ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation loss")

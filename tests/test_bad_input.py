@@ -7,7 +7,9 @@ for the module. After each case that run directory must be byte for byte as it w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -266,6 +268,15 @@ def damaged(c: Case, damage) -> Path:
     return run
 
 
+def hf_export(c: Case) -> str:
+    """The saved run's weights exported in Hugging Face's layout, into a copy of the run: its export-hf/."""
+    run = c.run_copy()
+    with contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as done:
+        run_cli(export.main, [str(run), "--hf"])
+    assert done.value.code == 0
+    return str(run / "export-hf")
+
+
 def weights_copy(c: Case, damage) -> str:
     """A copy of the saved run's final/, damaged by `damage(that folder)`."""
     copy = c.tmp / "weights"
@@ -463,6 +474,18 @@ CASES = [
         train,
         lambda c: c.train(config=c.file("c.toml", "[trian]\nmax_steps = 3")),
         "unknown section [trian]; did you mean [train]?",
+    ),
+    (
+        "a key in another section",
+        train,
+        lambda c: c.train("train.lr=0.01"),
+        "unknown key train.lr; it is a key of [optim]: optim.lr",
+    ),
+    (
+        "config with a byte-order mark",
+        train,
+        lambda c: c.train(config=c.file("bom.toml", "\ufeff[optim]\nlr = -1\n")),  # read as TOML: its values checked
+        "optim.lr: must be > 0",
     ),
     ("unknown key", train, lambda c: c.train("train.max_step=3"), "unknown key train.max_step; did you mean"),
     (
@@ -685,6 +708,13 @@ CASES = [
         sample,
         lambda c: [str(damaged(c, lambda saves: (saves.parent / "final" / "model.safetensors").unlink()))],
         "final: holds no model.safetensors (removed, or its write cut short)",
+    ),
+    ("sample: a prepared data folder", sample, lambda c: [str(c.data)], "a prepared data folder, not a run"),
+    (
+        "sample: a Hugging Face export",  # it read "export-hf/config.toml: no such file"
+        sample,
+        lambda c: [hf_export(c)],
+        "export-hf: a Hugging Face export (config.json), not fasttrain's weights",
     ),
     ("export: unknown dtype", export, lambda c: [str(c.run), "--dtype", "fp8"], "invalid choice: 'fp8'"),
     ("plot: not a run directory", plot, lambda c: [str(c.tmp)], "metrics.jsonl: no such file"),

@@ -101,7 +101,7 @@ def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     source = os.fspath(path)
     raw = read_regular(path, MAX_CONFIG_BYTES, "config file")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark, which some editors write: not TOML
     except UnicodeDecodeError as e:
         raise UsageError(f"{source}: invalid TOML: not UTF-8 text ({e.reason} at byte {e.start})") from None
     return _parse_toml(text, source)
@@ -164,6 +164,11 @@ def _assign(part: Any, section: str, key: str, value: Any, source: str, sources:
     types = get_type_hints(type(part))
     head, dot, rest = key.partition(".")
     if head not in types or (dot and not is_dataclass(types[head])):
+        elsewhere = [f.name for f in fields(Config) if head in get_type_hints(type(getattr(Config(), f.name)))]
+        if not dot and elsewhere and elsewhere[0] != section.partition(".")[0]:  # `[train] lr`: optim's key
+            raise UsageError(
+                f"{source}: unknown key {section}.{key}; it is a key of [{elsewhere[0]}]: {elsewhere[0]}.{key}"
+            )
         raise _unknown(source, "key", key, list(types), lambda k: f"{section}.{k}")
     name = f"{section}.{head}"
     if is_dataclass(types[head]):

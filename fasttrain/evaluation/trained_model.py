@@ -58,8 +58,15 @@ def weights_source(spec: str | os.PathLike[str]) -> Path:
     if path.is_file() and path.name == WEIGHTS:  # RUN/final/model.safetensors: the weights directory it is in
         path = path.parent
     for directory in (path, path / "final"):
-        if directory.is_dir() and (directory / WEIGHTS).is_file():
+        if directory.is_dir() and (directory / WEIGHTS).is_file() and (directory / "config.toml").is_file():
             return directory
+    if (path / "meta.json").is_file():
+        raise UsageError(f"{path}: a prepared data folder, not a run; name a run directory, its final/ or a checkpoint")
+    if (path / "config.json").is_file() and (path / WEIGHTS).is_file():
+        raise UsageError(
+            f"{path}: a Hugging Face export (config.json), not fasttrain's weights: load it with transformers, or start "
+            "a run from it with model.init_from"
+        )
     final = path / "final"
     if final.is_dir() and (final / "config.toml").is_file():  # the latest save may not be final/'s weights ("best")
         raise UsageError(
