@@ -3,6 +3,8 @@ tokens per source, per-source validation, exact resume (every batching mode, pre
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 from pathlib import Path
 
@@ -10,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from fasttrain import train
 from fasttrain.checkpoints import checkpoint_files, saves
+from fasttrain.config import load_config
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import Blend
 from fasttrain.model.weights import read_safetensors
 from fasttrain.plot import plot_run, read_metrics
+from fasttrain.preparation.preparation import COMPLETE, TMP_NAME
 from fasttrain.system.errors import UsageError
 from fasttrain.training.trainer import Trainer
 from tests.conftest import tiny_config, tiny_overrides
@@ -29,8 +34,6 @@ def mixture(web: Path, code: Path, out: Path, *sets: str, weights=(0.7, 0.3)) ->
 
 
 def trainer(web: Path, code: Path, out: Path, *sets: str, **kw) -> Trainer:
-    from fasttrain.config import load_config
-
     return Trainer(load_config(None, mixture(web, code, out, *sets, **kw)), quiet=True)
 
 
@@ -137,8 +140,6 @@ def test_an_interrupted_mixture_resumes_exactly(pydoc_data, code_data, tmp_path,
 def test_a_mix_change_is_exact_at_its_step_logged_and_recorded(pydoc_data, code_data, tmp_path, capsys):
     """A last-25% mix that reads code only: from step 6 of 8 every row is code's, the change is one console
     line and a "mix" event; the weights that do not sum to 1 are normalized, and said so."""
-    from fasttrain.config import load_config
-
     cfg = load_config(
         None,
         mixture(
@@ -198,7 +199,6 @@ def test_best_and_early_stopping_follow_train_monitor(pydoc_data, code_data, tmp
         "train.early_stop_patience=3",
         "train.early_stop_min_delta=0.05",
     )
-    from fasttrain.config import load_config
 
     def loud(*more: str) -> Trainer:
         return Trainer(load_config(None, mixture(pydoc_data, code_data, tmp_path, *sets, *more)))
@@ -231,7 +231,6 @@ def test_best_and_early_stopping_follow_train_monitor(pydoc_data, code_data, tmp
 def test_a_rollback_to_a_save_from_before_a_monitor_change_starts_the_best_anew(pydoc_data, code_data, tmp_path):
     """A run monitoring code's loss, resumed monitoring the total: the resume starts the best anew, and so must
     a rollback to a save from before the resume (its best was code's loss, not comparable with the total)."""
-    from fasttrain.config import load_config
     from tests.test_checkpoint import events
 
     sets = (
@@ -276,8 +275,6 @@ def test_a_rollback_to_a_save_from_before_a_monitor_change_starts_the_best_anew(
 
 
 def test_a_mixture_run_reports_epochs_warns_and_plots(pydoc_data, code_data, tmp_path, capsys):
-    from fasttrain.config import load_config
-
     cfg = load_config(
         None,
         mixture(
@@ -375,3 +372,48 @@ def test_a_mixture_on_two_ranks_trains_like_one_process_and_resumes_exactly(pydo
         values(tmp_path / "two", "train", "loss"), rel=1e-5
     )
     assert values(tmp_path / "moved", "train", "tokens.code") == values(tmp_path / "two", "train", "tokens.code")
+
+
+def test_a_resume_with_other_weights_says_so_and_weighs_the_validation_loss_anew(
+    pydoc_data, code_data, tmp_path, capsys
+):
+    """[[data.sources]]' weights changed on a resume were taken without a word, and the best of a weighted
+    validation loss compared evaluations weighed two ways. The resume says so and starts that best anew; the same
+    weights given in other units (2, 1 for 0.7, 0.35 ...) are no change."""
+    sets = ["train.max_steps=4", "checkpoint.interval=2", "train.eval_interval=2", "train.sample_tokens=0"]
+    first = trainer(pydoc_data, code_data, tmp_path / "run", *sets)
+    for _ in range(2):
+        first.step()
+    first.run.best_val_loss = 1.0
+    first.save_checkpoint()
+    first.close()
+    for weights, said in (((1.4, 0.6), False), ((0.5, 0.5), True)):
+        cfg = load_config(None, mixture(pydoc_data, code_data, tmp_path / "run", *sets, weights=weights))
+        resumed = Trainer(cfg, quiet=False)
+        resumed.resume("auto")
+        out = capsys.readouterr().out
+        line = "resume: data.sources' weights are 0.5, 0.5 (saved with 0.7, 0.3): read in the new shares from here"
+        assert (line in out) == said, out
+        assert (resumed.run.best_val_loss == float("inf")) == said
+        resumed.close()
+
+
+def test_a_source_whose_prepare_was_killed_in_its_move_is_finished_by_the_run(pydoc_data, code_data, tmp_path):
+    """A prepare killed while moving its whole new data into a [[data.sources]] folder left it without meta.json: the
+    run refused the folder, where for data.dir it finishes the move first. It finishes it for a source too."""
+    source = tmp_path / "code"
+    shutil.copytree(code_data, source)
+    staging = source / TMP_NAME
+    staging.mkdir()
+    names = sorted(p.name for p in source.iterdir() if p.name != TMP_NAME)
+    for name in names:  # the new data whole in .prepare-tmp, none of it moved yet
+        os.replace(source / name, staging / name)
+    (staging / COMPLETE).write_text(json.dumps(names))
+    args = [
+        "configs/base.toml",
+        "--quiet",
+        "--set",
+        *mixture(pydoc_data, source, tmp_path / "run", "train.max_steps=2"),
+    ]
+    assert train.main(args) == 0
+    assert sorted(p.name for p in source.iterdir()) == names and (tmp_path / "run" / "final").is_dir()

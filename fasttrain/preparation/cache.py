@@ -84,6 +84,16 @@ def _readable_name(spec: str, limit: int = 40) -> str:
     return name or "data"
 
 
+def finish_interrupted_sources(d: DataConfig, quiet: bool = False) -> None:
+    """For each [[data.sources]] folder what ensure_prepared does for data.dir: finish the move into place that a
+    killed `fasttrain prepare` left (its new data whole in .prepare-tmp), under the folder's lock."""
+    for source in d.sources:
+        out = Path(source.dir)
+        if (out / preparation.TMP_NAME / preparation.COMPLETE).exists():
+            with holding(preparation.lock_path(out)):
+                preparation.finish_interrupted_move(out, quiet)
+
+
 def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
     """Make sure prepared data for [data] `d` exists (`d.dir`, else the cache's `cache_dir`, prepared from `d.inputs`)
     and say what it holds: keys left at defaults take its values, others must agree (UsageError naming both). The folder

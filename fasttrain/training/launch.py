@@ -21,7 +21,7 @@ from fasttrain.compute.device import use_device
 from fasttrain.config import Config, save_config
 from fasttrain.planning.plan import RunPlan, plan_run
 from fasttrain.planning.speed import Speed
-from fasttrain.preparation.cache import ensure_prepared
+from fasttrain.preparation.cache import ensure_prepared, finish_interrupted_sources
 from fasttrain.system import run_lock
 from fasttrain.system.errors import UsageError
 from fasttrain.training.metrics import MetricsLog, WandbSink, check_log_writable, import_wandb
@@ -37,6 +37,8 @@ def start_run(
     notes (rank 0)."""
     world = distributed.world_from_env()
     device = use_device(cfg.train.device, world.local_rank if world.distributed else None)
+    if world.is_main:  # a mixture's folders, as ensure_prepared does data.dir: a killed prepare's move finished
+        finish_interrupted_sources(cfg.data, quiet)
     # A config the run refuses is refused before anything is prepared
     plan = plan_run(cfg, world, device, resume, speed)
     distributed.start(world, device)

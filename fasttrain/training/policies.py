@@ -1,7 +1,8 @@
 """The training loop's policies: what to do after non-finite steps, when to stop early, and which weights a run ends
 with.
 
-Imports from fasttrain: checkpoints.resume, checkpoints.run_state, checkpoints.saves, config, optimization.schedule.
+Imports from fasttrain: checkpoints.resume, checkpoints.run_state, checkpoints.saves, config, data.mixture,
+optimization.schedule.
 
 Each is a small object the loop asks after a step or an evaluation; the loop carries out the answer and reporting tells
 the user. A restored save that monitored another loss starts early stopping's count anew (monitor_anew); a resumed run
@@ -19,6 +20,7 @@ from fasttrain.checkpoints.resume import check_not_past_end
 from fasttrain.checkpoints.run_state import RunState
 from fasttrain.checkpoints.saves import step_of
 from fasttrain.config import Config, RecoveryConfig, format_duration
+from fasttrain.data.mixture import normalized
 from fasttrain.optimization.schedule import carried_rest_scale, schedule_change
 
 
@@ -113,11 +115,36 @@ def monitor_anew(run: RunState, saved: Config, cfg: Config) -> str | None:
     )
 
 
+def weights_anew(run: RunState, saved: Config, cfg: Config) -> str | None:
+    """If `cfg` gives the [[data.sources]] other shares than `saved` (the config `run` was saved with), the sources are
+    read in the new shares from the saved position on, and a weighted validation loss (train.monitor = "val_loss")
+    is another loss: its best and early stopping's count start anew in `run`. Says so; None where nothing changed."""
+    old, new = [s.weight for s in saved.data.sources], [s.weight for s in cfg.data.sources]
+    if not old or len(old) != len(new) or normalized(old) == normalized(new):  # another set of sources is refused
+        return None
+    weighted = cfg.train.monitor == "val_loss"
+    if weighted:
+        run.best_val_loss, run.stale_evals = math.inf, 0
+    shares = ", ".join(f"{w:g}" for w in new)
+    return f"data.sources' weights are {shares} (saved with {', '.join(f'{w:g}' for w in old)}): read in the new " + (
+        "shares from here, and the weighted validation loss with them, so its best and early stopping's count start "
+        "anew"
+        if weighted
+        else "shares from here"
+    )
+
+
 def resumed_under(path: Path, run: RunState, saved: Config, cfg: Config, recorded: Sequence[float] = ()) -> list[str]:
     """The `run` saved at `path` under `saved`, continued under `cfg`: UsageError if past the run's end; else its
-    schedule re-laid or carried on (carried_rest_scale), its monitor restarted if changed. Lines saying what changed."""
+    schedule re-laid or carried on (carried_rest_scale), its monitor restarted if changed, as it is where the sources'
+    weights changed. Lines saying what changed."""
     check_not_past_end(path, run, saved, cfg)
-    lines = (ended(run, cfg), schedule_change(saved, cfg, run, recorded), monitor_anew(run, saved, cfg))
+    lines = (
+        ended(run, cfg),
+        schedule_change(saved, cfg, run, recorded),
+        monitor_anew(run, saved, cfg),
+        weights_anew(run, saved, cfg),
+    )
     carried = carried_rest_scale(saved, cfg, run)  # after the line that says what it does
     if carried is not None:
         run.rest_scale = carried
