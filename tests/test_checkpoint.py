@@ -170,7 +170,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(pydoc_data, tmp_p
 def test_unwritable_run_directory_is_a_clear_error(pydoc_data, tmp_path):
     (tmp_path / "file").write_text("not a directory")
     trainer = Trainer(tiny_config(pydoc_data, tmp_path / "file" / "run"), quiet=True)
-    with pytest.raises(UsageError, match=r"file/run/.lock: cannot write \(Not a directory\)"):
+    with pytest.raises(UsageError, match=r"file/run: .*/file is a file, not a folder"):
         trainer.train()
     trainer.step()
     with pytest.raises(UsageError, match=r"step_0000001.pt: cannot save checkpoint"):

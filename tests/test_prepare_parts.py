@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fasttrain.formats.prepared_folder import open_prepared
+from fasttrain.formats.shards import PREPARATION
 from fasttrain.preparation.corpus import resolve_inputs
 from fasttrain.preparation.parts import merge, prepare_part, share
 from fasttrain.preparation.preparation import prepare
@@ -83,7 +84,8 @@ def test_workers_do_not_change_the_output(corpus, tmp_path):
     for name in names:
         if name != "meta.json":
             assert (tmp_path / "1" / name).read_bytes() == (tmp_path / "2" / name).read_bytes(), name
-    assert {**metas[1], "seconds": None} == {**metas[2], "seconds": None}
+    same = {"seconds": None, PREPARATION: None}  # its time, and its identity, new every preparation
+    assert {**metas[1], **same} == {**metas[2], **same} and metas[1][PREPARATION] != metas[2][PREPARATION]
 
 
 def test_a_killed_part_is_run_again_alone(corpus, tmp_path, pydoc_data):

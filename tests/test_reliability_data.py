@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from fasttrain import prepare
+from fasttrain import prepare, train
 from fasttrain.config import DataConfig
+from fasttrain.formats.shards import PREPARATION
 from fasttrain.preparation.cache import ensure_prepared
 from fasttrain.system.errors import run_cli
+from tests.conftest import tiny_args
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
@@ -158,3 +160,25 @@ def test_folders_prepared_before_the_tokenizer_hash_are_used_as_they_are(pydoc_d
     before = (old / "meta.json").read_bytes()
     assert ensure_prepared(DataConfig(dir=str(old))).vocab_size == 512
     assert (old / "meta.json").read_bytes() == before
+
+
+def test_a_resume_names_data_prepared_again_since_its_save(pydoc_data, tmp_path, capsys):
+    """The loader checks its rows' counts, which data prepared again from edited text may keep: such a resume went on
+    over other text without a word. Each prepare writes an identity into meta.json, each save records it, and a resume
+    that finds another says so; the same preparation (copied, say) is no change."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(pydoc_data, data)
+    assert json.loads((data / "meta.json").read_text())[PREPARATION]  # every prepare writes one
+    with pytest.raises(SystemExit) as done:
+        run_cli(train.main, tiny_args(data, run, "train.max_steps=2", "checkpoint.interval=1", flags=["--quiet"]))
+    assert done.value.code == 0
+    note = f"resume: {data} was prepared again since this save"
+    for steps, prepared_again in ((3, False), (4, True)):
+        if prepared_again:  # as a prepare --overwrite of the edited text leaves it
+            meta = json.loads((data / "meta.json").read_text())
+            (data / "meta.json").write_text(json.dumps({**meta, PREPARATION: "another"}))
+        args = tiny_args(data, run, f"train.max_steps={steps}", "checkpoint.interval=1", flags=["--resume", "auto"])
+        with pytest.raises(SystemExit) as done:
+            run_cli(train.main, args)
+        out = capsys.readouterr().out
+        assert done.value.code == 0 and (note in out) == prepared_again, out

@@ -3,7 +3,7 @@ restores from them.
 
 Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.checksums, checkpoints.resume,
 checkpoints.run_directory, checkpoints.run_state, checkpoints.saves, checkpoints.sharded_files, compute.distributed,
-config, data.loader, system.atomic, system.errors, system.run_lock.
+config, data.loader, formats.shards, system.atomic, system.errors, system.run_lock.
 
 The rest is in modules of its own, one concept each: checkpoint_files.py (what a save holds, writing,
 publishing, resolving and reading one), sharded_files.py (the sharded folders, through DCP), checksums.py
@@ -29,6 +29,7 @@ from fasttrain.checkpoints.run_state import RunState
 from fasttrain.compute import distributed
 from fasttrain.config import Config, config_to_toml
 from fasttrain.data.loader import TokenLoader, reshard
+from fasttrain.formats.shards import PREPARATION, read_meta
 from fasttrain.system.atomic import sync_directory, write_atomically
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import other_holder
@@ -59,6 +60,32 @@ class InFlight:
     rest: dict
     best: bool
     keep: Path | None
+
+
+def data_folders(cfg: Config) -> list[str]:
+    """The prepared folders a run of `cfg` reads: its [[data.sources]], or data.dir."""
+    return [s.dir for s in cfg.data.sources] or [cfg.data.dir]
+
+
+def preparations(cfg: Config) -> list[str | None]:
+    """The identity of the preparation each of the run's data folders holds (meta.json's PREPARATION, which every
+    prepare writes anew; None for data prepared before it did): what a save records and a resume compares."""
+    return [(read_meta(folder) or {}).get(PREPARATION) if folder else None for folder in data_folders(cfg)]
+
+
+def prepared_again(saved: list | None, cfg: Config) -> list[str]:
+    """A resume's notes for each data folder that was prepared again since the save (`saved`: its `preparations`):
+    the run goes on by the rows' positions, which are other text where the text changed (the token counts, which the
+    loader checks, may well be the same)."""
+    now = preparations(cfg)
+    if not isinstance(saved, list) or len(saved) != len(now):
+        return []
+    return [
+        f"{folder} was prepared again since this save: the run goes on at its rows' positions, so where its text "
+        "changed, what it reads from here is not what the saved run would have read"
+        for folder, then, current in zip(data_folders(cfg), saved, now)
+        if then is not None and current is not None and then != current
+    ]
 
 
 class Checkpointer:
@@ -95,6 +122,7 @@ class Checkpointer:
             "ranks": distributed.gather({"train_loader": loader.state_dict(), "rng": resume.rng_state()}, self.world),
             "parallel": self.parallel,
             "config": config_to_toml(self.cfg),
+            "preparations": preparations(self.cfg),
         }
 
     def state_dict(self, run: RunState, loader: TokenLoader) -> dict:
@@ -246,6 +274,7 @@ class Checkpointer:
         except (RuntimeError, ValueError, KeyError, TypeError, UsageError) as e:
             raise UsageError(f"{path}: cannot continue from it ({str(e).splitlines()[0]})") from None
         notes += resume.world_change(len(ranks), state.get("parallel"), self.world.size, self.parallel)
+        notes += prepared_again(state.get("preparations"), self.cfg)
         return run, saved, notes
 
     def restore_weights(self, path: Path) -> None:

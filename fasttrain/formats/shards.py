@@ -178,6 +178,11 @@ class ShardWriter:
             self.close()
 
 
+# meta.json's identity of the preparation that wrote the folder, new each time (preparation.publish): a resume names
+# data prepared again since its save (checkpoint.prepared_again)
+PREPARATION = "preparation"
+
+
 def read_meta(directory: str | os.PathLike) -> dict | None:
     """The meta.json that prepare wrote into `directory`, or None if there is none. Only its vocab_size is checked
     here (the loader needs no more); `check_meta` checks the rest, for a prepared folder a run trains from."""

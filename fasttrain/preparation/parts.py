@@ -316,7 +316,7 @@ def merge(out_dir: str | os.PathLike, *, quiet: bool = False) -> dict:
                 "parts": n,
                 "seconds": {"parts": [m["seconds"] for m in manifests], "total": sum(m["seconds"] for m in manifests)},
             }
-            prep.publish(out, meta)
+            meta = prep.publish(out, meta)
         except OSError as e:
             raise UsageError(
                 f"{out}: merge failed ({e.strerror or e}); the parts are as they were, merge again"

@@ -23,11 +23,12 @@ import json
 import os
 import shutil
 import time
+import uuid
 from itertools import islice
 from pathlib import Path
 from typing import Any, Sequence
 
-from fasttrain.formats.shards import token_dtype
+from fasttrain.formats.shards import PREPARATION, token_dtype
 from fasttrain.formats.tokenizer import Tokenizer, fingerprint
 from fasttrain.preparation.corpus import resolve_inputs
 from fasttrain.preparation.pipeline import write_shards
@@ -109,7 +110,7 @@ def prepare_locked(
             "tokenizer_learned_from": None if tokenizer_path else sample.describe(),
             "seconds": {"tokenizer": round(tokenizer_seconds, 3), "total": round(seconds, 3)},
         }
-        publish(out, meta)
+        meta = publish(out, meta)
     except OSError as e:  # a shard or the tokenizer that cannot be written: the disk is full, say
         raise UsageError(f"{out}: write failed ({e.strerror or e})") from None
     finally:
@@ -194,9 +195,12 @@ def describe(tokenizer: Tokenizer, counts: dict) -> dict:
     }
 
 
-def publish(out: Path, meta: dict) -> None:
-    """Write `meta` into out/.prepare-tmp, whose shards and tokenizer are complete, and move it all into place."""
+def publish(out: Path, meta: dict) -> dict:
+    """Write `meta` into out/.prepare-tmp, whose shards and tokenizer are complete, and move it all into place; returns
+    what meta.json holds: `meta` and an identity of this preparation (PREPARATION), new each time, so that a resumed
+    run names data prepared again since its save (checkpoint.prepared_again)."""
     tmp = out / TMP_NAME
+    meta = {**meta, PREPARATION: uuid.uuid4().hex}
     try:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         fsync_tree(tmp)
@@ -213,6 +217,7 @@ def publish(out: Path, meta: dict) -> None:
             f"{out}: write failed ({e.strerror or e})"
             + ("; prepare it again to finish moving the new data into place" if unfinished else "")
         ) from None
+    return meta
 
 
 def report(meta: dict, tokenizer: Tokenizer, out: Path) -> None:
