@@ -593,3 +593,5 @@ def test_a_leading_tilde_in_a_path_is_the_home_folder():
     assert cfg.train.out_dir == f"{home}/runs/a" and cfg.data.inputs == [f"{home}/x.txt"]
     assert cfg.train.teacher == f"{home}/t1{os.pathsep}{home}/t2"
     assert load_config(None, ["train.sample_prompt=~ not a path"]).train.sample_prompt == "~ not a path"
+    mixture = load_config(None, ['data.sources=[{dir="~/web", weight=1}, {dir="/abs/code", weight=1}]'])
+    assert [s.dir for s in mixture.data.sources] == [f"{home}/web", "/abs/code"]

@@ -147,6 +147,10 @@ def test_a_data_dir_that_names_nothing_says_what_is_prepared_into_it(tmp_path, c
     ) in out
     ensure_prepared(DataConfig(dir=str(typo), vocab_size=300))  # prepared now: nothing more to say
     assert "note:" not in capsys.readouterr().out
+    killed = tmp_path / "killed"  # a prepare into it killed before its data was whole: only .prepare-tmp there
+    (killed / ".prepare-tmp").mkdir(parents=True)
+    ensure_prepared(DataConfig(dir=str(killed), vocab_size=300))
+    assert f"note: data.dir = {killed} is empty, so the default data.inputs" in capsys.readouterr().out
 
 
 def test_folders_prepared_before_the_tokenizer_hash_are_used_as_they_are(pydoc_data, tmp_path):

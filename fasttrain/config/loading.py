@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence, get_type_hints
 
@@ -150,7 +150,10 @@ PATH_KEYS = (
 
 
 def home_expanded(name: str, value: Any) -> Any:
-    """`value` of the key `name` with a leading ~ of each path expanded, where the key is one of PATH_KEYS."""
+    """`value` of the key `name` with a leading ~ of each path expanded, where the key is one of PATH_KEYS or
+    data.sources (each table's dir)."""
+    if name == "data.sources":
+        return [replace(source, dir=os.path.expanduser(source.dir)) for source in value]
     if name not in PATH_KEYS:
         return value
     if isinstance(value, list):

@@ -110,7 +110,9 @@ def ensure_prepared(d: DataConfig, quiet: bool = False) -> PreparedData:
         if read_meta(directory) is None:
             if d.dir and not d.inputs and not quiet:  # a typo in data.dir would otherwise pass unnoticed
                 state = "is empty" if Path(directory).is_dir() else "does not exist"
-                if state == "does not exist" or not any(Path(directory).iterdir()):
+                # a folder holding only what a killed prepare left (.prepare-tmp) is as empty: nothing was prepared
+                held = state == "is empty" and any(p.name != preparation.TMP_NAME for p in Path(directory).iterdir())
+                if not held:
                     print(
                         f"note: data.dir = {directory} {state}, so the default data.inputs "
                         f"({', '.join(DEFAULT_INPUTS)}) is prepared into it; if it should name a prepared "
