@@ -72,7 +72,7 @@ def prepare_locked(
     try:
         start = time.perf_counter()
         split = plan_split(sources, text_field, val_fraction)
-        if split.by == "end_of_text" and not quiet:
+        if split.by == "end_of_text" and split.total_chars and not quiet:  # no text: its error comes, not this
             print(
                 f"split: fewer than two documents, so the last {val_fraction:g} of the text "
                 f"(from character {split.cut:,} of {split.total_chars:,}, at a line end) is held out for validation"
