@@ -2,7 +2,8 @@
 
 Imports from fasttrain: checkpoints.checkpoint_files, checkpoints.run_directory, compute.device,
 compute.distributed, config, config.shipped, evaluate, evaluation.trained_model, planning.plan, system.errors,
-system.run_lock, system.signals, training.launch, training.measure, training.phases, training.plan_table, training.trainer.
+system.run_lock, system.signals, training.launch, training.measure, training.phases, training.plan_table,
+training.trainer.
 
     python -m fasttrain.train configs/base.toml [--set SECTION.KEY=VALUE ...] [--resume auto|auto-or-new|PATH]
     python -m fasttrain.train configs/base.toml --dry-run [--json] [--measure N]

@@ -73,11 +73,10 @@ def preparations(cfg: Config) -> list[str | None]:
     return [(read_meta(folder) or {}).get(PREPARATION) if folder else None for folder in data_folders(cfg)]
 
 
-def prepared_again(saved: list | None, cfg: Config) -> list[str]:
-    """A resume's notes for each data folder that was prepared again since the save (`saved`: its `preparations`):
-    the run goes on by the rows' positions, which are other text where the text changed (the token counts, which the
-    loader checks, may well be the same)."""
-    now = preparations(cfg)
+def prepared_again(saved: list | None, now: list[str | None], cfg: Config) -> list[str]:
+    """A resume's notes for each data folder of `cfg` that was prepared again since the save (`saved`: its
+    `preparations`; `now`: the folders' now): the run goes on by the rows' positions, which are other text where the
+    text changed (the token counts, which the loader checks, may well be the same)."""
     if not isinstance(saved, list) or len(saved) != len(now):
         return []
     return [
@@ -105,6 +104,7 @@ class Checkpointer:
         self.cfg, self.model, self.world, self.parallel = cfg, model, world, parallel
         self.optimizer, self.scaler = optimizer, scaler
         self.device = device  # where a restored state's tensors go
+        self.preparations = preparations(cfg)  # read once: each save records them, a resume compares them
         self.directory = Path(cfg.train.out_dir) / "checkpoints"
         fmt, self.background = cfg.checkpoint.format, cfg.checkpoint.async_save
         self.sharded = fmt == "sharded" or (fmt == "auto" and parallel in distributed.SHARDED) or self.background
@@ -122,7 +122,7 @@ class Checkpointer:
             "ranks": distributed.gather({"train_loader": loader.state_dict(), "rng": resume.rng_state()}, self.world),
             "parallel": self.parallel,
             "config": config_to_toml(self.cfg),
-            "preparations": preparations(self.cfg),
+            "preparations": self.preparations,
         }
 
     def state_dict(self, run: RunState, loader: TokenLoader) -> dict:
@@ -274,7 +274,7 @@ class Checkpointer:
         except (RuntimeError, ValueError, KeyError, TypeError, UsageError) as e:
             raise UsageError(f"{path}: cannot continue from it ({str(e).splitlines()[0]})") from None
         notes += resume.world_change(len(ranks), state.get("parallel"), self.world.size, self.parallel)
-        notes += prepared_again(state.get("preparations"), self.cfg)
+        notes += prepared_again(state.get("preparations"), self.preparations, self.cfg)
         return run, saved, notes
 
     def restore_weights(self, path: Path) -> None:

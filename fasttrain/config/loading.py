@@ -167,7 +167,7 @@ def _assign(part: Any, section: str, key: str, value: Any, source: str, sources:
     types = get_type_hints(type(part))
     head, dot, rest = key.partition(".")
     if head not in types or (dot and not is_dataclass(types[head])):
-        elsewhere = [f.name for f in fields(Config) if head in get_type_hints(type(getattr(Config(), f.name)))]
+        elsewhere = [name for name, tp in get_type_hints(Config).items() if head in get_type_hints(tp)]
         if not dot and elsewhere and elsewhere[0] != section.partition(".")[0]:  # `[train] lr`: optim's key
             raise UsageError(
                 f"{source}: unknown key {section}.{key}; it is a key of [{elsewhere[0]}]: {elsewhere[0]}.{key}"

@@ -125,12 +125,12 @@ def weights_anew(run: RunState, saved: Config, cfg: Config) -> str | None:
     weighted = cfg.train.monitor == "val_loss"
     if weighted:
         run.best_val_loss, run.stale_evals = math.inf, 0
-    shares = ", ".join(f"{w:g}" for w in new)
-    return f"data.sources' weights are {shares} (saved with {', '.join(f'{w:g}' for w in old)}): read in the new " + (
-        "shares from here, and the weighted validation loss with them, so its best and early stopping's count start "
-        "anew"
+    now, then = (", ".join(f"{w:g}" for w in weights) for weights in (new, old))
+    said = f"data.sources' weights are {now} (saved with {then}): read in the new shares from here"
+    return said + (
+        ", and the weighted validation loss with them, so its best and early stopping's count start anew"
         if weighted
-        else "shares from here"
+        else ""
     )
 
 
