@@ -2,8 +2,9 @@
 one), directories synced (a rename in them survives a power cut), run files opened without following links
 (a link planted as metrics.jsonl or .lock must not redirect a write, or a truncation, to its target), and
 small files read only when they are regular files of bounded size (a FIFO would hang the read, /dev/zero
-would never end it). A folder of files is written as a temporary folder beside it, moved into place whole
-(`folder_atomically`). A full disk is said as one, naming the folder.
+would never end it). A folder of files is written as a temporary folder beside it and put in place whole: renamed
+there, or exchanged with the folder it replaces in one step (`folder_atomically`, `replace_folder`). A full disk is
+said as one, naming the folder.
 
 Imports from fasttrain: system.errors.
 """
@@ -11,6 +12,7 @@ Imports from fasttrain: system.errors.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import re
@@ -64,9 +66,9 @@ def failure(error: OSError, folder: Path) -> str:
 
 @contextlib.contextmanager
 def folder_atomically(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """A new temporary folder beside the folder `path` to write into. When the block ends its files are moved into
-    `path` (created if need be; a file of the same name there replaced) and the folders synced; an exception in the
-    block removes the temporary folder and leaves `path` as it was, so a failure never leaves part of what was
+    """A new temporary folder beside the folder `path` to write into. When the block ends it takes `path`'s place
+    (`replace_folder`: what `path` held and the block did not write is kept) and the folders are synced; an exception
+    in the block removes the temporary folder and leaves `path` as it was, so a failure never leaves part of what was
     written. A UsageError from the block names `path` where it named the temporary folder; an OSError here is one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -76,19 +78,57 @@ def folder_atomically(path: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process that had this one's id
             tmp.mkdir()
             yield tmp
-            if path.is_dir():  # a folder a rename cannot replace: its files of these names are, one by one
-                for file in sorted(tmp.iterdir()):
-                    os.replace(file, path / file.name)
-            else:
-                os.replace(tmp, path)
+            replace_folder(tmp, path)
             sync_directory(path)
-            sync_directory(path.parent)
         except OSError as e:
             raise UsageError(f"{path}: cannot write ({failure(e, path.parent)})") from None
         except UsageError as e:
             raise UsageError(str(e).replace(str(tmp), str(path))) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(new: Path, path: Path, carry: bool = True) -> None:
+    """Put the folder `new` at `path` (a sibling); with `carry`, keeping what `path` holds that `new` does not (an export
+    folder's .git, say: hard links, no copy). Where `path` is a folder, the two are exchanged in one rename (Linux's
+    RENAME_EXCHANGE), so a kill at any moment leaves `path` wholly the old folder or wholly the new one (the old one
+    then lies at `new`'s name, which the next start removes, as any writer's left-over temporary folder); `new` is
+    removed. Where the file system cannot exchange, `new`'s files replace `path`'s one by one (without `carry`, `path`
+    is removed, then `new` renamed). Syncs the parent."""
+    if not path.is_dir():
+        os.replace(new, path)
+    else:
+        carried = [entry for entry in path.iterdir() if carry and not os.path.lexists(new / entry.name)]
+        for entry in carried:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=os.link)
+            else:
+                os.link(entry, new / entry.name, follow_symlinks=False)
+        if exchange(new, path):
+            shutil.rmtree(new)
+        elif not carry:
+            shutil.rmtree(path)
+            os.replace(new, path)
+        else:
+            for file in sorted(set(new.iterdir()) - {new / entry.name for entry in carried}):
+                os.replace(file, path / file.name)
+    sync_directory(path.parent)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` (two folders in one file system) atomically. False where this system or file system
+    cannot (not Linux, an old C library or kernel, NFS): nothing is moved then. Another failure is an OSError."""
+    rename_exchange = 2  # RENAME_EXCHANGE, linux/fs.h
+    at_current_directory = -100  # AT_FDCWD
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(at_current_directory, os.fsencode(a), at_current_directory, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def sync_directory(path: str | os.PathLike[str]) -> None:

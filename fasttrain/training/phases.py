@@ -45,7 +45,7 @@ from fasttrain.config import Config, Seconds, load_config
 from fasttrain.planning.members import LONE_STUDENT_SHARE, MAX_MEMBERS, MIN_LEFT, TEACHER_COST, ensemble_share
 from fasttrain.planning.preflight import Machine, teachers_in_memory
 from fasttrain.planning.recorded import start_events
-from fasttrain.system.atomic import sync_directory, write_atomically
+from fasttrain.system.atomic import replace_folder, write_atomically
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import other_holder
 
@@ -459,9 +459,7 @@ def publish(phase: Phase) -> Path:
     staging = run_dir / f".final.{os.getpid()}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(member / "final", staging, copy_function=shutil.copyfile)  # written now: what same_run reads
-    shutil.rmtree(run_dir / "final", ignore_errors=True)
-    os.replace(staging, run_dir / "final")
-    sync_directory(run_dir)
+    replace_folder(staging, run_dir / "final", carry=False)  # an earlier run's final/ whole until it is the member's
     if phase.overwrite:
         discard_set_aside(run_dir)
     return run_dir / "final"
