@@ -164,6 +164,13 @@ def score_inputs(
         meta = prepare(
             inputs, tmp, tokenizer_path=str(trained.tokenizer_path), val_fraction=0.0, text_field=text_field, quiet=True
         )
+        if replaced := meta["invalid_utf8_replaced"]:  # a binary file (a prepared shard, say) would score as noise
+            print(
+                f"note: {' '.join(inputs)}: {replaced:,} invalid UTF-8 sequences in {meta['text_bytes']['train']:,} "
+                "bytes of text, each scored as U+FFFD (a binary file is not text; a prepared data folder is scored "
+                "with --split)",
+                file=sys.stderr,
+            )
         return score_text(trained, tmp, "train", meta["text_bytes"]["train"], batch_size, device)
 
 

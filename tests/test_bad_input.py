@@ -1197,19 +1197,19 @@ CASES = [
         "resume from garbage",
         train,
         lambda c: c.train(flags=["--resume", c.file("junk.pt", b"\x00garbage" * 100)]),
-        "junk.pt: not a loadable checkpoint",
+        "junk.pt: not a loadable checkpoint (not a file torch.save wrote)",
     ),
     (
         "resume from a truncated checkpoint",
         train,
         lambda c: c.train(flags=["--resume", c.file("half.pt", c.checkpoint().read_bytes()[:5000])]),
-        "half.pt: not a loadable checkpoint",
+        "half.pt: not a loadable checkpoint (cut short or damaged)",
     ),
     (
         "resume from a checkpoint that runs code",
         train,
         lambda c: c.train(flags=["--resume", unpickling_runs_code(c)]),
-        "evil.pt: not a loadable checkpoint",
+        "evil.pt: not a loadable checkpoint (it holds objects other than tensors and plain values",
     ),
     (
         "resume from another program's file",

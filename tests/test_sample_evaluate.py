@@ -175,6 +175,18 @@ def test_evaluate_input_counts_the_texts_own_tokens(trained_run, tmp_path, texts
     assert metrics["ppl"] == pytest.approx(math.exp(nats / counted), rel=1e-5)
 
 
+def test_evaluate_input_of_a_binary_file_says_it_is_not_text(trained_run, tmp_path, capsys):
+    """A prepared shard given as --input is read as text like any file, and says so: its bytes are mostly invalid
+    UTF-8, each scored as U+FFFD; text says nothing."""
+    trained = load_trained(trained_run[0])
+    shard = sorted(Path(trained.cfg.data.dir).glob("*train_*.bin"))[0]
+    evaluate.score_inputs(trained, [str(shard)], 4, CPU)
+    assert f"note: {shard}: " in capsys.readouterr().err
+    (tmp_path / "text.txt").write_text("Dictionaries map keys to values.")
+    evaluate.score_inputs(trained, [str(tmp_path / "text.txt")], 4, CPU)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.subprocess
 def test_both_command_lines(trained_run, held_out):
     run, summary = trained_run

@@ -25,6 +25,7 @@ line naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -155,8 +156,23 @@ def read_trusted(file: Path, device: torch.device | str, path: Path, mmap: bool 
     except FileNotFoundError:
         raise UsageError(f"{file}: no such checkpoint") from None
     except Exception as e:  # truncated, corrupt, or holding objects other than tensors and plain values
-        reason = " ".join(str(e).split("\n")[0].split())[:160]
-        raise UsageError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {reason})") from None
+        raise UsageError(f"{path}: not a loadable checkpoint ({unloadable(file, e)})") from None
+
+
+def unloadable(file: Path, error: Exception) -> str:
+    """Why torch.load could not read `file`, in a few words: torch's own messages run to paragraphs (with terminal
+    colour codes), so the kinds a user meets are named here, and any other by its first line, shortened."""
+    with contextlib.suppress(OSError):
+        with open(file, "rb") as f:
+            start = f.read(4)
+        if not (start.startswith(b"PK\x03\x04") or start.startswith(b"\x80")):  # torch.save's zip, or its old pickle
+            return "not a file torch.save wrote"
+    message = str(error)
+    if "Weights only load failed" in message:
+        return "it holds objects other than tensors and plain values, and fasttrain never unpickles code"
+    if isinstance(error, (OSError, RuntimeError)):  # a missing zip index, a map past the file's end, ...
+        return "cut short or damaged"
+    return f"{type(error).__name__}: {' '.join(message.split(chr(10))[0].split())[:160]}"
 
 
 def config_of(path: Path) -> Config:
