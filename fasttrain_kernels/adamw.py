@@ -244,6 +244,12 @@ def specializations() -> list[Specialization]:
     ]
 
 
+def plain_adamw(group: dict) -> bool:
+    """Whether a parameter group (or a saved one) of torch.optim.AdamW's keys asks for plain AdamW, the one update
+    FusedAdamW makes."""
+    return not group.get("amsgrad") and not group.get("maximize") and group.get("decoupled_weight_decay", True)
+
+
 def _torch_update(
     params: list[Tensor],
     grads: list[Tensor],
@@ -322,6 +328,12 @@ class FusedAdamW(torch.optim.Optimizer):
         self._grad_norm: Tensor | None = None  # from grad_norm(), for the next step
         self._tables: dict = {}  # kernel work lists, by (group, dtypes)
         self._lr: dict[int, Tensor] = {}  # device copies of float learning rates, by group
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, refusing a group that asks for what the kernel does not do (it would run plain AdamW)."""
+        if not plain_adamw(param_group):
+            raise ValueError("FusedAdamW: amsgrad, maximize and coupled weight decay are not supported")
+        super().add_param_group(param_group)
 
     def _gradients(self) -> list[tuple[int, dict, list[Tensor]]]:
         """(index, group, parameters with a gradient) for every group; checks what the kernels need."""
@@ -455,7 +467,7 @@ class FusedAdamW(torch.optim.Optimizer):
         would cast them to the parameter's dtype) and `step` becomes an fp32 tensor on the parameter's
         device. Also loads torch.optim.AdamW's state; Adam's, amsgrad or maximize are refused."""
         for group in state_dict["param_groups"]:
-            if group.get("amsgrad") or group.get("maximize") or not group.get("decoupled_weight_decay", True):
+            if not plain_adamw(group):
                 raise ValueError("FusedAdamW: this state is not plain AdamW's (amsgrad, maximize or coupled decay)")
         kept = {pid: {k: v for k, v in s.items() if k in FP32_STATE} for pid, s in state_dict["state"].items()}
         rest = {pid: {k: v for k, v in s.items() if k not in FP32_STATE} for pid, s in state_dict["state"].items()}

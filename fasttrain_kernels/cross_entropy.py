@@ -325,7 +325,7 @@ def _launch(
 def _scale_rows(x: Tensor, weight: Tensor) -> None:
     """x (N, V) *= weight ((1,) or (N,), fp32) in place."""
     if not use_triton(x):
-        if weight.numel() > 1:
+        if weight.numel() != 1:  # a weight a row (none for no rows)
             x.mul_(weight.unsqueeze(1).to(x.dtype))
         elif weight.item() != 1.0:  # on the CPU path a sync costs nothing
             x.mul_(weight.to(x.dtype))
@@ -486,6 +486,15 @@ def check_inputs(
         raise ValueError(f"softcap must be positive or None, not {softcap}")
 
 
+def checked_target(target: Tensor, n_classes: int, ignore_index: int) -> Tensor:
+    """`target` as the kernels read it (contiguous: they index it by row), checked to hold classes in [0, n_classes) or
+    ignore_index without a host sync: a target outside reads memory outside its row, so it fails (RuntimeError on the
+    CPU, a device-side assert on a GPU) as F.cross_entropy's does."""
+    in_range = ((target >= 0) & (target < n_classes)) | (target == ignore_index)
+    torch._assert_async(in_range.all(), f"cross_entropy: a target outside [0, {n_classes}) and not ignore_index")
+    return target.contiguous()
+
+
 def mean_scale(target: Tensor, ignore_index: int, reduction: str) -> Tensor:
     """fp32 (1,): 1 / (non-ignored targets) for the mean (1 if there are none), else 1. No host sync."""
     if reduction != "mean":
@@ -616,6 +625,7 @@ def cross_entropy(
     included: top-1 accuracy at no extra cost, since pass 1 has both values.
     """
     check_inputs(logits, target, reduction, label_smoothing, softcap)
+    target = checked_target(target, logits.shape[1], ignore_index)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, correct = _CrossEntropyFunction.apply(
         logits, target, ignore_index, reduction, label_smoothing, z_loss, softcap or 0.0, needs_grad, inplace_backward

@@ -69,6 +69,7 @@ from fasttrain_kernels.cross_entropy import (
     _rows_op,
     _scale_rows_op,
     check_inputs,
+    checked_target,
     cross_entropy_reference,
     fuses_gradient,
     launch_config,
@@ -413,6 +414,7 @@ def linear_cross_entropy(
             f"grad_scale must be a one-element tensor on {hidden.device}, not {tuple(grad_scale.shape)} "
             f"on {grad_scale.device}"
         )
+    target = checked_target(target, weight.shape[0], ignore_index)
     compute_dtype = _compute_dtype(hidden)
     bounds = chunk_bounds(hidden.shape[0], weight.shape[0], compute_dtype.itemsize, chunk_rows)
     grad_on = torch.is_grad_enabled()

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.library import wrap_triton
 
 from fasttrain_kernels._backend import gpu_properties, library_op, num_warps_for, tl, traced, triton, use_triton
@@ -301,10 +302,12 @@ def _backward(
         grad = (g - n * (g * n).mean(-1, keepdim=True)) * rstd.unsqueeze(1)
         if dh is not None:
             grad += dh.float()
+        # Before dx is written: dx may be dy itself (inplace_backward), and an fp32 dy is dyf
+        dweight = (dyf * n).sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
         for out in (dx, dresidual):
             if out is not None:
                 out.copy_(grad)
-        return (dyf * n).sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
+        return dweight
     block, _, chosen = tilings(n_cols, _capability(h.device))
     tiling = tiling or chosen
     rows_per_program, programs = _backward_split(n_rows, tiling, h.device)
@@ -468,7 +471,7 @@ def _(dy, dh, h, weight, rstd, dx, dresidual, weight_grad):
 
 
 def check_inputs(
-    x: Tensor, weight: Tensor, residual: Tensor | None, eps: float, out_dtype: torch.dtype | None = None
+    x: Tensor, weight: Tensor, residual: Tensor | None, eps: float | None, out_dtype: torch.dtype | None = None
 ) -> None:
     """ValueError naming the first thing wrong with a call's shapes, dtypes or options."""
     for name, t in (("x", x), ("weight", weight), ("residual", residual)):
@@ -482,7 +485,7 @@ def check_inputs(
         raise ValueError(f"rms_norm: hidden size {x.shape[-1]} is over the kernel's limit of {MAX_HIDDEN}")
     if residual is not None and residual.shape != x.shape:
         raise ValueError(f"rms_norm: residual must have x's shape {tuple(x.shape)}, not {tuple(residual.shape)}")
-    if not eps >= 0:
+    if eps is not None and not eps >= 0:
         raise ValueError(f"rms_norm: eps must be >= 0, not {eps}")
     if out_dtype is not None and out_dtype not in DTYPES:
         raise ValueError(f"rms_norm: out_dtype must be float32, bfloat16 or float16, not {out_dtype}")
@@ -504,18 +507,22 @@ class _RMSNormFunction(torch.autograd.Function):
         eps: float,
         out_dtype: torch.dtype,
         inplace_backward: bool,
+        separate_grads: bool,
     ):
         y, h, rstd = _forward_op(x, residual, weight, eps, out_dtype)
         ctx.has_residual, ctx.inplace_backward = residual is not None, inplace_backward
+        ctx.separate_grads = separate_grads
         ctx.grad_dtypes = (x.dtype, None if residual is None else residual.dtype)
         ctx.save_for_backward(h if ctx.has_residual else x, weight, rstd)
         ctx.set_materialize_grads(False)  # an unused y or h gets None, not a tensor of zeros to read
         return (y, h) if ctx.has_residual else y
 
     @staticmethod
+    @once_differentiable  # a second derivative is refused, not computed wrong
     def backward(ctx, dy: Tensor | None, dh: Tensor | None = None):
         if dy is None:  # only h was used downstream: it passes its gradient straight to x and residual
-            return dh, dh, None, None, None, None
+            residual_grad = dh.clone() if ctx.separate_grads and dh is not None else dh
+            return dh, residual_grad, None, None, None, None, None
         h, weight, rstd = ctx.saved_tensors
         dy, dh = _rows(dy), None if dh is None else _rows(dh)
         # x and the residual get the same gradient, each in its own dtype: one output, or two when the
@@ -527,10 +534,13 @@ class _RMSNormFunction(torch.autograd.Function):
         dresidual = torch.empty_like(h, dtype=wanted[1]) if len(wanted) == 2 and wanted[1] != first else None
         dweight = _backward_op(dy, dh, h, weight, rstd, dx, dresidual, ctx.needs_input_grad[2])
         residual_grad = dx if dresidual is None else dresidual
+        if residual_grad is dx and ctx.separate_grads and len(wanted) == 2:  # two leaves: a copy (a rare case)
+            residual_grad = dx.clone()
         return (
             dx if ctx.needs_input_grad[0] else None,
             residual_grad if ctx.needs_input_grad[1] else None,
             dweight if ctx.needs_input_grad[2] else None,
+            None,
             None,
             None,
             None,
@@ -543,7 +553,7 @@ class _RMSNormFunction(torch.autograd.Function):
 def rms_norm(
     x: Tensor,
     weight: Tensor,
-    eps: float = 1e-6,
+    eps: float | None = 1e-6,
     residual: Tensor | None = None,
     inplace_backward: bool = False,
     out_dtype: torch.dtype | None = None,
@@ -554,20 +564,27 @@ def rms_norm(
     h = x + residual instead and returns (y, h), h in the promoted dtype of the
     two and y in h's: the add and the norm of a pre-norm block in one kernel. Both
     are differentiable; the gradient reaching x equals the one reaching residual.
-    `out_dtype` stores y in another dtype (rounded once from fp32).
+    `out_dtype` stores y in another dtype (rounded once from fp32). `eps` None is
+    torch's: the machine epsilon of h's dtype.
 
     The backward writes dx into new memory; `inplace_backward=True` writes it over
     the incoming gradient of y when that is contiguous and of the same dtype,
-    saving the allocation: use it only when nothing else reads that gradient.
+    saving the allocation: use it only when nothing else reads that gradient. An
+    add reading y hands that same gradient tensor to its other input too (y + s
+    in a post-norm or sandwich block): there it would overwrite s's gradient.
     """
     check_inputs(x, weight, residual, eps, out_dtype)
+    eps = torch.finfo(_sum_dtype(x, residual)).eps if eps is None else eps
+    # Two leaves would otherwise get one tensor as both .grad: a second backward accumulates into it twice
+    separate_grads = residual is not None and x.is_leaf and residual.is_leaf
     out = _RMSNormFunction.apply(
         _rows(x),
         None if residual is None else _rows(residual),
-        weight,
+        weight.contiguous(),  # the kernels index it by column
         eps,
         out_dtype or _sum_dtype(x, residual),
         inplace_backward,
+        separate_grads,
     )
     if residual is None:
         return out.view(x.shape)
@@ -577,7 +594,8 @@ def rms_norm(
 
 class RMSNorm(torch.nn.Module):
     """RMSNorm over the last dimension with a learned scale: a drop-in for torch.nn.RMSNorm(dim, eps)
-    (same `weight` parameter and state_dict) whose forward also takes an optional residual.
+    (same `weight` parameter and state_dict; eps None, the default, is the machine epsilon of the input's
+    dtype, as torch's) whose forward also takes an optional residual.
 
     Under autocast y comes out in the autocast dtype (torch.nn.RMSNorm's stays in its input's,
     often fp32 in the residual stream). The matmul that reads a norm's output would round it to
@@ -587,7 +605,7 @@ class RMSNorm(torch.nn.Module):
     def __init__(
         self,
         dim: int,
-        eps: float = 1e-6,
+        eps: float | None = None,
         *,
         inplace_backward: bool = False,
         device: torch.device | str | None = None,

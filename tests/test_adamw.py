@@ -203,6 +203,11 @@ def test_refuses_what_it_cannot_do():
     for bad in ({"lr": -1.0}, {"betas": (1.0, 0.9)}, {"max_grad_norm": 0.0}):
         with pytest.raises(ValueError, match="FusedAdamW"):
             FusedAdamW([p], **bad)
+    for group in ({"maximize": True}, {"amsgrad": True}, {"decoupled_weight_decay": False}):  # torch.optim's keys
+        with pytest.raises(ValueError, match="not supported"):
+            FusedAdamW([{"params": [p], **group}])  # it would run plain AdamW
+        with pytest.raises(ValueError, match="not supported"):
+            FusedAdamW([p]).add_param_group({"params": [torch.zeros(2, requires_grad=True)], **group})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

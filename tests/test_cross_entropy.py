@@ -79,6 +79,29 @@ def test_all_ignored_gives_zero_loss_and_gradient(kernel_device, reduction):
         assert F.cross_entropy(logits, target).isnan()  # what we document differently
 
 
+def test_a_strided_target_is_read_by_its_stride(kernel_device):
+    """A target that is a column of a larger tensor (stride 2): the kernel indexes the target by row."""
+    logits = torch.randn(6, 11, device=kernel_device)
+    target = torch.randint(0, 11, (6, 2), device=kernel_device)[:, 0]
+    check_against_reference(logits, target)
+
+
+@pytest.mark.parametrize("bad", [11, 16, -1, -3])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_a_target_outside_the_classes_is_refused(kernel_device, bad, reduction):
+    """As F.cross_entropy refuses it, rather than reading memory outside the row (ignore_index is -100 here)."""
+    target = torch.tensor([1, bad, 3], device=kernel_device)
+    with pytest.raises(RuntimeError, match=r"outside \[0, 11\)"):
+        cross_entropy(torch.randn(3, 11, device=kernel_device, requires_grad=True), target, reduction=reduction)
+
+
+def test_no_rows_with_a_loss_a_row(kernel_device):
+    logits = torch.randn(0, 11, device=kernel_device, requires_grad=True)
+    loss = cross_entropy(logits, torch.zeros(0, dtype=torch.int64, device=kernel_device), reduction="none")
+    loss.sum().backward()
+    assert loss.shape == (0,) and logits.grad.shape == (0, 11)
+
+
 def test_custom_ignore_index_and_module(kernel_device):
     logits = torch.randn(2, 5, 40, device=kernel_device)
     target = random_targets(10, 40, 3, kernel_device, ignore_index=0).view(2, 5)

@@ -374,3 +374,11 @@ def test_no_rows(kernel_device):
     loss = linear_cross_entropy(*leaves[:2], torch.zeros(0, dtype=torch.int64, device=kernel_device), leaves[2])
     loss.backward()
     assert loss.item() == 0 and all(torch.equal(t.grad, torch.zeros_like(t)) for t in leaves)
+
+
+def test_a_strided_target_and_one_outside_the_classes(kernel_device):
+    """The target is read by its stride, and a class outside [0, V) is refused as F.cross_entropy refuses it."""
+    hidden, weight, bias = make_inputs(6, 8, 30, torch.float32, kernel_device)
+    check_against_reference(hidden, weight, bias, torch.randint(0, 30, (6, 2), device=kernel_device)[:, 1])
+    with pytest.raises(RuntimeError, match=r"outside \[0, 30\)"):
+        linear_cross_entropy(hidden, weight, torch.tensor([0, 1, 2, 30, 4, 5], device=kernel_device))

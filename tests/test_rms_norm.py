@@ -205,6 +205,49 @@ def test_incoming_gradient_is_kept_unless_asked(kernel_device):
     assert torch.equal(dx_inplace, dx) and torch.equal(dy, dx)  # asked for: dx written over dy
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_gradient_written_over_dy_leaves_the_weights_gradient_right(kernel_device, dtype):
+    """inplace_backward: dweight reads dy, which dx overwrites (in fp32 on the CPU, dy.float() is dy itself)."""
+    x = torch.randn(8, 96, device=kernel_device, dtype=dtype, requires_grad=True)
+    weight = (torch.rand(96, device=kernel_device) + 0.5).to(dtype).requires_grad_()
+    dy = torch.randn(8, 96, device=kernel_device, dtype=dtype)
+    expected = torch.autograd.grad(rms_norm(x, weight), (x, weight), dy.clone())
+    found = torch.autograd.grad(rms_norm(x, weight, inplace_backward=True), (x, weight), dy.clone())
+    for ours, theirs, name in zip(found, expected, ("dx", "dweight")):
+        torch.testing.assert_close(ours, theirs, msg=name)
+
+
+def test_two_leaves_get_gradients_of_their_own(kernel_device):
+    """x and residual leaves: each .grad its own tensor (autograd would accumulate the next backward into one shared
+    tensor twice), whether y is used or only h."""
+    x, r = (torch.randn(3, 40, device=kernel_device, requires_grad=True) for _ in range(2))
+    weight = torch.rand(40, device=kernel_device) + 0.5
+    x64, r64 = (t.detach().double().requires_grad_() for t in (x, r))
+    for use in ("y", "h", "y", "h"):  # accumulated over four backwards
+        dy = torch.randn(3, 40, device=kernel_device)
+        y, h = rms_norm(x, weight, residual=r)
+        y64, h64 = rms_norm_reference(x64, weight.double(), residual=r64)
+        ((y if use == "y" else h) * dy).sum().backward()
+        ((y64 if use == "y" else h64) * dy.double()).sum().backward()
+    assert x.grad.data_ptr() != r.grad.data_ptr()
+    assert_matches(x.grad, x64.grad, torch.float32, "x's accumulated gradient")
+    assert_matches(r.grad, r64.grad, torch.float32, "residual's accumulated gradient")
+
+
+def test_a_strided_weight(kernel_device):
+    x = torch.randn(5, 37, device=kernel_device, requires_grad=True)
+    weight = (torch.rand(74, device=kernel_device) + 0.5)[::2].requires_grad_()
+    assert_all_match(*run_both(x, weight, None))
+
+
+def test_a_second_derivative_is_refused(kernel_device):
+    """The backward is not itself differentiable: a gradient of it raises rather than gives wrong numbers."""
+    x = torch.randn(3, 8, device=kernel_device, requires_grad=True)
+    (dx,) = torch.autograd.grad(rms_norm(x, torch.ones(8, device=kernel_device)).pow(3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(dx.square().sum(), x)
+
+
 def test_non_contiguous_input(kernel_device):
     x = torch.randn(40, 6, device=kernel_device).t()  # (6, 40) with column stride 6
     r = torch.randn(12, 40, device=kernel_device)[::2]  # (6, 40) with row stride 80
@@ -227,6 +270,10 @@ def test_module_is_a_drop_in_for_torch(kernel_device):
     theirs.load_state_dict(ours.state_dict())  # and back
     y, h = ours(x, residual=x)
     torch.testing.assert_close(h, 2 * x)
+    small = torch.randn(4, 130, device=kernel_device) * 1e-3  # where eps matters: torch's default, the dtype's epsilon
+    torch.testing.assert_close(
+        RMSNorm(130, device=kernel_device)(small), torch.nn.RMSNorm(130, device=kernel_device)(small)
+    )
 
 
 @pytest.mark.compile
