@@ -30,7 +30,7 @@ from fasttrain.compute import distributed
 from fasttrain.config import Config, config_to_toml
 from fasttrain.data.loader import TokenLoader, reshard
 from fasttrain.formats.shards import PREPARATION, read_meta
-from fasttrain.system.atomic import sync_directory, write_atomically
+from fasttrain.system.atomic import exchange, sync_directory, write_atomically
 from fasttrain.system.errors import UsageError
 from fasttrain.system.run_lock import other_holder
 
@@ -177,9 +177,12 @@ class Checkpointer:
         write_atomically(staging / STATE_FILE, lambda f: torch.save(rest, f), what="save checkpoint")
         try:
             sync_directory(staging)
-            if path.exists():  # this step saved before (a folder cannot be renamed over): set it aside
-                os.rename(path, self.directory / f".{path.name}.old.tmp")
-            os.rename(staging, path)
+            # This step saved before (a resumed run's evaluation saves it again): the two folders swap names in one
+            # rename, so a kill leaves the old save or the new one there, never neither (the old one is then removed)
+            if not (path.exists() and exchange(staging, path)):
+                if path.exists():  # a file system that cannot swap: set the old one aside first
+                    os.rename(path, self.directory / f".{path.name}.old.tmp")
+                os.rename(staging, path)
             sync_directory(self.directory)
         except OSError as e:
             raise UsageError(f"{path}: cannot save checkpoint ({e.strerror or e})") from None
@@ -276,6 +279,42 @@ class Checkpointer:
         notes += resume.world_change(len(ranks), state.get("parallel"), self.world.size, self.parallel)
         notes += prepared_again(state.get("preparations"), self.preparations, self.cfg)
         return run, saved, notes
+
+    def leave_later_saves(self, path: Path, best_step: int | None) -> list[str]:
+        """A resume from the save `path` of this run's checkpoints/: saves of later steps there are a continuation this
+        run leaves (publish neither counts nor prunes them; this run saves over each as it reaches its step), and a
+        `best` naming one of them is pointed back at the save of `best_step` (the restored run's best evaluation), or
+        removed where that save is gone. Rank 0 moves the pointer; lines saying what there is."""
+        if path.parent.resolve() != self.directory.resolve() or saves.SAVE_NAME.fullmatch(path.name) is None:
+            return []
+        step = saves.step_of(path)
+        later = [p.name for p in saves.saved_steps(self.directory) if saves.step_of(p) > step]
+        best = saves.pointed(self.directory, "best")
+        lines = []
+        if best is not None and saves.SAVE_NAME.fullmatch(best.name) and saves.step_of(best) > step:
+            kept = [
+                p for p in saves.saved_steps(self.directory) if best_step is not None and saves.step_of(p) == best_step
+            ]
+            if self.world.is_main:
+                if kept and best_step is not None and best_step <= step:
+                    saves.point(self.directory, "best", kept[0])
+                else:
+                    (self.directory / "best").unlink(missing_ok=True)
+            lines.append(
+                f"{self.directory / 'best'} named {best.name}, of the continuation this resume leaves: "
+                + (
+                    f"it names {kept[0].name} again"
+                    if kept and best_step is not None and best_step <= step
+                    else "removed"
+                )
+            )
+        if later:
+            lines.append(
+                f"{self.directory} holds {', '.join(later)}, saved after step {step} by a continuation this resume "
+                "leaves: kept as they are, each replaced as this run saves that step"
+            )
+        distributed.barrier(self.world)
+        return lines
 
     def restore_weights(self, path: Path) -> None:
         """Load only the model's weights of the save at `path` (what checkpoint.final_weights = "best" gives final/);

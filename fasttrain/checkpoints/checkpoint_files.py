@@ -56,12 +56,14 @@ def save(
 
 def publish(directory: Path, path: Path, keep_last: int, best: bool, keep: Path | None = None) -> Path:
     """Point `latest` (and `best` if `best`) at the complete save `path`, then prune: keeps the newest
-    `checkpoint.keep_last` saves, the one `best` names and `keep`."""
+    `checkpoint.keep_last` saves up to `path`'s step, the one `best` names and `keep`. Saves of later steps are
+    another continuation's (one a resume from an earlier save left, or one whose pointer a kill never moved): they
+    are neither counted nor pruned here, and this run replaces each as it saves that step."""
     if best:
         saves.point(directory, "best", path)
     saves.point(directory, "latest", path)
-    saved = saves.saved_steps(directory)
-    kept = set(saved[-keep_last:]) | {saves.pointed(directory, "best"), keep}
+    saved = [p for p in saves.saved_steps(directory) if saves.step_of(p) <= saves.step_of(path)]
+    kept = set(saved[-keep_last:]) | {saves.pointed(directory, "best"), keep, path}
     for old in saved:
         if old not in kept:
             saves.remove(old)

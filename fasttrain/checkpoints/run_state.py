@@ -17,6 +17,7 @@ class RunState:
     step: int = 0  # optimizer updates done, skipped ones included
     tokens_seen: int = 0  # real (counted) target tokens trained on, over all ranks; pads do not count
     best_val_loss: float = math.inf
+    best_step: int | None = None  # the step whose evaluation set best_val_loss (None: none yet, or started anew)
     stale_evals: int = 0  # evaluations in a row without lowering the best by train.early_stop_min_delta
     lr_scale: float = 1.0  # multiplies the schedule; each rollback after divergence lowers it
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient norm, in all

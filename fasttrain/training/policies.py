@@ -103,16 +103,18 @@ class EarlyStopping:
         return self.patience > 0 and stale_evals >= self.patience
 
 
-def monitor_anew(run: RunState, saved: Config, cfg: Config) -> str | None:
-    """If `saved` (the config `run` was saved with) monitored another loss than `cfg`'s train.monitor, the best
-    loss and early stopping's count start anew in `run` (they measured the other loss); says so."""
-    if saved.train.monitor == cfg.train.monitor:
+def monitor_anew(run: RunState, saved: Config, cfg: Config, rows: tuple[int, int] | None = None) -> str | None:
+    """If `saved` (the config `run` was saved with) monitored another loss than `cfg`'s train.monitor, or its
+    evaluations scored other validation rows (`rows`: their count under `saved`, under `cfg`; train.eval_steps), the
+    best loss and early stopping's count start anew in `run` (they measured another loss); says so."""
+    if saved.train.monitor != cfg.train.monitor:
+        what = f"train.monitor is {cfg.train.monitor}, not {saved.train.monitor}"
+    elif rows is not None and rows[0] != rows[1]:
+        what = f"evaluations score {rows[1]:,} validation rows, not the save's {rows[0]:,} (train.eval_steps)"
+    else:
         return None
-    run.best_val_loss, run.stale_evals = math.inf, 0
-    return (
-        f"train.monitor is {cfg.train.monitor}, not {saved.train.monitor}: the best validation loss "
-        "and early stopping's count start anew"
-    )
+    run.best_val_loss, run.best_step, run.stale_evals = math.inf, None, 0
+    return f"{what}: the best validation loss and early stopping's count start anew"
 
 
 def weights_anew(run: RunState, saved: Config, cfg: Config) -> str | None:
@@ -124,7 +126,7 @@ def weights_anew(run: RunState, saved: Config, cfg: Config) -> str | None:
         return None
     weighted = cfg.train.monitor == "val_loss"
     if weighted:
-        run.best_val_loss, run.stale_evals = math.inf, 0
+        run.best_val_loss, run.best_step, run.stale_evals = math.inf, None, 0
     now, then = (", ".join(f"{w:g}" for w in weights) for weights in (new, old))
     said = f"data.sources' weights are {now} (saved with {then}): read in the new shares from here"
     return said + (
@@ -134,21 +136,38 @@ def weights_anew(run: RunState, saved: Config, cfg: Config) -> str | None:
     )
 
 
-def resumed_under(path: Path, run: RunState, saved: Config, cfg: Config, recorded: Sequence[float] = ()) -> list[str]:
+def resumed_under(
+    path: Path, run: RunState, saved: Config, cfg: Config, rows: tuple[int, int], recorded: Sequence[float] = ()
+) -> list[str]:
     """The `run` saved at `path` under `saved`, continued under `cfg`: UsageError if past the run's end; else its
-    schedule re-laid or carried on (carried_rest_scale), its monitor restarted if changed, as it is where the sources'
-    weights changed. Lines saying what changed."""
+    schedule re-laid or carried on (carried_rest_scale), its monitor restarted if changed, or if the validation rows
+    its evaluations score changed (`rows`: under `saved`, under `cfg`), as it is where the sources' weights changed.
+    Lines saying what changed."""
     check_not_past_end(path, run, saved, cfg)
     lines = (
         ended(run, cfg),
         schedule_change(saved, cfg, run, recorded),
-        monitor_anew(run, saved, cfg),
+        monitor_anew(run, saved, cfg, rows),
         weights_anew(run, saved, cfg),
+        settings_changed(saved, cfg),
     )
     carried = carried_rest_scale(saved, cfg, run)  # after the line that says what it does
     if carried is not None:
         run.rest_scale = carried
     return [line for line in lines if line]
+
+
+def settings_changed(saved: Config, cfg: Config) -> str | None:
+    """The line for settings that change how a resumed run trains from the save on and that nothing else reports
+    (the clip, the precision, the tokens an update), where `cfg` changed them from `saved`; None where none changed."""
+    pairs: list[tuple[str, object, object]] = [
+        ("optim.max_grad_norm", saved.optim.max_grad_norm, cfg.optim.max_grad_norm),
+        ("train.tokens_per_update", saved.train.tokens_per_update, cfg.train.tokens_per_update),
+    ]
+    if "auto" not in (saved.train.precision, cfg.train.precision):  # "auto" may well be the other's choice
+        pairs.append(("train.precision", saved.train.precision, cfg.train.precision))
+    changed = [f"{key} is {now!r} (saved with {then!r})" for key, then, now in pairs if then != now]
+    return f"{'; '.join(changed)}: the run trains so from here" if changed else None
 
 
 def ended(run: RunState, cfg: Config) -> str:
@@ -160,6 +179,12 @@ def ended(run: RunState, cfg: Config) -> str:
     elif t.max_time and run.train_seconds >= t.max_time:
         spent, budget = format_duration(run.train_seconds), format_duration(t.max_time)
         key, reached = "train.max_time", f"{spent} trained, train.max_time = {budget}"
+    elif EarlyStopping(t.early_stop_patience, t.early_stop_min_delta).should_stop(run.stale_evals):
+        stale = f"{run.stale_evals} evaluations without a better {t.monitor}"
+        key, reached = (
+            "train.early_stop_patience",
+            f"it stopped early: {stale}, train.early_stop_patience = {t.early_stop_patience}",
+        )
     else:
         return ""
     return (

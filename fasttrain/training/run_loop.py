@@ -28,7 +28,7 @@ from fasttrain.checkpoints.run_directory import RunStart
 from fasttrain.checkpoints.run_state import RunState
 from fasttrain.checkpoints.saves import step_of
 from fasttrain.compute import distributed
-from fasttrain.config import Config
+from fasttrain.config import Config, TrainConfig
 from fasttrain.data.loader import TokenLoader
 from fasttrain.model.weights import export_weights
 from fasttrain.optimization.schedule import Budget
@@ -74,7 +74,7 @@ class Trainable(Protocol):
 
     def evaluate(self, stop: Callable[[], bool], whole: bool = False) -> dict[str, float] | None: ...
 
-    def val_rows(self) -> tuple[int, int]: ...
+    def val_rows(self, train: TrainConfig | None = None) -> tuple[int, int]: ...
 
     def sample(self) -> str: ...
 
@@ -100,7 +100,8 @@ class Loop:
         report.start(tr.run, tr.resumed_from, self.plan, reading)
         unprojected = reading.end is None  # a clock alone, no speed yet: projected at the first log line
         last_eval: dict[str, float] = {}
-        stopped_early, first = False, tr.run.step
+        # A resumed run that had stopped early trains no further: it is at its end, as at train.max_steps
+        stopped_early, first = self.early_stopping.should_stop(tr.run.stale_evals), tr.run.step
         meter = IntervalMeter(self.plan.device, tr.run.tokens_seen, tr.train_loader.wait_seconds)
         with SignalCatcher() as signals:
 
@@ -111,7 +112,7 @@ class Loop:
                 last_eval = self._evaluate_and_save(tr.finished(), stop) or last_eval
                 if stop():
                     self._stop(signals.received or signal.SIGTERM)
-            while not tr.finished():
+            while not stopped_early and not tr.finished():
                 report.mix_change(tr.run.step, tr.mix, self.plan.accumulation)  # a change starting at this step
                 result = tr.step()
                 if result.uncompiled:  # said before anything of the step, which is the plain one's
@@ -184,6 +185,8 @@ class Loop:
         best_before, run, loss = self.trainer.run.best_val_loss, self.trainer.run, metrics[self.cfg.train.monitor]
         run.stale_evals = self.early_stopping.stale_evals(run.stale_evals, loss, best_before)
         run.best_val_loss = min(best_before, loss)
+        if loss < best_before:
+            run.best_step = run.step
         metrics["best_val_loss"] = run.best_val_loss
         self.report.evaluation(run.step, metrics)
         if self.cfg.train.sample_tokens:
@@ -203,7 +206,8 @@ class Loop:
             raise RunStopped(self.report.diverged(tr.run, recovery.in_a_row, target is not None), 1)
         diverged = tr.run
         restored, saved, _ = tr.restore(target)
-        monitor_anew(restored, saved, self.cfg)  # a save from before a resume that changed train.monitor
+        rows = (tr.val_rows(saved.train)[0], tr.val_rows()[0])
+        monitor_anew(restored, saved, self.cfg, rows)  # a save from before a resume that changed what it monitors
         # time spent on the diverged steps stays spent
         tr.run = replace(recovery.rolled_back(diverged, restored), train_seconds=diverged.train_seconds)
         tr.checkpoints.point_latest(target)

@@ -45,7 +45,7 @@ from fasttrain.compute.device import (
     uncompiled,
     use_attention,
 )
-from fasttrain.config import Config
+from fasttrain.config import Config, TrainConfig
 from fasttrain.data.loader import TokenLoader
 from fasttrain.data.mixture import Source, kept_mix_notes, replay_mix
 from fasttrain.data.sampling import Sampling
@@ -287,11 +287,13 @@ class Trainer:
         """The first `rows` rows of `source`'s val split (0: all of them) in one pass."""
         return self.loader("val", "sequential", prefetch=0, whole=True, source=source, first_rows=rows)
 
-    def val_rows(self) -> tuple[int, int]:
-        """The val rows `evaluate` reads, and those of the whole split, over every source."""
+    def val_rows(self, train: TrainConfig | None = None) -> tuple[int, int]:
+        """The val rows `evaluate` reads (under `train`'s eval_steps and batch_size: default the run's), and those of
+        the whole split, over every source."""
+        t = train or self.cfg.train
         evaluated = whole = 0
         for source in self.sources:
-            with self._val_loader(source, self.cfg.train.eval_steps * self.cfg.train.batch_size) as loader:
+            with self._val_loader(source, t.eval_steps * t.batch_size) as loader:
                 read = loader.reader.sources[0]
                 evaluated, whole = evaluated + read.whole_rows, whole + read.rows.num_rows
         return evaluated, whole
@@ -353,7 +355,11 @@ class Trainer:
         directory's, or one past this run's end). The optimizer's settings are this config's, said so."""
         path = self.checkpoints.resumable(str(spec), self.sources[0].data.dir)
         run, saved, notes = self.restore(path)
-        lines = resumed_under(path, run, saved, self.cfg, self.recorded)  # UsageError for a save past the run's end
+        rows = (self.val_rows(saved.train)[0], self.val_rows()[0])  # what the save's evaluations scored, and this run's
+        lines = resumed_under(
+            path, run, saved, self.cfg, rows, self.recorded
+        )  # UsageError for a save past the run's end
+        lines += self.checkpoints.leave_later_saves(path, run.best_step)
         self.run, changed = run, self.updater.use_configured_hyperparameters()
         if changed:
             lines.insert(0, f"the config's optimizer settings replace the checkpoint's ({'; '.join(changed)})")
