@@ -113,9 +113,9 @@ def score_text(
     """loss, accuracy, ppl and bpb of `trained` on the text's own tokens in `split` of `directory` (`text_bytes` its
     UTF-8 bytes), as transformers scores `[bos] + tokens` of each document: each document on its own (document
     masking), its end-of-text token before it conditioning its first token but no target, every one of its own tokens
-    a target; bpb is their summed loss in bits per byte. Packed in windows of train.seq_len, whatever the run's
-    batching: a document longer than a window is scored window by window, each window's first tokens with less
-    context than transformers would give them."""
+    a target; bpb is their summed loss in bits per byte. Whole documents in rows of train.seq_len ("aligned", whatever
+    the run's batching): one that fits a row is never cut, so it gets all its context; one longer than a row is scored
+    row by row, each row's first tokens with less context than transformers would give them."""
     eot_id = trained.tokenizer.eot_id
     objective = NextTokenLoss(trained.model)
     counted = torch.zeros((), device=device)  # the targets scored: the text's own tokens
@@ -128,7 +128,7 @@ def score_text(
         counted.add_(sums.counted)
         return sums
 
-    metrics = whole_pass(trained, directory, split, loss, "packed", 1.0, batch_size, device)
+    metrics = whole_pass(trained, directory, split, loss, "aligned", 1.0, batch_size, device)
     metrics["bpb"] = metrics["loss"] * counted.item() / (text_bytes * math.log(2))
     return metrics
 

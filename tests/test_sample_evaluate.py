@@ -175,6 +175,20 @@ def test_evaluate_input_counts_the_texts_own_tokens(trained_run, tmp_path, texts
     assert metrics["ppl"] == pytest.approx(math.exp(nats / counted), rel=1e-5)
 
 
+def test_evaluate_input_never_cuts_a_document_that_fits_a_window(trained_run, tmp_path):
+    """Documents of at most a window each, many more than a window in all: each is scored with all its context, as
+    transformers scores it alone (packed windows cut the ones across a window's edge, losing their opening)."""
+    trained = load_trained(trained_run[0])
+    window = trained.cfg.train.seq_len
+    texts = [f"Item {i}: the module object holds {i * 7} names and a docstring." for i in range(12)]
+    assert all(1 + len(trained.tokenizer.encode(t)) <= window + 1 for t in texts)
+    assert sum(1 + len(trained.tokenizer.encode(t)) for t in texts) > 3 * window
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    metrics = evaluate.score_inputs(trained, [str(tmp_path / "texts.jsonl")], 4, CPU)
+    nats, _ = own_tokens_loss(trained, texts)
+    assert metrics["bpb"] == pytest.approx(nats / (math.log(2) * sum(len(t.encode()) for t in texts)), rel=1e-5)
+
+
 def test_evaluate_input_of_a_binary_file_says_it_is_not_text(trained_run, tmp_path, capsys):
     """A prepared shard given as --input is read as text like any file, and says so: its bytes are mostly invalid
     UTF-8, each scored as U+FFFD; text says nothing."""
