@@ -23,7 +23,7 @@ import torch
 
 from fasttrain.checkpoints import checkpoint_files, saves
 from fasttrain.checkpoints.run_directory import set_aside_note
-from fasttrain.compute.device import resolve_precision, use_device
+from fasttrain.compute.device import native_bf16, resolve_precision, use_device
 from fasttrain.config import Config, ModelConfig, check_vocab, load_config
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.ensemble import Ensemble, build_model, transformers
@@ -184,5 +184,9 @@ def inference_device(name: str) -> torch.device:
 
 
 def inference_precision(cfg: Config, device: torch.device) -> str:
-    """The run's precision on a GPU; fp32 on the CPU, where autocast is slower and fp16 does not exist."""
-    return resolve_precision(cfg.train.precision, device)[0] if device.type == "cuda" else "fp32"
+    """The run's precision on a GPU; on a CPU bf16 where the run trained in it (config.toml records the precision
+    "auto" chose) and the CPU multiplies bf16 in hardware, so that `evaluate --split val` gives the run's own
+    final_val figures; else fp32 (fp16 does not exist on a CPU, and emulated bf16 is slower than fp32)."""
+    if device.type == "cuda":
+        return resolve_precision(cfg.train.precision, device)[0]
+    return "bf16" if cfg.train.precision == "bf16" and native_bf16(device) else "fp32"
