@@ -1,7 +1,7 @@
 """Plot a run's curves: training and validation loss (of each source too, for a mixture), and the learning
 rate, to a PNG; a [[data.mix]] change is a dotted vertical line.
 
-Imports from fasttrain: system.errors.
+Imports from fasttrain: system.errors, training.phases.
 
     python -m fasttrain.plot RUN_DIR [--out FILE]
 
@@ -87,20 +87,26 @@ def save_figure(fig: Figure, out: Path) -> Path:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw loss (train and validation) and learning rate against step; returns the PNG's path."""
+    """Draw loss (train and validation) and learning rate against step; returns the PNG's path. A distilled run whose
+    one member was published into its final/ has no log of its own: its member's (ensemble/) is drawn."""
+    from fasttrain.training.phases import members_dir  # the distilled run's layout, only when asked
+
     plt = pyplot()
-    events = latest_run(read_metrics(run_dir))
+    member = members_dir(run_dir)
+    logged = member if not (Path(run_dir) / "metrics.jsonl").exists() and (member / "metrics.jsonl").is_file() else None
+    source = logged or Path(run_dir)
+    events = latest_run(read_metrics(source))
     train = [e for e in events if e.get("event") == "train"]
     evals = [e for e in events if e.get("event") == "eval"]
     for kind, kept, keys in (("train", train, ("step", "loss", "lr")), ("eval", evals, ("step", "val_loss"))):
         lacking = next((e for e in kept if not all(isinstance(e.get(k), (int, float)) for k in keys)), None)
         if lacking is not None:
             raise UsageError(
-                f"{Path(run_dir) / 'metrics.jsonl'}: the {kind} event {json.dumps(lacking)[:100]} lacks a number for "
+                f"{source / 'metrics.jsonl'}: the {kind} event {json.dumps(lacking)[:100]} lacks a number for "
                 f"one of {', '.join(keys)}"
             )
     if not train and not evals:
-        raise UsageError(f"{Path(run_dir) / 'metrics.jsonl'}: no train or eval events to plot")
+        raise UsageError(f"{source / 'metrics.jsonl'}: no train or eval events to plot")
     out = Path(out) if out else Path(run_dir) / "curves.png"
     out = out if out.suffix else out.with_name(f"{out.name}.png")  # what matplotlib writes: said as it is
     fig, (loss_ax, lr_ax) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=[3, 1])
@@ -113,7 +119,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         for ax in (loss_ax, lr_ax):
             ax.axvline(change["step"], color="gray", linestyle=":", linewidth=1)
     loss_ax.set_ylabel("loss (nats/token)")
-    loss_ax.set_title(str(run_dir))
+    loss_ax.set_title(f"{run_dir} (its one member, {logged.name}/)" if logged else str(run_dir))
     loss_ax.grid(alpha=0.3)
     loss_ax.legend()
     lr_ax.plot([e["step"] for e in train], [e["lr"] for e in train], color="tab:green")

@@ -559,6 +559,12 @@ def test_auto_precision_and_compile_resolve_per_device(monkeypatch):
     monkeypatch.setattr(fasttrain_kernels._backend, "INTERPRETING", True)
     assert kernels_on(KernelsConfig(), cpu).names() == []
     assert kernels_on(KernelsConfig(linear_cross_entropy=True), cpu).names() == ["linear_cross_entropy"]
+    # The AdamW kernel only where an AdamW step runs: the plan said "adamw: on" for SGD and Adafactor runs
+    forced = KernelsConfig(linear_cross_entropy=False, adamw=True)
+    for optimizer, runs in (("adamw", True), ("muon", True), ("sgd", False), ("adafactor", False)):
+        kernels = kernels_on(forced, cpu, optimizer=optimizer)
+        assert kernels.adamw is runs, optimizer
+        assert runs or f"optim.name = {optimizer} takes no AdamW step" in kernels.reasons[-1]
 
 
 def test_an_optimizer_chosen_later_makes_the_other_optimizers_table_moot_not_wrong(tmp_path):

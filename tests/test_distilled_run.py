@@ -658,3 +658,18 @@ def test_a_set_train_max_steps_is_no_epoch_limit_and_trains_no_first_round(pydoc
     assert plan.cfg.model.members == 1 and plan.cfg.train.distill
     steps = plan_run(load_config(BASE, [*sets, "train.max_steps=50"]), World(), torch.device("cpu"), speed=SPEED)
     assert steps.cfg.train.max_steps == 50 and not steps.cfg.train.distill
+
+
+def test_plot_of_a_run_whose_one_member_is_its_final_draws_the_member(tmp_path):
+    """RUN holds only ensemble/ and final/ where the budget held one member: `fasttrain plot RUN` read RUN/metrics.jsonl
+    and said there was none (is RUN a run directory?)."""
+    pytest.importorskip("matplotlib")
+    from fasttrain.plot import plot_run
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "ensemble").mkdir()
+    events = [{"event": "train", "step": s, "loss": 5.0 - s / 10, "lr": 1e-3} for s in (1, 2, 3)]
+    events.append({"event": "eval", "step": 3, "val_loss": 4.8})
+    (run / "ensemble" / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert plot_run(run) == run / "curves.png" and (run / "curves.png").stat().st_size > 0

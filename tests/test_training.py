@@ -497,3 +497,21 @@ def test_early_stopping_waits_while_validation_improves(pydoc_data, tmp_path):
     assert all(0 <= e["val_accuracy"] <= 1 for e in evals)
     assert all(0 <= e["accuracy"] <= 1 for e in read_metrics(tmp_path) if e["event"] == "train")
     assert summary["step"] == 5 and not summary["stopped_early"]
+
+
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("NVIDIA L40", 181.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("Mystery", None),
+    ],
+)
+def test_a_gpus_peak_is_its_own_not_a_shorter_names(monkeypatch, name, tflops):
+    """MFU's denominator: an L40's name holds "L4", whose peak (121 TFLOP/s) put its MFU 1.5x high."""
+    from fasttrain.training import metrics
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert metrics.peak_flops(torch.device("cuda")) == (tflops * 1e12 if tflops else None)

@@ -156,6 +156,24 @@ class Kernels:
         return [op for op in OPS if getattr(self, op)]
 
 
+def check_kernels(cfg: KernelsConfig, sharded: bool, fp8: str, softcap: float) -> None:
+    """UsageError for a kernel set true that cannot run with the rest of the run (see kernels_on)."""
+    if sharded and cfg.adamw is True:
+        raise UsageError(
+            'kernels.adamw = true does not work with train.parallel = "fsdp" yet; set it to "auto" or false'
+        )
+    if fp8 in ("head", "all") and cfg.linear_cross_entropy is True:
+        raise UsageError(
+            f'kernels.linear_cross_entropy = true does not work with train.fp8 = "{fp8}": the fused '
+            'loss never runs the head\'s matmul; set it to "auto" or false'
+        )
+    if softcap and cfg.linear_cross_entropy is True:
+        raise UsageError(
+            f"kernels.linear_cross_entropy = true does not work with model.logit_softcap = {softcap:g}: the fused "
+            'loss never holds the logits to cap them; set it to "auto" or false'
+        )
+
+
 def kernels_on(
     cfg: KernelsConfig,
     device: torch.device,
@@ -166,6 +184,7 @@ def kernels_on(
     table: list[dict] | None = None,
     fp8: str = "none",
     softcap: float = 0.0,
+    optimizer: str = "adamw",
 ) -> Kernels:
     """[kernels] resolved for `device`: true and false as they are; "auto" on a GPU is the measured dispatch table's
     verdict (compute/kernel_table.py, or `table`'s entries) for the run's `shapes` (rms_norm {"hidden"},
@@ -174,22 +193,10 @@ def kernels_on(
     refuses true. On a CPU "auto" is off except the linear cross-entropy (not under TRITON_INTERPRET=1): its PyTorch
     path makes one pass over row blocks in cache where F.cross_entropy streams the logits several times, and measured
     faster at a budget's shapes (docs/performance.md). An FP8 head (`fp8`) and a logit soft-cap (`softcap`) need the
-    logits, so each turns its "auto" off and refuses true."""
-    if sharded and cfg.adamw is True:
-        raise UsageError(
-            'kernels.adamw = true does not work with train.parallel = "fsdp" yet; set it to "auto" or false'
-        )
+    logits, so each turns its "auto" off and refuses true. An `optimizer` (optim.name) that takes no AdamW step (SGD,
+    Adafactor) has the AdamW kernel off whatever kernels.adamw says: nothing would run it."""
+    check_kernels(cfg, sharded, fp8, softcap)
     fp8_head = fp8 in ("head", "all")
-    if fp8_head and cfg.linear_cross_entropy is True:
-        raise UsageError(
-            f'kernels.linear_cross_entropy = true does not work with train.fp8 = "{fp8}": the fused '
-            'loss never runs the head\'s matmul; set it to "auto" or false'
-        )
-    if softcap and cfg.linear_cross_entropy is True:
-        raise UsageError(
-            f"kernels.linear_cross_entropy = true does not work with model.logit_softcap = {softcap:g}: the fused "
-            'loss never holds the logits to cap them; set it to "auto" or false'
-        )
     measured = {}
     if device.type == "cuda":
         if capability is None:
@@ -200,6 +207,10 @@ def kernels_on(
     on, reasons = {}, []
     for op in OPS:
         setting = getattr(cfg, op)
+        if op == "adamw" and optimizer not in ("adamw", "muon"):  # Muon leaves embeddings, head and norms to AdamW
+            on[op] = False
+            reasons.append(f"{op}: off, optim.name = {optimizer} takes no AdamW step")
+            continue
         if setting is True or setting is False:  # as set (the combinations that cannot run were refused above)
             on[op] = setting
             reasons.append(f"{op}: {'on' if setting else 'off'}, kernels.{op} = {str(setting).lower()}")

@@ -403,7 +403,14 @@ def checked_plan(device: torch.device, given: SizingInputs, settled: Settled, da
     m = cfg.model  # the shapes the measured dispatch table is read at ("auto" on a GPU)
     shapes = run_shapes(m.d_model, m.vocab_size, num_params(m))
     kernels = kernels_on(
-        cfg.kernels, device, sharded, shapes, compiled=bool(t.compile), fp8=t.fp8, softcap=m.logit_softcap
+        cfg.kernels,
+        device,
+        sharded,
+        shapes,
+        compiled=bool(t.compile),
+        fp8=t.fp8,
+        softcap=m.logit_softcap,
+        optimizer=cfg.optim.name,
     )
     memory = check_fits(cfg, given.machine, t.precision, given.shard_group)
     if t.distill:  # the student, its teacher of the first round's members beside it, refused now if it cannot fit

@@ -29,7 +29,8 @@ from fasttrain.system.atomic import open_regular, write_atomically
 from fasttrain.system.errors import UsageError
 
 # Dense (no sparsity) bf16 tensor-core peak, TFLOP/s, from the vendors' data sheets.
-# Matched in order against torch.cuda.get_device_name(); the first match wins.
+# Matched in order against torch.cuda.get_device_name(); the first match wins, so a name that holds a shorter
+# key ("NVIDIA L40" holds "L4") comes before it.
 PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
@@ -38,6 +39,7 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
     ("B200", 2250.0),
     ("A100", 312.0),
     ("L40S", 362.0),
+    ("L40", 181.0),  # before "L4", which its name holds too
     ("L4", 121.0),
     ("A10", 125.0),
 ]

@@ -144,7 +144,8 @@ def epoch_warnings(plan: RunPlan, reading: Reading) -> list[str]:
     for name, e in zip(plan.names, reading.epochs or ()):
         if e > plan.epoch_limit:
             lines.append(
-                f"warning: this run reads {name} {e:.1f} times over{f' {reading.words}' * bool(c.train.max_time)}, "
+                f"warning: this run reads {name} {f'{e:.1f}' if e >= 0.1 else f'{e:.2g}'} times over"
+                f"{f' {reading.words}' * bool(c.train.max_time)}, "
                 f"more than {limit}, past which repeats teach it the text more "
                 f"than the language: {decay} and {final}; {help}"
             )
