@@ -660,6 +660,19 @@ def test_a_set_train_max_steps_is_no_epoch_limit_and_trains_no_first_round(pydoc
     assert steps.cfg.train.max_steps == 50 and not steps.cfg.train.distill
 
 
+def test_set_members_are_sized_for_their_share_of_the_budget(pydoc_data, tmp_path):
+    """model.members = 2 with train.distill and a self-sized shape: the shape was chosen for the whole 120 s while the
+    members train for their share of it (half: 2 / (2 + 1 + 2 x 0.5)), the plan's two notes at odds."""
+    sets = [f'data.dir="{pydoc_data}"', "data.vocab_size=0", f'train.out_dir="{tmp_path}"', "train.max_time=120"]
+    plan = plan_run(load_config(BASE, [*sets, "model.members=2"]), World(), torch.device("cpu"), speed=SPEED)
+    sized = next(n for n in plan.notes if "model.n_layers = 0" in n)
+    assert plan.cfg.model.members == 2 and plan.cfg.train.distill and "(60 s at" in sized, sized
+    alone = plan_run(
+        load_config(BASE, [*sets, "model.members=2", "train.distill=false"]), World(), torch.device("cpu"), speed=SPEED
+    )
+    assert "(120 s at" in next(n for n in alone.notes if "model.n_layers = 0" in n)  # no student: the whole budget
+
+
 def test_plot_of_a_run_whose_one_member_is_its_final_draws_the_member(tmp_path):
     """RUN holds only ensemble/ and final/ where the budget held one member: `fasttrain plot RUN` read RUN/metrics.jsonl
     and said there was none (is RUN a run directory?)."""

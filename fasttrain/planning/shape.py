@@ -21,12 +21,12 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from fasttrain.compute import distributed
-from fasttrain.config import Config, ModelConfig, TrainConfig, config_to_toml, load_config, parse_config
+from fasttrain.config import Config, ModelConfig, Seconds, TrainConfig, config_to_toml, load_config, parse_config
 from fasttrain.data.mixture import Source, phases, token_shares
 from fasttrain.model.llama import hf_llama_model_config
 from fasttrain.planning import repeats, sizing
 from fasttrain.planning.batch_size import choose_batch, update_tokens
-from fasttrain.planning.members import ensemble_members
+from fasttrain.planning.members import ensemble_members, ensemble_share
 from fasttrain.planning.preflight import Machine, depths_in_memory, members_in_memory
 from fasttrain.planning.recorded import Recorded
 from fasttrain.planning.repeats import Corpus, Measured, epoch_rows, limit_epochs
@@ -100,11 +100,13 @@ def size_run(cfg: Config, given: SizingInputs) -> Sized:
     else:
         limit_note = ""
     tokens_per_step = given.tokens_per_step(t)  # the same at either context; a grown batch's counted again below
-    model, note, speed = shape_of(cfg, corpus, tokens_per_step, given)
+    model, note, speed = shape_of(members_time(cfg), corpus, tokens_per_step, given)
     cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
     if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
         known = speed is not None or not t.max_time  # a time budget's tokens come from a speed timed
-        tokens = min(sizing.run_tokens(t, model, tokens_per_step, speed), cap * tokens_per_step or math.inf)
+        tokens = min(
+            sizing.run_tokens(members_time(cfg).train, model, tokens_per_step, speed), cap * tokens_per_step or math.inf
+        )
         t, context_note = choose_context(t, cfg.model, cfg.data.batching, tokens if known else math.inf)
         t, batch_note = choose_batch(t, tokens_per_step, tokens if known else math.inf)
         notes += [n for n in (context_note, batch_note) if n]
@@ -113,8 +115,9 @@ def size_run(cfg: Config, given: SizingInputs) -> Sized:
             tokens_per_step = given.tokens_per_step(t)
             rows, corpus = corpus_at(cfg)
             cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
-            model, note, speed = shape_of(cfg, corpus, tokens_per_step, replace(given, speed=speed))
-    reaches = cap and sizing.run_tokens(t, model, tokens_per_step, speed) >= cap * tokens_per_step  # said only if so
+            model, note, speed = shape_of(members_time(cfg), corpus, tokens_per_step, replace(given, speed=speed))
+    read = sizing.run_tokens(members_time(replace(cfg, train=t)).train, model, tokens_per_step, speed)
+    reaches = cap and read >= cap * tokens_per_step  # said only if so
     notes += [n for n in (limit_note if reaches else "", note) if n]
     model = model if given.context_set else trained_context(model, t)
     if earlier and not model.members:  # resumed or replayed: the members recorded, whatever set the shape
@@ -132,6 +135,16 @@ def size_run(cfg: Config, given: SizingInputs) -> Sized:
     notes += [note] if note else []
     model = replace(model, members=members)
     return Sized(model, t, corpus, rows, speed, measured, cfg.data.max_epochs, tuple(notes))
+
+
+def members_time(cfg: Config) -> Config:
+    """`cfg` with the train.max_time its members train for: a distilled run of a set model.members > 1 gives them
+    members.ensemble_share of it (the rest is the student's), so its shape is chosen for what they read, not for the
+    whole budget."""
+    t, members = cfg.train, cfg.model.members
+    if not (t.distill and members > 1 and t.max_time):
+        return cfg
+    return replace(cfg, train=replace(t, max_time=Seconds(t.max_time * ensemble_share(members))))
 
 
 def shape_of(
