@@ -148,3 +148,20 @@ def test_teacher_init_starts_the_student_at_the_first_members_weights(pydoc_data
     assert not (tmp_path / "wider").exists()
     alone = Trainer(tiny_config(pydoc_data, tmp_path / "alone", "train.teacher_init=true"), quiet=True)
     assert not alone.cfg.train.teacher_init  # no teacher to start from: the plan records false
+
+
+def test_the_sizing_times_a_students_step_with_its_teachers_forward(pydoc_data, tmp_path):
+    """A budgeted student of n_layers = 0 was sized at the speed of a step without its teacher: with a 4 x 256 teacher
+    of a 1 x 64 student the plan counted on 6.4x the tokens the run then read (a review's finding). The timing's loss
+    is the student's distillation loss, the teacher's forward in it."""
+    from fasttrain.planning.timed_pass import timed_loss
+
+    cfg = tiny_config(pydoc_data, tmp_path, "train.sample_tokens=0", "model.vocab_size=512")
+    student, teacher = build_model(cfg.model), build_model(cfg.model)
+    calls = []
+    teacher.register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
+    x = torch.randint(0, cfg.model.vocab_size, (2, 9))
+    plain = timed_loss(cfg, torch.device("cpu"))(student)(x[:, :-1], x[:, 1:])
+    taught = timed_loss(cfg, torch.device("cpu"), teacher)(student)(x[:, :-1], x[:, 1:])
+    assert calls == [torch.Size([2, 8, cfg.model.vocab_size])] and not torch.equal(plain, taught)
+    taught.backward()  # timed as the run steps: forward, backward

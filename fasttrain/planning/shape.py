@@ -32,7 +32,7 @@ from fasttrain.planning.recorded import Recorded
 from fasttrain.planning.repeats import Corpus, Measured, epoch_rows, limit_epochs
 from fasttrain.planning.sequence_length import choose_context, trained_context
 from fasttrain.planning.speed import Speed
-from fasttrain.planning.timed_pass import timed_loss, timed_update
+from fasttrain.planning.timed_pass import timed_loss, timed_teacher, timed_update
 from fasttrain.system.errors import UsageError
 
 
@@ -173,7 +173,7 @@ def shape_of(
     if recorded is None:  # no shape is timed or chosen whose memory estimate leaves the device no margin
         depths = depths_in_memory(cfg, given.machine.available, sizing.fitting_depths(m), given.shard_group)
         device = given.machine.device
-        update, loss = timed_update(cfg, device), timed_loss(cfg, device)
+        update, loss = timed_update(cfg, device), timed_loss(cfg, device, timed_teacher(cfg, given.sources, device))
         return sizing.size_model(
             cfg, corpus, tokens_per_step, given.world.size, device, given.speed, update, loss, depths
         )

@@ -1,20 +1,24 @@
 """What the sizing's timing runs in each pass (planning/sizing.calibrate): the run's own loss and update, so the speed
 it measures is the run's.
 
-Imports from fasttrain: compute.device, config, model.transformer, optimization.objective, optimization.optimizers,
-planning.sizing.
+Imports from fasttrain: compute.device, config, data.mixture, evaluation.trained_model, formats.tokenizer,
+model.transformer, optimization.objective, optimization.optimizers, planning.sizing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 from fasttrain.compute.device import kernels_on
 from fasttrain.config import Config
+from fasttrain.data.mixture import Source
+from fasttrain.evaluation.trained_model import load_teacher
+from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.transformer import Transformer
-from fasttrain.optimization.objective import NextTokenLoss
+from fasttrain.optimization.objective import NextTokenLoss, batch_loss
 from fasttrain.optimization.optimizers import Updater
 from fasttrain.planning.sizing import Loss, Update
 
@@ -35,14 +39,26 @@ def timed_update(cfg: Config, device: torch.device) -> Update:
     return build
 
 
-def timed_loss(cfg: Config, device: torch.device) -> Loss:
+def timed_loss(cfg: Config, device: torch.device, teacher: torch.nn.Module | None = None) -> Loss:
     """The loss the sizing's timing backpropagates: the run's, fused where [kernels] fuses it on `device` (on a GPU
-    "auto" needs a shape the timing has not got: the unfused loss)."""
+    "auto" needs a shape the timing has not got: the unfused loss); with train.teacher's model (`teacher`) its forward
+    and the distillation loss too, which a student's every step runs (a larger teacher makes the step several times
+    one model's: a plan that timed without it chose its shape for that many times the tokens)."""
     t = cfg.train
     fused = kernels_on(cfg.kernels, device, fp8=t.fp8, softcap=cfg.model.logit_softcap)
 
     def build(model: Transformer) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        objective = NextTokenLoss(model, fused=fused.linear_cross_entropy)
-        return lambda x, y: objective(x, y).loss
+        objective = NextTokenLoss(model, fused=fused.linear_cross_entropy, teacher_weight=t.teacher_weight)
+        return lambda x, y: batch_loss(objective, x, y, None, teacher=teacher).loss
 
     return build
+
+
+def timed_teacher(cfg: Config, sources: Sequence[Source], device: torch.device) -> torch.nn.Module | None:
+    """train.teacher's model on `device`, for the timing (`timed_loss`); None without one, or before the data (whose
+    tokenizer the teacher must share) is prepared. UsageError as the run itself would give for a teacher it cannot
+    learn from."""
+    if not cfg.train.teacher or not sources:
+        return None
+    tokenizer = Tokenizer.load(Path(sources[0].dir) / "tokenizer.json")
+    return load_teacher(cfg.train.teacher, tokenizer, cfg.model.vocab_size, device)
