@@ -292,21 +292,18 @@ class Checkpointer:
         best = saves.pointed(self.directory, "best")
         lines = []
         if best is not None and saves.SAVE_NAME.fullmatch(best.name) and saves.step_of(best) > step:
-            kept = [
-                p for p in saves.saved_steps(self.directory) if best_step is not None and saves.step_of(p) == best_step
-            ]
+            restored = next(
+                (p for p in saves.saved_steps(self.directory) if saves.step_of(p) == best_step and best_step <= step),
+                None,
+            )
             if self.world.is_main:
-                if kept and best_step is not None and best_step <= step:
-                    saves.point(self.directory, "best", kept[0])
+                if restored is not None:
+                    saves.point(self.directory, "best", restored)
                 else:
                     (self.directory / "best").unlink(missing_ok=True)
+            again = f"it names {restored.name} again" if restored is not None else "removed"
             lines.append(
-                f"{self.directory / 'best'} named {best.name}, of the continuation this resume leaves: "
-                + (
-                    f"it names {kept[0].name} again"
-                    if kept and best_step is not None and best_step <= step
-                    else "removed"
-                )
+                f"{self.directory / 'best'} named {best.name}, of the continuation this resume leaves: {again}"
             )
         if later:
             lines.append(
