@@ -534,7 +534,7 @@ class _RMSNormFunction(torch.autograd.Function):
         dresidual = torch.empty_like(h, dtype=wanted[1]) if len(wanted) == 2 and wanted[1] != first else None
         dweight = _backward_op(dy, dh, h, weight, rstd, dx, dresidual, ctx.needs_input_grad[2])
         residual_grad = dx if dresidual is None else dresidual
-        if residual_grad is dx and ctx.separate_grads and len(wanted) == 2:  # two leaves: a copy (a rare case)
+        if residual_grad is dx and ctx.separate_grads:  # two leaves: a copy (a rare case)
             residual_grad = dx.clone()
         return (
             dx if ctx.needs_input_grad[0] else None,
@@ -576,7 +576,7 @@ def rms_norm(
     check_inputs(x, weight, residual, eps, out_dtype)
     eps = torch.finfo(_sum_dtype(x, residual)).eps if eps is None else eps
     # Two leaves would otherwise get one tensor as both .grad: a second backward accumulates into it twice
-    separate_grads = residual is not None and x.is_leaf and residual.is_leaf
+    separate_grads = residual is not None and all(t.is_leaf and t.requires_grad for t in (x, residual))
     out = _RMSNormFunction.apply(
         _rows(x),
         None if residual is None else _rows(residual),

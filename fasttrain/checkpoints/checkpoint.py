@@ -287,15 +287,12 @@ class Checkpointer:
         removed where that save is gone. Rank 0 moves the pointer; lines saying what there is."""
         if path.parent.resolve() != self.directory.resolve() or saves.SAVE_NAME.fullmatch(path.name) is None:
             return []
-        step = saves.step_of(path)
-        later = [p.name for p in saves.saved_steps(self.directory) if saves.step_of(p) > step]
+        step, saved = saves.step_of(path), saves.saved_steps(self.directory)
+        later = [p.name for p in saved if saves.step_of(p) > step]
         best = saves.pointed(self.directory, "best")
         lines = []
         if best is not None and saves.SAVE_NAME.fullmatch(best.name) and saves.step_of(best) > step:
-            restored = next(
-                (p for p in saves.saved_steps(self.directory) if saves.step_of(p) == best_step and best_step <= step),
-                None,
-            )
+            restored = next((p for p in saved if saves.step_of(p) == best_step and best_step <= step), None)
             if self.world.is_main:
                 if restored is not None:
                     saves.point(self.directory, "best", restored)

@@ -174,7 +174,8 @@ def unloadable(file: Path, error: Exception) -> str:
         return "it holds objects other than tensors and plain values, and fasttrain never unpickles code"
     if isinstance(error, (OSError, RuntimeError)):  # a missing zip index, a map past the file's end, ...
         return "cut short or damaged"
-    return f"{type(error).__name__}: {' '.join(message.split(chr(10))[0].split())[:160]}"
+    first_line = " ".join(message.split("\n")[0].split())[:160]
+    return f"{type(error).__name__}: {first_line}"
 
 
 def config_of(path: Path) -> Config:

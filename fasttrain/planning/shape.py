@@ -116,7 +116,7 @@ def size_run(cfg: Config, given: SizingInputs) -> Sized:
             rows, corpus = corpus_at(cfg)
             cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
             model, note, speed = shape_of(members_time(cfg), corpus, tokens_per_step, replace(given, speed=speed))
-    read = sizing.run_tokens(members_time(replace(cfg, train=t)).train, model, tokens_per_step, speed)
+    read = sizing.run_tokens(members_time(cfg).train, model, tokens_per_step, speed)  # cfg.train is t by now
     reaches = cap and read >= cap * tokens_per_step  # said only if so
     notes += [n for n in (limit_note if reaches else "", note) if n]
     model = model if given.context_set else trained_context(model, t)

@@ -137,11 +137,12 @@ def weights_anew(run: RunState, saved: Config, cfg: Config) -> str | None:
 
 
 def resumed_under(
-    path: Path, run: RunState, saved: Config, cfg: Config, rows: tuple[int, int], recorded: Sequence[float] = ()
+    path: Path, run: RunState, saved: Config, cfg: Config, rows: tuple[int, int] | None, recorded: Sequence[float] = ()
 ) -> list[str]:
     """The `run` saved at `path` under `saved`, continued under `cfg`: UsageError if past the run's end; else its
     schedule re-laid or carried on (carried_rest_scale), its monitor restarted if changed, or if the validation rows
-    its evaluations score changed (`rows`: under `saved`, under `cfg`), as it is where the sources' weights changed.
+    its evaluations score changed (`rows`: under `saved`, under `cfg`; None: the same), as it is where the sources'
+    weights changed.
     Lines saying what changed."""
     check_not_past_end(path, run, saved, cfg)
     lines = (

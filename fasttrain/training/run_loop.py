@@ -206,7 +206,7 @@ class Loop:
             raise RunStopped(self.report.diverged(tr.run, recovery.in_a_row, target is not None), 1)
         diverged = tr.run
         restored, saved, _ = tr.restore(target)
-        rows = (tr.val_rows(saved.train)[0], tr.val_rows()[0])
+        rows = scored_rows(tr, saved.train, self.cfg.train)
         monitor_anew(restored, saved, self.cfg, rows)  # a save from before a resume that changed what it monitors
         # time spent on the diverged steps stays spent
         tr.run = replace(recovery.rolled_back(diverged, restored), train_seconds=diverged.train_seconds)
@@ -241,6 +241,14 @@ class Loop:
         self.report.stopped(step, name, path)
         distributed.barrier(self.plan.world)
         raise Interrupted(f"stopped by {name} at step {step}; saved {path}", 128 + signum)
+
+
+def scored_rows(trainer: Trainable, saved: TrainConfig, now: TrainConfig) -> tuple[int, int] | None:
+    """The validation rows a save's evaluations scored (under `saved`) and this run's score (under `now`), what
+    policies.monitor_anew compares; None where both read as many batches of as many rows (no loader opened to count)."""
+    if saved.eval_steps * saved.batch_size == now.eval_steps * now.batch_size:
+        return None
+    return trainer.val_rows(saved)[0], trainer.val_rows(now)[0]
 
 
 def write_final(

@@ -63,7 +63,7 @@ from fasttrain.planning.plan import RunPlan, accumulation_steps  # noqa: F401 (a
 from fasttrain.training.launch import check_start, opened, start_run
 from fasttrain.training.policies import resumed_under
 from fasttrain.training.reporting import Report
-from fasttrain.training.run_loop import Interrupted, Loop, StepResult, score_final, write_final  # noqa: F401 (Interrupted: what train() raises)
+from fasttrain.training.run_loop import Interrupted, Loop, StepResult, score_final, scored_rows, write_final  # noqa: F401 (Interrupted: what train() raises)
 
 
 class Trainer:
@@ -355,10 +355,8 @@ class Trainer:
         directory's, or one past this run's end). The optimizer's settings are this config's, said so."""
         path = self.checkpoints.resumable(str(spec), self.sources[0].data.dir)
         run, saved, notes = self.restore(path)
-        rows = (self.val_rows(saved.train)[0], self.val_rows()[0])  # what the save's evaluations scored, and this run's
-        lines = resumed_under(
-            path, run, saved, self.cfg, rows, self.recorded
-        )  # UsageError for a save past the run's end
+        rows = scored_rows(self, saved.train, self.cfg.train)
+        lines = resumed_under(path, run, saved, self.cfg, rows, self.recorded)  # UsageError for a save past its end
         lines += self.checkpoints.leave_later_saves(path, run.best_step)
         self.run, changed = run, self.updater.use_configured_hyperparameters()
         if changed:
