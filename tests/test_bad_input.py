@@ -536,6 +536,12 @@ CASES = [
         'schedule.step_factor: applies only with schedule.decay = "step", not "cosine"',
     ),
     (
+        "the warmdown's length with cosine",
+        train,
+        lambda c: c.train("schedule.cooldown_fraction=0.3"),
+        'schedule.cooldown_fraction: applies only with schedule.decay = "wsd", not "cosine"',
+    ),
+    (
         "negative max steps",
         train,
         lambda c: c.train("train.max_steps=-5"),

@@ -192,6 +192,7 @@ _APPLIES: list[tuple[str, str, tuple[str, ...]]] = [
     *[(f"optim.{key}", "optim.name", ("adamw", "muon")) for key in ("beta1", "beta2", "eps")],
     *[(f"optim.{name}", "optim.name", (name,)) for name in ("muon", "sgd", "adafactor")],
     *[(f"schedule.{key}", "schedule.decay", ("step",)) for key in ("step_every", "step_factor")],
+    ("schedule.cooldown_fraction", "schedule.decay", ("wsd",)),
     ("train.shard_group_size", "train.parallel", ("hsdp",)),
     ("optim.weight_decay_chosen", "optim.weight_decay_rule", ("repeats",)),
 ]
