@@ -1,7 +1,7 @@
 """A corpus read many times: the best and the last evaluation of runs that read it 2 to 32 times, at equal tokens.
 
     python -m benchmarks.studies.many_epochs --corpus code-small --depth 2 --epochs 4 8 16 \
-        [--case fixed repeats wd=1 distill=4 ...] [--seed 1 2] [--jobs 2] [--out FILE]
+        [--case fixed repeats wd=1 distill=4 ...] [--seed 1 2] [--jobs 2] [--out FILE] [--work DIR]
 
 Every run is configs/base.toml at a fixed shape (depth d, width 64 d, heads of 64) and context 256, for the steps
 that read the corpus --epochs times over (16 x 256 tokens a step), evaluated 12 times on its whole validation split,
@@ -10,7 +10,9 @@ without samples or compiling. A case is what differs:
   repeats    optim.weight_decay_rule = "repeats" (base.toml's, fasttrain/planning/repeats.py): the decay the plan chooses
   wd=X       weight decay X;  drop=X  model.dropout X (both under the fixed rule);  KEY=VALUE,...  any --set items
   distill=K  one model distilled (train.teacher) from the case model.members=K, trained first where not in the grid,
-             for the same steps as one member; distill=K,KEY=VALUE,... sets those for the student too
+             for the same steps as one member; distill=K,KEY=VALUE,... sets those for the student too (with
+             train.max_steps=N it reads more or less than a member); --work keeps the runs, and a teacher trained
+             there by an earlier call, so a grid of students can be run in parts
   bpe=P,...  subword regularisation (BPE-dropout, Provilkov et al. 2020): the training split holds ceil(epochs)
              segmentations of its text, each merge skipped with probability P (the tokenizers library's BPE dropout;
              P = 0: the standard one again), read once in a shuffled order for the standard run's steps; validation
@@ -33,7 +35,9 @@ exists, so a grid can be run in parts.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import itertools
 import json
 import math
 import os
@@ -156,6 +160,7 @@ def run_one(data: Path, depth: int, epochs: float, seed: int, case: str, work: P
     events = read_metrics(out)
     curve = [round(e["val_bpb"], 4) for e in events if e["event"] == "eval"]
     start = next(e for e in events if e["event"] == "start")
+    recorded = load_config(out / "config.toml")
     return {
         "corpus": data.name,
         "vocab": meta["vocab_size"],
@@ -165,8 +170,8 @@ def run_one(data: Path, depth: int, epochs: float, seed: int, case: str, work: P
         "seed": seed,
         "case": case,
         "teacher": teacher,
-        "weight_decay": load_config(out / "config.toml").optim.decay(),
-        "steps": steps,
+        "weight_decay": recorded.optim.decay(),
+        "steps": recorded.train.max_steps,  # a case's train.max_steps=N (a student reading more or less) included
         "best": min(curve),
         "last": curve[-1],
         "curve": curve,
@@ -185,20 +190,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vocab", type=int, default=4096, help="the tokenizer's size the corpus is prepared at")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fasttrain-many-epochs")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--work",
+        type=Path,
+        help="where the runs train and stay (default: a temporary folder, removed at the end); "
+        "a distill=K case's teacher already trained there is not trained again",
+    )
     args = parser.parse_args(argv)
     today = datetime.date.today().isoformat()
     out = args.out or ROOT / f"benchmarks/results/recipe/cpu-many-epochs-{args.corpus}-{today}.json"
     data = prepared(args.corpus, args.cache, args.vocab)
-    teachers = [t for c in args.case if (t := teacher_case(c)) and t not in args.case]
-    cases = [
-        [c for c in args.case if not teacher_case(c)] + sorted(set(teachers)),
-        [c for c in args.case if teacher_case(c)],
-    ]
-    with tempfile.TemporaryDirectory() as work, ThreadPoolExecutor(args.jobs) as pool:
+    teachers = sorted({t for c in args.case if (t := teacher_case(c)) and t not in args.case})
+    with contextlib.ExitStack() as stack:
+        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        pool = stack.enter_context(ThreadPoolExecutor(args.jobs))
+        grid: list[tuple[int, float, int, str]] = list(
+            itertools.product(args.depth, args.epochs, args.seed, args.case + teachers)
+        )
+        trained = [g for g in grid if g[3] in teachers and (run_dir(data, *g, work) / "final").is_dir()]
         runs = []
-        for phase in cases:  # the teachers first, then their students
-            grid = [(d, e, s, c) for d in args.depth for e in args.epochs for s in args.seed for c in phase]
-            runs += list(pool.map(lambda g: run_one(data, *g, Path(work)), grid))
+        for students in (False, True):  # the teachers first, then their students
+            phase = [g for g in grid if bool(teacher_case(g[3])) == students and g not in trained]
+            runs += list(pool.map(lambda g: run_one(data, g[0], g[1], g[2], g[3], work), phase))
     what = "best and last evaluation of runs reading a corpus many times, at equal tokens"
     add_runs(out, runs, what, __spec__.name, argv, today)
     for r in runs:
