@@ -160,8 +160,9 @@ def test_sample_takes_a_weights_file(run, capsys):
 
 def test_hf_export_keeps_the_source_models_token_ids_and_generation_config(pydoc_data, tmp_path, capsys):
     """A run continued from a Hugging Face Llama exported its bos and eos ids as the end-of-text token's and
-    left out its generation_config.json."""
+    left out its generation_config.json; its GGUF export did so too (GGUF holds one eos: the list's first)."""
     transformers = pytest.importorskip("transformers")
+    gguf = pytest.importorskip("gguf")
     source = tmp_path / "hf"
     config = transformers.LlamaConfig(
         vocab_size=512,
@@ -198,6 +199,11 @@ def test_hf_export_keeps_the_source_models_token_ids_and_generation_config(pydoc
     assert (tmp_path / "back" / generation_config).read_bytes() == (source / generation_config).read_bytes()
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back", dtype=torch.float32)
     assert back.generation_config.eos_token_id == [4, 5]
+    code, _, err = cli(export.main, [tmp_path / "run", "--gguf", "--out", tmp_path / "model.gguf"], capsys)
+    assert code == 0, err
+    reader = gguf.GGUFReader(tmp_path / "model.gguf")
+    ids = [reader.fields[f"tokenizer.ggml.{key}_token_id"].contents() for key in ("bos", "eos")]
+    assert ids == [3, 4]
 
 
 def test_resume_through_a_link_to_latest(pydoc_data, run, tmp_path):

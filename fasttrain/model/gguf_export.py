@@ -10,7 +10,8 @@ pairs (2i, 2i+1) of a head where fasttrain and Hugging Face rotate (i, i + head_
 attn_k are permuted to match (as llama.cpp's own converter does). Matrices are fp32, fp16, bf16 or q8_0 (one that
 gguf cannot quantize to q8_0, rows not whole 32-value blocks, stays fp16); 1-D tensors (norms) stay fp32. The
 tokenizer goes as llama.cpp's "gpt2" byte-level BPE: the vocabulary (padded to the model's with unused tokens),
-merges, the pre-tokenizer "gpt-2" (GPT-2's split regex, fasttrain's own), end-of-text as bos and eos, no bos added;
+merges, the pre-tokenizer "gpt-2" (GPT-2's split regex, fasttrain's own), end-of-text as bos and eos (a model continued
+from a Hugging Face Llama: its config.json's, as --hf writes them; a list's first), no bos added;
 a tokenizer llama.cpp would split otherwise is refused. The `gguf` library is an extra (`pip install
 'fasttrain[gguf]'`), imported only here.
 """
@@ -29,7 +30,7 @@ import torch
 from fasttrain.config import Config, ModelConfig, check_vocab
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.llama import LLAMA_NUMBERS, beyond_llama
-from fasttrain.model.weights import hf_llama_tensors
+from fasttrain.model.weights import export_token_ids, hf_llama_tensors
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
 
@@ -139,8 +140,10 @@ def write_gguf(
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    writer.add_bos_token_id(vocabulary.eot_id)
-    writer.add_eos_token_id(vocabulary.eot_id)
+    for key, ids in export_token_ids(cfg, vocabulary.eot_id).items():  # GGUF holds one id: a list's first
+        first = ids[0] if isinstance(ids, list) and ids else ids
+        if isinstance(first, int):  # none where the source's is null
+            getattr(writer, f"add_{key}")(first)
     writer.add_add_bos_token(False)
     quant = gguf.GGMLQuantizationType
     wanted = {"fp32": quant.F32, "fp16": quant.F16, "bf16": quant.BF16, "q8_0": quant.Q8_0}[dtype]

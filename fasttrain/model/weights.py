@@ -217,13 +217,10 @@ def _hf_files(cfg: Config, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str
     """config.json and tokenizer_config.json of the Hugging Face layout; a model continued from one (model.init_from)
     keeps its bos/eos ids and generation_config.json, others' are end-of-text."""
     config = hf_llama_config(cfg.model, tokenizer.eot_id, str(dtype).removeprefix("torch."))
+    config.update(export_token_ids(cfg, tokenizer.eot_id))
     files = {}
     source = Path(cfg.model.init_from) if cfg.model.init_from else None
     if source is not None and (source / "config.json").is_file():
-        theirs = read_json_object(source / "config.json")
-        config.update(
-            {k: _token_ids(source / "config.json", theirs, k) for k in ("bos_token_id", "eos_token_id") if k in theirs}
-        )
         generation = source / "generation_config.json"
         if generation.is_file():
             files[generation.name] = read_regular(generation, 1 << 20, "generation config")
@@ -243,6 +240,18 @@ def _hf_files(cfg: Config, tokenizer: Tokenizer, dtype: torch.dtype) -> dict[str
     files["config.json"] = json.dumps(config, indent=2).encode()
     files["tokenizer_config.json"] = json.dumps(tokenizer_config, indent=2).encode()
     return files
+
+
+def export_token_ids(cfg: Config, eot_id: int) -> dict[str, int | list[int] | None]:
+    """bos_token_id and eos_token_id of a model's export (--hf, --gguf): a model continued from a Hugging Face Llama
+    (model.init_from, its config.json there) keeps that config.json's, as its users prompt and stop it; the end-of-text
+    token `eot_id` otherwise, and for a key the source does not have."""
+    ids: dict[str, int | list[int] | None] = {"bos_token_id": eot_id, "eos_token_id": eot_id}
+    source = Path(cfg.model.init_from) / "config.json" if cfg.model.init_from else None
+    if source is not None and source.is_file():
+        theirs = read_json_object(source)
+        ids.update({key: _token_ids(source, theirs, key) for key in ids if key in theirs})
+    return ids
 
 
 def _token_ids(path: Path, raw: dict, key: str) -> int | list[int] | None:
