@@ -218,6 +218,29 @@ def test_a_text_file_is_tokenized_as_one_text(pydoc_data, tmp_path, monkeypatch,
     assert shard_tokens(tmp_path / "out", "train").tolist() == [tok.eot_id, *tok.encode(text)]
 
 
+@pytest.mark.parametrize("marks_starts", ["normalizer", "metaspace"])
+def test_a_text_file_is_one_text_to_a_tokenizer_that_marks_where_a_text_starts(tmp_path, monkeypatch, marks_starts):
+    """A tokenizer that marks the start of each text it encodes (Llama 2's and Mistral's normalizer prepends "▁", a
+    Metaspace pre-tokenizer does the same) got a space at every read chunk's cut of a text file (1 MiB: 48 bytes here),
+    where the shards must hold the whole text's tokens: such a tokenizer encodes each document whole."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 48)
+    text = "".join(f"alpha beta {i}\ngamma delta\n" for i in range(40))
+    raw = RawTokenizer(models.BPE(unk_token="<unk>"))
+    if marks_starts == "normalizer":
+        raw.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.train_from_iterator([text], trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"]))
+    raw.save(str(tmp_path / "tok.json"))
+    (tmp_path / "t.txt").write_text(text)
+    prepare([str(tmp_path / "t.txt")], tmp_path / "out", tokenizer_path=str(tmp_path / "tok.json"), val_fraction=0.0)
+    tok = Tokenizer.load(tmp_path / "tok.json")
+    assert shard_tokens(tmp_path / "out", "train").tolist() == [tok.eot_id, *tok.encode(text)]
+
+
 def test_one_big_file_holds_out_the_end_of_its_text(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(corpus, "CHUNK_BYTES", 256)  # the cut falls inside one of many pieces
     text = "\n".join(f"line {i}: " + "word " * (i % 13) for i in range(400))

@@ -14,7 +14,8 @@ field), a Parquet file (a document per row, in a text column; the `parquet` extr
 
 A plain text file is one document. Documents stream as `Piece`s of about `CHUNK_BYTES` at most (Parquet
 PARQUET_BATCH_ROWS rows at a time), so no file is read whole; a text file's are cut at line ends where the tokenizer's
-split cuts too, so its tokens are its whole text's (`_line_cut`). Invalid UTF-8 and lone surrogates (a JSON escape
+split cuts too, so its tokens are its whole text's (`_line_cut`; a byte-level split's: for a tokenizer that marks the
+start of each text, pipeline.whole_documents joins them again). Invalid UTF-8 and lone surrogates (a JSON escape
 such as \\ud800) are replaced with U+FFFD and counted, not fatal: real corpora have a few bad bytes (`Piece.of`).
 """
 

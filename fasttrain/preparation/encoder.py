@@ -95,6 +95,18 @@ def _pattern(pre: dict | None) -> str:
     raise Inexpressible(f"pre-tokenizer {pre.get('type')} is not a byte-level split tiktoken can express")
 
 
+def splits_at_line_ends(tok: tokenizers.Tokenizer) -> bool:
+    """Whether `tok` encodes two texts cut where corpus._line_cut cuts as it encodes them whole: a byte-level split
+    (GPT-2's, or Llama 3's regex before a ByteLevel) with no normalizer. A normalizer or pre-tokenizer that marks the
+    start of every text (Llama 2's prepended "▁", Metaspace, add_prefix_space) would put a space at each cut."""
+    spec = json.loads(tok.to_str())
+    try:
+        _pattern(spec.get("pre_tokenizer"))
+    except Inexpressible:
+        return False
+    return not spec.get("normalizer")
+
+
 def fast_encoder(tok: tokenizers.Tokenizer) -> Encode:
     """tiktoken encoding `tok`'s way; raises Inexpressible (saying why) for a tokenizer it cannot express."""
     import tiktoken

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from fasttrain.formats.shards import SPLITS, ShardInfo, ShardWriter
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.preparation.corpus import Piece
-from fasttrain.preparation.encoder import Encode, choose_encoder
+from fasttrain.preparation.encoder import Encode, choose_encoder, splits_at_line_ends
 
 
 class ShardSequence:
@@ -81,6 +81,21 @@ def _batches(pieces: Iterable[tuple[str, Piece, bool]], batch_chars: int) -> Ite
         yield batch
 
 
+def whole_documents(pieces: Iterable[tuple[str, Piece, bool]]) -> Iterator[tuple[str, Piece, bool]]:
+    """`pieces` with each document's joined into one (every source's last piece of a document ends it): for a tokenizer
+    that would not encode a text cut into pieces as the whole (encoder.splits_at_line_ends), at the cost of holding the
+    longest document in memory."""
+    held: list[Piece] = []
+    first: tuple[str, bool] | None = None
+    for split, piece, starts in pieces:
+        first = first or (split, starts)
+        held.append(piece)
+        if piece.ends_document:
+            text = "".join(p.text for p in held)
+            yield first[0], Piece(text, True, sum(p.replaced for p in held)), first[1]
+            held, first = [], None
+
+
 def encode_into(
     pieces: Iterable[tuple[str, Piece, bool]],
     encode: Encode,
@@ -92,6 +107,8 @@ def encode_into(
 ) -> None:
     """Tokenize every piece into its split's shards: each document starts with `tokenizer`'s end-of-text token."""
     eot, unk_id = np.array([tokenizer.eot_id], dtype=np.uint32), tokenizer.unk_id
+    if not splits_at_line_ends(tokenizer.tok):
+        pieces = whole_documents(pieces)
 
     def write(batch: Batch, encoded: list[np.ndarray]) -> None:
         for split, out in outputs.items():
