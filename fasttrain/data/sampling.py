@@ -69,13 +69,18 @@ class SourceRows:
         else:
             self.rows_per_epoch = rows_per_epoch(rows, batch_size, world_size, directory, split)
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its rows in order) of the last epoch used
+        self._epoch_targets: list[int] = []  # the targets each whole epoch read, from the first (targets_before)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Row ids of `epoch` in reading order: permuted by (seed, epoch) if random; bucketed padding sorts pools of
         BUCKET_POOL batches by length (shuffling the batches); `whole` fills with FILLER."""
         cached = self._order
-        if cached is not None and cached[0] == epoch:
-            return cached[1]
+        if cached is None or cached[0] != epoch:
+            cached = self._order = (epoch, self._ordered(epoch))
+        return cached[1]
+
+    def _ordered(self, epoch: int) -> np.ndarray:
+        """epoch_order's rows, made afresh (nothing cached)."""
         B = self.batch_size
         n = self.whole_rows if self.whole else self.rows.num_rows // B * B
         rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
@@ -89,9 +94,7 @@ class SourceRows:
             order = np.append(order, np.full(self.rows_per_epoch - n, FILLER))
         if bucketed and self.sampling == "random":
             order = order.reshape(-1, B)[rng.permutation(len(order) // B)].reshape(-1)
-        order = order[: self.rows_per_epoch]
-        self._order = (epoch, order)
-        return order
+        return order[: self.rows_per_epoch]
 
     def at(self, positions: np.ndarray) -> np.ndarray:
         """Row ids of the rows at `positions` (counting across epochs)."""
@@ -106,5 +109,7 @@ class SourceRows:
             return position * self.rows.seq_len
         epochs, rest = divmod(position, self.rows_per_epoch)
         targets = self.rows.lengths().astype(np.int64) - 1
-        per_epoch = int(targets[self.epoch_order(0)].sum()) if epochs else 0  # every epoch reads the same rows
-        return epochs * per_epoch + int(targets[self.epoch_order(epochs)[:rest]].sum())
+        # Each epoch drops another tail of rows of other lengths (random sampling): its own sum, made once
+        while len(self._epoch_targets) < epochs:
+            self._epoch_targets.append(int(targets[self._ordered(len(self._epoch_targets))].sum()))
+        return sum(self._epoch_targets[:epochs]) + int(targets[self.epoch_order(epochs)[:rest]].sum())
