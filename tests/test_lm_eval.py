@@ -229,6 +229,22 @@ def test_batching_and_sorting_change_no_score(run):
     assert close(long, cut, 1e-6)  # a long context keeps its last max_seq_len + 1 tokens with the continuation
 
 
+def test_a_context_of_whitespace_alone_is_scored_after_the_end_of_text_token(run):
+    """lm-eval moves a context's trailing whitespace into the continuation, so " " left no context: its first token
+    was scored from the batch's last position (another request's, or a pad), a figure that changed with the batch."""
+    harness = lm_eval_or_skip()
+    from lm_eval.api.instance import Instance
+
+    lm = harness.FasttrainLM(load_trained(run), batch_size=4)
+    longer = Instance("loglikelihood", {}, ("Assignment of an object to a target list", " is"), 1)
+    blank = Instance("loglikelihood", {}, (" ", " the object"), 0)
+    alone, beside = lm.loglikelihood([blank])[0], lm.loglikelihood([blank, longer])[0]
+    after_eot = harness.score_continuations(lm.model, [([lm.prefix_token_id], lm.tok_encode("  the object"))], 1)
+    assert close([alone], [beside], 1e-5) and close([alone], after_eot, 1e-5)
+    with pytest.raises(ValueError, match="an empty context"):
+        harness.score_continuations(lm.model, [([], [7, 8])], batch_size=1)
+
+
 def test_evaluate_tasks_prints_logs_and_writes_the_scores(run, tasks, tmp_path, capsys):
     harness = lm_eval_or_skip()
     with pytest.raises(SystemExit) as exit_:

@@ -77,10 +77,12 @@ def score_continuations(
     precision: str = "fp32",
 ) -> list[tuple[float, bool]]:
     """(log P(continuation | context), greedy gives it) per token pair, a pair longer than the window cut to its last
-    max_seq_len + 1 tokens; longest first, `batch_size` rows a forward."""
+    max_seq_len + 1 tokens; longest first, `batch_size` rows a forward. A context has a token at least."""
     window = model.cfg.max_seq_len
     device = next(model.parameters()).device
     for context, continuation in pairs:
+        if not context:  # its first token would be scored from a position before the row's
+            raise ValueError("score_continuations: an empty context (give the end-of-text token)")
         if len(continuation) > window:
             raise UsageError(
                 f"a continuation of {len(continuation)} tokens is longer than the model's context "
@@ -198,7 +200,9 @@ class FasttrainLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
         """`requests`: ((context, continuation) text, context tokens, continuation tokens), from TemplateLM."""
-        pairs = [(context, continuation) for _, context, continuation in requests]
+        # lm-eval gives an empty context ("") as the prefix token, but a context of whitespace alone (" ") goes to the
+        # continuation, leaving none: scored after the end-of-text token too, not from another row's last position
+        pairs = [(context or [self.prefix_token_id], continuation) for _, context, continuation in requests]
         longest = max((len(c) + len(t) for c, t in pairs), default=0)
         if longest > self.window + 1 and not self.truncation_said:
             self.truncation_said = True
