@@ -303,6 +303,29 @@ def test_a_rollback_never_goes_to_a_save_whose_background_write_failed(
     trainer.close()
 
 
+@pytest.mark.second_tier  # about 20 s of torchrun on 2 cores
+def test_an_early_stop_under_torchrun_with_async_saves_ends_on_every_rank(pydoc_data, tmp_path):
+    """Rank 0 points `latest` at a background save once its own write and the checksums are done; rank 1, whose write
+    ended first, read the pointer before it moved, took the step as unsaved and saved it again while rank 0 went on to
+    final/: two collectives apart, the job hung and failed (exit 1). Every rank now reads rank 0's pointer."""
+    stopping = [
+        *RUN,
+        "train.batch_size=2",
+        'train.parallel="fsdp"',
+        "checkpoint.async_save=true",
+        "checkpoint.interval=1",
+        "train.eval_interval=1",
+        "train.eval_steps=1",
+        "train.early_stop_patience=1",
+        "train.early_stop_min_delta=100",  # no evaluation improves by that much: it stops at the second
+    ]
+    done = torchrun(tiny_args(pydoc_data, tmp_path / "run", *stopping))
+    assert done.returncode == 0, done.stderr
+    assert "stopping early at step 2" in done.stdout + done.stderr
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_0000002"
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
 @pytest.mark.second_tier  # about 60 s of torchrun on 2 cores
 def test_async_saves_under_torchrun_resume_exactly(pydoc_data, tmp_path):
     """Two FSDP ranks saving in the background every step, stopped at step 2 and resumed: the same losses

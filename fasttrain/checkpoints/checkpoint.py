@@ -338,15 +338,18 @@ class Checkpointer:
             )
 
     def latest(self) -> Path | None:
-        """The newest complete save, or None before the first; a save in flight is waited for first."""
-        self.wait()
-        return saves.pointed(self.directory, "latest")
+        """The newest complete save, or None before the first; a save in flight is waited for first. Every rank calls
+        it and gets rank 0's answer: rank 0 points at a save in its `wait`, which another rank's can end before."""
+        return self._pointed("latest")
 
     def best(self) -> Path | None:
         """The save with the lowest validation loss (checkpoint.keep_best), or None; a save in flight is waited for
-        first."""
+        first. Every rank calls it and gets rank 0's answer, as `latest`."""
+        return self._pointed("best")
+
+    def _pointed(self, name: str) -> Path | None:
         self.wait()
-        return saves.pointed(self.directory, "best")
+        return distributed.decided_by_main(self.world, lambda: saves.pointed(self.directory, name))
 
     def history(self, upto: Path) -> list[Path]:
         """The saves in this run's checkpoints/ from before `upto`'s step, oldest first, then `upto`:
