@@ -283,3 +283,34 @@ def test_a_distilled_run_under_torchrun_takes_each_phase_from_rank_0(pydoc_data,
     assert (out / "final" / "model.safetensors").is_file()
     again = torchrun([args[0], "--resume", "auto", *args[1:]])
     assert again.returncode == 0, again.stderr[-3000:]
+
+
+@pytest.mark.second_tier  # about 15 s of torchrun on 2 cores
+def test_mfu_on_two_processes_is_against_both_devices_peaks(pydoc_data, tmp_path):
+    """tokens_per_s counts every rank's tokens, and MFU divided it by one device's peak: N processes read N times their
+    real utilisation. Here the peak is patched to 1e12 FLOP/s (a CPU has none in the table)."""
+    script = tmp_path / "patched_peak.py"
+    script.write_text(
+        "import sys\n"
+        "from fasttrain.training import reporting\n"
+        "reporting.peak_flops = lambda device: 1e12\n"
+        "from fasttrain.train import main\n"
+        "from fasttrain.system.errors import run_cli\n"
+        "run_cli(main, sys.argv[1:])\n"
+    )
+    args = tiny_args(pydoc_data, tmp_path / "run", *RUN, "train.log_interval=1")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    events = read_metrics(tmp_path / "run")
+    start = next(e for e in events if e["event"] == "start")
+    trained = [e for e in events if e["event"] == "train"]
+    assert start["world_size"] == 2 and trained
+    for e in trained:
+        assert e["mfu"] == pytest.approx(start["flops_per_token"] * e["tokens_per_s"] / 2e12, rel=1e-3, abs=1e-4)

@@ -155,13 +155,17 @@ def epoch_warnings(plan: RunPlan, reading: Reading) -> list[str]:
 class Report:
     """The events and lines of one run of `cfg` (resolved), written through `log`."""
 
-    def __init__(self, log: MetricsLog, cfg: Config, device: torch.device, flops_per_token: float, whole_val: bool):
-        """`whole_val`: whether an evaluation reads the whole val split (Trainer.evaluates_whole_split)."""
+    def __init__(
+        self, log: MetricsLog, cfg: Config, device: torch.device, flops_per_token: float, whole_val: bool, devices: int
+    ):
+        """`whole_val`: whether an evaluation reads the whole val split (Trainer.evaluates_whole_split); `devices`: the
+        world's, whose tokens the speed counts, so MFU is against all their peaks."""
         self.log, self.cfg, self.device = log, cfg, device
         self.whole_val = whole_val
         self.evaluated_on = "the whole val split" if whole_val else f"the first {cfg.train.eval_steps} val batches"
         self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops(device)  # None off the GPU table: no MFU then
+        peak = peak_flops(device)  # None off the GPU table: no MFU then
+        self.peak_flops = peak * devices if peak else None
         self.names: list[str] = []  # the sources' (start), and what was read of each (train)
         self.read: list[tuple[str, int, float]] = []
 

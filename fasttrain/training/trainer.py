@@ -323,7 +323,8 @@ class Trainer:
         if not resumed and self.init_pending:  # made `resuming`, then started anew
             self._start_from_init()
         with opened(self.plan, self.checkpoints, resumed, overwrite, self.quiet) as (log, start):
-            report = Report(log, self.cfg, self.device, self.plan.flops_per_token, self.evaluates_whole_split())
+            flops = self.plan.flops_per_token
+            report = Report(log, self.cfg, self.device, flops, self.evaluates_whole_split(), self.world.size)
             with compile_failures():  # the first step's, before which the start is taken back, or a recompile's
                 last_eval, stopped_early = Loop(self, report, start).run()
             final, kept = write_final(
