@@ -424,14 +424,12 @@ def resume_command(args: argparse.Namespace, cfg: Config, left_out: Sequence[str
     auto`."""
     places = {"train.out_dir": os.path.abspath(cfg.train.out_dir)}
     if cfg.data.sources:  # a mixture has no data.dir (setting one is refused): its sources are the data
-        places["data.sources"] = (
-            "["
-            + ", ".join(
-                f"{{dir = {json.dumps(os.path.abspath(s.dir))}, weight = {json.dumps(s.weight)}}}"
-                for s in cfg.data.sources
-            )
-            + "]"
+        tables = (
+            [f"dir = {json.dumps(os.path.abspath(s.dir))}", f"weight = {json.dumps(s.weight)}"]
+            + ([f"name = {json.dumps(s.name)}"] if s.name else [])  # what metrics and train.monitor call it
+            for s in cfg.data.sources
         )
+        places["data.sources"] = "[" + ", ".join("{" + ", ".join(t) + "}" for t in tables) + "]"
     else:
         places["data.dir"] = os.path.abspath(cfg.data.dir)
     sets = [item for _, item in config_overrides(args) if item.partition("=")[0].strip() not in places]

@@ -349,7 +349,37 @@ CASES = [
         "negative train.max_time",
         train,
         lambda c: c.train("train.max_time=-5"),
-        "--set: train.max_time: must be >= 0, got -5.0",
+        "--set: train.max_time: must be >= 0 and at most a year (31,622,400 s), got -5.0",
+    ),
+    (
+        "a budget no plan can count in steps",
+        train,
+        lambda c: c.train("train.max_time=1e308"),
+        "--set: train.max_time: must be >= 0 and at most a year (31,622,400 s), got 1e+308",
+    ),
+    (
+        "a duration beyond a float",
+        train,
+        lambda c: c.train(f'train.max_time="{"9" * 400}s"'),
+        "--set: train.max_time: expected seconds or a duration",
+    ),
+    (
+        "an integer beyond a float for a rate",
+        train,
+        lambda c: c.train("optim.lr=1" + "0" * 400),
+        "--set: optim.lr: expected a finite number, got 1000",
+    ),
+    (
+        "a path holding a NUL",
+        train,
+        lambda c: c.train('model.init_from="i\\u0000x"'),
+        "--set: model.init_from: expected a string of UTF-8 text without NUL",
+    ),
+    (
+        "a path that is not UTF-8 (an undecodable byte)",
+        train,
+        lambda c: c.train(f"train.out_dir={c.tmp}/r\udcff"),
+        "train.out_dir: expected a string of UTF-8 text without NUL",
     ),
     (
         "NaN train.max_time",

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -542,6 +543,19 @@ def test_the_resume_command_names_the_run_by_absolute_paths(tmp_path, monkeypatc
         "--resume",
         "auto",
     ]
+
+
+def test_the_resume_command_of_a_mixture_keeps_its_sources_names(tmp_path, monkeypatch):
+    """A mixture's sources went into the command as folder and weight only: their names (the metrics' val_loss.NAME,
+    train.monitor's) fell back to the folders', so the resume was refused or logged under other names."""
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(config="base.toml", set=[], quiet=True, device="cpu", seed=None)
+    sources = '[{dir = "a", name = "web", weight = 0.7}, {dir = "b", weight = 0.3}]'
+    cfg = load_config(None, ["train.out_dir=runs/a", f"data.sources={sources}", 'train.monitor="val_loss.web"'])
+    command = shlex.split(train.resume_command(args, cfg))
+    given = next(item for item in command if item.startswith("data.sources="))
+    again = load_config(None, [given])
+    assert again.data.sources == [replace(s, dir=str(tmp_path / s.dir)) for s in cfg.data.sources]
 
 
 def full_disk_after(lines: int):

@@ -76,7 +76,8 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "schedule.step_every": _POSITIVE,
     "schedule.step_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
     "train.max_steps": (lambda v: v >= 0, ">= 0 (0: no step limit, for a run with train.max_time)"),
-    "train.max_time": _NON_NEGATIVE,
+    # a year at most: a budget the plan turns into steps at the speed timed (1e308 s is no count of steps)
+    "train.max_time": (lambda v: 0 <= v <= 366 * 24 * 3600, ">= 0 and at most a year (31,622,400 s)"),
     "train.device": (lambda v: re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", v) is not None, "auto, cpu, cuda or cuda:N"),
     "train.out_dir": (bool, "a directory path"),
     "train.batch_size": _POSITIVE,

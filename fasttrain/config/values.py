@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import re
+import sys
 from dataclasses import fields, is_dataclass
 from typing import Any, Callable, Literal, NewType, get_args, get_origin, get_type_hints
 
@@ -25,12 +26,13 @@ def parse_duration(text: str) -> float | None:
     "45s", "1m30s"); None if it is neither."""
     text = text.strip()
     if re.fullmatch(r"\d+(?:\.\d*)?", text):
-        return float(text)
+        return float(text) if math.isfinite(float(text)) else None
     match = _DURATION.fullmatch(text)
     if not text or match is None:
         return None
     hours, minutes, seconds = (float(part or 0) for part in match.groups())
-    return 3600 * hours + 60 * minutes + seconds
+    total = 3600 * hours + 60 * minutes + seconds
+    return total if math.isfinite(total) else None  # 400 nines of seconds: no budget
 
 
 def format_duration(seconds: float) -> str:
@@ -42,30 +44,41 @@ def format_duration(seconds: float) -> str:
     return "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (rest, "s")) if n)
 
 
+def _finite(v: Any) -> bool:
+    """A number a float holds: not bool, not inf or nan, and no integer beyond a float's range (1 and 400 zeros)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return math.isfinite(v) if isinstance(v, float) else abs(v) <= sys.float_info.max
+
+
+def _text(v: Any) -> bool:
+    """A string that can be written as UTF-8 (config.toml, a path) and holds no NUL (no file name can)."""
+    if not isinstance(v, str) or "\0" in v:
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: a file name's undecodable byte, say
+        return False
+    return True
+
+
 # How a TOML value is accepted for each field type: (accepts, convert, what an error says was expected).
 # bool is a subclass of int in Python, but `n_layers = true` is a mistake, never a number.
 # No setting means anything as inf or nan, and nan would slip through every range check.
 _TYPES: dict[Any, tuple[Callable[[Any], bool], Callable[[Any], Any], str]] = {
     # TOML's integers are 64-bit; Python's parser takes any, which torch then cannot hold (a traceback)
     int: (lambda v: isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63, int, "an integer"),
-    float: (
-        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-        float,
-        "a finite number",
-    ),
+    float: (_finite, float, "a finite number"),
     bool: (lambda v: isinstance(v, bool), bool, "true or false"),
-    str: (lambda v: isinstance(v, str), str, "a string"),
-    list[str]: (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), list, "a list of strings"),
+    str: (_text, str, "a string of UTF-8 text without NUL"),
+    list[str]: (lambda v: isinstance(v, list) and all(map(_text, v)), list, "a list of strings of UTF-8 text"),
     list[float]: (
         lambda v: isinstance(v, list) and all(_TYPES[float][0](x) for x in v),
         lambda v: list(map(float, v)),
         "a list of finite numbers",
     ),
     Seconds: (
-        lambda v: (
-            (isinstance(v, str) and parse_duration(v) is not None)
-            or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
-        ),
+        lambda v: (isinstance(v, str) and parse_duration(v) is not None) or _finite(v),
         lambda v: parse_duration(v) if isinstance(v, str) else float(v),
         'seconds or a duration such as "90s", "3m" or "1h30m"',
     ),
@@ -137,4 +150,5 @@ def _show(value: Any) -> str:
         text = _toml_value(value)
     except TypeError:  # a table or a date where a plain value was expected
         text = repr(value)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate shown as \udcff, printable
     return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"  # errors stay one short line
