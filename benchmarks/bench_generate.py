@@ -1,6 +1,6 @@
 """Generation throughput: new tokens/s with the KV cache against re-running the whole context per token.
 
-CPU: the base config's model (192 wide, 4 layers, context 256), fp32, one row: a
+CPU: the base config's model (192 wide, 4 layers, context 512), fp32, one row: a
 32-token prompt and 64 new tokens. GPU (skipped without one): the GPT-2-small config
 (124M, context 1024), bf16 autocast, a 128-token prompt and 512 new tokens, batches
 of 1 and 8 rows. Greedy decoding, eager (generation is not compiled), random

@@ -192,6 +192,21 @@ def test_profile_categories_count_each_kernel_once_on_cuda():
     assert ms_by_category(events.key_averages(), cuda=True, steps=2) == {"matmul": 1.0, "norm": 0.25}
 
 
+def test_attention_kernels_named_like_matmuls_count_as_attention():
+    """Matmul's pattern came first and caught cudnn's and cutlass's attention kernels (an H100 profile put 7.7 ms of
+    attention a step under matmul); plain matmul kernels stay matmul."""
+    from benchmarks.studies.profile_step import category
+
+    for name in (
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wg_kernel",
+        "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, cutlass::bfloat16_t>>",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80",
+    ):
+        assert category(name) == "attention", name
+    for name in ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "nvjet_hsh_128x256_64x4", "aten::mm"):
+        assert category(name) == "matmul", name
+
+
 def test_idle_gaps_are_charged_to_the_host_op_whose_launch_ended_them():
     """Two streams' kernels merge into one timeline; a gap is charged to the innermost and the outermost
     CPU op around the launch of the work after it, with how late that launch came."""

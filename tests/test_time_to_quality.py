@@ -264,3 +264,20 @@ def test_one_nanochat_step_is_trained_and_scored(pydoc_data, tmp_path):
     data = open_prepared(pydoc_data)
     assert result["val_targets"] == data.meta["tokens"]["val"] - len(find_shards(data.dir, "val"))
     assert 0 < result["val_bpb"] < 20
+
+
+def test_a_results_file_written_in_parts_keeps_each_parts_command(tmp_path):
+    """A second part appended to a results file took the first part's header as its own: its runs now carry the
+    command (and date, and commit) that made them where those differ from the header's."""
+    from benchmarks.studies.common import add_runs
+
+    out = tmp_path / "results.json"
+    add_runs(
+        out, [{"budget_s": 1800}], "a study", "benchmarks.studies.budget_ladder", ["--budgets", "1800"], "2026-11-29"
+    )
+    add_runs(
+        out, [{"budget_s": 600}], "a study", "benchmarks.studies.budget_ladder", ["--budgets", "600"], "2026-11-30"
+    )
+    first, second = json.loads(out.read_text())["runs"]
+    assert first == {"budget_s": 1800}
+    assert second["command"].endswith("--budgets 600") and second["date"] == "2026-11-30" and "commit" not in second

@@ -40,12 +40,14 @@ def load_average() -> str:
 
 def result_header(what: str, module: str, argv: Sequence[str] | None, today: str) -> dict:
     """The first keys of a study's results file: what it measured, when, at which commit, on which machine, and
-    the command (`python -m module` with `argv`, default this process's arguments)."""
+    the command (`python -m module` with `argv`, default this process's arguments). The commit is the one checked out
+    when it is written, "-dirty" after it where tracked files differ from it."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    changed = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=ROOT, capture_output=True, text=True)
     return {
         "what": what,
         "date": today,
-        "commit": commit.stdout.strip(),
+        "commit": commit.stdout.strip() + ("-dirty" if changed.stdout.strip() else ""),
         "machine": environment(),
         "command": shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)]),
     }
@@ -53,9 +55,12 @@ def result_header(what: str, module: str, argv: Sequence[str] | None, today: str
 
 def add_runs(out: Path, runs: list[dict], what: str, module: str, argv: Sequence[str] | None, today: str) -> None:
     """Append `runs` to the results file `out` (made with result_header's keys first if it is not there yet), so a
-    study run in parts, or cut short, keeps every part."""
-    result = json.loads(out.read_text()) if out.exists() else result_header(what, module, argv, today) | {"runs": []}
-    result["runs"] += runs
+    study run in parts, or cut short, keeps every part; a part whose date, commit or command is not the header's
+    carries its own in each of its runs."""
+    header = result_header(what, module, argv, today)
+    result = json.loads(out.read_text()) if out.exists() else header | {"runs": []}
+    own = {key: header[key] for key in ("date", "commit", "command") if result.get(key) != header[key]}
+    result["runs"] += [run | own for run in runs]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -35,10 +35,11 @@ from benchmarks.conftest import allocator_counts, counts_since
 from fasttrain.system.errors import ArgumentParser, run_cli
 
 # Kernel and op names -> category, first match wins (names lowercased). Inductor's generated kernels are
-# "triton_poi_/red_/per_fused_..." and fall to elementwise unless a category's name is in them.
+# "triton_poi_/red_/per_fused_..." and fall to elementwise unless a category's name is in them. Attention comes
+# before matmul: its kernels' names hold matmul's words (cudnn's "..._sdpa_sm90_flash_...", "fmha_cutlass...").
 CATEGORIES = [
-    ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_|aten::(mm|addmm|bmm|matmul|linear)$"),
     ("attention", r"flash|fmha|attention|sdpa|cudnn"),
+    ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|sm90_|sm80_|aten::(mm|addmm|bmm|matmul|linear)$"),
     ("norm", r"rms_norm|rmsnorm|layer_norm"),
     ("cross-entropy", r"cross_entropy|log_softmax|nll_loss|softmax"),
     ("optimizer", r"adam|multi_tensor|foreach|sum_squares|_scale_kernel|clip_grad"),
