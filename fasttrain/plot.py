@@ -31,6 +31,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         raise UsageError(f"{path}: no such file (is {run_dir} a run directory?)") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:  # fasttrain writes ASCII JSON: damaged, or not a metrics log
+        raise UsageError(f"{path}: not UTF-8 text (byte {e.start}); not a metrics log fasttrain wrote") from None
     events = []
     for number, line in enumerate(lines, 1):
         try:

@@ -558,6 +558,16 @@ def test_the_resume_command_of_a_mixture_keeps_its_sources_names(tmp_path, monke
     assert again.data.sources == [replace(s, dir=str(tmp_path / s.dir)) for s in cfg.data.sources]
 
 
+def test_a_metrics_log_or_a_save_damaged_by_hand_is_one_line(tmp_path):
+    """A metrics.jsonl with a byte that is not UTF-8, and a save whose config entry is not the config's text (edited
+    by hand), were tracebacks (UnicodeDecodeError, AttributeError from tomllib)."""
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"event": "start"}\n\xff\n')
+    with pytest.raises(UsageError, match="metrics.jsonl: not UTF-8 text"):
+        read_metrics(tmp_path)
+    with pytest.raises(UsageError, match="step_1.pt: its saved config is NoneType, not a config's text"):
+        checkpoint_files.saved_config({"config": None}, tmp_path / "step_1.pt")
+
+
 def full_disk_after(lines: int):
     """`open`, but a file opened to append takes `lines` writes, then writes half of one and raises ENOSPC."""
 

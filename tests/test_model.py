@@ -397,6 +397,8 @@ def test_filter_logits():
     assert torch.isinf(filter_logits(logits, None, top_p=0.1)).tolist() == [[False, True, True, True]]
     shuffled = logits[:, [2, 0, 3, 1]]  # order of the vocabulary must not matter
     assert torch.isinf(filter_logits(shuffled, None, top_p=0.7)).tolist() == [[True, False, True, False]]
+    # A nucleus below float32's least number (1e-50 is 0 there) still keeps the likeliest: 0 >= 0 dropped every token
+    assert torch.isinf(filter_logits(shuffled, None, top_p=1e-50)).tolist() == [[True, False, True, True]]
 
 
 def test_generate():

@@ -205,4 +205,6 @@ def recorded_config(out_dir: str, replayed: str, resume: str | None) -> tuple[Co
 
 def saved_config(state: dict, path: str | os.PathLike[str]) -> Config:
     """The config the run that saved `state` (from `path`) used."""
+    if not isinstance(state["config"], str):  # a save fasttrain wrote holds its config.toml's text
+        raise UsageError(f"{path}: its saved config is {type(state['config']).__name__}, not a config's text")
     return parse_config(state["config"], f"{path} (its saved config)")

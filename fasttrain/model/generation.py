@@ -30,6 +30,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) 
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # Drop a token once the ones before it already reach top_p; the likeliest always stays.
         drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted[..., 0] = False  # a top_p below float32's least (1e-46) is 0 there, and 0 >= 0 dropped it
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, -math.inf)
     return logits
