@@ -187,6 +187,17 @@ def test_argparse_helpers(tmp_path):
     assert (cfg.train.seq_len, cfg.model.n_layers, cfg.train.batch_size) == (64, 2, 3)
 
 
+def test_a_shipped_configs_name_after_set_is_the_config(tmp_path, monkeypatch):
+    """`fasttrain train --set train.max_steps=2 base` took `base` as a --set item and said no config was given;
+    a path or a .toml name there was the config already."""
+    monkeypatch.chdir(tmp_path)  # no file named base here
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--set", "train.max_steps=2", "base"])
+    assert (args.config, args.set) == ("base", ["train.max_steps=2"])
+    assert config_from_args(args).train.max_steps == 2
+
+
 FILE, SET = "file", "--set"
 MISSING = None  # in place of the file's text: no file at all
 
@@ -326,8 +337,23 @@ BAD_INPUTS = [
         "[train]\ntokens_per_update = 5000\n",
         [],
         FILE,
-        ["train.tokens_per_update = 5000 is not a multiple of train.batch_size = 16", "batch_size x seq_len"],
+        ["train.tokens_per_update = 5000 is not a multiple of train.batch_size x train.seq_len = 16 x 256 = 4096"],
         id="tokens-per-update",
+    ),
+    pytest.param(
+        "[train]\nbatch_size = 4\nseq_len = 64\ntokens_per_update = 512\n",
+        ["train.seq_len=100"],
+        SET,
+        ["train.tokens_per_update = 512 is not a multiple of train.batch_size x train.seq_len = 4 x 100 = 400"],
+        id="tokens-per-update-broken-by-a-set-context",
+    ),
+    pytest.param(
+        '[train]\nmax_steps = 100\n[data]\nsources = [{dir = "a"}, {dir = "b"}]\n'
+        "mix = [{step = 50, weights = [1.0, 0.0]}]\n",
+        ["train.max_steps=40"],
+        SET,
+        ["the change at step 50 is past the run's last step"],
+        id="mix-broken-by-a-set-length",
     ),
     pytest.param(
         '[train]\ncompile = "yes"\n',

@@ -50,13 +50,21 @@ class _ConfigPath(argparse.Action):
 
 class _SetItems(argparse.Action):
     """--set's items, added to earlier --sets'. nargs="+" takes the config path too in `--set a=b base.toml`: with none
-    given yet, a last item that is a file or ends in .toml is the config."""
+    given yet, a last item that is a file, ends in .toml or names a shipped config (`base`) is the config."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        from fasttrain.config import shipped  # here, as in config_from_args
+
         items, last = list(values), values[-1]
-        if namespace.config is None and "=" not in last and (last.endswith(".toml") or os.path.isfile(last)):
+        if namespace.config is None and "=" not in last and (last.endswith(".toml") or _a_file(last, shipped.folder())):
             namespace.config, items = last, items[:-1]
         setattr(namespace, self.dest, [*getattr(namespace, self.dest), *items])
+
+
+def _a_file(name: str, shipped: os.PathLike[str]) -> bool:
+    """Whether `name` is a file, or the name of a config in the folder `shipped` (os.path.isfile: False, not an
+    error, for a name no path can be: too long, holding a NUL)."""
+    return os.path.isfile(name) or os.path.isfile(os.path.join(shipped, f"{name}.toml"))
 
 
 def config_from_args(args: argparse.Namespace, *more: str) -> Config:

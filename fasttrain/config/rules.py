@@ -150,11 +150,6 @@ _CONFLICTS: dict[str, tuple[Callable[[Config], bool], str]] = {
         "an odd head size, but RoPE rotates pairs of dimensions",
     ),
     # The world size is only known at launch, where the trainer checks the rest.
-    "train.tokens_per_update is not a multiple of train.batch_size": (
-        # with seq_len 0 the plan checks it at the context it chooses (accumulation_steps)
-        lambda c: c.train.seq_len > 0 and c.train.tokens_per_update % (c.train.batch_size * c.train.seq_len) != 0,
-        "it must be a whole number of micro-batches of batch_size x seq_len tokens",
-    ),
     "train.compile_mode does not work with data.padding": (
         lambda c: (
             c.train.compile_mode in ("reduce-overhead", "max-autotune")
@@ -199,6 +194,20 @@ _APPLIES: list[tuple[str, str, tuple[str, ...]]] = [
 ]
 
 
+def _check_update(cfg: Config, sources: dict[str, str]) -> None:
+    """UsageError where train.tokens_per_update is not a whole number of micro-batches (with seq_len 0 the plan checks
+    it at the context it chooses: accumulation_steps); the world size is only known at launch, where the trainer
+    checks the rest."""
+    t = cfg.train
+    micro = t.batch_size * t.seq_len
+    if t.seq_len > 0 and t.tokens_per_update % micro != 0:
+        where = _blame(sources, "train.tokens_per_update", "train.batch_size", "train.seq_len")
+        raise UsageError(
+            f"{where}: train.tokens_per_update = {t.tokens_per_update} is not a multiple of train.batch_size x "
+            f"train.seq_len = {t.batch_size} x {t.seq_len} = {micro} (it must be a whole number of micro-batches)"
+        )
+
+
 def _check_mixture(cfg: Config, sources: dict[str, str]) -> None:
     """UsageError for [[data.sources]] and [[data.mix]] tables that cannot make a mixture: the sources first (each
     table, then their weights), then the mix's changes."""
@@ -209,12 +218,14 @@ def _check_mixture(cfg: Config, sources: dict[str, str]) -> None:
         return
     if d.dir or d.inputs:
         raise UsageError(
-            f"{where}: data.sources names the prepared folders of a mixture; leave data.dir and "
+            f"{_blame(sources, 'data.sources', 'data.dir', 'data.inputs')}: data.sources names the prepared folders of "
+            "a mixture; leave data.dir and "
             "data.inputs unset (or give data.dir alone)"
         )
     _check_sources(d, where)
     _check_weights(where, "data.sources[{}].weight", [s.weight for s in d.sources])
-    _check_mix(d, cfg.train.max_steps, where)
+    # the changes are placed at steps: a --set of the run's length can be what breaks them
+    _check_mix(d, cfg.train.max_steps, _blame(sources, "data.sources", "data.mix", "train.max_steps", "train.max_time"))
 
 
 def _check_weights(where: str, name: str, weights: list[float]) -> None:
@@ -319,6 +330,7 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
                 f"{_blame(sources, name, other)}: {name} = {_show(_get(cfg, name))} needs {other} {needed}, "
                 f"not {_show(_get(cfg, other))} ({why})"
             )
+    _check_update(cfg, sources)
     _check_mixture(cfg, sources)
 
 
