@@ -239,6 +239,13 @@ def test_a_text_file_is_one_text_to_a_tokenizer_that_marks_where_a_text_starts(t
     prepare([str(tmp_path / "t.txt")], tmp_path / "out", tokenizer_path=str(tmp_path / "tok.json"), val_fraction=0.0)
     tok = Tokenizer.load(tmp_path / "tok.json")
     assert shard_tokens(tmp_path / "out", "train").tolist() == [tok.eot_id, *tok.encode(text)]
+    # One file with its end held out: two documents, each its own text's tokens, none of the held-out end in train
+    meta = prepare(
+        [str(tmp_path / "t.txt")], tmp_path / "held", tokenizer_path=str(tmp_path / "tok.json"), val_fraction=0.2
+    )
+    train, val = (shard_tokens(tmp_path / "held", s).tolist() for s in ("train", "val"))
+    cut = text.index("\n", meta["split"]["cut_at_char"]) + 1  # at the line end after the split's point
+    assert train == [tok.eot_id, *tok.encode(text[:cut])] and val == [tok.eot_id, *tok.encode(text[cut:])]
 
 
 def test_one_big_file_holds_out_the_end_of_its_text(tmp_path, monkeypatch, capsys):

@@ -82,18 +82,26 @@ def _batches(pieces: Iterable[tuple[str, Piece, bool]], batch_chars: int) -> Ite
 
 
 def whole_documents(pieces: Iterable[tuple[str, Piece, bool]]) -> Iterator[tuple[str, Piece, bool]]:
-    """`pieces` with each document's joined into one (every source's last piece of a document ends it): for a tokenizer
-    that would not encode a text cut into pieces as the whole (encoder.splits_at_line_ends), at the cost of holding the
-    longest document in memory."""
+    """`pieces` with each document's joined into one: for a tokenizer that would not encode a text cut into pieces as
+    the whole (encoder.splits_at_line_ends), at the cost of holding the longest document in memory. A document the
+    split cuts in two (one file's end held out: its validation part starts a document of its own) stays two."""
     held: list[Piece] = []
-    first: tuple[str, bool] | None = None
+    first = ("", False)  # the held pieces' split and whether they start a document
+
+    def joined() -> tuple[str, Piece, bool]:
+        text = "".join(p.text for p in held)
+        return first[0], Piece(text, held[-1].ends_document, sum(p.replaced for p in held)), first[1]
+
     for split, piece, starts in pieces:
-        first = first or (split, starts)
+        if held and (starts or split != first[0]):
+            yield joined()
+            held = []
+        if not held:
+            first = (split, starts)
         held.append(piece)
         if piece.ends_document:
-            text = "".join(p.text for p in held)
-            yield first[0], Piece(text, True, sum(p.replaced for p in held)), first[1]
-            held, first = [], None
+            yield joined()
+            held = []
 
 
 def encode_into(
