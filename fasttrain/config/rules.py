@@ -149,7 +149,6 @@ _CONFLICTS: dict[str, tuple[Callable[[Config], bool], str]] = {
         lambda c: c.model.n_heads > 0 and (c.model.d_model // c.model.n_heads) % 2 != 0,
         "an odd head size, but RoPE rotates pairs of dimensions",
     ),
-    # The world size is only known at launch, where the trainer checks the rest.
     "train.compile_mode does not work with data.padding": (
         lambda c: (
             c.train.compile_mode in ("reduce-overhead", "max-autotune")
