@@ -288,12 +288,12 @@ def test_a_distilled_run_under_torchrun_takes_each_phase_from_rank_0(pydoc_data,
 @pytest.mark.second_tier  # about 15 s of torchrun on 2 cores
 def test_mfu_on_two_processes_is_against_both_devices_peaks(pydoc_data, tmp_path):
     """tokens_per_s counts every rank's tokens, and MFU divided it by one device's peak: N processes read N times their
-    real utilisation. Here the peak is patched to 1e12 FLOP/s (a CPU has none in the table)."""
+    real utilisation. Here a device's peak is patched to 1e12 FLOP/s (a CPU has none in the table)."""
     script = tmp_path / "patched_peak.py"
     script.write_text(
         "import sys\n"
         "from fasttrain.training import reporting\n"
-        "reporting.peak_flops = lambda device: 1e12\n"
+        "reporting.peak_flops = lambda device, devices=1: devices * 1e12\n"
         "from fasttrain.train import main\n"
         "from fasttrain.system.errors import run_cli\n"
         "run_cli(main, sys.argv[1:])\n"

@@ -26,12 +26,13 @@ def parse_duration(text: str) -> float | None:
     "45s", "1m30s"); None if it is neither."""
     text = text.strip()
     if re.fullmatch(r"\d+(?:\.\d*)?", text):
-        return float(text) if math.isfinite(float(text)) else None
-    match = _DURATION.fullmatch(text)
-    if not text or match is None:
-        return None
-    hours, minutes, seconds = (float(part or 0) for part in match.groups())
-    total = 3600 * hours + 60 * minutes + seconds
+        total = float(text)
+    else:
+        match = _DURATION.fullmatch(text)
+        if not text or match is None:
+            return None
+        hours, minutes, seconds = (float(part or 0) for part in match.groups())
+        total = 3600 * hours + 60 * minutes + seconds
     return total if math.isfinite(total) else None  # 400 nines of seconds: no budget
 
 
@@ -73,7 +74,7 @@ _TYPES: dict[Any, tuple[Callable[[Any], bool], Callable[[Any], Any], str]] = {
     str: (_text, str, "a string of UTF-8 text without NUL"),
     list[str]: (lambda v: isinstance(v, list) and all(map(_text, v)), list, "a list of strings of UTF-8 text"),
     list[float]: (
-        lambda v: isinstance(v, list) and all(_TYPES[float][0](x) for x in v),
+        lambda v: isinstance(v, list) and all(map(_finite, v)),
         lambda v: list(map(float, v)),
         "a list of finite numbers",
     ),

@@ -30,7 +30,7 @@ import torch
 from fasttrain.config import Config, ModelConfig, check_vocab
 from fasttrain.formats.tokenizer import Tokenizer
 from fasttrain.model.llama import LLAMA_NUMBERS, beyond_llama
-from fasttrain.model.weights import export_token_ids, hf_llama_tensors
+from fasttrain.model.weights import export_token_ids, first_token_id, hf_llama_tensors
 from fasttrain.system.atomic import write_atomically
 from fasttrain.system.errors import UsageError
 
@@ -141,8 +141,8 @@ def write_gguf(
     writer.add_token_types(types)
     writer.add_token_merges(merges)
     for key, ids in export_token_ids(cfg, vocabulary.eot_id).items():  # GGUF holds one id: a list's first
-        first = ids[0] if isinstance(ids, list) and ids else ids
-        if isinstance(first, int):  # none where the source's is null
+        first = first_token_id(ids)
+        if first is not None:  # none where the source's is null
             getattr(writer, f"add_{key}")(first)
     writer.add_add_bos_token(False)
     quant = gguf.GGMLQuantizationType

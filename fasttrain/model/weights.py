@@ -264,10 +264,16 @@ def _token_ids(path: Path, raw: dict, key: str) -> int | list[int] | None:
     return value
 
 
-def _token(tokenizer: Tokenizer, ids: int | list[int] | None) -> str | None:
-    """The token a config.json's bos/eos id names (a list's first: transformers stops at any of them)."""
+def first_token_id(ids: int | list[int] | None) -> int | None:
+    """The one id a config.json's bos/eos names (a list's first: transformers stops at any of them); None for null."""
     first = ids[0] if isinstance(ids, list) and ids else ids
-    return tokenizer.tok.id_to_token(first) if isinstance(first, int) and not isinstance(first, bool) else None
+    return first if isinstance(first, int) and not isinstance(first, bool) else None
+
+
+def _token(tokenizer: Tokenizer, ids: int | list[int] | None) -> str | None:
+    """The token a config.json's bos/eos id names (`first_token_id`)."""
+    first = first_token_id(ids)
+    return tokenizer.tok.id_to_token(first) if first is not None else None
 
 
 def _check_out_dir(out: Path, writes: set[str], hf: bool) -> None:

@@ -31,8 +31,7 @@ def measure(plan: RunPlan, steps: int) -> dict:
         trainer.close()
     t = plan.cfg.train
     tokens_per_s = plan.tokens_per_step / seconds
-    peak = peak_flops(plan.device)  # one device's: tokens_per_s counts every rank's
-    peak = peak * plan.world.size if peak else None
+    peak = peak_flops(plan.device, plan.world.size)  # every rank's: tokens_per_s counts every rank's tokens
     projected = min(t.max_steps * seconds if t.max_steps else t.max_time, t.max_time or t.max_steps * seconds)
     return {
         "measured_steps": steps,

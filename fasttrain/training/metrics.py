@@ -45,12 +45,13 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
 ]
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """The bf16 dense peak of `device` in FLOP/s, or None when it is not a GPU in the table."""
+def peak_flops(device: torch.device, devices: int = 1) -> float | None:
+    """The bf16 dense peak in FLOP/s of `devices` GPUs like `device` (a run's world, whose tokens a speed counts), or
+    None when it is not a GPU in the table."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+    return next((devices * tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -164,8 +164,7 @@ class Report:
         self.whole_val = whole_val
         self.evaluated_on = "the whole val split" if whole_val else f"the first {cfg.train.eval_steps} val batches"
         self.flops_per_token = flops_per_token
-        peak = peak_flops(device)  # None off the GPU table: no MFU then
-        self.peak_flops = peak * devices if peak else None
+        self.peak_flops = peak_flops(device, devices)  # None off the GPU table: no MFU then
         self.names: list[str] = []  # the sources' (start), and what was read of each (train)
         self.read: list[tuple[str, int, float]] = []
 
