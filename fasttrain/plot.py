@@ -100,7 +100,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     events = latest_run(read_metrics(source))
     train = [e for e in events if e.get("event") == "train"]
     evals = [e for e in events if e.get("event") == "eval"]
-    for kind, kept, keys in (("train", train, ("step", "loss", "lr")), ("eval", evals, ("step", "val_loss"))):
+    mixes = [e for e in events if e.get("event") == "mix"]
+    checked = (
+        ("train", train, ("step", "loss", "lr")),
+        ("eval", evals, ("step", "val_loss")),
+        ("mix", mixes, ("step",)),
+    )
+    for kind, kept, keys in checked:
         lacking = next((e for e in kept if not all(isinstance(e.get(k), (int, float)) for k in keys)), None)
         if lacking is not None:
             raise UsageError(
@@ -117,7 +123,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     for key in dict.fromkeys(k for e in evals for k in e if k.startswith("val_loss.")):  # a mixture's sources
         steps = [e for e in evals if key in e]
         loss_ax.plot([e["step"] for e in steps], [e[key] for e in steps], ".--", label=f"validation loss, {key[9:]}")
-    for change in (e for e in events if e.get("event") == "mix"):
+    for change in mixes:
         for ax in (loss_ax, lr_ax):
             ax.axvline(change["step"], color="gray", linestyle=":", linewidth=1)
     loss_ax.set_ylabel("loss (nats/token)")

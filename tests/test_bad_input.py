@@ -767,6 +767,21 @@ CASES = [
         'metrics.jsonl: the eval event {"event": "eval", "step": 3} lacks a number for one of step, val_loss',
     ),
     (
+        "plot: a mixture's change of weights without its step",  # a traceback (KeyError) at the dotted line
+        plot,
+        lambda c: [
+            str(
+                Path(
+                    c.file(
+                        "odd/metrics.jsonl",
+                        '{"event": "eval", "step": 3, "val_loss": 2.0}\n{"event": "mix", "weights": [1.0]}\n',
+                    )
+                ).parent
+            )
+        ],
+        'metrics.jsonl: the mix event {"event": "mix", "weights": [1.0]} lacks a number for one of step',
+    ),
+    (
         "plot: a line that is a JSON list",
         plot,
         lambda c: [str(Path(c.file("odd/metrics.jsonl", '[1, 2]\n{"event": "eval", "step": 3}\n')).parent)],
