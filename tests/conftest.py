@@ -254,6 +254,7 @@ def tiny_overrides(data_dir, out_dir) -> list[str]:
         "train.max_steps=10",
         "train.max_time=0",  # a run of steps, not of configs/base.toml's time budget
         "train.distill=false",  # an ensemble's final/ is the ensemble: base.toml's distillation is test_distilled_run's
+        "checkpoint.fit_temperature=false",  # final/ holds the weights saved: base.toml's scale is test_calibration's
         'optim.name="adamw"',  # and AdamW with a cosine decay, not base.toml's Muon and warmdown
         'schedule.decay="cosine"',
         "schedule.warmup_steps=2",

@@ -101,9 +101,10 @@ def one_process(tmp_path_factory) -> Callable[..., Path]:
         ("ddp", []),
         ("fsdp", []),
         ("ddp", ["data.batching=padded", "data.padding=longest"]),
-        ("fsdp", ["model.members=2", "train.final_eval=true"]),
+        ("fsdp", ["model.members=2", "train.final_eval=true", "checkpoint.fit_temperature=true"]),
     ],
-    # an ensemble (model/ensemble.py): its members' blocks sharded; and final/ scored on the whole val split at the end
+    # an ensemble (model/ensemble.py): its members' blocks sharded; final/'s output layers scaled by one factor fitted
+    # on the eval rows, each rank its share (training/calibration.py); and final/ scored on the whole val split
     ids=["ddp", "fsdp", "ddp-padded", "fsdp-ensemble"],
 )
 def test_two_ranks_train_like_one_process_with_the_same_global_batch(
@@ -134,7 +135,9 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(
         assert values(tmp_path / "two", kind, key) == pytest.approx(values(one, kind, key), rel=1e-5)
     ours, theirs = (read_safetensors(run / "final" / "model.safetensors") for run in (tmp_path / "two", one))
     assert ours.keys() == theirs.keys()  # FSDP gathered the shards back into the whole model
-    assert_weights_agree(ours, theirs, adam_movement_bound(one))
+    scale = values(one, "end", "weights_scale")
+    assert values(tmp_path / "two", "end", "weights_scale") == scale and (scale != [1.0]) == ("fit" in str(batching))
+    assert_weights_agree(ours, theirs, adam_movement_bound(one) * max(scale[0], 1.0))
     start = [e for e in read_metrics(tmp_path / "two") if e["event"] == "start"][0]
     assert start["tokens_per_step"] == 256 and start["accumulation"] == 2  # counted over both ranks
     assert two.stdout.count("model: ") == 1  # only rank 0 prints

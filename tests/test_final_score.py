@@ -83,7 +83,8 @@ def test_the_run_closes_with_what_evaluate_gives_on_the_whole_split(pydoc_data, 
     if case == "best":  # the weights line names the step, its score left to the closing line
         assert end["weights_step"] <= 3 < end["step"]
         assert (
-            f"(step {end['weights_step']}'s, the lowest validation loss; the last step's are in the checkpoint)" in out
+            f"(step {end['weights_step']}'s, the lowest validation loss; the checkpoint holds the last step's as trained)"
+            in out
         )
 
 

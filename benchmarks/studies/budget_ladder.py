@@ -92,6 +92,7 @@ def run_budget(seconds: int, sets: list[str], work: Path, busy: int = 0) -> dict
         "best": min(evals),
         "last": evals[-1],
         "final_val_bpb": bpb,
+        "final_scale": end.get("weights_scale", 1.0),  # its output layer's (checkpoint.fit_temperature)
         "busy_timing": busy,
         "phases": [
             f"{p.name} ({load_config(p / 'config.toml').model.members} model(s)) {s:.0f} s"

@@ -182,6 +182,15 @@ def wrap(
     return cast(nn.Module, fully_shard(module, mesh=mesh, mp_policy=root_policy))  # the module, sharded in place
 
 
+def release_gathered(wrapped: nn.Module) -> None:
+    """Under FSDP, free the whole parameters the root gathered for a forward with no backward after it (an
+    evaluation): the root keeps its own gathered after a forward, expecting the backward, so until this the module's
+    parameters are not the shards an in-place change of the weights must reach (training/calibration.py)."""
+    release = getattr(wrapped, "reshard", None)  # FSDP2's FSDPModule (its module imported only with it)
+    if release is not None:
+        release()
+
+
 def gradient_sync(wrapped: nn.Module, enabled: bool) -> ContextManager[None]:
     """A context in which the backward does (or, not `enabled`, skips) the gradient reduction:
     skipped on every micro-batch but the last of an accumulated step."""

@@ -333,6 +333,10 @@ class CheckpointConfig:
     # validation loss is below the last evaluation's, as a small corpus read many times gets worse with more
     # training (nanoGPT keeps only such saves). The checkpoints, and a resume, go on from the last step either way.
     final_weights: Literal["last", "best"] = "last"
+    # final/'s output layer scaled by the factor (1 / a temperature) that gives its weights the lowest validation loss,
+    # fitted in up to three evaluations of the eval rows after the last: a model that read a small corpus several times
+    # is overconfident on new text (training/calibration.py). The checkpoints keep the weights as trained.
+    fit_temperature: bool = False
     # "sharded": a folder each rank writes its own part of (torch.distributed.checkpoint); "file": one file of
     # the whole state, gathered onto rank 0; "auto": sharded under fsdp and hsdp, a file otherwise
     format: Literal["auto", "file", "sharded"] = "auto"

@@ -33,6 +33,7 @@ class Kept(NamedTuple):
 
     step: int
     metrics: dict[str, float]
+    scale: float = 1.0  # what their output layer was multiplied by (checkpoint.fit_temperature)
 
 
 class FinalScore(NamedTuple):
@@ -364,6 +365,7 @@ class Report:
             "checkpoint": str(checkpoint),
             "weights": str(weights),
             "weights_step": kept.step,
+            "weights_scale": kept.scale,
             **{f"weights_{k}": v for k, v in kept.metrics.items() if k != "best_val_loss"},
             **{f"final_{k}": v for k, v in scored.items()},
             **({"final_val_rows": final.rows, "final_val_seconds": round(final.seconds, 3)} if scored else {}),
@@ -432,10 +434,16 @@ class Report:
 
 
 def kept_words(run: RunState, kept: Kept, final: FinalScore) -> str:
-    """What the weights line adds where final/ holds an earlier step's weights than the run's last: their score
-    unless the closing line gives it on the whole split (`final`)."""
-    if kept.step == run.step:
+    """What the weights line adds where final/ holds other weights than the run's last step: an earlier step's, or an
+    output layer scaled (checkpoint.fit_temperature); their score unless the closing line gives it on the whole split
+    (`final`)."""
+    said = []
+    if kept.step != run.step:
+        said.append(f"step {kept.step}'s, the lowest validation loss")
+    if kept.scale != 1:
+        said.append(f"the output layer x {kept.scale:g}: a temperature of {1 / kept.scale:.3g} fitted on the eval rows")
+    if not said:
         return ""
     bpb = kept.metrics.get("val_bpb")
     score = f": {bpb:.3f} bits/byte" if bpb is not None and final.metrics is None else ""
-    return f" (step {kept.step}'s, the lowest validation loss{score}; the last step's are in the checkpoint)"
+    return f" ({'; '.join(said)}{score}; the checkpoint holds the last step's as trained)"

@@ -2,14 +2,14 @@
 
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, checkpoints.run_state, checkpoints.saves,
 compute.distributed, config, data.loader, model.weights, optimization.schedule, planning.plan, system.errors,
-system.signals, training.policies, training.reporting.
+system.signals, training.calibration, training.policies, training.reporting.
 
 After each step the loop asks the policies (policies.py): a streak of non-finite steps rolls the run back to
 a save or stops it (Recovery), evaluations that stop improving end it (EarlyStopping). It evaluates, samples
 and saves when due, saves and stops on a signal, and hands every value to reporting (reporting.py). The
 steps, evaluations, samples and restores are the Trainer's (trainer.py), which hands itself to the loop. After
-the last step, write_final carries out which weights the run ends with (policies.better_save), and score_final scores
-them on the whole val split, the run's closing figure.
+the last step, write_final carries out which weights the run ends with (policies.better_save) and the scale of their
+output layer (calibration.py), and score_final scores them on the whole val split, the run's closing figure.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from fasttrain.optimization.schedule import Budget
 from fasttrain.planning.plan import RunPlan
 from fasttrain.system.errors import RunStopped
 from fasttrain.system.signals import SignalCatcher
+from fasttrain.training.calibration import fit_head_scale, output_weights
 from fasttrain.training.policies import EarlyStopping, Recovery, better_save, monitor_anew
 from fasttrain.training.reporting import FinalScore, IntervalMeter, Kept, Report
 
@@ -262,7 +263,9 @@ def write_final(
     evaluate: Callable[[], dict[str, float] | None],
 ) -> tuple[Path, Kept]:
     """Write final/ after the last step (`run`, evaluated as `last_eval`) and return it, the step whose weights it holds
-    and their metrics: the last step's, or policies.better_save's (the model takes those). Rank 0 writes."""
+    and their metrics: the last step's, or policies.better_save's (the model takes those), under
+    checkpoint.fit_temperature with their output layer scaled by what scores the eval rows best (calibration.py; the
+    model takes that too). Rank 0 writes."""
     kept = Kept(run.step, last_eval)
     better = better_save(cfg, run, last_eval, checkpoints.best())
     if better is not None:
@@ -270,6 +273,9 @@ def write_final(
         evaluated = evaluate()  # None only where something cuts it short, and nothing does
         assert evaluated is not None
         kept = Kept(step_of(better), evaluated)
+    if cfg.checkpoint.fit_temperature:
+        scale, metrics = fit_head_scale(output_weights(model), evaluate, cfg.train.monitor, kept.metrics)
+        kept = Kept(kept.step, metrics, scale)
     out = Path(cfg.train.out_dir)
     weights = distributed.full_state(model, None, sharded)[0]  # every rank joins the gather
     if not world.is_main:

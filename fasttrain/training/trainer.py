@@ -280,6 +280,7 @@ class Trainer:
             return self._val_loader(source, rows)
 
         metrics = validate_sources(self.loss, self.model, self.sources, loader, self.precision, self.world, stop)
+        distributed.release_gathered(self.objective)
         self.eval_seconds = time.perf_counter() - began  # validate's totals wait for the device: an honest clock
         return metrics
 
