@@ -244,9 +244,10 @@ def train_sets(
         "train_seconds": end["train_seconds"],
         "tokens_per_s": round(end["tokens"] / end["train_seconds"]),
         "epochs": round(end["tokens"] / start["train_tokens"], 2) if start.get("train_tokens") else None,
-        "val_bpb": end["weights_val_bpb"],  # of final/'s weights
+        "val_bpb": end["weights_val_bpb"],  # of final/'s weights (its output layer scaled where fit_temperature is on)
         "last_val_bpb": end["val_bpb"],
         "weights_step": end["weights_step"],
+        "weights_scale": end.get("weights_scale", 1.0),  # 1.0 before 2026-11-30's fit_temperature, or with it off
         "load_average_before": before,
         "load_average_after_training": during,
     }

@@ -169,9 +169,10 @@ HARNESS_NOTE = (
     "tokens where that leaves it 200 updates, else the largest power of two that does, with base_train's LR and "
     "weight-decay rules for that batch. Both are scored on the whole validation split, each at its own context "
     "(nanochat 512, fasttrain its train.seq_len), on the same target tokens and bytes: fasttrain's final/ (under "
-    "base.toml's final_weights = best, its best evaluation's weights, what its user keeps; each result's "
-    "last_val_bpb is its last step's), nanochat's last step (its script keeps no best). Changed from the first "
-    "harness (results of 2026-11-25, superseded), which ran nanochat eager at 16K-token steps whatever the budget "
+    "base.toml's final_weights = best, its best evaluation's weights, what its user keeps, and since 2026-11-30 "
+    "fit_temperature = true, their output layer scaled to a temperature fitted on the validation rows; each result's "
+    "last_val_bpb is its last step's at scale 1), nanochat's last step (its script keeps no best). Changed from the "
+    "first harness (results of 2026-11-25, superseded), which ran nanochat eager at 16K-token steps whatever the budget "
     "(18 to 60 updates) and scored both sides in 256-token windows on the first 131K validation tokens only."
 )
 # This harness's own choices:
