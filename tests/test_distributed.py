@@ -101,10 +101,14 @@ def one_process(tmp_path_factory) -> Callable[..., Path]:
         ("ddp", []),
         ("fsdp", []),
         ("ddp", ["data.batching=padded", "data.padding=longest"]),
-        ("fsdp", ["model.members=2", "train.final_eval=true", "checkpoint.fit_temperature=true"]),
+        (
+            "fsdp",
+            ["model.members=2", "train.final_eval=true", "checkpoint.fit_temperature=true", "train.sample_tokens=4"],
+        ),
     ],
-    # an ensemble (model/ensemble.py): its members' blocks sharded; final/'s output layers scaled by one factor fitted
-    # on the eval rows, each rank its share (training/calibration.py); and final/ scored on the whole val split
+    # an ensemble (model/ensemble.py): its members' blocks sharded; samples after each evaluation (the plain model,
+    # which reads the root's gathered weights); final/'s output layers scaled by one factor fitted on the eval rows,
+    # each rank its share (training/calibration.py); and final/ scored on the whole val split
     ids=["ddp", "fsdp", "ddp-padded", "fsdp-ensemble"],
 )
 def test_two_ranks_train_like_one_process_with_the_same_global_batch(

@@ -185,7 +185,8 @@ def wrap(
 def release_gathered(wrapped: nn.Module) -> None:
     """Under FSDP, free the whole parameters the root gathered for a forward with no backward after it (an
     evaluation): the root keeps its own gathered after a forward, expecting the backward, so until this the module's
-    parameters are not the shards an in-place change of the weights must reach (training/calibration.py)."""
+    parameters are not the shards an in-place change of the weights must reach (training/calibration.py). Not after
+    every evaluation: sampling runs the plain model, which needs the root's gathered."""
     release = getattr(wrapped, "reshard", None)  # FSDP2's FSDPModule (its module imported only with it)
     if release is not None:
         release()

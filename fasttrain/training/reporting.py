@@ -441,7 +441,7 @@ def kept_words(run: RunState, kept: Kept, final: FinalScore) -> str:
     if kept.step != run.step:
         said.append(f"step {kept.step}'s, the lowest validation loss")
     if kept.scale != 1:
-        said.append(f"the output layer x {kept.scale:g}: a temperature of {1 / kept.scale:.3g} fitted on the eval rows")
+        said.append(f"the output layer x {kept.scale:g}, fitted on the eval rows")
     if not said:
         return ""
     bpb = kept.metrics.get("val_bpb")

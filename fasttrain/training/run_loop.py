@@ -261,11 +261,13 @@ def write_final(
     world: distributed.World,
     sharded: bool,
     evaluate: Callable[[], dict[str, float] | None],
+    release: Callable[[], None],
 ) -> tuple[Path, Kept]:
     """Write final/ after the last step (`run`, evaluated as `last_eval`) and return it, the step whose weights it holds
     and their metrics: the last step's, or policies.better_save's (the model takes those), under
     checkpoint.fit_temperature with their output layer scaled by what scores the eval rows best (calibration.py; the
-    model takes that too). Rank 0 writes."""
+    model takes that too). `release`: distributed.release_gathered of the module that evaluates, so that the weights
+    changed in place are the ones its next evaluation gathers. Rank 0 writes."""
     kept = Kept(run.step, last_eval)
     better = better_save(cfg, run, last_eval, checkpoints.best())
     if better is not None:
@@ -274,7 +276,14 @@ def write_final(
         assert evaluated is not None
         kept = Kept(step_of(better), evaluated)
     if cfg.checkpoint.fit_temperature:
-        scale, metrics = fit_head_scale(output_weights(model), evaluate, cfg.train.monitor, kept.metrics)
+
+        def evaluated_and_released() -> dict[str, float] | None:
+            metrics = evaluate()
+            release()
+            return metrics
+
+        release()  # after the last evaluation: output_weights must be the parameters every evaluation reads
+        scale, metrics = fit_head_scale(output_weights(model), evaluated_and_released, cfg.train.monitor, kept.metrics)
         kept = Kept(kept.step, metrics, scale)
     out = Path(cfg.train.out_dir)
     weights = distributed.full_state(model, None, sharded)[0]  # every rank joins the gather

@@ -280,7 +280,6 @@ class Trainer:
             return self._val_loader(source, rows)
 
         metrics = validate_sources(self.loss, self.model, self.sources, loader, self.precision, self.world, stop)
-        distributed.release_gathered(self.objective)
         self.eval_seconds = time.perf_counter() - began  # validate's totals wait for the device: an honest clock
         return metrics
 
@@ -329,7 +328,15 @@ class Trainer:
             with compile_failures():  # the first step's, before which the start is taken back, or a recompile's
                 last_eval, stopped_early = Loop(self, report, start).run()
             final, kept = write_final(
-                self.cfg, self.run, last_eval, self.checkpoints, self.model, self.world, self.sharded, self.evaluate
+                self.cfg,
+                self.run,
+                last_eval,
+                self.checkpoints,
+                self.model,
+                self.world,
+                self.sharded,
+                self.evaluate,
+                lambda: distributed.release_gathered(self.objective),
             )
             scored = score_final(self, kept, report.whole_val)
             latest = self.checkpoints.latest()  # a save in flight waited for first
