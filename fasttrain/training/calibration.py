@@ -62,11 +62,14 @@ def fit_head_scale(
     originals = [h.detach().clone() for h in heads]
     tried: dict[float, dict[str, float]] = {1.0: measured}
 
+    def scale_heads(scale: float) -> None:
+        with torch.no_grad():
+            for head, original in zip(heads, originals):
+                head.copy_(original * scale)
+
     def at(scale: float) -> float:
         if scale not in tried:
-            with torch.no_grad():
-                for head, original in zip(heads, originals):
-                    head.copy_(original * scale)
+            scale_heads(scale)
             metrics = evaluate()
             assert metrics is not None  # None only where something cuts it short, and nothing does
             tried[scale] = metrics
@@ -79,7 +82,5 @@ def fit_head_scale(
     if best is not None:
         at(round(min(max(best, BOUNDS[0]), BOUNDS[1]), 2))  # finer buys nothing where the loss is flat
     scale = min(tried, key=lambda s: tried[s][monitor])
-    with torch.no_grad():
-        for head, original in zip(heads, originals):
-            head.copy_(original * scale)
+    scale_heads(scale)
     return scale, tried[scale]

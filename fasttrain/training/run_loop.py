@@ -66,14 +66,19 @@ class Trainable(Protocol):
     mix: list[tuple[int, tuple[float, ...]]]
     train_loader: TokenLoader
     checkpoints: Checkpointer
+    objective: nn.Module  # what trains and evaluates the model: wrapped by DDP or sharded by FSDP, compiled
     resumed_from: Path | None
     eval_seconds: float  # what the last evaluation took
+
+    @property
+    def model(self) -> nn.Module:  # the network, whose weights final/ holds (read only: a Trainer's is typed closer)
+        ...
 
     def step(self) -> StepResult: ...
 
     def finished(self) -> bool: ...
 
-    def evaluate(self, stop: Callable[[], bool], whole: bool = False) -> dict[str, float] | None: ...
+    def evaluate(self, stop: Callable[[], bool] = ..., whole: bool = False) -> dict[str, float] | None: ...
 
     def val_rows(self, train: TrainConfig | None = None) -> tuple[int, int]: ...
 
@@ -252,41 +257,32 @@ def scored_rows(trainer: Trainable, saved: TrainConfig, now: TrainConfig) -> tup
     return trainer.val_rows(saved)[0], trainer.val_rows(now)[0]
 
 
-def write_final(
-    cfg: Config,
-    run: RunState,
-    last_eval: dict[str, float],
-    checkpoints: Checkpointer,
-    model: nn.Module,
-    world: distributed.World,
-    sharded: bool,
-    evaluate: Callable[[], dict[str, float] | None],
-    release: Callable[[], None],
-) -> tuple[Path, Kept]:
-    """Write final/ after the last step (`run`, evaluated as `last_eval`) and return it, the step whose weights it holds
-    and their metrics: the last step's, or policies.better_save's (the model takes those), under
+def write_final(trainer: Trainable, last_eval: dict[str, float]) -> tuple[Path, Kept]:
+    """Write final/ after the last step (`trainer.run`, evaluated as `last_eval`) and return it, the step whose weights
+    it holds and their metrics: the last step's, or policies.better_save's (the model takes those), under
     checkpoint.fit_temperature with their output layer scaled by what scores the eval rows best (calibration.py; the
-    model takes that too). `release`: distributed.release_gathered of the module that evaluates, so that the weights
-    changed in place are the ones its next evaluation gathers. Rank 0 writes."""
+    model takes that too). Rank 0 writes."""
+    plan, run, checkpoints, model = trainer.plan, trainer.run, trainer.checkpoints, trainer.model
+    cfg, world = plan.cfg, plan.world
     kept = Kept(run.step, last_eval)
     better = better_save(cfg, run, last_eval, checkpoints.best())
     if better is not None:
         checkpoints.restore_weights(better)
-        evaluated = evaluate()  # None only where something cuts it short, and nothing does
+        evaluated = trainer.evaluate()  # None only where something cuts it short, and nothing does
         assert evaluated is not None
         kept = Kept(step_of(better), evaluated)
     if cfg.checkpoint.fit_temperature:
 
-        def evaluated_and_released() -> dict[str, float] | None:
-            metrics = evaluate()
-            release()
+        def evaluated_and_released() -> dict[str, float] | None:  # so the next change in place reaches what it reads
+            metrics = trainer.evaluate()
+            distributed.release_gathered(trainer.objective)
             return metrics
 
-        release()  # after the last evaluation: output_weights must be the parameters every evaluation reads
+        distributed.release_gathered(trainer.objective)  # after the last evaluation, before output_weights reads them
         scale, metrics = fit_head_scale(output_weights(model), evaluated_and_released, cfg.train.monitor, kept.metrics)
         kept = Kept(kept.step, metrics, scale)
     out = Path(cfg.train.out_dir)
-    weights = distributed.full_state(model, None, sharded)[0]  # every rank joins the gather
+    weights = distributed.full_state(model, None, plan.sharded)[0]  # every rank joins the gather
     if not world.is_main:
         return out / "final", kept
     return export_weights(weights, cfg, out / "final", tokenizer=out / "tokenizer.json")[0], kept

@@ -327,17 +327,7 @@ class Trainer:
             report = Report(log, self.cfg, self.device, flops, self.evaluates_whole_split(), self.world.size)
             with compile_failures():  # the first step's, before which the start is taken back, or a recompile's
                 last_eval, stopped_early = Loop(self, report, start).run()
-            final, kept = write_final(
-                self.cfg,
-                self.run,
-                last_eval,
-                self.checkpoints,
-                self.model,
-                self.world,
-                self.sharded,
-                self.evaluate,
-                lambda: distributed.release_gathered(self.objective),
-            )
+            final, kept = write_final(self, last_eval)
             scored = score_final(self, kept, report.whole_val)
             latest = self.checkpoints.latest()  # a save in flight waited for first
             replay = replay_mix(self.cfg.data, self.mix, self.accumulation, self.run.step)
