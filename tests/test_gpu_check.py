@@ -110,6 +110,8 @@ def test_dry_run_quality_trains_fasttrain_and_two_depths_of_the_stand_in_nanocha
     found = quality["figures"]
     assert found["nanochat"]["source"].endswith("fake_nanochat") and found["failures"] == []
     assert found["fasttrain"]["system"] == "fasttrain" and found["fasttrain"]["budget_seconds"] == 2.0
+    # what its plan read and chose, which the next GPU session needs to tell why it trained what it did
+    assert any(note.startswith("model.n_layers = 0") for note in found["fasttrain"]["plan_notes"])
     depths = [r["recipe"]["n_layer"] for r in found["nanochat_runs"]]
     assert depths == [found["depth_choice"]["first_depth"], gpu_quality.second_depth(found["nanochat_runs"][0])]
     val = found["fasttrain"]["val_bpb"], *(r["val_bpb"] for r in found["nanochat_runs"])
@@ -289,6 +291,14 @@ def test_races_compare_fasttrain_with_the_fastest_other():
     results = gpu_check.new_results([], "abc", dry_run=False)
     results["benchmarks"] = [case("fasttrain", 2.0, 1.0), case("compiled", 2.5, 2.0)]
     assert "| x n=1 | 2.00 s | 1.00 s | compiled | 2.50 s | 2.00 s | 1.25x | 2.00x |" in gpu_check.report(results)
+
+
+def test_the_report_names_the_machine_where_the_env_stage_did_not_run(monkeypatch):
+    monkeypatch.setattr(gpu_check, "smi_query", lambda field: {"name": "NVIDIA H200"}[field])
+    results = gpu_check.new_results(["--stage", "quality"], "abc", dry_run=False)
+    heading, _, when = gpu_check.report(results).splitlines()[:3]
+    assert heading == "# GPU acceptance: NVIDIA H200"
+    assert when == f"commit abc; {results['datetime']}"  # no empty environment part before it
 
 
 @pytest.mark.parametrize(

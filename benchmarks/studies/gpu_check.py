@@ -58,6 +58,7 @@ import functools
 import importlib.util
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -185,12 +186,8 @@ def env_stage(ctx: Context) -> Stage:
             multiprocessors=props.multi_processor_count,
             memory_gib=round(props.total_memory / 2**30, 1),
         )
-        smi = shutil.which("nvidia-smi")
-        if smi:
-            query = subprocess.run(
-                [smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
-            )
-            info["driver"] = query.stdout.strip().splitlines()[0] if query.returncode == 0 and query.stdout else "?"
+        if shutil.which("nvidia-smi"):
+            info["driver"] = smi_query("driver_version") or "?"
     stage.check("a CUDA GPU is visible", gpu or ctx.dry_run, info.get("gpu", "none (a dry run on the CPU)"))
 
     copy = measure_copy_bandwidth(device, 1 << 30 if gpu else 1 << 24)
@@ -764,9 +761,21 @@ def commit_id() -> str:
         return "unknown"  # no git: the lent GPU machine gets a copy of the working tree without .git
 
 
+def smi_query(field: str) -> str:
+    """nvidia-smi's `field` (--query-gpu) of the first GPU; "" where there is no nvidia-smi or it fails. It does
+    not touch CUDA, so the parent process leaves every GPU byte to the stages' processes."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return ""
+    query = subprocess.run([smi, f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True, text=True)
+    return query.stdout.strip().splitlines()[0] if query.returncode == 0 and query.stdout.strip() else ""
+
+
 def new_results(argv: Sequence[str], commit: str, dry_run: bool) -> dict:
     return {
         "datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # what the heading names where the env stage (which records the whole environment) did not run
+        "machine": smi_query("name") or platform.processor() or platform.machine(),
         "commit_info": {"id": commit},
         "command": "python -m benchmarks.studies.gpu_check " + " ".join(argv),
         "benchmarks": [],
@@ -847,11 +856,18 @@ def report(results: dict) -> str:
     env = stages.get("env", {}).get("figures", {})
     info = env.get("environment", {})
     lines = [
-        f"# GPU acceptance: {info.get('gpu') or info.get('cpu', 'unknown machine')}"
+        f"# GPU acceptance: {info.get('gpu') or info.get('cpu') or results.get('machine', 'unknown machine')}"
         + (" (dry run on the CPU: timings mean nothing)" if results["gpu_check"].get("dry_run") else ""),
         "",
-        ", ".join(f"{k} {info[k]}" for k in ("driver", "cuda", "torch", "triton", "python") if k in info)
-        + f"; commit {results['commit_info']['id']}; {results['datetime']}",
+        "; ".join(
+            part
+            for part in (
+                ", ".join(f"{k} {info[k]}" for k in ("driver", "cuda", "torch", "triton", "python") if k in info),
+                f"commit {results['commit_info']['id']}",
+                results["datetime"],
+            )
+            if part
+        ),
         "",
         f"`{results['command']}`",
         "",

@@ -41,7 +41,7 @@ from fasttrain.config import load_config
 from fasttrain.planning.sequence_length import contexts
 from fasttrain.plot import read_metrics
 from fasttrain.system.errors import ArgumentParser, run_cli
-from fasttrain.training.phases import rounds
+from fasttrain.training.phases import phase_seconds, rounds
 
 EVAL_TOKENS = 131_072  # of validation text every case is scored on: 32 batches of 16 x 256
 
@@ -234,6 +234,7 @@ def train_sets(
     end = next(e for e in events if e["event"] == "end")
     shape = load_config(out_dir / "final" / "config.toml").model  # the shape trained: a case may leave it to the run
     return {
+        "plan_notes": start.get("notes", []),  # a distilled run's are its first round's (distilled_from)
         **distilled_from(out_dir),
         "shape": f"{shape.n_layers} x {shape.d_model}",
         "params": start.get("params"),
@@ -259,11 +260,15 @@ def distilled_from(out_dir: Path) -> dict:
     log = out_dir / MEMBERS_DIR / "metrics.jsonl"
     if not log.is_file():
         return {}
-    end = [json.loads(line) for line in log.read_text().splitlines()][-1]
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    start, end = next(e for e in events if e["event"] == "start"), events[-1]
     return {
         "members": load_config(out_dir / MEMBERS_DIR / "config.toml").model.members,
         "ensemble_train_seconds": end["train_seconds"],
         "ensemble_val_bpb": end["weights_val_bpb"],
+        # the whole run's plan, as its first round records it: the speed timed, the shape and members it chose
+        "plan_notes": ((start.get("phase") or {}).get("whole") or start).get("notes", []),
+        "phases": [f"{what}: {seconds:.1f} s" for what, seconds in phase_seconds(out_dir)],
     }
 
 
