@@ -466,3 +466,37 @@ def test_heads_that_divide_no_width_of_the_ladder_are_one_line(pydoc_data, tmp_p
     assert cli(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model.n_heads = 33: no depth of the ladder" in err
+
+
+def test_the_end_says_the_speed_trained_at_beside_the_one_the_shape_was_chosen_at(pydoc_data, tmp_path, capsys):
+    """A self-sized budget's end event records the speed its plan's timing predicted for the shape it chose, and the
+    time line says it beside the speed trained at; where they differ by more than the timing is good to
+    (SENSITIVITY), it adds that the shape was chosen at the other speed and how to time real steps. A 2-minute
+    budget on an H200 (2026-11-30) chose a shape that read the corpus to its limit in half the budget, and no line
+    of the run said at what speed the shape had been chosen."""
+    from types import SimpleNamespace
+
+    from fasttrain.compute.distributed import World
+    from fasttrain.planning.plan import plan_run
+    from fasttrain.training.reporting import speed_words
+    from fasttrain.training.trainer import Trainer
+
+    fast = Speed(((1e6, 1e13),))  # ten TFLOP/s: far faster than this CPU trains
+    sets = (*AUTO, *BUDGET, "train.max_steps=3", "train.sample_tokens=0", "model.vocab_size=512")
+    plan = plan_run(tiny_config(pydoc_data, tmp_path, *sets), World(), torch.device("cpu"), None, fast)
+    assert plan.timed_tokens_per_s == pytest.approx(sizing.tokens_per_s(fast, plan.cfg.model, plan.cfg.train.seq_len))
+    summary = Trainer(plan.cfg, plan=plan).train()
+    assert summary["timed_tokens_per_s"] == pytest.approx(plan.timed_tokens_per_s, rel=1e-3)
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  time "))
+    said = re.search(r"; ([\d,]+) tokens/s, ([\d.e-]+)x the ([\d,]+) its plan timed for this shape \(the shape", line)
+    assert said, line
+    trained, ratio, timed = (float(said.group(i).replace(",", "")) for i in (1, 2, 3))
+    assert timed == round(plan.timed_tokens_per_s) and ratio == pytest.approx(trained / timed, rel=0.01)
+    assert trained == pytest.approx(summary["tokens"] / summary["train_seconds"], rel=0.05)
+    assert line.endswith("was chosen at that speed: `--dry-run --measure 100` times real steps)")
+    run = SimpleNamespace(tokens_seen=1000, train_seconds=1.0)  # 1,000 tokens/s
+    assert speed_words(run, 900.0) == "; 1,000 tokens/s, 1.11x the 900 its plan timed for this shape"  # within
+    assert speed_words(run, 2000.0).endswith("times real steps)") and speed_words(run, None) == ""
+    # a set shape chose nothing from a timing: nothing to say, nothing recorded
+    fixed = plan_run(tiny_config(pydoc_data, tmp_path, *BUDGET, "model.n_layers=2"), World(), torch.device("cpu"))
+    assert fixed.timed_tokens_per_s is None

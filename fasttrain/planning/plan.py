@@ -108,6 +108,14 @@ class RunPlan:
         return [s.name for s in self.sources]
 
     @property
+    def timed_tokens_per_s(self) -> float | None:
+        """The training tokens a second, over all ranks, that the timing the shape was chosen at (`speed`) predicts
+        for it; None where no timing chose it (a set shape, a budget of steps, a later phase of a distilled run)."""
+        if self.speed is None:
+            return None
+        return sizing.tokens_per_s(self.speed, self.cfg.model, self.cfg.train.seq_len) * self.world.size
+
+    @property
     def tokens_per_step(self) -> int:
         """Token slots per optimizer update, over all ranks (pads included; a run's `tokens_seen` counts real ones)."""
         return update_tokens(self.cfg.train, self.accumulation, self.world.size)

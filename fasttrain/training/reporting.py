@@ -2,7 +2,7 @@
 made from the values it is given. Nothing here reads the trainer.
 
 Imports from fasttrain: checkpoints.run_state, compute.device, config, data.loader, evaluation.loss_sums,
-optimization.schedule, planning.plan, training.metrics.
+optimization.schedule, planning.plan, planning.sizing, training.metrics.
 
 The training loop hands over a record per step (to IntervalMeter, which sums them on the
 device until the next log line), one per evaluation, and one per skip, rollback or stop.
@@ -25,6 +25,7 @@ from fasttrain.data.loader import TokenLoader
 from fasttrain.evaluation.loss_sums import perplexity
 from fasttrain.optimization.schedule import PROGRESS_EVENT, Budget
 from fasttrain.planning.plan import Reading, RunPlan
+from fasttrain.planning.sizing import SENSITIVITY
 from fasttrain.training.metrics import MetricsLog, peak_flops, peak_memory_gb
 
 
@@ -349,10 +350,12 @@ class Report:
         stopped_early: bool,
         wall_seconds: float,
         replay_mix: str = "",
+        timed_tokens_per_s: float | None = None,
     ) -> dict[str, Any]:
         """The run's summary, reported and returned (what Trainer.train returns), and where everything went, closing with
         `final`, final/'s score on the whole val split (or the command that scores it); `replay_mix`: the --set item
-        that pins a budgeted run's mix changes in its replay (mixture.replay_mix)."""
+        that pins a budgeted run's mix changes in its replay (mixture.replay_mix); `timed_tokens_per_s`: the speed
+        the plan's timing predicted for the shape it chose (RunPlan.timed_tokens_per_s), beside the speed trained at."""
         out = Path(self.cfg.train.out_dir)
         # Where the run ended, its last evaluation, where its files are, and which step's weights final/ holds
         # (`kept`) with their evaluation (weights_val_loss, ...) and their score on the whole split (final_val_loss, ...).
@@ -376,6 +379,7 @@ class Report:
             "stopped_early": stopped_early,
             "train_seconds": round(run.train_seconds, 3),
             "wall_seconds": round(wall_seconds, 3),
+            **({"timed_tokens_per_s": round(timed_tokens_per_s, 1)} if timed_tokens_per_s else {}),
         }
         self.log.event("end", **summary)
         self.log.end_progress()
@@ -394,6 +398,7 @@ class Report:
         self.log.print(
             f"  time        {format_duration(summary['train_seconds'])} training{counted}, "
             f"{format_duration(summary['wall_seconds'])} wall time in this process"
+            + speed_words(run, timed_tokens_per_s)
         )
         if self.cfg.train.max_time:
             mix = f" {shlex.quote(replay_mix)}" if replay_mix else ""
@@ -431,6 +436,21 @@ class Report:
                 f"{format_duration(final.allowed)} the run allows it; train.final_eval = true scores it anyway"
             )
         return f"final/: fasttrain evaluate {out} --split val scores it on the whole val split ({why})"
+
+
+def speed_words(run: RunState, timed_tokens_per_s: float | None) -> str:
+    """What the time line adds where the plan chose the shape from a timing: the speed trained at against the one
+    timed, and where they differ by more than the timing is good to (sizing.SENSITIVITY), that the shape was chosen
+    at the other speed (on a GPU the timing's steps are eager, the run's compiled)."""
+    if not (timed_tokens_per_s and run.train_seconds > 0):
+        return ""
+    trained = run.tokens_seen / run.train_seconds
+    ratio = trained / timed_tokens_per_s
+    words = f"; {trained:,.0f} tokens/s, {ratio:.3g}x the {timed_tokens_per_s:,.0f} its plan timed for this shape"
+    low, high = SENSITIVITY
+    if not low <= ratio <= high:
+        words += " (the shape was chosen at that speed: `--dry-run --measure 100` times real steps)"
+    return words
 
 
 def kept_words(run: RunState, kept: Kept, final: FinalScore) -> str:

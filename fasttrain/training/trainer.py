@@ -332,7 +332,16 @@ class Trainer:
             latest = self.checkpoints.latest()  # a save in flight waited for first
             replay = replay_mix(self.cfg.data, self.mix, self.accumulation, self.run.step)
             summary = report.end(
-                self.run, last_eval, latest, final, kept, scored, stopped_early, self.clock() - self.created, replay
+                self.run,
+                last_eval,
+                latest,
+                final,
+                kept,
+                scored,
+                stopped_early,
+                self.clock() - self.created,
+                replay,
+                self.plan.timed_tokens_per_s,
             )
             distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
             return summary
