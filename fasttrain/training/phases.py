@@ -222,8 +222,8 @@ def more_members(done: Sequence[Ended], max_time: float, at_once: int, most: int
         then = (
             "the student of all of them follows"
             if members > 1
-            else "it stops at the limit, as reading on overfits and smaller updates that fill the time scored no "
-            "better (docs/performance.md)"
+            else "it stops at the limit, as reading on overfits, and smaller updates that fill the time or a student of "
+            "it alone scored no better (docs/performance.md)"
         )
         return 0, 0.0, f"{left:.0f} s left: {why}; {then}"
     seconds = round(left - share * student(members + added), 3)
