@@ -31,7 +31,7 @@ import math
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -174,24 +174,35 @@ def score_inputs(
         return score_text(trained, tmp, "train", meta["text_bytes"]["train"], batch_size, device)
 
 
-def scored_step(source: Path) -> tuple[Path | None, int | None]:
-    """The run directory of weights `source` (None outside one) and their step: a checkpoint's own, or RUN/final's from
-    the run's last `end` event (weights_step, or older runs' `step`)."""
+class ScoredWeights(NamedTuple):
+    """Which weights of which run evaluate scored (scored_weights)."""
+
+    run: Path | None  # the run directory; None outside one
+    step: int | None  # the step they are from; None where no record says
+    scale: float  # the factor final/'s output layer carries (checkpoint.fit_temperature); 1.0 for a checkpoint
+
+
+def scored_weights(source: Path) -> ScoredWeights:
+    """The run directory of weights `source` and their step: a checkpoint's own, or RUN/final's from the run's last
+    `end` event (weights_step, or older runs' `step`), with the scale of final/'s output layer it records
+    (weights_scale: that step's weights are not final/'s where it is not 1)."""
     real = source.resolve()
     if real.is_file() or saves.is_sharded(real):
         run, match = trained_model.run_directory(real), saves.SAVE_NAME.fullmatch(real.name)
-        return (run if (run / "metrics.jsonl").is_file() else None), (int(match.group(1)) if match else None)
+        return ScoredWeights(
+            (run if (run / "metrics.jsonl").is_file() else None), (int(match.group(1)) if match else None), 1.0
+        )
     run = real.parent
     if real.name != "final" or not (run / "metrics.jsonl").is_file():
-        return None, None
-    step = None
+        return ScoredWeights(None, None, 1.0)
+    step, scale = None, 1.0
     with open(run / "metrics.jsonl", encoding="utf-8", errors="replace") as f:
         for line in f:
             if '"end"' in line:
                 with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a kill: the end before it
                     end = json.loads(line)
-                    step = end.get("weights_step", end.get("step", step))
-    return run, step
+                    step, scale = end.get("weights_step", end.get("step", step)), end.get("weights_scale", 1.0)
+    return ScoredWeights(run, step, scale)
 
 
 def score_tasks(
@@ -208,9 +219,10 @@ def score_tasks(
     harness = importlib.import_module("fasttrain.evaluation.harness")
     results = harness.run_tasks(trained, tasks, num_fewshot, limit, batch_size=batch_size, index=index)
     scores = harness.task_scores(results)
-    run, step = scored_step(trained.source)
+    run, step, scale = scored_weights(trained.source)
     record = {
         "step": step,
+        "weights_scale": scale,  # final/'s output layer x this: not that step's checkpoint as saved where it is not 1
         "tasks": scores,
         "num_fewshot": num_fewshot,
         "limit": limit,
@@ -218,7 +230,7 @@ def score_tasks(
         "lm_eval": harness.LM_EVAL_VERSION,
     }
     print(harness.scores_table(scores, results.get("n-shot", {})))
-    print(f"({trained.source}, step {step})")
+    print(f"({trained.source}, step {step}{f', its output layer x {scale:g}' if scale != 1 else ''})")
     if output:
         text = json.dumps(record, indent=2).encode()
         print(f"wrote {write_atomically(output, lambda f: f.write(text), 'write the scores')}")

@@ -270,6 +270,7 @@ def test_evaluate_tasks_prints_logs_and_writes_the_scores(run, tasks, tmp_path, 
     assert exit_.value.code == 0, out
     written = json.loads((tmp_path / "scores.json").read_text())
     assert written["step"] == 6 and written["num_fewshot"] == 1 and written["limit"] == 8
+    assert written["weights_scale"] == 1.0  # final/ as the run saved it (tiny runs fit no temperature)
     assert set(written["tasks"]) == {"tiny_mc", "tiny_ppl"} and 0 <= written["tasks"]["tiny_mc"]["acc"] <= 1
     assert written["lm_eval"] == metadata.version("lm_eval")
     acc = written["tasks"]["tiny_mc"]["acc"]

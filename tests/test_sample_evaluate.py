@@ -308,17 +308,19 @@ def test_a_prompt_of_invalid_utf8_on_stdin_is_one_line(trained_run):
 
 def test_scores_are_logged_at_a_sharded_checkpoints_step(tmp_path):
     """evaluate --tasks logs its eval_tasks event at the step of the weights it scored: a sharded checkpoint is a
-    step_N folder, whose step and run were missed (only a step_N.pt file was read as a checkpoint)."""
-    from fasttrain.evaluate import scored_step
+    step_N folder, whose step and run were missed (only a step_N.pt file was read as a checkpoint). final/ names the
+    scale its output layer carries (checkpoint.fit_temperature): those are not that step's weights as saved."""
+    from fasttrain.evaluate import scored_weights
 
     run = tmp_path / "run"
     (run / "checkpoints" / "step_0000004").mkdir(parents=True)
     (run / "checkpoints" / "step_0000002.pt").write_bytes(b"")
     (run / "metrics.jsonl").write_text('{"event": "end", "step": 4}\n')
-    assert scored_step(run / "checkpoints" / "step_0000004") == (run.resolve(), 4)
-    assert scored_step(run / "checkpoints" / "step_0000002.pt") == (run.resolve(), 2)
+    assert scored_weights(run / "checkpoints" / "step_0000004") == (run.resolve(), 4, 1.0)
+    assert scored_weights(run / "checkpoints" / "step_0000002.pt") == (run.resolve(), 2, 1.0)
     (run / "final").mkdir()
-    assert scored_step(run / "final") == (run.resolve(), 4)
-    # final/ holding an earlier step's weights (checkpoint.final_weights = "best"): that step's
-    (run / "metrics.jsonl").write_text('{"event": "end", "step": 4, "weights_step": 2}\n')
-    assert scored_step(run / "final") == (run.resolve(), 2)
+    assert scored_weights(run / "final") == (run.resolve(), 4, 1.0)
+    # final/ holding an earlier step's weights (checkpoint.final_weights = "best"), its output layer scaled
+    (run / "metrics.jsonl").write_text('{"event": "end", "step": 4, "weights_step": 2, "weights_scale": 0.9}\n')
+    assert scored_weights(run / "final") == (run.resolve(), 2, 0.9)
+    assert scored_weights(run / "checkpoints" / "step_0000002.pt") == (run.resolve(), 2, 1.0)  # the save as trained
