@@ -150,8 +150,15 @@ def test_a_dry_run_of_unprepared_data_says_what_it_would_prepare_and_writes_noth
         "memory: about",
         "kernel: rms_norm: auto, off on the cpu",
         "cadence: log every 10 steps",
+        # base.toml's final/: what it will hold, decided after the last step
+        "final/: the weights of the lowest validation loss, its output layer x the factor that scores the validation "
+        "rows best (checkpoint.fit_temperature; the checkpoints keep the weights as trained)\n",
     ):
         assert line in printed
+    from fasttrain.config import Config
+    from fasttrain.training.plan_table import final_line
+
+    assert final_line(Config()) == "final/: the last step's weights"  # the dataclasses' defaults
     # The shape is chosen for the machine's measured speed (model.n_layers = 0): the ladder's, as the note says.
     depth = int(re.search(r"^note: model\.n_layers = 0: depth (\d+) ", printed, re.M).group(1))
     s = "s" * (depth != 1)

@@ -22,6 +22,20 @@ def own_rates(c: Config) -> str:
     return f", {', '.join(rates)}" if rates else ""
 
 
+def final_line(c: Config) -> str:
+    """What final/ will hold (checkpoint.final_weights, checkpoint.fit_temperature): decided after the last step, so
+    the plan says how, not what."""
+    k = c.checkpoint
+    weights = "the weights of the lowest validation loss" if k.final_weights == "best" else "the last step's weights"
+    scaled = (
+        ", its output layer x the factor that scores the validation rows best (checkpoint.fit_temperature; the "
+        "checkpoints keep the weights as trained)"
+        if k.fit_temperature
+        else ""
+    )
+    return f"final/: {weights}{scaled}"
+
+
 def plan_table(plan: RunPlan) -> str:
     """The plan of a new run, a line per decision, each "what: value"."""
     c, t = plan.cfg, plan.cfg.train
@@ -47,6 +61,7 @@ def plan_table(plan: RunPlan) -> str:
         f"on {plan.device}",
         f"cadence: log every {t.log_interval} steps, evaluate every {t.eval_interval} ({t.eval_steps} batches), "
         f"save every {c.checkpoint.interval} (keep {c.checkpoint.keep_last}{', and the best' * c.checkpoint.keep_best})",
+        final_line(c),
         *(f"note: {note}" for note in plan.notes),
     ]
     return "\n".join(lines)
