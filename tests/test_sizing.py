@@ -468,12 +468,13 @@ def test_heads_that_divide_no_width_of_the_ladder_are_one_line(pydoc_data, tmp_p
     assert err.count("\n") == 0 and "model.n_heads = 33: no depth of the ladder" in err
 
 
-def test_the_end_says_the_speed_trained_at_beside_the_one_the_shape_was_chosen_at(pydoc_data, tmp_path, capsys):
-    """A self-sized budget's end event records the speed its plan's timing predicted for the shape it chose, and the
-    time line says it beside the speed trained at; where they differ by more than the timing is good to
-    (SENSITIVITY), it adds that the shape was chosen at the other speed and how to time real steps. A 2-minute
-    budget on an H200 (2026-11-30) chose a shape that read the corpus to its limit in half the budget, and no line
-    of the run said at what speed the shape had been chosen."""
+def test_the_end_says_the_speed_trained_at_beside_the_one_the_shape_was_chosen_for(pydoc_data, tmp_path, capsys):
+    """Where the plan expected its time budget to end the run, the speed it timed chose the shape: the end event
+    records an update's seconds at that speed, and the time line says them beside those trained at; where the two
+    differ by more than a timing is good to (SENSITIVITY), it adds that a shape chosen at this speed could differ and
+    how to time real steps. Where the steps bound the run (train.max_steps, the epoch limit), the speed chose
+    nothing: nothing is said or recorded. A 2-minute budget on an H200 (2026-11-30) chose a shape that read the
+    corpus to its limit in half the budget, and no line of the run said at what speed the shape had been chosen."""
     from types import SimpleNamespace
 
     from fasttrain.compute.distributed import World
@@ -481,22 +482,29 @@ def test_the_end_says_the_speed_trained_at_beside_the_one_the_shape_was_chosen_a
     from fasttrain.training.reporting import speed_words
     from fasttrain.training.trainer import Trainer
 
-    fast = Speed(((1e6, 1e13),))  # ten TFLOP/s: far faster than this CPU trains
+    cpu = torch.device("cpu")
     sets = (*AUTO, *BUDGET, "train.max_steps=3", "train.sample_tokens=0", "model.vocab_size=512")
-    plan = plan_run(tiny_config(pydoc_data, tmp_path, *sets), World(), torch.device("cpu"), None, fast)
-    assert plan.timed_tokens_per_s == pytest.approx(sizing.tokens_per_s(fast, plan.cfg.model, plan.cfg.train.seq_len))
-    summary = Trainer(plan.cfg, plan=plan).train()
-    assert summary["timed_tokens_per_s"] == pytest.approx(plan.timed_tokens_per_s, rel=1e-3)
-    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  time "))
-    said = re.search(r"; ([\d,]+) tokens/s, ([\d.e-]+)x the ([\d,]+) its plan timed for this shape \(the shape", line)
+
+    def trained(speed: Speed, out: Path) -> tuple[object, dict, str]:
+        plan = plan_run(tiny_config(pydoc_data, out, *sets), World(), cpu, None, speed)
+        summary = Trainer(plan.cfg, plan=plan).train()
+        return plan, summary, next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  time "))
+
+    # 0.1 megaflop a second: the 600 s budget would end the run before its 3 steps, so the speed chose the shape
+    slow = Speed(((1e6, 1e5),))
+    plan, summary, line = trained(slow, tmp_path / "slow")
+    timed = plan.tokens_per_step / sizing.tokens_per_s(slow, plan.cfg.model, plan.cfg.train.seq_len)
+    assert plan.timed_step_seconds == pytest.approx(timed) and 3 * timed > 600
+    assert summary["timed_step_seconds"] == pytest.approx(timed, rel=1e-5)
+    said = re.search(r"; (\S+) ms an update, (\S+)x the speed of the (\S+) ms its plan chose the shape for \(a ", line)
     assert said, line
-    trained, ratio, timed = (float(said.group(i).replace(",", "")) for i in (1, 2, 3))
-    assert timed == round(plan.timed_tokens_per_s) and ratio == pytest.approx(trained / timed, rel=0.01)
-    assert trained == pytest.approx(summary["tokens"] / summary["train_seconds"], rel=0.05)
-    assert line.endswith("was chosen at that speed: `--dry-run --measure 100` times real steps)")
-    run = SimpleNamespace(tokens_seen=1000, train_seconds=1.0)  # 1,000 tokens/s
-    assert speed_words(run, 900.0) == "; 1,000 tokens/s, 1.11x the 900 its plan timed for this shape"  # within
-    assert speed_words(run, 2000.0).endswith("times real steps)") and speed_words(run, None) == ""
-    # a set shape chose nothing from a timing: nothing to say, nothing recorded
-    fixed = plan_run(tiny_config(pydoc_data, tmp_path, *BUDGET, "model.n_layers=2"), World(), torch.device("cpu"))
-    assert fixed.timed_tokens_per_s is None
+    per_update, ratio, chosen = (float(said.group(i)) for i in (1, 2, 3))
+    assert chosen == pytest.approx(1e3 * timed, rel=1e-2) and ratio == pytest.approx(chosen / per_update, rel=1e-2)
+    assert line.endswith("a shape chosen at this speed could differ: `--dry-run --measure 100` times real steps)")
+    # Ten teraflops a second: the 3 steps end the run, not the budget; the speed chose nothing
+    plan, summary, line = trained(Speed(((1e6, 1e13),)), tmp_path / "fast")
+    assert plan.timed_step_seconds is None and "timed_step_seconds" not in summary and "an update" not in line
+    run = SimpleNamespace(step=10, train_seconds=1.0)  # 100 ms an update
+    assert speed_words(run, 0.11) == "; 100 ms an update, 1.1x the speed of the 110 ms its plan chose the shape for"
+    assert speed_words(run, 0.05).endswith("times real steps)") and speed_words(run, None) == ""
+    assert speed_words(SimpleNamespace(step=0, train_seconds=0.0), 0.1) == ""  # nothing trained: nothing to compare

@@ -767,7 +767,12 @@ def smi_query(field: str) -> str:
     smi = shutil.which("nvidia-smi")
     if not smi:
         return ""
-    query = subprocess.run([smi, f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True, text=True)
+    try:
+        query = subprocess.run(
+            [smi, f"--query-gpu={field}", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
+    except subprocess.TimeoutExpired:  # a hung driver: the stages say so themselves
+        return ""
     return query.stdout.strip().splitlines()[0] if query.returncode == 0 and query.stdout.strip() else ""
 
 

@@ -243,14 +243,14 @@ def train_sets(
         "steps": end["step"],
         "tokens": end["tokens"],
         "train_seconds": end["train_seconds"],
-        "tokens_per_s": round(end["tokens"] / end["train_seconds"]),
+        "tokens_per_s": round(end["tokens"] / end["train_seconds"]) if end["train_seconds"] else None,
         "epochs": round(end["tokens"] / start["train_tokens"], 2) if start.get("train_tokens") else None,
         "val_bpb": end["weights_val_bpb"],  # of final/'s weights (its output layer scaled where fit_temperature is on)
         "last_val_bpb": end["val_bpb"],
         "weights_step": end["weights_step"],
-        "weights_scale": end.get("weights_scale", 1.0),
-        # what the plan's timing predicted for the shape it chose (since 2026-11-30; None: no timing chose it)
-        "timed_tokens_per_s": end.get("timed_tokens_per_s"),  # 1.0 before 2026-11-30's fit_temperature, or with it off
+        "weights_scale": end.get("weights_scale", 1.0),  # 1.0 before 2026-11-30's fit_temperature, or with it off
+        # an update's seconds at the speed the plan chose the shape for (since 2026-11-30; None: no timing chose it)
+        "timed_step_seconds": end.get("timed_step_seconds"),  # 1.0 before 2026-11-30's fit_temperature, or with it off
         "load_average_before": before,
         "load_average_after_training": during,
     }
@@ -268,8 +268,8 @@ def distilled_from(out_dir: Path) -> dict:
         "members": load_config(out_dir / MEMBERS_DIR / "config.toml").model.members,
         "ensemble_train_seconds": end["train_seconds"],
         "ensemble_val_bpb": end["weights_val_bpb"],
-        "ensemble_tokens_per_s": round(end["tokens"] / end["train_seconds"]),
-        "ensemble_timed_tokens_per_s": end.get("timed_tokens_per_s"),  # the speed the plan chose their shape at
+        "ensemble_step_seconds": round(end["train_seconds"] / end["step"], 6) if end["step"] else None,
+        "ensemble_timed_step_seconds": end.get("timed_step_seconds"),  # what the plan chose their shape for
         # the whole run's plan, as its first round records it: the speed timed, the shape and members it chose
         "plan_notes": ((start.get("phase") or {}).get("whole") or start).get("notes", []),
         "phases": [f"{what}: {seconds:.1f} s" for what, seconds in phase_seconds(out_dir)],

@@ -108,12 +108,15 @@ class RunPlan:
         return [s.name for s in self.sources]
 
     @property
-    def timed_tokens_per_s(self) -> float | None:
-        """The training tokens a second, over all ranks, that the timing the shape was chosen at (`speed`) predicts
-        for it; None where no timing chose it (a set shape, a budget of steps, a later phase of a distilled run)."""
-        if self.speed is None:
+    def timed_step_seconds(self) -> float | None:
+        """The seconds an optimizer update takes at the speed its shape was chosen for (`speed`: timed, or given by
+        the whole run's plan), where that speed chose it: a time budget the plan expected to end the run before
+        train.max_steps (the epoch limit, or a set count) did. None otherwise: no speed, or the steps bound the run."""
+        t = self.cfg.train
+        if self.speed is None or not t.max_time:
             return None
-        return sizing.tokens_per_s(self.speed, self.cfg.model, self.cfg.train.seq_len) * self.world.size
+        seconds = self.tokens_per_step / sizing.tokens_per_s(self.speed, self.cfg.model, t.seq_len)
+        return seconds if not t.max_steps or t.max_steps * seconds > t.max_time else None
 
     @property
     def tokens_per_step(self) -> int:

@@ -350,12 +350,12 @@ class Report:
         stopped_early: bool,
         wall_seconds: float,
         replay_mix: str = "",
-        timed_tokens_per_s: float | None = None,
+        timed_step_seconds: float | None = None,
     ) -> dict[str, Any]:
         """The run's summary, reported and returned (what Trainer.train returns), and where everything went, closing with
         `final`, final/'s score on the whole val split (or the command that scores it); `replay_mix`: the --set item
-        that pins a budgeted run's mix changes in its replay (mixture.replay_mix); `timed_tokens_per_s`: the speed
-        the plan's timing predicted for the shape it chose (RunPlan.timed_tokens_per_s), beside the speed trained at."""
+        that pins a budgeted run's mix changes in its replay (mixture.replay_mix); `timed_step_seconds`: an update's
+        seconds at the speed the plan chose the shape for (RunPlan.timed_step_seconds), beside those trained at."""
         out = Path(self.cfg.train.out_dir)
         # Where the run ended, its last evaluation, where its files are, and which step's weights final/ holds
         # (`kept`) with their evaluation (weights_val_loss, ...) and their score on the whole split (final_val_loss, ...).
@@ -379,7 +379,7 @@ class Report:
             "stopped_early": stopped_early,
             "train_seconds": round(run.train_seconds, 3),
             "wall_seconds": round(wall_seconds, 3),
-            **({"timed_tokens_per_s": round(timed_tokens_per_s, 1)} if timed_tokens_per_s else {}),
+            **({"timed_step_seconds": round(timed_step_seconds, 6)} if timed_step_seconds else {}),
         }
         self.log.event("end", **summary)
         self.log.end_progress()
@@ -398,7 +398,7 @@ class Report:
         self.log.print(
             f"  time        {format_duration(summary['train_seconds'])} training{counted}, "
             f"{format_duration(summary['wall_seconds'])} wall time in this process"
-            + speed_words(run, timed_tokens_per_s)
+            + speed_words(run, timed_step_seconds)
         )
         if self.cfg.train.max_time:
             mix = f" {shlex.quote(replay_mix)}" if replay_mix else ""
@@ -438,18 +438,22 @@ class Report:
         return f"final/: fasttrain evaluate {out} --split val scores it on the whole val split ({why})"
 
 
-def speed_words(run: RunState, timed_tokens_per_s: float | None) -> str:
-    """What the time line adds where the plan chose the shape from a timing: the speed trained at against the one
-    timed, and where they differ by more than the timing is good to (sizing.SENSITIVITY), that the shape was chosen
-    at the other speed (on a GPU the timing's steps are eager, the run's compiled)."""
-    if not (timed_tokens_per_s and run.train_seconds > 0):
+def speed_words(run: RunState, timed_step_seconds: float | None) -> str:
+    """What the time line adds where a timing chose the shape (RunPlan.timed_step_seconds): an update's time trained
+    at against the time the plan chose the shape for, and where they differ by more than a timing is good to
+    (sizing.SENSITIVITY), that the shape was chosen for the other (a GPU's timing runs eager steps, a compiled run
+    others). Updates, not tokens: the plan counts a batch's slots, padding too, where tokens_seen counts targets."""
+    if not (timed_step_seconds and run.step and run.train_seconds > 0):
         return ""
-    trained = run.tokens_seen / run.train_seconds
-    ratio = trained / timed_tokens_per_s
-    words = f"; {trained:,.0f} tokens/s, {ratio:.3g}x the {timed_tokens_per_s:,.0f} its plan timed for this shape"
+    trained = run.train_seconds / run.step
+    ratio = timed_step_seconds / trained  # how many times faster than timed
+    words = (
+        f"; {1e3 * trained:.3g} ms an update, {ratio:.3g}x the speed of the {1e3 * timed_step_seconds:.3g} ms "
+        "its plan chose the shape for"
+    )
     low, high = SENSITIVITY
     if not low <= ratio <= high:
-        words += " (the shape was chosen at that speed: `--dry-run --measure 100` times real steps)"
+        words += " (a shape chosen at this speed could differ: `--dry-run --measure 100` times real steps)"
     return words
 
 

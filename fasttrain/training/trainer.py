@@ -341,7 +341,7 @@ class Trainer:
                 stopped_early,
                 self.clock() - self.created,
                 replay,
-                self.plan.timed_tokens_per_s,
+                self.plan.timed_step_seconds,
             )
             distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
             return summary
