@@ -44,6 +44,7 @@ from fasttrain.config import (
     config_overrides,
     copied_run_note,
     shipped,
+    toml_value,
 )
 from fasttrain.evaluate import score_tasks
 from fasttrain.evaluation.trained_model import load_trained
@@ -424,12 +425,8 @@ def resume_command(args: argparse.Namespace, cfg: Config, left_out: Sequence[str
     auto`."""
     places = {"train.out_dir": os.path.abspath(cfg.train.out_dir)}
     if cfg.data.sources:  # a mixture has no data.dir (setting one is refused): its sources are the data
-        tables = (
-            [f"dir = {json.dumps(os.path.abspath(s.dir))}", f"weight = {json.dumps(s.weight)}"]
-            + ([f"name = {json.dumps(s.name)}"] if s.name else [])  # what metrics and train.monitor call it
-            for s in cfg.data.sources
-        )
-        places["data.sources"] = "[" + ", ".join("{" + ", ".join(t) + "}" for t in tables) + "]"
+        # each whole (its name too: what metrics and train.monitor call it), its folder absolute
+        places["data.sources"] = toml_value([replace(s, dir=os.path.abspath(s.dir)) for s in cfg.data.sources])
     else:
         places["data.dir"] = os.path.abspath(cfg.data.dir)
     sets = [item for _, item in config_overrides(args) if item.partition("=")[0].strip() not in places]

@@ -54,7 +54,7 @@ from fasttrain.config.sections import (
     SourceConfig,
     TrainConfig,
 )
-from fasttrain.config.values import Seconds, format_duration, parse_duration
+from fasttrain.config.values import Seconds, format_duration, parse_duration, toml_value
 from fasttrain.config.writing import config_to_toml, save_config
 
 __all__ = [
@@ -97,4 +97,5 @@ __all__ = [
     "parse_duration",
     "resolve",
     "save_config",
+    "toml_value",
 ]

@@ -12,7 +12,7 @@ import re
 from typing import Any, Callable
 
 from fasttrain.config.sections import Config, DataConfig
-from fasttrain.config.values import _show, _toml_value
+from fasttrain.config.values import _show, toml_value
 from fasttrain.system.errors import UsageError
 
 MAX_SEED = 2**32 - 1  # NumPy's generator takes 32-bit seeds; every tool accepts the same range
@@ -345,7 +345,7 @@ def _check_applicable(cfg: Config, sources: dict[str, str], order: list[str]) ->
                 setattr(_get(cfg, section), key, getattr(type(_get(cfg, section))(), key))
                 del sources[name]
                 continue
-            only = " or ".join(map(_toml_value, allowed))
+            only = " or ".join(map(toml_value, allowed))
             raise UsageError(
                 f"{_blame(sources, name, setting)}: {name}: applies only with {setting} = {only}, "
                 f"not {_show(_get(cfg, setting))}"

@@ -101,7 +101,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         allowed = get_args(tp)
         if any(type(value) is type(a) and value == a for a in allowed):
             return value
-        expected = "one of " + ", ".join(map(_toml_value, allowed))
+        expected = "one of " + ", ".join(map(toml_value, allowed))
     else:
         accepts, convert, expected = _TYPES[tp]
         if accepts(value):
@@ -123,8 +123,9 @@ def _tables_of(value: Any, cls: type, where: str) -> list:
     return parts
 
 
-def _toml_value(value: Any) -> str:
-    """`value` as a TOML literal; covers the types config fields can hold."""
+def toml_value(value: Any) -> str:
+    """`value` as a TOML literal (an inline table for a dataclass); covers the types config fields can hold: what
+    config.toml is written with, and a --set item's value (train.resume_command)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -139,16 +140,16 @@ def _toml_value(value: Any) -> str:
         # A JSON string is a valid TOML basic string, except that TOML also forbids a raw DEL.
         return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, list):
-        return "[" + ", ".join(map(_toml_value, value)) + "]"
+        return "[" + ", ".join(map(toml_value, value)) + "]"
     if is_dataclass(value):  # a table of a list of tables, inline
-        return "{" + ", ".join(f"{f.name} = {_toml_value(getattr(value, f.name))}" for f in fields(value)) + "}"
+        return "{" + ", ".join(f"{f.name} = {toml_value(getattr(value, f.name))}" for f in fields(value)) + "}"
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
 def _show(value: Any) -> str:
     """`value` for an error message: as the user would write it in TOML where possible."""
     try:
-        text = _toml_value(value)
+        text = toml_value(value)
     except TypeError:  # a table or a date where a plain value was expected
         text = repr(value)
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # a lone surrogate shown as \udcff, printable

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fasttrain.config.rules import _applies, _get
 from fasttrain.config.sections import Config
-from fasttrain.config.values import _toml_value
+from fasttrain.config.values import toml_value
 from fasttrain.system.atomic import write_atomically
 
 
@@ -32,7 +32,7 @@ def _tables(cfg: Config, name: str) -> list[str]:
         if is_dataclass(getattr(part, f.name)):
             nested += _tables(cfg, key)
         else:
-            lines.append(f"{f.name} = {_toml_value(getattr(part, f.name))}")
+            lines.append(f"{f.name} = {toml_value(getattr(part, f.name))}")
     return ["\n".join(lines), *nested]
 
 
