@@ -494,7 +494,8 @@ def test_the_end_says_the_speed_trained_at_beside_the_one_the_shape_was_chosen_f
     slow = Speed(((1e6, 1e5),))
     plan, summary, line = trained(slow, tmp_path / "slow")
     timed = plan.tokens_per_step / sizing.tokens_per_s(slow, plan.cfg.model, plan.cfg.train.seq_len)
-    assert plan.timed_step_seconds == pytest.approx(timed) and 3 * timed > 600
+    chosen_for = sizing.timed_step_seconds(plan.speed, plan.cfg.model, plan.cfg.train, plan.tokens_per_step)
+    assert chosen_for == pytest.approx(timed) and 3 * timed > 600
     assert summary["timed_step_seconds"] == pytest.approx(timed, rel=1e-5)
     said = re.search(r"; (\S+) ms an update, (\S+)x the speed of the (\S+) ms its plan chose the shape for \(a ", line)
     assert said, line
@@ -503,7 +504,8 @@ def test_the_end_says_the_speed_trained_at_beside_the_one_the_shape_was_chosen_f
     assert line.endswith("a shape chosen at this speed could differ: `--dry-run --measure 100` times real steps)")
     # Ten teraflops a second: the 3 steps end the run, not the budget; the speed chose nothing
     plan, summary, line = trained(Speed(((1e6, 1e13),)), tmp_path / "fast")
-    assert plan.timed_step_seconds is None and "timed_step_seconds" not in summary and "an update" not in line
+    assert sizing.timed_step_seconds(plan.speed, plan.cfg.model, plan.cfg.train, plan.tokens_per_step) is None
+    assert "timed_step_seconds" not in summary and "an update" not in line
     run = SimpleNamespace(step=10, train_seconds=1.0)  # 100 ms an update
     assert speed_words(run, 0.11) == "; 100 ms an update, 1.1x the speed of the 110 ms its plan chose the shape for"
     assert speed_words(run, 0.05).endswith("times real steps)") and speed_words(run, None) == ""

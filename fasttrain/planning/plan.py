@@ -108,17 +108,6 @@ class RunPlan:
         return [s.name for s in self.sources]
 
     @property
-    def timed_step_seconds(self) -> float | None:
-        """The seconds an optimizer update takes at the speed its shape was chosen for (`speed`: timed, or given by
-        the whole run's plan), where that speed chose it: a time budget the plan expected to end the run before
-        train.max_steps (the epoch limit, or a set count) did. None otherwise: no speed, or the steps bound the run."""
-        t = self.cfg.train
-        if self.speed is None or not t.max_time:
-            return None
-        seconds = self.tokens_per_step / sizing.tokens_per_s(self.speed, self.cfg.model, t.seq_len)
-        return seconds if not t.max_steps or t.max_steps * seconds > t.max_time else None
-
-    @property
     def tokens_per_step(self) -> int:
         """Token slots per optimizer update, over all ranks (pads included; a run's `tokens_seen` counts real ones)."""
         return update_tokens(self.cfg.train, self.accumulation, self.world.size)

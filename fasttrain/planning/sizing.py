@@ -166,6 +166,16 @@ def tokens_per_s(speed: Speed, shape: ModelConfig, seq_len: int) -> float:
     return speed.tokens_per_s(flops_per_token(replace(shape, members=1), seq_len)) / max(shape.members, 1)
 
 
+def timed_step_seconds(speed: Speed | None, model: ModelConfig, t: TrainConfig, tokens_per_step: int) -> float | None:
+    """The seconds an update of `tokens_per_step` takes at the `speed` a run's `model` was chosen for (timed, or given
+    by a distilled run's whole plan), where that speed chose it: a time budget the plan expected to end the run before
+    train.max_steps (the epoch limit, or a set count) did. None otherwise: no speed, or the steps bound the run."""
+    if speed is None or not t.max_time:
+        return None
+    seconds = tokens_per_step / tokens_per_s(speed, model, t.seq_len)
+    return seconds if not t.max_steps or t.max_steps * seconds > t.max_time else None
+
+
 def choose_shape(
     cfg: Config, tokens_at: Callable[[ModelConfig], float], corpus: Corpus, why: str, depths: Sequence[int] = ()
 ) -> Sizing:

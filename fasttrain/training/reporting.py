@@ -355,7 +355,7 @@ class Report:
         """The run's summary, reported and returned (what Trainer.train returns), and where everything went, closing with
         `final`, final/'s score on the whole val split (or the command that scores it); `replay_mix`: the --set item
         that pins a budgeted run's mix changes in its replay (mixture.replay_mix); `timed_step_seconds`: an update's
-        seconds at the speed the plan chose the shape for (RunPlan.timed_step_seconds), beside those trained at."""
+        seconds at the speed the plan chose the shape for (sizing.timed_step_seconds), beside those trained at."""
         out = Path(self.cfg.train.out_dir)
         # Where the run ended, its last evaluation, where its files are, and which step's weights final/ holds
         # (`kept`) with their evaluation (weights_val_loss, ...) and their score on the whole split (final_val_loss, ...).
@@ -439,7 +439,7 @@ class Report:
 
 
 def speed_words(run: RunState, timed_step_seconds: float | None) -> str:
-    """What the time line adds where a timing chose the shape (RunPlan.timed_step_seconds): an update's time trained
+    """What the time line adds where a timing chose the shape (sizing.timed_step_seconds): an update's time trained
     at against the time the plan chose the shape for, and where they differ by more than a timing is good to
     (sizing.SENSITIVITY), that the shape was chosen for the other (a GPU's timing runs eager steps, a compiled run
     others). Updates, not tokens: the plan counts a batch's slots, padding too, where tokens_seen counts targets."""

@@ -3,8 +3,8 @@
 Imports from fasttrain: checkpoints.checkpoint, checkpoints.run_directory, checkpoints.run_state, compute.device,
 compute.distributed, config, data.loader, data.mixture, data.sampling, evaluation.loss_sums, evaluation.trained_model,
 evaluation.validation, formats.tokenizer, model.ensemble, model.generation, model.weights, optimization.objective,
-optimization.optimizers, optimization.schedule, planning.plan, training.launch, training.policies, training.reporting,
-training.run_loop.
+optimization.optimizers, optimization.schedule, planning.plan, planning.sizing, training.launch, training.policies,
+training.reporting, training.run_loop.
 
     trainer = Trainer(load_config("configs/base.toml"))
     summary = trainer.train()          # or drive it yourself:
@@ -60,6 +60,7 @@ from fasttrain.optimization.objective import NextTokenLoss, batch_loss, counted_
 from fasttrain.optimization.optimizers import Updater
 from fasttrain.optimization.schedule import Budget, next_update
 from fasttrain.planning.plan import RunPlan, accumulation_steps  # noqa: F401 (accumulation_steps: kept for the Python API)
+from fasttrain.planning.sizing import timed_step_seconds
 from fasttrain.training.launch import check_start, opened, start_run
 from fasttrain.training.policies import resumed_under
 from fasttrain.training.reporting import Report
@@ -341,7 +342,7 @@ class Trainer:
                 stopped_early,
                 self.clock() - self.created,
                 replay,
-                self.plan.timed_step_seconds,
+                timed_step_seconds(self.plan.speed, self.cfg.model, self.cfg.train, self.tokens_per_step),
             )
             distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
             return summary
