@@ -259,10 +259,9 @@ def train_sets(
 def distilled_from(out_dir: Path) -> dict:
     """A distilled run's members (train.distill: out_dir/ensemble/, fasttrain/training/phases.py): their count, training
     seconds and final/'s score, beside the student's that train_sets reports; {} for a run of one phase."""
-    log = out_dir / MEMBERS_DIR / "metrics.jsonl"
-    if not log.is_file():
+    if not (out_dir / MEMBERS_DIR / "metrics.jsonl").is_file():
         return {}
-    events = [json.loads(line) for line in log.read_text().splitlines()]
+    events = read_metrics(out_dir / MEMBERS_DIR)
     start, end = next(e for e in events if e["event"] == "start"), events[-1]
     return {
         "members": load_config(out_dir / MEMBERS_DIR / "config.toml").model.members,

@@ -201,10 +201,10 @@ def planned_end(
     `seconds` of training, and the words saying so (Budget.horizon; None: not known); a new run under train.max_time
     whose shape was timed (`speed`) ends where that speed projects the clock's end, if that comes first."""
     end, words = Budget.of(t).horizon(step, seconds)
-    if t.max_time and not step and speed:  # the speed the shape was chosen at projects the clock's end
-        by_time = int(t.max_time * sizing.tokens_per_s(speed, model, t.seq_len) / tokens_per_step)
-        if end is None or by_time < end:
-            return by_time, f"in the ~{by_time} steps train.max_time gives at the speed timed for the shape"
+    # the updates the clock holds at the speed the shape was chosen at; from a later step, the speed so far (horizon)
+    by_time = None if step else sizing.budget_steps(speed, model, t, tokens_per_step)
+    if by_time is not None and (end is None or int(by_time) < end):
+        return int(by_time), f"in the ~{int(by_time)} steps train.max_time gives at the speed timed for the shape"
     return end, words
 
 

@@ -166,14 +166,20 @@ def tokens_per_s(speed: Speed, shape: ModelConfig, seq_len: int) -> float:
     return speed.tokens_per_s(flops_per_token(replace(shape, members=1), seq_len)) / max(shape.members, 1)
 
 
-def timed_step_seconds(speed: Speed | None, model: ModelConfig, t: TrainConfig, tokens_per_step: int) -> float | None:
-    """The seconds an update of `tokens_per_step` takes at the `speed` a run's `model` was chosen for (timed, or given
-    by a distilled run's whole plan), where that speed chose it: a time budget the plan expected to end the run before
-    train.max_steps (the epoch limit, or a set count) did. None otherwise: no speed, or the steps bound the run."""
+def budget_steps(speed: Speed | None, model: ModelConfig, t: TrainConfig, tokens_per_step: int) -> float | None:
+    """The updates of `tokens_per_step` token slots that train.max_time holds at the `speed` a run's `model` was chosen
+    for (timed, or given by a distilled run's whole plan); None without a time budget or a speed."""
     if speed is None or not t.max_time:
         return None
-    seconds = tokens_per_step / tokens_per_s(speed, model, t.seq_len)
-    return seconds if not t.max_steps or t.max_steps * seconds > t.max_time else None
+    return t.max_time * tokens_per_s(speed, model, t.seq_len) / tokens_per_step
+
+
+def timed_step_seconds(speed: Speed | None, model: ModelConfig, t: TrainConfig, tokens_per_step: int) -> float | None:
+    """The seconds an update takes at the `speed` a run's `model` was chosen for, where that speed chose it: the time
+    budget holds fewer updates at it than train.max_steps (the epoch limit, or a set count), so the plan expected the
+    clock to end the run (plan.planned_end). None otherwise: no speed, or the steps bound the run."""
+    steps = budget_steps(speed, model, t, tokens_per_step)
+    return t.max_time / steps if steps and (not t.max_steps or steps < t.max_steps) else None
 
 
 def choose_shape(

@@ -158,11 +158,21 @@ class Report:
     """The events and lines of one run of `cfg` (resolved), written through `log`."""
 
     def __init__(
-        self, log: MetricsLog, cfg: Config, device: torch.device, flops_per_token: float, whole_val: bool, devices: int
+        self,
+        log: MetricsLog,
+        cfg: Config,
+        device: torch.device,
+        flops_per_token: float,
+        whole_val: bool,
+        devices: int,
+        timed_step_seconds: float | None = None,
     ):
         """`whole_val`: whether an evaluation reads the whole val split (Trainer.evaluates_whole_split); `devices`: the
-        world's, whose tokens the speed counts, so MFU is against all their peaks."""
+        world's, whose tokens the speed counts, so MFU is against all their peaks; `timed_step_seconds`: an update's
+        seconds at the speed the plan chose the shape for (sizing.timed_step_seconds), which the end sets beside those
+        trained at."""
         self.log, self.cfg, self.device = log, cfg, device
+        self.timed_step_seconds = timed_step_seconds
         self.whole_val = whole_val
         self.evaluated_on = "the whole val split" if whole_val else f"the first {cfg.train.eval_steps} val batches"
         self.flops_per_token = flops_per_token
@@ -350,13 +360,11 @@ class Report:
         stopped_early: bool,
         wall_seconds: float,
         replay_mix: str = "",
-        timed_step_seconds: float | None = None,
     ) -> dict[str, Any]:
         """The run's summary, reported and returned (what Trainer.train returns), and where everything went, closing with
         `final`, final/'s score on the whole val split (or the command that scores it); `replay_mix`: the --set item
-        that pins a budgeted run's mix changes in its replay (mixture.replay_mix); `timed_step_seconds`: an update's
-        seconds at the speed the plan chose the shape for (sizing.timed_step_seconds), beside those trained at."""
-        out = Path(self.cfg.train.out_dir)
+        that pins a budgeted run's mix changes in its replay (mixture.replay_mix)."""
+        out, timed = Path(self.cfg.train.out_dir), self.timed_step_seconds
         # Where the run ended, its last evaluation, where its files are, and which step's weights final/ holds
         # (`kept`) with their evaluation (weights_val_loss, ...) and their score on the whole split (final_val_loss, ...).
         scored = final.metrics or {}
@@ -379,7 +387,7 @@ class Report:
             "stopped_early": stopped_early,
             "train_seconds": round(run.train_seconds, 3),
             "wall_seconds": round(wall_seconds, 3),
-            **({"timed_step_seconds": round(timed_step_seconds, 6)} if timed_step_seconds else {}),
+            **({"timed_step_seconds": round(timed, 6)} if timed else {}),
         }
         self.log.event("end", **summary)
         self.log.end_progress()
@@ -397,8 +405,7 @@ class Report:
         counted = " (what train.max_time counts)" if self.cfg.train.max_time else ""
         self.log.print(
             f"  time        {format_duration(summary['train_seconds'])} training{counted}, "
-            f"{format_duration(summary['wall_seconds'])} wall time in this process"
-            + speed_words(run, timed_step_seconds)
+            f"{format_duration(summary['wall_seconds'])} wall time in this process" + speed_words(run, timed)
         )
         if self.cfg.train.max_time:
             mix = f" {shlex.quote(replay_mix)}" if replay_mix else ""

@@ -325,7 +325,8 @@ class Trainer:
             self._start_from_init()
         with opened(self.plan, self.checkpoints, resumed, overwrite, self.quiet) as (log, start):
             flops = self.plan.flops_per_token
-            report = Report(log, self.cfg, self.device, flops, self.evaluates_whole_split(), self.world.size)
+            timed = timed_step_seconds(self.plan.speed, self.cfg.model, self.cfg.train, self.tokens_per_step)
+            report = Report(log, self.cfg, self.device, flops, self.evaluates_whole_split(), self.world.size, timed)
             with compile_failures():  # the first step's, before which the start is taken back, or a recompile's
                 last_eval, stopped_early = Loop(self, report, start).run()
             final, kept = write_final(self, last_eval)
@@ -333,16 +334,7 @@ class Trainer:
             latest = self.checkpoints.latest()  # a save in flight waited for first
             replay = replay_mix(self.cfg.data, self.mix, self.accumulation, self.run.step)
             summary = report.end(
-                self.run,
-                last_eval,
-                latest,
-                final,
-                kept,
-                scored,
-                stopped_early,
-                self.clock() - self.created,
-                replay,
-                timed_step_seconds(self.plan.speed, self.cfg.model, self.cfg.train, self.tokens_per_step),
+                self.run, last_eval, latest, final, kept, scored, stopped_early, self.clock() - self.created, replay
             )
             distributed.barrier(self.world)  # no rank leaves the process group while another still uses it
             return summary
