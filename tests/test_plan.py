@@ -146,7 +146,9 @@ def test_a_dry_run_of_unprepared_data_says_what_it_would_prepare_and_writes_noth
     assert 1 < float(re.search(planned, printed)[1]) < 5  # the topics and the stdlib's sources: ~2.7M on 3.11
     assert "note: optim.weight_decay_rule = repeats: weight decay 0.1 until the data is prepared" in printed
     for line in (
-        "schedule: wsd, lr 0.002 (min 0.0002), the tables 0.05, the head 0.00797, warmup ",  # the head at 2 x 128
+        # the head at 2 x 128; a budget's warmup ends by its first tenth at the latest (lr_on_progress)
+        "schedule: wsd, lr 0.002 (min 0.0002), the tables 0.05, the head 0.00797, warmup 20 steps or the first 10% of "
+        "the run, whichever ends first; ends after ",
         "memory: about",
         "kernel: rms_norm: auto, off on the cpu",
         "cadence: log every 10 steps",

@@ -1,13 +1,14 @@
 """A run's plan as `fasttrain train CONFIG --dry-run` prints it: the lines a run prints as it starts
 (reporting.start_lines), then the schedule, the kernels and why, the parallel layout, memory and cadence.
 
-Imports from fasttrain: config, optimization.optimizers, planning.plan, planning.preflight, training.reporting.
+Imports from fasttrain: config, optimization.optimizers, optimization.schedule, planning.plan, planning.preflight, training.reporting.
 """
 
 from __future__ import annotations
 
 from fasttrain.config import Config, format_duration
 from fasttrain.optimization.optimizers import untied_head_rate
+from fasttrain.optimization.schedule import WARMUP_SHARE
 from fasttrain.planning.plan import RunPlan
 from fasttrain.planning.preflight import GIB
 from fasttrain.training.reporting import start_lines
@@ -45,7 +46,9 @@ def plan_table(plan: RunPlan) -> str:
         ([f"{t.max_steps} steps"] if t.max_steps else [])
         + ([f"{format_duration(t.max_time)} of training"] if t.max_time else [])
     )
-    warmup = f"warmup {s.warmup_steps} steps" if s.warmup_steps or not t.max_time else "warmup by progress"
+    warmup = f"warmup {s.warmup_steps} steps" if s.warmup_steps else "no warmup"
+    if s.warmup_steps and (t.max_time or s.progress_from):  # lr_on_progress (a budget, a replay): by WARMUP_SHARE
+        warmup += f" or the first {WARMUP_SHARE:.0%} of the run, whichever ends first"
     end = f"; the data is laid out to step {reading.end} ({reading.words})" if reading.end is not None else ""
     need = sum(b for _, b in plan.memory)
     parts = ", ".join(f"{name} {b / GIB:.2f}" for name, b in plan.memory)
