@@ -259,12 +259,13 @@ def train_sets(
 def distilled_from(out_dir: Path) -> dict:
     """A distilled run's members (train.distill: out_dir/ensemble/, fasttrain/training/phases.py): their count, training
     seconds and final/'s score, beside the student's that train_sets reports; {} for a run of one phase."""
-    if not (out_dir / MEMBERS_DIR / "metrics.jsonl").is_file():
+    members = out_dir / MEMBERS_DIR
+    if not (members / "metrics.jsonl").is_file():
         return {}
-    events = read_metrics(out_dir / MEMBERS_DIR)
+    events = read_metrics(members)
     start, end = next(e for e in events if e["event"] == "start"), events[-1]
     return {
-        "members": load_config(out_dir / MEMBERS_DIR / "config.toml").model.members,
+        "members": load_config(members / "config.toml").model.members,
         "ensemble_train_seconds": end["train_seconds"],
         "ensemble_val_bpb": end["weights_val_bpb"],
         "ensemble_step_seconds": round(end["train_seconds"] / end["step"], 6) if end["step"] else None,

@@ -1,7 +1,8 @@
 """A run's plan as `fasttrain train CONFIG --dry-run` prints it: the lines a run prints as it starts
 (reporting.start_lines), then the schedule, the kernels and why, the parallel layout, memory and cadence.
 
-Imports from fasttrain: config, optimization.optimizers, optimization.schedule, planning.plan, planning.preflight, training.reporting.
+Imports from fasttrain: config, optimization.optimizers, optimization.schedule, planning.plan, planning.preflight,
+training.reporting.
 """
 
 from __future__ import annotations
