@@ -26,8 +26,11 @@ bench_data.py. The first calls (compilation, autotuning) are warm-up, not timed.
 
 from __future__ import annotations
 
+import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -46,6 +49,7 @@ from benchmarks.conftest import (
 )
 from fasttrain.compute.device import PRECISIONS, autocast, native_bf16
 from fasttrain.config import load_config
+from fasttrain.model.ensemble import Ensemble
 from fasttrain.model.transformer import Transformer
 from fasttrain.optimization.optimizers import hidden_matrices
 from fasttrain.training.metrics import peak_flops
@@ -156,10 +160,11 @@ def test_gpu_train_step(benchmark, record, device, data_dir, config, impl):
 CPU_STEP = ("model.n_layers=2", "model.d_model=128", "model.n_heads=2", "optim.name=muon", "schedule.decay=wsd")
 
 
-def plain_loop_step(trainer: Trainer):
+def plain_loop_step(trainer: Trainer, teacher: Ensemble | None = None):
     """One step of the loop everyone writes first, on a fresh copy of `trainer`'s model and its batches, in its
     precision and, where it compiles, with the model compiled: forward, F.cross_entropy, backward, clip, then
-    torch.optim.Muon on the blocks' matrices (where `trainer` trains with Muon) and AdamW on the rest."""
+    torch.optim.Muon on the blocks' matrices (where `trainer` trains with Muon) and AdamW on the rest. With a
+    `teacher`, the cross-entropy is against the mean of its members' softmaxes (distillation's soft targets)."""
     model = Transformer(trainer.cfg.model)
     o = trainer.cfg.optim
     matrices = hidden_matrices(model) if o.name == "muon" else []
@@ -172,13 +177,62 @@ def plain_loop_step(trainer: Trainer):
         x, y = next(batches)
         with autocast(trainer.precision, trainer.device):
             logits = forward(x)
-        F.cross_entropy(logits.flatten(0, 1).float(), y.flatten()).backward()
+            if teacher is not None:
+                with torch.no_grad():
+                    y = torch.stack([m(x).float().softmax(-1) for m in teacher.members]).mean(0).flatten(0, 1)
+        F.cross_entropy(logits.flatten(0, 1).float(), y.flatten() if teacher is None else y).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+# A distilled run's student on a small corpus (base.toml's shape there, 3 x 192), learning three members of its shape
+STUDENT_STEP = ("model.n_layers=3", "model.d_model=192", "model.n_heads=3", "optim.name=muon", "schedule.decay=wsd")
+TEACHER_MEMBERS = 3
+
+
+@pytest.mark.parametrize("impl", ["fasttrain", "plain"])
+def test_cpu_student_step(benchmark, record, data_dir, benchmark_disabled, monkeypatch, impl):
+    """The step of a distilled run's student (train.distill, train.teacher): its own forward and backward, and the
+    forward of a teacher of TEACHER_MEMBERS members whose mean probabilities it learns, in bf16 where the CPU has it;
+    Trainer.step against the plain loop (`plain_loop_step` with the teacher). The teacher is initialised at random:
+    the time does not depend on what it learned. `per_model_step`: the step over the same loop's without a teacher (the
+    planning's 1 + TEACHER_MEMBERS x members.TEACHER_COST)."""
+    monkeypatch.setattr(fasttrain_kernels._backend, "INTERPRETING", False)
+    precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    trainer = make_trainer(
+        CONFIGS / "base.toml", data_dir, *STUDENT_STEP, "train.device=cpu", f'train.precision="{precision}"'
+    )
+    alone = trainer.step if impl == "fasttrain" else plain_loop_step(trainer)
+    one_model = None if benchmark_disabled else wall_median(alone, rounds=5)  # the same loop without a teacher
+    teacher = Ensemble(replace(trainer.cfg.model, members=TEACHER_MEMBERS)).eval().requires_grad_(False)
+    trainer.teacher = teacher  # what train.teacher loads, in memory: a run's teacher is frozen and eager as this one
+    step = trainer.step if impl == "fasttrain" else plain_loop_step(trainer, teacher)
+    benchmark.pedantic(step, warmup_rounds=1, rounds=5, iterations=1)
+    median = median_seconds(benchmark)
+    record(
+        per_call=trainer.tokens_per_step,
+        shape=f"{trainer.cfg.model.n_layers} x {trainer.cfg.model.d_model}",
+        teacher_members=TEACHER_MEMBERS,
+        dtype=precision,
+        batch_size=trainer.cfg.train.batch_size,
+        seq_len=trainer.cfg.train.seq_len,
+        per_model_step=median and one_model and round(median / one_model, 2),
+    )
+
+
+def wall_median(step: Callable[[], None], rounds: int) -> float:
+    """The median wall seconds of `rounds` calls of `step`, after one untimed."""
+    step()
+    seconds = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 @pytest.fixture(scope="module")

@@ -56,8 +56,19 @@ def batch_loss(
     next tokens (its logits' softmax, fp32) the objective learns."""
     documents = None if mask_eot_id is None else document_ids(x, mask_eot_id)
     with torch.no_grad():
-        soft = None if teacher is None else teacher(x, documents).softmax(-1, dtype=torch.float32)
+        soft = None if teacher is None else next_token_probs(teacher, x, documents)
     return objective(x, y, documents, grad_scale=grad_scale, teacher_probs=soft)
+
+
+def next_token_probs(model: nn.Module, x: torch.Tensor, documents: torch.Tensor | None) -> torch.Tensor:
+    """`model`'s probabilities of each next token of `x` (B, T) in fp32, (B, T, vocab_size): an ensemble's the mean
+    of its members' softmaxes, summed in place, one member's logits at a time (not the softmax of its forward's log
+    mean probabilities, which costs a log-softmax and a logaddexp a member more over the whole vocabulary)."""
+    members = transformers(model)
+    total = members[0](x, documents).softmax(-1, dtype=torch.float32)
+    for member in members[1:]:
+        total += member(x, documents).softmax(-1, dtype=torch.float32)
+    return total.div_(len(members))
 
 
 class NextTokenLoss(nn.Module):
@@ -120,11 +131,27 @@ class NextTokenLoss(nn.Module):
         else:
             logits = model(tokens, documents)
             flat = logits.flatten(0, 1)
-            loss = F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-            if teacher_probs is not None:  # a pad's row of zeros counts for nothing
-                soft = F.cross_entropy(flat, (teacher_probs * valid.unsqueeze(-1)).flatten(0, 1), reduction="sum")
-                loss = torch.lerp(loss, soft, self.teacher_weight)
+            if teacher_probs is None:
+                loss = F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            else:
+                loss = self.distillation_loss(flat, teacher_probs.flatten(0, 1), targets.flatten())
             x = logits.detach()
             at_target = x.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
             correct = ((at_target >= x.amax(dim=-1)) & valid).sum()
         return LossSums(loss, correct.float(), valid.sum().float())
+
+    def distillation_loss(
+        self, logits: torch.Tensor, teacher_probs: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """teacher_weight x the cross-entropy of `logits` (N, V) against `teacher_probs` (N, V) + the rest x against
+        `targets` (N,), summed over the rows whose target counts: one cross-entropy against the mixed distribution
+        (it is linear in its targets), so one log-softmax and one backward over the vocabulary, not two, and none for
+        the next tokens at base.toml's weight 1."""
+        valid = targets != IGNORE_INDEX
+        mixed = teacher_probs
+        if self.teacher_weight < 1:
+            rest = torch.full_like(targets, 1 - self.teacher_weight, dtype=teacher_probs.dtype).unsqueeze(1)
+            mixed = (teacher_probs * self.teacher_weight).scatter_add_(
+                1, torch.where(valid, targets, 0).unsqueeze(1), rest
+            )
+        return (F.cross_entropy(logits, mixed, reduction="none") * valid).sum()  # a pad's row counts for nothing

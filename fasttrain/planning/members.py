@@ -20,9 +20,9 @@ from fasttrain.planning.speed import Speed
 # gains less, and costs as much.
 MAX_MEMBERS = 8
 # A distilled ensemble's student (train.distill) runs its teacher's forward on every batch, no backward: each member
-# taught costs this share of one model's training step: a third of its FLOPs, measured 0.33-0.48 on a CPU (held-out
-# code, 3 x 192, bf16, 2-core EPYC: a student of three 2.43x one model's step, of four 2.35x; docs/performance.md).
-# The upper end, so the student has the time to read what a member read.
+# taught costs this share of one model's training step: a third of its FLOPs, and the soft targets' softmax over the
+# vocabulary. Measured 0.51 on a CPU (3 x 192, bf16, 2-core AVX-512 BF16 EPYC: a student of three 2.52x one model's
+# step; `pytest benchmarks/bench_train_step.py -k student --benchmark-only`, docs/performance.md).
 TEACHER_COST = 0.5
 # The share of train.max_time that, left when a round of members reaches its epoch limit, is worth more members
 # (training/phases.py): less goes to the student, or ends the run with the one model it has.
