@@ -83,8 +83,8 @@ def test_a_budget_made_longer_on_resume_goes_on_at_the_rate_it_had(decay, pydoc_
     assert progress[5:7] == pytest.approx([6 / 10, 6 / 10 + (1 - 6 / 10) / 14])  # a 14th of the rest a second
     assert (
         f"resume: train.max_time 10s -> 20s: the {decay} schedule goes on from where it stood, the rest of it "
-        f"spread over what is left of 20s of training, so the learning rate at step 6 is {lrs[6]:.3g} (the saved "
-        f"run's next was {lrs[5] - before:.3g})" in said
+        f"spread over what is left of 20s of training, at most {resumed.cfg.train.max_steps} steps, "
+        f"so the learning rate at step 6 is {lrs[6]:.3g} (the saved run's next was {lrs[5] - before:.3g})" in said
     )
 
 

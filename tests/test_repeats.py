@@ -83,9 +83,34 @@ def test_a_small_new_corpus_read_twenty_times_gets_more_decay_and_one_read_once_
 def test_a_fixed_rule_and_unknown_tokens_keep_the_decay(code_data, tmp_path):
     fixed = plan_run(tiny_config(code_data, tmp_path, "data.vocab_size=0", "train.max_steps=5000"), World(), CPU)
     assert fixed.cfg.optim.weight_decay == 0.1 and not any("weight_decay_rule" in n for n in fixed.notes)
-    clock = plan(code_data, tmp_path, "train.max_steps=0", "train.max_time=600", "model.n_layers=2")
-    assert clock.cfg.optim.decay() == 0.1
+    # a budget too short to time the machine for (sizing.MIN_BUDGET): the tokens it holds are not known
+    clock = plan(code_data, tmp_path, "train.max_steps=0", "train.max_time=5", "model.n_layers=2")
+    assert clock.speed is None and clock.cfg.optim.decay() == 0.1
     assert any("as the run's tokens are not known before it trains" in n for n in clock.notes)
+
+
+def test_a_set_shape_under_a_budget_is_timed_and_planned_as_a_chosen_one(code_data, tmp_path):
+    """--set model.n_layers=D (what a plan's note offers to keep its choice) under a time budget: the shape is timed
+    alone, so the plan knows the epochs the budget reads, and its weight decay and stop at the epoch limit are the
+    rule's, as a chosen shape's are (at the same speed). Before, it read a small corpus as often as the clock
+    allowed, at decay 0.1."""
+    clock = plan(code_data, tmp_path, "train.max_steps=0", "train.max_time=600", "model.n_layers=2", "model.members=1")
+    assert clock.speed is not None and len(clock.speed.points) == 1  # the set shape alone
+    assert clock.cfg.optim.decay() > 0.1 and clock.cfg.train.max_steps > 0
+    assert any(
+        n.startswith(f"train.max_steps = {clock.cfg.train.max_steps}: a budgeted run stops") for n in clock.notes
+    )
+    chosen = plan_run(
+        tiny_config(
+            code_data, tmp_path, *RULE, "train.max_steps=0", "train.max_time=600", "model.n_layers=0", "model.members=1"
+        ),
+        World(),
+        CPU,
+        speed=clock.speed,
+    )
+    # both read the corpus to its limit: the same decay and the same stop, whatever shape the budget chose
+    same = (chosen.cfg.optim.decay(), chosen.cfg.train.max_steps)
+    assert same == (clock.cfg.optim.decay(), clock.cfg.train.max_steps), chosen.notes
 
 
 def test_the_dry_run_says_it_and_a_resume_keeps_the_decay_the_run_recorded(code_data, tmp_path, capsys):

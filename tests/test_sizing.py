@@ -211,9 +211,9 @@ def test_a_budget_stops_at_ten_epochs_where_every_depth_would_read_more():
     assert repeats.epoch_cap((), 100, 10) == 0
 
 
-def test_the_plan_sets_the_cap_only_for_a_self_sized_budget(pydoc_data, tmp_path):
-    """A budgeted run with model.n_layers = 0 records the cap as train.max_steps (so a resume stops at the same
-    step) and says so; a smaller max_steps stays, a fixed depth and a run of steps alone are not capped."""
+def test_the_plan_sets_the_cap_for_a_budget_whether_its_shape_is_chosen_or_set(pydoc_data, tmp_path):
+    """A budgeted run records the cap as train.max_steps (so a resume stops at the same step) and says so, its shape
+    chosen (model.n_layers = 0) or set; a smaller max_steps stays, and a run of steps alone is not capped."""
     from fasttrain.compute.distributed import World
     from fasttrain.planning.plan import plan_run
 
@@ -228,7 +228,9 @@ def test_the_plan_sets_the_cap_only_for_a_self_sized_budget(pydoc_data, tmp_path
     few = plan_run(tiny_config(pydoc_data, tmp_path, *AUTO, *BUDGET, "train.max_steps=3"), World(), cpu, None, fast)
     fixed = plan_run(tiny_config(pydoc_data, tmp_path, *BUDGET, "model.n_layers=2"), World(), cpu, None, fast)
     counted = plan_run(tiny_config(pydoc_data, tmp_path, *AUTO, "train.max_steps=5000"), World(), cpu, None, None)
-    assert (few.cfg.train.max_steps, fixed.cfg.train.max_steps, counted.cfg.train.max_steps) == (3, 0, 5000)
+    set_epoch = fixed.rows_per_epoch[0] * fixed.cfg.train.seq_len
+    set_cap = int(10 * set_epoch / (fixed.cfg.train.batch_size * fixed.cfg.train.seq_len))
+    assert (few.cfg.train.max_steps, fixed.cfg.train.max_steps, counted.cfg.train.max_steps) == (3, set_cap, 5000)
 
 
 def test_lookup_tables_do_not_move_the_choice():

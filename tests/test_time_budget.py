@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 from typing import Iterable
+from unittest import mock
 
 import pytest
 import torch
@@ -50,9 +51,11 @@ def timed(trainer: Trainer, durations: Iterable[float]) -> Trainer:
 
 
 def budgeted(pydoc_data, out: Path, durations: Iterable[float], *overrides: str, quiet: bool = True) -> Trainer:
-    return timed(
-        Trainer(tiny_config(pydoc_data, out, *QUIET_RUN, *overrides), quiet=quiet, clock=FakeClock()), durations
-    )
+    """A Trainer whose steps take `durations` on a fake clock, planned untimed: a timing of the real machine (a set
+    shape under a budget is timed, shape.set_shape_speed) would project another clock's steps."""
+    with mock.patch("fasttrain.planning.shape.set_shape_speed", return_value=None):
+        trainer = Trainer(tiny_config(pydoc_data, out, *QUIET_RUN, *overrides), quiet=quiet, clock=FakeClock())
+    return timed(trainer, durations)
 
 
 def events(run: Path, kind: str) -> list[dict]:
@@ -89,9 +92,9 @@ def test_progress_is_the_larger_of_steps_and_time():
 
 
 def test_a_budgeted_run_ends_on_time_with_its_schedule_finished(pydoc_data, tmp_path):
-    """Steps of 1 s against a 12 s budget, no step limit: 12 updates, each at the progress projected for its
-    end (the first, with no step timed yet, at 0), the last at min_lr exactly; the warmup of 100 steps ended by
-    a tenth of the budget."""
+    """Steps of 1 s against a 12 s budget, no step limit but the epoch limit's (the plan's train.max_steps, far
+    beyond): 12 updates, each at the progress projected for its end (the first, with no step timed yet, at the
+    epoch limit's share), the last at min_lr exactly; the warmup of 100 steps ended by a tenth of the budget."""
     trainer = budgeted(
         pydoc_data,
         tmp_path,
@@ -104,7 +107,8 @@ def test_a_budgeted_run_ends_on_time_with_its_schedule_finished(pydoc_data, tmp_
     summary = trainer.train()
     assert (summary["step"], summary["train_seconds"]) == (12, 12.0)
     progress = events(tmp_path, "progress")
-    assert [e["progress"] for e in progress] == [0.0] + [(s + 1) / 12 for s in range(1, 12)]
+    assert trainer.cfg.train.max_steps > 1000  # the epoch limit, which the clock ends the run well before
+    assert [e["progress"] for e in progress] == [1 / trainer.cfg.train.max_steps] + [(s + 1) / 12 for s in range(1, 12)]
     lrs = [e["lr"] for e in events(tmp_path, "train")]
     assert lrs[0] == 1e-3 / 100  # warmup's first step
     assert lrs[1] == 1e-3  # decay_from: the first update past a tenth of the budget has the peak

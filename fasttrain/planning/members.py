@@ -3,7 +3,7 @@ ensemble's student takes (train.distill).
 
 Imports from fasttrain: config, planning.sizing, planning.speed.
 
-A budget under train.max_time whose self-sized model stops at the epoch limit (repeats.epoch_cap) well before the
+A budget under train.max_time whose model stops at the epoch limit (repeats.epoch_cap) well before the
 budget ends has time for more models of that shape, side by side, each from its own initialization: their mean
 probabilities score better than one (docs/performance.md, "An ensemble where the corpus runs out"). With
 train.distill the budget also holds one model of their shape taught by them, which exports (fasttrain/training/phases.py).

@@ -20,7 +20,7 @@ So the plan measures both, as it times the machine's speed:
     decay      = optim.weight_decay + n x (target - optim.weight_decay), where target is the larger
 
 and below REPEATS_FREE epochs (Muennighoff et al. 2023: to about 4, repeated tokens are worth nearly as much as new
-ones) the decay stays as set. The overlap also sets how many times a budget with model.n_layers = 0 reads the
+ones) the decay stays as set. The overlap also sets how many times a time budget reads the
 corpus before it stops (`epoch_limit`: NOVEL_EPOCHS where validation text is new, data.max_epochs from an overlap of
 RECALLED, linear between), because decay does not make more epochs of new text worth reading: on held-out code
 (0.7% overlap, depth 2, equal tokens) 4 epochs ended at 1.483 bits per byte, 8 at 1.519 and 16 at 1.537 with the
@@ -48,7 +48,7 @@ from fasttrain.data.sampling import rows_per_epoch
 from fasttrain.formats.shards import find_shards, token_blocks
 
 REPEATS_FREE = 3.0  # epochs up to which repeats need no more decay than new data
-NOVEL_EPOCHS = 4.0  # the most epochs of a corpus whose validation text is new that a self-sized budget reads
+NOVEL_EPOCHS = 4.0  # the most epochs of a corpus whose validation text is new that a time budget reads
 RECALLED_EPOCHS = 10.0  # data.max_epochs' default: the limit from an overlap of RECALLED where a lower one is set
 RECALLED = 0.2  # an overlap from which data.max_epochs epochs still help (topics and docstrings: 20%, read 8.3 times)
 PER_EPOCH = 0.5  # the target decay's rise per epoch beyond REPEATS_FREE, to LINEAR_TO
@@ -150,7 +150,7 @@ def repeat_decay(o: OptimConfig, epochs: float, overlap: float) -> float:
 
 
 def epoch_limit(max_epochs: float, overlap: float) -> float:
-    """The most times a self-sized budget reads a source whose validation text overlaps its training text by
+    """The most times a time budget reads a source whose validation text overlaps its training text by
     `overlap`: NOVEL_EPOCHS where none of it is in the training text, data.max_epochs (`max_epochs`) from RECALLED,
     linear between (to RECALLED_EPOCHS at least, so that a limit the plan applied, as config.toml records it, is
     applied as it is by a run of that config); never more than data.max_epochs."""
@@ -236,7 +236,7 @@ def overlap_of(sources: Sequence[Source], most: int, measured: Measured | None) 
 def limit_epochs(
     cfg: Config, sources: Sequence[Source], corpus: Sequence[tuple[float, float]], measured: Measured | None = None
 ) -> tuple[Config, str, Measured | None]:
-    """`cfg` with data.max_epochs lowered to `epoch_limit` for a self-sized budget reading `sources` (`corpus`: each
+    """`cfg` with data.max_epochs lowered to `epoch_limit` for a time budget reading `sources` (`corpus`: each
     one's share of the run and training tokens an epoch), the plan's note, and the most-read source's (index, overlap),
     which `choose_weight_decay` reuses: `measured`'s where it is that source's (a resumed run's record), else measured
     here; `cfg`, "" and `measured` unless the "repeats" rule applies. Data not prepared yet (no `sources`) is planned

@@ -12,7 +12,7 @@ level with nanochat's recipe (which trains at 512). So:
 
 so a packed micro-batch's tokens, and with them the steps and the schedule, do not depend on the choice (rows of one
 document each, "padded" or "aligned", stay short). The planned tokens are the plan's: train.max_steps x a step's tokens,
-or what train.max_time gives at the speed a self-sized shape was timed at (sizing.py), whichever is fewer; a time
+or what train.max_time gives at the speed the shape was timed at (sizing.py), whichever is fewer; a time
 budget with no speed takes the short context. model.max_seq_len becomes the context chosen (unless it is
 model.init_from's), so generation, lm-eval and an export use only trained positions. A resumed or replayed run keeps its
 recorded context (recorded_context). The crossover was measured at one shape on one corpus; nothing here scales it with

@@ -61,7 +61,7 @@ class Sized:
     """What `size_run` decided, and what it weighed: the plan records all of it (RunPlan.record)."""
 
     model: ModelConfig  # no 0 left in its shape; max_seq_len the context trained; the members
-    train: TrainConfig  # train.seq_len chosen; train.max_steps a self-sized budget's stop at the epoch limit
+    train: TrainConfig  # train.seq_len chosen; train.max_steps a time budget's stop at the epoch limit
     corpus: Corpus  # each source's share of the run and its training tokens an epoch, as the loader reads them
     rows_per_epoch: tuple[int, ...]  # each source's training rows an epoch, whole rounds of all ranks (the tokens')
     speed: Speed | None  # the machine's speed the shape was chosen at (None: not timed)
@@ -76,7 +76,7 @@ def size_run(cfg: Config, given: SizingInputs) -> Sized:
     `earlier` recorded, else more than one where the epoch limit stops one early), the context (unless `context_set`
     or `earlier` recorded it: chosen for the tokens planned at the short one, sequence_length.py, with a time
     budget's rows grown for them, batch_size.py), the model's max_seq_len the context trained unless `context_set`,
-    and a self-sized budget's stop at data.max_epochs or the repeats rule's lower limit (train.max_steps); with the
+    and a time budget's stop at data.max_epochs or the repeats rule's lower limit (train.max_steps); with the
     corpus they were weighed on (each source's share of the run and its tokens an epoch, as the loader reads them;
     `estimate` for a folder not prepared yet), the speed timed, the source index and verbatim overlap the repeats
     rule read (None: none; the overlap `earlier` recorded is not measured again), the epoch limit and the notes.
@@ -94,14 +94,17 @@ def size_run(cfg: Config, given: SizingInputs) -> Sized:
     names = [s.name for s in given.sources]
     recorded = earlier.overlap if earlier else None
     measured = (names.index(recorded[0]), recorded[1]) if recorded and recorded[0] in names else None
-    self_sized = not cfg.model.n_layers and t.max_time and not cfg.schedule.progress_from
-    if self_sized:
+    # The shape chosen, or set and timed: either stops at the epoch limit. A set shape untimed (several ranks, a budget
+    # too short to time, a student, a run of set steps too) reads as it did before
+    chosen = not cfg.model.n_layers
+    budgeted = t.max_time and not cfg.schedule.progress_from and (chosen or times_set_shape(cfg, given.world.size))
+    if budgeted:
         cfg, limit_note, measured = limit_epochs(cfg, given.sources, corpus, measured)
     else:
         limit_note = ""
     tokens_per_step = given.tokens_per_step(t)  # the same at either context; a grown batch's counted again below
     model, note, speed = shape_of(members_time(cfg), corpus, tokens_per_step, given)
-    cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
+    cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if budgeted else 0
     if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
         known = speed is not None or not t.max_time  # a time budget's tokens come from a speed timed
         tokens = min(
@@ -114,7 +117,7 @@ def size_run(cfg: Config, given: SizingInputs) -> Sized:
             cfg = replace(cfg, train=t)
             tokens_per_step = given.tokens_per_step(t)
             rows, corpus = corpus_at(cfg)
-            cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if self_sized else 0
+            cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if budgeted else 0
             model, note, speed = shape_of(members_time(cfg), corpus, tokens_per_step, replace(given, speed=speed))
     read = sizing.run_tokens(members_time(cfg).train, model, tokens_per_step, speed)  # cfg.train is t by now
     reaches = cap and read >= cap * tokens_per_step  # said only if so
@@ -123,11 +126,11 @@ def size_run(cfg: Config, given: SizingInputs) -> Sized:
     if earlier and not model.members:  # resumed or replayed: the members recorded, whatever set the shape
         model = replace(model, members=earlier.config.model.members)
     members, note = model.members or 1, ""
-    if cap and (not t.max_steps or cap < t.max_steps):  # a self-sized budget stops before it overfits (sizing.py)
+    if cap and (not t.max_steps or cap < t.max_steps):  # a budget stops before it overfits (sizing.py)
         t = replace(t, max_steps=cap)
         if reaches:
             notes.append(
-                f"train.max_steps = {cap}: a budgeted run with model.n_layers = 0 stops when it has read the corpus "
+                f"train.max_steps = {cap}: a budgeted run stops when it has read the corpus "
                 f"{cfg.data.max_epochs:g} times ({'the limit above' if limit_note else 'data.max_epochs'}) or earlier"
             )
         most = members_in_memory(replace(cfg, model=model, train=t), given.machine.available, given.shard_group)
@@ -135,6 +138,32 @@ def size_run(cfg: Config, given: SizingInputs) -> Sized:
     notes += [note] if note else []
     model = replace(model, members=members)
     return Sized(model, t, corpus, rows, speed, measured, cfg.data.max_epochs, tuple(notes))
+
+
+def set_shape_speed(cfg: Config, given: SizingInputs) -> Speed | None:
+    """The machine's speed at `cfg`'s set shape under a time budget, timed as a chosen shape's is, so that its plan
+    weighs the tokens the budget holds as the chosen shape's plan does (the epochs read, and with them the repeats
+    rule's weight decay and the members; --set model.n_layers=D is what a plan says keeps its choice). None where
+    nothing is timed (`times_set_shape`), for a resumed run (planned from its record) and where the timing failed."""
+    if given.earlier is not None or not times_set_shape(cfg, given.world.size):
+        return None
+    device = given.machine.device
+    try:
+        return sizing.timed_speed(cfg, device, timed_update(cfg, device), timed_loss(cfg, device), [cfg.model.n_layers])
+    except RuntimeError:
+        return None  # as an untimed shape plans: the budget's tokens unknown
+
+
+def times_set_shape(cfg: Config, world_size: int) -> bool:
+    """Whether a new run of `cfg`'s set shape is timed under its time budget (`set_shape_speed`) and stops at the
+    epoch limit: the budget alone bounds it (train.max_steps 0; a distilled run's later rounds carry the first's
+    stop), one long enough to time the machine for (sizing.MIN_BUDGET), on `world_size` = 1 rank, not a replay, and
+    no teacher (a student reads on past the limit: soft targets are not the text, phases.student_config). A resume
+    of it is planned as it was, untimed."""
+    t = cfg.train
+    return t.max_time >= sizing.MIN_BUDGET and not (
+        t.max_steps or t.teacher or cfg.schedule.progress_from or world_size > 1
+    )
 
 
 def members_time(cfg: Config) -> Config:
@@ -169,7 +198,7 @@ def shape_of(
                 f"model.n_kv_heads = {m.n_kv_heads} does not divide the {sizing.plural(shape.n_heads, 'head')} of "
                 f"{width} (heads of {sizing.HEAD_DIM}); set model.n_heads too"
             )
-        return shape, "", given.speed
+        return shape, "", given.speed or set_shape_speed(replace(cfg, model=shape), given)
     if recorded is None:  # no shape is timed or chosen whose memory estimate leaves the device no margin
         depths = depths_in_memory(cfg, given.machine.available, sizing.fitting_depths(m), given.shard_group)
         device = given.machine.device

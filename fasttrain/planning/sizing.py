@@ -374,6 +374,14 @@ def calibrate(
     return Speed(tuple(sorted(points)))
 
 
+def timed_speed(cfg: Config, device: torch.device, update: Update | None, loss: Loss, depths: Sequence[int]) -> Speed:
+    """The machine's speed timed on the ladder's shapes of `cfg` at `depths` (`calibrate`), with busy_note's words
+    where other programs were running as it timed (read before this process loads the machine itself).
+    RuntimeError (out of memory, say) propagates."""
+    busy = busy_note(device)
+    return replace(calibrate(cfg, device, update=update, loss=loss, depths=depths), busy=busy)
+
+
 def size_model(
     cfg: Config,
     corpus: Corpus,
@@ -410,9 +418,8 @@ def size_model(
                 "another shape; choose it with a single process (`fasttrain train CONFIG --dry-run` prints it) and "
                 "set model.n_layers, or give train.max_steps alone"
             )
-        busy = busy_note(device)  # read before this process loads the machine itself
         try:
-            speed = replace(calibrate(cfg, device, update=update, loss=loss, depths=depths[:2]), busy=busy)
+            speed = timed_speed(cfg, device, update, loss, depths[:2])
             for _ in range(RETIMINGS):  # the shape chosen timed too, and chosen again at its own speed
                 chosen = chosen_at(speed)
                 if speed.timed(flops_per_token(replace(chosen, members=1), t.seq_len)):
