@@ -175,12 +175,13 @@ def plain_loop_step(trainer: Trainer, teacher: Ensemble | None = None):
 
     def step():
         x, y = next(batches)
+        target = y.flatten()  # the next tokens, or the teacher's probabilities of them
         with autocast(trainer.precision, trainer.device):
             logits = forward(x)
             if teacher is not None:
                 with torch.no_grad():
-                    y = torch.stack([m(x).float().softmax(-1) for m in teacher.members]).mean(0).flatten(0, 1)
-        F.cross_entropy(logits.flatten(0, 1).float(), y.flatten() if teacher is None else y).backward()
+                    target = torch.stack([m(x).float().softmax(-1) for m in teacher.members]).mean(0).flatten(0, 1)
+        F.cross_entropy(logits.flatten(0, 1).float(), target).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
         for optimizer in optimizers:
             optimizer.step()

@@ -134,20 +134,19 @@ class NextTokenLoss(nn.Module):
             if teacher_probs is None:
                 loss = F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
             else:
-                loss = self.distillation_loss(flat, teacher_probs.flatten(0, 1), targets.flatten())
+                loss = self.distillation_loss(flat, teacher_probs.flatten(0, 1), targets.flatten(), valid.flatten())
             x = logits.detach()
             at_target = x.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
             correct = ((at_target >= x.amax(dim=-1)) & valid).sum()
         return LossSums(loss, correct.float(), valid.sum().float())
 
     def distillation_loss(
-        self, logits: torch.Tensor, teacher_probs: torch.Tensor, targets: torch.Tensor
+        self, logits: torch.Tensor, teacher_probs: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
     ) -> torch.Tensor:
         """teacher_weight x the cross-entropy of `logits` (N, V) against `teacher_probs` (N, V) + the rest x against
-        `targets` (N,), summed over the rows whose target counts: one cross-entropy against the mixed distribution
-        (it is linear in its targets), so one log-softmax and one backward over the vocabulary, not two, and none for
-        the next tokens at base.toml's weight 1."""
-        valid = targets != IGNORE_INDEX
+        `targets` (N,), summed over the rows whose target counts (`valid`, N): one cross-entropy against the mixed
+        distribution (it is linear in its targets), so one log-softmax and one backward over the vocabulary, not two,
+        and none for the next tokens at base.toml's weight 1."""
         mixed = teacher_probs
         if self.teacher_weight < 1:
             rest = torch.full_like(targets, 1 - self.teacher_weight, dtype=teacher_probs.dtype).unsqueeze(1)
