@@ -9,6 +9,7 @@ import importlib
 import itertools
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -358,6 +359,64 @@ def test_the_calibration_times_the_runs_loss_and_optimizer_step(pydoc_data, tmp_
     sizing.calibrate(cfg, torch.device("cpu"), update=counting, loss=handed[0][1])
     assert passes == [True] * 2 * (sizing.CALIBRATION_STEPS + 1)
     assert len(fused_calls) == len(passes)  # every pass through the run's fused loss
+
+
+def test_the_timing_compiles_where_the_run_compiles_on_a_gpu_and_times_eager_where_the_compile_fails(
+    pydoc_data, tmp_path, monkeypatch
+):
+    """An eager timing read an H200 at half the speed its compiled run trained at, and chose a shape too small
+    (benchmarks/results/gpu/h200-2026-11-30): the timing compiles the loss where the run compiles on a GPU, eager
+    elsewhere. A compile that fails (inductor faked to fail here, on the CPU) is timed eager, as the run then trains,
+    not a failed timing that trains the smallest shape."""
+    import torch._inductor.compile_fx as compile_fx
+
+    from fasttrain.model.transformer import Transformer
+    from fasttrain.planning import timed_pass
+
+    cfg = tiny_config(pydoc_data, tmp_path, "model.vocab_size=512", "train.compile=true")
+    t, cpu = cfg.train, torch.device("cpu")
+    assert timed_pass.times_compiled(t, torch.device("cuda")) and not timed_pass.times_compiled(t, cpu)
+    assert not timed_pass.times_compiled(replace(t, compile=False), torch.device("cuda"))
+    torch.manual_seed(0)
+    model, x = Transformer(cfg.model), torch.randint(0, 512, (2, 9))
+    eager = timed_pass.timed_loss(cfg, cpu)(model)(x[:, :-1], x[:, 1:])
+    monkeypatch.setattr(timed_pass, "times_compiled", lambda t, device: True)
+    backend_calls = []
+
+    def failing(*args, **kwargs):
+        backend_calls.append(1)
+        raise RuntimeError("no compiler on this machine")
+
+    monkeypatch.setattr(compile_fx, "compile_fx", failing)
+    loss = timed_pass.timed_loss(cfg, cpu)(model)
+    first, second = loss(x[:, :-1], x[:, 1:]), loss(x[:, :-1], x[:, 1:])
+    assert backend_calls and torch.equal(first, eager) and torch.equal(second, eager)
+    monkeypatch.undo()
+    torch._dynamo.reset()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the timing compiles on a GPU")
+def test_a_gpus_timing_runs_the_compiled_loss(pydoc_data, tmp_path):
+    """On a GPU the timed loss is the compiled one (dynamo compiled a frame), the eager loss within bf16's rounding."""
+    from torch._dynamo.utils import counters
+
+    from fasttrain.compute.device import autocast
+    from fasttrain.model.transformer import Transformer
+    from fasttrain.planning import timed_pass
+
+    cfg = tiny_config(pydoc_data, tmp_path, "model.vocab_size=512", "train.compile=true", "train.precision=bf16")
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    model, x = Transformer(cfg.model).to(cuda), torch.randint(0, 512, (4, 65), device=cuda)
+    with autocast("bf16", cuda):
+        eager = timed_pass.timed_loss(replace(cfg, train=replace(cfg.train, compile=False)), cuda)(model)(
+            x[:, :-1], x[:, 1:]
+        )
+        counters.clear()
+        compiled = timed_pass.timed_loss(cfg, cuda)(model)(x[:, :-1], x[:, 1:])
+    assert counters["stats"]["unique_graphs"] >= 1
+    torch.testing.assert_close(compiled.float(), eager.float(), rtol=2e-2, atol=2e-2)
+    torch._dynamo.reset()
 
 
 def test_a_faster_machine_gets_a_deeper_model_through_the_cli(pydoc_data, tmp_path, monkeypatch, capsys):
