@@ -118,7 +118,10 @@ def size_run(cfg: Config, given: SizingInputs) -> Sized:
             tokens_per_step = given.tokens_per_step(t)
             rows, corpus = corpus_at(cfg)
             cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if budgeted else 0
-            model, note, speed = shape_of(members_time(cfg), corpus, tokens_per_step, replace(given, speed=speed))
+            # Timed again (unless given a speed) at the rows and context the run trains: a GPU's small step waits on
+            # its launches, so 16 x 256 read an H200 at a fifth of its speed at 32 x 512, and the shape chosen, too
+            # small, read the corpus to its epoch limit in a third of the budget (benchmarks/results/gpu/h200-2026-12-01)
+            model, note, speed = shape_of(members_time(cfg), corpus, tokens_per_step, given)
     read = sizing.run_tokens(members_time(cfg).train, model, tokens_per_step, speed)  # cfg.train is t by now
     reaches = cap and read >= cap * tokens_per_step  # said only if so
     notes += [n for n in (limit_note if reaches else "", note) if n]
