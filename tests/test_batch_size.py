@@ -77,3 +77,48 @@ def test_a_self_sized_budget_grows_its_rows_and_is_planned_as_a_run_set_to_them(
         speed,
     )
     assert (plan.cfg.model, plan.cfg.train, plan.memory) == (set_to.cfg.model, set_to.cfg.train, set_to.memory)
+
+
+def test_a_timed_plan_times_again_at_the_rows_it_grows_to_and_compiled_only_there_on_a_gpu(
+    pydoc_data, tmp_path, monkeypatch
+):
+    """The machine timed at 16 x 256 read an H200 at a fifth of its speed at the 32 x 512 its run trained
+    (benchmarks/results/gpu/h200-2026-11-30b): a plan that grows its rows or context times the machine again at them.
+    Where the run compiles on a GPU, the first timing, which only chooses the rows and context, is eager and the
+    second, at the run's geometry, compiled (each shape compiled costs the timing seconds); where neither grows it is
+    timed compiled again at the same rows. Recorded here: each timing's rows, context and compile."""
+    from fasttrain.planning import shape, sizing
+
+    auto = ("model.n_layers=0", "model.d_model=0", "model.n_heads=0", "train.max_steps=0", "train.max_time=600")
+    chosen = ("train.seq_len=0", "model.max_seq_len=256")
+    timings: list[tuple[int, int, bool]] = []
+    real_loss = shape.timed_loss
+
+    def recorded_loss(cfg, device, teacher=None):
+        timings.append((cfg.train.batch_size, cfg.train.seq_len, bool(cfg.train.compile)))
+        return real_loss(cfg, device, teacher)
+
+    def calibrate(cfg, device, clock=None, update=None, loss=sizing.logits_loss, depths=()):
+        t = cfg.train  # far more than the tiny corpus's cap, at any depth
+        return Speed(
+            tuple(sorted((sizing.flops_per_token(sizing.ladder_shape(cfg.model, d), t.seq_len), 1e14) for d in depths))
+        )
+
+    monkeypatch.setattr(shape, "timed_loss", recorded_loss)
+    monkeypatch.setattr(sizing, "calibrate", calibrate)
+
+    def timed_plan(min_updates: int, *sets: str) -> list[tuple[int, int, bool]]:
+        monkeypatch.setattr(batch_size, "MIN_UPDATES", min_updates)
+        timings.clear()
+        plan_run(tiny_config(pydoc_data, tmp_path, *chosen, *auto, *sets), World(), CPU)
+        return list(timings)
+
+    assert timed_plan(10**9) == [(4, 256, False)]  # a CPU's rows kept: timed once
+    cap = plan_run(
+        tiny_config(pydoc_data, tmp_path, *chosen, *auto), World(), CPU, None, Speed(((1e6, 1e14),))
+    ).cfg.train.max_steps
+    assert timed_plan(cap // 8) == [(4, 256, False), (16, 256, False)]
+    monkeypatch.setattr(shape, "times_compiled", lambda t, device: bool(t.compile))  # a GPU's
+    assert timed_plan(cap // 8, "train.compile=true") == [(4, 256, False), (16, 256, True)]
+    assert timed_plan(10**9, "train.compile=true") == [(4, 256, False), (4, 256, True)]
+    assert timed_plan(cap // 8) == [(4, 256, False), (16, 256, False)]  # a GPU's run set not to compile

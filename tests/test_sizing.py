@@ -407,7 +407,7 @@ def test_a_gpus_timing_runs_the_compiled_loss(pydoc_data, tmp_path):
     cfg = tiny_config(pydoc_data, tmp_path, "model.vocab_size=512", "train.compile=true", "train.precision=bf16")
     cuda = torch.device("cuda")
     torch.manual_seed(0)
-    model, x = Transformer(cfg.model).to(cuda), torch.randint(0, 512, (4, 65), device=cuda)
+    model, x = Transformer(cfg.model).to(cuda), torch.randint(0, 512, (4, 33), device=cuda)
     with autocast("bf16", cuda):
         eager = timed_pass.timed_loss(replace(cfg, train=replace(cfg.train, compile=False)), cuda)(model)(
             x[:, :-1], x[:, 1:]

@@ -32,7 +32,7 @@ from fasttrain.planning.recorded import Recorded
 from fasttrain.planning.repeats import Corpus, Measured, epoch_rows, limit_epochs
 from fasttrain.planning.sequence_length import choose_context, trained_context
 from fasttrain.planning.speed import Speed
-from fasttrain.planning.timed_pass import timed_loss, timed_teacher, timed_update
+from fasttrain.planning.timed_pass import timed_loss, timed_teacher, timed_update, times_compiled
 from fasttrain.system.errors import UsageError
 
 
@@ -103,7 +103,11 @@ def size_run(cfg: Config, given: SizingInputs) -> Sized:
     else:
         limit_note = ""
     tokens_per_step = given.tokens_per_step(t)  # the same at either context; a grown batch's counted again below
-    model, note, speed = shape_of(members_time(cfg), corpus, tokens_per_step, given)
+    # A run that compiles on a GPU and chooses its context is timed twice: eagerly here, to choose the context and
+    # rows, then compiled at them below (each shape compiled costs the timing seconds, which the first need not)
+    provisional = choose_seq_len and bool(t.max_time) and not given.speed and times_compiled(t, given.machine.device)
+    first = replace(cfg, train=replace(t, compile=False)) if provisional else cfg
+    model, note, speed = shape_of(members_time(first), corpus, tokens_per_step, given)
     cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if budgeted else 0
     if choose_seq_len:  # the tokens planned at the short context choose it; a shape chosen for them, again
         known = speed is not None or not t.max_time  # a time budget's tokens come from a speed timed
@@ -113,14 +117,14 @@ def size_run(cfg: Config, given: SizingInputs) -> Sized:
         t, context_note = choose_context(t, cfg.model, cfg.data.batching, tokens if known else math.inf)
         t, batch_note = choose_batch(t, tokens_per_step, tokens if known else math.inf)
         notes += [n for n in (context_note, batch_note) if n]
-        if t != cfg.train:  # its rows fill whole batches a little differently: the epochs counted again
+        if t != cfg.train or provisional:  # its rows fill batches a little differently: the epochs counted again
             cfg = replace(cfg, train=t)
             tokens_per_step = given.tokens_per_step(t)
             rows, corpus = corpus_at(cfg)
             cap = repeats.epoch_cap(corpus, tokens_per_step, cfg.data.max_epochs) if budgeted else 0
-            # Timed again (unless given a speed) at the rows and context the run trains: a GPU's small step waits on
-            # its launches, so 16 x 256 read an H200 at a fifth of its speed at 32 x 512, and the shape chosen, too
-            # small, read the corpus to its epoch limit in a third of the budget (benchmarks/results/gpu/h200-2026-12-01)
+            # Timed again (unless given a speed) at the rows and context the run trains: a GPU's small step waits
+            # on its launches, so 16 x 256 read an H200 at a fifth of its speed at 32 x 512, and the shape chosen,
+            # too small, read the corpus to its epoch limit in a third of the budget (results/gpu/h200-2026-11-30b)
             model, note, speed = shape_of(members_time(cfg), corpus, tokens_per_step, given)
     read = sizing.run_tokens(members_time(cfg).train, model, tokens_per_step, speed)  # cfg.train is t by now
     reaches = cap and read >= cap * tokens_per_step  # said only if so

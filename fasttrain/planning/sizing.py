@@ -48,13 +48,14 @@ machine). A shape whose parameters exceed the tokens of data.max_epochs epochs /
 far short of the ratio even were every repeated token worth a new one, so a time budget never offers it; nor is
 a shape offered, or timed, whose memory estimate does not leave the device a margin.
 
-tokens/s(d) under a time budget comes from `calibrate`: the eager forward, backward and optimizer step (the
-run's loss and optimizer, given by the plan) of the ladder's two smallest shapes, timed on the run's device
-and precision before the run (outside train.max_time, as compiling is), give FLOP/s at two sizes, and a power
-law through them the rest (small models use a CPU's or GPU's arithmetic less well, so the rate grows with
-size). It grows more slowly beyond them than the two say, so the shape chosen at that speed is timed too and
-the choice made again, until it falls on a shape timed (between the shapes timed, the power law through the
-nearest two): the run's own shape is always one timed.
+tokens/s(d) under a time budget comes from `calibrate`: the forward, backward and optimizer step (the run's loss
+and optimizer, given by the plan: compiled where the run compiles on a GPU, planning/timed_pass.py) of the ladder's
+two smallest shapes, timed on the run's device and precision at its rows and context (a plan that grows them times
+again at them: a GPU's small steps wait on their launches) before the run (outside train.max_time, as compiling
+is), give FLOP/s at two sizes, and a power law through them the rest (small models use a CPU's or GPU's
+arithmetic less well, so the rate grows with size). It grows more slowly beyond them than the two say, so the
+shape chosen at that speed is timed too and the choice made again, until it falls on a shape timed (between the
+shapes timed, the power law through the nearest two): the run's own shape is always one timed.
 
 What follows from the depth: the width 64 d unless model.d_model is set, the heads d_model / 64 unless
 model.n_heads is set (a set key wins, and the plan says so); the learning rates, batch, context and schedule
