@@ -162,6 +162,49 @@ def test_quality_without_the_carried_corpus_or_checkout_fails_in_one_line(tmp_pa
     assert str(tmp_path / "nanochat") in found["error"] and "\n" not in found["error"]
 
 
+def test_a_nanochat_copy_inside_another_repository_has_no_commit_of_its_own():
+    """The H200's results named fasttrain's commit as nanochat's: the carried `git archive` copy sits in fasttrain's
+    checkout, whose HEAD git found. The stand-in sits there too."""
+    from benchmarks.studies.time_to_quality import Nanochat
+
+    assert Nanochat(gpu_quality.FAKE_CHECKOUT, installed=False).describe()["commit"] is None
+
+
+def test_fasttrain_alone_runs_no_nanochat_and_a_killed_run_leaves_what_it_had_done(tmp_path, monkeypatch):
+    """On the H200 fasttrain's side was killed after 305 s, to leave nanochat its time, and kept nothing of why: one
+    side a stage (quality-fasttrain), and a killed run's metrics.jsonl read back a round at a time."""
+    monkeypatch.delenv("NANOCHAT_DIR", raising=False)
+    corpus = tmp_path / "stdlib-large"
+    corpus.mkdir()
+    (corpus / "meta.json").write_text('{"vocab_size": 4096}')
+    monkeypatch.setattr(gpu_quality, "CORPUS", corpus)
+    monkeypatch.setattr(gpu_quality, "CHECKOUT", gpu_quality.FAKE_CHECKOUT)
+    limits = []
+
+    def killed(sets, data, budget, tokens, seed, threads, out_dir, timeout):
+        limits.append(timeout)
+        (out_dir / "ensemble").mkdir(parents=True)
+        now = time.time()
+        events = [
+            {"event": "start", "time": now + 40, "notes": ["model.n_layers = 0: depth 8"]},
+            {"event": "compile", "time": now + 60, "step": 1, "seconds": 20.0},
+            {"event": "train", "time": now + 90, "step": 10, "seconds_left": 91.0},
+        ]
+        (out_dir / "ensemble" / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+        raise subprocess.TimeoutExpired("train", timeout)
+
+    monkeypatch.setattr(gpu_quality, "run_fasttrain", killed)
+    found = gpu_quality.compare(tmp_path / "work", time.monotonic() + 300, dry_run=False, sides=("fasttrain",))
+    assert "nanochat_runs" not in found and "fasttrain" not in found
+    assert 290 < limits[0] < 300  # alone, it has the stage's time, not what nanochat's first depth leaves
+    ((failed),) = found["failures"]
+    (done,) = failed["progress"]
+    assert failed["part"] == "fasttrain" and "killed after" in failed["error"]
+    assert done["round"] == "ensemble" and done["notes"] == ["model.n_layers = 0: depth 8"]
+    assert 39 < done["started_after_s"] < 41 and 89 < done["last_event_after_s"] < 91
+    assert (done["compile_s"], done["last_step"], done["seconds_left"]) == (20.0, 10, 91.0)
+
+
 @pytest.mark.subprocess
 @pytest.mark.second_tier
 def test_report_reads_the_results_file(dry_run, capsys):

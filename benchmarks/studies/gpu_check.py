@@ -91,12 +91,15 @@ STAGES = (
     "hf",
     "train",
 )
+# quality's sides one at a time, a lent GPU's command each (fasttrain's whole run with its timing and phases, or
+# nanochat's two depths): run only when named
+SIDE_STAGES = ("quality-fasttrain", "quality-nanochat")
 # Each stage's limit. Its process is killed a minute after that, and the lent GPU machine's command
 # limit is 10 minutes, installing the project included: 8 + 1 leaves a minute.
 STAGE_SECONDS = 480
 # quality: three sides of 2 minutes' training each, their compiles and scoring; it keeps to its limit itself (each
 # side killed, or the last one not run, before it), and 500 s leaves `step` its 4.5 minutes of a lent GPU's 15
-STAGE_LIMITS = {"quality": 500}
+STAGE_LIMITS = {"quality": 500, "quality-fasttrain": 500, "quality-nanochat": 500}
 FILES = ("gpu_check.json", "gpu_check.md", "gpu_check.png", "gpu_check.log")
 KERNEL_BENCHMARKS = (
     "bench_cross_entropy.py",
@@ -666,14 +669,15 @@ def ablation_stage(ctx: Context, name: str) -> Stage:
     return stage
 
 
-def quality_stage(ctx: Context) -> Stage:
+def quality_stage(ctx: Context, sides: Sequence[str] = ("fasttrain", "nanochat")) -> Stage:
     """fasttrain's budgeted base against nanochat's better of two depths after 2 minutes' training each on this GPU,
-    in validation bits per byte on the whole split (benchmarks/studies/gpu_quality.py); a dry run on the CPU, for
-    seconds each, with the stand-in nanochat (benchmarks/studies/fake_nanochat)."""
+    in validation bits per byte on the whole split (benchmarks/studies/gpu_quality.py), of `sides` (quality-fasttrain
+    and quality-nanochat: one side a stage, each a lent GPU's command); a dry run on the CPU, for seconds each, with
+    the stand-in nanochat (benchmarks/studies/fake_nanochat)."""
     from benchmarks.studies.gpu_quality import compare
 
     stage = Stage()
-    found = stage.figures = compare(ctx.work / "quality", ctx.deadline, ctx.dry_run)
+    found = stage.figures = compare(ctx.work / "quality", ctx.deadline, ctx.dry_run, sides)
     if "error" in found:
         stage.check("the prepared corpus and nanochat are here", False, found["error"])
         stage.summary = found["error"]
@@ -686,7 +690,7 @@ def quality_stage(ctx: Context) -> Stage:
             f"{fasttrain['shape']}, {fasttrain['steps']} steps, {fasttrain['tokens_per_s']:,} tok/s: "
             f"{fasttrain['val_bpb']:.3f} bpb",
         )
-    for run in found["nanochat_runs"]:
+    for run in found.get("nanochat_runs", []):
         stage.check(
             f"nanochat {run['case']} trained and was scored",
             True,
@@ -733,6 +737,8 @@ def hf_stage(ctx: Context) -> Stage:
 WORKERS: dict[str, Callable[[Context], Stage]] = {
     "env": env_stage,
     "quality": quality_stage,
+    "quality-fasttrain": functools.partial(quality_stage, sides=("fasttrain",)),
+    "quality-nanochat": functools.partial(quality_stage, sides=("nanochat",)),
     "tests": tests_stage,
     "tune": tune_stage,
     "kernels": kernels_stage,
@@ -881,7 +887,7 @@ def report(results: dict) -> str:
         "| stage | check | result | detail |",
         "| --- | --- | --- | --- |",
     ]
-    for name in STAGES:
+    for name in STAGES + SIDE_STAGES:
         for c in stages.get(name, {}).get("checks", []):
             lines.append(f"| {name} | {c['name']} | {'pass' if c['ok'] else '**FAIL**'} | {c['detail']} |")
     goals = judge(results["benchmarks"])
@@ -941,7 +947,7 @@ def summary(results: dict) -> str:
         f"gpu_check ({'dry run, ' if results['gpu_check'].get('dry_run') else ''}"
         f"commit {results['commit_info']['id'][:12]}):"
     ]
-    for name in STAGES:
+    for name in STAGES + SIDE_STAGES:
         record = results["gpu_check"]["stages"].get(name)
         if record:
             lines.append(f"  {name:<8} {record['status'].upper():<5} {record['seconds']:>6.0f} s  {record['summary']}")
@@ -984,7 +990,9 @@ def combine(paths: Sequence[str], out: Path) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = ArgumentParser(prog="python -m benchmarks.studies.gpu_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", action="append", choices=STAGES, help="a stage to run (repeatable; default: all)")
+    parser.add_argument(
+        "--stage", action="append", choices=STAGES + SIDE_STAGES, help="a stage to run (repeatable; default: all)"
+    )
     parser.add_argument("--out", default="gpu-check", help="where the four result files go (default: gpu-check/)")
     parser.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes")
     parser.add_argument(
@@ -992,7 +1000,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--commit", help="the commit measured (default: git's HEAD, where there is a .git)")
     parser.add_argument("--combine", nargs="+", metavar="RESULTS", help="merge these gpu_check.json files into --out")
-    parser.add_argument("--worker", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=STAGES + SIDE_STAGES, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -1009,7 +1017,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = new_results(argv, args.commit or commit_id(), args.dry_run)
         (out / "gpu_check.log").write_text(f"{results['command']}\n", encoding="utf-8")
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
-            for name in [s for s in STAGES if s in (args.stage or STAGES)]:
+            for name in [s for s in STAGES + SIDE_STAGES if s in (args.stage or STAGES)]:
                 print(f"gpu_check: stage {name} ...", flush=True)
                 seconds = args.seconds or STAGE_LIMITS.get(name, STAGE_SECONDS)
                 record = run_stage(name, out, Path(work), seconds, args.dry_run)

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -68,6 +68,7 @@ QUALITY_DIR = ROOT / ".quality"  # ignored (.gitignore): what a lent GPU's `carr
 CORPUS = QUALITY_DIR / "stdlib-large"
 CHECKOUT = QUALITY_DIR / "nanochat"
 FAKE_CHECKOUT = Path(__file__).parent / "fake_nanochat"
+SIDES = ("fasttrain", "nanochat")
 BUDGET = 120.0  # seconds of training a side: configs/base.toml's train.max_time
 RESERVE = 75.0  # seconds a side takes beyond its budget, at most: process start, compile, warm-up, scoring
 # scripts/base_train.py's defaults on a GPU (no FlashAttention-3 there: window pattern L, as it advises)
@@ -129,9 +130,35 @@ def failure(part: str, error: Exception) -> dict:
     return {"part": part, "error": why}
 
 
-def compare(work: Path, deadline: float, dry_run: bool) -> dict:
+def progress(out_dir: Path, launched: float) -> list[dict]:
+    """What a fasttrain run killed in `out_dir` had done, a record a round (each metrics.jsonl, oldest first): the
+    seconds from `launched` (time.time()) to its start event (its plan, the machine's timing included) and to its
+    last event, its compile's seconds, its last step and seconds of training, and its plan's notes."""
+    rounds = []
+    for path in sorted(out_dir.rglob("metrics.jsonl"), key=lambda p: p.stat().st_mtime):
+        events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        start = next((e for e in events if e["event"] == "start"), {})
+        compiled = next((e for e in events if e["event"] == "compile"), {})
+        trained = [e for e in events if e["event"] == "train"]
+        rounds.append(
+            {
+                "round": str(path.parent.relative_to(out_dir)),
+                "started_after_s": round(start["time"] - launched, 1) if start else None,
+                "last_event_after_s": round(events[-1]["time"] - launched, 1) if events else None,
+                "compile_s": compiled.get("seconds"),
+                "last_step": trained[-1]["step"] if trained else None,
+                "seconds_left": trained[-1].get("seconds_left") if trained else None,
+                "notes": start.get("notes", []),
+            }
+        )
+    return rounds
+
+
+def compare(work: Path, deadline: float, dry_run: bool, sides: Sequence[str] = SIDES) -> dict:
     """fasttrain against nanochat's two depths (module docstring) by `deadline` (time.monotonic()), in `work`;
-    the figures: each side's record (time_to_quality's), or its failure, and the comparison."""
+    the figures: each side's record (time_to_quality's), or its failure (a killed fasttrain's `progress`), and the
+    comparison. `sides`: those of SIDES run (one alone has all the time: a lent GPU's 10-minute command holds
+    fasttrain's whole run, its timing and phases included, or nanochat's two depths, not both)."""
     if dry_run:
         data = prepared_corpus(work / "docstrings", inputs=["builtin:docstrings"])
         checkout, settings, budget, reserve, threads = FAKE_CHECKOUT, DRY, DRY_BUDGET, DRY_RESERVE, 1
@@ -149,19 +176,23 @@ def compare(work: Path, deadline: float, dry_run: bool) -> dict:
     assert nanochat is not None  # a folder given: found, or refused above
     figures: dict[str, Any] = {"budget_seconds": budget, "corpus": str(data), "nanochat": nanochat.describe()}
     figures["nanochat_settings"] = dataclasses.asdict(settings)
-    failures = []
+    failures: list[dict] = []
+    figures["failures"] = failures
 
     def left() -> float:
         return deadline - time.monotonic()
 
-    began = time.monotonic()
-    try:
+    if "fasttrain" in sides:
+        began, launched = time.monotonic(), time.time()
         # killed where it would leave the first nanochat run less than its budget and reserve
-        fasttrain = run_fasttrain([], data, budget, 0, None, threads, work / "fasttrain", left() - budget - reserve)
-        figures["fasttrain"] = {**fasttrain, "wall_seconds": round(time.monotonic() - began, 1)}
-    except (subprocess.SubprocessError, OSError, StopIteration) as e:
-        failures.append(failure("fasttrain", e))
-
+        limit = left() - (budget + reserve if "nanochat" in sides else 5)
+        try:
+            fasttrain = run_fasttrain([], data, budget, 0, None, threads, work / "fasttrain", limit)
+            figures["fasttrain"] = {**fasttrain, "wall_seconds": round(time.monotonic() - began, 1)}
+        except (subprocess.SubprocessError, OSError, StopIteration) as e:
+            failures.append({**failure("fasttrain", e), "progress": progress(work / "fasttrain", launched)})
+    if "nanochat" not in sides:
+        return figures
     sys.path.insert(0, str(nanochat.folder))  # to size its depths here; each run imports it in its own process
     gpt = importlib.import_module("nanochat.gpt")
     vocab_size = json.loads((data / "meta.json").read_text())["vocab_size"]
@@ -182,7 +213,6 @@ def compare(work: Path, deadline: float, dry_run: bool) -> dict:
             break
         depth = second_depth(runs[0])
     figures["nanochat_runs"] = runs
-    figures["failures"] = failures
     if len(runs) == 2:
         figures["bracketed"] = read_out(runs[0]) != read_out(runs[1])
     if runs:

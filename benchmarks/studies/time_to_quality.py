@@ -208,11 +208,14 @@ class Nanochat:
     installed: bool
 
     def describe(self) -> dict[str, str | None]:
-        """Where it is and its git commit (None outside a git work tree), for the results file."""
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=self.folder, capture_output=True, text=True)
+        """Where it is and its git commit (None where it is no work tree's top: a `git archive` copy inside another
+        repository, fasttrain's own on a lent GPU, would give that one's), for the results file."""
+        git = ["git", "rev-parse", "--show-toplevel", "HEAD"]
+        found = subprocess.run(git, cwd=self.folder, capture_output=True, text=True).stdout.split()
+        own = len(found) == 2 and Path(found[0]).resolve() == self.folder.resolve()
         return {
             "source": f"installed package at {self.folder}" if self.installed else str(self.folder),
-            "commit": commit.stdout.strip() if commit.returncode == 0 else None,
+            "commit": found[1] if own else None,
         }
 
 
