@@ -86,7 +86,8 @@ def test_a_timed_plan_times_again_at_the_rows_it_grows_to_and_compiled_only_ther
     (benchmarks/results/gpu/h200-2026-11-30b): a plan that grows its rows or context times the machine again at them.
     Where the run compiles on a GPU, the first timing, which only chooses the rows and context, is eager and the
     second, at the run's geometry, compiled (each shape compiled costs the timing seconds); where neither grows it is
-    timed compiled again at the same rows. Recorded here: each timing's rows, context and compile."""
+    timed compiled again at the same rows. Recorded here: each timing's rows, context and compile, and the depths the
+    compiled timing starts at (near the eager one's choice: each shape compiled costs seconds)."""
     from fasttrain.planning import shape, sizing
 
     auto = ("model.n_layers=0", "model.d_model=0", "model.n_heads=0", "train.max_steps=0", "train.max_time=600")
@@ -98,8 +99,11 @@ def test_a_timed_plan_times_again_at_the_rows_it_grows_to_and_compiled_only_ther
         timings.append((cfg.train.batch_size, cfg.train.seq_len, bool(cfg.train.compile)))
         return real_loss(cfg, device, teacher)
 
+    depth_calls: list[list[int]] = []
+
     def calibrate(cfg, device, clock=None, update=None, loss=sizing.logits_loss, depths=()):
         t = cfg.train  # far more than the tiny corpus's cap, at any depth
+        depth_calls.append(list(depths))
         return Speed(
             tuple(sorted((sizing.flops_per_token(sizing.ladder_shape(cfg.model, d), t.seq_len), 1e14) for d in depths))
         )
@@ -110,6 +114,7 @@ def test_a_timed_plan_times_again_at_the_rows_it_grows_to_and_compiled_only_ther
     def timed_plan(min_updates: int, *sets: str) -> list[tuple[int, int, bool]]:
         monkeypatch.setattr(batch_size, "MIN_UPDATES", min_updates)
         timings.clear()
+        depth_calls.clear()
         plan_run(tiny_config(pydoc_data, tmp_path, *chosen, *auto, *sets), World(), CPU)
         return list(timings)
 
@@ -120,5 +125,8 @@ def test_a_timed_plan_times_again_at_the_rows_it_grows_to_and_compiled_only_ther
     assert timed_plan(cap // 8) == [(4, 256, False), (16, 256, False)]
     monkeypatch.setattr(shape, "times_compiled", lambda t, device: bool(t.compile))  # a GPU's
     assert timed_plan(cap // 8, "train.compile=true") == [(4, 256, False), (16, 256, True)]
+    # the compiled timing starts where the eager one chose (depth k: timed second), not at the smallest two
+    (smallest, (k,), near) = depth_calls
+    assert smallest == [1, 2] and near == [k - 1, k]
     assert timed_plan(10**9, "train.compile=true") == [(4, 256, False), (4, 256, True)]
     assert timed_plan(cap // 8) == [(4, 256, False), (16, 256, False)]  # a GPU's run set not to compile

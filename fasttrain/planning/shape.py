@@ -125,7 +125,8 @@ def size_run(cfg: Config, given: SizingInputs) -> Sized:
             # Timed again (unless given a speed) at the rows and context the run trains: a GPU's small step waits
             # on its launches, so 16 x 256 read an H200 at a fifth of its speed at 32 x 512, and the shape chosen,
             # too small, read the corpus to its epoch limit in a third of the budget (results/gpu/h200-2026-11-30b)
-            model, note, speed = shape_of(members_time(cfg), corpus, tokens_per_step, given)
+            near = model.n_layers if provisional else 0  # timed from the eager timing's choice, not the smallest
+            model, note, speed = shape_of(members_time(cfg), corpus, tokens_per_step, given, near)
     read = sizing.run_tokens(members_time(cfg).train, model, tokens_per_step, speed)  # cfg.train is t by now
     reaches = cap and read >= cap * tokens_per_step  # said only if so
     notes += [n for n in (limit_note if reaches else "", note) if n]
@@ -184,12 +185,12 @@ def members_time(cfg: Config) -> Config:
 
 
 def shape_of(
-    cfg: Config, corpus: Corpus, tokens_per_step: int, given: SizingInputs
+    cfg: Config, corpus: Corpus, tokens_per_step: int, given: SizingInputs, near: int = 0
 ) -> tuple[ModelConfig, str, Speed | None]:
     """cfg.model with no 0 left in its shape, a note ("" if none) and the speed it was chosen at: model.d_model or
     n_heads 0 are derived from the depth; model.n_layers = 0 is the shape the run being resumed or replayed
-    recorded (given.earlier), else chosen for the run's compute (sizing.size_model, at given.speed or timed there)
-    on `corpus` (each source's share of the run and its training tokens), of the depths whose memory split over
+    recorded (given.earlier), else chosen for the run's compute (sizing.size_model, at given.speed or timed there,
+    from depth `near` and the one below where given: an earlier timing's choice) on `corpus` (each source's share of the run and its training tokens), of the depths whose memory split over
     given.shard_group ranks fits given.machine. UsageError for a shape whose heads do not fit its width."""
     m = cfg.model
     recorded = given.earlier
@@ -211,7 +212,7 @@ def shape_of(
         device = given.machine.device
         update, loss = timed_update(cfg, device), timed_loss(cfg, device, timed_teacher(cfg, given.sources, device))
         return sizing.size_model(
-            cfg, corpus, tokens_per_step, given.world.size, device, given.speed, update, loss, depths
+            cfg, corpus, tokens_per_step, given.world.size, device, given.speed, update, loss, depths, near
         )
     r, where = recorded.config.model, recorded.where
     if unset := [k for k in ("n_layers", "d_model", "n_heads") if not getattr(r, k)]:

@@ -393,11 +393,13 @@ def size_model(
     update: Update | None = None,
     loss: Loss = logits_loss,
     depths: Sequence[int] = (),
+    near: int = 0,
 ) -> tuple[ModelConfig, str, Speed | None]:
     """cfg.model with its shape chosen (model.n_layers = 0), the plan's note saying why, and the machine's speed it used
     (`speed` if given, else calibrated here on `loss` with `update` after each backward, when the run has a time
-    budget: the two smallest shapes, then the shape they choose and so on until the choice is a shape timed,
-    RETIMINGS more at most; None without a budget). The run's tokens: max_steps x `tokens_per_step`, or what
+    budget: the two smallest shapes, or the two up to `near` (a depth an earlier timing chose: the shapes timed
+    where the choice will be, each compiled one costing seconds), then the shape they choose and so on until the
+    choice is a shape timed, RETIMINGS more at most; None without a budget). The run's tokens: max_steps x `tokens_per_step`, or what
     train.max_time gives at the speed, whichever is fewer; `corpus`: each source's share of them and its training
     tokens, `depths` those the device's memory holds (choose_shape): no other is timed or chosen. A choice that a
     timing 20% off would change, or one timed on a busy machine, says so: another run (its dry run) may time another
@@ -420,7 +422,8 @@ def size_model(
                 "set model.n_layers, or give train.max_steps alone"
             )
         try:
-            speed = timed_speed(cfg, device, update, loss, depths[:2])
+            start = [d for d in depths if d <= near][-2:]
+            speed = timed_speed(cfg, device, update, loss, start if len(start) == 2 else depths[:2])
             for _ in range(RETIMINGS):  # the shape chosen timed too, and chosen again at its own speed
                 chosen = chosen_at(speed)
                 if speed.timed(flops_per_token(replace(chosen, members=1), t.seq_len)):
