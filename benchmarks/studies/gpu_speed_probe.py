@@ -1,7 +1,8 @@
-"""The sizing's speed against the run's: each ladder depth's update timed eager (as `sizing.calibrate` times it)
-and compiled (as the run trains it), at the batch geometry, precision and loss the plan of CONFIG resolves, with
-each shape's compile time and the plan's own timing of it (`calibrate`, compiled where the run compiles on a GPU). On a GPU a small eager step is bound by its launches, which compiling removes, so a plan
-that times eager steps reads the machine slower than the run trains (benchmarks/results/gpu/h200-2026-11-30).
+"""The sizing's speed against the run's: each ladder depth's update timed eager and compiled (as the run trains it
+on a GPU), at the batch geometry, precision and loss the plan of CONFIG resolves, with each shape's compile time and
+the plan's own timing of it (`sizing.calibrate`, compiled where the run compiles on a GPU). On a GPU a small step is
+bound by its launches, so a timing at other rows, context or compiling than the run's reads the machine at another
+speed (benchmarks/results/gpu/h200-2026-11-30b: 5.3x slower at 16 x 256 than the run at 32 x 512).
 
     python -m benchmarks.studies.gpu_speed_probe configs/base.toml --set data.dir=DIR --depths 2 3 4 6 8 --out F
 

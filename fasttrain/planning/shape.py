@@ -190,8 +190,9 @@ def shape_of(
     """cfg.model with no 0 left in its shape, a note ("" if none) and the speed it was chosen at: model.d_model or
     n_heads 0 are derived from the depth; model.n_layers = 0 is the shape the run being resumed or replayed
     recorded (given.earlier), else chosen for the run's compute (sizing.size_model, at given.speed or timed there,
-    from depth `near` and the one below where given: an earlier timing's choice) on `corpus` (each source's share of the run and its training tokens), of the depths whose memory split over
-    given.shard_group ranks fits given.machine. UsageError for a shape whose heads do not fit its width."""
+    from depth `near` and the one below where given: an earlier timing's choice) on `corpus` (each source's share
+    of the run and its training tokens), of the depths whose memory split over given.shard_group ranks fits
+    given.machine. UsageError for a shape whose heads do not fit its width."""
     m = cfg.model
     recorded = given.earlier
     if m.n_layers:

@@ -399,11 +399,11 @@ def size_model(
     (`speed` if given, else calibrated here on `loss` with `update` after each backward, when the run has a time
     budget: the two smallest shapes, or the two up to `near` (a depth an earlier timing chose: the shapes timed
     where the choice will be, each compiled one costing seconds), then the shape they choose and so on until the
-    choice is a shape timed, RETIMINGS more at most; None without a budget). The run's tokens: max_steps x `tokens_per_step`, or what
-    train.max_time gives at the speed, whichever is fewer; `corpus`: each source's share of them and its training
-    tokens, `depths` those the device's memory holds (choose_shape): no other is timed or chosen. A choice that a
-    timing 20% off would change, or one timed on a busy machine, says so: another run (its dry run) may time another
-    speed. UsageError when a world of `world_size` ranks would each time its own device."""
+    choice is a shape timed, RETIMINGS more at most; None without a budget). The run's tokens: max_steps x
+    `tokens_per_step`, or what train.max_time gives at the speed, whichever is fewer; `corpus`: each source's share
+    of them and its training tokens, `depths` those the device's memory holds (choose_shape): no other is timed or
+    chosen. A choice that a timing 20% off would change, or one timed on a busy machine, says so: another run (its
+    dry run) may time another speed. UsageError when a world of `world_size` ranks would each time its own device."""
     t = cfg.train
     depths = depths or fitting_depths(cfg.model)
     smallest = ladder_shape(cfg.model, depths[0])

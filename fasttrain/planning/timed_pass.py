@@ -45,9 +45,9 @@ def timed_loss(cfg: Config, device: torch.device, teacher: torch.nn.Module | Non
     and the distillation loss too, which a student's every step runs (a larger teacher makes the step several times
     one model's: a plan that timed without it chose its shape for that many times the tokens). Compiled as the run
     compiles it where the run compiles on a GPU: there a small eager step waits on its kernels' launches, which
-    compiling removes, so an eager timing read an H200 at half the speed its run trained at and chose a shape too
-    small (benchmarks/results/gpu/h200-2026-11-30). Eager elsewhere: compiling each shape timed would cost a CPU
-    half a minute, to gain it a few percent. A compile that fails is timed eager, as the run then trains."""
+    compiling cuts (1.27x at 4 x 256 on an H200: benchmarks/results/gpu/h200-2026-11-30b). Eager elsewhere:
+    compiling each shape timed would cost a CPU half a minute, to gain it a few percent. A compile that fails is
+    timed eager, as the run then trains."""
     t = cfg.train
     fused = kernels_on(cfg.kernels, device, fp8=t.fp8, softcap=cfg.model.logit_softcap)
     compiled = times_compiled(t, device)
