@@ -94,6 +94,7 @@ STAGES = (
 # quality's sides one at a time, a lent GPU's command each (fasttrain's whole run with its timing and phases, or
 # nanochat's two depths): run only when named
 SIDE_STAGES = ("quality-fasttrain", "quality-nanochat")
+EVERY_STAGE = STAGES + SIDE_STAGES  # what --stage may name, in the order stages run and are reported
 # Each stage's limit. Its process is killed a minute after that, and the lent GPU machine's command
 # limit is 10 minutes, installing the project included: 8 + 1 leaves a minute.
 STAGE_SECONDS = 480
@@ -887,7 +888,7 @@ def report(results: dict) -> str:
         "| stage | check | result | detail |",
         "| --- | --- | --- | --- |",
     ]
-    for name in STAGES + SIDE_STAGES:
+    for name in EVERY_STAGE:
         for c in stages.get(name, {}).get("checks", []):
             lines.append(f"| {name} | {c['name']} | {'pass' if c['ok'] else '**FAIL**'} | {c['detail']} |")
     goals = judge(results["benchmarks"])
@@ -947,7 +948,7 @@ def summary(results: dict) -> str:
         f"gpu_check ({'dry run, ' if results['gpu_check'].get('dry_run') else ''}"
         f"commit {results['commit_info']['id'][:12]}):"
     ]
-    for name in STAGES + SIDE_STAGES:
+    for name in EVERY_STAGE:
         record = results["gpu_check"]["stages"].get(name)
         if record:
             lines.append(f"  {name:<8} {record['status'].upper():<5} {record['seconds']:>6.0f} s  {record['summary']}")
@@ -991,7 +992,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = ArgumentParser(prog="python -m benchmarks.studies.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--stage", action="append", choices=STAGES + SIDE_STAGES, help="a stage to run (repeatable; default: all)"
+        "--stage", action="append", choices=EVERY_STAGE, help="a stage to run (repeatable; default: all)"
     )
     parser.add_argument("--out", default="gpu-check", help="where the four result files go (default: gpu-check/)")
     parser.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes")
@@ -1000,7 +1001,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--commit", help="the commit measured (default: git's HEAD, where there is a .git)")
     parser.add_argument("--combine", nargs="+", metavar="RESULTS", help="merge these gpu_check.json files into --out")
-    parser.add_argument("--worker", choices=STAGES + SIDE_STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=EVERY_STAGE, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -1017,7 +1018,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = new_results(argv, args.commit or commit_id(), args.dry_run)
         (out / "gpu_check.log").write_text(f"{results['command']}\n", encoding="utf-8")
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
-            for name in [s for s in STAGES + SIDE_STAGES if s in (args.stage or STAGES)]:
+            for name in [s for s in EVERY_STAGE if s in (args.stage or STAGES)]:
                 print(f"gpu_check: stage {name} ...", flush=True)
                 seconds = args.seconds or STAGE_LIMITS.get(name, STAGE_SECONDS)
                 record = run_stage(name, out, Path(work), seconds, args.dry_run)
