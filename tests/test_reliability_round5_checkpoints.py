@@ -18,7 +18,7 @@ import torch
 
 from fasttrain import evaluate, export, sample, train
 from fasttrain.checkpoints import checkpoint_files, saves
-from fasttrain.system.errors import run_cli
+from fasttrain.system.errors import UsageError, run_cli
 from fasttrain.training.trainer import Trainer
 from tests.conftest import HANG_SECONDS, tiny_args
 from tests.test_checkpoint import ENDLESS, ROOT, events, run_cli_code, wait_for
@@ -121,16 +121,16 @@ def kill_an_overwrite_after_its_first_step(pydoc_data, trained: Path, run: Path)
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:  # the new run's metrics.jsonl, not the earlier run's before the start moved it (nor the new one before
-        # its start event is written: a loaded machine can read it in between)
-        wait_for(
-            lambda: (
-                (run / "metrics.jsonl").exists()
-                and [e["params"] for e in events(run, "start")[:1]] not in ([], [earlier])
-                and events(run, "train")
-            ),
-            proc,
-        )
+
+    def new_run_trains() -> bool:  # the new run's metrics.jsonl, not the earlier run's before the start moved it
+        # (nor the new one before its start event is written: a loaded machine can read it in between)
+        try:
+            return [e["params"] for e in events(run, "start")[:1]] not in ([], [earlier]) and bool(events(run, "train"))
+        except UsageError:  # no metrics.jsonl: the earlier run's moved aside, the new one's not yet written
+            return False
+
+    try:
+        wait_for(new_run_trains, proc)
     finally:
         proc.kill()
         proc.wait()
