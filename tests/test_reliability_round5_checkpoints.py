@@ -18,6 +18,7 @@ import torch
 
 from fasttrain import evaluate, export, sample, train
 from fasttrain.checkpoints import checkpoint_files, saves
+from fasttrain.plot import read_metrics
 from fasttrain.system.errors import UsageError, run_cli
 from fasttrain.training.trainer import Trainer
 from tests.conftest import HANG_SECONDS, tiny_args
@@ -124,10 +125,12 @@ def kill_an_overwrite_after_its_first_step(pydoc_data, trained: Path, run: Path)
 
     def new_run_trains() -> bool:  # the new run's metrics.jsonl, not the earlier run's before the start moved it
         # (nor the new one before its start event is written: a loaded machine can read it in between)
-        try:
-            return [e["params"] for e in events(run, "start")[:1]] not in ([], [earlier]) and bool(events(run, "train"))
+        try:  # one read of the file for both questions
+            metrics = read_metrics(run)
         except UsageError:  # no metrics.jsonl: the earlier run's moved aside, the new one's not yet written
             return False
+        starts = [e["params"] for e in metrics if e["event"] == "start"][:1]
+        return starts not in ([], [earlier]) and any(e["event"] == "train" for e in metrics)
 
     try:
         wait_for(new_run_trains, proc)
